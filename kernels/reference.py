@@ -1,0 +1,136 @@
+"""Pure-torch reference implementations of the paged-KV kernels.
+
+These are the CPU path of the engine and the oracle the Triton kernels are tested against.
+
+Layouts (shared by every implementation in this package):
+  * ``k_cache`` / ``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for one layer.
+  * ``kv_cache``: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (all layers, K then V);
+    block copy and swap move block ``b`` of every layer at once, i.e. ``kv_cache[:, :, b]``.
+  * ``slot_mapping[t] = block_id * block_size + offset``; a negative slot means "padding, do not write".
+  * ``block_tables``: ``[num_seqs, max_blocks]`` int32, row ``i`` lists sequence ``i``'s blocks in order;
+    entries past the sequence's length are ignored (may hold any value).
+  * varlen queries: the new tokens of all sequences packed along dim 0; ``cu_seqlens_q`` ``[num_seqs + 1]``
+    gives their offsets. ``seq_lens[i]`` is the total KV length of sequence ``i`` *including* its new tokens,
+    whose K/V must already have been written to the cache. New token ``j`` of a sequence with ``q_len`` new
+    tokens sits at position ``seq_len - q_len + j`` and attends causally to positions ``<= `` that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new ``key``/``value`` ``[T, Hkv, D]`` into their cache slots; negative slots are skipped."""
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    slots = slot_mapping.long()
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    assert k_flat.shape[0] == k_cache.shape[0] * block_size
+    k_flat.index_copy_(0, slots, key.to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Contiguous ``[length, Hkv, D]`` view of one sequence's cached K or V."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int) -> torch.Tensor:
+    """Causal attention of ``q`` ``[Tq, Hq, D]`` (positions ``q_offset..``) over ``k``/``v`` ``[L, Hkv, D]``."""
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    qh = q.transpose(0, 1).float()  # [Hq, Tq, D]
+    kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)  # [Hq, L, D]
+    vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
+    scores = torch.matmul(qh, kh.transpose(1, 2)) * scale  # [Hq, Tq, L]
+    tq, length = q.shape[0], k.shape[0]
+    if tq > 1 or q_offset + tq != length:
+        q_pos = torch.arange(tq, device=q.device) + q_offset
+        k_pos = torch.arange(length, device=q.device)
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vh).transpose(0, 1).to(q.dtype)  # [Tq, Hq, D]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Varlen causal attention of packed new tokens over each sequence's paged K/V (prefill, extend, decode)."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for i, length in enumerate(lens):
+        start, end = cu[i], cu[i + 1]
+        if end == start:
+            continue
+        k = _gather_kv(k_cache, block_tables[i], length)
+        v = _gather_kv(v_cache, block_tables[i], length)
+        out[start:end] = _attend(q[start:end], k, v, scale, length - (end - start))
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V, all sequences in one batch.
+
+    Gathers every sequence's blocks into a padded ``[S, max_len, Hkv, D]`` tensor and masks the tail, so the
+    whole batch is a handful of batched matmuls instead of a Python loop per sequence.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    max_len = int(seq_lens.max())
+    max_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :max_blocks].long().clamp_min(0)
+    k = k_cache[table].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+    v = v_cache[table].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+    # [S, Hkv, group, D] x [S, Hkv, D, L] -> [S, Hkv, group, L]
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale
+    pad = torch.arange(max_blocks * block_size, device=q.device)[None, :] >= seq_lens[:, None]
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float().permute(0, 2, 1, 3))  # [S, Hkv, group, D]
+    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+
+
+def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy block ``src[i]`` to ``dst[i]`` in every layer of ``kv_cache`` (copy-on-write, batched per step)."""
+    if src.numel() == 0:
+        return
+    kv_cache[:, :, dst.long()] = kv_cache[:, :, src.long()]
+
+
+def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Move blocks ``src[i]`` of ``src_cache`` to ``dst[i]`` of ``dst_cache`` (device <-> CPU pool), all layers."""
+    if src.numel() == 0:
+        return
+    src_idx = src.long().to(src_cache.device)
+    dst_idx = dst.long().to(dst_cache.device)
+    moved = src_cache[:, :, src_idx].to(dst_cache.device, non_blocking=True)
+    dst_cache[:, :, dst_idx] = moved
