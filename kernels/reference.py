@@ -106,7 +106,11 @@ def paged_decode_attention(
     group = num_q_heads // num_kv_heads
     max_len = int(seq_lens.max())
     max_blocks = (max_len + block_size - 1) // block_size
-    table = block_tables[:, :max_blocks].long().clamp_min(0)
+    table = block_tables[:, :max_blocks].long()
+    # Entries past a sequence's own blocks may hold any value (even out of range): point them at block 0.
+    needed = (seq_lens.long() + block_size - 1) // block_size
+    past = torch.arange(max_blocks, device=table.device)[None, :] >= needed[:, None].to(table.device)
+    table = table.masked_fill(past, 0)
     k = k_cache[table].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
     v = v_cache[table].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
     # [S, Hkv, group, D] x [S, Hkv, D, L] -> [S, Hkv, group, L]
@@ -115,6 +119,8 @@ def paged_decode_attention(
     pad = torch.arange(max_blocks * block_size, device=q.device)[None, :] >= seq_lens[:, None]
     scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    # Slots past seq_len are unwritten cache memory (possibly NaN/inf): zero them, since 0 * NaN = NaN.
+    v = v.masked_fill(pad[:, :, None, None], 0)
     out = torch.matmul(probs, v.float().permute(0, 2, 1, 3))  # [S, Hkv, group, D]
     return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
 
@@ -132,5 +138,7 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Ten
         return
     src_idx = src.long().to(src_cache.device)
     dst_idx = dst.long().to(dst_cache.device)
-    moved = src_cache[:, :, src_idx].to(dst_cache.device, non_blocking=True)
+    # non_blocking only host->device: a non_blocking device->host copy may still be in flight when the
+    # host-side scatter below reads it.
+    moved = src_cache[:, :, src_idx].to(dst_cache.device, non_blocking=dst_cache.device.type != "cpu")
     dst_cache[:, :, dst_idx] = moved

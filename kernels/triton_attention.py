@@ -1,0 +1,496 @@
+"""Triton paged attention: varlen prefill/extend and flash-decoding style split-KV decode.
+
+Layouts are those of :mod:`kernels.reference`. Both kernels read K/V through the block table one token row
+at a time (``block_table[pos // block_size]``), so any block size works and a KV tile may span several
+blocks. Query heads that share a KV head (GQA) are processed by the same program so every K/V tile is
+loaded once per KV head, not once per query head. Softmax runs online in fp32 in the base-2 domain
+(``scale * log2(e)`` folded into the scores).
+
+Host-side launch parameters are derived only from tensor shapes (never from tensor values), so the
+wrappers do not synchronise with the device and can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# KV tokens per inner-loop iteration. Independent of the block size (a tile may span several blocks).
+DECODE_TILE = 64
+PREFILL_TILE_N = 64
+# Rows (query tokens x query heads of one KV head) per prefill program.
+PREFILL_BLOCK_M = 64
+# Smallest KV partition of the split decode kernel, in tokens.
+MIN_PARTITION = 256
+
+
+# Triton's CPU interpreter computes tl.dot on bf16 operands wrongly (raw bit patterns); there the kernels
+# upcast bf16 operands to fp32 after the same bf16 rounding a GPU would apply. Compiled kernels never do.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (no TF32) so the fp32 path matches the reference tightly.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs needed to keep the device busy (a few waves of one program per SM)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 4 * _num_sms(index)
+    return 16  # interpreter: any small number; only exercises the split path in tests
+
+
+def choose_decode_partition(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """KV partition size (tokens) for split decode, or 0 for the single-pass kernel.
+
+    Long contexts are split so that ``num_seqs * num_kv_heads * num_partitions`` programs fill the GPU;
+    short contexts or batches that already fill it use one pass (no reduction kernel). ``max_context`` is
+    an upper bound on the batch's context length taken from the block table width, so no device sync.
+    """
+    if max_context <= MIN_PARTITION:
+        return 0
+    programs = max(1, num_seqs * num_kv_heads)
+    parts = min(triton.cdiv(_target_programs(device), programs), triton.cdiv(max_context, MIN_PARTITION))
+    if parts <= 1:
+        return 0
+    size = triton.cdiv(max_context, parts)
+    return triton.cdiv(size, DECODE_TILE) * DECODE_TILE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,  # single pass: [S, Hq, D] output; split: [S, Hq, NP, D_PAD] fp32 partial outputs
+    m_ptr,  # split: [S, Hq, NP] fp32 running max (log2 domain)
+    l_ptr,  # split: [S, Hq, NP] fp32 sum of exp2
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    partition_size,
+    num_partitions,
+    stride_qs,
+    stride_qh,
+    stride_os,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bts,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    if SPLIT:
+        start = part * partition_size
+        end = tl.minimum(start + partition_size, seq_len)
+    else:
+        start = 0
+        end = seq_len
+    if start < end:
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        mask_g = offs_g < GROUP
+        mask_d = offs_d < HEAD_DIM
+        heads = kv_head * GROUP + offs_g
+        q = tl.load(
+            q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_g[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
+        for tile_start in range(start, end, TILE):
+            pos = tile_start + tl.arange(0, TILE)
+            valid = pos < end
+            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            in_block = (pos % BLOCK_SIZE).to(tl.int64)
+            kv_mask = valid[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_cache_ptr
+                + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None]
+                + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GROUP_PAD, TILE]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_cache_ptr
+                + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None]
+                + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        if SPLIT:
+            row = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_partitions + part
+            tl.store(out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=mask_g[:, None])
+            tl.store(m_ptr + row, m_i, mask=mask_g)
+            tl.store(l_ptr + row, l_i, mask=mask_g)
+        else:
+            tl.store(
+                out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=mask_g[:, None] & mask_d[None, :],
+            )
+    elif not SPLIT:
+        # Empty sequence (e.g. batch padding): defined zero output instead of 0/0.
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        heads = kv_head * GROUP + offs_g
+        zero = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+            zero.to(out_ptr.dtype.element_ty),
+            mask=(offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    part_out_ptr,
+    m_ptr,
+    l_ptr,
+    seq_lens_ptr,
+    partition_size,
+    num_partitions,
+    stride_os,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NP_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    used = tl.cdiv(seq_len, partition_size)
+    base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions
+    offs_p = tl.arange(0, NP_PAD)
+    mask_p = offs_p < used
+    m = tl.load(m_ptr + base + offs_p, mask=mask_p, other=float("-inf"))
+    l = tl.load(l_ptr + base + offs_p, mask=mask_p, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(used > 0, m_max, 0.0)
+    w = tl.where(mask_p, l * tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w, axis=0)
+    offs_d = tl.arange(0, D_PAD)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for p in range(0, used):
+        w_p = tl.load(l_ptr + base + p) * tl.exp2(tl.load(m_ptr + base + p) - m_max)
+        acc += w_p * tl.load(part_out_ptr + (base + p) * D_PAD + offs_d)
+    out = tl.where(denom > 0, acc / denom, 0.0)
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    partition_size: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`kernels.reference.paged_decode_attention` with an explicit partition size (tests, benchmarks).
+
+    ``partition_size=None`` chooses it (:func:`choose_decode_partition`); ``0`` forces the single-pass
+    kernel; a positive value (rounded up to a multiple of ``DECODE_TILE``) forces the split kernel.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
+    q = _last_dim_contiguous(q)
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    group_pad = max(16, _next_pow2(group))  # tl.dot needs M >= 16
+    d_pad = max(16, _next_pow2(head_dim))
+    max_context = block_tables.shape[1] * block_size
+    if partition_size is None:
+        partition_size = choose_decode_partition(num_seqs, num_kv_heads, max_context, q.device)
+    elif partition_size > 0:
+        partition_size = triton.cdiv(partition_size, DECODE_TILE) * DECODE_TILE
+    split = partition_size > 0
+    num_partitions = triton.cdiv(max_context, partition_size) if split else 1
+    common = dict(
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        BLOCK_SIZE=block_size,
+        TILE=DECODE_TILE,
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    qk_scale = float(scale) * LOG2E
+    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+    grid = (num_seqs, num_kv_heads, num_partitions)
+    if not split:
+        _decode_kernel[grid](
+            out, out, out, q, k_cache, v_cache, block_tables, seq_lens, qk_scale, 1, 1,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
+            SPLIT=False, **common,
+        )  # fmt: skip
+        return out
+    part_out = torch.empty((num_seqs, num_q_heads, num_partitions, d_pad), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((num_seqs, num_q_heads, num_partitions), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    _decode_kernel[grid](
+        part_out, part_m, part_l, q, k_cache, v_cache, block_tables, seq_lens, qk_scale,
+        partition_size, num_partitions,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
+        SPLIT=True, **common,
+    )  # fmt: skip
+    _decode_reduce_kernel[(num_seqs, num_q_heads)](
+        out, part_out, part_m, part_l, seq_lens, partition_size, num_partitions, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, _next_pow2(num_partitions)), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton :func:`kernels.reference.paged_decode_attention` (split-KV for long contexts)."""
+    return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill / extend (varlen)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bts,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    # Program -> (sequence, query tile): tile t of sequence i is program cu_q[i] // BLOCK_Q + i + t, so the
+    # grid (total_tokens // BLOCK_Q + num_seqs) is known on the host without reading cu_seqlens_q.
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    lo = 0
+    hi = num_seqs
+    while lo < hi:  # largest seq with first_tile(seq) <= pid
+        mid = (lo + hi) // 2
+        first = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if first <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    tile_q = (pid - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if tile_q < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+        context_len = seq_len - q_len
+
+        BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = tile_q + offs_m // GROUP_PAD
+        head_in_group = offs_m % GROUP_PAD
+        heads = kv_head * GROUP + head_in_group
+        row_valid = (tok < q_len) & (head_in_group < GROUP)
+        q_pos = context_len + tok
+        offs_d = tl.arange(0, D_PAD)
+        mask_d = offs_d < HEAD_DIM
+        q_rows = (q_start + tok).to(tl.int64)
+        q = tl.load(
+            q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + offs_d[None, :],
+            mask=row_valid[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        # Causal: this tile's last query token sees keys up to context_len + min(tile end, q_len) - 1.
+        kv_end = context_len + tl.minimum(tile_q + BLOCK_Q, q_len)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
+        for tile_start in range(0, kv_end, TILE_N):
+            k_pos = tile_start + tl.arange(0, TILE_N)
+            k_valid = k_pos < kv_end
+            block = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+            in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
+            kv_mask = k_valid[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_cache_ptr
+                + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None]
+                + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BLOCK_M, TILE_N]
+            s = tl.where(k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            # Every row sees key 0 in the first tile, so m_new is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_cache_ptr
+                + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None]
+                + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + (q_rows * stride_ot + heads * stride_oh)[:, None] + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & mask_d[None, :],
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton :func:`kernels.reference.paged_attention` (varlen causal prefill/extend over paged K/V)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
+    q = _last_dim_contiguous(q)
+    out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    group_pad = _next_pow2(group)
+    block_q = max(1, PREFILL_BLOCK_M // group_pad)
+    d_pad = max(16, _next_pow2(head_dim))
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, float(scale) * LOG2E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, TILE_N=PREFILL_TILE_N,
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
+__all__ = [
+    "choose_decode_partition",
+    "decode_attention",
+    "paged_attention",
+    "paged_decode_attention",
+]

@@ -1,0 +1,31 @@
+"""Triton implementation of the paged-KV kernel set (same signatures and semantics as :mod:`kernels.reference`).
+
+``kernels.get_ops("cuda")`` returns :data:`OPS`. Every op also runs on CPU tensors under
+``TRITON_INTERPRET=1`` (how CI tests them); ``swap_blocks`` defers to the reference unless one side is CUDA.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention
+from kernels.triton_cache import copy_blocks, swap_blocks, write_kv
+
+OPS = SimpleNamespace(
+    name="triton",
+    write_kv=write_kv,
+    paged_attention=paged_attention,
+    paged_decode_attention=paged_decode_attention,
+    copy_blocks=copy_blocks,
+    swap_blocks=swap_blocks,
+)
+
+__all__ = [
+    "OPS",
+    "copy_blocks",
+    "decode_attention",
+    "paged_attention",
+    "paged_decode_attention",
+    "swap_blocks",
+    "write_kv",
+]
