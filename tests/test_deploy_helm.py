@@ -1,0 +1,275 @@
+"""The Helm chart (helm/pagedserve): strict lint, render with several values sets, Kubernetes schema
+validation of the rendered manifests, and the fields that matter for a GPU worker fleet.
+
+Offline: helm-python-sdk renders with Helm's Go engine (no helm binary, no cluster), and
+kubernetes-validate ships the Kubernetes OpenAPI schemas.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is needed to lint/render the chart")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "pagedserve"
+KUBE_VERSION = "1.30.0"
+# Custom resources: no schema in kubernetes-validate; their fields are asserted below instead.
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+
+
+def _ci_values(name: str) -> dict:
+    return yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text()) or {}
+
+
+VALUE_SETS = {
+    "defaults": {},
+    "gpu": _ci_values("default"),
+    "keda": _ci_values("keda"),
+    "cpu": _ci_values("cpu"),
+}
+
+
+def render(values: dict | None = None, *, name: str = "rel", namespace: str = "ml") -> list[dict]:
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values or {})
+        out = chart.render(copy.deepcopy(values) if values else None, name=name, namespace=namespace,
+                           is_install=True)
+    docs: list[dict] = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def notes(values: dict | None = None) -> str:
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name="rel", namespace="ml", is_install=True)
+    return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def worker_container(docs: list[dict]) -> dict:
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "worker")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(values) for name, values in VALUE_SETS.items()}
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_chart_lints_strictly(values_name):
+    report = helm.lint(str(CHART), VALUE_SETS[values_name] or None, strict=True, namespace="ml",
+                       kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
+def test_rendered_manifests_pass_kubernetes_schema(rendered, values_name):
+    docs = rendered[values_name]
+    assert docs
+    for doc in docs:
+        assert doc["metadata"]["name"]
+        if doc["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_gpu_worker_pod(rendered):
+    docs = rendered["gpu"]
+    deploy = one(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    c = worker_container(docs)
+    assert c["args"] == ["worker"]
+    assert c["image"].endswith(":0.1.0-cuda")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # /dev/shm is a memory-backed emptyDir
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    # non-root, read-only root filesystem
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deploy["spec"]["replicas"] == 1
+
+
+def test_probes(rendered):
+    c = worker_container(rendered["gpu"])
+    startup, liveness, readiness = c["startupProbe"], c["livenessProbe"], c["readinessProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert liveness["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert readiness["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # the startup probe leaves minutes for a model load before liveness takes over
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
+
+
+def test_settings_from_configmap_and_redis_url_from_secret(rendered):
+    docs = rendered["gpu"]
+    c = worker_container(docs)
+    cm = one(docs, "ConfigMap")
+    assert {"configMapRef": {"name": cm["metadata"]["name"]}} in c["envFrom"]
+    data = cm["data"]
+    assert data["PAGEDSERVE_PREFIX"] == "pagedserve"
+    assert data["PAGEDSERVE_DEVICE"] == "cuda"
+    assert data["PAGEDSERVE_METRICS_PORT"] == "9400"
+    assert data["PAGEDSERVE_SHUTDOWN_GRACE_S"] == "30"
+    assert "PAGEDSERVE_MODEL" not in data  # built-in model by default
+    assert "PAGEDSERVE_REDIS_URL" not in data  # the URL (with password) never sits in the ConfigMap
+    assert all(isinstance(v, str) for v in data.values())
+
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["PAGEDSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    secret = one(docs, "Secret")
+    assert ref == {"name": secret["metadata"]["name"], "key": "redis-url"}
+    assert secret["stringData"]["redis-url"] == "redis://:s3cret@redis-master.redis.svc:6379/0"
+    assert secret["stringData"]["redis-password"] == "s3cret"
+
+
+def test_existing_secret_is_referenced_not_created(rendered):
+    docs = rendered["keda"]
+    assert not by_kind(docs, "Secret")
+    ref = {e["name"]: e for e in worker_container(docs)["env"]}["PAGEDSERVE_REDIS_URL"]
+    assert ref["valueFrom"]["secretKeyRef"] == {"name": "pagedserve-redis", "key": "redis-url"}
+
+
+def test_termination_grace_matches_worker_drain(rendered):
+    docs = rendered["gpu"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    grace = int(one(docs, "ConfigMap")["data"]["PAGEDSERVE_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > grace
+    docs = render({"worker": {"shutdownGraceSeconds": 120, "terminationGraceMarginSeconds": 20}})
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_SHUTDOWN_GRACE_S"] == "120"
+    assert pod["terminationGracePeriodSeconds"] == 140
+
+
+def test_pdb(rendered):
+    pdb = one(rendered["gpu"], "PodDisruptionBudget")
+    deploy = one(rendered["gpu"], "Deployment")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert one(rendered["keda"], "PodDisruptionBudget")["spec"]["maxUnavailable"] == "25%"
+
+
+def test_model_volume(rendered):
+    docs = rendered["keda"]
+    c = worker_container(docs)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["model"]["persistentVolumeClaim"] == {"claimName": "llm-weights", "readOnly": True}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "model")
+    assert mount["readOnly"] is True and mount["subPath"] == "llama-3.1-8b-instruct"
+    assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_MODEL"] == "/models/llama-3.1-8b-instruct"
+    # arbitrary volume source, e.g. a Kubernetes image volume holding the weights
+    docs = render({"model": {"path": "/models/m", "volume": {"hostPath": {"path": "/srv/m", "type": "Directory"}}}})
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["model"]["hostPath"]["path"] == "/srv/m"
+
+
+def test_keda_scaled_object(rendered):
+    docs = rendered["keda"]
+    deploy = one(docs, "Deployment")
+    assert "replicas" not in deploy["spec"]  # owned by the autoscaler
+    so = one(docs, "ScaledObject")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": deploy["metadata"]["name"]}
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] == 16
+    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 2}
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "redis-streams"
+    md = trigger["metadata"]
+    assert md["stream"] == "pagedserve:requests"
+    assert md["consumerGroup"] == "pagedserve-workers"
+    assert md["lagCount"] == "32" and md["activationLagCount"] == "0"
+    assert md["address"] == "redis-master.redis.svc:6379"
+    assert all(isinstance(v, str) for v in md.values())  # KEDA metadata is map[string]string
+    ta = one(docs, "TriggerAuthentication")
+    assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
+    assert ta["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "pagedserve-redis", "key": "redis-password"}]
+    assert not by_kind(docs, "HorizontalPodAutoscaler")  # KEDA owns the HPA
+
+
+def test_keda_pending_trigger_and_url_parsing():
+    docs = render({"keda": {"enabled": True, "trigger": {"metric": "pending", "threshold": 8}},
+                   "prefix": "chat",
+                   "redis": {"url": "rediss://app:pw@redis.internal:6380/3"}})
+    md = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert md["pendingEntriesCount"] == "8" and "lagCount" not in md
+    assert md["stream"] == "chat:requests" and md["consumerGroup"] == "chat-workers"
+    assert md["address"] == "redis.internal:6380"
+    assert md["enableTLS"] == "true" and md["databaseIndex"] == "3"
+    secret = one(docs, "Secret")["stringData"]
+    assert secret["redis-password"] == "pw" and secret["redis-username"] == "app"
+    assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_PREFIX"] == "chat"
+
+
+def test_service_monitor(rendered):
+    sm = one(rendered["keda"], "ServiceMonitor")
+    svc = one(rendered["keda"], "Service")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert not by_kind(rendered["gpu"], "ServiceMonitor")
+
+
+def test_cpu_only(rendered):
+    docs = rendered["cpu"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = worker_container(docs)
+    assert c["image"].endswith(":0.1.0-cpu")
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert "runtimeClassName" not in pod
+    assert "nvidia.com/gpu.present" not in pod.get("nodeSelector", {})
+    assert not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+    assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_DEVICE"] == "cpu"
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 6
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    assert one(docs, "Secret")["stringData"]["redis-url"].startswith("rediss://")
+
+
+def test_config_checksum_rolls_pods():
+    a = one(render({}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    b = one(render({"engine": {"maxNumSeqs": 64}}), "Deployment")
+    assert b["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != a
+
+
+def test_schema_rejects_bad_values():
+    with helm.Chart.load(str(CHART)) as chart:
+        for bad in ({"gpu": {"enabled": "yes"}}, {"engine": {"preemptionMode": "never"}},
+                    {"keda": {"trigger": {"metric": "cpu", "threshold": 1}}}, {"replicaCount": -1},
+                    {"redis": {"url": "http://x"}}, {"unknownKey": 1}):
+            with pytest.raises(helm.HelmError):
+                chart.validate_schema(bad)
+
+
+def test_notes_render(rendered):
+    text = notes(VALUE_SETS["keda"])
+    assert "pagedserve:requests" in text and "KEDA" in text
