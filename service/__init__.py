@@ -1,0 +1,21 @@
+"""pagedserve service: the Redis-stream worker, producers (sync/async clients, Celery tasks) and the CLI.
+
+The service knows nothing of KV blocks; the engine knows nothing of Redis.
+"""
+
+from .client import AsyncClient, Client, RequestFailed
+from .protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
+from .settings import Settings
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DeadLetter",
+    "DoneEvent",
+    "ErrorEvent",
+    "GenerateRequest",
+    "Keys",
+    "RequestFailed",
+    "Settings",
+    "TokenEvent",
+]

@@ -1,0 +1,67 @@
+"""Health and metrics HTTP server: ``/healthz`` (loop alive), ``/readyz`` (model loaded, Redis reachable),
+``/metrics`` (Prometheus text format). Deployment files rely on these paths and on port 9400 by default.
+
+Runs in a daemon thread; it only reads state through the callables it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+
+class HealthServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        alive: Callable[[], tuple[bool, dict]],
+        ready: Callable[[], tuple[bool, dict]],
+        scrape: Callable[[], bytes],
+    ) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/healthz":
+                        ok, info = outer.alive()
+                        self._send(200 if ok else 503, "application/json", json.dumps({"ok": ok, **info}).encode())
+                    elif path == "/readyz":
+                        ok, info = outer.ready()
+                        self._send(200 if ok else 503, "application/json", json.dumps({"ok": ok, **info}).encode())
+                    elif path == "/metrics":
+                        self._send(200, CONTENT_TYPE_LATEST, outer.scrape())
+                    else:
+                        self._send(404, "text/plain", b"not found\n")
+                except Exception as e:  # a failing probe must answer, not hang
+                    self._send(500, "text/plain", f"{type(e).__name__}: {e}\n".encode())
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # probes are too chatty for the log
+                pass
+
+        self.alive, self.ready, self.scrape = alive, ready, scrape
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="pagedserve-health", daemon=True)
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

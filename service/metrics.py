@@ -1,0 +1,95 @@
+"""Prometheus metrics of one worker, in its own registry (so several workers can live in one test process).
+
+The worker loop is the only writer. Engine counters (preemptions, swapped blocks, prefix-cache hits) are
+exported from a snapshot the loop takes after each step, so a scrape never touches the engine from the
+HTTP thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _EngineCollector:
+    """Exports the latest ``engine.stats()`` snapshot (set by the loop) as gauges and counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: dict = {}
+
+    def update(self, stats: dict) -> None:
+        with self._lock:
+            self._stats = dict(stats)
+
+    def collect(self):
+        with self._lock:
+            s = dict(self._stats)
+        total = s.get("num_gpu_blocks") or 0
+        free = s.get("num_free_gpu_blocks", total)
+        usage = GaugeMetricFamily("pagedserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1)")
+        usage.add_metric([], (total - free) / total if total else 0.0)
+        yield usage
+        for name, key, doc in (
+            ("pagedserve_kv_cache_blocks", "num_gpu_blocks", "KV-cache blocks on the device"),
+            ("pagedserve_kv_cache_free_blocks", "num_free_gpu_blocks", "Free KV-cache blocks"),
+            ("pagedserve_kv_cache_peak_used_blocks", "peak_used_gpu_blocks", "Peak KV-cache blocks in use"),
+            ("pagedserve_kv_cache_cpu_blocks", "num_cpu_blocks", "CPU swap blocks"),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(s.get(key, 0) or 0))
+            yield g
+        for name, key, doc in (
+            ("pagedserve_preemptions", "num_preemptions", "Sequence-group preemptions"),
+            ("pagedserve_swapped_out_blocks", "num_swapped_out_blocks", "KV blocks swapped out to CPU"),
+            ("pagedserve_prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(s.get(key, 0) or 0))
+            yield c
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.engine = _EngineCollector()
+        r.register(self.engine)
+        self.requests_running = Gauge("pagedserve_requests_running", "Requests being generated", registry=r)
+        self.requests_waiting = Gauge("pagedserve_requests_waiting", "Requests admitted, waiting for the engine", registry=r)
+        self.queue_time = Histogram(
+            "pagedserve_queue_time_seconds", "Stream entry to first scheduling", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "pagedserve_time_to_first_token_seconds", "Enqueue to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "pagedserve_inter_token_latency_seconds", "Time between token events", buckets=_ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "pagedserve_e2e_request_latency_seconds", "Enqueue to terminal result", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("pagedserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("pagedserve_generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter(
+            "pagedserve_requests", "Terminal results by outcome", ["outcome"], registry=r
+        )  # outcome: stop|length|cancelled|deadline|error:<code>|cached
+        self.stream_length = Gauge("pagedserve_queue_stream_length", "XLEN of the request stream", registry=r)
+        self.pending_entries = Gauge(
+            "pagedserve_queue_pending_entries", "Entries delivered but not acknowledged (whole group)", registry=r
+        )
+        self.reclaims = Counter("pagedserve_queue_reclaims", "Entries reclaimed from dead workers", registry=r)
+        self.redeliveries = Counter(
+            "pagedserve_queue_redeliveries", "Entries seen again (own drain, reclaim, duplicate id)", registry=r
+        )
+        self.dead_letters = Counter("pagedserve_queue_dead_letters", "Entries sent to the dead-letter stream", ["reason"], registry=r)
+        self.redis_errors = Counter("pagedserve_redis_errors", "Redis operations that failed (connection lost)", registry=r)
+        self.redis_ops = Counter("pagedserve_redis_commands", "Redis commands sent by the worker", registry=r)
+        self.leases_lost = Counter("pagedserve_queue_leases_lost", "Own entries found claimed by another worker", registry=r)
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)

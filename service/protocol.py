@@ -1,0 +1,347 @@
+"""The wire protocol (contract §2): Redis names and a pydantic model for every message.
+
+The models are the single source of truth for both validation and the published JSON Schemas
+(``docs/schemas/*.json``, regenerated with ``python -m service.protocol docs/schemas``).
+
+Invariants:
+- every value on the wire is UTF-8 JSON (never pickle);
+- a request that cannot be parsed or has no valid id is a dead letter; a request with a valid id but bad
+  content gets an ``error`` event; the two are told apart by :func:`parse_request`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+_ID_RE = re.compile(ID_PATTERN)
+ERROR_CODES = ("invalid_request", "prompt_too_long", "overloaded", "internal")
+FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
+
+
+def valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis name of one deployment, derived from its prefix (default ``pagedserve``)."""
+
+    prefix: str = "pagedserve"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def group(self) -> str:
+        return f"{self.prefix}-workers"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}:cancel"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def out(self, request_id: str) -> str:
+        return f"{self.prefix}:out:{request_id}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}:result:{request_id}"
+
+    def cancelled(self, request_id: str) -> str:
+        return f"{self.prefix}:cancelled:{request_id}"
+
+    def consumer_lease(self, consumer: str) -> str:
+        """Liveness key of a consumer name: two live workers never share a name (extra, not in §2)."""
+        return f"{self.prefix}:consumer:{consumer}"
+
+
+# ------------------------------------------------------------------------------------------ request
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: str = Field(min_length=1, max_length=64)
+    content: str
+
+
+class SamplingParamsModel(BaseModel):
+    """``SamplingParams`` fields as they travel on the wire; all optional (engine defaults apply).
+
+    Shape and types are checked here; ranges by ``engine.SamplingParams.validate`` (whose messages name
+    the field).
+    """
+
+    model_config = _STRICT
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int | None = None
+    best_of: int | None = None
+    beam_width: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logprobs: int | None = None
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class GenerateRequest(BaseModel):
+    """The body of one ``XADD pagedserve:requests`` entry. ``id`` is the idempotency key."""
+
+    model_config = _STRICT
+    id: str = Field(pattern=ID_PATTERN)
+    prompt: str | None = None
+    prompt_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    messages: list[ChatMessage] | None = None
+    params: SamplingParamsModel = Field(default_factory=SamplingParamsModel)
+    stream: bool = True
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    deadline_ms: int | None = Field(None, ge=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of prompt, prompt_token_ids, messages is required")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ events
+class TokenEvent(BaseModel):
+    """One step's delta of one output sequence (``index``); deltas concatenate to the final text."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["token"] = "token"
+    id: str
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+class CompletionResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length", "cancelled", "deadline"] | None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[str, float]] | None = None  # JSON object keys are the token ids as strings
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+class RequestMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    queued_ms: float | None = None
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+
+
+class DoneEvent(BaseModel):
+    """Terminal event of a request that ran (also for ``cancelled`` and ``deadline`` endings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["done"] = "done"
+    id: str
+    outputs: list[CompletionResult]
+    usage: Usage = Field(default_factory=Usage)
+    metrics: RequestMetrics = Field(default_factory=RequestMetrics)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """Text of the first output (convenience)."""
+        return self.outputs[0].text if self.outputs else ""
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: Literal["invalid_request", "prompt_too_long", "overloaded", "internal"]
+    message: str
+
+
+class ErrorEvent(BaseModel):
+    """Terminal event of a request that could not run."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["error"] = "error"
+    id: str
+    error: ErrorInfo
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+Event = Annotated[Union[TokenEvent, DoneEvent, ErrorEvent], Field(discriminator="type")]
+TerminalEvent = Annotated[Union[DoneEvent, ErrorEvent], Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[TokenEvent | DoneEvent | ErrorEvent] = TypeAdapter(Event)
+TERMINAL_ADAPTER: TypeAdapter[DoneEvent | ErrorEvent] = TypeAdapter(TerminalEvent)
+
+
+def parse_event(raw: str | bytes) -> TokenEvent | DoneEvent | ErrorEvent:
+    return EVENT_ADAPTER.validate_json(raw)
+
+
+def parse_terminal(raw: str | bytes) -> DoneEvent | ErrorEvent:
+    return TERMINAL_ADAPTER.validate_json(raw)
+
+
+class DeadLetter(BaseModel):
+    """One entry of ``pagedserve:dead`` (stream fields, all strings on the wire)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str
+    body: str  # the original body (raw bytes on the wire; truncated to 64 KiB for oversize messages)
+    entry_id: str  # the stream entry id in pagedserve:requests
+    id: str = ""  # the request id, when one could be read
+    consumer: str = ""
+    deliveries: int = 0
+    time_ms: int = 0
+
+    def to_fields(self, raw_body: bytes | None = None) -> dict[str, str | bytes]:
+        fields: dict[str, str | bytes] = {k: str(v) for k, v in self.model_dump().items()}
+        if raw_body is not None:
+            fields["body"] = raw_body  # binary-safe: keep the original bytes, even invalid UTF-8
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> DeadLetter:
+        def s(v: object) -> str:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+        data = {s(k): s(v) for k, v in fields.items()}
+        return cls(
+            reason=data.get("reason", ""),
+            body=data.get("body", ""),
+            entry_id=data.get("entry_id", ""),
+            id=data.get("id", ""),
+            consumer=data.get("consumer", ""),
+            deliveries=int(data.get("deliveries", "0") or 0),
+            time_ms=int(data.get("time_ms", "0") or 0),
+        )
+
+
+# ------------------------------------------------------------------------------------------ parsing
+class DeadLetterError(Exception):
+    """The entry is unusable and carries no valid id: it goes to the dead-letter stream with this reason."""
+
+
+class InvalidRequestError(Exception):
+    """The entry has a valid id but bad content: the client gets an ``error`` event."""
+
+    def __init__(self, request_id: str, code: str, message: str, metadata: dict | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+        self.code = code
+        self.message = message
+        self.metadata = metadata or {}
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
+    """Parse one stream entry body. Raises :class:`DeadLetterError` or :class:`InvalidRequestError`.
+
+    Order matters: size and encoding are checked before any JSON parsing so a hostile entry costs O(limit).
+    """
+    if body is None:
+        raise DeadLetterError("missing 'body' field")
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    if len(raw) > max_bytes:
+        raise DeadLetterError(f"message too large: {len(raw)} bytes > max_message_bytes {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DeadLetterError(f"body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise DeadLetterError(f"body must be a JSON object, got {type(data).__name__}")
+    request_id = data.get("id")
+    if not valid_id(request_id):
+        raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])")
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    try:
+        return GenerateRequest.model_validate(data, strict=True)
+    except ValidationError as e:
+        raise InvalidRequestError(request_id, "invalid_request", _format_validation_error(e), metadata) from None
+    except (ValueError, RecursionError) as e:  # pragma: no cover - defensive
+        raise InvalidRequestError(request_id, "invalid_request", str(e)[:500], metadata) from None
+
+
+# ------------------------------------------------------------------------------------------ schemas
+SCHEMA_MODELS: dict[str, Any] = {
+    "request": GenerateRequest,
+    "token-event": TokenEvent,
+    "done-event": DoneEvent,
+    "error-event": ErrorEvent,
+    "event": EVENT_ADAPTER,
+    "dead-letter": DeadLetter,
+}
+
+
+def json_schemas() -> dict[str, dict]:
+    """JSON Schema (draft 2020-12, as pydantic emits it) of every message, keyed by file stem."""
+    out = {}
+    for name, model in SCHEMA_MODELS.items():
+        schema = model.json_schema() if hasattr(model, "json_schema") else model.model_json_schema()
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{name}.schema.json", **schema}
+        out[name] = schema
+    return out
+
+
+def write_schemas(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, schema in json_schemas().items():
+        p = directory / f"{name}.schema.json"
+        p.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+if __name__ == "__main__":  # python -m service.protocol docs/schemas
+    for p in write_schemas(sys.argv[1] if len(sys.argv) > 1 else "docs/schemas"):
+        print(p)

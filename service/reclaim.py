@@ -1,0 +1,112 @@
+"""Crash safety on the consumer group: the worker's lease on its own entries and reclaiming dead workers'.
+
+- Lease: a pending entry's idle time is its lease. A live worker renews the idle time of the entries it is
+  running (``XCLAIM ... 0 id JUSTID``) every ``lease_renew_interval_ms`` < ``claim_idle_ms``, so no other
+  worker may reclaim them. The renewal runs in a Lua script that first checks the entry is still owned by this
+  consumer: a worker that was partitioned away for longer than ``claim_idle_ms`` must not steal its entries
+  back from the worker that reclaimed them; it learns they are lost and stops running them.
+- Reclaim: ``XAUTOCLAIM`` with ``min-idle-time = claim_idle_ms`` takes over entries of dead workers; the
+  cursor is kept between calls so a long pending list is walked in pages.
+- Consumer-name lease: a key ``{prefix}:consumer:{name}`` with a TTL makes sure two live workers never share
+  a consumer name (they would drain each other's pending entries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from .protocol import Keys
+
+_RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+# Refresh the consumer-name lease only if it is still ours.
+_REFRESH_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@dataclass
+class Reclaimer:
+    keys: Keys
+    consumer: str
+    claim_idle_ms: int
+    cursor: str = "0-0"
+
+    def renew(self, r: redis.Redis, entry_ids: list[str]) -> list[str]:
+        """Renew the lease of ``entry_ids``; returns the ids no longer owned by this consumer."""
+        lost: list[str] = []
+        for i in range(0, len(entry_ids), 1000):
+            chunk = entry_ids[i : i + 1000]
+            res = r.eval(_RENEW, 1, self.keys.requests, self.keys.group, self.consumer, *chunk)
+            lost.extend(_s(x) for x in res or [])
+        return lost
+
+    def reclaim(self, r: redis.Redis, count: int) -> list[tuple[str, dict, int]]:
+        """Claim up to ``count`` entries idle longer than ``claim_idle_ms``; returns (entry id, fields,
+        delivery count). Entries deleted from the stream are dropped from the pending list by Redis."""
+        if count <= 0:
+            return []
+        res = r.xautoclaim(
+            self.keys.requests, self.keys.group, self.consumer, self.claim_idle_ms, start_id=self.cursor, count=count
+        )
+        self.cursor = _s(res[0])
+        entries = [(_s(eid), fields or {}) for eid, fields in res[1]]
+        return [(eid, fields, n) for (eid, fields), n in zip(entries, self.delivery_counts(r, [e for e, _ in entries]))]
+
+    def delivery_counts(self, r: redis.Redis, entry_ids: list[str]) -> list[int]:
+        if not entry_ids:
+            return []
+        pipe = r.pipeline(transaction=False)
+        for eid in entry_ids:
+            pipe.xpending_range(self.keys.requests, self.keys.group, eid, eid, 1)
+        out = []
+        for rows in pipe.execute(raise_on_error=False):
+            out.append(int(rows[0]["times_delivered"]) if isinstance(rows, list) and rows else 1)
+        return out
+
+    def release(self, r: redis.Redis, entry_ids: list[str]) -> None:
+        """Make ``entry_ids`` immediately reclaimable by other workers (graceful shutdown): set their idle time
+        beyond ``claim_idle_ms`` without counting a delivery."""
+        for i in range(0, len(entry_ids), 1000):
+            r.xclaim(
+                self.keys.requests,
+                self.keys.group,
+                self.consumer,
+                0,
+                entry_ids[i : i + 1000],
+                idle=self.claim_idle_ms * 2 + 1000,
+                justid=True,
+            )
+
+    # ------------------------------------------------------------------ consumer-name lease
+    def acquire_name(self, r: redis.Redis, token: str) -> bool:
+        return bool(r.set(self.keys.consumer_lease(self.consumer), token, nx=True, px=self.claim_idle_ms))
+
+    def refresh_name(self, r: redis.Redis, token: str) -> bool:
+        return bool(r.eval(_REFRESH_LEASE, 1, self.keys.consumer_lease(self.consumer), token, self.claim_idle_ms))
+
+    def release_name(self, r: redis.Redis, token: str) -> None:
+        if _s(r.get(self.keys.consumer_lease(self.consumer)) or b"") == token:
+            r.delete(self.keys.consumer_lease(self.consumer))

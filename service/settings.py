@@ -1,0 +1,106 @@
+"""Service settings: environment variables with the ``PAGEDSERVE_`` prefix (contract §4).
+
+The contract list is fixed (add, don't rename). Extras the service needs are documented in docs/service.md.
+OpenTelemetry is configured by the standard ``OTEL_*`` variables, not here.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All knobs of the worker, the producers and the CLI.
+
+    Invariant: ``lease_renew_ms`` < ``claim_idle_ms`` so a live worker's entries are never idle long enough to
+    be reclaimed by another worker.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PAGEDSERVE_", extra="ignore", validate_default=True)
+
+    # --- contract §4 ---------------------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model: str | None = None  # HF model directory; None = the built-in model
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = Field(16, ge=1)
+    num_gpu_blocks: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    swap_space_gb: float = Field(4.0, ge=0)
+    preemption_mode: Literal["swap", "recompute", "auto"] = "auto"
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    enable_prefix_caching: bool = True
+    prefix: str = Field("pagedserve", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    claim_idle_ms: int = Field(30_000, ge=100)
+    max_deliveries: int = Field(5, ge=1)
+    result_ttl_s: int = Field(3600, ge=1)
+    metrics_port: int = Field(9400, ge=0, le=65535)  # 0 = no health/metrics server
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+
+    # --- extras (documented in docs/service.md) -------------------------------------------------------------
+    worker_name: str | None = None  # stable consumer name; default: the host name
+    metrics_host: str = "0.0.0.0"
+    grace_period_s: float = Field(30.0, ge=0)  # SIGTERM: time to finish in-flight work
+    max_message_bytes: int = Field(1 << 20, ge=256)  # larger stream entries are dead-lettered
+    lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
+    read_block_ms: int = Field(50, ge=1)  # XREADGROUP BLOCK while the engine is idle
+    queue_stats_interval_s: float = Field(2.0, gt=0)  # XLEN/XPENDING refresh for the queue gauges
+    dead_letter_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of the dead-letter stream
+    liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer
+    seed: int = 0
+    celery_broker_url: str | None = None  # default: redis_url
+    celery_visibility_timeout_s: int = Field(3600, ge=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return v
+
+    @property
+    def consumer_name(self) -> str:
+        """Stable consumer name: a restarted worker with the same name drains its own pending entries."""
+        return self.worker_name or socket.gethostname()
+
+    @property
+    def lease_renew_interval_ms(self) -> int:
+        return self.lease_renew_ms if self.lease_renew_ms is not None else max(10, self.claim_idle_ms // 3)
+
+    @property
+    def redis_url_configured(self) -> bool:
+        """True when ``PAGEDSERVE_REDIS_URL`` (or an explicit value) was given rather than the default."""
+        return "redis_url" in self.model_fields_set
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments for ``engine.LLMEngine`` (the service knows nothing of blocks beyond passing these)."""
+        return dict(
+            model=self.model,
+            block_size=self.block_size,
+            num_gpu_blocks=self.num_gpu_blocks,
+            swap_space_gb=self.swap_space_gb,
+            preemption_mode=self.preemption_mode,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+        )

@@ -1,0 +1,121 @@
+"""Logging (structlog) and tracing (OpenTelemetry) set-up, plus W3C trace-context carriage in stream entries.
+
+- Logs: one JSON (or console) line per event; every event about a request carries ``request_id`` and
+  ``trace_id`` (bind them with :func:`request_logger`).
+- Traces: the producer span's context travels in the stream entry as ``traceparent``/``tracestate`` fields;
+  the worker's spans are children of it. OTLP export is switched on only when an OTLP endpoint is configured
+  through the standard ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` variables (the exporter reads all other
+  ``OTEL_*`` variables itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.trace import Span
+
+TRACER_NAME = "pagedserve"
+_configured_logging = False
+
+
+def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
+    """Configure structlog once per process (idempotent; the last call wins for format and level)."""
+    global _configured_logging
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    _configured_logging = True
+
+
+def get_logger(**bind: Any) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger("pagedserve").bind(**bind)
+
+
+def trace_id_of(span: Span | None) -> str | None:
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def request_logger(log: Any, request_id: str, span: Span | None = None) -> Any:
+    """A logger bound to one request: every line carries its id and trace id."""
+    return log.bind(request_id=request_id, trace_id=trace_id_of(span))
+
+
+_provider_installed = False
+
+
+def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider | None:
+    """Install an SDK tracer provider with an OTLP/HTTP exporter if an OTLP endpoint is configured.
+
+    Returns the provider, or None when tracing export is not configured (spans are then no-ops unless the
+    application installed its own provider, e.g. tests with an InMemorySpanExporter).
+    """
+    global _provider_installed
+    if _provider_installed:
+        return trace.get_tracer_provider()  # type: ignore[return-value]
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return None
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    # Resource.create() also merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _provider_installed = True
+    return provider
+
+
+def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
+    if provider is not None:
+        return provider.get_tracer(TRACER_NAME)
+    return trace.get_tracer(TRACER_NAME)
+
+
+def inject_fields(span: Span | None = None) -> dict[str, str]:
+    """``traceparent``/``tracestate`` of ``span`` (or the current context) as stream-entry fields."""
+    carrier: dict[str, str] = {}
+    ctx = trace.set_span_in_context(span) if span is not None else otel_context.get_current()
+    inject(carrier, context=ctx)
+    return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
+
+
+def extract_context(fields: dict) -> otel_context.Context | None:
+    """The producer's context from a stream entry's fields (bytes or str keys), or None."""
+    carrier = {}
+    for key in ("traceparent", "tracestate"):
+        value = fields.get(key) if key in fields else fields.get(key.encode())
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if isinstance(value, str) and len(value) <= 512:
+            carrier[key] = value
+    if "traceparent" not in carrier:
+        return None
+    return extract(carrier)
