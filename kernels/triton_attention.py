@@ -452,7 +452,7 @@ def _prefill_kernel(
         )
 
 
-def paged_attention(
+def varlen_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -460,14 +460,16 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton :func:`kernels.reference.paged_attention` (varlen causal prefill/extend over paged K/V)."""
+    """:func:`paged_attention` writing into ``out`` when given (``[T, Hq, D]``, last dim contiguous)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     q = _last_dim_contiguous(q)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -488,9 +490,23 @@ def paged_attention(
     return out
 
 
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton :func:`kernels.reference.paged_attention` (varlen causal prefill/extend over paged K/V)."""
+    return varlen_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+
+
 __all__ = [
     "choose_decode_partition",
     "decode_attention",
     "paged_attention",
     "paged_decode_attention",
+    "varlen_attention",
 ]

@@ -56,8 +56,8 @@ def _write_kv_kernel(
         v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
         k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :]
         v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :]
-        tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_dst, k, mask=mask)
+        tl.store(v_dst, v, mask=mask)
 
 
 def write_kv(
@@ -71,6 +71,10 @@ def write_kv(
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    # Dtype conversion (rare: the model dtype is normally the cache dtype) goes through torch so rounding
+    # matches the reference bit for bit (Triton's interpreter truncates fp32 -> bf16).
+    key = key.to(k_cache.dtype)
+    value = value.to(v_cache.dtype)
     if key.stride(-1) != 1:
         key = key.contiguous()
     if value.stride(-1) != 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention
+from kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention, varlen_attention
 from kernels.triton_cache import copy_blocks, swap_blocks, write_kv
 
 OPS = SimpleNamespace(
@@ -27,5 +27,6 @@ __all__ = [
     "paged_attention",
     "paged_decode_attention",
     "swap_blocks",
+    "varlen_attention",
     "write_kv",
 ]

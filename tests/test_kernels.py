@@ -1,0 +1,414 @@
+"""Triton paged-KV kernels against the pure-torch reference.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (tiny shapes, it is slow); the
+``gpu``-marked tests repeat the checks at real model sizes on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
+
+import inspect  # noqa: E402
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels import reference  # noqa: E402
+from kernels import triton_attention, triton_cache, triton_ops  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol): the kernels round softmax probabilities to the KV dtype before the PV product, like any
+# tensor-core flash kernel; the reference stays in fp32 until its final cast.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _seed(*parts) -> int:
+    """Stable per-case seed (``hash`` of a str changes between processes)."""
+    return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not torch.isnan(actual).any(), "kernel left NaN (unwritten or poisoned) elements"
+    atol, rtol = TOL[expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random paged inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _draw_lengths(rng: random.Random, num_seqs: int, block_size: int, max_len: int) -> list[int]:
+    """A mix of 1, exact block multiples, odd lengths, and anything up to ``max_len``."""
+    kinds = [
+        lambda: 1,
+        lambda: block_size * rng.randint(1, max(1, max_len // block_size)),
+        lambda: rng.randrange(1, max_len + 1, 2),
+        lambda: rng.randint(1, max_len),
+    ]
+    lengths = [kinds[i % len(kinds)]() for i in range(num_seqs)]
+    rng.shuffle(lengths)
+    return lengths
+
+
+def _paged_kv(
+    lengths: list[int],
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
+    device: str = DEVICE,
+    spare_blocks: int = 3,
+    table_pad: int = 1,
+):
+    """K/V caches whose every slot not holding a token is NaN, and shuffled non-contiguous block tables.
+
+    Table entries past a sequence's blocks hold garbage (negative or out of range): kernels must not read them.
+    """
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in lengths]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(blocks_per_seq) + table_pad
+    table = torch.empty(len(lengths), width, dtype=torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    used = 0
+    for i, (n, nb) in enumerate(zip(lengths, blocks_per_seq)):
+        ids = perm[used : used + nb]
+        used += nb
+        garbage = [num_blocks + 1000, -7][: width - nb] + [-1] * max(0, width - nb - 2)
+        table[i] = torch.tensor(ids + garbage, dtype=torch.int32)
+        for pos in range(n):
+            blk, off = ids[pos // block_size], pos % block_size
+            k_cache[blk, off] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+            v_cache[blk, off] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+    return k_cache.to(device), v_cache.to(device), table.to(device)
+
+
+CONFIGS = [
+    pytest.param(dtype, group, head_dim, id=f"{DTYPE_IDS[dtype]}-g{group}-d{head_dim}")
+    for dtype in DTYPES
+    for group in (1, 2, 4)
+    for head_dim in (64, 80)
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,group,head_dim", CONFIGS)
+def test_decode_matches_reference(dtype, group, head_dim):
+    seed = _seed(DTYPE_IDS[dtype], group, head_dim)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    block_size = [8, 16, 32][seed % 3]
+    num_kv_heads = 2 if group < 4 else 1
+    lengths = _draw_lengths(rng, 4, block_size, 150)
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = head_dim**-0.5
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, scale)
+    # single pass, forced split into 64-token partitions (+ reduce), and the automatic choice
+    for partition_size in (0, 64, None):
+        out = torch.full_like(q, float("nan"))
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, scale, partition_size, out=out)
+        _assert_close(out, expected)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_decode_block_boundaries_and_auto_split(block_size):
+    """Lengths at, just below and just above block and partition boundaries; a wide table forces a split."""
+    gen = torch.Generator().manual_seed(block_size)
+    lengths = [block_size, 2 * block_size, 2 * block_size + 1, 2 * block_size - 1, 64, 65, 128, 1]
+    dtype, head_dim, num_kv_heads, group = torch.float16, 64, 1, 2
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen, table_pad=300)
+    assert table.shape[1] * block_size > triton_attention.MIN_PARTITION
+    max_context = table.shape[1] * block_size
+    partition = triton_attention.choose_decode_partition(len(lengths), num_kv_heads, max_context, torch.device("cpu"))
+    assert partition > 0 and partition % triton_attention.DECODE_TILE == 0
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int64)
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125)
+    for partition_size in (0, 64, None):
+        out = torch.full_like(q, float("nan"))
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, partition_size, out=out)
+        _assert_close(out, expected)
+
+
+def test_decode_partition_choice():
+    cuda_like = torch.device("cpu")
+    assert triton_attention.choose_decode_partition(1, 8, triton_attention.MIN_PARTITION, cuda_like) == 0
+    many = triton_attention.choose_decode_partition(1, 1, 32768, cuda_like)
+    assert many >= triton_attention.MIN_PARTITION and many % triton_attention.DECODE_TILE == 0
+    assert triton_attention.choose_decode_partition(64, 8, 32768, cuda_like) == 0  # batch fills the device
+    # longer context at fixed batch: same or larger partitions, never more than needed to fill the device
+    assert triton_attention.choose_decode_partition(1, 1, 65536, cuda_like) >= many
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill / extend (varlen)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("dtype,group,head_dim", CONFIGS)
+def test_prefill_extend_matches_reference(dtype, group, head_dim, block_m, monkeypatch):
+    monkeypatch.setattr(triton_attention, "PREFILL_BLOCK_M", block_m)
+    seed = _seed(DTYPE_IDS[dtype], group, head_dim, block_m)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    block_size = [8, 16, 32][seed % 3]
+    num_kv_heads = 2 if group < 4 else 1
+    lengths = _draw_lengths(rng, 4, block_size, 80)
+    # full prefill, extend (cached prefix + chunk), single decode token, and an empty chunk
+    q_lens = []
+    for i, n in enumerate(lengths):
+        kind = (i + seed) % 4
+        q_lens.append([n, rng.randint(1, n), 1, 0][kind] if n > 1 else [1, 0][kind % 2])
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = head_dim**-0.5
+    expected = reference.paged_attention(q, k_cache, v_cache, cu, seq_lens, table, scale)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.varlen_attention(q, k_cache, v_cache, cu, seq_lens, table, scale, out=out)
+    _assert_close(out, expected)
+    _assert_close(triton_ops.OPS.paged_attention(q, k_cache, v_cache, cu, seq_lens, table, scale), expected)
+
+
+def test_prefill_long_chunk_block_boundaries():
+    """Chunks spanning several query tiles, lengths exactly at block boundaries, GQA 4, head dim 80."""
+    gen = torch.Generator().manual_seed(7)
+    block_size, num_kv_heads, group, head_dim, dtype = 16, 1, 4, 80, torch.float32
+    lengths, q_lens = [48, 33, 16], [48, 17, 16]
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int64)
+    expected = reference.paged_attention(q, k_cache, v_cache, cu, seq_lens, table, 0.1)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.varlen_attention(q, k_cache, v_cache, cu, seq_lens, table, 0.1, out=out)
+    _assert_close(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fresh random draws over the whole configuration space (new examples every run)
+# ---------------------------------------------------------------------------------------------------------
+
+_FRESH = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def _attention_case(draw):
+    return dict(
+        dtype=draw(st.sampled_from(DTYPES)),
+        group=draw(st.sampled_from([1, 2, 3, 4, 8])),
+        num_kv_heads=draw(st.integers(1, 2)),
+        head_dim=draw(st.sampled_from([64, 80, 96, 128])),
+        block_size=draw(st.sampled_from([8, 16, 32, 64, 128])),
+        lengths=draw(st.lists(st.integers(1, 200), min_size=1, max_size=4)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@_FRESH
+@given(case=_attention_case(), partition_size=st.sampled_from([None, 0, 64, 128]))
+def test_decode_fresh_draws(case, partition_size):
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, hkv, d = case["dtype"], case["num_kv_heads"], case["head_dim"]
+    k_cache, v_cache, table = _paged_kv(case["lengths"], hkv, d, case["block_size"], dtype, gen)
+    q = torch.randn(len(case["lengths"]), hkv * case["group"], d, generator=gen).to(dtype)
+    seq_lens = torch.tensor(case["lengths"])
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, d**-0.5)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, d**-0.5, partition_size, out=out)
+    _assert_close(out, expected)
+
+
+@_FRESH
+@given(case=_attention_case(), data=st.data())
+def test_prefill_fresh_draws(case, data):
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, hkv, d, lengths = case["dtype"], case["num_kv_heads"], case["head_dim"], case["lengths"]
+    q_lens = [data.draw(st.integers(0, min(n, 70))) for n in lengths]
+    k_cache, v_cache, table = _paged_kv(lengths, hkv, d, case["block_size"], dtype, gen)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), hkv * case["group"], d, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_attention(q, k_cache, v_cache, cu, seq_lens, table, d**-0.5)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.varlen_attention(q, k_cache, v_cache, cu, seq_lens, table, d**-0.5, out=out)
+    _assert_close(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV write, block copy, swap
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_write_kv_matches_reference(dtype, seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    num_blocks, block_size = 6, [8, 16, 32][seed % 3]
+    num_kv_heads, head_dim = [1, 2, 3, 4][seed], [64, 80][seed % 2]
+    num_tokens = rng.randint(1, 20)
+    slots = rng.sample(range(num_blocks * block_size), num_tokens)
+    for i in rng.sample(range(num_tokens), num_tokens // 3):
+        slots[i] = -1  # padding tokens
+    slot_mapping = torch.tensor(slots, dtype=torch.int64 if seed % 2 else torch.int32)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
+    if seed % 2:  # inputs in the cache dtype; otherwise fp32 inputs converted on write
+        key, value = key.to(dtype), value.to(dtype)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_ref, v_ref = torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype)
+    k_out, v_out = k_ref.clone(), v_ref.clone()
+    reference.write_kv(key, value, k_ref, v_ref, slot_mapping)
+    triton_ops.OPS.write_kv(key, value, k_out, v_out, slot_mapping)
+    torch.testing.assert_close(k_out, k_ref, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_out, v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_write_kv_strided_input(seed):
+    """Key/value as views into a fused qkv buffer (non-contiguous token stride)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens, num_kv_heads, head_dim, block_size = 5, 2, 64, 8
+    qkv = torch.randn(num_tokens, 3, num_kv_heads, head_dim, generator=gen, dtype=torch.float16)
+    key, value = qkv[:, 1], qkv[:, 2]
+    slot_mapping = torch.randperm(4 * block_size, generator=gen)[:num_tokens]
+    shape = (4, block_size, num_kv_heads, head_dim)
+    k_ref, v_ref = torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)
+    k_out, v_out = k_ref.clone(), v_ref.clone()
+    reference.write_kv(key, value, k_ref, v_ref, slot_mapping)
+    triton_ops.OPS.write_kv(key, value, k_out, v_out, slot_mapping)
+    assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_copy_blocks_matches_reference(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_layers, num_blocks, block_size, num_kv_heads, head_dim = 2, 12, [8, 16, 32][seed], 2, [64, 80][seed % 2]
+    kv_cache = torch.randn(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen)
+    num_pairs = 1 + seed * 2
+    src, dst = perm[:num_pairs], perm[num_pairs : 2 * num_pairs]
+    expected = kv_cache.clone()
+    reference.copy_blocks(expected, src, dst)
+    triton_ops.OPS.copy_blocks(kv_cache, src.to(torch.int32), dst)
+    assert torch.equal(kv_cache, expected)
+    triton_ops.OPS.copy_blocks(kv_cache, src[:0], dst[:0])  # empty batch is a no-op
+    assert torch.equal(kv_cache, expected)
+
+
+def test_swap_blocks_cpu_defers_to_reference():
+    gen = torch.Generator().manual_seed(0)
+    src_cache = torch.randn(2, 2, 6, 8, 2, 64, generator=gen)
+    dst_ref, dst_out = torch.zeros(2, 2, 5, 8, 2, 64), torch.zeros(2, 2, 5, 8, 2, 64)
+    src, dst = torch.tensor([4, 0, 3]), torch.tensor([1, 4, 2])
+    reference.swap_blocks(src_cache, dst_ref, src, dst)
+    triton_ops.OPS.swap_blocks(src_cache, dst_out, src, dst)
+    assert torch.equal(dst_out, dst_ref)
+    assert torch.equal(dst_out[:, :, 1], src_cache[:, :, 4])
+
+
+def test_ops_namespace_matches_reference_signatures():
+    ops = triton_ops.OPS
+    assert ops.name == "triton"
+    for name in ("write_kv", "paged_attention", "paged_decode_attention", "copy_blocks", "swap_blocks"):
+        assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(reference, name)), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real sizes on a GPU
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (1, 64, 32), (8, 80, 8), (2, 96, 128)])
+def test_gpu_decode_real_sizes(dtype, group, head_dim, block_size):
+    gen = torch.Generator().manual_seed(head_dim)
+    rng = random.Random(head_dim)
+    num_kv_heads = 8 if group <= 4 else 4
+    lengths = [1, block_size, 4096, 4097, *(_draw_lengths(rng, 12, block_size, 3000))]
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen, device="cpu")
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5)
+    for partition_size in (0, 512, None):
+        out = torch.full_like(q, float("nan"))
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5, partition_size, out=out)
+        _assert_close(out.cpu(), expected.cpu())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (1, 80, 32), (8, 64, 8)])
+def test_gpu_prefill_real_sizes(dtype, group, head_dim, block_size):
+    gen = torch.Generator().manual_seed(group)
+    num_kv_heads = 8 if group <= 4 else 4
+    lengths, q_lens = [1000, 777, 1024, 300, 1], [1000, 200, 1, 299, 1]
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen, device="cpu")
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(int(cu[-1]), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    expected = reference.paged_attention(q, k_cache, v_cache, cu, seq_lens, table, head_dim**-0.5)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.varlen_attention(q, k_cache, v_cache, cu, seq_lens, table, head_dim**-0.5, out=out)
+    _assert_close(out.cpu(), expected.cpu())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cache_ops_real_sizes():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers, blocks, block_size, heads, head_dim = 4, 512, 16, 8, 128
+    kv = torch.randn(layers, 2, blocks, block_size, heads, head_dim, generator=gen, device="cuda").bfloat16()
+    # write_kv into layer 0
+    slots = torch.randperm(blocks * block_size, device="cuda", generator=gen)[:3000]
+    slots[::7] = -1
+    key = torch.randn(3000, heads, head_dim, device="cuda", generator=gen).bfloat16()
+    value = torch.randn(3000, heads, head_dim, device="cuda", generator=gen).bfloat16()
+    k_ref, v_ref = kv[0, 0].clone(), kv[0, 1].clone()
+    reference.write_kv(key, value, k_ref, v_ref, slots)
+    triton_cache.write_kv(key, value, kv[0, 0], kv[0, 1], slots)
+    assert torch.equal(kv[0, 0], k_ref) and torch.equal(kv[0, 1], v_ref)
+    # copy-on-write batch
+    perm = torch.randperm(blocks, device="cuda", generator=gen)
+    src, dst = perm[:100], perm[100:200]
+    expected = kv.clone()
+    reference.copy_blocks(expected, src, dst)
+    triton_cache.copy_blocks(kv, src, dst)
+    assert torch.equal(kv, expected)
+    # swap out to a pinned host pool and back in to other blocks
+    host = torch.zeros(layers, 2, 256, block_size, heads, head_dim, dtype=torch.bfloat16, pin_memory=True)
+    host_dst = torch.randperm(256)[:64]
+    triton_cache.swap_blocks(kv, host, src[:64], host_dst)
+    assert torch.equal(host[:, :, host_dst], kv[:, :, src[:64]].cpu())
+    back = perm[200:264]
+    triton_cache.swap_blocks(host, kv, host_dst, back.cpu())
+    assert torch.equal(kv[:, :, back], kv[:, :, src[:64]])
