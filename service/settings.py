@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(30_000, ge=100)
     max_deliveries: int = Field(5, ge=1)
     result_ttl_s: int = Field(3600, ge=1)
-    metrics_port: int = Field(9400, ge=0, le=65535)  # 0 = no health/metrics server
+    metrics_port: int = Field(9400, ge=0, le=65535)  # 0 = any free port (tests, demo)
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
 

@@ -1,0 +1,158 @@
+"""``pagedserve`` command line (contract §3): worker, submit, demo, model init, bench {offline,sharing,kernels,service}.
+
+Long operations show rich progress on stderr; results go to stdout. Benchmarks owned by other modules are
+registered lazily, so the CLI keeps working when one of them is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(name="pagedserve", help="Message-queue-driven LLM inference on PagedAttention.", no_args_is_help=True)
+model_app = typer.Typer(help="Model files.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (see README).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _settings(**overrides):
+    from .settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def worker(
+    name: Optional[str] = typer.Option(None, help="Stable consumer name (PAGEDSERVE_WORKER_NAME; default: host name)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Health/metrics port (PAGEDSERVE_METRICS_PORT, default 9400)."),
+) -> None:
+    """The long-running worker: consume the request stream, run the engine, publish results."""
+    from .telemetry import configure_logging, configure_tracing
+    from .worker import Worker
+
+    s = _settings(worker_name=name, metrics_port=metrics_port)
+    configure_logging(s.log_format, s.log_level)
+    configure_tracing()
+    w = Worker(s, install_signals=True)
+    w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
+    with err.status(f"[bold]loading model[/] {s.model or '(built-in)'} on {s.device} ..."):
+        _ = w.engine
+    w.run()
+
+
+@app.command()
+def submit(
+    prompt: str = typer.Argument(..., help="The prompt text."),
+    max_tokens: int = typer.Option(16, "--max-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    n: int = typer.Option(1, "--n", help="Number of outputs."),
+    beam_width: int = typer.Option(0, "--beam-width", help="> 0: beam search."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Only print the final result."),
+    timeout: float = typer.Option(600.0, help="Seconds to wait for the result."),
+) -> None:
+    """Enqueue one request and print its output as it streams."""
+    from .client import Client
+    from .protocol import DoneEvent, ErrorEvent, TokenEvent
+
+    params = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
+    if beam_width:
+        params["beam_width"] = beam_width
+    try:
+        client = Client(settings=_settings())
+        final = None
+        with err.status("[bold]waiting for a worker ...") as status:
+            events = client.stream(prompt, params=params, stream=not no_stream, timeout=timeout)
+            for ev in events:
+                if isinstance(ev, TokenEvent):
+                    status.stop()
+                    if n == 1 and not beam_width:
+                        out.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True)
+                    continue
+                final = ev
+                break
+    except TimeoutError as e:
+        err.print(f"[red]timeout:[/] {e}")
+        raise typer.Exit(2) from None
+    except Exception as e:  # connection refused, validation error ...
+        err.print(f"[red]error:[/] {type(e).__name__}: {e}")
+        raise typer.Exit(1) from None
+    if isinstance(final, ErrorEvent):
+        err.print(f"[red]{final.error.code}:[/] {final.error.message}")
+        raise typer.Exit(1)
+    assert isinstance(final, DoneEvent)
+    streamed_single = not no_stream and n == 1 and not beam_width
+    if streamed_single:
+        out.print()
+    else:
+        for o in final.outputs:
+            if len(final.outputs) > 1:
+                out.print(f"[bold][{o.index}][/]", end=" ")
+            out.print(o.text, markup=False, highlight=False, soft_wrap=True)
+    reasons = ",".join(str(o.finish_reason) for o in final.outputs)
+    m = final.metrics
+    err.print(
+        f"[dim]id={final.id} finish={reasons} prompt_tokens={final.usage.prompt_tokens} "
+        f"completion_tokens={final.usage.completion_tokens} ttft_ms={m.ttft_ms} e2e_ms={m.e2e_ms}[/]"
+    )
+
+
+@app.command()
+def demo(
+    num_requests: int = typer.Option(16, "--num-requests", "-n", help="Concurrent requests."),
+    max_tokens: int = typer.Option(48, "--max-tokens", help="Tokens per request (varied +-50%)."),
+    temperature: float = typer.Option(0.8, "--temperature"),
+) -> None:
+    """Redis (started locally unless PAGEDSERVE_REDIS_URL is set), a worker on the built-in model, a batch of
+    concurrent requests streamed to the terminal, and a summary of throughput, latency and KV use."""
+    from .demo import run_demo
+
+    run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)
+
+
+@model_app.command("init")
+def model_init(path: Optional[str] = typer.Argument(None, help="Directory (default: the built-in model's).")) -> None:
+    """Write the built-in model (config, safetensors, tokenizer) if it is not there yet."""
+    from engine.builtin_model import ensure_builtin_model
+
+    with err.status("[bold]writing the built-in model ..."):
+        where = ensure_builtin_model(path)
+    out.print(where)
+
+
+def _register(name: str, target: str) -> None:
+    """Register ``module:function`` as ``bench NAME`` if it can be imported (owned by other modules)."""
+    module, func = target.split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except Exception as e:  # missing or broken: the rest of the CLI still works
+
+        def unavailable() -> None:
+            err.print(f"[red]bench {name} is not available:[/] {type(e).__name__}: {e}")
+            raise typer.Exit(1)
+
+        unavailable.__doc__ = f"(unavailable: {target} could not be imported)"
+        bench_app.command(name)(unavailable)
+        return
+    bench_app.command(name)(fn)
+
+
+_register("offline", "engine.benchmarks:offline_command")
+_register("sharing", "engine.benchmarks:sharing_command")
+_register("kernels", "kernels.bench:kernels_command")
+_register("service", "service.bench:service_command")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # python -m service.cli
+    sys.exit(app())
