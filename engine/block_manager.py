@@ -1,0 +1,289 @@
+"""Paged KV memory: a device block pool, a CPU swap pool, per-sequence block tables, prefix caching.
+
+Invariants (checked by ``check_invariants`` in tests):
+  * every block's ``ref_count`` equals the number of block-table entries (over live sequences) that name it;
+  * a block is in its pool's free list iff its ``ref_count`` is 0; ``num_free + num_used == num_blocks``;
+  * the prefix cache maps ``hash -> block`` only for device blocks whose ``hash`` field is that hash; such a block
+    holds exactly the tokens it was registered with (verified again on every hit);
+  * block tables only change at the end: blocks are appended, or the last one is swapped for its CoW copy.
+All operations are O(1) per block: free lists are ordered dicts, cache lookups are dict lookups.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+class BlockPool:
+    """Fixed-size blocks with an LRU free list and (optionally) a hash -> block prefix cache.
+
+    Freed blocks that hold a cached prefix go to the back of the free list and stay findable until reused,
+    so the least recently freed is evicted first; freed blocks with no cached content go to the front.
+    """
+
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.enable_caching = enable_caching
+        self.cached: dict[int, Block] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> Block:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict its cached content
+            if self.cached.get(block.hash) is block:
+                del self.cached[block.hash]
+            block.hash = block.token_ids = None
+        block.ref_count = 1
+        return block
+
+    def acquire(self, block: Block) -> None:
+        """Add a reference (a prefix-cache hit or a fork); a free cached block leaves the free list."""
+        if block.ref_count == 0:
+            del self.free[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: Block) -> None:
+        assert block.ref_count > 0, f"double free of block {block.block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block.block_id] = None
+            if block.hash is None:
+                self.free.move_to_end(block.block_id, last=False)
+
+    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> Block | None:
+        block = self.cached.get(block_hash)
+        if block is not None and block.token_ids == token_ids:
+            return block
+        return None
+
+    def register(self, block: Block, block_hash: int, token_ids: tuple[int, ...]) -> None:
+        if not self.enable_caching or block.hash is not None or block_hash in self.cached:
+            return
+        block.hash, block.token_ids = block_hash, token_ids
+        self.cached[block_hash] = block
+
+
+def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """A block's identity in the prefix cache: its tokens and everything before them."""
+    return hash((parent, token_ids))
+
+
+class BlockManager:
+    """Maps sequences to KV blocks. Says which copies the model runner must do, never does them itself.
+
+    Pending device work is collected in ``copies`` (CoW, device -> device), ``swap_out_map`` (device -> CPU) and
+    ``swap_in_map`` (CPU -> device); ``take_pending()`` hands it to the runner once per step.
+    """
+
+    def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 share_blocks: bool = True) -> None:
+        self.block_size = block_size
+        self.gpu = BlockPool(num_gpu_blocks, enable_prefix_caching)
+        self.cpu = BlockPool(num_cpu_blocks, False)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.share_blocks = share_blocks  # False: forks copy every block (the no-sharing baseline)
+        self.copies: list[tuple[int, int]] = []
+        self.swap_out_map: list[tuple[int, int]] = []
+        self.swap_in_map: list[tuple[int, int]] = []
+        self.peak_used = 0
+        self.prefix_hit_tokens = 0
+        self.num_swapped_out_blocks = 0
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        return self.gpu.num_free
+
+    @property
+    def num_used_gpu_blocks(self) -> int:
+        return self.gpu.num_blocks - self.gpu.num_free
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def _note_peak(self) -> None:
+        self.peak_used = max(self.peak_used, self.num_used_gpu_blocks)
+
+    # ------------------------------------------------------------------ prefix cache
+    def find_cached_prefix(self, seq: Sequence) -> list[Block]:
+        """Cached blocks that hold a prefix of ``seq`` (full blocks only, never its last token)."""
+        if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
+            return []
+        hits: list[Block] = []
+        parent = None
+        tokens = seq.token_ids
+        for i in range((len(tokens) - 1) // self.block_size):
+            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(parent, chunk)
+            block = self.gpu.lookup(h, chunk)
+            if block is None:
+                break
+            hits.append(block)
+            parent = h
+        return hits
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish ``seq``'s newly computed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        while len(seq.block_hashes) < num_full:
+            i = len(seq.block_hashes)
+            chunk = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, chunk)
+            self.gpu.register(self.gpu.blocks[seq.block_table[i]], h, chunk)
+            seq.block_hashes.append(h)
+
+    # ------------------------------------------------------------------ allocation
+    def _needs_cow(self, seq: Sequence) -> bool:
+        """Whether the next write lands in a partially filled last block that others still reference."""
+        if seq.num_computed_tokens % self.block_size == 0 or not seq.block_table:
+            return False
+        last = seq.num_computed_tokens // self.block_size
+        return last < len(seq.block_table) and self.gpu.blocks[seq.block_table[last]].ref_count > 1
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, cached: list[Block] = ()) -> int:
+        """Free device blocks that ``allocate(seq, num_new_tokens, cached)`` would consume."""
+        total = self._blocks_for(seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens)
+        fresh = max(0, total - len(seq.block_table) - len(cached))
+        revived = sum(1 for b in cached if b.ref_count == 0)  # hits sitting in the free list
+        return fresh + revived + int(self._needs_cow(seq))
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[Block] = ()) -> bool:
+        """Give ``seq`` room for ``num_new_tokens`` more tokens. All or nothing: False changes nothing."""
+        if self.blocks_needed(seq, num_new_tokens, cached) > self.gpu.num_free:
+            return False
+        if cached:
+            for block in cached:
+                self.gpu.acquire(block)
+                seq.block_table.append(block.block_id)
+            num_hit = len(cached) * self.block_size
+            seq.num_computed_tokens = num_hit
+            seq.block_hashes = [b.hash for b in cached]
+            self.prefix_hit_tokens += num_hit
+        if self._needs_cow(seq):
+            last = seq.num_computed_tokens // self.block_size
+            old = self.gpu.blocks[seq.block_table[last]]
+            new = self.gpu.allocate()
+            self.copies.append((old.block_id, new.block_id))
+            self.gpu.release(old)
+            seq.block_table[last] = new.block_id
+        total = self._blocks_for(seq.num_computed_tokens + num_new_tokens)
+        while len(seq.block_table) < total:
+            seq.block_table.append(self.gpu.allocate().block_id)
+        self._note_peak()
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Give ``child`` the parent's blocks: shared by reference (copy-on-write later), or copied outright
+        when sharing is off. Returns False (changing nothing) if copies are needed and blocks are short."""
+        if self.share_blocks:
+            for block_id in parent.block_table:
+                self.gpu.acquire(self.gpu.blocks[block_id])
+            child.block_table = list(parent.block_table)
+            return True
+        if len(parent.block_table) > self.gpu.num_free:
+            return False
+        child.block_table = []
+        for block_id in parent.block_table:
+            new = self.gpu.allocate()
+            self.copies.append((block_id, new.block_id))
+            child.block_table.append(new.block_id)
+        child.block_hashes = []
+        self._note_peak()
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references, tail first, so a shared prefix is the last thing evicted."""
+        pool = self.gpu
+        for block_id in reversed(seq.block_table):
+            pool.release(pool.blocks[block_id])
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def free_cpu(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            self.cpu.release(self.cpu.blocks[block_id])
+        seq.block_table = []
+
+    # ------------------------------------------------------------------ swapping
+    @staticmethod
+    def _distinct(seqs: Iterable[Sequence]) -> list[int]:
+        return list(dict.fromkeys(b for s in seqs for b in s.block_table))
+
+    def can_swap_out(self, seqs: list[Sequence]) -> bool:
+        return len(self._distinct(seqs)) <= self.cpu.num_free
+
+    def swap_out(self, seqs: list[Sequence]) -> None:
+        """Move the sequences' blocks to the CPU pool; blocks shared inside the group move once."""
+        mapping = self._move(seqs, self.gpu, self.cpu)
+        self.swap_out_map.extend(mapping.items())
+        self.num_swapped_out_blocks += len(mapping)
+        for seq in seqs:
+            seq.block_hashes = []
+
+    def can_swap_in(self, seqs: list[Sequence]) -> bool:
+        # Room for the blocks plus one growth block per sequence, so the request can run right away.
+        return len(self._distinct(seqs)) + len(seqs) <= self.gpu.num_free
+
+    def swap_in(self, seqs: list[Sequence]) -> None:
+        mapping = self._move(seqs, self.cpu, self.gpu)
+        self.swap_in_map.extend(mapping.items())
+        self._note_peak()
+
+    @staticmethod
+    def _move(seqs: list[Sequence], src: BlockPool, dst: BlockPool) -> dict[int, int]:
+        mapping: dict[int, int] = {}
+        for seq in seqs:
+            table = []
+            for block_id in seq.block_table:
+                if block_id not in mapping:
+                    mapping[block_id] = dst.allocate().block_id
+                else:
+                    dst.acquire(dst.blocks[mapping[block_id]])
+                table.append(mapping[block_id])
+                src.release(src.blocks[block_id])
+            seq.block_table = table
+        return mapping
+
+    def take_pending(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+        """(swap_out, swap_in, copies) accumulated since the last call; the runner does them in that order."""
+        out, inn, copies = self.swap_out_map, self.swap_in_map, self.copies
+        self.swap_out_map, self.swap_in_map, self.copies = [], [], []
+        return out, inn, copies
+
+    # ------------------------------------------------------------------ checking
+    def check_invariants(self, live_gpu: Iterable[Sequence], live_cpu: Iterable[Sequence] = ()) -> None:
+        for pool, seqs in ((self.gpu, list(live_gpu)), (self.cpu, list(live_cpu))):
+            refs = [0] * pool.num_blocks
+            for seq in seqs:
+                for block_id in seq.block_table:
+                    refs[block_id] += 1
+            for block in pool.blocks:
+                assert block.ref_count == refs[block.block_id], (
+                    f"block {block.block_id}: ref_count {block.ref_count} != {refs[block.block_id]} references")
+                assert (block.block_id in pool.free) == (block.ref_count == 0), f"free list wrong at {block.block_id}"
+            for h, block in pool.cached.items():
+                assert block.hash == h, f"cache entry {h} points at block {block.block_id} with hash {block.hash}"

@@ -1,0 +1,97 @@
+"""The built-in model: a small Llama with deterministic weights and a byte-level tokenizer.
+
+No checkpoint can be downloaded here, so the default model is written locally as an ordinary HF directory
+(config.json, model.safetensors, tokenizer.json, ...) and loaded through the same path as any checkpoint.
+Its weights are random (seeded), so its text is noise; what matters is that everything downstream is real.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+BUILTIN_NAME = "pagedserve-tiny-llama"
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# Small enough to run a demo on two CPU cores in seconds, big enough to exercise GQA and several blocks.
+BUILTIN_CONFIG = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def default_model_dir() -> Path:
+    cache = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagedserve"
+    )
+    return Path(cache) / BUILTIN_NAME
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (what ByteLevel pre-tokenizers emit)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_byte_tokenizer():
+    """A ``PreTrainedTokenizerFast`` whose ids 0-255 are the bytes and 256-258 are BOS, EOS and PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS, PAD])
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def write_llama(path: str | Path, seed: int = 0, vocab_size: int = 259, dtype: torch.dtype = torch.float32,
+                **overrides) -> Path:
+    """Write a random-weight (seeded) Llama with the byte tokenizer to ``path`` as an HF directory."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    cfg = dict(BUILTIN_CONFIG, **overrides)
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=256, eos_token_id=257, pad_token_id=258, **cfg)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(bos_token_id=256, eos_token_id=257, pad_token_id=258).save_pretrained(path)
+    build_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def ensure_builtin_model(path: str | Path | None = None) -> str:
+    """The built-in model's directory, written first if it is not there yet (atomically: no half models)."""
+    target = Path(path) if path else default_model_dir()
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return str(target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    write_llama(tmp, seed=0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

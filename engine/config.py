@@ -1,0 +1,80 @@
+"""Engine configuration: the contract's ``LLM(...)`` arguments, validated and resolved against the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREEMPTION_MODES = ("swap", "recompute", "auto")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know before it loads weights.
+
+    ``None`` fields are resolved later: ``num_gpu_blocks`` from free memory, ``max_model_len`` from the model's
+    config, ``max_num_batched_tokens`` from ``max_model_len``.
+    """
+
+    model: str | None = None
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    swap_space_gb: float = 4.0
+    preemption_mode: str = "auto"
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+
+        if not isinstance(self.block_size, int) or self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            fail("block_size", "must be a power of two in [1, 128]")
+        if self.num_gpu_blocks is not None and (not isinstance(self.num_gpu_blocks, int) or self.num_gpu_blocks < 1):
+            fail("num_gpu_blocks", "must be a positive integer or None")
+        if not isinstance(self.swap_space_gb, (int, float)) or self.swap_space_gb < 0:
+            fail("swap_space_gb", "must be >= 0")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            fail("preemption_mode", f"must be one of {PREEMPTION_MODES}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            fail("max_num_seqs", "must be an integer >= 1")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            fail("max_num_batched_tokens", "must be an integer >= 1 or None")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            fail("max_model_len", "must be an integer >= 2 or None")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
+            fail("dtype", "must be auto, float32, float16 or bfloat16")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            fail("gpu_memory_utilization", "must be in (0, 1]")
+        try:
+            self.torch_device
+        except RuntimeError as exc:
+            raise ValueError(f"device {self.device!r} is not usable: {exc}") from exc
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
+        """``auto``: the checkpoint's half dtype on CUDA (bf16 if it is fp32), fp32 on CPU."""
+        names = {
+            "float32": torch.float32, "fp32": torch.float32,
+            "float16": torch.float16, "fp16": torch.float16,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        }
+        if self.dtype != "auto":
+            return names[self.dtype]
+        if self.torch_device.type != "cuda":
+            return torch.float32
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

@@ -1,0 +1,76 @@
+"""Incremental detokenization that never emits half a UTF-8 character, with stop-string hold-back."""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's output tokens into text, a delta at a time.
+
+    Decodes only a sliding window (``prefix_offset:``) so each step costs O(window), not O(length). Text that
+    ends in U+FFFD is held back: the next token may complete the character. ``text`` is the concatenation of all
+    deltas by construction, so streamed deltas always add up to the final text.
+
+    With stop strings, the last ``max_stop_len - 1`` characters are not released (``releasable``) until the
+    sequence ends, so a client never sees the start of a stop string that is later cut.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], skip_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.skip_ids = skip_ids
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.emitted = 0  # characters of ``text`` already handed out as deltas
+        self.stopped = False  # the text was cut at a stop string; nothing after it is ever added
+
+    def copy(self) -> IncrementalDetokenizer:
+        new = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
+        new.__dict__.update(self.__dict__)
+        new.ids = list(self.ids)
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str | None:
+        """Add a token; return a stop string if the text now contains one (the text is cut before it)."""
+        if token_id in self.skip_ids:
+            return None
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            return None
+        start = len(self.text)
+        self.text += full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._check_stop(start)
+
+    def flush(self) -> None:
+        """At the end of the sequence: release whatever was held back for an incomplete character."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset:])
+            self.text += full[len(prefix):]
+            self.prefix_offset = self.read_offset = len(self.ids)
+
+    def _check_stop(self, start: int) -> str | None:
+        for s in self.stop:
+            pos = self.text.find(s, max(0, start - len(s) + 1))
+            if pos != -1:
+                self.text = self.text[:pos]
+                self.stopped = True
+                return s
+        return None
+
+    def take_delta(self, final: bool) -> str:
+        """The text not yet handed out; short of the stop-string hold-back unless ``final``."""
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta

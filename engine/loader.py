@@ -1,0 +1,125 @@
+"""Load a Llama-family HF checkpoint directory (config.json + *.safetensors) into ``LlamaForCausalLM``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from engine.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+
+# HF shard name -> (our fused parameter, shard index); shard order fixes the fused layout.
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def load_config(model_dir: str | Path):
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {str(path)!r} is not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and config.model_type not in SUPPORTED_ARCHITECTURES.values():
+        raise ValueError(f"model architecture {archs or config.model_type} is not supported "
+                         f"(supported: {sorted(SUPPORTED_ARCHITECTURES)})")
+    return config
+
+
+def _shard_offsets(model: LlamaForCausalLM, fused: str) -> list[int]:
+    attn = model.layers[0].self_attn
+    if fused == "qkv_proj":
+        return [0, attn.q_size, attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size]
+    inter = model.layers[0].mlp.intermediate
+    return [0, inter, 2 * inter]
+
+
+def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    """Build the model on ``device`` in ``dtype`` and copy every checkpoint tensor into it.
+
+    Every parameter must be filled exactly once (tied ``lm_head`` excepted); a missing or unexpected tensor is
+    an error rather than a silently random weight.
+    """
+    path = Path(model_dir)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model {str(path)!r} has no *.safetensors files")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model = model.to_empty(device=device)
+    # Rotary tables are buffers computed from config, not checkpoint weights: rebuild them on the device.
+    rotary = model.layers[0].self_attn.rotary
+    fresh = type(rotary)(config, model.layers[0].self_attn.head_dim, max_positions).to(device)
+    rotary.cos, rotary.sin = fresh.cos, fresh.sin
+    model.to(dtype)
+    rotary.cos, rotary.sin = fresh.cos.float(), fresh.sin.float()
+
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                tensor = f.get_tensor(name)
+                target, rows = _target(model, name, params)
+                if target is None:
+                    if name == "lm_head.weight" and model.tie_word_embeddings:
+                        continue
+                    raise ValueError(f"unexpected tensor {name!r} in {file.name}")
+                param = params[target]
+                with torch.no_grad():
+                    dst = param if rows is None else param[rows[0]:rows[1]]
+                    if dst.shape != tensor.shape:
+                        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+                    dst.copy_(tensor.to(dtype))
+                filled.add(name)
+    expected = _expected_names(model)
+    missing = sorted(expected - filled)
+    if missing:
+        raise ValueError(f"checkpoint is missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model.eval()
+
+
+def _target(model: LlamaForCausalLM, hf_name: str, params: dict) -> tuple[str | None, tuple[int, int] | None]:
+    """Our parameter name for an HF tensor name, and the row range for a fused shard."""
+    name = hf_name.removeprefix("model.")
+    parts = name.split(".")
+    for shard, (fused, index) in _FUSED.items():
+        if shard in parts:
+            offsets = _shard_offsets(model, fused)
+            return name.replace(shard, fused), (offsets[index], offsets[index + 1])
+    if name == "lm_head.weight":
+        return (name if not model.tie_word_embeddings else None), None
+    return (name if name in params else None), None
+
+
+def _expected_names(model: LlamaForCausalLM) -> set[str]:
+    names = set()
+    for name, _ in model.named_parameters():
+        for shard, (fused, _index) in _FUSED.items():
+            if f".{fused}." in f".{name}":
+                if name.endswith("bias") and fused == "gate_up_proj":
+                    continue
+                names.add("model." + name.replace(fused, shard))
+        if ".qkv_proj." not in name and ".gate_up_proj." not in name:
+            names.add(name if name.startswith("lm_head") else "model." + name)
+    return names
+
+
+def read_generation_eos(model_dir: str | Path) -> list[int]:
+    """EOS ids from generation_config.json (which may list several), else empty."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,149 @@
+"""Owns the model and the KV cache; turns a scheduler output into one forward pass.
+
+All tokens of a step are flattened into one batch with no padding. Positions, slot mapping (where each new
+token's K/V goes) and block tables are built once per step into a ``StepContext`` that every attention layer
+reads. Pending block swaps and copies run first, in the order swap-out, swap-in, copy-on-write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.context import StepContext, set_context
+from engine.loader import load_model
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
+from kernels import get_ops
+
+GIB = 1 << 30
+CPU_KV_BUDGET_BYTES = 1 * GIB  # default device pool when the "device" is the CPU (documented in README)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    context: StepContext
+    sample_rows: list[tuple[Sequence, int]]  # (sequence, index of its last new token in the flat batch)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
+                 max_num_batched_tokens: int) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
+        self.block_size = config.block_size
+        self.ops = get_ops(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_positions=max_model_len)
+        attn = self.model.layers[0].self_attn
+        self.num_layers = len(self.model.layers)
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        self.block_bytes = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+        max_useful = config.max_num_seqs * -(-max_model_len // self.block_size)
+        self.num_gpu_blocks = config.num_gpu_blocks or min(self._blocks_from_memory(max_num_batched_tokens), max_useful)
+        if self.num_gpu_blocks < 1:
+            raise ValueError("num_gpu_blocks: not enough memory for a single KV block")
+        self.num_cpu_blocks = int(config.swap_space_gb * GIB // self.block_bytes)
+        shape = (self.num_layers, 2, self.num_gpu_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        cpu_shape = (self.num_layers, 2, self.num_cpu_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # empty, not zeros: untouched CPU pages are never committed, so an unused swap pool costs nothing.
+        pin = self.device.type == "cuda"
+        self.cpu_cache = torch.empty(cpu_shape, dtype=self.dtype, pin_memory=pin)
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    def _blocks_from_memory(self, max_num_batched_tokens: int) -> int:
+        if self.device.type != "cuda":
+            return CPU_KV_BUDGET_BYTES // self.block_bytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        cfg = self.model.config
+        # Activation headroom for the largest step: hidden states, MLP intermediate and logits, a few copies each.
+        act = max_num_batched_tokens * (cfg.hidden_size * 8 + cfg.intermediate_size * 4) * 4
+        act += self.config.max_num_seqs * cfg.vocab_size * 4 * 4
+        budget = total * self.config.gpu_memory_utilization - used - act
+        return max(0, int(budget // self.block_bytes))
+
+    # ------------------------------------------------------------------ per step
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[tuple[Sequence, int]] = []
+        decode_only = True
+        for item in sched.scheduled:
+            for seq, n in item.seqs:
+                start = seq.num_computed_tokens
+                end = start + n
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                table = seq.block_table
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                cu.append(cu[-1] + n)
+                seq_lens.append(end)
+                tables.append(table)
+                decode_only &= n == 1
+                if end == seq.num_tokens:
+                    sample_rows.append((seq, cu[-1] - 1))
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        ctx = StepContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            decode_only=decode_only,
+            ops=self.ops,
+        )
+        return StepInputs(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            ctx,
+            sample_rows,
+        )
+
+    def apply_block_ops(self, sched: SchedulerOutput) -> None:
+        """Swap-out, swap-in, then copy-on-write: a block freed by a swap-out may be reused in the same step."""
+        if sched.swap_out:
+            src, dst = zip(*sched.swap_out)
+            self.ops.swap_blocks(self.kv_cache, self.cpu_cache, torch.tensor(src), torch.tensor(dst))
+        if sched.swap_in:
+            src, dst = zip(*sched.swap_in)
+            self.ops.swap_blocks(self.cpu_cache, self.kv_cache, torch.tensor(src), torch.tensor(dst))
+        if sched.copies:
+            src, dst = zip(*sched.copies)
+            self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
+                                 torch.tensor(dst, device=self.device))
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run the step; return float32 logits for every sequence that reached its last token, and those sequences."""
+        self.apply_block_ops(sched)
+        if not sched.scheduled:
+            return torch.empty(0), []
+        inputs = self.prepare(sched)
+        set_context(inputs.context)
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        finally:
+            set_context(None)
+        if not inputs.sample_rows:
+            return torch.empty(0), []
+        rows = torch.tensor([r for _, r in inputs.sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return logits, [s for s, _ in inputs.sample_rows]

@@ -1,0 +1,128 @@
+"""Token sampling for one step: penalties, greedy, temperature, top-k / top-p / min-p, seeds, logprobs.
+
+Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` (the exponential-race form of categorical sampling).
+A seeded sequence draws its ``E`` from its own generator, so its tokens do not depend on what else is in the
+batch; unseeded rows share one draw from the engine's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float  # log-softmax of the raw model logits at the chosen token
+    top_logprobs: dict[int, float] | None
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
+    """In place. Repetition penalty (HF/CTRL style) over prompt + output; presence/frequency over output."""
+    vocab = logits.shape[1]
+    for row, (seq, p) in enumerate(zip(seqs, params)):
+        if not p.needs_penalties:
+            continue
+        out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        out_ids = out_ids[out_ids < vocab]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device).unique()
+            seen = seen[seen < vocab]
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(out_ids, minlength=vocab).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks; returns probabilities."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    logits = logits / temps.unsqueeze(1)
+    vocab = logits.shape[1]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        mask = ranks >= top_k.unsqueeze(1)
+        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+        probs_sorted = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+        mask |= mass_before >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
+        probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+class Sampler:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _engine_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return self._generators[device]
+
+    @staticmethod
+    def seed_sequence(seq: Sequence, params: SamplingParams, device: torch.device) -> None:
+        """Sample ``i`` of a seeded request draws from generator ``(seed, i)``: reproducible, distinct per sample."""
+        if params.seed is None or seq.generator is not None:
+            return
+        gen = torch.Generator(device=device)
+        gen.manual_seed((params.seed * 1_000_003 + seq.index) % (2**63))
+        seq.generator = gen
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> list[SampleResult]:
+        """Sample one token per row of ``logits`` ``[R, V]`` (float32) for ``seqs[r]`` under ``params[r]``."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(p.needs_penalties for p in params):
+            logits = logits.clone()
+            _apply_penalties(logits, seqs, params)
+        greedy = [p.greedy for p in params]
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, g in enumerate(greedy) if not g]
+        if sampled_rows:
+            idx = torch.tensor(sampled_rows, device=logits.device)
+            sub_params = [params[i] for i in sampled_rows]
+            probs = _filter(logits[idx], sub_params)
+            noise = torch.empty_like(probs)
+            unseeded = [j for j, i in enumerate(sampled_rows) if seqs[i].generator is None]
+            if unseeded:
+                draw = torch.empty((len(unseeded), probs.shape[1]), device=probs.device, dtype=probs.dtype)
+                draw.exponential_(generator=self._engine_generator(probs.device))
+                noise[unseeded] = draw
+            for j, i in enumerate(sampled_rows):
+                if seqs[i].generator is not None:
+                    noise[j].exponential_(generator=seqs[i].generator)
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        results = []
+        want_top = [p.logprobs for p in params]
+        top_k = max((k for k in want_top if k), default=0)
+        top_vals = top_ids = None
+        if top_k:
+            top_vals, top_ids = raw_logprobs.topk(top_k, dim=-1)
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for r, tok in enumerate(token_list):
+            top = None
+            if want_top[r] is not None:
+                k = want_top[r]
+                top = dict(zip(top_ids[r][:k], top_vals[r][:k])) if k else {}
+                top[tok] = chosen[r]
+            results.append(SampleResult(tok, chosen[r], top))
+        return results

@@ -1,0 +1,127 @@
+"""Sequences (one token stream each) and requests (the group of sequences one prompt produces)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+_seq_counter = itertools.count()
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"  # not started, or preempted by recompute (KV gone)
+    RUNNING = "running"  # has KV blocks on the device
+    SWAPPED = "swapped"  # preempted by swap (KV in the CPU pool)
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One token stream: prompt + generated tokens, its block table and its detokenizer state.
+
+    Invariants: ``0 <= num_computed_tokens <= num_tokens``; the block table covers at least
+    ``num_computed_tokens`` tokens while the request is running; only the table's end ever changes
+    (blocks are appended, or the last block is replaced by its copy-on-write copy).
+    """
+
+    def __init__(self, token_ids: list[int], num_prompt_tokens: int, index: int = 0) -> None:
+        self.seq_id = next(_seq_counter)
+        self.index = index  # position in the request's outputs
+        self.token_ids = token_ids
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks registered in the prefix cache
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] = []
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        self.detok: IncrementalDetokenizer | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def fork(self, index: int) -> Sequence:
+        """A copy sharing nothing mutable; the block manager makes the block table shared."""
+        child = Sequence(list(self.token_ids), self.num_prompt_tokens, index)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.block_hashes = list(self.block_hashes)
+        child.cumulative_logprob = self.cumulative_logprob
+        child.logprobs = list(self.logprobs)
+        if self.detok is not None:
+            child.detok = self.detok.copy()
+        return child
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table})")
+
+
+class Request:
+    """A prompt and its sequences: one for plain sampling, ``n``/``best_of`` after the prompt forks, or beams.
+
+    Scheduling order is ``(priority, arrival_time, order)``: lower priority values first, ties first-come.
+    """
+
+    _order = itertools.count()
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 priority: int = 0, deadline: float | None = None, arrival_time: float | None = None) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.priority = priority
+        self.deadline = deadline
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.order = next(self._order)
+        self.status = RequestStatus.WAITING
+        self.seqs: list[Sequence] = [Sequence(list(prompt_token_ids), len(prompt_token_ids))]
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None  # request-level end: "cancelled" / "deadline"
+        self.metrics: dict[str, float] = {"arrival_time": self.arrival_time}
+        self.beam = None  # BeamState for beam search (engine.beam_search)
+
+    @property
+    def sort_key(self) -> tuple:
+        return (self.priority, self.arrival_time, self.order)
+
+    @property
+    def forked(self) -> bool:
+        """Whether the prompt has already been split into its ``num_samples`` sequences."""
+        return len(self.seqs) > 1 or self.params.num_samples == 1
+
+    def unfinished_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.finished]
+
+    @property
+    def num_unfinished_seqs(self) -> int:
+        return sum(1 for s in self.seqs if not s.finished)
+
+    @property
+    def max_seqs(self) -> int:
+        """Sequences this request will occupy once forked (what ``max_num_seqs`` is charged)."""
+        return max(self.params.num_samples, self.num_unfinished_seqs)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random HF checkpoints of each supported family, written once per session."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton kernels run in the interpreter when there is no GPU; it must be set before they are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from engine.builtin_model import build_byte_tokenizer  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, vocab_size=300)
+
+
+def write_tiny(path, family: str, seed: int = 0, **overrides):
+    """A tiny random checkpoint of ``family`` in ``path`` (HF's own init, so HF is an independent reference)."""
+    import transformers
+
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    kw = dict(TINY, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    if family == "qwen3":
+        kw["head_dim"] = 32  # != hidden / heads, as in real Qwen3
+    if family == "llama":
+        kw["tie_word_embeddings"] = True
+    kw.update(overrides)
+    config = cfg_cls(**kw)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # HF's default init is tiny (std 0.02); widen it so logits are far from ties and greedy paths are stable.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5 / p.shape[-1] ** 0.5)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    build_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {f: str(write_tiny(root / f, f)) for f in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """Greedy continuation by HF transformers ``generate`` (one prompt at a time, fp32, no padding)."""
+    import transformers
+
+    cache: dict = {}
+
+    def run(model_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        if model_dir not in cache:
+            cache[model_dir] = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = cache[model_dir]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 min_new_tokens=max_new_tokens, pad_token_id=258)
+        return out[0, len(prompt_ids):].tolist()
+
+    return run

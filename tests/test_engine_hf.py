@@ -1,0 +1,69 @@
+"""Greedy outputs equal HF transformers ``generate`` token for token, however the engine schedules them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+LENGTHS = [1, 15, 16, 17, 33, 47, 64]
+MAX_NEW = 12
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 256) for _ in range(n)] for n in LENGTHS]
+
+
+def _check(llm: LLM, model_dir: str, hf_greedy, prompts=None) -> None:
+    prompts = prompts or _prompts()
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
+        assert out.outputs[0].finish_reason == "length"
+    # Every request ended, so every block is free again (prefix-cached ones wait in the free list).
+    stats = llm.stats()
+    assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
+    assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_matches_hf(family, tiny_models, hf_greedy):
+    llm = LLM(model=tiny_models[family], device="cpu", block_size=16)
+    _check(llm, tiny_models[family], hf_greedy)
+    assert llm.stats()["num_preemptions"] == 0
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_matches_hf_under_preemption(family, mode, tiny_models, hf_greedy):
+    # 7 prompts need ~20 blocks of 8 at their longest; 10 blocks force preemptions.
+    llm = LLM(model=tiny_models[family], device="cpu", block_size=8, num_gpu_blocks=12, preemption_mode=mode,
+              enable_prefix_caching=False)
+    _check(llm, tiny_models[family], hf_greedy)
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0
+    if mode == "swap":
+        assert stats["num_swapped_out_blocks"] > 0 and stats["num_swap_preemptions"] > 0
+    else:
+        assert stats["num_recompute_preemptions"] > 0 and stats["num_swapped_out_blocks"] == 0
+
+
+def test_greedy_matches_hf_with_chunked_prefill(tiny_models, hf_greedy):
+    llm = LLM(model=tiny_models["qwen3"], device="cpu", block_size=16, max_num_batched_tokens=10)
+    _check(llm, tiny_models["qwen3"], hf_greedy)
+    assert llm.stats()["num_steps"] > sum(LENGTHS) // 10
+
+
+def test_greedy_matches_hf_with_prefix_cache_hits(tiny_models, hf_greedy):
+    model = tiny_models["mistral"]
+    rng = random.Random(1)
+    shared = [rng.randrange(256) for _ in range(40)]
+    prompts = [shared + [rng.randrange(256) for _ in range(k)] for k in (1, 5, 9, 24)]
+    llm = LLM(model=model, device="cpu", block_size=8)
+    _check(llm, model, hf_greedy, prompts[:1])  # warm the cache with the shared prefix
+    _check(llm, model, hf_greedy, prompts)
+    assert llm.stats()["prefix_cache_hit_tokens"] >= 4 * 40 // 8 * 8
