@@ -1,0 +1,175 @@
+"""Shared fixtures and helpers of the service tests (real redis-server, real engine, built-in model on CPU).
+
+Import the fixtures in a test module with ``from service_fixtures import *  # noqa: F403``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.redis_server import LocalRedis
+from service.settings import Settings
+from service.worker import Worker
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REDIS = os.environ.get("PAGEDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Small engine for tests: a fixed KV pool keeps memory and start-up small on the 2-core CI machine.
+ENGINE_KW = dict(num_gpu_blocks=512, max_num_seqs=64, swap_space_gb=0.25, device="cpu", seed=0)
+
+
+def wait_for(cond, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis if it answers, else a private redis-server for the session."""
+    try:
+        with redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=1) as r:
+            r.ping()
+        yield SHARED_REDIS
+    except redis.ConnectionError:
+        with LocalRedis() as url:
+            yield url
+
+
+@pytest.fixture
+def prefix(redis_url):
+    """A fresh key prefix per test; its keys are deleted afterwards."""
+    p = f"pstest-{uuid.uuid4().hex[:10]}"
+    yield p
+    with redis.Redis.from_url(redis_url) as r:
+        keys = list(r.scan_iter(match=f"{p}*", count=1000))
+        if keys:
+            r.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def shared_engine():
+    from engine import LLMEngine
+
+    return LLMEngine(model=None, **ENGINE_KW)
+
+
+def make_settings(redis_url: str, prefix: str, **kw) -> Settings:
+    base = dict(
+        redis_url=redis_url, prefix=prefix, metrics_port=0, worker_name=f"w-{uuid.uuid4().hex[:6]}",
+        claim_idle_ms=2000, grace_period_s=5, log_format="json", log_level="WARNING",
+        num_gpu_blocks=ENGINE_KW["num_gpu_blocks"], max_num_seqs=ENGINE_KW["max_num_seqs"],
+        swap_space_gb=ENGINE_KW["swap_space_gb"], device="cpu",
+    )
+    base.update(kw)
+    return Settings(**base)
+
+
+@contextlib.contextmanager
+def running_worker(settings: Settings, engine=None, **kw):
+    """A worker loop in a thread of this process; stopped (SIGTERM path) on exit."""
+    w = Worker(settings, engine, **kw)
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            w.run()
+        except BaseException as e:  # surfaced by the test
+            errors.append(e)
+
+    t = threading.Thread(target=target, name="test-worker", daemon=True)
+    t.start()
+    assert w.started.wait(120), "worker did not start"
+    try:
+        yield w
+    finally:
+        w.request_stop()
+        t.join(60)
+        assert not t.is_alive(), "worker did not stop"
+        if errors:
+            raise errors[0]
+
+
+def worker_env(settings: Settings, **extra) -> dict:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"PAGEDSERVE_{name.upper()}"] = str(value)
+    env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class WorkerProcess:
+    """``pagedserve worker`` in a subprocess (for SIGKILL/SIGTERM tests); JSON log lines go to a file."""
+
+    def __init__(self, settings: Settings, log_path: Path, **extra_env):
+        self.settings = settings
+        self.log_path = log_path
+        self.env = worker_env(settings, **extra_env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"], cwd=REPO, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_started(self, timeout: float = 120) -> None:
+        wait_for(lambda: "worker_started" in self.log_path.read_text(errors="replace") or self._dead(),
+                 timeout, 0.1, "worker start")
+        assert self.proc.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
+
+    def _dead(self) -> bool:
+        return self.proc.poll() is not None
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.kill()
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+__all__ = [
+    "ENGINE_KW", "REPO", "WorkerProcess", "make_settings", "prefix", "redis_url", "running_worker",
+    "shared_engine", "wait_for", "worker_env",
+]

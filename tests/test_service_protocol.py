@@ -1,0 +1,121 @@
+"""Wire-protocol models, parsing rules, key names and settings (no Redis, no engine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.protocol import (
+    DeadLetterError,
+    DoneEvent,
+    InvalidRequestError,
+    Keys,
+    TokenEvent,
+    json_schemas,
+    parse_event,
+    parse_request,
+)
+from service.settings import Settings
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
+
+
+def test_keys_follow_contract():
+    k = Keys()
+    assert (k.requests, k.group, k.cancel, k.dead) == (
+        "pagedserve:requests", "pagedserve-workers", "pagedserve:cancel", "pagedserve:dead")
+    assert k.out("a") == "pagedserve:out:a"
+    assert k.result("a") == "pagedserve:result:a"
+    assert k.cancelled("a") == "pagedserve:cancelled:a"
+    assert Keys("x").requests == "x:requests"
+
+
+def test_published_schemas_are_current():
+    for name, schema in json_schemas().items():
+        path = SCHEMAS / f"{name}.schema.json"
+        assert path.exists(), f"run: python -m service.protocol docs/schemas ({path} missing)"
+        assert json.loads(path.read_text()) == json.loads(json.dumps(schema)), f"{path} is stale"
+
+
+def test_valid_request_minimal_and_full():
+    r = parse_request(json.dumps({"id": "order-42:summary", "prompt": "hi"}), 1 << 20)
+    assert r.stream is True and r.priority == 0 and r.params.to_kwargs() == {}
+    r = parse_request(json.dumps({
+        "id": "a.b_c-d:1", "prompt_token_ids": [1, 2], "params": {"max_tokens": 4, "temperature": 0, "stop": "x"},
+        "stream": False, "priority": -3, "deadline_ms": 1, "metadata": {"k": [1]}}), 1 << 20)
+    assert r.params.to_kwargs() == {"max_tokens": 4, "temperature": 0.0, "stop": "x"}
+
+
+@pytest.mark.parametrize("body,reason", [
+    (None, "missing"),
+    (b"\xff\xfe{}", "UTF-8"),
+    (b"{not json", "JSON"),
+    (b"[1,2]", "object"),
+    (b'"str"', "object"),
+    (json.dumps({"prompt": "x"}), "id"),
+    (json.dumps({"id": "", "prompt": "x"}), "id"),
+    (json.dumps({"id": "a b", "prompt": "x"}), "id"),
+    (json.dumps({"id": "x" * 129, "prompt": "x"}), "id"),
+    (json.dumps({"id": 5, "prompt": "x"}), "id"),
+    (b"[" * 1000 + b"]" * 1000, "JSON"),
+    (json.dumps({"id": "a", "prompt": "x" * 3000}), "too large"),
+])
+def test_dead_letters(body, reason):
+    with pytest.raises(DeadLetterError, match=reason):
+        parse_request(body, 2048)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"id": "a"}, "exactly one"),
+    ({"id": "a", "prompt": "x", "prompt_token_ids": [1]}, "exactly one"),
+    ({"id": "a", "prompt": ""}, "empty"),
+    ({"id": "a", "prompt_token_ids": []}, "empty"),
+    ({"id": "a", "prompt_token_ids": [-1]}, "prompt_token_ids.0"),
+    ({"id": "a", "prompt_token_ids": ["1"]}, "prompt_token_ids.0"),
+    ({"id": "a", "prompt": 5}, "prompt"),
+    ({"id": "a", "prompt": "x", "unknown": 1}, "unknown"),
+    ({"id": "a", "prompt": "x", "params": {"max_tokens": "5"}}, "params.max_tokens"),
+    ({"id": "a", "prompt": "x", "params": {"max_tokens": True}}, "params.max_tokens"),
+    ({"id": "a", "prompt": "x", "params": {"bogus": 1}}, "params.bogus"),
+    ({"id": "a", "prompt": "x", "params": []}, "params"),
+    ({"id": "a", "prompt": "x", "stream": "yes"}, "stream"),
+    ({"id": "a", "prompt": "x", "priority": 2**40}, "priority"),
+    ({"id": "a", "prompt": "x", "deadline_ms": -1}, "deadline_ms"),
+    ({"id": "a", "prompt": "x", "metadata": []}, "metadata"),
+    ({"id": "a", "messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"id": "a", "messages": "hi"}, "messages"),
+])
+def test_invalid_requests_name_the_field(body, needle):
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(json.dumps(body), 1 << 20)
+    assert ei.value.request_id == "a" and ei.value.code == "invalid_request"
+    assert needle in ei.value.message
+
+
+def test_events_round_trip():
+    t = parse_event(TokenEvent(id="a", index=0, token_ids=[1], text="x").model_dump_json())
+    assert isinstance(t, TokenEvent)
+    d = parse_event(json.dumps({"type": "done", "id": "a", "outputs": [{"index": 0, "text": "t", "token_ids": [1],
+                    "finish_reason": "length", "cumulative_logprob": None, "logprobs": None}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cached_prompt_tokens": 0},
+                    "metrics": {"queued_ms": 1, "ttft_ms": 2, "e2e_ms": 3}, "metadata": {}}))
+    assert isinstance(d, DoneEvent) and d.text == "t"
+
+
+def test_settings_env(monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", "rediss://u:p@h:6380/1")
+    monkeypatch.setenv("PAGEDSERVE_MAX_DELIVERIES", "7")
+    monkeypatch.setenv("PAGEDSERVE_LOG_FORMAT", "console")
+    monkeypatch.setenv("PAGEDSERVE_ENABLE_PREFIX_CACHING", "false")
+    s = Settings()
+    assert s.redis_url == "rediss://u:p@h:6380/1" and s.redis_url_configured
+    assert s.max_deliveries == 7 and s.log_format == "console" and s.enable_prefix_caching is False
+    assert s.metrics_port == 9400 and s.prefix == "pagedserve" and s.result_ttl_s == 3600
+    assert s.lease_renew_interval_ms < s.claim_idle_ms
+    monkeypatch.delenv("PAGEDSERVE_REDIS_URL")
+    assert not Settings().redis_url_configured
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", "http://x")
+    with pytest.raises(ValueError):
+        Settings()
