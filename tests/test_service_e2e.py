@@ -1,0 +1,163 @@
+"""End to end over the wire: real Redis, real engine (built-in model, CPU), worker loop in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import redis
+
+from service.client import AsyncClient, Client, RequestFailed
+from service.protocol import DoneEvent, ErrorEvent, TokenEvent
+from service_fixtures import *  # noqa: F403
+from service_fixtures import ENGINE_KW, make_settings, running_worker, wait_for
+
+PROMPTS = ["Hello world", "The sky is", "PagedAttention", "def f(x):", "a" * 40]
+
+
+@pytest.fixture
+def setup(redis_url, prefix, shared_engine):
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        yield s, w, c
+
+
+def test_greedy_equals_offline_engine_and_deltas_concatenate(setup):
+    from engine import LLM, SamplingParams
+
+    s, w, c = setup
+    # Streaming, concurrently: submit all, then read every stream.
+    ids = [c.submit(p, params={"max_tokens": 12, "temperature": 0.0}) for p in PROMPTS]
+    wire = {}
+    for rid in ids:
+        done = c.wait(rid, timeout=60)
+        assert isinstance(done, DoneEvent)
+        wire[rid] = done
+    offline = LLM(model=None, **ENGINE_KW).generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+    for rid, off in zip(ids, offline):
+        assert wire[rid].outputs[0].token_ids == off.outputs[0].token_ids
+        assert wire[rid].outputs[0].text == off.outputs[0].text
+        assert wire[rid].outputs[0].finish_reason == off.outputs[0].finish_reason
+    # Streamed deltas concatenate to the final text.
+    events = list(c.stream(PROMPTS[0], params={"max_tokens": 12, "temperature": 0.0}, timeout=60))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    final = events[-1]
+    assert isinstance(final, DoneEvent) and len(tokens) >= 1
+    assert all(isinstance(e, TokenEvent) for e in events[:-1])
+    assert "".join(t.text for t in tokens) == final.outputs[0].text
+    assert sum((t.token_ids for t in tokens), []) == final.outputs[0].token_ids
+    assert final.outputs[0].token_ids == offline[0].outputs[0].token_ids
+    assert final.usage.completion_tokens == 12 and final.usage.prompt_tokens == len(offline[0].prompt_token_ids)
+    assert final.metrics.e2e_ms > 0 and final.metrics.ttft_ms is not None
+
+
+def test_late_subscriber_gets_result_key_and_redelivered_id_is_answered_from_it(setup, redis_url):
+    s, w, c = setup
+    rid = c.submit("late", id="late-1", params={"max_tokens": 4, "temperature": 0}, metadata={"order": 42})
+    wait_for(lambda: c.result(rid) is not None, 60, what="result key")
+    done = c.wait(rid, timeout=5)  # subscribes after the end: served from pagedserve:result:{id}
+    assert isinstance(done, DoneEvent) and done.metadata == {"order": 42}
+    with redis.Redis.from_url(redis_url) as r:
+        ttl = r.ttl(w.keys.result(rid))
+        assert 0 < ttl <= s.result_ttl_s
+    # Same id again (idempotency key): answered from the stored result, not generated twice.
+    again = c.generate("something else", id="late-1", params={"max_tokens": 9}, timeout=30)
+    assert again == done
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(w.keys.requests) == 0  # acknowledged and deleted
+        assert r.xpending(w.keys.requests, w.keys.group)["pending"] == 0
+
+
+def test_generate_params_n_beam_and_chat(setup):
+    s, w, c = setup
+    d = c.generate("abc", params={"max_tokens": 5, "n": 3, "temperature": 1.0, "seed": 1}, timeout=60)
+    assert [o.index for o in d.outputs] == [0, 1, 2] and all(len(o.token_ids) == 5 for o in d.outputs)
+    try:
+        b = c.generate("abc", params={"max_tokens": 4, "beam_width": 2, "n": 2, "temperature": 0}, timeout=60)
+        assert len(b.outputs) == 2
+    except RequestFailed as e:  # an engine without beam search must say so, naming the field
+        assert e.code == "invalid_request" and "beam_width" in str(e)
+    chat = c.generate(messages=[{"role": "user", "content": "hi"}], params={"max_tokens": 3}, timeout=60)
+    assert chat.usage.prompt_tokens > 2
+    with pytest.raises(RequestFailed) as ei:
+        c.generate("x", params={"top_p": 2.0}, timeout=30)
+    assert ei.value.code == "invalid_request" and "params.top_p" in str(ei.value)
+    with pytest.raises(RequestFailed) as ei:
+        c.generate(prompt_token_ids=[1] * (w.engine.max_model_len + 5), timeout=30)
+    assert ei.value.code == "prompt_too_long"
+
+
+def test_cancel_mid_stream_frees_blocks_and_deadline(setup):
+    s, w, c = setup
+    engine = w.engine
+    total = engine.stats()["num_gpu_blocks"]
+    events = c.stream("cancel me " * 20, params={"max_tokens": 2000, "ignore_eos": True, "temperature": 0},
+                      timeout=120)
+    seen = 0
+    final = None
+    for ev in events:
+        if isinstance(ev, TokenEvent):
+            seen += 1
+            if seen == 3:
+                c.cancel(ev.id)
+            continue
+        final = ev
+    assert isinstance(final, DoneEvent)
+    assert final.outputs[0].finish_reason == "cancelled"
+    assert 3 <= len(final.outputs[0].token_ids) < 2000
+    wait_for(lambda: not w.inflight, 10, what="worker idle")
+    st = engine.stats()
+    # Blocks come back at once (prefix-cached blocks stay evictable, counted free).
+    assert st["num_free_gpu_blocks"] == total, st
+    # Cancelled before pick-up: the cancelled key answers it without running.
+    c.cancel("never-ran")
+    d = c.generate("x", id="never-ran", params={"max_tokens": 5}, timeout=30)
+    assert d.outputs[0].finish_reason == "cancelled" and d.outputs[0].token_ids == []
+    # A deadline in the past ends with "deadline".
+    d = c.generate("deadline", params={"max_tokens": 50}, deadline_ms=int(time.time() * 1000) - 1000, timeout=30)
+    assert d.outputs[0].finish_reason == "deadline"
+
+
+def test_priority_orders_admission(redis_url, prefix, shared_engine):
+    # With one sequence slot, the queue order is decided by priority (lower first) among entries read together.
+    s = make_settings(redis_url, prefix, max_num_seqs=1)
+    c = Client(settings=s)
+    low = c.submit("p", params={"max_tokens": 2}, priority=5, id="prio-low")
+    high = c.submit("p", params={"max_tokens": 2}, priority=-5, id="prio-high")
+    with running_worker(s, shared_engine):
+        a, b = c.wait(low, timeout=60), c.wait(high, timeout=60)
+    assert isinstance(a, DoneEvent) and isinstance(b, DoneEvent)
+    c.close()
+
+
+def test_async_client(setup):
+    s, w, _ = setup
+
+    async def main():
+        async with AsyncClient(settings=s) as ac:
+            evs = [e async for e in ac.stream("async", params={"max_tokens": 6, "temperature": 0}, timeout=60)]
+            assert isinstance(evs[-1], DoneEvent)
+            assert "".join(e.text for e in evs[:-1]) == evs[-1].text
+            results = await asyncio.gather(*[ac.generate(f"p{i}", params={"max_tokens": 4}, timeout=60) for i in range(6)])
+            assert all(len(r.outputs[0].token_ids) == 4 for r in results)
+            rid = await ac.submit("x", params={"top_k": -1})
+            err = await ac.wait(rid, timeout=30)
+            assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request"
+
+    asyncio.run(main())
+
+
+def test_health_endpoints(setup):
+    import urllib.request
+
+    s, w, c = setup
+    base = f"http://127.0.0.1:{w.health.port}"
+    with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+        assert r.status == 200 and json.loads(r.read())["ok"] is True
+    with urllib.request.urlopen(base + "/readyz", timeout=5) as r:
+        body = json.loads(r.read())
+        assert r.status == 200 and body["model_loaded"] and body["redis"]
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        assert b"pagedserve_requests_running" in r.read()
