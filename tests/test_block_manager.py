@@ -1,0 +1,121 @@
+"""Property tests: random allocate / append / fork / CoW / free / swap sequences keep the block manager's
+invariants, and every block is free once every sequence is gone."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence
+
+BS = 4
+
+
+def _live(seqs, where):
+    return [s for s, w in zip(seqs, where) if w == "gpu"], [s for s, w in zip(seqs, where) if w == "cpu"]
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["new", "append", "fork", "free", "swap_out", "swap_in"]),
+              st.integers(0, 50), st.integers(1, 40)),
+    min_size=1, max_size=80)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, num_gpu=st.integers(4, 24), num_cpu=st.integers(0, 24), caching=st.booleans(), share=st.booleans())
+def test_random_operations_keep_invariants(ops, num_gpu, num_cpu, caching, share):
+    bm = BlockManager(num_gpu, num_cpu, BS, caching, share_blocks=share)
+    seqs: list[Sequence] = []
+    where: list[str] = []
+    for op, pick, n in ops:
+        gpu_idx = [i for i, w in enumerate(where) if w == "gpu"]
+        cpu_idx = [i for i, w in enumerate(where) if w == "cpu"]
+        if op == "new":
+            seq = Sequence([pick % 7] * n, n)  # repeated contents make prefix-cache hits likely
+            cached = bm.find_cached_prefix(seq)
+            todo = seq.num_tokens - len(cached) * BS
+            if bm.allocate(seq, todo, cached):
+                seq.num_computed_tokens += todo
+                bm.register_full_blocks(seq)
+                seqs.append(seq)
+                where.append("gpu")
+            else:
+                assert seq.block_table == [] and seq.num_computed_tokens == 0
+        elif op == "append" and gpu_idx:
+            seq = seqs[gpu_idx[pick % len(gpu_idx)]]
+            k = 1 + n % 5
+            before = (list(seq.block_table), bm.num_free_gpu_blocks)
+            seq.token_ids.extend([pick % 3] * k)
+            if bm.allocate(seq, k):
+                seq.num_computed_tokens += k
+                bm.register_full_blocks(seq)
+            else:
+                del seq.token_ids[-k:]
+                assert (seq.block_table, bm.num_free_gpu_blocks) == before
+        elif op == "fork" and gpu_idx:
+            parent = seqs[gpu_idx[pick % len(gpu_idx)]]
+            child = parent.fork(1)
+            if bm.fork(parent, child):
+                seqs.append(child)
+                where.append("gpu")
+        elif op == "free" and seqs:
+            i = pick % len(seqs)
+            (bm.free if where[i] == "gpu" else bm.free_cpu)(seqs[i])
+            del seqs[i], where[i]
+        elif op == "swap_out" and gpu_idx:
+            i = gpu_idx[pick % len(gpu_idx)]
+            if bm.can_swap_out([seqs[i]]):
+                bm.swap_out([seqs[i]])
+                where[i] = "cpu"
+        elif op == "swap_in" and cpu_idx:
+            i = cpu_idx[pick % len(cpu_idx)]
+            if bm.can_swap_in([seqs[i]]):
+                bm.swap_in([seqs[i]])
+                where[i] = "gpu"
+        bm.check_invariants(*_live(seqs, where))
+        for seq, w in zip(seqs, where):
+            if w == "gpu":
+                assert len(seq.block_table) * BS >= seq.num_computed_tokens
+        bm.take_pending()
+    for seq, w in zip(seqs, where):
+        (bm.free if w == "gpu" else bm.free_cpu)(seq)
+    bm.check_invariants([], [])
+    assert bm.num_free_gpu_blocks == num_gpu and bm.cpu.num_free == num_cpu
+
+
+def test_copy_on_write_of_shared_last_block():
+    bm = BlockManager(8, 0, BS, enable_prefix_caching=False)
+    parent = Sequence([1, 2, 3, 4, 5, 6], 6)
+    assert bm.allocate(parent, 6)
+    parent.num_computed_tokens = 6
+    child = parent.fork(1)
+    assert bm.fork(parent, child)
+    assert child.block_table == parent.block_table
+    assert bm.gpu.blocks[parent.block_table[1]].ref_count == 2
+    child.token_ids.append(9)
+    assert bm.allocate(child, 1)
+    # The full first block stays shared; the partial last block was copied for the writer.
+    assert child.block_table[0] == parent.block_table[0]
+    assert child.block_table[1] != parent.block_table[1]
+    assert bm.take_pending()[2] == [(parent.block_table[1], child.block_table[1])]
+    bm.check_invariants([parent, child])
+
+
+def test_prefix_cache_hit_verifies_tokens_and_survives_free_until_evicted():
+    bm = BlockManager(4, 0, BS, enable_prefix_caching=True)
+    a = Sequence(list(range(9)), 9)
+    assert bm.allocate(a, 9)
+    a.num_computed_tokens = 9
+    bm.register_full_blocks(a)
+    full_blocks = a.block_table[:2]
+    bm.free(a)
+    b = Sequence(list(range(8)) + [42, 43], 10)
+    hits = bm.find_cached_prefix(b)
+    assert [h.block_id for h in hits] == full_blocks
+    assert bm.allocate(b, 2, hits) and b.num_computed_tokens == 8
+    # Filling the pool evicts the least recently freed cached block first, and hits are then gone.
+    bm.free(b)
+    c = Sequence([7] * 16, 16)
+    assert bm.allocate(c, 16)
+    assert bm.find_cached_prefix(Sequence(list(range(8)) + [1], 9)) == []
