@@ -1,0 +1,1 @@
+"""Load testing of pagedserve through Redis: Locust user, sweep and report."""

@@ -1,0 +1,277 @@
+"""Locust load test of pagedserve through Redis, speaking the wire protocol (CONTRACT §2) with raw
+redis-py, as a backend in any language would: SUBSCRIBE ``<prefix>:out:{id}``, then
+``XADD <prefix>:requests * body <json>``, then read the events until ``done``/``error`` (falling back to
+``<prefix>:result:{id}`` when the channel is quiet).
+
+Each request is reported to Locust as four request types (``events.request``): ``TTFT``, ``ITL`` (one
+sample per gap between token events), ``TPOT`` and ``E2E`` (response_length = output tokens; failures
+are reported here). Output tokens/s and goodput against the SLO options are printed at the end and
+written to ``<csv prefix>_pagedserve.json`` (``--summary-file`` to choose another path).
+
+Arrivals are Poisson: with ``--arrival-rate R`` each of the U users waits an exponential time of mean
+U/R between request *starts*, so the offered load is R requests/s independently of latency as long as
+U exceeds R x E2E. ``--arrival-rate 0`` is a closed loop (back to back).
+
+    PAGEDSERVE_REDIS_URL=redis://localhost:6379/0 \
+    locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 60s --arrival-rate 4 \
+        --max-tokens 64 --slo-ttft-ms 500 --slo-tpot-ms 50 --csv .bench/run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+from locust import User, events, task
+from locust.runners import WorkerRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `locust -f loadtest/locustfile.py` from anywhere
+from loadtest.metrics import SLO, RequestTiming, RunTotals  # noqa: E402
+
+_WORDS = ("the quick brown fox jumps over a lazy dog while paged attention keeps every block of the "
+          "cache busy and the scheduler batches many requests").split()
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    g = parser.add_argument_group("pagedserve")
+    g.add_argument("--redis-url", env_var="PAGEDSERVE_REDIS_URL", default="redis://127.0.0.1:6379/0",
+                   help="Redis of the deployment (env PAGEDSERVE_REDIS_URL)")
+    g.add_argument("--key-prefix", env_var="PAGEDSERVE_PREFIX", default="pagedserve",
+                   help="Key prefix of the deployment (env PAGEDSERVE_PREFIX)")
+    g.add_argument("--arrival-rate", type=float, default=0.0,
+                   help="Offered load in requests/s over all users, Poisson arrivals (0 = closed loop)")
+    g.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    g.add_argument("--prompt-words", type=int, default=24, help="Length of the synthetic prompts in words")
+    g.add_argument("--prompts-file", default="", help="One prompt per line (instead of synthetic prompts)")
+    g.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (0 = greedy)")
+    g.add_argument("--allow-eos", action="store_true", default=False,
+                   help="Stop at EOS (default: ignore_eos, so every request generates max_tokens)")
+    g.add_argument("--no-stream", action="store_true", default=False,
+                   help="stream=false: only the terminal event (TTFT = E2E, no ITL)")
+    g.add_argument("--request-timeout-s", type=float, default=120.0, help="Give up on a request after this")
+    g.add_argument("--slo-ttft-ms", type=float, default=0.0, help="Goodput SLO on TTFT (0 = none)")
+    g.add_argument("--slo-itl-ms", type=float, default=0.0, help="Goodput SLO on a request's p95 ITL (0 = none)")
+    g.add_argument("--slo-tpot-ms", type=float, default=0.0, help="Goodput SLO on TPOT (0 = none)")
+    g.add_argument("--slo-e2e-ms", type=float, default=0.0, help="Goodput SLO on end-to-end latency (0 = none)")
+    g.add_argument("--summary-file", default="",
+                   help="Where to write the JSON summary (default <--csv prefix>_pagedserve.json)")
+
+
+class _Run:
+    """Per-process state of the run: totals (merged on the master in distributed mode) and timing."""
+
+    totals = RunTotals()
+    started: float | None = None
+    stopped: float | None = None
+
+
+def _slo(opts) -> SLO:
+    return SLO(ttft_ms=opts.slo_ttft_ms or None, itl_ms=opts.slo_itl_ms or None,
+               tpot_ms=opts.slo_tpot_ms or None, e2e_ms=opts.slo_e2e_ms or None)
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kw) -> None:
+    _Run.totals = RunTotals()
+    _Run.started, _Run.stopped = time.time(), None
+
+
+@events.report_to_master.add_listener
+def _on_report_to_master(client_id, data, **_kw) -> None:
+    data["pagedserve"] = _Run.totals.to_dict()
+    _Run.totals = RunTotals()
+
+
+@events.worker_report.add_listener
+def _on_worker_report(client_id, data, **_kw) -> None:
+    if "pagedserve" in data:
+        _Run.totals.merge(data["pagedserve"])
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kw) -> None:
+    _Run.stopped = time.time()
+
+
+@events.quitting.add_listener
+def _on_quitting(environment, **_kw) -> None:
+    if isinstance(environment.runner, WorkerRunner) or _Run.started is None:
+        return
+    opts = environment.parsed_options
+    duration = (_Run.stopped or time.time()) - _Run.started
+    users = getattr(environment.runner, "target_user_count", None) or getattr(opts, "num_users", 0) or 0
+    summary = _Run.totals.summary(duration, slo=_slo(opts), arrival_rate=opts.arrival_rate, users=int(users))
+    summary["max_tokens"] = opts.max_tokens
+    lat = summary["latency_ms"]
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    print(f"\npagedserve: {summary['completed']}/{summary['requests']} completed, {summary['failed']} failed "
+          f"in {duration:.1f}s | {summary['throughput_rps']:.2f} req/s | "
+          f"{summary['output_tokens_per_s']:.1f} output tok/s | goodput {summary['goodput_rps']:.2f} req/s "
+          f"({fmt(100 * (summary['goodput_ratio'] or 0))}% within SLO {summary['slo'] or 'none'})")
+    for m in ("TTFT", "ITL", "TPOT", "E2E"):
+        s = lat[m]
+        print(f"  {m:<5} ms  p50 {fmt(s['p50'])}  p90 {fmt(s['p90'])}  p99 {fmt(s['p99'])}  (n={s['count']})")
+    path = opts.summary_file or (f"{opts.csv_prefix}_pagedserve.json" if getattr(opts, "csv_prefix", None) else "")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class PagedServeUser(User):
+    """Submits one generate request at a time through Redis and reports its latencies."""
+
+    abstract = False
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.opts = opts
+        self.slo = _slo(opts)
+        self.r = redis.Redis.from_url(opts.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        self.pubsub = self.r.pubsub()
+        self.stream = f"{opts.key_prefix}:requests"
+        self.prompts = None
+        if opts.prompts_file:
+            self.prompts = [ln.strip() for ln in Path(opts.prompts_file).read_text().splitlines() if ln.strip()]
+        self._next_start: float | None = None
+
+    def on_stop(self) -> None:
+        try:
+            self.pubsub.close()
+            self.r.close()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------- Poisson arrivals (pacing)
+    def wait_time(self) -> float:
+        """Pacing with exponential gaps between request starts: Poisson arrivals of the offered rate.
+
+        The rate is split over the users of this process (in distributed mode give each Locust worker
+        process its share of --arrival-rate)."""
+        rate = self.opts.arrival_rate
+        if rate <= 0:
+            return 0.0
+        users = getattr(self.environment.runner, "target_user_count", 0) or self.opts.num_users or 1
+        per_user = rate / max(1, users)
+        now = time.monotonic()
+        if self._next_start is None or self._next_start < now - 1.0 / per_user:
+            self._next_start = now  # first request, or too far behind to catch up without a burst
+        self._next_start += random.expovariate(per_user)
+        return max(0.0, self._next_start - now)
+
+    # ---------------------------------------------------------------- the request
+    def _prompt(self) -> str:
+        if self.prompts:
+            return random.choice(self.prompts)
+        salt = "".join(random.choices(string.ascii_lowercase, k=6))  # defeat the prefix cache across requests
+        return salt + " " + " ".join(random.choices(_WORDS, k=max(1, self.opts.prompt_words - 1)))
+
+    def _fire(self, request_type: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
+        self.environment.events.request.fire(
+            request_type=request_type, name="generate", response_time=ms, response_length=length,
+            exception=exc, context={},
+        )
+
+    def _fail(self, timing: RequestTiming, code: str, message: str) -> None:
+        _Run.totals.add_failure(code)
+        elapsed = (time.monotonic() - timing.submitted) * 1000.0
+        self._fire("E2E", elapsed, timing.output_tokens, RuntimeError(f"{code}: {message}"))
+
+    @task
+    def generate(self) -> None:
+        opts = self.opts
+        rid = f"lt-{uuid.uuid4().hex}"
+        channel = f"{opts.key_prefix}:out:{rid}"
+        result_key = f"{opts.key_prefix}:result:{rid}"
+        params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
+        if not opts.allow_eos:
+            params["ignore_eos"] = True
+        body = {"id": rid, "prompt": self._prompt(), "params": params, "stream": not opts.no_stream}
+        try:
+            self._subscribe(channel)
+        except redis.RedisError as e:
+            _Run.totals.add_failure("redis")
+            self._fire("E2E", 0.0, 0, e)
+            return
+        timing = RequestTiming(submitted=time.monotonic())
+        try:
+            self.r.xadd(self.stream, {"body": json.dumps(body)})
+            terminal = self._read_events(channel, result_key, timing)
+        except redis.RedisError as e:
+            self._fail(timing, "redis", str(e))
+            return
+        finally:
+            try:
+                self.pubsub.unsubscribe(channel)
+            except redis.RedisError:
+                pass
+        if terminal is None:
+            self._fail(timing, "timeout", f"no terminal event within {opts.request_timeout_s}s")
+            return
+        if terminal.get("type") == "error":
+            err = terminal.get("error") or {}
+            self._fail(timing, err.get("code", "error"), err.get("message", ""))
+            return
+        usage = terminal.get("usage") or {}
+        outputs = terminal.get("outputs") or [{}]
+        timing.output_tokens = int(usage.get("completion_tokens") or len(outputs[0].get("token_ids") or [])
+                                   or timing.output_tokens)
+        _Run.totals.add(timing, self.slo)
+        self._fire("TTFT", timing.ttft_ms)
+        for gap in timing.itl_ms:
+            self._fire("ITL", gap)
+        if timing.tpot_ms is not None:
+            self._fire("TPOT", timing.tpot_ms)
+        self._fire("E2E", timing.e2e_ms, timing.output_tokens)
+
+    def _subscribe(self, channel: str) -> None:
+        """SUBSCRIBE and wait for the confirmation, so the worker cannot publish before we listen."""
+        self.pubsub.subscribe(channel)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            msg = self.pubsub.get_message(timeout=1.0)
+            if msg and msg["type"] == "subscribe" and _str(msg["channel"]) == channel:
+                return
+        raise redis.TimeoutError(f"no SUBSCRIBE confirmation for {channel}")
+
+    def _read_events(self, channel: str, result_key: str, timing: RequestTiming) -> dict | None:
+        deadline = timing.submitted + self.opts.request_timeout_s
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            msg = self.pubsub.get_message(timeout=min(1.0, deadline - now))
+            if msg is None:  # quiet channel: the terminal event may have been missed
+                stored = self.r.get(result_key)
+                if stored is not None:
+                    timing.finished = time.monotonic()
+                    return json.loads(stored)
+                continue
+            if msg["type"] != "message" or _str(msg["channel"]) != channel:
+                continue
+            event = json.loads(msg["data"])
+            kind = event.get("type")
+            if kind == "token":
+                timing.token_times.append(time.monotonic())
+                timing.output_tokens += len(event.get("token_ids") or [])
+            elif kind in ("done", "error"):
+                timing.finished = time.monotonic()
+                return event
+
+
+def _str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience: python loadtest/locustfile.py ARGS
+    os.execvp("locust", ["locust", "-f", __file__, *sys.argv[1:]])

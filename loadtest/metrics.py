@@ -1,0 +1,155 @@
+"""Latency bookkeeping shared by the Locust file, the sweep and the report (no Locust import: importing
+Locust monkey-patches the process with gevent, which the report and the tests must not get).
+
+Definitions (the same as vLLM's serving benchmark):
+- TTFT: submit (XADD) to the first token event;
+- ITL: the gap between two consecutive token events of one request (one sample per gap);
+- TPOT: (E2E - TTFT) / (output tokens - 1), one sample per request with at least two tokens;
+- E2E: submit to the terminal event;
+- goodput: completed requests per second that met every SLO that is set (TTFT, TPOT, E2E and the
+  request's p95 ITL); 0 or None disables an SLO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+METRICS = ("TTFT", "ITL", "TPOT", "E2E")
+PERCENTILES = (50, 90, 95, 99)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no data."""
+    if not values:
+        return None
+    xs = sorted(values)
+    if len(xs) == 1:
+        return float(xs[0])
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+
+
+@dataclass
+class RequestTiming:
+    """One request as the client saw it (times in seconds, monotonic clock)."""
+
+    submitted: float
+    token_times: list[float] = field(default_factory=list)
+    finished: float | None = None
+    output_tokens: int = 0
+
+    @property
+    def e2e_ms(self) -> float | None:
+        return None if self.finished is None else (self.finished - self.submitted) * 1000.0
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.token_times:
+            return (self.token_times[0] - self.submitted) * 1000.0
+        return self.e2e_ms  # non-streamed or empty output: the first token arrives with the result
+
+    @property
+    def itl_ms(self) -> list[float]:
+        t = self.token_times
+        return [(b - a) * 1000.0 for a, b in zip(t, t[1:])]
+
+    @property
+    def tpot_ms(self) -> float | None:
+        if self.finished is None or self.output_tokens < 2:
+            return None
+        e2e, ttft = self.e2e_ms, self.ttft_ms
+        return (e2e - ttft) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+
+    def met(self, t: RequestTiming) -> bool:
+        checks = (
+            (self.ttft_ms, t.ttft_ms),
+            (self.tpot_ms, t.tpot_ms),
+            (self.e2e_ms, t.e2e_ms),
+            (self.itl_ms, percentile(t.itl_ms, 95)),
+        )
+        for limit, value in checks:
+            if limit and value is not None and value > limit:
+                return False
+        return True
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+
+@dataclass
+class RunTotals:
+    """Counters and samples of a run (mergeable across Locust worker processes)."""
+
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    good: int = 0
+    output_tokens: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+
+    def add(self, t: RequestTiming, slo: SLO) -> None:
+        self.requests += 1
+        self.completed += 1
+        self.output_tokens += t.output_tokens
+        if slo.met(t):
+            self.good += 1
+        for name, value in (("TTFT", t.ttft_ms), ("TPOT", t.tpot_ms), ("E2E", t.e2e_ms)):
+            if value is not None:
+                self.samples[name].append(value)
+        self.samples["ITL"].extend(t.itl_ms)
+
+    def add_failure(self, code: str) -> None:
+        self.requests += 1
+        self.failed += 1
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {
+            "requests": self.requests, "completed": self.completed, "failed": self.failed, "good": self.good,
+            "output_tokens": self.output_tokens, "errors": dict(self.errors),
+            "samples": {k: list(v) for k, v in self.samples.items()},
+        }
+
+    def merge(self, d: dict) -> None:
+        for k in ("requests", "completed", "failed", "good", "output_tokens"):
+            setattr(self, k, getattr(self, k) + int(d.get(k, 0)))
+        for code, n in d.get("errors", {}).items():
+            self.errors[code] = self.errors.get(code, 0) + n
+        for k, v in d.get("samples", {}).items():
+            self.samples.setdefault(k, []).extend(v)
+
+    def summary(self, duration_s: float, *, slo: SLO, arrival_rate: float, users: int) -> dict:
+        """The run's summary: throughput, goodput and exact latency percentiles (ms)."""
+        d = max(duration_s, 1e-9)
+        return {
+            "arrival_rate": arrival_rate,  # offered load, requests/s (0 = closed loop)
+            "users": users,
+            "duration_s": round(duration_s, 3),
+            "requests": self.requests,
+            "completed": self.completed,
+            "failed": self.failed,
+            "errors": dict(self.errors),
+            "throughput_rps": self.completed / d,
+            "output_tokens": self.output_tokens,
+            "output_tokens_per_s": self.output_tokens / d,
+            "slo": slo.as_dict(),
+            "good": self.good,
+            "goodput_rps": self.good / d,
+            "goodput_ratio": (self.good / self.requests) if self.requests else None,
+            "latency_ms": {
+                m: {"count": len(v), "mean": (sum(v) / len(v)) if v else None,
+                    **{f"p{q}": percentile(v, q) for q in PERCENTILES}}
+                for m, v in self.samples.items()
+            },
+        }

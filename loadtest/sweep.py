@@ -1,0 +1,123 @@
+"""Sweep of offered load: one headless Locust run per arrival rate, then the report.
+
+    # against a private redis-server + `pagedserve worker` (built-in model on CPU unless PAGEDSERVE_MODEL /
+    # PAGEDSERVE_DEVICE say otherwise), started and stopped by the sweep:
+    python -m loadtest.sweep --spawn --rates 0.5,1,2,4,8 --duration 45 --out .bench/sweep/cpu \
+        --slo-ttft-ms 1000 --slo-tpot-ms 150 --report-dir docs/img
+
+    # against a running deployment (PAGEDSERVE_REDIS_URL or --redis-url):
+    python -m loadtest.sweep --rates 1,2,4,8,16 --duration 120 --out .bench/sweep/gpu --max-tokens 128
+
+Each point writes Locust's CSVs and a JSON summary under ``<out>_r<rate>_*``; between points the sweep
+waits for the stream to drain so one point's backlog does not leak into the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _drain(redis_url: str, prefix: str, timeout_s: float = 120.0) -> None:
+    """Wait until the consumer group has no lag and no pending entries."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    end = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < end:
+            try:
+                groups = r.xinfo_groups(f"{prefix}:requests")
+            except redis.ResponseError:
+                return  # no stream yet
+            g = next((g for g in groups if _s(g["name"]) == f"{prefix}-workers"), None)
+            if g is None or (int(g.get("pending", 0)) == 0 and int(g.get("lag") or 0) == 0):
+                return
+            time.sleep(0.5)
+    finally:
+        r.close()
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def users_for(rate: float, e2e_guess_s: float, minimum: int = 4, maximum: int = 512) -> int:
+    """Enough users to keep offering ``rate`` req/s while latency grows (Little's law with headroom)."""
+    return max(minimum, min(maximum, math.ceil(rate * e2e_guess_s * 3)))
+
+
+def run_point(rate: float, args, redis_url: str) -> Path:
+    prefix = f"{args.out}_r{rate:g}"
+    users = args.users or users_for(rate, args.e2e_guess_s)
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+        "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--csv", prefix, "--only-summary",
+        "--loglevel", "WARNING", "--redis-url", redis_url, "--key-prefix", args.key_prefix,
+        "--arrival-rate", f"{rate}", "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words),
+        "--request-timeout-s", str(args.request_timeout_s),
+        "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-itl-ms", str(args.slo_itl_ms),
+        "--slo-tpot-ms", str(args.slo_tpot_ms), "--slo-e2e-ms", str(args.slo_e2e_ms),
+    ]
+    print(f"--- offered {rate:g} req/s, {users} users, {args.duration}s", flush=True)
+    subprocess.run(cmd, cwd=str(ROOT), check=False)
+    _drain(redis_url, args.key_prefix)
+    return Path(prefix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", default="0.5,1,2,4,8", help="comma-separated offered loads (requests/s)")
+    ap.add_argument("--duration", type=int, default=45, help="seconds per load point")
+    ap.add_argument("--out", default=".bench/sweep/run", help="run prefix for the CSVs and summaries")
+    ap.add_argument("--users", type=int, default=0, help="Locust users per point (default: from the rate)")
+    ap.add_argument("--e2e-guess-s", type=float, default=4.0, help="latency guess used to size the users")
+    ap.add_argument("--redis-url", default=os.environ.get("PAGEDSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--key-prefix", default=os.environ.get("PAGEDSERVE_PREFIX", "pagedserve"))
+    ap.add_argument("--spawn", action="store_true", help="start a private redis-server and `pagedserve worker`")
+    ap.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the spawned worker (repeatable)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-words", type=int, default=24)
+    ap.add_argument("--request-timeout-s", type=float, default=180.0)
+    ap.add_argument("--slo-ttft-ms", type=float, default=0.0)
+    ap.add_argument("--slo-itl-ms", type=float, default=0.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=0.0)
+    ap.add_argument("--slo-e2e-ms", type=float, default=0.0)
+    ap.add_argument("--report-dir", default="", help="also run loadtest.report into this directory")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    stack = None
+    redis_url = args.redis_url
+    if args.spawn:
+        from loadtest.harness import LocalStack
+
+        env = dict(kv.split("=", 1) for kv in args.worker_env)
+        stack = LocalStack(worker_env=env, log_dir=Path(args.out).parent / "logs").__enter__()
+        redis_url = stack.redis_url
+    try:
+        for rate in rates:
+            run_point(rate, args, redis_url)
+    finally:
+        if stack is not None:
+            stack.__exit__(None, None, None)
+    if args.report_dir:
+        from loadtest import report
+
+        report.main([args.out + "_r", "--out", args.report_dir, "--name", Path(args.out).name,
+                     *(["--title", args.title] if args.title else [])])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

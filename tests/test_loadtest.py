@@ -1,0 +1,153 @@
+"""Load-test tooling: latency bookkeeping, the report, and a short headless Locust run against a real
+`pagedserve worker` (built-in model, CPU) on a private redis-server."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.metrics import SLO, RequestTiming, RunTotals, percentile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_percentile_matches_linear_interpolation():
+    assert percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    xs = list(range(1, 101))
+    assert percentile(xs, 50) == pytest.approx(50.5)
+    assert percentile(xs, 90) == pytest.approx(90.1)
+    assert percentile(xs, 100) == 100
+
+
+def test_request_timing_definitions():
+    t = RequestTiming(submitted=10.0, token_times=[10.2, 10.25, 10.35, 10.4], finished=10.5, output_tokens=4)
+    assert t.ttft_ms == pytest.approx(200)
+    assert t.itl_ms == pytest.approx([50, 100, 50])
+    assert t.e2e_ms == pytest.approx(500)
+    assert t.tpot_ms == pytest.approx((500 - 200) / 3)
+    # non-streamed: the first token arrives with the result
+    t2 = RequestTiming(submitted=0.0, finished=1.0, output_tokens=1)
+    assert t2.ttft_ms == t2.e2e_ms == pytest.approx(1000) and t2.tpot_ms is None and t2.itl_ms == []
+
+
+def test_slo_and_goodput():
+    fast = RequestTiming(submitted=0.0, token_times=[0.1, 0.12, 0.14], finished=0.15, output_tokens=3)
+    slow = RequestTiming(submitted=0.0, token_times=[0.9, 0.92, 0.94], finished=0.95, output_tokens=3)
+    slo = SLO(ttft_ms=500, tpot_ms=50)
+    assert slo.met(fast) and not slo.met(slow)
+    assert SLO().met(slow)  # no SLO set: everything is good
+    totals = RunTotals()
+    totals.add(fast, slo)
+    totals.add(slow, slo)
+    totals.add_failure("overloaded")
+    s = totals.summary(2.0, slo=slo, arrival_rate=1.5, users=4)
+    assert s["requests"] == 3 and s["completed"] == 2 and s["failed"] == 1 and s["good"] == 1
+    assert s["goodput_rps"] == pytest.approx(0.5) and s["goodput_ratio"] == pytest.approx(1 / 3)
+    assert s["output_tokens_per_s"] == pytest.approx(3.0)
+    assert s["errors"] == {"overloaded": 1}
+    assert s["latency_ms"]["ITL"]["count"] == 4
+    # distributed mode: totals merge
+    other = RunTotals()
+    other.merge(totals.to_dict())
+    assert other.to_dict() == totals.to_dict()
+
+
+def _fake_sweep(tmp_path: Path) -> str:
+    prefix = tmp_path / "sweep" / "cpu"
+    prefix.parent.mkdir()
+    slo = SLO(ttft_ms=300)
+    for i, rate in enumerate((0.5, 1, 2, 4)):
+        totals = RunTotals()
+        for j in range(20):
+            ttft = 0.05 * (1 + i) ** 2 + 0.001 * j
+            totals.add(RequestTiming(submitted=0.0, token_times=[ttft, ttft + 0.03, ttft + 0.07],
+                                     finished=ttft + 0.1, output_tokens=3), slo)
+        summary = totals.summary(20 / rate, slo=slo, arrival_rate=rate, users=8)
+        Path(f"{prefix}_r{rate:g}_pagedserve.json").write_text(json.dumps(summary))
+    return str(prefix) + "_r"
+
+
+def test_report_writes_plots_and_table(tmp_path):
+    from loadtest import report
+
+    run_prefix = _fake_sweep(tmp_path)
+    out = tmp_path / "docs"
+    assert report.main([run_prefix, "--out", str(out), "--name", "cpu", "--title", "test"]) == 0
+    for name in ("cpu-latency.png", "cpu-throughput.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    table = (out / "cpu.md").read_text()
+    assert table.count("\n| ") == 4 and "Knee" in table
+    points = report.load_points(run_prefix)
+    assert [p["offered"] for p in points] == [0.5, 1, 2, 4]
+    assert report.knee(points)["offered"] == 1
+
+
+def test_report_reads_plain_locust_csv(tmp_path):
+    """A run without the JSON summary (e.g. an old run) still reports from Locust's stats CSV."""
+    from loadtest import report
+
+    header = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
+              "Min Response Time", "Max Response Time", "Average Content Size", "Requests/s", "Failures/s",
+              "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
+    with open(tmp_path / "run_stats.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for typ, p50 in (("TTFT", 120), ("ITL", 40), ("TPOT", 45), ("E2E", 1500)):
+            w.writerow([typ, "generate", 10, 0, p50, p50, p50, p50, 32 if typ == "E2E" else 0, 2.0, 0,
+                        p50, p50, p50, p50, p50 * 2, p50 * 2, p50 * 3, p50 * 3, p50 * 3, p50 * 3, p50 * 3])
+        w.writerow(["", "Aggregated", 40, 0, 1, 1, 1, 1, 0, 8.0, 0] + [1] * 11)
+    (point,) = report.load_points(str(tmp_path / "run"))
+    assert point["latency_ms"]["TTFT"]["p90"] == 240 and point["output_tokens_per_s"] == pytest.approx(64)
+    assert report.main([str(tmp_path / "run"), "--out", str(tmp_path / "img")]) == 0
+    assert (tmp_path / "img" / "run-latency.png").exists()
+
+
+def _worker_importable() -> bool:
+    try:
+        return importlib.util.find_spec("service.worker") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _worker_importable(), reason="service.worker (the real worker) is not importable")
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_headless_locust_run_against_real_worker(tmp_path):
+    pytest.importorskip("locust")
+    from loadtest.harness import LocalStack
+
+    csv_prefix = tmp_path / "run"
+    with LocalStack(log_dir=tmp_path / "logs", ready_timeout_s=60,
+                    worker_env={"PAGEDSERVE_MAX_NUM_SEQS": "16", "PAGEDSERVE_SWAP_SPACE_GB": "0.05"}) as stack:
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+             "-u", "4", "-r", "4", "-t", "6s", "--stop-timeout", "20", "--only-summary", "--loglevel", "WARNING",
+             "--csv", str(csv_prefix), "--exit-code-on-error", "1",
+             "--redis-url", stack.redis_url, "--arrival-rate", "3", "--max-tokens", "8", "--prompt-words", "6",
+             "--slo-ttft-ms", "5000", "--request-timeout-s", "30"],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=90)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output + "\n--- worker log ---\n" + stack.worker_log_tail()
+        metrics = stack.scrape()
+    assert "pagedserve_time_to_first_token_seconds" in metrics
+
+    rows = {r["Type"]: r for r in csv.DictReader(open(f"{csv_prefix}_stats.csv", newline=""))}
+    for request_type in ("TTFT", "ITL", "TPOT", "E2E"):
+        assert request_type in rows, output
+    assert int(rows["E2E"]["Request Count"]) >= 3, output
+    assert all(int(r["Failure Count"]) == 0 for r in rows.values()), output
+
+    summary = json.loads(Path(f"{csv_prefix}_pagedserve.json").read_text())
+    assert summary["failed"] == 0 and summary["completed"] >= 3
+    assert summary["output_tokens"] == 8 * summary["completed"]  # ignore_eos: exactly max_tokens each
+    assert summary["output_tokens_per_s"] > 0 and summary["goodput_rps"] > 0
+    assert summary["latency_ms"]["TTFT"]["p50"] > 0
