@@ -133,7 +133,7 @@ def test_settings_from_configmap_and_redis_url_from_secret(rendered):
     assert data["PAGEDSERVE_PREFIX"] == "pagedserve"
     assert data["PAGEDSERVE_DEVICE"] == "cuda"
     assert data["PAGEDSERVE_METRICS_PORT"] == "9400"
-    assert data["PAGEDSERVE_SHUTDOWN_GRACE_S"] == "30"
+    assert data["PAGEDSERVE_SHUTDOWN_GRACE_S"] == data["PAGEDSERVE_GRACE_PERIOD_S"] == "30"
     assert "PAGEDSERVE_MODEL" not in data  # built-in model by default
     assert "PAGEDSERVE_REDIS_URL" not in data  # the URL (with password) never sits in the ConfigMap
     assert all(isinstance(v, str) for v in data.values())
@@ -161,6 +161,7 @@ def test_termination_grace_matches_worker_drain(rendered):
     docs = render({"worker": {"shutdownGraceSeconds": 120, "terminationGraceMarginSeconds": 20}})
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_SHUTDOWN_GRACE_S"] == "120"
+    assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_GRACE_PERIOD_S"] == "120"
     assert pod["terminationGracePeriodSeconds"] == 140
 
 

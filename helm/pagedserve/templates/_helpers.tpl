@@ -111,6 +111,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "PAGEDSERVE_MAX_DELIVERIES" $w.maxDeliveries
   "PAGEDSERVE_RESULT_TTL_S" $w.resultTtlS
   "PAGEDSERVE_SHUTDOWN_GRACE_S" $w.shutdownGraceSeconds
+  "PAGEDSERVE_GRACE_PERIOD_S" $w.shutdownGraceSeconds
   "PAGEDSERVE_METRICS_PORT" $w.metricsPort
   "PAGEDSERVE_LOG_FORMAT" $w.logFormat
   "PAGEDSERVE_LOG_LEVEL" $w.logLevel

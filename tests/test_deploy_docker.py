@@ -1,0 +1,123 @@
+"""Dockerfile and .dockerignore: static checks (no Docker engine here) and the container health check."""
+
+from __future__ import annotations
+
+import fnmatch
+import http.server
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    result: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for ins, args in instructions():
+        if ins == "FROM":
+            m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", args, re.I)
+            current = m.group(2) or m.group(1)
+            result[current] = [(ins, args)]
+        elif current is not None:
+            result[current].append((ins, args))
+    return result
+
+
+def test_flavors_and_targets():
+    s = stages()
+    assert {"base-cuda", "base-cpu", "base", "build", "worker", "baked", "runtime"} <= set(s)
+    assert list(s)[-1] == "runtime"  # the default target needs no model build context
+    assert "ARG FLAVOR=cuda" in DOCKERFILE
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", DOCKERFILE, re.M)
+    assert s["base"][0] == ("FROM", "base-${FLAVOR} AS base")
+    build = " ".join(a for _, a in s["build"])
+    assert "CUDA_TORCH_INDEX" in build and "CPU_TORCH_INDEX" in build
+    assert "-c /src/constraints.txt" in build
+
+
+def test_runtime_is_non_root_with_entrypoint_and_healthcheck():
+    worker = dict((i, a) for i, a in stages()["worker"] if i != "ENV")
+    assert worker["USER"].split(":")[0] == "10001"
+    assert worker["ENTRYPOINT"] == '["tini", "--", "pagedserve"]'
+    assert worker["CMD"] == '["worker"]'
+    assert "/healthz" in worker["HEALTHCHECK"] and "--start-period=" in worker["HEALTHCHECK"]
+    assert worker["STOPSIGNAL"] == "SIGTERM"
+    assert worker["EXPOSE"] == "9400"
+
+
+def test_baked_model_path():
+    baked = stages()["baked"]
+    assert ("COPY", "--from=model --chown=10001:10001 . /models/model") in baked
+    assert ("ENV", "PAGEDSERVE_MODEL=/models/model") in baked
+
+
+def test_dockerignore_is_an_allow_list():
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    assert patterns[0] == "**"
+
+    def included(path: str) -> bool:
+        keep = True
+        for p in patterns:
+            neg = p.startswith("!")
+            pat = p[1:] if neg else p
+            if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat.rstrip("/") + "/*") or \
+                    fnmatch.fnmatch(path, pat.replace("**/", "*/")):
+                keep = neg
+        return keep
+
+    for path in ("pyproject.toml", "constraints.txt", "engine/llm.py", "service/worker.py", "kernels/__init__.py",
+                 "deploy/docker/healthcheck.py"):
+        assert included(path), path
+    for path in (".venv/bin/python", ".git/HEAD", "models/llama/model.safetensors", "tests/test_x.py",
+                 "helm/pagedserve/Chart.yaml", "service/__pycache__/x.pyc"):
+        assert not included(path), path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200 if self.path == "/healthz" else 503)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture()
+def health_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_container_healthcheck_script(health_server):
+    script = ROOT / "deploy/docker/healthcheck.py"
+    env = {"PAGEDSERVE_METRICS_PORT": str(health_server), "PATH": "/usr/bin:/bin"}
+    assert subprocess.run([sys.executable, str(script)], env=env, timeout=20).returncode == 0
+    assert subprocess.run([sys.executable, str(script), "/readyz"], env=env, capture_output=True,
+                          timeout=20).returncode == 1
+    env["PAGEDSERVE_METRICS_PORT"] = "1"  # nothing listens
+    assert subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=20).returncode == 1
