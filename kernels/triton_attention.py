@@ -146,7 +146,7 @@ def _decode_kernel(
             q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
             mask=mask_g[:, None] & mask_d[None, :],
             other=0.0,
-        )
+        ).to(k_cache_ptr.dtype.element_ty)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -292,7 +292,7 @@ def decode_attention(
         D_PAD=d_pad,
         BLOCK_SIZE=block_size,
         TILE=DECODE_TILE,
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
+        DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
         num_warps=4,
         num_stages=2,
     )
@@ -406,7 +406,7 @@ def _prefill_kernel(
             q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + offs_d[None, :],
             mask=row_valid[:, None] & mask_d[None, :],
             other=0.0,
-        )
+        ).to(k_cache_ptr.dtype.element_ty)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -484,8 +484,8 @@ def varlen_attention(
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, TILE_N=PREFILL_TILE_N,
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
-        num_warps=4, num_stages=2,
+        DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
+        num_warps=4, num_stages=2 if k_cache.element_size() <= 2 else 1,  # fp32: keep shared memory < 100 KB
     )  # fmt: skip
     return out
 

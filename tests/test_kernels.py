@@ -15,7 +15,10 @@ if not torch.cuda.is_available():
 
 import inspect  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -329,6 +332,35 @@ def test_swap_blocks_cpu_defers_to_reference():
     triton_ops.OPS.swap_blocks(src_cache, dst_out, src, dst)
     assert torch.equal(dst_out, dst_ref)
     assert torch.equal(dst_out[:, :, 1], src_cache[:, :, 4])
+
+
+def test_bench_without_cuda_exits_cleanly(monkeypatch, tmp_path, capsys):
+    import typer  # noqa: PLC0415
+
+    from kernels import bench  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(typer.Exit) as exc:
+        bench.kernels_command(out=str(tmp_path / "bench.json"), quick=True)
+    assert exc.value.exit_code == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the gpu-marked tests compile the kernels for real")
+def test_kernels_compile_for_sm90_without_gpu():
+    """The interpreter skips the compiler's checks: compile every kernel for sm_90 (bundled ptxas) in a subprocess."""
+    from triton.backends import backends  # noqa: PLC0415
+
+    if "nvidia" not in backends:
+        pytest.skip("Triton build without the NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ops_namespace_matches_reference_signatures():

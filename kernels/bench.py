@@ -1,0 +1,300 @@
+"""``pagedserve bench kernels``: GPU benchmark of the Triton paged-KV kernels.
+
+Measures, on the current CUDA device:
+  * device copy bandwidth (large device-to-device copy, bytes read + written over time): the roofline;
+  * paged decode attention (bf16, Hq=32, Hkv=8, D=128, block 16, shuffled block tables) for contexts
+    512..32k and batch 1..256: latency, achieved DRAM bandwidth (KV bytes read + q/out/block table over
+    time) as a fraction of the copy bandwidth, and the latency of contiguous
+    ``torch.nn.functional.scaled_dot_product_attention`` over the same K/V bytes;
+  * block swap GB/s (device <-> pinned host pool) against plain pinned host<->device copy bandwidth.
+
+Prints rich tables and writes JSON. Standalone: ``python -m kernels.bench --out docs/bench-kernels.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+BATCHES = [1, 4, 16, 64, 256]
+QUICK_CONTEXTS = [1024, 8192]
+QUICK_BATCHES = [1, 16]
+TARGET_BW_FRACTION = 0.70  # of copy bandwidth, at context >= 1k
+TARGET_SDPA_RATIO = 1.10  # paged latency / contiguous SDPA latency
+GIB = 1024**3
+
+
+def _parse_ints(text: str, default: list[int]) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x] if text else list(default)
+
+
+def _bench_ms(fn, quick: bool) -> float:
+    """Median milliseconds per call; L2 is flushed before every call (triton.testing.do_bench)."""
+    import triton.testing  # noqa: PLC0415
+
+    warmup, rep = (10, 40) if quick else (25, 100)
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _event_ms(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def measure_copy_bandwidth(nbytes: int, quick: bool) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = _bench_ms(lambda: dst.copy_(src), quick)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def measure_pinned_bandwidth(nbytes: int) -> dict[str, float]:
+    """Contiguous pinned host <-> device copy bandwidth in GB/s, each direction."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h2d = _event_ms(lambda: dev.copy_(host, non_blocking=True), 5)
+    d2h = _event_ms(lambda: host.copy_(dev, non_blocking=True), 5)
+    del host, dev
+    return {"h2d_gbps": nbytes / (h2d * 1e-3) / 1e9, "d2h_gbps": nbytes / (d2h * 1e-3) / 1e9}
+
+
+def _sdpa_decode(batch: int, context: int, k_flat: torch.Tensor, v_flat: torch.Tensor, q: torch.Tensor):
+    """Contiguous SDPA over the same K/V bytes (``[B, Hkv, L, D]``); GQA natively when torch supports it."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    k = k_flat.view(batch, HKV, context, HEAD_DIM)
+    v = v_flat.view(batch, HKV, context, HEAD_DIM)
+    qh = q.view(batch, HQ, 1, HEAD_DIM)
+    try:
+        F.scaled_dot_product_attention(qh, k, v, enable_gqa=True)
+        return (lambda: F.scaled_dot_product_attention(qh, k, v, enable_gqa=True)), "enable_gqa"
+    except (TypeError, RuntimeError):  # torch without enable_gqa: materialise repeated heads (4x bytes)
+        kr = k.repeat_interleave(HQ // HKV, dim=1)
+        vr = v.repeat_interleave(HQ // HKV, dim=1)
+        return (lambda: F.scaled_dot_product_attention(qh, kr, vr)), "repeat_kv"
+
+
+def bench_decode_case(ops, batch: int, context: int, copy_gbps: float, quick: bool) -> dict[str, Any]:
+    num_blocks = batch * context // BLOCK_SIZE
+    shape = (num_blocks, BLOCK_SIZE, HKV, HEAD_DIM)
+    q = torch.randn(batch, HQ, HEAD_DIM, dtype=DTYPE, device="cuda")
+    scale = HEAD_DIM**-0.5
+    row: dict[str, Any] = {"batch": batch, "context": context}
+
+    # Contiguous SDPA first (its K/V freed before the paged cache is allocated: peak memory = one KV copy).
+    k_flat = torch.empty(shape, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    v_flat = torch.empty(shape, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    sdpa, mode = _sdpa_decode(batch, context, k_flat, v_flat, q)
+    row["sdpa_ms"] = _bench_ms(sdpa, quick)
+    row["sdpa_mode"] = mode
+    del sdpa
+    # Paged: same K/V storage, shuffled block tables.
+    k_cache, v_cache = k_flat, v_flat
+    perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int64).to(torch.int32)
+    block_tables = perm.view(batch, context // BLOCK_SIZE)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    row["paged_ms"] = _bench_ms(
+        lambda: ops.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale), quick
+    )
+    kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+    io_bytes = 2 * q.numel() * q.element_size() + block_tables.numel() * 4 + seq_lens.numel() * 4
+    row["bytes"] = kv_bytes + io_bytes
+    row["paged_gbps"] = row["bytes"] / (row["paged_ms"] * 1e-3) / 1e9
+    row["bw_fraction"] = row["paged_gbps"] / copy_gbps
+    row["vs_sdpa"] = row["paged_ms"] / row["sdpa_ms"]
+    from kernels.triton_attention import choose_decode_partition  # noqa: PLC0415
+
+    row["partition_size"] = choose_decode_partition(batch, HKV, context, q.device)
+    del k_flat, v_flat, k_cache, v_cache
+    return row
+
+
+def bench_swap(ops, num_layers: int, swap_blocks: int, pinned: dict[str, float]) -> dict[str, Any]:
+    pool_shape = lambda n: (num_layers, 2, n, BLOCK_SIZE, HKV, HEAD_DIM)  # noqa: E731
+    dev_pool = torch.empty(pool_shape(2 * swap_blocks), dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    host_pool = torch.zeros(pool_shape(2 * swap_blocks), dtype=DTYPE, pin_memory=True)
+    nbytes = swap_blocks * dev_pool[:, :, 0].numel() * dev_pool.element_size()
+    dev_ids = torch.randperm(2 * swap_blocks)[:swap_blocks]
+    host_ids = torch.randperm(2 * swap_blocks)[:swap_blocks]
+
+    def timed(fn) -> float:
+        fn()  # warm-up (stream creation, allocator)
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    out_s = timed(lambda: ops.swap_blocks(dev_pool, host_pool, dev_ids, host_ids))
+    in_s = timed(lambda: ops.swap_blocks(host_pool, dev_pool, host_ids, dev_ids))
+    correct = bool(torch.equal(host_pool[:, :, host_ids], dev_pool[:, :, dev_ids.cuda()].cpu()))
+    del dev_pool, host_pool
+    return {
+        "layers": num_layers,
+        "blocks": swap_blocks,
+        "bytes": nbytes,
+        "swap_out_gbps": nbytes / out_s / 1e9,
+        "swap_in_gbps": nbytes / in_s / 1e9,
+        "pinned_d2h_gbps": pinned["d2h_gbps"],
+        "pinned_h2d_gbps": pinned["h2d_gbps"],
+        "swap_out_fraction": nbytes / out_s / 1e9 / pinned["d2h_gbps"],
+        "swap_in_fraction": nbytes / in_s / 1e9 / pinned["h2d_gbps"],
+        "roundtrip_correct": correct,
+    }
+
+
+def kernels_command(
+    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = "docs/bench-kernels.json",
+    quick: Annotated[bool, typer.Option(help="A few shapes and short timing loops (smoke run).")] = False,
+    contexts: Annotated[str, typer.Option(help="Comma-separated context lengths (default 512..32k).")] = "",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (default 1..256).")] = "",
+    max_kv_gib: Annotated[float, typer.Option(help="Skip shapes whose K+V exceed this many GiB.")] = 40.0,
+    swap_layers: Annotated[int, typer.Option(help="Layers in the swap benchmark's KV pools.")] = 32,
+    swap_blocks: Annotated[int, typer.Option(help="Blocks moved per swap call.")] = 256,
+) -> None:
+    """Benchmark the Triton paged-attention kernels against copy bandwidth and contiguous SDPA (needs CUDA)."""
+    console = Console()
+    if not torch.cuda.is_available():
+        Console(stderr=True).print(
+            "[bold red]pagedserve bench kernels needs a CUDA GPU[/]: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Nothing was measured; run it on a machine with an NVIDIA GPU."
+        )
+        raise typer.Exit(code=1)
+    try:
+        import triton  # noqa: PLC0415
+
+        from kernels import triton_ops  # noqa: PLC0415
+    except ImportError as exc:
+        Console(stderr=True).print(f"[bold red]Triton kernels unavailable[/]: {exc}")
+        raise typer.Exit(code=1) from exc
+
+    ops = triton_ops.OPS
+    ctx_list = _parse_ints(contexts, QUICK_CONTEXTS if quick else CONTEXTS)
+    batch_list = _parse_ints(batches, QUICK_BATCHES if quick else BATCHES)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    console.print(
+        f"[bold]Device[/]: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / GIB:.0f} GiB)"
+    )
+
+    copy_gbps = measure_copy_bandwidth((256 if quick else 1024) * 1024**2, quick)
+    pinned = measure_pinned_bandwidth((128 if quick else 512) * 1024**2)
+    console.print(
+        f"device copy {copy_gbps:.0f} GB/s (read+write); pinned H2D {pinned['h2d_gbps']:.1f} GB/s, "
+        f"D2H {pinned['d2h_gbps']:.1f} GB/s"
+    )
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for context in ctx_list:
+        for batch in batch_list:
+            kv_gib = 2 * batch * context * HKV * HEAD_DIM * torch.finfo(DTYPE).bits / 8 / GIB
+            if kv_gib > max_kv_gib or context % BLOCK_SIZE:
+                skipped.append({"batch": batch, "context": context, "kv_gib": kv_gib})
+                continue
+            try:
+                rows.append(bench_decode_case(ops, batch, context, copy_gbps, quick))
+            except torch.cuda.OutOfMemoryError:
+                skipped.append({"batch": batch, "context": context, "kv_gib": kv_gib, "reason": "out of memory"})
+            torch.cuda.empty_cache()
+
+    table = Table(title=f"Paged decode, bf16 Hq={HQ} Hkv={HKV} D={HEAD_DIM} block {BLOCK_SIZE}")
+    for col in ("context", "batch", "paged µs", "GB/s", "% copy BW", "SDPA µs", "paged/SDPA", "partition"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        frac_ok = r["context"] < 1024 or r["bw_fraction"] >= TARGET_BW_FRACTION
+        ratio_ok = r["vs_sdpa"] <= TARGET_SDPA_RATIO
+        table.add_row(
+            str(r["context"]),
+            str(r["batch"]),
+            f"{r['paged_ms'] * 1e3:.1f}",
+            f"{r['paged_gbps']:.0f}",
+            f"[{'green' if frac_ok else 'red'}]{100 * r['bw_fraction']:.0f}%[/]",
+            f"{r['sdpa_ms'] * 1e3:.1f}" + ("" if r["sdpa_mode"] == "enable_gqa" else "*"),
+            f"[{'green' if ratio_ok else 'red'}]{r['vs_sdpa']:.2f}x[/]",
+            str(r["partition_size"] or "1 pass"),
+        )
+    console.print(table)
+    if any(r["sdpa_mode"] != "enable_gqa" for r in rows):
+        console.print("* SDPA without enable_gqa: K/V repeated to Hq heads (reads 4x the bytes)")
+
+    swap = bench_swap(ops, swap_layers if not quick else 4, swap_blocks if not quick else 64, pinned)
+    swap_table = Table(
+        title=f"Block swap ({swap['blocks']} blocks x {swap['layers']} layers, {swap['bytes'] / 1e6:.0f} MB)"
+    )
+    for col in ("direction", "swap GB/s", "pinned copy GB/s", "fraction"):
+        swap_table.add_column(col, justify="right")
+    for label, key, ref in (("device -> host", "swap_out", "pinned_d2h"), ("host -> device", "swap_in", "pinned_h2d")):
+        swap_table.add_row(
+            label, f"{swap[key + '_gbps']:.1f}", f"{swap[ref + '_gbps']:.1f}", f"{100 * swap[key + '_fraction']:.0f}%"
+        )
+    console.print(swap_table)
+
+    long_rows = [r for r in rows if r["context"] >= 1024]
+    summary = {
+        "target_bw_fraction": TARGET_BW_FRACTION,
+        "target_sdpa_ratio": TARGET_SDPA_RATIO,
+        "min_bw_fraction_ctx_ge_1k": min((r["bw_fraction"] for r in long_rows), default=None),
+        "max_sdpa_ratio": max((r["vs_sdpa"] for r in rows), default=None),
+        "bw_target_met": bool(long_rows) and all(r["bw_fraction"] >= TARGET_BW_FRACTION for r in long_rows),
+        "sdpa_target_met": bool(rows) and all(r["vs_sdpa"] <= TARGET_SDPA_RATIO for r in rows),
+    }
+    result = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "device": {"name": props.name, "sms": props.multi_processor_count, "memory_gib": props.total_memory / GIB},
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+        },
+        "shape": {
+            "dtype": "bfloat16",
+            "num_q_heads": HQ,
+            "num_kv_heads": HKV,
+            "head_dim": HEAD_DIM,
+            "block_size": BLOCK_SIZE,
+        },
+        "copy_gbps": copy_gbps,
+        "pinned": pinned,
+        "decode": rows,
+        "skipped": skipped,
+        "swap": swap,
+        "summary": summary,
+    }
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(
+        f"bandwidth target (>= {TARGET_BW_FRACTION:.0%} of copy at >= 1k context): "
+        f"{'met' if summary['bw_target_met'] else 'NOT met'}; SDPA target (<= {TARGET_SDPA_RATIO}x): "
+        f"{'met' if summary['sdpa_target_met'] else 'NOT met'}. Wrote {path}"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(kernels_command)
