@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - the main job: Redis (started locally if none is configured), a worker, streamed requests
+#   make test   - the test suite (CPU; starts Redis if none answers)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build: anything else would pull multi-GB CUDA wheels.
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test redis bench
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pagedserve demo
+
+redis:
+	@bash .ci/ensure-redis
+
+test: $(STAMP) redis
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/pagedserve bench offline

@@ -1,0 +1,279 @@
+"""``pagedserve bench offline``: this engine vs HF ``generate`` (static padded batches) vs HF ``generate_batch``
+(paged continuous batching) on one mixed-length workload, plus KV utilization and concurrency, all in one run.
+
+Ratios are measured side by side in one process, so machine noise hits every contender alike.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import math
+import pstats
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.sampling_params import SamplingParams
+
+BENCH_MODEL = dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+BENCH_VOCAB = 4096
+MAX_PROMPT, MAX_OUTPUT = 512, 256
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def params(self) -> list[SamplingParams]:
+        return [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in self.max_tokens]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def make_workload(num_requests: int = 48, seed: int = 0, vocab_size: int = BENCH_VOCAB) -> Workload:
+    """Lognormal prompt (8-512) and output (8-256) lengths, random token ids; fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    prompt_lens = np.clip(rng.lognormal(math.log(96), 0.9, num_requests), 8, MAX_PROMPT).astype(int)
+    out_lens = np.clip(rng.lognormal(math.log(64), 0.8, num_requests), 8, MAX_OUTPUT).astype(int)
+    prompts = [rng.integers(0, vocab_size, n).tolist() for n in prompt_lens]
+    return Workload(prompts, out_lens.tolist())
+
+
+def bench_model_dir(root: Path) -> str:
+    """The ~26M-parameter random Llama of the issue (hidden 512, 8 layers, 8 heads, 4 KV heads, vocab 4096)."""
+    from engine.builtin_model import write_llama
+
+    path = root / "bench-llama-26m"
+    if not (path / "config.json").is_file():
+        write_llama(path, seed=0, vocab_size=BENCH_VOCAB, **BENCH_MODEL)
+    return str(path)
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """Large square matmul throughput: the compute ceiling every contender is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.5:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
+    """Useful FLOPs: every prompt and output token through the layers once, attention over its context,
+    and the LM head for every generated token (no padding, no recomputation)."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    head_dim = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+    per_token = 2 * layers * (h * h + 2 * h * kv + h * h + 3 * h * inter)
+    total = 0.0
+    for prompt, out in zip(w.prompts, w.max_tokens):
+        n = len(prompt) + out
+        total += n * per_token
+        total += 2 * 2 * layers * h * (n * (n + 1) / 2)  # QK^T and PV over the causal context
+        total += out * 2 * h * vocab
+    return total
+
+
+# ---------------------------------------------------------------------- contenders
+def run_engine(model_dir: str, w: Workload, device: str, **kwargs) -> dict:
+    from engine import LLM
+
+    llm = LLM(model=model_dir, device=device, **kwargs)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
+    eng = llm.engine
+    eng.track_kv_utilization = True
+    eng.num_steps, eng._kv_util_sum = 0, 0.0
+    for i, (p, sp) in enumerate(zip(w.prompts, w.params)):
+        eng.add_request(str(i), p, sp)
+    peak_seqs, produced, start = 0, 0, time.perf_counter()
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                produced += len(out.outputs[0].token_ids)
+        peak_seqs = max(peak_seqs, sum(len(r.unfinished_seqs()) for r in eng.scheduler.running))
+    wall = time.perf_counter() - start
+    stats = llm.stats()
+    return {"wall_s": wall, "output_tokens": produced, "peak_concurrent_seqs": peak_seqs,
+            "mean_kv_utilization": stats["mean_kv_utilization"], "num_preemptions": stats["num_preemptions"],
+            "num_steps": stats["num_steps"], "num_gpu_blocks": stats["num_gpu_blocks"]}
+
+
+def run_hf_static(model_dir: str, w: Workload, device: str, batch_size: int) -> dict:
+    """HF ``generate`` in arrival-order batches, left-padded, each batch run to its longest output."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model.generate(torch.tensor([[1, 2, 3]], device=device), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    start = time.perf_counter()
+    for i in range(0, len(w.prompts), batch_size):
+        prompts, outs = w.prompts[i:i + batch_size], w.max_tokens[i:i + batch_size]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
+                           do_sample=False, pad_token_id=0)
+    return {"wall_s": time.perf_counter() - start, "output_tokens": w.num_output_tokens, "batch_size": batch_size}
+
+
+def run_hf_continuous(model_dir: str, w: Workload, device: str) -> dict:
+    """HF transformers' own paged continuous batching (``generate_batch``'s manager, per-request lengths)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="paged|sdpa").to(device).eval()
+    config = transformers.GenerationConfig(max_new_tokens=MAX_OUTPUT, do_sample=False, eos_token_id=-1,
+                                           pad_token_id=0)
+    produced = 0
+    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
+        start = time.perf_counter()
+        for i, (p, m) in enumerate(zip(w.prompts, w.max_tokens)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=m, eos_token_id=-1)
+        done = 0
+        while done < len(w.prompts):
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError("HF continuous batching stopped before finishing the workload")
+            if result.is_finished():
+                done += 1
+                produced += len(result.generated_tokens)
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "output_tokens": produced}
+
+
+def profile_engine(model_dir: str, w: Workload, device: str, top: int = 12) -> list[tuple[str, float]]:
+    """Where an engine run spends its time (cProfile cumulative seconds of the main stages)."""
+    from engine import LLM
+
+    llm = LLM(model=model_dir, device=device)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(w.prompts, w.params)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stages = {
+        "step (total)": ("llm_engine.py", "step"),
+        "model forward": ("llama.py", "forward"),
+        "  attention (paged)": ("reference.py", "paged_attention"),
+        "  attention (decode)": ("reference.py", "paged_decode_attention"),
+        "  KV write": ("reference.py", "write_kv"),
+        "  linear layers": ("~", "<built-in method torch._C._nn.linear>"),
+        "LM head": ("llama.py", "compute_logits"),
+        "prepare inputs": ("model_runner.py", "prepare"),
+        "sampler": ("sampler.py", "__call__"),
+        "scheduler": ("scheduler.py", "schedule"),
+        "detokenize + stops": ("llm_engine.py", "_append_token"),
+        "outputs": ("llm_engine.py", "_make_output"),
+    }
+    found = {}
+    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+        for label, (f, fn) in stages.items():
+            if file.endswith(f) and func == fn:
+                # the outermost llama forward is LlamaForCausalLM.forward: keep the largest
+                found[label] = max(found.get(label, 0.0), ct)
+    return [(label, found.get(label, 0.0)) for label in stages]
+
+
+# ---------------------------------------------------------------------- command
+def offline_command(
+    num_requests: int = 48,
+    seed: int = 0,
+    device: str = "cpu",
+    hf_batch_size: int = 16,
+    kv_budget_tokens: int = 6144,
+    skip_hf_continuous: bool = False,
+    profile: bool = True,
+    out: str = "docs/bench-offline.json",
+) -> None:
+    """Offline throughput, compute floor, KV utilization and concurrency vs HF (see docs/benchmarks.md)."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console()
+    dev = torch.device(device)
+    torch.set_num_threads(torch.get_num_threads())
+    w = make_workload(num_requests, seed)
+    cache_root = Path(tempfile.gettempdir()) / "pagedserve-bench"
+    cache_root.mkdir(exist_ok=True)
+    results: dict = {"device": device, "num_requests": num_requests, "seed": seed,
+                     "prompt_tokens": sum(map(len, w.prompts)), "output_tokens": w.num_output_tokens,
+                     "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
+    with Progress(console=console) as progress:
+        task = progress.add_task("benchmark", total=6)
+        model_dir = bench_model_dir(cache_root)
+        progress.advance(task)
+        flops_rate = matmul_flops_per_s(dev)
+        floor_s = workload_flops(w, BENCH_MODEL, BENCH_VOCAB) / flops_rate
+        results.update(matmul_flops_per_s=flops_rate, compute_floor_s=floor_s)
+        progress.advance(task)
+        results["pagedserve"] = run_engine(model_dir, w, device)
+        progress.advance(task)
+        results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size)
+        progress.advance(task)
+        if not skip_hf_continuous:
+            try:
+                results["hf_continuous"] = run_hf_continuous(model_dir, w, device)
+            except Exception as exc:  # a baseline failing must not hide our numbers; say why in the report
+                results["hf_continuous"] = {"error": f"{type(exc).__name__}: {exc}"}
+        progress.advance(task)
+        # Concurrency at a fixed KV budget vs reserving max-length contiguous space per sequence.
+        reserve = MAX_PROMPT + MAX_OUTPUT
+        budget_run = run_engine(model_dir, w, device, num_gpu_blocks=kv_budget_tokens // 16, block_size=16)
+        results["concurrency"] = {
+            "kv_budget_tokens": kv_budget_tokens, "contiguous_reservation_tokens": reserve,
+            "contiguous_max_seqs": kv_budget_tokens // reserve,
+            "paged_peak_seqs": budget_run["peak_concurrent_seqs"],
+            "paged_mean_kv_utilization": budget_run["mean_kv_utilization"],
+            "paged_preemptions": budget_run["num_preemptions"],
+        }
+        progress.advance(task)
+        if profile:
+            results["profile_s"] = profile_engine(model_dir, w, device)
+
+    table = Table(title=f"bench offline: {num_requests} requests, {w.num_output_tokens} output tokens, {device}")
+    for col in ("contender", "wall s", "output tok/s", "x HF static", "x compute floor"):
+        table.add_column(col, justify="right")
+    base = results["hf_static"]["output_tokens"] / results["hf_static"]["wall_s"]
+    for name in ("pagedserve", "hf_static", "hf_continuous"):
+        r = results.get(name)
+        if not r or "error" in r:
+            table.add_row(name, "-", "-", "-", (r or {}).get("error", "skipped")[:40])
+            continue
+        tps = r["output_tokens"] / r["wall_s"]
+        r["output_tokens_per_s"] = tps
+        r["x_compute_floor"] = r["wall_s"] / floor_s
+        table.add_row(name, f"{r['wall_s']:.2f}", f"{tps:.1f}", f"{tps / base:.2f}", f"{r['x_compute_floor']:.2f}")
+    console.print(table)
+    c = results["concurrency"]
+    console.print(f"compute floor {floor_s:.2f} s at {flops_rate / 1e9:.1f} GFLOP/s (large matmul); "
+                  f"mean KV utilization {results['pagedserve']['mean_kv_utilization']:.4f}")
+    console.print(f"concurrency at {c['kv_budget_tokens']} KV slots: paged {c['paged_peak_seqs']} seqs vs contiguous "
+                  f"{c['contiguous_max_seqs']} ({c['paged_peak_seqs'] / max(1, c['contiguous_max_seqs']):.1f}x)")
+    if profile:
+        prof = Table(title="where the engine's time goes (cProfile, cumulative s)")
+        prof.add_column("stage")
+        prof.add_column("s", justify="right")
+        for label, secs in results["profile_s"]:
+            prof.add_row(label, f"{secs:.2f}")
+        console.print(prof)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    console.print(f"results written to {out}")
