@@ -91,15 +91,18 @@ def _paged_kv(
     k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
     used = 0
+    slots = []
     for i, (n, nb) in enumerate(zip(lengths, blocks_per_seq)):
         ids = perm[used : used + nb]
         used += nb
         garbage = [num_blocks + 1000, -7][: width - nb] + [-1] * max(0, width - nb - 2)
         table[i] = torch.tensor(ids + garbage, dtype=torch.int32)
-        for pos in range(n):
-            blk, off = ids[pos // block_size], pos % block_size
-            k_cache[blk, off] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
-            v_cache[blk, off] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+        pos = torch.arange(n)
+        slots.append(torch.tensor(ids, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
+    slots = torch.cat(slots)
+    for cache in (k_cache, v_cache):
+        tokens = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+        cache.view(-1, num_kv_heads, head_dim)[slots] = tokens.to(dtype)
     return k_cache.to(device), v_cache.to(device), table.to(device)
 
 
@@ -444,3 +447,12 @@ def test_gpu_cache_ops_real_sizes():
     back = perm[200:264]
     triton_cache.swap_blocks(host, kv, host_dst, back.cpu())
     assert torch.equal(kv[:, :, back], kv[:, :, src[:64]])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_get_ops_returns_triton():
+    from kernels import get_ops  # noqa: PLC0415
+
+    assert get_ops("cuda").name == "triton"
+    assert get_ops("cpu").name == "torch"
