@@ -50,6 +50,7 @@ class Publisher:
     _ops: list[_Op] = field(default_factory=list)
     commands_sent: int = 0
     tokens_dropped: int = 0
+    on_acked: Callable[[tuple], None] | None = None  # called with entry ids once their XACK is applied
 
     # --------------------------------------------------------------------------------- enqueue
     def token(self, request_id: str, payload: bytes) -> None:
@@ -94,6 +95,8 @@ class Publisher:
             del self._ops[: len(batch)]
             sent += n + 2  # MULTI/EXEC
             for op in batch:
+                if op.kind == "ack" and self.on_acked is not None:
+                    self.on_acked(op.args)
                 if op.callback is not None:
                     op.callback()
         self.commands_sent += sent

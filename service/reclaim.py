@@ -110,3 +110,92 @@ class Reclaimer:
     def release_name(self, r: redis.Redis, token: str) -> None:
         if _s(r.get(self.keys.consumer_lease(self.consumer)) or b"") == token:
             r.delete(self.keys.consumer_lease(self.consumer))
+
+
+class LeaseKeeper:
+    """Renews the leases of the worker's unacknowledged entries from a thread of its own.
+
+    Why a thread: a single engine step (a long prefill, a slow first CUDA call, a busy CPU) can outlast
+    ``claim_idle_ms``; the loop thread could not renew in time and a live worker's entries would be stolen.
+    The loop registers entries when it takes them (:meth:`add`) and forgets them once their ack has been
+    flushed (:meth:`discard`); ids found owned by someone else are handed back through :meth:`take_lost`.
+    """
+
+    def __init__(self, reclaimer: Reclaimer, client_factory, interval_s: float, name_token: str, log=None):
+        import threading
+
+        self.reclaimer = reclaimer
+        self.client_factory = client_factory
+        self.interval_s = interval_s
+        self.name_token = name_token
+        self.log = log
+        self._ids: set[str] = set()
+        self._lost: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.renewals = 0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="pagedserve-lease", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+
+    def add(self, entry_id: str) -> None:
+        with self._lock:
+            self._ids.add(entry_id)
+
+    def discard(self, entry_ids) -> None:
+        with self._lock:
+            self._ids.difference_update(entry_ids)
+
+    def renew_now(self) -> None:
+        self._wake.set()
+
+    def take_lost(self) -> list[str]:
+        with self._lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def _run(self) -> None:
+        r = None
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            with self._lock:
+                ids = sorted(self._ids)
+            try:
+                if r is None:
+                    r = self.client_factory()
+                self.reclaimer.refresh_name(r, self.name_token)
+                lost = self.reclaimer.renew(r, ids) if ids else []
+                self.renewals += 1
+            except Exception as e:  # Redis away: try again next interval; the loop has its own backoff
+                self.failures += 1
+                if r is not None:
+                    try:
+                        r.close()
+                    except Exception:
+                        pass
+                r = None
+                if self.log is not None and self.failures % 50 == 1:
+                    self.log.warning("lease_renewal_failed", error=str(e))
+                continue
+            if lost:
+                with self._lock:
+                    # Only ids still registered: an entry acked meanwhile is not "lost".
+                    self._lost.extend(e for e in lost if e in self._ids)
+                    self._ids.difference_update(lost)
+        if r is not None:
+            try:
+                r.close()
+            except Exception:
+                pass

@@ -51,7 +51,7 @@ from .protocol import (
     parse_request,
 )
 from .publisher import Publisher
-from .reclaim import Reclaimer
+from .reclaim import LeaseKeeper, Reclaimer
 from .settings import Settings
 from .telemetry import extract_context, get_logger, get_tracer, request_logger, trace_id_of
 
@@ -136,6 +136,12 @@ class Worker:
         self.r = redis_client(s.redis_url)
         self.publisher = Publisher(self.keys, s.result_ttl_s, s.dead_letter_maxlen)
         self.reclaimer = Reclaimer(self.keys, self.consumer, s.claim_idle_ms)
+        self._name_token = uuid.uuid4().hex
+        self.leases = LeaseKeeper(
+            self.reclaimer, lambda: redis_client(s.redis_url), s.lease_renew_interval_ms / 1000, self._name_token, self.log
+        )
+        self._leases_started = False
+        self.publisher.on_acked = self.leases.discard
         self.inflight: dict[str, InFlight] = {}
         self.backoff = _Backoff()
         self.redis_ok = False
@@ -143,10 +149,8 @@ class Worker:
         self._pubsub: Any = None
         self._draining_own = True
         self._own_cursor = "0"
-        self._last_renew = 0.0
         self._last_reclaim = 0.0
         self._last_queue_stats = 0.0
-        self._name_token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self.stopped = threading.Event()
@@ -278,7 +282,10 @@ class Worker:
         self.redis_ok = True
         self.backoff.ok()
         self._needs_setup = False
-        self._last_renew = 0.0  # renew at once: our leases may have aged during the outage
+        if not self._leases_started:
+            self.leases.start()
+            self._leases_started = True
+        self.leases.renew_now()  # at once: our leases may have aged during the outage
 
     _name_held = False
 
@@ -312,11 +319,9 @@ class Worker:
         if self.publisher.pending():
             self.metrics.redis_ops.inc(self.publisher.flush(self.r))
         self._poll_cancels()
+        self._handle_lost(self.leases.take_lost())
         now = time.monotonic()
         s = self.settings
-        if now - self._last_renew >= s.lease_renew_interval_ms / 1000:
-            self._last_renew = now
-            self._renew_leases()
         stopping = self._stop.is_set()
         room = self._room()
         if not stopping and room > 0 and now - self._last_reclaim >= min(s.claim_idle_ms / 2000, 1.0):
@@ -347,15 +352,13 @@ class Worker:
         used = sum(f.samples for f in self.inflight.values())
         return max(0, self.settings.max_num_seqs - used)
 
-    def _renew_leases(self) -> None:
-        self.reclaimer.refresh_name(self.r, self._name_token)
-        own = {eid: rid for rid, f in self.inflight.items() for eid in f.entry_ids}
-        if not own:
+    def _handle_lost(self, lost: list[str]) -> None:
+        if not lost:
             return
-        lost = self.reclaimer.renew(self.r, list(own))
+        own = {eid: rid for rid, f in self.inflight.items() for eid in f.entry_ids}
         for eid in lost:
-            rid = own[eid]
-            f = self.inflight.get(rid)
+            rid = own.get(eid)
+            f = self.inflight.get(rid) if rid is not None else None
             if f is None:
                 continue
             # Another worker owns it now (we were away longer than claim_idle_ms): stop, so two live workers
@@ -448,6 +451,8 @@ class Worker:
         """Validate entries and hand the good ones to the engine. Checks happen before any work starts."""
         s = self.settings
         parsed: list[tuple[str, GenerateRequest, dict, int]] = []
+        for entry_id, _, _ in entries:
+            self.leases.add(entry_id)  # held until its ack is flushed
         for entry_id, fields, deliveries in entries:
             raw = fields.get(b"body", fields.get("body"))
             if isinstance(raw, str):
@@ -771,6 +776,8 @@ class Worker:
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
         """Release unfinished entries for other workers, flush what is buffered, drop the name lease."""
+        if self._leases_started:
+            self.leases.stop()
         left = list(self.inflight.items())
         for rid, f in left:
             try:

@@ -71,7 +71,7 @@ def shared_engine():
 def make_settings(redis_url: str, prefix: str, **kw) -> Settings:
     base = dict(
         redis_url=redis_url, prefix=prefix, metrics_port=0, worker_name=f"w-{uuid.uuid4().hex[:6]}",
-        claim_idle_ms=2000, grace_period_s=5, log_format="json", log_level="WARNING",
+        claim_idle_ms=2000, grace_period_s=5, log_format="json", log_level="INFO",
         num_gpu_blocks=ENGINE_KW["num_gpu_blocks"], max_num_seqs=ENGINE_KW["max_num_seqs"],
         swap_space_gb=ENGINE_KW["swap_space_gb"], device="cpu",
     )

@@ -1,0 +1,219 @@
+"""Crash safety with real processes: SIGKILLed workers, two live workers, a Redis restart under load."""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+from service.client import Client
+from service.protocol import DoneEvent, Keys, parse_event, parse_terminal
+from service.redis_server import LocalRedis
+from service_fixtures import *  # noqa: F403
+from service_fixtures import WorkerProcess, make_settings, running_worker, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class ChannelRecorder:
+    """Counts terminal events per id on every ``out:*`` channel of a prefix (exactly-one checks)."""
+
+    def __init__(self, redis_url: str, prefix: str):
+        self.r = redis.Redis.from_url(redis_url)
+        self.ps = self.r.pubsub(ignore_subscribe_messages=True)
+        self.ps.psubscribe(f"{prefix}:out:*")
+        self.terminal = collections.Counter()
+        self.tokens = collections.Counter()
+        self._stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            m = self.ps.get_message(timeout=0.1)
+            if m and m["type"] == "pmessage":
+                ev = parse_event(m["data"])
+                (self.tokens if ev.type == "token" else self.terminal)[ev.id] += 1
+
+    def close(self):
+        self._stop.set()
+        self.t.join(5)
+        self.ps.close()
+        self.r.close()
+
+
+def _results(r: redis.Redis, keys: Keys, ids):
+    out = {}
+    for rid in ids:
+        raw = r.get(keys.result(rid))
+        if raw is not None:
+            out[rid] = parse_terminal(raw)
+    return out
+
+
+def test_sigkill_mid_generation_then_another_worker_completes_everything(redis_url, prefix, tmp_path):
+    s = make_settings(redis_url, prefix, claim_idle_ms=1500, log_level="DEBUG")
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    rec = ChannelRecorder(redis_url, prefix)
+    w1 = WorkerProcess(s.model_copy(update={"worker_name": "crash-a"}), tmp_path / "a.log").start()
+    w2 = None
+    try:
+        w1.wait_started()
+        c = Client(settings=s)
+        n, max_tokens = 24, 40
+        ids = [c.submit(f"request {i} " * 3, id=f"crash-{i}",
+                        params={"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}) for i in range(n)]
+        # All delivered to w1 and generating: then SIGKILL.
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == n, 60, what="all delivered")
+        wait_for(lambda: sum(rec.tokens.values()) >= n, 60, what="tokens streaming")
+        w1.kill()
+        done_before = len(_results(r, keys, ids))
+        assert done_before < n, "the kill came too late to test anything"
+        w2 = WorkerProcess(s.model_copy(update={"worker_name": "crash-b"}), tmp_path / "b.log").start()
+        wait_for(lambda: len(_results(r, keys, ids)) == n, 180, 0.1, "all results")
+        res = _results(r, keys, ids)
+        for rid in ids:
+            assert isinstance(res[rid], DoneEvent), res[rid]
+            assert len(res[rid].outputs[0].token_ids) == max_tokens
+            assert res[rid].outputs[0].finish_reason == "length"
+        time.sleep(0.5)
+        assert all(rec.terminal[rid] == 1 for rid in ids), rec.terminal
+        assert r.xpending(keys.requests, keys.group)["pending"] == 0
+        assert r.xlen(keys.requests) == 0
+        assert any(e.get("event") == "entries_reclaimed" for e in w2.events())
+        c.close()
+    finally:
+        rec.close()
+        w1.close()
+        if w2:
+            w2.close()
+        r.close()
+
+
+def test_restart_with_same_name_drains_own_pending_and_sigterm_releases(redis_url, prefix, tmp_path):
+    s = make_settings(redis_url, prefix, claim_idle_ms=1500, grace_period_s=0.5, worker_name="same-name")
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    c = Client(settings=s)
+    w = WorkerProcess(s, tmp_path / "1.log").start()
+    w2 = w3 = None
+    try:
+        w.wait_started()
+        ids = [c.submit("x " * 5, params={"max_tokens": 200, "ignore_eos": True}) for _ in range(6)]
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 6, 60, what="delivered")
+        w.kill()
+        w2 = WorkerProcess(s, tmp_path / "2.log").start()  # same consumer name: drains its own pending list
+        w2.wait_started()
+        wait_for(lambda: any(e.get("event") == "own_pending_drained" for e in w2.events()), 60, what="drain")
+        # SIGTERM with a short grace period: unfinished entries are released for others at once.
+        assert w2.terminate() == 0
+        stopped = [e for e in w2.events() if e.get("event") == "worker_stopped"]
+        assert stopped and stopped[0]["released"] + len(_results(r, keys, ids)) >= 6
+        w3 = WorkerProcess(s.model_copy(update={"worker_name": "other"}), tmp_path / "3.log").start()
+        wait_for(lambda: len(_results(r, keys, ids)) == 6, 180, 0.1, "all results")
+        assert all(len(v.outputs[0].token_ids) == 200 for v in _results(r, keys, ids).values())
+    finally:
+        for p in (w, w2, w3):
+            if p:
+                p.close()
+        c.close()
+        r.close()
+
+
+def test_two_live_workers_never_run_the_same_request(redis_url, prefix, tmp_path):
+    # claim_idle_ms is shorter than a request: only the lease renewal keeps the other worker away.
+    s = make_settings(redis_url, prefix, claim_idle_ms=1000, log_level="DEBUG")
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    rec = ChannelRecorder(redis_url, prefix)
+    a = WorkerProcess(s.model_copy(update={"worker_name": "live-a"}), tmp_path / "a.log").start()
+    b = WorkerProcess(s.model_copy(update={"worker_name": "live-b"}), tmp_path / "b.log").start()
+    try:
+        a.wait_started()
+        b.wait_started()
+        c = Client(settings=s)
+        ids = [c.submit(f"p{i}", params={"max_tokens": 60 + i, "ignore_eos": True}) for i in range(30)]
+        wait_for(lambda: len(_results(r, keys, ids)) == len(ids), 240, 0.1, "all results")
+        time.sleep(0.5)
+        started = {}
+        for p in (a, b):
+            for e in p.events():
+                if e.get("event") == "request_started":
+                    assert e["request_id"] not in started, f"{e['request_id']} started twice"
+                    started[e["request_id"]] = e["worker"]
+                assert e.get("event") not in ("entries_reclaimed", "lease_lost"), e
+        assert set(started) == set(ids)
+        assert all(rec.terminal[rid] == 1 for rid in ids)
+        assert len(set(started.values())) == 2  # both worked
+        c.close()
+    finally:
+        rec.close()
+        a.close()
+        b.close()
+        r.close()
+
+
+def test_redis_restart_under_load(prefix, shared_engine):
+    srv = LocalRedis(persist=True).start()
+    try:
+        s = make_settings(srv.url, prefix, claim_idle_ms=5000)
+        with running_worker(s, shared_engine) as w:
+            c = Client(settings=s)
+            with ThreadPoolExecutor(12) as pool:
+                futs = [pool.submit(c.generate, f"load {i}", params={"max_tokens": 150, "ignore_eos": True},
+                                    timeout=180) for i in range(10)]
+                wait_for(lambda: len(w.inflight) == 10, 30, what="all running")
+                srv.stop()  # Redis goes away mid-generation
+                time.sleep(1.0)
+                assert w.inflight or w.publisher.pending()  # the worker kept going
+                srv.start()
+                results = [f.result(timeout=200) for f in futs]
+            assert all(len(d.outputs[0].token_ids) == 150 for d in results)
+            # later requests complete
+            later = [c.generate(f"later {i}", params={"max_tokens": 4}, timeout=60) for i in range(3)]
+            assert all(isinstance(d, DoneEvent) for d in later)
+            assert w.metrics.redis_errors._value.get() >= 1
+            c.close()
+    finally:
+        srv.stop()
+
+
+def test_redis_restart_without_persistence_recreates_group(prefix, shared_engine):
+    srv = LocalRedis(persist=False).start()
+    try:
+        s = make_settings(srv.url, prefix)
+        with running_worker(s, shared_engine):
+            c = Client(settings=s)
+            assert isinstance(c.generate("a", params={"max_tokens": 2}, timeout=30), DoneEvent)
+            srv.stop()
+            srv.start()  # empty Redis: no stream, no group (NOGROUP) until the worker recreates them
+            d = c.generate("b", params={"max_tokens": 2}, timeout=60)
+            assert isinstance(d, DoneEvent)
+            c.close()
+    finally:
+        srv.stop()
+
+
+def test_json_logs_carry_request_id(tmp_path, redis_url, prefix):
+    # (uses the log file of a short worker run) every request event line has request_id and trace_id keys
+    s = make_settings(redis_url, prefix, log_level="INFO")
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        with Client(settings=s) as c:
+            c.generate("x", params={"max_tokens": 2}, timeout=60)
+            rid = c.submit("x", params={"top_p": 5})
+            c.wait(rid, timeout=30)
+        w.terminate()
+        evs = w.events()
+        fin = [e for e in evs if e.get("event") in ("request_finished", "request_error")]
+        assert len(fin) == 2 and all("request_id" in e and "trace_id" in e for e in fin)
+        assert all(json.dumps(e) for e in evs)
+    finally:
+        w.close()
