@@ -239,7 +239,7 @@ def _decode_reduce_kernel(
     for p in range(0, used):
         w_p = tl.load(l_ptr + base + p) * tl.exp2(tl.load(m_ptr + base + p) - m_max)
         acc += w_p * tl.load(part_out_ptr + (base + p) * D_PAD + offs_d)
-    out = tl.where(denom > 0, acc / denom, 0.0)
+    out = acc / tl.where(denom > 0, denom, 1.0)  # empty sequence: acc == 0 -> zeros
     tl.store(
         out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d,
         out.to(out_ptr.dtype.element_ty),
@@ -292,7 +292,8 @@ def decode_attention(
         D_PAD=d_pad,
         BLOCK_SIZE=block_size,
         TILE=DECODE_TILE,
-        DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
+        DOT_PRECISION=_dot_precision(k_cache.dtype),
+        DOT_UPCAST=_dot_upcast(k_cache.dtype),
         num_warps=4,
         num_stages=2,
     )

@@ -158,6 +158,30 @@ def test_decode_block_boundaries_and_auto_split(block_size):
         _assert_close(out, expected)
 
 
+@pytest.mark.parametrize("partition_size", [0, 64])
+def test_decode_strided_q_and_empty_sequence(partition_size):
+    """q as a view into a fused qkv buffer; a zero-length (padding) sequence yields zeros, not NaN."""
+    gen = torch.Generator().manual_seed(partition_size)
+    num_kv_heads, group, head_dim, block_size = 2, 2, 64, 16
+    lengths = [70, 1, 33]
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, torch.float16, gen)
+    qkv = torch.randn(3, num_kv_heads * (group + 2), head_dim, generator=gen).half()
+    q = qkv[:, : num_kv_heads * group]
+    assert not q.is_contiguous()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125)
+    out = torch.full_like(q.contiguous(), float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, partition_size, out=out)
+    _assert_close(out, expected)
+    # sequences 0 and 2 empty; sequence 1 reuses sequence 2's 33 tokens
+    empty, table_e = torch.tensor([0, 33, 0], dtype=torch.int32), table[[0, 2, 1]]
+    out = torch.full_like(q.contiguous(), float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, empty, table_e, 0.125, partition_size, out=out)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    expected_1 = reference.paged_decode_attention(q[[1]], k_cache, v_cache, empty[[1]], table_e[[1]], 0.125)
+    _assert_close(out[[1]], expected_1)
+
+
 def test_decode_partition_choice():
     cuda_like = torch.device("cpu")
     assert triton_attention.choose_decode_partition(1, 8, triton_attention.MIN_PARTITION, cuda_like) == 0
