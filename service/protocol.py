@@ -302,6 +302,13 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     if not valid_id(request_id):
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])")
     metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    try:  # JSON escapes can smuggle lone surrogates (\ud800) that no tokenizer or UTF-8 writer accepts
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(request_id, "invalid_request", "strings must be valid Unicode (lone surrogate)",
+                                  {}) from None
+    except (ValueError, RecursionError):
+        pass  # reported below by validation
     try:
         return GenerateRequest.model_validate(data, strict=True)
     except ValidationError as e:

@@ -1,0 +1,209 @@
+"""Hostile input: 200+ bad messages (hypothesis-generated and hand-written) interleaved with valid requests.
+
+Each valid request completes; each bad one gets an ``error`` result (valid id) or a dead letter (no valid id,
+unparseable, oversize); every entry is acknowledged and deleted; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.client import Client
+from service.protocol import DeadLetter, DoneEvent, ErrorEvent, Keys, parse_terminal, valid_id
+from service_fixtures import *  # noqa: F403
+from service_fixtures import make_settings, running_worker, wait_for
+
+MAX_BYTES = 8192
+
+json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+fields = st.sampled_from(["id", "prompt", "prompt_token_ids", "messages", "params", "stream", "priority",
+                          "deadline_ms", "metadata", "bogus"])
+param_names = st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "beam_width",
+                               "stop", "stop_token_ids", "seed", "logprobs", "presence_penalty", "nope"])
+
+# Request-shaped objects with one or more fields of a wrong type or value (some may turn out valid).
+mangled = st.builds(
+    lambda rid, base, k, v, pk, pv: {**base, "id": rid, k: v, "params": {**base.get("params", {}), pk: pv}},
+    st.one_of(st.just("ok-id"), st.text(min_size=0, max_size=140), st.integers()),
+    st.sampled_from([{"prompt": "hi"}, {"prompt_token_ids": [1, 2]}, {"messages": [{"role": "user", "content": "x"}]}]),
+    fields, json_values, param_names, json_values,
+)
+hostile_bodies = st.one_of(
+    st.binary(max_size=64),                                   # random bytes (mostly invalid UTF-8 / JSON)
+    json_values.map(lambda v: json.dumps(v).encode()),        # any JSON value
+    mangled.map(lambda d: json.dumps(d, default=str).encode()),
+    st.dictionaries(fields, json_values, max_size=6).map(lambda d: json.dumps(d).encode()),
+)
+
+HAND_WRITTEN: list[bytes | None] = [
+    None,                                                     # entry without a body field
+    b"", b"\xff\xfe\xfd", b"{\"id\": \"x\xff\"}", b"null", b"[]", b"42", b"\"id\"", b"{",
+    b"[" * 5000 + b"]" * 5000,                                # nesting bomb
+    b"{\"id\": \"big\", \"prompt\": \"" + b"x" * (MAX_BYTES + 10) + b"\"}",  # oversize message
+    json.dumps({"id": "", "prompt": "x"}).encode(),
+    json.dumps({"id": "has space", "prompt": "x"}).encode(),
+    json.dumps({"id": "x" * 129, "prompt": "x"}).encode(),
+    json.dumps({"id": ["a"], "prompt": "x"}).encode(),
+    json.dumps({"id": "h-nothing"}).encode(),
+    json.dumps({"id": "h-both", "prompt": "x", "prompt_token_ids": [1]}).encode(),
+    json.dumps({"id": "h-oov", "prompt_token_ids": [1, 10**9]}).encode(),
+    json.dumps({"id": "h-neg", "prompt_token_ids": [-5]}).encode(),
+    json.dumps({"id": "h-float-ids", "prompt_token_ids": [1.5]}).encode(),
+    json.dumps({"id": "h-long", "prompt_token_ids": [1] * 2100}).encode(),      # > max_model_len (as ids)
+    json.dumps({"id": "h-unknown", "prompt": "x", "temperature": 0}).encode(),
+    json.dumps({"id": "h-pbad", "prompt": "x", "params": {"top_p": 0}}).encode(),
+    json.dumps({"id": "h-pneg", "prompt": "x", "params": {"max_tokens": -1}}).encode(),
+    json.dumps({"id": "h-pstr", "prompt": "x", "params": {"temperature": "hot"}}).encode(),
+    json.dumps({"id": "h-pn", "prompt": "x", "params": {"n": 10**6}}).encode(),
+    json.dumps({"id": "h-best", "prompt": "x", "params": {"n": 3, "best_of": 2}}).encode(),
+    json.dumps({"id": "h-lp", "prompt": "x", "params": {"logprobs": 10**5}}).encode(),
+    json.dumps({"id": "h-stop", "prompt": "x", "params": {"stop": [""]}}).encode(),
+    json.dumps({"id": "h-seed", "prompt": "x", "params": {"seed": 2**64}}).encode(),
+    b'{"id": "h-nan", "prompt": "x", "params": {"temperature": NaN}}',
+    b'{"id": "h-inf", "prompt": "x", "params": {"top_p": Infinity}}',
+    json.dumps({"id": "h-prio", "prompt": "x", "priority": "high"}).encode(),
+    json.dumps({"id": "h-prio2", "prompt": "x", "priority": 2**63}).encode(),
+    json.dumps({"id": "h-dl", "prompt": "x", "deadline_ms": "soon"}).encode(),
+    json.dumps({"id": "h-meta", "prompt": "x", "metadata": [1]}).encode(),
+    json.dumps({"id": "h-stream", "prompt": "x", "stream": 1}).encode(),
+    json.dumps({"id": "h-msg", "messages": [{"role": "user"}]}).encode(),
+    json.dumps({"id": "h-msg2", "messages": [{"role": 1, "content": "x"}]}).encode(),
+    json.dumps({"id": "h-msg3", "messages": []}).encode(),
+    json.dumps({"id": "h-empty", "prompt": ""}).encode(),
+    json.dumps({"id": "h-surrogate", "prompt": "\ud800"}).encode(),            # lone surrogate escape
+    "{\"id\": \"h-utf8\", \"prompt\": \"\u00e9\u4e2d\U0001F600\", \"params\": {\"max_tokens\": 2}}".encode(),  # valid
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_env(redis_url, shared_engine):
+    import uuid
+
+    prefix = f"pstest-hostile-{uuid.uuid4().hex[:8]}"
+    s = make_settings(redis_url, prefix, max_message_bytes=MAX_BYTES, log_level="ERROR")
+    r = redis.Redis.from_url(redis_url)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        yield s, w, r, c, Keys(prefix)
+    keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def _expected_id(body: bytes | None) -> str | None:
+    """The id an error result would be stored under, if the body carries a usable one."""
+    if body is None or len(body) > MAX_BYTES:
+        return None
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(data, dict) and valid_id(data.get("id")):
+        return data["id"]
+    return None
+
+
+def _dead_entry_ids(r, keys) -> dict[str, DeadLetter]:
+    return {d.entry_id: d for d in (DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead))}
+
+
+def _check_outcome(r, keys, entry_id: str, body: bytes | None, timeout: float = 30) -> str:
+    rid = _expected_id(body)
+
+    def outcome():
+        if rid is not None:
+            raw = r.get(keys.result(rid))
+            if raw is not None:
+                return parse_terminal(raw).type
+        dead = _dead_entry_ids(r, keys)
+        if entry_id in dead:
+            assert dead[entry_id].reason
+            return "dead"
+        return None
+
+    kind = wait_for(outcome, timeout, 0.01, f"outcome of {body!r:.80}")
+    if rid is None:
+        assert kind == "dead"
+    return kind
+
+
+def _xadd(r, keys, body: bytes | None) -> str:
+    fields = {"body": body} if body is not None else {"other": "field"}
+    return r.xadd(keys.requests, fields).decode()
+
+
+def test_hand_written_hostile_messages(hostile_env):
+    s, w, r, c, keys = hostile_env
+    valid = []
+    kinds = {}
+    for i, body in enumerate(HAND_WRITTEN):
+        eid = _xadd(r, keys, body)
+        valid.append(c.submit(f"valid {i}", params={"max_tokens": 2}))
+        kinds[body[:40] if body else body] = _check_outcome(r, keys, eid, body)
+    assert kinds[b"{\"id\": \"h-utf8\", \"prompt\": \"\xc3\xa9\xe4\xb8\xad\xf0\x9f\x98\x80\", \"params\": {\"max_tokens\": 2}}"[:40]] == "done"
+    errs = {rid: c.result(rid) for rid in ("h-oov", "h-long", "h-pbad", "h-nan", "h-unknown", "h-pn")}
+    assert all(isinstance(e, ErrorEvent) for e in errs.values()), errs
+    assert errs["h-long"].error.code == "prompt_too_long"
+    assert errs["h-oov"].error.code == "invalid_request" and "vocabulary" in errs["h-oov"].error.message
+    assert "params.top_p" in errs["h-pbad"].error.message
+    for rid in valid:
+        assert isinstance(c.wait(rid, timeout=60), DoneEvent)
+    assert w.started.is_set() and not w.stopped.is_set()
+
+
+@settings(max_examples=170, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=hostile_bodies)
+def test_generated_hostile_messages(hostile_env, body):
+    s, w, r, c, keys = hostile_env
+    eid = _xadd(r, keys, body)
+    ok = c.submit("between", params={"max_tokens": 1})  # a valid request interleaved with each bad one
+    kind = _check_outcome(r, keys, eid, body)
+    assert kind in ("dead", "error", "done")
+    assert isinstance(c.wait(ok, timeout=60), DoneEvent)
+    assert not w.stopped.is_set()
+
+
+def test_everything_acknowledged_and_worker_healthy(hostile_env):
+    s, w, r, c, keys = hostile_env
+    wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="no pending entries")
+    wait_for(lambda: r.xlen(keys.requests) == 0, 30, what="entries deleted")
+    assert r.xlen(keys.dead) >= 20
+    assert isinstance(c.generate("still serving", params={"max_tokens": 3}, timeout=60), DoneEvent)
+    total = sum(v for k, v in _counter_samples(w, "pagedserve_queue_dead_letters_total").items())
+    assert total >= 20
+
+
+def _counter_samples(w, name):
+    out = {}
+    for fam in w.metrics.registry.collect():
+        for smp in fam.samples:
+            if smp.name == name:
+                out[tuple(sorted(smp.labels.items()))] = smp.value
+    return out
+
+
+def test_max_deliveries_goes_to_dead_letters(redis_url, prefix, shared_engine):
+    # An entry delivered more than max_deliveries times (e.g. a poison pill that crashed workers) is dead.
+    s = make_settings(redis_url, prefix, max_deliveries=2, claim_idle_ms=200)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    r.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+    eid = r.xadd(keys.requests, {"body": json.dumps({"id": "poison", "prompt": "x"})}).decode()
+    for i in range(3):  # three dead consumers took it and vanished
+        r.xclaim(keys.requests, keys.group, f"ghost{i}", 0, [eid]) if i else \
+            r.xreadgroup(keys.group, "ghost0", {keys.requests: ">"}, count=1)
+    with running_worker(s, shared_engine):
+        wait_for(lambda: eid in _dead_entry_ids(r, keys), 30, what="dead letter")
+    d = _dead_entry_ids(r, keys)[eid]
+    assert d.id == "poison" and d.deliveries > 2 and "max_deliveries" in d.reason
+    assert r.get(keys.result("poison")) is None
+    assert r.xpending(keys.requests, keys.group)["pending"] == 0
+    r.close()
+
