@@ -1,0 +1,87 @@
+"""One trace from the producer span to the worker spans; metrics that move; logs with request and trace ids."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import structlog
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from service.client import Client
+from service.protocol import DoneEvent
+from service_fixtures import *  # noqa: F403
+from service_fixtures import make_settings, running_worker, wait_for
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_one_trace_from_producer_to_worker_spans(redis_url, prefix, shared_engine):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine, tracer_provider=provider) as w, \
+            Client(settings=s, tracer_provider=provider) as c, structlog.testing.capture_logs() as logs:
+        done = c.generate("trace me", params={"max_tokens": 4, "temperature": 0}, timeout=60)
+        assert isinstance(done, DoneEvent)
+        wait_for(lambda: any(sp.name == "publish" for sp in exporter.get_finished_spans()), 10, what="publish span")
+    spans = exporter.get_finished_spans()
+    by_name = {sp.name: sp for sp in spans}
+    producer = by_name[f"send {prefix}:requests"]
+    process = by_name[f"process {prefix}:requests"]
+    assert producer.kind == SpanKind.PRODUCER and process.kind == SpanKind.CONSUMER
+    trace_id = producer.context.trace_id
+    for name in ("queue_wait", "prefill", "decode", "publish"):
+        sp = by_name[name]
+        assert sp.context.trace_id == trace_id, name
+        assert sp.parent.span_id == process.context.span_id, name
+    assert process.parent.span_id == producer.context.span_id
+    a = process.attributes
+    assert a["messaging.system"] == "redis" and a["messaging.destination.name"] == f"{prefix}:requests"
+    assert a["messaging.consumer.group.name"] == f"{prefix}-workers"
+    assert a["gen_ai.request.model"] == shared_engine.model_name
+    assert a["gen_ai.usage.input_tokens"] == done.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == 4 and a["gen_ai.request.max_tokens"] == 4
+    assert producer.attributes["messaging.system"] == "redis"
+    # the worker's log line about this request carries the request id and the same trace id
+    fin = [e for e in logs if e.get("event") == "request_finished" and e.get("request_id") == done.id]
+    assert fin and fin[0]["trace_id"] == format(trace_id, "032x")
+
+
+def test_metrics_move(redis_url, prefix, shared_engine):
+    s = make_settings(redis_url, prefix, queue_stats_interval_s=0.1)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        before = _scrape(w.health.port)
+        for i in range(3):
+            c.generate(f"m{i}", params={"max_tokens": 5}, timeout=60)
+        rid = c.submit("bad", params={"top_p": 7})
+        c.wait(rid, timeout=30)
+        w.r.xadd(w.keys.requests, {"body": b"\xff"})
+        wait_for(lambda: _scrape(w.health.port).get('pagedserve_queue_dead_letters_total{reason="body is not valid UTF-8"}', 0) >= 1,
+                 10, what="dead-letter counter")
+        after = _scrape(w.health.port)
+    assert after["pagedserve_generation_tokens_total"] - before.get("pagedserve_generation_tokens_total", 0) >= 15
+    assert after["pagedserve_prompt_tokens_total"] > before.get("pagedserve_prompt_tokens_total", 0)
+    assert after['pagedserve_requests_total{outcome="length"}'] >= 3
+    assert after['pagedserve_requests_total{outcome="error:invalid_request"}'] >= 1
+    assert after["pagedserve_e2e_request_latency_seconds_count"] >= 3
+    assert after["pagedserve_time_to_first_token_seconds_count"] >= 3
+    assert after["pagedserve_inter_token_latency_seconds_count"] >= 3
+    assert after["pagedserve_queue_time_seconds_count"] >= 3
+    assert "pagedserve_kv_cache_usage_ratio" in after and after["pagedserve_kv_cache_blocks"] > 0
+    for name in ("pagedserve_preemptions_total", "pagedserve_swapped_out_blocks_total",
+                 "pagedserve_prefix_cache_hit_tokens_total", "pagedserve_queue_stream_length",
+                 "pagedserve_queue_pending_entries", "pagedserve_queue_reclaims_total",
+                 "pagedserve_queue_redeliveries_total", "pagedserve_requests_running", "pagedserve_requests_waiting"):
+        assert name in after, name
