@@ -1,0 +1,53 @@
+"""Celery round trip: a real Celery worker (subprocess) on a real redis-server, tasks -> pagedserve worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.celery_app import make_celery
+from service.client import Client
+from service.redis_server import LocalRedis
+from service_fixtures import *  # noqa: F403
+from service_fixtures import REPO, make_settings, running_worker, worker_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_engine, tmp_path):
+    with LocalRedis() as url:
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120)
+        log = open(tmp_path / "celery.log", "wb")
+        celery = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "service.celery_app", "worker", "--pool", "threads",
+             "--concurrency", "4", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=REPO, env=worker_env(s), stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            app = make_celery(s)
+            assert app.conf.task_serializer == "json" and app.conf.accept_content == ["json"]
+            with running_worker(s, shared_engine):
+                res = app.send_task("pagedserve.generate", kwargs={"prompt": "celery", "params": {"max_tokens": 5,
+                                    "temperature": 0}, "metadata": {"via": "celery"}, "timeout": 60})
+                done = res.get(timeout=120)
+                assert done["type"] == "done" and len(done["outputs"][0]["token_ids"]) == 5
+                assert done["metadata"] == {"via": "celery"} and done["id"] == f"celery-{res.id}"
+                rid = app.send_task("pagedserve.submit", args=["hello"], kwargs={"params": {"max_tokens": 3}}).get(timeout=60)
+                with Client(settings=s) as c:
+                    assert c.wait(rid, timeout=60).type == "done"
+                err = app.send_task("pagedserve.generate", kwargs={"prompt": "x", "params": {"top_p": 3},
+                                    "timeout": 60}).get(timeout=120)
+                assert err["type"] == "error" and err["error"]["code"] == "invalid_request"
+                # the same explicit id twice: answered from the stored result
+                again = app.send_task("pagedserve.generate", kwargs={"prompt": "other", "id": done["id"],
+                                      "timeout": 60}).get(timeout=120)
+                assert again == done
+        finally:
+            celery.terminate()
+            try:
+                celery.wait(30)
+            except subprocess.TimeoutExpired:
+                celery.kill()
+            log.close()
