@@ -71,6 +71,7 @@ class _Run:
     totals = RunTotals()
     started: float | None = None
     stopped: float | None = None
+    unfinished = 0  # requests cut off by the end of the run (their users were stopped while waiting)
 
 
 def _slo(opts) -> SLO:
@@ -81,7 +82,7 @@ def _slo(opts) -> SLO:
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw) -> None:
     _Run.totals = RunTotals()
-    _Run.started, _Run.stopped = time.time(), None
+    _Run.started, _Run.stopped, _Run.unfinished = time.time(), None, 0
 
 
 @events.report_to_master.add_listener
@@ -110,6 +111,7 @@ def _on_quitting(environment, **_kw) -> None:
     users = getattr(environment.runner, "target_user_count", None) or getattr(opts, "num_users", 0) or 0
     summary = _Run.totals.summary(duration, slo=_slo(opts), arrival_rate=opts.arrival_rate, users=int(users))
     summary["max_tokens"] = opts.max_tokens
+    summary["unfinished"] = _Run.unfinished  # this process only (use --stop-timeout to let them finish)
     lat = summary["latency_ms"]
 
     def fmt(x):
@@ -122,6 +124,8 @@ def _on_quitting(environment, **_kw) -> None:
     for m in ("TTFT", "ITL", "TPOT", "E2E"):
         s = lat[m]
         print(f"  {m:<5} ms  p50 {fmt(s['p50'])}  p90 {fmt(s['p90'])}  p99 {fmt(s['p99'])}  (n={s['count']})")
+    if _Run.unfinished:
+        print(f"  {_Run.unfinished} requests were cut off by the end of the run (not counted; see --stop-timeout)")
     path = opts.summary_file or (f"{opts.csv_prefix}_pagedserve.json" if getattr(opts, "csv_prefix", None) else "")
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +214,9 @@ class PagedServeUser(User):
         except redis.RedisError as e:
             self._fail(timing, "redis", str(e))
             return
+        except BaseException:  # GreenletExit: the run ended (or the user was stopped) mid-request
+            _Run.unfinished += 1
+            raise
         finally:
             try:
                 self.pubsub.unsubscribe(channel)

@@ -8,8 +8,10 @@
     # against a running deployment (PAGEDSERVE_REDIS_URL or --redis-url):
     python -m loadtest.sweep --rates 1,2,4,8,16 --duration 120 --out .bench/sweep/gpu --max-tokens 128
 
-Each point writes Locust's CSVs and a JSON summary under ``<out>_r<rate>_*``; between points the sweep
-waits for the stream to drain so one point's backlog does not leak into the next.
+Each point writes Locust's CSVs and a JSON summary under ``<out>_r<rate>_*``. Arrivals stop after
+``--duration``; the requests then in flight run to completion (or ``--request-timeout-s``) and are counted, so
+the point's duration includes that drain and an overloaded point shows its real throughput. Between points
+the sweep also waits for the stream to drain so one point's backlog does not leak into the next.
 """
 
 from __future__ import annotations
@@ -45,6 +47,29 @@ def _drain(redis_url: str, prefix: str, timeout_s: float = 120.0) -> None:
         r.close()
 
 
+def warmup(redis_url: str, prefix: str, n: int, max_tokens: int, timeout_s: float = 120.0) -> None:
+    """Send ``n`` requests one at a time and wait for their results (first-call compilation, allocator warm-up)."""
+    import json
+    import uuid
+
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(n):
+            rid = f"warmup-{uuid.uuid4().hex}"
+            body = {"id": rid, "prompt": "warm up the engine " * 4, "stream": False,
+                    "params": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}}
+            r.xadd(f"{prefix}:requests", {"body": json.dumps(body)})
+            end = time.monotonic() + timeout_s
+            while r.get(f"{prefix}:result:{rid}") is None:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"warm-up request {rid} got no result in {timeout_s}s")
+                time.sleep(0.1)
+    finally:
+        r.close()
+
+
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -60,6 +85,8 @@ def run_point(rate: float, args, redis_url: str) -> Path:
     cmd = [
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
         "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--csv", prefix, "--only-summary",
+        # arrivals stop at --duration; requests in flight then finish (or time out) and are counted
+        "--stop-timeout", str(int(args.request_timeout_s) + 5),
         "--loglevel", "WARNING", "--redis-url", redis_url, "--key-prefix", args.key_prefix,
         "--arrival-rate", f"{rate}", "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words),
         "--request-timeout-s", str(args.request_timeout_s),
@@ -91,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slo-itl-ms", type=float, default=0.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=0.0)
     ap.add_argument("--slo-e2e-ms", type=float, default=0.0)
+    ap.add_argument("--warmup", type=int, default=4, help="requests sent (unmeasured) before the first point")
     ap.add_argument("--report-dir", default="", help="also run loadtest.report into this directory")
     ap.add_argument("--title", default="")
     args = ap.parse_args(argv)
@@ -106,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         stack = LocalStack(worker_env=env, log_dir=Path(args.out).parent / "logs").__enter__()
         redis_url = stack.redis_url
     try:
+        if args.warmup:
+            warmup(redis_url, args.key_prefix, args.warmup, args.max_tokens)
         for rate in rates:
             run_point(rate, args, redis_url)
     finally:
