@@ -266,7 +266,7 @@ def test_schema_rejects_bad_values():
     with helm.Chart.load(str(CHART)) as chart:
         for bad in ({"gpu": {"enabled": "yes"}}, {"engine": {"preemptionMode": "never"}},
                     {"keda": {"trigger": {"metric": "cpu", "threshold": 1}}}, {"replicaCount": -1},
-                    {"redis": {"url": "http://x"}}, {"unknownKey": 1}):
+                    {"redis": {"url": "http://x"}}, {"unknownKey": 1}, {"prefix": "{chat}"}):
             with pytest.raises(helm.HelmError):
                 chart.validate_schema(bad)
 
