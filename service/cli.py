@@ -61,6 +61,9 @@ def submit(
     """Enqueue one request and print its output as it streams."""
     from .client import Client
     from .protocol import DoneEvent, ErrorEvent, TokenEvent
+    from .telemetry import configure_tracing
+
+    configure_tracing("pagedserve-cli")  # the producer span is exported if an OTLP endpoint is configured
 
     params = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
     if beam_width:

@@ -136,10 +136,13 @@ class GenerateRequest(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------ events
+# Readers ignore fields they do not know: the contract grows by adding fields, never renaming them.
+_EVENT = ConfigDict(extra="ignore")
+
 class TokenEvent(BaseModel):
     """One step's delta of one output sequence (``index``); deltas concatenate to the final text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     type: Literal["token"] = "token"
     id: str
     index: int
@@ -148,7 +151,7 @@ class TokenEvent(BaseModel):
 
 
 class CompletionResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     index: int
     text: str
     token_ids: list[int]
@@ -158,14 +161,14 @@ class CompletionResult(BaseModel):
 
 
 class Usage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
 
 
 class RequestMetrics(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     queued_ms: float | None = None
     ttft_ms: float | None = None
     e2e_ms: float | None = None
@@ -174,7 +177,7 @@ class RequestMetrics(BaseModel):
 class DoneEvent(BaseModel):
     """Terminal event of a request that ran (also for ``cancelled`` and ``deadline`` endings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     type: Literal["done"] = "done"
     id: str
     outputs: list[CompletionResult]
@@ -189,7 +192,7 @@ class DoneEvent(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     code: Literal["invalid_request", "prompt_too_long", "overloaded", "internal"]
     message: str
 
@@ -197,7 +200,7 @@ class ErrorInfo(BaseModel):
 class ErrorEvent(BaseModel):
     """Terminal event of a request that could not run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _EVENT
     type: Literal["error"] = "error"
     id: str
     error: ErrorInfo

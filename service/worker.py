@@ -151,6 +151,7 @@ class Worker:
         self._own_cursor = "0"
         self._last_reclaim = 0.0
         self._last_queue_stats = 0.0
+        self._last_engine_stats = 0.0
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self.stopped = threading.Event()
@@ -663,9 +664,12 @@ class Worker:
                 self._finish(out.request_id, out)
         if gen:
             self.metrics.generation_tokens.inc(gen)
-        self.metrics.requests_running.set(getattr(self.engine, "num_running", 0))
-        self.metrics.requests_waiting.set(getattr(self.engine, "num_waiting", 0))
-        self.metrics.engine.update(self.engine.stats())
+        mono = time.monotonic()
+        if mono - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
+            self._last_engine_stats = mono  # a snapshot 4x a second is plenty for a scrape every few seconds
+            self.metrics.requests_running.set(getattr(self.engine, "num_running", 0))
+            self.metrics.requests_waiting.set(getattr(self.engine, "num_waiting", 0))
+            self.metrics.engine.update(self.engine.stats())
 
     def _finish(self, rid: str, out: Any, finish_reason: str | None = None) -> None:
         f = self.inflight.pop(rid, None)
