@@ -28,8 +28,10 @@ import time
 import uuid
 from pathlib import Path
 
+import gevent
 import redis
 from locust import User, events, task
+from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `locust -f loadtest/locustfile.py` from anywhere
@@ -72,6 +74,7 @@ class _Run:
     started: float | None = None
     stopped: float | None = None
     unfinished = 0  # requests cut off by the end of the run (their users were stopped while waiting)
+    loadavg_start: float | None = None
 
 
 def _slo(opts) -> SLO:
@@ -83,6 +86,7 @@ def _slo(opts) -> SLO:
 def _on_test_start(environment, **_kw) -> None:
     _Run.totals = RunTotals()
     _Run.started, _Run.stopped, _Run.unfinished = time.time(), None, 0
+    _Run.loadavg_start = os.getloadavg()[0]
 
 
 @events.report_to_master.add_listener
@@ -100,6 +104,10 @@ def _on_worker_report(client_id, data, **_kw) -> None:
 @events.test_stop.add_listener
 def _on_test_stop(environment, **_kw) -> None:
     _Run.stopped = time.time()
+    if getattr(environment.parsed_options, "csv_prefix", None) and not isinstance(environment.runner, WorkerRunner):
+        # Locust's CSV writer refreshes every CSV_STATS_INTERVAL_SEC and is not flushed once more at exit:
+        # give it one more turn so requests that finished during --stop-timeout are in *_stats.csv.
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
 @events.quitting.add_listener
@@ -112,6 +120,8 @@ def _on_quitting(environment, **_kw) -> None:
     summary = _Run.totals.summary(duration, slo=_slo(opts), arrival_rate=opts.arrival_rate, users=int(users))
     summary["max_tokens"] = opts.max_tokens
     summary["unfinished"] = _Run.unfinished  # this process only (use --stop-timeout to let them finish)
+    summary["host"] = {"cpus": os.cpu_count(), "loadavg_1m_at_start": _Run.loadavg_start,
+                       "loadavg_1m_at_end": os.getloadavg()[0]}  # a shared machine skews latency: say so
     lat = summary["latency_ms"]
 
     def fmt(x):
@@ -124,6 +134,10 @@ def _on_quitting(environment, **_kw) -> None:
     for m in ("TTFT", "ITL", "TPOT", "E2E"):
         s = lat[m]
         print(f"  {m:<5} ms  p50 {fmt(s['p50'])}  p90 {fmt(s['p90'])}  p99 {fmt(s['p99'])}  (n={s['count']})")
+    srv = summary["server_ms"]
+    print(f"  server-side (worker's done.metrics) ms  queued p50 {fmt(srv['server_queued']['p50'])}  "
+          f"TTFT p50 {fmt(srv['server_ttft']['p50'])} p90 {fmt(srv['server_ttft']['p90'])}  "
+          f"E2E p50 {fmt(srv['server_e2e']['p50'])}")
     if _Run.unfinished:
         print(f"  {_Run.unfinished} requests were cut off by the end of the run (not counted; see --stop-timeout)")
     path = opts.summary_file or (f"{opts.csv_prefix}_pagedserve.json" if getattr(opts, "csv_prefix", None) else "")
@@ -234,6 +248,7 @@ class PagedServeUser(User):
         timing.output_tokens = int(usage.get("completion_tokens") or len(outputs[0].get("token_ids") or [])
                                    or timing.output_tokens)
         _Run.totals.add(timing, self.slo)
+        _Run.totals.add_server(terminal.get("metrics"))
         self._fire("TTFT", timing.ttft_ms)
         for gap in timing.itl_ms:
             self._fire("ITL", gap)

@@ -16,6 +16,9 @@ import math
 from dataclasses import dataclass, field
 
 METRICS = ("TTFT", "ITL", "TPOT", "E2E")
+# What the worker reports in the done event's "metrics" (server side: from the stream entry's time), kept
+# next to the client-side numbers so Redis/client overhead and engine time can be told apart.
+SERVER_METRICS = {"server_queued": "queued_ms", "server_ttft": "ttft_ms", "server_e2e": "e2e_ms"}
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -97,6 +100,13 @@ class RunTotals:
     output_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    server: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in SERVER_METRICS})
+
+    def add_server(self, metrics: dict | None) -> None:
+        for name, key in SERVER_METRICS.items():
+            v = (metrics or {}).get(key)
+            if isinstance(v, (int, float)):
+                self.server[name].append(float(v))
 
     def add(self, t: RequestTiming, slo: SLO) -> None:
         self.requests += 1
@@ -119,6 +129,7 @@ class RunTotals:
             "requests": self.requests, "completed": self.completed, "failed": self.failed, "good": self.good,
             "output_tokens": self.output_tokens, "errors": dict(self.errors),
             "samples": {k: list(v) for k, v in self.samples.items()},
+            "server": {k: list(v) for k, v in self.server.items()},
         }
 
     def merge(self, d: dict) -> None:
@@ -128,6 +139,8 @@ class RunTotals:
             self.errors[code] = self.errors.get(code, 0) + n
         for k, v in d.get("samples", {}).items():
             self.samples.setdefault(k, []).extend(v)
+        for k, v in d.get("server", {}).items():
+            self.server.setdefault(k, []).extend(v)
 
     def summary(self, duration_s: float, *, slo: SLO, arrival_rate: float, users: int) -> dict:
         """The run's summary: throughput, goodput and exact latency percentiles (ms)."""
@@ -151,5 +164,9 @@ class RunTotals:
                 m: {"count": len(v), "mean": (sum(v) / len(v)) if v else None,
                     **{f"p{q}": percentile(v, q) for q in PERCENTILES}}
                 for m, v in self.samples.items()
+            },
+            "server_ms": {
+                m: {"count": len(v), **{f"p{q}": percentile(v, q) for q in (50, 90, 99)}}
+                for m, v in self.server.items()
             },
         }

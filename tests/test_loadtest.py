@@ -54,6 +54,9 @@ def test_slo_and_goodput():
     assert s["output_tokens_per_s"] == pytest.approx(3.0)
     assert s["errors"] == {"overloaded": 1}
     assert s["latency_ms"]["ITL"]["count"] == 4
+    totals.add_server({"queued_ms": 2.0, "ttft_ms": 150.0, "e2e_ms": 400.0})
+    totals.add_server(None)
+    assert totals.summary(1.0, slo=slo, arrival_rate=1, users=1)["server_ms"]["server_ttft"]["p50"] == 150.0
     # distributed mode: totals merge
     other = RunTotals()
     other.merge(totals.to_dict())
@@ -151,3 +154,4 @@ def test_headless_locust_run_against_real_worker(tmp_path):
     assert summary["output_tokens"] == 8 * summary["completed"]  # ignore_eos: exactly max_tokens each
     assert summary["output_tokens_per_s"] > 0 and summary["goodput_rps"] > 0
     assert summary["latency_ms"]["TTFT"]["p50"] > 0
+    assert summary["server_ms"]["server_ttft"]["count"] == summary["completed"]
