@@ -89,11 +89,15 @@ def markdown_table(points: list[dict]) -> str:
     def f(x, nd=0):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    head = ("| offered req/s | done req/s | out tok/s | goodput req/s | TTFT p50/p90/p99 ms | "
-            "ITL p50/p90/p99 ms | TPOT p50/p90 ms | E2E p50/p99 ms | failed |")
-    lines = [head, "|" + "|".join(["---"] * 9) + "|"]
+    cols = ["offered req/s", "done req/s", "out tok/s", "goodput req/s", "TTFT p50/p90/p99 ms",
+            "ITL p50/p90/p99 ms", "TPOT p50/p90 ms", "E2E p50/p99 ms", "server TTFT p50 ms", "failed",
+            "host load"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     for p in points:
         lat = p["latency_ms"]
+        srv = (p.get("server_ms") or {}).get("server_ttft") or {}
+        host = p.get("host") or {}
+        load = host.get("loadavg_1m_at_end")
         lines.append("| " + " | ".join([
             f(p["offered"], 2), f(p.get("throughput_rps"), 2), f(p.get("output_tokens_per_s"), 1),
             f(p.get("goodput_rps"), 2),
@@ -101,7 +105,9 @@ def markdown_table(points: list[dict]) -> str:
             "/".join(f(lat["ITL"][k]) for k in ("p50", "p90", "p99")),
             "/".join(f(lat["TPOT"][k]) for k in ("p50", "p90")),
             "/".join(f(lat["E2E"][k]) for k in ("p50", "p99")),
-            str(p.get("failed", 0)),
+            f(srv.get("p50")),
+            str(p.get("failed", 0) + (p.get("unfinished") or 0)),
+            "-" if load is None else f"{load:.1f}/{host.get('cpus')}",
         ]) + " |")
     return "\n".join(lines) + "\n"
 
