@@ -41,6 +41,7 @@ from .protocol import (
     DeadLetterError,
     DoneEvent,
     ErrorEvent,
+    FINISH_REASONS,
     ErrorInfo,
     GenerateRequest,
     InvalidRequestError,
@@ -212,12 +213,23 @@ class Worker:
             metrics_port=self.health.port if self.health else None,
         )
         self.started.set()
+        failures = 0
         try:
             while True:
                 self.heartbeat = time.monotonic()
                 if self._stop.is_set() and (not self.inflight or time.monotonic() >= (self._stop_deadline or 0)):
                     break
-                self.iterate()
+                try:
+                    self.iterate()
+                    failures = 0
+                except Exception:
+                    # A bug must not take the fleet down on one bad request; a persistent one ends the process
+                    # (non-zero exit: the orchestrator restarts it and redelivery/dead-lettering takes over).
+                    failures += 1
+                    self.log.exception("loop_iteration_failed", consecutive=failures)
+                    if failures >= 50:
+                        raise
+                    time.sleep(min(1.0, 0.01 * failures))
         finally:
             self._shutdown()
 
@@ -689,7 +701,7 @@ class Worker:
                         index=c.index,
                         text=c.text,
                         token_ids=list(c.token_ids),
-                        finish_reason=c.finish_reason or finish_reason or "cancelled",
+                        finish_reason=_reason(c.finish_reason or finish_reason),
                         cumulative_logprob=_finite(c.cumulative_logprob),
                         logprobs=_logprobs(c.logprobs),
                     )
@@ -811,6 +823,11 @@ class Worker:
         if self.health is not None:
             self.health.stop()
         self.stopped.set()
+
+
+def _reason(reason: str | None) -> str:
+    """The contract's finish reasons only; an engine-internal reason (e.g. an abort reason) reads as cancelled."""
+    return reason if reason in FINISH_REASONS else "cancelled"
 
 
 def _finite(x: float | None) -> float | None:
