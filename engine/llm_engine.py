@@ -9,6 +9,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
+from engine.beam_search import BeamState
 from engine.block_manager import BlockManager
 from engine.builtin_model import ensure_builtin_model
 from engine.config import EngineConfig
@@ -107,9 +108,9 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens; max_model_len {self.max_model_len} leaves room for "
                 f"{self.max_model_len - 1} prompt tokens")
-        if params.beam_width > 0:
-            raise ValueError("beam_width: beam search is not supported yet")
         req = Request(request_id, text, token_ids, params, priority, deadline, arrival_time)
+        if params.beam_width > 0:
+            req.beam = BeamState(params.beam_width, params, len(token_ids))
         self._init_seq(req, req.seqs[0])
         self._owner[req.seqs[0].seq_id] = req
         self.requests[request_id] = req
@@ -162,6 +163,19 @@ class LLMEngine:
         if self.track_kv_utilization:
             self._kv_util_sum += self._kv_utilization()
         progressed: dict[str, Request] = {}
+        sample_rows = []
+        for row, seq in enumerate(sample_seqs):
+            req = self._owner[seq.seq_id]
+            if req.beam is None:
+                sample_rows.append(row)
+                continue
+            req.pending_logits[seq.seq_id] = logits[row]
+            if len(req.pending_logits) == len(req.seqs):
+                self._beam_step(req)
+                progressed[req.request_id] = req
+        if len(sample_rows) != len(sample_seqs):
+            sample_seqs = [sample_seqs[r] for r in sample_rows]
+            logits = logits[torch.tensor(sample_rows, dtype=torch.long, device=logits.device)] if sample_rows else logits
         if sample_seqs:
             rows, seqs = self._expand_forks(sample_seqs)
             if len(rows) != len(sample_seqs):
@@ -174,7 +188,7 @@ class LLMEngine:
         now = time.time()
         for req in progressed.values():
             req.metrics.setdefault("first_token_time", now)
-            if all(s.finished for s in req.seqs):
+            if (req.beam.done if req.beam else all(s.finished for s in req.seqs)):
                 outputs.append(self._finish(req))
                 continue
             for seq in req.seqs:
@@ -207,6 +221,33 @@ class LLMEngine:
             seqs.extend(group)
         return rows, seqs
 
+    def _beam_step(self, req: Request) -> None:
+        """Advance a beam request once every live beam has its logits: fork the chosen beams, drop the rest."""
+        beams = req.seqs
+        rows = torch.stack([req.pending_logits.pop(s.seq_id) for s in beams])
+        req.pending_logits.clear()
+        logprobs = torch.log_softmax(rows.float(), dim=-1)
+        first = beams[0]
+        max_len_hit = (first.num_output_tokens + 1 >= req.params.max_tokens
+                       or first.num_tokens + 1 >= self.max_model_len)
+        chosen = req.beam.select(logprobs, [s.output_token_ids for s in beams], self.eos_token_ids, max_len_hit)
+        children = []
+        for i, (parent_index, token, score) in enumerate(chosen):
+            parent = beams[parent_index]
+            child = parent.fork(i)
+            if not self.block_manager.fork(parent, child):
+                continue  # sharing off and no room to copy: the search goes on with fewer beams
+            child.token_ids.append(token)
+            child.cumulative_logprob = score
+            self._owner[child.seq_id] = req
+            children.append(child)
+        for beam in beams:
+            self.block_manager.free(beam)
+            self._owner.pop(beam.seq_id, None)
+        if not children and not req.beam.done:
+            req.beam.done = True
+        req.seqs = children if not req.beam.done else beams
+
     def _append_token(self, req: Request, seq: Sequence, res) -> None:
         p = req.params
         tok = res.token_id
@@ -234,6 +275,8 @@ class LLMEngine:
 
     def _make_output(self, req: Request, final: bool) -> RequestOutput | None:
         p = req.params
+        if req.beam is not None:
+            return self._beam_output(req) if final else None
         hidden = p.best_of is not None and p.best_of > p.n
         if hidden and not final:
             return None  # best_of > n: which samples are returned is known only at the end
@@ -256,6 +299,25 @@ class LLMEngine:
                 delta_token_ids=seq.output_token_ids[emitted:],
             ))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
+                             req.num_cached_tokens, dict(req.metrics))
+
+    def _beam_output(self, req: Request) -> RequestOutput:
+        """The ``n`` best finished hypotheses; a search cut short (cancel, deadline) returns its live beams."""
+        hyps = req.beam.best(req.params.n)
+        reason = req.finish_reason
+        completions = []
+        if reason is None:
+            for rank, h in enumerate(hyps):
+                text = self.tokenizer.decode(h.token_ids, skip_special_tokens=True)
+                completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
+                                                    h.logprob, delta_text=text, delta_token_ids=h.token_ids))
+        else:
+            for rank, seq in enumerate(req.seqs[:req.params.n]):
+                ids = seq.output_token_ids
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
+                                                    delta_text=text, delta_token_ids=ids))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, True,
                              req.num_cached_tokens, dict(req.metrics))
 
     # ------------------------------------------------------------------ stats

@@ -133,6 +133,8 @@ class Scheduler:
             return None
         plan = []
         for seq, left in zip(seqs, remaining):
+            if left == 0:
+                continue  # computed, waiting for its siblings (a beam whose logits are stashed)
             n = min(left, budget)
             if n <= 0:
                 break

@@ -100,6 +100,7 @@ class Request:
         self.finish_reason: str | None = None  # request-level end: "cancelled" / "deadline"
         self.metrics: dict[str, float] = {"arrival_time": self.arrival_time}
         self.beam = None  # BeamState for beam search (engine.beam_search)
+        self.pending_logits: dict[int, object] = {}  # seq_id -> logits row, until every beam has one
 
     @property
     def sort_key(self) -> tuple:

@@ -1,0 +1,100 @@
+"""Beam search inside the engine, with HF transformers' semantics (``_beam_search`` in generation/utils.py).
+
+Each step, the W live beams' next-token log-probs plus their running scores give W x V candidates; the best
+``K = max(2, 1 + #eos) * W`` are kept. Candidates that end (EOS, or the length limit) and rank in the top W are
+offered to the finished set with score ``sum_logprob / generated_len ** length_penalty``; the best W unfinished
+candidates become the next beams. Stopping follows HF's ``early_stopping`` rules (True, False, "never").
+
+Memory: a new beam is a fork of its parent's sequence, so it shares every block of the parent's table (the
+partial last block is copied on write when two children of one parent append); beams that are not chosen
+release their references at once. The finished hypotheses keep only token ids, no blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+NEG = -1.0e9
+
+
+@dataclass
+class Hypothesis:
+    token_ids: list[int]  # generated tokens only
+    score: float  # length-normalised
+    logprob: float  # raw sum of log-probs
+    hit_eos: bool
+
+
+@dataclass
+class BeamState:
+    """Per-request beam bookkeeping. ``scores[i]`` is the running log-prob sum of ``seqs[i]`` of the request."""
+
+    width: int
+    params: SamplingParams
+    prompt_len: int
+    scores: list[float] = field(default_factory=lambda: [0.0])
+    finished: list[Hypothesis] = field(default_factory=list)
+    improvable: bool = True  # HF's is_early_stop_heuristic_unsatisfied
+    done: bool = False
+
+    def _full(self) -> bool:
+        return len(self.finished) >= self.width
+
+    def select(self, logprobs: torch.Tensor, beam_tokens: list[list[int]], eos_ids: set[int],
+               max_len_hit: bool) -> list[tuple[int, int, float]]:
+        """One beam step over ``logprobs`` ``[num_beams, V]`` (raw log-softmax of each live beam, whose generated
+        tokens are ``beam_tokens``). ``max_len_hit``: every candidate of this step reaches the length limit.
+
+        Returns the next beams as ``(parent index, token, running score)``, best first; empty once it is over.
+        """
+        w, vocab = self.width, logprobs.shape[1]
+        scores = torch.tensor(self.scores, dtype=logprobs.dtype, device=logprobs.device)
+        acc = (logprobs + scores[:, None]).flatten()
+        n_eos = 0 if self.params.ignore_eos else len(eos_ids)
+        k = min(max(2, 1 + n_eos) * w, acc.numel())
+        top_vals, top_idx = torch.topk(acc, k)
+        parents = (top_idx // vocab).tolist()
+        tokens = (top_idx % vocab).tolist()
+        vals = top_vals.tolist()
+        stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else eos_ids)
+        hits = [max_len_hit or t in stop_ids for t in tokens]
+        gen_len = len(beam_tokens[0]) + 1
+
+        # Finished candidates among the top W (HF only finalises those), unless the set can no longer change.
+        locked = (self._full() and self.params.early_stopping is True) or not self.improvable
+        if not locked:
+            for rank in range(min(w, k)):
+                if hits[rank]:
+                    self.finished.append(Hypothesis(beam_tokens[parents[rank]] + [tokens[rank]],
+                                                    vals[rank] / gen_len ** self.params.length_penalty,
+                                                    vals[rank], tokens[rank] in stop_ids))
+            self.finished.sort(key=lambda h: h.score, reverse=True)
+            del self.finished[w:]
+
+        running = [(p, t, v) for p, t, v, hit in zip(parents, tokens, vals, hits) if not hit][:w]
+        # HF keeps W running beams even when fewer are valid, at score -1e9; they can never win, so drop them.
+        self.scores = [v for _, _, v in running]
+        self._update_improvable(gen_len)
+        if not running or all(hits) or not self.improvable or (self._full() and self.params.early_stopping is True):
+            self.done = True
+            return []
+        return running
+
+    def _update_improvable(self, gen_len: int) -> None:
+        if not self.improvable or not self.scores or not self._full():
+            return
+        lp = self.params.length_penalty
+        if self.params.early_stopping == "never" and lp > 0.0:
+            best_len = self.params.max_tokens
+        else:
+            best_len = gen_len
+        best_possible = self.scores[0] / best_len**lp
+        worst_finished = min(h.score for h in self.finished)
+        self.improvable = best_possible > worst_finished
+
+    def best(self, n: int) -> list[Hypothesis]:
+        return self.finished[:n]
