@@ -136,9 +136,10 @@ def _register(name: str, target: str) -> None:
     try:
         fn = getattr(importlib.import_module(module), func)
     except Exception as e:  # missing or broken: the rest of the CLI still works
+        why = f"{type(e).__name__}: {e}"
 
         def unavailable() -> None:
-            err.print(f"[red]bench {name} is not available:[/] {type(e).__name__}: {e}")
+            err.print(f"[red]bench {name} is not available:[/] {why}")
             raise typer.Exit(1)
 
         unavailable.__doc__ = f"(unavailable: {target} could not be imported)"

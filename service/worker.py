@@ -19,12 +19,11 @@ The engine knows nothing of Redis; this module knows nothing of KV blocks.
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -35,26 +34,13 @@ from redis.retry import Retry
 
 from .health import HealthServer
 from .metrics import WorkerMetrics
-from .protocol import (
-    CompletionResult,
-    DeadLetter,
-    DeadLetterError,
-    DoneEvent,
-    ErrorEvent,
-    FINISH_REASONS,
-    ErrorInfo,
-    GenerateRequest,
-    InvalidRequestError,
-    Keys,
-    RequestMetrics,
-    TokenEvent,
-    Usage,
-    parse_request,
-)
+from .admission import add_to_engine, prepare
+from .protocol import DeadLetter, DeadLetterError, ErrorEvent, ErrorInfo, GenerateRequest, InvalidRequestError, Keys, parse_request
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
+from .results import done_event, empty_done, token_events
 from .settings import Settings
-from .telemetry import extract_context, get_logger, get_tracer, request_logger, trace_id_of
+from .telemetry import extract_context, get_logger, get_tracer, request_logger
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
@@ -523,9 +509,6 @@ class Worker:
             self._start(entry_id, req, fields, deliveries, bool(cancelled))
 
     def _start(self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, cancelled: bool) -> None:
-        from engine import SamplingParams
-        from engine.errors import PromptTooLongError
-
         now = time.time()
         arrival = min(entry_time(entry_id), now)
         engine = self.engine
@@ -564,62 +547,11 @@ class Worker:
                 span.set_attribute(attr, value)
         log = request_logger(self.log, req.id, span)
         try:
-            try:
-                params = SamplingParams(**p.to_kwargs())
-            except (ValueError, TypeError) as e:
-                raise InvalidRequestError(req.id, "invalid_request", f"params.{e}") from None
-            if params.num_samples > self.settings.max_num_seqs:
-                raise InvalidRequestError(
-                    req.id,
-                    "invalid_request",
-                    f"params: {params.num_samples} sequences exceed max_num_seqs {self.settings.max_num_seqs}",
-                )
-            prompt: str | list[int]
-            if req.messages is not None:
-                tok = engine.tokenizer
-                if not getattr(tok, "chat_template", None):
-                    raise InvalidRequestError(req.id, "invalid_request", "messages: the model has no chat template")
-                try:
-                    prompt = tok.apply_chat_template(
-                        [m.model_dump() for m in req.messages], add_generation_prompt=True, tokenize=False
-                    )
-                except Exception as e:
-                    raise InvalidRequestError(req.id, "invalid_request", f"messages: {str(e)[:300]}") from None
-            elif req.prompt_token_ids is not None:
-                ids = req.prompt_token_ids
-                vocab = engine.vocab_size
-                bad = next((t for t in ids if t >= vocab), None)
-                if bad is not None:
-                    raise InvalidRequestError(
-                        req.id, "invalid_request", f"prompt_token_ids: {bad} is out of vocabulary (size {vocab})"
-                    )
-                if len(ids) + 1 > engine.max_model_len:
-                    raise InvalidRequestError(
-                        req.id,
-                        "prompt_too_long",
-                        f"prompt has {len(ids)} tokens; max_model_len is {engine.max_model_len}",
-                    )
-                prompt = list(ids)
-            else:
-                prompt = req.prompt  # type: ignore[assignment]
-                # Cheap bound before tokenizing: no tokenizer makes fewer than ~1 token per 64 chars... but
-                # many make one per char, so only reject what cannot possibly fit.
-                if len(prompt) > 64 * engine.max_model_len:
-                    raise InvalidRequestError(
-                        req.id, "prompt_too_long", f"prompt has {len(prompt)} characters; max_model_len is {engine.max_model_len}"
-                    )
+            prompt, params = prepare(req, engine, self.settings.max_num_seqs)  # every limit, before any work
             if cancelled:
                 self._finish_synthetic(req, [entry_id], arrival, "cancelled", params, span, log)
                 return
-            deadline = req.deadline_ms / 1000.0 if req.deadline_ms is not None else None
-            try:
-                engine.add_request(
-                    req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival
-                )
-            except PromptTooLongError as e:
-                raise InvalidRequestError(req.id, "prompt_too_long", str(e)) from None
-            except ValueError as e:
-                raise InvalidRequestError(req.id, "invalid_request", str(e)) from None
+            add_to_engine(engine, req, prompt, params, arrival)
         except InvalidRequestError as e:
             self._error(req.id, [entry_id], e.code, e.message, req.metadata, span)
             return
@@ -668,10 +600,8 @@ class Worker:
                     self.metrics.itl.observe(now - f.last_token_at)
                 f.last_token_at = now
             if f.request.stream:
-                for c in out.outputs:
-                    if c.delta_token_ids or c.delta_text:
-                        ev = TokenEvent(id=out.request_id, index=c.index, token_ids=list(c.delta_token_ids), text=c.delta_text)
-                        self.publisher.token(out.request_id, ev.model_dump_json().encode())
+                for ev in token_events(out):
+                    self.publisher.token(out.request_id, ev.model_dump_json().encode())
             if out.finished:
                 self._finish(out.request_id, out)
         if gen:
@@ -687,41 +617,14 @@ class Worker:
         f = self.inflight.pop(rid, None)
         if f is None:
             return
-        now = time.time()
         m = dict(getattr(out, "metrics", None) or {}) if out is not None else {}
         arrival = f.arrival
         first_sched = m.get("first_scheduled_time")
         first_tok = m.get("first_token_time")
-        finished = m.get("finished_time") or now
-        outputs = []
-        if out is not None:
-            for c in out.outputs:
-                outputs.append(
-                    CompletionResult(
-                        index=c.index,
-                        text=c.text,
-                        token_ids=list(c.token_ids),
-                        finish_reason=_reason(c.finish_reason or finish_reason),
-                        cumulative_logprob=_finite(c.cumulative_logprob),
-                        logprobs=_logprobs(c.logprobs),
-                    )
-                )
-        prompt_tokens = len(out.prompt_token_ids) if out is not None else 0
-        completion = sum(len(c.token_ids) for c in outputs)
-        ms = lambda a, b: round((b - a) * 1000, 3) if a is not None and b is not None else None  # noqa: E731
-        ev = DoneEvent(
-            id=rid,
-            outputs=outputs,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion,
-                cached_prompt_tokens=getattr(out, "num_cached_tokens", 0) or 0,
-            ),
-            metrics=RequestMetrics(
-                queued_ms=ms(arrival, first_sched), ttft_ms=ms(arrival, first_tok), e2e_ms=ms(arrival, finished)
-            ),
-            metadata=f.request.metadata,
-        )
+        finished = m.get("finished_time") or time.time()
+        ev = done_event(rid, out, arrival, finished, f.request.metadata, finish_reason)
+        outputs = ev.outputs
+        prompt_tokens, completion = ev.usage.prompt_tokens, ev.usage.completion_tokens
         # metrics
         self.metrics.prompt_tokens.inc(prompt_tokens)
         if first_sched is not None:
@@ -763,15 +666,7 @@ class Worker:
 
     def _finish_synthetic(self, req, entry_ids, arrival, reason, params, span, log) -> None:
         """A request that ends before reaching the engine (cancelled before pick-up)."""
-        ev = DoneEvent(
-            id=req.id,
-            outputs=[
-                CompletionResult(index=i, text="", token_ids=[], finish_reason=reason)
-                for i in range(max(1, params.n))
-            ],
-            metrics=RequestMetrics(e2e_ms=round((time.time() - arrival) * 1000, 3)),
-            metadata=req.metadata,
-        )
+        ev = empty_done(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata)
         self.publisher.terminal(req.id, ev.model_dump_json().encode(), entry_ids)
         self.metrics.requests.labels(outcome=reason).inc()
         log.info("request_finished", finish_reason=reason, before_start=True)
@@ -823,24 +718,6 @@ class Worker:
         if self.health is not None:
             self.health.stop()
         self.stopped.set()
-
-
-def _reason(reason: str | None) -> str:
-    """The contract's finish reasons only; an engine-internal reason (e.g. an abort reason) reads as cancelled."""
-    return reason if reason in FINISH_REASONS else "cancelled"
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
-
-
-def _logprobs(lp: Any) -> list[dict[str, float]] | None:
-    if lp is None:
-        return None
-    out = []
-    for d in lp:
-        out.append({str(k): (v if math.isfinite(v) else -1e30) for k, v in (d or {}).items()})
-    return out
 
 
 def run_worker(settings: Settings | None = None) -> None:

@@ -1,0 +1,78 @@
+"""Engine outputs -> wire events (the engine's ``RequestOutput`` never leaves the worker)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .protocol import FINISH_REASONS, CompletionResult, DoneEvent, RequestMetrics, TokenEvent, Usage
+
+
+def finish_reason(reason: str | None) -> str:
+    """The contract's finish reasons only; an engine-internal reason (e.g. an abort reason) reads as cancelled."""
+    return reason if reason in FINISH_REASONS else "cancelled"
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def _logprobs(lp: Any) -> list[dict[str, float]] | None:
+    if lp is None:
+        return None
+    # JSON has no -inf: a token with probability 0 reads as -1e30
+    return [{str(k): (v if math.isfinite(v) else -1e30) for k, v in (d or {}).items()} for d in lp]
+
+
+def token_events(out: Any) -> list[TokenEvent]:
+    """This step's deltas of every output sequence (deltas never split a UTF-8 character: engine invariant)."""
+    return [
+        TokenEvent(id=out.request_id, index=c.index, token_ids=list(c.delta_token_ids), text=c.delta_text)
+        for c in out.outputs
+        if c.delta_token_ids or c.delta_text
+    ]
+
+
+def _ms(a: float | None, b: float | None) -> float | None:
+    return round((b - a) * 1000, 3) if a is not None and b is not None else None
+
+
+def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: dict, reason: str | None = None) -> DoneEvent:
+    """The terminal ``done`` event of a request; latencies are measured from the entry's enqueue time."""
+    m = dict(getattr(out, "metrics", None) or {}) if out is not None else {}
+    outputs = [
+        CompletionResult(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            finish_reason=finish_reason(c.finish_reason or reason),
+            cumulative_logprob=_finite(c.cumulative_logprob),
+            logprobs=_logprobs(c.logprobs),
+        )
+        for c in (out.outputs if out is not None else [])
+    ]
+    return DoneEvent(
+        id=rid,
+        outputs=outputs,
+        usage=Usage(
+            prompt_tokens=len(out.prompt_token_ids) if out is not None else 0,
+            completion_tokens=sum(len(c.token_ids) for c in outputs),
+            cached_prompt_tokens=getattr(out, "num_cached_tokens", 0) or 0,
+        ),
+        metrics=RequestMetrics(
+            queued_ms=_ms(arrival, m.get("first_scheduled_time")),
+            ttft_ms=_ms(arrival, m.get("first_token_time")),
+            e2e_ms=_ms(arrival, m.get("finished_time") or finished),
+        ),
+        metadata=metadata,
+    )
+
+
+def empty_done(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict) -> DoneEvent:
+    """A request that ended before reaching the engine (cancelled before pick-up)."""
+    return DoneEvent(
+        id=rid,
+        outputs=[CompletionResult(index=i, text="", token_ids=[], finish_reason=reason) for i in range(max(1, n))],
+        metrics=RequestMetrics(e2e_ms=round(e2e_ms, 3)),
+        metadata=metadata,
+    )
