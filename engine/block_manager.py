@@ -169,6 +169,8 @@ class BlockManager:
         total = self._blocks_for(seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens)
         fresh = max(0, total - len(seq.block_table) - len(cached))
         revived = sum(1 for b in cached if b.ref_count == 0)  # hits sitting in the free list
+        if seq.private_copy_pending:
+            return fresh + revived + sum(1 for b in seq.block_table if self.gpu.blocks[b].ref_count > 1)
         return fresh + revived + int(self._needs_cow(seq))
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[Block] = ()) -> bool:
@@ -183,6 +185,16 @@ class BlockManager:
             seq.num_computed_tokens = num_hit
             seq.block_hashes = [b.hash for b in cached]
             self.prefix_hit_tokens += num_hit
+        if seq.private_copy_pending:
+            for i, block_id in enumerate(seq.block_table):
+                old = self.gpu.blocks[block_id]
+                if old.ref_count > 1:
+                    new = self.gpu.allocate()
+                    self.copies.append((old.block_id, new.block_id))
+                    self.gpu.release(old)
+                    seq.block_table[i] = new.block_id
+            seq.private_copy_pending = False
+            seq.block_hashes = []
         if self._needs_cow(seq):
             last = seq.num_computed_tokens // self.block_size
             old = self.gpu.blocks[seq.block_table[last]]
@@ -197,23 +209,35 @@ class BlockManager:
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> bool:
-        """Give ``child`` the parent's blocks: shared by reference (copy-on-write later), or copied outright
-        when sharing is off. Returns False (changing nothing) if copies are needed and blocks are short."""
-        if self.share_blocks:
-            for block_id in parent.block_table:
-                self.gpu.acquire(self.gpu.blocks[block_id])
-            child.block_table = list(parent.block_table)
-            return True
-        if len(parent.block_table) > self.gpu.num_free:
-            return False
-        child.block_table = []
+        """Give ``child`` the parent's blocks by reference; the shared partial last block is copied on write.
+
+        With sharing off (the baseline the sharing benchmark compares against), the child is marked to copy
+        every block it still shares at its next ``allocate``, which the scheduler accounts for like any other
+        allocation, so memory pressure preempts instead of failing here. Always succeeds.
+        """
         for block_id in parent.block_table:
-            new = self.gpu.allocate()
-            self.copies.append((block_id, new.block_id))
-            child.block_table.append(new.block_id)
-        child.block_hashes = []
-        self._note_peak()
+            self.gpu.acquire(self.gpu.blocks[block_id])
+        child.block_table = list(parent.block_table)
+        child.private_copy_pending = not self.share_blocks
         return True
+
+    def share_prefix(self, seq: Sequence, sibling: Sequence) -> int:
+        """Point an empty ``seq`` at the full blocks it has in common with a computed ``sibling`` (the fork it
+        was before a recompute preemption), so a recomputed group shares its prompt again. Returns the tokens
+        now covered; the last token of ``seq`` is always left to compute."""
+        if seq.block_table or seq.num_computed_tokens:
+            return 0
+        limit = min(seq.num_tokens - 1, sibling.num_computed_tokens)
+        common = 0
+        while common < limit and seq.token_ids[common] == sibling.token_ids[common]:
+            common += 1
+        num_blocks = min(common // self.block_size, len(sibling.block_table))
+        for block_id in sibling.block_table[:num_blocks]:
+            self.gpu.acquire(self.gpu.blocks[block_id])
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = num_blocks * self.block_size
+        seq.block_hashes = list(sibling.block_hashes[:num_blocks])
+        return seq.num_computed_tokens
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references, tail first, so a shared prefix is the last thing evicted."""

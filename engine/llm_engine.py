@@ -65,6 +65,7 @@ class LLMEngine:
         self.num_steps = 0
         self.track_kv_utilization = False  # benchmarks turn it on; costs O(blocks) per step
         self._kv_util_sum = 0.0
+        self._used_blocks_sum = 0
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -162,6 +163,7 @@ class LLMEngine:
                 self.block_manager.register_full_blocks(seq)
         if self.track_kv_utilization:
             self._kv_util_sum += self._kv_utilization()
+            self._used_blocks_sum += self.block_manager.num_used_gpu_blocks
         progressed: dict[str, Request] = {}
         sample_rows = []
         for row, seq in enumerate(sample_seqs):
@@ -211,8 +213,7 @@ class LLMEngine:
             if not req.forked:
                 for i in range(1, req.params.num_samples):
                     child = seq.fork(i)
-                    if not self.block_manager.fork(seq, child):
-                        break  # sharing off and no room to copy: this request runs fewer samples
+                    self.block_manager.fork(seq, child)
                     self._init_seq(req, child)
                     req.seqs.append(child)
                     self._owner[child.seq_id] = req
@@ -235,8 +236,7 @@ class LLMEngine:
         for i, (parent_index, token, score) in enumerate(chosen):
             parent = beams[parent_index]
             child = parent.fork(i)
-            if not self.block_manager.fork(parent, child):
-                continue  # sharing off and no room to copy: the search goes on with fewer beams
+            self.block_manager.fork(parent, child)
             child.token_ids.append(token)
             child.cumulative_logprob = score
             self._owner[child.seq_id] = req
@@ -353,4 +353,5 @@ class LLMEngine:
             "block_size": bm.block_size,
             "kv_cache_usage": bm.num_used_gpu_blocks / bm.gpu.num_blocks,
             "mean_kv_utilization": (self._kv_util_sum / self.num_steps) if self.num_steps else 0.0,
+            "mean_used_gpu_blocks": (self._used_blocks_sum / self.num_steps) if self.num_steps else 0.0,
         }

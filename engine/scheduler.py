@@ -124,10 +124,25 @@ class Scheduler:
         return self.cost.prefer_swap(sum(s.num_computed_tokens for s in seqs), blocks)
 
     # ------------------------------------------------------------------ planning
-    @staticmethod
-    def _plan(req: Request, budget: int) -> list[tuple[Sequence, int]] | None:
-        """Tokens to run per live sequence within ``budget``. Forked sequences step together or not at all."""
+    def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]] | None:
+        """Tokens to run per live sequence within ``budget``. Forked sequences step together or not at all.
+
+        After a recompute preemption, a group's sequences all start empty: the first is prefilled alone, and the
+        others then re-share their common prefix with it (``share_prefix``) instead of prefilling privately.
+        """
         seqs = req.unfinished_seqs()
+        if len(seqs) > 1:
+            computed = [s for s in seqs if s.num_computed_tokens > 0]
+            if not computed:
+                seqs = seqs[:1]
+            else:
+                best = max(computed, key=lambda s: s.num_computed_tokens)
+                if best.num_computed_tokens < best.num_prompt_tokens:
+                    seqs = [best]  # the shared prompt is still being (re)computed
+                else:
+                    for seq in seqs:
+                        if seq.num_computed_tokens == 0:
+                            self.bm.share_prefix(seq, best)
         remaining = [s.num_tokens - s.num_computed_tokens for s in seqs]
         if len(seqs) > 1 and sum(remaining) > budget and all(r == 1 for r in remaining):
             return None
@@ -203,7 +218,8 @@ class Scheduler:
                     break
                 plan, hits = [], []
                 left = budget
-                for seq in req.unfinished_seqs():
+                pending = req.unfinished_seqs()
+                for seq in pending[:1] if len(pending) > 1 else pending:  # see _plan: siblings re-share later
                     cached = self.bm.find_cached_prefix(seq)
                     start = seq.num_computed_tokens + len(cached) * self.bm.block_size
                     n = min(seq.num_tokens - start, left)

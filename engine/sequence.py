@@ -40,6 +40,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
         self.finish_reason: str | None = None
+        self.private_copy_pending = False  # forked with sharing off: copy shared blocks at the next allocate
         self.generator: torch.Generator | None = None
         self.detok: IncrementalDetokenizer | None = None
 

@@ -56,9 +56,9 @@ def test_random_operations_keep_invariants(ops, num_gpu, num_cpu, caching, share
         elif op == "fork" and gpu_idx:
             parent = seqs[gpu_idx[pick % len(gpu_idx)]]
             child = parent.fork(1)
-            if bm.fork(parent, child):
-                seqs.append(child)
-                where.append("gpu")
+            assert bm.fork(parent, child)
+            seqs.append(child)
+            where.append("gpu")
         elif op == "free" and seqs:
             i = pick % len(seqs)
             (bm.free if where[i] == "gpu" else bm.free_cpu)(seqs[i])
