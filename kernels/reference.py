@@ -18,6 +18,7 @@ Layouts (shared by every implementation in this package):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv(
@@ -49,20 +50,21 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> t
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int) -> torch.Tensor:
-    """Causal attention of ``q`` ``[Tq, Hq, D]`` (positions ``q_offset..``) over ``k``/``v`` ``[L, Hkv, D]``."""
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    group = num_q_heads // num_kv_heads
-    qh = q.transpose(0, 1).float()  # [Hq, Tq, D]
-    kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)  # [Hq, L, D]
-    vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
-    scores = torch.matmul(qh, kh.transpose(1, 2)) * scale  # [Hq, Tq, L]
+    """Causal attention of ``q`` ``[Tq, Hq, D]`` (positions ``q_offset..``) over ``k``/``v`` ``[L, Hkv, D]``.
+
+    Computed in fp32 by torch's SDPA (GQA without materialising repeated K/V), with a bottom-right causal mask.
+    """
     tq, length = q.shape[0], k.shape[0]
-    if tq > 1 or q_offset + tq != length:
+    mask = None
+    if tq > 1:
         q_pos = torch.arange(tq, device=q.device) + q_offset
-        k_pos = torch.arange(length, device=q.device)
-        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vh).transpose(0, 1).to(q.dtype)  # [Tq, Hq, D]
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+    elif q_offset + 1 != length:
+        mask = torch.arange(length, device=q.device)[None, :] <= q_offset
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1).to(q.dtype)  # [Tq, Hq, D]
 
 
 def paged_attention(
@@ -104,7 +106,20 @@ def paged_decode_attention(
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    max_len = int(seq_lens.max())
+    lens = seq_lens.tolist()
+    max_len = max(lens)
+    if max_len * num_seqs > 2 * sum(lens) + 64 * num_seqs:
+        # Lengths are spread out: padding every sequence to the longest would move several times the K/V
+        # that exists, so attend sequence by sequence over exactly its own context instead.
+        out = torch.empty_like(q)
+        for i, length in enumerate(lens):
+            if length == 0:
+                out[i] = float("nan")
+                continue
+            k = _gather_kv(k_cache, block_tables[i], length)
+            v = _gather_kv(v_cache, block_tables[i], length)
+            out[i:i + 1] = _attend(q[i:i + 1], k, v, scale, length - 1)
+        return out
     max_blocks = (max_len + block_size - 1) // block_size
     table = block_tables[:, :max_blocks].long()
     # Entries past a sequence's own blocks may hold any value (even out of range): point them at block 0.
