@@ -111,6 +111,7 @@ def test_gpu_worker_pod(rendered):
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
 
 def test_probes(rendered):
