@@ -35,7 +35,7 @@ from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `locust -f loadtest/locustfile.py` from anywhere
-from loadtest.metrics import SLO, RequestTiming, RunTotals  # noqa: E402
+from loadtest.metrics import SLO, PoissonPacer, RequestTiming, RunTotals  # noqa: E402
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while paged attention keeps every block of the "
           "cache busy and the scheduler batches many requests").split()
@@ -161,7 +161,7 @@ class PagedServeUser(User):
         self.prompts = None
         if opts.prompts_file:
             self.prompts = [ln.strip() for ln in Path(opts.prompts_file).read_text().splitlines() if ln.strip()]
-        self._next_start: float | None = None
+        self.pacer = PoissonPacer()
 
     def on_stop(self) -> None:
         try:
@@ -180,12 +180,7 @@ class PagedServeUser(User):
         if rate <= 0:
             return 0.0
         users = getattr(self.environment.runner, "target_user_count", 0) or self.opts.num_users or 1
-        per_user = rate / max(1, users)
-        now = time.monotonic()
-        if self._next_start is None or self._next_start < now - 1.0 / per_user:
-            self._next_start = now  # first request, or too far behind to catch up without a burst
-        self._next_start += random.expovariate(per_user)
-        return max(0.0, self._next_start - now)
+        return self.pacer.wait(rate / max(1, users), time.monotonic())
 
     # ---------------------------------------------------------------- the request
     def _prompt(self) -> str:

@@ -13,6 +13,7 @@ Definitions (the same as vLLM's serving benchmark):
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 METRICS = ("TTFT", "ITL", "TPOT", "E2E")
@@ -32,6 +33,25 @@ def percentile(values: list[float], q: float) -> float | None:
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+
+
+class PoissonPacer:
+    """Exponential gaps between request *starts* (pacing, not think time): with U users each paced at R/U,
+    the merged arrivals are a Poisson process of rate R as long as no user falls behind (U > R x E2E).
+    A user further behind than one mean gap restarts its schedule from now instead of bursting."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+        self.next_start: float | None = None
+
+    def wait(self, rate: float, now: float) -> float:
+        """Seconds to wait before the next request start, for a per-user ``rate`` in requests/s."""
+        if rate <= 0:
+            return 0.0
+        if self.next_start is None or self.next_start < now - 1.0 / rate:
+            self.next_start = now
+        self.next_start += self.rng.expovariate(rate)
+        return max(0.0, self.next_start - now)
 
 
 @dataclass

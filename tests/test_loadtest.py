@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.metrics import SLO, RequestTiming, RunTotals, percentile
+from loadtest.metrics import SLO, PoissonPacer, RequestTiming, RunTotals, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,25 @@ def test_percentile_matches_linear_interpolation():
     assert percentile(xs, 50) == pytest.approx(50.5)
     assert percentile(xs, 90) == pytest.approx(90.1)
     assert percentile(xs, 100) == 100
+
+
+def test_poisson_pacing():
+    import random
+
+    pacer = PoissonPacer(random.Random(1))
+    now, starts = 0.0, []
+    for _ in range(4000):  # a user whose requests take no time: starts follow the schedule exactly
+        now += pacer.wait(2.0, now)
+        starts.append(now)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    mean = sum(gaps) / len(gaps)
+    assert mean == pytest.approx(0.5, rel=0.05)
+    var = sum((g - mean) ** 2 for g in gaps) / len(gaps)
+    assert var ** 0.5 == pytest.approx(mean, rel=0.1)  # exponential: std == mean
+    # far behind schedule (a slow request): restart from now rather than burst to catch up
+    late = starts[-1] + 100.0
+    assert pacer.wait(2.0, late) < 10.0 and pacer.next_start >= late
+    assert PoissonPacer().wait(0.0, 5.0) == 0.0  # closed loop
 
 
 def test_request_timing_definitions():
