@@ -20,9 +20,15 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
-BENCH_MODEL = dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
-BENCH_VOCAB = 4096
+BENCH_MODELS = {
+    # ~26M: the CPU benchmark of the engine issue.
+    "26m": (dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False), 4096),
+    # ~1.1B (TinyLlama's shape): the GPU end-to-end benchmark of the kernels issue.
+    "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False), 32000),
+}
+BENCH_MODEL, BENCH_VOCAB = BENCH_MODELS["26m"]
 MAX_PROMPT, MAX_OUTPUT = 512, 256
 
 
@@ -49,13 +55,14 @@ def make_workload(num_requests: int = 48, seed: int = 0, vocab_size: int = BENCH
     return Workload(prompts, out_lens.tolist())
 
 
-def bench_model_dir(root: Path) -> str:
-    """The ~26M-parameter random Llama of the issue (hidden 512, 8 layers, 8 heads, 4 KV heads, vocab 4096)."""
+def bench_model_dir(root: Path, size: str = "26m") -> str:
+    """A random Llama of ``size`` (``BENCH_MODELS``), written once under ``root``."""
     from engine.builtin_model import write_llama
 
-    path = root / "bench-llama-26m"
+    cfg, vocab = BENCH_MODELS[size]
+    path = root / f"bench-llama-{size}"
     if not (path / "config.json").is_file():
-        write_llama(path, seed=0, vocab_size=BENCH_VOCAB, **BENCH_MODEL)
+        write_llama(path, seed=0, vocab_size=vocab, **cfg)
     return str(path)
 
 
@@ -91,10 +98,10 @@ def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
 
 
 # ---------------------------------------------------------------------- contenders
-def run_engine(model_dir: str, w: Workload, device: str, **kwargs) -> dict:
+def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
     from engine import LLM
 
-    llm = LLM(model=model_dir, device=device, **kwargs)
+    llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
     eng = llm.engine
     eng.track_kv_utilization = True
@@ -114,11 +121,12 @@ def run_engine(model_dir: str, w: Workload, device: str, **kwargs) -> dict:
             "num_steps": stats["num_steps"], "num_gpu_blocks": stats["num_gpu_blocks"]}
 
 
-def run_hf_static(model_dir: str, w: Workload, device: str, batch_size: int) -> dict:
+def run_hf_static(model_dir: str, w: Workload, device: str, batch_size: int, dtype: str = "float32") -> dict:
     """HF ``generate`` in arrival-order batches, left-padded, each batch run to its longest output."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     model.generate(torch.tensor([[1, 2, 3]], device=device), max_new_tokens=2, do_sample=False, pad_token_id=0)
     start = time.perf_counter()
     for i in range(0, len(w.prompts), batch_size):
@@ -132,12 +140,12 @@ def run_hf_static(model_dir: str, w: Workload, device: str, batch_size: int) -> 
     return {"wall_s": time.perf_counter() - start, "output_tokens": w.num_output_tokens, "batch_size": batch_size}
 
 
-def run_hf_continuous(model_dir: str, w: Workload, device: str) -> dict:
+def run_hf_continuous(model_dir: str, w: Workload, device: str, dtype: str = "float32") -> dict:
     """HF transformers' own paged continuous batching (``generate_batch``'s manager, per-request lengths)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="paged|sdpa").to(device).eval()
+        model_dir, dtype=getattr(torch, dtype), attn_implementation="paged|sdpa").to(device).eval()
     config = transformers.GenerationConfig(max_new_tokens=MAX_OUTPUT, do_sample=False, eos_token_id=-1,
                                            pad_token_id=0)
     produced = 0
@@ -157,11 +165,11 @@ def run_hf_continuous(model_dir: str, w: Workload, device: str) -> dict:
     return {"wall_s": wall, "output_tokens": produced}
 
 
-def profile_engine(model_dir: str, w: Workload, device: str, top: int = 12) -> list[tuple[str, float]]:
+def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32") -> list[tuple[str, float]]:
     """Where an engine run spends its time (cProfile cumulative seconds of the main stages)."""
     from engine import LLM
 
-    llm = LLM(model=model_dir, device=device)
+    llm = LLM(model=model_dir, device=device, dtype=dtype)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
     prof = cProfile.Profile()
     prof.enable()
@@ -196,6 +204,8 @@ def offline_command(
     num_requests: int = 48,
     seed: int = 0,
     device: str = "cpu",
+    size: str = "26m",
+    dtype: str = "",
     hf_batch_size: int = 16,
     kv_budget_tokens: int = 6144,
     skip_hf_continuous: bool = False,
@@ -209,34 +219,39 @@ def offline_command(
 
     console = Console()
     dev = torch.device(device)
-    torch.set_num_threads(torch.get_num_threads())
-    w = make_workload(num_requests, seed)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda needs a CUDA GPU; none is visible[/red]")
+        raise SystemExit(1)
+    dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    model_cfg, vocab = BENCH_MODELS[size]
+    w = make_workload(num_requests, seed, vocab_size=vocab)
     cache_root = Path(tempfile.gettempdir()) / "pagedserve-bench"
     cache_root.mkdir(exist_ok=True)
     results: dict = {"device": device, "num_requests": num_requests, "seed": seed,
                      "prompt_tokens": sum(map(len, w.prompts)), "output_tokens": w.num_output_tokens,
-                     "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
+                     "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
+                     "dtype": dtype}
     with Progress(console=console) as progress:
         task = progress.add_task("benchmark", total=6)
-        model_dir = bench_model_dir(cache_root)
+        model_dir = bench_model_dir(cache_root, size)
         progress.advance(task)
-        flops_rate = matmul_flops_per_s(dev)
-        floor_s = workload_flops(w, BENCH_MODEL, BENCH_VOCAB) / flops_rate
+        flops_rate = matmul_flops_per_s(dev, getattr(torch, dtype))
+        floor_s = workload_flops(w, model_cfg, vocab) / flops_rate
         results.update(matmul_flops_per_s=flops_rate, compute_floor_s=floor_s)
         progress.advance(task)
-        results["pagedserve"] = run_engine(model_dir, w, device)
+        results["pagedserve"] = run_engine(model_dir, w, device, dtype)
         progress.advance(task)
-        results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size)
+        results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size, dtype)
         progress.advance(task)
         if not skip_hf_continuous:
             try:
-                results["hf_continuous"] = run_hf_continuous(model_dir, w, device)
+                results["hf_continuous"] = run_hf_continuous(model_dir, w, device, dtype)
             except Exception as exc:  # a baseline failing must not hide our numbers; say why in the report
                 results["hf_continuous"] = {"error": f"{type(exc).__name__}: {exc}"}
         progress.advance(task)
         # Concurrency at a fixed KV budget vs reserving max-length contiguous space per sequence.
         reserve = MAX_PROMPT + MAX_OUTPUT
-        budget_run = run_engine(model_dir, w, device, num_gpu_blocks=kv_budget_tokens // 16, block_size=16)
+        budget_run = run_engine(model_dir, w, device, dtype, num_gpu_blocks=kv_budget_tokens // 16, block_size=16)
         results["concurrency"] = {
             "kv_budget_tokens": kv_budget_tokens, "contiguous_reservation_tokens": reserve,
             "contiguous_max_seqs": kv_budget_tokens // reserve,
@@ -246,7 +261,7 @@ def offline_command(
         }
         progress.advance(task)
         if profile:
-            results["profile_s"] = profile_engine(model_dir, w, device)
+            results["profile_s"] = profile_engine(model_dir, w, device, dtype)
 
     table = Table(title=f"bench offline: {num_requests} requests, {w.num_output_tokens} output tokens, {device}")
     for col in ("contender", "wall s", "output tok/s", "x HF static", "x compute floor"):
@@ -354,7 +369,9 @@ def sharing_command(
             private = run_sharing(model_dir, w, params, False, device)
             assert shared["outputs"] == private["outputs"], "sharing changed results"
             # Throughput: the same KV budget for both, a fraction of what the private run needed at its peak.
-            budget = max(64, int(private["peak_blocks"] * budget_fraction))
+            # Never below what the largest single request needs unshared, or it could not run at all.
+            largest = max(width * -(-(len(p) + m) // 16) for p, m in zip(w.prompts, w.max_tokens))
+            budget = max(largest + width, int(private["peak_blocks"] * budget_fraction))
             shared_b = run_sharing(model_dir, w, params, True, device, num_gpu_blocks=budget)
             private_b = run_sharing(model_dir, w, params, False, device, num_gpu_blocks=budget)
             rows.append({
