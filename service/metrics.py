@@ -67,6 +67,12 @@ class WorkerMetrics:
         self.ttft = Histogram(
             "pagedserve_time_to_first_token_seconds", "Enqueue to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.pickup = Histogram(
+            "pagedserve_pickup_delay_seconds",
+            "Stream entry enqueued -> request added to the engine (the queue hop the service adds)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         self.itl = Histogram(
             "pagedserve_inter_token_latency_seconds", "Time between token events", buckets=_ITL_BUCKETS, registry=r
         )
@@ -89,6 +95,11 @@ class WorkerMetrics:
         self.dead_letters = Counter("pagedserve_queue_dead_letters", "Entries sent to the dead-letter stream", ["reason"], registry=r)
         self.redis_errors = Counter("pagedserve_redis_errors", "Redis operations that failed (connection lost)", registry=r)
         self.redis_ops = Counter("pagedserve_redis_commands", "Redis commands sent by the worker", registry=r)
+        self.step_seconds = Counter("pagedserve_engine_step_seconds", "Time spent in engine.step()", registry=r)
+        self.busy_seconds = Counter(
+            "pagedserve_loop_busy_seconds", "Loop time while the engine had work (1 - step/busy = service overhead)",
+            registry=r,
+        )
         self.leases_lost = Counter("pagedserve_queue_leases_lost", "Own entries found claimed by another worker", registry=r)
 
     def scrape(self) -> bytes:

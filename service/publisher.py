@@ -1,13 +1,16 @@
 """Ordered, buffered writes of the worker: token events, terminal results, acknowledgements, dead letters.
 
-Everything one loop iteration produces is sent in ONE ``MULTI``/``EXEC`` pipeline, so a batch is applied
-entirely or not at all (a token event is never published twice by a retry).
+Everything one loop iteration produces is sent in ONE pipeline (one round trip). Every command in it is
+idempotent except token events: if the connection breaks during a flush, the batch's token events are dropped
+(never published twice; pub/sub is at-most-once anyway and the terminal event carries the full text) and the
+rest is sent again when Redis is back. No MULTI/EXEC: it would cost two commands per step for nothing.
 
 Invariants:
 - a terminal event is stored under ``result:{id}`` (first writer wins: ``SET NX``) and published in the same
   pipeline, BEFORE the ``XACK``/``XDEL`` of its stream entries, which come later in the same ordered batch;
-- when Redis is unreachable nothing is lost: the buffer is kept and flushed when Redis is back (token
-  events beyond ``max_buffered`` are dropped oldest first; terminal results, acks and dead letters never are).
+- when Redis is unreachable nothing that matters is lost: the buffer is kept and flushed when Redis is back
+  (token events beyond ``max_buffered`` are dropped oldest first, and those of a flush that broke off;
+  terminal results, acks and dead letters never are).
 """
 
 from __future__ import annotations
@@ -87,13 +90,20 @@ class Publisher:
         sent = 0
         while self._ops:
             batch = self._ops[: self.chunk]
-            pipe = r.pipeline(transaction=True)
+            pipe = r.pipeline(transaction=False)
             n = 0
             for op in batch:
                 n += self._add(pipe, op)
-            pipe.execute(raise_on_error=False)  # ConnectionError propagates; buffer untouched
+            try:
+                pipe.execute(raise_on_error=False)
+            except Exception:
+                # Unknown how much was applied: keep what is safe to repeat, drop this batch's token events.
+                kept = [op for op in batch if op.kind != "token"]
+                self.tokens_dropped += len(batch) - len(kept)
+                self._ops[: len(batch)] = kept
+                raise
             del self._ops[: len(batch)]
-            sent += n + 2  # MULTI/EXEC
+            sent += n
             for op in batch:
                 if op.kind == "ack" and self.on_acked is not None:
                     self.on_acked(op.args)

@@ -9,7 +9,7 @@ One iteration:
 
 Invariants (see the contract §2 "Guarantees"):
 - a terminal result is stored under its result key before its stream entry is acknowledged and deleted
-  (publisher.py orders them in one MULTI/EXEC);
+  (publisher.py sends them in this order in one pipeline);
 - a request id runs at most once at a time in a worker (``inflight``); a second entry with the same id is
   acknowledged together with the first when it finishes;
 - the worker keeps generating when Redis is away, and flushes when it is back;
@@ -46,8 +46,8 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSErr
 
 
 def redis_client(url: str, *, decode: bool = False, timeout: float = 5.0) -> redis.Redis:
-    """A client that fails fast: the loop does its own backoff, and a silent retry of a MULTI/EXEC whose reply
-    was lost could publish a batch twice."""
+    """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
+    was lost could publish a batch's token events twice."""
     return redis.Redis.from_url(
         url,
         decode_responses=decode,
@@ -221,6 +221,7 @@ class Worker:
 
     def iterate(self) -> None:
         """One loop iteration (public for tests that drive the loop by hand)."""
+        started = time.perf_counter()
         busy = self.engine.has_unfinished_requests()
         if self._redis_usable():
             try:
@@ -237,12 +238,17 @@ class Worker:
         elif not busy:
             time.sleep(max(0.0, min(0.05, self.backoff.next_try - time.monotonic())))
         if self.engine.has_unfinished_requests():
+            busy = True
+            t = time.perf_counter()
             self._step()
+            self.metrics.step_seconds.inc(time.perf_counter() - t)
         if self.publisher.pending() and self._redis_usable():
             try:
                 self.metrics.redis_ops.inc(self.publisher.flush(self.r))
             except _REDIS_DOWN as e:
                 self._redis_failed(e)
+        if busy:
+            self.metrics.busy_seconds.inc(time.perf_counter() - started)
 
     # ------------------------------------------------------------------------------------------ redis phase
     def _redis_usable(self) -> bool:
@@ -386,16 +392,25 @@ class Worker:
         self._admit([(eid, fields or {}, n) for eid, (_, fields), n in zip(ids, entries, counts)], redelivered=True)
 
     def _read_new(self, room: int, block: bool) -> None:
-        res = self.r.xreadgroup(
-            self.keys.group,
-            self.consumer,
-            {self.keys.requests: ">"},
-            count=room,
-            block=self.settings.read_block_ms if block else None,
-        )
-        self.metrics.redis_ops.inc()
-        if res:
-            self._admit([(_s(eid), fields or {}, 1) for eid, fields in res[0][1]], redelivered=False)
+        # Idle: block until the first entry. Redis wakes a blocked reader right after the first XADD, so a burst
+        # pipelined by a producer is mostly still unread: read again (without blocking) and admit the whole
+        # burst at once, so it starts in the same step instead of one step behind its first entry.
+        entries: list[tuple[str, dict, int]] = []
+        for attempt in range(4 if block else 1):
+            res = self.r.xreadgroup(
+                self.keys.group,
+                self.consumer,
+                {self.keys.requests: ">"},
+                count=room - len(entries),
+                block=self.settings.read_block_ms if block and attempt == 0 else None,
+            )
+            self.metrics.redis_ops.inc()
+            got = res[0][1] if res else []
+            entries.extend((_s(eid), fields or {}, 1) for eid, fields in got)
+            if not got or len(entries) >= room:
+                break
+        if entries:
+            self._admit(entries, redelivered=False)
 
     def _poll_cancels(self) -> None:
         if self._pubsub is None:
@@ -552,6 +567,7 @@ class Worker:
                 self._finish_synthetic(req, [entry_id], arrival, "cancelled", params, span, log)
                 return
             add_to_engine(engine, req, prompt, params, arrival)
+            self.metrics.pickup.observe(max(0.0, time.time() - arrival))
         except InvalidRequestError as e:
             self._error(req.id, [entry_id], e.code, e.message, req.metadata, span)
             return
