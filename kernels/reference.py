@@ -98,46 +98,60 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V, all sequences in one batch.
+    """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V.
 
-    Gathers every sequence's blocks into a padded ``[S, max_len, Hkv, D]`` tensor and masks the tail, so the
-    whole batch is a handful of batched matmuls instead of a Python loop per sequence.
+    Sequences are sorted by length and cut into buckets whose padded size stays within 25% of their real
+    context, and each bucket is one padded gather + two batched matmuls. That keeps both the K/V traffic
+    (no padding to the batch's longest context) and the number of torch calls (a handful per bucket, not per
+    sequence) low, which is what matters on the CPU.
     """
+    lens = seq_lens.tolist()
+    out = torch.empty_like(q)
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    bucket: list[int] = []
+    for i in order + [None]:
+        if i is not None and (not bucket or lens[i] * (len(bucket) + 1) <= 1.25 * (sum(lens[j] for j in bucket) + lens[i])):
+            bucket.append(i)
+            continue
+        idx = torch.tensor(bucket, device=q.device)
+        if len(bucket) == len(lens):
+            out = _decode_padded(q, k_cache, v_cache, seq_lens, block_tables, scale)
+        else:
+            out[idx] = _decode_padded(q[idx], k_cache, v_cache, seq_lens[idx], block_tables[idx], scale)
+        bucket = [i] if i is not None else []
+    return out
+
+
+def _decode_padded(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.Tensor:
+    """Decode attention for sequences of similar length: pad to the longest, mask the tail."""
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    lens = seq_lens.tolist()
-    max_len = max(lens)
-    if max_len * num_seqs > 2 * sum(lens) + 64 * num_seqs:
-        # Lengths are spread out: padding every sequence to the longest would move several times the K/V
-        # that exists, so attend sequence by sequence over exactly its own context instead.
-        out = torch.empty_like(q)
-        for i, length in enumerate(lens):
-            if length == 0:
-                out[i] = float("nan")
-                continue
-            k = _gather_kv(k_cache, block_tables[i], length)
-            v = _gather_kv(v_cache, block_tables[i], length)
-            out[i:i + 1] = _attend(q[i:i + 1], k, v, scale, length - 1)
-        return out
+    max_len = int(seq_lens.max())
+    if max_len == 0:
+        return torch.full_like(q, float("nan"))
     max_blocks = (max_len + block_size - 1) // block_size
     table = block_tables[:, :max_blocks].long()
     # Entries past a sequence's own blocks may hold any value (even out of range): point them at block 0.
     needed = (seq_lens.long() + block_size - 1) // block_size
     past = torch.arange(max_blocks, device=table.device)[None, :] >= needed[:, None].to(table.device)
     table = table.masked_fill(past, 0)
-    k = k_cache[table].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
-    v = v_cache[table].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
-    # [S, Hkv, group, D] x [S, Hkv, D, L] -> [S, Hkv, group, L]
-    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale
-    pad = torch.arange(max_blocks * block_size, device=q.device)[None, :] >= seq_lens[:, None]
-    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # Slots past seq_len are unwritten cache memory (possibly NaN/inf): zero them, since 0 * NaN = NaN.
-    v = v.masked_fill(pad[:, :, None, None], 0)
-    out = torch.matmul(probs, v.float().permute(0, 2, 1, 3))  # [S, Hkv, group, D]
-    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+    length = max_blocks * block_size
+    # Gathered token-major (a fresh copy), read head-major through strided views: SDPA takes strides, so no
+    # transposed copy is made.
+    k = k_cache[table].view(num_seqs, length, num_kv_heads, head_dim)
+    v = v_cache[table].view(num_seqs, length, num_kv_heads, head_dim)
+    keep = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
+    if not bool(keep.all()):
+        # Slots past seq_len are unwritten cache memory (possibly NaN/inf) and masking happens after q.k, so
+        # zero them in the copy: 0 * NaN would still be NaN.
+        k.masked_fill_(~keep[:, :, None, None], 0)
+        v.masked_fill_(~keep[:, :, None, None], 0)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, Hkv, L, D]
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None, :], k.float(), v.float(), attn_mask=keep[:, None, None, :], scale=scale,
+        enable_gqa=group > 1)  # [S, Hq, 1, D]
+    return out[:, :, 0, :].to(q.dtype)
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
