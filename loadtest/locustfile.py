@@ -162,6 +162,7 @@ class PagedServeUser(User):
         if opts.prompts_file:
             self.prompts = [ln.strip() for ln in Path(opts.prompts_file).read_text().splitlines() if ln.strip()]
         self.pacer = PoissonPacer()
+        self._first = True
 
     def on_stop(self) -> None:
         try:
@@ -203,6 +204,12 @@ class PagedServeUser(User):
     @task
     def generate(self) -> None:
         opts = self.opts
+        if self._first:
+            # Locust runs a user's first task at once; pace the first arrival too, or every user would
+            # submit at spawn time (a burst of U requests on top of the Poisson stream).
+            self._first = False
+            if opts.arrival_rate > 0:
+                self.wait()
         rid = f"lt-{uuid.uuid4().hex}"
         channel = f"{opts.key_prefix}:out:{rid}"
         result_key = f"{opts.key_prefix}:result:{rid}"
