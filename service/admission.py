@@ -44,8 +44,8 @@ def prepare(req: GenerateRequest, engine: Any, max_num_seqs: int) -> tuple[str |
     elif req.prompt_token_ids is not None:
         ids = req.prompt_token_ids
         vocab = engine.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
+        bad = max(ids)
+        if bad >= vocab:
             raise refuse("invalid_request", f"prompt_token_ids: {bad} is out of vocabulary (size {vocab})")
         if len(ids) + 1 > max_len:
             raise refuse("prompt_too_long", f"prompt has {len(ids)} tokens; max_model_len is {max_len}")

@@ -114,7 +114,9 @@ class WorkerProc:
         ids = [f"b{i}-{uuid.uuid4().hex[:6]}" for i in range(len(prompts))]
         if not warmup:
             self.r.config_resetstat()
-        pipe = self.r.pipeline(transaction=False)
+        # One MULTI/EXEC: the whole batch becomes visible at once, as it is to the in-process engine (a plain
+        # pipeline lands in pieces and the worker would start on the first piece).
+        pipe = self.r.pipeline(transaction=True)
         for rid, p, m in zip(ids, prompts, max_tokens):
             body = {"id": rid, "prompt_token_ids": p, "params": {"max_tokens": m, "temperature": 0.0, "ignore_eos": True}}
             pipe.xadd(self.keys.requests, {"body": json.dumps(body)})

@@ -306,7 +306,8 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])")
     metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
     try:  # JSON escapes can smuggle lone surrogates (\ud800) that no tokenizer or UTF-8 writer accepts
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):  # cheap pre-check: only \uD800-\uDFFF
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequestError(request_id, "invalid_request", "strings must be valid Unicode (lone surrogate)",
                                   {}) from None

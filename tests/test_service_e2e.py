@@ -161,3 +161,28 @@ def test_health_endpoints(setup):
         assert r.status == 200 and body["model_loaded"] and body["redis"]
     with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
         assert b"pagedserve_requests_running" in r.read()
+
+
+def test_same_id_twice_runs_once(setup, redis_url):
+    s, w, c = setup
+
+    def finished():
+        return sum(v for k, v in _samples(w, "pagedserve_requests_total").items() if ("outcome", "length") in k)
+
+    before = finished()
+    for _ in range(3):  # three entries, one id (a producer retrying its XADD)
+        c.submit("dup", id="dup-1", params={"max_tokens": 30, "ignore_eos": True})
+    done = c.wait("dup-1", timeout=60)
+    assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 30
+    wait_for(lambda: w.r.xlen(w.keys.requests) == 0, 10, what="all three entries acknowledged")
+    assert finished() - before == 1  # generated once
+    assert w.r.xpending(w.keys.requests, w.keys.group)["pending"] == 0
+
+
+def _samples(w, name):
+    out = {}
+    for fam in w.metrics.registry.collect():
+        for smp in fam.samples:
+            if smp.name == name:
+                out[tuple(sorted(smp.labels.items()))] = smp.value
+    return out
