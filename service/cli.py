@@ -12,10 +12,59 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+_BENCH_TARGETS = {
+    "offline": "engine.benchmarks:offline_command",
+    "sharing": "engine.benchmarks:sharing_command",
+    "kernels": "kernels.bench:kernels_command",
+    "service": "service.bench:service_command",
+}
+
+
+def _resolve(name: str, target: str):
+    """``module:function``, or a stub that says why it is unavailable (the rest of the CLI still works)."""
+    module, func = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+
+        def unavailable() -> None:
+            err.print(f"[red]bench {name} is not available:[/] {why}")
+            raise typer.Exit(1)
+
+        unavailable.__doc__ = f"(unavailable: {target} could not be imported)"
+        return unavailable
+
+
+class _LazyBenchGroup(TyperGroup):
+    """Imports the benchmark modules (torch, numpy ...) only when ``pagedserve bench ...`` is used, so
+    ``pagedserve submit`` starts fast."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for name, target in _BENCH_TARGETS.items():
+            single = typer.Typer()
+            single.command(name)(_resolve(name, target))
+            self.add_command(typer.main.get_command(single), name)
+
+    def list_commands(self, ctx):  # noqa: ANN001 - click API
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):  # noqa: ANN001 - click API
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(name="pagedserve", help="Message-queue-driven LLM inference on PagedAttention.", no_args_is_help=True)
 model_app = typer.Typer(help="Model files.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (see README).", no_args_is_help=True)
+bench_app = typer.Typer(cls=_LazyBenchGroup, help="Benchmarks (see README).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 
@@ -128,30 +177,6 @@ def model_init(path: Optional[str] = typer.Argument(None, help="Directory (defau
     with err.status("[bold]writing the built-in model ..."):
         where = ensure_builtin_model(path)
     out.print(where)
-
-
-def _register(name: str, target: str) -> None:
-    """Register ``module:function`` as ``bench NAME`` if it can be imported (owned by other modules)."""
-    module, func = target.split(":")
-    try:
-        fn = getattr(importlib.import_module(module), func)
-    except Exception as e:  # missing or broken: the rest of the CLI still works
-        why = f"{type(e).__name__}: {e}"
-
-        def unavailable() -> None:
-            err.print(f"[red]bench {name} is not available:[/] {why}")
-            raise typer.Exit(1)
-
-        unavailable.__doc__ = f"(unavailable: {target} could not be imported)"
-        bench_app.command(name)(unavailable)
-        return
-    bench_app.command(name)(fn)
-
-
-_register("offline", "engine.benchmarks:offline_command")
-_register("sharing", "engine.benchmarks:sharing_command")
-_register("kernels", "kernels.bench:kernels_command")
-_register("service", "service.bench:service_command")
 
 
 def main() -> None:  # pragma: no cover - console script entry

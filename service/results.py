@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -22,6 +23,20 @@ def _logprobs(lp: Any) -> list[dict[str, float]] | None:
         return None
     # JSON has no -inf: a token with probability 0 reads as -1e30
     return [{str(k): (v if math.isfinite(v) else -1e30) for k, v in (d or {}).items()} for d in lp]
+
+
+def token_payloads(out: Any) -> list[bytes]:
+    """This step's token events as wire JSON (hot path: one per sequence per step, so no model validation;
+    the shape is :class:`TokenEvent`'s, checked by the tests through ``parse_event``)."""
+    rid = out.request_id
+    return [
+        json.dumps(
+            {"type": "token", "id": rid, "index": c.index, "token_ids": list(c.delta_token_ids), "text": c.delta_text},
+            separators=(",", ":"),
+        ).encode()
+        for c in out.outputs
+        if c.delta_token_ids or c.delta_text
+    ]
 
 
 def token_events(out: Any) -> list[TokenEvent]:

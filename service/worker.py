@@ -38,7 +38,7 @@ from .admission import add_to_engine, prepare
 from .protocol import DeadLetter, DeadLetterError, ErrorEvent, ErrorInfo, GenerateRequest, InvalidRequestError, Keys, parse_request
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
-from .results import done_event, empty_done, token_events
+from .results import done_event, empty_done, token_payloads
 from .settings import Settings
 from .telemetry import extract_context, get_logger, get_tracer, request_logger
 
@@ -616,8 +616,8 @@ class Worker:
                     self.metrics.itl.observe(now - f.last_token_at)
                 f.last_token_at = now
             if f.request.stream:
-                for ev in token_events(out):
-                    self.publisher.token(out.request_id, ev.model_dump_json().encode())
+                for payload in token_payloads(out):
+                    self.publisher.token(out.request_id, payload)
             if out.finished:
                 self._finish(out.request_id, out)
         if gen:
