@@ -190,6 +190,10 @@ class Worker:
     def run(self) -> None:
         self.start_health()
         engine = self.engine  # load the model before taking any work
+        try:
+            self._setup()  # group and subscriptions exist once "worker_started" is logged
+        except _REDIS_DOWN as e:
+            self._redis_failed(e)  # not fatal: the loop retries with backoff
         self.log.info(
             "worker_started",
             model=getattr(engine, "model_name", None),
