@@ -186,3 +186,19 @@ def _samples(w, name):
             if smp.name == name:
                 out[tuple(sorted(smp.labels.items()))] = smp.value
     return out
+
+
+def test_stop_finishes_in_flight_work_within_grace_period(redis_url, prefix, shared_engine):
+    # SIGTERM path (request_stop): reading stops, the running request still completes, then the loop exits.
+    s = make_settings(redis_url, prefix, grace_period_s=60)
+    with Client(settings=s) as c:
+        with running_worker(s, shared_engine) as w:
+            rid = c.submit("graceful", params={"max_tokens": 60, "ignore_eos": True})
+            wait_for(lambda: rid in w.inflight, 30, what="running")
+            w.request_stop()
+            late = c.submit("too late", params={"max_tokens": 2})  # a stopping worker reads nothing new
+            assert not w.stopped.is_set() or rid not in w.inflight
+            assert w.stopped.wait(60)
+        done = c.result(rid)
+        assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 60
+        assert c.result(late) is None
