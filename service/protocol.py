@@ -258,7 +258,15 @@ class DeadLetter(BaseModel):
 
 # ------------------------------------------------------------------------------------------ parsing
 class DeadLetterError(Exception):
-    """The entry is unusable and carries no valid id: it goes to the dead-letter stream with this reason."""
+    """The entry is unusable and carries no valid id: it goes to the dead-letter stream with this reason.
+
+    ``kind`` is a short stable code (metric label): missing_body, too_large, invalid_utf8, invalid_json,
+    not_object, invalid_id.
+    """
+
+    def __init__(self, message: str, kind: str = "unparseable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class InvalidRequestError(Exception):
@@ -287,23 +295,23 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     Order matters: size and encoding are checked before any JSON parsing so a hostile entry costs O(limit).
     """
     if body is None:
-        raise DeadLetterError("missing 'body' field")
+        raise DeadLetterError("missing 'body' field", "missing_body")
     raw = body.encode("utf-8") if isinstance(body, str) else body
     if len(raw) > max_bytes:
-        raise DeadLetterError(f"message too large: {len(raw)} bytes > max_message_bytes {max_bytes}")
+        raise DeadLetterError(f"message too large: {len(raw)} bytes > max_message_bytes {max_bytes}", "too_large")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+        raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}", "invalid_utf8") from None
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise DeadLetterError(f"body is not valid JSON: {str(e)[:200]}") from None
+        raise DeadLetterError(f"body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
     if not isinstance(data, dict):
-        raise DeadLetterError(f"body must be a JSON object, got {type(data).__name__}")
+        raise DeadLetterError(f"body must be a JSON object, got {type(data).__name__}", "not_object")
     request_id = data.get("id")
     if not valid_id(request_id):
-        raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])")
+        raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])", "invalid_id")
     metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
     try:  # JSON escapes can smuggle lone surrogates (\ud800) that no tokenizer or UTF-8 writer accepts
         if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):  # cheap pre-check: only \uD800-\uDFFF

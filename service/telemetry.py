@@ -58,9 +58,22 @@ def trace_id_of(span: Span | None) -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-def request_logger(log: Any, request_id: str, span: Span | None = None) -> Any:
+def trace_id_from_fields(fields: dict) -> str | None:
+    """The trace id in an entry's ``traceparent`` (``00-<trace id>-<span id>-<flags>``), for log lines about
+    entries that never got a span of their own (dead letters, refusals, answers from a stored result)."""
+    value = fields.get("traceparent", fields.get(b"traceparent"))
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        parts = value.split("-")
+        if len(parts) == 4 and len(parts[1]) == 32:
+            return parts[1]
+    return None
+
+
+def request_logger(log: Any, request_id: str, span: Span | None = None, trace_id: str | None = None) -> Any:
     """A logger bound to one request: every line carries its id and trace id."""
-    return log.bind(request_id=request_id, trace_id=trace_id_of(span))
+    return log.bind(request_id=request_id, trace_id=trace_id_of(span) or trace_id)
 
 
 _provider_installed = False

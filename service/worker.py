@@ -40,7 +40,7 @@ from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .results import done_event, empty_done, token_payloads
 from .settings import Settings
-from .telemetry import extract_context, get_logger, get_tracer, request_logger
+from .telemetry import extract_context, get_logger, get_tracer, request_logger, trace_id_from_fields
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
@@ -434,7 +434,10 @@ class Worker:
             self._finish(rid, out, finish_reason="cancelled")
 
     # ------------------------------------------------------------------------------------------ admission
-    def _dead(self, entry_id: str, reason: str, raw: bytes | None, deliveries: int, request_id: str = "") -> None:
+    def _dead(
+        self, entry_id: str, reason: str, raw: bytes | None, deliveries: int, request_id: str = "",
+        kind: str = "unparseable", trace_id: str | None = None,
+    ) -> None:
         body = raw or b""
         if len(body) > 65536:
             body = body[:65536]
@@ -448,17 +451,19 @@ class Worker:
             time_ms=int(time.time() * 1000),
         )
         self.publisher.dead_letter(letter.to_fields(raw_body=body), entry_id)
-        kind = reason.split(":", 1)[0][:40]
         self.metrics.dead_letters.labels(reason=kind).inc()
-        self.log.warning("dead_letter", entry_id=entry_id, request_id=request_id or None, reason=reason)
+        self.log.warning(
+            "dead_letter", entry_id=entry_id, request_id=request_id or None, trace_id=trace_id, reason=reason
+        )
 
     def _error(
-        self, request_id: str, entry_ids: list[str], code: str, message: str, metadata: dict | None = None, span=None
+        self, request_id: str, entry_ids: list[str], code: str, message: str, metadata: dict | None = None, span=None,
+        trace_id: str | None = None,
     ) -> None:
         ev = ErrorEvent(id=request_id, error=ErrorInfo(code=code, message=message[:1000]), metadata=metadata or {})
         self.publisher.terminal(request_id, ev.model_dump_json().encode(), entry_ids)
         self.metrics.requests.labels(outcome=f"error:{code}").inc()
-        log = request_logger(self.log, request_id, span)
+        log = request_logger(self.log, request_id, span, trace_id)
         log.warning("request_error", code=code, message=message[:300])
         if span is not None:
             span.set_status(Status(StatusCode.ERROR, code))
@@ -480,14 +485,16 @@ class Worker:
             try:
                 req = parse_request(raw, s.max_message_bytes)
             except DeadLetterError as e:
-                self._dead(entry_id, str(e), raw, deliveries)
+                self._dead(entry_id, str(e), raw, deliveries, kind=e.kind, trace_id=trace_id_from_fields(fields))
                 continue
             except InvalidRequestError as e:
-                self._error(e.request_id, [entry_id], e.code, e.message, e.metadata)
+                self._error(e.request_id, [entry_id], e.code, e.message, e.metadata,
+                            trace_id=trace_id_from_fields(fields))
                 continue
             if deliveries > s.max_deliveries:
                 self._dead(
-                    entry_id, f"max_deliveries: delivered {deliveries} times > {s.max_deliveries}", raw, deliveries, req.id
+                    entry_id, f"max_deliveries: delivered {deliveries} times > {s.max_deliveries}", raw, deliveries,
+                    req.id, kind="max_deliveries", trace_id=trace_id_from_fields(fields),
                 )
                 continue
             f = self.inflight.get(req.id)
@@ -522,7 +529,9 @@ class Worker:
                 self.publisher.publish(req.id, stored)
                 self.publisher.ack([entry_id])
                 self.metrics.requests.labels(outcome="cached").inc()
-                request_logger(self.log, req.id).info("answered_from_result", entry_id=entry_id)
+                request_logger(self.log, req.id, trace_id=trace_id_from_fields(fields)).info(
+                    "answered_from_result", entry_id=entry_id
+                )
                 continue
             seen.add(req.id)
             self._start(entry_id, req, fields, deliveries, bool(cancelled))

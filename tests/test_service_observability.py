@@ -68,7 +68,7 @@ def test_metrics_move(redis_url, prefix, shared_engine):
         rid = c.submit("bad", params={"top_p": 7})
         c.wait(rid, timeout=30)
         w.r.xadd(w.keys.requests, {"body": b"\xff"})
-        wait_for(lambda: _scrape(w.health.port).get('pagedserve_queue_dead_letters_total{reason="body is not valid UTF-8"}', 0) >= 1,
+        wait_for(lambda: _scrape(w.health.port).get('pagedserve_queue_dead_letters_total{reason="invalid_utf8"}', 0) >= 1,
                  10, what="dead-letter counter")
         after = _scrape(w.health.port)
     assert after["pagedserve_generation_tokens_total"] - before.get("pagedserve_generation_tokens_total", 0) >= 15
