@@ -210,9 +210,17 @@ def offline_command(
     kv_budget_tokens: int = 6144,
     skip_hf_continuous: bool = False,
     profile: bool = True,
+    threads: int = 0,
     out: str = "docs/bench-offline.json",
 ) -> None:
-    """Offline throughput, compute floor, KV utilization and concurrency vs HF (see docs/benchmarks.md)."""
+    """Offline throughput, compute floor, KV utilization and concurrency vs HF (see docs/benchmarks.md).
+
+    ``--threads N`` pins torch's intra-op threads for every contender (0 = torch's default). On a shared
+    machine, OpenMP threads competing with other processes slow small ops several-fold; one thread each keeps
+    the side-by-side ratios meaningful.
+    """
+    if threads:
+        torch.set_num_threads(threads)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table

@@ -123,34 +123,27 @@ def paged_decode_attention(
 
 
 def _decode_padded(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.Tensor:
-    """Decode attention for sequences of similar length: pad to the longest, mask the tail."""
+    """Decode attention for sequences of similar length: gather to the longest, mask the tail."""
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     max_len = int(seq_lens.max())
     if max_len == 0:
         return torch.full_like(q, float("nan"))
-    max_blocks = (max_len + block_size - 1) // block_size
-    table = block_tables[:, :max_blocks].long()
-    # Entries past a sequence's own blocks may hold any value (even out of range): point them at block 0.
-    needed = (seq_lens.long() + block_size - 1) // block_size
-    past = torch.arange(max_blocks, device=table.device)[None, :] >= needed[:, None].to(table.device)
-    table = table.masked_fill(past, 0)
-    length = max_blocks * block_size
-    # Gathered token-major (a fresh copy), read head-major through strided views: SDPA takes strides, so no
-    # transposed copy is made.
-    k = k_cache[table].view(num_seqs, length, num_kv_heads, head_dim)
-    v = v_cache[table].view(num_seqs, length, num_kv_heads, head_dim)
-    keep = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
-    if not bool(keep.all()):
-        # Slots past seq_len are unwritten cache memory (possibly NaN/inf) and masking happens after q.k, so
-        # zero them in the copy: 0 * NaN would still be NaN.
-        k.masked_fill_(~keep[:, :, None, None], 0)
-        v.masked_fill_(~keep[:, :, None, None], 0)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, Hkv, L, D]
+    # Token-level gather: padded positions read the sequence's first slot, which is always written, so no
+    # garbage (possibly NaN) from unwritten cache memory can reach the masked softmax.
+    pos = torch.arange(max_len, device=q.device)
+    lens = seq_lens.long()[:, None]
+    blocks = block_tables.long().gather(1, (pos // block_size).expand(num_seqs, -1).clamp(max=block_tables.shape[1] - 1))
+    slots = blocks * block_size + pos % block_size
+    keep = pos[None, :] < lens
+    slots = torch.where(keep, slots, slots[:, :1])
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots]  # [S, L, Hkv, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    # SDPA reads the token-major copy head-major through strides: no transposed copy is made.
     out = F.scaled_dot_product_attention(
-        q.float()[:, :, None, :], k.float(), v.float(), attn_mask=keep[:, None, None, :], scale=scale,
-        enable_gqa=group > 1)  # [S, Hq, 1, D]
+        q.float()[:, :, None, :], k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+        attn_mask=keep[:, None, None, :], scale=scale, enable_gqa=group > 1)  # [S, Hq, 1, D]
     return out[:, :, 0, :].to(q.dtype)
 
 
