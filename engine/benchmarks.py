@@ -349,9 +349,12 @@ def sharing_command(
     widths: str = "2,4,6",
     traces: str = "alpaca,sharegpt",
     budget_fraction: float = 0.3,
+    threads: int = 0,
     out: str = "docs/bench-sharing.json",
 ) -> None:
     """KV blocks with vs without block sharing for n-sampling and beam search, and throughput at one KV budget."""
+    if threads:
+        torch.set_num_threads(threads)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
