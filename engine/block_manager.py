@@ -268,9 +268,18 @@ class BlockManager:
         for seq in seqs:
             seq.block_hashes = []
 
+    def swap_in_cost(self, seqs: list[Sequence]) -> int:
+        """Device blocks that swapping ``seqs`` in and then running them to their last token can take at most:
+        the blocks themselves, growth to ``num_tokens``, and one CoW copy each (every block, for a fork that
+        was made with sharing off). An upper bound, so the allocation right after a swap-in cannot fail."""
+        cost = len(self._distinct(seqs))
+        for seq in seqs:
+            cost += max(0, self._blocks_for(seq.num_tokens) - len(seq.block_table))
+            cost += len(seq.block_table) if seq.private_copy_pending else 1
+        return cost
+
     def can_swap_in(self, seqs: list[Sequence]) -> bool:
-        # Room for the blocks plus one growth block per sequence, so the request can run right away.
-        return len(self._distinct(seqs)) + len(seqs) <= self.gpu.num_free
+        return self.swap_in_cost(seqs) <= self.gpu.num_free
 
     def swap_in(self, seqs: list[Sequence]) -> None:
         mapping = self._move(seqs, self.cpu, self.gpu)

@@ -197,18 +197,18 @@ class Scheduler:
                 seqs = req.unfinished_seqs()
                 if num_seqs + len(seqs) > self.max_num_seqs or not self.bm.can_swap_in(seqs):
                     break
-                plan = self._plan(req, budget)
-                if plan is None:
-                    break
                 self.swapped.pop(0)
                 self.bm.swap_in(seqs)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
+                num_seqs += len(seqs)
+                plan = self._plan(req, budget)  # after the swap-in: planning may share blocks on the device
+                if plan is None:
+                    continue
                 for seq, n in plan:
                     assert self.bm.allocate(seq, n)
                 self._admit(req, plan, out)
                 budget -= sum(n for _, n in plan)
-                num_seqs += len(seqs)
 
         # 3. waiting requests (new, or preempted by recompute), with prefix-cache hits and chunked prefill.
         if not starved and not self.swapped:
