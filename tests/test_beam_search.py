@@ -93,3 +93,18 @@ def test_beams_share_prompt_blocks(tiny_models):
     b = private.generate([prompt], params)[0].outputs
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert shared.stats()["peak_used_gpu_blocks"] < private.stats()["peak_used_gpu_blocks"] / 2
+
+
+def test_unshared_forks_survive_swap_preemption(tiny_models):
+    """The no-sharing baseline copies its forks' blocks lazily; swapped back in, those copies must still fit."""
+    prompts = [[i % 250 + 1] * (12 + 5 * i) for i in range(4)]
+    params = [SamplingParams(max_tokens=12, n=3, seed=i) if i % 2 else SamplingParams(max_tokens=12, beam_width=3)
+              for i in range(4)]
+    roomy = LLM(model=tiny_models["llama"], device="cpu", block_size=4)
+    expected = [[c.token_ids for c in o.outputs] for o in roomy.generate(prompts, params)]
+    tight = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=40, preemption_mode="swap",
+                enable_prefix_caching=False, share_blocks=False)
+    assert [[c.token_ids for c in o.outputs] for o in tight.generate(prompts, params)] == expected
+    stats = tight.stats()
+    assert stats["num_swap_preemptions"] > 0
+    assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
