@@ -154,6 +154,16 @@ def test_existing_secret_is_referenced_not_created(rendered):
     assert ref["valueFrom"]["secretKeyRef"] == {"name": "pagedserve-redis", "key": "redis-url"}
 
 
+def test_torch_threads_follow_the_cpu_request(rendered):
+    env = {e["name"]: e for e in worker_container(rendered["cpu"])["env"]}
+    ref = env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": "worker", "resource": "requests.cpu", "divisor": "1"}
+    env = {e["name"]: e for e in worker_container(render({"cpuThreads": 3}))["env"]}
+    assert env["OMP_NUM_THREADS"]["value"] == "3"
+    env = {e["name"] for e in worker_container(render({"cpuThreads": ""}))["env"]}
+    assert "OMP_NUM_THREADS" not in env
+
+
 def test_termination_grace_matches_worker_drain(rendered):
     docs = rendered["gpu"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -267,7 +277,8 @@ def test_schema_rejects_bad_values():
     with helm.Chart.load(str(CHART)) as chart:
         for bad in ({"gpu": {"enabled": "yes"}}, {"engine": {"preemptionMode": "never"}},
                     {"keda": {"trigger": {"metric": "cpu", "threshold": 1}}}, {"replicaCount": -1},
-                    {"redis": {"url": "http://x"}}, {"unknownKey": 1}, {"prefix": "{chat}"}):
+                    {"redis": {"url": "http://x"}}, {"unknownKey": 1}, {"prefix": "{chat}"},
+                    {"cpuThreads": 0}, {"cpuThreads": "many"}):
             with pytest.raises(helm.HelmError):
                 chart.validate_schema(bad)
 
