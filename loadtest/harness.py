@@ -75,6 +75,10 @@ class LocalStack:
                "PAGEDSERVE_LOG_FORMAT": "json",
                "PAGEDSERVE_LOG_LEVEL": "WARNING",
                "OTEL_SDK_DISABLED": "true",
+               # One torch thread unless told otherwise: on a machine shared with other processes, torch's
+               # default (a thread per core) makes its OpenMP threads spin against each other and decode
+               # steps 10-100x slower. Override with worker_env={"OMP_NUM_THREADS": "N"} on a quiet machine.
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
                **self.worker_env}
         self.log_dir.mkdir(parents=True, exist_ok=True)

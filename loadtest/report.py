@@ -90,7 +90,7 @@ def markdown_table(points: list[dict]) -> str:
         return "-" if x is None else f"{x:.{nd}f}"
 
     cols = ["offered req/s", "done req/s", "out tok/s", "goodput req/s", "TTFT p50/p90/p99 ms",
-            "ITL p50/p90/p99 ms", "TPOT p50/p90 ms", "E2E p50/p99 ms", "server TTFT p50 ms", "failed",
+            "ITL p50/p90/p99 ms", "TPOT p50/p90 ms", "E2E p50/p99 ms", "server TTFT p50 ms", "failed + cut off",
             "host load"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     for p in points:

@@ -5,6 +5,8 @@
     python -m loadtest.sweep --spawn --rates 0.5,1,2,4,8 --duration 45 --out .bench/sweep/cpu \
         --slo-ttft-ms 1000 --slo-tpot-ms 150 --report-dir docs/img
 
+    # (the spawned worker runs one torch thread, OMP_NUM_THREADS=1, unless --worker-env OMP_NUM_THREADS=N)
+
     # against a running deployment (PAGEDSERVE_REDIS_URL or --redis-url):
     python -m loadtest.sweep --rates 1,2,4,8,16 --duration 120 --out .bench/sweep/gpu --max-tokens 128
 
