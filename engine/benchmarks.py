@@ -98,6 +98,22 @@ def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
 
 
 # ---------------------------------------------------------------------- contenders
+def drive(eng, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
+    """Queue every request on ``eng``, step until all are done; wall time, outputs and peak concurrency."""
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    outputs: dict[str, list[list[int]]] = {}
+    peak_seqs, start = 0, time.perf_counter()
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                outputs[out.request_id] = [c.token_ids for c in out.outputs]
+        peak_seqs = max(peak_seqs, sum(len(r.unfinished_seqs()) for r in eng.scheduler.running))
+    wall = time.perf_counter() - start
+    produced = sum(len(t) for outs in outputs.values() for t in outs)
+    return {"wall_s": wall, "output_tokens": produced, "peak_concurrent_seqs": peak_seqs, "outputs": outputs}
+
+
 def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
     from engine import LLM
 
@@ -106,19 +122,12 @@ def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32",
     eng = llm.engine
     eng.track_kv_utilization = True
     eng.num_steps, eng._kv_util_sum = 0, 0.0
-    for i, (p, sp) in enumerate(zip(w.prompts, w.params)):
-        eng.add_request(str(i), p, sp)
-    peak_seqs, produced, start = 0, 0, time.perf_counter()
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                produced += len(out.outputs[0].token_ids)
-        peak_seqs = max(peak_seqs, sum(len(r.unfinished_seqs()) for r in eng.scheduler.running))
-    wall = time.perf_counter() - start
+    result = drive(eng, w.prompts, w.params)
+    del result["outputs"]
     stats = llm.stats()
-    return {"wall_s": wall, "output_tokens": produced, "peak_concurrent_seqs": peak_seqs,
-            "mean_kv_utilization": stats["mean_kv_utilization"], "num_preemptions": stats["num_preemptions"],
-            "num_steps": stats["num_steps"], "num_gpu_blocks": stats["num_gpu_blocks"]}
+    return {**result, "mean_kv_utilization": stats["mean_kv_utilization"],
+            "num_preemptions": stats["num_preemptions"], "num_steps": stats["num_steps"],
+            "num_gpu_blocks": stats["num_gpu_blocks"]}
 
 
 def run_hf_static(model_dir: str, w: Workload, device: str, batch_size: int, dtype: str = "float32") -> dict:
@@ -324,22 +333,12 @@ def run_sharing(model_dir: str, w: Workload, params: list[SamplingParams], share
 
     llm = LLM(model=model_dir, device=device, share_blocks=share, num_gpu_blocks=num_gpu_blocks,
               enable_prefix_caching=False, max_num_seqs=512, preemption_mode="swap")
-    eng = llm.engine
-    eng.track_kv_utilization = True
-    for i, (p, sp) in enumerate(zip(w.prompts, params)):
-        eng.add_request(str(i), p, sp)
-    produced, start = 0, time.perf_counter()
-    outputs = {}
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                outputs[out.request_id] = [c.token_ids for c in out.outputs]
-                produced += sum(len(c.token_ids) for c in out.outputs)
-    wall = time.perf_counter() - start
+    llm.engine.track_kv_utilization = True
+    result = drive(llm.engine, w.prompts, params)
     st = llm.stats()
-    return {"wall_s": wall, "output_tokens": produced, "tokens_per_s": produced / wall,
+    return {**result, "tokens_per_s": result["output_tokens"] / result["wall_s"],
             "peak_blocks": st["peak_used_gpu_blocks"], "mean_blocks": st["mean_used_gpu_blocks"],
-            "preemptions": st["num_preemptions"], "outputs": outputs}
+            "preemptions": st["num_preemptions"]}
 
 
 def sharing_command(
