@@ -286,17 +286,17 @@ class LLMEngine:
         completions = []
         for rank, seq in enumerate(seqs):
             delta_text = seq.detok.take_delta(final=final or seq.finished)
-            emitted = getattr(seq, "num_emitted_tokens", 0)
+            emitted = seq.num_prompt_tokens + seq.num_emitted_tokens
             seq.num_emitted_tokens = seq.num_output_tokens
             completions.append(CompletionOutput(
                 index=rank if hidden else seq.index,
                 text=seq.detok.text[:seq.detok.emitted],
-                token_ids=list(seq.output_token_ids),
+                token_ids=seq.output_token_ids,
                 finish_reason=seq.finish_reason,
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.logprobs) if p.logprobs is not None else None,
                 delta_text=delta_text,
-                delta_token_ids=seq.output_token_ids[emitted:],
+                delta_token_ids=seq.token_ids[emitted:],
             ))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
                              req.num_cached_tokens, dict(req.metrics))

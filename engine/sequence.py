@@ -41,6 +41,7 @@ class Sequence:
         self.logprobs: list[dict[int, float]] = []
         self.finish_reason: str | None = None
         self.private_copy_pending = False  # forked with sharing off: copy shared blocks at the next allocate
+        self.num_emitted_tokens = 0  # output tokens already handed out in a RequestOutput
         self.generator: torch.Generator | None = None
         self.detok: IncrementalDetokenizer | None = None
 
