@@ -25,6 +25,22 @@ TRACER_NAME = "pagedserve"
 _configured_logging = False
 
 
+class _StderrLogger:
+    """Writes each line to ``sys.stderr`` as it is *at write time*.
+
+    structlog's ``PrintLogger`` keeps the stream it was given, and CLIs and test runners swap ``sys.stderr`` for
+    a buffer they close afterwards; a worker must never die because a log line had nowhere to go.
+    """
+
+    def msg(self, message: str) -> None:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except (ValueError, OSError):  # closed or broken stream: drop the line, keep serving
+            pass
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     """Configure structlog once per process (idempotent; the last call wins for format and level)."""
     global _configured_logging
@@ -41,7 +57,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
     _configured_logging = True

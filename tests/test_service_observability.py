@@ -12,6 +12,7 @@ from opentelemetry.trace import SpanKind
 
 from service.client import Client
 from service.protocol import DoneEvent
+from service.telemetry import configure_logging
 from service_fixtures import *  # noqa: F403
 from service_fixtures import make_settings, running_worker, wait_for
 
@@ -31,8 +32,11 @@ def test_one_trace_from_producer_to_worker_spans(redis_url, prefix, shared_engin
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     s = make_settings(redis_url, prefix)
-    with running_worker(s, shared_engine, tracer_provider=provider) as w, \
-            Client(settings=s, tracer_provider=provider) as c, structlog.testing.capture_logs() as logs:
+    # Info lines must pass the level filter whatever an earlier test (the CLI demo) configured, and the capture
+    # must start first: loggers bound before capture_logs() (the worker binds its own) keep the old processors.
+    configure_logging("json", "INFO")
+    with structlog.testing.capture_logs() as logs, running_worker(s, shared_engine, tracer_provider=provider) as w, \
+            Client(settings=s, tracer_provider=provider) as c:
         done = c.generate("trace me", params={"max_tokens": 4, "temperature": 0}, timeout=60)
         assert isinstance(done, DoneEvent)
         wait_for(lambda: any(sp.name == "publish" for sp in exporter.get_finished_spans()), 10, what="publish span")
