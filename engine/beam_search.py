@@ -18,9 +18,6 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
-NEG = -1.0e9
-
-
 @dataclass
 class Hypothesis:
     token_ids: list[int]  # generated tokens only
@@ -35,7 +32,6 @@ class BeamState:
 
     width: int
     params: SamplingParams
-    prompt_len: int
     scores: list[float] = field(default_factory=lambda: [0.0])
     finished: list[Hypothesis] = field(default_factory=list)
     improvable: bool = True  # HF's is_early_stop_heuristic_unsatisfied

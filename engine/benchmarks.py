@@ -28,7 +28,7 @@ BENCH_MODELS = {
     "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False), 32000),
 }
-BENCH_MODEL, BENCH_VOCAB = BENCH_MODELS["26m"]
+BENCH_VOCAB = BENCH_MODELS["26m"][1]
 MAX_PROMPT, MAX_OUTPUT = 512, 256
 
 

@@ -111,7 +111,7 @@ class LLMEngine:
                 f"{self.max_model_len - 1} prompt tokens")
         req = Request(request_id, text, token_ids, params, priority, deadline, arrival_time)
         if params.beam_width > 0:
-            req.beam = BeamState(params.beam_width, params, len(token_ids))
+            req.beam = BeamState(params.beam_width, params)
         self._init_seq(req, req.seqs[0])
         self._owner[req.seqs[0].seq_id] = req
         self.requests[request_id] = req
@@ -226,7 +226,6 @@ class LLMEngine:
         """Advance a beam request once every live beam has its logits: fork the chosen beams, drop the rest."""
         beams = req.seqs
         rows = torch.stack([req.pending_logits.pop(s.seq_id) for s in beams])
-        req.pending_logits.clear()
         logprobs = torch.log_softmax(rows.float(), dim=-1)
         first = beams[0]
         max_len_hit = (first.num_output_tokens + 1 >= req.params.max_tokens
@@ -244,8 +243,6 @@ class LLMEngine:
         for beam in beams:
             self.block_manager.free(beam)
             self._owner.pop(beam.seq_id, None)
-        if not children and not req.beam.done:
-            req.beam.done = True
         req.seqs = children if not req.beam.done else beams
 
     def _append_token(self, req: Request, seq: Sequence, res) -> None:

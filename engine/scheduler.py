@@ -78,9 +78,6 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
-
     def release(self, req: Request) -> None:
         """Take ``req`` out of every queue and free all its blocks (finish, cancel, deadline)."""
         for queue in (self.waiting, self.running, self.swapped):
