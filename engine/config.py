@@ -30,6 +30,7 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, A/B benchmarks)
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -53,6 +54,8 @@ class EngineConfig:
             fail("max_model_len", "must be an integer >= 2 or None")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
             fail("dtype", "must be auto, float32, float16 or bfloat16")
+        if not isinstance(self.enforce_eager, bool):
+            fail("enforce_eager", "must be a bool")
         if not 0 < self.gpu_memory_utilization <= 1:
             fail("gpu_memory_utilization", "must be in (0, 1]")
         try:

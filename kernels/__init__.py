@@ -32,4 +32,8 @@ def get_ops(device: torch.device | str) -> SimpleNamespace:
         paged_decode_attention=reference.paged_decode_attention,
         copy_blocks=reference.copy_blocks,
         swap_blocks=reference.swap_blocks,
+        rms_norm=reference.rms_norm,
+        add_rms_norm=reference.add_rms_norm,
+        rotary_embedding=reference.rotary_embedding,
+        silu_and_mul=reference.silu_and_mul,
     )

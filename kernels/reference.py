@@ -128,8 +128,8 @@ def _decode_padded(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     max_len = int(seq_lens.max())
-    if max_len == 0:
-        return torch.full_like(q, float("nan"))
+    if max_len == 0:  # only empty sequences (batch padding): zeros, as the Triton kernel writes
+        return torch.zeros_like(q)
     # Token-level gather: padded positions read the sequence's first slot, which is always written, so no
     # garbage (possibly NaN) from unwritten cache memory can reach the masked softmax.
     pos = torch.arange(max_len, device=q.device)
@@ -138,13 +138,19 @@ def _decode_padded(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.
     slots = blocks * block_size + pos % block_size
     keep = pos[None, :] < lens
     slots = torch.where(keep, slots, slots[:, :1])
+    empty = seq_lens == 0
+    if bool(empty.any()):  # a padding row would softmax over nothing; give it one key, zero its output below
+        keep = keep | (empty[:, None] & (pos[None, :] == 0))
     k = k_cache.view(-1, num_kv_heads, head_dim)[slots]  # [S, L, Hkv, D]
     v = v_cache.view(-1, num_kv_heads, head_dim)[slots]
     # SDPA reads the token-major copy head-major through strides: no transposed copy is made.
     out = F.scaled_dot_product_attention(
         q.float()[:, :, None, :], k.transpose(1, 2).float(), v.transpose(1, 2).float(),
         attn_mask=keep[:, None, None, :], scale=scale, enable_gqa=group > 1)  # [S, Hq, 1, D]
-    return out[:, :, 0, :].to(q.dtype)
+    out = out[:, :, 0, :].to(q.dtype)
+    if bool(empty.any()):
+        out[empty] = 0
+    return out
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -164,3 +170,50 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Ten
     # host-side scatter below reads it.
     moved = src_cache[:, :, src_idx].to(dst_cache.device, non_blocking=dst_cache.device.type != "cpu")
     dst_cache[:, :, dst_idx] = moved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Element-wise layers the Triton path fuses. Each computes exactly what HF transformers' Llama computes
+# (fp32 inside, rounded to the model dtype where HF rounds), so the CPU path stays bit-equal to HF.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: ``weight * (x / rms(x))``, the normalisation in fp32, rounded before ``weight``."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``, the sum in the model dtype."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (HF ``rotate_half``) of ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]``.
+
+    ``cos``/``sin`` are fp32 tables ``[max_positions, D / 2]``. Implementations may rotate ``q`` and ``k``
+    in place; callers use only the returned tensors.
+    """
+    c = cos[positions].unsqueeze(1)  # [T, 1, D/2]
+    s = sin[positions].unsqueeze(1)
+    return _rotate_half(q, c, s), _rotate_half(k, c, s)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation: ``silu(gate) * up`` for ``x = [gate | up]`` ``[T, 2I]`` -> ``[T, I]``."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
