@@ -2,7 +2,8 @@
 
 All tokens of a step are flattened into one batch with no padding. Positions, slot mapping (where each new
 token's K/V goes) and block tables are built once per step into a ``StepContext`` that every attention layer
-reads. Pending block swaps and copies run first, in the order swap-out, swap-in, copy-on-write.
+reads. Pending block swaps and copies run first, in the order swap-out, swap-in, copy-on-write. On CUDA,
+decode-only steps replay captured graphs (:mod:`engine.cuda_graphs`) unless ``enforce_eager`` is set.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.context import StepContext, set_context
+from engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from engine.loader import load_model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -61,6 +63,12 @@ class ModelRunner:
         self.cpu_cache = torch.empty(cpu_shape, dtype=self.dtype, pin_memory=pin)
         for i, layer in enumerate(self.model.attention_layers()):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        # Captured after the KV pool exists, so the graphs' memory comes out of the activation headroom.
+        self.decode_graphs: DecodeGraphRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphRunner(
+                self.model, self.ops, self.device, max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
+                max_blocks_per_seq=-(-max_model_len // self.block_size))
 
     def _blocks_from_memory(self, max_num_batched_tokens: int) -> int:
         if self.device.type != "cuda":
@@ -137,11 +145,16 @@ class ModelRunner:
         if not sched.scheduled:
             return torch.empty(0), []
         inputs = self.prepare(sched)
-        set_context(inputs.context)
-        try:
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        finally:
-            set_context(None)
+        ctx = inputs.context
+        graphs = self.decode_graphs
+        if ctx.decode_only and graphs is not None and graphs.covers(*ctx.block_tables.shape):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, ctx)
+        else:
+            set_context(ctx)
+            try:
+                hidden = self.model(inputs.input_ids, inputs.positions)
+            finally:
+                set_context(None)
         if not inputs.sample_rows:
             return torch.empty(0), []
         rows = torch.tensor([r for _, r in inputs.sample_rows], device=self.device)
