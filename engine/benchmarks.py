@@ -7,6 +7,7 @@ Ratios are measured side by side in one process, so machine noise hits every con
 from __future__ import annotations
 
 import cProfile
+import gc
 import json
 import math
 import pstats
@@ -14,9 +15,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import typer
 
 from engine.sampling_params import SamplingParams
 
@@ -208,7 +211,327 @@ def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float
     return [(label, found.get(label, 0.0)) for label in stages]
 
 
+# ---------------------------------------------------------------------- decode roofline (issue 4)
+# Decode steps read every weight once and the whole KV context of every sequence: a step cannot take less
+# than those bytes over the memory bandwidth. Defaults per device type: (batch sizes, context, timed steps).
+DECODE_DEFAULTS = {"cuda": ([1, 16, 64, 128, 256], 1024, 32), "cpu": ([1, 4, 16], 128, 8)}
+DECODE_WARMUP_STEPS = 3
+ROOFLINE_TARGET = 1.5  # step time / roofline at batch >= ROOFLINE_TARGET_BATCH
+ROOFLINE_TARGET_BATCH = 64
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device memory copy bandwidth (bytes read + written, GB/s), measured now: ``kernels.bench``'s helper."""
+    from kernels.bench import measure_copy_bandwidth
+
+    return measure_copy_bandwidth(COPY_BYTES.get(device.type, COPY_BYTES["cpu"]), quick=False, device=device)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step must read: every parameter once (tied ones once), except an untied input
+    embedding table, of which a step only gathers one row per sequence."""
+    seen: set[int] = set()
+    total = 0
+    embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    skip = embed.data_ptr() if embed is not None and head is not None and head.data_ptr() != embed.data_ptr() else None
+    for p in model.parameters():
+        ptr = p.data_ptr()
+        if ptr in seen or ptr == skip:
+            continue
+        seen.add(ptr)
+        total += p.numel() * p.element_size()
+    return total
+
+
+def decode_roofline_s(weight_bytes: int, kv_bytes_per_token: int, context_lens: list[int], steps: int,
+                      bandwidth_gbps: float) -> float:
+    """Mean memory-roofline seconds of ``steps`` decode steps starting at ``context_lens`` (tokens each sequence
+    holds before the first step, the one it decodes included): each step reads all weights plus every
+    sequence's whole context (which grows by one token a step), at ``bandwidth_gbps``."""
+    mean_kv_tokens = sum(context_lens) + len(context_lens) * (steps - 1) / 2
+    return (weight_bytes + kv_bytes_per_token * mean_kv_tokens) / (bandwidth_gbps * 1e9)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_max_tokens(max_batch: int, context: int, steps: int, budget: int) -> int:
+    """Output tokens a request needs so none finishes before the timed steps end: the first prompt decodes
+    while later ones are still prefilled (what ``budget`` tokens a step leave after the decodes), then the
+    warm-up and timed steps."""
+    prefill_steps = -(-max_batch * context // max(1, budget - max_batch))
+    return prefill_steps + DECODE_WARMUP_STEPS + steps + 4
+
+
+def decode_engine(model_dir: str, device: str, dtype: str, max_batch: int, context: int, steps: int,
+                  enforce_eager: bool, block_size: int = 16):
+    """An engine for ``measure_decode_steps`` up to ``max_batch``: KV for that batch and no more (so the pool is
+    small and engines can follow each other), no swap pool to speak of, a prefill budget of 8 prompts a step."""
+    from engine import LLMEngine
+
+    budget = max(2048, 8 * context)
+    max_tokens = decode_max_tokens(max_batch, context, steps, budget)
+    blocks = max_batch * -(-(context + max_tokens + 1) // block_size) + 8
+    return LLMEngine(model_dir, device=device, dtype=dtype, enforce_eager=enforce_eager, block_size=block_size,
+                     num_gpu_blocks=blocks, max_num_seqs=max(max_batch, 1), swap_space_gb=0.01,
+                     preemption_mode="recompute", max_num_batched_tokens=budget)
+
+
+def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0) -> dict:
+    """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
+    ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards."""
+    device = eng.runner.device
+    rng = np.random.default_rng(seed * 1000 + batch)
+    max_tokens = decode_max_tokens(batch, context, steps, eng.max_num_batched_tokens)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"decode-{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        eng.add_request(rid, rng.integers(0, eng.vocab_size, context).tolist(), params)
+    reqs = [eng.requests[rid] for rid in ids]
+    try:
+        for _ in range(batch * context + 1):  # prefill: until every request has sampled its first token
+            if all(r.seqs[0].num_output_tokens > 0 for r in reqs):
+                break
+            eng.step()
+        for _ in range(DECODE_WARMUP_STEPS):  # lazy per-batch-size work (CUDA graph capture) stays untimed
+            eng.step()
+        preempted = eng.scheduler.num_preemptions
+        context_lens = [r.seqs[0].num_tokens for r in reqs]
+        before = [r.seqs[0].num_output_tokens for r in reqs]
+        times = []
+        _sync(device)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            eng.step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        gained = [r.seqs[0].num_output_tokens - b for r, b in zip(reqs, before)]
+        pure = all(g == steps for g in gained) and eng.scheduler.num_preemptions == preempted
+    finally:
+        for rid in ids:
+            eng.abort_request(rid)
+    return {"batch": batch, "context_lens_mean": sum(context_lens) / batch, "context_lens": context_lens,
+            "step_s_mean": sum(times) / steps, "step_s_median": sorted(times)[steps // 2], "step_s_min": min(times),
+            "pure_decode": pure}
+
+
+def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list[int], context: int, steps: int,
+                          copy_gbps: float, progress=None, task=None, seed: int = 0) -> dict:
+    """Decode step time vs the memory roofline for each batch size, with CUDA graphs (``enforce_eager=False``)
+    and without (``True``; the same code on CPU). One engine per mode, used for every batch size."""
+    dev = torch.device(device)
+    rows = {b: {"batch": b} for b in batches}
+    meta: dict = {}
+    captured: dict[str, bool] = {}
+    for mode, eager in (("graphs", False), ("eager", True)):
+        eng = decode_engine(model_dir, device, dtype, max(batches), context, steps, eager)
+        runner = eng.runner
+        captured[mode] = getattr(runner, "decode_graphs", None) is not None
+        meta = {"weight_bytes": decode_weight_bytes(runner.model),
+                "kv_bytes_per_token": runner.block_bytes // runner.block_size,
+                "num_params": runner.num_params, "dtype": str(runner.dtype).removeprefix("torch.")}
+        for b in batches:
+            m = measure_decode_steps(eng, b, context, steps, seed)
+            roof = decode_roofline_s(meta["weight_bytes"], meta["kv_bytes_per_token"], m.pop("context_lens"), steps,
+                                     copy_gbps)
+            row = rows[b]
+            row["context_mean"] = m["context_lens_mean"]
+            row["roofline_s"] = roof
+            row[f"{mode}_step_s"] = m["step_s_mean"]
+            row[f"{mode}_step_s_median"] = m["step_s_median"]
+            row[f"{mode}_x_roofline"] = m["step_s_mean"] / roof
+            row[f"{mode}_tokens_per_s"] = b / m["step_s_mean"]
+            row[f"{mode}_pure_decode"] = m["pure_decode"]
+            if progress is not None:
+                progress.advance(task)
+        del eng, runner
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out_rows = list(rows.values())
+    for r in out_rows:
+        r["eager_over_graphs"] = r["eager_step_s"] / r["graphs_step_s"]
+    big = [r for r in out_rows if r["batch"] >= ROOFLINE_TARGET_BATCH]
+    return {"context": context, "steps": steps, "warmup_steps": DECODE_WARMUP_STEPS, "copy_gbps": copy_gbps,
+            **meta, "cuda_graphs_captured": captured, "target_x_roofline": ROOFLINE_TARGET,
+            "target_batch": ROOFLINE_TARGET_BATCH,
+            "target_met": (all(r["graphs_x_roofline"] <= ROOFLINE_TARGET for r in big) if big else None),
+            "rows": out_rows}
+
+
+def print_decode_roofline(console, d: dict, device: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"decode step vs memory roofline: context {d['context']}, {d['steps']} steps, "
+                        f"weights {d['weight_bytes'] / 1e6:.0f} MB, KV {d['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
+                        f"copy {d['copy_gbps']:.1f} GB/s ({device})")
+    for col in ("batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs",
+                "tok/s"):
+        table.add_column(col, justify="right")
+    for r in d["rows"]:
+        def ratio(mode: str, r: dict = r) -> str:
+            x = r[f"{mode}_x_roofline"]
+            colour = "green" if x <= d["target_x_roofline"] else ("red" if r["batch"] >= d["target_batch"] else "")
+            mark = "" if r[f"{mode}_pure_decode"] else "*"
+            return f"[{colour}]{x:.2f}{mark}[/]" if colour else f"{x:.2f}{mark}"
+
+        table.add_row(str(r["batch"]), f"{r['roofline_s'] * 1e3:.2f}", f"{r['graphs_step_s'] * 1e3:.2f}",
+                      ratio("graphs"), f"{r['eager_step_s'] * 1e3:.2f}", ratio("eager"),
+                      f"{r['eager_over_graphs']:.2f}", f"{r['graphs_tokens_per_s']:.0f}")
+    console.print(table)
+    if not d["cuda_graphs_captured"].get("graphs"):
+        console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
+    if not all(r["graphs_pure_decode"] and r["eager_pure_decode"] for r in d["rows"]):
+        console.print("* not every timed step decoded every sequence (preemption or a request finished)")
+    met = d["target_met"]
+    console.print(f"target: decode step <= {d['target_x_roofline']}x roofline at batch >= {d['target_batch']}: "
+                  + ("no batch that large measured" if met is None else ("met" if met else "NOT met")))
+
+
+# ---------------------------------------------------------------------- swap vs recompute (issue 4)
+SWAP_BLOCK_SIZES = [8, 16, 32, 64, 128]
+SWAP_TOKENS = {"cuda": 1536, "cpu": 512}  # tokens moved / recomputed per case (a multiple of every block size)
+SWAP_REPS = {"cuda": 10, "cpu": 3}
+
+
+def swap_vs_recompute_summary(swap_out_s: float, swap_in_s: float, recompute_s: float, num_blocks: int,
+                              block_size: int, block_bytes: int, cost) -> dict:
+    """Per-block costs of moving ``num_blocks`` blocks out and back vs prefilling their tokens again, next to
+    what ``cost`` (the scheduler's ``PreemptionCost``) predicts for the same blocks."""
+    tokens = num_blocks * block_size
+    swap_s = swap_out_s + swap_in_s
+    model_swap_s = 2 * num_blocks * cost.block_bytes / cost.swap_bytes_per_s
+    model_recompute_s = tokens * cost.flops_per_token / cost.flops_per_s
+    return {
+        "block_size": block_size, "num_blocks": num_blocks, "tokens": tokens, "block_bytes": block_bytes,
+        "swap_out_s": swap_out_s, "swap_in_s": swap_in_s, "recompute_s": recompute_s,
+        "swap_per_block_s": swap_s / num_blocks, "recompute_per_block_s": recompute_s / num_blocks,
+        "recompute_over_swap": recompute_s / swap_s,
+        "swap_gbps": 2 * num_blocks * block_bytes / swap_s / 1e9,  # bytes moved (out + in) per second
+        "recompute_flops_per_s": tokens * cost.flops_per_token / recompute_s,
+        "model_swap_per_block_s": model_swap_s / num_blocks,
+        "model_recompute_per_block_s": model_recompute_s / num_blocks,
+        "model_recompute_over_swap": model_recompute_s / model_swap_s,
+        "model_prefers_swap": bool(cost.prefer_swap(tokens, num_blocks)),
+        "measured_prefers_swap": swap_s < recompute_s,
+    }
+
+
+def measure_swap_vs_recompute(model_dir: str, device: str, dtype: str, block_size: int, tokens: int, reps: int,
+                              seed: int = 0) -> dict:
+    """Time ``ModelRunner.apply_block_ops`` swapping ``tokens / block_size`` random blocks out to the CPU pool
+    and back (on CPU: between two CPU pools), and one engine step prefilling a ``tokens``-token prompt (what a
+    recompute preemption redoes); medians of ``reps`` after a warm-up of each. Only prefill steps run, so
+    the engine captures no CUDA graphs (``enforce_eager``)."""
+    from engine import LLMEngine
+    from engine.scheduler import SchedulerOutput
+
+    dev = torch.device(device)
+    n = tokens // block_size
+    eng = LLMEngine(model_dir, device=device, dtype=dtype, block_size=block_size, num_gpu_blocks=2 * n + 8,
+                    swap_space_gb=0.25, enable_prefix_caching=False, max_num_seqs=4, enforce_eager=True,
+                    max_num_batched_tokens=max(2048, tokens + 1), preemption_mode="recompute")
+    runner = eng.runner
+    if runner.num_cpu_blocks < n:
+        raise ValueError(f"swap pool too small: {runner.num_cpu_blocks} blocks < {n}")
+    rng = np.random.default_rng(seed + block_size)
+    gpu_ids = rng.permutation(runner.num_gpu_blocks)[:n].tolist()
+    cpu_ids = rng.permutation(runner.num_cpu_blocks)[:n].tolist()
+    out_ops = SchedulerOutput(swap_out=list(zip(gpu_ids, cpu_ids)))
+    in_ops = SchedulerOutput(swap_in=list(zip(cpu_ids, gpu_ids)))
+
+    def timed(fn) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    outs, ins, recs = [], [], []
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for r in range(reps + 1):  # round 0 is the warm-up
+        o = timed(lambda: runner.apply_block_ops(out_ops))
+        i = timed(lambda: runner.apply_block_ops(in_ops))
+        eng.add_request(f"recompute-{r}", rng.integers(0, eng.vocab_size, tokens).tolist(), params)
+        step_outputs: list = []
+        t = timed(lambda: step_outputs.extend(eng.step()))  # noqa: B023 - called at once
+        if not (len(step_outputs) == 1 and step_outputs[0].finished):
+            raise RuntimeError("the recompute step did not prefill the whole prompt in one step")
+        if r:
+            outs.append(o)
+            ins.append(i)
+            recs.append(t)
+    def med(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    row = swap_vs_recompute_summary(med(outs), med(ins), med(recs), n, block_size, runner.block_bytes,
+                                    eng.scheduler.cost)
+    row["cost_model"] = {"flops_per_token": eng.scheduler.cost.flops_per_token,
+                         "flops_per_s": eng.scheduler.cost.flops_per_s,
+                         "swap_bytes_per_s": eng.scheduler.cost.swap_bytes_per_s}
+    return row
+
+
+def swap_vs_recompute_bench(model_dir: str, device: str, dtype: str, block_sizes: list[int], tokens: int, reps: int,
+                            copy_gbps: float, progress=None, task=None) -> dict:
+    dev = torch.device(device)
+    rows = []
+    for bs in block_sizes:
+        rows.append(measure_swap_vs_recompute(model_dir, device, dtype, bs, tokens, reps))
+        if progress is not None:
+            progress.advance(task)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    # Reference for the swap rate: pinned host<->device copies on CUDA; on CPU a plain copy (bytes moved).
+    if dev.type == "cuda":
+        from kernels.bench import measure_pinned_bandwidth
+
+        pinned = measure_pinned_bandwidth(256 << 20)
+        ref = {"reference": "pinned host<->device copy, mean of both directions",
+               "reference_gbps": (pinned["h2d_gbps"] + pinned["d2h_gbps"]) / 2, **pinned}
+    else:
+        ref = {"reference": "CPU memory copy (bytes moved, i.e. half the read+write copy rate)",
+               "reference_gbps": copy_gbps / 2}
+    for r in rows:
+        r["swap_fraction_of_reference"] = r["swap_gbps"] / ref["reference_gbps"]
+    return {"tokens": tokens, "reps": reps, **ref, "rows": rows}
+
+
+def print_swap_vs_recompute(console, d: dict, device: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"recompute vs swap per block: {d['tokens']} tokens a case ({device}); swap = out + back in;"
+                        " model = the scheduler's PreemptionCost")
+    for col in ("block", "swap µs/blk", "recompute µs/blk", "ratio", "model swap µs/blk", "model recompute µs/blk",
+                "model ratio", "swap GB/s"):
+        table.add_column(col, justify="right")
+    for r in d["rows"]:
+        table.add_row(str(r["block_size"]), f"{r['swap_per_block_s'] * 1e6:.0f}",
+                      f"{r['recompute_per_block_s'] * 1e6:.0f}", f"{r['recompute_over_swap']:.1f}",
+                      f"{r['model_swap_per_block_s'] * 1e6:.0f}", f"{r['model_recompute_per_block_s'] * 1e6:.0f}",
+                      f"{r['model_recompute_over_swap']:.1f}", f"{r['swap_gbps']:.2f}")
+    console.print(table)
+    cm = d["rows"][0]["cost_model"] if d["rows"] else {}
+    if cm:
+        eff_flops = sorted(r["recompute_flops_per_s"] for r in d["rows"])[len(d["rows"]) // 2]
+        eff_swap = sorted(r["swap_gbps"] for r in d["rows"])[len(d["rows"]) // 2]
+        console.print(f"cost model assumes {cm['flops_per_s'] / 1e9:.0f} GFLOP/s and {cm['swap_bytes_per_s'] / 1e9:.1f}"
+                      f" GB/s swap; measured (median over block sizes) {eff_flops / 1e9:.1f} GFLOP/s recompute and "
+                      f"{eff_swap:.2f} GB/s swap ({d['reference']}: {d['reference_gbps']:.2f} GB/s)")
+    wrong = [r["block_size"] for r in d["rows"] if r["model_prefers_swap"] != r["measured_prefers_swap"]]
+    console.print("the cost model's choice (swap or recompute) matches the measured cheaper one at every block size"
+                  if not wrong else f"[red]the cost model picks the costlier option at block sizes {wrong}[/]")
+
+
 # ---------------------------------------------------------------------- command
+def _parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
 def offline_command(
     num_requests: int = 48,
     seed: int = 0,
@@ -221,8 +544,22 @@ def offline_command(
     profile: bool = True,
     threads: int = 0,
     out: str = "docs/bench-offline.json",
+    skip_throughput: Annotated[bool, typer.Option(
+        help="Skip the workload runs (engine vs HF, concurrency, profile): only the sections below.")] = False,
+    skip_decode_roofline: Annotated[bool, typer.Option(help="Skip decode step time vs the memory roofline.")] = False,
+    decode_batches: Annotated[str, typer.Option(
+        help="Decode-roofline batch sizes, comma-separated (default 1,16,64,128,256 on CUDA, 1,4,16 on CPU).")] = "",
+    decode_context: Annotated[int, typer.Option(
+        help="Decode-roofline prompt length (default 1024 CUDA, 128 CPU).")] = 0,
+    decode_steps: Annotated[int, typer.Option(help="Timed decode steps per batch size (default 32 CUDA, 8 CPU).")] = 0,
+    skip_swap_vs_recompute: Annotated[bool, typer.Option(help="Skip recompute vs swap cost per block size.")] = False,
+    swap_block_sizes: Annotated[str, typer.Option(
+        help="Block sizes of the swap-vs-recompute section.")] = "8,16,32,64,128",
+    swap_tokens: Annotated[int, typer.Option(
+        help="Tokens swapped / recomputed per block size (default 1536 CUDA, 512 CPU).")] = 0,
 ) -> None:
-    """Offline throughput, compute floor, KV utilization and concurrency vs HF (see docs/benchmarks.md).
+    """Offline throughput, compute floor, KV utilization and concurrency vs HF; decode steps vs the memory
+    roofline, with and without CUDA graphs; recompute vs swap cost per block size (see docs/benchmarks.md).
 
     ``--threads N`` pins torch's intra-op threads for every contender (0 = torch's default). On a shared
     machine, OpenMP threads competing with other processes slow small ops several-fold; one thread each keeps
@@ -242,70 +579,112 @@ def offline_command(
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     model_cfg, vocab = BENCH_MODELS[size]
     w = make_workload(num_requests, seed, vocab_size=vocab)
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    batches_default, context_default, steps_default = DECODE_DEFAULTS[kind]
+    batches = _parse_ints(decode_batches) or batches_default
+    context = decode_context or context_default
+    steps = decode_steps or steps_default
+    block_sizes = _parse_ints(swap_block_sizes)
+    swap_n = swap_tokens or SWAP_TOKENS[kind]
     cache_root = Path(tempfile.gettempdir()) / "pagedserve-bench"
     cache_root.mkdir(exist_ok=True)
     results: dict = {"device": device, "num_requests": num_requests, "seed": seed,
                      "prompt_tokens": sum(map(len, w.prompts)), "output_tokens": w.num_output_tokens,
                      "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
                      "dtype": dtype}
+    total = 1 + (0 if skip_throughput else 5) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
+    total += 0 if skip_decode_roofline else 2 * len(batches)
+    total += 0 if skip_swap_vs_recompute else len(block_sizes)
     with Progress(console=console) as progress:
-        task = progress.add_task("benchmark", total=6)
+        task = progress.add_task("bench model", total=total)
         model_dir = bench_model_dir(cache_root, size)
         progress.advance(task)
-        flops_rate = matmul_flops_per_s(dev, getattr(torch, dtype))
-        floor_s = workload_flops(w, model_cfg, vocab) / flops_rate
-        results.update(matmul_flops_per_s=flops_rate, compute_floor_s=floor_s)
-        progress.advance(task)
-        results["pagedserve"] = run_engine(model_dir, w, device, dtype)
-        progress.advance(task)
-        results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size, dtype)
-        progress.advance(task)
-        if not skip_hf_continuous:
-            try:
-                results["hf_continuous"] = run_hf_continuous(model_dir, w, device, dtype)
-            except Exception as exc:  # a baseline failing must not hide our numbers; say why in the report
-                results["hf_continuous"] = {"error": f"{type(exc).__name__}: {exc}"}
-        progress.advance(task)
-        # Concurrency at a fixed KV budget vs reserving max-length contiguous space per sequence.
-        reserve = MAX_PROMPT + MAX_OUTPUT
-        budget_run = run_engine(model_dir, w, device, dtype, num_gpu_blocks=kv_budget_tokens // 16, block_size=16)
-        results["concurrency"] = {
-            "kv_budget_tokens": kv_budget_tokens, "contiguous_reservation_tokens": reserve,
-            "contiguous_max_seqs": kv_budget_tokens // reserve,
-            "paged_peak_seqs": budget_run["peak_concurrent_seqs"],
-            "paged_mean_kv_utilization": budget_run["mean_kv_utilization"],
-            "paged_preemptions": budget_run["num_preemptions"],
-        }
-        progress.advance(task)
-        if profile:
-            results["profile_s"] = profile_engine(model_dir, w, device, dtype)
+        if not skip_throughput:
+            progress.update(task, description="matmul FLOP/s")
+            flops_rate = matmul_flops_per_s(dev, getattr(torch, dtype))
+            floor_s = workload_flops(w, model_cfg, vocab) / flops_rate
+            results.update(matmul_flops_per_s=flops_rate, compute_floor_s=floor_s)
+            progress.advance(task)
+            progress.update(task, description="pagedserve")
+            results["pagedserve"] = run_engine(model_dir, w, device, dtype)
+            progress.advance(task)
+            progress.update(task, description="HF static")
+            results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size, dtype)
+            progress.advance(task)
+            if not skip_hf_continuous:
+                progress.update(task, description="HF continuous")
+                try:
+                    results["hf_continuous"] = run_hf_continuous(model_dir, w, device, dtype)
+                except Exception as exc:  # a baseline failing must not hide our numbers; say why in the report
+                    results["hf_continuous"] = {"error": f"{type(exc).__name__}: {exc}"}
+            progress.advance(task)
+            # Concurrency at a fixed KV budget vs reserving max-length contiguous space per sequence.
+            progress.update(task, description="concurrency")
+            reserve = MAX_PROMPT + MAX_OUTPUT
+            budget_run = run_engine(model_dir, w, device, dtype, num_gpu_blocks=kv_budget_tokens // 16,
+                                    block_size=16)
+            results["concurrency"] = {
+                "kv_budget_tokens": kv_budget_tokens, "contiguous_reservation_tokens": reserve,
+                "contiguous_max_seqs": kv_budget_tokens // reserve,
+                "paged_peak_seqs": budget_run["peak_concurrent_seqs"],
+                "paged_mean_kv_utilization": budget_run["mean_kv_utilization"],
+                "paged_preemptions": budget_run["num_preemptions"],
+            }
+            progress.advance(task)
+            if profile:
+                progress.update(task, description="profile")
+                results["profile_s"] = profile_engine(model_dir, w, device, dtype)
+        if not (skip_decode_roofline and skip_swap_vs_recompute):
+            # The engines above may still hold their KV pools through reference cycles: free them first.
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            progress.update(task, description="copy bandwidth")
+            copy_gbps = copy_bandwidth_gbps(dev)
+            results["copy_gbps"] = copy_gbps
+            progress.advance(task)
+        if not skip_decode_roofline:
+            progress.update(task, description="decode roofline")
+            results["decode_roofline"] = decode_roofline_bench(model_dir, device, dtype, batches, context, steps,
+                                                               copy_gbps, progress, task, seed)
+        if not skip_swap_vs_recompute:
+            progress.update(task, description="swap vs recompute")
+            results["swap_vs_recompute"] = swap_vs_recompute_bench(
+                model_dir, device, dtype, block_sizes, swap_n, SWAP_REPS[kind], copy_gbps, progress, task)
 
-    table = Table(title=f"bench offline: {num_requests} requests, {w.num_output_tokens} output tokens, {device}")
-    for col in ("contender", "wall s", "output tok/s", "x HF static", "x compute floor"):
-        table.add_column(col, justify="right")
-    base = results["hf_static"]["output_tokens"] / results["hf_static"]["wall_s"]
-    for name in ("pagedserve", "hf_static", "hf_continuous"):
-        r = results.get(name)
-        if not r or "error" in r:
-            table.add_row(name, "-", "-", "-", (r or {}).get("error", "skipped")[:40])
-            continue
-        tps = r["output_tokens"] / r["wall_s"]
-        r["output_tokens_per_s"] = tps
-        r["x_compute_floor"] = r["wall_s"] / floor_s
-        table.add_row(name, f"{r['wall_s']:.2f}", f"{tps:.1f}", f"{tps / base:.2f}", f"{r['x_compute_floor']:.2f}")
-    console.print(table)
-    c = results["concurrency"]
-    console.print(f"compute floor {floor_s:.2f} s at {flops_rate / 1e9:.1f} GFLOP/s (large matmul); "
-                  f"mean KV utilization {results['pagedserve']['mean_kv_utilization']:.4f}")
-    console.print(f"concurrency at {c['kv_budget_tokens']} KV slots: paged {c['paged_peak_seqs']} seqs vs contiguous "
-                  f"{c['contiguous_max_seqs']} ({c['paged_peak_seqs'] / max(1, c['contiguous_max_seqs']):.1f}x)")
-    if profile:
-        prof = Table(title="where the engine's time goes (cProfile, cumulative s)")
-        prof.add_column("stage")
-        prof.add_column("s", justify="right")
-        for label, secs in results["profile_s"]:
-            prof.add_row(label, f"{secs:.2f}")
-        console.print(prof)
+    if not skip_throughput:
+        table = Table(title=f"bench offline: {num_requests} requests, {w.num_output_tokens} output tokens, {device}")
+        for col in ("contender", "wall s", "output tok/s", "x HF static", "x compute floor"):
+            table.add_column(col, justify="right")
+        base = results["hf_static"]["output_tokens"] / results["hf_static"]["wall_s"]
+        for name in ("pagedserve", "hf_static", "hf_continuous"):
+            r = results.get(name)
+            if not r or "error" in r:
+                table.add_row(name, "-", "-", "-", (r or {}).get("error", "skipped")[:40])
+                continue
+            tps = r["output_tokens"] / r["wall_s"]
+            r["output_tokens_per_s"] = tps
+            r["x_compute_floor"] = r["wall_s"] / floor_s
+            table.add_row(name, f"{r['wall_s']:.2f}", f"{tps:.1f}", f"{tps / base:.2f}",
+                          f"{r['x_compute_floor']:.2f}")
+        console.print(table)
+        c = results["concurrency"]
+        console.print(f"compute floor {floor_s:.2f} s at {flops_rate / 1e9:.1f} GFLOP/s (large matmul); "
+                      f"mean KV utilization {results['pagedserve']['mean_kv_utilization']:.4f}")
+        console.print(f"concurrency at {c['kv_budget_tokens']} KV slots: paged {c['paged_peak_seqs']} seqs vs "
+                      f"contiguous {c['contiguous_max_seqs']} "
+                      f"({c['paged_peak_seqs'] / max(1, c['contiguous_max_seqs']):.1f}x)")
+        if profile:
+            prof = Table(title="where the engine's time goes (cProfile, cumulative s)")
+            prof.add_column("stage")
+            prof.add_column("s", justify="right")
+            for label, secs in results["profile_s"]:
+                prof.add_row(label, f"{secs:.2f}")
+            console.print(prof)
+    if not skip_decode_roofline:
+        print_decode_roofline(console, results["decode_roofline"], device)
+    if not skip_swap_vs_recompute:
+        print_swap_vs_recompute(console, results["swap_vs_recompute"], device)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2))
     console.print(f"results written to {out}")
