@@ -15,7 +15,15 @@ import time
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def _compile(fn, pointers: dict[str, str], constants: dict, floats: tuple[str, ...], capability: int, stages: int):
+def _compile(
+    fn,
+    pointers: dict[str, str],
+    constants: dict,
+    floats: tuple[str, ...],
+    capability: int,
+    stages: int,
+    extra_options: dict | None = None,
+):
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
@@ -29,12 +37,12 @@ def _compile(fn, pointers: dict[str, str], constants: dict, floats: tuple[str, .
         else:
             signature[name] = "fp32" if name in floats else "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    options = {"num_warps": 4, "num_stages": stages}
+    options = {"num_warps": 4, "num_stages": stages, **(extra_options or {})}
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def cases(full: bool):
-    """(label, kernel, pointer types, constexprs, float args, num_stages) for representative configurations."""
+    """(label, kernel, pointer types, constexprs, float args, num_stages[, extra compile options]) to compile."""
     from kernels import triton_attention as ta  # noqa: PLC0415
     from kernels import triton_cache as tc  # noqa: PLC0415
 
@@ -129,6 +137,71 @@ def cases(full: bool):
         (),
         2,
     )
+    yield from _fused_cases(full)
+
+
+def _fused_cases(full: bool):
+    """The element-wise model ops (kernels.triton_fused), with the launch options their wrappers use."""
+    from kernels import triton_fused as tf  # noqa: PLC0415
+
+    no_fma = {"enable_fp_fusion": False}
+    dtypes = ["bf16", "fp16", "fp32"] if full else ["bf16"]
+    widths = [4096, 80, 16384, 200] if full else [4096, 80]
+    for dt in dtypes:
+        for width in widths:
+            block = tf._next_pow2(width)
+            warps = {**no_fma, "num_warps": tf._row_warps(block)}
+            yield (
+                f"rms_norm {dt} n={width}",
+                tf._rms_norm_kernel,
+                {"out_ptr": f"*{dt}", "x_ptr": f"*{dt}", "weight_ptr": f"*{dt}"},
+                {"BLOCK": block},
+                ("inv_n", "eps"),
+                1,
+                warps,
+            )
+            yield (
+                f"add_rms_norm {dt} n={width}",
+                tf._add_rms_norm_kernel,
+                {
+                    "out_ptr": f"*{dt}",
+                    "residual_out_ptr": f"*{dt}",
+                    "x_ptr": f"*{dt}",
+                    "residual_ptr": f"*{dt}",
+                    "weight_ptr": f"*{dt}",
+                },
+                {"BLOCK": block},
+                ("inv_n", "eps"),
+                1,
+                warps,
+            )
+            yield (
+                f"silu_and_mul {dt} i={width}",
+                tf._silu_and_mul_kernel,
+                {"out_ptr": f"*{dt}", "x_ptr": f"*{dt}"},
+                {"BLOCK": min(tf.SILU_BLOCK, block), "EXACT_EXP": True},
+                (),
+                1,
+                no_fma,
+            )
+        heads = [(32, 8, 128), (12, 2, 80)] + ([(8, 8, 64), (16, 4, 96), (8, 1, 256)] if full else [])
+        for num_q, num_kv, head_dim in heads:
+            yield (
+                f"rotary {dt} hq={num_q} hkv={num_kv} d={head_dim}",
+                tf._rotary_kernel,
+                {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
+                {
+                    "NUM_Q_HEADS": num_q,
+                    "NUM_KV_HEADS": num_kv,
+                    "HALF": head_dim // 2,
+                    "QH_PAD": tf._next_pow2(num_q),
+                    "KH_PAD": tf._next_pow2(num_kv),
+                    "HALF_PAD": tf._next_pow2(head_dim // 2),
+                },
+                (),
+                1,
+                no_fma,
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -138,11 +211,11 @@ def main(argv: list[str]) -> int:
     full = "--full" in argv
     capabilities = [80, 90] if full else [90]
     failures = 0
-    for label, fn, pointers, constants, floats, stages in cases(full):
+    for label, fn, pointers, constants, floats, stages, *extra in cases(full):
         for capability in capabilities:
             start = time.perf_counter()
             try:
-                compiled = _compile(fn, pointers, constants, floats, capability, stages)
+                compiled = _compile(fn, pointers, constants, floats, capability, stages, *extra)
             except Exception as exc:  # noqa: BLE001  (report every failing kernel, then fail)
                 failures += 1
                 print(f"FAIL sm_{capability} {label}: {type(exc).__name__}: {exc}")

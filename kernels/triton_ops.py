@@ -1,4 +1,4 @@
-"""Triton implementation of the paged-KV kernel set (same signatures and semantics as :mod:`kernels.reference`).
+"""Triton implementation of the kernel set (same signatures and semantics as :mod:`kernels.reference`).
 
 ``kernels.get_ops("cuda")`` returns :data:`OPS`. Every op also runs on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests them); ``swap_blocks`` defers to the reference unless one side is CUDA.
@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention, varlen_attention
 from kernels.triton_cache import copy_blocks, swap_blocks, write_kv
+from kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 OPS = SimpleNamespace(
     name="triton",
@@ -18,14 +19,22 @@ OPS = SimpleNamespace(
     paged_decode_attention=paged_decode_attention,
     copy_blocks=copy_blocks,
     swap_blocks=swap_blocks,
+    rms_norm=rms_norm,
+    add_rms_norm=add_rms_norm,
+    rotary_embedding=rotary_embedding,
+    silu_and_mul=silu_and_mul,
 )
 
 __all__ = [
     "OPS",
+    "add_rms_norm",
     "copy_blocks",
     "decode_attention",
     "paged_attention",
     "paged_decode_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
     "swap_blocks",
     "varlen_attention",
     "write_kv",

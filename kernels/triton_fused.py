@@ -1,0 +1,368 @@
+"""Triton element-wise model ops: RMSNorm (+ residual add), neox rotary embedding, SiLU-and-mul.
+
+Same signatures and semantics as the bottom section of :mod:`kernels.reference`, which computes exactly what
+HF transformers computes. The kernels keep the reference's rounding points (fp32 inside, rounded to the model
+dtype where torch rounds) and use the same fp32 operations as torch's CUDA kernels, so on a GPU they are meant
+to match torch on the same GPU (``tests/test_fused_kernels.py``'s ``gpu`` tests hold them to it):
+
+  * ``rotary_embedding``, ``silu_and_mul`` and the residual sum of ``add_rms_norm``: bit for bit.
+  * ``rms_norm`` / the normalised output of ``add_rms_norm``: the fp32 sum of squares is reduced in a
+    different order than torch's reduction, so the fp32 normaliser can differ in its last bits; after the
+    rounding to the model dtype that rarely moves an element by one ulp, which the multiply by ``weight`` can
+    turn into two ulps of the output. fp32 models see a few fp32 ulps.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors, how CI runs these) numpy does the math: fp32 -> bf16 conversions
+truncate instead of rounding to nearest, and ``exp`` is numpy's, so results may be a few ulps off there.
+
+All kernels are launched with ``enable_fp_fusion=False``: torch evaluates ``a * b - c * d`` as separate
+element-wise ops, each rounded, and an FMA contraction would round once and differ in the last bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# libdevice calls cannot run in the interpreter; there ``tl.exp`` (numpy) stands in. Decided at import, like
+# the choice between a compiled and an interpreted kernel.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _row_warps(block: int) -> int:
+    """Warps for one program reducing a row of ``block`` (power of two) elements: ~256 elements per warp."""
+    return min(16, max(1, block // 256))
+
+
+def _inv(n: int) -> float:
+    """``1 / n`` rounded once to fp32, as torch's CUDA ``mean`` computes its factor (a Python float would be
+    rounded twice: to fp64, then to fp32 at launch)."""
+    return float(np.float32(1.0) / np.float32(n))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(
+    out_ptr,
+    x_ptr,
+    weight_ptr,
+    stride_xt,
+    stride_xh,
+    stride_xd,
+    num_heads,
+    n_cols,
+    inv_n,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    """One program normalises one row ``x[t, h, :]``; ``out`` is contiguous ``[rows, n_cols]``."""
+    row = tl.program_id(0).to(tl.int64)
+    t = row // num_heads
+    h = row % num_heads
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + t * stride_xt + h * stride_xh + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # mean as torch's CUDA reduction computes it: sum * fl32(1/N); masked lanes are 0 and add nothing.
+    var = tl.sum(x * x, axis=0) * inv_n
+    xn = x * tl.rsqrt(var + eps)
+    # HF rounds the normalised row to the input dtype before the (model-dtype) multiply by weight.
+    xn = xn.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + offs, w * xn, mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    out_ptr,
+    residual_out_ptr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    stride_xt,
+    stride_xd,
+    stride_rt,
+    stride_rd,
+    n_cols,
+    inv_n,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    """One program per row: ``s = x + residual`` (stored, rounded to its dtype), then RMSNorm of that ``s``.
+
+    The whole row is loaded before anything is stored, so ``residual_out`` may alias ``residual`` and ``out``
+    may alias ``x`` (in-place update).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride_xt + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(residual_ptr + row * stride_rt + offs * stride_rd, mask=mask, other=0.0).to(tl.float32)
+    # The sum is rounded to the model dtype (torch's ``x + residual``) and the norm is taken of the rounded sum.
+    s = (x + r).to(residual_out_ptr.dtype.element_ty)
+    tl.store(residual_out_ptr + row * n_cols + offs, s, mask=mask)
+    s = s.to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(s * s, axis=0) * inv_n
+    sn = (s * tl.rsqrt(var + eps)).to(residual_out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + offs, w * sn, mask=mask)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 3-D ``[T, H, D]`` view (no copy for 1-D, 2-D and 3-D inputs) for the per-row kernels."""
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    if x.dim() == 3:
+        return x
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """:func:`rms_norm` into ``out``, a contiguous tensor of ``x``'s shape and dtype ``promote(x, weight)``.
+
+    ``x`` may be any strided view (e.g. Qwen3's per-head q/k norm on ``[T, H, D]`` slices of a fused qkv
+    output); ``weight`` is contiguous ``[D]``. One program per row of ``D`` elements, the whole row in one
+    block (``D`` up to 16384 or so; larger rows spill registers but stay correct).
+    """
+    n_cols = x.shape[-1]
+    assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} for rows of {n_cols}"
+    assert out.shape == x.shape and out.is_contiguous(), "out must be contiguous with x's shape"
+    x3 = _as_rows(x)
+    rows = x3.shape[0] * x3.shape[1]
+    if rows == 0 or n_cols == 0:
+        return out
+    block = _next_pow2(n_cols)
+    _rms_norm_kernel[(rows,)](
+        out, x3, weight.contiguous(), x3.stride(0), x3.stride(1), x3.stride(2), x3.shape[1], n_cols,
+        _inv(n_cols), float(eps), BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton :func:`kernels.reference.rms_norm`: RMSNorm over the last dim of a 2-D or 3-D (strided) ``x``."""
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    return rms_norm_out(x, weight, eps, out)
+
+
+def add_rms_norm_out(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    residual_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` into ``out`` / ``residual_out`` (contiguous, ``x``'s shape).
+
+    ``residual_out`` has the dtype of ``x + residual``, ``out`` that of ``promote(x + residual, weight)``.
+    Either may alias its input (``residual_out=residual`` updates the residual stream in place).
+    """
+    n_cols = x.shape[-1]
+    assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
+    assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} for rows of {n_cols}"
+    assert out.shape == x.shape and out.is_contiguous(), "out must be contiguous with x's shape"
+    assert residual_out.shape == x.shape and residual_out.is_contiguous(), "residual_out must be contiguous"
+    x2, r2 = x.reshape(-1, n_cols), residual.reshape(-1, n_cols)  # views for 2-D inputs
+    rows = x2.shape[0]
+    if rows == 0 or n_cols == 0:
+        return out, residual_out
+    block = _next_pow2(n_cols)
+    _add_rms_norm_kernel[(rows,)](
+        out, residual_out, x2, r2, weight.contiguous(), x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
+        n_cols, _inv(n_cols), float(eps), BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
+    )  # fmt: skip
+    return out, residual_out
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`kernels.reference.add_rms_norm`: ``(rms_norm(x + residual), x + residual)`` in one pass.
+
+    Writes fresh tensors; the inputs are left as they are.
+    """
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    residual_out = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    return add_rms_norm_out(x, residual, weight, eps, out, residual_out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary embedding (neox style, in place)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    t,
+    stride_t,
+    stride_h,
+    stride_d,
+    c,
+    s,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """Rotate all heads of token ``t`` in place: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]`` (fp32, one rounding)."""
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HALF_PAD)
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HALF)[None, :]
+    p1 = x_ptr + t * stride_t + offs_h[:, None] * stride_h + offs_d[None, :] * stride_d
+    p2 = p1 + HALF * stride_d
+    # Both halves are loaded before either is stored: the rotation reads its own output locations.
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, x1 * c - x2 * s, mask=mask)
+    tl.store(p2, x2 * c + x1 * s, mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_cos,
+    stride_sin,
+    stride_cd,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    QH_PAD: tl.constexpr,
+    KH_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """One program per token: looks up its position's cos/sin row once and rotates its q and k heads in place."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF_PAD)
+    cmask = offs_d < HALF
+    c = tl.load(cos_ptr + pos * stride_cos + offs_d * stride_cd, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_sin + offs_d * stride_cd, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr, t, stride_qt, stride_qh, stride_qd, c, s, NUM_Q_HEADS, HALF, QH_PAD, HALF_PAD)
+    _rotate_heads(k_ptr, t, stride_kt, stride_kh, stride_kd, c, s, NUM_KV_HEADS, HALF, KH_PAD, HALF_PAD)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`kernels.reference.rotary_embedding`: rotates ``q`` and ``k`` in place and returns them.
+
+    ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` may be any strided views (normally slices of one fused qkv
+    output, ``stride(0)`` = its width); nothing outside them is written, so the v part of a fused tensor
+    stays as it is. ``positions`` ``[T]`` (any integer dtype, any order) must index rows of the fp32 tables
+    ``cos``/``sin`` ``[max_positions, D / 2]``; they are not bounds-checked on the device.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape[0] == num_tokens and k.shape[2] == head_dim, f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
+    assert positions.shape == (num_tokens,), f"positions {tuple(positions.shape)} for {num_tokens} tokens"
+    assert head_dim % 2 == 0 and cos.shape[-1] == head_dim // 2 and sin.shape == cos.shape, "cos/sin [P, D/2]"
+    assert cos.stride(-1) == sin.stride(-1), "cos and sin must share their last-dim stride"
+    if num_tokens == 0:
+        return q, k
+    half = head_dim // 2
+    q_pad, k_pad, half_pad = _next_pow2(num_q_heads), _next_pow2(num_kv_heads), _next_pow2(half)
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, cos, sin, *q.stride(), *k.stride(), cos.stride(0), sin.stride(0), cos.stride(1),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, QH_PAD=q_pad, KH_PAD=k_pad,
+        HALF_PAD=half_pad, num_warps=4 if q_pad * half_pad <= 4096 else 8, enable_fp_fusion=False,
+    )  # fmt: skip
+    return q, k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SiLU and mul (SwiGLU)
+# ---------------------------------------------------------------------------------------------------------
+
+SILU_BLOCK = 1024
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    out_ptr,
+    x_ptr,
+    stride_xt,
+    stride_xd,
+    n_cols,
+    BLOCK: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+):
+    """Program ``(t, j)``: ``out[t, jB:(j+1)B] = silu(gate) * up`` for ``x[t] = [gate | up]``, ``out`` contiguous."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    row = x_ptr + t * stride_xt
+    gate = tl.load(row + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row + (offs + n_cols) * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    # torch's CUDA silu is ``x / (1 + expf(-x))`` with the accurate expf and an IEEE division; libdevice's exp
+    # and div_rn are those same operations (``tl.exp`` and ``/`` are approximations that differ in the last bits).
+    if EXACT_EXP:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    silu = tl.math.div_rn(gate, 1.0 + e)
+    # ``F.silu(gate) * up`` in the model dtype: silu is rounded before the multiply.
+    silu = silu.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t * n_cols + offs, silu * up, mask=mask)
+
+
+def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`silu_and_mul` into ``out`` (contiguous ``[..., I]``, ``x``'s dtype) for any strided ``x [..., 2I]``."""
+    width = x.shape[-1]
+    assert width % 2 == 0, f"x width {width} is not [gate | up]"
+    n_cols = width // 2
+    assert out.shape == (*x.shape[:-1], n_cols) and out.is_contiguous(), "out must be contiguous [..., I]"
+    x2 = x.reshape(-1, width)  # a view for the usual 2-D input
+    num_tokens = x2.shape[0]
+    if num_tokens == 0 or n_cols == 0:
+        return out
+    block = min(SILU_BLOCK, _next_pow2(n_cols))
+    # Tokens on grid axis 0 (up to 2^31 - 1); the few column blocks per row on axis 1 (limited to 65535).
+    grid = (num_tokens, triton.cdiv(n_cols, block))
+    _silu_and_mul_kernel[grid](
+        out, x2, x2.stride(0), x2.stride(1), n_cols, BLOCK=block, EXACT_EXP=not _INTERPRET, num_warps=4,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Triton :func:`kernels.reference.silu_and_mul`: ``silu(gate) * up`` for ``x = [gate | up]`` ``[T, 2I]``."""
+    out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
+    return silu_and_mul_out(x, out)
+
+
+__all__ = [
+    "add_rms_norm",
+    "add_rms_norm_out",
+    "rms_norm",
+    "rms_norm_out",
+    "rotary_embedding",
+    "silu_and_mul",
+    "silu_and_mul_out",
+]
