@@ -18,6 +18,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: list[str], skip_ids: set[int]) -> None:
         self.tokenizer = tokenizer
+        # HF fast tokenizers wrap a Rust ``tokenizers.Tokenizer``; calling it directly gives the same text (we
+        # never ask for clean-up) without the Python wrapper, which cost 10x the decode itself per token.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend_decode = getattr(backend, "decode", None)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.skip_ids = skip_ids
@@ -35,6 +39,8 @@ class IncrementalDetokenizer:
         return new
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str | None:

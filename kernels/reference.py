@@ -109,9 +109,11 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     order = sorted(range(len(lens)), key=lens.__getitem__)
     bucket: list[int] = []
+    bucket_tokens = 0  # sum of the bucket's lengths (kept running: a re-sum per candidate is quadratic)
     for i in order + [None]:
-        if i is not None and (not bucket or lens[i] * (len(bucket) + 1) <= 1.25 * (sum(lens[j] for j in bucket) + lens[i])):
+        if i is not None and (not bucket or lens[i] * (len(bucket) + 1) <= 1.25 * (bucket_tokens + lens[i])):
             bucket.append(i)
+            bucket_tokens += lens[i]
             continue
         idx = torch.tensor(bucket, device=q.device)
         if len(bucket) == len(lens):
@@ -119,6 +121,7 @@ def paged_decode_attention(
         else:
             out[idx] = _decode_padded(q[idx], k_cache, v_cache, seq_lens[idx], block_tables[idx], scale)
         bucket = [i] if i is not None else []
+        bucket_tokens = lens[i] if i is not None else 0
     return out
 
 
