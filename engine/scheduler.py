@@ -12,6 +12,7 @@ pool, or recomputed (its blocks freed, prompt + output prefilled again later), o
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -127,6 +128,10 @@ class Scheduler:
         After a recompute preemption, a group's sequences all start empty: the first is prefilled alone, and the
         others then re-share their common prefix with it (``share_prefix``) instead of prefilling privately.
         """
+        if len(req.seqs) == 1:  # the common case, kept cheap: it runs for every running request every step
+            seq = req.seqs[0]
+            n = 0 if seq.finished else min(seq.num_tokens - seq.num_computed_tokens, budget)
+            return [(seq, n)] if n > 0 else None
         seqs = req.unfinished_seqs()
         if len(seqs) > 1:
             computed = [s for s in seqs if s.num_computed_tokens > 0]
@@ -154,9 +159,12 @@ class Scheduler:
             budget -= n
         return plan or None
 
-    def _admit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> None:
+    def _admit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
+        """Add ``req`` to the step; returns the tokens it takes from the budget."""
+        tokens = plan[0][1] if len(plan) == 1 else sum(n for _, n in plan)
         out.scheduled.append(ScheduledRequest(req, plan))
-        out.num_batched_tokens += sum(n for _, n in plan)
+        out.num_batched_tokens += tokens
+        return tokens
 
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
@@ -166,10 +174,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
 
         # 1. running requests, best first; make room by preempting from the back of the queue.
-        queue = list(self.running)
+        queue = deque(self.running)
         starved = False  # a running request had to be preempted for room: admit nothing new this step
         while queue and budget > 0:
-            req = queue.pop(0)
+            req = queue.popleft()
             plan = self._plan(req, budget)
             if plan is None:
                 continue
@@ -183,8 +191,7 @@ class Scheduler:
                 continue
             for seq, n in plan:
                 assert self.bm.allocate(seq, n)
-            self._admit(req, plan, out)
-            budget -= sum(n for _, n in plan)
+            budget -= self._admit(req, plan, out)
 
         # 2. swapped requests come back before new ones start (they hold CPU blocks and have waited).
         num_seqs = self.num_running_seqs()
@@ -204,8 +211,7 @@ class Scheduler:
                     continue
                 for seq, n in plan:
                     assert self.bm.allocate(seq, n)
-                self._admit(req, plan, out)
-                budget -= sum(n for _, n in plan)
+                budget -= self._admit(req, plan, out)
 
         # 3. waiting requests (new, or preempted by recompute), with prefix-cache hits and chunked prefill.
         if not starved and not self.swapped:
@@ -234,8 +240,7 @@ class Scheduler:
                     req.num_cached_tokens = max(req.num_cached_tokens, len(cached) * self.bm.block_size)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                self._admit(req, plan, out)
-                budget -= sum(n for _, n in plan)
+                budget -= self._admit(req, plan, out)
                 num_seqs += req.max_seqs
 
         out.swap_out, out.swap_in, out.copies = self.bm.take_pending()
