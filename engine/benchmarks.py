@@ -327,10 +327,19 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
     rows = {b: {"batch": b} for b in batches}
     meta: dict = {}
     captured: dict[str, bool] = {}
-    for mode, eager in (("graphs", False), ("eager", True)):
+    for mode, eager in (("graphs", False), ("eager", True), ("host", True)):
         eng = decode_engine(model_dir, device, dtype, max(batches), context, steps, eager)
         runner = eng.runner
         captured[mode] = getattr(runner, "decode_graphs", None) is not None
+        if mode == "host":
+            # The engine's own cost per step (schedule, inputs, sampler, detokenizer, outputs): the same steps
+            # with a model forward and LM head that cost nothing. Whatever of it is not hidden behind the GPU
+            # adds to every decode step.
+            cfg, model_dtype = runner.model.config, runner.dtype
+            runner.model.forward = lambda input_ids, positions: torch.zeros(
+                input_ids.shape[0], cfg.hidden_size, dtype=model_dtype, device=input_ids.device)
+            runner.model.compute_logits = lambda hidden: torch.zeros(
+                hidden.shape[0], cfg.vocab_size, dtype=torch.float32, device=hidden.device)
         meta = {"weight_bytes": decode_weight_bytes(runner.model),
                 "kv_bytes_per_token": runner.block_bytes // runner.block_size,
                 "num_params": runner.num_params, "dtype": str(runner.dtype).removeprefix("torch.")}
@@ -355,6 +364,7 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
     out_rows = list(rows.values())
     for r in out_rows:
         r["eager_over_graphs"] = r["eager_step_s"] / r["graphs_step_s"]
+        r["host_us_per_seq"] = r["host_step_s"] / r["batch"] * 1e6
     big = [r for r in out_rows if r["batch"] >= ROOFLINE_TARGET_BATCH]
     return {"context": context, "steps": steps, "warmup_steps": DECODE_WARMUP_STEPS, "copy_gbps": copy_gbps,
             **meta, "cuda_graphs_captured": captured, "target_x_roofline": ROOFLINE_TARGET,
@@ -370,7 +380,7 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
                         f"weights {d['weight_bytes'] / 1e6:.0f} MB, KV {d['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
                         f"copy {d['copy_gbps']:.1f} GB/s ({device})")
     for col in ("batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs",
-                "tok/s"):
+                "tok/s", "host ms", "host us/seq"):
         table.add_column(col, justify="right")
     for r in d["rows"]:
         def ratio(mode: str, r: dict = r) -> str:
@@ -381,8 +391,10 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
 
         table.add_row(str(r["batch"]), f"{r['roofline_s'] * 1e3:.2f}", f"{r['graphs_step_s'] * 1e3:.2f}",
                       ratio("graphs"), f"{r['eager_step_s'] * 1e3:.2f}", ratio("eager"),
-                      f"{r['eager_over_graphs']:.2f}", f"{r['graphs_tokens_per_s']:.0f}")
+                      f"{r['eager_over_graphs']:.2f}", f"{r['graphs_tokens_per_s']:.0f}",
+                      f"{r['host_step_s'] * 1e3:.2f}", f"{r['host_us_per_seq']:.1f}")
     console.print(table)
+    console.print("host: the same steps with a zero-cost model forward and LM head (the engine's own work per step)")
     if not d["cuda_graphs_captured"].get("graphs"):
         console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
     if not all(r["graphs_pure_decode"] and r["eager_pure_decode"] for r in d["rows"]):
@@ -593,7 +605,7 @@ def offline_command(
                      "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
                      "dtype": dtype}
     total = 1 + (0 if skip_throughput else 5) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
-    total += 0 if skip_decode_roofline else 2 * len(batches)
+    total += 0 if skip_decode_roofline else 3 * len(batches)
     total += 0 if skip_swap_vs_recompute else len(block_sizes)
     with Progress(console=console) as progress:
         task = progress.add_task("bench model", total=total)

@@ -73,8 +73,9 @@ def test_decode_roofline_bench_rows(tiny_models):
     d = B.decode_roofline_bench(tiny_models["llama"], "cpu", "float32", [1, 2], context=16, steps=2, copy_gbps=5.0)
     assert [r["batch"] for r in d["rows"]] == [1, 2] and d["target_met"] is None
     for r in d["rows"]:
-        assert r["graphs_pure_decode"] and r["eager_pure_decode"]
+        assert r["graphs_pure_decode"] and r["eager_pure_decode"] and r["host_pure_decode"]
         assert r["graphs_x_roofline"] == pytest.approx(r["graphs_step_s"] / r["roofline_s"])
+        assert r["host_us_per_seq"] == pytest.approx(r["host_step_s"] / r["batch"] * 1e6)
 
 
 def test_measure_swap_vs_recompute_on_cpu(tiny_models):
