@@ -91,9 +91,14 @@ def test_graphs_only_on_cuda_and_not_when_eager(tiny_models):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gpu_graph_replay_equals_eager_steps(dtype, tiny_models):
-    """Captured graphs for the whole ladder; replayed decode steps give the eager steps' tokens and logprobs."""
+def test_gpu_graph_replay_equals_eager_steps(tiny_models):
+    """Captured graphs for the whole ladder; replayed decode steps give the eager steps' tokens and logprobs.
+
+    fp32, because a padded step may pick another split-KV partition or GEMM algorithm than the eager step of
+    the real size: the sums are reordered, so only fp32 agrees this closely (bf16 near-ties are compared with
+    a tolerance in test_engine_gpu.py).
+    """
+    dtype = "float32"
     prompts, lengths = _prompts_and_lengths(11, seed=2)
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2) for m in lengths]
     eager = LLM(model=tiny_models["qwen2"], device="cuda", dtype=dtype, max_num_seqs=16, enforce_eager=True)
@@ -107,4 +112,4 @@ def test_gpu_graph_replay_equals_eager_steps(dtype, tiny_models):
         for lw, lg in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
             assert lw.keys() == lg.keys()
             for tok in lw:
-                assert abs(lw[tok] - lg[tok]) < 1e-3
+                assert abs(lw[tok] - lg[tok]) < 1e-4
