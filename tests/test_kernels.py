@@ -138,6 +138,28 @@ def test_decode_matches_reference(dtype, group, head_dim):
         _assert_close(out, expected)
 
 
+@pytest.mark.parametrize("poisoned", [True, False], ids=["nan-cache", "finite-cache"])
+def test_reference_decode_against_naive_attention(poisoned):
+    """The reference itself against per-sequence fp64 attention. A NaN-poisoned cache sends buckets down the
+    token-level fallback; the same tokens in a zero-filled cache take the whole-block gather."""
+    gen = torch.Generator().manual_seed(11)
+    block_size, num_kv_heads, group, head_dim = 8, 2, 2, 32
+    lengths = [1, 7, 8, 9, 16, 17, 40, 41, 3, 24]
+    k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, torch.float32, gen, table_pad=2)
+    if not poisoned:
+        k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen)
+    out = reference.paged_decode_attention(q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32), table, 0.2)
+    for i, n in enumerate(lengths):
+        pos = torch.arange(n)
+        slots = table[i].long()[pos // block_size] * block_size + pos % block_size
+        k = k_cache.view(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v_cache.view(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * 0.2, dim=-1)
+        want = torch.einsum("hn,nhd->hd", weights, v)
+        torch.testing.assert_close(out[i].double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_block_boundaries_and_auto_split(block_size):
     """Lengths at, just below and just above block and partition boundaries; a wide table forces a split."""
