@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,7 +47,11 @@ class Settings(BaseSettings):
     # --- extras (documented in docs/service.md) -------------------------------------------------------------
     worker_name: str | None = None  # stable consumer name; default: the host name
     metrics_host: str = "0.0.0.0"
-    grace_period_s: float = Field(30.0, ge=0)  # SIGTERM: time to finish in-flight work
+    # SIGTERM: time to finish in-flight work. Also read as PAGEDSERVE_SHUTDOWN_GRACE_S, the name the chart and
+    # the compose file use for the pod's drain (both set it; the first name wins when both are present).
+    grace_period_s: float = Field(30.0, ge=0, validation_alias=AliasChoices(
+        "grace_period_s", "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
     max_message_bytes: int = Field(1 << 20, ge=256)  # larger stream entries are dead-lettered
     lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
     read_block_ms: int = Field(50, ge=1)  # XREADGROUP BLOCK while the engine is idle
@@ -103,4 +107,5 @@ class Settings(BaseSettings):
             dtype=self.dtype,
             seed=self.seed,
             gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
         )

@@ -119,3 +119,19 @@ def test_settings_env(monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_REDIS_URL", "http://x")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_settings_grace_period_names_and_enforce_eager(monkeypatch):
+    # The chart and compose file set PAGEDSERVE_SHUTDOWN_GRACE_S; the worker's own name wins if both are set.
+    assert Settings().grace_period_s == 30
+    monkeypatch.setenv("PAGEDSERVE_SHUTDOWN_GRACE_S", "45")
+    assert Settings().grace_period_s == 45
+    monkeypatch.setenv("PAGEDSERVE_GRACE_PERIOD_S", "12")
+    assert Settings().grace_period_s == 12
+    assert Settings(grace_period_s=3).grace_period_s == 3
+    monkeypatch.setenv("PAGEDSERVE_GRACE_PERIOD_S", "-1")
+    with pytest.raises(ValueError, match="grace_period_s"):
+        Settings()
+    assert Settings(grace_period_s=1).engine_kwargs()["enforce_eager"] is False
+    monkeypatch.setenv("PAGEDSERVE_ENFORCE_EAGER", "true")
+    assert Settings(grace_period_s=1).engine_kwargs()["enforce_eager"] is True
