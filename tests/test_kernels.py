@@ -160,6 +160,41 @@ def test_reference_decode_against_naive_attention(poisoned):
         torch.testing.assert_close(out[i].double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_reference_decode_plan_is_reused_per_step_and_never_stale():
+    """Layers of a step share ``seq_lens``/``block_tables``: the bucket plan is built once for them, and any
+    other lengths, table or in-place edit (where torch tracks versions) gets a fresh plan."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 30, 31, 90, 7]
+    k_cache, v_cache, table = _paged_kv(lengths, 2, 32, 8, torch.float32, gen)
+    k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    q = torch.randn(len(lengths), 4, 32, generator=gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+
+    def fresh(lens, tab):  # what a fresh plan gives: new tensor objects with the same contents
+        return reference.paged_decode_attention(q, k_cache, v_cache, lens.clone(), tab.clone(), 0.3)
+
+    first = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
+    plan = reference._decode_plan(seq_lens, table, 8)
+    assert reference._decode_plan(seq_lens, table, 8) is plan  # reused by the next layer
+    # Another layer's cache through the same plan.
+    k2, v2 = k_cache * 2, v_cache.flip(0)
+    torch.testing.assert_close(reference.paged_decode_attention(q, k2, v2, seq_lens, table, 0.3),
+                               reference.paged_decode_attention(q, k2, v2, seq_lens.clone(), table.clone(), 0.3))
+    torch.testing.assert_close(first, fresh(seq_lens, table))
+    # In-place edits of the same tensors, right after a call that planned for them: a shorter sequence, then a
+    # block pointing elsewhere.
+    assert torch.equal(reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3), first)
+    seq_lens[3] = 40
+    shorter = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
+    assert not torch.equal(shorter[3], first[3])
+    torch.testing.assert_close(shorter, fresh(seq_lens, table))
+    reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
+    table[1, 0] = table[3, 4]
+    moved = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
+    assert not torch.equal(moved[1], first[1])
+    torch.testing.assert_close(moved, fresh(seq_lens, table))
+
+
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_block_boundaries_and_auto_split(block_size):
     """Lengths at, just below and just above block and partition boundaries; a wide table forces a split."""
