@@ -17,10 +17,10 @@ Layouts (shared by every implementation in this package):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from kernels import cpu_decode
 
 
 def write_kv(
@@ -100,128 +100,10 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V.
-
-    Sequences are sorted by length and cut into buckets whose padded size stays within 25% of their real
-    context, and each bucket is one padded gather + one SDPA call. That keeps both the K/V traffic (no padding
-    to the batch's longest context) and the number of torch calls (a handful per bucket, not per sequence) low,
-    which is what matters on the CPU. The buckets depend only on ``seq_lens`` and ``block_tables``, which every
-    layer of a step shares: they are planned once per step (:func:`_decode_plan`).
-    """
-    plan = _decode_plan(seq_lens, block_tables, k_cache.shape[1])
-    if len(plan) == 1 and plan[0].rows is None:
-        return _decode_bucket(q, k_cache, v_cache, plan[0], scale)
-    out = torch.empty_like(q)
-    for bucket in plan:
-        out[bucket.rows] = _decode_bucket(q[bucket.rows], k_cache, v_cache, bucket, scale)
-    return out
-
-
-@dataclass(frozen=True)
-class _DecodeBucket:
-    rows: torch.Tensor | None  # the bucket's rows of the batch; None = all of them, in order
-    blocks: torch.Tensor  # [rows * ceil(max_len / block_size)] block ids, past-the-end entries made valid
-    keep: torch.Tensor  # [rows, max_len] positions that hold the sequence's tokens (plus one for empty rows)
-    empty: torch.Tensor | None  # [rows] zero-length rows (batch padding), None when there are none
-    token_slots: torch.Tensor  # [rows, max_len] written slots only (the fallback gather)
-
-
-# One plan, for the step in flight. Keyed on the very tensor objects every layer of a step passes, the lengths
-# and, where torch tracks them (not for inference tensors), the version counters: a caller that edits a table
-# in place between calls must pass a new tensor (the engine builds fresh ones every step).
-_PLAN_MEMO: tuple | None = None
-
-
-def _version(t: torch.Tensor) -> int | None:
-    return None if t.is_inference() else t._version
-
-
-def _decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> list[_DecodeBucket]:
-    global _PLAN_MEMO
-    lens = seq_lens.tolist()
-    key = (lens, tuple(block_tables.shape), _version(seq_lens), _version(block_tables), block_size)
-    memo = _PLAN_MEMO
-    if memo is not None and memo[0] is seq_lens and memo[1] is block_tables and memo[2] == key:
-        return memo[3]
-    order = sorted(range(len(lens)), key=lens.__getitem__)
-    groups: list[list[int]] = []
-    bucket: list[int] = []
-    bucket_tokens = 0  # sum of the bucket's lengths (kept running: a re-sum per candidate is quadratic)
-    for i in order:
-        if bucket and lens[i] * (len(bucket) + 1) > 1.25 * (bucket_tokens + lens[i]):
-            groups.append(bucket)
-            bucket, bucket_tokens = [], 0
-        bucket.append(i)
-        bucket_tokens += lens[i]
-    if bucket:
-        groups.append(bucket)
-    plan = []
-    for group in groups:
-        if len(group) == len(lens):
-            rows, b_lens, b_tables = None, seq_lens, block_tables
-        else:
-            rows = torch.tensor(group, device=seq_lens.device)
-            b_lens, b_tables = seq_lens[rows], block_tables[rows]
-        plan.append(_plan_bucket(rows, b_lens, b_tables, block_size))
-    _PLAN_MEMO = (seq_lens, block_tables, key, plan)
-    return plan
-
-
-def _plan_bucket(rows, seq_lens, block_tables, block_size) -> _DecodeBucket:
-    device = seq_lens.device
-    max_len = max(int(seq_lens.max()), 1)
-    lens = seq_lens.long()[:, None]
-    pos = torch.arange(max_len, device=device)
-    keep = pos[None, :] < lens
-    empty = seq_lens == 0
-    if bool(empty.any()):  # a padding row would softmax over nothing: give it one key, zero its output later
-        keep[:, 0] |= empty
-    else:
-        empty = None
-    # Table entries past a sequence's blocks may hold anything (even invalid ids): point them at its first.
-    num_blocks = -(-max_len // block_size)
-    table = block_tables[:, :num_blocks].long()
-    table = torch.where(torch.arange(num_blocks, device=device) * block_size < lens, table, table[:, :1])
-    slots = table.gather(1, (pos // block_size).expand(len(table), -1)) * block_size + pos % block_size
-    return _DecodeBucket(rows, table.reshape(-1), keep, empty, torch.where(keep, slots, slots[:, :1]))
-
-
-def _decode_bucket(q, k_cache, v_cache, bucket: _DecodeBucket, scale) -> torch.Tensor:
-    """Decode attention for one bucket of sequences of similar length: gather to the longest, mask the tail.
-
-    Whole blocks are gathered (``index_select`` copies each block as one contiguous run, about 1.5x faster
-    than a token-level gather), so the copy also holds the unwritten tail of each last block and the bucket's
-    padding. Masked scores make any finite garbage there harmless; NaN or inf is not (``0 * NaN`` is NaN) and
-    always shows as NaN in the output, so only then is the bucket redone with a token-level gather that reads
-    written slots alone. The engine's pool is zero-initialised and only ever holds finite K/V.
-    """
-    num_seqs, max_len = bucket.keep.shape
-    k = k_cache.index_select(0, bucket.blocks).view(num_seqs, -1, *k_cache.shape[2:])[:, :max_len]
-    v = v_cache.index_select(0, bucket.blocks).view(num_seqs, -1, *v_cache.shape[2:])[:, :max_len]
-    out = _sdpa_decode(q, k, v, bucket.keep, scale)
-    if bool(torch.isnan(out).any()):
-        k = k_cache.view(-1, *k_cache.shape[2:])[bucket.token_slots]  # [S, L, Hkv, D], written slots only
-        v = v_cache.view(-1, *v_cache.shape[2:])[bucket.token_slots]
-        out = _sdpa_decode(q, k, v, bucket.keep, scale)
-    if bucket.empty is not None:
-        out[bucket.empty] = 0
-    return out
-
-
-def _sdpa_decode(q, k, v, keep, scale) -> torch.Tensor:
-    """``q`` ``[S, Hq, D]`` over token-major ``k``/``v`` ``[S, L, Hkv, D]`` where ``keep`` ``[S, L]``, in fp32.
-
-    A KV head's group of query heads goes in as that head's query rows (``[S, Hkv, group, D]``): one query
-    token per sequence, so no causal mask is needed, no K/V is repeated, and SDPA runs 1.6x faster than with
-    ``enable_gqa`` and a single query row.
-    """
-    num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    # SDPA reads the token-major copy head-major through strides: no transposed copy is made.
-    out = F.scaled_dot_product_attention(
-        q.float().reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim),
-        k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=keep[:, None, None, :], scale=scale)
-    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+    """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V; a zero-length sequence (batch
+    padding) gets zeros. Computed by :mod:`kernels.cpu_decode` (length buckets, shared prefixes attended once
+    per group, one plan per step)."""
+    return cpu_decode.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

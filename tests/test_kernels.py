@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels import reference  # noqa: E402
+from kernels import cpu_decode, reference  # noqa: E402
 from kernels import triton_attention, triton_cache, triton_ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -160,6 +160,51 @@ def test_reference_decode_against_naive_attention(poisoned):
         torch.testing.assert_close(out[i].double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("poisoned", [True, False], ids=["nan-cache", "finite-cache"])
+def test_reference_decode_shared_prefixes_against_naive_attention(poisoned):
+    """Forked sequences (samples, beams) share their leading blocks: the group attends to them together and
+    each row to its own suffix, merged by log-sum-exp. Against per-sequence fp64 attention: a group of three
+    that diverges after 3 blocks, a row whose whole context is the shared prefix, two rows sharing only a
+    partly filled block (no prefix then), padding, and unrelated rows."""
+    gen = torch.Generator().manual_seed(21)
+    bs, num_kv_heads, group, head_dim = 8, 2, 3, 16
+    num_blocks = 40
+    shape = (num_blocks, bs, num_kv_heads, head_dim)
+    fill = float("nan") if poisoned else 0.0
+    k_cache, v_cache = torch.full(shape, fill), torch.full(shape, fill)
+    rows = [  # (blocks, length)
+        ([0, 1, 2, 3, 4], 37), ([0, 1, 2, 5, 6], 35), ([0, 1, 2, 7], 30),  # 3 shared blocks, then their own
+        ([0, 1, 2], 24),  # exactly the shared prefix: nothing of its own
+        ([8, 9], 12), ([8, 10], 10),  # share block 8 full: a one-block prefix
+        ([11], 5), ([11], 6),  # share a partly filled block: attended separately
+        ([12, 13, 14], 20), ([15], 0),  # unrelated; padding
+    ]
+    written = {}
+    for blocks, n in rows:
+        for p in range(n):
+            written[(blocks[p // bs], p % bs)] = True
+    for b, off in written:
+        k_cache[b, off] = torch.randn(num_kv_heads, head_dim, generator=gen)
+        v_cache[b, off] = torch.randn(num_kv_heads, head_dim, generator=gen)
+    width = max(len(b) for b, _ in rows) + 1
+    table = torch.tensor([b + [-1] * (width - len(b)) for b, _ in rows], dtype=torch.int32)
+    lens = torch.tensor([n for _, n in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), num_kv_heads * group, head_dim, generator=gen)
+    plan = cpu_decode.decode_plan(lens, table, bs)
+    assert sorted(p.rows.tolist() for p in plan.prefixes) == [[0, 1, 2, 3], [4, 5]]
+    out = reference.paged_decode_attention(q, k_cache, v_cache, lens, table, 0.25)
+    for i, (blocks, n) in enumerate(rows):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+            continue
+        pos = torch.arange(n)
+        slots = torch.tensor(blocks)[pos // bs] * bs + pos % bs
+        k = k_cache.view(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, dim=1)
+        v = v_cache.view(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * 0.25, dim=-1)
+        torch.testing.assert_close(out[i].double(), torch.einsum("hn,nhd->hd", weights, v), atol=1e-5, rtol=1e-5)
+
+
 def test_reference_decode_plan_is_reused_per_step_and_never_stale():
     """Layers of a step share ``seq_lens``/``block_tables``: the bucket plan is built once for them, and any
     other lengths, table or in-place edit (where torch tracks versions) gets a fresh plan."""
@@ -174,8 +219,8 @@ def test_reference_decode_plan_is_reused_per_step_and_never_stale():
         return reference.paged_decode_attention(q, k_cache, v_cache, lens.clone(), tab.clone(), 0.3)
 
     first = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
-    plan = reference._decode_plan(seq_lens, table, 8)
-    assert reference._decode_plan(seq_lens, table, 8) is plan  # reused by the next layer
+    plan = cpu_decode.decode_plan(seq_lens, table, 8)
+    assert cpu_decode.decode_plan(seq_lens, table, 8) is plan  # reused by the next layer
     # Another layer's cache through the same plan.
     k2, v2 = k_cache * 2, v_cache.flip(0)
     torch.testing.assert_close(reference.paged_decode_attention(q, k2, v2, seq_lens, table, 0.3),
