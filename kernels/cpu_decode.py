@@ -29,6 +29,7 @@ import torch.nn.functional as F
 # SDPA's CPU kernel also returns the log-sum-exp the cascade merge needs; without it, no cascade.
 _SDPA_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 MIN_SHARED_BLOCKS = 1
+CASCADE_MIN_SAVED_FRACTION = 0.5  # of the group's keys that the shared pass must save (see _shared_prefixes)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class DecodeBucket:
     keep: torch.Tensor  # [rows, max_len] positions that hold the sequence's tokens (plus one for empty rows)
     empty: torch.Tensor | None  # [rows] rows with nothing to attend to here, None when there are none
     token_slots: torch.Tensor  # [rows, max_len] written slots only (the fallback gather)
+    bias: torch.Tensor | None  # [rows, 1, 1, max_len] additive mask (0 / -inf), when the plan merges prefixes
 
 
 @dataclass(frozen=True)
@@ -50,28 +52,31 @@ class SharedPrefix:
 class DecodePlan:
     buckets: list[DecodeBucket]  # over each row's suffix: positions past its shared prefix (all, if none)
     prefixes: list[SharedPrefix]
+    prefix_rows: torch.Tensor | None  # every row of every prefix group (the rows whose parts are merged)
 
 
 def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.Tensor:
     plan = decode_plan(seq_lens, block_tables, k_cache.shape[1])
     if not plan.prefixes:
         if len(plan.buckets) == 1 and plan.buckets[0].rows is None:
-            return _attend_bucket(q, k_cache, v_cache, plan.buckets[0], scale, with_lse=False)[0]
+            return _attend_bucket(q, k_cache, v_cache, plan.buckets[0], scale)[0]
         out = torch.empty_like(q)
         for bucket in plan.buckets:
-            out[bucket.rows] = _attend_bucket(q[bucket.rows], k_cache, v_cache, bucket, scale, with_lse=False)[0]
+            out[bucket.rows] = _attend_bucket(q[bucket.rows], k_cache, v_cache, bucket, scale)[0]
         return out
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for bucket in plan.buckets:
         rows = slice(None) if bucket.rows is None else bucket.rows
-        out[rows], lse[rows] = _attend_bucket(q[rows], k_cache, v_cache, bucket, scale, with_lse=True)
-    for prefix in plan.prefixes:
-        o_p, lse_p = _attend_prefix(q[prefix.rows], k_cache, v_cache, prefix, scale)
-        o_s, lse_s = out[prefix.rows], lse[prefix.rows]
-        top = torch.maximum(lse_p, lse_s)  # finite: the prefix part always has keys
-        w_p, w_s = torch.exp(lse_p - top)[..., None], torch.exp(lse_s - top)[..., None]
-        out[prefix.rows] = (o_p * w_p + o_s * w_s) / (w_p + w_s)
+        out[rows], lse[rows] = _attend_bucket(q[rows], k_cache, v_cache, bucket, scale)
+    # Prefix parts of all groups, then one merge: out = (o_p e^lse_p + o_s e^lse_s) / (e^lse_p + e^lse_s).
+    parts = [_attend_prefix(q[p.rows], k_cache, v_cache, p, scale) for p in plan.prefixes]
+    o_p, lse_p = torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts])
+    rows = plan.prefix_rows
+    o_s, lse_s = out[rows], lse[rows]
+    top = torch.maximum(lse_p, lse_s)  # finite: a prefix part always has keys
+    w_p, w_s = torch.exp(lse_p - top)[..., None], torch.exp(lse_s - top)[..., None]
+    out[rows] = (o_p * w_p + o_s * w_s) / (w_p + w_s)
     return out.to(q.dtype)
 
 
@@ -101,8 +106,10 @@ def decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: 
         suffix_tables = block_tables.gather(1, cols)
         suffix_lens = seq_lens - (skip_t * block_size).to(seq_lens.dtype)
         lens = [n - s * block_size for n, s in zip(lens, skip)]
-    buckets = [_plan_bucket(rows, suffix_lens, suffix_tables, block_size) for rows in _bucket_rows(lens)]
-    plan = DecodePlan(buckets, prefixes)
+    buckets = [_plan_bucket(rows, suffix_lens, suffix_tables, block_size, with_bias=bool(prefixes))
+               for rows in _bucket_rows(lens)]
+    prefix_rows = torch.cat([p.rows for p in prefixes]) if prefixes else None
+    plan = DecodePlan(buckets, prefixes, prefix_rows)
     _PLAN_MEMO = (seq_lens, block_tables, key, plan)
     return plan
 
@@ -143,7 +150,10 @@ def _shared_prefixes(lens: list[int], block_tables: torch.Tensor, block_size: in
         shared = 0
         while shared < full and all(t[shared] == tables[0][shared] for t in tables):
             shared += 1
-        if shared >= MIN_SHARED_BLOCKS:
+        # Worth a separate pass only when most of the group's keys are shared: beams share nearly their whole
+        # history; samples share just the prompt, and their extra per-group call costs more than it saves.
+        saved = (len(rows) - 1) * shared * block_size
+        if shared >= MIN_SHARED_BLOCKS and saved >= CASCADE_MIN_SAVED_FRACTION * sum(lens[r] for r in rows):
             device = block_tables.device
             prefixes.append(SharedPrefix(torch.tensor(rows, device=device),
                                          block_tables[rows[0], :shared].long()))
@@ -152,7 +162,7 @@ def _shared_prefixes(lens: list[int], block_tables: torch.Tensor, block_size: in
     return prefixes, skip
 
 
-def _plan_bucket(rows: list[int] | None, seq_lens, block_tables, block_size) -> DecodeBucket:
+def _plan_bucket(rows: list[int] | None, seq_lens, block_tables, block_size, with_bias: bool) -> DecodeBucket:
     device = seq_lens.device
     rows_t = None
     if rows is not None:
@@ -174,19 +184,22 @@ def _plan_bucket(rows: list[int] | None, seq_lens, block_tables, block_size) -> 
     first = torch.where(lens > 0, table[:, :1], 0)
     table = torch.where(torch.arange(num_blocks, device=device) * block_size < lens, table, first)
     slots = table.gather(1, (pos // block_size).expand(len(table), -1)) * block_size + pos % block_size
-    return DecodeBucket(rows_t, table.reshape(-1), keep, empty, torch.where(keep, slots, slots[:, :1]))
+    bias = None
+    if with_bias:  # the log-sum-exp kernel takes an additive mask
+        bias = torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
+    return DecodeBucket(rows_t, table.reshape(-1), keep, empty, torch.where(keep, slots, slots[:, :1]), bias)
 
 
-def _attend_bucket(q, k_cache, v_cache, bucket: DecodeBucket, scale, with_lse: bool):
-    """``(out, lse)`` of a bucket's rows over their (suffix) keys; ``lse`` is None unless ``with_lse``."""
+def _attend_bucket(q, k_cache, v_cache, bucket: DecodeBucket, scale):
+    """``(out, lse)`` of a bucket's rows over their (suffix) keys; ``lse`` only when the plan merges prefixes."""
     num_seqs, max_len = bucket.keep.shape
     k = k_cache.index_select(0, bucket.blocks).view(num_seqs, -1, *k_cache.shape[2:])[:, :max_len]
     v = v_cache.index_select(0, bucket.blocks).view(num_seqs, -1, *v_cache.shape[2:])[:, :max_len]
-    out, lse = _sdpa(q, k, v, bucket.keep, scale, with_lse)
+    out, lse = _sdpa(q, k, v, bucket, scale)
     if bool(torch.isnan(out).any()):
         k = k_cache.view(-1, *k_cache.shape[2:])[bucket.token_slots]  # [S, L, Hkv, D], written slots only
         v = v_cache.view(-1, *v_cache.shape[2:])[bucket.token_slots]
-        out, lse = _sdpa(q, k, v, bucket.keep, scale, with_lse)
+        out, lse = _sdpa(q, k, v, bucket, scale)
     if bucket.empty is not None:
         out[bucket.empty] = 0
         if lse is not None:
@@ -210,22 +223,21 @@ def _attend_prefix(q, k_cache, v_cache, prefix: SharedPrefix, scale):
     return out, lse
 
 
-def _sdpa(q, k, v, keep, scale, with_lse: bool):
-    """``q`` ``[S, Hq, D]`` over token-major ``k``/``v`` ``[S, L, Hkv, D]`` where ``keep`` ``[S, L]``, in fp32.
+def _sdpa(q, k, v, bucket: DecodeBucket, scale):
+    """``q`` ``[S, Hq, D]`` over token-major ``k``/``v`` ``[S, L, Hkv, D]`` at the bucket's ``keep``, in fp32.
 
     A KV head's group of query heads goes in as that head's query rows (``[S, Hkv, group, D]``): one query
     token per sequence, so no causal mask is needed, no K/V is repeated, and SDPA runs 1.6x faster than with
-    ``enable_gqa`` and a single query row. Returns ``(out, lse)``: ``out`` in ``q``'s dtype without the
-    log-sum-exp, in fp32 with it (``lse`` ``[S, Hq]``, what a cascade merge needs).
+    ``enable_gqa`` and a single query row. Returns ``(out, None)`` with ``out`` in ``q``'s dtype, or, when the
+    bucket has an additive mask (its plan merges prefixes), ``(out, lse)`` in fp32 with ``lse`` ``[S, Hq]``.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     rows = q.float().reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     # SDPA reads the token-major copy head-major through strides: no transposed copy is made.
     k, v = k.transpose(1, 2).float(), v.transpose(1, 2).float()
-    if not with_lse:
-        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=keep[:, None, None, :], scale=scale)
+    if bucket.bias is None:
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=bucket.keep[:, None, None, :], scale=scale)
         return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype), None
-    bias = torch.zeros(keep.shape, dtype=torch.float32, device=q.device).masked_fill_(~keep, float("-inf"))
-    out, lse = _SDPA_WITH_LSE(rows, k, v, 0.0, False, attn_mask=bias[:, None, None, :], scale=scale)
+    out, lse = _SDPA_WITH_LSE(rows, k, v, 0.0, False, attn_mask=bucket.bias, scale=scale)
     return out.reshape(num_seqs, num_q_heads, head_dim), lse.reshape(num_seqs, num_q_heads)

@@ -165,7 +165,8 @@ def test_reference_decode_shared_prefixes_against_naive_attention(poisoned):
     """Forked sequences (samples, beams) share their leading blocks: the group attends to them together and
     each row to its own suffix, merged by log-sum-exp. Against per-sequence fp64 attention: a group of three
     that diverges after 3 blocks, a row whose whole context is the shared prefix, two rows sharing only a
-    partly filled block (no prefix then), padding, and unrelated rows."""
+    partly filled block (no prefix then), two sharing too small a part of their keys for a separate pass,
+    padding, and unrelated rows."""
     gen = torch.Generator().manual_seed(21)
     bs, num_kv_heads, group, head_dim = 8, 2, 3, 16
     num_blocks = 40
@@ -175,8 +176,9 @@ def test_reference_decode_shared_prefixes_against_naive_attention(poisoned):
     rows = [  # (blocks, length)
         ([0, 1, 2, 3, 4], 37), ([0, 1, 2, 5, 6], 35), ([0, 1, 2, 7], 30),  # 3 shared blocks, then their own
         ([0, 1, 2], 24),  # exactly the shared prefix: nothing of its own
-        ([8, 9], 12), ([8, 10], 10),  # share block 8 full: a one-block prefix
+        ([8, 9], 9), ([8, 10], 9), ([8, 16], 10),  # share block 8 full: a one-block prefix
         ([11], 5), ([11], 6),  # share a partly filled block: attended separately
+        ([17, 18, 19, 20], 30), ([17, 21, 22, 23], 30),  # share one block of 30: too little for its own pass
         ([12, 13, 14], 20), ([15], 0),  # unrelated; padding
     ]
     written = {}
@@ -191,7 +193,7 @@ def test_reference_decode_shared_prefixes_against_naive_attention(poisoned):
     lens = torch.tensor([n for _, n in rows], dtype=torch.int32)
     q = torch.randn(len(rows), num_kv_heads * group, head_dim, generator=gen)
     plan = cpu_decode.decode_plan(lens, table, bs)
-    assert sorted(p.rows.tolist() for p in plan.prefixes) == [[0, 1, 2, 3], [4, 5]]
+    assert sorted(p.rows.tolist() for p in plan.prefixes) == [[0, 1, 2, 3], [4, 5, 6]]
     out = reference.paged_decode_attention(q, k_cache, v_cache, lens, table, 0.25)
     for i, (blocks, n) in enumerate(rows):
         if n == 0:
