@@ -71,7 +71,7 @@ def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale) -
         out[rows], lse[rows] = _attend_bucket(q[rows], k_cache, v_cache, bucket, scale)
     # Prefix parts of all groups, then one merge: out = (o_p e^lse_p + o_s e^lse_s) / (e^lse_p + e^lse_s).
     parts = [_attend_prefix(q[p.rows], k_cache, v_cache, p, scale) for p in plan.prefixes]
-    o_p, lse_p = torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts])
+    o_p, lse_p = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     rows = plan.prefix_rows
     o_s, lse_s = out[rows], lse[rows]
     top = torch.maximum(lse_p, lse_s)  # finite: a prefix part always has keys
