@@ -69,17 +69,18 @@ def test_padded_decode_steps_match_hf(family, max_batch, tiny_models, hf_greedy)
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]  # padding rows wrote no block
 
 
-def test_padded_decode_steps_with_triton_kernels(tiny_models, hf_greedy):
-    # The kernel set the GPU path uses (here in Triton's interpreter): padding rows skip the KV write and
-    # decode to zeros inside the kernels rather than in torch.
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: the fused RMSNorm on per-head q/k views
+def test_padded_decode_steps_with_triton_kernels(family, tiny_models, hf_greedy):
+    # The kernel set the GPU path uses (here in Triton's interpreter), prefill steps included: padding rows
+    # skip the KV write and decode to zeros inside the kernels rather than in torch.
     from kernels import triton_ops
 
-    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=8)
+    llm = LLM(model=tiny_models[family], device="cpu", block_size=8)
     log = _use_graph_runner(llm, 4, ops=triton_ops.OPS)
     prompts, lengths = _prompts_and_lengths(3, seed=1)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in lengths])
     for prompt, m, out in zip(prompts, lengths, outs):
-        assert out.outputs[0].token_ids == hf_greedy(tiny_models["llama"], prompt, m)
+        assert out.outputs[0].token_ids == hf_greedy(tiny_models[family], prompt, m)
     assert (3, 4) in log
 
 
