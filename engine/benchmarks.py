@@ -22,6 +22,7 @@ import torch
 import typer
 
 from engine.sampling_params import SamplingParams
+from kernels.bench import parse_ints
 
 BENCH_MODELS = {
     # ~26M: the CPU benchmark of the engine issue.
@@ -540,10 +541,6 @@ def print_swap_vs_recompute(console, d: dict, device: str) -> None:
 
 
 # ---------------------------------------------------------------------- command
-def _parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def offline_command(
     num_requests: int = 48,
     seed: int = 0,
@@ -593,10 +590,10 @@ def offline_command(
     w = make_workload(num_requests, seed, vocab_size=vocab)
     kind = "cuda" if dev.type == "cuda" else "cpu"
     batches_default, context_default, steps_default = DECODE_DEFAULTS[kind]
-    batches = _parse_ints(decode_batches) or batches_default
+    batches = parse_ints(decode_batches, batches_default)
     context = decode_context or context_default
     steps = decode_steps or steps_default
-    block_sizes = _parse_ints(swap_block_sizes)
+    block_sizes = parse_ints(swap_block_sizes)
     swap_n = swap_tokens or SWAP_TOKENS[kind]
     cache_root = Path(tempfile.gettempdir()) / "pagedserve-bench"
     cache_root.mkdir(exist_ok=True)
@@ -753,8 +750,8 @@ def sharing_command(
 
     console = Console()
     model_dir = ensure_builtin_model()
-    cases = [(trace, kind, int(width)) for trace in traces.split(",") for kind in ("n", "beam")
-             for width in widths.split(",")]
+    cases = [(trace, kind, width) for trace in traces.split(",") for kind in ("n", "beam")
+             for width in parse_ints(widths)]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("bench sharing", total=len(cases))

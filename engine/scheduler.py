@@ -161,7 +161,7 @@ class Scheduler:
 
     def _admit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
         """Add ``req`` to the step; returns the tokens it takes from the budget."""
-        tokens = plan[0][1] if len(plan) == 1 else sum(n for _, n in plan)
+        tokens = sum(n for _, n in plan)
         out.scheduled.append(ScheduledRequest(req, plan))
         out.num_batched_tokens += tokens
         return tokens

@@ -36,7 +36,8 @@ TARGET_SDPA_RATIO = 1.10  # paged latency / contiguous SDPA latency
 GIB = 1024**3
 
 
-def _parse_ints(text: str, default: list[int]) -> list[int]:
+def parse_ints(text: str, default: list[int] = ()) -> list[int]:
+    """``"1, 16,64"`` -> ``[1, 16, 64]``; an empty option gives ``default``."""
     return [int(x) for x in text.replace(" ", "").split(",") if x] if text else list(default)
 
 
@@ -213,8 +214,8 @@ def kernels_command(
         raise typer.Exit(code=1) from exc
 
     ops = triton_ops.OPS
-    ctx_list = _parse_ints(contexts, QUICK_CONTEXTS if quick else CONTEXTS)
-    batch_list = _parse_ints(batches, QUICK_BATCHES if quick else BATCHES)
+    ctx_list = parse_ints(contexts, QUICK_CONTEXTS if quick else CONTEXTS)
+    batch_list = parse_ints(batches, QUICK_BATCHES if quick else BATCHES)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     console.print(
         f"[bold]Device[/]: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / GIB:.0f} GiB)"

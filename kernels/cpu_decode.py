@@ -38,7 +38,6 @@ class DecodeBucket:
     blocks: torch.Tensor  # [rows * ceil(max_len / block_size)] block ids, past-the-end entries made valid
     keep: torch.Tensor  # [rows, max_len] positions that hold the sequence's tokens (plus one for empty rows)
     empty: torch.Tensor | None  # [rows] rows with nothing to attend to here, None when there are none
-    token_slots: torch.Tensor  # [rows, max_len] written slots only (the fallback gather)
     bias: torch.Tensor | None  # [rows, 1, 1, max_len] additive mask (0 / -inf), when the plan merges prefixes
 
 
@@ -183,11 +182,10 @@ def _plan_bucket(rows: list[int] | None, seq_lens, block_tables, block_size, wit
     table = block_tables[:, :num_blocks].long()
     first = torch.where(lens > 0, table[:, :1], 0)
     table = torch.where(torch.arange(num_blocks, device=device) * block_size < lens, table, first)
-    slots = table.gather(1, (pos // block_size).expand(len(table), -1)) * block_size + pos % block_size
     bias = None
     if with_bias:  # the log-sum-exp kernel takes an additive mask
         bias = torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
-    return DecodeBucket(rows_t, table.reshape(-1), keep, empty, torch.where(keep, slots, slots[:, :1]), bias)
+    return DecodeBucket(rows_t, table.reshape(-1), keep, empty, bias)
 
 
 def _attend_bucket(q, k_cache, v_cache, bucket: DecodeBucket, scale):
@@ -197,14 +195,24 @@ def _attend_bucket(q, k_cache, v_cache, bucket: DecodeBucket, scale):
     v = v_cache.index_select(0, bucket.blocks).view(num_seqs, -1, *v_cache.shape[2:])[:, :max_len]
     out, lse = _sdpa(q, k, v, bucket, scale)
     if bool(torch.isnan(out).any()):
-        k = k_cache.view(-1, *k_cache.shape[2:])[bucket.token_slots]  # [S, L, Hkv, D], written slots only
-        v = v_cache.view(-1, *v_cache.shape[2:])[bucket.token_slots]
+        slots = _written_slots(bucket, k_cache.shape[1])
+        k = k_cache.view(-1, *k_cache.shape[2:])[slots]  # [S, L, Hkv, D], written slots only
+        v = v_cache.view(-1, *v_cache.shape[2:])[slots]
         out, lse = _sdpa(q, k, v, bucket, scale)
     if bucket.empty is not None:
         out[bucket.empty] = 0
         if lse is not None:
             lse[bucket.empty] = float("-inf")  # weighs nothing when merged with a shared prefix
     return out, lse
+
+
+def _written_slots(bucket: DecodeBucket, block_size: int) -> torch.Tensor:
+    """``[rows, max_len]`` cache slots of each row's tokens; masked positions repeat the row's first slot."""
+    num_seqs, max_len = bucket.keep.shape
+    pos = torch.arange(max_len, device=bucket.keep.device)
+    table = bucket.blocks.view(num_seqs, -1)
+    slots = table.gather(1, (pos // block_size).expand(num_seqs, -1)) * block_size + pos % block_size
+    return torch.where(bucket.keep, slots, slots[:, :1])
 
 
 def _attend_prefix(q, k_cache, v_cache, prefix: SharedPrefix, scale):

@@ -104,6 +104,16 @@ def running_worker(settings: Settings, engine=None, **kw):
             raise errors[0]
 
 
+def metric_samples(worker: Worker, name: str) -> dict[tuple, float]:
+    """The worker's Prometheus samples called ``name``, keyed by their sorted label items."""
+    out = {}
+    for fam in worker.metrics.registry.collect():
+        for smp in fam.samples:
+            if smp.name == name:
+                out[tuple(sorted(smp.labels.items()))] = smp.value
+    return out
+
+
 def worker_env(settings: Settings, **extra) -> dict:
     env = dict(os.environ)
     for name, value in settings.model_dump().items():

@@ -12,7 +12,7 @@ import redis
 from service.client import AsyncClient, Client, RequestFailed
 from service.protocol import DoneEvent, ErrorEvent, TokenEvent
 from service_fixtures import *  # noqa: F403
-from service_fixtures import ENGINE_KW, make_settings, running_worker, wait_for
+from service_fixtures import ENGINE_KW, make_settings, metric_samples, running_worker, wait_for
 
 PROMPTS = ["Hello world", "The sky is", "PagedAttention", "def f(x):", "a" * 40]
 
@@ -167,7 +167,7 @@ def test_same_id_twice_runs_once(setup, redis_url):
     s, w, c = setup
 
     def finished():
-        return sum(v for k, v in _samples(w, "pagedserve_requests_total").items() if ("outcome", "length") in k)
+        return sum(v for k, v in metric_samples(w, "pagedserve_requests_total").items() if ("outcome", "length") in k)
 
     before = finished()
     for _ in range(3):  # three entries, one id (a producer retrying its XADD)
@@ -177,15 +177,6 @@ def test_same_id_twice_runs_once(setup, redis_url):
     wait_for(lambda: w.r.xlen(w.keys.requests) == 0, 10, what="all three entries acknowledged")
     assert finished() - before == 1  # generated once
     assert w.r.xpending(w.keys.requests, w.keys.group)["pending"] == 0
-
-
-def _samples(w, name):
-    out = {}
-    for fam in w.metrics.registry.collect():
-        for smp in fam.samples:
-            if smp.name == name:
-                out[tuple(sorted(smp.labels.items()))] = smp.value
-    return out
 
 
 def test_stop_finishes_in_flight_work_within_grace_period(redis_url, prefix, shared_engine):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from service.client import Client
 from service.protocol import DeadLetter, DoneEvent, ErrorEvent, Keys, parse_terminal, valid_id
 from service_fixtures import *  # noqa: F403
-from service_fixtures import make_settings, running_worker, wait_for
+from service_fixtures import make_settings, metric_samples, running_worker, wait_for
 
 MAX_BYTES = 8192
 
@@ -176,17 +176,8 @@ def test_everything_acknowledged_and_worker_healthy(hostile_env):
     wait_for(lambda: r.xlen(keys.requests) == 0, 30, what="entries deleted")
     assert r.xlen(keys.dead) >= 20
     assert isinstance(c.generate("still serving", params={"max_tokens": 3}, timeout=60), DoneEvent)
-    total = sum(v for k, v in _counter_samples(w, "pagedserve_queue_dead_letters_total").items())
+    total = sum(v for k, v in metric_samples(w, "pagedserve_queue_dead_letters_total").items())
     assert total >= 20
-
-
-def _counter_samples(w, name):
-    out = {}
-    for fam in w.metrics.registry.collect():
-        for smp in fam.samples:
-            if smp.name == name:
-                out[tuple(sorted(smp.labels.items()))] = smp.value
-    return out
 
 
 def test_max_deliveries_goes_to_dead_letters(redis_url, prefix, shared_engine):
