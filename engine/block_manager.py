@@ -11,7 +11,7 @@ All operations are O(1) per block: free lists are ordered dicts, cache lookups a
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 from engine.sequence import Sequence
@@ -270,13 +270,17 @@ class BlockManager:
 
     def swap_in_cost(self, seqs: list[Sequence]) -> int:
         """Device blocks that swapping ``seqs`` in and then running them to their last token can take at most:
-        the blocks themselves, growth to ``num_tokens``, and one CoW copy each (every block, for a fork that
-        was made with sharing off). An upper bound, so the allocation right after a swap-in cannot fail."""
-        cost = len(self._distinct(seqs))
-        for seq in seqs:
-            cost += max(0, self._blocks_for(seq.num_tokens) - len(seq.block_table))
-            cost += len(seq.block_table) if seq.private_copy_pending else 1
-        return cost
+        the blocks themselves, growth to ``num_tokens``, and the copies. An upper bound, so the allocation
+        right after a swap-in cannot fail.
+
+        A copy (copy-on-write, or a no-sharing fork's private copy) only ever replaces a reference to a block
+        held more than once, so a block held ``r`` times inside the group is copied at most ``r - 1`` times
+        (the last holder keeps it). Sequences that share blocks copy at most their partial last block each.
+        The smaller of those two bounds holds."""
+        held = Counter(b for s in seqs for b in s.block_table)
+        growth = sum(max(0, self._blocks_for(s.num_tokens) - len(s.block_table)) for s in seqs)
+        per_seq = sum(len(s.block_table) if s.private_copy_pending else 1 for s in seqs)
+        return len(held) + growth + min(sum(held.values()) - len(held), per_seq)
 
     def can_swap_in(self, seqs: list[Sequence]) -> bool:
         return self.swap_in_cost(seqs) <= self.gpu.num_free

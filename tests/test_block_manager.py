@@ -119,3 +119,30 @@ def test_prefix_cache_hit_verifies_tokens_and_survives_free_until_evicted():
     c = Sequence([7] * 16, 16)
     assert bm.allocate(c, 16)
     assert bm.find_cached_prefix(Sequence(list(range(8)) + [1], 9)) == []
+
+
+
+
+def test_swap_in_bound_lets_an_unshared_group_back_into_a_pool_that_holds_it():
+    """A no-sharing fork swapped out before its private copies were made needs its blocks plus one copy of
+    each block per extra holder (the last holder keeps the original). Counting a full copy for the fork *and*
+    a CoW copy for the parent overstated it, and a group that fits the pool stayed swapped out forever (the
+    engine spun with nothing running)."""
+    bm = BlockManager(10, 10, BS, enable_prefix_caching=False, share_blocks=False)
+    parent = Sequence(list(range(4 * BS)), 4 * BS)
+    assert bm.allocate(parent, 4 * BS)
+    parent.num_computed_tokens = 4 * BS
+    child = parent.fork(1)
+    bm.fork(parent, child)
+    group = [parent, child]
+    for seq in group:
+        seq.token_ids.append(7)  # each has sampled its next token when it is preempted
+    bm.swap_out(group)
+    bm.take_pending()
+    # 4 blocks back + 1 growth block each + 4 private copies for the child; the parent then owns the originals.
+    assert bm.swap_in_cost(group) == 4 + 2 + 4 == bm.num_free_gpu_blocks
+    bm.swap_in(group)
+    bm.take_pending()
+    for seq in group:
+        assert bm.allocate(seq, 1)  # still an upper bound: every allocation right after the swap-in succeeds
+    bm.check_invariants(group)
