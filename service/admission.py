@@ -2,8 +2,8 @@
 
 Every limit is checked here, before any work starts: sampling parameters (the engine's own validation, whose
 messages name the field), sequences per request vs ``max_num_seqs``, chat template, token ids vs the
-vocabulary, prompt length vs ``max_model_len``. Refusals are :class:`InvalidRequestError` with the contract's
-error code.
+vocabulary, prompt length vs ``max_model_len``, and (load shedding) the time the entry waited in the stream vs
+``max_queue_ms``. Refusals are :class:`InvalidRequestError` with the contract's error code.
 """
 
 from __future__ import annotations
@@ -55,6 +55,28 @@ def prepare(req: GenerateRequest, engine: Any, max_num_seqs: int) -> tuple[str |
         if len(prompt) > _MAX_CHARS_PER_TOKEN * max_len:
             raise refuse("prompt_too_long", f"prompt has {len(prompt)} characters; max_model_len is {max_len}")
     return prompt, params
+
+
+def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | None) -> None:
+    """Load shedding: refuse with ``overloaded`` a request that waited in the stream longer than ``max_queue_ms``
+    (None or 0: no limit).
+
+    The wait runs from the entry's XADD (the time in its stream id) to its pick-up, redeliveries included: an
+    entry reclaimed from a dead worker has waited all that time too. Past the limit its client has likely given
+    up, and starting it would only make every later request wait longer. Checked after validation (a request
+    that can never succeed says why instead) and after the cancelled-before-pick-up check.
+    """
+    waited_ms = waited_s * 1000
+    if not max_queue_ms or waited_ms <= max_queue_ms:
+        return
+    raise InvalidRequestError(
+        req.id,
+        "overloaded",
+        f"request waited {waited_ms:.0f} ms in the queue, more than the limit of {max_queue_ms} ms "
+        "(PAGEDSERVE_MAX_QUEUE_MS): the service is overloaded, retry later with a new id "
+        "(this id is answered with this error until its result expires)",
+        req.metadata,
+    )
 
 
 def add_to_engine(engine: Any, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float) -> None:

@@ -270,7 +270,8 @@ class DeadLetterError(Exception):
 
 
 class InvalidRequestError(Exception):
-    """The entry has a valid id but bad content: the client gets an ``error`` event."""
+    """The entry has a valid id but is refused (bad content, too long, overloaded): the client gets an ``error``
+    event with ``code``."""
 
     def __init__(self, request_id: str, code: str, message: str, metadata: dict | None = None):
         super().__init__(message)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     queue_stats_interval_s: float = Field(2.0, gt=0)  # XLEN/XPENDING refresh for the queue gauges
     dead_letter_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of the dead-letter stream
     liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer
+    # Load shedding: an entry that waited longer than this in the stream (XADD -> pick-up) is not started but
+    # answered with an ``overloaded`` error. None or 0 = off (every entry is served however long it waited).
+    max_queue_ms: int | None = Field(None, ge=0)
     seed: int = 0
     celery_broker_url: str | None = None  # default: redis_url
     celery_visibility_timeout_s: int = Field(3600, ge=1)

@@ -34,7 +34,7 @@ from redis.retry import Retry
 
 from .health import HealthServer
 from .metrics import WorkerMetrics
-from .admission import add_to_engine, prepare
+from .admission import add_to_engine, check_queue_wait, prepare
 from .protocol import DeadLetter, DeadLetterError, ErrorEvent, ErrorInfo, GenerateRequest, InvalidRequestError, Keys, parse_request
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
@@ -579,6 +579,7 @@ class Worker:
             if cancelled:
                 self._finish_synthetic(req, [entry_id], arrival, "cancelled", params, span, log)
                 return
+            check_queue_wait(req, now - arrival, self.settings.max_queue_ms)
             add_to_engine(engine, req, prompt, params, arrival)
             self.metrics.pickup.observe(max(0.0, time.time() - arrival))
         except InvalidRequestError as e:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
+import redis
 
 from service.celery_app import make_celery
 from service.client import Client
+from service.protocol import Keys
 from service.redis_server import LocalRedis
 from service_fixtures import *  # noqa: F403
-from service_fixtures import REPO, make_settings, running_worker, worker_env
+from service_fixtures import REPO, make_settings, running_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,18 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
                 again = app.send_task("pagedserve.generate", kwargs={"prompt": "other", "id": done["id"],
                                       "timeout": 60}).get(timeout=120)
                 assert again == done
+            # Load shedding: a task whose request waited in the stream past PAGEDSERVE_MAX_QUEUE_MS (no
+            # pagedserve worker was up) returns the overloaded error event, like any error, without raising.
+            keys = Keys(prefix)
+            with redis.Redis.from_url(url) as r:
+                before = r.xlen(keys.requests)
+                late = app.send_task("pagedserve.generate", kwargs={"prompt": "late", "timeout": 60})
+                wait_for(lambda: r.xlen(keys.requests) > before, 60, what="request queued by the task")
+            time.sleep(0.5)
+            with running_worker(make_settings(url, prefix, max_queue_ms=200), shared_engine):
+                shed = late.get(timeout=120)
+            assert shed["type"] == "error" and shed["error"]["code"] == "overloaded"
+            assert "retry later" in shed["error"]["message"] and shed["id"] == f"celery-{late.id}"
         finally:
             celery.terminate()
             try:

@@ -110,6 +110,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "PAGEDSERVE_CLAIM_IDLE_MS" $w.claimIdleMs
   "PAGEDSERVE_MAX_DELIVERIES" $w.maxDeliveries
   "PAGEDSERVE_RESULT_TTL_S" $w.resultTtlS
+  "PAGEDSERVE_MAX_QUEUE_MS" $w.maxQueueMs
   "PAGEDSERVE_SHUTDOWN_GRACE_S" $w.shutdownGraceSeconds
   "PAGEDSERVE_GRACE_PERIOD_S" $w.shutdownGraceSeconds
   "PAGEDSERVE_METRICS_PORT" $w.metricsPort
