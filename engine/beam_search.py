@@ -92,5 +92,15 @@ class BeamState:
         worst_finished = min(h.score for h in self.finished)
         self.improvable = best_possible > worst_finished
 
+    def finish_at_length(self, beam_tokens: list[list[int]]) -> None:
+        """End the search now, as a length limit would: the live beams (generated tokens ``beam_tokens``, scores
+        ``self.scores``) compete with the finished hypotheses for the final ``width``."""
+        lp = self.params.length_penalty
+        for tokens, logprob in zip(beam_tokens, self.scores):
+            self.finished.append(Hypothesis(list(tokens), logprob / max(1, len(tokens)) ** lp, logprob, False))
+        self.finished.sort(key=lambda h: h.score, reverse=True)
+        del self.finished[self.width:]
+        self.done = True
+
     def best(self, n: int) -> list[Hypothesis]:
         return self.finished[:n]

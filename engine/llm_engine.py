@@ -4,6 +4,7 @@ service drives it from Redis. It knows nothing of either.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -24,6 +25,7 @@ from engine.scheduler import PreemptionCost, Scheduler
 from engine.sequence import Request, Sequence
 
 MAX_REQUEST_ID_LEN = 256
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -57,6 +59,7 @@ class LLMEngine:
             block_bytes=self.runner.block_bytes,
             swap_bytes_per_s=2e10 if on_gpu else 5e9,
         )
+        self._fit_max_model_len()
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.config.seed)
@@ -78,6 +81,21 @@ class LLMEngine:
             raise ValueError(f"max_model_len {wanted} exceeds the model's limit {limit}")
         return wanted or limit
 
+    def _fit_max_model_len(self) -> None:
+        """A sequence must fit the device pool on its own, or it could never finish: an explicit ``max_model_len``
+        beyond the pool is an error, a derived one is lowered to it."""
+        capacity = self.block_manager.gpu.num_blocks * self.config.block_size
+        if self.max_model_len <= capacity:
+            return
+        if self.config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the KV pool's {capacity} tokens (num_gpu_blocks "
+                f"{self.block_manager.gpu.num_blocks} x block_size {self.config.block_size}); lower max_model_len "
+                f"or give the pool more blocks (num_gpu_blocks, gpu_memory_utilization)")
+        log.warning("max_model_len lowered from %d to the KV pool's capacity of %d tokens",
+                    self.max_model_len, capacity)
+        self.max_model_len = capacity
+
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
                     priority: int = 0, deadline: float | None = None, arrival_time: float | None = None) -> None:
@@ -92,6 +110,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError("priority must be an integer")
+        if params.num_samples > self.config.max_num_seqs:
+            field = "beam_width" if params.beam_width > 0 else ("best_of" if params.best_of is not None else "n")
+            raise ValueError(f"{field} must be at most max_num_seqs ({self.config.max_num_seqs}): the request runs "
+                             f"that many sequences at once (got {params.num_samples})")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
@@ -151,6 +173,7 @@ class LLMEngine:
         outputs = [self.abort_request(r.request_id, "deadline")
                    for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
         sched = self.scheduler.schedule()
+        outputs.extend(self._end_at_capacity(req) for req in sched.capacity_bound)
         if sched.empty:
             return outputs
         self.num_steps += 1
@@ -261,6 +284,17 @@ class LLMEngine:
         if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
 
+    def _end_at_capacity(self, req: Request) -> RequestOutput:
+        """End a group that has the whole device pool and still cannot take a step, as a length limit would:
+        the pool is its length limit (``Scheduler`` docstring)."""
+        log.warning("request %s: its %d sequences outgrew the KV pool of %d blocks; ending with finish_reason "
+                    "'length'", req.request_id, req.num_unfinished_seqs, self.block_manager.gpu.num_blocks)
+        if req.beam is not None:
+            req.beam.finish_at_length([s.output_token_ids for s in req.seqs])
+        for seq in req.unfinished_seqs():
+            seq.finish_reason = "length"
+        return self._finish(req)
+
     def _finish(self, req: Request) -> RequestOutput:
         self.scheduler.release(req)
         req.metrics["finished_time"] = time.time()
@@ -342,6 +376,7 @@ class LLMEngine:
             "num_preemptions": sch.num_preemptions,
             "num_swap_preemptions": sch.num_swapped,
             "num_recompute_preemptions": sch.num_recomputed,
+            "num_swapped_recomputed": sch.num_swapped_recomputed,
             "num_swapped_out_blocks": bm.num_swapped_out_blocks,
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
             "num_running": self.num_running,

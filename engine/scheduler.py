@@ -7,6 +7,12 @@ decodes. Order is ``(priority, arrival)``; running requests are served first, th
 
 When the device pool runs dry the lowest-priority, latest running request is preempted: swapped to the CPU
 pool, or recomputed (its blocks freed, prompt + output prefilled again later), or ``auto``: see ``PreemptionCost``.
+
+Liveness: nothing waits forever on blocks. A single sequence always fits (the engine caps ``max_model_len`` at the
+pool), but a group (``n`` samples, beams) can outgrow the whole pool. A request short of blocks while it is the
+only one running is recomputed, never swapped (swapping back would need every block it has now); if it is short
+again with no new token since, it can never finish as a group and lands in ``capacity_bound`` for the engine to
+end. A swapped request that cannot come back while nothing is running is turned into a recompute.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ class SchedulerOutput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    capacity_bound: list[Request] = field(default_factory=list)  # hold the whole pool and still cannot step
+
 
     @property
     def empty(self) -> bool:
+        """Nothing for the model runner to do this step."""
         return not self.scheduled and not self.swap_out and not self.swap_in and not self.copies
 
 
@@ -73,6 +82,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_recomputed = 0
         self.num_swapped = 0
+        self.num_swapped_recomputed = 0  # swapped requests that could not come back and were recomputed instead
 
     # ------------------------------------------------------------------ queues
     def add(self, req: Request) -> None:
@@ -97,8 +107,11 @@ class Scheduler:
     # ------------------------------------------------------------------ preemption
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         seqs = req.unfinished_seqs()
+        alone = self.running == [req]
+        if alone:
+            req.tokens_at_lone_preemption = req.num_tokens
         self.running.remove(req)
-        if self._should_swap(seqs) and self.bm.can_swap_out(seqs):
+        if not alone and self._should_swap(seqs) and self.bm.can_swap_out(seqs):
             self.bm.swap_out(seqs)
             req.status = RequestStatus.SWAPPED
             bisect.insort(self.swapped, req, key=lambda r: r.sort_key)
@@ -106,12 +119,22 @@ class Scheduler:
         else:
             for seq in seqs:
                 self.bm.free(seq)
-                seq.num_computed_tokens = 0
-            self.add(req)
+            self._restart(req)
             self.num_recomputed += 1
         req.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(req)
+
+    def _restart(self, req: Request) -> None:
+        """Queue ``req`` to be prefilled again from its tokens (its blocks are already freed)."""
+        for seq in req.unfinished_seqs():
+            seq.num_computed_tokens = 0
+        self.add(req)
+
+    def _never_fits(self, req: Request) -> bool:
+        """``req`` is the only running request, is short of blocks, and has not produced a token since it was last
+        preempted in this same position: restarting again cannot help."""
+        return self.running == [req] and req.tokens_at_lone_preemption == req.num_tokens
 
     def _should_swap(self, seqs: list[Sequence]) -> bool:
         if self.preemption_mode != "auto":
@@ -181,13 +204,18 @@ class Scheduler:
             plan = self._plan(req, budget)
             if plan is None:
                 continue
+            stuck = False
             while sum(self.bm.blocks_needed(s, n) for s, n in plan) > self.bm.num_free_gpu_blocks:
                 victim = queue.pop() if queue else req
-                self._preempt(victim, out)
                 starved = True
+                stuck = victim is req and self._never_fits(req)
+                if stuck:
+                    out.capacity_bound.append(req)
+                    break
+                self._preempt(victim, out)
                 if victim is req:
                     break
-            if req.status != RequestStatus.RUNNING:
+            if stuck or req.status != RequestStatus.RUNNING:
                 continue
             for seq, n in plan:
                 assert self.bm.allocate(seq, n)
@@ -199,8 +227,18 @@ class Scheduler:
             while self.swapped and budget > 0:
                 req = self.swapped[0]
                 seqs = req.unfinished_seqs()
-                if num_seqs + len(seqs) > self.max_num_seqs or not self.bm.can_swap_in(seqs):
+                if num_seqs + len(seqs) > self.max_num_seqs:
                     break
+                if not self.bm.can_swap_in(seqs):
+                    if self.running:
+                        break  # blocks come free as running requests finish
+                    # The pool is as empty as it gets and the group still does not fit: recompute it instead.
+                    self.swapped.pop(0)
+                    for seq in seqs:
+                        self.bm.free_cpu(seq)
+                    self._restart(req)
+                    self.num_swapped_recomputed += 1
+                    continue
                 self.swapped.pop(0)
                 self.bm.swap_in(seqs)
                 req.status = RequestStatus.RUNNING

@@ -103,6 +103,8 @@ class Request:
         self.metrics: dict[str, float] = {"arrival_time": self.arrival_time}
         self.beam = None  # BeamState for beam search (engine.beam_search)
         self.pending_logits: dict[int, object] = {}  # seq_id -> logits row, until every beam has one
+        # Total tokens when last preempted while it was the only running request (see Scheduler._preempt).
+        self.tokens_at_lone_preemption: int | None = None
 
     @property
     def sort_key(self) -> tuple:
@@ -112,6 +114,11 @@ class Request:
     def forked(self) -> bool:
         """Whether the prompt has already been split into its ``num_samples`` sequences."""
         return len(self.seqs) > 1 or self.params.num_samples == 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens over all the request's sequences: grows with every sampled token, never on a restart."""
+        return sum(s.num_tokens for s in self.seqs)
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.finished]

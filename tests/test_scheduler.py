@@ -29,7 +29,8 @@ def reference_outputs(tiny_models):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), num_blocks=st.integers(12, 40), budget=st.integers(4, 64),
+# 13 blocks: the longest sequence (40 + 10 tokens) fits, so the cap on max_model_len never shortens an output.
+@given(seed=st.integers(0, 10_000), num_blocks=st.integers(13, 40), budget=st.integers(4, 64),
        max_seqs=st.integers(1, 6), mode=st.sampled_from(["swap", "recompute", "auto"]), caching=st.booleans())
 def test_random_workload_invariants(tiny_models, reference_outputs, seed, num_blocks, budget, max_seqs, mode, caching):
     rng = random.Random(seed)
@@ -106,3 +107,102 @@ def test_deadline_and_cancel_free_blocks_at_once(tiny_models):
     assert final.finished and final.outputs[0].finish_reason == "cancelled"
     assert eng.block_manager.num_used_gpu_blocks == 0
     assert not eng.has_unfinished_requests()
+
+
+# ---------------------------------------------------------------------------- liveness: nothing waits forever
+
+
+def _run_to_end(eng, max_steps=2000):
+    """Step until every request ends; returns the final outputs by id."""
+    sched = eng.scheduler
+    finals = {}
+    for _ in range(max_steps):
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if not eng.has_unfinished_requests():
+            return finals
+    queues = {q: [r.request_id for r in getattr(sched, q)] for q in ("running", "swapped", "waiting")}
+    raise AssertionError(f"no progress: {queues}")
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
+def test_groups_larger_than_the_pool_end_with_length(tiny_models, mode):
+    """A single sequence is capped at the pool; beams or samples that together outgrow the whole pool end with
+    "length" (they used to spin forever, swapped out or recomputed) and free every block."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=4, preemption_mode=mode,
+              swap_space_gb=0.001)
+    eng = llm.engine
+    assert eng.max_model_len == 16  # lowered from the model's limit to 4 blocks x 4 tokens
+    prompt = list(range(10, 16))
+    eng.add_request("one", prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    eng.add_request("beams", prompt, SamplingParams(max_tokens=50, beam_width=4, n=2, ignore_eos=True))
+    eng.add_request("samples", prompt, SamplingParams(max_tokens=50, n=4, temperature=1.0, seed=3, ignore_eos=True))
+    finals = _run_to_end(eng)
+    one = finals["one"].outputs[0]
+    assert one.finish_reason == "length" and len(prompt) + len(one.token_ids) == 16
+    for rid in ("beams", "samples"):
+        outs = finals[rid].outputs
+        assert outs and all(c.finish_reason == "length" and 0 < len(c.token_ids) < 50 for c in outs), rid
+    assert len(finals["beams"].outputs) == 2
+    stats = llm.stats()
+    assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
+    assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]
+
+
+def test_swapped_request_that_cannot_come_back_is_recomputed(tiny_models):
+    """Found by a random search: a swapped beam group whose swap-in bound exceeds the 6-block pool once nothing
+    else runs. It is recomputed instead (it goes back to waiting), and every output equals a run with room."""
+    work = [([71], SamplingParams(max_tokens=4, beam_width=3, ignore_eos=True), 0),
+            ([0, 17, 198, 224, 5, 121, 35, 81], SamplingParams(max_tokens=4, beam_width=3, ignore_eos=True), 0),
+            ([250, 255, 212, 62, 17], SamplingParams(max_tokens=11, temperature=0, ignore_eos=True), 1)]
+
+    def run(**kw):
+        llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_seqs=8, max_model_len=24, **kw)
+        for i, (prompt, params, priority) in enumerate(work):
+            llm.engine.add_request(str(i), prompt, params, priority=priority)
+        finals = _run_to_end(llm.engine)
+        return {rid: [c.token_ids for c in out.outputs] for rid, out in finals.items()}, llm.stats()
+
+    expected, _ = run()
+    got, stats = run(num_gpu_blocks=6, max_num_batched_tokens=38, preemption_mode="auto", swap_space_gb=0.001)
+    assert got == expected
+    assert stats["num_swapped_recomputed"] >= 1
+    assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]
+
+
+def test_limits_against_the_pool_are_checked_up_front(tiny_models):
+    with pytest.raises(ValueError, match="^max_model_len 64 exceeds the KV pool's 16 tokens"):
+        LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=4, max_model_len=64)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_seqs=2)
+    for params, field in ((SamplingParams(n=3), "n"), (SamplingParams(n=1, best_of=3), "best_of"),
+                          (SamplingParams(beam_width=3), "beam_width")):
+        with pytest.raises(ValueError, match=f"^{field} must be at most max_num_seqs"):
+            llm.generate([[1, 2, 3]], params)
+    assert llm.stats()["num_waiting"] == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), num_blocks=st.integers(6, 16), mode=st.sampled_from(["swap", "recompute", "auto"]))
+def test_every_request_ends_under_group_pressure(tiny_models, seed, num_blocks, mode):
+    """Liveness with samples and beams on pools too small for them: every request ends, blocks all come back."""
+    rng = random.Random(seed)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=num_blocks,
+              max_num_seqs=rng.randint(4, 8), preemption_mode=mode, swap_space_gb=0.001,
+              max_num_batched_tokens=rng.randint(8, 64))
+    eng = llm.engine
+    for i in range(rng.randint(2, 4)):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 12))]
+        kind = rng.choice(["n", "beam", "one"])
+        if kind == "n":
+            params = SamplingParams(max_tokens=rng.randint(2, 12), n=rng.randint(2, 4), seed=i, ignore_eos=True)
+        elif kind == "beam":
+            params = SamplingParams(max_tokens=rng.randint(2, 12), beam_width=rng.randint(2, 4), ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=rng.randint(2, 12), temperature=0, ignore_eos=True)
+        eng.add_request(str(i), prompt, params, priority=rng.randint(0, 2))
+    finals = _run_to_end(eng)
+    assert all(c.finish_reason == "length" for out in finals.values() for c in out.outputs)
+    stats = llm.stats()
+    assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
+    assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]
