@@ -1,0 +1,157 @@
+"""The worker's link to Redis: a fail-fast client, backoff while Redis is away, and what a (re)connect sets up.
+
+A (re)connect (:meth:`Connection.setup`): PING, create the consumer group if it is missing, take the
+consumer-name lease, subscribe to the cancel channel, start the lease thread once and renew the entry leases.
+Any Redis error marks the link down (:meth:`Connection.failed`); the loop keeps generating and tries again
+after an exponential backoff (50 ms doubling to 5 s).
+
+Invariants:
+- the client never retries on its own: a silently repeated pipeline whose reply was lost could publish a
+  batch's token events twice; the loop's backoff is the only retry;
+- two live workers never share a consumer name (they would drain each other's pending entries);
+- the entry leases are renewed at once after every (re)connect: they may have aged during the outage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .metrics import WorkerMetrics
+from .protocol import Keys
+from .publisher import Publisher
+from .reclaim import LeaseKeeper, Reclaimer
+
+# What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+
+def redis_client(url: str, *, decode: bool = False, timeout: float = 5.0) -> redis.Redis:
+    """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
+    was lost could publish a batch's token events twice."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=decode,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 2.0),
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+@dataclass
+class Backoff:
+    initial: float = 0.05
+    cap: float = 5.0
+    delay: float = 0.0
+    next_try: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.delay = self.initial if self.delay == 0 else min(self.cap, self.delay * 2)
+        self.next_try = now + self.delay
+
+    def ok(self) -> None:
+        self.delay = 0.0
+        self.next_try = 0.0
+
+
+@dataclass(kw_only=True, eq=False)
+class Connection:
+    """The loop's Redis client and its state: up or down, set up or not, the cancel subscription."""
+
+    redis_url: str
+    keys: Keys
+    consumer: str
+    claim_idle_ms: int
+    reclaimer: Reclaimer
+    leases: LeaseKeeper
+    name_token: str
+    publisher: Publisher  # only to log how much is buffered
+    metrics: WorkerMetrics
+    log: Any
+    backoff: Backoff = field(default_factory=Backoff, init=False)
+    ok: bool = field(default=False, init=False)
+    needs_setup: bool = field(default=True, init=False)
+    pubsub: Any = field(default=None, init=False)  # subscribed to the cancel channel while set up
+    _name_held: bool = field(default=False, init=False)
+    _leases_started: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.r = redis_client(self.redis_url)  # one client for the worker's life; a reconnect reuses its pool
+
+    def usable(self) -> bool:
+        """Up, or down but the backoff delay has passed: worth trying."""
+        return self.ok or time.monotonic() >= self.backoff.next_try
+
+    def failed(self, e: BaseException) -> None:
+        """Redis went away: back off, set up again on the next try (logged once per outage)."""
+        if self.ok or self.backoff.delay == 0:
+            self.log.warning("redis_unreachable", error=str(e), buffered=self.publisher.pending())
+        self.metrics.redis_errors.inc()
+        self.ok = False
+        self.needs_setup = True
+        self.backoff.failed(time.monotonic())
+        try:
+            self.r.connection_pool.disconnect()
+        except Exception:
+            pass
+        self.close_pubsub()
+
+    def setup(self) -> None:
+        """(Re)connect: consumer group, cancel subscription, consumer-name lease, immediate lease renewal."""
+        r = self.r
+        r.ping()
+        try:
+            r.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
+            self.log.info("consumer_group_created", group=self.keys.group)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        if not self._name_held:
+            self._acquire_name()
+        self.close_pubsub()
+        self.pubsub = r.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(self.keys.cancel)
+        if not self.ok and self.backoff.delay:
+            self.log.info("redis_reconnected", buffered=self.publisher.pending())
+        self.ok = True
+        self.backoff.ok()
+        self.needs_setup = False
+        if not self._leases_started:
+            self.leases.start()
+            self._leases_started = True
+        self.leases.renew_now()  # at once: our leases may have aged during the outage
+
+    def _acquire_name(self) -> None:
+        # A restarted worker (same name) waits for its predecessor's lease to lapse; a second live worker with
+        # the same name never gets it.
+        deadline = time.monotonic() + self.claim_idle_ms / 1000 + 2
+        warned = False
+        while not self.reclaimer.acquire_name(self.r, self.name_token):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"consumer name {self.consumer!r} is held by another live worker; set PAGEDSERVE_WORKER_NAME"
+                )
+            if not warned:
+                self.log.warning("consumer_name_in_use_waiting", consumer=self.consumer)
+                warned = True
+            time.sleep(0.1)
+        self._name_held = True
+
+    def stop_leases(self) -> None:
+        """Shutdown: stop renewing (the entries still held are released or acknowledged right after)."""
+        if self._leases_started:
+            self.leases.stop()
+
+    def close_pubsub(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            except Exception:
+                pass
+            self.pubsub = None

@@ -1,0 +1,145 @@
+"""The requests a worker has started and not yet answered (``inflight``: request id -> :class:`InFlight`), and
+what happens to them: each step's outputs become token events and, at the end, a ``done`` event; a cancel, a
+lost lease, a failed engine step or a shutdown ends them early.
+
+Invariants:
+- an id is in the table at most once: a second entry of a running id is attached to it (``entry_ids``) and
+  acknowledged with it, never started twice;
+- a request leaves the table exactly when it is answered (``done``/``error``) or given up to another worker
+  (lease lost, shutdown); the engine is told to abort whatever leaves early, so its KV blocks come back;
+- the sequences of the table (``samples``) never exceed ``max_num_seqs``: :meth:`Running.room` is what the
+  worker may still read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import Status, StatusCode
+
+from .metrics import WorkerMetrics
+from .protocol import GenerateRequest
+from .publisher import Publisher
+from .results import token_payloads
+
+if TYPE_CHECKING:
+    from .outcomes import Outcomes
+
+
+@dataclass
+class InFlight:
+    """A request this worker started: its entries (acknowledged together), its timing, span and logger."""
+
+    request: GenerateRequest
+    entry_ids: list[str]
+    arrival: float  # time.time() of the XADD
+    picked_at: float
+    samples: int
+    prompt_tokens: int = 0
+    span: Any = None
+    log: Any = None
+    last_token_at: float | None = None
+    completion_tokens: int = 0
+
+    def abandon(self, why: str) -> None:
+        """End the span of a request this worker stops without answering (someone else will)."""
+        if self.span is not None:
+            self.span.set_status(Status(StatusCode.ERROR, why))
+            self.span.end()
+
+
+@dataclass(kw_only=True, eq=False)
+class Running:
+    """The table of running requests (``table``: the worker's ``inflight``) and the ways they end here."""
+
+    engine: Callable[[], Any]  # returns the engine (loaded on first use)
+    outcomes: Outcomes
+    publisher: Publisher
+    metrics: WorkerMetrics
+    log: Any
+    max_num_seqs: int
+    table: dict[str, InFlight] = field(default_factory=dict, init=False)
+
+    def room(self) -> int:
+        """Sequences the engine may still take (a request with ``n`` samples takes ``n``)."""
+        used = sum(f.samples for f in self.table.values())
+        return max(0, self.max_num_seqs - used)
+
+    def on_outputs(self, outputs: list) -> None:
+        """One engine step's outputs: token events (streaming requests), inter-token latency, and the ``done``
+        event of every request that finished."""
+        now = time.time()
+        gen = 0
+        for out in outputs:
+            f = self.table.get(out.request_id)
+            if f is None:
+                continue
+            new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
+            if new_tokens:
+                gen += new_tokens
+                f.completion_tokens += new_tokens
+                if f.last_token_at is not None:
+                    self.metrics.itl.observe(now - f.last_token_at)
+                f.last_token_at = now
+            if f.request.stream:
+                for payload in token_payloads(out):
+                    self.publisher.token(out.request_id, payload)
+            if out.finished:
+                self.outcomes.done(out.request_id, self.table.pop(out.request_id), out)
+        if gen:
+            self.metrics.generation_tokens.inc(gen)
+
+    def cancel(self, rid: str) -> None:
+        """A cancel for ``rid``: if it runs here, it ends now with finish_reason ``cancelled`` and what it has
+        generated so far. Not here: another worker's, or not picked up yet (the cancelled key covers that)."""
+        f = self.table.get(rid)
+        if f is None:
+            return
+        out = self.engine().abort_request(rid, "cancelled")
+        (f.log or self.log).info("request_cancelled")
+        self.outcomes.done(rid, self.table.pop(rid), out, finish_reason="cancelled")
+
+    def lose(self, entry_ids: list[str]) -> None:
+        """Entries another worker owns now (this one was away longer than ``claim_idle_ms``): a request whose
+        every entry is lost stops here, so two live workers never run it; its result comes from the new owner."""
+        if not entry_ids:
+            return
+        owner = {eid: rid for rid, f in self.table.items() for eid in f.entry_ids}
+        for eid in entry_ids:
+            rid = owner.get(eid)
+            f = self.table.get(rid) if rid is not None else None
+            if f is None:
+                continue
+            f.entry_ids.remove(eid)
+            if not f.entry_ids:
+                self.table.pop(rid, None)
+                self.engine().abort_request(rid, "cancelled")
+                self.metrics.leases_lost.inc()
+                (f.log or self.log).warning("lease_lost", entry_id=eid)
+                f.abandon("lease lost")
+
+    def fail_all(self, e: BaseException) -> None:
+        """The engine failed mid-step: answer every running request ``internal`` and keep serving."""
+        for rid in list(self.table):
+            self._abort(rid)
+            f = self.table.pop(rid)
+            self.outcomes.error(rid, f.entry_ids, "internal", f"engine step failed: {type(e).__name__}: {e}",
+                                f.request.metadata, f.span)
+
+    def release_all(self) -> list[str]:
+        """Shutdown: abort everything still running; returns its entry ids, for other workers to take over."""
+        left = list(self.table.items())
+        for rid, f in left:
+            self._abort(rid)
+            f.abandon("released on shutdown")
+        self.table.clear()
+        return [eid for _, f in left for eid in f.entry_ids]
+
+    def _abort(self, rid: str) -> None:
+        try:
+            self.engine().abort_request(rid, "cancelled")
+        except Exception:  # the engine may be the thing that failed; the request is ended here either way
+            pass
