@@ -1,6 +1,7 @@
 """Admission: from stream entries to requests running in the engine, or to their answer without running.
 
-:meth:`Admission.admit` takes a batch of entries and, for each, in this order (the order is the contract):
+:meth:`Admission.admit` takes a batch of entries and, for each, in this order (the first matching step wins,
+so a stored result always beats a later check, as the contract's "answered from it" requires):
 1. parse it: unusable -> dead letter; a valid id with bad content -> ``error`` (``invalid_request``);
 2. delivered more than ``max_deliveries`` times -> dead letter;
 3. its id already runs here -> the entry is attached to the running request (acknowledged with it);
@@ -9,7 +10,7 @@
 6. every limit (:func:`prepare`, :func:`check_queue_wait`, :func:`add_to_engine`) -> ``error`` with the
    contract's code, else the request is added to the engine and joins the worker's ``inflight`` table.
 
-Steps 4 and 5 are answered for the whole batch in one round trip. Entries read together start by
+The reads behind steps 4 and 5 take one round trip for the whole batch. Entries read together start by
 ``priority`` (lower first), then in stream order. Every limit is checked before any work starts: sampling
 parameters (the engine's own validation, whose messages name the field), sequences per request vs
 ``max_num_seqs``, chat template, token ids vs the vocabulary, prompt length vs ``max_model_len``, and (load
