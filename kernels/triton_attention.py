@@ -43,6 +43,38 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _attend_kv_tile(
+    q, m_i, l_i, acc, bt_row, k_pos, k_valid, allowed, k_cache_ptr, v_cache_ptr, kv_head, offs_d, mask_d, qk_scale,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One online-softmax step of query rows ``q`` over the keys at positions ``k_pos`` of one sequence, read
+    through its block-table row ``bt_row``. ``allowed`` masks scores (broadcast to ``[rows, keys]``); rows keep
+    a running max ``m_i`` (log2 domain), sum ``l_i`` and unnormalised output ``acc``."""
+    block = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+    in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
+    kv_mask = k_valid[:, None] & mask_d[None, :]
+    k = tl.load(
+        k_cache_ptr + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [rows, keys]
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(
+        v_cache_ptr + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+    return m_new, l_i, acc
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -155,31 +187,11 @@ def _decode_kernel(
         for tile_start in range(start, end, TILE):
             pos = tile_start + tl.arange(0, TILE)
             valid = pos < end
-            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            in_block = (pos % BLOCK_SIZE).to(tl.int64)
-            kv_mask = valid[:, None] & mask_d[None, :]
-            k = tl.load(
-                k_cache_ptr
-                + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None]
-                + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GROUP_PAD, TILE]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_cache_ptr
-                + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None]
-                + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-            m_i = m_new
+            m_i, l_i, acc = _attend_kv_tile(
+                q, m_i, l_i, acc, bt_row, pos, valid, valid[None, :], k_cache_ptr, v_cache_ptr, kv_head, offs_d,
+                mask_d, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                BLOCK_SIZE, DOT_PRECISION, DOT_UPCAST,
+            )  # fmt: skip
 
         out = acc / l_i[:, None]
         if SPLIT:
@@ -415,35 +427,16 @@ def _prefill_kernel(
         # Causal: this tile's last query token sees keys up to context_len + min(tile end, q_len) - 1.
         kv_end = context_len + tl.minimum(tile_q + BLOCK_Q, q_len)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
+        # Every row sees key 0 in the first tile, so its running max is finite from then on.
         for tile_start in range(0, kv_end, TILE_N):
             k_pos = tile_start + tl.arange(0, TILE_N)
             k_valid = k_pos < kv_end
-            block = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
-            in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
-            kv_mask = k_valid[:, None] & mask_d[None, :]
-            k = tl.load(
-                k_cache_ptr
-                + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None]
-                + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BLOCK_M, TILE_N]
-            s = tl.where(k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-            # Every row sees key 0 in the first tile, so m_new is finite from then on.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_cache_ptr
-                + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None]
-                + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-            m_i = m_new
+            causal = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            m_i, l_i, acc = _attend_kv_tile(
+                q, m_i, l_i, acc, bt_row, k_pos, k_valid, causal, k_cache_ptr, v_cache_ptr, kv_head, offs_d,
+                mask_d, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                BLOCK_SIZE, DOT_PRECISION, DOT_UPCAST,
+            )  # fmt: skip
 
         out = acc / l_i[:, None]
         tl.store(
