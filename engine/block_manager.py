@@ -168,7 +168,7 @@ class BlockManager:
         """Free device blocks that ``allocate(seq, num_new_tokens, cached)`` would consume."""
         total = self._blocks_for(seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens)
         fresh = max(0, total - len(seq.block_table) - len(cached))
-        revived = sum(1 for b in cached if b.ref_count == 0)  # hits sitting in the free list
+        revived = sum(1 for b in cached if b.ref_count == 0) if cached else 0  # hits sitting in the free list
         if seq.private_copy_pending:
             return fresh + revived + sum(1 for b in seq.block_table if self.gpu.blocks[b].ref_count > 1)
         return fresh + revived + int(self._needs_cow(seq))

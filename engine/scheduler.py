@@ -182,6 +182,16 @@ class Scheduler:
             budget -= n
         return plan or None
 
+    def _allocate(self, plan: list[tuple[Sequence, int]]) -> bool:
+        """Room for the whole plan, or nothing allocated and False."""
+        if len(plan) == 1:  # one call: allocate() is all-or-nothing itself
+            return self.bm.allocate(*plan[0])
+        if sum(self.bm.blocks_needed(s, n) for s, n in plan) > self.bm.num_free_gpu_blocks:
+            return False
+        for seq, n in plan:
+            assert self.bm.allocate(seq, n)
+        return True
+
     def _admit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
         """Add ``req`` to the step; returns the tokens it takes from the budget."""
         tokens = sum(n for _, n in plan)
@@ -204,22 +214,17 @@ class Scheduler:
             plan = self._plan(req, budget)
             if plan is None:
                 continue
-            stuck = False
-            while sum(self.bm.blocks_needed(s, n) for s, n in plan) > self.bm.num_free_gpu_blocks:
+            while not self._allocate(plan):
                 victim = queue.pop() if queue else req
                 starved = True
-                stuck = victim is req and self._never_fits(req)
-                if stuck:
+                if victim is req and self._never_fits(req):
                     out.capacity_bound.append(req)
                     break
                 self._preempt(victim, out)
                 if victim is req:
                     break
-            if stuck or req.status != RequestStatus.RUNNING:
-                continue
-            for seq, n in plan:
-                assert self.bm.allocate(seq, n)
-            budget -= self._admit(req, plan, out)
+            else:  # allocated (no break): the request runs this step
+                budget -= self._admit(req, plan, out)
 
         # 2. swapped requests come back before new ones start (they hold CPU blocks and have waited).
         num_seqs = self.num_running_seqs()

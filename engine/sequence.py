@@ -95,6 +95,8 @@ class Request:
         self.deadline = deadline
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.order = next(self._order)
+        # Scheduling order; fixed at arrival (sorting every step reads it for every running request).
+        self.sort_key = (priority, self.arrival_time, self.order)
         self.status = RequestStatus.WAITING
         self.seqs: list[Sequence] = [Sequence(list(prompt_token_ids), len(prompt_token_ids))]
         self.num_cached_tokens = 0
@@ -105,10 +107,6 @@ class Request:
         self.pending_logits: dict[int, object] = {}  # seq_id -> logits row, until every beam has one
         # Total tokens when last preempted while it was the only running request (see Scheduler._preempt).
         self.tokens_at_lone_preemption: int | None = None
-
-    @property
-    def sort_key(self) -> tuple:
-        return (self.priority, self.arrival_time, self.order)
 
     @property
     def forked(self) -> bool:
