@@ -157,8 +157,10 @@ def run_hf_continuous(model_dir: str, w: Workload, device: str, dtype: str = "fl
     """HF transformers' own paged continuous batching (``generate_batch``'s manager, per-request lengths)."""
     import transformers
 
+    # transformers 5 pages SDPA for continuous batching by itself and deprecates the "paged|" prefix.
+    attn = "sdpa" if int(transformers.__version__.split(".")[0]) >= 5 else "paged|sdpa"
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation="paged|sdpa").to(device).eval()
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attn).to(device).eval()
     config = transformers.GenerationConfig(max_new_tokens=MAX_OUTPUT, do_sample=False, eos_token_id=-1,
                                            pad_token_id=0)
     produced = 0
