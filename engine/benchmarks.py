@@ -449,7 +449,8 @@ def measure_swap_vs_recompute(model_dir: str, device: str, dtype: str, block_siz
     n = tokens // block_size
     eng = LLMEngine(model_dir, device=device, dtype=dtype, block_size=block_size, num_gpu_blocks=2 * n + 8,
                     swap_space_gb=0.25, enable_prefix_caching=False, max_num_seqs=4, enforce_eager=True,
-                    max_num_batched_tokens=max(2048, tokens + 1), preemption_mode="recompute")
+                    max_num_batched_tokens=max(2048, tokens + 1), preemption_mode="recompute",
+                    max_model_len=tokens + 1)  # the one prompt: the small pool holds it (and says nothing)
     runner = eng.runner
     if runner.num_cpu_blocks < n:
         raise ValueError(f"swap pool too small: {runner.num_cpu_blocks} blocks < {n}")
