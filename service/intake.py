@@ -20,15 +20,11 @@ from typing import Any
 
 from .connection import Connection
 from .metrics import WorkerMetrics
-from .protocol import Keys
+from .protocol import Keys, as_text
 from .reclaim import Reclaimer
 from .settings import Settings
 
 Entry = tuple[str, dict, int]  # (stream entry id, fields, delivery count)
-
-
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -73,7 +69,7 @@ class Intake:
         if not entries:
             self._draining_own = False
             return []
-        ids = [_s(eid) for eid, _ in entries]
+        ids = [as_text(eid) for eid, _ in entries]
         self._own_cursor = ids[-1]
         counts = self.reclaimer.delivery_counts(r, ids)
         self.log.info("own_pending_drained", count=len(ids))
@@ -94,7 +90,7 @@ class Intake:
             )
             self.metrics.redis_ops.inc()
             got = res[0][1] if res else []
-            entries.extend((_s(eid), fields or {}, 1) for eid, fields in got)
+            entries.extend((as_text(eid), fields or {}, 1) for eid, fields in got)
             if not got or len(entries) >= room:
                 break
         return entries
@@ -110,7 +106,7 @@ class Intake:
             if msg is None:
                 return
             if msg.get("type") == "message":
-                yield _s(msg.get("data", b""))[:200]
+                yield as_text(msg.get("data", b""))[:200]
 
     def queue_stats(self) -> None:
         """Refresh the stream-length and pending gauges every ``queue_stats_interval_s`` (one round trip)."""

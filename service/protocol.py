@@ -30,6 +30,11 @@ def valid_id(value: object) -> bool:
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
+def as_text(value: object) -> str:
+    """A Redis reply value as text: clients without ``decode_responses`` return bytes (invalid UTF-8 replaced)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Every Redis name of one deployment, derived from its prefix (default ``pagedserve``)."""
@@ -241,10 +246,7 @@ class DeadLetter(BaseModel):
 
     @classmethod
     def from_fields(cls, fields: dict) -> DeadLetter:
-        def s(v: object) -> str:
-            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-        data = {s(k): s(v) for k, v in fields.items()}
+        data = {as_text(k): as_text(v) for k, v in fields.items()}
         return cls(
             reason=data.get("reason", ""),
             body=data.get("body", ""),

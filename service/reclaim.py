@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .protocol import Keys
+from .protocol import Keys, as_text
 
 _RENEW = """
 local lost = {}
@@ -43,10 +43,6 @@ return 0
 """
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 @dataclass
 class Reclaimer:
     keys: Keys
@@ -60,7 +56,7 @@ class Reclaimer:
         for i in range(0, len(entry_ids), 1000):
             chunk = entry_ids[i : i + 1000]
             res = r.eval(_RENEW, 1, self.keys.requests, self.keys.group, self.consumer, *chunk)
-            lost.extend(_s(x) for x in res or [])
+            lost.extend(as_text(x) for x in res or [])
         return lost
 
     def reclaim(self, r: redis.Redis, count: int) -> list[tuple[str, dict, int]]:
@@ -71,8 +67,8 @@ class Reclaimer:
         res = r.xautoclaim(
             self.keys.requests, self.keys.group, self.consumer, self.claim_idle_ms, start_id=self.cursor, count=count
         )
-        self.cursor = _s(res[0])
-        entries = [(_s(eid), fields or {}) for eid, fields in res[1]]
+        self.cursor = as_text(res[0])
+        entries = [(as_text(eid), fields or {}) for eid, fields in res[1]]
         return [(eid, fields, n) for (eid, fields), n in zip(entries, self.delivery_counts(r, [e for e, _ in entries]))]
 
     def delivery_counts(self, r: redis.Redis, entry_ids: list[str]) -> list[int]:
@@ -108,7 +104,7 @@ class Reclaimer:
         return bool(r.eval(_REFRESH_LEASE, 1, self.keys.consumer_lease(self.consumer), token, self.claim_idle_ms))
 
     def release_name(self, r: redis.Redis, token: str) -> None:
-        if _s(r.get(self.keys.consumer_lease(self.consumer)) or b"") == token:
+        if as_text(r.get(self.keys.consumer_lease(self.consumer)) or b"") == token:
             r.delete(self.keys.consumer_lease(self.consumer))
 
 
