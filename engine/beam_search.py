@@ -63,13 +63,8 @@ class BeamState:
         # Finished candidates among the top W (HF only finalises those), unless the set can no longer change.
         locked = (self._full() and self.params.early_stopping is True) or not self.improvable
         if not locked:
-            for rank in range(min(w, k)):
-                if hits[rank]:
-                    self.finished.append(Hypothesis(beam_tokens[parents[rank]] + [tokens[rank]],
-                                                    vals[rank] / gen_len ** self.params.length_penalty,
-                                                    vals[rank], tokens[rank] in stop_ids))
-            self.finished.sort(key=lambda h: h.score, reverse=True)
-            del self.finished[w:]
+            self._finalize([(beam_tokens[parents[rank]] + [tokens[rank]], vals[rank], tokens[rank] in stop_ids)
+                            for rank in range(min(w, k)) if hits[rank]])
 
         running = [(p, t, v) for p, t, v, hit in zip(parents, tokens, vals, hits) if not hit][:w]
         # HF keeps W running beams even when fewer are valid, at score -1e9; they can never win, so drop them.
@@ -92,14 +87,19 @@ class BeamState:
         worst_finished = min(h.score for h in self.finished)
         self.improvable = best_possible > worst_finished
 
+    def _finalize(self, candidates: list[tuple[list[int], float, bool]]) -> None:
+        """Add ``(generated tokens, log-prob sum, hit EOS)`` candidates to the finished hypotheses (scored with
+        the length penalty) and keep the best ``width``."""
+        lp = self.params.length_penalty
+        for tokens, logprob, hit_eos in candidates:
+            self.finished.append(Hypothesis(tokens, logprob / max(1, len(tokens)) ** lp, logprob, hit_eos))
+        self.finished.sort(key=lambda h: h.score, reverse=True)
+        del self.finished[self.width:]
+
     def finish_at_length(self, beam_tokens: list[list[int]]) -> None:
         """End the search now, as a length limit would: the live beams (generated tokens ``beam_tokens``, scores
         ``self.scores``) compete with the finished hypotheses for the final ``width``."""
-        lp = self.params.length_penalty
-        for tokens, logprob in zip(beam_tokens, self.scores):
-            self.finished.append(Hypothesis(list(tokens), logprob / max(1, len(tokens)) ** lp, logprob, False))
-        self.finished.sort(key=lambda h: h.score, reverse=True)
-        del self.finished[self.width:]
+        self._finalize([(list(tokens), logprob, False) for tokens, logprob in zip(beam_tokens, self.scores)])
         self.done = True
 
     def best(self, n: int) -> list[Hypothesis]:

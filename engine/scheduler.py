@@ -41,7 +41,6 @@ class SchedulerOutput:
     copies: list[tuple[int, int]] = field(default_factory=list)
     capacity_bound: list[Request] = field(default_factory=list)  # hold the whole pool and still cannot step
 
-
     @property
     def empty(self) -> bool:
         """Nothing for the model runner to do this step."""
@@ -252,7 +251,7 @@ class Scheduler:
                 plan = self._plan(req, budget)  # after the swap-in: planning may share blocks on the device
                 if plan is None:
                     continue
-                for seq, n in plan:
+                for seq, n in plan:  # one by one: a copy made for one sibling can spare the next its copy
                     assert self.bm.allocate(seq, n)
                 budget -= self._admit(req, plan, out)
 

@@ -43,6 +43,8 @@ def _compile(
 
 def cases(full: bool):
     """(label, kernel, pointer types, constexprs, float args, num_stages[, extra compile options]) to compile."""
+    import triton  # noqa: PLC0415
+
     from kernels import triton_attention as ta  # noqa: PLC0415
     from kernels import triton_cache as tc  # noqa: PLC0415
 
@@ -68,9 +70,9 @@ def cases(full: bool):
                 },
                 {
                     "GROUP": group,
-                    "GROUP_PAD": max(16, ta._next_pow2(group)),
+                    "GROUP_PAD": max(16, triton.next_power_of_2(group)),
                     "HEAD_DIM": head_dim,
-                    "D_PAD": max(16, ta._next_pow2(head_dim)),
+                    "D_PAD": max(16, triton.next_power_of_2(head_dim)),
                     "BLOCK_SIZE": block_size,
                     "TILE": ta.DECODE_TILE,
                     "SPLIT": split,
@@ -80,7 +82,7 @@ def cases(full: bool):
                 ("qk_scale",),
                 2,
             )
-        group_pad = ta._next_pow2(group)
+        group_pad = triton.next_power_of_2(group)
         yield (
             f"prefill {dt} group={group} d={head_dim} bs={block_size}",
             ta._prefill_kernel,
@@ -98,7 +100,7 @@ def cases(full: bool):
                 "GROUP_PAD": group_pad,
                 "BLOCK_Q": max(1, ta.PREFILL_BLOCK_M // group_pad),
                 "HEAD_DIM": head_dim,
-                "D_PAD": max(16, ta._next_pow2(head_dim)),
+                "D_PAD": max(16, triton.next_power_of_2(head_dim)),
                 "BLOCK_SIZE": block_size,
                 "TILE_N": ta.PREFILL_TILE_N,
                 "DOT_PRECISION": precision,
@@ -142,6 +144,8 @@ def cases(full: bool):
 
 def _fused_cases(full: bool):
     """The element-wise model ops (kernels.triton_fused), with the launch options their wrappers use."""
+    import triton  # noqa: PLC0415
+
     from kernels import triton_fused as tf  # noqa: PLC0415
 
     no_fma = {"enable_fp_fusion": False}
@@ -149,7 +153,7 @@ def _fused_cases(full: bool):
     widths = [4096, 80, 16384, 200] if full else [4096, 80]
     for dt in dtypes:
         for width in widths:
-            block = tf._next_pow2(width)
+            block = triton.next_power_of_2(width)
             warps = {**no_fma, "num_warps": tf._row_warps(block)}
             yield (
                 f"rms_norm {dt} n={width}",
@@ -194,9 +198,9 @@ def _fused_cases(full: bool):
                     "NUM_Q_HEADS": num_q,
                     "NUM_KV_HEADS": num_kv,
                     "HALF": head_dim // 2,
-                    "QH_PAD": tf._next_pow2(num_q),
-                    "KH_PAD": tf._next_pow2(num_kv),
-                    "HALF_PAD": tf._next_pow2(head_dim // 2),
+                    "QH_PAD": triton.next_power_of_2(num_q),
+                    "KH_PAD": triton.next_power_of_2(num_kv),
+                    "HALF_PAD": triton.next_power_of_2(head_dim // 2),
                 },
                 (),
                 1,

@@ -75,10 +75,6 @@ def _attend_kv_tile(
     return m_new, l_i, acc
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 products (no TF32) so the fp32 path matches the reference tightly.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -288,8 +284,8 @@ def decode_attention(
     if num_seqs == 0:
         return out
     group = num_q_heads // num_kv_heads
-    group_pad = max(16, _next_pow2(group))  # tl.dot needs M >= 16
-    d_pad = max(16, _next_pow2(head_dim))
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    d_pad = max(16, triton.next_power_of_2(head_dim))
     max_context = block_tables.shape[1] * block_size
     if partition_size is None:
         partition_size = choose_decode_partition(num_seqs, num_kv_heads, max_context, q.device)
@@ -330,7 +326,7 @@ def decode_attention(
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_q_heads)](
         out, part_out, part_m, part_l, seq_lens, partition_size, num_partitions, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, _next_pow2(num_partitions)), num_warps=4,
+        HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -468,9 +464,9 @@ def varlen_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     group = num_q_heads // num_kv_heads
-    group_pad = _next_pow2(group)
+    group_pad = triton.next_power_of_2(group)
     block_q = max(1, PREFILL_BLOCK_M // group_pad)
-    d_pad = max(16, _next_pow2(head_dim))
+    d_pad = max(16, triton.next_power_of_2(head_dim))
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, float(scale) * LOG2E, num_seqs,

@@ -12,10 +12,6 @@ import triton.language as tl
 from kernels import reference
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 # ---------------------------------------------------------------------------------------------------------
 # KV write
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +80,7 @@ def write_kv(
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, H_PAD=_next_pow2(num_heads), D_PAD=_next_pow2(head_dim),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, H_PAD=triton.next_power_of_2(num_heads), D_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], num_warps=4,
     )  # fmt: skip
 

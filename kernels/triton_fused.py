@@ -33,10 +33,6 @@ from triton.language.extra import libdevice
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _row_warps(block: int) -> int:
     """Warps for one program reducing a row of ``block`` (power of two) elements: ~256 elements per warp."""
     return min(16, max(1, block // 256))
@@ -144,7 +140,7 @@ def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
     rows = x3.shape[0] * x3.shape[1]
     if rows == 0 or n_cols == 0:
         return out
-    block = _next_pow2(n_cols)
+    block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(rows,)](
         out, x3, weight.contiguous(), x3.stride(0), x3.stride(1), x3.stride(2), x3.shape[1], n_cols,
         _inv(n_cols), float(eps), BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
@@ -180,7 +176,7 @@ def add_rms_norm_out(
     rows = x2.shape[0]
     if rows == 0 or n_cols == 0:
         return out, residual_out
-    block = _next_pow2(n_cols)
+    block = triton.next_power_of_2(n_cols)
     _add_rms_norm_kernel[(rows,)](
         out, residual_out, x2, r2, weight.contiguous(), x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
         n_cols, _inv(n_cols), float(eps), BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
@@ -286,7 +282,7 @@ def rotary_embedding(
     if num_tokens == 0:
         return q, k
     half = head_dim // 2
-    q_pad, k_pad, half_pad = _next_pow2(num_q_heads), _next_pow2(num_kv_heads), _next_pow2(half)
+    q_pad, k_pad, half_pad = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(half)
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos, sin, *q.stride(), *k.stride(), cos.stride(0), sin.stride(0), cos.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, QH_PAD=q_pad, KH_PAD=k_pad,
@@ -341,7 +337,7 @@ def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     num_tokens = x2.shape[0]
     if num_tokens == 0 or n_cols == 0:
         return out
-    block = min(SILU_BLOCK, _next_pow2(n_cols))
+    block = min(SILU_BLOCK, triton.next_power_of_2(n_cols))
     # Tokens on grid axis 0 (up to 2^31 - 1); the few column blocks per row on axis 1 (limited to 65535).
     grid = (num_tokens, triton.cdiv(n_cols, block))
     _silu_and_mul_kernel[grid](
