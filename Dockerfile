@@ -48,7 +48,7 @@ RUN python3 -m venv /opt/venv && pip install --upgrade pip setuptools wheel
 RUN if [ "$FLAVOR" = "cuda" ]; then index="$CUDA_TORCH_INDEX"; else index="$CPU_TORCH_INDEX"; fi \
  && pip install --index-url "$index" "torch==${TORCH_VERSION}"
 RUN --mount=type=bind,target=/src,rw \
-    pip install -c /src/constraints.txt /src \
+    pip install -c /src/constraints.txt "/src[worker]" \
  && pagedserve --help >/dev/null
 
 # ---------------------------------------------------------------- runtime

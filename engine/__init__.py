@@ -1,9 +1,33 @@
-"""pagedserve's offline engine: paged KV cache, continuous batching, preemption, prefix caching."""
+"""pagedserve's offline engine: paged KV cache, continuous batching, preemption, prefix caching.
 
-from engine.errors import PromptTooLongError
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+The public names are imported on first use, so that ``pagedserve.engine.sampling_params`` (which producers use
+to validate requests) does not pull in torch.
+"""
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "PromptTooLongError"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LLM": "pagedserve.engine.llm",
+    "LLMEngine": "pagedserve.engine.llm_engine",
+    "SamplingParams": "pagedserve.engine.sampling_params",
+    "RequestOutput": "pagedserve.engine.outputs",
+    "CompletionOutput": "pagedserve.engine.outputs",
+    "PromptTooLongError": "pagedserve.engine.errors",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from pagedserve.engine.errors import PromptTooLongError
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.llm_engine import LLMEngine
+    from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+    from pagedserve.engine.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

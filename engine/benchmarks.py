@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import typer
 
-from engine.sampling_params import SamplingParams
-from kernels.bench import parse_ints
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.kernels.bench import parse_ints
 
 BENCH_MODELS = {
     # ~26M: the CPU benchmark of the engine issue.
@@ -61,7 +61,7 @@ def make_workload(num_requests: int = 48, seed: int = 0, vocab_size: int = BENCH
 
 def bench_model_dir(root: Path, size: str = "26m") -> str:
     """A random Llama of ``size`` (``BENCH_MODELS``), written once under ``root``."""
-    from engine.builtin_model import write_llama
+    from pagedserve.engine.builtin_model import write_llama
 
     cfg, vocab = BENCH_MODELS[size]
     path = root / f"bench-llama-{size}"
@@ -119,7 +119,7 @@ def drive(eng, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
 
 
 def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
@@ -182,7 +182,7 @@ def run_hf_continuous(model_dir: str, w: Workload, device: str, dtype: str = "fl
 
 def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32") -> list[tuple[str, float]]:
     """Where an engine run spends its time (cProfile cumulative seconds of the main stages)."""
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(model=model_dir, device=device, dtype=dtype)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
@@ -225,8 +225,8 @@ COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
-    """Device memory copy bandwidth (bytes read + written, GB/s), measured now: ``kernels.bench``'s helper."""
-    from kernels.bench import measure_copy_bandwidth
+    """Device memory copy bandwidth (bytes read + written, GB/s), measured now: ``pagedserve.kernels.bench``'s helper."""
+    from pagedserve.kernels.bench import measure_copy_bandwidth
 
     return measure_copy_bandwidth(COPY_BYTES.get(device.type, COPY_BYTES["cpu"]), quick=False, device=device)
 
@@ -274,7 +274,7 @@ def decode_engine(model_dir: str, device: str, dtype: str, max_batch: int, conte
                   enforce_eager: bool, block_size: int = 16):
     """An engine for ``measure_decode_steps`` up to ``max_batch``: KV for that batch and no more (so the pool is
     small and engines can follow each other), no swap pool to speak of, a prefill budget of 8 prompts a step."""
-    from engine import LLMEngine
+    from pagedserve.engine import LLMEngine
 
     budget = max(2048, 8 * context)
     max_tokens = decode_max_tokens(max_batch, context, steps, budget)
@@ -442,8 +442,8 @@ def measure_swap_vs_recompute(model_dir: str, device: str, dtype: str, block_siz
     and back (on CPU: between two CPU pools), and one engine step prefilling a ``tokens``-token prompt (what a
     recompute preemption redoes); medians of ``reps`` after a warm-up of each. Only prefill steps run, so
     the engine captures no CUDA graphs (``enforce_eager``)."""
-    from engine import LLMEngine
-    from engine.scheduler import SchedulerOutput
+    from pagedserve.engine import LLMEngine
+    from pagedserve.engine.scheduler import SchedulerOutput
 
     dev = torch.device(device)
     n = tokens // block_size
@@ -504,7 +504,7 @@ def swap_vs_recompute_bench(model_dir: str, device: str, dtype: str, block_sizes
             torch.cuda.empty_cache()
     # Reference for the swap rate: pinned host<->device copies on CUDA; on CPU a plain copy (bytes moved).
     if dev.type == "cuda":
-        from kernels.bench import measure_pinned_bandwidth
+        from pagedserve.kernels.bench import measure_pinned_bandwidth
 
         pinned = measure_pinned_bandwidth(256 << 20)
         ref = {"reference": "pinned host<->device copy, mean of both directions",
@@ -720,7 +720,7 @@ def make_trace(name: str, num_requests: int, seed: int, vocab_size: int, max_len
 
 def run_sharing(model_dir: str, w: Workload, params: list[SamplingParams], share: bool, device: str,
                 num_gpu_blocks: int | None = None) -> dict:
-    from engine import LLM
+    from pagedserve.engine import LLM
 
     llm = LLM(model=model_dir, device=device, share_blocks=share, num_gpu_blocks=num_gpu_blocks,
               enable_prefix_caching=False, max_num_seqs=512, preemption_mode="swap")
@@ -749,7 +749,7 @@ def sharing_command(
     from rich.progress import Progress
     from rich.table import Table
 
-    from engine.builtin_model import ensure_builtin_model
+    from pagedserve.engine.builtin_model import ensure_builtin_model
 
     console = Console()
     model_dir = ensure_builtin_model()

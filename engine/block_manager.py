@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
-from engine.sequence import Sequence
+from pagedserve.engine.sequence import Sequence
 
 
 class Block:

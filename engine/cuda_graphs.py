@@ -25,7 +25,7 @@ import bisect
 
 import torch
 
-from engine.context import StepContext, set_context
+from pagedserve.engine.context import StepContext, set_context
 
 MAX_GRAPH_BATCH = 256  # larger decode batches are throughput-bound already: they run eagerly
 

@@ -1,4 +1,4 @@
-"""The step-level engine: add requests, run steps, get outputs. ``LLM`` (engine.llm) drives it offline; the
+"""The step-level engine: add requests, run steps, get outputs. ``LLM`` (pagedserve.engine.llm) drives it offline; the
 service drives it from Redis. It knows nothing of either.
 """
 
@@ -10,19 +10,19 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from engine.beam_search import BeamState
-from engine.block_manager import BlockManager
-from engine.builtin_model import ensure_builtin_model
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import PromptTooLongError
-from engine.loader import load_config, read_generation_eos
-from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.scheduler import PreemptionCost, Scheduler
-from engine.sequence import Request, Sequence
+from pagedserve.engine.beam_search import BeamState
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.builtin_model import ensure_builtin_model
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.errors import PromptTooLongError
+from pagedserve.engine.loader import load_config, read_generation_eos
+from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.sampler import Sampler
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.scheduler import PreemptionCost, Scheduler
+from pagedserve.engine.sequence import Request, Sequence
 
 MAX_REQUEST_ID_LEN = 256
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from engine.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+from pagedserve.engine.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
 
 # HF shard name -> (our fused parameter, shard index); shard order fixes the fused layout.
 _FUSED = {

@@ -3,7 +3,7 @@
 All tokens of a step are flattened into one batch with no padding. Positions, slot mapping (where each new
 token's K/V goes) and block tables are built once per step into a ``StepContext`` that every attention layer
 reads. Pending block swaps and copies run first, in the order swap-out, swap-in, copy-on-write. On CUDA,
-decode-only steps replay captured graphs (:mod:`engine.cuda_graphs`) unless ``enforce_eager`` is set.
+decode-only steps replay captured graphs (:mod:`pagedserve.engine.cuda_graphs`) unless ``enforce_eager`` is set.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.config import EngineConfig
-from engine.context import StepContext, set_context
-from engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
-from engine.loader import load_model
-from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
-from kernels import get_ops
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.context import StepContext, set_context
+from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
+from pagedserve.engine.loader import load_model
+from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.engine.sequence import Sequence
+from pagedserve.kernels import get_ops
 
 GIB = 1 << 30
 CPU_KV_BUDGET_BYTES = 1 * GIB  # default device pool when the "device" is the CPU (documented in README)

@@ -21,8 +21,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.sequence import Request, RequestStatus, Sequence
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.sequence import Request, RequestStatus, Sequence
 
 
 @dataclass

@@ -8,8 +8,8 @@ from enum import Enum
 
 import torch
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
 
@@ -103,7 +103,7 @@ class Request:
         self.num_preemptions = 0
         self.finish_reason: str | None = None  # request-level end: "cancelled" / "deadline"
         self.metrics: dict[str, float] = {"arrival_time": self.arrival_time}
-        self.beam = None  # BeamState for beam search (engine.beam_search)
+        self.beam = None  # BeamState for beam search (pagedserve.engine.beam_search)
         self.pending_logits: dict[int, object] = {}  # seq_id -> logits row, until every beam has one
         # Total tokens when last preempted while it was the only running request (see Scheduler._preempt).
         self.tokens_at_lone_preemption: int | None = None

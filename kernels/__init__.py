@@ -1,7 +1,7 @@
 """Paged-KV kernels: Triton on CUDA (and under ``TRITON_INTERPRET=1``), pure torch everywhere else.
 
 ``get_ops(device)`` returns the implementation the engine should call for tensors on ``device``. Every
-implementation has the signatures of :mod:`kernels.reference`, which documents the layouts.
+implementation has the signatures of :mod:`pagedserve.kernels.reference`, which documents the layouts.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import reference
+from pagedserve.kernels import reference
 
 __all__ = ["get_ops", "reference"]
 
@@ -20,7 +20,7 @@ def get_ops(device: torch.device | str) -> SimpleNamespace:
     device = torch.device(device)
     if device.type == "cuda":
         try:
-            from kernels import triton_ops  # noqa: PLC0415  (optional: needs triton and a GPU)
+            from pagedserve.kernels import triton_ops  # noqa: PLC0415  (optional: needs triton and a GPU)
 
             return triton_ops.OPS
         except ImportError:

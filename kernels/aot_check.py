@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for real NVIDIA targets without a GPU (``python -m kernels.aot_check``).
+"""Compile every Triton kernel for real NVIDIA targets without a GPU (``python -m pagedserve.kernels.aot_check``).
 
 The interpreter (``TRITON_INTERPRET=1``) skips most of the compiler's checks (``tl.dot`` shape and dtype
 rules, loop-carried types, shared-memory budget), so CI on CPU-only machines compiles the kernels ahead of
@@ -45,8 +45,8 @@ def cases(full: bool):
     """(label, kernel, pointer types, constexprs, float args, num_stages[, extra compile options]) to compile."""
     import triton  # noqa: PLC0415
 
-    from kernels import triton_attention as ta  # noqa: PLC0415
-    from kernels import triton_cache as tc  # noqa: PLC0415
+    from pagedserve.kernels import triton_attention as ta  # noqa: PLC0415
+    from pagedserve.kernels import triton_cache as tc  # noqa: PLC0415
 
     configs = [("bf16", 4, 128, 16), ("fp16", 1, 80, 8)]
     if full:
@@ -143,10 +143,10 @@ def cases(full: bool):
 
 
 def _fused_cases(full: bool):
-    """The element-wise model ops (kernels.triton_fused), with the launch options their wrappers use."""
+    """The element-wise model ops (pagedserve.kernels.triton_fused), with the launch options their wrappers use."""
     import triton  # noqa: PLC0415
 
-    from kernels import triton_fused as tf  # noqa: PLC0415
+    from pagedserve.kernels import triton_fused as tf  # noqa: PLC0415
 
     no_fma = {"enable_fp_fusion": False}
     dtypes = ["bf16", "fp16", "fp32"] if full else ["bf16"]

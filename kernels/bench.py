@@ -8,7 +8,7 @@ Measures, on the current CUDA device:
     ``torch.nn.functional.scaled_dot_product_attention`` over the same K/V bytes;
   * block swap GB/s (device <-> pinned host pool) against plain pinned host<->device copy bandwidth.
 
-Prints rich tables and writes JSON. Standalone: ``python -m kernels.bench --out docs/bench-kernels.json``.
+Prints rich tables and writes JSON. Standalone: ``python -m pagedserve.kernels.bench --out docs/bench-kernels.json``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def bench_decode_case(ops, batch: int, context: int, copy_gbps: float, quick: bo
     row["paged_gbps"] = row["bytes"] / (row["paged_ms"] * 1e-3) / 1e9
     row["bw_fraction"] = row["paged_gbps"] / copy_gbps
     row["vs_sdpa"] = row["paged_ms"] / row["sdpa_ms"]
-    from kernels.triton_attention import choose_decode_partition  # noqa: PLC0415
+    from pagedserve.kernels.triton_attention import choose_decode_partition  # noqa: PLC0415
 
     row["partition_size"] = choose_decode_partition(batch, HKV, context, q.device)
     del k_flat, v_flat, k_cache, v_cache
@@ -208,7 +208,7 @@ def kernels_command(
     try:
         import triton  # noqa: PLC0415
 
-        from kernels import triton_ops  # noqa: PLC0415
+        from pagedserve.kernels import triton_ops  # noqa: PLC0415
     except ImportError as exc:
         Console(stderr=True).print(f"[bold red]Triton kernels unavailable[/]: {exc}")
         raise typer.Exit(code=1) from exc

@@ -1,4 +1,4 @@
-"""Paged decode attention in pure torch: the CPU path behind :func:`kernels.reference.paged_decode_attention`.
+"""Paged decode attention in pure torch: the CPU path behind :func:`pagedserve.kernels.reference.paged_decode_attention`.
 
 Pure torch cannot read K/V through a block table in place, so each sequence's blocks are gathered into a
 contiguous copy every layer of every step; this module keeps that copy small and the number of torch calls low:

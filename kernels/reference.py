@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_decode
+from pagedserve.kernels import cpu_decode
 
 
 def write_kv(
@@ -101,7 +101,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V; a zero-length sequence (batch
-    padding) gets zeros. Computed by :mod:`kernels.cpu_decode` (length buckets, shared prefixes attended once
+    padding) gets zeros. Computed by :mod:`pagedserve.kernels.cpu_decode` (length buckets, shared prefixes attended once
     per group, one plan per step)."""
     return cpu_decode.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
 

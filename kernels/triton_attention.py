@@ -1,6 +1,6 @@
 """Triton paged attention: varlen prefill/extend and flash-decoding style split-KV decode.
 
-Layouts are those of :mod:`kernels.reference`. Both kernels read K/V through the block table one token row
+Layouts are those of :mod:`pagedserve.kernels.reference`. Both kernels read K/V through the block table one token row
 at a time (``block_table[pos // block_size]``), so any block size works and a KV tile may span several
 blocks. Query heads that share a KV head (GQA) are processed by the same program so every K/V tile is
 loaded once per KV head, not once per query head. Softmax runs online in fp32 in the base-2 domain
@@ -269,7 +269,7 @@ def decode_attention(
     partition_size: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`kernels.reference.paged_decode_attention` with an explicit partition size (tests, benchmarks).
+    """:func:`pagedserve.kernels.reference.paged_decode_attention` with an explicit partition size (tests, benchmarks).
 
     ``partition_size=None`` chooses it (:func:`choose_decode_partition`); ``0`` forces the single-pass
     kernel; a positive value (rounded up to a multiple of ``DECODE_TILE``) forces the split kernel.
@@ -339,7 +339,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Triton :func:`kernels.reference.paged_decode_attention` (split-KV for long contexts)."""
+    """Triton :func:`pagedserve.kernels.reference.paged_decode_attention` (split-KV for long contexts)."""
     return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
 
 
@@ -489,7 +489,7 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Triton :func:`kernels.reference.paged_attention` (varlen causal prefill/extend over paged K/V)."""
+    """Triton :func:`pagedserve.kernels.reference.paged_attention` (varlen causal prefill/extend over paged K/V)."""
     return varlen_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
 
 

@@ -1,6 +1,6 @@
 """Triton KV-cache maintenance: slot-mapped KV write, batched block copy; block swap on a side stream.
 
-Layouts are those of :mod:`kernels.reference`.
+Layouts are those of :mod:`pagedserve.kernels.reference`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from pagedserve.kernels import reference
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Triton :func:`kernels.reference.write_kv`: one program per token, negative slots skipped in-kernel."""
+    """Triton :func:`pagedserve.kernels.reference.write_kv`: one program per token, negative slots skipped in-kernel."""
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -116,7 +116,7 @@ def _copy_blocks_kernel(
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Triton :func:`kernels.reference.copy_blocks`: every (pair, layer, K/V) block copied by one launch.
+    """Triton :func:`pagedserve.kernels.reference.copy_blocks`: every (pair, layer, K/V) block copied by one launch.
 
     As in copy-on-write, destinations must be distinct and not also be sources in the same batch (the
     reference reads every source before writing; this kernel copies pairs concurrently).
@@ -154,7 +154,7 @@ def _swap_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """:func:`kernels.reference.swap_blocks` batched into one transfer on a dedicated CUDA stream.
+    """:func:`pagedserve.kernels.reference.swap_blocks` batched into one transfer on a dedicated CUDA stream.
 
     Swap-in (host -> device): gather the host blocks into one pinned staging buffer, one async H2D copy
     and one device scatter on the side stream; the caller's stream then waits on it (no host sync).

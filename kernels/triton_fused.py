@@ -1,6 +1,6 @@
 """Triton element-wise model ops: RMSNorm (+ residual add), neox rotary embedding, SiLU-and-mul.
 
-Same signatures and semantics as the bottom section of :mod:`kernels.reference`, which computes exactly what
+Same signatures and semantics as the bottom section of :mod:`pagedserve.kernels.reference`, which computes exactly what
 HF transformers computes. The kernels keep the reference's rounding points (fp32 inside, rounded to the model
 dtype where torch rounds) and use the same fp32 operations as torch's CUDA kernels, so on a GPU they are meant
 to match torch on the same GPU (``tests/test_fused_kernels.py``'s ``gpu`` tests hold them to it):
@@ -149,7 +149,7 @@ def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton :func:`kernels.reference.rms_norm`: RMSNorm over the last dim of a 2-D or 3-D (strided) ``x``."""
+    """Triton :func:`pagedserve.kernels.reference.rms_norm`: RMSNorm over the last dim of a 2-D or 3-D (strided) ``x``."""
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     return rms_norm_out(x, weight, eps, out)
 
@@ -187,7 +187,7 @@ def add_rms_norm_out(
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton :func:`kernels.reference.add_rms_norm`: ``(rms_norm(x + residual), x + residual)`` in one pass.
+    """Triton :func:`pagedserve.kernels.reference.add_rms_norm`: ``(rms_norm(x + residual), x + residual)`` in one pass.
 
     Writes fresh tensors; the inputs are left as they are.
     """
@@ -266,7 +266,7 @@ def _rotary_kernel(
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton :func:`kernels.reference.rotary_embedding`: rotates ``q`` and ``k`` in place and returns them.
+    """Triton :func:`pagedserve.kernels.reference.rotary_embedding`: rotates ``q`` and ``k`` in place and returns them.
 
     ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` may be any strided views (normally slices of one fused qkv
     output, ``stride(0)`` = its width); nothing outside them is written, so the v part of a fused tensor
@@ -348,7 +348,7 @@ def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """Triton :func:`kernels.reference.silu_and_mul`: ``silu(gate) * up`` for ``x = [gate | up]`` ``[T, 2I]``."""
+    """Triton :func:`pagedserve.kernels.reference.silu_and_mul`: ``silu(gate) * up`` for ``x = [gate | up]`` ``[T, 2I]``."""
     out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
     return silu_and_mul_out(x, out)
 

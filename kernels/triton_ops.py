@@ -1,4 +1,4 @@
-"""Triton implementation of the kernel set (same signatures and semantics as :mod:`kernels.reference`).
+"""Triton implementation of the kernel set (same signatures and semantics as :mod:`pagedserve.kernels.reference`).
 
 ``kernels.get_ops("cuda")`` returns :data:`OPS`. Every op also runs on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests them); ``swap_blocks`` defers to the reference unless one side is CUDA.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention, varlen_attention
-from kernels.triton_cache import copy_blocks, swap_blocks, write_kv
-from kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from pagedserve.kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention, varlen_attention
+from pagedserve.kernels.triton_cache import copy_blocks, swap_blocks, write_kv
+from pagedserve.kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 OPS = SimpleNamespace(
     name="triton",

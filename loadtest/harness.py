@@ -32,7 +32,7 @@ def worker_command() -> list[str]:
     exe = shutil.which("pagedserve") or str(Path(sys.executable).with_name("pagedserve"))
     if Path(exe).exists():
         return [exe, "worker"]
-    return [sys.executable, "-c", "import sys; from service.cli import app; sys.argv[0] = 'pagedserve'; app()",
+    return [sys.executable, "-c", "import sys; from pagedserve.service.cli import app; sys.argv[0] = 'pagedserve'; app()",
             "worker"]
 
 

@@ -43,7 +43,7 @@ _MAX_CHARS_PER_TOKEN = 64
 
 def prepare(req: GenerateRequest, engine: Any, max_num_seqs: int) -> tuple[str | list[int], Any]:
     """Returns ``(prompt, SamplingParams)`` for ``engine.add_request`` or raises :class:`InvalidRequestError`."""
-    from engine import SamplingParams
+    from pagedserve.engine import SamplingParams
 
     def refuse(code: str, message: str) -> InvalidRequestError:
         return InvalidRequestError(req.id, code, message, req.metadata)
@@ -105,7 +105,7 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
 
 def add_to_engine(engine: Any, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float) -> None:
     """``engine.add_request`` with the engine's refusals mapped to error codes."""
-    from engine.errors import PromptTooLongError
+    from pagedserve.engine.errors import PromptTooLongError
 
     deadline = req.deadline_ms / 1000.0 if req.deadline_ms is not None else None
     try:

@@ -45,7 +45,7 @@ def _summary(ttft: list[float], e2e: list[float], tokens: int, wall: float) -> d
 
 def run_in_process(engine, prompts, max_tokens) -> dict:
     """The engine driven directly: add everything at t0, step until done."""
-    from engine import SamplingParams
+    from pagedserve.engine import SamplingParams
 
     tag = uuid.uuid4().hex[:6]
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ class WorkerProc:
         self.prefix = prefix
         self.r = redis.Redis.from_url(url)
         self.log = tempfile.NamedTemporaryFile(prefix="pagedserve-bench-worker-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, stdout=self.log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=os.getcwd())
         self.ps = self.r.pubsub(ignore_subscribe_messages=True)
         self.ps.psubscribe(f"{prefix}:out:*")
@@ -207,7 +207,7 @@ def _median_runs(runs: list[dict]) -> dict:
 
 
 def service_command(
-    num_requests: int = typer.Option(48, help="Requests in the workload (engine.benchmarks.make_workload)."),
+    num_requests: int = typer.Option(48, help="Requests in the workload (pagedserve.engine.benchmarks.make_workload)."),
     seed: int = typer.Option(0, help="Workload seed (run k uses seed + k)."),
     repeat: int = typer.Option(2, help="Runs per contender, interleaved A B B A ...; medians are reported."),
     device: str = typer.Option("cpu", help="Device of both contenders."),
@@ -226,11 +226,11 @@ def service_command(
 
     console = Console()
     try:
-        from engine.benchmarks import bench_model_dir, make_workload
+        from pagedserve.engine.benchmarks import bench_model_dir, make_workload
     except ImportError:  # pragma: no cover - the offline benchmark module is part of the engine
-        console.print("[red]engine.benchmarks is missing[/]")
+        console.print("[red]pagedserve.engine.benchmarks is missing[/]")
         raise typer.Exit(1) from None
-    from engine import LLMEngine
+    from pagedserve.engine import LLMEngine
 
     results: dict = {"num_requests": num_requests, "seed": seed, "repeat": repeat, "device": device, "threads": threads,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count()}

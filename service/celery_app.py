@@ -2,7 +2,7 @@
 
 The tasks only talk to the pagedserve wire protocol (they never load a model); run them in any Celery worker:
 
-    celery -A service.celery_app worker --pool threads --concurrency 32
+    celery -A pagedserve.service.celery_app worker --pool threads --concurrency 32
 
 Invariants:
 - JSON serializer only (task arguments, results, accepted content); never pickle;

@@ -15,10 +15,10 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 _BENCH_TARGETS = {
-    "offline": "engine.benchmarks:offline_command",
-    "sharing": "engine.benchmarks:sharing_command",
-    "kernels": "kernels.bench:kernels_command",
-    "service": "service.bench:service_command",
+    "offline": "pagedserve.engine.benchmarks:offline_command",
+    "sharing": "pagedserve.engine.benchmarks:sharing_command",
+    "kernels": "pagedserve.kernels.bench:kernels_command",
+    "service": "pagedserve.service.bench:service_command",
 }
 
 
@@ -172,7 +172,7 @@ def demo(
 @model_app.command("init")
 def model_init(path: Optional[str] = typer.Argument(None, help="Directory (default: the built-in model's).")) -> None:
     """Write the built-in model (config, safetensors, tokenizer) if it is not there yet."""
-    from engine.builtin_model import ensure_builtin_model
+    from pagedserve.engine.builtin_model import ensure_builtin_model
 
     with err.status("[bold]writing the built-in model ..."):
         where = ensure_builtin_model(path)
@@ -183,5 +183,5 @@ def main() -> None:  # pragma: no cover - console script entry
     app()
 
 
-if __name__ == "__main__":  # python -m service.cli
+if __name__ == "__main__":  # python -m pagedserve.service.cli
     sys.exit(app())

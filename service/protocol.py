@@ -1,7 +1,7 @@
 """The wire protocol (contract §2): Redis names and a pydantic model for every message.
 
 The models are the single source of truth for both validation and the published JSON Schemas
-(``docs/schemas/*.json``, regenerated with ``python -m service.protocol docs/schemas``).
+(``docs/schemas/*.json``, regenerated with ``python -m pagedserve.service.protocol docs/schemas``).
 
 Invariants:
 - every value on the wire is UTF-8 JSON (never pickle);
@@ -364,6 +364,6 @@ def write_schemas(directory: str | Path) -> list[Path]:
     return paths
 
 
-if __name__ == "__main__":  # python -m service.protocol docs/schemas
+if __name__ == "__main__":  # python -m pagedserve.service.protocol docs/schemas
     for p in write_schemas(sys.argv[1] if len(sys.argv) > 1 else "docs/schemas"):
         print(p)

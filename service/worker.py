@@ -110,7 +110,7 @@ class Worker:
     @property
     def engine(self) -> Any:
         if self._engine is None:
-            from engine import LLMEngine
+            from pagedserve.engine import LLMEngine
 
             self._engine = LLMEngine(**self.settings.engine_kwargs())
             self.model_loaded = True

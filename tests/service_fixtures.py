@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.redis_server import LocalRedis
-from service.settings import Settings
-from service.worker import Worker
+from pagedserve.service.redis_server import LocalRedis
+from pagedserve.service.settings import Settings
+from pagedserve.service.worker import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REDIS = os.environ.get("PAGEDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -63,7 +63,7 @@ def prefix(redis_url):
 
 @pytest.fixture(scope="session")
 def shared_engine():
-    from engine import LLMEngine
+    from pagedserve.engine import LLMEngine
 
     return LLMEngine(model=None, **ENGINE_KW)
 
@@ -136,7 +136,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"], cwd=REPO, env=self.env,
+            [sys.executable, "-m", "pagedserve.service.cli", "worker"], cwd=REPO, env=self.env,
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         return self

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pagedserve.engine import LLM, SamplingParams
 
 
 def _hf_beams(model, prompt, width, n, max_new, length_penalty, early_stopping, eos=None):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import benchmarks as B
-from engine.scheduler import PreemptionCost
+from pagedserve.engine import benchmarks as B
+from pagedserve.engine.scheduler import PreemptionCost
 
 
 def test_decode_roofline_is_weights_plus_growing_context_over_bandwidth():
@@ -86,7 +86,7 @@ def test_measure_swap_vs_recompute_on_cpu(tiny_models):
 
 
 def test_cpu_copy_bandwidth():
-    from kernels.bench import measure_copy_bandwidth
+    from pagedserve.kernels.bench import measure_copy_bandwidth
 
     assert measure_copy_bandwidth(8 << 20, quick=True, device="cpu") > 0.01
 
@@ -94,7 +94,7 @@ def test_cpu_copy_bandwidth():
 def test_bench_offline_cli_lists_the_new_options():
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from pagedserve.service.cli import app
 
     res = CliRunner().invoke(app, ["bench", "offline", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.sequence import Sequence
 
 BS = 4
 

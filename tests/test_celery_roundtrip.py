@@ -9,10 +9,10 @@ import time
 import pytest
 import redis
 
-from service.celery_app import make_celery
-from service.client import Client
-from service.protocol import Keys
-from service.redis_server import LocalRedis
+from pagedserve.service.celery_app import make_celery
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import Keys
+from pagedserve.service.redis_server import LocalRedis
 from service_fixtures import *  # noqa: F403
 from service_fixtures import REPO, make_settings, running_worker, wait_for, worker_env
 
@@ -24,7 +24,7 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
         s = make_settings(url, prefix, celery_visibility_timeout_s=120)
         log = open(tmp_path / "celery.log", "wb")
         celery = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "service.celery_app", "worker", "--pool", "threads",
+            [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", "threads",
              "--concurrency", "4", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
             cwd=REPO, env=worker_env(s), stdout=log, stderr=subprocess.STDOUT,
         )

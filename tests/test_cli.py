@@ -7,7 +7,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from service.cli import app
+from pagedserve.service.cli import app
 from service_fixtures import *  # noqa: F403
 from service_fixtures import REPO, make_settings, running_worker
 
@@ -29,8 +29,8 @@ def test_help_lists_the_contract_commands():
 
 
 def test_console_script_entry_point_runs():
-    # what `pagedserve = service.cli:app` does, without relying on the package being installed
-    out = subprocess.run([sys.executable, "-m", "service.cli", "--help"], cwd=REPO, capture_output=True, text=True,
+    # what `pagedserve = pagedserve.service.cli:app` does, without relying on the package being installed
+    out = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "submit" in out.stdout
 

@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.cuda_graphs import DecodeGraphRunner, batch_ladder
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.cuda_graphs import DecodeGraphRunner, batch_ladder
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -73,7 +73,7 @@ def test_padded_decode_steps_match_hf(family, max_batch, tiny_models, hf_greedy)
 def test_padded_decode_steps_with_triton_kernels(family, tiny_models, hf_greedy):
     # The kernel set the GPU path uses (here in Triton's interpreter), prefill steps included: padding rows
     # skip the KV write and decode to zeros inside the kernels rather than in torch.
-    from kernels import triton_ops
+    from pagedserve.kernels import triton_ops
 
     llm = LLM(model=tiny_models[family], device="cpu", block_size=8)
     log = _use_graph_runner(llm, 4, ops=triton_ops.OPS)

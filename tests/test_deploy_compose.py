@@ -173,9 +173,9 @@ def test_grafana_provisioning():
 
 def test_dashboard_uses_metrics_the_worker_exports():
     try:
-        from service.metrics import WorkerMetrics
+        from pagedserve.service.metrics import WorkerMetrics
     except ImportError:
-        pytest.skip("service.metrics is not importable")
+        pytest.skip("pagedserve.service.metrics is not importable")
     exported = set()
     for fam in WorkerMetrics().registry.collect():
         exported.add(fam.name)

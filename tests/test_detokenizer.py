@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.builtin_model import build_byte_tokenizer
-from engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.builtin_model import build_byte_tokenizer
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
 
 TOK = build_byte_tokenizer()
 

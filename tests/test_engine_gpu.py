@@ -18,7 +18,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pagedserve.engine import LLM, SamplingParams
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pagedserve.engine import LLM, SamplingParams
 
 LENGTHS = [1, 15, 16, 17, 33, 47, 64]
 MAX_NEW = 12

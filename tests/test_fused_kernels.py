@@ -1,4 +1,4 @@
-"""Triton element-wise model ops (:mod:`kernels.triton_fused`) against the pure-torch reference.
+"""Triton element-wise model ops (:mod:`pagedserve.kernels.triton_fused`) against the pure-torch reference.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (small shapes); the ``gpu``-marked tests
 repeat the checks at real model sizes on a CUDA device, where the kernels must match torch to the last bit
@@ -23,7 +23,7 @@ import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels import reference, triton_fused, triton_ops  # noqa: E402
+from pagedserve.kernels import reference, triton_fused, triton_ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels import cpu_decode, reference  # noqa: E402
-from kernels import triton_attention, triton_cache, triton_ops  # noqa: E402
+from pagedserve.kernels import cpu_decode, reference  # noqa: E402
+from pagedserve.kernels import triton_attention, triton_cache, triton_ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -468,7 +468,7 @@ def test_swap_blocks_cpu_defers_to_reference():
 def test_bench_without_cuda_exits_cleanly(monkeypatch, tmp_path, capsys):
     import typer  # noqa: PLC0415
 
-    from kernels import bench  # noqa: PLC0415
+    from pagedserve.kernels import bench  # noqa: PLC0415
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(typer.Exit) as exc:
@@ -489,7 +489,7 @@ def test_kernels_compile_for_sm90_without_gpu():
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "pagedserve.kernels.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -580,7 +580,7 @@ def test_gpu_cache_ops_real_sizes():
 @pytest.mark.gpu
 @gpu
 def test_gpu_get_ops_returns_triton():
-    from kernels import get_ops  # noqa: PLC0415
+    from pagedserve.kernels import get_ops  # noqa: PLC0415
 
     assert get_ops("cuda").name == "triton"
     assert get_ops("cpu").name == "torch"

@@ -135,13 +135,13 @@ def test_report_reads_plain_locust_csv(tmp_path):
 
 def _worker_importable() -> bool:
     try:
-        return importlib.util.find_spec("service.worker") is not None
+        return importlib.util.find_spec("pagedserve.service.worker") is not None
     except (ImportError, ValueError):
         return False
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not _worker_importable(), reason="service.worker (the real worker) is not importable")
+@pytest.mark.skipif(not _worker_importable(), reason="pagedserve.service.worker (the real worker) is not importable")
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_headless_locust_run_against_real_worker(tmp_path):
     # Only look for locust: importing it monkey-patches this pytest process with gevent, which hangs the

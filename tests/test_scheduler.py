@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import LLM, SamplingParams
-from engine.sequence import RequestStatus
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.sequence import RequestStatus
 
 
 @pytest.fixture(scope="module")

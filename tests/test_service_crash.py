@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from service.client import Client
-from service.protocol import DoneEvent, Keys, parse_event, parse_terminal
-from service.redis_server import LocalRedis
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import DoneEvent, Keys, parse_event, parse_terminal
+from pagedserve.service.redis_server import LocalRedis
 from service_fixtures import *  # noqa: F403
 from service_fixtures import WorkerProcess, make_settings, running_worker, wait_for
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from service.client import AsyncClient, Client, RequestFailed
-from service.protocol import DoneEvent, ErrorEvent, TokenEvent
+from pagedserve.service.client import AsyncClient, Client, RequestFailed
+from pagedserve.service.protocol import DoneEvent, ErrorEvent, TokenEvent
 from service_fixtures import *  # noqa: F403
 from service_fixtures import ENGINE_KW, make_settings, metric_samples, running_worker, wait_for
 
@@ -25,7 +25,7 @@ def setup(redis_url, prefix, shared_engine):
 
 
 def test_greedy_equals_offline_engine_and_deltas_concatenate(setup):
-    from engine import LLM, SamplingParams
+    from pagedserve.engine import LLM, SamplingParams
 
     s, w, c = setup
     # Streaming, concurrently: submit all, then read every stream.

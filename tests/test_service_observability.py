@@ -10,9 +10,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from service.client import Client
-from service.protocol import DoneEvent
-from service.telemetry import configure_logging
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import DoneEvent
+from pagedserve.service.telemetry import configure_logging
 from service_fixtures import *  # noqa: F403
 from service_fixtures import make_settings, running_worker, wait_for
 

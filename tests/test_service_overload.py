@@ -14,9 +14,9 @@ import pytest
 import redis
 import structlog
 
-from service.client import Client
-from service.protocol import DoneEvent, ErrorEvent, Keys
-from service.telemetry import configure_logging
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import DoneEvent, ErrorEvent, Keys
+from pagedserve.service.telemetry import configure_logging
 from service_fixtures import *  # noqa: F403
 from service_fixtures import make_settings, metric_samples, running_worker, wait_for
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.protocol import (
+from pagedserve.service.protocol import (
     DeadLetterError,
     DoneEvent,
     InvalidRequestError,
@@ -17,7 +17,7 @@ from service.protocol import (
     parse_event,
     parse_request,
 )
-from service.settings import Settings
+from pagedserve.service.settings import Settings
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
@@ -35,7 +35,7 @@ def test_keys_follow_contract():
 def test_published_schemas_are_current():
     for name, schema in json_schemas().items():
         path = SCHEMAS / f"{name}.schema.json"
-        assert path.exists(), f"run: python -m service.protocol docs/schemas ({path} missing)"
+        assert path.exists(), f"run: python -m pagedserve.service.protocol docs/schemas ({path} missing)"
         assert json.loads(path.read_text()) == json.loads(json.dumps(schema)), f"{path} is stale"
 
 

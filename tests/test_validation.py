@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, PromptTooLongError, SamplingParams
+from pagedserve.engine import LLM, PromptTooLongError, SamplingParams
 
 BAD = [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),

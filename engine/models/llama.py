@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.context import get_context
+from pagedserve.engine.context import get_context
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

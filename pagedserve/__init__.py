@@ -1,0 +1,57 @@
+"""pagedserve: a message-queue-driven LLM inference service built on PagedAttention.
+
+The public API in one place. ``pip install pagedserve`` is the producer side (``Client``, ``AsyncClient``, the
+protocol models, Celery tasks, ``pagedserve submit``); ``pip install "pagedserve[worker]"`` adds the engine
+(``LLM``, ``LLMEngine``) and the worker. Names are imported on first use, so a producer never loads torch.
+
+The code lives in the subpackages ``pagedserve.engine`` (offline engine, knows nothing of Redis),
+``pagedserve.kernels`` (paged-KV kernels), ``pagedserve.service`` (worker, clients, CLI; knows nothing of
+blocks) and ``pagedserve.bench`` (benchmarks).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LLM": "pagedserve.engine.llm",
+    "LLMEngine": "pagedserve.engine.llm_engine",
+    "SamplingParams": "pagedserve.engine.sampling_params",
+    "RequestOutput": "pagedserve.engine.outputs",
+    "CompletionOutput": "pagedserve.engine.outputs",
+    "PromptTooLongError": "pagedserve.engine.errors",
+    "Client": "pagedserve.service.client",
+    "AsyncClient": "pagedserve.service.client",
+    "RequestFailed": "pagedserve.service.client",
+    "GenerateRequest": "pagedserve.service.protocol",
+    "TokenEvent": "pagedserve.service.protocol",
+    "DoneEvent": "pagedserve.service.protocol",
+    "ErrorEvent": "pagedserve.service.protocol",
+    "DeadLetter": "pagedserve.service.protocol",
+    "Keys": "pagedserve.service.protocol",
+    "Settings": "pagedserve.service.settings",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from pagedserve.engine.errors import PromptTooLongError
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.llm_engine import LLMEngine
+    from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+    from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.service.client import AsyncClient, Client, RequestFailed
+    from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
+    from pagedserve.service.settings import Settings
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
