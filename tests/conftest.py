@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The service tests' fixtures (real redis-server, workers on the built-in model), loaded as a plugin so that
+# every test module gets them without an import-star.
+pytest_plugins = ["service_fixtures"]
+
 from pagedserve.engine.builtin_model import build_byte_tokenizer  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

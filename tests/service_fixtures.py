@@ -1,6 +1,7 @@
 """Shared fixtures and helpers of the service tests (real redis-server, real engine, built-in model on CPU).
 
-Import the fixtures in a test module with ``from service_fixtures import *  # noqa: F403``.
+tests/conftest.py loads this module as a pytest plugin (``pytest_plugins``), so every test module gets the
+fixtures; import the plain helpers by name (``from service_fixtures import make_settings, running_worker``).
 """
 
 from __future__ import annotations
@@ -177,9 +178,3 @@ class WorkerProcess:
         self.kill()
         with contextlib.suppress(Exception):
             self._log.close()
-
-
-__all__ = [
-    "ENGINE_KW", "REPO", "WorkerProcess", "make_settings", "prefix", "redis_url", "running_worker",
-    "shared_engine", "wait_for", "worker_env",
-]

@@ -13,7 +13,6 @@ from pagedserve.service.celery_app import make_celery
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import *  # noqa: F403
 from service_fixtures import REPO, make_settings, running_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,6 @@ import sys
 from typer.testing import CliRunner
 
 from pagedserve.service.cli import app
-from service_fixtures import *  # noqa: F403
 from service_fixtures import REPO, make_settings, running_worker
 
 runner = CliRunner()

@@ -14,7 +14,6 @@ import redis
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, Keys, parse_event, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import *  # noqa: F403
 from service_fixtures import WorkerProcess, make_settings, running_worker, wait_for
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,6 @@ import redis
 
 from pagedserve.service.client import AsyncClient, Client, RequestFailed
 from pagedserve.service.protocol import DoneEvent, ErrorEvent, TokenEvent
-from service_fixtures import *  # noqa: F403
 from service_fixtures import ENGINE_KW, make_settings, metric_samples, running_worker, wait_for
 
 PROMPTS = ["Hello world", "The sky is", "PagedAttention", "def f(x):", "a" * 40]

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, Keys, parse_terminal, valid_id
-from service_fixtures import *  # noqa: F403
 from service_fixtures import make_settings, metric_samples, running_worker, wait_for
 
 MAX_BYTES = 8192

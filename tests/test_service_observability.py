@@ -13,7 +13,6 @@ from opentelemetry.trace import SpanKind
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent
 from pagedserve.service.telemetry import configure_logging
-from service_fixtures import *  # noqa: F403
 from service_fixtures import make_settings, running_worker, wait_for
 
 

@@ -17,7 +17,6 @@ import structlog
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, ErrorEvent, Keys
 from pagedserve.service.telemetry import configure_logging
-from service_fixtures import *  # noqa: F403
 from service_fixtures import make_settings, metric_samples, running_worker, wait_for
 
 
