@@ -2,11 +2,15 @@
 
 Long operations show rich progress on stderr; results go to stdout. Benchmarks owned by other modules are
 registered lazily, so the CLI keeps working when one of them is missing.
+
+``submit`` is the producer side and needs only the base install; ``worker``, ``demo``, ``bench`` and ``model`` run
+the engine and say which extra to install when it is missing (one line, exit status 1, no traceback).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from typing import Optional
 
@@ -71,6 +75,31 @@ app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 out = Console()
 
+# Top-level modules of the ``worker`` extra that the engine-side commands import.
+_WORKER_MODULES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "structlog", "prometheus_client")
+
+
+def _require_worker_extra(command: str) -> None:
+    """Exit with one line naming the extra when the engine side is not installed (checked before any work)."""
+    missing = [m for m in _WORKER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        err.print(
+            f"pagedserve {command} needs the worker extra (missing: {', '.join(missing)}): "
+            'pip install "pagedserve[worker]"',
+            markup=False, highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
+@model_app.callback()
+def _model_group() -> None:
+    _require_worker_extra("model")
+
+
+@bench_app.callback()
+def _bench_group() -> None:
+    _require_worker_extra("bench")
+
 
 def _settings(**overrides):
     from .settings import Settings
@@ -84,6 +113,7 @@ def worker(
     metrics_port: Optional[int] = typer.Option(None, help="Health/metrics port (PAGEDSERVE_METRICS_PORT, default 9400)."),
 ) -> None:
     """The long-running worker: consume the request stream, run the engine, publish results."""
+    _require_worker_extra("worker")
     from .telemetry import configure_logging, configure_tracing
     from .worker import Worker
 
@@ -164,6 +194,7 @@ def demo(
 ) -> None:
     """Redis (started locally unless PAGEDSERVE_REDIS_URL is set), a worker on the built-in model, a batch of
     concurrent requests streamed to the terminal, and a summary of throughput, latency and KV use."""
+    _require_worker_extra("demo")
     from .demo import run_demo
 
     run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)

@@ -6,6 +6,9 @@
   the worker's spans are children of it. OTLP export is switched on only when an OTLP endpoint is configured
   through the standard ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` variables (the exporter reads all other
   ``OTEL_*`` variables itself).
+
+The producer side (clients, ``pagedserve submit``) needs only ``opentelemetry-api``: structlog and the SDK belong
+to the worker extra and are imported by the functions that use them.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span
+
+if TYPE_CHECKING:
+    import structlog
 
 TRACER_NAME = "pagedserve"
 _configured_logging = False
@@ -43,6 +48,8 @@ class _StderrLogger:
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     """Configure structlog once per process (idempotent; the last call wins for format and level)."""
+    import structlog
+
     global _configured_logging
     lvl = getattr(logging, level.upper(), logging.INFO)
     renderer: Any = (
@@ -64,6 +71,8 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
 
 
 def get_logger(**bind: Any) -> structlog.stdlib.BoundLogger:
+    import structlog
+
     return structlog.get_logger("pagedserve").bind(**bind)
 
 
