@@ -1,0 +1,294 @@
+"""The producers' sans-IO core, written once for :class:`~pagedserve.service.client.Client` (sync) and
+:class:`~pagedserve.service.client.AsyncClient` (asyncio): request building, the stream entry with its trace
+context, the cancel commands, and the event-wait state machine.
+
+The state machine, :func:`event_wait`, is a generator that performs no I/O: it yields operations (subscribe,
+listen, send, read the result key, drop the subscription, pause, emit an event to the caller) and receives
+their outcomes. A client runs it with its own Redis connection, sync or async, and does nothing else; a Redis
+error during an operation is thrown into the generator, which decides what happens next.
+
+Invariants of :func:`event_wait`:
+- it subscribes to ``out:{id}`` and waits for the confirmation BEFORE it asks for the XADD, so no event of the
+  request can be missed; the request is sent at most once;
+- it asks for ``result:{id}`` after every subscription of an already sent request and whenever the channel has
+  been quiet for ``QUIET_S``, so a late subscriber or a lost pub/sub message still gets the terminal event;
+- it emits token events (when asked for them), then exactly one terminal event, then stops;
+- a lost connection drops the subscription and starts over after a short pause, until the deadline, which
+  raises ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Generator
+from typing import Any, Union
+
+import redis
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from .protocol import (
+    DoneEvent,
+    ErrorEvent,
+    GenerateRequest,
+    Keys,
+    SamplingParamsModel,
+    TokenEvent,
+    parse_event,
+    parse_terminal,
+)
+from .settings import Settings
+from .telemetry import get_tracer, inject_fields
+
+Event = Union[TokenEvent, DoneEvent, ErrorEvent]
+Terminal = Union[DoneEvent, ErrorEvent]
+QUIET_S = 1.0  # re-read the result key after this long without an event
+CONFIRM_S = 5.0  # a subscription not confirmed within this long counts as a lost connection
+RETRY_PAUSE_S = 0.2
+# What a client throws into event_wait when an operation failed on the connection.
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+class RequestFailed(Exception):
+    """The request ended with an ``error`` event."""
+
+    def __init__(self, event: ErrorEvent):
+        super().__init__(f"{event.error.code}: {event.error.message}")
+        self.event = event
+        self.code = event.error.code
+
+
+# ------------------------------------------------------------------------------------------------ requests
+def _params(params: Any) -> dict:
+    if params is None:
+        return {}
+    if isinstance(params, dict):
+        return dict(params)
+    if isinstance(params, SamplingParamsModel):
+        return params.to_kwargs()
+    if dataclasses.is_dataclass(params):  # engine.SamplingParams: send only what differs from the defaults
+        defaults = type(params)()
+        return {
+            f.name: getattr(params, f.name)
+            for f in dataclasses.fields(params)
+            if getattr(params, f.name) != getattr(defaults, f.name)
+        }
+    raise TypeError("params must be a dict, a SamplingParams or a SamplingParamsModel")
+
+
+def build_request(
+    prompt: str | list[int] | None = None,
+    *,
+    messages: list[dict] | None = None,
+    prompt_token_ids: list[int] | None = None,
+    params: Any = None,
+    id: str | None = None,
+    stream: bool = True,
+    priority: int = 0,
+    deadline_ms: int | None = None,
+    metadata: dict | None = None,
+) -> GenerateRequest:
+    """Build and validate a request locally (a bad request fails here, before it is sent)."""
+    if isinstance(prompt, list):
+        prompt_token_ids, prompt = prompt, None
+    return GenerateRequest.model_validate(
+        {
+            "id": id or uuid.uuid4().hex,
+            "prompt": prompt,
+            "prompt_token_ids": prompt_token_ids,
+            "messages": messages,
+            "params": _params(params),
+            "stream": stream,
+            "priority": priority,
+            "deadline_ms": deadline_ms,
+            "metadata": metadata or {},
+        }
+    )
+
+
+def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
+    """The ``request=`` keyword if given, else the request built from ``prompt`` and the other keywords."""
+    return kw.pop("request", None) or build_request(prompt, **kw)
+
+
+def first_terminal(ev: Event) -> Terminal | None:
+    """``wait``: the terminal event, or None for a token event."""
+    return None if isinstance(ev, TokenEvent) else ev
+
+
+def done_or_raise(ev: Event) -> DoneEvent | None:
+    """``generate``: the ``done`` event, :class:`RequestFailed` for an ``error`` event, None for a token."""
+    if isinstance(ev, ErrorEvent):
+        raise RequestFailed(ev)
+    return ev if isinstance(ev, DoneEvent) else None
+
+
+class ProducerCore:
+    """What both clients hold: settings, key names, tracer; the XADD fields and the cancel commands."""
+
+    def __init__(self, settings: Settings | None, redis_url: str | None, prefix: str | None, tracer_provider: Any):
+        s = settings or Settings()
+        self.settings = s
+        self.redis_url = redis_url or s.redis_url
+        self.keys = Keys(prefix or s.prefix)
+        self.tracer = get_tracer(tracer_provider)
+
+    def _producer_span(self, req: GenerateRequest):
+        return self.tracer.start_as_current_span(
+            f"send {self.keys.requests}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": self.keys.requests,
+                "pagedserve.request.id": req.id,
+                "gen_ai.operation.name": "chat" if req.messages is not None else "text_completion",
+            },
+        )
+
+    def _fields(self, req: GenerateRequest) -> dict:
+        """The stream entry: the request's JSON and the current span's trace context (call inside the span)."""
+        fields = {"body": req.model_dump_json(exclude_none=False)}
+        fields.update(inject_fields(trace.get_current_span()))
+        return fields
+
+    @staticmethod
+    def _sent(span: Any, entry_id: Any) -> None:
+        span.set_attribute("messaging.message.id", entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+
+    def _cancel_commands(self, request_id: str) -> list[tuple[str, tuple, dict]]:
+        """Mark it cancelled (covers a request not picked up yet) and tell the worker running it; one pipeline."""
+        return [
+            ("set", (self.keys.cancelled(request_id), "1"), {"ex": self.settings.result_ttl_s}),
+            ("publish", (self.keys.cancel, request_id), {}),
+        ]
+
+    @staticmethod
+    def _terminal(raw: Any) -> Terminal | None:
+        return parse_terminal(raw) if raw is not None else None
+
+    def _wait(self, request_id: str, submit: GenerateRequest | None, timeout: float | None, tokens: bool = True):
+        return event_wait(self.keys, request_id, submit, timeout, tokens)
+
+
+# ------------------------------------------------------------------------------------------------ event wait
+@dataclasses.dataclass(frozen=True)
+class Subscribe:
+    """Open a pub/sub connection subscribed to ``channel`` (its confirmation is read with :class:`Listen`)."""
+
+    channel: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Listen:
+    """Read the next pub/sub message, waiting at most ``timeout`` s. Reply: the message dict or None."""
+
+    timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    """XADD ``request`` (inside its producer span)."""
+
+    request: GenerateRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadResult:
+    """GET ``key``. Reply: the stored value or None."""
+
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsubscribe:
+    """Close the pub/sub connection, ignoring errors (it may be dead already)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Emit:
+    """Hand ``event`` to the caller."""
+
+    event: Event
+
+
+Op = Union[Subscribe, Listen, Send, ReadResult, Unsubscribe, Pause, Emit]
+
+
+def event_wait(
+    keys: Keys,
+    request_id: str,
+    submit: GenerateRequest | None,
+    timeout: float | None,
+    tokens: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+) -> Generator[Op, Any, None]:
+    """The events of ``request_id`` (sending ``submit`` first if given), as operations for a client to run.
+
+    Token events are emitted only when ``tokens``; ``timeout`` (seconds, None = no limit) raises
+    ``TimeoutError``. A client throws redis' ConnectionError/TimeoutError into the generator when an operation
+    failed on the connection.
+    """
+    deadline = None if timeout is None else clock() + timeout
+    sent = submit is None
+    subscribed = False
+
+    def expired() -> bool:
+        return deadline is not None and clock() >= deadline
+
+    def timeout_error() -> TimeoutError:
+        return TimeoutError(f"no result for {request_id} within {timeout} s")
+
+    while True:
+        try:
+            if not subscribed:
+                yield Subscribe(keys.out(request_id))
+                while True:  # the subscription is live before we XADD or read the result
+                    m = yield Listen(CONFIRM_S)
+                    if m is None:
+                        raise redis.TimeoutError("no subscribe confirmation")
+                    if m["type"] == "subscribe":
+                        break
+                subscribed = True
+                if not sent:
+                    yield Send(submit)  # type: ignore[arg-type]
+                    sent = True
+                else:
+                    done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+                    if done is not None:
+                        yield Emit(done)
+                        return
+            wait = QUIET_S if deadline is None else max(0.0, min(QUIET_S, deadline - clock()))
+            m = yield Listen(wait)
+            if m is None:  # quiet channel: maybe we missed the end
+                done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+                if done is not None:
+                    yield Emit(done)
+                    return
+                if expired():
+                    raise timeout_error()
+                continue
+            if m.get("type") != "message":
+                continue
+            ev = parse_event(m["data"])
+            if isinstance(ev, TokenEvent):
+                if tokens:
+                    yield Emit(ev)
+                continue
+            yield Emit(ev)
+            return
+        except CONNECTION_ERRORS:
+            # Redis went away: resubscribe (then the result key is read again) until the deadline.
+            subscribed = False
+            yield Unsubscribe()
+            if expired():
+                raise timeout_error() from None
+            yield Pause(RETRY_PAUSE_S)
