@@ -1,24 +1,29 @@
-"""Per-step attention metadata, set once by the model runner and read by every attention layer.
+"""Per-step attention inputs, set by the model runner for one forward pass and read by every attention layer.
 
-Keeping it in one context object (instead of threading it through every layer's signature) keeps the model
-code identical to a plain transformer's.
+Keeping them in one context object (instead of threading them through every layer's signature) keeps the model
+code identical to a plain transformer's. Only per-step state lives here: the kernel set is the model's own,
+given when it is built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
     """Where this step's new tokens come from and where their K/V go.
 
     Invariants: ``slot_mapping``, the flattened inputs and ``cu_seqlens_q[-1]`` all have length T (the step's
     token count); ``seq_lens[i] - (cu_seqlens_q[i+1] - cu_seqlens_q[i]) >= 0`` is the number of tokens of
-    sequence ``i`` already in the cache; ``block_tables[i]`` covers ``seq_lens[i]`` tokens.
+    sequence ``i`` already in the cache; ``block_tables[i]`` covers ``seq_lens[i]`` tokens. ``decode_plan`` is
+    the kernel set's ``plan_decode(seq_lens, block_tables, block_size)`` for a decode-only step (built once per
+    step, shared by every layer), None otherwise.
     """
 
     slot_mapping: torch.Tensor  # [T] int64
@@ -26,15 +31,21 @@ class StepContext:
     seq_lens: torch.Tensor  # [S] int32
     block_tables: torch.Tensor  # [S, max_blocks] int32
     decode_only: bool  # every sequence has exactly one new token
-    ops: SimpleNamespace  # the kernel set (kernels.get_ops)
+    decode_plan: Any = None
 
 
 _CONTEXT: StepContext | None = None
 
 
-def set_context(ctx: StepContext | None) -> None:
+@contextmanager
+def step_context(ctx: StepContext) -> Iterator[StepContext]:
+    """Make ``ctx`` the context of the forward pass run inside the block; the previous one is restored after."""
     global _CONTEXT
-    _CONTEXT = ctx
+    previous, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = previous
 
 
 def get_context() -> StepContext:

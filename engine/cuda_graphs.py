@@ -25,7 +25,7 @@ import bisect
 
 import torch
 
-from pagedserve.engine.context import StepContext, set_context
+from pagedserve.engine.context import StepContext, step_context
 
 MAX_GRAPH_BATCH = 256  # larger decode batches are throughput-bound already: they run eagerly
 
@@ -43,9 +43,9 @@ def batch_ladder(max_batch: int) -> list[int]:
 class DecodeGraphRunner:
     """Decode-step forward passes through captured CUDA graphs (or their eager twin with ``capture=False``)."""
 
-    def __init__(self, model, ops, device: torch.device, max_batch: int, max_blocks_per_seq: int,
+    def __init__(self, model, device: torch.device, max_batch: int, max_blocks_per_seq: int, block_size: int,
                  capture: bool = True) -> None:
-        self.model, self.ops, self.device = model, ops, device
+        self.model, self.device, self.block_size = model, device, block_size
         self.sizes = batch_ladder(max_batch)
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -67,18 +67,18 @@ class DecodeGraphRunner:
         return num_seqs <= self.max_batch and table_width <= self.block_tables.shape[1]
 
     def _forward(self, size: int) -> torch.Tensor:
-        set_context(StepContext(
+        seq_lens, block_tables = self.seq_lens[:size], self.block_tables[:size]
+        ctx = StepContext(
             slot_mapping=self.slot_mapping[:size],
             cu_seqlens_q=self.cu_seqlens_q[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
+            seq_lens=seq_lens,
+            block_tables=block_tables,
             decode_only=True,
-            ops=self.ops,
-        ))
-        try:
+            # Kernels that can be captured plan nothing on the host (None); the eager twin may run any kernel set.
+            decode_plan=self.model.ops.plan_decode(seq_lens, block_tables, self.block_size),
+        )
+        with step_context(ctx):
             return self.model(self.input_ids[:size], self.positions[:size])
-        finally:
-            set_context(None)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from pagedserve.engine.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+from pagedserve.kernels import KernelOps
 
 # HF shard name -> (our fused parameter, shard index); shard order fixes the fused layout.
 _FUSED = {
@@ -41,8 +42,9 @@ def _shard_offsets(model: LlamaForCausalLM, fused: str) -> list[int]:
     return [0, inter, 2 * inter]
 
 
-def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
-    """Build the model on ``device`` in ``dtype`` and copy every checkpoint tensor into it.
+def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.device, max_positions: int,
+               ops: KernelOps) -> LlamaForCausalLM:
+    """Build the model on ``device`` in ``dtype`` with the kernel set ``ops`` and copy every checkpoint tensor into it.
 
     Every parameter must be filled exactly once (tied ``lm_head`` excepted); a missing or unexpected tensor is
     an error rather than a silently random weight.
@@ -52,11 +54,11 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     if not files:
         raise ValueError(f"model {str(path)!r} has no *.safetensors files")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions)
+        model = LlamaForCausalLM(config, max_positions, ops)
     model = model.to_empty(device=device)
     # Rotary tables are buffers computed from config, not checkpoint weights: rebuild them on the device.
     rotary = model.layers[0].self_attn.rotary
-    fresh = type(rotary)(config, model.layers[0].self_attn.head_dim, max_positions).to(device)
+    fresh = type(rotary)(config, model.layers[0].self_attn.head_dim, max_positions, ops).to(device)
     rotary.cos, rotary.sin = fresh.cos, fresh.sin
     model.to(dtype)
     rotary.cos, rotary.sin = fresh.cos.float(), fresh.sin.float()

@@ -1,8 +1,10 @@
 """Owns the model and the KV cache; turns a scheduler output into one forward pass.
 
 All tokens of a step are flattened into one batch with no padding. Positions, slot mapping (where each new
-token's K/V goes) and block tables are built once per step into a ``StepContext`` that every attention layer
-reads. Pending block swaps and copies run first, in the order swap-out, swap-in, copy-on-write. On CUDA,
+token's K/V goes), block tables and, for a decode-only step, the kernel set's attention plan are built once per
+step into a ``StepContext`` that every attention layer reads. The model is built with its kernel set
+(``kernels.get_ops``) and keeps it. Pending block swaps and copies run first, in the order swap-out, swap-in,
+copy-on-write. On CUDA,
 decode-only steps replay captured graphs (:mod:`pagedserve.engine.cuda_graphs`) unless ``enforce_eager`` is set.
 """
 
@@ -14,12 +16,12 @@ import numpy as np
 import torch
 
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.context import StepContext, set_context
+from pagedserve.engine.context import StepContext, step_context
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
-from pagedserve.kernels import get_ops
+from pagedserve.kernels import KernelOps, get_ops
 
 GIB = 1 << 30
 CPU_KV_BUDGET_BYTES = 1 * GIB  # default device pool when the "device" is the CPU (documented in README)
@@ -35,15 +37,16 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, ops: KernelOps | None = None) -> None:
+        """``ops``: the kernel set to build the model with (default: ``get_ops`` of the device)."""
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
         self.block_size = config.block_size
-        self.ops = get_ops(self.device)
+        self.ops = ops if ops is not None else get_ops(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_positions=max_model_len)
+        self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_model_len, self.ops)
         if self.device.type == "cpu":
             _transpose_linear_storage(self.model)
         attn = self.model.layers[0].self_attn
@@ -70,8 +73,8 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphRunner | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphRunner(
-                self.model, self.ops, self.device, max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
-                max_blocks_per_seq=-(-max_model_len // self.block_size))
+                self.model, self.device, max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
+                max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size)
 
     def _blocks_from_memory(self, max_num_batched_tokens: int) -> int:
         if self.device.type != "cuda":
@@ -120,13 +123,15 @@ class ModelRunner:
         for i, table in enumerate(tables):
             block_tables[i, :len(table)] = table
         dev = self.device
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        block_tables_t = torch.from_numpy(block_tables).to(dev)
         ctx = StepContext(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
+            seq_lens=seq_lens_t,
+            block_tables=block_tables_t,
             decode_only=decode_only,
-            ops=self.ops,
+            decode_plan=self.ops.plan_decode(seq_lens_t, block_tables_t, bs) if decode_only else None,
         )
         return StepInputs(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
@@ -160,11 +165,8 @@ class ModelRunner:
         if ctx.decode_only and graphs is not None and graphs.covers(*ctx.block_tables.shape):
             hidden = graphs.run(inputs.input_ids, inputs.positions, ctx)
         else:
-            set_context(ctx)
-            try:
+            with step_context(ctx):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-            finally:
-                set_context(None)
         if not inputs.sample_rows:
             return torch.empty(0), []
         rows = torch.tensor([r for _, r in inputs.sample_rows], device=self.device)

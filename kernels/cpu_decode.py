@@ -11,7 +11,8 @@ contiguous copy every layer of every step; this module keeps that copy small and
   group's queries; each row then attends to its own suffix, and the two partial results are merged through
   their log-sum-exps. Reading shared K/V once per group, not once per sequence, is what block sharing saves.
 * **One plan per step.** Buckets and prefixes depend only on ``seq_lens`` and ``block_tables``, which every
-  layer of a step passes; they are planned once (:func:`decode_plan`) and reused by the other layers.
+  layer of a step passes; the model runner plans them once per step (:func:`decode_plan`, the kernel set's
+  ``plan_decode``) and every layer attends through that plan. Without one, a call plans for itself.
 
 The gathered blocks also hold the unwritten tail of each last block and the bucket's padding. Masked scores
 make any finite garbage there harmless; NaN or inf is not (``0 * NaN`` is NaN) and always shows as NaN in the
@@ -54,8 +55,11 @@ class DecodePlan:
     prefix_rows: torch.Tensor | None  # every row of every prefix group (the rows whose parts are merged)
 
 
-def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale) -> torch.Tensor:
-    plan = decode_plan(seq_lens, block_tables, k_cache.shape[1])
+def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale,
+                           plan: DecodePlan | None = None) -> torch.Tensor:
+    """``plan`` must be :func:`decode_plan` of these ``seq_lens`` and ``block_tables`` (None: plan now)."""
+    if plan is None:
+        plan = decode_plan(seq_lens, block_tables, k_cache.shape[1])
     if not plan.prefixes:
         if len(plan.buckets) == 1 and plan.buckets[0].rows is None:
             return _attend_bucket(q, k_cache, v_cache, plan.buckets[0], scale)[0]
@@ -79,23 +83,9 @@ def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale) -
     return out.to(q.dtype)
 
 
-# One plan, for the step in flight. Keyed on the very tensor objects every layer of a step passes, the lengths
-# and, where torch tracks them (not for inference tensors), the version counters: a caller that edits a table
-# in place between calls must pass a new tensor (the engine builds fresh ones every step).
-_PLAN_MEMO: tuple | None = None
-
-
-def _version(t: torch.Tensor) -> int | None:
-    return None if t.is_inference() else t._version
-
-
 def decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> DecodePlan:
-    global _PLAN_MEMO
+    """Length buckets and shared prefixes of one decode batch; valid while neither tensor changes."""
     lens = seq_lens.tolist()
-    key = (lens, tuple(block_tables.shape), _version(seq_lens), _version(block_tables), block_size)
-    memo = _PLAN_MEMO
-    if memo is not None and memo[0] is seq_lens and memo[1] is block_tables and memo[2] == key:
-        return memo[3]
     prefixes, skip = _shared_prefixes(lens, block_tables, block_size)
     suffix_lens, suffix_tables = seq_lens, block_tables
     if prefixes:  # each row's suffix: its table and length past the blocks its group attends to together
@@ -108,9 +98,7 @@ def decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: 
     buckets = [_plan_bucket(rows, suffix_lens, suffix_tables, block_size, with_bias=bool(prefixes))
                for rows in _bucket_rows(lens)]
     prefix_rows = torch.cat([p.rows for p in prefixes]) if prefixes else None
-    plan = DecodePlan(buckets, prefixes, prefix_rows)
-    _PLAN_MEMO = (seq_lens, block_tables, key, plan)
-    return plan
+    return DecodePlan(buckets, prefixes, prefix_rows)
 
 
 def _bucket_rows(lens: list[int]) -> list[list[int] | None]:

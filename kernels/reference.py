@@ -99,11 +99,13 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    plan: cpu_decode.DecodePlan | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[S, Hq, D]``) over its paged K/V; a zero-length sequence (batch
-    padding) gets zeros. Computed by :mod:`pagedserve.kernels.cpu_decode` (length buckets, shared prefixes attended once
-    per group, one plan per step)."""
-    return cpu_decode.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    padding) gets zeros. Computed by :mod:`pagedserve.kernels.cpu_decode` (length buckets, shared prefixes attended
+    once per group); ``plan`` is :func:`~pagedserve.kernels.cpu_decode.decode_plan` of ``seq_lens`` and
+    ``block_tables``, built once per step by the caller (None: planned here)."""
+    return cpu_decode.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, plan)
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

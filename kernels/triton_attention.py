@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from pagedserve.kernels import cpu_decode
 
 LOG2E = 1.4426950408889634
 
@@ -338,8 +342,10 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    plan: cpu_decode.DecodePlan | None = None,
 ) -> torch.Tensor:
-    """Triton :func:`pagedserve.kernels.reference.paged_decode_attention` (split-KV for long contexts)."""
+    """Triton :func:`pagedserve.kernels.reference.paged_decode_attention` (split-KV for long contexts); it reads
+    the block tables on the device and takes no ``plan`` (its kernel set's ``plan_decode`` gives None)."""
     return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
 
 

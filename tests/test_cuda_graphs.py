@@ -13,6 +13,7 @@ import torch
 
 from pagedserve.engine import LLM, SamplingParams
 from pagedserve.engine.cuda_graphs import DecodeGraphRunner, batch_ladder
+from pagedserve.engine.model_runner import ModelRunner
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -28,12 +29,15 @@ def test_batch_ladder_covers_every_size_with_little_padding(max_batch):
 
 
 def _use_graph_runner(llm: LLM, max_batch: int, ops=None) -> list[tuple[int, int]]:
-    """Route ``llm``'s decode steps through an uncaptured graph runner; returns the (n, padded size) log."""
-    runner = llm.engine.runner
+    """Route ``llm``'s decode steps through an uncaptured graph runner (with a model built on the kernel set
+    ``ops``, if given); returns the (n, padded size) log."""
+    eng = llm.engine
     if ops is not None:
-        runner.ops = ops
-    graphs = DecodeGraphRunner(runner.model, runner.ops, runner.device, max_batch,
-                               -(-llm.engine.max_model_len // runner.block_size), capture=False)
+        eng.runner = ModelRunner(eng.config, eng.model_dir, eng.hf_config, eng.max_model_len,
+                                 eng.max_num_batched_tokens, ops=ops)
+    runner = eng.runner
+    graphs = DecodeGraphRunner(runner.model, runner.device, max_batch,
+                               -(-eng.max_model_len // runner.block_size), runner.block_size, capture=False)
     log: list[tuple[int, int]] = []
     run = graphs.run
 

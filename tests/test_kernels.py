@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pagedserve.kernels import cpu_decode, reference  # noqa: E402
+from pagedserve.kernels import TORCH_OPS, cpu_decode, reference  # noqa: E402
 from pagedserve.kernels import triton_attention, triton_cache, triton_ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -207,9 +207,10 @@ def test_reference_decode_shared_prefixes_against_naive_attention(poisoned):
         torch.testing.assert_close(out[i].double(), torch.einsum("hn,nhd->hd", weights, v), atol=1e-5, rtol=1e-5)
 
 
-def test_reference_decode_plan_is_reused_per_step_and_never_stale():
-    """Layers of a step share ``seq_lens``/``block_tables``: the bucket plan is built once for them, and any
-    other lengths, table or in-place edit (where torch tracks versions) gets a fresh plan."""
+def test_reference_decode_plan_built_once_serves_every_layer_and_is_never_stale():
+    """A step plans once (``plan_decode``) and every layer attends through that plan: the same output as
+    planning per call, for any layer's cache. Without a plan, every call plans for the tensors it is given, so
+    in-place edits between calls are always seen."""
     gen = torch.Generator().manual_seed(5)
     lengths = [3, 30, 31, 90, 7]
     k_cache, v_cache, table = _paged_kv(lengths, 2, 32, 8, torch.float32, gen)
@@ -221,21 +222,20 @@ def test_reference_decode_plan_is_reused_per_step_and_never_stale():
         return reference.paged_decode_attention(q, k_cache, v_cache, lens.clone(), tab.clone(), 0.3)
 
     first = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
-    plan = cpu_decode.decode_plan(seq_lens, table, 8)
-    assert cpu_decode.decode_plan(seq_lens, table, 8) is plan  # reused by the next layer
+    plan = TORCH_OPS.plan_decode(seq_lens, table, 8)
+    assert isinstance(plan, cpu_decode.DecodePlan)
+    assert torch.equal(reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3, plan=plan), first)
     # Another layer's cache through the same plan.
     k2, v2 = k_cache * 2, v_cache.flip(0)
-    torch.testing.assert_close(reference.paged_decode_attention(q, k2, v2, seq_lens, table, 0.3),
+    torch.testing.assert_close(reference.paged_decode_attention(q, k2, v2, seq_lens, table, 0.3, plan=plan),
                                reference.paged_decode_attention(q, k2, v2, seq_lens.clone(), table.clone(), 0.3))
     torch.testing.assert_close(first, fresh(seq_lens, table))
-    # In-place edits of the same tensors, right after a call that planned for them: a shorter sequence, then a
-    # block pointing elsewhere.
-    assert torch.equal(reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3), first)
+    # In-place edits of the same tensors, right after a call on them: a shorter sequence, then a block pointing
+    # elsewhere.
     seq_lens[3] = 40
     shorter = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
     assert not torch.equal(shorter[3], first[3])
     torch.testing.assert_close(shorter, fresh(seq_lens, table))
-    reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
     table[1, 0] = table[3, 4]
     moved = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.3)
     assert not torch.equal(moved[1], first[1])
@@ -584,3 +584,20 @@ def test_gpu_get_ops_returns_triton():
 
     assert get_ops("cuda").name == "triton"
     assert get_ops("cpu").name == "torch"
+
+
+def test_kernel_sets_are_typed_records():
+    """One frozen ``KernelOps`` per implementation; the CPU set is the torch reference itself."""
+    import dataclasses  # noqa: PLC0415
+
+    from pagedserve.kernels import KernelOps, get_ops  # noqa: PLC0415
+
+    assert get_ops("cpu") is TORCH_OPS
+    for ops in (TORCH_OPS, triton_ops.OPS):
+        assert isinstance(ops, KernelOps)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            ops.write_kv = reference.write_kv
+    for field in dataclasses.fields(KernelOps):
+        if field.name not in ("name", "plan_decode"):
+            assert getattr(TORCH_OPS, field.name) is getattr(reference, field.name), field.name
+    assert TORCH_OPS.plan_decode is cpu_decode.decode_plan

@@ -1,0 +1,50 @@
+"""The kernel set: one typed record of the ops the model and the model runner call.
+
+A model gets its :class:`KernelOps` when it is built and keeps it; nothing picks kernels per call. Every
+implementation has the signatures of :mod:`pagedserve.kernels.reference`, which documents the layouts, plus
+``plan_decode``: what an implementation precomputes once per decode step from ``seq_lens`` and
+``block_tables`` (every layer of a step passes the same ones), handed back to ``paged_decode_attention`` as
+``plan``. ``None`` means "nothing to plan"; ``plan=None`` always works and plans on the spot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pagedserve.kernels import cpu_decode, reference
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., Any]
+    paged_decode_attention: Callable[..., Any]
+    plan_decode: Callable[..., Any]
+    copy_blocks: Callable[..., None]
+    swap_blocks: Callable[..., None]
+    rms_norm: Callable[..., Any]
+    add_rms_norm: Callable[..., Any]
+    rotary_embedding: Callable[..., Any]
+    silu_and_mul: Callable[..., Any]
+
+
+def no_plan(seq_lens, block_tables, block_size: int) -> None:
+    """``plan_decode`` of kernels that read the block tables on the device and need no host-side plan."""
+    return None
+
+
+TORCH_OPS = KernelOps(
+    name="torch",
+    write_kv=reference.write_kv,
+    paged_attention=reference.paged_attention,
+    paged_decode_attention=reference.paged_decode_attention,
+    plan_decode=cpu_decode.decode_plan,
+    copy_blocks=reference.copy_blocks,
+    swap_blocks=reference.swap_blocks,
+    rms_norm=reference.rms_norm,
+    add_rms_norm=reference.add_rms_norm,
+    rotary_embedding=reference.rotary_embedding,
+    silu_and_mul=reference.silu_and_mul,
+)
