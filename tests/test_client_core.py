@@ -1,0 +1,130 @@
+"""The producers' event-wait state machine under any interleaving of replies, quiet periods and lost connections.
+
+``event_wait`` does no I/O, so hypothesis plays the connection: each operation it yields gets a drawn outcome
+(a confirmation, a token, the terminal event, silence, a stored result, a dropped connection). The invariants
+are the ones its docstring states; the real-Redis behaviour of both clients is covered by the service tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedserve.service.client_core import (
+    Emit,
+    Listen,
+    Pause,
+    ReadResult,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    build_request,
+    event_wait,
+)
+from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
+
+RID = "req-1"
+DONE = json.dumps({"type": "done", "id": RID, "outputs": [{"index": 0, "text": "ab", "token_ids": [1, 2],
+                                                            "finish_reason": "length"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+TOKEN = json.dumps({"type": "token", "id": RID, "index": 0, "seq": 0, "token_ids": [1], "text": "a"})
+LOST = redis.ConnectionError("connection lost")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), submit=st.booleans(), tokens=st.booleans())
+def test_event_wait_invariants(data, submit, tokens):
+    clock = Clock()
+    req = build_request("hi", id=RID)
+    wait = event_wait(Keys("t"), RID, req if submit else None, timeout=30.0, tokens=tokens, clock=clock)
+    trace: list[str] = []  # what happened, in order
+    emitted = []
+    confirmed = False  # the current subscription is confirmed
+    reply, error, steps = None, None, 0
+    timed_out = False
+    while True:
+        try:
+            op = wait.throw(error) if error is not None else wait.send(reply)
+        except StopIteration:
+            break
+        except TimeoutError:
+            timed_out = True
+            break
+        reply, error, steps = None, None, steps + 1
+        late = steps > 300  # past this, the connection only stays quiet so that the deadline ends the wait
+        if isinstance(op, Subscribe):
+            assert op.channel == "t:out:req-1"
+            confirmed = False
+            if not late and data.draw(st.booleans(), label="subscribe fails"):
+                error = LOST
+            trace.append("subscribe")
+        elif isinstance(op, Listen):
+            clock.now += op.timeout
+            choice = "quiet" if late else data.draw(st.sampled_from(["confirm", "token", "done", "quiet", "lost"]))
+            if choice == "confirm":
+                reply, confirmed = {"type": "subscribe", "data": 1}, True
+            elif choice in ("token", "done"):
+                reply = {"type": "message", "data": TOKEN if choice == "token" else DONE}
+            elif choice == "lost":
+                error, confirmed = LOST, False
+        elif isinstance(op, Send):
+            assert confirmed, "sent before the subscription was confirmed"
+            if not late and data.draw(st.booleans(), label="send fails"):
+                error, confirmed = LOST, False
+            else:
+                trace.append("sent")
+        elif isinstance(op, ReadResult):
+            assert op.key == "t:result:req-1"
+            trace.append("read")
+            if not late and data.draw(st.booleans(), label="result stored"):
+                reply = DONE
+        elif isinstance(op, Unsubscribe):
+            confirmed = False
+        elif isinstance(op, Pause):
+            clock.now += op.seconds
+        else:
+            assert isinstance(op, Emit)
+            emitted.append(op.event)
+
+    sent = trace.count("sent")
+    assert sent == 0 if not submit else sent <= 1
+    *head, last = emitted or [None]
+    assert all(isinstance(e, TokenEvent) for e in head)
+    assert tokens or not head
+    if timed_out:
+        assert last is None or isinstance(last, TokenEvent)
+    else:
+        assert isinstance(last, DoneEvent)
+        assert not submit or sent == 1  # nothing is answered for a request that was never sent
+
+
+@pytest.mark.parametrize("submit", [True, False])
+def test_a_sent_request_is_not_sent_again_after_a_lost_connection(submit):
+    """After the XADD went through, a reconnect reads the result key instead of sending again."""
+    req = build_request("hi", id=RID)
+    wait = event_wait(Keys("t"), RID, req if submit else None, timeout=None, clock=Clock())
+    ops = [next(wait), wait.send(None), wait.send({"type": "subscribe", "data": 1})]
+    assert isinstance(ops[0], Subscribe) and isinstance(ops[1], Listen)
+    assert isinstance(ops[2], Send if submit else ReadResult)
+    assert isinstance(wait.send(None), Listen)  # sent, or nothing stored yet: listen
+    assert isinstance(wait.throw(LOST), Unsubscribe)
+    assert isinstance(wait.send(None), Pause)
+    assert isinstance(wait.send(None), Subscribe)
+    assert isinstance(wait.send(None), Listen)
+    assert isinstance(wait.send({"type": "subscribe", "data": 1}), ReadResult)
+    end = wait.send(DONE)
+    assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
+    with pytest.raises(StopIteration):
+        wait.send(None)
