@@ -14,34 +14,55 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .metrics import WorkerMetrics
-from .protocol import Keys
-from .publisher import Publisher
-from .reclaim import LeaseKeeper, Reclaimer
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
+    from .protocol import Keys
+    from .publisher import Publisher
+    from .reclaim import LeaseKeeper, Reclaimer
 
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
+# The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
+# raw ``@`` inside a password is covered too) and ``password=`` query parameters.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@")
+_PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\bpassword=)[^&\s'\"<>]*")
+
+
+def redact(text: object) -> str:
+    """``text`` with the credentials of every URL in it masked: ``redis://user:***@host``, ``password=***``.
+    Used on everything the worker prints or logs that may hold the Redis URL or an error quoting it."""
+    def userinfo(m: re.Match) -> str:
+        user, colon, _ = m["userinfo"].partition(":")
+        return f"{m['scheme']}{user}:***@" if colon else f"{m['scheme']}***@"
+
+    return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, str(text)))
+
 
 def redis_client(url: str, *, decode: bool = False, timeout: float = 5.0) -> redis.Redis:
     """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
-    was lost could publish a batch's token events twice."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=decode,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 2.0),
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
+    was lost could publish a batch's token events twice. A URL redis-py cannot parse is a ``ValueError``
+    whose message shows the URL with its credentials masked."""
+    try:
+        return redis.Redis.from_url(
+            url,
+            decode_responses=decode,
+            socket_timeout=timeout,
+            socket_connect_timeout=min(timeout, 2.0),
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+    except Exception as e:
+        raise ValueError(f"PAGEDSERVE_REDIS_URL {redact(url)!r} is not a valid Redis URL: {redact(e)}") from None
 
 
 @dataclass
@@ -80,6 +101,7 @@ class Connection:
     pubsub: Any = field(default=None, init=False)  # subscribed to the cancel channel while set up
     _name_held: bool = field(default=False, init=False)
     _leases_started: bool = field(default=False, init=False)
+    generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
 
     def __post_init__(self) -> None:
         self.r = redis_client(self.redis_url)  # one client for the worker's life; a reconnect reuses its pool
@@ -91,7 +113,7 @@ class Connection:
     def failed(self, e: BaseException) -> None:
         """Redis went away: back off, set up again on the next try (logged once per outage)."""
         if self.ok or self.backoff.delay == 0:
-            self.log.warning("redis_unreachable", error=str(e), buffered=self.publisher.pending())
+            self.log.warning("redis_unreachable", error=redact(e), buffered=self.publisher.buffered())
         self.metrics.redis_errors.inc()
         self.ok = False
         self.needs_setup = True
@@ -118,10 +140,11 @@ class Connection:
         self.pubsub = r.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(self.keys.cancel)
         if not self.ok and self.backoff.delay:
-            self.log.info("redis_reconnected", buffered=self.publisher.pending())
+            self.log.info("redis_reconnected", buffered=self.publisher.buffered())
         self.ok = True
         self.backoff.ok()
         self.needs_setup = False
+        self.generation += 1
         if not self._leases_started:
             self.leases.start()
             self._leases_started = True

@@ -5,16 +5,22 @@ loop's business.
 Invariants:
 - a worker never reads more entries than it has room for (``count=room``), so an entry it holds unstarted
   waits in the stream, where any worker with room can take it;
-- on start a worker first drains its own pending entries (``XREADGROUP ... 0``: a previous life of this
-  consumer died holding them), then reads new ones (``>``);
+- after every (re)connect a worker first drains its own pending entries that it does not hold (a previous
+  life of this consumer died holding them, or Redis delivered them just before the connection broke and the
+  reply never arrived), then reads new ones (``>``); the entries it holds are not delivered again, so each
+  run of an entry counts one delivery;
 - dead workers' entries (idle longer than ``claim_idle_ms``) are claimed at most every
-  ``min(claim_idle_ms / 2, 1 s)``, with the ``XAUTOCLAIM`` cursor kept between calls.
+  ``min(claim_idle_ms / 2, 1 s)``, with the ``XAUTOCLAIM`` cursor kept between calls, and never while the
+  own drain runs (a restarted consumer would otherwise claim its own idle entries and then read them again:
+  two deliveries for one run);
+- cancels published while the link was down are not lost: after a reconnect the ``cancelled:{id}`` keys of
+  the running ids are checked once (clients SET that key before they publish).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +44,28 @@ class Intake:
     reclaimer: Reclaimer
     metrics: WorkerMetrics
     log: Any
+    inflight: Mapping[str, Any] | None = None  # the running request ids (their cancelled keys after a reconnect)
+    _generation: int = field(default=0, init=False)  # the connection's generation last seen
+    _recheck_cancels: bool = field(default=False, init=False)
     _draining_own: bool = field(default=True, init=False)
     _own_cursor: str = field(default="0", init=False)
     _last_reclaim: float = field(default=0.0, init=False)
     _last_queue_stats: float = field(default=0.0, init=False)
 
+    def _after_reconnect(self) -> None:
+        # A new link: what was delivered or published while the old one broke off may have been missed.
+        gen = self.conn.generation
+        if gen != self._generation:
+            self._generation = gen
+            self._draining_own = True
+            self._own_cursor = "0"
+            self._recheck_cancels = bool(self.inflight)
+
     def reclaim(self, room: int) -> list[Entry]:
-        """Up to ``room`` entries of dead workers, if it is time to look again."""
+        """Up to ``room`` entries of dead workers, if it is time to look again (not while draining our own)."""
+        self._after_reconnect()
+        if self._draining_own:
+            return []
         now = time.monotonic()
         if now - self._last_reclaim < min(self.settings.claim_idle_ms / 2000, 1.0):
             return []
@@ -58,22 +79,21 @@ class Intake:
     def read(self, room: int, block: bool) -> tuple[list[Entry], bool]:
         """Up to ``room`` entries: own pending ones while there are any, then new ones. Returns them and whether
         they are redeliveries."""
+        self._after_reconnect()
         if self._draining_own:
             return self._drain_own(room), True
         return self._read_new(room, block), False
 
     def _drain_own(self, room: int) -> list[Entry]:
-        r = self.conn.r
-        res = r.xreadgroup(self.keys.group, self.consumer, {self.keys.requests: self._own_cursor}, count=room)
-        entries = res[0][1] if res else []
-        if not entries:
+        entries, cursor = self.reclaimer.own_pending(self.conn.r, self._own_cursor, room, self.conn.leases.held())
+        self.metrics.redis_ops.inc(2)
+        if cursor is None:
             self._draining_own = False
-            return []
-        ids = [as_text(eid) for eid, _ in entries]
-        self._own_cursor = ids[-1]
-        counts = self.reclaimer.delivery_counts(r, ids)
-        self.log.info("own_pending_drained", count=len(ids))
-        return [(eid, fields or {}, n) for eid, (_, fields), n in zip(ids, entries, counts)]
+        else:
+            self._own_cursor = cursor
+        if entries:
+            self.log.info("own_pending_drained", count=len(entries))
+        return entries
 
     def _read_new(self, room: int, block: bool) -> list[Entry]:
         # Idle: block until the first entry. Redis wakes a blocked reader right after the first XADD, so a burst
@@ -97,10 +117,27 @@ class Intake:
 
     def cancels(self) -> Iterator[str]:
         """Request ids published on the cancel channel since the last call (any worker's: the caller skips
-        what it does not run). Lazy: a failure while handling one leaves the rest buffered for the next call."""
+        what it does not run), then, once after a reconnect, the running ids whose ``cancelled`` key is set.
+        Lazy: a failure while handling one leaves the rest buffered for the next call."""
+        self._after_reconnect()
         pubsub = self.conn.pubsub
         if pubsub is None:
             return
+        if self._recheck_cancels:
+            ids = list(self.inflight or ())
+            if ids:
+                pipe = self.conn.r.pipeline(transaction=False)
+                for rid in ids:
+                    pipe.exists(self.keys.cancelled(rid))
+                flags = pipe.execute()
+                self.metrics.redis_ops.inc(len(ids))
+                missed = [rid for rid, n in zip(ids, flags) if n]
+                if missed:
+                    self.log.info("cancels_missed_while_disconnected", count=len(missed))
+            else:
+                missed = []
+            self._recheck_cancels = False
+            yield from missed
         while True:
             msg = pubsub.get_message(timeout=0.0)
             if msg is None:

@@ -95,6 +95,11 @@ class WorkerMetrics:
         self.dead_letters = Counter("pagedserve_queue_dead_letters", "Entries sent to the dead-letter stream", ["reason"], registry=r)
         self.redis_errors = Counter("pagedserve_redis_errors", "Redis operations that failed (connection lost)", registry=r)
         self.redis_ops = Counter("pagedserve_redis_commands", "Redis commands sent by the worker", registry=r)
+        self.write_refusals = Counter(
+            "pagedserve_redis_write_refusals",
+            "Buffered writes Redis refused (maxmemory, ACL, READONLY); kept and sent again after a backoff",
+            ["op"], registry=r,
+        )
         self.step_seconds = Counter("pagedserve_engine_step_seconds", "Time spent in engine.step()", registry=r)
         self.busy_seconds = Counter(
             "pagedserve_loop_busy_seconds", "Loop time while the engine had work (1 - step/busy = service overhead)",

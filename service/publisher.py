@@ -1,45 +1,47 @@
 """Ordered, buffered writes of the worker: token events, terminal results, acknowledgements, dead letters.
 
-Everything one loop iteration produces is sent in ONE pipeline (one round trip). Every command in it is
-idempotent except token events: if the connection breaks during a flush, the batch's token events are dropped
-(never published twice; pub/sub is at-most-once anyway and the terminal event carries the full text) and the
-rest is sent again when Redis is back. No MULTI/EXEC: it would cost two commands per step for nothing.
+Everything one loop iteration produces is sent in ONE pipeline (one round trip). A terminal result and a
+dead letter are each ONE script with the acknowledgement of their entries (lua/finish.lua,
+lua/dead_letter.lua): Redis runs all of it or refuses it whole (maxmemory, read-only replica), and within
+the script the result is written before the ack, so an ACL that denies one of its commands leaves the entry
+pending, never acknowledged without its result. Every reply of the pipeline is checked: an op Redis refused
+stays in the buffer, in order, and the whole buffer is sent again after a backoff (50 ms doubling to 5 s),
+counted in ``pagedserve_redis_write_refusals_total{op}`` and logged with its request id; the loop keeps
+generating meanwhile. No MULTI/EXEC: the scripts already make each ack atomic with what it acknowledges.
+
+If the connection breaks during a flush, the batch's token events are dropped (never published twice;
+pub/sub is at-most-once anyway and the terminal event carries the full text) and the rest is sent again when
+Redis is back: every other op is idempotent (SET NX, XACK, XDEL; a dead letter is written only while its
+entry is pending).
 
 Invariants:
-- a terminal event is stored under ``result:{id}`` (first writer wins: ``SET NX``) and published in the same
-  pipeline, BEFORE the ``XACK``/``XDEL`` of its stream entries, which come later in the same ordered batch;
-- when Redis is unreachable nothing that matters is lost: the buffer is kept and flushed when Redis is back
-  (token events beyond ``max_buffered`` are dropped oldest first, and those of a flush that broke off;
-  terminal results, acks and dead letters never are).
+- an entry is acknowledged only in the same script that stored its terminal event (or wrote its dead
+  letter), or, for an id answered from an already stored result, after that result was read;
+- nothing but token events is ever dropped: refused or unsent ops stay buffered until Redis takes them
+  (token events beyond ``max_buffered`` are dropped oldest first, and those of a flush that broke off);
+- commands per op: token 1 (PUBLISH), terminal 1 (EVALSHA), dead letter 1 (EVALSHA), plain ack 2.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
+from .connection import redact
 from .protocol import Keys
-
-# Store the terminal event unless one exists (exactly one result per id), then publish the stored one so
-# every subscriber sees the same terminal event even if two workers raced on a reclaimed entry.
-_STORE_AND_PUBLISH = """
-local ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
-if ok then
-  redis.call('PUBLISH', KEYS[2], ARGV[1])
-  return 1
-end
-local cur = redis.call('GET', KEYS[1])
-if cur then redis.call('PUBLISH', KEYS[2], cur) end
-return 0
-"""
+from .scripts import Scripts
 
 
 @dataclass
 class _Op:
     kind: str  # "token" | "terminal" | "ack" | "dead" | "publish"
+    request_id: str
     args: tuple
+    entry_ids: tuple[str, ...] = ()
     callback: Callable[[], None] | None = None
 
 
@@ -50,86 +52,156 @@ class Publisher:
     dead_letter_maxlen: int = 100_000
     max_buffered: int = 200_000
     chunk: int = 4096
+    metrics: Any = None  # WorkerMetrics: write refusals are counted when set
+    log: Any = None
     _ops: list[_Op] = field(default_factory=list)
     commands_sent: int = 0
     tokens_dropped: int = 0
+    refusals: int = 0
     on_acked: Callable[[tuple], None] | None = None  # called with entry ids once their XACK is applied
+    _scripts: Scripts | None = field(default=None, init=False)
+    _retry_delay: float = field(default=0.0, init=False)
+    _retry_at: float = field(default=0.0, init=False)
 
     # --------------------------------------------------------------------------------- enqueue
     def token(self, request_id: str, payload: bytes) -> None:
-        self._ops.append(_Op("token", (self.keys.out(request_id), payload)))
+        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload)))
         if len(self._ops) > self.max_buffered:
             self._drop_tokens()
 
     def terminal(
         self, request_id: str, payload: bytes, entry_ids: list[str], callback: Callable[[], None] | None = None
     ) -> None:
-        """Store + publish the terminal event, then ack and delete the entries (in this order)."""
-        self._ops.append(_Op("terminal", (self.keys.result(request_id), self.keys.out(request_id), payload)))
-        self._ops.append(_Op("ack", tuple(entry_ids), callback))
+        """Store + publish the terminal event and ack + delete the entries, in one script."""
+        self._ops.append(_Op("terminal", request_id, (payload,), tuple(entry_ids), callback))
 
     def publish(self, request_id: str, payload: bytes) -> None:
         """Re-publish an already stored terminal event (a redelivered id answered from its result)."""
-        self._ops.append(_Op("publish", (self.keys.out(request_id), payload)))
+        self._ops.append(_Op("publish", request_id, (self.keys.out(request_id), payload)))
 
-    def ack(self, entry_ids: list[str], callback: Callable[[], None] | None = None) -> None:
-        self._ops.append(_Op("ack", tuple(entry_ids), callback))
+    def ack(self, entry_ids: list[str], callback: Callable[[], None] | None = None, request_id: str = "") -> None:
+        """Ack + delete entries whose answer is already stored (no result to write)."""
+        self._ops.append(_Op("ack", request_id, (), tuple(entry_ids), callback))
 
     def dead_letter(self, fields: dict, entry_id: str) -> None:
-        self._ops.append(_Op("dead", (fields,)))
-        self._ops.append(_Op("ack", (entry_id,)))
+        """One dead letter for ``entry_id`` and its ack, in one script (none if the entry is no longer pending)."""
+        rid = fields.get("id", "")
+        rid = rid.decode("utf-8", "replace") if isinstance(rid, bytes) else str(rid)
+        self._ops.append(_Op("dead", rid, (fields,), (entry_id,)))
 
     # --------------------------------------------------------------------------------- flush
     def pending(self) -> int:
+        """Ops ready to be sent now (0 while waiting out the backoff after a refusal)."""
+        return len(self._ops) if time.monotonic() >= self._retry_at else 0
+
+    def buffered(self) -> int:
+        """Every op not yet applied, including refused ones waiting for their retry."""
         return len(self._ops)
 
     def flush(self, r: redis.Redis) -> int:
-        """Send the buffer; returns commands sent. Raises ``redis.ConnectionError``/``TimeoutError`` with the
-        buffer intact when Redis is unreachable. Errors of single commands (e.g. NOGROUP on an XACK after Redis
-        lost its data) do not stop the batch."""
-        sent = 0
-        while self._ops:
-            batch = self._ops[: self.chunk]
-            pipe = r.pipeline(transaction=False)
-            n = 0
-            for op in batch:
-                n += self._add(pipe, op)
-            try:
-                pipe.execute(raise_on_error=False)
-            except Exception:
-                # Unknown how much was applied: keep what is safe to repeat, drop this batch's token events.
-                kept = [op for op in batch if op.kind != "token"]
-                self.tokens_dropped += len(batch) - len(kept)
-                self._ops[: len(batch)] = kept
-                raise
-            del self._ops[: len(batch)]
-            sent += n
-            for op in batch:
-                if op.kind == "ack" and self.on_acked is not None:
-                    self.on_acked(op.args)
-                if op.callback is not None:
-                    op.callback()
-        self.commands_sent += sent
+        """Send the buffer (unless a refusal's backoff is running); returns commands sent. Raises
+        ``redis.ConnectionError``/``TimeoutError`` with the buffer intact (less the token events of the batch
+        that broke off) when Redis is unreachable. Refused ops stay buffered, in order."""
+        if not self._ops or time.monotonic() < self._retry_at:
+            return 0
+        if self._scripts is None:
+            self._scripts = Scripts(r)
+        ops, self._ops = self._ops, []
+        kept: list[_Op] = []
+        refused: list[tuple[_Op, BaseException]] = []
+        reload = False
+        sent = i = 0
+        try:
+            while i < len(ops):
+                batch = ops[i : i + self.chunk]
+                pipe = r.pipeline(transaction=False)
+                spans = [self._add(pipe, op) for op in batch]
+                try:
+                    replies = pipe.execute(raise_on_error=False)
+                except Exception:
+                    # Unknown how much was applied: keep what is safe to repeat, drop this batch's token events.
+                    safe = [op for op in batch if op.kind != "token"]
+                    self.tokens_dropped += len(batch) - len(safe)
+                    kept.extend(safe)
+                    i += len(batch)
+                    raise
+                i += len(batch)
+                sent += sum(spans)
+                at = 0
+                for op, n in zip(batch, spans):
+                    errors = [x for x in replies[at : at + n] if isinstance(x, Exception)]
+                    at += n
+                    if errors:
+                        kept.append(op)
+                        if isinstance(errors[0], redis.exceptions.NoScriptError):
+                            reload = True  # Redis lost its scripts (restart, SCRIPT FLUSH): load, send again
+                        else:
+                            refused.append((op, errors[0]))
+                        continue
+                    if op.entry_ids and self.on_acked is not None:
+                        self.on_acked(op.entry_ids)
+                    if op.callback is not None:
+                        op.callback()
+        finally:
+            self._ops = kept + ops[i:] + self._ops
+            self.commands_sent += sent
+        if reload:
+            self._scripts.load(r)
+        self._refused(refused)
         return sent
 
     def _add(self, pipe: redis.client.Pipeline, op: _Op) -> int:
+        k = self.keys
         if op.kind == "token" or op.kind == "publish":
             pipe.publish(op.args[0], op.args[1])
             return 1
         if op.kind == "terminal":
-            result_key, channel, payload = op.args
-            pipe.eval(_STORE_AND_PUBLISH, 2, result_key, channel, payload, self.result_ttl_s)
+            self._scripts.evalsha(
+                pipe, "finish", [k.result(op.request_id), k.requests],
+                [k.group, k.out(op.request_id), op.args[0], self.result_ttl_s, *op.entry_ids],
+            )
             return 1
         if op.kind == "ack":
-            if not op.args:
+            if not op.entry_ids:
                 return 0
-            pipe.xack(self.keys.requests, self.keys.group, *op.args)
-            pipe.xdel(self.keys.requests, *op.args)
+            pipe.xack(k.requests, k.group, *op.entry_ids)
+            pipe.xdel(k.requests, *op.entry_ids)
             return 2
         if op.kind == "dead":
-            pipe.xadd(self.keys.dead, op.args[0], maxlen=self.dead_letter_maxlen, approximate=True)
+            pairs = [x for item in op.args[0].items() for x in item]
+            self._scripts.evalsha(
+                pipe, "dead_letter", [k.dead, k.requests], [k.group, self.dead_letter_maxlen, op.entry_ids[0], *pairs]
+            )
             return 1
         raise AssertionError(op.kind)
+
+    def _refused(self, refused: list[tuple[_Op, BaseException]]) -> None:
+        """Back off, count and log what Redis refused (maxmemory, ACL, READONLY ...); it stays buffered."""
+        if not refused:
+            self._retry_delay = 0.0
+            self._retry_at = 0.0
+            return
+        self._retry_delay = 0.05 if self._retry_delay == 0 else min(5.0, self._retry_delay * 2)
+        self._retry_at = time.monotonic() + self._retry_delay
+        self.refusals += len(refused)
+        tokens = 0
+        for op, err in refused:
+            if self.metrics is not None:
+                self.metrics.write_refusals.labels(op=op.kind).inc()
+            if op.kind == "token":
+                tokens += 1
+                continue
+            if self.log is not None:
+                self.log.warning(
+                    "redis_write_refused", op=op.kind, request_id=op.request_id or None,
+                    entry_ids=list(op.entry_ids), error=redact(str(err)), retry_in_s=self._retry_delay,
+                )
+        if tokens and self.log is not None:
+            first = next(op for op, _ in refused if op.kind == "token")
+            self.log.warning(
+                "redis_write_refused", op="token", count=tokens, request_id=first.request_id,
+                error=redact(str(next(e for op, e in refused if op.kind == "token"))), retry_in_s=self._retry_delay,
+            )
 
     def _drop_tokens(self) -> None:
         # Redis has been away long enough to fill the buffer: live token events are the only thing a client

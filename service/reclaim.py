@@ -9,39 +9,21 @@
   cursor is kept between calls so a long pending list is walked in pages.
 - Consumer-name lease: a key ``{prefix}:consumer:{name}`` with a TTL makes sure two live workers never share
   a consumer name (they would drain each other's pending entries).
+- Own pending: entries delivered to this consumer that it does not hold (a previous life of it died holding
+  them, or a connection broke after Redis delivered them and before the reply arrived) are listed with
+  ``XPENDING ... consumer`` and taken with ``XCLAIM`` (one delivery each); the entries it holds are not
+  touched, so a reconnect never counts a delivery for a running entry.
+The scripts live in lua/ (scripts.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
 from .protocol import Keys, as_text
-
-_RENEW = """
-local lost = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 1 and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    table.insert(lost, ARGV[i])
-  end
-end
-return lost
-"""
-
-# Refresh the consumer-name lease only if it is still ours.
-_REFRESH_LEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
+from .scripts import Scripts
 
 @dataclass
 class Reclaimer:
@@ -49,13 +31,22 @@ class Reclaimer:
     consumer: str
     claim_idle_ms: int
     cursor: str = "0-0"
+    _scripts: Scripts | None = field(default=None, init=False, repr=False)
+
+    def scripts(self, r: redis.Redis) -> Scripts:
+        # Registered once; a call passes its own client (the lease thread has one of its own).
+        if self._scripts is None:
+            self._scripts = Scripts(r)
+        return self._scripts
 
     def renew(self, r: redis.Redis, entry_ids: list[str]) -> list[str]:
         """Renew the lease of ``entry_ids``; returns the ids no longer owned by this consumer."""
         lost: list[str] = []
         for i in range(0, len(entry_ids), 1000):
             chunk = entry_ids[i : i + 1000]
-            res = r.eval(_RENEW, 1, self.keys.requests, self.keys.group, self.consumer, *chunk)
+            res = self.scripts(r).renew_leases(
+                keys=[self.keys.requests], args=[self.keys.group, self.consumer, *chunk], client=r
+            )
             lost.extend(as_text(x) for x in res or [])
         return lost
 
@@ -70,6 +61,33 @@ class Reclaimer:
         self.cursor = as_text(res[0])
         entries = [(as_text(eid), fields or {}) for eid, fields in res[1]]
         return [(eid, fields, n) for (eid, fields), n in zip(entries, self.delivery_counts(r, [e for e, _ in entries]))]
+
+    def own_pending(
+        self, r: redis.Redis, after: str, count: int, held: set[str]
+    ) -> tuple[list[tuple[str, dict, int]], str | None]:
+        """Up to ``count`` of this consumer's pending entries after ``after`` that it does not hold, claimed
+        again (one delivery each); returns them and the cursor to continue from (None: the list is done)."""
+        entries: list[tuple[str, dict, int]] = []
+        while True:
+            start = "-" if after == "0" else f"({after}"
+            rows = r.xpending_range(self.keys.requests, self.keys.group, start, "+", 100, consumername=self.consumer)
+            take: dict[str, int] = {}
+            for row in rows:
+                after = as_text(row["message_id"])
+                if after not in held:
+                    take[after] = int(row["times_delivered"])
+                    if len(take) >= count:
+                        break
+            if take:
+                # Entries deleted from the stream meanwhile are not returned (Redis drops them from the list).
+                for eid, fields in r.xclaim(self.keys.requests, self.keys.group, self.consumer, 0, list(take)):
+                    eid = as_text(eid)
+                    entries.append((eid, fields or {}, take[eid] + 1))
+            count -= len(take)
+            if count <= 0:
+                return entries, after
+            if len(rows) < 100:
+                return entries, None
 
     def delivery_counts(self, r: redis.Redis, entry_ids: list[str]) -> list[int]:
         if not entry_ids:
@@ -101,11 +119,11 @@ class Reclaimer:
         return bool(r.set(self.keys.consumer_lease(self.consumer), token, nx=True, px=self.claim_idle_ms))
 
     def refresh_name(self, r: redis.Redis, token: str) -> bool:
-        return bool(r.eval(_REFRESH_LEASE, 1, self.keys.consumer_lease(self.consumer), token, self.claim_idle_ms))
+        key = self.keys.consumer_lease(self.consumer)
+        return bool(self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r))
 
     def release_name(self, r: redis.Redis, token: str) -> None:
-        if as_text(r.get(self.keys.consumer_lease(self.consumer)) or b"") == token:
-            r.delete(self.keys.consumer_lease(self.consumer))
+        self.scripts(r).release_name(keys=[self.keys.consumer_lease(self.consumer)], args=[token], client=r)
 
 
 class LeaseKeeper:
@@ -154,12 +172,18 @@ class LeaseKeeper:
     def renew_now(self) -> None:
         self._wake.set()
 
+    def held(self) -> set[str]:
+        """The entry ids registered (taken and not yet acknowledged)."""
+        with self._lock:
+            return set(self._ids)
+
     def take_lost(self) -> list[str]:
         with self._lock:
             lost, self._lost = self._lost, []
         return lost
 
     def _run(self) -> None:
+        from .connection import redact  # connection.py imports this module
         r = None
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)
@@ -183,7 +207,7 @@ class LeaseKeeper:
                         pass
                 r = None
                 if self.log is not None and self.failures % 50 == 1:
-                    self.log.warning("lease_renewal_failed", error=str(e))
+                    self.log.warning("lease_renewal_failed", error=redact(e))
                 continue
             if lost:
                 with self._lock:

@@ -67,7 +67,7 @@ class Worker:
         self.metrics = metrics = WorkerMetrics()
         self._engine = engine
         self.model_loaded = engine is not None
-        self.publisher = publisher = Publisher(keys, s.result_ttl_s, s.dead_letter_maxlen)
+        self.publisher = publisher = Publisher(keys, s.result_ttl_s, s.dead_letter_maxlen, metrics=metrics, log=log)
         self.reclaimer = Reclaimer(keys, consumer, s.claim_idle_ms)
         self._name_token = uuid.uuid4().hex
         self.leases = LeaseKeeper(
@@ -92,7 +92,8 @@ class Worker:
             outcomes=outcomes, leases=self.leases, metrics=metrics, tracer=tracer, log=log,
         )
         self.intake = Intake(
-            settings=s, keys=keys, consumer=consumer, conn=self.conn, reclaimer=self.reclaimer, metrics=metrics, log=log
+            settings=s, keys=keys, consumer=consumer, conn=self.conn, reclaimer=self.reclaimer, metrics=metrics, log=log,
+            inflight=self.inflight,
         )
         self._last_engine_stats = 0.0
         self._stop = threading.Event()

@@ -1,0 +1,26 @@
+#!lua
+-- Store a request's terminal event, publish it, then acknowledge and delete its stream entries.
+-- One script, so Redis either runs all of it or refuses it up front (OOM, read-only replica: a script with a
+-- shebang and without the no-writes flag is checked before it starts). The SET comes first: if the ACL denies
+-- a later command, the entry stays pending with its result stored, never the other way round.
+-- First writer wins (SET NX): a worker that lost a race on a reclaimed entry publishes the stored event, so
+-- every subscriber sees the same terminal event.
+-- KEYS[1] result key, KEYS[2] request stream
+-- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
+-- ARGV[5..] the request's stream entry ids
+local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4])
+local event = ARGV[3]
+if not stored then
+  event = redis.call('GET', KEYS[1])
+end
+if event then
+  redis.call('PUBLISH', ARGV[2], event)
+end
+if #ARGV >= 5 then
+  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, 5))
+  redis.call('XDEL', KEYS[2], unpack(ARGV, 5))
+end
+if stored then
+  return 1
+end
+return 0
