@@ -4,31 +4,38 @@
 so a stored result always beats a later check, as the contract's "answered from it" requires):
 1. parse it: unusable -> dead letter; a valid id with bad content -> ``error`` (``invalid_request``);
 2. delivered more than ``max_deliveries`` times -> dead letter;
-3. its id already runs here -> the entry is attached to the running request (acknowledged with it);
-4. its id already has a result -> answered from it (a redelivery or a resubmission is never run twice);
+3. its id already runs (or waits) here -> the entry is attached to it (acknowledged with it);
+4. claim the id (claims.py): it already has a result -> answered from it (a redelivery or a resubmission is
+   never run twice); another worker runs it -> the entry waits for that worker's result;
 5. cancelled before pick-up -> ``done`` with finish_reason ``cancelled``;
 6. every limit (:func:`prepare`, :func:`check_queue_wait`, :func:`add_to_engine`) -> ``error`` with the
    contract's code, else the request is added to the engine and joins the worker's ``inflight`` table.
 
-The reads behind steps 4 and 5 take one round trip for the whole batch. Entries read together start by
-``priority`` (lower first), then in stream order. Every limit is checked before any work starts: sampling
-parameters (the engine's own validation, whose messages name the field), sequences per request vs
-``max_num_seqs``, chat template, token ids vs the vocabulary, prompt length vs ``max_model_len``, and (load
+The claims and the cancelled flags take one round trip for the whole batch. Entries read together start by
+``priority`` (lower first), then in stream order. Every limit is checked before any work starts: the operator's
+per-request limits (``max_samples_per_request``, ``max_stop_strings``, ``max_stop_string_chars``,
+``max_tokens_per_request``), sampling parameters (the engine's own validation, whose messages name the field),
+sequences per request vs ``max_num_seqs``, chat template, token ids vs the vocabulary, prompt length vs
+``max_model_len``, ``max_tokens`` vs what the prompt leaves of ``max_model_len`` (the engine's), and (load
 shedding) the time the entry waited in the stream vs ``max_queue_ms``. Refusals are
 :class:`InvalidRequestError` with the contract's error code.
+
+Isolation: a failure while handling one entry (a bug, a value no check foresaw) ends that entry alone, with an
+``internal`` error (or a dead letter when it has no valid id), never the batch it was read with.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from opentelemetry.trace import SpanKind
 
-from .inflight import InFlight
+from .claims import RETRY_S, Claims
+from .inflight import InFlight, Running
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
 from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, Keys, parse_request
@@ -41,19 +48,60 @@ from .telemetry import extract_context, request_logger, trace_id_from_fields
 _MAX_CHARS_PER_TOKEN = 64
 
 
-def prepare(req: GenerateRequest, engine: Any, max_num_seqs: int) -> tuple[str | list[int], Any]:
+def _params_field(message: str) -> str:
+    """An engine message that starts with a sampling field's name, as the wire names it (``params.top_k ...``)."""
+    from dataclasses import fields
+
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    name = message.split(" ", 1)[0].rstrip(":")
+    return f"params.{message}" if name in {f.name for f in fields(SamplingParams)} else message
+
+
+def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
+    """The operator's per-request limits (settings), so that one request cannot hold a worker: sequences per
+    request, stop strings (each is checked against every new token of every sequence), ``max_tokens``."""
+    p = req.params
+
+    def refuse(message: str) -> InvalidRequestError:
+        return InvalidRequestError(req.id, "invalid_request", message, req.metadata)
+
+    limit = settings.max_samples_per_request
+    for name in ("n", "best_of", "beam_width"):
+        value = getattr(p, name)
+        if value is not None and value > limit:
+            raise refuse(f"params.{name} must be at most {limit} (PAGEDSERVE_MAX_SAMPLES_PER_REQUEST), got {value}")
+    stop = [p.stop] if isinstance(p.stop, str) else (p.stop or [])
+    if len(stop) > settings.max_stop_strings:
+        raise refuse(f"params.stop has {len(stop)} strings, more than {settings.max_stop_strings} allowed "
+                     "(PAGEDSERVE_MAX_STOP_STRINGS)")
+    longest = max((len(x) for x in stop), default=0)
+    if longest > settings.max_stop_string_chars:
+        raise refuse(f"params.stop has a string of {longest} characters, more than "
+                     f"{settings.max_stop_string_chars} allowed (PAGEDSERVE_MAX_STOP_STRING_CHARS)")
+    cap = settings.max_tokens_per_request
+    if cap is not None and p.max_tokens is not None and p.max_tokens > cap:
+        raise refuse(f"params.max_tokens must be at most {cap} (PAGEDSERVE_MAX_TOKENS_PER_REQUEST), "
+                     f"got {p.max_tokens}")
+
+
+def prepare(req: GenerateRequest, engine: Any, settings: Settings) -> tuple[str | list[int], Any]:
     """Returns ``(prompt, SamplingParams)`` for ``engine.add_request`` or raises :class:`InvalidRequestError`."""
     from pagedserve.engine import SamplingParams
 
     def refuse(code: str, message: str) -> InvalidRequestError:
         return InvalidRequestError(req.id, code, message, req.metadata)
 
+    check_request_limits(req, settings)
     try:
         params = SamplingParams(**req.params.to_kwargs())
     except (ValueError, TypeError) as e:
-        raise refuse("invalid_request", f"params.{e}") from None
+        raise refuse("invalid_request", _params_field(str(e))) from None
+    max_num_seqs = settings.max_num_seqs
     if params.num_samples > max_num_seqs:
-        raise refuse("invalid_request", f"params: {params.num_samples} sequences exceed max_num_seqs {max_num_seqs}")
+        name = "beam_width" if params.beam_width > 0 else ("best_of" if params.best_of is not None else "n")
+        raise refuse("invalid_request", f"params.{name}: {params.num_samples} sequences exceed max_num_seqs "
+                                        f"{max_num_seqs} (a request runs that many sequences at once)")
     max_len = engine.max_model_len
     if req.messages is not None:
         tok = engine.tokenizer
@@ -110,10 +158,11 @@ def add_to_engine(engine: Any, req: GenerateRequest, prompt: str | list[int], pa
     deadline = req.deadline_ms / 1000.0 if req.deadline_ms is not None else None
     try:
         engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival)
-    except PromptTooLongError as e:
-        raise InvalidRequestError(req.id, "prompt_too_long", str(e), req.metadata) from None
-    except ValueError as e:
-        raise InvalidRequestError(req.id, "invalid_request", str(e), req.metadata) from None
+    except ValueError as e:  # the engine's messages name the field (max_tokens beyond the context: params.)
+        message = _params_field(str(e))
+        too_long = isinstance(e, PromptTooLongError) and not message.startswith("params.")
+        raise InvalidRequestError(req.id, "prompt_too_long" if too_long else "invalid_request", message,
+                                  req.metadata) from None
 
 
 def entry_time(entry_id: str) -> float:
@@ -122,6 +171,16 @@ def entry_time(entry_id: str) -> float:
         return int(entry_id.split("-", 1)[0]) / 1000.0
     except ValueError:
         return time.time()
+
+
+@dataclass
+class Waiting:
+    """Entries of an id another worker runs: pending here until its result appears or its claim lapses."""
+
+    request: GenerateRequest
+    entry_ids: list[str]
+    fields: dict
+    deliveries: int
 
 
 @dataclass(kw_only=True, eq=False)
@@ -134,98 +193,161 @@ class Admission:
     r: redis.Redis
     engine: Callable[[], Any]  # returns the engine (loaded on first use)
     inflight: dict[str, InFlight]  # the worker's table of running requests (shared)
+    running: Running
+    claims: Claims
     outcomes: Outcomes
     leases: LeaseKeeper
     metrics: WorkerMetrics
     tracer: Any
     log: Any
+    waiting: dict[str, Waiting] = field(default_factory=dict)
+    _next_retry: float = 0.0
 
     def admit(self, entries: list[tuple[str, dict, int]], redelivered: bool) -> None:
         """Validate entries and hand the good ones to the engine. Checks happen before any work starts."""
-        s = self.settings
         parsed: list[tuple[str, GenerateRequest, dict, int]] = []
         for entry_id, _, _ in entries:
             self.leases.add(entry_id)  # held until its ack is flushed
         for entry_id, fields, deliveries in entries:
-            raw = fields.get(b"body", fields.get("body"))
-            if isinstance(raw, str):
-                raw = raw.encode("utf-8", "surrogateescape")
             if redelivered:
                 self.metrics.redeliveries.inc()
             try:
-                req = parse_request(raw, s.max_message_bytes)
-            except DeadLetterError as e:
-                self.outcomes.dead(entry_id, str(e), raw, deliveries, kind=e.kind,
-                                   trace_id=trace_id_from_fields(fields))
+                req = self._parse(entry_id, fields, deliveries)
+            except Exception as e:  # a bug in parsing: this entry alone goes to the dead letters
+                self.log.exception("entry_handling_failed", entry_id=entry_id)
+                self.outcomes.dead(entry_id, f"handling failed: {type(e).__name__}: {e}", _body(fields),
+                                   deliveries, kind="handling_failed")
                 continue
-            except InvalidRequestError as e:
-                self.outcomes.error(e.request_id, [entry_id], e.code, e.message, e.metadata,
-                                    trace_id=trace_id_from_fields(fields))
-                continue
-            if deliveries > s.max_deliveries:
-                self.outcomes.dead(
-                    entry_id, f"max_deliveries: delivered {deliveries} times > {s.max_deliveries}", raw, deliveries,
-                    req.id, kind="max_deliveries", trace_id=trace_id_from_fields(fields),
-                )
-                continue
-            f = self.inflight.get(req.id)
-            if f is not None:
-                # Same id already running here: never start it twice; ack this entry with the first one.
-                if entry_id not in f.entry_ids:
-                    f.entry_ids.append(entry_id)
-                self.metrics.redeliveries.inc()
-                continue
-            parsed.append((entry_id, req, fields, deliveries))
+            if req is not None:
+                parsed.append((entry_id, req, fields, deliveries))
         if not parsed:
             return
-        # One round trip for all "already answered?" and "cancelled before pick-up?" checks.
-        pipe = self.r.pipeline(transaction=False)
-        for _, req, _, _ in parsed:
-            pipe.get(self.keys.result(req.id))
-            pipe.exists(self.keys.cancelled(req.id))
-        flags = pipe.execute()
+        # One round trip for every claim (with its "already answered?") and "cancelled before pick-up?".
+        replies = self.claims.claim_all(self.r, [req.id for _, req, _, _ in parsed],
+                                        lambda pipe, rid: pipe.exists(self.keys.cancelled(rid)))
         self.metrics.redis_ops.inc(2 * len(parsed))
-        parsed.sort(key=lambda p: (p[1].priority, p[0]))  # lower priority value first, then FIFO
+        order = sorted(range(len(parsed)), key=lambda i: (parsed[i][1].priority, parsed[i][0]))  # then FIFO
         seen: set[str] = set()
-        for i, (entry_id, req, fields, deliveries) in enumerate(parsed):
-            stored, cancelled = flags[2 * i], flags[2 * i + 1]
-            if req.id in self.inflight:  # duplicate id inside this batch, first one running
-                self.inflight[req.id].entry_ids.append(entry_id)
-                continue
-            if req.id in seen:  # duplicate id inside this batch, first one already answered: same answer
-                self.outcomes.same_answer(entry_id)
-                continue
-            if stored is not None:  # before any other check: a stored result is THE answer of this id
-                self.outcomes.from_result(req.id, entry_id, stored, trace_id_from_fields(fields))
-                continue
-            seen.add(req.id)
-            self._start(entry_id, req, fields, deliveries, bool(cancelled))
+        for i in order:
+            entry_id, req, fields, deliveries = parsed[i]
+            claim, (cancelled,) = replies[i]
+            try:
+                self._decide(entry_id, req, fields, deliveries, claim, cancelled, seen)
+            except Exception as e:
+                self.outcomes.failed(req.id, [entry_id], "admission", e)
 
-    def _start(self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, cancelled: bool) -> None:
+    def _parse(self, entry_id: str, fields: dict, deliveries: int) -> GenerateRequest | None:
+        """Steps 1-3: the request, or None when the entry is answered, dead-lettered or attached already."""
+        raw = _body(fields)
+        try:
+            req = parse_request(raw, self.settings.max_message_bytes)
+        except DeadLetterError as e:
+            self.outcomes.dead(entry_id, str(e), raw, deliveries, kind=e.kind, trace_id=trace_id_from_fields(fields))
+            return None
+        except InvalidRequestError as e:
+            self.outcomes.error(e.request_id, [entry_id], e.code, e.message, e.metadata,
+                                trace_id=trace_id_from_fields(fields))
+            return None
+        if deliveries > self.settings.max_deliveries:
+            self.outcomes.dead(
+                entry_id, f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}", raw,
+                deliveries, req.id, kind="max_deliveries", trace_id=trace_id_from_fields(fields),
+            )
+            return None
+        if self._attach(req.id, entry_id):
+            self.metrics.redeliveries.inc()
+            return None
+        return req
+
+    def _attach(self, rid: str, entry_id: str) -> bool:
+        """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""
+        holder = self.inflight.get(rid) or self.waiting.get(rid)
+        if holder is None:
+            return False
+        if entry_id not in holder.entry_ids:
+            holder.entry_ids.append(entry_id)
+        return True
+
+    def _decide(self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, claim: Any,
+                cancelled: Any, seen: set[str]) -> None:
+        """Steps 3-6 for one entry, given its claim reply and cancelled flag."""
+        if self._attach(req.id, entry_id):  # duplicate id inside this batch, first one running or waiting
+            return
+        if req.id in seen:  # duplicate id inside this batch, first one already answered: same answer
+            self.outcomes.same_answer(entry_id)
+            return
+        kind, stored = self.claims.outcome(req.id, claim)
+        if kind == "result":  # before any other check: a stored result is THE answer of this id
+            self.outcomes.from_result(req.id, entry_id, stored, trace_id_from_fields(fields))
+            return
+        if kind == "held":  # another worker runs it (or Redis refused the claim): wait for its result
+            self.waiting[req.id] = Waiting(req, [entry_id], fields, deliveries)
+            return
+        seen.add(req.id)
+        self._start([entry_id], req, fields, deliveries, bool(cancelled))
+
+    def follow_claims(self) -> None:
+        """Stop the runs whose claim another worker holds now (they wait for its result), then ask again for
+        the waiting ids: answered by their owner -> acknowledged; owner gone (claim expired) -> started here."""
+        for rid in self.claims.take_lost():
+            f = self.running.give_up(rid, "claim lost")
+            if f is not None:
+                self.waiting[rid] = Waiting(f.request, list(f.entry_ids), {}, 0)
+        now = time.monotonic()
+        if not self.waiting or now < self._next_retry:
+            return
+        self._next_retry = now + RETRY_S
+        rids = list(self.waiting)
+        replies = self.claims.claim_all(self.r, rids, lambda pipe, rid: pipe.exists(self.keys.cancelled(rid)))
+        self.metrics.redis_ops.inc(2 * len(rids))
+        for rid, (claim, (cancelled,)) in zip(rids, replies):
+            w = self.waiting[rid]
+            try:
+                kind, stored = self.claims.outcome(rid, claim)
+                if kind == "held":
+                    continue
+                del self.waiting[rid]
+                if kind == "result":
+                    self.outcomes.answered_elsewhere(rid, w.entry_ids)
+                else:  # its owner died: take over
+                    self._start(w.entry_ids, w.request, w.fields, w.deliveries, bool(cancelled))
+            except Exception as e:
+                self.waiting.pop(rid, None)
+                self.outcomes.failed(rid, w.entry_ids, "admission", e)
+
+    def release_waiting(self) -> list[str]:
+        """Shutdown: the waiting entries, for other workers to take over."""
+        ids = [eid for w in self.waiting.values() for eid in w.entry_ids]
+        self.waiting.clear()
+        return ids
+
+    def _start(self, entry_ids: list[str], req: GenerateRequest, fields: dict, deliveries: int,
+               cancelled: bool) -> None:
         now = time.time()
+        entry_id = entry_ids[0]
         arrival = min(entry_time(entry_id), now)
         engine = self.engine()
         model = getattr(engine, "model_name", "pagedserve")
         span = self._process_span(entry_id, req, fields, deliveries, arrival, model)
         log = request_logger(self.log, req.id, span)
         try:
-            prompt, params = prepare(req, engine, self.settings.max_num_seqs)  # every limit, before any work
+            prompt, params = prepare(req, engine, self.settings)  # every limit, before any work
             if cancelled:
-                self.outcomes.before_start(req, [entry_id], arrival, "cancelled", params, span, log)
+                self.outcomes.before_start(req, entry_ids, arrival, "cancelled", params, span, log)
                 return
             check_queue_wait(req, now - arrival, self.settings.max_queue_ms)
             add_to_engine(engine, req, prompt, params, arrival)
             self.metrics.pickup.observe(max(0.0, time.time() - arrival))
         except InvalidRequestError as e:
-            self.outcomes.error(req.id, [entry_id], e.code, e.message, req.metadata, span)
+            self.outcomes.error(req.id, entry_ids, e.code, e.message, req.metadata, span)
             return
         except Exception as e:  # the engine refused in an unexpected way: answer, keep serving
             log.exception("admission_failed")
-            self.outcomes.error(req.id, [entry_id], "internal", f"{type(e).__name__}: {e}", req.metadata, span)
+            self.outcomes.failed(req.id, entry_ids, "admission", e, span)
             return
         self.inflight[req.id] = InFlight(
             request=req,
-            entry_ids=[entry_id],
+            entry_ids=list(entry_ids),
             arrival=arrival,
             picked_at=now,
             samples=params.num_samples,
@@ -271,3 +393,8 @@ class Admission:
             if value is not None:
                 span.set_attribute(attr, value)
         return span
+
+
+def _body(fields: dict) -> bytes | None:
+    raw = fields.get(b"body", fields.get("body"))
+    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw

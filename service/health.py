@@ -1,5 +1,6 @@
-"""Health and metrics HTTP server: ``/healthz`` (loop alive), ``/readyz`` (model loaded, Redis reachable),
-``/metrics`` (Prometheus text format). Deployment files rely on these paths and on port 9400 by default.
+"""Health and metrics HTTP server: ``/healthz`` (loop alive, and making progress while it has work:
+:class:`Progress`), ``/readyz`` (model loaded, Redis reachable), ``/metrics`` (Prometheus text format).
+Deployment files rely on these paths and on port 9400 by default.
 
 Runs in a daemon thread; it only reads state through the callables it is given.
 """
@@ -65,3 +66,38 @@ class HealthServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Progress:
+    """Whether the loop makes progress: ``/healthz`` fails when the engine has had work but produced no token
+    and finished no request for longer than ``stall_timeout_s`` (a scheduler that spins, a request that can
+    never be scheduled, a wedged device). A loop without work is never stalled, however long it idles.
+
+    Written by the loop thread (:meth:`step`, :meth:`idle`), read by the health server's thread: plain float
+    assignments, so no lock.
+    """
+
+    def __init__(self, stall_timeout_s: float, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.stall_timeout_s = stall_timeout_s
+        self.clock = clock or time.monotonic
+        self.last_progress = self.clock()
+        self.busy = False
+
+    def idle(self) -> None:
+        """No work: nothing can stall."""
+        self.busy = False
+        self.last_progress = self.clock()
+
+    def step(self, outputs: list) -> None:
+        """An engine step ran; it progressed if any request produced a token or finished."""
+        if not self.busy:  # work just arrived: the stall clock starts now
+            self.busy = True
+            self.last_progress = self.clock()
+        if any(out.finished or any(c.delta_token_ids for c in out.outputs) for out in outputs):
+            self.last_progress = self.clock()
+
+    def check(self) -> tuple[bool, dict]:
+        stalled_s = self.clock() - self.last_progress if self.busy else 0.0
+        return stalled_s < self.stall_timeout_s, {"stalled_s": round(stalled_s, 3)}

@@ -8,7 +8,10 @@ logged with the request id and trace id.
 Invariants:
 - a terminal event is handed to the publisher together with ALL of its request's entry ids: the publisher
   stores it under ``result:{id}`` and publishes it before it acknowledges them (publisher.py);
-- nothing here talks to Redis or to the engine directly: it builds events and queues them.
+- nothing here talks to Redis or to the engine directly: it builds events and queues them;
+- a request's claim (claims.py) is released once its terminal event is stored, never before;
+- an ending always serializes: messages are made valid UTF-8, and a request whose own ending cannot be built
+  (:meth:`Outcomes.failed`) is answered ``internal`` without its metadata, or dead-lettered as a last resort.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .claims import Claims
 from .inflight import InFlight
 from .metrics import WorkerMetrics
 from .protocol import DeadLetter, ErrorEvent, ErrorInfo, GenerateRequest, Keys
@@ -38,6 +42,37 @@ class Outcomes:
     metrics: WorkerMetrics
     tracer: Any
     log: Any
+    claims: Claims | None = None
+
+    def _terminal(self, rid: str, payload: bytes, entry_ids: list[str], callback=None) -> None:
+        """Queue the terminal event; the id's claim goes once it is stored (after the flush that stored it)."""
+        claims = self.claims
+
+        def stored() -> None:
+            if claims is not None:
+                claims.release(rid)
+            if callback is not None:
+                callback()
+
+        self.publisher.terminal(rid, payload, entry_ids, stored)
+
+    def failed(self, request_id: str, entry_ids: list[str], what: str, e: BaseException, span=None) -> None:
+        """Handling one request raised: that request alone ends, ``internal``, without its metadata (which may be
+        what failed); if even that cannot be built, its entries go to the dead letters (never left pending)."""
+        message = f"{what} failed: {type(e).__name__}: {e}"
+        try:
+            self.error(request_id, entry_ids, "internal", message, {}, span)
+        except Exception:
+            self.log.exception("request_error_failed", request_id=request_id)
+            for entry_id in entry_ids:
+                self.dead(entry_id, _text(message), None, 0, request_id, kind="handling_failed")
+
+    def answered_elsewhere(self, request_id: str, entry_ids: list[str]) -> None:
+        """Entries of an id another worker ran: its result is stored and was published by that worker, so they
+        are only acknowledged (one ``done`` publication per run)."""
+        self.publisher.ack(entry_ids)
+        self.metrics.requests.labels(outcome="cached").inc()
+        request_logger(self.log, request_id).info("answered_by_owner", entry_ids=entry_ids)
 
     # ------------------------------------------------------------------------------- before the engine
     def dead(
@@ -49,7 +84,7 @@ class Outcomes:
         if len(body) > 65536:
             body = body[:65536]
         letter = DeadLetter(
-            reason=reason,
+            reason=_text(reason),
             body="",
             entry_id=entry_id,
             id=request_id,
@@ -68,8 +103,9 @@ class Outcomes:
         trace_id: str | None = None,
     ) -> None:
         """An ``error`` event (one of the contract's codes); ends ``span`` with that code."""
+        message = _text(message)
         ev = ErrorEvent(id=request_id, error=ErrorInfo(code=code, message=message[:1000]), metadata=metadata or {})
-        self.publisher.terminal(request_id, ev.model_dump_json().encode(), entry_ids)
+        self._terminal(request_id, ev.model_dump_json().encode(), entry_ids)
         self.metrics.requests.labels(outcome=f"error:{code}").inc()
         log = request_logger(self.log, request_id, span, trace_id)
         log.warning("request_error", code=code, message=message[:300])
@@ -94,7 +130,7 @@ class Outcomes:
     ) -> None:
         """A request that ends before reaching the engine (cancelled before pick-up): ``done``, empty outputs."""
         ev = empty_done(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata)
-        self.publisher.terminal(req.id, ev.model_dump_json().encode(), entry_ids)
+        self._terminal(req.id, ev.model_dump_json().encode(), entry_ids)
         self.metrics.requests.labels(outcome=reason).inc()
         log.info("request_finished", finish_reason=reason, before_start=True)
         if span is not None:
@@ -142,7 +178,7 @@ class Outcomes:
                 pub.end()
                 span.end()
 
-        self.publisher.terminal(rid, ev.model_dump_json().encode(), f.entry_ids, flushed)
+        self._terminal(rid, ev.model_dump_json().encode(), f.entry_ids, flushed)
         f.log.info(
             "request_finished",
             finish_reason=reasons[0],
@@ -161,3 +197,8 @@ class Outcomes:
                 continue
             sp = self.tracer.start_span(name, context=ctx, start_time=ns(a), attributes={"pagedserve.phase": name})
             sp.end(end_time=ns(max(a, b)))
+
+
+def _text(message: str) -> str:
+    """Valid UTF-8 text: an exception message may quote a lone surrogate from the request."""
+    return message.encode("utf-8", "replace").decode("utf-8")

@@ -6,12 +6,20 @@ The models are the single source of truth for both validation and the published 
 Invariants:
 - every value on the wire is UTF-8 JSON (never pickle);
 - a request that cannot be parsed or has no valid id is a dead letter; a request with a valid id but bad
-  content gets an ``error`` event; the two are told apart by :func:`parse_request`.
+  content gets an ``error`` event; the two are told apart by :func:`parse_request`;
+- a request that parses can be answered: every limit that JSON or the engine cannot honour is checked at parse
+  time, with an error naming the field. Nesting depth (:data:`MAX_JSON_DEPTH`), the size of ``metadata``
+  (:data:`MAX_METADATA_BYTES`), integer literals (:data:`MAX_INT_DIGITS` digits anywhere, 64-bit in every typed
+  field), non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and lone surrogates anywhere in the body. So the
+  ``metadata`` echoed in the terminal event always serializes, and no value overflows the engine's integers.
+  Ranges of the sampling parameters are the engine's own (``SamplingParams.validate``, at admission); the
+  operator's per-request limits are settings (``max_samples_per_request`` ...), also checked at admission.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -24,6 +32,17 @@ ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 _ID_RE = re.compile(ID_PATTERN)
 ERROR_CODES = ("invalid_request", "prompt_too_long", "overloaded", "internal")
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
+
+# Structural limits of a request body, checked at parse time (the contract's "limits are checked before work
+# starts"). The request object is level 1, ``params`` level 2: ``metadata`` may nest 30 levels of its own.
+MAX_JSON_DEPTH = 32
+MAX_METADATA_BYTES = 16384  # ``metadata`` as compact UTF-8 JSON; it is echoed in the terminal event
+MAX_INT_DIGITS = 20  # any integer literal, metadata included (2**64 has 20 digits)
+MAX_STOP_TOKEN_IDS = 1024
+MAX_MESSAGES = 4096
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 def valid_id(value: object) -> bool:
@@ -66,6 +85,10 @@ class Keys:
     def cancelled(self, request_id: str) -> str:
         return f"{self.prefix}:cancelled:{request_id}"
 
+    def running(self, request_id: str) -> str:
+        """The claim of an id while one worker runs it: one run per id across workers (extra, not in §2)."""
+        return f"{self.prefix}:running:{request_id}"
+
     def consumer_lease(self, consumer: str) -> str:
         """Liveness key of a consumer name: two live workers never share a name (extra, not in §2)."""
         return f"{self.prefix}:consumer:{consumer}"
@@ -89,24 +112,24 @@ class SamplingParamsModel(BaseModel):
     """
 
     model_config = _STRICT
-    max_tokens: int | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
-    n: int | None = None
-    best_of: int | None = None
-    beam_width: int | None = None
+    n: Int64 | None = None
+    best_of: Int64 | None = None
+    beam_width: Int64 | None = None
     length_penalty: float | None = None
     early_stopping: bool | Literal["never"] | None = None
     stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    logprobs: int | None = None
+    logprobs: Int64 | None = None
 
     def to_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -118,12 +141,12 @@ class GenerateRequest(BaseModel):
     model_config = _STRICT
     id: str = Field(pattern=ID_PATTERN)
     prompt: str | None = None
-    prompt_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    messages: list[ChatMessage] | None = None
+    prompt_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     params: SamplingParamsModel = Field(default_factory=SamplingParamsModel)
     stream: bool = True
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
-    deadline_ms: int | None = Field(None, ge=0)
+    deadline_ms: int | None = Field(None, ge=0, le=MAX_DEADLINE_MS)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -292,10 +315,136 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _Unrepresentable:
+    """Stands in for a JSON number Python or the engine cannot hold (a 5000-digit integer, ``NaN``), so that the
+    body still parses, the id is recovered and the error names the field instead of dead-lettering the entry."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _parse_int(literal: str) -> int | _Unrepresentable:
+    digits = len(literal) - literal.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        return _Unrepresentable(f"integer with {digits} digits, more than {MAX_INT_DIGITS} allowed")
+    return int(literal)
+
+
+def _parse_constant(literal: str) -> _Unrepresentable:
+    return _Unrepresentable(f"{literal} is not a JSON number")
+
+
+_LONG_DIGITS = re.compile(r"\d{%d}" % (MAX_INT_DIGITS + 1))
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF: the only way JSON carries a surrogate
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that never fails on a number: unrepresentable ones become :class:`_Unrepresentable`. The
+    ``parse_int`` hook (a Python call per integer) is only paid when the text has a long run of digits."""
+    if _LONG_DIGITS.search(text):
+        return json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    return json.loads(text, parse_constant=_parse_constant)
+
+
+def _path(parts: tuple) -> str:
+    shown = ".".join(str(p) for p in parts[:6])
+    return shown + (".…" if len(parts) > 6 else "") if shown else "body"
+
+
+def _first_problem(data: Any, check_unicode: bool) -> str | None:
+    """``"<field path>: <problem>"`` for the first value (document order) the service cannot carry, else None.
+
+    Iterative, so that no nesting depth can exhaust the stack; every container, key and string is visited once.
+    """
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        kind = type(value)
+        if kind is dict or kind is list:
+            if depth > MAX_JSON_DEPTH:
+                return f"{_path(path)}: nested deeper than {MAX_JSON_DEPTH} levels"
+            if kind is dict:
+                if check_unicode:
+                    for k in value:
+                        if not _valid_unicode(k):
+                            return f"{_path(path)}: key {k!r} is not valid Unicode (lone surrogate)"
+                items = list(value.items())
+            else:
+                items = list(enumerate(value))
+            for k, v in reversed(items):
+                t = type(v)
+                if t is dict or t is list or t is _Unrepresentable or t is float or (check_unicode and t is str):
+                    stack.append((v, path + (k,), depth + 1))
+        elif kind is _Unrepresentable:
+            return f"{_path(path)}: {value.why}"
+        elif kind is float:
+            if not math.isfinite(value):
+                return f"{_path(path)}: {value} is not a finite number"
+        elif kind is str:
+            if not _valid_unicode(value):
+                return f"{_path(path)}: not valid Unicode (lone surrogate)"
+    return None
+
+
+def _valid_unicode(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
+
+
+def _scan_too_deep(text: str) -> tuple[Any, str]:
+    """For a body too deep for ``json.loads``: its top-level ``id`` value and the top-level key that nests too
+    deep, read by a scan of its strings and brackets (no recursion, no value built)."""
+    depth, prev, key, request_id, deep_key = 0, "", "", None, ""
+    for m in _JSON_TOKEN.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH and not deep_key:
+                deep_key = key or "body"
+        elif tok in "]}":
+            depth -= 1
+        elif tok == ":":
+            if depth == 1 and prev.startswith('"'):
+                key = _string_or_none(prev) or ""
+        elif depth == 1 and prev == ":" and key == "id":  # a string value at the top level
+            request_id = _string_or_none(tok)
+        prev = tok
+    return request_id, deep_key or "body"
+
+
+def _string_or_none(token: str) -> str | None:
+    try:
+        value = json.loads(token)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _metadata_or_empty(data: dict) -> dict:
+    """The request's metadata to echo in an error event: only when it is a dict that can be serialized."""
+    metadata = data.get("metadata")
+    if not isinstance(metadata, dict) or _first_problem(metadata, True) is not None:
+        return {}
+    if len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        return {}
+    return metadata
+
+
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     """Parse one stream entry body. Raises :class:`DeadLetterError` or :class:`InvalidRequestError`.
 
-    Order matters: size and encoding are checked before any JSON parsing so a hostile entry costs O(limit).
+    Order matters: size and encoding are checked before any JSON parsing so a hostile entry costs O(limit); the
+    id is read before the content is judged, so that every refusal of a body with a valid id is answered.
     """
     if body is None:
         raise DeadLetterError("missing 'body' field", "missing_body")
@@ -307,29 +456,36 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     except UnicodeDecodeError as e:
         raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}", "invalid_utf8") from None
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
+        data = _loads(text)
+    except RecursionError:
+        request_id, field = _scan_too_deep(text)
+        if not valid_id(request_id):
+            raise DeadLetterError(f"body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels",
+                                  "invalid_json") from None
+        raise InvalidRequestError(request_id, "invalid_request",
+                                  f"{field}: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
         raise DeadLetterError(f"body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
     if not isinstance(data, dict):
         raise DeadLetterError(f"body must be a JSON object, got {type(data).__name__}", "not_object")
     request_id = data.get("id")
     if not valid_id(request_id):
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])", "invalid_id")
-    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    try:  # JSON escapes can smuggle lone surrogates (\ud800) that no tokenizer or UTF-8 writer accepts
-        if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):  # cheap pre-check: only \uD800-\uDFFF
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequestError(request_id, "invalid_request", "strings must be valid Unicode (lone surrogate)",
-                                  {}) from None
-    except (ValueError, RecursionError):
-        pass  # reported below by validation
+    problem = _first_problem(data, check_unicode=_SURROGATE_ESCAPE.search(text) is not None)
+    if problem is not None:
+        raise InvalidRequestError(request_id, "invalid_request", problem, _metadata_or_empty(data))
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict):
+        size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_METADATA_BYTES:
+            raise InvalidRequestError(request_id, "invalid_request",
+                                      f"metadata: {size} bytes as JSON, more than {MAX_METADATA_BYTES} allowed")
+    else:
+        metadata = {}
     try:
         return GenerateRequest.model_validate(data, strict=True)
     except ValidationError as e:
         raise InvalidRequestError(request_id, "invalid_request", _format_validation_error(e), metadata) from None
-    except (ValueError, RecursionError) as e:  # pragma: no cover - defensive
-        raise InvalidRequestError(request_id, "invalid_request", str(e)[:500], metadata) from None
 
 
 # ------------------------------------------------------------------------------------------ schemas

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     # Load shedding: an entry that waited longer than this in the stream (XADD -> pick-up) is not started but
     # answered with an ``overloaded`` error. None or 0 = off (every entry is served however long it waited).
     max_queue_ms: int | None = Field(None, ge=0)
+    # Per-request limits, so that one request cannot hold a worker: refused with invalid_request naming the field.
+    max_samples_per_request: int = Field(16, ge=1)  # params.n, params.best_of and params.beam_width
+    max_stop_strings: int = Field(16, ge=0)  # entries of params.stop (each is checked on every new token)
+    max_stop_string_chars: int = Field(256, ge=1)  # length of each params.stop entry
+    max_tokens_per_request: int | None = Field(None, ge=1)  # params.max_tokens; None: max_model_len bounds it
+    # /healthz fails when the engine has work but produced no token and finished nothing for this long.
+    stall_timeout_s: float = Field(120.0, gt=0)
     seed: int = 0
     celery_broker_url: str | None = None  # default: redis_url
     celery_visibility_timeout_s: int = Field(3600, ge=1)

@@ -11,7 +11,8 @@ Invariants (see the contract §2 "Guarantees"):
 - a terminal result is stored under its result key before its stream entry is acknowledged and deleted
   (publisher.py sends them in this order in one pipeline);
 - a request id runs at most once at a time in a worker (``inflight``); a second entry with the same id is
-  acknowledged together with the first when it finishes;
+  acknowledged together with the first when it finishes; across workers, an id is claimed before it starts
+  (claims.py);
 - the worker keeps generating when Redis is away, and flushes when it is back;
 - no input crashes the loop: every entry ends as a result, an error event or a dead letter.
 The engine knows nothing of Redis; the service knows nothing of KV blocks.
@@ -34,8 +35,9 @@ from typing import Any
 import redis
 
 from .admission import Admission
+from .claims import Claims
 from .connection import REDIS_DOWN, Connection, redis_client
-from .health import HealthServer
+from .health import HealthServer, Progress
 from .inflight import Running
 from .intake import Intake
 from .metrics import WorkerMetrics
@@ -80,16 +82,23 @@ class Worker:
             metrics=metrics, log=log,
         )
         self.r = self.conn.r
-        outcomes = Outcomes(keys=keys, consumer=consumer, publisher=publisher, metrics=metrics, tracer=tracer, log=log)
+        self.claims = claims = Claims(
+            self.r, keys, consumer, s.claim_idle_ms, s.lease_renew_interval_ms / 1000, lambda: redis_client(s.redis_url),
+            log,
+        )
+        self.progress = Progress(s.stall_timeout_s)
+        outcomes = Outcomes(keys=keys, consumer=consumer, publisher=publisher, metrics=metrics, tracer=tracer, log=log,
+                            claims=claims)
         get_engine = lambda: self.engine  # noqa: E731  (loaded on first use, after the health server is up)
         self.running = Running(
             engine=get_engine, outcomes=outcomes, publisher=publisher, metrics=metrics, log=log,
-            max_num_seqs=s.max_num_seqs,
+            max_num_seqs=s.max_num_seqs, claims=claims,
         )
         self.inflight = self.running.table  # request id -> InFlight
         self.admission = Admission(
             settings=s, keys=keys, consumer=consumer, r=self.r, engine=get_engine, inflight=self.inflight,
-            outcomes=outcomes, leases=self.leases, metrics=metrics, tracer=tracer, log=log,
+            running=self.running, claims=claims, outcomes=outcomes, leases=self.leases, metrics=metrics,
+            tracer=tracer, log=log,
         )
         self.intake = Intake(
             settings=s, keys=keys, consumer=consumer, conn=self.conn, reclaimer=self.reclaimer, metrics=metrics, log=log,
@@ -131,8 +140,9 @@ class Worker:
 
     def _alive(self) -> tuple[bool, dict]:
         age = time.monotonic() - self.heartbeat
-        ok = age < self.settings.liveness_timeout_s and not self.stopped.is_set()
-        return ok, {"loop_age_s": round(age, 3)}
+        progressing, info = self.progress.check()
+        ok = age < self.settings.liveness_timeout_s and progressing and not self.stopped.is_set()
+        return ok, {"loop_age_s": round(age, 3), **info}
 
     def _ready(self) -> tuple[bool, dict]:
         reachable = False
@@ -159,6 +169,7 @@ class Worker:
             group=self.keys.group,
             metrics_port=self.health.port if self.health else None,
         )
+        self.claims.start()
         self.started.set()
         failures = 0
         try:
@@ -205,6 +216,8 @@ class Worker:
             t = time.perf_counter()
             self._step()
             self.metrics.step_seconds.inc(time.perf_counter() - t)
+        else:
+            self.progress.idle()
         if self.publisher.pending() and conn.usable():
             try:
                 self.metrics.redis_ops.inc(self.publisher.flush(self.r))
@@ -224,6 +237,7 @@ class Worker:
         for rid in self.intake.cancels():
             self.running.cancel(rid)
         self.running.lose(self.leases.take_lost())
+        self.admission.follow_claims()
         if not self._stop.is_set():
             room = self.running.room()
             claimed = self.intake.reclaim(room) if room > 0 else []
@@ -240,10 +254,11 @@ class Worker:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # The engine failed mid-step: fail what is running (answering every request) and keep serving.
+            # No request is to blame: none is answered; their entries go back to the stream (inflight.py).
             self.log.exception("engine_step_failed")
-            self.running.fail_all(e)
+            self._send_back(self.running.send_back(e))
             return
+        self.progress.step(outputs)
         self.running.on_outputs(outputs)
         mono = time.monotonic()
         if mono - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
@@ -252,11 +267,20 @@ class Worker:
             self.metrics.requests_waiting.set(getattr(self.engine, "num_waiting", 0))
             self.metrics.engine.update(self.engine.stats())
 
+    def _send_back(self, entry_ids: list[str]) -> None:
+        """Entries to run again: reclaimable at once (another delivery, counted), or when their lease lapses."""
+        self.leases.discard(entry_ids)
+        try:
+            self.reclaimer.release(self.r, entry_ids)
+        except Exception as e:  # Redis away: unrenewed, they are reclaimed after claim_idle_ms
+            self.conn.failed(e)
+
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
         """Release unfinished entries for other workers, flush what is buffered, drop the name lease."""
         self.conn.stop_leases()
-        entry_ids = self.running.release_all()
+        entry_ids = self.running.release_all() + self.admission.release_waiting()
+        self.claims.stop()
         end = time.monotonic() + 5.0
         while time.monotonic() < end:
             try:
@@ -265,6 +289,7 @@ class Worker:
                 self.publisher.flush(self.r)
                 if entry_ids:
                     self.reclaimer.release(self.r, entry_ids)
+                self.claims.release_now(self.r)
                 self.reclaimer.release_name(self.r, self._name_token)
                 break
             except Exception as e:

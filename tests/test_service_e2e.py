@@ -92,7 +92,7 @@ def test_cancel_mid_stream_frees_blocks_and_deadline(setup):
     s, w, c = setup
     engine = w.engine
     total = engine.stats()["num_gpu_blocks"]
-    events = c.stream("cancel me " * 20, params={"max_tokens": 2000, "ignore_eos": True, "temperature": 0},
+    events = c.stream("cancel me " * 20, params={"max_tokens": 1800, "ignore_eos": True, "temperature": 0},
                       timeout=120)
     seen = 0
     final = None
@@ -105,7 +105,7 @@ def test_cancel_mid_stream_frees_blocks_and_deadline(setup):
         final = ev
     assert isinstance(final, DoneEvent)
     assert final.outputs[0].finish_reason == "cancelled"
-    assert 3 <= len(final.outputs[0].token_ids) < 2000
+    assert 3 <= len(final.outputs[0].token_ids) < 1800
     wait_for(lambda: not w.inflight, 10, what="worker idle")
     st = engine.stats()
     # Blocks come back at once (prefix-cached blocks stay evictable, counted free).

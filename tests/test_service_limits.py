@@ -1,0 +1,152 @@
+"""Limits checked before work starts, with an error naming the field.
+
+Parse-time limits (protocol.py: nesting depth, metadata size, integer literals, non-finite numbers, lone
+surrogates anywhere) and the operator's per-request limits (settings: samples, stop strings, max_tokens) on a real
+worker and a real Redis: every culprit gets exactly one ``error`` result naming its field, the innocent requests
+XADDed in the same pipeline end ``done``, nothing is left pending and no valid id is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedserve.service.protocol import (
+    MAX_JSON_DEPTH,
+    DeadLetter,
+    DeadLetterError,
+    DoneEvent,
+    ErrorEvent,
+    ErrorInfo,
+    InvalidRequestError,
+    Keys,
+    parse_request,
+    parse_terminal,
+)
+from service_fixtures import make_settings, running_worker, wait_for
+
+
+def _nested(levels: int) -> dict:
+    d: dict = {}
+    cur = d
+    for _ in range(levels):
+        cur["a"] = {}
+        cur = cur["a"]
+    return d
+
+
+# (id, raw body, text the error message must contain). Bodies are raw so that they can carry what json.dumps
+# would refuse to write (a 5000-digit integer, NaN, a lone surrogate escape).
+CULPRITS: list[tuple[str, str, str]] = [
+    ("c-deep-meta", json.dumps({"id": "c-deep-meta", "prompt": "x", "metadata": _nested(300)}), "metadata"),
+    ("c-deeper-meta", '{"id": "c-deeper-meta", "prompt": "x", "metadata": ' + "[" * 5000 + "]" * 5000 + "}",
+     "metadata: nested deeper"),
+    ("c-big-meta", json.dumps({"id": "c-big-meta", "prompt": "x", "metadata": {"k": "v" * 20000}}), "metadata"),
+    ("c-digits", '{"id": "c-digits", "prompt": "x", "params": {"seed": ' + "7" * 5000 + "}}", "params.seed"),
+    ("c-digits-meta", '{"id": "c-digits-meta", "prompt": "x", "metadata": {"n": ' + "7" * 5000 + "}}",
+     "metadata.n"),
+    ("c-top-k", json.dumps({"id": "c-top-k", "prompt": "x", "params": {"top_k": 10**30}}), "params.top_k"),
+    ("c-deadline", '{"id": "c-deadline", "prompt": "x", "deadline_ms": 1' + "0" * 400 + "}", "deadline_ms"),
+    ("c-nan", '{"id": "c-nan", "prompt": "x", "params": {"temperature": NaN}}', "params.temperature"),
+    ("c-inf", '{"id": "c-inf", "prompt": "x", "params": {"top_p": 1e999}}', "params.top_p"),
+    ("c-stop-surrogate", '{"id": "c-stop-surrogate", "prompt": "x", "params": {"stop": ["ok", "\\ud800"]}}',
+     "params.stop"),
+    ("c-meta-surrogate", '{"id": "c-meta-surrogate", "prompt": "x", "metadata": {"k": "\\udfff"}}', "metadata.k"),
+    ("c-lp-high", json.dumps({"id": "c-lp-high", "prompt": "x", "params": {"beam_width": 2, "length_penalty": 500}}),
+     "params.length_penalty"),
+    ("c-lp-low", json.dumps({"id": "c-lp-low", "prompt": "x", "params": {"beam_width": 2, "length_penalty": -500}}),
+     "params.length_penalty"),
+    # the operator's per-request limits (settings in the fixture below)
+    ("c-n", json.dumps({"id": "c-n", "prompt": "x", "params": {"n": 5}}), "params.n"),
+    ("c-best-of", json.dumps({"id": "c-best-of", "prompt": "x", "params": {"best_of": 5}}), "params.best_of"),
+    ("c-beam", json.dumps({"id": "c-beam", "prompt": "x", "params": {"beam_width": 5}}), "params.beam_width"),
+    ("c-stops", json.dumps({"id": "c-stops", "prompt": "x", "params": {"stop": [f"s{i}" for i in range(9)]}}),
+     "params.stop"),
+    ("c-stop-long", json.dumps({"id": "c-stop-long", "prompt": "x", "params": {"stop": ["y" * 65]}}), "params.stop"),
+    ("c-max-tokens", json.dumps({"id": "c-max-tokens", "prompt": "x", "params": {"max_tokens": 65}}),
+     "params.max_tokens"),
+]
+
+
+def test_parse_time_limits_name_the_field():
+    for rid, body, needle in CULPRITS[:11]:
+        with pytest.raises(InvalidRequestError) as ei:
+            parse_request(body, 1 << 20)
+        assert ei.value.request_id == rid and ei.value.code == "invalid_request", body[:80]
+        assert needle in ei.value.message, (rid, ei.value.message)
+        # whatever is echoed serializes
+        ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=ei.value.message),
+                   metadata=ei.value.metadata).model_dump_json()
+    # no id to answer: still a dead letter
+    with pytest.raises(DeadLetterError):
+        parse_request("[" * 5000 + "]" * 5000, 1 << 20)
+    with pytest.raises(DeadLetterError):
+        parse_request('{"prompt": "x", "metadata": ' + "[" * 5000 + "]" * 5000 + "}", 1 << 20)
+    # at the limit is fine
+    ok = parse_request(json.dumps({"id": "ok", "prompt": "x", "metadata": _nested(MAX_JSON_DEPTH - 2)}), 1 << 20)
+    assert ok.metadata
+
+
+json_leaf = (st.none() | st.booleans() | st.integers() | st.floats() | st.text()
+             | st.sampled_from(["\ud800", "\udfff", "a\udc00b"]))
+json_tree = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3)
+                         | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(meta=json_tree, depth=st.integers(0, 80), digits=st.integers(1, 6000))
+def test_whatever_parses_can_be_answered(meta, depth, digits):
+    # Property: a body with a valid id either parses, and then its metadata serializes in a terminal event, or is
+    # refused with an invalid_request naming a field; never an exception of another kind.
+    wrapped: object = meta
+    for _ in range(depth):
+        wrapped = [wrapped]
+    body = json.dumps({"id": "p", "prompt": "x", "metadata": {"m": wrapped}}, allow_nan=True)
+    body = body.replace('"x"', '"x", "priority": ' + "1" * digits if digits > 25 else '"x"', 1)
+    try:
+        req = parse_request(body, 1 << 22)
+    except InvalidRequestError as e:
+        assert e.request_id == "p" and e.code == "invalid_request"
+        assert e.message.split(":", 1)[0].split(".", 1)[0] in ("metadata", "priority"), e.message
+        return
+    DoneEvent(id=req.id, outputs=[], metadata=req.metadata).model_dump_json()
+
+
+@pytest.fixture
+def limited(redis_url, prefix, shared_engine):
+    s = make_settings(redis_url, prefix, max_samples_per_request=4, max_stop_strings=8, max_stop_string_chars=64,
+                      max_tokens_per_request=64, log_level="ERROR")
+    r = redis.Redis.from_url(redis_url)
+    with running_worker(s, shared_engine) as w:
+        yield w, r, Keys(prefix)
+    r.close()
+
+
+def test_culprits_refused_innocents_done(limited):
+    w, r, keys = limited
+    innocents = [f"i-{k}" for k in range(6)]
+    pipe = r.pipeline(transaction=False)  # culprits and innocents in one burst: read and admitted together
+    for k, (rid, body, _) in enumerate(CULPRITS):
+        pipe.xadd(keys.requests, {"body": body.encode("utf-8", "surrogatepass")})
+        if k % 3 == 0 and innocents[k // 3:]:
+            rid_ok = innocents[k // 3]
+            pipe.xadd(keys.requests, {"body": json.dumps(
+                {"id": rid_ok, "prompt": "hello", "params": {"max_tokens": 4, "n": 2}, "metadata": {"k": k}})})
+    pipe.execute()
+    ids = [c[0] for c in CULPRITS] + innocents
+    wait_for(lambda: all(r.exists(keys.result(i)) for i in ids), 120, what="every result")
+    wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="all acked")
+    for rid, _, needle in CULPRITS:
+        ev = parse_terminal(r.get(keys.result(rid)))
+        assert isinstance(ev, ErrorEvent) and ev.error.code == "invalid_request", (rid, ev)
+        assert needle in ev.error.message, (rid, ev.error.message)
+    for k, rid in enumerate(innocents):
+        ev = parse_terminal(r.get(keys.result(rid)))
+        assert isinstance(ev, DoneEvent) and len(ev.outputs) == 2 and ev.metadata["k"] == 3 * k, ev
+    dead = [DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead)]
+    assert not [d for d in dead if d.id in ids], dead
+    assert r.xlen(keys.requests) == 0 and not w.stopped.is_set()
