@@ -127,6 +127,12 @@ def worker(
     w.run()
 
 
+def _fail(message: str, code: int) -> None:
+    """One line on stderr (never wrapped, never read as markup), then exit with ``code``."""
+    err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
 @app.command()
 def submit(
     prompt: str = typer.Argument(..., help="The prompt text."),
@@ -136,9 +142,15 @@ def submit(
     beam_width: int = typer.Option(0, "--beam-width", help="> 0: beam search."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Only print the final result."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the result."),
+    pickup_timeout: float = typer.Option(
+        30.0, "--pickup-timeout", help="Seconds without any event before checking that a worker is consuming."
+    ),
 ) -> None:
     """Enqueue one request and print its output as it streams."""
-    from .client import Client
+    import redis
+
+    from .client import Client, NoWorker
+    from .connection import redact
     from .protocol import DoneEvent, ErrorEvent, TokenEvent
     from .telemetry import configure_tracing
 
@@ -151,7 +163,8 @@ def submit(
         client = Client(settings=_settings())
         final = None
         with err.status("[bold]waiting for a worker ...") as status:
-            events = client.stream(prompt, params=params, stream=not no_stream, timeout=timeout)
+            events = client.stream(prompt, params=params, stream=not no_stream, timeout=timeout,
+                                   pickup_timeout=pickup_timeout)
             for ev in events:
                 if isinstance(ev, TokenEvent):
                     status.stop()
@@ -160,12 +173,14 @@ def submit(
                     continue
                 final = ev
                 break
+    except NoWorker as e:
+        _fail(f"error: {e}", 2)
     except TimeoutError as e:
-        err.print(f"[red]timeout:[/] {e}")
-        raise typer.Exit(2) from None
-    except Exception as e:  # connection refused, validation error ...
-        err.print(f"[red]error:[/] {type(e).__name__}: {e}")
-        raise typer.Exit(1) from None
+        _fail(f"timeout: {e}", 2)
+    except redis.ConnectionError as e:  # the message names the URL, password masked
+        _fail(f"error: {redact(e)}", 1)
+    except Exception as e:  # validation error ...
+        _fail(f"error: {type(e).__name__}: {redact(e)}", 1)
     if isinstance(final, ErrorEvent):
         err.print(f"[red]{final.error.code}:[/] {final.error.message}")
         raise typer.Exit(1)

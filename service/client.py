@@ -22,10 +22,14 @@ from .client_core import (
     Emit,
     Event,
     Listen,
+    NoWorker,
     Op,
     Pause,
     ProducerCore,
+    ReadConsumers,
+    ReadGroups,
     ReadResult,
+    RedisUnreachable,
     RequestFailed,
     Send,
     Subscribe,
@@ -39,7 +43,7 @@ from .client_core import (
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
-__all__ = ["AsyncClient", "Client", "Event", "RequestFailed", "Terminal", "build_request"]
+__all__ = ["AsyncClient", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal", "build_request"]
 
 
 def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | None) -> Op | None:
@@ -78,7 +82,11 @@ class Client(ProducerCore):
 
     def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
         """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
-        return self._xadd(request_of(prompt, kw))
+        req = request_of(prompt, kw)
+        try:
+            return self._xadd(req)
+        except CONNECTION_ERRORS as e:
+            raise self._unreachable(e) from None
 
     def _xadd(self, req: GenerateRequest) -> str:
         with self._producer_span(req) as span:
@@ -95,10 +103,14 @@ class Client(ProducerCore):
     def result(self, request_id: str) -> Terminal | None:
         return self._terminal(self.r.get(self.keys.result(request_id)))
 
-    def stream(self, prompt: str | list[int] | None = None, *, timeout: float | None = None, **kw: Any) -> Iterator[Event]:
-        """Submit and yield the request's events (token events, then exactly one terminal event)."""
+    def stream(
+        self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
+        pickup_timeout: float | None = None, **kw: Any,
+    ) -> Iterator[Event]:
+        """Submit and yield the request's events (token events, then exactly one terminal event).
+        ``pickup_timeout``: raise :class:`NoWorker` when nothing was heard that long and no worker is live."""
         req = request_of(prompt, kw)
-        yield from self._run(self._wait(req.id, req, timeout))
+        yield from self._run(self._wait(req.id, req, timeout, pickup_timeout=pickup_timeout))
 
     def events(self, request_id: str, timeout: float | None = None) -> Iterator[Event]:
         """Events of an already submitted request (a late subscriber gets at least the terminal event)."""
@@ -110,11 +122,15 @@ class Client(ProducerCore):
                 return end
         raise AssertionError("unreachable")
 
-    def generate(self, prompt: str | list[int] | None = None, *, timeout: float | None = None, **kw: Any) -> DoneEvent:
-        """Submit and wait for the result; raises :class:`RequestFailed` on an error event, ``TimeoutError``."""
+    def generate(
+        self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
+        pickup_timeout: float | None = None, **kw: Any,
+    ) -> DoneEvent:
+        """Submit and wait for the result; raises :class:`RequestFailed` on an error event, ``TimeoutError``
+        (:class:`NoWorker` with ``pickup_timeout``), :class:`RedisUnreachable`."""
         kw.setdefault("stream", False)
         req = request_of(prompt, kw)
-        for ev in self._run(self._wait(req.id, req, timeout, tokens=False)):
+        for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
@@ -134,6 +150,10 @@ class Client(ProducerCore):
                         reply = pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
                     elif isinstance(op, ReadResult):
                         reply = self.r.get(op.key)
+                    elif isinstance(op, ReadGroups):
+                        reply = self.r.xinfo_groups(op.stream)
+                    elif isinstance(op, ReadConsumers):
+                        reply = self.r.xinfo_consumers(op.stream, op.group)
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
                         pubsub.subscribe(op.channel)
@@ -143,7 +163,7 @@ class Client(ProducerCore):
                         pubsub = self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         time.sleep(op.seconds)
-                except CONNECTION_ERRORS as e:
+                except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     error = e
         finally:
             wait.close()
@@ -183,7 +203,11 @@ class AsyncClient(ProducerCore):
         await self.aclose()
 
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
-        return await self._xadd(request_of(prompt, kw))
+        req = request_of(prompt, kw)
+        try:
+            return await self._xadd(req)
+        except CONNECTION_ERRORS as e:
+            raise self._unreachable(e) from None
 
     async def _xadd(self, req: GenerateRequest) -> str:
         with self._producer_span(req) as span:
@@ -199,9 +223,12 @@ class AsyncClient(ProducerCore):
     async def result(self, request_id: str) -> Terminal | None:
         return self._terminal(await self.r.get(self.keys.result(request_id)))
 
-    async def stream(self, prompt: str | list[int] | None = None, *, timeout: float | None = None, **kw: Any) -> AsyncIterator[Event]:
+    async def stream(
+        self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
+        pickup_timeout: float | None = None, **kw: Any,
+    ) -> AsyncIterator[Event]:
         req = request_of(prompt, kw)
-        async for ev in self._run(self._wait(req.id, req, timeout)):
+        async for ev in self._run(self._wait(req.id, req, timeout, pickup_timeout=pickup_timeout)):
             yield ev
 
     async def events(self, request_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
@@ -214,10 +241,13 @@ class AsyncClient(ProducerCore):
                 return end
         raise AssertionError("unreachable")
 
-    async def generate(self, prompt: str | list[int] | None = None, *, timeout: float | None = None, **kw: Any) -> DoneEvent:
+    async def generate(
+        self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
+        pickup_timeout: float | None = None, **kw: Any,
+    ) -> DoneEvent:
         kw.setdefault("stream", False)
         req = request_of(prompt, kw)
-        async for ev in self._run(self._wait(req.id, req, timeout, tokens=False)):
+        async for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
@@ -237,6 +267,10 @@ class AsyncClient(ProducerCore):
                         reply = await pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
                     elif isinstance(op, ReadResult):
                         reply = await self.r.get(op.key)
+                    elif isinstance(op, ReadGroups):
+                        reply = await self.r.xinfo_groups(op.stream)
+                    elif isinstance(op, ReadConsumers):
+                        reply = await self.r.xinfo_consumers(op.stream, op.group)
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
                         await pubsub.subscribe(op.channel)
@@ -246,7 +280,7 @@ class AsyncClient(ProducerCore):
                         pubsub = await self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         await asyncio.sleep(op.seconds)
-                except CONNECTION_ERRORS as e:
+                except redis.RedisError as e:
                     error = e
         finally:
             wait.close()

@@ -14,7 +14,11 @@ Invariants of :func:`event_wait`:
   been quiet for ``QUIET_S``, so a late subscriber or a lost pub/sub message still gets the terminal event;
 - it emits token events (when asked for them), then exactly one terminal event, then stops;
 - a lost connection drops the subscription and starts over after a short pause, until the deadline, which
-  raises ``TimeoutError``.
+  raises ``TimeoutError``; but a Redis never reached (no subscription ever confirmed) fails at once with
+  :class:`RedisUnreachable`, naming the URL with its password masked;
+- with ``pickup_timeout``, a request it sent that has had no event for that long is checked against the
+  consumer group: no group, no consumers, or none active lately raises :class:`NoWorker` (a worker that is
+  busy keeps the wait going, whatever the queue's length).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .protocol import (
     parse_event,
     parse_terminal,
 )
+from .connection import redact
 from .settings import Settings
 from .telemetry import get_tracer, inject_fields
 
@@ -47,8 +52,17 @@ Terminal = Union[DoneEvent, ErrorEvent]
 QUIET_S = 1.0  # re-read the result key after this long without an event
 CONFIRM_S = 5.0  # a subscription not confirmed within this long counts as a lost connection
 RETRY_PAUSE_S = 0.2
-# What a client throws into event_wait when an operation failed on the connection.
+# The errors event_wait retries on (a client throws every Redis error of an operation into it).
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+ACTIVE_WITHIN_S = 30.0  # a consumer that touched the stream this recently counts as a live worker
+
+
+class RedisUnreachable(redis.ConnectionError):
+    """Redis could not be reached before anything was sent (the message names the URL, password masked)."""
+
+
+class NoWorker(TimeoutError):
+    """Nothing picked the request up and no live worker consumes the stream (the message says what was seen)."""
 
 
 class RequestFailed(Exception):
@@ -166,12 +180,23 @@ class ProducerCore:
             ("publish", (self.keys.cancel, request_id), {}),
         ]
 
+    def _unreachable(self, e: Exception) -> RedisUnreachable:
+        return RedisUnreachable(f"cannot reach Redis at {redact(self.redis_url)}: {redact(e)}")
+
     @staticmethod
     def _terminal(raw: Any) -> Terminal | None:
         return parse_terminal(raw) if raw is not None else None
 
-    def _wait(self, request_id: str, submit: GenerateRequest | None, timeout: float | None, tokens: bool = True):
-        return event_wait(self.keys, request_id, submit, timeout, tokens)
+    def _wait(
+        self,
+        request_id: str,
+        submit: GenerateRequest | None,
+        timeout: float | None,
+        tokens: bool = True,
+        pickup_timeout: float | None = None,
+    ):
+        return event_wait(self.keys, request_id, submit, timeout, tokens, where=redact(self.redis_url),
+                          pickup_timeout=pickup_timeout)
 
 
 # ------------------------------------------------------------------------------------------------ event wait
@@ -204,6 +229,21 @@ class ReadResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReadGroups:
+    """XINFO GROUPS ``stream``. Reply: the list of group dicts."""
+
+    stream: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadConsumers:
+    """XINFO CONSUMERS ``stream`` ``group``. Reply: the list of consumer dicts."""
+
+    stream: str
+    group: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Unsubscribe:
     """Close the pub/sub connection, ignoring errors (it may be dead already)."""
 
@@ -220,7 +260,23 @@ class Emit:
     event: Event
 
 
-Op = Union[Subscribe, Listen, Send, ReadResult, Unsubscribe, Pause, Emit]
+Op = Union[Subscribe, Listen, Send, ReadResult, ReadGroups, ReadConsumers, Unsubscribe, Pause, Emit]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def no_worker_reason(group: str, groups: list[dict], consumers: list[dict] | None) -> str | None:
+    """Why no worker will pick a request up (``consumers`` None: not read), or None when one is live."""
+    if not any(_text(g.get("name")) == group for g in groups):
+        return f"no consumer group {group}: no worker has started on this prefix"
+    consumers = consumers or []
+    if not consumers:
+        return "consumer group has 0 consumers"
+    if not any(int(c.get("idle", 0)) <= ACTIVE_WITHIN_S * 1000 for c in consumers):
+        return f"consumer group has {len(consumers)} consumers, none active in the last {ACTIVE_WITHIN_S:g} s"
+    return None
 
 
 def event_wait(
@@ -230,16 +286,21 @@ def event_wait(
     timeout: float | None,
     tokens: bool = True,
     clock: Callable[[], float] = time.monotonic,
+    *,
+    where: str = "Redis",
+    pickup_timeout: float | None = None,
 ) -> Generator[Op, Any, None]:
     """The events of ``request_id`` (sending ``submit`` first if given), as operations for a client to run.
 
     Token events are emitted only when ``tokens``; ``timeout`` (seconds, None = no limit) raises
-    ``TimeoutError``. A client throws redis' ConnectionError/TimeoutError into the generator when an operation
-    failed on the connection.
+    ``TimeoutError``; ``pickup_timeout`` (seconds) raises :class:`NoWorker` as the module docstring says.
+    A client throws the Redis error of a failed operation into the generator; ``where`` names Redis in errors.
     """
     deadline = None if timeout is None else clock() + timeout
     sent = submit is None
     subscribed = False
+    reached = False  # a subscription was confirmed once: Redis exists, so a lost connection is worth a retry
+    check_workers_at: float | None = None  # while nothing has been heard of a request we sent
 
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
@@ -257,10 +318,12 @@ def event_wait(
                         raise redis.TimeoutError("no subscribe confirmation")
                     if m["type"] == "subscribe":
                         break
-                subscribed = True
+                subscribed = reached = True
                 if not sent:
                     yield Send(submit)  # type: ignore[arg-type]
                     sent = True
+                    if pickup_timeout is not None:
+                        check_workers_at = clock() + pickup_timeout
                 else:
                     done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                     if done is not None:
@@ -275,17 +338,32 @@ def event_wait(
                     return
                 if expired():
                     raise timeout_error()
+                if check_workers_at is not None and clock() >= check_workers_at:
+                    try:
+                        groups = yield ReadGroups(keys.requests)
+                    except redis.ResponseError:  # no stream (an empty Redis restarted): no group either
+                        groups = []
+                    consumers = None
+                    if any(_text(g.get("name")) == keys.group for g in groups):
+                        consumers = yield ReadConsumers(keys.requests, keys.group)
+                    why = no_worker_reason(keys.group, groups, consumers)
+                    if why is not None:
+                        raise NoWorker(f"no worker has picked this up after {pickup_timeout:g} s ({why})")
+                    check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             if m.get("type") != "message":
                 continue
             ev = parse_event(m["data"])
+            check_workers_at = None  # a worker has it
             if isinstance(ev, TokenEvent):
                 if tokens:
                     yield Emit(ev)
                 continue
             yield Emit(ev)
             return
-        except CONNECTION_ERRORS:
+        except CONNECTION_ERRORS as e:
+            if not reached:
+                raise RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}") from None
             # Redis went away: resubscribe (then the result key is read again) until the deadline.
             subscribed = False
             yield Unsubscribe()

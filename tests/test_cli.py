@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import subprocess
 import sys
 
+import pytest
+import redis
 from typer.testing import CliRunner
 
 from pagedserve.service.cli import app
+from pagedserve.service.client import AsyncClient, Client, RedisUnreachable
 from service_fixtures import REPO, make_settings, running_worker
 
 runner = CliRunner()
@@ -61,3 +67,66 @@ def test_demo_runs_on_a_local_redis(monkeypatch):
                              "PAGEDSERVE_SWAP_SPACE_GB": "0.25", "PAGEDSERVE_METRICS_PORT": "0"})
     assert res.exit_code == 0, res.output
     assert "started locally" in res.output and "4/4" in res.output and "throughput" in res.output
+
+
+def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``pagedserve submit`` in a subprocess, so that the whole stderr (a traceback too) is seen."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--max-tokens", "3", *args],
+                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def _one_line(res: subprocess.CompletedProcess) -> str:
+    text = (res.stdout + res.stderr).strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    return text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_redis_is_one_line_naming_the_url_without_its_password():
+    url = f"redis://app:s3cret-pw@127.0.0.1:{_free_port()}/0"
+    res = _submit({"PAGEDSERVE_REDIS_URL": url})
+    line = _one_line(res)
+    assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
+    assert "s3cret-pw" not in line
+    # the clients fail at once too (they do not wait for the deadline), with the same masked URL
+    with Client(url) as c:
+        for call in (lambda: c.submit("x"), lambda: c.generate("x", timeout=600), lambda: next(c.events("x", 600))):
+            with pytest.raises(RedisUnreachable, match=r"redis://app:\*\*\*@") as exc:
+                call()
+            assert "s3cret-pw" not in str(exc.value)
+
+    async def agenerate():
+        async with AsyncClient(url) as ac:
+            await ac.generate("x", timeout=600)
+
+    with pytest.raises(RedisUnreachable, match=r"redis://app:\*\*\*@"):
+        asyncio.run(agenerate())
+
+
+def test_submit_without_a_worker_says_so(redis_url, prefix):
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    res = _submit(env, "--pickup-timeout", "1")
+    line = _one_line(res)
+    assert res.returncode == 2 and "no worker has picked this up after 1 s" in line and "no consumer group" in line
+    with redis.Redis.from_url(redis_url) as r:  # a group that no worker ever read from
+        r.xgroup_create(f"{prefix}:requests", f"{prefix}-workers", id="$", mkstream=True)
+    res = _submit(env, "--pickup-timeout", "1")
+    line = _one_line(res)
+    assert res.returncode == 2, line
+    assert "no worker has picked this up after 1 s (consumer group has 0 consumers)" in line
+
+
+def test_submit_with_a_short_pickup_timeout_completes_on_a_live_worker(redis_url, prefix, shared_engine):
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine):
+        res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix},
+                      "--no-stream", "--pickup-timeout", "0.01")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "finish=length" in res.stderr and "completion_tokens=3" in res.stderr

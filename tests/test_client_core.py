@@ -17,8 +17,12 @@ from hypothesis import strategies as st
 from pagedserve.service.client_core import (
     Emit,
     Listen,
+    NoWorker,
     Pause,
+    ReadConsumers,
+    ReadGroups,
     ReadResult,
+    RedisUnreachable,
     Send,
     Subscribe,
     Unsubscribe,
@@ -53,7 +57,8 @@ def test_event_wait_invariants(data, submit, tokens):
     emitted = []
     confirmed = False  # the current subscription is confirmed
     reply, error, steps = None, None, 0
-    timed_out = False
+    timed_out = unreachable = False
+    ever_confirmed = False
     while True:
         try:
             op = wait.throw(error) if error is not None else wait.send(reply)
@@ -61,6 +66,9 @@ def test_event_wait_invariants(data, submit, tokens):
             break
         except TimeoutError:
             timed_out = True
+            break
+        except RedisUnreachable:
+            unreachable = True
             break
         reply, error, steps = None, None, steps + 1
         late = steps > 300  # past this, the connection only stays quiet so that the deadline ends the wait
@@ -74,7 +82,7 @@ def test_event_wait_invariants(data, submit, tokens):
             clock.now += op.timeout
             choice = "quiet" if late else data.draw(st.sampled_from(["confirm", "token", "done", "quiet", "lost"]))
             if choice == "confirm":
-                reply, confirmed = {"type": "subscribe", "data": 1}, True
+                reply, confirmed, ever_confirmed = {"type": "subscribe", "data": 1}, True, True
             elif choice in ("token", "done"):
                 reply = {"type": "message", "data": TOKEN if choice == "token" else DONE}
             elif choice == "lost":
@@ -100,6 +108,9 @@ def test_event_wait_invariants(data, submit, tokens):
 
     sent = trace.count("sent")
     assert sent == 0 if not submit else sent <= 1
+    if unreachable:  # only when Redis never answered: then nothing was sent or heard
+        assert not ever_confirmed and not trace.count("sent") and not emitted
+        return
     *head, last = emitted or [None]
     assert all(isinstance(e, TokenEvent) for e in head)
     assert tokens or not head
@@ -128,3 +139,54 @@ def test_a_sent_request_is_not_sent_again_after_a_lost_connection(submit):
     assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
     with pytest.raises(StopIteration):
         wait.send(None)
+
+
+def _sent_and_quiet(pickup_timeout: float):
+    """A request sent with ``pickup_timeout``, then a quiet channel and no result until a worker check."""
+    clock = Clock()
+    wait = event_wait(Keys("t"), RID, build_request("hi", id=RID), timeout=None, clock=clock,
+                      pickup_timeout=pickup_timeout)
+    assert isinstance(next(wait), Subscribe)
+    assert isinstance(wait.send(None), Listen)
+    assert isinstance(wait.send({"type": "subscribe", "data": 1}), Send)
+
+    def quiet_until_check():
+        op = wait.send(None)  # after Send, or after the previous check's reply
+        while not isinstance(op, ReadGroups):
+            assert isinstance(op, (Listen, ReadResult)), op
+            if isinstance(op, Listen):
+                clock.now += op.timeout
+            op = wait.send(None)
+        assert op.stream == "t:requests"
+        return op
+
+    return wait, clock, quiet_until_check
+
+
+@pytest.mark.parametrize("groups, consumers, why", [
+    ([], None, "no consumer group t-workers"),
+    ([{"name": b"t-workers"}], [], "consumer group has 0 consumers"),
+    ([{"name": b"t-workers"}], [{"name": b"w1", "idle": 3_600_000}], "consumer group has 1 consumers, none active"),
+])
+def test_pickup_timeout_names_why_no_worker_will_come(groups, consumers, why):
+    wait, clock, quiet_until_check = _sent_and_quiet(5.0)
+    quiet_until_check()
+    assert clock.now >= 5.0
+    with pytest.raises(NoWorker, match=f"no worker has picked this up after 5 s \\({why}"):
+        op = wait.send(groups)
+        if consumers is not None:
+            assert op == ReadConsumers("t:requests", "t-workers")
+            wait.send(consumers)
+
+
+def test_pickup_timeout_keeps_waiting_while_a_worker_is_live():
+    wait, clock, quiet_until_check = _sent_and_quiet(5.0)
+    quiet_until_check()
+    assert isinstance(wait.send([{"name": "t-workers"}]), ReadConsumers)
+    assert isinstance(wait.send([{"name": "w1", "idle": 20}]), Listen)  # live: go on, check again later
+    quiet_until_check()
+    assert clock.now >= 10.0
+    assert isinstance(wait.send([{"name": "t-workers"}]), ReadConsumers)
+    assert isinstance(wait.send([{"name": "w1", "idle": 20}]), Listen)
+    end = wait.send({"type": "message", "data": DONE})
+    assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
