@@ -24,6 +24,8 @@ _EXPORTS = {
     "Client": "pagedserve.service.client",
     "AsyncClient": "pagedserve.service.client",
     "RequestFailed": "pagedserve.service.client",
+    "RedisUnreachable": "pagedserve.service.client",
+    "NoWorker": "pagedserve.service.client",
     "GenerateRequest": "pagedserve.service.protocol",
     "TokenEvent": "pagedserve.service.protocol",
     "DoneEvent": "pagedserve.service.protocol",
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.sampling_params import SamplingParams
-    from pagedserve.service.client import AsyncClient, Client, RequestFailed
+    from pagedserve.service.client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed
     from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
     from pagedserve.service.settings import Settings
 

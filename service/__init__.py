@@ -3,7 +3,7 @@
 The service knows nothing of KV blocks; the engine knows nothing of Redis.
 """
 
-from .client import AsyncClient, Client, RequestFailed
+from .client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed
 from .protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
 from .settings import Settings
 
@@ -15,6 +15,8 @@ __all__ = [
     "ErrorEvent",
     "GenerateRequest",
     "Keys",
+    "NoWorker",
+    "RedisUnreachable",
     "RequestFailed",
     "Settings",
     "TokenEvent",

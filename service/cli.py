@@ -182,8 +182,7 @@ def submit(
     except Exception as e:  # validation error ...
         _fail(f"error: {type(e).__name__}: {redact(e)}", 1)
     if isinstance(final, ErrorEvent):
-        err.print(f"[red]{final.error.code}:[/] {final.error.message}")
-        raise typer.Exit(1)
+        _fail(f"{final.error.code}: {final.error.message}", 1)
     assert isinstance(final, DoneEvent)
     streamed_single = not no_stream and n == 1 and not beam_width
     if streamed_single:
