@@ -8,7 +8,6 @@ import logging
 import time
 
 import torch
-from transformers import AutoTokenizer
 
 from pagedserve.engine.beam_search import BeamState
 from pagedserve.engine.block_manager import BlockManager
@@ -20,17 +19,24 @@ from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampler import Sampler
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import SamplingParams, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, Sequence
+from pagedserve.engine.tokenizer import load_tokenizer
 
 MAX_REQUEST_ID_LEN = 256
+MAX_ERROR_LEN = 300
 log = logging.getLogger(__name__)
+
+
+def _one_line(text: str) -> str:
+    """An error message on one line, cut to ``MAX_ERROR_LEN`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_LEN else text[:MAX_ERROR_LEN - 3] + "..."
 
 
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:
-        share_blocks = kwargs.pop("share_blocks", True)
         self.config = EngineConfig(model=model, **kwargs)
         model_dir = model or ensure_builtin_model()
         self.model_dir = model_dir
@@ -39,7 +45,7 @@ class LLMEngine:
         self.hf_config = hf_config
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self.max_num_batched_tokens = self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         self.vocab_size = hf_config.vocab_size
         eos = set(read_generation_eos(model_dir))
         for source in (getattr(hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
@@ -51,7 +57,8 @@ class LLMEngine:
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, model_dir, hf_config, self.max_model_len, self.max_num_batched_tokens)
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
-                                          self.config.block_size, self.config.enable_prefix_caching, share_blocks)
+                                          self.config.block_size, self.config.enable_prefix_caching,
+                                          self.config.share_blocks)
         on_gpu = self.runner.device.type == "cuda"
         cost = PreemptionCost(
             flops_per_token=2.0 * self.runner.num_params,
@@ -66,9 +73,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._owner: dict[int, Request] = {}  # seq_id -> request, for every live sequence
         self.num_steps = 0
-        self.track_kv_utilization = False  # benchmarks turn it on; costs O(blocks) per step
-        self._kv_util_sum = 0.0
-        self._used_blocks_sum = 0
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -111,26 +115,32 @@ class LLMEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError("priority must be an integer")
         if params.num_samples > self.config.max_num_seqs:
-            field = "beam_width" if params.beam_width > 0 else ("best_of" if params.best_of is not None else "n")
-            raise ValueError(f"{field} must be at most max_num_seqs ({self.config.max_num_seqs}): the request runs "
-                             f"that many sequences at once (got {params.num_samples})")
+            raise ValueError(f"{params.num_samples_field} must be at most max_num_seqs ({self.config.max_num_seqs}): "
+                             f"the request runs that many sequences at once (got {params.num_samples})")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
+            if not token_ids:
+                raise ValueError("prompt encodes to no tokens")
         elif isinstance(prompt, (list, tuple)):
             text, token_ids = None, list(prompt)
             if not token_ids:
                 raise ValueError("prompt_token_ids must not be empty")
             for t in token_ids:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                    raise ValueError(f"prompt_token_ids contains {t!r}, not a token id in [0, {self.vocab_size})")
+                    raise ValueError(f"prompt_token_ids contains {short_repr(t)}, not a token id in "
+                                     f"[0, {self.vocab_size})")
         else:
             raise ValueError("prompt must be a string or a list of token ids")
         if len(token_ids) + 1 > self.max_model_len:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens; max_model_len {self.max_model_len} leaves room for "
                 f"{self.max_model_len - 1} prompt tokens")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
+                f"max_model_len {self.max_model_len} leaves after the {len(token_ids)}-token prompt")
         req = Request(request_id, text, token_ids, params, priority, deadline, arrival_time)
         if params.beam_width > 0:
             req.beam = BeamState(params.beam_width, params)
@@ -168,12 +178,19 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that ended or produced text this step."""
+        """Run one iteration; return an output for every request that ended or produced text this step.
+
+        A failure attributable to one request (its sampling, beam scoring, detokenization, stop checks or output)
+        ends that request alone: it is freed and returns a final output whose ``error`` says what failed, and the
+        other requests of the step go on as if it had not been there. A request the scheduler can never start
+        ends the same way.
+        """
         now = time.time()
         outputs = [self.abort_request(r.request_id, "deadline")
                    for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
         sched = self.scheduler.schedule()
         outputs.extend(self._end_at_capacity(req) for req in sched.capacity_bound)
+        outputs.extend(self._fail(req, why) for req, why in sched.unschedulable)
         if sched.empty:
             return outputs
         self.num_steps += 1
@@ -184,9 +201,7 @@ class LLMEngine:
             for seq, n in item.seqs:
                 seq.num_computed_tokens += n
                 self.block_manager.register_full_blocks(seq)
-        if self.track_kv_utilization:
-            self._kv_util_sum += self._kv_utilization()
-            self._used_blocks_sum += self.block_manager.num_used_gpu_blocks
+        failed: dict[str, str] = {}  # request id -> what failed, for requests ended by their own failure
         progressed: dict[str, Request] = {}
         sample_rows = []
         for row, seq in enumerate(sample_seqs):
@@ -195,58 +210,119 @@ class LLMEngine:
                 sample_rows.append(row)
                 continue
             req.pending_logits[seq.seq_id] = logits[row]
-            if len(req.pending_logits) == len(req.seqs):
-                self._beam_step(req)
+            if len(req.pending_logits) == len(req.seqs) and self._guard(req, failed, "beam search", self._beam_step, req):
                 progressed[req.request_id] = req
         if len(sample_rows) != len(sample_seqs):
             sample_seqs = [sample_seqs[r] for r in sample_rows]
             logits = logits[torch.tensor(sample_rows, dtype=torch.long, device=logits.device)] if sample_rows else logits
         if sample_seqs:
-            rows, seqs = self._expand_forks(sample_seqs)
+            rows, seqs = self._expand_forks(sample_seqs, failed)
             if len(rows) != len(sample_seqs):
-                logits = logits[torch.tensor(rows, device=logits.device)]
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
             owners = [self._owner[s.seq_id] for s in seqs]
-            results = self.sampler(logits, seqs, [r.params for r in owners])
-            for req, seq, res in zip(owners, seqs, results):
-                self._append_token(req, seq, res)
-                progressed[req.request_id] = req
+            for req, seq, res in zip(owners, seqs, self._sample(logits, seqs, owners, failed)):
+                if res is not None and self._guard(req, failed, "stop check or detokenization",
+                                                   self._append_token, req, seq, res):
+                    progressed[req.request_id] = req
         now = time.time()
         for req in progressed.values():
-            req.metrics.setdefault("first_token_time", now)
-            if (req.beam.done if req.beam else all(s.finished for s in req.seqs)):
-                outputs.append(self._finish(req))
-                continue
-            for seq in req.seqs:
-                if seq.finished and seq.block_table:
-                    self.block_manager.free(seq)
-            out = self._make_output(req, final=False)
-            if out is not None:
-                outputs.append(out)
+            if req.request_id not in failed:
+                self._guard(req, failed, "output", self._emit, req, now, outputs)
+        outputs.extend(self._fail(self.requests[rid], why) for rid, why in failed.items() if rid in self.requests)
         return outputs
 
-    def _expand_forks(self, sample_seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:
+    def _guard(self, req: Request, failed: dict[str, str], stage: str, fn, *args) -> bool:
+        """Run ``fn(*args)`` for ``req`` unless it already failed this step; a raise marks it failed instead of
+        failing the step. Returns whether it ran and succeeded."""
+        if req.request_id in failed:
+            return False
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:
+            log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
+            failed[req.request_id] = _one_line(f"{stage} failed: {type(exc).__name__}: {exc}")
+            return False
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
+                failed: dict[str, str]) -> list:
+        """One token per row, batched; if the batch raises, each request is sampled alone so that only the
+        culprit fails (greedy and seeded rows draw the same tokens either way). ``None`` for a failed row."""
+        try:
+            return self.sampler(logits, seqs, [r.params for r in owners])
+        except Exception:
+            log.warning("batched sampling failed; sampling request by request to find the culprit")
+        results: list = [None] * len(seqs)
+        by_request: dict[str, list[int]] = {}
+        for row, req in enumerate(owners):
+            by_request.setdefault(req.request_id, []).append(row)
+        for rows in by_request.values():
+            req = owners[rows[0]]
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+
+            def sample_alone(rows=rows, index=index, req=req):
+                for row, res in zip(rows, self.sampler(logits[index], [seqs[r] for r in rows], [req.params] * len(rows))):
+                    results[row] = res
+
+            self._guard(req, failed, "sampling", sample_alone)
+        return results
+
+    def _emit(self, req: Request, now: float, outputs: list[RequestOutput]) -> None:
+        """After a token: finish ``req`` if it is done, else free its finished sequences and add its delta."""
+        req.metrics.setdefault("first_token_time", now)
+        if req.beam.done if req.beam else all(s.finished for s in req.seqs):
+            outputs.append(self._finish(req))
+            return
+        for seq in req.seqs:
+            if seq.finished and seq.block_table:
+                self.block_manager.free(seq)
+        out = self._make_output(req, final=False)
+        if out is not None:
+            outputs.append(out)
+
+    def _fail(self, req: Request, error: str) -> RequestOutput:
+        """End ``req`` with ``error``, whatever state it was left in: every block it holds is freed. Idempotent."""
+        log.warning("request %s ended with an error: %s", req.request_id, error)
+        self.scheduler.release(req)
+        req.pending_logits.clear()
+        self.requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self._owner.pop(seq.seq_id, None)
+        req.metrics["finished_time"] = time.time()
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, req.num_cached_tokens,
+                             dict(req.metrics), error=error)
+
+    def _expand_forks(self, sample_seqs: list[Sequence], failed: dict[str, str]) -> tuple[list[int], list[Sequence]]:
         """Fork each prompt that just finished prefill into its samples, which all read the prompt's logits row.
 
-        Returns, per sequence to sample, its row in ``logits`` and the sequence.
+        Returns, per sequence to sample, its row in ``logits`` and the sequence (none for a request that failed).
         """
         rows, seqs = [], []
         for row, seq in enumerate(sample_seqs):
             req = self._owner[seq.seq_id]
             group = [seq]
-            if not req.forked:
-                for i in range(1, req.params.num_samples):
-                    child = seq.fork(i)
-                    self.block_manager.fork(seq, child)
-                    self._init_seq(req, child)
-                    req.seqs.append(child)
-                    self._owner[child.seq_id] = req
-                    group.append(child)
+            if not req.forked and not self._guard(req, failed, "fork", self._fork_samples, req, seq, group):
+                continue
+            if req.request_id in failed:
+                continue
             rows.extend([row] * len(group))
             seqs.extend(group)
         return rows, seqs
 
+    def _fork_samples(self, req: Request, seq: Sequence, group: list[Sequence]) -> None:
+        for i in range(1, req.params.num_samples):
+            child = seq.fork(i)
+            self._init_seq(req, child)
+            self.block_manager.fork(seq, child)
+            req.seqs.append(child)  # right after its blocks, so that ending the request frees them
+            self._owner[child.seq_id] = req
+            group.append(child)
+
     def _beam_step(self, req: Request) -> None:
-        """Advance a beam request once every live beam has its logits: fork the chosen beams, drop the rest."""
+        """Advance a beam request once every live beam has its logits: fork the chosen beams, drop the rest.
+
+        Everything that can fail runs before the first block changes hands, so a failure leaves the block tables
+        as they were (and ending the request frees them all)."""
         beams = req.seqs
         rows = torch.stack([req.pending_logits.pop(s.seq_id) for s in beams])
         logprobs = torch.log_softmax(rows.float(), dim=-1)
@@ -256,18 +332,17 @@ class LLMEngine:
         chosen = req.beam.select(logprobs, [s.output_token_ids for s in beams], self.eos_token_ids, max_len_hit)
         children = []
         for i, (parent_index, token, score) in enumerate(chosen):
-            parent = beams[parent_index]
-            child = parent.fork(i)
-            self.block_manager.fork(parent, child)
+            child = beams[parent_index].fork(i)
             child.token_ids.append(token)
             child.cumulative_logprob = score
+            children.append((beams[parent_index], child))
+        for parent, child in children:
+            self.block_manager.fork(parent, child)
             self._owner[child.seq_id] = req
-            children.append(child)
         for beam in beams:
             self.block_manager.free(beam)
             self._owner.pop(beam.seq_id, None)
-        req.seqs = children if not req.beam.done else beams
-
+        req.seqs = [child for _, child in children] if not req.beam.done else beams
     def _append_token(self, req: Request, seq: Sequence, res) -> None:
         p = req.params
         tok = res.token_id
@@ -298,7 +373,7 @@ class LLMEngine:
     def _finish(self, req: Request) -> RequestOutput:
         self.scheduler.release(req)
         req.metrics["finished_time"] = time.time()
-        del self.requests[req.request_id]
+        self.requests.pop(req.request_id, None)
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
             seq.detok.flush()
@@ -352,21 +427,29 @@ class LLMEngine:
                              req.num_cached_tokens, dict(req.metrics))
 
     # ------------------------------------------------------------------ stats
-    def _kv_utilization(self) -> float:
-        """Share of allocated device KV slots that hold a live token (shared blocks counted once)."""
+    def _kv_utilization(self) -> tuple[float, int]:
+        """Share of allocated device KV slots that hold a live token (shared blocks counted once; 1.0 when
+        nothing is allocated), and the number of running sequences. Every block of a sequence but the one its
+        next token goes to is full, so only that last block's fill is counted token by token."""
         bs = self.block_manager.block_size
-        filled: dict[int, int] = {}
+        full: set[int] = set()
+        partial: dict[int, int] = {}
+        num_seqs = 0
         for req in self.scheduler.running:
             for seq in req.unfinished_seqs():
-                for i, block_id in enumerate(seq.block_table):
-                    n = min(bs, seq.num_computed_tokens - i * bs)
-                    if n > filled.get(block_id, 0):
-                        filled[block_id] = n
+                num_seqs += 1
+                num_full, rest = divmod(seq.num_computed_tokens, bs)
+                table = seq.block_table
+                full.update(table[:num_full])
+                if rest and num_full < len(table) and rest > partial.get(table[num_full], 0):
+                    partial[table[num_full]] = rest
+        live = bs * len(full) + sum(n for block_id, n in partial.items() if block_id not in full)
         used = self.block_manager.num_used_gpu_blocks
-        return sum(filled.values()) / (used * bs) if used else 1.0
+        return (live / (used * bs) if used else 1.0), num_seqs
 
     def stats(self) -> dict:
         bm, sch = self.block_manager, self.scheduler
+        kv_utilization, num_running_seqs = self._kv_utilization()
         return {
             "num_gpu_blocks": bm.gpu.num_blocks,
             "num_free_gpu_blocks": bm.num_free_gpu_blocks,
@@ -384,6 +467,6 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "block_size": bm.block_size,
             "kv_cache_usage": bm.num_used_gpu_blocks / bm.gpu.num_blocks,
-            "mean_kv_utilization": (self._kv_util_sum / self.num_steps) if self.num_steps else 0.0,
-            "mean_used_gpu_blocks": (self._used_blocks_sum / self.num_steps) if self.num_steps else 0.0,
+            "kv_utilization": kv_utilization,
+            "num_running_seqs": num_running_seqs,
         }

@@ -36,3 +36,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first_scheduled/first_token/finished times
+    # Set when the request ended because of its own failure (or could never be scheduled): a one-line message.
+    # Such an output is final (``finished``) and has no ``outputs``; the other requests are unaffected.
+    error: str | None = None

@@ -5,6 +5,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+MAX_INT = 2**31 - 1  # integer fields stay machine-sized (token ids, counts, lengths)
+MAX_SAMPLES = 1024  # n, best_of, beam_width; the engine also caps them at its max_num_seqs
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+# Inclusive bounds per numeric field (temperature, top_p and seed have their own rules in validate()).
+LIMITS: dict[str, tuple[float, float]] = {
+    "max_tokens": (1, MAX_INT),
+    "top_k": (0, MAX_INT),
+    "min_p": (0.0, 1.0),
+    "n": (1, MAX_SAMPLES),
+    "best_of": (1, MAX_SAMPLES),
+    "beam_width": (0, MAX_SAMPLES),
+    "length_penalty": (-10.0, 10.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "repetition_penalty": (0.01, 100.0),
+    "logprobs": (0, 20),
+}
+
+
+def short_repr(value: object) -> str:
+    """``repr`` of a field value, cut so a hostile value (a 5000-digit integer) cannot flood the message."""
+    if isinstance(value, int) and value.bit_length() > 256:  # repr() of a huge int is slow, or refused
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
 
 @dataclass
 class SamplingParams:
@@ -39,8 +65,15 @@ class SamplingParams:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Check every field against the bounds the engine honours (``LIMITS`` and the rules below).
+
+        The bounds keep every per-request computation finite: integers stay machine-sized (``top_k`` or
+        ``max_tokens`` near 2**100 overflow a tensor), ``length_penalty`` keeps ``length ** penalty`` inside a
+        double for any length up to ``MAX_INT`` (beam scores divide by it), and a temperature of at least 0.01
+        keeps ``logits / temperature`` finite (vLLM's floor).
+        """
         def fail(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+            raise ValueError(f"{name} {why} (got {short_repr(getattr(self, name))})")
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -48,46 +81,51 @@ class SamplingParams:
         def is_num(v: object) -> bool:
             return (is_int(v) or isinstance(v, float)) and math.isfinite(v)  # type: ignore[arg-type]
 
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            fail("max_tokens", "must be an integer >= 1")
-        if not is_num(self.temperature) or self.temperature < 0:
-            fail("temperature", "must be a finite number >= 0")
+        def in_range(name: str, integer: bool = False) -> None:
+            lo, hi = LIMITS[name]
+            value = getattr(self, name)
+            if not (is_int(value) if integer else is_num(value)) or not lo <= value <= hi:
+                fail(name, f"must be {'an integer' if integer else 'a number'} in [{lo}, {hi}]")
+
+        in_range("max_tokens", integer=True)
+        if not is_num(self.temperature) or not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature
+                                                <= MAX_TEMPERATURE):
+            fail("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "must be an integer >= 0 (0 = off)")
-        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
-            fail("min_p", "must be in [0, 1]")
-        if not is_int(self.n) or self.n < 1:
-            fail("n", "must be an integer >= 1")
-        if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
-            fail("best_of", "must be an integer >= n")
-        if not is_int(self.beam_width) or self.beam_width < 0:
-            fail("beam_width", "must be an integer >= 0 (0 = no beam search)")
+        in_range("top_k", integer=True)
+        in_range("min_p")
+        in_range("n", integer=True)
+        if self.best_of is not None:
+            in_range("best_of", integer=True)
+            if self.best_of < self.n:
+                fail("best_of", "must be an integer >= n")
+        in_range("beam_width", integer=True)
         if self.beam_width > 0 and self.n > self.beam_width:
             fail("n", f"must be <= beam_width ({self.beam_width}) with beam search")
         if self.beam_width > 0 and self.best_of is not None:
             fail("best_of", "cannot be combined with beam search")
-        if not is_num(self.length_penalty):
-            fail("length_penalty", "must be a finite number")
+        in_range("length_penalty")
         if not isinstance(self.early_stopping, bool) and self.early_stopping != "never":
             fail("early_stopping", "must be true, false or 'never'")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be a list of non-empty strings")
-        if not isinstance(self.stop_token_ids, list) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "must be a list of non-negative integers")
+        for s in self.stop:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                fail("stop", "must be valid Unicode text (a lone surrogate cannot be generated)")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids):
+            fail("stop_token_ids", f"must be a list of integers in [0, {MAX_INT}]")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "must be a boolean")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             fail("seed", "must be an integer in [0, 2**63)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not is_num(value) or not -2 <= value <= 2:
-                fail(name, "must be in [-2, 2]")
-        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail("repetition_penalty", "must be a number > 0")
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
-            fail("logprobs", "must be an integer in [0, 20]")
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            in_range(name)
+        if self.logprobs is not None:
+            in_range("logprobs", integer=True)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -100,6 +138,13 @@ class SamplingParams:
         if self.beam_width > 0:
             return self.beam_width
         return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def num_samples_field(self) -> str:
+        """The field that sets ``num_samples``, for error messages."""
+        if self.beam_width > 0:
+            return "beam_width"
+        return "best_of" if self.best_of is not None else "n"
 
     @property
     def needs_penalties(self) -> bool:

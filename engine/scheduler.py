@@ -3,16 +3,23 @@
 There are no prefill and decode phases: every sequence has ``num_tokens - num_computed_tokens`` tokens left to
 compute (a whole prompt, a chunk of one, or the one token just sampled), and each step hands out at most
 ``max_num_batched_tokens`` of them. A long prompt is therefore chunked across steps and shares steps with
-decodes. Order is ``(priority, arrival)``; running requests are served first, then swapped ones, then waiting.
+decodes. A step has three phases, each handing the budget it leaves to the next: the running requests first;
+then the queued ones, swapped and waiting together in ``(priority, arrival)`` order, until the first that does
+not fit (nothing worse goes ahead of it).
 
 When the device pool runs dry the lowest-priority, latest running request is preempted: swapped to the CPU
 pool, or recomputed (its blocks freed, prompt + output prefilled again later), or ``auto``: see ``PreemptionCost``.
+Before the phases, the best queued request preempts running ones of strictly worse priority while it lacks
+blocks or sequence slots. A victim queues behind the request it made room for, so it is not swapped straight
+back in: priorities hold in every preemption mode, and nothing thrashes.
 
 Liveness: nothing waits forever on blocks. A single sequence always fits (the engine caps ``max_model_len`` at the
 pool), but a group (``n`` samples, beams) can outgrow the whole pool. A request short of blocks while it is the
 only one running is recomputed, never swapped (swapping back would need every block it has now); if it is short
 again with no new token since, it can never finish as a group and lands in ``capacity_bound`` for the engine to
-end. A swapped request that cannot come back while nothing is running is turned into a recompute.
+end. A swapped request that cannot come back while nothing is running is turned into a recompute. A queued
+request that does not start while nothing runs (the whole pool and budget on offer) never will: it leaves the
+queue in ``unschedulable`` with the reason, for the engine to end with an error.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class SchedulerOutput:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     capacity_bound: list[Request] = field(default_factory=list)  # hold the whole pool and still cannot step
+    unschedulable: list[tuple[Request, str]] = field(default_factory=list)  # (request, why), out of every queue
 
     @property
     def empty(self) -> bool:
@@ -188,8 +196,13 @@ class Scheduler:
         if sum(self.bm.blocks_needed(s, n) for s, n in plan) > self.bm.num_free_gpu_blocks:
             return False
         for seq, n in plan:
-            assert self.bm.allocate(seq, n)
+            self._must_allocate(seq, n)
         return True
+
+    def _must_allocate(self, seq: Sequence, num_tokens: int, cached: list = ()) -> None:
+        """An allocation the caller has already checked for room; failing is a bookkeeping bug."""
+        if not self.bm.allocate(seq, num_tokens, cached):
+            raise RuntimeError(f"block accounting is wrong: no room for {num_tokens} tokens of {seq}")
 
     def _admit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
         """Add ``req`` to the step; returns the tokens it takes from the budget."""
@@ -200,14 +213,24 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
+        """Plan one step: running requests first, then swapped and waiting ones in ``(priority, arrival)`` order."""
         out = SchedulerOutput()
         self.running.sort(key=lambda r: r.sort_key)
         self._preempt_for_priority(out)
-        budget = self.max_num_batched_tokens
+        budget, starved = self._schedule_running(out, self.max_num_batched_tokens)
+        if not starved:  # a running request had to be preempted for room: admit nothing new this step
+            self._schedule_queued(out, budget)
+            if not self.running and not out.preempted:
+                self._end_unschedulable(out)
+        out.swap_out, out.swap_in, out.copies = self.bm.take_pending()
+        return out
 
-        # 1. running requests, best first; make room by preempting from the back of the queue.
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        """Running requests, best first; room is made by preempting from the back of the queue.
+
+        Returns the budget left and whether any running request was preempted for room (starved)."""
         queue = deque(self.running)
-        starved = False  # a running request had to be preempted for room: admit nothing new this step
+        starved = False
         while queue and budget > 0:
             req = queue.popleft()
             plan = self._plan(req, budget)
@@ -224,76 +247,117 @@ class Scheduler:
                     break
             else:  # allocated (no break): the request runs this step
                 budget -= self._admit(req, plan, out)
+        return budget, starved
 
-        # 2. swapped requests come back before new ones start (they hold CPU blocks and have waited).
+    def _queue_head(self) -> Request | None:
+        """The best request that is not running: swapped and waiting ones compete by ``(priority, arrival)``."""
+        if self.swapped and (not self.waiting or self.swapped[0].sort_key < self.waiting[0].sort_key):
+            return self.swapped[0]
+        return self.waiting[0] if self.waiting else None
+
+    def _schedule_queued(self, out: SchedulerOutput, budget: int) -> int:
+        """Swapped and waiting requests, best first, until one does not fit: nothing worse goes ahead of it
+        (so a swapped-out request never takes back the room its preemption made for a better one).
+
+        Returns the budget left."""
         num_seqs = self.num_running_seqs()
-        if not starved:
-            while self.swapped and budget > 0:
-                req = self.swapped[0]
-                seqs = req.unfinished_seqs()
-                if num_seqs + len(seqs) > self.max_num_seqs:
-                    break
-                if not self.bm.can_swap_in(seqs):
-                    if self.running:
-                        break  # blocks come free as running requests finish
-                    # The pool is as empty as it gets and the group still does not fit: recompute it instead.
-                    self.swapped.pop(0)
-                    for seq in seqs:
-                        self.bm.free_cpu(seq)
-                    self._restart(req)
-                    self.num_swapped_recomputed += 1
-                    continue
-                self.swapped.pop(0)
-                self.bm.swap_in(seqs)
-                req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                num_seqs += len(seqs)
-                plan = self._plan(req, budget)  # after the swap-in: planning may share blocks on the device
-                if plan is None:
-                    continue
-                for seq, n in plan:  # one by one: a copy made for one sibling can spare the next its copy
-                    assert self.bm.allocate(seq, n)
-                budget -= self._admit(req, plan, out)
+        while budget > 0 and (req := self._queue_head()) is not None:
+            if req.status == RequestStatus.SWAPPED:
+                left = self._swap_in(req, out, budget, num_seqs)
+            else:
+                left = self._start(req, out, budget, num_seqs)
+            if left is None:
+                break
+            budget = left
+            num_seqs = self.num_running_seqs()
+        return budget
 
-        # 3. waiting requests (new, or preempted by recompute), with prefix-cache hits and chunked prefill.
-        if not starved and not self.swapped:
-            while self.waiting and budget > 0:
-                req = self.waiting[0]
-                if num_seqs + req.max_seqs > self.max_num_seqs:
-                    break
-                plan, hits = [], []
-                left = budget
-                pending = req.unfinished_seqs()
-                for seq in pending[:1] if len(pending) > 1 else pending:  # see _plan: siblings re-share later
-                    cached = self.bm.find_cached_prefix(seq)
-                    start = seq.num_computed_tokens + len(cached) * self.bm.block_size
-                    n = min(seq.num_tokens - start, left)
-                    if n <= 0:
-                        break
-                    plan.append((seq, n))
-                    hits.append(cached)
-                    left -= n
-                need = sum(self.bm.blocks_needed(s, n, c) for (s, n), c in zip(plan, hits))
-                if not plan or need > self.bm.num_free_gpu_blocks:
-                    break
-                self.waiting.pop(0)
-                for (seq, n), cached in zip(plan, hits):
-                    assert self.bm.allocate(seq, n, cached)
-                    req.num_cached_tokens = max(req.num_cached_tokens, len(cached) * self.bm.block_size)
-                req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                budget -= self._admit(req, plan, out)
-                num_seqs += req.max_seqs
+    def _swap_in(self, req: Request, out: SchedulerOutput, budget: int, num_seqs: int) -> int | None:
+        """Bring a swapped request back and plan its step. Returns the budget left, or None if it does not fit."""
+        seqs = req.unfinished_seqs()
+        if num_seqs + len(seqs) > self.max_num_seqs:
+            return None
+        if not self.bm.can_swap_in(seqs):
+            if self.running:
+                return None  # blocks come free as running requests finish
+            # The pool is as empty as it gets and the group still does not fit: recompute it instead.
+            self.swapped.remove(req)
+            for seq in seqs:
+                self.bm.free_cpu(seq)
+            self._restart(req)
+            self.num_swapped_recomputed += 1
+            return budget
+        self.swapped.remove(req)
+        self.bm.swap_in(seqs)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        plan = self._plan(req, budget)  # after the swap-in: planning may share blocks on the device
+        if plan is None:
+            return budget
+        for seq, n in plan:  # one by one: a copy made for one sibling can spare the next its copy
+            self._must_allocate(seq, n)
+        return budget - self._admit(req, plan, out)
 
-        out.swap_out, out.swap_in, out.copies = self.bm.take_pending()
-        return out
+    def _start(self, req: Request, out: SchedulerOutput, budget: int, num_seqs: int) -> int | None:
+        """Start (or restart after a recompute) a waiting request, with prefix-cache hits and chunked prefill.
+        Returns the budget left, or None if it does not fit."""
+        if num_seqs + req.max_seqs > self.max_num_seqs:
+            return None
+        plan, hits = [], []
+        left = budget
+        pending = req.unfinished_seqs()
+        for seq in pending[:1] if len(pending) > 1 else pending:  # see _plan: siblings re-share later
+            cached = self.bm.find_cached_prefix(seq)
+            begin = seq.num_computed_tokens + len(cached) * self.bm.block_size
+            n = min(seq.num_tokens - begin, left)
+            if n <= 0:
+                break
+            plan.append((seq, n))
+            hits.append(cached)
+            left -= n
+        need = sum(self.bm.blocks_needed(s, n, c) for (s, n), c in zip(plan, hits))
+        if not plan or need > self.bm.num_free_gpu_blocks:
+            return None
+        self.waiting.remove(req)
+        for (seq, n), cached in zip(plan, hits):
+            self._must_allocate(seq, n, cached)
+            req.num_cached_tokens = max(req.num_cached_tokens, len(cached) * self.bm.block_size)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return budget - self._admit(req, plan, out)
+
+    def _end_unschedulable(self, out: SchedulerOutput) -> None:
+        """Nothing runs, nothing was preempted, and the best queued request still did not start: the whole pool
+        is free and the full budget was offered, so it never will. It leaves the queue with the reason."""
+        req = self._queue_head()
+        if req is None or req.status != RequestStatus.WAITING:  # a swapped head would have been recomputed
+            return
+        self.waiting.remove(req)
+        seq = req.unfinished_seqs()[0] if req.unfinished_seqs() else None
+        if seq is None or seq.num_tokens <= seq.num_computed_tokens:
+            why = "it has no tokens to compute"
+        else:
+            need = self.bm.blocks_needed(seq, min(seq.num_tokens - seq.num_computed_tokens,
+                                                  self.max_num_batched_tokens))
+            why = (f"its next step needs {need} KV blocks and the whole pool has {self.bm.gpu.num_blocks} "
+                   f"(block_size {self.bm.block_size})")
+        out.unschedulable.append((req, f"request cannot be scheduled: {why}"))
 
     def _preempt_for_priority(self, out: SchedulerOutput) -> None:
-        """A waiting request of strictly better priority displaces worse running ones if blocks are short."""
-        if not self.waiting or not self.running:
-            return
-        head = self.waiting[0]
-        chunk = min(head.seqs[0].num_tokens, self.max_num_batched_tokens)
-        need = (chunk + self.bm.block_size - 1) // self.bm.block_size
-        while need > self.bm.num_free_gpu_blocks and self.running and self.running[-1].priority > head.priority:
+        """The best queued request displaces running ones of strictly worse priority while it lacks blocks or
+        sequence slots. Victims go from the back of the running queue, so they queue behind it."""
+        head = self._queue_head()
+        while self.running and head is not None and self.running[-1].priority > head.priority \
+                and not self._fits(head):
             self._preempt(self.running[-1], out)
+
+    def _fits(self, req: Request) -> bool:
+        """Whether the queued ``req`` has the sequence slots and (roughly, prefix hits aside) the blocks to start."""
+        seqs = req.unfinished_seqs()
+        swapped = req.status == RequestStatus.SWAPPED
+        if self.num_running_seqs() + (len(seqs) if swapped else req.max_seqs) > self.max_num_seqs:
+            return False
+        if swapped:
+            return self.bm.can_swap_in(seqs)
+        chunk = min(seqs[0].num_tokens - seqs[0].num_computed_tokens, self.max_num_batched_tokens)
+        return self.bm.blocks_needed(seqs[0], chunk) <= self.bm.num_free_gpu_blocks

@@ -135,15 +135,17 @@ def test_groups_larger_than_the_pool_end_with_length(tiny_models, mode):
     eng = llm.engine
     assert eng.max_model_len == 16  # lowered from the model's limit to 4 blocks x 4 tokens
     prompt = list(range(10, 16))
-    eng.add_request("one", prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-    eng.add_request("beams", prompt, SamplingParams(max_tokens=50, beam_width=4, n=2, ignore_eos=True))
-    eng.add_request("samples", prompt, SamplingParams(max_tokens=50, n=4, temperature=1.0, seed=3, ignore_eos=True))
+    max_tokens = eng.max_model_len - len(prompt)  # the most add_request accepts
+    eng.add_request("one", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    eng.add_request("beams", prompt, SamplingParams(max_tokens=max_tokens, beam_width=4, n=2, ignore_eos=True))
+    eng.add_request("samples", prompt, SamplingParams(max_tokens=max_tokens, n=4, temperature=1.0, seed=3,
+                                                      ignore_eos=True))
     finals = _run_to_end(eng)
     one = finals["one"].outputs[0]
     assert one.finish_reason == "length" and len(prompt) + len(one.token_ids) == 16
     for rid in ("beams", "samples"):
         outs = finals[rid].outputs
-        assert outs and all(c.finish_reason == "length" and 0 < len(c.token_ids) < 50 for c in outs), rid
+        assert outs and all(c.finish_reason == "length" and 0 < len(c.token_ids) <= max_tokens for c in outs), rid
     assert len(finals["beams"].outputs) == 2
     stats = llm.stats()
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]

@@ -15,6 +15,14 @@ BAD = [
     ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": 50}, "logprobs"), ({"max_tokens": "12"}, "max_tokens"), ({"temperature": float("inf")}, "temperature"),
     ({"early_stopping": "sometimes"}, "early_stopping"), ({"ignore_eos": 1}, "ignore_eos"),
+    # Values that used to pass validation and then broke the engine step for the whole batch.
+    ({"top_k": 10**30}, "top_k"), ({"length_penalty": 500}, "length_penalty"),
+    ({"length_penalty": -500}, "length_penalty"), ({"max_tokens": 10**5000}, "max_tokens"),
+    ({"temperature": 1e-300}, "temperature"), ({"temperature": 1e6}, "temperature"), ({"n": 10**6}, "n"),
+    ({"best_of": 10**9}, "best_of"), ({"beam_width": 10**9}, "beam_width"), ({"repetition_penalty": 1e30}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-30}, "repetition_penalty"), ({"stop_token_ids": [2**40]}, "stop_token_ids"),
+    ({"stop": ["ok", "\ud800"]}, "stop"), ({"logprobs": -1}, "logprobs"), ({"seed": 2**63}, "seed"),
+    ({"min_p": float("nan")}, "min_p"), ({"top_p": float("nan")}, "top_p"),
 ]
 
 
@@ -23,6 +31,26 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
     assert str(err.value).startswith(field + " ")
+    assert len(str(err.value)) < 200  # a hostile value is not echoed in full
+
+
+def test_bounds_are_honoured_by_the_engine(tiny_models):
+    """The extreme accepted values run to the end without breaking the step."""
+    from pagedserve.engine.sampling_params import LIMITS, MAX_TEMPERATURE, MIN_TEMPERATURE
+
+    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
+    lo, hi = LIMITS["length_penalty"]
+    params = [SamplingParams(max_tokens=12, beam_width=3, length_penalty=lo, early_stopping="never", ignore_eos=True),
+              SamplingParams(max_tokens=12, beam_width=3, length_penalty=hi, early_stopping="never", ignore_eos=True),
+              SamplingParams(max_tokens=12, top_k=LIMITS["top_k"][1], temperature=MIN_TEMPERATURE, seed=1),
+              SamplingParams(max_tokens=12, temperature=MAX_TEMPERATURE, top_p=1e-9, min_p=1.0, seed=2),
+              SamplingParams(max_tokens=12, repetition_penalty=LIMITS["repetition_penalty"][0],
+                             presence_penalty=2, frequency_penalty=-2, logprobs=20, seed=3),
+              SamplingParams(max_tokens=12, repetition_penalty=LIMITS["repetition_penalty"][1], temperature=0,
+                             stop_token_ids=[LIMITS["top_k"][1]])]
+    outs = llm.generate([[5, 6, 7]] * len(params), params)
+    assert all(o.error is None and o.outputs and o.outputs[0].token_ids for o in outs)
+    assert llm.stats()["num_free_gpu_blocks"] == llm.stats()["num_gpu_blocks"]
 
 
 def test_unknown_field_from_dict():
@@ -49,7 +77,56 @@ def test_prompt_limits_checked_before_work(tiny_models):
     with pytest.raises(ValueError):
         llm.generate([[1, 2], [1] * 100])
     assert not llm.engine.has_unfinished_requests()
-    out = llm.generate([[1] * 60], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 4  # stopped at max_model_len
+    # max_tokens beyond what max_model_len leaves after the prompt is refused (as vLLM's server does), not cut.
+    with pytest.raises(ValueError, match="^max_tokens 10 is more than the 4 tokens"):
+        llm.generate([[1] * 60], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate([[1] * 60], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(model=tiny_models["llama"], device="cpu", max_model_len=10_000)
+
+
+def test_empty_token_lists_are_refused(tiny_models, monkeypatch):
+    llm = LLM(model=tiny_models["llama"], device="cpu")
+    with pytest.raises(ValueError, match="^prompt_token_ids must not be empty"):
+        llm.engine.add_request("a", [])
+    # A text prompt the tokenizer turns into nothing (e.g. only characters it drops).
+    monkeypatch.setattr(llm.engine.tokenizer, "encode", lambda text, **kw: [])
+    with pytest.raises(ValueError, match="^prompt encodes to no tokens"):
+        llm.engine.add_request("b", "Hello")
+    assert not llm.engine.has_unfinished_requests()
+
+
+def _copy_without_tokenizer(src, dst):
+    import shutil
+    from pathlib import Path
+
+    dst.mkdir()
+    for f in Path(src).iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_model_without_tokenizer_is_refused_at_start(tiny_models, tmp_path):
+    """Instead of an empty tokenizer whose prompts have no tokens and spin the scheduler forever."""
+    bare = _copy_without_tokenizer(tiny_models["llama"], tmp_path / "bare")
+    with pytest.raises(ValueError, match=f"^model '{bare}' has no usable tokenizer"):
+        LLM(model=str(bare), device="cpu").generate(["Hello"])
+
+
+def test_model_with_an_empty_tokenizer_is_refused_at_start(tiny_models, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    empty = _copy_without_tokenizer(tiny_models["llama"], tmp_path / "empty")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={}, merges=[]))).save_pretrained(empty)
+    with pytest.raises(ValueError, match=f"^model '{empty}' has an empty tokenizer"):
+        LLM(model=str(empty), device="cpu")
+
+
+def test_group_size_errors_name_the_field():
+    assert SamplingParams(n=3).num_samples_field == "n"
+    assert SamplingParams(n=2, best_of=3).num_samples_field == "best_of"
+    assert SamplingParams(n=2, beam_width=3).num_samples_field == "beam_width"
