@@ -1,0 +1,397 @@
+"""Structured outputs at the module level: the field's validation, compiling and caching, matchers, bitmasks.
+
+The reference is independent of the backend: every walk through a matcher's masks must end in text that
+``jsonschema`` validates (with its format checker), that Python's ``re`` fullmatches, or that is one of the
+choices. Walks run on two tokenizers: the tiny model's byte tokenizer and a small byte-level BPE trained here
+(multi-byte tokens, so a token can cross a JSON token's edge).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedserve.engine.builtin_model import build_byte_tokenizer
+from pagedserve.engine.structured import (
+    DEFAULT_COMPILE_TIMEOUT_S,
+    TIMEOUT_ENV,
+    StructuredOutputs,
+    apply_token_bitmask,
+    cache_key,
+    compile_timeout_from_env,
+    default_backend,
+    validate_structured_outputs,
+)
+from pagedserve.engine.structured_llguidance import EXACT_FORMATS
+from structured_schemas import CHOICES, OPEN_SCHEMAS, REGEXES, SCHEMAS
+
+WALK_SEEDS = (0, 1, 2)
+MAX_WALK_TOKENS = 4000
+
+
+def _bpe_tokenizer():
+    """A 600-token byte-level BPE trained on JSON-ish text, with an EOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [json.dumps(s) for s in SCHEMAS.values()] + [json.dumps(s, indent=2) for s in SCHEMAS.values()]
+    corpus += ['{"name": "Ada", "age": 36, "tags": ["x", "y"], "ok": true, "v": null}'] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def tokenized(request):
+    """(StructuredOutputs, tokenizer, eos id) for one tokenizer."""
+    if request.param == "byte":
+        tok = build_byte_tokenizer()
+    else:
+        tok = _bpe_tokenizer()
+    eos = tok.eos_token_id
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {eos}))
+    yield so, tok, eos
+    so.close()
+
+
+def allowed_ids(so: StructuredOutputs, matcher, vocab: int) -> list[int]:
+    logits = torch.zeros(1, vocab)
+    apply_token_bitmask(logits, so.fill_bitmask([matcher]))
+    return torch.nonzero(logits[0] == 0).flatten().tolist()
+
+
+def walk(so, matcher, tok, eos: int, rng: random.Random, p_end: float = 0.3, check_refusals: bool = False):
+    """Sample uniformly among the allowed tokens (EOS with ``p_end`` when allowed) until EOS; the output text."""
+    vocab = len(tok)
+    out: list[int] = []
+    for _ in range(MAX_WALK_TOKENS):
+        allowed = allowed_ids(so, matcher, vocab)
+        assert allowed, "the mask allows nothing"
+        if check_refusals and len(allowed) < vocab:
+            refused = rng.choice(sorted(set(range(vocab)) - set(allowed)))
+            assert not matcher.fork().accept(refused), f"token {refused} is outside the mask yet accepted"
+        if eos in allowed and (rng.random() < p_end or allowed == [eos]):
+            assert matcher.accept(eos) and matcher.is_terminated()
+            return tok.decode(out)
+        token = rng.choice([t for t in allowed if t != eos])
+        assert matcher.accept(token)
+        out.append(token)
+    raise AssertionError(f"no end after {MAX_WALK_TOKENS} tokens: {tok.decode(out)[:200]!r}")
+
+
+def assert_valid(schema: dict, text: str) -> None:
+    value = json.loads(text)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    errors = list(validator.iter_errors(value))
+    assert not errors, f"{text!r}: {errors[0].message}"
+
+
+# ---------------------------------------------------------------------- walks: JSON Schema, regex, choice, grammar
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_walks_validate(tokenized, name):
+    so, tok, eos = tokenized
+    schema = SCHEMAS[name]
+    grammar = so.compile(validate_structured_outputs({"json": schema}))
+    for seed in WALK_SEEDS:
+        assert_valid(schema, walk(so, grammar.matcher(), tok, eos, random.Random(seed), check_refusals=seed == 0))
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_SCHEMAS))
+def test_open_schema_walks_validate(tokenized, name):
+    """Schemas that admit endless outputs: a walk that ends early still produces a valid value."""
+    so, tok, eos = tokenized
+    schema = OPEN_SCHEMAS[name]
+    grammar = so.compile(validate_structured_outputs({"json": schema}))
+    for seed in WALK_SEEDS:
+        assert_valid(schema, walk(so, grammar.matcher(), tok, eos, random.Random(seed), p_end=0.9))
+
+
+def test_compact_and_custom_whitespace(tokenized):
+    so, tok, eos = tokenized
+    schema = SCHEMAS["address"]
+    compact = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+    spaced = so.compile(validate_structured_outputs({"json": schema, "whitespace_pattern": " "}))
+    for seed in WALK_SEEDS:
+        text = walk(so, compact.matcher(), tok, eos, random.Random(seed))
+        assert_valid(schema, text)
+        assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+        text = walk(so, spaced.matcher(), tok, eos, random.Random(seed))
+        assert_valid(schema, text)
+        assert "\n" not in text
+
+
+def test_json_object_walks_are_objects(tokenized):
+    so, tok, eos = tokenized
+    grammar = so.compile(validate_structured_outputs({"json_object": True}))
+    for seed in WALK_SEEDS:
+        assert isinstance(json.loads(walk(so, grammar.matcher(), tok, eos, random.Random(seed), p_end=0.9)), dict)
+
+
+@pytest.mark.parametrize("name", sorted(REGEXES))
+def test_regex_walks_fullmatch(tokenized, name):
+    so, tok, eos = tokenized
+    grammar = so.compile(validate_structured_outputs({"regex": REGEXES[name]}))
+    for seed in WALK_SEEDS:
+        text = walk(so, grammar.matcher(), tok, eos, random.Random(seed), check_refusals=True)
+        assert re.fullmatch(REGEXES[name], text), text
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_choice_walks_pick_a_choice(tokenized, name):
+    so, tok, eos = tokenized
+    grammar = so.compile(validate_structured_outputs({"choice": CHOICES[name]}))
+    seen = set()
+    for seed in range(12):
+        text = walk(so, grammar.matcher(), tok, eos, random.Random(seed))
+        assert text in CHOICES[name]
+        seen.add(text)
+    assert len(seen) > 1  # the walk is free to pick any of them
+
+
+@pytest.mark.parametrize("grammar", [
+    'start: greeting " " name\ngreeting: "hello" | "hi"\nname: /[a-z]{1,6}/',  # Lark
+    'root ::= greeting " " name\ngreeting ::= "hello" | "hi"\nname ::= [a-z] [a-z]? [a-z]?',  # GBNF
+])
+def test_grammar_walks_parse(tokenized, grammar):
+    so, tok, eos = tokenized
+    compiled = so.compile(validate_structured_outputs({"grammar": grammar}))
+    for seed in WALK_SEEDS:
+        text = walk(so, compiled.matcher(), tok, eos, random.Random(seed))
+        assert re.fullmatch(r"(hello|hi) [a-z]{1,6}", text), text
+
+
+def test_exact_dates_only():
+    """The date patterns admit real calendar dates only (Python's date is the reference)."""
+    import datetime
+
+    date = re.compile(EXACT_FORMATS["date"])
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = f"{rng.randrange(10000):04d}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 32):02d}"
+        try:
+            datetime.date.fromisoformat(text)
+            real = True
+        except ValueError:
+            real = False
+        assert bool(date.fullmatch(text)) == real, text
+    for text in ("2024-02-29", "2000-02-29", "1600-02-29", "0004-02-29"):
+        assert date.fullmatch(text)
+    for text in ("2023-02-29", "1900-02-29", "0000-01-01", "2024-04-31"):
+        assert not date.fullmatch(text)
+    assert re.fullmatch(EXACT_FORMATS["date-time"], "2024-02-29T23:59:60.5+05:30")
+
+
+# ---------------------------------------------------------------------- matcher state: fork, rollback, rebuild
+def test_fork_rollback_and_rebuild_restore_the_mask(tokenized):
+    so, tok, eos = tokenized
+    vocab = len(tok)
+    grammar = so.compile(validate_structured_outputs({"json": SCHEMAS["invoice"]}))
+    rng = random.Random(7)
+    matcher = grammar.matcher()
+    tokens, masks = [], [allowed_ids(so, matcher, vocab)]
+    while len(tokens) < 30:
+        allowed = [t for t in masks[-1] if t != eos]
+        token = rng.choice(allowed)
+        assert matcher.accept(token)
+        tokens.append(token)
+        masks.append(allowed_ids(so, matcher, vocab))
+    fork = matcher.fork()
+    fork.accept(rng.choice([t for t in masks[-1] if t != eos]))
+    assert allowed_ids(so, matcher, vocab) == masks[-1]  # the fork moved, the original did not
+    matcher.rollback(12)
+    assert allowed_ids(so, matcher, vocab) == masks[-13]
+    rebuilt = grammar.matcher()
+    rebuilt.rebuild(tokens[:20])
+    assert allowed_ids(so, rebuilt, vocab) == masks[20]
+    rebuilt.rebuild(tokens)
+    assert allowed_ids(so, rebuilt, vocab) == masks[-1]
+
+
+def test_complete_grammar_allows_only_eos_then_terminates(tokenized):
+    so, tok, eos = tokenized
+    grammar = so.compile(validate_structured_outputs({"choice": ["yes"]}))
+    matcher = grammar.matcher()
+    for token in tok.encode("yes", add_special_tokens=False):
+        assert matcher.accept(token)
+    assert allowed_ids(so, matcher, len(tok)) == [eos]
+    assert not matcher.is_terminated()
+    assert matcher.accept(eos) and matcher.is_terminated()
+    assert not matcher.accept(eos)  # nothing after the end
+    matcher.rollback(1)
+    assert not matcher.is_terminated() and allowed_ids(so, matcher, len(tok)) == [eos]
+
+
+# ---------------------------------------------------------------------- compiling: errors, cache, timeout
+@pytest.mark.parametrize("spec, words", [
+    ({"json": {"type": "string", "format": "no-such-format"}}, "json is not a usable JSON Schema"),
+    ({"json": {"type": "strnig"}}, "json is not a usable JSON Schema"),
+    ({"regex": "(unclosed"}, "regex does not compile"),
+    ({"grammar": "start: undefined_rule"}, "grammar does not compile"),
+])
+def test_unusable_specs_are_value_errors_naming_the_field(tokenized, spec, words):
+    so, _, _ = tokenized
+    with pytest.raises(ValueError, match=f"^structured_outputs {words}"):
+        so.compile(validate_structured_outputs(spec))
+    with pytest.raises(ValueError, match=f"^structured_outputs {words}"):  # the failure is cached, same answer
+        so.compile(validate_structured_outputs(spec))
+
+
+def test_cache_shares_one_compile_per_grammar():
+    tok = build_byte_tokenizer()
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {tok.eos_token_id}))
+    try:
+        schema = SCHEMAS["person"]
+        a = so.compile(validate_structured_outputs({"json": schema}))
+        b = so.compile(validate_structured_outputs({"json": json.dumps(schema, indent=1)}))  # same schema as text
+        assert a is b and so.num_compiles == 1 and so.num_cache_hits == 1
+        c = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+        assert c is not a and so.num_compiles == 2
+    finally:
+        so.close()
+
+
+def test_compile_past_the_timeout_is_refused_and_never_blocks_longer():
+    """A compile that outlives the timeout fails the requests waiting for it; it keeps running off the loop,
+    and once it finishes, later requests for the same grammar use it."""
+    tok = build_byte_tokenizer()
+    release = threading.Event()
+
+    class SlowBackend:
+        def __init__(self):
+            self.inner = default_backend(tok, len(tok), {tok.eos_token_id})
+            self.name, self.version, self.vocab_size = "slow", "0", self.inner.vocab_size
+
+        def compile(self, spec):
+            release.wait(30)
+            return self.inner.compile(spec)
+
+        def fill_bitmasks(self, matchers, bitmask):
+            return self.inner.fill_bitmasks(matchers, bitmask)
+
+    so = StructuredOutputs(SlowBackend, compile_timeout_s=0.2)
+    try:
+        spec = validate_structured_outputs({"regex": "[ab]{2}"})
+        with pytest.raises(ValueError, match=rf"^structured_outputs did not compile within 0.2 s \({TIMEOUT_ENV}\)"):
+            so.compile(spec)
+        assert so.ready(spec)  # past its timeout: answering is immediate
+        with pytest.raises(ValueError, match="did not compile within"):
+            so.compile(spec)
+        release.set()
+        so.compile_async(spec).result(timeout=30)
+        assert so.compile(spec).matcher() is not None
+    finally:
+        release.set()
+        so.close()
+
+
+def test_timeout_from_the_environment(monkeypatch):
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert compile_timeout_from_env() == DEFAULT_COMPILE_TIMEOUT_S
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert compile_timeout_from_env() == 2.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            compile_timeout_from_env()
+
+
+# ---------------------------------------------------------------------- applying the bitmask
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 259, 1000])
+def test_apply_token_bitmask_matches_the_bits(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, words), dtype=torch.int32, generator=gen)
+    width = 32 * words + 3  # 3 columns past the mask's bits: disallowed
+    logits = torch.randn(5, width, generator=gen)
+    expected = logits.clone()
+    rows = [4, 0, 2]
+    for i, row in enumerate(rows):
+        for t in range(width):
+            if t >= 32 * words or not (int(bitmask[i, t // 32]) >> (t % 32)) & 1:
+                expected[row, t] = float("-inf")
+    apply_token_bitmask(logits, bitmask, rows)
+    assert torch.equal(logits, expected)
+    logits = torch.randn(3, vocab, generator=gen)
+    expected = logits.clone()
+    apply_token_bitmask(expected, bitmask, [0, 1, 2])
+    apply_token_bitmask(logits, bitmask)
+    assert torch.equal(logits, expected)
+
+
+# ---------------------------------------------------------------------- the field's validation
+@pytest.mark.parametrize("value, expected", [
+    (None, None),
+    ({"json": {"type": "object"}}, {"json": {"type": "object"}}),
+    ({"json": '{"type": "integer"}'}, {"json": {"type": "integer"}}),
+    ({"json_object": True, "disable_any_whitespace": True}, {"json_object": True, "disable_any_whitespace": True}),
+    ({"json": {}, "whitespace_pattern": " ?"}, {"json": {}, "whitespace_pattern": " ?"}),
+    ({"regex": "a+", "json": None}, {"regex": "a+"}),  # vLLM sends the other kinds as null
+    ({"choice": ("a", "b")}, {"choice": ["a", "b"]}),
+    ({"grammar": "start: /x/", "disable_any_whitespace": False}, {"grammar": "start: /x/"}),
+])
+def test_valid_specs_normalise(value, expected):
+    assert validate_structured_outputs(value) == expected
+
+
+@pytest.mark.parametrize("value, words", [
+    ("json", "must be a dict"),
+    ({}, "must set exactly one of json, json_object, regex, choice, grammar (got none)"),
+    ({"json": {}, "regex": "a"}, "must set exactly one of json, json_object, regex, choice, grammar (got json, regex)"),
+    ({"jsonn": {}}, "has an unknown key 'jsonn'"),
+    ({"json": "{not json"}, "json is not valid JSON text"),
+    ({"json": "[1, 2]"}, "json must be a JSON Schema object"),
+    ({"json": 5}, "json must be a JSON Schema object"),
+    ({"json": {"x": float("nan")}}, "json must hold JSON values only"),
+    ({"json": {"x": object()}}, "json must hold JSON values only"),
+    ({"json": {"d": "x" * 100_001}}, "json has 100010 characters, more than 100000"),
+    ({"json_object": 1}, "json_object must be true"),
+    ({"json_object": False}, "json_object must be true"),
+    ({"regex": ""}, "regex must be a non-empty string"),
+    ({"regex": 3}, "regex must be a non-empty string"),
+    ({"regex": "\ud800"}, "regex must be valid Unicode text"),
+    ({"grammar": "x" * 100_001}, "grammar has 100001 characters"),
+    ({"choice": []}, "choice must be a non-empty list"),
+    ({"choice": "ab"}, "choice must be a non-empty list"),
+    ({"choice": ["a", ""]}, "choice must be a non-empty string"),
+    ({"choice": ["a", 1]}, "choice must be a non-empty string"),
+    ({"choice": ["a"] * 1025}, "choice has 1025 entries, more than 1024"),
+    ({"regex": "a", "disable_any_whitespace": True}, "whitespace options apply to json and json_object only"),
+    ({"json": {}, "disable_any_whitespace": "yes"}, "disable_any_whitespace must be a boolean"),
+    ({"json": {}, "whitespace_pattern": ""}, "whitespace_pattern must be a non-empty string"),
+    ({"json": {}, "disable_any_whitespace": True, "whitespace_pattern": " "}, "takes disable_any_whitespace or whitespace_pattern, not both"),
+])
+def test_invalid_specs_name_the_field(value, words):
+    with pytest.raises(ValueError, match="^" + re.escape(f"structured_outputs {words}")):
+        validate_structured_outputs(value)
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                         max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["json", "json_object", "regex", "choice", "grammar",
+                                        "disable_any_whitespace", "whitespace_pattern", "other"]),
+                       _json_values, max_size=3) | _json_values)
+def test_any_value_is_normalised_or_refused_by_name(value):
+    try:
+        spec = validate_structured_outputs(value)
+    except ValueError as e:
+        assert str(e).startswith("structured_outputs ")
+        return
+    if spec is not None:
+        assert validate_structured_outputs(spec) == spec  # normalising is idempotent
+        cache_key(spec)
