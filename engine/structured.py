@@ -1,14 +1,8 @@
 """Structured outputs: sampling constrained to a JSON Schema, a regex, a list of choices or a grammar.
 
-A request asks with ``SamplingParams(structured_outputs={...})``: exactly one of ``json`` (a JSON Schema, as an
-object or its JSON text), ``json_object`` (``True``: any JSON object), ``regex``, ``choice`` (a list of strings)
-or ``grammar`` (Lark, or llama.cpp's GBNF), plus, for the two JSON kinds, ``disable_any_whitespace`` (compact
-JSON) or ``whitespace_pattern`` (a regex for each run of whitespace). These are vLLM's names.
+A request asks with ``SamplingParams(structured_outputs={...})`` (the field's rules:
+``pagedserve.engine.structured_spec``). The pieces, each used by the engine in one place:
 
-The pieces, each used by the engine in one place:
-
-- :func:`validate_structured_outputs`: the field's rules, checked in ``SamplingParams.validate`` (no backend
-  needed, so producers can check a request before sending it).
 - :class:`StructuredOutputs`: one per engine. Compiles each distinct ``(kind, spec, whitespace)`` once on a small
   thread pool (never on the step loop), keeps the compiled grammars in an LRU cache (failures too, so a bad
   schema sent again fails without compiling again), and refuses a compile that takes longer than
@@ -28,128 +22,21 @@ The backend is behind :class:`GrammarBackend`; the only one is llguidance
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
-WHITESPACE_OPTIONS = ("disable_any_whitespace", "whitespace_pattern")
-MAX_SPEC_CHARS = 100_000  # a schema, regex or grammar (as text), or all choices together
-MAX_CHOICES = 1024
+from pagedserve.engine.structured_spec import cache_key, kind_of, structured_error
+
 TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
 CACHE_SIZE = 512  # compiled grammars kept per engine
-
-
-def _fail(why: str) -> ValueError:
-    return ValueError(f"structured_outputs {why}")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
-
-
-def _check_text(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise _fail(f"{name} must be a non-empty string (got {_short(value)})")
-    if len(value) > MAX_SPEC_CHARS:
-        raise _fail(f"{name} has {len(value)} characters, more than {MAX_SPEC_CHARS}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _fail(f"{name} must be valid Unicode text (it has a lone surrogate)") from None
-    return value
-
-
-def validate_structured_outputs(value: object) -> dict | None:
-    """The ``structured_outputs`` field, normalised: ``None``, or a new dict with one kind and its options.
-
-    A ``json`` schema given as JSON text is parsed (so both forms share a cache entry); ``choice`` becomes a
-    list. Raises ``ValueError`` whose message starts with ``structured_outputs``. Whether a schema, regex or
-    grammar compiles is the backend's to say (:meth:`StructuredOutputs.compile`).
-    """
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise _fail(f"must be a dict with one of {', '.join(KINDS)} (got {_short(value)})")
-    unknown = sorted(str(k) for k in value if k not in KINDS + WHITESPACE_OPTIONS)
-    if unknown:
-        raise _fail(f"has an unknown key {unknown[0]!r} (known: {', '.join(KINDS + WHITESPACE_OPTIONS)})")
-    kinds = [k for k in KINDS if value.get(k) is not None]
-    if len(kinds) != 1:
-        raise _fail(f"must set exactly one of {', '.join(KINDS)} (got {', '.join(kinds) or 'none'})")
-    kind = kinds[0]
-    spec = value[kind]
-    if kind == "json":
-        if isinstance(spec, str):
-            _check_text("json", spec)
-            try:
-                spec = json.loads(spec)
-            except ValueError as e:
-                raise _fail(f"json is not valid JSON text: {e}") from None
-        if not isinstance(spec, dict):
-            raise _fail(f"json must be a JSON Schema object or its JSON text (got {_short(spec)})")
-        try:
-            size = len(json.dumps(spec, ensure_ascii=False, allow_nan=False))
-        except (TypeError, ValueError) as e:
-            raise _fail(f"json must hold JSON values only: {e}") from None
-        if size > MAX_SPEC_CHARS:
-            raise _fail(f"json has {size} characters, more than {MAX_SPEC_CHARS}")
-    elif kind == "json_object":
-        if spec is not True:
-            raise _fail(f"json_object must be true (got {_short(spec)})")
-    elif kind in ("regex", "grammar"):
-        _check_text(kind, spec)
-    else:  # choice
-        if not isinstance(spec, (list, tuple)) or not spec:
-            raise _fail(f"choice must be a non-empty list of strings (got {_short(spec)})")
-        if len(spec) > MAX_CHOICES:
-            raise _fail(f"choice has {len(spec)} entries, more than {MAX_CHOICES}")
-        for c in spec:
-            _check_text("choice", c)
-        if sum(len(c) for c in spec) > MAX_SPEC_CHARS:
-            raise _fail(f"choice has more than {MAX_SPEC_CHARS} characters in all")
-        spec = list(spec)
-    out: dict[str, Any] = {kind: spec}
-    disable = value.get("disable_any_whitespace")
-    pattern = value.get("whitespace_pattern")
-    if disable is not None and not isinstance(disable, bool):
-        raise _fail(f"disable_any_whitespace must be a boolean (got {_short(disable)})")
-    if pattern is not None:
-        _check_text("whitespace_pattern", pattern)
-    if (disable or pattern is not None) and kind not in ("json", "json_object"):
-        raise _fail(f"whitespace options apply to json and json_object only (got them with {kind})")
-    if disable and pattern is not None:
-        raise _fail("takes disable_any_whitespace or whitespace_pattern, not both")
-    if disable:
-        out["disable_any_whitespace"] = True
-    if pattern is not None:
-        out["whitespace_pattern"] = pattern
-    return out
-
-
-def kind_of(spec: dict) -> str:
-    """The kind of a validated ``structured_outputs`` dict (``json``, ``regex``, ...)."""
-    return next(k for k in KINDS if k in spec)
-
-
-def cache_key(spec: dict) -> tuple:
-    """What makes two validated specs compile to the same grammar."""
-    kind = kind_of(spec)
-    body = spec[kind]
-    if kind == "json":
-        body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    elif kind == "choice":
-        body = tuple(body)
-    return kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern")
 
 
 # ---------------------------------------------------------------------- the backend interface
@@ -163,7 +50,7 @@ class Matcher(Protocol):
         """Advance by one sampled token; False if the grammar does not allow it (the matcher then allows EOS only)."""
 
     def is_terminated(self) -> bool:
-        """True once the grammar is complete and EOS was accepted, or nothing but EOS can follow."""
+        """True once EOS was accepted (the grammar was complete): the sequence is over."""
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last ``num_tokens`` accepted tokens."""
@@ -301,11 +188,11 @@ class StructuredOutputs:
         try:
             return future.result(timeout=max(left, 0.0) if left is not None else self.compile_timeout_s)
         except FutureTimeout:
-            raise _fail(f"did not compile within {self.compile_timeout_s:g} s ({TIMEOUT_ENV})") from None
+            raise structured_error(f"did not compile within {self.compile_timeout_s:g} s ({TIMEOUT_ENV})") from None
         except ValueError:
             raise
         except Exception as e:  # a backend failure that is not the spec's fault still names the field
-            raise _fail(f"could not be compiled: {type(e).__name__}: {str(e)[:300]}") from None
+            raise structured_error(f"could not be compiled: {type(e).__name__}: {str(e)[:300]}") from None
 
     def new_matcher(self, spec: dict) -> Matcher:
         """A matcher for one request's first sequence (raises like :meth:`compile`)."""

@@ -29,7 +29,7 @@ from importlib.metadata import version as package_version
 
 import torch
 
-from pagedserve.engine.structured import kind_of
+from pagedserve.engine.structured_spec import kind_of, structured_error
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ def exact_formats(schema: object) -> object:
         del out["format"]
         out["pattern"] = EXACT_FORMATS[fmt]
     return out
-
-
-def _fail(why: str) -> ValueError:
-    return ValueError(f"structured_outputs {why}")
 
 
 def _cut(text: str) -> str:
@@ -165,7 +161,7 @@ class LLGuidanceBackend:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size,
                                                           eos_token=sorted(self.eos))
         except ValueError as e:  # a slow (Python) tokenizer: llguidance reads the Rust tokenizer's JSON
-            raise _fail(f"is not available for this model's tokenizer: {_cut(e)}") from None
+            raise structured_error(f"is not available for this model's tokenizer: {_cut(e)}") from None
         self._executor = None
 
     def grammar_text(self, spec: dict) -> str:
@@ -184,7 +180,7 @@ class LLGuidanceBackend:
             try:
                 return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
             except ValueError as e:
-                raise _fail(f"json is not a usable JSON Schema: {_cut(e)}") from None
+                raise structured_error(f"json is not a usable JSON Schema: {_cut(e)}") from None
         if kind == "choice":
             return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in body))
         if kind == "regex":
@@ -192,7 +188,7 @@ class LLGuidanceBackend:
         try:
             return llg.grammar_from("grammar", body)  # Lark as it is, GBNF converted to Lark
         except ValueError as e:
-            raise _fail(f"grammar does not parse: {_cut(e)}") from None
+            raise structured_error(f"grammar does not parse: {_cut(e)}") from None
 
     def compile(self, spec: dict) -> LLGuidanceGrammar:
         kind = kind_of(spec)
@@ -201,11 +197,11 @@ class LLGuidanceBackend:
                 "grammar": "grammar does not compile"}[kind]
         matcher = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0)
         if matcher.is_error():
-            raise _fail(f"{what}: {_cut(matcher.get_error())}")
+            raise structured_error(f"{what}: {_cut(matcher.get_error())}")
         warm = matcher.deep_copy()  # builds the lexer here, on the compile thread
         warm.compute_bitmask()
         if warm.is_error():
-            raise _fail(f"{what}: {_cut(warm.get_error())}")
+            raise structured_error(f"{what}: {_cut(warm.get_error())}")
         return LLGuidanceGrammar(matcher, self.eos)
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:

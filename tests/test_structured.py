@@ -25,12 +25,11 @@ from pagedserve.engine.structured import (
     TIMEOUT_ENV,
     StructuredOutputs,
     apply_token_bitmask,
-    cache_key,
     compile_timeout_from_env,
     default_backend,
-    validate_structured_outputs,
 )
 from pagedserve.engine.structured_llguidance import EXACT_FORMATS
+from pagedserve.engine.structured_spec import cache_key, validate_structured_outputs
 from structured_schemas import CHOICES, OPEN_SCHEMAS, REGEXES, SCHEMAS
 
 WALK_SEEDS = (0, 1, 2)
@@ -370,7 +369,8 @@ def test_valid_specs_normalise(value, expected):
     ({"regex": "a", "disable_any_whitespace": True}, "whitespace options apply to json and json_object only"),
     ({"json": {}, "disable_any_whitespace": "yes"}, "disable_any_whitespace must be a boolean"),
     ({"json": {}, "whitespace_pattern": ""}, "whitespace_pattern must be a non-empty string"),
-    ({"json": {}, "disable_any_whitespace": True, "whitespace_pattern": " "}, "takes disable_any_whitespace or whitespace_pattern, not both"),
+    ({"json": {}, "disable_any_whitespace": True, "whitespace_pattern": " "},
+     "takes disable_any_whitespace or whitespace_pattern, not both"),
 ])
 def test_invalid_specs_name_the_field(value, words):
     with pytest.raises(ValueError, match="^" + re.escape(f"structured_outputs {words}")):

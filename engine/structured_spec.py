@@ -1,0 +1,125 @@
+"""The ``structured_outputs`` field of ``SamplingParams``: what a request may ask for, checked without a backend.
+
+Exactly one of ``json`` (a JSON Schema, as an object or its JSON text), ``json_object`` (``True``: any JSON
+object), ``regex``, ``choice`` (a list of strings) or ``grammar`` (Lark, or llama.cpp's GBNF), plus, for the two
+JSON kinds, ``disable_any_whitespace`` (compact JSON) or ``whitespace_pattern`` (a regex for each run of
+whitespace). These are vLLM's names, so its users need no translation. Whether a schema, regex or grammar
+compiles is the backend's to say (``pagedserve.engine.structured``).
+
+Standard library only: producers validate requests with it, without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+WHITESPACE_OPTIONS = ("disable_any_whitespace", "whitespace_pattern")
+MAX_SPEC_CHARS = 100_000  # a schema, regex or grammar (as text), or all choices together
+MAX_CHOICES = 1024
+
+
+def structured_error(why: str) -> ValueError:
+    """A refusal of the field: its message starts with the field's name, as every SamplingParams error does."""
+    return ValueError(f"structured_outputs {why}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _check_text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise structured_error(f"{name} must be a non-empty string (got {_short(value)})")
+    if len(value) > MAX_SPEC_CHARS:
+        raise structured_error(f"{name} has {len(value)} characters, more than {MAX_SPEC_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise structured_error(f"{name} must be valid Unicode text (it has a lone surrogate)") from None
+    return value
+
+
+def validate_structured_outputs(value: object) -> dict | None:
+    """The ``structured_outputs`` field, normalised: ``None``, or a new dict with one kind and its options.
+
+    A ``json`` schema given as JSON text is parsed (so both forms share a cache entry); ``choice`` becomes a
+    list. Raises ``ValueError`` whose message starts with ``structured_outputs``. Whether a schema, regex or
+    grammar compiles is the backend's to say (:meth:`StructuredOutputs.compile`).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise structured_error(f"must be a dict with one of {', '.join(KINDS)} (got {_short(value)})")
+    unknown = sorted(str(k) for k in value if k not in KINDS + WHITESPACE_OPTIONS)
+    if unknown:
+        raise structured_error(f"has an unknown key {unknown[0]!r} (known: {', '.join(KINDS + WHITESPACE_OPTIONS)})")
+    kinds = [k for k in KINDS if value.get(k) is not None]
+    if len(kinds) != 1:
+        raise structured_error(f"must set exactly one of {', '.join(KINDS)} (got {', '.join(kinds) or 'none'})")
+    kind = kinds[0]
+    spec = value[kind]
+    if kind == "json":
+        if isinstance(spec, str):
+            _check_text("json", spec)
+            try:
+                spec = json.loads(spec)
+            except ValueError as e:
+                raise structured_error(f"json is not valid JSON text: {e}") from None
+        if not isinstance(spec, dict):
+            raise structured_error(f"json must be a JSON Schema object or its JSON text (got {_short(spec)})")
+        try:
+            size = len(json.dumps(spec, ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise structured_error(f"json must hold JSON values only: {e}") from None
+        if size > MAX_SPEC_CHARS:
+            raise structured_error(f"json has {size} characters, more than {MAX_SPEC_CHARS}")
+    elif kind == "json_object":
+        if spec is not True:
+            raise structured_error(f"json_object must be true (got {_short(spec)})")
+    elif kind in ("regex", "grammar"):
+        _check_text(kind, spec)
+    else:  # choice
+        if not isinstance(spec, (list, tuple)) or not spec:
+            raise structured_error(f"choice must be a non-empty list of strings (got {_short(spec)})")
+        if len(spec) > MAX_CHOICES:
+            raise structured_error(f"choice has {len(spec)} entries, more than {MAX_CHOICES}")
+        for c in spec:
+            _check_text("choice", c)
+        if sum(len(c) for c in spec) > MAX_SPEC_CHARS:
+            raise structured_error(f"choice has more than {MAX_SPEC_CHARS} characters in all")
+        spec = list(spec)
+    out: dict[str, Any] = {kind: spec}
+    disable = value.get("disable_any_whitespace")
+    pattern = value.get("whitespace_pattern")
+    if disable is not None and not isinstance(disable, bool):
+        raise structured_error(f"disable_any_whitespace must be a boolean (got {_short(disable)})")
+    if pattern is not None:
+        _check_text("whitespace_pattern", pattern)
+    if (disable or pattern is not None) and kind not in ("json", "json_object"):
+        raise structured_error(f"whitespace options apply to json and json_object only (got them with {kind})")
+    if disable and pattern is not None:
+        raise structured_error("takes disable_any_whitespace or whitespace_pattern, not both")
+    if disable:
+        out["disable_any_whitespace"] = True
+    if pattern is not None:
+        out["whitespace_pattern"] = pattern
+    return out
+
+
+def kind_of(spec: dict) -> str:
+    """The kind of a validated ``structured_outputs`` dict (``json``, ``regex``, ...)."""
+    return next(k for k in KINDS if k in spec)
+
+
+def cache_key(spec: dict) -> tuple:
+    """What makes two validated specs compile to the same grammar."""
+    kind = kind_of(spec)
+    body = spec[kind]
+    if kind == "json":
+        body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    elif kind == "choice":
+        body = tuple(body)
+    return kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern")
