@@ -102,9 +102,15 @@ def _bench_group() -> None:
 
 
 def _settings(**overrides):
+    from pydantic import ValidationError
+
+    from .connection import redact
     from .settings import Settings
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:  # its text quotes the input: a Redis URL with its password
+        _fail(f"invalid settings: {redact(e)}", 2)
 
 
 @app.command()
@@ -120,7 +126,10 @@ def worker(
     s = _settings(worker_name=name, metrics_port=metrics_port)
     configure_logging(s.log_format, s.log_level)
     configure_tracing()
-    w = Worker(s, install_signals=True)
+    try:
+        w = Worker(s, install_signals=True)
+    except ValueError as e:  # a malformed PAGEDSERVE_REDIS_URL (the message is already redacted)
+        _fail(f"error: {e}", 2)
     w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
     with err.status(f"[bold]loading model[/] {s.model or '(built-in)'} on {s.device} ..."):
         _ = w.engine

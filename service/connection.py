@@ -32,6 +32,20 @@ if TYPE_CHECKING:
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
+# Every command the worker sends, directly or from its Lua scripts (ACL rules are checked inside scripts too):
+# the minimal ACL of its Redis user is ``-@all`` plus these, on the keys and channels of its prefix
+# (README "Security", docs/service.md "Redis ACL"; tests/test_service_acl.py runs a worker under exactly it).
+WORKER_ACL_COMMANDS = (
+    "ping", "xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xdel", "xadd", "xlen",
+    "get", "set", "exists", "del", "pexpire", "publish", "subscribe", "evalsha", "script|load",
+)
+
+
+def worker_acl(prefix: str = "pagedserve") -> list[str]:
+    """The ``ACL SETUSER`` rules (after the user's name, password and ``on``) of a worker serving ``prefix``."""
+    return ["resetkeys", "resetchannels", f"~{prefix}:*", f"&{prefix}:*", "-@all", *(f"+{c}" for c in WORKER_ACL_COMMANDS)]
+
+
 # The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
 # raw ``@`` inside a password is covered too) and ``password=`` query parameters.
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@")

@@ -21,6 +21,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .connection import redact
+
 PROMPTS = [
     "The quick brown fox",
     "Once upon a time, in a land far away,",
@@ -60,7 +62,7 @@ def run_demo(num_requests: int = 16, max_tokens: int = 48, temperature: float = 
     with contextlib.ExitStack() as stack:
         if base.redis_url_configured:
             url = base.redis_url
-            console.print(f"[bold]Redis:[/] {url} (PAGEDSERVE_REDIS_URL)")
+            console.print(f"[bold]Redis:[/] {redact(url)} (PAGEDSERVE_REDIS_URL)")
         else:
             with console.status("[bold]starting a local redis-server ..."):
                 url = stack.enter_context(LocalRedis())

@@ -45,6 +45,7 @@ class Intake:
     metrics: WorkerMetrics
     log: Any
     inflight: Mapping[str, Any] | None = None  # the running request ids (their cancelled keys after a reconnect)
+    waiting: Mapping[str, Any] | None = None  # ids admitted but waiting (their entries are held too)
     _generation: int = field(default=0, init=False)  # the connection's generation last seen
     _recheck_cancels: bool = field(default=False, init=False)
     _draining_own: bool = field(default=True, init=False)
@@ -84,8 +85,18 @@ class Intake:
             return self._drain_own(room), True
         return self._read_new(room, block), False
 
+    def held(self) -> set[str]:
+        """Entry ids this worker is doing something with: running, waiting, or with a write buffered. A pending
+        entry of ours outside this set is orphaned (delivered while the link broke, or read by a loop iteration
+        that Redis errors cut short before admission took it) and is drained again."""
+        held = set(self.conn.publisher.entry_ids())
+        for table in (self.inflight, self.waiting):
+            for holder in (table or {}).values():
+                held.update(getattr(holder, "entry_ids", ()))
+        return held
+
     def _drain_own(self, room: int) -> list[Entry]:
-        entries, cursor = self.reclaimer.own_pending(self.conn.r, self._own_cursor, room, self.conn.leases.held())
+        entries, cursor = self.reclaimer.own_pending(self.conn.r, self._own_cursor, room, self.held())
         self.metrics.redis_ops.inc(2)
         if cursor is None:
             self._draining_own = False

@@ -94,6 +94,10 @@ class Publisher:
         """Ops ready to be sent now (0 while waiting out the backoff after a refusal)."""
         return len(self._ops) if time.monotonic() >= self._retry_at else 0
 
+    def entry_ids(self) -> list[str]:
+        """The stream entries whose ack (or dead letter) is buffered."""
+        return [eid for op in self._ops for eid in op.entry_ids]
+
     def buffered(self) -> int:
         """Every op not yet applied, including refused ones waiting for their retry."""
         return len(self._ops)

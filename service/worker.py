@@ -102,7 +102,7 @@ class Worker:
         )
         self.intake = Intake(
             settings=s, keys=keys, consumer=consumer, conn=self.conn, reclaimer=self.reclaimer, metrics=metrics, log=log,
-            inflight=self.inflight,
+            inflight=self.inflight, waiting=getattr(self.admission, "waiting", None),
         )
         self._last_engine_stats = 0.0
         self._stop = threading.Event()

@@ -1,0 +1,139 @@
+"""Security of the worker's Redis link: a real worker process under exactly the documented minimal ACL user
+round-trips every kind of request, and a malformed Redis URL never shows its password."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.connection import WORKER_ACL_COMMANDS, redact, worker_acl
+from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys, TokenEvent, parse_terminal
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import *  # noqa: F403
+from service_fixtures import REPO, WorkerProcess, make_settings, wait_for
+
+PASSWORD = "acl-S3cret-pw"
+
+
+def acl_url(url: str, prefix: str, admin: redis.Redis, user: str = "pagedserve-worker") -> str:
+    """Create the worker's ACL user with exactly the documented rules; its URL."""
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{PASSWORD}", *worker_acl(prefix))
+    return url.replace("redis://", f"redis://{user}:{PASSWORD}@", 1)
+
+
+def denials(admin: redis.Redis) -> list[dict]:
+    # redis-py sends CLIENT SETINFO on connect and ignores a refusal: not a command the worker needs.
+    log = admin.execute_command("ACL", "LOG")
+    entries = [dict(zip(e[::2], e[1::2])) for e in log]
+    return [e for e in entries if b"setinfo" not in e.get(b"object", b"")]
+
+
+@pytest.mark.slow
+def test_worker_round_trips_under_the_minimal_acl(tmp_path, prefix):
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        keys = Keys(prefix)
+        worker_url = acl_url(url, prefix, admin)
+        s = make_settings(worker_url, prefix, claim_idle_ms=1500)
+        c = Client(settings=make_settings(url, prefix))
+        a = WorkerProcess(s.model_copy(update={"worker_name": "acl-a"}), tmp_path / "a.log").start()
+        b = None
+        try:
+            a.wait_started()
+            # tokens + done
+            events = list(c.stream("tokens please", id="acl-stream", params={"max_tokens": 8, "ignore_eos": True},
+                                   timeout=120))
+            assert any(isinstance(e, TokenEvent) for e in events) and isinstance(events[-1], DoneEvent)
+            # cancel a running request
+            c.submit("cancel me", id="acl-cancel", params={"max_tokens": 1500, "ignore_eos": True})
+            wait_for(lambda: admin.xpending(keys.requests, keys.group)["pending"] == 1, 60, what="running")
+            c.cancel("acl-cancel")
+            ended = c.wait("acl-cancel", timeout=120)
+            assert isinstance(ended, DoneEvent) and ended.outputs[0].finish_reason == "cancelled"
+            # dead letter
+            admin.xadd(keys.requests, {"body": b"\xff not json"})
+            wait_for(lambda: admin.xlen(keys.dead) == 1, 60, what="dead letter")
+            # reclaim: the worker dies holding a request, another one under the same ACL takes it over
+            c.submit("reclaim me", id="acl-reclaim", params={"max_tokens": 300, "ignore_eos": True})
+            wait_for(lambda: admin.xpending(keys.requests, keys.group)["pending"] == 1, 60, what="delivered")
+            a.kill()
+            b = WorkerProcess(s.model_copy(update={"worker_name": "acl-b"}), tmp_path / "b.log").start()
+            b.wait_started()
+            reclaimed = c.wait("acl-reclaim", timeout=240)
+            assert isinstance(reclaimed, DoneEvent) and len(reclaimed.outputs[0].token_ids) == 300
+            # Invariants over Redis state: one result per id, nothing pending or left in the stream, one dead letter.
+            wait_for(lambda: admin.xpending(keys.requests, keys.group)["pending"] == 0, 60, what="all acked")
+            for rid in ("acl-stream", "acl-cancel", "acl-reclaim"):
+                assert isinstance(parse_terminal(admin.get(keys.result(rid))), DoneEvent)
+            assert admin.xlen(keys.requests) == 0
+            letter = DeadLetter.from_fields(admin.xrange(keys.dead)[0][1])
+            assert letter.reason
+            assert denials(admin) == [], "the worker needed a command outside the documented ACL"
+            assert b.proc.poll() is None
+        finally:
+            a.close()
+            if b:
+                b.close()
+            c.close()
+            admin.close()
+
+
+def test_documented_acl_matches_the_code():
+    """README, docs/service.md and the Helm values quote the same command list the test above runs under."""
+    commands = " ".join(f"+{c}" for c in WORKER_ACL_COMMANDS)
+    for doc in ("README.md", "docs/service.md", "helm/pagedserve/values.yaml"):
+        text = " ".join(w for w in (REPO / doc).read_text().split() if w not in ("#", ">"))
+        assert commands in text, f"{doc} does not list the worker's ACL: {commands}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:S3cretPw@127.0.0.1:notaport/0",  # redis-py cannot parse it
+        "http://user:S3cretPw@127.0.0.1:6379/0",  # the settings refuse the scheme
+        "redis://user:S3cretPw@[::1/0",  # broken IPv6 literal
+    ],
+)
+def test_malformed_redis_url_never_shows_its_password(url):
+    env = dict(os.environ, PAGEDSERVE_REDIS_URL=url, PAGEDSERVE_METRICS_PORT="0",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "worker"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "S3cretPw" not in p.stderr + p.stdout
+    assert "***" in p.stderr and re.search(r"(?i)redis.?url", p.stderr), p.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("redis://user:pw@h:6379/0", "redis://user:***@h:6379/0"),
+        ("rediss://:pw@h", "rediss://:***@h"),
+        ("redis://pw@h/0", "redis://***@h/0"),
+        ("unix://u:p@w@/tmp/r.sock?db=1&password=pw", "unix://u:***@/tmp/r.sock?db=1&password=***"),
+        ("Error 111 connecting to 'redis://u:pw@h:1'.", "Error 111 connecting to 'redis://u:***@h:1'."),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redact(text, shown):
+    assert redact(text) == shown
+
+
+def test_redact_hides_any_password():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.text(st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc"), blacklist_characters="'\"<>*"), min_size=1),
+           st.sampled_from(["redis", "rediss", "unix"]))
+    def check(password, scheme):
+        assert f"{password}@" not in redact(f"failed: {scheme}://user:{password}@host:6379/0 (x)")
+
+    check()

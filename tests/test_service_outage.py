@@ -1,0 +1,101 @@
+"""Redis outages seen by a real worker process: what was published or delivered while its link was down is
+not lost. The outage is made deterministic with the worker's own ACL user: switched off (no reconnect) and
+its connections killed (CLIENT KILL USER), then switched on again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.connection import worker_acl
+from pagedserve.service.protocol import DoneEvent, Keys, parse_terminal
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import *  # noqa: F403
+from service_fixtures import WorkerProcess, make_settings, wait_for
+
+pytestmark = pytest.mark.slow
+
+USER, PASSWORD = "pagedserve-worker", "outage-pw"
+
+
+@contextlib.contextmanager
+def worker_under_acl(tmp_path, prefix, **kw):
+    """(admin client, producer, worker process) on a private redis-server; the worker logs in as USER."""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", USER, "reset", "on", f">{PASSWORD}", *worker_acl(prefix))
+        s = make_settings(url.replace("redis://", f"redis://{USER}:{PASSWORD}@", 1), prefix, **kw)
+        producer = Client(settings=make_settings(url, prefix))
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            yield admin, producer, w
+        finally:
+            w.close()
+            producer.close()
+            admin.close()
+
+
+def drop_worker_link(admin: redis.Redis) -> None:
+    """Close every connection of the worker and keep it from logging in again until :func:`restore`."""
+    admin.execute_command("ACL", "SETUSER", USER, "off")
+    admin.execute_command("CLIENT", "KILL", "USER", USER)
+
+
+def restore(admin: redis.Redis) -> None:
+    admin.execute_command("ACL", "SETUSER", USER, "on")
+
+
+def pending(admin: redis.Redis, keys: Keys) -> dict[str, int]:
+    rows = admin.xpending_range(keys.requests, keys.group, "-", "+", 1000)
+    return {r["message_id"].decode(): r["times_delivered"] for r in rows}
+
+
+def test_cancel_published_while_the_worker_was_away_still_cancels(tmp_path, prefix):
+    with worker_under_acl(tmp_path, prefix) as (admin, c, w):
+        keys = Keys(prefix)
+        max_tokens = 1800
+        events = admin.pubsub(ignore_subscribe_messages=True)
+        events.subscribe(keys.out("away-cancel"))
+        c.submit("a long one", id="away-cancel", params={"max_tokens": max_tokens, "ignore_eos": True})
+        wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
+        events.close()
+        drop_worker_link(admin)
+        try:
+            c.cancel("away-cancel")  # the cancelled key is set; the message reaches no subscriber of this worker
+        finally:
+            restore(admin)
+        ended = c.wait("away-cancel", timeout=240)
+        assert isinstance(ended, DoneEvent)
+        assert ended.outputs[0].finish_reason == "cancelled"
+        assert len(ended.outputs[0].token_ids) < max_tokens
+        wait_for(lambda: not pending(admin, keys), 60, what="acked")
+        assert parse_terminal(admin.get(keys.result("away-cancel"))).outputs[0].finish_reason == "cancelled"
+        assert w.proc.poll() is None
+
+
+def test_entry_delivered_as_the_link_broke_is_drained_after_reconnect(tmp_path, prefix):
+    # claim_idle_ms far beyond the test: only the drain after the reconnect can pick the entry up.
+    with worker_under_acl(tmp_path, prefix, claim_idle_ms=600_000) as (admin, c, w):
+        keys = Keys(prefix)
+        consumer = w.settings.worker_name
+        # A first request round-trips, so the start-up drain of own pending entries is over.
+        c.generate("warm up", id="warm", params={"max_tokens": 4}, timeout=120)
+        # Redis delivers an entry to this worker, whose reply never arrives (as if the link broke right after).
+        body = json.dumps({"id": "lost-in-flight", "prompt": "hello", "params": {"max_tokens": 16, "ignore_eos": True}})
+        pipe = admin.pipeline(transaction=True)  # MULTI: a blocked XREADGROUP of the worker cannot take it first
+        pipe.xadd(keys.requests, {"body": body})
+        pipe.xreadgroup(keys.group, consumer, {keys.requests: ">"}, count=1)
+        entry_id = pipe.execute()[0].decode()
+        assert pending(admin, keys) == {entry_id: 1}
+        drop_worker_link(admin)
+        restore(admin)
+        ended = c.wait("lost-in-flight", timeout=120)
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 16
+        wait_for(lambda: not pending(admin, keys), 60, what="acked")
+        assert admin.xlen(keys.requests) == 0 and admin.xlen(keys.dead) == 0
+        assert w.proc.poll() is None
