@@ -150,3 +150,24 @@ def test_culprits_refused_innocents_done(limited):
     dead = [DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead)]
     assert not [d for d in dead if d.id in ids], dead
     assert r.xlen(keys.requests) == 0 and not w.stopped.is_set()
+
+
+def test_engine_refusals_name_the_field(redis_url, prefix, shared_engine):
+    # Checked by the real engine at admission: sequences vs max_num_seqs name the field that asks for them, and
+    # max_tokens beyond what the prompt leaves of max_model_len is an error naming params.max_tokens (no cap).
+    from pagedserve.service.admission import add_to_engine, prepare
+
+    s = make_settings(redis_url, prefix, max_num_seqs=2)
+    for params, needle in (({"n": 3}, "params.n"), ({"best_of": 3}, "params.best_of"),
+                           ({"beam_width": 3}, "params.beam_width")):
+        req = parse_request(json.dumps({"id": "e", "prompt": "x", "params": params}), 1 << 20)
+        with pytest.raises(InvalidRequestError) as ei:
+            prepare(req, shared_engine, s)
+        assert ei.value.message.startswith(needle) and "max_num_seqs" in ei.value.message, ei.value.message
+    long = shared_engine.max_model_len
+    req = parse_request(json.dumps({"id": "e", "prompt": "x", "params": {"max_tokens": long}}), 1 << 20)
+    prompt, params = prepare(req, shared_engine, make_settings(redis_url, prefix))
+    with pytest.raises(InvalidRequestError) as ei:
+        add_to_engine(shared_engine, req, prompt, params, 0.0)
+    assert ei.value.code == "invalid_request" and ei.value.message.startswith("params.max_tokens"), ei.value.message
+    assert "e" not in shared_engine.requests

@@ -1,0 +1,136 @@
+"""One run per id across workers, with two real worker processes and a real redis-server.
+
+The same body XADDed twice (in one pipeline, or 150 ms apart) while two workers sit idle: each worker reads one
+entry. Invariants over Redis: exactly one token stream (per output index, the token events add up to the stored
+result's tokens, never twice that), exactly one ``done`` publication, one stored result, both entries acked and
+deleted. And when the worker that runs the id dies, the other one takes over once the claim lapses: still one
+result, every entry acked.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from pagedserve.service.protocol import DoneEvent, Keys, parse_event, parse_terminal
+from service_fixtures import WorkerProcess, make_settings, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class Recorder:
+    """Every event published on ``out:{id}``: token ids per output index, and the terminal events."""
+
+    def __init__(self, redis_url: str, channel: str):
+        self.r = redis.Redis.from_url(redis_url)
+        self.ps = self.r.pubsub(ignore_subscribe_messages=True)
+        self.ps.subscribe(channel)
+        self.tokens: dict[int, list[int]] = collections.defaultdict(list)
+        self.terminal: list = []
+        self._stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            m = self.ps.get_message(timeout=0.1)
+            if m and m["type"] == "message":
+                ev = parse_event(m["data"])
+                if ev.type == "token":
+                    self.tokens[ev.index].extend(ev.token_ids)
+                else:
+                    self.terminal.append(ev)
+
+    def close(self):
+        self._stop.set()
+        self.t.join(5)
+        self.ps.close()
+        self.r.close()
+
+
+@pytest.fixture
+def two_workers(redis_url, prefix, tmp_path):
+    procs = []
+    for i in range(2):
+        s = make_settings(redis_url, prefix, worker_name=f"claim-w{i}", log_level="INFO", read_block_ms=20)
+        procs.append(WorkerProcess(s, tmp_path / f"w{i}.log").start())
+    try:
+        for p in procs:
+            p.wait_started()
+        yield procs
+    finally:
+        for p in procs:
+            p.close()
+
+
+def _body(rid: str, max_tokens: int, n: int) -> str:
+    return json.dumps({"id": rid, "prompt": "one run only", "params": {
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "n": n}})
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 0.15], ids=["one-pipeline", "150ms-apart"])
+def test_duplicate_entries_run_once(redis_url, prefix, two_workers, gap_s):
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    rid = f"dup-{int(gap_s * 1000)}"
+    rec = Recorder(redis_url, keys.out(rid))
+    time.sleep(0.2)  # the subscription is in place before the first XADD (as a client does)
+    body = _body(rid, 96, 2)
+    if gap_s == 0:
+        pipe = r.pipeline(transaction=False)
+        pipe.xadd(keys.requests, {"body": body})
+        pipe.xadd(keys.requests, {"body": body})
+        eids = pipe.execute()
+    else:
+        eids = [r.xadd(keys.requests, {"body": body})]
+        time.sleep(gap_s)
+        eids.append(r.xadd(keys.requests, {"body": body}))
+    try:
+        wait_for(lambda: r.get(keys.result(rid)), 120, what="the result")
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 60, what="both entries acked")
+        wait_for(lambda: rec.terminal, 10, what="the done publication")
+        time.sleep(0.5)  # a second run, if any, would publish more
+        result = parse_terminal(r.get(keys.result(rid)))
+        assert isinstance(result, DoneEvent)
+        assert len(rec.terminal) == 1, rec.terminal
+        assert sorted(rec.tokens) == [0, 1]
+        for out in result.outputs:  # one token stream: the events add up to the result, not twice it
+            assert rec.tokens[out.index] == out.token_ids and len(out.token_ids) == 96
+        assert r.xlen(keys.requests) == 0 and not any(r.xrange(keys.requests))
+        finished = [e for p in two_workers for e in p.events()
+                    if e.get("request_id") == rid and e.get("event") == "request_finished"]
+        assert len(finished) == 1, finished
+    finally:
+        rec.close()
+        r.close()
+
+
+def test_loser_takes_over_when_owner_dies(redis_url, prefix, two_workers):
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    rid = "dup-owner-dies"
+    body = _body(rid, 200, 1)  # long enough to be running when its owner is killed
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(keys.requests, {"body": body})
+    pipe.xadd(keys.requests, {"body": body})
+    pipe.execute()
+    try:
+        owner = wait_for(lambda: r.get(keys.running(rid)), 60, what="the claim").decode()
+        assert not r.exists(keys.result(rid))
+        victim = next(p for p in two_workers if owner.startswith(p.settings.worker_name + ":"))
+        survivor = next(p for p in two_workers if p is not victim)
+        victim.kill()  # SIGKILL: its claim and its entry lease lapse after claim_idle_ms
+        wait_for(lambda: r.get(keys.result(rid)), 300, what="the survivor's result")
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 60, what="both entries acked")
+        result = parse_terminal(r.get(keys.result(rid)))
+        assert isinstance(result, DoneEvent) and len(result.outputs[0].token_ids) == 200
+        assert r.xlen(keys.requests) == 0
+        finished = [e for e in survivor.events() if e.get("request_id") == rid and e.get("event") == "request_finished"]
+        assert len(finished) == 1
+    finally:
+        r.close()

@@ -1,0 +1,86 @@
+"""Health reflects progress: ``/healthz`` fails when the loop has work but makes none for ``stall_timeout_s``.
+
+The loop keeps turning (its heartbeat is fresh) while the engine is wedged: a scheduler that spins without
+scheduling anything, as the engine once did on a prompt that tokenized to nothing. A probe that only checked
+the heartbeat would stay green forever; this one turns red, and green again once tokens flow.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import redis
+
+from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.service.health import Progress
+from pagedserve.service.protocol import DoneEvent, Keys, parse_terminal
+from service_fixtures import make_settings, running_worker, wait_for
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Out:
+    def __init__(self, tokens: list[int], finished: bool = False) -> None:
+        self.finished = finished
+        self.outputs = [type("C", (), {"delta_token_ids": tokens})()]
+
+
+def test_progress_rules():
+    clock = Clock()
+    p = Progress(10.0, clock)
+    clock.t += 1000
+    assert p.check()[0]  # idle for ever is not a stall
+    p.step([])  # work arrives: the stall clock starts now, not at the last idle moment
+    clock.t += 9
+    assert p.check()[0]
+    clock.t += 2
+    ok, info = p.check()
+    assert not ok and info["stalled_s"] == 11
+    p.step([Out([5])])  # a token is progress
+    assert p.check()[0]
+    clock.t += 11
+    p.step([Out([], finished=True)])  # so is a finished request
+    assert p.check()[0]
+    clock.t += 11
+    p.idle()  # the work is gone
+    assert p.check()[0]
+
+
+def _healthz(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_healthz_fails_while_the_engine_makes_no_progress(redis_url, prefix, shared_engine):
+    s = make_settings(redis_url, prefix, stall_timeout_s=1.0, log_level="ERROR")
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    scheduler = shared_engine.scheduler
+    real_schedule = scheduler.schedule
+    scheduler.schedule = lambda: SchedulerOutput()  # wedged: nothing is ever scheduled
+    try:
+        with running_worker(s, shared_engine) as w:
+            port = w.health.port
+            assert _healthz(port)[0] == 200
+            r.xadd(keys.requests, {"body": json.dumps({"id": "wedged", "prompt": "x", "params": {"max_tokens": 3}})})
+            code, info = wait_for(lambda: (lambda c: c if c[0] == 503 else None)(_healthz(port)), 60,
+                                  what="/healthz 503")
+            assert info["stalled_s"] >= 1.0 and info["ok"] is False
+            scheduler.schedule = real_schedule  # the engine recovers: tokens flow, the request ends
+            wait_for(lambda: r.exists(keys.result("wedged")), 60, what="the result")
+            assert isinstance(parse_terminal(r.get(keys.result("wedged"))), DoneEvent)
+            wait_for(lambda: _healthz(port)[0] == 200, 30, what="/healthz 200 again")
+    finally:
+        scheduler.schedule = real_schedule
+        r.close()
