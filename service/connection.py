@@ -9,7 +9,10 @@ Invariants:
 - the client never retries on its own: a silently repeated pipeline whose reply was lost could publish a
   batch's token events twice; the loop's backoff is the only retry;
 - two live workers never share a consumer name (they would drain each other's pending entries);
-- the entry leases are renewed at once after every (re)connect: they may have aged during the outage.
+- the entry leases are renewed at once after every (re)connect: they may have aged during the outage;
+- every completed (re)connect bumps ``generation``: the intake then drains the consumer's orphaned pending
+  entries again and re-checks the cancelled keys of the running ids (what the broken link may have missed);
+- no credential is ever printed: errors and log lines that may quote the Redis URL go through :func:`redact`.
 """
 
 from __future__ import annotations
