@@ -1,8 +1,9 @@
-"""The built-in model: a small Llama with deterministic weights and a byte-level tokenizer.
+"""The tiny random model, ``pagedserve-tiny-random``: a small Llama with seeded random weights and a byte-level
+tokenizer, written locally as an ordinary HF directory (config.json, model.safetensors, tokenizer.json, ...) and
+loaded through the same path as any checkpoint.
 
-No checkpoint can be downloaded here, so the default model is written locally as an ordinary HF directory
-(config.json, model.safetensors, tokenizer.json, ...) and loaded through the same path as any checkpoint.
-Its weights are random (seeded), so its text is noise; what matters is that everything downstream is real.
+Its text is noise; it exists for the test suite, where speed matters and no download may happen: everything
+downstream of the weights is real. The real default model (SmolLM2-135M-Instruct) is ``default_model``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_NAME = "pagedserve-tiny-llama"
+BUILTIN_NAME = "pagedserve-tiny-random"
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -27,11 +28,17 @@ BUILTIN_CONFIG = dict(
 )
 
 
-def default_model_dir() -> Path:
+def cache_dir() -> Path:
+    """Where models are written: ``$PAGEDSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pagedserve`` (~/.cache)."""
     cache = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagedserve"
     )
-    return Path(cache) / BUILTIN_NAME
+    return Path(cache).expanduser()
+
+
+def default_model_dir() -> Path:
+    """The tiny random model's directory in the cache."""
+    return cache_dir() / BUILTIN_NAME
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -81,7 +88,7 @@ def write_llama(path: str | Path, seed: int = 0, vocab_size: int = 259, dtype: t
 
 
 def ensure_builtin_model(path: str | Path | None = None) -> str:
-    """The built-in model's directory, written first if it is not there yet (atomically: no half models)."""
+    """The tiny random model's directory, written first if it is not there yet (atomically: no half models)."""
     target = Path(path) if path else default_model_dir()
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target)

@@ -1,10 +1,11 @@
-"""Offline API: ``LLM(model=...).generate(prompts, params)`` (the contract's section 1)."""
+"""Offline API: ``LLM(model=...).generate(prompts, params)`` and ``.chat(messages, params)`` (the contract's section 1)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
 from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams
 
@@ -16,6 +17,8 @@ class LLM:
                  swap_space_gb: float = 4.0, preemption_mode: str = "auto", enable_prefix_caching: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                  device: str = "auto", dtype: str = "auto", seed: int = 0, **kwargs) -> None:
+        # A model name or a .gguf file becomes an HF directory here (fetched or converted once, then cached).
+        model = resolve_model(model) if model is not None else None
         self.engine = LLMEngine(
             model, block_size=block_size, num_gpu_blocks=num_gpu_blocks, swap_space_gb=swap_space_gb,
             preemption_mode=preemption_mode, enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
@@ -57,6 +60,52 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids, show_progress)
+
+    def chat(self, messages: Seq[dict] | Seq[Seq[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, show_progress: bool = False) -> list[RequestOutput]:
+        """Reply to one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them, as vLLM's
+        ``LLM.chat``: each is rendered with the model's chat template (or ``chat_template``), tokenized without
+        adding special tokens again (the template writes them), and generated like a prompt. One output per
+        conversation, in order; ``output.prompt`` is the rendered text.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Seq) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "
+                             "(one conversation) or a list of such lists")
+        if isinstance(messages[0], dict):
+            conversations, names = [messages], ["messages"]
+        else:
+            conversations = list(messages)
+            names = [f"messages[{i}]" for i in range(len(conversations))]
+        texts = [self._render_chat(conv, name, chat_template, add_generation_prompt, continue_final_message)
+                 for conv, name in zip(conversations, names)]
+        prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        outputs = self.generate(prompts, sampling_params, show_progress)
+        for out, text in zip(outputs, texts):
+            out.prompt = text
+        return outputs
+
+    def _render_chat(self, conversation, name: str, chat_template: str | None, add_generation_prompt: bool,
+                     continue_final_message: bool) -> str:
+        if isinstance(conversation, (str, bytes, dict)) or not isinstance(conversation, Seq) or not conversation:
+            raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict):
+                raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content'")
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    raise ValueError(f"{name}[{i}].{key} must be a string")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.engine.model_name!r} has no chat template: pass chat_template=..., "
+                             f"or use generate() with a plain prompt")
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(conversation), chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message)
+        except Exception as e:  # the template's own raise_exception(), or a Jinja error in it
+            raise ValueError(f"{name}: the chat template failed: {e}") from None
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
         finals: dict[str, RequestOutput] = {}

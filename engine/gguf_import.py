@@ -1,0 +1,257 @@
+"""GGUF import: a ``.gguf`` checkpoint becomes an ordinary HF model directory the loader reads like any other.
+
+The work is done by transformers' own GGUF reader (which uses the ``gguf`` package to parse and dequantize):
+its config mapping, its tokenizer conversion and its tensor renaming and un-permuting (llama.cpp stores the
+query/key rows of Llama in another order). What this module adds is the gate in front and the cache behind:
+
+- ``inspect_gguf`` refuses, with a ``ValueError`` naming the file and the reason, anything that is not a readable
+  GGUF file, an architecture the engine does not run, a tensor type ``gguf`` cannot dequantize, or a file with
+  no tokenizer, before any conversion work starts.
+- ``import_gguf`` converts once into ``$PAGEDSERVE_CACHE_DIR/gguf/<name>-<sha256 prefix>/``, keyed by the file's
+  content, so a renamed or moved copy reuses the conversion and a changed file gets a fresh one.
+
+Invariant: a directory is visible under its final name only when complete (written under a temporary name,
+then renamed), and it carries ``pagedserve-import.json`` (source hash, architecture, tensor types, dtype).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER = "pagedserve-import.json"
+# GGUF architecture names (``general.architecture``) the engine runs. llama.cpp stores Mistral as "llama".
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GGUFInfo:
+    """What the header of a GGUF file says, read without dequantizing anything."""
+
+    path: Path
+    architecture: str
+    name: str | None
+    tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> number of tensors
+    chat_template: str | None = None
+    head_dim: int | None = None  # ``<arch>.attention.key_length``, where the file states it
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$PAGEDSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pagedserve``."""
+    from pagedserve.engine.builtin_model import cache_dir
+
+    return cache_dir() / "gguf"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = f.contents()
+    return value
+
+
+def inspect_gguf(path: str | Path) -> GGUFInfo:
+    """Read a GGUF file's header and check that it can be imported. Raises ``ValueError`` naming file and reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - the worker extra installs it
+        raise ValueError(f"cannot read {str(path)!r}: the 'gguf' package is not installed "
+                         f"(pip install 'pagedserve[worker]')") from e
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        architecture = _field(reader, "general.architecture")
+        tensors = list(reader.tensors)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on damaged files
+        raise ValueError(f"{str(path)!r} is not a readable GGUF file (corrupt or truncated: "
+                         f"{type(e).__name__}: {e})") from None
+    if not isinstance(architecture, str):
+        raise ValueError(f"{str(path)!r} has no general.architecture field; cannot tell what model it holds")
+    if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(f"{str(path)!r} holds a {architecture!r} model; only Llama-family architectures can be "
+                         f"imported ({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
+    if not tensors:
+        raise ValueError(f"{str(path)!r} holds no tensors")
+    if _field(reader, "tokenizer.ggml.model") is None:
+        raise ValueError(f"{str(path)!r} has no tokenizer (tokenizer.ggml.model is missing); the engine needs one")
+    types: dict[str, int] = {}
+    checked: set = set()
+    for t in tensors:
+        qtype = t.tensor_type
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        if qtype in checked:
+            continue
+        # Dequantize one row of each tensor type now: an unsupported type fails here, not minutes into a run.
+        try:
+            gguf.dequantize(t.data[:1], qtype)
+        except NotImplementedError:
+            raise ValueError(f"{str(path)!r}: tensor {t.name!r} is quantized as {qtype.name}, which the gguf "
+                             f"package cannot dequantize") from None
+        except Exception as e:
+            raise ValueError(f"{str(path)!r} is not a readable GGUF file: tensor {t.name!r} ({qtype.name}) "
+                             f"cannot be read ({type(e).__name__}: {e})") from None
+        checked.add(qtype)
+    name = _field(reader, "general.name")
+    template = _field(reader, "tokenizer.chat_template")
+    head_dim = _field(reader, f"{architecture}.attention.key_length")
+    return GGUFInfo(path, architecture, name if isinstance(name, str) else None, types,
+                    template if isinstance(template, str) else None, int(head_dim) if head_dim else None)
+
+
+def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
+                 progress: Progress | None = None, sha256: str | None = None) -> Path:
+    """Write the HF directory for the GGUF file ``path`` into ``out_dir`` (created; must not hold a model yet).
+
+    Tensors are dequantized to ``dtype`` (float32 keeps every dequantized value exact). The directory is
+    written under a temporary name and renamed when complete. ``sha256``: the file's hash, if already known.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    info = inspect_gguf(path)
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        raise ValueError(f"{str(out_dir)!r} already holds a model; choose an empty directory")
+    if sha256 is None:
+        say(f"hashing {info.path.name}")
+    sha = sha256 or file_sha256(info.path)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_hf_dir(info, tmp, dtype, say)
+        meta = {"source": info.path.name, "sha256": sha, "architecture": info.architecture, "name": info.name,
+                "tensor_types": info.tensor_types, "dtype": dtype,
+                "conversion_s": round(time.perf_counter() - started, 1)}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # an empty directory given by the user (a non-empty one raises: nothing is lost)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_hf_dir(info: GGUFInfo, out: Path, dtype: str, say: Progress) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    src_dir, src_name = str(info.path.parent), info.path.name
+    say("reading the config")
+    try:
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=src_name)
+    except Exception as e:
+        raise ValueError(f"{str(info.path)!r}: transformers cannot read its config ({type(e).__name__}: {e})") from None
+    if info.head_dim and getattr(config, "head_dim", None) != info.head_dim:
+        # transformers maps the head width for Llama only (from the rotary width); Qwen3 states it here.
+        config.head_dim = info.head_dim
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(skeleton).__name__]
+    say(f"dequantizing {sum(info.tensor_types.values())} tensors "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(info.tensor_types.items()))}) to {dtype}")
+    try:
+        parsed = load_gguf_checkpoint(str(info.path), return_tensors=True, model_to_load=skeleton)
+    except Exception as e:
+        raise ValueError(f"{str(info.path)!r}: its tensors cannot be converted ({type(e).__name__}: {e})") from None
+    tensors = {name: t.to(torch_dtype).contiguous() for name, t in parsed["tensors"].items()}
+    expected = set(skeleton.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ValueError(f"{str(info.path)!r} lacks tensors the model needs: {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+    for name, t in tensors.items():
+        want = tuple(skeleton.state_dict()[name].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{str(info.path)!r}: tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
+    say("writing model.safetensors")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors creates it owner-only; the other files are 0644
+    del tensors, parsed
+    if hasattr(config, "dtype"):
+        config.dtype = torch_dtype
+    else:  # pragma: no cover - transformers 4.x
+        config.torch_dtype = torch_dtype
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    say("converting the tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
+    except Exception as e:
+        raise ValueError(f"{str(info.path)!r}: its tokenizer cannot be converted ({type(e).__name__}: {e})") from None
+    if info.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = info.chat_template
+    tokenizer.save_pretrained(out)
+
+
+def import_gguf(path: str | Path, out_dir: str | Path | None = None, dtype: str = "float32",
+                progress: Progress | None = None) -> Path:
+    """The HF directory for a GGUF file: converted into ``out_dir``, or into the cache (once per file content).
+
+    A cached conversion is reused when its marker names the same content hash and dtype.
+    """
+    path = Path(path).expanduser()
+    if out_dir is not None:
+        return convert_gguf(path, Path(out_dir).expanduser(), dtype, progress)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    say = progress or (lambda _msg: None)
+    sha = file_sha256(path)
+    stem = path.name[:-len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    suffix = f"-{sha[:16]}" + ("" if dtype == "float32" else f"-{dtype}")
+    # Keyed by content: a copy of the file under another name finds the conversion made for the first one.
+    for done in sorted(cache_root().glob(f"*{suffix}")):
+        if _is_complete(done, sha, dtype):
+            return done
+    target = cache_root() / (stem + suffix)
+    if target.exists():  # left by an older or interrupted run: convert again
+        shutil.rmtree(target)
+    say(f"converting {path.name} into {target} (once per file)")
+    try:
+        return convert_gguf(path, target, dtype, progress, sha256=sha)
+    except FileExistsError:  # pragma: no cover - another process finished the same conversion first
+        return target
+    except OSError:
+        if _is_complete(target, sha, dtype):  # another process won the rename race; its copy is identical
+            return target
+        raise
+
+
+def _is_complete(target: Path, sha: str, dtype: str) -> bool:
+    try:
+        meta = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("sha256") == sha and meta.get("dtype") == dtype and (target / "model.safetensors").is_file()

@@ -1,0 +1,74 @@
+"""What ``model=`` may name, and the HF directory each resolves to.
+
+- ``None``: the default model (``DEFAULT_MODEL``).
+- a model name: ``smollm2-135m-instruct`` (alias ``smollm2``), fetched and converted on first use; or
+  ``pagedserve-tiny-random``, the seeded random test model, written on first use.
+- a directory holding ``config.json`` and ``*.safetensors``.
+- a ``.gguf`` file, converted once into the cache (keyed by its content hash).
+
+A path that exists is taken as a path even if its name is also a model name. Anything else is a
+``ValueError`` that names the value and says what would have been accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pagedserve.engine.builtin_model import BUILTIN_NAME
+from pagedserve.engine.default_model import DEFAULT_NAME
+
+# The model used when none is named. The tiny random one until the real one is the default everywhere.
+DEFAULT_MODEL = BUILTIN_NAME
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(f"pagedserve: {msg}", file=sys.stderr, flush=True)
+
+
+def _tiny_random() -> str:
+    from pagedserve.engine.builtin_model import ensure_builtin_model
+
+    return ensure_builtin_model()
+
+
+def _smollm2() -> str:
+    from pagedserve.engine.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+MODEL_NAMES: dict[str, Callable[[], str]] = {
+    DEFAULT_NAME: _smollm2,
+    "smollm2": _smollm2,
+    BUILTIN_NAME: _tiny_random,
+}
+
+
+def resolve_model(model: str | Path | None) -> str:
+    """The HF model directory for ``model`` (see the module docstring), fetching or converting it if needed."""
+    if model is None:
+        model = DEFAULT_MODEL
+    if not isinstance(model, (str, Path)) or not str(model):
+        raise ValueError(f"model must be a model directory, a .gguf file or a model name (got {model!r})")
+    path = Path(model).expanduser()
+    if not path.exists():
+        if str(model) in MODEL_NAMES:
+            return MODEL_NAMES[str(model)]()
+        raise ValueError(f"model {str(model)!r} does not exist (expected an HF model directory, a .gguf file, "
+                         f"or one of the model names {', '.join(sorted(MODEL_NAMES))})")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {str(model)!r} is a directory but not a model (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"model {str(model)!r} has no *.safetensors weights (only safetensors checkpoints "
+                             f"are loaded; a .gguf file is converted)")
+        return str(path)
+    if path.suffix.lower() == ".gguf":
+        from pagedserve.engine.gguf_import import import_gguf
+
+        return str(import_gguf(path, progress=_stderr))
+    raise ValueError(f"model {str(model)!r} is a file but not a .gguf checkpoint (expected an HF model "
+                     f"directory or a .gguf file)")

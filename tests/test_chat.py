@@ -1,0 +1,61 @@
+"""``LLM.chat``: one conversation or several, rendered with the model's chat template; bad messages and a model
+without a template are refused with a ValueError naming the field, before any work starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.builtin_model import CHAT_TEMPLATE
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=32, swap_space_gb=0.0)
+
+
+def test_one_conversation_or_several(llm):
+    hi = [{"role": "user", "content": "hi"}]
+    two = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sky?"}]
+    one = llm.chat(hi, GREEDY)
+    both = llm.chat([hi, two], [GREEDY, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)])
+    assert len(one) == 1 and len(both) == 2
+    assert one[0].prompt == "<|user|>\nhi\n<|assistant|>\n"
+    assert both[1].prompt == "<|system|>\nbe brief\n<|user|>\nsky?\n<|assistant|>\n"
+    # Same ids as the plain prompt path would give the rendered text, without a second BOS.
+    assert one[0].prompt_token_ids == list(one[0].prompt.encode())
+    assert both[0].outputs[0].token_ids == one[0].outputs[0].token_ids  # greedy: the same answer either way
+    assert len(both[1].outputs[0].token_ids) == 2
+    custom = llm.chat(hi, GREEDY, chat_template="{{ messages[0]['content'] }}!")
+    assert custom[0].prompt == "hi!"
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([], "messages"),
+    ("hi", "messages"),
+    ([{"role": "user"}], r"messages\[0\]\.content"),
+    ([{"role": 3, "content": "x"}], r"messages\[0\]\.role"),
+    ([[{"role": "user", "content": "ok"}], ["not a dict"]], r"messages\[1\]\[0\]"),
+    ([[{"role": "user", "content": "ok"}], []], r"messages\[1\] must be a non-empty list"),
+])
+def test_bad_messages_name_the_field(llm, messages, field):
+    with pytest.raises(ValueError, match=field):
+        llm.chat(messages, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_model_without_a_chat_template(tiny_models, tmp_path):
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "plain")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    llm = LLM(model=str(model), device="cpu", num_gpu_blocks=32, swap_space_gb=0.0)
+    with pytest.raises(ValueError, match="has no chat template"):
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY)
+    assert llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template=CHAT_TEMPLATE)[0].outputs[0].token_ids

@@ -1,0 +1,223 @@
+"""GGUF import: tiny checkpoints written with the gguf package's own GGUFWriter (as llama.cpp's converter does,
+query/key rows permuted for Llama) come back as HF directories that generate what HF does on the original;
+what cannot be imported is refused with a ValueError naming the file and the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from pagedserve.engine import LLM, SamplingParams  # noqa: E402
+from pagedserve.engine.builtin_model import CHAT_TEMPLATE, _byte_to_unicode  # noqa: E402
+from pagedserve.engine.gguf_import import MARKER, convert_gguf, import_gguf, inspect_gguf  # noqa: E402
+from pagedserve.engine.model_source import resolve_model  # noqa: E402
+
+GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}
+PROMPTS = [[72, 101, 108, 108, 111], [256, 84, 104, 101, 32, 115, 107, 121], list(range(40, 73))]
+MAX_NEW = 10
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's reordering of Llama's q/k rows (convert_hf_to_gguf.LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf_dir, out, family: str = "llama", qtype=gguf.GGMLQuantizationType.F32, arch_name: str | None = None):
+    """The HF checkpoint in ``hf_dir`` (conftest's write_tiny) as a GGUF file, byte tokenizer and chat template."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = GGUF_ARCH[family]
+    writer = gguf.GGUFWriter(str(out), arch_name or gguf.MODEL_ARCH_NAMES[arch])
+    n_layers, n_head, n_kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    writer.add_block_count(n_layers)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta")))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    chars = _byte_to_unicode()
+    tokens = [chars[b] for b in range(256)] + ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * 3)
+    writer.add_token_merges([])
+    writer.add_token_scores([0.0] * len(tokens))  # an empty merge list is not stored; merges come from scores
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(257)
+    writer.add_pad_token_id(258)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    for name, t in load_file(str(hf_dir / "model.safetensors")).items():
+        base, suffix = name.rsplit(".", 1)
+        w = t.float().numpy()
+        if family == "llama" and base.endswith("q_proj"):
+            w = _permute(w, n_head)
+        elif family == "llama" and base.endswith("k_proj"):
+            w = _permute(w, n_kv)
+        kind = qtype if w.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms stay F32, as llama.cpp keeps them
+        data = w if kind == gguf.GGMLQuantizationType.F32 else gguf.quantize(w, kind)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    from conftest import write_tiny
+
+    root = tmp_path_factory.mktemp("gguf")
+    made = {}
+    for family in ("llama", "qwen3"):
+        hf = write_tiny(root / f"{family}-hf", family, vocab_size=259)
+        made[family] = (hf, write_gguf(hf, root / f"{family}.gguf", family))
+    hf = made["llama"][0]
+    made["q8"] = (hf, write_gguf(hf, root / "llama-q8_0.gguf", "llama", gguf.GGMLQuantizationType.Q8_0))
+    return made
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _engine_greedy(model_dir) -> list[list[int]]:
+    llm = LLM(model=str(model_dir), device="cpu", num_gpu_blocks=32, swap_space_gb=0.0)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_f32_gguf_round_trips_exactly(family, tiny_ggufs, cache, hf_greedy):
+    hf_dir, gguf_file = tiny_ggufs[family]
+    out = import_gguf(gguf_file)
+    assert out.parent == cache / "gguf" and MARKER in {p.name for p in out.iterdir()}
+    # F32 tensors: the conversion must give back the original weights bit for bit (q/k un-permuted).
+    from safetensors.torch import load_file
+
+    original, converted = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(converted) == set(original) - {"lm_head.weight"} or set(converted) == set(original)
+    for name, t in converted.items():
+        assert torch.equal(t, original[name]), name
+    # HF on the original checkpoint is the reference for the engine on the converted one.
+    got = _engine_greedy(out)
+    for prompt, tokens in zip(PROMPTS, got):
+        assert tokens == hf_greedy(str(hf_dir), prompt, MAX_NEW)
+
+
+def test_quantized_gguf_matches_hf_on_the_converted_dir(tiny_ggufs, cache, hf_greedy):
+    _, gguf_file = tiny_ggufs["q8"]
+    out = import_gguf(gguf_file)
+    meta = json.loads((out / MARKER).read_text())
+    assert meta["tensor_types"].get("Q8_0", 0) > 0 and meta["architecture"] == "llama"
+    for prompt, tokens in zip(PROMPTS, _engine_greedy(out)):
+        assert tokens == hf_greedy(str(out), prompt, MAX_NEW)
+
+
+def test_conversion_is_cached_by_content(tiny_ggufs, cache, tmp_path):
+    _, gguf_file = tiny_ggufs["llama"]
+    first = Path(resolve_model(str(gguf_file)))
+    written = (first / "model.safetensors").stat().st_mtime_ns
+    renamed = tmp_path / "renamed.gguf"
+    shutil.copy(gguf_file, renamed)
+    assert resolve_model(str(renamed)) == str(first)  # same content under another name: no second conversion
+    assert (first / "model.safetensors").stat().st_mtime_ns == written
+    shutil.copy(tiny_ggufs["q8"][1], renamed)  # other content under the same name: its own conversion
+    other = Path(resolve_model(str(renamed)))
+    assert other != first and sorted(p.name for p in (cache / "gguf").iterdir()) == sorted([first.name, other.name])
+
+
+def test_llm_takes_a_gguf_file_and_chats(tiny_ggufs, cache):
+    _, gguf_file = tiny_ggufs["llama"]
+    llm = LLM(model=str(gguf_file), device="cpu", num_gpu_blocks=32, swap_space_gb=0.0)
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert out.prompt == "<|user|>\nhi\n<|assistant|>\n"
+    assert out.prompt_token_ids == list(out.prompt.encode())  # the template's text, no BOS added again
+    assert 1 <= len(out.outputs[0].token_ids) <= 3
+
+
+def test_import_into_a_given_directory(tiny_ggufs, tmp_path):
+    _, gguf_file = tiny_ggufs["llama"]
+    out = import_gguf(gguf_file, tmp_path / "model")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", MARKER} <= names
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 257
+    with pytest.raises(ValueError, match="already holds a model"):
+        import_gguf(gguf_file, out)
+
+
+def test_refuses_a_non_llama_architecture(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"gpt2\.gguf.*'gpt2' model; only Llama-family"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_corrupt_files(tiny_ggufs, tmp_path):
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 this is a zip, not a GGUF")
+    with pytest.raises(ValueError, match=r"weights\.gguf.*is not a GGUF file"):
+        inspect_gguf(not_gguf)
+    _, good = tiny_ggufs["llama"]
+    data = good.read_bytes()
+    for cut in (24, len(data) // 3, len(data) - 100):
+        truncated = tmp_path / f"cut{cut}.gguf"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"cut{cut}\.gguf.*(corrupt or truncated|cannot be read)"):
+            convert_gguf(truncated, tmp_path / f"out{cut}")
+        assert not (tmp_path / f"out{cut}").exists()
+    with pytest.raises(ValueError, match="does not exist"):
+        inspect_gguf(tmp_path / "missing.gguf")
+
+
+def test_refuses_a_tensor_type_it_cannot_dequantize(tmp_path):
+    path = tmp_path / "q8_1.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    q8_1 = gguf.GGMLQuantizationType.Q8_1
+    _, type_size = gguf.GGML_QUANT_SIZES[q8_1]
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2 * type_size), dtype=np.uint8), raw_dtype=q8_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"q8_1\.gguf.*token_embd\.weight.*Q8_1.*cannot dequantize"):
+        inspect_gguf(path)
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not a model"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="not a .gguf checkpoint"):
+        resolve_model(str(tmp_path / "notes.txt"))

