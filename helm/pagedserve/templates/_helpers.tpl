@@ -111,6 +111,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "PAGEDSERVE_MAX_DELIVERIES" $w.maxDeliveries
   "PAGEDSERVE_RESULT_TTL_S" $w.resultTtlS
   "PAGEDSERVE_MAX_QUEUE_MS" $w.maxQueueMs
+  "PAGEDSERVE_MAX_SAMPLES_PER_REQUEST" $w.maxSamplesPerRequest
+  "PAGEDSERVE_MAX_STOP_STRINGS" $w.maxStopStrings
+  "PAGEDSERVE_MAX_STOP_STRING_CHARS" $w.maxStopStringChars
+  "PAGEDSERVE_MAX_TOKENS_PER_REQUEST" $w.maxTokensPerRequest
+  "PAGEDSERVE_STALL_TIMEOUT_S" $w.stallTimeoutS
   "PAGEDSERVE_SHUTDOWN_GRACE_S" $w.shutdownGraceSeconds
   "PAGEDSERVE_GRACE_PERIOD_S" $w.shutdownGraceSeconds
   "PAGEDSERVE_METRICS_PORT" $w.metricsPort
