@@ -19,6 +19,7 @@ import redis.asyncio as aredis
 
 from .client_core import (
     CONNECTION_ERRORS,
+    CountKeys,
     Emit,
     Event,
     Listen,
@@ -154,6 +155,8 @@ class Client(ProducerCore):
                         reply = self.r.xinfo_groups(op.stream)
                     elif isinstance(op, ReadConsumers):
                         reply = self.r.xinfo_consumers(op.stream, op.group)
+                    elif isinstance(op, CountKeys):
+                        reply = self.r.exists(*op.keys)
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
                         pubsub.subscribe(op.channel)
@@ -271,6 +274,8 @@ class AsyncClient(ProducerCore):
                         reply = await self.r.xinfo_groups(op.stream)
                     elif isinstance(op, ReadConsumers):
                         reply = await self.r.xinfo_consumers(op.stream, op.group)
+                    elif isinstance(op, CountKeys):
+                        reply = await self.r.exists(*op.keys)
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
                         await pubsub.subscribe(op.channel)

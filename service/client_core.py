@@ -17,8 +17,9 @@ Invariants of :func:`event_wait`:
   raises ``TimeoutError``; but a Redis never reached (no subscription ever confirmed) fails at once with
   :class:`RedisUnreachable`, naming the URL with its password masked;
 - with ``pickup_timeout``, a request it sent that has had no event for that long is checked against the
-  consumer group: no group, no consumers, or none active lately raises :class:`NoWorker` (a worker that is
-  busy keeps the wait going, whatever the queue's length).
+  consumer group: no group, no consumers, or none whose consumer-name lease is alive (a live worker renews it
+  from a thread of its own, however busy its loop) raises :class:`NoWorker`; a live worker keeps the wait
+  going, whatever the queue's length.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ CONFIRM_S = 5.0  # a subscription not confirmed within this long counts as a los
 RETRY_PAUSE_S = 0.2
 # The errors event_wait retries on (a client throws every Redis error of an operation into it).
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-ACTIVE_WITHIN_S = 30.0  # a consumer that touched the stream this recently counts as a live worker
 
 
 class RedisUnreachable(redis.ConnectionError):
@@ -244,6 +244,13 @@ class ReadConsumers:
 
 
 @dataclasses.dataclass(frozen=True)
+class CountKeys:
+    """EXISTS ``keys``. Reply: how many of them exist."""
+
+    keys: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Unsubscribe:
     """Close the pub/sub connection, ignoring errors (it may be dead already)."""
 
@@ -260,22 +267,31 @@ class Emit:
     event: Event
 
 
-Op = Union[Subscribe, Listen, Send, ReadResult, ReadGroups, ReadConsumers, Unsubscribe, Pause, Emit]
+Op = Union[Subscribe, Listen, Send, ReadResult, ReadGroups, ReadConsumers, CountKeys, Unsubscribe, Pause, Emit]
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def no_worker_reason(group: str, groups: list[dict], consumers: list[dict] | None) -> str | None:
-    """Why no worker will pick a request up (``consumers`` None: not read), or None when one is live."""
-    if not any(_text(g.get("name")) == group for g in groups):
-        return f"no consumer group {group}: no worker has started on this prefix"
-    consumers = consumers or []
+def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
+    """Why no worker will pick a request up, or None when a worker is alive.
+
+    A worker joins the group's consumers when it is first delivered an entry: one alive and idle would have
+    taken the request at once. Liveness is its consumer-name lease, not the consumer's idle time (before Redis
+    7.2 a blocked read of an empty stream does not reset it, and a busy worker may not read for minutes)."""
+    try:
+        groups = yield ReadGroups(keys.requests)
+    except redis.ResponseError:  # no stream at all (an empty Redis, restarted): no group either
+        groups = []
+    if not any(_text(g.get("name")) == keys.group for g in groups):
+        return f"no consumer group {keys.group}: no worker has started on this prefix"
+    consumers = yield ReadConsumers(keys.requests, keys.group)
     if not consumers:
         return "consumer group has 0 consumers"
-    if not any(int(c.get("idle", 0)) <= ACTIVE_WITHIN_S * 1000 for c in consumers):
-        return f"consumer group has {len(consumers)} consumers, none active in the last {ACTIVE_WITHIN_S:g} s"
+    alive = yield CountKeys(tuple(keys.consumer_lease(_text(c["name"])) for c in consumers))
+    if not alive:
+        return f"consumer group has {len(consumers)} consumer{'s' if len(consumers) > 1 else ''}, none of them alive"
     return None
 
 
@@ -339,14 +355,7 @@ def event_wait(
                 if expired():
                     raise timeout_error()
                 if check_workers_at is not None and clock() >= check_workers_at:
-                    try:
-                        groups = yield ReadGroups(keys.requests)
-                    except redis.ResponseError:  # no stream (an empty Redis restarted): no group either
-                        groups = []
-                    consumers = None
-                    if any(_text(g.get("name")) == keys.group for g in groups):
-                        consumers = yield ReadConsumers(keys.requests, keys.group)
-                    why = no_worker_reason(keys.group, groups, consumers)
+                    why = yield from why_no_worker(keys)
                     if why is not None:
                         raise NoWorker(f"no worker has picked this up after {pickup_timeout:g} s ({why})")
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]

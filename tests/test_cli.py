@@ -121,6 +121,12 @@ def test_submit_without_a_worker_says_so(redis_url, prefix):
     line = _one_line(res)
     assert res.returncode == 2, line
     assert "no worker has picked this up after 1 s (consumer group has 0 consumers)" in line
+    with redis.Redis.from_url(redis_url) as r:  # a consumer whose worker is gone (no consumer-name lease)
+        r.xreadgroup(f"{prefix}-workers", "gone-worker", {f"{prefix}:requests": "0"}, count=1)
+    res = _submit(env, "--pickup-timeout", "1")
+    line = _one_line(res)
+    assert res.returncode == 2, line
+    assert "no worker has picked this up after 1 s (consumer group has 1 consumer, none of them alive)" in line
 
 
 def test_submit_with_a_short_pickup_timeout_completes_on_a_live_worker(redis_url, prefix, shared_engine):

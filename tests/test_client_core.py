@@ -7,6 +7,7 @@ are the ones its docstring states; the real-Redis behaviour of both clients is c
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedserve.service.client_core import (
+    CountKeys,
     Emit,
     Listen,
     NoWorker,
@@ -163,30 +165,58 @@ def _sent_and_quiet(pickup_timeout: float):
     return wait, clock, quiet_until_check
 
 
-@pytest.mark.parametrize("groups, consumers, why", [
-    ([], None, "no consumer group t-workers"),
-    ([{"name": b"t-workers"}], [], "consumer group has 0 consumers"),
-    ([{"name": b"t-workers"}], [{"name": b"w1", "idle": 3_600_000}], "consumer group has 1 consumers, none active"),
+WORKERS = [{"name": b"t-workers"}]
+W1 = [{"name": b"w1", "pending": 0, "idle": 3_600_000}]  # idle says little (see why_no_worker): the lease decides
+
+
+@pytest.mark.parametrize("replies, why", [
+    ([[]], "no consumer group t-workers: no worker has started on this prefix"),
+    ([WORKERS, []], "consumer group has 0 consumers"),
+    ([WORKERS, W1, 0], "consumer group has 1 consumer, none of them alive"),
 ])
-def test_pickup_timeout_names_why_no_worker_will_come(groups, consumers, why):
+def test_pickup_timeout_names_why_no_worker_will_come(replies, why):
     wait, clock, quiet_until_check = _sent_and_quiet(5.0)
     quiet_until_check()
     assert clock.now >= 5.0
-    with pytest.raises(NoWorker, match=f"no worker has picked this up after 5 s \\({why}"):
-        op = wait.send(groups)
-        if consumers is not None:
-            assert op == ReadConsumers("t:requests", "t-workers")
-            wait.send(consumers)
+    with pytest.raises(NoWorker) as exc:
+        for reply in replies:
+            op = wait.send(reply)
+            assert isinstance(op, (ReadConsumers, CountKeys)), op
+    assert str(exc.value) == f"no worker has picked this up after 5 s ({why})"
 
 
-def test_pickup_timeout_keeps_waiting_while_a_worker_is_live():
+def test_pickup_timeout_keeps_waiting_while_a_worker_is_alive():
     wait, clock, quiet_until_check = _sent_and_quiet(5.0)
-    quiet_until_check()
-    assert isinstance(wait.send([{"name": "t-workers"}]), ReadConsumers)
-    assert isinstance(wait.send([{"name": "w1", "idle": 20}]), Listen)  # live: go on, check again later
-    quiet_until_check()
-    assert clock.now >= 10.0
-    assert isinstance(wait.send([{"name": "t-workers"}]), ReadConsumers)
-    assert isinstance(wait.send([{"name": "w1", "idle": 20}]), Listen)
+    for check in (1, 2):
+        quiet_until_check()
+        assert clock.now >= 5.0 * check
+        assert wait.send(WORKERS) == ReadConsumers("t:requests", "t-workers")
+        assert wait.send(W1) == CountKeys(("t:consumer:w1",))
+        assert isinstance(wait.send(1), Listen)  # its lease is alive: go on, check again later
     end = wait.send({"type": "message", "data": DONE})
     assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
+
+
+def test_a_live_worker_passes_the_check_through_both_clients(redis_url, prefix, shared_engine):
+    """The check's reads on a real Redis with a real worker (and none once it stopped), run by the clients' own
+    drivers: a worker that has taken an entry is a consumer with a live lease, idle or busy."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient, Client
+    from pagedserve.service.client_core import why_no_worker
+
+    def check(keys):
+        yield Emit((yield from why_no_worker(keys)))  # the verdict, handed out as the one "event"
+
+    async def async_check():
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            return [why async for why in ac._run(check(ac.keys))]
+
+    s = make_settings(redis_url, prefix)
+    with Client(redis_url, prefix=prefix) as c:
+        with running_worker(s, shared_engine):
+            assert list(c._run(check(c.keys))) == ["consumer group has 0 consumers"]  # nothing delivered yet
+            c.generate("hi", params={"max_tokens": 2}, timeout=120)
+            assert list(c._run(check(c.keys))) == [None]
+            assert asyncio.run(async_check()) == [None]
+        assert list(c._run(check(c.keys))) == ["consumer group has 1 consumer, none of them alive"]
