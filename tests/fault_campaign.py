@@ -27,6 +27,7 @@ import redis
 from fault_harness import (
     AckWatch,
     ChannelRecorder,
+    DeliveryWatch,
     PrivateRedis,
     Submission,
     Violation,
@@ -234,6 +235,8 @@ class Campaign:
         self.fleet: Fleet | None = None
         self.recorder: ChannelRecorder | None = None
         self.watch = AckWatch(self.keys)
+        self.deliveries = DeliveryWatch(self.keys)
+        self.runs_lost: collections.Counter = collections.Counter()  # entry id -> worker deaths holding it
         self.subs: list[Submission] = []
         self.by_entry: dict[str, Submission] = {}
         self.disturbed: dict[str, str] = {}
@@ -418,6 +421,7 @@ class Campaign:
         name = self.fleet.kill(slot)
         held = pending_entries(self.redis.admin, self.keys, name)  # frozen now: the dead worker's share
         self._disturb(held, f"worker {name} SIGKILLed holding it")
+        self.runs_lost.update(as_text(p["message_id"]) for p in held)
         self._seq += 1
         new = name if same_name else f"{name.split('.')[0]}.{self._seq}"
         self.fleet.spawn(slot, new)
@@ -464,6 +468,7 @@ class Campaign:
 
     def _poll(self) -> None:
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.deliveries.poll(self.redis.admin)
             self.watch.poll(self.redis.admin, self.subs, ", ".join(sorted(self.windows)))
 
     # ------------------------------------------------------------------ drain and check
@@ -498,8 +503,12 @@ class Campaign:
 
     def check(self) -> list[Violation]:
         out = list(self.watch.violations) + list(self.fleet.crashes)
-        out += check_invariants(self.redis.admin, self.keys, self.subs, recorder=self.recorder,
-                                disturbed=self.disturbed)
+        out += self.deliveries.violations(self.subs, self.runs_lost)
+        final = check_invariants(self.redis.admin, self.keys, self.subs, recorder=self.recorder,
+                                 disturbed=self.disturbed)
+        # an entry the watch saw leave without its answer is reported once, with the fault window it fell in
+        seen = self.watch.reported
+        out += [v for v in final if not (v.rule == "acked_without_result" and v.detail.split()[1] in seen)]
         for log in self.fleet.logs:
             if self.redis.password in log.read_text(errors="replace"):
                 out.append(Violation("secret_in_log", f"{log.name} contains the Redis password",

@@ -5,6 +5,7 @@ The pieces stand alone, so other service tests can reuse them:
 - :class:`Submission`: one entry a test put on the request stream and what it expects of it;
 - :class:`ChannelRecorder`: every event published on the ``out:*`` channels (the evidence for "one run per id");
 - :class:`AckWatch`: while a campaign runs, catches an entry that left the stream before its answer was stored;
+- :class:`DeliveryWatch`: the deliveries of each entry, against the worker deaths that explain them;
 - :func:`check_invariants`: the promises of the contract's "Guarantees", checked over Redis state (plus the
   recorder); returns :class:`Violation` objects, empty when every promise held;
 - :class:`PrivateRedis`: redis-server with AOF (appendfsync always) and an ACL user for the workers, which a
@@ -135,7 +136,8 @@ class AckWatch:
 
     def __init__(self, keys: Keys):
         self.keys = keys
-        self.answered: set[str] = set()  # entry ids seen gone with their answer
+        self.answered: set[str] = set()  # entry ids seen gone (with or without their answer)
+        self.reported: set[str] = set()  # ... without it
         self.violations: list[Violation] = []
 
     def poll(self, r: redis.Redis, submissions: list[Submission], note: str = "") -> None:
@@ -151,11 +153,37 @@ class AckWatch:
         for s in gone:
             self.answered.add(s.entry_id)
             if not (s.request_id in results or s.entry_id in dead):
+                self.reported.add(s.entry_id)
                 self.violations.append(Violation(
                     "acked_without_result",
                     f"entry {s.entry_id} ({s.kind}, id {s.request_id}) left the stream with no result and no dead "
                     f"letter{' during ' + note if note else ''}",
                     "item 1: a refused result write, entry acknowledged anyway"))
+
+
+class DeliveryWatch:
+    """The most deliveries each pending entry was seen with. One delivery per run: an entry is delivered again
+    only when the worker holding it died (or gave it up), so ``deliveries <= 1 + runs given up``."""
+
+    def __init__(self, keys: Keys):
+        self.keys = keys
+        self.seen: dict[str, int] = {}
+
+    def poll(self, r: redis.Redis) -> None:
+        for p in pending_entries(r, self.keys):
+            eid = as_text(p["message_id"])
+            self.seen[eid] = max(self.seen.get(eid, 0), int(p["times_delivered"]))
+
+    def violations(self, submissions: list[Submission], runs_lost: collections.Counter) -> list[Violation]:
+        """``runs_lost``: entry id -> how many times a worker died holding it."""
+        out = []
+        for s in submissions:
+            n, lost = self.seen.get(s.entry_id, 0), runs_lost.get(s.entry_id, 0)
+            if n > 1 + lost:
+                out.append(Violation("delivered_too_often", f"entry {s.entry_id} ({s.kind}, id {s.request_id}) "
+                                     f"delivered {n} times, {lost} worker deaths holding it",
+                                     "item 8: deliveries counted twice on restart"))
+        return out
 
 
 # ------------------------------------------------------------------------------------------ pub/sub evidence
