@@ -279,17 +279,23 @@ def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
 
     A worker joins the group's consumers when it is first delivered an entry: one alive and idle would have
     taken the request at once. Liveness is its consumer-name lease, not the consumer's idle time (before Redis
-    7.2 a blocked read of an empty stream does not reset it, and a busy worker may not read for minutes)."""
+    7.2 a blocked read of an empty stream does not reset it, and a busy worker may not read for minutes).
+    A producer whose Redis user may not run XINFO or EXISTS cannot tell, and keeps waiting."""
     try:
         groups = yield ReadGroups(keys.requests)
+    except redis.exceptions.NoPermissionError:
+        return None
     except redis.ResponseError:  # no stream at all (an empty Redis, restarted): no group either
         groups = []
     if not any(_text(g.get("name")) == keys.group for g in groups):
         return f"no consumer group {keys.group}: no worker has started on this prefix"
-    consumers = yield ReadConsumers(keys.requests, keys.group)
-    if not consumers:
-        return "consumer group has 0 consumers"
-    alive = yield CountKeys(tuple(keys.consumer_lease(_text(c["name"])) for c in consumers))
+    try:
+        consumers = yield ReadConsumers(keys.requests, keys.group)
+        if not consumers:
+            return "consumer group has 0 consumers"
+        alive = yield CountKeys(tuple(keys.consumer_lease(_text(c["name"])) for c in consumers))
+    except redis.exceptions.NoPermissionError:
+        return None
     if not alive:
         return f"consumer group has {len(consumers)} consumer{'s' if len(consumers) > 1 else ''}, none of them alive"
     return None

@@ -185,6 +185,16 @@ def test_pickup_timeout_names_why_no_worker_will_come(replies, why):
     assert str(exc.value) == f"no worker has picked this up after 5 s ({why})"
 
 
+@pytest.mark.parametrize("refused_at", [0, 1, 2])
+def test_pickup_timeout_keeps_waiting_when_the_user_may_not_look(refused_at):
+    """A producer user without XINFO or EXISTS cannot tell whether a worker is alive: no false alarm."""
+    wait, _, quiet_until_check = _sent_and_quiet(5.0)
+    quiet_until_check()
+    for reply in [WORKERS, W1][:refused_at]:  # refused at XINFO GROUPS, XINFO CONSUMERS or EXISTS
+        wait.send(reply)
+    assert isinstance(wait.throw(redis.exceptions.NoPermissionError("NOPERM no permissions")), Listen)
+
+
 def test_pickup_timeout_keeps_waiting_while_a_worker_is_alive():
     wait, clock, quiet_until_check = _sent_and_quiet(5.0)
     for check in (1, 2):
