@@ -37,7 +37,8 @@ def _run(cmd: list, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src") / "pagedserve"
     anywhere = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.safetensors")
-    at_root = {".git", ".venv", "build", "dist", ".pytest_cache", ".hypothesis", "models", "tmp", ".bench", ".cache"}
+    at_root = {".git", ".venv", "build", "dist", ".pytest_cache", ".hypothesis", "models", "tmp", ".bench", ".cache",
+               ".whl", ".gl"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         skip = set(anywhere(folder, names))
