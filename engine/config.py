@@ -31,6 +31,7 @@ class EngineConfig:
     seed: int = 0
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, A/B benchmarks)
+    share_blocks: bool = True  # False: forks copy every block (the baseline block sharing is measured against)
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -56,6 +57,8 @@ class EngineConfig:
             fail("dtype", "must be auto, float32, float16 or bfloat16")
         if not isinstance(self.enforce_eager, bool):
             fail("enforce_eager", "must be a bool")
+        if not isinstance(self.share_blocks, bool):
+            fail("share_blocks", "must be a bool")
         if not 0 < self.gpu_memory_utilization <= 1:
             fail("gpu_memory_utilization", "must be in (0, 1]")
         try:
