@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams
 
@@ -17,8 +16,6 @@ class LLM:
                  swap_space_gb: float = 4.0, preemption_mode: str = "auto", enable_prefix_caching: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                  device: str = "auto", dtype: str = "auto", seed: int = 0, **kwargs) -> None:
-        # A model name or a .gguf file becomes an HF directory here (fetched or converted once, then cached).
-        model = resolve_model(model) if model is not None else None
         self.engine = LLMEngine(
             model, block_size=block_size, num_gpu_blocks=num_gpu_blocks, swap_space_gb=swap_space_gb,
             preemption_mode=preemption_mode, enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,

@@ -11,11 +11,11 @@ import torch
 
 from pagedserve.engine.beam_search import BeamState
 from pagedserve.engine.block_manager import BlockManager
-from pagedserve.engine.builtin_model import ensure_builtin_model
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.errors import PromptTooLongError
 from pagedserve.engine.loader import load_config, read_generation_eos
+from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampler import Sampler
@@ -38,7 +38,7 @@ def _one_line(text: str) -> str:
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
-        model_dir = model or ensure_builtin_model()
+        model_dir = resolve_model(model)  # None, a model name, an HF directory or a .gguf file
         self.model_dir = model_dir
         self.model_name = str(model_dir).rstrip("/").split("/")[-1]
         hf_config = load_config(model_dir)

