@@ -61,11 +61,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _field(reader, key: str):
+    """A scalar metadata value (str or number), or None; from the field's raw parts, as transformers reads them."""
+    import gguf
+
     f = reader.fields.get(key)
-    if f is None:
+    if f is None or not f.data or not f.types or f.types[0] == gguf.GGUFValueType.ARRAY:
         return None
-    value = f.contents()
-    return value
+    raw = f.parts[f.data[0]]
+    if f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(raw).decode("utf-8", errors="replace")
+    return raw[0].item()
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:

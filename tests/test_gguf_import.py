@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
@@ -196,6 +198,30 @@ def test_refuses_corrupt_files(tiny_ggufs, tmp_path):
         assert not (tmp_path / f"out{cut}").exists()
     with pytest.raises(ValueError, match="does not exist"):
         inspect_gguf(tmp_path / "missing.gguf")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_truncation_or_header_damage_is_a_clear_error(tiny_ggufs, tmp_path, data):
+    """Cut anywhere, or a header byte overwritten: inspect_gguf either accepts the file or raises ValueError naming
+    it (never another exception, never a hang). A cut file is always refused: its last tensor is short."""
+    _, good = tiny_ggufs["llama"]
+    raw = bytearray(good.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="cut")]
+        must_fail = True
+    else:
+        at = data.draw(st.integers(0, 200), label="offset")
+        raw[at] = data.draw(st.integers(0, 255).filter(lambda b: b != raw[at]), label="byte")
+        must_fail = False
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(bytes(raw))
+    try:
+        inspect_gguf(path)
+    except ValueError as e:
+        assert "damaged.gguf" in str(e)
+    else:
+        assert not must_fail
 
 
 def test_refuses_a_tensor_type_it_cannot_dequantize(tmp_path):
