@@ -131,3 +131,36 @@ def test_restart_under_the_same_name_counts_one_delivery_and_one_dead_letter(tmp
             if second:
                 second.close()
             r.close()
+
+
+def test_acl_denying_the_ack_inside_the_script_leaves_entries_pending_with_their_result(tmp_path, prefix):
+    """An ACL that denies XACK fails finish.lua half way (after its SET): the entry must stay pending with its
+    result stored, never be acked without it; once XACK is allowed again everything is acked, one result each."""
+    from pagedserve.service.connection import worker_acl
+
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        keys = Keys(prefix)
+        user, pw = "pagedserve-worker", "writes-pw"
+        admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{pw}", *worker_acl(prefix))
+        s = make_settings(url.replace("redis://", f"redis://{user}:{pw}@", 1), prefix, claim_idle_ms=60_000)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            admin.execute_command("ACL", "SETUSER", user, "-xack")
+            try:
+                entries = {f"acl-{i}": submit(admin, keys, f"acl-{i}", max_tokens=8 + 4 * i) for i in range(4)}
+                wait_for(lambda: scrape(w, "pagedserve_redis_write_refusals_total") >= 4
+                         and len(results(admin, keys, entries)) == 4, 120, 0.1, "results stored, acks refused")
+                assert_no_ack_without_result(admin, keys, entries)
+                assert set(pending_ids(admin, keys)) == set(entries.values())
+            finally:
+                admin.execute_command("ACL", "SETUSER", user, "+xack")
+            wait_for(lambda: not pending_ids(admin, keys), 60, 0.1, "all acked")
+            got = results(admin, keys, entries)
+            assert set(got) == set(entries) and all(isinstance(ev, DoneEvent) for ev in got.values())
+            assert admin.xlen(keys.requests) == 0 and admin.xlen(keys.dead) == 0
+            assert w.proc.poll() is None
+        finally:
+            w.close()
+            admin.close()
