@@ -26,5 +26,6 @@ redis:
 test: $(STAMP) redis
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Results go to .bench/ (ignored); the recorded runs in docs/ are only rewritten on purpose (--out docs/...).
 bench: $(STAMP)
-	$(VENV)/bin/pagedserve bench offline
+	$(VENV)/bin/pagedserve bench offline --out .bench/offline.json

@@ -4,8 +4,8 @@ All tokens of a step are flattened into one batch with no padding. Positions, sl
 token's K/V goes), block tables and, for a decode-only step, the kernel set's attention plan are built once per
 step into a ``StepContext`` that every attention layer reads. The model is built with its kernel set
 (``kernels.get_ops``) and keeps it. Pending block swaps and copies run first, in the order swap-out, swap-in,
-copy-on-write. On CUDA,
-decode-only steps replay captured graphs (:mod:`pagedserve.engine.cuda_graphs`) unless ``enforce_eager`` is set.
+copy-on-write. On CUDA, decode-only steps replay captured graphs (:mod:`pagedserve.engine.cuda_graphs`) unless
+``enforce_eager`` is set.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class ModelRunner:
                 tables.append(table)
                 if end == seq.num_tokens:
                     sample_rows.append((seq, cu[-1] - 1))
-        # Row by row into a zeroed array: 3x faster than torch.tensor over padded nested lists at long contexts.
+        # Row by row into a zeroed array: cheaper than torch.tensor over padded nested lists at long contexts.
         block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
         for i, table in enumerate(tables):
             block_tables[i, :len(table)] = table
@@ -177,9 +177,10 @@ class ModelRunner:
 def _transpose_linear_storage(model: torch.nn.Module) -> None:
     """Store every linear weight column-major (same values and shape, strides swapped).
 
-    ``F.linear`` then hands MKL a plain ``x @ W`` instead of ``x @ W^T``, which its CPU GEMM runs 1.4x faster at
-    decode batch sizes (8-64 rows) and as fast elsewhere. Only the summation order can change, never a value's
-    meaning; the tied input embedding is not an ``nn.Linear`` and keeps its row-major lookup layout.
+    ``F.linear`` then hands MKL a plain ``x @ W`` instead of ``x @ W^T``, which its CPU GEMM runs faster at
+    decode batch sizes (8-64 rows) and as fast elsewhere (docs/benchmarks.md). Only the summation order can
+    change, never a value's meaning; the tied input embedding is not an ``nn.Linear`` and keeps its row-major
+    lookup layout.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):

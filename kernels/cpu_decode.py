@@ -1,4 +1,5 @@
-"""Paged decode attention in pure torch: the CPU path behind :func:`pagedserve.kernels.reference.paged_decode_attention`.
+"""Paged decode attention in pure torch: the CPU path behind
+:func:`pagedserve.kernels.reference.paged_decode_attention`.
 
 Pure torch cannot read K/V through a block table in place, so each sequence's blocks are gathered into a
 contiguous copy every layer of every step; this module keeps that copy small and the number of torch calls low:
@@ -223,9 +224,10 @@ def _sdpa(q, k, v, bucket: DecodeBucket, scale):
     """``q`` ``[S, Hq, D]`` over token-major ``k``/``v`` ``[S, L, Hkv, D]`` at the bucket's ``keep``, in fp32.
 
     A KV head's group of query heads goes in as that head's query rows (``[S, Hkv, group, D]``): one query
-    token per sequence, so no causal mask is needed, no K/V is repeated, and SDPA runs 1.6x faster than with
-    ``enable_gqa`` and a single query row. Returns ``(out, None)`` with ``out`` in ``q``'s dtype, or, when the
-    bucket has an additive mask (its plan merges prefixes), ``(out, lse)`` in fp32 with ``lse`` ``[S, Hq]``.
+    token per sequence, so no causal mask is needed, no K/V is repeated, and SDPA runs faster than with
+    ``enable_gqa`` and a single query row (docs/benchmarks.md). Returns ``(out, None)`` with ``out`` in ``q``'s
+    dtype, or, when the bucket has an additive mask (its plan merges prefixes), ``(out, lse)`` in fp32 with
+    ``lse`` ``[S, Hq]``.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]

@@ -8,6 +8,9 @@ loaded once per KV head, not once per query head. Softmax runs online in fp32 in
 
 Host-side launch parameters are derived only from tensor shapes (never from tensor values), so the
 wrappers do not synchronise with the device and can be captured in CUDA graphs.
+
+One module past the usual size on purpose: decode and prefill share the online-softmax tile step
+(``_attend_kv_tile``), the dot-precision rules and the launch-shape helpers; split, neither half reads alone.
 """
 
 from __future__ import annotations

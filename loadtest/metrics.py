@@ -12,27 +12,16 @@ Definitions (the same as vLLM's serving benchmark):
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
+
+from pagedserve.bench.common import percentile
 
 METRICS = ("TTFT", "ITL", "TPOT", "E2E")
 # What the worker reports in the done event's "metrics" (server side: from the stream entry's time), kept
 # next to the client-side numbers so Redis/client overhead and engine time can be told apart.
 SERVER_METRICS = {"server_queued": "queued_ms", "server_ttft": "ttft_ms", "server_e2e": "e2e_ms"}
 PERCENTILES = (50, 90, 95, 99)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), None for no data."""
-    if not values:
-        return None
-    xs = sorted(values)
-    if len(xs) == 1:
-        return float(xs[0])
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 class PoissonPacer:

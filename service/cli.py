@@ -19,10 +19,10 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 _BENCH_TARGETS = {
-    "offline": "pagedserve.engine.benchmarks:offline_command",
-    "sharing": "pagedserve.engine.benchmarks:sharing_command",
-    "kernels": "pagedserve.kernels.bench:kernels_command",
-    "service": "pagedserve.service.bench:service_command",
+    "offline": "pagedserve.bench.offline:offline_command",
+    "sharing": "pagedserve.bench.sharing:sharing_command",
+    "kernels": "pagedserve.bench.kernels:kernels_command",
+    "service": "pagedserve.bench.service:service_command",
 }
 
 

@@ -21,6 +21,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pagedserve.bench.common import percentile
+
 from .connection import redact
 
 PROMPTS = [
@@ -36,11 +38,9 @@ PROMPTS = [
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
-    return values[k]
+    """The shared ``percentile`` as a float for the summary table (NaN when nothing finished)."""
+    p = percentile(values, q)
+    return float("nan") if p is None else p
 
 
 def _printable(s: str, width: int = 60) -> str:

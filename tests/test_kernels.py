@@ -468,7 +468,7 @@ def test_swap_blocks_cpu_defers_to_reference():
 def test_bench_without_cuda_exits_cleanly(monkeypatch, tmp_path, capsys):
     import typer  # noqa: PLC0415
 
-    from pagedserve.kernels import bench  # noqa: PLC0415
+    from pagedserve.bench import kernels as bench  # noqa: PLC0415
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(typer.Exit) as exc:
@@ -489,7 +489,7 @@ def test_kernels_compile_for_sm90_without_gpu():
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pagedserve.kernels.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "pagedserve.bench.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -8,7 +8,7 @@ Measures, on the current CUDA device:
     ``torch.nn.functional.scaled_dot_product_attention`` over the same K/V bytes;
   * block swap GB/s (device <-> pinned host pool) against plain pinned host<->device copy bandwidth.
 
-Prints rich tables and writes JSON. Standalone: ``python -m pagedserve.kernels.bench --out docs/bench-kernels.json``.
+Prints rich tables and writes JSON. Standalone: ``python -m pagedserve.bench.kernels --out .bench/kernels.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pagedserve.bench.bandwidth import bench_ms, measure_copy_bandwidth, measure_pinned_bandwidth
+from pagedserve.bench.common import parse_ints
+
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -34,64 +37,6 @@ QUICK_BATCHES = [1, 16]
 TARGET_BW_FRACTION = 0.70  # of copy bandwidth, at context >= 1k
 TARGET_SDPA_RATIO = 1.10  # paged latency / contiguous SDPA latency
 GIB = 1024**3
-
-
-def parse_ints(text: str, default: list[int] = ()) -> list[int]:
-    """``"1, 16,64"`` -> ``[1, 16, 64]``; an empty option gives ``default``."""
-    return [int(x) for x in text.replace(" ", "").split(",") if x] if text else list(default)
-
-
-def _bench_ms(fn, quick: bool) -> float:
-    """Median milliseconds per call; L2 is flushed before every call (triton.testing.do_bench)."""
-    import triton.testing  # noqa: PLC0415
-
-    warmup, rep = (10, 40) if quick else (25, 100)
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def _event_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def measure_copy_bandwidth(nbytes: int, quick: bool, device: str | torch.device = "cuda") -> float:
-    """Copy bandwidth of ``device``'s memory in GB/s (bytes read + bytes written), the memory roofline.
-
-    CUDA: a device-to-device copy timed by ``triton.testing.do_bench`` (median, L2 flushed). CPU: the median of
-    a few timed ``copy_`` calls of a buffer far larger than the caches (at torch's current thread count).
-    """
-    device = torch.device(device)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    if device.type == "cuda":
-        ms = _bench_ms(lambda: dst.copy_(src), quick)
-    else:
-        dst.copy_(src)  # first touch: commit the destination's pages outside the timing
-        times = []
-        for _ in range(3 if quick else 7):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t0)
-        ms = sorted(times)[len(times) // 2] * 1e3
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def measure_pinned_bandwidth(nbytes: int) -> dict[str, float]:
-    """Contiguous pinned host <-> device copy bandwidth in GB/s, each direction."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    h2d = _event_ms(lambda: dev.copy_(host, non_blocking=True), 5)
-    d2h = _event_ms(lambda: host.copy_(dev, non_blocking=True), 5)
-    del host, dev
-    return {"h2d_gbps": nbytes / (h2d * 1e-3) / 1e9, "d2h_gbps": nbytes / (d2h * 1e-3) / 1e9}
 
 
 def _sdpa_decode(batch: int, context: int, k_flat: torch.Tensor, v_flat: torch.Tensor, q: torch.Tensor):
@@ -127,7 +72,7 @@ def bench_decode_case(ops, batch: int, context: int, copy_gbps: float, quick: bo
     k_flat = torch.empty(shape, dtype=DTYPE, device="cuda").uniform_(-1, 1)
     v_flat = torch.empty(shape, dtype=DTYPE, device="cuda").uniform_(-1, 1)
     sdpa, mode = _sdpa_decode(batch, context, k_flat, v_flat, q)
-    row["sdpa_ms"] = _bench_ms(sdpa, quick)
+    row["sdpa_ms"] = bench_ms(sdpa, quick)
     row["sdpa_mode"] = mode
     del sdpa
     # Paged: same K/V storage, shuffled block tables.
@@ -135,7 +80,7 @@ def bench_decode_case(ops, batch: int, context: int, copy_gbps: float, quick: bo
     perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int64).to(torch.int32)
     block_tables = perm.view(batch, context // BLOCK_SIZE)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    row["paged_ms"] = _bench_ms(
+    row["paged_ms"] = bench_ms(
         lambda: ops.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale), quick
     )
     kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
@@ -189,7 +134,7 @@ def bench_swap(ops, num_layers: int, swap_blocks: int, pinned: dict[str, float])
 
 
 def kernels_command(
-    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = "docs/bench-kernels.json",
+    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/kernels.json",
     quick: Annotated[bool, typer.Option(help="A few shapes and short timing loops (smoke run).")] = False,
     contexts: Annotated[str, typer.Option(help="Comma-separated context lengths (default 512..32k).")] = "",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (default 1..256).")] = "",

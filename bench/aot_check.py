@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for real NVIDIA targets without a GPU (``python -m pagedserve.kernels.aot_check``).
+"""Compile every Triton kernel for real NVIDIA targets without a GPU (``python -m pagedserve.bench.aot_check``).
 
 The interpreter (``TRITON_INTERPRET=1``) skips most of the compiler's checks (``tl.dot`` shape and dtype
 rules, loop-carried types, shared-memory budget), so CI on CPU-only machines compiles the kernels ahead of

@@ -21,25 +21,23 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import typer
 
+from pagedserve.bench.common import bench_model_dir, make_workload, percentile, write_json
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(len(xs) - 1, int(k) + 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+def _ms(seconds: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``seconds`` in ms; NaN when there is nothing to rank."""
+    p = percentile(seconds, q)
+    return float("nan") if p is None else p * 1e3
 
 
 def _summary(ttft: list[float], e2e: list[float], tokens: int, wall: float) -> dict:
     return {
         "wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-        "ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p99": _pct(ttft, 99) * 1e3,
-        "e2e_ms_p50": _pct(e2e, 50) * 1e3, "e2e_ms_p99": _pct(e2e, 99) * 1e3,
+        "ttft_ms_p50": _ms(ttft, 50), "ttft_ms_p99": _ms(ttft, 99),
+        "e2e_ms_p50": _ms(e2e, 50), "e2e_ms_p99": _ms(e2e, 99),
     }
 
 
@@ -71,8 +69,8 @@ class WorkerProc:
     def __init__(self, url: str, prefix: str, env: dict):
         import redis
 
-        from .protocol import Keys
-        from .redis_server import free_port
+        from pagedserve.service.protocol import Keys
+        from pagedserve.service.redis_server import free_port
 
         self.metrics_port = free_port()
         env = {**env, "PAGEDSERVE_METRICS_PORT": str(self.metrics_port)}
@@ -109,7 +107,7 @@ class WorkerProc:
 
     def run_batch(self, prompts, max_tokens, warmup: bool = False) -> dict:
         """All requests XADDed in one pipeline at t0; TTFT/e2e as seen by this caller."""
-        from .protocol import parse_event
+        from pagedserve.service.protocol import parse_event
 
         ids = [f"b{i}-{uuid.uuid4().hex[:6]}" for i in range(len(prompts))]
         if not warmup:
@@ -173,10 +171,10 @@ class WorkerProc:
             res["worker_loop_overhead"] = 1 - (step1 - step0) / max(1e-9, busy1 - busy0)
             n = self._pickup[1] - pickup0[1]
             res["pickup_ms_mean"] = 1000 * (self._pickup[0] - pickup0[0]) / n if n else float("nan")
-            res["delivery_first_token_ms_p50"] = _pct(delivery_first, 50) * 1e3
-            res["delivery_first_token_ms_p99"] = _pct(delivery_first, 99) * 1e3
-            res["delivery_done_ms_p50"] = _pct(delivery_done, 50) * 1e3
-            res["delivery_done_ms_p99"] = _pct(delivery_done, 99) * 1e3
+            res["delivery_first_token_ms_p50"] = _ms(delivery_first, 50)
+            res["delivery_first_token_ms_p99"] = _ms(delivery_first, 99)
+            res["delivery_done_ms_p50"] = _ms(delivery_done, 50)
+            res["delivery_done_ms_p99"] = _ms(delivery_done, 99)
             # What the service adds to a request, measured on the request itself: the queue hop in (entry ->
             # engine) plus the hop out (engine output -> caller). Enqueue times come from stream ids (1 ms
             # resolution, truncated: the pickup figure is over-stated by up to 1 ms).
@@ -207,7 +205,7 @@ def _median_runs(runs: list[dict]) -> dict:
 
 
 def service_command(
-    num_requests: int = typer.Option(48, help="Requests in the workload (pagedserve.engine.benchmarks.make_workload)."),
+    num_requests: int = typer.Option(48, help="Requests in the workload (pagedserve.bench.common.make_workload)."),
     seed: int = typer.Option(0, help="Workload seed (run k uses seed + k)."),
     repeat: int = typer.Option(2, help="Runs per contender, interleaved A B B A ...; medians are reported."),
     device: str = typer.Option("cpu", help="Device of both contenders."),
@@ -221,16 +219,11 @@ def service_command(
     from rich.progress import Progress
     from rich.table import Table
 
-    from .redis_server import LocalRedis
-    from .settings import Settings
+    from pagedserve.engine import LLMEngine
+    from pagedserve.service.redis_server import LocalRedis
+    from pagedserve.service.settings import Settings
 
     console = Console()
-    try:
-        from pagedserve.engine.benchmarks import bench_model_dir, make_workload
-    except ImportError:  # pragma: no cover - the offline benchmark module is part of the engine
-        console.print("[red]pagedserve.engine.benchmarks is missing[/]")
-        raise typer.Exit(1) from None
-    from pagedserve.engine import LLMEngine
 
     results: dict = {"num_requests": num_requests, "seed": seed, "repeat": repeat, "device": device, "threads": threads,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count()}
@@ -240,9 +233,7 @@ def service_command(
     runs: dict[str, list] = {"in_process": [], "service": []}
     with Progress(console=console) as progress:
         task = progress.add_task("set-up", total=2 + 2 * repeat)
-        cache_root = Path(tempfile.gettempdir()) / "pagedserve-bench"
-        cache_root.mkdir(exist_ok=True)
-        model_dir = model or bench_model_dir(cache_root)
+        model_dir = model or bench_model_dir()
         base = Settings()
         with LocalRedis() as url:  # private Redis: its command counters are ours alone
             prefix = f"bench-{uuid.uuid4().hex[:6]}"
@@ -260,7 +251,6 @@ def service_command(
             env["PAGEDSERVE_LOG_LEVEL"] = "WARNING"
             if threads > 0:
                 env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool in the worker process
-            env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
             worker = WorkerProc(url, prefix, env)
             progress.advance(task)
             try:
@@ -297,6 +287,4 @@ def service_command(
     table.add_row("worker loop overhead", "-", f"{100 * sv['worker_loop_overhead']:.2f}%",
                   f"{1 - sv['worker_loop_overhead']:.3f}x", "<= 5%")
     console.print(table)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
-    console.print(f"results written to {out}")
+    write_json(out, results, console)

@@ -1,0 +1,202 @@
+"""Decode steps vs the memory roofline (a section of ``bench offline``).
+
+A decode step reads every weight once and the whole KV context of every sequence: it cannot take less than those
+bytes over the memory bandwidth. Each batch size is timed with CUDA graphs (``enforce_eager=False``), without
+(``True``; the same code on CPU), and with a zero-cost model (``host``: the engine's own work per step).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import torch
+
+from pagedserve.bench.bandwidth import measure_copy_bandwidth
+from pagedserve.bench.common import sync
+from pagedserve.engine.sampling_params import SamplingParams
+
+# Decode steps read every weight once and the whole KV context of every sequence: a step cannot take less
+# than those bytes over the memory bandwidth. Defaults per device type: (batch sizes, context, timed steps).
+DECODE_DEFAULTS = {"cuda": ([1, 16, 64, 128, 256], 1024, 32), "cpu": ([1, 4, 16], 128, 8)}
+DECODE_WARMUP_STEPS = 3
+ROOFLINE_TARGET = 1.5  # step time / roofline at batch >= ROOFLINE_TARGET_BATCH
+ROOFLINE_TARGET_BATCH = 64
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device memory copy bandwidth (bytes read + written, GB/s), measured now."""
+    return measure_copy_bandwidth(COPY_BYTES.get(device.type, COPY_BYTES["cpu"]), quick=False, device=device)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step must read: every parameter once (tied ones once), except an untied input
+    embedding table, of which a step only gathers one row per sequence."""
+    seen: set[int] = set()
+    total = 0
+    embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    skip = embed.data_ptr() if embed is not None and head is not None and head.data_ptr() != embed.data_ptr() else None
+    for p in model.parameters():
+        ptr = p.data_ptr()
+        if ptr in seen or ptr == skip:
+            continue
+        seen.add(ptr)
+        total += p.numel() * p.element_size()
+    return total
+
+
+def decode_roofline_s(weight_bytes: int, kv_bytes_per_token: int, context_lens: list[int], steps: int,
+                      bandwidth_gbps: float) -> float:
+    """Mean memory-roofline seconds of ``steps`` decode steps starting at ``context_lens`` (tokens each sequence
+    holds before the first step, the one it decodes included): each step reads all weights plus every
+    sequence's whole context (which grows by one token a step), at ``bandwidth_gbps``."""
+    mean_kv_tokens = sum(context_lens) + len(context_lens) * (steps - 1) / 2
+    return (weight_bytes + kv_bytes_per_token * mean_kv_tokens) / (bandwidth_gbps * 1e9)
+
+
+def decode_max_tokens(max_batch: int, context: int, steps: int, budget: int) -> int:
+    """Output tokens a request needs so none finishes before the timed steps end: the first prompt decodes
+    while later ones are still prefilled (what ``budget`` tokens a step leave after the decodes), then the
+    warm-up and timed steps."""
+    prefill_steps = -(-max_batch * context // max(1, budget - max_batch))
+    return prefill_steps + DECODE_WARMUP_STEPS + steps + 4
+
+
+def decode_engine(model_dir: str, device: str, dtype: str, max_batch: int, context: int, steps: int,
+                  enforce_eager: bool, block_size: int = 16):
+    """An engine for ``measure_decode_steps`` up to ``max_batch``: KV for that batch and no more (so the pool is
+    small and engines can follow each other), no swap pool to speak of, a prefill budget of 8 prompts a step."""
+    from pagedserve.engine import LLMEngine
+
+    budget = max(2048, 8 * context)
+    max_tokens = decode_max_tokens(max_batch, context, steps, budget)
+    blocks = max_batch * -(-(context + max_tokens + 1) // block_size) + 8
+    return LLMEngine(model_dir, device=device, dtype=dtype, enforce_eager=enforce_eager, block_size=block_size,
+                     num_gpu_blocks=blocks, max_num_seqs=max(max_batch, 1), swap_space_gb=0.01,
+                     preemption_mode="recompute", max_num_batched_tokens=budget)
+
+
+def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0) -> dict:
+    """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
+    ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards."""
+    device = eng.runner.device
+    rng = np.random.default_rng(seed * 1000 + batch)
+    max_tokens = decode_max_tokens(batch, context, steps, eng.max_num_batched_tokens)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"decode-{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        eng.add_request(rid, rng.integers(0, eng.vocab_size, context).tolist(), params)
+    reqs = [eng.requests[rid] for rid in ids]
+    try:
+        for _ in range(batch * context + 1):  # prefill: until every request has sampled its first token
+            if all(r.seqs[0].num_output_tokens > 0 for r in reqs):
+                break
+            eng.step()
+        for _ in range(DECODE_WARMUP_STEPS):  # lazy per-batch-size work (CUDA graph capture) stays untimed
+            eng.step()
+        preempted = eng.stats()["num_preemptions"]
+        context_lens = [r.seqs[0].num_tokens for r in reqs]
+        before = [r.seqs[0].num_output_tokens for r in reqs]
+        times = []
+        sync(device)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            eng.step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        gained = [r.seqs[0].num_output_tokens - b for r, b in zip(reqs, before)]
+        pure = all(g == steps for g in gained) and eng.stats()["num_preemptions"] == preempted
+    finally:
+        for rid in ids:
+            eng.abort_request(rid)
+    return {"batch": batch, "context_lens_mean": sum(context_lens) / batch, "context_lens": context_lens,
+            "step_s_mean": sum(times) / steps, "step_s_median": sorted(times)[steps // 2], "step_s_min": min(times),
+            "pure_decode": pure}
+
+
+def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list[int], context: int, steps: int,
+                          copy_gbps: float, progress=None, task=None, seed: int = 0) -> dict:
+    """Decode step time vs the memory roofline for each batch size, with CUDA graphs (``enforce_eager=False``)
+    and without (``True``; the same code on CPU). One engine per mode, used for every batch size."""
+    dev = torch.device(device)
+    rows = {b: {"batch": b} for b in batches}
+    meta: dict = {}
+    captured: dict[str, bool] = {}
+    for mode, eager in (("graphs", False), ("eager", True), ("host", True)):
+        eng = decode_engine(model_dir, device, dtype, max(batches), context, steps, eager)
+        runner = eng.runner
+        captured[mode] = getattr(runner, "decode_graphs", None) is not None
+        if mode == "host":
+            # The engine's own cost per step (schedule, inputs, sampler, detokenizer, outputs): the same steps
+            # with a model forward and LM head that cost nothing. Whatever of it is not hidden behind the GPU
+            # adds to every decode step.
+            cfg, model_dtype = runner.model.config, runner.dtype
+            runner.model.forward = lambda input_ids, positions: torch.zeros(
+                input_ids.shape[0], cfg.hidden_size, dtype=model_dtype, device=input_ids.device)
+            runner.model.compute_logits = lambda hidden: torch.zeros(
+                hidden.shape[0], cfg.vocab_size, dtype=torch.float32, device=hidden.device)
+        meta = {"weight_bytes": decode_weight_bytes(runner.model),
+                "kv_bytes_per_token": runner.block_bytes // runner.block_size,
+                "num_params": runner.num_params, "dtype": str(runner.dtype).removeprefix("torch.")}
+        for b in batches:
+            m = measure_decode_steps(eng, b, context, steps, seed)
+            roof = decode_roofline_s(meta["weight_bytes"], meta["kv_bytes_per_token"], m.pop("context_lens"), steps,
+                                     copy_gbps)
+            row = rows[b]
+            row["context_mean"] = m["context_lens_mean"]
+            row["roofline_s"] = roof
+            row[f"{mode}_step_s"] = m["step_s_mean"]
+            row[f"{mode}_step_s_median"] = m["step_s_median"]
+            row[f"{mode}_x_roofline"] = m["step_s_mean"] / roof
+            row[f"{mode}_tokens_per_s"] = b / m["step_s_mean"]
+            row[f"{mode}_pure_decode"] = m["pure_decode"]
+            if progress is not None:
+                progress.advance(task)
+        del eng, runner
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out_rows = list(rows.values())
+    for r in out_rows:
+        r["eager_over_graphs"] = r["eager_step_s"] / r["graphs_step_s"]
+        r["host_us_per_seq"] = r["host_step_s"] / r["batch"] * 1e6
+    big = [r for r in out_rows if r["batch"] >= ROOFLINE_TARGET_BATCH]
+    return {"context": context, "steps": steps, "warmup_steps": DECODE_WARMUP_STEPS, "copy_gbps": copy_gbps,
+            **meta, "cuda_graphs_captured": captured, "target_x_roofline": ROOFLINE_TARGET,
+            "target_batch": ROOFLINE_TARGET_BATCH,
+            "target_met": (all(r["graphs_x_roofline"] <= ROOFLINE_TARGET for r in big) if big else None),
+            "rows": out_rows}
+
+
+def print_decode_roofline(console, d: dict, device: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"decode step vs memory roofline: context {d['context']}, {d['steps']} steps, "
+                        f"weights {d['weight_bytes'] / 1e6:.0f} MB, KV {d['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
+                        f"copy {d['copy_gbps']:.1f} GB/s ({device})")
+    for col in ("batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs",
+                "tok/s", "host ms", "host us/seq"):
+        table.add_column(col, justify="right")
+    for r in d["rows"]:
+        def ratio(mode: str, r: dict = r) -> str:
+            x = r[f"{mode}_x_roofline"]
+            colour = "green" if x <= d["target_x_roofline"] else ("red" if r["batch"] >= d["target_batch"] else "")
+            mark = "" if r[f"{mode}_pure_decode"] else "*"
+            return f"[{colour}]{x:.2f}{mark}[/]" if colour else f"{x:.2f}{mark}"
+
+        table.add_row(str(r["batch"]), f"{r['roofline_s'] * 1e3:.2f}", f"{r['graphs_step_s'] * 1e3:.2f}",
+                      ratio("graphs"), f"{r['eager_step_s'] * 1e3:.2f}", ratio("eager"),
+                      f"{r['eager_over_graphs']:.2f}", f"{r['graphs_tokens_per_s']:.0f}",
+                      f"{r['host_step_s'] * 1e3:.2f}", f"{r['host_us_per_seq']:.1f}")
+    console.print(table)
+    console.print("host: the same steps with a zero-cost model forward and LM head (the engine's own work per step)")
+    if not d["cuda_graphs_captured"].get("graphs"):
+        console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
+    if not all(r["graphs_pure_decode"] and r["eager_pure_decode"] for r in d["rows"]):
+        console.print("* not every timed step decoded every sequence (preemption or a request finished)")
+    met = d["target_met"]
+    console.print(f"target: decode step <= {d['target_x_roofline']}x roofline at batch >= {d['target_batch']}: "
+                  + ("no batch that large measured" if met is None else ("met" if met else "NOT met")))

@@ -1,0 +1,325 @@
+"""``pagedserve bench offline``: this engine vs HF ``generate`` (static padded batches) vs HF ``generate_batch``
+(paged continuous batching) on one mixed-length workload, plus KV utilization and concurrency, all in one run;
+then decode steps vs the memory roofline (:mod:`.decode_roofline`) and recompute vs swap per block size
+(:mod:`.swap_recompute`).
+
+Ratios are measured side by side in one process, so machine noise hits every contender alike.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import pstats
+import time
+from typing import Annotated
+
+import torch
+import typer
+
+from pagedserve.bench.common import (
+    BENCH_MODELS, MAX_OUTPUT, MAX_PROMPT, Workload, bench_model_dir, drive, make_workload, parse_ints, write_json,
+)
+from pagedserve.bench.decode_roofline import (
+    DECODE_DEFAULTS, copy_bandwidth_gbps, decode_roofline_bench, print_decode_roofline,
+)
+from pagedserve.bench.swap_recompute import SWAP_REPS, SWAP_TOKENS, print_swap_vs_recompute, swap_vs_recompute_bench
+from pagedserve.engine.sampling_params import SamplingParams
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """Large square matmul throughput: the compute ceiling every contender is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.5:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
+    """Useful FLOPs: every prompt and output token through the layers once, attention over its context,
+    and the LM head for every generated token (no padding, no recomputation)."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    head_dim = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+    per_token = 2 * layers * (h * h + 2 * h * kv + h * h + 3 * h * inter)
+    total = 0.0
+    for prompt, out in zip(w.prompts, w.max_tokens):
+        n = len(prompt) + out
+        total += n * per_token
+        total += 2 * 2 * layers * h * (n * (n + 1) / 2)  # QK^T and PV over the causal context
+        total += out * 2 * h * vocab
+    return total
+
+
+# ---------------------------------------------------------------------- contenders
+def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
+    from pagedserve.engine import LLM
+
+    llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
+    steps_before = llm.stats()["num_steps"]
+    result = drive(llm.engine, w.prompts, w.params)
+    del result["outputs"]
+    stats = llm.stats()
+    return {**result, "num_preemptions": stats["num_preemptions"], "num_steps": stats["num_steps"] - steps_before,
+            "num_gpu_blocks": stats["num_gpu_blocks"]}
+
+
+def run_hf_static(model_dir: str, w: Workload, device: str, batch_size: int, dtype: str = "float32") -> dict:
+    """HF ``generate`` in arrival-order batches, left-padded, each batch run to its longest output."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model.generate(torch.tensor([[1, 2, 3]], device=device), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    start = time.perf_counter()
+    for i in range(0, len(w.prompts), batch_size):
+        prompts, outs = w.prompts[i:i + batch_size], w.max_tokens[i:i + batch_size]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
+                           do_sample=False, pad_token_id=0)
+    return {"wall_s": time.perf_counter() - start, "output_tokens": w.num_output_tokens, "batch_size": batch_size}
+
+
+def run_hf_continuous(model_dir: str, w: Workload, device: str, dtype: str = "float32") -> dict:
+    """HF transformers' own paged continuous batching (``generate_batch``'s manager, per-request lengths)."""
+    import transformers
+
+    # transformers 5 pages SDPA for continuous batching by itself and deprecates the "paged|" prefix.
+    attn = "sdpa" if int(transformers.__version__.split(".")[0]) >= 5 else "paged|sdpa"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attn).to(device).eval()
+    config = transformers.GenerationConfig(max_new_tokens=MAX_OUTPUT, do_sample=False, eos_token_id=-1,
+                                           pad_token_id=0)
+    produced = 0
+    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
+        start = time.perf_counter()
+        for i, (p, m) in enumerate(zip(w.prompts, w.max_tokens)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=m, eos_token_id=-1)
+        done = 0
+        while done < len(w.prompts):
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError("HF continuous batching stopped before finishing the workload")
+            if result.is_finished():
+                done += 1
+                produced += len(result.generated_tokens)
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "output_tokens": produced}
+
+
+def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32") -> list[tuple[str, float]]:
+    """Where an engine run spends its time (cProfile cumulative seconds of the main stages)."""
+    from pagedserve.engine import LLM
+
+    llm = LLM(model=model_dir, device=device, dtype=dtype)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(w.prompts, w.params)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stages = {
+        "step (total)": ("llm_engine.py", "step"),
+        "model forward": ("llama.py", "forward"),
+        "  attention (paged)": ("reference.py", "paged_attention"),
+        "  attention (decode)": ("reference.py", "paged_decode_attention"),
+        "  KV write": ("reference.py", "write_kv"),
+        "  linear layers": ("~", "<built-in method torch._C._nn.linear>"),
+        "LM head": ("llama.py", "compute_logits"),
+        "prepare inputs": ("model_runner.py", "prepare"),
+        "sampler": ("sampler.py", "__call__"),
+        "scheduler": ("scheduler.py", "schedule"),
+        "detokenize + stops": ("llm_engine.py", "_append_token"),
+        "outputs": ("llm_engine.py", "_make_output"),
+    }
+    found = {}
+    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+        for label, (f, fn) in stages.items():
+            if file.endswith(f) and func == fn:
+                # the outermost llama forward is LlamaForCausalLM.forward: keep the largest
+                found[label] = max(found.get(label, 0.0), ct)
+    return [(label, found.get(label, 0.0)) for label in stages]
+
+
+# ---------------------------------------------------------------------- the throughput section
+def throughput_section(model_dir: str, w: Workload, size: str, device: str, dtype: str, hf_batch_size: int,
+                       kv_budget_tokens: int, skip_hf_continuous: bool, profile: bool, step) -> dict:
+    """Engine vs HF static vs HF continuous, the compute floor, concurrency at a fixed KV budget and the
+    profile; ``step(description)`` reports progress before each part."""
+    model_cfg, vocab = BENCH_MODELS[size]
+    step("matmul FLOP/s")
+    flops_rate = matmul_flops_per_s(torch.device(device), getattr(torch, dtype))
+    results: dict = {"matmul_flops_per_s": flops_rate,
+                     "compute_floor_s": workload_flops(w, model_cfg, vocab) / flops_rate}
+    step("pagedserve")
+    results["pagedserve"] = run_engine(model_dir, w, device, dtype)
+    step("HF static")
+    results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size, dtype)
+    step("HF continuous")
+    if not skip_hf_continuous:
+        try:
+            results["hf_continuous"] = run_hf_continuous(model_dir, w, device, dtype)
+        except Exception as exc:  # a baseline failing must not hide our numbers; say why in the report
+            results["hf_continuous"] = {"error": f"{type(exc).__name__}: {exc}"}
+    # Concurrency at a fixed KV budget vs reserving max-length contiguous space per sequence.
+    step("concurrency")
+    reserve = MAX_PROMPT + MAX_OUTPUT
+    budget_run = run_engine(model_dir, w, device, dtype, num_gpu_blocks=kv_budget_tokens // 16, block_size=16)
+    results["concurrency"] = {
+        "kv_budget_tokens": kv_budget_tokens, "contiguous_reservation_tokens": reserve,
+        "contiguous_max_seqs": kv_budget_tokens // reserve,
+        "paged_peak_seqs": budget_run["peak_concurrent_seqs"],
+        "paged_mean_kv_utilization": budget_run["mean_kv_utilization"],
+        "paged_preemptions": budget_run["num_preemptions"],
+    }
+    if profile:
+        step("profile")
+        results["profile_s"] = profile_engine(model_dir, w, device, dtype)
+    return results
+
+
+def print_throughput(console, results: dict, w: Workload, device: str, profile: bool) -> None:
+    from rich.table import Table
+
+    floor_s = results["compute_floor_s"]
+    table = Table(title=f"bench offline: {len(w.prompts)} requests, {w.num_output_tokens} output tokens, {device}")
+    for col in ("contender", "wall s", "output tok/s", "x HF static", "x compute floor"):
+        table.add_column(col, justify="right")
+    base = results["hf_static"]["output_tokens"] / results["hf_static"]["wall_s"]
+    for name in ("pagedserve", "hf_static", "hf_continuous"):
+        r = results.get(name)
+        if not r or "error" in r:
+            table.add_row(name, "-", "-", "-", (r or {}).get("error", "skipped")[:40])
+            continue
+        tps = r["output_tokens"] / r["wall_s"]
+        r["output_tokens_per_s"] = tps
+        r["x_compute_floor"] = r["wall_s"] / floor_s
+        table.add_row(name, f"{r['wall_s']:.2f}", f"{tps:.1f}", f"{tps / base:.2f}", f"{r['x_compute_floor']:.2f}")
+    console.print(table)
+    c = results["concurrency"]
+    console.print(f"compute floor {floor_s:.2f} s at {results['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (large matmul); "
+                  f"mean KV utilization {results['pagedserve']['mean_kv_utilization']:.4f}")
+    console.print(f"concurrency at {c['kv_budget_tokens']} KV slots: paged {c['paged_peak_seqs']} seqs vs "
+                  f"contiguous {c['contiguous_max_seqs']} "
+                  f"({c['paged_peak_seqs'] / max(1, c['contiguous_max_seqs']):.1f}x)")
+    if profile:
+        prof = Table(title="where the engine's time goes (cProfile, cumulative s)")
+        prof.add_column("stage")
+        prof.add_column("s", justify="right")
+        for label, secs in results["profile_s"]:
+            prof.add_row(label, f"{secs:.2f}")
+        console.print(prof)
+
+
+# ---------------------------------------------------------------------- command
+def offline_command(
+    num_requests: int = 48,
+    seed: int = 0,
+    device: str = "cpu",
+    size: str = "26m",
+    dtype: str = "",
+    hf_batch_size: int = 16,
+    kv_budget_tokens: int = 6144,
+    skip_hf_continuous: bool = False,
+    profile: bool = True,
+    threads: int = 0,
+    out: str = ".bench/offline.json",
+    skip_throughput: Annotated[bool, typer.Option(
+        help="Skip the workload runs (engine vs HF, concurrency, profile): only the sections below.")] = False,
+    skip_decode_roofline: Annotated[bool, typer.Option(help="Skip decode step time vs the memory roofline.")] = False,
+    decode_batches: Annotated[str, typer.Option(
+        help="Decode-roofline batch sizes, comma-separated (default 1,16,64,128,256 on CUDA, 1,4,16 on CPU).")] = "",
+    decode_context: Annotated[int, typer.Option(
+        help="Decode-roofline prompt length (default 1024 CUDA, 128 CPU).")] = 0,
+    decode_steps: Annotated[int, typer.Option(help="Timed decode steps per batch size (default 32 CUDA, 8 CPU).")] = 0,
+    skip_swap_vs_recompute: Annotated[bool, typer.Option(help="Skip recompute vs swap cost per block size.")] = False,
+    swap_block_sizes: Annotated[str, typer.Option(
+        help="Block sizes of the swap-vs-recompute section.")] = "8,16,32,64,128",
+    swap_tokens: Annotated[int, typer.Option(
+        help="Tokens swapped / recomputed per block size (default 1536 CUDA, 512 CPU).")] = 0,
+) -> None:
+    """Offline throughput, compute floor, KV utilization and concurrency vs HF; decode steps vs the memory
+    roofline, with and without CUDA graphs; recompute vs swap cost per block size (see docs/benchmarks.md).
+
+    ``--threads N`` pins torch's intra-op threads for every contender (0 = torch's default). On a shared
+    machine, OpenMP threads competing with other processes slow small ops several-fold; one thread each keeps
+    the side-by-side ratios meaningful.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda needs a CUDA GPU; none is visible[/red]")
+        raise SystemExit(1)
+    dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    w = make_workload(num_requests, seed, vocab_size=BENCH_MODELS[size][1])
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    batches_default, context_default, steps_default = DECODE_DEFAULTS[kind]
+    batches = parse_ints(decode_batches, batches_default)
+    context = decode_context or context_default
+    steps = decode_steps or steps_default
+    block_sizes = parse_ints(swap_block_sizes)
+    results: dict = {"device": device, "num_requests": num_requests, "seed": seed,
+                     "prompt_tokens": sum(map(len, w.prompts)), "output_tokens": w.num_output_tokens,
+                     "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
+                     "dtype": dtype}
+    total = 1 + (0 if skip_throughput else 5 + profile) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
+    total += 0 if skip_decode_roofline else 3 * len(batches)
+    total += 0 if skip_swap_vs_recompute else len(block_sizes)
+    with Progress(console=console) as progress:
+        task = progress.add_task("bench model", total=total)
+        model_dir = bench_model_dir(size=size)
+        progress.advance(task)
+        if not skip_throughput:
+            first = [True]
+
+            def step(description: str) -> None:
+                if not first[0]:
+                    progress.advance(task)
+                first[0] = False
+                progress.update(task, description=description)
+
+            results.update(throughput_section(model_dir, w, size, device, dtype, hf_batch_size, kv_budget_tokens,
+                                              skip_hf_continuous, profile, step))
+            progress.advance(task)
+        if not (skip_decode_roofline and skip_swap_vs_recompute):
+            # The engines above may still hold their KV pools through reference cycles: free them first.
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            progress.update(task, description="copy bandwidth")
+            copy_gbps = copy_bandwidth_gbps(dev)
+            results["copy_gbps"] = copy_gbps
+            progress.advance(task)
+        if not skip_decode_roofline:
+            progress.update(task, description="decode roofline")
+            results["decode_roofline"] = decode_roofline_bench(model_dir, device, dtype, batches, context, steps,
+                                                               copy_gbps, progress, task, seed)
+        if not skip_swap_vs_recompute:
+            progress.update(task, description="swap vs recompute")
+            results["swap_vs_recompute"] = swap_vs_recompute_bench(
+                model_dir, device, dtype, block_sizes, swap_tokens or SWAP_TOKENS[kind], SWAP_REPS[kind], copy_gbps,
+                progress, task)
+
+    if not skip_throughput:
+        print_throughput(console, results, w, device, profile)
+    if not skip_decode_roofline:
+        print_decode_roofline(console, results["decode_roofline"], device)
+    if not skip_swap_vs_recompute:
+        print_swap_vs_recompute(console, results["swap_vs_recompute"], device)
+    write_json(out, results, console)
