@@ -9,8 +9,8 @@ Invariants:
   content gets an ``error`` event; the two are told apart by :func:`parse_request`;
 - a request that parses can be answered: every limit that JSON or the engine cannot honour is checked at parse
   time, with an error naming the field. Nesting depth (:data:`MAX_JSON_DEPTH`), the size of ``metadata``
-  (:data:`MAX_METADATA_BYTES`), integer literals (:data:`MAX_INT_DIGITS` digits anywhere, 64-bit in every typed
-  field), non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and lone surrogates anywhere in the body. So the
+  (:data:`MAX_METADATA_BYTES`), integer literals (:data:`MAX_INT_DIGITS` digits anywhere, Python's limit; 64-bit
+  in every typed field), non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and lone surrogates anywhere in the body. So the
   ``metadata`` echoed in the terminal event always serializes, and no value overflows the engine's integers.
   Ranges of the sampling parameters are the engine's own (``SamplingParams.validate``, at admission); the
   operator's per-request limits are settings (``max_samples_per_request`` ...), also checked at admission.
@@ -37,7 +37,7 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 # starts"). The request object is level 1, ``params`` level 2: ``metadata`` may nest 30 levels of its own.
 MAX_JSON_DEPTH = 32
 MAX_METADATA_BYTES = 16384  # ``metadata`` as compact UTF-8 JSON; it is echoed in the terminal event
-MAX_INT_DIGITS = 20  # any integer literal, metadata included (2**64 has 20 digits)
+MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300  # any integer literal: Python's own limit of int("...")
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -336,21 +336,31 @@ def _parse_constant(literal: str) -> _Unrepresentable:
     return _Unrepresentable(f"{literal} is not a JSON number")
 
 
-_LONG_DIGITS = re.compile(r"\d{%d}" % (MAX_INT_DIGITS + 1))
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF: the only way JSON carries a surrogate
+
+
+_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
+_DECODER_LONG_INTS = json.JSONDecoder(parse_int=_parse_int, parse_constant=_parse_constant)
 
 
 def _loads(text: str) -> Any:
     """``json.loads`` that never fails on a number: unrepresentable ones become :class:`_Unrepresentable`. The
-    ``parse_int`` hook (a Python call per integer) is only paid when the text has a long run of digits."""
-    if _LONG_DIGITS.search(text):
-        return json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
-    return json.loads(text, parse_constant=_parse_constant)
+    ``parse_int`` hook (a Python call per integer) is only paid for a body with an integer Python refuses."""
+    try:
+        return _DECODER.decode(text)
+    except ValueError as e:
+        if "integer string conversion" not in str(e):
+            raise
+        return _DECODER_LONG_INTS.decode(text)
 
 
 def _path(parts: tuple) -> str:
     shown = ".".join(str(p) for p in parts[:6])
     return shown + (".…" if len(parts) > 6 else "") if shown else "body"
+
+
+# Leaf types that can hold no problem (strings only while no surrogate escape is in the text).
+_PLAIN = {False: frozenset({int, bool, type(None), str}), True: frozenset({int, bool, type(None)})}
 
 
 def _first_problem(data: Any, check_unicode: bool) -> str | None:
@@ -370,8 +380,12 @@ def _first_problem(data: Any, check_unicode: bool) -> str | None:
                     for k in value:
                         if not _valid_unicode(k):
                             return f"{_path(path)}: key {k!r} is not valid Unicode (lone surrogate)"
+                if set(map(type, value.values())) <= _PLAIN[check_unicode]:
+                    continue
                 items = list(value.items())
             else:
+                if set(map(type, value)) <= _PLAIN[check_unicode]:  # e.g. prompt_token_ids: one C-level pass
+                    continue
                 items = list(enumerate(value))
             for k, v in reversed(items):
                 t = type(v)
@@ -471,7 +485,7 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     request_id = data.get("id")
     if not valid_id(request_id):
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])", "invalid_id")
-    problem = _first_problem(data, check_unicode=_SURROGATE_ESCAPE.search(text) is not None)
+    problem = _first_problem(data, check_unicode="\\u" in text and _SURROGATE_ESCAPE.search(text) is not None)
     if problem is not None:
         raise InvalidRequestError(request_id, "invalid_request", problem, _metadata_or_empty(data))
     metadata = data.get("metadata")
