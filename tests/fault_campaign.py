@@ -173,8 +173,8 @@ class CampaignConfig:
 class Fleet:
     """The worker processes: one slot per worker, a new process (same or new consumer name) after a kill."""
 
-    def __init__(self, cfg: CampaignConfig, url: str, keys: Keys, workdir: Path):
-        self.cfg, self.url, self.keys, self.workdir = cfg, url, keys, workdir
+    def __init__(self, cfg: CampaignConfig, redis_: PrivateRedis, keys: Keys, workdir: Path):
+        self.cfg, self.redis, self.keys, self.workdir = cfg, redis_, keys, workdir
         self.procs: dict[str, WorkerProcess] = {}
         self.names: dict[str, str] = {}
         self.logs: list[Path] = []
@@ -183,17 +183,18 @@ class Fleet:
 
     def spawn(self, slot: str, name: str) -> None:
         self._n += 1
-        s = make_settings(self.url, self.keys.prefix, worker_name=name, claim_idle_ms=self.cfg.claim_idle_ms,
+        s = make_settings(self.redis.worker_url(slot), self.keys.prefix, worker_name=name,
+                          claim_idle_ms=self.cfg.claim_idle_ms,
                           max_num_seqs=self.cfg.max_num_seqs, max_message_bytes=self.cfg.max_message_bytes,
                           log_level="INFO")
         log = self.workdir / f"{self._n:02d}-{name}.log"
         self.logs.append(log)
-        self.procs[slot] = WorkerProcess(s, log, OMP_NUM_THREADS=1, MKL_NUM_THREADS=1).start()
+        self.procs[slot] = WorkerProcess(s, log, OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, PYTHONUNBUFFERED=1).start()
         self.names[slot] = name
 
     def started(self, slot: str) -> bool:
         p = self.procs[slot]
-        return p.proc.poll() is None and "worker_started" in p.log_path.read_text(errors="replace")
+        return p.proc.poll() is None and '"event": "worker_started"' in p.log_path.read_text(errors="replace")
 
     def kill(self, slot: str) -> str:
         self.procs[slot].kill()
@@ -204,9 +205,11 @@ class Fleet:
         for slot, p in list(self.procs.items()):
             rc = p.proc.poll()
             if rc is not None:
-                tail = p.log_path.read_text(errors="replace")[-600:].replace("\n", " | ")
-                self.crashes.append(Violation("worker_exited", f"{self.names[slot]} exited with {rc}: ...{tail}",
-                                              "the worker never crashes on input"))
+                lines = [ln for ln in p.log_path.read_text(errors="replace").splitlines()
+                         if ln.strip() and ln.lstrip()[0] not in "│╭╰"]  # the exception, not rich's frames
+                last = " | ".join(lines[-2:])[-400:]
+                self.crashes.append(Violation("worker_exited", f"{self.names[slot]} exited with {rc} "
+                                              f"(log {p.log_path.name}): {last}", "the worker never crashes"))
                 self.spawn(slot, self.names[slot])
 
     def wait_started(self, timeout: float = 180) -> None:
@@ -223,6 +226,9 @@ class Fleet:
             p.close()
 
 
+_START_REFUSAL = ["-set", "-eval", "-evalsha", "-xgroup"]
+
+
 class Campaign:
     """One seeded campaign: ``with Campaign(cfg, tmp_path) as c: c.run(); violations = c.check()``."""
 
@@ -231,7 +237,7 @@ class Campaign:
         self.rng = random.Random(cfg.seed)
         self.keys = Keys("pagedserve")
         self.workdir = workdir
-        self.redis = PrivateRedis()
+        self.redis = PrivateRedis(tuple(f"w{i}" for i in range(cfg.workers)))  # one ACL user per worker slot
         self.fleet: Fleet | None = None
         self.recorder: ChannelRecorder | None = None
         self.watch = AckWatch(self.keys)
@@ -243,6 +249,7 @@ class Campaign:
         self.journal: list[str] = []
         self.refused_xadds = 0
         self.windows: set[str] = set()
+        self.refused_slots: set[str] = set()  # workers starting while Redis refuses them set/eval/xgroup
         self._seq = 0
         self._t0 = 0.0
 
@@ -297,7 +304,7 @@ class Campaign:
     def run(self) -> None:
         cfg = self.cfg
         self.redis.start()
-        self.fleet = Fleet(cfg, self.redis.worker_url, self.keys, self.workdir)
+        self.fleet = Fleet(cfg, self.redis, self.keys, self.workdir)
         for i in range(cfg.workers):
             self.fleet.spawn(f"w{i}", f"fault-w{i}")
         self.fleet.wait_started()
@@ -408,10 +415,11 @@ class Campaign:
         except (redis.ResponseError, redis.ConnectionError, redis.TimeoutError) as e:
             self._note(f"cancel of {rid} refused: {str(e)[:60]}")
 
-    def _do_kill_worker(self) -> None:
+    def _do_kill_worker(self) -> list:
         slots = sorted(self.fleet.procs)
         order = self.rng.sample(slots, len(slots))
         same_name = self.rng.random() < 0.5
+        refuse_start = self.rng.random() < 0.5  # the replacement starts while Redis refuses its writes
         alive = [s for s in order if self.fleet.started(s)]
         if not alive:
             self._note("kill skipped: no started worker")
@@ -424,8 +432,26 @@ class Campaign:
         self.runs_lost.update(as_text(p["message_id"]) for p in held)
         self._seq += 1
         new = name if same_name else f"{name.split('.')[0]}.{self._seq}"
+        if refuse_start:
+            self.refused_slots.add(slot)
+            self.redis.revoke(_START_REFUSAL, (slot,))
         self.fleet.spawn(slot, new)
-        self._note(f"SIGKILL {name} holding {len(held)} entries; restarted as {new}")
+        self._note(f"SIGKILL {name} holding {len(held)} entries; restarted as {new}"
+                   + (" under an ACL without set/eval/xgroup" if refuse_start else ""))
+        return [(0.5, "end_start_refusal", (slot, time.monotonic()))] if refuse_start else []
+
+    def _do_end_start_refusal(self, slot: str, since: float) -> list:
+        """Give the replacement its commands back once it has started (or exited), or after 60 s."""
+        p = self.fleet.procs[slot]
+        log = p.log_path.read_text(errors="replace")
+        if (p.proc.poll() is None and '"event": "worker_started"' not in log and "Traceback" not in log
+                and time.monotonic() - since < 60):
+            return [(0.5, "end_start_refusal", (slot, since))]
+        self.refused_slots.discard(slot)
+        if "acl" not in self.windows:
+            self.redis.revoke(None, (slot,))
+        self._note(f"{self.fleet.names[slot]} given its commands back after {time.monotonic() - since:.1f}s")
+        return []
 
     def _do_restart_redis(self, downtime: float) -> None:
         before = pending_entries(self.redis.admin, self.keys)
@@ -434,6 +460,8 @@ class Campaign:
         self._disturb(before + after, "pending while Redis restarted")
         self._note(f"redis SIGKILL + restart after {downtime:.2f}s ({len(before)} pending); ended {self.windows}")
         self.windows.clear()  # ACL users and CONFIG come back from the command line, not the AOF
+        for slot in self.refused_slots:  # ... but a worker still starting keeps being refused
+            self.redis.revoke(_START_REFUSAL, (slot,))
 
     def _do_refuse_memory(self, duration: float) -> list:
         self.redis.refuse_memory(True)
@@ -452,6 +480,8 @@ class Campaign:
             self.redis.refuse_memory(False)
         else:
             self.redis.revoke(None)
+            for slot in self.refused_slots:
+                self.redis.revoke(_START_REFUSAL, (slot,))
         self.windows.discard(which)
         self._note(f"{which} window over")
 
@@ -462,6 +492,7 @@ class Campaign:
                 self.disturbed.setdefault(sub.request_id, why)
 
     def _lift_faults(self) -> None:
+        self.refused_slots.clear()
         self.redis.refuse_memory(False)
         self.redis.revoke(None)
         self.windows.clear()
@@ -494,6 +525,7 @@ class Campaign:
                 break
             if state != last:
                 last, last_change = state, now
+                self._note(f"drain: {state[0]} entries unresolved, {state[1]} pending")
             if now - last_change > self.cfg.drain_stall_s or now - start > self.cfg.drain_max_s:
                 self._note(f"drain gave up with {state[0]} unresolved entries, {state[1]} pending")
                 break

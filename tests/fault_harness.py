@@ -411,14 +411,14 @@ def format_violations(seed: int, violations: list[Violation], limit: int = 80) -
 # ------------------------------------------------------------------------------------------ Redis under faults
 class PrivateRedis:
     """redis-server on a free port with AOF (fsync always): SIGKILL and a restart on the same directory keep every
-    stream, result and dead letter. The workers log in as an ACL user (``+@all`` until a window takes commands
-    away); the harness uses the default user, which no window touches. ACL users and CONFIG are not in the AOF:
-    a restart ends any write-refusal window."""
+    stream, result and dead letter. The workers log in as ACL users (``+@all`` until a window takes commands
+    away; one user per worker slot, so one worker can be refused alone); the harness uses the default user, which
+    no window touches. ACL users and CONFIG are not in the AOF: a restart ends any write-refusal window."""
 
-    def __init__(self, user: str = "pagedserve-worker"):
-        self.user = user
+    def __init__(self, users: tuple[str, ...] = ("pagedserve-worker",)):
+        self.users = users
         self.password = secrets.token_hex(12)
-        acl = ["--user", user, "on", f">{self.password}", "~*", "&*", "+@all"]
+        acl = [a for u in users for a in ("--user", u, "on", f">{self.password}", "~*", "&*", "+@all")]
         self.server = LocalRedis(persist=True, extra_args=acl + ["--save", "", "--maxmemory-policy", "noeviction"])
         self.admin: redis.Redis | None = None
 
@@ -426,9 +426,8 @@ class PrivateRedis:
     def url(self) -> str:
         return self.server.url
 
-    @property
-    def worker_url(self) -> str:
-        return f"redis://{self.user}:{self.password}@127.0.0.1:{self.server.port}/0"
+    def worker_url(self, user: str | None = None) -> str:
+        return f"redis://{user or self.users[0]}:{self.password}@127.0.0.1:{self.server.port}/0"
 
     def start(self) -> PrivateRedis:
         self.server.start()
@@ -443,9 +442,10 @@ class PrivateRedis:
     def refuse_memory(self, on: bool) -> None:
         self.admin.config_set("maxmemory", "1" if on else "0")
 
-    def revoke(self, rules: list[str] | None) -> None:
-        """Take ``rules`` (e.g. ``-set -eval``) from the workers' user; None gives everything back."""
-        self.admin.execute_command("ACL", "SETUSER", self.user, *(rules or ["+@all"]))
+    def revoke(self, rules: list[str] | None, users: tuple[str, ...] | None = None) -> None:
+        """Take ``rules`` (e.g. ``-set -eval``) from the workers' users (all by default); None gives all back."""
+        for user in users or self.users:
+            self.admin.execute_command("ACL", "SETUSER", user, *(rules or ["+@all"]))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
