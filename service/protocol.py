@@ -8,10 +8,9 @@ Invariants:
 - a request that cannot be parsed or has no valid id is a dead letter; a request with a valid id but bad
   content gets an ``error`` event; the two are told apart by :func:`parse_request`;
 - a request that parses can be answered: every limit that JSON or the engine cannot honour is checked at parse
-  time, with an error naming the field. Nesting depth (:data:`MAX_JSON_DEPTH`), the size of ``metadata``
-  (:data:`MAX_METADATA_BYTES`), integer literals (:data:`MAX_INT_DIGITS` digits anywhere, Python's limit; 64-bit
-  in every typed field), non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and lone surrogates anywhere in the body. So the
-  ``metadata`` echoed in the terminal event always serializes, and no value overflows the engine's integers.
+  time, with an error naming the field: nesting depth, ``metadata`` size, integer size, non-finite numbers and
+  lone surrogates anywhere in the body (safe_json.py), 64-bit integers in every typed field. So the ``metadata``
+  echoed in the terminal event always serializes, and no value overflows the engine's integers.
   Ranges of the sampling parameters are the engine's own (``SamplingParams.validate``, at admission); the
   operator's per-request limits are settings (``max_samples_per_request`` ...), also checked at admission.
 """
@@ -19,7 +18,6 @@ Invariants:
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -28,16 +26,25 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
+    MAX_INT_DIGITS,
+    MAX_JSON_DEPTH,
+    MAX_METADATA_BYTES,
+    first_problem,
+    has_surrogate_escape,
+    json_size,
+    loads,
+    metadata_or_empty,
+    scan_too_deep,
+)
+
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 _ID_RE = re.compile(ID_PATTERN)
 ERROR_CODES = ("invalid_request", "prompt_too_long", "overloaded", "internal")
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 
-# Structural limits of a request body, checked at parse time (the contract's "limits are checked before work
-# starts"). The request object is level 1, ``params`` level 2: ``metadata`` may nest 30 levels of its own.
-MAX_JSON_DEPTH = 32
-MAX_METADATA_BYTES = 16384  # ``metadata`` as compact UTF-8 JSON; it is echoed in the terminal event
-MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300  # any integer literal: Python's own limit of int("...")
+# Limits of a request body checked at parse time besides those of safe_json.py (the contract's "limits are
+# checked before work starts").
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -315,145 +322,6 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class _Unrepresentable:
-    """Stands in for a JSON number Python or the engine cannot hold (a 5000-digit integer, ``NaN``), so that the
-    body still parses, the id is recovered and the error names the field instead of dead-lettering the entry."""
-
-    __slots__ = ("why",)
-
-    def __init__(self, why: str):
-        self.why = why
-
-
-def _parse_int(literal: str) -> int | _Unrepresentable:
-    digits = len(literal) - literal.startswith("-")
-    if digits > MAX_INT_DIGITS:
-        return _Unrepresentable(f"integer with {digits} digits, more than {MAX_INT_DIGITS} allowed")
-    return int(literal)
-
-
-def _parse_constant(literal: str) -> _Unrepresentable:
-    return _Unrepresentable(f"{literal} is not a JSON number")
-
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF: the only way JSON carries a surrogate
-
-
-_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
-_DECODER_LONG_INTS = json.JSONDecoder(parse_int=_parse_int, parse_constant=_parse_constant)
-
-
-def _loads(text: str) -> Any:
-    """``json.loads`` that never fails on a number: unrepresentable ones become :class:`_Unrepresentable`. The
-    ``parse_int`` hook (a Python call per integer) is only paid for a body with an integer Python refuses."""
-    try:
-        return _DECODER.decode(text)
-    except ValueError as e:
-        if "integer string conversion" not in str(e):
-            raise
-        return _DECODER_LONG_INTS.decode(text)
-
-
-def _path(parts: tuple) -> str:
-    shown = ".".join(str(p) for p in parts[:6])
-    return shown + (".…" if len(parts) > 6 else "") if shown else "body"
-
-
-# Leaf types that can hold no problem (strings only while no surrogate escape is in the text).
-_PLAIN = {False: frozenset({int, bool, type(None), str}), True: frozenset({int, bool, type(None)})}
-
-
-def _first_problem(data: Any, check_unicode: bool) -> str | None:
-    """``"<field path>: <problem>"`` for the first value (document order) the service cannot carry, else None.
-
-    Iterative, so that no nesting depth can exhaust the stack; every container, key and string is visited once.
-    """
-    stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
-    while stack:
-        value, path, depth = stack.pop()
-        kind = type(value)
-        if kind is dict or kind is list:
-            if depth > MAX_JSON_DEPTH:
-                return f"{_path(path)}: nested deeper than {MAX_JSON_DEPTH} levels"
-            if kind is dict:
-                if check_unicode:
-                    for k in value:
-                        if not _valid_unicode(k):
-                            return f"{_path(path)}: key {k!r} is not valid Unicode (lone surrogate)"
-                if set(map(type, value.values())) <= _PLAIN[check_unicode]:
-                    continue
-                items = list(value.items())
-            else:
-                if set(map(type, value)) <= _PLAIN[check_unicode]:  # e.g. prompt_token_ids: one C-level pass
-                    continue
-                items = list(enumerate(value))
-            for k, v in reversed(items):
-                t = type(v)
-                if t is dict or t is list or t is _Unrepresentable or t is float or (check_unicode and t is str):
-                    stack.append((v, path + (k,), depth + 1))
-        elif kind is _Unrepresentable:
-            return f"{_path(path)}: {value.why}"
-        elif kind is float:
-            if not math.isfinite(value):
-                return f"{_path(path)}: {value} is not a finite number"
-        elif kind is str:
-            if not _valid_unicode(value):
-                return f"{_path(path)}: not valid Unicode (lone surrogate)"
-    return None
-
-
-def _valid_unicode(s: str) -> bool:
-    if s.isascii():
-        return True
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
-
-
-def _scan_too_deep(text: str) -> tuple[Any, str]:
-    """For a body too deep for ``json.loads``: its top-level ``id`` value and the top-level key that nests too
-    deep, read by a scan of its strings and brackets (no recursion, no value built)."""
-    depth, prev, key, request_id, deep_key = 0, "", "", None, ""
-    for m in _JSON_TOKEN.finditer(text):
-        tok = m.group()
-        if tok in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH and not deep_key:
-                deep_key = key or "body"
-        elif tok in "]}":
-            depth -= 1
-        elif tok == ":":
-            if depth == 1 and prev.startswith('"'):
-                key = _string_or_none(prev) or ""
-        elif depth == 1 and prev == ":" and key == "id":  # a string value at the top level
-            request_id = _string_or_none(tok)
-        prev = tok
-    return request_id, deep_key or "body"
-
-
-def _string_or_none(token: str) -> str | None:
-    try:
-        value = json.loads(token)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _metadata_or_empty(data: dict) -> dict:
-    """The request's metadata to echo in an error event: only when it is a dict that can be serialized."""
-    metadata = data.get("metadata")
-    if not isinstance(metadata, dict) or _first_problem(metadata, True) is not None:
-        return {}
-    if len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
-        return {}
-    return metadata
-
-
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     """Parse one stream entry body. Raises :class:`DeadLetterError` or :class:`InvalidRequestError`.
 
@@ -470,9 +338,9 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     except UnicodeDecodeError as e:
         raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}", "invalid_utf8") from None
     try:
-        data = _loads(text)
+        data = loads(text)
     except RecursionError:
-        request_id, field = _scan_too_deep(text)
+        request_id, field = scan_too_deep(text)
         if not valid_id(request_id):
             raise DeadLetterError(f"body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels",
                                   "invalid_json") from None
@@ -485,12 +353,12 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     request_id = data.get("id")
     if not valid_id(request_id):
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])", "invalid_id")
-    problem = _first_problem(data, check_unicode="\\u" in text and _SURROGATE_ESCAPE.search(text) is not None)
+    problem = first_problem(data, check_unicode=has_surrogate_escape(text))
     if problem is not None:
-        raise InvalidRequestError(request_id, "invalid_request", problem, _metadata_or_empty(data))
+        raise InvalidRequestError(request_id, "invalid_request", problem, metadata_or_empty(data))
     metadata = data.get("metadata")
     if isinstance(metadata, dict):
-        size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        size = json_size(metadata)
         if size > MAX_METADATA_BYTES:
             raise InvalidRequestError(request_id, "invalid_request",
                                       f"metadata: {size} bytes as JSON, more than {MAX_METADATA_BYTES} allowed")
