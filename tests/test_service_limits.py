@@ -171,3 +171,20 @@ def test_engine_refusals_name_the_field(redis_url, prefix, shared_engine):
         add_to_engine(shared_engine, req, prompt, params, 0.0)
     assert ei.value.code == "invalid_request" and ei.value.message.startswith("params.max_tokens"), ei.value.message
     assert "e" not in shared_engine.requests
+
+
+def test_limit_settings_from_environment(monkeypatch):
+    from pagedserve.service.settings import Settings
+
+    s = Settings()
+    assert (s.max_samples_per_request, s.max_stop_strings, s.max_stop_string_chars, s.max_tokens_per_request,
+            s.stall_timeout_s) == (16, 16, 256, None, 120.0)
+    for name, value in (("MAX_SAMPLES_PER_REQUEST", "4"), ("MAX_STOP_STRINGS", "2"), ("MAX_STOP_STRING_CHARS", "8"),
+                        ("MAX_TOKENS_PER_REQUEST", "100"), ("STALL_TIMEOUT_S", "30")):
+        monkeypatch.setenv(f"PAGEDSERVE_{name}", value)
+    s = Settings()
+    assert (s.max_samples_per_request, s.max_stop_strings, s.max_stop_string_chars, s.max_tokens_per_request,
+            s.stall_timeout_s) == (4, 2, 8, 100, 30.0)
+    monkeypatch.setenv("PAGEDSERVE_MAX_SAMPLES_PER_REQUEST", "0")
+    with pytest.raises(ValueError, match="max_samples_per_request"):
+        Settings()
