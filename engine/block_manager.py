@@ -4,13 +4,23 @@ Invariants (checked by ``check_invariants`` in tests):
   * every block's ``ref_count`` equals the number of block-table entries (over live sequences) that name it;
   * a block is in its pool's free list iff its ``ref_count`` is 0; ``num_free + num_used == num_blocks``;
   * the prefix cache maps ``hash -> block`` only for device blocks whose ``hash`` field is that hash; such a block
-    holds exactly the tokens it was registered with (verified again on every hit);
+    holds exactly the tokens it was registered with, after the parent hash it was registered with (both verified
+    again on every hit);
   * block tables only change at the end: blocks are appended, or the last one is swapped for its CoW copy.
 All operations are O(1) per block: free lists are ordered dicts, cache lookups are dict lookups.
+
+A cached block is identified by a SHA-256 chain: the hash of (its parent's hash, its tokens), rooted in a random
+per-process value. A crafted prompt therefore cannot be made to collide with another tenant's cached prefix
+(Python's ``hash()``, used before, collides on purpose cheaply), and a hit also checks the parent hash, so equal
+tokens after a different prefix never share a block. Each full block of a sequence is hashed once
+(``Sequence.token_block_hashes``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
@@ -18,12 +28,13 @@ from pagedserve.engine.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "parent_hash", "token_ids")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
+        self.parent_hash: bytes | None = None
         self.token_ids: tuple[int, ...] | None = None
 
 
@@ -38,7 +49,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.enable_caching = enable_caching
-        self.cached: dict[int, Block] = {}
+        self.cached: dict[bytes, Block] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -54,7 +65,7 @@ class BlockPool:
         if block.hash is not None:  # evict its cached content
             if self.cached.get(block.hash) is block:
                 del self.cached[block.hash]
-            block.hash = block.token_ids = None
+            block.hash = block.parent_hash = block.token_ids = None
         block.ref_count = 1
         return block
 
@@ -72,22 +83,26 @@ class BlockPool:
             if block.hash is None:
                 self.free.move_to_end(block.block_id, last=False)
 
-    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> Block | None:
+    def lookup(self, block_hash: bytes, parent_hash: bytes | None, token_ids: tuple[int, ...]) -> Block | None:
         block = self.cached.get(block_hash)
-        if block is not None and block.token_ids == token_ids:
+        if block is not None and block.token_ids == token_ids and block.parent_hash == parent_hash:
             return block
         return None
 
-    def register(self, block: Block, block_hash: int, token_ids: tuple[int, ...]) -> None:
+    def register(self, block: Block, block_hash: bytes, parent_hash: bytes | None, token_ids: tuple[int, ...]) -> None:
         if not self.enable_caching or block.hash is not None or block_hash in self.cached:
             return
-        block.hash, block.token_ids = block_hash, token_ids
+        block.hash, block.parent_hash, block.token_ids = block_hash, parent_hash, token_ids
         self.cached[block_hash] = block
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    """A block's identity in the prefix cache: its tokens and everything before them."""
-    return hash((parent, token_ids))
+_ROOT = os.urandom(32)  # the parent of a first block: per process, so no digest can be precomputed
+
+
+def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """A block's identity in the prefix cache: SHA-256 of its parent's hash and its tokens (as uint32: token ids
+    are below the vocabulary size)."""
+    return hashlib.sha256((parent or _ROOT) + array("I", token_ids).tobytes()).digest()
 
 
 class BlockManager:
@@ -127,17 +142,26 @@ class BlockManager:
         self.peak_used = max(self.peak_used, self.num_used_gpu_blocks)
 
     # ------------------------------------------------------------------ prefix cache
+    def _chunk(self, seq: Sequence, i: int) -> tuple[int, ...]:
+        return tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+
+    def _token_block_hash(self, seq: Sequence, i: int) -> bytes:
+        """The chain hash of ``seq``'s full block ``i``, computed once per sequence (a block's tokens and those
+        before it never change)."""
+        hashes = seq.token_block_hashes
+        while len(hashes) <= i:
+            hashes.append(chain_hash(hashes[-1] if hashes else None, self._chunk(seq, len(hashes))))
+        return hashes[i]
+
     def find_cached_prefix(self, seq: Sequence) -> list[Block]:
         """Cached blocks that hold a prefix of ``seq`` (full blocks only, never its last token)."""
         if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
             return []
         hits: list[Block] = []
         parent = None
-        tokens = seq.token_ids
-        for i in range((len(tokens) - 1) // self.block_size):
-            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
-            h = chain_hash(parent, chunk)
-            block = self.gpu.lookup(h, chunk)
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            h = self._token_block_hash(seq, i)
+            block = self.gpu.lookup(h, parent, self._chunk(seq, i))
             if block is None:
                 break
             hits.append(block)
@@ -151,9 +175,9 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
-            chunk = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, chunk)
-            self.gpu.register(self.gpu.blocks[seq.block_table[i]], h, chunk)
+            h = self._token_block_hash(seq, i)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            self.gpu.register(self.gpu.blocks[seq.block_table[i]], h, parent, self._chunk(seq, i))
             seq.block_hashes.append(h)
 
     # ------------------------------------------------------------------ allocation
@@ -208,18 +232,17 @@ class BlockManager:
         self._note_peak()
         return True
 
-    def fork(self, parent: Sequence, child: Sequence) -> bool:
+    def fork(self, parent: Sequence, child: Sequence) -> None:
         """Give ``child`` the parent's blocks by reference; the shared partial last block is copied on write.
 
         With sharing off (the baseline the sharing benchmark compares against), the child is marked to copy
         every block it still shares at its next ``allocate``, which the scheduler accounts for like any other
-        allocation, so memory pressure preempts instead of failing here. Always succeeds.
+        allocation, so memory pressure preempts instead of failing here. Never fails: no block is allocated.
         """
         for block_id in parent.block_table:
             self.gpu.acquire(self.gpu.blocks[block_id])
         child.block_table = list(parent.block_table)
         child.private_copy_pending = not self.share_blocks
-        return True
 
     def share_prefix(self, seq: Sequence, sibling: Sequence) -> int:
         """Point an empty ``seq`` at the full blocks it has in common with a computed ``sibling`` (the fork it

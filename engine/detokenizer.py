@@ -19,7 +19,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str], skip_ids: set[int]) -> None:
         self.tokenizer = tokenizer
         # HF fast tokenizers wrap a Rust ``tokenizers.Tokenizer``; calling it directly gives the same text (we
-        # never ask for clean-up) without the Python wrapper, which cost 10x the decode itself per token.
+        # never ask for clean-up) without the Python wrapper, which costs more than the decode itself per token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
         self.stop = stop

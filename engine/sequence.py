@@ -36,7 +36,9 @@ class Sequence:
         self.num_prompt_tokens = num_prompt_tokens
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of the full blocks registered in the prefix cache
+        self.block_hashes: list[bytes] = []  # chain hashes of the full blocks registered in the prefix cache
+        # Chain hashes of the first full blocks of ``token_ids``, memoized: tokens are only ever appended.
+        self.token_block_hashes: list[bytes] = []
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
         self.finish_reason: str | None = None
@@ -66,6 +68,7 @@ class Sequence:
         child = Sequence(list(self.token_ids), self.num_prompt_tokens, index)
         child.num_computed_tokens = self.num_computed_tokens
         child.block_hashes = list(self.block_hashes)
+        child.token_block_hashes = list(self.token_block_hashes)
         child.cumulative_logprob = self.cumulative_logprob
         child.logprobs = list(self.logprobs)
         if self.detok is not None:

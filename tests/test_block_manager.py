@@ -56,7 +56,7 @@ def test_random_operations_keep_invariants(ops, num_gpu, num_cpu, caching, share
         elif op == "fork" and gpu_idx:
             parent = seqs[gpu_idx[pick % len(gpu_idx)]]
             child = parent.fork(1)
-            assert bm.fork(parent, child)
+            bm.fork(parent, child)
             seqs.append(child)
             where.append("gpu")
         elif op == "free" and seqs:
@@ -90,7 +90,7 @@ def test_copy_on_write_of_shared_last_block():
     assert bm.allocate(parent, 6)
     parent.num_computed_tokens = 6
     child = parent.fork(1)
-    assert bm.fork(parent, child)
+    bm.fork(parent, child)
     assert child.block_table == parent.block_table
     assert bm.gpu.blocks[parent.block_table[1]].ref_count == 2
     child.token_ids.append(9)
@@ -146,3 +146,55 @@ def test_swap_in_bound_lets_an_unshared_group_back_into_a_pool_that_holds_it():
     for seq in group:
         assert bm.allocate(seq, 1)  # still an upper bound: every allocation right after the swap-in succeeds
     bm.check_invariants(group)
+
+
+# ---------------------------------------------------------------------------- prefix-cache identity
+
+
+def _prefill(bm, tokens):
+    """A sequence computed to its end (as a prefill would), its full blocks published; returns it."""
+    seq = Sequence(list(tokens), len(tokens))
+    cached = bm.find_cached_prefix(seq)
+    todo = seq.num_tokens - len(cached) * BS
+    assert bm.allocate(seq, todo, cached)
+    seq.num_computed_tokens += todo
+    bm.register_full_blocks(seq)
+    return seq, len(cached)
+
+
+def test_chain_hash_is_collision_resistant_where_python_hash_is_not():
+    """The old key, ``hash((parent, tokens))``, reduces an integer parent modulo 2**61 - 1: two different parents
+    collide by construction. The SHA-256 chain does not, and depends on every token and on the parent."""
+    from pagedserve.engine.block_manager import chain_hash
+
+    tokens = (1, 2, 3, 4)
+    parent = 12345
+    assert hash((parent, tokens)) == hash((parent + 2**61 - 1, tokens))  # the old scheme's collision
+    root = chain_hash(None, tokens)
+    assert len(root) == 32 and chain_hash(None, tokens) == root
+    assert chain_hash(root, tokens) != chain_hash(chain_hash(None, (1, 2, 3, 5)), tokens)
+    assert chain_hash(None, (1, 2, 3, 4)) != chain_hash(None, (4, 3, 2, 1))
+
+
+def test_same_tokens_after_a_different_prefix_never_share(monkeypatch):
+    """Even with a block key that ignores the parent (the worst case of a colliding hash), a cached block is only
+    served after the same parent: the hit also checks the parent hash it was registered with."""
+    import hashlib
+
+    from pagedserve.engine import block_manager
+
+    def parent_blind(parent, token_ids):
+        return hashlib.sha256(repr(token_ids).encode()).digest()
+
+    a, b, x, y = [10] * BS, [20] * BS, [30] * BS, [40] * BS
+    for key in (block_manager.chain_hash, parent_blind):
+        monkeypatch.setattr(block_manager, "chain_hash", key)
+        bm = BlockManager(16, 0, BS, True)
+        victim, _ = _prefill(bm, a + x + [1])  # another tenant's prefix: A then X
+        probe, _ = _prefill(bm, b + y + [1])  # B is cached too
+        attacker, hits = _prefill(bm, b + x + [1])  # X after B: its key equals the victim's X under parent_blind
+        assert hits == 1  # B only
+        assert attacker.block_table[1] not in victim.block_table
+        again, hits = _prefill(bm, a + x + [2])  # the same chain is still shared
+        assert hits == 2 and again.block_table[:2] == victim.block_table[:2]
+        bm.check_invariants([victim, probe, attacker, again])
