@@ -73,20 +73,30 @@ def _field(reader, key: str):
     return raw[0].item()
 
 
+def _check_magic(path: Path) -> None:
+    """A readable file that starts like a GGUF file, or a ValueError that says what it is instead."""
+    if not path.exists():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file (expected a .gguf checkpoint)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Read a GGUF file's header and check that it can be imported. Raises ``ValueError`` naming file and reason."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    _check_magic(path)
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - the worker extra installs it
         raise ValueError(f"cannot read {str(path)!r}: the 'gguf' package is not installed "
                          f"(pip install 'pagedserve[worker]')") from e
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
         reader = gguf.GGUFReader(str(path))
         architecture = _field(reader, "general.architecture")
@@ -230,8 +240,7 @@ def import_gguf(path: str | Path, out_dir: str | Path | None = None, dtype: str 
     path = Path(path).expanduser()
     if out_dir is not None:
         return convert_gguf(path, Path(out_dir).expanduser(), dtype, progress)
-    if not path.is_file():
-        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    _check_magic(path)  # before hashing: a wrong file is refused at once
     say = progress or (lambda _msg: None)
     sha = file_sha256(path)
     stem = path.name[:-len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
