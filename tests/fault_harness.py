@@ -8,15 +8,16 @@ The pieces stand alone, so other service tests can reuse them:
 - :class:`DeliveryWatch`: the deliveries of each entry, against the worker deaths that explain them;
 - :func:`check_invariants`: the promises of the contract's "Guarantees", checked over Redis state (plus the
   recorder); returns :class:`Violation` objects, empty when every promise held;
-- :class:`PrivateRedis`: redis-server with AOF (appendfsync always) and an ACL user for the workers, which a
+- :class:`PrivateRedis`: redis-server with AOF (appendfsync always) and ACL users for the workers, which a
   campaign kills with SIGKILL and restarts on the same port and directory, and whose writes it refuses for a
-  while (``maxmemory 1`` with ``noeviction``; commands taken from the workers' ACL user).
+  while (``maxmemory 1`` with ``noeviction``; commands taken from the workers' ACL users).
 The campaign that drives them is fault_campaign.py.
 
 The invariants (each violation names the issue item it most likely comes from, as a hint for the reader):
 - every entry with a valid id ends with exactly one stored terminal result; every entry without one, with exactly
   one dead letter; nothing stays in the stream or pending;
 - an entry never leaves the stream before its result (or dead letter) is stored;
+- one delivery per run: an entry is delivered at most once more per worker that died holding it;
 - an innocent request ends ``done`` with the outputs it asked for and its metadata echoed; a bad one ends with an
   error that names the field, never ``internal``; a cancel accepted while no result was stored ends ``cancelled``;
 - one run per id: a request nobody reclaimed (no worker died holding it, Redis did not restart under it) publishes

@@ -4,8 +4,9 @@ From one seed (printed first; ``PAGEDSERVE_FAULT_SEED`` fixes it), valid request
 not, n > 1, beams, priorities, cancels, duplicate ids in one pipeline and 150 ms apart) are interleaved with
 hostile messages and faults: SIGKILLed workers (restarted under the same or a new name), Redis SIGKILLed and
 restarted on its AOF, write refusals (``maxmemory 1`` with ``noeviction``; commands taken from the workers' ACL
-user). Then every fault is lifted, the workers drain, and the contract's guarantees are checked over Redis state
-(see fault_harness.py). ``PAGEDSERVE_FAULT_SECONDS`` sets the campaign length (default 40 s: about two minutes
+users, also from a worker while it starts). Then every fault is lifted, the workers drain, and the contract's
+guarantees are checked over Redis state (see fault_harness.py); a worker that exits on its own is a violation
+too. ``PAGEDSERVE_FAULT_SECONDS`` sets the campaign length (default 40 s: about two minutes
 in all on a 2-core machine).
 """
 
