@@ -10,9 +10,11 @@ result, every entry acked.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
+import uuid
 
 import pytest
 import redis
@@ -53,12 +55,12 @@ class Recorder:
         self.r.close()
 
 
-@pytest.fixture
-def two_workers(redis_url, prefix, tmp_path):
+@contextlib.contextmanager
+def _two_workers(redis_url, prefix, log_dir):
     procs = []
     for i in range(2):
         s = make_settings(redis_url, prefix, worker_name=f"claim-w{i}", log_level="INFO", read_block_ms=20)
-        procs.append(WorkerProcess(s, tmp_path / f"w{i}.log").start())
+        procs.append(WorkerProcess(s, log_dir / f"w{i}.log").start())
     try:
         for p in procs:
             p.wait_started()
@@ -66,6 +68,24 @@ def two_workers(redis_url, prefix, tmp_path):
     finally:
         for p in procs:
             p.close()
+        with redis.Redis.from_url(redis_url) as r:
+            keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                r.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def idle_pair(redis_url, tmp_path_factory):
+    """Two idle workers shared by the duplicate tests (each test uses ids of its own)."""
+    prefix = f"pstest-claim-{uuid.uuid4().hex[:8]}"
+    with _two_workers(redis_url, prefix, tmp_path_factory.mktemp("claim")) as procs:
+        yield prefix, procs
+
+
+@pytest.fixture
+def two_workers(redis_url, prefix, tmp_path):
+    with _two_workers(redis_url, prefix, tmp_path) as procs:
+        yield procs
 
 
 def _body(rid: str, max_tokens: int, n: int) -> str:
@@ -74,7 +94,8 @@ def _body(rid: str, max_tokens: int, n: int) -> str:
 
 
 @pytest.mark.parametrize("gap_s", [0.0, 0.15], ids=["one-pipeline", "150ms-apart"])
-def test_duplicate_entries_run_once(redis_url, prefix, two_workers, gap_s):
+def test_duplicate_entries_run_once(redis_url, idle_pair, gap_s):
+    prefix, two_workers = idle_pair
     r = redis.Redis.from_url(redis_url)
     keys = Keys(prefix)
     rid = f"dup-{int(gap_s * 1000)}"
@@ -94,6 +115,7 @@ def test_duplicate_entries_run_once(redis_url, prefix, two_workers, gap_s):
         wait_for(lambda: r.get(keys.result(rid)), 120, what="the result")
         wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 60, what="both entries acked")
         wait_for(lambda: rec.terminal, 10, what="the done publication")
+        wait_for(lambda: not r.exists(keys.running(rid)), 30, what="the claim released")
         time.sleep(0.5)  # a second run, if any, would publish more
         result = parse_terminal(r.get(keys.result(rid)))
         assert isinstance(result, DoneEvent)
