@@ -17,7 +17,6 @@ from pagedserve.service.client import Client
 from pagedserve.service.connection import WORKER_ACL_COMMANDS, redact, worker_acl
 from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys, TokenEvent, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import *  # noqa: F403
 from service_fixtures import REPO, WorkerProcess, make_settings, wait_for
 
 PASSWORD = "acl-S3cret-pw"

@@ -14,7 +14,6 @@ from pagedserve.service.client import Client
 from pagedserve.service.connection import worker_acl
 from pagedserve.service.protocol import DoneEvent, Keys, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import *  # noqa: F403
 from service_fixtures import WorkerProcess, make_settings, wait_for
 
 pytestmark = pytest.mark.slow

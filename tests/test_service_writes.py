@@ -12,7 +12,6 @@ import redis
 
 from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import *  # noqa: F403
 from service_fixtures import WorkerProcess, make_settings, wait_for
 
 pytestmark = pytest.mark.slow
