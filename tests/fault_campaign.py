@@ -200,8 +200,10 @@ class Fleet:
         self.procs[slot].kill()
         return self.names[slot]
 
-    def check_alive(self) -> None:
-        """A worker that exits on its own broke a promise (it never crashes on input): noted, then replaced."""
+    def check_alive(self) -> list[str]:
+        """A worker that exits on its own broke a promise (it never crashes): noted, then replaced. Returns the
+        consumer names that exited."""
+        exited = []
         for slot, p in list(self.procs.items()):
             rc = p.proc.poll()
             if rc is not None:
@@ -210,15 +212,18 @@ class Fleet:
                 last = " | ".join(lines[-2:])[-400:]
                 self.crashes.append(Violation("worker_exited", f"{self.names[slot]} exited with {rc} "
                                               f"(log {p.log_path.name}): {last}", "the worker never crashes"))
+                exited.append(self.names[slot])
                 self.spawn(slot, self.names[slot])
+        return exited
 
     def wait_started(self, timeout: float = 180) -> None:
         end = time.monotonic() + timeout
         while not all(self.started(s) for s in self.procs):
-            self.check_alive()
+            if self.check_alive():
+                raise AssertionError(f"seed={self.cfg.seed}: a worker exited while starting: {self.crashes[-1]}")
             if time.monotonic() > end:
                 tails = [p.log_path.read_text(errors="replace")[-500:] for p in self.procs.values()]
-                raise AssertionError(f"workers did not start: {tails}")
+                raise AssertionError(f"seed={self.cfg.seed}: workers did not start: {tails}")
             time.sleep(0.2)
 
     def close(self) -> None:
@@ -324,7 +329,7 @@ class Campaign:
             if now - last_poll >= 0.5:
                 last_poll = now
                 self._poll()
-                self.fleet.check_alive()
+                self._check_workers()
             time.sleep(max(0.0, min(0.05, (heap[0][0] - (time.monotonic() - self._t0)) if heap else 0)))
         self._lift_faults()
         self._drain()
@@ -485,6 +490,13 @@ class Campaign:
         self.windows.discard(which)
         self._note(f"{which} window over")
 
+    def _check_workers(self) -> None:
+        """A worker that exited on its own lost its runs like a SIGKILLed one: its entries may run again."""
+        for name in self.fleet.check_alive():
+            held = pending_entries(self.redis.admin, self.keys, name)
+            self._disturb(held, f"worker {name} exited holding it")
+            self.runs_lost.update(as_text(p["message_id"]) for p in held)
+
     def _disturb(self, pending: list[dict], why: str) -> None:
         for p in pending:
             sub = self.by_entry.get(as_text(p["message_id"]))
@@ -517,7 +529,7 @@ class Campaign:
         start = last_change = time.monotonic()
         last = None
         while True:
-            self.fleet.check_alive()
+            self._check_workers()
             self._poll()
             state = self._unresolved()
             now = time.monotonic()

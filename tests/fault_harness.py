@@ -163,27 +163,34 @@ class AckWatch:
 
 
 class DeliveryWatch:
-    """The most deliveries each pending entry was seen with. One delivery per run: an entry is delivered again
-    only when the worker holding it died (or gave it up), so ``deliveries <= 1 + runs given up``."""
+    """The most deliveries each pending entry was seen with, and the consumers seen holding it.
+
+    One delivery per run: an entry is delivered again only when the run holding it was given up, i.e. its worker
+    died, or another worker took it over (its lease lapsed; seen as a change of owner). A worker that claims again
+    an entry it still runs counts a delivery for nothing (``max_deliveries`` then acts early)."""
 
     def __init__(self, keys: Keys):
         self.keys = keys
         self.seen: dict[str, int] = {}
+        self.owners: dict[str, list[str]] = collections.defaultdict(list)
 
     def poll(self, r: redis.Redis) -> None:
         for p in pending_entries(r, self.keys):
-            eid = as_text(p["message_id"])
+            eid, owner = as_text(p["message_id"]), as_text(p["consumer"])
             self.seen[eid] = max(self.seen.get(eid, 0), int(p["times_delivered"]))
+            if not self.owners[eid] or self.owners[eid][-1] != owner:
+                self.owners[eid].append(owner)
 
     def violations(self, submissions: list[Submission], runs_lost: collections.Counter) -> list[Violation]:
         """``runs_lost``: entry id -> how many times a worker died holding it."""
         out = []
         for s in submissions:
             n, lost = self.seen.get(s.entry_id, 0), runs_lost.get(s.entry_id, 0)
-            if n > 1 + lost:
+            owners = self.owners.get(s.entry_id, [])
+            if n > 1 + max(lost, len(owners) - 1):
                 out.append(Violation("delivered_too_often", f"entry {s.entry_id} ({s.kind}, id {s.request_id}) "
-                                     f"delivered {n} times, {lost} worker deaths holding it",
-                                     "item 8: deliveries counted twice on restart"))
+                                     f"delivered {n} times; {lost} worker deaths holding it, held by {owners}",
+                                     "item 8: deliveries counted twice (one delivery per run)"))
         return out
 
 
