@@ -142,10 +142,7 @@ class Publisher:
                         else:
                             refused.append((op, errors[0]))
                         continue
-                    if op.entry_ids and self.on_acked is not None:
-                        self.on_acked(op.entry_ids)
-                    if op.callback is not None:
-                        op.callback()
+                    self._applied(op)
         finally:
             self._ops = kept + ops[i:] + self._ops
             self.commands_sent += sent
@@ -153,6 +150,17 @@ class Publisher:
             self._scripts.load(r)
         self._refused(refused)
         return sent
+
+    def _applied(self, op: _Op) -> None:
+        # A failing callback (a span, a lease table) must not make the ops after it in the batch look unsent.
+        try:
+            if op.entry_ids and self.on_acked is not None:
+                self.on_acked(op.entry_ids)
+            if op.callback is not None:
+                op.callback()
+        except Exception:
+            if self.log is not None:
+                self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id or None)
 
     def _add(self, pipe: redis.client.Pipeline, op: _Op) -> int:
         k = self.keys
