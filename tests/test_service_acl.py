@@ -3,12 +3,10 @@ round-trips every kind of request, and a malformed Redis URL never shows its pas
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis

@@ -4,6 +4,7 @@ entry counts one delivery per run and gets at most one dead letter."""
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 
@@ -20,8 +21,6 @@ pytestmark = pytest.mark.slow
 def submit(r: redis.Redis, keys: Keys, rid: str, max_tokens: int = 24, **extra) -> str:
     body = {"id": rid, "prompt": f"{rid} says", "params": {"max_tokens": max_tokens, "ignore_eos": True,
                                                             "temperature": 0}, **extra}
-    import json
-
     return r.xadd(keys.requests, {"body": json.dumps(body)}).decode()
 
 
