@@ -8,6 +8,9 @@ the same or a new consumer name), Redis SIGKILLed and restarted on its AOF, and 
 commands taken from the workers' ACL user). Then every fault is lifted and the workers drain. What happens at
 run time depends on timing, but the timeline (what is sent, which fault, in which order) depends on the seed
 alone.
+
+Over ~400 lines because the hostile catalogue (one line per kind of bad message, with what it must end as) is a
+table that reads best whole, next to the generator of valid requests it is interleaved with.
 """
 
 from __future__ import annotations
