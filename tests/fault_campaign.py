@@ -258,6 +258,7 @@ class Campaign:
         self.refused_xadds = 0
         self.windows: set[str] = set()
         self.refused_slots: set[str] = set()  # workers starting while Redis refuses them set/eval/xgroup
+        self.cancel_after_restart: list[str] = []
         self._seq = 0
         self._t0 = 0.0
 
@@ -293,7 +294,9 @@ class Campaign:
         for _ in range(max(1, round(T / 20))):
             plan.append((rng.uniform(0.1, 0.85) * T, "kill_worker", ()))
         for _ in range(max(1, round(T / 40))):
-            plan.append((rng.uniform(0.15, 0.85) * T, "restart_redis", (rng.uniform(0.2, 1.5),)))
+            at = rng.uniform(0.15, 0.85) * T
+            plan.append((at, "restart_redis", (rng.uniform(0.2, 1.5),)))
+            plan.append((at - 0.6, "cancellable", (False,)))  # cancelled as soon as Redis is back
         for _ in range(max(1, round(T / 40))):
             plan.append((rng.uniform(0.1, 0.85) * T, "refuse_memory", (rng.uniform(*self.cfg.window_s),)))
         for _ in range(max(1, round(T / 40))):
@@ -399,15 +402,20 @@ class Campaign:
     def _do_dup_again(self, body: dict, p: dict) -> None:
         self._xadd([(self._valid("duplicate-150ms", body, p, 1), {"body": _j(body)})])
 
-    def _do_cancellable(self) -> list:
+    def _do_cancellable(self, auto: bool = True) -> list:
+        """A request far too long to finish before its cancel; ``auto`` False: cancelled right after the next
+        Redis restart, while the workers reconnect (their pub/sub subscription may not be back yet)."""
         rid = self._rid("cancel")
         p = {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True}
         body = {"id": rid, "prompt": " ".join(self.rng.choices(_WORDS, k=6)), "params": p,
                 "stream": self.rng.random() < 0.5}
         delay = self.rng.uniform(0.05, 0.8)
-        if self._xadd([(self._valid("cancelled", body, p, 1), {"body": _j(body)})]):
-            return [(delay, "cancel", (rid,))]
-        return []
+        if not self._xadd([(self._valid("cancelled", body, p, 1), {"body": _j(body)})]):
+            return []
+        if not auto:
+            self.cancel_after_restart.append(rid)
+            return []
+        return [(delay, "cancel", (rid,))]
 
     def _do_cancel(self, rid: str) -> None:
         sub = next(s for s in reversed(self.subs) if s.request_id == rid)
@@ -461,7 +469,7 @@ class Campaign:
         self._note(f"{self.fleet.names[slot]} given its commands back after {time.monotonic() - since:.1f}s")
         return []
 
-    def _do_restart_redis(self, downtime: float) -> None:
+    def _do_restart_redis(self, downtime: float) -> list:
         before = pending_entries(self.redis.admin, self.keys)
         self.redis.kill_and_restart(downtime)
         after = pending_entries(self.redis.admin, self.keys)
@@ -470,6 +478,8 @@ class Campaign:
         self.windows.clear()  # ACL users and CONFIG come back from the command line, not the AOF
         for slot in self.refused_slots:  # ... but a worker still starting keeps being refused
             self.redis.revoke(_START_REFUSAL, (slot,))
+        cancels, self.cancel_after_restart = self.cancel_after_restart, []
+        return [(0.0, "cancel", (rid,)) for rid in cancels]
 
     def _do_refuse_memory(self, duration: float) -> list:
         self.redis.refuse_memory(True)
