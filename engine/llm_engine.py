@@ -201,7 +201,7 @@ class LLMEngine:
             for seq, n in item.seqs:
                 seq.num_computed_tokens += n
                 self.block_manager.register_full_blocks(seq)
-        failed: dict[str, str] = {}  # request id -> what failed, for requests ended by their own failure
+        failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
         progressed: dict[str, Request] = {}
         sample_rows = []
         for row, seq in enumerate(sample_seqs):
@@ -228,10 +228,10 @@ class LLMEngine:
         for req in progressed.values():
             if req.request_id not in failed:
                 self._guard(req, failed, "output", self._emit, req, now, outputs)
-        outputs.extend(self._fail(self.requests[rid], why) for rid, why in failed.items() if rid in self.requests)
+        outputs.extend(self._fail(req, why) for req, why in failed.values())
         return outputs
 
-    def _guard(self, req: Request, failed: dict[str, str], stage: str, fn, *args) -> bool:
+    def _guard(self, req: Request, failed: dict[str, tuple[Request, str]], stage: str, fn, *args) -> bool:
         """Run ``fn(*args)`` for ``req`` unless it already failed this step; a raise marks it failed instead of
         failing the step. Returns whether it ran and succeeded."""
         if req.request_id in failed:
@@ -241,11 +241,11 @@ class LLMEngine:
             return True
         except Exception as exc:
             log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
-            failed[req.request_id] = _one_line(f"{stage} failed: {type(exc).__name__}: {exc}")
+            failed[req.request_id] = (req, _one_line(f"{stage} failed: {type(exc).__name__}: {exc}"))
             return False
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
-                failed: dict[str, str]) -> list:
+                failed: dict[str, tuple[Request, str]]) -> list:
         """One token per row, batched; if the batch raises, each request is sampled alone so that only the
         culprit fails (greedy and seeded rows draw the same tokens either way). ``None`` for a failed row."""
         try:
@@ -292,7 +292,8 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, req.num_cached_tokens,
                              dict(req.metrics), error=error)
 
-    def _expand_forks(self, sample_seqs: list[Sequence], failed: dict[str, str]) -> tuple[list[int], list[Sequence]]:
+    def _expand_forks(self, sample_seqs: list[Sequence],
+                      failed: dict[str, tuple[Request, str]]) -> tuple[list[int], list[Sequence]]:
         """Fork each prompt that just finished prefill into its samples, which all read the prompt's logits row.
 
         Returns, per sequence to sample, its row in ``logits`` and the sequence (none for a request that failed).

@@ -80,7 +80,12 @@ def _beam_scoring_fails(req):
     req.beam.select = _explode_after(2, req.beam.select)
 
 
+def _final_output_fails(req):
+    req.seqs[0].detok.flush = _explode_after(0, req.seqs[0].detok.flush)
+
+
 CASES = {
+    "final output": (([30, 31, 32], GREEDY), _final_output_fails, "output failed: RuntimeError"),
     "detokenizer": (([30, 31, 32], GREEDY), _detok_fails, "stop check or detokenization failed: RuntimeError"),
     "sampler": (([30, 31, 32], ExplodingParams(max_tokens=10, temperature=0.5)), None, "sampling failed: ArithmeticError"),
     "beam scoring": (([30, 31, 32], SamplingParams(max_tokens=10, beam_width=2)), _beam_scoring_fails,
