@@ -561,6 +561,10 @@ class Campaign:
     def check(self) -> list[Violation]:
         out = list(self.watch.violations) + list(self.fleet.crashes)
         out += self.deliveries.violations(self.subs, self.runs_lost)
+        for eid, owners in self.deliveries.owners.items():  # a lapsed lease (refusals adding up past
+            sub = self.by_entry.get(eid)                     # claim_idle_ms) hands a run over by design
+            if len(set(owners)) > 1 and sub is not None and sub.request_id:
+                self.disturbed.setdefault(sub.request_id, f"taken over: {owners}")
         final = check_invariants(self.redis.admin, self.keys, self.subs, recorder=self.recorder,
                                  disturbed=self.disturbed)
         # an entry the watch saw leave without its answer is reported once, with the fault window it fell in
