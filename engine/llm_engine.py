@@ -17,7 +17,7 @@ from pagedserve.engine.errors import PromptTooLongError
 from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
-from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.outputs import RequestOutput, build_output, error_output
 from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
@@ -210,8 +210,9 @@ class LLMEngine:
                 sample_rows.append(row)
                 continue
             req.pending_logits[seq.seq_id] = logits[row]
-            if len(req.pending_logits) == len(req.seqs) and self._guard(req, failed, "beam search", self._beam_step, req):
-                progressed[req.request_id] = req
+            if len(req.pending_logits) == len(req.seqs):
+                if self._guard(req, failed, "beam search", self._beam_step, req):
+                    progressed[req.request_id] = req
         if len(sample_rows) != len(sample_seqs):
             sample_seqs = [sample_seqs[r] for r in sample_rows]
             logits = logits[torch.tensor(sample_rows, dtype=torch.long, device=logits.device)] if sample_rows else logits
@@ -261,7 +262,8 @@ class LLMEngine:
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
 
             def sample_alone(rows=rows, index=index, req=req):
-                for row, res in zip(rows, self.sampler(logits[index], [seqs[r] for r in rows], [req.params] * len(rows))):
+                alone = self.sampler(logits[index], [seqs[r] for r in rows], [req.params] * len(rows))
+                for row, res in zip(rows, alone):
                     results[row] = res
 
             self._guard(req, failed, "sampling", sample_alone)
@@ -276,7 +278,7 @@ class LLMEngine:
         for seq in req.seqs:
             if seq.finished and seq.block_table:
                 self.block_manager.free(seq)
-        out = self._make_output(req, final=False)
+        out = build_output(req, False, self.tokenizer)
         if out is not None:
             outputs.append(out)
 
@@ -289,8 +291,7 @@ class LLMEngine:
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
         req.metrics["finished_time"] = time.time()
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, req.num_cached_tokens,
-                             dict(req.metrics), error=error)
+        return error_output(req, error)
 
     def _expand_forks(self, sample_seqs: list[Sequence],
                       failed: dict[str, tuple[Request, str]]) -> tuple[list[int], list[Sequence]]:
@@ -378,54 +379,7 @@ class LLMEngine:
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
             seq.detok.flush()
-        return self._make_output(req, final=True)
-
-    def _make_output(self, req: Request, final: bool) -> RequestOutput | None:
-        p = req.params
-        if req.beam is not None:
-            return self._beam_output(req) if final else None
-        hidden = p.best_of is not None and p.best_of > p.n
-        if hidden and not final:
-            return None  # best_of > n: which samples are returned is known only at the end
-        seqs = req.seqs
-        if hidden:
-            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:p.n]
-        completions = []
-        for rank, seq in enumerate(seqs):
-            delta_text = seq.detok.take_delta(final=final or seq.finished)
-            emitted = seq.num_prompt_tokens + seq.num_emitted_tokens
-            seq.num_emitted_tokens = seq.num_output_tokens
-            completions.append(CompletionOutput(
-                index=rank if hidden else seq.index,
-                text=seq.detok.text[:seq.detok.emitted],
-                token_ids=seq.output_token_ids,
-                finish_reason=seq.finish_reason,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if p.logprobs is not None else None,
-                delta_text=delta_text,
-                delta_token_ids=seq.token_ids[emitted:],
-            ))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
-                             req.num_cached_tokens, dict(req.metrics))
-
-    def _beam_output(self, req: Request) -> RequestOutput:
-        """The ``n`` best finished hypotheses; a search cut short (cancel, deadline) returns its live beams."""
-        hyps = req.beam.best(req.params.n)
-        reason = req.finish_reason
-        completions = []
-        if reason is None:
-            for rank, h in enumerate(hyps):
-                text = self.tokenizer.decode(h.token_ids, skip_special_tokens=True)
-                completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
-                                                    h.logprob, delta_text=text, delta_token_ids=h.token_ids))
-        else:
-            for rank, seq in enumerate(req.seqs[:req.params.n]):
-                ids = seq.output_token_ids
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
-                                                    delta_text=text, delta_token_ids=ids))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, True,
-                             req.num_cached_tokens, dict(req.metrics))
+        return build_output(req, True, self.tokenizer)
 
     # ------------------------------------------------------------------ stats
     def _kv_utilization(self) -> tuple[float, int]:

@@ -1,8 +1,13 @@
-"""What the engine returns: one ``RequestOutput`` per request, one ``CompletionOutput`` per returned sequence."""
+"""What the engine returns: one ``RequestOutput`` per request, one ``CompletionOutput`` per returned sequence,
+and how they are built from a request's state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedserve.engine.sequence import Request
 
 
 @dataclass
@@ -39,3 +44,60 @@ class RequestOutput:
     # Set when the request ended because of its own failure (or could never be scheduled): a one-line message.
     # Such an output is final (``finished``) and has no ``outputs``; the other requests are unaffected.
     error: str | None = None
+
+
+def build_output(req: Request, final: bool, tokenizer) -> RequestOutput | None:
+    """The request's output after a step: every sample's delta, or None while nothing can be shown yet (beam
+    search and ``best_of > n`` only know their outputs at the end)."""
+    p = req.params
+    if req.beam is not None:
+        return _beam_output(req, tokenizer) if final else None
+    hidden = p.best_of is not None and p.best_of > p.n
+    if hidden and not final:
+        return None
+    seqs = req.seqs
+    if hidden:
+        seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:p.n]
+    completions = []
+    for rank, seq in enumerate(seqs):
+        delta_text = seq.detok.take_delta(final=final or seq.finished)
+        emitted = seq.num_prompt_tokens + seq.num_emitted_tokens
+        seq.num_emitted_tokens = seq.num_output_tokens
+        completions.append(CompletionOutput(
+            index=rank if hidden else seq.index,
+            text=seq.detok.text[:seq.detok.emitted],
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=list(seq.logprobs) if p.logprobs is not None else None,
+            delta_text=delta_text,
+            delta_token_ids=seq.token_ids[emitted:],
+        ))
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
+                         req.num_cached_tokens, dict(req.metrics))
+
+
+def _beam_output(req: Request, tokenizer) -> RequestOutput:
+    """The ``n`` best finished hypotheses; a search cut short (cancel, deadline) returns its live beams."""
+    hyps = req.beam.best(req.params.n)
+    reason = req.finish_reason
+    completions = []
+    if reason is None:
+        for rank, h in enumerate(hyps):
+            text = tokenizer.decode(h.token_ids, skip_special_tokens=True)
+            completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
+                                                h.logprob, delta_text=text, delta_token_ids=h.token_ids))
+    else:
+        for rank, seq in enumerate(req.seqs[:req.params.n]):
+            ids = seq.output_token_ids
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
+                                                delta_text=text, delta_token_ids=ids))
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, True,
+                         req.num_cached_tokens, dict(req.metrics))
+
+
+def error_output(req: Request, error: str) -> RequestOutput:
+    """The final output of a request ended by its own failure: no completions, the one-line ``error``."""
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, req.num_cached_tokens,
+                         dict(req.metrics), error=error)
