@@ -141,7 +141,7 @@ def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float
         "sampler": ("sampler.py", "__call__"),
         "scheduler": ("scheduler.py", "schedule"),
         "detokenize + stops": ("llm_engine.py", "_append_token"),
-        "outputs": ("llm_engine.py", "_make_output"),
+        "outputs": ("outputs.py", "build_output"),
     }
     found = {}
     for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
