@@ -212,17 +212,30 @@ class StructuredOutputs:
         return bitmask
 
     def stats(self) -> dict:
+        """Numbers for ``LLMEngine.stats()`` (requests per kind: ``requests_by_kind``)."""
         return {
             "structured_compiles": self.num_compiles,
             "structured_compile_cache_hits": self.num_cache_hits,
             "structured_compile_seconds_total": sum(self.compile_seconds),
             "structured_mask_seconds_total": sum(self.mask_seconds),
             "structured_mask_rows": len(self.mask_seconds),
-            "structured_requests_by_kind": dict(self.requests_by_kind),
         }
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` bool: bit ``j`` of byte ``b`` (unpacks a bitmask with one gather, on any device)."""
+    table = _BIT_TABLES.get(device)
+    if table is None:
+        byte = torch.arange(256, dtype=torch.int32)
+        table = ((byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+        _BIT_TABLES[device] = table
+    return table
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None) -> None:
@@ -230,20 +243,24 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
 
     ``logits`` is ``[R, V]`` on any device; ``bitmask`` is int32 ``[len(rows), W]`` (CPU or the same device);
     ``rows`` defaults to every row. Columns past ``32 * W`` (a model vocabulary wider than the tokenizer's) are
-    disallowed too. The bits are unpacked on the logits' device.
+    disallowed too. The bits are unpacked on the logits' device (little-endian words: byte ``k`` of word ``w``
+    holds tokens ``32w + 8k`` to ``32w + 8k + 7``); each row is filled in place, with no copy of the logits.
     """
-    if bitmask.shape[0] == 0:
+    n = bitmask.shape[0]
+    if n == 0:
         return
     device = logits.device
     vocab = logits.shape[1]
-    mask = bitmask.to(device, non_blocking=True)
-    shifts = torch.arange(32, device=device, dtype=torch.int32)
-    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).view(mask.shape[0], -1).bool()
-    width = min(vocab, allowed.shape[1])
-    disallowed = torch.ones((mask.shape[0], vocab), dtype=torch.bool, device=device)
-    disallowed[:, :width] = ~allowed[:, :width]
-    if rows is None or (len(rows) == logits.shape[0] and rows == list(range(len(rows)))):
-        logits.masked_fill_(disallowed, float("-inf"))
+    mask = bitmask.to(device, non_blocking=True).contiguous()
+    allowed = _bit_table(device)[mask.view(torch.uint8).long()].view(n, -1)
+    if allowed.shape[1] >= vocab:
+        disallowed = ~allowed[:, :vocab]
     else:
-        index = torch.tensor(rows, dtype=torch.long, device=device)
-        logits[index] = logits[index].masked_fill(disallowed, float("-inf"))
+        disallowed = torch.ones((n, vocab), dtype=torch.bool, device=device)
+        disallowed[:, :allowed.shape[1]] = ~allowed
+    with torch.inference_mode():  # the model runner's logits are inference tensors
+        if rows is None:
+            logits.masked_fill_(disallowed, float("-inf"))
+        else:
+            for i, row in enumerate(rows):
+                logits[row].masked_fill_(disallowed[i], float("-inf"))
