@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from pagedserve.engine.structured_spec import cache_key, kind_of, structured_error
+from pagedserve.engine.structured_spec import KINDS, cache_key, kind_of, structured_error
 
 TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
@@ -128,9 +128,12 @@ class StructuredOutputs:
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        # Figures for stats() and the benchmark.
+        # Figures for stats() and the benchmark (the deques keep the latest, the totals everything).
         self.compile_seconds: deque[float] = deque(maxlen=10_000)  # each finished compile
         self.mask_seconds: deque[float] = deque(maxlen=100_000)  # each bitmask row (one token of one sequence)
+        self.compile_seconds_total = 0.0
+        self.mask_seconds_total = 0.0
+        self.mask_rows = 0
         self.num_compiles = 0
         self.num_cache_hits = 0
         self.requests_by_kind: dict[str, int] = {}
@@ -148,7 +151,10 @@ class StructuredOutputs:
         try:
             return self.backend.compile(spec)
         finally:
-            self.compile_seconds.append(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            with self._lock:  # compiles finish on several threads
+                self.compile_seconds.append(seconds)
+                self.compile_seconds_total += seconds
 
     def compile_async(self, spec: dict) -> Future:
         """The future of ``spec``'s compiled grammar: shared with every earlier request for the same grammar."""
@@ -208,17 +214,22 @@ class StructuredOutputs:
         words = (backend.vocab_size + 31) // 32
         bitmask = torch.empty((len(matchers), words), dtype=torch.int32,
                               pin_memory=torch.cuda.is_available() and torch.cuda.is_initialized())
-        self.mask_seconds.extend(backend.fill_bitmasks(matchers, bitmask))
+        seconds = backend.fill_bitmasks(matchers, bitmask)
+        self.mask_seconds.extend(seconds)
+        self.mask_seconds_total += sum(seconds)
+        self.mask_rows += len(seconds)
         return bitmask
 
     def stats(self) -> dict:
-        """Numbers for ``LLMEngine.stats()`` (requests per kind: ``requests_by_kind``)."""
+        """Numbers for ``LLMEngine.stats()``: compiles (started, answered from the cache, seconds spent), mask
+        rows filled and their seconds, and requests per kind (``structured_requests_json``, ...)."""
         return {
             "structured_compiles": self.num_compiles,
             "structured_compile_cache_hits": self.num_cache_hits,
-            "structured_compile_seconds_total": sum(self.compile_seconds),
-            "structured_mask_seconds_total": sum(self.mask_seconds),
-            "structured_mask_rows": len(self.mask_seconds),
+            "structured_compile_seconds_total": self.compile_seconds_total,
+            "structured_mask_seconds_total": self.mask_seconds_total,
+            "structured_mask_rows": self.mask_rows,
+            **{f"structured_requests_{kind}": self.requests_by_kind.get(kind, 0) for kind in KINDS},
         }
 
     def close(self) -> None:
