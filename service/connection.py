@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
+# What "Redis refuses our writes" looks like (out of memory under noeviction, a read-only replica after a
+# failover, an ACL without a command the worker needs). The connection is fine, but the loop treats it as an
+# outage all the same: nothing is acknowledged, it backs off and sets up again, and a worker that starts
+# during such a window waits instead of exiting into a crash loop.
+REDIS_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError)
+
 # Every command the worker sends, directly or from its Lua scripts (ACL rules are checked inside scripts too):
 # the minimal ACL of its Redis user is ``-@all`` plus these, on the keys and channels of its prefix
 # (README "Security", docs/service.md "Redis ACL"; tests/test_service_acl.py runs a worker under exactly it).
@@ -130,7 +136,8 @@ class Connection:
     def failed(self, e: BaseException) -> None:
         """Redis went away: back off, set up again on the next try (logged once per outage)."""
         if self.ok or self.backoff.delay == 0:
-            self.log.warning("redis_unreachable", error=redact(e), buffered=self.publisher.buffered())
+            event = "redis_refused" if isinstance(e, REDIS_REFUSED) else "redis_unreachable"
+            self.log.warning(event, error=redact(e), buffered=self.publisher.buffered())
         self.metrics.redis_errors.inc()
         self.ok = False
         self.needs_setup = True

@@ -72,6 +72,13 @@ class Intake:
             return []
         self._last_reclaim = now
         claimed = self.reclaimer.reclaim(self.conn.r, room)
+        held = self.held() if claimed else set()
+        if any(eid in held for eid, _, _ in claimed):
+            # Our own leases lapsed (renewals refused or late) and XAUTOCLAIM, which cannot skip a consumer, took
+            # back entries this worker still runs: not a new delivery, so the count it added is taken back.
+            ours = [(eid, n) for eid, _, n in claimed if eid in held]
+            self.reclaimer.uncount_delivery(self.conn.r, ours)
+            claimed = [e for e in claimed if e[0] not in held]
         if claimed:
             self.metrics.reclaims.inc(len(claimed))
             self.log.info("entries_reclaimed", count=len(claimed))

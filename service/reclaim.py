@@ -100,6 +100,11 @@ class Reclaimer:
             out.append(int(rows[0]["times_delivered"]) if isinstance(rows, list) and rows else 1)
         return out
 
+    def uncount_delivery(self, r: redis.Redis, entries: list[tuple[str, int]]) -> None:
+        """Set the delivery count of ``(entry id, count)`` pairs back to ``count - 1`` (they stay ours, idle 0)."""
+        for eid, n in entries:
+            r.xclaim(self.keys.requests, self.keys.group, self.consumer, 0, [eid], retrycount=max(0, n - 1), justid=True)
+
     def release(self, r: redis.Redis, entry_ids: list[str]) -> None:
         """Make ``entry_ids`` immediately reclaimable by other workers (graceful shutdown): set their idle time
         beyond ``claim_idle_ms`` without counting a delivery."""

@@ -36,7 +36,7 @@ import redis
 
 from .admission import Admission
 from .claims import Claims
-from .connection import REDIS_DOWN, Connection, redis_client
+from .connection import REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
 from .health import HealthServer, Progress
 from .inflight import Running
 from .intake import Intake
@@ -159,7 +159,7 @@ class Worker:
         engine = self.engine  # load the model before taking any work
         try:
             self.conn.setup()  # group and subscriptions exist once "worker_started" is logged
-        except REDIS_DOWN as e:
+        except REDIS_DOWN + REDIS_REFUSED as e:
             self.conn.failed(e)  # not fatal: the loop retries with backoff
         self.log.info(
             "worker_started",
@@ -200,7 +200,7 @@ class Worker:
         if conn.usable():
             try:
                 self._redis_phase(block=not busy and not self.publisher.pending())
-            except REDIS_DOWN as e:
+            except REDIS_DOWN + REDIS_REFUSED as e:
                 conn.failed(e)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):

@@ -143,7 +143,8 @@ class WorkerProcess:
         return self
 
     def wait_started(self, timeout: float = 120) -> None:
-        wait_for(lambda: "worker_started" in self.log_path.read_text(errors="replace") or self._dead(),
+        # The event itself, not the bare word: a start-up traceback quotes worker.py, whose comments name it.
+        wait_for(lambda: '"event": "worker_started"' in self.log_path.read_text(errors="replace") or self._dead(),
                  timeout, 0.1, "worker start")
         assert self.proc.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
 

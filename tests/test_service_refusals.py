@@ -1,0 +1,83 @@
+"""Redis that refuses the worker's writes at the worst moments, on a private redis-server and real workers.
+
+- A worker that starts while Redis refuses its writes (out of memory under noeviction; an ACL without the
+  commands it needs) waits and backs off instead of exiting into a crash loop, and serves once the refusal ends.
+- A worker whose own leases lapse while their renewals are refused takes its running entries back without
+  counting another delivery: one delivery per run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fault_harness import PrivateRedis, pending_entries
+from service_fixtures import WorkerProcess, make_settings, wait_for
+
+from pagedserve.service.protocol import Keys, parse_terminal
+
+pytestmark = pytest.mark.slow
+KEYS = Keys("pagedserve")
+
+
+def _result(r, rid: str):
+    raw = r.get(KEYS.result(rid))
+    return parse_terminal(raw) if raw is not None else None
+
+
+@pytest.mark.parametrize("refusal", ["maxmemory", "acl"])
+def test_worker_started_during_refused_writes_waits_then_serves(tmp_path, refusal):
+    redis = PrivateRedis().start()
+    worker = None
+    try:
+        if refusal == "maxmemory":
+            redis.refuse_memory(True)
+        else:
+            redis.revoke(["-set", "-eval", "-evalsha", "-xgroup"])
+        settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="starter", claim_idle_ms=4000)
+        worker = WorkerProcess(settings, tmp_path / "w.log").start()
+        wait_for(lambda: any(e.get("event") == "redis_refused" for e in worker.events()) or worker.proc.poll() is not None,
+                 120, 0.2, "the refusal to be logged")
+        assert worker.proc.poll() is None, worker.log_path.read_text(errors="replace")[-3000:]
+        if refusal == "maxmemory":
+            redis.refuse_memory(False)
+        else:
+            redis.revoke(None)
+        worker.wait_started()
+        redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "after-refusal", "prompt": "hi",
+                                                               "params": {"max_tokens": 4, "temperature": 0}})})
+        wait_for(lambda: _result(redis.admin, "after-refusal") is not None, 120, 0.2, "the result")
+        assert _result(redis.admin, "after-refusal").type == "done"
+        assert pending_entries(redis.admin, KEYS) == []
+        assert worker.proc.poll() is None
+    finally:
+        if worker is not None:
+            worker.close()
+        redis.close()
+
+
+def test_own_lapsed_leases_are_taken_back_without_a_delivery(tmp_path):
+    redis = PrivateRedis().start()
+    worker = None
+    try:
+        settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="solo", claim_idle_ms=1500)
+        worker = WorkerProcess(settings, tmp_path / "w.log", OMP_NUM_THREADS="1").start()
+        worker.wait_started()
+        body = {"id": "long-1", "prompt": "x", "params": {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}}
+        redis.admin.xadd(KEYS.requests, {"body": json.dumps(body)})
+        wait_for(lambda: len(pending_entries(redis.admin, KEYS)) == 1, 60, 0.1, "the entry to be taken")
+        # Lease renewals (scripts) refused for longer than claim_idle_ms, while XAUTOCLAIM is still allowed: the
+        # worker's own reclaim pass finds its running entry idle.
+        redis.revoke(["-eval", "-evalsha"])
+        time.sleep(4.0)
+        redis.revoke(None)
+        rows = pending_entries(redis.admin, KEYS)
+        assert all(row["times_delivered"] == 1 for row in rows), rows
+        wait_for(lambda: _result(redis.admin, "long-1") is not None, 300, 0.2, "the result")
+        assert _result(redis.admin, "long-1").type == "done"
+        assert not any(e.get("event") == "entries_reclaimed" for e in worker.events())
+    finally:
+        if worker is not None:
+            worker.close()
+        redis.close()
