@@ -18,8 +18,9 @@ from pathlib import Path
 from pagedserve.engine.builtin_model import BUILTIN_NAME
 from pagedserve.engine.default_model import DEFAULT_NAME
 
-# The model used when none is named. The tiny random one until the real one is the default everywhere.
-DEFAULT_MODEL = BUILTIN_NAME
+# The model used when none is named: the real one, so that a first run answers in English. The test suite names
+# BUILTIN_NAME explicitly (no download, fast steps).
+DEFAULT_MODEL = DEFAULT_NAME
 
 
 def _stderr(msg: str) -> None:

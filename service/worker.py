@@ -172,9 +172,15 @@ class Worker:
         self.claims.start()
         self.started.set()
         failures = 0
+        drain_logged = False
         try:
             while True:
                 self.heartbeat = time.monotonic()
+                if self._stop.is_set() and not drain_logged:
+                    # Logged here, not in the signal handler: a handler runs between any two bytecodes.
+                    drain_logged = True
+                    self.log.info("drain_started", in_flight=len(self.inflight),
+                                  grace_period_s=self.settings.grace_period_s)
                 if self._stop.is_set() and (not self.inflight or time.monotonic() >= (self._stop_deadline or 0)):
                     break
                 try:

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the service tests (real redis-server, real engine, built-in model on CPU).
+"""Shared fixtures and helpers of the service tests (real redis-server, real engine, tiny random model on CPU).
 
 tests/conftest.py loads this module as a pytest plugin (``pytest_plugins``), so every test module gets the
 fixtures; import the plain helpers by name (``from service_fixtures import make_settings, running_worker``).
@@ -25,6 +25,9 @@ from pagedserve.service.worker import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REDIS = os.environ.get("PAGEDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The service tests run on the tiny random model (no download, fast steps), named explicitly: the default model is
+# the real one. Worker subprocesses get it through PAGEDSERVE_MODEL (make_settings -> worker_env).
+TEST_MODEL = "pagedserve-tiny-random"
 # Small engine for tests: a fixed KV pool keeps memory and start-up small on the 2-core CI machine.
 ENGINE_KW = dict(num_gpu_blocks=512, max_num_seqs=64, swap_space_gb=0.25, device="cpu", seed=0)
 
@@ -66,12 +69,12 @@ def prefix(redis_url):
 def shared_engine():
     from pagedserve.engine import LLMEngine
 
-    return LLMEngine(model=None, **ENGINE_KW)
+    return LLMEngine(model=TEST_MODEL, **ENGINE_KW)
 
 
 def make_settings(redis_url: str, prefix: str, **kw) -> Settings:
     base = dict(
-        redis_url=redis_url, prefix=prefix, metrics_port=0, worker_name=f"w-{uuid.uuid4().hex[:6]}",
+        redis_url=redis_url, prefix=prefix, model=TEST_MODEL, metrics_port=0, worker_name=f"w-{uuid.uuid4().hex[:6]}",
         claim_idle_ms=2000, grace_period_s=5, log_format="json", log_level="INFO",
         num_gpu_blocks=ENGINE_KW["num_gpu_blocks"], max_num_seqs=ENGINE_KW["max_num_seqs"],
         swap_space_gb=ENGINE_KW["swap_space_gb"], device="cpu",

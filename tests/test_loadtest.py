@@ -152,7 +152,8 @@ def test_headless_locust_run_against_real_worker(tmp_path):
 
     csv_prefix = tmp_path / "run"
     with LocalStack(log_dir=tmp_path / "logs", ready_timeout_s=60,
-                    worker_env={"PAGEDSERVE_MAX_NUM_SEQS": "16", "PAGEDSERVE_SWAP_SPACE_GB": "0.05"}) as stack:
+                    worker_env={"PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_MAX_NUM_SEQS": "16",
+                                "PAGEDSERVE_SWAP_SPACE_GB": "0.05"}) as stack:
         proc = subprocess.run(
             [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
              "-u", "4", "-r", "4", "-t", "6s", "--stop-timeout", "20", "--only-summary", "--loglevel", "WARNING",

@@ -11,7 +11,7 @@ import redis
 
 from pagedserve.service.client import AsyncClient, Client, RequestFailed
 from pagedserve.service.protocol import DoneEvent, ErrorEvent, TokenEvent
-from service_fixtures import ENGINE_KW, make_settings, metric_samples, running_worker, wait_for
+from service_fixtures import ENGINE_KW, TEST_MODEL, make_settings, metric_samples, running_worker, wait_for
 
 PROMPTS = ["Hello world", "The sky is", "PagedAttention", "def f(x):", "a" * 40]
 
@@ -34,7 +34,7 @@ def test_greedy_equals_offline_engine_and_deltas_concatenate(setup):
         done = c.wait(rid, timeout=60)
         assert isinstance(done, DoneEvent)
         wire[rid] = done
-    offline = LLM(model=None, **ENGINE_KW).generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+    offline = LLM(model=TEST_MODEL, **ENGINE_KW).generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
     for rid, off in zip(ids, offline):
         assert wire[rid].outputs[0].token_ids == off.outputs[0].token_ids
         assert wire[rid].outputs[0].text == off.outputs[0].text
