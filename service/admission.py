@@ -35,11 +35,12 @@ import redis
 from opentelemetry.trace import SpanKind
 
 from .claims import RETRY_S, Claims
-from .inflight import InFlight, Running
+from .inflight import InFlight
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
 from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, Keys, parse_request
 from .reclaim import LeaseKeeper
+from .running import Running
 from .settings import Settings
 from .telemetry import extract_context, request_logger, trace_id_from_fields
 

@@ -17,7 +17,6 @@ Invariants:
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,11 +25,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-if TYPE_CHECKING:
+from .protocol import Keys
+from .publisher import Publisher
+from .reclaim import LeaseKeeper, Reclaimer
+from .redaction import redact
+
+if TYPE_CHECKING:  # prometheus_client is the worker extra; producers import redis_client and redact from here
     from .metrics import WorkerMetrics
-    from .protocol import Keys
-    from .publisher import Publisher
-    from .reclaim import LeaseKeeper, Reclaimer
 
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
@@ -53,22 +54,6 @@ WORKER_ACL_COMMANDS = (
 def worker_acl(prefix: str = "pagedserve") -> list[str]:
     """The ``ACL SETUSER`` rules (after the user's name, password and ``on``) of a worker serving ``prefix``."""
     return ["resetkeys", "resetchannels", f"~{prefix}:*", f"&{prefix}:*", "-@all", *(f"+{c}" for c in WORKER_ACL_COMMANDS)]
-
-
-# The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
-# raw ``@`` inside a password is covered too) and ``password=`` query parameters.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@")
-_PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\bpassword=)[^&\s'\"<>]*")
-
-
-def redact(text: object) -> str:
-    """``text`` with the credentials of every URL in it masked: ``redis://user:***@host``, ``password=***``.
-    Used on everything the worker prints or logs that may hold the Redis URL or an error quoting it."""
-    def userinfo(m: re.Match) -> str:
-        user, colon, _ = m["userinfo"].partition(":")
-        return f"{m['scheme']}{user}:***@" if colon else f"{m['scheme']}***@"
-
-    return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, str(text)))
 
 
 def redis_client(url: str, *, decode: bool = False, timeout: float = 5.0) -> redis.Redis:

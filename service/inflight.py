@@ -1,44 +1,18 @@
-"""The requests a worker has started and not yet answered (``inflight``: request id -> :class:`InFlight`), and
-what happens to them: each step's outputs become token events and, at the end, a ``done`` event; a cancel, a
-lost lease or claim, a failed engine step or a shutdown ends them early.
+"""One request a worker has started and not yet answered: :class:`InFlight`, the row of the running-requests
+table (running.py) that outcomes.py reads when the request ends.
 
-Failures, and who pays for them:
-- a failure the engine attributes to one request (its sampling, beam scoring, detokenization or stop check) comes
-  back as that request's final output with ``error`` set: that request alone is answered ``internal``;
-- a failure while turning one request's output into events ends that request alone (``internal``), never the
-  other outputs of the step;
-- an ``engine.step()`` that raises is attributable to no request: nothing is answered. Every running request is
-  aborted and its entries are sent back to the stream (:meth:`Running.send_back`) for another delivery, as
-  Celery (``acks_late`` + ``reject_on_worker_lost``) and Dramatiq (retries) would: an innocent request is
-  retried, not failed. The delivery count grows with each try, so a request that breaks every step it is in
-  ends as a dead letter after ``max_deliveries``.
-
-Invariants:
-- an id is in the table at most once: a second entry of a running id is attached to it (``entry_ids``) and
-  acknowledged with it, never started twice;
-- a request leaves the table exactly when it is answered (``done``/``error``) or given up to another worker
-  (lease lost, shutdown); the engine is told to abort whatever leaves early, so its KV blocks come back;
-- the sequences of the table (``samples``) never exceed ``max_num_seqs``: :meth:`Running.room` is what the
-  worker may still read.
+Its own module so that imports go one way: running.py and admission.py make and keep these rows,
+outcomes.py ends them, and none of them needs the other to know what a row is.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
-from .metrics import WorkerMetrics
 from .protocol import GenerateRequest
-from .publisher import Publisher
-from .results import token_payloads
-
-if TYPE_CHECKING:
-    from .claims import Claims
-    from .outcomes import Outcomes
 
 
 @dataclass
@@ -61,138 +35,3 @@ class InFlight:
         if self.span is not None:
             self.span.set_status(Status(StatusCode.ERROR, why))
             self.span.end()
-
-
-@dataclass(kw_only=True, eq=False)
-class Running:
-    """The table of running requests (``table``: the worker's ``inflight``) and the ways they end here."""
-
-    engine: Callable[[], Any]  # returns the engine (loaded on first use)
-    outcomes: Outcomes
-    publisher: Publisher
-    metrics: WorkerMetrics
-    log: Any
-    max_num_seqs: int
-    claims: Claims | None = None
-    table: dict[str, InFlight] = field(default_factory=dict, init=False)
-
-    def room(self) -> int:
-        """Sequences the engine may still take (a request with ``n`` samples takes ``n``)."""
-        used = sum(f.samples for f in self.table.values())
-        return max(0, self.max_num_seqs - used)
-
-    def on_outputs(self, outputs: list) -> None:
-        """One engine step's outputs: token events (streaming requests), inter-token latency, and the terminal
-        event of every request that finished (``error`` when the engine failed it alone). A failure while
-        handling one output ends that request alone."""
-        now = time.time()
-        gen = 0
-        for out in outputs:
-            f = self.table.get(out.request_id)
-            if f is None:
-                continue
-            try:
-                gen += self._on_output(out, f, now)
-            except Exception as e:
-                (f.log or self.log).exception("output_handling_failed")
-                self.table.pop(out.request_id, None)
-                if not out.finished:
-                    self._abort(out.request_id)
-                self.outcomes.failed(out.request_id, f.entry_ids, "output conversion", e, f.span)
-        if gen:
-            self.metrics.generation_tokens.inc(gen)
-
-    def _on_output(self, out: Any, f: InFlight, now: float) -> int:
-        error = getattr(out, "error", None)
-        if error:  # the engine ended this request alone (its sampling, beam scoring, detokenization or stop check)
-            self.table.pop(out.request_id)
-            self.outcomes.error(out.request_id, f.entry_ids, "internal", f"engine: {error}", f.request.metadata,
-                                f.span)
-            return 0
-        new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
-        if new_tokens:
-            f.completion_tokens += new_tokens
-            if f.last_token_at is not None:
-                self.metrics.itl.observe(now - f.last_token_at)
-            f.last_token_at = now
-        if f.request.stream:
-            for payload in token_payloads(out):
-                self.publisher.token(out.request_id, payload)
-        if out.finished:
-            self.outcomes.done(out.request_id, self.table.pop(out.request_id), out)
-        return new_tokens
-
-    def cancel(self, rid: str) -> None:
-        """A cancel for ``rid``: if it runs here, it ends now with finish_reason ``cancelled`` and what it has
-        generated so far. Not here: another worker's, or not picked up yet (the cancelled key covers that)."""
-        f = self.table.get(rid)
-        if f is None:
-            return
-        out = self.engine().abort_request(rid, "cancelled")
-        (f.log or self.log).info("request_cancelled")
-        self.table.pop(rid)
-        try:
-            self.outcomes.done(rid, f, out, finish_reason="cancelled")
-        except Exception as e:
-            self.outcomes.failed(rid, f.entry_ids, "cancel", e, f.span)
-
-    def give_up(self, rid: str, why: str) -> InFlight | None:
-        """Stop running ``rid`` here without answering (another worker owns it now); returns what it was."""
-        f = self.table.pop(rid, None)
-        if f is not None:
-            self._abort(rid)
-            self.metrics.leases_lost.inc()
-            (f.log or self.log).warning("run_given_up", why=why)
-            f.abandon(why)
-        return f
-
-    def lose(self, entry_ids: list[str]) -> None:
-        """Entries another worker owns now (this one was away longer than ``claim_idle_ms``): a request whose
-        every entry is lost stops here, so two live workers never run it; its result comes from the new owner."""
-        if not entry_ids:
-            return
-        owner = {eid: rid for rid, f in self.table.items() for eid in f.entry_ids}
-        for eid in entry_ids:
-            rid = owner.get(eid)
-            f = self.table.get(rid) if rid is not None else None
-            if f is None:
-                continue
-            f.entry_ids.remove(eid)
-            if not f.entry_ids:
-                self.table.pop(rid, None)
-                self.engine().abort_request(rid, "cancelled")
-                if self.claims is not None:
-                    self.claims.release(rid)  # the entry's new owner claims the id next
-                self.metrics.leases_lost.inc()
-                (f.log or self.log).warning("lease_lost", entry_id=eid)
-                f.abandon("lease lost")
-
-    def send_back(self, e: BaseException) -> list[str]:
-        """``engine.step()`` raised: no request is to blame, so none is answered. Every running request is
-        aborted and its claim released; returns their entry ids, to be sent back to the stream for another
-        delivery (the module docstring says why)."""
-        entry_ids = []
-        for rid in list(self.table):
-            self._abort(rid)
-            f = self.table.pop(rid)
-            if self.claims is not None:
-                self.claims.release(rid)
-            (f.log or self.log).warning("request_sent_back", error=f"{type(e).__name__}: {e}"[:300])
-            f.abandon("engine step failed")
-            entry_ids.extend(f.entry_ids)
-        return entry_ids
-
-    def release_all(self) -> list[str]:
-        """Shutdown: abort everything still running; returns its entry ids, for other workers to take over."""
-        left = list(self.table.items())
-        for rid, f in left:
-            self._abort(rid)
-            f.abandon("released on shutdown")
-        self.table.clear()
-        return [eid for _, f in left for eid in f.entry_ids]
-
-    def _abort(self, rid: str) -> None:
-        try:
-            self.engine().abort_request(rid, "cancelled")
-        except Exception:  # the engine may be the thing that failed; the request is ended here either way
-            pass

@@ -31,8 +31,8 @@ from typing import Any
 
 import redis
 
-from .connection import redact
 from .protocol import Keys
+from .redaction import redact
 from .scripts import Scripts
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import redis
 
 from .protocol import Keys, as_text
+from .redaction import redact
 from .scripts import Scripts
 
 @dataclass
@@ -188,7 +189,6 @@ class LeaseKeeper:
         return lost
 
     def _run(self) -> None:
-        from .connection import redact  # connection.py imports this module
         r = None
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)

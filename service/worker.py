@@ -18,8 +18,8 @@ Invariants (see the contract §2 "Guarantees"):
 The engine knows nothing of Redis; the service knows nothing of KV blocks.
 
 Where the parts live: connection.py (client, backoff, (re)connect), intake.py (reading entries and cancels),
-admission.py (entry -> running request or answer), inflight.py (running requests: outputs, cancel, lost
-lease, failure, shutdown), outcomes.py (terminal events, dead letters, their metrics, logs and spans),
+admission.py (entry -> running request or answer), running.py (running requests: outputs, cancel, lost
+lease, failure, shutdown; inflight.py is one of them), outcomes.py (terminal events, dead letters, their metrics, logs and spans),
 publisher.py (ordered buffered writes), reclaim.py (leases, XAUTOCLAIM). This module wires them and runs the
 loop, start to shutdown.
 """
@@ -38,7 +38,7 @@ from .admission import Admission
 from .claims import Claims
 from .connection import REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
 from .health import HealthServer, Progress
-from .inflight import Running
+from .running import Running
 from .intake import Intake
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
@@ -260,7 +260,7 @@ class Worker:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # No request is to blame: none is answered; their entries go back to the stream (inflight.py).
+            # No request is to blame: none is answered; their entries go back to the stream (running.py).
             self.log.exception("engine_step_failed")
             self._send_back(self.running.send_back(e))
             return
