@@ -84,3 +84,28 @@ class EngineConfig:
         if self.torch_device.type != "cuda":
             return torch.float32
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still take: the kernel's MemAvailable, lowered to what a cgroup (container) limit
+    leaves. None where neither is known (not Linux)."""
+    avail: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read().strip())
+        if limit != "max":
+            left = max(0, int(limit) - current)
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail

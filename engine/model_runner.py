@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model
@@ -24,7 +24,10 @@ from pagedserve.engine.sequence import Sequence
 from pagedserve.kernels import KernelOps, get_ops
 
 GIB = 1 << 30
-CPU_KV_BUDGET_BYTES = 1 * GIB  # default device pool when the "device" is the CPU (documented in README)
+# The KV pool when the "device" is the CPU and num_gpu_blocks is not given: this share of the memory available at
+# start-up (a cgroup limit included), never more than max_num_seqs full-length sequences need (README, settings).
+CPU_KV_MEMORY_FRACTION = 0.1
+CPU_KV_FALLBACK_BYTES = 1 * GIB  # where the available memory is unknown
 
 
 @dataclass
@@ -78,7 +81,9 @@ class ModelRunner:
 
     def _blocks_from_memory(self, max_num_batched_tokens: int) -> int:
         if self.device.type != "cuda":
-            return CPU_KV_BUDGET_BYTES // self.block_bytes
+            avail = available_memory_bytes()
+            budget = CPU_KV_FALLBACK_BYTES if avail is None else int(avail * CPU_KV_MEMORY_FRACTION)
+            return budget // self.block_bytes
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         cfg = self.model.config

@@ -5,15 +5,21 @@ registered lazily, so the CLI keeps working when one of them is missing.
 
 ``submit`` is the producer side and needs only the base install; ``worker``, ``demo``, ``bench`` and ``model`` run
 the engine and say which extra to install when it is missing (one line, exit status 1, no traceback).
+
+Errors a user can fix (a bad setting, a model path that is not a model, a port in use, an unreachable Redis) are one
+line on stderr and a non-zero exit status; ``--debug`` or ``PAGEDSERVE_LOG_LEVEL=DEBUG`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -53,7 +59,7 @@ class _LazyBenchGroup(TyperGroup):
             return
         self._loaded = True
         for name, target in _BENCH_TARGETS.items():
-            single = typer.Typer()
+            single = typer.Typer(add_completion=False)
             single.command(name)(_resolve(name, target))
             self.add_command(typer.main.get_command(single), name)
 
@@ -66,14 +72,75 @@ class _LazyBenchGroup(TyperGroup):
         return super().get_command(ctx, cmd_name)
 
 
-app = typer.Typer(name="pagedserve", help="Message-queue-driven LLM inference on PagedAttention.", no_args_is_help=True)
-model_app = typer.Typer(help="Model files.", no_args_is_help=True)
+class _OneLineErrors(TyperGroup):
+    """Any error escaping a command becomes one line on stderr and exit status 1 (``--debug``: the traceback)."""
+
+    def invoke(self, ctx):  # noqa: ANN001 - click API
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt,
+                SystemExit):
+            raise
+        except Exception as e:
+            if _debug_wanted():
+                raise
+            _fail(explain_error(e), 1)
+
+
+app = typer.Typer(cls=_OneLineErrors, name="pagedserve", help="Message-queue-driven LLM inference on PagedAttention.",
+                  no_args_is_help=True)
+model_app = typer.Typer(help="Model files: fetch the default model, convert a GGUF checkpoint.", no_args_is_help=True)
 bench_app = typer.Typer(cls=_LazyBenchGroup, help="Benchmarks (see README).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 
 err = Console(stderr=True)
 out = Console()
+_debug = False
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (as PAGEDSERVE_LOG_LEVEL=DEBUG does)."),
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def _debug_wanted() -> bool:
+    return _debug or os.environ.get("PAGEDSERVE_LOG_LEVEL", "").strip().upper() == "DEBUG"
+
+
+def _setting_name(loc: tuple) -> str:
+    name = str(loc[0]) if loc else "?"
+    return name.upper() if name.upper().startswith("PAGEDSERVE_") else f"PAGEDSERVE_{name.upper()}"
+
+
+def explain_error(e: BaseException) -> str:
+    """One line for an error a user can act on; the type and message of anything else (secrets masked)."""
+    import redis
+    from pydantic import ValidationError
+
+    from .connection import redact
+
+    if isinstance(e, ValidationError):
+        parts = []
+        for item in e.errors():
+            msg = str(item.get("msg", "")).removeprefix("Value error, ")
+            shown = f"={item['input']!r}" if isinstance(item.get("input"), (str, int, float)) else ""
+            parts.append(f"{_setting_name(item.get('loc', ()))}{shown}: {msg}")
+        return redact("invalid setting " + "; ".join(parts))
+    if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+        return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
+    if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        text = redact(e)
+        return f"error: {text}" if "Redis" in text else f"error: cannot reach Redis: {text} (PAGEDSERVE_REDIS_URL)"
+    from pagedserve.engine.default_model import ModelDownloadError
+
+    if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
+        return f"error: {redact(e)}"
+    return (f"error: {type(e).__name__}: {redact(e)} (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG "
+            f"shows the traceback)")
 
 # Top-level modules of the ``worker`` extra that the engine-side commands import.
 _WORKER_MODULES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "structlog", "prometheus_client")
@@ -109,8 +176,8 @@ def _settings(**overrides):
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:  # its text quotes the input: a Redis URL with its password
-        _fail(f"invalid settings: {redact(e)}", 2)
+    except ValidationError as e:  # its text quotes the input: explain_error masks a Redis URL's password
+        _fail(explain_error(e), 2)
 
 
 @app.command()
@@ -130,8 +197,16 @@ def worker(
         w = Worker(s, install_signals=True)
     except ValueError as e:  # a malformed PAGEDSERVE_REDIS_URL (the message is already redacted)
         _fail(f"error: {e}", 2)
-    w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
-    with err.status(f"[bold]loading model[/] {s.model or '(built-in)'} on {s.device} ..."):
+    try:
+        w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE or _debug_wanted():
+            raise
+        _fail(f"error: port {s.metrics_port} is already in use on {s.metrics_host} (the health and metrics port: "
+              f"set PAGEDSERVE_METRICS_PORT or --metrics-port to a free port, or 0 for any)", 1)
+    from pagedserve.engine.model_source import DEFAULT_MODEL
+
+    with err.status(f"[bold]loading model[/] {s.model or DEFAULT_MODEL + ' (the default)'} on {s.device} ..."):
         _ = w.engine
     w.run()
 
@@ -182,6 +257,8 @@ def submit(
                     continue
                 final = ev
                 break
+    except typer.Exit:  # a bad setting, already said in one line
+        raise
     except NoWorker as e:
         _fail(f"error: {e}", 2)
     except TimeoutError as e:
@@ -211,12 +288,11 @@ def submit(
 
 @app.command()
 def demo(
-    num_requests: int = typer.Option(16, "--num-requests", "-n", help="Concurrent requests."),
-    max_tokens: int = typer.Option(48, "--max-tokens", help="Tokens per request (varied +-50%)."),
-    temperature: float = typer.Option(0.8, "--temperature"),
+    num_requests: Optional[int] = typer.Option(None, "--num-requests", "-n", min=1, help="Concurrent requests, cycling through the demo's questions (default: each question once)."),
+    max_tokens: int = typer.Option(96, "--max-tokens", min=1, help="Most tokens per answer (most end sooner, at the model's end of turn)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Override every question's own temperature (default: greedy, the poem sampled with its own seed)."),
 ) -> None:
-    """Redis (started locally unless PAGEDSERVE_REDIS_URL is set), a worker on the built-in model, a batch of
-    concurrent requests streamed to the terminal, and a summary of throughput, latency and KV use."""
+    """Redis (started locally unless PAGEDSERVE_REDIS_URL is set), a worker on the default model (SmolLM2-135M-Instruct, fetched on first use), a handful of chat questions whose answers stream to the terminal, and a summary of throughput, latency and KV use."""
     _require_worker_extra("demo")
     from .demo import run_demo
 

@@ -1,19 +1,22 @@
 """``pagedserve demo``: the whole path on one machine, streamed to the terminal.
 
 Redis (a local ``redis-server`` subprocess on a free port unless ``PAGEDSERVE_REDIS_URL`` is configured), a
-worker on the built-in model (in a thread of this process), a batch of concurrent requests submitted with the
-async client and streamed live, then a summary: throughput, TTFT/e2e latency, KV-cache use.
+worker on the default model (SmolLM2-135M-Instruct unless ``PAGEDSERVE_MODEL`` names another; in a thread of this
+process), a handful of varied questions sent as chat messages (the model's chat template is applied by the worker)
+with the async client, their answers streamed live, then a summary: throughput, TTFT/e2e latency, KV-cache use.
+
+Each task is greedy or has its own seed, so a run prints the same answers on the same machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import statistics
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -25,15 +28,33 @@ from pagedserve.bench.common import percentile
 
 from .connection import redact
 
-PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time, in a land far away,",
-    "PagedAttention stores the KV cache in fixed-size blocks so that",
-    "def fibonacci(n):",
-    "Redis streams give each consumer group",
-    "The capital of France is",
-    "In 1969, the first humans",
-    "A haiku about GPUs:",
+
+@dataclass(frozen=True)
+class Task:
+    """One demo question: greedy when ``temperature`` is 0, else sampled with its own ``seed``."""
+
+    kind: str
+    question: str
+    temperature: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    def params(self, max_tokens: int) -> dict:
+        p = {"max_tokens": max_tokens, "temperature": self.temperature, "repetition_penalty": self.repetition_penalty}
+        if self.seed is not None:
+            p["seed"] = self.seed
+        return p
+
+
+TASKS = [
+    Task("fact", "What is the capital of France?"),
+    Task("list", "Name three primary colors, as a short list."),
+    Task("code", "Write a Python function that returns the square of a number."),
+    Task("explain", "Explain in one sentence why the sky is blue."),
+    Task("summary", "Summarize in one sentence: The cat sat on the mat all afternoon, watching the birds outside."),
+    Task("translate", "What does 'merci' mean in English?"),
+    # Sampled, and a small model repeats itself without a penalty.
+    Task("poem", "Write a short poem about the moon.", temperature=0.7, seed=7, repetition_penalty=1.1),
 ]
 
 
@@ -43,14 +64,29 @@ def _pct(values: list[float], q: float) -> float:
     return float("nan") if p is None else p
 
 
-def _printable(s: str, width: int = 60) -> str:
-    s = "".join(ch if ch.isprintable() else "·" for ch in s.replace("\n", " "))
-    return s[-width:]
+def readable(s: str) -> str:
+    """``s`` for a terminal: line breaks kept, tabs as spaces, any other control character escaped (``\\x1b``)."""
+    s = s.replace("\r\n", "\n").replace("\t", "    ")
+    return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in s)
 
 
-def run_demo(num_requests: int = 16, max_tokens: int = 48, temperature: float = 0.8, console: Console | None = None) -> dict:
+def _check_redis(url: str) -> None:
+    """Fail at once, in one line, when a configured Redis does not answer (before the model loads)."""
+    from .client import RedisUnreachable
+    from .connection import redis_client
+
+    try:
+        with redis_client(url, timeout=3.0) as r:
+            r.ping()
+    except Exception as e:
+        raise RedisUnreachable(f"cannot reach Redis at {redact(url)} (PAGEDSERVE_REDIS_URL): {redact(e)}") from None
+
+
+def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature: float | None = None,
+             console: Console | None = None) -> dict:
+    """Run the demo; ``num_requests`` cycles through ``TASKS`` (default: each once); ``temperature`` overrides the
+    tasks' own. Returns the summary, with each request's question and answer under ``answers``."""
     from .client import AsyncClient
-    from .protocol import DoneEvent, ErrorEvent, TokenEvent
     from .redis_server import LocalRedis
     from .settings import Settings
     from .telemetry import configure_logging
@@ -59,9 +95,14 @@ def run_demo(num_requests: int = 16, max_tokens: int = 48, temperature: float = 
     console = console or Console()
     base = Settings()
     configure_logging(base.log_format, "WARNING")  # the demo's own output is the table, not the log
+    tasks = [TASKS[i % len(TASKS)] for i in range(num_requests or len(TASKS))]
+    if temperature is not None:
+        tasks = [Task(t.kind, t.question, temperature, t.seed if t.seed is not None else 0, t.repetition_penalty)
+                 for t in tasks]
     with contextlib.ExitStack() as stack:
         if base.redis_url_configured:
             url = base.redis_url
+            _check_redis(url)
             console.print(f"[bold]Redis:[/] {redact(url)} (PAGEDSERVE_REDIS_URL)")
         else:
             with console.status("[bold]starting a local redis-server ..."):
@@ -72,7 +113,7 @@ def run_demo(num_requests: int = 16, max_tokens: int = 48, temperature: float = 
             update={"redis_url": url, "prefix": prefix, "metrics_port": 0, "worker_name": f"demo-{uuid.uuid4().hex[:6]}"}
         )
         worker = Worker(settings)
-        with console.status("[bold]loading the model (the built-in one is written on first use) ..."):
+        with console.status("[bold]loading the model (the first run downloads and converts it, about a minute) ..."):
             engine = worker.engine
         console.print(f"[bold]Model:[/] {engine.model_name}  max_model_len={engine.max_model_len}")
         thread = threading.Thread(target=worker.run, name="pagedserve-demo-worker", daemon=True)
@@ -81,8 +122,7 @@ def run_demo(num_requests: int = 16, max_tokens: int = 48, temperature: float = 
         if worker.health:
             console.print(f"[bold]Metrics:[/] http://127.0.0.1:{worker.health.port}/metrics")
         try:
-            summary = asyncio.run(_drive(settings, num_requests, max_tokens, temperature, console, AsyncClient,
-                                         TokenEvent, DoneEvent, ErrorEvent))
+            summary = asyncio.run(_drive(settings, tasks, max_tokens, console, AsyncClient))
         finally:
             worker.request_stop()
             thread.join(30)
@@ -97,27 +137,23 @@ def run_demo(num_requests: int = 16, max_tokens: int = 48, temperature: float = 
         return summary
 
 
-async def _drive(settings, num_requests, max_tokens, temperature, console, AsyncClient, TokenEvent, DoneEvent, ErrorEvent):
-    rng = random.Random(0)
-    rows = []
-    for i in range(num_requests):
-        rows.append({
-            "id": f"demo-{i:03d}-{uuid.uuid4().hex[:6]}",
-            "prompt": PROMPTS[i % len(PROMPTS)],
-            "max_tokens": max(1, int(max_tokens * rng.uniform(0.5, 1.5))),
-            "text": "", "tokens": 0, "status": "queued", "ttft": None, "e2e": None,
-        })
+async def _drive(settings, tasks: list[Task], max_tokens: int, console: Console, AsyncClient) -> dict:
+    from .protocol import DoneEvent, ErrorEvent, TokenEvent
+
+    rows = [{"id": f"demo-{i:03d}-{uuid.uuid4().hex[:6]}", "task": t, "text": "", "tokens": 0, "status": "queued",
+             "finish": None, "ttft": None, "e2e": None} for i, t in enumerate(tasks)]
 
     def table() -> Table:
-        t = Table(expand=True, show_lines=False)
-        t.add_column("request", no_wrap=True)
-        t.add_column("status", no_wrap=True)
-        t.add_column("tok", justify="right")
-        t.add_column("output (streaming)", overflow="ellipsis", no_wrap=True, ratio=1)
+        t = Table(expand=True, show_lines=True, box=None, padding=(0, 1, 1, 0))
+        t.add_column("task", no_wrap=True)
+        t.add_column("tok", justify="right", no_wrap=True)
+        t.add_column("question and answer (streaming)", ratio=1, overflow="fold")
         for r in rows:
             color = {"queued": "dim", "streaming": "cyan", "done": "green", "error": "red"}.get(r["status"], "white")
-            t.add_row(r["id"][:16], f"[{color}]{r['status']}[/]", str(r["tokens"]),
-                      Text(_printable(r["prompt"], 24) + " ▸ " + _printable(r["text"])))
+            cut = " …" if r["finish"] == "length" else ""  # stopped by max_tokens, not by the model
+            answer = Text(readable(r["text"]).rstrip() + cut, style="red" if r["status"] == "error" else "")
+            t.add_row(Text(r["task"].kind, style=color), str(r["tokens"]),
+                      Text.assemble((r["task"].question, "bold"), "\n", answer))
         return t
 
     start = time.perf_counter()
@@ -125,8 +161,9 @@ async def _drive(settings, num_requests, max_tokens, temperature, console, Async
 
         async def one(r):
             t0 = time.perf_counter()
-            async for ev in client.stream(r["prompt"], id=r["id"], params={"max_tokens": r["max_tokens"],
-                                          "temperature": temperature, "seed": 7}, timeout=600):
+            messages = [{"role": "user", "content": r["task"].question}]
+            async for ev in client.stream(messages=messages, id=r["id"], params=r["task"].params(max_tokens),
+                                          timeout=900):
                 if isinstance(ev, TokenEvent):
                     if r["ttft"] is None:
                         r["ttft"] = time.perf_counter() - t0
@@ -137,25 +174,26 @@ async def _drive(settings, num_requests, max_tokens, temperature, console, Async
                     r["status"] = "done"
                     r["text"] = ev.text
                     r["tokens"] = ev.usage.completion_tokens
+                    r["finish"] = ev.outputs[0].finish_reason if ev.outputs else None
                 elif isinstance(ev, ErrorEvent):
                     r["status"] = "error"
-                    r["text"] = ev.error.message
+                    r["text"] = f"{ev.error.code}: {ev.error.message}"
             r["e2e"] = time.perf_counter() - t0
 
         with Live(Panel(table(), title="pagedserve demo"), console=console, refresh_per_second=8) as live:
-            tasks = [asyncio.create_task(one(r)) for r in rows]
-            while not all(t.done() for t in tasks):
+            jobs = [asyncio.create_task(one(r)) for r in rows]
+            while not all(j.done() for j in jobs):
                 live.update(Panel(table(), title="pagedserve demo"))
                 await asyncio.sleep(0.1)
             live.update(Panel(table(), title="pagedserve demo"))
-            for t in tasks:
-                t.result()
+            for j in jobs:
+                j.result()
     wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in rows)
     ttft = [r["ttft"] * 1000 for r in rows if r["ttft"] is not None]
     e2e = [r["e2e"] * 1000 for r in rows if r["e2e"] is not None]
     return {
-        "requests": num_requests,
+        "requests": len(rows),
         "completed": sum(r["status"] == "done" for r in rows),
         "generated_tokens": tokens,
         "wall_s": wall,
@@ -163,6 +201,8 @@ async def _drive(settings, num_requests, max_tokens, temperature, console, Async
         "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
         "e2e_ms_p50": _pct(e2e, 50), "e2e_ms_p99": _pct(e2e, 99),
         "e2e_ms_mean": statistics.fmean(e2e) if e2e else float("nan"),
+        "answers": [{"task": r["task"].kind, "question": r["task"].question, "answer": r["text"],
+                     "status": r["status"], "finish_reason": r["finish"]} for r in rows],
     }
 
 

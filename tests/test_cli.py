@@ -55,18 +55,35 @@ def test_submit_streams_and_no_stream(redis_url, prefix, shared_engine):
 
 
 def test_model_init(tmp_path):
-    res = runner.invoke(app, ["model", "init", str(tmp_path / "m")])
+    res = runner.invoke(app, ["model", "init", "--tiny-random", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "config.json").is_file()
 
 
-def test_demo_runs_on_a_local_redis(monkeypatch):
-    monkeypatch.delenv("PAGEDSERVE_REDIS_URL", raising=False)
-    res = runner.invoke(app, ["demo", "-n", "4", "--max-tokens", "6"],
-                        env={"PAGEDSERVE_NUM_GPU_BLOCKS": "256", "PAGEDSERVE_MAX_NUM_SEQS": "16",
-                             "PAGEDSERVE_SWAP_SPACE_GB": "0.25", "PAGEDSERVE_METRICS_PORT": "0"})
+def test_demo_answers_real_questions_on_the_default_model(monkeypatch):
+    """The demo on the real default model (converted once per machine into the cache): short greedy answers."""
+    from pagedserve.service import demo
+
+    summaries = []
+    print_summary = demo._print_summary
+    monkeypatch.setattr(demo, "_print_summary", lambda console, s: (summaries.append(s), print_summary(console, s)))
+    for name in ("PAGEDSERVE_REDIS_URL", "PAGEDSERVE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    res = runner.invoke(app, ["demo", "-n", "3", "--max-tokens", "10"],
+                        env={"PAGEDSERVE_NUM_GPU_BLOCKS": "64", "PAGEDSERVE_MAX_NUM_SEQS": "4",
+                             "PAGEDSERVE_SWAP_SPACE_GB": "0", "PAGEDSERVE_MAX_MODEL_LEN": "512",
+                             "PAGEDSERVE_METRICS_PORT": "0"})
     assert res.exit_code == 0, res.output
-    assert "started locally" in res.output and "4/4" in res.output and "throughput" in res.output
+    assert "started locally" in res.output and "smollm2-135m-instruct" in res.output and "3/3" in res.output
+    (summary,) = summaries
+    answers = summary["answers"]
+    assert [a["question"] for a in answers] == [t.question for t in demo.TASKS[:3]]
+    for a in answers:
+        text = a["answer"]
+        assert a["status"] == "done" and text.strip() and "\ufffd" not in text, a
+        assert any(ch.isalpha() for ch in text) and all(ch.isprintable() or ch in "\n\t" for ch in text), a
+    assert "Paris" in answers[0]["answer"]  # the fact question, greedy
+    assert "Paris" in res.output and "Traceback" not in res.output
 
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -136,3 +153,54 @@ def test_submit_with_a_short_pickup_timeout_completes_on_a_live_worker(redis_url
                       "--no-stream", "--pickup-timeout", "0.01")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "finish=length" in res.stderr and "completion_tokens=3" in res.stderr
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``pagedserve ARGS`` in a subprocess with only ``env``'s PAGEDSERVE_* settings."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "pagedserve.service.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_model_that_is_not_there_or_not_a_model_is_one_line(tmp_path):
+    (tmp_path / "notes").mkdir()
+    env = {"PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_DEVICE": "cpu"}
+    res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "missing")}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 1 and str(tmp_path / "missing") in line and "does not exist" in line, line
+    res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "notes")}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 1 and "is a directory but not a model (no config.json)" in line, line
+    # --debug (or PAGEDSERVE_LOG_LEVEL=DEBUG) shows where it came from
+    res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "notes")}, "--debug", "worker")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+    res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "notes"), "PAGEDSERVE_LOG_LEVEL": "DEBUG"}, "worker")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_a_port_in_use_names_the_port_and_the_setting():
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = _cli({"PAGEDSERVE_METRICS_PORT": str(port), "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 1 and f"port {port} is already in use" in line and "PAGEDSERVE_METRICS_PORT" in line
+
+
+def test_a_bad_setting_value_is_one_line_naming_it():
+    res = _cli({"PAGEDSERVE_MAX_NUM_SEQS": "lots", "PAGEDSERVE_METRICS_PORT": "0"}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 2 and "PAGEDSERVE_MAX_NUM_SEQS='lots'" in line and "valid integer" in line, line
+    res = _cli({"PAGEDSERVE_LOG_FORMAT": "xml"}, "submit", "Hello")
+    line = _one_line(res)
+    assert res.returncode == 2 and "PAGEDSERVE_LOG_FORMAT='xml'" in line, line
+
+
+def test_demo_with_an_unreachable_redis_is_one_line_naming_the_url():
+    url = f"redis://app:s3cret-pw@127.0.0.1:{_free_port()}/0"
+    res = _cli({"PAGEDSERVE_REDIS_URL": url}, "demo")
+    line = _one_line(res)
+    assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
+    assert "PAGEDSERVE_REDIS_URL" in line and "s3cret-pw" not in line
