@@ -211,6 +211,15 @@ def worker(
     w.run()
 
 
+def printable(text: str) -> str:
+    """Model output for a terminal: line breaks and tabs kept, every other control character written as an escape
+    (``\\x1b``), so that an answer cannot move the cursor, clear the screen or retitle the window."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in "\n\t" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def _fail(message: str, code: int) -> None:
     """One line on stderr (never wrapped, never read as markup), then exit with ``code``."""
     err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
@@ -253,7 +262,7 @@ def submit(
                 if isinstance(ev, TokenEvent):
                     status.stop()
                     if n == 1 and not beam_width:
-                        out.print(ev.text, end="", markup=False, highlight=False, soft_wrap=True)
+                        out.print(printable(ev.text), end="", markup=False, highlight=False, soft_wrap=True)
                     continue
                 final = ev
                 break
@@ -277,7 +286,7 @@ def submit(
         for o in final.outputs:
             if len(final.outputs) > 1:
                 out.print(f"[bold][{o.index}][/]", end=" ")
-            out.print(o.text, markup=False, highlight=False, soft_wrap=True)
+            out.print(printable(o.text), markup=False, highlight=False, soft_wrap=True)
     reasons = ",".join(str(o.finish_reason) for o in final.outputs)
     m = final.metrics
     err.print(

@@ -204,3 +204,17 @@ def test_demo_with_an_unreachable_redis_is_one_line_naming_the_url():
     line = _one_line(res)
     assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
     assert "PAGEDSERVE_REDIS_URL" in line and "s3cret-pw" not in line
+
+
+def test_submit_never_prints_raw_control_characters(redis_url, prefix, shared_engine):
+    from pagedserve.service.cli import printable
+
+    assert printable("a\x1b[2Jb\x07\r\nc\td é") == "a\\x1b[2Jb\\x07\\r\nc\td é"
+    # The tiny model's byte-level noise holds control bytes: sampled, 48 tokens, streamed and not.
+    s = make_settings(redis_url, prefix)
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    with running_worker(s, shared_engine):
+        for extra in ([], ["--no-stream"]):
+            res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "48", "--temperature", "1.0", *extra], env=env)
+            assert res.exit_code == 0, res.output
+            assert all(ch.isprintable() or ch in "\n\t" for ch in res.stdout), repr(res.stdout)
