@@ -249,13 +249,10 @@ def offline_command(
     swap_tokens: Annotated[int, typer.Option(
         help="Tokens swapped / recomputed per block size (default 1536 CUDA, 512 CPU).")] = 0,
 ) -> None:
-    """Offline throughput, compute floor, KV utilization and concurrency vs HF; decode steps vs the memory
-    roofline, with and without CUDA graphs; recompute vs swap cost per block size (see docs/benchmarks.md).
+    """Offline throughput, compute floor, KV utilization and concurrency vs HF; decode steps vs the memory roofline, with and without CUDA graphs; recompute vs swap cost per block size (see docs/benchmarks.md).
 
-    ``--threads N`` pins torch's intra-op threads for every contender (0 = torch's default). On a shared
-    machine, OpenMP threads competing with other processes slow small ops several-fold; one thread each keeps
-    the side-by-side ratios meaningful.
-    """
+    --threads N pins torch's intra-op threads for every contender (0 = torch's default). On a shared machine, OpenMP threads competing with other processes slow small ops several-fold; one thread each keeps the side-by-side ratios meaningful.
+    """  # noqa: E501 - typer shows each paragraph as written: one line each, wrapped by the terminal
     if threads:
         torch.set_num_threads(threads)
     from rich.console import Console

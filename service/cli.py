@@ -19,7 +19,6 @@ import os
 import sys
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -78,11 +77,9 @@ class _OneLineErrors(TyperGroup):
     def invoke(self, ctx):  # noqa: ANN001 - click API
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt,
-                SystemExit):
-            raise
         except Exception as e:
-            if _debug_wanted():
+            # Exits, aborts and usage errors are click's (typer vendors its own copy, hence the names).
+            if _debug_wanted() or {c.__name__ for c in type(e).__mro__} & {"Exit", "Abort", "ClickException"}:
                 raise
             _fail(explain_error(e), 1)
 

@@ -218,3 +218,25 @@ def test_submit_never_prints_raw_control_characters(redis_url, prefix, shared_en
             res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "48", "--temperature", "1.0", *extra], env=env)
             assert res.exit_code == 0, res.output
             assert all(ch.isprintable() or ch in "\n\t" for ch in res.stdout), repr(res.stdout)
+
+
+def test_help_texts_have_no_hard_line_breaks_and_subcommands_no_completion_options():
+    import typer
+
+    def walk(cmd, path):
+        yield path, cmd
+        if hasattr(cmd, "list_commands"):
+            ctx = cmd.context_class(cmd)
+            for name in cmd.list_commands(ctx):
+                yield from walk(cmd.get_command(ctx, name), [*path, name])
+
+    seen = 0
+    for path, cmd in walk(typer.main.get_command(app), []):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            for paragraph in text.strip().split("\n\n"):
+                assert "\n" not in paragraph.strip(), (path, paragraph)
+        if path:
+            seen += 1
+            assert not any(p.name in ("install_completion", "show_completion") for p in cmd.params), path
+    assert seen >= 9  # worker, submit, demo, model (init, import), bench (offline, sharing, kernels, service)
