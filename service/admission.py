@@ -9,7 +9,7 @@ so a stored result always beats a later check, as the contract's "answered from 
    never run twice); another worker runs it -> the entry waits for that worker's result;
 5. cancelled before pick-up -> ``done`` with finish_reason ``cancelled``;
 6. every limit (:func:`prepare`, :func:`check_queue_wait`, :func:`add_to_engine`) -> ``error`` with the
-   contract's code, else the request is added to the engine and joins the worker's ``inflight`` table.
+   contract's code, else the request is added to the engine and joins the worker's running requests (running.py).
 
 The claims and the cancelled flags take one round trip for the whole batch. Entries read together start by
 ``priority`` (lower first), then in stream order. Every limit is checked before any work starts: the operator's
@@ -35,10 +35,11 @@ import redis
 from opentelemetry.trace import SpanKind
 
 from .claims import RETRY_S, Claims
+from .context import WorkerContext, WorkerPart
+from .engine_api import EngineAPI
 from .inflight import InFlight
-from .metrics import WorkerMetrics
 from .outcomes import Outcomes
-from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, Keys, parse_request
+from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, parse_request
 from .reclaim import LeaseKeeper
 from .running import Running
 from .settings import Settings
@@ -86,7 +87,7 @@ def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
                      f"got {p.max_tokens}")
 
 
-def prepare(req: GenerateRequest, engine: Any, settings: Settings) -> tuple[str | list[int], Any]:
+def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tuple[str | list[int], Any]:
     """Returns ``(prompt, SamplingParams)`` for ``engine.add_request`` or raises :class:`InvalidRequestError`."""
     from pagedserve.engine import SamplingParams
 
@@ -152,7 +153,9 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
     )
 
 
-def add_to_engine(engine: Any, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float) -> None:
+def add_to_engine(
+    engine: EngineAPI, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float
+) -> None:
     """``engine.add_request`` with the engine's refusals mapped to error codes."""
     from pagedserve.engine.errors import PromptTooLongError
 
@@ -185,22 +188,16 @@ class Waiting:
 
 
 @dataclass(kw_only=True, eq=False)
-class Admission:
+class Admission(WorkerPart):
     """Entries -> running requests or answers, in the order the module docstring gives."""
 
-    settings: Settings
-    keys: Keys
-    consumer: str
+    ctx: WorkerContext
     r: redis.Redis
-    engine: Callable[[], Any]  # returns the engine (loaded on first use)
-    inflight: dict[str, InFlight]  # the worker's table of running requests (shared)
-    running: Running
+    engine: Callable[[], EngineAPI]  # returns the engine (loaded on first use)
+    running: Running  # the worker's running requests: a started request joins them
     claims: Claims
     outcomes: Outcomes
     leases: LeaseKeeper
-    metrics: WorkerMetrics
-    tracer: Any
-    log: Any
     waiting: dict[str, Waiting] = field(default_factory=dict)
     _next_retry: float = 0.0
 
@@ -262,7 +259,7 @@ class Admission:
 
     def _attach(self, rid: str, entry_id: str) -> bool:
         """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""
-        holder = self.inflight.get(rid) or self.waiting.get(rid)
+        holder = self.running.table.get(rid) or self.waiting.get(rid)
         if holder is None:
             return False
         if entry_id not in holder.entry_ids:
@@ -328,8 +325,7 @@ class Admission:
         entry_id = entry_ids[0]
         arrival = min(entry_time(entry_id), now)
         engine = self.engine()
-        model = getattr(engine, "model_name", "pagedserve")
-        span = self._process_span(entry_id, req, fields, deliveries, arrival, model)
+        span = self._process_span(entry_id, req, fields, deliveries, arrival, engine.model_name)
         log = request_logger(self.log, req.id, span)
         try:
             prompt, params = prepare(req, engine, self.settings)  # every limit, before any work
@@ -346,15 +342,14 @@ class Admission:
             log.exception("admission_failed")
             self.outcomes.failed(req.id, entry_ids, "admission", e, span)
             return
-        self.inflight[req.id] = InFlight(
+        self.running.start(InFlight(
             request=req,
             entry_ids=list(entry_ids),
             arrival=arrival,
-            picked_at=now,
             samples=params.num_samples,
             span=span,
             log=log,
-        )
+        ))
         log.debug("request_started", entry_id=entry_id, deliveries=deliveries, priority=req.priority)
 
     def _process_span(

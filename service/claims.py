@@ -27,42 +27,34 @@ from __future__ import annotations
 
 import threading
 import uuid
-from importlib import resources
 from typing import Any
 
 import redis
 
-from .protocol import Keys, as_text
+from .context import WorkerContext, WorkerPart
+from .protocol import as_text
+from .renewal import RenewalThread
+from .scripts import source
 
 RETRY_S = 0.1  # how often a waiting entry asks again whether its id was answered or its owner died
 
 
-def _script(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
-
-
-class Claims:
+class Claims(WorkerPart):
     """The claims of one worker: which ids it runs (renewed), which it has done with (released), which it lost."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, consumer: str, ttl_ms: int, renew_interval_s: float,
-                 client_factory, log=None):
-        self.keys = keys
-        self.owner = f"{consumer}:{uuid.uuid4().hex[:12]}"
-        self.ttl_ms = ttl_ms
-        self.renew_interval_s = renew_interval_s
-        self.client_factory = client_factory
-        self.log = log
+    def __init__(self, ctx: WorkerContext, r: redis.Redis) -> None:
+        self.ctx = ctx
+        self.owner = f"{ctx.consumer}:{uuid.uuid4().hex[:12]}"
+        self.ttl_ms = ctx.settings.claim_idle_ms
         # EVALSHA (loaded on first use); ``client=`` runs them on a pipeline or on the renewal thread's client.
-        self._claim = r.register_script(_script("claim.lua"))
-        self._renew = r.register_script(_script("claim_renew.lua"))
+        self._claim = r.register_script(source("claim"))
+        self._renew = r.register_script(source("claim_renew"))
         self._held: set[str] = set()
         self._release: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.renewal_failures = 0
+        self.thread = RenewalThread("pagedserve-claims", self._tick, ctx.new_client,
+                                    ctx.settings.lease_renew_interval_ms / 1000, ctx.log, "claim_renewal_failed")
 
     # ------------------------------------------------------------------------------ the loop thread's side
     def claim_all(self, r: redis.Redis, request_ids: list[str], extra=None) -> list[tuple[Any, list]]:
@@ -120,40 +112,11 @@ class Claims:
         self._tick(r)
 
     # ------------------------------------------------------------------------------ the renewal thread
-    def start(self) -> Claims:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pagedserve-claims", daemon=True)
-            self._thread.start()
-        return self
+    def start(self) -> None:
+        self.thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        r = None
-        while not self._stop.is_set():
-            self._wake.wait(self.renew_interval_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                r = r or self.client_factory()
-                self._tick(r)
-            except Exception as e:  # Redis away: the claims age like the entry leases; try again next interval
-                self.renewal_failures += 1
-                if self.log is not None and self.renewal_failures % 50 == 1:
-                    self.log.warning("claim_renewal_failed", error=str(e))
-                if r is not None:
-                    try:
-                        r.close()
-                    except Exception:
-                        pass
-                r = None
-        if r is not None:
-            r.close()
+        self.thread.stop()
 
     def _tick(self, r: redis.Redis) -> None:
         with self._lock:

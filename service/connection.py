@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .protocol import Keys
+from .context import WorkerContext, WorkerPart
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .redaction import redact
-
-if TYPE_CHECKING:  # prometheus_client is the worker extra; producers import redis_client and redact from here
-    from .metrics import WorkerMetrics
 
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
@@ -90,19 +87,14 @@ class Backoff:
 
 
 @dataclass(kw_only=True, eq=False)
-class Connection:
+class Connection(WorkerPart):
     """The loop's Redis client and its state: up or down, set up or not, the cancel subscription."""
 
-    redis_url: str
-    keys: Keys
-    consumer: str
-    claim_idle_ms: int
+    ctx: WorkerContext
     reclaimer: Reclaimer
     leases: LeaseKeeper
     name_token: str
     publisher: Publisher  # only to log how much is buffered
-    metrics: WorkerMetrics
-    log: Any
     backoff: Backoff = field(default_factory=Backoff, init=False)
     ok: bool = field(default=False, init=False)
     needs_setup: bool = field(default=True, init=False)
@@ -112,7 +104,7 @@ class Connection:
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
 
     def __post_init__(self) -> None:
-        self.r = redis_client(self.redis_url)  # one client for the worker's life; a reconnect reuses its pool
+        self.r = redis_client(self.settings.redis_url)  # one client for the worker's life; a reconnect reuses its pool
 
     def usable(self) -> bool:
         """Up, or down but the backoff delay has passed: worth trying."""
@@ -162,7 +154,7 @@ class Connection:
     def _acquire_name(self) -> None:
         # A restarted worker (same name) waits for its predecessor's lease to lapse; a second live worker with
         # the same name never gets it.
-        deadline = time.monotonic() + self.claim_idle_ms / 1000 + 2
+        deadline = time.monotonic() + self.settings.claim_idle_ms / 1000 + 2
         warned = False
         while not self.reclaimer.acquire_name(self.r, self.name_token):
             if time.monotonic() > deadline:

@@ -22,13 +22,10 @@ class InFlight:
     request: GenerateRequest
     entry_ids: list[str]
     arrival: float  # time.time() of the XADD
-    picked_at: float
-    samples: int
-    prompt_tokens: int = 0
+    samples: int  # sequences it runs at once (n, best_of or beam_width): its share of max_num_seqs
     span: Any = None
     log: Any = None
-    last_token_at: float | None = None
-    completion_tokens: int = 0
+    last_token_at: float | None = None  # time.time() of its last new token (inter-token latency)
 
     def abandon(self, why: str) -> None:
         """End the span of a request this worker stops without answering (someone else will)."""

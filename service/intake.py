@@ -25,27 +25,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .connection import Connection
-from .metrics import WorkerMetrics
-from .protocol import Keys, as_text
+from .context import WorkerContext, WorkerPart
+from .protocol import as_text
 from .reclaim import Reclaimer
-from .settings import Settings
+from .running import Running
 
 Entry = tuple[str, dict, int]  # (stream entry id, fields, delivery count)
 
 
 @dataclass(kw_only=True, eq=False)
-class Intake:
+class Intake(WorkerPart):
     """The reads of one consumer; keeps the own-drain cursor and the reclaim and gauge timers."""
 
-    settings: Settings
-    keys: Keys
-    consumer: str
+    ctx: WorkerContext
     conn: Connection
     reclaimer: Reclaimer
-    metrics: WorkerMetrics
-    log: Any
-    inflight: Mapping[str, Any] | None = None  # the running request ids (their cancelled keys after a reconnect)
-    waiting: Mapping[str, Any] | None = None  # ids admitted but waiting (their entries are held too)
+    running: Running  # the running requests (their entries are held; their cancelled keys after a reconnect)
+    waiting: Mapping[str, Any]  # ids admitted but waiting for another worker (their entries are held too)
     _generation: int = field(default=0, init=False)  # the connection's generation last seen
     _recheck_cancels: bool = field(default=False, init=False)
     _draining_own: bool = field(default=True, init=False)
@@ -60,7 +56,7 @@ class Intake:
             self._generation = gen
             self._draining_own = True
             self._own_cursor = "0"
-            self._recheck_cancels = bool(self.inflight)
+            self._recheck_cancels = bool(self.running.table)
 
     def reclaim(self, room: int) -> list[Entry]:
         """Up to ``room`` entries of dead workers, if it is time to look again (not while draining our own)."""
@@ -97,9 +93,9 @@ class Intake:
         entry of ours outside this set is orphaned (delivered while the link broke, or read by a loop iteration
         that Redis errors cut short before admission took it) and is drained again."""
         held = set(self.conn.publisher.entry_ids())
-        for table in (self.inflight, self.waiting):
-            for holder in (table or {}).values():
-                held.update(getattr(holder, "entry_ids", ()))
+        for table in (self.running.table, self.waiting):
+            for holder in table.values():
+                held.update(holder.entry_ids)
         return held
 
     def _drain_own(self, room: int) -> list[Entry]:
@@ -142,7 +138,7 @@ class Intake:
         if pubsub is None:
             return
         if self._recheck_cancels:
-            ids = list(self.inflight or ())
+            ids = list(self.running.table)
             if ids:
                 pipe = self.conn.r.pipeline(transaction=False)
                 for rid in ids:

@@ -24,33 +24,28 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .claims import Claims
+from .context import WorkerContext, WorkerPart
 from .inflight import InFlight
-from .metrics import WorkerMetrics
-from .protocol import DeadLetter, ErrorEvent, ErrorInfo, GenerateRequest, Keys
+from .protocol import DeadLetter, ErrorEvent, ErrorInfo, GenerateRequest
 from .publisher import Publisher
 from .results import done_event, empty_done
 from .telemetry import request_logger
 
 
 @dataclass(kw_only=True, eq=False)
-class Outcomes:
+class Outcomes(WorkerPart):
     """Queues terminal events and dead letters on the publisher, with their metric, log line and span end."""
 
-    keys: Keys
-    consumer: str
+    ctx: WorkerContext
     publisher: Publisher
-    metrics: WorkerMetrics
-    tracer: Any
-    log: Any
-    claims: Claims | None = None
+    claims: Claims
 
     def _terminal(self, rid: str, payload: bytes, entry_ids: list[str], callback=None) -> None:
         """Queue the terminal event; the id's claim goes once it is stored (after the flush that stored it)."""
         claims = self.claims
 
         def stored() -> None:
-            if claims is not None:
-                claims.release(rid)
+            claims.release(rid)
             if callback is not None:
                 callback()
 

@@ -27,11 +27,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 
-from .protocol import Keys
+from .context import WorkerContext, WorkerPart
 from .redaction import redact
 from .scripts import Scripts
 
@@ -45,19 +44,12 @@ class _Op:
     callback: Callable[[], None] | None = None
 
 
-@dataclass
-class Publisher:
-    keys: Keys
-    result_ttl_s: int
-    dead_letter_maxlen: int = 100_000
+@dataclass(eq=False)
+class Publisher(WorkerPart):
+    ctx: WorkerContext
     max_buffered: int = 200_000
     chunk: int = 4096
-    metrics: Any = None  # WorkerMetrics: write refusals are counted when set
-    log: Any = None
     _ops: list[_Op] = field(default_factory=list)
-    commands_sent: int = 0
-    tokens_dropped: int = 0
-    refusals: int = 0
     on_acked: Callable[[tuple], None] | None = None  # called with entry ids once their XACK is applied
     _scripts: Scripts | None = field(default=None, init=False)
     _retry_delay: float = field(default=0.0, init=False)
@@ -79,9 +71,9 @@ class Publisher:
         """Re-publish an already stored terminal event (a redelivered id answered from its result)."""
         self._ops.append(_Op("publish", request_id, (self.keys.out(request_id), payload)))
 
-    def ack(self, entry_ids: list[str], callback: Callable[[], None] | None = None, request_id: str = "") -> None:
+    def ack(self, entry_ids: list[str]) -> None:
         """Ack + delete entries whose answer is already stored (no result to write)."""
-        self._ops.append(_Op("ack", request_id, (), tuple(entry_ids), callback))
+        self._ops.append(_Op("ack", "", (), tuple(entry_ids)))
 
     def dead_letter(self, fields: dict, entry_id: str) -> None:
         """One dead letter for ``entry_id`` and its ack, in one script (none if the entry is no longer pending)."""
@@ -124,9 +116,7 @@ class Publisher:
                     replies = pipe.execute(raise_on_error=False)
                 except Exception:
                     # Unknown how much was applied: keep what is safe to repeat, drop this batch's token events.
-                    safe = [op for op in batch if op.kind != "token"]
-                    self.tokens_dropped += len(batch) - len(safe)
-                    kept.extend(safe)
+                    kept.extend(op for op in batch if op.kind != "token")
                     i += len(batch)
                     raise
                 i += len(batch)
@@ -145,7 +135,6 @@ class Publisher:
                     self._applied(op)
         finally:
             self._ops = kept + ops[i:] + self._ops
-            self.commands_sent += sent
         if reload:
             self._scripts.load(r)
         self._refused(refused)
@@ -159,8 +148,7 @@ class Publisher:
             if op.callback is not None:
                 op.callback()
         except Exception:
-            if self.log is not None:
-                self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id or None)
+            self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id or None)
 
     def _add(self, pipe: redis.client.Pipeline, op: _Op) -> int:
         k = self.keys
@@ -170,7 +158,7 @@ class Publisher:
         if op.kind == "terminal":
             self._scripts.evalsha(
                 pipe, "finish", [k.result(op.request_id), k.requests],
-                [k.group, k.out(op.request_id), op.args[0], self.result_ttl_s, *op.entry_ids],
+                [k.group, k.out(op.request_id), op.args[0], self.settings.result_ttl_s, *op.entry_ids],
             )
             return 1
         if op.kind == "ack":
@@ -182,7 +170,8 @@ class Publisher:
         if op.kind == "dead":
             pairs = [x for item in op.args[0].items() for x in item]
             self._scripts.evalsha(
-                pipe, "dead_letter", [k.dead, k.requests], [k.group, self.dead_letter_maxlen, op.entry_ids[0], *pairs]
+                pipe, "dead_letter", [k.dead, k.requests],
+                [k.group, self.settings.dead_letter_maxlen, op.entry_ids[0], *pairs],
             )
             return 1
         raise AssertionError(op.kind)
@@ -195,20 +184,17 @@ class Publisher:
             return
         self._retry_delay = 0.05 if self._retry_delay == 0 else min(5.0, self._retry_delay * 2)
         self._retry_at = time.monotonic() + self._retry_delay
-        self.refusals += len(refused)
         tokens = 0
         for op, err in refused:
-            if self.metrics is not None:
-                self.metrics.write_refusals.labels(op=op.kind).inc()
+            self.metrics.write_refusals.labels(op=op.kind).inc()
             if op.kind == "token":
                 tokens += 1
                 continue
-            if self.log is not None:
-                self.log.warning(
-                    "redis_write_refused", op=op.kind, request_id=op.request_id or None,
-                    entry_ids=list(op.entry_ids), error=redact(str(err)), retry_in_s=self._retry_delay,
-                )
-        if tokens and self.log is not None:
+            self.log.warning(
+                "redis_write_refused", op=op.kind, request_id=op.request_id or None,
+                entry_ids=list(op.entry_ids), error=redact(str(err)), retry_in_s=self._retry_delay,
+            )
+        if tokens:
             first = next(op for op, _ in refused if op.kind == "token")
             self.log.warning(
                 "redis_write_refused", op="token", count=tokens, request_id=first.request_id,
@@ -223,7 +209,6 @@ class Publisher:
         for op in self._ops:
             if excess > 0 and op.kind == "token":
                 excess -= 1
-                self.tokens_dropped += 1
                 continue
             keep.append(op)
         self._ops = keep

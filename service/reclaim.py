@@ -18,21 +18,28 @@ The scripts live in lua/ (scripts.py).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import redis
 
-from .protocol import Keys, as_text
-from .redaction import redact
+from .context import WorkerContext, WorkerPart
+from .protocol import as_text
+from .renewal import RenewalThread
 from .scripts import Scripts
 
-@dataclass
-class Reclaimer:
-    keys: Keys
-    consumer: str
-    claim_idle_ms: int
-    cursor: str = "0-0"
+
+@dataclass(eq=False)
+class Reclaimer(WorkerPart):
+    """The consumer group's crash-safety commands of one consumer (the module docstring says which)."""
+
+    ctx: WorkerContext
+    cursor: str = "0-0"  # the XAUTOCLAIM cursor, kept between calls
     _scripts: Scripts | None = field(default=None, init=False, repr=False)
+
+    @property
+    def claim_idle_ms(self) -> int:
+        return self.settings.claim_idle_ms
 
     def scripts(self, r: redis.Redis) -> Scripts:
         # Registered once; a call passes its own client (the lease thread has one of its own).
@@ -124,48 +131,36 @@ class Reclaimer:
     def acquire_name(self, r: redis.Redis, token: str) -> bool:
         return bool(r.set(self.keys.consumer_lease(self.consumer), token, nx=True, px=self.claim_idle_ms))
 
-    def refresh_name(self, r: redis.Redis, token: str) -> bool:
+    def refresh_name(self, r: redis.Redis, token: str) -> None:
         key = self.keys.consumer_lease(self.consumer)
-        return bool(self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r))
+        self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r)
 
     def release_name(self, r: redis.Redis, token: str) -> None:
         self.scripts(r).release_name(keys=[self.keys.consumer_lease(self.consumer)], args=[token], client=r)
 
 
 class LeaseKeeper:
-    """Renews the leases of the worker's unacknowledged entries from a thread of its own.
+    """Renews the leases of the worker's unacknowledged entries (and its consumer-name lease) from a renewal
+    thread (renewal.py says why a thread).
 
-    Why a thread: a single engine step (a long prefill, a slow first CUDA call, a busy CPU) can outlast
-    ``claim_idle_ms``; the loop thread could not renew in time and a live worker's entries would be stolen.
     The loop registers entries when it takes them (:meth:`add`) and forgets them once their ack has been
     flushed (:meth:`discard`); ids found owned by someone else are handed back through :meth:`take_lost`.
     """
 
-    def __init__(self, reclaimer: Reclaimer, client_factory, interval_s: float, name_token: str, log=None):
-        import threading
-
+    def __init__(self, ctx: WorkerContext, reclaimer: Reclaimer, name_token: str) -> None:
         self.reclaimer = reclaimer
-        self.client_factory = client_factory
-        self.interval_s = interval_s
         self.name_token = name_token
-        self.log = log
         self._ids: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self.renewals = 0
-        self.failures = 0
-        self._thread = threading.Thread(target=self._run, name="pagedserve-lease", daemon=True)
+        self.thread = RenewalThread("pagedserve-lease", self._tick, ctx.new_client,
+                                    ctx.settings.lease_renew_interval_ms / 1000, ctx.log, "lease_renewal_failed")
 
-    def start(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
+    def start(self) -> None:
+        self.thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(10)
+        self.thread.stop()
 
     def add(self, entry_id: str) -> None:
         with self._lock:
@@ -176,51 +171,20 @@ class LeaseKeeper:
             self._ids.difference_update(entry_ids)
 
     def renew_now(self) -> None:
-        self._wake.set()
-
-    def held(self) -> set[str]:
-        """The entry ids registered (taken and not yet acknowledged)."""
-        with self._lock:
-            return set(self._ids)
+        self.thread.wake()
 
     def take_lost(self) -> list[str]:
         with self._lock:
             lost, self._lost = self._lost, []
         return lost
 
-    def _run(self) -> None:
-        r = None
-        while not self._stop.is_set():
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
+    def _tick(self, r: redis.Redis) -> None:
+        with self._lock:
+            ids = sorted(self._ids)
+        self.reclaimer.refresh_name(r, self.name_token)
+        lost = self.reclaimer.renew(r, ids) if ids else []
+        if lost:
             with self._lock:
-                ids = sorted(self._ids)
-            try:
-                if r is None:
-                    r = self.client_factory()
-                self.reclaimer.refresh_name(r, self.name_token)
-                lost = self.reclaimer.renew(r, ids) if ids else []
-                self.renewals += 1
-            except Exception as e:  # Redis away: try again next interval; the loop has its own backoff
-                self.failures += 1
-                if r is not None:
-                    try:
-                        r.close()
-                    except Exception:
-                        pass
-                r = None
-                if self.log is not None and self.failures % 50 == 1:
-                    self.log.warning("lease_renewal_failed", error=redact(e))
-                continue
-            if lost:
-                with self._lock:
-                    # Only ids still registered: an entry acked meanwhile is not "lost".
-                    self._lost.extend(e for e in lost if e in self._ids)
-                    self._ids.difference_update(lost)
-        if r is not None:
-            try:
-                r.close()
-            except Exception:
-                pass
+                # Only ids still registered: an entry acked meanwhile is not "lost".
+                self._lost.extend(e for e in lost if e in self._ids)
+                self._ids.difference_update(lost)

@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from .protocol import FINISH_REASONS, CompletionResult, DoneEvent, RequestMetrics, TokenEvent, Usage
+from .protocol import FINISH_REASONS, CompletionResult, DoneEvent, RequestMetrics, Usage
 
 
 def finish_reason(reason: str | None) -> str:
@@ -34,15 +34,6 @@ def token_payloads(out: Any) -> list[bytes]:
             {"type": "token", "id": rid, "index": c.index, "token_ids": list(c.delta_token_ids), "text": c.delta_text},
             separators=(",", ":"),
         ).encode()
-        for c in out.outputs
-        if c.delta_token_ids or c.delta_text
-    ]
-
-
-def token_events(out: Any) -> list[TokenEvent]:
-    """This step's deltas of every output sequence (deltas never split a UTF-8 character: engine invariant)."""
-    return [
-        TokenEvent(id=out.request_id, index=c.index, token_ids=list(c.delta_token_ids), text=c.delta_text)
         for c in out.outputs
         if c.delta_token_ids or c.delta_text
     ]

@@ -30,30 +30,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .claims import Claims
+from .context import WorkerContext, WorkerPart
+from .engine_api import EngineAPI
 from .inflight import InFlight
-from .metrics import WorkerMetrics
 from .outcomes import Outcomes
 from .publisher import Publisher
 from .results import token_payloads
 
 
 @dataclass(kw_only=True, eq=False)
-class Running:
+class Running(WorkerPart):
     """The table of running requests (``table``: request id -> :class:`InFlight`) and the ways they end here."""
 
-    engine: Callable[[], Any]  # returns the engine (loaded on first use)
+    ctx: WorkerContext
+    engine: Callable[[], EngineAPI]  # returns the engine (loaded on first use)
     outcomes: Outcomes
     publisher: Publisher
-    metrics: WorkerMetrics
-    log: Any
-    max_num_seqs: int
-    claims: Claims | None = None
+    claims: Claims
     table: dict[str, InFlight] = field(default_factory=dict, init=False)
+
+    def start(self, f: InFlight) -> None:
+        """``f`` was added to the engine: it runs here until it is answered or given up."""
+        self.table[f.request.id] = f
 
     def room(self) -> int:
         """Sequences the engine may still take (a request with ``n`` samples takes ``n``)."""
         used = sum(f.samples for f in self.table.values())
-        return max(0, self.max_num_seqs - used)
+        return max(0, self.settings.max_num_seqs - used)
 
     def on_outputs(self, outputs: list) -> None:
         """One engine step's outputs: token events (streaming requests), inter-token latency, and the terminal
@@ -85,7 +88,6 @@ class Running:
             return 0
         new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
         if new_tokens:
-            f.completion_tokens += new_tokens
             if f.last_token_at is not None:
                 self.metrics.itl.observe(now - f.last_token_at)
             f.last_token_at = now
@@ -135,8 +137,7 @@ class Running:
             if not f.entry_ids:
                 self.table.pop(rid, None)
                 self.engine().abort_request(rid, "cancelled")
-                if self.claims is not None:
-                    self.claims.release(rid)  # the entry's new owner claims the id next
+                self.claims.release(rid)  # the entry's new owner claims the id next
                 self.metrics.leases_lost.inc()
                 (f.log or self.log).warning("lease_lost", entry_id=eid)
                 f.abandon("lease lost")
@@ -149,8 +150,7 @@ class Running:
         for rid in list(self.table):
             self._abort(rid)
             f = self.table.pop(rid)
-            if self.claims is not None:
-                self.claims.release(rid)
+            self.claims.release(rid)
             (f.log or self.log).warning("request_sent_back", error=f"{type(e).__name__}: {e}"[:300])
             f.abandon("engine step failed")
             entry_ids.extend(f.entry_ids)

@@ -10,7 +10,7 @@ One iteration (:meth:`Worker.iterate`):
 Invariants (see the contract §2 "Guarantees"):
 - a terminal result is stored under its result key before its stream entry is acknowledged and deleted
   (publisher.py sends them in this order in one pipeline);
-- a request id runs at most once at a time in a worker (``inflight``); a second entry with the same id is
+- a request id runs at most once at a time in a worker (``running.table``); a second entry with the same id is
   acknowledged together with the first when it finishes; across workers, an id is claimed before it starts
   (claims.py);
 - the worker keeps generating when Redis is away, and flushes when it is back;
@@ -18,10 +18,11 @@ Invariants (see the contract §2 "Guarantees"):
 The engine knows nothing of Redis; the service knows nothing of KV blocks.
 
 Where the parts live: connection.py (client, backoff, (re)connect), intake.py (reading entries and cancels),
-admission.py (entry -> running request or answer), running.py (running requests: outputs, cancel, lost
-lease, failure, shutdown; inflight.py is one of them), outcomes.py (terminal events, dead letters, their metrics, logs and spans),
-publisher.py (ordered buffered writes), reclaim.py (leases, XAUTOCLAIM). This module wires them and runs the
-loop, start to shutdown.
+admission.py (entry -> running request or answer), running.py (the running requests, each an InFlight of
+inflight.py: outputs, cancel, lost lease, failure, shutdown), outcomes.py (terminal events, dead letters, their
+metrics, logs and spans), publisher.py (ordered buffered writes), reclaim.py (leases, XAUTOCLAIM), claims.py
+(one run per id across workers). Each takes the worker's context (context.py); the engine is reached through
+the Step API only (engine_api.py). This module wires them and runs the loop, start to shutdown.
 """
 
 from __future__ import annotations
@@ -37,72 +38,61 @@ import redis
 from .admission import Admission
 from .claims import Claims
 from .connection import REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
+from .context import WorkerContext, WorkerPart
+from .engine_api import EngineAPI
 from .health import HealthServer, Progress
-from .running import Running
 from .intake import Intake
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
 from .protocol import Keys
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
+from .running import Running
 from .settings import Settings
 from .telemetry import get_logger, get_tracer
 
 
-class Worker:
+class Worker(WorkerPart):
     """The long-running worker. ``run()`` blocks until :meth:`request_stop` (SIGTERM) and the grace period."""
 
     def __init__(
         self,
         settings: Settings | None = None,
-        engine: Any = None,
+        engine: EngineAPI | None = None,
         *,
         tracer_provider: Any = None,
         health: bool = True,
         install_signals: bool = False,
     ) -> None:
-        self.settings = s = settings or Settings()
-        self.keys = keys = Keys(s.prefix)
-        self.consumer = consumer = s.consumer_name
-        self.log = log = get_logger(worker=consumer)
-        self.tracer = tracer = get_tracer(tracer_provider)
-        self.metrics = metrics = WorkerMetrics()
+        s = settings or Settings()
+        consumer = s.consumer_name
+        self.ctx = ctx = WorkerContext(
+            settings=s, keys=Keys(s.prefix), consumer=consumer, metrics=WorkerMetrics(),
+            tracer=get_tracer(tracer_provider), log=get_logger(worker=consumer),
+            new_client=lambda: redis_client(s.redis_url),
+        )
         self._engine = engine
         self.model_loaded = engine is not None
-        self.publisher = publisher = Publisher(keys, s.result_ttl_s, s.dead_letter_maxlen, metrics=metrics, log=log)
-        self.reclaimer = Reclaimer(keys, consumer, s.claim_idle_ms)
+        self.publisher = publisher = Publisher(ctx)
+        self.reclaimer = Reclaimer(ctx)
         self._name_token = uuid.uuid4().hex
-        self.leases = LeaseKeeper(
-            self.reclaimer, lambda: redis_client(s.redis_url), s.lease_renew_interval_ms / 1000, self._name_token, log
-        )
+        self.leases = LeaseKeeper(ctx, self.reclaimer, self._name_token)
         publisher.on_acked = self.leases.discard
         self.conn = Connection(
-            redis_url=s.redis_url, keys=keys, consumer=consumer, claim_idle_ms=s.claim_idle_ms,
-            reclaimer=self.reclaimer, leases=self.leases, name_token=self._name_token, publisher=publisher,
-            metrics=metrics, log=log,
+            ctx=ctx, reclaimer=self.reclaimer, leases=self.leases, name_token=self._name_token, publisher=publisher
         )
         self.r = self.conn.r
-        self.claims = claims = Claims(
-            self.r, keys, consumer, s.claim_idle_ms, s.lease_renew_interval_ms / 1000, lambda: redis_client(s.redis_url),
-            log,
-        )
+        self.claims = claims = Claims(ctx, self.r)
         self.progress = Progress(s.stall_timeout_s)
-        outcomes = Outcomes(keys=keys, consumer=consumer, publisher=publisher, metrics=metrics, tracer=tracer, log=log,
-                            claims=claims)
+        outcomes = Outcomes(ctx=ctx, publisher=publisher, claims=claims)
         get_engine = lambda: self.engine  # noqa: E731  (loaded on first use, after the health server is up)
-        self.running = Running(
-            engine=get_engine, outcomes=outcomes, publisher=publisher, metrics=metrics, log=log,
-            max_num_seqs=s.max_num_seqs, claims=claims,
-        )
-        self.inflight = self.running.table  # request id -> InFlight
+        self.running = Running(ctx=ctx, engine=get_engine, outcomes=outcomes, publisher=publisher, claims=claims)
         self.admission = Admission(
-            settings=s, keys=keys, consumer=consumer, r=self.r, engine=get_engine, inflight=self.inflight,
-            running=self.running, claims=claims, outcomes=outcomes, leases=self.leases, metrics=metrics,
-            tracer=tracer, log=log,
+            ctx=ctx, r=self.r, engine=get_engine, running=self.running, claims=claims, outcomes=outcomes,
+            leases=self.leases,
         )
         self.intake = Intake(
-            settings=s, keys=keys, consumer=consumer, conn=self.conn, reclaimer=self.reclaimer, metrics=metrics, log=log,
-            inflight=self.inflight, waiting=getattr(self.admission, "waiting", None),
+            ctx=ctx, conn=self.conn, reclaimer=self.reclaimer, running=self.running, waiting=self.admission.waiting
         )
         self._last_engine_stats = 0.0
         self._stop = threading.Event()
@@ -118,7 +108,7 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @property
-    def engine(self) -> Any:
+    def engine(self) -> EngineAPI:
         if self._engine is None:
             from pagedserve.engine import LLMEngine
 
@@ -163,7 +153,7 @@ class Worker:
             self.conn.failed(e)  # not fatal: the loop retries with backoff
         self.log.info(
             "worker_started",
-            model=getattr(engine, "model_name", None),
+            model=engine.model_name,
             consumer=self.consumer,
             stream=self.keys.requests,
             group=self.keys.group,
@@ -179,9 +169,9 @@ class Worker:
                 if self._stop.is_set() and not drain_logged:
                     # Logged here, not in the signal handler: a handler runs between any two bytecodes.
                     drain_logged = True
-                    self.log.info("drain_started", in_flight=len(self.inflight),
+                    self.log.info("drain_started", in_flight=len(self.running.table),
                                   grace_period_s=self.settings.grace_period_s)
-                if self._stop.is_set() and (not self.inflight or time.monotonic() >= (self._stop_deadline or 0)):
+                if self._stop.is_set() and (not self.running.table or time.monotonic() >= (self._stop_deadline or 0)):
                     break
                 try:
                     self.iterate()
@@ -269,8 +259,8 @@ class Worker:
         mono = time.monotonic()
         if mono - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
             self._last_engine_stats = mono  # a snapshot 4x a second is plenty for a scrape every few seconds
-            self.metrics.requests_running.set(getattr(self.engine, "num_running", 0))
-            self.metrics.requests_waiting.set(getattr(self.engine, "num_waiting", 0))
+            self.metrics.requests_running.set(self.engine.num_running)
+            self.metrics.requests_waiting.set(self.engine.num_waiting)
             self.metrics.engine.update(self.engine.stats())
 
     def _send_back(self, entry_ids: list[str]) -> None:
@@ -318,4 +308,4 @@ def run_worker(settings: Settings | None = None) -> None:
     Worker(settings, install_signals=True).run()
 
 
-__all__ = ["Worker", "run_worker", "redis_client"]
+__all__ = ["Worker", "run_worker"]

@@ -174,10 +174,10 @@ def test_redis_restart_under_load(prefix, shared_engine):
             with ThreadPoolExecutor(12) as pool:
                 futs = [pool.submit(c.generate, f"load {i}", params={"max_tokens": 150, "ignore_eos": True},
                                     timeout=180) for i in range(10)]
-                wait_for(lambda: len(w.inflight) == 10, 30, what="all running")
+                wait_for(lambda: len(w.running.table) == 10, 30, what="all running")
                 srv.stop()  # Redis goes away mid-generation
                 time.sleep(1.0)
-                assert w.inflight or w.publisher.pending()  # the worker kept going
+                assert w.running.table or w.publisher.pending()  # the worker kept going
                 srv.start()
                 results = [f.result(timeout=200) for f in futs]
             assert all(len(d.outputs[0].token_ids) == 150 for d in results)

@@ -106,7 +106,7 @@ def test_cancel_mid_stream_frees_blocks_and_deadline(setup):
     assert isinstance(final, DoneEvent)
     assert final.outputs[0].finish_reason == "cancelled"
     assert 3 <= len(final.outputs[0].token_ids) < 1800
-    wait_for(lambda: not w.inflight, 10, what="worker idle")
+    wait_for(lambda: not w.running.table, 10, what="worker idle")
     st = engine.stats()
     # Blocks come back at once (prefix-cached blocks stay evictable, counted free).
     assert st["num_free_gpu_blocks"] == total, st
@@ -184,10 +184,10 @@ def test_stop_finishes_in_flight_work_within_grace_period(redis_url, prefix, sha
     with Client(settings=s) as c:
         with running_worker(s, shared_engine) as w:
             rid = c.submit("graceful", params={"max_tokens": 60, "ignore_eos": True})
-            wait_for(lambda: rid in w.inflight, 30, what="running")
+            wait_for(lambda: rid in w.running.table, 30, what="running")
             w.request_stop()
             late = c.submit("too late", params={"max_tokens": 2})  # a stopping worker reads nothing new
-            assert not w.stopped.is_set() or rid not in w.inflight
+            assert not w.stopped.is_set() or rid not in w.running.table
             assert w.stopped.wait(60)
         done = c.result(rid)
         assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 60

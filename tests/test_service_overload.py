@@ -98,7 +98,7 @@ def test_worker_started_late_sheds_what_waited_but_honours_cancels(redis_url, pr
             assert isinstance(c.generate("after", params={"max_tokens": 2}, timeout=60), DoneEvent)
             wait_for(lambda: _all_acked(r, keys), 10, what="all entries acknowledged")
             assert _outcomes(w).get("error:overloaded") == len(waiting)
-            assert not w.inflight
+            assert not w.running.table
 
 
 @pytest.mark.parametrize("limit", [None, 0])

@@ -1,0 +1,46 @@
+"""The engine as the service sees it: the README's Step API, and nothing more.
+
+The worker drives :class:`pagedserve.engine.LLMEngine` through the names of :class:`EngineAPI` only, so the
+service depends on a contract, not on the engine's internals (it knows nothing of blocks, schedulers or
+runners). Nothing here imports ``pagedserve.engine``: a producer install has no torch, and the engine is loaded
+on first use, inside the worker (``Worker.engine``).
+
+Invariants:
+- every ``engine.`` the service reads or calls is named here;
+- ``add_request`` raises ``ValueError`` naming the field (``PromptTooLongError`` for a prompt that cannot fit)
+  and queues nothing on error; ``abort_request`` frees the request's blocks before it returns;
+- ``step()`` returns one ``RequestOutput`` per request that progressed; a request the engine failed alone comes
+  back finished with ``error`` set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class EngineAPI(Protocol):
+    """What the worker uses of ``LLMEngine`` (the README's "Step API")."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    tokenizer: Any  # a Hugging Face tokenizer: ``chat_template``, ``apply_chat_template``
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: Any = None, *, priority: int = 0,
+        deadline: float | None = None, arrival_time: float | None = None,
+    ) -> None: ...
+
+    def step(self) -> list[Any]: ...  # RequestOutput per request that progressed this step
+
+    def abort_request(self, request_id: str, reason: str = "cancelled") -> Any: ...  # its final RequestOutput
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> dict: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...

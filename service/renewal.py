@@ -1,0 +1,78 @@
+"""A renewal thread: what keeps a live worker's leases and claims from lapsing while its loop is busy.
+
+A single engine step (a long prefill, a slow first CUDA call, a busy CPU) can outlast ``claim_idle_ms``; the
+loop thread could not renew in time and a live worker's entries and ids would be taken by another. So the entry
+leases (reclaim.py) and the id claims (claims.py) are each renewed by a :class:`RenewalThread`.
+
+Invariants:
+- the thread has a Redis client of its own (never the loop's: redis-py clients are not shared across threads
+  here), made on first use and again after a failure;
+- a failed tick (Redis away, a refusal) is never fatal: the client is dropped, the next interval tries again,
+  and the failure is logged once per 50 (the loop logs the outage itself), with credentials masked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .redaction import redact
+
+
+class RenewalThread:
+    """Runs ``tick(client)`` every ``interval_s`` (at once after :meth:`wake`) on a daemon thread until :meth:`stop`."""
+
+    def __init__(self, name: str, tick: Callable[[redis.Redis], None], new_client: Callable[[], redis.Redis],
+                 interval_s: float, log: Any, failure_event: str) -> None:
+        self._tick = tick
+        self._new_client = new_client
+        self.interval_s = interval_s
+        self._log = log
+        self._failure_event = failure_event
+        self.failures = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.ident is not None:
+            self._thread.join(10)
+
+    def wake(self) -> None:
+        """Renew now, not at the end of the interval (after a reconnect: the leases may have aged)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        r = None
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                r = r or self._new_client()
+                self._tick(r)
+            except Exception as e:  # Redis away: try again next interval; the loop has its own backoff
+                self.failures += 1
+                _close(r)
+                r = None
+                if self.failures % 50 == 1:
+                    self._log.warning(self._failure_event, error=redact(e))
+        _close(r)
+
+
+def _close(r: redis.Redis | None) -> None:
+    if r is not None:
+        try:
+            r.close()
+        except Exception:
+            pass
