@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import cProfile
 import gc
+import json
 import pstats
 import time
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -40,6 +42,13 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32,
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def model_shape(model_dir: str) -> tuple[dict, int]:
+    """The fields of ``workload_flops`` from a model directory's config.json, and its vocabulary size."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    return {k: cfg[k] for k in keys}, cfg["vocab_size"]
 
 
 def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
@@ -157,7 +166,7 @@ def throughput_section(model_dir: str, w: Workload, size: str, device: str, dtyp
                        kv_budget_tokens: int, skip_hf_continuous: bool, profile: bool, step) -> dict:
     """Engine vs HF static vs HF continuous, the compute floor, concurrency at a fixed KV budget and the
     profile; ``step(description)`` reports progress before each part."""
-    model_cfg, vocab = BENCH_MODELS[size]
+    model_cfg, vocab = model_shape(model_dir)
     step("matmul FLOP/s")
     flops_rate = matmul_flops_per_s(torch.device(device), getattr(torch, dtype))
     results: dict = {"matmul_flops_per_s": flops_rate,
@@ -228,6 +237,8 @@ def offline_command(
     seed: int = 0,
     device: str = "cpu",
     size: str = "26m",
+    model: Annotated[str, typer.Option(
+        help="A trained model instead of the random one of --size: a model name (smollm2), an HF directory or a .gguf file.")] = "",
     dtype: str = "",
     hf_batch_size: int = 16,
     kv_budget_tokens: int = 6144,
@@ -264,7 +275,15 @@ def offline_command(
         console.print("[red]--device cuda needs a CUDA GPU; none is visible[/red]")
         raise SystemExit(1)
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    w = make_workload(num_requests, seed, vocab_size=BENCH_MODELS[size][1])
+    if model:  # resolved before the progress bar: a first use fetches and converts, with its own progress lines
+        from pagedserve.engine.model_source import resolve_model
+
+        model_dir = resolve_model(model)
+        size = Path(model_dir).name
+        vocab = model_shape(model_dir)[1]
+    else:
+        model_dir, vocab = "", BENCH_MODELS[size][1]
+    w = make_workload(num_requests, seed, vocab_size=vocab)
     kind = "cuda" if dev.type == "cuda" else "cpu"
     batches_default, context_default, steps_default = DECODE_DEFAULTS[kind]
     batches = parse_ints(decode_batches, batches_default)
@@ -280,7 +299,7 @@ def offline_command(
     total += 0 if skip_swap_vs_recompute else len(block_sizes)
     with Progress(console=console) as progress:
         task = progress.add_task("bench model", total=total)
-        model_dir = bench_model_dir(size=size)
+        model_dir = model_dir or bench_model_dir(size=size)
         progress.advance(task)
         if not skip_throughput:
             first = [True]
