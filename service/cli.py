@@ -1,4 +1,4 @@
-"""``pagedserve`` command line (contract §3): worker, submit, demo, model init, bench {offline,sharing,kernels,service}.
+"""The ``pagedserve`` command line: worker, submit, demo, model init, bench {offline,sharing,kernels,service}.
 
 Long operations show rich progress on stderr; results go to stdout. Benchmarks owned by other modules are
 registered lazily, so the CLI keeps working when one of them is missing.

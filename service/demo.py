@@ -95,6 +95,11 @@ def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature:
     console = console or Console()
     base = Settings()
     configure_logging(base.log_format, "WARNING")  # the demo's own output is the table, not the log
+    from pagedserve.engine.model_source import resolve_model
+
+    # Before anything starts: a model that is not there fails here, and a first run fetches the default one.
+    with console.status("[bold]finding the model (a first run fetches and converts the default one: ~1 min) ..."):
+        resolve_model(base.model)
     tasks = [TASKS[i % len(TASKS)] for i in range(num_requests or len(TASKS))]
     if temperature is not None:
         tasks = [Task(t.kind, t.question, temperature, t.seed if t.seed is not None else 0, t.repetition_penalty)
@@ -113,7 +118,7 @@ def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature:
             update={"redis_url": url, "prefix": prefix, "metrics_port": 0, "worker_name": f"demo-{uuid.uuid4().hex[:6]}"}
         )
         worker = Worker(settings)
-        with console.status("[bold]loading the model (the first run downloads and converts it, about a minute) ..."):
+        with console.status("[bold]loading the model ..."):
             engine = worker.engine
         console.print(f"[bold]Model:[/] {engine.model_name}  max_model_len={engine.max_model_len}")
         thread = threading.Thread(target=worker.run, name="pagedserve-demo-worker", daemon=True)

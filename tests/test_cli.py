@@ -172,6 +172,9 @@ def test_a_model_that_is_not_there_or_not_a_model_is_one_line(tmp_path):
     res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "notes")}, "worker")
     line = _one_line(res)
     assert res.returncode == 1 and "is a directory but not a model (no config.json)" in line, line
+    res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "missing")}, "demo")  # before any Redis starts
+    line = _one_line(res)
+    assert res.returncode == 1 and "does not exist" in line, line
     # --debug (or PAGEDSERVE_LOG_LEVEL=DEBUG) shows where it came from
     res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "notes")}, "--debug", "worker")
     assert res.returncode != 0 and "Traceback" in res.stderr
