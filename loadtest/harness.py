@@ -1,5 +1,5 @@
 """A private stack for load tests and the sweep: ``redis-server`` on a free port plus ``pagedserve worker``
-(built-in model unless PAGEDSERVE_MODEL is set) as subprocesses, stopped by their own pids.
+(the tiny random model unless PAGEDSERVE_MODEL is set) as subprocesses, stopped by their own pids.
 
     with LocalStack(worker_env={"PAGEDSERVE_MAX_NUM_SEQS": "64"}) as stack:
         subprocess.run(["locust", ..., "--redis-url", stack.redis_url])
@@ -71,6 +71,8 @@ class LocalStack:
                "PAGEDSERVE_METRICS_PORT": str(self.metrics_port),
                "PAGEDSERVE_METRICS_HOST": "127.0.0.1",
                "PAGEDSERVE_DEVICE": os.environ.get("PAGEDSERVE_DEVICE", "cpu"),
+               # The service's overhead is what is measured: the tiny model (no download into the private cache).
+               "PAGEDSERVE_MODEL": os.environ.get("PAGEDSERVE_MODEL", "pagedserve-tiny-random"),
                "PAGEDSERVE_CACHE_DIR": os.environ.get("PAGEDSERVE_CACHE_DIR", str(self.dir / "cache")),
                "PAGEDSERVE_LOG_FORMAT": "json",
                "PAGEDSERVE_LOG_LEVEL": "WARNING",
