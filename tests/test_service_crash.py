@@ -119,6 +119,11 @@ def test_restart_with_same_name_drains_own_pending_and_sigterm_releases(redis_ur
         wait_for(lambda: any(e.get("event") == "own_pending_drained" for e in w2.events()), 60, what="drain")
         # SIGTERM with a short grace period: unfinished entries are released for others at once.
         assert w2.terminate() == 0
+        # the drain is logged when it starts, with how many requests it is finishing
+        names = [e.get("event") for e in w2.events()]
+        drain = [e for e in w2.events() if e.get("event") == "drain_started"]
+        assert len(drain) == 1 and isinstance(drain[0]["in_flight"], int) and drain[0]["grace_period_s"] == 0.5
+        assert names.index("drain_started") < names.index("worker_stopped")
         stopped = [e for e in w2.events() if e.get("event") == "worker_stopped"]
         assert stopped and stopped[0]["released"] + len(_results(r, keys, ids)) >= 6
         w3 = WorkerProcess(s.model_copy(update={"worker_name": "other"}), tmp_path / "3.log").start()
