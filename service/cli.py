@@ -139,6 +139,7 @@ def explain_error(e: BaseException) -> str:
     return (f"error: {type(e).__name__}: {redact(e)} (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG "
             f"shows the traceback)")
 
+
 # Top-level modules of the ``worker`` extra that the engine-side commands import.
 _WORKER_MODULES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "structlog", "prometheus_client")
 
@@ -219,6 +220,7 @@ def printable(text: str) -> str:
 
 def _fail(message: str, code: int) -> None:
     """One line on stderr (never wrapped, never read as markup), then exit with ``code``."""
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a message may hold breaks
     err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
