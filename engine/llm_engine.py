@@ -22,6 +22,7 @@ from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, Sequence
+from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend
 from pagedserve.engine.tokenizer import load_tokenizer
 
 MAX_REQUEST_ID_LEN = 256
@@ -70,6 +71,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.config.seed)
+        # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one.
+        self.structured = StructuredOutputs(
+            lambda: default_backend(self.tokenizer, self.vocab_size, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._owner: dict[int, Request] = {}  # seq_id -> request, for every live sequence
         self.num_steps = 0
@@ -141,13 +145,22 @@ class LLMEngine:
             raise ValueError(
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
                 f"max_model_len {self.max_model_len} leaves after the {len(token_ids)}-token prompt")
+        # Compiles the grammar unless it is cached (waiting at most the compile timeout): call
+        # structured_ready() first to keep a loop from waiting.
+        matcher = self.structured.new_matcher(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id, text, token_ids, params, priority, deadline, arrival_time)
+        req.seqs[0].matcher = matcher
         if params.beam_width > 0:
             req.beam = BeamState(params.beam_width, params)
         self._init_seq(req, req.seqs[0])
         self._owner[req.seqs[0].seq_id] = req
         self.requests[request_id] = req
         self.scheduler.add(req)
+
+    def structured_ready(self, params: SamplingParams) -> bool:
+        """Whether ``add_request`` with ``params`` would start without waiting for a grammar to compile (it
+        starts the compile, off the step loop, if needed). Always true without ``structured_outputs``."""
+        return params.structured_outputs is None or self.structured.ready(params.structured_outputs)
 
     def _init_seq(self, req: Request, seq: Sequence) -> None:
         if seq.detok is None:
@@ -221,6 +234,7 @@ class LLMEngine:
             if len(rows) != len(sample_seqs):
                 logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
             owners = [self._owner[s.seq_id] for s in seqs]
+            self._constrain(logits, seqs, owners, failed)
             for req, seq, res in zip(owners, seqs, self._sample(logits, seqs, owners, failed)):
                 if res is not None and self._guard(req, failed, "stop check or detokenization",
                                                    self._append_token, req, seq, res):
@@ -268,6 +282,21 @@ class LLMEngine:
 
             self._guard(req, failed, "sampling", sample_alone)
         return results
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
+                   failed: dict[str, str]) -> None:
+        """Structured outputs: in place, each constrained row keeps only the tokens its grammar allows next
+        (filled on the CPU while a CUDA device may still run the forward, applied on the logits' device)."""
+        rows = [r for r, s in enumerate(seqs) if s.matcher is not None and owners[r].request_id not in failed]
+        if not rows:
+            return
+        try:
+            apply_token_bitmask(logits, self.structured.fill_bitmask([seqs[r].matcher for r in rows]), rows)
+        except Exception:  # mask request by request, so that only the culprit fails
+            log.warning("batched grammar masks failed; masking request by request to find the culprit")
+            for r in rows:
+                self._guard(owners[r], failed, "grammar mask", lambda r=r: apply_token_bitmask(
+                    logits, self.structured.fill_bitmask([seqs[r].matcher]), [r]))
 
     def _emit(self, req: Request, now: float, outputs: list[RequestOutput]) -> None:
         """After a token: finish ``req`` if it is done, else free its finished sequences and add its delta."""
@@ -352,7 +381,11 @@ class LLMEngine:
         seq.cumulative_logprob += res.logprob
         if p.logprobs is not None:
             seq.logprobs.append(res.top_logprobs)
+        if seq.matcher is not None:
+            seq.matcher.accept(tok)
         if not p.ignore_eos and tok in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar's end, even with ignore_eos
             seq.finish_reason = "stop"
         elif tok in p.stop_token_ids:
             seq.finish_reason = "stop"
@@ -424,4 +457,5 @@ class LLMEngine:
             "kv_cache_usage": bm.num_used_gpu_blocks / bm.gpu.num_blocks,
             "kv_utilization": kv_utilization,
             "num_running_seqs": num_running_seqs,
+            **self.structured.stats(),
         }

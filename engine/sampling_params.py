@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from pagedserve.engine.structured_spec import validate_structured_outputs
+
 MAX_INT = 2**31 - 1  # integer fields stay machine-sized (token ids, counts, lengths)
 MAX_SAMPLES = 1024  # n, best_of, beam_width; the engine also caps them at its max_num_seqs
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
@@ -57,6 +59,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    # {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} | {"grammar": ...}
+    # (rules: pagedserve.engine.structured_spec)
+    structured_outputs: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -126,6 +131,10 @@ class SamplingParams:
             in_range(name)
         if self.logprobs is not None:
             in_range("logprobs", integer=True)
+        self.structured_outputs = validate_structured_outputs(self.structured_outputs)
+        if self.structured_outputs is not None and self.beam_width > 0:
+            fail("structured_outputs", "cannot be combined with beam search (beam_width > 0): sample with n or "
+                                      "best_of instead")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -46,6 +46,7 @@ class Sequence:
         self.num_emitted_tokens = 0  # output tokens already handed out in a RequestOutput
         self.generator: torch.Generator | None = None
         self.detok: IncrementalDetokenizer | None = None
+        self.matcher = None  # structured outputs: its grammar matcher, which has consumed the output tokens
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +74,8 @@ class Sequence:
         child.logprobs = list(self.logprobs)
         if self.detok is not None:
             child.detok = self.detok.copy()
+        if self.matcher is not None:
+            child.matcher = self.matcher.fork()
         return child
 
     def __repr__(self) -> str:

@@ -1,0 +1,196 @@
+"""Structured outputs through the engine, on tiny random models: outputs valid by construction (``jsonschema``,
+``re.fullmatch``, the choice list are the references), the same greedy tokens alone, in a mixed batch and under
+swap or recompute preemption, forks that keep their grammar, and the field's refusals.
+
+A random model has no wish to write JSON, which is the point: whatever it prefers, the mask decides. The
+suite's schemas bound their outputs (tests/structured_schemas.py), so every output ends with ``stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jsonschema
+import pytest
+
+from conftest import write_tiny
+from pagedserve.engine import LLM, SamplingParams
+from structured_schemas import CHOICES, REGEXES, SCHEMAS
+
+MAX_TOKENS = 1024  # more than any suite schema admits with the default whitespace runs, on a byte tokenizer
+PROMPT = "Reply in JSON: "
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tests' tiny random Llama (byte tokenizer, 300-token vocabulary: wider than the tokenizer's 259),
+    with room for the longest output."""
+    return str(write_tiny(tmp_path_factory.mktemp("structured") / "llama", "llama", max_position_embeddings=2048))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model=model_dir, device="cpu", max_num_seqs=256)
+
+
+def assert_valid(schema: dict, text: str) -> None:
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    errors = list(validator.iter_errors(json.loads(text)))
+    assert not errors, f"{text!r}: {errors[0].message}"
+
+
+def constrained(spec: dict, **kw) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": MAX_TOKENS, "temperature": 0.0, **kw}, structured_outputs=spec)
+
+
+def compact(name: str) -> dict:
+    """A suite schema without whitespace between JSON tokens: the random model fills every whitespace run it
+    may to the brim, so compact outputs keep these tests short (the default runs are tested once, below)."""
+    return {"json": SCHEMAS[name], "disable_any_whitespace": True}
+
+
+def test_schema_suite_outputs_validate_greedy_and_sampled(llm):
+    """Every schema, greedy and sampled with three seeds, in one batch: each output parses and validates."""
+    names = sorted(SCHEMAS)
+    params = [constrained(compact(n), temperature=t, seed=s) for t, s in ((0.0, None), (1.0, 1), (1.0, 2), (1.0, 3))
+              for n in names]
+    outs = llm.generate([PROMPT] * len(params), params)
+    for i, out in enumerate(outs):
+        name, completion = names[i % len(names)], out.outputs[0]
+        assert completion.finish_reason == "stop", (name, completion.text)
+        assert_valid(SCHEMAS[name], completion.text)
+    greedy = [o.outputs[0].token_ids for o in outs[:len(names)]]
+    assert any(o.outputs[0].token_ids != g for o, g in zip(outs[len(names):], greedy * 3))  # seeds sample
+
+
+WHITESPACE_CASES = ["person", "sentiment", "format_date", "int_array_1_to_4", "anyof_tagged_objects",
+                    "enum_unicode", "tuple_prefix_items", "optional_nested"]
+
+
+def test_default_whitespace_outputs_validate(llm):
+    """With the default whitespace (runs of up to 20 characters between JSON tokens), greedy and sampled."""
+    params = [constrained({"json": SCHEMAS[n]}, temperature=t, seed=3) for t in (0.0, 1.0) for n in WHITESPACE_CASES]
+    outs = llm.generate([PROMPT] * len(params), params)
+    for i, out in enumerate(outs):
+        name, completion = WHITESPACE_CASES[i % len(WHITESPACE_CASES)], out.outputs[0]
+        assert completion.finish_reason == "stop", (name, completion.text)
+        assert_valid(SCHEMAS[name], completion.text)
+    assert any(any(ch in o.outputs[0].text for ch in " \n\t\r") for o in outs)  # whitespace was allowed and used
+
+
+def test_regex_choice_grammar_and_json_object(llm):
+    specs = ([{"regex": r} for r in REGEXES.values()] + [{"choice": c} for c in CHOICES.values()]
+             + [{"grammar": 'start: "go " /[0-9]{1,3}/ | "stop"'}, {"json_object": True}])
+    params = [constrained(s, temperature=t, seed=7) for t in (0.0, 1.0) for s in specs]
+    outs = llm.generate(["x"] * len(params), params)
+    for p, out in zip(params, outs):
+        spec, text = p.structured_outputs, out.outputs[0].text
+        assert out.outputs[0].finish_reason == "stop", (spec, text)
+        if "regex" in spec:
+            assert re.fullmatch(spec["regex"], text), (spec, text)
+        elif "choice" in spec:
+            assert text in spec["choice"]
+        elif "grammar" in spec:
+            assert re.fullmatch(r"go [0-9]{1,3}|stop", text), text
+        else:
+            assert isinstance(json.loads(text), dict)
+
+
+GREEDY_CASES = ["user_profile", "ten_fields", "numbers_in_object", "anyof_tagged_objects"]
+
+
+def greedy_alone(llm, name: str) -> list[int]:
+    return llm.generate([PROMPT], constrained(compact(name)))[0].outputs[0].token_ids
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(llm):
+    alone = {name: greedy_alone(llm, name) for name in GREEDY_CASES}
+    prompts, params = [], []
+    for i, name in enumerate(GREEDY_CASES):  # each constrained request between free ones, sampled and greedy
+        prompts += [f"free {i}", PROMPT, [5 + i] * (3 + 7 * i)]
+        params += [SamplingParams(max_tokens=40 + i, temperature=0.9, seed=i, ignore_eos=True),
+                   constrained(compact(name)),
+                   SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True)]
+    outs = llm.generate(prompts, params)
+    for i, name in enumerate(GREEDY_CASES):
+        assert outs[3 * i + 1].outputs[0].token_ids == alone[name], name
+        assert len(outs[3 * i].outputs[0].token_ids) == 40 + i  # the free ones are not constrained
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_greedy_output_is_the_same_under_preemption(model_dir, llm, mode):
+    """A pool far smaller than the batch needs: sequences are swapped out or recomputed mid-output, and their
+    matchers (which keep the output tokens) resume where they were."""
+    prompts = [f"Reply in JSON ({i}): " for i in range(2 * len(GREEDY_CASES))]
+    params = [constrained(compact(name), max_tokens=100) for name in GREEDY_CASES * 2]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    small = LLM(model=model_dir, device="cpu", block_size=4, num_gpu_blocks=36, max_num_seqs=8,
+                max_model_len=128, preemption_mode=mode, swap_space_gb=0.01)
+    outs = small.generate(prompts, params)
+    stats = small.stats()
+    key = "num_swap_preemptions" if mode == "swap" else "num_recompute_preemptions"
+    assert stats[key] > 0, stats
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_samples_fork_with_their_own_matchers(llm):
+    schema = SCHEMAS["tags_object"]
+    n, best_of = llm.generate([PROMPT, PROMPT], [
+        constrained(compact("tags_object"), temperature=1.0, n=4, seed=11),
+        constrained(compact("tags_object"), temperature=1.0, n=2, best_of=5, seed=12)])
+    assert len(n.outputs) == 4 and len(best_of.outputs) == 2
+    for c in n.outputs + best_of.outputs:
+        assert c.finish_reason == "stop"
+        assert_valid(schema, c.text)
+    assert len({tuple(c.token_ids) for c in n.outputs}) > 1
+
+
+def test_max_tokens_ends_with_length_and_a_valid_prefix(llm):
+    """Cut short, the output is what the grammar accepted so far: a prefix of a valid output."""
+    full = greedy_alone(llm, "user_profile")
+    cut = llm.generate([PROMPT], constrained(compact("user_profile"), max_tokens=12))[0].outputs[0]
+    assert cut.finish_reason == "length"
+    assert cut.token_ids == full[:12]
+    matcher = llm.engine.structured.new_matcher(SamplingParams(structured_outputs=compact("user_profile"))
+                                                .structured_outputs)
+    assert all(matcher.accept(t) for t in cut.token_ids)
+
+
+def test_grammar_end_stops_even_with_ignore_eos(llm):
+    out = llm.generate(["x"], constrained({"choice": ["alpha", "beta"]}, ignore_eos=True, max_tokens=50))[0]
+    assert out.outputs[0].text in ("alpha", "beta") and out.outputs[0].finish_reason == "stop"
+
+
+def test_refusals_name_the_field_and_queue_nothing(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match=r"^structured_outputs cannot be combined with beam search"):
+        SamplingParams(beam_width=2, structured_outputs={"regex": "a"})
+    with pytest.raises(ValueError, match=r"^structured_outputs must set exactly one of"):
+        SamplingParams(structured_outputs={"regex": "a", "choice": ["a"]})
+    for spec, words in (({"json": {"type": "object", "properties": {"a": {"type": "nope"}}}}, "json"),
+                        ({"regex": "[a-"}, "regex does not compile"),
+                        ({"grammar": "start: missing"}, "grammar does not compile")):
+        params = SamplingParams(structured_outputs=spec)
+        with pytest.raises(ValueError, match=f"^structured_outputs {words}"):
+            eng.add_request("bad", "x", params)
+        assert not eng.has_unfinished_requests()
+    params = SamplingParams(structured_outputs={"regex": "[0-9]{3}-unique"})
+    while not eng.structured_ready(params):  # compiles off the caller's thread
+        time.sleep(0.01)
+    assert eng.structured_ready(SamplingParams())
+    assert eng.stats()["structured_compiles"] >= 1
+
+
+def test_bench_structured_runs_small(tmp_path):
+    """``pagedserve bench structured`` end to end on the built-in model, small: its figures are all there."""
+    from pagedserve.bench.structured import structured_command
+
+    out = tmp_path / "structured.json"
+    structured_command(model="pagedserve-tiny-random", num_requests=4, max_tokens=8, repeats=1, out=str(out))
+    figures = json.loads(out.read_text())
+    assert figures["backend"] == "llguidance" and figures["backend_version"]
+    assert figures["constrained_requests"] == 2 and figures["mask_rows"] > 0
+    assert figures["constrained_tokens_per_s"] > 0 and figures["unconstrained_tokens_per_s"] > 0
+    assert set(figures["compile_cold_ms"]) == set(figures["compile_cached_ms"])
