@@ -178,6 +178,20 @@ def entry_time(entry_id: str) -> float:
 
 
 @dataclass
+class Compiling:
+    """An entry whose grammar (structured outputs) compiles off the loop: it joins the engine once the compile
+    is done, or is answered if the compile fails or times out. Every other check has passed."""
+
+    request: GenerateRequest
+    entry_ids: list[str]
+    prompt: Any
+    params: Any
+    arrival: float
+    span: Any
+    log: Any
+
+
+@dataclass
 class Waiting:
     """Entries of an id another worker runs: pending here until its result appears or its claim lapses."""
 
@@ -199,6 +213,7 @@ class Admission(WorkerPart):
     outcomes: Outcomes
     leases: LeaseKeeper
     waiting: dict[str, Waiting] = field(default_factory=dict)
+    compiling: dict[str, Compiling] = field(default_factory=dict)
     _next_retry: float = 0.0
 
     def admit(self, entries: list[tuple[str, dict, int]], redelivered: bool) -> None:
@@ -259,7 +274,7 @@ class Admission(WorkerPart):
 
     def _attach(self, rid: str, entry_id: str) -> bool:
         """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""
-        holder = self.running.table.get(rid) or self.waiting.get(rid)
+        holder = self.running.table.get(rid) or self.waiting.get(rid) or self.compiling.get(rid)
         if holder is None:
             return False
         if entry_id not in holder.entry_ids:
@@ -317,6 +332,10 @@ class Admission(WorkerPart):
         """Shutdown: the waiting entries, for other workers to take over."""
         ids = [eid for w in self.waiting.values() for eid in w.entry_ids]
         self.waiting.clear()
+        for job in self.compiling.values():
+            ids += job.entry_ids
+            job.span.end()
+        self.compiling.clear()
         return ids
 
     def _start(self, entry_ids: list[str], req: GenerateRequest, fields: dict, deliveries: int,
@@ -333,24 +352,60 @@ class Admission(WorkerPart):
                 self.outcomes.before_start(req, entry_ids, arrival, "cancelled", params, span, log)
                 return
             check_queue_wait(req, now - arrival, self.settings.max_queue_ms)
-            add_to_engine(engine, req, prompt, params, arrival)
-            self.metrics.pickup.observe(max(0.0, time.time() - arrival))
         except InvalidRequestError as e:
             self.outcomes.error(req.id, entry_ids, e.code, e.message, req.metadata, span)
             return
-        except Exception as e:  # the engine refused in an unexpected way: answer, keep serving
+        except Exception as e:  # a check failed in an unexpected way: answer, keep serving
             log.exception("admission_failed")
             self.outcomes.failed(req.id, entry_ids, "admission", e, span)
             return
+        job = Compiling(req, list(entry_ids), prompt, params, arrival, span, log)
+        if not engine.structured_ready(params):  # its grammar compiles off the loop; it waits here meanwhile
+            self.compiling[req.id] = job
+            return
+        self._enter(engine, job)
+        log.debug("request_started", entry_id=entry_id, deliveries=deliveries, priority=req.priority)
+
+    def _enter(self, engine: Any, job: Compiling) -> None:
+        """Add a checked request to the engine and the running table, or answer the engine's refusal."""
+        req = job.request
+        try:
+            add_to_engine(engine, req, job.prompt, job.params, job.arrival)
+            self.metrics.pickup.observe(max(0.0, time.time() - job.arrival))
+        except InvalidRequestError as e:
+            self.outcomes.error(req.id, job.entry_ids, e.code, e.message, req.metadata, job.span)
+            return
+        except Exception as e:  # the engine refused in an unexpected way: answer, keep serving
+            job.log.exception("admission_failed")
+            self.outcomes.failed(req.id, job.entry_ids, "admission", e, job.span)
+            return
         self.running.start(InFlight(
             request=req,
-            entry_ids=list(entry_ids),
-            arrival=arrival,
-            samples=params.num_samples,
-            span=span,
-            log=log,
+            entry_ids=job.entry_ids,
+            arrival=job.arrival,
+            samples=job.params.num_samples,
+            span=job.span,
+            log=job.log,
         ))
-        log.debug("request_started", entry_id=entry_id, deliveries=deliveries, priority=req.priority)
+
+    def follow_compiles(self) -> None:
+        """Start the entries whose grammar is compiled; answer those whose compile failed or timed out."""
+        if not self.compiling:
+            return
+        engine = self.engine()
+        for rid, job in list(self.compiling.items()):
+            if engine.structured_ready(job.params):
+                del self.compiling[rid]
+                self._enter(engine, job)
+
+    def cancel_compiling(self, rid: str) -> bool:
+        """A cancel for an entry still compiling: answered ``cancelled`` here. False if none compiles."""
+        job = self.compiling.pop(rid, None)
+        if job is None:
+            return False
+        self.outcomes.before_start(job.request, job.entry_ids, job.arrival, "cancelled", job.params, job.span,
+                                   job.log)
+        return True
 
     def _process_span(
         self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, arrival: float, model: str

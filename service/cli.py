@@ -28,6 +28,7 @@ _BENCH_TARGETS = {
     "sharing": "pagedserve.bench.sharing:sharing_command",
     "kernels": "pagedserve.bench.kernels:kernels_command",
     "service": "pagedserve.bench.service:service_command",
+    "structured": "pagedserve.bench.structured:structured_command",
 }
 
 
@@ -225,6 +226,27 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _structured_outputs(json_schema: str | None, choice: str | None, regex: str | None) -> dict | None:
+    """``params.structured_outputs`` from ``submit``'s options (at most one of them), or None."""
+    given = [name for name, v in (("--json-schema", json_schema), ("--choice", choice), ("--regex", regex))
+             if v is not None]
+    if len(given) > 1:
+        _fail(f"error: give one of --json-schema, --choice, --regex (got {', '.join(given)})", 2)
+    if json_schema is not None:
+        import json
+        from pathlib import Path
+
+        try:
+            return {"json": json.loads(Path(json_schema).read_text(encoding="utf-8"))}
+        except (OSError, ValueError) as e:
+            _fail(f"error: --json-schema {json_schema}: {e}", 2)
+    if choice is not None:
+        return {"choice": [c.strip() for c in choice.split(",") if c.strip()]}
+    if regex is not None:
+        return {"regex": regex}
+    return None
+
+
 @app.command()
 def submit(
     prompt: str = typer.Argument(..., help="The prompt text."),
@@ -232,6 +254,10 @@ def submit(
     temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
     n: int = typer.Option(1, "--n", help="Number of outputs."),
     beam_width: int = typer.Option(0, "--beam-width", help="> 0: beam search."),
+    json_schema: Optional[str] = typer.Option(
+        None, "--json-schema", help="FILE: the output is JSON that validates against this JSON Schema."),
+    choice: Optional[str] = typer.Option(None, "--choice", help="a,b,c: the output is one of these."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="The output matches this regular expression."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Only print the final result."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the result."),
     pickup_timeout: float = typer.Option(
@@ -251,6 +277,9 @@ def submit(
     params = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
     if beam_width:
         params["beam_width"] = beam_width
+    structured = _structured_outputs(json_schema, choice, regex)
+    if structured is not None:
+        params["structured_outputs"] = structured
     try:
         client = Client(settings=_settings())
         final = None

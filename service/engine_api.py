@@ -37,6 +37,8 @@ class EngineAPI(Protocol):
 
     def has_unfinished_requests(self) -> bool: ...
 
+    def structured_ready(self, params: Any) -> bool: ...  # add_request would not wait for a grammar compile
+
     def stats(self) -> dict: ...
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
 from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
     MAX_INT_DIGITS,
@@ -111,6 +111,32 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StructuredOutputsModel(BaseModel):
+    """``params.structured_outputs``: the output must match a JSON Schema, any JSON object, a regex, one of a
+    list of strings, or a grammar (Lark or GBNF); exactly one of those five, plus whitespace options for the
+    JSON kinds (vLLM's names). Shapes are checked here; the rest (exactly one kind, whether it compiles) by the
+    engine, answered ``invalid_request`` naming ``params.structured_outputs`` before the request runs.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json",
+                                                    description="A JSON Schema (object, or its JSON text).")
+    json_object: bool | None = Field(None, description="true: any JSON object.")
+    regex: str | None = Field(None, description="The whole output matches this regular expression.")
+    choice: list[str] | None = Field(None, description="The output is one of these strings.")
+    grammar: str | None = Field(None, description="A Lark (or llama.cpp GBNF) grammar.")
+    disable_any_whitespace: bool | None = Field(None, description="JSON kinds: compact JSON, no whitespace.")
+    whitespace_pattern: str | None = Field(
+        None, description="JSON kinds: a regex each run of whitespace between JSON tokens matches.")
+
+    @model_serializer(mode="wrap")
+    def _wire_names(self, handler):  # "json" on the wire (a field named json would shadow BaseModel.json)
+        data = handler(self)
+        if "json_schema" in data:
+            data["json"] = data.pop("json_schema")
+        return data
+
+
 class SamplingParamsModel(BaseModel):
     """``SamplingParams`` fields as they travel on the wire; all optional (engine defaults apply).
 
@@ -137,6 +163,7 @@ class SamplingParamsModel(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logprobs: Int64 | None = None
+    structured_outputs: StructuredOutputsModel | None = None
 
     def to_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

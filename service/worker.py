@@ -195,7 +195,7 @@ class Worker(WorkerPart):
         conn = self.conn
         if conn.usable():
             try:
-                self._redis_phase(block=not busy and not self.publisher.pending())
+                self._redis_phase(block=not busy and not self.publisher.pending() and not self.admission.compiling)
             except REDIS_DOWN + REDIS_REFUSED as e:
                 conn.failed(e)
             except redis.ResponseError as e:
@@ -207,6 +207,7 @@ class Worker(WorkerPart):
                     time.sleep(0.05)
         elif not busy:
             time.sleep(max(0.0, min(0.05, conn.backoff.next_try - time.monotonic())))
+        self.admission.follow_compiles()
         if self.engine.has_unfinished_requests():
             busy = True
             t = time.perf_counter()
@@ -231,7 +232,8 @@ class Worker(WorkerPart):
         if self.publisher.pending():
             self.metrics.redis_ops.inc(self.publisher.flush(self.r))
         for rid in self.intake.cancels():
-            self.running.cancel(rid)
+            if not self.admission.cancel_compiling(rid):
+                self.running.cancel(rid)
         self.running.lose(self.leases.take_lost())
         self.admission.follow_claims()
         if not self._stop.is_set():

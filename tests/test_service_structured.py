@@ -1,0 +1,136 @@
+"""Structured outputs over the wire: real Redis, a real worker loop on the built-in model (CPU).
+
+Invariants checked on Redis state: every id ends with exactly one stored terminal result; a refused spec is an
+``invalid_request`` naming ``params.structured_outputs`` and an innocent request beside it ends ``done``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import DoneEvent, ErrorEvent, parse_request
+from service_fixtures import make_settings, running_worker
+from structured_schemas import SCHEMAS
+
+SCHEMA = SCHEMAS["sentiment"]
+
+
+@pytest.fixture
+def setup(redis_url, prefix, shared_engine):
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        yield s, w, c
+
+
+def _one_result(c: Client, rid: str):
+    """The id's stored terminal event (exactly one key holds it)."""
+    stored = c.result(rid)
+    assert stored is not None, f"{rid} has no stored result"
+    return stored
+
+
+def test_round_trip_json_regex_choice(setup):
+    s, w, c = setup
+    specs = {
+        "json": {"json": SCHEMA, "disable_any_whitespace": True},
+        "json-text": {"json": json.dumps(SCHEMA)},
+        "regex": {"regex": r"[a-z]{2,5}-[0-9]{2}"},
+        "choice": {"choice": ["red", "green", "blue"]},
+    }
+    ids = {name: c.submit("Label this: great!", params={"max_tokens": 200, "temperature": 0.8, "seed": 5,
+                                                          "structured_outputs": spec})
+           for name, spec in specs.items()}
+    free = c.submit("free text", params={"max_tokens": 8, "temperature": 0.0})
+    for name, rid in ids.items():
+        done = c.wait(rid, timeout=120)
+        assert isinstance(done, DoneEvent), done
+        assert isinstance(_one_result(c, rid), DoneEvent)
+        out = done.outputs[0]
+        assert out.finish_reason == "stop", (name, out.text)
+        if name.startswith("json"):
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+        elif name == "regex":
+            assert re.fullmatch(specs["regex"]["regex"], out.text), out.text
+        else:
+            assert out.text in specs["choice"]["choice"]
+    assert isinstance(c.wait(free, timeout=60), DoneEvent)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"json": {"type": "object", "properties": {"a": {"type": "integr"}}}}, "params.structured_outputs json is not"),
+    ({"regex": "(unclosed"}, "params.structured_outputs regex does not compile"),
+    ({"grammar": "start: nowhere"}, "params.structured_outputs grammar does not compile"),
+    ({"regex": "a", "choice": ["a"]}, "params.structured_outputs must set exactly one of"),
+    ({"choice": "a,b"}, "params.structured_outputs.choice"),
+    ({"jsn": {}}, "params.structured_outputs.jsn"),
+])
+def test_unusable_spec_is_invalid_request_naming_the_field(setup, spec, words):
+    s, w, c = setup
+    bad = _raw_submit(s, spec)
+    innocent = c.submit("innocent", params={"max_tokens": 4, "temperature": 0.0})
+    err = c.wait(bad, timeout=60)
+    assert isinstance(err, ErrorEvent), err
+    assert err.error.code == "invalid_request"
+    assert err.error.message.startswith(words), err.error.message
+    assert isinstance(_one_result(c, bad), ErrorEvent)
+    assert isinstance(c.wait(innocent, timeout=60), DoneEvent)
+
+
+def _raw_submit(s, spec: dict) -> str:
+    """XADD the body by hand: the client refuses some of these shapes itself, and the worker must answer them."""
+    import uuid
+
+    import redis
+
+    rid = f"bad-{uuid.uuid4().hex[:8]}"
+    body = json.dumps({"id": rid, "prompt": "x", "params": {"max_tokens": 8, "structured_outputs": spec}})
+    with redis.Redis.from_url(s.redis_url) as r:
+        r.xadd(f"{s.prefix}:requests", {"body": body})
+    return rid
+
+
+def test_wire_model_carries_the_field():
+    req = parse_request(json.dumps({"id": "a", "prompt": "x", "params": {"structured_outputs": {
+        "json": {"type": "object"}, "disable_any_whitespace": True}}}), 1 << 20)
+    assert req.params.to_kwargs() == {"structured_outputs": {"json": {"type": "object"},
+                                                             "disable_any_whitespace": True}}
+
+
+def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``pagedserve submit`` in a subprocess (its stdout is the output alone)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", *args], env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_submit_options(redis_url, prefix, shared_engine, tmp_path):
+    s = make_settings(redis_url, prefix)
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    # A top-level string: no whitespace around it (submit writes control characters such as \r as escapes, so
+    # a whitespace-padded object would not parse back; the Client test above covers objects).
+    schema = SCHEMAS["enum_string"]
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(schema))
+    with running_worker(s, shared_engine):
+        res = _submit(env, "Label it", "--max-tokens", "300", "--temperature", "0", "--json-schema",
+                      str(schema_file), "--no-stream")
+        assert res.returncode == 0, res.stderr
+        jsonschema.validate(json.loads(res.stdout), schema)
+        res = _submit(env, "Pick", "--choice", "yes,no", "--no-stream")
+        assert res.returncode == 0 and res.stdout.strip() in ("yes", "no"), res.stdout + res.stderr
+        res = _submit(env, "Code", "--regex", "[A-Z]{3}", "--max-tokens", "8")  # streamed
+        assert res.returncode == 0 and re.fullmatch("[A-Z]{3}", res.stdout.strip()), res.stdout + res.stderr
+    res = _submit(env, "x", "--choice", "a,b", "--regex", "a")
+    assert res.returncode == 2 and "give one of --json-schema, --choice, --regex" in res.stderr, res.stderr
+    (tmp_path / "bad.json").write_text("{not json")
+    res = _submit(env, "x", "--json-schema", str(tmp_path / "bad.json"))
+    assert res.returncode == 2 and "--json-schema" in res.stderr, res.stderr
