@@ -48,10 +48,20 @@ class _EngineCollector:
             ("pagedserve_preemptions", "num_preemptions", "Sequence-group preemptions"),
             ("pagedserve_swapped_out_blocks", "num_swapped_out_blocks", "KV blocks swapped out to CPU"),
             ("pagedserve_prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+            ("pagedserve_structured_compiles", "structured_compiles", "Grammar compiles (structured outputs)"),
+            ("pagedserve_structured_compile_seconds", "structured_compile_seconds_total", "Seconds compiling grammars"),
+            ("pagedserve_structured_mask_seconds", "structured_mask_seconds_total", "Seconds filling grammar masks"),
+            ("pagedserve_structured_mask_rows", "structured_mask_rows", "Grammar masks filled (one per token)"),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key, 0) or 0))
             yield c
+        kinds = CounterMetricFamily("pagedserve_structured_requests", "Requests with structured outputs, by kind",
+                                    labels=["kind"])
+        for key, value in s.items():
+            if key.startswith("structured_requests_"):
+                kinds.add_metric([key.removeprefix("structured_requests_")], float(value))
+        yield kinds
 
 
 class WorkerMetrics:

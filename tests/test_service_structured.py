@@ -17,7 +17,7 @@ import pytest
 
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, ErrorEvent, parse_request
-from service_fixtures import make_settings, running_worker
+from service_fixtures import make_settings, metric_samples, running_worker, wait_for
 from structured_schemas import SCHEMAS
 
 SCHEMA = SCHEMAS["sentiment"]
@@ -62,6 +62,9 @@ def test_round_trip_json_regex_choice(setup):
         else:
             assert out.text in specs["choice"]["choice"]
     assert isinstance(c.wait(free, timeout=60), DoneEvent)
+    wait_for(lambda: metric_samples(w, "pagedserve_structured_requests_total").get((("kind", "json"),), 0) >= 2,
+             30, what="structured requests counted")
+    assert metric_samples(w, "pagedserve_structured_mask_rows_total")[()] > 0
 
 
 @pytest.mark.parametrize("spec, words", [
