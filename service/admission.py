@@ -440,6 +440,7 @@ class Admission(WorkerPart):
             ("gen_ai.request.top_k", p.top_k),
             ("gen_ai.request.seed", p.seed),
             ("gen_ai.request.choice.count", p.n),
+            ("pagedserve.request.structured_outputs", p.structured_outputs.kind if p.structured_outputs else None),
         ):
             if value is not None:
                 span.set_attribute(attr, value)

@@ -129,6 +129,13 @@ class StructuredOutputsModel(BaseModel):
     whitespace_pattern: str | None = Field(
         None, description="JSON kinds: a regex each run of whitespace between JSON tokens matches.")
 
+    @property
+    def kind(self) -> str | None:
+        """The kind asked for (the first one set; the engine refuses more than one)."""
+        given = {"json": self.json_schema, "json_object": self.json_object, "regex": self.regex,
+                 "choice": self.choice, "grammar": self.grammar}
+        return next((k for k, v in given.items() if v is not None), None)
+
     @model_serializer(mode="wrap")
     def _wire_names(self, handler):  # "json" on the wire (a field named json would shadow BaseModel.json)
         data = handler(self)

@@ -105,6 +105,7 @@ def test_wire_model_carries_the_field():
         "json": {"type": "object"}, "disable_any_whitespace": True}}}), 1 << 20)
     assert req.params.to_kwargs() == {"structured_outputs": {"json": {"type": "object"},
                                                              "disable_any_whitespace": True}}
+    assert req.params.structured_outputs.kind == "json"  # the span attribute pagedserve.request.structured_outputs
 
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
