@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,8 @@ class Connection(WorkerPart):
             self._acquire_name()
         self.close_pubsub()
         self.pubsub = r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub_on_connect = self._on_pubsub_reconnect()  # redis-py holds the callback weakly: keep it
+        self.pubsub.on_connect = types.MethodType(self._pubsub_on_connect, self.pubsub)
         self.pubsub.subscribe(self.keys.cancel)
         if not self.ok and self.backoff.delay:
             self.log.info("redis_reconnected", buffered=self.publisher.buffered())
@@ -150,6 +153,17 @@ class Connection(WorkerPart):
             self.leases.start()
             self._leases_started = True
         self.leases.renew_now()  # at once: our leases may have aged during the outage
+
+    def _on_pubsub_reconnect(self):
+        # redis-py reconnects a broken subscription by itself (and subscribes again) inside get_message, without
+        # an error reaching the loop: cancels published while it was away are gone. Count it as a reconnect, so
+        # the intake re-checks the cancelled keys of running ids (and drains orphaned own entries).
+        def on_connect(pubsub, connection) -> None:
+            type(pubsub).on_connect(pubsub, connection)
+            self.generation += 1
+            self.log.info("cancel_subscription_reconnected")
+
+        return on_connect
 
     def _acquire_name(self) -> None:
         # A restarted worker (same name) waits for its predecessor's lease to lapse; a second live worker with

@@ -322,14 +322,14 @@ def check_invariants(
             else:
                 out.append(Violation("no_result", f"{what}: no result", "item 2: wedged"))
             continue
-        out.extend(_check_result(s, res, what))
+        out.extend(_check_result(s, res, what, disturbed.get(s.request_id or "")))
 
     if recorder is not None:
         out.extend(_check_one_run(submissions, raw_results, results, recorder, disturbed, entries_per_id))
     return out
 
 
-def _check_result(s: Submission, res, what: str) -> list[Violation]:
+def _check_result(s: Submission, res, what: str, disturbed: str | None = None) -> list[Violation]:
     out: list[Violation] = []
     if res.type == "error":
         e = res.error
@@ -356,7 +356,12 @@ def _check_result(s: Submission, res, what: str) -> list[Violation]:
     max_tokens = s.params.get("max_tokens", 16)
     for o in res.outputs:
         if s.cancelled_at is not None:
-            if o.finish_reason != "cancelled":
+            # A cancel reaches a request that still runs when its worker hears it (at once, or after the worker
+            # reconnects). One whose run ended before the cancel was accepted, or while the worker was cut off by
+            # a Redis restart, keeps its result: the cancel raced a finished request (its result was on its way).
+            ended_at = int(s.entry_id.split("-")[0]) / 1000 + (res.metrics.e2e_ms or 0) / 1000
+            raced = ended_at <= s.cancelled_at or (disturbed or "").startswith("pending while Redis restarted")
+            if o.finish_reason != "cancelled" and not raced:
                 out.append(Violation("cancel_lost", f"{what}: cancel accepted before any result, yet output "
                                      f"{o.index} finished {o.finish_reason} with {len(o.token_ids)} tokens",
                                      "item 11: a cancel lost around an outage or a reclaim"))
