@@ -38,6 +38,7 @@ import redis
 from .admission import Admission
 from .claims import Claims
 from .connection import REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
+from .redaction import redact
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .health import HealthServer, Progress
@@ -196,8 +197,15 @@ class Worker(WorkerPart):
         if conn.usable():
             try:
                 self._redis_phase(block=not busy and not self.publisher.pending() and not self.admission.compiling)
-            except REDIS_DOWN + REDIS_REFUSED as e:
+            except REDIS_DOWN as e:
                 conn.failed(e)
+            except REDIS_REFUSED as e:
+                if conn.needs_setup:
+                    conn.failed(e)  # cannot set up (group, name lease): back off as in an outage, never exit
+                else:
+                    # A refusal of one write while set up: the publisher keeps refused ops and retries them.
+                    self.log.error("redis_error", error=redact(str(e)))
+                    time.sleep(0.05)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):
                     conn.needs_setup = True  # the stream or the group vanished (Redis lost its data)

@@ -70,11 +70,12 @@ def test_refused_result_writes_are_retried_and_never_acked(tmp_path, prefix):
             w.wait_started()
             tokens = r.pubsub(ignore_subscribe_messages=True)
             tokens.psubscribe(f"{keys.prefix}:out:*")
-            entries = {f"oom-{i}": submit(r, keys, f"oom-{i}", max_tokens=64 + 16 * i) for i in range(6)}
+            entries = {f"oom-{i}": submit(r, keys, f"oom-{i}", max_tokens=1200 + 100 * i) for i in range(6)}
             running: set[str] = set()
 
             def all_running() -> bool:
-                while (m := tokens.get_message(timeout=0.05)) is not None:
+                # Stop reading as soon as every id was seen: token events keep coming until the requests end.
+                while not running >= set(entries) and (m := tokens.get_message(timeout=0.05)) is not None:
                     running.add(m["channel"].decode().rsplit(":", 1)[-1])
                 return running >= set(entries)
 
