@@ -1,5 +1,9 @@
 """The step-level engine: add requests, run steps, get outputs. ``LLM`` (pagedserve.engine.llm) drives it offline; the
 service drives it from Redis. It knows nothing of either.
+
+Over 400 lines on purpose: ``step()`` is where every request's failure is caught and kept its own (sampling, beam
+scoring, structured-output masks, detokenization, stop checks); the pieces it calls live in their own modules
+(scheduler, sampler, beam_search, structured, outputs), and what remains is the one place that orders them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Admission: from stream entries to requests running in the engine, or to their answer without running.
 
+Over 400 lines on purpose: the steps below are one ordered pipeline (the first that matches wins), and the order is
+the guarantee; split across modules it could no longer be read, or reviewed, top to bottom.
+
 :meth:`Admission.admit` takes a batch of entries and, for each, in this order (the first matching step wins,
 so a stored result always beats a later check, as the contract's "answered from it" requires):
 1. parse it: unusable -> dead letter; a valid id with bad content -> ``error`` (``invalid_request``);

@@ -1,4 +1,6 @@
-"""The wire protocol (contract §2): Redis names and a pydantic model for every message.
+"""The wire protocol: Redis names and a pydantic model for every message.
+
+Over 400 lines on purpose: every message of the wire is here, so the published JSON Schemas have one source.
 
 The models are the single source of truth for both validation and the published JSON Schemas
 (``docs/schemas/*.json``, regenerated with ``python -m pagedserve.service.protocol docs/schemas``).
