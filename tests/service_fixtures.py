@@ -118,6 +118,18 @@ def metric_samples(worker: Worker, name: str) -> dict[tuple, float]:
     return out
 
 
+def stored_results(r: redis.Redis, keys, ids) -> dict:
+    """request id -> its stored terminal event (DoneEvent / ErrorEvent), for the ids that have one."""
+    from pagedserve.service.protocol import parse_terminal
+
+    out = {}
+    for rid in ids:
+        raw = r.get(keys.result(rid))
+        if raw is not None:
+            out[rid] = parse_terminal(raw)
+    return out
+
+
 def worker_env(settings: Settings, **extra) -> dict:
     env = dict(os.environ)
     for name, value in settings.model_dump().items():

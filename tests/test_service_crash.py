@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from pagedserve.service.client import Client
-from pagedserve.service.protocol import DoneEvent, Keys, parse_event, parse_terminal
+from pagedserve.service.protocol import DoneEvent, Keys, parse_event
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import WorkerProcess, make_settings, running_worker, wait_for
+from service_fixtures import WorkerProcess, make_settings, running_worker, wait_for, stored_results
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +53,6 @@ def _pending(r: redis.Redis, keys: Keys) -> int:
         return 0
 
 
-def _results(r: redis.Redis, keys: Keys, ids):
-    out = {}
-    for rid in ids:
-        raw = r.get(keys.result(rid))
-        if raw is not None:
-            out[rid] = parse_terminal(raw)
-    return out
-
-
 def test_sigkill_mid_generation_then_another_worker_completes_everything(redis_url, prefix, tmp_path):
     s = make_settings(redis_url, prefix, claim_idle_ms=1500, log_level="DEBUG")
     keys = Keys(prefix)
@@ -79,11 +70,11 @@ def test_sigkill_mid_generation_then_another_worker_completes_everything(redis_u
         wait_for(lambda: _pending(r, keys) == n, 60, what="all delivered")
         wait_for(lambda: sum(rec.tokens.values()) >= n, 60, what="tokens streaming")
         w1.kill()
-        done_before = len(_results(r, keys, ids))
+        done_before = len(stored_results(r, keys, ids))
         assert done_before < n, "the kill came too late to test anything"
         w2 = WorkerProcess(s.model_copy(update={"worker_name": "crash-b"}), tmp_path / "b.log").start()
-        wait_for(lambda: len(_results(r, keys, ids)) == n, 180, 0.1, "all results")
-        res = _results(r, keys, ids)
+        wait_for(lambda: len(stored_results(r, keys, ids)) == n, 180, 0.1, "all results")
+        res = stored_results(r, keys, ids)
         for rid in ids:
             assert isinstance(res[rid], DoneEvent), res[rid]
             assert len(res[rid].outputs[0].token_ids) == max_tokens
@@ -125,10 +116,10 @@ def test_restart_with_same_name_drains_own_pending_and_sigterm_releases(redis_ur
         assert len(drain) == 1 and isinstance(drain[0]["in_flight"], int) and drain[0]["grace_period_s"] == 0.5
         assert names.index("drain_started") < names.index("worker_stopped")
         stopped = [e for e in w2.events() if e.get("event") == "worker_stopped"]
-        assert stopped and stopped[0]["released"] + len(_results(r, keys, ids)) >= 6
+        assert stopped and stopped[0]["released"] + len(stored_results(r, keys, ids)) >= 6
         w3 = WorkerProcess(s.model_copy(update={"worker_name": "other"}), tmp_path / "3.log").start()
-        wait_for(lambda: len(_results(r, keys, ids)) == 6, 180, 0.1, "all results")
-        assert all(len(v.outputs[0].token_ids) == 200 for v in _results(r, keys, ids).values())
+        wait_for(lambda: len(stored_results(r, keys, ids)) == 6, 180, 0.1, "all results")
+        assert all(len(v.outputs[0].token_ids) == 200 for v in stored_results(r, keys, ids).values())
     finally:
         for p in (w, w2, w3):
             if p:
@@ -150,7 +141,7 @@ def test_two_live_workers_never_run_the_same_request(redis_url, prefix, tmp_path
         b.wait_started()
         c = Client(settings=s)
         ids = [c.submit(f"p{i}", params={"max_tokens": 60 + i, "ignore_eos": True}) for i in range(30)]
-        wait_for(lambda: len(_results(r, keys, ids)) == len(ids), 240, 0.1, "all results")
+        wait_for(lambda: len(stored_results(r, keys, ids)) == len(ids), 240, 0.1, "all results")
         time.sleep(0.5)
         started = {}
         for p in (a, b):

@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 import redis
 
-from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys, parse_terminal
+from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import WorkerProcess, make_settings, wait_for
+from service_fixtures import WorkerProcess, make_settings, wait_for, stored_results
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,6 @@ def pending_ids(r: redis.Redis, keys: Keys) -> dict[str, tuple[str, int]]:
     return {row["message_id"].decode(): (row["consumer"].decode(), row["times_delivered"]) for row in rows}
 
 
-def results(r: redis.Redis, keys: Keys, ids) -> dict:
-    out = {}
-    for rid in ids:
-        raw = r.get(keys.result(rid))
-        if raw is not None:
-            out[rid] = parse_terminal(raw)
-    return out
-
-
 def scrape(w: WorkerProcess, name: str) -> float:
     """Sum of the samples ``name`` on the worker's /metrics endpoint."""
     port = next(e["metrics_port"] for e in w.events() if e.get("event") == "worker_started")
@@ -53,7 +44,7 @@ def assert_no_ack_without_result(r: redis.Redis, keys: Keys, entries: dict[str, 
     # The pending list is read BEFORE the results: an entry missing from it was acked earlier, so its result
     # (stored in the same script, before the ack) must be visible now.
     pend = pending_ids(r, keys)
-    stored = results(r, keys, entries)
+    stored = stored_results(r, keys, entries)
     for rid, eid in entries.items():
         assert eid in pend or rid in stored, f"{rid} ({eid}) acknowledged without a stored result"
 
@@ -90,13 +81,13 @@ def test_refused_result_writes_are_retried_and_never_acked(tmp_path, prefix):
                 wait_for(lambda: scrape(w, "pagedserve_redis_write_refusals_total") >= 1, 60, 0.1, "refusals")
                 assert_no_ack_without_result(r, keys, entries)
                 # No result can be stored under OOM: what has none (at least the refused ones) is still pending.
-                unanswered = {eid for rid, eid in entries.items() if rid not in results(r, keys, entries)}
+                unanswered = {eid for rid, eid in entries.items() if rid not in stored_results(r, keys, entries)}
                 assert unanswered and set(pending_ids(r, keys)) == unanswered
             finally:
                 r.config_set("maxmemory", 0)
-            wait_for(lambda: len(results(r, keys, entries)) == 6 and not pending_ids(r, keys), 60, 0.1, "results")
+            wait_for(lambda: len(stored_results(r, keys, entries)) == 6 and not pending_ids(r, keys), 60, 0.1, "results")
             assert_no_ack_without_result(r, keys, entries)
-            got = results(r, keys, entries)
+            got = stored_results(r, keys, entries)
             assert all(isinstance(ev, DoneEvent) and ev.outputs[0].finish_reason == "length" for ev in got.values())
             assert r.xlen(keys.requests) == 0 and r.xlen(keys.dead) == 0
             assert w.proc.poll() is None
@@ -129,9 +120,9 @@ def test_restart_under_the_same_name_counts_one_delivery_and_one_dead_letter(tmp
             assert pending_ids(r, keys)[over] == ("same", 2)
             second = WorkerProcess(s, tmp_path / "2.log").start()
             second.wait_started()
-            wait_for(lambda: "ran-once" in results(r, keys, ["ran-once"]) and not pending_ids(r, keys), 240, 0.1,
+            wait_for(lambda: "ran-once" in stored_results(r, keys, ["ran-once"]) and not pending_ids(r, keys), 240, 0.1,
                      "ran-once done, nothing pending")
-            done = results(r, keys, ["ran-once", "over-limit"])
+            done = stored_results(r, keys, ["ran-once", "over-limit"])
             assert isinstance(done["ran-once"], DoneEvent) and done["ran-once"].outputs[0].finish_reason == "length"
             assert "over-limit" not in done
             letters = [DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead)]
@@ -162,13 +153,13 @@ def test_acl_denying_the_ack_inside_the_script_leaves_entries_pending_with_their
             try:
                 entries = {f"acl-{i}": submit(admin, keys, f"acl-{i}", max_tokens=8 + 4 * i) for i in range(4)}
                 wait_for(lambda: scrape(w, "pagedserve_redis_write_refusals_total") >= 4
-                         and len(results(admin, keys, entries)) == 4, 120, 0.1, "results stored, acks refused")
+                         and len(stored_results(admin, keys, entries)) == 4, 120, 0.1, "results stored, acks refused")
                 assert_no_ack_without_result(admin, keys, entries)
                 assert set(pending_ids(admin, keys)) == set(entries.values())
             finally:
                 admin.execute_command("ACL", "SETUSER", user, "+xack")
             wait_for(lambda: not pending_ids(admin, keys), 60, 0.1, "all acked")
-            got = results(admin, keys, entries)
+            got = stored_results(admin, keys, entries)
             assert set(got) == set(entries) and all(isinstance(ev, DoneEvent) for ev in got.values())
             assert admin.xlen(keys.requests) == 0 and admin.xlen(keys.dead) == 0
             assert w.proc.poll() is None
