@@ -186,6 +186,10 @@ def test_stop_finishes_in_flight_work_within_grace_period(redis_url, prefix, sha
             rid = c.submit("graceful", params={"max_tokens": 60, "ignore_eos": True})
             wait_for(lambda: rid in w.running.table, 30, what="running")
             w.request_stop()
+            # Let an iteration that was already reading when the stop came finish: only later ones must not read.
+            for _ in range(2):
+                beat = w.heartbeat
+                wait_for(lambda: w.heartbeat != beat or w.stopped.is_set(), 30, what="a loop iteration")
             late = c.submit("too late", params={"max_tokens": 2})  # a stopping worker reads nothing new
             assert not w.stopped.is_set() or rid not in w.running.table
             assert w.stopped.wait(60)
