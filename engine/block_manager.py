@@ -173,12 +173,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        while len(seq.block_hashes) < num_full:
-            i = len(seq.block_hashes)
+        while seq.num_registered_blocks < num_full:
+            i = seq.num_registered_blocks
             h = self._token_block_hash(seq, i)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.token_block_hashes[i - 1] if i else None
             self.gpu.register(self.gpu.blocks[seq.block_table[i]], h, parent, self._chunk(seq, i))
-            seq.block_hashes.append(h)
+            seq.num_registered_blocks += 1
 
     # ------------------------------------------------------------------ allocation
     def _needs_cow(self, seq: Sequence) -> bool:
@@ -207,7 +207,7 @@ class BlockManager:
                 seq.block_table.append(block.block_id)
             num_hit = len(cached) * self.block_size
             seq.num_computed_tokens = num_hit
-            seq.block_hashes = [b.hash for b in cached]
+            seq.num_registered_blocks = len(cached)
             self.prefix_hit_tokens += num_hit
         if seq.private_copy_pending:
             for i, block_id in enumerate(seq.block_table):
@@ -218,7 +218,7 @@ class BlockManager:
                     self.gpu.release(old)
                     seq.block_table[i] = new.block_id
             seq.private_copy_pending = False
-            seq.block_hashes = []
+            seq.num_registered_blocks = 0
         if self._needs_cow(seq):
             last = seq.num_computed_tokens // self.block_size
             old = self.gpu.blocks[seq.block_table[last]]
@@ -259,7 +259,7 @@ class BlockManager:
             self.gpu.acquire(self.gpu.blocks[block_id])
             seq.block_table.append(block_id)
         seq.num_computed_tokens = num_blocks * self.block_size
-        seq.block_hashes = list(sibling.block_hashes[:num_blocks])
+        seq.num_registered_blocks = min(num_blocks, sibling.num_registered_blocks)
         return seq.num_computed_tokens
 
     def free(self, seq: Sequence) -> None:
@@ -268,7 +268,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             pool.release(pool.blocks[block_id])
         seq.block_table = []
-        seq.block_hashes = []
+        seq.num_registered_blocks = 0
 
     def free_cpu(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -289,7 +289,7 @@ class BlockManager:
         self.swap_out_map.extend(mapping.items())
         self.num_swapped_out_blocks += len(mapping)
         for seq in seqs:
-            seq.block_hashes = []
+            seq.num_registered_blocks = 0
 
     def swap_in_cost(self, seqs: list[Sequence]) -> int:
         """Device blocks that swapping ``seqs`` in and then running them to their last token can take at most:

@@ -288,7 +288,7 @@ class LLMEngine:
         return results
 
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
-                   failed: dict[str, str]) -> None:
+                   failed: dict[str, tuple[Request, str]]) -> None:
         """Structured outputs: in place, each constrained row keeps only the tokens its grammar allows next
         (filled on the CPU while a CUDA device may still run the forward, applied on the logits' device)."""
         rows = [r for r, s in enumerate(seqs) if s.matcher is not None and owners[r].request_id not in failed]
@@ -318,13 +318,17 @@ class LLMEngine:
     def _fail(self, req: Request, error: str) -> RequestOutput:
         """End ``req`` with ``error``, whatever state it was left in: every block it holds is freed. Idempotent."""
         log.warning("request %s ended with an error: %s", req.request_id, error)
-        self.scheduler.release(req)
         req.pending_logits.clear()
+        self._release(req)
+        return error_output(req, error)
+
+    def _release(self, req: Request) -> None:
+        """``req`` leaves the engine: its blocks, its place in the scheduler and its sequences' owner entries."""
+        self.scheduler.release(req)
+        req.metrics["finished_time"] = time.time()
         self.requests.pop(req.request_id, None)
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
-        req.metrics["finished_time"] = time.time()
-        return error_output(req, error)
 
     def _expand_forks(self, sample_seqs: list[Sequence],
                       failed: dict[str, tuple[Request, str]]) -> tuple[list[int], list[Sequence]]:
@@ -378,6 +382,7 @@ class LLMEngine:
             self.block_manager.free(beam)
             self._owner.pop(beam.seq_id, None)
         req.seqs = [child for _, child in children] if not req.beam.done else beams
+
     def _append_token(self, req: Request, seq: Sequence, res) -> None:
         p = req.params
         tok = res.token_id
@@ -410,11 +415,8 @@ class LLMEngine:
         return self._finish(req)
 
     def _finish(self, req: Request) -> RequestOutput:
-        self.scheduler.release(req)
-        req.metrics["finished_time"] = time.time()
-        self.requests.pop(req.request_id, None)
+        self._release(req)
         for seq in req.seqs:
-            self._owner.pop(seq.seq_id, None)
             seq.detok.flush()
         return build_output(req, True, self.tokenizer)
 

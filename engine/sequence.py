@@ -36,7 +36,7 @@ class Sequence:
         self.num_prompt_tokens = num_prompt_tokens
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[bytes] = []  # chain hashes of the full blocks registered in the prefix cache
+        self.num_registered_blocks = 0  # leading full blocks published in the prefix cache (their hashes below)
         # Chain hashes of the first full blocks of ``token_ids``, memoized: tokens are only ever appended.
         self.token_block_hashes: list[bytes] = []
         self.cumulative_logprob = 0.0
@@ -68,7 +68,7 @@ class Sequence:
         """A copy sharing nothing mutable; the block manager makes the block table shared."""
         child = Sequence(list(self.token_ids), self.num_prompt_tokens, index)
         child.num_computed_tokens = self.num_computed_tokens
-        child.block_hashes = list(self.block_hashes)
+        child.num_registered_blocks = self.num_registered_blocks
         child.token_block_hashes = list(self.token_block_hashes)
         child.cumulative_logprob = self.cumulative_logprob
         child.logprobs = list(self.logprobs)
