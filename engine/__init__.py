@@ -6,8 +6,9 @@ to validate requests) does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from pagedserve import _lazy_exports
 
 _EXPORTS = {
     "LLM": "pagedserve.engine.llm",
@@ -27,7 +28,4 @@ if TYPE_CHECKING:
     from pagedserve.engine.sampling_params import SamplingParams
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -12,6 +12,7 @@ blocks) and ``pagedserve.bench`` (benchmarks).
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
@@ -47,13 +48,21 @@ if TYPE_CHECKING:
     from pagedserve.service.settings import Settings
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+def _lazy_exports(module: str, exports: dict[str, str]):
+    """PEP 562 ``__getattr__`` and ``__dir__`` for ``module``: each name in ``exports`` (name -> defining module)
+    is imported on first use and then kept in the module's namespace."""
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(sys.modules[module], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[module])) | set(exports))
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
