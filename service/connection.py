@@ -46,6 +46,9 @@ REDIS_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyErr
 WORKER_ACL_COMMANDS = (
     "ping", "xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xdel", "xadd", "xlen",
     "get", "set", "exists", "del", "pexpire", "publish", "subscribe", "evalsha", "script|load",
+    # batch jobs (batch_feeder.py and its scripts)
+    "mget", "expireat", "xrange", "lrange", "lindex", "hget", "hmget", "hset", "hsetnx", "hincrby", "hdel",
+    "zrange", "zrevrange", "zadd", "zrem", "zscore",
 )
 
 

@@ -116,6 +116,19 @@ class WorkerMetrics:
             registry=r,
         )
         self.leases_lost = Counter("pagedserve_queue_leases_lost", "Own entries found claimed by another worker", registry=r)
+        # Batch jobs (batch_feeder.py): the gauges describe the whole deployment, read every queue_stats_interval_s.
+        self.batches = Gauge("pagedserve_batches", "Batches by status (the 200 newest)", ["status"], registry=r)
+        self.batch_backlog = Gauge("pagedserve_batch_backlog_lines", "Batch lines not yet taken", registry=r)
+        self.batch_lag = Gauge("pagedserve_batch_lag_seconds", "Age of the oldest batch with lines not yet taken", registry=r)
+        self.batch_lines = Counter("pagedserve_batch_lines", "Batch output lines stored by this worker", ["outcome"], registry=r)
+        self.batch_lines_fed = Counter("pagedserve_batch_lines_fed", "Batch lines this worker added to the stream", registry=r)
+        self.batch_refeeds = Counter("pagedserve_batch_refeeds", "Batch lines fed again after their request vanished", registry=r)
+
+    def set_batch_stats(self, by_status: dict[str, int], backlog: int, lag_s: float) -> None:
+        for status in ("in_progress", "cancelling", "expired", "completed", "cancelled", "failed"):
+            self.batches.labels(status).set(by_status.get(status, 0))
+        self.batch_backlog.set(backlog)
+        self.batch_lag.set(lag_s)
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,6 +36,7 @@ from typing import Any
 import redis
 
 from .admission import Admission
+from .batch_feeder import BatchFeeder
 from .claims import Claims
 from .connection import REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
 from .redaction import redact
@@ -95,6 +96,7 @@ class Worker(WorkerPart):
         self.intake = Intake(
             ctx=ctx, conn=self.conn, reclaimer=self.reclaimer, running=self.running, waiting=self.admission.waiting
         )
+        self.batches = BatchFeeder(ctx=ctx, conn=self.conn, running=self.running)
         self._last_engine_stats = 0.0
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
@@ -245,6 +247,7 @@ class Worker(WorkerPart):
         self.running.lose(self.leases.take_lost())
         self.admission.follow_claims()
         if not self._stop.is_set():
+            self.batches.tick(self.running.room())  # batch lines join the stream only when the room is there
             room = self.running.room()
             claimed = self.intake.reclaim(room) if room > 0 else []
             if claimed:

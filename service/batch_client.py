@@ -1,0 +1,199 @@
+"""Batch jobs from Python: submit a file of OpenAI batch lines, follow it, read its output, cancel, list.
+
+``submit_batch`` validates every line first (batch_format.py), stores the valid ones as ready requests and the
+invalid ones as their error output lines, then creates the batch record (batch_create.lua). From then on the
+workers run it (batch_feeder.py): the batch needs no client.
+
+The batch id is ``batch_`` + the first 32 hex digits of SHA-256 over the user's key (``key``, default empty),
+a NUL byte and the file's bytes. Submitting the same bytes with the same key again returns the existing batch
+(whatever its status) and runs nothing twice; a different key makes a new batch of the same file. Once the
+batch's retention has ended (``completion_window`` + ``PAGEDSERVE_BATCH_RETENTION_S`` after creation) its keys
+are gone and the same file makes a new batch.
+
+Every function takes a redis-py client and the deployment's prefix; :class:`~pagedserve.service.client.Client`
+wraps them as methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .batch_format import DuplicateCustomId, LineError, error_line, parse_lines
+from .batch_keys import BatchKeys, BatchScripts, request_id
+from .protocol import Keys, as_text
+
+TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
+STAGE_CHUNK = 1000  # lines per pipeline while staging a big file
+STAGE_TTL_S = 3600  # a submitter that dies while staging leaves nothing behind for longer
+_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+          "cancelling_at", "cancelled_at")
+
+
+class BatchNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"no batch {self.args[0]!r} (unknown, or its retention has ended)"
+
+
+def window_seconds(window: str) -> int:
+    """``24h``, ``30m``, ``90s``, ``2d`` -> seconds (OpenAI accepts only ``24h``; shorter ones help tests)."""
+    m = _WINDOW_RE.match(window or "")
+    if not m:
+        raise ValueError(f"completion_window: {window!r} is not a duration like 24h, 30m, 90s or 2d")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def batch_id(data: bytes, key: str = "") -> str:
+    return "batch_" + hashlib.sha256(key.encode() + b"\0" + data).hexdigest()[:32]
+
+
+def _metadata(metadata: dict | None) -> dict[str, str]:
+    md = dict(metadata or {})
+    if len(md) > 16 or any(not isinstance(k, str) or len(k) > 64 or not isinstance(v, str) or len(v) > 512
+                           for k, v in md.items()):
+        raise ValueError("metadata: at most 16 string pairs, keys up to 64 and values up to 512 characters")
+    return md
+
+
+def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str = "input.jsonl",
+                 completion_window: str = "24h", metadata: dict | None = None, key: str = "",
+                 retention_s: int = 7 * 86400) -> str:
+    """Validate and store a batch; returns its id (the existing one when this file was submitted before).
+    Raises ``ValueError`` for a problem of the whole file (no lines, a duplicate custom_id, a bad window)."""
+    window = window_seconds(completion_window)
+    md = _metadata(metadata)
+    k = BatchKeys(prefix)
+    bid = batch_id(data, key)
+    if r.exists(k.record(bid)):
+        return bid
+    now = time.time()
+    expires_at = int(now) + window
+    try:
+        lines = parse_lines(bid, data, expires_at * 1000)
+    except DuplicateCustomId as e:
+        raise ValueError(str(e)) from None
+    if not lines:
+        raise ValueError(f"{input_file_id}: no lines")
+    valid = [p for p in lines if p.request is not None]
+    invalid = [p for p in lines if p.request is None]
+    token = uuid.uuid4().hex
+    staged_lines, staged_out = k.staged(bid, token, "lines"), k.staged(bid, token, "out")
+    for start in range(0, max(len(valid), len(invalid)), STAGE_CHUNK):
+        pipe = r.pipeline(transaction=False)
+        chunk = valid[start:start + STAGE_CHUNK]
+        if chunk:
+            pipe.rpush(staged_lines, *(p.request.model_dump_json(exclude_none=True) for p in chunk))
+            pipe.expire(staged_lines, STAGE_TTL_S)
+        bad = invalid[start:start + STAGE_CHUNK]
+        if bad:
+            pipe.hset(staged_out, mapping={
+                str(p.line_no): json.dumps(error_line(bid, p.line_no, p.custom_id, "invalid_request", p.error))
+                for p in bad})
+            pipe.expire(staged_out, STAGE_TTL_S)
+        pipe.execute()
+    urls = sorted({p.url for p in valid})
+    record: dict[str, Any] = {
+        "id": bid, "object": "batch", "endpoint": ",".join(urls) or "/v1/chat/completions",
+        "input_file_id": input_file_id, "completion_window": completion_window,
+        "status": "in_progress" if valid else "completed", "created_at": int(now), "in_progress_at": int(now),
+        "expires_at": expires_at, "total": len(lines), "completed": 0, "failed": len(invalid),
+        "metadata": json.dumps(md), "cursor": 0, "lines": len(valid), "retain_until": expires_at + retention_s,
+    }
+    if not valid:
+        record.update(finalizing_at=int(now), completed_at=int(now))
+    BatchScripts(r).create(
+        keys=[k.record(bid), k.lines(bid), k.out(bid), staged_lines, staged_out, k.all, k.active],
+        args=[bid, int(now * 1000), record["retain_until"], "1" if valid else "0",
+              *(x for kv in record.items() for x in kv)])
+    return bid
+
+
+def _batch_object(raw: dict) -> dict:
+    """The record as an OpenAI Batch object (``openai.types.Batch`` validates it)."""
+    rec = {as_text(k): as_text(v) for k, v in raw.items()}
+    obj: dict[str, Any] = {
+        "id": rec["id"], "object": "batch", "endpoint": rec["endpoint"], "input_file_id": rec["input_file_id"],
+        "completion_window": rec["completion_window"], "status": rec["status"],
+        "output_file_id": None, "error_file_id": None, "errors": None,
+        "request_counts": {"total": int(rec["total"]), "completed": int(rec["completed"]),
+                           "failed": int(rec["failed"])},
+        "metadata": json.loads(rec.get("metadata") or "{}"),
+    }
+    for name in _TIMES:
+        obj[name] = int(rec[name]) if rec.get(name) else None
+    return obj
+
+
+def batch_status(r: redis.Redis, prefix: str, bid: str) -> dict:
+    """The batch as an OpenAI Batch object; :class:`BatchNotFound` when there is none."""
+    raw = r.hgetall(BatchKeys(prefix).record(bid))
+    if not raw:
+        raise BatchNotFound(bid)
+    return _batch_object(raw)
+
+
+def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5) -> dict:
+    """Wait until the batch ends (completed, expired, cancelled, failed); ``TimeoutError`` after ``timeout``."""
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = batch_status(r, prefix, bid)
+        if status["status"] in TERMINAL_STATUSES:
+            return status
+        if end is not None and time.monotonic() >= end:
+            raise TimeoutError(f"batch {bid} is still {status['status']} after {timeout}s")
+        time.sleep(poll_s)
+
+
+def batch_results(r: redis.Redis, prefix: str, bid: str) -> Iterator[dict]:
+    """The output lines stored so far, in input order (all of them once the batch has ended)."""
+    if not r.exists(BatchKeys(prefix).record(bid)):
+        raise BatchNotFound(bid)
+    lines = {int(as_text(f)): v for f, v in r.hscan_iter(BatchKeys(prefix).out(bid), count=1000)}
+    for line_no in sorted(lines):
+        yield json.loads(lines[line_no])
+
+
+def cancel_batch(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 3600) -> dict:
+    """Cancel: nothing more is taken, the running lines are cancelled (each ends with a ``batch_cancelled``
+    error line unless it finished first), the untaken ones get ``batch_cancelled`` error lines from the
+    workers. Returns the batch object (``cancelling``, or its final status when it had ended already)."""
+    k, keys = BatchKeys(prefix), Keys(prefix)
+    got = BatchScripts(r).cancel(keys=[k.record(bid), k.inflight(bid)], args=[int(time.time())])
+    if not got:
+        raise BatchNotFound(bid)
+    if len(got) > 1:
+        pipe = r.pipeline(transaction=False)
+        for index in got[1:]:
+            rid = request_id(bid, int(as_text(index)))
+            pipe.set(keys.cancelled(rid), "1", ex=result_ttl_s)  # covers a request not picked up yet
+            pipe.publish(keys.cancel, rid)
+        pipe.execute()
+    return batch_status(r, prefix, bid)
+
+
+def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
+    """The newest batches first, as Batch objects (batches whose retention ended drop out)."""
+    k = BatchKeys(prefix)
+    bids = [as_text(b) for b in r.zrevrange(k.all, 0, max(0, limit - 1))]
+    pipe = r.pipeline(transaction=False)
+    for bid in bids:
+        pipe.hgetall(k.record(bid))
+    out, gone = [], []
+    for bid, raw in zip(bids, pipe.execute() if bids else []):
+        (out.append(_batch_object(raw)) if raw else gone.append(bid))
+    if gone:
+        r.zrem(k.all, *gone)
+    return out
+
+
+__all__ = ["BatchNotFound", "LineError", "batch_id", "batch_results", "batch_status", "cancel_batch",
+           "list_batches", "submit_batch", "wait_batch", "window_seconds"]

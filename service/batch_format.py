@@ -1,0 +1,286 @@
+"""OpenAI's batch file format: input lines -> our requests, terminal events -> output lines.
+
+Input line: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}``; the
+body's fields map onto :class:`~pagedserve.service.protocol.GenerateRequest` (``messages`` / ``prompt``,
+``max_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``, ``logprobs`` / ``top_logprobs``,
+penalties, ``response_format`` -> structured outputs). A field we cannot honour is refused by name, never
+dropped silently; ``model`` and ``user`` are accepted and ``model`` is echoed in the response.
+
+Output line: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` with a
+``chat.completion`` or ``text_completion`` body (with ``usage``), an error body for a request the service
+refused, or ``response: null`` and an ``error`` for a line that never ran (invalid, cancelled, expired).
+
+Invariants: parsing is pure (no Redis, no engine); every refusal names the line's field (``body.max_tokens``);
+an output line is built from the stored terminal event and the request's own metadata alone, so any worker (or
+the client) can build it, and two builders of one line build the same content (``created`` aside).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .batch_keys import BATCH_PRIORITY, request_id
+from .protocol import DoneEvent, ErrorEvent, GenerateRequest
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+MAX_CUSTOM_ID_CHARS = 512
+# Body fields mapped one to one onto our sampling parameters.
+_SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty")
+_ACCEPTED = {"model", "user", "messages", "prompt", "max_completion_tokens", "logprobs", "top_logprobs",
+             "response_format", "stream", "best_of", "echo", *_SAME_NAME}
+_STATUS_OF_CODE = {"invalid_request": 400, "prompt_too_long": 400, "overloaded": 503, "internal": 500}
+
+
+class LineError(ValueError):
+    """A line that cannot run; the message names the field."""
+
+
+class DuplicateCustomId(LineError):
+    """Two lines share a custom_id: the whole file is refused (which line would its one output line answer?)."""
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    line_no: int  # 0-based, in the file
+    custom_id: str | None
+    url: str | None
+    request: GenerateRequest | None  # None: the line is invalid
+    error: str | None = None
+
+
+def _message_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text parts can be run
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise LineError(f"{where}[{i}]: only text content parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise LineError(f"{where}: must be a string or a list of text parts")
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise LineError("body.messages: must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise LineError(f"body.messages[{i}]: must be an object with a role")
+        out.append({"role": m["role"], "content": _message_content(m.get("content"), f"body.messages[{i}].content")})
+    return out
+
+
+def _structured(fmt: Any) -> dict | None:
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise LineError("body.response_format.type: must be text, json_object or json_schema")
+    if fmt["type"] == "json_object":
+        return {"json_object": True}
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise LineError("body.response_format.json_schema.schema: a JSON Schema object is required")
+        return {"json": spec["schema"]}
+    return None
+
+
+def _params(body: dict, chat: bool) -> dict:
+    params = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
+    for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        if isinstance(params.get(k), int) and not isinstance(params[k], bool):
+            params[k] = float(params[k])  # JSON 1 is a valid temperature
+    if body.get("max_completion_tokens") is not None:
+        params["max_tokens"] = body["max_completion_tokens"]
+    if chat:
+        if body.get("logprobs"):
+            params["logprobs"] = body.get("top_logprobs") or 0
+        elif body.get("top_logprobs") is not None:
+            raise LineError("body.top_logprobs: needs logprobs: true")
+    elif body.get("logprobs") is not None:
+        params["logprobs"] = body["logprobs"]
+    if not chat and body.get("best_of") is not None:
+        params["best_of"] = body["best_of"]
+    if body.get("response_format") is not None:
+        structured = _structured(body["response_format"])
+        if structured is not None:
+            params["structured_outputs"] = structured
+    return params
+
+
+def _check_ranges(params: dict) -> None:
+    """The engine's own range checks (its messages name the field), so a bad value fails at submit."""
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**params)
+    except (TypeError, ValueError) as e:
+        raise LineError(f"body: {e}") from None
+
+
+def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, body: dict,
+               expires_ms: int) -> GenerateRequest:
+    """The request of one valid line; raises :class:`LineError` naming the field."""
+    chat = url == "/v1/chat/completions"
+    unknown = sorted(set(body) - _ACCEPTED - ({"echo", "best_of"} if chat else set()))
+    if chat:
+        unknown += [k for k in ("echo", "best_of") if k in body]
+    if unknown:
+        raise LineError(f"body.{unknown[0]}: not supported")
+    if body.get("stream"):
+        raise LineError("body.stream: a batch line cannot stream")
+    if body.get("echo"):
+        raise LineError("body.echo: not supported")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise LineError("body.model: must be a string")
+    req: dict[str, Any] = {}
+    if chat:
+        if "prompt" in body:
+            raise LineError("body.prompt: use messages with /v1/chat/completions")
+        req["messages"] = _messages(body.get("messages"))
+    else:
+        prompt = body.get("prompt")
+        if "messages" in body:
+            raise LineError("body.messages: use prompt with /v1/completions")
+        if isinstance(prompt, str) and prompt:
+            req["prompt"] = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            req["prompt_token_ids"] = prompt
+        else:
+            raise LineError("body.prompt: must be a non-empty string or list of token ids (one prompt per line)")
+    params = _params(body, chat)
+    _check_ranges(params)
+    metadata = {"batch_id": bid, "custom_id": custom_id, "url": url, "line": line_no,
+                "model": body.get("model") or "pagedserve", "top_logprobs": params.get("logprobs") or 0}
+    try:
+        return GenerateRequest.model_validate(
+            {"id": request_id(bid, index), **req, "params": params, "stream": False, "priority": BATCH_PRIORITY,
+             "deadline_ms": expires_ms, "metadata": metadata})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise LineError(f"body.{loc}: {first['msg']}") from None
+
+
+def parse_lines(bid: str, data: bytes, expires_ms: int) -> list[ParsedLine]:
+    """Every non-blank line of a batch file, valid or not (in file order). Raises :class:`LineError` for a
+    problem of the whole file (:class:`DuplicateCustomId`)."""
+    out: list[ParsedLine] = []
+    seen: dict[str, int] = {}
+    index = 0
+    for line_no, raw in enumerate(data.splitlines()):
+        if not raw.strip():
+            continue
+        cid = url = None
+        try:
+            try:
+                obj = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise LineError(f"not a JSON object: {e}") from None
+            if not isinstance(obj, dict):
+                raise LineError("not a JSON object")
+            cid = obj.get("custom_id")
+            if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
+                cid = cid if isinstance(cid, str) else None
+                raise LineError(f"custom_id: a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters is required")
+            if cid in seen:
+                raise DuplicateCustomId(f"line {line_no + 1}: custom_id {cid!r} duplicates line {seen[cid] + 1}")
+            seen[cid] = line_no
+            if obj.get("method", "POST") != "POST":
+                raise LineError("method: must be POST")
+            url = obj.get("url")
+            if url not in ENDPOINTS:
+                raise LineError(f"url: must be one of {', '.join(ENDPOINTS)}")
+            if not isinstance(obj.get("body"), dict):
+                raise LineError("body: must be a JSON object")
+            req = to_request(bid, index, line_no, cid, url, obj["body"], expires_ms)
+            out.append(ParsedLine(line_no, cid, url, req))
+            index += 1
+        except DuplicateCustomId:
+            raise
+        except LineError as e:
+            out.append(ParsedLine(line_no, cid, url, None, f"line {line_no + 1}: {e}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output lines
+def line_id(bid: str, line_no: int) -> str:
+    return f"batch_req_{bid.removeprefix('batch_')}_{line_no}"
+
+
+def error_line(bid: str, line_no: int, custom_id: str | None, code: str, message: str) -> dict:
+    """A line that did not run (invalid, cancelled, expired, lost): no response, an error."""
+    return {"id": line_id(bid, line_no), "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+
+
+def _token(tid: int | str) -> str:
+    # The service has no tokenizer; token ids stand for tokens as vLLM's return_tokens_as_token_ids writes them.
+    return f"token_id:{tid}"
+
+
+def _chat_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int) -> dict | None:
+    if lps is None:
+        return None
+    content = []
+    for tid, d in zip(token_ids, lps):
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        content.append({"token": _token(tid), "logprob": d.get(str(tid), top[0][1] if top else 0.0), "bytes": None,
+                        "top_logprobs": [{"token": _token(t), "logprob": v, "bytes": None} for t, v in top]})
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int) -> dict | None:
+    if lps is None:
+        return None
+    return {"tokens": [_token(t) for t in token_ids],
+            "token_logprobs": [d.get(str(t), 0.0) for t, d in zip(token_ids, lps)],
+            "top_logprobs": [{_token(t): v for t, v in sorted(d.items(), key=lambda kv: -kv[1])[:k]} for d in lps],
+            "text_offset": None}
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, bool]:
+    """(line number, output line, succeeded) of a request's terminal event. ``md`` is the metadata the request
+    carried (echoed in its terminal event): the line's identity."""
+    top_logprobs = int(md.get("top_logprobs") or 0)
+    bid, line_no, cid, url = md["batch_id"], int(md["line"]), md["custom_id"], md["url"]
+    if isinstance(event, ErrorEvent):
+        body = {"error": {"message": event.error.message, "type": event.error.code, "param": None,
+                          "code": event.error.code}}
+        return line_no, {"id": line_id(bid, line_no), "custom_id": cid,
+                         "response": {"status_code": _STATUS_OF_CODE.get(event.error.code, 500),
+                                      "request_id": event.id, "body": body}, "error": None}, False
+    reasons = {o.finish_reason for o in event.outputs}
+    if "cancelled" in reasons:
+        return line_no, error_line(bid, line_no, cid, "batch_cancelled",
+                                   "The batch was cancelled before this request finished."), False
+    if "deadline" in reasons:
+        return line_no, error_line(bid, line_no, cid, "batch_expired",
+                                   "This request could not be executed before the completion window expired."), False
+    u = event.usage
+    usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+             "total_tokens": u.prompt_tokens + u.completion_tokens}
+    created = int(time.time())
+    model = md.get("model") or "pagedserve"
+    if url == "/v1/chat/completions":
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "finish_reason": _finish(o.finish_reason),
+                    "logprobs": _chat_logprobs(o.token_ids, o.logprobs, top_logprobs)} for o in event.outputs]
+        body = {"id": f"chatcmpl-{event.id}", "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": usage}
+    else:
+        choices = [{"index": o.index, "text": o.text, "finish_reason": _finish(o.finish_reason),
+                    "logprobs": _completion_logprobs(o.token_ids, o.logprobs, top_logprobs)} for o in event.outputs]
+        body = {"id": f"cmpl-{event.id}", "object": "text_completion", "created": created, "model": model,
+                "choices": choices, "usage": usage}
+    return line_no, {"id": line_id(bid, line_no), "custom_id": cid,
+                     "response": {"status_code": 200, "request_id": event.id, "body": body}, "error": None}, True
