@@ -22,10 +22,10 @@ from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
-from pagedserve.engine.sampler import Sampler
+from pagedserve.engine.sampler import SampleResult, Sampler
 from pagedserve.engine.sampling_params import SamplingParams, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
-from pagedserve.engine.sequence import Request, Sequence
+from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend
 from pagedserve.engine.tokenizer import load_tokenizer
 
@@ -60,7 +60,16 @@ class LLMEngine:
         self.special_ids = set(self.tokenizer.all_special_ids)
 
         torch.manual_seed(self.config.seed)
-        self.runner = ModelRunner(self.config, model_dir, hf_config, self.max_model_len, self.max_num_batched_tokens)
+        if self.config.tensor_parallel_size > 1:
+            from pagedserve.engine.parallel_layers import check_divisible
+            from pagedserve.engine.tensor_parallel import TensorParallelRunner
+
+            check_divisible(hf_config, self.config.tensor_parallel_size)  # refused before any process starts
+            self.runner = TensorParallelRunner(self.config, model_dir, hf_config, self.max_model_len,
+                                               self.max_num_batched_tokens)
+        else:
+            self.runner = ModelRunner(self.config, model_dir, hf_config, self.max_model_len,
+                                      self.max_num_batched_tokens)
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
                                           self.config.block_size, self.config.enable_prefix_caching,
                                           self.config.share_blocks)
@@ -80,6 +89,7 @@ class LLMEngine:
             lambda: default_backend(self.tokenizer, self.vocab_size, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._owner: dict[int, Request] = {}  # seq_id -> request, for every live sequence
+        self._ready: list[RequestOutput] = []  # resumed requests that had already ended: out at the next step
         self.num_steps = 0
 
     def _resolve_max_model_len(self, hf_config) -> int:
@@ -110,8 +120,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, deadline: float | None = None, arrival_time: float | None = None) -> None:
-        """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error."""
+                    priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
+                    resume: list[ResumeSample] | None = None) -> None:
+        """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error.
+
+        ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this request had handed out;
+        generation continues after it (``_resume``)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -149,6 +163,8 @@ class LLMEngine:
             raise ValueError(
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
                 f"max_model_len {self.max_model_len} leaves after the {len(token_ids)}-token prompt")
+        if resume is not None:
+            self._check_resume(resume, params, len(token_ids))
         # Compiles the grammar unless it is cached (waiting at most the compile timeout): call
         # structured_ready() first to keep a loop from waiting.
         matcher = self.structured.new_matcher(params.structured_outputs) if params.structured_outputs else None
@@ -158,8 +174,59 @@ class LLMEngine:
             req.beam = BeamState(params.beam_width, params)
         self._init_seq(req, req.seqs[0])
         self._owner[req.seqs[0].seq_id] = req
+        if resume is not None:
+            self._resume(req, resume)
         self.requests[request_id] = req
+        if all(s.finished for s in req.seqs):  # resumed after its last token: only its ending is left to hand out
+            self._ready.append(self._finish(req))
+            return
         self.scheduler.add(req)
+
+    def _check_resume(self, resume: list[ResumeSample], params: SamplingParams, num_prompt_tokens: int) -> None:
+        if params.beam_width > 0 or params.num_samples != params.n:
+            raise ValueError("resume: beam search and best_of > n cannot resume (they hand out nothing before "
+                             "the end); run them again instead")
+        if not isinstance(resume, (list, tuple)) or len(resume) != params.n or \
+                not all(isinstance(r, ResumeSample) for r in resume):
+            raise ValueError(f"resume must be a list of {params.n} ResumeSample, one per sample")
+        for i, r in enumerate(resume):
+            for t in r.token_ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                    raise ValueError(f"resume[{i}].token_ids contains {short_repr(t)}, not a token id in "
+                                     f"[0, {self.vocab_size})")
+            if len(r.token_ids) > params.max_tokens or num_prompt_tokens + len(r.token_ids) > self.max_model_len:
+                raise ValueError(f"resume[{i}].token_ids has {len(r.token_ids)} tokens, more than max_tokens "
+                                 "or max_model_len allow")
+
+    def _resume(self, req: Request, resume: list[ResumeSample]) -> None:
+        """Give each sample its already handed-out tokens, as if this engine had sampled them: they go through
+        the same stop checks, detokenizer and grammar, so the request continues (or ends) exactly where the
+        interrupted run was. The tokens are prefilled like a recompute preemption's. Logprobs that were not
+        kept leave ``cumulative_logprob`` unknown (NaN)."""
+        first = req.seqs[0]
+        for i in range(1, req.params.n):  # forked now: every sample has outputs of its own to prefill
+            child = first.fork(i)
+            self._init_seq(req, child)
+            req.seqs.append(child)
+            self._owner[child.seq_id] = req
+        for seq, done in zip(req.seqs, resume):
+            for k, tok in enumerate(done.token_ids):
+                if seq.finished:
+                    raise ValueError(f"resume[{seq.index}].token_ids go on after the sample ended at token {k}")
+                top = done.logprobs[k] if done.logprobs is not None and k < len(done.logprobs) else None
+                chosen = top.get(tok, float("nan")) if top else float("nan")
+                self._append_token(req, seq, SampleResult(tok, chosen, dict(top) if top else {}))
+            seq.num_emitted_tokens = seq.num_output_tokens
+            detok = seq.detok
+            if done.text is None:  # what build_output would have released after the last of these tokens
+                detok.take_delta(final=seq.finished)
+            else:
+                if seq.finished and len(done.text) > len(detok.text):
+                    detok.flush()  # the interrupted run had released the held-back end too
+                if not detok.text.startswith(done.text):
+                    log.warning("request %s: resumed text of sample %d differs from its tokens' text",
+                                req.request_id, seq.index)
+                detok.emitted = min(len(done.text), len(detok.text))
 
     def structured_ready(self, params: SamplingParams) -> bool:
         """Whether ``add_request`` with ``params`` would start without waiting for a grammar to compile (it
@@ -182,8 +249,12 @@ class LLMEngine:
                 seq.finish_reason = reason
         return self._finish(req)
 
+    def close(self) -> None:
+        """Release what outlives the object: the tensor-parallel rank processes (nothing at one rank)."""
+        self.runner.close()
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._ready)
 
     @property
     def num_running(self) -> int:
@@ -203,8 +274,9 @@ class LLMEngine:
         ends the same way.
         """
         now = time.time()
-        outputs = [self.abort_request(r.request_id, "deadline")
-                   for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
+        outputs, self._ready = self._ready, []
+        outputs += [self.abort_request(r.request_id, "deadline")
+                    for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
         sched = self.scheduler.schedule()
         outputs.extend(self._end_at_capacity(req) for req in sched.capacity_bound)
         outputs.extend(self._fail(req, why) for req, why in sched.unschedulable)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from enum import Enum
-
-import torch
 
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.sampling_params import SamplingParams
@@ -44,7 +43,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.private_copy_pending = False  # forked with sharing off: copy shared blocks at the next allocate
         self.num_emitted_tokens = 0  # output tokens already handed out in a RequestOutput
-        self.generator: torch.Generator | None = None
+        self.seed_key: int | None = None  # seeded requests: this sample's key of counter-based draws (sampler.py)
         self.detok: IncrementalDetokenizer | None = None
         self.matcher = None  # structured outputs: its grammar matcher, which has consumed the output tokens
 
@@ -81,6 +80,20 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
                 f"blocks={self.block_table})")
+
+
+@dataclass
+class ResumeSample:
+    """What one sample of a request had already handed out before it was interrupted elsewhere (a worker that
+    died mid-generation): its output tokens, the text its deltas added up to, and their logprobs when they were
+    asked for. ``LLMEngine.add_request(..., resume=[...])`` continues after them, as a recompute preemption
+    would: the tokens are prefilled again and count against ``max_tokens`` and the stop conditions.
+
+    ``text`` None: the text the engine's own detokenizer would have released by then."""
+
+    token_ids: list[int]
+    text: str | None = None
+    logprobs: list[dict[int, float]] | None = None
 
 
 class Request:
