@@ -7,7 +7,10 @@ loaded once per KV head, not once per query head. Softmax runs online in fp32 in
 (``scale * log2(e)`` folded into the scores).
 
 Host-side launch parameters are derived only from tensor shapes (never from tensor values), so the
-wrappers do not synchronise with the device and can be captured in CUDA graphs.
+wrappers do not synchronise with the device and can be captured in CUDA graphs. Split decode launches a fixed
+number of partitions per sequence from the shapes; each program derives its sequence's own partitioning from
+``seq_lens`` (the reduce kernel derives the same), so a block table as wide as ``max_model_len`` costs idle
+programs that exit at once, never one program reading a whole long context alone.
 
 One module past the usual size on purpose: decode and prefill share the online-softmax tile step
 (``_attend_kv_tile``), the dot-precision rules and the launch-shape helpers; split, neither half reads alone.
@@ -104,21 +107,31 @@ def _target_programs(device: torch.device) -> int:
     return 16  # interpreter: any small number; only exercises the split path in tests
 
 
-def choose_decode_partition(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """KV partition size (tokens) for split decode, or 0 for the single-pass kernel.
+def choose_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Most KV partitions of one sequence in split decode (the grid's third dimension); 1 is the single pass.
 
-    Long contexts are split so that ``num_seqs * num_kv_heads * num_partitions`` programs fill the GPU;
-    short contexts or batches that already fill it use one pass (no reduction kernel). ``max_context`` is
-    an upper bound on the batch's context length taken from the block table width, so no device sync.
+    Enough partitions that ``num_seqs * num_kv_heads * splits`` programs fill the device, never more than a
+    ``max_context``-token sequence can use at ``MIN_PARTITION`` tokens each. Only shapes go in (``max_context``
+    is the block table's width in tokens), so the choice needs no device sync and is fixed for a captured
+    graph. How many partitions a sequence actually gets, and how long they are, the kernels derive from its
+    length (:func:`split_bounds`): a table far wider than the contexts leaves programs idle, not overloaded.
     """
     if max_context <= MIN_PARTITION:
-        return 0
+        return 1
     programs = max(1, num_seqs * num_kv_heads)
-    parts = min(triton.cdiv(_target_programs(device), programs), triton.cdiv(max_context, MIN_PARTITION))
-    if parts <= 1:
-        return 0
-    size = triton.cdiv(max_context, parts)
-    return triton.cdiv(size, DECODE_TILE) * DECODE_TILE
+    return max(1, min(triton.cdiv(_target_programs(device), programs), triton.cdiv(max_context, MIN_PARTITION)))
+
+
+def split_bounds(seq_len: int, max_splits: int, min_partition: int = MIN_PARTITION) -> list[tuple[int, int]]:
+    """The ``[start, end)`` token ranges the split decode kernel gives one sequence (host mirror of ``_split_len``).
+
+    Invariants: the ranges tile ``[0, seq_len)`` in order, none is empty, there are at most ``max_splits`` of
+    them, and each but the last is a whole number of ``DECODE_TILE`` tiles of at least ``min_partition`` tokens.
+    Their length depends on ``seq_len`` alone, never on the block table's width.
+    """
+    splits = min(max(seq_len // min_partition, 1), max_splits)
+    part = max(triton.cdiv(triton.cdiv(seq_len, splits), DECODE_TILE) * DECODE_TILE, DECODE_TILE)
+    return [(start, min(start + part, seq_len)) for start in range(0, seq_len, part)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,18 +140,28 @@ def choose_decode_partition(num_seqs: int, num_kv_heads: int, max_context: int, 
 
 
 @triton.jit
+def _split_len(seq_len, max_splits, min_partition, TILE: tl.constexpr):
+    """Tokens per KV partition of a ``seq_len``-token sequence: as many partitions of at least ``min_partition``
+    tokens as it holds, at most ``max_splits``, rounded up to whole tiles. The decode and reduce kernels both derive it from
+    ``seq_lens``, so they agree without a host round trip."""
+    splits = tl.minimum(tl.maximum(seq_len // min_partition, 1), max_splits)
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, splits), TILE) * TILE, TILE)
+
+
+@triton.jit
 def _decode_kernel(
-    out_ptr,  # single pass: [S, Hq, D] output; split: [S, Hq, NP, D_PAD] fp32 partial outputs
-    m_ptr,  # split: [S, Hq, NP] fp32 running max (log2 domain)
-    l_ptr,  # split: [S, Hq, NP] fp32 sum of exp2
+    out_ptr,  # [S, Hq, D] output (sequences that fit one partition, and empty ones)
+    part_out_ptr,  # [S, Hq, MAX_SPLITS, D_PAD] fp32 partial outputs of sequences cut in several partitions
+    m_ptr,  # [S, Hq, MAX_SPLITS] fp32 running max (log2 domain)
+    l_ptr,  # [S, Hq, MAX_SPLITS] fp32 sum of exp2
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     qk_scale,  # softmax scale * log2(e)
-    partition_size,
-    num_partitions,
+    max_splits,
+    min_partition,
     stride_qs,
     stride_qh,
     stride_os,
@@ -156,7 +179,6 @@ def _decode_kernel(
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
-    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
@@ -165,18 +187,17 @@ def _decode_kernel(
     part = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    if SPLIT:
-        start = part * partition_size
-        end = tl.minimum(start + partition_size, seq_len)
-    else:
-        start = 0
-        end = seq_len
-    if start < end:
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, D_PAD)
-        mask_g = offs_g < GROUP
-        mask_d = offs_d < HEAD_DIM
-        heads = kv_head * GROUP + offs_g
+    part_len = _split_len(seq_len, max_splits, min_partition, TILE)
+    used = tl.cdiv(seq_len, part_len)
+    start = part * part_len
+    end = tl.minimum(start + part_len, seq_len)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    out_rows = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    if start < end:  # partitions past the sequence's last (and all of an empty one) exit here
         q = tl.load(
             q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
             mask=mask_g[:, None] & mask_d[None, :],
@@ -197,28 +218,17 @@ def _decode_kernel(
             )  # fmt: skip
 
         out = acc / l_i[:, None]
-        if SPLIT:
-            row = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_partitions + part
-            tl.store(out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=mask_g[:, None])
+        if used == 1:  # the whole sequence in one partition: final output, the reduce skips it
+            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        else:
+            row = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * max_splits + part
+            tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=mask_g[:, None])
             tl.store(m_ptr + row, m_i, mask=mask_g)
             tl.store(l_ptr + row, l_i, mask=mask_g)
-        else:
-            tl.store(
-                out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=mask_g[:, None] & mask_d[None, :],
-            )
-    elif not SPLIT:
+    elif used == 0 and part == 0:
         # Empty sequence (e.g. batch padding): defined zero output instead of 0/0.
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, D_PAD)
-        heads = kv_head * GROUP + offs_g
         zero = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-        tl.store(
-            out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
-            zero.to(out_ptr.dtype.element_ty),
-            mask=(offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :],
-        )
+        tl.store(out_rows, zero.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -228,38 +238,38 @@ def _decode_reduce_kernel(
     m_ptr,
     l_ptr,
     seq_lens_ptr,
-    partition_size,
-    num_partitions,
+    max_splits,
+    min_partition,
     stride_os,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     NP_PAD: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    used = tl.cdiv(seq_len, partition_size)
-    base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions
-    offs_p = tl.arange(0, NP_PAD)
-    mask_p = offs_p < used
-    m = tl.load(m_ptr + base + offs_p, mask=mask_p, other=float("-inf"))
-    l = tl.load(l_ptr + base + offs_p, mask=mask_p, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(used > 0, m_max, 0.0)
-    w = tl.where(mask_p, l * tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(w, axis=0)
-    offs_d = tl.arange(0, D_PAD)
-    acc = tl.zeros([D_PAD], dtype=tl.float32)
-    for p in range(0, used):
-        w_p = tl.load(l_ptr + base + p) * tl.exp2(tl.load(m_ptr + base + p) - m_max)
-        acc += w_p * tl.load(part_out_ptr + (base + p) * D_PAD + offs_d)
-    out = acc / tl.where(denom > 0, denom, 1.0)  # empty sequence: acc == 0 -> zeros
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
+    used = tl.cdiv(seq_len, _split_len(seq_len, max_splits, min_partition, TILE))
+    if used > 1:  # one partition or none: the decode kernel wrote the output
+        base = (seq * tl.num_programs(1) + head).to(tl.int64) * max_splits
+        offs_p = tl.arange(0, NP_PAD)
+        mask_p = offs_p < used
+        m = tl.load(m_ptr + base + offs_p, mask=mask_p, other=float("-inf"))
+        l = tl.load(l_ptr + base + offs_p, mask=mask_p, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(mask_p, l * tl.exp2(m - m_max), 0.0)
+        denom = tl.sum(w, axis=0)
+        offs_d = tl.arange(0, D_PAD)
+        acc = tl.zeros([D_PAD], dtype=tl.float32)
+        for p in range(0, used):
+            w_p = tl.load(l_ptr + base + p) * tl.exp2(tl.load(m_ptr + base + p) - m_max)
+            acc += w_p * tl.load(part_out_ptr + (base + p) * D_PAD + offs_d)
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d,
+            (acc / denom).to(out_ptr.dtype.element_ty),
+            mask=offs_d < HEAD_DIM,
+        )
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -273,68 +283,54 @@ def decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-    partition_size: int | None = None,
+    max_splits: int | None = None,
     out: torch.Tensor | None = None,
+    min_partition: int = MIN_PARTITION,
 ) -> torch.Tensor:
-    """:func:`pagedserve.kernels.reference.paged_decode_attention` with an explicit partition size (tests, benchmarks).
+    """:func:`pagedserve.kernels.reference.paged_decode_attention` with explicit split limits (tests, benchmarks).
 
-    ``partition_size=None`` chooses it (:func:`choose_decode_partition`); ``0`` forces the single-pass
-    kernel; a positive value (rounded up to a multiple of ``DECODE_TILE``) forces the split kernel.
+    ``max_splits=None`` chooses the grid from shapes (:func:`choose_decode_splits`); ``1`` is the single pass; a
+    larger value lets each sequence use up to that many partitions of at least ``min_partition`` tokens
+    (:func:`split_bounds`). Sequences that fit one partition are written by the decode kernel itself; the
+    reduce kernel combines the others.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
+    assert min_partition >= 1, "min_partition must be positive"
     q = _last_dim_contiguous(q)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
     group = num_q_heads // num_kv_heads
-    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    max_context = block_tables.shape[1] * block_size
-    if partition_size is None:
-        partition_size = choose_decode_partition(num_seqs, num_kv_heads, max_context, q.device)
-    elif partition_size > 0:
-        partition_size = triton.cdiv(partition_size, DECODE_TILE) * DECODE_TILE
-    split = partition_size > 0
-    num_partitions = triton.cdiv(max_context, partition_size) if split else 1
-    common = dict(
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        HEAD_DIM=head_dim,
-        D_PAD=d_pad,
-        BLOCK_SIZE=block_size,
-        TILE=DECODE_TILE,
-        DOT_PRECISION=_dot_precision(k_cache.dtype),
-        DOT_UPCAST=_dot_upcast(k_cache.dtype),
-        num_warps=4,
-        num_stages=2,
-    )
-    qk_scale = float(scale) * LOG2E
-    kv_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
-    grid = (num_seqs, num_kv_heads, num_partitions)
-    if not split:
-        _decode_kernel[grid](
-            out, out, out, q, k_cache, v_cache, block_tables, seq_lens, qk_scale, 1, 1,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
-            SPLIT=False, **common,
+    if max_splits is None:
+        max_splits = choose_decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    max_splits = max(1, int(max_splits))
+    if max_splits > 1:
+        part_out = torch.empty((num_seqs, num_q_heads, max_splits, d_pad), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((num_seqs, num_q_heads, max_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:  # every sequence fits its single partition: the partial buffers are never touched
+        part_out = part_m = part_l = out
+    _decode_kernel[(num_seqs, num_kv_heads, max_splits)](
+        out, part_out, part_m, part_l, q, k_cache, v_cache, block_tables, seq_lens, float(scale) * LOG2E,
+        max_splits, min_partition,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE=DECODE_TILE,
+        DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if max_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            out, part_out, part_m, part_l, seq_lens, max_splits, min_partition, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, triton.next_power_of_2(max_splits)), TILE=DECODE_TILE,
+            num_warps=4,
         )  # fmt: skip
-        return out
-    part_out = torch.empty((num_seqs, num_q_heads, num_partitions, d_pad), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((num_seqs, num_q_heads, num_partitions), dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    _decode_kernel[grid](
-        part_out, part_m, part_l, q, k_cache, v_cache, block_tables, seq_lens, qk_scale,
-        partition_size, num_partitions,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
-        SPLIT=True, **common,
-    )  # fmt: skip
-    _decode_reduce_kernel[(num_seqs, num_q_heads)](
-        out, part_out, part_m, part_l, seq_lens, partition_size, num_partitions, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), num_warps=4,
-    )  # fmt: skip
     return out
 
 
@@ -503,9 +499,10 @@ def paged_attention(
 
 
 __all__ = [
-    "choose_decode_partition",
+    "choose_decode_splits",
     "decode_attention",
     "paged_attention",
     "paged_decode_attention",
+    "split_bounds",
     "varlen_attention",
 ]

@@ -106,6 +106,9 @@ def _paged_kv(
     return k_cache.to(device), v_cache.to(device), table.to(device)
 
 
+# Decode launch modes: the single pass, every sequence cut into 64-token partitions (+ reduce), the automatic choice.
+SPLITS = [dict(max_splits=1), dict(max_splits=16, min_partition=64), dict()]
+
 CONFIGS = [
     pytest.param(dtype, group, head_dim, id=f"{DTYPE_IDS[dtype]}-g{group}-d{head_dim}")
     for dtype in DTYPES
@@ -132,9 +135,9 @@ def test_decode_matches_reference(dtype, group, head_dim):
     scale = head_dim**-0.5
     expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, scale)
     # single pass, forced split into 64-token partitions (+ reduce), and the automatic choice
-    for partition_size in (0, 64, None):
+    for split in SPLITS:
         out = torch.full_like(q, float("nan"))
-        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, scale, partition_size, out=out)
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, scale, out=out, **split)
         _assert_close(out, expected)
 
 
@@ -251,21 +254,21 @@ def test_decode_block_boundaries_and_auto_split(block_size):
     k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, dtype, gen, table_pad=300)
     assert table.shape[1] * block_size > triton_attention.MIN_PARTITION
     max_context = table.shape[1] * block_size
-    partition = triton_attention.choose_decode_partition(len(lengths), num_kv_heads, max_context, torch.device("cpu"))
-    assert partition > 0 and partition % triton_attention.DECODE_TILE == 0
+    splits = triton_attention.choose_decode_splits(len(lengths), num_kv_heads, max_context, torch.device("cpu"))
+    assert splits > 1
     q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lengths, dtype=torch.int64)
     expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125)
-    for partition_size in (0, 64, None):
+    for split in SPLITS:
         out = torch.full_like(q, float("nan"))
-        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, partition_size, out=out)
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, out=out, **split)
         _assert_close(out, expected)
 
 
-@pytest.mark.parametrize("partition_size", [0, 64])
-def test_decode_strided_q_and_empty_sequence(partition_size):
+@pytest.mark.parametrize("split", SPLITS[:2], ids=["single", "split64"])
+def test_decode_strided_q_and_empty_sequence(split):
     """q as a view into a fused qkv buffer; a zero-length (padding) sequence yields zeros, not NaN."""
-    gen = torch.Generator().manual_seed(partition_size)
+    gen = torch.Generator().manual_seed(split["max_splits"])
     num_kv_heads, group, head_dim, block_size = 2, 2, 64, 16
     lengths = [70, 1, 33]
     k_cache, v_cache, table = _paged_kv(lengths, num_kv_heads, head_dim, block_size, torch.float16, gen)
@@ -275,25 +278,61 @@ def test_decode_strided_q_and_empty_sequence(partition_size):
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
     expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125)
     out = torch.full_like(q.contiguous(), float("nan"))
-    triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, partition_size, out=out)
+    triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, out=out, **split)
     _assert_close(out, expected)
     # sequences 0 and 2 empty; sequence 1 reuses sequence 2's 33 tokens
     empty, table_e = torch.tensor([0, 33, 0], dtype=torch.int32), table[[0, 2, 1]]
     out = torch.full_like(q.contiguous(), float("nan"))
-    triton_attention.decode_attention(q, k_cache, v_cache, empty, table_e, 0.125, partition_size, out=out)
+    triton_attention.decode_attention(q, k_cache, v_cache, empty, table_e, 0.125, out=out, **split)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
     expected_1 = reference.paged_decode_attention(q[[1]], k_cache, v_cache, empty[[1]], table_e[[1]], 0.125)
     _assert_close(out[[1]], expected_1)
 
 
-def test_decode_partition_choice():
-    cuda_like = torch.device("cpu")
-    assert triton_attention.choose_decode_partition(1, 8, triton_attention.MIN_PARTITION, cuda_like) == 0
-    many = triton_attention.choose_decode_partition(1, 1, 32768, cuda_like)
-    assert many >= triton_attention.MIN_PARTITION and many % triton_attention.DECODE_TILE == 0
-    assert triton_attention.choose_decode_partition(64, 8, 32768, cuda_like) == 0  # batch fills the device
-    # longer context at fixed batch: same or larger partitions, never more than needed to fill the device
-    assert triton_attention.choose_decode_partition(1, 1, 65536, cuda_like) >= many
+def test_decode_split_choice_depends_on_shapes_only():
+    cpu = torch.device("cpu")
+    choose = triton_attention.choose_decode_splits
+    assert choose(1, 8, triton_attention.MIN_PARTITION, cpu) == 1  # one partition holds any sequence
+    assert choose(64, 8, 32768, cpu) == 1  # the batch fills the device alone
+    few, wide = choose(1, 1, 2048, cpu), choose(1, 1, 131072, cpu)
+    assert 1 < few <= 2048 // triton_attention.MIN_PARTITION and few <= wide
+    assert wide <= triton_attention._target_programs(cpu)  # a wider table never launches more than fill the device
+
+
+@pytest.mark.parametrize("max_splits,min_partition", [(1, 256), (4, 64), (16, 64), (66, 256), (3, 100)])
+def test_split_bounds_follow_each_sequence_length(max_splits, min_partition):
+    """Every length up to 1100: the partitions tile the context, at most ``max_splits`` of them, none empty, all but
+    the last whole tiles of at least ``min_partition`` tokens, and the longest as short as those rules allow (the
+    table width plays no part)."""
+    tile = triton_attention.DECODE_TILE
+    assert triton_attention.split_bounds(0, max_splits, min_partition) == []
+    for n in range(1, 1100):
+        bounds = triton_attention.split_bounds(n, max_splits, min_partition)
+        assert [s for s, _ in bounds] == [0, *(e for _, e in bounds[:-1])] and bounds[-1][1] == n
+        assert len(bounds) <= max_splits and all(e > s for s, e in bounds)
+        assert all((e - s) % tile == 0 and e - s >= min_partition for s, e in bounds[:-1])
+        longest = max(-(-n // max_splits), min(n, 2 * min_partition - 1))
+        assert max(e - s for s, e in bounds) <= -(-longest // tile) * tile
+
+
+def test_decode_split_from_seq_lens_with_wide_table_and_padding_rows():
+    """A table 25x wider than the longest context (as under CUDA graphs, where it is max_model_len wide), padding
+    rows (length 0) in between, one long sequence among short ones, lengths at block and partition edges: each
+    sequence split by its own length gives the reference's output; padding rows give zeros."""
+    gen = torch.Generator().manual_seed(5)
+    block_size, num_kv_heads, group, head_dim, dtype = 8, 2, 2, 64, torch.float32
+    lengths = [1, 0, 64, 65, 600, 0, 128, 129, 0, 63]
+    real = [i for i, n in enumerate(lengths) if n]
+    k_cache, v_cache, table = _paged_kv([max(n, 1) for n in lengths], num_kv_heads, head_dim, block_size, dtype, gen,
+                                        table_pad=25 * 600 // block_size)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real], 0.125)
+    for split in (dict(), dict(max_splits=4, min_partition=64), dict(max_splits=7, min_partition=100)):
+        out = torch.full_like(q, float("nan"))
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, out=out, **split)
+        _assert_close(out[real], expected)
+        assert torch.equal(out[[1, 5, 8]], torch.zeros_like(out[[1, 5, 8]])), split
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,8 +402,8 @@ def _attention_case(draw):
 
 
 @_FRESH
-@given(case=_attention_case(), partition_size=st.sampled_from([None, 0, 64, 128]))
-def test_decode_fresh_draws(case, partition_size):
+@given(case=_attention_case(), split=st.sampled_from([*SPLITS, dict(max_splits=3, min_partition=128)]))
+def test_decode_fresh_draws(case, split):
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, hkv, d = case["dtype"], case["num_kv_heads"], case["head_dim"]
     k_cache, v_cache, table = _paged_kv(case["lengths"], hkv, d, case["block_size"], dtype, gen)
@@ -372,7 +411,7 @@ def test_decode_fresh_draws(case, partition_size):
     seq_lens = torch.tensor(case["lengths"])
     expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, d**-0.5)
     out = torch.full_like(q, float("nan"))
-    triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, d**-0.5, partition_size, out=out)
+    triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, d**-0.5, out=out, **split)
     _assert_close(out, expected)
 
 
@@ -520,9 +559,9 @@ def test_gpu_decode_real_sizes(dtype, group, head_dim, block_size):
     q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5)
-    for partition_size in (0, 512, None):
+    for split in (dict(max_splits=1), dict(max_splits=16, min_partition=512), dict()):
         out = torch.full_like(q, float("nan"))
-        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5, partition_size, out=out)
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5, out=out, **split)
         _assert_close(out.cpu(), expected.cpu())
 
 
