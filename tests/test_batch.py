@@ -1,0 +1,175 @@
+"""Batch jobs (OpenAI batch format) through a real Redis and a real worker loop on the tiny random model.
+
+Every output line is checked with the ``openai`` package's own types: a real client's schema, not ours.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from openai.types import Batch, Completion
+from openai.types.chat import ChatCompletion
+
+from pagedserve.service.batch_client import (
+    batch_results, batch_status, cancel_batch, list_batches, submit_batch, wait_batch,
+)
+from pagedserve.service.batch_keys import BatchKeys
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import Keys
+from service_fixtures import make_settings, metric_samples, running_worker, wait_for
+
+
+def chat(cid, content="Hello there", **body):
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **body}}
+
+
+def completion(cid, prompt="Once upon a time", **body):
+    return {"custom_id": cid, "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": prompt, "max_tokens": 4, **body}}
+
+
+def jsonl(lines) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+
+
+def check_line(line: dict, url: str) -> ChatCompletion | Completion | None:
+    """Validate one output line with openai's types; the parsed body of a 200 response."""
+    assert set(line) == {"id", "custom_id", "response", "error"}
+    if line["response"] is None or line["response"]["status_code"] != 200:
+        return None
+    body = line["response"]["body"]
+    parsed = (ChatCompletion if url == "/v1/chat/completions" else Completion).model_validate(body)
+    assert parsed.usage.total_tokens == parsed.usage.prompt_tokens + parsed.usage.completion_tokens
+    return parsed
+
+
+@pytest.fixture
+def r(redis_url):
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, prefix, r, shared_engine):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    lines = [
+        chat("chat-plain"),
+        chat("chat-logprobs", n=2, seed=7, temperature=0.7, logprobs=True, top_logprobs=2, stop=["zz"]),
+        chat("chat-parts", content=[{"type": "text", "text": "Hi "}, {"type": "text", "text": "you"}]),
+        chat("chat-schema", response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+             max_tokens=24, temperature=0),
+        completion("cmpl-plain", temperature=0),
+        completion("cmpl-logprobs", logprobs=2),
+        completion("cmpl-ids", prompt=[5, 6, 7, 8]),
+        completion("too-long", prompt="word " * 5000),  # refused by the worker (prompt_too_long): a 400 body
+        completion("bad-max-tokens", max_tokens=0),
+        chat("bad-field", tools=[{"type": "function"}]),
+        {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}},
+        b"{not json",
+        chat("bad-temperature", temperature="hot"),
+    ]
+    bid = submit_batch(r, prefix, jsonl(lines), input_file_id="mixed.jsonl", metadata={"team": "qa"})
+    with running_worker(make_settings(redis_url, prefix), shared_engine) as w:
+        status = wait_batch(r, prefix, bid, timeout=120, poll_s=0.1)
+        fed = sum(metric_samples(w, "pagedserve_batch_lines_fed_total").values())
+    batch = Batch.model_validate(status)
+    assert batch.status == "completed" and batch.completed_at and batch.metadata == {"team": "qa"}
+    assert batch.request_counts.total == len(lines)
+    assert batch.request_counts.failed == 7 and batch.request_counts.completed == len(lines) - 7
+    assert fed == 8  # only the valid lines ran
+    out = list(batch_results(r, prefix, bid))
+    assert len(out) == len(lines)
+    by_id = {o["custom_id"]: o for o in out if o["custom_id"] is not None}
+    urls = {ln["custom_id"]: ln["url"] for ln in lines if isinstance(ln, dict) and "custom_id" in ln}
+    for cid in ("chat-plain", "chat-logprobs", "chat-parts", "chat-schema", "cmpl-plain", "cmpl-logprobs", "cmpl-ids"):
+        parsed = check_line(by_id[cid], urls[cid])
+        assert parsed is not None, by_id[cid]
+        assert parsed.model == "tiny" and parsed.usage.completion_tokens >= 1
+    two = check_line(by_id["chat-logprobs"], "/v1/chat/completions")
+    assert [c.index for c in two.choices] == [0, 1]
+    assert all(len(c.logprobs.content) == 4 and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+               for c in two.choices)
+    assert len(check_line(by_id["cmpl-logprobs"], "/v1/completions").choices[0].logprobs.token_logprobs) == 4
+    schema_out = check_line(by_id["chat-schema"], "/v1/chat/completions").choices[0]
+    if schema_out.finish_reason == "stop":  # a complete JSON value that validates (else cut by max_tokens)
+        assert isinstance(json.loads(schema_out.message.content)["a"], int)
+    too_long = by_id["too-long"]["response"]
+    assert too_long["status_code"] == 400 and too_long["body"]["error"]["code"] == "prompt_too_long"
+    assert by_id["too-long"]["error"] is None
+    errors = {o["custom_id"]: o["error"]["message"] for o in out if o["response"] is None}
+    assert "max_tokens" in errors["bad-max-tokens"]
+    assert "body.tools" in errors["bad-field"]
+    assert "url" in errors["bad-url"]
+    assert "temperature" in errors["bad-temperature"]
+    assert "custom_id" in errors[None] or any("custom_id" in o["error"]["message"] for o in out if o["custom_id"] is None)
+    assert sum(1 for o in out if o["custom_id"] is None) == 2  # the line without an id and the broken JSON
+    assert all(o["error"]["code"] == "invalid_request" for o in out if o["response"] is None)
+
+
+def test_resubmitting_the_same_file_runs_nothing_twice(redis_url, prefix, r, shared_engine):
+    data = jsonl([completion(f"c{i}", prompt=f"prompt {i}") for i in range(6)])
+    bid = submit_batch(r, prefix, data)
+    assert submit_batch(r, prefix, data) == bid  # before it ran
+    keys = Keys(prefix)
+    with running_worker(make_settings(redis_url, prefix), shared_engine) as w:
+        wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+        first = list(batch_results(r, prefix, bid))
+        assert submit_batch(r, prefix, data, completion_window="1h") == bid  # after: same batch, unchanged
+        time.sleep(1.0)  # a feeder that took anything now would have done so
+        assert sum(metric_samples(w, "pagedserve_batch_lines_fed_total").values()) == 6
+    assert r.xlen(keys.requests) == 0
+    assert list(batch_results(r, prefix, bid)) == first
+    assert batch_status(r, prefix, bid)["completion_window"] == "24h"
+    other = submit_batch(r, prefix, data, key="second run")  # a user key makes it a new batch
+    assert other != bid
+    assert [b["id"] for b in list_batches(r, prefix)] == [other, bid]
+
+
+def test_cancel_ends_running_lines_and_closes_untaken_ones(redis_url, prefix, r, shared_engine):
+    n = 30
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"story {i}", max_tokens=64) for i in range(n)]))
+    with running_worker(make_settings(redis_url, prefix, max_num_seqs=4), shared_engine):
+        wait_for(lambda: r.zcard(BatchKeys(prefix).inflight(bid)) > 0, 60, what="lines running")
+        assert cancel_batch(r, prefix, bid)["status"] == "cancelling"
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+    batch = Batch.model_validate(status)
+    assert batch.status == "cancelled" and batch.cancelling_at and batch.cancelled_at
+    out = list(batch_results(r, prefix, bid))
+    assert sorted(o["custom_id"] for o in out) == sorted(f"c{i}" for i in range(n))
+    cancelled = [o for o in out if o["error"] is not None]
+    assert cancelled and all(o["error"]["code"] == "batch_cancelled" for o in cancelled)
+    for o in out:
+        check_line(o, "/v1/completions")
+    assert batch.request_counts.failed == len(cancelled)
+    assert batch.request_counts.completed + batch.request_counts.failed == n
+
+
+def test_lines_left_when_the_completion_window_ends_expire(redis_url, prefix, r, shared_engine):
+    bid = submit_batch(r, prefix, jsonl([chat(f"c{i}") for i in range(5)]), completion_window="1s")
+    time.sleep(1.2)  # the window ends before any worker takes a line
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+    batch = Batch.model_validate(status)
+    assert batch.status == "expired" and batch.expired_at
+    out = list(batch_results(r, prefix, bid))
+    assert len(out) == 5 and all(o["error"]["code"] == "batch_expired" for o in out)
+    assert r.xlen(Keys(prefix).requests) == 0
+
+
+def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, shared_engine):
+    n = 60
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=48) for i in range(n)]))
+    s = make_settings(redis_url, prefix, max_num_seqs=4)
+    with running_worker(s, shared_engine), Client(settings=s) as c:
+        wait_for(lambda: batch_status(r, prefix, bid)["request_counts"]["completed"] >= 1, 60, what="batch running")
+        done = c.generate("an interactive question", params={"max_tokens": 8}, timeout=60)
+        counts = batch_status(r, prefix, bid)["request_counts"]
+        assert done.outputs[0].finish_reason in ("stop", "length")
+        # The interactive request was served while most of the batch still waited (the reserve slot and the
+        # lower batch priority), not after it.
+        assert counts["completed"] + counts["failed"] < n // 2, counts
+        wait_batch(r, prefix, bid, timeout=120, poll_s=0.1)
