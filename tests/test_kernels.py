@@ -493,6 +493,40 @@ def test_copy_blocks_matches_reference(dtype, seed):
     assert torch.equal(kv_cache, expected)
 
 
+def test_kv_cache_past_2_31_elements_highest_blocks():
+    """A KV pool whose K half alone holds more than 2^31 elements (virtual memory: only the touched pages are
+    committed): KV write, decode (single and split), prefill and block copy in its highest blocks agree with the
+    reference on a compact copy, so every offset into the pool is computed in 64 bits."""
+    block_size, heads, group, head_dim, dtype = 16, 1, 2, 64, torch.float16
+    num_blocks = (1 << 31) // (block_size * heads * head_dim) + 4
+    kv = torch.empty((1, 2, num_blocks, block_size, heads, head_dim), dtype=dtype)
+    k_cache, v_cache = kv[0, 0], kv[0, 1]
+    assert k_cache.numel() > 2**31
+    gen = torch.Generator().manual_seed(31)
+    n = 40
+    top = [num_blocks - 1, num_blocks - 3, num_blocks - 2]
+    pos = torch.arange(n)
+    key = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
+    value = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
+    triton_cache.write_kv(key, value, k_cache, v_cache, torch.tensor(top)[pos // block_size] * block_size + pos % block_size)
+    ck = torch.zeros((3, block_size, heads, head_dim), dtype=dtype)
+    cv = torch.zeros_like(ck)
+    reference.write_kv(key, value, ck, cv, pos)
+    assert torch.equal(k_cache[top], ck) and torch.equal(v_cache[top], cv)
+    table, compact = torch.tensor([top], dtype=torch.int32), torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    seq_lens = torch.tensor([n], dtype=torch.int32)
+    q = torch.randn(1, heads * group, head_dim, generator=gen).to(dtype)
+    expected = reference.paged_decode_attention(q, ck, cv, seq_lens, compact, 0.125)
+    for split in (dict(max_splits=1), dict(max_splits=3, min_partition=16)):
+        _assert_close(triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, **split), expected)
+    qp = torch.randn(n, heads * group, head_dim, generator=gen).to(dtype)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    _assert_close(triton_attention.varlen_attention(qp, k_cache, v_cache, cu, seq_lens, table, 0.125),
+                  reference.paged_attention(qp, ck, cv, cu, seq_lens, compact, 0.125))
+    triton_cache.copy_blocks(kv, torch.tensor([num_blocks - 1]), torch.tensor([num_blocks - 4]))
+    assert torch.equal(kv[:, :, num_blocks - 4], kv[:, :, num_blocks - 1])
+
+
 def test_swap_blocks_cpu_defers_to_reference():
     gen = torch.Generator().manual_seed(0)
     src_cache = torch.randn(2, 2, 6, 8, 2, 64, generator=gen)
