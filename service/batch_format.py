@@ -127,9 +127,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
                expires_ms: int) -> GenerateRequest:
     """The request of one valid line; raises :class:`LineError` naming the field."""
     chat = url == "/v1/chat/completions"
-    unknown = sorted(set(body) - _ACCEPTED - ({"echo", "best_of"} if chat else set()))
-    if chat:
-        unknown += [k for k in ("echo", "best_of") if k in body]
+    unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED))
     if unknown:
         raise LineError(f"body.{unknown[0]}: not supported")
     if body.get("stream"):

@@ -29,6 +29,7 @@ _BENCH_TARGETS = {
     "kernels": "pagedserve.bench.kernels:kernels_command",
     "service": "pagedserve.bench.service:service_command",
     "structured": "pagedserve.bench.structured:structured_command",
+    "batch": "pagedserve.bench.batch:batch_command",
 }
 
 
@@ -91,6 +92,8 @@ model_app = typer.Typer(help="Model files: fetch the default model, convert a GG
 bench_app = typer.Typer(cls=_LazyBenchGroup, help="Benchmarks (see README).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+from .batch_cli import batch_app  # noqa: E402  (a sub-app in its own module)
+app.add_typer(batch_app, name="batch")
 
 err = Console(stderr=True)
 out = Console()

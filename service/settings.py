@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # /healthz fails when the engine has work but produced no token and finished nothing for this long.
     stall_timeout_s: float = Field(120.0, gt=0)
     seed: int = 0
+    # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
+    batch_retention_s: int = Field(7 * 86400, ge=60)
     celery_broker_url: str | None = None  # default: redis_url
     celery_visibility_timeout_s: int = Field(3600, ge=1)
 

@@ -161,8 +161,8 @@ def test_lines_left_when_the_completion_window_ends_expire(redis_url, prefix, r,
 
 
 def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, shared_engine):
-    n = 60
-    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=48) for i in range(n)]))
+    n = 40
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=32) for i in range(n)]))
     s = make_settings(redis_url, prefix, max_num_seqs=4)
     with running_worker(s, shared_engine), Client(settings=s) as c:
         wait_for(lambda: batch_status(r, prefix, bid)["request_counts"]["completed"] >= 1, 60, what="batch running")
@@ -172,4 +172,41 @@ def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, share
         # The interactive request was served while most of the batch still waited (the reserve slot and the
         # lower batch priority), not after it.
         assert counts["completed"] + counts["failed"] < n // 2, counts
-        wait_batch(r, prefix, bid, timeout=120, poll_s=0.1)
+        cancel_batch(r, prefix, bid)  # the rest is not this test's business
+        assert wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)["status"] == "cancelled"
+
+
+def test_cli_submit_status_results_cancel_list(redis_url, prefix, r, shared_engine, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pagedserve.service.cli import app
+
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
+    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([chat("a"), completion("b"), b"oops"]))
+    cli = CliRunner()
+    res = cli.invoke(app, ["batch", "submit", str(src), "--metadata", "team=qa"])
+    assert res.exit_code == 0, res.output
+    bid = res.stdout.strip().splitlines()[-1]
+    assert bid.startswith("batch_")
+    assert cli.invoke(app, ["batch", "submit", str(src)]).stdout.strip().splitlines()[-1] == bid
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        out = tmp_path / "out.jsonl"
+        res = cli.invoke(app, ["batch", "results", bid, "-o", str(out), "--wait", "--timeout", "60"])
+        assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [ln["custom_id"] for ln in lines] == ["a", "b", None]
+    res = cli.invoke(app, ["batch", "status", bid, "--json"])
+    assert Batch.model_validate_json(res.stdout).status == "completed"
+    assert "completed" in cli.invoke(app, ["batch", "status", bid]).stdout
+    assert bid in cli.invoke(app, ["batch", "list"]).stdout
+    assert cli.invoke(app, ["batch", "cancel", bid]).stdout.split() == [bid, "completed"]  # ended: unchanged
+    res = cli.invoke(app, ["batch", "status", "batch_nope"])
+    assert res.exit_code == 1 and "no batch 'batch_nope'" in res.output and "Traceback" not in res.output
+    res = cli.invoke(app, ["batch", "submit", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "missing.jsonl" in res.output
+    dup = tmp_path / "dup.jsonl"
+    dup.write_bytes(jsonl([chat("x"), chat("x")]))
+    res = cli.invoke(app, ["batch", "submit", str(dup)])
+    assert res.exit_code == 2 and "duplicates line 1" in res.output

@@ -1,0 +1,153 @@
+"""``pagedserve batch {submit,status,results,cancel,list}``: batch jobs from the command line (batch_client.py).
+
+``submit`` prints what it found on stderr and the batch id alone on the last line of stdout, so that
+``BID=$(pagedserve batch submit in.jsonl | tail -1)`` works. Errors are one line and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+batch_app = typer.Typer(help="Batch jobs in OpenAI's batch file format (see docs/service.md, Batch jobs).",
+                        no_args_is_help=True)
+err = Console(stderr=True)
+
+
+def _redis():
+    from .cli import _settings
+    from .connection import redis_client
+
+    s = _settings()
+    return s, redis_client(s.redis_url, timeout=30.0)
+
+
+def _call(fn, *args, **kw):
+    """Run a batch_client function; a missing batch or a bad file is one line, not a traceback."""
+    from .batch_client import BatchNotFound
+    from .cli import _fail
+
+    try:
+        return fn(*args, **kw)
+    except BatchNotFound as e:
+        _fail(f"error: {e}", 1)
+    except (ValueError, TimeoutError) as e:
+        _fail(f"error: {e}", 2)
+
+
+def _progress(batch: dict) -> None:
+    counts = batch["request_counts"]
+    done = counts["completed"] + counts["failed"]
+    with Progress(TextColumn(f"{batch['id']} [bold]{batch['status']}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn(f"failed {counts['failed']}"), console=err, transient=False) as bar:
+        bar.add_task("lines", total=max(1, counts["total"]), completed=done)
+
+
+@batch_app.command("submit")
+def submit(
+    file: Path = typer.Argument(..., help="A JSONL file of OpenAI batch lines (custom_id, method, url, body)."),
+    completion_window: str = typer.Option("24h", "--completion-window", help="Lines not done by then expire."),
+    metadata: list[str] = typer.Option([], "--metadata", help="k=v, repeatable (at most 16)."),
+    key: str = typer.Option("", "--key", help="Submitting the same file with another key makes a new batch."),
+) -> None:
+    """Validate every line and store the batch; the workers run it. Prints the batch id on the last line."""
+    from .batch_client import submit_batch
+    from .cli import _fail
+
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        _fail(f"error: {file}: {e.strerror or e}", 2)
+    md = {}
+    for item in metadata:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _fail(f"error: --metadata {item!r}: expected k=v", 2)
+        md[k] = v
+    s, r = _redis()
+    with r:
+        bid = _call(submit_batch, r, s.prefix, data, input_file_id=file.name, completion_window=completion_window,
+                    metadata=md, key=key, retention_s=s.batch_retention_s)
+        from .batch_client import batch_status
+
+        batch = batch_status(r, s.prefix, bid)
+    counts = batch["request_counts"]
+    err.print(f"{counts['total']} lines, {counts['failed']} invalid (their error lines are in the output); "
+              f"status {batch['status']}", markup=False, highlight=False)
+    print(bid)
+
+
+@batch_app.command("status")
+def status(
+    batch_id: str = typer.Argument(..., help="The id `batch submit` printed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the OpenAI Batch object as JSON."),
+) -> None:
+    """Status and counts, with a progress bar."""
+    from .batch_client import batch_status
+
+    s, r = _redis()
+    with r:
+        batch = _call(batch_status, r, s.prefix, batch_id)
+    if as_json:
+        print(json.dumps(batch))
+        return
+    _progress(batch)
+    counts = batch["request_counts"]
+    print(f"{batch['id']} {batch['status']} total={counts['total']} completed={counts['completed']} "
+          f"failed={counts['failed']}")
+
+
+@batch_app.command("results")
+def results(
+    batch_id: str = typer.Argument(...),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSONL here (default: stdout)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the batch has ended first."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
+) -> None:
+    """The output lines (OpenAI's batch output format), one per input line, in input order."""
+    from .batch_client import batch_results, wait_batch
+
+    s, r = _redis()
+    with r:
+        if wait:
+            end = None if timeout is None else time.monotonic() + timeout
+            _call(wait_batch, r, s.prefix, batch_id, timeout=None if end is None else max(0.0, end - time.monotonic()))
+        lines = _call(lambda: list(batch_results(r, s.prefix, batch_id)))
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        err.print(f"{len(lines)} lines -> {output}", markup=False, highlight=False)
+
+
+@batch_app.command("cancel")
+def cancel(batch_id: str = typer.Argument(...)) -> None:
+    """Cancel: running lines are cancelled, untaken ones get batch_cancelled error lines."""
+    from .batch_client import cancel_batch
+
+    s, r = _redis()
+    with r:
+        batch = _call(cancel_batch, r, s.prefix, batch_id, result_ttl_s=s.result_ttl_s)
+    print(f"{batch['id']} {batch['status']}")
+
+
+@batch_app.command("list")
+def list_(limit: int = typer.Option(20, "--limit", min=1, help="The newest this many.")) -> None:
+    """The newest batches: id, status, counts, created."""
+    from .batch_client import list_batches
+
+    s, r = _redis()
+    with r:
+        batches = list_batches(r, s.prefix, limit)
+    for b in batches:
+        c = b["request_counts"]
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b["created_at"]))
+        print(f"{b['id']}  {b['status']:<11} {c['completed'] + c['failed']}/{c['total']} failed={c['failed']}  {created}")
