@@ -178,6 +178,38 @@ class Client(ProducerCore):
             with contextlib.suppress(Exception):
                 pubsub.close()
 
+    # ------------------------------------------------------------------ batch jobs (thin: batch_client.py)
+    def submit_batch(self, data: bytes | str, **kw: Any) -> str:
+        """Submit a batch file's content (OpenAI batch lines); returns the batch id. Keywords as
+        :func:`~pagedserve.service.batch_client.submit_batch` (``completion_window``, ``metadata``, ``key``)."""
+        from . import batch_client
+
+        kw.setdefault("retention_s", self.settings.batch_retention_s)
+        raw = data.encode() if isinstance(data, str) else data
+        return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)
+
+    def batch_status(self, batch_id: str) -> dict:
+        from . import batch_client
+
+        return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
+
+    def batch_results(self, batch_id: str, wait: bool = False, timeout: float | None = None) -> list[dict]:
+        from . import batch_client
+
+        if wait:
+            batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout)
+        return list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        from . import batch_client
+
+        return batch_client.cancel_batch(self.r, self.keys.prefix, batch_id, self.settings.result_ttl_s)
+
+    def list_batches(self, limit: int = 20) -> list[dict]:
+        from . import batch_client
+
+        return batch_client.list_batches(self.r, self.keys.prefix, limit)
+
 
 class AsyncClient(ProducerCore):
     """Asyncio producer with the same methods as :class:`Client` (``stream``/``events`` are async iterators)."""

@@ -149,13 +149,15 @@ def test_cancel_ends_running_lines_and_closes_untaken_ones(redis_url, prefix, r,
 
 
 def test_lines_left_when_the_completion_window_ends_expire(redis_url, prefix, r, shared_engine):
-    bid = submit_batch(r, prefix, jsonl([chat(f"c{i}") for i in range(5)]), completion_window="1s")
-    time.sleep(1.2)  # the window ends before any worker takes a line
-    with running_worker(make_settings(redis_url, prefix), shared_engine):
-        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
-    batch = Batch.model_validate(status)
+    s = make_settings(redis_url, prefix)
+    with Client(settings=s) as c:  # the client's methods, this time
+        bid = c.submit_batch(jsonl([chat(f"c{i}") for i in range(5)]), completion_window="1s")
+        time.sleep(1.2)  # the window ends before any worker takes a line
+        with running_worker(s, shared_engine):
+            out = c.batch_results(bid, wait=True, timeout=60)
+        batch = Batch.model_validate(c.batch_status(bid))
+        assert [b["id"] for b in c.list_batches()] == [bid]
     assert batch.status == "expired" and batch.expired_at
-    out = list(batch_results(r, prefix, bid))
     assert len(out) == 5 and all(o["error"]["code"] == "batch_expired" for o in out)
     assert r.xlen(Keys(prefix).requests) == 0
 
