@@ -21,6 +21,7 @@ from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.swap_pool import SwapPool
 from pagedserve.kernels import KernelOps, get_ops
 
 GIB = 1 << 30
@@ -66,10 +67,8 @@ class ModelRunner:
         self.num_cpu_blocks = int(config.swap_space_gb * GIB // self.block_bytes)
         shape = (self.num_layers, 2, self.num_gpu_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        cpu_shape = (self.num_layers, 2, self.num_cpu_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        # empty, not zeros: untouched CPU pages are never committed, so an unused swap pool costs nothing.
-        pin = self.device.type == "cuda"
-        self.cpu_cache = torch.empty(cpu_shape, dtype=self.dtype, pin_memory=pin)
+        self.swap_pool = SwapPool(self.num_layers, self.num_cpu_blocks, self.block_size, self.num_kv_heads,
+                                  self.head_dim, self.dtype, pin=self.device.type == "cuda")  # allocated on first swap
         for i, layer in enumerate(self.model.attention_layers()):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         # Captured after the KV pool exists, so the graphs' memory comes out of the activation headroom.
@@ -147,12 +146,8 @@ class ModelRunner:
 
     def apply_block_ops(self, sched: SchedulerOutput) -> None:
         """Swap-out, swap-in, then copy-on-write: a block freed by a swap-out may be reused in the same step."""
-        if sched.swap_out:
-            src, dst = zip(*sched.swap_out)
-            self.ops.swap_blocks(self.kv_cache, self.cpu_cache, torch.tensor(src), torch.tensor(dst))
-        if sched.swap_in:
-            src, dst = zip(*sched.swap_in)
-            self.ops.swap_blocks(self.cpu_cache, self.kv_cache, torch.tensor(src), torch.tensor(dst))
+        self.swap_pool.swap_out(self.ops, self.kv_cache, sched.swap_out)
+        self.swap_pool.swap_in(self.ops, self.kv_cache, sched.swap_in)
         if sched.copies:
             src, dst = zip(*sched.copies)
             self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),

@@ -1,5 +1,7 @@
 """Triton KV-cache maintenance: slot-mapped KV write, batched block copy; block swap on a side stream.
 
+One copy kernel serves copy-on-write inside the device pool and swaps between it and the pinned host pool.
+
 Layouts are those of :mod:`pagedserve.kernels.reference`.
 """
 
@@ -86,7 +88,7 @@ def write_kv(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Block copy (copy-on-write), all layers in one launch
+# Block copy between pools (copy-on-write within the device pool; swap between it and the pinned host pool)
 # ---------------------------------------------------------------------------------------------------------
 
 COPY_CHUNK = 1024
@@ -94,12 +96,16 @@ COPY_CHUNK = 1024
 
 @triton.jit
 def _copy_blocks_kernel(
-    cache_ptr,
+    src_cache_ptr,
+    dst_cache_ptr,
     src_ptr,
     dst_ptr,
-    stride_layer,
-    stride_kv,
-    stride_block,
+    src_stride_layer,
+    src_stride_kv,
+    src_stride_block,
+    dst_stride_layer,
+    dst_stride_kv,
+    dst_stride_block,
     block_numel,
     CHUNK: tl.constexpr,
 ):
@@ -108,11 +114,32 @@ def _copy_blocks_kernel(
     chunk = tl.program_id(2)
     src = tl.load(src_ptr + pair).to(tl.int64)
     dst = tl.load(dst_ptr + pair).to(tl.int64)
-    base = (layer_kv // 2).to(tl.int64) * stride_layer + (layer_kv % 2).to(tl.int64) * stride_kv
+    layer = (layer_kv // 2).to(tl.int64)
+    kv = (layer_kv % 2).to(tl.int64)
     offs = chunk.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     mask = offs < block_numel
-    x = tl.load(cache_ptr + base + src * stride_block + offs, mask=mask)
-    tl.store(cache_ptr + base + dst * stride_block + offs, x, mask=mask)
+    x = tl.load(src_cache_ptr + layer * src_stride_layer + kv * src_stride_kv + src * src_stride_block + offs, mask=mask)
+    tl.store(dst_cache_ptr + layer * dst_stride_layer + kv * dst_stride_kv + dst * dst_stride_block + offs, x, mask=mask)
+
+
+def _blocks_contiguous(cache: torch.Tensor) -> bool:
+    return cache[0, 0, 0].is_contiguous()
+
+
+def copy_blocks_between(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Block ``src[i]`` of every (layer, K/V) of ``src_cache`` into block ``dst[i]`` of ``dst_cache``, one launch.
+
+    Both pools are ``[layers, 2, blocks, ...]`` with contiguous blocks and the same dtype; ``src``/``dst`` live
+    where the kernel runs. A pinned host pool is addressed in place from the device (with unified addressing its
+    pointer is valid there), so a swap needs no host-side gather and no staging copy. Destinations must be
+    distinct; within one pool they must not also be sources (pairs are copied concurrently).
+    """
+    block_numel = src_cache.shape[3:].numel()
+    grid = (src.numel(), src_cache.shape[0] * 2, triton.cdiv(block_numel, COPY_CHUNK))
+    _copy_blocks_kernel[grid](
+        src_cache, dst_cache, src, dst, *src_cache.stride()[:3], *dst_cache.stride()[:3], block_numel,
+        CHUNK=COPY_CHUNK, num_warps=4,
+    )  # fmt: skip
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -123,26 +150,19 @@ def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) ->
     """
     if src.numel() == 0:
         return
-    num_layers = kv_cache.shape[0]
-    inner = kv_cache.shape[3:]
-    block_numel = inner.numel()
-    if not kv_cache[0, 0, 0].is_contiguous():  # exotic layout: let torch do it
+    if not _blocks_contiguous(kv_cache):  # exotic layout: let torch do it
         reference.copy_blocks(kv_cache, src, dst)
         return
-    src = src.to(device=kv_cache.device)
-    dst = dst.to(device=kv_cache.device)
-    grid = (src.numel(), num_layers * 2, triton.cdiv(block_numel, COPY_CHUNK))
-    _copy_blocks_kernel[grid](
-        kv_cache, src, dst, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_numel,
-        CHUNK=COPY_CHUNK, num_warps=4,
-    )  # fmt: skip
+    copy_blocks_between(kv_cache, kv_cache, src.to(device=kv_cache.device), dst.to(device=kv_cache.device))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Block swap device <-> pinned host pool (torch copies on a side stream)
+# Block swap device <-> pinned host pool, on a side stream
 # ---------------------------------------------------------------------------------------------------------
 
 _SWAP_STREAMS: dict[int, torch.cuda.Stream] = {}
+# Whether the device can address pinned host memory from a kernel; None until the first swap tries it.
+_ZERO_COPY: dict[int, bool] = {}
 
 
 def _swap_stream(device: torch.device) -> torch.cuda.Stream:
@@ -154,56 +174,69 @@ def _swap_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """:func:`pagedserve.kernels.reference.swap_blocks` batched into one transfer on a dedicated CUDA stream.
+    """:func:`pagedserve.kernels.reference.swap_blocks` as one copy kernel on a dedicated CUDA stream.
 
-    Swap-in (host -> device): gather the host blocks into one pinned staging buffer, one async H2D copy
-    and one device scatter on the side stream; the caller's stream then waits on it (no host sync).
-    Swap-out (device -> host): device gather on the side stream (after the caller's pending work), one D2H
-    copy into a pinned buffer, wait for it, then scatter into the host pool. Without CUDA: the reference.
+    The kernel runs on the side stream and reads or writes the pinned host pool in place (no host gather, no
+    staging buffer, the host never waits): the side stream first waits for the work already queued on the
+    caller's stream (the swapped-out blocks' last writes, the swapped-in blocks' last readers), and the caller's
+    stream then waits for the copy (a later step overwrites blocks just swapped out, or reads blocks just swapped
+    in), as a device-side event wait. Host pool blocks are read again only by a later swap-in, queued behind on
+    the same side stream; the host itself sees a swap-out's bytes once the caller's stream has passed it (tests
+    synchronise first). Without CUDA on either side: the reference.
     """
     if src.numel() == 0:
         return
     src_dev, dst_dev = src_cache.device, dst_cache.device
-    if src_dev.type == "cuda" and dst_dev.type == "cpu":
-        _swap_out(src_cache, dst_cache, src, dst)
-    elif src_dev.type == "cpu" and dst_dev.type == "cuda":
-        _swap_in(src_cache, dst_cache, src, dst)
-    else:
+    if {src_dev.type, dst_dev.type} != {"cuda", "cpu"}:
         reference.swap_blocks(src_cache, dst_cache, src, dst)
-
-
-def _swap_in(host_cache: torch.Tensor, dev_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    device = dev_cache.device
-    src_idx = src.long().cpu()
-    shape = (*host_cache.shape[:2], src_idx.numel(), *host_cache.shape[3:])
-    staging = torch.empty(shape, dtype=host_cache.dtype, pin_memory=True)
-    torch.index_select(host_cache, 2, src_idx, out=staging)
-    dst_idx = dst.to(device=device, dtype=torch.long, non_blocking=True)
+        return
+    device = src_dev if src_dev.type == "cuda" else dst_dev
+    host = dst_cache if dst_dev.type == "cpu" else src_cache
+    if not (host.is_pinned() and _blocks_contiguous(src_cache) and _blocks_contiguous(dst_cache)
+            and src_cache.dtype == dst_cache.dtype):
+        reference.swap_blocks(src_cache, dst_cache, src, dst)  # pageable or exotic pool: torch copies, blocking
+        return
     caller = torch.cuda.current_stream(device)
     side = _swap_stream(device)
-    side.wait_stream(caller)  # previous readers of the destination blocks finish first
+    side.wait_stream(caller)
     with torch.cuda.stream(side):
-        # The pinned staging block is only recycled by the caching host allocator once this copy is done.
-        moved = staging.to(device, non_blocking=True)
-        dev_cache.index_copy_(2, dst_idx, moved.to(dev_cache.dtype))
-    dst_idx.record_stream(side)
-    caller.wait_stream(side)  # later kernels on the caller's stream see the swapped-in blocks
+        src_idx = src.to(device=device, dtype=torch.int64, non_blocking=True)
+        dst_idx = dst.to(device=device, dtype=torch.int64, non_blocking=True)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _ZERO_COPY.get(index, True):
+            try:
+                copy_blocks_between(src_cache, dst_cache, src_idx, dst_idx)
+                _ZERO_COPY[index] = True
+            except Exception as exc:  # noqa: BLE001 -- a device or driver without mapped pinned memory
+                if index in _ZERO_COPY:
+                    raise
+                _ZERO_COPY[index] = False
+                _warn_no_zero_copy(exc)
+        if not _ZERO_COPY[index]:
+            _swap_per_block(src_cache, dst_cache, src, dst)
+    caller.wait_stream(side)
 
 
-def _swap_out(dev_cache: torch.Tensor, host_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    device = dev_cache.device
-    src_idx = src.to(device=device, dtype=torch.long, non_blocking=True)
-    dst_idx = dst.long().cpu()
-    caller = torch.cuda.current_stream(device)
-    side = _swap_stream(device)
-    side.wait_stream(caller)  # the blocks' latest contents were written on the caller's stream
-    with torch.cuda.stream(side):
-        gathered = dev_cache.index_select(2, src_idx)
-        staging = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-        staging.copy_(gathered, non_blocking=True)
-    src_idx.record_stream(side)
-    side.synchronize()  # host scatter below needs the bytes; also frees the source blocks for reuse
-    host_cache.index_copy_(2, dst_idx, staging.to(host_cache.dtype))
+def _warn_no_zero_copy(exc: Exception) -> None:
+    import warnings  # noqa: PLC0415
+
+    warnings.warn(f"swap_blocks: the device cannot read pinned host memory in place ({exc}); "
+                  "copying block by block instead", RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["copy_blocks", "swap_blocks", "write_kv"]
+def _swap_per_block(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Fallback on the current (side) stream: one async copy per (layer, K/V) of each run of consecutive blocks."""
+    pairs = sorted(zip(src.tolist(), dst.tolist()))
+    runs: list[list[int]] = []  # [src start, dst start, length]
+    for s, d in pairs:
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    for s, d, n in runs:
+        for layer in range(src_cache.shape[0]):
+            for kv in range(2):
+                dst_cache[layer, kv, d:d + n].copy_(src_cache[layer, kv, s:s + n], non_blocking=True)
+
+
+__all__ = ["copy_blocks", "copy_blocks_between", "swap_blocks", "write_kv"]

@@ -538,6 +538,40 @@ def test_swap_blocks_cpu_defers_to_reference():
     assert torch.equal(dst_out[:, :, 1], src_cache[:, :, 4])
 
 
+def test_copy_blocks_between_pools_is_the_swap_reference():
+    """The one kernel a swap runs on the device (a pinned host pool addressed in place), here between two CPU
+    pools of different sizes: block for block the reference swap, both directions; the fallback that copies runs
+    of consecutive blocks gives the same."""
+    gen = torch.Generator().manual_seed(3)
+    dev = torch.randn(2, 2, 9, 4, 2, 64, generator=gen).bfloat16()
+    host = torch.randn(2, 2, 6, 4, 2, 64, generator=gen).bfloat16()
+    for src_pool, dst_pool, src, dst in ((dev, host, [8, 0, 3, 4, 5], [1, 5, 2, 3, 4]), (host, dev, [5, 1, 2], [0, 8, 1])):
+        src, dst = torch.tensor(src), torch.tensor(dst)
+        expected = dst_pool.clone()
+        reference.swap_blocks(src_pool, expected, src, dst)
+        for copy in (triton_cache.copy_blocks_between, triton_cache._swap_per_block):
+            out = dst_pool.clone()
+            copy(src_pool, out, src, dst)
+            assert torch.equal(out, expected), copy.__name__
+
+
+def test_swap_pool_is_allocated_on_first_swap(tiny_models):
+    """An engine pins (allocates) no host pool until it swaps; swap preemption through the pool keeps the tokens
+    of a run that never preempts."""
+    from pagedserve.engine import LLM, SamplingParams  # noqa: PLC0415
+
+    prompts = [[i % 250 + 1] * (12 + 5 * i) for i in range(4)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(model=tiny_models["llama"], device="cpu").generate(prompts, params)]
+    tight = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=16, preemption_mode="swap",
+                enable_prefix_caching=False, swap_space_gb=0.01)
+    pool = tight.engine.runner.swap_pool
+    assert not pool.allocated and pool.num_blocks > 0
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.stats()["num_swap_preemptions"] > 0 and pool.allocated
+    assert pool.cache.shape[2] == pool.num_blocks and not pool.cache.is_pinned()
+
+
 def test_bench_without_cuda_exits_cleanly(monkeypatch, tmp_path, capsys):
     import typer  # noqa: PLC0415
 
@@ -656,17 +690,18 @@ def test_gpu_get_ops_returns_triton():
     from pagedserve.kernels import get_ops  # noqa: PLC0415
 
     assert get_ops("cuda").name == "triton"
-    assert get_ops("cpu").name == "torch"
+    assert get_ops("cpu").name in ("cpu", "torch")  # the C++ CPU kernel's set, or the reference without it
 
 
 def test_kernel_sets_are_typed_records():
-    """One frozen ``KernelOps`` per implementation; the CPU set is the torch reference itself."""
+    """One frozen ``KernelOps`` per implementation; the torch set is the reference itself (the CPU set, when its
+    extension builds, is tested in test_cpu_kernels.py)."""
     import dataclasses  # noqa: PLC0415
 
-    from pagedserve.kernels import KernelOps, get_ops  # noqa: PLC0415
+    from pagedserve.kernels import CPU_OPS, KernelOps, get_ops  # noqa: PLC0415
 
-    assert get_ops("cpu") is TORCH_OPS
-    for ops in (TORCH_OPS, triton_ops.OPS):
+    assert get_ops("cpu") in (CPU_OPS, TORCH_OPS)
+    for ops in (TORCH_OPS, CPU_OPS, triton_ops.OPS):
         assert isinstance(ops, KernelOps)
         with pytest.raises(dataclasses.FrozenInstanceError):
             ops.write_kv = reference.write_kv
