@@ -1,4 +1,5 @@
-"""Paged-KV kernels: Triton on CUDA (and under ``TRITON_INTERPRET=1``), pure torch everywhere else.
+"""Paged-KV kernels: Triton on CUDA (and under ``TRITON_INTERPRET=1``), a C++ decode attention kernel on the CPU
+(:mod:`.cpu_extension`, compiled on first use; the torch reference where it cannot build), pure torch elsewhere.
 
 ``get_ops(device)`` returns the :class:`KernelOps` the engine builds its model with for tensors on ``device``.
 Every implementation has the signatures of :mod:`pagedserve.kernels.reference`, which documents the layouts.
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from pagedserve.kernels import reference
-from pagedserve.kernels.ops import TORCH_OPS, KernelOps
+from pagedserve.kernels import cpu_extension, reference
+from pagedserve.kernels.ops import CPU_OPS, TORCH_OPS, KernelOps
 
-__all__ = ["KernelOps", "TORCH_OPS", "get_ops", "reference"]
+__all__ = ["CPU_OPS", "KernelOps", "TORCH_OPS", "get_ops", "reference"]
 
 
 def get_ops(device: torch.device | str) -> KernelOps:
-    """The kernel set for ``device``: Triton on CUDA when importable, else the torch reference."""
-    if torch.device(device).type == "cuda":
+    """The kernel set for ``device``: Triton on CUDA when importable; on the CPU, ``CPU_OPS`` when the C++
+    extension builds and loads (the first call may compile it), else the torch reference."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return CPU_OPS if cpu_extension.load() else TORCH_OPS
+    if kind == "cuda":
         try:
             from pagedserve.kernels import triton_ops  # noqa: PLC0415  (optional: needs triton and a GPU)
 

@@ -9,10 +9,11 @@ implementation has the signatures of :mod:`pagedserve.kernels.reference`, which 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pagedserve.kernels import cpu_decode, reference
+from pagedserve.kernels import cpu_decode, cpu_extension, reference
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,9 @@ TORCH_OPS = KernelOps(
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
 )
+
+
+# The CPU set when the C++ extension builds (kernels.get_ops decides): decode attention reads K/V in place
+# through the block table, so there is nothing to plan per step; everything else is the reference.
+CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", paged_decode_attention=cpu_extension.paged_decode_attention,
+                              plan_decode=no_plan)

@@ -1,0 +1,129 @@
+"""The CPU kernels' C++ extension (kernels/csrc/), compiled on first use and loaded once per process.
+
+Why C++ and not torch.compile: inductor cannot index the cache through the block table without first
+gathering it (its generated loop still copies each sequence's blocks), its first compile of a decode step costs
+seconds per distinct shape and recompiles as batch and context change, and on the paged-decode shapes of the
+bench models it was slower than this kernel (docs/benchmarks.md, "CPU paged decode attention"). A C++ kernel
+reads each K/V row once, straight from its block, with the query heads of a KV head sharing it.
+
+``load()`` builds with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler; ``-O3 -march=native``,
+since it compiles on the machine that runs it) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
+``~/.cache/torch_extensions``), keyed by the source's hash, so a second process and a second run only load it.
+If the build fails, ONE warning says why and ``load()`` returns False for the rest of the process: the caller
+falls back to the torch reference. ``PAGEDSERVE_CPU_KERNELS=torch`` skips the extension on purpose (to debug
+against the reference, and to test the fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from pagedserve.kernels import reference
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
+_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+_NAME = "pagedserve_cpu_kernels"
+
+_DTYPES = (torch.float32, torch.bfloat16)  # of q and of the cache; others go to the reference
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "loaded": bool once decided; "why": the reason when not loaded
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() == "torch"
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the extension; True when its ops are registered."""
+    if "loaded" in _state:
+        return bool(_state["loaded"])
+    with _lock:
+        if "loaded" not in _state:
+            why = _build()
+            _state["why"] = why
+            _state["loaded"] = why is None
+            if why is not None and not disabled_by_env():
+                log.warning("CPU attention kernel unavailable, using the torch reference: %s", why)
+    return bool(_state["loaded"])
+
+
+def unavailable_reason() -> str | None:
+    """Why ``load()`` returned False (None when it loaded or has not been tried)."""
+    return _state.get("why")  # type: ignore[return-value]
+
+
+def _build() -> str | None:
+    """None when loaded, else one line saying why not."""
+    if disabled_by_env():
+        return f"{ENV_SWITCH}=torch"
+    _ninja_on_path()
+    from torch.utils import cpp_extension  # noqa: PLC0415  (imports setuptools: only when building)
+
+    try:
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
+        return _missing_tool(cpp_extension) or f"building {_SOURCE.name} failed: {_first_line(exc)}"
+    if not hasattr(torch.ops.pagedserve_cpu, "paged_decode_attention"):
+        return "the extension loaded but registered no paged_decode_attention op"
+    return None
+
+
+def _missing_tool(cpp_extension) -> str | None:
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not found; install g++)"
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the pip package's binary sits in the venv, maybe not on it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # noqa: PLC0415
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, plan=None,
+                           partition_tokens: int = -1) -> torch.Tensor:
+    """:func:`~pagedserve.kernels.reference.paged_decode_attention` by the C++ kernel (``load()`` must be True).
+
+    ``plan`` is unused (the kernel reads the block tables itself). ``partition_tokens``: -1 lets the kernel
+    split long contexts when (sequence, KV head) pairs are fewer than threads; 0 never splits; > 0 forces
+    partitions of that many tokens (the tests use it to reach the split path on small shapes).
+    """
+    if q.dtype not in _DTYPES or k_cache.dtype not in _DTYPES:  # e.g. fp16: the kernel has no fp16 path
+        return reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    torch.ops.pagedserve_cpu.paged_decode_attention(
+        out, q.contiguous(), k_cache, v_cache, _int32(block_tables), _int32(seq_lens), float(scale),
+        partition_tokens)
+    return out
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.stride(-1) == 1 else t.to(torch.int32).contiguous()

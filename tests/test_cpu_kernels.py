@@ -1,0 +1,180 @@
+"""The CPU paged decode attention kernel (C++ extension) against the torch reference.
+
+Inputs are paged the way the engine pages them, but adversarially: shuffled block tables whose entries past a
+sequence's blocks are invalid ids, a cache that is NaN everywhere except the slots holding a sequence's tokens
+(so reading one unused slot or block shows up as NaN), lengths at and around block boundaries, and padding rows
+(``seq_len`` 0, which the model runner's decode batches may carry and which get zeros).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from pagedserve.kernels import CPU_OPS, TORCH_OPS, cpu_extension, get_ops, reference
+
+pytestmark = pytest.mark.skipif(not cpu_extension.load(),
+                                reason=f"CPU kernel unavailable: {cpu_extension.unavailable_reason()}")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+INVALID_BLOCK = 1 << 30  # table entries past a sequence's blocks: must never be dereferenced
+
+
+def _paged(lens, hq, hkv, head_dim, block_size, dtype, seed, spare_blocks=3):
+    """(q, k_cache, v_cache, seq_lens, block_tables): only the slots of each sequence's tokens are finite."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    width = max(blocks_per_seq + [1]) + 1
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.full((len(lens), width), INVALID_BLOCK, dtype=torch.int32)
+    k = torch.full((num_blocks, block_size, hkv, head_dim), float("nan"), dtype=dtype)
+    v = torch.full_like(k, float("nan"))
+    for row, (n, nb) in enumerate(zip(lens, blocks_per_seq)):
+        ids = [order.pop() for _ in range(nb)]
+        tables[row, :nb] = torch.tensor(ids, dtype=torch.int32)
+        for pos in range(n):
+            b, off = ids[pos // block_size], pos % block_size
+            k[b, off] = torch.randn(hkv, head_dim, generator=gen).to(dtype)
+            v[b, off] = torch.randn(hkv, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(lens), hq, head_dim, generator=gen).to(dtype)
+    return q, k, v, torch.tensor(lens, dtype=torch.int32), tables
+
+
+def _check(lens, hq, hkv, head_dim, block_size, dtype, partition_tokens=-1):
+    seed = zlib.crc32(repr((lens, hq, hkv, head_dim, block_size, dtype)).encode())
+    q, k, v, seq_lens, tables = _paged(lens, hq, hkv, head_dim, block_size, dtype, seed)
+    scale = head_dim**-0.5
+    expected = reference.paged_decode_attention(q, k, v, seq_lens, tables, scale)
+    actual = cpu_extension.paged_decode_attention(q, k, v, seq_lens, tables, scale,
+                                                  partition_tokens=partition_tokens)
+    assert actual.dtype == q.dtype and actual.shape == q.shape
+    assert not torch.isnan(actual).any(), "the kernel read an unused (NaN) slot"
+    torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert (actual[seq_lens == 0] == 0).all(), "a padding row must get zeros"
+
+
+def _boundary_lens(block_size):
+    return [1, block_size - 1, block_size, block_size + 1, 3 * block_size, 3 * block_size + 2, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_gqa_ratios(group, dtype):
+    _check(_boundary_lens(16), hq=2 * group, hkv=2, head_dim=64, block_size=16, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_block_sizes_and_head_dims(block_size, head_dim, dtype):
+    _check(_boundary_lens(block_size), hq=4, hkv=2, head_dim=head_dim, block_size=block_size, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_odd_head_dim_and_smollm2_heads(dtype):
+    """A head_dim that is not a multiple of the vector width, and SmolLM2's 9 query / 3 KV heads."""
+    _check([5, 17, 0, 40], hq=6, hkv=3, head_dim=36, block_size=16, dtype=dtype)
+    _check([1, 33, 64, 0, 100], hq=9, hkv=3, head_dim=64, block_size=16, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("partition_tokens", [16, 40, 64])
+def test_split_context(partition_tokens, dtype):
+    """Partitions (rounded up to whole blocks) merged through their max and sum, including partitions past a
+    short sequence's end and a partition boundary inside a block-boundary length."""
+    _check([300, 1, 0, 64, 65], hq=8, hkv=2, head_dim=64, block_size=16, dtype=dtype,
+           partition_tokens=partition_tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_chosen_by_the_kernel(dtype):
+    """One long sequence: fewer (sequence, KV head) items than threads once torch has more threads than KV
+    heads, so the kernel splits the context on its own; with a single thread it must not."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            _check([1500], hq=4, hkv=1, head_dim=64, block_size=32, dtype=dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batch_with_all_rows_padding_and_empty_batch():
+    _check([0, 0, 0], hq=4, hkv=2, head_dim=64, block_size=16, dtype=torch.float32)
+    q = torch.empty(0, 4, 64)
+    k = torch.zeros(2, 16, 2, 64)
+    out = cpu_extension.paged_decode_attention(q, k, k, torch.empty(0, dtype=torch.int32),
+                                               torch.empty(0, 1, dtype=torch.int32), 0.125)
+    assert out.shape == (0, 4, 64)
+
+
+def test_bad_block_id_is_an_error_not_a_crash():
+    q, k, v, seq_lens, tables = _paged([20], 4, 2, 64, 16, torch.float32, seed=1)
+    tables[0, 1] = k.shape[0] + 5
+    with pytest.raises(RuntimeError, match="block_tables holds block id"):
+        cpu_extension.paged_decode_attention(q, k, v, seq_lens, tables, 0.125)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        cpu_extension.paged_decode_attention(q, k, v, torch.tensor([500], dtype=torch.int32), tables, 0.125)
+
+
+def test_int64_tables_and_non_contiguous_q():
+    """The engine's own dtypes are int32; other callers' int64 tables and a strided q are converted."""
+    q, k, v, seq_lens, tables = _paged([17, 3], 4, 2, 64, 16, torch.float32, seed=2)
+    wide_q = torch.cat([q, q], dim=-1)[..., :64]
+    expected = reference.paged_decode_attention(q, k, v, seq_lens, tables, 0.125)
+    actual = cpu_extension.paged_decode_attention(wide_q, k, v, seq_lens.long(), tables.long(), 0.125)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_goes_to_the_reference():
+    q, k, v, seq_lens, tables = _paged([17, 3], 4, 2, 64, 16, torch.float16, seed=3)
+    expected = reference.paged_decode_attention(q, k, v, seq_lens, tables, 0.125)
+    torch.testing.assert_close(cpu_extension.paged_decode_attention(q, k, v, seq_lens, tables, 0.125), expected)
+
+
+def test_cpu_kernel_set():
+    """On the CPU, get_ops picks the extension's set; only decode attention and its plan differ from TORCH_OPS."""
+    assert get_ops("cpu") is CPU_OPS
+    assert CPU_OPS.paged_decode_attention is cpu_extension.paged_decode_attention
+    assert CPU_OPS.plan_decode(torch.tensor([3]), torch.zeros(1, 1, dtype=torch.int32), 16) is None
+    for name in ("write_kv", "paged_attention", "copy_blocks", "swap_blocks", "rms_norm", "rotary_embedding"):
+        assert getattr(CPU_OPS, name) is getattr(TORCH_OPS, name)
+
+
+_FALLBACK_SCRIPT = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+from pagedserve.kernels import TORCH_OPS, get_ops, cpu_extension
+assert get_ops("cpu") is TORCH_OPS and get_ops("cpu") is TORCH_OPS  # the second call neither rebuilds nor warns
+print("REASON", cpu_extension.unavailable_reason())
+"""
+
+
+def _run_fallback(env_overrides, tmp_path):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), **env_overrides}
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_fallback_when_the_compiler_is_missing(tmp_path):
+    """No compiler (a fresh extension cache, so it must build): one warning naming why, then the reference."""
+    proc = _run_fallback({"CXX": "no-such-c++-compiler"}, tmp_path)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, proc.stderr
+    assert "no C++ compiler" in warnings[0] and "torch reference" in warnings[0]
+
+
+def test_env_switch_forces_the_reference(tmp_path):
+    proc = _run_fallback({cpu_extension.ENV_SWITCH: "torch"}, tmp_path)
+    assert "REASON PAGEDSERVE_CPU_KERNELS=torch" in proc.stdout
+    assert "WARNING" not in proc.stderr  # asked for: nothing to warn about
+    assert not any(tmp_path.iterdir()), "the switch must not even start a build"
+
