@@ -32,6 +32,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, A/B benchmarks)
     share_blocks: bool = True  # False: forks copy every block (the baseline block sharing is measured against)
+    # Ranks the model is sharded over (one process each; on CUDA one GPU each, cuda:0 .. cuda:N-1 from the
+    # driver's device on): engine/tensor_parallel.py.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -59,12 +62,25 @@ class EngineConfig:
             fail("enforce_eager", "must be a bool")
         if not isinstance(self.share_blocks, bool):
             fail("share_blocks", "must be a bool")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            fail("tensor_parallel_size", "must be an integer >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             fail("gpu_memory_utilization", "must be in (0, 1]")
         try:
             self.torch_device
         except RuntimeError as exc:
             raise ValueError(f"device {self.device!r} is not usable: {exc}") from exc
+        dev = self.torch_device
+        if dev.type == "cuda" and (dev.index or 0) + self.tensor_parallel_size > torch.cuda.device_count():
+            fail("tensor_parallel_size", f"needs one GPU per rank from {dev} on; {torch.cuda.device_count()} visible")
+        if dev.type not in ("cpu", "cuda") and self.tensor_parallel_size > 1:
+            fail("tensor_parallel_size", f"> 1 needs a cpu or cuda device, not {dev.type}")
+
+    def rank_device(self, rank: int) -> str:
+        """The device of tensor-parallel rank ``rank``: the next GPU along from the driver's, or the CPU."""
+        dev = self.torch_device
+        return f"cuda:{(dev.index or 0) + rank}" if dev.type == "cuda" else str(dev)
 
     @property
     def torch_device(self) -> torch.device:

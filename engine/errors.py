@@ -3,3 +3,8 @@
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit ``max_model_len`` (with room for at least one generated token)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot run another step (a tensor-parallel rank died or a collective failed): the process
+    that owns it should end, so that its requests go to another one."""

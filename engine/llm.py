@@ -15,13 +15,18 @@ class LLM:
     def __init__(self, model: str | None = None, block_size: int = 16, num_gpu_blocks: int | None = None,
                  swap_space_gb: float = 4.0, preemption_mode: str = "auto", enable_prefix_caching: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-                 device: str = "auto", dtype: str = "auto", seed: int = 0, **kwargs) -> None:
+                 device: str = "auto", dtype: str = "auto", seed: int = 0, tensor_parallel_size: int = 1,
+                 **kwargs) -> None:
         self.engine = LLMEngine(
             model, block_size=block_size, num_gpu_blocks=num_gpu_blocks, swap_space_gb=swap_space_gb,
             preemption_mode=preemption_mode, enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, device=device, dtype=dtype,
-            seed=seed, **kwargs)
+            seed=seed, tensor_parallel_size=tensor_parallel_size, **kwargs)
         self._counter = 0
+
+    def close(self) -> None:
+        """Stop the tensor-parallel rank processes, if any (they also stop when this process exits)."""
+        self.engine.close()
 
     @property
     def tokenizer(self):

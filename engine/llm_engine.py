@@ -60,7 +60,16 @@ class LLMEngine:
         self.special_ids = set(self.tokenizer.all_special_ids)
 
         torch.manual_seed(self.config.seed)
-        self.runner = ModelRunner(self.config, model_dir, hf_config, self.max_model_len, self.max_num_batched_tokens)
+        if self.config.tensor_parallel_size > 1:
+            from pagedserve.engine.parallel_layers import check_divisible
+            from pagedserve.engine.tensor_parallel import TensorParallelRunner
+
+            check_divisible(hf_config, self.config.tensor_parallel_size)  # refused before any process starts
+            self.runner = TensorParallelRunner(self.config, model_dir, hf_config, self.max_model_len,
+                                               self.max_num_batched_tokens)
+        else:
+            self.runner = ModelRunner(self.config, model_dir, hf_config, self.max_model_len,
+                                      self.max_num_batched_tokens)
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
                                           self.config.block_size, self.config.enable_prefix_caching,
                                           self.config.share_blocks)
@@ -239,6 +248,10 @@ class LLMEngine:
             if not seq.finished:
                 seq.finish_reason = reason
         return self._finish(req)
+
+    def close(self) -> None:
+        """Release what outlives the object: the tensor-parallel rank processes (nothing at one rank)."""
+        self.runner.close()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._ready)

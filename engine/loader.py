@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
 
 from pagedserve.engine.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+from pagedserve.engine.parallel_layers import SINGLE, TensorParallelGroup, replicated_weight_loader
 from pagedserve.kernels import KernelOps
 
-# HF shard name -> (our fused parameter, shard index); shard order fixes the fused layout.
+# HF shard name -> (our fused parameter, part index); the part order fixes the fused layout.
 _FUSED = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
@@ -26,6 +26,8 @@ def load_config(model_dir: str | Path):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"model {str(path)!r} is not a model directory (no config.json)")
+    from transformers import AutoConfig  # here: a tensor-parallel rank gets its config without transformers
+
     config = AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and config.model_type not in SUPPORTED_ARCHITECTURES.values():
@@ -34,17 +36,11 @@ def load_config(model_dir: str | Path):
     return config
 
 
-def _shard_offsets(model: LlamaForCausalLM, fused: str) -> list[int]:
-    attn = model.layers[0].self_attn
-    if fused == "qkv_proj":
-        return [0, attn.q_size, attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size]
-    inter = model.layers[0].mlp.intermediate
-    return [0, inter, 2 * inter]
-
-
 def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.device, max_positions: int,
-               ops: KernelOps) -> LlamaForCausalLM:
-    """Build the model on ``device`` in ``dtype`` with the kernel set ``ops`` and copy every checkpoint tensor into it.
+               ops: KernelOps, tp: TensorParallelGroup = SINGLE) -> LlamaForCausalLM:
+    """Build the model (rank ``tp.rank``'s shard of it) on ``device`` in ``dtype`` with the kernel set ``ops`` and
+    fill every parameter from the checkpoint, reading only the rows or columns of each tensor that this rank
+    holds (``safe_open(...).get_slice``). ``model.checkpoint_bytes_read`` is the number of checkpoint bytes read.
 
     Every parameter must be filled exactly once (tied ``lm_head`` excepted); a missing or unexpected tensor is
     an error rather than a silently random weight.
@@ -54,7 +50,7 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     if not files:
         raise ValueError(f"model {str(path)!r} has no *.safetensors files")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions, ops)
+        model = LlamaForCausalLM(config, max_positions, ops, tp)
     model = model.to_empty(device=device)
     # Rotary tables are buffers computed from config, not checkpoint weights: rebuild them on the device.
     rotary = model.layers[0].self_attn.rotary
@@ -65,39 +61,40 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
 
     params = dict(model.named_parameters())
     filled: set[str] = set()
+    bytes_read = 0
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                tensor = f.get_tensor(name)
-                target, rows = _target(model, name, params)
+                target, part = _target(model, name, params)
                 if target is None:
                     if name == "lm_head.weight" and model.tie_word_embeddings:
                         continue
                     raise ValueError(f"unexpected tensor {name!r} in {file.name}")
-                param = params[target]
-                with torch.no_grad():
-                    dst = param if rows is None else param[rows[0]:rows[1]]
-                    if dst.shape != tensor.shape:
-                        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-                    dst.copy_(tensor.to(dtype))
+                module_name, _, _ = target.rpartition(".")
+                loader = getattr(model.get_submodule(module_name), "weight_loader", replicated_weight_loader)
+                try:
+                    read = loader(params[target], f.get_slice(name), part)
+                except ValueError as exc:
+                    raise ValueError(f"tensor {name!r} {exc}") from None
+                bytes_read += read.numel() * read.element_size()
                 filled.add(name)
     expected = _expected_names(model)
     missing = sorted(expected - filled)
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.checkpoint_bytes_read = bytes_read
     return model.eval()
 
 
-def _target(model: LlamaForCausalLM, hf_name: str, params: dict) -> tuple[str | None, tuple[int, int] | None]:
-    """Our parameter name for an HF tensor name, and the row range for a fused shard."""
+def _target(model: LlamaForCausalLM, hf_name: str, params: dict) -> tuple[str | None, int | None]:
+    """Our parameter name for an HF tensor name, and the part index for a fused shard."""
     name = hf_name.removeprefix("model.")
     parts = name.split(".")
     for shard, (fused, index) in _FUSED.items():
         if shard in parts:
-            offsets = _shard_offsets(model, fused)
-            return name.replace(shard, fused), (offsets[index], offsets[index + 1])
+            return name.replace(shard, fused), index
     if name == "lm_head.weight":
         return (name if not model.tie_word_embeddings else None), None
     return (name if name in params else None), None

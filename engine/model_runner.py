@@ -6,11 +6,16 @@ step into a ``StepContext`` that every attention layer reads. The model is built
 (``kernels.get_ops``) and keeps it. Pending block swaps and copies run first, in the order swap-out, swap-in,
 copy-on-write. On CUDA, decode-only steps replay captured graphs (:mod:`pagedserve.engine.cuda_graphs`) unless
 ``enforce_eager`` is set.
+
+Under tensor parallelism every rank runs a ModelRunner over its shard of the model and its heads' share of the
+KV pool (same block ids everywhere): the driver turns the scheduler output into a ``StepPlan`` of plain integers
+(``plan``), sends it to the other ranks (engine/tensor_parallel.py), and every rank runs ``execute_plan`` on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +24,7 @@ from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model
+from pagedserve.engine.parallel_layers import SINGLE, TensorParallelGroup
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
 from pagedserve.engine.swap_pool import SwapPool
@@ -32,17 +38,44 @@ CPU_KV_FALLBACK_BYTES = 1 * GIB  # where the available memory is unknown
 
 
 @dataclass
+class StepPlan:
+    """One step as integers only: everything a rank needs to run it, nothing it cannot have (no Sequence).
+
+    Invariants: ``input_ids``, ``positions`` and ``slot_mapping`` have one entry per new token;
+    ``cu_seqlens_q`` has one more entry than ``seq_lens``; ``block_tables`` is ``[len(seq_lens), width]``;
+    ``sample_rows`` index the flat tokens whose logits are wanted, in ``sample_seqs`` order (``sample_seqs``
+    is the driver's alone and never sent). Block ops are (src, dst) pairs.
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    cu_seqlens_q: list[int]
+    seq_lens: list[int]
+    block_tables: np.ndarray
+    decode_only: bool
+    sample_rows: list[int]
+    swap_out: list[tuple[int, int]]
+    swap_in: list[tuple[int, int]]
+    copies: list[tuple[int, int]]
+    sample_seqs: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     context: StepContext
-    sample_rows: list[tuple[Sequence, int]]  # (sequence, index of its last new token in the flat batch)
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
-                 max_num_batched_tokens: int, ops: KernelOps | None = None) -> None:
-        """``ops``: the kernel set to build the model with (default: ``get_ops`` of the device)."""
+                 max_num_batched_tokens: int, ops: KernelOps | None = None, tp: TensorParallelGroup = SINGLE,
+                 agree_num_blocks: Callable[[int], int] | None = None) -> None:
+        """``ops``: the kernel set to build the model with (default: ``get_ops`` of the device). ``tp``: this
+        process's rank (default: the only one). ``agree_num_blocks``: given this rank's KV pool size in blocks,
+        returns the size every rank uses (the ranks' pools must hold the same block ids); called once, after
+        the weights are loaded and before the pool is allocated."""
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
@@ -50,7 +83,8 @@ class ModelRunner:
         self.ops = ops if ops is not None else get_ops(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_model_len, self.ops)
+        self.tp = tp
+        self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_model_len, self.ops, tp)
         if self.device.type == "cpu":
             _transpose_linear_storage(self.model)
         attn = self.model.layers[0].self_attn
@@ -62,6 +96,8 @@ class ModelRunner:
 
         max_useful = config.max_num_seqs * -(-max_model_len // self.block_size)
         self.num_gpu_blocks = config.num_gpu_blocks or min(self._blocks_from_memory(max_num_batched_tokens), max_useful)
+        if agree_num_blocks is not None:
+            self.num_gpu_blocks = agree_num_blocks(self.num_gpu_blocks)
         if self.num_gpu_blocks < 1:
             raise ValueError("num_gpu_blocks: not enough memory for a single KV block")
         self.num_cpu_blocks = int(config.swap_space_gb * GIB // self.block_bytes)
@@ -93,7 +129,8 @@ class ModelRunner:
         return max(0, int(budget // self.block_bytes))
 
     # ------------------------------------------------------------------ per step
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def plan(self, sched: SchedulerOutput) -> StepPlan:
+        """The step's flat token batch, attention metadata and block ops, from the scheduler's output."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -101,7 +138,8 @@ class ModelRunner:
         cu = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        sample_rows: list[tuple[Sequence, int]] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
         decode_only = True
         for item in sched.scheduled:
             for seq, n in item.seqs:
@@ -121,27 +159,32 @@ class ModelRunner:
                 seq_lens.append(end)
                 tables.append(table)
                 if end == seq.num_tokens:
-                    sample_rows.append((seq, cu[-1] - 1))
+                    sample_rows.append(cu[-1] - 1)
+                    sample_seqs.append(seq)
         # Row by row into a zeroed array: cheaper than torch.tensor over padded nested lists at long contexts.
-        block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+        block_tables = np.zeros((len(tables), max(map(len, tables), default=0)), dtype=np.int32)
         for i, table in enumerate(tables):
             block_tables[i, :len(table)] = table
+        return StepPlan(input_ids, positions, slots, cu, seq_lens, block_tables, decode_only, sample_rows,
+                        list(sched.swap_out), list(sched.swap_in), list(sched.copies), sample_seqs)
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        """The plan's tensors on the device (lists, arrays or CPU tensors alike: a rank's plan was unpacked)."""
         dev = self.device
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-        block_tables_t = torch.from_numpy(block_tables).to(dev)
+        seq_lens_t = torch.as_tensor(plan.seq_lens, dtype=torch.int32, device=dev)
+        block_tables_t = torch.as_tensor(plan.block_tables, dtype=torch.int32, device=dev)
         ctx = StepContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            slot_mapping=torch.as_tensor(plan.slot_mapping, dtype=torch.int64, device=dev),
+            cu_seqlens_q=torch.as_tensor(plan.cu_seqlens_q, dtype=torch.int32, device=dev),
             seq_lens=seq_lens_t,
             block_tables=block_tables_t,
-            decode_only=decode_only,
-            decode_plan=self.ops.plan_decode(seq_lens_t, block_tables_t, bs) if decode_only else None,
+            decode_only=plan.decode_only,
+            decode_plan=self.ops.plan_decode(seq_lens_t, block_tables_t, self.block_size) if plan.decode_only else None,
         )
         return StepInputs(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
+            torch.as_tensor(plan.input_ids, dtype=torch.int64, device=dev),
+            torch.as_tensor(plan.positions, dtype=torch.int64, device=dev),
             ctx,
-            sample_rows,
         )
 
     def apply_block_ops(self, sched: SchedulerOutput) -> None:
@@ -153,13 +196,18 @@ class ModelRunner:
             self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
                                  torch.tensor(dst, device=self.device))
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the step; return float32 logits for every sequence that reached its last token, and those sequences."""
-        self.apply_block_ops(sched)
-        if not sched.scheduled:
-            return torch.empty(0), []
-        inputs = self.prepare(sched)
+        plan = self.plan(sched)
+        return self.execute_plan(plan), plan.sample_seqs
+
+    @torch.inference_mode()
+    def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run one planned step: float32 logits of the plan's sample rows (None on a rank other than 0)."""
+        self.apply_block_ops(plan)
+        if not len(plan.seq_lens):
+            return torch.empty(0)
+        inputs = self.prepare(plan)
         ctx = inputs.context
         graphs = self.decode_graphs
         if ctx.decode_only and graphs is not None and graphs.covers(*ctx.block_tables.shape):
@@ -167,11 +215,13 @@ class ModelRunner:
         else:
             with step_context(ctx):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-        if not inputs.sample_rows:
-            return torch.empty(0), []
-        rows = torch.tensor([r for _, r in inputs.sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return logits, [s for s, _ in inputs.sample_rows]
+        if not len(plan.sample_rows):
+            return torch.empty(0)
+        rows = torch.as_tensor(plan.sample_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def close(self) -> None:
+        """Nothing to release for a single process (the tensor-parallel runner stops its ranks here)."""
 
 
 def _transpose_linear_storage(model: torch.nn.Module) -> None:

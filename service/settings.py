@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0, validation_alias=AliasChoices(
         "grace_period_s", "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
+    tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
     max_message_bytes: int = Field(1 << 20, ge=256)  # larger stream entries are dead-lettered
     lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
     read_block_ms: int = Field(50, ge=1)  # XREADGROUP BLOCK while the engine is idle
@@ -122,4 +123,5 @@ class Settings(BaseSettings):
             seed=self.seed,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
         )

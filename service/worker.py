@@ -35,6 +35,8 @@ from typing import Any
 
 import redis
 
+from pagedserve.engine.errors import EngineDeadError
+
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .claims import Claims
@@ -179,6 +181,8 @@ class Worker(WorkerPart):
                 try:
                     self.iterate()
                     failures = 0
+                except EngineDeadError:
+                    raise  # no further step can run: exit non-zero, the entries go back to the stream below
                 except Exception:
                     # A bug must not take the fleet down on one bad request; a persistent one ends the process
                     # (non-zero exit: the orchestrator restarts it and redelivery/dead-lettering takes over).
@@ -262,6 +266,9 @@ class Worker(WorkerPart):
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError as e:
+            self.log.error("engine_dead", error=str(e))
+            raise
         except Exception as e:
             # No request is to blame: none is answered; their entries go back to the stream (running.py).
             self.log.exception("engine_step_failed")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.engine.context import get_context
+from pagedserve.engine.parallel_layers import (SINGLE, ColumnParallelLinear, ParallelLMHead, Part, RowParallelLinear,
+                                               TensorParallelGroup, VocabParallelEmbedding, check_divisible,
+                                               gather_logits)
 from pagedserve.kernels import KernelOps
 
 SUPPORTED_ARCHITECTURES = {
@@ -112,17 +114,28 @@ class PagedAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, ops: KernelOps) -> None:
+    """This rank's query heads and the KV heads they read (all of them at ``tp.size == 1``).
+
+    With fewer KV heads than ranks each rank holds the one KV head its query heads share (``check_divisible``
+    guarantees the ranks split evenly over the KV heads).
+    """
+
+    def __init__(self, config, rotary: RotaryEmbedding, ops: KernelOps, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads = total_heads // tp.size
+        self.num_kv_heads = max(1, total_kv // tp.size)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         o_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = o_bias or config.model_type == "qwen2"  # Qwen2 always has q/k/v bias, never o bias
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        kv_part = Part(self.head_dim, total_kv, tp.rank * total_kv // tp.size, self.num_kv_heads)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [Part(self.head_dim, total_heads, tp.rank * self.num_heads, self.num_heads), kv_part, kv_part],
+            bias=qkv_bias, tp=tp)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias, tp=tp)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
@@ -144,12 +157,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, ops: KernelOps) -> None:
+    def __init__(self, config, ops: KernelOps, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
         self.ops = ops
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate = config.intermediate_size // tp.size  # this rank's share
+        part = Part(1, config.intermediate_size, tp.rank * self.intermediate, self.intermediate)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [part, part], bias=False, tp=tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp=tp)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
 
@@ -158,10 +172,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, ops: KernelOps) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, ops: KernelOps, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(config, rotary, ops)
-        self.mlp = MLP(config, ops)
+        self.self_attn = Attention(config, rotary, ops, tp)
+        self.mlp = MLP(config, ops, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -179,22 +193,27 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder; every layer calls the kernel set ``ops`` it was built with (``kernels.get_ops``)."""
+    """The decoder; every layer calls the kernel set ``ops`` it was built with (``kernels.get_ops``).
 
-    def __init__(self, config, max_positions: int, ops: KernelOps) -> None:
+    ``tp``: this process's rank among the tensor-parallel ranks; each holds its shard of every large weight
+    (engine/parallel_layers.py) and ``compute_logits`` returns the full logits on rank 0 only.
+    """
+
+    def __init__(self, config, max_positions: int, ops: KernelOps, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
         self.ops = ops
         if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise ValueError(f"model_type {config.model_type!r} is not supported")
-        self.config = config
+        check_divisible(config, tp.size)
+        self.config, self.tp = config, tp
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(config, head_dim, max_positions, ops)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, ops) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, ops, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` for the flattened tokens of one step."""
@@ -203,9 +222,10 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(positions, h, residual)
         return self.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """float32 logits ``[n, vocab_size]``; on a rank other than 0, None (its slice went to rank 0)."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return gather_logits(hidden, weight, self.config.vocab_size, self.tp)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -1,0 +1,337 @@
+"""Tensor parallelism: the driver (rank 0, in the engine process) and the rank processes it starts and watches.
+
+The driver owns everything but the other ranks' shards: scheduler, block manager, sampler, the service loop. It
+starts ``tensor_parallel_size - 1`` rank processes (multiprocessing ``spawn``), and every step sends them the
+step as one packed int64 tensor over a gloo broadcast (``StepChannel``); each rank runs the same ``ModelRunner``
+step on its shard, the row-parallel layers all-reduce, and the logits are gathered on the driver.
+
+Why a broadcast of one packed tensor rather than shared memory: it is the same code on one node and on many
+(a shared-memory ring would need a second path across nodes), it needs no polling loop on the ranks, and a step
+description is a few kilobytes, which gloo moves in tens of microseconds against a step of milliseconds
+(docs/benchmarks.md). The header (sizes) goes first as a fixed 12-integer broadcast, then the body.
+
+Lifecycle invariants:
+  * Start-up: each rank loads its shard and reports its KV pool size (or its error) over its own pipe; the
+    driver fails fast with the first rank's error or exit, else sends every rank the smallest pool size, and
+    then all join the process group. A rank that cannot start never leaves the driver waiting on a collective.
+  * A rank dies with the driver, also on SIGKILL of the driver: ``PR_SET_PDEATHSIG`` plus a watchdog thread
+    that polls the parent pid.
+  * A rank that dies (or a step that fails on the driver's side of a collective) makes every later step raise
+    ``EngineDeadError``: the ranks' state is no longer known to agree, so the engine cannot go on.
+  * Messages on the pipes are JSON; nothing is pickled after the processes start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.errors import EngineDeadError
+from pagedserve.engine.model_runner import ModelRunner, StepPlan
+from pagedserve.engine.parallel_layers import TensorParallelGroup
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 900.0  # loading a large shard from a network disk takes minutes
+COLLECTIVE_TIMEOUT_S = 300.0  # a forward's all-reduce: a hung rank fails the step after this long
+STOP_JOIN_S = 10.0
+HEADER_LEN = 12
+_STEP, _STOP = 1, 0
+
+
+# ------------------------------------------------------------------------------------------ step channel
+class StepChannel:
+    """The driver's step plans to every rank: a 12-integer header broadcast, then one packed int64 body.
+
+    Header: kind, tokens, sequences, block-table width, sample rows, swap-outs, swap-ins, copies, decode_only,
+    body length. Body: input ids, positions, slots (one each per token), cu_seqlens_q, seq_lens, block tables
+    (row-major), sample rows, then the (src, dst) pairs of the three block-op lists.
+    """
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.seconds = 0.0  # host time the driver spent sending (for the benchmark)
+        self.steps = 0
+
+    def send(self, plan: StepPlan) -> None:
+        t = time.perf_counter()
+        parts = [plan.input_ids, plan.positions, plan.slot_mapping, plan.cu_seqlens_q, plan.seq_lens,
+                 plan.block_tables.ravel(), plan.sample_rows, plan.swap_out, plan.swap_in, plan.copies]
+        body = np.concatenate([np.asarray(p, dtype=np.int64).ravel() for p in parts])
+        num_seqs, width = plan.block_tables.shape if len(plan.seq_lens) else (0, 0)
+        header = torch.tensor([_STEP, len(plan.input_ids), num_seqs, width, len(plan.sample_rows),
+                               len(plan.swap_out), len(plan.swap_in), len(plan.copies), int(plan.decode_only),
+                               body.size, 0, 0], dtype=torch.int64)
+        dist.broadcast(header, 0, group=self.group)
+        dist.broadcast(torch.from_numpy(body), 0, group=self.group)
+        self.seconds += time.perf_counter() - t
+        self.steps += 1
+
+    def send_stop(self) -> None:
+        dist.broadcast(torch.zeros(HEADER_LEN, dtype=torch.int64), 0, group=self.group)
+
+    def recv(self) -> StepPlan | None:
+        """The next step's plan (on a rank other than 0), or None when the driver stops."""
+        header = torch.empty(HEADER_LEN, dtype=torch.int64)
+        dist.broadcast(header, 0, group=self.group)
+        kind, tokens, seqs, width, samples, outs, ins, copies, decode_only, size = header[:10].tolist()
+        if kind == _STOP:
+            return None
+        body = torch.empty(size, dtype=torch.int64)
+        dist.broadcast(body, 0, group=self.group)
+        arr = body.numpy()
+        cuts = np.cumsum([tokens, tokens, tokens, seqs + 1, seqs, seqs * width, samples,
+                          2 * outs, 2 * ins, 2 * copies])
+        ids, pos, slots, cu, lens, tables, rows, out, inn, cp, _ = np.split(arr, cuts)
+        pairs = lambda a: [tuple(p) for p in a.reshape(-1, 2).tolist()]  # noqa: E731
+        return StepPlan(ids, pos, slots, cu, lens, tables.reshape(seqs, width), bool(decode_only), rows,
+                        pairs(out), pairs(inn), pairs(cp))
+
+
+# ------------------------------------------------------------------------------------------ rank process
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the driver does, even on its SIGKILL: the kernel's parent-death signal, and a thread polling
+    the parent pid for where that signal cannot be set or the parent died before it was."""
+    try:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _send(conn: Connection, **msg) -> None:
+    conn.send_bytes(json.dumps(msg).encode())
+
+
+def _recv(conn: Connection) -> dict:
+    return json.loads(conn.recv_bytes())
+
+
+def _init_groups(tp: TensorParallelGroup, device: torch.device, init_method: str):
+    """Join the process group (NCCL between GPUs, gloo on the CPU); return the gloo group steps travel on.
+
+    The step channel has its own gloo group without a useful timeout: an idle engine leaves the ranks waiting
+    in its broadcast for as long as it likes, while the forward's collectives keep ``COLLECTIVE_TIMEOUT_S``.
+    """
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=tp.rank, world_size=tp.size,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    tp.group = dist.group.WORLD
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
+def _rank_main(rank: int, size: int, config: dict, model_dir: str, hf_config: dict, max_model_len: int,
+               max_num_batched_tokens: int, init_method: str, conn: Connection, parent_pid: int) -> None:
+    """A rank process: load the shard, agree on the pool, then run every step the driver sends until it stops."""
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    tp = TensorParallelGroup(rank, size)
+    group = None
+
+    def agree(num_blocks: int) -> int:
+        nonlocal group
+        _send(conn, num_gpu_blocks=num_blocks)
+        agreed = _recv(conn)["num_gpu_blocks"]
+        group = _init_groups(tp, torch.device(cfg.device), init_method)
+        return agreed
+
+    try:
+        cfg = EngineConfig(**config)
+        torch.manual_seed(cfg.seed)
+        # The driver's parsed config as attributes: the rank need not import transformers (seconds per start).
+        runner = ModelRunner(cfg, model_dir, SimpleNamespace(**hf_config), max_model_len, max_num_batched_tokens,
+                             tp=tp, agree_num_blocks=agree)
+        channel = StepChannel(group)
+        log.info("tensor-parallel rank %d of %d ready on %s", rank, size, cfg.device)
+        while (plan := channel.recv()) is not None:
+            runner.execute_plan(plan)
+    except BaseException as exc:
+        log.exception("tensor-parallel rank %d failed", rank)
+        try:
+            _send(conn, error=f"{type(exc).__name__}: {exc}")
+        except OSError:
+            pass
+        os._exit(1)  # no clean-up that could wait on a collective the others will never join
+    log.info("tensor-parallel rank %d stopped", rank)
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's model runner: starts and supervises the other ranks and sends each step to them first."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
+                 max_num_batched_tokens: int) -> None:
+        size = config.tensor_parallel_size
+        self._procs: list[mp.Process] = []
+        self._conns: list[Connection] = []
+        self._dead: EngineDeadError | None = None
+        self._closed = False
+        self.channel: StepChannel | None = None
+        self._threads = torch.get_num_threads()
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        # Each rank is its own engine process config-wise: its device, the driver's dtype (the rank's config
+        # carries no torch dtype), and no further ranks of its own.
+        dtype = config.torch_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
+        hf_dict = hf_config.to_dict()
+        for rank in range(1, size):
+            rank_config = dataclasses.asdict(dataclasses.replace(
+                config, device=config.rank_device(rank), dtype=str(dtype).removeprefix("torch."),
+                tensor_parallel_size=1))
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_rank_main, name=f"pagedserve-tp-rank{rank}", daemon=True,
+                args=(rank, size, rank_config, str(model_dir), hf_dict, max_model_len,
+                      max_num_batched_tokens, init_method, theirs, os.getpid()))
+            proc.start()
+            theirs.close()
+            self._procs.append(proc)
+            self._conns.append(ours)
+        log.info("tensor-parallel: started ranks 1..%d (pids %s)", size - 1, [p.pid for p in self._procs])
+        tp = TensorParallelGroup(0, size)
+
+        def agree(num_blocks: int) -> int:
+            agreed = min([num_blocks, *self._wait_ready()])
+            for conn in self._conns:
+                _send(conn, num_gpu_blocks=agreed)
+            self.channel = StepChannel(_init_groups(tp, config.torch_device, init_method))
+            return agreed
+
+        if config.torch_device.type == "cpu":
+            torch.set_num_threads(max(1, self._threads // size))  # the ranks share this machine's cores
+        try:
+            super().__init__(config, model_dir, hf_config, max_model_len, max_num_batched_tokens, tp=tp,
+                             agree_num_blocks=agree)
+        except BaseException:
+            self.close()
+            raise
+        log.info("tensor-parallel: %d ranks ready, %d KV blocks each", size, self.num_gpu_blocks)
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def _wait_ready(self) -> list[int]:
+        """Every other rank's KV pool size, or the first failure: a rank's error, its exit, or the timeout."""
+        blocks: dict[int, int] = {}
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(blocks) < len(self._procs):
+            waiting = [r for r in range(len(self._procs)) if r not in blocks]
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait([self._conns[r] for r in waiting] + [self._procs[r].sentinel for r in waiting],
+                                     timeout=left):
+                raise RuntimeError(f"tensor-parallel: ranks {[r + 1 for r in waiting]} not ready after "
+                                   f"{START_TIMEOUT_S:.0f} s")
+            for r in waiting:
+                msg = self._poll(r)
+                if msg is not None and "num_gpu_blocks" in msg:
+                    blocks[r] = msg["num_gpu_blocks"]
+                elif msg is not None or self._procs[r].exitcode is not None:
+                    raise RuntimeError(f"tensor-parallel rank {r + 1} failed to start: "
+                                       f"{self._describe(r, msg)}")
+        return list(blocks.values())
+
+    def _poll(self, r: int, timeout: float = 0.0) -> dict | None:
+        """Rank ``r + 1``'s next message, {} if its pipe closed, None if it said nothing."""
+        conn = self._conns[r]
+        try:
+            return _recv(conn) if conn.poll(timeout) else None
+        except (EOFError, OSError):
+            return {}
+
+    def _describe(self, r: int, msg: dict | None) -> str:
+        if msg and "error" in msg:
+            return msg["error"]
+        proc = self._procs[r]
+        proc.join(1.0)
+        return f"exited with code {proc.exitcode}" if proc.exitcode is not None else "closed its pipe"
+
+    # ---------------------------------------------------------------------------------------- per step
+    def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        if self._dead is not None:
+            raise self._dead
+        for r, proc in enumerate(self._procs):
+            if proc.exitcode is not None:
+                self._dead = EngineDeadError(f"tensor-parallel rank {r + 1} {self._describe(r, self._poll(r))}")
+                raise self._dead
+        try:
+            self.channel.send(plan)
+            return super().execute_plan(plan)
+        except Exception as exc:
+            self._dead = self._failure(exc)
+            raise self._dead from exc
+
+    def _failure(self, exc: Exception) -> EngineDeadError:
+        """What took the step down: the first rank that died or reported an error, else the driver's error."""
+        deadline = time.monotonic() + 2.0  # a dying rank's exit and message lag the broken collective a little
+        while time.monotonic() < deadline:
+            for r, proc in enumerate(self._procs):
+                msg = self._poll(r)
+                if proc.exitcode is not None or msg:
+                    return EngineDeadError(f"tensor-parallel rank {r + 1} {self._describe(r, msg)}")
+            time.sleep(0.05)
+        return EngineDeadError(f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}")
+
+    @property
+    def comm_seconds(self) -> float:
+        """Driver-side host time in communication: step broadcasts, all-reduces and the logits gather."""
+        return self.tp.comm_seconds + (self.channel.seconds if self.channel else 0.0)
+
+    # ---------------------------------------------------------------------------------------- shutdown
+    def close(self) -> None:
+        """Stop the ranks (a stop message when they are healthy, else SIGKILL) and leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.channel is not None and self._dead is None and all(p.exitcode is None for p in self._procs):
+            try:
+                self.channel.send_stop()
+            except Exception:
+                log.warning("tensor-parallel: stop message not delivered; killing the ranks")
+        for proc in self._procs:
+            proc.join(STOP_JOIN_S if self._dead is None else 0.0)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(STOP_JOIN_S)
+        for conn in self._conns:
+            conn.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(self._threads)
+        log.info("tensor-parallel: ranks stopped")

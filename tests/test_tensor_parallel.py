@@ -1,0 +1,212 @@
+"""Tensor parallelism on the CPU (gloo, fp32): TP=2 generates what TP=1 generates, the loader reads each rank's
+shard only, head counts that cannot be split are refused, and the rank processes live and die with the driver.
+
+Every TP=2 engine starts a rank process (seconds on a busy machine), so each one runs as much as it can: one
+mixed batch with chunked prefill, prefix-cache hits, a preemption mode, n-sampling and beam search.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from conftest import write_tiny
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.errors import EngineDeadError
+from pagedserve.engine.loader import load_config, load_model
+from pagedserve.engine.parallel_layers import TensorParallelGroup
+from pagedserve.kernels import get_ops
+
+pytestmark = pytest.mark.slow
+
+
+def _workload(seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """A batch that mixes prompt lengths (chunked at 24 tokens a step), a shared 24-token prefix, greedy,
+    seeded n-sampling and beam search."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(256) for _ in range(24)]
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (1, 9, 17, 40)]
+    prompts += [shared + [rng.randrange(256) for _ in range(k)] for k in (3, 11)]
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    params = [greedy] * len(prompts)
+    prompts += [prompts[2], prompts[3]]
+    params += [SamplingParams(max_tokens=8, n=2, temperature=0.8, seed=5, ignore_eos=True),
+               SamplingParams(max_tokens=6, beam_width=2, n=2)]
+    return prompts, params
+
+
+def _run(llm: LLM, seed: int) -> list[list[list[int]]]:
+    prompts, params = _workload(seed)
+    llm.generate([prompts[4][:24] + [1]], SamplingParams(max_tokens=1))  # the shared prefix, cached before
+    return [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params)]
+
+
+# family -> engine options: both preemption modes, KV heads split (2 over 2 ranks) and replicated (1 head).
+CASES = {
+    "llama": dict(preemption_mode="swap"),
+    "mistral": dict(preemption_mode="recompute"),
+    "qwen2": dict(preemption_mode="swap", kv_heads=1),
+    "qwen3": dict(preemption_mode="recompute"),
+}
+
+
+def _engine_kw(case: dict) -> dict:
+    return dict(device="cpu", block_size=8, num_gpu_blocks=14, max_num_batched_tokens=24, swap_space_gb=0.01,
+                preemption_mode=case["preemption_mode"])
+
+
+@pytest.fixture(scope="module")
+def tp_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp_models")
+    out = {}
+    for family, case in CASES.items():
+        extra = {"num_key_value_heads": case["kv_heads"]} if "kv_heads" in case else {}
+        out[family] = str(write_tiny(root / family, family, **extra))
+    return out
+
+
+def _check_same(family: str, model: str, llm2: LLM) -> None:
+    kw = _engine_kw(CASES[family])
+    llm1 = LLM(model=model, **kw)
+    want = _run(llm1, seed=len(family))
+    got = _run(llm2, seed=len(family))
+    assert got == want
+    stats1, stats2 = llm1.stats(), llm2.stats()
+    for stats in (stats1, stats2):
+        assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] >= 24
+        assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
+    if CASES[family]["preemption_mode"] == "swap":
+        assert stats2["num_swapped_out_blocks"] > 0
+    else:
+        assert stats2["num_recompute_preemptions"] > 0
+    assert {k: stats2[k] for k in ("num_steps", "num_preemptions")} == \
+        {k: stats1[k] for k in ("num_steps", "num_preemptions")}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_tp2_generates_what_tp1_generates(family, tp_models):
+    llm2 = LLM(model=tp_models[family], tensor_parallel_size=2, **_engine_kw(CASES[family]))
+    try:
+        _check_same(family, tp_models[family], llm2)
+    finally:
+        llm2.close()
+    assert all(not _alive(pid) for pid in llm2.engine.runner.rank_pids)
+
+
+def test_tp2_matches_then_a_killed_rank_takes_the_engine_down(tp_models):
+    llm2 = LLM(model=tp_models["qwen3"], tensor_parallel_size=2, **_engine_kw(CASES["qwen3"]))
+    try:
+        _check_same("qwen3", tp_models["qwen3"], llm2)
+        engine = llm2.engine
+        engine.add_request("long", [5] * 20, SamplingParams(max_tokens=80, ignore_eos=True))
+        engine.step()
+        (pid,) = engine.runner.rank_pids
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            for _ in range(100):
+                engine.step()
+        with pytest.raises(EngineDeadError, match="rank 1"):  # and stays down
+            engine.step()
+    finally:
+        llm2.close()
+
+
+def test_loader_reads_only_each_ranks_shard(tp_models):
+    model_dir = tp_models["qwen2"]  # one KV head: replicated on both ranks
+    config = load_config(model_dir)
+    ops = get_ops(torch.device("cpu"))
+
+    def load(rank: int, size: int):
+        return load_model(model_dir, config, torch.float32, torch.device("cpu"), 64, ops,
+                          TensorParallelGroup(rank, size))
+
+    full, shards = load(0, 1), [load(r, 2) for r in range(2)]
+    total = full.checkpoint_bytes_read
+    for shard in shards:
+        # Everything is split but the norms and the one KV head (replicated): about half.
+        assert 0.45 < shard.checkpoint_bytes_read / total < 0.6, (shard.checkpoint_bytes_read, total)
+    # The shards put together are the full weights.
+    f_attn, s_attn = full.layers[1].self_attn, [s.layers[1].self_attn for s in shards]
+    q = full.layers[1].self_attn.q_size
+    assert torch.equal(torch.cat([a.qkv_proj.weight[:a.q_size] for a in s_attn]), f_attn.qkv_proj.weight[:q])
+    for a in s_attn:  # the single KV head, on both ranks
+        assert torch.equal(a.qkv_proj.weight[a.q_size:], f_attn.qkv_proj.weight[q:])
+        assert torch.equal(a.qkv_proj.bias[a.q_size:], f_attn.qkv_proj.bias[q:])
+    assert torch.equal(torch.cat([a.o_proj.weight for a in s_attn], dim=1), f_attn.o_proj.weight)
+    assert torch.equal(torch.cat([s.layers[0].mlp.down_proj.weight for s in shards], dim=1),
+                       full.layers[0].mlp.down_proj.weight)
+    vocab = config.vocab_size
+    assert torch.equal(torch.cat([s.lm_head.weight for s in shards])[:vocab], full.lm_head.weight)
+    assert torch.equal(torch.cat([s.embed_tokens.weight for s in shards])[:vocab], full.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("overrides, size, field", [
+    (dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48), 2, "num_key_value_heads"),
+    (dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48), 4, "num_attention_heads"),
+    (dict(intermediate_size=130), 4, "intermediate_size"),
+    ({}, 0, "tensor_parallel_size"),
+])
+def test_heads_that_do_not_split_are_refused_before_any_rank_starts(overrides, size, field, tmp_path):
+    model = str(write_tiny(tmp_path / "m", "mistral", **overrides))
+    before = set(_children())
+    with pytest.raises(ValueError, match=field):
+        LLM(model=model, device="cpu", tensor_parallel_size=size)
+    assert set(_children()) <= before
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children() -> list[int]:
+    """Live child processes of this process (from /proc)."""
+    me, out = str(os.getpid()), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def test_sigkill_of_the_driver_leaves_no_rank_behind(tp_models, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pagedserve.engine import LLM
+        if __name__ == "__main__":
+            llm = LLM(model={tp_models['llama']!r}, device="cpu", num_gpu_blocks=8, tensor_parallel_size=2)
+            print(*llm.engine.runner.rank_pids, flush=True)
+            time.sleep(600)
+    """)
+    path = tmp_path / "driver.py"
+    path.write_text(script)
+    driver = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 1 and _alive(pids[0])
+        driver.kill()
+        driver.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "a rank outlived its driver"
+    finally:
+        driver.kill()
+        driver.wait(30)
