@@ -44,6 +44,7 @@ from .inflight import InFlight
 from .outcomes import Outcomes
 from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, parse_request
 from .reclaim import LeaseKeeper
+from .resume import read_emitted
 from .running import Running
 from .settings import Settings
 from .telemetry import extract_context, request_logger, trace_id_from_fields
@@ -157,13 +158,22 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
 
 
 def add_to_engine(
-    engine: EngineAPI, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float
+    engine: EngineAPI, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float,
+    resume: list | None = None,
 ) -> None:
-    """``engine.add_request`` with the engine's refusals mapped to error codes."""
+    """``engine.add_request`` with the engine's refusals mapped to error codes. ``resume``: continue after what
+    an earlier run handed out; if the engine cannot, the request runs from the start."""
     from pagedserve.engine.errors import PromptTooLongError
 
     deadline = req.deadline_ms / 1000.0 if req.deadline_ms is not None else None
     try:
+        if resume is not None:
+            try:
+                engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline,
+                                   arrival_time=arrival, resume=resume)
+                return
+            except ValueError:
+                pass
         engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival)
     except ValueError as e:  # the engine's messages name the field (max_tokens beyond the context: params.)
         message = _params_field(str(e))
@@ -192,6 +202,8 @@ class Compiling:
     arrival: float
     span: Any
     log: Any
+    resume: Any = None  # per sample, what an earlier run handed out (resume.py); None: from the start
+    next_seq: dict = field(default_factory=dict)  # output index -> seq of its next token event
 
 
 @dataclass
@@ -239,16 +251,15 @@ class Admission(WorkerPart):
         if not parsed:
             return
         # One round trip for every claim (with its "already answered?") and "cancelled before pick-up?".
-        replies = self.claims.claim_all(self.r, [req.id for _, req, _, _ in parsed],
-                                        lambda pipe, rid: pipe.exists(self.keys.cancelled(rid)))
-        self.metrics.redis_ops.inc(2 * len(parsed))
+        replies = self.claims.claim_all(self.r, [req.id for _, req, _, _ in parsed], self._flags)
+        self.metrics.redis_ops.inc(3 * len(parsed))
         order = sorted(range(len(parsed)), key=lambda i: (parsed[i][1].priority, parsed[i][0]))  # then FIFO
         seen: set[str] = set()
         for i in order:
             entry_id, req, fields, deliveries = parsed[i]
-            claim, (cancelled,) = replies[i]
+            claim, (cancelled, has_events) = replies[i]
             try:
-                self._decide(entry_id, req, fields, deliveries, claim, cancelled, seen)
+                self._decide(entry_id, req, fields, deliveries, claim, cancelled, seen, has_events)
             except Exception as e:
                 self.outcomes.failed(req.id, [entry_id], "admission", e)
 
@@ -284,8 +295,13 @@ class Admission(WorkerPart):
             holder.entry_ids.append(entry_id)
         return True
 
+    def _flags(self, pipe: Any, rid: str) -> None:
+        """Per id, with its claim: cancelled before pick-up? Token events already handed out (resume.py)?"""
+        pipe.exists(self.keys.cancelled(rid))
+        pipe.exists(self.keys.events(rid))
+
     def _decide(self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, claim: Any,
-                cancelled: Any, seen: set[str]) -> None:
+                cancelled: Any, seen: set[str], has_events: Any = 0) -> None:
         """Steps 3-6 for one entry, given its claim reply and cancelled flag."""
         if self._attach(req.id, entry_id):  # duplicate id inside this batch, first one running or waiting
             return
@@ -300,7 +316,7 @@ class Admission(WorkerPart):
             self.waiting[req.id] = Waiting(req, [entry_id], fields, deliveries)
             return
         seen.add(req.id)
-        self._start([entry_id], req, fields, deliveries, bool(cancelled))
+        self._start([entry_id], req, fields, deliveries, bool(cancelled), bool(has_events))
 
     def follow_claims(self) -> None:
         """Stop the runs whose claim another worker holds now (they wait for its result), then ask again for
@@ -314,9 +330,9 @@ class Admission(WorkerPart):
             return
         self._next_retry = now + RETRY_S
         rids = list(self.waiting)
-        replies = self.claims.claim_all(self.r, rids, lambda pipe, rid: pipe.exists(self.keys.cancelled(rid)))
-        self.metrics.redis_ops.inc(2 * len(rids))
-        for rid, (claim, (cancelled,)) in zip(rids, replies):
+        replies = self.claims.claim_all(self.r, rids, self._flags)
+        self.metrics.redis_ops.inc(3 * len(rids))
+        for rid, (claim, (cancelled, has_events)) in zip(rids, replies):
             w = self.waiting[rid]
             try:
                 kind, stored = self.claims.outcome(rid, claim)
@@ -326,7 +342,7 @@ class Admission(WorkerPart):
                 if kind == "result":
                     self.outcomes.answered_elsewhere(rid, w.entry_ids)
                 else:  # its owner died: take over
-                    self._start(w.entry_ids, w.request, w.fields, w.deliveries, bool(cancelled))
+                    self._start(w.entry_ids, w.request, w.fields, w.deliveries, bool(cancelled), bool(has_events))
             except Exception as e:
                 self.waiting.pop(rid, None)
                 self.outcomes.failed(rid, w.entry_ids, "admission", e)
@@ -342,7 +358,7 @@ class Admission(WorkerPart):
         return ids
 
     def _start(self, entry_ids: list[str], req: GenerateRequest, fields: dict, deliveries: int,
-               cancelled: bool) -> None:
+               cancelled: bool, has_events: bool = False) -> None:
         now = time.time()
         entry_id = entry_ids[0]
         arrival = min(entry_time(entry_id), now)
@@ -363,6 +379,15 @@ class Admission(WorkerPart):
             self.outcomes.failed(req.id, entry_ids, "admission", e, span)
             return
         job = Compiling(req, list(entry_ids), prompt, params, arrival, span, log)
+        if has_events:  # an earlier run handed out tokens: continue after them (resume.py)
+            try:
+                emitted = read_emitted(self.r, self.keys, req.id)
+            except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
+                self.waiting[req.id] = Waiting(req, list(entry_ids), fields, deliveries)
+                return
+            job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
+            log.info("request_resumed", outputs=len(emitted.outputs), continued=job.resume is not None,
+                     tokens=sum(len(o.token_ids) for o in emitted.outputs.values()))
         if not engine.structured_ready(params):  # its grammar compiles off the loop; it waits here meanwhile
             self.compiling[req.id] = job
             return
@@ -373,7 +398,7 @@ class Admission(WorkerPart):
         """Add a checked request to the engine and the running table, or answer the engine's refusal."""
         req = job.request
         try:
-            add_to_engine(engine, req, job.prompt, job.params, job.arrival)
+            add_to_engine(engine, req, job.prompt, job.params, job.arrival, job.resume)
             self.metrics.pickup.observe(max(0.0, time.time() - job.arrival))
         except InvalidRequestError as e:
             self.outcomes.error(req.id, job.entry_ids, e.code, e.message, req.metadata, job.span)
@@ -389,6 +414,7 @@ class Admission(WorkerPart):
             samples=job.params.num_samples,
             span=job.span,
             log=job.log,
+            next_seq=dict(job.next_seq),
         ))
 
     def follow_compiles(self) -> None:

@@ -1,8 +1,10 @@
 """Producers: :class:`Client` (sync) and :class:`AsyncClient` (asyncio) for the wire protocol.
 
-Both only do I/O: what to send, and when to subscribe, listen, read the result key, retry or give up, is decided
-once in :mod:`.client_core` (its :func:`~.client_core.event_wait` states the invariants: subscribe before the
-XADD, read ``result:{id}`` whenever the end may have been missed, one terminal event). The producer span's
+Both only do I/O: what to send, and when to read the events stream, subscribe, listen, read the result key, retry
+or give up, is decided once in :mod:`.client_core` (:func:`~.client_core.stream_wait` for token streams: read on
+from the last entry seen, each ``seq`` once, across reconnects and worker crashes; :func:`~.client_core.event_wait`
+for the terminal event alone: subscribe before the XADD, read ``result:{id}`` whenever the end may have been
+missed). The producer span's
 context travels in the entry (``traceparent``/``tracestate``).
 """
 
@@ -28,6 +30,7 @@ from .client_core import (
     Pause,
     ProducerCore,
     ReadConsumers,
+    ReadEvents,
     ReadGroups,
     ReadResult,
     RedisUnreachable,
@@ -45,6 +48,15 @@ from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
 __all__ = ["AsyncClient", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal", "build_request"]
+
+
+def _entries(reply: Any) -> list:
+    """The entries of a one-stream XREAD reply (RESP2: ``[[key, entries]]``; RESP3: ``{key: [entries]}``)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))[0]
+    return reply[0][1]
 
 
 def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | None) -> Op | None:
@@ -106,16 +118,25 @@ class Client(ProducerCore):
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
-        pickup_timeout: float | None = None, **kw: Any,
+        pickup_timeout: float | None = None, after: int | dict[int, int] | None = None, **kw: Any,
     ) -> Iterator[Event]:
-        """Submit and yield the request's events (token events, then exactly one terminal event).
-        ``pickup_timeout``: raise :class:`NoWorker` when nothing was heard that long and no worker is live."""
+        """Submit and yield the request's events (token events, then exactly one terminal event), read from its
+        events stream: a dropped connection or a worker crash neither loses nor repeats one.
+        ``pickup_timeout``: raise :class:`NoWorker` when nothing was heard that long and no worker is live.
+        ``after``: pick up the stream of an already submitted request, whose id is then the first argument,
+        after the last ``seq`` seen (an int for every output, or ``{index: seq}``); nothing is sent."""
+        if after is not None:
+            if not isinstance(prompt, str):
+                raise TypeError("stream(request_id, after=seq): the request's id comes first")
+            yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout))
+            return
         req = request_of(prompt, kw)
-        yield from self._run(self._wait(req.id, req, timeout, pickup_timeout=pickup_timeout))
+        yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout))
 
-    def events(self, request_id: str, timeout: float | None = None) -> Iterator[Event]:
-        """Events of an already submitted request (a late subscriber gets at least the terminal event)."""
-        yield from self._run(self._wait(request_id, None, timeout))
+    def events(self, request_id: str, timeout: float | None = None,
+               after: int | dict[int, int] | None = None) -> Iterator[Event]:
+        """Events of an already submitted request, from its first (or after ``seq`` ``after``) to its end."""
+        yield from self._run(self._stream(request_id, None, timeout, after))
 
     def wait(self, request_id: str, timeout: float | None = None) -> Terminal:
         for ev in self._run(self._wait(request_id, None, timeout, tokens=False)):
@@ -149,6 +170,8 @@ class Client(ProducerCore):
                         yield op.event
                     elif isinstance(op, Listen):
                         reply = pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
+                    elif isinstance(op, ReadEvents):
+                        reply = _entries(self.r.xread({op.key: op.after}, block=op.block_ms))
                     elif isinstance(op, ReadResult):
                         reply = self.r.get(op.key)
                     elif isinstance(op, ReadGroups):
@@ -260,14 +283,21 @@ class AsyncClient(ProducerCore):
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
-        pickup_timeout: float | None = None, **kw: Any,
+        pickup_timeout: float | None = None, after: int | dict[int, int] | None = None, **kw: Any,
     ) -> AsyncIterator[Event]:
-        req = request_of(prompt, kw)
-        async for ev in self._run(self._wait(req.id, req, timeout, pickup_timeout=pickup_timeout)):
+        if after is not None:
+            if not isinstance(prompt, str):
+                raise TypeError("stream(request_id, after=seq): the request's id comes first")
+            wait = self._stream(prompt, None, timeout, after, pickup_timeout)
+        else:
+            req = request_of(prompt, kw)
+            wait = self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout)
+        async for ev in self._run(wait):
             yield ev
 
-    async def events(self, request_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
-        async for ev in self._run(self._wait(request_id, None, timeout)):
+    async def events(self, request_id: str, timeout: float | None = None,
+                     after: int | dict[int, int] | None = None) -> AsyncIterator[Event]:
+        async for ev in self._run(self._stream(request_id, None, timeout, after)):
             yield ev
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Terminal:
@@ -300,6 +330,8 @@ class AsyncClient(ProducerCore):
                         yield op.event
                     elif isinstance(op, Listen):
                         reply = await pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
+                    elif isinstance(op, ReadEvents):
+                        reply = _entries(await self.r.xread({op.key: op.after}, block=op.block_ms))
                     elif isinstance(op, ReadResult):
                         reply = await self.r.get(op.key)
                     elif isinstance(op, ReadGroups):

@@ -2,10 +2,22 @@
 :class:`~pagedserve.service.client.AsyncClient` (asyncio): request building, the stream entry with its trace
 context, the cancel commands, and the event-wait state machine.
 
-The state machine, :func:`event_wait`, is a generator that performs no I/O: it yields operations (subscribe,
+Two state machines: :func:`stream_wait` (token streams: ``Client.stream``/``events``) reads the request's events
+stream, and :func:`event_wait` (``wait``/``generate``: the terminal event only) its pub/sub channel. Each is a
+generator that performs no I/O: it yields operations (subscribe,
 listen, send, read the result key, drop the subscription, pause, emit an event to the caller) and receives
 their outcomes. A client runs it with its own Redis connection, sync or async, and does nothing else; a Redis
 error during an operation is thrown into the generator, which decides what happens next.
+
+Invariants of :func:`stream_wait`:
+- it reads ``events:{id}`` with ``XREAD BLOCK`` from the last entry id it saw, so a lost connection, a Redis
+  restart or a worker crash costs no event and repeats none: after a reconnect it reads on from that entry;
+- it emits each output's token events once, in ``seq`` order (an event whose ``seq`` it has passed is skipped:
+  appended twice, or before ``after``), then exactly one terminal event, then stops;
+- it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
+  a worker older than the events stream ran the request);
+- Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``;
+  ``pickup_timeout`` works as below.
 
 Invariants of :func:`event_wait`:
 - it subscribes to ``out:{id}`` and waits for the confirmation BEFORE it asks for the XADD, so no event of the
@@ -187,6 +199,11 @@ class ProducerCore:
     def _terminal(raw: Any) -> Terminal | None:
         return parse_terminal(raw) if raw is not None else None
 
+    def _stream(self, request_id: str, submit: GenerateRequest | None, timeout: float | None,
+                after: int | dict[int, int] | None = None, pickup_timeout: float | None = None):
+        return stream_wait(self.keys, request_id, submit, timeout, after, where=redact(self.redis_url),
+                           pickup_timeout=pickup_timeout)
+
     def _wait(
         self,
         request_id: str,
@@ -219,6 +236,16 @@ class Send:
     """XADD ``request`` (inside its producer span)."""
 
     request: GenerateRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadEvents:
+    """XREAD BLOCK ``block_ms`` STREAMS ``key`` ``after``. Reply: the entries as ``(entry id, fields)`` pairs (none
+    when the block ran out)."""
+
+    key: str
+    after: str
+    block_ms: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +294,8 @@ class Emit:
     event: Event
 
 
-Op = Union[Subscribe, Listen, Send, ReadResult, ReadGroups, ReadConsumers, CountKeys, Unsubscribe, Pause, Emit]
+Op = Union[Subscribe, Listen, Send, ReadEvents, ReadResult, ReadGroups, ReadConsumers, CountKeys, Unsubscribe, Pause,
+           Emit]
 
 
 def _text(value: Any) -> str:
@@ -385,3 +413,72 @@ def event_wait(
             if expired():
                 raise timeout_error() from None
             yield Pause(RETRY_PAUSE_S)
+
+
+def stream_wait(
+    keys: Keys,
+    request_id: str,
+    submit: GenerateRequest | None,
+    timeout: float | None,
+    after: int | dict[int, int] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    *,
+    where: str = "Redis",
+    pickup_timeout: float | None = None,
+) -> Generator[Op, Any, None]:
+    """The events of ``request_id`` from its events stream (sending ``submit`` first if given), as operations for a
+    client to run. ``after``: the last ``seq`` already seen, for every output (an int) or per output index (a
+    dict); those events and the ones before them are skipped. Errors as :func:`event_wait`."""
+    deadline = None if timeout is None else clock() + timeout
+    sent = submit is None
+    reached = False  # Redis answered once: a lost connection is worth a retry
+    check_workers_at: float | None = None
+    last_entry = "0-0"
+    default_next = after + 1 if isinstance(after, int) else 0
+    next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
+
+    def expired() -> bool:
+        return deadline is not None and clock() >= deadline
+
+    while True:
+        try:
+            if not sent:
+                yield Send(submit)  # type: ignore[arg-type]
+                sent = reached = True
+                if pickup_timeout is not None:
+                    check_workers_at = clock() + pickup_timeout
+            wait = QUIET_S if deadline is None else max(0.001, min(QUIET_S, deadline - clock()))
+            entries = yield ReadEvents(keys.events(request_id), last_entry, max(1, int(wait * 1000)))
+            reached = True
+            if not entries:  # quiet: maybe the stream is gone and the end is only in the result key
+                done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+                if done is not None:
+                    yield Emit(done)
+                    return
+                if expired():
+                    raise TimeoutError(f"no result for {request_id} within {timeout} s")
+                if check_workers_at is not None and clock() >= check_workers_at:
+                    why = yield from why_no_worker(keys)
+                    if why is not None:
+                        raise NoWorker(f"no worker has picked this up after {pickup_timeout:g} s ({why})")
+                    check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
+                continue
+            for entry_id, fields in entries:
+                last_entry = _text(entry_id)
+                ev = parse_event(fields.get(b"data", fields.get("data")))
+                check_workers_at = None  # a worker has it
+                if isinstance(ev, TokenEvent):
+                    if ev.seq is not None:
+                        if ev.seq < next_seq.get(ev.index, default_next):
+                            continue  # seen already
+                        next_seq[ev.index] = ev.seq + 1
+                    yield Emit(ev)
+                    continue
+                yield Emit(ev)
+                return
+        except CONNECTION_ERRORS as e:
+            if not reached:
+                raise RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}") from None
+            if expired():
+                raise TimeoutError(f"no result for {request_id} within {timeout} s") from None
+            yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen

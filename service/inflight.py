@@ -7,7 +7,7 @@ outcomes.py ends them, and none of them needs the other to know what a row is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
@@ -26,6 +26,7 @@ class InFlight:
     span: Any = None
     log: Any = None
     last_token_at: float | None = None  # time.time() of its last new token (inter-token latency)
+    next_seq: dict[int, int] = field(default_factory=dict)  # output index -> the seq of its next token event
 
     def abandon(self, why: str) -> None:
         """End the span of a request this worker stops without answering (someone else will)."""

@@ -91,6 +91,11 @@ class Keys:
     def result(self, request_id: str) -> str:
         return f"{self.prefix}:result:{request_id}"
 
+    def events(self, request_id: str) -> str:
+        """The request's events as a Redis stream (token events with ``seq``, then the terminal event): what a
+        client reads from the last entry it saw, and what a worker taking the request over continues after."""
+        return f"{self.prefix}:events:{request_id}"
+
     def cancelled(self, request_id: str) -> str:
         return f"{self.prefix}:cancelled:{request_id}"
 
@@ -211,7 +216,12 @@ class GenerateRequest(BaseModel):
 _EVENT = ConfigDict(extra="ignore")
 
 class TokenEvent(BaseModel):
-    """One step's delta of one output sequence (``index``); deltas concatenate to the final text."""
+    """One step's delta of one output sequence (``index``); deltas concatenate to the final text.
+
+    ``seq`` numbers the token events of one output: 0, 1, 2, ... with no gap, across workers (a worker that takes
+    a request over continues the numbering). It counts events, not tokens: one event carries every token the
+    output gained in one engine step (one token, more at a resumed output's end or an early flush), or only
+    text held back until the end. ``logprobs``: one object per token of ``token_ids``, when asked for."""
 
     model_config = _EVENT
     type: Literal["token"] = "token"
@@ -219,6 +229,8 @@ class TokenEvent(BaseModel):
     index: int
     token_ids: list[int]
     text: str
+    seq: int | None = None  # None only from workers older than the events stream
+    logprobs: list[dict[str, float]] | None = None
 
 
 class CompletionResult(BaseModel):

@@ -9,17 +9,27 @@ stays in the buffer, in order, and the whole buffer is sent again after a backof
 counted in ``pagedserve_redis_write_refusals_total{op}`` and logged with its request id; the loop keeps
 generating meanwhile. No MULTI/EXEC: the scripts already make each ack atomic with what it acknowledges.
 
-If the connection breaks during a flush, the batch's token events are dropped (never published twice;
-pub/sub is at-most-once anyway and the terminal event carries the full text) and the rest is sent again when
-Redis is back: every other op is idempotent (SET NX, XACK, XDEL; a dead letter is written only while its
-entry is pending).
+A token event goes to two places: appended to the request's events stream (``XADD events:{id} MAXLEN ~ cap``,
+what clients resume from and what a worker taking the request over continues after) and published on its
+pub/sub channel (``out:{id}``, for consumers that only listen). The events key gets an expiry with its first
+event here (``PEXPIRE``, the result TTL, renewed every half TTL while the request runs), so nothing is left
+behind when every worker dies; lua/finish.lua appends the terminal event and sets the same expiry as the result.
+
+If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent
+(SET NX, XACK, XDEL; a dead letter is written only while its entry is pending; a token event appended twice
+has the same ``seq`` twice, which readers skip), except the PUBLISH of a token event, which is not repeated
+(pub/sub is at-most-once anyway). Token events of a request given up to another worker are dropped
+(:meth:`Publisher.forget`): the new owner continues from what the stream holds.
 
 Invariants:
 - an entry is acknowledged only in the same script that stored its terminal event (or wrote its dead
   letter), or, for an id answered from an already stored result, after that result was read;
 - nothing but token events is ever dropped: refused or unsent ops stay buffered until Redis takes them
-  (token events beyond ``max_buffered`` are dropped oldest first, and those of a flush that broke off);
-- commands per op: token 1 (PUBLISH), terminal 1 (EVALSHA), dead letter 1 (EVALSHA), plain ack 2.
+  (token events beyond ``max_buffered`` are dropped oldest first, leaving a gap a taking-over worker cannot
+  continue after, and those of a request given up);
+- a request's token events reach its events stream in ``seq`` order per output;
+- commands per op: token 2 (XADD, PUBLISH; + PEXPIRE on a request's first and every half-TTL), terminal 1
+  (EVALSHA), dead letter 1 (EVALSHA), plain ack 2.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ class _Op:
     args: tuple
     entry_ids: tuple[str, ...] = ()
     callback: Callable[[], None] | None = None
+    published: bool = False  # a token event's PUBLISH went out (a flush broke after it): not repeated
+    expire: bool = False  # a token event that (re)sets its events key's expiry
 
 
 @dataclass(eq=False)
@@ -54,17 +66,31 @@ class Publisher(WorkerPart):
     _scripts: Scripts | None = field(default=None, init=False)
     _retry_delay: float = field(default=0.0, init=False)
     _retry_at: float = field(default=0.0, init=False)
+    _expiry_set: dict[str, float] = field(default_factory=dict, init=False)  # request id -> when (monotonic)
 
     # --------------------------------------------------------------------------------- enqueue
-    def token(self, request_id: str, payload: bytes) -> None:
-        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload)))
+    def token(self, request_id: str, payload: bytes, cap: int) -> None:
+        """A token event: appended to the events stream (kept to about ``cap`` entries) and published."""
+        now = time.monotonic()
+        ttl = self.settings.result_ttl_s
+        expire = now - self._expiry_set.get(request_id, -ttl) >= ttl / 2
+        if expire:
+            self._expiry_set[request_id] = now
+        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload, cap), expire=expire))
         if len(self._ops) > self.max_buffered:
             self._drop_tokens()
+
+    def forget(self, request_id: str) -> None:
+        """Drop the buffered token events of a request another worker owns now (it continues after what the
+        events stream holds; a late append of ours would fork its stream)."""
+        self._expiry_set.pop(request_id, None)
+        self._ops = [op for op in self._ops if not (op.kind == "token" and op.request_id == request_id)]
 
     def terminal(
         self, request_id: str, payload: bytes, entry_ids: list[str], callback: Callable[[], None] | None = None
     ) -> None:
         """Store + publish the terminal event and ack + delete the entries, in one script."""
+        self._expiry_set.pop(request_id, None)
         self._ops.append(_Op("terminal", request_id, (payload,), tuple(entry_ids), callback))
 
     def publish(self, request_id: str, payload: bytes) -> None:
@@ -115,8 +141,11 @@ class Publisher(WorkerPart):
                 try:
                     replies = pipe.execute(raise_on_error=False)
                 except Exception:
-                    # Unknown how much was applied: keep what is safe to repeat, drop this batch's token events.
-                    kept.extend(op for op in batch if op.kind != "token")
+                    # Unknown how much was applied: keep it all (every op is safe to repeat), but publish no
+                    # token event twice.
+                    for op in batch:
+                        op.published = True
+                    kept.extend(batch)
                     i += len(batch)
                     raise
                 i += len(batch)
@@ -152,12 +181,24 @@ class Publisher(WorkerPart):
 
     def _add(self, pipe: redis.client.Pipeline, op: _Op) -> int:
         k = self.keys
-        if op.kind == "token" or op.kind == "publish":
+        if op.kind == "token":
+            channel, payload, cap = op.args
+            events = k.events(op.request_id)
+            pipe.xadd(events, {"data": payload}, maxlen=cap, approximate=True)
+            n = 1
+            if op.expire:
+                pipe.pexpire(events, self.settings.result_ttl_s * 1000)
+                n += 1
+            if not op.published:
+                pipe.publish(channel, payload)
+                n += 1
+            return n
+        if op.kind == "publish":
             pipe.publish(op.args[0], op.args[1])
             return 1
         if op.kind == "terminal":
             self._scripts.evalsha(
-                pipe, "finish", [k.result(op.request_id), k.requests],
+                pipe, "finish", [k.result(op.request_id), k.requests, k.events(op.request_id)],
                 [k.group, k.out(op.request_id), op.args[0], self.settings.result_ttl_s, *op.entry_ids],
             )
             return 1

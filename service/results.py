@@ -25,18 +25,23 @@ def _logprobs(lp: Any) -> list[dict[str, float]] | None:
     return [{str(k): (v if math.isfinite(v) else -1e30) for k, v in (d or {}).items()} for d in lp]
 
 
-def token_payloads(out: Any) -> list[bytes]:
+def token_payloads(out: Any, next_seq: dict[int, int]) -> list[bytes]:
     """This step's token events as wire JSON (hot path: one per sequence per step, so no model validation;
-    the shape is :class:`TokenEvent`'s, checked by the tests through ``parse_event``)."""
+    the shape is :class:`TokenEvent`'s, checked by the tests through ``parse_event``). ``next_seq`` (output index
+    -> its next ``seq``) is advanced for every event made."""
     rid = out.request_id
-    return [
-        json.dumps(
-            {"type": "token", "id": rid, "index": c.index, "token_ids": list(c.delta_token_ids), "text": c.delta_text},
-            separators=(",", ":"),
-        ).encode()
-        for c in out.outputs
-        if c.delta_token_ids or c.delta_text
-    ]
+    events = []
+    for c in out.outputs:
+        if not (c.delta_token_ids or c.delta_text):
+            continue
+        seq = next_seq.get(c.index, 0)
+        next_seq[c.index] = seq + 1
+        ev = {"type": "token", "id": rid, "index": c.index, "token_ids": list(c.delta_token_ids),
+              "text": c.delta_text, "seq": seq}
+        if c.logprobs is not None:  # asked for: a worker taking the request over needs them back
+            ev["logprobs"] = _logprobs(c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
+        events.append(json.dumps(ev, separators=(",", ":")).encode())
+    return events
 
 
 def _ms(a: float | None, b: float | None) -> float | None:

@@ -38,6 +38,13 @@ from .publisher import Publisher
 from .results import token_payloads
 
 
+def events_cap(f: InFlight) -> int:
+    """About how many entries a request's events stream keeps: room for one event per token of every sample
+    and the terminal event, so a worker taking it over finds every token it must continue after, while a
+    request's events stay bounded."""
+    return f.samples * (f.request.params.max_tokens or 16) + 16
+
+
 @dataclass(kw_only=True, eq=False)
 class Running(WorkerPart):
     """The table of running requests (``table``: request id -> :class:`InFlight`) and the ways they end here."""
@@ -92,8 +99,8 @@ class Running(WorkerPart):
                 self.metrics.itl.observe(now - f.last_token_at)
             f.last_token_at = now
         if f.request.stream:
-            for payload in token_payloads(out):
-                self.publisher.token(out.request_id, payload)
+            for payload in token_payloads(out, f.next_seq):
+                self.publisher.token(out.request_id, payload, events_cap(f))
         if out.finished:
             self.outcomes.done(out.request_id, self.table.pop(out.request_id), out)
         return new_tokens
@@ -117,6 +124,7 @@ class Running(WorkerPart):
         f = self.table.pop(rid, None)
         if f is not None:
             self._abort(rid)
+            self.publisher.forget(rid)
             self.metrics.leases_lost.inc()
             (f.log or self.log).warning("run_given_up", why=why)
             f.abandon(why)
@@ -137,6 +145,7 @@ class Running(WorkerPart):
             if not f.entry_ids:
                 self.table.pop(rid, None)
                 self.engine().abort_request(rid, "cancelled")
+                self.publisher.forget(rid)
                 self.claims.release(rid)  # the entry's new owner claims the id next
                 self.metrics.leases_lost.inc()
                 (f.log or self.log).warning("lease_lost", entry_id=eid)

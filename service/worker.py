@@ -287,6 +287,7 @@ class Worker(WorkerPart):
         """Entries to run again: reclaimable at once (another delivery, counted), or when their lease lapses."""
         self.leases.discard(entry_ids)
         try:
+            self.publisher.flush(self.r)  # their token events first: whoever takes them over continues after them
             self.reclaimer.release(self.r, entry_ids)
         except Exception as e:  # Redis away: unrenewed, they are reclaimed after claim_idle_ms
             self.conn.failed(e)

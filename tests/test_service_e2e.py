@@ -71,7 +71,7 @@ def test_late_subscriber_gets_result_key_and_redelivered_id_is_answered_from_it(
 
 def test_generate_params_n_beam_and_chat(setup):
     s, w, c = setup
-    d = c.generate("abc", params={"max_tokens": 5, "n": 3, "temperature": 1.0, "seed": 1}, timeout=60)
+    d = c.generate("abc", params={"max_tokens": 5, "n": 3, "temperature": 1.0, "seed": 2}, timeout=60)
     assert [o.index for o in d.outputs] == [0, 1, 2] and all(len(o.token_ids) == 5 for o in d.outputs)
     try:
         b = c.generate("abc", params={"max_tokens": 4, "beam_width": 2, "n": 2, "temperature": 0}, timeout=60)

@@ -1,11 +1,13 @@
 #!lua
--- Store a request's terminal event, publish it, then acknowledge and delete its stream entries.
+-- Store a request's terminal event, publish it, append it to the request's events stream, then acknowledge and
+-- delete its stream entries.
 -- One script, so Redis either runs all of it or refuses it up front (OOM, read-only replica: a script with a
 -- shebang and without the no-writes flag is checked before it starts). The SET comes first: if the ACL denies
 -- a later command, the entry stays pending with its result stored, never the other way round.
 -- First writer wins (SET NX): a worker that lost a race on a reclaimed entry publishes the stored event, so
--- every subscriber sees the same terminal event.
--- KEYS[1] result key, KEYS[2] request stream
+-- every subscriber sees the same terminal event (the winner already appended it to the events stream).
+-- The events stream expires with the result: a client reading it from its last entry finds the end there.
+-- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
 -- ARGV[5..] the request's stream entry ids
 local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4])
@@ -15,6 +17,10 @@ if not stored then
 end
 if event then
   redis.call('PUBLISH', ARGV[2], event)
+end
+if stored then
+  redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
 end
 if #ARGV >= 5 then
   redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, 5))
