@@ -54,34 +54,33 @@ def cases(full: bool):
     for dt, group, head_dim, block_size in configs:
         precision = "ieee" if dt == "fp32" else "tf32"
         stages = 1 if dt == "fp32" else 2
-        for split in (False, True):
-            yield (
-                f"decode {dt} group={group} d={head_dim} bs={block_size} split={split}",
-                ta._decode_kernel,
-                {
-                    "out_ptr": "*fp32" if split else f"*{dt}",
-                    "m_ptr": "*fp32",
-                    "l_ptr": "*fp32",
-                    "q_ptr": f"*{dt}",
-                    "k_cache_ptr": f"*{dt}",
-                    "v_cache_ptr": f"*{dt}",
-                    "block_tables_ptr": "*i32",
-                    "seq_lens_ptr": "*i32",
-                },
-                {
-                    "GROUP": group,
-                    "GROUP_PAD": max(16, triton.next_power_of_2(group)),
-                    "HEAD_DIM": head_dim,
-                    "D_PAD": max(16, triton.next_power_of_2(head_dim)),
-                    "BLOCK_SIZE": block_size,
-                    "TILE": ta.DECODE_TILE,
-                    "SPLIT": split,
-                    "DOT_PRECISION": precision,
-                    "DOT_UPCAST": False,
-                },
-                ("qk_scale",),
-                2,
-            )
+        yield (
+            f"decode {dt} group={group} d={head_dim} bs={block_size}",
+            ta._decode_kernel,
+            {
+                "out_ptr": f"*{dt}",
+                "part_out_ptr": "*fp32",
+                "m_ptr": "*fp32",
+                "l_ptr": "*fp32",
+                "q_ptr": f"*{dt}",
+                "k_cache_ptr": f"*{dt}",
+                "v_cache_ptr": f"*{dt}",
+                "block_tables_ptr": "*i32",
+                "seq_lens_ptr": "*i32",
+            },
+            {
+                "GROUP": group,
+                "GROUP_PAD": max(16, triton.next_power_of_2(group)),
+                "HEAD_DIM": head_dim,
+                "D_PAD": max(16, triton.next_power_of_2(head_dim)),
+                "BLOCK_SIZE": block_size,
+                "TILE": ta.DECODE_TILE,
+                "DOT_PRECISION": precision,
+                "DOT_UPCAST": False,
+            },
+            ("qk_scale",),
+            2,
+        )
         group_pad = triton.next_power_of_2(group)
         yield (
             f"prefill {dt} group={group} d={head_dim} bs={block_size}",
@@ -113,7 +112,7 @@ def cases(full: bool):
         "decode reduce",
         ta._decode_reduce_kernel,
         {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "seq_lens_ptr": "*i32"},
-        {"HEAD_DIM": 80, "D_PAD": 128, "NP_PAD": 64},
+        {"HEAD_DIM": 80, "D_PAD": 128, "NP_PAD": 64, "TILE": ta.DECODE_TILE},
         (),
         2,
     )
@@ -134,7 +133,7 @@ def cases(full: bool):
     yield (
         "copy_blocks",
         tc._copy_blocks_kernel,
-        {"cache_ptr": "*bf16", "src_ptr": "*i64", "dst_ptr": "*i64"},
+        {"src_cache_ptr": "*bf16", "dst_cache_ptr": "*bf16", "src_ptr": "*i64", "dst_ptr": "*i64"},
         {"CHUNK": tc.COPY_CHUNK},
         (),
         2,

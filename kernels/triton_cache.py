@@ -200,8 +200,7 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Ten
     side = _swap_stream(device)
     side.wait_stream(caller)
     with torch.cuda.stream(side):
-        src_idx = src.to(device=device, dtype=torch.int64, non_blocking=True)
-        dst_idx = dst.to(device=device, dtype=torch.int64, non_blocking=True)
+        src_idx, dst_idx = _indices_to(src, device), _indices_to(dst, device)
         index = device.index if device.index is not None else torch.cuda.current_device()
         if _ZERO_COPY.get(index, True):
             try:
@@ -215,6 +214,14 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Ten
         if not _ZERO_COPY[index]:
             _swap_per_block(src_cache, dst_cache, src, dst)
     caller.wait_stream(side)
+
+
+def _indices_to(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pageable memory an "async" copy may wait for the stream, which waits for the caller's queued work:
+    # staged through pinned memory, the host never waits.
+    if ids.device.type == "cpu":
+        ids = ids.to(torch.int64).pin_memory()
+    return ids.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
 def _warn_no_zero_copy(exc: Exception) -> None:

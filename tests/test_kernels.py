@@ -493,13 +493,13 @@ def test_copy_blocks_matches_reference(dtype, seed):
     assert torch.equal(kv_cache, expected)
 
 
-def test_kv_cache_past_2_31_elements_highest_blocks():
-    """A KV pool whose K half alone holds more than 2^31 elements (virtual memory: only the touched pages are
-    committed): KV write, decode (single and split), prefill and block copy in its highest blocks agree with the
-    reference on a compact copy, so every offset into the pool is computed in 64 bits."""
-    block_size, heads, group, head_dim, dtype = 16, 1, 2, 64, torch.float16
+def _check_kv_pool_past_2_31_elements(device: str, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    """A KV pool whose K half alone holds more than 2^31 elements: KV write, decode (single and split), prefill
+    and block copy in its highest blocks agree with the reference on a compact copy, so every offset into the
+    pool is computed in 64 bits."""
+    block_size, group = 16, 2
     num_blocks = (1 << 31) // (block_size * heads * head_dim) + 4
-    kv = torch.empty((1, 2, num_blocks, block_size, heads, head_dim), dtype=dtype)
+    kv = torch.empty((1, 2, num_blocks, block_size, heads, head_dim), dtype=dtype, device=device)
     k_cache, v_cache = kv[0, 0], kv[0, 1]
     assert k_cache.numel() > 2**31
     gen = torch.Generator().manual_seed(31)
@@ -508,34 +508,32 @@ def test_kv_cache_past_2_31_elements_highest_blocks():
     pos = torch.arange(n)
     key = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
     value = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
-    triton_cache.write_kv(key, value, k_cache, v_cache, torch.tensor(top)[pos // block_size] * block_size + pos % block_size)
+    slots = torch.tensor(top)[pos // block_size] * block_size + pos % block_size
+    triton_cache.write_kv(key.to(device), value.to(device), k_cache, v_cache, slots.to(device))
     ck = torch.zeros((3, block_size, heads, head_dim), dtype=dtype)
     cv = torch.zeros_like(ck)
     reference.write_kv(key, value, ck, cv, pos)
-    assert torch.equal(k_cache[top], ck) and torch.equal(v_cache[top], cv)
-    table, compact = torch.tensor([top], dtype=torch.int32), torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    assert torch.equal(k_cache[top].cpu(), ck) and torch.equal(v_cache[top].cpu(), cv)
+    table = torch.tensor([top], dtype=torch.int32, device=device)
+    compact = torch.tensor([[0, 1, 2]], dtype=torch.int32)
     seq_lens = torch.tensor([n], dtype=torch.int32)
     q = torch.randn(1, heads * group, head_dim, generator=gen).to(dtype)
     expected = reference.paged_decode_attention(q, ck, cv, seq_lens, compact, 0.125)
     for split in (dict(max_splits=1), dict(max_splits=3, min_partition=16)):
-        _assert_close(triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, **split), expected)
+        got = triton_attention.decode_attention(q.to(device), k_cache, v_cache, seq_lens.to(device), table, 0.125, **split)
+        _assert_close(got.cpu(), expected)
     qp = torch.randn(n, heads * group, head_dim, generator=gen).to(dtype)
     cu = torch.tensor([0, n], dtype=torch.int32)
-    _assert_close(triton_attention.varlen_attention(qp, k_cache, v_cache, cu, seq_lens, table, 0.125),
-                  reference.paged_attention(qp, ck, cv, cu, seq_lens, compact, 0.125))
+    got = triton_attention.varlen_attention(qp.to(device), k_cache, v_cache, cu.to(device), seq_lens.to(device), table, 0.125)
+    _assert_close(got.cpu(), reference.paged_attention(qp, ck, cv, cu, seq_lens, compact, 0.125))
     triton_cache.copy_blocks(kv, torch.tensor([num_blocks - 1]), torch.tensor([num_blocks - 4]))
     assert torch.equal(kv[:, :, num_blocks - 4], kv[:, :, num_blocks - 1])
 
 
-def test_swap_blocks_cpu_defers_to_reference():
-    gen = torch.Generator().manual_seed(0)
-    src_cache = torch.randn(2, 2, 6, 8, 2, 64, generator=gen)
-    dst_ref, dst_out = torch.zeros(2, 2, 5, 8, 2, 64), torch.zeros(2, 2, 5, 8, 2, 64)
-    src, dst = torch.tensor([4, 0, 3]), torch.tensor([1, 4, 2])
-    reference.swap_blocks(src_cache, dst_ref, src, dst)
-    triton_ops.OPS.swap_blocks(src_cache, dst_out, src, dst)
-    assert torch.equal(dst_out, dst_ref)
-    assert torch.equal(dst_out[:, :, 1], src_cache[:, :, 4])
+def test_kv_cache_past_2_31_elements_highest_blocks():
+    """In the interpreter, on a CPU pool that is virtual memory but for the touched pages (an int32 block offset
+    in the decode kernel crashes this test)."""
+    _check_kv_pool_past_2_31_elements("cpu", heads=1, head_dim=64, dtype=torch.float16)
 
 
 def test_copy_blocks_between_pools_is_the_swap_reference():
@@ -678,10 +676,92 @@ def test_gpu_cache_ops_real_sizes():
     host = torch.zeros(layers, 2, 256, block_size, heads, head_dim, dtype=torch.bfloat16, pin_memory=True)
     host_dst = torch.randperm(256)[:64]
     triton_cache.swap_blocks(kv, host, src[:64], host_dst)
+    torch.cuda.synchronize()  # the host sees a swap-out's bytes once the compute stream has passed it
     assert torch.equal(host[:, :, host_dst], kv[:, :, src[:64]].cpu())
     back = perm[200:264]
     triton_cache.swap_blocks(host, kv, host_dst, back.cpu())
     assert torch.equal(kv[:, :, back], kv[:, :, src[:64]])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kv_pool_past_2_31_elements():
+    """A real-shape pool (block 16, 8 KV heads, head_dim 128, bf16: 8.6 GB) read and written in its highest blocks."""
+    _check_kv_pool_past_2_31_elements("cuda", heads=8, head_dim=128, dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_IDS.get)
+def test_gpu_decode_real_shape_with_max_model_len_wide_table(dtype):
+    """The shape a captured graph decodes: Hq 32, Hkv 8, D 128, block 16, tables 131072 tokens wide; 2k contexts
+    at batch 16 with one long sequence and padding rows (length 0). The automatic grid splits (the table is
+    wide) while each sequence is cut by its own length; the output is the reference's, padding rows are zeros."""
+    gen = torch.Generator().manual_seed(7)
+    block_size, hkv, group, head_dim = 16, 8, 4, 128
+    lengths = [2048] * 13 + [1, 9000, 2047, 0, 0]
+    real = [i for i, n in enumerate(lengths) if n]
+    width = 131072 // block_size
+    k_cache, v_cache, table = _paged_kv([max(n, 1) for n in lengths], hkv, head_dim, block_size, dtype, gen,
+                                        device="cpu", table_pad=width - 9000 // block_size - 1)
+    assert table.shape[1] == width
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    q = torch.randn(len(lengths), hkv * group, head_dim, generator=gen).to(dtype).cuda()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    assert triton_attention.choose_decode_splits(len(lengths), hkv, width * block_size, q.device) > 1
+    expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real], head_dim**-0.5)
+    for split in (dict(max_splits=1), dict()):
+        out = torch.full_like(q, float("nan"))
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5, out=out, **split)
+        _assert_close(out[real].cpu(), expected.cpu())
+        assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_swap_while_a_long_kernel_runs():
+    """Swaps queue behind a kernel still running on the compute stream without the host waiting for it: the
+    swap-out carries the KV written just before it, and a decode launched right after a swap-in reads the
+    swapped-in blocks. The pinned pool is addressed in place (no fallback)."""
+    gen = torch.Generator().manual_seed(9)
+    layers, blocks, block_size, hkv, head_dim, group = 2, 64, 16, 8, 128, 4
+    kv = torch.zeros(layers, 2, blocks, block_size, hkv, head_dim, dtype=torch.bfloat16, device="cuda")
+    host = torch.zeros(layers, 2, 32, block_size, hkv, head_dim, dtype=torch.bfloat16, pin_memory=True)
+    n = 100  # tokens in device blocks 0..6
+    key = torch.randn(n, hkv, head_dim, generator=gen).bfloat16().cuda()
+    value = torch.randn(n, hkv, head_dim, generator=gen).bfloat16().cuda()
+    src_blocks = torch.tensor([5, 0, 3, 6, 1, 2, 4])
+    pos = torch.arange(n)
+    slots = (src_blocks[pos // block_size] * block_size + pos % block_size).cuda()
+    host_dst = torch.tensor([30, 2, 17, 9, 4, 25, 11])
+    back = torch.tensor([40, 41, 63, 50, 44, 45, 46])
+    table = back.to(torch.int32).view(1, -1).cuda()
+    q = torch.randn(1, hkv * group, head_dim, generator=gen).bfloat16().cuda()
+    seq_lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+
+    def write_swap_out_in_decode():
+        triton_cache.write_kv(key, value, kv[1, 0], kv[1, 1], slots)
+        triton_cache.swap_blocks(kv, host, src_blocks, host_dst)
+        triton_cache.swap_blocks(host, kv, host_dst, back)
+        return triton_attention.decode_attention(q, kv[1, 0], kv[1, 1], seq_lens, table, head_dim**-0.5)
+
+    write_swap_out_in_decode()  # compiles every kernel first, so nothing below waits for the JIT
+    torch.cuda.synchronize()
+    kv.zero_()
+    host.zero_()
+    torch.cuda._sleep(4_000_000_000)  # a couple of seconds of a spinning kernel on the compute stream
+    out = write_swap_out_in_decode()
+    assert not torch.cuda.current_stream().query(), "the host waited for the running kernel"
+    torch.cuda.synchronize()
+    assert all(triton_cache._ZERO_COPY.values()) and triton_cache._ZERO_COPY
+    assert torch.equal(host[1, :, host_dst].cuda(), kv[1, :, src_blocks.cuda()])
+    ck = torch.zeros(7, block_size, hkv, head_dim, dtype=torch.bfloat16)
+    cv = torch.zeros_like(ck)
+    reference.write_kv(key.cpu(), value.cpu(), ck, cv, pos)
+    expected = reference.paged_decode_attention(q.cpu(), ck, cv, seq_lens.cpu(), torch.arange(7, dtype=torch.int32).view(1, -1),
+                                                head_dim**-0.5)
+    _assert_close(out.cpu(), expected)
 
 
 @pytest.mark.gpu
