@@ -30,6 +30,7 @@ _BENCH_TARGETS = {
     "service": "pagedserve.bench.service:service_command",
     "structured": "pagedserve.bench.structured:structured_command",
     "batch": "pagedserve.bench.batch:batch_command",
+    "vs-vllm": "pagedserve.bench.vllm_cpu:vs_vllm_command",
 }
 
 
@@ -168,6 +169,18 @@ def _model_group() -> None:
 @bench_app.callback()
 def _bench_group() -> None:
     _require_worker_extra("bench")
+    _cpu_threads()
+
+
+def _cpu_threads() -> dict:
+    """PAGEDSERVE_CPU_THREADS / PAGEDSERVE_CPU_BIND into effect before torch loads its OpenMP runtime, which reads
+    its wait policy and thread places only once (engine/cpu_threads.py)."""
+    from pagedserve.engine import cpu_threads
+
+    try:
+        return cpu_threads.apply()
+    except ValueError as e:
+        _fail(f"error: {e}", 2)
 
 
 def _settings(**overrides):
@@ -189,6 +202,7 @@ def worker(
 ) -> None:
     """The long-running worker: consume the request stream, run the engine, publish results."""
     _require_worker_extra("worker")
+    _cpu_threads()
     from .telemetry import configure_logging, configure_tracing
     from .worker import Worker
 
@@ -334,6 +348,7 @@ def demo(
 ) -> None:
     """Redis (started locally unless PAGEDSERVE_REDIS_URL is set), a worker on the default model (SmolLM2-135M-Instruct, fetched on first use), a handful of chat questions whose answers stream to the terminal, and a summary of throughput, latency and KV use."""
     _require_worker_extra("demo")
+    _cpu_threads()
     from .demo import run_demo
 
     run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)

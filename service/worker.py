@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 
+from pagedserve.engine import cpu_threads
 from pagedserve.engine.errors import EngineDeadError
 
 from .admission import Admission
@@ -163,6 +164,7 @@ class Worker(WorkerPart):
             stream=self.keys.requests,
             group=self.keys.group,
             metrics_port=self.health.port if self.health else None,
+            cpu=cpu_threads.describe(),
         )
         self.claims.start()
         self.started.set()

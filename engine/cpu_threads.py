@@ -1,0 +1,166 @@
+"""CPU threads of an engine process: how many, on which cores, and how an idle OpenMP thread waits.
+
+Read from two settings, once per process, before torch loads its OpenMP runtime (the ``pagedserve`` CLI does it
+first thing in ``worker``, ``demo`` and ``bench``):
+
+- ``PAGEDSERVE_CPU_THREADS``: intra-op threads (default: the CPU quota, i.e. the cgroup's ``cpu.max`` rounded up,
+  capped by the CPUs this process may run on);
+- ``PAGEDSERVE_CPU_BIND``: ``auto`` (default) or ``none``: no pinning, the kernel places the threads; or a CPU
+  list such as ``0-1`` or ``0,2,4-5``: one thread pinned to each of those CPUs (for cores that are this process's
+  alone: Kubernetes' static CPU manager, a reserved ``docker --cpuset-cpus``).
+
+Every plan uses OpenMP's passive wait policy. Why: an OpenMP thread that finds no work spins before it sleeps
+(libgomp's default: ~300k spins). With every core busy, a co-located CPU-heavy process takes the time slice of a
+spinning thread while the thread that holds real work waits at the barrier, so a step slows many times over
+instead of in proportion; passive threads sleep at once. ``auto`` does not pin because pinning to a core that
+another busy process shares makes every step wait for that core, where an unpinned thread moves to the idle one
+(docs/benchmarks.md, "CPU threads under load").
+
+Invariants: an ``OMP_*``/``GOMP_*``/``KMP_*`` variable the user set is never overridden; the wait policy and the
+places only take effect when set before the OpenMP runtime starts (``apply`` says in its result whether it was
+in time); this module imports no torch at module level.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+ENV_THREADS = "PAGEDSERVE_CPU_THREADS"
+ENV_BIND = "PAGEDSERVE_CPU_BIND"
+BIND_MODES = ("auto", "none")
+
+
+@dataclass(frozen=True)
+class CPUThreadPlan:
+    """``cpus``: the CPUs to pin to, one thread each in order (None: no pinning)."""
+
+    threads: int
+    cpus: tuple[int, ...] | None
+
+    def openmp_environment(self) -> dict[str, str]:
+        """The OpenMP settings that realize this plan (libgomp reads the OMP_/GOMP_ ones, Intel's the KMP_ one)."""
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+               "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+        if self.cpus is not None:
+            env["OMP_PROC_BIND"] = "close"
+            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in self.cpus)
+        return env
+
+
+def allowed_cpus() -> tuple[int, ...]:
+    """The CPUs this process may run on (its affinity mask), sorted."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time the cgroup may use (``cpu.max`` of cgroup v2, ``cfs_quota_us`` of v1); None: no limit."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads(cpus: tuple[int, ...]) -> int:
+    """The CPU quota rounded up, capped by the CPUs this process may run on; at least 1."""
+    quota = cgroup_cpu_quota()
+    n = len(cpus) if quota is None else min(len(cpus), math.ceil(quota))
+    return max(1, n)
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"0-1,4"`` -> ``(0, 1, 4)`` (sorted, no repeats); ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{part.strip()!r} is not a CPU number or range")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"range {part.strip()!r} ends before it starts")
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
+
+
+def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] | None = None) -> CPUThreadPlan:
+    """The plan the two settings ask for; ValueError naming the variable for a bad value.
+
+    ``cpus``: the CPUs this process may run on (default: its affinity mask).
+    """
+    environ = os.environ if environ is None else environ
+    cpus = allowed_cpus() if cpus is None else cpus
+    raw_threads = environ.get(ENV_THREADS, "").strip()
+    raw_bind = environ.get(ENV_BIND, "").strip().lower() or "auto"
+
+    threads: int | None = None
+    if raw_threads:
+        if not raw_threads.isdigit() or int(raw_threads) < 1:
+            raise ValueError(f"{ENV_THREADS} must be an integer >= 1 (got {raw_threads!r})")
+        threads = int(raw_threads)
+
+    if raw_bind in BIND_MODES:
+        return CPUThreadPlan(threads or default_threads(cpus), None)
+    try:
+        wanted = parse_cpu_list(raw_bind)
+    except ValueError as e:
+        raise ValueError(f"{ENV_BIND} must be auto, none or a CPU list such as 0-1 or 0,2,4-5: {e} "
+                         f"(got {environ.get(ENV_BIND)!r})") from None
+    outside = sorted(set(wanted) - set(cpus))
+    if outside:
+        raise ValueError(f"{ENV_BIND} names CPUs this process may not run on: {outside} "
+                         f"(allowed: {list(cpus)}; got {environ.get(ENV_BIND)!r})")
+    threads = threads or len(wanted)
+    if threads > len(wanted):
+        raise ValueError(f"{ENV_THREADS}={threads} is more threads than the {len(wanted)} CPUs of "
+                         f"{ENV_BIND}={environ.get(ENV_BIND)!r} (one thread per pinned CPU)")
+    return CPUThreadPlan(threads, wanted[:threads])
+
+
+def openmp_started() -> bool:
+    """Whether torch (and with it the OpenMP runtime, which reads its settings once at load) is already loaded."""
+    return "torch" in sys.modules
+
+
+def apply(environ: dict[str, str] | None = None) -> dict:
+    """Put the plan of the settings into effect for this process; what was applied, for the start-up log.
+
+    Before torch loads: the OpenMP variables (those the user set win), then the affinity mask, which the
+    OpenMP threads inherit. After: only the thread count and the calling thread's affinity can still change.
+    """
+    environ = os.environ if environ is None else environ
+    plan = plan_from_env(environ)
+    in_time = not openmp_started()
+    if in_time:
+        for key, value in plan.openmp_environment().items():
+            environ.setdefault(key, value)
+    if plan.cpus is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, plan.cpus)
+    if not in_time:
+        import torch
+
+        torch.set_num_threads(plan.threads)
+    return {"threads": plan.threads, "bind": list(plan.cpus) if plan.cpus is not None else None,
+            "openmp_settings_applied": in_time}
+
+
+def describe() -> dict:
+    """What this process runs with now: torch's thread count, the affinity mask and the wait policy."""
+    out: dict = {"affinity": list(allowed_cpus()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out["threads"] = torch.get_num_threads()
+    return out
