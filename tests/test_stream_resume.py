@@ -8,10 +8,18 @@ after its last token just ends. Service part: real redis-server, real worker pro
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import uuid
+
 import pytest
+import redis
 
 from pagedserve.engine import LLMEngine, SamplingParams
 from pagedserve.engine.sequence import ResumeSample
+from pagedserve.service.client import AsyncClient, Client
+from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
+from service_fixtures import WorkerProcess, make_settings, wait_for
 
 PROMPT = [5, 17, 99, 3, 250, 8, 61]
 
@@ -89,3 +97,94 @@ def test_resume_refused_where_it_cannot_continue(engine):
     with pytest.raises(ValueError, match=r"resume\[0\].token_ids contains"):
         engine.add_request("bad3", PROMPT, SamplingParams(max_tokens=4), resume=[ResumeSample([10**6])])
     assert not engine.has_unfinished_requests()
+
+
+# ------------------------------------------------------------------------------------------------ service
+MAX_TOKENS = 120
+REQUESTS = {  # id -> params: n=1 seeded, n=2 unseeded, n=1 unseeded with top_p
+    "seeded": {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 5, "ignore_eos": True},
+    "pair": {"max_tokens": MAX_TOKENS, "temperature": 1.0, "n": 2, "ignore_eos": True},
+    "plain": {"max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.95, "ignore_eos": True},
+}
+PROMPTS = {"seeded": "a seeded story: ", "pair": "two at once: ", "plain": "once upon a time "}
+
+
+def uninterrupted(engine: LLMEngine, prompt: str, params: dict) -> list[list[int]]:
+    """The same request run by an engine of the workers' configuration, in this process, without interruption."""
+    rid = f"ref-{uuid.uuid4().hex[:6]}"
+    engine.add_request(rid, prompt, SamplingParams(**params))
+    final = None
+    while final is None:
+        final = next((o for o in engine.step() if o.request_id == rid and o.finished), None)
+    return [c.token_ids for c in final.outputs]
+
+
+@pytest.mark.slow
+def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_engine):
+    s = make_settings(redis_url, prefix, claim_idle_ms=1500)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    seen: dict[str, list] = {rid: [] for rid in REQUESTS}
+    errors: list[BaseException] = []
+
+    def consume(rid: str) -> None:
+        try:
+            with Client(settings=s) as c:
+                for ev in c.stream(PROMPTS[rid], id=rid, params=REQUESTS[rid], timeout=240):
+                    seen[rid].append(ev)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    def events_per_sample() -> int:
+        return min(sum(1 for e in seen[rid] if isinstance(e, TokenEvent) and e.index == i)
+                   for rid, p in REQUESTS.items() for i in range(p.get("n", 1)))
+
+    a = WorkerProcess(s.model_copy(update={"worker_name": "resume-a"}), tmp_path / "a.log").start()
+    b = WorkerProcess(s.model_copy(update={"worker_name": "resume-b"}), tmp_path / "b.log")
+    threads = [threading.Thread(target=consume, args=(rid,), daemon=True) for rid in REQUESTS]
+    try:
+        a.wait_started()
+        for t in threads:
+            t.start()
+        wait_for(lambda: events_per_sample() >= 5 or errors, 120, what="every sample streaming")
+        a.kill()  # mid-generation: no result stored yet
+        assert not errors and not any(r.exists(keys.result(rid)) for rid in REQUESTS), "killed too late"
+        killed_at = {rid: len(seen[rid]) for rid in REQUESTS}
+        b.start()
+        for t in threads:
+            t.join(240)
+        assert not errors, errors
+        resumed = {e["request_id"]: e for e in b.events() if e.get("event") == "request_resumed"}
+        for rid, params in REQUESTS.items():
+            evs = seen[rid]
+            done = evs[-1]
+            assert isinstance(done, DoneEvent) and not any(isinstance(e, DoneEvent) for e in evs[:-1])
+            assert resumed[rid]["continued"] is True  # taken over mid-stream, not run again
+            assert len(evs) > killed_at[rid] + 1  # ... and the new worker's tokens reached the client
+            for out in done.outputs:
+                mine = [e for e in evs[:-1] if e.index == out.index]
+                assert [e.seq for e in mine] == list(range(len(mine)))  # each event once, in order
+                assert [t for e in mine for t in e.token_ids] == out.token_ids
+                assert "".join(e.text for e in mine) == out.text
+                assert len(out.token_ids) == MAX_TOKENS and out.finish_reason == "length"
+        want = uninterrupted(shared_engine, PROMPTS["seeded"], REQUESTS["seeded"])
+        assert [o.token_ids for o in seen["seeded"][-1].outputs] == want
+
+        # A caller that restarted picks its stream up after the last seq it saw (sync and async clients).
+        with Client(settings=s) as c:
+            later = list(c.stream("pair", after={0: 4, 1: 6}, timeout=30))
+        assert [e.seq for e in later if isinstance(e, TokenEvent) and e.index == 0][:1] == [5]
+        assert [e.seq for e in later if isinstance(e, TokenEvent) and e.index == 1][:1] == [7]
+
+        async def pick_up() -> list:
+            async with AsyncClient(settings=s) as ac:
+                return [e async for e in ac.events("plain", after=9, timeout=30)]
+
+        rest = asyncio.run(pick_up())
+        full = seen["plain"][-1].outputs[0]
+        head = [e for e in seen["plain"] if isinstance(e, TokenEvent) and e.seq <= 9]
+        assert "".join(e.text for e in head + rest[:-1]) == full.text and rest[-1] == seen["plain"][-1]
+    finally:
+        a.close()
+        b.close()
+        r.close()
