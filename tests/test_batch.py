@@ -212,3 +212,22 @@ def test_cli_submit_status_results_cancel_list(redis_url, prefix, r, shared_engi
     dup.write_bytes(jsonl([chat("x"), chat("x")]))
     res = cli.invoke(app, ["batch", "submit", str(dup)])
     assert res.exit_code == 2 and "duplicates line 1" in res.output
+
+
+def test_a_taken_line_whose_request_vanished_is_fed_again(redis_url, prefix, r, shared_engine):
+    from pagedserve.service.batch_keys import BatchScripts
+
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}") for i in range(3)]))
+    k, keys = BatchKeys(prefix), Keys(prefix)
+    # Taken (stream entries added), then the entries vanish as if Redis had lost its last writes, long ago.
+    got = BatchScripts(r).take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid), keys.requests],
+                               args=[10, int(time.time() * 1000)])
+    assert got == [b"taken", 3]
+    r.delete(keys.requests)
+    r.zadd(k.inflight(bid), {"0": 0, "1": 0, "2": 0})
+    with running_worker(make_settings(redis_url, prefix), shared_engine) as w:
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+        assert sum(metric_samples(w, "pagedserve_batch_refeeds_total").values()) == 3
+    assert status["status"] == "completed" and status["request_counts"]["completed"] == 3
+    assert int(r.hget(k.record(bid), "refeeds")) == 3
+    assert all(o["response"]["status_code"] == 200 for o in batch_results(r, prefix, bid))
