@@ -6,6 +6,7 @@ the load test can use :func:`percentile` without torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -17,9 +18,10 @@ BENCH_MODELS = {
     # ~26M: the CPU benchmark model.
     "26m": (dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False), 4096),
-    # ~1.1B (TinyLlama's shape): the GPU end-to-end benchmark model.
+    # ~1.1B (TinyLlama's shape): the GPU end-to-end benchmark model. Positions as a served Llama-3.2 model has:
+    # CUDA graphs then decode through max_model_len-wide block tables, as in production.
     "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False), 32000),
+                num_key_value_heads=4, max_position_embeddings=131072, tie_word_embeddings=False), 32000),
 }
 BENCH_VOCAB = BENCH_MODELS["26m"][1]
 MAX_PROMPT, MAX_OUTPUT = 512, 256
@@ -80,7 +82,9 @@ def bench_model_dir(root: Path | None = None, size: str = "26m") -> str:
     from pagedserve.engine.builtin_model import write_llama
 
     cfg, vocab = BENCH_MODELS[size]
-    path = (root or cache_root()) / f"bench-llama-{size}"
+    # The config's digest in the name: a model written under an older config is never reused.
+    digest = hashlib.sha256(json.dumps([cfg, vocab], sort_keys=True).encode()).hexdigest()[:8]
+    path = (root or cache_root()) / f"bench-llama-{size}-{digest}"
     if not (path / "config.json").is_file():
         write_llama(path, seed=0, vocab_size=vocab, **cfg)
     return str(path)
