@@ -142,8 +142,8 @@ def split_bounds(seq_len: int, max_splits: int, min_partition: int = MIN_PARTITI
 @triton.jit
 def _split_len(seq_len, max_splits, min_partition, TILE: tl.constexpr):
     """Tokens per KV partition of a ``seq_len``-token sequence: as many partitions of at least ``min_partition``
-    tokens as it holds, at most ``max_splits``, rounded up to whole tiles. The decode and reduce kernels both derive it from
-    ``seq_lens``, so they agree without a host round trip."""
+    tokens as it holds, at most ``max_splits``, rounded up to whole tiles. The decode and reduce kernels both
+    derive it from ``seq_lens``, so they agree without a host round trip."""
     splits = tl.minimum(tl.maximum(seq_len // min_partition, 1), max_splits)
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, splits), TILE) * TILE, TILE)
 

@@ -118,8 +118,9 @@ def _copy_blocks_kernel(
     kv = (layer_kv % 2).to(tl.int64)
     offs = chunk.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     mask = offs < block_numel
-    x = tl.load(src_cache_ptr + layer * src_stride_layer + kv * src_stride_kv + src * src_stride_block + offs, mask=mask)
-    tl.store(dst_cache_ptr + layer * dst_stride_layer + kv * dst_stride_kv + dst * dst_stride_block + offs, x, mask=mask)
+    src_block = src_cache_ptr + layer * src_stride_layer + kv * src_stride_kv + src * src_stride_block
+    dst_block = dst_cache_ptr + layer * dst_stride_layer + kv * dst_stride_kv + dst * dst_stride_block
+    tl.store(dst_block + offs, tl.load(src_block + offs, mask=mask), mask=mask)
 
 
 def _blocks_contiguous(cache: torch.Tensor) -> bool:

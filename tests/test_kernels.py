@@ -520,11 +520,13 @@ def _check_kv_pool_past_2_31_elements(device: str, heads: int, head_dim: int, dt
     q = torch.randn(1, heads * group, head_dim, generator=gen).to(dtype)
     expected = reference.paged_decode_attention(q, ck, cv, seq_lens, compact, 0.125)
     for split in (dict(max_splits=1), dict(max_splits=3, min_partition=16)):
-        got = triton_attention.decode_attention(q.to(device), k_cache, v_cache, seq_lens.to(device), table, 0.125, **split)
+        got = triton_attention.decode_attention(q.to(device), k_cache, v_cache, seq_lens.to(device), table, 0.125,
+                                                **split)
         _assert_close(got.cpu(), expected)
     qp = torch.randn(n, heads * group, head_dim, generator=gen).to(dtype)
     cu = torch.tensor([0, n], dtype=torch.int32)
-    got = triton_attention.varlen_attention(qp.to(device), k_cache, v_cache, cu.to(device), seq_lens.to(device), table, 0.125)
+    got = triton_attention.varlen_attention(qp.to(device), k_cache, v_cache, cu.to(device), seq_lens.to(device), table,
+                                            0.125)
     _assert_close(got.cpu(), reference.paged_attention(qp, ck, cv, cu, seq_lens, compact, 0.125))
     triton_cache.copy_blocks(kv, torch.tensor([num_blocks - 1]), torch.tensor([num_blocks - 4]))
     assert torch.equal(kv[:, :, num_blocks - 4], kv[:, :, num_blocks - 1])
@@ -543,7 +545,8 @@ def test_copy_blocks_between_pools_is_the_swap_reference():
     gen = torch.Generator().manual_seed(3)
     dev = torch.randn(2, 2, 9, 4, 2, 64, generator=gen).bfloat16()
     host = torch.randn(2, 2, 6, 4, 2, 64, generator=gen).bfloat16()
-    for src_pool, dst_pool, src, dst in ((dev, host, [8, 0, 3, 4, 5], [1, 5, 2, 3, 4]), (host, dev, [5, 1, 2], [0, 8, 1])):
+    cases = ((dev, host, [8, 0, 3, 4, 5], [1, 5, 2, 3, 4]), (host, dev, [5, 1, 2], [0, 8, 1]))
+    for src_pool, dst_pool, src, dst in cases:
         src, dst = torch.tensor(src), torch.tensor(dst)
         expected = dst_pool.clone()
         reference.swap_blocks(src_pool, expected, src, dst)
@@ -759,8 +762,8 @@ def test_gpu_swap_while_a_long_kernel_runs():
     ck = torch.zeros(7, block_size, hkv, head_dim, dtype=torch.bfloat16)
     cv = torch.zeros_like(ck)
     reference.write_kv(key.cpu(), value.cpu(), ck, cv, pos)
-    expected = reference.paged_decode_attention(q.cpu(), ck, cv, seq_lens.cpu(), torch.arange(7, dtype=torch.int32).view(1, -1),
-                                                head_dim**-0.5)
+    compact = torch.arange(7, dtype=torch.int32).view(1, -1)
+    expected = reference.paged_decode_attention(q.cpu(), ck, cv, seq_lens.cpu(), compact, head_dim**-0.5)
     _assert_close(out.cpu(), expected)
 
 
