@@ -12,7 +12,9 @@ Invariants:
     rows' hidden states are exactly those of an eager step.
   * The block-table buffer is as wide as the longest sequence the engine admits (``max_model_len``), so a
     captured graph serves any decode step of up to ``max_batch`` sequences; kernels choose their launch
-    shape from that width, never from the contents, so the captured launches stay valid.
+    shape from that width, never from the contents, so the captured launches stay valid. How the work is
+    shared out among the launched programs they derive on the device from ``seq_lens`` (split decode cuts
+    each sequence by its own length), so a wide table costs idle programs, not longer ones.
   * Only the model forward is captured; logits and sampling run eagerly on the real rows.
 
 ``capture=False`` keeps the static buffers and the padding but runs the forward eagerly. That is how the

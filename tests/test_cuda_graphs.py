@@ -106,9 +106,10 @@ def test_gpu_graph_replay_equals_eager_steps(tiny_models):
     dtype = "float32"
     prompts, lengths = _prompts_and_lengths(11, seed=2)
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2) for m in lengths]
-    eager = LLM(model=tiny_models["qwen2"], device="cuda", dtype=dtype, max_num_seqs=16, enforce_eager=True)
+    eager = LLM(model=tiny_models["qwen2"], device="cuda", dtype=dtype, max_num_seqs=16, enforce_eager=True,
+                swap_space_gb=0.05)
     want = eager.generate(prompts, params)
-    llm = LLM(model=tiny_models["qwen2"], device="cuda", dtype=dtype, max_num_seqs=16)
+    llm = LLM(model=tiny_models["qwen2"], device="cuda", dtype=dtype, max_num_seqs=16, swap_space_gb=0.05)
     graphs = llm.engine.runner.decode_graphs
     assert graphs is not None and sorted(graphs.graphs) == batch_ladder(16)
     got = llm.generate(prompts, params)
