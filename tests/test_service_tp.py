@@ -1,0 +1,80 @@
+"""A worker with tensor_parallel_size=2 through a real Redis: it serves what a one-rank engine generates, and a rank
+killed mid-run makes it exit non-zero with its requests taken over by another worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import redis
+
+from pagedserve.engine import SamplingParams
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import DoneEvent, Keys
+from service_fixtures import WorkerProcess, make_settings, running_worker, stored_results, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _ranks(pid: int) -> list[int]:
+    """The rank processes of worker ``pid``: its multiprocessing-spawned children (not its resource tracker)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z":
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():
+                        out.append(int(entry))
+    return out
+
+
+def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishes(redis_url, prefix, tmp_path,
+                                                                                 shared_engine):
+    s = make_settings(redis_url, prefix, claim_idle_ms=1500)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    c = Client(settings=s)
+    tp = WorkerProcess(s.model_copy(update={"worker_name": "tp-a", "tensor_parallel_size": 2}),
+                       tmp_path / "tp.log").start()
+    try:
+        tp.wait_started(180)
+        # Served through Redis by the two ranks: the same greedy tokens as the one-rank engine.
+        prompts = [f"question {i} " * (i + 1) for i in range(3)]
+        params = {"max_tokens": 12, "ignore_eos": True, "temperature": 0}
+        first = [c.submit(p, params=params) for p in prompts]
+        wait_for(lambda: len(stored_results(r, keys, first)) == 3, 120, 0.1, "first results")
+        res = stored_results(r, keys, first)
+        for i, (rid, prompt) in enumerate(zip(first, prompts)):
+            shared_engine.add_request(f"tp-ref-{i}", prompt, SamplingParams(**params))
+        ref = {}
+        while shared_engine.has_unfinished_requests():
+            ref.update({o.request_id: o for o in shared_engine.step() if o.finished})
+        for i, rid in enumerate(first):
+            assert isinstance(res[rid], DoneEvent), res[rid]
+            assert res[rid].outputs[0].token_ids == ref[f"tp-ref-{i}"].outputs[0].token_ids
+
+        # Long requests in flight, then the rank dies: the worker exits non-zero and releases them.
+        long = [c.submit(f"long {i} " * 3, params={"max_tokens": 300, "ignore_eos": True, "temperature": 0})
+                for i in range(6)]
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 6, 60, 0.05, "all delivered")
+        (rank,) = _ranks(tp.proc.pid)
+        os.kill(rank, signal.SIGKILL)
+        code = tp.proc.wait(120)
+        assert code != 0
+        dead = [e for e in tp.events() if e.get("event") == "engine_dead"]
+        assert dead and "rank 1" in dead[0]["error"], tp.log_path.read_text()[-3000:]
+        assert len(stored_results(r, keys, long)) < 6, "the kill came too late to test anything"
+        with running_worker(s.model_copy(update={"worker_name": "tp-b"}), shared_engine):
+            wait_for(lambda: len(stored_results(r, keys, long)) == 6, 180, 0.1, "results from the other worker")
+        for rid, ev in stored_results(r, keys, long).items():
+            assert isinstance(ev, DoneEvent) and len(ev.outputs[0].token_ids) == 300, ev
+    finally:
+        tp.close()
+        c.close()
+        r.close()
