@@ -286,3 +286,12 @@ def test_schema_rejects_bad_values():
 def test_notes_render(rendered):
     text = notes(VALUE_SETS["keda"])
     assert "pagedserve:requests" in text and "KEDA" in text
+
+
+def test_tensor_parallel_size_sets_the_engine_and_the_gpu_limit():
+    docs = render({"engine": {"tensorParallelSize": 4}})
+    assert worker_container(docs)["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_TENSOR_PARALLEL_SIZE"] == "4"
+    # gpu.count above the ranks stays as asked
+    assert worker_container(render({"engine": {"tensorParallelSize": 2}, "gpu": {"count": 4}}))[
+        "resources"]["limits"]["nvidia.com/gpu"] == 4

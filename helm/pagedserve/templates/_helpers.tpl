@@ -107,6 +107,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "PAGEDSERVE_MAX_NUM_SEQS" $e.maxNumSeqs
   "PAGEDSERVE_MAX_NUM_BATCHED_TOKENS" $e.maxNumBatchedTokens
   "PAGEDSERVE_MAX_MODEL_LEN" $e.maxModelLen
+  "PAGEDSERVE_TENSOR_PARALLEL_SIZE" $e.tensorParallelSize
   "PAGEDSERVE_CLAIM_IDLE_MS" $w.claimIdleMs
   "PAGEDSERVE_MAX_DELIVERIES" $w.maxDeliveries
   "PAGEDSERVE_RESULT_TTL_S" $w.resultTtlS
