@@ -9,15 +9,19 @@ after its last token just ends. Service part: real redis-server, real worker pro
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedserve.engine import LLMEngine, SamplingParams
 from pagedserve.engine.sequence import ResumeSample
 from pagedserve.service.client import AsyncClient, Client
+from pagedserve.service.client_core import Emit, Pause, ReadEvents, ReadResult, Send, build_request, stream_wait
 from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
 from service_fixtures import WorkerProcess, make_settings, wait_for
 
@@ -99,8 +103,61 @@ def test_resume_refused_where_it_cannot_continue(engine):
     assert not engine.has_unfinished_requests()
 
 
+# ------------------------------------------------------------------------------------------------ client core
+def _entry(i: int, ev: dict) -> tuple[bytes, dict]:
+    return f"1-{i}".encode(), {b"data": json.dumps(ev).encode()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), dups=st.lists(st.integers(0, 5), max_size=4), after=st.sampled_from([None, 2]))
+def test_stream_wait_reads_on_from_the_last_entry_and_yields_each_seq_once(data, dups, after):
+    """``stream_wait`` against a stream holding each seq once or twice (a flush sent again): whatever the reads
+    return (some entries, nothing, a lost connection), it asks for entries after the last one it saw, and yields
+    each seq once, in order, after ``after``, then the terminal event."""
+    events = []
+    for seq in range(6):
+        tok = {"type": "token", "id": "r", "index": 0, "seq": seq, "token_ids": [seq], "text": str(seq)}
+        events += [tok] * (2 if seq in dups else 1)
+    events.append({"type": "done", "id": "r", "outputs": [
+        {"index": 0, "text": "012345", "token_ids": list(range(6)), "finish_reason": "length"}]})
+    stream = [_entry(i, ev) for i, ev in enumerate(events)]
+    clock = {"now": 0.0}
+    wait = stream_wait(Keys("t"), "r", build_request("hi", id="r"), timeout=None, after=after,
+                       clock=lambda: clock["now"])
+    at, reply, error, emitted, sent = 0, None, None, [], 0
+    while True:
+        try:
+            op = wait.throw(error) if error is not None else wait.send(reply)
+        except StopIteration:
+            break
+        reply = error = None
+        if isinstance(op, Send):
+            sent += 1
+        elif isinstance(op, ReadEvents):
+            assert op.key == "t:events:r" and op.after == ("0-0" if at == 0 else f"1-{at - 1}")
+            choice = data.draw(st.sampled_from(["some", "none", "lost"]))
+            if choice == "some":
+                k = data.draw(st.integers(1, 3))
+                reply, at = stream[at:at + k], min(len(stream), at + k)
+            elif choice == "lost":
+                error = redis.ConnectionError("lost")
+            else:
+                reply = []
+                clock["now"] += op.block_ms / 1000
+        elif isinstance(op, ReadResult):
+            reply = None
+        elif isinstance(op, Pause):
+            clock["now"] += op.seconds
+        elif isinstance(op, Emit):
+            emitted.append(op.event)
+    assert sent == 1 and isinstance(emitted[-1], DoneEvent)
+    first = 0 if after is None else after + 1
+    assert [e.seq for e in emitted[:-1]] == list(range(first, 6))
+    assert "".join(e.text for e in emitted[:-1]) == "012345"[first:]
+
+
 # ------------------------------------------------------------------------------------------------ service
-MAX_TOKENS = 120
+MAX_TOKENS = 64
 REQUESTS = {  # id -> params: n=1 seeded, n=2 unseeded, n=1 unseeded with top_p
     "seeded": {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 5, "ignore_eos": True},
     "pair": {"max_tokens": MAX_TOKENS, "temperature": 1.0, "n": 2, "ignore_eos": True},
