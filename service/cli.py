@@ -277,6 +277,9 @@ def submit(
     choice: Optional[str] = typer.Option(None, "--choice", help="a,b,c: the output is one of these."),
     regex: Optional[str] = typer.Option(None, "--regex", help="The output matches this regular expression."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Only print the final result."),
+    request_id: Optional[str] = typer.Option(
+        None, "--id", help="The request's id (default: a new one). Submitting again with the same id prints the "
+                           "same request's stream from its start, without running it twice."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the result."),
     pickup_timeout: float = typer.Option(
         30.0, "--pickup-timeout", help="Seconds without any event before checking that a worker is consuming."
@@ -302,8 +305,9 @@ def submit(
         client = Client(settings=_settings())
         final = None
         with err.status("[bold]waiting for a worker ...") as status:
+            # Read from the request's events stream: a dropped connection or a worker crash costs no token.
             events = client.stream(prompt, params=params, stream=not no_stream, timeout=timeout,
-                                   pickup_timeout=pickup_timeout)
+                                   pickup_timeout=pickup_timeout, **({"id": request_id} if request_id else {}))
             for ev in events:
                 if isinstance(ev, TokenEvent):
                     status.stop()
