@@ -259,6 +259,8 @@ def offline_command(
         help="Block sizes of the swap-vs-recompute section.")] = "8,16,32,64,128",
     swap_tokens: Annotated[int, typer.Option(
         help="Tokens swapped / recomputed per block size (default 1536 CUDA, 512 CPU).")] = 0,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        help="Also run the workload sharded over N ranks and compare with one rank (ratio, communication per step).")] = 1,
 ) -> None:
     """Offline throughput, compute floor, KV utilization and concurrency vs HF; decode steps vs the memory roofline, with and without CUDA graphs; recompute vs swap cost per block size (see docs/benchmarks.md).
 
@@ -297,6 +299,7 @@ def offline_command(
     total = 1 + (0 if skip_throughput else 5 + profile) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
     total += 0 if skip_decode_roofline else 3 * len(batches)
     total += 0 if skip_swap_vs_recompute else len(block_sizes)
+    total += tensor_parallel_size > 1
     with Progress(console=console) as progress:
         task = progress.add_task("bench model", total=total)
         model_dir = model_dir or bench_model_dir(size=size)
@@ -331,6 +334,12 @@ def offline_command(
             results["swap_vs_recompute"] = swap_vs_recompute_bench(
                 model_dir, device, dtype, block_sizes, swap_tokens or SWAP_TOKENS[kind], SWAP_REPS[kind], copy_gbps,
                 progress, task)
+        if tensor_parallel_size > 1:
+            from pagedserve.bench.tensor_parallel import tensor_parallel_section
+
+            progress.update(task, description=f"tensor parallel x{tensor_parallel_size}")
+            results["tensor_parallel"] = tensor_parallel_section(model_dir, w, device, dtype, tensor_parallel_size)
+            progress.advance(task)
 
     if not skip_throughput:
         print_throughput(console, results, w, device, profile)
@@ -338,4 +347,8 @@ def offline_command(
         print_decode_roofline(console, results["decode_roofline"], device)
     if not skip_swap_vs_recompute:
         print_swap_vs_recompute(console, results["swap_vs_recompute"], device)
+    if tensor_parallel_size > 1:
+        from pagedserve.bench.tensor_parallel import print_tensor_parallel
+
+        print_tensor_parallel(console, results["tensor_parallel"])
     write_json(out, results, console)

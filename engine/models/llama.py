@@ -131,10 +131,9 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         o_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = o_bias or config.model_type == "qwen2"  # Qwen2 always has q/k/v bias, never o bias
+        q_part = Part(self.head_dim, total_heads, tp.rank * self.num_heads, self.num_heads)
         kv_part = Part(self.head_dim, total_kv, tp.rank * total_kv // tp.size, self.num_kv_heads)
-        self.qkv_proj = ColumnParallelLinear(
-            config.hidden_size, [Part(self.head_dim, total_heads, tp.rank * self.num_heads, self.num_heads), kv_part, kv_part],
-            bias=qkv_bias, tp=tp)
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_part, kv_part, kv_part], bias=qkv_bias, tp=tp)
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias, tp=tp)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
