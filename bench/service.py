@@ -162,6 +162,9 @@ class WorkerProc:
         res["redis_commands"] = sum(calls.values())
         res["redis_commands_per_token"] = res["redis_commands"] / max(1, tokens)
         res["redis_command_breakdown"] = calls
+        net = self.r.info("stats")  # bytes into Redis (worker writes, XADDs) and out of it (replies, pub/sub)
+        res["redis_bytes_in_per_token"] = net["total_net_input_bytes"] / max(1, tokens)
+        res["redis_bytes_out_per_token"] = net["total_net_output_bytes"] / max(1, tokens)
         if not warmup:
             step1, busy1 = self.loop_seconds()
             # Share of the worker's busy loop spent outside engine.step(): measured inside one process at one
@@ -284,6 +287,8 @@ def service_command(
     table.add_row("added e2e p50, direct", "-", f"{sv['added_e2e_ms_p50_direct']:.2f} ms",
                   f"pickup {sv['pickup_ms_mean']:.2f} + out {sv['delivery_done_ms_p50']:.2f}", "<= 2 ms")
     table.add_row("Redis cmds / token", "-", f"{sv['redis_commands_per_token']:.3f}", "", "")
+    table.add_row("Redis bytes in/out / token", "-",
+                  f"{sv['redis_bytes_in_per_token']:.0f} / {sv['redis_bytes_out_per_token']:.0f}", "", "")
     table.add_row("worker loop overhead", "-", f"{100 * sv['worker_loop_overhead']:.2f}%",
                   f"{1 - sv['worker_loop_overhead']:.3f}x", "<= 5%")
     console.print(table)
