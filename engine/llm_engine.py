@@ -80,7 +80,11 @@ class LLMEngine:
             block_bytes=self.runner.block_bytes,
             swap_bytes_per_s=2e10 if on_gpu else 5e9,
         )
-        self._fit_max_model_len()
+        try:
+            self._fit_max_model_len()
+        except ValueError:
+            self.runner.close()  # tensor-parallel ranks must not outlive an engine that failed to start
+            raise
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.config.seed)
