@@ -1,4 +1,8 @@
-"""Load a Llama-family HF checkpoint directory (config.json + *.safetensors) into ``LlamaForCausalLM``."""
+"""Load a Llama-family HF checkpoint directory (config.json + *.safetensors) into ``LlamaForCausalLM``.
+
+Under tensor parallelism each rank reads only its rows or columns of every sharded tensor: the layer that owns a
+parameter says which (its ``weight_loader``, engine/parallel_layers.py), through a safetensors slice.
+"""
 
 from __future__ import annotations
 
