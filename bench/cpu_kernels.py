@@ -5,7 +5,8 @@ head_dim 64), block size 16, shuffled block tables, batches 1/16/64 and contexts
 that context), fp32 and bf16 caches: the median latency of one layer's ``paged_decode_attention`` by the C++
 kernel (:mod:`pagedserve.kernels.cpu_extension`) and by ``TORCH_OPS`` (each sequence's blocks gathered into a
 copy, then SDPA; its per-step plan built beforehand, as the model runner does once for all layers), and the
-kernel's K/V read rate. Threads: torch's (``--threads`` sets them). Prints a table and writes JSON.
+kernel's K/V read rate (wall time), and each side's process CPU time per call (steadier on a shared machine).
+Threads: torch's (``--threads`` sets them). Prints a table and writes JSON.
 Standalone: ``python -m pagedserve.bench.cpu_kernels --out .bench/cpu_kernels.json``.
 """
 
@@ -46,15 +47,18 @@ def _inputs(batch: int, context: int, hq: int, hkv: int, head_dim: int, dtype: t
     return q, k, v, seq_lens, tables
 
 
-def _median_ms(fn, min_time_s: float) -> float:
+def _median_ms(fn, min_time_s: float) -> tuple[float, float]:
+    """Median wall and process-CPU milliseconds per call. On a shared machine the CPU time is the steadier
+    figure of the work done (with one thread; with more it also counts threads spinning at a barrier)."""
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     deadline = time.perf_counter() + min_time_s
-    while len(times) < 5 or time.perf_counter() < deadline:
-        start = time.perf_counter()
+    while len(wall) < 5 or time.perf_counter() < deadline:
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
 
 
 def measure(models: list[str], batches: list[int], contexts: list[int], dtypes: list[str],
@@ -70,13 +74,15 @@ def measure(models: list[str], batches: list[int], contexts: list[int], dtypes: 
                 for context in contexts:
                     q, k, v, seq_lens, tables = _inputs(batch, context, hq, hkv, head_dim, DTYPES[dtype_name])
                     plan = TORCH_OPS.plan_decode(seq_lens, tables, BLOCK_SIZE)
-                    torch_ms = _median_ms(lambda: TORCH_OPS.paged_decode_attention(
+                    torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_decode_attention(
                         q, k, v, seq_lens, tables, scale, plan=plan), min_time_s)
-                    kernel_ms = _median_ms(lambda: cpu_extension.paged_decode_attention(
+                    kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_decode_attention(
                         q, k, v, seq_lens, tables, scale), min_time_s)
                     kv_bytes = 2 * batch * context * hkv * head_dim * k.element_size()
                     rows.append(dict(model=model, dtype=dtype_name, batch=batch, context=context,
                                      torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms,
+                                     torch_cpu_ms=torch_cpu_ms, kernel_cpu_ms=kernel_cpu_ms,
+                                     cpu_speedup=torch_cpu_ms / max(kernel_cpu_ms, 1e-6),
                                      kernel_gbps=kv_bytes / kernel_ms / 1e6))
     return rows
 
@@ -102,11 +108,13 @@ def cpu_kernels_command(
     rows = measure(models, parse_ints(batches, BATCHES), parse_ints(contexts, CONTEXTS), dtypes,
                    0.05 if quick else 0.5)
     table = Table(title=f"paged decode attention, one layer, block {BLOCK_SIZE}, {torch.get_num_threads()} threads")
-    for col in ("model", "dtype", "batch", "context", "torch ms", "kernel ms", "speedup", "kernel KV GB/s"):
+    for col in ("model", "dtype", "batch", "context", "torch ms", "kernel ms", "speedup", "torch cpu ms",
+                "kernel cpu ms", "cpu speedup", "kernel KV GB/s"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["model"], r["dtype"], str(r["batch"]), str(r["context"]), f"{r['torch_ms']:.3f}",
-                      f"{r['kernel_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['kernel_gbps']:.1f}")
+                      f"{r['kernel_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['torch_cpu_ms']:.3f}",
+                      f"{r['kernel_cpu_ms']:.3f}", f"{r['cpu_speedup']:.2f}x", f"{r['kernel_gbps']:.1f}")
     console.print(table)
     result = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=platform.processor() or

@@ -49,6 +49,47 @@ inline vec8 load8(const float* p) {
 inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
 inline float hsum(vec8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+// exp of eight lanes (Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], relative error ~1e-7),
+// for the softmax's exp(score - max) <= 1: one exp per score, a cost next to a D-long dot product otherwise.
+// Inputs below -87 give ~1e-38 rather than 0, which weighs nothing next to the max's 1.
+inline vec8 exp8(vec8 x) {
+  const vec8 hi = vec8{} + 88.3762626647949f, lo = vec8{} - 87.0f;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  vec8 fx = x * 1.44269504088896341f + 0.5f;
+  ivec8 n = __builtin_convertvector(fx, ivec8);
+  n += (__builtin_convertvector(n, vec8) > fx);  // truncation -> floor (true lanes are -1)
+  fx = __builtin_convertvector(n, vec8);
+  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  vec8 y = x * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  const ivec8 pow2n = (n + 127) << 23;
+  return y * reinterpret_cast<const vec8&>(pow2n);
+}
+
+// p[j] = exp(p[j] - top) for j < n; returns their sum.
+inline float exp_shifted(float* p, int64_t n, float top) {
+  vec8 sum8 = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const vec8 e = exp8(load8(p + j) - top);
+    store8(p + j, e);
+    sum8 += e;
+  }
+  float sum = hsum(sum8);
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - top);
+    sum += p[j];
+  }
+  return sum;
+}
+
 inline float dot(const float* a, const float* b, int64_t d) {
   vec8 s0 = {}, s1 = {};
   int64_t i = 0;
@@ -119,8 +160,8 @@ struct Scratch {
 // Attends the query heads of KV heads [kv_begin, kv_end) of one sequence over tokens [begin, end), block by
 // block, every KV head of a block before the next block (a block's token rows are contiguous across heads).
 // ``w.qf`` holds the query rows of those heads in fp32, already multiplied by the softmax scale. On return,
-// for local query head h (of (kv_end - kv_begin) * group), ``m[h * m_stride]``/``l[h * m_stride]`` are its
-// running max and sum of exp(score - m) and ``acc + h * acc_stride`` its unnormalised output row; an empty
+// for the g-th query head of KV head kv_begin + i, at o = i * heads_stride + g: ``m_all[o]``/``l_all[o]`` are
+// its running max and sum of exp(score - max), and ``acc_all + o * D`` its unnormalised output row; an empty
 // range leaves m = -inf, l = 0, acc = 0.
 template <typename cache_t>
 void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
@@ -162,11 +203,7 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
       for (int64_t j = 1; j < n; ++j) block_max = std::max(block_max, sg[j]);
       const float m_new = std::max(m[g], block_max);
       const float alpha = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        sg[j] = std::exp(sg[j] - m_new);
-        sum += sg[j];
-      }
+      const float sum = exp_shifted(sg, n, m_new);
       l[g] = l[g] * alpha + sum;
       m[g] = m_new;
       pv(acc + g * D, alpha, sg, v, v_stride, n, D);
