@@ -1,0 +1,135 @@
+"""``pagedserve bench batch``: a batch file through Redis and a worker vs the same prompts through the offline
+API (``LLM.generate``), in one run.
+
+Both sides run the same engine settings on the same prompts (random token ids, greedy, the same
+``max_tokens``), so they generate the same tokens. The service side is a private ``redis-server`` and one
+``pagedserve worker`` subprocess (as deployed), warmed up on a small batch first; its time runs from the end of
+``batch submit`` (reported apart) to the batch's ``completed`` status, seen by polling it every 50 ms. The
+offline side is ``LLM.generate`` over every prompt at once, after one warm-up call. Target: the service's
+lines/s and tokens/s at least 90% of the offline API's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Annotated
+
+import typer
+
+
+def _lines(n: int, prompt_tokens: int, max_tokens: int, vocab: int, seed: int) -> tuple[list[list[int]], bytes]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(max(1, prompt_tokens // 2), prompt_tokens))]
+               for _ in range(n)]
+    data = "".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions",
+                               "body": {"prompt": p, "max_tokens": max_tokens, "temperature": 0}}) + "\n"
+                   for i, p in enumerate(prompts))
+    return prompts, data.encode()
+
+
+def run_offline(engine_kw: dict, prompts: list[list[int]], max_tokens: int) -> dict:
+    from pagedserve.engine import LLM, SamplingParams
+
+    llm = LLM(**engine_kw)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    llm.generate(prompts[:8], params)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    llm.close()
+    return {"wall_s": wall, "lines_per_s": len(prompts) / wall, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / wall}
+
+
+def run_service(engine_kw: dict, data: bytes, warm: bytes, n: int) -> dict:
+    import redis
+
+    from pagedserve.service.batch_client import batch_results, submit_batch, wait_batch
+    from pagedserve.service.redis_server import LocalRedis, free_port
+
+    prefix = f"bench-batch-{uuid.uuid4().hex[:6]}"
+    with LocalRedis() as url:
+        env = {**os.environ, "PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": prefix,
+               "PAGEDSERVE_METRICS_PORT": str(free_port()), "PAGEDSERVE_LOG_LEVEL": "WARNING",
+               **{f"PAGEDSERVE_{k.upper()}": str(v) for k, v in engine_kw.items() if v is not None}}
+        log = tempfile.NamedTemporaryFile(prefix="pagedserve-bench-batch-", suffix=".log", delete=False)
+        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        r = redis.Redis.from_url(url)
+        try:
+            wait_batch(r, prefix, submit_batch(r, prefix, warm), timeout=600, poll_s=0.05)  # model load, warm-up
+            t0 = time.perf_counter()
+            bid = submit_batch(r, prefix, data)
+            t1 = time.perf_counter()
+            status = wait_batch(r, prefix, bid, timeout=3600, poll_s=0.05)
+            t2 = time.perf_counter()
+            out = list(batch_results(r, prefix, bid))
+            tokens = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out if o["response"])
+            assert status["request_counts"]["completed"] == n, status
+            return {"submit_s": t1 - t0, "wall_s": t2 - t1, "lines_per_s": n / (t2 - t1), "output_tokens": tokens,
+                    "output_tokens_per_s": tokens / (t2 - t1), "lines_per_s_with_submit": n / (t2 - t0),
+                    "redis_used_memory_mb": r.info("memory")["used_memory"] / 2**20}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            r.close()
+
+
+def batch_command(
+    lines: Annotated[int, typer.Option(help="Lines in the batch file.")] = 10_000,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every line.")] = 16,
+    prompt_tokens: Annotated[int, typer.Option(help="Longest prompt (token ids; the shortest is half).")] = 16,
+    model: Annotated[str, typer.Option(help="Model of both sides.")] = "pagedserve-tiny-random",
+    device: str = "cpu",
+    max_num_seqs: int = 256,
+    num_gpu_blocks: Annotated[int, typer.Option(help="KV blocks (0: the engine's default).")] = 0,
+    seed: int = 0,
+    threads: Annotated[int, typer.Option(
+        help="torch intra-op threads of both sides (0: torch's default). On a shared machine OpenMP threads "
+             "competing with other processes slow small ops several-fold: 1 keeps the comparison fair.")] = 0,
+    out: str = ".bench/batch.json",
+) -> None:
+    """A batch file through Redis and a worker vs the same prompts through LLM.generate: lines/s, tokens/s, ratio (target >= 0.9)."""
+    from rich.console import Console
+
+    from pagedserve.bench.common import write_json
+
+    console = Console(stderr=True)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the worker subprocess inherits it
+    engine_kw = {"model": model, "device": device, "max_num_seqs": max_num_seqs,
+                 "num_gpu_blocks": num_gpu_blocks or None, "seed": seed}
+    vocab = 200 if "tiny" in model else 1000
+    prompts, data = _lines(lines, prompt_tokens, max_tokens, vocab, seed)
+    _, warm = _lines(16, prompt_tokens, max_tokens, vocab, seed + 1)
+    console.print(f"offline: {lines} prompts through LLM.generate ...")
+    offline = run_offline(engine_kw, prompts, max_tokens)
+    console.print(f"service: {lines} lines through Redis and a worker ...")
+    service = run_service(engine_kw, data, warm, lines)
+    results = {
+        "machine": {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        "config": {"lines": lines, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "threads": threads,
+                   **engine_kw},
+        "offline": offline, "service": service,
+        "ratio_lines_per_s": service["lines_per_s"] / offline["lines_per_s"],
+        "ratio_tokens_per_s": service["output_tokens_per_s"] / offline["output_tokens_per_s"],
+    }
+    console.print(f"offline {offline['lines_per_s']:.1f} lines/s {offline['output_tokens_per_s']:.0f} tok/s | "
+                  f"service {service['lines_per_s']:.1f} lines/s {service['output_tokens_per_s']:.0f} tok/s "
+                  f"(submit {service['submit_s']:.2f} s) | ratio {results['ratio_tokens_per_s']:.3f}")
+    write_json(out, results, console)
