@@ -503,23 +503,24 @@ def _check_kv_pool_past_2_31_elements(device: str, heads: int, head_dim: int, dt
     k_cache, v_cache = kv[0, 0], kv[0, 1]
     assert k_cache.numel() > 2**31
     gen = torch.Generator().manual_seed(31)
-    n = 40
-    top = [num_blocks - 1, num_blocks - 3, num_blocks - 2]
+    n = 150  # 10 blocks: enough for two 64-token partitions
+    top = [num_blocks - 1 - (3 * i) % 10 for i in range(10)]
     pos = torch.arange(n)
     key = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
     value = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
     slots = torch.tensor(top)[pos // block_size] * block_size + pos % block_size
     triton_cache.write_kv(key.to(device), value.to(device), k_cache, v_cache, slots.to(device))
-    ck = torch.zeros((3, block_size, heads, head_dim), dtype=dtype)
+    ck = torch.zeros((len(top), block_size, heads, head_dim), dtype=dtype)
     cv = torch.zeros_like(ck)
     reference.write_kv(key, value, ck, cv, pos)
     assert torch.equal(k_cache[top].cpu(), ck) and torch.equal(v_cache[top].cpu(), cv)
     table = torch.tensor([top], dtype=torch.int32, device=device)
-    compact = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    compact = torch.arange(len(top), dtype=torch.int32).view(1, -1)
     seq_lens = torch.tensor([n], dtype=torch.int32)
     q = torch.randn(1, heads * group, head_dim, generator=gen).to(dtype)
     expected = reference.paged_decode_attention(q, ck, cv, seq_lens, compact, 0.125)
-    for split in (dict(max_splits=1), dict(max_splits=3, min_partition=16)):
+    assert len(triton_attention.split_bounds(n, 3, 64)) == 2
+    for split in (dict(max_splits=1), dict(max_splits=3, min_partition=64)):
         got = triton_attention.decode_attention(q.to(device), k_cache, v_cache, seq_lens.to(device), table, 0.125,
                                                 **split)
         _assert_close(got.cpu(), expected)
@@ -528,8 +529,8 @@ def _check_kv_pool_past_2_31_elements(device: str, heads: int, head_dim: int, dt
     got = triton_attention.varlen_attention(qp.to(device), k_cache, v_cache, cu.to(device), seq_lens.to(device), table,
                                             0.125)
     _assert_close(got.cpu(), reference.paged_attention(qp, ck, cv, cu, seq_lens, compact, 0.125))
-    triton_cache.copy_blocks(kv, torch.tensor([num_blocks - 1]), torch.tensor([num_blocks - 4]))
-    assert torch.equal(kv[:, :, num_blocks - 4], kv[:, :, num_blocks - 1])
+    triton_cache.copy_blocks(kv, torch.tensor([num_blocks - 1]), torch.tensor([num_blocks - 11]))
+    assert torch.equal(kv[:, :, num_blocks - 11], kv[:, :, num_blocks - 1])
 
 
 def test_kv_cache_past_2_31_elements_highest_blocks():
