@@ -1,6 +1,7 @@
 """The requests a worker has started and not yet answered (:class:`Running`; its ``table`` maps a request id to
-an :class:`~.inflight.InFlight`), and what happens to them: each step's outputs become token events and, at the
-end, a ``done`` event; a cancel, a lost lease or claim, a failed engine step or a shutdown ends them early.
+an :class:`~.inflight.InFlight`), and what happens to them: each step's outputs become token events (numbered
+per output by ``seq``, continuing the numbering of a run taken over from another worker) and, at the end, a
+``done`` event; a cancel, a lost lease or claim, a failed engine step or a shutdown ends them early.
 
 Failures, and who pays for them:
 - a failure the engine attributes to one request (its sampling, beam scoring, detokenization or stop check) comes
@@ -42,7 +43,7 @@ def events_cap(f: InFlight) -> int:
     """About how many entries a request's events stream keeps: room for one event per token of every sample
     and the terminal event, so a worker taking it over finds every token it must continue after, while a
     request's events stay bounded."""
-    return f.samples * (f.request.params.max_tokens or 16) + 16
+    return f.samples * ((f.request.params.max_tokens or 16) + 1) + 16  # + each output's text-only last event
 
 
 @dataclass(kw_only=True, eq=False)
