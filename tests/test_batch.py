@@ -231,3 +231,25 @@ def test_a_taken_line_whose_request_vanished_is_fed_again(redis_url, prefix, r, 
     assert status["status"] == "completed" and status["request_counts"]["completed"] == 3
     assert int(r.hget(k.record(bid), "refeeds")) == 3
     assert all(o["response"]["status_code"] == 200 for o in batch_results(r, prefix, bid))
+
+
+def test_helm_chart_can_scale_on_the_batch_backlog():
+    helm = pytest.importorskip("helm_python")
+    from pathlib import Path
+
+    import yaml
+
+    chart_dir = Path(__file__).resolve().parents[1] / "helm" / "pagedserve"
+    values = {"keda": {"enabled": True, "minReplicaCount": 1, "batchTrigger": {"enabled": True, "threshold": 100}}}
+    with helm.Chart.load(str(chart_dir)) as chart:
+        chart.validate_schema(values)
+        out = chart.render(values, name="rel", namespace="ml", is_install=True)
+    docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    lag, backlog = so["spec"]["triggers"]
+    assert lag["type"] == "redis-streams" and backlog["type"] == "prometheus"
+    assert backlog["metadata"]["query"] == 'max(pagedserve_batch_backlog_lines{namespace="ml"})'
+    assert backlog["metadata"]["threshold"] == "100"
+    with helm.Chart.load(str(chart_dir)) as chart, pytest.raises(Exception, match="minReplicaCount"):
+        chart.render({"keda": {"enabled": True, "minReplicaCount": 0, "batchTrigger": {"enabled": True}}},
+                     name="rel", namespace="ml", is_install=True)
