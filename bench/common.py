@@ -23,6 +23,9 @@ BENCH_MODELS = {
     "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, max_position_embeddings=131072, tie_word_embeddings=False), 32000),
 }
+# Weights as written: the GPU model runs in bf16, and written so it is half the bytes to write and load inside a
+# device lease.
+BENCH_WEIGHT_DTYPES = {"26m": "float32", "1b": "bfloat16"}
 BENCH_VOCAB = BENCH_MODELS["26m"][1]
 MAX_PROMPT, MAX_OUTPUT = 512, 256
 
@@ -83,10 +86,13 @@ def bench_model_dir(root: Path | None = None, size: str = "26m") -> str:
 
     cfg, vocab = BENCH_MODELS[size]
     # The config's digest in the name: a model written under an older config is never reused.
-    digest = hashlib.sha256(json.dumps([cfg, vocab], sort_keys=True).encode()).hexdigest()[:8]
+    weights = BENCH_WEIGHT_DTYPES[size]
+    digest = hashlib.sha256(json.dumps([cfg, vocab, weights], sort_keys=True).encode()).hexdigest()[:8]
     path = (root or cache_root()) / f"bench-llama-{size}-{digest}"
     if not (path / "config.json").is_file():
-        write_llama(path, seed=0, vocab_size=vocab, **cfg)
+        import torch  # noqa: PLC0415
+
+        write_llama(path, seed=0, vocab_size=vocab, dtype=getattr(torch, weights), **cfg)
     return str(path)
 
 
