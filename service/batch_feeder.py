@@ -32,9 +32,9 @@ from .protocol import as_text, parse_terminal
 from .running import Running
 
 LOOK_S = 0.5  # how often the list of active batches is read again
-COLLECT_S = 0.05  # how often a batch's in-flight lines are looked at
+COLLECT_S = 0.2  # how often a batch's in-flight lines are looked at (by every worker: MGETs add up)
 MAX_BATCHES = 8  # active batches looked at per tick (oldest first)
-INFLIGHT_SCAN = 512  # in-flight lines looked at per batch and tick
+INFLIGHT_SCAN = 512  # in-flight lines looked at per batch and tick (a window that moves on over a long set)
 MAX_REFEEDS = 3  # a line whose request vanished this often is answered with an error (dead-lettered each time?)
 CLOSE_CHUNK = 500  # untaken lines closed per script call
 
@@ -50,6 +50,7 @@ class BatchFeeder(WorkerPart):
     _next_look: float = field(default=0.0, init=False)
     _next_collect: float = field(default=0.0, init=False)
     _next_stats: float = field(default=0.0, init=False)
+    _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
 
     def __post_init__(self) -> None:
         self.bkeys = BatchKeys(self.keys.prefix)
@@ -90,14 +91,19 @@ class BatchFeeder(WorkerPart):
             self._feed(room - self.reserve)
 
     def _stream_read(self) -> bool:
-        """True when every entry of the request stream has been delivered (entries are deleted once answered,
-        so the undelivered ones are the stream's length minus the group's pending count)."""
+        """True when every entry of the request stream has been delivered to the group: its newest entry is not
+        after the group's last delivered id (exact, whatever entries were acknowledged or deleted)."""
         pipe = self.conn.r.pipeline(transaction=False)
-        pipe.xlen(self.keys.requests)
-        pipe.xpending(self.keys.requests, self.keys.group)
-        length, pending = pipe.execute(raise_on_error=False)
+        pipe.xrevrange(self.keys.requests, count=1)
+        pipe.xinfo_groups(self.keys.requests)
+        newest, groups = pipe.execute(raise_on_error=False)
         self.metrics.redis_ops.inc(2)
-        return isinstance(length, int) and isinstance(pending, dict) and length - pending.get("pending", 0) <= 0
+        if isinstance(newest, list) and not newest:
+            return True  # an empty stream
+        if not isinstance(newest, list) or not isinstance(groups, list):
+            return False  # no stream or no group yet (the worker creates them on setup)
+        group = next((g for g in groups if as_text(g.get("name")) == self.keys.group), None)
+        return group is not None and _id(newest[0][0]) <= _id(group.get("last-delivered-id"))
 
     def _feed(self, count: int) -> None:
         k = self.bkeys
@@ -118,8 +124,14 @@ class BatchFeeder(WorkerPart):
     # ------------------------------------------------------------------------------------------ collect
     def _collect(self, bid: str) -> None:
         k, r = self.bkeys, self.conn.r
-        taken = r.zrange(k.inflight(bid), 0, INFLIGHT_SCAN - 1, withscores=True)
+        start = self._scan_from.get(bid, 0)
+        taken = r.zrange(k.inflight(bid), start, start + INFLIGHT_SCAN - 1, withscores=True)
         self.metrics.redis_ops.inc()
+        # Oldest first; when more lines are in flight than one window, the next tick looks at the next window,
+        # so a finished line is collected within a few ticks however many run.
+        self._scan_from[bid] = start + INFLIGHT_SCAN if len(taken) == INFLIGHT_SCAN else 0
+        if not taken and start:
+            return
         if not taken:
             status = r.hget(k.record(bid), "status")
             self.metrics.redis_ops.inc()
@@ -145,7 +157,6 @@ class BatchFeeder(WorkerPart):
                 continue
             line_no, line, ok = output_line(event, md)
             groups += [str(line_no), json.dumps(line, separators=(",", ":")), "1" if ok else "0", str(index)]
-            self.metrics.batch_lines.labels("completed" if ok else "failed").inc()
         if groups:
             self._store(bid, groups)
         for index in stale[:64]:
@@ -157,13 +168,15 @@ class BatchFeeder(WorkerPart):
         self.metrics.redis_ops.inc()
         return json.loads(body)["metadata"] if body is not None else None
 
-    def _store(self, bid: str, groups: list[str], cursor: tuple[int, int] | None = None) -> int:
+    def _store(self, bid: str, groups: list[str], cursor: tuple[int, int] | None = None) -> None:
         k = self.bkeys
         moved = [str(cursor[0]), str(cursor[1])] if cursor else ["", ""]
         self.metrics.redis_ops.inc()
-        return self.scripts.collect(
+        ok, failed = self.scripts.collect(
             keys=[k.record(bid), k.out(bid), k.inflight(bid), k.entries(bid), k.active],
             args=[int(time.time()), bid, *moved, *groups])
+        self.metrics.batch_lines.labels("completed").inc(ok)  # only the lines this worker stored first
+        self.metrics.batch_lines.labels("failed").inc(failed)
 
     def _refeed(self, bid: str, index: int, stale_before: int) -> None:
         k, rid = self.bkeys, request_id(bid, index)
@@ -184,7 +197,6 @@ class BatchFeeder(WorkerPart):
                 "internal", f"the request was lost {MAX_REFEEDS} times (dead-lettered or dropped by Redis)")
             line = error_line(bid, int(md["line"]), md["custom_id"], code, message)
             self._store(bid, [str(md["line"]), json.dumps(line, separators=(",", ":")), "0", str(index)])
-            self.metrics.batch_lines.labels("failed").inc()
 
     # ------------------------------------------------------------------------------------------ close
     def _close(self, bid: str, status: str) -> None:
@@ -205,8 +217,7 @@ class BatchFeeder(WorkerPart):
                 md = json.loads(body)["metadata"]
                 line = error_line(bid, int(md["line"]), md["custom_id"], code, message)
                 groups += [str(md["line"]), json.dumps(line, separators=(",", ":")), "0", ""]
-            added = self._store(bid, groups, (start, start + len(bodies)))
-            self.metrics.batch_lines.labels("failed").inc(added)
+            self._store(bid, groups, (start, start + len(bodies)))
         else:
             self._store(bid, [])  # nothing left to close: the batch ends when its running lines are in
 
@@ -238,6 +249,11 @@ class BatchFeeder(WorkerPart):
                 backlog += int(lines) - int(cursor)
                 oldest = min(oldest or int(created), int(created))
         self.metrics.set_batch_stats(by_status, backlog, time.time() - oldest if oldest else 0.0)
+
+
+def _id(entry_id: object) -> tuple[int, int]:
+    ms, _, seq = as_text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _closing_error(status: str) -> tuple[str, str]:

@@ -48,7 +48,7 @@ WORKER_ACL_COMMANDS = (
     "get", "set", "exists", "del", "pexpire", "publish", "subscribe", "evalsha", "script|load",
     # batch jobs (batch_feeder.py and its scripts)
     "mget", "expireat", "xrange", "lrange", "lindex", "hget", "hmget", "hset", "hsetnx", "hincrby", "hdel",
-    "zrange", "zrevrange", "zadd", "zrem", "zscore",
+    "zrange", "zrevrange", "zadd", "zrem", "zscore", "xrevrange", "xinfo|groups",
 )
 
 

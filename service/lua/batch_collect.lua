@@ -6,8 +6,8 @@
 -- KEYS[1] record, KEYS[2] out, KEYS[3] inflight, KEYS[4] entries, KEYS[5] active batches
 -- ARGV[1] now (unix s), ARGV[2] batch id, ARGV[3] cursor read ('' = leave it), ARGV[4] new cursor,
 -- ARGV[5..] groups of four: line number, output line, '1' succeeded / '0' failed, list index ('' = not taken)
--- Returns the number of output lines stored.
-local added = 0
+-- Returns {output lines stored that succeeded, that failed}.
+local added, ok, bad = 0, 0, 0
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cursor') == ARGV[3] then
   redis.call('HSET', KEYS[1], 'cursor', ARGV[4])
 end
@@ -15,8 +15,10 @@ for i = 5, #ARGV, 4 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     added = added + 1
     if ARGV[i + 2] == '1' then
+      ok = ok + 1
       redis.call('HINCRBY', KEYS[1], 'completed', 1)
     else
+      bad = bad + 1
       redis.call('HINCRBY', KEYS[1], 'failed', 1)
     end
   end
@@ -39,4 +41,4 @@ end
 if added > 0 and r[5] then
   redis.call('EXPIREAT', KEYS[2], r[5])
 end
-return added
+return {ok, bad}
