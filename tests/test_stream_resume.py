@@ -28,9 +28,11 @@ from service_fixtures import WorkerProcess, make_settings, wait_for
 PROMPT = [5, 17, 99, 3, 250, 8, 61]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_models):
-    return LLMEngine(tiny_models["qwen2"], device="cpu", block_size=8, seed=123)
+@pytest.fixture
+def engine(shared_engine):
+    """The service tests' engine (the workers' model and configuration), left with nothing running."""
+    yield shared_engine
+    assert not shared_engine.has_unfinished_requests()
 
 
 def run(engine: LLMEngine, rid: str, params: SamplingParams, resume=None, others: int = 0):
@@ -54,19 +56,19 @@ def run(engine: LLMEngine, rid: str, params: SamplingParams, resume=None, others
 
 
 @pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
-    SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=3, n=2, ignore_eos=True, logprobs=2),
+    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=3, n=2, ignore_eos=True, logprobs=2),
 ], ids=["greedy", "seeded", "seeded-n2"])
 def test_resumed_request_continues_as_the_uninterrupted_run(engine, params):
     whole, whole_events = run(engine, "whole", params)
-    for cut in (0, 4, 9):  # events handed out before the interruption
+    for cut in (0, 3, 7):  # events handed out before the interruption
         resume = []
         for c in whole.outputs:
             ids = [t for toks, _ in whole_events[c.index][:cut] for t in toks]
             resume.append(ResumeSample(ids, text="".join(text for _, text in whole_events[c.index][:cut]),
                                        logprobs=list(c.logprobs[:len(ids)]) if c.logprobs is not None else None))
-        resumed, events = run(engine, f"cut{cut}", params, resume, others=2)  # a different batch, too
+        resumed, events = run(engine, f"cut{cut}", params, resume, others=1)  # a different batch, too
         for a, b, r in zip(whole.outputs, resumed.outputs, resume):
             assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
             # what the client had seen + the new deltas = the final text, and the new tokens follow the old
@@ -75,7 +77,7 @@ def test_resumed_request_continues_as_the_uninterrupted_run(engine, params):
         if params.logprobs is not None:
             assert [c.cumulative_logprob for c in resumed.outputs] == pytest.approx(
                 [c.cumulative_logprob for c in whole.outputs])
-        if cut != 4:
+        if cut != 3:
             continue
         # the same without the text: the engine's own detokenizer says what had been released
         plain = [ResumeSample(r.token_ids, logprobs=r.logprobs) for r in resume]
