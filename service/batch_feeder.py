@@ -50,6 +50,7 @@ class BatchFeeder(WorkerPart):
     _next_look: float = field(default=0.0, init=False)
     _next_collect: float = field(default=0.0, init=False)
     _next_stats: float = field(default=0.0, init=False)
+    _next_feed: float = field(default=0.0, init=False)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
 
     def __post_init__(self) -> None:
@@ -87,8 +88,9 @@ class BatchFeeder(WorkerPart):
             self._next_collect = now + COLLECT_S
             for bid in list(self._active):
                 self._collect(bid)
-        if room > self.reserve and self._stream_read():
-            self._feed(room - self.reserve)
+        if room > self.reserve and now >= self._next_feed and self._stream_read():
+            if not self._feed(room - self.reserve):
+                self._next_feed = now + LOOK_S  # every batch taken to its end: no need to ask each iteration
 
     def _stream_read(self) -> bool:
         """True when every entry of the request stream has been delivered to the group: its newest entry is not
@@ -105,7 +107,8 @@ class BatchFeeder(WorkerPart):
         group = next((g for g in groups if as_text(g.get("name")) == self.keys.group), None)
         return group is not None and _id(newest[0][0]) <= _id(group.get("last-delivered-id"))
 
-    def _feed(self, count: int) -> None:
+    def _feed(self, count: int) -> bool:
+        """Take up to ``count`` lines of the oldest batch that has any; whether any were taken."""
         k = self.bkeys
         for bid in list(self._active):
             got = self.scripts.take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid),
@@ -114,12 +117,13 @@ class BatchFeeder(WorkerPart):
             what = as_text(got[0])
             if what == "taken":
                 self.metrics.batch_lines_fed.inc(int(got[1]))
-                return
+                return True
             if what == "gone":
                 self._forget(bid)
             elif what in ("expired", "cancelling"):
                 self._close(bid, what)
             # drained (all taken, some still running): the next batch may have lines
+        return False
 
     # ------------------------------------------------------------------------------------------ collect
     def _collect(self, bid: str) -> None:
