@@ -198,6 +198,7 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
                  max_num_batched_tokens: int) -> None:
         size = config.tensor_parallel_size
+        self._tp = TensorParallelGroup(0, size)
         self._procs: list[mp.Process] = []
         self._conns: list[Connection] = []
         self._dead: EngineDeadError | None = None
@@ -224,7 +225,7 @@ class TensorParallelRunner(ModelRunner):
             self._procs.append(proc)
             self._conns.append(ours)
         log.info("tensor-parallel: started ranks 1..%d (pids %s)", size - 1, [p.pid for p in self._procs])
-        tp = TensorParallelGroup(0, size)
+        tp = self._tp
 
         def agree(num_blocks: int) -> int:
             agreed = min([num_blocks, *self._wait_ready()])
@@ -319,19 +320,23 @@ class TensorParallelRunner(ModelRunner):
         if self._closed:
             return
         self._closed = True
-        if self.channel is not None and self._dead is None and all(p.exitcode is None for p in self._procs):
+        # Healthy ranks stop on the message; ranks still starting, or after a failure, are killed at once.
+        healthy = self.channel is not None and self._dead is None and all(p.exitcode is None for p in self._procs)
+        if healthy:
             try:
                 self.channel.send_stop()
             except Exception:
                 log.warning("tensor-parallel: stop message not delivered; killing the ranks")
+                healthy = False
         for proc in self._procs:
-            proc.join(STOP_JOIN_S if self._dead is None else 0.0)
+            proc.join(STOP_JOIN_S if healthy else 0.0)
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(STOP_JOIN_S)
         for conn in self._conns:
             conn.close()
-        if dist.is_initialized():
+        if self._tp.group is not None:  # this runner joined the process group
             dist.destroy_process_group()
+            self._tp.group = None
         torch.set_num_threads(self._threads)
         log.info("tensor-parallel: ranks stopped")
