@@ -6,9 +6,10 @@ step as one packed int64 tensor over a gloo broadcast (``StepChannel``); each ra
 step on its shard, the row-parallel layers all-reduce, and the logits are gathered on the driver.
 
 Why a broadcast of one packed tensor rather than shared memory: it is the same code on one node and on many
-(a shared-memory ring would need a second path across nodes), it needs no polling loop on the ranks, and a step
-description is a few kilobytes, which gloo moves in tens of microseconds against a step of milliseconds
-(docs/benchmarks.md). The header (sizes) goes first as a fixed 12-integer broadcast, then the body.
+(a shared-memory ring would need a second path across nodes), it needs no polling loop on the ranks (an idle
+engine leaves them blocked in the broadcast), and a step description is a few kilobytes, so its cost is the
+receiving rank being scheduled, which a shared-memory flag would not avoid either (docs/benchmarks.md). The
+header (sizes) goes first as a fixed 12-integer broadcast, then the body.
 
 Lifecycle invariants:
   * Start-up: each rank loads its shard and reports its KV pool size (or its error) over its own pipe; the
