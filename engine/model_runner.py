@@ -22,6 +22,7 @@ import torch
 
 from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
+from pagedserve.engine.cpu_linear import prepare_cpu_linears
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model
 from pagedserve.engine.parallel_layers import SINGLE, TensorParallelGroup
@@ -86,7 +87,7 @@ class ModelRunner:
         self.tp = tp
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_model_len, self.ops, tp)
         if self.device.type == "cpu":
-            _transpose_linear_storage(self.model)
+            prepare_cpu_linears(self.model)
         attn = self.model.layers[0].self_attn
         self.num_layers = len(self.model.layers)
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -222,16 +223,3 @@ class ModelRunner:
 
     def close(self) -> None:
         """Nothing to release for a single process (the tensor-parallel runner stops its ranks here)."""
-
-
-def _transpose_linear_storage(model: torch.nn.Module) -> None:
-    """Store every linear weight column-major (same values and shape, strides swapped).
-
-    ``F.linear`` then hands MKL a plain ``x @ W`` instead of ``x @ W^T``, which its CPU GEMM runs faster at
-    decode batch sizes (8-64 rows) and as fast elsewhere (docs/benchmarks.md). Only the summation order can
-    change, never a value's meaning; the tied input embedding is not an ``nn.Linear`` and keeps its row-major
-    lookup layout.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.t().contiguous().t()
