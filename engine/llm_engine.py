@@ -535,6 +535,9 @@ class LLMEngine:
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "num_steps": self.num_steps,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            # host seconds rank 0 spent in collectives and step broadcasts (0 at one rank)
+            "tensor_parallel_comm_seconds": getattr(self.runner, "comm_seconds", 0.0),
             "block_size": bm.block_size,
             "kv_cache_usage": bm.num_used_gpu_blocks / bm.gpu.num_blocks,
             "kv_utilization": kv_utilization,

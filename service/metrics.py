@@ -56,6 +56,14 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key, 0) or 0))
             yield c
+        ranks = GaugeMetricFamily("pagedserve_tensor_parallel_size", "Ranks (processes, GPUs) the model is sharded over")
+        ranks.add_metric([], float(s.get("tensor_parallel_size", 1) or 1))
+        yield ranks
+        comm = CounterMetricFamily("pagedserve_tensor_parallel_comm_seconds",
+                                   "Host seconds in tensor-parallel collectives and step broadcasts, by rank",
+                                   labels=["rank"])
+        comm.add_metric(["0"], float(s.get("tensor_parallel_comm_seconds", 0) or 0))  # measured on the driver
+        yield comm
         kinds = CounterMetricFamily("pagedserve_structured_requests", "Requests with structured outputs, by kind",
                                     labels=["kind"])
         for key, value in s.items():

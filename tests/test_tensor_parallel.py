@@ -24,6 +24,7 @@ from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.loader import load_config, load_model
 from pagedserve.engine.parallel_layers import TensorParallelGroup
 from pagedserve.kernels import get_ops
+from pagedserve.service.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +90,12 @@ def _check_same(family: str, model: str, llm2: LLM) -> None:
         assert stats2["num_recompute_preemptions"] > 0
     assert {k: stats2[k] for k in ("num_steps", "num_preemptions")} == \
         {k: stats1[k] for k in ("num_steps", "num_preemptions")}
+    # The worker's metrics show the ranks and the driver's communication time.
+    metrics = WorkerMetrics()
+    metrics.engine.update(stats2)
+    samples = {(s.name, tuple(s.labels.items())): s.value for fam in metrics.registry.collect() for s in fam.samples}
+    assert samples[("pagedserve_tensor_parallel_size", ())] == 2
+    assert samples[("pagedserve_tensor_parallel_comm_seconds_total", (("rank", "0"),))] > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
