@@ -135,11 +135,11 @@ class Sampler:
                 draw = torch.empty((len(unseeded), probs.shape[1]), device=probs.device, dtype=probs.dtype)
                 draw.exponential_(generator=self._engine_generator(probs.device))
                 noise[unseeded] = draw
-            keyed = None
+            keyed = self._keyed_generator(probs.device) if len(unseeded) < len(sampled_rows) else None
             for j, i in enumerate(sampled_rows):
                 seq = seqs[i]
-                if seq.seed_key is not None:
-                    keyed = keyed or self._keyed_generator(probs.device)
+                if keyed is not None and seq.seed_key is not None:
+                    # The draw of output position p depends on (seed, sample, p) alone: see the module docstring.
                     keyed.manual_seed(draw_key(seq.seed_key, seq.num_output_tokens))
                     noise[j].exponential_(generator=keyed)
             tokens[idx] = (probs / noise).argmax(dim=-1)

@@ -18,7 +18,8 @@ behind when every worker dies; lua/finish.lua appends the terminal event and set
 If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent
 (SET NX, XACK, XDEL; a dead letter is written only while its entry is pending; a token event appended twice
 has the same ``seq`` twice, which readers skip), except the PUBLISH of a token event, which is not repeated
-(pub/sub is at-most-once anyway). Token events of a request given up to another worker are dropped
+(pub/sub is at-most-once anyway). Of a token event Redis refused in part (under ``maxmemory`` PUBLISH goes
+through and XADD does not), only what was refused is sent again. Token events of a request given up to another worker are dropped
 (:meth:`Publisher.forget`): the new owner continues from what the stream holds.
 
 Invariants:
@@ -27,7 +28,9 @@ Invariants:
 - nothing but token events is ever dropped: refused or unsent ops stay buffered until Redis takes them
   (token events beyond ``max_buffered`` are dropped oldest first, leaving a gap a taking-over worker cannot
   continue after, and those of a request given up);
-- a request's token events reach its events stream in ``seq`` order per output;
+- a request's token events reach its events stream in ``seq`` order per output, unless Redis refuses one
+  and takes a later one of the same flush (a refusal window closing mid-pipeline): readers then skip the
+  late one as a repeat;
 - commands per op: token 2 (XADD, PUBLISH; + PEXPIRE on a request's first and every half-TTL), terminal 1
   (EVALSHA), dead letter 1 (EVALSHA), plain ack 2.
 """
@@ -52,8 +55,25 @@ class _Op:
     args: tuple
     entry_ids: tuple[str, ...] = ()
     callback: Callable[[], None] | None = None
-    published: bool = False  # a token event's PUBLISH went out (a flush broke after it): not repeated
-    expire: bool = False  # a token event that (re)sets its events key's expiry
+    published: bool = False  # a token event's PUBLISH went out (or may have): never sent again
+    appended: bool = False  # a token event's XADD was applied: not sent again
+    expire: bool = False  # a token event that (re)sets its events key's expiry (until applied)
+
+    def token_commands(self) -> list[str]:
+        """What of a token event is still to be sent, in order."""
+        return [c for c, todo in (("xadd", not self.appended), ("pexpire", self.expire),
+                                  ("publish", not self.published)) if todo]
+
+    def took(self, replies: list) -> None:
+        """A token event's commands that Redis applied are not sent again (the others are kept for a retry)."""
+        for command, reply in zip(self.token_commands(), replies):
+            if not isinstance(reply, Exception):
+                if command == "xadd":
+                    self.appended = True
+                elif command == "pexpire":
+                    self.expire = False
+                else:
+                    self.published = True
 
 
 @dataclass(eq=False)
@@ -152,8 +172,11 @@ class Publisher(WorkerPart):
                 sent += sum(spans)
                 at = 0
                 for op, n in zip(batch, spans):
-                    errors = [x for x in replies[at : at + n] if isinstance(x, Exception)]
+                    mine = replies[at : at + n]
+                    errors = [x for x in mine if isinstance(x, Exception)]
                     at += n
+                    if errors and op.kind == "token":
+                        op.took(mine)  # e.g. PUBLISH is allowed under maxmemory, XADD is not: retry only XADD
                     if errors:
                         kept.append(op)
                         if isinstance(errors[0], redis.exceptions.NoScriptError):
@@ -184,15 +207,15 @@ class Publisher(WorkerPart):
         if op.kind == "token":
             channel, payload, cap = op.args
             events = k.events(op.request_id)
-            pipe.xadd(events, {"data": payload}, maxlen=cap, approximate=True)
-            n = 1
-            if op.expire:
-                pipe.pexpire(events, self.settings.result_ttl_s * 1000)
-                n += 1
-            if not op.published:
-                pipe.publish(channel, payload)
-                n += 1
-            return n
+            commands = op.token_commands()
+            for command in commands:
+                if command == "xadd":
+                    pipe.xadd(events, {"data": payload}, maxlen=cap, approximate=True)
+                elif command == "pexpire":
+                    pipe.pexpire(events, self.settings.result_ttl_s * 1000)
+                else:
+                    pipe.publish(channel, payload)
+            return len(commands)
         if op.kind == "publish":
             pipe.publish(op.args[0], op.args[1])
             return 1
