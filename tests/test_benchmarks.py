@@ -102,7 +102,7 @@ def test_bench_offline_cli_lists_the_new_options():
     res = CliRunner().invoke(app, ["bench", "offline", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     for opt in ("--skip-decode-roofline", "--decode-batches", "--skip-swap-vs-recompute", "--swap-block-sizes",
-                "--skip-throughput"):
+                "--skip-throughput", "--tensor-parallel-size"):
         assert opt in res.output
 
 
