@@ -25,12 +25,12 @@ def _ranks(pid: int) -> list[int]:
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == str(pid) and fields[0] != "Z":
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"spawn_main" in f.read():
-                        out.append(int(entry))
+                    cmdline = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z" and b"spawn_main" in cmdline:
+                out.append(int(entry))
     return out
 
 

@@ -172,6 +172,20 @@ def test_heads_that_do_not_split_are_refused_before_any_rank_starts(overrides, s
     assert set(_children()) <= before
 
 
+def test_a_failed_start_stops_the_ranks_and_says_why(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = write_tiny(tmp_path / "m", "mistral")
+    (file,) = model.glob("*.safetensors")
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    before = set(_children())
+    with pytest.raises(ValueError, match="missing tensors.*down_proj"):
+        LLM(model=str(model), device="cpu", num_gpu_blocks=8, tensor_parallel_size=2)
+    assert set(_children()) <= before
+
+
 def _alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie waiting to be reaped."""
     try:
@@ -182,16 +196,18 @@ def _alive(pid: int) -> bool:
 
 
 def _children() -> list[int]:
-    """Live child processes of this process (from /proc)."""
+    """Live rank processes of this process: multiprocessing-spawned children (its resource tracker is not one)."""
     me, out = str(os.getpid()), []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:  # gone meanwhile
                 continue
-            if fields[1] == me and fields[0] != "Z":
+            if fields[1] == me and fields[0] != "Z" and b"spawn_main" in cmdline:
                 out.append(int(entry))
     return out
 
