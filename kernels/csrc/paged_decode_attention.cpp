@@ -69,8 +69,10 @@ inline vec8 exp8(vec8 x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * (x * x) + x + 1.0f;
-  const ivec8 pow2n = (n + 127) << 23;
-  return y * reinterpret_cast<const vec8&>(pow2n);
+  const ivec8 pow2n_bits = (n + 127) << 23;
+  vec8 pow2n;
+  std::memcpy(&pow2n, &pow2n_bits, sizeof pow2n);
+  return y * pow2n;
 }
 
 // p[j] = exp(p[j] - top) for j < n; returns their sum.
