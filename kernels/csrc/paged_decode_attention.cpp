@@ -6,8 +6,10 @@
 //   block_tables        [S, max_blocks] int32    (entries past a sequence's blocks are never read)
 //   seq_lens            [S] int32                (0 = batch padding: that row's output is zeros)
 //
-// Work item = (sequence, KV head, partition). The Hq / Hkv query heads of one KV head are computed together,
-// so each K/V row is read from memory once per item and reused for the whole group (GQA). The softmax is the
+// Work item = (sequence, KV heads, partition): every KV head of a sequence when there are at least as many
+// sequences as threads (a block is then read front to back), else one KV head. The Hq / Hkv query heads of a
+// KV head are computed together, so each K/V row is read from memory once and reused for the whole group
+// (GQA). The softmax is the
 // online one in fp32, updated once per cache block: scores of the block's tokens first, then one rescale of
 // the running sum and accumulator, then the V rows. When there are fewer (sequence, KV head) items than
 // threads, long contexts are cut into partitions of whole blocks; each partition keeps its own max, sum and
