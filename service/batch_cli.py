@@ -21,18 +21,24 @@ batch_app = typer.Typer(help="Batch jobs in OpenAI's batch file format (see docs
 err = Console(stderr=True)
 
 
-def _redis():
-    from .cli import _settings
-    from .connection import redis_client
+def _fail(message: str, code: int) -> None:
+    """One line on stderr, then exit with ``code`` (a bad setting or an unreachable Redis escapes to the main
+    CLI, which says it in one line too)."""
+    err.print(" ".join(message.split()), style="red", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
-    s = _settings()
+
+def _redis():
+    from .connection import redis_client
+    from .settings import Settings
+
+    s = Settings()
     return s, redis_client(s.redis_url, timeout=30.0)
 
 
 def _call(fn, *args, **kw):
     """Run a batch_client function; a missing batch or a bad file is one line, not a traceback."""
     from .batch_client import BatchNotFound
-    from .cli import _fail
 
     try:
         return fn(*args, **kw)
@@ -59,7 +65,6 @@ def submit(
 ) -> None:
     """Validate every line and store the batch; the workers run it. Prints the batch id on the last line."""
     from .batch_client import submit_batch
-    from .cli import _fail
 
     try:
         data = file.read_bytes()
