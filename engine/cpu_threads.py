@@ -139,7 +139,7 @@ def apply(environ: dict[str, str] | None = None) -> dict:
     """Put the plan of the settings into effect for this process; what was applied, for the start-up log.
 
     Before torch loads: the OpenMP variables (those the user set win), then the affinity mask, which the
-    OpenMP threads inherit. After: only the thread count and the calling thread's affinity can still change.
+    OpenMP threads inherit. After: only an explicit thread count and the calling thread's affinity still apply.
     """
     environ = os.environ if environ is None else environ
     plan = plan_from_env(environ)
@@ -149,7 +149,8 @@ def apply(environ: dict[str, str] | None = None) -> dict:
             environ.setdefault(key, value)
     if plan.cpus is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, plan.cpus)
-    if not in_time:
+    if not in_time and environ.get(ENV_THREADS, "").strip():
+        # Too late for the OpenMP variables; an explicit count still applies, a default leaves torch's own.
         import torch
 
         torch.set_num_threads(plan.threads)

@@ -141,3 +141,20 @@ def test_the_helm_chart_sets_them_from_the_cpu_request():
     assert env["PAGEDSERVE_CPU_BIND"]["value"] == "auto"
     env = {e["name"]: e for e in worker_container(render({"cpuThreads": 2, "cpuBind": "0-1"}))["env"]}
     assert env["PAGEDSERVE_CPU_THREADS"]["value"] == "2" and env["PAGEDSERVE_CPU_BIND"]["value"] == "0-1"
+
+
+def test_after_torch_loaded_only_explicit_settings_apply():
+    code = """
+import json, os, torch
+torch.set_num_threads(1)
+from pagedserve.engine import cpu_threads
+a = cpu_threads.apply()
+before = torch.get_num_threads()
+os.environ["PAGEDSERVE_CPU_THREADS"] = "2"
+b = cpu_threads.apply()
+print(json.dumps([a["openmp_settings_applied"], before, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY")]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, 1, 2, None]
