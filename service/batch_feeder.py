@@ -1,7 +1,7 @@
 """The batch feeder: the part of every worker that runs batch jobs (see batch_keys.py for the keys).
 
 Each loop iteration (:meth:`BatchFeeder.tick`), while batches are active:
-  1. collect: the terminal results of taken lines become output lines (batch_collect.lua: one per line);
+  1. collect (every ``COLLECT_S``): the terminal results of taken lines become output lines (batch_collect.lua: one per line);
      a line taken long ago whose request vanished is fed again (batch_refeed.lua);
   2. close: the untaken lines of a cancelled or expired batch get their error lines;
   3. feed: when this worker has room beyond a reserve kept for interactive requests and the request stream
@@ -13,7 +13,7 @@ Invariants:
   interactive entries never queue behind a batch;
 - batch lines run at ``BATCH_PRIORITY``: the engine serves interactive requests (priority 0) first and
   preempts batch work for them;
-- results are collected well within ``result_ttl_s`` (every iteration while lines are in flight), so an output
+- results are collected well within ``result_ttl_s`` (every ``COLLECT_S`` while lines are in flight), so an output
   line never depends on the per-request result TTL; the output hash lives as long as the batch.
 With no active batch a tick costs one ``ZRANGE`` every ``LOOK_S``.
 """
