@@ -35,9 +35,6 @@ from typing import Any
 
 import redis
 
-from pagedserve.engine import cpu_threads
-from pagedserve.engine.errors import EngineDeadError
-
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .claims import Claims
@@ -164,7 +161,7 @@ class Worker(WorkerPart):
             stream=self.keys.requests,
             group=self.keys.group,
             metrics_port=self.health.port if self.health else None,
-            cpu=cpu_threads.describe(),
+            cpu=_cpu_description(),
         )
         self.claims.start()
         self.started.set()
@@ -183,7 +180,7 @@ class Worker(WorkerPart):
                 try:
                     self.iterate()
                     failures = 0
-                except EngineDeadError:
+                except _engine_dead_error():
                     raise  # no further step can run: exit non-zero, the entries go back to the stream below
                 except Exception:
                     # A bug must not take the fleet down on one bad request; a persistent one ends the process
@@ -268,7 +265,7 @@ class Worker(WorkerPart):
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except EngineDeadError as e:
+        except _engine_dead_error() as e:
             self.log.error("engine_dead", error=str(e))
             raise
         except Exception as e:
@@ -332,3 +329,18 @@ def run_worker(settings: Settings | None = None) -> None:
 
 
 __all__ = ["Worker", "run_worker"]
+
+
+# The engine is imported on first use, never at import (a producer install has no torch); an ``except`` clause's
+# expression is evaluated only when an exception reaches it, so these cost nothing on the normal path.
+def _engine_dead_error() -> type[BaseException]:
+    """The engine's "no further step can run" error (a dead tensor-parallel rank)."""
+    from pagedserve.engine.errors import EngineDeadError  # noqa: PLC0415
+
+    return EngineDeadError
+
+
+def _cpu_description() -> dict:
+    from pagedserve.engine import cpu_threads  # noqa: PLC0415
+
+    return cpu_threads.describe()
