@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build: anything else would pull multi-GB CUDA wheels.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@bash .ci/ensure-compiler
 	touch $(STAMP)
 
 .PHONY: install demo test redis bench
