@@ -29,10 +29,12 @@ from pagedserve.kernels import reference
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "cpu_fused_ops.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
-_DTYPES = (torch.float32, torch.bfloat16)  # of q and of the cache; others go to the reference
+_DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
+_FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul")  # csrc/cpu_fused_ops.cpp
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool once decided; "why": the reason when not loaded
 
@@ -70,16 +72,17 @@ def _build() -> str | None:
     try:
         cpp_extension.load(
             name=_NAME,
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
-        return _missing_tool(cpp_extension) or f"building {_SOURCE.name} failed: {_first_line(exc)}"
-    if not hasattr(torch.ops.pagedserve_cpu, "paged_decode_attention"):
-        return "the extension loaded but registered no paged_decode_attention op"
+        return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
+    for op in ("paged_decode_attention", *_FUSED_OPS):
+        if not hasattr(torch.ops.pagedserve_cpu, op):
+            return f"the extension loaded but registered no {op} op"
     return None
 
 
@@ -127,3 +130,56 @@ def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, p
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 and t.stride(-1) == 1 else t.to(torch.int32).contiguous()
+
+
+# The element-wise layers (csrc/cpu_fused_ops.cpp): the reference's signatures and results (fp32 inside, rounded
+# where it rounds; only the RMS mean's summation order differs). Rows may be strided (views of a fused
+# projection's output); a layout or dtype the kernels do not take goes to the reference.
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, last dim]`` with contiguous rows: a view when the layout allows, else a copy."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`~pagedserve.kernels.reference.rms_norm` in one pass per row."""
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype or x.numel() == 0:
+        return reference.rms_norm(x, weight, eps)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    torch.ops.pagedserve_cpu.rms_norm(_rows(out), _rows(x), weight.contiguous(), float(eps))
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """:func:`~pagedserve.kernels.reference.add_rms_norm`; like it, returns new tensors (inputs untouched)."""
+    if (x.dtype not in _DTYPES or residual.dtype != x.dtype or weight.dtype != x.dtype
+            or residual.shape != x.shape or x.numel() == 0):
+        return reference.add_rms_norm(x, residual, weight, eps)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    summed = torch.empty(x.shape, dtype=x.dtype)
+    torch.ops.pagedserve_cpu.add_rms_norm(_rows(out), _rows(summed), _rows(x), _rows(residual), weight.contiguous(),
+                                          float(eps))
+    return out, summed
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor):
+    """:func:`~pagedserve.kernels.reference.rotary_embedding`, rotating ``q`` and ``k`` in place (which the
+    reference's contract allows) and returning them."""
+    if (q.dtype not in _DTYPES or k.dtype != q.dtype or q.dim() != 3 or k.dim() != 3 or q.stride(-1) != 1
+            or k.stride(-1) != 1 or cos.dtype != torch.float32 or sin.dtype != torch.float32 or q.shape[0] == 0):
+        return reference.rotary_embedding(positions, q, k, cos, sin)
+    torch.ops.pagedserve_cpu.rotary_embedding(positions.to(torch.int64).contiguous(), q, k, cos.contiguous(),
+                                              sin.contiguous())
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """:func:`~pagedserve.kernels.reference.silu_and_mul` in one pass per row."""
+    if x.dtype not in _DTYPES or x.shape[-1] % 2 or x.numel() == 0:
+        return reference.silu_and_mul(x)
+    out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype)
+    torch.ops.pagedserve_cpu.silu_and_mul(_rows(out), _rows(x))
+    return out

@@ -1,0 +1,228 @@
+// The per-layer element-wise ops of the CPU path, each one pass over its rows (the torch reference makes
+// several passes and temporaries per op: fp32 copies, squares, halves, a cat).
+//
+// Semantics are kernels/reference.py's exactly, rounding included: fp32 arithmetic inside, rounded to the
+// model dtype where the reference rounds (and so where HF rounds). Only summation order (the RMS mean)
+// differs from torch. Inputs are fp32 or bf16; the Python wrappers (kernels/cpu_extension.py) send any other
+// dtype, and any layout not described here, to the reference.
+//
+//   rms_norm       out [R, D] = weight * round(x * rsqrt(mean(x^2) + eps))    x rows may be strided
+//   add_rms_norm   residual_out = round(x + residual); out = rms_norm(residual_out)
+//   rotary         q [T, Hq, D], k [T, Hkv, D] rotated in place (neox / HF rotate_half), any T and head stride,
+//                  cos / sin fp32 [max_positions, D / 2] contiguous, positions int64 [T]
+//   silu_and_mul   out [T, I] = round(round(silu(gate)) * up) for x = [gate | up] [T, 2I]
+//
+// Rows are split over threads with at::parallel_for; the inner loops are `omp simd` loops over one row.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+// About this many elements per parallel chunk: below it a thread hand-off costs more than the work.
+constexpr int64_t kGrainElements = 16384;
+
+inline int64_t grain_rows(int64_t row_elements) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
+}
+
+// Rounds an fp32 value to T the way torch's `.to(T)` does (bf16: round to nearest even).
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <typename T>
+inline void norm_row(T* out, const T* x, const T* w, int64_t d, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) {
+    const float v = static_cast<float>(x[i]);
+    ss += v * v;
+  }
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) {
+    out[i] = static_cast<T>(static_cast<float>(w[i]) * round_to<T>(static_cast<float>(x[i]) * inv));
+  }
+}
+
+template <typename T>
+void rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), d = x.size(1), xs = x.stride(0);
+  T* o = out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, grain_rows(d), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) norm_row<T>(o + r * d, xp + r * xs, w, d, feps);
+  });
+}
+
+template <typename T>
+void add_rms_norm_impl(at::Tensor& out, at::Tensor& residual_out, const at::Tensor& x, const at::Tensor& residual,
+                       const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), d = x.size(1), xs = x.stride(0), rs = residual.stride(0);
+  T* o = out.data_ptr<T>();
+  T* ro = residual_out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* rp = residual.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, grain_rows(d), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      T* sum = ro + r * d;
+      const T* a = xp + r * xs;
+      const T* b = rp + r * rs;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) sum[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+      norm_row<T>(o + r * d, sum, w, d, feps);  // the rounded sum, still in cache
+    }
+  });
+}
+
+template <typename T>
+inline void rotate_heads(T* base, int64_t heads, int64_t head_stride, int64_t half, const float* c, const float* s) {
+  for (int64_t h = 0; h < heads; ++h) {
+    T* x = base + h * head_stride;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+      x[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+      x[i + half] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+    }
+  }
+}
+
+template <typename T>
+void rotary_impl(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
+                 const at::Tensor& sin) {
+  const int64_t tokens = q.size(0), half = cos.size(1), max_pos = cos.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const int64_t hq = q.size(1), hk = k.size(1);
+  for (int64_t t = 0; t < tokens; ++t) {  // checked up front: an exception inside parallel_for is costlier
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rotary_embedding: position ", pos[t], " out of range [0, ",
+                max_pos, ")");
+  }
+  at::parallel_for(0, tokens, grain_rows((hq + hk) * 2 * half), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const float* c = cp + pos[t] * half;
+      const float* s = sp + pos[t] * half;
+      rotate_heads<T>(qp + t * q.stride(0), hq, q.stride(1), half, c, s);
+      rotate_heads<T>(kp + t * k.stride(0), hk, k.stride(1), half, c, s);
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
+  const int64_t rows = out.size(0), inter = out.size(1), xs = x.stride(0);
+  T* o = out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  at::parallel_for(0, rows, grain_rows(inter), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const T* gate = xp + r * xs;
+      const T* up = gate + inter;
+      T* dst = o + r * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        const float act = round_to<T>(g / (1.f + std::exp(-g)));  // F.silu rounds to the model dtype
+        dst[i] = static_cast<T>(act * static_cast<float>(up[i]));
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
+}
+
+#define PAGEDSERVE_DISPATCH(dtype, op_name, ...)                                                  \
+  do {                                                                                             \
+    if ((dtype) == at::kFloat) {                                                                   \
+      using scalar_t = float;                                                                      \
+      __VA_ARGS__;                                                                                 \
+    } else if ((dtype) == at::kBFloat16) {                                                         \
+      using scalar_t = c10::BFloat16;                                                              \
+      __VA_ARGS__;                                                                                 \
+    } else {                                                                                       \
+      TORCH_CHECK(false, op_name " supports fp32 and bf16, got ", (dtype));                       \
+    }                                                                                              \
+  } while (0)
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && weight.is_contiguous() &&
+                  weight.numel() == x.size(1) && out.scalar_type() == x.scalar_type() &&
+                  weight.scalar_type() == x.scalar_type(),
+              "rms_norm: out / weight do not match x");
+  PAGEDSERVE_DISPATCH(x.scalar_type(), "rms_norm", rms_norm_impl<scalar_t>(out, x, weight, eps));
+}
+
+void add_rms_norm(at::Tensor out, at::Tensor residual_out, const at::Tensor& x, const at::Tensor& residual,
+                  const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes() && out.is_contiguous() && out.sizes() == x.sizes() &&
+                  residual_out.is_contiguous() && residual_out.sizes() == x.sizes() && weight.is_contiguous() &&
+                  weight.numel() == x.size(1),
+              "add_rms_norm: shapes do not match x");
+  for (const auto dtype :
+       {out.scalar_type(), residual_out.scalar_type(), residual.scalar_type(), weight.scalar_type()}) {
+    TORCH_CHECK(dtype == x.scalar_type(), "add_rms_norm: every tensor must have x's dtype");
+  }
+  PAGEDSERVE_DISPATCH(x.scalar_type(), "add_rms_norm",
+                      add_rms_norm_impl<scalar_t>(out, residual_out, x, residual, weight, eps));
+}
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor q, at::Tensor k, const at::Tensor& cos,
+                      const at::Tensor& sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
+              "q and k must be [T, H, D] with contiguous heads");
+  TORCH_CHECK(q.size(0) == k.size(0) && positions.numel() == q.size(0) && positions.is_contiguous() &&
+                  positions.scalar_type() == at::kLong,
+              "rotary_embedding: positions must be int64 [T]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && cos.sizes() == sin.sizes() && cos.dim() == 2 &&
+                  q.size(2) == 2 * cos.size(1) && k.size(2) == q.size(2),
+              "rotary_embedding: cos / sin must be fp32 [max_positions, D / 2]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rotary_embedding: q and k must have one dtype");
+  PAGEDSERVE_DISPATCH(q.scalar_type(), "rotary_embedding", rotary_impl<scalar_t>(positions, q, k, cos, sin));
+}
+
+void silu_and_mul(at::Tensor out, const at::Tensor& x) {
+  check_rows(x, "x");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) && 2 * out.size(1) == x.size(1) &&
+                  out.scalar_type() == x.scalar_type(),
+              "silu_and_mul: out must be [T, I] of x's dtype for x [T, 2I]");
+  PAGEDSERVE_DISPATCH(x.scalar_type(), "silu_and_mul", silu_and_mul_impl<scalar_t>(out, x));
+}
+
+}  // namespace
+
+// A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
+TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def(
+      "add_rms_norm(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, Tensor weight, "
+      "float eps) -> ()");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("silu_and_mul", &silu_and_mul);
+}
