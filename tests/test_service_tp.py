@@ -12,26 +12,12 @@ import redis
 from pagedserve.engine import SamplingParams
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, Keys
+from processes import spawned_children
 from service_fixtures import WorkerProcess, make_settings, running_worker, stored_results, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def _ranks(pid: int) -> list[int]:
-    """The rank processes of worker ``pid``: its multiprocessing-spawned children (not its resource tracker)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:  # gone meanwhile
-                continue
-            if fields[1] == str(pid) and fields[0] != "Z" and b"spawn_main" in cmdline:
-                out.append(int(entry))
-    return out
 
 
 def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishes(redis_url, prefix, tmp_path,
@@ -63,7 +49,7 @@ def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishe
         long = [c.submit(f"long {i} " * 3, params={"max_tokens": 300, "ignore_eos": True, "temperature": 0})
                 for i in range(6)]
         wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 6, 60, 0.05, "all delivered")
-        (rank,) = _ranks(tp.proc.pid)
+        (rank,) = spawned_children(tp.proc.pid)
         os.kill(rank, signal.SIGKILL)
         code = tp.proc.wait(120)
         assert code != 0

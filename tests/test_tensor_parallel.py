@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import write_tiny
+from processes import spawned_children
 from pagedserve.engine import LLM, SamplingParams
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.loader import load_config, load_model
@@ -166,10 +167,10 @@ def test_loader_reads_only_each_ranks_shard(tp_models):
 ])
 def test_heads_that_do_not_split_are_refused_before_any_rank_starts(overrides, size, field, tmp_path):
     model = str(write_tiny(tmp_path / "m", "mistral", **overrides))
-    before = set(_children())
+    before = set(spawned_children(os.getpid()))
     with pytest.raises(ValueError, match=field):
         LLM(model=model, device="cpu", tensor_parallel_size=size)
-    assert set(_children()) <= before
+    assert set(spawned_children(os.getpid())) <= before
 
 
 def test_a_failed_start_stops_the_ranks_and_says_why(tmp_path):
@@ -180,10 +181,10 @@ def test_a_failed_start_stops_the_ranks_and_says_why(tmp_path):
     tensors = load_file(file)
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, file, metadata={"format": "pt"})
-    before = set(_children())
+    before = set(spawned_children(os.getpid()))
     with pytest.raises(ValueError, match="missing tensors.*down_proj"):
         LLM(model=str(model), device="cpu", num_gpu_blocks=8, tensor_parallel_size=2)
-    assert set(_children()) <= before
+    assert set(spawned_children(os.getpid())) <= before
 
 
 def _alive(pid: int) -> bool:
@@ -195,21 +196,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _children() -> list[int]:
-    """Live rank processes of this process: multiprocessing-spawned children (its resource tracker is not one)."""
-    me, out = str(os.getpid()), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:  # gone meanwhile
-                continue
-            if fields[1] == me and fields[0] != "Z" and b"spawn_main" in cmdline:
-                out.append(int(entry))
-    return out
 
 
 def test_tp2_driver_process_matches_then_its_sigkill_leaves_no_rank_behind(tp_models, tmp_path):

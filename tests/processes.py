@@ -1,0 +1,22 @@
+"""Which processes a test's process (or a worker it started) has spawned: the tensor-parallel ranks."""
+
+from __future__ import annotations
+
+import os
+
+
+def spawned_children(pid: int) -> list[int]:
+    """Live multiprocessing-spawned children of ``pid`` (the ranks; its resource tracker is not one)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z" and b"spawn_main" in cmdline:
+                out.append(int(entry))
+    return out
