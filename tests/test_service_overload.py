@@ -106,7 +106,7 @@ def test_limit_off_serves_old_entries(redis_url, prefix, shared_engine, limit):
     s = make_settings(redis_url, prefix, max_queue_ms=limit)
     keys = Keys(prefix)
     with redis.Redis.from_url(redis_url) as r, Client(settings=s) as c:
-        _xadd_old(r, keys, {"id": "old-ok", "prompt": "x", "params": {"max_tokens": 2}}, age_ms=3_600_000)
+        _xadd_old(r, keys, {"id": "old-ok", "prompt": "x", "params": {"max_tokens": 2, "ignore_eos": True}}, age_ms=3_600_000)
         with running_worker(s, shared_engine) as w:
             done = c.wait("old-ok", timeout=60)
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 2
