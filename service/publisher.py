@@ -31,7 +31,7 @@ Invariants:
 - a request's token events reach its events stream in ``seq`` order per output, unless Redis refuses one
   and takes a later one of the same flush (a refusal window closing mid-pipeline): readers then skip the
   late one as a repeat;
-- commands per op: token 2 (XADD, PUBLISH; + PEXPIRE on a request's first and every half-TTL), terminal 1
+- commands per op: token 2 (XADD, PUBLISH; 1 with publish_token_events off; + PEXPIRE on a request's first and every half-TTL), terminal 1
   (EVALSHA), dead letter 1 (EVALSHA), plain ack 2.
 """
 
@@ -90,13 +90,15 @@ class Publisher(WorkerPart):
 
     # --------------------------------------------------------------------------------- enqueue
     def token(self, request_id: str, payload: bytes, cap: int) -> None:
-        """A token event: appended to the events stream (kept to about ``cap`` entries) and published."""
+        """A token event: appended to the events stream (kept to about ``cap`` entries) and published (unless
+        ``publish_token_events`` is off)."""
         now = time.monotonic()
         ttl = self.settings.result_ttl_s
         expire = now - self._expiry_set.get(request_id, -ttl) >= ttl / 2
         if expire:
             self._expiry_set[request_id] = now
-        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload, cap), expire=expire))
+        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload, cap), expire=expire,
+                             published=not self.settings.publish_token_events))
         if len(self._ops) > self.max_buffered:
             self._drop_tokens()
 

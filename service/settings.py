@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1 << 20, ge=256)  # larger stream entries are dead-lettered
     lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
     read_block_ms: int = Field(50, ge=1)  # XREADGROUP BLOCK while the engine is idle
+    # Token events go to the request's events stream (what clients read and resume from) and, for consumers that
+    # listen on pub/sub, are also published on out:{id}. False publishes only terminal events: one command and
+    # about 150 bytes per token event less (docs/benchmarks.md).
+    publish_token_events: bool = True
     queue_stats_interval_s: float = Field(2.0, gt=0)  # XLEN/XPENDING refresh for the queue gauges
     dead_letter_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of the dead-letter stream
     liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer

@@ -247,3 +247,29 @@ def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_
         a.close()
         b.close()
         r.close()
+
+
+def test_token_events_off_pubsub_still_stream_and_end(redis_url, prefix, shared_engine):
+    """``publish_token_events=False``: clients still stream every token (from the events stream) while the
+    pub/sub channel carries only the terminal event."""
+    from service_fixtures import running_worker  # noqa: PLC0415
+
+    s = make_settings(redis_url, prefix, publish_token_events=False)
+    keys = Keys(prefix)
+    rid = f"quiet-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(redis_url)
+    sub = r.pubsub()
+    sub.subscribe(keys.out(rid))
+    sub.get_message(timeout=1)  # the subscribe confirmation
+    params = {"max_tokens": 6, "ignore_eos": True, "temperature": 0.0}
+    with running_worker(s, shared_engine), Client(settings=s) as c:
+        evs = list(c.stream("a quiet channel", id=rid, params=params, timeout=60))
+    tokens = [e for e in evs if isinstance(e, TokenEvent)]
+    assert isinstance(evs[-1], DoneEvent) and len(tokens) >= 1
+    assert "".join(e.text for e in tokens) == evs[-1].outputs[0].text
+    published = []
+    while (m := sub.get_message(timeout=0.5)) is not None:
+        if m["type"] == "message":
+            published.append(json.loads(m["data"]))
+    sub.close()
+    assert [e["type"] for e in published] == ["done"]  # no token event on the channel, the terminal one still
