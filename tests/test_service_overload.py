@@ -54,7 +54,7 @@ def test_old_entry_is_answered_overloaded_stored_and_acked(redis_url, prefix, sh
             assert stored is not None and json.loads(stored)["error"]["code"] == "overloaded"
             assert 0 < r.ttl(keys.result("old-1")) <= s.result_ttl_s
             # A fresh request is served normally by the same worker.
-            done = c.generate("fresh", params={"max_tokens": 3}, timeout=60)
+            done = c.generate("fresh", params={"max_tokens": 3, "ignore_eos": True}, timeout=60)
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 3
             outcomes = _outcomes(w)
             assert outcomes.get("error:overloaded") == 1 and outcomes.get("length", 0) >= 1
