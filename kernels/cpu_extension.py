@@ -16,6 +16,7 @@ against the reference, and to test the fallback).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -62,6 +63,10 @@ def unavailable_reason() -> str | None:
     return _state.get("why")  # type: ignore[return-value]
 
 
+def _header_digest() -> str:
+    return hashlib.sha256((_CSRC / "vec8.h").read_bytes()).hexdigest()[:16]
+
+
 def _build() -> str | None:
     """None when loaded, else one line saying why not."""
     if disabled_by_env():
@@ -73,7 +78,8 @@ def _build() -> str | None:
         cpp_extension.load(
             name=_NAME,
             sources=[str(path) for path in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+            # torch rebuilds when a source or a flag changes, not a header: the header's digest is a flag.
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", f"-DPAGEDSERVE_VEC8_H={_header_digest()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec8.h"
+
 namespace {
 
 // About this many elements per parallel chunk: below it a thread hand-off costs more than the work.
@@ -39,32 +41,7 @@ inline float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-// Eight fp32 lanes as a GCC/Clang vector type, and exp of eight lanes: the same Cephes expf (2^n times a
-// degree-6 polynomial, relative error ~1e-7) as paged_decode_attention.cpp, for SiLU's exp(-gate), which
-// as a scalar libm call per element cost more than the rest of the op.
-typedef float vec8 __attribute__((vector_size(32)));
-typedef int32_t ivec8 __attribute__((vector_size(32)));
-
-inline vec8 exp8(vec8 x) {
-  const vec8 hi = vec8{} + 88.3762626647949f, lo = vec8{} - 87.0f;
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  vec8 fx = x * 1.44269504088896341f + 0.5f;
-  ivec8 n = __builtin_convertvector(fx, ivec8);
-  n += (__builtin_convertvector(n, vec8) > fx);  // truncation -> floor (true lanes are -1)
-  fx = __builtin_convertvector(n, vec8);
-  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  vec8 y = x * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  const ivec8 pow2n_bits = (n + 127) << 23;
-  vec8 pow2n;
-  std::memcpy(&pow2n, &pow2n_bits, sizeof pow2n);
-  return y * pow2n;
-}
+// SiLU's exp(-gate) uses exp8 (vec8.h): a scalar libm call per element cost more than the rest of the op.
 
 template <typename T>
 inline void norm_row(T* out, const T* x, const T* w, int64_t d, float eps) {

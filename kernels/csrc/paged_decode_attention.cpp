@@ -30,6 +30,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec8.h"
+
 namespace {
 
 // Shortest partition of a split context: below this the merge pass costs more than the extra thread saves.
@@ -38,44 +40,6 @@ constexpr int64_t kMinPartitionTokens = 256;
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
-// Eight fp32 lanes as a GCC/Clang vector type: one AVX register (two SSE ones where AVX is missing). Written
-// out by hand because the compiler's own vectorization of a dot product keeps one accumulator chain and
-// prefers 128-bit vectors on some CPUs (-march=native on AMD EPYC picks znver1), which ran at a fraction
-// of the rate.
-typedef float vec8 __attribute__((vector_size(32)));
-inline vec8 load8(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(vec8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-typedef int32_t ivec8 __attribute__((vector_size(32)));
-
-// exp of eight lanes (Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], relative error ~1e-7),
-// for the softmax's exp(score - max) <= 1: one exp per score, a cost next to a D-long dot product otherwise.
-// Inputs below -87 give ~1e-38 rather than 0, which weighs nothing next to the max's 1.
-inline vec8 exp8(vec8 x) {
-  const vec8 hi = vec8{} + 88.3762626647949f, lo = vec8{} - 87.0f;
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  vec8 fx = x * 1.44269504088896341f + 0.5f;
-  ivec8 n = __builtin_convertvector(fx, ivec8);
-  n += (__builtin_convertvector(n, vec8) > fx);  // truncation -> floor (true lanes are -1)
-  fx = __builtin_convertvector(n, vec8);
-  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  vec8 y = x * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  const ivec8 pow2n_bits = (n + 127) << 23;
-  vec8 pow2n;
-  std::memcpy(&pow2n, &pow2n_bits, sizeof pow2n);
-  return y * pow2n;
-}
 
 // p[j] = exp(p[j] - top) for j < n; returns their sum.
 inline float exp_shifted(float* p, int64_t n, float top) {
