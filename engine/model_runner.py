@@ -86,12 +86,12 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.tp = tp
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_model_len, self.ops, tp)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
         if self.device.type == "cpu":
-            prepare_cpu_linears(self.model)
+            prepare_cpu_linears(self.model)  # after counting: an untied logits copy is not a parameter more
         attn = self.model.layers[0].self_attn
         self.num_layers = len(self.model.layers)
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-        self.num_params = sum(p.numel() for p in self.model.parameters())
         elem = torch.tensor([], dtype=self.dtype).element_size()
         self.block_bytes = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.engine.cpu_linear import linear
+
 
 class TensorParallelGroup:
     """This process's place among the ranks, and the process group the layers' collectives use.
@@ -117,6 +119,9 @@ class ColumnParallelLinear(nn.Linear):
         super().__init__(in_features, sum(p.rows for p in parts), bias=bias)
         self.parts, self.tp = parts, tp
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
     def weight_loader(self, param: torch.Tensor, tensor_slice, part: int) -> torch.Tensor:
         p = self.parts[part]
         offset = sum(q.rows for q in self.parts[:part])
@@ -144,8 +149,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -201,7 +206,7 @@ class ParallelLMHead(nn.Linear):
 def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int,
                   tp: TensorParallelGroup) -> torch.Tensor | None:
     """float32 logits ``[n, vocab_size]`` on rank 0 (None elsewhere) from this rank's vocabulary rows ``weight``."""
-    logits = F.linear(hidden, weight).float()
+    logits = linear(hidden, weight).float()
     if tp.size == 1:
         return logits
     full = tp.gather_to_driver(logits)

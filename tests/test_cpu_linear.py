@@ -1,40 +1,119 @@
-"""CPU linear weights: the storage order changes, never a value, a shape or (beyond summation order) a result."""
+"""CPU linear layouts: the storage changes, never a value, a shape or (beyond summation order) a result; the
+choice per shape is timed once per machine, cached, and the same in every process."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from pagedserve.engine.cpu_linear import column_major_pays, prepare_cpu_linears
+from pagedserve.engine import cpu_linear
+from pagedserve.engine.cpu_linear import LAYOUTS, choose_layouts, in_layout, linear, onednn_supports, prepare_cpu_linears
 
-# (in, out): the shapes of the 26M bench model and SmolLM2-135M (q/k/v fused, gate/up fused, o, down, LM head).
-SHAPES = [(512, 1024), (512, 512), (512, 2560), (1280, 512), (512, 4096),
-          (576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]
+# (in, out): the shapes of the 26M bench model and SmolLM2-135M (q/k/v fused, gate/up fused, o, down).
+SHAPES = [(512, 1024), (512, 512), (512, 2560), (1280, 512), (576, 960), (576, 3072), (1536, 576)]
 
 
-def test_only_wide_outputs_are_stored_column_major():
+def available(layout: str, dtype: torch.dtype) -> bool:
+    return layout != "onednn" or onednn_supports(dtype)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test times into its own cache directory (never the machine's shared one)."""
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(cpu_linear.ENV_LINEAR, raising=False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 7, 32, 64])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_every_layout_matches_a_float64_reference(layout, rows, dtype, tol):
+    if not available(layout, dtype):
+        pytest.skip(f"oneDNN has no native {dtype} on this CPU")
+    torch.manual_seed(rows)
+    for i, o in [(512, 2560), (1280, 512), (576, 960)]:
+        weight, bias = torch.randn(o, i, dtype=dtype), torch.randn(o, dtype=dtype)
+        x = torch.randn(rows, i, dtype=dtype)
+        want = x.double() @ weight.double().t() + bias.double()
+        with torch.inference_mode():
+            got = linear(x, in_layout(weight, layout), bias).double()
+        assert got.shape == (rows, o)
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= tol * max(1.0, scale), (layout, i, o, rows)
+
+
+@pytest.mark.skipif(not onednn_supports(torch.bfloat16), reason="no native bf16 in oneDNN on this CPU")
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_onednn_bf16_equals_torch_bit_for_bit(rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(3072, 576, dtype=torch.bfloat16), torch.randn(rows, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, in_layout(weight, "onednn")), nn.functional.linear(x, weight))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forced_layout_keeps_values_and_shapes(layout, monkeypatch):
+    monkeypatch.setenv(cpu_linear.ENV_LINEAR, layout)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(i, o, bias=(i == 512)) for i, o in SHAPES])
     before = [m.weight.detach().clone() for m in model]
-    assert prepare_cpu_linears(model) == sum(column_major_pays(i, o) for i, o in SHAPES) == 4
+    want = layout if available(layout, torch.float32) else "row"
+    assert prepare_cpu_linears(model)[want] == len(SHAPES)
     for (i, o), m, w in zip(SHAPES, model, before):
-        assert m.weight.shape == (o, i) and torch.equal(m.weight, w)
-        column_major = m.weight.stride() == (1, o)
-        assert column_major == (o > 2 * i), (i, o)
-        assert isinstance(m.weight, nn.Parameter)
+        assert m.weight.shape == (o, i)
+        dense = m.weight.to_dense() if m.weight.is_mkldnn else m.weight
+        assert torch.equal(dense, w)
+        assert m.weight.is_mkldnn == (want == "onednn")
+        if want == "column":
+            assert m.weight.stride() == (1, o)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 32, 64])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_results_match_a_float64_reference(rows, dtype, tol):
-    torch.manual_seed(rows)
-    for i, o in [(512, 2560), (1280, 512), (576, 960)]:
-        lin = nn.Linear(i, o, bias=True).to(dtype)
-        prepare_cpu_linears(lin)
-        x = torch.randn(rows, i, dtype=dtype)
-        want = x.double() @ lin.weight.double().t() + lin.bias.double()
+def test_bad_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu_linear.ENV_LINEAR, "fastest")
+    with pytest.raises(ValueError, match="PAGEDSERVE_CPU_LINEAR"):
+        choose_layouts([torch.randn(4, 4)])
+
+
+def test_auto_times_each_shape_once_per_machine(tmp_path, monkeypatch):
+    weights = [torch.randn(o, i) for i, o in SHAPES[:3]] + [torch.randn(1024, 512)]  # one shape twice
+    timed = []
+    real = cpu_linear.fastest_layout
+    monkeypatch.setattr(cpu_linear, "fastest_layout", lambda w: timed.append(tuple(w.shape)) or real(w))
+    first = choose_layouts(weights)
+    assert sorted(timed) == sorted({tuple(w.shape) for w in weights}) and len(first) == 3
+    assert set(first.values()) <= set(LAYOUTS)
+    files = list((tmp_path / "cpu-linear").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == first
+    # A second engine (here: call) on this machine reads the cache and times nothing.
+    timed.clear()
+    assert choose_layouts(weights) == first and timed == []
+    # A new shape is timed and added; the old choices stay.
+    second = choose_layouts(weights + [torch.randn(96, 64)])
+    assert timed == [(96, 64)] and {k: second[k] for k in first} == first
+
+
+def test_tied_lm_head_gets_its_own_copy_only_when_its_layout_pays(monkeypatch):
+    from types import SimpleNamespace
+
+    from pagedserve.engine.models.llama import LlamaForCausalLM
+    from pagedserve.kernels import get_ops
+
+    config = SimpleNamespace(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
+                             tie_word_embeddings=True, rope_theta=10000.0, hidden_act="silu")
+    for layout in ("row", "column"):
+        monkeypatch.setenv(cpu_linear.ENV_LINEAR, layout)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config, 64, get_ops(torch.device("cpu")))
+        embed = model.embed_tokens.weight.detach().clone()
+        hidden = torch.randn(3, 64)
         with torch.inference_mode():
-            got = lin(x).double()
-        scale = want.abs().max().item()
-        assert (got - want).abs().max().item() <= tol * max(1.0, scale), (i, o, rows)
+            want = model.compute_logits(hidden)
+            prepare_cpu_linears(model)
+            got = model.compute_logits(hidden)
+        assert model.tie_word_embeddings == (layout == "row")
+        assert torch.equal(model.embed_tokens.weight, embed) and model.embed_tokens.weight.stride() == (64, 1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -226,5 +226,19 @@ class LlamaForCausalLM(nn.Module):
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
         return gather_logits(hidden, weight, self.config.vocab_size, self.tp)
 
+    def tied_logits_weight(self) -> torch.Tensor | None:
+        """The input embedding where it doubles as the LM head, else None."""
+        return self.embed_tokens.weight if self.tie_word_embeddings else None
+
+    def untie_logits(self) -> ParallelLMHead:
+        """Give the logits their own copy of the tied embedding (so it can take a matmul layout while the
+        embedding keeps its lookup layout); the copy is the new ``lm_head``. Costs the embedding's memory again."""
+        emb = self.embed_tokens
+        with torch.device("meta"):  # no throw-away initialization of a vocabulary-sized weight
+            head = ParallelLMHead(emb.embedding_dim, self.config.vocab_size, self.tp)
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        self.lm_head, self.tie_word_embeddings = head, False
+        return head
+
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
