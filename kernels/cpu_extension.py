@@ -35,7 +35,7 @@ _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "cpu_fused_ops.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
-_FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul")  # csrc/cpu_fused_ops.cpp
+_FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "write_kv")  # csrc/cpu_fused_ops.cpp
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool once decided; "why": the reason when not loaded
 
@@ -189,3 +189,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype)
     torch.ops.pagedserve_cpu.silu_and_mul(_rows(out), _rows(x))
     return out
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """:func:`~pagedserve.kernels.reference.write_kv` as one copy per token, with no host sync for padding."""
+    if (key.dtype not in _DTYPES or value.dtype != key.dtype or k_cache.dtype != key.dtype or key.dim() != 3
+            or key.stride(-1) != 1 or key.stride(1) != key.shape[2] or value.stride(-1) != 1
+            or value.stride(1) != value.shape[2] or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+        return reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
+    torch.ops.pagedserve_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())

@@ -53,8 +53,9 @@ TORCH_OPS = KernelOps(
 
 # The CPU set when the C++ extension builds (kernels.get_ops decides): decode attention reads K/V in place
 # through the block table, so there is nothing to plan per step; the element-wise layers are fused C++ loops;
-# the rest (cache writes, prefill attention, block moves) is the reference.
-CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", paged_decode_attention=cpu_extension.paged_decode_attention,
+# cache writes are one copy per token; the rest (prefill attention, block moves) is the reference.
+CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", write_kv=cpu_extension.write_kv,
+                              paged_decode_attention=cpu_extension.paged_decode_attention,
                               plan_decode=no_plan, rms_norm=cpu_extension.rms_norm,
                               add_rms_norm=cpu_extension.add_rms_norm,
                               rotary_embedding=cpu_extension.rotary_embedding,

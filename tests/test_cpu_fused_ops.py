@@ -1,4 +1,4 @@
-"""The CPU element-wise kernels (C++ extension: rms_norm, add_rms_norm, rotary_embedding, silu_and_mul) against
+"""The CPU element-wise kernels (C++ extension: rms_norm, add_rms_norm, rotary_embedding, silu_and_mul, write_kv) against
 the torch reference, on random inputs in the layouts the model passes them: rows that are views of a fused
 projection's output (strided), odd hidden sizes (not a multiple of the vector width), one token and many."""
 
@@ -98,6 +98,35 @@ def test_silu_and_mul(dtype, tokens, inter):
     _close(CPU_OPS.silu_and_mul(x), reference.silu_and_mul(x), dtype)
     strided = _randn(tokens, 2 * inter + 3, dtype=dtype, seed=10)[:, 3:]
     _close(CPU_OPS.silu_and_mul(strided), reference.silu_and_mul(strided), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("kv_heads, head_dim", [(1, 36), (4, 64), (2, 128)])
+def test_write_kv_from_qkv_views(dtype, tokens, kv_heads, head_dim):
+    """K/V as the model passes them (views of the fused q/k/v output), padding rows (slot -1) skipped, every
+    other slot of a NaN-poisoned pool untouched: the same pool, bit for bit, as the reference's."""
+    q_size, kv_size, num_blocks, block_size = 2 * kv_heads * head_dim, kv_heads * head_dim, 6, 8
+    qkv = _randn(tokens, q_size + 2 * kv_size, dtype=dtype, seed=11)
+    k = qkv[:, q_size:q_size + kv_size].view(tokens, kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(tokens)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[::3] = -1  # padding rows
+    pools = [torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype) for _ in range(4)]
+    CPU_OPS.write_kv(k, v, pools[0], pools[1], slots)
+    reference.write_kv(k, v, pools[2], pools[3], slots)
+    for got, want in ((pools[0], pools[2]), (pools[1], pools[3])):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_write_kv_rejects_a_slot_past_the_pool_before_writing():
+    k = v = torch.ones(2, 1, 8)
+    k_cache, v_cache = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="slot 8 of token 1 is past the cache"):
+        CPU_OPS.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 8]))
+    assert not k_cache.any() and not v_cache.any()
 
 
 def test_other_dtypes_fall_back_to_the_reference():

@@ -11,6 +11,9 @@
 //   rotary         q [T, Hq, D], k [T, Hkv, D] rotated in place (neox / HF rotate_half), any T and head stride,
 //                  cos / sin fp32 [max_positions, D / 2] contiguous, positions int64 [T]
 //   silu_and_mul   out [T, I] = round(round(silu(gate)) * up) for x = [gate | up] [T, 2I]
+//   write_kv       k_cache / v_cache [NB, BS, Hkv, D] slot s = key / value [T, Hkv, D] row t, for slot s =
+//                  slot_mapping[t] >= 0 (negative: a padding row, skipped); key/value rows may be strided
+//                  (views of the fused q/k/v projection), each row's heads contiguous; the cache's dtype
 //
 // Rows are split over threads with at::parallel_for; the inner loops are `omp simd` loops over one row.
 
@@ -156,6 +159,26 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
   });
 }
 
+// One memcpy per token and cache: a row's Hkv * D elements are contiguous on both sides.
+template <typename T>
+void write_kv_impl(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                   const int64_t* slots) {
+  const int64_t tokens = key.size(0), row = key.size(1) * key.size(2);
+  const int64_t k_stride = key.stride(0), v_stride = value.stride(0);
+  const T* k = key.data_ptr<T>();
+  const T* v = value.data_ptr<T>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  at::parallel_for(0, tokens, grain_rows(2 * row), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = slots[t];
+      if (s < 0) continue;
+      std::memcpy(kc + s * row, k + t * k_stride, row * sizeof(T));
+      std::memcpy(vc + s * row, v + t * v_stride, row * sizeof(T));
+    }
+  });
+}
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
 }
@@ -221,6 +244,30 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   PAGEDSERVE_DISPATCH(x.scalar_type(), "silu_and_mul", silu_and_mul_impl<scalar_t>(out, x));
 }
 
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
+                  key.stride(1) == key.size(2) && value.stride(1) == value.size(2),
+              "write_kv: key / value must be [T, Hkv, D] with each row's heads contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == key.size(1) &&
+                  k_cache.size(3) == key.size(2),
+              "write_kv: caches must be contiguous [NB, BS, Hkv, D] matching key");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "write_kv: key, value and caches must have one dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.numel() == key.size(0) && slot_mapping.is_contiguous() &&
+                  slot_mapping.scalar_type() == at::kLong,
+              "write_kv: slot_mapping must be int64 [T]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t t = 0; t < key.size(0); ++t) {  // checked before any write: a bad slot never corrupts the pool
+    TORCH_CHECK(slots[t] < num_slots, "write_kv: slot ", slots[t], " of token ", t, " is past the cache (",
+                num_slots, " slots)");
+  }
+  PAGEDSERVE_DISPATCH(key.scalar_type(), "write_kv", write_kv_impl<scalar_t>(key, value, k_cache, v_cache, slots));
+}
+
 }  // namespace
 
 // A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
@@ -231,6 +278,7 @@ TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
       "float eps) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) {
@@ -238,4 +286,5 @@ TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("write_kv", &write_kv);
 }
