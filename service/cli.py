@@ -32,6 +32,7 @@ _BENCH_TARGETS = {
     "structured": "pagedserve.bench.structured:structured_command",
     "batch": "pagedserve.bench.batch:batch_command",
     "vs-vllm": "pagedserve.bench.vllm_cpu:vs_vllm_command",
+    "cpu-load": "pagedserve.bench.cpu_load:cpu_load_command",
 }
 
 

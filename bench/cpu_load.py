@@ -1,0 +1,83 @@
+"""``pagedserve bench cpu-load``: how much a CPU-heavy neighbour slows a CPU worker.
+
+The engine runs the bench workload in a fresh process with the worker's own thread settings (``--threads``
+threads, ``PAGEDSERVE_CPU_BIND`` as given, passive OpenMP waits: engine/cpu_threads.py), alternately alone and
+beside ``--hogs`` busy-loop processes (default: one per CPU this process may use). A worker that degrades in
+proportion takes about 2x its quiet time next to one hog per core; one whose threads spin at barriers takes many
+times that. Reported: the median wall time of each condition, their ratio, and the load average around each
+run (on a shared machine "quiet" means "without the hogs", which the load average qualifies).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import typer
+
+from pagedserve.bench.common import bench_model_dir, make_workload, write_json
+from pagedserve.bench.vllm_cpu import OURS_RUNNER, load_average, run_once
+
+HOG = "while True:\n    pass\n"
+
+
+def worker_env(threads: int, bind: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
+    env.update(PAGEDSERVE_CPU_THREADS=str(threads), PAGEDSERVE_CPU_BIND=bind)
+    return env
+
+
+def run(job: dict, env: dict, hogs: int) -> dict:
+    """One engine run, beside ``hogs`` busy loops started just before it and killed right after."""
+    procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
+    try:
+        before = load_average()
+        r = run_once(sys.executable, OURS_RUNNER, job, env)
+        r["load_average"] = [before, load_average()]
+        return r
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def cpu_load_command(
+    num_requests: int = 12,
+    seed: int = 0,
+    threads: int = 2,
+    bind: str = "auto",
+    hogs: int = 0,
+    reps: int = 3,
+    dtype: str = "float32",
+    out: str = ".bench/cpu_load.json",
+) -> None:
+    """A CPU worker alone vs beside busy-loop processes: alternating fresh runs, median of --reps each, ratio (target <= 2x with one busy loop per CPU; see docs/benchmarks.md)."""  # noqa: E501
+    from rich.console import Console
+
+    console = Console()
+    hogs = hogs or len(os.sched_getaffinity(0))
+    w = make_workload(num_requests, seed)
+    job = {"model": bench_model_dir(), "dtype": dtype, "prompts": w.prompts, "max_tokens": w.max_tokens}
+    env = worker_env(threads, bind)
+    runs: dict[str, list[dict]] = {"quiet": [], "loaded": []}
+    for rep in range(reps):
+        for condition, n in (("quiet", 0), ("loaded", hogs)):
+            console.print(f"[dim]{time.strftime('%H:%M:%S')} run {rep + 1}/{reps}: {condition} ({n} busy loops)[/]")
+            r = run(job, env, n)
+            if "error" in r:
+                console.print(f"[red]{condition} run failed:[/] {r['error']}", markup=False)
+                raise typer.Exit(1)
+            r.pop("outputs", None)
+            runs[condition].append(r)
+    med = {c: statistics.median(r["wall_s"] for r in rs) for c, rs in runs.items()}
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": len(os.sched_getaffinity(0)), "threads": threads,
+               "bind": bind, "hogs": hogs, "num_requests": num_requests, "output_tokens": w.num_output_tokens,
+               "dtype": dtype, "runs": runs, "quiet_median_s": med["quiet"], "loaded_median_s": med["loaded"],
+               "loaded_over_quiet": med["loaded"] / med["quiet"]}
+    walls = {c: ", ".join(f"{r['wall_s']:.2f}" for r in rs) for c, rs in runs.items()}
+    console.print(f"{threads} threads, bind {bind}: quiet {med['quiet']:.2f} s ({walls['quiet']}), beside {hogs} busy "
+                  f"loops {med['loaded']:.2f} s ({walls['loaded']}): [bold]{results['loaded_over_quiet']:.2f}x[/]")
+    write_json(out, results, console)
