@@ -1,16 +1,13 @@
-"""CPU linear layouts: the storage changes, never a value, a shape or (beyond summation order) a result; the
-choice per shape is timed once per machine, cached, and the same in every process."""
+"""CPU linear layouts: the storage changes, never a value, a shape or (beyond summation order) a result."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 from torch import nn
 
 from pagedserve.engine import cpu_linear
-from pagedserve.engine.cpu_linear import LAYOUTS, choose_layouts, in_layout, linear, onednn_supports, prepare_cpu_linears
+from pagedserve.engine.cpu_linear import LAYOUTS, in_layout, layout_for, linear, onednn_supports, prepare_cpu_linears
 
 # (in, out): the shapes of the 26M bench model and SmolLM2-135M (q/k/v fused, gate/up fused, o, down).
 SHAPES = [(512, 1024), (512, 512), (512, 2560), (1280, 512), (576, 960), (576, 3072), (1536, 576)]
@@ -21,9 +18,7 @@ def available(layout: str, dtype: torch.dtype) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Each test times into its own cache directory (never the machine's shared one)."""
-    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
+def default_layout(monkeypatch):
     monkeypatch.delenv(cpu_linear.ENV_LINEAR, raising=False)
 
 
@@ -74,25 +69,13 @@ def test_forced_layout_keeps_values_and_shapes(layout, monkeypatch):
 def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv(cpu_linear.ENV_LINEAR, "fastest")
     with pytest.raises(ValueError, match="PAGEDSERVE_CPU_LINEAR"):
-        choose_layouts([torch.randn(4, 4)])
+        layout_for(torch.float32)
 
 
-def test_auto_times_each_shape_once_per_machine(tmp_path, monkeypatch):
-    weights = [torch.randn(o, i) for i, o in SHAPES[:3]] + [torch.randn(1024, 512)]  # one shape twice
-    timed = []
-    real = cpu_linear.fastest_layout
-    monkeypatch.setattr(cpu_linear, "fastest_layout", lambda w: timed.append(tuple(w.shape)) or real(w))
-    first = choose_layouts(weights)
-    assert sorted(timed) == sorted({tuple(w.shape) for w in weights}) and len(first) == 3
-    assert set(first.values()) <= set(LAYOUTS)
-    files = list((tmp_path / "cpu-linear").glob("*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text()) == first
-    # A second engine (here: call) on this machine reads the cache and times nothing.
-    timed.clear()
-    assert choose_layouts(weights) == first and timed == []
-    # A new shape is timed and added; the old choices stay.
-    second = choose_layouts(weights + [torch.randn(96, 64)])
-    assert timed == [(96, 64)] and {k: second[k] for k in first} == first
+def test_default_is_onednn_where_native_else_row():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        want = "onednn" if onednn_supports(dtype) else "row"
+        assert layout_for(dtype) == want
 
 
 def test_tied_lm_head_gets_its_own_copy_only_when_its_layout_pays(monkeypatch):
@@ -104,7 +87,7 @@ def test_tied_lm_head_gets_its_own_copy_only_when_its_layout_pays(monkeypatch):
     config = SimpleNamespace(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
                              tie_word_embeddings=True, rope_theta=10000.0, hidden_act="silu")
-    for layout in ("row", "column"):
+    for layout in [layout for layout in LAYOUTS if available(layout, torch.float32)]:
         monkeypatch.setenv(cpu_linear.ENV_LINEAR, layout)
         torch.manual_seed(0)
         model = LlamaForCausalLM(config, 64, get_ops(torch.device("cpu")))
