@@ -291,8 +291,8 @@ class Campaign:
         t = 0.0  # long requests keep work in flight whenever a fault strikes
         while (t := t + rng.expovariate(self.cfg.long_rate)) < T:
             plan.append((t, "long", ()))
-        for _ in range(max(1, round(T / 20))):
-            plan.append((rng.uniform(0.1, 0.85) * T, "kill_worker", ()))
+        for _ in range(max(2, round(T / 20))):  # two at least (as a 30 s campaign had): each restart draws its
+            plan.append((rng.uniform(0.1, 0.85) * T, "kill_worker", ()))  # name and whether it starts refused
         for _ in range(max(1, round(T / 40))):
             at = rng.uniform(0.15, 0.85) * T
             plan.append((at, "restart_redis", (rng.uniform(0.2, 1.5),)))
@@ -378,13 +378,17 @@ class Campaign:
                 "stream": self.rng.random() < 0.8}
         self._xadd([(self._valid("long", body, p, p["n"]), {"body": _j(body)})])
 
-    def _do_hostile(self, kind: str) -> None:
+    def _do_hostile(self, kind: str) -> list:
+        """One hostile message; one that Redis refused (a write-refusal window) is sent again 0.5 s later, so that
+        every kind reaches the workers however the windows fall."""
         rid = self._rid(kind.replace("_", "-"))
         build, expect, fld = HOSTILE[kind]
         raw = build(rid, self.cfg)
         carries_id = expect != "dead"
         sub = Submission("", rid if carries_id else None, f"hostile:{kind}", expect, fld)
-        self._xadd([(sub, {"body": raw} if raw is not None else {"other": "no body"})])
+        if self._xadd([(sub, {"body": raw} if raw is not None else {"other": "no body"})]):
+            return []
+        return [(0.5, "hostile", (kind,))]
 
     def _do_duplicate(self, how: str) -> list:
         rid = self._rid(f"dup-{how}")
