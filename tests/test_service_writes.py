@@ -61,7 +61,9 @@ def test_refused_result_writes_are_retried_and_never_acked(tmp_path, prefix):
             w.wait_started()
             tokens = r.pubsub(ignore_subscribe_messages=True)
             tokens.psubscribe(f"{keys.prefix}:out:*")
-            entries = {f"oom-{i}": submit(r, keys, f"oom-{i}", max_tokens=1200 + 100 * i) for i in range(6)}
+            # Long enough to be generating still when the window opens (it opens as soon as each has streamed a
+            # token); staggered so that the refusals come at different times.
+            entries = {f"oom-{i}": submit(r, keys, f"oom-{i}", max_tokens=600 + 50 * i) for i in range(6)}
             running: set[str] = set()
 
             def all_running() -> bool:
