@@ -119,13 +119,23 @@ def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(llm):
         assert len(outs[3 * i].outputs[0].token_ids) == 40 + i  # the free ones are not constrained
 
 
+PREEMPTION_PROMPTS = [f"Reply in JSON ({i}): " for i in range(2 * len(GREEDY_CASES))]
+
+
+@pytest.fixture(scope="module")
+def roomy_outputs(llm):
+    """The preemption batch on the roomy engine, greedy: computed once for both preemption modes."""
+    params = [constrained(compact(name), max_tokens=100) for name in GREEDY_CASES * 2]
+    return [o.outputs[0].token_ids for o in llm.generate(PREEMPTION_PROMPTS, params)]
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_greedy_output_is_the_same_under_preemption(model_dir, llm, mode):
+def test_greedy_output_is_the_same_under_preemption(model_dir, roomy_outputs, mode):
     """A pool far smaller than the batch needs: sequences are swapped out or recomputed mid-output, and their
     matchers (which keep the output tokens) resume where they were."""
-    prompts = [f"Reply in JSON ({i}): " for i in range(2 * len(GREEDY_CASES))]
+    prompts = PREEMPTION_PROMPTS
     params = [constrained(compact(name), max_tokens=100) for name in GREEDY_CASES * 2]
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    expected = roomy_outputs
     small = LLM(model=model_dir, device="cpu", block_size=4, num_gpu_blocks=36, max_num_seqs=8,
                 max_model_len=128, preemption_mode=mode, swap_space_gb=0.01)
     outs = small.generate(prompts, params)
