@@ -17,7 +17,9 @@ from service_fixtures import WorkerProcess, make_settings, running_worker, store
 
 pytestmark = pytest.mark.slow
 
-
+# Tokens of each long request: the rank is killed as soon as all six are delivered, a few steps in, so these only
+# have to outlast a handful of steps; the other worker then generates what is left of all six.
+LONG = 150
 
 
 def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishes(redis_url, prefix, tmp_path,
@@ -46,7 +48,7 @@ def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishe
             assert res[rid].outputs[0].token_ids == ref[f"tp-ref-{i}"].outputs[0].token_ids
 
         # Long requests in flight, then the rank dies: the worker exits non-zero and releases them.
-        long = [c.submit(f"long {i} " * 3, params={"max_tokens": 300, "ignore_eos": True, "temperature": 0})
+        long = [c.submit(f"long {i} " * 3, params={"max_tokens": LONG, "ignore_eos": True, "temperature": 0})
                 for i in range(6)]
         wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 6, 60, 0.05, "all delivered")
         (rank,) = spawned_children(tp.proc.pid)
@@ -59,7 +61,7 @@ def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishe
         with running_worker(s.model_copy(update={"worker_name": "tp-b"}), shared_engine):
             wait_for(lambda: len(stored_results(r, keys, long)) == 6, 180, 0.1, "results from the other worker")
         for rid, ev in stored_results(r, keys, long).items():
-            assert isinstance(ev, DoneEvent) and len(ev.outputs[0].token_ids) == 300, ev
+            assert isinstance(ev, DoneEvent) and len(ev.outputs[0].token_ids) == LONG, ev
     finally:
         tp.close()
         c.close()
