@@ -41,8 +41,10 @@ def test_every_layout_matches_a_float64_reference(layout, rows, dtype, tol):
 
 
 @pytest.mark.skipif(not onednn_supports(torch.bfloat16), reason="no native bf16 in oneDNN on this CPU")
-@pytest.mark.parametrize("rows", [1, 8, 300])
-def test_onednn_bf16_equals_torch_bit_for_bit(rows):
+@pytest.mark.parametrize("rows", [1, 8])
+def test_onednn_bf16_equals_torch_bit_for_bit_at_decode_sizes(rows):
+    """Packed for decode batches, oneDNN sums like torch there (at prefill sizes it blocks the sum differently:
+    equal within bf16 rounding, see the float64 test)."""
     torch.manual_seed(0)
     weight, x = torch.randn(3072, 576, dtype=torch.bfloat16), torch.randn(rows, 576, dtype=torch.bfloat16)
     with torch.inference_mode():
