@@ -31,6 +31,12 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     return measure_copy_bandwidth(COPY_BYTES.get(device.type, COPY_BYTES["cpu"]), quick=False, device=device)
 
 
+def _storage_key(p: torch.Tensor) -> int:
+    """What identifies a weight's memory: its data pointer, or the tensor itself for a oneDNN-packed weight
+    (an opaque tensor without a data pointer; engine/cpu_linear.py)."""
+    return id(p) if p.is_mkldnn else p.data_ptr()
+
+
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes a decode step must read: every parameter once (tied ones once), except an untied input
     embedding table, of which a step only gathers one row per sequence."""
@@ -38,9 +44,10 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     total = 0
     embed = getattr(getattr(model, "embed_tokens", None), "weight", None)
     head = getattr(getattr(model, "lm_head", None), "weight", None)
-    skip = embed.data_ptr() if embed is not None and head is not None and head.data_ptr() != embed.data_ptr() else None
+    skip = (_storage_key(embed) if embed is not None and head is not None and _storage_key(head) != _storage_key(embed)
+            else None)
     for p in model.parameters():
-        ptr = p.data_ptr()
+        ptr = _storage_key(p)
         if ptr in seen or ptr == skip:
             continue
         seen.add(ptr)
