@@ -4,9 +4,9 @@ The scheduler is driven without a model: a step computes the planned tokens, and
 token gets one more (a fixed id) until ``max_tokens``. Checked at every step: the block manager's invariants; no
 request admitted from the queue is worse than one left queued (so the best is never kept out by a worse one, and
 a swapped-out request never takes back the room its preemption made for a better one); the best queued request
-waits while worse ones run only as long as their prompts take to prefill (they keep the budget of a step they
-run in, but are preempted for its blocks and sequence slots); the blocks moved per step stay within the pool;
-and every request ends.
+waits while worse ones run only as long as their prompts take to prefill at the budget their decodes leave (they
+keep the budget of a step they run in, but are preempted for its blocks and sequence slots); the blocks moved per
+step stay within the pool; and every request ends.
 """
 
 from __future__ import annotations
@@ -98,9 +98,12 @@ def _run(sim, arrivals, max_steps=3000):
         else:
             if head.request_id not in streak:
                 # Worse running requests are preempted for the head's blocks and sequence slots, but they keep
-                # the token budget of a step they run in: their prompts still to prefill bound the wait.
-                left = sum(s.num_tokens - s.num_computed_tokens for r in worse for s in r.unfinished_seqs())
-                allowed[head.request_id] = math.ceil(left / sim.sched.max_num_batched_tokens) + 2
+                # the token budget of a step they run in: their prompts still to prefill bound the wait. A prompt
+                # prefills at the budget the others' decode tokens leave (one per other running sequence).
+                worse_seqs = [s for r in worse for s in r.unfinished_seqs()]
+                left = sum(s.num_tokens - s.num_computed_tokens for s in worse_seqs)
+                rate = max(1, sim.sched.max_num_batched_tokens - (len(worse_seqs) - 1))
+                allowed[head.request_id] = math.ceil(left / rate) + 2
                 streak = {head.request_id: 0}
             streak[head.request_id] += 1
             assert streak[head.request_id] <= allowed[head.request_id], (
