@@ -7,7 +7,8 @@ Invariants (checked by ``check_invariants`` in tests):
     holds exactly the tokens it was registered with, after the parent hash it was registered with (both verified
     again on every hit);
   * block tables only change at the end: blocks are appended, or the last one is swapped for its CoW copy.
-All operations are O(1) per block: free lists are ordered dicts, cache lookups are dict lookups.
+All operations are O(1) per block: free lists are ordered dicts, cache lookups are dict lookups; a pool creates
+its blocks on first use, so its size costs nothing up front.
 
 A cached block is identified by a SHA-256 chain: the hash of (its parent's hash, its tokens), rooted in a random
 per-process value. A crafted prompt therefore cannot be made to collide with another tenant's cached prefix
@@ -43,23 +44,39 @@ class BlockPool:
 
     Freed blocks that hold a cached prefix go to the back of the free list and stay findable until reused,
     so the least recently freed is evicted first; freed blocks with no cached content go to the front.
+
+    Blocks come into being on first use: ids ``0 .. len(blocks) - 1`` exist, the rest are free and untouched. A
+    pool of millions of blocks (a CPU swap space of gigabytes) then costs nothing until it is used. Allocation
+    order is that of a free list holding every block from the start: uncached freed blocks first, then untouched
+    ones in id order, then cached freed ones, least recently freed first.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool) -> None:
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.capacity = num_blocks
+        self.blocks: list[Block] = []
+        self.free: OrderedDict[int, None] = OrderedDict()  # freed blocks that exist (untouched ones are not listed)
         self.enable_caching = enable_caching
         self.cached: dict[bytes, Block] = {}
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return self.capacity
+
+    @property
+    def num_untouched(self) -> int:
+        return self.capacity - len(self.blocks)
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.num_untouched
 
     def allocate(self) -> Block:
+        front = next(iter(self.free), None)
+        if self.num_untouched and (front is None or self.blocks[front].hash is not None):
+            block = Block(len(self.blocks))
+            self.blocks.append(block)
+            block.ref_count = 1
+            return block
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # evict its cached content
@@ -341,6 +358,7 @@ class BlockManager:
             for seq in seqs:
                 for block_id in seq.block_table:
                     refs[block_id] += 1
+            assert not any(refs[len(pool.blocks):]), "a block table names a block that was never allocated"
             for block in pool.blocks:
                 assert block.ref_count == refs[block.block_id], (
                     f"block {block.block_id}: ref_count {block.ref_count} != {refs[block.block_id]} references")
