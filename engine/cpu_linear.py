@@ -14,7 +14,7 @@ Why a fixed default and no per-machine timing: a weight timed alone stays in the
 layouts than the model, which streams every weight once per step; timed streamed, the differences fall inside a
 shared VM's noise. Timed end to end instead (whole decode runs, alternating in one process), the packed layout
 was the fastest on an AVX-512 VM, column-major next, row-major far behind; see docs/benchmarks.md, "Linear
-layers at decode batch sizes". A fixed layout also means every worker on a machine sums in the same order.
+layers: oneDNN's packed layout". A fixed layout also means every worker on a machine sums in the same order.
 
 Invariant: no value and no shape changes. Every layout gives the fp32/bf16 matmul within summation order
 (oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes). A packed weight is an opaque ``torch._mkldnn`` tensor, so
