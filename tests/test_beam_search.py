@@ -9,10 +9,6 @@ import torch
 
 from pagedserve.engine import LLM, SamplingParams
 
-# A 10 MB swap space for these engines: enough for every block they could swap, while the 4 GB default is over
-# half a million CPU blocks of bookkeeping (seconds per engine), and its size is not what these tests check.
-SMALL_SWAP = dict(swap_space_gb=0.01)
-
 
 def _hf_beams(model, prompt, width, n, max_new, length_penalty, early_stopping, eos=None):
     with torch.no_grad():
@@ -37,7 +33,7 @@ def hf_models(tiny_models):
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    return {f: LLM(model=tiny_models[f], device="cpu", block_size=16, **SMALL_SWAP) for f in ("llama", "qwen2")}
+    return {f: LLM(model=tiny_models[f], device="cpu", block_size=16) for f in ("llama", "qwen2")}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -57,7 +53,7 @@ def test_beam_search_matches_hf(family, width, length, engines, hf_models):
 @pytest.mark.parametrize("length_penalty,early_stopping", [(0.5, True), (2.0, "never"), (1.0, False)])
 def test_beam_search_with_eos_and_stop_rules(length_penalty, early_stopping, tiny_models, hf_models):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=8, **SMALL_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=8)
     # Make a token the model likes into EOS so hypotheses finish at different lengths.
     greedy = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0]
     eos = greedy.token_ids[3]
@@ -75,10 +71,10 @@ def test_beam_and_parallel_sampling_survive_preemption(mode, tiny_models):
     params = [SamplingParams(max_tokens=14, beam_width=3, n=2), SamplingParams(max_tokens=14, n=3, seed=4),
               SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=14, best_of=3, n=1, seed=9)]
-    roomy = LLM(model=tiny_models["llama"], device="cpu", block_size=4, **SMALL_SWAP)
+    roomy = LLM(model=tiny_models["llama"], device="cpu", block_size=4)
     expected = [[c.token_ids for c in o.outputs] for o in roomy.generate(prompts, params)]
     tight = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=30, preemption_mode=mode,
-                enable_prefix_caching=False, **SMALL_SWAP)
+                enable_prefix_caching=False)
     got = [[c.token_ids for c in o.outputs] for o in tight.generate(prompts, params)]
     assert got == expected
     stats = tight.stats()
@@ -90,8 +86,8 @@ def test_beam_and_parallel_sampling_survive_preemption(mode, tiny_models):
 def test_beams_share_prompt_blocks(tiny_models):
     """With sharing, W beams over a long prompt hold far fewer blocks than W private copies."""
     prompt = list(range(1, 120))
-    shared = LLM(model=tiny_models["llama"], device="cpu", block_size=8, **SMALL_SWAP)
-    private = LLM(model=tiny_models["llama"], device="cpu", block_size=8, share_blocks=False, **SMALL_SWAP)
+    shared = LLM(model=tiny_models["llama"], device="cpu", block_size=8)
+    private = LLM(model=tiny_models["llama"], device="cpu", block_size=8, share_blocks=False)
     params = SamplingParams(max_tokens=6, beam_width=4)
     a = shared.generate([prompt], params)[0].outputs
     b = private.generate([prompt], params)[0].outputs
@@ -104,10 +100,10 @@ def test_unshared_forks_survive_swap_preemption(tiny_models):
     prompts = [[i % 250 + 1] * (12 + 5 * i) for i in range(4)]
     params = [SamplingParams(max_tokens=12, n=3, seed=i) if i % 2 else SamplingParams(max_tokens=12, beam_width=3)
               for i in range(4)]
-    roomy = LLM(model=tiny_models["llama"], device="cpu", block_size=4, **SMALL_SWAP)
+    roomy = LLM(model=tiny_models["llama"], device="cpu", block_size=4)
     expected = [[c.token_ids for c in o.outputs] for o in roomy.generate(prompts, params)]
     tight = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=40, preemption_mode="swap",
-                enable_prefix_caching=False, share_blocks=False, **SMALL_SWAP)
+                enable_prefix_caching=False, share_blocks=False)
     assert [[c.token_ids for c in o.outputs] for o in tight.generate(prompts, params)] == expected
     stats = tight.stats()
     assert stats["num_swap_preemptions"] > 0

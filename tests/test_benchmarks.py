@@ -120,7 +120,7 @@ def test_drive_reads_kv_use_from_stats(tiny_models):
     """Utilization comes from ``stats()`` after every step: live tokens over allocated slots, never above 1."""
     from pagedserve.engine import LLMEngine
 
-    eng = LLMEngine(tiny_models["llama"], device="cpu", block_size=8, swap_space_gb=0.01)  # 4 GB: 1M blocks
+    eng = LLMEngine(tiny_models["llama"], device="cpu", block_size=8)
     assert eng.stats()["kv_utilization"] == 1.0 and eng.stats()["num_running_seqs"] == 0  # nothing allocated
     w = common.make_workload(3, seed=1, vocab_size=eng.vocab_size)
     w = common.Workload([p[:20] for p in w.prompts], [min(m, 12) for m in w.max_tokens])
@@ -133,7 +133,7 @@ def test_drive_reads_kv_use_from_stats(tiny_models):
 def test_kv_utilization_counts_shared_blocks_once(tiny_models):
     from pagedserve.engine import LLMEngine, SamplingParams
 
-    eng = LLMEngine(tiny_models["llama"], device="cpu", block_size=8, swap_space_gb=0.01)  # 4 GB: 1M blocks
+    eng = LLMEngine(tiny_models["llama"], device="cpu", block_size=8)
     eng.add_request("a", list(range(1, 21)), SamplingParams(max_tokens=5, n=2, seed=0))
     eng.step()  # the 20-token prompt is prefilled and forked into two samples that share its 3 blocks
     st = eng.stats()

@@ -15,10 +15,6 @@ from pagedserve.engine import LLM, SamplingParams
 from pagedserve.engine.cuda_graphs import DecodeGraphRunner, batch_ladder
 from pagedserve.engine.model_runner import ModelRunner
 
-# A 10 MB swap space for these engines: enough for every block they could swap, while the 4 GB default is over
-# half a million CPU blocks of bookkeeping (seconds per engine), and its size is not what these tests check.
-SMALL_SWAP = dict(swap_space_gb=0.01)
-
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
@@ -65,7 +61,7 @@ def _prompts_and_lengths(num: int, seed: int = 0) -> tuple[list[list[int]], list
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("max_batch", [8, 4])
 def test_padded_decode_steps_match_hf(family, max_batch, tiny_models, hf_greedy):
-    llm = LLM(model=tiny_models[family], device="cpu", block_size=8, **SMALL_SWAP)
+    llm = LLM(model=tiny_models[family], device="cpu", block_size=8)
     log = _use_graph_runner(llm, max_batch)
     prompts, lengths = _prompts_and_lengths(7)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in lengths])
@@ -83,7 +79,7 @@ def test_padded_decode_steps_with_triton_kernels(family, tiny_models, hf_greedy)
     # skip the KV write and decode to zeros inside the kernels rather than in torch.
     from pagedserve.kernels import triton_ops
 
-    llm = LLM(model=tiny_models[family], device="cpu", block_size=8, **SMALL_SWAP)
+    llm = LLM(model=tiny_models[family], device="cpu", block_size=8)
     log = _use_graph_runner(llm, 4, ops=triton_ops.OPS)
     prompts, lengths = _prompts_and_lengths(3, seed=1)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in lengths])
@@ -93,7 +89,7 @@ def test_padded_decode_steps_with_triton_kernels(family, tiny_models, hf_greedy)
 
 
 def test_graphs_only_on_cuda_and_not_when_eager(tiny_models):
-    assert LLM(model=tiny_models["llama"], device="cpu", **SMALL_SWAP).engine.runner.decode_graphs is None
+    assert LLM(model=tiny_models["llama"], device="cpu").engine.runner.decode_graphs is None
     with pytest.raises(ValueError, match="enforce_eager"):
         LLM(model=tiny_models["llama"], device="cpu", enforce_eager="yes")
 

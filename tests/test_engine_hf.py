@@ -8,10 +8,6 @@ import pytest
 
 from pagedserve.engine import LLM, SamplingParams
 
-# A 10 MB swap space for these engines: enough for every block they could swap, while the 4 GB default is over
-# half a million CPU blocks of bookkeeping (seconds per engine), and its size is not what these tests check.
-SMALL_SWAP = dict(swap_space_gb=0.01)
-
 LENGTHS = [1, 15, 16, 17, 33, 47, 64]
 MAX_NEW = 12
 
@@ -36,7 +32,7 @@ def _check(llm: LLM, model_dir: str, hf_greedy, prompts=None) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_matches_hf(family, tiny_models, hf_greedy):
-    llm = LLM(model=tiny_models[family], device="cpu", block_size=16, **SMALL_SWAP)
+    llm = LLM(model=tiny_models[family], device="cpu", block_size=16)
     _check(llm, tiny_models[family], hf_greedy)
     assert llm.stats()["num_preemptions"] == 0
 
@@ -46,7 +42,7 @@ def test_greedy_matches_hf(family, tiny_models, hf_greedy):
 def test_greedy_matches_hf_under_preemption(family, mode, tiny_models, hf_greedy):
     # 7 prompts need ~20 blocks of 8 at their longest; 10 blocks force preemptions.
     llm = LLM(model=tiny_models[family], device="cpu", block_size=8, num_gpu_blocks=12, preemption_mode=mode,
-              enable_prefix_caching=False, **SMALL_SWAP)
+              enable_prefix_caching=False)
     _check(llm, tiny_models[family], hf_greedy)
     stats = llm.stats()
     assert stats["num_preemptions"] > 0
@@ -57,7 +53,7 @@ def test_greedy_matches_hf_under_preemption(family, mode, tiny_models, hf_greedy
 
 
 def test_greedy_matches_hf_with_chunked_prefill(tiny_models, hf_greedy):
-    llm = LLM(model=tiny_models["qwen3"], device="cpu", block_size=16, max_num_batched_tokens=10, **SMALL_SWAP)
+    llm = LLM(model=tiny_models["qwen3"], device="cpu", block_size=16, max_num_batched_tokens=10)
     _check(llm, tiny_models["qwen3"], hf_greedy)
     assert llm.stats()["num_steps"] > sum(LENGTHS) // 10
 
@@ -67,7 +63,7 @@ def test_greedy_matches_hf_with_prefix_cache_hits(tiny_models, hf_greedy):
     rng = random.Random(1)
     shared = [rng.randrange(256) for _ in range(40)]
     prompts = [shared + [rng.randrange(256) for _ in range(k)] for k in (1, 5, 9, 24)]
-    llm = LLM(model=model, device="cpu", block_size=8, **SMALL_SWAP)
+    llm = LLM(model=model, device="cpu", block_size=8)
     _check(llm, model, hf_greedy, prompts[:1])  # warm the cache with the shared prefix
     _check(llm, model, hf_greedy, prompts)
     assert llm.stats()["prefix_cache_hit_tokens"] >= 4 * 40 // 8 * 8

@@ -8,10 +8,6 @@ import pytest
 
 from pagedserve.engine import LLM, SamplingParams
 
-# A 10 MB swap space for these engines: enough for every block they could swap, while the 4 GB default is over
-# half a million CPU blocks of bookkeeping (seconds per engine), and its size is not what these tests check.
-SMALL_SWAP = dict(swap_space_gb=0.01)
-
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 INNOCENTS = {
     "greedy-a": ([11, 12, 13, 14, 15], GREEDY),
@@ -53,7 +49,7 @@ def _tokens(finals):
 
 @pytest.fixture(scope="module")
 def expected(tiny_models):
-    return _tokens(_run(LLM(model=tiny_models["llama"], device="cpu", block_size=4, **SMALL_SWAP)))
+    return _tokens(_run(LLM(model=tiny_models["llama"], device="cpu", block_size=4)))
 
 
 def _explode_after(n, original):
@@ -102,7 +98,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_failing_request_ends_alone(tiny_models, expected, case):
     culprit, sabotage, error = CASES[case]
-    finals = _run(LLM(model=tiny_models["llama"], device="cpu", block_size=4, **SMALL_SWAP), culprit, sabotage)
+    finals = _run(LLM(model=tiny_models["llama"], device="cpu", block_size=4), culprit, sabotage)
     bad = finals["culprit"]
     assert bad.finished and bad.outputs == [] and bad.error.startswith(error)
     assert "\n" not in bad.error
@@ -116,14 +112,14 @@ def test_a_request_that_can_never_be_scheduled_ends_with_an_error(tiny_models, e
     def no_tokens(req):
         req.seqs[0].token_ids.clear()
 
-    finals = _run(LLM(model=tiny_models["llama"], device="cpu", block_size=4, **SMALL_SWAP), ([1, 2, 3], GREEDY),
+    finals = _run(LLM(model=tiny_models["llama"], device="cpu", block_size=4), ([1, 2, 3], GREEDY),
                   no_tokens)
     assert finals["culprit"].error == "request cannot be scheduled: it has no tokens to compute"
     assert _tokens(finals) == expected
 
 
 def test_generate_returns_the_error_output(tiny_models):
-    llm = LLM(model=tiny_models["llama"], device="cpu", **SMALL_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu")
     outs = llm.generate([[1, 2, 3], [4, 5, 6]], [GREEDY, ExplodingParams(max_tokens=4, temperature=1.0)])
     assert outs[0].error is None and len(outs[0].outputs[0].token_ids) == 10
     assert outs[1].finished and outs[1].error.startswith("sampling failed")

@@ -9,14 +9,10 @@ import torch
 
 from pagedserve.engine import LLM, SamplingParams
 
-# A 10 MB swap space for these engines: enough for every block they could swap, while the 4 GB default is over
-# half a million CPU blocks of bookkeeping (seconds per engine), and its size is not what these tests check.
-SMALL_SWAP = dict(swap_space_gb=0.01)
-
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):
-    return LLM(model=tiny_models["qwen2"], device="cpu", block_size=8, seed=123, **SMALL_SWAP)
+    return LLM(model=tiny_models["qwen2"], device="cpu", block_size=8, seed=123)
 
 
 PROMPT = [5, 17, 99, 3, 250, 8, 61]
@@ -38,7 +34,7 @@ def test_parallel_samples_reproducible_distinct_and_equal_without_sharing(llm, t
     again = [c.token_ids for c in llm.generate([PROMPT], params)[0].outputs]
     assert first == again
     assert len({tuple(t) for t in first}) == 4
-    unshared = LLM(model=tiny_models["qwen2"], device="cpu", block_size=8, share_blocks=False, **SMALL_SWAP)
+    unshared = LLM(model=tiny_models["qwen2"], device="cpu", block_size=8, share_blocks=False)
     assert [c.token_ids for c in unshared.generate([PROMPT], params)[0].outputs] == first
 
 
@@ -114,7 +110,7 @@ def test_stop_token_ids_and_stop_strings(llm):
 
 
 def test_eos_stops_unless_ignored(tiny_models):
-    llm = LLM(model=tiny_models["qwen2"], device="cpu", block_size=8, **SMALL_SWAP)
+    llm = LLM(model=tiny_models["qwen2"], device="cpu", block_size=8)
     greedy = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
     eos = greedy.token_ids[2]
     llm.engine.eos_token_ids = {eos}  # make a token the model emits the EOS, as a real model's would be

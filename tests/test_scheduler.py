@@ -12,25 +12,16 @@ from pagedserve.engine import LLM, SamplingParams
 from pagedserve.engine.sequence import RequestStatus
 
 
-# Engines here never swap more than a few blocks: a small swap space, since the default 4 GB is two million CPU
-# blocks of bookkeeping (seconds per engine) and its size is not what these tests are about.
-ROOMY_SWAP = dict(swap_space_gb=0.01)
-
-
 @pytest.fixture(scope="module")
 def reference_outputs(tiny_models):
     """Greedy outputs with plenty of memory: what every constrained run must reproduce. One engine (no prefix
     caching, so each call is a run from scratch) serves every example."""
     cache = {}
-    ref = []
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, enable_prefix_caching=False)
 
     def get(prompts, max_tokens):
         key = (tuple(map(tuple, prompts)), tuple(max_tokens))
         if key not in cache:
-            if not ref:
-                ref.append(LLM(model=tiny_models["llama"], device="cpu", block_size=4, enable_prefix_caching=False,
-                               **ROOMY_SWAP))
-            llm = ref[0]
             params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens]
             cache[key] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         return cache[key]
@@ -87,8 +78,7 @@ def test_random_workload_invariants(tiny_models, reference_outputs, seed, num_bl
 
 
 def test_token_budget_and_priority_order(tiny_models):
-    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_batched_tokens=8, max_num_seqs=1,
-              **ROOMY_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_batched_tokens=8, max_num_seqs=1)
     eng = llm.engine
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     eng.add_request("late-low", [1] * 5, params, priority=5)
@@ -105,7 +95,7 @@ def test_token_budget_and_priority_order(tiny_models):
 def test_deadline_and_cancel_free_blocks_at_once(tiny_models):
     import time
 
-    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, **ROOMY_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4)
     eng = llm.engine
     params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
     eng.add_request("a", [1] * 30, params)
@@ -177,7 +167,7 @@ def test_swapped_request_that_cannot_come_back_is_recomputed(tiny_models):
         finals = _run_to_end(llm.engine)
         return {rid: [c.token_ids for c in out.outputs] for rid, out in finals.items()}, llm.stats()
 
-    expected, _ = run(**ROOMY_SWAP)
+    expected, _ = run()
     got, stats = run(num_gpu_blocks=6, max_num_batched_tokens=38, preemption_mode="auto", swap_space_gb=0.001)
     assert got == expected
     assert stats["num_swapped_recomputed"] >= 1
@@ -186,9 +176,8 @@ def test_swapped_request_that_cannot_come_back_is_recomputed(tiny_models):
 
 def test_limits_against_the_pool_are_checked_up_front(tiny_models):
     with pytest.raises(ValueError, match="^max_model_len 64 exceeds the KV pool's 16 tokens"):
-        LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=4, max_model_len=64,
-            **ROOMY_SWAP)
-    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_seqs=2, **ROOMY_SWAP)
+        LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=4, max_model_len=64)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_seqs=2)
     for params, field in ((SamplingParams(n=3), "n"), (SamplingParams(n=1, best_of=3), "best_of"),
                           (SamplingParams(beam_width=3), "beam_width")):
         with pytest.raises(ValueError, match=f"^{field} must be at most max_num_seqs"):

@@ -6,10 +6,6 @@ import pytest
 
 from pagedserve.engine import LLM, PromptTooLongError, SamplingParams
 
-# A 10 MB swap space for these engines: enough for every block they could swap, while the 4 GB default is over
-# half a million CPU blocks of bookkeeping (seconds per engine), and its size is not what these tests check.
-SMALL_SWAP = dict(swap_space_gb=0.01)
-
 BAD = [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"min_p": 2}, "min_p"), ({"n": 0}, "n"),
@@ -42,7 +38,7 @@ def test_bounds_are_honoured_by_the_engine(tiny_models):
     """The extreme accepted values run to the end without breaking the step."""
     from pagedserve.engine.sampling_params import LIMITS, MAX_TEMPERATURE, MIN_TEMPERATURE
 
-    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64, **SMALL_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
     lo, hi = LIMITS["length_penalty"]
     params = [SamplingParams(max_tokens=12, beam_width=3, length_penalty=lo, early_stopping="never", ignore_eos=True),
               SamplingParams(max_tokens=12, beam_width=3, length_penalty=hi, early_stopping="never", ignore_eos=True),
@@ -70,7 +66,7 @@ def test_bad_engine_args_name_the_field(tiny_models, kwargs, field):
 
 
 def test_prompt_limits_checked_before_work(tiny_models):
-    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64, **SMALL_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
     with pytest.raises(PromptTooLongError, match="max_model_len"):
         llm.generate([[1] * 64])
     with pytest.raises(ValueError, match="prompt_token_ids"):
@@ -92,7 +88,7 @@ def test_prompt_limits_checked_before_work(tiny_models):
 
 
 def test_empty_token_lists_are_refused(tiny_models, monkeypatch):
-    llm = LLM(model=tiny_models["llama"], device="cpu", **SMALL_SWAP)
+    llm = LLM(model=tiny_models["llama"], device="cpu")
     with pytest.raises(ValueError, match="^prompt_token_ids must not be empty"):
         llm.engine.add_request("a", [])
     # A text prompt the tokenizer turns into nothing (e.g. only characters it drops).
