@@ -19,15 +19,9 @@ import time
 import typer
 
 from pagedserve.bench.common import bench_model_dir, make_workload, write_json
-from pagedserve.bench.vllm_cpu import OURS_RUNNER, load_average, run_once
+from pagedserve.bench.vllm_cpu import OURS_RUNNER, load_average, run_once, thread_env
 
 HOG = "while True:\n    pass\n"
-
-
-def worker_env(threads: int, bind: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
-    env.update(PAGEDSERVE_CPU_THREADS=str(threads), PAGEDSERVE_CPU_BIND=bind)
-    return env
 
 
 def run(job: dict, env: dict, hogs: int) -> dict:
@@ -61,7 +55,7 @@ def cpu_load_command(
     hogs = hogs or len(os.sched_getaffinity(0))
     w = make_workload(num_requests, seed)
     job = {"model": bench_model_dir(), "dtype": dtype, "prompts": w.prompts, "max_tokens": w.max_tokens}
-    env = worker_env(threads, bind)
+    env = thread_env("pagedserve", threads, bind)
     runs: dict[str, list[dict]] = {"quiet": [], "loaded": []}
     for rep in range(reps):
         for condition, n in (("quiet", 0), ("loaded", hogs)):

@@ -114,11 +114,11 @@ def ensure_vllm(venv: Path, say) -> Path:
     return python
 
 
-def thread_env(engine: str, threads: int) -> dict:
-    """The environment of one run: ``threads`` threads pinned to the first CPUs of the mask, nothing inherited
-    that would change either engine's threading."""
-    cpus = sorted(os.sched_getaffinity(0))[:threads]
-    cpu_list = ",".join(map(str, cpus))
+def thread_env(engine: str, threads: int, bind: str | None = None) -> dict:
+    """The environment of one run: ``threads`` threads pinned to the first CPUs of the mask, or placed as ``bind``
+    says (a ``PAGEDSERVE_CPU_BIND`` value, for this engine), nothing inherited that would change either engine's
+    threading."""
+    cpu_list = bind or ",".join(map(str, sorted(os.sched_getaffinity(0))[:threads]))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "VLLM_CPU"))}
     if engine == "vllm":
         env.update(VLLM_CPU_OMP_THREADS_BIND=cpu_list, VLLM_CPU_KVCACHE_SPACE="2", VLLM_LOGGING_LEVEL="WARNING")
