@@ -1,26 +1,29 @@
-"""Linear layers on the CPU: weights reordered once into oneDNN's packed layout, as vLLM's CPU backend does.
+"""Linear layers on the CPU: each weight stored once, in the layout its dtype multiplies fastest from.
 
-``F.linear(x, W)`` with ``W`` in PyTorch's ``[out, in]`` order makes MKL read ``W^T`` as a transposed operand on
-every call. Reordered once at load (``mkldnn._reorder_linear_weight``) and multiplied through
-``mkldnn._linear_pointwise``, the weight is in the blocked layout oneDNN's kernels stream best, and on a CPU with
-AMX/AVX512-BF16 it is the bf16 path that uses them. Three layouts remain selectable with
-``PAGEDSERVE_CPU_LINEAR``:
+At decode batch sizes a step reads every weight once for a few multiply-adds per element, so what counts is how
+fast the weights stream, not the FMA peak. Three layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
 
-- ``onednn`` (default where oneDNN runs the dtype natively: fp32, and bf16 on AVX512-BF16/AMX CPUs);
-- ``column``: the same values stored transposed, so MKL reads a plain ``x @ W``;
+- ``column`` (default for fp32 where the CPU kernels built): the same values stored transposed (``W^T``
+  contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
+  ``cpu_extension.SMALL_BATCH_MAX_ROWS`` rows go to the streaming C++ kernel (kernels/csrc/small_batch_linear.cpp),
+  which kept the weights coming ~1.5x faster than oneDNN's packed GEMM at 1-16 rows (and no slower to 32); more rows go to MKL, which
+  reads ``W^T`` as a plain ``x @ W^T`` and at prefill sizes matched oneDNN.
+- ``onednn`` (default for bf16 on AVX512-BF16/AMX CPUs, and for fp32 without the C++ kernels): reordered once
+  at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
+  multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
+  weight to fp32 in the streaming kernel.
 - ``row``: PyTorch's own order (the default where oneDNN would emulate the dtype, e.g. bf16 on an AVX2 CPU).
 
 Why a fixed default and no per-machine timing: a weight timed alone stays in the cache and favours other
 layouts than the model, which streams every weight once per step; timed streamed, the differences fall inside a
-shared VM's noise. Timed end to end instead (whole decode runs, alternating in one process), the packed layout
-was the fastest on an AVX-512 VM, column-major next, row-major far behind; see docs/benchmarks.md, "Linear
-layers: oneDNN's packed layout". A fixed layout also means every worker on a machine sums in the same order.
+shared VM's noise. The defaults rest on whole-model runs (docs/benchmarks.md). A fixed layout also means every
+worker on a machine sums in the same order.
 
 Invariant: no value and no shape changes. Every layout gives the fp32/bf16 matmul within summation order
-(oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes). A packed weight is an opaque ``torch._mkldnn`` tensor, so
-every call site multiplies through :func:`linear`, never ``F.linear``. The tied input embedding is not an
-``nn.Linear`` and keeps its row-major lookup layout; a model that ties it to the LM head gets its own logits copy
-when the layout is not row-major (``LlamaForCausalLM.untie_logits``).
+(oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes). A packed weight is an opaque
+``torch._mkldnn`` tensor, so every call site multiplies through :func:`linear`, never ``F.linear``. The tied
+input embedding is not an ``nn.Linear`` and keeps its row-major lookup layout; a model that ties it to the LM
+head gets its own logits copy when the layout is not row-major (``LlamaForCausalLM.untie_logits``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from pagedserve.kernels import cpu_extension
 
 ENV_LINEAR = "PAGEDSERVE_CPU_LINEAR"
 LAYOUTS = ("row", "column", "onednn")
@@ -41,6 +46,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight^T (+ bias)`` for a weight in any of the layouts (``x`` 2-D)."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if (x.shape[0] <= cpu_extension.SMALL_BATCH_MAX_ROWS and weight.dtype == torch.float32 and weight.is_cpu
+            and x.dtype == torch.float32 and weight.stride() == (1, weight.shape[0]) and cpu_extension.load()):
+        return cpu_extension.small_batch_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -56,10 +64,13 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 
 
 def layout_for(dtype: torch.dtype) -> str:
-    """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else oneDNN's where native."""
+    """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``column`` for fp32 where the
+    streaming kernel built, else oneDNN's where native, else ``row``."""
     wanted = os.environ.get(ENV_LINEAR, "").strip().lower() or "auto"
     if wanted not in ("auto", *LAYOUTS):
         raise ValueError(f"{ENV_LINEAR}={wanted!r}: expected auto, row, column or onednn")
+    if wanted == "auto" and dtype == torch.float32 and cpu_extension.load():
+        return "column"
     if wanted in ("auto", "onednn"):
         return "onednn" if onednn_supports(dtype) else "row"
     return wanted

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "cpu_fused_ops.cpp")
+_SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "cpu_fused_ops.cpp", _CSRC / "small_batch_linear.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
@@ -86,7 +86,7 @@ def _build() -> str | None:
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
-    for op in ("paged_decode_attention", *_FUSED_OPS):
+    for op in ("paged_decode_attention", "small_batch_linear", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None
@@ -199,3 +199,18 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
             or value.stride(1) != value.shape[2] or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
         return reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
     torch.ops.pagedserve_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
+
+
+# Linear layers at decode batch sizes (csrc/small_batch_linear.cpp).
+
+# Rows up to which small_batch_linear beats MKL / oneDNN on the same weights (fp32, 1-2 threads, AVX-512 VM:
+# docs/benchmarks.md); above it the weight is read from cache often enough that a blocked GEMM wins.
+SMALL_BATCH_MAX_ROWS = 32
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for fp32 ``x [M, K]`` and an fp32 linear weight ``[N, K]`` stored transposed
+    (strides ``(1, N)``), by the streaming C++ kernel (``load()`` must be True)."""
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    torch.ops.pagedserve_cpu.small_batch_linear(out, x.contiguous(), weight, bias)
+    return out

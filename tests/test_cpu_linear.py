@@ -74,10 +74,16 @@ def test_bad_setting_names_the_variable(monkeypatch):
         layout_for(torch.float32)
 
 
-def test_default_is_onednn_where_native_else_row():
+def test_default_is_column_for_fp32_with_the_kernels_else_onednn_where_native_else_row(monkeypatch):
+    from pagedserve.kernels import cpu_extension
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = "onednn" if onednn_supports(dtype) else "row"
+        if dtype == torch.float32 and cpu_extension.load():
+            want = "column"
         assert layout_for(dtype) == want
+    monkeypatch.setattr(cpu_extension, "load", lambda: False)  # where the C++ kernels cannot build
+    assert layout_for(torch.float32) == ("onednn" if onednn_supports(torch.float32) else "row")
 
 
 def test_tied_lm_head_gets_its_own_copy_only_when_its_layout_pays(monkeypatch):

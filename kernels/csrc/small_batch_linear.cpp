@@ -1,0 +1,164 @@
+// y [M, N] = x [M, K] @ W^T (+ bias) in fp32 for decode-sized M, W [N, K] stored transposed: a weight-streaming
+// kernel.
+//
+// At a few rows a decode step reads every weight once for a few multiply-adds per element, so its linears run
+// at the rate memory delivers the weights, not at the FMA peak. This kernel is written for that: the weight is
+// stored input-major (the "column" layout: a [N, K] tensor with strides (1, N), i.e. Wt = W^T [K, N]
+// contiguous, which MKL also takes as-is for large M), each
+// thread owns a contiguous range of output columns, and walks K in blocks; inside a block, a tile of
+// kColTile columns stays in registers for up to kRowTile rows while the weight rows stream past once, with a
+// software prefetch kPrefetchRows rows ahead (the hardware prefetcher loses track of 64-odd interleaved
+// strided streams; with the prefetch the kernel streamed ~1.5x what oneDNN's packed GEMM did at 1-16 rows,
+// docs/benchmarks.md). Further row tiles of the same block re-read the block's weights from L1.
+//
+// Arithmetic: fp32 products summed over k in order, one FMA chain per output; the result equals
+// F.linear within fp32 summation order. Rows of x and y are contiguous; bias is optional ([N] fp32).
+// The caller (kernels/cpu_extension.py) sends bf16 and any M above its threshold elsewhere: for bf16,
+// oneDNN's AVX512-BF16/AMX dot products beat widening each weight to fp32 here.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+namespace {
+
+#ifdef __AVX512F__
+constexpr int kLanes = 16;   // one zmm
+constexpr int kRowTile = 6;  // 6 x 4 accumulators + 4 weight vectors + a broadcast: 29 of 32 registers
+#else
+constexpr int kLanes = 8;    // one ymm (two xmm without AVX)
+constexpr int kRowTile = 2;  // 2 x 4 accumulators + 4 weight vectors of 16 registers
+#endif
+constexpr int kVecsPerTile = 4;
+constexpr int kColTile = kLanes * kVecsPerTile;
+constexpr int64_t kKBlock = 64;       // rows of Wt per block: kKBlock * kColTile * 4 B = 16 KB, in L1
+constexpr int64_t kPrefetchRows = 16;  // how far ahead in k the weights are requested
+
+typedef float vecw __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vecw load(const float* p) {
+  vecw v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vecw v) { std::memcpy(p, &v, sizeof v); }
+
+// Rows [0, R) of y's tile of V vectors (columns n.. of y, Wt, bias, passed offset) over k in [k0, k1): the
+// first block starts from the bias (or 0), later ones from the partial sums in y.
+template <int R, int V>
+inline void tile(float* y, int64_t ldy, const float* x, int64_t ldx, const float* wt, int64_t ldw, const float* bias,
+                 int64_t k0, int64_t k1, int64_t K) {
+  vecw acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      acc[r][v] = k0 > 0 ? load(y + r * ldy + v * kLanes) : (bias ? load(bias + v * kLanes) : vecw{});
+    }
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* wk = wt + k * ldw;
+    if (k + kPrefetchRows < K) {
+      const char* ahead = reinterpret_cast<const char*>(wk + kPrefetchRows * ldw);
+      for (int line = 0; line < V * kLanes * 4 / 64; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+    }
+    vecw w[V];
+    for (int v = 0; v < V; ++v) w[v] = load(wk + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * ldx + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += xv * w[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) store(y + r * ldy + v * kLanes, acc[r][v]);
+  }
+}
+
+template <int V>
+inline void tile_rows(int64_t rows, float* y, int64_t ldy, const float* x, int64_t ldx, const float* wt,
+                      int64_t ldw, const float* bias, int64_t k0, int64_t k1, int64_t K) {
+  switch (rows) {  // the remainder of M after full row tiles
+    case 1: return tile<1, V>(y, ldy, x, ldx, wt, ldw, bias, k0, k1, K);
+    case 2: return tile<2, V>(y, ldy, x, ldx, wt, ldw, bias, k0, k1, K);
+#if defined(__AVX512F__)
+    case 3: return tile<3, V>(y, ldy, x, ldx, wt, ldw, bias, k0, k1, K);
+    case 4: return tile<4, V>(y, ldy, x, ldx, wt, ldw, bias, k0, k1, K);
+    case 5: return tile<5, V>(y, ldy, x, ldx, wt, ldw, bias, k0, k1, K);
+    case 6: return tile<6, V>(y, ldy, x, ldx, wt, ldw, bias, k0, k1, K);
+#endif
+    default: TORCH_CHECK(false, "small_batch_linear: bad row tile ", rows);
+  }
+}
+
+// Columns [n0, n1) of y (the last range may end in a partial tile: one vector at a time, then scalars).
+void column_range(float* y, const float* x, const float* wt, const float* bias, int64_t M, int64_t K, int64_t N,
+                  int64_t n0, int64_t n1) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t k1 = std::min(K, k0 + kKBlock);
+    int64_t n = n0;
+    for (; n + kColTile <= n1; n += kColTile) {
+      for (int64_t m = 0; m < M; m += kRowTile) {
+        tile_rows<kVecsPerTile>(std::min<int64_t>(kRowTile, M - m), y + m * N + n, N, x + m * K, K, wt + n, N,
+                                bias ? bias + n : nullptr, k0, k1, K);
+      }
+    }
+    for (; n + kLanes <= n1; n += kLanes) {
+      for (int64_t m = 0; m < M; m += kRowTile) {
+        tile_rows<1>(std::min<int64_t>(kRowTile, M - m), y + m * N + n, N, x + m * K, K, wt + n, N,
+                     bias ? bias + n : nullptr, k0, k1, K);
+      }
+    }
+    for (; n < n1; ++n) {
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = k0 > 0 ? y[m * N + n] : (bias ? bias[n] : 0.f);
+        for (int64_t k = k0; k < k1; ++k) acc += x[m * K + k] * wt[k * N + n];
+        y[m * N + n] = acc;
+      }
+    }
+  }
+}
+
+void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "small_batch_linear: x must be [M, K] and weight [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  out.scalar_type() == at::kFloat,
+              "small_batch_linear: fp32 only");
+  TORCH_CHECK(weight.t().is_contiguous(), "small_batch_linear: weight must be stored transposed (strides (1, N))");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) &&
+                  out.size(1) == weight.size(0),
+              "small_batch_linear: x and out must be contiguous, out [M, N]");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat,
+                "small_batch_linear: bias must be fp32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: the bias, or zeros
+    if (b != nullptr) out.copy_(bias->view({1, N}).expand({M, N}));
+    else out.zero_();
+    return;
+  }
+  float* y = out.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const int64_t tiles = (N + kColTile - 1) / kColTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    column_range(y, xp, w, b, M, K, N, t0 * kColTile, std::min(N, t1 * kColTile));
+  });
+}
+
+}  // namespace
+
+// A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
+TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
+  m.def("small_batch_linear(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("small_batch_linear", &small_batch_linear); }
