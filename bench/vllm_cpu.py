@@ -8,7 +8,10 @@ run by run so that a change in the machine's load hits both alike. Same token-id
 (counted, not assumed: fp32 sums in a different order can flip a near tie).
 
 Threads: ``n`` threads pinned to the first ``n`` CPUs of this process's mask for both (vLLM's
-``VLLM_CPU_OMP_THREADS_BIND``, our ``PAGEDSERVE_CPU_BIND``).
+``VLLM_CPU_OMP_THREADS_BIND``, our ``PAGEDSERVE_CPU_BIND``), and each run's whole process tree confined to those
+``n`` CPUs, as a container's CPU set would: vLLM's front-end process otherwise polls its engine process from
+another CPU (twice the CPU-seconds of its wall time at one thread). Each run also reports the CPU-seconds its
+process tree spent in ``generate``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,32 @@ TORCH_PIN = "torch==2.13.0"
 RUN_TIMEOUT_S = 1800
 CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
+# CPU-seconds of this process and its descendants (vLLM's engine core is a child process), from /proc.
+TREE_CPU = """
+import os
+def tree_cpu():
+    tick, parent_of, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{name}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        parent_of[int(name)] = int(fields[1])
+        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    def in_tree(pid):
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent_of.get(pid, 0)
+        return False
+    return sum(t for pid, t in cpu.items() if in_tree(pid))
+"""
+
 # Each runner: argv[1] a job JSON (model, dtype, prompts, max_tokens), argv[2] where to write the result JSON.
-OURS_RUNNER = """
+OURS_RUNNER = TREE_CPU + """
 import json, sys, time
 from pagedserve.engine import cpu_threads
 cpu_threads.apply()
@@ -44,14 +71,14 @@ llm = LLM(model=job["model"], device="cpu", dtype=job["dtype"])
 llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0))
 load_s = time.perf_counter() - t0
 params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in job["max_tokens"]]
-t0 = time.perf_counter()
+cpu0, t0 = tree_cpu(), time.perf_counter()
 outs = llm.generate(job["prompts"], params)
 wall = time.perf_counter() - t0
-json.dump({"wall_s": wall, "load_s": load_s, "outputs": [o.outputs[0].token_ids for o in outs]},
-          open(sys.argv[2], "w"))
+json.dump({"wall_s": wall, "cpu_s": tree_cpu() - cpu0, "load_s": load_s,
+           "outputs": [o.outputs[0].token_ids for o in outs]}, open(sys.argv[2], "w"))
 """
 
-VLLM_RUNNER = """
+VLLM_RUNNER = TREE_CPU + """
 import json, sys, time
 job = json.load(open(sys.argv[1]))
 from vllm import LLM, SamplingParams
@@ -63,11 +90,11 @@ llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], warm, use_tqdm=False)
 load_s = time.perf_counter() - t0
 params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, detokenize=False) for m in job["max_tokens"]]
 prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-t0 = time.perf_counter()
+cpu0, t0 = tree_cpu(), time.perf_counter()
 outs = llm.generate(prompts, params, use_tqdm=False)
 wall = time.perf_counter() - t0
-json.dump({"wall_s": wall, "load_s": load_s, "outputs": [list(o.outputs[0].token_ids) for o in outs]},
-          open(sys.argv[2], "w"))
+json.dump({"wall_s": wall, "cpu_s": tree_cpu() - cpu0, "load_s": load_s,
+           "outputs": [list(o.outputs[0].token_ids) for o in outs]}, open(sys.argv[2], "w"))
 """
 
 HF_RUNNER = """
@@ -127,13 +154,15 @@ def thread_env(engine: str, threads: int, bind: str | None = None) -> dict:
     return env
 
 
-def run_once(python: str | Path, script: str, job: dict, env: dict) -> dict:
+def run_once(python: str | Path, script: str, job: dict, env: dict, cpus: set[int] | None = None) -> dict:
+    """One fresh process running ``script`` on ``job``; with ``cpus``, it and its children run on those CPUs only."""
+    confine = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
         # cwd: not the repository, whose kernels/ folder would shadow the ``kernels`` package vLLM imports.
         done = subprocess.run([str(python), "-c", script, str(job_path), str(out_path)], env=env, cwd=tmp,
-                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S, preexec_fn=confine)
         if done.returncode != 0 or not out_path.exists():
             tail = " | ".join(done.stderr.strip().splitlines()[-5:])
             return {"error": f"exit {done.returncode}: {tail}"}
@@ -153,6 +182,8 @@ def compare(python_vllm: Path | None, model_dir: str, prompts, max_tokens, threa
         for n in threads:
             job = {**job_base, "dtype": dtype}
             walls: dict[str, list[float]] = {"pagedserve": [], "vllm": []}
+            cpu_s: dict[str, list[float]] = {"pagedserve": [], "vllm": []}
+            cpus = set(sorted(os.sched_getaffinity(0))[:n])
             outputs: dict[str, list] = {}
             errors: dict[str, str] = {}
             load = [load_average()]
@@ -162,17 +193,19 @@ def compare(python_vllm: Path | None, model_dir: str, prompts, max_tokens, threa
                         continue
                     say(f"{dtype} {n} thread(s), run {rep + 1}/{reps}: {engine}")
                     python, script = (python_vllm, VLLM_RUNNER) if engine == "vllm" else (sys.executable, OURS_RUNNER)
-                    r = run_once(python, script, job, thread_env(engine, n))
+                    r = run_once(python, script, job, thread_env(engine, n), cpus)
                     if "error" in r:
                         errors[engine] = r["error"]
                         continue
                     walls[engine].append(r["wall_s"])
+                    cpu_s[engine].append(r["cpu_s"])
                     outputs[engine] = r["outputs"]
                 load.append(load_average())
             row = {"dtype": dtype, "threads": n, "load_average": load, "errors": errors}
             for engine, ws in walls.items():
                 row[f"{engine}_s"] = ws
                 row[f"{engine}_median_s"] = statistics.median(ws) if ws else None
+                row[f"{engine}_cpu_s"] = cpu_s[engine]
             if row["pagedserve_median_s"] and row["vllm_median_s"]:
                 row["speedup_vs_vllm"] = row["vllm_median_s"] / row["pagedserve_median_s"]
                 row["identical"] = sum(a == b for a, b in zip(outputs["pagedserve"], outputs["vllm"]))
@@ -218,12 +251,15 @@ def vs_vllm_command(
             results["vs_vllm"] = compare(python_vllm, model_dir, w.prompts, w.max_tokens,
                                          [int(t) for t in threads.split(",")], dtypes.split(","), reps, say)
             table = Table(title=f"vs vLLM-CPU: {num_requests} requests, {w.num_output_tokens} output tokens, 26M")
-            for col in ("dtype", "threads", "vLLM s", "pagedserve s", "speedup", "identical", "load avg"):
+            for col in ("dtype", "threads", "vLLM s", "pagedserve s", "speedup", "identical", "CPU-s vLLM / ours",
+                        "load avg"):
                 table.add_column(col, justify="right")
             for r in results["vs_vllm"]:
                 fmt = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
                 table.add_row(r["dtype"], str(r["threads"]), fmt(r["vllm_median_s"]), fmt(r["pagedserve_median_s"]),
                               fmt(r.get("speedup_vs_vllm")), f"{r.get('identical', '-')}/{num_requests}",
+                              " / ".join(fmt(statistics.median(r[f"{e}_cpu_s"])) if r[f"{e}_cpu_s"] else "-"
+                                         for e in ("vllm", "pagedserve")),
                               f"{r['load_average'][0][0]}-{r['load_average'][-1][0]}")
                 for engine, why in r["errors"].items():
                     console.print(f"[red]{engine} failed:[/] {why}", markup=False)
@@ -241,7 +277,7 @@ def vs_vllm_command(
         say(f"HF static vs pagedserve on {name} ({hf_threads} threads)")
         r = run_once(sys.executable, HF_RUNNER, {"model": path, "dtype": "float32", "prompts": hw.prompts,
                                                  "max_tokens": hw.max_tokens, "hf_batch_size": 16},
-                     thread_env("pagedserve", hf_threads))
+                     thread_env("pagedserve", hf_threads), set(sorted(os.sched_getaffinity(0))[:hf_threads]))
         r.update(model=name, requests=hf_requests, load_average=load_average())
         if "error" not in r:
             r["x_hf_static"] = r["hf_static_s"] / r["pagedserve_s"]
