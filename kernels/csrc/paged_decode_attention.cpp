@@ -36,6 +36,9 @@ namespace {
 
 // Shortest partition of a split context: below this the merge pass costs more than the extra thread saves.
 constexpr int64_t kMinPartitionTokens = 256;
+// How many blocks ahead of the one being computed its K/V rows are requested (1 ran ~1.25x faster than none
+// over a 48-sequence batch; 2 was no better).
+constexpr int64_t kPrefetchBlocks = 1;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -113,6 +116,19 @@ inline const float* fp32_rows(const c10::BFloat16* rows, int64_t n, int64_t d, i
   return tile;
 }
 
+// Requests ``n`` rows of ``width`` cache elements, ``stride`` apart, into the cache ahead of their use: blocks
+// of a sequence are scattered over the pool, so the hardware prefetcher, which follows addresses within a
+// page, starts cold at every block.
+template <typename T>
+inline void prefetch_rows(const T* rows, int64_t n, int64_t width, int64_t stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(rows + j * stride);
+    for (int64_t byte = 0; byte < width * static_cast<int64_t>(sizeof(T)); byte += 64) {
+      __builtin_prefetch(row + byte, 0, 3);
+    }
+  }
+}
+
 struct Shape {
   int64_t num_seqs, num_q_heads, num_kv_heads, head_dim, group, block_size, num_blocks, max_blocks;
 };
@@ -151,6 +167,14 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     const int64_t block = table[block_idx];
     TORCH_CHECK(block >= 0 && block < sh.num_blocks, "block_tables holds block id ", block, " outside [0, ",
                 sh.num_blocks, ")");
+    if ((block_idx + kPrefetchBlocks) * BS < end) {  // blocks sit anywhere in the pool: ask for a later one now
+      const int64_t next = table[block_idx + kPrefetchBlocks];
+      if (next >= 0 && next < sh.num_blocks) {
+        const int64_t rows = std::min(BS, end - (block_idx + kPrefetchBlocks) * BS);
+        prefetch_rows(k_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
+        prefetch_rows(v_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
+      }
+    }
     for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
     const int64_t off = (kvh - kv_begin) * heads_stride;
     float* m = m_all + off;
