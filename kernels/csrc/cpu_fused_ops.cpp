@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "vec8.h"
 
@@ -40,69 +41,62 @@ inline int64_t grain_rows(int64_t row_elements) {
 
 // fp32 <-> T conversions written as integer lane operations, so `omp simd` loops and vec8 code vectorize them
 // (c10::BFloat16's own conversion branches on NaN per element and kept the bf16 loops scalar, at about twice
-// the fp32 time). Same results as torch's `.to()`: bf16 rounds to nearest even, NaN stays a quiet NaN.
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline uint16_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return v != v ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
-}
-inline void put(float* p, float v) { *p = v; }
-inline void put(c10::BFloat16* p, float v) { p->x = bf16_bits(v); }
+// the fp32 time). Same results as torch's `.to()`: bf16 rounds to nearest even, NaN stays a quiet NaN. Each
+// helper takes one lane (F = float, U = uint32_t) or eight (F = vec8, U = u32x8).
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-// Rounds an fp32 value to T the way torch's `.to(T)` does (bf16: round to nearest even).
-template <typename T>
-inline float round_to(float v) {
-  return v;
-}
-template <>
-inline float round_to<c10::BFloat16>(float v) {
-  const uint32_t bits = static_cast<uint32_t>(bf16_bits(v)) << 16;
-  float f;
+// The fp32 value(s) whose top 16 bits are ``bf16`` (bf16 bits widened to 32-bit lanes).
+template <typename F, typename U>
+inline F from_bf16_bits(U bf16) {
+  const U bits = bf16 << 16;
+  F f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+// bf16 bits (in 32-bit lanes) of ``v`` rounded to nearest even; NaN -> 0x7fc0.
+template <typename U, typename F>
+inline U to_bf16_bits(F v) {
+  U u;
+  std::memcpy(&u, &v, sizeof u);
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? U{} + 0x7fc0u : rounded;
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return from_bf16_bits<float>(static_cast<uint32_t>(v.x)); }
+inline void put(float* p, float v) { *p = v; }
+inline void put(c10::BFloat16* p, float v) { p->x = static_cast<uint16_t>(to_bf16_bits<uint32_t>(v)); }
+
+// Rounds fp32 lanes (a float or a vec8) to T the way torch's `.to(T)` does (bf16: round to nearest even).
+template <typename F>
+struct LaneBits {
+  using type = uint32_t;
+};
+template <>
+struct LaneBits<vec8> {
+  using type = u32x8;
+};
+template <typename T, typename F>
+inline F round_to(F v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return from_bf16_bits<F>(to_bf16_bits<typename LaneBits<F>::type>(v));
+  } else {
+    return v;
+  }
 }
 
 // The same on eight lanes at once.
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
 inline vec8 load8f(const float* p) { return load8(p); }
 inline vec8 load8f(const c10::BFloat16* p) {
   u16x8 half;
   std::memcpy(&half, p, sizeof half);
-  const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
-  vec8 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-inline u32x8 bf16_bits8(vec8 v) {
-  u32x8 u;
-  std::memcpy(&u, &v, sizeof u);
-  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return v != v ? u32x8{} + 0x7fc0u : rounded;
+  return from_bf16_bits<vec8>(__builtin_convertvector(half, u32x8));
 }
 inline void store8f(float* p, vec8 v) { store8(p, v); }
 inline void store8f(c10::BFloat16* p, vec8 v) {
-  const u16x8 half = __builtin_convertvector(bf16_bits8(v), u16x8);
+  const u16x8 half = __builtin_convertvector(to_bf16_bits<u32x8>(v), u16x8);
   std::memcpy(p, &half, sizeof half);
-}
-template <typename T>
-inline vec8 round8(vec8 v) {
-  return v;
-}
-template <>
-inline vec8 round8<c10::BFloat16>(vec8 v) {
-  const u32x8 bits = bf16_bits8(v) << 16;
-  vec8 r;
-  std::memcpy(&r, &bits, sizeof r);
-  return r;
 }
 
 // SiLU's exp(-gate) uses exp8 (vec8.h): a scalar libm call per element cost more than the rest of the op.
@@ -207,7 +201,7 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
       for (; i + 8 <= inter; i += 8) {
         const vec8 g = load8f(gate + i);
         const vec8 act = g / (1.f + exp8(-g));
-        store8f(dst + i, round8<T>(act) * load8f(up + i));  // F.silu rounds to the model dtype before the product
+        store8f(dst + i, round_to<T>(act) * load8f(up + i));  // F.silu rounds to the model dtype before the product
       }
       for (; i < inter; ++i) {
         const float g = to_f32(gate[i]);
