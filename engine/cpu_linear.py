@@ -6,9 +6,9 @@ fast the weights stream, not the FMA peak. Three layouts, selectable with ``PAGE
 - ``column`` (default for fp32 where the CPU kernels built): the same values stored transposed (``W^T``
   contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
   ``cpu_extension.SMALL_BATCH_MAX_ROWS`` rows go to the streaming C++ kernel
-  (kernels/csrc/small_batch_linear.cpp), which kept the weights coming ~1.5x faster than oneDNN's packed GEMM at
-  1-16 rows (and no slower to 32); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T`` and at
-  prefill sizes matched oneDNN.
+  (kernels/csrc/small_batch_linear.cpp), which streams the weights faster than oneDNN's packed GEMM up to that
+  size (docs/benchmarks.md); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T`` and at prefill
+  sizes matched oneDNN.
 - ``onednn`` (default for bf16 on AVX512-BF16/AMX CPUs, and for fp32 without the C++ kernels): reordered once
   at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
   multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every

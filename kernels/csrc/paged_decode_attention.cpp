@@ -36,8 +36,8 @@ namespace {
 
 // Shortest partition of a split context: below this the merge pass costs more than the extra thread saves.
 constexpr int64_t kMinPartitionTokens = 256;
-// How many blocks ahead of the one being computed its K/V rows are requested (1 ran ~1.25x faster than none
-// over a 48-sequence batch; 2 was no better).
+// How many blocks ahead of the one being computed its K/V rows are requested (one paid, two did not:
+// docs/benchmarks.md).
 constexpr int64_t kPrefetchBlocks = 1;
 
 inline float to_float(float x) { return x; }

@@ -2,14 +2,14 @@
 // kernel.
 //
 // At a few rows a decode step reads every weight once for a few multiply-adds per element, so its linears run
-// at the rate memory delivers the weights, not at the FMA peak. This kernel is written for that: the weight is
+// at the rate memory delivers the weights, not at the FMA peak. This kernel is written for that. The weight is
 // stored input-major (the "column" layout: a [N, K] tensor with strides (1, N), i.e. Wt = W^T [K, N]
-// contiguous, which MKL also takes as-is for large M), each
-// thread owns a contiguous range of output columns, and walks K in blocks; inside a block, a tile of
-// kColTile columns stays in registers for up to kRowTile rows while the weight rows stream past once, with a
-// software prefetch kPrefetchRows rows ahead (the hardware prefetcher loses track of 64-odd interleaved
-// strided streams; with the prefetch the kernel streamed ~1.5x what oneDNN's packed GEMM did at 1-16 rows,
-// docs/benchmarks.md). Further row tiles of the same block re-read the block's weights from L1.
+// contiguous, which MKL also takes as-is for large M). Each thread owns a contiguous range of output columns
+// and walks K in blocks; inside a block, a tile of kColTile columns stays in registers for up to kRowTile rows
+// while the weight rows stream past once. A software prefetch runs kPrefetchRows rows ahead: each row of a
+// tile is a short piece of a long strided walk, which the hardware prefetcher does not follow far enough
+// ahead; without it the kernel streamed no faster than oneDNN (docs/benchmarks.md). Further row tiles of the
+// same block re-read the block's weights from L1.
 //
 // Arithmetic: fp32 products summed over k in order, one FMA chain per output; the result equals
 // F.linear within fp32 summation order. Rows of x and y are contiguous; bias is optional ([N] fp32).
