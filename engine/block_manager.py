@@ -52,19 +52,15 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool) -> None:
-        self.capacity = num_blocks
+        self.num_blocks = num_blocks
         self.blocks: list[Block] = []
         self.free: OrderedDict[int, None] = OrderedDict()  # freed blocks that exist (untouched ones are not listed)
         self.enable_caching = enable_caching
         self.cached: dict[bytes, Block] = {}
 
     @property
-    def num_blocks(self) -> int:
-        return self.capacity
-
-    @property
     def num_untouched(self) -> int:
-        return self.capacity - len(self.blocks)
+        return self.num_blocks - len(self.blocks)
 
     @property
     def num_free(self) -> int:

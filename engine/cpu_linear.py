@@ -38,8 +38,8 @@ from pagedserve.kernels import cpu_extension
 
 ENV_LINEAR = "PAGEDSERVE_CPU_LINEAR"
 LAYOUTS = ("row", "column", "onednn")
-# The batch size oneDNN packs weights for: a decode-sized batch. End to end it ran 16% (fp32) and 23% (bf16)
-# faster than packing for no size (docs/benchmarks.md). Any batch size still runs; only the speed differs.
+# The batch size oneDNN packs weights for: a decode-sized batch, which end to end beat packing for no size
+# (docs/benchmarks.md, "The packing's batch-size hint"). Any batch size still runs; only the speed differs.
 ONEDNN_BATCH_HINT = 8
 
 
