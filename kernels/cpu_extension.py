@@ -72,14 +72,16 @@ def _build() -> str | None:
     if disabled_by_env():
         return f"{ENV_SWITCH}=torch"
     _ninja_on_path()
-    from torch.utils import cpp_extension  # noqa: PLC0415  (imports setuptools: only when building)
-
+    try:  # imports setuptools: only when building, and a broken setuptools is one more reason to fall back
+        from torch.utils import cpp_extension  # noqa: PLC0415
+    except Exception as exc:
+        return f"torch's C++ extension builder does not import: {type(exc).__name__}: {_first_line(exc)}"
     try:
         cpp_extension.load(
             name=_NAME,
             sources=[str(path) for path in _SOURCES],
-            # torch rebuilds when a source or a flag changes, not a header: the header's digest is a flag.
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", f"-DPAGEDSERVE_VEC8_H={_header_digest()}"],
+            # torch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", f"-DPAGEDSERVE_HEADERS={_header_digest()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

