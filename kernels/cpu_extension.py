@@ -64,7 +64,10 @@ def unavailable_reason() -> str | None:
 
 
 def _header_digest() -> str:
-    return hashlib.sha256((_CSRC / "vec8.h").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for header in sorted(_CSRC.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _build() -> str | None:

@@ -15,8 +15,10 @@
 // threads, long contexts are cut into partitions of whole blocks; each partition keeps its own max, sum and
 // accumulator and a second pass merges them (the split-K of flash decoding).
 //
-// The inner loops run on fp32 rows in eight-lane vectors (-O3 -march=native: AVX2 and FMA here); a bf16
-// block's K/V rows are widened into an fp32 tile first (a shift per element), then the same loops run.
+// Where the CPU has AVX-512 and head_dim is a multiple of 16 up to 128, a block's step runs in sixteen-lane
+// registers (decode_attention_avx512.h). Otherwise the inner loops run on fp32 rows in eight-lane vectors
+// (-O3 -march=native: AVX2 and FMA); a bf16 block's K/V rows are widened into an fp32 tile first (a shift
+// per element), then the same loops run.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +32,7 @@
 #include <limits>
 #include <vector>
 
+#include "decode_attention_avx512.h"
 #include "vec8.h"
 
 namespace {
@@ -135,10 +138,17 @@ struct Shape {
 
 // Per-thread scratch of attend_range.
 struct Scratch {
-  std::vector<float> qf, scores, k_tile, v_tile;
+  std::vector<float> qf, scores, k_tile, v_tile, alpha;
+#if defined(__AVX512F__)
+  std::vector<__m512> part;
+#endif
   Scratch(const Shape& sh, int64_t kv_heads)
       : qf(kv_heads * sh.group * sh.head_dim), scores(sh.group * sh.block_size),
-        k_tile(sh.block_size * sh.head_dim), v_tile(sh.block_size * sh.head_dim) {}
+        k_tile(sh.block_size * sh.head_dim), v_tile(sh.block_size * sh.head_dim), alpha(sh.group)
+#if defined(__AVX512F__)
+        , part(16 * sh.group)
+#endif
+  {}
 };
 
 // Attends the query heads of KV heads [kv_begin, kv_end) of one sequence over tokens [begin, end), block by
@@ -182,6 +192,13 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     float* acc = acc_all + off * D;
     const float* qf = w.qf.data() + (kvh - kv_begin) * G * D;
     const int64_t base = (block * BS + offset) * token_stride + kvh * D;
+#if defined(__AVX512F__)
+    if (avx512::handles(D)) {
+      avx512::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, scores, BS, w.part.data(),
+                           w.alpha.data(), m, l, acc);
+      continue;
+    }
+#endif
     int64_t k_stride = token_stride, v_stride = token_stride;
     const float* k = fp32_rows(k_cache + base, n, D, token_stride, w.k_tile.data(), &k_stride);
     // scores[g * BS + j] = q_g . k_j  (each K row read once for the whole group)

@@ -19,26 +19,30 @@ inline float hsum(vec8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[
 
 typedef int32_t ivec8 __attribute__((vector_size(32)));
 
-// exp of eight lanes (Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], relative error ~1e-7),
-// for the softmax's exp(score - max) <= 1: one exp per score, a cost next to a D-long dot product otherwise.
-// Inputs below -87 give ~1e-38 rather than 0, which weighs nothing next to the max's 1.
-inline vec8 exp8(vec8 x) {
-  const vec8 hi = vec8{} + 88.3762626647949f, lo = vec8{} - 87.0f;
+// exp of every lane of a GCC vector of floats V with its int32 twin IV (Cephes' expf: 2^n times a degree-6
+// polynomial on [-ln2/2, ln2/2], relative error ~1e-7), for the softmax's exp(score - max) <= 1: one exp per
+// score, a cost next to a D-long dot product otherwise. Inputs below -87 give ~1e-38 rather than 0, which weighs
+// nothing next to the max's 1.
+template <typename V, typename IV>
+inline V exp_lanes(V x) {
+  const V hi = V{} + 88.3762626647949f, lo = V{} - 87.0f;
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
-  vec8 fx = x * 1.44269504088896341f + 0.5f;
-  ivec8 n = __builtin_convertvector(fx, ivec8);
-  n += (__builtin_convertvector(n, vec8) > fx);  // truncation -> floor (true lanes are -1)
-  fx = __builtin_convertvector(n, vec8);
+  V fx = x * 1.44269504088896341f + 0.5f;
+  IV n = __builtin_convertvector(fx, IV);
+  n += (__builtin_convertvector(n, V) > fx);  // truncation -> floor (true lanes are -1)
+  fx = __builtin_convertvector(n, V);
   x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  vec8 y = x * 1.9875691500e-4f + 1.3981999507e-3f;
+  V y = x * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * x + 8.3334519073e-3f;
   y = y * x + 4.1665795894e-2f;
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * (x * x) + x + 1.0f;
-  const ivec8 pow2n_bits = (n + 127) << 23;
-  vec8 pow2n;
+  const IV pow2n_bits = (n + 127) << 23;
+  V pow2n;
   std::memcpy(&pow2n, &pow2n_bits, sizeof pow2n);
   return y * pow2n;
 }
+
+inline vec8 exp8(vec8 x) { return exp_lanes<vec8, ivec8>(x); }
