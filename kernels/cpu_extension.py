@@ -16,6 +16,7 @@ against the reference, and to test the fallback).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "cpu_fused_ops.cpp", _CSRC / "small_batch_linear.cpp")
+_SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
+            _CSRC / "small_batch_linear.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
@@ -91,7 +93,7 @@ def _build() -> str | None:
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
-    for op in ("paged_decode_attention", "small_batch_linear", *_FUSED_OPS):
+    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None
@@ -137,6 +139,22 @@ def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, p
         out, q.contiguous(), k_cache, v_cache, _int32(block_tables), _int32(seq_lens), float(scale),
         partition_tokens)
     return out
+
+
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale) -> torch.Tensor:
+    """:func:`~pagedserve.kernels.reference.paged_attention` (prompts, chunks, extensions) by the C++ kernel where
+    it runs (AVX-512, head_dim a multiple of 16 up to 128, fp32/bf16), else by the reference."""
+    if q.dtype not in _DTYPES or k_cache.dtype not in _DTYPES or not _prefill_supported(q.shape[-1]):
+        return reference.paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    torch.ops.pagedserve_cpu.paged_prefill_attention(out, q.contiguous(), k_cache, v_cache, _int32(cu_seqlens_q),
+                                                     _int32(seq_lens), _int32(block_tables), float(scale))
+    return out
+
+
+@functools.cache
+def _prefill_supported(head_dim: int) -> bool:
+    return bool(torch.ops.pagedserve_cpu.prefill_attention_supported(head_dim))
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,12 @@ TORCH_OPS = KernelOps(
 )
 
 
-# The CPU set when the C++ extension builds (kernels.get_ops decides): decode attention reads K/V in place
-# through the block table, so there is nothing to plan per step; the element-wise layers are fused C++ loops;
-# cache writes are one copy per token; the rest (prefill attention, block moves) is the reference.
+# The CPU set when the C++ extension builds (kernels.get_ops decides): attention reads K/V in place through the
+# block table, so there is nothing to plan per step (prefill attention needs AVX-512, else it is the
+# reference's); the element-wise layers are fused C++ loops; cache writes are one copy per token; block moves are
+# the reference's.
 CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", write_kv=cpu_extension.write_kv,
+                              paged_attention=cpu_extension.paged_attention,
                               paged_decode_attention=cpu_extension.paged_decode_attention,
                               plan_decode=no_plan, rms_norm=cpu_extension.rms_norm,
                               add_rms_norm=cpu_extension.add_rms_norm,

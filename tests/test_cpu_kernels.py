@@ -152,14 +152,15 @@ def test_fp16_goes_to_the_reference():
 
 @needs_kernel
 def test_cpu_kernel_set():
-    """On the CPU, get_ops picks the extension's set: decode attention, its plan, the element-wise layers and
-    the cache write (tests/test_cpu_fused_ops.py) differ from TORCH_OPS, the rest is the reference."""
+    """On the CPU, get_ops picks the extension's set: attention (decode, and prefill where AVX-512 runs it:
+    tests/test_cpu_prefill_attention.py), its plan, the element-wise layers and the cache write
+    (tests/test_cpu_fused_ops.py) differ from TORCH_OPS, the rest is the reference."""
     assert get_ops("cpu") is CPU_OPS
     assert CPU_OPS.paged_decode_attention is cpu_extension.paged_decode_attention
     assert CPU_OPS.plan_decode(torch.tensor([3]), torch.zeros(1, 1, dtype=torch.int32), 16) is None
-    for name in ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "write_kv"):
+    for name in ("paged_attention", "rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "write_kv"):
         assert getattr(CPU_OPS, name) is getattr(cpu_extension, name)
-    for name in ("paged_attention", "copy_blocks", "swap_blocks"):
+    for name in ("copy_blocks", "swap_blocks"):
         assert getattr(CPU_OPS, name) is getattr(TORCH_OPS, name)
 
 

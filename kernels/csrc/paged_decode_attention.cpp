@@ -16,7 +16,7 @@
 // accumulator and a second pass merges them (the split-K of flash decoding).
 //
 // Where the CPU has AVX-512 and head_dim is a multiple of 16 up to 128, a block's step runs in sixteen-lane
-// registers (decode_attention_avx512.h). Otherwise the inner loops run on fp32 rows in eight-lane vectors
+// registers (paged_attention_avx512.h). Otherwise the inner loops run on fp32 rows in eight-lane vectors
 // (-O3 -march=native: AVX2 and FMA); a bf16 block's K/V rows are widened into an fp32 tile first (a shift
 // per element), then the same loops run.
 
@@ -32,7 +32,7 @@
 #include <limits>
 #include <vector>
 
-#include "decode_attention_avx512.h"
+#include "paged_attention_avx512.h"
 #include "vec8.h"
 
 namespace {
@@ -194,7 +194,7 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     const int64_t base = (block * BS + offset) * token_stride + kvh * D;
 #if defined(__AVX512F__)
     if (avx512::handles(D)) {
-      avx512::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, scores, BS, w.part.data(),
+      avx512::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, nullptr, scores, BS, w.part.data(),
                            w.alpha.data(), m, l, acc);
       continue;
     }

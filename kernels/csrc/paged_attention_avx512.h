@@ -1,5 +1,6 @@
-// The inner step of paged_decode_attention.cpp on AVX-512: one KV head's query group over the tokens of one
-// cache block, in sixteen-lane registers.
+// The inner step of the paged attention kernels on AVX-512 (paged_decode_attention.cpp,
+// paged_prefill_attention.cpp): query rows that share one KV head over the tokens of one cache block, in
+// sixteen-lane registers.
 //
 // What differs from the eight-lane path there, and why:
 // * Scores are taken sixteen keys at a time. Each key's K row is loaded (and, from a bf16 cache, widened) once
@@ -92,23 +93,28 @@ void block_scores(const float* qf, int64_t G, const cache_t* k, int64_t stride, 
   }
 }
 
-// The online softmax's update for one query head over the block's n scores: s becomes p = exp(s - m_new),
-// m and l move on, and the returned alpha = exp(m_old - m_new) rescales the head's accumulator (0 on its first
-// block, where m_old = -inf).
-inline float softmax_update(float* s, int64_t n, float* m, float* l) {
+// The online softmax's update for one query row over the block's scores s[0, n), of which the first ``valid``
+// count (a causal row sees a prefix of the block): s becomes p = exp(s - m_new) there and 0 past it, m and l
+// move on, and the returned alpha = exp(m_old - m_new) rescales the row's accumulator (0 on its first block,
+// where m_old = -inf; 1 when the row sees none of the block).
+inline float softmax_update(float* s, int64_t n, int64_t valid, float* m, float* l) {
+  if (valid <= 0) {
+    std::fill(s, s + n, 0.f);
+    return 1.f;
+  }
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top = minus_inf;
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, first_lanes(std::min<int64_t>(16, n - j0)), s + j0));
+  for (int64_t j0 = 0; j0 < valid; j0 += 16) {
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, first_lanes(std::min<int64_t>(16, valid - j0)), s + j0));
   }
   const float m_new = std::max(*m, _mm512_reduce_max_ps(top));
   const float alpha = std::exp(*m - m_new);
   const __m512 shift = _mm512_set1_ps(m_new);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const __mmask16 lanes = first_lanes(std::min<int64_t>(16, n - j0));
-    const __m512 p = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j0), shift)));
-    _mm512_mask_storeu_ps(s + j0, lanes, p);
+    const __mmask16 kept = first_lanes(std::clamp<int64_t>(valid - j0, 0, 16));
+    const __m512 p = _mm512_maskz_mov_ps(kept, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(kept, s + j0), shift)));
+    _mm512_mask_storeu_ps(s + j0, first_lanes(std::min<int64_t>(16, n - j0)), p);
     sum = _mm512_add_ps(sum, p);
   }
   *l = *l * alpha + _mm512_reduce_add_ps(sum);
@@ -153,14 +159,14 @@ void pv_heads(float* acc, int64_t D, const float* alpha, const float* p, int64_t
   }
 }
 
-// One KV head over n tokens of one block: the G query heads' rows ``qf`` (fp32, scaled), K and V rows
-// ``stride`` apart, and the heads' running max ``m``, sum ``l`` and accumulator rows ``acc`` (D apart), as
-// attend_range keeps them. Scratch: ``scores`` (G rows, ``scores_stride`` >= n apart), ``part`` (16 * G
-// registers), ``alpha`` (G floats).
+// G query rows ``qf`` (fp32, scaled; the query heads of one KV head, for one token or several) over n tokens
+// of one block, K and V rows ``stride`` apart; the rows' running max ``m``, sum ``l`` and accumulator rows
+// ``acc`` (D apart) as the callers keep them. ``valid``: how many of the n tokens each row sees (nullptr: all).
+// Scratch: ``scores`` (G rows, ``scores_stride`` >= n apart), ``part`` (16 * G registers), ``alpha`` (G floats).
 template <typename cache_t>
 void attend_block(const float* qf, int64_t G, int64_t D, const cache_t* k, const cache_t* v, int64_t stride,
-                  int64_t n, float* scores, int64_t scores_stride, __m512* part, float* alpha, float* m, float* l,
-                  float* acc) {
+                  int64_t n, const int64_t* valid, float* scores, int64_t scores_stride, __m512* part,
+                  float* alpha, float* m, float* l, float* acc) {
   switch (D / 16) {
     case 1: block_scores<1>(qf, G, k, stride, n, scores, scores_stride, part); break;
     case 2: block_scores<2>(qf, G, k, stride, n, scores, scores_stride, part); break;
@@ -171,7 +177,9 @@ void attend_block(const float* qf, int64_t G, int64_t D, const cache_t* k, const
     case 7: block_scores<7>(qf, G, k, stride, n, scores, scores_stride, part); break;
     default: block_scores<8>(qf, G, k, stride, n, scores, scores_stride, part); break;
   }
-  for (int64_t g = 0; g < G; ++g) alpha[g] = softmax_update(scores + g * scores_stride, n, m + g, l + g);
+  for (int64_t g = 0; g < G; ++g) {
+    alpha[g] = softmax_update(scores + g * scores_stride, n, valid ? valid[g] : n, m + g, l + g);
+  }
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
     float* a = acc + g0 * D;
     const float* p = scores + g0 * scores_stride;

@@ -1,0 +1,178 @@
+// Causal attention of a step's new tokens (prompts, prompt chunks, extensions after a cached prefix) over each
+// sequence's paged K/V, read in place through the block table: the CPU path of reference.paged_attention.
+//
+//   q, out              [N, Hq, D]        packed rows; sequence s owns rows [cu_seqlens_q[s], cu_seqlens_q[s + 1])
+//   k_cache, v_cache    [NB, BS, Hkv, D]  (fp32 or bf16, contiguous)
+//   cu_seqlens_q        [S + 1] int32
+//   seq_lens            [S] int32         each sequence's context, its new tokens included
+//   block_tables        [S, max_blocks] int32
+// A row r of sequence s is the token at position seq_lens[s] - (cu_seqlens_q[s + 1] - r) and sees the keys up
+// to and including that position.
+//
+// Work item = (sequence, tile of up to kTileRows consecutive rows, KV head). The tile's tokens times the KV
+// head's query heads are one set of query rows for the AVX-512 block step (paged_attention_avx512.h): every K/V
+// row read serves all of them, the way a GEMM tile reuses its operands. A block that a row sees only in part
+// (the diagonal) is masked per row; the online softmax runs per row in fp32.
+//
+// AVX-512 only: where it is missing (or head_dim is not a multiple of 16 up to 128), prefill_attention_supported
+// says no and the caller keeps the torch reference.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "paged_attention_avx512.h"
+
+namespace {
+
+bool prefill_attention_supported(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return avx512::handles(head_dim);
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
+#if defined(__AVX512F__)
+
+// Tokens per work item: 16 tokens of a 2-query-head group are 32 rows sharing each K/V row, enough to amortise
+// its load, and a prompt of a few hundred tokens still splits into more items than threads.
+constexpr int64_t kTileRows = 16;
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+struct Tile {
+  int64_t seq, row_begin, row_end;
+};
+
+template <typename q_t, typename cache_t>
+void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+         const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale) {
+  const int64_t num_seqs = seq_lens.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv;
+  const int64_t token_stride = Hkv * D, max_blocks = block_tables.size(1), table_stride = block_tables.stride(0);
+  const q_t* q_ptr = q.data_ptr<q_t>();
+  q_t* out_ptr = out.data_ptr<q_t>();
+  const cache_t* k_ptr = k_cache.data_ptr<cache_t>();
+  const cache_t* v_ptr = v_cache.data_ptr<cache_t>();
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const float fscale = static_cast<float>(scale);
+
+  std::vector<Tile> tiles;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t first = cu[s], last = cu[s + 1];
+    TORCH_CHECK(first <= last && last <= q.size(0), "cu_seqlens_q must rise from 0 to q's row count");
+    TORCH_CHECK(last - first <= lens[s] && lens[s] <= max_blocks * BS, "seq_lens[", s, "] = ", lens[s],
+                " must cover its ", last - first, " new tokens and fit its block table");
+    for (int64_t r = first; r < last; r += kTileRows) tiles.push_back({s, r, std::min(r + kTileRows, last)});
+  }
+  TORCH_CHECK(cu[num_seqs] == q.size(0), "cu_seqlens_q must end at q's row count");
+
+  const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
+  at::parallel_for(0, items, 1, [&](int64_t first_item, int64_t last_item) {
+    const int64_t max_rows = kTileRows * G;
+    std::vector<float> qf(max_rows * D), scores(max_rows * BS), alpha(max_rows), m(max_rows), l(max_rows),
+        acc(max_rows * D);
+    std::vector<int64_t> context(max_rows), valid(max_rows);
+    std::vector<__m512> part(16 * max_rows);
+    for (int64_t item = first_item; item < last_item; ++item) {
+      const Tile& t = tiles[item / Hkv];
+      const int64_t kvh = item % Hkv, R = (t.row_end - t.row_begin) * G;
+      const int64_t first_position = lens[t.seq] - (cu[t.seq + 1] - t.row_begin);
+      const int32_t* table = tables + t.seq * table_stride;
+      // Query rows in token-major order: row i is token t.row_begin + i / G, query head kvh * G + i % G.
+      for (int64_t i = 0; i < R; ++i) {
+        const q_t* src = q_ptr + ((t.row_begin + i / G) * Hq + kvh * G + i % G) * D;
+        for (int64_t d = 0; d < D; ++d) qf[i * D + d] = to_float(src[d]) * fscale;
+        context[i] = first_position + i / G + 1;
+      }
+      std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + R, 0.f);
+      std::fill(acc.begin(), acc.begin() + R * D, 0.f);
+      const int64_t end = context[R - 1];  // the tile's last token sees the most keys
+      for (int64_t start = 0; start < end; start += BS) {
+        const int64_t n = std::min(BS, end - start);
+        const int64_t block = table[start / BS];
+        TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables holds block id ", block, " outside [0, ",
+                    num_blocks, ")");
+        bool whole = true;  // every row sees the whole block: no mask
+        for (int64_t i = 0; i < R; ++i) {
+          valid[i] = std::clamp<int64_t>(context[i] - start, 0, n);
+          whole = whole && valid[i] == n;
+        }
+        const int64_t base = block * BS * token_stride + kvh * D;
+        avx512::attend_block(qf.data(), R, D, k_ptr + base, v_ptr + base, token_stride, n,
+                             whole ? nullptr : valid.data(), scores.data(), BS, part.data(), alpha.data(),
+                             m.data(), l.data(), acc.data());
+      }
+      for (int64_t i = 0; i < R; ++i) {
+        q_t* o = out_ptr + ((t.row_begin + i / G) * Hq + kvh * G + i % G) * D;
+        const float inv = 1.f / l[i];  // every row sees at least its own token
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[i * D + d] * inv);
+      }
+    }
+  });
+}
+
+#endif  // __AVX512F__
+
+void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                             const at::Tensor& block_tables, double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [num_tokens, num_q_heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "q, out, k_cache and v_cache must be contiguous");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  block_tables.scalar_type() == at::kInt,
+              "cu_seqlens_q, seq_lens and block_tables must be int32");
+  TORCH_CHECK(cu_seqlens_q.is_contiguous() && seq_lens.is_contiguous() && block_tables.dim() == 2 &&
+                  block_tables.stride(1) == 1,
+              "cu_seqlens_q and seq_lens must be contiguous, block_tables [num_seqs, max_blocks] with contiguous rows");
+  TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) == seq_lens.size(0),
+              "cu_seqlens_q needs one entry more than seq_lens, block_tables one row per sequence");
+  TORCH_CHECK(k_cache.size(3) == q.size(2), "k_cache head_dim differs from q's");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_q_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(prefill_attention_supported(q.size(2)),
+              "paged_prefill_attention needs AVX-512 and a head_dim that is a multiple of 16 up to 128");
+#if defined(__AVX512F__)
+  if (q.size(0) == 0) return;
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+  if (qt == at::kFloat && ct == at::kFloat) {
+    run<float, float>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
+  } else if (qt == at::kFloat && ct == at::kBFloat16) {
+    run<float, c10::BFloat16>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
+  } else if (qt == at::kBFloat16 && ct == at::kFloat) {
+    run<c10::BFloat16, float>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
+  } else if (qt == at::kBFloat16 && ct == at::kBFloat16) {
+    run<c10::BFloat16, c10::BFloat16>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
+  } else {
+    TORCH_CHECK(false, "paged_prefill_attention supports fp32 and bf16, got q ", qt, " and cache ", ct);
+  }
+#endif
+}
+
+}  // namespace
+
+// A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
+TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
+  m.def(
+      "paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
+      "Tensor seq_lens, Tensor block_tables, float scale) -> ()");
+  m.def("prefill_attention_supported(int head_dim) -> bool", &prefill_attention_supported);
+}
+
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("paged_prefill_attention", &paged_prefill_attention); }
