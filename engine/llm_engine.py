@@ -28,6 +28,7 @@ from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend
 from pagedserve.engine.tokenizer import load_tokenizer
+from pagedserve.kernels import get_ops
 
 MAX_REQUEST_ID_LEN = 256
 MAX_ERROR_LEN = 300
@@ -87,7 +88,7 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
-        self.sampler = Sampler(self.config.seed)
+        self.sampler = Sampler(self.config.seed, get_ops(self.runner.device).argmax_logsumexp)
         # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one.
         self.structured = StructuredOutputs(
             lambda: default_backend(self.tokenizer, self.vocab_size, self.eos_token_ids))

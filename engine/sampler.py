@@ -12,12 +12,14 @@ draw itself. Unseeded rows share one draw from the engine's generator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
+from pagedserve.kernels import reference
 
 
 @dataclass
@@ -92,8 +94,11 @@ def draw_key(sample: int, position: int) -> int:
 
 
 class Sampler:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, argmax_logsumexp: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                 = reference.argmax_logsumexp) -> None:
+        """``argmax_logsumexp``: the kernel set's (``KernelOps.argmax_logsumexp``) for the logits' device."""
         self.seed = seed
+        self.argmax_logsumexp = argmax_logsumexp
         self._generators: dict[torch.device, torch.Generator] = {}
         self._keyed: dict[torch.device, torch.Generator] = {}  # re-seeded for every seeded row it draws
 
@@ -118,12 +123,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> list[SampleResult]:
         """Sample one token per row of ``logits`` ``[R, V]`` (float32) for ``seqs[r]`` under ``params[r]``."""
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        # Logprobs are of the raw logits: log_softmax = logits - lse, taken only where asked (the chosen token,
+        # and the top-k where requested), not as a [R, V] tensor every step.
+        raw_logits = logits
+        tokens, lse = self.argmax_logsumexp(logits)
         if any(p.needs_penalties for p in params):
             logits = logits.clone()
             _apply_penalties(logits, seqs, params)
+            tokens = logits.argmax(dim=-1)
         greedy = [p.greedy for p in params]
-        tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, g in enumerate(greedy) if not g]
         if sampled_rows:
             idx = torch.tensor(sampled_rows, device=logits.device)
@@ -144,13 +152,14 @@ class Sampler:
                     noise[j].exponential_(generator=keyed)
             tokens[idx] = (probs / noise).argmax(dim=-1)
         token_list = tokens.tolist()
-        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        chosen = (raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse).tolist()
         results = []
         want_top = [p.logprobs for p in params]
         top_k = max((k for k in want_top if k), default=0)
         top_vals = top_ids = None
         if top_k:
-            top_vals, top_ids = raw_logprobs.topk(top_k, dim=-1)
+            top_vals, top_ids = raw_logits.topk(top_k, dim=-1)
+            top_vals = top_vals - lse.unsqueeze(1)
             top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         for r, tok in enumerate(token_list):
             top = None

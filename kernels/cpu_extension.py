@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
-            _CSRC / "small_batch_linear.cpp")
+            _CSRC / "small_batch_linear.cpp", _CSRC / "sampling_ops.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
@@ -93,7 +93,8 @@ def _build() -> str | None:
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
-    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", *_FUSED_OPS):
+    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "argmax_logsumexp",
+               *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None
@@ -237,3 +238,14 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
     torch.ops.pagedserve_cpu.small_batch_linear(out, x.contiguous(), weight, bias)
     return out
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~pagedserve.kernels.reference.argmax_logsumexp` in two passes over each row (csrc/sampling_ops.cpp);
+    what it does not take (not fp32, not 2-D, no columns) goes to the reference."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.shape[1] == 0 or not logits.is_cpu:
+        return reference.argmax_logsumexp(logits)
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    lse = torch.empty(logits.shape[0], dtype=torch.float32)
+    torch.ops.pagedserve_cpu.argmax_logsumexp(_rows(logits), tokens, lse)
+    return tokens, lse

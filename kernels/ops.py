@@ -29,6 +29,7 @@ class KernelOps:
     add_rms_norm: Callable[..., Any]
     rotary_embedding: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
+    argmax_logsumexp: Callable[..., Any]  # the sampler's greedy tokens and log-softmax normalisers
 
 
 def no_plan(seq_lens, block_tables, block_size: int) -> None:
@@ -48,6 +49,7 @@ TORCH_OPS = KernelOps(
     add_rms_norm=reference.add_rms_norm,
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
+    argmax_logsumexp=reference.argmax_logsumexp,
 )
 
 
@@ -61,4 +63,5 @@ CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", write_kv=cpu_extension.writ
                               plan_decode=no_plan, rms_norm=cpu_extension.rms_norm,
                               add_rms_norm=cpu_extension.add_rms_norm,
                               rotary_embedding=cpu_extension.rotary_embedding,
-                              silu_and_mul=cpu_extension.silu_and_mul)
+                              silu_and_mul=cpu_extension.silu_and_mul,
+                              argmax_logsumexp=cpu_extension.argmax_logsumexp)

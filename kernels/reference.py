@@ -172,3 +172,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: ``silu(gate) * up`` for ``x = [gate | up]`` ``[T, 2I]`` -> ``[T, I]``."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` ``[R, V]``: the index of its largest value (the first of equal ones, as
+    ``torch.argmax``) and ``log(sum(exp(row)))``, the log-softmax's normaliser (``log_softmax = row - lse``)."""
+    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)

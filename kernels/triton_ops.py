@@ -7,6 +7,7 @@ The attention kernels read the block tables on the device, so decode steps need 
 
 from __future__ import annotations
 
+from pagedserve.kernels import reference
 from pagedserve.kernels.ops import KernelOps, no_plan
 from pagedserve.kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention, varlen_attention
 from pagedserve.kernels.triton_cache import copy_blocks, swap_blocks, write_kv
@@ -24,6 +25,7 @@ OPS = KernelOps(
     add_rms_norm=add_rms_norm,
     rotary_embedding=rotary_embedding,
     silu_and_mul=silu_and_mul,
+    argmax_logsumexp=reference.argmax_logsumexp,  # two torch reductions on the device: no kernel of ours needed
 )
 
 __all__ = [

@@ -27,9 +27,6 @@
 
 namespace avx512 {
 
-typedef float vec16 __attribute__((vector_size(64)));
-typedef int32_t ivec16 __attribute__((vector_size(64)));
-
 // Head dims this path takes: whole registers, and a K row that fits in eight of them.
 inline bool handles(int64_t head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
 

@@ -1,4 +1,4 @@
-// Eight fp32 lanes as a GCC/Clang vector type, shared by the CPU kernels (kernels/csrc/*.cpp).
+// fp32 lanes as GCC/Clang vector types (eight and sixteen), shared by the CPU kernels (kernels/csrc/*.cpp).
 #pragma once
 
 #include <cstdint>
@@ -18,6 +18,15 @@ inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
 inline float hsum(vec8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+// Sixteen lanes: one AVX-512 register, or two AVX ones the compiler pairs where AVX-512 is missing.
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+inline vec16 load16f(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // exp of every lane of a GCC vector of floats V with its int32 twin IV (Cephes' expf: 2^n times a degree-6
 // polynomial on [-ln2/2, ln2/2], relative error ~1e-7), for the softmax's exp(score - max) <= 1: one exp per
