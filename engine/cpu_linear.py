@@ -1,7 +1,7 @@
 """Linear layers on the CPU: each weight stored once, in the layout its dtype multiplies fastest from.
 
 At decode batch sizes a step reads every weight once for a few multiply-adds per element, so what counts is how
-fast the weights stream, not the FMA peak. Three layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
+fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
 
 - ``column`` (default for fp32 where the CPU kernels built): the same values stored transposed (``W^T``
   contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
@@ -9,7 +9,11 @@ fast the weights stream, not the FMA peak. Three layouts, selectable with ``PAGE
   (kernels/csrc/small_batch_linear.cpp), which streams the weights faster than oneDNN's packed GEMM up to that
   size (docs/benchmarks.md); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T`` and at prefill
   sizes matched oneDNN.
-- ``onednn`` (default for bf16 on AVX512-BF16/AMX CPUs, and for fp32 without the C++ kernels): reordered once
+- ``amx`` (default for bf16 where the AMX kernel runs): packed once at load as the AMX tiles of
+  kernels/csrc/amx_linear.cpp, in the order it streams them (``cpu_extension.amx_pack``); that kernel streams
+  them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md) and blocks prefill-sized batches
+  through L2. A weight whose shape does not fit the tiles (``amx_packable``) takes ``onednn``.
+- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered once
   at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
   multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
   weight to fp32 in the streaming kernel.
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from pagedserve.kernels import cpu_extension
 
 ENV_LINEAR = "PAGEDSERVE_CPU_LINEAR"
-LAYOUTS = ("row", "column", "onednn")
+LAYOUTS = ("row", "column", "onednn", "amx")
 # The batch size oneDNN packs weights for: a decode-sized batch, which end to end beat packing for no size
 # (docs/benchmarks.md, "The packing's batch-size hint"). Any batch size still runs; only the speed differs.
 ONEDNN_BATCH_HINT = 8
@@ -47,6 +51,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight^T (+ bias)`` for a weight in any of the layouts (``x`` 2-D)."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if weight.dim() == 5:  # the amx layout
+        return cpu_extension.amx_linear(x, weight, bias)
     if (x.shape[0] <= cpu_extension.SMALL_BATCH_MAX_ROWS and weight.dtype == torch.float32 and weight.is_cpu
             and x.dtype == torch.float32 and weight.stride() == (1, weight.shape[0]) and cpu_extension.load()):
         return cpu_extension.small_batch_linear(x, weight, bias)
@@ -66,10 +72,15 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 
 def layout_for(dtype: torch.dtype) -> str:
     """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``column`` for fp32 where the
-    streaming kernel built, else oneDNN's where native, else ``row``."""
+    streaming kernel built, ``amx`` for bf16 where the AMX kernel runs, else oneDNN's where native, else ``row``.
+    (A weight that does not fit ``amx`` takes ``onednn``: :func:`in_layout`.)"""
     wanted = os.environ.get(ENV_LINEAR, "").strip().lower() or "auto"
     if wanted not in ("auto", *LAYOUTS):
-        raise ValueError(f"{ENV_LINEAR}={wanted!r}: expected auto, row, column or onednn")
+        raise ValueError(f"{ENV_LINEAR}={wanted!r}: expected auto, row, column, onednn or amx")
+    if wanted in ("auto", "amx") and dtype == torch.bfloat16 and cpu_extension.amx_supported():
+        return "amx"
+    if wanted == "amx":  # asked for where it cannot run, or for a dtype it does not take
+        wanted = "auto"
     if wanted == "auto" and dtype == torch.float32 and cpu_extension.load():
         return "column"
     if wanted in ("auto", "onednn"):
@@ -80,6 +91,10 @@ def layout_for(dtype: torch.dtype) -> str:
 def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """``weight`` (a dense ``[out, in]`` tensor) stored in ``layout``; same values and shape."""
     weight = weight.detach()
+    if layout == "amx":
+        if cpu_extension.amx_packable(weight):
+            return cpu_extension.amx_pack(weight)
+        layout = "onednn"
     if layout == "column":
         return weight.t().contiguous().t()
     if layout == "onednn":
@@ -102,5 +117,16 @@ def prepare_cpu_linears(model: torch.nn.Module) -> dict[str, int]:
         layout = layout_for(module.weight.dtype)
         if layout != "row":
             module.weight = torch.nn.Parameter(in_layout(module.weight, layout), requires_grad=False)
-        counts[layout] += 1
+        counts[layout_of(module.weight)] += 1
     return counts
+
+
+def layout_of(weight: torch.Tensor) -> str:
+    """The layout a weight is stored in (what :func:`in_layout` made of it)."""
+    if weight.is_mkldnn:
+        return "onednn"
+    if weight.dim() == 5:
+        return "amx"
+    if weight.dim() == 2 and weight.shape[0] > 1 and weight.stride() == (1, weight.shape[0]):
+        return "column"
+    return "row"

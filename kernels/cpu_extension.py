@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
-            _CSRC / "small_batch_linear.cpp", _CSRC / "sampling_ops.cpp")
+            _CSRC / "small_batch_linear.cpp", _CSRC / "amx_linear.cpp", _CSRC / "sampling_ops.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
@@ -93,8 +93,8 @@ def _build() -> str | None:
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
-    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "argmax_logsumexp",
-               *_FUSED_OPS):
+    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "amx_linear",
+               "argmax_logsumexp", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None
@@ -237,6 +237,42 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     (strides ``(1, N)``), by the streaming C++ kernel (``load()`` must be True)."""
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
     torch.ops.pagedserve_cpu.small_batch_linear(out, x.contiguous(), weight, bias)
+    return out
+
+
+# bf16 linear layers on AMX (csrc/amx_linear.cpp), from weights packed as its B tiles.
+
+
+@functools.cache
+def amx_supported() -> bool:
+    """Whether the AMX kernel runs here (built with AMX-TILE/AMX-BF16, and the OS grants the tile state)."""
+    return load() and bool(torch.ops.pagedserve_cpu.amx_linear_supported())
+
+
+def amx_packable(weight: torch.Tensor) -> bool:
+    """Whether a bf16 ``[N, K]`` weight fits the packed layout (whole 64-column groups, whole 32-k tiles)."""
+    return weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[0] % 64 == 0 and weight.shape[1] % 32 == 0
+
+
+def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[N, K]`` as ``[N / 64, K / 32, 4, 16, 32]``: group g, k-step kb, tile t holds column
+    ``g * 64 + t * 16 + n`` and ``k = kb * 32 + 2p + e`` at ``[p][2n + e]`` (see csrc/amx_linear.cpp)."""
+    n, k = weight.shape
+    tiles = weight.reshape(n // 64, 4, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    return tiles.contiguous().view(n // 64, k // 32, 4, 16, 32)
+
+
+def amx_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The ``[N, K]`` weight of :func:`amx_pack`'s layout (a copy)."""
+    groups, steps = packed.shape[:2]
+    return packed.view(groups, steps, 4, 16, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(groups * 64, steps * 32)
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for bf16 ``x [M, K]`` and ``W`` in :func:`amx_pack`'s layout, any ``M``
+    (``amx_supported()`` must be True)."""
+    out = torch.empty((x.shape[0], packed.shape[0] * 64), dtype=torch.bfloat16)
+    torch.ops.pagedserve_cpu.amx_linear(out, x if x.stride(-1) == 1 else x.contiguous(), packed, bias)
     return out
 
 

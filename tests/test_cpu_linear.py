@@ -7,13 +7,18 @@ import torch
 from torch import nn
 
 from pagedserve.engine import cpu_linear
-from pagedserve.engine.cpu_linear import LAYOUTS, in_layout, layout_for, linear, onednn_supports, prepare_cpu_linears
+from pagedserve.engine.cpu_linear import (LAYOUTS, in_layout, layout_for, layout_of, linear, onednn_supports,
+                                          prepare_cpu_linears)
+from pagedserve.kernels import cpu_extension
 
 # (in, out): the shapes of the 26M bench model and SmolLM2-135M (q/k/v fused, gate/up fused, o, down).
 SHAPES = [(512, 1024), (512, 512), (512, 2560), (1280, 512), (576, 960), (576, 3072), (1536, 576)]
 
 
 def available(layout: str, dtype: torch.dtype) -> bool:
+    """Whether ``in_layout(w, layout)`` stores a ``dtype`` weight in that layout here (``amx``: bf16 only)."""
+    if layout == "amx":
+        return dtype == torch.bfloat16 and cpu_extension.amx_supported()
     return layout != "onednn" or onednn_supports(dtype)
 
 
@@ -27,7 +32,7 @@ def default_layout(monkeypatch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_every_layout_matches_a_float64_reference(layout, rows, dtype, tol):
     if not available(layout, dtype):
-        pytest.skip(f"oneDNN has no native {dtype} on this CPU")
+        pytest.skip(f"no native {layout} layout for {dtype} on this CPU")
     torch.manual_seed(rows)
     for i, o in [(512, 2560), (1280, 512), (576, 960)]:
         weight, bias = torch.randn(o, i, dtype=dtype), torch.randn(o, dtype=dtype)
@@ -58,9 +63,13 @@ def test_forced_layout_keeps_values_and_shapes(layout, monkeypatch):
     model = nn.Sequential(*[nn.Linear(i, o, bias=(i == 512)) for i, o in SHAPES])
     before = [m.weight.detach().clone() for m in model]
     want = layout if available(layout, torch.float32) else "row"
+    if layout == "amx":  # bf16 only: fp32 weights take what the default gives them
+        monkeypatch.delenv(cpu_linear.ENV_LINEAR)
+        want = layout_for(torch.float32)
+        monkeypatch.setenv(cpu_linear.ENV_LINEAR, layout)
     assert prepare_cpu_linears(model)[want] == len(SHAPES)
     for (i, o), m, w in zip(SHAPES, model, before):
-        assert m.weight.shape == (o, i)
+        assert m.weight.shape == (o, i) and layout_of(m.weight) == want
         dense = m.weight.to_dense() if m.weight.is_mkldnn else m.weight
         assert torch.equal(dense, w)
         assert m.weight.is_mkldnn == (want == "onednn")
@@ -74,16 +83,18 @@ def test_bad_setting_names_the_variable(monkeypatch):
         layout_for(torch.float32)
 
 
-def test_default_is_column_for_fp32_with_the_kernels_else_onednn_where_native_else_row(monkeypatch):
-    from pagedserve.kernels import cpu_extension
-
+def test_default_is_column_for_fp32_amx_for_bf16_with_the_kernels_else_onednn_where_native_else_row(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = "onednn" if onednn_supports(dtype) else "row"
         if dtype == torch.float32 and cpu_extension.load():
             want = "column"
+        if dtype == torch.bfloat16 and cpu_extension.amx_supported():
+            want = "amx"
         assert layout_for(dtype) == want
     monkeypatch.setattr(cpu_extension, "load", lambda: False)  # where the C++ kernels cannot build
+    monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     assert layout_for(torch.float32) == ("onednn" if onednn_supports(torch.float32) else "row")
+    assert layout_for(torch.bfloat16) == ("onednn" if onednn_supports(torch.bfloat16) else "row")
 
 
 def test_tied_lm_head_gets_its_own_copy_only_when_its_layout_pays(monkeypatch):
