@@ -11,8 +11,9 @@ fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGED
   sizes matched oneDNN.
 - ``amx`` (default for bf16 where the AMX kernel runs): packed once at load as the AMX tiles of
   kernels/csrc/amx_linear.cpp, in the order it streams them (``cpu_extension.amx_pack``); that kernel streams
-  them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md) and blocks prefill-sized batches
-  through L2. A weight whose shape does not fit the tiles (``amx_packable``) takes ``onednn``.
+  them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md); prefill-sized batches run through
+  the same tiles slower than oneDNN would, which the decode steps more than repay. A weight whose shape does
+  not fit the tiles (``amx_packable``) takes ``onednn``.
 - ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered once
   at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
   multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
@@ -24,9 +25,11 @@ layouts than the model, which streams every weight once per step; timed streamed
 shared VM's noise. The defaults rest on whole-model runs (docs/benchmarks.md). A fixed layout also means every
 worker on a machine sums in the same order.
 
-Invariant: no value and no shape changes. Every layout gives the fp32/bf16 matmul within summation order
-(oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes). A packed weight is an opaque
-``torch._mkldnn`` tensor, so every call site multiplies through :func:`linear`, never ``F.linear``. The tied
+Invariant: no value changes, and no shape but ``amx``'s (its tensor is the tiles, ``[N / 64, K / 32, 4, 16,
+32]``; the layers keep ``in_features``/``out_features``). Every layout gives the fp32/bf16 matmul within
+summation order (oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes; the AMX kernel's
+differ in a few of 10^5 outputs by one bf16 rounding). A packed weight is an opaque ``torch._mkldnn`` tensor or
+the tiles, so every call site multiplies through :func:`linear`, never ``F.linear``. The tied
 input embedding is not an ``nn.Linear`` and keeps its row-major lookup layout; a model that ties it to the LM
 head gets its own logits copy when the layout is not row-major (``LlamaForCausalLM.untie_logits``).
 """
@@ -89,7 +92,8 @@ def layout_for(dtype: torch.dtype) -> str:
 
 
 def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
-    """``weight`` (a dense ``[out, in]`` tensor) stored in ``layout``; same values and shape."""
+    """``weight`` (a dense ``[out, in]`` tensor) stored in ``layout``; same values, and the same shape except as
+    ``amx`` tiles."""
     weight = weight.detach()
     if layout == "amx":
         if cpu_extension.amx_packable(weight):

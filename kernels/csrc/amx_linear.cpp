@@ -9,8 +9,8 @@
 //
 // Rows are taken 48 at a time (three row tiles) per column group; a group's weights, read from memory for the
 // first 48 rows, serve the next ones from L2. Larger batches (prefill) go in blocks of kBlockRows rows, all column
-// groups of one block before the next, so the block's activations stay in L2 too. (At prefill sizes this runs at
-// about 0.6x oneDNN's blocked GEMM: docs/benchmarks.md.)
+// groups of one block before the next, so the block's activations stay in L2 too. (At prefill sizes this is slower
+// than oneDNN's blocked GEMM: docs/benchmarks.md.)
 //
 // Tiles: C accumulators (fp32, 16 rows x 16 columns, loaded from and stored back to the chunk's fp32 sums), A
 // (16 rows x 32 k of x), B (one weight tile). Up to 16 rows: four C tiles, one per column tile of the group, fed
