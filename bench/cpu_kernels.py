@@ -1,4 +1,4 @@
-"""``pagedserve bench cpu-kernels``: the CPU paged decode attention kernel against the torch gather path.
+"""``pagedserve bench cpu-kernels``: the CPU paged attention kernels against the torch gather path.
 
 For the decode shapes of the 26M bench model (8 query heads, 4 KV heads, head_dim 64) and SmolLM2-135M (9 / 3,
 head_dim 64), block size 16, shuffled block tables, batches 1/16/64 and contexts 128/512/2k (every sequence at
@@ -6,7 +6,9 @@ that context), fp32 and bf16 caches: the median latency of one layer's ``paged_d
 kernel (:mod:`pagedserve.kernels.cpu_extension`) and by ``TORCH_OPS`` (each sequence's blocks gathered into a
 copy, then SDPA; its per-step plan built beforehand, as the model runner does once for all layers), and the
 kernel's K/V read rate (wall time), and each side's process CPU time per call (steadier on a shared machine).
-Threads: torch's (``--threads`` sets them). Prints a table and writes JSON.
+Then the prefill kernel the same way: whole prompts of 128/512/2k tokens, 1 and 4 per step, against the
+reference's per-sequence gather, mask and SDPA. Threads: torch's (``--threads`` sets them). Prints tables and
+writes JSON.
 Standalone: ``python -m pagedserve.bench.cpu_kernels --out .bench/cpu_kernels.json``.
 """
 
@@ -32,6 +34,8 @@ MODELS = {"26m": (8, 4, 64), "smollm2": (9, 3, 64)}  # (query heads, KV heads, h
 BLOCK_SIZE = 16
 BATCHES = [1, 16, 64]
 CONTEXTS = [128, 512, 2048]
+PREFILL_BATCHES = [1, 4]
+PREFILL_PROMPTS = [128, 512, 2048]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -87,6 +91,33 @@ def measure(models: list[str], batches: list[int], contexts: list[int], dtypes: 
     return rows
 
 
+def measure_prefill(models: list[str], batches: list[int], prompts: list[int], dtypes: list[str],
+                    min_time_s: float) -> list[dict[str, Any]]:
+    """Whole prompts (``batch`` of ``prompt`` tokens each) through ``paged_attention``: kernel vs reference."""
+    from pagedserve.kernels import TORCH_OPS, cpu_extension  # noqa: PLC0415
+
+    rows = []
+    for model in models:
+        hq, hkv, head_dim = MODELS[model]
+        scale = head_dim**-0.5
+        for dtype_name in dtypes:
+            for batch in batches:
+                for prompt in prompts:
+                    _, k, v, seq_lens, tables = _inputs(batch, prompt, hq, hkv, head_dim, DTYPES[dtype_name])
+                    q = torch.randn(batch * prompt, hq, head_dim).to(DTYPES[dtype_name])
+                    cu = torch.arange(batch + 1, dtype=torch.int32) * prompt
+                    torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_attention(
+                        q, k, v, cu, seq_lens, tables, scale), min_time_s)
+                    kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_attention(
+                        q, k, v, cu, seq_lens, tables, scale), min_time_s)
+                    flops = 4 * batch * hq * head_dim * prompt * (prompt + 1) / 2  # QK and PV over the causal half
+                    rows.append(dict(kind="prefill", model=model, dtype=dtype_name, batch=batch, prompt=prompt,
+                                     torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms,
+                                     torch_cpu_ms=torch_cpu_ms, kernel_cpu_ms=kernel_cpu_ms,
+                                     kernel_gflops=flops / kernel_ms / 1e6))
+    return rows
+
+
 def cpu_kernels_command(
     out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/cpu_kernels.json",
     quick: Annotated[bool, typer.Option(help="One model, fp32, short timing loops (smoke run).")] = False,
@@ -94,7 +125,7 @@ def cpu_kernels_command(
     contexts: Annotated[str, typer.Option(help="Comma-separated context lengths (default 128,512,2048).")] = "",
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
 ) -> None:
-    """Benchmark the CPU paged decode attention kernel against the torch gather path (TORCH_OPS)."""
+    """Benchmark the CPU paged attention kernels (decode, prefill) against the torch reference path (TORCH_OPS)."""
     from pagedserve.kernels import cpu_extension  # noqa: PLC0415
 
     console = Console()
@@ -116,10 +147,19 @@ def cpu_kernels_command(
                       f"{r['kernel_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['torch_cpu_ms']:.3f}",
                       f"{r['kernel_cpu_ms']:.3f}", f"{r['cpu_speedup']:.2f}x", f"{r['kernel_gbps']:.1f}")
     console.print(table)
+    prefill = measure_prefill(models, [1] if quick else PREFILL_BATCHES, [128] if quick else PREFILL_PROMPTS, dtypes,
+                              0.05 if quick else 0.5)
+    table = Table(title=f"paged prefill attention (whole prompts), one layer, {torch.get_num_threads()} threads")
+    for col in ("model", "dtype", "prompts", "tokens each", "torch ms", "kernel ms", "speedup", "kernel GFLOP/s"):
+        table.add_column(col, justify="right")
+    for r in prefill:
+        table.add_row(r["model"], r["dtype"], str(r["batch"]), str(r["prompt"]), f"{r['torch_ms']:.3f}",
+                      f"{r['kernel_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['kernel_gflops']:.1f}")
+    console.print(table)
     result = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=platform.processor() or
         platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(), load_average=os.getloadavg(),
-        torch=torch.__version__, rows=rows)
+        torch=torch.__version__, rows=rows, prefill=prefill)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
     console.print(f"wrote {out}")
