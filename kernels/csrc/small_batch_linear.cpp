@@ -128,7 +128,9 @@ void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat,
               "small_batch_linear: fp32 only");
-  TORCH_CHECK(weight.t().is_contiguous(), "small_batch_linear: weight must be stored transposed (strides (1, N))");
+  // Strides, not weight.t().is_contiguous(): a transposed view per call cost more than the check is worth.
+  TORCH_CHECK((weight.stride(0) == 1 || weight.size(0) == 1) && (weight.stride(1) == weight.size(0) || weight.size(1) == 1),
+              "small_batch_linear: weight must be stored transposed (strides (1, N))");
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) &&
                   out.size(1) == weight.size(0),
               "small_batch_linear: x and out must be contiguous, out [M, N]");
