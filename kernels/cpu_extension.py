@@ -8,7 +8,8 @@ reads each K/V row once, straight from its block, with the query heads of a KV h
 
 ``load()`` builds with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler; ``-O3 -march=native``,
 since it compiles on the machine that runs it) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
-``~/.cache/torch_extensions``), keyed by the source's hash, so a second process and a second run only load it.
+``~/.cache/torch_extensions``), one build per CPU kind (named by its feature flags), rebuilt when a source or
+header changes, so a second process and a second run only load it.
 If the build fails, ONE warning says why and ``load()`` returns False for the rest of the process: the caller
 falls back to the torch reference. ``PAGEDSERVE_CPU_KERNELS=torch`` skips the extension on purpose (to debug
 against the reference, and to test the fallback).
@@ -65,6 +66,21 @@ def unavailable_reason() -> str | None:
     return _state.get("why")  # type: ignore[return-value]
 
 
+def _cpu_digest() -> str:
+    """The build is ``-march=native``: a cache shared by machines with different CPUs (a home directory on NFS, a
+    volume moved between nodes) must not hand one machine's binary to another, where an AMX or AVX-512 instruction
+    it lacks would kill the process. The CPU's feature flags name the build."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    import platform  # noqa: PLC0415
+
+    return hashlib.sha256((flags or platform.processor() or platform.machine()).encode()).hexdigest()[:12]
+
+
 def _header_digest() -> str:
     digest = hashlib.sha256()
     for header in sorted(_CSRC.glob("*.h")):
@@ -83,7 +99,7 @@ def _build() -> str | None:
         return f"torch's C++ extension builder does not import: {type(exc).__name__}: {_first_line(exc)}"
     try:
         cpp_extension.load(
-            name=_NAME,
+            name=f"{_NAME}_{_cpu_digest()}",
             sources=[str(path) for path in _SOURCES],
             # torch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
             extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", f"-DPAGEDSERVE_HEADERS={_header_digest()}"],
