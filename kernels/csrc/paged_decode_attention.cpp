@@ -32,6 +32,7 @@
 #include <limits>
 #include <vector>
 
+#include "paged_attention_args.h"
 #include "paged_attention_avx512.h"
 #include "vec8.h"
 
@@ -306,13 +307,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             double scale, int64_t partition_tokens) {
-  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [num_seqs, num_q_heads, head_dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "q, out, k_cache and v_cache must be contiguous");
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype");
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  check_query_and_cache("paged_decode_attention", out, q, k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
               "block_tables and seq_lens must be int32");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.stride(1) == 1 && seq_lens.is_contiguous(),
@@ -325,8 +320,6 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   sh.block_size = k_cache.size(1);
   sh.num_kv_heads = k_cache.size(2);
   sh.max_blocks = block_tables.size(1);
-  TORCH_CHECK(k_cache.size(3) == sh.head_dim, "k_cache head_dim differs from q's");
-  TORCH_CHECK(sh.num_q_heads % sh.num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(seq_lens.size(0) == sh.num_seqs && block_tables.size(0) == sh.num_seqs,
               "seq_lens and block_tables need one row per sequence");
   sh.group = sh.num_q_heads / sh.num_kv_heads;
@@ -357,19 +350,10 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   }
   const int64_t num_partitions = std::max<int64_t>(1, (max_len + part - 1) / part);
 
-  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
-  if (qt == at::kFloat && ct == at::kFloat) {
-    run<float, float>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sh, part, num_partitions);
-  } else if (qt == at::kFloat && ct == at::kBFloat16) {
-    run<float, c10::BFloat16>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sh, part, num_partitions);
-  } else if (qt == at::kBFloat16 && ct == at::kFloat) {
-    run<c10::BFloat16, float>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sh, part, num_partitions);
-  } else if (qt == at::kBFloat16 && ct == at::kBFloat16) {
-    run<c10::BFloat16, c10::BFloat16>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sh, part,
-                                      num_partitions);
-  } else {
-    TORCH_CHECK(false, "paged_decode_attention supports fp32 and bf16, got q ", qt, " and cache ", ct);
-  }
+  dispatch_query_and_cache("paged_decode_attention", q, k_cache, [&](auto q_tag, auto cache_tag) {
+    run<decltype(q_tag), decltype(cache_tag)>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sh, part,
+                                              num_partitions);
+  });
 }
 
 }  // namespace

@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "paged_attention_args.h"
 #include "paged_attention_avx512.h"
 
 namespace {
@@ -129,13 +130,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
 void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                              const at::Tensor& block_tables, double scale) {
-  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [num_tokens, num_q_heads, head_dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "q, out, k_cache and v_cache must be contiguous");
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype");
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  check_query_and_cache("paged_prefill_attention", out, q, k_cache, v_cache);
   TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   block_tables.scalar_type() == at::kInt,
               "cu_seqlens_q, seq_lens and block_tables must be int32");
@@ -144,24 +139,13 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
               "cu_seqlens_q and seq_lens must be contiguous, block_tables [num_seqs, max_blocks] with contiguous rows");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) == seq_lens.size(0),
               "cu_seqlens_q needs one entry more than seq_lens, block_tables one row per sequence");
-  TORCH_CHECK(k_cache.size(3) == q.size(2), "k_cache head_dim differs from q's");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_q_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(prefill_attention_supported(q.size(2)),
               "paged_prefill_attention needs AVX-512 and a head_dim that is a multiple of 16 up to 128");
 #if defined(__AVX512F__)
   if (q.size(0) == 0) return;
-  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
-  if (qt == at::kFloat && ct == at::kFloat) {
-    run<float, float>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
-  } else if (qt == at::kFloat && ct == at::kBFloat16) {
-    run<float, c10::BFloat16>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
-  } else if (qt == at::kBFloat16 && ct == at::kFloat) {
-    run<c10::BFloat16, float>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
-  } else if (qt == at::kBFloat16 && ct == at::kBFloat16) {
-    run<c10::BFloat16, c10::BFloat16>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
-  } else {
-    TORCH_CHECK(false, "paged_prefill_attention supports fp32 and bf16, got q ", qt, " and cache ", ct);
-  }
+  dispatch_query_and_cache("paged_prefill_attention", q, k_cache, [&](auto q_tag, auto cache_tag) {
+    run<decltype(q_tag), decltype(cache_tag)>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
+  });
 #endif
 }
 
