@@ -65,29 +65,34 @@ def _median_ms(fn, min_time_s: float) -> tuple[float, float]:
     return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
 
 
+def _cases(models: list[str], dtypes: list[str], batches: list[int], lengths: list[int]):
+    """(model, dtype name, batch, length, (query heads, KV heads, head_dim), softmax scale) of every case."""
+    for model in models:
+        hq, hkv, head_dim = MODELS[model]
+        for dtype_name in dtypes:
+            for batch in batches:
+                for length in lengths:
+                    yield model, dtype_name, batch, length, (hq, hkv, head_dim), head_dim**-0.5
+
+
 def measure(models: list[str], batches: list[int], contexts: list[int], dtypes: list[str],
             min_time_s: float) -> list[dict[str, Any]]:
     from pagedserve.kernels import TORCH_OPS, cpu_extension  # noqa: PLC0415
 
     rows = []
-    for model in models:
-        hq, hkv, head_dim = MODELS[model]
-        scale = head_dim**-0.5
-        for dtype_name in dtypes:
-            for batch in batches:
-                for context in contexts:
-                    q, k, v, seq_lens, tables = _inputs(batch, context, hq, hkv, head_dim, DTYPES[dtype_name])
-                    plan = TORCH_OPS.plan_decode(seq_lens, tables, BLOCK_SIZE)
-                    torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_decode_attention(
-                        q, k, v, seq_lens, tables, scale, plan=plan), min_time_s)
-                    kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_decode_attention(
-                        q, k, v, seq_lens, tables, scale), min_time_s)
-                    kv_bytes = 2 * batch * context * hkv * head_dim * k.element_size()
-                    rows.append(dict(model=model, dtype=dtype_name, batch=batch, context=context,
-                                     torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms,
-                                     torch_cpu_ms=torch_cpu_ms, kernel_cpu_ms=kernel_cpu_ms,
-                                     cpu_speedup=torch_cpu_ms / max(kernel_cpu_ms, 1e-6),
-                                     kernel_gbps=kv_bytes / kernel_ms / 1e6))
+    for model, dtype_name, batch, context, heads, scale in _cases(models, dtypes, batches, contexts):
+        q, k, v, seq_lens, tables = _inputs(batch, context, *heads, DTYPES[dtype_name])
+        plan = TORCH_OPS.plan_decode(seq_lens, tables, BLOCK_SIZE)
+        torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_decode_attention(
+            q, k, v, seq_lens, tables, scale, plan=plan), min_time_s)
+        kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_decode_attention(
+            q, k, v, seq_lens, tables, scale), min_time_s)
+        kv_bytes = 2 * batch * context * heads[1] * heads[2] * k.element_size()
+        rows.append(dict(model=model, dtype=dtype_name, batch=batch, context=context,
+                         torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms,
+                         torch_cpu_ms=torch_cpu_ms, kernel_cpu_ms=kernel_cpu_ms,
+                         cpu_speedup=torch_cpu_ms / max(kernel_cpu_ms, 1e-6),
+                         kernel_gbps=kv_bytes / kernel_ms / 1e6))
     return rows
 
 
@@ -97,24 +102,20 @@ def measure_prefill(models: list[str], batches: list[int], prompts: list[int], d
     from pagedserve.kernels import TORCH_OPS, cpu_extension  # noqa: PLC0415
 
     rows = []
-    for model in models:
-        hq, hkv, head_dim = MODELS[model]
-        scale = head_dim**-0.5
-        for dtype_name in dtypes:
-            for batch in batches:
-                for prompt in prompts:
-                    _, k, v, seq_lens, tables = _inputs(batch, prompt, hq, hkv, head_dim, DTYPES[dtype_name])
-                    q = torch.randn(batch * prompt, hq, head_dim).to(DTYPES[dtype_name])
-                    cu = torch.arange(batch + 1, dtype=torch.int32) * prompt
-                    torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_attention(
-                        q, k, v, cu, seq_lens, tables, scale), min_time_s)
-                    kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_attention(
-                        q, k, v, cu, seq_lens, tables, scale), min_time_s)
-                    flops = 4 * batch * hq * head_dim * prompt * (prompt + 1) / 2  # QK and PV over the causal half
-                    rows.append(dict(kind="prefill", model=model, dtype=dtype_name, batch=batch, prompt=prompt,
-                                     torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms,
-                                     torch_cpu_ms=torch_cpu_ms, kernel_cpu_ms=kernel_cpu_ms,
-                                     kernel_gflops=flops / kernel_ms / 1e6))
+    for model, dtype_name, batch, prompt, heads, scale in _cases(models, dtypes, batches, prompts):
+        hq, _, head_dim = heads
+        _, k, v, seq_lens, tables = _inputs(batch, prompt, *heads, DTYPES[dtype_name])
+        q = torch.randn(batch * prompt, hq, head_dim).to(DTYPES[dtype_name])
+        cu = torch.arange(batch + 1, dtype=torch.int32) * prompt
+        torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_attention(
+            q, k, v, cu, seq_lens, tables, scale), min_time_s)
+        kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_attention(
+            q, k, v, cu, seq_lens, tables, scale), min_time_s)
+        flops = 4 * batch * hq * head_dim * prompt * (prompt + 1) / 2  # QK and PV over the causal half
+        rows.append(dict(kind="prefill", model=model, dtype=dtype_name, batch=batch, prompt=prompt,
+                         torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms,
+                         torch_cpu_ms=torch_cpu_ms, kernel_cpu_ms=kernel_cpu_ms,
+                         kernel_gflops=flops / kernel_ms / 1e6))
     return rows
 
 
