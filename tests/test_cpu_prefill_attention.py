@@ -122,3 +122,5 @@ def test_bad_metadata_is_an_error_not_a_crash():
         op(out, q, k, v, cu, torch.tensor([10], dtype=torch.int32), tables, 0.125)
     with pytest.raises(RuntimeError, match="end at q's row count"):
         op(out, q, k, v, torch.tensor([0, 19], dtype=torch.int32), seq_lens, tables, 0.125)
+    with pytest.raises(RuntimeError, match="rise from 0"):
+        op(out, q, k, v, torch.tensor([-4, 20], dtype=torch.int32), seq_lens, tables, 0.125)

@@ -69,6 +69,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const float fscale = static_cast<float>(scale);
 
+  TORCH_CHECK(cu[0] == 0, "cu_seqlens_q must rise from 0 to q's row count");
   std::vector<Tile> tiles;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t first = cu[s], last = cu[s + 1];
