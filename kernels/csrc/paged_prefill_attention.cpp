@@ -80,14 +80,17 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   }
   TORCH_CHECK(cu[num_seqs] == q.size(0), "cu_seqlens_q must end at q's row count");
 
+  // Threads take items in turn (item i to thread i % T), not in contiguous ranges: a prompt's later tiles see
+  // more keys and cost more, so a contiguous split hands one thread most of a long prompt's expensive end.
   const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
-  at::parallel_for(0, items, 1, [&](int64_t first_item, int64_t last_item) {
+  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+  at::parallel_for(0, lanes, 1, [&](int64_t first_lane, int64_t last_lane) {
     const int64_t max_rows = kTileRows * G;
     std::vector<float> qf(max_rows * D), scores(max_rows * BS), alpha(max_rows), m(max_rows), l(max_rows),
         acc(max_rows * D);
     std::vector<int64_t> context(max_rows), valid(max_rows);
     std::vector<__m512> part(16 * max_rows);
-    for (int64_t item = first_item; item < last_item; ++item) {
+    auto attend_item = [&](int64_t item) {
       const Tile& t = tiles[item / Hkv];
       const int64_t kvh = item % Hkv, R = (t.row_end - t.row_begin) * G;
       const int64_t first_position = lens[t.seq] - (cu[t.seq + 1] - t.row_begin);
@@ -122,6 +125,9 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
         const float inv = 1.f / l[i];  // every row sees at least its own token
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[i * D + d] * inv);
       }
+    };
+    for (int64_t lane = first_lane; lane < last_lane; ++lane) {
+      for (int64_t item = lane; item < items; item += lanes) attend_item(item);
     }
   });
 }
