@@ -12,7 +12,7 @@
 // groups of one block before the next, so the block's activations stay in L2 too. (At prefill sizes this is slower
 // than oneDNN's blocked GEMM: docs/benchmarks.md.)
 //
-// Tiles: C accumulators (fp32, 16 rows x 16 columns, loaded from and stored back to the chunk's fp32 sums), A
+// Tiles: C accumulators (fp32, 16 rows x 16 columns, stored to the chunk's fp32 sums at the end), A
 // (16 rows x 32 k of x), B (one weight tile). Up to 16 rows: four C tiles, one per column tile of the group, fed
 // by one A load per k-step. Up to 32 rows: two passes of 2 x 2 C tiles. Up to 48: four passes of 3 x 1. Each
 // pass keeps at least three independent accumulator chains.
@@ -76,6 +76,9 @@ void configure_tiles() {
 // The compiler does not see tile loads and stores as memory accesses: order them with the plain ones around.
 inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
+constexpr int64_t kAccRowBytes = kGroupCols * static_cast<int64_t>(sizeof(float));  // acc rows: a group's columns
+constexpr int64_t kAccRows16 = 16 * kGroupCols;  // floats from one 16-row tile of acc to the next
+
 // How many k-steps ahead a group's weights are requested.
 constexpr int64_t kPrefetchSteps = 8;
 
@@ -84,16 +87,15 @@ inline void prefetch_step(const c10::BFloat16* w, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-// The group kernels: acc (fp32, rows ``ld`` bytes apart, the group's 64 columns) += x's tile rows . the k-steps
-// of ``w`` (the packed weight's), x advanced to the block's first k.
+// The group kernels: acc (fp32, the group's 64 columns a row) = x's tile rows . every k-step of ``w`` (the packed
+// weight's).
 //
 // Tile rows 0-15: four C tiles, one per column tile, fed by one A load per k-step.
-void group_rows16(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFloat16* w, int64_t steps, float* acc,
-                  int64_t ld) {
-  _tile_loadd(0, acc, ld);
-  _tile_loadd(1, acc + 16, ld);
-  _tile_loadd(2, acc + 32, ld);
-  _tile_loadd(3, acc + 48, ld);
+void group_rows16(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFloat16* w, int64_t steps, float* acc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   for (int64_t kb = 0; kb < steps; ++kb) {
     const c10::BFloat16* wt = w + kb * kStepElems;
     if (kb + kPrefetchSteps < steps) prefetch_step(wt + kPrefetchSteps * kStepElems, 2048);
@@ -107,23 +109,21 @@ void group_rows16(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFl
     _tile_loadd(6, wt + 1536, 64);
     _tile_dpbf16ps(3, 4, 6);
   }
-  _tile_stored(0, acc, ld);
-  _tile_stored(1, acc + 16, ld);
-  _tile_stored(2, acc + 32, ld);
-  _tile_stored(3, acc + 48, ld);
+  _tile_stored(0, acc, kAccRowBytes);
+  _tile_stored(1, acc + 16, kAccRowBytes);
+  _tile_stored(2, acc + 32, kAccRowBytes);
+  _tile_stored(3, acc + 48, kAccRowBytes);
 }
 
 // Tile rows 0-31 in two passes over column tiles (0, 1) and (2, 3).
-void group_rows32(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFloat16* w, int64_t steps, float* acc,
-                  int64_t ld) {
+void group_rows32(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFloat16* w, int64_t steps, float* acc) {
   const int64_t x_rows16 = x_stride_bytes / 2 * 16;  // elements to the second row tile
-  const int64_t acc_rows16 = ld / 4 * 16;
   for (int64_t half = 0; half < 2; ++half) {
     float* c = acc + half * 32;
-    _tile_loadd(0, c, ld);
-    _tile_loadd(1, c + 16, ld);
-    _tile_loadd(2, c + acc_rows16, ld);
-    _tile_loadd(3, c + acc_rows16 + 16, ld);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (int64_t kb = 0; kb < steps; ++kb) {
       const c10::BFloat16* wt = w + kb * kStepElems + half * 1024;
       if (kb + kPrefetchSteps < steps) prefetch_step(wt + kPrefetchSteps * kStepElems, 1024);
@@ -136,23 +136,21 @@ void group_rows32(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFl
       _tile_dpbf16ps(2, 7, 5);
       _tile_dpbf16ps(3, 7, 6);
     }
-    _tile_stored(0, c, ld);
-    _tile_stored(1, c + 16, ld);
-    _tile_stored(2, c + acc_rows16, ld);
-    _tile_stored(3, c + acc_rows16 + 16, ld);
+    _tile_stored(0, c, kAccRowBytes);
+    _tile_stored(1, c + 16, kAccRowBytes);
+    _tile_stored(2, c + kAccRows16, kAccRowBytes);
+    _tile_stored(3, c + kAccRows16 + 16, kAccRowBytes);
   }
 }
 
 // Tile rows 0-47 in four passes, one per column tile.
-void group_rows48(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFloat16* w, int64_t steps, float* acc,
-                  int64_t ld) {
+void group_rows48(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFloat16* w, int64_t steps, float* acc) {
   const int64_t x_rows16 = x_stride_bytes / 2 * 16;
-  const int64_t acc_rows16 = ld / 4 * 16;
   for (int64_t col = 0; col < 4; ++col) {
     float* c = acc + col * 16;
-    _tile_loadd(0, c, ld);
-    _tile_loadd(1, c + acc_rows16, ld);
-    _tile_loadd(2, c + 2 * acc_rows16, ld);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
     for (int64_t kb = 0; kb < steps; ++kb) {
       const c10::BFloat16* wt = w + kb * kStepElems + col * 512;
       if (kb + kPrefetchSteps < steps) prefetch_step(wt + kPrefetchSteps * kStepElems, 512);
@@ -164,14 +162,14 @@ void group_rows48(const c10::BFloat16* x, int64_t x_stride_bytes, const c10::BFl
       _tile_dpbf16ps(1, 4, 6);
       _tile_dpbf16ps(2, 5, 6);
     }
-    _tile_stored(0, c, ld);
-    _tile_stored(1, c + acc_rows16, ld);
-    _tile_stored(2, c + 2 * acc_rows16, ld);
+    _tile_stored(0, c, kAccRowBytes);
+    _tile_stored(1, c + kAccRows16, kAccRowBytes);
+    _tile_stored(2, c + 2 * kAccRows16, kAccRowBytes);
   }
 }
 
-// out[m][n0 + c] = bf16(acc[m * acc_stride + c] + bias[n0 + c]) for m < M, c < 64 (round to nearest even).
-void write_group(const float* acc, int64_t acc_stride, int64_t M, const c10::BFloat16* bias, int64_t n0,
+// out[m][n0 + c] = bf16(acc[m * 64 + c] + bias[n0 + c]) for m < M, c < 64 (round to nearest even).
+void write_group(const float* acc, int64_t M, const c10::BFloat16* bias, int64_t n0,
                  c10::BFloat16* out, int64_t out_stride) {
   __m512 b[4];
   for (int i = 0; i < 4; ++i) {
@@ -183,7 +181,7 @@ void write_group(const float* acc, int64_t acc_stride, int64_t M, const c10::BFl
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int i = 0; i < 4; ++i) {
-      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + m * acc_stride + 16 * i), b[i]);
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + m * kGroupCols + 16 * i), b[i]);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * out_stride + n0 + 16 * i),
                           (__m256i)_mm512_cvtneps_pbh(v));
     }
@@ -233,9 +231,7 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
     at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
       configure_tiles();  // tile state is per thread
       std::vector<float> acc(block_rows * kGroupCols);
-      constexpr int64_t ld = kGroupCols * static_cast<int64_t>(sizeof(float));
       for (int64_t g = first; g < last; ++g) {
-        std::fill(acc.begin(), acc.end(), 0.f);
         const c10::BFloat16* wg = w + g * steps * kStepElems;
         for (int64_t row = block; row < block_end;) {
           const int64_t rows = std::min(kChunkRows, block_end - row);
@@ -243,16 +239,16 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
           float* c = acc.data() + (row - block) * kGroupCols;
           memory_barrier();
           if (rows == 16) {
-            group_rows16(xr, x_stride_bytes, wg, steps, c, ld);
+            group_rows16(xr, x_stride_bytes, wg, steps, c);
           } else if (rows == 32) {
-            group_rows32(xr, x_stride_bytes, wg, steps, c, ld);
+            group_rows32(xr, x_stride_bytes, wg, steps, c);
           } else {
-            group_rows48(xr, x_stride_bytes, wg, steps, c, ld);
+            group_rows48(xr, x_stride_bytes, wg, steps, c);
           }
           memory_barrier();
           row += rows;
         }
-        write_group(acc.data(), kGroupCols, std::min(block_rows, M - block), bias_ptr, g * kGroupCols,
+        write_group(acc.data(), std::min(block_rows, M - block), bias_ptr, g * kGroupCols,
                     out_ptr + block * N, N);
       }
       _tile_release();

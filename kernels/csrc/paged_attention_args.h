@@ -1,5 +1,5 @@
 // What the paged attention ops (paged_decode_attention.cpp, paged_prefill_attention.cpp) check of their query,
-// output and cache tensors, and their dispatch over the dtypes they take.
+// output and cache tensors, their dispatch over the dtypes they take, and the query's widening to fp32.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +19,9 @@ inline void check_query_and_cache(const char* op, const at::Tensor& out, const a
   TORCH_CHECK(k_cache.size(3) == q.size(2), op, ": k_cache head_dim differs from q's");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, op, ": num_q_heads must be a multiple of num_kv_heads");
 }
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 // Calls run(q_tag, cache_tag) with a value of the query's and the cache's element type (float or
 // c10::BFloat16): the callee takes them as ``auto`` and names the types with decltype.

@@ -44,8 +44,6 @@ constexpr int64_t kMinPartitionTokens = 256;
 // docs/benchmarks.md).
 constexpr int64_t kPrefetchBlocks = 1;
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 
 // p[j] = exp(p[j] - top) for j < n; returns their sum.
