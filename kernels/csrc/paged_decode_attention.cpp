@@ -44,8 +44,6 @@ constexpr int64_t kMinPartitionTokens = 256;
 // docs/benchmarks.md).
 constexpr int64_t kPrefetchBlocks = 1;
 
-
-
 // p[j] = exp(p[j] - top) for j < n; returns their sum.
 inline float exp_shifted(float* p, int64_t n, float top) {
   vec8 sum8 = {};

@@ -47,7 +47,6 @@ bool prefill_attention_supported(int64_t head_dim) {
 // its load, and a prompt of a few hundred tokens still splits into more items than threads.
 constexpr int64_t kTileRows = 16;
 
-
 struct Tile {
   int64_t seq, row_begin, row_end;
 };
