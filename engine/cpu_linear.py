@@ -18,7 +18,10 @@ fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGED
   at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
   multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
   weight to fp32 in the streaming kernel.
-- ``row``: PyTorch's own order (the default where oneDNN would emulate the dtype, e.g. bf16 on an AVX2 CPU).
+- ``column`` is also the default for bf16 where oneDNN would emulate it (no AVX512-BF16 or AMX, e.g. an AVX2
+  CPU): the streaming kernel widens each bf16 weight to fp32 in registers at decode sizes, and prefill-sized
+  batches run MKL's fp32 GEMM on widened copies (an emulated bf16 GEMM took several times longer).
+- ``row``: PyTorch's own order (where the C++ kernels did not build and oneDNN would emulate the dtype).
 
 Why a fixed default and no per-machine timing: a weight timed alone stays in the cache and favours other
 layouts than the model, which streams every weight once per step; timed streamed, the differences fall inside a
@@ -45,6 +48,8 @@ from pagedserve.kernels import cpu_extension
 
 ENV_LINEAR = "PAGEDSERVE_CPU_LINEAR"
 LAYOUTS = ("row", "column", "onednn", "amx")
+# The dtypes the streaming kernel (csrc/small_batch_linear.cpp) takes from the column layout.
+_STREAMED = (torch.float32, torch.bfloat16)
 # The batch size oneDNN packs weights for: a decode-sized batch, which end to end beat packing for no size
 # (docs/benchmarks.md, "The packing's batch-size hint"). Any batch size still runs; only the speed differs.
 ONEDNN_BATCH_HINT = 8
@@ -56,9 +61,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if weight.dim() == 5:  # the amx layout
         return cpu_extension.amx_linear(x, weight, bias)
-    if (x.shape[0] <= cpu_extension.SMALL_BATCH_MAX_ROWS and weight.dtype == torch.float32 and weight.is_cpu
-            and x.dtype == torch.float32 and weight.stride() == (1, weight.shape[0]) and cpu_extension.load()):
-        return cpu_extension.small_batch_linear(x, weight, bias)
+    if (weight.dtype in _STREAMED and x.dtype == weight.dtype and weight.is_cpu and weight.dim() == 2
+            and weight.stride() == (1, weight.shape[0]) and cpu_extension.load()):
+        if x.shape[0] <= cpu_extension.SMALL_BATCH_MAX_ROWS:
+            return cpu_extension.small_batch_linear(x, weight, bias)
+        if weight.dtype == torch.bfloat16:
+            # Only where bf16 is emulated (layout_for): MKL's fp32 GEMM on widened copies is many times faster
+            # at prefill sizes than a bf16 GEMM without bf16 instructions; same sums, one rounding at the end.
+            wide_bias = None if bias is None else bias.float()
+            return F.linear(x.float(), weight.float(), wide_bias).to(torch.bfloat16)
     return F.linear(x, weight, bias)
 
 
@@ -75,7 +86,8 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 
 def layout_for(dtype: torch.dtype) -> str:
     """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``column`` for fp32 where the
-    streaming kernel built, ``amx`` for bf16 where the AMX kernel runs, else oneDNN's where native, else ``row``.
+    streaming kernel built, ``amx`` for bf16 where the AMX kernel runs, oneDNN's for bf16 where oneDNN runs it
+    natively, ``column`` for bf16 where it would emulate it and the streaming kernel built, else ``row``.
     (A weight that does not fit ``amx`` takes ``onednn``: :func:`in_layout`.)"""
     wanted = os.environ.get(ENV_LINEAR, "").strip().lower() or "auto"
     if wanted not in ("auto", *LAYOUTS):
@@ -86,9 +98,11 @@ def layout_for(dtype: torch.dtype) -> str:
         wanted = "auto"
     if wanted == "auto" and dtype == torch.float32 and cpu_extension.load():
         return "column"
-    if wanted in ("auto", "onednn"):
-        return "onednn" if onednn_supports(dtype) else "row"
-    return wanted
+    if wanted in ("auto", "onednn") and onednn_supports(dtype):
+        return "onednn"
+    if wanted == "auto" and dtype in _STREAMED and cpu_extension.load():
+        return "column"
+    return "row" if wanted in ("auto", "onednn") else wanted
 
 
 def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:

@@ -160,7 +160,8 @@ def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, p
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale) -> torch.Tensor:
     """:func:`~pagedserve.kernels.reference.paged_attention` (prompts, chunks, extensions) by the C++ kernel where
-    it runs (AVX-512, head_dim a multiple of 16 up to 128, fp32/bf16), else by the reference."""
+    it runs (AVX-512, or AVX2 and FMA; head_dim a whole number of registers up to 128; fp32/bf16), else by the
+    reference."""
     if q.dtype not in _DTYPES or k_cache.dtype not in _DTYPES or not _prefill_supported(q.shape[-1]):
         return reference.paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
     out = torch.empty(q.shape, dtype=q.dtype)
@@ -249,9 +250,9 @@ SMALL_BATCH_MAX_ROWS = 32
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for fp32 ``x [M, K]`` and an fp32 linear weight ``[N, K]`` stored transposed
-    (strides ``(1, N)``), by the streaming C++ kernel (``load()`` must be True)."""
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    """``F.linear(x, weight, bias)`` for ``x [M, K]`` and a linear weight ``[N, K]`` stored transposed (strides
+    ``(1, N)``), both fp32 or both bf16, by the streaming C++ kernel (``load()`` must be True)."""
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
     torch.ops.pagedserve_cpu.small_batch_linear(out, x.contiguous(), weight, bias)
     return out
 

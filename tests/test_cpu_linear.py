@@ -88,9 +88,18 @@ def test_default_is_column_for_fp32_amx_for_bf16_with_the_kernels_else_onednn_wh
         want = "onednn" if onednn_supports(dtype) else "row"
         if dtype == torch.float32 and cpu_extension.load():
             want = "column"
+        if dtype == torch.bfloat16 and cpu_extension.load() and not onednn_supports(dtype):
+            want = "column"  # oneDNN would emulate bf16: the streaming kernel widens it instead
         if dtype == torch.bfloat16 and cpu_extension.amx_supported():
             want = "amx"
         assert layout_for(dtype) == want
+    # An explicit oneDNN request is kept, or falls back to row where oneDNN would emulate: never column.
+    monkeypatch.setenv(cpu_linear.ENV_LINEAR, "onednn")
+    assert layout_for(torch.bfloat16) == ("onednn" if onednn_supports(torch.bfloat16) else "row")
+    monkeypatch.delenv(cpu_linear.ENV_LINEAR)
+    monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: dtype == torch.float32)  # an AVX2 CPU
+    monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
+    assert layout_for(torch.bfloat16) == ("column" if cpu_extension.load() else "row")
     monkeypatch.setattr(cpu_extension, "load", lambda: False)  # where the C++ kernels cannot build
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     assert layout_for(torch.float32) == ("onednn" if onednn_supports(torch.float32) else "row")

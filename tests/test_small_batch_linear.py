@@ -1,6 +1,6 @@
-"""The fp32 weight-streaming linear kernel (kernels/csrc/small_batch_linear.cpp) against a float64 reference: every
-row count up to past the routing threshold (each remainder of the row tile), output widths that end in a
-partial column tile or a partial vector, with and without bias, one and two threads, and the routing in
+"""The weight-streaming linear kernel (kernels/csrc/small_batch_linear.cpp) against a float64 reference, fp32 and
+bf16: every row count up to past the routing threshold (each remainder of the row tile), output widths that end
+in a partial column tile or a partial vector, with and without bias, one and two threads, and the routing in
 ``cpu_linear.linear`` (the kernel up to ``SMALL_BATCH_MAX_ROWS`` rows, MKL above it, the same result)."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.skipif(not cpu_extension.load(),
 SHAPES = [(512, 2560), (1280, 512), (576, 960), (300, 70), (37, 101), (64, 5), (3, 1)]
 
 
-def _weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+def _weight(out_features: int, in_features: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return cpu_linear.in_layout(torch.randn(out_features, in_features, generator=gen), "column")
+    return cpu_linear.in_layout(torch.randn(out_features, in_features, generator=gen).to(dtype), "column")
 
 
 def _assert_matches_float64(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -42,6 +42,52 @@ def test_every_row_count_matches_float64(in_features, out_features, with_bias):
     for rows in range(1, cpu_extension.SMALL_BATCH_MAX_ROWS + 1):
         x = torch.randn(rows, in_features, generator=gen)
         _assert_matches_float64(cpu_extension.small_batch_linear(x, weight, bias), x, weight, bias)
+
+
+def _assert_bf16_matches_float64(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                 bias: torch.Tensor | None):
+    want = x.double() @ weight.double().t()
+    if bias is not None:
+        want += bias.double()
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    # An fp32 sum rounded to bf16 once: half a bf16 unit in the last place (up to 2^-8 of the value), plus the fp32
+    # sum's own error; a dropped term, a wrong column or a second rounding exceeds it.
+    tol = want.abs() * 2.0 ** -8 * 1.01 + 1e-5 * max(1.0, x.shape[1] ** 0.5) * max(1.0, want.abs().max().item())
+    assert ((got.double() - want).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("in_features, out_features", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_every_row_count_matches_float64(in_features, out_features, with_bias):
+    """bf16 weights, activations and bias (the layout where oneDNN would emulate bf16), widened in the kernel."""
+    weight = _weight(out_features, in_features, seed=in_features + out_features, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(7)
+    bias = torch.randn(out_features, generator=gen).bfloat16() if with_bias else None
+    for rows in range(1, cpu_extension.SMALL_BATCH_MAX_ROWS + 1):
+        x = torch.randn(rows, in_features, generator=gen).bfloat16()
+        _assert_bf16_matches_float64(cpu_extension.small_batch_linear(x, weight, bias), x, weight, bias)
+
+
+def test_bf16_linear_routes_larger_batches_to_an_fp32_gemm_and_rounds_once():
+    weight = _weight(960, 576, seed=3, dtype=torch.bfloat16)
+    bias = torch.randn(960, generator=torch.Generator().manual_seed(4)).bfloat16()
+    gen = torch.Generator().manual_seed(5)
+    limit = cpu_extension.SMALL_BATCH_MAX_ROWS
+    for rows in (1, limit, limit + 1, 100):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        with torch.inference_mode():
+            got = cpu_linear.linear(x, weight, bias)
+        if rows <= limit:
+            assert torch.equal(got, cpu_extension.small_batch_linear(x, weight, bias)), rows
+        else:
+            assert torch.equal(got, torch.nn.functional.linear(x.float(), weight.float(), bias.float()).bfloat16())
+        _assert_bf16_matches_float64(got, x, weight, bias)
+
+
+def test_mixed_dtypes_are_refused():
+    weight = _weight(16, 8, seed=9)
+    with pytest.raises(RuntimeError, match="must all be fp32 or all bf16"):
+        cpu_extension.small_batch_linear(torch.randn(2, 8).bfloat16(), weight)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
