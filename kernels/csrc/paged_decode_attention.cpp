@@ -15,8 +15,9 @@
 // threads, long contexts are cut into partitions of whole blocks; each partition keeps its own max, sum and
 // accumulator and a second pass merges them (the split-K of flash decoding).
 //
-// Where the CPU has AVX-512 and head_dim is a multiple of 16 up to 128, a block's step runs in sixteen-lane
-// registers (paged_attention_avx512.h). Otherwise the inner loops run on fp32 rows in eight-lane vectors
+// Where the CPU has AVX-512, or AVX2 and FMA, and head_dim is a whole number of registers (16 or 8 lanes) up to
+// 128, a block's step runs in those registers (paged_attention_block.h). Otherwise the inner loops run on fp32
+// rows in eight-lane vectors
 // (-O3 -march=native: AVX2 and FMA); a bf16 block's K/V rows are widened into an fp32 tile first (a shift
 // per element), then the same loops run.
 
@@ -33,7 +34,7 @@
 #include <vector>
 
 #include "paged_attention_args.h"
-#include "paged_attention_avx512.h"
+#include "paged_attention_block.h"
 #include "vec8.h"
 
 namespace {
@@ -136,14 +137,14 @@ struct Shape {
 // Per-thread scratch of attend_range.
 struct Scratch {
   std::vector<float> qf, scores, k_tile, v_tile, alpha;
-#if defined(__AVX512F__)
-  std::vector<__m512> part;
+#if defined(PAGEDSERVE_BLOCK_STEP)
+  std::vector<block_step::reg> part;
 #endif
   Scratch(const Shape& sh, int64_t kv_heads)
       : qf(kv_heads * sh.group * sh.head_dim), scores(sh.group * sh.block_size),
         k_tile(sh.block_size * sh.head_dim), v_tile(sh.block_size * sh.head_dim), alpha(sh.group)
-#if defined(__AVX512F__)
-        , part(16 * sh.group)
+#if defined(PAGEDSERVE_BLOCK_STEP)
+        , part(block_step::W * sh.group)
 #endif
   {}
 };
@@ -189,10 +190,10 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     float* acc = acc_all + off * D;
     const float* qf = w.qf.data() + (kvh - kv_begin) * G * D;
     const int64_t base = (block * BS + offset) * token_stride + kvh * D;
-#if defined(__AVX512F__)
-    if (avx512::handles(D)) {
-      avx512::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, nullptr, scores, BS, w.part.data(),
-                           w.alpha.data(), m, l, acc);
+#if defined(PAGEDSERVE_BLOCK_STEP)
+    if (block_step::handles(D)) {
+      block_step::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, nullptr, scores, BS,
+                               w.part.data(), w.alpha.data(), m, l, acc);
       continue;
     }
 #endif

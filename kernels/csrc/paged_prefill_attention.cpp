@@ -10,12 +10,12 @@
 // to and including that position.
 //
 // Work item = (sequence, tile of up to kTileRows consecutive rows, KV head). The tile's tokens times the KV
-// head's query heads are one set of query rows for the AVX-512 block step (paged_attention_avx512.h): every K/V
+// head's query heads are one set of query rows for the block step (paged_attention_block.h): every K/V
 // row read serves all of them, the way a GEMM tile reuses its operands. A block that a row sees only in part
 // (the diagonal) is masked per row; the online softmax runs per row in fp32.
 //
-// AVX-512 only: where it is missing (or head_dim is not a multiple of 16 up to 128), prefill_attention_supported
-// says no and the caller keeps the torch reference.
+// It needs AVX-512, or AVX2 and FMA: where both are missing (or head_dim is not a whole number of registers up
+// to 128), prefill_attention_supported says no and the caller keeps the torch reference.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,20 +28,20 @@
 #include <vector>
 
 #include "paged_attention_args.h"
-#include "paged_attention_avx512.h"
+#include "paged_attention_block.h"
 
 namespace {
 
 bool prefill_attention_supported(int64_t head_dim) {
-#if defined(__AVX512F__)
-  return avx512::handles(head_dim);
+#if defined(PAGEDSERVE_BLOCK_STEP)
+  return block_step::handles(head_dim);
 #else
   (void)head_dim;
   return false;
 #endif
 }
 
-#if defined(__AVX512F__)
+#if defined(PAGEDSERVE_BLOCK_STEP)
 
 // Tokens per work item: 16 tokens of a 2-query-head group are 32 rows sharing each K/V row, enough to amortise
 // its load, and a prompt of a few hundred tokens still splits into more items than threads.
@@ -86,7 +86,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
     std::vector<float> qf(max_rows * D), scores(max_rows * BS), alpha(max_rows), m(max_rows), l(max_rows),
         acc(max_rows * D);
     std::vector<int64_t> context(max_rows), valid(max_rows);
-    std::vector<__m512> part(16 * max_rows);
+    std::vector<block_step::reg> part(block_step::W * max_rows);
     auto attend_item = [&](int64_t item) {
       const Tile& t = tiles[item / Hkv];
       const int64_t kvh = item % Hkv, R = (t.row_end - t.row_begin) * G;
@@ -113,9 +113,9 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
           whole = whole && valid[i] == n;
         }
         const int64_t base = block * BS * token_stride + kvh * D;
-        avx512::attend_block(qf.data(), R, D, k_ptr + base, v_ptr + base, token_stride, n,
-                             whole ? nullptr : valid.data(), scores.data(), BS, part.data(), alpha.data(),
-                             m.data(), l.data(), acc.data());
+        block_step::attend_block(qf.data(), R, D, k_ptr + base, v_ptr + base, token_stride, n,
+                                 whole ? nullptr : valid.data(), scores.data(), BS, part.data(), alpha.data(),
+                                 m.data(), l.data(), acc.data());
       }
       for (int64_t i = 0; i < R; ++i) {
         q_t* o = out_ptr + ((t.row_begin + i / G) * Hq + kvh * G + i % G) * D;
@@ -129,7 +129,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   });
 }
 
-#endif  // __AVX512F__
+#endif  // PAGEDSERVE_BLOCK_STEP
 
 void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
@@ -144,8 +144,9 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) == seq_lens.size(0),
               "cu_seqlens_q needs one entry more than seq_lens, block_tables one row per sequence");
   TORCH_CHECK(prefill_attention_supported(q.size(2)),
-              "paged_prefill_attention needs AVX-512 and a head_dim that is a multiple of 16 up to 128");
-#if defined(__AVX512F__)
+              "paged_prefill_attention needs AVX-512 or AVX2 and FMA, and a head_dim that is a whole number of "
+              "registers (16 or 8 lanes) up to 128");
+#if defined(PAGEDSERVE_BLOCK_STEP)
   if (q.size(0) == 0) return;
   dispatch_query_and_cache("paged_prefill_attention", q, k_cache, [&](auto q_tag, auto cache_tag) {
     run<decltype(q_tag), decltype(cache_tag)>(out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
