@@ -3,8 +3,8 @@
 At decode batch sizes a step reads every weight once for a few multiply-adds per element, so what counts is how
 fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
 
-- ``column`` (default for fp32 where the CPU kernels built): the same values stored transposed (``W^T``
-  contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
+- ``column`` (default for fp32 where the CPU kernels built and the CPU has AVX-512): the same values stored
+  transposed (``W^T`` contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
   ``cpu_extension.SMALL_BATCH_MAX_ROWS`` rows go to the streaming C++ kernel
   (kernels/csrc/small_batch_linear.cpp), which streams the weights faster than oneDNN's packed GEMM up to that
   size (docs/benchmarks.md); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T`` and at prefill
@@ -14,10 +14,10 @@ fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGED
   them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md); prefill-sized batches run through
   the same tiles slower than oneDNN would, which the decode steps more than repay. A weight whose shape does
   not fit the tiles (``amx_packable``) takes ``onednn``.
-- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered once
-  at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
-  multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
-  weight to fp32 in the streaming kernel.
+- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without AVX-512 or without the C++
+  kernels): reordered once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's
+  CPU backend does) and multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions
+  beat widening every weight to fp32 in the streaming kernel.
 - ``column`` is also the default for bf16 where oneDNN would emulate it (no AVX512-BF16 or AMX, e.g. an AVX2
   CPU): the streaming kernel widens each bf16 weight to fp32 in registers at decode sizes, and prefill-sized
   batches run MKL's fp32 GEMM on widened copies (an emulated bf16 GEMM took several times longer).
@@ -84,10 +84,18 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return False
 
 
+def wide_vectors() -> bool:
+    """Whether this CPU has AVX-512, where the fp32 streaming kernel (six rows by four sixteen-lane vectors per
+    tile) beats oneDNN at decode sizes. With AVX2's sixteen registers its tile is a third of that and oneDNN's
+    packed GEMM took 5% less time over the linears of a whole run (docs/benchmarks.md)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def layout_for(dtype: torch.dtype) -> str:
     """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``column`` for fp32 where the
-    streaming kernel built, ``amx`` for bf16 where the AMX kernel runs, oneDNN's for bf16 where oneDNN runs it
-    natively, ``column`` for bf16 where it would emulate it and the streaming kernel built, else ``row``.
+    streaming kernel built and the CPU has AVX-512, ``amx`` for bf16 where the AMX kernel runs, oneDNN's where
+    oneDNN runs the dtype natively, ``column`` for bf16 where oneDNN would emulate it and the streaming kernel
+    built, else ``row``.
     (A weight that does not fit ``amx`` takes ``onednn``: :func:`in_layout`.)"""
     wanted = os.environ.get(ENV_LINEAR, "").strip().lower() or "auto"
     if wanted not in ("auto", *LAYOUTS):
@@ -96,7 +104,7 @@ def layout_for(dtype: torch.dtype) -> str:
         return "amx"
     if wanted == "amx":  # asked for where it cannot run, or for a dtype it does not take
         wanted = "auto"
-    if wanted == "auto" and dtype == torch.float32 and cpu_extension.load():
+    if wanted == "auto" and dtype == torch.float32 and cpu_extension.load() and wide_vectors():
         return "column"
     if wanted in ("auto", "onednn") and onednn_supports(dtype):
         return "onednn"

@@ -86,7 +86,7 @@ def test_bad_setting_names_the_variable(monkeypatch):
 def test_default_is_column_for_fp32_amx_for_bf16_with_the_kernels_else_onednn_where_native_else_row(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = "onednn" if onednn_supports(dtype) else "row"
-        if dtype == torch.float32 and cpu_extension.load():
+        if dtype == torch.float32 and cpu_extension.load() and cpu_linear.wide_vectors():
             want = "column"
         if dtype == torch.bfloat16 and cpu_extension.load() and not onednn_supports(dtype):
             want = "column"  # oneDNN would emulate bf16: the streaming kernel widens it instead
@@ -98,8 +98,12 @@ def test_default_is_column_for_fp32_amx_for_bf16_with_the_kernels_else_onednn_wh
     assert layout_for(torch.bfloat16) == ("onednn" if onednn_supports(torch.bfloat16) else "row")
     monkeypatch.delenv(cpu_linear.ENV_LINEAR)
     monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: dtype == torch.float32)  # an AVX2 CPU
+    monkeypatch.setattr(cpu_linear, "wide_vectors", lambda: False)
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     assert layout_for(torch.bfloat16) == ("column" if cpu_extension.load() else "row")
+    assert layout_for(torch.float32) == "onednn"
+    monkeypatch.setattr(cpu_linear, "wide_vectors", lambda: True)  # AVX-512 without AVX512-BF16
+    assert layout_for(torch.float32) == ("column" if cpu_extension.load() else "onednn")
     monkeypatch.setattr(cpu_extension, "load", lambda: False)  # where the C++ kernels cannot build
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     assert layout_for(torch.float32) == ("onednn" if onednn_supports(torch.float32) else "row")

@@ -48,7 +48,7 @@ constexpr int kRowTile = 6;
 constexpr int kFewRows = 2;
 constexpr int kVecsFewRows = 4;  // 2 x 4 accumulators + 4 weight vectors + a broadcast
 constexpr int kColTile = kLanes * std::max(kVecsPerTile, kVecsFewRows);  // the columns a thread takes at a time
-constexpr int64_t kKBlock = 64;       // rows of Wt per block: kKBlock * kColTile * 4 B = 16 KB, in L1
+constexpr int64_t kKBlock = 64;  // rows of Wt per block: at most kKBlock * kColTile * 4 B = 16 KB, in L1
 constexpr int64_t kPrefetchRows = 16;  // how far ahead in k the weights are requested
 
 typedef float vecw __attribute__((vector_size(kLanes * sizeof(float))));
