@@ -85,10 +85,10 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 
 
 def wide_vectors() -> bool:
-    """Whether this CPU has AVX-512, where the fp32 streaming kernel (six rows by four sixteen-lane vectors per
-    tile) beats oneDNN at decode sizes. With AVX2's sixteen registers its tile is a third of that and oneDNN's
-    packed GEMM took 5% less time over the linears of a whole run (docs/benchmarks.md)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    """Whether the streaming kernel was built for AVX-512 (``-march=native``), where its fp32 tile (six rows by
+    four sixteen-lane vectors) beats oneDNN at decode sizes. With AVX2's sixteen registers its tile is a third of
+    that and oneDNN's packed GEMM took 5% less time over the linears of a whole run (docs/benchmarks.md)."""
+    return cpu_extension.load() and cpu_extension.small_batch_lanes() >= 16
 
 
 def layout_for(dtype: torch.dtype) -> str:

@@ -249,6 +249,13 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 SMALL_BATCH_MAX_ROWS = 32
 
 
+@functools.cache
+def small_batch_lanes() -> int:
+    """The fp32 lanes of the streaming kernel's vectors as built here: 16 with AVX-512, 8 with AVX2 (``load()``
+    must be True)."""
+    return int(torch.ops.pagedserve_cpu.small_batch_lanes())
+
+
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [M, K]`` and a linear weight ``[N, K]`` stored transposed (strides
     ``(1, N)``), both fp32 or both bf16, by the streaming C++ kernel (``load()`` must be True)."""

@@ -138,3 +138,16 @@ def test_non_contiguous_rows_are_accepted():
     wide = torch.randn(4, 512, generator=torch.Generator().manual_seed(8))
     x = wide[:, ::2]  # strided rows, as a view of a fused projection's output can be
     _assert_matches_float64(cpu_linear.linear(x, weight), x, weight, None)
+
+
+def test_lanes_follow_the_cpu_the_kernel_was_built_for():
+    """16 lanes where the CPU has AVX-512 (the build is -march=native), else 8: the fp32 layout choice rests on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if not flags:
+        pytest.skip("no CPU flags in /proc/cpuinfo")
+    assert cpu_extension.small_batch_lanes() == (16 if "avx512f" in flags else 8)
+    assert cpu_linear.wide_vectors() == ("avx512f" in flags)

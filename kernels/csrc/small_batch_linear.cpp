@@ -187,11 +187,15 @@ void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w
   if (!fp32) out.copy_(y32);
 }
 
+// The fp32 lanes of this build's vectors (16 with AVX-512, else 8): what the layout choice asks of the kernel.
+int64_t small_batch_lanes() { return kLanes; }
+
 }  // namespace
 
 // A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
 TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
   m.def("small_batch_linear(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  m.def("small_batch_lanes() -> int", &small_batch_lanes);
 }
 
 TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("small_batch_linear", &small_batch_linear); }
