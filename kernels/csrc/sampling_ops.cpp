@@ -10,7 +10,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "vec8.h"
@@ -27,12 +26,6 @@ typedef vec8 vecf;
 typedef ivec8 veci;
 #endif
 constexpr int kLanes = sizeof(vecf) / sizeof(float);
-
-inline vecf loadf(const float* p) {
-  vecf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // Row r: tokens[r] = the index of its largest value (the first of equal ones; a NaN counts as the largest, as in
 // torch.argmax) and lse[r] = log(sum_i exp(x_i)) (NaN where the row holds a NaN).
@@ -57,7 +50,7 @@ void argmax_logsumexp(const at::Tensor& logits, at::Tensor tokens, at::Tensor ls
       veci at = {}, nan = {};
       int64_t i = 0;
       for (; i + kLanes <= V; i += kLanes) {
-        const vecf v = loadf(x + i);
+        const vecf v = load_lanes<vecf>(x + i);
         const veci above = v > top;
         top = above ? v : top;
         at = above ? veci{} + static_cast<int32_t>(i) : at;
@@ -91,7 +84,7 @@ void argmax_logsumexp(const at::Tensor& logits, at::Tensor tokens, at::Tensor ls
       tok[r] = best;
       vecf sum = {};
       i = 0;
-      for (; i + kLanes <= V; i += kLanes) sum += exp_lanes<vecf, veci>(loadf(x + i) - m);
+      for (; i + kLanes <= V; i += kLanes) sum += exp_lanes<vecf, veci>(load_lanes<vecf>(x + i) - m);
       float total = 0.f;
       for (int k = 0; k < kLanes; ++k) total += sum[k];
       for (; i < V; ++i) total += std::exp(x[i] - m);

@@ -23,8 +23,11 @@ typedef int32_t ivec8 __attribute__((vector_size(32)));
 // of a sixteen-lane vector piece by piece (sampling_ops.cpp ran ten times slower that way on an AVX2 CPU).
 typedef float vec16 __attribute__((vector_size(64)));
 typedef int32_t ivec16 __attribute__((vector_size(64)));
-inline vec16 load16f(const float* p) {
-  vec16 v;
+
+// The lanes of any of these float vectors from p (unaligned).
+template <typename V>
+inline V load_lanes(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
