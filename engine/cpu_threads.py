@@ -14,11 +14,14 @@ Every plan uses OpenMP's passive wait policy. Why: an OpenMP thread that finds n
 spinning thread while the thread that holds real work waits at the barrier, so a step slows many times over
 instead of in proportion; passive threads sleep at once. ``auto`` does not pin because pinning to a core that
 another busy process shares makes every step wait for that core, where an unpinned thread moves to the idle one
-(docs/benchmarks.md, "CPU threads under load").
+(docs/benchmarks.md, "CPU threads under load"). The C++ kernels' own helper threads (kernels/csrc/kernel_threads.h)
+likewise sleep at once, except on pinned CPUs, which are the process's alone: there they stay awake
+``PAGEDSERVE_CPU_SPIN_US`` (300) microseconds after each parallel region, so that a decode step's next region
+does not wait for a wake-up.
 
-Invariants: an ``OMP_*``/``GOMP_*``/``KMP_*`` variable the user set is never overridden; the wait policy and the
-places only take effect when set before the OpenMP runtime starts (``apply`` says in its result whether it was
-in time); this module imports no torch at module level.
+Invariants: an ``OMP_*``/``GOMP_*``/``KMP_*`` or ``PAGEDSERVE_CPU_SPIN_US`` variable the user set is never
+overridden; the wait policy and the places only take effect when set before the OpenMP runtime starts (``apply``
+says in its result whether it was in time); this module imports no torch at module level.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from dataclasses import dataclass
 
 ENV_THREADS = "PAGEDSERVE_CPU_THREADS"
 ENV_BIND = "PAGEDSERVE_CPU_BIND"
+ENV_SPIN = "PAGEDSERVE_CPU_SPIN_US"
+# How long the C++ kernels' helper threads stay awake after a parallel region on pinned CPUs: long enough to span
+# the gaps between one decode step's regions (docs/benchmarks.md).
+PINNED_SPIN_US = 300
 BIND_MODES = ("auto", "none")
 
 
@@ -41,12 +48,15 @@ class CPUThreadPlan:
     cpus: tuple[int, ...] | None
 
     def openmp_environment(self) -> dict[str, str]:
-        """The OpenMP settings that realize this plan (libgomp reads the OMP_/GOMP_ ones, Intel's the KMP_ one)."""
+        """The settings that realize this plan (libgomp reads the OMP_/GOMP_ ones, Intel's the KMP_ one, the C++
+        kernels' threads ``PAGEDSERVE_CPU_SPIN_US``)."""
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+               "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0",
+               ENV_SPIN: "0"}
         if self.cpus is not None:
             env["OMP_PROC_BIND"] = "close"
             env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in self.cpus)
+            env[ENV_SPIN] = str(PINNED_SPIN_US)
         return env
 
 

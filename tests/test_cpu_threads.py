@@ -41,6 +41,14 @@ def test_default_threads_follow_the_cgroup_quota(monkeypatch):
     assert plan_from_env({}, FOUR).threads == 1
 
 
+def test_kernel_threads_spin_only_on_pinned_cpus():
+    """The C++ kernels' helpers sleep at once on shared CPUs and stay awake a while on CPUs that are ours alone."""
+    assert CPUThreadPlan(2, None).openmp_environment()[cpu_threads.ENV_SPIN] == "0"
+    pinned = CPUThreadPlan(2, (0, 1)).openmp_environment()
+    assert pinned[cpu_threads.ENV_SPIN] == str(cpu_threads.PINNED_SPIN_US) and cpu_threads.PINNED_SPIN_US > 0
+    assert pinned["OMP_WAIT_POLICY"] == "PASSIVE"  # OpenMP's own threads still sleep at once
+
+
 @pytest.mark.parametrize("env, named", [
     ({"PAGEDSERVE_CPU_THREADS": "two"}, "PAGEDSERVE_CPU_THREADS"),
     ({"PAGEDSERVE_CPU_THREADS": "0"}, "PAGEDSERVE_CPU_THREADS"),

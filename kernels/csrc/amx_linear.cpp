@@ -38,6 +38,8 @@
 #include <unistd.h>
 #endif
 
+#include "kernel_threads.h"
+
 namespace {
 
 constexpr int64_t kChunkRows = 48;   // three row tiles: the most one pass over a group's weights accumulates
@@ -228,7 +230,7 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
   const int64_t x_stride_bytes = K * static_cast<int64_t>(sizeof(c10::BFloat16));
   for (int64_t block = 0; block < tile_rows; block += kBlockRows) {
     const int64_t block_end = std::min(tile_rows, block + kBlockRows), block_rows = block_end - block;
-    at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+    kernel_threads::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
       configure_tiles();  // tile state is per thread
       std::vector<float> acc(block_rows * kGroupCols);
       for (int64_t g = first; g < last; ++g) {

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "vec8.h"
+#include "kernel_threads.h"
 
 namespace {
 
@@ -123,7 +124,7 @@ void rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& weigh
   const T* xp = x.data_ptr<T>();
   const T* w = weight.data_ptr<T>();
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, rows, grain_rows(d), [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, rows, grain_rows(d), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) norm_row<T>(o + r * d, xp + r * xs, w, d, feps);
   });
 }
@@ -138,7 +139,7 @@ void add_rms_norm_impl(at::Tensor& out, at::Tensor& residual_out, const at::Tens
   const T* rp = residual.data_ptr<T>();
   const T* w = weight.data_ptr<T>();
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, rows, grain_rows(d), [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, rows, grain_rows(d), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       T* sum = ro + r * d;
       const T* a = xp + r * xs;
@@ -177,7 +178,7 @@ void rotary_impl(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, cons
     TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rotary_embedding: position ", pos[t], " out of range [0, ",
                 max_pos, ")");
   }
-  at::parallel_for(0, tokens, grain_rows((hq + hk) * 2 * half), [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, tokens, grain_rows((hq + hk) * 2 * half), [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       const float* c = cp + pos[t] * half;
       const float* s = sp + pos[t] * half;
@@ -192,7 +193,7 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
   const int64_t rows = out.size(0), inter = out.size(1), xs = x.stride(0);
   T* o = out.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
-  at::parallel_for(0, rows, grain_rows(inter), [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, rows, grain_rows(inter), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const T* gate = xp + r * xs;
       const T* up = gate + inter;
@@ -221,7 +222,7 @@ void write_kv_impl(const at::Tensor& key, const at::Tensor& value, at::Tensor& k
   const T* v = value.data_ptr<T>();
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
-  at::parallel_for(0, tokens, grain_rows(2 * row), [&](int64_t begin, int64_t end) {
+  kernel_threads::parallel_for(0, tokens, grain_rows(2 * row), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slots[t];
       if (s < 0) continue;

@@ -36,6 +36,7 @@
 #include "paged_attention_args.h"
 #include "paged_attention_block.h"
 #include "vec8.h"
+#include "kernel_threads.h"
 
 namespace {
 
@@ -244,7 +245,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t head_chunks = Hkv / heads_per_item;
   const int64_t items = sh.num_seqs * head_chunks * P;
 
-  at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
     Scratch w(sh, heads_per_item);
     std::vector<float> acc(heads_per_item * G * D);
     for (int64_t item = first; item < last; ++item) {
@@ -274,7 +275,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   if (P == 1) return;
 
   // Merge the partitions of each (sequence, KV head): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
-  at::parallel_for(0, sh.num_seqs * Hkv, 1, [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, sh.num_seqs * Hkv, 1, [&](int64_t first, int64_t last) {
     std::vector<float> total(D);
     for (int64_t sh_item = first; sh_item < last; ++sh_item) {
       const int64_t s = sh_item / Hkv, kvh = sh_item % Hkv;

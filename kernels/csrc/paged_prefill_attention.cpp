@@ -29,6 +29,7 @@
 
 #include "paged_attention_args.h"
 #include "paged_attention_block.h"
+#include "kernel_threads.h"
 
 namespace {
 
@@ -77,11 +78,13 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   }
   TORCH_CHECK(cu[num_seqs] == q.size(0), "cu_seqlens_q must end at q's row count");
 
-  // Threads take items in turn (item i to thread i % T), not in contiguous ranges: a prompt's later tiles see
-  // more keys and cost more, so a contiguous split hands one thread most of a long prompt's expensive end.
+  // A lane takes items in turn (item i to lane i % lanes), not a contiguous range: a prompt's later tiles see
+  // more keys and cost more, so a contiguous split hands one lane most of a long prompt's expensive end. Several
+  // lanes per thread, so a thread that starts late still takes a share.
   const int64_t items = static_cast<int64_t>(tiles.size()) * Hkv;
-  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
-  at::parallel_for(0, lanes, 1, [&](int64_t first_lane, int64_t last_lane) {
+  const int64_t lanes =
+      std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads() * kernel_threads::kChunksPerThread));
+  kernel_threads::parallel_for(0, lanes, 1, [&](int64_t first_lane, int64_t last_lane) {
     const int64_t max_rows = kTileRows * G;
     std::vector<float> qf(max_rows * D), scores(max_rows * BS), alpha(max_rows), m(max_rows), l(max_rows),
         acc(max_rows * D);

@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "vec8.h"
+#include "kernel_threads.h"
 
 namespace {
 
@@ -42,7 +43,7 @@ void argmax_logsumexp(const at::Tensor& logits, at::Tensor tokens, at::Tensor ls
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* out = lse.data_ptr<float>();
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  at::parallel_for(0, R, 1, [&](int64_t first, int64_t last) {
+  kernel_threads::parallel_for(0, R, 1, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float* x = base + r * stride;
       // Per lane: its largest value and where it was first seen (a strict > keeps the first of equal ones).

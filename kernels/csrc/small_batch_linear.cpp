@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include "kernel_threads.h"
 
 namespace {
 
@@ -176,7 +177,7 @@ void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w
   const float* xp = x32.data_ptr<float>();
   const float* b = has_bias ? b32.data_ptr<float>() : nullptr;
   const int64_t tiles = (N + kColTile - 1) / kColTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  kernel_threads::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * kColTile, n1 = std::min(N, t1 * kColTile);
     const bool few = M <= kFewRows;
     if (fp32 && few) column_range<kVecsFewRows>(y, xp, weight.data_ptr<float>(), b, M, K, N, n0, n1);
