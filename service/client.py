@@ -108,7 +108,7 @@ class Client(ProducerCore):
 
     def cancel(self, request_id: str) -> None:
         """Cancel: mark it (covers a request not picked up yet) and tell the worker running it."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
         pipe.execute()
@@ -273,7 +273,7 @@ class AsyncClient(ProducerCore):
         return req.id
 
     async def cancel(self, request_id: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
         await pipe.execute()

@@ -186,7 +186,9 @@ class ProducerCore:
         span.set_attribute("messaging.message.id", entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def _cancel_commands(self, request_id: str) -> list[tuple[str, tuple, dict]]:
-        """Mark it cancelled (covers a request not picked up yet) and tell the worker running it; one pipeline."""
+        """Mark it cancelled (covers a request not picked up yet) and tell the worker running it; one MULTI/EXEC:
+        a refused mark (maxmemory, an ACL without writes) aborts the publish too, so a cancel the caller was told
+        failed has no effect (a pipeline would still publish, and the worker would cancel the run)."""
         return [
             ("set", (self.keys.cancelled(request_id), "1"), {"ex": self.settings.result_ttl_s}),
             ("publish", (self.keys.cancel, request_id), {}),

@@ -427,7 +427,7 @@ class Campaign:
         try:
             if r.get(self.keys.result(rid)) is not None:
                 return  # it ended first: nothing to expect of the cancel
-            pipe = r.pipeline(transaction=False)
+            pipe = r.pipeline(transaction=True)  # as Client.cancel: a refused mark aborts the publish too
             pipe.set(self.keys.cancelled(rid), "1", ex=3600)
             pipe.publish(self.keys.cancel, rid)
             pipe.execute()

@@ -81,3 +81,30 @@ def test_own_lapsed_leases_are_taken_back_without_a_delivery(tmp_path):
         if worker is not None:
             worker.close()
         redis.close()
+
+
+def test_a_refused_cancel_has_no_effect():
+    """Client.cancel under maxmemory: the mark is refused, so the caller gets the error and the worker hears
+    nothing (the publish, which Redis would accept, must not go out alone and cancel the run anyway)."""
+    from pagedserve.service.client import Client
+
+    redis = PrivateRedis().start()
+    client = Client(redis.url, prefix=KEYS.prefix)
+    listener = redis.admin.pubsub()
+    try:
+        listener.subscribe(KEYS.cancel)
+        assert listener.get_message(timeout=2)["type"] == "subscribe"
+        redis.refuse_memory(True)
+        with pytest.raises(Exception, match="maxmemory"):
+            client.cancel("refused-cancel")
+        assert listener.get_message(timeout=1) is None, "a refused cancel was published"
+        assert redis.admin.get(KEYS.cancelled("refused-cancel")) is None
+        redis.refuse_memory(False)
+        client.cancel("refused-cancel")
+        message = listener.get_message(timeout=2)
+        assert message is not None and message["data"] == b"refused-cancel"
+        assert redis.admin.get(KEYS.cancelled("refused-cancel")) == b"1"
+    finally:
+        listener.close()
+        client.close()
+        redis.close()
