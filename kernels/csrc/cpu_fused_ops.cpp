@@ -15,7 +15,7 @@
 //                  slot_mapping[t] >= 0 (negative: a padding row, skipped); key/value rows may be strided
 //                  (views of the fused q/k/v projection), each row's heads contiguous; the cache's dtype
 //
-// Rows are split over threads with at::parallel_for; the inner loops are `omp simd` loops over one row.
+// Rows are split over the kernels' threads (kernel_threads.h); the inner loops are `omp simd` loops over one row.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -28,7 +28,6 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -41,7 +40,6 @@
 #include <thread>
 
 #if defined(__linux__)
-#include <immintrin.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sys/syscall.h>
@@ -72,6 +70,15 @@ constexpr int64_t kMaxChunks = int64_t{1} << (kIndexBits - 1);
 inline uint64_t generation_of(uint64_t w) { return w >> (2 * kIndexBits); }
 inline int64_t chunks_of(uint64_t w) { return static_cast<int64_t>((w >> kIndexBits) & kIndexMask); }
 inline int64_t next_of(uint64_t w) { return static_cast<int64_t>(w & kIndexMask); }
+
+// A spin-wait's pause: lets the other hardware thread of the core run, and saves power.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
 
 inline long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op | FUTEX_PRIVATE_FLAG, value, nullptr, nullptr, 0);
@@ -124,7 +131,7 @@ class Pool {
     // Chunks a helper claimed may still be running: wait for them (they are short; yield if one was preempted).
     for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
       if (spins < 4096) {
-        _mm_pause();
+        cpu_relax();
       } else {
         std::this_thread::yield();
       }
@@ -172,7 +179,7 @@ class Pool {
       if (generation_of(w) == seen && spin_ns_ > 0) {
         const auto spin_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
         for (int i = 0;; ++i) {
-          _mm_pause();
+          cpu_relax();
           w = claim_.load(std::memory_order_acquire);
           if (generation_of(w) != seen) break;
           if ((i & 63) == 63 && std::chrono::steady_clock::now() >= spin_until) break;
