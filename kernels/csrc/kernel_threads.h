@@ -202,17 +202,16 @@ class Pool {
   void ensure_helpers(int64_t count) {
     if (helpers_ >= count) return;
     const int64_t have = helpers_;
-    in_chunk_ = true;  // a kernel that at::parallel_for's body might call must not start a region of ours
+    // OpenMP thread r runs ranks [r, r + 1) when the team is full; a smaller team's threads start several ranks,
+    // and a call made inside an OpenMP region runs them all here, with the caller's affinity.
     at::parallel_for(0, count + 1, 1, [&](int64_t first, int64_t last) {
       for (int64_t rank = std::max<int64_t>(first, have + 1); rank < last; ++rank) {
         std::thread([this, rank] {
           pthread_setname_np(pthread_self(), "pagedserve-cpu");  // how top -H and /proc name it
-          in_chunk_ = false;
           helper_loop(rank - 1);
         }).detach();
       }
     });
-    in_chunk_ = false;
     helpers_ = count;
   }
 
