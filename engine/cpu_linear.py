@@ -1,7 +1,7 @@
 """Linear layers on the CPU: each weight stored once, in the layout its dtype multiplies fastest from.
 
 At decode batch sizes a step reads every weight once for a few multiply-adds per element, so what counts is how
-fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
+fast the weights stream, not the FMA peak. Five layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
 
 - ``column`` (default for fp32 where the CPU kernels built and the CPU has AVX-512): the same values stored
   transposed (``W^T`` contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
@@ -9,18 +9,23 @@ fast the weights stream, not the FMA peak. Four layouts, selectable with ``PAGED
   (kernels/csrc/small_batch_linear.cpp), which streams the weights faster than oneDNN's packed GEMM up to that
   size (docs/benchmarks.md); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T`` and at prefill
   sizes matched oneDNN.
+- ``panel`` (default for fp32 and bf16 where the C++ kernels built and the CPU has no AVX-512, e.g. an AVX2 CPU):
+  packed once at load in column panels of 16 (``cpu_extension.panel_pack``, ``[N / 16, K, 16]``), each one
+  contiguous stream for kernels/csrc/panel_linear.cpp, which runs every batch size on the kernels' own threads.
+  On an AVX2 CPU it beat oneDNN's packed GEMM at decode sizes and matched it at prefill sizes, and for bf16 it
+  widens the weights in registers where oneDNN would emulate bf16 (docs/benchmarks.md). A weight whose rows do
+  not fill whole panels (``panel_packable``) takes ``onednn`` (fp32) or ``column`` (bf16).
 - ``amx`` (default for bf16 where the AMX kernel runs): packed once at load as the AMX tiles of
   kernels/csrc/amx_linear.cpp, in the order it streams them (``cpu_extension.amx_pack``); that kernel streams
   them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md); prefill-sized batches run through
   the same tiles slower than oneDNN would, which the decode steps more than repay. A weight whose shape does
   not fit the tiles (``amx_packable``) takes ``onednn``.
-- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without AVX-512 or without the C++
-  kernels): reordered once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's
+- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's
   CPU backend does) and multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions
   beat widening every weight to fp32 in the streaming kernel.
-- ``column`` is also the default for bf16 where oneDNN would emulate it (no AVX512-BF16 or AMX, e.g. an AVX2
-  CPU): the streaming kernel widens each bf16 weight to fp32 in registers at decode sizes, and prefill-sized
-  batches run MKL's fp32 GEMM on widened copies (an emulated bf16 GEMM took several times longer).
+- ``column`` is also the default for bf16 on AVX-512 CPUs without AVX512-BF16, where oneDNN would emulate it: the
+  streaming kernel widens each bf16 weight to fp32 in registers at decode sizes, and prefill-sized batches run
+  MKL's fp32 GEMM on widened copies (an emulated bf16 GEMM took several times longer).
 - ``row``: PyTorch's own order (where the C++ kernels did not build and oneDNN would emulate the dtype).
 
 Why a fixed default and no per-machine timing: a weight timed alone stays in the cache and favours other
@@ -28,8 +33,8 @@ layouts than the model, which streams every weight once per step; timed streamed
 shared VM's noise. The defaults rest on whole-model runs (docs/benchmarks.md). A fixed layout also means every
 worker on a machine sums in the same order.
 
-Invariant: no value changes, and no shape but ``amx``'s (its tensor is the tiles, ``[N / 64, K / 32, 4, 16,
-32]``; the layers keep ``in_features``/``out_features``). Every layout gives the fp32/bf16 matmul within
+Invariant: no value changes, and no shape but ``amx``'s and ``panel``'s (their tensors are the tiles, ``[N / 64,
+K / 32, 4, 16, 32]``, and the panels, ``[N / 16, K, 16]``; the layers keep ``in_features``/``out_features``). Every layout gives the fp32/bf16 matmul within
 summation order (oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes; the AMX kernel's
 differ in a few of 10^5 outputs by one bf16 rounding). A packed weight is an opaque ``torch._mkldnn`` tensor or
 the tiles, so every call site multiplies through :func:`linear`, never ``F.linear``. The tied
@@ -47,7 +52,7 @@ import torch.nn.functional as F
 from pagedserve.kernels import cpu_extension
 
 ENV_LINEAR = "PAGEDSERVE_CPU_LINEAR"
-LAYOUTS = ("row", "column", "onednn", "amx")
+LAYOUTS = ("row", "column", "onednn", "amx", "panel")
 # The dtypes the streaming kernel (csrc/small_batch_linear.cpp) takes from the column layout.
 _STREAMED = (torch.float32, torch.bfloat16)
 # The batch size oneDNN packs weights for: a decode-sized batch, which end to end beat packing for no size
@@ -61,6 +66,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if weight.dim() == 5:  # the amx layout
         return cpu_extension.amx_linear(x, weight, bias)
+    if weight.dim() == 3:  # the panel layout
+        return cpu_extension.panel_linear(x, weight, bias)
     if (weight.dtype in _STREAMED and x.dtype == weight.dtype and weight.is_cpu and weight.dim() == 2
             and weight.stride() == (1, weight.shape[0]) and cpu_extension.load()):
         if x.shape[0] <= cpu_extension.SMALL_BATCH_MAX_ROWS:
@@ -87,25 +94,31 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 def wide_vectors() -> bool:
     """Whether the streaming kernel was built for AVX-512 (``-march=native``), where its fp32 tile (six rows by
     four sixteen-lane vectors) beats oneDNN at decode sizes. With AVX2's sixteen registers its tile is a third of
-    that and oneDNN's packed GEMM took 5% less time over the linears of a whole run (docs/benchmarks.md)."""
+    that, and its strided walk over the weights lost to oneDNN's packed GEMM; there the ``panel`` kernel, which
+    streams each panel front to back, beat both (docs/benchmarks.md)."""
     return cpu_extension.load() and cpu_extension.small_batch_lanes() >= 16
 
 
 def layout_for(dtype: torch.dtype) -> str:
     """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``column`` for fp32 where the
-    streaming kernel built and the CPU has AVX-512, ``amx`` for bf16 where the AMX kernel runs, oneDNN's where
-    oneDNN runs the dtype natively, ``column`` for bf16 where oneDNN would emulate it and the streaming kernel
-    built, else ``row``.
-    (A weight that does not fit ``amx`` takes ``onednn``: :func:`in_layout`.)"""
+    streaming kernel built and the CPU has AVX-512, ``amx`` for bf16 where the AMX kernel runs, ``panel`` for fp32
+    and bf16 where the kernels built and the CPU has no AVX-512, oneDNN's where oneDNN runs the dtype natively,
+    ``column`` for bf16 where oneDNN would emulate it and the streaming kernel built, else ``row``.
+    (A weight that does not fit ``amx`` or ``panel`` takes another layout: :func:`in_layout`.)"""
     wanted = os.environ.get(ENV_LINEAR, "").strip().lower() or "auto"
     if wanted not in ("auto", *LAYOUTS):
-        raise ValueError(f"{ENV_LINEAR}={wanted!r}: expected auto, row, column, onednn or amx")
+        raise ValueError(f"{ENV_LINEAR}={wanted!r}: expected auto, row, column, onednn, amx or panel")
     if wanted in ("auto", "amx") and dtype == torch.bfloat16 and cpu_extension.amx_supported():
         return "amx"
     if wanted == "amx":  # asked for where it cannot run, or for a dtype it does not take
         wanted = "auto"
     if wanted == "auto" and dtype == torch.float32 and cpu_extension.load() and wide_vectors():
         return "column"
+    if wanted in ("auto", "panel") and dtype in _STREAMED and cpu_extension.load() and not (
+            wanted == "auto" and wide_vectors()):
+        return "panel"
+    if wanted == "panel":  # where the kernels did not build, or for a dtype they do not take
+        wanted = "auto"
     if wanted in ("auto", "onednn") and onednn_supports(dtype):
         return "onednn"
     if wanted == "auto" and dtype in _STREAMED and cpu_extension.load():
@@ -121,6 +134,10 @@ def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
         if cpu_extension.amx_packable(weight):
             return cpu_extension.amx_pack(weight)
         layout = "onednn"
+    if layout == "panel":
+        if cpu_extension.panel_packable(weight):
+            return cpu_extension.panel_pack(weight)
+        layout = "onednn" if onednn_supports(weight.dtype) else "column"
     if layout == "column":
         return weight.t().contiguous().t()
     if layout == "onednn":
@@ -153,6 +170,8 @@ def layout_of(weight: torch.Tensor) -> str:
         return "onednn"
     if weight.dim() == 5:
         return "amx"
+    if weight.dim() == 3:
+        return "panel"
     if weight.dim() == 2 and weight.shape[0] > 1 and weight.stride() == (1, weight.shape[0]):
         return "column"
     return "row"

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
-            _CSRC / "small_batch_linear.cpp", _CSRC / "amx_linear.cpp", _CSRC / "sampling_ops.cpp")
+            _CSRC / "small_batch_linear.cpp", _CSRC / "panel_linear.cpp", _CSRC / "amx_linear.cpp",
+            _CSRC / "sampling_ops.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
@@ -109,7 +110,7 @@ def _build() -> str | None:
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
-    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "amx_linear",
+    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "panel_linear", "amx_linear",
                "argmax_logsumexp", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
@@ -261,6 +262,37 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``(1, N)``), both fp32 or both bf16, by the streaming C++ kernel (``load()`` must be True)."""
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
     torch.ops.pagedserve_cpu.small_batch_linear(out, x.contiguous(), weight, bias)
+    return out
+
+
+# Linear layers from weights packed in column panels (csrc/panel_linear.cpp): AVX2 CPUs, fp32 and bf16, any M.
+
+PANEL = 16  # columns of a panel
+
+
+def panel_packable(weight: torch.Tensor) -> bool:
+    """Whether an fp32 or bf16 ``[N, K]`` weight fits the panel layout (whole panels of 16 columns)."""
+    return weight.dim() == 2 and weight.dtype in _DTYPES and weight.shape[0] % PANEL == 0
+
+
+def panel_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[N, K]`` as ``[N / 16, K, 16]``: panel p holds columns ``16p .. 16p + 15``, each k's side by
+    side."""
+    n, k = weight.shape
+    return weight.reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+def panel_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The ``[N, K]`` weight of :func:`panel_pack`'s layout (a copy)."""
+    panels, k, _ = packed.shape
+    return packed.transpose(1, 2).reshape(panels * PANEL, k)
+
+
+def panel_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for ``x [M, K]`` and ``W`` in :func:`panel_pack`'s layout, both fp32 or both bf16,
+    any ``M`` (``load()`` must be True)."""
+    out = torch.empty((x.shape[0], packed.shape[0] * PANEL), dtype=x.dtype)
+    torch.ops.pagedserve_cpu.panel_linear(out, x.contiguous(), packed, bias)
     return out
 
 

@@ -19,7 +19,20 @@ def available(layout: str, dtype: torch.dtype) -> bool:
     """Whether ``in_layout(w, layout)`` stores a ``dtype`` weight in that layout here (``amx``: bf16 only)."""
     if layout == "amx":
         return dtype == torch.bfloat16 and cpu_extension.amx_supported()
+    if layout == "panel":
+        return dtype in (torch.float32, torch.bfloat16) and cpu_extension.load()
     return layout != "onednn" or onednn_supports(dtype)
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """The ``[out, in]`` values of a weight in any layout."""
+    if weight.is_mkldnn:
+        return weight.to_dense()
+    if weight.dim() == 5:
+        return cpu_extension.amx_unpack(weight)
+    if weight.dim() == 3:
+        return cpu_extension.panel_unpack(weight)
+    return weight
 
 
 @pytest.fixture(autouse=True)
@@ -69,9 +82,9 @@ def test_forced_layout_keeps_values_and_shapes(layout, monkeypatch):
         monkeypatch.setenv(cpu_linear.ENV_LINEAR, layout)
     assert prepare_cpu_linears(model)[want] == len(SHAPES)
     for (i, o), m, w in zip(SHAPES, model, before):
-        assert m.weight.shape == (o, i) and layout_of(m.weight) == want
-        dense = m.weight.to_dense() if m.weight.is_mkldnn else m.weight
-        assert torch.equal(dense, w)
+        assert layout_of(m.weight) == want and (m.in_features, m.out_features) == (i, o)
+        assert m.weight.shape == {"panel": (o // 16, i, 16)}.get(want, (o, i))
+        assert torch.equal(dense(m.weight), w)
         assert m.weight.is_mkldnn == (want == "onednn")
         if want == "column":
             assert m.weight.stride() == (1, o)
@@ -83,32 +96,48 @@ def test_bad_setting_names_the_variable(monkeypatch):
         layout_for(torch.float32)
 
 
-def test_default_is_column_for_fp32_amx_for_bf16_with_the_kernels_else_onednn_where_native_else_row(monkeypatch):
+def test_default_layout_per_cpu_kind(monkeypatch):
+    """AVX-512: ``column`` for fp32, ``amx`` for bf16 with AMX, oneDNN's with AVX512-BF16, else ``column``; without
+    AVX-512 (AVX2): ``panel`` for both; without the C++ kernels: oneDNN's where native, else PyTorch's."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = "onednn" if onednn_supports(dtype) else "row"
-        if dtype == torch.float32 and cpu_extension.load() and cpu_linear.wide_vectors():
-            want = "column"
-        if dtype == torch.bfloat16 and cpu_extension.load() and not onednn_supports(dtype):
-            want = "column"  # oneDNN would emulate bf16: the streaming kernel widens it instead
+        if dtype in (torch.float32, torch.bfloat16) and cpu_extension.load():
+            if not cpu_linear.wide_vectors():
+                want = "panel"
+            elif dtype == torch.float32 or not onednn_supports(dtype):
+                want = "column"
         if dtype == torch.bfloat16 and cpu_extension.amx_supported():
             want = "amx"
         assert layout_for(dtype) == want
     # An explicit oneDNN request is kept, or falls back to row where oneDNN would emulate: never column.
     monkeypatch.setenv(cpu_linear.ENV_LINEAR, "onednn")
     assert layout_for(torch.bfloat16) == ("onednn" if onednn_supports(torch.bfloat16) else "row")
+    monkeypatch.setenv(cpu_linear.ENV_LINEAR, "panel")  # asked for: taken wherever the kernels built
+    assert layout_for(torch.float32) == ("panel" if cpu_extension.load() else "onednn")
+    assert layout_for(torch.float16) == ("onednn" if onednn_supports(torch.float16) else "row")
     monkeypatch.delenv(cpu_linear.ENV_LINEAR)
     monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: dtype == torch.float32)  # an AVX2 CPU
     monkeypatch.setattr(cpu_linear, "wide_vectors", lambda: False)
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
-    assert layout_for(torch.bfloat16) == ("column" if cpu_extension.load() else "row")
-    assert layout_for(torch.float32) == "onednn"
+    assert layout_for(torch.bfloat16) == ("panel" if cpu_extension.load() else "row")
+    assert layout_for(torch.float32) == ("panel" if cpu_extension.load() else "onednn")
     monkeypatch.setattr(cpu_linear, "wide_vectors", lambda: True)  # AVX-512 without AVX512-BF16
     assert layout_for(torch.float32) == ("column" if cpu_extension.load() else "onednn")
+    assert layout_for(torch.bfloat16) == ("column" if cpu_extension.load() else "row")
     monkeypatch.setattr(cpu_extension, "load", lambda: False)  # where the C++ kernels cannot build
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     # (onednn_supports is still the AVX2 stub above: bf16 would be emulated, so it keeps PyTorch's layout.)
     assert layout_for(torch.float32) == "onednn"
     assert layout_for(torch.bfloat16) == "row"
+
+
+def test_a_weight_that_does_not_fill_whole_panels_takes_another_layout():
+    if not cpu_extension.load():
+        pytest.skip("no C++ kernels")
+    weight = torch.randn(300, 64)
+    assert layout_of(in_layout(weight, "panel")) == ("onednn" if onednn_supports(torch.float32) else "column")
+    assert layout_of(in_layout(weight.to(torch.bfloat16), "panel")) == (
+        "onednn" if onednn_supports(torch.bfloat16) else "column")
 
 
 def test_tied_lm_head_gets_its_own_copy_only_when_its_layout_pays(monkeypatch):

@@ -59,9 +59,11 @@ def test_results_do_not_depend_on_which_thread_runs_a_chunk(threads4):
     x = torch.randn(48, 2 * 640).to(torch.bfloat16)
     w = cpu_extension.amx_pack(torch.randn(1024, 512).to(torch.bfloat16)) if cpu_extension.amx_supported() else None
     xl = torch.randn(48, 512).to(torch.bfloat16)
+    panels = cpu_extension.panel_pack(torch.randn(1024, 512))
 
     def run_all():
-        out = [cpu_extension.paged_decode_attention(q, k, v, lens, tables, 0.125), cpu_extension.silu_and_mul(x)]
+        out = [cpu_extension.paged_decode_attention(q, k, v, lens, tables, 0.125), cpu_extension.silu_and_mul(x),
+               cpu_extension.panel_linear(xl.float(), panels)]
         if w is not None:
             out.append(cpu_extension.amx_linear(xl, w))
         return out
