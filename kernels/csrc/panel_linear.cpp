@@ -30,6 +30,7 @@
 #include <optional>
 #include <type_traits>
 #include "kernel_threads.h"
+#include "widening_vectors.h"
 
 namespace {
 
@@ -39,24 +40,11 @@ constexpr int kVecs = kPanel / kLanes;
 constexpr int kRowTile = 6;
 constexpr int64_t kKBlock = 256;  // k of a panel block: 256 x 16 x 4 B = 16 KB of fp32 weights, in L1
 // Rows of x that pass over a thread's panels together: at most 48 x K fp32, which stays in L2 while the panels
-// stream past (a decode step is one such block).
+// stream past (a decode step of up to 48 sequences is one such block).
 constexpr int64_t kMBlock = 48;
 
-typedef float vecw __attribute__((vector_size(kLanes * sizeof(float))));
-typedef uint16_t vech __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t vecu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-
-inline vecw load(const float* p) {
-  vecw v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vecw load(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half
-  vech h;
-  std::memcpy(&h, p, sizeof h);
-  return reinterpret_cast<vecw>(__builtin_convertvector(h, vecu) << 16);
-}
-inline void store(float* p, vecw v) { std::memcpy(p, &v, sizeof v); }
+using Vec = widening::Vectors<kLanes>;
+using vecw = Vec::vec;
 
 // What a tile starts from: the bias (or zeros) in the first k-block, else the partial sums in y; ``cols`` of 16
 // valid.
@@ -64,15 +52,15 @@ inline void start(vecw (&acc)[kVecs], const float* y, const float* bias, bool fi
   float s[kPanel] = {};
   const float* from = first ? bias : y;
   if (from != nullptr) std::memcpy(s, from, cols * sizeof(float));
-  for (int v = 0; v < kVecs; ++v) acc[v] = load(s + v * kLanes);
+  for (int v = 0; v < kVecs; ++v) acc[v] = Vec::load(s + v * kLanes);
 }
 inline void finish(float* y, const vecw (&acc)[kVecs], int cols) {
   if (cols == kPanel) {
-    for (int v = 0; v < kVecs; ++v) store(y + v * kLanes, acc[v]);
+    for (int v = 0; v < kVecs; ++v) Vec::store(y + v * kLanes, acc[v]);
     return;
   }
   float s[kPanel];
-  for (int v = 0; v < kVecs; ++v) store(s + v * kLanes, acc[v]);
+  for (int v = 0; v < kVecs; ++v) Vec::store(s + v * kLanes, acc[v]);
   std::memcpy(y, s, cols * sizeof(float));
 }
 
@@ -91,7 +79,7 @@ inline void tile(float* y, int64_t ldy, const float* x, int64_t ldx, const w_t* 
   for (int64_t k = 0; k < kn; ++k) {
     vecw w[NP][kVecs];
     for (int j = 0; j < NP; ++j) {
-      for (int v = 0; v < kVecs; ++v) w[j][v] = load(wp + j * ldp + k * kPanel + v * kLanes);
+      for (int v = 0; v < kVecs; ++v) w[j][v] = Vec::load(wp + j * ldp + k * kPanel + v * kLanes);
     }
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * ldx + k];
@@ -108,15 +96,22 @@ inline void tile(float* y, int64_t ldy, const float* x, int64_t ldx, const w_t* 
 template <int NP, typename w_t>
 inline void tile_rows(int64_t rows, float* y, int64_t ldy, const float* x, int64_t ldx, const w_t* wp, int64_t ldp,
                       const float* bias, const int* cols, bool first, int64_t kn) {
+  static_assert(NP == 1 || NP == 2, "one panel at a time, or two at one or two rows");
   switch (rows) {  // the remainder of M after whole row tiles
     case 1: return tile<1, NP, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
     case 2: return tile<2, NP, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
-    case 3: return tile<3, NP, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
-    case 4: return tile<4, NP, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
-    case 5: return tile<5, NP, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
-    case 6: return tile<6, NP, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
-    default: TORCH_CHECK(false, "panel_linear: bad row tile ", rows);
+    default: break;
   }
+  if constexpr (NP == 1) {
+    switch (rows) {
+      case 3: return tile<3, 1, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
+      case 4: return tile<4, 1, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
+      case 5: return tile<5, 1, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
+      case 6: return tile<6, 1, w_t>(y, ldy, x, ldx, wp, ldp, bias, cols, first, kn);
+      default: break;
+    }
+  }
+  TORCH_CHECK(false, "panel_linear: bad row tile ", rows, " for ", NP, " panels");
 }
 
 // Panels [p0, p1) of y. At one or two rows panels go two at a time (eight FMA chains instead of two or four).
@@ -141,7 +136,7 @@ void panel_range(float* y, const float* x, const w_t* wp, const float* bias, int
         const int64_t kn = std::min(K - k0, kKBlock);
         const w_t* w = wp + p * ldp + k0 * kPanel;
         if (widen_block) {
-          for (int64_t i = 0; i < kn * kPanel; i += kLanes) store(wide + i, load(w + i));
+          for (int64_t i = 0; i < kn * kPanel; i += kLanes) Vec::store(wide + i, Vec::load(w + i));
         }
         for (int64_t m = m0; m < m1; m += kRowTile) {
           const int64_t rows = std::min<int64_t>(kRowTile, m1 - m);

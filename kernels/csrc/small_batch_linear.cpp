@@ -32,6 +32,7 @@
 #include <cstring>
 #include <optional>
 #include "kernel_threads.h"
+#include "widening_vectors.h"
 
 namespace {
 
@@ -52,22 +53,8 @@ constexpr int kColTile = kLanes * std::max(kVecsPerTile, kVecsFewRows);  // the 
 constexpr int64_t kKBlock = 64;  // rows of Wt per block: at most kKBlock * kColTile * 4 B = 16 KB, in L1
 constexpr int64_t kPrefetchRows = 16;  // how far ahead in k the weights are requested
 
-typedef float vecw __attribute__((vector_size(kLanes * sizeof(float))));
-
-typedef uint16_t vech __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t vecu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-
-inline vecw load(const float* p) {
-  vecw v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vecw load(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half
-  vech h;
-  std::memcpy(&h, p, sizeof h);
-  return reinterpret_cast<vecw>(__builtin_convertvector(h, vecu) << 16);
-}
-inline void store(float* p, vecw v) { std::memcpy(p, &v, sizeof v); }
+using Vec = widening::Vectors<kLanes>;
+using vecw = Vec::vec;
 
 // Rows [0, R) of y's tile of V vectors (columns n.. of y, Wt, bias, passed offset) over k in [k0, k1): the
 // first block starts from the bias (or 0), later ones from the partial sums in y.
@@ -77,7 +64,7 @@ inline void tile(float* y, int64_t ldy, const float* x, int64_t ldx, const w_t* 
   vecw acc[R][V];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
-      acc[r][v] = k0 > 0 ? load(y + r * ldy + v * kLanes) : (bias ? load(bias + v * kLanes) : vecw{});
+      acc[r][v] = k0 > 0 ? Vec::load(y + r * ldy + v * kLanes) : (bias ? Vec::load(bias + v * kLanes) : vecw{});
     }
   }
   for (int64_t k = k0; k < k1; ++k) {
@@ -89,14 +76,14 @@ inline void tile(float* y, int64_t ldy, const float* x, int64_t ldx, const w_t* 
       }
     }
     vecw w[V];
-    for (int v = 0; v < V; ++v) w[v] = load(wk + v * kLanes);
+    for (int v = 0; v < V; ++v) w[v] = Vec::load(wk + v * kLanes);
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * ldx + k];
       for (int v = 0; v < V; ++v) acc[r][v] += xv * w[v];
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) store(y + r * ldy + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) Vec::store(y + r * ldy + v * kLanes, acc[r][v]);
   }
 }
 
