@@ -20,7 +20,6 @@
 // rounded to bf16 once at the end (round to nearest even), as torch's bf16 matmul does.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -164,29 +163,14 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = packed.size(0);
   TORCH_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "panel_linear: out has ", N, " columns, the weight ", P,
               " panels of 16");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == dtype,
-                "panel_linear: bias must be [N] of x's dtype");
-  }
-  if (M == 0 || N == 0) return;
-  if (K == 0) {  // an empty sum: the bias, or zeros
-    if (has_bias) out.copy_(bias->view({1, N}).expand({M, N}));
-    else out.zero_();
-    return;
-  }
+  widening::Fp32Operands ops("panel_linear", out, x, bias);
+  if (ops.done) return;
   const bool fp32 = dtype == at::kFloat;
-  const at::Tensor x32 = fp32 ? x : x.to(at::kFloat);
-  const at::Tensor b32 = !has_bias ? at::Tensor() : (fp32 ? *bias : bias->to(at::kFloat));
-  at::Tensor y32 = fp32 ? out : at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* y = y32.data_ptr<float>();
-  const float* xp = x32.data_ptr<float>();
-  const float* b = has_bias ? b32.data_ptr<float>() : nullptr;
   kernel_threads::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    if (fp32) panel_range(y, xp, packed.data_ptr<float>(), b, M, K, N, p0, p1);
-    else panel_range(y, xp, packed.data_ptr<c10::BFloat16>(), b, M, K, N, p0, p1);
+    if (fp32) panel_range(ops.y(), ops.x(), packed.data_ptr<float>(), ops.bias(), M, K, N, p0, p1);
+    else panel_range(ops.y(), ops.x(), packed.data_ptr<c10::BFloat16>(), ops.bias(), M, K, N, p0, p1);
   });
-  if (!fp32) out.copy_(y32);
+  ops.finish();
 }
 
 }  // namespace

@@ -23,13 +23,11 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include "kernel_threads.h"
 #include "widening_vectors.h"
@@ -144,25 +142,12 @@ void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w
                   out.size(1) == weight.size(0),
               "small_batch_linear: x and out must be contiguous, out [M, N]");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == dtype,
-                "small_batch_linear: bias must be [N] of x's dtype");
-  }
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (M == 0 || N == 0) return;
-  if (K == 0) {  // an empty sum: the bias, or zeros
-    if (has_bias) out.copy_(bias->view({1, N}).expand({M, N}));
-    else out.zero_();
-    return;
-  }
-  // fp32 sums; for bf16, x and the bias widened once (a few rows) and y rounded once at the end.
+  widening::Fp32Operands ops("small_batch_linear", out, x, bias);
+  if (ops.done) return;
   const bool fp32 = dtype == at::kFloat;
-  const at::Tensor x32 = fp32 ? x : x.to(at::kFloat);
-  const at::Tensor b32 = !has_bias ? at::Tensor() : (fp32 ? *bias : bias->to(at::kFloat));
-  at::Tensor y32 = fp32 ? out : at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* y = y32.data_ptr<float>();
-  const float* xp = x32.data_ptr<float>();
-  const float* b = has_bias ? b32.data_ptr<float>() : nullptr;
+  float* y = ops.y();
+  const float* xp = ops.x();
+  const float* b = ops.bias();
   const int64_t tiles = (N + kColTile - 1) / kColTile;
   kernel_threads::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * kColTile, n1 = std::min(N, t1 * kColTile);
@@ -172,7 +157,7 @@ void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w
     else if (few) column_range<kVecsFewRows>(y, xp, weight.data_ptr<c10::BFloat16>(), b, M, K, N, n0, n1);
     else column_range<kVecsPerTile>(y, xp, weight.data_ptr<c10::BFloat16>(), b, M, K, N, n0, n1);
   });
-  if (!fp32) out.copy_(y32);
+  ops.finish();
 }
 
 // The fp32 lanes of this build's vectors (16 with AVX-512, else 8): what the layout choice asks of the kernel.
