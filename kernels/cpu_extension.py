@@ -187,6 +187,8 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, last dim]`` with contiguous rows: a view when the layout allows, else a copy."""
+    if x.dim() == 2 and x.stride(1) == 1:  # the common case, without a reshape's cost per call
+        return x
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
