@@ -20,9 +20,10 @@ fast the weights stream, not the FMA peak. Five layouts, selectable with ``PAGED
   them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md); prefill-sized batches run through
   the same tiles slower than oneDNN would, which the decode steps more than repay. A weight whose shape does
   not fit the tiles (``amx_packable``) takes ``onednn``.
-- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's
-  CPU backend does) and multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions
-  beat widening every weight to fp32 in the streaming kernel.
+- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered
+  once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
+  multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
+  weight to fp32 in the streaming kernel.
 - ``column`` is also the default for bf16 on AVX-512 CPUs without AVX512-BF16, where oneDNN would emulate it: the
   streaming kernel widens each bf16 weight to fp32 in registers at decode sizes, and prefill-sized batches run
   MKL's fp32 GEMM on widened copies (an emulated bf16 GEMM took several times longer).
@@ -34,12 +35,13 @@ shared VM's noise. The defaults rest on whole-model runs (docs/benchmarks.md). A
 worker on a machine sums in the same order.
 
 Invariant: no value changes, and no shape but ``amx``'s and ``panel``'s (their tensors are the tiles, ``[N / 64,
-K / 32, 4, 16, 32]``, and the panels, ``[N / 16, K, 16]``; the layers keep ``in_features``/``out_features``). Every layout gives the fp32/bf16 matmul within
-summation order (oneDNN's bf16 results equal ``F.linear``'s bit for bit at decode batch sizes; the AMX kernel's
-differ in a few of 10^5 outputs by one bf16 rounding). A packed weight is an opaque ``torch._mkldnn`` tensor or
-the tiles, so every call site multiplies through :func:`linear`, never ``F.linear``. The tied
-input embedding is not an ``nn.Linear`` and keeps its row-major lookup layout; a model that ties it to the LM
-head gets its own logits copy when the layout is not row-major (``LlamaForCausalLM.untie_logits``).
+K / 32, 4, 16, 32]``, and the panels, ``[N / 16, K, 16]``; the layers keep ``in_features``/``out_features``).
+Every layout gives the fp32/bf16 matmul within summation order (oneDNN's bf16 results equal ``F.linear``'s bit
+for bit at decode batch sizes; the AMX kernel's differ in a few of 10^5 outputs by one bf16 rounding). A packed
+weight is an opaque ``torch._mkldnn`` tensor, the tiles or the panels, so every call site multiplies through
+:func:`linear`, never ``F.linear``. The tied input embedding is not an ``nn.Linear`` and keeps its row-major
+lookup layout; a model that ties it to the LM head gets its own logits copy when the layout is not row-major
+(``LlamaForCausalLM.untie_logits``).
 """
 
 from __future__ import annotations
@@ -114,8 +116,7 @@ def layout_for(dtype: torch.dtype) -> str:
         wanted = "auto"
     if wanted == "auto" and dtype == torch.float32 and cpu_extension.load() and wide_vectors():
         return "column"
-    if wanted in ("auto", "panel") and dtype in _STREAMED and cpu_extension.load() and not (
-            wanted == "auto" and wide_vectors()):
+    if (wanted == "panel" or (wanted == "auto" and not wide_vectors())) and dtype in _STREAMED and cpu_extension.load():
         return "panel"
     if wanted == "panel":  # where the kernels did not build, or for a dtype they do not take
         wanted = "auto"

@@ -110,8 +110,8 @@ def _build() -> str | None:
         )
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
-    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "panel_linear", "amx_linear",
-               "argmax_logsumexp", *_FUSED_OPS):
+    for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "panel_linear",
+               "amx_linear", "argmax_logsumexp", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None

@@ -48,8 +48,12 @@ using vecw = Vec::vec;
 // What a tile starts from: the bias (or zeros) in the first k-block, else the partial sums in y; ``cols`` of 16
 // valid.
 inline void start(vecw (&acc)[kVecs], const float* y, const float* bias, bool first, int cols) {
-  float s[kPanel] = {};
   const float* from = first ? bias : y;
+  if (from != nullptr && cols == kPanel) {
+    for (int v = 0; v < kVecs; ++v) acc[v] = Vec::load(from + v * kLanes);
+    return;
+  }
+  float s[kPanel] = {};
   if (from != nullptr) std::memcpy(s, from, cols * sizeof(float));
   for (int v = 0; v < kVecs; ++v) acc[v] = Vec::load(s + v * kLanes);
 }
@@ -151,7 +155,8 @@ void panel_range(float* y, const float* x, const w_t* wp, const float* bias, int
   }
 }
 
-void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
+                  const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel && x.size(1) == packed.size(1),
               "panel_linear: x must be [M, K] and the packed weight [P, K, 16]");
   const at::ScalarType dtype = packed.scalar_type();
