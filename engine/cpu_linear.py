@@ -3,30 +3,28 @@
 At decode batch sizes a step reads every weight once for a few multiply-adds per element, so what counts is how
 fast the weights stream, not the FMA peak. Five layouts, selectable with ``PAGEDSERVE_CPU_LINEAR``:
 
-- ``column`` (default for fp32 where the CPU kernels built and the CPU has AVX-512): the same values stored
-  transposed (``W^T`` contiguous, the tensor keeps its ``[out, in]`` shape as a transposed view). Up to
-  ``cpu_extension.SMALL_BATCH_MAX_ROWS`` rows go to the streaming C++ kernel
-  (kernels/csrc/small_batch_linear.cpp), which streams the weights faster than oneDNN's packed GEMM up to that
-  size (docs/benchmarks.md); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T`` and at prefill
-  sizes matched oneDNN.
-- ``panel`` (default for fp32 and bf16 where the C++ kernels built and the CPU has no AVX-512, e.g. an AVX2 CPU):
-  packed once at load in column panels of 16 (``cpu_extension.panel_pack``, ``[N / 16, K, 16]``), each one
-  contiguous stream for kernels/csrc/panel_linear.cpp, which runs every batch size on the kernels' own threads.
-  On an AVX2 CPU it beat oneDNN's packed GEMM at decode sizes and matched it at prefill sizes, and for bf16 it
-  widens the weights in registers where oneDNN would emulate bf16 (docs/benchmarks.md). A weight whose rows do
-  not fill whole panels (``panel_packable``) takes ``onednn`` (fp32) or ``column`` (bf16).
+- ``panel`` (default for fp32, and for bf16 where neither AMX nor oneDNN's bf16 dot products run, wherever the
+  C++ kernels built): packed once at load in column panels of 16 (``cpu_extension.panel_pack``, ``[N / 16, K,
+  16]``), each one contiguous stream for kernels/csrc/panel_linear.cpp, which runs every batch size on the
+  kernels' own threads. It beat oneDNN's packed GEMM at decode sizes on AVX2 and matched it at prefill sizes; on
+  AVX-512 it matched the ``column`` kernel and MKL at one thread and beat them at two, where MKL's prefill-sized
+  GEMMs wake OpenMP's threads; for bf16 it widens the weights in registers where oneDNN would emulate bf16
+  (docs/benchmarks.md). A weight whose rows do not fill whole panels (``panel_packable``) takes ``onednn``
+  (fp32) or ``column`` (bf16).
 - ``amx`` (default for bf16 where the AMX kernel runs): packed once at load as the AMX tiles of
   kernels/csrc/amx_linear.cpp, in the order it streams them (``cpu_extension.amx_pack``); that kernel streams
   them faster than oneDNN's packed GEMM at decode sizes (docs/benchmarks.md); prefill-sized batches run through
   the same tiles slower than oneDNN would, which the decode steps more than repay. A weight whose shape does
   not fit the tiles (``amx_packable``) takes ``onednn``.
-- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 without the C++ kernels): reordered
-  once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU backend does) and
-  multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat widening every
-  weight to fp32 in the streaming kernel.
-- ``column`` is also the default for bf16 on AVX-512 CPUs without AVX512-BF16, where oneDNN would emulate it: the
-  streaming kernel widens each bf16 weight to fp32 in registers at decode sizes, and prefill-sized batches run
-  MKL's fp32 GEMM on widened copies (an emulated bf16 GEMM took several times longer).
+- ``onednn`` (default for bf16 on AVX512-BF16 CPUs without AMX, and for fp32 where the C++ kernels did not
+  build): reordered once at load into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``, as vLLM's CPU
+  backend does) and multiplied through ``mkldnn._linear_pointwise``; for bf16 its dot-product instructions beat
+  widening every weight to fp32 in the streaming kernel.
+- ``column`` (by request): the same values stored transposed (``W^T`` contiguous, the tensor keeps its ``[out,
+  in]`` shape as a transposed view). Up to ``cpu_extension.SMALL_BATCH_MAX_ROWS`` rows go to the streaming C++
+  kernel (kernels/csrc/small_batch_linear.cpp); more rows go to MKL, which reads ``W^T`` as a plain ``x @ W^T``
+  (bf16: MKL's fp32 GEMM on widened copies, as an emulated bf16 GEMM takes several times longer). The fp32
+  default on AVX-512 CPUs before ``panel``, and where a bf16 weight does not fit the panels.
 - ``row``: PyTorch's own order (where the C++ kernels did not build and oneDNN would emulate the dtype).
 
 Why a fixed default and no per-machine timing: a weight timed alone stays in the cache and favours other
@@ -93,20 +91,11 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return False
 
 
-def wide_vectors() -> bool:
-    """Whether the streaming kernel was built for AVX-512 (``-march=native``), where its fp32 tile (six rows by
-    four sixteen-lane vectors) beats oneDNN at decode sizes. With AVX2's sixteen registers its tile is a third of
-    that, and its strided walk over the weights lost to oneDNN's packed GEMM; there the ``panel`` kernel, which
-    streams each panel front to back, beat both (docs/benchmarks.md)."""
-    return cpu_extension.load() and cpu_extension.small_batch_lanes() >= 16
-
-
 def layout_for(dtype: torch.dtype) -> str:
-    """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``column`` for fp32 where the
-    streaming kernel built and the CPU has AVX-512, ``amx`` for bf16 where the AMX kernel runs, ``panel`` for fp32
-    and bf16 where the kernels built and the CPU has no AVX-512, oneDNN's where oneDNN runs the dtype natively,
-    ``column`` for bf16 where oneDNN would emulate it and the streaming kernel built, else ``row``.
-    (A weight that does not fit ``amx`` or ``panel`` takes another layout: :func:`in_layout`.)"""
+    """The layout weights of ``dtype`` take: ``PAGEDSERVE_CPU_LINEAR`` if set, else ``amx`` for bf16 where the AMX
+    kernel runs, oneDNN's for bf16 where oneDNN has bf16 dot products, ``panel`` for fp32 and bf16 where the
+    kernels built, oneDNN's for fp32 where they did not, else ``row``. (A weight that does not fit ``amx`` or
+    ``panel`` takes another layout: :func:`in_layout`.)"""
     wanted = os.environ.get(ENV_LINEAR, "").strip().lower() or "auto"
     if wanted not in ("auto", *LAYOUTS):
         raise ValueError(f"{ENV_LINEAR}={wanted!r}: expected auto, row, column, onednn, amx or panel")
@@ -114,16 +103,14 @@ def layout_for(dtype: torch.dtype) -> str:
         return "amx"
     if wanted == "amx":  # asked for where it cannot run, or for a dtype it does not take
         wanted = "auto"
-    if wanted == "auto" and dtype == torch.float32 and cpu_extension.load() and wide_vectors():
-        return "column"
-    if (wanted == "panel" or (wanted == "auto" and not wide_vectors())) and dtype in _STREAMED and cpu_extension.load():
+    if wanted == "auto" and dtype == torch.bfloat16 and onednn_supports(dtype):
+        return "onednn"
+    if wanted in ("auto", "panel") and dtype in _STREAMED and cpu_extension.load():
         return "panel"
     if wanted == "panel":  # where the kernels did not build, or for a dtype they do not take
         wanted = "auto"
     if wanted in ("auto", "onednn") and onednn_supports(dtype):
         return "onednn"
-    if wanted == "auto" and dtype in _STREAMED and cpu_extension.load():
-        return "column"
     return "row" if wanted in ("auto", "onednn") else wanted
 
 

@@ -267,7 +267,8 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out
 
 
-# Linear layers from weights packed in column panels (csrc/panel_linear.cpp): AVX2 CPUs, fp32 and bf16, any M.
+# Linear layers from weights packed in column panels (csrc/panel_linear.cpp): fp32, and bf16 without bf16 dot
+# products, any M.
 
 PANEL = 16  # columns of a panel
 

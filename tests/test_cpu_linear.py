@@ -97,15 +97,13 @@ def test_bad_setting_names_the_variable(monkeypatch):
 
 
 def test_default_layout_per_cpu_kind(monkeypatch):
-    """AVX-512: ``column`` for fp32, ``amx`` for bf16 with AMX, oneDNN's with AVX512-BF16, else ``column``; without
-    AVX-512 (AVX2): ``panel`` for both; without the C++ kernels: oneDNN's where native, else PyTorch's."""
+    """bf16: ``amx`` where AMX runs, oneDNN's where it has bf16 dot products; otherwise ``panel`` for fp32 and bf16
+    where the C++ kernels built; without them: oneDNN's where native, else PyTorch's."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = "onednn" if onednn_supports(dtype) else "row"
         if dtype in (torch.float32, torch.bfloat16) and cpu_extension.load():
-            if not cpu_linear.wide_vectors():
+            if dtype == torch.float32 or not onednn_supports(dtype):
                 want = "panel"
-            elif dtype == torch.float32 or not onednn_supports(dtype):
-                want = "column"
         if dtype == torch.bfloat16 and cpu_extension.amx_supported():
             want = "amx"
         assert layout_for(dtype) == want
@@ -115,15 +113,17 @@ def test_default_layout_per_cpu_kind(monkeypatch):
     monkeypatch.setenv(cpu_linear.ENV_LINEAR, "panel")  # asked for: taken wherever the kernels built
     assert layout_for(torch.float32) == ("panel" if cpu_extension.load() else "onednn")
     assert layout_for(torch.float16) == ("onednn" if onednn_supports(torch.float16) else "row")
+    monkeypatch.setenv(cpu_linear.ENV_LINEAR, "column")  # kept where asked for, whatever the CPU
+    assert layout_for(torch.float32) == "column"
     monkeypatch.delenv(cpu_linear.ENV_LINEAR)
-    monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: dtype == torch.float32)  # an AVX2 CPU
-    monkeypatch.setattr(cpu_linear, "wide_vectors", lambda: False)
+    monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: dtype == torch.float32)  # bf16 emulated
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     assert layout_for(torch.bfloat16) == ("panel" if cpu_extension.load() else "row")
     assert layout_for(torch.float32) == ("panel" if cpu_extension.load() else "onednn")
-    monkeypatch.setattr(cpu_linear, "wide_vectors", lambda: True)  # AVX-512 without AVX512-BF16
-    assert layout_for(torch.float32) == ("column" if cpu_extension.load() else "onednn")
-    assert layout_for(torch.bfloat16) == ("column" if cpu_extension.load() else "row")
+    monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: True)  # AVX512-BF16 without AMX
+    assert layout_for(torch.bfloat16) == "onednn"
+    assert layout_for(torch.float32) == ("panel" if cpu_extension.load() else "onednn")
+    monkeypatch.setattr(cpu_linear, "onednn_supports", lambda dtype: dtype == torch.float32)
     monkeypatch.setattr(cpu_extension, "load", lambda: False)  # where the C++ kernels cannot build
     monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
     # (onednn_supports is still the AVX2 stub above: bf16 would be emulated, so it keeps PyTorch's layout.)

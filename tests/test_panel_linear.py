@@ -13,8 +13,9 @@ pytestmark = pytest.mark.skipif(not cpu_extension.load(),
 
 # Rows: every remainder of the six-row tile, the one- and two-row pairs, and around the 48-row blocks.
 ROWS = [*range(1, 15), 47, 48, 49, 97, 130]
-# (K, N): the 26M model's and SmolLM2's shapes, a K that is no whole number of 256-k blocks, an odd panel count.
-SHAPES = [(512, 1024), (1280, 512), (576, 960), (300, 48), (37, 16), (513, 80)]
+# (K, N): the 26M model's and SmolLM2's shapes, a K that is no whole number of k-blocks, panel counts that are no
+# whole number of tiles (3, 5, 7).
+SHAPES = [(512, 1024), (1280, 512), (576, 960), (300, 48), (37, 16), (513, 80), (64, 112)]
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
