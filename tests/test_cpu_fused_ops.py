@@ -92,7 +92,7 @@ def test_rotary_embedding_rejects_out_of_range_position():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("inter", [36, 80, 1536])
+@pytest.mark.parametrize("inter", [36, 44, 80, 1536])  # 44: the sixteen-, eight-lane and scalar loops in one row
 def test_silu_and_mul(dtype, tokens, inter):
     x = _randn(tokens, 2 * inter, dtype=dtype, seed=9, scale=4.0)
     _close(CPU_OPS.silu_and_mul(x), reference.silu_and_mul(x), dtype)
