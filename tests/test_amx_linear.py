@@ -72,13 +72,27 @@ def test_threads_split_the_column_groups(threads):
 @needs_amx
 @pytest.mark.parametrize("rows", [49, 96, 100, 192, 200, 500])
 def test_prefill_sizes_go_in_row_blocks(rows):
-    """Past 48 rows: chunks of 48 per column group, blocks of 192 rows, a last chunk of one or two row tiles."""
+    """Past 48 rows: chunks of 32 per column group, blocks of 192 rows, a last chunk of one row tile where the rows
+    end there."""
     gen = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(512, 1280, generator=gen).bfloat16(), torch.randn(rows, 1280, generator=gen).bfloat16()
     got = cpu_extension.amx_linear(x, cpu_extension.amx_pack(weight))
     want = _reference(x, weight, None)
     assert got.shape == (rows, 512)
     assert ((got.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-3).all()
+
+
+@needs_amx
+def test_a_rows_result_does_not_depend_on_the_batch():
+    """Each output sums its row's products over k in the same order whatever chunk (16, 32, 48 rows) or block the
+    row lands in: a sequence's tokens do not change with what it is batched with."""
+    gen = torch.Generator().manual_seed(7)
+    weight, x = torch.randn(256, 640, generator=gen).bfloat16(), torch.randn(230, 640, generator=gen).bfloat16()
+    packed = cpu_extension.amx_pack(weight)
+    whole = cpu_extension.amx_linear(x, packed)
+    for rows in (1, 17, 33, 48, 49, 100, 200):
+        assert torch.equal(cpu_extension.amx_linear(x[:rows].contiguous(), packed), whole[:rows]), rows
+    assert torch.equal(cpu_extension.amx_linear(x[190:].contiguous(), packed), whole[190:])
 
 
 @needs_amx

@@ -7,10 +7,11 @@
 // tiles of one k-step are 2 KB in a row, so a group streams front to back, and requesting it a few k-steps ahead
 // keeps the memory busy. The activations (zero-padded to whole 16-row tiles) stay in the cache.
 //
-// Rows are taken 48 at a time (three row tiles) per column group; a group's weights, read from memory for the
-// first 48 rows, serve the next ones from L2. Larger batches (prefill) go in blocks of kBlockRows rows, all column
-// groups of one block before the next, so the block's activations stay in L2 too. (At prefill sizes this is slower
-// than oneDNN's blocked GEMM: docs/benchmarks.md.)
+// Up to 48 rows (a decode step) are one chunk per column group: the group's weights are read from memory once.
+// Larger batches (prefill) go in blocks of kBlockRows rows, all column groups of one block before the next, so the
+// block's activations stay in L2 too, and in chunks of 32 rows: a group's weights, read from memory for the first
+// chunk, serve the next ones from L2, and 32 rows take one tile load per product where 48 take 4/3. (At prefill
+// sizes this is still slower than oneDNN's blocked GEMM: docs/benchmarks.md.)
 //
 // Tiles: C accumulators (fp32, 16 rows x 16 columns, stored to the chunk's fp32 sums at the end), A
 // (16 rows x 32 k of x), B (one weight tile). Up to 16 rows: four C tiles, one per column tile of the group, fed
@@ -43,6 +44,7 @@
 namespace {
 
 constexpr int64_t kChunkRows = 48;   // three row tiles: the most one pass over a group's weights accumulates
+constexpr int64_t kPrefillChunkRows = 32;  // two row tiles, 2 x 2 accumulators: a tile load per product
 constexpr int64_t kBlockRows = 192;  // activations kept in L2 while every column group passes over them
 constexpr int64_t kGroupCols = 64;           // four 16-column B tiles
 constexpr int64_t kStepK = 32;               // the k of one tile (16 VNNI pairs)
@@ -235,8 +237,9 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
       std::vector<float> acc(block_rows * kGroupCols);
       for (int64_t g = first; g < last; ++g) {
         const c10::BFloat16* wg = w + g * steps * kStepElems;
+        const int64_t chunk_rows = tile_rows > kChunkRows ? kPrefillChunkRows : kChunkRows;
         for (int64_t row = block; row < block_end;) {
-          const int64_t rows = std::min(kChunkRows, block_end - row);
+          const int64_t rows = std::min(chunk_rows, block_end - row);
           const c10::BFloat16* xr = x_tiles.data() + row * K;
           float* c = acc.data() + (row - block) * kGroupCols;
           memory_barrier();
