@@ -12,7 +12,9 @@ since it compiles on the machine that runs it) into torch's extension cache (``$
 header changes, so a second process and a second run only load it.
 If the build fails, ONE warning says why and ``load()`` returns False for the rest of the process: the caller
 falls back to the torch reference. ``PAGEDSERVE_CPU_KERNELS=torch`` skips the extension on purpose (to debug
-against the reference, and to test the fallback).
+against the reference, and to test the fallback). ``PAGEDSERVE_CPU_MARCH`` builds for another ``-march`` than
+``native``, e.g. ``haswell`` (AVX2 and FMA) on an AVX-512 CPU: the kernels' code paths follow the instruction sets
+the build targets, and a test runs the AVX2 paths that way on CPUs whose own build never takes them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -32,6 +35,7 @@ from pagedserve.kernels import reference
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
+ENV_MARCH = "PAGEDSERVE_CPU_MARCH"  # the -march the kernels are built for (default: native)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
             _CSRC / "small_batch_linear.cpp", _CSRC / "panel_linear.cpp", _CSRC / "amx_linear.cpp",
@@ -67,10 +71,15 @@ def unavailable_reason() -> str | None:
     return _state.get("why")  # type: ignore[return-value]
 
 
+def _march() -> str:
+    """``PAGEDSERVE_CPU_MARCH`` if set (a GCC ``-march`` name), else ``native``."""
+    return os.environ.get(ENV_MARCH, "").strip() or "native"
+
+
 def _cpu_digest() -> str:
     """The build is ``-march=native``: a cache shared by machines with different CPUs (a home directory on NFS, a
     volume moved between nodes) must not hand one machine's binary to another, where an AMX or AVX-512 instruction
-    it lacks would kill the process. The CPU's feature flags name the build."""
+    it lacks would kill the process. The CPU's feature flags and the ``-march`` name the build."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -79,7 +88,9 @@ def _cpu_digest() -> str:
         pass
     import platform  # noqa: PLC0415
 
-    return hashlib.sha256((flags or platform.processor() or platform.machine()).encode()).hexdigest()[:12]
+    cpu = flags or platform.processor() or platform.machine()
+    march = _march()
+    return hashlib.sha256((cpu if march == "native" else f"{cpu} -march={march}").encode()).hexdigest()[:12]
 
 
 def _header_digest() -> str:
@@ -93,6 +104,9 @@ def _build() -> str | None:
     """None when loaded, else one line saying why not."""
     if disabled_by_env():
         return f"{ENV_SWITCH}=torch"
+    march = _march()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", march):
+        return f"{ENV_MARCH}={march!r}: expected a -march name of the compiler, e.g. native or haswell"
     _ninja_on_path()
     try:  # imports setuptools: only when building, and a broken setuptools is one more reason to fall back
         from torch.utils import cpp_extension  # noqa: PLC0415
@@ -103,7 +117,8 @@ def _build() -> str | None:
             name=f"{_NAME}_{_cpu_digest()}",
             sources=[str(path) for path in _SOURCES],
             # torch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", f"-DPAGEDSERVE_HEADERS={_header_digest()}"],
+            extra_cflags=["-O3", f"-march={march}", "-ffp-contract=fast", "-fopenmp",
+                          f"-DPAGEDSERVE_HEADERS={_header_digest()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -1,0 +1,72 @@
+"""The CPU kernels' AVX2 code paths, run on a CPU with AVX-512.
+
+The kernels are built ``-march=native``, so a machine runs only its own instruction set's paths: on an AVX-512 CI
+machine the AVX2 tiles (``panel_linear.cpp``'s 6 x 16, the attention block step in eight lanes, the eight-lane
+element-wise loops) would never run. Here the extension is built for ``haswell`` (AVX2 and FMA, no AVX-512, no
+AMX) under its own name (``PAGEDSERVE_CPU_MARCH``), and the kernel tests run against that build in a fresh
+process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pagedserve.kernels import cpu_extension
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_TESTS = [
+    "tests/test_cpu_kernels.py",
+    "tests/test_cpu_prefill_attention.py",
+    "tests/test_cpu_fused_ops.py",
+    "tests/test_cpu_sampling_ops.py",
+    "tests/test_panel_linear.py",
+    "tests/test_small_batch_linear.py",
+    "tests/test_kernel_threads.py",
+    "tests/test_cpu_linear.py",
+]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+pytestmark = [
+    pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= _cpu_flags(),
+                       reason="needs an AVX-512 CPU (elsewhere the native build already runs the AVX2 paths)"),
+    pytest.mark.skipif(not cpu_extension.load(), reason=f"CPU kernels unavailable: {cpu_extension.unavailable_reason()}"),
+]
+
+
+def test_the_avx2_build_passes_the_kernel_tests():
+    env = {**os.environ, cpu_extension.ENV_MARCH: "haswell"}
+    env.pop(cpu_extension.ENV_SWITCH, None)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from pagedserve.kernels import cpu_extension as c; "
+         "assert c.load(), c.unavailable_reason(); print(c.small_batch_lanes(), c.amx_supported())"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.split() == ["8", "False"]  # eight-lane vectors, no AMX: really the AVX2 build
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def test_a_bad_march_falls_back_with_one_line(tmp_path):
+    env = {**os.environ, cpu_extension.ENV_MARCH: "native; rm -rf /"}
+    env.pop(cpu_extension.ENV_SWITCH, None)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from pagedserve.kernels import cpu_extension as c; "
+         "print(c.load()); print(c.unavailable_reason())"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    loaded, why = probe.stdout.splitlines()[:2]
+    assert loaded == "False" and why.startswith("PAGEDSERVE_CPU_MARCH='native; rm -rf /'"), probe.stdout
