@@ -51,7 +51,7 @@ def _inputs(batch: int, context: int, hq: int, hkv: int, head_dim: int, dtype: t
     return q, k, v, seq_lens, tables
 
 
-def _median_ms(fn, min_time_s: float) -> tuple[float, float]:
+def median_ms(fn, min_time_s: float) -> tuple[float, float]:
     """Median wall and process-CPU milliseconds per call. On a shared machine the CPU time is the steadier
     figure of the work done (with one thread; with more it also counts threads spinning at a barrier)."""
     fn()  # warm-up
@@ -83,9 +83,9 @@ def measure(models: list[str], batches: list[int], contexts: list[int], dtypes: 
     for model, dtype_name, batch, context, heads, scale in _cases(models, dtypes, batches, contexts):
         q, k, v, seq_lens, tables = _inputs(batch, context, *heads, DTYPES[dtype_name])
         plan = TORCH_OPS.plan_decode(seq_lens, tables, BLOCK_SIZE)
-        torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_decode_attention(
+        torch_ms, torch_cpu_ms = median_ms(lambda: TORCH_OPS.paged_decode_attention(
             q, k, v, seq_lens, tables, scale, plan=plan), min_time_s)
-        kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_decode_attention(
+        kernel_ms, kernel_cpu_ms = median_ms(lambda: cpu_extension.paged_decode_attention(
             q, k, v, seq_lens, tables, scale), min_time_s)
         kv_bytes = 2 * batch * context * heads[1] * heads[2] * k.element_size()
         rows.append(dict(model=model, dtype=dtype_name, batch=batch, context=context,
@@ -107,9 +107,9 @@ def measure_prefill(models: list[str], batches: list[int], prompts: list[int], d
         _, k, v, seq_lens, tables = _inputs(batch, prompt, *heads, DTYPES[dtype_name])
         q = torch.randn(batch * prompt, hq, head_dim).to(DTYPES[dtype_name])
         cu = torch.arange(batch + 1, dtype=torch.int32) * prompt
-        torch_ms, torch_cpu_ms = _median_ms(lambda: TORCH_OPS.paged_attention(
+        torch_ms, torch_cpu_ms = median_ms(lambda: TORCH_OPS.paged_attention(
             q, k, v, cu, seq_lens, tables, scale), min_time_s)
-        kernel_ms, kernel_cpu_ms = _median_ms(lambda: cpu_extension.paged_attention(
+        kernel_ms, kernel_cpu_ms = median_ms(lambda: cpu_extension.paged_attention(
             q, k, v, cu, seq_lens, tables, scale), min_time_s)
         flops = 4 * batch * hq * head_dim * prompt * (prompt + 1) / 2  # QK and PV over the causal half
         rows.append(dict(kind="prefill", model=model, dtype=dtype_name, batch=batch, prompt=prompt,

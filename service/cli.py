@@ -28,6 +28,7 @@ _BENCH_TARGETS = {
     "sharing": "pagedserve.bench.sharing:sharing_command",
     "kernels": "pagedserve.bench.kernels:kernels_command",
     "cpu-kernels": "pagedserve.bench.cpu_kernels:cpu_kernels_command",
+    "cpu-linears": "pagedserve.bench.cpu_linears:cpu_linears_command",
     "service": "pagedserve.bench.service:service_command",
     "structured": "pagedserve.bench.structured:structured_command",
     "batch": "pagedserve.bench.batch:batch_command",

@@ -140,3 +140,29 @@ def test_kv_utilization_counts_shared_blocks_once(tiny_models):
     used = st["num_gpu_blocks"] - st["num_free_gpu_blocks"]
     assert st["num_running_seqs"] == 2 and used == 3
     assert st["kv_utilization"] == pytest.approx(20 / (3 * 8))
+
+
+def test_bench_cpu_linears_times_every_layout_that_runs_here(tmp_path):
+    """The step's weights are the 26M model's (same count of weights and parameters as the model the bench
+    writes), every layout that runs here gets a row, the default is marked, and a bad option is one line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pagedserve.bench import cpu_linears as L
+    from pagedserve.engine import cpu_linear
+    from pagedserve.service.cli import app
+
+    cfg, vocab = common.BENCH_MODELS["26m"]
+    shapes = L.step_shapes("26m")
+    assert len(shapes) == 4 * cfg["num_hidden_layers"] + 1 and shapes[-1] == (vocab, cfg["hidden_size"])
+    out = tmp_path / "linears.json"
+    res = CliRunner().invoke(app, ["bench", "cpu-linears", "--quick", "--rows", "1,7", "--dtypes", "fp32",
+                                   "--threads", "1", "--out", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["layout"] for r in rows} == set(L.layouts_here(torch.float32))
+    assert {r["rows"] for r in rows} == {1, 7} and all(r["ms"] > 0 for r in rows)
+    assert {r["layout"] for r in rows if r["default"]} == {cpu_linear.layout_for(torch.float32)}
+    bad = CliRunner().invoke(app, ["bench", "cpu-linears", "--models", "7b"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "--models '7b'" in bad.output
