@@ -46,27 +46,31 @@ pytestmark = [
 ]
 
 
-def test_the_avx2_build_passes_the_kernel_tests():
-    env = {**os.environ, cpu_extension.ENV_MARCH: "haswell"}
+def _with_march(march: str) -> dict:
+    env = {**os.environ, cpu_extension.ENV_MARCH: march}
     env.pop(cpu_extension.ENV_SWITCH, None)
-    probe = subprocess.run(
-        [sys.executable, "-c", "from pagedserve.kernels import cpu_extension as c; "
-         "assert c.load(), c.unavailable_reason(); print(c.small_batch_lanes(), c.amx_supported())"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def _load_in_fresh_process(env: dict, cwd: Path) -> list[str]:
+    """What a fresh process's ``load()`` says: whether it loaded, why not, its vector lanes and AMX."""
+    code = ("from pagedserve.kernels import cpu_extension as c; ok = c.load(); print(ok); print(c.unavailable_reason()); "
+            "print(c.small_batch_lanes() if ok else None); print(c.amx_supported())")
+    probe = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert probe.returncode == 0, probe.stderr[-3000:]
-    assert probe.stdout.split() == ["8", "False"]  # eight-lane vectors, no AMX: really the AVX2 build
+    return probe.stdout.splitlines()[:4]
+
+
+def test_the_avx2_build_passes_the_kernel_tests():
+    env = _with_march("haswell")
+    loaded, why, lanes, amx = _load_in_fresh_process(env, ROOT)
+    assert loaded == "True", why
+    assert (lanes, amx) == ("8", "False")  # eight-lane vectors, no AMX: really the AVX2 build
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
 
 def test_a_bad_march_falls_back_with_one_line(tmp_path):
-    env = {**os.environ, cpu_extension.ENV_MARCH: "native; rm -rf /"}
-    env.pop(cpu_extension.ENV_SWITCH, None)
-    probe = subprocess.run(
-        [sys.executable, "-c", "from pagedserve.kernels import cpu_extension as c; "
-         "print(c.load()); print(c.unavailable_reason())"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    loaded, why = probe.stdout.splitlines()[:2]
-    assert loaded == "False" and why.startswith("PAGEDSERVE_CPU_MARCH='native; rm -rf /'"), probe.stdout
+    loaded, why, _, _ = _load_in_fresh_process(_with_march("native; rm -rf /"), tmp_path)
+    assert loaded == "False" and why.startswith("PAGEDSERVE_CPU_MARCH='native; rm -rf /'"), why
