@@ -76,19 +76,23 @@ def _march() -> str:
     return os.environ.get(ENV_MARCH, "").strip() or "native"
 
 
+@functools.cache
+def cpu_flags_line() -> str:
+    """The ``flags`` line of ``/proc/cpuinfo`` (empty where there is none): the instruction sets this CPU has."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _cpu_digest() -> str:
     """The build is ``-march=native``: a cache shared by machines with different CPUs (a home directory on NFS, a
     volume moved between nodes) must not hand one machine's binary to another, where an AMX or AVX-512 instruction
     it lacks would kill the process. The CPU's feature flags and the ``-march`` name the build."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
     import platform  # noqa: PLC0415
 
-    cpu = flags or platform.processor() or platform.machine()
+    cpu = cpu_flags_line() or platform.processor() or platform.machine()
     march = _march()
     return hashlib.sha256((cpu if march == "native" else f"{cpu} -march={march}").encode()).hexdigest()[:12]
 

@@ -31,16 +31,8 @@ KERNEL_TESTS = [
 ]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
 pytestmark = [
-    pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= _cpu_flags(),
+    pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= set(cpu_extension.cpu_flags_line().split()),
                        reason="needs an AVX-512 CPU (elsewhere the native build already runs the AVX2 paths)"),
     pytest.mark.skipif(not cpu_extension.load(), reason=f"CPU kernels unavailable: {cpu_extension.unavailable_reason()}"),
 ]

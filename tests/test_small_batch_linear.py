@@ -146,11 +146,7 @@ def test_lanes_follow_the_cpu_the_kernel_was_built_for():
     """16 lanes where the CPU has AVX-512 (the build is -march=native), else 8."""
     if os.environ.get(cpu_extension.ENV_MARCH, "native") != "native":
         pytest.skip("the kernels are built for another -march than this CPU's")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        pytest.skip("no /proc/cpuinfo")
+    flags = cpu_extension.cpu_flags_line().split()
     if not flags:
         pytest.skip("no CPU flags in /proc/cpuinfo")
     assert cpu_extension.small_batch_lanes() == (16 if "avx512f" in flags else 8)

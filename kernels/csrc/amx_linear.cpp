@@ -230,6 +230,7 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
   const c10::BFloat16* w = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* out_ptr = out.data_ptr<c10::BFloat16>();
   const int64_t x_stride_bytes = K * static_cast<int64_t>(sizeof(c10::BFloat16));
+  const int64_t chunk_rows = tile_rows > kChunkRows ? kPrefillChunkRows : kChunkRows;
   for (int64_t block = 0; block < tile_rows; block += kBlockRows) {
     const int64_t block_end = std::min(tile_rows, block + kBlockRows), block_rows = block_end - block;
     kernel_threads::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
@@ -237,7 +238,6 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
       std::vector<float> acc(block_rows * kGroupCols);
       for (int64_t g = first; g < last; ++g) {
         const c10::BFloat16* wg = w + g * steps * kStepElems;
-        const int64_t chunk_rows = tile_rows > kChunkRows ? kPrefillChunkRows : kChunkRows;
         for (int64_t row = block; row < block_end;) {
           const int64_t rows = std::min(chunk_rows, block_end - row);
           const c10::BFloat16* xr = x_tiles.data() + row * K;

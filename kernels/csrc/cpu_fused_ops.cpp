@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "vec8.h"
+#include "widening_vectors.h"
 #include "kernel_threads.h"
 
 namespace {
@@ -79,11 +80,10 @@ struct LaneBits<vec8> {
   using type = u32x8;
 };
 #ifdef __AVX512F__
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+using Lanes16 = widening::Vectors<16>;  // sixteen-lane loads, bf16 widened as it is loaded
 template <>
 struct LaneBits<vec16> {
-  using type = u32x16;
+  using type = Lanes16::bits;
 };
 #endif
 template <typename T, typename F>
@@ -110,15 +110,9 @@ inline void store8f(c10::BFloat16* p, vec8 v) {
 
 #ifdef __AVX512F__
 // Sixteen lanes where the CPU has AVX-512 (only there: elsewhere GCC would split them piece by piece).
-inline vec16 load16f(const float* p) { return load_lanes<vec16>(p); }
-inline vec16 load16f(const c10::BFloat16* p) {
-  u16x16 half;
-  std::memcpy(&half, p, sizeof half);
-  return from_bf16_bits<vec16>(__builtin_convertvector(half, u32x16));
-}
-inline void store16f(float* p, vec16 v) { std::memcpy(p, &v, sizeof v); }
+inline void store16f(float* p, vec16 v) { Lanes16::store(p, v); }
 inline void store16f(c10::BFloat16* p, vec16 v) {
-  const u16x16 half = __builtin_convertvector(to_bf16_bits<u32x16>(v), u16x16);
+  const Lanes16::half_bits half = __builtin_convertvector(to_bf16_bits<Lanes16::bits>(v), Lanes16::half_bits);
   std::memcpy(p, &half, sizeof half);
 }
 #endif
@@ -224,9 +218,9 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
       int64_t i = 0;
 #ifdef __AVX512F__
       for (; i + 16 <= inter; i += 16) {
-        const vec16 g = load16f(gate + i);
+        const vec16 g = Lanes16::load(gate + i);
         const vec16 act = g / (1.f + exp_lanes<vec16, ivec16>(-g));
-        store16f(dst + i, round_to<T>(act) * load16f(up + i));
+        store16f(dst + i, round_to<T>(act) * Lanes16::load(up + i));
       }
 #endif
       for (; i + 8 <= inter; i += 8) {

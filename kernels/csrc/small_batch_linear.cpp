@@ -160,7 +160,7 @@ void small_batch_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w
   ops.finish();
 }
 
-// The fp32 lanes of this build's vectors (16 with AVX-512, else 8): what the layout choice asks of the kernel.
+// The fp32 lanes of this build's vectors (16 with AVX-512, else 8): which instruction set the build targets.
 int64_t small_batch_lanes() { return kLanes; }
 
 }  // namespace
