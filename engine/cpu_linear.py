@@ -87,6 +87,11 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return True
     if dtype == torch.bfloat16:
+        # oneDNN calls bf16 supported on every AVX-512 CPU, but without bf16 dot products (e.g. Ice Lake) it
+        # converts in software and a prefill-sized GEMM runs several times slower than widening in the panels.
+        flags = cpu_extension.cpu_flags_line().split()
+        if flags and not {"avx512_bf16", "amx_bf16"} & set(flags):
+            return False
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
 

@@ -131,6 +131,27 @@ def test_default_layout_per_cpu_kind(monkeypatch):
     assert layout_for(torch.bfloat16) == "row"
 
 
+def test_onednn_bf16_counts_as_native_only_with_bf16_dot_products(monkeypatch):
+    """oneDNN reports bf16 as supported on any AVX-512 CPU, but converts in software where the CPU has neither
+    AVX512-BF16 nor AMX (Ice Lake, Cascade Lake): there bf16 must not take oneDNN's layout."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    ice_lake = "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512vl avx512_vnni\n"
+    monkeypatch.setattr(cpu_extension, "cpu_flags_line", lambda: ice_lake)
+    assert not onednn_supports(torch.bfloat16)
+    assert onednn_supports(torch.float32)
+    monkeypatch.setattr(cpu_extension, "amx_supported", lambda: False)
+    assert layout_for(torch.bfloat16) == ("panel" if cpu_extension.load() else "row")
+    monkeypatch.setattr(cpu_extension, "cpu_flags_line", lambda: ice_lake.rstrip() + " avx512_bf16\n")
+    assert onednn_supports(torch.bfloat16)
+    assert layout_for(torch.bfloat16) == "onednn"
+    monkeypatch.setattr(cpu_extension, "cpu_flags_line", lambda: ice_lake.rstrip() + " amx_tile amx_bf16\n")
+    assert onednn_supports(torch.bfloat16)
+    monkeypatch.setattr(cpu_extension, "cpu_flags_line", lambda: "")  # no /proc/cpuinfo: oneDNN's own answer
+    assert onednn_supports(torch.bfloat16)
+
+
 def test_a_weight_that_does_not_fill_whole_panels_takes_another_layout():
     if not cpu_extension.load():
         pytest.skip("no C++ kernels")
