@@ -14,6 +14,7 @@ KV pool (same block ids everywhere): the driver turns the scheduler output into 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,9 @@ from pagedserve.engine.parallel_layers import SINGLE, TensorParallelGroup
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
 from pagedserve.engine.swap_pool import SwapPool
-from pagedserve.kernels import KernelOps, get_ops
+from pagedserve.kernels import KernelOps, cpu_extension, get_ops
+
+log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 # The KV pool when the "device" is the CPU and num_gpu_blocks is not given: this share of the memory available at
@@ -108,6 +111,9 @@ class ModelRunner:
                                   self.head_dim, self.dtype, pin=self.device.type == "cuda")  # allocated on first swap
         for i, layer in enumerate(self.model.attention_layers()):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        if self.device.type == "cpu" and cpu_extension.fused_layers_enabled():
+            why_not = self.model.fuse_layers()
+            log.debug("decoder layers: %s", "one call per step" if why_not is None else f"layer by layer ({why_not})")
         # Captured after the KV pool exists, so the graphs' memory comes out of the activation headroom.
         self.decode_graphs: DecodeGraphRunner | None = None
         if self.device.type == "cuda" and not config.enforce_eager:

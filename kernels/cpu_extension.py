@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
 ENV_MARCH = "PAGEDSERVE_CPU_MARCH"  # the -march the kernels are built for (default: native)
+ENV_FUSED_LAYERS = "PAGEDSERVE_CPU_FUSED_LAYERS"  # "0": run the decoder layer by layer (see decoder_stack)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
             _CSRC / "small_batch_linear.cpp", _CSRC / "panel_linear.cpp", _CSRC / "amx_linear.cpp",
-            _CSRC / "sampling_ops.cpp")
+            _CSRC / "sampling_ops.cpp", _CSRC / "decoder_stack.cpp")
 _NAME = "pagedserve_cpu_kernels"
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
@@ -130,7 +131,7 @@ def _build() -> str | None:
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
     for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "panel_linear",
-               "amx_linear", "argmax_logsumexp", *_FUSED_OPS):
+               "amx_linear", "argmax_logsumexp", "decoder_stack", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None
@@ -363,3 +364,29 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty(logits.shape[0], dtype=torch.float32)
     torch.ops.pagedserve_cpu.argmax_logsumexp(_rows(logits), tokens, lse)
     return tokens, lse
+
+
+# The whole decoder stack of a step in one call (csrc/decoder_stack.cpp).
+
+DECODER_STACK_TENSORS = 12  # per layer, in csrc/decoder_stack.cpp's order
+
+
+def fused_layers_enabled() -> bool:
+    """False where ``PAGEDSERVE_CPU_FUSED_LAYERS`` is 0 (or false/no/off): the model then runs layer by layer."""
+    return os.environ.get(ENV_FUSED_LAYERS, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, ctx, layers: list, final_norm: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                  scale: float) -> torch.Tensor:
+    """The final-normed hidden states ``[T, hidden]`` of every decoder layer over ``hidden`` (the embedded
+    tokens), computed by the same kernels in the same order as the layer-by-layer model, bit for bit; ``ctx`` is
+    the step's StepContext, ``layers`` :data:`DECODER_STACK_TENSORS` tensors (or None) per layer, linear weights in
+    the ``panel`` or ``amx`` layout. Returns None for a step it does not take: a prefill step whose head_dim the
+    prefill kernel does not take (the caller then runs the layers one by one)."""
+    if not ctx.decode_only and not _prefill_supported(head_dim):
+        return None
+    return torch.ops.pagedserve_cpu.decoder_stack.default(
+        hidden.contiguous(), positions.to(torch.int64).contiguous(), ctx.slot_mapping.to(torch.int64).contiguous(),
+        _int32(ctx.cu_seqlens_q), _int32(ctx.seq_lens), _int32(ctx.block_tables), ctx.decode_only, cos, sin, layers,
+        final_norm, num_heads, num_kv_heads, head_dim, float(eps), float(scale))

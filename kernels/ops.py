@@ -30,6 +30,8 @@ class KernelOps:
     rotary_embedding: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
     argmax_logsumexp: Callable[..., Any]  # the sampler's greedy tokens and log-softmax normalisers
+    # Every decoder layer of a step in one call (cpu_extension.decoder_stack); None: the model runs layer by layer.
+    decoder_stack: Callable[..., Any] | None = None
 
 
 def no_plan(seq_lens, block_tables, block_size: int) -> None:
@@ -56,7 +58,8 @@ TORCH_OPS = KernelOps(
 # The CPU set when the C++ extension builds (kernels.get_ops decides): attention reads K/V in place through the
 # block table, so there is nothing to plan per step (prefill attention needs AVX-512, else it is the
 # reference's); the element-wise layers are fused C++ loops; cache writes are one copy per token; block moves are
-# the reference's.
+# the reference's; a model whose weights all sit in the C++ kernels' layouts can run its whole layer stack in one
+# call.
 CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", write_kv=cpu_extension.write_kv,
                               paged_attention=cpu_extension.paged_attention,
                               paged_decode_attention=cpu_extension.paged_decode_attention,
@@ -64,4 +67,5 @@ CPU_OPS = dataclasses.replace(TORCH_OPS, name="cpu", write_kv=cpu_extension.writ
                               add_rms_norm=cpu_extension.add_rms_norm,
                               rotary_embedding=cpu_extension.rotary_embedding,
                               silu_and_mul=cpu_extension.silu_and_mul,
-                              argmax_logsumexp=cpu_extension.argmax_logsumexp)
+                              argmax_logsumexp=cpu_extension.argmax_logsumexp,
+                              decoder_stack=cpu_extension.decoder_stack)

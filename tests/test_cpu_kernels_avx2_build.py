@@ -28,6 +28,7 @@ KERNEL_TESTS = [
     "tests/test_small_batch_linear.py",
     "tests/test_kernel_threads.py",
     "tests/test_cpu_linear.py",
+    "tests/test_decoder_stack.py",
 ]
 
 

@@ -213,13 +213,44 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
+        self._fused_layers: tuple | None = None  # the decoder_stack's arguments once fuse_layers() succeeded
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` for the flattened tokens of one step."""
         h, residual = self.embed_tokens(input_ids), None
+        if self._fused_layers is not None:
+            out = self.ops.decoder_stack(h, positions, get_context(), *self._fused_layers)
+            if out is not None:
+                return out
         for layer in self.layers:
             h, residual = layer(positions, h, residual)
         return self.norm(h, residual)[0]
+
+    def fuse_layers(self) -> str | None:
+        """From now on run every decoder layer of a step in one call to the kernel set's ``decoder_stack`` (the same
+        kernels in the same order, without the host work between them); None when it will, else why not (the
+        model then stays layer by layer). Call once the KV cache is bound to the attention layers.
+
+        The stack takes each layer's tensors in DecoderLayer.forward's order, so a change to the layer must change
+        both (tests/test_decoder_stack.py holds them equal)."""
+        if self.ops.decoder_stack is None:
+            return f"the {self.ops.name} kernel set has no decoder_stack"
+        if self.tp.size > 1:
+            return "tensor parallelism (the all-reduces run between a layer's ops)"
+        tensors = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if any(lin.weight.dim() not in (3, 5) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                               mlp.down_proj)):
+                return "a linear weight is in neither the panel nor the amx layout (engine/cpu_linear.py)"
+            q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
+            tensors += [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, q_norm, k_norm,
+                        attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight,
+                        mlp.gate_up_proj.weight, mlp.down_proj.weight, attn.attn.k_cache, attn.attn.v_cache]
+        first = self.layers[0].self_attn
+        self._fused_layers = (tensors, self.norm.weight, first.rotary.cos.contiguous(), first.rotary.sin.contiguous(),
+                              first.num_heads, first.num_kv_heads, first.head_dim, self.norm.eps, first.attn.scale)
+        return None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """float32 logits ``[n, vocab_size]``; on a rank other than 0, None (its slice went to rank 0)."""

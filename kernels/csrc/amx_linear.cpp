@@ -39,6 +39,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpu_ops.h"
 #include "kernel_threads.h"
 
 namespace {
@@ -202,6 +203,11 @@ bool amx_linear_supported() {
 #endif
 }
 
+}  // namespace
+
+// Entry points (cpu_ops.h).
+namespace cpu_ops {
+
 void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(amx_linear_supported(), "amx_linear needs AMX (AMX-TILE, AMX-BF16) and the kernel's permission to use it");
   TORCH_CHECK(packed.dim() == 5 && packed.size(2) == 4 && packed.size(3) == 16 && packed.size(4) == 32 &&
@@ -262,7 +268,7 @@ void amx_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, c
 #endif
 }
 
-}  // namespace
+}  // namespace cpu_ops
 
 // A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
 TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
@@ -270,4 +276,4 @@ TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
   m.def("amx_linear_supported() -> bool", &amx_linear_supported);
 }
 
-TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("amx_linear", &amx_linear); }
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("amx_linear", &cpu_ops::amx_linear); }

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu_ops.h"
 #include "vec8.h"
 #include "widening_vectors.h"
 #include "kernel_threads.h"
@@ -273,6 +274,11 @@ void check_rows(const at::Tensor& t, const char* name) {
     }                                                                                              \
   } while (0)
 
+}  // namespace
+
+// Entry points (cpu_ops.h).
+namespace cpu_ops {
+
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "x");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && weight.is_contiguous() &&
@@ -345,7 +351,7 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
   PAGEDSERVE_DISPATCH(key.scalar_type(), "write_kv", write_kv_impl<scalar_t>(key, value, k_cache, v_cache, slots));
 }
 
-}  // namespace
+}  // namespace cpu_ops
 
 // A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
 TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
@@ -359,9 +365,9 @@ TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("rotary_embedding", &rotary_embedding);
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("write_kv", &write_kv);
+  m.impl("rms_norm", &cpu_ops::rms_norm);
+  m.impl("add_rms_norm", &cpu_ops::add_rms_norm);
+  m.impl("rotary_embedding", &cpu_ops::rotary_embedding);
+  m.impl("silu_and_mul", &cpu_ops::silu_and_mul);
+  m.impl("write_kv", &cpu_ops::write_kv);
 }

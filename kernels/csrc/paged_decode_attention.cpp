@@ -33,6 +33,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "paged_attention_args.h"
 #include "paged_attention_block.h"
 #include "vec8.h"
@@ -302,6 +303,11 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   });
 }
 
+}  // namespace
+
+// Entry points (cpu_ops.h).
+namespace cpu_ops {
+
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             double scale, int64_t partition_tokens) {
@@ -354,7 +360,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   });
 }
 
-}  // namespace
+}  // namespace cpu_ops
 
 TORCH_LIBRARY(pagedserve_cpu, m) {
   m.def(
@@ -362,4 +368,4 @@ TORCH_LIBRARY(pagedserve_cpu, m) {
       "Tensor seq_lens, float scale, int partition_tokens) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("paged_decode_attention", &cpu_ops::paged_decode_attention); }

@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "paged_attention_args.h"
 #include "paged_attention_block.h"
 #include "kernel_threads.h"
@@ -134,6 +135,11 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
 
 #endif  // PAGEDSERVE_BLOCK_STEP
 
+}  // namespace
+
+// Entry points (cpu_ops.h).
+namespace cpu_ops {
+
 void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                              const at::Tensor& block_tables, double scale) {
@@ -157,7 +163,7 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
 #endif
 }
 
-}  // namespace
+}  // namespace cpu_ops
 
 // A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
 TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
@@ -167,4 +173,4 @@ TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
   m.def("prefill_attention_supported(int head_dim) -> bool", &prefill_attention_supported);
 }
 
-TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("paged_prefill_attention", &paged_prefill_attention); }
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("paged_prefill_attention", &cpu_ops::paged_prefill_attention); }

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include "cpu_ops.h"
 #include "kernel_threads.h"
 #include "widening_vectors.h"
 
@@ -175,6 +176,11 @@ void panel_range(float* y, const float* x, const w_t* wp, const float* bias, int
   }
 }
 
+}  // namespace
+
+// Entry points (cpu_ops.h).
+namespace cpu_ops {
+
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel && x.size(1) == packed.size(1),
@@ -200,11 +206,11 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
   ops.finish();
 }
 
-}  // namespace
+}  // namespace cpu_ops
 
 // A fragment: paged_decode_attention.cpp holds the namespace's TORCH_LIBRARY.
 TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
   m.def("panel_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("panel_linear", &panel_linear); }
+TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) { m.impl("panel_linear", &cpu_ops::panel_linear); }
