@@ -790,6 +790,9 @@ def test_kernel_sets_are_typed_records():
         with pytest.raises(dataclasses.FrozenInstanceError):
             ops.write_kv = reference.write_kv
     for field in dataclasses.fields(KernelOps):
-        if field.name not in ("name", "plan_decode"):
+        if field.name not in ("name", "plan_decode", "decoder_stack"):
             assert getattr(TORCH_OPS, field.name) is getattr(reference, field.name), field.name
     assert TORCH_OPS.plan_decode is cpu_decode.decode_plan
+    # The one-call layer stack is the C++ kernels' alone; elsewhere the model runs layer by layer.
+    assert TORCH_OPS.decoder_stack is None and triton_ops.OPS.decoder_stack is None
+    assert CPU_OPS.decoder_stack is not None
