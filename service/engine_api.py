@@ -41,6 +41,8 @@ class EngineAPI(Protocol):
 
     def stats(self) -> dict: ...
 
+    def close(self) -> None: ...  # release what outlives the engine (tensor-parallel rank processes)
+
     @property
     def num_running(self) -> int: ...
 

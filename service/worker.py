@@ -74,6 +74,7 @@ class Worker(WorkerPart):
             new_client=lambda: redis_client(s.redis_url),
         )
         self._engine = engine
+        self._owns_engine = engine is None  # an engine handed in belongs to the caller, who closes it
         self.model_loaded = engine is not None
         self.publisher = publisher = Publisher(ctx)
         self.reclaimer = Reclaimer(ctx)
@@ -312,10 +313,22 @@ class Worker(WorkerPart):
                 self.conn.failed(e)
                 time.sleep(0.2)
         self.conn.close_pubsub()
+        self._close_engine()
         self.log.info("worker_stopped", released=len(entry_ids), unflushed=self.publisher.pending())
         if self.health is not None:
             self.health.stop()
         self.stopped.set()
+
+
+    def _close_engine(self) -> None:
+        """Stop the engine's rank processes with a stop message rather than leave them to the interpreter's exit."""
+        if self._engine is None or not self._owns_engine:
+            return
+        try:
+            self._engine.close()
+            self.log.info("engine_closed")
+        except Exception as e:  # the entries are released already: a failed close must not hide the clean stop
+            self.log.warning("engine_close_failed", error=redact(str(e)))
 
 
 def run_worker(settings: Settings | None = None) -> None:

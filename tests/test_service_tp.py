@@ -66,3 +66,27 @@ def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishe
         tp.close()
         c.close()
         r.close()
+
+
+def test_tp2_worker_stopped_by_sigterm_stops_its_ranks_before_it_exits(redis_url, prefix, tmp_path):
+    s = make_settings(redis_url, prefix)
+    tp = WorkerProcess(s.model_copy(update={"worker_name": "tp-stop", "tensor_parallel_size": 2}),
+                       tmp_path / "tp.log").start()
+    try:
+        tp.wait_started(180)
+        (rank,) = spawned_children(tp.proc.pid)
+        assert tp.terminate(60) == 0, tp.log_path.read_text()[-3000:]
+        events = [e.get("event") for e in tp.events()]
+        # The engine is closed (its ranks told to stop and joined) before the worker reports itself stopped.
+        assert "engine_closed" in events and events.index("engine_closed") < events.index("worker_stopped"), events
+        assert _gone(rank)
+    finally:
+        tp.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has stopped; only its reaping is left
+    except OSError:
+        return True
