@@ -149,6 +149,15 @@ constexpr int W = Lanes::W;
 // Registers of a K row: head_dim up to 128.
 constexpr int kMaxRowRegs = 128 / W;
 
+// Asks for the cache lines of ``bytes`` bytes at p (nothing for a null p): a later block's row, requested while
+// this block's row is computed, so the requests spread over the arithmetic instead of filling the line-fill
+// buffers in one burst that stalls it.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  if (p == nullptr) return;
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 // Head dims this path takes: whole registers, up to 128.
 inline bool handles(int64_t head_dim) { return head_dim % W == 0 && head_dim <= 128; }
 
@@ -156,7 +165,7 @@ inline bool handles(int64_t head_dim) { return head_dim % W == 0 && head_dim <= 
 // ``part`` is scratch of W * G registers.
 template <int DC, typename cache_t>
 void block_scores(const float* qf, int64_t G, const cache_t* k, int64_t stride, int64_t n, float* scores,
-                  int64_t scores_stride, reg* part) {
+                  int64_t scores_stride, reg* part, const cache_t* pf) {
   constexpr int64_t D = W * DC;
   for (int64_t j0 = 0; j0 < n; j0 += W) {
     const int64_t count = std::min<int64_t>(W, n - j0);
@@ -166,6 +175,7 @@ void block_scores(const float* qf, int64_t G, const cache_t* k, int64_t stride, 
         continue;
       }
       const cache_t* row = k + (j0 + jj) * stride;
+      if (pf != nullptr) prefetch_span(pf + (j0 + jj) * stride, D * sizeof(cache_t));
       reg kr[DC];
       for (int i = 0; i < DC; ++i) kr[i] = Lanes::load(row + W * i);
       for (int64_t g = 0; g < G; ++g) {
@@ -214,7 +224,7 @@ inline float softmax_update(float* s, int64_t n, int64_t valid, float* m, float*
 // their accumulators stay in GG * DC registers while the n V rows stream past once.
 template <int DC, int GG, typename cache_t>
 void pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t p_stride, const cache_t* v,
-             int64_t stride, int64_t n, int64_t d0) {
+             int64_t stride, int64_t n, int64_t d0, const cache_t* pf) {
   reg r[GG][DC];
   for (int g = 0; g < GG; ++g) {
     const reg a = Lanes::set1(alpha[g]);
@@ -222,6 +232,7 @@ void pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t 
   }
   for (int64_t j = 0; j < n; ++j) {
     const cache_t* row = v + j * stride + d0;
+    if (pf != nullptr) prefetch_span(pf + j * stride + d0, W * DC * sizeof(cache_t));
     reg vr[DC];
     for (int i = 0; i < DC; ++i) vr[i] = Lanes::load(row + W * i);
     for (int g = 0; g < GG; ++g) {
@@ -236,14 +247,14 @@ void pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t 
 
 template <int GG, typename cache_t>
 void pv_heads(float* acc, int64_t D, const float* alpha, const float* p, int64_t p_stride, const cache_t* v,
-              int64_t stride, int64_t n) {
+              int64_t stride, int64_t n, const cache_t* pf) {
   constexpr int64_t kChunk = W * Lanes::kPvRegs;
   int64_t d0 = 0;
-  for (; d0 + kChunk <= D; d0 += kChunk) pv_tile<Lanes::kPvRegs, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0);
+  for (; d0 + kChunk <= D; d0 += kChunk) pv_tile<Lanes::kPvRegs, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf);
   switch ((D - d0) / W) {  // fewer than kPvRegs (= 4) registers left
-    case 3: pv_tile<3, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0); break;
-    case 2: pv_tile<2, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0); break;
-    case 1: pv_tile<1, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0); break;
+    case 3: pv_tile<3, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf); break;
+    case 2: pv_tile<2, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf); break;
+    case 1: pv_tile<1, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf); break;
     default: break;
   }
 }
@@ -251,25 +262,28 @@ void pv_heads(float* acc, int64_t D, const float* alpha, const float* p, int64_t
 // block_scores for a K row of ``chunks`` registers (1 .. kMaxRowRegs), as a compile-time count.
 template <int DC = 1, typename cache_t>
 void block_scores_for(int64_t chunks, const float* qf, int64_t G, const cache_t* k, int64_t stride, int64_t n,
-                      float* scores, int64_t scores_stride, reg* part) {
+                      float* scores, int64_t scores_stride, reg* part, const cache_t* pf) {
   if constexpr (DC < kMaxRowRegs) {
     if (chunks > DC) {
-      block_scores_for<DC + 1>(chunks, qf, G, k, stride, n, scores, scores_stride, part);
+      block_scores_for<DC + 1>(chunks, qf, G, k, stride, n, scores, scores_stride, part, pf);
       return;
     }
   }
-  block_scores<DC>(qf, G, k, stride, n, scores, scores_stride, part);
+  block_scores<DC>(qf, G, k, stride, n, scores, scores_stride, part, pf);
 }
 
 // G query rows ``qf`` (fp32, scaled; the query heads of one KV head, for one token or several) over n tokens
 // of one block, K and V rows ``stride`` apart; the rows' running max ``m``, sum ``l`` and accumulator rows
 // ``acc`` (D apart) as the callers keep them. ``valid``: how many of the n tokens each row sees (nullptr: all).
 // Scratch: ``scores`` (G rows, ``scores_stride`` >= n apart), ``part`` (W * G registers), ``alpha`` (G floats).
+// ``pf_k``/``pf_v``: where the same rows of the block to come next sit, requested row by row as these are
+// computed (null: nothing requested).
 template <typename cache_t>
 void attend_block(const float* qf, int64_t G, int64_t D, const cache_t* k, const cache_t* v, int64_t stride,
                   int64_t n, const int64_t* valid, float* scores, int64_t scores_stride, reg* part,
-                  float* alpha, float* m, float* l, float* acc) {
-  block_scores_for(D / W, qf, G, k, stride, n, scores, scores_stride, part);
+                  float* alpha, float* m, float* l, float* acc, const cache_t* pf_k = nullptr,
+                  const cache_t* pf_v = nullptr) {
+  block_scores_for(D / W, qf, G, k, stride, n, scores, scores_stride, part, pf_k);
   for (int64_t g = 0; g < G; ++g) {
     alpha[g] = softmax_update(scores + g * scores_stride, n, valid ? valid[g] : n, m + g, l + g);
   }
@@ -277,10 +291,10 @@ void attend_block(const float* qf, int64_t G, int64_t D, const cache_t* k, const
     float* a = acc + g0 * D;
     const float* p = scores + g0 * scores_stride;
     switch (std::min<int64_t>(Lanes::kHeadsPerPass, G - g0)) {
-      case 4: if constexpr (Lanes::kHeadsPerPass >= 4) pv_heads<4>(a, D, alpha + g0, p, scores_stride, v, stride, n); break;
-      case 3: if constexpr (Lanes::kHeadsPerPass >= 3) pv_heads<3>(a, D, alpha + g0, p, scores_stride, v, stride, n); break;
-      case 2: pv_heads<2>(a, D, alpha + g0, p, scores_stride, v, stride, n); break;
-      default: pv_heads<1>(a, D, alpha + g0, p, scores_stride, v, stride, n); break;
+      case 4: if constexpr (Lanes::kHeadsPerPass >= 4) pv_heads<4>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
+      case 3: if constexpr (Lanes::kHeadsPerPass >= 3) pv_heads<3>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
+      case 2: pv_heads<2>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
+      default: pv_heads<1>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
     }
   }
 }

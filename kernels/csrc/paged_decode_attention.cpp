@@ -43,8 +43,7 @@ namespace {
 
 // Shortest partition of a split context: below this the merge pass costs more than the extra thread saves.
 constexpr int64_t kMinPartitionTokens = 256;
-// How many blocks ahead of the one being computed its K/V rows are requested (one paid, two did not:
-// docs/benchmarks.md).
+// How many blocks ahead of the one being computed its K/V rows are requested (one paid, two did not).
 constexpr int64_t kPrefetchBlocks = 1;
 
 // p[j] = exp(p[j] - top) for j < n; returns their sum.
@@ -164,6 +163,13 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
   const int64_t G = sh.group, D = sh.head_dim, BS = sh.block_size;
   const int64_t token_stride = sh.num_kv_heads * D;
   float* scores = w.scores.data();
+  // The block step requests the next block's rows a row at a time as it computes (paged_attention_block.h);
+  // the plain path asks for the whole block up front.
+#if defined(PAGEDSERVE_BLOCK_STEP)
+  const bool spread_prefetch = block_step::handles(D);
+#else
+  const bool spread_prefetch = false;
+#endif
   for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
     const int64_t off = (kvh - kv_begin) * heads_stride;
     std::fill(m_all + off, m_all + off + G, -std::numeric_limits<float>::infinity());
@@ -177,13 +183,15 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     const int64_t block = table[block_idx];
     TORCH_CHECK(block >= 0 && block < sh.num_blocks, "block_tables holds block id ", block, " outside [0, ",
                 sh.num_blocks, ")");
-    if ((block_idx + kPrefetchBlocks) * BS < end) {  // blocks sit anywhere in the pool: ask for a later one now
-      const int64_t next = table[block_idx + kPrefetchBlocks];
-      if (next >= 0 && next < sh.num_blocks) {
-        const int64_t rows = std::min(BS, end - (block_idx + kPrefetchBlocks) * BS);
-        prefetch_rows(k_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
-        prefetch_rows(v_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
-      }
+    int64_t next = -1;  // blocks sit anywhere in the pool: a later one's rows are requested while this one runs
+    if ((block_idx + kPrefetchBlocks) * BS < end) {
+      const int64_t b = table[block_idx + kPrefetchBlocks];
+      if (b >= 0 && b < sh.num_blocks) next = b;
+    }
+    if (next >= 0 && !spread_prefetch) {
+      const int64_t rows = std::min(BS, end - (block_idx + kPrefetchBlocks) * BS);
+      prefetch_rows(k_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
+      prefetch_rows(v_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
     }
     for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
     const int64_t off = (kvh - kv_begin) * heads_stride;
@@ -194,8 +202,10 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     const int64_t base = (block * BS + offset) * token_stride + kvh * D;
 #if defined(PAGEDSERVE_BLOCK_STEP)
     if (block_step::handles(D)) {
+      const int64_t next_base = next * BS * token_stride + kvh * D;
       block_step::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, nullptr, scores, BS,
-                               w.part.data(), w.alpha.data(), m, l, acc);
+                               w.part.data(), w.alpha.data(), m, l, acc, next >= 0 ? k_cache + next_base : nullptr,
+                               next >= 0 ? v_cache + next_base : nullptr);
       continue;
     }
 #endif
