@@ -49,6 +49,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pagedserve.engine import host_memory
 from pagedserve.kernels import cpu_extension
 
 ENV_LINEAR = "PAGEDSERVE_CPU_LINEAR"
@@ -125,14 +126,14 @@ def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
     weight = weight.detach()
     if layout == "amx":
         if cpu_extension.amx_packable(weight):
-            return cpu_extension.amx_pack(weight)
+            return host_memory.copy_of(cpu_extension.amx_pack(weight))
         layout = "onednn"
     if layout == "panel":
         if cpu_extension.panel_packable(weight):
-            return cpu_extension.panel_pack(weight)
+            return host_memory.copy_of(cpu_extension.panel_pack(weight))
         layout = "onednn" if onednn_supports(weight.dtype) else "column"
     if layout == "column":
-        return weight.t().contiguous().t()
+        return host_memory.copy_of(weight.t()).t()
     if layout == "onednn":
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ONEDNN_BATCH_HINT)
     return weight.contiguous()

@@ -23,6 +23,7 @@ import torch
 
 from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
+from pagedserve.engine import host_memory
 from pagedserve.engine.cpu_linear import prepare_cpu_linears
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model
@@ -106,7 +107,10 @@ class ModelRunner:
             raise ValueError("num_gpu_blocks: not enough memory for a single KV block")
         self.num_cpu_blocks = int(config.swap_space_gb * GIB // self.block_bytes)
         shape = (self.num_layers, 2, self.num_gpu_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":  # streamed every step: on huge pages where the system offers them
+            self.kv_cache = host_memory.empty(shape, self.dtype).zero_()
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.swap_pool = SwapPool(self.num_layers, self.num_cpu_blocks, self.block_size, self.num_kv_heads,
                                   self.head_dim, self.dtype, pin=self.device.type == "cuda")  # allocated on first swap
         for i, layer in enumerate(self.model.attention_layers()):

@@ -1,0 +1,57 @@
+"""Host tensors on transparent huge pages, for the large buffers the CPU kernels stream: the KV cache and the
+packed linear weights.
+
+A decode step reads every weight and every live K/V block once. On 4 KB pages that is a TLB miss every 4 KB,
+and under a hypervisor each miss walks two page tables; 2 MB pages take nearly all of them away (measured in
+docs/benchmarks.md). Linux gives huge pages to a range only on request when transparent huge pages are in
+``madvise`` mode (the common default), so such a buffer gets a mapping of its own, starts on a 2 MB boundary in
+it and is advised with ``madvise(MADV_HUGEPAGE)`` before anything touches it. Where the system turned huge
+pages off (``never``), or off Linux, the advice is refused or ignored and the tensor is an ordinary one: same
+values, same behaviour.
+"""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+
+import torch
+
+HUGE_PAGE = 2 << 20
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (zero) contiguous CPU tensor; from 2 MB up it lies on pages of its own, advised to be huge
+    before first use.
+
+    Its own anonymous mapping, not the allocator's: memory the allocator hands out again was touched already,
+    and pages that exist stay 4 KB whatever the advice.
+    """
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if nbytes < HUGE_PAGE or advise is None:
+        return torch.empty(shape, dtype=dtype)
+    # Private: a shared anonymous mapping is shmem, whose huge pages have a switch of their own (off by default).
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room for a 2 MB start
+    try:
+        area.madvise(advise)
+    except OSError:  # huge pages unsupported here: ordinary pages, nothing to report
+        pass
+    with warnings.catch_warnings():  # "non-writable buffer": an anonymous mapping is writable
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(area, dtype=torch.uint8)  # holds ``area`` for the tensor's life
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def copy_of(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a contiguous tensor from :func:`empty` (``t`` itself when it is under 2 MB and already
+    contiguous)."""
+    if t.numel() * t.element_size() < HUGE_PAGE and t.is_contiguous():
+        return t
+    out = empty(t.shape, t.dtype)
+    out.copy_(t)
+    return out

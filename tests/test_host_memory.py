@@ -1,0 +1,65 @@
+"""Huge-page-backed host tensors (engine/host_memory.py): ordinary tensors in every respect but their pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedserve.engine import host_memory
+from pagedserve.engine.cpu_linear import in_layout, layout_of
+from pagedserve.kernels import cpu_extension
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _huge_kb_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("shape", [(3, 5), (64, 1024, 17), (2, 2, 300, 16, 4, 64)])
+def test_empty_is_an_ordinary_contiguous_tensor(shape, dtype):
+    t = host_memory.empty(shape, dtype)
+    assert t.shape == torch.Size(shape) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+    if t.numel() * t.element_size() >= host_memory.HUGE_PAGE:
+        assert t.data_ptr() % host_memory.HUGE_PAGE == 0
+    values = torch.arange(t.numel()).reshape(shape).to(dtype)
+    t.copy_(values)
+    assert torch.equal(t, values)
+    assert torch.equal(t.zero_(), torch.zeros(shape, dtype=dtype))
+
+
+def test_copy_of_keeps_values_and_gives_small_contiguous_tensors_back_as_they_are():
+    w = torch.randn(3000, 700)
+    assert torch.equal(host_memory.copy_of(w), w)
+    transposed = host_memory.copy_of(w.t())
+    assert transposed.is_contiguous() and torch.equal(transposed, w.t())
+    small = torch.randn(16, 16)
+    assert host_memory.copy_of(small) is small
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="transparent huge pages are off here")
+def test_a_large_buffer_is_backed_by_huge_pages_once_touched():
+    t = host_memory.empty((8 << 20,), torch.float32).zero_()  # 32 MB: sixteen huge pages
+    assert _huge_kb_at(t.data_ptr()) >= 2048, "no huge page behind a buffer advised for them"
+
+
+@pytest.mark.skipif(not cpu_extension.load(), reason="the CPU kernels did not build here")
+def test_packed_weights_keep_their_values_and_layout():
+    w = torch.randn(1024, 768)
+    packed = in_layout(w, "panel")
+    assert layout_of(packed) == "panel" and packed.data_ptr() % host_memory.HUGE_PAGE == 0
+    assert torch.equal(cpu_extension.panel_unpack(packed), w)
+    column = in_layout(w, "column")
+    assert layout_of(column) == "column" and torch.equal(column, w)
