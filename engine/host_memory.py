@@ -12,6 +12,7 @@ values, same behaviour.
 
 from __future__ import annotations
 
+import math
 import mmap
 import warnings
 
@@ -27,10 +28,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     Its own anonymous mapping, not the allocator's: memory the allocator hands out again was touched already,
     and pages that exist stay 4 KB whatever the advice.
     """
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     advise = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
     if nbytes < HUGE_PAGE or advise is None:
         return torch.empty(shape, dtype=dtype)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedserve.engine import host_memory
 from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
-from pagedserve.engine import host_memory
 from pagedserve.engine.cpu_linear import prepare_cpu_linears
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
 from pagedserve.engine.loader import load_model

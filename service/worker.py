@@ -319,7 +319,6 @@ class Worker(WorkerPart):
             self.health.stop()
         self.stopped.set()
 
-
     def _close_engine(self) -> None:
         """Stop the engine's rank processes with a stop message rather than leave them to the interpreter's exit."""
         if self._engine is None or not self._owns_engine:

@@ -20,3 +20,12 @@ def spawned_children(pid: int) -> list[int]:
             if fields[1] == str(pid) and fields[0] != "Z" and b"spawn_main" in cmdline:
                 out.append(int(entry))
     return out
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

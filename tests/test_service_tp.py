@@ -12,7 +12,7 @@ import redis
 from pagedserve.engine import SamplingParams
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, Keys
-from processes import spawned_children
+from processes import alive, spawned_children
 from service_fixtures import WorkerProcess, make_settings, running_worker, stored_results, wait_for
 
 pytestmark = pytest.mark.slow
@@ -79,14 +79,7 @@ def test_tp2_worker_stopped_by_sigterm_stops_its_ranks_before_it_exits(redis_url
         events = [e.get("event") for e in tp.events()]
         # The engine is closed (its ranks told to stop and joined) before the worker reports itself stopped.
         assert "engine_closed" in events and events.index("engine_closed") < events.index("worker_stopped"), events
-        assert _gone(rank)
+        assert not alive(rank)
     finally:
         tp.close()
 
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has stopped; only its reaping is left
-    except OSError:
-        return True

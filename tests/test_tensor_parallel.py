@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import write_tiny
-from processes import spawned_children
+from processes import alive, spawned_children
 from pagedserve.engine import LLM, SamplingParams
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.loader import load_config, load_model
@@ -109,7 +109,7 @@ def test_tp2_generates_what_tp1_generates(family, tp_models):
         _check_same(family, tp_models[family], llm2)
     finally:
         llm2.close()
-    assert all(not _alive(pid) for pid in llm2.engine.runner.rank_pids)
+    assert all(not alive(pid) for pid in llm2.engine.runner.rank_pids)
 
 
 def test_tp2_matches_then_a_killed_rank_takes_the_engine_down(tp_models):
@@ -187,17 +187,6 @@ def test_a_failed_start_stops_the_ranks_and_says_why(tmp_path):
     assert set(spawned_children(os.getpid())) <= before
 
 
-def _alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-
-
 def test_tp2_driver_process_matches_then_its_sigkill_leaves_no_rank_behind(tp_models, tmp_path):
     """The llama family runs in a driver process of its own (so that it can be SIGKILLed afterwards)."""
     script = textwrap.dedent(f"""
@@ -218,13 +207,13 @@ def test_tp2_driver_process_matches_then_its_sigkill_leaves_no_rank_behind(tp_mo
     try:
         out = json.loads(driver.stdout.readline())
         pids = out["pids"]
-        assert len(pids) == 1 and _alive(pids[0])
+        assert len(pids) == 1 and alive(pids[0])
         driver.kill()
         driver.wait(30)
         deadline = time.monotonic() + 30
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(p) for p in pids), "a rank outlived its driver"
+        assert not any(alive(p) for p in pids), "a rank outlived its driver"
     finally:
         driver.kill()
         driver.wait(30)

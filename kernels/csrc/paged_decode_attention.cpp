@@ -166,9 +166,9 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
   // The block step requests the next block's rows a row at a time as it computes (paged_attention_block.h);
   // the plain path asks for the whole block up front.
 #if defined(PAGEDSERVE_BLOCK_STEP)
-  const bool spread_prefetch = block_step::handles(D);
+  const bool block_step_path = block_step::handles(D);
 #else
-  const bool spread_prefetch = false;
+  const bool block_step_path = false;
 #endif
   for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
     const int64_t off = (kvh - kv_begin) * heads_stride;
@@ -188,7 +188,7 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
       const int64_t b = table[block_idx + kPrefetchBlocks];
       if (b >= 0 && b < sh.num_blocks) next = b;
     }
-    if (next >= 0 && !spread_prefetch) {
+    if (next >= 0 && !block_step_path) {
       const int64_t rows = std::min(BS, end - (block_idx + kPrefetchBlocks) * BS);
       prefetch_rows(k_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
       prefetch_rows(v_cache + next * BS * token_stride + kv_begin * D, rows, (kv_end - kv_begin) * D, token_stride);
@@ -201,7 +201,7 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
     const float* qf = w.qf.data() + (kvh - kv_begin) * G * D;
     const int64_t base = (block * BS + offset) * token_stride + kvh * D;
 #if defined(PAGEDSERVE_BLOCK_STEP)
-    if (block_step::handles(D)) {
+    if (block_step_path) {
       const int64_t next_base = next * BS * token_stride + kvh * D;
       block_step::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, nullptr, scores, BS,
                                w.part.data(), w.alpha.data(), m, l, acc, next >= 0 ? k_cache + next_base : nullptr,
