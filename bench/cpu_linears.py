@@ -7,7 +7,8 @@ random weights (so they stream from memory or L3 as a model's do), this times on
 ``cpu_linear.LAYOUTS`` that runs here (``amx`` only with AMX; ``onednn`` for bf16 only where oneDNN has bf16
 instructions; ``row`` is PyTorch's own and left out). Reports the median milliseconds per pass, the weights' bytes
 per second (what bounds decode sizes) and the FLOP rate (what bounds prefill sizes), and which layout
-``layout_for`` picks here. Threads: torch's (``--threads`` sets them). Prints a table and writes JSON.
+``layout_for`` picks here. The cases run interleaved, one pass of each per round. Threads: torch's (``--threads``
+sets them). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import statistics
+import time
 from typing import Annotated, Any
 
 import torch
@@ -23,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pagedserve.bench.common import BENCH_VOCAB, parse_ints, write_json
-from pagedserve.bench.cpu_kernels import DTYPES, median_ms
+from pagedserve.bench.cpu_kernels import DTYPES
 
 # (hidden, query heads, KV heads, head_dim, intermediate, layers, vocabulary)
 MODELS = {"26m": (512, 8, 4, 64, 1280, 8, BENCH_VOCAB), "smollm2": (576, 9, 3, 64, 1536, 30, 49152)}
@@ -49,6 +52,9 @@ def layouts_here(dtype: torch.dtype) -> list[str]:
 
 
 def measure(models: list[str], dtypes: list[str], rows: list[int], min_time_s: float) -> list[dict[str, Any]]:
+    """Every (layout, rows) case of one model and dtype timed in rounds, one pass of each case per round, until
+    each has at least 5 passes and the rounds have run ``min_time_s`` per case: this VM's speed drifts by tens of
+    percent within minutes, and cases timed one after another would each see a different machine."""
     from pagedserve.engine import cpu_linear  # noqa: PLC0415
 
     results = []
@@ -59,21 +65,34 @@ def measure(models: list[str], dtypes: list[str], rows: list[int], min_time_s: f
             weight_bytes = sum(o * i for o, i in shapes) * dtype.itemsize
             gen = torch.Generator().manual_seed(0)
             dense = [(torch.randn(o, i, generator=gen) * i**-0.5).to(dtype) for o, i in shapes]
-            for layout in layouts_here(dtype):
-                weights = [cpu_linear.in_layout(w, layout) for w in dense]
-                for m in rows:
-                    xs = {i: torch.randn(m, i, generator=gen).to(dtype) for _, i in shapes}
+            weights = {layout: [cpu_linear.in_layout(w, layout) for w in dense] for layout in layouts_here(dtype)}
+            del dense
+            xs = {m: {i: torch.randn(m, i, generator=gen).to(dtype) for _, i in shapes} for m in rows}
+            cases = [(layout, m) for layout in weights for m in rows]
 
-                    def one_pass():
-                        for w, (_, i) in zip(weights, shapes):
-                            cpu_linear.linear(xs[i], w)
+            def one_pass(layout: str, m: int) -> None:
+                for w, (_, i) in zip(weights[layout], shapes):
+                    cpu_linear.linear(xs[m][i], w)
 
-                    ms, cpu_ms = median_ms(one_pass, min_time_s)
-                    results.append(dict(model=model, dtype=dtype_name, layout=layout, rows=m, ms=ms, cpu_ms=cpu_ms,
-                                        weight_gbps=weight_bytes / ms / 1e6,
-                                        gflops=2 * m * weight_bytes / dtype.itemsize / ms / 1e6,
-                                        default=layout == cpu_linear.layout_for(dtype)))
-                del weights
+            wall: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+            cpu: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+            for case in cases:
+                one_pass(*case)  # warm-up
+            deadline = time.perf_counter() + min_time_s * len(cases)
+            while min(map(len, wall.values())) < 5 or time.perf_counter() < deadline:
+                for case in cases:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    one_pass(*case)
+                    wall[case].append(time.perf_counter() - start)
+                    cpu[case].append(time.process_time() - start_cpu)
+            for layout, m in cases:
+                ms = statistics.median(wall[layout, m]) * 1e3
+                results.append(dict(model=model, dtype=dtype_name, layout=layout, rows=m, ms=ms,
+                                    cpu_ms=statistics.median(cpu[layout, m]) * 1e3,
+                                    weight_gbps=weight_bytes / ms / 1e6,
+                                    gflops=2 * m * weight_bytes / dtype.itemsize / ms / 1e6,
+                                    default=layout == cpu_linear.layout_for(dtype)))
+            del weights
     return results
 
 

@@ -9,10 +9,12 @@
 // A row r of sequence s is the token at position seq_lens[s] - (cu_seqlens_q[s + 1] - r) and sees the keys up
 // to and including that position.
 //
-// Work item = (sequence, tile of up to kTileRows consecutive rows, KV head). The tile's tokens times the KV
-// head's query heads are one set of query rows for the block step (paged_attention_block.h): every K/V
-// row read serves all of them, the way a GEMM tile reuses its operands. A block that a row sees only in part
-// (the diagonal) is masked per row; the online softmax runs per row in fp32.
+// Work item = (sequence, tile of consecutive tokens, KV head). The tile's tokens times the KV head's query heads
+// are one set of about 32 query rows, held transposed so that the rows sit in the lanes of a register: a key's
+// scores for all rows are fused multiply-adds along head_dim with no sum across lanes, every K/V row read serves
+// all rows, and the online softmax (fp32) runs for 8 or 16 rows at once over spans of several blocks. A key past
+// a row's causal limit (the diagonal) is masked per lane. The lane operations are block_step's
+// (paged_attention_block.h), so AVX-512 and AVX2 compute the same thing in the same order.
 //
 // It needs AVX-512, or AVX2 and FMA: where both are missing (or head_dim is not a whole number of registers up
 // to 128), prefill_attention_supported says no and the caller keeps the torch reference.
@@ -45,13 +47,151 @@ bool prefill_attention_supported(int64_t head_dim) {
 
 #if defined(PAGEDSERVE_BLOCK_STEP)
 
-// Tokens per work item: 16 tokens of a 2-query-head group are 32 rows sharing each K/V row, enough to amortise
-// its load, and a prompt of a few hundred tokens still splits into more items than threads.
-constexpr int64_t kTileRows = 16;
+using block_step::Lanes;
+using block_step::reg;
+using block_step::W;
+
+// Query rows per work item: a tile of consecutive tokens times the KV head's G query heads, about 32 rows (two
+// AVX-512 or four AVX2 registers with the rows in lanes), so each K and V row read serves all of them.
+constexpr int64_t kTileQueryRows = 32;
+// Keys per online-softmax step: several blocks at once, so the per-row work of an update (max, rescale, sums)
+// is spread over more keys than one small block holds.
+constexpr int64_t kSpanKeys = 64;
 
 struct Tile {
   int64_t seq, row_begin, row_end;
 };
+
+// Lanes of ``x`` where a < b, the others ``y``.
+inline reg select_less(reg a, reg b, reg x, reg y) {
+#if defined(__AVX512F__)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+#else
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+#endif
+}
+
+// st[j * rp + r] = kf_j . q_r for keys [0, n) and row registers [r0, r0 + RG): the query rows sit in lanes
+// (qt[d * rp + r], transposed), so a key's score for W rows is one chain of fused multiply-adds along d and no
+// lane is summed across: KG keys x RG registers of accumulators, one broadcast of a key element per key and d.
+template <int KG, int RG>
+void span_scores_tile(const float* qt, int64_t rp, const float* kf, int64_t D, int64_t j0, int64_t r0, float* st) {
+  reg acc[KG][RG];
+  for (int k = 0; k < KG; ++k) {
+    for (int g = 0; g < RG; ++g) acc[k][g] = Lanes::zero();
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    reg qv[RG];
+    for (int g = 0; g < RG; ++g) qv[g] = Lanes::load(qt + d * rp + r0 + g * W);
+    for (int k = 0; k < KG; ++k) {
+      const reg kv = Lanes::set1(kf[(j0 + k) * D + d]);
+      for (int g = 0; g < RG; ++g) acc[k][g] = Lanes::fmadd(kv, qv[g], acc[k][g]);
+    }
+  }
+  for (int k = 0; k < KG; ++k) {
+    for (int g = 0; g < RG; ++g) Lanes::store(st + (j0 + k) * rp + r0 + g * W, acc[k][g]);
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int kScoreKeys = 4, kScoreRegs = 4;  // 16 accumulators, 4 query registers, a broadcast: 21 of 32
+#else
+constexpr int kScoreKeys = 2, kScoreRegs = 4;  // 8 accumulators, 4 query registers, a broadcast: 13 of 16
+#endif
+
+template <int KG>
+void span_scores_keys(const float* qt, int64_t rp, const float* kf, int64_t D, int64_t j0, float* st) {
+  const int64_t regs = rp / W;
+  int64_t r = 0;
+  for (; r + kScoreRegs <= regs; r += kScoreRegs) span_scores_tile<KG, kScoreRegs>(qt, rp, kf, D, j0, r * W, st);
+  switch (regs - r) {
+    case 3: span_scores_tile<KG, 3>(qt, rp, kf, D, j0, r * W, st); break;
+    case 2: span_scores_tile<KG, 2>(qt, rp, kf, D, j0, r * W, st); break;
+    case 1: span_scores_tile<KG, 1>(qt, rp, kf, D, j0, r * W, st); break;
+    default: break;
+  }
+}
+
+void span_scores(const float* qt, int64_t rp, const float* kf, int64_t D, int64_t n, float* st) {
+  int64_t j = 0;
+  for (; j + kScoreKeys <= n; j += kScoreKeys) span_scores_keys<kScoreKeys>(qt, rp, kf, D, j, st);
+  for (; j < n; ++j) span_scores_keys<1>(qt, rp, kf, D, j, st);
+}
+
+// The online softmax over the span's n keys for every row at once (rows in lanes): key j counts for row r when
+// j < seen[r] (the keys of the span the row's causal limit admits). st becomes p (0 where a key does not count),
+// m and l move on, alpha = exp(m_old - m_new) (0 on a row's first keys, 1 where it sees none of the span).
+void span_softmax(float* st, int64_t rp, int64_t n, const float* seen, float* m, float* l, float* alpha) {
+  const reg minus_inf = Lanes::set1(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rp; r += W) {
+    const reg limit = Lanes::load(seen + r);
+    reg top = minus_inf;
+    for (int64_t j = 0; j < n; ++j) {
+      top = Lanes::max(top, select_less(Lanes::set1(static_cast<float>(j)), limit, Lanes::load(st + j * rp + r), minus_inf));
+    }
+    const reg m_old = Lanes::load(m + r), m_new = Lanes::max(m_old, top);
+    // A row that has seen no key yet and none here keeps m = -inf: shift by 0 there so nothing turns NaN.
+    const reg shift = select_less(minus_inf, m_new, m_new, Lanes::zero());
+    reg sum = Lanes::zero();
+    for (int64_t j = 0; j < n; ++j) {
+      const reg p = select_less(Lanes::set1(static_cast<float>(j)), limit,
+                                Lanes::exp(Lanes::sub(Lanes::load(st + j * rp + r), shift)), Lanes::zero());
+      Lanes::store(st + j * rp + r, p);
+      sum = Lanes::add(sum, p);
+    }
+    const reg a = Lanes::exp(Lanes::sub(m_old, shift));
+    Lanes::store(alpha + r, a);
+    Lanes::store(l + r, Lanes::fmadd(Lanes::load(l + r), a, sum));
+    Lanes::store(m + r, m_new);
+  }
+}
+
+// acc_r[d0, d0 + W DC) = alpha_r acc_r + sum_j p[j * rp + r] v_j[d0, d0 + W DC) for GG rows from r0 (acc rows D
+// apart): their accumulators stay in registers while the span's V rows stream past once.
+template <int DC, int GG, typename cache_t>
+void span_pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t rp, int64_t r0,
+                  const cache_t* const* vrows, int64_t n, int64_t d0) {
+  reg r[GG][DC];
+  for (int g = 0; g < GG; ++g) {
+    const reg a = Lanes::set1(alpha[r0 + g]);
+    for (int i = 0; i < DC; ++i) r[g][i] = Lanes::mul(Lanes::load(acc + (r0 + g) * D + d0 + W * i), a);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const cache_t* row = vrows[j] + d0;
+    reg vr[DC];
+    for (int i = 0; i < DC; ++i) vr[i] = Lanes::load(row + W * i);
+    for (int g = 0; g < GG; ++g) {
+      const reg pj = Lanes::set1(p[j * rp + r0 + g]);
+      for (int i = 0; i < DC; ++i) r[g][i] = Lanes::fmadd(pj, vr[i], r[g][i]);
+    }
+  }
+  for (int g = 0; g < GG; ++g) {
+    for (int i = 0; i < DC; ++i) Lanes::store(acc + (r0 + g) * D + d0 + W * i, r[g][i]);
+  }
+}
+
+template <int GG, typename cache_t>
+void span_pv_rows(float* acc, int64_t D, const float* alpha, const float* p, int64_t rp, int64_t r0,
+                  const cache_t* const* vrows, int64_t n) {
+  constexpr int64_t kChunk = W * Lanes::kPvRegs;
+  int64_t d0 = 0;
+  for (; d0 + kChunk <= D; d0 += kChunk) span_pv_tile<Lanes::kPvRegs, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0);
+  switch ((D - d0) / W) {  // fewer than kPvRegs (= 4) registers left
+    case 3: span_pv_tile<3, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0); break;
+    case 2: span_pv_tile<2, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0); break;
+    case 1: span_pv_tile<1, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0); break;
+    default: break;
+  }
+}
+
+template <typename cache_t>
+void span_pv(float* acc, int64_t D, const float* alpha, const float* p, int64_t rows, int64_t rp,
+             const cache_t* const* vrows, int64_t n) {
+  constexpr int64_t GG = Lanes::kHeadsPerPass;
+  int64_t r = 0;
+  for (; r + GG <= rows; r += GG) span_pv_rows<GG>(acc, D, alpha, p, rp, r, vrows, n);
+  for (; r < rows; ++r) span_pv_rows<1>(acc, D, alpha, p, rp, r, vrows, n);
+}
 
 template <typename q_t, typename cache_t>
 void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -67,6 +207,8 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const float fscale = static_cast<float>(scale);
+  const int64_t tile_tokens = std::max<int64_t>(1, kTileQueryRows / G);
+  const int64_t span_keys = std::max<int64_t>(1, kSpanKeys / BS) * BS;  // whole blocks
 
   TORCH_CHECK(cu[0] == 0, "cu_seqlens_q must rise from 0 to q's row count");
   std::vector<Tile> tiles;
@@ -75,7 +217,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
     TORCH_CHECK(first <= last && last <= q.size(0), "cu_seqlens_q must rise from 0 to q's row count");
     TORCH_CHECK(last - first <= lens[s] && lens[s] <= max_blocks * BS, "seq_lens[", s, "] = ", lens[s],
                 " must cover its ", last - first, " new tokens and fit its block table");
-    for (int64_t r = first; r < last; r += kTileRows) tiles.push_back({s, r, std::min(r + kTileRows, last)});
+    for (int64_t r = first; r < last; r += tile_tokens) tiles.push_back({s, r, std::min(r + tile_tokens, last)});
   }
   TORCH_CHECK(cu[num_seqs] == q.size(0), "cu_seqlens_q must end at q's row count");
 
@@ -86,40 +228,45 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t lanes =
       std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads() * kernel_threads::kChunksPerThread));
   kernel_threads::parallel_for(0, lanes, 1, [&](int64_t first_lane, int64_t last_lane) {
-    const int64_t max_rows = kTileRows * G;
-    std::vector<float> qf(max_rows * D), scores(max_rows * BS), alpha(max_rows), m(max_rows), l(max_rows),
-        acc(max_rows * D);
-    std::vector<int64_t> context(max_rows), valid(max_rows);
-    std::vector<block_step::reg> part(block_step::W * max_rows);
+    const int64_t max_rows = tile_tokens * G, rp = (max_rows + W - 1) / W * W;  // rows padded to whole registers
+    std::vector<float> qt(D * rp), st(span_keys * rp), kf(span_keys * D), acc(rp * D), m(rp), l(rp), alpha(rp),
+        seen(rp);
+    std::vector<int64_t> context(rp);
+    std::vector<const cache_t*> vrows(span_keys);
     auto attend_item = [&](int64_t item) {
       const Tile& t = tiles[item / Hkv];
       const int64_t kvh = item % Hkv, R = (t.row_end - t.row_begin) * G;
       const int64_t first_position = lens[t.seq] - (cu[t.seq + 1] - t.row_begin);
       const int32_t* table = tables + t.seq * table_stride;
-      // Query rows in token-major order: row i is token t.row_begin + i / G, query head kvh * G + i % G.
-      for (int64_t i = 0; i < R; ++i) {
-        const q_t* src = q_ptr + ((t.row_begin + i / G) * Hq + kvh * G + i % G) * D;
-        for (int64_t d = 0; d < D; ++d) qf[i * D + d] = to_float(src[d]) * fscale;
-        context[i] = first_position + i / G + 1;
+      // Row i is token t.row_begin + i / G, query head kvh * G + i % G; rows past R repeat the last one, so
+      // their lanes compute something finite that is never written out.
+      for (int64_t i = 0; i < rp; ++i) {
+        const int64_t row = std::min(i, R - 1);
+        const q_t* src = q_ptr + ((t.row_begin + row / G) * Hq + kvh * G + row % G) * D;
+        for (int64_t d = 0; d < D; ++d) qt[d * rp + i] = to_float(src[d]) * fscale;
+        context[i] = first_position + row / G + 1;
       }
-      std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.begin() + R, 0.f);
-      std::fill(acc.begin(), acc.begin() + R * D, 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t end = context[R - 1];  // the tile's last token sees the most keys
-      for (int64_t start = 0; start < end; start += BS) {
-        const int64_t n = std::min(BS, end - start);
-        const int64_t block = table[start / BS];
-        TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables holds block id ", block, " outside [0, ",
-                    num_blocks, ")");
-        bool whole = true;  // every row sees the whole block: no mask
-        for (int64_t i = 0; i < R; ++i) {
-          valid[i] = std::clamp<int64_t>(context[i] - start, 0, n);
-          whole = whole && valid[i] == n;
+      for (int64_t start = 0; start < end; start += span_keys) {
+        const int64_t n = std::min(span_keys, end - start);
+        for (int64_t j0 = 0; j0 < n; j0 += BS) {
+          const int64_t block = table[(start + j0) / BS];
+          TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables holds block id ", block, " outside [0, ",
+                      num_blocks, ")");
+          const int64_t base = block * BS * token_stride + kvh * D;
+          for (int64_t j = j0; j < std::min(n, j0 + BS); ++j) {
+            const cache_t* krow = k_ptr + base + (j - j0) * token_stride;
+            for (int64_t d = 0; d < D; d += W) Lanes::store(kf.data() + j * D + d, Lanes::load(krow + d));
+            vrows[j] = v_ptr + base + (j - j0) * token_stride;
+          }
         }
-        const int64_t base = block * BS * token_stride + kvh * D;
-        block_step::attend_block(qf.data(), R, D, k_ptr + base, v_ptr + base, token_stride, n,
-                                 whole ? nullptr : valid.data(), scores.data(), BS, part.data(), alpha.data(),
-                                 m.data(), l.data(), acc.data());
+        for (int64_t i = 0; i < rp; ++i) seen[i] = static_cast<float>(std::clamp<int64_t>(context[i] - start, 0, n));
+        span_scores(qt.data(), rp, kf.data(), D, n, st.data());
+        span_softmax(st.data(), rp, n, seen.data(), m.data(), l.data(), alpha.data());
+        span_pv(acc.data(), D, alpha.data(), st.data(), R, rp, vrows.data(), n);
       }
       for (int64_t i = 0; i < R; ++i) {
         q_t* o = out_ptr + ((t.row_begin + i / G) * Hq + kvh * G + i % G) * D;
