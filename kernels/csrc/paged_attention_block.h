@@ -1,7 +1,7 @@
-// The inner step of the paged attention kernels (paged_decode_attention.cpp, paged_prefill_attention.cpp): query
-// rows that share one KV head over the tokens of one cache block, in the widest registers the CPU has: sixteen
-// lanes with AVX-512, eight with AVX2 and FMA. One implementation over a small set of lane operations
-// (``Lanes``), so both widths compute the same thing in the same order.
+// The inner step of the paged decode attention kernel (paged_decode_attention.cpp): query rows that share one KV
+// head over the tokens of one cache block, in the widest registers the CPU has: sixteen lanes with AVX-512, eight
+// with AVX2 and FMA. One implementation over a small set of lane operations (``Lanes``, which the prefill kernel
+// uses too), so both widths compute the same thing in the same order.
 //
 // What differs from the plain eight-lane path in paged_decode_attention.cpp, and why:
 // * Scores are taken W keys at a time (W = the lanes of a register). Each key's K row is loaded (and, from a bf16
@@ -191,28 +191,23 @@ void block_scores(const float* qf, int64_t G, const cache_t* k, int64_t stride, 
   }
 }
 
-// The online softmax's update for one query row over the block's scores s[0, n), of which the first ``valid``
-// count (a causal row sees a prefix of the block): s becomes p = exp(s - m_new) there and 0 past it, m and l
-// move on, and the returned alpha = exp(m_old - m_new) rescales the row's accumulator (0 on its first block,
-// where m_old = -inf; 1 when the row sees none of the block).
-inline float softmax_update(float* s, int64_t n, int64_t valid, float* m, float* l) {
-  if (valid <= 0) {
-    std::fill(s, s + n, 0.f);
-    return 1.f;
-  }
+// The online softmax's update for one query row over the block's scores s[0, n) (n >= 1): s becomes
+// p = exp(s - m_new), m and l move on, and the returned alpha = exp(m_old - m_new) rescales the row's
+// accumulator (0 on its first block, where m_old = -inf).
+inline float softmax_update(float* s, int64_t n, float* m, float* l) {
   const reg minus_inf = Lanes::set1(-std::numeric_limits<float>::infinity());
   reg top = minus_inf;
-  for (int64_t j0 = 0; j0 < valid; j0 += W) {
-    top = Lanes::max(top, Lanes::load_first(s + j0, std::min<int64_t>(W, valid - j0), minus_inf));
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    top = Lanes::max(top, Lanes::load_first(s + j0, std::min<int64_t>(W, n - j0), minus_inf));
   }
   const float m_new = std::max(*m, Lanes::reduce_max(top));
   const float alpha = std::exp(*m - m_new);
   const reg shift = Lanes::set1(m_new);
   reg sum = Lanes::zero();
   for (int64_t j0 = 0; j0 < n; j0 += W) {
-    const int64_t kept = std::clamp<int64_t>(valid - j0, 0, W);
+    const int64_t kept = std::min<int64_t>(W, n - j0);
     const reg p = Lanes::keep_first(kept, Lanes::exp(Lanes::sub(Lanes::load_first(s + j0, kept, Lanes::zero()), shift)));
-    Lanes::store_first(s + j0, std::min<int64_t>(W, n - j0), p);
+    Lanes::store_first(s + j0, kept, p);
     sum = Lanes::add(sum, p);
   }
   *l = *l * alpha + Lanes::reduce_add(sum);
@@ -273,19 +268,19 @@ void block_scores_for(int64_t chunks, const float* qf, int64_t G, const cache_t*
 }
 
 // G query rows ``qf`` (fp32, scaled; the query heads of one KV head, for one token or several) over n tokens
-// of one block, K and V rows ``stride`` apart; the rows' running max ``m``, sum ``l`` and accumulator rows
-// ``acc`` (D apart) as the callers keep them. ``valid``: how many of the n tokens each row sees (nullptr: all).
+// of one block, K and V rows ``stride`` apart, every row seeing all n; the rows' running max ``m``, sum ``l``
+// and accumulator rows ``acc`` (D apart) as the callers keep them.
 // Scratch: ``scores`` (G rows, ``scores_stride`` >= n apart), ``part`` (W * G registers), ``alpha`` (G floats).
 // ``pf_k``/``pf_v``: where the same rows of the block to come next sit, requested row by row as these are
 // computed (null: nothing requested).
 template <typename cache_t>
 void attend_block(const float* qf, int64_t G, int64_t D, const cache_t* k, const cache_t* v, int64_t stride,
-                  int64_t n, const int64_t* valid, float* scores, int64_t scores_stride, reg* part,
+                  int64_t n, float* scores, int64_t scores_stride, reg* part,
                   float* alpha, float* m, float* l, float* acc, const cache_t* pf_k = nullptr,
                   const cache_t* pf_v = nullptr) {
   block_scores_for(D / W, qf, G, k, stride, n, scores, scores_stride, part, pf_k);
   for (int64_t g = 0; g < G; ++g) {
-    alpha[g] = softmax_update(scores + g * scores_stride, n, valid ? valid[g] : n, m + g, l + g);
+    alpha[g] = softmax_update(scores + g * scores_stride, n, m + g, l + g);
   }
   for (int64_t g0 = 0; g0 < G; g0 += Lanes::kHeadsPerPass) {
     float* a = acc + g0 * D;

@@ -203,7 +203,7 @@ void attend_range(const Shape& sh, const cache_t* k_cache, const cache_t* v_cach
 #if defined(PAGEDSERVE_BLOCK_STEP)
     if (block_step_path) {
       const int64_t next_base = next * BS * token_stride + kvh * D;
-      block_step::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, nullptr, scores, BS,
+      block_step::attend_block(qf, G, D, k_cache + base, v_cache + base, token_stride, n, scores, BS,
                                w.part.data(), w.alpha.data(), m, l, acc, next >= 0 ? k_cache + next_base : nullptr,
                                next >= 0 ? v_cache + next_base : nullptr);
       continue;
