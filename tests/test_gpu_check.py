@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,39 @@ def test_selected_stages_and_an_unknown_one(tmp_path):
     assert [s["stage"] for s in summary["stages"]] == ["env", "engine"]  # always in the script's order
     proc, _ = _run(tmp_path / "bad", "kernel", GPU_CHECK_DRY_RUN="1")
     assert proc.returncode == 2 and "unknown stage 'kernel'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# What the lent GPU machine has not got (its image holds torch, triton, transformers, typer, rich, pytest and
+# hypothesis, and none of the service's packages nor the engine's optional ones).
+ABSENT_ON_DEVICE = ("redis", "pydantic", "pydantic_settings", "celery", "kombu", "opentelemetry", "structlog",
+                    "gguf", "llguidance", "jsonschema", "openai", "locust")
+
+
+def test_env_stage_collects_and_imports_in_the_device_layout(tmp_path):
+    """The env stage for real, as the GPU machine runs it: the checkout with no install (the package a folder of
+    links), the service's packages absent, started from the repository root. It gets as far as the missing
+    device here; collection or an import failing first would cost a whole device run on the GPU machine."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    # First on sys.meta_path, a finder that answers for these names as if they were not installed; and no
+    # editable install of pagedserve (its finder would find the subpackages whatever the layout).
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.partition('.')[0] in {ABSENT_ON_DEVICE!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(blocker))
+    proc = subprocess.run(["bash", str(SCRIPT), "env"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=SCRIPT.parents[1])
+    log = (tmp_path / "out" / "env.log").read_text()
+    assert "error" not in log.lower() and "Traceback" not in log, log
+    collected = dict(line.rsplit(": ", 1) for line in log.splitlines() if line.startswith("tests/"))
+    assert set(collected) == {"tests/test_kernels.py", "tests/test_fused_kernels.py", "tests/test_engine_gpu.py",
+                              "tests/test_cuda_graphs.py"} and all(int(n) > 0 for n in collected.values()), log
+    assert "imports ok" in log
+    if shutil.which("nvidia-smi") is None:  # this machine: the stage stops at the device, after the imports
+        assert proc.returncode != 0 and "no CUDA device" in log
