@@ -774,7 +774,8 @@ def test_gpu_get_ops_returns_triton():
     from pagedserve.kernels import get_ops  # noqa: PLC0415
 
     assert get_ops("cuda").name == "triton"
-    assert get_ops("cpu").name in ("cpu", "torch")  # the C++ CPU kernel's set, or the reference without it
+    # get_ops("cpu") is test_kernel_sets_are_typed_records' on the CPU: here it would build the C++ extension,
+    # a minute or so of a device lease.
 
 
 def test_kernel_sets_are_typed_records():
