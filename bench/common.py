@@ -92,7 +92,8 @@ def bench_model_dir(root: Path | None = None, size: str = "26m") -> str:
     if not (path / "config.json").is_file():
         import torch  # noqa: PLC0415
 
-        write_llama(path, seed=0, vocab_size=vocab, dtype=getattr(torch, weights), **cfg)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        write_llama(path, seed=0, vocab_size=vocab, dtype=getattr(torch, weights), device=device, **cfg)
     return str(path)
 
 

@@ -165,7 +165,7 @@ def model_1b_shape(tmp_path_factory) -> str:
 
     cfg, vocab = BENCH_MODELS["1b"]
     path = tmp_path_factory.mktemp("llama-1b-shape")
-    write_llama(path, seed=0, vocab_size=vocab, dtype=torch.bfloat16, **{**cfg, "num_hidden_layers": 2})
+    write_llama(path, seed=0, vocab_size=vocab, dtype=torch.bfloat16, device="cuda", **{**cfg, "num_hidden_layers": 2})
     return str(path)
 
 
