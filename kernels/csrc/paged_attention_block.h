@@ -215,23 +215,53 @@ inline float softmax_update(float* s, int64_t n, float* m, float* l) {
   return alpha;
 }
 
-// acc_g[d0, d0 + W DC) = alpha_g acc_g + sum_j p_g[j] v_j[d0, d0 + W DC) for GG query heads (rows D apart):
-// their accumulators stay in GG * DC registers while the n V rows stream past once.
-template <int DC, int GG, typename cache_t>
-void pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t p_stride, const cache_t* v,
-             int64_t stride, int64_t n, int64_t d0, const cache_t* pf) {
+// Where a pv pass finds its operands, for pv_rows: ``row(j)`` is key j's V row, ``p(g, j)`` query row g's
+// probability for key j, ``prefetch(j, d0, bytes)`` asks for what the next pass will read in its place.
+// The rows of one block, ``stride`` apart, with G probability rows ``p_stride`` apart (the decode step's layout):
+template <typename cache_t>
+struct BlockRows {
+  using cache_type = cache_t;
+  const cache_t* v;
+  int64_t stride;
+  const float* probs;
+  int64_t p_stride;
+  const cache_t* pf;  // the same rows of the block to come next (null: nothing requested)
+  const cache_t* row(int64_t j) const { return v + j * stride; }
+  float p(int g, int64_t j) const { return probs[g * p_stride + j]; }
+  void prefetch(int64_t j, int64_t d0, int64_t bytes) const {
+    if (pf != nullptr) prefetch_span(pf + j * stride + d0, bytes);
+  }
+};
+
+// Rows gathered from several blocks, with the probabilities transposed (key j's for every query row together,
+// ``rp`` apart: the prefill span's layout, rows in lanes).
+template <typename cache_t>
+struct GatheredRows {
+  using cache_type = cache_t;
+  const cache_t* const* rows;
+  const float* probs;
+  int64_t rp;
+  const cache_t* row(int64_t j) const { return rows[j]; }
+  float p(int g, int64_t j) const { return probs[j * rp + g]; }
+  void prefetch(int64_t, int64_t, int64_t) const {}
+};
+
+// acc_g[d0, d0 + W DC) = alpha_g acc_g + sum_j p(g, j) v_j[d0, d0 + W DC) for GG query rows (accumulators D
+// apart): their accumulators stay in GG * DC registers while the n V rows stream past once.
+template <int DC, int GG, typename Rows>
+void pv_tile(float* acc, int64_t D, const float* alpha, const Rows& rows, int64_t n, int64_t d0) {
   reg r[GG][DC];
   for (int g = 0; g < GG; ++g) {
     const reg a = Lanes::set1(alpha[g]);
     for (int i = 0; i < DC; ++i) r[g][i] = Lanes::mul(Lanes::load(acc + g * D + d0 + W * i), a);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const cache_t* row = v + j * stride + d0;
-    if (pf != nullptr) prefetch_span(pf + j * stride + d0, W * DC * sizeof(cache_t));
+    const typename Rows::cache_type* row = rows.row(j) + d0;
+    rows.prefetch(j, d0, W * DC * sizeof(typename Rows::cache_type));
     reg vr[DC];
     for (int i = 0; i < DC; ++i) vr[i] = Lanes::load(row + W * i);
     for (int g = 0; g < GG; ++g) {
-      const reg pj = Lanes::set1(p[g * p_stride + j]);
+      const reg pj = Lanes::set1(rows.p(g, j));
       for (int i = 0; i < DC; ++i) r[g][i] = Lanes::fmadd(pj, vr[i], r[g][i]);
     }
   }
@@ -240,16 +270,16 @@ void pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t 
   }
 }
 
-template <int GG, typename cache_t>
-void pv_heads(float* acc, int64_t D, const float* alpha, const float* p, int64_t p_stride, const cache_t* v,
-              int64_t stride, int64_t n, const cache_t* pf) {
+// pv_tile over the whole head_dim: full chunks of kPvRegs registers, then the 1-3 registers left.
+template <int GG, typename Rows>
+void pv_rows(float* acc, int64_t D, const float* alpha, const Rows& rows, int64_t n) {
   constexpr int64_t kChunk = W * Lanes::kPvRegs;
   int64_t d0 = 0;
-  for (; d0 + kChunk <= D; d0 += kChunk) pv_tile<Lanes::kPvRegs, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf);
+  for (; d0 + kChunk <= D; d0 += kChunk) pv_tile<Lanes::kPvRegs, GG>(acc, D, alpha, rows, n, d0);
   switch ((D - d0) / W) {  // fewer than kPvRegs (= 4) registers left
-    case 3: pv_tile<3, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf); break;
-    case 2: pv_tile<2, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf); break;
-    case 1: pv_tile<1, GG>(acc, D, alpha, p, p_stride, v, stride, n, d0, pf); break;
+    case 3: pv_tile<3, GG>(acc, D, alpha, rows, n, d0); break;
+    case 2: pv_tile<2, GG>(acc, D, alpha, rows, n, d0); break;
+    case 1: pv_tile<1, GG>(acc, D, alpha, rows, n, d0); break;
     default: break;
   }
 }
@@ -284,12 +314,12 @@ void attend_block(const float* qf, int64_t G, int64_t D, const cache_t* k, const
   }
   for (int64_t g0 = 0; g0 < G; g0 += Lanes::kHeadsPerPass) {
     float* a = acc + g0 * D;
-    const float* p = scores + g0 * scores_stride;
+    const BlockRows<cache_t> rows{v, stride, scores + g0 * scores_stride, scores_stride, g0 == 0 ? pf_v : nullptr};
     switch (std::min<int64_t>(Lanes::kHeadsPerPass, G - g0)) {
-      case 4: if constexpr (Lanes::kHeadsPerPass >= 4) pv_heads<4>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
-      case 3: if constexpr (Lanes::kHeadsPerPass >= 3) pv_heads<3>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
-      case 2: pv_heads<2>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
-      default: pv_heads<1>(a, D, alpha + g0, p, scores_stride, v, stride, n, g0 == 0 ? pf_v : nullptr); break;
+      case 4: if constexpr (Lanes::kHeadsPerPass >= 4) pv_rows<4>(a, D, alpha + g0, rows, n); break;
+      case 3: if constexpr (Lanes::kHeadsPerPass >= 3) pv_rows<3>(a, D, alpha + g0, rows, n); break;
+      case 2: pv_rows<2>(a, D, alpha + g0, rows, n); break;
+      default: pv_rows<1>(a, D, alpha + g0, rows, n); break;
     }
   }
 }

@@ -146,51 +146,17 @@ void span_softmax(float* st, int64_t rp, int64_t n, const float* seen, float* m,
   }
 }
 
-// acc_r[d0, d0 + W DC) = alpha_r acc_r + sum_j p[j * rp + r] v_j[d0, d0 + W DC) for GG rows from r0 (acc rows D
-// apart): their accumulators stay in registers while the span's V rows stream past once.
-template <int DC, int GG, typename cache_t>
-void span_pv_tile(float* acc, int64_t D, const float* alpha, const float* p, int64_t rp, int64_t r0,
-                  const cache_t* const* vrows, int64_t n, int64_t d0) {
-  reg r[GG][DC];
-  for (int g = 0; g < GG; ++g) {
-    const reg a = Lanes::set1(alpha[r0 + g]);
-    for (int i = 0; i < DC; ++i) r[g][i] = Lanes::mul(Lanes::load(acc + (r0 + g) * D + d0 + W * i), a);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const cache_t* row = vrows[j] + d0;
-    reg vr[DC];
-    for (int i = 0; i < DC; ++i) vr[i] = Lanes::load(row + W * i);
-    for (int g = 0; g < GG; ++g) {
-      const reg pj = Lanes::set1(p[j * rp + r0 + g]);
-      for (int i = 0; i < DC; ++i) r[g][i] = Lanes::fmadd(pj, vr[i], r[g][i]);
-    }
-  }
-  for (int g = 0; g < GG; ++g) {
-    for (int i = 0; i < DC; ++i) Lanes::store(acc + (r0 + g) * D + d0 + W * i, r[g][i]);
-  }
-}
-
-template <int GG, typename cache_t>
-void span_pv_rows(float* acc, int64_t D, const float* alpha, const float* p, int64_t rp, int64_t r0,
-                  const cache_t* const* vrows, int64_t n) {
-  constexpr int64_t kChunk = W * Lanes::kPvRegs;
-  int64_t d0 = 0;
-  for (; d0 + kChunk <= D; d0 += kChunk) span_pv_tile<Lanes::kPvRegs, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0);
-  switch ((D - d0) / W) {  // fewer than kPvRegs (= 4) registers left
-    case 3: span_pv_tile<3, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0); break;
-    case 2: span_pv_tile<2, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0); break;
-    case 1: span_pv_tile<1, GG>(acc, D, alpha, p, rp, r0, vrows, n, d0); break;
-    default: break;
-  }
-}
-
+// acc_r = alpha_r acc_r + sum_j p[j * rp + r] v_j for the tile's rows (acc rows D apart), kHeadsPerPass rows
+// per pass of the span's V rows: block_step's pv pass with the probabilities transposed and the rows gathered.
 template <typename cache_t>
 void span_pv(float* acc, int64_t D, const float* alpha, const float* p, int64_t rows, int64_t rp,
              const cache_t* const* vrows, int64_t n) {
+  using block_step::pv_rows;
+  using Gathered = block_step::GatheredRows<cache_t>;
   constexpr int64_t GG = Lanes::kHeadsPerPass;
   int64_t r = 0;
-  for (; r + GG <= rows; r += GG) span_pv_rows<GG>(acc, D, alpha, p, rp, r, vrows, n);
-  for (; r < rows; ++r) span_pv_rows<1>(acc, D, alpha, p, rp, r, vrows, n);
+  for (; r + GG <= rows; r += GG) pv_rows<GG>(acc + r * D, D, alpha + r, Gathered{vrows, p + r, rp}, n);
+  for (; r < rows; ++r) pv_rows<1>(acc + r * D, D, alpha + r, Gathered{vrows, p + r, rp}, n);
 }
 
 template <typename q_t, typename cache_t>
