@@ -8,6 +8,7 @@ scoring, structured-output masks, detokenization, stop checks); the pieces it ca
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -89,9 +90,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.config.seed, get_ops(self.runner.device).argmax_logsumexp)
-        # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one.
+        # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one. The
+        # factory holds what it needs, not the engine: a cycle through it would keep a dropped engine's KV pool
+        # until the garbage collector happens by.
         self.structured = StructuredOutputs(
-            lambda: default_backend(self.tokenizer, self.vocab_size, self.eos_token_ids))
+            functools.partial(default_backend, self.tokenizer, self.vocab_size, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._owner: dict[int, Request] = {}  # seq_id -> request, for every live sequence
         self._ready: list[RequestOutput] = []  # resumed requests that had already ended: out at the next step

@@ -1,0 +1,60 @@
+"""A dropped engine gives its memory back at once: ``del llm`` frees the KV pool, the swap pool and the weights by
+reference counting, with no garbage-collector pass. A reference cycle through the engine would hold all of it until
+the collector happens by, which in a process that builds engines one after another (a notebook, a test session, a
+GPU check running eight test processes on one device) adds up to several pools at a time."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+from pagedserve.engine import LLM, SamplingParams
+
+
+@pytest.fixture
+def no_collector():
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    yield
+    if enabled:
+        gc.enable()
+
+
+def _watch(llm: LLM) -> dict[str, weakref.ref]:
+    eng = llm.engine
+    return {"engine": weakref.ref(eng), "runner": weakref.ref(eng.runner), "model": weakref.ref(eng.runner.model),
+            "scheduler": weakref.ref(eng.scheduler), "structured": weakref.ref(eng.structured)}
+
+
+def _assert_freed(watched: dict[str, weakref.ref]) -> None:
+    alive = [name for name, ref in watched.items() if ref() is not None]
+    assert not alive, f"still referenced after del, without a gc pass: {alive}"
+
+
+def test_a_dropped_engine_is_freed_without_the_collector(tiny_models, no_collector):
+    """After greedy, sampled, beam and swap-preempted work (a pool small enough to swap)."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=40, preemption_mode="swap",
+              enable_prefix_caching=False, share_blocks=False)
+    prompts = [[i % 250 + 1] * (12 + 5 * i) for i in range(4)]
+    params = [SamplingParams(max_tokens=12, n=3, seed=i) if i % 2 else SamplingParams(max_tokens=12, beam_width=3)
+              for i in range(4)]
+    out = llm.generate(prompts, params)
+    assert llm.stats()["num_swap_preemptions"] > 0
+    watched = _watch(llm)
+    del llm, out
+    _assert_freed(watched)
+
+
+def test_a_dropped_engine_with_a_grammar_backend_is_freed_without_the_collector(tiny_models, no_collector):
+    """Once a structured request has built the grammar backend and its compile threads."""
+    pytest.importorskip("llguidance")
+    llm = LLM(model=tiny_models["llama"], device="cpu")
+    out = llm.generate([[5, 6, 7]], [SamplingParams(max_tokens=8, temperature=0.0,
+                                                    structured_outputs={"regex": "[ab]{3}"})])
+    assert out[0].outputs[0].text in {a + b + c for a in "ab" for b in "ab" for c in "ab"}
+    watched = _watch(llm)
+    del llm, out
+    _assert_freed(watched)
