@@ -258,7 +258,8 @@ class LLMEngine:
         return self._finish(req)
 
     def close(self) -> None:
-        """Release what outlives the object: the tensor-parallel rank processes (nothing at one rank)."""
+        """Release what outlives the object: the grammar compile threads and the tensor-parallel rank processes."""
+        self.structured.close()
         self.runner.close()
 
     def has_unfinished_requests(self) -> bool:

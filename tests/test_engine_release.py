@@ -6,6 +6,7 @@ GPU check running eight test processes on one device) adds up to several pools a
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -58,3 +59,17 @@ def test_a_dropped_engine_with_a_grammar_backend_is_freed_without_the_collector(
     watched = _watch(llm)
     del llm, out
     _assert_freed(watched)
+
+
+def test_close_stops_the_grammar_compile_threads(tiny_models):
+    pytest.importorskip("llguidance")
+    compile_threads = lambda: {t for t in threading.enumerate() if t.name.startswith("grammar-compile")}  # noqa: E731
+    others = compile_threads()  # earlier tests' engines may still hold theirs
+    llm = LLM(model=tiny_models["llama"], device="cpu")
+    llm.generate([[5, 6, 7]], [SamplingParams(max_tokens=4, temperature=0.0, structured_outputs={"regex": "[ab]+"})])
+    threads = compile_threads() - others
+    assert threads, "a structured request compiles on the engine's grammar threads"
+    llm.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
