@@ -42,7 +42,7 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
-from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, parse_request
+from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, params_field, parse_request
 from .reclaim import LeaseKeeper
 from .resume import read_emitted
 from .running import Running
@@ -52,16 +52,6 @@ from .telemetry import extract_context, request_logger, trace_id_from_fields
 # No tokenizer turns more than this many characters into one token: a longer prompt cannot fit and is refused
 # without tokenizing it (the engine checks the exact token count).
 _MAX_CHARS_PER_TOKEN = 64
-
-
-def _params_field(message: str) -> str:
-    """An engine message that starts with a sampling field's name, as the wire names it (``params.top_k ...``)."""
-    from dataclasses import fields
-
-    from pagedserve.engine.sampling_params import SamplingParams
-
-    name = message.split(" ", 1)[0].rstrip(":")
-    return f"params.{message}" if name in {f.name for f in fields(SamplingParams)} else message
 
 
 def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
@@ -102,7 +92,7 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
     try:
         params = SamplingParams(**req.params.to_kwargs())
     except (ValueError, TypeError) as e:
-        raise refuse("invalid_request", _params_field(str(e))) from None
+        raise refuse("invalid_request", params_field(str(e))) from None
     max_num_seqs = settings.max_num_seqs
     if params.num_samples > max_num_seqs:
         name = "beam_width" if params.beam_width > 0 else ("best_of" if params.best_of is not None else "n")
@@ -176,7 +166,7 @@ def add_to_engine(
                 pass
         engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival)
     except ValueError as e:  # the engine's messages name the field (max_tokens beyond the context: params.)
-        message = _params_field(str(e))
+        message = params_field(str(e))
         too_long = isinstance(e, PromptTooLongError) and not message.startswith("params.")
         raise InvalidRequestError(req.id, "prompt_too_long" if too_long else "invalid_request", message,
                                   req.metadata) from None

@@ -76,7 +76,8 @@ def _register(app: Celery) -> None:
         metadata: dict | None = None,
         stream: bool = True,
     ) -> str:
-        """Enqueue one request; returns its id at once (results: ``Client.wait(id)`` or the result key)."""
+        """Enqueue one request; returns its id at once (results: ``Client.wait(id)`` or the result key). A request
+        that fails validation raises ``ValueError`` naming the field, and nothing is sent."""
         return _client(app).submit(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
             id=id or f"celery-{self.request.id}", priority=priority, deadline_ms=deadline_ms,
@@ -98,13 +99,26 @@ def _register(app: Celery) -> None:
         timeout: float = 300.0,
     ) -> dict:
         """Submit and wait (at most ``timeout`` s). Returns the terminal event as a dict: ``type`` is ``done``
-        (``outputs``, ``usage``, ``metrics``) or ``error`` (``error.code``, ``error.message``). Raises
-        ``TimeoutError`` when no result came in time (the request may still complete: same id, same result)."""
-        c = _client(app)
+        (``outputs``, ``usage``, ``metrics``) or ``error`` (``error.code``, ``error.message``; a request that
+        fails validation is answered so without being sent). Raises ``TimeoutError`` when no result came in time
+        (the request may still complete: same id, same result)."""
+        from pydantic import ValidationError
+
+        from .client import build_request
+        from .protocol import ErrorEvent, ErrorInfo, format_validation_error
+
         rid = id or f"celery-{self.request.id}"
+        try:
+            request = build_request(prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
+                                    id=rid, priority=priority, deadline_ms=deadline_ms, metadata=metadata,
+                                    stream=False)
+        except ValueError as e:  # refused here, before it is sent, with the error event a worker would store
+            message = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
+            return ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=message),
+                              metadata=metadata or {}).model_dump(mode="json")
+        c = _client(app)
         if c.result(rid) is None:  # a redelivered task finds its result and does not resubmit
-            c.submit(prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params, id=rid,
-                     priority=priority, deadline_ms=deadline_ms, metadata=metadata, stream=False)
+            c.submit(request=request)
         # wait() subscribes, then reads the result key: nothing published before it subscribed is missed
         return c.wait(rid, timeout=timeout).model_dump(mode="json")
 

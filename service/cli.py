@@ -290,9 +290,11 @@ def submit(
     """Enqueue one request and print its output as it streams."""
     import redis
 
-    from .client import Client, NoWorker
+    from pydantic import ValidationError
+
+    from .client import Client, NoWorker, build_request
     from .connection import redact
-    from .protocol import DoneEvent, ErrorEvent, TokenEvent
+    from .protocol import DoneEvent, ErrorEvent, TokenEvent, format_validation_error
     from .telemetry import configure_tracing
 
     configure_tracing("pagedserve-cli")  # the producer span is exported if an OTLP endpoint is configured
@@ -303,13 +305,18 @@ def submit(
     structured = _structured_outputs(json_schema, choice, regex)
     if structured is not None:
         params["structured_outputs"] = structured
+    try:  # checked here, before anything is sent: a value no worker would take is one line naming the field
+        request = build_request(prompt, params=params, stream=not no_stream, id=request_id)
+    except ValidationError as e:
+        _fail(f"error: invalid request: {format_validation_error(e)}", 2)
+    except ValueError as e:
+        _fail(f"error: invalid request: {e}", 2)
     try:
         client = Client(settings=_settings())
         final = None
         with err.status("[bold]waiting for a worker ...") as status:
             # Read from the request's events stream: a dropped connection or a worker crash costs no token.
-            events = client.stream(prompt, params=params, stream=not no_stream, timeout=timeout,
-                                   pickup_timeout=pickup_timeout, **({"id": request_id} if request_id else {}))
+            events = client.stream(request=request, timeout=timeout, pickup_timeout=pickup_timeout)
             for ev in events:
                 if isinstance(ev, TokenEvent):
                     status.stop()

@@ -53,6 +53,7 @@ from .protocol import (
     Keys,
     SamplingParamsModel,
     TokenEvent,
+    check_param_ranges,
     parse_event,
     parse_terminal,
 )
@@ -116,10 +117,13 @@ def build_request(
     deadline_ms: int | None = None,
     metadata: dict | None = None,
 ) -> GenerateRequest:
-    """Build and validate a request locally (a bad request fails here, before it is sent)."""
+    """Build and validate a request locally: a bad request fails here, before it is sent, with a ``ValueError``
+    naming the field (pydantic's ``ValidationError``, which is one, for a wrong shape or type; the engine's own
+    range checks for a sampling value no worker would take, which would otherwise cost a round trip to its
+    refusal, or the whole pickup timeout with no worker running)."""
     if isinstance(prompt, list):
         prompt_token_ids, prompt = prompt, None
-    return GenerateRequest.model_validate(
+    req = GenerateRequest.model_validate(
         {
             "id": id or uuid.uuid4().hex,
             "prompt": prompt,
@@ -132,11 +136,18 @@ def build_request(
             "metadata": metadata or {},
         }
     )
+    check_param_ranges(req.params)
+    return req
 
 
 def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
-    """The ``request=`` keyword if given, else the request built from ``prompt`` and the other keywords."""
-    return kw.pop("request", None) or build_request(prompt, **kw)
+    """The ``request=`` keyword if given (its sampling values checked as :func:`build_request` checks them), else
+    the request built from ``prompt`` and the other keywords."""
+    req = kw.pop("request", None)
+    if req is None:
+        return build_request(prompt, **kw)
+    check_param_ranges(req.params)
+    return req
 
 
 def first_terminal(ev: Event) -> Terminal | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -361,7 +361,27 @@ class InvalidRequestError(Exception):
         self.metadata = metadata or {}
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def params_field(message: str) -> str:
+    """An engine message that starts with a sampling field's name, as the wire names it (``params.top_k ...``)."""
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    name = message.split(" ", 1)[0].rstrip(":")
+    return f"params.{message}" if name in {f.name for f in fields(SamplingParams)} else message
+
+
+def check_param_ranges(params: SamplingParamsModel) -> None:
+    """The engine's own range checks (``engine.SamplingParams``, plain Python: a producer runs them without
+    torch), so a value no worker would take fails where it is built. Raises ``ValueError`` naming the field as
+    the wire names it. The operator's limits (settings) stay with the worker."""
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**params.to_kwargs())
+    except (TypeError, ValueError) as e:
+        raise ValueError(params_field(str(e))) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:3]:
         loc = ".".join(str(x) for x in e["loc"])
@@ -415,7 +435,7 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(data, strict=True)
     except ValidationError as e:
-        raise InvalidRequestError(request_id, "invalid_request", _format_validation_error(e), metadata) from None
+        raise InvalidRequestError(request_id, "invalid_request", format_validation_error(e), metadata) from None
 
 
 # ------------------------------------------------------------------------------------------ schemas

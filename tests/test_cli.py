@@ -50,8 +50,8 @@ def test_submit_streams_and_no_stream(redis_url, prefix, shared_engine):
         res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "3", "--n", "2", "--no-stream"], env=env)
         assert res.exit_code == 0, res.output
         assert "[0]" in res.output and "[1]" in res.output
-        res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "0"], env=env)
-        assert res.exit_code == 1 and "max_tokens" in res.output
+        res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "0"], env=env)  # refused before it is sent
+        assert res.exit_code == 2 and "invalid request: params.max_tokens" in res.output
 
 
 def test_model_init(tmp_path):
@@ -144,6 +144,42 @@ def test_submit_without_a_worker_says_so(redis_url, prefix):
     line = _one_line(res)
     assert res.returncode == 2, line
     assert "no worker has picked this up after 1 s (consumer group has 1 consumer, none of them alive)" in line
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--max-tokens", "-3"], "params.max_tokens must be an integer in [1, "),
+    (["--max-tokens", str(2**70)], "params.max_tokens: Input should be less than or equal to"),
+    (["--temperature", "-1"], "params.temperature must be 0 (greedy) or in"),
+    (["--n", "0"], "params.n must be an integer in [1, "),
+    (["--beam-width", "2", "--n", "3"], "params.n must be <= beam_width (2)"),
+    (["--id", "no spaces"], "id: String should match pattern"),
+])
+def test_submit_refuses_a_bad_value_before_sending_it(redis_url, prefix, args, named):
+    """A value no worker would take is one line naming the field, at once (no worker is running here, so a sent
+    request would wait out the pickup timeout), and nothing reaches the stream."""
+    res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}, *args)
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: invalid request: ") and named in line, line
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(f"{prefix}:requests") == 0
+
+
+def test_the_clients_refuse_a_bad_value_before_sending_it(redis_url, prefix):
+    with Client(redis_url, prefix=prefix) as c:
+        with pytest.raises(ValueError, match=r"^params\.top_p must be in \(0, 1\] \(got 2"):
+            c.submit("x", params={"top_p": 2})
+        with pytest.raises(ValueError, match=r"^params\.structured_outputs must set exactly one of"):
+            c.generate("x", params={"structured_outputs": {"regex": "a", "choice": ["b"]}}, timeout=5)
+
+    async def astream():
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            async for _ in ac.stream("x", params={"max_tokens": 0}, timeout=5):
+                pass
+
+    with pytest.raises(ValueError, match=r"^params\.max_tokens"):
+        asyncio.run(astream())
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(f"{prefix}:requests") == 0
 
 
 def test_submit_with_a_short_pickup_timeout_completes_on_a_live_worker(redis_url, prefix, shared_engine):

@@ -14,7 +14,7 @@ import redis
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, Keys, parse_event
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import WorkerProcess, make_settings, running_worker, wait_for, stored_results
+from service_fixtures import WorkerProcess, make_settings, raw_submit, running_worker, stored_results, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -210,8 +210,7 @@ def test_json_logs_carry_request_id(tmp_path, redis_url, prefix):
         w.wait_started()
         with Client(settings=s) as c:
             c.generate("x", params={"max_tokens": 2}, timeout=60)
-            rid = c.submit("x", params={"top_p": 5})
-            c.wait(rid, timeout=30)
+            c.wait(raw_submit(s, {"top_p": 5}), timeout=30)  # the client would refuse it: sent by hand
         w.terminate()
         evs = w.events()
         fin = [e for e in evs if e.get("event") in ("request_finished", "request_error")]

@@ -11,7 +11,8 @@ import redis
 
 from pagedserve.service.client import AsyncClient, Client, RequestFailed
 from pagedserve.service.protocol import DoneEvent, ErrorEvent, TokenEvent
-from service_fixtures import ENGINE_KW, TEST_MODEL, make_settings, metric_samples, running_worker, wait_for
+from service_fixtures import (ENGINE_KW, TEST_MODEL, make_settings, metric_samples, raw_submit, running_worker,
+                              wait_for)
 
 PROMPTS = ["Hello world", "The sky is", "PagedAttention", "def f(x):", "a" * 40]
 
@@ -80,9 +81,11 @@ def test_generate_params_n_beam_and_chat(setup):
         assert e.code == "invalid_request" and "beam_width" in str(e)
     chat = c.generate(messages=[{"role": "user", "content": "hi"}], params={"max_tokens": 3}, timeout=60)
     assert chat.usage.prompt_tokens > 2
-    with pytest.raises(RequestFailed) as ei:
+    with pytest.raises(ValueError, match=r"^params\.top_p must be in"):  # refused before it is sent
         c.generate("x", params={"top_p": 2.0}, timeout=30)
-    assert ei.value.code == "invalid_request" and "params.top_p" in str(ei.value)
+    err = c.wait(raw_submit(s, {"top_p": 2.0}), timeout=30)  # sent by a producer that skips the check
+    assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request"
+    assert err.error.message.startswith("params.top_p must be in"), err.error.message
     with pytest.raises(RequestFailed) as ei:
         c.generate(prompt_token_ids=[1] * (w.engine.max_model_len + 5), timeout=30)
     assert ei.value.code == "prompt_too_long"
@@ -141,9 +144,11 @@ def test_async_client(setup):
             assert "".join(e.text for e in evs[:-1]) == evs[-1].text
             results = await asyncio.gather(*[ac.generate(f"p{i}", params={"max_tokens": 4}, timeout=60) for i in range(6)])
             assert all(len(r.outputs[0].token_ids) == 4 for r in results)
-            rid = await ac.submit("x", params={"top_k": -1})
-            err = await ac.wait(rid, timeout=30)
+            with pytest.raises(ValueError, match=r"^params\.top_k"):  # refused before it is sent
+                await ac.submit("x", params={"top_k": -1})
+            err = await ac.wait(raw_submit(s, {"top_k": -1}), timeout=30)
             assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request"
+            assert err.error.message.startswith("params.top_k"), err.error.message
 
     asyncio.run(main())
 

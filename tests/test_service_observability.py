@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent
 from pagedserve.service.telemetry import configure_logging
-from service_fixtures import make_settings, running_worker, wait_for
+from service_fixtures import make_settings, raw_submit, running_worker, wait_for
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -68,8 +68,7 @@ def test_metrics_move(redis_url, prefix, shared_engine):
         before = _scrape(w.health.port)
         for i in range(3):
             c.generate(f"m{i}", params={"max_tokens": 5}, timeout=60)
-        rid = c.submit("bad", params={"top_p": 7})
-        c.wait(rid, timeout=30)
+        c.wait(raw_submit(s, {"top_p": 7}), timeout=30)  # the client would refuse it: sent by hand
         w.r.xadd(w.keys.requests, {"body": b"\xff"})
         wait_for(lambda: _scrape(w.health.port).get('pagedserve_queue_dead_letters_total{reason="invalid_utf8"}', 0) >= 1,
                  10, what="dead-letter counter")

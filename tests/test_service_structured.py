@@ -17,7 +17,7 @@ import pytest
 
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, ErrorEvent, parse_request
-from service_fixtures import make_settings, metric_samples, running_worker, wait_for
+from service_fixtures import make_settings, metric_samples, raw_submit, running_worker, wait_for
 from structured_schemas import SCHEMAS
 
 SCHEMA = SCHEMAS["sentiment"]
@@ -77,7 +77,7 @@ def test_round_trip_json_regex_choice(setup):
 ])
 def test_unusable_spec_is_invalid_request_naming_the_field(setup, spec, words):
     s, w, c = setup
-    bad = _raw_submit(s, spec)
+    bad = raw_submit(s, {"max_tokens": 8, "structured_outputs": spec})
     innocent = c.submit("innocent", params={"max_tokens": 4, "temperature": 0.0})
     err = c.wait(bad, timeout=60)
     assert isinstance(err, ErrorEvent), err
@@ -85,19 +85,6 @@ def test_unusable_spec_is_invalid_request_naming_the_field(setup, spec, words):
     assert err.error.message.startswith(words), err.error.message
     assert isinstance(_one_result(c, bad), ErrorEvent)
     assert isinstance(c.wait(innocent, timeout=60), DoneEvent)
-
-
-def _raw_submit(s, spec: dict) -> str:
-    """XADD the body by hand: the client refuses some of these shapes itself, and the worker must answer them."""
-    import uuid
-
-    import redis
-
-    rid = f"bad-{uuid.uuid4().hex[:8]}"
-    body = json.dumps({"id": rid, "prompt": "x", "params": {"max_tokens": 8, "structured_outputs": spec}})
-    with redis.Redis.from_url(s.redis_url) as r:
-        r.xadd(f"{s.prefix}:requests", {"body": body})
-    return rid
 
 
 def test_wire_model_carries_the_field():
