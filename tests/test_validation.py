@@ -65,6 +65,17 @@ def test_bad_engine_args_name_the_field(tiny_models, kwargs, field):
         LLM(model=tiny_models["llama"], device="cpu", **kwargs)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_a_cuda_device_this_torch_cannot_see_is_named(tiny_models, device, monkeypatch):
+    """Said as what it is (not as a tensor-parallel shortfall at one rank), before anything loads."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if device == "cuda:7" else 0)
+    expected = "cuda:0 to cuda:1" if device == "cuda:7" else "none visible: use 'cpu' or 'auto'"
+    with pytest.raises(ValueError, match=f"^device names a CUDA device this torch cannot see .*{expected}"):
+        LLM(model=tiny_models["llama"], device=device)
+
+
 def test_prompt_limits_checked_before_work(tiny_models):
     llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
     with pytest.raises(PromptTooLongError, match="max_model_len"):
