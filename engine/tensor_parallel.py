@@ -316,6 +316,14 @@ class TensorParallelRunner(ModelRunner):
         return self.tp.comm_seconds + (self.channel.seconds if self.channel else 0.0)
 
     # ---------------------------------------------------------------------------------------- shutdown
+    def __del__(self) -> None:
+        # A dropped engine (``del llm``) stops its ranks then, not at this process's exit: each holds a shard of
+        # the weights and of the KV pool. Nothing may escape a finalizer, least of all at interpreter shutdown.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def close(self) -> None:
         """Stop the ranks (a stop message when they are healthy, else SIGKILL) and leave the process group."""
         if self._closed:

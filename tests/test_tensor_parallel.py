@@ -112,6 +112,26 @@ def test_tp2_generates_what_tp1_generates(family, tp_models):
     assert all(not alive(pid) for pid in llm2.engine.runner.rank_pids)
 
 
+def test_a_dropped_tp2_engine_stops_its_ranks(tp_models):
+    """``del llm`` without ``close()`` stops the ranks at once (each holds a shard of the weights and of the KV
+    pool), not at this process's exit; the collector is off, so reference counting alone does it."""
+    import gc
+
+    llm2 = LLM(model=tp_models["llama"], tensor_parallel_size=2, **_engine_kw(CASES["llama"]))
+    llm2.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+    pids = llm2.engine.runner.rank_pids
+    assert pids and all(alive(pid) for pid in pids)
+    gc.disable()
+    try:
+        del llm2
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        gc.enable()
+    assert not any(alive(pid) for pid in pids)
+
+
 def test_tp2_matches_then_a_killed_rank_takes_the_engine_down(tp_models):
     llm2 = LLM(model=tp_models["qwen3"], tensor_parallel_size=2, **_engine_kw(CASES["qwen3"]))
     try:
