@@ -25,8 +25,8 @@ class LLM:
         self._counter = 0
 
     def close(self) -> None:
-        """Stop the grammar compile threads and the tensor-parallel rank processes, if any (both also stop when
-        this process exits)."""
+        """Stop the grammar compile threads and the tensor-parallel rank processes, if any, now (both also stop
+        when the engine is dropped, and when this process exits)."""
         self.engine.close()
 
     @property
