@@ -105,18 +105,20 @@ def _register(app: Celery) -> None:
         from pydantic import ValidationError
 
         from .client import build_request
+        from .client_core import check_message_size
         from .protocol import ErrorEvent, ErrorInfo, format_validation_error
 
         rid = id or f"celery-{self.request.id}"
+        c = _client(app)
         try:
             request = build_request(prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
                                     id=rid, priority=priority, deadline_ms=deadline_ms, metadata=metadata,
                                     stream=False)
+            check_message_size(request, c.settings)
         except ValueError as e:  # refused here, before it is sent, with the error event a worker would store
             message = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
             return ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=message),
                               metadata=metadata or {}).model_dump(mode="json")
-        c = _client(app)
         if c.result(rid) is None:  # a redelivered task finds its result and does not resubmit
             c.submit(request=request)
         # wait() subscribes, then reads the result key: nothing published before it subscribed is missed

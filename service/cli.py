@@ -293,6 +293,7 @@ def submit(
     from pydantic import ValidationError
 
     from .client import Client, NoWorker, build_request
+    from .client_core import check_message_size
     from .connection import redact
     from .protocol import DoneEvent, ErrorEvent, TokenEvent, format_validation_error
     from .telemetry import configure_tracing
@@ -305,14 +306,16 @@ def submit(
     structured = _structured_outputs(json_schema, choice, regex)
     if structured is not None:
         params["structured_outputs"] = structured
-    try:  # checked here, before anything is sent: a value no worker would take is one line naming the field
+    settings = _settings()
+    try:  # checked here, before anything is sent: a request no worker would take is one line saying why
         request = build_request(prompt, params=params, stream=not no_stream, id=request_id)
+        check_message_size(request, settings)
     except ValidationError as e:
         _fail(f"error: invalid request: {format_validation_error(e)}", 2)
     except ValueError as e:
         _fail(f"error: invalid request: {e}", 2)
     try:
-        client = Client(settings=_settings())
+        client = Client(settings=settings)
         final = None
         with err.status("[bold]waiting for a worker ...") as status:
             # Read from the request's events stream: a dropped connection or a worker crash costs no token.

@@ -42,7 +42,6 @@ from .client_core import (
     build_request,
     done_or_raise,
     first_terminal,
-    request_of,
 )
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
@@ -95,7 +94,7 @@ class Client(ProducerCore):
 
     def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
         """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
-        req = request_of(prompt, kw)
+        req = self._request(prompt, kw)
         try:
             return self._xadd(req)
         except CONNECTION_ERRORS as e:
@@ -130,7 +129,7 @@ class Client(ProducerCore):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
             yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout))
             return
-        req = request_of(prompt, kw)
+        req = self._request(prompt, kw)
         yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout))
 
     def events(self, request_id: str, timeout: float | None = None,
@@ -151,7 +150,7 @@ class Client(ProducerCore):
         """Submit and wait for the result; raises :class:`RequestFailed` on an error event, ``TimeoutError``
         (:class:`NoWorker` with ``pickup_timeout``), :class:`RedisUnreachable`."""
         kw.setdefault("stream", False)
-        req = request_of(prompt, kw)
+        req = self._request(prompt, kw)
         for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)):
             if (done := done_or_raise(ev)) is not None:
                 return done
@@ -261,7 +260,7 @@ class AsyncClient(ProducerCore):
         await self.aclose()
 
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
-        req = request_of(prompt, kw)
+        req = self._request(prompt, kw)
         try:
             return await self._xadd(req)
         except CONNECTION_ERRORS as e:
@@ -290,7 +289,7 @@ class AsyncClient(ProducerCore):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
             wait = self._stream(prompt, None, timeout, after, pickup_timeout)
         else:
-            req = request_of(prompt, kw)
+            req = self._request(prompt, kw)
             wait = self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout)
         async for ev in self._run(wait):
             yield ev
@@ -311,7 +310,7 @@ class AsyncClient(ProducerCore):
         pickup_timeout: float | None = None, **kw: Any,
     ) -> DoneEvent:
         kw.setdefault("stream", False)
-        req = request_of(prompt, kw)
+        req = self._request(prompt, kw)
         async for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)):
             if (done := done_or_raise(ev)) is not None:
                 return done

@@ -150,6 +150,18 @@ def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
     return req
 
 
+def check_message_size(req: GenerateRequest, settings: Settings) -> None:
+    """A body over ``max_message_bytes`` is dead-lettered by the workers before its id is read (so that a hostile
+    entry costs them no parsing): no answer would ever come. Refused here instead, with a ``ValueError``. The
+    limit is this process's setting; keep it the workers' (the same ``PAGEDSERVE_MAX_MESSAGE_BYTES``)."""
+    size = len(req.model_dump_json(exclude_none=False).encode())
+    limit = settings.max_message_bytes
+    if size > limit:
+        raise ValueError(f"the request is {size} bytes as a stream entry, more than max_message_bytes {limit} "
+                         "(PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit): shorten the prompt or raise the "
+                         "limit on both sides")
+
+
 def first_terminal(ev: Event) -> Terminal | None:
     """``wait``: the terminal event, or None for a token event."""
     return None if isinstance(ev, TokenEvent) else ev
@@ -171,6 +183,12 @@ class ProducerCore:
         self.redis_url = redis_url or s.redis_url
         self.keys = Keys(prefix or s.prefix)
         self.tracer = get_tracer(tracer_provider)
+
+    def _request(self, prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
+        """:func:`request_of`, refused (``ValueError``) if no worker would read it (:func:`check_message_size`)."""
+        req = request_of(prompt, kw)
+        check_message_size(req, self.settings)
+        return req
 
     def _producer_span(self, req: GenerateRequest):
         return self.tracer.start_as_current_span(

@@ -164,6 +164,16 @@ def test_submit_refuses_a_bad_value_before_sending_it(redis_url, prefix, args, n
         assert r.xlen(f"{prefix}:requests") == 0
 
 
+def test_submit_refuses_a_body_no_worker_would_read(redis_url, prefix):
+    """Over max_message_bytes a worker dead-letters the entry unanswered: one line instead, nothing sent."""
+    res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix,
+                   "PAGEDSERVE_MAX_MESSAGE_BYTES": "256"})
+    line = _one_line(res)
+    assert res.returncode == 2 and "more than max_message_bytes 256 (PAGEDSERVE_MAX_MESSAGE_BYTES" in line, line
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(f"{prefix}:requests") == 0
+
+
 def test_the_clients_refuse_a_bad_value_before_sending_it(redis_url, prefix):
     with Client(redis_url, prefix=prefix) as c:
         with pytest.raises(ValueError, match=r"^params\.top_p must be in \(0, 1\] \(got 2"):

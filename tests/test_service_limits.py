@@ -152,6 +152,42 @@ def test_culprits_refused_innocents_done(limited):
     assert r.xlen(keys.requests) == 0 and not w.stopped.is_set()
 
 
+def test_a_body_over_max_message_bytes_is_refused_by_the_client_as_the_worker_would(redis_url, prefix,
+                                                                                     shared_engine):
+    """The workers dead-letter a body over ``max_message_bytes`` before reading its id, so its sender would wait
+    for an answer that never comes: the clients refuse it before sending, measuring it as the worker does (the
+    same body, written by hand, is dead-lettered as too large; one byte less is answered)."""
+    from pagedserve.service.client import AsyncClient, Client, build_request
+
+    limit = 2048
+    s = make_settings(redis_url, prefix, max_message_bytes=limit)
+    keys = Keys(prefix)
+    base = len(build_request("a", id="fits", params={"max_tokens": 2}).model_dump_json(exclude_none=False).encode())
+    fits = build_request("a" * (limit - base + 1), id="fits", params={"max_tokens": 2})
+    over = build_request("a" * (limit - base + 2), id="over", params={"max_tokens": 2})
+    assert len(fits.model_dump_json(exclude_none=False).encode()) == limit
+    with running_worker(s, shared_engine), Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
+        for call in (lambda: c.submit(request=over), lambda: c.generate(request=over, timeout=30),
+                     lambda: next(c.stream(request=over, timeout=30))):
+            with pytest.raises(ValueError, match=f"more than max_message_bytes {limit} "):
+                call()
+
+        async def async_submit():
+            async with AsyncClient(settings=s) as ac:
+                await ac.submit(request=over)
+
+        with pytest.raises(ValueError, match="PAGEDSERVE_MAX_MESSAGE_BYTES"):
+            import asyncio
+
+            asyncio.run(async_submit())
+        assert r.xlen(keys.requests) == 0
+        assert isinstance(c.generate(request=fits, timeout=60), DoneEvent)
+        r.xadd(keys.requests, {"body": over.model_dump_json(exclude_none=False)})
+        wait_for(lambda: r.xlen(keys.dead) == 1, 30, what="the dead letter")
+        (dead,) = [DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead)]
+        assert dead.reason.startswith("message too large: 2049 bytes") and not r.exists(keys.result("over"))
+
+
 def test_engine_refusals_name_the_field(redis_url, prefix, shared_engine):
     # Checked by the real engine at admission: sequences vs max_num_seqs name the field that asks for them, and
     # max_tokens beyond what the prompt leaves of max_model_len is an error naming params.max_tokens (no cap).
