@@ -72,12 +72,13 @@ class EngineConfig:
         except RuntimeError as exc:
             raise ValueError(f"device {self.device!r} is not usable: {exc}") from exc
         dev = self.torch_device
-        visible = torch.cuda.device_count() if dev.type == "cuda" else 0
-        if dev.type == "cuda" and (dev.index or 0) >= visible:
-            fail("device", "names a CUDA device this torch cannot see ("
-                 + (f"{visible} visible: cuda:0 to cuda:{visible - 1})" if visible else "none visible: use 'cpu' or 'auto')"))
-        if dev.type == "cuda" and (dev.index or 0) + self.tensor_parallel_size > visible:
-            fail("tensor_parallel_size", f"needs one GPU per rank from {dev} on; {visible} visible")
+        if dev.type == "cuda":
+            visible = torch.cuda.device_count()
+            if (dev.index or 0) >= visible:
+                seen = f"{visible} visible: cuda:0 to cuda:{visible - 1}" if visible else "none visible: use 'cpu' or 'auto'"
+                fail("device", f"names a CUDA device this torch cannot see ({seen})")
+            if (dev.index or 0) + self.tensor_parallel_size > visible:
+                fail("tensor_parallel_size", f"needs one GPU per rank from {dev} on; {visible} visible")
         if dev.type not in ("cpu", "cuda") and self.tensor_parallel_size > 1:
             fail("tensor_parallel_size", f"> 1 needs a cpu or cuda device, not {dev.type}")
 

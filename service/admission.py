@@ -42,7 +42,8 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
-from .protocol import DeadLetterError, GenerateRequest, InvalidRequestError, params_field, parse_request
+from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, engine_params, params_field,
+                       parse_request)
 from .reclaim import LeaseKeeper
 from .resume import read_emitted
 from .running import Running
@@ -83,16 +84,15 @@ def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
 
 def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tuple[str | list[int], Any]:
     """Returns ``(prompt, SamplingParams)`` for ``engine.add_request`` or raises :class:`InvalidRequestError`."""
-    from pagedserve.engine import SamplingParams
 
     def refuse(code: str, message: str) -> InvalidRequestError:
         return InvalidRequestError(req.id, code, message, req.metadata)
 
     check_request_limits(req, settings)
     try:
-        params = SamplingParams(**req.params.to_kwargs())
-    except (ValueError, TypeError) as e:
-        raise refuse("invalid_request", params_field(str(e))) from None
+        params = engine_params(req.params)
+    except ValueError as e:
+        raise refuse("invalid_request", str(e)) from None
     max_num_seqs = settings.max_num_seqs
     if params.num_samples > max_num_seqs:
         name = "beam_width" if params.beam_width > 0 else ("best_of" if params.best_of is not None else "n")

@@ -102,25 +102,17 @@ def _register(app: Celery) -> None:
         (``outputs``, ``usage``, ``metrics``) or ``error`` (``error.code``, ``error.message``; a request that
         fails validation is answered so without being sent). Raises ``TimeoutError`` when no result came in time
         (the request may still complete: same id, same result)."""
-        from pydantic import ValidationError
+        from .protocol import ErrorEvent, ErrorInfo, refusal_message
 
-        from .client import build_request
-        from .client_core import check_message_size
-        from .protocol import ErrorEvent, ErrorInfo, format_validation_error
-
-        rid = id or f"celery-{self.request.id}"
         c = _client(app)
-        try:
-            request = build_request(prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
-                                    id=rid, priority=priority, deadline_ms=deadline_ms, metadata=metadata,
-                                    stream=False)
-            check_message_size(request, c.settings)
-        except ValueError as e:  # refused here, before it is sent, with the error event a worker would store
-            message = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
-            return ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=message),
-                              metadata=metadata or {}).model_dump(mode="json")
+        rid = id or f"celery-{self.request.id}"
         if c.result(rid) is None:  # a redelivered task finds its result and does not resubmit
-            c.submit(request=request)
+            try:
+                c.submit(prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params, id=rid,
+                         priority=priority, deadline_ms=deadline_ms, metadata=metadata, stream=False)
+            except ValueError as e:  # refused before it is sent: the error event a worker would have stored
+                return ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=refusal_message(e)),
+                                  metadata=metadata or {}).model_dump(mode="json")
         # wait() subscribes, then reads the result key: nothing published before it subscribed is missed
         return c.wait(rid, timeout=timeout).model_dump(mode="json")
 

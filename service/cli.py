@@ -290,12 +290,10 @@ def submit(
     """Enqueue one request and print its output as it streams."""
     import redis
 
-    from pydantic import ValidationError
-
     from .client import Client, NoWorker, build_request
     from .client_core import check_message_size
     from .connection import redact
-    from .protocol import DoneEvent, ErrorEvent, TokenEvent, format_validation_error
+    from .protocol import DoneEvent, ErrorEvent, TokenEvent, refusal_message
     from .telemetry import configure_tracing
 
     configure_tracing("pagedserve-cli")  # the producer span is exported if an OTLP endpoint is configured
@@ -310,10 +308,8 @@ def submit(
     try:  # checked here, before anything is sent: a request no worker would take is one line saying why
         request = build_request(prompt, params=params, stream=not no_stream, id=request_id)
         check_message_size(request, settings)
-    except ValidationError as e:
-        _fail(f"error: invalid request: {format_validation_error(e)}", 2)
     except ValueError as e:
-        _fail(f"error: invalid request: {e}", 2)
+        _fail(f"error: invalid request: {refusal_message(e)}", 2)
     try:
         client = Client(settings=settings)
         final = None

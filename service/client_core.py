@@ -53,7 +53,7 @@ from .protocol import (
     Keys,
     SamplingParamsModel,
     TokenEvent,
-    check_param_ranges,
+    engine_params,
     parse_event,
     parse_terminal,
 )
@@ -136,7 +136,7 @@ def build_request(
             "metadata": metadata or {},
         }
     )
-    check_param_ranges(req.params)
+    engine_params(req.params)
     return req
 
 
@@ -146,7 +146,7 @@ def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
     req = kw.pop("request", None)
     if req is None:
         return build_request(prompt, **kw)
-    check_param_ranges(req.params)
+    engine_params(req.params)
     return req
 
 

@@ -369,14 +369,14 @@ def params_field(message: str) -> str:
     return f"params.{message}" if name in {f.name for f in fields(SamplingParams)} else message
 
 
-def check_param_ranges(params: SamplingParamsModel) -> None:
-    """The engine's own range checks (``engine.SamplingParams``, plain Python: a producer runs them without
-    torch), so a value no worker would take fails where it is built. Raises ``ValueError`` naming the field as
-    the wire names it. The operator's limits (settings) stay with the worker."""
+def engine_params(params: SamplingParamsModel) -> Any:
+    """The engine's ``SamplingParams`` of these wire values, through its own range checks (plain Python: a
+    producer runs them without torch, so a value no worker would take fails where it is built). Raises
+    ``ValueError`` naming the field as the wire names it. The operator's limits (settings) are the worker's."""
     from pagedserve.engine.sampling_params import SamplingParams
 
     try:
-        SamplingParams(**params.to_kwargs())
+        return SamplingParams(**params.to_kwargs())
     except (TypeError, ValueError) as e:
         raise ValueError(params_field(str(e))) from None
 
@@ -388,6 +388,12 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+def refusal_message(err: ValueError) -> str:
+    """What a producer says of a request it refuses to send: pydantic's errors as ``field: message``, else the
+    message (which names the field)."""
+    return format_validation_error(err) if isinstance(err, ValidationError) else str(err)
 
 
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
