@@ -196,7 +196,7 @@ def test_submit_with_a_short_pickup_timeout_completes_on_a_live_worker(redis_url
     s = make_settings(redis_url, prefix)
     with running_worker(s, shared_engine):
         res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix},
-                      "--no-stream", "--pickup-timeout", "0.01")
+                      "--no-stream", "--pickup-timeout", "0.01", "--temperature", "0")  # greedy: no early EOS
     assert res.returncode == 0, res.stdout + res.stderr
     assert "finish=length" in res.stderr and "completion_tokens=3" in res.stderr
 
