@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 
 from pagedserve.engine.llm_engine import LLMEngine
@@ -48,6 +49,10 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
+            if isinstance(sampling_params, (Mapping, str, bytes)) or not isinstance(sampling_params, Iterable):
+                raise ValueError(f"sampling_params must be a SamplingParams or a list of them, one per prompt (got "
+                                 f"{type(sampling_params).__name__}); a dict of fields converts with "
+                                 "SamplingParams.from_dict")
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")

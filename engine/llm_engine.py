@@ -136,7 +136,8 @@ class LLMEngine:
         generation continues after it (``_resume``)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a SamplingParams")
+            raise ValueError(f"params must be a SamplingParams (got {type(params).__name__}); "
+                             "a dict of fields converts with SamplingParams.from_dict")
         params.validate()
         if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
             raise ValueError(f"request_id must be a non-empty string of at most {MAX_REQUEST_ID_LEN} characters")

@@ -98,6 +98,21 @@ def test_prompt_limits_checked_before_work(tiny_models):
         LLM(model=tiny_models["llama"], device="cpu", max_model_len=10_000)
 
 
+def test_sampling_params_of_the_wrong_type_are_named(tiny_models):
+    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
+    # A dict of fields is a common slip (the wire takes one): named, with the way to convert it.
+    with pytest.raises(ValueError, match=r"^sampling_params must be a SamplingParams .*\(got dict\).*from_dict"):
+        llm.generate(["hi"], {"max_tokens": 2})
+    with pytest.raises(ValueError, match=r"^params must be a SamplingParams \(got dict\)"):
+        llm.engine.add_request("a", "hi", {"max_tokens": 2})
+    with pytest.raises(ValueError, match=r"^params must be a SamplingParams \(got dict\)"):
+        llm.generate(["hi"], [{"max_tokens": 2}])
+    assert not llm.engine.has_unfinished_requests()
+    # Any iterable of them, one per prompt, still works.
+    outs = llm.generate(["a", "b"], (SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in (1, 2)))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 2]
+
+
 def test_empty_token_lists_are_refused(tiny_models, monkeypatch):
     llm = LLM(model=tiny_models["llama"], device="cpu")
     with pytest.raises(ValueError, match="^prompt_token_ids must not be empty"):
