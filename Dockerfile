@@ -83,7 +83,7 @@ WORKDIR /home/pagedserve
 USER 10001:10001
 EXPOSE 9400
 STOPSIGNAL SIGTERM
-# start-period covers the model load; /healthz answers once the engine loop runs.
+# start-period covers the model load (/healthz is 503 with "loading" until the model is in, then follows the loop).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "/usr/local/bin/pagedserve-healthcheck", "/healthz"]
 # tini as PID 1: forwards SIGTERM to the worker (which drains) and reaps children.

@@ -102,7 +102,7 @@ class Worker(WorkerPart):
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self.stopped = threading.Event()
-        self.heartbeat = time.monotonic()
+        self.heartbeat = self._created = time.monotonic()
         self.started = threading.Event()
         self.health: HealthServer | None = None
         self._want_health = health and s.metrics_port is not None
@@ -117,6 +117,7 @@ class Worker(WorkerPart):
             from pagedserve.engine import LLMEngine
 
             self._engine = LLMEngine(**self.settings.engine_kwargs())
+            self.heartbeat = time.monotonic()  # the loop's clock starts now: a long load is not a stall
             self.model_loaded = True
         return self._engine
 
@@ -133,6 +134,10 @@ class Worker(WorkerPart):
             ).start()
 
     def _alive(self) -> tuple[bool, dict]:
+        if not self.model_loaded:
+            # Not alive yet, not dead: a startup probe (not liveness) bounds the load, as it bounds any server
+            # that is not yet serving; the loop's heartbeat only means something once the loop runs.
+            return False, {"loading": True, "loading_s": round(time.monotonic() - self._created, 3)}
         age = time.monotonic() - self.heartbeat
         progressing, info = self.progress.check()
         ok = age < self.settings.liveness_timeout_s and progressing and not self.stopped.is_set()

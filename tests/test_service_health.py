@@ -84,3 +84,41 @@ def test_healthz_fails_while_the_engine_makes_no_progress(redis_url, prefix, sha
     finally:
         scheduler.schedule = real_schedule
         r.close()
+
+
+def test_healthz_says_loading_until_the_model_is_loaded_however_long_it_takes(redis_url, prefix, monkeypatch):
+    """A load longer than ``liveness_timeout_s`` (a download, a kernel build, a big checkpoint on a slow volume)
+    is neither alive nor dead: ``/healthz`` says ``loading`` (503, so a startup probe bounds it, as it bounds any
+    server not yet serving), and once the model is in, the loop's clock starts from there, not from the start."""
+    import threading
+    import time
+
+    import pagedserve.engine
+    from pagedserve.service.worker import Worker
+
+    release = threading.Event()
+    real_engine = pagedserve.engine.LLMEngine
+
+    def slow_engine(**kw):
+        assert release.wait(60), "the test never released the load"
+        return real_engine(**kw)
+
+    monkeypatch.setattr(pagedserve.engine, "LLMEngine", slow_engine)
+    s = make_settings(redis_url, prefix, liveness_timeout_s=0.5, log_level="ERROR")
+    w = Worker(s)
+    t = threading.Thread(target=w.run, name="test-worker", daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: w.health, 30, what="health server")
+        time.sleep(1.0)  # twice the liveness timeout, still loading
+        code, info = _healthz(w.health.port)
+        assert code == 503 and info["loading"] is True and info["loading_s"] >= 1.0 and info["ok"] is False
+        release.set()
+        assert w.started.wait(120), "worker did not start"
+        code, info = _healthz(w.health.port)
+        assert code == 200 and "loading" not in info, info
+    finally:
+        release.set()
+        w.request_stop()
+        t.join(60)
+    assert not t.is_alive()
