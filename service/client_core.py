@@ -57,7 +57,7 @@ from .protocol import (
     parse_event,
     parse_terminal,
 )
-from .connection import redact
+from .redaction import redact, remember_secrets
 from .settings import Settings
 from .telemetry import get_tracer, inject_fields
 
@@ -181,6 +181,7 @@ class ProducerCore:
         s = settings or Settings()
         self.settings = s
         self.redis_url = redis_url or s.redis_url
+        remember_secrets(self.redis_url)
         self.keys = Keys(prefix or s.prefix)
         self.tracer = get_tracer(tracer_provider)
 

@@ -29,7 +29,7 @@ from redis.retry import Retry
 from .context import WorkerContext, WorkerPart
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
-from .redaction import redact
+from .redaction import redact, remember_secrets
 
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
@@ -61,6 +61,7 @@ def redis_client(url: str, *, decode: bool = False, timeout: float = 5.0) -> red
     """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
     was lost could publish a batch's token events twice. A URL redis-py cannot parse is a ``ValueError``
     whose message shows the URL with its credentials masked."""
+    remember_secrets(url)
     try:
         return redis.Redis.from_url(
             url,

@@ -2,23 +2,54 @@
 
 Its own module because every part that logs a Redis error needs it (the connection, the publisher, the lease
 thread, the CLI, the clients) and none of them should import another part to get it.
+
+Two layers. A pattern masks the user-info of any URL in the text; it cannot know where a URL quoted in free text
+ends when its password holds a space or a quote, so the passwords of the URLs this process was configured with
+are also remembered (:func:`remember_secrets`, called wherever a Redis URL enters: settings, clients) and masked
+wherever they appear, whatever their characters.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 # The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
 # raw ``@`` inside a password is covered too) and ``password=`` query parameters.
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@")
 _PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\bpassword=)[^&\s'\"<>]*")
+_PASSWORD_VALUE = re.compile(r"(?i)\bpassword=(?P<value>[^&#]*)")
+
+# Shorter ones would mask ordinary words of every line; the pattern still covers them inside a URL.
+MIN_REMEMBERED = 3
+_secrets: set[str] = set()
+
+
+def remember_secrets(url: object) -> None:
+    """Remember the password of ``url`` (its user-info's, or all of a user-info without ``:``, and any
+    ``password=`` parameter), raw and percent-decoded, so that :func:`redact` masks it anywhere. The URL need not
+    parse: a malformed one is quoted in the error that refuses it."""
+    if not isinstance(url, str):
+        return
+    _, sep, rest = url.partition("://")
+    found = [m["value"] for m in _PASSWORD_VALUE.finditer(url)]
+    if sep and "@" in rest:
+        userinfo = rest[: rest.rindex("@")]
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    for secret in found:
+        _secrets.update(s for s in (secret, unquote(secret)) if len(s) >= MIN_REMEMBERED)
 
 
 def redact(text: object) -> str:
-    """``text`` with the credentials of every URL in it masked: ``redis://user:***@host``, ``password=***``.
-    Used on everything the worker prints or logs that may hold the Redis URL or an error quoting it."""
+    """``text`` with the credentials of every URL in it masked: ``redis://user:***@host``, ``password=***``, and
+    every remembered password wherever it stands. Used on everything the worker prints or logs that may hold the
+    Redis URL or an error quoting it."""
     def userinfo(m: re.Match) -> str:
         user, colon, _ = m["userinfo"].partition(":")
         return f"{m['scheme']}{user}:***@" if colon else f"{m['scheme']}***@"
 
-    return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, str(text)))
+    out = str(text)
+    for secret in sorted(_secrets, key=len, reverse=True):  # longest first: one may contain another
+        out = out.replace(secret, "***")
+    return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, out))

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .redaction import remember_secrets
+
 
 class Settings(BaseSettings):
     """All knobs of the worker, the producers and the CLI.
@@ -89,9 +91,16 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return v
 
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        remember_secrets(v)
+        return v
+
     @field_validator("redis_url")
     @classmethod
     def _url(cls, v: str) -> str:
+        remember_secrets(v)  # before anything can quote it, this refusal included
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return v

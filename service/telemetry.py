@@ -23,6 +23,8 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span
 
+from .redaction import redact
+
 if TYPE_CHECKING:
     import structlog
 
@@ -46,6 +48,11 @@ class _StderrLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
+def _redact_values(_logger: Any, _method: str, event: dict) -> dict:
+    """Every string of a log event through :func:`redact`: a caller that forgot to, or an exception's text."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     """Configure structlog once per process (idempotent; the last call wins for format and level)."""
     import structlog
@@ -61,6 +68,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact_values,  # last before rendering: the exception text above included
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

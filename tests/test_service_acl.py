@@ -97,6 +97,9 @@ def test_documented_acl_matches_the_code():
         "redis://user:S3cretPw@127.0.0.1:notaport/0",  # redis-py cannot parse it
         "http://user:S3cretPw@127.0.0.1:6379/0",  # the settings refuse the scheme
         "redis://user:S3cretPw@[::1/0",  # broken IPv6 literal
+        'redis://user:S3cret"Pw@127.0.0.1:notaport/0',  # and quotes or spaces in the password
+        "redis://user:S3cret Pw@127.0.0.1:notaport/0",
+        "http://user:S3cret'Pw@127.0.0.1:6379/0",
     ],
 )
 def test_malformed_redis_url_never_shows_its_password(url):
@@ -105,7 +108,7 @@ def test_malformed_redis_url_never_shows_its_password(url):
     p = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "worker"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
-    assert "S3cretPw" not in p.stderr + p.stdout
+    assert "S3cret" not in p.stderr + p.stdout
     assert "***" in p.stderr and re.search(r"(?i)redis.?url", p.stderr), p.stderr[-2000:]
 
 
@@ -124,13 +127,47 @@ def test_redact(text, shown):
     assert redact(text) == shown
 
 
-def test_redact_hides_any_password():
+def test_redact_hides_any_password(monkeypatch):
     from hypothesis import given
     from hypothesis import strategies as st
 
+    from pagedserve.service import redaction
+
+    monkeypatch.setattr(redaction, "_secrets", set())  # what this test remembers stays in it
+
+    # Any URL in any text, by the pattern alone (no space or quote: those end a URL quoted in free text).
     @given(st.text(st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc"), blacklist_characters="'\"<>*"), min_size=1),
            st.sampled_from(["redis", "rediss", "unix"]))
     def check(password, scheme):
         assert f"{password}@" not in redact(f"failed: {scheme}://user:{password}@host:6379/0 (x)")
 
+    # A configured URL's password, whatever its characters, wherever an error quotes it.
+    @given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="*"), min_size=redaction.MIN_REMEMBERED),
+           st.sampled_from(["redis", "rediss", "unix"]), st.sampled_from(["{}", "'{}'", '"{}"', "<{}>", "({})"]))
+    def check_remembered(password, scheme, quoting):
+        url = f"{scheme}://user:{password}@host:6379/0"
+        redaction.remember_secrets(url)
+        assert password not in redact(f"Error connecting to {quoting.format(url)}: refused")
+
     check()
+    check_remembered()
+
+
+def test_log_lines_never_show_a_configured_password(capsys):
+    """Every string of a log event is redacted, exception text included: a log call that passes an error through
+    unredacted, or a traceback that quotes the URL, shows no password."""
+    from pagedserve.service.settings import Settings
+    from pagedserve.service.telemetry import configure_logging, get_logger
+
+    password = "l0g 'S3cret\" pw"
+    Settings(redis_url=f"redis://app:{password}@127.0.0.1:1/0")  # what a worker starts from
+    configure_logging("json", "INFO")
+    log = get_logger(worker="w")
+    log.warning("redis_error", error=f"Error connecting to 'redis://app:{password}@127.0.0.1:1/0'")
+    try:
+        raise ConnectionError(f"cannot reach {password}")
+    except ConnectionError:
+        log.exception("loop_iteration_failed")
+    err = capsys.readouterr().err
+    assert "redis_error" in err and "loop_iteration_failed" in err and "***" in err
+    assert "S3cret" not in err, err
