@@ -99,7 +99,7 @@ class Connection(WorkerPart):
     reclaimer: Reclaimer
     leases: LeaseKeeper
     name_token: str
-    publisher: Publisher  # only to log how much is buffered
+    publisher: Publisher  # to log how much is buffered, and to have expiries set again after a reconnect
     backoff: Backoff = field(default_factory=Backoff, init=False)
     ok: bool = field(default=False, init=False)
     needs_setup: bool = field(default=True, init=False)
@@ -153,6 +153,7 @@ class Connection(WorkerPart):
         self.backoff.ok()
         self.needs_setup = False
         self.generation += 1
+        self.publisher.expire_again()
         if not self._leases_started:
             self.leases.start()
             self._leases_started = True

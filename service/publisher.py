@@ -102,6 +102,11 @@ class Publisher(WorkerPart):
         if len(self._ops) > self.max_buffered:
             self._drop_tokens()
 
+    def expire_again(self) -> None:
+        """After a reconnect: every running request's next token event sets its events key's expiry again (the
+        key may have been lost with Redis's data and recreated, without one, by a buffered append)."""
+        self._expiry_set.clear()
+
     def forget(self, request_id: str) -> None:
         """Drop the buffered token events of a request another worker owns now (it continues after what the
         events stream holds; a late append of ours would fork its stream)."""

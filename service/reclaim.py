@@ -4,7 +4,9 @@
   running (``XCLAIM ... 0 id JUSTID``) every ``lease_renew_interval_ms`` < ``claim_idle_ms``, so no other
   worker may reclaim them. The renewal runs in a Lua script that first checks the entry is still owned by this
   consumer: a worker that was partitioned away for longer than ``claim_idle_ms`` must not steal its entries
-  back from the worker that reclaimed them; it learns they are lost and stops running them.
+  back from the worker that reclaimed them; it learns they are lost and stops running them. An entry that left
+  the pending list unacknowledged (trimmed or deleted from the stream, Redis lost its data) belongs to no other
+  consumer: it is "gone", its lease is no longer renewed, and its request runs on under its id claim.
 - Reclaim: ``XAUTOCLAIM`` with ``min-idle-time = claim_idle_ms`` takes over entries of dead workers; the
   cursor is kept between calls so a long pending list is walked in pages.
 - Consumer-name lease: a key ``{prefix}:consumer:{name}`` with a TTL makes sure two live workers never share
@@ -47,16 +49,19 @@ class Reclaimer(WorkerPart):
             self._scripts = Scripts(r)
         return self._scripts
 
-    def renew(self, r: redis.Redis, entry_ids: list[str]) -> list[str]:
-        """Renew the lease of ``entry_ids``; returns the ids no longer owned by this consumer."""
+    def renew(self, r: redis.Redis, entry_ids: list[str]) -> tuple[list[str], list[str]]:
+        """Renew the lease of ``entry_ids``; returns the ids another consumer owns now (lost) and those no
+        consumer owns (gone from the stream: trimmed, deleted, Redis lost its data)."""
         lost: list[str] = []
+        gone: list[str] = []
         for i in range(0, len(entry_ids), 1000):
             chunk = entry_ids[i : i + 1000]
             res = self.scripts(r).renew_leases(
                 keys=[self.keys.requests], args=[self.keys.group, self.consumer, *chunk], client=r
             )
-            lost.extend(as_text(x) for x in res or [])
-        return lost
+            lost.extend(as_text(x) for x in res[0])
+            gone.extend(as_text(x) for x in res[1])
+        return lost, gone
 
     def reclaim(self, r: redis.Redis, count: int) -> list[tuple[str, dict, int]]:
         """Claim up to ``count`` entries idle longer than ``claim_idle_ms``; returns (entry id, fields,
@@ -150,6 +155,7 @@ class LeaseKeeper:
     def __init__(self, ctx: WorkerContext, reclaimer: Reclaimer, name_token: str) -> None:
         self.reclaimer = reclaimer
         self.name_token = name_token
+        self.metrics, self.log = ctx.metrics, ctx.log
         self._ids: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
@@ -182,9 +188,16 @@ class LeaseKeeper:
         with self._lock:
             ids = sorted(self._ids)
         self.reclaimer.refresh_name(r, self.name_token)
-        lost = self.reclaimer.renew(r, ids) if ids else []
-        if lost:
+        lost, gone = self.reclaimer.renew(r, ids) if ids else ([], [])
+        if lost or gone:
             with self._lock:
-                # Only ids still registered: an entry acked meanwhile is not "lost".
+                # Only ids still registered: an entry acked meanwhile is neither lost nor gone.
                 self._lost.extend(e for e in lost if e in self._ids)
+                gone = [e for e in gone if e in self._ids]
                 self._ids.difference_update(lost)
+                self._ids.difference_update(gone)
+        if gone:
+            # Nothing to renew, and no other worker can hold these entries: their requests run on here under
+            # their id claims and store their results (the ack then finds nothing to acknowledge).
+            self.metrics.entries_gone.inc(len(gone))
+            self.log.warning("entries_gone", entry_ids=gone)

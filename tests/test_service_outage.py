@@ -98,3 +98,43 @@ def test_entry_delivered_as_the_link_broke_is_drained_after_reconnect(tmp_path, 
         wait_for(lambda: not pending(admin, keys), 60, what="acked")
         assert admin.xlen(keys.requests) == 0 and admin.xlen(keys.dead) == 0
         assert w.proc.poll() is None
+
+
+@pytest.mark.parametrize("loss", ["trimmed", "flushed"])
+def test_a_running_request_whose_entry_leaves_the_stream_ends_with_its_result(tmp_path, prefix, loss):
+    """An operator's XTRIM, or Redis losing its data (FLUSHALL here, what a restart without persistence does),
+    takes a running request's entry out of the stream. No other worker can own it then, so the worker running it
+    carries on under its id claim and stores its result; its events stream keeps an expiry. (It took the missing
+    entry for a lease lost to another worker, dropped the request and stored nothing.)"""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        s = make_settings(url, prefix, claim_idle_ms=1000)  # leases renewed every third of a second
+        c = Client(settings=s)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        keys, rid, max_tokens = Keys(prefix), f"gone-{loss}", 1800
+        try:
+            w.wait_started()
+            events = admin.pubsub(ignore_subscribe_messages=True)
+            events.subscribe(keys.out(rid))
+            c.submit("a long one", id=rid, params={"max_tokens": max_tokens, "ignore_eos": True})
+            wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
+            events.close()
+            if loss == "trimmed":
+                admin.xtrim(keys.requests, maxlen=0)
+            else:
+                admin.flushall()
+            ended = c.wait(rid, timeout=120)
+            assert isinstance(ended, DoneEvent), ended
+            assert ended.outputs[0].finish_reason == "length" and len(ended.outputs[0].token_ids) == max_tokens
+            stored = parse_terminal(admin.get(keys.result(rid)))
+            assert isinstance(stored, DoneEvent) and stored.outputs[0].token_ids == ended.outputs[0].token_ids
+            assert 0 < admin.pttl(keys.events(rid)) <= s.result_ttl_s * 1000
+            wait_for(lambda: not admin.exists(keys.running(rid)), 30, what="claim released")
+            assert not pending(admin, keys)
+            assert any(e.get("event") == "entries_gone" for e in w.events()), "the loss is logged"
+            assert not any(e.get("event") in ("lease_lost", "run_given_up") for e in w.events())
+            assert w.proc.poll() is None
+        finally:
+            w.close()
+            c.close()
+            admin.close()
