@@ -17,8 +17,9 @@ released within one renewal interval anyway.
 Invariants:
 - an id runs on at most one worker at a time: a worker runs an id only while its claim holds; the claims it
   holds are renewed from a thread of their own every ``lease_renew_interval_ms`` (< TTL), as the entry leases
-  are (a long engine step must not let a live worker's claim lapse); a renewal that finds another owner reports
-  the id lost and the worker stops that run (its entries then wait like a loser's);
+  are (a long engine step must not let a live worker's claim lapse); a renewal that finds another owner, or
+  finds the claim lapsed and the id answered (another worker ran it while this one was away), reports the id
+  lost and the worker stops that run (its entries, if any are left, then wait like a loser's);
 - a claim is released (compare-and-delete) only after the request's result is stored, or when the worker gives
   the request up (lease lost, shutdown, an engine failure that sends it back to the stream).
 """
@@ -123,8 +124,7 @@ class Claims(WorkerPart):
             held, release = sorted(self._held), sorted(self._release)
         if not held and not release:
             return
-        keys = [self.keys.running(i) for i in held + release]
-        lost = self._renew(keys=keys, args=[self.owner, self.ttl_ms, len(held)], client=r)
+        lost = self._renew_and_release(r, held, release)
         with self._lock:
             self._release.difference_update(release)
             for i in lost or []:
@@ -136,5 +136,8 @@ class Claims(WorkerPart):
             # take the key back now rather than on the next tick.
             again = [rid for rid in release if rid in self._held]
         if again:
-            self._renew(keys=[self.keys.running(i) for i in again], args=[self.owner, self.ttl_ms, len(again)],
-                        client=r)
+            self._renew_and_release(r, again, [])
+
+    def _renew_and_release(self, r: redis.Redis, held: list[str], release: list[str]) -> list:
+        keys = [self.keys.running(i) for i in held + release] + [self.keys.result(i) for i in held]
+        return self._renew(keys=keys, args=[self.owner, self.ttl_ms, len(held), len(release)], client=r)

@@ -138,3 +138,40 @@ def test_a_running_request_whose_entry_leaves_the_stream_ends_with_its_result(tm
             w.close()
             c.close()
             admin.close()
+
+
+def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix):
+    """What a worker that was away finds when it comes back after another worker took its entry over, ran it to
+    the end and acknowledged it: the entry gone, its claim released, the id answered. It stops its run and leaves
+    the stored answer alone, instead of running on and taking the lapsed claim again. (Made here by hand: the
+    entry trimmed, the claim deleted and a result stored while the request runs.)"""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        s = make_settings(url, prefix, claim_idle_ms=1000)
+        c = Client(settings=s)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        keys, rid = Keys(prefix), "answered-meanwhile"
+        try:
+            w.wait_started()
+            events = admin.pubsub(ignore_subscribe_messages=True)
+            events.subscribe(keys.out(rid))
+            c.submit("a long one", id=rid, params={"max_tokens": 1800, "ignore_eos": True})
+            wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
+            events.close()
+            other = DoneEvent(id=rid, outputs=[{"index": 0, "text": "elsewhere", "token_ids": [1],
+                                                 "finish_reason": "stop"}]).model_dump_json()
+            pipe = admin.pipeline(transaction=True)
+            pipe.xtrim(keys.requests, maxlen=0)
+            pipe.delete(keys.running(rid))
+            pipe.set(keys.result(rid), other, ex=s.result_ttl_s)
+            pipe.execute()
+            wait_for(lambda: any(e.get("event") == "run_given_up" for e in w.events()), 60, what="run given up")
+            wait_for(lambda: any(e.get("event") == "answered_by_owner" for e in w.events()), 60, what="answered")
+            assert admin.get(keys.result(rid)).decode() == other
+            assert not admin.exists(keys.running(rid)) and not pending(admin, keys)
+            assert not any(e.get("event") == "request_finished" and e.get("request_id") == rid for e in w.events())
+            assert w.proc.poll() is None
+        finally:
+            w.close()
+            c.close()
+            admin.close()

@@ -1,17 +1,20 @@
 #!lua
 -- Renew the claims a worker still runs and release the ones it has answered (or given up), in one call.
--- KEYS[1..ARGV[3]] = running keys to renew; the KEYS after them = running keys to release
--- ARGV[1] = owner   ARGV[2] = TTL in ms   ARGV[3] = how many of KEYS are renewed
--- A claim that expired (Redis lost it, or this worker was away) is taken again unless another worker took it.
--- Returns the 1-based indexes of the renewed keys another worker holds now: this worker must stop those runs.
+-- KEYS[1..n] = running keys to renew, KEYS[n+1..n+m] = running keys to release, KEYS[n+m+1..2n+m] = the result
+-- keys of the renewed ids, in the same order
+-- ARGV[1] = owner   ARGV[2] = TTL in ms   ARGV[3] = n   ARGV[4] = m
+-- A claim that expired (Redis lost it, or this worker was away) is taken again unless another worker took it or
+-- the id has a result: then another worker ran it while this one was away and answered it.
+-- Returns the 1-based indexes of the renewed keys this worker must stop running.
 local lost = {}
-local renew = tonumber(ARGV[3])
-for i, key in ipairs(KEYS) do
+local renew, release = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 1, renew + release do
+  local key = KEYS[i]
   local cur = redis.call('GET', key)
   if i <= renew then
     if cur == ARGV[1] then
       redis.call('PEXPIRE', key, ARGV[2])
-    elseif cur == false then
+    elseif cur == false and redis.call('EXISTS', KEYS[renew + release + i]) == 0 then
       redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
     else
       table.insert(lost, i)
