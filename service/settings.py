@@ -6,13 +6,72 @@ OpenTelemetry is configured by the standard ``OTEL_*`` variables, not here.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import socket
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .redaction import remember_secrets
+from .redaction import redact, remember_secrets
+
+
+ENV_PREFIX = "PAGEDSERVE_"
+# Variables read outside these settings: by the engine and the kernels (straight from the environment, at the
+# point they matter), by the compose file, and by the test suite's fault campaign.
+OTHER_ENV = (
+    "CACHE_DIR", "CPU_THREADS", "CPU_BIND", "CPU_SPIN_US", "CPU_LINEAR", "CPU_KERNELS", "CPU_MARCH",
+    "CPU_FUSED_LAYERS", "STRUCTURED_COMPILE_TIMEOUT_S",
+    "IMAGE", "VERSION", "MODELS_DIR", "GPUS_PER_WORKER", "WORKER_CPUS",
+    "FAULT_SEED", "FAULT_SECONDS", "TEST_REDIS_URL",
+)
+
+
+def known_env_names() -> set[str]:
+    """Every ``PAGEDSERVE_*`` variable some part of pagedserve reads."""
+    names = {ENV_PREFIX + n for n in OTHER_ENV}
+    for name, field in Settings.model_fields.items():
+        names.add(ENV_PREFIX + name.upper())
+        alias = field.validation_alias
+        names.update(a.upper() for a in getattr(alias, "choices", ()) if isinstance(a, str) and a.upper().startswith(ENV_PREFIX))
+    return names
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The ``PAGEDSERVE_*`` variables of ``environ`` that nothing reads, each with the known name it most likely
+    misspells (or None): settings ignore unknown names, so a typo would otherwise leave its default in force
+    without a word."""
+    known = known_env_names()
+    env = os.environ if environ is None else environ
+    suffixes = {n[len(ENV_PREFIX):]: n for n in known}  # the shared prefix would make every name look alike
+
+    def closest(name: str) -> str | None:
+        match = difflib.get_close_matches(name.upper()[len(ENV_PREFIX):], suffixes, n=1, cutoff=0.7)
+        return suffixes[match[0]] if match else None
+
+    return [(name, closest(name)) for name in sorted(env)
+            if name.upper().startswith(ENV_PREFIX) and name.upper() not in known]
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ``ValueError`` (credentials masked) for a URL redis-py would refuse, or would read as another database
+    than the one written: it takes ``/abc`` or ``/9/x`` for database 0 without a word."""
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+        path = urlsplit(url).path
+    except ValueError as e:
+        raise ValueError(f"not a valid Redis URL ({redact(e)}); percent-encode any of :/?#[]@ in the "
+                         "user name or password (# as %23)") from None
+    if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
+        raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
+                         f"(got {redact(path)!r})")
 
 
 class Settings(BaseSettings):
@@ -22,7 +81,7 @@ class Settings(BaseSettings):
     be reclaimed by another worker.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PAGEDSERVE_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     # --- contract §4 ---------------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -103,6 +162,16 @@ class Settings(BaseSettings):
         remember_secrets(v)  # before anything can quote it, this refusal included
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        check_redis_url(v)
+        return v
+
+    @field_validator("lease_renew_ms")
+    @classmethod
+    def _lease_inside_claim(cls, v: int | None, info: ValidationInfo) -> int | None:
+        claim_idle_ms = info.data.get("claim_idle_ms")  # absent when it failed its own check
+        if v is not None and claim_idle_ms is not None and v >= claim_idle_ms:
+            raise ValueError(f"must be less than claim_idle_ms ({claim_idle_ms}): a live worker's entries would go "
+                             "idle long enough for another worker to reclaim them")
         return v
 
     @property

@@ -50,7 +50,7 @@ from .protocol import Keys
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .running import Running
-from .settings import Settings
+from .settings import Settings, unknown_env_names
 from .telemetry import get_logger, get_tracer
 
 
@@ -154,6 +154,8 @@ class Worker(WorkerPart):
         return ok, {"model_loaded": self.model_loaded, "redis": reachable, "stopping": self._stop.is_set()}
 
     def run(self) -> None:
+        for name, likely in unknown_env_names():
+            self.log.warning("unknown_setting", name=name, did_you_mean=likely, note="ignored: nothing reads it")
         self.start_health()
         engine = self.engine  # load the model before taking any work
         try:

@@ -1,0 +1,75 @@
+"""Settings refuse what would run against the wrong thing without a word: a Redis URL read as another database,
+a lease that cannot keep a live worker's entries, and warn of ``PAGEDSERVE_*`` names nothing reads."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pagedserve.service.settings import Settings, known_env_names, unknown_env_names
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/abc", "redis://h/9/x", "rediss://h:6380/0x1"])
+def test_a_database_that_is_not_a_number_is_refused(url):
+    # redis-py reads these as database 0 without a word: work would go to (and come from) the wrong database.
+    with pytest.raises(ValidationError, match="the database after the host must be a number"):
+        Settings(redis_url=url)
+
+
+@pytest.mark.parametrize("url", ["redis://:s#cret@127.0.0.1:6379/9", "unix:///tmp/r.sock?db=x"])
+def test_an_unparseable_url_is_refused_with_what_to_do(url):
+    with pytest.raises(ValidationError, match="not a valid Redis URL") as e:
+        Settings(redis_url=url)
+    assert "s#cret" not in str(e.value).split("input_value")[0]
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "redis://h:6379/", "redis://u:pw@h/12",
+                                 "rediss://h/0?ssl_cert_reqs=none", "unix:///tmp/r.sock?db=2", "redis://h/3?db=4"])
+def test_good_urls_pass(url):
+    assert Settings(redis_url=url).redis_url == url
+
+
+def test_the_lease_must_renew_inside_the_claim_time():
+    with pytest.raises(ValidationError, match="lease_renew_ms") as e:
+        Settings(claim_idle_ms=1000, lease_renew_ms=1000)
+    assert "less than claim_idle_ms (1000)" in str(e.value)
+    assert Settings(claim_idle_ms=1000, lease_renew_ms=999).lease_renew_interval_ms == 999
+
+
+def test_unknown_names_are_found_with_the_name_they_likely_misspell():
+    env = {"PAGEDSERVE_MODLE": "x", "PAGEDSERVE_MAX_NUM_SEQ": "4", "PAGEDSERVE_XYZZY": "1", "PAGEDSERVE_MODEL": "m",
+           "PAGEDSERVE_SHUTDOWN_GRACE_S": "5", "PAGEDSERVE_CPU_THREADS": "2", "HOME": "/root"}
+    assert unknown_env_names(env) == [("PAGEDSERVE_MAX_NUM_SEQ", "PAGEDSERVE_MAX_NUM_SEQS"),
+                                      ("PAGEDSERVE_MODLE", "PAGEDSERVE_MODEL"), ("PAGEDSERVE_XYZZY", None)]
+
+
+def test_every_name_the_code_reads_is_known():
+    """The known list cannot drift: every ``PAGEDSERVE_*`` name the Python code, the deployment files and the
+    docs spell is one (C++ macros and the ``PAGEDSERVE_`` prefix itself aside)."""
+    files = [p for d in ("engine", "kernels", "service", "bench", "pagedserve", "deploy", "helm", "tests")
+             for p in (REPO / d).rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".tpl", ".md")
+             and p.name != Path(__file__).name]  # this file spells typos on purpose
+    files += [REPO / f for f in ("README.md", "docker-compose.yml", "Dockerfile", "Makefile")] + list((REPO / "docs").glob("*.md"))
+    spelled = {m for p in files for m in re.findall(r"\bPAGEDSERVE_[A-Z0-9_]*[A-Z0-9]\b", p.read_text(errors="replace"))}
+    macros = {"PAGEDSERVE_HEADERS", "PAGEDSERVE_AMX", "PAGEDSERVE_DISPATCH", "PAGEDSERVE_BLOCK_STEP", "PAGEDSERVE_CPU"}
+    assert spelled - macros - known_env_names() == set()
+
+
+def test_the_worker_logs_each_unknown_name(tmp_path, redis_url, prefix):
+    from service_fixtures import WorkerProcess, make_settings
+
+    s = make_settings(redis_url, prefix)
+    w = WorkerProcess(s, tmp_path / "w.log", PAGEDSERVE_MAX_NUM_SEQ="4").start()
+    try:
+        w.wait_started()
+        lines = [e for e in w.events() if e.get("event") == "unknown_setting"]
+    finally:
+        w.close()
+    assert [(e["name"], e["did_you_mean"]) for e in lines] == [("PAGEDSERVE_MAX_NUM_SEQ", "PAGEDSERVE_MAX_NUM_SEQS")]
