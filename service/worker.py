@@ -153,9 +153,23 @@ class Worker(WorkerPart):
         ok = self.model_loaded and reachable and not self._stop.is_set()
         return ok, {"model_loaded": self.model_loaded, "redis": reachable, "stopping": self._stop.is_set()}
 
+    def check_credentials(self) -> None:
+        """Raise ``redis.AuthenticationError`` (one line, password masked) when Redis refuses this worker's user or
+        password: no retry can mend a wrong setting, and a worker that waited for ever would look started. A Redis
+        not reachable yet is not an error here: the loop waits for it (it may start after the workers)."""
+        try:
+            self.r.ping()
+        except redis.AuthenticationError as e:
+            raise redis.AuthenticationError(
+                f"Redis at {redact(self.settings.redis_url)} refused the credentials of PAGEDSERVE_REDIS_URL "
+                f"({redact(e)}): check its user name and password") from None
+        except REDIS_DOWN + REDIS_REFUSED:
+            pass
+
     def run(self) -> None:
         for name, likely in unknown_env_names():
             self.log.warning("unknown_setting", name=name, did_you_mean=likely, note="ignored: nothing reads it")
+        self.check_credentials()
         self.start_health()
         engine = self.engine  # load the model before taking any work
         try:

@@ -171,3 +171,21 @@ def test_log_lines_never_show_a_configured_password(capsys):
     err = capsys.readouterr().err
     assert "redis_error" in err and "loop_iteration_failed" in err and "***" in err
     assert "S3cret" not in err, err
+
+
+def test_a_worker_whose_credentials_redis_refuses_exits_with_one_line(redis_url):
+    """A wrong user or password is a setting to mend, not an outage to wait out: the worker ends at once with one
+    line naming the setting (it waited for ever, having logged worker_started). An unreachable Redis is still
+    waited for (test_service_outage)."""
+    from service_fixtures import TEST_MODEL
+
+    bad = redis_url.replace("redis://", "redis://nobody:Wr0ngPw@", 1)
+    env = dict(os.environ, PAGEDSERVE_REDIS_URL=bad, PAGEDSERVE_METRICS_PORT="0", PAGEDSERVE_MODEL=str(TEST_MODEL),
+               PAGEDSERVE_DEVICE="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "worker"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "refused the credentials of PAGEDSERVE_REDIS_URL" in last and "nobody:***@" in last, last
+    assert "Wr0ngPw" not in p.stderr + p.stdout and "Traceback" not in p.stderr
+    assert "worker_started" not in p.stderr
