@@ -28,6 +28,7 @@ from pagedserve.engine.sampling_params import SamplingParams, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend
+from pagedserve.engine.structured_spec import GrammarFailed
 from pagedserve.engine.tokenizer import load_tokenizer
 from pagedserve.kernels import get_ops
 
@@ -342,7 +343,9 @@ class LLMEngine:
             return True
         except Exception as exc:
             log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
-            failed[req.request_id] = (req, _one_line(f"{stage} failed: {type(exc).__name__}: {exc}"))
+            # A request whose own parameters failed (its message names the field) is told so as it is.
+            why = str(exc) if isinstance(exc, GrammarFailed) else f"{stage} failed: {type(exc).__name__}: {exc}"
+            failed[req.request_id] = (req, _one_line(why))
             return False
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],

@@ -44,10 +44,11 @@ class Matcher(Protocol):
     """One sequence's position in its grammar. Not thread-safe; the engine uses it from the step loop only."""
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
-        """Write the allowed next tokens into ``row`` (int32, CPU, contiguous; bit ``t % 32`` of word ``t // 32``)."""
+        """Write the allowed next tokens into ``row`` (int32, CPU, contiguous; bit ``t % 32`` of word ``t // 32``).
+        Raises ``GrammarFailed`` when the grammar can no longer be followed (its request then ends with it)."""
 
     def accept(self, token_id: int) -> bool:
-        """Advance by one sampled token; False if the grammar does not allow it (the matcher then allows EOS only)."""
+        """Advance by one sampled token; False if the grammar does not allow it (the next mask then raises)."""
 
     def is_terminated(self) -> bool:
         """True once EOS was accepted (the grammar was complete): the sequence is over."""

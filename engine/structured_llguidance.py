@@ -14,7 +14,9 @@ docs/benchmarks.md):
 How it maps: a compiled grammar is an ``LLMatcher`` that never consumes a token; each sequence gets a
 ``deep_copy`` of it (the lexer and its caches are shared, so a copy costs microseconds). ``compile`` computes one
 mask on a throwaway copy, so the lexer is built on the compile thread, not on the step loop's first mask.
-A matcher that is stopped (grammar complete) or in error allows EOS only.
+A matcher that is stopped (grammar complete) allows EOS only. One in error (a lexer limit reached far into the
+output, a refused token) raises :class:`GrammarFailed` at its next mask: its request ends with that error instead of
+an EOS that would pass its invalid output off as complete.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from importlib.metadata import version as package_version
 
 import torch
 
-from pagedserve.engine.structured_spec import kind_of, structured_error
+from pagedserve.engine.structured_spec import GrammarFailed, kind_of, structured_error
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def exact_formats(schema: object) -> object:
 
 
 def _cut(text: str) -> str:
-    text = " ".join(str(text).split())
+    text = " ".join(str(text).split()).split(" <state>", 1)[0]  # the parser state dump after it is for llguidance's authors
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
@@ -87,6 +89,12 @@ class LLGuidanceMatcher:
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self.m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`GrammarFailed` when the matcher is in error."""
+        if self.m.is_error():
+            raise GrammarFailed(f"could not be followed while generating: {_cut(self.m.get_error())}")
 
     def accept(self, token_id: int) -> bool:
         if self.terminated:
@@ -99,7 +107,7 @@ class LLGuidanceMatcher:
         ok = self.m.consume_token(token_id)
         if not ok and not self._warned:
             self._warned = True
-            log.warning("structured output: the grammar refused token %d (%s); only EOS is allowed from here",
+            log.warning("structured output: the grammar refused token %d (%s); the request ends at its next mask",
                         token_id, _cut(self.m.get_error()))
         return ok
 
@@ -210,6 +218,8 @@ class LLGuidanceBackend:
             row_bytes = bitmask.shape[1] * bitmask.element_size()
             self._executor.unsafe_compute_mask_ptr([(m.m, i) for i, m in enumerate(matchers)],
                                                    bitmask.data_ptr(), row_bytes, rows)
+            for m in matchers:  # the engine then masks row by row, and only the culprit's request fails
+                m.check()
             return [(time.perf_counter() - started) / rows] * rows
         seconds = []
         for i, m in enumerate(matchers):

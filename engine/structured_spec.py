@@ -25,6 +25,15 @@ def structured_error(why: str) -> ValueError:
     return ValueError(f"structured_outputs {why}")
 
 
+class GrammarFailed(ValueError):
+    """A request's grammar failed while the request ran (a matcher in error: a lexer or state limit reached far
+    into the output, a token it refused). The request cannot produce a valid output: it ends with this error,
+    whose message starts with the field's name, rather than with an EOS forced in as if the output were complete."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"structured_outputs {why}")
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

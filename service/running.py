@@ -35,6 +35,7 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
+from .protocol import params_field
 from .publisher import Publisher
 from .results import token_payloads
 
@@ -91,8 +92,12 @@ class Running(WorkerPart):
         error = getattr(out, "error", None)
         if error:  # the engine ended this request alone (its sampling, beam scoring, detokenization or stop check)
             self.table.pop(out.request_id)
-            self.outcomes.error(out.request_id, f.entry_ids, "internal", f"engine: {error}", f.request.metadata,
-                                f.span)
+            # A message that starts with a parameter's name blames the request's own parameters (a grammar that
+            # failed while generating): the producer's to mend, not a retry.
+            field_message = params_field(error)
+            code, message = (("invalid_request", field_message) if field_message != error
+                             else ("internal", f"engine: {error}"))
+            self.outcomes.error(out.request_id, f.entry_ids, code, message, f.request.metadata, f.span)
             return 0
         new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
         if new_tokens:

@@ -74,6 +74,8 @@ def test_round_trip_json_regex_choice(setup):
     ({"regex": "a", "choice": ["a"]}, "params.structured_outputs must set exactly one of"),
     ({"choice": "a,b"}, "params.structured_outputs.choice"),
     ({"jsn": {}}, "params.structured_outputs.jsn"),
+    # compiles, then fails at its first mask: ended with the engine's error, still the request's own
+    ({"regex": "(a{1000}){1000}"}, "params.structured_outputs could not be followed while generating"),
 ])
 def test_unusable_spec_is_invalid_request_naming_the_field(setup, spec, words):
     s, w, c = setup

@@ -173,6 +173,21 @@ def test_grammar_end_stops_even_with_ignore_eos(llm):
     assert out.outputs[0].text in ("alpha", "beta") and out.outputs[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("others", [1, 40])  # 40: the rows are masked together on llguidance's thread pool
+def test_a_grammar_that_fails_while_generating_ends_its_request_with_an_error(llm, others):
+    """This regex compiles, and its lexer gives up at the first mask of the run (too many expressions): the
+    request ends with an error naming the field, never with an EOS forced in (it ended "stop" with an empty
+    text, which the regex does not match). The requests beside it, constrained or not, are unaffected."""
+    failing = constrained({"regex": "(a{1000}){1000}"}, max_tokens=20)
+    beside = [constrained({"choice": ["alpha", "beta"]}) if i % 2 else SamplingParams(max_tokens=4, temperature=0)
+              for i in range(others)]
+    outs = llm.generate(["x"] * (others + 1), [failing, *beside])
+    assert outs[0].outputs == [] and outs[0].error.startswith(
+        "structured_outputs could not be followed while generating: lexer error"), outs[0].error
+    assert all(o.error is None and o.outputs[0].finish_reason in ("stop", "length") for o in outs[1:])
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_refusals_name_the_field_and_queue_nothing(llm):
     eng = llm.engine
     with pytest.raises(ValueError, match=r"^structured_outputs cannot be combined with beam search"):
