@@ -136,9 +136,10 @@ class Reclaimer(WorkerPart):
     def acquire_name(self, r: redis.Redis, token: str) -> bool:
         return bool(r.set(self.keys.consumer_lease(self.consumer), token, nx=True, px=self.claim_idle_ms))
 
-    def refresh_name(self, r: redis.Redis, token: str) -> None:
+    def refresh_name(self, r: redis.Redis, token: str) -> bool:
+        """Renew the consumer-name lease; False when another worker holds the name now."""
         key = self.keys.consumer_lease(self.consumer)
-        self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r)
+        return bool(self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r))
 
     def release_name(self, r: redis.Redis, token: str) -> None:
         self.scripts(r).release_name(keys=[self.keys.consumer_lease(self.consumer)], args=[token], client=r)
@@ -156,6 +157,9 @@ class LeaseKeeper:
         self.reclaimer = reclaimer
         self.name_token = name_token
         self.metrics, self.log = ctx.metrics, ctx.log
+        # Set when another worker holds this worker's consumer name (this one was away longer than claim_idle_ms
+        # and a replacement took it): the two would drain each other's entries, so this one must stop.
+        self.name_taken = threading.Event()
         self._ids: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
@@ -187,7 +191,8 @@ class LeaseKeeper:
     def _tick(self, r: redis.Redis) -> None:
         with self._lock:
             ids = sorted(self._ids)
-        self.reclaimer.refresh_name(r, self.name_token)
+        if not self.reclaimer.refresh_name(r, self.name_token):
+            self.name_taken.set()
         lost, gone = self.reclaimer.renew(r, ids) if ids else ([], [])
         if lost or gone:
             with self._lock:

@@ -192,6 +192,10 @@ class Worker(WorkerPart):
         try:
             while True:
                 self.heartbeat = time.monotonic()
+                if self.leases.name_taken.is_set() and not self._stop.is_set():
+                    self.log.error("consumer_name_taken", consumer=self.consumer,
+                                   note="another worker took this name while this one was away: stopping")
+                    self.request_stop()
                 if self._stop.is_set() and not drain_logged:
                     # Logged here, not in the signal handler: a handler runs between any two bytecodes.
                     drain_logged = True
@@ -214,6 +218,9 @@ class Worker(WorkerPart):
                     time.sleep(min(1.0, 0.01 * failures))
         finally:
             self._shutdown()
+        if self.leases.name_taken.is_set():
+            raise RuntimeError(f"consumer name {self.consumer!r} was taken by another worker while this one did not "
+                               "renew it (away longer than claim_idle_ms); this one stopped, the other serves under it")
 
     # ------------------------------------------------------------------------------------------ one iteration
     def iterate(self) -> None:

@@ -218,3 +218,34 @@ def test_json_logs_carry_request_id(tmp_path, redis_url, prefix):
         assert all(json.dumps(e) for e in evs)
     finally:
         w.close()
+
+
+def test_a_worker_whose_consumer_name_was_taken_stops(redis_url, prefix, tmp_path):
+    """A worker that was away longer than claim_idle_ms (paused, partitioned) may come back to find a replacement
+    holding its consumer name; two live workers under one name drain each other's entries. It notices at its next
+    lease renewal, stops reading, finishes what it runs (its id claims still protect them) and exits non-zero.
+    It carried on unaware. (Made here by writing another worker's token into the name lease.)"""
+    s = make_settings(redis_url, prefix, claim_idle_ms=1000, grace_period_s=30)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        with Client(settings=s) as c:
+            rid = c.submit("a long one", params={"max_tokens": 600, "ignore_eos": True})
+            events = r.pubsub(ignore_subscribe_messages=True)
+            events.subscribe(keys.out(rid))
+            wait_for(lambda: events.get_message(timeout=0.1) is not None or r.exists(keys.result(rid)), 120, 0,
+                     "first token: running")
+            events.close()
+            r.set(keys.consumer_lease(s.worker_name), "a-replacement's-token", px=60_000)
+            assert w.proc.wait(timeout=120) == 1
+            ended = c.wait(rid, timeout=10)
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 600  # drained, not dropped
+        names = [e.get("event") for e in w.events()]
+        assert "consumer_name_taken" in names and "worker_stopped" in names
+        assert "was taken by another worker" in w.log_path.read_text()
+        assert r.get(keys.consumer_lease(s.worker_name)) == b"a-replacement's-token"  # not released by the loser
+    finally:
+        w.close()
+        r.close()
