@@ -427,6 +427,10 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     request_id = data.get("id")
     if not valid_id(request_id):
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])", "invalid_id")
+    if text.count('"id"') > 1 and _top_level_keys(text).count("id") > 1:
+        # JSON parsers disagree on which one counts (Python's the last, others the first): no answer can be sure
+        # to reach the producer's id, so no id is taken.
+        raise DeadLetterError("duplicate 'id' key: which one is the request's id is ambiguous", "invalid_id")
     problem = first_problem(data, check_unicode=has_surrogate_escape(text))
     if problem is not None:
         raise InvalidRequestError(request_id, "invalid_request", problem, metadata_or_empty(data))
@@ -442,6 +446,18 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
         return GenerateRequest.model_validate(data, strict=True)
     except ValidationError as e:
         raise InvalidRequestError(request_id, "invalid_request", format_validation_error(e), metadata) from None
+
+
+def _top_level_keys(text: str) -> list[str]:
+    """The keys of the JSON object ``text`` (which :func:`loads` parsed), in order with duplicates: a second pass,
+    only made when ``"id"`` occurs twice in the text."""
+    outermost: list[str] = []
+
+    def keys(pairs: list) -> None:
+        outermost[:] = [k for k, _ in pairs]  # objects are decoded innermost first: the last one is the body
+
+    json.JSONDecoder(object_pairs_hook=keys, parse_int=str, parse_constant=str).decode(text)
+    return outermost
 
 
 # ------------------------------------------------------------------------------------------ schemas

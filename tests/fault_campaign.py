@@ -66,6 +66,9 @@ HOSTILE: dict[str, tuple] = {
     "invalid_id": (lambda rid, c: _j({"id": rid + " has spaces!", "prompt": "x"}), "dead", None),
     "id_too_long": (lambda rid, c: _j({"id": "x" * 129, "prompt": "x"}), "dead", None),
     "id_not_string": (lambda rid, c: _j({"id": 12345, "prompt": "x"}), "dead", None),
+    # parsers disagree on which "id" counts: no answer could be sure to reach the producer's
+    "duplicate_id_key": (lambda rid, c: b'{"id": "' + rid.encode() + b'", "prompt": "x", "id": "' + rid.encode()
+                         + b'-2"}', "dead", None),
     "oversized_no_id": (lambda rid, c: _j({"prompt": "x" * (c.max_message_bytes + 10)}), "dead", None),
     "nesting_bomb": (lambda rid, c: b"[" * 20000 + b"]" * 20000, "dead", None),
     "huge_int_no_id": (lambda rid, c: b'{"prompt": "x", "params": {"seed": ' + b"9" * 5000 + b"}}", "dead", None),

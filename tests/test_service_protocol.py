@@ -61,10 +61,19 @@ def test_valid_request_minimal_and_full():
     (json.dumps({"id": 5, "prompt": "x"}), "id"),
     (b"[" * 1000 + b"]" * 1000, "JSON"),
     (json.dumps({"id": "a", "prompt": "x" * 3000}), "too large"),
+    (b'{"id": "a", "prompt": "x", "id": "b"}', "duplicate 'id'"),
 ])
 def test_dead_letters(body, reason):
     with pytest.raises(DeadLetterError, match=reason):
         parse_request(body, 2048)
+
+
+def test_id_keys_of_nested_objects_are_not_duplicates():
+    body = b'{"id": "a", "prompt": "x", "metadata": {"id": "b", "x": {"id": "c"}}}'
+    assert parse_request(body, 2048).id == "a"
+    # the second look at the keys parses what the first did, an integer Python refuses included
+    with pytest.raises(DeadLetterError, match="duplicate 'id'"):
+        parse_request(b'{"id": "a", "metadata": {"n": ' + b"9" * 5000 + b'}, "prompt": "x", "id": "a"}', 1 << 20)
 
 
 @pytest.mark.parametrize("body,needle", [
