@@ -108,7 +108,7 @@ class Worker(WorkerPart):
         self._want_health = health and s.metrics_port is not None
         if install_signals:
             signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
-            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+            signal.signal(signal.SIGINT, self._interrupted)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @property
@@ -120,6 +120,15 @@ class Worker(WorkerPart):
             self.heartbeat = time.monotonic()  # the loop's clock starts now: a long load is not a stall
             self.model_loaded = True
         return self._engine
+
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        """Ctrl-C drains like SIGTERM; before the worker has taken any work (the model still loading) it ends the
+        start at once, and a second one stops a drain at once: the loop unwinds through its shutdown, which
+        hands every unfinished entry back to the stream for another worker."""
+        if self.started.is_set() and not self._stop.is_set():
+            self.request_stop()
+            return
+        raise KeyboardInterrupt
 
     def request_stop(self) -> None:
         """Stop reading; finish in-flight work within ``grace_period_s``; release the rest for others."""
@@ -200,7 +209,8 @@ class Worker(WorkerPart):
                     # Logged here, not in the signal handler: a handler runs between any two bytecodes.
                     drain_logged = True
                     self.log.info("drain_started", in_flight=len(self.running.table),
-                                  grace_period_s=self.settings.grace_period_s)
+                                  grace_period_s=self.settings.grace_period_s,
+                                  note="Ctrl-C again stops at once: what runs goes back to the stream")
                 if self._stop.is_set() and (not self.running.table or time.monotonic() >= (self._stop_deadline or 0)):
                     break
                 try:

@@ -249,3 +249,39 @@ def test_a_worker_whose_consumer_name_was_taken_stops(redis_url, prefix, tmp_pat
     finally:
         w.close()
         r.close()
+
+
+def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back(redis_url, prefix, tmp_path):
+    """The first Ctrl-C drains (finish what runs, up to the grace period); a second stops at once: the running
+    request goes back to the stream, idle enough for any worker to take at once, and a second worker completes it.
+    (A second Ctrl-C was ignored: the worker drained for the whole grace period.)"""
+    import signal
+
+    s = make_settings(redis_url, prefix, grace_period_s=120)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        with Client(settings=s) as c:
+            rid = c.submit("a long one", params={"max_tokens": 1800, "ignore_eos": True})
+            events = r.pubsub(ignore_subscribe_messages=True)
+            events.subscribe(keys.out(rid))
+            wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
+            events.close()
+            w.proc.send_signal(signal.SIGINT)
+            wait_for(lambda: any(e.get("event") == "drain_started" for e in w.events()), 30, what="draining")
+            w.proc.send_signal(signal.SIGINT)
+            assert w.proc.wait(timeout=30) != 0
+            assert not r.exists(keys.result(rid))
+            assert "worker_stopped" in [e.get("event") for e in w.events()]
+            second = WorkerProcess(make_settings(redis_url, prefix), tmp_path / "w2.log").start()
+            try:
+                second.wait_started()
+                ended = c.wait(rid, timeout=120)
+            finally:
+                second.close()
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
+    finally:
+        w.close()
+        r.close()
