@@ -104,8 +104,19 @@ def batch_command(
     """A batch file through Redis and a worker vs the same prompts through LLM.generate: lines/s, tokens/s, ratio (target >= 0.9)."""
     from rich.console import Console
 
-    from pagedserve.bench.common import write_json
+    from pagedserve.bench.common import check_device, check_min, check_model, check_out, write_json
 
+    # Options first (one line, exit 2): the offline side runs every line before the service side starts.
+    check_min("--lines", lines, 1)
+    check_min("--max-tokens", max_tokens, 1)
+    check_min("--prompt-tokens", prompt_tokens, 1)
+    check_device("--device", device)
+    check_min("--max-num-seqs", max_num_seqs, 1)
+    check_min("--num-gpu-blocks", num_gpu_blocks, 0, " (0: the engine's default)")
+    check_min("--seed", seed, 0)
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    check_out("--out", out)
+    check_model("--model", model)  # the name stays as given: both sides resolve it again (a cached directory)
     console = Console(stderr=True)
     if threads:
         import torch

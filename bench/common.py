@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,9 +41,120 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
-def parse_ints(text: str, default: list[int] = ()) -> list[int]:
-    """``"1, 16,64"`` -> ``[1, 16, 64]``; an empty option gives ``default``."""
-    return [int(x) for x in text.replace(" ", "").split(",") if x] if text else list(default)
+def parse_ints(text: str, default: list[int] = (), option: str = "", minimum: int | None = 1) -> list[int]:
+    """``"1, 16,64"`` -> ``[1, 16, 64]``; an empty option gives ``default``. With ``option`` (its flag), anything
+    else (``1,,x``, ``0``, a lone comma) is a usage error naming it, so a bad list fails before the benchmark
+    runs, not when the section that reads it is reached; without, ``ValueError``."""
+    if not text:
+        return list(default)
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        values = None
+    if values is None or (minimum is not None and min(values) < minimum):
+        why = f"whole numbers >= {minimum}" if minimum is not None else "whole numbers"
+        example = ",".join(map(str, list(default)[:3])) or "1,16,64"
+        message = f"must be {why}, comma-separated, such as {example} (got {text!r})"
+        if not option:
+            raise ValueError(message)
+        usage_error(f"{option} {message}")
+    return values
+
+
+# ---------------------------------------------------------------------- option checks
+# Every benchmark checks its options before it measures anything: a run of minutes must not end on a bad flag.
+# A bad value is one line on stderr, ``error: <option> ...: what to give instead``, and exit status 2, as the
+# rest of the CLI does (service/cli.py's ``_fail``). click's own checks (``min=``, ``click.Choice``) are not used:
+# through ``pagedserve``'s typer app they print a usage block and a boxed panel, not one line.
+
+
+def usage_error(message: str, code: int = 2):
+    """Print ``error: message`` as one line on stderr (never wrapped) and exit with ``code`` (2: bad usage; 1: this
+    machine cannot run the benchmark)."""
+    import typer
+    from rich.console import Console
+
+    Console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def check_min(option: str, value: float, minimum: float, what: str = "") -> None:
+    """``value >= minimum`` or a usage error naming ``option`` (``what``: what the minimum means, for the user)."""
+    if value < minimum:
+        usage_error(f"{option} must be >= {minimum}{what}, got {value}")
+
+
+def check_choice(option: str, value: str, choices) -> str:
+    choices = list(choices)
+    if value not in choices:
+        usage_error(f"{option} must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def check_choices(option: str, text: str, choices) -> list[str]:
+    """A comma-separated list of ``choices`` (at least one), or a usage error naming ``option``."""
+    choices = list(choices)
+    names = [x.strip() for x in text.split(",")]
+    bad = [x for x in names if x not in choices]
+    if bad or not text.strip():
+        usage_error(f"{option} must be one or more of {', '.join(choices)}, comma-separated (got {text!r})")
+    return names
+
+
+def check_device(option: str, device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` that this machine has, or a usage error (torch's own message for an unknown
+    type lists twenty device types, most of which the engine cannot run on)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        usage_error(f"{option} must be cpu, cuda or cuda:N (got {device!r})")
+    if dev.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            usage_error(f"{option} {device} needs a CUDA GPU and this machine has none visible: use {option} cpu")
+        if (dev.index or 0) >= visible:
+            usage_error(f"{option} {device}: this machine has {visible} CUDA device(s), cuda:0 to "
+                        f"cuda:{visible - 1}")
+    return device
+
+
+def check_model(option: str, model: str) -> str:
+    """The model directory ``model`` names (``resolve_model``: a name, an HF directory or a .gguf file, fetched or
+    converted on first use), or a usage error naming ``option``."""
+    from pagedserve.engine.model_source import resolve_model
+
+    try:
+        return resolve_model(model)
+    except ValueError as e:
+        usage_error(f"{option} {model!r}: {e}")
+
+
+def check_out(option: str, out: str | Path) -> Path:
+    """Make sure the results file can be written, before the benchmark runs: its folder is created (as
+    :func:`write_json` would) and a file is created and removed there; otherwise a usage error naming ``option``."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        usage_error(f"{option} {str(out)!r} is a directory: give a file path such as {path / 'results.json'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():  # mkdir would only say "File exists"
+        usage_error(f"{option} {str(out)!r}: {folder} is a file, not a folder: give a path in a writable folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A probe file rather than os.access: that says yes to root on a read-only file system.
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".pagedserve-probe-"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError("the file is read-only")
+    except OSError as e:
+        usage_error(f"{option} {str(out)!r} cannot be written ({e.strerror or e}): give a path in a writable folder")
+    return path
 
 
 @dataclass

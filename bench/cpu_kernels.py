@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pagedserve.bench.common import parse_ints
+from pagedserve.bench.common import check_min, check_out, parse_ints, usage_error
 
 MODELS = {"26m": (8, 4, 64), "smollm2": (9, 3, 64)}  # (query heads, KV heads, head_dim)
 BLOCK_SIZE = 16
@@ -129,16 +129,19 @@ def cpu_kernels_command(
     """Benchmark the CPU paged attention kernels (decode, prefill) against the torch reference path (TORCH_OPS)."""
     from pagedserve.kernels import cpu_extension  # noqa: PLC0415
 
+    # Options first (one line, exit 2): the kernel's first build alone can take a minute.
+    batch_list = parse_ints(batches, BATCHES, "--batches")
+    context_list = parse_ints(contexts, CONTEXTS, "--contexts")
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    check_out("--out", out)
     console = Console()
     if threads > 0:
         torch.set_num_threads(threads)
     if not cpu_extension.load():
-        Console(stderr=True).print(f"[bold red]the CPU kernel is unavailable[/]: {cpu_extension.unavailable_reason()}")
-        raise typer.Exit(code=1)
+        usage_error(f"the CPU kernel is unavailable: {cpu_extension.unavailable_reason()}", code=1)
     models = ["26m"] if quick else list(MODELS)
     dtypes = ["fp32"] if quick else list(DTYPES)
-    rows = measure(models, parse_ints(batches, BATCHES), parse_ints(contexts, CONTEXTS), dtypes,
-                   0.05 if quick else 0.5)
+    rows = measure(models, batch_list, context_list, dtypes, 0.05 if quick else 0.5)
     table = Table(title=f"paged decode attention, one layer, block {BLOCK_SIZE}, {torch.get_num_threads()} threads")
     for col in ("model", "dtype", "batch", "context", "torch ms", "kernel ms", "speedup", "torch cpu ms",
                 "kernel cpu ms", "cpu speedup", "kernel KV GB/s"):

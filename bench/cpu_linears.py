@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pagedserve.bench.common import BENCH_VOCAB, parse_ints, write_json
+from pagedserve.bench.common import BENCH_VOCAB, check_choices, check_min, check_out, parse_ints, write_json
 from pagedserve.bench.cpu_kernels import DTYPES
 
 # (hidden, query heads, KV heads, head_dim, intermediate, layers, vocabulary)
@@ -105,18 +105,16 @@ def cpu_linears_command(
     quick: Annotated[bool, typer.Option(help="Short timing loops (smoke run).")] = False,
 ) -> None:
     """Time one step's linear layers in each CPU weight layout that runs here, at decode and prefill sizes."""
-    console, err = Console(), Console(stderr=True)
-    model_names = [m for m in models.replace(" ", "").split(",") if m]
-    dtype_names = [d for d in dtypes.replace(" ", "").split(",") if d]
-    bad = [f"--models {m!r}" for m in model_names if m not in MODELS] + [
-        f"--dtypes {d!r}" for d in dtype_names if d not in DTYPES]
-    if bad or not model_names or not dtype_names:
-        err.print(f"[bold red]bad option[/]: {', '.join(bad) or 'nothing to measure'}; "
-                  f"models: {', '.join(MODELS)}; dtypes: {', '.join(DTYPES)}")
-        raise typer.Exit(code=2)
+    # Options first (one line, exit 2), before the weights are laid out.
+    console = Console()
+    model_names = check_choices("--models", models, MODELS)
+    dtype_names = check_choices("--dtypes", dtypes, DTYPES)
+    row_list = parse_ints(rows, ROWS, "--rows")
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    check_out("--out", out)
     if threads > 0:
         torch.set_num_threads(threads)
-    results = measure(model_names, dtype_names, parse_ints(rows, ROWS), 0.05 if quick else 0.5)
+    results = measure(model_names, dtype_names, row_list, 0.05 if quick else 0.5)
     table = Table(title=f"one step's linear layers, {torch.get_num_threads()} threads (* the default layout here)")
     for col in ("model", "dtype", "layout", "rows", "ms per pass", "weights GB/s", "GFLOP/s"):
         table.add_column(col, justify="right")

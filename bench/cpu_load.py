@@ -15,13 +15,17 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Annotated
 
 import typer
 
-from pagedserve.bench.common import bench_model_dir, make_workload, write_json
+from pagedserve.bench.common import (
+    bench_model_dir, check_choice, check_min, check_out, make_workload, usage_error, write_json,
+)
 from pagedserve.bench.vllm_cpu import OURS_RUNNER, load_average, run_once, thread_env
 
 HOG = "while True:\n    pass\n"
+DTYPES = ("float32", "bfloat16", "float16")  # what LLM(dtype=...) takes in the runner
 
 
 def run(job: dict, env: dict, hogs: int) -> dict:
@@ -39,23 +43,39 @@ def run(job: dict, env: dict, hogs: int) -> dict:
 
 
 def cpu_load_command(
-    num_requests: int = 12,
-    seed: int = 0,
-    threads: int = 2,
-    bind: str = "auto",
-    hogs: int = 0,
-    reps: int = 3,
-    dtype: str = "float32",
-    out: str = ".bench/cpu_load.json",
+    num_requests: Annotated[int, typer.Option(help="Requests in the workload (>= 1).")] = 12,
+    seed: Annotated[int, typer.Option(help="Workload seed (>= 0).")] = 0,
+    threads: Annotated[int, typer.Option(help="The worker's threads (PAGEDSERVE_CPU_THREADS, >= 1).")] = 2,
+    bind: Annotated[str, typer.Option(
+        help="Where they run (PAGEDSERVE_CPU_BIND): auto, none or a CPU list such as 0-1.")] = "auto",
+    hogs: Annotated[int, typer.Option(help="Busy-loop processes beside it (0: one per CPU this process may use).")] = 0,
+    reps: Annotated[int, typer.Option(help="Runs per condition (>= 1; the median is reported).")] = 3,
+    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}.")] = "float32",
+    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/cpu_load.json",
 ) -> None:
     """A CPU worker alone vs beside busy-loop processes: alternating fresh runs, median of --reps each, ratio (target <= 2x with one busy loop per CPU; see docs/benchmarks.md)."""  # noqa: E501
     from rich.console import Console
 
+    from pagedserve.engine import cpu_threads
+
+    # Options first (one line, exit 2): a bad --threads or --bind would otherwise surface as the first run's
+    # failure in its subprocess, after the bench model is written.
+    check_min("--num-requests", num_requests, 1)
+    check_min("--seed", seed, 0)
+    check_min("--threads", threads, 1)
+    check_min("--hogs", hogs, 0, " (0: one per CPU)")
+    check_min("--reps", reps, 1)
+    check_choice("--dtype", dtype, DTYPES)
+    env = thread_env("pagedserve", threads, bind)
+    try:
+        cpu_threads.plan_from_env(env)
+    except ValueError as e:  # names the variable: say which option set it
+        usage_error(f"--threads {threads} --bind {bind!r}: {e}")
+    check_out("--out", out)
     console = Console()
     hogs = hogs or len(os.sched_getaffinity(0))
     w = make_workload(num_requests, seed)
     job = {"model": bench_model_dir(), "dtype": dtype, "prompts": w.prompts, "max_tokens": w.max_tokens}
-    env = thread_env("pagedserve", threads, bind)
     runs: dict[str, list[dict]] = {"quiet": [], "loaded": []}
     for rep in range(reps):
         for condition, n in (("quiet", 0), ("loaded", hogs)):

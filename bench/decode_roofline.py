@@ -72,13 +72,18 @@ def decode_max_tokens(max_batch: int, context: int, steps: int, budget: int) -> 
     return prefill_steps + DECODE_WARMUP_STEPS + steps + 4
 
 
+def decode_prefill_budget(context: int) -> int:
+    """Tokens a step of :func:`decode_engine` prefills: 8 prompts of ``context`` (at least 2048)."""
+    return max(2048, 8 * context)
+
+
 def decode_engine(model_dir: str, device: str, dtype: str, max_batch: int, context: int, steps: int,
                   enforce_eager: bool, block_size: int = 16):
     """An engine for ``measure_decode_steps`` up to ``max_batch``: KV for that batch and no more (so the pool is
     small and engines can follow each other), no swap pool to speak of, a prefill budget of 8 prompts a step."""
     from pagedserve.engine import LLMEngine
 
-    budget = max(2048, 8 * context)
+    budget = decode_prefill_budget(context)
     max_tokens = decode_max_tokens(max_batch, context, steps, budget)
     blocks = max_batch * -(-(context + max_tokens + 1) // block_size) + 8
     return LLMEngine(model_dir, device=device, dtype=dtype, enforce_eager=enforce_eager, block_size=block_size,

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pagedserve.bench.bandwidth import bench_ms, measure_copy_bandwidth, measure_pinned_bandwidth
-from pagedserve.bench.common import parse_ints
+from pagedserve.bench.common import check_min, check_out, parse_ints, usage_error
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -166,24 +166,31 @@ def kernels_command(
     swap_blocks: Annotated[int, typer.Option(help="Blocks moved per swap call.")] = 256,
 ) -> None:
     """Benchmark the Triton paged-attention kernels against copy bandwidth and contiguous SDPA (needs CUDA)."""
+    # Options first (one line, exit 2): a bad one is bad usage on any machine, and must not surface after the
+    # bandwidth runs. Contexts fill whole blocks: a shape that cannot is refused, not silently skipped.
+    ctx_list = parse_ints(contexts, QUICK_CONTEXTS if quick else CONTEXTS, "--contexts", minimum=BLOCK_SIZE)
+    uneven = [c for c in ctx_list if c % BLOCK_SIZE or c > WIDE_CONTEXT]
+    if uneven:
+        usage_error(f"--contexts must be multiples of the block size {BLOCK_SIZE} up to {WIDE_CONTEXT} (the wide "
+                    f"table's width; got {', '.join(map(str, uneven))})")
+    batch_list = parse_ints(batches, QUICK_BATCHES if quick else BATCHES, "--batches")
+    if max_kv_gib <= 0:
+        usage_error(f"--max-kv-gib must be > 0 (got {max_kv_gib})")
+    check_min("--swap-layers", swap_layers, 1)
+    check_min("--swap-blocks", swap_blocks, 1)
+    check_out("--out", out)
     console = Console()
     if not torch.cuda.is_available():
-        Console(stderr=True).print(
-            "[bold red]pagedserve bench kernels needs a CUDA GPU[/]: torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). Nothing was measured; run it on a machine with an NVIDIA GPU."
-        )
-        raise typer.Exit(code=1)
+        usage_error(f"pagedserve bench kernels needs a CUDA GPU: torch.cuda.is_available() is False (torch "
+                    f"{torch.__version__}). Nothing was measured; run it on a machine with an NVIDIA GPU.", code=1)
     try:
         import triton  # noqa: PLC0415
 
         from pagedserve.kernels import triton_ops  # noqa: PLC0415
     except ImportError as exc:
-        Console(stderr=True).print(f"[bold red]Triton kernels unavailable[/]: {exc}")
-        raise typer.Exit(code=1) from exc
+        usage_error(f"Triton kernels unavailable: {exc}", code=1)
 
     ops = triton_ops.OPS
-    ctx_list = parse_ints(contexts, QUICK_CONTEXTS if quick else CONTEXTS)
-    batch_list = parse_ints(batches, QUICK_BATCHES if quick else BATCHES)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     console.print(
         f"[bold]Device[/]: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / GIB:.0f} GiB)"
@@ -201,7 +208,7 @@ def kernels_command(
     for context in ctx_list:
         for batch in batch_list:
             kv_gib = 2 * batch * context * HKV * HEAD_DIM * torch.finfo(DTYPE).bits / 8 / GIB
-            if kv_gib > max_kv_gib or context % BLOCK_SIZE:
+            if kv_gib > max_kv_gib:
                 skipped.append({"batch": batch, "context": context, "kv_gib": kv_gib})
                 continue
             try:

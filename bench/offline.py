@@ -20,10 +20,12 @@ import torch
 import typer
 
 from pagedserve.bench.common import (
-    BENCH_MODELS, MAX_OUTPUT, MAX_PROMPT, Workload, bench_model_dir, drive, make_workload, parse_ints, write_json,
+    BENCH_MODELS, MAX_OUTPUT, MAX_PROMPT, Workload, bench_model_dir, check_choice, check_device, check_min,
+    check_model, check_out, drive, make_workload, parse_ints, usage_error, write_json,
 )
 from pagedserve.bench.decode_roofline import (
-    DECODE_DEFAULTS, copy_bandwidth_gbps, decode_roofline_bench, print_decode_roofline,
+    DECODE_DEFAULTS, copy_bandwidth_gbps, decode_max_tokens, decode_prefill_budget, decode_roofline_bench,
+    print_decode_roofline,
 )
 from pagedserve.bench.swap_recompute import SWAP_REPS, SWAP_TOKENS, print_swap_vs_recompute, swap_vs_recompute_bench
 from pagedserve.engine.sampling_params import SamplingParams
@@ -231,15 +233,81 @@ def print_throughput(console, results: dict, w: Workload, device: str, profile: 
         console.print(prof)
 
 
+# ---------------------------------------------------------------------- option checks
+DTYPES = ("float32", "bfloat16", "float16")  # torch's names: the HF contenders take getattr(torch, dtype)
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # what the engine takes (engine/config.py)
+KV_BLOCK = 16  # block size of the concurrency run
+
+
+def max_model_len(config: dict) -> int:
+    """The longest sequence the engine runs for a model of ``config`` (as ``LLMEngine`` resolves it)."""
+    limit = config.get("max_position_embeddings") or 2048
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", True) is not False:
+        limit = min(limit, window)
+    return limit
+
+
+def _check_swap_options(block_sizes: list[int], tokens: int) -> None:
+    if not block_sizes:
+        usage_error("--swap-block-sizes is empty: give block sizes such as 8,16,32 or --skip-swap-vs-recompute")
+    bad = [b for b in block_sizes if b not in BLOCK_SIZES]
+    if bad:
+        usage_error(f"--swap-block-sizes must be powers of two in [1, 128] (got {', '.join(map(str, bad))})")
+    # A case moves tokens / block_size whole blocks and recomputes all the tokens: with a remainder the two
+    # sides would cost different amounts of KV.
+    uneven = [b for b in block_sizes if tokens % b]
+    if uneven:
+        largest = max(block_sizes)
+        usage_error(f"--swap-tokens {tokens} must be a multiple of every --swap-block-sizes value "
+                    f"(not of {', '.join(map(str, uneven))}), such as {largest * -(-tokens // largest)}")
+
+
+def _check_kv_budget(kv_budget_tokens: int, w: Workload) -> None:
+    """The concurrency run's pool must hold the workload's longest request, or the engine refuses it."""
+    longest = max(len(p) + m for p, m in zip(w.prompts, w.max_tokens))
+    need = KV_BLOCK * -(-longest // KV_BLOCK)
+    if kv_budget_tokens < need:
+        usage_error(f"--kv-budget-tokens {kv_budget_tokens} cannot hold the workload's longest request "
+                    f"({longest} tokens): give at least {need}")
+
+
+def _check_decode_options(config: dict, batches: list[int], context: int, steps: int) -> None:
+    if not batches:
+        usage_error("--decode-batches is empty: give batch sizes such as 1,4,16 or --skip-decode-roofline")
+    limit = max_model_len(config)
+    need = context + decode_max_tokens(max(batches), context, steps, decode_prefill_budget(context))
+    if need > limit:
+        usage_error(f"--decode-context {context} with --decode-steps {steps} needs {need} positions per sequence, "
+                    f"more than the model's {limit}: give a smaller --decode-context or fewer --decode-steps")
+
+
+def _check_tensor_parallel(config: dict, dev: torch.device, size: int) -> None:
+    """What the engine refuses only when the tensor-parallel section starts, at the end of the run."""
+    from types import SimpleNamespace
+
+    from pagedserve.engine.parallel_layers import check_divisible
+
+    try:
+        check_divisible(SimpleNamespace(**{"num_key_value_heads": None, **config}), size)
+    except ValueError as e:
+        usage_error(f"--tensor-parallel-size {size}: {e}")
+    if dev.type == "cuda" and (dev.index or 0) + size > torch.cuda.device_count():
+        usage_error(f"--tensor-parallel-size {size} needs one GPU per rank from {dev} on; "
+                    f"{torch.cuda.device_count()} visible")
+
+
 # ---------------------------------------------------------------------- command
 def offline_command(
-    num_requests: int = 48,
-    seed: int = 0,
-    device: str = "cpu",
-    size: str = "26m",
+    num_requests: Annotated[int, typer.Option(help="Requests in the workload (>= 1).")] = 48,
+    seed: Annotated[int, typer.Option(help="Workload seed (>= 0).")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    size: Annotated[str, typer.Option(
+        help=f"Size of the random bench model: one of {', '.join(BENCH_MODELS)} (unused with --model).")] = "26m",
     model: Annotated[str, typer.Option(
         help="A trained model instead of the random one of --size: a model name (smollm2), an HF directory or a .gguf file.")] = "",
-    dtype: str = "",
+    dtype: Annotated[str, typer.Option(
+        help=f"One of {', '.join(DTYPES)} (default bfloat16 on CUDA, float32 on CPU).")] = "",
     hf_batch_size: int = 16,
     kv_budget_tokens: int = 6144,
     skip_hf_continuous: bool = False,
@@ -266,32 +334,56 @@ def offline_command(
 
     --threads N pins torch's intra-op threads for every contender (0 = torch's default). On a shared machine, OpenMP threads competing with other processes slow small ops several-fold; one thread each keeps the side-by-side ratios meaningful.
     """  # noqa: E501 - typer shows each paragraph as written: one line each, wrapped by the terminal
+    # Every option is checked here, before the first measurement: each section reads its own options only when it
+    # is reached, minutes into a run (usage_error: one line, exit status 2).
+    check_min("--num-requests", num_requests, 1)
+    check_min("--seed", seed, 0)
+    check_device("--device", device)
+    check_choice("--size", size, BENCH_MODELS)
+    if dtype:
+        check_choice("--dtype", dtype, DTYPES)
+    check_min("--hf-batch-size", hf_batch_size, 1)
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    check_min("--decode-context", decode_context, 0, " (0: the device's default)")
+    check_min("--decode-steps", decode_steps, 0, " (0: the device's default)")
+    check_min("--swap-tokens", swap_tokens, 0, " (0: the device's default)")
+    check_min("--tensor-parallel-size", tensor_parallel_size, 1)
+    dev = torch.device(device)
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    batches_default, context_default, steps_default = DECODE_DEFAULTS[kind]
+    batches = parse_ints(decode_batches, batches_default, "--decode-batches")
+    context = decode_context or context_default
+    steps = decode_steps or steps_default
+    block_sizes = parse_ints(swap_block_sizes, option="--swap-block-sizes")
+    tokens = swap_tokens or SWAP_TOKENS[kind]
+    if not skip_swap_vs_recompute:
+        _check_swap_options(block_sizes, tokens)
+    check_out("--out", out)
+
     if threads:
         torch.set_num_threads(threads)
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console()
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        console.print("[red]--device cuda needs a CUDA GPU; none is visible[/red]")
-        raise SystemExit(1)
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     if model:  # resolved before the progress bar: a first use fetches and converts, with its own progress lines
-        from pagedserve.engine.model_source import resolve_model
-
-        model_dir = resolve_model(model)
+        model_dir = check_model("--model", model)
         size = Path(model_dir).name
-        vocab = model_shape(model_dir)[1]
+        config = json.loads((Path(model_dir) / "config.json").read_text())
     else:
-        model_dir, vocab = "", BENCH_MODELS[size][1]
-    w = make_workload(num_requests, seed, vocab_size=vocab)
-    kind = "cuda" if dev.type == "cuda" else "cpu"
-    batches_default, context_default, steps_default = DECODE_DEFAULTS[kind]
-    batches = parse_ints(decode_batches, batches_default)
-    context = decode_context or context_default
-    steps = decode_steps or steps_default
-    block_sizes = parse_ints(swap_block_sizes)
+        model_dir, config = "", {**BENCH_MODELS[size][0], "vocab_size": BENCH_MODELS[size][1]}
+    w = make_workload(num_requests, seed, vocab_size=config["vocab_size"])
+    # The limits the model and the workload set, also checked before the first measurement.
+    if not skip_throughput:
+        _check_kv_budget(kv_budget_tokens, w)
+    if not skip_decode_roofline:
+        _check_decode_options(config, batches, context, steps)
+    if not skip_swap_vs_recompute and tokens + 1 > max_model_len(config):
+        usage_error(f"--swap-tokens {tokens} is more than the model's {max_model_len(config)} positions allow: "
+                    f"give at most {max_model_len(config) - 1}")
+    if tensor_parallel_size > 1:
+        _check_tensor_parallel(config, dev, tensor_parallel_size)
     results: dict = {"device": device, "num_requests": num_requests, "seed": seed,
                      "prompt_tokens": sum(map(len, w.prompts)), "output_tokens": w.num_output_tokens,
                      "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
@@ -332,7 +424,7 @@ def offline_command(
         if not skip_swap_vs_recompute:
             progress.update(task, description="swap vs recompute")
             results["swap_vs_recompute"] = swap_vs_recompute_bench(
-                model_dir, device, dtype, block_sizes, swap_tokens or SWAP_TOKENS[kind], SWAP_REPS[kind], copy_gbps,
+                model_dir, device, dtype, block_sizes, tokens, SWAP_REPS[kind], copy_gbps,
                 progress, task)
         if tensor_parallel_size > 1:
             from pagedserve.bench.tensor_parallel import tensor_parallel_section

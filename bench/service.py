@@ -24,7 +24,9 @@ import uuid
 
 import typer
 
-from pagedserve.bench.common import bench_model_dir, make_workload, percentile, write_json
+from pagedserve.bench.common import (
+    bench_model_dir, check_device, check_min, check_model, check_out, make_workload, percentile, write_json,
+)
 
 
 def _ms(seconds: list[float], q: float) -> float:
@@ -211,13 +213,22 @@ def service_command(
     num_requests: int = typer.Option(48, help="Requests in the workload (pagedserve.bench.common.make_workload)."),
     seed: int = typer.Option(0, help="Workload seed (run k uses seed + k)."),
     repeat: int = typer.Option(2, help="Runs per contender, interleaved A B B A ...; medians are reported."),
-    device: str = typer.Option("cpu", help="Device of both contenders."),
+    device: str = typer.Option("cpu", help="Device of both contenders: cpu, cuda or cuda:N."),
     threads: int = typer.Option(1, help="torch threads of both contenders (CPU; 0 = torch's default). On a shared "
                                 "CPU, more threads than free cores makes OpenMP barriers stall for 10x."),
-    model: str = typer.Option("", help="HF model dir (default: the offline benchmark's 26M model)."),
+    model: str = typer.Option("", help="A model name, HF model dir or .gguf file (default: the offline benchmark's "
+                              "26M model)."),
     out: str = typer.Option(".bench/service.json", help="Where to write the JSON results."),
 ) -> None:
     """Service overhead: the offline workload through Redis to a worker vs the same engine in process."""
+    # Options first (one line, exit 2), before Redis and the worker start.
+    check_min("--num-requests", num_requests, 1)
+    check_min("--seed", seed, 0)
+    check_min("--repeat", repeat, 1)
+    check_device("--device", device)
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    model = check_model("--model", model) if model else ""
+    check_out("--out", out)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table

