@@ -116,6 +116,10 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
     raw_threads = environ.get(ENV_THREADS, "").strip()
     raw_bind = environ.get(ENV_BIND, "").strip().lower() or "auto"
 
+    raw_spin = environ.get(ENV_SPIN, "").strip()
+    if raw_spin and not raw_spin.isdigit():  # the kernels' own reading would take -1 or "abc" for 0 without a word
+        raise ValueError(f"{ENV_SPIN} must be a whole number of microseconds >= 0 (got {raw_spin!r})")
+
     threads: int | None = None
     if raw_threads:
         if not raw_threads.isdigit() or int(raw_threads) < 1:

@@ -50,7 +50,13 @@ _state: dict[str, object] = {}  # "loaded": bool once decided; "why": the reason
 
 
 def disabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "").strip().lower() == "torch"
+    """Whether ``PAGEDSERVE_CPU_KERNELS`` asks for the torch reference; ``ValueError`` naming it for a value that
+    is neither (a typo would otherwise leave the C++ kernels on without a word)."""
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value not in ("", "torch", "cpp"):
+        raise ValueError(f"{ENV_SWITCH} must be torch (the torch reference kernels) or cpp (the C++ kernels, the "
+                         f"default when unset); got {os.environ[ENV_SWITCH]!r}")
+    return value == "torch"
 
 
 def load() -> bool:
@@ -372,8 +378,13 @@ DECODER_STACK_TENSORS = 12  # per layer, in csrc/decoder_stack.cpp's order
 
 
 def fused_layers_enabled() -> bool:
-    """False where ``PAGEDSERVE_CPU_FUSED_LAYERS`` is 0 (or false/no/off): the model then runs layer by layer."""
-    return os.environ.get(ENV_FUSED_LAYERS, "").strip().lower() not in ("0", "false", "no", "off")
+    """False where ``PAGEDSERVE_CPU_FUSED_LAYERS`` is 0 (or false/no/off): the model then runs layer by layer.
+    ``ValueError`` naming it for a value that is not a yes or a no."""
+    value = os.environ.get(ENV_FUSED_LAYERS, "").strip().lower()
+    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise ValueError(f"{ENV_FUSED_LAYERS} must be 1 or 0 (also true/false, yes/no, on/off); "
+                         f"got {os.environ[ENV_FUSED_LAYERS]!r}")
+    return value not in ("0", "false", "no", "off")
 
 
 def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, ctx, layers: list, final_norm: torch.Tensor,

@@ -166,3 +166,33 @@ print(json.dumps([a["openmp_settings_applied"], before, torch.get_num_threads(),
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, 1, 2, None]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"PAGEDSERVE_CPU_SPIN_US": "-1"}, "PAGEDSERVE_CPU_SPIN_US must be a whole number"),
+    ({"PAGEDSERVE_CPU_SPIN_US": "abc"}, "PAGEDSERVE_CPU_SPIN_US must be a whole number"),
+])
+def test_a_spin_time_the_kernels_would_misread_is_refused(env, words):
+    # The C++ pool reads it with atol and clamps at 0: -1 or a typo silently meant "never spin".
+    with pytest.raises(ValueError, match=words):
+        plan_from_env(env, cpus=(0, 1))
+    assert plan_from_env({"PAGEDSERVE_CPU_SPIN_US": "300"}, cpus=(0, 1)).threads >= 1
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("PAGEDSERVE_CPU_KERNELS", ["torch", "cpp", "", "Torch"], ["bogus", "c++", "0"]),
+    ("PAGEDSERVE_CPU_FUSED_LAYERS", ["0", "1", "off", "yes", ""], ["2", "maybe"]),
+])
+def test_kernel_switches_refuse_a_value_they_do_not_know(monkeypatch, name, good, bad):
+    """A typo in a switch left the default in force without a word; it is a ValueError naming the variable (the
+    engine raises it at start, the CLI shows it as one line)."""
+    from pagedserve.kernels import cpu_extension
+
+    read = cpu_extension.disabled_by_env if name.endswith("KERNELS") else cpu_extension.fused_layers_enabled
+    for value in good:
+        monkeypatch.setenv(name, value)
+        read()
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            read()
