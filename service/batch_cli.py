@@ -1,7 +1,8 @@
 """``pagedserve batch {submit,status,results,cancel,list}``: batch jobs from the command line (batch_client.py).
 
 ``submit`` prints what it found on stderr and the batch id alone on the last line of stdout, so that
-``BID=$(pagedserve batch submit in.jsonl | tail -1)`` works. Errors are one line and a non-zero exit status.
+``BID=$(pagedserve batch submit in.jsonl | tail -1)`` works. Errors are one line and a non-zero exit status;
+``results`` of a batch that has not ended exits 3, so that a script does not take part of the output for all of it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def submit(
         batch = batch_status(r, s.prefix, bid)
     counts = batch["request_counts"]
     err.print(f"{counts['total']} lines, {counts['failed']} invalid (their error lines are in the output); "
-              f"status {batch['status']}", markup=False, highlight=False)
+              f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
     print(bid)
 
 
@@ -116,21 +117,39 @@ def results(
     wait: bool = typer.Option(False, "--wait", help="Wait until the batch has ended first."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
 ) -> None:
-    """The output lines (OpenAI's batch output format), one per input line, in input order."""
-    from .batch_client import batch_results, wait_batch
+    """The output lines (OpenAI's batch output format), one per input line, in input order.
+
+    A batch that has not ended yet: the lines so far, a note on stderr and exit status 3."""
+    from .batch_client import TERMINAL_STATUSES, batch_results, batch_status, wait_batch
+
+    if timeout is not None and not timeout >= 0:
+        _fail(f"error: --timeout must be a number of seconds >= 0 (got {timeout:g})", 2)
+
+    def current(r, prefix: str) -> dict:
+        if wait:
+            try:
+                return wait_batch(r, prefix, batch_id, timeout=timeout)
+            except TimeoutError:  # not ended: said below, with the lines there are so far
+                pass
+        return batch_status(r, prefix, batch_id)
 
     s, r = _redis()
     with r:
-        if wait:
-            end = None if timeout is None else time.monotonic() + timeout
-            _call(wait_batch, r, s.prefix, batch_id, timeout=None if end is None else max(0.0, end - time.monotonic()))
+        # The status before the lines: the lines are then at least those it counts, never fewer.
+        batch = _call(current, r, s.prefix)
         lines = _call(lambda: list(batch_results(r, s.prefix, batch_id)))
     text = "".join(json.dumps(line) + "\n" for line in lines)
     if output is None:
         sys.stdout.write(text)
     else:
         output.write_text(text, encoding="utf-8")
-        err.print(f"{len(lines)} lines -> {output}", markup=False, highlight=False)
+        err.print(f"{len(lines)} lines -> {output}", markup=False, highlight=False, soft_wrap=True)
+    if batch["status"] not in TERMINAL_STATUSES:  # a script must not take these lines for the whole output
+        waited = f" after {timeout:g} s" if wait and timeout is not None else ""
+        err.print(f"batch {batch_id} is still {batch['status']}{waited}: {len(lines)} of "
+                  f"{batch['request_counts']['total']} lines have their output so far (`pagedserve batch results "
+                  f"{batch_id} --wait` waits for the rest)", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
 
 
 @batch_app.command("cancel")

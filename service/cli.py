@@ -1,4 +1,4 @@
-"""The ``pagedserve`` command line: worker, submit, demo, model init, bench {offline,sharing,kernels,service}.
+"""The ``pagedserve`` command line: worker, submit, cancel, demo, model init, bench {offline,sharing,kernels,service}.
 
 Long operations show rich progress on stderr; results go to stdout. Benchmarks owned by other modules are
 registered lazily, so the CLI keeps working when one of them is missing.
@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -46,7 +47,7 @@ def _resolve(name: str, target: str):
         why = f"{type(e).__name__}: {e}"
 
         def unavailable() -> None:
-            err.print(f"[red]bench {name} is not available:[/] {why}")
+            err.print(f"[red]bench {name} is not available:[/] {why}", soft_wrap=True)
             raise typer.Exit(1)
 
         unavailable.__doc__ = f"(unavailable: {target} could not be imported)"
@@ -117,7 +118,15 @@ def _debug_wanted() -> bool:
 
 
 def _setting_name(loc: tuple) -> str:
+    """The variable the user set: a setting read under several names (PAGEDSERVE_SHUTDOWN_GRACE_S for
+    PAGEDSERVE_GRACE_PERIOD_S) is named as the environment has it, the first of them present, as it is read."""
+    from .settings import Settings
+
     name = str(loc[0]) if loc else "?"
+    field = Settings.model_fields.get(name)
+    names = [c.upper() for c in getattr(getattr(field, "validation_alias", None), "choices", ()) if isinstance(c, str)]
+    in_env = {k.upper() for k in os.environ}
+    name = next((n for n in names if n in in_env), name)
     return name.upper() if name.upper().startswith("PAGEDSERVE_") else f"PAGEDSERVE_{name.upper()}"
 
 
@@ -206,6 +215,8 @@ def worker(
     """The long-running worker: consume the request stream, run the engine, publish results."""
     _require_worker_extra("worker")
     _cpu_threads()
+    import redis
+
     from .telemetry import configure_logging, configure_tracing
     from .worker import Worker
 
@@ -216,6 +227,10 @@ def worker(
         w = Worker(s, install_signals=True)
     except ValueError as e:  # a malformed PAGEDSERVE_REDIS_URL (the message is already redacted)
         _fail(f"error: {e}", 2)
+    try:
+        w.check_credentials()  # a wrong password ends the start in one line, before a long model load
+    except redis.AuthenticationError as e:
+        _fail(f"error: {e}", 1)
     try:
         w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
     except OSError as e:
@@ -254,7 +269,6 @@ def _structured_outputs(json_schema: str | None, choice: str | None, regex: str 
         _fail(f"error: give one of --json-schema, --choice, --regex (got {', '.join(given)})", 2)
     if json_schema is not None:
         import json
-        from pathlib import Path
 
         try:
             return {"json": json.loads(Path(json_schema).read_text(encoding="utf-8"))}
@@ -287,15 +301,18 @@ def submit(
         30.0, "--pickup-timeout", help="Seconds without any event before checking that a worker is consuming."
     ),
 ) -> None:
-    """Enqueue one request and print its output as it streams."""
+    """Enqueue one request and print its output as it streams. Ctrl-C cancels it."""
     import redis
 
     from .client import Client, NoWorker, build_request
     from .client_core import check_message_size
     from .connection import redact
-    from .protocol import DoneEvent, ErrorEvent, TokenEvent, refusal_message
+    from .protocol import DoneEvent, ErrorEvent, TokenEvent
     from .telemetry import configure_tracing
 
+    for option, seconds in (("--timeout", timeout), ("--pickup-timeout", pickup_timeout)):
+        if not seconds > 0:  # NaN too; a request sent with it would only time out at once
+            _fail(f"error: {option} must be a number of seconds > 0 (got {seconds:g})", 2)
     configure_tracing("pagedserve-cli")  # the producer span is exported if an OTLP endpoint is configured
 
     params = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
@@ -309,10 +326,11 @@ def submit(
         request = build_request(prompt, params=params, stream=not no_stream, id=request_id)
         check_message_size(request, settings)
     except ValueError as e:
-        _fail(f"error: invalid request: {refusal_message(e)}", 2)
+        _fail(f"error: invalid request: {e}", 2)
+    client = Client(settings=settings)
+    final = None
+    streamed = False
     try:
-        client = Client(settings=settings)
-        final = None
         with err.status("[bold]waiting for a worker ...") as status:
             # Read from the request's events stream: a dropped connection or a worker crash costs no token.
             events = client.stream(request=request, timeout=timeout, pickup_timeout=pickup_timeout)
@@ -321,18 +339,29 @@ def submit(
                     status.stop()
                     if n == 1 and not beam_width:
                         out.print(printable(ev.text), end="", markup=False, highlight=False, soft_wrap=True)
+                        streamed = True
                     continue
                 final = ev
                 break
-    except typer.Exit:  # a bad setting, already said in one line
-        raise
-    except NoWorker as e:
-        _fail(f"error: {e}", 2)
-    except TimeoutError as e:
-        _fail(f"timeout: {e}", 2)
-    except redis.ConnectionError as e:  # the message names the URL, password masked
-        _fail(f"error: {redact(e)}", 1)
-    except Exception as e:  # validation error ...
+    except KeyboardInterrupt:  # Ctrl-C: nobody waits for the answer any more, so it must not run on
+        if streamed:
+            out.print()
+        try:
+            client.cancel(request.id)
+        except redis.RedisError as e:
+            _fail(f"interrupted; could not cancel id={request.id}: {redact(e)} (`pagedserve cancel "
+                  f"{request.id}` cancels it)", 130)
+        _fail(f"cancelled id={request.id}", 130)
+    except Exception as e:
+        if _debug_wanted():
+            raise
+        if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
+            _fail(f"error: {e}; id={request.id} stays queued and runs when a worker starts (`pagedserve submit "
+                  f"... --id {request.id}` prints its result then, `pagedserve cancel {request.id}` cancels it)", 2)
+        if isinstance(e, TimeoutError):
+            _fail(f"timeout: {e}", 2)
+        if isinstance(e, redis.ConnectionError):  # the message names the URL, password masked
+            _fail(f"error: {redact(e)}", 1)
         _fail(f"error: {type(e).__name__}: {redact(e)}", 1)
     if isinstance(final, ErrorEvent):
         _fail(f"{final.error.code}: {final.error.message}", 1)
@@ -349,8 +378,19 @@ def submit(
     m = final.metrics
     err.print(
         f"[dim]id={final.id} finish={reasons} prompt_tokens={final.usage.prompt_tokens} "
-        f"completion_tokens={final.usage.completion_tokens} ttft_ms={m.ttft_ms} e2e_ms={m.e2e_ms}[/]"
+        f"completion_tokens={final.usage.completion_tokens} ttft_ms={m.ttft_ms} e2e_ms={m.e2e_ms}[/]",
+        soft_wrap=True,  # one line for a script reading stderr, whatever the width
     )
+
+
+@app.command()
+def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit` prints it: id=...).")) -> None:
+    """Cancel a request: one not picked up yet never runs, a running one ends now (finish_reason cancelled)."""
+    from .client import Client
+
+    with Client(settings=_settings()) as client:
+        client.cancel(request_id)
+    err.print(f"cancelled id={request_id}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -371,9 +411,39 @@ def _model_step(msg: str) -> None:
     err.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
-def _model_failed(e: Exception) -> None:
+def _model_failed(e: Exception | str) -> None:
     err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _model_places(path: str | None, cache: bool) -> list[tuple[Path, str, str]]:
+    """The directories a model command writes in (the output's parent, the cache), each with how to name it to a
+    user and what to do when it cannot be written."""
+    from pagedserve.engine.builtin_model import cache_dir
+
+    places = []
+    if path:
+        target = Path(path).expanduser()
+        places.append((target.parent, f"cannot write the model to {path}", "give a directory in a writable place"))
+    if cache or not path:
+        where = os.environ.get("PAGEDSERVE_CACHE_DIR")
+        named = f"PAGEDSERVE_CACHE_DIR={where}" if where else f"the model cache {cache_dir()}"
+        places.append((cache_dir(), f"cannot write in {named}",
+                       "set PAGEDSERVE_CACHE_DIR to a directory you can write to"))
+    return places
+
+
+def _check_model_places(places: list[tuple[Path, str, str]]) -> None:
+    """Fail in one line before any work (a download, a conversion) when a directory cannot be written."""
+    import tempfile
+
+    for where, what, fix in places:
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=where).close()
+        except OSError as e:  # mkdir's "File exists" for a file where a directory should be says too little
+            why = "part of the path is a file" if isinstance(e, FileExistsError) else e.strerror or e
+            _model_failed(f"{what} ({why}): {fix}")
 
 
 @model_app.command("init")
@@ -385,6 +455,7 @@ def model_init(
     from pagedserve.engine.builtin_model import ensure_builtin_model
     from pagedserve.engine.default_model import ModelDownloadError, ensure_default_model
 
+    _check_model_places(_model_places(path, cache=not tiny_random))  # the default model is downloaded to the cache
     try:
         if tiny_random:
             with err.status("[bold]writing the tiny random model ..."):
@@ -405,6 +476,7 @@ def model_import(
     """Convert a GGUF checkpoint into an HF model directory (config, safetensors, tokenizer, chat template) and print it. PAGEDSERVE_MODEL and LLM(model=...) also take the .gguf file itself."""
     from pagedserve.engine.gguf_import import import_gguf
 
+    _check_model_places(_model_places(path, cache=False))
     try:
         where = import_gguf(file, path, dtype=dtype, progress=_model_step)
     except ValueError as e:

@@ -14,6 +14,11 @@ Invariants of :func:`stream_wait`:
   restart or a worker crash costs no event and repeats none: after a reconnect it reads on from that entry;
 - it emits each output's token events once, in ``seq`` order (an event whose ``seq`` it has passed is skipped:
   appended twice, or before ``after``), then exactly one terminal event, then stops;
+- for a request it sent, read from the start, the emitted deltas concatenate to the ``done`` text: an id sent
+  again is answered from its stored result, whose run may have streamed nothing (``stream: false``) or streamed
+  its tokens into an events stream since expired; what the stream lacks is emitted as one token event per
+  output before the ``done`` event. A request sent with ``stream: false`` gets no token event, even when an
+  earlier run of its id streamed;
 - it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
   a worker older than the events stream ran the request);
 - Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``;
@@ -45,6 +50,7 @@ from typing import Any, Union
 import redis
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
 
 from .protocol import (
     DoneEvent,
@@ -56,6 +62,7 @@ from .protocol import (
     engine_params,
     parse_event,
     parse_terminal,
+    refusal_message,
 )
 from .redaction import redact, remember_secrets
 from .settings import Settings
@@ -118,13 +125,13 @@ def build_request(
     metadata: dict | None = None,
 ) -> GenerateRequest:
     """Build and validate a request locally: a bad request fails here, before it is sent, with a ``ValueError``
-    naming the field (pydantic's ``ValidationError``, which is one, for a wrong shape or type; the engine's own
-    range checks for a sampling value no worker would take, which would otherwise cost a round trip to its
-    refusal, or the whole pickup timeout with no worker running)."""
+    naming the field in one line (``params.max_token: Extra inputs are not permitted`` for a wrong shape or type;
+    the engine's own range checks for a sampling value no worker would take, which would otherwise cost a round
+    trip to its refusal, or the whole pickup timeout with no worker running)."""
     if isinstance(prompt, list):
         prompt_token_ids, prompt = prompt, None
-    req = GenerateRequest.model_validate(
-        {
+    try:
+        req = GenerateRequest.model_validate({
             "id": id or uuid.uuid4().hex,
             "prompt": prompt,
             "prompt_token_ids": prompt_token_ids,
@@ -134,8 +141,9 @@ def build_request(
             "priority": priority,
             "deadline_ms": deadline_ms,
             "metadata": metadata or {},
-        }
-    )
+        })
+    except ValidationError as e:  # pydantic's text spans lines and ends with a link: one line naming the field
+        raise ValueError(refusal_message(e).replace("Value error, ", "")) from None
     engine_params(req.params)
     return req
 
@@ -334,6 +342,22 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _streams(req: GenerateRequest) -> bool:
+    """Whether a worker streams token events for ``req`` (beam search and ``best_of`` > ``n`` stream nothing)."""
+    p = req.params
+    return req.stream and not p.beam_width and (p.best_of or 1) <= (p.n or 1)
+
+
+def _rest(out: Any, text: str, ids: list[int], request_id: str, seq: int) -> TokenEvent | None:
+    """The token event that completes one output's emitted deltas (``text``, ``ids``) to its final text, or None
+    when nothing is missing or the deltas are not a start of it (a run restarted by an older worker)."""
+    if len(out.text) <= len(text) or not out.text.startswith(text) or out.token_ids[:len(ids)] != ids:
+        return None
+    logprobs = out.logprobs[len(ids):] if out.logprobs is not None else None
+    return TokenEvent(id=request_id, index=out.index, token_ids=out.token_ids[len(ids):], text=out.text[len(text):],
+                      seq=seq, logprobs=logprobs)
+
+
 def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
     """Why no worker will pick a request up, or None when a worker is alive.
 
@@ -468,6 +492,19 @@ def stream_wait(
     last_entry = "0-0"
     default_next = after + 1 if isinstance(after, int) else 0
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
+    tokens = submit is None or submit.stream
+    # From the start of a request we sent that streams: what was emitted of each output, to complete it at the end.
+    emitted: dict[int, tuple[list[str], list[int]]] | None = (
+        {} if after is None and submit is not None and _streams(submit) else None)
+
+    def end(ev: Terminal) -> Generator[Op, Any, None]:
+        if emitted is not None and isinstance(ev, DoneEvent):
+            for o in ev.outputs:
+                texts, ids = emitted.get(o.index, ([], []))
+                rest = _rest(o, "".join(texts), ids, ev.id, next_seq.get(o.index, default_next))
+                if rest is not None:
+                    yield Emit(rest)
+        yield Emit(ev)
 
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
@@ -485,7 +522,7 @@ def stream_wait(
             if not entries:  # quiet: maybe the stream is gone and the end is only in the result key
                 done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                 if done is not None:
-                    yield Emit(done)
+                    yield from end(done)
                     return
                 if expired():
                     raise TimeoutError(f"no result for {request_id} within {timeout} s")
@@ -500,13 +537,19 @@ def stream_wait(
                 ev = parse_event(fields.get(b"data", fields.get("data")))
                 check_workers_at = None  # a worker has it
                 if isinstance(ev, TokenEvent):
+                    if not tokens:
+                        continue  # an earlier run of this id streamed; this request asked for the end alone
                     if ev.seq is not None:
                         if ev.seq < next_seq.get(ev.index, default_next):
                             continue  # seen already
                         next_seq[ev.index] = ev.seq + 1
+                    if emitted is not None:
+                        texts, ids = emitted.setdefault(ev.index, ([], []))
+                        texts.append(ev.text)
+                        ids.extend(ev.token_ids)
                     yield Emit(ev)
                     continue
-                yield Emit(ev)
+                yield from end(ev)
                 return
         except CONNECTION_ERRORS as e:
             if not reached:

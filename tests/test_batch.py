@@ -253,3 +253,32 @@ def test_helm_chart_can_scale_on_the_batch_backlog():
     with helm.Chart.load(str(chart_dir)) as chart, pytest.raises(Exception, match="minReplicaCount"):
         chart.render({"keda": {"enabled": True, "minReplicaCount": 0, "batchTrigger": {"enabled": True}}},
                      name="rel", namespace="ml", is_install=True)
+
+
+def test_cli_results_of_a_batch_not_ended_say_so_and_exit_3(redis_url, prefix, r, shared_engine, tmp_path,
+                                                            monkeypatch):
+    """No worker yet: the lines so far (none), one line on stderr saying it is not done, exit status 3, with and
+    without --wait; once it has ended, exit 0 and no note."""
+    from typer.testing import CliRunner
+
+    from pagedserve.service.cli import app
+
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
+    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow stderr: the note stays one line
+    bid = submit_batch(r, prefix, jsonl([chat("a"), completion("b")]))
+    cli = CliRunner()
+    out = tmp_path / "out.jsonl"
+    for args, waited in (([], ""), (["-o", str(out)], ""), (["--wait", "--timeout", "0.3"], " after 0.3 s")):
+        res = cli.invoke(app, ["batch", "results", bid, *args])
+        assert res.exit_code == 3, res.output
+        note = [ln for ln in res.stderr.splitlines() if "lines ->" not in ln]
+        assert note == [f"batch {bid} is still in_progress{waited}: 0 of 2 lines have their output so far "
+                        f"(`pagedserve batch results {bid} --wait` waits for the rest)"], res.stderr
+    assert out.read_text() == ""
+    with running_worker(make_settings(redis_url, prefix), shared_engine):  # its log lines go to the runner's output
+        res = cli.invoke(app, ["batch", "results", bid, "-o", str(out), "--wait", "--timeout", "60"])
+    assert res.exit_code == 0 and "still" not in res.stderr, res.stderr
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a", "b"]
+    res = cli.invoke(app, ["batch", "results", bid, "--wait", "--timeout", "-1"])
+    assert res.exit_code == 2 and "--timeout must be a number of seconds >= 0" in res.stderr

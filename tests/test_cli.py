@@ -291,3 +291,121 @@ def test_help_texts_have_no_hard_line_breaks_and_subcommands_no_completion_optio
             seen += 1
             assert not any(p.name in ("install_completion", "show_completion") for p in cmd.params), path
     assert seen >= 9  # worker, submit, demo, model (init, import), bench (offline, sharing, kernels, service)
+
+
+def test_submit_again_with_the_same_id_prints_the_text_once(redis_url, prefix, shared_engine):
+    """``--id`` sent again prints the request's text once, whether the first run streamed and the second does not,
+    or the other way round (the first run's stored result answers both)."""
+    from pagedserve.service.cli import printable
+    from pagedserve.service.protocol import Keys, parse_terminal
+
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
+        for first, again in ((["--no-stream"], []), ([], ["--no-stream"])):
+            rid = f"again-{len(first)}"
+            outs = [_submit(env, "--id", rid, "--temperature", "0", *extra) for extra in (first, again)]
+            text = parse_terminal(r.get(Keys(prefix).result(rid))).text
+            assert text
+            for res in outs:
+                assert res.returncode == 0, res.stderr
+                assert res.stdout == printable(text) + "\n", (first, again, res.stdout)
+
+
+def test_ctrl_c_cancels_the_request(redis_url, prefix, shared_engine):
+    """Ctrl-C on ``submit``: one line naming the id, exit 130, and the request is cancelled: it never runs."""
+    import signal
+
+    from pagedserve.service.protocol import Keys, parse_terminal
+    from service_fixtures import wait_for
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix})
+    keys = Keys(prefix)
+    with redis.Redis.from_url(redis_url) as r:
+        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--id", "ctrl-c"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: r.xlen(keys.requests) == 1, 60, what="the request in the stream")  # no worker yet
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and err.strip() == "cancelled id=ctrl-c", err
+        with running_worker(make_settings(redis_url, prefix), shared_engine):
+            wait_for(lambda: r.get(keys.result("ctrl-c")), 60, what="the result")
+        done = parse_terminal(r.get(keys.result("ctrl-c")))
+        assert done.outputs[0].finish_reason == "cancelled" and done.usage.completion_tokens == 0
+
+
+def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(redis_url, prefix, shared_engine):
+    from pagedserve.service.protocol import Keys, parse_terminal
+    from service_fixtures import wait_for
+
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    line = _one_line(_submit(env, "--pickup-timeout", "1", "--id", "queued-1"))
+    assert "no worker has picked this up after 1 s" in line and "id=queued-1 stays queued" in line, line
+    assert "pagedserve cancel queued-1" in line, line
+    res = _cli(env, "cancel", "queued-1")
+    assert res.returncode == 0 and res.stderr.strip() == "cancelled id=queued-1", res.stderr
+    keys = Keys(prefix)
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(keys.requests) == 1  # still queued: a worker that starts answers it, cancelled
+        with running_worker(make_settings(redis_url, prefix), shared_engine):
+            wait_for(lambda: r.get(keys.result("queued-1")), 60, what="the result")
+        assert parse_terminal(r.get(keys.result("queued-1"))).outputs[0].finish_reason == "cancelled"
+
+
+def test_one_line_messages_stay_one_line_on_a_narrow_stderr(redis_url, prefix, shared_engine):
+    """stderr is not a terminal here: rich would wrap at 80 columns (COLUMNS=40 narrows it further)."""
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "COLUMNS": "40"}
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        res = _submit(env, "--id", "a-rather-long-request-id-that-fills-a-line", "--max-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    (summary,) = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert summary.startswith("id=a-rather-long") and "completion_tokens=8" in summary and "e2e_ms=" in summary
+
+
+def test_debug_shows_the_traceback_of_a_submit_error():
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    res = _cli({"PAGEDSERVE_REDIS_URL": url}, "--debug", "submit", "hi")
+    assert res.returncode == 1 and "Traceback" in res.stderr and "cannot reach Redis" in res.stderr, res.stderr
+    res = _cli({"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_LOG_LEVEL": "DEBUG"}, "submit", "hi")
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--timeout", "-1"], "--timeout must be a number of seconds > 0 (got -1)"),
+    (["--timeout", "0"], "--timeout must be a number of seconds > 0 (got 0)"),
+    (["--pickup-timeout", "-1"], "--pickup-timeout must be a number of seconds > 0 (got -1)"),
+])
+def test_submit_refuses_a_timeout_that_is_not_positive_before_sending(redis_url, prefix, args, named):
+    res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}, *args)
+    line = _one_line(res)
+    assert res.returncode == 2 and line == f"error: {named}", line
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(f"{prefix}:requests") == 0
+
+
+def test_the_clients_name_the_field_of_a_bad_shape_in_one_line(redis_url, prefix):
+    """Not pydantic's text (several lines, a link): one line naming the field, as the range checks do."""
+    with Client(redis_url, prefix=prefix) as c:
+        for call, message in (
+            (lambda: c.generate("hi", params={"max_token": 2}, timeout=5),
+             "params.max_token: Extra inputs are not permitted"),
+            (lambda: c.submit("hi", messages=[{"role": "user", "content": "x"}]),
+             "exactly one of prompt, prompt_token_ids, messages is required"),
+            (lambda: c.submit(""), "prompt must not be empty"),
+        ):
+            with pytest.raises(ValueError) as exc:
+                call()
+            assert str(exc.value) == message
+    res = _cli({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}, "submit", "")
+    assert res.returncode == 2 and _one_line(res) == "error: invalid request: prompt must not be empty"
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(f"{prefix}:requests") == 0
+
+
+def test_a_bad_setting_is_named_as_the_user_set_it():
+    """PAGEDSERVE_SHUTDOWN_GRACE_S is read as PAGEDSERVE_GRACE_PERIOD_S: the line names the one that is set."""
+    res = _cli({"PAGEDSERVE_SHUTDOWN_GRACE_S": "abc", "PAGEDSERVE_METRICS_PORT": "0"}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 2 and "PAGEDSERVE_SHUTDOWN_GRACE_S='abc'" in line and "GRACE_PERIOD" not in line, line
+    res = _cli({"PAGEDSERVE_GRACE_PERIOD_S": "abc", "PAGEDSERVE_METRICS_PORT": "0"}, "worker")
+    assert "PAGEDSERVE_GRACE_PERIOD_S='abc'" in _one_line(res)

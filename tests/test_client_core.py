@@ -22,6 +22,7 @@ from pagedserve.service.client_core import (
     NoWorker,
     Pause,
     ReadConsumers,
+    ReadEvents,
     ReadGroups,
     ReadResult,
     RedisUnreachable,
@@ -30,6 +31,7 @@ from pagedserve.service.client_core import (
     Unsubscribe,
     build_request,
     event_wait,
+    stream_wait,
 )
 from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
 
@@ -230,3 +232,64 @@ def test_a_live_worker_passes_the_check_through_both_clients(redis_url, prefix, 
             assert list(c._run(check(c.keys))) == [None]
             assert asyncio.run(async_check()) == [None]
         assert list(c._run(check(c.keys))) == ["consumer group has 1 consumer, none of them alive"]
+
+
+def _drive_stream(req, entries: list, stored) -> list:
+    """What ``stream_wait`` emits for ``req`` when its events stream holds ``entries`` (event JSON strings) and
+    its result key ``stored``."""
+    wait = stream_wait(Keys("t"), RID, req, timeout=None, clock=Clock())
+    emitted, reply, pending = [], None, [(f"1-{i}".encode(), {b"data": e.encode()}) for i, e in enumerate(entries)]
+    while True:
+        try:
+            op = wait.send(reply)
+        except StopIteration:
+            return emitted
+        reply = None
+        if isinstance(op, ReadEvents):
+            reply, pending = pending, []
+        elif isinstance(op, ReadResult):
+            reply = stored
+        elif isinstance(op, Emit):
+            emitted.append(op.event)
+
+
+def test_an_id_sent_again_streams_the_text_the_stored_result_holds_once():
+    """An id sent again is answered from its stored result. A first run with ``stream: false`` left no token
+    events: a streaming caller still gets the text as tokens (once). A first run that streamed left token events: a
+    caller that asked for ``stream: false`` gets none of them, only the end."""
+    streaming, quiet = build_request("hi", id=RID), build_request("hi", id=RID, stream=False)
+    for entries, stored in (([DONE], None), ([], DONE)):  # the end from the events stream, or the result key alone
+        tok, done = _drive_stream(streaming, entries, stored)
+        assert isinstance(tok, TokenEvent) and (tok.text, tok.token_ids, tok.seq) == ("ab", [1, 2], 0)
+        assert isinstance(done, DoneEvent)
+    tok, rest, done = _drive_stream(streaming, [TOKEN, DONE], None)  # a stream cut short: only the rest is added
+    assert (tok.text, rest.text, rest.token_ids, rest.seq) == ("a", "b", [2], 1) and isinstance(done, DoneEvent)
+    second = TOKEN.replace('"seq": 0, "token_ids": [1], "text": "a"', '"seq": 1, "token_ids": [2], "text": "b"')
+    assert [type(e) for e in _drive_stream(streaming, [TOKEN, second, DONE], None)] == [
+        TokenEvent, TokenEvent, DoneEvent]  # complete: nothing added
+    assert [type(e) for e in _drive_stream(quiet, [TOKEN, DONE], None)] == [DoneEvent]
+    beams = build_request("hi", id=RID, params={"beam_width": 2})  # beam search streams nothing, by design
+    assert [type(e) for e in _drive_stream(beams, [DONE], None)] == [DoneEvent]
+
+
+def test_an_id_sent_again_streams_its_text_once_through_both_clients(redis_url, prefix, shared_engine):
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient, Client
+
+    params = {"max_tokens": 6, "temperature": 0}
+
+    async def astream(rid: str, stream: bool) -> list:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            return [ev async for ev in ac.stream("The sky is", id=rid, params=params, stream=stream, timeout=120)]
+
+    with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine):
+        for first, again in ((False, True), (True, False), (True, True)):
+            rid = f"again-{first}-{again}"
+            done = c.generate("The sky is", id=rid, params=params, stream=first, timeout=120)
+            assert done.text
+            for events in (list(c.stream("The sky is", id=rid, params=params, stream=again, timeout=120)),
+                           asyncio.run(astream(rid, again))):
+                *tokens, end = events
+                assert isinstance(end, DoneEvent) and end.text == done.text
+                assert "".join(t.text for t in tokens) == (done.text if again else ""), (first, again, tokens)

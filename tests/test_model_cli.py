@@ -94,3 +94,17 @@ def test_pip_check_leaves_setuptools_importable():
             "import setuptools; from torch.utils import cpp_extension")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_place_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
+    """Checked before any work: the path the user gave (not a temporary name made from it), or the cache setting."""
+    (tmp_path / "file").write_text("not a directory")
+    blocked = tmp_path / "file" / "m"
+    line = _one_line_error(_cli("model", "init", "--tiny-random", str(blocked)))
+    assert f"cannot write the model to {blocked}" in line and ".tmp" not in line and "writable" in line, line
+    env = {"PAGEDSERVE_CACHE_DIR": str(blocked)}
+    for args in (["model", "init"], ["model", "init", "--tiny-random"]):
+        line = _one_line_error(_cli(*args, env=env))
+        assert f"PAGEDSERVE_CACHE_DIR={blocked}" in line and "set PAGEDSERVE_CACHE_DIR to a directory" in line, line
+    line = _one_line_error(_cli("model", "import", str(tmp_path / "any.gguf"), str(blocked)))
+    assert f"cannot write the model to {blocked}" in line, line
