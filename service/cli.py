@@ -86,7 +86,11 @@ class _OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except Exception as e:
             # Exits, aborts and usage errors are click's (typer vendors its own copy, hence the names).
-            if _debug_wanted() or {c.__name__ for c in type(e).__mro__} & {"Exit", "Abort", "ClickException"}:
+            kinds = {c.__name__ for c in type(e).__mro__}
+            if "UsageError" in kinds and not _debug_wanted():  # a subcommand's bad option: one line, not a panel
+                where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pagedserve"
+                _fail(f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
+            if _debug_wanted() or kinds & {"Exit", "Abort", "ClickException"}:
                 raise
             _fail(explain_error(e), 1)
 

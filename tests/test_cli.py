@@ -409,3 +409,16 @@ def test_a_bad_setting_is_named_as_the_user_set_it():
     assert res.returncode == 2 and "PAGEDSERVE_SHUTDOWN_GRACE_S='abc'" in line and "GRACE_PERIOD" not in line, line
     res = _cli({"PAGEDSERVE_GRACE_PERIOD_S": "abc", "PAGEDSERVE_METRICS_PORT": "0"}, "worker")
     assert "PAGEDSERVE_GRACE_PERIOD_S='abc'" in _one_line(res)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-tokens", "abc"], "Invalid value for '--max-tokens'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_a_usage_mistake_is_one_line_with_where_to_look(args, words):
+    """click's own refusals (a value of the wrong type, an unknown option) came as a usage block and a boxed
+    panel; they are one line naming the option and the command's --help, exit 2."""
+    res = _submit({}, *args)
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith(f"error: {words}"), line
+    assert line.endswith("submit --help` lists the options)"), line
