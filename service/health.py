@@ -7,12 +7,33 @@ Runs in a daemon thread; it only reads state through the callables it is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
+
+
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    """An HTTP server of the host's address family: ``::`` or an IPv6 address binds IPv6 (on an IPv6-only or
+    IPv6-first cluster the kubelet probes over it); the IPv6 wildcard also takes IPv4 where the system allows
+    (dual stack, as ``python -m http.server`` does)."""
+    family = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+        def server_bind(self) -> None:
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError, AttributeError):
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    return Server
 
 
 class HealthServer:
@@ -54,8 +75,7 @@ class HealthServer:
                 pass
 
         self.alive, self.ready, self.scrape = alive, ready, scrape
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _server_class(host)((host, port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="pagedserve-health", daemon=True)
 

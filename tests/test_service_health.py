@@ -122,3 +122,27 @@ def test_healthz_says_loading_until_the_model_is_loaded_however_long_it_takes(re
         w.request_stop()
         t.join(60)
     assert not t.is_alive()
+
+
+def test_the_health_server_binds_ipv6_too():
+    """PAGEDSERVE_METRICS_HOST=:: (an IPv6-only or IPv6-first cluster, where the kubelet probes over IPv6) could
+    not even bind: the server was IPv4 only. The IPv6 wildcard now takes both families where the system allows."""
+    import socket
+
+    import pytest
+
+    from pagedserve.service.health import HealthServer
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    for host, urls in (("::", ("http://[::1]:{}/healthz", "http://127.0.0.1:{}/healthz")),
+                       ("::1", ("http://[::1]:{}/healthz",)), ("0.0.0.0", ("http://127.0.0.1:{}/healthz",))):
+        server = HealthServer(host, 0, lambda: (True, {}), lambda: (True, {}), lambda: b"").start()
+        try:
+            for url in urls:
+                with urllib.request.urlopen(url.format(server.port), timeout=5) as resp:
+                    assert resp.status == 200, (host, url)
+        finally:
+            server.stop()
