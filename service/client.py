@@ -58,6 +58,25 @@ def _entries(reply: Any) -> list:
     return reply[0][1]
 
 
+def _abandoned(request_id: str, cancel) -> None:
+    """The caller stopped waiting for a request that ``stream``/``generate`` sent, before its end (the generator
+    was closed, the task cancelled, Ctrl-C): nobody will read its answer, so it is cancelled, as closing a
+    streaming response cancels a request in vLLM or the OpenAI API. Best effort: Redis may be gone too. A
+    timeout (``timeout=``, :class:`NoWorker`) does not cancel: the caller may ``wait`` for the id again."""
+    with contextlib.suppress(Exception):
+        cancel(request_id)
+
+
+def _raise_lost_cancel() -> None:
+    """Raise ``CancelledError`` if the running task was cancelled and the cancel was lost: redis-py runs each
+    command under ``asyncio.wait_for`` when a socket timeout is set, and before Python 3.12 ``wait_for`` drops a
+    cancel that arrives as the command completes, so a cancelled ``stream`` ran on to the end. The task still
+    counts the cancel (``Task.cancelling``, Python 3.11+)."""
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)():
+        raise asyncio.CancelledError
+
+
 def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | None) -> Op | None:
     """The next operation of ``wait`` (None once it is over), given the outcome of the previous one."""
     try:
@@ -130,7 +149,7 @@ class Client(ProducerCore):
             yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout))
             return
         req = self._request(prompt, kw)
-        yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout))
+        yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout), owned=req.id)
 
     def events(self, request_id: str, timeout: float | None = None,
                after: int | dict[int, int] | None = None) -> Iterator[Event]:
@@ -151,21 +170,25 @@ class Client(ProducerCore):
         (:class:`NoWorker` with ``pickup_timeout``), :class:`RedisUnreachable`."""
         kw.setdefault("stream", False)
         req = self._request(prompt, kw)
-        for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)):
+        for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
+                            owned=req.id):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
 
-    def _run(self, wait: Generator[Op, Any, None]) -> Iterator[Event]:
-        """Run the core's operations on this client's connection; yield what it emits."""
+    def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> Iterator[Event]:
+        """Run the core's operations on this client's connection; yield what it emits. ``owned``: the id of the
+        request this call sent, cancelled when the caller abandons it before its end (see :func:`_abandoned`)."""
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
+        ended = False
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
                 try:
                     if isinstance(op, Emit):
+                        ended = first_terminal(op.event) is not None
                         yield op.event
                     elif isinstance(op, Listen):
                         reply = pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
@@ -190,6 +213,10 @@ class Client(ProducerCore):
                         time.sleep(op.seconds)
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     error = e
+        except (GeneratorExit, KeyboardInterrupt):
+            if owned is not None and not ended:
+                _abandoned(owned, self.cancel)
+            raise
         finally:
             wait.close()
             self._close_quietly(pubsub)
@@ -291,7 +318,7 @@ class AsyncClient(ProducerCore):
         else:
             req = self._request(prompt, kw)
             wait = self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout)
-        async for ev in self._run(wait):
+        async for ev in self._run(wait, owned=None if after is not None else req.id):
             yield ev
 
     async def events(self, request_id: str, timeout: float | None = None,
@@ -311,21 +338,27 @@ class AsyncClient(ProducerCore):
     ) -> DoneEvent:
         kw.setdefault("stream", False)
         req = self._request(prompt, kw)
-        async for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)):
+        async for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
+                                  owned=req.id):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
 
-    async def _run(self, wait: Generator[Op, Any, None]) -> AsyncIterator[Event]:
-        """Run the core's operations on this client's connection; yield what it emits."""
+    async def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> AsyncIterator[Event]:
+        """Run the core's operations on this client's connection; yield what it emits. ``owned`` as in
+        :meth:`Client._run`."""
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
+        ended = False
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
+                if not isinstance(op, Emit):
+                    _raise_lost_cancel()
                 try:
                     if isinstance(op, Emit):
+                        ended = first_terminal(op.event) is not None
                         yield op.event
                     elif isinstance(op, Listen):
                         reply = await pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
@@ -350,6 +383,11 @@ class AsyncClient(ProducerCore):
                         await asyncio.sleep(op.seconds)
                 except redis.RedisError as e:
                     error = e
+        except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
+            if owned is not None and not ended:
+                with contextlib.suppress(Exception):
+                    await self.cancel(owned)
+            raise
         finally:
             wait.close()
             await self._close_quietly(pubsub)

@@ -21,7 +21,8 @@ Invariants of :func:`stream_wait`:
   earlier run of its id streamed;
 - it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
   a worker older than the events stream ran the request);
-- Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``;
+- Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``, also
+  while token events keep coming;
   ``pickup_timeout`` works as below.
 
 Invariants of :func:`event_wait`:
@@ -548,6 +549,8 @@ def stream_wait(
                         texts.append(ev.text)
                         ids.extend(ev.token_ids)
                     yield Emit(ev)
+                    if expired():  # while events flow too: the caller's time may go into handling them
+                        raise TimeoutError(f"no result for {request_id} within {timeout} s")
                     continue
                 yield from end(ev)
                 return

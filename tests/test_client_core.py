@@ -293,3 +293,105 @@ def test_an_id_sent_again_streams_its_text_once_through_both_clients(redis_url, 
                 *tokens, end = events
                 assert isinstance(end, DoneEvent) and end.text == done.text
                 assert "".join(t.text for t in tokens) == (done.text if again else ""), (first, again, tokens)
+
+
+def test_the_deadline_holds_while_token_events_keep_coming():
+    """The deadline was only looked at when a read came back empty: a stream whose events kept coming (a slow
+    consumer, a long output) ran past it without a word."""
+    clock = Clock()
+    wait = stream_wait(Keys("t"), RID, None, timeout=1.0, clock=clock)
+    reply, seq, emitted = None, 0, 0
+    with pytest.raises(TimeoutError, match="within 1.0 s"):
+        while True:
+            op = wait.send(reply)
+            reply = None
+            if isinstance(op, ReadEvents):
+                event = TOKEN.replace('"seq": 0', f'"seq": {seq}')
+                reply, seq = [(f"1-{seq}".encode(), {b"data": event.encode()})], seq + 1
+            elif isinstance(op, Emit):
+                emitted += 1
+                clock.now += 0.3  # the caller spends this on each event
+    assert emitted == 4  # the event that crossed the deadline is the last one handed out
+
+
+def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, shared_engine):
+    """Closing a stream before its end, or cancelling the task awaiting ``generate``/``stream``, cancels the
+    request it sent (nobody will read the answer; vLLM and the OpenAI API cancel a request whose streaming response
+    is closed). It ran on to the end. An observer (``events``, ``wait``) cancels nothing."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient, Client
+
+    params = {"max_tokens": 1500, "ignore_eos": True}
+
+    def ended(c, rid):
+        return c.wait(rid, timeout=120).outputs[0]
+
+    async def cancel_awaiting(kind: str) -> str:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            rid = f"abandoned-async-{kind}"
+
+            async def consume():
+                if kind == "generate":
+                    await ac.generate("x", id=rid, params=params, timeout=120)
+                else:
+                    async for ev in ac.stream("x", id=rid, params=params, timeout=120):
+                        pass
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(1.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return rid
+
+    with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine):
+        events = c.stream("x", id="abandoned-sync", params=params, timeout=120)
+        for i, _ in enumerate(events):
+            if i == 3:
+                break
+        events.close()
+        assert ended(c, "abandoned-sync").finish_reason == "cancelled"
+        for kind in ("generate", "stream"):
+            rid = asyncio.run(cancel_awaiting(kind))
+            out = ended(c, rid)
+            assert out.finish_reason == "cancelled" and len(out.token_ids) < 1500, (kind, out.finish_reason)
+        # An observer that stops reading cancels nothing.
+        rid = c.submit("x", id="observed", params={"max_tokens": 40, "ignore_eos": True})
+        observer = c.events(rid, timeout=120)
+        next(observer)
+        observer.close()
+        assert ended(c, rid).finish_reason == "length"
+
+
+def test_a_cancelled_stream_task_always_stops(redis_url, prefix, shared_engine):
+    """With a socket timeout (the default), redis-py awaits each command under ``asyncio.wait_for``, which before
+    Python 3.12 drops a cancel that lands as the command completes: cancelling a task iterating ``stream`` was
+    ignored most of the time (the loop ran to the end), and so was ``asyncio.timeout``. Every cancel must stop it."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient
+
+    async def run(i: int) -> bool:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            seen = 0
+
+            async def consume():
+                nonlocal seen
+                async for _ in ac.stream("x", id=f"cancel-{i}", params={"max_tokens": 1500, "ignore_eos": True},
+                                         timeout=120):
+                    seen += 1
+
+            task = asyncio.create_task(consume())
+            while seen < 20 + 7 * i:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        stopped = [asyncio.run(run(i)) for i in range(8)]
+    assert all(stopped), stopped
