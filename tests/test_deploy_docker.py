@@ -8,9 +8,11 @@ import re
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -69,21 +71,25 @@ def test_baked_model_path():
     assert ("ENV", "PAGEDSERVE_MODEL=/models/model") in baked
 
 
+def _dockerignore_patterns() -> list[str]:
+    return [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+            if p.strip() and not p.startswith("#")]
+
+
+def included(path: str) -> bool:
+    """Whether .dockerignore leaves `path` in the build context (last matching pattern wins)."""
+    keep = True
+    for p in _dockerignore_patterns():
+        neg = p.startswith("!")
+        pat = p[1:] if neg else p
+        if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat.rstrip("/") + "/*") or \
+                fnmatch.fnmatch(path, pat.replace("**/", "*/")):
+            keep = neg
+    return keep
+
+
 def test_dockerignore_is_an_allow_list():
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
-    assert patterns[0] == "**"
-
-    def included(path: str) -> bool:
-        keep = True
-        for p in patterns:
-            neg = p.startswith("!")
-            pat = p[1:] if neg else p
-            if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat.rstrip("/") + "/*") or \
-                    fnmatch.fnmatch(path, pat.replace("**/", "*/")):
-                keep = neg
-        return keep
-
+    assert _dockerignore_patterns()[0] == "**"
     for path in ("pyproject.toml", "constraints.txt", "engine/llm.py", "service/worker.py", "kernels/__init__.py",
                  "deploy/docker/healthcheck.py"):
         assert included(path), path
@@ -121,3 +127,42 @@ def test_container_healthcheck_script(health_server):
                           timeout=20).returncode == 1
     env["PAGEDSERVE_METRICS_PORT"] = "1"  # nothing listens
     assert subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=20).returncode == 1
+
+
+def test_build_context_holds_every_packaged_directory():
+    """`pip install /src` fails on a package directory pyproject.toml maps but the context lacks."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = set(setuptools.get("package-dir", {}).values())
+    assert dirs
+    for d in sorted(dirs):
+        sources = [p for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts]
+        assert sources, d
+        for src in sources:
+            assert included(src.relative_to(ROOT).as_posix()), f"{src.relative_to(ROOT)} is not in the build context"
+
+
+def test_default_model_is_baked_outside_the_chart_cache_volume():
+    """The chart mounts an emptyDir on cache.mountPath (and the model volume on model.mountPath): a model baked
+    below either is hidden in the pod, and the worker fetches it again (or fails without network)."""
+    stage = stages()["default-model"]
+    env = dict(a.split("=", 1) for i, a in stage if i == "ENV" and "=" in a and " " not in a)
+    model = env.get("PAGEDSERVE_MODEL")
+    assert model, "the default-model stage must name its model in PAGEDSERVE_MODEL"
+    assert any(i == "RUN" and f"model init {model}" in a for i, a in stage)
+    values = yaml.safe_load((ROOT / "helm/pagedserve/values.yaml").read_text())
+    for hidden in (values["cache"]["mountPath"], values["model"]["mountPath"], "/home/pagedserve/.cache", "/tmp"):
+        assert not (model + "/").startswith(hidden.rstrip("/") + "/"), (model, hidden)
+
+
+def test_documented_build_targets_exist():
+    texts = {name: (ROOT / name).read_text() for name in (
+        "Dockerfile", "docs/deployment.md", "helm/pagedserve/values.yaml", "helm/pagedserve/README.md")}
+    named = set()
+    for name, text in texts.items():
+        found = set(re.findall(r"--target[ =]([A-Za-z0-9_.-]+)", text))
+        found |= set(re.findall(r"target\s+(?:#\s*)?`([A-Za-z0-9_.-]+)`", text))  # also across a comment line break
+        found |= set(re.findall(r"`([A-Za-z0-9_.-]+)` target", text))
+        named |= {(name, t) for t in found}
+    assert any(t == "baked" for _, t in named)
+    missing = sorted((n, t) for n, t in named if t not in stages())
+    assert not missing, f"build targets named in the docs but not in the Dockerfile: {missing}"

@@ -8,7 +8,9 @@ kubernetes-validate ships the Kubernetes OpenAPI schemas.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import yaml
@@ -215,8 +217,10 @@ def test_keda_scaled_object(rendered):
     assert trigger["type"] == "redis-streams"
     md = trigger["metadata"]
     assert md["stream"] == "pagedserve:requests"
-    assert md["consumerGroup"] == "pagedserve-workers"
-    assert md["lagCount"] == "32" and md["activationLagCount"] == "0"
+    # XLEN (streamLength) is read only without consumerGroup; no activation key (KEDA reads only
+    # activationLagCount, and length activates on any entry)
+    assert md["streamLength"] == "32" and "consumerGroup" not in md
+    assert not [k for k in md if k.startswith("activation")]
     assert md["address"] == "redis-master.redis.svc:6379"
     assert all(isinstance(v, str) for v in md.values())  # KEDA metadata is map[string]string
     ta = one(docs, "TriggerAuthentication")
@@ -232,6 +236,7 @@ def test_keda_pending_trigger_and_url_parsing():
                    "redis": {"url": "rediss://app:pw@redis.internal:6380/3"}})
     md = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
     assert md["pendingEntriesCount"] == "8" and "lagCount" not in md
+    assert not [k for k in md if k.startswith("activation")]
     assert md["stream"] == "chat:requests" and md["consumerGroup"] == "chat-workers"
     assert md["address"] == "redis.internal:6380"
     assert md["enableTLS"] == "true" and md["databaseIndex"] == "3"
@@ -278,7 +283,8 @@ def test_schema_rejects_bad_values():
         for bad in ({"gpu": {"enabled": "yes"}}, {"engine": {"preemptionMode": "never"}},
                     {"keda": {"trigger": {"metric": "cpu", "threshold": 1}}}, {"replicaCount": -1},
                     {"redis": {"url": "http://x"}}, {"unknownKey": 1}, {"prefix": "{chat}"},
-                    {"cpuThreads": 0}, {"cpuThreads": "many"}):
+                    {"cpuThreads": 0}, {"cpuThreads": "many"},
+                    {"worker": {"claimIdleMs": 99}}):  # the worker refuses claim_idle_ms < 100 at start
             with pytest.raises(helm.HelmError):
                 chart.validate_schema(bad)
 
@@ -295,3 +301,182 @@ def test_tensor_parallel_size_sets_the_engine_and_the_gpu_limit():
     # gpu.count above the ranks stays as asked
     assert worker_container(render({"engine": {"tensorParallelSize": 2}, "gpu": {"count": 4}}))[
         "resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
+# ---------------------------------------------------------------- KEDA: what the redis-streams scaler really reads
+
+
+def keda_reads(md: dict) -> str:
+    """The metric KEDA's redis-streams scaler picks from the trigger metadata (redisStreamsMetadata): with
+    consumerGroup, lagCount when given, else pendingEntriesCount (default 5); streamLength only without it."""
+    if md.get("consumerGroup"):
+        return "lag" if md.get("lagCount", "0") not in ("", "0") else "pending"
+    return "length"
+
+
+def keda_trigger(values: dict) -> dict:
+    values = {"keda": {"enabled": True}, **values}
+    return one(render(values), "ScaledObject")["spec"]["triggers"][0]["metadata"]
+
+
+def render_fails(values: dict, *needles: str) -> str:
+    with pytest.raises(helm.HelmError) as e:
+        render(values)
+    msg = str(e.value)
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("metric", ["length", "lag", "pending"])
+def test_keda_reads_the_metric_asked_for(metric):
+    md = keda_trigger({"keda": {"enabled": True, "trigger": {"metric": metric, "threshold": 24}}})
+    assert keda_reads(md) == metric
+    key = {"length": "streamLength", "lag": "lagCount", "pending": "pendingEntriesCount"}[metric]
+    assert md[key] == "24"
+    if metric != "length":
+        assert md["consumerGroup"] == "pagedserve-workers"
+    # the only activation key KEDA reads is activationLagCount
+    assert [k for k in md if k.startswith("activation")] == (["activationLagCount"] if metric == "lag" else [])
+
+
+def test_keda_defaults_to_stream_length():
+    md = keda_trigger({})
+    assert keda_reads(md) == "length" and md["streamLength"] == "16"
+
+
+def test_keda_scale_to_zero_only_on_stream_length():
+    # lag misses in-flight and handed-back entries, pending misses queued ones: at zero replicas either can
+    # read 0 while requests wait
+    for metric in ("lag", "pending"):
+        render_fails({"keda": {"enabled": True, "minReplicaCount": 0, "trigger": {"metric": metric, "threshold": 4}}},
+                     "keda.minReplicaCount=0", "length")
+    md = keda_trigger({"keda": {"enabled": True, "minReplicaCount": 0, "trigger": {"metric": "length", "threshold": 4}}})
+    assert keda_reads(md) == "length"
+
+
+def test_keda_activation_only_for_lag():
+    md = keda_trigger({"keda": {"enabled": True, "trigger": {"metric": "lag", "threshold": 8, "activationThreshold": 3}}})
+    assert md["activationLagCount"] == "3"
+    for metric in ("length", "pending"):
+        render_fails({"keda": {"enabled": True, "trigger": {"metric": metric, "threshold": 8, "activationThreshold": 3}}},
+                     "keda.trigger.activationThreshold")
+
+
+def test_keda_consumer_group_override_is_refused():
+    # the worker's group is always <prefix>-workers: KEDA watching another group sees no work
+    render_fails({"keda": {"enabled": True, "consumerGroup": "other"}}, "keda.consumerGroup")
+
+
+@pytest.mark.parametrize("values, address", [
+    ({"redis": {"host": "redis-master"}}, "redis-master.ml:6379"),
+    ({"redis": {"host": "redis-master.redis", "port": 6380}}, "redis-master.redis:6380"),
+    ({"redis": {"url": "redis://:pw@redis:6380/0"}}, "redis.ml:6380"),
+    ({"redis": {"url": "redis://redis/0"}}, "redis.ml:6379"),
+    ({"redis": {"url": "redis://10.0.0.7:6390/0"}}, "10.0.0.7:6390"),
+    ({"redis": {"url": "redis://[fd00::7]:6390/0"}}, "[fd00::7]:6390"),
+    ({"redis": {"host": "redis-master"}, "keda": {"enabled": True, "address": "redis:7000"}}, "redis:7000"),
+])
+def test_keda_address_resolves_from_kedas_namespace(values, address):
+    # KEDA resolves a bare Service name in its own namespace, not the release's
+    assert keda_trigger(values)["address"] == address
+
+
+def test_keda_unsafe_ssl_follows_the_url():
+    md = keda_trigger({"redis": {"url": "rediss://u:p@r.example:6380/0?ssl_cert_reqs=none"}})
+    assert md["enableTLS"] == "true" and md["unsafeSsl"] == "true"
+    assert "unsafeSsl" not in keda_trigger({"redis": {"url": "rediss://u:p@r.example:6380/0"}})
+
+
+@pytest.mark.parametrize("userinfo", ["pagedserve-worker:p%40ss%23w", "default:a%20b", "u%20x:%C3%BC~",
+                                      "u:x+y%2Bz", "u:pa%3Ass%2Fw%3Frd%25", "u:%F0%9F%94%91k%E2%82%AC"])
+def test_keda_credentials_from_url_are_decoded(userinfo):
+    """KEDA sends the Secret's redis-password as is: it must be what redis-py decodes from the URL."""
+    docs = render({"redis": {"url": f"redis://{userinfo}@redis.redis:6379/0"}, "keda": {"enabled": True}})
+    secret = one(docs, "Secret")["stringData"]
+    user, _, password = userinfo.partition(":")
+    assert secret["redis-password"] == unquote(password)
+    assert secret["redis-username"] == unquote(user)
+    ta = one(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {"parameter": "username", "name": "rel-pagedserve-redis", "key": "redis-username"} in ta
+
+
+def test_keda_acl_user_with_existing_secret():
+    values = {"redis": {"existingSecret": "mine", "usernameKey": "user"}, "keda": {"enabled": True}}
+    ta = one(render(values), "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert sorted(ta, key=lambda r: r["parameter"]) == [
+        {"parameter": "password", "name": "mine", "key": "redis-password"},
+        {"parameter": "username", "name": "mine", "key": "user"}]
+    # a username the chart cannot hand to KEDA (TriggerAuthentication reads Secrets only) is refused
+    render_fails({"redis": {"existingSecret": "mine", "username": "pagedserve-worker"}, "keda": {"enabled": True}},
+                 "redis.usernameKey")
+
+
+@pytest.mark.parametrize("username, password", [("pagedserve-worker", "a b"), ("u x", "x+y"), ("u", "p@ss #1+"),
+                                                ("ü", "pa:ss/w?rd%~")])
+def test_url_from_parts_round_trips(username, password):
+    connection = pytest.importorskip("redis.connection")
+    url = one(render({"redis": {"host": "redis", "username": username, "password": password}}),
+              "Secret")["stringData"]["redis-url"]
+    got = connection.parse_url(url)  # what the worker (redis-py) decodes
+    assert (got["username"], got["password"]) == (username, password), url
+
+
+def test_replica_bounds_are_checked():
+    render_fails({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas")
+    render_fails({"keda": {"enabled": True, "minReplicaCount": 5, "maxReplicaCount": 2}}, "keda.minReplicaCount")
+
+
+def test_claim_idle_ms_minimum_matches_the_worker():
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema({"worker": {"claimIdleMs": 100}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"worker": {"claimIdleMs": 99}})
+
+
+# ---------------------------------------------------------------- the worker pod
+
+
+def test_cpu_threads_auto_without_a_cpu_request_stays_unset():
+    # the downward API reads a missing CPU request as "0", which the worker refuses at start
+    for resources in ({"requests": {"memory": "24Gi", "cpu": None}, "limits": {"memory": "48Gi"}},
+                      {"requests": {"cpu": "0"}}):
+        env = {e["name"] for e in worker_container(render({"resources": resources}))["env"]}
+        assert not {"OMP_NUM_THREADS", "PAGEDSERVE_CPU_THREADS"} & env
+    # a CPU limit alone is copied into the request by the API server: the downward API reads it
+    env = {e["name"]: e for e in worker_container(render(
+        {"resources": {"requests": {"cpu": None}, "limits": {"cpu": "3"}}}))["env"]}
+    assert env["PAGEDSERVE_CPU_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+
+
+def _image_env() -> dict[str, str]:
+    text = re.sub(r"\\\n", " ", (CHART.parents[1] / "Dockerfile").read_text())
+    env = {}
+    for line in text.splitlines():
+        if line.strip().startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line))
+    return env
+
+
+def test_cache_locations_follow_the_cache_mount():
+    docs = render({"cache": {"mountPath": "/var/cache/ps"}})
+    c = worker_container(docs)
+    assert {"name": "cache", "mountPath": "/var/cache/ps"} in c["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for name in ("XDG_CACHE_HOME", "HF_HOME", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "CUDA_CACHE_PATH"):
+        assert (env.get(name) or "").startswith("/var/cache/ps"), (name, env.get(name))
+    # every cache location the image points into its default cache directory is moved along
+    image_env = _image_env()
+    assert image_env["XDG_CACHE_HOME"] == "/home/pagedserve/.cache"
+    for name, value in image_env.items():
+        if value.startswith("/home/pagedserve/.cache"):
+            assert (env.get(name) or "").startswith("/var/cache/ps"), name
+
+
+def test_notes_submit_does_not_use_the_worker_user():
+    # the worker ACL has no XREAD / XINFO CONSUMERS: `pagedserve submit` inside a worker pod fails
+    text = notes(VALUE_SETS["keda"])
+    assert not re.search(r"exec\s+deploy/\S+\s+--\s+pagedserve submit", text)
+    assert re.search(r"kubectl -n ml run \S+ .*--rm", text)
+    assert "PAGEDSERVE_REDIS_URL=redis://PRODUCER_USER:PASSWORD@redis-master.redis.svc:6379/0" in text
+    assert "-- submit" in text

@@ -68,10 +68,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- $scheme := ternary "rediss" "redis" .Values.redis.tls }}
 {{- $auth := "" }}
+{{- /* urlquery writes a space as "+", which redis-py's unquote keeps as a literal "+"; a literal "+" is
+       already "%2B" by then, so every remaining "+" is a space. */}}
+{{- $user := .Values.redis.username | urlquery | replace "+" "%20" }}
 {{- if .Values.redis.password }}
-{{- $auth = printf "%s:%s@" (.Values.redis.username | urlquery) (.Values.redis.password | urlquery) }}
+{{- $auth = printf "%s:%s@" $user (.Values.redis.password | urlquery | replace "+" "%20") }}
 {{- else if .Values.redis.username }}
-{{- $auth = printf "%s@" (.Values.redis.username | urlquery) }}
+{{- $auth = printf "%s@" $user }}
 {{- end }}
 {{- printf "%s://%s%s:%v/%v" $scheme $auth .Values.redis.host .Values.redis.port .Values.redis.db }}
 {{- end }}
@@ -81,8 +84,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "pagedserve.stream" -}}
 {{- printf "%s:requests" .Values.prefix }}
 {{- end }}
+{{- /* The worker always joins "<prefix>-workers": there is nothing to override. */}}
 {{- define "pagedserve.consumerGroup" -}}
-{{- default (printf "%s-workers" .Values.prefix) .Values.keda.consumerGroup }}
+{{- printf "%s-workers" .Values.prefix }}
 {{- end }}
 
 {{/* Drain budget: worker grace + margin. */}}
@@ -140,14 +144,57 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Redis password: redis.password, else the one inside redis.url (for KEDA's TriggerAuthentication). */}}
+{{/* Percent-decoding of URL userinfo, as redis-py's unquote does (Sprig has no url-decode). urlParse hands the
+userinfo back escaped, so a password taken from redis.url must be decoded before KEDA logs in with it.
+%XX escapes are bytes: runs of them are assembled into UTF-8 code points; a malformed escape fails. */}}
+{{- define "pagedserve.urlUnescape" -}}
+{{- $parts := splitList "%" .s }}
+{{- $out := first $parts }}
+{{- $cp := 0 }}
+{{- $need := 0 }}
+{{- range $p := rest $parts }}
+{{- if not (regexMatch "^[0-9A-Fa-f]{2}" $p) }}
+{{- fail (printf "%s: malformed %%-escape in the URL's user/password; fix the escaping or set redis.username/redis.password" $.what) }}
+{{- end }}
+{{- $b := int (printf "0x%s" (substr 0 2 $p)) }}
+{{- if gt $need 0 }}
+{{- if ne (div $b 64) 2 }}
+{{- fail (printf "%s: the URL's user/password is not UTF-8 once %%-decoded; set redis.username/redis.password instead" $.what) }}
+{{- end }}
+{{- $cp = add (mul $cp 64) (mod $b 64) }}
+{{- $need = sub $need 1 }}
+{{- else if lt $b 128 }}
+{{- $cp = $b }}
+{{- else if eq (div $b 32) 6 }}
+{{- $cp = mod $b 32 }}{{ $need = 1 }}
+{{- else if eq (div $b 16) 14 }}
+{{- $cp = mod $b 16 }}{{ $need = 2 }}
+{{- else if eq (div $b 8) 30 }}
+{{- $cp = mod $b 8 }}{{ $need = 3 }}
+{{- else }}
+{{- fail (printf "%s: the URL's user/password is not UTF-8 once %%-decoded; set redis.username/redis.password instead" $.what) }}
+{{- end }}
+{{- $tail := substr 2 (len $p) $p }}
+{{- if and (gt $need 0) $tail }}
+{{- fail (printf "%s: the URL's user/password is not UTF-8 once %%-decoded; set redis.username/redis.password instead" $.what) }}
+{{- end }}
+{{- if eq $need 0 }}
+{{- $out = printf "%s%c%s" $out $cp $tail }}
+{{- end }}
+{{- end }}
+{{- if gt $need 0 }}
+{{- fail (printf "%s: the URL's user/password is not UTF-8 once %%-decoded; set redis.username/redis.password instead" $.what) }}
+{{- end }}
+{{- $out }}
+{{- end }}
+
+{{/* Redis password: redis.password, else the one inside redis.url, decoded (for KEDA's TriggerAuthentication). */}}
 {{- define "pagedserve.redisPassword" -}}
 {{- if .Values.redis.password }}
 {{- .Values.redis.password }}
 {{- else if .Values.redis.url }}
-{{- $u := urlParse .Values.redis.url }}
-{{- $parts := splitn ":" 2 (get $u "userinfo") }}
-{{- $parts._1 | default "" }}
+{{- $parts := splitn ":" 2 (get (urlParse .Values.redis.url) "userinfo") }}
+{{- include "pagedserve.urlUnescape" (dict "s" ($parts._1 | default "") "what" "redis.url") }}
 {{- end }}
 {{- end }}
 
@@ -156,22 +203,37 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.redis.username }}
 {{- .Values.redis.username }}
 {{- else if .Values.redis.url }}
-{{- $u := urlParse .Values.redis.url }}
-{{- $parts := splitn ":" 2 (get $u "userinfo") }}
-{{- $parts._0 | default "" }}
+{{- $parts := splitn ":" 2 (get (urlParse .Values.redis.url) "userinfo") }}
+{{- include "pagedserve.urlUnescape" (dict "s" ($parts._0 | default "") "what" "redis.url") }}
 {{- end }}
 {{- end }}
 
-{{/* host:port KEDA polls: keda.address, else the host of redis.url, else redis.host:redis.port. */}}
+{{/* host:port KEDA polls: keda.address verbatim, else the host of redis.url, else redis.host:redis.port.
+A host without a dot is a Service name of the release's namespace: KEDA resolves it in its own namespace,
+so it is qualified with the release namespace. IPv6 literals ([...]) stay as they are. */}}
 {{- define "pagedserve.redisAddress" -}}
 {{- if .Values.keda.address }}
 {{- .Values.keda.address }}
-{{- else if .Values.redis.url }}
-{{- $u := urlParse .Values.redis.url }}
-{{- $h := get $u "host" }}
-{{- if contains ":" $h }}{{ $h }}{{ else }}{{ printf "%s:6379" $h }}{{ end }}
 {{- else }}
-{{- printf "%s:%v" .Values.redis.host .Values.redis.port }}
+{{- $host := .Values.redis.host }}
+{{- $port := toString .Values.redis.port }}
+{{- if .Values.redis.url }}
+{{- $hp := get (urlParse .Values.redis.url) "host" }}
+{{- $port = "6379" }}
+{{- if hasPrefix "[" $hp }}
+{{- $host = regexReplaceAll "^(\\[[^\\]]*\\]).*$" $hp "${1}" }}
+{{- $rest := trimPrefix $host $hp }}
+{{- if hasPrefix ":" $rest }}{{ $port = trimPrefix ":" $rest }}{{ end }}
+{{- else }}
+{{- $hparts := splitn ":" 2 $hp }}
+{{- $host = $hparts._0 }}
+{{- if $hparts._1 }}{{ $port = $hparts._1 }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if not (or (contains "." $host) (hasPrefix "[" $host)) }}
+{{- $host = printf "%s.%s" $host .Release.Namespace }}
+{{- end }}
+{{- printf "%s:%s" $host $port }}
 {{- end }}
 {{- end }}
 
@@ -182,6 +244,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else }}
 {{- .Values.redis.tls }}
 {{- end }}
+{{- end }}
+
+{{/* true when redis.url turns off certificate checks (ssl_cert_reqs=none): KEDA must not check them either. */}}
+{{- define "pagedserve.redisUnsafeSSL" -}}
+{{- and .Values.redis.url (regexMatch "(^|&)ssl_cert_reqs=none(&|$)" (get (urlParse .Values.redis.url) "query")) }}
 {{- end }}
 
 {{/* true when an autoscaler owns .spec.replicas. */}}
