@@ -73,8 +73,18 @@ def build_output(req: Request, final: bool, tokenizer) -> RequestOutput | None:
             delta_text=delta_text,
             delta_token_ids=seq.token_ids[emitted:],
         ))
+    if final:
+        _pad_to_n(completions, p.n, req.finish_reason, p.logprobs is not None)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
                          req.num_cached_tokens, dict(req.metrics))
+
+
+def _pad_to_n(completions: list[CompletionOutput], n: int, reason: str | None, logprobs: bool) -> None:
+    """A request ended (cancel, deadline) before its prompt forked into its samples or beams still has ``n``
+    outputs, as a caller reading ``outputs[i]`` for ``i < n`` expects: the missing ones are empty, with its reason."""
+    reason = reason or (completions[0].finish_reason if completions else None)
+    for index in range(len(completions), n):
+        completions.append(CompletionOutput(index, "", [], reason, 0.0, [] if logprobs else None))
 
 
 def _beam_output(req: Request, tokenizer) -> RequestOutput:
@@ -93,6 +103,7 @@ def _beam_output(req: Request, tokenizer) -> RequestOutput:
             text = tokenizer.decode(ids, skip_special_tokens=True)
             completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
                                                 delta_text=text, delta_token_ids=ids))
+        _pad_to_n(completions, req.params.n, reason, False)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, True,
                          req.num_cached_tokens, dict(req.metrics))
 

@@ -123,3 +123,17 @@ def test_generate_returns_the_error_output(tiny_models):
     outs = llm.generate([[1, 2, 3], [4, 5, 6]], [GREEDY, ExplodingParams(max_tokens=4, temperature=1.0)])
     assert outs[0].error is None and len(outs[0].outputs[0].token_ids) == 10
     assert outs[1].finished and outs[1].error.startswith("sampling failed")
+
+
+@pytest.mark.parametrize("kw", [dict(n=3), dict(n=2, best_of=4), dict(beam_width=3, n=2), dict(n=3, logprobs=2)])
+def test_a_request_ended_before_it_forked_still_has_n_outputs(tiny_models, kw):
+    """A cancel or deadline that ends a request while it waits (before its prompt forked into its samples or
+    beams) gave one output for n: a caller reading ``outputs[i]`` for ``i < n`` failed. Now n, empty, with the
+    reason."""
+    llm = LLM(model=tiny_models["llama"], device="cpu")
+    llm.engine.add_request("early", "hello", SamplingParams(max_tokens=5, **kw))
+    out = llm.engine.abort_request("early", "deadline")
+    assert [(c.index, c.finish_reason, c.text, c.token_ids) for c in out.outputs] == [
+        (i, "deadline", "", []) for i in range(kw["n"])]
+    assert all((c.logprobs == []) if "logprobs" in kw else c.logprobs is None for c in out.outputs)
+    assert not llm.engine.has_unfinished_requests()
