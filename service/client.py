@@ -129,10 +129,12 @@ class Client(ProducerCore):
         pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
-        pipe.execute()
+        with self._reaching():
+            pipe.execute()
 
     def result(self, request_id: str) -> Terminal | None:
-        return self._terminal(self.r.get(self.keys.result(request_id)))
+        with self._reaching():
+            return self._terminal(self.r.get(self.keys.result(request_id)))
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
@@ -235,29 +237,34 @@ class Client(ProducerCore):
 
         kw.setdefault("retention_s", self.settings.batch_retention_s)
         raw = data.encode() if isinstance(data, str) else data
-        return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)
+        with self._reaching():
+            return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)
 
     def batch_status(self, batch_id: str) -> dict:
         from . import batch_client
 
-        return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
+        with self._reaching():
+            return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
 
     def batch_results(self, batch_id: str, wait: bool = False, timeout: float | None = None) -> list[dict]:
         from . import batch_client
 
-        if wait:
-            batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout)
-        return list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
+        with self._reaching():
+            if wait:
+                batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout)
+            return list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
 
     def cancel_batch(self, batch_id: str) -> dict:
         from . import batch_client
 
-        return batch_client.cancel_batch(self.r, self.keys.prefix, batch_id, self.settings.result_ttl_s)
+        with self._reaching():
+            return batch_client.cancel_batch(self.r, self.keys.prefix, batch_id, self.settings.result_ttl_s)
 
     def list_batches(self, limit: int = 20) -> list[dict]:
         from . import batch_client
 
-        return batch_client.list_batches(self.r, self.keys.prefix, limit)
+        with self._reaching():
+            return batch_client.list_batches(self.r, self.keys.prefix, limit)
 
 
 class AsyncClient(ProducerCore):
@@ -302,10 +309,12 @@ class AsyncClient(ProducerCore):
         pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
-        await pipe.execute()
+        with self._reaching():
+            await pipe.execute()
 
     async def result(self, request_id: str) -> Terminal | None:
-        return self._terminal(await self.r.get(self.keys.result(request_id)))
+        with self._reaching():
+            return self._terminal(await self.r.get(self.keys.result(request_id)))
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,

@@ -42,10 +42,11 @@ Invariants of :func:`event_wait`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Union
 
 import redis
@@ -232,6 +233,14 @@ class ProducerCore:
             ("set", (self.keys.cancelled(request_id), "1"), {"ex": self.settings.result_ttl_s}),
             ("publish", (self.keys.cancel, request_id), {}),
         ]
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Redis not reached: :class:`RedisUnreachable` naming the URL (password masked), as from every call."""
+        try:
+            yield
+        except CONNECTION_ERRORS as e:
+            raise self._unreachable(e) from None
 
     def _unreachable(self, e: Exception) -> RedisUnreachable:
         return RedisUnreachable(f"cannot reach Redis at {redact(self.redis_url)}: {redact(e)}")

@@ -116,17 +116,20 @@ def test_unreachable_redis_is_one_line_naming_the_url_without_its_password(passw
     assert password not in line and "s3" not in line, line
     # the clients fail at once too (they do not wait for the deadline), with the same masked URL
     with Client(url) as c:
-        for call in (lambda: c.submit("x"), lambda: c.generate("x", timeout=600), lambda: next(c.events("x", 600))):
+        for call in (lambda: c.submit("x"), lambda: c.generate("x", timeout=600), lambda: next(c.events("x", 600)),
+                     lambda: c.cancel("x"), lambda: c.result("x"), lambda: c.submit_batch(b"{}"),
+                     lambda: c.batch_status("b"), lambda: c.batch_results("b"), lambda: c.list_batches()):
             with pytest.raises(RedisUnreachable, match=r"redis://app:\*\*\*@") as exc:
                 call()
             assert password not in str(exc.value)
 
-    async def agenerate():
+    async def agenerate(call):
         async with AsyncClient(url) as ac:
-            await ac.generate("x", timeout=600)
+            await call(ac)
 
-    with pytest.raises(RedisUnreachable, match=r"redis://app:\*\*\*@"):
-        asyncio.run(agenerate())
+    for call in (lambda ac: ac.generate("x", timeout=600), lambda ac: ac.cancel("x"), lambda ac: ac.result("x")):
+        with pytest.raises(RedisUnreachable, match=r"redis://app:\*\*\*@"):
+            asyncio.run(agenerate(call))
 
 
 def test_submit_without_a_worker_says_so(redis_url, prefix):
