@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -146,6 +147,11 @@ def build_request(
         })
     except ValidationError as e:  # pydantic's text spans lines and ends with a link: one line naming the field
         raise ValueError(refusal_message(e).replace("Value error, ", "")) from None
+    try:  # plain JSON, as a worker takes it: NaN would go out as null, a set or a datetime changed or refused
+        json.dumps(req.metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata: {e} (plain JSON values only: objects, arrays, strings, finite numbers, "
+                         "booleans, null)") from None
     engine_params(req.params)
     return req
 
