@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
 from pagedserve.service.settings import Settings
 from pagedserve.service.worker import Worker
@@ -106,6 +107,19 @@ def running_worker(settings: Settings, engine=None, **kw):
         assert not t.is_alive(), "worker did not stop"
         if errors:
             raise errors[0]
+
+
+def submit_running(c, r: redis.Redis, keys: Keys, rid: str, max_tokens: int = 1800) -> str:
+    """Submit a long request (``ignore_eos``) with client ``c`` and return its id once its first token is out: it
+    is running. ``r`` watches the token channel (subscribed before the submit, so no token is missed)."""
+    events = r.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(keys.out(rid))
+    try:
+        c.submit("a long one", id=rid, params={"max_tokens": max_tokens, "ignore_eos": True})
+        wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
+    finally:
+        events.close()
+    return rid
 
 
 def metric_samples(worker: Worker, name: str) -> dict[tuple, float]:

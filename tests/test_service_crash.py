@@ -14,7 +14,9 @@ import redis
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, Keys, parse_event
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import WorkerProcess, make_settings, raw_submit, running_worker, stored_results, wait_for
+from service_fixtures import (
+    WorkerProcess, make_settings, raw_submit, running_worker, stored_results, submit_running, wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -232,12 +234,7 @@ def test_a_worker_whose_consumer_name_was_taken_stops(redis_url, prefix, tmp_pat
     try:
         w.wait_started()
         with Client(settings=s) as c:
-            rid = c.submit("a long one", params={"max_tokens": 600, "ignore_eos": True})
-            events = r.pubsub(ignore_subscribe_messages=True)
-            events.subscribe(keys.out(rid))
-            wait_for(lambda: events.get_message(timeout=0.1) is not None or r.exists(keys.result(rid)), 120, 0,
-                     "first token: running")
-            events.close()
+            rid = submit_running(c, r, keys, "name-taken", max_tokens=600)
             r.set(keys.consumer_lease(s.worker_name), "a-replacement's-token", px=60_000)
             assert w.proc.wait(timeout=120) == 1
             ended = c.wait(rid, timeout=10)
@@ -264,11 +261,7 @@ def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back
     try:
         w.wait_started()
         with Client(settings=s) as c:
-            rid = c.submit("a long one", params={"max_tokens": 1800, "ignore_eos": True})
-            events = r.pubsub(ignore_subscribe_messages=True)
-            events.subscribe(keys.out(rid))
-            wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
-            events.close()
+            rid = submit_running(c, r, keys, "second-ctrl-c")
             w.proc.send_signal(signal.SIGINT)
             wait_for(lambda: any(e.get("event") == "drain_started" for e in w.events()), 30, what="draining")
             w.proc.send_signal(signal.SIGINT)

@@ -14,7 +14,7 @@ from pagedserve.service.client import Client
 from pagedserve.service.connection import worker_acl
 from pagedserve.service.protocol import DoneEvent, Keys, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import WorkerProcess, make_settings, wait_for
+from service_fixtures import WorkerProcess, make_settings, submit_running, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +58,7 @@ def test_cancel_published_while_the_worker_was_away_still_cancels(tmp_path, pref
     with worker_under_acl(tmp_path, prefix) as (admin, c, w):
         keys = Keys(prefix)
         max_tokens = 1800
-        events = admin.pubsub(ignore_subscribe_messages=True)
-        events.subscribe(keys.out("away-cancel"))
-        c.submit("a long one", id="away-cancel", params={"max_tokens": max_tokens, "ignore_eos": True})
-        wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
-        events.close()
+        submit_running(c, admin, keys, "away-cancel", max_tokens)
         drop_worker_link(admin)
         try:
             c.cancel("away-cancel")  # the cancelled key is set; the message reaches no subscriber of this worker
@@ -114,11 +110,7 @@ def test_a_running_request_whose_entry_leaves_the_stream_ends_with_its_result(tm
         keys, rid, max_tokens = Keys(prefix), f"gone-{loss}", 1800
         try:
             w.wait_started()
-            events = admin.pubsub(ignore_subscribe_messages=True)
-            events.subscribe(keys.out(rid))
-            c.submit("a long one", id=rid, params={"max_tokens": max_tokens, "ignore_eos": True})
-            wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
-            events.close()
+            submit_running(c, admin, keys, rid, max_tokens)
             if loss == "trimmed":
                 admin.xtrim(keys.requests, maxlen=0)
             else:
@@ -153,11 +145,7 @@ def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix)
         keys, rid = Keys(prefix), "answered-meanwhile"
         try:
             w.wait_started()
-            events = admin.pubsub(ignore_subscribe_messages=True)
-            events.subscribe(keys.out(rid))
-            c.submit("a long one", id=rid, params={"max_tokens": 1800, "ignore_eos": True})
-            wait_for(lambda: events.get_message(timeout=0.1) is not None, 120, 0, "first token: running")
-            events.close()
+            submit_running(c, admin, keys, rid)
             other = DoneEvent(id=rid, outputs=[{"index": 0, "text": "elsewhere", "token_ids": [1],
                                                  "finish_reason": "stop"}]).model_dump_json()
             pipe = admin.pipeline(transaction=True)
