@@ -92,10 +92,9 @@ class Running(WorkerPart):
         error = getattr(out, "error", None)
         if error:  # the engine ended this request alone (its sampling, beam scoring, detokenization or stop check)
             self.table.pop(out.request_id)
-            # A message that starts with a parameter's name blames the request's own parameters (a grammar that
-            # failed while generating): the producer's to mend, not a retry.
-            field_message = params_field(error)
-            code, message = (("invalid_request", field_message) if field_message != error
+            # A grammar that failed while generating (the engine's message starts with the field's name, and only
+            # that one does: its stage labels may start with a field's name too) is the producer's to mend.
+            code, message = (("invalid_request", params_field(error)) if error.startswith("structured_outputs ")
                              else ("internal", f"engine: {error}"))
             self.outcomes.error(out.request_id, f.entry_ids, code, message, f.request.metadata, f.span)
             return 0

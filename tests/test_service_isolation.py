@@ -136,3 +136,28 @@ def test_poison_step_ends_as_dead_letter(env):
 def _settled_one(r, keys, rid):
     wait_for(lambda: r.exists(keys.result(rid)), 120, what=rid)
     return parse_terminal(r.get(keys.result(rid)))
+
+
+def test_a_stop_check_failure_is_internal_not_the_requests_fault(env):
+    """The engine labels this stage "stop check or detokenization": its first word is a sampling field's name,
+    and the worker took the error for the request's own (invalid_request naming params.stop)."""
+    s, r, keys, engine = env
+    real = engine._append_token
+
+    def append(req, seq, res):
+        if req.request_id == "culprit":
+            raise RuntimeError("injected: a detokenizer bug")
+        return real(req, seq, res)
+
+    engine._append_token = append
+    try:
+        with running_worker(s, engine):
+            _submit(r, keys, "culprit")
+            _submit(r, keys, "ok")
+            results = _settled(r, keys, ["culprit", "ok"])
+    finally:
+        engine._append_token = real
+    bad = results["culprit"]
+    assert isinstance(bad, ErrorEvent) and bad.error.code == "internal", bad
+    assert bad.error.message.startswith("engine: stop check"), bad.error.message
+    assert isinstance(results["ok"], DoneEvent)
