@@ -67,8 +67,10 @@ def check_redis_url(url: str) -> None:
         parse_url(url)
         path = urlsplit(url).path
     except ValueError as e:
-        raise ValueError(f"not a valid Redis URL ({redact(e)}); percent-encode any of :/?#[]@ in the "
-                         "user name or password (# as %23)") from None
+        # urllib's message may quote a piece of a password cut at a raw '/', '#' or '?': not shown then.
+        why = "" if "@" in url else f" ({redact(e)})"
+        raise ValueError(f"not a valid Redis URL{why}; percent-encode any of :/?#[]@ in the user name or password "
+                         "(# as %23)") from None
     if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
         raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
                          f"(got {redact(path)!r})")

@@ -74,3 +74,14 @@ def test_the_worker_logs_each_unknown_name(tmp_path, redis_url, prefix):
     finally:
         w.close()
     assert [(e["name"], e["did_you_mean"]) for e in lines] == [("PAGEDSERVE_MAX_NUM_SEQ", "PAGEDSERVE_MAX_NUM_SEQS")]
+
+
+@pytest.mark.parametrize("url", ["redis://:Tr0ub4dor/correcthorse@127.0.0.1:6379/0", "redis://:s3cr3t#x@h:6379/0",
+                                 "redis://u:abc?d@h:6379/0"])
+def test_a_refused_url_quotes_no_piece_of_its_password(url):
+    # urllib's own message quotes the text before a raw '/', '#' or '?', which may be part of the password.
+    with pytest.raises(ValidationError) as e:
+        Settings(redis_url=url)
+    message = str(e.value).split("[type=")[0]
+    for piece in ("Tr0ub4dor", "s3cr3t", "abc"):
+        assert piece not in message, message
