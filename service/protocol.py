@@ -427,7 +427,7 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     request_id = data.get("id")
     if not valid_id(request_id):
         raise DeadLetterError("missing or invalid 'id' (1-128 chars of [A-Za-z0-9_.:-])", "invalid_id")
-    if text.count('"id"') > 1 and _top_level_keys(text).count("id") > 1:
+    if (text.count('"id"') > 1 or "\\u" in text) and _top_level_keys(text).count("id") > 1:  # "\u0069d" too
         # JSON parsers disagree on which one counts (Python's the last, others the first): no answer can be sure
         # to reach the producer's id, so no id is taken.
         raise DeadLetterError("duplicate 'id' key: which one is the request's id is ambiguous", "invalid_id")

@@ -144,3 +144,10 @@ def test_settings_grace_period_names_and_enforce_eager(monkeypatch):
     assert Settings(grace_period_s=1).engine_kwargs()["enforce_eager"] is False
     monkeypatch.setenv("PAGEDSERVE_ENFORCE_EAGER", "true")
     assert Settings(grace_period_s=1).engine_kwargs()["enforce_eager"] is True
+
+
+def test_a_duplicate_id_key_spelled_with_an_escape_is_caught():
+    body = b'{"id": "first", "prompt": "x", "\\u0069d": "second"}'
+    with pytest.raises(DeadLetterError, match="duplicate 'id'"):
+        parse_request(body, 2048)
+    assert parse_request(b'{"id": "a", "prompt": "caf\\u00e9"}', 2048).prompt == "caf\u00e9"
