@@ -59,22 +59,27 @@ def _entries(reply: Any) -> list:
 
 
 def _abandoned(request_id: str, cancel) -> None:
-    """The caller stopped waiting for a request that ``stream``/``generate`` sent, before its end (the generator
-    was closed, the task cancelled, Ctrl-C): nobody will read its answer, so it is cancelled, as closing a
-    streaming response cancels a request in vLLM or the OpenAI API. Best effort: Redis may be gone too. A
-    timeout (``timeout=``, :class:`NoWorker`) does not cancel: the caller may ``wait`` for the id again."""
+    """The caller stopped waiting, before its end, for a request ``stream``/``generate`` sent under an id of their
+    own making (the generator was closed, the task cancelled, Ctrl-C): nobody else can be waiting for that id, and
+    nobody will read its answer, so it is cancelled, as closing a streaming response cancels a request in vLLM or
+    the OpenAI API. An id the caller chose may be shared (another producer, a retry of the same id) and is left
+    alone. Best effort: Redis may be gone too. A timeout (``timeout=``, :class:`NoWorker`) does not cancel."""
     with contextlib.suppress(Exception):
         cancel(request_id)
 
 
-def _raise_lost_cancel() -> None:
-    """Raise ``CancelledError`` if the running task was cancelled and the cancel was lost: redis-py runs each
-    command under ``asyncio.wait_for`` when a socket timeout is set, and before Python 3.12 ``wait_for`` drops a
-    cancel that arrives as the command completes, so a cancelled ``stream`` ran on to the end. The task still
-    counts the cancel (``Task.cancelling``, Python 3.11+)."""
+def _private_id(kw: dict) -> bool:
+    """Whether the request about to be built gets an id of this call's own making (no ``id=``, no ``request=``)."""
+    return kw.get("id") is None and kw.get("request") is None
+
+
+def _cancels() -> int:
+    """How many cancels the running task has been asked for and not yet let go (``Task.cancelling``, Python
+    3.11+; 0 before). redis-py runs each command under ``asyncio.wait_for`` when a socket timeout is set, and
+    before Python 3.12 ``wait_for`` drops a cancel that arrives as the command completes: a cancelled ``stream``
+    ran on to the end. The task still counts that cancel, so a count above the one at the call's start is raised."""
     task = asyncio.current_task()
-    if task is not None and getattr(task, "cancelling", lambda: 0)():
-        raise asyncio.CancelledError
+    return task.cancelling() if task is not None and hasattr(task, "cancelling") else 0
 
 
 def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | None) -> Op | None:
@@ -150,8 +155,10 @@ class Client(ProducerCore):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
             yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout))
             return
+        private = _private_id(kw)
         req = self._request(prompt, kw)
-        yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout), owned=req.id)
+        yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout),
+                             owned=req.id if private else None)
 
     def events(self, request_id: str, timeout: float | None = None,
                after: int | dict[int, int] | None = None) -> Iterator[Event]:
@@ -171,9 +178,10 @@ class Client(ProducerCore):
         """Submit and wait for the result; raises :class:`RequestFailed` on an error event, ``TimeoutError``
         (:class:`NoWorker` with ``pickup_timeout``), :class:`RedisUnreachable`."""
         kw.setdefault("stream", False)
+        private = _private_id(kw)
         req = self._request(prompt, kw)
         for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
-                            owned=req.id):
+                            owned=req.id if private else None):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
@@ -184,7 +192,7 @@ class Client(ProducerCore):
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
-        ended = False
+        ended = sent = False
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
@@ -209,6 +217,7 @@ class Client(ProducerCore):
                         pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
                         self._xadd(op.request)
+                        sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
@@ -216,7 +225,7 @@ class Client(ProducerCore):
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     error = e
         except (GeneratorExit, KeyboardInterrupt):
-            if owned is not None and not ended:
+            if owned is not None and sent and not ended:
                 _abandoned(owned, self.cancel)
             raise
         finally:
@@ -325,9 +334,10 @@ class AsyncClient(ProducerCore):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
             wait = self._stream(prompt, None, timeout, after, pickup_timeout)
         else:
+            private = _private_id(kw)
             req = self._request(prompt, kw)
             wait = self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout)
-        async for ev in self._run(wait, owned=None if after is not None else req.id):
+        async for ev in self._run(wait, owned=req.id if after is None and private else None):
             yield ev
 
     async def events(self, request_id: str, timeout: float | None = None,
@@ -346,9 +356,10 @@ class AsyncClient(ProducerCore):
         pickup_timeout: float | None = None, **kw: Any,
     ) -> DoneEvent:
         kw.setdefault("stream", False)
+        private = _private_id(kw)
         req = self._request(prompt, kw)
         async for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
-                                  owned=req.id):
+                                  owned=req.id if private else None):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
@@ -359,12 +370,13 @@ class AsyncClient(ProducerCore):
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
-        ended = False
+        ended = sent = False
+        cancels = _cancels()  # the task's count now: a cancel its code caught before this call is not ours
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
-                if not isinstance(op, Emit):
-                    _raise_lost_cancel()
+                if not isinstance(op, Emit) and _cancels() > cancels:
+                    raise asyncio.CancelledError
                 try:
                     if isinstance(op, Emit):
                         ended = first_terminal(op.event) is not None
@@ -386,6 +398,7 @@ class AsyncClient(ProducerCore):
                         await pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
                         await self._xadd(op.request)
+                        sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = await self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
@@ -393,7 +406,7 @@ class AsyncClient(ProducerCore):
                 except redis.RedisError as e:
                     error = e
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
-            if owned is not None and not ended:
+            if owned is not None and sent and not ended:
                 with contextlib.suppress(Exception):
                     await self.cancel(owned)
             raise

@@ -359,7 +359,7 @@ def test_one_line_messages_stay_one_line_on_a_narrow_stderr(redis_url, prefix, s
     """stderr is not a terminal here: rich would wrap at 80 columns (COLUMNS=40 narrows it further)."""
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "COLUMNS": "40"}
     with running_worker(make_settings(redis_url, prefix), shared_engine):
-        res = _submit(env, "--id", "a-rather-long-request-id-that-fills-a-line", "--max-tokens", "8")
+        res = _submit(env, "--id", "a-rather-long-request-id-that-fills-a-line", "--max-tokens", "8", "--temperature", "0")
     assert res.returncode == 0, res.stderr
     (summary,) = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert summary.startswith("id=a-rather-long") and "completion_tokens=8" in summary and "e2e_ms=" in summary

@@ -316,26 +316,31 @@ def test_the_deadline_holds_while_token_events_keep_coming():
 
 def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, shared_engine):
     """Closing a stream before its end, or cancelling the task awaiting ``generate``/``stream``, cancels the
-    request it sent (nobody will read the answer; vLLM and the OpenAI API cancel a request whose streaming response
-    is closed). It ran on to the end. An observer (``events``, ``wait``) cancels nothing."""
+    request it sent under an id of its own making (nobody else can wait for it, nobody will read it; vLLM and the
+    OpenAI API cancel a request whose streaming response is closed). It ran on to the end. An id the caller chose
+    may be shared (another producer, a retry) and is left alone; so is a request an observer (``events``) reads."""
     from service_fixtures import make_settings, running_worker
 
     from pagedserve.service.client import AsyncClient, Client
 
     params = {"max_tokens": 1500, "ignore_eos": True}
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
 
     def ended(c, rid):
         return c.wait(rid, timeout=120).outputs[0]
 
-    async def cancel_awaiting(kind: str) -> str:
-        async with AsyncClient(redis_url, prefix=prefix) as ac:
-            rid = f"abandoned-async-{kind}"
+    def cancelled_ids() -> set[str]:
+        return {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(f"{keys.cancelled('')}*")}
 
+    async def cancel_awaiting(kind: str, **kw) -> None:
+        kw.setdefault("params", params)
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
             async def consume():
                 if kind == "generate":
-                    await ac.generate("x", id=rid, params=params, timeout=120)
+                    await ac.generate("x", timeout=120, **kw)
                 else:
-                    async for ev in ac.stream("x", id=rid, params=params, timeout=120):
+                    async for _ in ac.stream("x", timeout=120, **kw):
                         pass
 
             task = asyncio.create_task(consume())
@@ -343,25 +348,48 @@ def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, share
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            return rid
 
     with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine):
-        events = c.stream("x", id="abandoned-sync", params=params, timeout=120)
-        for i, _ in enumerate(events):
-            if i == 3:
-                break
+        events = c.stream("x", params=params, timeout=120)
+        rid = next(events).id
         events.close()
-        assert ended(c, "abandoned-sync").finish_reason == "cancelled"
+        assert ended(c, rid).finish_reason == "cancelled"
         for kind in ("generate", "stream"):
-            rid = asyncio.run(cancel_awaiting(kind))
+            before = cancelled_ids()
+            asyncio.run(cancel_awaiting(kind))
+            (rid,) = cancelled_ids() - before
             out = ended(c, rid)
             assert out.finish_reason == "cancelled" and len(out.token_ids) < 1500, (kind, out.finish_reason)
-        # An observer that stops reading cancels nothing.
+        # An id of the caller's choosing, and an observer that stops reading, cancel nothing.
+        asyncio.run(cancel_awaiting("generate", id="chosen"))
+        assert ended(c, "chosen").finish_reason == "length"
         rid = c.submit("x", id="observed", params={"max_tokens": 40, "ignore_eos": True})
         observer = c.events(rid, timeout=120)
         next(observer)
         observer.close()
         assert ended(c, rid).finish_reason == "length"
+    r.close()
+
+
+def test_a_cancel_caught_before_the_call_is_not_raised_again(redis_url, prefix, shared_engine):
+    """Code that caught a CancelledError without ``uncancel()`` then calls the client: that old cancel is not
+    the call's, so the call runs (it raised at once, and the abandonment then marked the unsent id cancelled)."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient
+
+    async def main() -> str:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            try:
+                asyncio.current_task().cancel()
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass  # handled here, count left as it is
+            done = await ac.generate("x", params={"max_tokens": 4, "temperature": 0}, timeout=120)
+            return done.outputs[0].finish_reason
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert asyncio.run(main()) == "length"
 
 
 def test_a_cancelled_stream_task_always_stops(redis_url, prefix, shared_engine):
@@ -378,8 +406,7 @@ def test_a_cancelled_stream_task_always_stops(redis_url, prefix, shared_engine):
 
             async def consume():
                 nonlocal seen
-                async for _ in ac.stream("x", id=f"cancel-{i}", params={"max_tokens": 1500, "ignore_eos": True},
-                                         timeout=120):
+                async for _ in ac.stream("x", params={"max_tokens": 1500, "ignore_eos": True}, timeout=120):
                     seen += 1
 
             task = asyncio.create_task(consume())
