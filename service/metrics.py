@@ -125,8 +125,8 @@ class WorkerMetrics:
         )
         self.leases_lost = Counter("pagedserve_queue_leases_lost", "Own entries found claimed by another worker", registry=r)
         self.entries_gone = Counter("pagedserve_queue_entries_gone",
-                                    "Running requests' entries that left the stream unacknowledged (trimmed, deleted, "
-                                    "Redis data lost); the requests ran on", registry=r)
+                                    "Running requests' entries no consumer holds any more (trimmed, deleted, Redis data "
+                                    "lost, or answered by another worker after a takeover)", registry=r)
         # Batch jobs (batch_feeder.py): the gauges describe the whole deployment, read every queue_stats_interval_s.
         self.batches = Gauge("pagedserve_batches", "Batches by status (the 200 newest)", ["status"], registry=r)
         self.batch_backlog = Gauge("pagedserve_batch_backlog_lines", "Batch lines not yet taken", registry=r)

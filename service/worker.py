@@ -100,6 +100,7 @@ class Worker(WorkerPart):
         self.batches = BatchFeeder(ctx=ctx, conn=self.conn, running=self.running)
         self._last_engine_stats = 0.0
         self._stop = threading.Event()
+        self._shutting_down = False
         self._stop_deadline: float | None = None
         self.stopped = threading.Event()
         self.heartbeat = self._created = time.monotonic()
@@ -125,6 +126,8 @@ class Worker(WorkerPart):
         """Ctrl-C drains like SIGTERM; before the worker has taken any work (the model still loading) it ends the
         start at once, and a second one stops a drain at once: the loop unwinds through its shutdown, which
         hands every unfinished entry back to the stream for another worker."""
+        if self._shutting_down:  # handing entries back and releasing claims: let it finish, or work stays held
+            return
         if self.started.is_set() and not self._stop.is_set():
             self.request_stop()
             return
@@ -169,9 +172,11 @@ class Worker(WorkerPart):
         try:
             self.r.ping()
         except redis.AuthenticationError as e:
+            url = self.settings.redis_url
+            what = ("refused the credentials of PAGEDSERVE_REDIS_URL" if "@" in url
+                    else "requires a password, and PAGEDSERVE_REDIS_URL gives none")
             raise redis.AuthenticationError(
-                f"Redis at {redact(self.settings.redis_url)} refused the credentials of PAGEDSERVE_REDIS_URL "
-                f"({redact(e)}): check its user name and password") from None
+                f"Redis at {redact(url)} {what} ({redact(e)}): check its user name and password") from None
         except REDIS_DOWN + REDIS_REFUSED:
             pass
 
@@ -333,6 +338,7 @@ class Worker(WorkerPart):
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
         """Release unfinished entries for other workers, flush what is buffered, drop the name lease."""
+        self._shutting_down = True
         self.conn.stop_leases()
         entry_ids = self.running.release_all() + self.admission.release_waiting()
         self.claims.stop()
