@@ -27,6 +27,12 @@ class InFlight:
     log: Any = None
     last_token_at: float | None = None  # time.time() of its last new token (inter-token latency)
     next_seq: dict[int, int] = field(default_factory=dict)  # output index -> the seq of its next token event
+    gone: set[str] = field(default_factory=set)  # its entries no consumer holds any more (reclaim.py: "gone")
+
+    @property
+    def entries_gone(self) -> bool:
+        """Whether none of its entries is left in the stream: given up, it must be sent again or nobody runs it."""
+        return bool(self.entry_ids) and self.gone.issuperset(self.entry_ids)
 
     def abandon(self, why: str) -> None:
         """End the span of a request this worker stops without answering (someone else will)."""

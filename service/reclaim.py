@@ -118,6 +118,13 @@ class Reclaimer(WorkerPart):
         for eid, n in entries:
             r.xclaim(self.keys.requests, self.keys.group, self.consumer, 0, [eid], retrycount=max(0, n - 1), justid=True)
 
+    def requeue(self, r: redis.Redis, requests: list) -> None:
+        """Add again the requests whose entries are gone from the stream, given up here: their new entries are
+        what another worker takes over (without them no one would ever run or answer those ids)."""
+        for req in requests:
+            r.xadd(self.keys.requests, {"body": req.model_dump_json()})
+            self.log.warning("request_requeued", request_id=req.id, note="its entry had left the stream")
+
     def release(self, r: redis.Redis, entry_ids: list[str]) -> None:
         """Make ``entry_ids`` immediately reclaimable by other workers (graceful shutdown): set their idle time
         beyond ``claim_idle_ms`` without counting a delivery."""
@@ -160,6 +167,7 @@ class LeaseKeeper:
         # Set when another worker holds this worker's consumer name (this one was away longer than claim_idle_ms
         # and a replacement took it): the two would drain each other's entries, so this one must stop.
         self.name_taken = threading.Event()
+        self._gone: list[str] = []
         self._ids: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
@@ -188,6 +196,11 @@ class LeaseKeeper:
             lost, self._lost = self._lost, []
         return lost
 
+    def take_gone(self) -> list[str]:
+        with self._lock:
+            gone, self._gone = self._gone, []
+        return gone
+
     def _tick(self, r: redis.Redis) -> None:
         with self._lock:
             ids = sorted(self._ids)
@@ -201,6 +214,7 @@ class LeaseKeeper:
                 gone = [e for e in gone if e in self._ids]
                 self._ids.difference_update(lost)
                 self._ids.difference_update(gone)
+                self._gone.extend(gone)
         if gone:
             # Nothing to renew, and no other worker can hold these entries: their requests run on here under
             # their id claims and store their results (the ack then finds nothing to acknowledge).

@@ -35,7 +35,7 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
-from .protocol import params_field
+from .protocol import GenerateRequest, params_field
 from .publisher import Publisher
 from .results import token_payloads
 
@@ -57,6 +57,7 @@ class Running(WorkerPart):
     publisher: Publisher
     claims: Claims
     table: dict[str, InFlight] = field(default_factory=dict, init=False)
+    requeue: list[GenerateRequest] = field(default_factory=list, init=False)  # given up with their entries gone
 
     def start(self, f: InFlight) -> None:
         """``f`` was added to the engine: it runs here until it is answered or given up."""
@@ -168,16 +169,32 @@ class Running(WorkerPart):
             (f.log or self.log).warning("request_sent_back", error=f"{type(e).__name__}: {e}"[:300])
             f.abandon("engine step failed")
             entry_ids.extend(f.entry_ids)
+            if f.entries_gone:
+                self.requeue.append(f.request)
         return entry_ids
 
     def release_all(self) -> list[str]:
-        """Shutdown: abort everything still running; returns its entry ids, for other workers to take over."""
+        """Shutdown: abort everything still running; returns its entry ids, for other workers to take over (and
+        puts aside, for :meth:`take_requeue`, the requests none of whose entries is left in the stream)."""
         left = list(self.table.items())
         for rid, f in left:
             self._abort(rid)
             f.abandon("released on shutdown")
+            if f.entries_gone:
+                self.requeue.append(f.request)
         self.table.clear()
         return [eid for _, f in left for eid in f.entry_ids]
+
+    def mark_gone(self, entry_ids: list[str]) -> None:
+        """Entries no consumer holds any more (reclaim.py): their requests run on, and are sent again if given up."""
+        if entry_ids:
+            gone = set(entry_ids)
+            for f in self.table.values():
+                f.gone |= gone.intersection(f.entry_ids)
+
+    def take_requeue(self) -> list:
+        requeue, self.requeue = self.requeue, []
+        return requeue
 
     def _abort(self, rid: str) -> None:
         try:

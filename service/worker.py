@@ -292,6 +292,7 @@ class Worker(WorkerPart):
             if not self.admission.cancel_compiling(rid):
                 self.running.cancel(rid)
         self.running.lose(self.leases.take_lost())
+        self.running.mark_gone(self.leases.take_gone())
         self.admission.follow_claims()
         if not self._stop.is_set():
             self.batches.tick(self.running.room())  # batch lines join the stream only when the room is there
@@ -332,6 +333,7 @@ class Worker(WorkerPart):
         try:
             self.publisher.flush(self.r)  # their token events first: whoever takes them over continues after them
             self.reclaimer.release(self.r, entry_ids)
+            self.reclaimer.requeue(self.r, self.running.take_requeue())
         except Exception as e:  # Redis away: unrenewed, they are reclaimed after claim_idle_ms
             self.conn.failed(e)
 
@@ -341,6 +343,7 @@ class Worker(WorkerPart):
         self._shutting_down = True
         self.conn.stop_leases()
         entry_ids = self.running.release_all() + self.admission.release_waiting()
+        requeue = self.running.take_requeue()
         self.claims.stop()
         end = time.monotonic() + 5.0
         while time.monotonic() < end:
@@ -350,6 +353,8 @@ class Worker(WorkerPart):
                 self.publisher.flush(self.r)
                 if entry_ids:
                     self.reclaimer.release(self.r, entry_ids)
+                self.reclaimer.requeue(self.r, requeue)  # before the claims go: the new entries then wait on them
+                requeue = []
                 self.claims.release_now(self.r)
                 self.reclaimer.release_name(self.r, self._name_token)
                 break

@@ -163,3 +163,34 @@ def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix)
             w.close()
             c.close()
             admin.close()
+
+
+def test_a_request_whose_entry_left_the_stream_is_sent_again_when_its_worker_stops(tmp_path, prefix):
+    """Its entry trimmed away, a running request's worker stops (SIGTERM, a short drain) before it ends: handing
+    the entry back meant nothing (there is none), and the id was never answered. The request is added to the stream
+    again, and the next worker answers it."""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        s = make_settings(url, prefix, claim_idle_ms=1000, grace_period_s=0.5)
+        c = Client(settings=s)
+        keys, rid = Keys(prefix), "gone-then-stopped"
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            submit_running(c, admin, keys, rid)
+            admin.xtrim(keys.requests, maxlen=0)
+            wait_for(lambda: any(e.get("event") == "entries_gone" for e in w.events()), 30, what="entry seen gone")
+            assert w.terminate(60) == 0
+            assert any(e.get("event") == "request_requeued" for e in w.events())
+            assert not admin.exists(keys.result(rid)) and admin.xlen(keys.requests) == 1
+            second = WorkerProcess(make_settings(url, prefix, claim_idle_ms=1000), tmp_path / "w2.log").start()
+            try:
+                second.wait_started()
+                ended = c.wait(rid, timeout=120)
+            finally:
+                second.close()
+            assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
+        finally:
+            w.close()
+            c.close()
+            admin.close()
