@@ -124,14 +124,11 @@ def _debug_wanted() -> bool:
 def _setting_name(loc: tuple) -> str:
     """The variable the user set: a setting read under several names (PAGEDSERVE_SHUTDOWN_GRACE_S for
     PAGEDSERVE_GRACE_PERIOD_S) is named as the environment has it, the first of them present, as it is read."""
-    from .settings import Settings
+    from .settings import env_names
 
-    name = str(loc[0]) if loc else "?"
-    field = Settings.model_fields.get(name)
-    names = [c.upper() for c in getattr(getattr(field, "validation_alias", None), "choices", ()) if isinstance(c, str)]
+    names = env_names(str(loc[0]) if loc else "?")
     in_env = {k.upper() for k in os.environ}
-    name = next((n for n in names if n in in_env), name)
-    return name.upper() if name.upper().startswith("PAGEDSERVE_") else f"PAGEDSERVE_{name.upper()}"
+    return next((n for n in names if n in in_env), names[0])
 
 
 def explain_error(e: BaseException) -> str:

@@ -58,16 +58,6 @@ def _entries(reply: Any) -> list:
     return reply[0][1]
 
 
-def _abandoned(request_id: str, cancel) -> None:
-    """The caller stopped waiting, before its end, for a request ``stream``/``generate`` sent under an id of their
-    own making (the generator was closed, the task cancelled, Ctrl-C): nobody else can be waiting for that id, and
-    nobody will read its answer, so it is cancelled, as closing a streaming response cancels a request in vLLM or
-    the OpenAI API. An id the caller chose may be shared (another producer, a retry of the same id) and is left
-    alone. Best effort: Redis may be gone too. A timeout (``timeout=``, :class:`NoWorker`) does not cancel."""
-    with contextlib.suppress(Exception):
-        cancel(request_id)
-
-
 def _private_id(kw: dict) -> bool:
     """Whether the request about to be built gets an id of this call's own making (no ``id=``, no ``request=``)."""
     return kw.get("id") is None and kw.get("request") is None
@@ -187,8 +177,14 @@ class Client(ProducerCore):
         raise AssertionError("unreachable")
 
     def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> Iterator[Event]:
-        """Run the core's operations on this client's connection; yield what it emits. ``owned``: the id of the
-        request this call sent, cancelled when the caller abandons it before its end (see :func:`_abandoned`)."""
+        """Run the core's operations on this client's connection; yield what it emits.
+
+        ``owned``: the id of a request this call sends under an id of its own making. If the caller stops waiting
+        for it before its end (the generator closed, the task cancelled, Ctrl-C), nobody else can be waiting for
+        that id and nobody will read its answer: once sent, it is cancelled, as closing a streaming response
+        cancels a request in vLLM or the OpenAI API (best effort: Redis may be gone too). An id the caller chose
+        may be shared (another producer, a retry) and is left alone; a timeout (``timeout=``, :class:`NoWorker`)
+        cancels nothing."""
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
@@ -226,7 +222,8 @@ class Client(ProducerCore):
                     error = e
         except (GeneratorExit, KeyboardInterrupt):
             if owned is not None and sent and not ended:
-                _abandoned(owned, self.cancel)
+                with contextlib.suppress(Exception):
+                    self.cancel(owned)
             raise
         finally:
             wait.close()

@@ -450,7 +450,7 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
 
 def _top_level_keys(text: str) -> list[str]:
     """The keys of the JSON object ``text`` (which :func:`loads` parsed), in order with duplicates: a second pass,
-    only made when ``"id"`` occurs twice in the text."""
+    only made when ``"id"`` occurs twice in the text or a key may be escaped (``\\u``)."""
     outermost: list[str] = []
 
     def keys(pairs: list) -> None:

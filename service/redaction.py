@@ -23,6 +23,7 @@ _PASSWORD_VALUE = re.compile(r"(?i)\bpassword=(?P<value>[^&#]*)")
 # Shorter ones would mask ordinary words of every line; the pattern still covers them inside a URL.
 MIN_REMEMBERED = 3
 _secrets: set[str] = set()
+_masking_order: tuple[str, ...] = ()  # longest first (one may contain another); rebuilt when one is added
 
 
 def remember_secrets(url: object) -> None:
@@ -37,8 +38,11 @@ def remember_secrets(url: object) -> None:
         userinfo = rest[: rest.rindex("@")]
         user, colon, password = userinfo.partition(":")
         found.append(password if colon else user)
-    for secret in found:
-        _secrets.update(s for s in (secret, unquote(secret)) if len(s) >= MIN_REMEMBERED)
+    global _masking_order
+    new = {s for secret in found for s in (secret, unquote(secret)) if len(s) >= MIN_REMEMBERED} - _secrets
+    if new:
+        _secrets.update(new)
+        _masking_order = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def redact(text: object) -> str:
@@ -50,6 +54,6 @@ def redact(text: object) -> str:
         return f"{m['scheme']}{user}:***@" if colon else f"{m['scheme']}***@"
 
     out = str(text)
-    for secret in sorted(_secrets, key=len, reverse=True):  # longest first: one may contain another
+    for secret in _masking_order:
         out = out.replace(secret, "***")
     return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, out))

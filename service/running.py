@@ -35,7 +35,7 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
-from .protocol import GenerateRequest, params_field
+from .protocol import GenerateRequest
 from .publisher import Publisher
 from .results import token_payloads
 
@@ -95,7 +95,7 @@ class Running(WorkerPart):
             self.table.pop(out.request_id)
             # A grammar that failed while generating (the engine's message starts with the field's name, and only
             # that one does: its stage labels may start with a field's name too) is the producer's to mend.
-            code, message = (("invalid_request", params_field(error)) if error.startswith("structured_outputs ")
+            code, message = (("invalid_request", f"params.{error}") if error.startswith("structured_outputs ")
                              else ("internal", f"engine: {error}"))
             self.outcomes.error(out.request_id, f.entry_ids, code, message, f.request.metadata, f.span)
             return 0

@@ -30,13 +30,24 @@ OTHER_ENV = (
 )
 
 
+def env_names(setting: str) -> list[str]:
+    """The variables a setting is read from, in the order they are read (``grace_period_s``: its own name, then
+    ``PAGEDSERVE_SHUTDOWN_GRACE_S``); ``setting`` is its field name or one of these names."""
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = [a.upper() for a in getattr(alias, "choices", ())
+                 if isinstance(a, str) and a.upper().startswith(ENV_PREFIX)] or [ENV_PREFIX + name.upper()]
+        if setting == name or setting.upper() in names:
+            return names
+    return [setting.upper() if setting.upper().startswith(ENV_PREFIX) else ENV_PREFIX + setting.upper()]
+
+
 def known_env_names() -> set[str]:
     """Every ``PAGEDSERVE_*`` variable some part of pagedserve reads."""
     names = {ENV_PREFIX + n for n in OTHER_ENV}
-    for name, field in Settings.model_fields.items():
-        names.add(ENV_PREFIX + name.upper())
-        alias = field.validation_alias
-        names.update(a.upper() for a in getattr(alias, "choices", ()) if isinstance(a, str) and a.upper().startswith(ENV_PREFIX))
+    for setting in Settings.model_fields:
+        names.update(env_names(setting))
+        names.add(ENV_PREFIX + setting.upper())
     return names
 
 

@@ -101,6 +101,7 @@ class Worker(WorkerPart):
         self._last_engine_stats = 0.0
         self._stop = threading.Event()
         self._shutting_down = False
+        self._credentials_checked = False
         self._stop_deadline: float | None = None
         self.stopped = threading.Event()
         self.heartbeat = self._created = time.monotonic()
@@ -168,7 +169,10 @@ class Worker(WorkerPart):
     def check_credentials(self) -> None:
         """Raise ``redis.AuthenticationError`` (one line, password masked) when Redis refuses this worker's user or
         password: no retry can mend a wrong setting, and a worker that waited for ever would look started. A Redis
-        not reachable yet is not an error here: the loop waits for it (it may start after the workers)."""
+        not reachable yet is not an error here: the loop waits for it (it may start after the workers). Asked of
+        Redis once per worker: the CLI asks before its model load, :meth:`run` for any other caller."""
+        if self._credentials_checked:
+            return
         try:
             self.r.ping()
         except redis.AuthenticationError as e:
@@ -178,7 +182,8 @@ class Worker(WorkerPart):
             raise redis.AuthenticationError(
                 f"Redis at {redact(url)} {what} ({redact(e)}): check its user name and password") from None
         except REDIS_DOWN + REDIS_REFUSED:
-            pass
+            return
+        self._credentials_checked = True
 
     def run(self) -> None:
         for name, likely in unknown_env_names():
