@@ -39,6 +39,24 @@ def worker_under_acl(tmp_path, prefix, **kw):
             admin.close()
 
 
+@contextlib.contextmanager
+def private_worker(tmp_path, prefix, **kw):
+    """(admin client, settings, producer, worker process, keys) on a private redis-server the test may trim or
+    flush; the worker has started."""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        s = make_settings(url, prefix, **{"claim_idle_ms": 1000, **kw})  # leases renewed every third of a second
+        c = Client(settings=s)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            yield admin, s, c, w, Keys(prefix)
+        finally:
+            w.close()
+            c.close()
+            admin.close()
+
+
 def drop_worker_link(admin: redis.Redis) -> None:
     """Close every connection of the worker and keep it from logging in again until :func:`restore`."""
     admin.execute_command("ACL", "SETUSER", USER, "off")
@@ -102,34 +120,24 @@ def test_a_running_request_whose_entry_leaves_the_stream_ends_with_its_result(tm
     takes a running request's entry out of the stream. No other worker can own it then, so the worker running it
     carries on under its id claim and stores its result; its events stream keeps an expiry. (It took the missing
     entry for a lease lost to another worker, dropped the request and stored nothing.)"""
-    with LocalRedis() as url:
-        admin = redis.Redis.from_url(url)
-        s = make_settings(url, prefix, claim_idle_ms=1000)  # leases renewed every third of a second
-        c = Client(settings=s)
-        w = WorkerProcess(s, tmp_path / "w.log").start()
-        keys, rid, max_tokens = Keys(prefix), f"gone-{loss}", 1800
-        try:
-            w.wait_started()
-            submit_running(c, admin, keys, rid, max_tokens)
-            if loss == "trimmed":
-                admin.xtrim(keys.requests, maxlen=0)
-            else:
-                admin.flushall()
-            ended = c.wait(rid, timeout=120)
-            assert isinstance(ended, DoneEvent), ended
-            assert ended.outputs[0].finish_reason == "length" and len(ended.outputs[0].token_ids) == max_tokens
-            stored = parse_terminal(admin.get(keys.result(rid)))
-            assert isinstance(stored, DoneEvent) and stored.outputs[0].token_ids == ended.outputs[0].token_ids
-            assert 0 < admin.pttl(keys.events(rid)) <= s.result_ttl_s * 1000
-            wait_for(lambda: not admin.exists(keys.running(rid)), 30, what="claim released")
-            assert not pending(admin, keys)
-            assert any(e.get("event") == "entries_gone" for e in w.events()), "the loss is logged"
-            assert not any(e.get("event") in ("lease_lost", "run_given_up") for e in w.events())
-            assert w.proc.poll() is None
-        finally:
-            w.close()
-            c.close()
-            admin.close()
+    rid, max_tokens = f"gone-{loss}", 1800
+    with private_worker(tmp_path, prefix) as (admin, s, c, w, keys):
+        submit_running(c, admin, keys, rid, max_tokens)
+        if loss == "trimmed":
+            admin.xtrim(keys.requests, maxlen=0)
+        else:
+            admin.flushall()
+        ended = c.wait(rid, timeout=120)
+        assert isinstance(ended, DoneEvent), ended
+        assert ended.outputs[0].finish_reason == "length" and len(ended.outputs[0].token_ids) == max_tokens
+        stored = parse_terminal(admin.get(keys.result(rid)))
+        assert isinstance(stored, DoneEvent) and stored.outputs[0].token_ids == ended.outputs[0].token_ids
+        assert 0 < admin.pttl(keys.events(rid)) <= s.result_ttl_s * 1000
+        wait_for(lambda: not admin.exists(keys.running(rid)), 30, what="claim released")
+        assert not pending(admin, keys)
+        assert any(e.get("event") == "entries_gone" for e in w.events()), "the loss is logged"
+        assert not any(e.get("event") in ("lease_lost", "run_given_up") for e in w.events())
+        assert w.proc.poll() is None
 
 
 def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix):
@@ -137,60 +145,40 @@ def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix)
     the end and acknowledged it: the entry gone, its claim released, the id answered. It stops its run and leaves
     the stored answer alone, instead of running on and taking the lapsed claim again. (Made here by hand: the
     entry trimmed, the claim deleted and a result stored while the request runs.)"""
-    with LocalRedis() as url:
-        admin = redis.Redis.from_url(url)
-        s = make_settings(url, prefix, claim_idle_ms=1000)
-        c = Client(settings=s)
-        w = WorkerProcess(s, tmp_path / "w.log").start()
-        keys, rid = Keys(prefix), "answered-meanwhile"
-        try:
-            w.wait_started()
-            submit_running(c, admin, keys, rid)
-            other = DoneEvent(id=rid, outputs=[{"index": 0, "text": "elsewhere", "token_ids": [1],
-                                                 "finish_reason": "stop"}]).model_dump_json()
-            pipe = admin.pipeline(transaction=True)
-            pipe.xtrim(keys.requests, maxlen=0)
-            pipe.delete(keys.running(rid))
-            pipe.set(keys.result(rid), other, ex=s.result_ttl_s)
-            pipe.execute()
-            wait_for(lambda: any(e.get("event") == "run_given_up" for e in w.events()), 60, what="run given up")
-            wait_for(lambda: any(e.get("event") == "answered_by_owner" for e in w.events()), 60, what="answered")
-            assert admin.get(keys.result(rid)).decode() == other
-            assert not admin.exists(keys.running(rid)) and not pending(admin, keys)
-            assert not any(e.get("event") == "request_finished" and e.get("request_id") == rid for e in w.events())
-            assert w.proc.poll() is None
-        finally:
-            w.close()
-            c.close()
-            admin.close()
+    rid = "answered-meanwhile"
+    with private_worker(tmp_path, prefix) as (admin, s, c, w, keys):
+        submit_running(c, admin, keys, rid)
+        other = DoneEvent(id=rid, outputs=[{"index": 0, "text": "elsewhere", "token_ids": [1],
+                                             "finish_reason": "stop"}]).model_dump_json()
+        pipe = admin.pipeline(transaction=True)
+        pipe.xtrim(keys.requests, maxlen=0)
+        pipe.delete(keys.running(rid))
+        pipe.set(keys.result(rid), other, ex=s.result_ttl_s)
+        pipe.execute()
+        wait_for(lambda: any(e.get("event") == "run_given_up" for e in w.events()), 60, what="run given up")
+        wait_for(lambda: any(e.get("event") == "answered_by_owner" for e in w.events()), 60, what="answered")
+        assert admin.get(keys.result(rid)).decode() == other
+        assert not admin.exists(keys.running(rid)) and not pending(admin, keys)
+        assert not any(e.get("event") == "request_finished" and e.get("request_id") == rid for e in w.events())
+        assert w.proc.poll() is None
 
 
 def test_a_request_whose_entry_left_the_stream_is_sent_again_when_its_worker_stops(tmp_path, prefix):
     """Its entry trimmed away, a running request's worker stops (SIGTERM, a short drain) before it ends: handing
     the entry back meant nothing (there is none), and the id was never answered. The request is added to the stream
     again, and the next worker answers it."""
-    with LocalRedis() as url:
-        admin = redis.Redis.from_url(url)
-        s = make_settings(url, prefix, claim_idle_ms=1000, grace_period_s=0.5)
-        c = Client(settings=s)
-        keys, rid = Keys(prefix), "gone-then-stopped"
-        w = WorkerProcess(s, tmp_path / "w.log").start()
+    rid = "gone-then-stopped"
+    with private_worker(tmp_path, prefix, grace_period_s=0.5) as (admin, s, c, w, keys):
+        submit_running(c, admin, keys, rid)
+        admin.xtrim(keys.requests, maxlen=0)
+        wait_for(lambda: any(e.get("event") == "entries_gone" for e in w.events()), 30, what="entry seen gone")
+        assert w.terminate(60) == 0
+        assert any(e.get("event") == "request_requeued" for e in w.events())
+        assert not admin.exists(keys.result(rid)) and admin.xlen(keys.requests) == 1
+        second = WorkerProcess(make_settings(s.redis_url, prefix, claim_idle_ms=1000), tmp_path / "w2.log").start()
         try:
-            w.wait_started()
-            submit_running(c, admin, keys, rid)
-            admin.xtrim(keys.requests, maxlen=0)
-            wait_for(lambda: any(e.get("event") == "entries_gone" for e in w.events()), 30, what="entry seen gone")
-            assert w.terminate(60) == 0
-            assert any(e.get("event") == "request_requeued" for e in w.events())
-            assert not admin.exists(keys.result(rid)) and admin.xlen(keys.requests) == 1
-            second = WorkerProcess(make_settings(url, prefix, claim_idle_ms=1000), tmp_path / "w2.log").start()
-            try:
-                second.wait_started()
-                ended = c.wait(rid, timeout=120)
-            finally:
-                second.close()
-            assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
+            second.wait_started()
+            ended = c.wait(rid, timeout=120)
         finally:
-            w.close()
-            c.close()
-            admin.close()
+            second.close()
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
