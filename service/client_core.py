@@ -115,6 +115,24 @@ def _params(params: Any) -> dict:
     raise TypeError("params must be a dict, a SamplingParams or a SamplingParamsModel")
 
 
+def _changed_by_json(value: Any, where: str) -> str | None:
+    """Where ``value`` would not come back from JSON as it went (``json.dumps`` turns a key 1 into "1" and a tuple
+    into a list without a word): metadata is echoed back, and the caller would find other values than it sent."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where}: key {key!r} is not a string but {type(key).__name__}"
+            if problem := _changed_by_json(item, f"{where}.{key}"):
+                return problem
+    elif isinstance(value, (list, tuple)):
+        if isinstance(value, tuple):
+            return f"{where}: a tuple would come back as a list"
+        for i, item in enumerate(value):
+            if problem := _changed_by_json(item, f"{where}[{i}]"):
+                return problem
+    return None
+
+
 def build_request(
     prompt: str | list[int] | None = None,
     *,
@@ -149,9 +167,12 @@ def build_request(
         raise ValueError(refusal_message(e).replace("Value error, ", "")) from None
     try:  # plain JSON, as a worker takes it: NaN would go out as null, a set or a datetime changed or refused
         json.dumps(req.metadata, allow_nan=False)
+        changed = _changed_by_json(req.metadata, "metadata")
     except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata: {e} (plain JSON values only: objects, arrays, strings, finite numbers, "
-                         "booleans, null)") from None
+        changed = f"metadata: {e}"
+    if changed:
+        raise ValueError(f"{changed} (plain JSON values only: objects with string keys, arrays, strings, finite "
+                         "numbers, booleans, null)") from None
     engine_params(req.params)
     return req
 
