@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -139,6 +140,16 @@ def test_prometheus_scrapes_every_worker():
     assert "redis-exporter:9121" in jobs["redis"]["static_configs"][0]["targets"]
     rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     assert all(r["expr"] and r["alert"] for g in rules["groups"] for r in g["rules"])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_alert_rules_pass_their_unit_tests_in_prometheus():
+    """The rules evaluated by Prometheus's own engine on the series in alerts.test.yml: the first dead letter
+    fires the alert (the stream, and so its series, only appears with it), old ones alone stay quiet."""
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
+        done = subprocess.run(["promtool", *args], cwd=ROOT / "deploy/prometheus", capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_otel_collector_sends_traces_to_jaeger():
