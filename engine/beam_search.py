@@ -12,6 +12,7 @@ release their references at once. The finished hypotheses keep only token ids, n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ class Hypothesis:
     score: float  # length-normalised
     logprob: float  # raw sum of log-probs
     hit_eos: bool
+    logprobs: list[dict[int, float]] | None = None  # per token, when the request asks for logprobs
 
 
 @dataclass
@@ -41,9 +43,12 @@ class BeamState:
         return len(self.finished) >= self.width
 
     def select(self, logprobs: torch.Tensor, beam_tokens: list[list[int]], eos_ids: set[int],
-               max_len_hit: bool) -> list[tuple[int, int, float]]:
-        """One beam step over ``logprobs`` ``[num_beams, V]`` (raw log-softmax of each live beam, whose generated
-        tokens are ``beam_tokens``). ``max_len_hit``: every candidate of this step reaches the length limit.
+               max_len_hit: bool, history: Callable[[int, int], list[dict[int, float]]] | None = None,
+               ) -> list[tuple[int, int, float]]:
+        """One beam step over ``logprobs`` ``[num_beams, V]`` (the log-softmax of each live beam, penalised as
+        HF's logits processors would; its generated tokens are ``beam_tokens``). ``max_len_hit``: every candidate
+        of this step reaches the length limit. ``history(parent, token)``: the per-token logprobs of a candidate,
+        kept with it if it finishes (None: not asked for).
 
         Returns the next beams as ``(parent index, token, running score)``, best first; empty once it is over.
         """
@@ -63,7 +68,8 @@ class BeamState:
         # Finished candidates among the top W (HF only finalises those), unless the set can no longer change.
         locked = (self._full() and self.params.early_stopping is True) or not self.improvable
         if not locked:
-            self._finalize([(beam_tokens[parents[rank]] + [tokens[rank]], vals[rank], tokens[rank] in stop_ids)
+            self._finalize([(beam_tokens[parents[rank]] + [tokens[rank]], vals[rank], tokens[rank] in stop_ids,
+                             history(parents[rank], tokens[rank]) if history else None)
                             for rank in range(min(w, k)) if hits[rank]])
 
         running = [(p, t, v) for p, t, v, hit in zip(parents, tokens, vals, hits) if not hit][:w]
@@ -87,19 +93,22 @@ class BeamState:
         worst_finished = min(h.score for h in self.finished)
         self.improvable = best_possible > worst_finished
 
-    def _finalize(self, candidates: list[tuple[list[int], float, bool]]) -> None:
-        """Add ``(generated tokens, log-prob sum, hit EOS)`` candidates to the finished hypotheses (scored with
-        the length penalty) and keep the best ``width``."""
+    def _finalize(self, candidates: list[tuple[list[int], float, bool, list | None]]) -> None:
+        """Add ``(generated tokens, log-prob sum, hit EOS, per-token logprobs)`` candidates to the finished
+        hypotheses (scored with the length penalty) and keep the best ``width``."""
         lp = self.params.length_penalty
-        for tokens, logprob, hit_eos in candidates:
-            self.finished.append(Hypothesis(tokens, logprob / max(1, len(tokens)) ** lp, logprob, hit_eos))
+        for tokens, logprob, hit_eos, logprobs in candidates:
+            self.finished.append(Hypothesis(tokens, logprob / max(1, len(tokens)) ** lp, logprob, hit_eos,
+                                            logprobs))
         self.finished.sort(key=lambda h: h.score, reverse=True)
         del self.finished[self.width:]
 
-    def finish_at_length(self, beam_tokens: list[list[int]]) -> None:
+    def finish_at_length(self, beam_tokens: list[list[int]], beam_logprobs: list[list | None]) -> None:
         """End the search now, as a length limit would: the live beams (generated tokens ``beam_tokens``, scores
-        ``self.scores``) compete with the finished hypotheses for the final ``width``."""
-        self._finalize([(list(tokens), logprob, False) for tokens, logprob in zip(beam_tokens, self.scores)])
+        ``self.scores``, per-token logprobs ``beam_logprobs``) compete with the finished hypotheses for the final
+        ``width``."""
+        self._finalize([(list(tokens), logprob, False, logprobs)
+                        for tokens, logprob, logprobs in zip(beam_tokens, self.scores, beam_logprobs)])
         self.done = True
 
     def best(self, n: int) -> list[Hypothesis]:

@@ -23,7 +23,7 @@ from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
-from pagedserve.engine.sampler import SampleResult, Sampler
+from pagedserve.engine.sampler import SampleResult, Sampler, apply_penalties
 from pagedserve.engine.sampling_params import SamplingParams, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
@@ -447,18 +447,35 @@ class LLMEngine:
 
         Everything that can fail runs before the first block changes hands, so a failure leaves the block tables
         as they were (and ending the request frees them all)."""
+        p = req.params
         beams = req.seqs
         rows = torch.stack([req.pending_logits.pop(s.seq_id) for s in beams])
         logprobs = torch.log_softmax(rows.float(), dim=-1)
+        scores = logprobs
+        if p.needs_penalties:  # on the log-probs, where HF's beam search applies its logits processors
+            scores = logprobs.clone()
+            apply_penalties(scores, beams, [p] * len(beams))
+        entry = history = None
+        if p.logprobs is not None:  # of the raw distribution, as sampling reports them
+            top_vals, top_ids = logprobs.topk(p.logprobs, dim=-1) if p.logprobs else (logprobs[:, :0],) * 2
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+
+            def entry(parent: int, token: int) -> dict[int, float]:
+                return {**dict(zip(top_ids[parent], top_vals[parent])), token: logprobs[parent, token].item()}
+
+            def history(parent: int, token: int) -> list[dict[int, float]]:
+                return [*beams[parent].logprobs, entry(parent, token)]
         first = beams[0]
-        max_len_hit = (first.num_output_tokens + 1 >= req.params.max_tokens
-                       or first.num_tokens + 1 >= self.max_model_len)
-        chosen = req.beam.select(logprobs, [s.output_token_ids for s in beams], self.eos_token_ids, max_len_hit)
+        max_len_hit = (first.num_output_tokens + 1 >= p.max_tokens or first.num_tokens + 1 >= self.max_model_len)
+        chosen = req.beam.select(scores, [s.output_token_ids for s in beams], self.eos_token_ids, max_len_hit,
+                                 history)
         children = []
         for i, (parent_index, token, score) in enumerate(chosen):
             child = beams[parent_index].fork(i)
             child.token_ids.append(token)
             child.cumulative_logprob = score
+            if entry is not None:
+                child.logprobs.append(entry(parent_index, token))
             children.append((beams[parent_index], child))
         for parent, child in children:
             self.block_manager.fork(parent, child)
@@ -494,7 +511,8 @@ class LLMEngine:
         log.warning("request %s: its %d sequences outgrew the KV pool of %d blocks; ending with finish_reason "
                     "'length'", req.request_id, req.num_unfinished_seqs, self.block_manager.gpu.num_blocks)
         if req.beam is not None:
-            req.beam.finish_at_length([s.output_token_ids for s in req.seqs])
+            req.beam.finish_at_length([s.output_token_ids for s in req.seqs],
+                                      [s.logprobs if req.params.logprobs is not None else None for s in req.seqs])
         for seq in req.unfinished_seqs():
             seq.finish_reason = "length"
         return self._finish(req)

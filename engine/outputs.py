@@ -91,19 +91,21 @@ def _beam_output(req: Request, tokenizer) -> RequestOutput:
     """The ``n`` best finished hypotheses; a search cut short (cancel, deadline) returns its live beams."""
     hyps = req.beam.best(req.params.n)
     reason = req.finish_reason
+    want_logprobs = req.params.logprobs is not None
     completions = []
     if reason is None:
         for rank, h in enumerate(hyps):
             text = tokenizer.decode(h.token_ids, skip_special_tokens=True)
             completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
-                                                h.logprob, delta_text=text, delta_token_ids=h.token_ids))
+                                                h.logprob, h.logprobs, delta_text=text, delta_token_ids=h.token_ids))
     else:
         for rank, seq in enumerate(req.seqs[:req.params.n]):
             ids = seq.output_token_ids
             text = tokenizer.decode(ids, skip_special_tokens=True)
             completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
+                                                list(seq.logprobs) if want_logprobs else None,
                                                 delta_text=text, delta_token_ids=ids))
-        _pad_to_n(completions, req.params.n, reason, False)
+        _pad_to_n(completions, req.params.n, reason, want_logprobs)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, True,
                          req.num_cached_tokens, dict(req.metrics))
 

@@ -29,8 +29,9 @@ class SampleResult:
     top_logprobs: dict[int, float] | None
 
 
-def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
-    """In place. Repetition penalty (HF/CTRL style) over prompt + output; presence/frequency over output."""
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
+    """In place, on logits (sampling) or log-probs (beam search). Repetition penalty (HF/CTRL style) over prompt +
+    output; presence/frequency over output."""
     vocab = logits.shape[1]
     for row, (seq, p) in enumerate(zip(seqs, params)):
         if not p.needs_penalties:
@@ -129,7 +130,7 @@ class Sampler:
         tokens, lse = self.argmax_logsumexp(logits)
         if any(p.needs_penalties for p in params):
             logits = logits.clone()
-            _apply_penalties(logits, seqs, params)
+            apply_penalties(logits, seqs, params)
             tokens = logits.argmax(dim=-1)
         greedy = [p.greedy for p in params]
         sampled_rows = [i for i, g in enumerate(greedy) if not g]

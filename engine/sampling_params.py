@@ -115,6 +115,8 @@ class SamplingParams:
             fail("early_stopping", "must be true, false or 'never'")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be a list of non-empty strings")
+        if self.stop and self.beam_width > 0:  # beams end on token ids (as in vLLM), never on decoded text
+            fail("stop", "cannot be combined with beam search (beam_width > 0): use stop_token_ids")
         for s in self.stop:
             try:
                 s.encode("utf-8")

@@ -108,3 +108,68 @@ def test_unshared_forks_survive_swap_preemption(tiny_models):
     stats = tight.stats()
     assert stats["num_swap_preemptions"] > 0
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
+
+
+class _OutputPenalties:
+    """presence/frequency penalties over the generated tokens (OpenAI's semantics) as an HF logits processor,
+    which HF's beam search applies to each beam's log-probs, as it does its own repetition penalty."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids[:, self.prompt_len:]):
+            counts = torch.bincount(ids, minlength=scores.shape[1]).to(scores.dtype)
+            scores[row] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+@pytest.mark.parametrize("penalties", [{"repetition_penalty": 1.8}, {"repetition_penalty": 0.7},
+                                       {"presence_penalty": 1.5, "frequency_penalty": 0.5}])
+def test_beam_search_applies_penalties_as_hf_does(penalties, engines, hf_models):
+    """Penalties were ignored by beam search (the beams equal the unpenalised ones): HF applies its logits
+    processors to every beam's log-probs, and so does the engine."""
+    import transformers
+
+    prompt = [5, 9, 5, 9, 5, 9, 17, 3]
+    ours = engines["llama"].generate([prompt], SamplingParams(max_tokens=10, beam_width=3, n=2, **penalties))
+    plain = engines["llama"].generate([prompt], SamplingParams(max_tokens=10, beam_width=3, n=2))
+    hf_kw = {"repetition_penalty": penalties["repetition_penalty"]} if "repetition_penalty" in penalties else {
+        "logits_processor": transformers.LogitsProcessorList(
+            [_OutputPenalties(len(prompt), penalties["presence_penalty"], penalties["frequency_penalty"])])}
+    with torch.no_grad():
+        out = hf_models["llama"].generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=2,
+                                          do_sample=False, max_new_tokens=10, pad_token_id=258, eos_token_id=257,
+                                          **hf_kw)
+    assert [c.token_ids for c in ours[0].outputs] == out[:, len(prompt):].tolist()
+    assert [c.token_ids for c in ours[0].outputs] != [c.token_ids for c in plain[0].outputs]
+
+
+def test_beam_search_returns_logprobs(engines, hf_models):
+    """logprobs=k gave None with beam search: each beam token has its k top logprobs plus its own, of the raw
+    model distribution at that position (as sampling reports them), equal to HF's log-softmax there."""
+    prompt = [11, 22, 33, 44, 55]
+    outs = engines["llama"].generate([prompt], SamplingParams(max_tokens=6, beam_width=3, n=3, logprobs=2))
+    for c in outs[0].outputs:
+        assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
+        with torch.no_grad():
+            logits = hf_models["llama"](torch.tensor([prompt + c.token_ids])).logits[0].float()
+        ref = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+        for pos, (tok, top) in enumerate(zip(c.token_ids, c.logprobs)):
+            best = ref[pos].topk(2).indices.tolist()
+            assert set(top) == set(best) | {tok}
+            for t, v in top.items():
+                assert v == pytest.approx(ref[pos, t].item(), abs=1e-4)
+        assert c.cumulative_logprob == pytest.approx(sum(top[t] for t, top in zip(c.token_ids, c.logprobs)),
+                                                     abs=1e-3)
+    no_lp = engines["llama"].generate([prompt], SamplingParams(max_tokens=6, beam_width=3, n=3))
+    assert [c.token_ids for c in no_lp[0].outputs] == [c.token_ids for c in outs[0].outputs]
+    assert all(c.logprobs is None for c in no_lp[0].outputs)
+
+
+def test_beam_search_refuses_stop_strings():
+    """Stop strings were silently ignored by beam search; it ends beams on EOS and stop token ids only (as
+    vLLM's beam search does), so a stop string is refused naming the field, not dropped."""
+    with pytest.raises(ValueError, match="^stop cannot be combined with beam search"):
+        SamplingParams(max_tokens=4, beam_width=2, stop=["\n"])
+    SamplingParams(max_tokens=4, beam_width=2, stop_token_ids=[7])
