@@ -61,9 +61,10 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         mask = ranks >= top_k.unsqueeze(1)
         top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
         probs_sorted = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept). Only rows that ask:
+        # at top_p = 1 the float32 running sum reaches 1 before the tail and would cut it.
         mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
-        mask |= mass_before >= top_p.unsqueeze(1)
+        mask |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

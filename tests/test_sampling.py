@@ -118,3 +118,19 @@ def test_eos_stops_unless_ignored(tiny_models):
     assert out.finish_reason == "stop" and out.token_ids[-1] == eos and len(out.token_ids) <= 3
     out = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 10
+
+
+def test_a_row_without_top_p_keeps_its_whole_distribution_beside_one_with_it():
+    """Once any row of a batch had top_p < 1 or top_k, every row went through the top-p test, and a row with
+    top_p=1 lost its tail wherever the float32 cumulative sum had already rounded to 1: its distribution (and so
+    a seeded request's tokens) depended on its batch neighbours."""
+    from pagedserve.engine.sampler import _filter
+
+    gen = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 49152, generator=gen) * 4  # a peaked distribution over a real vocabulary's size
+    plain, top_k_only = SamplingParams(), SamplingParams(top_k=40000)
+    alone = _filter(row.clone(), [plain])
+    beside = _filter(torch.cat([row, row]), [plain, SamplingParams(top_p=0.9)])[0]
+    assert int((alone > 0).sum()) == row.shape[1]
+    assert torch.equal(beside > 0, alone[0] > 0)
+    assert int((_filter(row.clone(), [top_k_only]) > 0).sum()) == 40000
