@@ -57,13 +57,17 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._check_stop(start)
 
-    def flush(self) -> None:
-        """At the end of the sequence: release whatever was held back for an incomplete character."""
-        if not self.stopped and self.read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset:])
-            self.text += full[len(prefix):]
-            self.prefix_offset = self.read_offset = len(self.ids)
+    def flush(self) -> str | None:
+        """At the end of the sequence: release whatever was held back for an incomplete character. Returns a
+        stop string if the released text completes one (the text is cut before it)."""
+        if self.stopped or self.read_offset >= len(self.ids):
+            return None
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        start = len(self.text)
+        self.text += full[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return self._check_stop(start)
 
     def _check_stop(self, start: int) -> str | None:
         for s in self.stop:

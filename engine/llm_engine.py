@@ -520,7 +520,8 @@ class LLMEngine:
     def _finish(self, req: Request) -> RequestOutput:
         self._release(req)
         for seq in req.seqs:
-            seq.detok.flush()
+            if seq.detok.flush() is not None and seq.finish_reason == "length":
+                seq.finish_reason = "stop"  # the held-back end completed a stop string
         return build_output(req, True, self.tokenizer)
 
     # ------------------------------------------------------------------ stats

@@ -101,3 +101,25 @@ def test_eos_from_generation_config_ends_the_answer(llm, hf_model, model_dir):
 def test_it_knows_the_capital_of_france(llm):
     answer = llm.chat([{"role": "user", "content": CHECK_QUESTION}], SamplingParams(max_tokens=24, temperature=0.0))
     assert "Paris" in answer[0].outputs[0].text
+
+
+def test_a_stop_string_completed_by_a_partial_character_is_cut_at_the_end(model_dir, llm):
+    """A token like ' \\xe2' (a space and the first byte of a 3-byte character) holds its text back until the
+    character is complete; when the sample ended right there, the held text was released without a stop check,
+    and a stop string it completed stayed in the output."""
+    from pagedserve.engine.detokenizer import IncrementalDetokenizer
+    from pagedserve.engine.sequence import ResumeSample
+
+    tok = llm.engine.tokenizer
+    partial = next(i for i in range(tok.vocab_size) if tok.decode([i]) == " \ufffd"
+                   and tok.convert_ids_to_tokens(i) == "\u0120\u00e2")  # byte-level BPE: ' ' + 0xE2
+    ids = tok.encode("Hello world", add_special_tokens=False) + [partial]
+    detok = IncrementalDetokenizer(tok, ["world "], set(tok.all_special_ids))
+    assert [detok.add(t) for t in ids] == [None] * len(ids)  # held back: nothing checked yet
+    assert detok.flush() == "world " and detok.text == "Hello "
+    # Through the engine, the sample ending there (max_tokens) on the resumed tokens: cut, and ended by the stop.
+    llm.engine.add_request("partial-stop", "Say hi", SamplingParams(max_tokens=len(ids), temperature=0,
+                                                                   stop=["world "]),
+                           resume=[ResumeSample(token_ids=ids, text=None, logprobs=None)])
+    out = next(o for o in llm.engine.step() if o.request_id == "partial-stop").outputs[0]
+    assert (out.text, out.finish_reason) == ("Hello ", "stop")
