@@ -26,6 +26,7 @@ _EXPORTS = {
     "AsyncClient": "pagedserve.service.client",
     "RequestFailed": "pagedserve.service.client",
     "RedisUnreachable": "pagedserve.service.client",
+    "TooManyConnections": "pagedserve.service.client",
     "NoWorker": "pagedserve.service.client",
     "GenerateRequest": "pagedserve.service.protocol",
     "TokenEvent": "pagedserve.service.protocol",
@@ -43,7 +44,14 @@ if TYPE_CHECKING:
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.sampling_params import SamplingParams
-    from pagedserve.service.client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed
+    from pagedserve.service.client import (
+        AsyncClient,
+        Client,
+        NoWorker,
+        RedisUnreachable,
+        RequestFailed,
+        TooManyConnections,
+    )
     from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
     from pagedserve.service.settings import Settings
 

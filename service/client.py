@@ -39,14 +39,21 @@ from .client_core import (
     Subscribe,
     Terminal,
     Unsubscribe,
+    TooManyConnections,
     build_request,
     done_or_raise,
     first_terminal,
+    pool_full,
 )
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
-__all__ = ["AsyncClient", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal", "build_request"]
+__all__ = ["AsyncClient", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal",
+           "TooManyConnections", "build_request"]
+
+# Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
+# 50 calls at once. Redis's own default maxclients.
+MAX_CONNECTIONS = 10_000
 
 
 def _entries(reply: Any) -> list:
@@ -91,10 +98,12 @@ class Client(ProducerCore):
         settings: Settings | None = None,
         tracer_provider: Any = None,
         socket_timeout: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self.r = redis.Redis.from_url(
-            self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30
+            self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
+            max_connections=max_connections,
         )
 
     def close(self) -> None:
@@ -219,6 +228,8 @@ class Client(ProducerCore):
                     elif isinstance(op, Pause):
                         time.sleep(op.seconds)
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
+                    if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
+                        raise self._unreachable(e) from None
                     error = e
         except (GeneratorExit, KeyboardInterrupt):
             if owned is not None and sent and not ended:
@@ -284,10 +295,12 @@ class AsyncClient(ProducerCore):
         settings: Settings | None = None,
         tracer_provider: Any = None,
         socket_timeout: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self.r = aredis.Redis.from_url(
-            self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30
+            self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
+            max_connections=max_connections,
         )
 
     async def aclose(self) -> None:
@@ -401,6 +414,8 @@ class AsyncClient(ProducerCore):
                     elif isinstance(op, Pause):
                         await asyncio.sleep(op.seconds)
                 except redis.RedisError as e:
+                    if pool_full(e) and not sent:
+                        raise self._unreachable(e) from None
                     error = e
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and sent and not ended:

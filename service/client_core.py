@@ -84,6 +84,25 @@ class RedisUnreachable(redis.ConnectionError):
     """Redis could not be reached before anything was sent (the message names the URL, password masked)."""
 
 
+class TooManyConnections(redis.ConnectionError):
+    """All of this client's connections were in use (``max_connections``) before the call sent anything: the
+    call did nothing and may be made again. Redis itself is fine."""
+
+
+# A pool's "Too many connections" (redis-py 8's MaxConnectionsError; a plain ConnectionError before it).
+_POOL_FULL = getattr(redis.exceptions, "MaxConnectionsError", redis.ConnectionError)
+
+
+def pool_full(e: BaseException) -> bool:
+    return isinstance(e, _POOL_FULL) and str(e) == "Too many connections"
+
+
+def too_many_connections(limit: int) -> TooManyConnections:
+    return TooManyConnections(f"all {limit} connections of this client are in use (each call waiting for an "
+                              "answer holds one or two): pass a larger max_connections= to the client, or make "
+                              "fewer calls at once")
+
+
 class NoWorker(TimeoutError):
     """Nothing picked the request up and no live worker consumes the stream (the message says what was seen)."""
 
@@ -269,7 +288,9 @@ class ProducerCore:
         except CONNECTION_ERRORS as e:
             raise self._unreachable(e) from None
 
-    def _unreachable(self, e: Exception) -> RedisUnreachable:
+    def _unreachable(self, e: Exception) -> redis.ConnectionError:
+        if pool_full(e):
+            return too_many_connections(self.r.connection_pool.max_connections)  # type: ignore[attr-defined]
         return RedisUnreachable(f"cannot reach Redis at {redact(self.redis_url)}: {redact(e)}")
 
     @staticmethod

@@ -436,3 +436,69 @@ def test_metadata_that_is_not_plain_json_is_refused_naming_the_field(metadata, w
     with pytest.raises(ValueError, match=f"^metadata.*{words}"):
         build_request("hi", metadata=metadata)
     assert build_request("hi", metadata={"u": "ü", "n": {"x": [1, None, True, 2.5]}}).metadata["u"] == "ü"
+
+
+def test_hundreds_of_calls_at_once_through_one_client(redis_url, prefix, shared_engine):
+    """Each waiting call holds one or two connections, and redis-py 8 caps a pool at 100: past about 50 calls at
+    once, the rest failed with RedisUnreachable ("Too many connections") while Redis served the others."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient
+
+    async def main() -> list[str]:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            calls = [ac.generate("x", params={"max_tokens": 2, "temperature": 0}, timeout=300) for _ in range(150)]
+            return [d.outputs[0].finish_reason for d in await asyncio.gather(*calls)]
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert asyncio.run(main()) == ["length"] * 150
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_full_connection_pool_is_said_so_and_nothing_is_lost(kind, redis_url, prefix, shared_engine):
+    """More calls at once than ``max_connections`` allows: the calls that found no connection before sending
+    raise TooManyConnections naming the setting (not RedisUnreachable: Redis is fine), and were not sent; every
+    call that was sent gets its answer."""
+    import threading
+
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient, Client, TooManyConnections
+
+    ids = [f"{prefix}-pool-{i}" for i in range(12)]
+    outcomes: dict[str, object] = {}
+    params = {"max_tokens": 3, "temperature": 0}
+
+    def record(rid, call):
+        try:
+            outcomes[rid] = call().outputs[0].finish_reason
+        except TooManyConnections as e:
+            outcomes[rid] = e
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        if kind == "sync":
+            with Client(redis_url, prefix=prefix, max_connections=8) as c:
+                threads = [threading.Thread(target=record, args=(rid, lambda rid=rid: c.generate(
+                    "x", id=rid, params=params, timeout=120))) for rid in ids]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        else:
+            async def main():
+                async with AsyncClient(redis_url, prefix=prefix, max_connections=8) as ac:
+                    async def one(rid):
+                        try:
+                            outcomes[rid] = (await ac.generate("x", id=rid, params=params, timeout=120)
+                                             ).outputs[0].finish_reason
+                        except TooManyConnections as e:
+                            outcomes[rid] = e
+                    await asyncio.gather(*(one(rid) for rid in ids))
+            asyncio.run(main())
+    refused = [rid for rid, o in outcomes.items() if isinstance(o, Exception)]
+    assert len(outcomes) == len(ids) and refused and len(refused) < len(ids), outcomes
+    assert all(outcomes[rid] == "length" for rid in ids if rid not in refused), outcomes
+    assert all("max_connections" in str(outcomes[rid]) for rid in refused)
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    assert not r.xrange(keys.requests)  # nothing left to run: a refused call sent nothing
+    assert [rid for rid in ids if r.exists(keys.result(rid))] == [rid for rid in ids if rid not in refused]
