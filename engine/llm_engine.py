@@ -128,6 +128,15 @@ class LLMEngine:
         self.max_model_len = capacity
 
     # ------------------------------------------------------------------ requests
+    @property
+    def max_seqs_per_request(self) -> tuple[int, str]:
+        """The most sequences one request may run, and the setting that bounds it. A request's forked sequences
+        (samples, beams) step together, a token each: they need as many sequence slots (``max_num_seqs``) and as
+        many tokens of one step's budget (``max_num_batched_tokens``); a wider group would never step again."""
+        if self.max_num_batched_tokens < self.config.max_num_seqs:
+            return self.max_num_batched_tokens, "max_num_batched_tokens"
+        return self.config.max_num_seqs, "max_num_seqs"
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
                     priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
                     resume: list[ResumeSample] | None = None) -> None:
@@ -146,9 +155,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError("priority must be an integer")
-        if params.num_samples > self.config.max_num_seqs:
-            raise ValueError(f"{params.num_samples_field} must be at most max_num_seqs ({self.config.max_num_seqs}): "
-                             f"the request runs that many sequences at once (got {params.num_samples})")
+        limit, setting = self.max_seqs_per_request
+        if params.num_samples > limit:
+            raise ValueError(f"{params.num_samples_field} must be at most {setting} ({limit}): the request runs "
+                             f"that many sequences at once, a token each per step (got {params.num_samples})")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")

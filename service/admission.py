@@ -18,7 +18,7 @@ The claims and the cancelled flags take one round trip for the whole batch. Entr
 ``priority`` (lower first), then in stream order. Every limit is checked before any work starts: the operator's
 per-request limits (``max_samples_per_request``, ``max_stop_strings``, ``max_stop_string_chars``,
 ``max_tokens_per_request``), sampling parameters (the engine's own validation, whose messages name the field),
-sequences per request vs ``max_num_seqs``, chat template, token ids vs the vocabulary, prompt length vs
+sequences per request vs ``max_num_seqs`` and ``max_num_batched_tokens``, chat template, token ids vs the vocabulary, prompt length vs
 ``max_model_len``, ``max_tokens`` vs what the prompt leaves of ``max_model_len`` (the engine's), and (load
 shedding) the time the entry waited in the stream vs ``max_queue_ms``. Refusals are
 :class:`InvalidRequestError` with the contract's error code.
@@ -93,11 +93,10 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         params = engine_params(req.params)
     except ValueError as e:
         raise refuse("invalid_request", str(e)) from None
-    max_num_seqs = settings.max_num_seqs
-    if params.num_samples > max_num_seqs:
-        name = "beam_width" if params.beam_width > 0 else ("best_of" if params.best_of is not None else "n")
-        raise refuse("invalid_request", f"params.{name}: {params.num_samples} sequences exceed max_num_seqs "
-                                        f"{max_num_seqs} (a request runs that many sequences at once)")
+    limit, setting = engine.max_seqs_per_request
+    if params.num_samples > limit:
+        raise refuse("invalid_request", f"params.{params.num_samples_field}: {params.num_samples} sequences exceed "
+                                        f"{setting} {limit} (a request runs that many sequences at once)")
     max_len = engine.max_model_len
     if req.messages is not None:
         tok = engine.tokenizer

@@ -185,6 +185,60 @@ def test_limits_against_the_pool_are_checked_up_front(tiny_models):
     assert llm.stats()["num_waiting"] == 0
 
 
+def test_a_group_wider_than_a_step_is_refused_up_front(tiny_models):
+    """Forked sequences step together, a token each: a group wider than max_num_batched_tokens was accepted and
+    then never scheduled again after its fork (the request held its blocks and generate() never returned)."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, max_num_batched_tokens=2, max_num_seqs=8)
+    for params, field in ((SamplingParams(n=3), "n"), (SamplingParams(n=1, best_of=3), "best_of"),
+                          (SamplingParams(beam_width=3), "beam_width")):
+        with pytest.raises(ValueError, match=f"^{field} must be at most max_num_batched_tokens \\(2\\)"):
+            llm.engine.add_request("wide", [1, 2, 3], params)
+        llm.engine.abort_request("wide")
+    llm.engine.add_request("two", [1, 2, 3], SamplingParams(max_tokens=4, n=2, seed=1, ignore_eos=True))
+    assert [len(c.token_ids) for c in _run_to_end(llm.engine)["two"].outputs] == [4, 4]
+
+
+def _recording(sched) -> list[tuple[int, set[str], set[str]]]:
+    """Per step: sequences scheduled, requests swapped out and requests swapped in."""
+    schedule, steps = sched.schedule, []
+
+    def recording_schedule():
+        before = {r.request_id for r in sched.swapped}
+        out = schedule()
+        after = {r.request_id for r in sched.swapped}
+        swapped_out = {r.request_id for r in out.preempted if r.request_id in after}
+        steps.append((sum(len(item.seqs) for item in out.scheduled), swapped_out,
+                      before - after | (swapped_out - after)))
+        return out
+
+    sched.schedule = recording_schedule
+    return steps
+
+
+def test_a_swapped_group_is_charged_the_sequences_it_will_fork_into(tiny_models):
+    """A request swapped out before its fork was charged one slot when it came back (its one sequence) though it
+    forks into n: it came straight back in the step that swapped it out for a better one, and the step then ran
+    more sequences than max_num_seqs."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=64, max_num_batched_tokens=6,
+              max_num_seqs=4, preemption_mode="swap", enable_prefix_caching=False, swap_space_gb=0.001)
+    eng = llm.engine
+    eng.add_request("A", [1, 2], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), priority=0)
+    eng.add_request("B", list(range(10, 30)), SamplingParams(max_tokens=6, n=3, seed=1, ignore_eos=True),
+                    priority=1)
+    eng.step()
+    eng.step()
+    eng.add_request("C", [40, 41], SamplingParams(max_tokens=20, n=2, seed=2, ignore_eos=True), priority=0)
+    steps = _recording(eng.scheduler)
+    running_seqs = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        running_seqs.append(sum(len(r.unfinished_seqs()) for r in eng.scheduler.running))
+        assert len(running_seqs) < 500, "no progress"
+    assert max(running_seqs) <= 4 and all(n <= 4 for n, _, _ in steps), (running_seqs, steps)
+    assert any(out for _, out, _ in steps)  # B was swapped out for C
+    assert not any(out & back for _, out, back in steps)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), num_blocks=st.integers(6, 16), mode=st.sampled_from(["swap", "recompute", "auto"]))
 def test_every_request_ends_under_group_pressure(tiny_models, seed, num_blocks, mode):
@@ -204,8 +258,10 @@ def test_every_request_ends_under_group_pressure(tiny_models, seed, num_blocks, 
         else:
             params = SamplingParams(max_tokens=rng.randint(2, 12), temperature=0, ignore_eos=True)
         eng.add_request(str(i), prompt, params, priority=rng.randint(0, 2))
+    steps = _recording(eng.scheduler)
     finals = _run_to_end(eng)
     assert all(c.finish_reason == "length" for out in finals.values() for c in out.outputs)
+    assert all(n <= eng.config.max_num_seqs and not out & back for n, out, back in steps)
     stats = llm.stats()
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
     assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]

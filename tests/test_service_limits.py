@@ -193,13 +193,15 @@ def test_engine_refusals_name_the_field(redis_url, prefix, shared_engine):
     # max_tokens beyond what the prompt leaves of max_model_len is an error naming params.max_tokens (no cap).
     from pagedserve.service.admission import add_to_engine, prepare
 
-    s = make_settings(redis_url, prefix, max_num_seqs=2)
-    for params, needle in (({"n": 3}, "params.n"), ({"best_of": 3}, "params.best_of"),
-                           ({"beam_width": 3}, "params.beam_width")):
+    limit, setting = shared_engine.max_seqs_per_request  # the engine's, whatever the settings say
+    s = make_settings(redis_url, prefix, max_samples_per_request=limit + 1)
+    for params, needle in (({"n": limit + 1}, "params.n"), ({"best_of": limit + 1}, "params.best_of"),
+                           ({"beam_width": limit + 1}, "params.beam_width")):
         req = parse_request(json.dumps({"id": "e", "prompt": "x", "params": params}), 1 << 20)
         with pytest.raises(InvalidRequestError) as ei:
             prepare(req, shared_engine, s)
-        assert ei.value.message.startswith(needle) and "max_num_seqs" in ei.value.message, ei.value.message
+        assert ei.value.message.startswith(needle) and f"exceed {setting} {limit}" in ei.value.message, \
+            ei.value.message
     long = shared_engine.max_model_len
     req = parse_request(json.dumps({"id": "e", "prompt": "x", "params": {"max_tokens": long}}), 1 << 20)
     prompt, params = prepare(req, shared_engine, make_settings(redis_url, prefix))
