@@ -275,7 +275,7 @@ class Scheduler:
     def _swap_in(self, req: Request, out: SchedulerOutput, budget: int, num_seqs: int) -> int | None:
         """Bring a swapped request back and plan its step. Returns the budget left, or None if it does not fit."""
         seqs = req.unfinished_seqs()
-        if num_seqs + len(seqs) > self.max_num_seqs:
+        if num_seqs + req.max_seqs > self.max_num_seqs:  # not len(seqs): one swapped before its fork forks
             return None
         if not self.bm.can_swap_in(seqs):
             if self.running:
@@ -355,7 +355,7 @@ class Scheduler:
         """Whether the queued ``req`` has the sequence slots and (roughly, prefix hits aside) the blocks to start."""
         seqs = req.unfinished_seqs()
         swapped = req.status == RequestStatus.SWAPPED
-        if self.num_running_seqs() + (len(seqs) if swapped else req.max_seqs) > self.max_num_seqs:
+        if self.num_running_seqs() + req.max_seqs > self.max_num_seqs:
             return False
         if swapped:
             return self.bm.can_swap_in(seqs)

@@ -146,8 +146,8 @@ class Request:
 
     @property
     def max_seqs(self) -> int:
-        """Sequences this request will occupy once forked (what ``max_num_seqs`` is charged)."""
-        return max(self.params.num_samples, self.num_unfinished_seqs)
+        """Sequences this request occupies, or will once forked (what ``max_num_seqs`` is charged)."""
+        return self.num_unfinished_seqs if self.forked else self.params.num_samples
 
     @property
     def finished(self) -> bool:
