@@ -32,6 +32,15 @@ from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.sequence import Request, RequestStatus, Sequence
 
 
+def _common_blocks(seq: Sequence, other: Sequence, block_size: int) -> int:
+    """Full blocks of ``seq`` (its last token aside, which is always computed) whose tokens ``other`` has too."""
+    limit = min(seq.num_tokens - 1, other.num_tokens)
+    n = 0
+    while n < limit and seq.token_ids[n] == other.token_ids[n]:
+        n += 1
+    return n // block_size
+
+
 @dataclass
 class ScheduledRequest:
     request: Request
@@ -112,9 +121,12 @@ class Scheduler:
         return sum(r.max_seqs for r in self.running)
 
     # ------------------------------------------------------------------ preemption
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, req: Request, out: SchedulerOutput, for_room: bool = True) -> None:
+        """Swap ``req`` out or queue it for recompute. ``for_room``: it is short of blocks itself (or makes room
+        for a running one); alone, it is then recomputed and marked (``_never_fits``). A request preempted for
+        a better queued one (``for_room=False``) follows the preemption mode and is not marked: it fitted."""
         seqs = req.unfinished_seqs()
-        alone = self.running == [req]
+        alone = for_room and self.running == [req]
         if alone:
             req.tokens_at_lone_preemption = req.num_tokens
         self.running.remove(req)
@@ -156,7 +168,8 @@ class Scheduler:
         """Tokens to run per live sequence within ``budget``. Forked sequences step together or not at all.
 
         After a recompute preemption, a group's sequences all start empty: the first is prefilled alone, and the
-        others then re-share their common prefix with it (``share_prefix``) instead of prefilling privately.
+        others then re-share what they have in common with their siblings (``_reshare``) instead of prefilling
+        privately.
         """
         if len(req.seqs) == 1:  # the common case, kept cheap: it runs for every running request every step
             seq = req.seqs[0]
@@ -172,9 +185,7 @@ class Scheduler:
                 if best.num_computed_tokens < best.num_prompt_tokens:
                     seqs = [best]  # the shared prompt is still being (re)computed
                 else:
-                    for seq in seqs:
-                        if seq.num_computed_tokens == 0:
-                            self.bm.share_prefix(seq, best)
+                    seqs = self._reshare(seqs)
         remaining = [s.num_tokens - s.num_computed_tokens for s in seqs]
         if len(seqs) > 1 and sum(remaining) > budget and all(r == 1 for r in remaining):
             return None
@@ -188,6 +199,25 @@ class Scheduler:
             plan.append((seq, n))
             budget -= n
         return plan or None
+
+    def _reshare(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences of a recomputed group to run now. Each empty one shares the blocks it has in common with
+        the computed sibling it has most in common with, as a fork shared them before the preemption; one whose
+        closest sibling is still computing that common part waits for it (it is left out this step), so the
+        group never needs more blocks than it held: each private tail is computed once."""
+        bs = self.bm.block_size
+        going = [s for s in seqs if s.num_computed_tokens > 0]
+        for seq in seqs:
+            if seq.num_computed_tokens > 0:
+                continue
+            common = {id(o): _common_blocks(seq, o, bs) for o in going}
+            now = max(going, key=lambda o: min(common[id(o)], o.num_computed_tokens // bs))
+            later = max(going, key=lambda o: common[id(o)])
+            if common[id(later)] > min(common[id(now)], now.num_computed_tokens // bs):
+                continue  # ``later`` computes what they have in common this step: share it next step
+            self.bm.share_prefix(seq, now)
+            going.append(seq)
+        return [s for s in seqs if any(s is g for g in going)]
 
     def _allocate(self, plan: list[tuple[Sequence, int]]) -> bool:
         """Room for the whole plan, or nothing allocated and False."""
@@ -349,7 +379,7 @@ class Scheduler:
         head = self._queue_head()
         while self.running and head is not None and self.running[-1].priority > head.priority \
                 and not self._fits(head):
-            self._preempt(self.running[-1], out)
+            self._preempt(self.running[-1], out, for_room=False)
 
     def _fits(self, req: Request) -> bool:
         """Whether the queued ``req`` has the sequence slots and (roughly, prefix hits aside) the blocks to start."""

@@ -265,3 +265,33 @@ def test_every_request_ends_under_group_pressure(tiny_models, seed, num_blocks, 
     stats = llm.stats()
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
     assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
+def test_a_group_preempted_for_a_better_request_finishes_as_it_would_alone(tiny_models, mode):
+    """Found by a random search: a 4-beam search that fits the 13-block pool alone was cut short ("length" after
+    4 of 6 tokens) once a better request preempted it. The priority preemption counted as one for room while
+    alone (the mark that ends a group that can never fit), and after its recompute the beams re-shared their
+    prompt with the most advanced beam only, not with the beam each forked from, so the group needed more
+    blocks than before and was taken for one that never fits."""
+    rng = random.Random(9)
+    block_size, width = rng.choice([1, 2, 4]), rng.randint(2, 4)
+    prompt = [rng.randrange(256) for _ in range(rng.randint(2, 12))]
+    params = SamplingParams(max_tokens=rng.randint(4, 10), beam_width=width, ignore_eos=True)
+
+    def engine():
+        return LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=13, block_size=block_size,
+                   enable_prefix_caching=False, swap_space_gb=0.001, preemption_mode=mode).engine
+
+    alone = engine()
+    alone.add_request("beam", prompt, params, priority=1)
+    expected = [c.token_ids for c in _run_to_end(alone)["beam"].outputs]
+    eng = engine()
+    eng.add_request("beam", prompt, params, priority=1)
+    eng.step()
+    eng.step()
+    eng.add_request("better", [7] * 24, SamplingParams(max_tokens=1, temperature=0), priority=0)
+    finals = _run_to_end(eng)
+    assert eng.scheduler.num_preemptions >= 1
+    assert [c.token_ids for c in finals["beam"].outputs] == expected
+    assert eng.block_manager.num_free_gpu_blocks == eng.block_manager.gpu.num_blocks
