@@ -14,12 +14,13 @@ blocks or sequence slots. A victim queues behind the request it made room for, s
 back in: priorities hold in every preemption mode, and nothing thrashes.
 
 Liveness: nothing waits forever on blocks. A single sequence always fits (the engine caps ``max_model_len`` at the
-pool), but a group (``n`` samples, beams) can outgrow the whole pool. A request short of blocks while it is the
-only one running is recomputed, never swapped (swapping back would need every block it has now); if it is short
-again with no new token since, it can never finish as a group and lands in ``capacity_bound`` for the engine to
-end. A swapped request that cannot come back while nothing is running is turned into a recompute. A queued
-request that does not start while nothing runs (the whole pool and budget on offer) never will: it leaves the
-queue in ``unschedulable`` with the reason, for the engine to end with an error.
+pool), but a group (``n`` samples, beams) can outgrow the whole pool. Samples alone on the device take turns
+(``_part_that_fits``). A request short of blocks while it is the only one running is otherwise recomputed, never
+swapped (swapping back would need every block it has now); if it is short again with no new token since, it can
+never finish as a group and lands in ``capacity_bound`` for the engine to end. A swapped request that cannot
+come back while nothing is running is turned into a recompute. A queued request that does not start while
+nothing runs (the whole pool and budget on offer) never will: it leaves the queue in ``unschedulable`` with the
+reason, for the engine to end with an error.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
     def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]] | None:
-        """Tokens to run per live sequence within ``budget``. Forked sequences step together or not at all.
+        """Tokens to run per live sequence within ``budget``. Forked sequences decode together, or not at all
+        within the budget (room for only some of them: ``_part_that_fits``).
 
         After a recompute preemption, a group's sequences all start empty: the first is prefilled alone, and the
         others then re-share what they have in common with their siblings (``_reshare``) instead of prefilling
@@ -269,15 +271,31 @@ class Scheduler:
             while not self._allocate(plan):
                 victim = queue.pop() if queue else req
                 starved = True
+                if victim is req and (part := self._part_that_fits(req, plan)):
+                    plan = part
+                    break
                 if victim is req and self._never_fits(req):
                     out.capacity_bound.append(req)
+                    plan = None
                     break
                 self._preempt(victim, out)
                 if victim is req:
+                    plan = None
                     break
-            else:  # allocated (no break): the request runs this step
+            if plan is not None:  # allocated: the request runs this step
                 budget -= self._admit(req, plan, out)
         return budget, starved
+
+    def _part_that_fits(self, req: Request, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]] | None:
+        """For samples alone on the device and short of blocks: the longest head of ``plan`` that fits,
+        allocated. Samples are independent, so some step and the rest follow as blocks come free, where ending
+        the group (or restarting it) would cut outputs that each fit. Beams step together or not at all."""
+        if req.beam is not None or len(plan) < 2 or self.running != [req]:
+            return None
+        for k in range(len(plan) - 1, 0, -1):
+            if self._allocate(plan[:k]):
+                return plan[:k]
+        return None
 
     def _queue_head(self) -> Request | None:
         """The best request that is not running: swapped and waiting ones compete by ``(priority, arrival)``."""

@@ -295,3 +295,19 @@ def test_a_group_preempted_for_a_better_request_finishes_as_it_would_alone(tiny_
     assert eng.scheduler.num_preemptions >= 1
     assert [c.token_ids for c in finals["beam"].outputs] == expected
     assert eng.block_manager.num_free_gpu_blocks == eng.block_manager.gpu.num_blocks
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_samples_that_cannot_all_step_at_once_take_turns(tiny_models, caching):
+    """Found by a random search: best_of=3 samples alone in a 6-block pool, each needing more blocks than are
+    left once all three decode. With prefix caching they finished (the recompute restarts happened to make
+    progress); without it, the group was ended with "length" after 2 tokens while one sample could still step.
+    Samples are independent (unlike beams): the ones that fit step, and the rest follow as blocks come free."""
+    prompt, params = [223, 0, 103, 81, 29], SamplingParams(max_tokens=6, n=1, best_of=3, seed=43, ignore_eos=True)
+    roomy = LLM(model=tiny_models["llama"], device="cpu", block_size=2, enable_prefix_caching=False)
+    expected = roomy.generate([prompt], params)[0].outputs[0].token_ids
+    eng = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=6, block_size=2, max_num_batched_tokens=4,
+              preemption_mode="recompute", enable_prefix_caching=caching, swap_space_gb=0).engine
+    eng.add_request("x", prompt, params)
+    assert _run_to_end(eng)["x"].outputs[0].token_ids == expected
+    assert eng.block_manager.num_free_gpu_blocks == eng.block_manager.gpu.num_blocks
