@@ -9,15 +9,21 @@ Invariants:
 - the request id defaults to ``celery-<task id>``: a task redelivered by the broker (visibility timeout, lost
   worker) resubmits the SAME id and is answered from the stored result instead of generating twice;
 - ``pagedserve.generate`` waits at most ``timeout`` seconds (explicit; the broker's visibility timeout must be
-  longer than the longest timeout, see docs/service.md).
+  longer than the longest timeout, see docs/service.md);
+- a ``generate`` task given up by Celery (``revoke(terminate=True)``, its soft time limit) cancels its request
+  when the id is the task's own (``celery-<task id>``): no one else can be waiting for it. A caller-chosen id
+  may be shared and is left alone; the task's own ``timeout`` cancels nothing (same id, same result later).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_revoked
 
 from .settings import Settings
 
@@ -114,10 +120,31 @@ def _register(app: Celery) -> None:
                 return ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=refusal_message(e)),
                                   metadata=metadata or {}).model_dump(mode="json")
         # wait() subscribes, then reads the result key: nothing published before it subscribed is missed
-        return c.wait(rid, timeout=timeout).model_dump(mode="json")
+        try:
+            return c.wait(rid, timeout=timeout).model_dump(mode="json")
+        except SoftTimeLimitExceeded:
+            if not id:
+                _cancel_quietly(app, rid)
+            raise
 
     app.pagedserve_submit = submit
     app.pagedserve_generate = generate
+
+
+def _cancel_quietly(app: Celery, request_id: str) -> None:
+    with contextlib.suppress(Exception):  # best effort: Redis may be gone too, and the task is over either way
+        _client(app).cancel(request_id)
+
+
+@task_revoked.connect(weak=False, dispatch_uid="pagedserve-cancel-revoked")
+def _cancel_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """In the Celery worker's main process: a revoked ``generate`` (terminated, or revoked or expired before it
+    ran) cancels its request when the id is the task's own. A terminated task's process is killed by a signal
+    and runs no code of its own."""
+    if getattr(sender, "name", None) != "pagedserve.generate" or request is None:
+        return
+    if not (request.kwargs or {}).get("id") and hasattr(sender.app.conf, "pagedserve_settings"):
+        _cancel_quietly(sender.app, f"celery-{request.id}")
 
 
 app = make_celery()

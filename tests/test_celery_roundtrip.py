@@ -65,3 +65,45 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
             except subprocess.TimeoutExpired:
                 celery.kill()
             log.close()
+
+
+def test_a_revoked_or_timed_out_generate_task_cancels_its_request(prefix, shared_engine, tmp_path):
+    """``revoke(terminate=True)`` and a soft time limit stopped the Celery task but not its generation, which ran
+    to max_tokens with no one left to read it (the task's own id is of its making, so nobody else waits for it).
+    Both now cancel it; a request queued behind no pagedserve worker shows it: it ends cancelled, never run.
+    A caller-chosen id is left alone, as the clients leave it."""
+    with LocalRedis() as url:
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120)
+        log = open(tmp_path / "celery.log", "wb")
+        celery = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", "prefork",
+             "--concurrency", "3", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=REPO, env=worker_env(s), stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            app = make_celery(s)
+            keys = Keys(prefix)
+            params = {"max_tokens": 5, "temperature": 0}
+            with redis.Redis.from_url(url) as r:
+                revoked = app.send_task("pagedserve.generate", kwargs={"prompt": "a", "params": params})
+                soft = app.send_task("pagedserve.generate", kwargs={"prompt": "b", "params": params},
+                                     soft_time_limit=3)
+                chosen = app.send_task("pagedserve.generate", kwargs={"prompt": "c", "params": params,
+                                                                      "id": f"{prefix}-mine"}, soft_time_limit=3)
+                wait_for(lambda: r.xlen(keys.requests) == 3, 60, what="the three requests queued")
+                revoked.revoke(terminate=True)
+                with pytest.raises(Exception, match="SoftTimeLimitExceeded|soft time limit"):
+                    soft.get(timeout=60)
+                with pytest.raises(Exception, match="SoftTimeLimitExceeded|soft time limit"):
+                    chosen.get(timeout=60)
+                wait_for(lambda: r.exists(keys.cancelled(f"celery-{revoked.id}"))
+                         and r.exists(keys.cancelled(f"celery-{soft.id}")), 30, what="both cancelled")
+            with running_worker(s, shared_engine), Client(settings=s) as c:
+                for task in (revoked, soft):
+                    d = c.wait(f"celery-{task.id}", timeout=60)
+                    assert d.outputs[0].finish_reason == "cancelled" and d.outputs[0].token_ids == []
+                mine = c.wait(f"{prefix}-mine", timeout=60)
+                assert mine.outputs[0].finish_reason == "length" and len(mine.outputs[0].token_ids) == 5
+        finally:
+            celery.terminate()
+            celery.wait(timeout=30)
