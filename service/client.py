@@ -298,6 +298,7 @@ class AsyncClient(ProducerCore):
         max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.r = aredis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
@@ -306,6 +307,17 @@ class AsyncClient(ProducerCore):
     async def aclose(self) -> None:
         await self.r.aclose()
 
+    def _bind_loop(self) -> None:
+        """redis-py's asyncio connections belong to the event loop that opened them: used from another, a call
+        fails deep inside asyncio or waits past its timeout. Said at once instead."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("this AsyncClient belongs to the event loop it was first used in (its Redis "
+                               "connections do): make one AsyncClient per event loop, inside it (Client from "
+                               "threads)")
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -313,6 +325,7 @@ class AsyncClient(ProducerCore):
         await self.aclose()
 
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
+        self._bind_loop()
         req = self._request(prompt, kw)
         try:
             return await self._xadd(req)
@@ -325,6 +338,7 @@ class AsyncClient(ProducerCore):
         return req.id
 
     async def cancel(self, request_id: str) -> None:
+        self._bind_loop()
         pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
@@ -332,6 +346,7 @@ class AsyncClient(ProducerCore):
             await pipe.execute()
 
     async def result(self, request_id: str) -> Terminal | None:
+        self._bind_loop()
         with self._reaching():
             return self._terminal(await self.r.get(self.keys.result(request_id)))
 
@@ -377,6 +392,7 @@ class AsyncClient(ProducerCore):
     async def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> AsyncIterator[Event]:
         """Run the core's operations on this client's connection; yield what it emits. ``owned`` as in
         :meth:`Client._run`."""
+        self._bind_loop()
         pubsub = None
         reply: Any = None
         error: BaseException | None = None

@@ -502,3 +502,42 @@ def test_a_full_connection_pool_is_said_so_and_nothing_is_lost(kind, redis_url, 
     r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
     assert not r.xrange(keys.requests)  # nothing left to run: a refused call sent nothing
     assert [rid for rid in ids if r.exists(keys.result(rid))] == [rid for rid in ids if rid not in refused]
+
+
+def test_an_async_client_used_from_another_event_loop_says_so(redis_url, prefix):
+    """redis-py's asyncio connections belong to the loop that opened them: a second asyncio.run with the same
+    client failed deep inside asyncio ("attached to a different loop", "Event loop is closed"), and calls from
+    loops in other threads could hang past their timeout. Now a RuntimeError saying what to do, at once."""
+    import threading
+
+    from pagedserve.service.client import AsyncClient
+
+    ac = AsyncClient(redis_url, prefix=prefix)
+    assert asyncio.run(ac.result("nope")) is None
+    for call in (lambda: ac.result("nope"), lambda: ac.submit("hi", params={"max_tokens": 1}),
+                 lambda: ac.generate("hi", params={"max_tokens": 1}, timeout=5), lambda: ac.cancel("nope")):
+        with pytest.raises(RuntimeError, match="^this AsyncClient belongs to the event loop it was first used in"):
+            asyncio.run(call())
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        started.wait(10)
+        try:
+            asyncio.run(fresh_holder[0].result("nope"))
+        except RuntimeError as e:
+            errors.append(e)
+
+    started = threading.Event()
+    fresh_holder: list[AsyncClient] = []
+
+    async def main() -> None:  # the first loop keeps using its client while another thread's loop tries
+        fresh_holder.append(AsyncClient(redis_url, prefix=prefix))
+        await fresh_holder[0].result("nope")
+        started.set()
+        await asyncio.sleep(1.0)
+
+    t = threading.Thread(target=other)
+    t.start()
+    asyncio.run(main())
+    t.join(10)
+    assert not t.is_alive() and len(errors) == 1 and "event loop" in str(errors[0])
