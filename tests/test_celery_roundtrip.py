@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -18,16 +19,30 @@ from service_fixtures import REPO, make_settings, running_worker, wait_for, work
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def celery_worker(settings, log_path, pool: str, concurrency: int):
+    """A real Celery worker process running the pagedserve tasks; stopped (then killed) on exit."""
+    with open(log_path, "wb") as log:
+        celery = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", pool,
+             "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+             "--without-heartbeat"],
+            cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            yield celery
+        finally:
+            celery.terminate()
+            try:
+                celery.wait(30)
+            except subprocess.TimeoutExpired:
+                celery.kill()
+
+
 def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_engine, tmp_path):
     with LocalRedis() as url:
         s = make_settings(url, prefix, celery_visibility_timeout_s=120)
-        log = open(tmp_path / "celery.log", "wb")
-        celery = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", "threads",
-             "--concurrency", "4", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=REPO, env=worker_env(s), stdout=log, stderr=subprocess.STDOUT,
-        )
-        try:
+        with celery_worker(s, tmp_path / "celery.log", "threads", 4):
             app = make_celery(s)
             assert app.conf.task_serializer == "json" and app.conf.accept_content == ["json"]
             with running_worker(s, shared_engine):
@@ -58,12 +73,6 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
                 shed = late.get(timeout=120)
             assert shed["type"] == "error" and shed["error"]["code"] == "overloaded"
             assert "retry later" in shed["error"]["message"] and shed["id"] == f"celery-{late.id}"
-        finally:
-            celery.terminate()
-            try:
-                celery.wait(30)
-            except subprocess.TimeoutExpired:
-                celery.kill()
             log.close()
 
 
@@ -74,13 +83,7 @@ def test_a_revoked_or_timed_out_generate_task_cancels_its_request(prefix, shared
     A caller-chosen id is left alone, as the clients leave it."""
     with LocalRedis() as url:
         s = make_settings(url, prefix, celery_visibility_timeout_s=120)
-        log = open(tmp_path / "celery.log", "wb")
-        celery = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", "prefork",
-             "--concurrency", "3", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=REPO, env=worker_env(s), stdout=log, stderr=subprocess.STDOUT,
-        )
-        try:
+        with celery_worker(s, tmp_path / "celery.log", "prefork", 3):
             app = make_celery(s)
             keys = Keys(prefix)
             params = {"max_tokens": 5, "temperature": 0}
@@ -104,6 +107,3 @@ def test_a_revoked_or_timed_out_generate_task_cancels_its_request(prefix, shared
                     assert d.outputs[0].finish_reason == "cancelled" and d.outputs[0].token_ids == []
                 mine = c.wait(f"{prefix}-mine", timeout=60)
                 assert mine.outputs[0].finish_reason == "length" and len(mine.outputs[0].token_ids) == 5
-        finally:
-            celery.terminate()
-            celery.wait(timeout=30)
