@@ -73,7 +73,6 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
                 shed = late.get(timeout=120)
             assert shed["type"] == "error" and shed["error"]["code"] == "overloaded"
             assert "retry later" in shed["error"]["message"] and shed["id"] == f"celery-{late.id}"
-            log.close()
 
 
 def test_a_revoked_or_timed_out_generate_task_cancels_its_request(prefix, shared_engine, tmp_path):
