@@ -34,12 +34,14 @@ from pagedserve.engine.sequence import Request, RequestStatus, Sequence
 
 
 def _common_blocks(seq: Sequence, other: Sequence, block_size: int) -> int:
-    """Full blocks of ``seq`` (its last token aside, which is always computed) whose tokens ``other`` has too."""
-    limit = min(seq.num_tokens - 1, other.num_tokens)
+    """Full blocks of ``seq`` (its last token aside, which is always computed) whose tokens ``other`` has too.
+    Compared a block's slice at a time: a recomputed group compares each sequence with its siblings."""
+    a, b = seq.token_ids, other.token_ids
+    num_blocks = min(seq.num_tokens - 1, other.num_tokens) // block_size
     n = 0
-    while n < limit and seq.token_ids[n] == other.token_ids[n]:
+    while n < num_blocks and a[n * block_size:(n + 1) * block_size] == b[n * block_size:(n + 1) * block_size]:
         n += 1
-    return n // block_size
+    return n
 
 
 @dataclass
