@@ -30,9 +30,10 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
-import socket
 import sys
+import tempfile
 import threading
 import time
 from datetime import timedelta
@@ -151,6 +152,10 @@ def _init_groups(tp: TensorParallelGroup, device: torch.device, init_method: str
 def _rank_main(rank: int, size: int, config: dict, model_dir: str, hf_config: dict, max_model_len: int,
                max_num_batched_tokens: int, init_method: str, conn: Connection, parent_pid: int) -> None:
     """A rank process: load the shard, agree on the pool, then run every step the driver sends until it stops."""
+    # Ctrl-C and a service manager's stop signal the whole process group: the driver alone decides (it drains,
+    # then stops its ranks; they die with it in any case).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s")
@@ -187,12 +192,6 @@ def _rank_main(rank: int, size: int, config: dict, model_dir: str, hf_config: di
 
 
 # ------------------------------------------------------------------------------------------ the driver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TensorParallelRunner(ModelRunner):
     """Rank 0's model runner: starts and supervises the other ranks and sends each step to them first."""
 
@@ -206,7 +205,10 @@ class TensorParallelRunner(ModelRunner):
         self._closed = False
         self.channel: StepChannel | None = None
         self._threads = torch.get_num_threads()
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # The ranks meet through a file in a private directory: torch's TCP store would listen on every
+        # interface, unauthenticated, for the engine's life (ranks share one machine; no port is needed).
+        self._rendezvous = tempfile.mkdtemp(prefix="pagedserve-tp-")
+        init_method = f"file://{os.path.join(self._rendezvous, 'store')}"
         ctx = mp.get_context("spawn")
         # Each rank is its own engine process config-wise: its device, the driver's dtype (the rank's config
         # carries no torch dtype), and no further ranks of its own.
@@ -298,6 +300,11 @@ class TensorParallelRunner(ModelRunner):
         except Exception as exc:
             self._dead = self._failure(exc)
             raise self._dead from exc
+        except BaseException as exc:  # KeyboardInterrupt: the ranks are left inside this step's collectives
+            self._dead = EngineDeadError(f"tensor-parallel step interrupted on rank 0 ({type(exc).__name__}): "
+                                         "the ranks are out of step; make a new engine")
+            self._stop_ranks(healthy=False)
+            raise
 
     def _failure(self, exc: Exception) -> EngineDeadError:
         """What took the step down: the first rank that died or reported an error, else the driver's error."""
@@ -324,6 +331,14 @@ class TensorParallelRunner(ModelRunner):
         except Exception:
             pass
 
+    def _stop_ranks(self, healthy: bool) -> None:
+        """Wait for ranks sent the stop message; kill the rest (and any still running after the wait)."""
+        for proc in self._procs:
+            proc.join(STOP_JOIN_S if healthy else 0.0)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(STOP_JOIN_S)
+
     def close(self) -> None:
         """Stop the ranks (a stop message when they are healthy, else SIGKILL) and leave the process group."""
         if self._closed:
@@ -337,15 +352,12 @@ class TensorParallelRunner(ModelRunner):
             except Exception:
                 log.warning("tensor-parallel: stop message not delivered; killing the ranks")
                 healthy = False
-        for proc in self._procs:
-            proc.join(STOP_JOIN_S if healthy else 0.0)
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join(STOP_JOIN_S)
+        self._stop_ranks(healthy)
         for conn in self._conns:
             conn.close()
         if self._tp.group is not None:  # this runner joined the process group
             dist.destroy_process_group()
             self._tp.group = None
+        shutil.rmtree(self._rendezvous, ignore_errors=True)
         torch.set_num_threads(self._threads)
         log.info("tensor-parallel: ranks stopped")

@@ -238,3 +238,67 @@ def test_tp2_driver_process_matches_then_its_sigkill_leaves_no_rank_behind(tp_mo
         driver.kill()
         driver.wait(30)
     _check_against_tp1("llama", tp_models["llama"], out["tokens"], out["stats"])
+
+
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} give them) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.add(fields[1].split(":")[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_ranks_leave_signals_to_the_driver_listen_on_loopback_only_and_die_with_an_interrupted_step(
+        tp_models, monkeypatch):
+    """Three ways a TP=2 engine failed its operator:
+    - Ctrl-C and systemd's stop signal the whole process group: the rank died of them (SIGINT raised in it,
+      SIGTERM killed it), so a worker could not drain as it does at TP=1. The driver alone decides.
+    - torch's rendezvous store listened on every interface, unauthenticated, for the engine's whole life.
+    - A KeyboardInterrupt in the driver mid-step (a REPL, a notebook) left the rank inside a collective: the next
+      call hung until the rank's 300 s timeout. The engine is now dead at once, its rank stopped."""
+    from pagedserve.engine.model_runner import ModelRunner
+
+    llm2 = LLM(model=tp_models["llama"], tensor_parallel_size=2, **_engine_kw(CASES["llama"]))
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        expected = llm2.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+        (pid,) = llm2.engine.runner.rank_pids
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(1.0)
+        assert alive(pid)
+        assert llm2.generate([[5, 6, 7]], params)[0].outputs[0].token_ids == expected
+        assert _listening_addresses([os.getpid(), pid]) <= LOOPBACK
+
+        def interrupted(self, plan):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ModelRunner, "execute_plan", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm2.generate([[8, 9]], params)
+        monkeypatch.undo()
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="interrupted"):
+            llm2.generate([[5, 6, 7]], params)
+        assert time.monotonic() - start < 30
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid)
+    finally:
+        llm2.close()
