@@ -277,6 +277,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._ready)
 
+    def check_alive(self) -> None:
+        """Raise ``EngineDeadError`` if the engine can run no further step (a tensor-parallel rank died), also
+        while it has nothing to do: a service checks it when idle, so it does not wait for work to find out."""
+        self.runner.check_alive()
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)

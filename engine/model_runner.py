@@ -212,6 +212,9 @@ class ModelRunner:
         plan = self.plan(sched)
         return self.execute_plan(plan), plan.sample_seqs
 
+    def check_alive(self) -> None:
+        """A single-process runner lives as long as its process."""
+
     @torch.inference_mode()
     def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one planned step: float32 logits of the plan's sample rows (None on a rank other than 0)."""

@@ -287,13 +287,17 @@ class TensorParallelRunner(ModelRunner):
         return f"exited with code {proc.exitcode}" if proc.exitcode is not None else "closed its pipe"
 
     # ---------------------------------------------------------------------------------------- per step
-    def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
+    def check_alive(self) -> None:
+        """Raise ``EngineDeadError`` once a rank has exited (or a step failed): no step could run."""
         if self._dead is not None:
             raise self._dead
         for r, proc in enumerate(self._procs):
             if proc.exitcode is not None:
                 self._dead = EngineDeadError(f"tensor-parallel rank {r + 1} {self._describe(r, self._poll(r))}")
                 raise self._dead
+
+    def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        self.check_alive()
         try:
             self.channel.send(plan)
             return super().execute_plan(plan)

@@ -38,6 +38,8 @@ class EngineAPI(Protocol):
 
     def has_unfinished_requests(self) -> bool: ...
 
+    def check_alive(self) -> None: ...  # raises EngineDeadError when no step could run (checked when idle too)
+
     def structured_ready(self, params: Any) -> bool: ...  # add_request would not wait for a grammar compile
 
     def stats(self) -> dict: ...

@@ -277,6 +277,7 @@ class Worker(WorkerPart):
             self.metrics.step_seconds.inc(time.perf_counter() - t)
         else:
             self.progress.idle()
+            self._check_engine()  # a dead tensor-parallel rank is seen now, not when the next request comes
         if self.publisher.pending() and conn.usable():
             try:
                 self.metrics.redis_ops.inc(self.publisher.flush(self.r))
@@ -311,6 +312,13 @@ class Worker(WorkerPart):
                 if entries:
                     self.admission.admit(entries, redelivered)
         self.intake.queue_stats()
+
+    def _check_engine(self) -> None:
+        try:
+            self.engine.check_alive()
+        except _engine_dead_error() as e:
+            self.log.error("engine_dead", error=str(e))
+            raise
 
     def _step(self) -> None:
         try:

@@ -83,3 +83,20 @@ def test_tp2_worker_stopped_by_sigterm_stops_its_ranks_before_it_exits(redis_url
     finally:
         tp.close()
 
+
+
+def test_tp2_worker_whose_rank_dies_while_idle_exits_at_once(redis_url, prefix, tmp_path):
+    """A rank killed while the worker had nothing to do went unnoticed (health 200) until the next request, which
+    then paid a delivery to find out. The idle loop checks the engine: the worker exits non-zero at once."""
+    s = make_settings(redis_url, prefix)
+    tp = WorkerProcess(s.model_copy(update={"worker_name": "tp-idle", "tensor_parallel_size": 2}),
+                       tmp_path / "tp.log").start()
+    try:
+        tp.wait_started(180)
+        (rank,) = spawned_children(tp.proc.pid)
+        os.kill(rank, signal.SIGKILL)
+        assert tp.proc.wait(30) != 0
+        dead = [e for e in tp.events() if e.get("event") == "engine_dead"]
+        assert dead and "rank 1" in dead[0]["error"], tp.log_path.read_text()[-3000:]
+    finally:
+        tp.close()
