@@ -198,6 +198,9 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
                  max_num_batched_tokens: int) -> None:
         size = config.tensor_parallel_size
+        if dist.is_initialized():  # torch has one default process group per process
+            raise RuntimeError("tensor_parallel_size: another tensor-parallel engine is running in this process; "
+                               "close it first (llm.close()): one at a time per process")
         self._tp = TensorParallelGroup(0, size)
         self._procs: list[mp.Process] = []
         self._conns: list[Connection] = []

@@ -284,6 +284,9 @@ def test_ranks_leave_signals_to_the_driver_listen_on_loopback_only_and_die_with_
         assert alive(pid)
         assert llm2.generate([[5, 6, 7]], params)[0].outputs[0].token_ids == expected
         assert _listening_addresses([os.getpid(), pid]) <= LOOPBACK
+        # A second one beside it got torch's "initialize the default process group twice", after its weights.
+        with pytest.raises(RuntimeError, match="^tensor_parallel_size: another tensor-parallel engine is running"):
+            LLM(model=tp_models["llama"], tensor_parallel_size=2, **_engine_kw(CASES["llama"]))
 
         def interrupted(self, plan):
             raise KeyboardInterrupt
