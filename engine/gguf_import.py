@@ -149,9 +149,11 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     info = inspect_gguf(path)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # "." has no name to build the temporary sibling from
     if (out_dir / "config.json").exists():
         raise ValueError(f"{str(out_dir)!r} already holds a model; choose an empty directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # refused before the conversion, not after it
+        raise ValueError(f"{str(out_dir)!r} is not empty; choose an empty or new directory")
     if sha256 is None:
         say(f"hashing {info.path.name}")
     sha = sha256 or file_sha256(info.path)

@@ -56,6 +56,12 @@ def test_model_import_writes_a_directory(tmp_path):
     assert "dequantizing" in res.stderr  # progress goes to stderr
     meta = json.loads((tmp_path / "out" / "pagedserve-import.json").read_text())
     assert meta["dtype"] == "bfloat16" and meta["architecture"] == "llama"
+    # Into a directory of other files: refused before the conversion (it was an OSError after it), files kept.
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.md").write_text("mine")
+    line = _one_line_error(_cli("model", "import", str(source), str(tmp_path / "busy")))
+    assert "busy' is not empty; choose an empty or new directory" in line and "OSError" not in line, line
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.md"]
 
 
 def test_model_import_refuses_in_one_line(tmp_path):
@@ -108,3 +114,20 @@ def test_a_place_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
         assert f"PAGEDSERVE_CACHE_DIR={blocked}" in line and "set PAGEDSERVE_CACHE_DIR to a directory" in line, line
     line = _one_line_error(_cli("model", "import", str(tmp_path / "any.gguf"), str(blocked)))
     assert f"cannot write the model to {blocked}" in line, line
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_init_into_a_directory_of_other_files_refuses_and_keeps_them(tmp_path, tiny):
+    """``model init DIR`` deleted everything already in DIR (the default model) or printed DIR as ready having
+    written nothing there (``--tiny-random``). A directory holding anything but a pagedserve model is refused,
+    before any work, and left as it was."""
+    mine = tmp_path / "mine"
+    (mine / "project").mkdir(parents=True)
+    (mine / "project" / "thesis.txt").write_text("years of work")
+    (mine / "notes.md").write_text("notes")
+    args = ["model", "init", *(["--tiny-random"] if tiny else []), str(mine)]
+    line = _one_line_error(_cli(*args, env={"PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache")}))
+    assert f"{mine} is not empty" in line and "empty or new directory" in line, line
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
+        "notes.md", "project", "project/thesis.txt"]
+    assert not (tmp_path / "cache" / "downloads").exists() or not any((tmp_path / "cache" / "downloads").iterdir())
