@@ -88,6 +88,24 @@ def _check_magic(path: Path) -> None:
         raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
+def _check_layout(path: Path, reader, tensors: list) -> None:
+    """Each tensor's data starts where the ones before it end, padded to the alignment, as llama.cpp requires:
+    a moved offset or a changed type reads neighbouring bytes as weights, which converts into a model that
+    answers nothing instead of failing."""
+    align = reader.alignment
+    expected = end = 0
+    for t in tensors:
+        offset = t.data_offset - reader.data_offset
+        if offset != expected:
+            raise ValueError(f"{str(path)!r} is not a readable GGUF file: tensor {t.name!r} has data offset "
+                             f"{offset}, expected {expected} from the size and type of the tensors before it")
+        end = reader.data_offset + offset + int(t.n_bytes)
+        expected = -(-(offset + int(t.n_bytes)) // align) * align
+    if end > path.stat().st_size:
+        raise ValueError(f"{str(path)!r} is not a readable GGUF file: tensor {tensors[-1].name!r} needs data up "
+                         f"to byte {end}, past the end of the file (size given by its shape and type)")
+
+
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Read a GGUF file's header and check that it can be imported. Raises ``ValueError`` naming file and reason."""
     path = Path(path)
@@ -111,6 +129,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
                          f"imported ({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
     if not tensors:
         raise ValueError(f"{str(path)!r} holds no tensors")
+    _check_layout(path, reader, tensors)
     if _field(reader, "tokenizer.ggml.model") is None:
         raise ValueError(f"{str(path)!r} has no tokenizer (tokenizer.ggml.model is missing); the engine needs one")
     types: dict[str, int] = {}

@@ -247,3 +247,25 @@ def test_resolve_model_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="not a .gguf checkpoint"):
         resolve_model(str(tmp_path / "notes.txt"))
+
+
+@pytest.mark.parametrize("damage", ["offset", "type"])
+def test_refuses_tensor_data_that_does_not_lie_where_the_header_says(tiny_ggufs, tmp_path, damage):
+    """A tensor's offset moved by a byte, or its type changed so its size no longer matches the space it has:
+    both imported "successfully" as a model that answered nothing. Each tensor must start where the ones before it
+    end (padded to the alignment), as llama.cpp requires."""
+    import shutil
+
+    _, good = tiny_ggufs["llama"]
+    path = tmp_path / f"{damage}.gguf"
+    shutil.copy(good, path)
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor = reader.tensors[1]
+    if damage == "offset":
+        tensor.field.parts[-1][0] += 1
+    else:
+        tensor.field.parts[-2][0] = int(gguf.GGMLQuantizationType.F16)
+    reader.data.flush()
+    del reader
+    with pytest.raises(ValueError, match=rf"{damage}\.gguf.* tensor '[^']+' has data offset \d+, expected"):
+        inspect_gguf(path)
