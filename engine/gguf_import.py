@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,69 @@ def _check_magic(path: Path) -> None:
         raise ValueError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
+# Bytes of each GGUF scalar value type (strings and arrays are read as they come).
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _check_header_sizes(path: Path) -> None:
+    """Walk the header's metadata and tensor infos, checking every length and count against the bytes left in the
+    file before anything is built from it: the gguf reader trusts them (an array claiming 2**40 elements in a
+    40-byte file allocates without bound before it fails). Versions other than 2 and 3 are left to the reader."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def take(n: int) -> bytes:
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError("the file ends inside its header")
+            return data
+
+        def number(fmt: str) -> int:
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+        def skip(n: int, what: str) -> None:
+            left = size - f.tell()
+            if n > left:
+                raise ValueError(f"{what} claims {n} bytes, more than the {left} bytes left in the file")
+            f.seek(n, 1)
+
+        def value(vtype: int, what: str, depth: int = 0) -> None:
+            if vtype in _SCALAR_BYTES:
+                skip(_SCALAR_BYTES[vtype], what)
+            elif vtype == _STRING:
+                skip(number("<Q"), what)
+            elif vtype == _ARRAY and depth < 2:
+                etype, count = number("<I"), number("<Q")
+                unit = _SCALAR_BYTES.get(etype, 8)  # a string or an array takes at least its 8-byte length
+                if count * unit > size - f.tell():
+                    raise ValueError(f"{what} claims {count} elements, more than the {size - f.tell()} bytes "
+                                     f"left in the file")
+                if etype in _SCALAR_BYTES:
+                    skip(count * unit, what)
+                else:
+                    for _ in range(count):
+                        value(etype, what, depth + 1)
+            else:
+                raise ValueError(f"{what} has an unknown value type {vtype}")
+
+        take(4)
+        if number("<I") not in (2, 3):
+            return
+        num_tensors, num_kv = number("<Q"), number("<Q")
+        for what, count, least in (("tensor count", num_tensors, 24), ("metadata count", num_kv, 12)):
+            if count * least > size - f.tell():
+                raise ValueError(f"its {what} {count} is more than the file could hold")
+        for i in range(num_kv):
+            skip(number("<Q"), f"metadata key {i}")
+            value(number("<I"), f"metadata value {i}")
+        for i in range(num_tensors):
+            skip(number("<Q"), f"tensor {i}'s name")
+            num_dims = number("<I")
+            if num_dims > 8:
+                raise ValueError(f"tensor {i} claims {num_dims} dimensions")
+            skip(8 * num_dims + 4 + 8, f"tensor {i}'s info")
+
+
 def _check_layout(path: Path, reader, tensors: list) -> None:
     """Each tensor's data starts where the ones before it end, padded to the alignment, as llama.cpp requires:
     a moved offset or a changed type reads neighbouring bytes as weights, which converts into a model that
@@ -116,6 +180,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         raise ValueError(f"cannot read {str(path)!r}: the 'gguf' package is not installed "
                          f"(pip install 'pagedserve[worker]')") from e
     try:
+        _check_header_sizes(path)
         reader = gguf.GGUFReader(str(path))
         architecture = _field(reader, "general.architecture")
         tensors = list(reader.tensors)
@@ -149,6 +214,12 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
             raise ValueError(f"{str(path)!r} is not a readable GGUF file: tensor {t.name!r} ({qtype.name}) "
                              f"cannot be read ({type(e).__name__}: {e})") from None
         checked.add(qtype)
+    block_count = _field(reader, f"{architecture}.block_count")
+    blocks = 1 + max((int(t.name.split(".")[1]) for t in tensors
+                      if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()), default=-1)
+    if block_count != blocks:
+        raise ValueError(f"{str(path)!r}: {architecture}.block_count {block_count} does not match its tensors, "
+                         f"which hold {blocks} blocks")
     name = _field(reader, "general.name")
     template = _field(reader, "tokenizer.chat_template")
     head_dim = _field(reader, f"{architecture}.attention.key_length")

@@ -269,3 +269,31 @@ def test_refuses_tensor_data_that_does_not_lie_where_the_header_says(tiny_ggufs,
     del reader
     with pytest.raises(ValueError, match=rf"{damage}\.gguf.* tensor '[^']+' has data offset \d+, expected"):
         inspect_gguf(path)
+
+
+def test_a_header_that_claims_more_than_the_file_holds_is_refused_at_once(tiny_ggufs, tmp_path):
+    """A 40-byte file whose array claims 2**40 elements made the gguf reader allocate without bound (gigabytes,
+    minutes) before failing; a block_count of 10**8 on a 2-block model built a skeleton for minutes. Both are
+    refused before anything is built from them."""
+    import resource
+    import shutil
+    import struct
+
+    bomb = tmp_path / "bomb.gguf"
+    key = b"general.x"
+    bomb.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<IIQ", 9, 5, 2**40))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"bomb\.gguf.*claims 1099511627776 elements, more than the 0 bytes left"):
+        inspect_gguf(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+    _, good = tiny_ggufs["llama"]
+    blocks = tmp_path / "blocks.gguf"
+    shutil.copy(good, blocks)
+    reader = gguf.GGUFReader(str(blocks), "r+")
+    reader.fields["llama.block_count"].parts[-1][0] = 10**8
+    reader.data.flush()
+    del reader
+    with pytest.raises(ValueError, match=r"blocks\.gguf.*block_count 100000000.*2 blocks"):
+        inspect_gguf(blocks)
