@@ -26,12 +26,49 @@ _FUSED = {
 }
 
 
+# Sizes the model is built from: a zero or negative one fails deep in torch, with nothing naming the field.
+POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                  "num_hidden_layers", "vocab_size", "max_position_embeddings", "head_dim")
+
+
+def _check_against_checkpoint(path: Path, files: list[Path], config) -> None:
+    """The layer count and embedding shape the config gives agree with the checkpoint's tensors, read from the
+    files' headers before anything is built: a config claiming 10**8 layers or a 2**31 vocabulary would build
+    (or allocate) that first and fail minutes or gigabytes later."""
+    layers: set[int] = set()
+    embed = None
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.startswith("model.layers.") and name.split(".")[2].isdigit():
+                    layers.add(int(name.split(".")[2]))
+                elif name == "model.embed_tokens.weight":
+                    embed = list(f.get_slice(name).get_shape())
+    n = config.num_hidden_layers
+    if layers and n != max(layers) + 1:
+        raise ValueError(f"model {str(path)!r}: config.json num_hidden_layers {n} but the checkpoint holds layers "
+                         f"0..{max(layers)}")
+    if embed is not None and embed != [config.vocab_size, config.hidden_size]:
+        raise ValueError(f"model {str(path)!r}: config.json vocab_size {config.vocab_size} and hidden_size "
+                         f"{config.hidden_size} but the checkpoint's model.embed_tokens.weight is {embed}")
+
+
 def load_config(model_dir: str | Path):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"model {str(path)!r} is not a model directory (no config.json)")
     from transformers import AutoConfig  # here: a tensor-parallel rank gets its config without transformers
 
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {str(path)!r}: config.json cannot be read ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"model {str(path)!r}: config.json is not a JSON object")
+    for name in POSITIVE_SIZES:  # before transformers, whose own checks divide by some of them
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"model {str(path)!r}: config.json {name} must be a positive integer (got {value!r})")
     config = AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and config.model_type not in SUPPORTED_ARCHITECTURES.values():
@@ -53,6 +90,7 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model {str(path)!r} has no *.safetensors files")
+    _check_against_checkpoint(path, files, config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions, ops, tp)
     model = model.to_empty(device=device)

@@ -156,3 +156,27 @@ def test_group_size_errors_name_the_field():
     assert SamplingParams(n=3).num_samples_field == "n"
     assert SamplingParams(n=2, best_of=3).num_samples_field == "best_of"
     assert SamplingParams(n=2, beam_width=3).num_samples_field == "beam_width"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer"),
+    ("vocab_size", -1, "vocab_size must be a positive integer"),
+    ("num_hidden_layers", 0, "num_hidden_layers must be a positive integer"),
+    ("max_position_embeddings", -5, "max_position_embeddings must be a positive integer"),
+    ("num_hidden_layers", 10**8, "num_hidden_layers 100000000 but the checkpoint holds layers 0..1"),
+    ("vocab_size", 2**31, "vocab_size 2147483648 and hidden_size 64 but the checkpoint's model.embed_tokens"),
+])
+def test_a_config_that_does_not_fit_its_checkpoint_is_refused_naming_the_field(tmp_path, field, value, words):
+    """Absurd config.json values crashed deep in torch (ZeroDivisionError, negative dimension, IndexError, a
+    512 GB allocation) or built a 10**8-layer skeleton for minutes. Checked first: sizes are positive integers,
+    and layers and embedding shape agree with the checkpoint's tensors."""
+    import json
+
+    from conftest import write_tiny
+
+    model = write_tiny(tmp_path / "m", "llama", hidden_size=64, num_hidden_layers=2)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg[field] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"config.json {words}"):
+        LLM(model=str(model), device="cpu")
