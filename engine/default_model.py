@@ -72,9 +72,13 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
         if _is_ready(target):  # another process finished while this one waited
             return str(target)
         started = time.perf_counter()
-        gguf_file = _fetch_gguf(downloads, say)
-        from pagedserve.engine.gguf_import import convert_gguf
+        from pagedserve.engine.gguf_import import convert_gguf, remove_stale_temporaries
 
+        # A run killed before (under this lock, so dead) left its download and staging directories behind.
+        remove_stale_temporaries(downloads, f"{Path(GGUF_MEMBER).name}.tmp")
+        remove_stale_temporaries(target.parent, f".{target.name}.staging")
+        remove_stale_temporaries(target.parent, f"..{target.name}.staging")
+        gguf_file = _fetch_gguf(downloads, say)
         staging = target.with_name(f".{target.name}.staging{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         say(f"converting {gguf_file.name} to an HF model directory (dequantizing to float32)")

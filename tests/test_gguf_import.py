@@ -5,6 +5,7 @@ what cannot be imported is refused with a ValueError naming the file and the rea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -297,3 +298,22 @@ def test_a_header_that_claims_more_than_the_file_holds_is_refused_at_once(tiny_g
     del reader
     with pytest.raises(ValueError, match=r"blocks\.gguf.*block_count 100000000.*2 blocks"):
         inspect_gguf(blocks)
+
+
+def test_a_killed_conversions_leftovers_are_removed_by_the_next_one(tiny_ggufs, tmp_path):
+    """A conversion SIGKILLed midway left its temporary directory (hundreds of MB for a real model) beside the
+    target for good: its name carries the dead process's pid, which the next run never looked for. The next
+    conversion removes a dead process's leftovers and leaves a live one's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp{dead.pid}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".out.tmp{os.getppid()}"
+    live.mkdir()
+    _, good = tiny_ggufs["llama"]
+    convert_gguf(good, tmp_path / "out")
+    assert not stale.exists() and live.exists() and (tmp_path / "out" / "config.json").is_file()
