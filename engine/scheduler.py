@@ -221,7 +221,8 @@ class Scheduler:
                 continue  # ``later`` computes what they have in common this step: share it next step
             self.bm.share_prefix(seq, now)
             going.append(seq)
-        return [s for s in seqs if any(s is g for g in going)]
+        running = {id(s) for s in going}
+        return [s for s in seqs if id(s) in running]
 
     def _allocate(self, plan: list[tuple[Sequence, int]]) -> bool:
         """Room for the whole plan, or nothing allocated and False."""

@@ -18,9 +18,9 @@ The claims and the cancelled flags take one round trip for the whole batch. Entr
 ``priority`` (lower first), then in stream order. Every limit is checked before any work starts: the operator's
 per-request limits (``max_samples_per_request``, ``max_stop_strings``, ``max_stop_string_chars``,
 ``max_tokens_per_request``), sampling parameters (the engine's own validation, whose messages name the field),
-sequences per request vs ``max_num_seqs`` and ``max_num_batched_tokens``, chat template, token ids vs the vocabulary, prompt length vs
-``max_model_len``, ``max_tokens`` vs what the prompt leaves of ``max_model_len`` (the engine's), and (load
-shedding) the time the entry waited in the stream vs ``max_queue_ms``. Refusals are
+sequences per request vs ``max_num_seqs`` and ``max_num_batched_tokens``, chat template, token ids vs the
+vocabulary, prompt length vs ``max_model_len``, ``max_tokens`` vs what the prompt leaves of ``max_model_len``
+(the engine's), and (load shedding) the time the entry waited in the stream vs ``max_queue_ms``. Refusals are
 :class:`InvalidRequestError` with the contract's error code.
 
 Isolation: a failure while handling one entry (a bug, a value no check foresaw) ends that entry alone, with an

@@ -97,12 +97,6 @@ def pool_full(e: BaseException) -> bool:
     return isinstance(e, _POOL_FULL) and str(e) == "Too many connections"
 
 
-def too_many_connections(limit: int) -> TooManyConnections:
-    return TooManyConnections(f"all {limit} connections of this client are in use (each call waiting for an "
-                              "answer holds one or two): pass a larger max_connections= to the client, or make "
-                              "fewer calls at once")
-
-
 class NoWorker(TimeoutError):
     """Nothing picked the request up and no live worker consumes the stream (the message says what was seen)."""
 
@@ -290,7 +284,10 @@ class ProducerCore:
 
     def _unreachable(self, e: Exception) -> redis.ConnectionError:
         if pool_full(e):
-            return too_many_connections(self.r.connection_pool.max_connections)  # type: ignore[attr-defined]
+            limit = self.r.connection_pool.max_connections  # type: ignore[attr-defined]
+            return TooManyConnections(f"all {limit} connections of this client are in use (each call waiting for "
+                                      "an answer holds one or two): pass a larger max_connections= to the client, "
+                                      "or make fewer calls at once")
         return RedisUnreachable(f"cannot reach Redis at {redact(self.redis_url)}: {redact(e)}")
 
     @staticmethod

@@ -226,7 +226,8 @@ class Worker(WorkerPart):
                 try:
                     self.iterate()
                     failures = 0
-                except _engine_dead_error():
+                except _engine_dead_error() as e:
+                    self.log.error("engine_dead", error=str(e))
                     raise  # no further step can run: exit non-zero, the entries go back to the stream below
                 except Exception:
                     # A bug must not take the fleet down on one bad request; a persistent one ends the process
@@ -277,7 +278,7 @@ class Worker(WorkerPart):
             self.metrics.step_seconds.inc(time.perf_counter() - t)
         else:
             self.progress.idle()
-            self._check_engine()  # a dead tensor-parallel rank is seen now, not when the next request comes
+            self.engine.check_alive()  # a dead tensor-parallel rank is seen now, not when the next request comes
         if self.publisher.pending() and conn.usable():
             try:
                 self.metrics.redis_ops.inc(self.publisher.flush(self.r))
@@ -313,19 +314,11 @@ class Worker(WorkerPart):
                     self.admission.admit(entries, redelivered)
         self.intake.queue_stats()
 
-    def _check_engine(self) -> None:
-        try:
-            self.engine.check_alive()
-        except _engine_dead_error() as e:
-            self.log.error("engine_dead", error=str(e))
-            raise
-
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except _engine_dead_error() as e:
-            self.log.error("engine_dead", error=str(e))
-            raise
+        except _engine_dead_error():
+            raise  # not the step's requests' fault: the loop logs it and the worker exits
         except Exception as e:
             # No request is to blame: none is answered; their entries go back to the stream (running.py).
             self.log.exception("engine_step_failed")

@@ -3,6 +3,7 @@ killed mid-run makes it exit non-zero with its requests taken over by another wo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -68,35 +69,33 @@ def test_tp2_worker_serves_then_a_killed_rank_ends_it_and_another_worker_finishe
         r.close()
 
 
-def test_tp2_worker_stopped_by_sigterm_stops_its_ranks_before_it_exits(redis_url, prefix, tmp_path):
+@contextlib.contextmanager
+def started_tp_worker(redis_url: str, prefix: str, name: str, log_path):
+    """A tensor_parallel_size=2 worker process, started (model loaded, ranks up); yields it and its rank's pid."""
     s = make_settings(redis_url, prefix)
-    tp = WorkerProcess(s.model_copy(update={"worker_name": "tp-stop", "tensor_parallel_size": 2}),
-                       tmp_path / "tp.log").start()
+    tp = WorkerProcess(s.model_copy(update={"worker_name": name, "tensor_parallel_size": 2}), log_path).start()
     try:
         tp.wait_started(180)
         (rank,) = spawned_children(tp.proc.pid)
+        yield tp, rank
+    finally:
+        tp.close()
+
+
+def test_tp2_worker_stopped_by_sigterm_stops_its_ranks_before_it_exits(redis_url, prefix, tmp_path):
+    with started_tp_worker(redis_url, prefix, "tp-stop", tmp_path / "tp.log") as (tp, rank):
         assert tp.terminate(60) == 0, tp.log_path.read_text()[-3000:]
         events = [e.get("event") for e in tp.events()]
         # The engine is closed (its ranks told to stop and joined) before the worker reports itself stopped.
         assert "engine_closed" in events and events.index("engine_closed") < events.index("worker_stopped"), events
         assert not alive(rank)
-    finally:
-        tp.close()
-
 
 
 def test_tp2_worker_whose_rank_dies_while_idle_exits_at_once(redis_url, prefix, tmp_path):
     """A rank killed while the worker had nothing to do went unnoticed (health 200) until the next request, which
     then paid a delivery to find out. The idle loop checks the engine: the worker exits non-zero at once."""
-    s = make_settings(redis_url, prefix)
-    tp = WorkerProcess(s.model_copy(update={"worker_name": "tp-idle", "tensor_parallel_size": 2}),
-                       tmp_path / "tp.log").start()
-    try:
-        tp.wait_started(180)
-        (rank,) = spawned_children(tp.proc.pid)
+    with started_tp_worker(redis_url, prefix, "tp-idle", tmp_path / "tp.log") as (tp, rank):
         os.kill(rank, signal.SIGKILL)
         assert tp.proc.wait(30) != 0
         dead = [e for e in tp.events() if e.get("event") == "engine_dead"]
         assert dead and "rank 1" in dead[0]["error"], tp.log_path.read_text()[-3000:]
-    finally:
-        tp.close()
