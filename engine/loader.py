@@ -7,10 +7,12 @@ parameter says which (its ``weight_loader``, engine/parallel_layers.py), through
 from __future__ import annotations
 
 import json
+import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from pagedserve.engine.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
 from pagedserve.engine.parallel_layers import SINGLE, TensorParallelGroup, replicated_weight_loader
@@ -31,6 +33,27 @@ POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "nu
                   "num_hidden_layers", "vocab_size", "max_position_embeddings", "head_dim")
 
 
+def _check_regular_files(path: Path) -> None:
+    """Every file in the model directory is a regular file (or a link to one): opening a FIFO blocks the load for
+    good, inside a library that retries on the interrupt a timeout would send."""
+    for entry in path.iterdir():
+        try:
+            mode = entry.stat().st_mode
+        except OSError:  # a dangling link: whoever reads it gets a clear OSError
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ValueError(f"model {str(path)!r}: {entry.name} is not a regular file")
+
+
+@contextmanager
+def _open_checkpoint(path: Path, file: Path):
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"model {str(path)!r}: {file.name} is not a readable safetensors file ({exc})") from None
+
+
 def _check_against_checkpoint(path: Path, files: list[Path], config) -> None:
     """The layer count and embedding shape the config gives agree with the checkpoint's tensors, read from the
     files' headers before anything is built: a config claiming 10**8 layers or a 2**31 vocabulary would build
@@ -38,7 +61,7 @@ def _check_against_checkpoint(path: Path, files: list[Path], config) -> None:
     layers: set[int] = set()
     embed = None
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_checkpoint(path, file) as f:
             for name in f.keys():
                 if name.startswith("model.layers.") and name.split(".")[2].isdigit():
                     layers.add(int(name.split(".")[2]))
@@ -59,6 +82,7 @@ def load_config(model_dir: str | Path):
         raise ValueError(f"model {str(path)!r} is not a model directory (no config.json)")
     from transformers import AutoConfig  # here: a tensor-parallel rank gets its config without transformers
 
+    _check_regular_files(path)
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -69,12 +93,12 @@ def load_config(model_dir: str | Path):
         value = raw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"model {str(path)!r}: config.json {name} must be a positive integer (got {value!r})")
-    config = AutoConfig.from_pretrained(path)
-    archs = getattr(config, "architectures", None) or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and config.model_type not in SUPPORTED_ARCHITECTURES.values():
-        raise ValueError(f"model architecture {archs or config.model_type} is not supported "
-                         f"(supported: {sorted(SUPPORTED_ARCHITECTURES)})")
-    return config
+    archs = raw.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and raw.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
+        # Before transformers, whose message for a type it does not know advises upgrading it.
+        raise ValueError(f"model {str(path)!r}: config.json model_type {raw.get('model_type')!r} (architectures "
+                         f"{archs}) is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})")
+    return AutoConfig.from_pretrained(path)
 
 
 def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.device, max_positions: int,
@@ -105,7 +129,7 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     filled: set[str] = set()
     bytes_read = 0
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_checkpoint(path, file) as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
@@ -160,7 +184,16 @@ def read_generation_eos(model_dir: str | Path) -> list[int]:
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {str(model_dir)!r}: generation_config.json cannot be read ({e})") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
     if eos is None:
         return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    ids = [eos] if isinstance(eos, int) else eos
+    # A string here would never equal a sampled id: generation would silently never stop at EOS.
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"model {str(model_dir)!r}: generation_config.json eos_token_id must be a token id or a "
+                         f"list of token ids (got {eos!r})")
+    return ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pagedserve.engine import LLM, PromptTooLongError, SamplingParams
@@ -180,3 +182,61 @@ def test_a_config_that_does_not_fit_its_checkpoint_is_refused_naming_the_field(t
     (model / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"config.json {words}"):
         LLM(model=str(model), device="cpu")
+
+
+def _broken_copy(tmp_path, break_it):
+    import json
+
+    from conftest import write_tiny
+
+    model = write_tiny(tmp_path / "m", "llama", hidden_size=64, num_hidden_layers=2)
+    break_it(model, json)
+    return model
+
+
+def _corrupt_weights(model, json):
+    (model / "model.safetensors").write_bytes(b"\x00" * 7 + b"not a safetensors file at all" * 3)
+
+
+def _weights_as_a_fifo(model, json):
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+
+
+def _tokenizer_as_a_fifo(model, json):
+    (model / "tokenizer.json").unlink()
+    os.mkfifo(model / "tokenizer.json")
+
+
+def _malformed_generation_config(model, json):
+    (model / "generation_config.json").write_text("{bad")
+
+
+def _string_eos(model, json):
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+
+
+def _unknown_model_type(model, json):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(model_type="foobar", architectures=["FooForCausalLM"])
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("break_it, words", [
+    (_corrupt_weights, r"model\.safetensors is not a readable safetensors file"),
+    (_weights_as_a_fifo, r"model\.safetensors is not a regular file"),
+    (_tokenizer_as_a_fifo, r"tokenizer\.json is not a regular file"),
+    (_malformed_generation_config, r"generation_config\.json cannot be read"),
+    (_string_eos, r"generation_config\.json eos_token_id must be a token id or a list of token ids \(got '</s>'\)"),
+    (_unknown_model_type, r"model_type 'foobar' \(architectures \['FooForCausalLM'\]\) is not supported"),
+])
+def test_broken_model_files_are_refused_naming_the_file(tmp_path, break_it, words):
+    """A corrupt checkpoint, an unknown model type or a malformed generation config surfaced the reading
+    library's own exception (SafetensorError, JSONDecodeError, transformers' advice to upgrade), a FIFO in the
+    directory hung the load, and a string eos_token_id was silently ignored (generation never stopped at EOS).
+    Each is a ValueError naming the model directory and the file."""
+    model = _broken_copy(tmp_path, break_it)
+    with pytest.raises(ValueError, match=words) as caught:
+        LLM(model=str(model), device="cpu")
+    assert str(model) in str(caught.value)
