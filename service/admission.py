@@ -5,12 +5,13 @@ the guarantee; split across modules it could no longer be read, or reviewed, top
 
 :meth:`Admission.admit` takes a batch of entries and, for each, in this order (the first matching step wins,
 so a stored result always beats a later check, as the contract's "answered from it" requires):
-1. parse it: unusable -> dead letter; a valid id with bad content -> ``error`` (``invalid_request``);
+1. parse it: unusable -> dead letter; a valid id with bad content -> a :class:`Refused` entry, answered
+   ``error`` (``invalid_request``) in its turn at step 5, like any other refusal;
 2. delivered more than ``max_deliveries`` times -> dead letter;
 3. its id already runs (or waits) here -> the entry is attached to it (acknowledged with it);
 4. claim the id (claims.py): it already has a result -> answered from it (a redelivery or a resubmission is
    never run twice); another worker runs it -> the entry waits for that worker's result;
-5. cancelled before pick-up -> ``done`` with finish_reason ``cancelled``;
+5. refused at parse time -> its ``error``; cancelled before pick-up -> ``done`` with finish_reason ``cancelled``;
 6. every limit (:func:`prepare`, :func:`check_queue_wait`, :func:`add_to_engine`) -> ``error`` with the
    contract's code, else the request is added to the engine and joins the worker's running requests (running.py).
 
@@ -180,6 +181,19 @@ def entry_time(entry_id: str) -> float:
 
 
 @dataclass
+class Refused:
+    """An entry with a valid id whose content was refused at parse time. It goes through steps 3-4 like a
+    request, so that it never answers for an id that runs, or has run, from another entry."""
+
+    error: InvalidRequestError
+    priority: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.error.request_id
+
+
+@dataclass
 class Compiling:
     """An entry whose grammar (structured outputs) compiles off the loop: it joins the engine once the compile
     is done, or is answered if the compile fails or times out. Every other check has passed."""
@@ -199,7 +213,7 @@ class Compiling:
 class Waiting:
     """Entries of an id another worker runs: pending here until its result appears or its claim lapses."""
 
-    request: GenerateRequest
+    request: GenerateRequest | Refused
     entry_ids: list[str]
     fields: dict
     deliveries: int
@@ -222,7 +236,7 @@ class Admission(WorkerPart):
 
     def admit(self, entries: list[tuple[str, dict, int]], redelivered: bool) -> None:
         """Validate entries and hand the good ones to the engine. Checks happen before any work starts."""
-        parsed: list[tuple[str, GenerateRequest, dict, int]] = []
+        parsed: list[tuple[str, GenerateRequest | Refused, dict, int]] = []
         for entry_id, _, _ in entries:
             self.leases.add(entry_id)  # held until its ack is flushed
         for entry_id, fields, deliveries in entries:
@@ -252,7 +266,7 @@ class Admission(WorkerPart):
             except Exception as e:
                 self.outcomes.failed(req.id, [entry_id], "admission", e)
 
-    def _parse(self, entry_id: str, fields: dict, deliveries: int) -> GenerateRequest | None:
+    def _parse(self, entry_id: str, fields: dict, deliveries: int) -> GenerateRequest | Refused | None:
         """Steps 1-3: the request, or None when the entry is answered, dead-lettered or attached already."""
         raw = _body(fields)
         try:
@@ -261,9 +275,7 @@ class Admission(WorkerPart):
             self.outcomes.dead(entry_id, str(e), raw, deliveries, kind=e.kind, trace_id=trace_id_from_fields(fields))
             return None
         except InvalidRequestError as e:
-            self.outcomes.error(e.request_id, [entry_id], e.code, e.message, e.metadata,
-                                trace_id=trace_id_from_fields(fields))
-            return None
+            req = Refused(e)
         if deliveries > self.settings.max_deliveries:
             self.outcomes.dead(
                 entry_id, f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}", raw,
@@ -289,7 +301,7 @@ class Admission(WorkerPart):
         pipe.exists(self.keys.cancelled(rid))
         pipe.exists(self.keys.events(rid))
 
-    def _decide(self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, claim: Any,
+    def _decide(self, entry_id: str, req: GenerateRequest | Refused, fields: dict, deliveries: int, claim: Any,
                 cancelled: Any, seen: set[str], has_events: Any = 0) -> None:
         """Steps 3-6 for one entry, given its claim reply and cancelled flag."""
         if self._attach(req.id, entry_id):  # duplicate id inside this batch, first one running or waiting
@@ -346,8 +358,12 @@ class Admission(WorkerPart):
         self.compiling.clear()
         return ids
 
-    def _start(self, entry_ids: list[str], req: GenerateRequest, fields: dict, deliveries: int,
+    def _start(self, entry_ids: list[str], req: GenerateRequest | Refused, fields: dict, deliveries: int,
                cancelled: bool, has_events: bool = False) -> None:
+        if isinstance(req, Refused):
+            e = req.error
+            self.outcomes.error(req.id, entry_ids, e.code, e.message, e.metadata, trace_id=trace_id_from_fields(fields))
+            return
         now = time.time()
         entry_id = entry_ids[0]
         arrival = min(entry_time(entry_id), now)

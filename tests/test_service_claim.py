@@ -156,3 +156,46 @@ def test_loser_takes_over_when_owner_dies(redis_url, prefix, two_workers):
         assert len(finished) == 1
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("order, gap_s", [("valid-first", 0.0), ("valid-first", 0.15), ("invalid-first", 0.0)])
+def test_a_malformed_entry_of_an_id_takes_its_turn(redis_url, idle_pair, order, gap_s):
+    """A second entry of an id, refused at parse time (an unknown field), was answered at once with its error:
+    the error became the id's result while the valid run went on, its tokens after the terminal event and its
+    ``done`` thrown away. A refused entry takes its turn like any other: the first entry of an id decides."""
+    prefix, two_workers = idle_pair
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    rid = f"dup-malformed-{order}-{int(gap_s * 1000)}"
+    rec = Recorder(redis_url, keys.out(rid))
+    time.sleep(0.2)
+    valid, malformed = _body(rid, 96, 1), json.dumps({"id": rid, "prompt": "one run only", "foo": 1})
+    first, second = (valid, malformed) if order == "valid-first" else (malformed, valid)
+    try:
+        if gap_s == 0:
+            pipe = r.pipeline(transaction=False)
+            pipe.xadd(keys.requests, {"body": first})
+            pipe.xadd(keys.requests, {"body": second})
+            pipe.execute()
+        else:
+            r.xadd(keys.requests, {"body": first})
+            wait_for(lambda: r.exists(keys.events(rid)), 60, what="the first entry running")
+            r.xadd(keys.requests, {"body": second})
+        wait_for(lambda: r.get(keys.result(rid)), 120, what="the result")
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 60, what="both entries acked")
+        wait_for(lambda: not r.exists(keys.running(rid)), 30, what="the claim released")
+        time.sleep(0.5)
+        result = parse_terminal(r.get(keys.result(rid)))
+        if order == "valid-first":
+            assert isinstance(result, DoneEvent), result
+            assert len(result.outputs[0].token_ids) == 96
+            assert [e.type for e in rec.terminal] == ["done"]
+        else:  # each worker may read one entry: whichever claims the id first decides, and only that
+            if result.type == "error":
+                assert "foo" in result.error.message and not rec.tokens
+            assert rec.terminal and all(e == result for e in rec.terminal), rec.terminal
+        events = [parse_event(f[b"data"]) for _, f in r.xrange(keys.events(rid))]
+        assert events[-1].type == result.type and all(e.type == "token" for e in events[:-1])
+    finally:
+        rec.close()
+        r.close()
