@@ -121,6 +121,9 @@ class Running(WorkerPart):
         (f.log or self.log).info("request_cancelled")
         self.table.pop(rid)
         try:
+            if f.request.stream and out is not None:  # held-back text, and beam or best_of outputs, go out now
+                for payload in token_payloads(out, f.next_seq):
+                    self.publisher.token(rid, payload, events_cap(f))
             self.outcomes.done(rid, f, out, finish_reason="cancelled")
         except Exception as e:
             self.outcomes.failed(rid, f.entry_ids, "cancel", e, f.span)

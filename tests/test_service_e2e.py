@@ -201,3 +201,27 @@ def test_stop_finishes_in_flight_work_within_grace_period(redis_url, prefix, sha
         done = c.result(rid)
         assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 60
         assert c.result(late) is None
+
+
+@pytest.mark.parametrize("params", [{"beam_width": 2, "n": 2, "temperature": 0}, {"best_of": 3, "seed": 5},
+                                    {"n": 2, "seed": 7}], ids=["beam", "best_of", "n"])
+def test_a_cancelled_request_streams_what_its_result_holds(setup, redis_url, params):
+    """A cancel ended a running request without its last token events: text held back for an incomplete
+    character never went out, and beam and best_of outputs (sent only at the end) not at all. The token events of
+    each output add up to the stored result's, as for any other ending."""
+    from pagedserve.service.protocol import parse_event
+
+    s, w, c = setup
+    rid = c.submit("cancel a group " * 5, params={"max_tokens": 1500, "ignore_eos": True, **params})
+    wait_for(lambda: rid in w.running.table and w.engine.stats()["num_running"] > 0, 60, what="running")
+    time.sleep(0.3)  # a few steps
+    c.cancel(rid)
+    done = c.wait(rid, timeout=60)
+    assert isinstance(done, DoneEvent) and {o.finish_reason for o in done.outputs} == {"cancelled"}
+    with redis.Redis.from_url(redis_url) as r:
+        events = [parse_event(f[b"data"]) for _, f in r.xrange(w.keys.events(rid))]
+    assert events[-1] == done
+    for out in done.outputs:
+        mine = [e for e in events[:-1] if e.index == out.index]
+        assert sum((e.token_ids for e in mine), []) == out.token_ids, out.index
+        assert "".join(e.text for e in mine) == out.text, out.index
