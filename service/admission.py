@@ -104,11 +104,17 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         if not getattr(tok, "chat_template", None):
             raise refuse("invalid_request", "messages: the model has no chat template")
         try:
-            prompt: str | list[int] = tok.apply_chat_template(
+            text = tok.apply_chat_template(
                 [m.model_dump() for m in req.messages], add_generation_prompt=True, tokenize=False
             )
         except Exception as e:  # a template may reject roles or orderings
             raise refuse("invalid_request", f"messages: {str(e)[:300]}") from None
+        if len(text) > _MAX_CHARS_PER_TOKEN * max_len:
+            raise refuse("prompt_too_long", f"messages render to {len(text)} characters; max_model_len is {max_len}")
+        # The template writes the special tokens it wants (a BOS, for Llama 3's): encoding adds none of its own.
+        prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
+        if not prompt:
+            raise refuse("invalid_request", "messages: the chat template renders to no tokens")
     elif req.prompt_token_ids is not None:
         ids = req.prompt_token_ids
         vocab = engine.vocab_size

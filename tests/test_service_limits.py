@@ -226,3 +226,19 @@ def test_limit_settings_from_environment(monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_MAX_SAMPLES_PER_REQUEST", "0")
     with pytest.raises(ValueError, match="max_samples_per_request"):
         Settings()
+
+
+def test_a_chat_template_that_writes_its_own_bos_gets_one(redis_url, prefix, shared_engine, monkeypatch):
+    """Llama 3 and Mistral templates start with ``{{ bos_token }}``; the rendered chat was then encoded with the
+    tokenizer's special tokens added, so the prompt began with two BOS tokens (the offline ``LLM.chat`` had one)."""
+    from pagedserve.service.admission import prepare
+
+    tok = shared_engine.tokenizer
+    assert tok.bos_token is not None
+    monkeypatch.setattr(tok, "chat_template", "{{ bos_token }}" + tok.chat_template)
+    messages = [{"role": "user", "content": "hi there"}]
+    req = parse_request(json.dumps({"id": "bos", "messages": messages}), 1 << 20)
+    prompt, _ = prepare(req, shared_engine, make_settings(redis_url, prefix))
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == tok.encode(text, add_special_tokens=False)
+    assert prompt[0] == tok.bos_token_id and prompt[1] != tok.bos_token_id
