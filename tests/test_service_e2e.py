@@ -142,7 +142,7 @@ def test_async_client(setup):
             evs = [e async for e in ac.stream("async", params={"max_tokens": 6, "temperature": 0}, timeout=60)]
             assert isinstance(evs[-1], DoneEvent)
             assert "".join(e.text for e in evs[:-1]) == evs[-1].text
-            results = await asyncio.gather(*[ac.generate(f"p{i}", params={"max_tokens": 4}, timeout=60) for i in range(6)])
+            results = await asyncio.gather(*[ac.generate(f"p{i}", params={"max_tokens": 4, "ignore_eos": True}, timeout=60) for i in range(6)])
             assert all(len(r.outputs[0].token_ids) == 4 for r in results)
             with pytest.raises(ValueError, match=r"^params\.top_k"):  # refused before it is sent
                 await ac.submit("x", params={"top_k": -1})
