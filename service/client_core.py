@@ -177,7 +177,7 @@ def build_request(
             "metadata": metadata or {},
         })
     except ValidationError as e:  # pydantic's text spans lines and ends with a link: one line naming the field
-        raise ValueError(refusal_message(e).replace("Value error, ", "")) from None
+        raise ValueError(refusal_message(e)) from None
     try:  # plain JSON, as a worker takes it: NaN would go out as null, a set or a datetime changed or refused
         json.dumps(req.metadata, allow_nan=False)
         changed = _changed_by_json(req.metadata, "metadata")

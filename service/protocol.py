@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
 from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
     MAX_INT_DIGITS,
@@ -51,7 +51,21 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: ``4.0`` is the integer 4 (JSON Schema says so, and Java or C# serializers write
+    whole doubles that way). Other floats stay floats, for the strict check to refuse."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def whole_int(ge: int, le: int) -> Any:
+    """An integer field in [ge, le] that takes whole floats (the bounds before the validator: so pydantic
+    publishes them as JSON Schema's minimum and maximum)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_whole)]
+
+
+Int64 = whole_int(INT64_MIN, INT64_MAX)
 
 
 def valid_id(value: object) -> bool:
@@ -183,18 +197,27 @@ class SamplingParamsModel(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+def _one_prompt_schema(schema: dict) -> None:
+    """What ``_one_prompt`` checks, in the published schema: exactly one prompt field, not empty."""
+    props = schema["properties"]
+    for name, limit in (("prompt", "minLength"), ("prompt_token_ids", "minItems"), ("messages", "minItems")):
+        props[name]["anyOf"][0][limit] = 1
+    schema["oneOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("prompt", "prompt_token_ids", "messages")]
+
+
 class GenerateRequest(BaseModel):
     """The body of one ``XADD pagedserve:requests`` entry. ``id`` is the idempotency key."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_prompt_schema)
     id: str = Field(pattern=ID_PATTERN)
     prompt: str | None = None
-    prompt_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
+    prompt_token_ids: list[whole_int(0, INT64_MAX)] | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     params: SamplingParamsModel = Field(default_factory=SamplingParamsModel)
     stream: bool = True
-    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
-    deadline_ms: int | None = Field(None, ge=0, le=MAX_DEADLINE_MS)
+    priority: whole_int(-(2**31), 2**31 - 1) = 0
+    deadline_ms: whole_int(0, MAX_DEADLINE_MS) | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -385,7 +408,8 @@ def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:3]:
         loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"]
+        # A validator's own message names the field already; pydantic prefixes it with "Value error, ".
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 

@@ -151,3 +151,42 @@ def test_a_duplicate_id_key_spelled_with_an_escape_is_caught():
     with pytest.raises(DeadLetterError, match="duplicate 'id'"):
         parse_request(body, 2048)
     assert parse_request(b'{"id": "a", "prompt": "caf\\u00e9"}', 2048).prompt == "caf\u00e9"
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "params": {"max_tokens": 4.0, "seed": 3.0, "top_k": 2.0}},
+    {"prompt": "x", "priority": 1.0, "deadline_ms": 1.9e12},
+    {"prompt_token_ids": [5.0, 6]},
+    {"prompt": "x", "params": {"max_tokens": 4.5}},
+    {"prompt": "x", "priority": True},
+    {"prompt": "x", "params": {"max_tokens": "4"}},
+    {"prompt": ""},
+    {"prompt_token_ids": []},
+    {"messages": []},
+    {},
+    {"prompt": None},
+    {"prompt": "x", "prompt_token_ids": [1]},
+    {"prompt": "x", "messages": None},
+    {"messages": [{"role": "user", "content": "hi"}], "prompt": None, "prompt_token_ids": None},
+], ids=lambda b: json.dumps(b)[:60])
+def test_the_published_request_schema_accepts_what_the_worker_accepts(body):
+    """A producer in another language validates with docs/schemas/request.schema.json: whatever it accepts the
+    worker accepts, and the other way round. JSON has one number type: 4.0 is the integer 4 (JSON Schema says
+    so, and Java or C# serializers write whole doubles that way), so integer fields take it."""
+    import jsonschema
+
+    schema = json.loads((SCHEMAS / "request.schema.json").read_text())
+    body = {"id": "schema-1", **body}
+    by_schema = jsonschema.Draft202012Validator(schema).is_valid(body)
+    try:
+        parse_request(json.dumps(body), 1 << 20)
+        by_worker = True
+    except InvalidRequestError as e:
+        by_worker = e.message
+    assert by_schema == (by_worker is True), (by_schema, by_worker)
+
+
+def test_the_worker_names_a_request_level_mistake_as_the_client_does():
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(json.dumps({"id": "a", "prompt": ""}), 1 << 20)
+    assert ei.value.message == "prompt must not be empty"
