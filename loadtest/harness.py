@@ -38,12 +38,13 @@ def worker_command() -> list[str]:
 
 class LocalStack:
     def __init__(self, *, worker_env: dict[str, str] | None = None, log_dir: str | Path | None = None,
-                 ready_timeout_s: float = 120.0) -> None:
+                 ready_timeout_s: float = 120.0, prefix: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pagedserve-loadtest-"))
         self.log_dir = Path(log_dir) if log_dir else self.dir
         self.redis_port = free_port()
         self.metrics_port = free_port()
         self.worker_env = worker_env or {}
+        self.prefix = prefix  # PAGEDSERVE_PREFIX of the worker; None: this process's (else the default)
         self.ready_timeout_s = ready_timeout_s
         self.redis: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
@@ -82,6 +83,7 @@ class LocalStack:
                # steps 10-100x slower. Override with worker_env={"OMP_NUM_THREADS": "N"} on a quiet machine.
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+               **({"PAGEDSERVE_PREFIX": self.prefix} if self.prefix else {}),
                **self.worker_env}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._worker_log = open(self.log_dir / "worker.log", "wb")

@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.harness import LocalStack
 
         env = dict(kv.split("=", 1) for kv in args.worker_env)
-        stack = LocalStack(worker_env=env, log_dir=Path(args.out).parent / "logs").__enter__()
+        if env.get("PAGEDSERVE_PREFIX", args.key_prefix) != args.key_prefix:
+            ap.error("--worker-env PAGEDSERVE_PREFIX differs from --key-prefix (the worker would not read the load); "
+                     "set --key-prefix alone")
+        # the spawned worker serves the stream the load goes to
+        stack = LocalStack(worker_env=env, prefix=args.key_prefix, log_dir=Path(args.out).parent / "logs").__enter__()
         redis_url = stack.redis_url
     try:
         if args.warmup:

@@ -248,7 +248,7 @@ def test_helm_chart_can_scale_on_the_batch_backlog():
     (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
     lag, backlog = so["spec"]["triggers"]
     assert lag["type"] == "redis-streams" and backlog["type"] == "prometheus"
-    assert backlog["metadata"]["query"] == 'max(pagedserve_batch_backlog_lines{namespace="ml"})'
+    assert backlog["metadata"]["query"] == 'max(pagedserve_batch_backlog_lines{namespace="ml",service="rel-pagedserve"})'
     assert backlog["metadata"]["threshold"] == "100"
     with helm.Chart.load(str(chart_dir)) as chart, pytest.raises(Exception, match="minReplicaCount"):
         chart.render({"keda": {"enabled": True, "minReplicaCount": 0, "batchTrigger": {"enabled": True}}},

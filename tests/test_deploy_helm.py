@@ -8,6 +8,8 @@ kubernetes-validate ships the Kubernetes OpenAPI schemas.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import unquote
@@ -480,3 +482,153 @@ def test_notes_submit_does_not_use_the_worker_user():
     assert re.search(r"kubectl -n ml run \S+ .*--rm", text)
     assert "PAGEDSERVE_REDIS_URL=redis://PRODUCER_USER:PASSWORD@redis-master.redis.svc:6379/0" in text
     assert "-- submit" in text
+
+
+# ---------------------------------------------------------------- values as a values file hands them over
+
+
+def test_large_integers_reach_the_worker_as_integers(monkeypatch):
+    """Every number of a values file reaches the templates as a float64, which "%v" writes as 2.592e+06 from
+    10**6 on: the worker's settings refuse that, and the pods crash-loop."""
+    from service.settings import Settings
+
+    values = {"worker": {"resultTtlS": 2592000, "maxQueueMs": 1800000, "claimIdleMs": 1800000},
+              "engine": {"maxModelLen": 1048576},
+              "extraConfig": {"PAGEDSERVE_MAX_MESSAGE_BYTES": 4194304, "PAGEDSERVE_DEAD_LETTER_MAXLEN": 1000000},
+              "keda": {"enabled": True, "minReplicaCount": 1, "trigger": {"metric": "length", "threshold": 1000000},
+                       "batchTrigger": {"enabled": True, "threshold": 2000000}}}
+    docs = render(values)
+    data = one(docs, "ConfigMap")["data"]
+    assert {k: data[k] for k in ("PAGEDSERVE_RESULT_TTL_S", "PAGEDSERVE_MAX_QUEUE_MS", "PAGEDSERVE_CLAIM_IDLE_MS",
+                                 "PAGEDSERVE_MAX_MODEL_LEN", "PAGEDSERVE_MAX_MESSAGE_BYTES",
+                                 "PAGEDSERVE_DEAD_LETTER_MAXLEN")} == {
+        "PAGEDSERVE_RESULT_TTL_S": "2592000", "PAGEDSERVE_MAX_QUEUE_MS": "1800000",
+        "PAGEDSERVE_CLAIM_IDLE_MS": "1800000", "PAGEDSERVE_MAX_MODEL_LEN": "1048576",
+        "PAGEDSERVE_MAX_MESSAGE_BYTES": "4194304", "PAGEDSERVE_DEAD_LETTER_MAXLEN": "1000000"}
+    assert data["PAGEDSERVE_GPU_MEMORY_UTILIZATION"] == "0.9"  # fractions stay as they are
+    # the worker reads the ConfigMap as it is
+    for name in [n for n in os.environ if n.upper().startswith("PAGEDSERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in data.items():
+        if name.startswith("PAGEDSERVE_"):
+            monkeypatch.setenv(name, value)
+    s = Settings()
+    assert (s.result_ttl_s, s.max_queue_ms, s.max_model_len, s.max_message_bytes) == (2592000, 1800000, 1048576,
+                                                                                    4194304)
+    triggers = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert triggers[0]["metadata"]["streamLength"] == "1000000"
+    assert triggers[1]["metadata"]["threshold"] == "2000000"
+
+
+def test_keda_batch_trigger_reads_only_its_own_release():
+    """Two releases in one namespace (two models, two prefixes) each scale on their own batch backlog."""
+    values = {"keda": {"enabled": True, "minReplicaCount": 1, "batchTrigger": {"enabled": True}},
+              "serviceMonitor": {"enabled": True}}
+    queries = {}
+    for release, prefix in (("chat", "chat"), ("code", "code")):
+        docs = render({**values, "prefix": prefix}, name=release)
+        svc = one(docs, "Service")["metadata"]["name"]
+        # the Prometheus Operator labels every target of a ServiceMonitor with service=<the Service's name>
+        assert one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"] == one(docs, "Service")["spec"][
+            "selector"]
+        (query,) = [t["metadata"]["query"] for t in one(docs, "ScaledObject")["spec"]["triggers"]
+                    if t["type"] == "prometheus"]
+        assert f'service="{svc}"' in query and 'namespace="ml"' in query, query
+        queries[release] = query
+    assert queries["chat"] != queries["code"]
+
+
+@pytest.mark.parametrize("values, variable, instead", [
+    ({"extraConfig": {"PAGEDSERVE_PREFIX": "chat"}}, "PAGEDSERVE_PREFIX", "prefix"),
+    ({"extraConfig": {"PAGEDSERVE_METRICS_PORT": 9500}}, "PAGEDSERVE_METRICS_PORT", "worker.metricsPort"),
+    ({"extraConfig": {"pagedserve_prefix": "chat"}}, "pagedserve_prefix", "prefix"),  # settings ignore case
+    ({"extraConfig": {"PAGEDSERVE_SHUTDOWN_GRACE_S": 300}}, "PAGEDSERVE_SHUTDOWN_GRACE_S",
+     "worker.shutdownGraceSeconds"),
+    ({"extraConfig": {"PAGEDSERVE_REDIS_URL": "redis://r:6379/0"}}, "PAGEDSERVE_REDIS_URL", "redis.url"),
+    ({"extraEnv": [{"name": "PAGEDSERVE_PREFIX", "value": "chat"}]}, "PAGEDSERVE_PREFIX", "prefix"),
+    ({"extraEnv": [{"name": "PAGEDSERVE_METRICS_PORT", "value": "9500"}]}, "PAGEDSERVE_METRICS_PORT",
+     "worker.metricsPort"),
+    ({"extraEnv": [{"name": "PAGEDSERVE_CPU_THREADS", "value": "8"}]}, "PAGEDSERVE_CPU_THREADS", "cpuThreads"),
+])
+def test_extra_config_cannot_override_chart_settings(values, variable, instead):
+    # KEDA, the probes and the drain follow the chart's values: a variable overriding one of them in the pod
+    # would leave them disagreeing with the worker
+    render_fails(values, variable, instead)
+
+
+def test_every_variable_the_chart_sets_is_refused_in_extra_config():
+    data = one(render({"model": {"path": "/models/m"}, "engine": {"maxModelLen": 4096}}), "ConfigMap")["data"]
+    for name in [n for n in data if n.startswith("PAGEDSERVE_")]:
+        render_fails({"extraConfig": {name: "1"}}, f"extraConfig.{name}", "instead")
+
+
+def test_extra_config_passes_other_variables():
+    docs = render({"extraConfig": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "PAGEDSERVE_READ_BLOCK_MS": 20},
+                   "extraEnv": [{"name": "PAGEDSERVE_SEED", "value": "7"}]})
+    data = one(docs, "ConfigMap")["data"]
+    assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio" and data["PAGEDSERVE_READ_BLOCK_MS"] == "20"
+    assert {"name": "PAGEDSERVE_SEED", "value": "7"} in worker_container(docs)["env"]
+
+
+PASSWORD = "Zq9SecretPw"
+
+
+@pytest.mark.parametrize("url", [
+    f"redis://app:{PASSWORD}%zz@redis:6379/0",  # % not followed by two hex digits
+    f"redis://app:{PASSWORD} x@redis:6379/0",  # a space
+    f"redis://app:{PASSWORD}%@redis:6379/0",
+    f"redis://app:{PASSWORD}/x@redis:6379/0",  # an unescaped / ends the host early
+    f"redis://app:{PASSWORD}#x@redis:6379/0",
+    f"redis://app:{PASSWORD}?x@redis:6379/0",
+    f"redis://{PASSWORD}%zz@redis:6379/0",
+    f"rediss://app:{PASSWORD}@red is:6379/0",  # the rest of the URL is bad
+])
+@pytest.mark.parametrize("keda", [False, True])
+def test_malformed_redis_url_is_refused_without_quoting_the_password(url, keda):
+    values = {"keda": {"enabled": keda}}
+    for redis in ({"url": url}, {"url": url, "existingSecret": "mine"}):
+        msg = render_fails({**values, "redis": redis}, "redis.url")
+        assert PASSWORD[:5] not in msg and "Secret" not in msg, msg
+
+
+def test_schema_engine_values_are_the_ones_the_engine_takes():
+    from engine.config import EngineConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    engine = schema["properties"]["engine"]["properties"]
+    with helm.Chart.load(str(CHART)) as chart:
+        for dtype in engine["dtype"]["enum"]:
+            EngineConfig(dtype=dtype, device="cpu")  # the engine takes every dtype the schema lets through
+        for dtype in ("half", "float", "float64"):
+            with pytest.raises(helm.HelmError):
+                chart.validate_schema({"engine": {"dtype": dtype}})
+        chart.validate_schema({"engine": {"maxModelLen": 2}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"engine": {"maxModelLen": 1}})
+        for block_size in (1, 16, 128):
+            chart.validate_schema({"engine": {"blockSize": block_size}})
+            EngineConfig(block_size=block_size, device="cpu")
+        for block_size in (3, 24, 256):
+            with pytest.raises(helm.HelmError):
+                chart.validate_schema({"engine": {"blockSize": block_size}})
+
+
+def test_recreate_strategy_has_no_rolling_update():
+    # the API server refuses rollingUpdate with type Recreate; values merge the default rollingUpdate in
+    assert one(render({"updateStrategy": {"type": "Recreate"}}), "Deployment")["spec"]["strategy"] == {
+        "type": "Recreate"}
+    assert one(render({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0}}}),
+               "Deployment")["spec"]["strategy"] == {"type": "RollingUpdate",
+                                                     "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}
+
+
+def test_probe_initial_delays_are_rendered():
+    probes = {"liveness": {"path": "/healthz", "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3,
+                           "initialDelaySeconds": 120},
+              "readiness": {"path": "/readyz", "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3,
+                            "initialDelaySeconds": 60}}
+    c = worker_container(render({"probes": probes}))
+    assert c["livenessProbe"]["initialDelaySeconds"] == 120
+    assert c["readinessProbe"]["initialDelaySeconds"] == 60
+    c = worker_container(render({}))
+    assert "initialDelaySeconds" not in c["livenessProbe"] and "initialDelaySeconds" not in c["readinessProbe"]

@@ -178,3 +178,21 @@ def test_headless_locust_run_against_real_worker(tmp_path):
     assert summary["output_tokens_per_s"] > 0 and summary["goodput_rps"] > 0
     assert summary["latency_ms"]["TTFT"]["p50"] > 0
     assert summary["server_ms"]["server_ttft"]["count"] == summary["completed"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not _worker_importable(), reason="pagedserve.service.worker (the real worker) is not importable")
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_sweep_spawns_the_worker_on_its_key_prefix(tmp_path, monkeypatch):
+    """`--spawn --key-prefix X`: the spawned worker serves X, so the warm-up (and every point) gets answers."""
+    from loadtest import sweep
+
+    monkeypatch.delenv("PAGEDSERVE_PREFIX", raising=False)
+    monkeypatch.setenv("PAGEDSERVE_MODEL", "pagedserve-tiny-random")
+    # no load point: the warm-up request is answered only if the worker reads the stream of --key-prefix
+    assert sweep.main(["--spawn", "--key-prefix", "lt-prefix", "--rates", "", "--warmup", "1", "--max-tokens", "2",
+                       "--out", str(tmp_path / "run"), "--worker-env", "PAGEDSERVE_SWAP_SPACE_GB=0.05",
+                       "--worker-env", "PAGEDSERVE_MAX_NUM_SEQS=4"]) == 0
+    with pytest.raises(SystemExit):  # a worker on another prefix would never answer: refused up front
+        sweep.main(["--spawn", "--key-prefix", "lt-prefix", "--rates", "", "--worker-env", "PAGEDSERVE_PREFIX=other",
+                    "--out", str(tmp_path / "run2")])

@@ -58,10 +58,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-redis" (include "pagedserve.fullname" .)) .Values.redis.existingSecret }}
 {{- end }}
 
+{{/* redis.url, checked before urlParse reads it: Go's URL parser quotes the whole URL, password included, in
+its errors. The user/password part is checked here, without quoting it, and the rest is parsed without it. */}}
+{{- define "pagedserve.redisURLChecked" -}}
+{{- $url := .Values.redis.url }}
+{{- if regexMatch "[[:space:][:cntrl:]]" $url }}
+{{- fail "redis.url: has a space or control character; percent-encode it (a space as %20) or set redis.username/redis.password" }}
+{{- end }}
+{{- $scheme := regexFind "^[A-Za-z][A-Za-z0-9+.-]*://" $url }}
+{{- $rest := trimPrefix $scheme $url }}
+{{- $authority := regexFind "^[^/?#]*" $rest }}
+{{- if contains "@" $authority }}
+{{- $userinfo := regexReplaceAll "@[^@]*$" $authority "" }}
+{{- /* the characters Go's parser and redis-py take as they are; anything else is percent-encoded */}}
+{{- if not (regexMatch "^([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*$" $userinfo) }}
+{{- fail "redis.url: the user name or password has a character to percent-encode (% as %25, a space as %20, non-ASCII as its UTF-8 %XX bytes); or set redis.username/redis.password" }}
+{{- end }}
+{{- $rest = substr (int (add (len $userinfo) 1)) (len $rest) $rest }}
+{{- end }}
+{{- if contains "@" $rest }}
+{{- fail "redis.url: a /, ? or # in the user name or password ends the host early; percent-encode it (%2F, %3F, %23) or set redis.username/redis.password" }}
+{{- end }}
+{{- $_ := urlParse (printf "%s%s" $scheme $rest) }}
+{{- $url }}
+{{- end }}
+
 {{/* Redis URL built from the parts when redis.url is empty. */}}
 {{- define "pagedserve.redisURL" -}}
 {{- if .Values.redis.url }}
-{{- .Values.redis.url }}
+{{- include "pagedserve.redisURLChecked" . }}
 {{- else }}
 {{- if not .Values.redis.host }}
 {{- fail "redis: set redis.url, redis.host or redis.existingSecret" }}
@@ -76,7 +101,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else if .Values.redis.username }}
 {{- $auth = printf "%s@" $user }}
 {{- end }}
-{{- printf "%s://%s%s:%v/%v" $scheme $auth .Values.redis.host .Values.redis.port .Values.redis.db }}
+{{- printf "%s://%s%s:%s/%s" $scheme $auth .Values.redis.host (include "pagedserve.str" .Values.redis.port) (include "pagedserve.str" .Values.redis.db) }}
 {{- end }}
 {{- end }}
 
@@ -135,11 +160,73 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not .Values.opentelemetry.endpoint }}
 {{- $_ := set $cfg "OTEL_SDK_DISABLED" "true" }}
 {{- end }}
+{{- include "pagedserve.refuseManagedEnv" (dict "where" "extraConfig" "names" (keys .Values.extraConfig)) }}
 {{- $cfg = merge (deepCopy .Values.extraConfig) $cfg }}
 {{- range $k := keys $cfg | sortAlpha }}
 {{- $v := get $cfg $k }}
 {{- if or (kindIs "bool" $v) (kindIs "float64" $v) (kindIs "int" $v) (kindIs "int64" $v) $v }}
-{{ $k }}: {{ $v | toString | quote }}
+{{ $k }}: {{ include "pagedserve.str" $v | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A value as text. Every number of a values file reaches the templates as a float64, which toString ("%v")
+writes as 2.592e+06 from 10**6 on, and the worker refuses that: whole numbers are written as integers. */}}
+{{- define "pagedserve.str" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}
+{{- printf "%.0f" . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* Variables the chart sets from a value, with that value. KEDA, the probes and the drain follow the values:
+extraConfig or extraEnv setting one of these would leave them disagreeing with the worker. */}}
+{{- define "pagedserve.managedEnv" -}}
+{{- dict
+  "PAGEDSERVE_PREFIX" "prefix"
+  "PAGEDSERVE_MODEL" "model.path"
+  "PAGEDSERVE_DEVICE" "engine.device"
+  "PAGEDSERVE_DTYPE" "engine.dtype"
+  "PAGEDSERVE_BLOCK_SIZE" "engine.blockSize"
+  "PAGEDSERVE_NUM_GPU_BLOCKS" "engine.numGpuBlocks"
+  "PAGEDSERVE_GPU_MEMORY_UTILIZATION" "engine.gpuMemoryUtilization"
+  "PAGEDSERVE_SWAP_SPACE_GB" "engine.swapSpaceGb"
+  "PAGEDSERVE_PREEMPTION_MODE" "engine.preemptionMode"
+  "PAGEDSERVE_MAX_NUM_SEQS" "engine.maxNumSeqs"
+  "PAGEDSERVE_MAX_NUM_BATCHED_TOKENS" "engine.maxNumBatchedTokens"
+  "PAGEDSERVE_MAX_MODEL_LEN" "engine.maxModelLen"
+  "PAGEDSERVE_ENABLE_PREFIX_CACHING" "engine.enablePrefixCaching"
+  "PAGEDSERVE_TENSOR_PARALLEL_SIZE" "engine.tensorParallelSize"
+  "PAGEDSERVE_CLAIM_IDLE_MS" "worker.claimIdleMs"
+  "PAGEDSERVE_MAX_DELIVERIES" "worker.maxDeliveries"
+  "PAGEDSERVE_RESULT_TTL_S" "worker.resultTtlS"
+  "PAGEDSERVE_MAX_QUEUE_MS" "worker.maxQueueMs"
+  "PAGEDSERVE_MAX_SAMPLES_PER_REQUEST" "worker.maxSamplesPerRequest"
+  "PAGEDSERVE_MAX_STOP_STRINGS" "worker.maxStopStrings"
+  "PAGEDSERVE_MAX_STOP_STRING_CHARS" "worker.maxStopStringChars"
+  "PAGEDSERVE_MAX_TOKENS_PER_REQUEST" "worker.maxTokensPerRequest"
+  "PAGEDSERVE_STALL_TIMEOUT_S" "worker.stallTimeoutS"
+  "PAGEDSERVE_SHUTDOWN_GRACE_S" "worker.shutdownGraceSeconds"
+  "PAGEDSERVE_GRACE_PERIOD_S" "worker.shutdownGraceSeconds"
+  "GRACE_PERIOD_S" "worker.shutdownGraceSeconds"
+  "PAGEDSERVE_METRICS_PORT" "worker.metricsPort"
+  "PAGEDSERVE_LOG_FORMAT" "worker.logFormat"
+  "PAGEDSERVE_LOG_LEVEL" "worker.logLevel"
+  "PAGEDSERVE_REDIS_URL" "redis.url (or redis.existingSecret)"
+  "PAGEDSERVE_CPU_THREADS" "cpuThreads"
+  "OMP_NUM_THREADS" "cpuThreads"
+  "PAGEDSERVE_CPU_BIND" "cpuBind"
+| toJson }}
+{{- end }}
+
+{{/* Fails when one of .names (extraConfig keys, extraEnv names) is a variable the chart sets. The worker's
+settings read names in any case (pagedserve_prefix is PAGEDSERVE_PREFIX), so they are compared upper-cased. */}}
+{{- define "pagedserve.refuseManagedEnv" -}}
+{{- $managed := include "pagedserve.managedEnv" . | fromJson }}
+{{- range $name := .names | sortAlpha }}
+{{- with get $managed (upper $name) }}
+{{- fail (printf "%s.%s: the chart sets this variable (KEDA, the probes and the drain follow it); set %s instead" $.where $name .) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -193,7 +280,7 @@ userinfo back escaped, so a password taken from redis.url must be decoded before
 {{- if .Values.redis.password }}
 {{- .Values.redis.password }}
 {{- else if .Values.redis.url }}
-{{- $parts := splitn ":" 2 (get (urlParse .Values.redis.url) "userinfo") }}
+{{- $parts := splitn ":" 2 (get (urlParse (include "pagedserve.redisURLChecked" .)) "userinfo") }}
 {{- include "pagedserve.urlUnescape" (dict "s" ($parts._1 | default "") "what" "redis.url") }}
 {{- end }}
 {{- end }}
@@ -203,7 +290,7 @@ userinfo back escaped, so a password taken from redis.url must be decoded before
 {{- if .Values.redis.username }}
 {{- .Values.redis.username }}
 {{- else if .Values.redis.url }}
-{{- $parts := splitn ":" 2 (get (urlParse .Values.redis.url) "userinfo") }}
+{{- $parts := splitn ":" 2 (get (urlParse (include "pagedserve.redisURLChecked" .)) "userinfo") }}
 {{- include "pagedserve.urlUnescape" (dict "s" ($parts._0 | default "") "what" "redis.url") }}
 {{- end }}
 {{- end }}
@@ -216,9 +303,9 @@ so it is qualified with the release namespace. IPv6 literals ([...]) stay as the
 {{- .Values.keda.address }}
 {{- else }}
 {{- $host := .Values.redis.host }}
-{{- $port := toString .Values.redis.port }}
+{{- $port := include "pagedserve.str" .Values.redis.port }}
 {{- if .Values.redis.url }}
-{{- $hp := get (urlParse .Values.redis.url) "host" }}
+{{- $hp := get (urlParse (include "pagedserve.redisURLChecked" .)) "host" }}
 {{- $port = "6379" }}
 {{- if hasPrefix "[" $hp }}
 {{- $host = regexReplaceAll "^(\\[[^\\]]*\\]).*$" $hp "${1}" }}
@@ -248,7 +335,7 @@ so it is qualified with the release namespace. IPv6 literals ([...]) stay as the
 
 {{/* true when redis.url turns off certificate checks (ssl_cert_reqs=none): KEDA must not check them either. */}}
 {{- define "pagedserve.redisUnsafeSSL" -}}
-{{- and .Values.redis.url (regexMatch "(^|&)ssl_cert_reqs=none(&|$)" (get (urlParse .Values.redis.url) "query")) }}
+{{- and .Values.redis.url (regexMatch "(^|&)ssl_cert_reqs=none(&|$)" (get (urlParse (include "pagedserve.redisURLChecked" .)) "query")) }}
 {{- end }}
 
 {{/* true when an autoscaler owns .spec.replicas. */}}
