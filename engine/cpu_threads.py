@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -38,6 +39,17 @@ ENV_SPIN = "PAGEDSERVE_CPU_SPIN_US"
 # the gaps between one decode step's regions (docs/benchmarks.md).
 PINNED_SPIN_US = 300
 BIND_MODES = ("auto", "none")
+# What the OpenMP runtimes take for the variables this module would otherwise set (case-insensitive). Given
+# anything else, the runtime prints a warning and runs on with its default: the user's setting silently lost.
+OPENMP_SYNTAX = {
+    "OMP_NUM_THREADS": (r"[1-9]\d*(,[1-9]\d*)*", "a positive integer, or a comma list of them"),
+    "MKL_NUM_THREADS": (r"[1-9]\d*", "a positive integer"),
+    "OMP_WAIT_POLICY": (r"active|passive", "active or passive"),
+    "OMP_PROC_BIND": (r"true|false|(primary|master|close|spread)(,(primary|master|close|spread))*",
+                      "true, false, or a comma list of primary, close and spread"),
+    "GOMP_SPINCOUNT": (r"\d+[kmgt]?|infinite|infinity", "a count (with an optional k, M, G or T) or infinite"),
+    "KMP_BLOCKTIME": (r"\d+(ms|us|s)?|infinite", "milliseconds (or a number with ms, us or s) or infinite"),
+}
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,11 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
     cpus = allowed_cpus() if cpus is None else cpus
     raw_threads = environ.get(ENV_THREADS, "").strip()
     raw_bind = environ.get(ENV_BIND, "").strip().lower() or "auto"
+
+    for name, (pattern, expected) in OPENMP_SYNTAX.items():
+        value = environ.get(name)
+        if value is not None and value.strip() and not re.fullmatch(pattern, value.strip(), re.IGNORECASE):
+            raise ValueError(f"{name} must be {expected} (got {value!r})")
 
     raw_spin = environ.get(ENV_SPIN, "").strip()
     if raw_spin and not raw_spin.isdigit():  # the kernels' own reading would take -1 or "abc" for 0 without a word

@@ -58,11 +58,28 @@ def test_kernel_threads_spin_only_on_pinned_cpus():
     ({"PAGEDSERVE_CPU_BIND": "0,,1"}, "PAGEDSERVE_CPU_BIND"),
     ({"PAGEDSERVE_CPU_BIND": "4-5"}, "PAGEDSERVE_CPU_BIND"),  # not in the affinity mask
     ({"PAGEDSERVE_CPU_BIND": "0-1", "PAGEDSERVE_CPU_THREADS": "3"}, "PAGEDSERVE_CPU_THREADS"),
+    # The OpenMP runtime warns about these and runs on with its defaults: the user's setting silently lost.
+    ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS"),
+    ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS"),
+    ({"MKL_NUM_THREADS": "-2"}, "MKL_NUM_THREADS"),
+    ({"OMP_WAIT_POLICY": "sometimes"}, "OMP_WAIT_POLICY"),
+    ({"OMP_PROC_BIND": "tight"}, "OMP_PROC_BIND"),
+    ({"GOMP_SPINCOUNT": "lots"}, "GOMP_SPINCOUNT"),
+    ({"KMP_BLOCKTIME": "soon"}, "KMP_BLOCKTIME"),
 ])
 def test_bad_values_name_the_variable(env, named):
     with pytest.raises(ValueError) as exc:
         plan_from_env(env, FOUR)
     assert named in str(exc.value)
+
+
+@pytest.mark.parametrize("env", [
+    {"OMP_NUM_THREADS": "4"}, {"OMP_NUM_THREADS": "4,2"}, {"OMP_WAIT_POLICY": "Active"},
+    {"OMP_PROC_BIND": "spread,close"}, {"OMP_PROC_BIND": "FALSE"}, {"GOMP_SPINCOUNT": "infinite"},
+    {"GOMP_SPINCOUNT": "10k"}, {"KMP_BLOCKTIME": "0"}, {"KMP_BLOCKTIME": "infinite"}, {"KMP_BLOCKTIME": "200ms"},
+])
+def test_good_openmp_values_pass(env):
+    plan_from_env(env, FOUR)
 
 
 def _env(**settings) -> dict:
