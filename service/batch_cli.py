@@ -3,6 +3,7 @@
 ``submit`` prints what it found on stderr and the batch id alone on the last line of stdout, so that
 ``BID=$(pagedserve batch submit in.jsonl | tail -1)`` works. Errors are one line and a non-zero exit status;
 ``results`` of a batch that has not ended exits 3, so that a script does not take part of the output for all of it.
+Ctrl-C (exit 130) stops the command, never the batch: it says so, and how to follow the batch again.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def _call(fn, *args, **kw):
         _fail(f"error: {e}", 2)
 
 
+def _interrupted(r, prefix: str, bid: str, again: str) -> None:
+    """Ctrl-C: the batch runs on without this command; say so (and whether there is a batch at all)."""
+    from .batch_keys import BatchKeys
+
+    try:
+        exists = bool(r.exists(BatchKeys(prefix).record(bid)))
+    except Exception:  # Redis did not answer now: the batch may exist
+        exists = True
+    if exists:
+        _fail(f"interrupted: batch {bid} keeps running (`pagedserve batch results {bid} --wait` waits for it{again})",
+              130)
+    _fail("interrupted before the batch was created: nothing runs (submit the file again)", 130)
+
+
 def _progress(batch: dict) -> None:
     counts = batch["request_counts"]
     done = counts["completed"] + counts["failed"]
@@ -65,7 +80,7 @@ def submit(
     key: str = typer.Option("", "--key", help="Submitting the same file with another key makes a new batch."),
 ) -> None:
     """Validate every line and store the batch; the workers run it. Prints the batch id on the last line."""
-    from .batch_client import submit_batch
+    from .batch_client import batch_id, batch_status, submit_batch
 
     try:
         data = file.read_bytes()
@@ -79,11 +94,13 @@ def submit(
         md[k] = v
     s, r = _redis()
     with r:
-        bid = _call(submit_batch, r, s.prefix, data, input_file_id=file.name, completion_window=completion_window,
-                    metadata=md, key=key, retention_s=s.batch_retention_s)
-        from .batch_client import batch_status
-
-        batch = batch_status(r, s.prefix, bid)
+        try:
+            bid = _call(submit_batch, r, s.prefix, data, input_file_id=file.name,
+                        completion_window=completion_window, metadata=md, key=key, retention_s=s.batch_retention_s,
+                        max_message_bytes=s.max_message_bytes)
+            batch = batch_status(r, s.prefix, bid)
+        except KeyboardInterrupt:
+            _interrupted(r, s.prefix, batch_id(data, key), "")
     counts = batch["request_counts"]
     err.print(f"{counts['total']} lines, {counts['failed']} invalid (their error lines are in the output); "
               f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
@@ -120,7 +137,7 @@ def results(
     """The output lines (OpenAI's batch output format), one per input line, in input order.
 
     A batch that has not ended yet: the lines so far, a note on stderr and exit status 3."""
-    from .batch_client import TERMINAL_STATUSES, batch_results, batch_status, wait_batch
+    from .batch_client import TERMINAL_STATUSES, batch_results, batch_status, is_batch_input, wait_batch
 
     if timeout is not None and not timeout >= 0:
         _fail(f"error: --timeout must be a number of seconds >= 0 (got {timeout:g})", 2)
@@ -135,14 +152,22 @@ def results(
 
     s, r = _redis()
     with r:
-        # The status before the lines: the lines are then at least those it counts, never fewer.
-        batch = _call(current, r, s.prefix)
-        lines = _call(lambda: list(batch_results(r, s.prefix, batch_id)))
+        if output is not None and is_batch_input(r, s.prefix, batch_id, output):
+            _fail(f"error: -o {output}: that is this batch's input file; write the output elsewhere", 2)
+        try:
+            # The status before the lines: the lines are then at least those it counts, never fewer.
+            batch = _call(current, r, s.prefix)
+            lines = _call(lambda: list(batch_results(r, s.prefix, batch_id)))
+        except KeyboardInterrupt:
+            _interrupted(r, s.prefix, batch_id, " again")
     text = "".join(json.dumps(line) + "\n" for line in lines)
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as e:
+            _fail(f"error: -o {output}: {e.strerror or e}", 2)
         err.print(f"{len(lines)} lines -> {output}", markup=False, highlight=False, soft_wrap=True)
     if batch["status"] not in TERMINAL_STATUSES:  # a script must not take these lines for the whole output
         waited = f" after {timeout:g} s" if wait and timeout is not None else ""

@@ -22,12 +22,13 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from .batch_format import DuplicateCustomId, LineError, error_line, parse_lines
-from .batch_keys import BatchKeys, BatchScripts, request_id
+from .batch_format import FileError, LineError, error_line, parse_lines
+from .batch_keys import SHOWN_AS, BatchKeys, BatchScripts, request_id
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -66,10 +67,16 @@ def _metadata(metadata: dict | None) -> dict[str, str]:
 
 def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str = "input.jsonl",
                  completion_window: str = "24h", metadata: dict | None = None, key: str = "",
-                 retention_s: int = 7 * 86400) -> str:
+                 retention_s: int = 7 * 86400, max_message_bytes: int | None = None) -> str:
     """Validate and store a batch; returns its id (the existing one when this file was submitted before).
-    Raises ``ValueError`` for a problem of the whole file (no lines, a duplicate custom_id, a bad window)."""
+    Raises ``ValueError`` for a problem of the whole file (not UTF-8, no lines, a duplicate custom_id, a bad
+    window). A line whose request is over ``max_message_bytes`` as a stream entry (default: the settings', which
+    must be the workers') is invalid: a worker would dead-letter it."""
     window = window_seconds(completion_window)
+    if max_message_bytes is None:
+        from .settings import Settings
+
+        max_message_bytes = Settings().max_message_bytes
     md = _metadata(metadata)
     k = BatchKeys(prefix)
     bid = batch_id(data, key)
@@ -78,9 +85,9 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     now = time.time()
     expires_at = int(now) + window
     try:
-        lines = parse_lines(bid, data, expires_at * 1000)
-    except DuplicateCustomId as e:
-        raise ValueError(str(e)) from None
+        lines = parse_lines(bid, data, expires_at * 1000, max_message_bytes)
+    except FileError as e:
+        raise ValueError(f"{input_file_id}: {e}") from None
     if not lines:
         raise ValueError(f"{input_file_id}: no lines")
     valid = [p for p in lines if p.request is not None]
@@ -91,7 +98,7 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         pipe = r.pipeline(transaction=False)
         chunk = valid[start:start + STAGE_CHUNK]
         if chunk:
-            pipe.rpush(staged_lines, *(p.request.model_dump_json(exclude_none=True) for p in chunk))
+            pipe.rpush(staged_lines, *(p.body for p in chunk))
             pipe.expire(staged_lines, STAGE_TTL_S)
         bad = invalid[start:start + STAGE_CHUNK]
         if bad:
@@ -107,6 +114,7 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         "status": "in_progress" if valid else "completed", "created_at": int(now), "in_progress_at": int(now),
         "expires_at": expires_at, "total": len(lines), "completed": 0, "failed": len(invalid),
         "metadata": json.dumps(md), "cursor": 0, "lines": len(valid), "retain_until": expires_at + retention_s,
+        "input_bytes": len(data), "input_sha256": hashlib.sha256(data).hexdigest(),
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))
@@ -122,7 +130,7 @@ def _batch_object(raw: dict) -> dict:
     rec = {as_text(k): as_text(v) for k, v in raw.items()}
     obj: dict[str, Any] = {
         "id": rec["id"], "object": "batch", "endpoint": rec["endpoint"], "input_file_id": rec["input_file_id"],
-        "completion_window": rec["completion_window"], "status": rec["status"],
+        "completion_window": rec["completion_window"], "status": SHOWN_AS.get(rec["status"], rec["status"]),
         "output_file_id": None, "error_file_id": None, "errors": None,
         "request_counts": {"total": int(rec["total"]), "completed": int(rec["completed"]),
                            "failed": int(rec["failed"])},
@@ -142,7 +150,8 @@ def batch_status(r: redis.Redis, prefix: str, bid: str) -> dict:
 
 
 def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5) -> dict:
-    """Wait until the batch ends (completed, expired, cancelled, failed); ``TimeoutError`` after ``timeout``."""
+    """Wait until the batch ends (completed, expired, cancelled, failed): every line has its output line.
+    ``TimeoutError`` after ``timeout``."""
     end = None if timeout is None else time.monotonic() + timeout
     while True:
         status = batch_status(r, prefix, bid)
@@ -151,6 +160,17 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
         if end is not None and time.monotonic() >= end:
             raise TimeoutError(f"batch {bid} is still {status['status']} after {timeout}s")
         time.sleep(poll_s)
+
+
+def is_batch_input(r: redis.Redis, prefix: str, bid: str, path: Path) -> bool:
+    """Whether the file at ``path`` holds the batch's input (the same bytes): its output must not overwrite it."""
+    size, digest = r.hmget(BatchKeys(prefix).record(bid), "input_bytes", "input_sha256")
+    try:
+        if size is None or path.stat().st_size != int(size):
+            return False
+        return hashlib.sha256(path.read_bytes()).hexdigest() == as_text(digest)
+    except OSError:  # no such file (or none we can read): nothing to overwrite by mistake
+        return False
 
 
 def batch_results(r: redis.Redis, prefix: str, bid: str) -> Iterator[dict]:
@@ -196,4 +216,4 @@ def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
 
 
 __all__ = ["BatchNotFound", "LineError", "batch_id", "batch_results", "batch_status", "cancel_batch",
-           "list_batches", "submit_batch", "wait_batch", "window_seconds"]
+           "is_batch_input", "list_batches", "submit_batch", "wait_batch", "window_seconds"]

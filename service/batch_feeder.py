@@ -3,7 +3,7 @@
 Each loop iteration (:meth:`BatchFeeder.tick`), while batches are active:
   1. collect (every ``COLLECT_S``): the terminal results of taken lines become output lines (batch_collect.lua: one per line);
      a line taken long ago whose request vanished is fed again (batch_refeed.lua);
-  2. close: the untaken lines of a cancelled or expired batch get their error lines;
+  2. close: the untaken lines of a cancelled or expiring batch get their error lines;
   3. feed: when this worker has room beyond a reserve kept for interactive requests and the request stream
      has no unread entries, the next lines of the oldest batch become stream entries (batch_take.lua).
 
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .batch_format import error_line, output_line
-from .batch_keys import BatchKeys, BatchScripts, request_id
+from .batch_keys import CLOSING, SHOWN_AS, BatchKeys, BatchScripts, request_id
 from .connection import Connection
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text, parse_terminal
@@ -120,7 +120,7 @@ class BatchFeeder(WorkerPart):
                 return True
             if what == "gone":
                 self._forget(bid)
-            elif what in ("expired", "cancelling"):
+            elif what in CLOSING:
                 self._close(bid, what)
             # drained (all taken, some still running): the next batch may have lines
         return False
@@ -141,7 +141,7 @@ class BatchFeeder(WorkerPart):
             self.metrics.redis_ops.inc()
             if status is None:
                 self._forget(bid)
-            elif as_text(status) in ("expired", "cancelling"):
+            elif as_text(status) in CLOSING:
                 self._close(bid, as_text(status))
             return
         indexes = [int(as_text(m)) for m, _ in taken]
@@ -204,7 +204,7 @@ class BatchFeeder(WorkerPart):
 
     # ------------------------------------------------------------------------------------------ close
     def _close(self, bid: str, status: str) -> None:
-        """Error lines for the untaken lines of a cancelled or expired batch (nothing is taken any more: the
+        """Error lines for the untaken lines of a cancelled or expiring batch (nothing is taken any more: the
         take script checks the status), a chunk per call; the batch ends once its running lines are in."""
         k, r = self.bkeys, self.conn.r
         cursor, total = r.hmget(k.record(bid), "cursor", "lines")
@@ -248,7 +248,8 @@ class BatchFeeder(WorkerPart):
             if status is None:
                 continue
             s = as_text(status)
-            by_status[s] = by_status.get(s, 0) + 1
+            shown = SHOWN_AS.get(s, s)
+            by_status[shown] = by_status.get(shown, 0) + 1
             if s == "in_progress" and int(cursor) < int(lines):
                 backlog += int(lines) - int(cursor)
                 oldest = min(oldest or int(created), int(created))
@@ -261,6 +262,6 @@ def _id(entry_id: object) -> tuple[int, int]:
 
 
 def _closing_error(status: str) -> tuple[str, str]:
-    if status == "expired":
+    if status in ("expiring", "expired"):
         return "batch_expired", "This request could not be executed before the completion window expired."
     return "batch_cancelled", "The batch was cancelled before this request ran."

@@ -17,7 +17,9 @@ the client) can build it, and two builders of one line build the same content (`
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,11 @@ class LineError(ValueError):
     """A line that cannot run; the message names the field."""
 
 
-class DuplicateCustomId(LineError):
+class FileError(LineError):
+    """A problem of the whole file: it is refused."""
+
+
+class DuplicateCustomId(FileError):
     """Two lines share a custom_id: the whole file is refused (which line would its one output line answer?)."""
 
 
@@ -51,6 +57,7 @@ class ParsedLine:
     url: str | None
     request: GenerateRequest | None  # None: the line is invalid
     error: str | None = None
+    body: str | None = None  # the request as its stream entry's body (what the size limit is checked on)
 
 
 def _message_content(content: Any, where: str) -> str:
@@ -165,20 +172,86 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
         raise LineError(f"body.{loc}: {first['msg']}") from None
 
 
-def parse_lines(bid: str, data: bytes, expires_ms: int) -> list[ParsedLine]:
-    """Every non-blank line of a batch file, valid or not (in file order). Raises :class:`LineError` for a
-    problem of the whole file (:class:`DuplicateCustomId`)."""
+def _utf8(data: bytes) -> bytes:
+    """The file without its UTF-8 byte order mark; :class:`FileError` if it is not UTF-8 (checked whole, before
+    it is split into lines: a UTF-16 file split on its newline bytes makes lines of half characters)."""
+    why = None
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):
+            why = f"it is {name}"
+            break
+    else:
+        data = data.removeprefix(codecs.BOM_UTF8)
+        if b"\0" in data:  # never in JSON text; UTF-16 without a byte order mark is full of them
+            why = "it has NUL bytes: UTF-16?"
+        else:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                why = f"byte {data[e.start]:#04x} on line {len((data[:e.start] + b'x').splitlines())}"
+    if why:
+        raise FileError(f"not UTF-8 text ({why}): a batch file must be UTF-8 JSONL, one request per line")
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _not_unicode(obj: Any) -> str | None:
+    """Where a parsed line holds a string that is not valid Unicode, and why: a lone surrogate, which a JSON
+    escape can write ("\\ud83d") but UTF-8, the stream entry's encoding, cannot. Document order; no recursion
+    (a line may nest deeply)."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError as e:
+                return f"{where}: not valid Unicode (a lone surrogate \\u{ord(value[e.start]):04x})"
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+        elif isinstance(value, dict):
+            items = []
+            for key, v in value.items():
+                name = key.encode("utf-8", "backslashreplace").decode()
+                path = f"{where}.{name}" if where else name
+                items += [(path, key), (path, v)]
+            stack.extend(reversed(items))
+    return None
+
+
+def _stream_body(req: GenerateRequest, max_message_bytes: int | None) -> str:
+    """The request as a worker reads it from the stream; :class:`LineError` when a worker would dead-letter it for
+    its size before reading its id (no answer would ever come)."""
+    try:
+        body = req.model_dump_json(exclude_none=True)
+    except ValueError as e:
+        raise LineError(f"body: {e}") from None
+    size = len(body.encode())
+    if max_message_bytes is not None and size > max_message_bytes:
+        raise LineError(f"the request is {size} bytes as a stream entry, more than max_message_bytes "
+                        f"{max_message_bytes} (PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit): shorten the prompt "
+                        "or raise the limit on both sides")
+    return body
+
+
+def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int | None = None) -> list[ParsedLine]:
+    """Every non-blank line of a batch file, valid or not (in file order). Raises :class:`FileError` for a
+    problem of the whole file (not UTF-8, :class:`DuplicateCustomId`). A valid line's request must fit in
+    ``max_message_bytes`` as a stream entry (None: no limit)."""
     out: list[ParsedLine] = []
     seen: dict[str, int] = {}
     index = 0
-    for line_no, raw in enumerate(data.splitlines()):
+    for line_no, raw in enumerate(_utf8(data).splitlines()):
         if not raw.strip():
             continue
         cid = url = None
         try:
             try:
                 obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:
                 raise LineError(f"not a JSON object: {e}") from None
             if not isinstance(obj, dict):
                 raise LineError("not a JSON object")
@@ -189,6 +262,8 @@ def parse_lines(bid: str, data: bytes, expires_ms: int) -> list[ParsedLine]:
             if cid in seen:
                 raise DuplicateCustomId(f"line {line_no + 1}: custom_id {cid!r} duplicates line {seen[cid] + 1}")
             seen[cid] = line_no
+            if _SURROGATE_ESCAPE.search(raw) and (bad := _not_unicode(obj)):
+                raise LineError(bad)
             if obj.get("method", "POST") != "POST":
                 raise LineError("method: must be POST")
             url = obj.get("url")
@@ -197,9 +272,9 @@ def parse_lines(bid: str, data: bytes, expires_ms: int) -> list[ParsedLine]:
             if not isinstance(obj.get("body"), dict):
                 raise LineError("body: must be a JSON object")
             req = to_request(bid, index, line_no, cid, url, obj["body"], expires_ms)
-            out.append(ParsedLine(line_no, cid, url, req))
+            out.append(ParsedLine(line_no, cid, url, req, body=_stream_body(req, max_message_bytes)))
             index += 1
-        except DuplicateCustomId:
+        except FileError:
             raise
         except LineError as e:
             out.append(ParsedLine(line_no, cid, url, None, f"line {line_no + 1}: {e}"))

@@ -26,7 +26,15 @@ from .scripts import source
 
 # Batch lines run after interactive requests: the scheduler serves lower values first (interactive: 0).
 BATCH_PRIORITY = 1000
-STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled")
+STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expiring", "expired", "cancelling",
+            "cancelled")
+# Past its completion window a batch is "expiring" (nothing more is taken) until every line has its output line,
+# then "expired": a script waiting for it never takes part of the output for all of it. OpenAI has no such
+# status; it shows as in_progress.
+SHOWN_AS = {"expiring": "in_progress"}
+# Statuses in which nothing more is taken and the untaken lines get error lines ("expired" with lines left: a
+# record written by an older version, which ended the batch as soon as the window had passed).
+CLOSING = ("cancelling", "expiring", "expired")
 SCRIPT_NAMES = ("batch_create", "batch_take", "batch_collect", "batch_refeed", "batch_cancel")
 
 

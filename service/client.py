@@ -253,6 +253,7 @@ class Client(ProducerCore):
         from . import batch_client
 
         kw.setdefault("retention_s", self.settings.batch_retention_s)
+        kw.setdefault("max_message_bytes", self.settings.max_message_bytes)
         raw = data.encode() if isinstance(data, str) else data
         with self._reaching():
             return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)

@@ -29,7 +29,8 @@ for i = 5, #ARGV, 4 do
 end
 local r = redis.call('HMGET', KEYS[1], 'status', 'total', 'completed', 'failed', 'retain_until')
 if r[1] and tonumber(r[3]) + tonumber(r[4]) >= tonumber(r[2]) then
-  local final = {in_progress = 'completed', cancelling = 'cancelled', expired = 'expired'}
+  -- expired: a record of an older version, which marked it expired at once
+  local final = {in_progress = 'completed', cancelling = 'cancelled', expiring = 'expired', expired = 'expired'}
   local to = final[r[1]]
   if to then
     if to ~= r[1] then
