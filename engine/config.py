@@ -28,7 +28,7 @@ class EngineConfig:
     max_model_len: int | None = None
     device: str = "auto"
     dtype: str = "auto"
-    seed: int = 0
+    seed: int | None = 0  # None: unseeded (a random seed per engine)
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, A/B benchmarks)
     share_blocks: bool = True  # False: forks copy every block (the baseline block sharing is measured against)
@@ -65,6 +65,9 @@ class EngineConfig:
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
                 or self.tensor_parallel_size < 1:
             fail("tensor_parallel_size", "must be an integer >= 1")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            fail("seed", "must be an integer in [0, 2**63) or None")
         if not 0 < self.gpu_memory_utilization <= 1:
             fail("gpu_memory_utilization", "must be in (0, 1]")
         try:

@@ -70,13 +70,18 @@ class IncrementalDetokenizer:
         return self._check_stop(start)
 
     def _check_stop(self, start: int) -> str | None:
+        """The stop string that ends the text first (not the first listed that occurs: the text would keep an
+        earlier one), cut with what follows it."""
+        hit = None
         for s in self.stop:
             pos = self.text.find(s, max(0, start - len(s) + 1))
-            if pos != -1:
-                self.text = self.text[:pos]
-                self.stopped = True
-                return s
-        return None
+            if pos != -1 and (hit is None or pos < hit[0]):
+                hit = (pos, s)
+        if hit is None:
+            return None
+        self.text = self.text[:hit[0]]
+        self.stopped = True
+        return hit[1]
 
     def take_delta(self, final: bool) -> str:
         """The text not yet handed out; short of the stop-string hold-back unless ``final``."""

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import SamplingParams, check_unicode
+
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
+
+
+def _is_token_ids(value) -> bool:
+    return (not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable)
+            and hasattr(value, "__len__") and len(value) > 0 and isinstance(value[0], numbers.Integral))
+
+
+def _one_prompt(value, name: str) -> str | list:
+    """A prompt as the engine takes it: text, or a list of Python ints (numpy's included)."""
+    if isinstance(value, Mapping):
+        unknown = sorted(str(k) for k in value if k not in PROMPT_KEYS)
+        given = [k for k in PROMPT_KEYS if k in value]
+        if unknown or len(given) != 1:
+            raise ValueError(f"{name} must have exactly one of the keys {PROMPT_KEYS}"
+                             + (f" (unsupported: {', '.join(unknown)})" if unknown else f" (got {given})"))
+        return _one_prompt(value[given[0]], f"{name}.{given[0]}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a string, a list of token ids or a {{'prompt': ...}} or "
+                         f"{{'prompt_token_ids': ...}} dict (got {type(value).__name__})")
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in value]
+
+
+def _prompt_list(prompts) -> list:
+    """``generate``'s prompts as a list of engine prompts: one prompt (text, token ids, a vLLM prompt dict) or a
+    list of them."""
+    if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts):
+        prompts = [prompts]
+    if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a string, a list of token ids, a {{'prompt': ...}} or "
+                         f"{{'prompt_token_ids': ...}} dict, or a list of those (got {type(prompts).__name__})")
+    return [_one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
 class LLM:
@@ -41,9 +77,7 @@ class LLM:
 
         Every prompt and parameter set is validated before any work starts.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -63,11 +97,15 @@ class LLM:
                 self._counter += 1
                 self.engine.add_request(rid, prompt, p)
                 ids.append(rid)
-        except ValueError:
-            for rid in ids:
-                self.engine.abort_request(rid)
+        except BaseException:  # a bad prompt, or Ctrl-C: the batch is not queued, in part or at all
+            self._abort(ids)
             raise
         return self._run(ids, show_progress)
+
+    def _abort(self, ids: list[str]) -> None:
+        """Drop what is left of ``ids`` (a call interrupted, or refused part-way): nothing of it runs later."""
+        for rid in ids:
+            self.engine.abort_request(rid)
 
     def chat(self, messages: Seq[dict] | Seq[Seq[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
@@ -89,6 +127,9 @@ class LLM:
         texts = [self._render_chat(conv, name, chat_template, add_generation_prompt, continue_final_message)
                  for conv, name in zip(conversations, names)]
         prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        for name, ids in zip(names, prompts):
+            if not ids:
+                raise ValueError(f"{name}: the chat template renders to no tokens")
         outputs = self.generate(prompts, sampling_params, show_progress)
         for out, text in zip(outputs, texts):
             out.prompt = text
@@ -104,6 +145,7 @@ class LLM:
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
                     raise ValueError(f"{name}[{i}].{key} must be a string")
+                check_unicode(message[key], f"{name}[{i}].{key}")
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.engine.model_name!r} has no chat template: pass chat_template=..., "
                              f"or use generate() with a plain prompt")
@@ -131,6 +173,11 @@ class LLM:
                         finals[out.request_id] = out
                         if progress:
                             progress.advance(task)
+        except BaseException:
+            # Ctrl-C (or a failed step) part-way: a step cut short can leave a sequence whose last position is
+            # computed with no token sampled, which no later step would ever advance. The batch is dropped.
+            self._abort(ids)
+            raise
         finally:
             if progress:
                 progress.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
 
 import torch
@@ -24,7 +25,7 @@ from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
 from pagedserve.engine.sampler import SampleResult, Sampler, apply_penalties
-from pagedserve.engine.sampling_params import SamplingParams, short_repr
+from pagedserve.engine.sampling_params import SamplingParams, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend
@@ -62,7 +63,8 @@ class LLMEngine:
         self.eos_token_ids = eos
         self.special_ids = set(self.tokenizer.all_special_ids)
 
-        torch.manual_seed(self.config.seed)
+        self.seed = self.config.seed if self.config.seed is not None else secrets.randbits(63)
+        torch.manual_seed(self.seed)
         if self.config.tensor_parallel_size > 1:
             from pagedserve.engine.parallel_layers import check_divisible
             from pagedserve.engine.tensor_parallel import TensorParallelRunner
@@ -90,7 +92,7 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
-        self.sampler = Sampler(self.config.seed, get_ops(self.runner.device).argmax_logsumexp)
+        self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp)
         # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one. The
         # factory holds what it needs, not the engine: a cycle through it would keep a dropped engine's KV pool
         # until the garbage collector happens by.
@@ -162,6 +164,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            check_unicode(prompt, "prompt")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
             if not token_ids:
                 raise ValueError("prompt encodes to no tokens")

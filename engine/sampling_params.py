@@ -34,6 +34,16 @@ def short_repr(value: object) -> str:
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
+def check_unicode(text: str, name: str) -> None:
+    """ValueError naming ``name`` when ``text`` holds a lone surrogate (a JSON escape can write one, UTF-8 and
+    the tokenizer cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text (a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start})") from None
+
+
 @dataclass
 class SamplingParams:
     """How to generate one request's outputs. ``validate()`` runs on construction.

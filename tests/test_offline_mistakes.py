@@ -1,0 +1,112 @@
+"""The offline API (``LLM``) under the mistakes a vLLM user makes: each is a ValueError naming what is wrong, and
+none leaves work behind in the engine for the next call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagedserve.engine import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=64, max_model_len=256)
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_generate_leaves_nothing_behind(llm):
+    """Ctrl-C landing in the sampler left the batch in the engine with its last position computed but no token
+    sampled: the scheduler had nothing to give it, and the next generate() spun for good."""
+    engine = llm.engine
+    real, calls = engine.sampler, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    engine.sampler = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["Tell me a story."] * 2, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    finally:
+        engine.sampler = real
+    assert not engine.requests and not engine.has_unfinished_requests()
+    steps = engine.num_steps
+    (out,) = llm.generate("Hi", GREEDY)
+    assert len(out.outputs[0].token_ids) == 4 and engine.num_steps - steps <= 5
+
+
+def test_vllm_prompt_dicts_are_prompts(llm):
+    """``{"prompt_token_ids": [...]}`` (vLLM's TokensPrompt) alone was iterated as a dict: the model was asked the
+    text 'prompt_token_ids'."""
+    ids = llm.tokenizer.encode("Hello there", add_special_tokens=False)
+    (by_ids,) = llm.generate([ids], GREEDY)
+    (by_dict,) = llm.generate({"prompt_token_ids": ids}, GREEDY)
+    assert by_dict.prompt_token_ids == ids and by_dict.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    (by_text,) = llm.generate("Hello there", GREEDY)
+    outs = llm.generate([{"prompt": "Hello there"}, {"prompt_token_ids": ids}], GREEDY)
+    assert outs[0].outputs[0].token_ids == by_text.outputs[0].token_ids and outs[0].prompt == "Hello there"
+    with pytest.raises(ValueError, match=r"prompts\[0\].*multi_modal_data"):
+        llm.generate([{"prompt": "x", "multi_modal_data": {}}], GREEDY)
+
+
+@pytest.mark.parametrize("prompts, words", [
+    (None, r"prompts must be"),
+    (5, r"prompts must be"),
+    (["ok", "bad \ud800 text"], r"prompt.*not valid Unicode"),
+    ([[1, 2], [3, 1.5]], r"prompt_token_ids contains 1\.5"),
+])
+def test_bad_prompts_are_value_errors_and_queue_nothing(llm, prompts, words):
+    with pytest.raises(ValueError, match=words):
+        llm.generate(prompts, GREEDY)
+    assert not llm.engine.requests
+
+
+def test_token_ids_of_any_integer_type_are_token_ids(llm):
+    ids = llm.tokenizer.encode("Hello", add_special_tokens=False)
+    (ref,) = llm.generate([ids], GREEDY)
+    for prompt in ([np.int64(i) for i in ids], tuple(ids), np.array(ids)):
+        (out,) = llm.generate([prompt], GREEDY)
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_a_lone_surrogate_in_a_chat_is_named(llm):
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content.*not valid Unicode"):
+        llm.chat([{"role": "user", "content": "hi \udc80"}], GREEDY)
+    assert not llm.engine.requests
+
+
+def test_a_chat_template_that_renders_nothing_is_named(llm):
+    with pytest.raises(ValueError, match=r"messages: the chat template renders to no tokens"):
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template="{{ '' }}")
+
+
+def test_the_earliest_stop_string_ends_the_text_whatever_their_order(llm):
+    """With several stop strings the first in the list that matched cut the text, even when another matched
+    earlier: the text could still hold a stop string."""
+    (free,) = llm.generate("The capital", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    text = free.outputs[0].text
+    assert len(text) >= 4
+    early, late = text[1:3], text[-2:]
+    for stop in ([late, early], [early, late]):
+        (out,) = llm.generate("The capital", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                             stop=stop))
+        assert out.outputs[0].text == text[:text.find(early)], (stop, out.outputs[0].text)
+
+
+@pytest.mark.parametrize("seed, words", [(1.5, "seed must be an integer"), ("x", "seed must be an integer"),
+                                         (-1, "seed must be an integer"), (True, "seed must be an integer")])
+def test_a_bad_engine_seed_is_named(tiny_models, seed, words):
+    with pytest.raises(ValueError, match=words):
+        LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, seed=seed)
+
+
+def test_no_engine_seed_means_unseeded(tiny_models):
+    llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, seed=None)
+    (out,) = llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 3
