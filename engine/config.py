@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,9 @@ class EngineConfig:
             fail("block_size", "must be a power of two in [1, 128]")
         if self.num_gpu_blocks is not None and (not isinstance(self.num_gpu_blocks, int) or self.num_gpu_blocks < 1):
             fail("num_gpu_blocks", "must be a positive integer or None")
-        if not isinstance(self.swap_space_gb, (int, float)) or self.swap_space_gb < 0:
-            fail("swap_space_gb", "must be >= 0")
+        if isinstance(self.swap_space_gb, bool) or not isinstance(self.swap_space_gb, (int, float)) \
+                or not math.isfinite(self.swap_space_gb) or self.swap_space_gb < 0:
+            fail("swap_space_gb", "must be a finite number >= 0")
         if self.preemption_mode not in PREEMPTION_MODES:
             fail("preemption_mode", f"must be one of {PREEMPTION_MODES}")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:

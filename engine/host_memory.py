@@ -53,3 +53,25 @@ def copy_of(t: torch.Tensor) -> torch.Tensor:
     out = empty(t.shape, t.dtype)
     out.copy_(t)
     return out
+
+
+def total_memory() -> tuple[int, str] | None:
+    """All the host memory this process could ever have, and what sets it: the host's MemTotal, or its cgroup's
+    (container's) memory limit where that is lower. None where neither is known (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [(int(line.split()[1]) * 1024, "the host's memory") for line in f if line.startswith("MemTotal:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    # cgroup v2, else v1 (whose "no limit" is a huge number, which min() passes over as it should)
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            found.append((int(limit), "the container's memory limit"))
+        break
+    return min(found) if found else None

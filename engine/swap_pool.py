@@ -8,13 +8,42 @@ Invariants:
   * Layout ``[layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` in the device pool's dtype (that of
     :mod:`pagedserve.kernels.reference`), pinned when the device is CUDA so copies run asynchronously.
   * Unpinned (CPU engines), the pool is ``torch.empty``: untouched pages are never committed.
+  * Its size is checked at construction (engine start), though: a pool larger than the host's memory (or the
+    container's limit) could never be allocated, and every swap would fail, handing its requests back again and
+    again. That is refused; above ``WARN_FRACTION`` of it, a warning (vLLM refuses there, but it pins at start:
+    a lazy pool that is never used costs nothing).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
+from pagedserve.engine import host_memory
 from pagedserve.kernels import KernelOps
+
+log = logging.getLogger(__name__)
+
+WARN_FRACTION = 0.7
+
+
+def check_size(nbytes: int, total: tuple[int, str] | None = None) -> None:
+    """Raise ``ValueError`` naming swap_space_gb when a pool of ``nbytes`` can never fit in this host's memory
+    (``total``: :func:`host_memory.total_memory` unless given); warn when it would take most of it."""
+    total = total or host_memory.total_memory()
+    if total is None or nbytes == 0:
+        return
+    limit, what = total
+    gib = 1 << 30
+    if nbytes > limit:
+        raise ValueError(f"swap_space_gb asks for a {nbytes / gib:.1f} GiB swap pool, more than {what} "
+                         f"({limit / gib:.1f} GiB): it could never be allocated and every swap would fail; lower "
+                         f"swap_space_gb below {WARN_FRACTION * limit / gib:.1f}, or to 0 (preemption then recomputes)")
+    if nbytes > WARN_FRACTION * limit:
+        log.warning("swap_space_gb: a %.1f GiB swap pool would take over %d%% of %s (%.1f GiB) once used",
+                    nbytes / gib, WARN_FRACTION * 100, what, limit / gib)
 
 
 class SwapPool:
@@ -22,6 +51,7 @@ class SwapPool:
                  dtype: torch.dtype, pin: bool) -> None:
         self.shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         self.dtype, self.pin = dtype, pin
+        check_size(math.prod(self.shape) * dtype.itemsize)
         self._cache: torch.Tensor | None = None
 
     @property

@@ -16,6 +16,7 @@ import errno
 import importlib
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -131,8 +132,9 @@ def _setting_name(loc: tuple) -> str:
     return next((n for n in names if n in in_env), names[0])
 
 
-def explain_error(e: BaseException) -> str:
-    """One line for an error a user can act on; the type and message of anything else (secrets masked)."""
+def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
+    """One line for an error a user can act on; the type and message of anything else (secrets masked). ``flags``:
+    the settings given as command-line options (field name -> option), named as such rather than as variables."""
     import redis
     from pydantic import ValidationError
 
@@ -143,7 +145,9 @@ def explain_error(e: BaseException) -> str:
         for item in e.errors():
             msg = str(item.get("msg", "")).removeprefix("Value error, ")
             shown = f"={item['input']!r}" if isinstance(item.get("input"), (str, int, float)) else ""
-            parts.append(f"{_setting_name(item.get('loc', ()))}{shown}: {msg}")
+            loc = item.get("loc", ())
+            name = (flags or {}).get(str(loc[0]) if loc else "") or _setting_name(loc)
+            parts.append(f"{name}{shown}: {msg}")
         return redact("invalid setting " + "; ".join(parts))
     if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
         return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
@@ -196,16 +200,18 @@ def _cpu_threads() -> dict:
         _fail(f"error: {e}", 2)
 
 
-def _settings(**overrides):
+def _settings(flags: dict[str, str] | None = None, **overrides):
+    """Settings from the environment, ``overrides`` (options given on the command line, None = not given) on top;
+    a bad value is one line naming the option (``flags``: field name -> option) or the variable it came from."""
     from pydantic import ValidationError
 
-    from .connection import redact
     from .settings import Settings
 
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as e:  # its text quotes the input: explain_error masks a Redis URL's password
-        _fail(explain_error(e), 2)
+        _fail(explain_error(e, {k: f for k, f in (flags or {}).items() if k in given}), 2)
 
 
 @app.command()
@@ -218,10 +224,11 @@ def worker(
     _cpu_threads()
     import redis
 
-    from .telemetry import configure_logging, configure_tracing
+    from .telemetry import configure_logging, configure_tracing, shutdown_tracing
     from .worker import Worker
 
-    s = _settings(worker_name=name, metrics_port=metrics_port)
+    s = _settings({"worker_name": "--name", "metrics_port": "--metrics-port"}, worker_name=name,
+                  metrics_port=metrics_port)
     configure_logging(s.log_format, s.log_level)
     configure_tracing()
     try:
@@ -235,15 +242,25 @@ def worker(
     try:
         w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
     except OSError as e:
-        if e.errno != errno.EADDRINUSE or _debug_wanted():
+        if _debug_wanted():
             raise
-        _fail(f"error: port {s.metrics_port} is already in use on {s.metrics_host} (the health and metrics port: "
-              f"set PAGEDSERVE_METRICS_PORT or --metrics-port to a free port, or 0 for any)", 1)
+        if e.errno == errno.EADDRINUSE:
+            _fail(f"error: port {s.metrics_port} is already in use on {s.metrics_host} (the health and metrics port: "
+                  f"set PAGEDSERVE_METRICS_PORT or --metrics-port to a free port, or 0 for any)", 1)
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            why = ("is not an address of this machine" if e.errno == errno.EADDRNOTAVAIL
+                   else f"does not resolve ({e.strerror or e})")
+            _fail(f"error: PAGEDSERVE_METRICS_HOST={s.metrics_host!r} {why}: the health and metrics server binds to it; "
+                  "give an address or host name of this machine, 0.0.0.0 or :: (or empty) for all interfaces", 1)
+        raise
     from pagedserve.engine.model_source import DEFAULT_MODEL
 
     with err.status(f"[bold]loading model[/] {s.model or DEFAULT_MODEL + ' (the default)'} on {s.device} ..."):
         _ = w.engine
-    w.run()
+    try:
+        w.run()
+    finally:
+        shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
 
 
 def printable(text: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,10 @@ def worker_acl(prefix: str = "pagedserve") -> list[str]:
     return ["resetkeys", "resetchannels", f"~{prefix}:*", f"&{prefix}:*", "-@all", *(f"+{c}" for c in WORKER_ACL_COMMANDS)]
 
 
-def redis_client(url: str, *, decode: bool = False, timeout: float = 5.0) -> redis.Redis:
+REDIS_TIMEOUT_S = 5.0  # socket timeout of the worker's commands: a Redis that answers nothing for this long is away
+
+
+def redis_client(url: str, *, decode: bool = False, timeout: float = REDIS_TIMEOUT_S) -> redis.Redis:
     """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
     was lost could publish a batch's token events twice. A URL redis-py cannot parse is a ``ValueError``
     whose message shows the URL with its credentials masked."""
@@ -100,6 +104,9 @@ class Connection(WorkerPart):
     leases: LeaseKeeper
     name_token: str
     publisher: Publisher  # to log how much is buffered, and to have expiries set again after a reconnect
+    # Called while the consumer-name lease is awaited: that wait is bounded (claim_idle_ms), and a restarted worker
+    # waiting out its predecessor's lease is alive; the loop's liveness heartbeat must not go stale meanwhile.
+    on_wait: Callable[[], None] = lambda: None
     backoff: Backoff = field(default_factory=Backoff, init=False)
     ok: bool = field(default=False, init=False)
     needs_setup: bool = field(default=True, init=False)
@@ -109,7 +116,11 @@ class Connection(WorkerPart):
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
 
     def __post_init__(self) -> None:
-        self.r = redis_client(self.settings.redis_url)  # one client for the worker's life; a reconnect reuses its pool
+        # One client for the worker's life; a reconnect reuses its pool. An idle read blocks for read_block_ms: its
+        # socket must wait that long and a margin, or every such read would time out as if Redis were gone (only a
+        # block above 3 s lengthens the timeout, and with it how long a hung Redis goes unnoticed).
+        timeout = max(REDIS_TIMEOUT_S, self.settings.read_block_ms / 1000 + 2.0)
+        self.r = redis_client(self.settings.redis_url, timeout=timeout)
 
     def usable(self) -> bool:
         """Up, or down but the backoff delay has passed: worth trying."""
@@ -183,6 +194,7 @@ class Connection(WorkerPart):
             if not warned:
                 self.log.warning("consumer_name_in_use_waiting", consumer=self.consumer)
                 warned = True
+            self.on_wait()
             time.sleep(0.1)
         self._name_held = True
 

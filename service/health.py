@@ -20,8 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 def _server_class(host: str) -> type[ThreadingHTTPServer]:
     """An HTTP server of the host's address family: ``::`` or an IPv6 address binds IPv6 (on an IPv6-only or
     IPv6-first cluster the kubelet probes over it); the IPv6 wildcard also takes IPv4 where the system allows
-    (dual stack, as ``python -m http.server`` does)."""
-    family = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    (dual stack, as ``python -m http.server`` does); an empty host is the wildcard of the system's first family,
+    as ``python -m http.server`` without ``--bind`` takes."""
+    family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
     class Server(ThreadingHTTPServer):
         address_family = family

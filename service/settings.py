@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1)
     num_gpu_blocks: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    swap_space_gb: float = Field(4.0, ge=0)
+    swap_space_gb: float = Field(4.0, ge=0, allow_inf_nan=False)  # more than the host's memory: the engine refuses
     preemption_mode: Literal["swap", "recompute", "auto"] = "auto"
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
@@ -125,13 +125,12 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     # SIGTERM: time to finish in-flight work. Also read as PAGEDSERVE_SHUTDOWN_GRACE_S, the name the chart and
     # the compose file use for the pod's drain (both set it; the first name wins when both are present).
-    grace_period_s: float = Field(30.0, ge=0, validation_alias=AliasChoices(
+    grace_period_s: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=AliasChoices(
         "grace_period_s", "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
     max_message_bytes: int = Field(1 << 20, ge=256)  # larger stream entries are dead-lettered
     lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
-    read_block_ms: int = Field(50, ge=1)  # XREADGROUP BLOCK while the engine is idle
     # Token events go to the request's events stream (what clients read and resume from) and, for consumers that
     # listen on pub/sub, are also published on out:{id}. False publishes only terminal events: one command and
     # about 150 bytes per token event less (docs/benchmarks.md).
@@ -139,6 +138,8 @@ class Settings(BaseSettings):
     queue_stats_interval_s: float = Field(2.0, gt=0)  # XLEN/XPENDING refresh for the queue gauges
     dead_letter_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of the dead-letter stream
     liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer
+    # XREADGROUP BLOCK while the engine is idle; less than liveness_timeout_s (declared first: the check reads it)
+    read_block_ms: int = Field(50, ge=1)
     # Load shedding: an entry that waited longer than this in the stream (XADD -> pick-up) is not started but
     # answered with an ``overloaded`` error. None or 0 = off (every entry is served however long it waited).
     max_queue_ms: int | None = Field(None, ge=0)
@@ -176,6 +177,25 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         check_redis_url(v)
+        return v
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _bind_address(cls, v: str) -> str:
+        # One colon is a host and a port (an IPv6 address has at least two): getaddrinfo would only say "Name or
+        # service not known" at bind time.
+        if v.count(":") == 1:
+            raise ValueError("give the address alone (the port is PAGEDSERVE_METRICS_PORT): a host name or address "
+                             "of this machine, 0.0.0.0 or :: for all interfaces, empty for all as http.server does")
+        return v
+
+    @field_validator("read_block_ms")
+    @classmethod
+    def _block_inside_liveness(cls, v: int, info: ValidationInfo) -> int:
+        liveness_timeout_s = info.data.get("liveness_timeout_s")  # absent when it failed its own check
+        if liveness_timeout_s is not None and v >= liveness_timeout_s * 1000:
+            raise ValueError(f"must be less than liveness_timeout_s ({liveness_timeout_s:g} s): an idle worker blocked "
+                             "in its read that long would fail /healthz and be restarted")
         return v
 
     @field_validator("lease_renew_ms")

@@ -13,9 +13,11 @@ to the worker extra and are imported by the functions that use them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -110,15 +112,21 @@ def request_logger(log: Any, request_id: str, span: Span | None = None, trace_id
 
 
 _provider_installed = False
+_provider: Any = None  # the provider configure_tracing installed, until shutdown_tracing stops it
+# How long the exit waits for queued spans to reach the collector. The SDK's own exit hook waits without a bound
+# (one export per 512 spans, each up to OTEL_EXPORTER_OTLP_TIMEOUT, 10 s), so a collector that accepts and never
+# answers held a SIGTERM'd worker 10-30 s past its grace period, into the orchestrator's SIGKILL.
+TRACE_FLUSH_TIMEOUT_S = 2.0
 
 
 def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider | None:
     """Install an SDK tracer provider with an OTLP/HTTP exporter if an OTLP endpoint is configured.
 
     Returns the provider, or None when tracing export is not configured (spans are then no-ops unless the
-    application installed its own provider, e.g. tests with an InMemorySpanExporter).
+    application installed its own provider, e.g. tests with an InMemorySpanExporter). Queued spans are flushed
+    at exit for at most ``TRACE_FLUSH_TIMEOUT_S`` (:func:`shutdown_tracing`).
     """
-    global _provider_installed
+    global _provider_installed, _provider
     if _provider_installed:
         return trace.get_tracer_provider()  # type: ignore[return-value]
     if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
@@ -132,11 +140,29 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
 
     # Resource.create() also merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # bounded below instead
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider_installed = True
+    _provider = provider
+    atexit.register(shutdown_tracing)  # for every command; the worker calls it itself as it stops
     return provider
+
+
+def shutdown_tracing(timeout_s: float = TRACE_FLUSH_TIMEOUT_S) -> bool:
+    """Export the queued spans and stop the provider :func:`configure_tracing` installed, waiting at most
+    ``timeout_s``; False when the collector did not take them in time (they are dropped: the process may exit).
+
+    In a daemon thread: the SDK's shutdown and flush take no effective timeout (the batch processor ignores
+    force_flush's, and its shutdown joins an export that can wait for the exporter's full timeout and retries)."""
+    global _provider
+    provider, _provider = _provider, None
+    if provider is None:
+        return True
+    done = threading.Thread(target=provider.shutdown, name="pagedserve-trace-shutdown", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    return not done.is_alive()
 
 
 def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:

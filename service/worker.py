@@ -82,7 +82,8 @@ class Worker(WorkerPart):
         self.leases = LeaseKeeper(ctx, self.reclaimer, self._name_token)
         publisher.on_acked = self.leases.discard
         self.conn = Connection(
-            ctx=ctx, reclaimer=self.reclaimer, leases=self.leases, name_token=self._name_token, publisher=publisher
+            ctx=ctx, reclaimer=self.reclaimer, leases=self.leases, name_token=self._name_token, publisher=publisher,
+            on_wait=self._beat,
         )
         self.r = self.conn.r
         self.claims = claims = Claims(ctx, self.r)
@@ -99,6 +100,7 @@ class Worker(WorkerPart):
         )
         self.batches = BatchFeeder(ctx=ctx, conn=self.conn, running=self.running)
         self._last_engine_stats = 0.0
+        self._stats_idle = False  # the gauges' snapshot was taken with the engine idle, and no step ran since
         self._stop = threading.Event()
         self._shutting_down = False
         self._credentials_checked = False
@@ -122,6 +124,9 @@ class Worker(WorkerPart):
             self.heartbeat = time.monotonic()  # the loop's clock starts now: a long load is not a stall
             self.model_loaded = True
         return self._engine
+
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
 
     def _interrupted(self, signum: int, frame: Any) -> None:
         """Ctrl-C drains like SIGTERM; before the worker has taken any work (the model still loading) it ends the
@@ -163,8 +168,12 @@ class Worker(WorkerPart):
                 reachable = bool(probe.ping())
         except Exception:
             reachable = False
-        ok = self.model_loaded and reachable and not self._stop.is_set()
-        return ok, {"model_loaded": self.model_loaded, "redis": reachable, "stopping": self._stop.is_set()}
+        # Started: the model is in and the consumer name is held. A restarted worker waits up to claim_idle_ms for
+        # its predecessor's name lease; it takes no work meanwhile, so it must not draw traffic or count as up.
+        started = self.started.is_set()
+        ok = started and self.model_loaded and reachable and not self._stop.is_set()
+        return ok, {"started": started, "model_loaded": self.model_loaded, "redis": reachable,
+                    "stopping": self._stop.is_set()}
 
     def check_credentials(self) -> None:
         """Raise ``redis.AuthenticationError`` (one line, password masked) when Redis refuses this worker's user or
@@ -191,6 +200,7 @@ class Worker(WorkerPart):
         self.check_credentials()
         self.start_health()
         engine = self.engine  # load the model before taking any work
+        self._engine_stats()  # the KV pool's size and an empty engine from the start, not from the first step
         try:
             self.conn.setup()  # group and subscriptions exist once "worker_started" is logged
         except REDIS_DOWN + REDIS_REFUSED as e:
@@ -278,6 +288,8 @@ class Worker(WorkerPart):
             self.metrics.step_seconds.inc(time.perf_counter() - t)
         else:
             self.progress.idle()
+            if not self._stats_idle:  # the last requests ended without a step (cancelled, sent back): say so now
+                self._engine_stats()
             self.engine.check_alive()  # a dead tensor-parallel rank is seen now, not when the next request comes
         if self.publisher.pending() and conn.usable():
             try:
@@ -315,6 +327,7 @@ class Worker(WorkerPart):
         self.intake.queue_stats()
 
     def _step(self) -> None:
+        self._stats_idle = False  # whatever the step does (a failed one too) changes what the engine holds
         try:
             outputs = self.engine.step()
         except _engine_dead_error():
@@ -326,12 +339,18 @@ class Worker(WorkerPart):
             return
         self.progress.step(outputs)
         self.running.on_outputs(outputs)
-        mono = time.monotonic()
-        if mono - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
-            self._last_engine_stats = mono  # a snapshot 4x a second is plenty for a scrape every few seconds
-            self.metrics.requests_running.set(self.engine.num_running)
-            self.metrics.requests_waiting.set(self.engine.num_waiting)
-            self.metrics.engine.update(self.engine.stats())
+        # A snapshot 4x a second is plenty for a scrape every few seconds; the last step's is always taken.
+        if time.monotonic() - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
+            self._engine_stats()
+
+    def _engine_stats(self) -> None:
+        """Snapshot the engine for the gauges (read by the health server's thread; the engine is the loop's)."""
+        engine = self.engine
+        self._last_engine_stats = time.monotonic()
+        self._stats_idle = not engine.has_unfinished_requests()
+        self.metrics.requests_running.set(engine.num_running)
+        self.metrics.requests_waiting.set(engine.num_waiting)
+        self.metrics.engine.update(engine.stats())
 
     def _send_back(self, entry_ids: list[str]) -> None:
         """Entries to run again: reclaimable at once (another delivery, counted), or when their lease lapses."""
@@ -387,12 +406,15 @@ class Worker(WorkerPart):
 
 def run_worker(settings: Settings | None = None) -> None:
     """Entry point of ``pagedserve worker``: signals, telemetry, then the loop."""
-    from .telemetry import configure_logging, configure_tracing
+    from .telemetry import configure_logging, configure_tracing, shutdown_tracing
 
     settings = settings or Settings()
     configure_logging(settings.log_format, settings.log_level)
     configure_tracing()
-    Worker(settings, install_signals=True).run()
+    try:
+        Worker(settings, install_signals=True).run()
+    finally:
+        shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
 
 
 __all__ = ["Worker", "run_worker"]

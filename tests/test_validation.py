@@ -61,6 +61,7 @@ def test_unknown_field_from_dict():
 
 
 @pytest.mark.parametrize("kwargs,field", [({"block_size": 3}, "block_size"), ({"preemption_mode": "x"}, "preemption_mode"),
+                                          ({"swap_space_gb": float("inf")}, "swap_space_gb"),
                                           ({"max_num_seqs": 0}, "max_num_seqs"), ({"dtype": "int8"}, "dtype")])
 def test_bad_engine_args_name_the_field(tiny_models, kwargs, field):
     with pytest.raises(ValueError, match=f"^{field} "):

@@ -1,0 +1,133 @@
+"""What an operator sees of a running worker: how long it takes to exit, what its gauges and probes say while it is
+idle or restarting, and an idle read that blocks longer than the Redis socket timeout."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.protocol import DoneEvent, Keys
+from service_fixtures import WorkerProcess, make_settings, raw_submit, running_worker, submit_running, wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str) -> tuple[int | None, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:  # not listening yet
+        return None, repr(e)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    out = {}
+    for line in _get(port, "/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_an_otlp_collector_that_never_answers_does_not_hold_up_the_exit(tmp_path, redis_url, prefix):
+    """The SDK's exit hook flushed queued spans without a bound (10-30 s with a collector that accepts and never
+    answers); the worker now gives the flush ~2 s, so SIGTERM ends it within the grace period and a little."""
+    with socket.socket() as collector:
+        collector.bind(("127.0.0.1", 0))
+        collector.listen(128)  # connections complete in the backlog; nothing ever reads or answers them
+        s = make_settings(redis_url, prefix, grace_period_s=1)
+        w = WorkerProcess(s, tmp_path / "w.log", OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.getsockname()[1]}",
+                          OTEL_BSP_SCHEDULE_DELAY="100")  # the exporter is stuck on its first batch early
+        try:
+            w.start().wait_started()
+            ids = [raw_submit(s, {"max_tokens": 2}) for _ in range(20)]  # spans to export
+            with redis.Redis.from_url(redis_url) as r:
+                wait_for(lambda: all(r.exists(Keys(prefix).result(i)) for i in ids), 60, 0.1, "the results")
+            time.sleep(0.5)  # an export is in flight
+            t = time.monotonic()
+            w.proc.terminate()
+            rc = w.proc.wait(120)
+            took = time.monotonic() - t
+        finally:
+            w.close()
+    assert rc == 0, w.log_path.read_text()[-2000:]
+    assert took < s.grace_period_s + 4, f"exit took {took:.1f} s after SIGTERM"
+
+
+def test_the_engine_gauges_are_right_before_the_first_request_and_after_a_cancel(redis_url, prefix, shared_engine):
+    """The gauges were refreshed only after an engine step: 0 KV blocks on a fresh worker, and a cancelled last
+    request stayed 'running', its blocks in use, until the next request came."""
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
+        port = w.health.port
+        m = _scrape(port)
+        assert m["pagedserve_kv_cache_blocks"] == 512 and m["pagedserve_kv_cache_free_blocks"] == 512, m
+        assert m["pagedserve_requests_running"] == 0 and m["pagedserve_kv_cache_usage_ratio"] == 0
+        rid = submit_running(c, r, keys, "op-gauge-long")
+        wait_for(lambda: _scrape(port)["pagedserve_requests_running"] == 1, 10, what="a snapshot while it runs")
+        assert _scrape(port)["pagedserve_kv_cache_usage_ratio"] > 0
+        c.cancel(rid)
+        wait_for(lambda: r.exists(keys.result(rid)), 30, what="the cancelled result")
+        wait_for(lambda: (lambda m: m["pagedserve_requests_running"] == 0 and m["pagedserve_kv_cache_usage_ratio"] == 0
+                          and m["pagedserve_kv_cache_free_blocks"] == 512)(_scrape(port)), 3, 0.05,
+                 "the gauges of an idle engine")
+
+
+def test_an_idle_read_longer_than_the_socket_timeout_is_not_an_outage(redis_url, prefix, shared_engine):
+    """PAGEDSERVE_READ_BLOCK_MS above the client's 5 s socket timeout timed out every idle read: redis_unreachable
+    and redis_errors_total climbing with Redis healthy. The read's socket now waits for the block and a margin."""
+    s = make_settings(redis_url, prefix, read_block_ms=6000)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        time.sleep(7.5)  # more than one whole blocked read
+        assert _scrape(w.health.port)["pagedserve_redis_errors_total"] == 0
+        t = time.monotonic()
+        done = c.generate("wake up", params={"max_tokens": 2}, timeout=30)
+        assert isinstance(done, DoneEvent) and time.monotonic() - t < 3  # XADD wakes the blocked reader
+        assert w.conn.ok
+
+
+def test_a_restarted_worker_waiting_for_its_name_is_alive_but_not_ready(tmp_path, redis_url, prefix):
+    """A restarted worker (same name: a container restart keeps the host name) waits up to claim_idle_ms for its
+    killed predecessor's name lease. /readyz said 200 meanwhile (it takes no work yet) and /healthz turned 503 after
+    liveness_timeout_s (the wait did not beat the heartbeat), so a liveness probe killed a normal restart."""
+    name = f"same-{prefix}"
+    first = WorkerProcess(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=6000), tmp_path / "1.log")
+    port = _free_port()
+    s = make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=6000, liveness_timeout_s=1.0,
+                      metrics_port=port)
+    second = WorkerProcess(s, tmp_path / "2.log")
+    try:
+        first.start().wait_started()
+        second.start()
+        # Killed while the second one waits for the name: the lease it waits on is a dead worker's.
+        wait_for(lambda: "consumer_name_in_use_waiting" in second.log_path.read_text() or second.proc.poll() is not None,
+                 120, 0.05, "the second worker waiting for the name")
+        first.kill()
+        waiting = []
+        while second.proc.poll() is None:
+            hz, rz = _get(port, "/healthz"), _get(port, "/readyz")
+            if '"event": "worker_started"' in second.log_path.read_text():
+                break  # the samples above were all taken before the start
+            waiting.append((hz, rz))
+            time.sleep(0.1)
+        wait_for(lambda: _get(port, "/readyz")[0] == 200, 10, what="ready once started")
+    finally:
+        first.close()
+        second.close()
+    assert len(waiting) > 20, waiting  # seconds of waiting were seen
+    assert all(rz[0] == 503 for _, rz in waiting), [rz for _, rz in waiting if rz[0] != 503][:3]
+    assert all(hz[0] == 200 for hz, _ in waiting), [hz for hz, _ in waiting if hz[0] != 200][:3]
+    assert json.loads(waiting[-1][1][1])["started"] is False
