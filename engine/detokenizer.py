@@ -16,13 +16,14 @@ class IncrementalDetokenizer:
     sequence ends, so a client never sees the start of a stop string that is later cut.
     """
 
-    def __init__(self, tokenizer, stop: list[str], skip_ids: set[int]) -> None:
+    def __init__(self, tokenizer, stop: list[str], skip_ids: set[int], keep_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         # HF fast tokenizers wrap a Rust ``tokenizers.Tokenizer``; calling it directly gives the same text (we
         # never ask for clean-up) without the Python wrapper, which costs more than the decode itself per token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
         self.stop = stop
+        self.keep_stop = keep_stop  # the text ends with the stop string found, rather than before it
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.skip_ids = skip_ids
         self.ids: list[int] = []
@@ -43,8 +44,9 @@ class IncrementalDetokenizer:
             return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> str | None:
-        """Add a token; return a stop string if the text now contains one (the text is cut before it)."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Add a token; return a stop string if the text now contains one (the text is cut before it, or after
+        it with ``keep_stop``). ``check_stop`` False: no stop string ends the text yet (``min_tokens``)."""
         if token_id in self.skip_ids:
             return None
         self.ids.append(token_id)
@@ -55,7 +57,7 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._check_stop(start)
+        return self._check_stop(start) if check_stop else None
 
     def flush(self) -> str | None:
         """At the end of the sequence: release whatever was held back for an incomplete character. Returns a
@@ -79,7 +81,7 @@ class IncrementalDetokenizer:
                 hit = (pos, s)
         if hit is None:
             return None
-        self.text = self.text[:hit[0]]
+        self.text = self.text[:hit[0] + (len(hit[1]) if self.keep_stop else 0)]
         self.stopped = True
         return hit[1]
 

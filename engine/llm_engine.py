@@ -258,7 +258,8 @@ class LLMEngine:
 
     def _init_seq(self, req: Request, seq: Sequence) -> None:
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop, self.special_ids)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop, self.special_ids,
+                                               req.params.include_stop_str_in_output)
         Sampler.seed_sequence(seq, req.params, self.runner.device)
 
     def abort_request(self, request_id: str, reason: str = "cancelled") -> RequestOutput | None:
@@ -319,6 +320,7 @@ class LLMEngine:
             for seq, n in item.seqs:
                 seq.num_computed_tokens += n
                 self.block_manager.register_full_blocks(seq)
+        self._hold_stops(logits, sample_seqs)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
         progressed: dict[str, Request] = {}
         sample_rows = []
@@ -389,6 +391,22 @@ class LLMEngine:
 
             self._guard(req, failed, "sampling", sample_alone)
         return results
+
+    def _hold_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """``min_tokens``: in place, a row short of it cannot draw its stop tokens (EOS unless ``ignore_eos``),
+        before samples and beams alike take their rows (as HF's min_new_tokens processor)."""
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, seq in enumerate(seqs):
+            p = self._owner[seq.seq_id].params
+            if p.min_tokens > seq.num_output_tokens:
+                held = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                held = [t for t in held if t < logits.shape[-1]]
+                rows += [row] * len(held)
+                cols += held
+        if rows:
+            with torch.inference_mode():  # the logits are the runner's inference tensor
+                logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -torch.inf
 
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
                    failed: dict[str, tuple[Request, str]]) -> None:
@@ -518,7 +536,7 @@ class LLMEngine:
             seq.finish_reason = "stop"
         elif tok in p.stop_token_ids:
             seq.finish_reason = "stop"
-        elif seq.detok.add(tok) is not None:
+        elif seq.detok.add(tok, check_stop=seq.num_output_tokens >= p.min_tokens) is not None:
             seq.finish_reason = "stop"
         if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"

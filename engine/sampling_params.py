@@ -64,6 +64,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # No EOS (unless ignore_eos), stop token or stop string ends a sample before it has this many tokens (vLLM's)
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False  # the text ends with the stop string that ended it
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -137,6 +140,10 @@ class SamplingParams:
             fail("stop_token_ids", f"must be a list of integers in [0, {MAX_INT}]")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "must be a boolean")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            fail("min_tokens", f"must be an integer in [0, max_tokens] ({self.max_tokens})")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            fail("include_stop_str_in_output", "must be a boolean")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             fail("seed", "must be an integer in [0, 2**63)")
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):

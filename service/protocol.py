@@ -186,6 +186,8 @@ class SamplingParamsModel(BaseModel):
     stop: list[str] | str | None = None
     stop_token_ids: list[Int64] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool | None = None
+    min_tokens: Int64 | None = None
+    include_stop_str_in_output: bool | None = None
     seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

@@ -1,0 +1,74 @@
+"""``min_tokens`` and ``include_stop_str_in_output``, as vLLM defines them: no EOS, stop token or stop string ends a
+sample before ``min_tokens`` tokens (HF ``generate``'s ``min_new_tokens`` is the reference for the tokens), and
+a stop string can be kept at the end of the text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pagedserve.engine import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=64, max_model_len=256)
+
+
+def _greedy(llm, prompt, **kw):
+    (out,) = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, **kw))
+    return out.outputs[0]
+
+
+def test_min_tokens_holds_back_stop_tokens_as_hf_min_new_tokens(llm, tiny_models):
+    import transformers
+
+    prompt = "Once upon"
+    free = _greedy(llm, prompt, ignore_eos=True)
+    stop_id = free.token_ids[0]
+    assert _greedy(llm, prompt, stop_token_ids=[stop_id], ignore_eos=True).token_ids == [stop_id]
+    out = _greedy(llm, prompt, stop_token_ids=[stop_id], ignore_eos=True, min_tokens=6)
+    assert len(out.token_ids) >= 6 and stop_id not in out.token_ids[:6]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, min_new_tokens=6,
+                             eos_token_id=[stop_id], pad_token_id=0)[0, len(ids):].tolist()
+    assert out.token_ids == ref
+
+
+def test_min_tokens_defers_stop_strings(llm):
+    free = _greedy(llm, "The capital", ignore_eos=True)
+    stop = free.text[1:3]
+    early = _greedy(llm, "The capital", ignore_eos=True, stop=[stop])
+    assert early.finish_reason == "stop" and len(early.token_ids) < 6
+    late = _greedy(llm, "The capital", ignore_eos=True, stop=[stop], min_tokens=6)
+    assert len(late.token_ids) >= 6 and late.token_ids[:6] == free.token_ids[:6]
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(llm):
+    free = _greedy(llm, "The capital", ignore_eos=True)
+    stop = free.text[2:4]
+    kept = _greedy(llm, "The capital", ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    end = free.text.find(stop) + len(stop)
+    assert kept.finish_reason == "stop" and kept.text == free.text[:end]
+
+
+@pytest.mark.parametrize("kwargs, field", [({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 1.5}, "min_tokens"),
+                                           ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+                                           ({"include_stop_str_in_output": 1}, "include_stop_str_in_output")])
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_the_wire_carries_them():
+    from pagedserve.service.protocol import engine_params, parse_request
+
+    req = parse_request(json.dumps({"id": "a", "prompt": "x", "params": {
+        "min_tokens": 3, "include_stop_str_in_output": True}}), 1 << 20)
+    p = engine_params(req.params)
+    assert p.min_tokens == 3 and p.include_stop_str_in_output is True
