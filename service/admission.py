@@ -46,7 +46,7 @@ from .outcomes import Outcomes
 from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, engine_params, params_field,
                        parse_request)
 from .reclaim import LeaseKeeper
-from .resume import read_emitted
+from .resume import events_bound, read_emitted
 from .running import Running
 from .settings import Settings
 from .telemetry import extract_context, request_logger, trace_id_from_fields
@@ -392,7 +392,7 @@ class Admission(WorkerPart):
         job = Compiling(req, list(entry_ids), prompt, params, arrival, span, log)
         if has_events:  # an earlier run handed out tokens: continue after them (resume.py)
             try:
-                emitted = read_emitted(self.r, self.keys, req.id)
+                emitted = read_emitted(self.r, self.keys, req.id, events_bound(params.num_samples, params.max_tokens))
             except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
                 self.waiting[req.id] = Waiting(req, list(entry_ids), fields, deliveries)
                 return

@@ -24,14 +24,28 @@ import redis
 from .protocol import Keys
 
 
+PAGE = 1000  # events per XRANGE: a long stream neither blocks Redis nor arrives as one reply
+
+
+def events_bound(samples: int, max_tokens: int | None) -> int:
+    """About how many entries a request's events stream keeps (its XADD MAXLEN): one event per token of every
+    sample, each output's text-only last event, and the terminal event. A stream longer than that is not the
+    request's own."""
+    return samples * ((max_tokens or 16) + 1) + 16
+
+
 @dataclass
 class Output:
     """What one output (``index``) had handed out: its tokens, the text of its deltas, their logprobs."""
 
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    texts: list[str] = field(default_factory=list)  # the deltas, joined once: repeated += would be quadratic
     logprobs: list[dict[int, float]] | None = None
     next_seq: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
 
 @dataclass
@@ -64,10 +78,31 @@ class Emitted:
         return samples
 
 
-def read_emitted(r: redis.Redis, keys: Keys, request_id: str) -> Emitted:
-    """The token events already in ``request_id``'s events stream (one XRANGE)."""
+def _entries(r: redis.Redis, key: str, limit: int):
+    """The stream's entries, a page at a time; None after ``limit`` of them (the rest is not read)."""
+    start, seen = "-", 0
+    while True:
+        page = r.xrange(key, min=start, count=PAGE)
+        for entry_id, fields in page:
+            seen += 1
+            if seen > limit:
+                yield None
+                return
+            yield fields
+        if len(page) < PAGE:
+            return
+        start = "(" + (page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0])
+
+
+def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emitted:
+    """The token events already in ``request_id``'s events stream, read a page at a time. A stream of more than
+    ``limit`` entries (:func:`events_bound` of the request) was not written by runs of this request: it is not
+    resumable, and the rest of it is not read."""
     emitted = Emitted()
-    for _, fields in r.xrange(keys.events(request_id)):
+    for fields in _entries(r, keys.events(request_id), limit):
+        if fields is None:
+            emitted.resumable = False
+            break
         raw = fields.get(b"data", fields.get("data"))
         try:
             ev = json.loads(raw)
@@ -89,8 +124,10 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str) -> Emitted:
             continue
         o.next_seq = seq + 1
         o.token_ids.extend(int(t) for t in ev.get("token_ids") or [])
-        o.text += ev.get("text") or ""
+        o.texts.append(ev.get("text") or "")
         lp = ev.get("logprobs")
         if lp is not None:
-            o.logprobs = (o.logprobs or []) + [{int(k): float(v) for k, v in d.items()} for d in lp]
+            if o.logprobs is None:
+                o.logprobs = []
+            o.logprobs.extend({int(k): float(v) for k, v in d.items()} for d in lp)
     return emitted

@@ -38,13 +38,14 @@ from .outcomes import Outcomes
 from .protocol import GenerateRequest
 from .publisher import Publisher
 from .results import token_payloads
+from .resume import events_bound
 
 
 def events_cap(f: InFlight) -> int:
     """About how many entries a request's events stream keeps: room for one event per token of every sample
     and the terminal event, so a worker taking it over finds every token it must continue after, while a
     request's events stay bounded."""
-    return f.samples * ((f.request.params.max_tokens or 16) + 1) + 16  # + each output's text-only last event
+    return events_bound(f.samples, f.request.params.max_tokens)
 
 
 @dataclass(kw_only=True, eq=False)

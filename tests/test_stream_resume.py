@@ -273,3 +273,30 @@ def test_token_events_off_pubsub_still_stream_and_end(redis_url, prefix, shared_
             published.append(json.loads(m["data"]))
     sub.close()
     assert [e["type"] for e in published] == ["done"]  # no token event on the channel, the terminal one still
+
+
+def _token_event(rid: str, seq: int, text: str) -> str:
+    return json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq, "token_ids": [7], "text": text})
+
+
+def test_a_long_events_stream_is_read_in_linear_time_and_pages(redis_url, prefix):
+    """The text and logprobs were rebuilt by repeated concatenation, and the stream read in one XRANGE: a worker
+    taking over a request with tens of thousands of token events froze its loop for minutes."""
+    from pagedserve.service.protocol import Keys
+    from pagedserve.service.resume import read_emitted
+
+    keys, rid, n = Keys(prefix), "long-events", 30_000
+    with redis.Redis.from_url(redis_url) as r:
+        pipe = r.pipeline(transaction=False)
+        for seq in range(n):
+            pipe.xadd(keys.events(rid), {"data": _token_event(rid, seq, f"{seq % 10}")})
+        pipe.execute()
+        try:
+            emitted = read_emitted(r, keys, rid, limit=n + 16)
+            assert emitted.resumable and emitted.outputs[0].next_seq == n
+            assert emitted.outputs[0].text == "".join(str(s % 10) for s in range(n))
+            assert emitted.outputs[0].token_ids == [7] * n
+            capped = read_emitted(r, keys, rid, limit=100)  # more than the request could have written: not its own
+            assert not capped.resumable and capped.outputs[0].next_seq <= 100 + 1000
+        finally:
+            r.delete(keys.events(rid))
