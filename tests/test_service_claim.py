@@ -201,3 +201,31 @@ def test_a_malformed_entry_of_an_id_takes_its_turn(redis_url, idle_pair, order, 
     finally:
         rec.close()
         r.close()
+
+
+
+def test_the_finish_script_acknowledges_thousands_of_entries_of_one_id(redis_url, prefix):
+    """Every entry of an id attaches to its run and is acknowledged with its result by lua/finish.lua; with
+    10,000 of them (a producer that kept re-submitting) Redis refused the script ("too many results to unpack"):
+    all stayed pending for good, and the retried refusal held every other request's results back."""
+    from pagedserve.service.scripts import source
+
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    rid = "dup-flood"
+    try:
+        pipe = r.pipeline(transaction=False)
+        for _ in range(20_000):
+            pipe.xadd(keys.requests, {"body": _body(rid, 4, 1)})
+        pipe.execute()
+        r.xgroup_create(keys.requests, keys.group, id="0")
+        entries = [e for _, es in r.xreadgroup(keys.group, "c", {keys.requests: ">"}, count=20_000) for e, _ in es]
+        finish = r.register_script(source("finish"))
+        done = json.dumps({"type": "done", "id": rid})
+        assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid)],
+                      args=[keys.group, keys.out(rid), done, 60, *entries]) == 1
+        assert r.xpending(keys.requests, keys.group)["pending"] == 0 and r.xlen(keys.requests) == 0
+        assert r.get(keys.result(rid)) == done.encode()
+    finally:
+        r.delete(keys.requests, keys.result(rid), keys.events(rid))
+        r.close()

@@ -22,9 +22,12 @@ if stored then
   redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
 end
-if #ARGV >= 5 then
-  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, 5))
-  redis.call('XDEL', KEYS[2], unpack(ARGV, 5))
+-- In chunks: unpack() of more than a few thousand values fails ("too many results to unpack"), and an id
+-- submitted that many times must still be acknowledged.
+for i = 5, #ARGV, 1000 do
+  local last = math.min(i + 999, #ARGV)
+  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, i, last))
+  redis.call('XDEL', KEYS[2], unpack(ARGV, i, last))
 end
 if stored then
   return 1
