@@ -273,9 +273,10 @@ def printable(text: str) -> str:
 
 
 def _fail(message: str, code: int) -> None:
-    """One line on stderr (never wrapped, never read as markup), then exit with ``code``."""
+    """One line on stderr (never wrapped, never read as markup, control characters escaped: a message may quote
+    what a producer wrote), then exit with ``code``."""
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a message may hold breaks
-    err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+    err.print(printable(message), style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -425,3 +425,16 @@ def test_a_usage_mistake_is_one_line_with_where_to_look(args, words):
     line = _one_line(res)
     assert res.returncode == 2 and line.startswith(f"error: {words}"), line
     assert line.endswith("submit --help` lists the options)"), line
+
+
+def test_an_error_message_cannot_drive_the_terminal():
+    """A worker's error message can quote what a producer wrote (an unknown field's name): written raw, its
+    escape sequences retitled the window, cleared the screen and drew fake text. Shown escaped, in one line."""
+    hostile = "\x1b]0;PWNED\x07\x1b[2J\x1b[1;31mFAKE: request ok\rmore"
+    message = "invalid_request: " + hostile + ": Extra inputs are not permitted"
+    code = ("import sys, typer\nfrom pagedserve.service.cli import _fail\n"
+            f"try:\n    _fail({message!r}, 1)\nexcept typer.Exit as e:\n    sys.exit(e.exit_code)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "\x1b" not in res.stderr and "\x07" not in res.stderr and "\r" not in res.stderr
+    assert "\\x1b]0;PWNED" in res.stderr and len(res.stderr.strip().splitlines()) == 1
