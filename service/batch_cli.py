@@ -25,8 +25,10 @@ err = Console(stderr=True)
 
 def _fail(message: str, code: int) -> None:
     """One line on stderr, then exit with ``code`` (a bad setting or an unreachable Redis escapes to the main
-    CLI, which says it in one line too)."""
-    err.print(" ".join(message.split()), style="red", markup=False, highlight=False, soft_wrap=True)
+    CLI, which says it in one line too). Control characters are escaped: a message may quote the file."""
+    from .cli import printable  # here: the main CLI imports this module
+
+    err.print(printable(" ".join(message.split())), style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
