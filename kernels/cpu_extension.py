@@ -19,6 +19,8 @@ the build targets, and a test runs the AVX2 paths that way on CPUs whose own bui
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -123,17 +125,11 @@ def _build() -> str | None:
         from torch.utils import cpp_extension  # noqa: PLC0415
     except Exception as exc:
         return f"torch's C++ extension builder does not import: {type(exc).__name__}: {_first_line(exc)}"
+    name = f"{_NAME}_{_cpu_digest()}"
     try:
-        cpp_extension.load(
-            name=f"{_NAME}_{_cpu_digest()}",
-            sources=[str(path) for path in _SOURCES],
-            # torch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
-            extra_cflags=["-O3", f"-march={march}", "-ffp-contract=fast", "-fopenmp",
-                          f"-DPAGEDSERVE_HEADERS={_header_digest()}"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        build_dir = cpp_extension._get_build_directory(name, False)
+        with build_lock(Path(build_dir)):
+            _load(cpp_extension, name, build_dir, march)
     except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
         return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
     for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "panel_linear",
@@ -141,6 +137,41 @@ def _build() -> str | None:
         if not hasattr(torch.ops.pagedserve_cpu, op):
             return f"the extension loaded but registered no {op} op"
     return None
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Held around a build (or load) of the extension in ``build_dir``. torch's own lock is a file that a killed
+    build leaves behind, and every later process then waits on it for good, silently (a container restarted
+    after its startup probe killed the first build would hang with it). This lock is an ``flock``, which the
+    kernel drops when its holder dies: whoever holds it knows no live process is building, and removes torch's
+    file if a dead one left it."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "pagedserve.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process building the CPU kernels in %s", build_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
+def _load(cpp_extension, name: str, build_dir: str, march: str) -> None:
+    cpp_extension.load(
+        name=name,
+        build_directory=build_dir,
+        sources=[str(path) for path in _SOURCES],
+        # torch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
+        extra_cflags=["-O3", f"-march={march}", "-ffp-contract=fast", "-fopenmp",
+                      f"-DPAGEDSERVE_HEADERS={_header_digest()}"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def _missing_tool(cpp_extension) -> str | None:

@@ -197,3 +197,35 @@ def test_env_switch_forces_the_reference(tmp_path):
     assert "WARNING" not in proc.stderr  # asked for: nothing to warn about
     assert not any(tmp_path.iterdir()), "the switch must not even start a build"
 
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
+    """torch's build lock is a file: a build killed part-way (a container's startup probe, Ctrl-C) left it, and
+    every later process waited on it for good, saying nothing. With the build lock an flock, a dead holder's
+    file is removed; a live holder is waited for."""
+    import signal
+
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "lock").touch()  # what a killed torch build leaves
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom pagedserve.kernels.cpu_extension import build_lock\n"
+            "with build_lock(Path(sys.argv[1])):\n    print('holding', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(build)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert not (build / "lock").exists()  # nobody alive held the build: the file was stale
+        (build / "lock").touch()  # a live build's lock now
+        waiter = subprocess.Popen([sys.executable, "-c", hold, str(build)], stdout=subprocess.PIPE, text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                waiter.wait(timeout=2)
+            assert (build / "lock").exists()  # a live builder's lock is left alone
+            holder.send_signal(signal.SIGKILL)  # the builder dies mid-build
+            assert waiter.stdout.readline().strip() == "holding"
+            assert not (build / "lock").exists()
+        finally:
+            waiter.kill()
+            waiter.wait()
+    finally:
+        holder.kill()
+        holder.wait()
