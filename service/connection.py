@@ -53,9 +53,44 @@ WORKER_ACL_COMMANDS = (
 )
 
 
+# The key kinds of one deployment (protocol.Keys, batch_keys.BatchKeys), one pattern each rather than
+# ``{prefix}:*``: that one would also cover the keys of a deployment whose prefix is ``{prefix}:<anything>``.
+# Even so, no prefix may be another prefix followed by ':' (``a`` and ``a:result`` share key names outright).
+WORKER_KEYS = ("requests", "dead", "result:*", "events:*", "cancelled:*", "running:*", "consumer:*", "batch:*",
+               "batches", "batches:active")
+BATCH_KEYS = ("batch:*", "batches", "batches:active")
+# What the batch client (batch_client.py and its scripts batch_create.lua, batch_cancel.lua) runs on BATCH_KEYS.
+PRODUCER_BATCH_COMMANDS = (
+    "exists", "hgetall", "hmget", "hget", "hset", "hscan", "rpush", "expire", "expireat", "del", "rename", "zadd",
+    "zrange", "zrevrange", "zrem", "evalsha", "script|load",
+)
+
+
 def worker_acl(prefix: str = "pagedserve") -> list[str]:
-    """The ``ACL SETUSER`` rules (after the user's name, password and ``on``) of a worker serving ``prefix``."""
-    return ["resetkeys", "resetchannels", f"~{prefix}:*", f"&{prefix}:*", "-@all", *(f"+{c}" for c in WORKER_ACL_COMMANDS)]
+    """The ``ACL SETUSER`` rules (after the user's name, password and ``on``) of a worker serving ``prefix``.
+    No prefix may be another prefix followed by ':' (WORKER_KEYS says why)."""
+    return ["resetkeys", "resetchannels", *(f"~{prefix}:{k}" for k in WORKER_KEYS), f"&{prefix}:cancel",
+            f"&{prefix}:out:*", "-@all", *(f"+{c}" for c in WORKER_ACL_COMMANDS)]
+
+
+def producer_acl(prefix: str = "pagedserve") -> list[str]:
+    """The ``ACL SETUSER`` rules of a producer (client.py, batch_client.py) of ``prefix``: each key kind with only
+    the commands the clients run on it, read-only (``%R~``) or write-only (``%W~``) where that is all they need
+    (Redis 7 selectors, one per kind). It cannot write what workers trust: claims (``running:*``), consumer-name
+    leases (``consumer:*``), results and events streams. Like any producer it can still cancel any request of
+    the prefix (the cancel channel carries ids only). No prefix may be another prefix followed by ':'."""
+    p = prefix
+    return [
+        "resetkeys", "resetchannels", "-@all", "+ping", "+multi", "+exec", "+discard",
+        f"(+xadd %W~{p}:requests)",  # submit
+        f"(+xinfo|groups +xinfo|consumers %R~{p}:requests)",  # pickup_timeout: is a worker there?
+        f"(+exists %R~{p}:consumer:*)",  # ... and alive (its name lease exists)
+        f"(+get +xread %R~{p}:result:* %R~{p}:events:*)",  # the terminal event, the token events
+        f"(+subscribe +unsubscribe &{p}:out:*)",  # the events as they come
+        f"(+set %W~{p}:cancelled:*)",  # cancel: mark (SET ... EX, in MULTI with the publish)
+        f"(+publish &{p}:cancel)",  # cancel: tell the worker running it
+        "(" + " ".join([*(f"+{c}" for c in PRODUCER_BATCH_COMMANDS), *(f"~{p}:{k}" for k in BATCH_KEYS)]) + ")",
+    ]
 
 
 REDIS_TIMEOUT_S = 5.0  # socket timeout of the worker's commands: a Redis that answers nothing for this long is away

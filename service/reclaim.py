@@ -49,9 +49,10 @@ class Reclaimer(WorkerPart):
             self._scripts = Scripts(r)
         return self._scripts
 
-    def renew(self, r: redis.Redis, entry_ids: list[str]) -> tuple[list[str], list[str]]:
-        """Renew the lease of ``entry_ids``; returns the ids another consumer owns now (lost) and those no
-        consumer owns (gone from the stream: trimmed, deleted, Redis lost its data)."""
+    def renew(self, r: redis.Redis, entry_ids: list[str]) -> tuple[list[str], list[str], tuple[str, str] | None]:
+        """Renew the lease of ``entry_ids``; returns the ids another consumer owns now (lost), those no consumer
+        owns (gone from the stream: trimmed, deleted, Redis lost its data), and ``(command, error)`` when Redis
+        refused a command of the renewal (an ACL without it): the ids not renewed then are neither."""
         lost: list[str] = []
         gone: list[str] = []
         for i in range(0, len(entry_ids), 1000):
@@ -61,7 +62,9 @@ class Reclaimer(WorkerPart):
             )
             lost.extend(as_text(x) for x in res[0])
             gone.extend(as_text(x) for x in res[1])
-        return lost, gone
+            if len(res) > 2 and res[2]:
+                return lost, gone, (as_text(res[2][0]), as_text(res[2][1]))
+        return lost, gone, None
 
     def reclaim(self, r: redis.Redis, count: int) -> list[tuple[str, dict, int]]:
         """Claim up to ``count`` entries idle longer than ``claim_idle_ms``; returns (entry id, fields,
@@ -141,12 +144,18 @@ class Reclaimer(WorkerPart):
 
     # ------------------------------------------------------------------ consumer-name lease
     def acquire_name(self, r: redis.Redis, token: str) -> bool:
-        return bool(r.set(self.keys.consumer_lease(self.consumer), token, nx=True, px=self.claim_idle_ms))
+        """Take the consumer-name lease; False while another live worker holds it (a restarted worker waits for
+        its predecessor's lease to lapse). A value no worker wrote is taken over (refresh_name.lua says how)."""
+        return self.refresh_name(r, token)
 
     def refresh_name(self, r: redis.Redis, token: str) -> bool:
         """Renew the consumer-name lease; False when another worker holds the name now."""
         key = self.keys.consumer_lease(self.consumer)
-        return bool(self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r))
+        held = int(self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r))
+        if held == 2:
+            self.log.warning("consumer_name_lease_overwritten", key=key,
+                             note="it held a value no worker writes (no TTL, or not a worker's token)")
+        return held > 0
 
     def release_name(self, r: redis.Redis, token: str) -> None:
         self.scripts(r).release_name(keys=[self.keys.consumer_lease(self.consumer)], args=[token], client=r)
@@ -171,6 +180,7 @@ class LeaseKeeper:
         self._ids: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
+        self._refusals = 0  # consecutive renewals Redis refused (logged on the first and every 50th)
         self.thread = RenewalThread("pagedserve-lease", self._tick, ctx.new_client,
                                     ctx.settings.lease_renew_interval_ms / 1000, ctx.log, "lease_renewal_failed")
 
@@ -206,7 +216,15 @@ class LeaseKeeper:
             ids = sorted(self._ids)
         if not self.reclaimer.refresh_name(r, self.name_token):
             self.name_taken.set()
-        lost, gone = self.reclaimer.renew(r, ids) if ids else ([], [])
+        lost, gone, refused = self.reclaimer.renew(r, ids) if ids else ([], [], None)
+        if refused:
+            # Not "gone": the entries are still ours, only their leases were not renewed; other workers reclaim
+            # them once claim_idle_ms passes without a renewal that Redis accepts.
+            if self._refusals % 50 == 0:
+                self.log.error("lease_renewal_refused", command=refused[0], error=refused[1], entries=len(ids))
+            self._refusals += 1
+        else:
+            self._refusals = 0
         if lost or gone:
             with self._lock:
                 # Only ids still registered: an entry acked meanwhile is neither lost nor gone.

@@ -6,6 +6,7 @@ import collections
 import json
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -235,14 +236,15 @@ def test_a_worker_whose_consumer_name_was_taken_stops(redis_url, prefix, tmp_pat
         w.wait_started()
         with Client(settings=s) as c:
             rid = submit_running(c, r, keys, "name-taken", max_tokens=600)
-            r.set(keys.consumer_lease(s.worker_name), "a-replacement's-token", px=60_000)
+            token = uuid.uuid4().hex  # what a replacement worker writes (anything else is taken for garbage)
+            r.set(keys.consumer_lease(s.worker_name), token, px=60_000)
             assert w.proc.wait(timeout=120) == 1
             ended = c.wait(rid, timeout=10)
         assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 600  # drained, not dropped
         names = [e.get("event") for e in w.events()]
         assert "consumer_name_taken" in names and "worker_stopped" in names
         assert "was taken by another worker" in w.log_path.read_text()
-        assert r.get(keys.consumer_lease(s.worker_name)) == b"a-replacement's-token"  # not released by the loser
+        assert r.get(keys.consumer_lease(s.worker_name)) == token.encode()  # not released by the loser
     finally:
         w.close()
         r.close()

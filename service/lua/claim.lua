@@ -10,7 +10,9 @@ if stored then
   return {'result', stored}
 end
 local owner = redis.call('GET', KEYS[2])
-if owner == false or owner == ARGV[1] then
+-- A claim without a TTL is no worker's (workers always set one) and would never lapse: it is taken over like a
+-- lapsed one. PEXPIRE NX answers 1 only for a key without a TTL (Redis 7; PEXPIRE is in the worker's ACL).
+if owner == false or owner == ARGV[1] or redis.call('PEXPIRE', KEYS[2], ARGV[2], 'NX') == 1 then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   return {'claimed'}
 end

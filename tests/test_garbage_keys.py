@@ -1,0 +1,79 @@
+"""Keys a worker trusts, written by something that is not a worker (a producer with too wide an ACL, an operator's
+typo): a claim without a TTL, a consumer-name lease no worker wrote. Neither blocks an id or a worker for good.
+And a lease renewal that Redis refuses (an ACL without XPENDING) is reported as a refusal, not as entries gone."""
+
+from __future__ import annotations
+
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.connection import worker_acl
+from pagedserve.service.protocol import DoneEvent, Keys
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import WorkerProcess, make_settings, submit_running, wait_for
+
+
+def test_a_claim_without_ttl_is_taken_over(redis_url, prefix, tmp_path):
+    s = make_settings(redis_url, prefix, claim_idle_ms=1000)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    r.set(keys.running("blocked"), "nobody:000000000000")  # no TTL: it would hold the id for ever
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        with Client(settings=s) as c:
+            ended = c.generate("hi", id="blocked", params={"max_tokens": 4}, timeout=30)
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 4
+    finally:
+        w.close()
+        r.close()
+
+
+def test_a_name_lease_no_worker_wrote_neither_refuses_nor_stops_a_worker(redis_url, prefix, tmp_path):
+    s = make_settings(redis_url, prefix, claim_idle_ms=1000)
+    keys = Keys(prefix)
+    lease = keys.consumer_lease(s.worker_name)
+    r = redis.Redis.from_url(redis_url)
+    r.set(lease, "evil")  # no TTL, not a worker's token: a restart under this name waited, then refused for good
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        token = r.get(lease)
+        assert token != b"evil" and r.pttl(lease) > 0
+        with Client(settings=s) as c:
+            rid = submit_running(c, r, keys, "still-served", max_tokens=400)
+            for foreign in ({}, {"px": 60_000}):  # no TTL; a TTL but not a worker's token
+                r.set(lease, "evil", **foreign)
+                wait_for(lambda: r.get(lease) == token, 10, what="the lease taken back")
+            ended = c.wait(rid, timeout=60)
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 400
+        assert w.proc.poll() is None, w.log_path.read_text()[-2000:]
+        names = [e.get("event") for e in w.events()]
+        assert "consumer_name_taken" not in names and names.count("consumer_name_lease_overwritten") == 3
+    finally:
+        w.close()
+        r.close()
+
+
+def test_a_refused_lease_renewal_is_reported_as_refused_not_gone(prefix, tmp_path):
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *worker_acl(prefix))
+        s = make_settings(url.replace("redis://", "redis://w:pw@", 1), prefix, claim_idle_ms=1500)
+        keys = Keys(prefix)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            with Client(settings=make_settings(url, prefix)) as c:
+                rid = submit_running(c, admin, keys, "renewed", max_tokens=800)
+                admin.execute_command("ACL", "SETUSER", "w", "-xpending")
+                refused = wait_for(lambda: [e for e in w.events() if e.get("event") == "lease_renewal_refused"], 20,
+                                   what="the refusal logged")
+                admin.execute_command("ACL", "SETUSER", "w", "+xpending")
+                ended = c.wait(rid, timeout=120)
+            assert refused[0]["command"] == "XPENDING" and "can't run this command" in refused[0]["error"]
+            assert not [e for e in w.events() if e.get("event") == "entries_gone"]
+            assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 800
+        finally:
+            w.close()
+            admin.close()
