@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -49,10 +50,27 @@ def run_offline(engine_kw: dict, prompts: list[list[int]], max_tokens: int) -> d
             "output_tokens_per_s": tokens / wall}
 
 
+def _wait(r, prefix: str, bid: str, proc: subprocess.Popen, log: str, timeout: float) -> dict:
+    """``wait_batch`` that also watches the worker: if it exits, fail at once naming its log, rather than poll
+    Redis for a batch nobody runs until ``timeout``."""
+    from pagedserve.service.batch_client import wait_batch
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return wait_batch(r, prefix, bid, timeout=min(1.0, max(0.0, end - time.monotonic())), poll_s=0.05)
+        except TimeoutError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with status {proc.returncode}; its log: {log}") from None
+            if time.monotonic() >= end:
+                raise
+
+
 def run_service(engine_kw: dict, data: bytes, warm: bytes, n: int) -> dict:
     import redis
 
-    from pagedserve.service.batch_client import batch_results, submit_batch, wait_batch
+    from pagedserve.bench.common import die_with_parent
+    from pagedserve.service.batch_client import batch_results, submit_batch
     from pagedserve.service.redis_server import LocalRedis, free_port
 
     prefix = f"bench-batch-{uuid.uuid4().hex[:6]}"
@@ -61,30 +79,36 @@ def run_service(engine_kw: dict, data: bytes, warm: bytes, n: int) -> dict:
                "PAGEDSERVE_METRICS_PORT": str(free_port()), "PAGEDSERVE_LOG_LEVEL": "WARNING",
                **{f"PAGEDSERVE_{k.upper()}": str(v) for k, v in engine_kw.items() if v is not None}}
         log = tempfile.NamedTemporaryFile(prefix="pagedserve-bench-batch-", suffix=".log", delete=False)
-        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
         r = redis.Redis.from_url(url)
+        proc = None
+        ok = False
         try:
-            wait_batch(r, prefix, submit_batch(r, prefix, warm), timeout=600, poll_s=0.05)  # model load, warm-up
+            proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            _wait(r, prefix, submit_batch(r, prefix, warm), proc, log.name, timeout=600)  # model load, warm-up
             t0 = time.perf_counter()
             bid = submit_batch(r, prefix, data)
             t1 = time.perf_counter()
-            status = wait_batch(r, prefix, bid, timeout=3600, poll_s=0.05)
+            status = _wait(r, prefix, bid, proc, log.name, timeout=3600)
             t2 = time.perf_counter()
             out = list(batch_results(r, prefix, bid))
             tokens = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out if o["response"])
             assert status["request_counts"]["completed"] == n, status
+            ok = True
             return {"submit_s": t1 - t0, "wall_s": t2 - t1, "lines_per_s": n / (t2 - t1), "output_tokens": tokens,
                     "output_tokens_per_s": tokens / (t2 - t1), "lines_per_s_with_submit": n / (t2 - t0),
                     "redis_used_memory_mb": r.info("memory")["used_memory"] / 2**20}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             log.close()
             r.close()
+            if ok:  # kept (and named in the error) only when something went wrong
+                os.unlink(log.name)
 
 
 def batch_command(
@@ -104,7 +128,9 @@ def batch_command(
     """A batch file through Redis and a worker vs the same prompts through LLM.generate: lines/s, tokens/s, ratio (target >= 0.9)."""
     from rich.console import Console
 
-    from pagedserve.bench.common import check_device, check_min, check_model, check_out, write_json
+    from pagedserve.bench.common import (
+        check_device, check_min, check_model, check_out, stop_on_sigterm, write_json,
+    )
 
     # Options first (one line, exit 2): the offline side runs every line before the service side starts.
     check_min("--lines", lines, 1)
@@ -115,9 +141,10 @@ def batch_command(
     check_min("--num-gpu-blocks", num_gpu_blocks, 0, " (0: the engine's default)")
     check_min("--seed", seed, 0)
     check_min("--threads", threads, 0, " (0: torch's default)")
-    check_out("--out", out)
-    check_model("--model", model)  # the name stays as given: both sides resolve it again (a cached directory)
+    out = check_out("--out", out)
+    model_dir = check_model("--model", model)  # the name stays as given: both sides resolve it again (cached)
     console = Console(stderr=True)
+    stop_on_sigterm()
     if threads:
         import torch
 
@@ -125,13 +152,18 @@ def batch_command(
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the worker subprocess inherits it
     engine_kw = {"model": model, "device": device, "max_num_seqs": max_num_seqs,
                  "num_gpu_blocks": num_gpu_blocks or None, "seed": seed}
-    vocab = 200 if "tiny" in model else 1000
+    # Token ids below the model's own vocabulary (a small model may have a few hundred).
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     prompts, data = _lines(lines, prompt_tokens, max_tokens, vocab, seed)
     _, warm = _lines(16, prompt_tokens, max_tokens, vocab, seed + 1)
     console.print(f"offline: {lines} prompts through LLM.generate ...")
     offline = run_offline(engine_kw, prompts, max_tokens)
     console.print(f"service: {lines} lines through Redis and a worker ...")
-    service = run_service(engine_kw, data, warm, lines)
+    try:
+        service = run_service(engine_kw, data, warm, lines)
+    except RuntimeError as e:  # the worker died: one line, not a traceback
+        console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     results = {
         "machine": {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "config": {"lines": lines, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "threads": threads,

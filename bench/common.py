@@ -243,7 +243,39 @@ def drive(eng, prompts: list[list[int]], params: list) -> dict:
 
 
 def write_json(out: str | Path, results: dict, console) -> None:
-    path = Path(out)
+    path = Path(out).expanduser()  # as check_out reads it: ``--out=~/x.json`` reaches no shell to expand it
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"results written to {path}")
+
+
+# ---------------------------------------------------------------------- child processes
+# A bench that starts processes (redis-server, a worker, busy loops, engine runs) must not leave them running
+# when it is stopped: ``kill``, ``timeout`` and a CI cancel send SIGTERM, whose default action skips every
+# ``finally`` that would stop them.
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C does, through the ``finally`` blocks that stop its children
+    (exit status 143, as SIGTERM's default)."""
+    import signal
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a bench's child: the kernel kills it when the bench dies, even on SIGKILL (Linux'
+    parent-death signal; elsewhere nothing). SIGKILL, not SIGTERM: a worker whose Redis went with the bench can
+    wait on it, and nothing a bench started is worth keeping without it."""
+    import ctypes
+    import signal
+
+    try:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

@@ -133,7 +133,7 @@ def cpu_kernels_command(
     batch_list = parse_ints(batches, BATCHES, "--batches")
     context_list = parse_ints(contexts, CONTEXTS, "--contexts")
     check_min("--threads", threads, 0, " (0: torch's default)")
-    check_out("--out", out)
+    out = check_out("--out", out)
     console = Console()
     if threads > 0:
         torch.set_num_threads(threads)
@@ -145,7 +145,7 @@ def cpu_kernels_command(
     table = Table(title=f"paged decode attention, one layer, block {BLOCK_SIZE}, {torch.get_num_threads()} threads")
     for col in ("model", "dtype", "batch", "context", "torch ms", "kernel ms", "speedup", "torch cpu ms",
                 "kernel cpu ms", "cpu speedup", "kernel KV GB/s"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in rows:
         table.add_row(r["model"], r["dtype"], str(r["batch"]), str(r["context"]), f"{r['torch_ms']:.3f}",
                       f"{r['kernel_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['torch_cpu_ms']:.3f}",
@@ -155,7 +155,7 @@ def cpu_kernels_command(
                               0.05 if quick else 0.5)
     table = Table(title=f"paged prefill attention (whole prompts), one layer, {torch.get_num_threads()} threads")
     for col in ("model", "dtype", "prompts", "tokens each", "torch ms", "kernel ms", "speedup", "kernel GFLOP/s"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in prefill:
         table.add_row(r["model"], r["dtype"], str(r["batch"]), str(r["prompt"]), f"{r['torch_ms']:.3f}",
                       f"{r['kernel_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['kernel_gflops']:.1f}")

@@ -111,13 +111,13 @@ def cpu_linears_command(
     dtype_names = check_choices("--dtypes", dtypes, DTYPES)
     row_list = parse_ints(rows, ROWS, "--rows")
     check_min("--threads", threads, 0, " (0: torch's default)")
-    check_out("--out", out)
+    out = check_out("--out", out)
     if threads > 0:
         torch.set_num_threads(threads)
     results = measure(model_names, dtype_names, row_list, 0.05 if quick else 0.5)
     table = Table(title=f"one step's linear layers, {torch.get_num_threads()} threads (* the default layout here)")
     for col in ("model", "dtype", "layout", "rows", "ms per pass", "weights GB/s", "GFLOP/s"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in results:
         table.add_row(r["model"], r["dtype"], r["layout"] + ("*" if r["default"] else ""), str(r["rows"]),
                       f"{r['ms']:.2f}", f"{r['weight_gbps']:.1f}", f"{r['gflops']:.1f}")

@@ -20,7 +20,8 @@ from typing import Annotated
 import typer
 
 from pagedserve.bench.common import (
-    bench_model_dir, check_choice, check_min, check_out, make_workload, usage_error, write_json,
+    bench_model_dir, check_choice, check_min, check_out, die_with_parent, make_workload, stop_on_sigterm,
+    usage_error, write_json,
 )
 from pagedserve.bench.vllm_cpu import OURS_RUNNER, load_average, run_once, thread_env
 
@@ -30,8 +31,10 @@ DTYPES = ("float32", "bfloat16", "float16")  # what LLM(dtype=...) takes in the 
 
 def run(job: dict, env: dict, hogs: int) -> dict:
     """One engine run, beside ``hogs`` busy loops started just before it and killed right after."""
-    procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
+    procs = []
     try:
+        for _ in range(hogs):  # one by one: a SIGTERM between two starts still stops the first
+            procs.append(subprocess.Popen([sys.executable, "-c", HOG], preexec_fn=die_with_parent))
         before = load_average()
         r = run_once(sys.executable, OURS_RUNNER, job, env)
         r["load_average"] = [before, load_average()]
@@ -71,7 +74,8 @@ def cpu_load_command(
         cpu_threads.plan_from_env(env)
     except ValueError as e:  # names the variable: say which option set it
         usage_error(f"--threads {threads} --bind {bind!r}: {e}")
-    check_out("--out", out)
+    out = check_out("--out", out)
+    stop_on_sigterm()
     console = Console()
     hogs = hogs or len(os.sched_getaffinity(0))
     w = make_workload(num_requests, seed)
@@ -82,7 +86,7 @@ def cpu_load_command(
             console.print(f"[dim]{time.strftime('%H:%M:%S')} run {rep + 1}/{reps}: {condition} ({n} busy loops)[/]")
             r = run(job, env, n)
             if "error" in r:
-                console.print(f"[red]{condition} run failed:[/] {r['error']}", markup=False)
+                console.print(f"{condition} run failed: {r['error']}", style="red", markup=False)
                 raise typer.Exit(1)
             r.pop("outputs", None)
             runs[condition].append(r)

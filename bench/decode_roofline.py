@@ -191,7 +191,7 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
                         f"copy {d['copy_gbps']:.1f} GB/s ({device})")
     for col in ("batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs",
                 "tok/s", "host ms", "host us/seq"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in d["rows"]:
         def ratio(mode: str, r: dict = r) -> str:
             x = r[f"{mode}_x_roofline"]

