@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .redaction import printable
+
 batch_app = typer.Typer(help="Batch jobs in OpenAI's batch file format (see docs/service.md, Batch jobs).",
                         no_args_is_help=True)
 err = Console(stderr=True)
@@ -26,8 +28,6 @@ err = Console(stderr=True)
 def _fail(message: str, code: int) -> None:
     """One line on stderr, then exit with ``code`` (a bad setting or an unreachable Redis escapes to the main
     CLI, which says it in one line too). Control characters are escaped: a message may quote the file."""
-    from .cli import printable  # here: the main CLI imports this module
-
     err.print(printable(" ".join(message.split())), style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

@@ -25,6 +25,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from .redaction import printable
+
 _BENCH_TARGETS = {
     "offline": "pagedserve.bench.offline:offline_command",
     "sharing": "pagedserve.bench.sharing:sharing_command",
@@ -261,15 +263,6 @@ def worker(
         w.run()
     finally:
         shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
-
-
-def printable(text: str) -> str:
-    """Model output for a terminal: line breaks and tabs kept, every other control character written as an escape
-    (``\\x1b``), so that an answer cannot move the cursor, clear the screen or retitle the window."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch in "\n\t" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
 
 
 def _fail(message: str, code: int) -> None:

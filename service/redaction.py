@@ -7,6 +7,8 @@ Two layers. A pattern masks the user-info of any URL in the text; it cannot know
 ends when its password holds a space or a quote, so the passwords of the URLs this process was configured with
 are also remembered (:func:`remember_secrets`, called wherever a Redis URL enters: settings, clients) and masked
 wherever they appear, whatever their characters.
+
+:func:`printable` makes text safe for a terminal the same way: what a producer or a model wrote cannot drive it.
 """
 
 from __future__ import annotations
@@ -57,3 +59,13 @@ def redact(text: object) -> str:
     for secret in _masking_order:
         out = out.replace(secret, "***")
     return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, out))
+
+
+def printable(text: str) -> str:
+    """Text for a terminal (model output, an error message quoting a producer): line breaks and tabs kept, every
+    other control character written as an escape (``\\x1b``), so that it cannot move the cursor, clear the screen
+    or retitle the window."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in "\n\t" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
