@@ -67,7 +67,7 @@ def test_metrics_move(redis_url, prefix, shared_engine):
     with running_worker(s, shared_engine) as w, Client(settings=s) as c:
         before = _scrape(w.health.port)
         for i in range(3):
-            c.generate(f"m{i}", params={"max_tokens": 5}, timeout=60)
+            c.generate(f"m{i}", params={"max_tokens": 5, "ignore_eos": True}, timeout=60)
         c.wait(raw_submit(s, {"top_p": 7}), timeout=30)  # the client would refuse it: sent by hand
         w.r.xadd(w.keys.requests, {"body": b"\xff"})
         wait_for(lambda: _scrape(w.health.port).get('pagedserve_queue_dead_letters_total{reason="invalid_utf8"}', 0) >= 1,
