@@ -100,6 +100,8 @@ class LLMEngine:
             functools.partial(default_backend, self.tokenizer, self.vocab_size, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._owner: dict[int, Request] = {}  # seq_id -> request, for every live sequence
+        # Requests in the engine with min_tokens: the per-step masking pass runs only while there is one.
+        self._holding_stops = 0
         self._ready: list[RequestOutput] = []  # resumed requests that had already ended: out at the next step
         self.num_steps = 0
 
@@ -200,6 +202,7 @@ class LLMEngine:
         if resume is not None:
             self._resume(req, resume)
         self.requests[request_id] = req
+        self._holding_stops += bool(params.min_tokens)
         if all(s.finished for s in req.seqs):  # resumed after its last token: only its ending is left to hand out
             self._ready.append(self._finish(req))
             return
@@ -395,6 +398,8 @@ class LLMEngine:
     def _hold_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """``min_tokens``: in place, a row short of it cannot draw its stop tokens (EOS unless ``ignore_eos``),
         before samples and beams alike take their rows (as HF's min_new_tokens processor)."""
+        if not self._holding_stops:
+            return
         rows: list[int] = []
         cols: list[int] = []
         for row, seq in enumerate(seqs):
@@ -447,7 +452,8 @@ class LLMEngine:
         """``req`` leaves the engine: its blocks, its place in the scheduler and its sequences' owner entries."""
         self.scheduler.release(req)
         req.metrics["finished_time"] = time.time()
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is not None:
+            self._holding_stops -= bool(req.params.min_tokens)
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
 
