@@ -24,6 +24,7 @@ _EXPORTS = {
     "PromptTooLongError": "pagedserve.engine.errors",
     "Client": "pagedserve.service.client",
     "AsyncClient": "pagedserve.service.client",
+    "CancelOutcome": "pagedserve.service.client",
     "RequestFailed": "pagedserve.service.client",
     "RedisUnreachable": "pagedserve.service.client",
     "TooManyConnections": "pagedserve.service.client",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.sampling_params import SamplingParams
     from pagedserve.service.client import (
         AsyncClient,
+        CancelOutcome,
         Client,
         NoWorker,
         RedisUnreachable,

@@ -398,11 +398,34 @@ def submit(
 @app.command()
 def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit` prints it: id=...).")) -> None:
     """Cancel a request: one not picked up yet never runs, a running one ends now (finish_reason cancelled)."""
-    from .client import Client
+    import redis
 
-    with Client(settings=_settings()) as client:
-        client.cancel(request_id)
-    err.print(f"cancelled id={request_id}", markup=False, highlight=False, soft_wrap=True)
+    from .client import Client
+    from .connection import redact
+
+    try:
+        with Client(settings=_settings()) as client:
+            found = client.cancel(request_id)
+    except redis.RedisError as e:
+        if _debug_wanted():
+            raise
+        _fail(f"error: could not cancel id={request_id}: {redact(e)}", 1)
+    if found.finished is not None:  # a stored result is final: say how it ended, and that nothing changed
+        end = found.finished
+        if end.type == "error":
+            _fail(f"id={request_id} had already ended with error {end.error.code}; nothing to cancel", 1)
+        reasons = {str(o.finish_reason) for o in end.outputs}
+        if reasons == {"cancelled"}:
+            message = f"id={request_id} was already cancelled"
+        else:
+            _fail(f"id={request_id} had already finished (finish={','.join(sorted(reasons))}); nothing to cancel "
+                  f"(`pagedserve submit ... --id {request_id}` prints its result)", 1)
+    elif found.running:
+        message = f"cancelled id={request_id} (it was running: it ends now, finish_reason cancelled)"
+    else:  # queued, or an id no producer sent: Redis cannot tell which without reading the whole queue
+        message = (f"cancelled id={request_id} (no worker is running it: if it is queued it ends cancelled without "
+                   f"running; check the id if you expected it to be running)")
+    err.print(printable(message), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -21,6 +21,7 @@ import redis.asyncio as aredis
 
 from .client_core import (
     CONNECTION_ERRORS,
+    CancelOutcome,
     CountKeys,
     Emit,
     Event,
@@ -48,7 +49,7 @@ from .client_core import (
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
-__all__ = ["AsyncClient", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal",
+__all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal",
            "TooManyConnections", "build_request"]
 
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
@@ -128,13 +129,14 @@ class Client(ProducerCore):
             self._sent(span, self.r.xadd(self.keys.requests, self._fields(req)))
         return req.id
 
-    def cancel(self, request_id: str) -> None:
-        """Cancel: mark it (covers a request not picked up yet) and tell the worker running it."""
+    def cancel(self, request_id: str) -> CancelOutcome:
+        """Cancel: mark it (covers a request not picked up yet) and tell the worker running it. Says what it
+        found: already finished (nothing changed), running (it ends now) or neither (queued, or unknown)."""
         pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
         with self._reaching():
-            pipe.execute()
+            return self._cancel_outcome(pipe.execute())
 
     def result(self, request_id: str) -> Terminal | None:
         with self._reaching():
@@ -338,13 +340,13 @@ class AsyncClient(ProducerCore):
             self._sent(span, await self.r.xadd(self.keys.requests, self._fields(req)))
         return req.id
 
-    async def cancel(self, request_id: str) -> None:
+    async def cancel(self, request_id: str) -> CancelOutcome:
         self._bind_loop()
         pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in self._cancel_commands(request_id):
             getattr(pipe, name)(*args, **kwargs)
         with self._reaching():
-            await pipe.execute()
+            return self._cancel_outcome(await pipe.execute())
 
     async def result(self, request_id: str) -> Terminal | None:
         self._bind_loop()

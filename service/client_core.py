@@ -73,6 +73,17 @@ from .telemetry import get_tracer, inject_fields
 
 Event = Union[TokenEvent, DoneEvent, ErrorEvent]
 Terminal = Union[DoneEvent, ErrorEvent]
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelOutcome:
+    """What a cancel found. ``finished``: the stored terminal event of a request that had already ended (the
+    cancel changed nothing). Otherwise ``running`` says whether a worker held its claim (it ends now, with
+    finish_reason ``cancelled``) or not: queued, or an id not submitted (yet): if it comes, it ends
+    ``cancelled`` without running."""
+
+    finished: Terminal | None
+    running: bool
 QUIET_S = 1.0  # re-read the result key after this long without an event
 CONFIRM_S = 5.0  # a subscription not confirmed within this long counts as a lost connection
 RETRY_PAUSE_S = 0.2
@@ -266,13 +277,20 @@ class ProducerCore:
         span.set_attribute("messaging.message.id", entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def _cancel_commands(self, request_id: str) -> list[tuple[str, tuple, dict]]:
-        """Mark it cancelled (covers a request not picked up yet) and tell the worker running it; one MULTI/EXEC:
-        a refused mark (maxmemory, an ACL without writes) aborts the publish too, so a cancel the caller was told
-        failed has no effect (a pipeline would still publish, and the worker would cancel the run)."""
+        """Look (its stored result, its claim), mark it cancelled (covers a request not picked up yet) and tell
+        the worker running it; one MULTI/EXEC: a refused mark (maxmemory, an ACL without writes) aborts the
+        publish too, so a cancel the caller was told failed has no effect (a pipeline would still publish, and
+        the worker would cancel the run). :meth:`_cancel_outcome` reads the replies."""
         return [
+            ("get", (self.keys.result(request_id),), {}),
+            ("exists", (self.keys.running(request_id),), {}),
             ("set", (self.keys.cancelled(request_id), "1"), {"ex": self.settings.result_ttl_s}),
             ("publish", (self.keys.cancel, request_id), {}),
         ]
+
+    def _cancel_outcome(self, replies: list) -> CancelOutcome:
+        stored, claimed = replies[0], replies[1]
+        return CancelOutcome(finished=self._terminal(stored), running=stored is None and bool(claimed))
 
     @contextlib.contextmanager
     def _reaching(self) -> Iterator[None]:

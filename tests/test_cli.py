@@ -346,13 +346,47 @@ def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(re
     assert "no worker has picked this up after 1 s" in line and "id=queued-1 stays queued" in line, line
     assert "pagedserve cancel queued-1" in line, line
     res = _cli(env, "cancel", "queued-1")
-    assert res.returncode == 0 and res.stderr.strip() == "cancelled id=queued-1", res.stderr
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().startswith("cancelled id=queued-1 (no worker is running it"), res.stderr
     keys = Keys(prefix)
     with redis.Redis.from_url(redis_url) as r:
         assert r.xlen(keys.requests) == 1  # still queued: a worker that starts answers it, cancelled
         with running_worker(make_settings(redis_url, prefix), shared_engine):
             wait_for(lambda: r.get(keys.result("queued-1")), 60, what="the result")
         assert parse_terminal(r.get(keys.result("queued-1"))).outputs[0].finish_reason == "cancelled"
+
+
+def test_cancel_says_what_it_found_running_finished_or_already_cancelled(redis_url, prefix, shared_engine):
+    """A cancel of a finished request changes nothing and says so (exit 1); of a running one, that it ends now;
+    ``Client.cancel`` returns what it found."""
+    from pagedserve import Client
+    from pagedserve.service.protocol import Keys, parse_terminal
+    from service_fixtures import submit_running, wait_for
+
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    keys = Keys(prefix)
+    settings = make_settings(redis_url, prefix)
+    with redis.Redis.from_url(redis_url) as r, Client(settings=settings) as c, \
+            running_worker(settings, shared_engine):
+        c.generate("Hello", id="short-1", params={"max_tokens": 2, "ignore_eos": True}, timeout=120)
+        res = _cli(env, "cancel", "short-1")
+        assert res.returncode == 1, res.stderr
+        assert _one_line(res) == ("id=short-1 had already finished (finish=length); nothing to cancel "
+                                  "(`pagedserve submit ... --id short-1` prints its result)")
+        assert parse_terminal(r.get(keys.result("short-1"))).outputs[0].finish_reason == "length"  # unchanged
+        assert c.cancel("short-1").finished.outputs[0].finish_reason == "length"
+
+        submit_running(c, r, keys, "long-1")
+        res = _cli(env, "cancel", "long-1")
+        assert res.returncode == 0, res.stderr
+        assert _one_line(res) == "cancelled id=long-1 (it was running: it ends now, finish_reason cancelled)"
+        wait_for(lambda: r.get(keys.result("long-1")), 60, what="the result")
+        assert parse_terminal(r.get(keys.result("long-1"))).outputs[0].finish_reason == "cancelled"
+        res = _cli(env, "cancel", "long-1")
+        assert res.returncode == 0 and _one_line(res) == "id=long-1 was already cancelled", res.stderr
+
+        found = c.cancel("never-sent")
+        assert found.finished is None and not found.running
 
 
 def test_one_line_messages_stay_one_line_on_a_narrow_stderr(redis_url, prefix, shared_engine):
