@@ -293,13 +293,40 @@ def _structured_outputs(json_schema: str | None, choice: str | None, regex: str 
     return None
 
 
+def _prompt_text(prompt: str | None) -> str:
+    """The prompt argument, or stdin for ``-`` (or no argument with input piped in), its trailing line breaks
+    dropped: a long or multi-line prompt needs no shell quoting."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt is None and sys.stdin.isatty():
+        _fail("error: give the prompt as an argument, or - to read it from stdin (`pagedserve submit --help`)", 2)
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        _fail(f"error: the prompt on stdin is not UTF-8 text ({e.reason} at byte {e.start})", 2)
+    text = text.rstrip("\n")  # as the shell's $(...) does: `echo` ends what it pipes with a line break
+    if not text:  # nothing piped in (stdin closed, /dev/null): an empty prompt is a mistake
+        _fail("error: no prompt: give it as an argument, or pipe it in (stdin was empty)", 2)
+    return text
+
+
 @app.command()
 def submit(
-    prompt: str = typer.Argument(..., help="The prompt text."),
+    prompt: Optional[str] = typer.Argument(
+        None, help="The prompt text; - (or none, with input piped in) reads it from stdin."),
+    chat: bool = typer.Option(
+        False, "--chat", help="Send the prompt as a user message: the worker applies the model's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt (implies --chat)."),
     max_tokens: int = typer.Option(16, "--max-tokens", help="Tokens to generate."),
     temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: the smallest set of tokens whose "
+                                                                 "probabilities add up to this (0 < p <= 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed, the same output."),
+    stop: Optional[list[str]] = typer.Option(
+        None, "--stop", help="End the output at this string (repeat the option for several)."),
     n: int = typer.Option(1, "--n", help="Number of outputs."),
     beam_width: int = typer.Option(0, "--beam-width", help="> 0: beam search."),
+    priority: int = typer.Option(0, "--priority", help="Lower runs first when the worker is full."),
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", help="FILE: the output is JSON that validates against this JSON Schema."),
     choice: Optional[str] = typer.Option(None, "--choice", help="a,b,c: the output is one of these."),
@@ -327,7 +354,11 @@ def submit(
             _fail(f"error: {option} must be a number of seconds > 0 (got {seconds:g})", 2)
     configure_tracing("pagedserve-cli")  # the producer span is exported if an OTLP endpoint is configured
 
-    params = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
+    prompt = _prompt_text(prompt)
+    params: dict = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
+    for name, value in (("top_p", top_p), ("seed", seed), ("stop", stop)):
+        if value is not None:
+            params[name] = value
     if beam_width:
         params["beam_width"] = beam_width
     structured = _structured_outputs(json_schema, choice, regex)
@@ -335,7 +366,13 @@ def submit(
         params["structured_outputs"] = structured
     settings = _settings()
     try:  # checked here, before anything is sent: a request no worker would take is one line saying why
-        request = build_request(prompt, params=params, stream=not no_stream, id=request_id)
+        if chat or system is not None:
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            messages.append({"role": "user", "content": prompt})
+            request = build_request(messages=messages, params=params, stream=not no_stream, id=request_id,
+                                    priority=priority)
+        else:
+            request = build_request(prompt, params=params, stream=not no_stream, id=request_id, priority=priority)
         check_message_size(request, settings)
     except ValueError as e:
         _fail(f"error: invalid request: {e}", 2)

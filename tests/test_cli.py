@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -335,6 +336,32 @@ def test_ctrl_c_cancels_the_request(redis_url, prefix, shared_engine):
             wait_for(lambda: r.get(keys.result("ctrl-c")), 60, what="the result")
         done = parse_terminal(r.get(keys.result("ctrl-c")))
         assert done.outputs[0].finish_reason == "cancelled" and done.usage.completion_tokens == 0
+
+
+def test_submit_reads_the_prompt_from_stdin_and_sends_chat_messages_and_options(redis_url, prefix):
+    """The entry a worker would read (no worker here: it stays queued) holds what the options said."""
+    from pagedserve.service.protocol import Keys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix})
+    args = ["-", "--chat", "--system", "Be brief.", "--stop", "x", "--stop", "y", "--priority", "3", "--seed", "7",
+            "--top-p", "0.5", "--pickup-timeout", "1", "--id", "from-stdin"]
+    res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", *args], cwd=REPO, env=env,
+                         input="line one\nline two\n\n", capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "id=from-stdin stays queued" in res.stderr, res.stderr
+    with redis.Redis.from_url(redis_url) as r:
+        ((_, fields),) = r.xrange(Keys(prefix).requests)
+    body = json.loads(fields[b"body"])
+    assert body["prompt"] is None and body["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "line one\nline two"}]
+    assert body["priority"] == 3
+    assert (body["params"]["stop"], body["params"]["seed"], body["params"]["top_p"]) == (["x", "y"], 7, 0.5)
+
+    for stdin, line in (("", "error: no prompt: give it as an argument, or pipe it in (stdin was empty)"),
+                        ("\n", "error: no prompt: give it as an argument, or pipe it in (stdin was empty)")):
+        res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit"], cwd=REPO, env=env,
+                             input=stdin, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and _one_line(res) == line
 
 
 def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(redis_url, prefix, shared_engine):
