@@ -476,7 +476,10 @@ def demo(
     _cpu_threads()
     from .demo import run_demo
 
-    run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)
+    try:
+        run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
 
 
 def _model_step(msg: str) -> None:

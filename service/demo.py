@@ -82,6 +82,15 @@ def _check_redis(url: str) -> None:
         raise RedisUnreachable(f"cannot reach Redis at {redact(url)} (PAGEDSERVE_REDIS_URL): {redact(e)}") from None
 
 
+def _forget_prefix(url: str, prefix: str) -> None:
+    """Delete this demo run's keys (its prefix is its own): the stream, results, events streams, leases."""
+    from .connection import redis_client
+
+    with contextlib.suppress(Exception), redis_client(url, timeout=3.0) as r:
+        for key in r.scan_iter(match=f"{prefix}:*", count=500):
+            r.delete(key)
+
+
 def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature: float | None = None,
              console: Console | None = None) -> dict:
     """Run the demo; ``num_requests`` cycles through ``TASKS`` (default: each once); ``temperature`` overrides the
@@ -128,9 +137,14 @@ def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature:
             console.print(f"[bold]Metrics:[/] http://127.0.0.1:{worker.health.port}/metrics")
         try:
             summary = asyncio.run(_drive(settings, tasks, max_tokens, console, AsyncClient))
+        except KeyboardInterrupt:  # nobody watches any more: no drain, the worker hands back what it runs
+            worker.request_stop(grace_s=0)
+            raise
         finally:
             worker.request_stop()
             thread.join(30)
+            if base.redis_url_configured:  # a configured Redis is someone's: leave nothing of this run in it
+                _forget_prefix(url, prefix)
         stats = engine.stats()
         summary.update(
             kv_blocks=stats.get("num_gpu_blocks"),
@@ -187,12 +201,18 @@ async def _drive(settings, tasks: list[Task], max_tokens: int, console: Console,
 
         with Live(Panel(table(), title="pagedserve demo"), console=console, refresh_per_second=8) as live:
             jobs = [asyncio.create_task(one(r)) for r in rows]
-            while not all(j.done() for j in jobs):
+            try:
+                while not all(j.done() for j in jobs):
+                    live.update(Panel(table(), title="pagedserve demo"))
+                    await asyncio.sleep(0.1)
                 live.update(Panel(table(), title="pagedserve demo"))
-                await asyncio.sleep(0.1)
-            live.update(Panel(table(), title="pagedserve demo"))
-            for j in jobs:
-                j.result()
+            finally:  # Ctrl-C cancels this task: the streams end with it; every outcome is collected, once
+                for j in jobs:
+                    j.cancel()
+                outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
     wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in rows)
     ttft = [r["ttft"] * 1000 for r in rows if r["ttft"] is not None]

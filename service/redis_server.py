@@ -1,6 +1,7 @@
 """A throwaway local ``redis-server`` subprocess on a free port (``pagedserve demo``, benchmarks, tests).
 
-It is started without persistence in a private temporary directory and stopped (by its own pid) on exit.
+It is started without persistence in a private temporary directory, in a session of its own (a Ctrl-C meant for
+its owner does not reach it), and stopped (by its own pid) on exit.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ class LocalRedis:
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--daemonize", "no",
                 "--protected-mode", "no", "--loglevel", "warning"]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A session of its own: a terminal's Ctrl-C goes to the whole foreground process group, and a Redis that
+        # died with it would fail its owner's last writes (a worker handing entries back, clients cancelling)
+        # while the owner shuts down; the owner stops it, on its way out.
+        self.proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:

@@ -139,11 +139,14 @@ class Worker(WorkerPart):
             return
         raise KeyboardInterrupt
 
-    def request_stop(self) -> None:
-        """Stop reading; finish in-flight work within ``grace_period_s``; release the rest for others."""
-        if not self._stop.is_set():
-            self._stop_deadline = time.monotonic() + self.settings.grace_period_s
-            self._stop.set()
+    def request_stop(self, grace_s: float | None = None) -> None:
+        """Stop reading; finish in-flight work within ``grace_s`` (default ``grace_period_s``; 0: none); release the
+        rest for others. A later call may only shorten the grace."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        if not self._stop.is_set() or deadline < (self._stop_deadline or deadline):
+            self._stop_deadline = deadline
+        self._stop.set()
 
     def start_health(self) -> None:
         if self._want_health and self.health is None:

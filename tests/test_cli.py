@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +86,38 @@ def test_demo_answers_real_questions_on_the_default_model(monkeypatch):
         assert any(ch.isalpha() for ch in text) and all(ch.isprintable() or ch in "\n\t" for ch in text), a
     assert "Paris" in answers[0]["answer"]  # the fact question, greedy
     assert "Paris" in res.output and "Traceback" not in res.output
+
+
+def test_ctrl_c_stops_the_demo_at_once_in_one_line_and_leaves_nothing_in_a_configured_redis(redis_url, prefix):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while answers stream: exit 130 with one
+    line, no drain of the answers, and no key of the run left in the user's Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "PAGEDSERVE_METRICS_PORT": "0",
+                "PAGEDSERVE_NUM_GPU_BLOCKS": "256", "PAGEDSERVE_SWAP_SPACE_GB": "0", "PAGEDSERVE_MAX_MODEL_LEN": "1024"})
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "demo", "--max-tokens", "900"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    from service_fixtures import wait_for
+
+    with redis.Redis.from_url(redis_url) as r:
+        try:
+            wait_for(lambda: any(r.scan_iter(match=f"{prefix}-demo-*:events:*")), 180, what="answers streaming")
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)  # the grace period is 30 s: a drain of 7 x 900 tokens takes longer
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and err.strip() == "interrupted", err
+        assert not list(r.scan_iter(match=f"{prefix}-demo-*")), "the demo run's keys are left behind"
+
+
+def test_a_local_redis_is_out_of_reach_of_its_owners_ctrl_c():
+    from pagedserve.service.redis_server import LocalRedis
+
+    server = LocalRedis().start()
+    try:
+        assert os.getsid(server.proc.pid) != os.getsid(0) and os.getpgid(server.proc.pid) != os.getpgid(0)
+    finally:
+        server.stop()
 
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
