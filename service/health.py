@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,12 @@ def _server_class(host: str) -> type[ThreadingHTTPServer]:
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            # A peer that hung up (a probe's timeout) is nobody to answer and no fault of ours; socketserver would
+            # print a plain-text traceback into the worker's JSON log.
+            if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                super().handle_error(request, client_address)
 
         def server_bind(self) -> None:
             if family == socket.AF_INET6:
@@ -62,6 +69,8 @@ class HealthServer:
                         self._send(200, CONTENT_TYPE_LATEST, outer.scrape())
                     else:
                         self._send(404, "text/plain", b"not found\n")
+                except (ConnectionError, TimeoutError):
+                    raise  # the peer is gone: no answer to send (the server's handle_error drops it)
                 except Exception as e:  # a failing probe must answer, not hang
                     self._send(500, "text/plain", f"{type(e).__name__}: {e}\n".encode())
 

@@ -146,3 +146,33 @@ def test_the_health_server_binds_ipv6_too():
                     assert resp.status == 200, (host, url)
         finally:
             server.stop()
+
+
+def test_a_probe_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
+    """A probe with a short timeout (curl --max-time, a kubelet) closes its connection while a slow answer is
+    being made (a paused or busy worker). Writing the answer then fails: the server printed two chained
+    plain-text tracebacks into the worker's JSON log (trying to answer the failure with a 500 on the same
+    closed socket). Nothing is there to answer: it is dropped quietly, and the server keeps answering."""
+    import socket
+    import struct
+    import time
+
+    from pagedserve.service.health import HealthServer
+
+    def slow_scrape() -> bytes:
+        time.sleep(0.5)  # the probe hangs up meanwhile
+        return b"x" * 1_000_000  # more than the socket buffers take: the write must reach the closed peer
+
+    server = HealthServer("127.0.0.1", 0, lambda: (True, {}), lambda: (True, {}), slow_scrape).start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        time.sleep(1.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        server.stop()
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err and "Exception occurred" not in captured.err, captured.err
