@@ -165,7 +165,9 @@ class Connection(WorkerPart):
         """Redis went away: back off, set up again on the next try (logged once per outage)."""
         if self.ok or self.backoff.delay == 0:
             event = "redis_refused" if isinstance(e, REDIS_REFUSED) else "redis_unreachable"
-            self.log.warning(event, error=redact(e), buffered=self.publisher.buffered())
+            self.log.warning(event, url=redact(self.settings.redis_url), error=redact(e),
+                             buffered=self.publisher.buffered(),
+                             note="retrying with backoff; /readyz says not ready until Redis answers")
         self.metrics.redis_errors.inc()
         self.ok = False
         self.needs_setup = True

@@ -166,6 +166,21 @@ def test_unreachable_redis_is_one_line_naming_the_url_without_its_password(passw
             asyncio.run(agenerate(call))
 
 
+def test_a_worker_without_redis_names_the_url_without_its_password_and_keeps_trying(tmp_path):
+    from service_fixtures import WorkerProcess, wait_for
+
+    url = f"redis://app:s3cret-pw@127.0.0.1:{_free_port()}/0"
+    w = WorkerProcess(make_settings(url, "no-redis"), tmp_path / "w.log").start()
+    try:
+        wait_for(lambda: any(e.get("event") == "redis_unreachable" for e in w.events()), 120, what="the warning")
+        (warning,) = [e for e in w.events() if e.get("event") == "redis_unreachable"]
+        assert warning["url"].startswith("redis://app:***@127.0.0.1:"), warning
+        assert w.proc.poll() is None  # it waits for Redis, as a worker started before its Redis must
+    finally:
+        w.kill()
+    assert "s3cret" not in w.log_path.read_text()
+
+
 def test_submit_without_a_worker_says_so(redis_url, prefix):
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
     res = _submit(env, "--pickup-timeout", "1")
