@@ -221,15 +221,19 @@ class Connection(WorkerPart):
     def _acquire_name(self) -> None:
         # A restarted worker (same name) waits for its predecessor's lease to lapse; a second live worker with
         # the same name never gets it.
-        deadline = time.monotonic() + self.settings.claim_idle_ms / 1000 + 2
+        wait_s = self.settings.claim_idle_ms / 1000 + 2
+        deadline = time.monotonic() + wait_s
         warned = False
         while not self.reclaimer.acquire_name(self.r, self.name_token):
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"consumer name {self.consumer!r} is held by another live worker; set PAGEDSERVE_WORKER_NAME"
+                    f"consumer name {self.consumer!r} is held by another live worker: give each worker a name of "
+                    "its own (pagedserve worker --name NAME, or PAGEDSERVE_WORKER_NAME)"
                 )
             if not warned:
-                self.log.warning("consumer_name_in_use_waiting", consumer=self.consumer)
+                self.log.warning("consumer_name_in_use_waiting", consumer=self.consumer, wait_s=round(wait_s, 1),
+                                 note="a restarted worker's predecessor holds it until its lease lapses; if another "
+                                      "live worker has this name, give this one its own (--name)")
                 warned = True
             self.on_wait()
             time.sleep(0.1)

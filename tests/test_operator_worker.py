@@ -131,3 +131,22 @@ def test_a_restarted_worker_waiting_for_its_name_is_alive_but_not_ready(tmp_path
     assert all(rz[0] == 503 for _, rz in waiting), [rz for _, rz in waiting if rz[0] != 503][:3]
     assert all(hz[0] == 200 for hz, _ in waiting), [hz for hz, _ in waiting if hz[0] != 200][:3]
     assert json.loads(waiting[-1][1][1])["started"] is False
+
+
+def test_a_second_live_worker_under_the_same_name_says_how_to_name_it(tmp_path, redis_url, prefix):
+    name = f"twin-{prefix}"
+    first = WorkerProcess(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), tmp_path / "1.log")
+    second = WorkerProcess(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), tmp_path / "2.log")
+    try:
+        first.start().wait_started()
+        second.start()
+        assert second.proc.wait(timeout=120) == 1
+        (waiting,) = [e for e in second.events() if e.get("event") == "consumer_name_in_use_waiting"]
+        assert waiting["wait_s"] == 3.0 and "--name" in waiting["note"]
+        last = second.log_path.read_text().strip().splitlines()[-1]
+        assert "held by another live worker" in last and "pagedserve worker --name NAME" in last, last
+        assert "Traceback" not in second.log_path.read_text()
+        assert first.proc.poll() is None
+    finally:
+        first.close()
+        second.close()
