@@ -55,8 +55,43 @@ def _redact_values(_logger: Any, _method: str, event: dict) -> dict:
     return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
+class _StderrHandler(logging.Handler):
+    """The standard library's log records (torch, transformers, urllib3, the OTLP exporter ...) as lines of the
+    worker's own format, written where :class:`_StderrLogger` writes: a JSON log read by a collector stays JSON."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _StderrLogger().msg(self.format(record))
+        except Exception:  # a record that cannot be formatted must not take the caller down
+            self.handleError(record)
+
+
+def _library_records(renderer: Any, lvl: int) -> None:
+    """Route the root logger's records through ``renderer``; libraries speak at WARNING and above (DEBUG: all)."""
+    import structlog
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _redact_values, renderer],
+    )
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+    logging.getLogger("pagedserve").setLevel(lvl)  # the engine's own records (tensor-parallel ranks, swap pool)
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
-    """Configure structlog once per process (idempotent; the last call wins for format and level)."""
+    """Configure structlog once per process (idempotent; the last call wins for format and level), and the
+    standard library's logging to write in the same format."""
     import structlog
 
     global _configured_logging
@@ -64,6 +99,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
+    _library_records(renderer, lvl)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -91,3 +91,37 @@ def test_metrics_move(redis_url, prefix, shared_engine):
                  "pagedserve_queue_pending_entries", "pagedserve_queue_reclaims_total",
                  "pagedserve_queue_redeliveries_total", "pagedserve_requests_running", "pagedserve_requests_waiting"):
         assert name in after, name
+
+
+def test_library_log_records_are_lines_of_the_workers_json_log():
+    """torch, transformers, urllib3 and the engine log through the standard library: their records came out as
+    plain text (Python's last-resort handler) between the JSON lines a collector parses. Each is one JSON line
+    now, with its logger's name, its exception and no password; libraries below WARNING stay quiet, the engine's
+    own INFO records do not."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import logging
+from pagedserve.service.telemetry import configure_logging, get_logger
+configure_logging("json", "INFO")
+logging.getLogger("urllib3.connectionpool").warning("retrying %s", "redis://app:s3cret@host:6379/0")
+logging.getLogger("transformers.tokenization").info("chatty library detail")
+logging.getLogger("pagedserve.engine.tensor_parallel").info("rank %d ready", 1)
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("torch.distributed").exception("it failed")
+get_logger().info("worker_event", n=1)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stderr.splitlines()]  # every line is JSON
+    by_event = {e["event"]: e for e in lines}
+    assert by_event["retrying redis://app:***@host:6379/0"]["logger"] == "urllib3.connectionpool"
+    assert "chatty library detail" not in by_event
+    assert by_event["rank 1 ready"]["level"] == "info"
+    failed = by_event["it failed"]
+    assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
+    assert by_event["worker_event"]["n"] == 1 and "s3cret" not in res.stderr
