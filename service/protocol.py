@@ -422,6 +422,19 @@ def refusal_message(err: ValueError) -> str:
     return format_validation_error(err) if isinstance(err, ValidationError) else str(err)
 
 
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+
+
+def leading_id(raw: bytes) -> str | None:
+    """The id of a body too large to parse, when it is the body's first key and its only ``id`` key (a byte
+    search; an escape anywhere could spell another ``id`` key, so a body with one has none): what clients write
+    (``model_dump_json`` puts ``id`` first)."""
+    m = _LEADING_ID.match(raw[:256])
+    if m is None or raw.count(b'"id"') != 1 or b"\\u" in raw:
+        return None
+    return m.group(1).decode("ascii")
+
+
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     """Parse one stream entry body. Raises :class:`DeadLetterError` or :class:`InvalidRequestError`.
 
@@ -432,7 +445,11 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
         raise DeadLetterError("missing 'body' field", "missing_body")
     raw = body.encode("utf-8") if isinstance(body, str) else body
     if len(raw) > max_bytes:
-        raise DeadLetterError(f"message too large: {len(raw)} bytes > max_message_bytes {max_bytes}", "too_large")
+        message = f"message too large: {len(raw)} bytes > max_message_bytes {max_bytes}"
+        request_id = leading_id(raw)
+        if request_id is not None:  # its producer waits on this id: answer it, without parsing the rest
+            raise InvalidRequestError(request_id, "invalid_request", f"body: {message}")
+        raise DeadLetterError(message, "too_large")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         "grace_period_s", "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
-    max_message_bytes: int = Field(1 << 20, ge=256)  # larger stream entries are dead-lettered
+    max_message_bytes: int = Field(1 << 20, ge=256)  # a larger body is refused unparsed (protocol.parse_request)
     lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
     # Token events go to the request's events stream (what clients read and resume from) and, for consumers that
     # listen on pub/sub, are also published on out:{id}. False publishes only terminal events: one command and

@@ -154,9 +154,9 @@ def test_culprits_refused_innocents_done(limited):
 
 def test_a_body_over_max_message_bytes_is_refused_by_the_client_as_the_worker_would(redis_url, prefix,
                                                                                      shared_engine):
-    """The workers dead-letter a body over ``max_message_bytes`` before reading its id, so its sender would wait
-    for an answer that never comes: the clients refuse it before sending, measuring it as the worker does (the
-    same body, written by hand, is dead-lettered as too large; one byte less is answered)."""
+    """The clients refuse a body over ``max_message_bytes`` before sending, measuring it as the worker does (one
+    byte less is answered). The same body, written by hand, is refused by the worker without being parsed:
+    answered under its id, which the clients write first (a body whose id cannot be read so is dead-lettered)."""
     from pagedserve.service.client import AsyncClient, Client, build_request
 
     limit = 2048
@@ -183,9 +183,16 @@ def test_a_body_over_max_message_bytes_is_refused_by_the_client_as_the_worker_wo
         assert r.xlen(keys.requests) == 0
         assert isinstance(c.generate(request=fits, timeout=60), DoneEvent)
         r.xadd(keys.requests, {"body": over.model_dump_json(exclude_none=False)})
+        wait_for(lambda: r.exists(keys.result("over")), 30, what="the refusal")
+        refused = parse_terminal(r.get(keys.result("over")))
+        assert refused.type == "error" and refused.error.code == "invalid_request"
+        assert refused.error.message.startswith("body: message too large: 2049 bytes > max_message_bytes 2048")
+        body = over.model_dump_json(exclude_none=False)
+        assert body.startswith('{"id":"over",')
+        r.xadd(keys.requests, {"body": "{" + body[len('{"id":"over",'):-1] + ',"id":"over2"}'})  # its id last
         wait_for(lambda: r.xlen(keys.dead) == 1, 30, what="the dead letter")
         (dead,) = [DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead)]
-        assert dead.reason.startswith("message too large: 2049 bytes") and not r.exists(keys.result("over"))
+        assert dead.reason.startswith("message too large: ") and not r.exists(keys.result("over2"))
 
 
 def test_engine_refusals_name_the_field(redis_url, prefix, shared_engine):

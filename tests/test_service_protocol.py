@@ -60,12 +60,22 @@ def test_valid_request_minimal_and_full():
     (json.dumps({"id": "x" * 129, "prompt": "x"}), "id"),
     (json.dumps({"id": 5, "prompt": "x"}), "id"),
     (b"[" * 1000 + b"]" * 1000, "JSON"),
-    (json.dumps({"id": "a", "prompt": "x" * 3000}), "too large"),
+    (json.dumps({"prompt": "x" * 3000, "id": "a"}), "too large"),  # its id is not read: not the first key
+    (json.dumps({"id": "a", "prompt": "\u00e9" * 3000}), "too large"),  # an escape could spell another id key
+    (json.dumps({"id": "a", "prompt": "x" * 3000, "metadata": {"id": "b"}}), "too large"),  # "id" twice
     (b'{"id": "a", "prompt": "x", "id": "b"}', "duplicate 'id'"),
 ])
 def test_dead_letters(body, reason):
     with pytest.raises(DeadLetterError, match=reason):
         parse_request(body, 2048)
+
+
+def test_a_body_too_large_to_parse_is_answered_when_its_id_comes_first():
+    """What the clients write (``id`` first) is answered under its id, so its producer does not wait forever."""
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(json.dumps({"id": "big-1", "prompt": "x" * 3000}), 2048)
+    assert ei.value.request_id == "big-1" and ei.value.code == "invalid_request"
+    assert str(ei.value.message).startswith("body: message too large: 3") and "max_message_bytes 2048" in ei.value.message
 
 
 def test_id_keys_of_nested_objects_are_not_duplicates():
