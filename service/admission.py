@@ -325,13 +325,17 @@ class Admission(WorkerPart):
         seen.add(req.id)
         self._start([entry_id], req, fields, deliveries, bool(cancelled), bool(has_events))
 
-    def follow_claims(self) -> None:
-        """Stop the runs whose claim another worker holds now (they wait for its result), then ask again for
-        the waiting ids: answered by their owner -> acknowledged; owner gone (claim expired) -> started here."""
+    def give_up_lost(self) -> None:
+        """Stop the runs whose claim another worker holds now: they wait for its result."""
         for rid in self.claims.take_lost():
             f = self.running.give_up(rid, "claim lost")
             if f is not None:
                 self.waiting[rid] = Waiting(f.request, list(f.entry_ids), {}, 0)
+
+    def follow_claims(self) -> None:
+        """Stop the runs whose claim another worker holds now (they wait for its result), then ask again for
+        the waiting ids: answered by their owner -> acknowledged; owner gone (claim expired) -> started here."""
+        self.give_up_lost()
         now = time.monotonic()
         if not self.waiting or now < self._next_retry:
             return
@@ -379,7 +383,8 @@ class Admission(WorkerPart):
         try:
             prompt, params = prepare(req, engine, self.settings)  # every limit, before any work
             if cancelled:
-                self.outcomes.before_start(req, entry_ids, arrival, "cancelled", params, span, log)
+                self._cancelled_before_start(req, entry_ids, fields, deliveries, arrival, prompt, params, span, log,
+                                             has_events)
                 return
             check_queue_wait(req, now - arrival, self.settings.max_queue_ms)
         except InvalidRequestError as e:
@@ -404,6 +409,23 @@ class Admission(WorkerPart):
             return
         self._enter(engine, job)
         log.debug("request_started", entry_id=entry_id, deliveries=deliveries, priority=req.priority)
+
+    def _cancelled_before_start(self, req: GenerateRequest, entry_ids: list[str], fields: dict, deliveries: int,
+                                arrival: float, prompt: str | list[int], params: Any, span: Any, log: Any,
+                                has_events: bool) -> None:
+        """Cancelled before this worker ran it: ``done``, cancelled. A request taken over from a worker that died
+        mid-generation keeps what that worker streamed: its client has those tokens, and the done text is the
+        streamed deltas joined."""
+        handed_out, prompt_tokens = None, 0
+        if has_events:
+            try:
+                handed_out = read_emitted(self.r, self.keys, req.id,
+                                          events_bound(params.num_samples, params.max_tokens))
+            except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
+                self.waiting[req.id] = Waiting(req, list(entry_ids), fields, deliveries)
+                return
+            prompt_tokens = len(prompt) if isinstance(prompt, list) else len(self.engine().tokenizer.encode(prompt))
+        self.outcomes.before_start(req, entry_ids, arrival, "cancelled", params, span, log, handed_out, prompt_tokens)
 
     def _enter(self, engine: Any, job: Compiling) -> None:
         """Add a checked request to the engine and the running table, or answer the engine's refusal."""

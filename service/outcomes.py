@@ -121,10 +121,13 @@ class Outcomes(WorkerPart):
         self.publisher.ack([entry_id])
 
     def before_start(
-        self, req: GenerateRequest, entry_ids: list[str], arrival: float, reason: str, params: Any, span, log
+        self, req: GenerateRequest, entry_ids: list[str], arrival: float, reason: str, params: Any, span, log,
+        handed_out: Any = None, prompt_tokens: int = 0,
     ) -> None:
-        """A request that ends before reaching the engine (cancelled before pick-up): ``done``, empty outputs."""
-        ev = empty_done(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata)
+        """A request that ends before reaching the engine (cancelled before pick-up, or before a takeover went on
+        with it): ``done``, with the outputs empty or as far as an earlier run streamed them (``handed_out``)."""
+        ev = empty_done(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata, handed_out,
+                        prompt_tokens)
         self._terminal(req.id, ev.model_dump_json().encode(), entry_ids)
         self.metrics.requests.labels(outcome=reason).inc()
         log.info("request_finished", finish_reason=reason, before_start=True)

@@ -8,12 +8,15 @@ Invariants:
 - the thread has a Redis client of its own (never the loop's: redis-py clients are not shared across threads
   here), made on first use and again after a failure;
 - a failed tick (Redis away, a refusal) is never fatal: the client is dropped, the next interval tries again,
-  and the failure is logged once per 50 (the loop logs the outage itself), with credentials masked.
+  and the failure is logged once per 50 (the loop logs the outage itself), with credentials masked;
+- :meth:`RenewalThread.overdue` says when no tick has succeeded for two intervals: the loop then ticks itself
+  (:meth:`RenewalThread.tick_now`) before it publishes or acts on anything (worker.py).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,7 @@ class RenewalThread:
         self._log = log
         self._failure_event = failure_event
         self.failures = 0
+        self.last_ok = time.monotonic()  # the end of the last tick that succeeded (on either thread)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -46,6 +50,16 @@ class RenewalThread:
         self._wake.set()
         if self._thread.ident is not None:
             self._thread.join(10)
+
+    def overdue(self) -> bool:
+        """No tick has succeeded for two intervals: the process was paused, Redis away or this thread starved,
+        so what the tick would have found out (a lease or claim another worker holds now) is not known yet."""
+        return time.monotonic() - self.last_ok > 2 * self.interval_s
+
+    def tick_now(self, r: redis.Redis) -> None:
+        """Tick on the caller's thread and client, now (a failure is the caller's to handle)."""
+        self._tick(r)
+        self.last_ok = time.monotonic()
 
     def wake(self) -> None:
         """Renew now, not at the end of the interval (after a reconnect: the leases may have aged)."""
@@ -61,6 +75,7 @@ class RenewalThread:
             try:
                 r = r or self._new_client()
                 self._tick(r)
+                self.last_ok = time.monotonic()
             except Exception as e:  # Redis away: try again next interval; the loop has its own backoff
                 self.failures += 1
                 _close(r)

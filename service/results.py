@@ -79,11 +79,23 @@ def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: di
     )
 
 
-def empty_done(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict) -> DoneEvent:
-    """A request that ended before reaching the engine (cancelled before pick-up)."""
+def empty_done(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict, handed_out: Any = None,
+               prompt_tokens: int = 0) -> DoneEvent:
+    """A request that ended before reaching the engine (cancelled before pick-up): empty outputs, or, for one
+    taken over from a worker that died mid-generation, what its events stream says that worker handed out
+    (``handed_out``: resume.py's ``Emitted``), so that the done text is still the streamed deltas joined."""
+    got = handed_out.outputs if handed_out is not None else {}
+    outputs = []
+    for i in range(max(1, n)):  # an index past n (a best_of sample) is not one of the request's outputs
+        o = got.get(i)
+        outputs.append(CompletionResult(
+            index=i, text=o.text if o else "", token_ids=list(o.token_ids) if o else [], finish_reason=reason,
+            logprobs=_logprobs(o.logprobs) if o else None))
     return DoneEvent(
         id=rid,
-        outputs=[CompletionResult(index=i, text="", token_ids=[], finish_reason=reason) for i in range(max(1, n))],
+        outputs=outputs,
+        usage=Usage(prompt_tokens=prompt_tokens if got else 0,
+                    completion_tokens=sum(len(o.token_ids) for o in outputs)),
         metrics=RequestMetrics(e2e_ms=round(e2e_ms, 3)),
         metadata=metadata,
     )

@@ -296,6 +296,7 @@ class Worker(WorkerPart):
             self.engine.check_alive()  # a dead tensor-parallel rank is seen now, not when the next request comes
         if self.publisher.pending() and conn.usable():
             try:
+                self._check_if_away()  # a step that a pause broke into has just ended: its tokens may be stale
                 self.metrics.redis_ops.inc(self.publisher.flush(self.r))
             except REDIS_DOWN as e:
                 conn.failed(e)
@@ -308,6 +309,7 @@ class Worker(WorkerPart):
         A stopping worker reads nothing."""
         if self.conn.needs_setup:
             self.conn.setup()
+        self._check_if_away()
         if self.publisher.pending():
             self.metrics.redis_ops.inc(self.publisher.flush(self.r))
         for rid in self.intake.cancels():
@@ -328,6 +330,20 @@ class Worker(WorkerPart):
                 if entries:
                     self.admission.admit(entries, redelivered)
         self.intake.queue_stats()
+
+    def _check_if_away(self) -> None:
+        """When no renewal has succeeded for a while (the process was paused, Redis down, a renewal thread
+        starved), entries and ids may be another worker's now: renew here and give up what was lost before
+        anything buffered goes out or a cancel is acted on, so a run taken over gets no more tokens from here
+        and a cancel ends no run that is another's."""
+        if self.leases.thread.overdue() or self.claims.thread.overdue():
+            try:
+                self.leases.thread.tick_now(self.r)
+                self.claims.thread.tick_now(self.r)
+            except redis.ResponseError:  # refused (maxmemory, ACL): not known yet; the next iteration asks again
+                pass
+            self.running.lose(self.leases.take_lost())
+            self.admission.give_up_lost()
 
     def _step(self) -> None:
         self._stats_idle = False  # whatever the step does (a failed one too) changes what the engine holds

@@ -300,3 +300,72 @@ def test_a_long_events_stream_is_read_in_linear_time_and_pages(redis_url, prefix
             assert not capped.resumable and capped.outputs[0].next_seq <= 100 + 1000
         finally:
             r.delete(keys.events(rid))
+
+
+def test_a_cancel_meeting_a_takeover_keeps_the_streamed_tokens_and_the_paused_owner_publishes_nothing(
+        redis_url, prefix, tmp_path):
+    """The owner of a streaming request is paused (SIGSTOP) past its claim; the request is cancelled meanwhile.
+    The worker that takes it over ends it ``cancelled`` with the tokens the owner had streamed (the done text is
+    the deltas joined, not empty), and the owner, continued, finds its claim lost before it acts on the cancel:
+    one terminal publication, nothing appended after the terminal event."""
+    import signal
+
+    s = make_settings(redis_url, prefix, claim_idle_ms=1500)
+    keys = Keys(prefix)
+    rid = "taken-over-then-cancelled"
+    workers = [WorkerProcess(s.model_copy(update={"worker_name": f"pause-{x}"}), tmp_path / f"{x}.log").start()
+               for x in "ab"]
+    r = redis.Redis.from_url(redis_url)
+    terminals: list[bytes] = []
+    listener = r.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(keys.out(rid))
+
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            m = listener.get_message(timeout=0.2)
+            if m and json.loads(m["data"])["type"] != "token":
+                terminals.append(m["data"])
+
+    listening = threading.Thread(target=listen, daemon=True)
+    paused = None
+    try:
+        for w in workers:
+            w.wait_started()
+        listening.start()
+        with Client(settings=s) as c:
+            c.submit("a long one", id=rid, params={"max_tokens": 1800, "ignore_eos": True})
+            wait_for(lambda: r.xlen(keys.events(rid)) >= 20, 120, what="tokens streaming")
+            owner = r.get(keys.running(rid)).decode()
+            paused = next(w for w in workers if owner.startswith(w.settings.worker_name + ":"))
+            other = next(w for w in workers if w is not paused)
+            paused.proc.send_signal(signal.SIGSTOP)
+            streamed = r.xlen(keys.events(rid))
+            c.cancel(rid)
+            done = c.wait(rid, timeout=60)
+            paused.proc.send_signal(signal.SIGCONT)
+            # It finds its entry reclaimed (lease_lost) or its id claimed (run_given_up), whichever it asks first.
+            wait_for(lambda: any(e.get("event") in ("run_given_up", "lease_lost") for e in paused.events()), 60,
+                     what="the paused owner giving the run up")
+        assert isinstance(done, DoneEvent) and done.outputs[0].finish_reason == "cancelled"
+        events = [json.loads(f[b"data"]) for _, f in r.xrange(keys.events(rid))]
+        tokens = [e for e in events if e["type"] == "token"]
+        assert len(tokens) >= streamed and events[-1]["type"] == "done", "an event after the terminal one"
+        assert [t for e in tokens for t in e["token_ids"]] == done.outputs[0].token_ids
+        assert "".join(e["text"] for e in tokens) == done.outputs[0].text
+        assert done.usage.completion_tokens == len(done.outputs[0].token_ids) > 0
+        assert len(terminals) == 1, terminals
+        finished = [e for e in paused.events() if e.get("event") == "request_finished"]
+        assert not finished, finished  # the paused owner neither ended nor counted a run it no longer held
+        assert any(e.get("event") == "request_finished" for e in other.events())
+    finally:
+        if paused is not None and paused.proc.poll() is None:
+            paused.proc.send_signal(signal.SIGCONT)
+        stop.set()
+        if listening.ident is not None:
+            listening.join(10)
+        listener.close()
+        for w in workers:
+            w.kill()
+        r.close()
