@@ -28,7 +28,7 @@ from pagedserve.engine.sampler import SampleResult, Sampler, apply_penalties
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
-from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend
+from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend, withhold
 from pagedserve.engine.structured_spec import GrammarFailed
 from pagedserve.engine.tokenizer import load_tokenizer
 from pagedserve.kernels import get_ops
@@ -403,30 +403,49 @@ class LLMEngine:
         rows: list[int] = []
         cols: list[int] = []
         for row, seq in enumerate(seqs):
-            p = self._owner[seq.seq_id].params
-            if p.min_tokens > seq.num_output_tokens:
-                held = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                held = [t for t in held if t < logits.shape[-1]]
-                rows += [row] * len(held)
-                cols += held
+            if seq.matcher is not None:  # held on its grammar's mask instead (_constrain)
+                continue
+            held = [t for t in self._stops_held(self._owner[seq.seq_id].params, seq) if t < logits.shape[-1]]
+            rows += [row] * len(held)
+            cols += held
         if rows:
             with torch.inference_mode():  # the logits are the runner's inference tensor
                 logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -torch.inf
 
+    def _stops_held(self, p: SamplingParams, seq: Sequence) -> list[int]:
+        """The tokens ``min_tokens`` holds back from ``seq`` now: its stop token ids and EOS (unless
+        ``ignore_eos``) while it is short of ``min_tokens``, else none."""
+        if p.min_tokens <= seq.num_output_tokens:
+            return []
+        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
                    failed: dict[str, tuple[Request, str]]) -> None:
         """Structured outputs: in place, each constrained row keeps only the tokens its grammar allows next
-        (filled on the CPU while a CUDA device may still run the forward, applied on the logits' device)."""
+        (filled on the CPU while a CUDA device may still run the forward, applied on the logits' device).
+
+        ``min_tokens`` of a constrained row is applied here, on its mask, rather than by ``_hold_stops``: its
+        stop tokens are held back only while the grammar allows another token, so an output at the grammar's
+        end ends there (holding EOS as well would leave the row nothing to draw)."""
         rows = [r for r, s in enumerate(seqs) if s.matcher is not None and owners[r].request_id not in failed]
         if not rows:
             return
+
+        def mask(rows: list[int]) -> None:
+            bitmask = self.structured.fill_bitmask([seqs[r].matcher for r in rows])
+            if self._holding_stops:
+                for i, r in enumerate(rows):
+                    held = self._stops_held(owners[r].params, seqs[r])
+                    if held:
+                        withhold(bitmask[i], held)
+            apply_token_bitmask(logits, bitmask, rows)
+
         try:
-            apply_token_bitmask(logits, self.structured.fill_bitmask([seqs[r].matcher for r in rows]), rows)
+            mask(rows)
         except Exception:  # mask request by request, so that only the culprit fails
             log.warning("batched grammar masks failed; masking request by request to find the culprit")
             for r in rows:
-                self._guard(owners[r], failed, "grammar mask", lambda r=r: apply_token_bitmask(
-                    logits, self.structured.fill_bitmask([seqs[r].matcher]), [r]))
+                self._guard(owners[r], failed, "grammar mask", mask, [r])
 
     def _emit(self, req: Request, now: float, outputs: list[RequestOutput]) -> None:
         """After a token: finish ``req`` if it is done, else free its finished sequences and add its delta."""

@@ -11,6 +11,8 @@ A request asks with ``SamplingParams(structured_outputs={...})`` (the field's ru
 - :func:`apply_token_bitmask`: sets the logits of disallowed tokens to ``-inf``, in place on the logits'
   device, before the sampler runs (so penalties, top-k/top-p/min-p and logprobs all see the constrained
   distribution).
+- :func:`withhold`: ``min_tokens`` for a constrained row, on its bitmask: the stop tokens are held back only while
+  the grammar allows another token (a complete output ends; the grammar's end wins over ``min_tokens``).
 
 Invariants: a sequence's matcher has consumed exactly its output tokens (preemption keeps the output tokens,
 so a recompute or a swap needs nothing; :meth:`Matcher.rebuild` replays tokens for a sequence whose matcher
@@ -248,6 +250,29 @@ def _bit_table(device: torch.device) -> torch.Tensor:
         table = ((byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
         _BIT_TABLES[device] = table
     return table
+
+
+def withhold(row: torch.Tensor, token_ids) -> None:
+    """In place on one bitmask row (int32, CPU): disallow ``token_ids``, unless that would leave no token allowed.
+
+    ``min_tokens`` for a constrained sequence: its stop tokens are held back only while the grammar allows
+    another token. Where the grammar allows nothing else (it is complete and allows only EOS, or it needs a stop
+    token next), the row is left as the grammar made it: holding them would leave nothing to draw, and the
+    output is at the grammar's end, which wins over ``min_tokens``.
+    """
+    words = row.numel()
+    saved = {}
+    for t in token_ids:
+        w, bit = divmod(t, 32)
+        if w >= words:
+            continue  # past the bitmask: never allowed anyway
+        if w not in saved:
+            saved[w] = int(row[w])
+        keep = ~(1 << bit) & 0xFFFFFFFF
+        row[w] = ((int(row[w]) & 0xFFFFFFFF & keep) ^ 0x80000000) - 0x80000000  # back to a signed int32
+    if saved and not bool(row.any()):
+        for w, value in saved.items():
+            row[w] = value
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None) -> None:

@@ -17,6 +17,9 @@ mask on a throwaway copy, so the lexer is built on the compile thread, not on th
 A matcher that is stopped (grammar complete) allows EOS only. One in error (a lexer limit reached far into the
 output, a refused token) raises :class:`GrammarFailed` at its next mask: its request ends with that error instead of
 an EOS that would pass its invalid output off as complete.
+
+What llguidance cannot follow exactly is refused when compiling, naming the place: a schema number beyond 2**53 in
+magnitude where it constrains the output (:func:`inexact_number`), and a regex or grammar that matches no string.
 """
 
 from __future__ import annotations
@@ -66,6 +69,65 @@ def exact_formats(schema: object) -> object:
     return out
 
 
+# llguidance holds a schema's numbers as 64-bit floats, which keep every integer only up to 2**53: beyond, a bound,
+# multipleOf, enum or const value is rounded and the grammar admits outputs the schema does not (enum
+# [2**53 + 1] wrote 2**53, minimum = maximum = 2**64 - 1 wrote 2**63 - 1). Such a schema is refused, not followed.
+EXACT_NUMBER_LIMIT = 2**53
+_NUMBER_KEYWORDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"))
+_VALUE_KEYWORDS = frozenset(("enum", "const"))  # every number anywhere in their values is output as is
+_SCHEMA_MAPS = frozenset(("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"))
+
+
+def _inexact(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and abs(value) > EXACT_NUMBER_LIMIT)
+
+
+def inexact_number(schema: object) -> tuple[str, int | float] | None:
+    """The first place in ``schema`` (a JSON pointer) whose number llguidance would round, and the number: a bound
+    or ``multipleOf`` beyond :data:`EXACT_NUMBER_LIMIT` in magnitude, or such a number inside an ``enum`` or
+    ``const`` value. None if there is none. ``default`` and ``examples`` are data that never reach the output.
+    Iterative, in document order (the schema may nest up to ``MAX_SPEC_DEPTH`` levels)."""
+    # Each item: (value, its pointer, what it is: a schema, enum/const data, or a map of names to schemas).
+    stack: list[tuple[object, str, str]] = [(schema, "", "schema")]
+    while stack:
+        value, where, role = stack.pop()
+        if isinstance(value, dict):
+            children = []
+            for key, child in value.items():
+                here = f"{where}/{str(key).replace('~', '~0').replace('/', '~1')}"
+                if role == "data":
+                    children.append((child, here, "data"))
+                elif role == "names":  # "properties", "$defs", ...: the keys are names, every value a schema
+                    children.append((child, here, "schema"))
+                elif key in _NUMBER_KEYWORDS and _inexact(child):
+                    return here, child
+                elif key in _VALUE_KEYWORDS:
+                    children.append((child, here, "data"))
+                elif key not in _DATA_KEYWORDS:
+                    children.append((child, here, "names" if key in _SCHEMA_MAPS else "schema"))
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend(reversed([(child, f"{where}/{i}", role) for i, child in enumerate(value)]))
+        elif role == "data" and _inexact(value):
+            return where, value
+    return None
+
+
+def _number_text(value: int | float) -> str:
+    text = repr(value)
+    return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
+
+
+# llguidance's stop reason when a mask allows nothing, not even the end: no string of the grammar (none that the
+# tokenizer's tokens can write) continues the output so far. At the start: the grammar matches no string at all.
+_NO_STRING = "NoExtensionBias"
+
+
+def _matches_nothing(error: str) -> bool:
+    return error.split(None, 1)[:1] == [_NO_STRING]
+
+
 def _cut(text: str) -> str:
     text = " ".join(str(text).split()).split(" <state>", 1)[0]  # the parser state dump after it is for llguidance's authors
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
@@ -94,7 +156,11 @@ class LLGuidanceMatcher:
     def check(self) -> None:
         """Raise :class:`GrammarFailed` when the matcher is in error."""
         if self.m.is_error():
-            raise GrammarFailed(f"could not be followed while generating: {_cut(self.m.get_error())}")
+            error = self.m.get_error()
+            if _matches_nothing(error):
+                raise GrammarFailed("could not be followed while generating: no string it matches begins with the "
+                                    "output so far (none that this model's tokens can write)")
+            raise GrammarFailed(f"could not be followed while generating: {_cut(error)}")
 
     def accept(self, token_id: int) -> bool:
         if self.terminated:
@@ -181,6 +247,14 @@ class LLGuidanceBackend:
             else:
                 options["whitespace_flexible"] = True
                 options["whitespace_pattern"] = spec.get("whitespace_pattern", DEFAULT_WHITESPACE_PATTERN)
+            if kind == "json":
+                inexact = inexact_number(body)
+                if inexact is not None:
+                    where, number = inexact
+                    raise structured_error(
+                        f"json is not a usable JSON Schema: {where} is {_number_text(number)}, beyond 2**53 in "
+                        "magnitude: llguidance holds bounds, multipleOf, enum and const numbers as 64-bit floats, "
+                        "which would round it")
             schema = exact_formats(body) if kind == "json" else {"type": "object"}
             try:
                 return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
@@ -201,12 +275,16 @@ class LLGuidanceBackend:
                 "regex": "regex does not compile", "choice": "choice failed to compile",
                 "grammar": "grammar does not compile"}[kind]
         matcher = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0)
-        if matcher.is_error():
-            raise structured_error(f"{what}: {_cut(matcher.get_error())}")
-        warm = matcher.deep_copy()  # builds the lexer here, on the compile thread
-        warm.compute_bitmask()
+        warm = matcher
+        if not matcher.is_error():
+            warm = matcher.deep_copy()  # builds the lexer here, on the compile thread
+            warm.compute_bitmask()
         if warm.is_error():
-            raise structured_error(f"{what}: {_cut(warm.get_error())}")
+            error = warm.get_error()
+            if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
+                empty = "matches no string (none that this model's tokens can write)"
+                raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
+            raise structured_error(f"{what}: {_cut(error)}")
         return LLGuidanceGrammar(matcher, self.eos)
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:

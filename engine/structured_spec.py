@@ -3,8 +3,9 @@
 Exactly one of ``json`` (a JSON Schema, as an object or its JSON text), ``json_object`` (``True``: any JSON
 object), ``regex``, ``choice`` (a list of strings) or ``grammar`` (Lark, or llama.cpp's GBNF), plus, for the two
 JSON kinds, ``disable_any_whitespace`` (compact JSON) or ``whitespace_pattern`` (a regex for each run of
-whitespace). These are vLLM's names, so its users need no translation. Whether a schema, regex or grammar
-compiles is the backend's to say (``pagedserve.engine.structured``).
+whitespace). These are vLLM's names, so its users need no translation. A schema nests at most ``MAX_SPEC_DEPTH``
+levels of objects and arrays. Whether a schema, regex or grammar compiles is the backend's to say
+(``pagedserve.engine.structured``).
 
 Standard library only: producers validate requests with it, without torch.
 """
@@ -18,6 +19,10 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 WHITESPACE_OPTIONS = ("disable_any_whitespace", "whitespace_pattern")
 MAX_SPEC_CHARS = 100_000  # a schema, regex or grammar (as text), or all choices together
 MAX_CHOICES = 1024
+# Levels of objects and arrays in a schema. The walks over a schema (json.dumps, the backend's rewrites) recurse,
+# and past Python's recursion limit (a few hundred levels) they fail with a RecursionError instead of a refusal;
+# no real schema comes near this. Over the wire a request nests at most 32 levels in all (service.safe_json).
+MAX_SPEC_DEPTH = 128
 
 
 def structured_error(why: str) -> ValueError:
@@ -51,6 +56,19 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep. Iterative (a recursive walk
+    is what fails on a deep value), and it stops at the first branch past the limit (so a cycle ends too)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def validate_structured_outputs(value: object) -> dict | None:
     """The ``structured_outputs`` field, normalised: ``None``, or a new dict with one kind and its options.
 
@@ -77,8 +95,12 @@ def validate_structured_outputs(value: object) -> dict | None:
                 spec = json.loads(spec)
             except ValueError as e:
                 raise structured_error(f"json is not valid JSON text: {e}") from None
+            except RecursionError:  # the parser recurses: text nested past Python's recursion limit
+                raise structured_error(f"json nests deeper than {MAX_SPEC_DEPTH} levels") from None
         if not isinstance(spec, dict):
             raise structured_error(f"json must be a JSON Schema object or its JSON text (got {_short(spec)})")
+        if _too_deep(spec, MAX_SPEC_DEPTH):
+            raise structured_error(f"json nests deeper than {MAX_SPEC_DEPTH} levels")
         try:
             size = len(json.dumps(spec, ensure_ascii=False, allow_nan=False))
         except (TypeError, ValueError) as e:

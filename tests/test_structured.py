@@ -27,9 +27,10 @@ from pagedserve.engine.structured import (
     apply_token_bitmask,
     compile_timeout_from_env,
     default_backend,
+    withhold,
 )
 from pagedserve.engine.structured_llguidance import EXACT_FORMATS
-from pagedserve.engine.structured_spec import cache_key, validate_structured_outputs
+from pagedserve.engine.structured_spec import MAX_SPEC_DEPTH, cache_key, validate_structured_outputs
 from structured_schemas import CHOICES, OPEN_SCHEMAS, REGEXES, SCHEMAS
 
 WALK_SEEDS = (0, 1, 2)
@@ -232,12 +233,60 @@ def test_complete_grammar_allows_only_eos_then_terminates(tokenized):
     assert not matcher.is_terminated() and allowed_ids(so, matcher, len(tok)) == [eos]
 
 
+# ---------------------------------------------------------------------- numbers a 64-bit float would round
+EXACT = 2**53  # the largest magnitude below which a 64-bit float holds every integer
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"enum": [EXACT + 1]}, "/enum/0"),
+    ({"const": -(EXACT + 1)}, "/const"),
+    ({"enum": ["a", {"n": [1, EXACT + 3]}]}, "/enum/1/n/1"),
+    ({"type": "integer", "minimum": 18446744073709551610, "maximum": 18446744073709551615}, "/minimum"),
+    ({"type": "number", "minimum": EXACT + 1, "maximum": EXACT + 3}, "/minimum"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "exclusiveMinimum": EXACT + 1,
+                                             "maximum": EXACT + 4}}, "required": ["x"]},
+     "/properties/x/exclusiveMinimum"),
+    ({"type": "array", "items": {"type": "integer", "exclusiveMaximum": -(EXACT + 1), "minimum": -(EXACT + 4)}},
+     "/items/exclusiveMaximum"),
+    ({"anyOf": [{"type": "integer", "multipleOf": EXACT + 1, "minimum": 1}]}, "/anyOf/0/multipleOf"),
+    ({"type": "number", "minimum": 1e300, "maximum": 1e300}, "/minimum"),  # a float: its decimal is not it
+])
+def test_numbers_a_float_would_round_are_refused(tokenized, schema, where):
+    """llguidance reads a schema's bounds, multipleOf, enum and const as 64-bit floats: beyond 2**53 it would
+    round them and write values outside the schema (enum [2**53 + 1] gave 2**53). Refused, naming the place."""
+    so, _, _ = tokenized
+    with pytest.raises(ValueError, match="^" + re.escape(f"structured_outputs json is not a usable JSON Schema: "
+                                                         f"{where} is ")):
+        so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "minimum": EXACT - 3, "maximum": EXACT},
+    {"type": "integer", "minimum": -EXACT, "maximum": -EXACT + 2},
+    {"type": "integer", "multipleOf": 3, "minimum": EXACT - 10, "maximum": EXACT},
+    {"enum": [EXACT, -EXACT, "x", [EXACT - 1]]},
+    {"const": {"big": -EXACT}},
+    # data and unrelated keywords are not bounds: their numbers need not be exact
+    {"type": "integer", "minimum": 0, "maximum": 9, "default": 2**60, "examples": [2**62],
+     "title": "n", "properties": {"maximum": {"type": "string"}}},
+    {"type": "object", "properties": {"const": {"enum": [1, 2], "default": 2**60}}, "required": ["const"],
+     "additionalProperties": False},  # a property named like a keyword is a schema, not data
+])
+def test_numbers_up_to_two_to_the_53_compile_and_walks_validate(tokenized, schema):
+    so, tok, eos = tokenized
+    grammar = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+    for seed in WALK_SEEDS:
+        assert_valid(schema, walk(so, grammar.matcher(), tok, eos, random.Random(seed)))
+
+
 # ---------------------------------------------------------------------- compiling: errors, cache, timeout
 @pytest.mark.parametrize("spec, words", [
     ({"json": {"type": "string", "format": "no-such-format"}}, "json is not a usable JSON Schema"),
     ({"json": {"type": "strnig"}}, "json is not a usable JSON Schema"),
     ({"regex": "(unclosed"}, "regex does not compile"),
     ({"grammar": "start: undefined_rule"}, "grammar does not compile"),
+    ({"regex": "[^\\s\\S]"}, "regex matches no string"),  # compiles, but its language is empty
+    ({"grammar": 'start: a\na: a "x"'}, "grammar matches no string"),  # a rule with no way out
 ])
 def test_unusable_specs_are_value_errors_naming_the_field(tokenized, spec, words):
     so, _, _ = tokenized
@@ -329,6 +378,26 @@ def test_apply_token_bitmask_matches_the_bits(vocab):
     assert torch.equal(logits, expected)
 
 
+def _bits(row: torch.Tensor) -> set[int]:
+    return {32 * w + b for w, word in enumerate(row.tolist()) for b in range(32) if (word >> b) & 1}
+
+
+def test_withhold_clears_the_held_tokens_unless_nothing_would_be_left():
+    gen = torch.Generator().manual_seed(0)
+    row = torch.randint(-2**31, 2**31 - 1, (4,), dtype=torch.int32, generator=gen)
+    row[1] = -1  # every bit, bit 31 (the sign) included
+    before = _bits(row)
+    held = [32 + 31, 32 + 0, 5, 64 + 31, 500]  # 500: past the row, never allowed anyway
+    withhold(row, held)
+    assert _bits(row) == before - set(held)
+    only_held = torch.zeros(4, dtype=torch.int32)
+    only_held[1] = -2**31  # token 63 alone (bit 31)
+    withhold(only_held, [63, 7])  # the grammar allows nothing but a held token: the row stays as it was
+    assert _bits(only_held) == {63}
+    withhold(row, [])
+    assert _bits(row) == before - set(held)
+
+
 # ---------------------------------------------------------------------- the field's validation
 @pytest.mark.parametrize("value, expected", [
     (None, None),
@@ -375,6 +444,31 @@ def test_valid_specs_normalise(value, expected):
 def test_invalid_specs_name_the_field(value, words):
     with pytest.raises(ValueError, match="^" + re.escape(f"structured_outputs {words}")):
         validate_structured_outputs(value)
+
+
+def _nested(levels: int) -> dict:
+    """A schema whose JSON nests exactly ``levels`` objects deep (arrays of arrays of ... integers)."""
+    schema: dict = {"type": "integer"}
+    for _ in range(levels - 1):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def test_schema_nesting_is_bounded_with_a_value_error():
+    """A schema nested deeper than MAX_SPEC_DEPTH is refused by name (it was a RecursionError from json.dumps
+    at a few hundred levels), as a dict or as JSON text; one at the limit is fine."""
+    assert validate_structured_outputs({"json": _nested(MAX_SPEC_DEPTH)}) == {"json": _nested(MAX_SPEC_DEPTH)}
+    words = f"structured_outputs json nests deeper than {MAX_SPEC_DEPTH} levels"
+    for deep in (_nested(MAX_SPEC_DEPTH + 1), _nested(500), _nested(5000)):
+        with pytest.raises(ValueError, match="^" + re.escape(words)):
+            validate_structured_outputs({"json": deep})
+    for text in (json.dumps(_nested(MAX_SPEC_DEPTH + 1)), '{"a":' * 5000 + "1" + "}" * 5000):
+        with pytest.raises(ValueError, match="^" + re.escape(words)):
+            validate_structured_outputs({"json": text})
+    cyclic: dict = {"type": "object"}
+    cyclic["properties"] = {"self": cyclic}
+    with pytest.raises(ValueError, match="^structured_outputs json "):
+        validate_structured_outputs({"json": cyclic})
 
 
 _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),

@@ -188,12 +188,71 @@ def test_a_grammar_that_fails_while_generating_ends_its_request_with_an_error(ll
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_complete_structured_output_ends_before_min_tokens(llm):
+    """``min_tokens`` holds EOS and stop tokens back only while the grammar allows another token: a structured
+    output that is complete ends there, with ``stop``, shorter than ``min_tokens`` (the grammar's end wins), rather
+    than failing with no token left to draw. Greedy, sampled with forks, and in a batch with free rows whose
+    ``min_tokens`` still holds."""
+    yes_no = {"choice": ["yes", "no"]}
+    digit = {"json": {"type": "integer", "minimum": 0, "maximum": 9}}
+    b = llm.tokenizer.encode("b", add_special_tokens=False)
+    free = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    first = llm.generate(["free"], free)[0].outputs[0].token_ids[0]
+    params = [constrained(yes_no, max_tokens=10, min_tokens=4),
+              constrained(digit, max_tokens=10, min_tokens=3),
+              constrained(yes_no, max_tokens=10, min_tokens=8, temperature=1.0, n=3, seed=5),
+              constrained({"choice": ["ab"]}, max_tokens=10, min_tokens=5, stop_token_ids=b),  # the grammar needs it
+              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, min_tokens=4, stop_token_ids=[first])]
+    outs = llm.generate(["x", "x", "x", "x", "free"], params)
+    assert all(o.error is None for o in outs), [o.error for o in outs]
+    for out in outs[:3]:
+        for c in out.outputs:
+            assert c.finish_reason == "stop" and c.token_ids[-1] in llm.engine.eos_token_ids, c
+    assert outs[0].outputs[0].text in ("yes", "no") and outs[1].outputs[0].text in "0123456789"
+    assert len(outs[2].outputs) == 3 and all(c.text in ("yes", "no") for c in outs[2].outputs)
+    ab = outs[3].outputs[0]
+    assert ab.finish_reason == "stop" and ab.token_ids == llm.tokenizer.encode("ab", add_special_tokens=False)
+    held = outs[4].outputs[0]  # a free row beside them: its stop token is still held back
+    assert first not in held.token_ids[:4] and len(held.token_ids) >= 4
+
+
+def test_min_tokens_holds_while_the_grammar_allows_more(llm):
+    """Where the grammar allows both its end and more tokens, ``min_tokens`` holds the end back as for a free
+    row: every output has at least ``min_tokens`` tokens before its EOS, and still matches."""
+    spec = {"regex": "[ab]{1,12}"}
+    loose, held = llm.generate(["x", "x"], [constrained(spec, temperature=1.0, n=16, seed=3, max_tokens=20),
+                                            constrained(spec, temperature=1.0, n=16, seed=3, max_tokens=20,
+                                                        min_tokens=6)])
+    assert any(len(c.text) < 6 for c in loose.outputs)  # without min_tokens, samples do end early
+    for c in held.outputs:
+        assert c.finish_reason == "stop" and re.fullmatch("[ab]{6,12}", c.text), c.text
+
+
+def test_an_empty_language_found_while_generating_is_named(llm):
+    """A grammar whose first token is allowed but that matches no string at all ends its request with an
+    error saying so, not llguidance's bare ``NoExtensionBias``."""
+    out = llm.generate(["x"], constrained({"grammar": 'start: "y" a\na: a "x"'}, max_tokens=5))[0]
+    assert out.outputs == [] and out.error == (
+        "structured_outputs could not be followed while generating: no string it matches begins with the output "
+        "so far (none that this model's tokens can write)"), out.error
+
+
 def test_refusals_name_the_field_and_queue_nothing(llm):
     eng = llm.engine
     with pytest.raises(ValueError, match=r"^structured_outputs cannot be combined with beam search"):
         SamplingParams(beam_width=2, structured_outputs={"regex": "a"})
     with pytest.raises(ValueError, match=r"^structured_outputs must set exactly one of"):
         SamplingParams(structured_outputs={"regex": "a", "choice": ["a"]})
+    deep: dict = {"type": "integer"}
+    for _ in range(500):  # about 40 KB: within the size limit, beyond the nesting one
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    with pytest.raises(ValueError, match=r"^structured_outputs json nests deeper than \d+ levels"):
+        SamplingParams(structured_outputs={"json": deep})
+    with pytest.raises(ValueError, match=r"^structured_outputs json is not a usable JSON Schema: /enum/0 is "):
+        eng.add_request("big", "x", SamplingParams(structured_outputs={"json": {"enum": [2**53 + 1]}}))
+    with pytest.raises(ValueError, match=r"^structured_outputs regex matches no string"):
+        eng.add_request("empty", "x", SamplingParams(structured_outputs={"regex": "[^\\s\\S]"}))
+    assert not eng.has_unfinished_requests()
     for spec, words in (({"json": {"type": "object", "properties": {"a": {"type": "nope"}}}}, "json"),
                         ({"regex": "[a-"}, "regex does not compile"),
                         ({"grammar": "start: missing"}, "grammar does not compile")):
