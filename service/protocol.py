@@ -139,7 +139,9 @@ class StructuredOutputsModel(BaseModel):
     engine, answered ``invalid_request`` naming ``params.structured_outputs`` before the request runs.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    # The wire name only: "json_schema" (the attribute's name) is an unknown key, as it is offline and in the
+    # published JSON Schema of requests.
+    model_config = ConfigDict(extra="forbid", strict=True)
     json_schema: dict[str, Any] | str | None = Field(None, alias="json",
                                                     description="A JSON Schema (object, or its JSON text).")
     json_object: bool | None = Field(None, description="true: any JSON object.")

@@ -105,6 +105,8 @@ def test_id_keys_of_nested_objects_are_not_duplicates():
     ({"id": "a", "prompt": "x", "metadata": []}, "metadata"),
     ({"id": "a", "messages": [{"role": "user"}]}, "messages.0.content"),
     ({"id": "a", "messages": "hi"}, "messages"),
+    ({"id": "a", "prompt": "x", "params": {"structured_outputs": {"json_schema": {}}}},
+     "params.structured_outputs.json_schema"),  # the attribute's name is not a wire name
 ])
 def test_invalid_requests_name_the_field(body, needle):
     with pytest.raises(InvalidRequestError) as ei:
