@@ -68,6 +68,7 @@ from .protocol import (
     refusal_message,
 )
 from .redaction import redact, remember_secrets
+from .safe_json import MAX_JSON_DEPTH, first_problem
 from .settings import Settings
 from .telemetry import get_tracer, inject_fields
 
@@ -198,6 +199,12 @@ def build_request(
         raise ValueError(f"{changed} (plain JSON values only: objects with string keys, arrays, strings, finite "
                          "numbers, booleans, null)") from None
     engine_params(req.params)
+    try:  # as the worker parses it: a JSON schema nested past what the wire carries is refused here, by path
+        problem = first_problem(req.model_dump(mode="json", by_alias=True), check_unicode=False)
+    except ValueError:  # pydantic's serializer has a depth limit of its own, above the wire's
+        problem = f"the request nests deeper than {MAX_JSON_DEPTH} levels"
+    if problem is not None:
+        raise ValueError(problem)
     return req
 
 

@@ -438,6 +438,28 @@ def test_metadata_that_is_not_plain_json_is_refused_naming_the_field(metadata, w
     assert build_request("hi", metadata={"u": "ü", "n": {"x": [1, None, True, 2.5]}}).metadata["u"] == "ü"
 
 
+def test_a_schema_nested_past_what_the_wire_carries_is_refused_before_sending_as_the_worker_would():
+    """The worker refuses a request nested deeper than MAX_JSON_DEPTH levels (a JSON schema ~15 object properties
+    deep); the client sent it and the refusal came back a round trip later. Same message, before sending."""
+    from pagedserve.service.protocol import InvalidRequestError, parse_request
+
+    def deep(levels: int) -> dict:
+        schema: dict = {"type": "integer"}
+        for _ in range(levels):
+            schema = {"type": "object", "properties": {"a": schema}}
+        return schema
+
+    assert build_request("hi", params={"structured_outputs": {"json": deep(14)}})  # the deepest that fits
+    too_deep = {"structured_outputs": {"json": deep(15)}}
+    with pytest.raises(ValueError) as local:
+        build_request("hi", id=RID, params=too_deep)
+    body = json.dumps({"id": RID, "prompt": "hi", "params": too_deep})
+    with pytest.raises(InvalidRequestError) as remote:
+        parse_request(body, 1 << 20)
+    assert str(local.value) == remote.value.message
+    assert str(local.value).startswith("params.structured_outputs.json.properties.a.") and "32 levels" in str(local.value)
+
+
 def test_hundreds_of_calls_at_once_through_one_client(redis_url, prefix, shared_engine):
     """Each waiting call holds one or two connections, and redis-py 8 caps a pool at 100: past about 50 calls at
     once, the rest failed with RedisUnreachable ("Too many connections") while Redis served the others."""
