@@ -7,7 +7,9 @@ the script the result is written before the ack, so an ACL that denies one of it
 pending, never acknowledged without its result. Every reply of the pipeline is checked: an op Redis refused
 stays in the buffer, in order, and the whole buffer is sent again after a backoff (50 ms doubling to 5 s),
 counted in ``pagedserve_redis_write_refusals_total{op}`` and logged with its request id; the loop keeps
-generating meanwhile. No MULTI/EXEC: the scripts already make each ack atomic with what it acknowledges.
+generating meanwhile. A write that fails on its own key, which holds a value of another type (WRONGTYPE: a key
+not written by a worker), is not a refusal no retry would mend, and must not hold back the others: a token event
+is dropped, anything else is retried on a backoff of its own. No MULTI/EXEC: the scripts already make each ack atomic with what it acknowledges.
 
 A token event goes to two places: appended to the request's events stream (``XADD events:{id} MAXLEN ~ cap``,
 what clients resume from and what a worker taking the request over continues after) and published on its
@@ -27,7 +29,7 @@ Invariants:
   letter), or, for an id answered from an already stored result, after that result was read;
 - nothing but token events is ever dropped: refused or unsent ops stay buffered until Redis takes them
   (token events beyond ``max_buffered`` are dropped oldest first, leaving a gap a taking-over worker cannot
-  continue after, and those of a request given up);
+  continue after, those of a request given up, and those whose events key holds another type);
 - a request's token events reach its events stream in ``seq`` order per output, unless Redis refuses one
   and takes a later one of the same flush (a refusal window closing mid-pipeline): readers then skip the
   late one as a repeat;
@@ -58,6 +60,8 @@ class _Op:
     published: bool = False  # a token event's PUBLISH went out (or may have): never sent again
     appended: bool = False  # a token event's XADD was applied: not sent again
     expire: bool = False  # a token event that (re)sets its events key's expiry (until applied)
+    delay: float = 0.0  # an op failing on its own key's type: its own backoff (others are not held back)
+    retry_at: float = 0.0
 
     def token_commands(self) -> list[str]:
         """What of a token event is still to be sent, in order."""
@@ -87,6 +91,11 @@ class Publisher(WorkerPart):
     _retry_delay: float = field(default=0.0, init=False)
     _retry_at: float = field(default=0.0, init=False)
     _expiry_set: dict[str, float] = field(default_factory=dict, init=False)  # request id -> when (monotonic)
+    # Ops that failed on their own key (a value of the wrong type), each on its own backoff: what only an operator
+    # can mend must not hold back every other request's writes, nor be retried on every iteration.
+    _later: list[_Op] = field(default_factory=list, init=False)
+    _later_at: float = field(default=float("inf"), init=False)
+    _drops_logged: dict[str, None] = field(default_factory=dict, init=False)  # requests whose token drops were logged
 
     # --------------------------------------------------------------------------------- enqueue
     def token(self, request_id: str, payload: bytes, cap: int) -> None:
@@ -137,27 +146,34 @@ class Publisher(WorkerPart):
     # --------------------------------------------------------------------------------- flush
     def pending(self) -> int:
         """Ops ready to be sent now (0 while waiting out the backoff after a refusal)."""
-        return len(self._ops) if time.monotonic() >= self._retry_at else 0
+        now = time.monotonic()
+        if now < self._retry_at:
+            return 0
+        return len(self._ops) + (len(self._later) if now >= self._later_at else 0)
 
     def entry_ids(self) -> list[str]:
         """The stream entries whose ack (or dead letter) is buffered."""
-        return [eid for op in self._ops for eid in op.entry_ids]
+        return [eid for op in self._later + self._ops for eid in op.entry_ids]
 
     def buffered(self) -> int:
         """Every op not yet applied, including refused ones waiting for their retry."""
-        return len(self._ops)
+        return len(self._ops) + len(self._later)
 
     def flush(self, r: redis.Redis) -> int:
         """Send the buffer (unless a refusal's backoff is running); returns commands sent. Raises
         ``redis.ConnectionError``/``TimeoutError`` with the buffer intact (less the token events of the batch
         that broke off) when Redis is unreachable. Refused ops stay buffered, in order."""
-        if not self._ops or time.monotonic() < self._retry_at:
+        now = time.monotonic()
+        if now < self._retry_at or not self.pending():
             return 0
         if self._scripts is None:
             self._scripts = Scripts(r)
+        if now >= self._later_at:  # their turn again, ahead of what came after them
+            self._ops, self._later, self._later_at = self._later + self._ops, [], float("inf")
         ops, self._ops = self._ops, []
         kept: list[_Op] = []
         refused: list[tuple[_Op, BaseException]] = []
+        given_up: list[tuple[_Op, BaseException]] = []
         reload = False
         sent = i = 0
         try:
@@ -184,6 +200,11 @@ class Publisher(WorkerPart):
                     at += n
                     if errors and op.kind == "token":
                         op.took(mine)  # e.g. PUBLISH is allowed under maxmemory, XADD is not: retry only XADD
+                    if errors and _wrong_type(errors[0]):
+                        given_up.append((op, errors[0]))
+                        if op.kind != "token":  # a result or an ack is never dropped: retried on its own
+                            self._retry_later(op)
+                        continue
                     if errors:
                         kept.append(op)
                         if isinstance(errors[0], redis.exceptions.NoScriptError):
@@ -197,7 +218,35 @@ class Publisher(WorkerPart):
         if reload:
             self._scripts.load(r)
         self._refused(refused)
+        self._wrong_types(given_up)
         return sent
+
+    def _retry_later(self, op: _Op) -> None:
+        op.delay = 0.05 if op.delay == 0 else min(5.0, op.delay * 2)
+        op.retry_at = time.monotonic() + op.delay
+        self._later.append(op)
+        self._later_at = min(self._later_at, op.retry_at)
+
+    def _wrong_types(self, failed: list[tuple[_Op, BaseException]]) -> None:
+        """Count and log the writes that failed on a key holding another type: a token event is dropped (the
+        result carries its text), anything else is retried on its own backoff until an operator mends the key."""
+        for op, err in failed:
+            self.metrics.write_refusals.labels(op=op.kind).inc()
+        logged: set[tuple[str, str]] = set()
+        for op, err in failed:
+            if (op.kind, op.request_id) in logged or (op.kind == "token" and op.request_id in self._drops_logged):
+                continue  # once per request for its token events (each flush would log its latest again)
+            logged.add((op.kind, op.request_id))
+            if op.kind == "token":
+                self._drops_logged[op.request_id] = None
+                if len(self._drops_logged) > 1000:
+                    del self._drops_logged[next(iter(self._drops_logged))]
+            self.log.error(
+                "redis_write_failed_wrong_type", op=op.kind, request_id=op.request_id or None,
+                entry_ids=list(op.entry_ids) or None, error=redact(str(err)),
+                action="token events dropped" if op.kind == "token" else f"retried in {op.delay:g} s",
+                note="a key of this request holds a value of another type (not written by a worker)",
+            )
 
     def _applied(self, op: _Op) -> None:
         # A failing callback (a span, a lease table) must not make the ops after it in the batch look unsent.
@@ -283,3 +332,8 @@ class Publisher(WorkerPart):
                 continue
             keep.append(op)
         self._ops = keep
+
+
+def _wrong_type(err: BaseException) -> bool:
+    """Redis's WRONGTYPE (from a command or a script): the key holds another type, which no retry mends."""
+    return isinstance(err, redis.ResponseError) and str(err).startswith("WRONGTYPE")

@@ -77,3 +77,31 @@ def test_a_refused_lease_renewal_is_reported_as_refused_not_gone(prefix, tmp_pat
         finally:
             w.close()
             admin.close()
+
+
+def test_a_key_of_the_wrong_type_fails_its_own_writes_alone(redis_url, prefix, shared_engine):
+    """A string where a running request's events stream goes (``SET`` by a producer with too wide an ACL, an
+    operator's typo): every token event of that request is refused with WRONGTYPE, which no retry can mend. They were kept
+    and retried for ever, and each refusal backed the WHOLE buffer off (up to 5 s), so every other request's
+    tokens and results waited too. Now such a write is given up at once (token events are the one thing a client
+    can do without: the result carries the text): the request still ends with its result stored, the others run
+    without a backoff, and nothing stays buffered."""
+    from service_fixtures import metric_samples, running_worker
+
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        bad = submit_running(c, r, keys, "typo", max_tokens=300)
+        r.delete(keys.events(bad))
+        r.set(keys.events(bad), "not a stream", ex=600)  # while it streams: its next appends are refused
+        good = c.submit("hello", id="fine", params={"max_tokens": 40, "ignore_eos": True})
+        ended = {rid: c.wait(rid, timeout=120) for rid in (bad, good)}
+        wait_for(lambda: w.publisher.buffered() == 0, 30, what="nothing left buffered")
+        refused = metric_samples(w, "pagedserve_redis_write_refusals_total")
+    assert [len(ended[rid].outputs[0].token_ids) for rid in (bad, good)] == [300, 40], ended
+    assert r.get(keys.events(bad)) == b"not a stream"  # left as it was: not ours to delete
+    assert r.xlen(keys.events(good)) == 41  # 40 token events and the terminal one
+    # Each token event refused once and dropped (not retried for ever); the result retried once on its own.
+    assert 1 <= refused[(("op", "token"),)] <= 300 and refused.get((("op", "terminal"),), 0) <= 2, refused
+    r.close()
