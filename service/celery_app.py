@@ -10,20 +10,30 @@ Invariants:
   worker) resubmits the SAME id and is answered from the stored result instead of generating twice;
 - ``pagedserve.generate`` waits at most ``timeout`` seconds (explicit; the broker's visibility timeout must be
   longer than the longest timeout, see docs/service.md);
-- a ``generate`` task given up by Celery (``revoke(terminate=True)``, its soft time limit) cancels its request
-  when the id is the task's own (``celery-<task id>``): no one else can be waiting for it. A caller-chosen id
-  may be shared and is left alone; the task's own ``timeout`` cancels nothing (same id, same result later).
+- task arguments are checked before anything is sent: ``generate`` answers a bad one with the ``invalid_request``
+  error event naming the field (its ``id`` and ``metadata`` only if they are of the right type), ``submit``
+  raises ``ValueError``;
+- a ``generate`` task given up (revoked, terminated, past its soft or hard time limit) cancels its request when
+  the id is the task's own (``celery-<task id>``): no one else can be waiting for it. A caller-chosen id may be
+  shared and is left alone; the task's own ``timeout`` and ``pickup_timeout`` cancel nothing (same id, same
+  result later). The task keeps its time limits itself and polls the worker's revoked set while it waits:
+  the threads pool enforces no limit and cannot terminate, gevent ignores soft limits; prefork's signals and
+  gevent's kills still come first where they exist, and the worker's signals cancel for them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
+from collections.abc import Callable, Generator
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import task_revoked
+from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
+from celery.signals import task_failure, task_revoked
+from celery.worker import state as worker_state
 
 from .settings import Settings
 
@@ -67,8 +77,95 @@ def _client(app: Celery):
         return c
 
 
+def _seconds(name: str, value: Any) -> float | None:
+    """A task's seconds argument (None: no limit). Checked before anything is sent, or a bad one would fail the
+    task after its request had gone out."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds (got {value!r})")
+    return float(value)
+
+
+def _task_request(own_id: str, prompt: Any, *, params: Any, id: Any, metadata: Any, settings: Settings, **kw: Any):
+    """The request a task sends, checked as the clients check theirs: a ``ValueError`` naming the field.
+    Task arguments come from JSON, so params can be of any type; the clients' ``TypeError`` for them speaks of
+    ``SamplingParams`` objects, which a task cannot be given."""
+    from .client_core import build_request, check_message_size
+
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"params must be an object of sampling parameters (got {type(params).__name__})")
+    req = build_request(prompt, params=params, id=id or own_id, metadata=metadata, **kw)
+    check_message_size(req, settings)
+    return req
+
+
+def _refusal(own_id: str, id: Any, metadata: Any, message: str) -> dict:
+    """The ``invalid_request`` event a worker would have stored for a request refused before it was sent. The
+    id and metadata it echoes are the caller's only when they are of the right type (an event cannot carry
+    others: building it raised a bare ValidationError instead of the refusal)."""
+    from .protocol import ErrorEvent, ErrorInfo
+
+    echo = isinstance(metadata, dict) and not message.startswith("metadata")
+    return ErrorEvent(id=id if isinstance(id, str) and id else own_id,
+                      error=ErrorInfo(code="invalid_request", message=message),
+                      metadata=metadata if echo else {}).model_dump(mode="json")
+
+
+def _limits(task: Any) -> tuple[float | None, float | None]:
+    """(hard, soft) time limit of this run, in seconds, as the worker picks them: the call's own
+    (``time_limit=``/``soft_time_limit=``), else the task's, else the app's ``task_time_limit``/
+    ``task_soft_time_limit``."""
+    hard, soft = task.request.timelimit or (None, None)
+    conf = task.app.conf
+    return (hard or task.time_limit or conf.task_time_limit,
+            soft or task.soft_time_limit or conf.task_soft_time_limit)
+
+
+def _giving_up(task: Any, started: float) -> Callable[[], None]:
+    """A check that raises what Celery would have raised when this run is given up: revoked (``Terminated``; the
+    worker adds the id to its revoked set before it tries to terminate), past its soft limit
+    (``SoftTimeLimitExceeded``) or its hard limit (``TimeLimitExceeded``). Needed where the pool enforces
+    neither (threads: no time limit, no terminate; gevent: no soft limit). A prefork child's revoked set is a
+    copy taken at fork and never changes: there the worker's signals do it."""
+    hard, soft = _limits(task)
+    task_id = task.request.id
+
+    def check() -> None:
+        if task_id in worker_state.revoked:
+            raise Terminated(f"revoked: {task_id}")
+        elapsed = time.monotonic() - started
+        if soft is not None and elapsed >= soft:
+            raise SoftTimeLimitExceeded(f"soft time limit ({soft:g} s) exceeded")
+        if hard is not None and elapsed >= hard:
+            raise TimeLimitExceeded(f"time limit ({hard:g} s) exceeded")
+
+    return check
+
+
+def _watched(wait: Generator[Any, Any, None], check: Callable[[], None]) -> Generator[Any, Any, None]:
+    """``wait``'s operations (a producer core's wait, see client_core), with ``check`` before each: it raises to
+    end the wait. No operation of the core's waits blocks longer than a few seconds (a second while it listens),
+    so the check comes that often."""
+    reply: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            check()
+            try:
+                op = wait.throw(error) if error is not None else wait.send(reply)
+            except StopIteration:
+                return
+            try:
+                reply, error = (yield op), None
+            except Exception as e:  # a Redis error of the operation: the core decides what follows
+                reply, error = None, e
+    finally:
+        wait.close()
+
+
 def _register(app: Celery) -> None:
-    @app.task(name="pagedserve.submit", bind=True)
+    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError,))
     def submit(
         self,
         prompt: str | None = None,
@@ -84,13 +181,16 @@ def _register(app: Celery) -> None:
     ) -> str:
         """Enqueue one request; returns its id at once (results: ``Client.wait(id)`` or the result key). A request
         that fails validation raises ``ValueError`` naming the field, and nothing is sent."""
-        return _client(app).submit(
-            prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
-            id=id or f"celery-{self.request.id}", priority=priority, deadline_ms=deadline_ms,
-            metadata=metadata, stream=stream,
-        )
+        c = _client(app)
+        req = _task_request(f"celery-{self.request.id}", prompt, messages=messages, prompt_token_ids=prompt_token_ids,
+                            params=params, id=id, priority=priority, deadline_ms=deadline_ms, metadata=metadata,
+                            stream=stream, settings=c.settings)
+        return c.submit(request=req)
 
-    @app.task(name="pagedserve.generate", bind=True)
+    # Expected endings: logged in one line, without a traceback.
+    given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
+
+    @app.task(name="pagedserve.generate", bind=True, throws=(*given_up, TimeoutError))
     def generate(
         self,
         prompt: str | None = None,
@@ -102,30 +202,44 @@ def _register(app: Celery) -> None:
         priority: int = 0,
         deadline_ms: int | None = None,
         metadata: dict | None = None,
-        timeout: float = 300.0,
+        timeout: float | None = 300.0,
+        pickup_timeout: float | None = None,
     ) -> dict:
         """Submit and wait (at most ``timeout`` s). Returns the terminal event as a dict: ``type`` is ``done``
-        (``outputs``, ``usage``, ``metrics``) or ``error`` (``error.code``, ``error.message``; a request that
-        fails validation is answered so without being sent). Raises ``TimeoutError`` when no result came in time
-        (the request may still complete: same id, same result)."""
-        from .protocol import ErrorEvent, ErrorInfo, refusal_message
+        (``outputs``, ``usage``, ``metrics``) or ``error`` (``error.code``, ``error.message``; a request or a
+        ``timeout``/``pickup_timeout`` that fails validation is answered so without being sent). Raises
+        ``TimeoutError`` when no result came in time (the request may still complete: same id, same result),
+        ``NoWorker`` (a ``TimeoutError``) after ``pickup_timeout`` s unheard of with no live pagedserve worker;
+        ``SoftTimeLimitExceeded``/``TimeLimitExceeded``/``Terminated`` when given up (its own request cancelled)."""
+        from .client_core import first_terminal
+        from .protocol import refusal_message
 
+        started = time.monotonic()  # the time limits count from the start of the run, as Celery's
         c = _client(app)
-        rid = id or f"celery-{self.request.id}"
-        if c.result(rid) is None:  # a redelivered task finds its result and does not resubmit
-            try:
-                c.submit(prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params, id=rid,
-                         priority=priority, deadline_ms=deadline_ms, metadata=metadata, stream=False)
-            except ValueError as e:  # refused before it is sent: the error event a worker would have stored
-                return ErrorEvent(id=rid, error=ErrorInfo(code="invalid_request", message=refusal_message(e)),
-                                  metadata=metadata or {}).model_dump(mode="json")
-        # wait() subscribes, then reads the result key: nothing published before it subscribed is missed
+        own_id = f"celery-{self.request.id}"
         try:
-            return c.wait(rid, timeout=timeout).model_dump(mode="json")
-        except SoftTimeLimitExceeded:
+            timeout = _seconds("timeout", timeout)
+            pickup_timeout = _seconds("pickup_timeout", pickup_timeout)
+            req = _task_request(own_id, prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
+                                id=id, priority=priority, deadline_ms=deadline_ms, metadata=metadata, stream=False,
+                                settings=c.settings)
+        except ValueError as e:  # refused before it is sent: the error event a worker would have stored
+            return _refusal(own_id, id, metadata, refusal_message(e))
+        stored = c.result(req.id)
+        if stored is not None:  # a redelivered task finds its result and does not resubmit
+            return stored.model_dump(mode="json")
+        # The task runs the producer core's wait as the clients do (subscribe, then send: nothing published is
+        # missed), with its own limits and the revoked set checked between operations.
+        wait = c._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)
+        try:
+            for ev in c._run(_watched(wait, _giving_up(self, started))):
+                if (end := first_terminal(ev)) is not None:
+                    return end.model_dump(mode="json")
+        except given_up:
             if not id:
-                _cancel_quietly(app, rid)
+                _cancel_quietly(app, req.id)
             raise
+        raise AssertionError("unreachable")
 
     app.pagedserve_submit = submit
     app.pagedserve_generate = generate
@@ -136,15 +250,28 @@ def _cancel_quietly(app: Celery, request_id: str) -> None:
         _client(app).cancel(request_id)
 
 
+def _own_request(sender: Any, kwargs: dict | None) -> bool:
+    """Whether ``sender`` is ``pagedserve.generate`` of this app and the request id is the task's own."""
+    return (getattr(sender, "name", None) == "pagedserve.generate" and not (kwargs or {}).get("id")
+            and hasattr(sender.app.conf, "pagedserve_settings"))
+
+
 @task_revoked.connect(weak=False, dispatch_uid="pagedserve-cancel-revoked")
 def _cancel_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     """In the Celery worker's main process: a revoked ``generate`` (terminated, or revoked or expired before it
     ran) cancels its request when the id is the task's own. A terminated task's process is killed by a signal
     and runs no code of its own."""
-    if getattr(sender, "name", None) != "pagedserve.generate" or request is None:
-        return
-    if not (request.kwargs or {}).get("id") and hasattr(sender.app.conf, "pagedserve_settings"):
+    if request is not None and _own_request(sender, request.kwargs):
         _cancel_quietly(sender.app, f"celery-{request.id}")
+
+
+@task_failure.connect(weak=False, dispatch_uid="pagedserve-cancel-timed-out")
+def _cancel_timed_out(sender: Any = None, task_id: str | None = None, exception: Any = None,
+                      kwargs: dict | None = None, **_: Any) -> None:
+    """In the Celery worker's main process: a hard time limit kills a prefork process (or a gevent greenlet)
+    before the task's own check, and the worker reports it here; the task ran no code of its own."""
+    if isinstance(exception, TimeLimitExceeded) and task_id and _own_request(sender, kwargs):
+        _cancel_quietly(sender.app, f"celery-{task_id}")
 
 
 app = make_celery()

@@ -76,13 +76,14 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
 
 
 def test_a_revoked_or_timed_out_generate_task_cancels_its_request(prefix, shared_engine, tmp_path):
-    """``revoke(terminate=True)`` and a soft time limit stopped the Celery task but not its generation, which ran
-    to max_tokens with no one left to read it (the task's own id is of its making, so nobody else waits for it).
-    Both now cancel it; a request queued behind no pagedserve worker shows it: it ends cancelled, never run.
-    A caller-chosen id is left alone, as the clients leave it."""
+    """``revoke(terminate=True)`` and a soft or hard time limit stopped the Celery task but not its generation,
+    which ran to max_tokens with no one left to read it (the task's own id is of its making, so nobody else waits
+    for it). All three now cancel it on prefork (its signals; a hard limit kills the process, and the worker's
+    main process cancels); a request queued behind no pagedserve worker shows it: it ends cancelled, never run.
+    A caller-chosen id is left alone, as the clients leave it. Other pools: tests/test_celery_tasks.py."""
     with LocalRedis() as url:
         s = make_settings(url, prefix, celery_visibility_timeout_s=120)
-        with celery_worker(s, tmp_path / "celery.log", "prefork", 3):
+        with celery_worker(s, tmp_path / "celery.log", "prefork", 4):
             app = make_celery(s)
             keys = Keys(prefix)
             params = {"max_tokens": 5, "temperature": 0}
@@ -92,16 +93,20 @@ def test_a_revoked_or_timed_out_generate_task_cancels_its_request(prefix, shared
                                      soft_time_limit=3)
                 chosen = app.send_task("pagedserve.generate", kwargs={"prompt": "c", "params": params,
                                                                       "id": f"{prefix}-mine"}, soft_time_limit=3)
-                wait_for(lambda: r.xlen(keys.requests) == 3, 60, what="the three requests queued")
+                hard = app.send_task("pagedserve.generate", kwargs={"prompt": "d", "params": params}, time_limit=3)
+                wait_for(lambda: r.xlen(keys.requests) == 4, 60, what="the four requests queued")
                 revoked.revoke(terminate=True)
                 with pytest.raises(Exception, match="SoftTimeLimitExceeded|soft time limit"):
                     soft.get(timeout=60)
                 with pytest.raises(Exception, match="SoftTimeLimitExceeded|soft time limit"):
                     chosen.get(timeout=60)
-                wait_for(lambda: r.exists(keys.cancelled(f"celery-{revoked.id}"))
-                         and r.exists(keys.cancelled(f"celery-{soft.id}")), 30, what="both cancelled")
+                with pytest.raises(Exception, match="TimeLimitExceeded|time limit"):
+                    hard.get(timeout=60)
+                own = (revoked, soft, hard)
+                wait_for(lambda: all(r.exists(keys.cancelled(f"celery-{t.id}")) for t in own), 30,
+                         what="all three cancelled")
             with running_worker(s, shared_engine), Client(settings=s) as c:
-                for task in (revoked, soft):
+                for task in own:
                     d = c.wait(f"celery-{task.id}", timeout=60)
                     assert d.outputs[0].finish_reason == "cancelled" and d.outputs[0].token_ids == []
                 mine = c.wait(f"{prefix}-mine", timeout=60)
