@@ -24,7 +24,7 @@ from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
-from pagedserve.engine.sampler import SampleResult, Sampler, apply_penalties
+from pagedserve.engine.sampler import SampleResult, Sampler, apply_penalties, hold_tokens
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
@@ -323,7 +323,6 @@ class LLMEngine:
             for seq, n in item.seqs:
                 seq.num_computed_tokens += n
                 self.block_manager.register_full_blocks(seq)
-        self._hold_stops(logits, sample_seqs)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
         progressed: dict[str, Request] = {}
         sample_rows = []
@@ -375,8 +374,9 @@ class LLMEngine:
                 failed: dict[str, tuple[Request, str]]) -> list:
         """One token per row, batched; if the batch raises, each request is sampled alone so that only the
         culprit fails (greedy and seeded rows draw the same tokens either way). ``None`` for a failed row."""
+        held = self._held(seqs, owners)
         try:
-            return self.sampler(logits, seqs, [r.params for r in owners])
+            return self.sampler(logits, seqs, [r.params for r in owners], held)
         except Exception:
             log.warning("batched sampling failed; sampling request by request to find the culprit")
         results: list = [None] * len(seqs)
@@ -388,29 +388,22 @@ class LLMEngine:
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
 
             def sample_alone(rows=rows, index=index, req=req):
-                alone = self.sampler(logits[index], [seqs[r] for r in rows], [req.params] * len(rows))
+                alone = self.sampler(logits[index], [seqs[r] for r in rows], [req.params] * len(rows),
+                                     [held[r] for r in rows] if held is not None else None)
                 for row, res in zip(rows, alone):
                     results[row] = res
 
             self._guard(req, failed, "sampling", sample_alone)
         return results
 
-    def _hold_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """``min_tokens``: in place, a row short of it cannot draw its stop tokens (EOS unless ``ignore_eos``),
-        before samples and beams alike take their rows (as HF's min_new_tokens processor)."""
+    def _held(self, seqs: list[Sequence], owners: list[Request]) -> list[list[int]] | None:
+        """Per row, the tokens ``min_tokens`` holds back now (applied by the sampler after the raw logprobs, as
+        HF's min_new_tokens processor); None when no row holds any. A constrained row holds them on its grammar's
+        mask instead (:meth:`_constrain`)."""
         if not self._holding_stops:
-            return
-        rows: list[int] = []
-        cols: list[int] = []
-        for row, seq in enumerate(seqs):
-            if seq.matcher is not None:  # held on its grammar's mask instead (_constrain)
-                continue
-            held = [t for t in self._stops_held(self._owner[seq.seq_id].params, seq) if t < logits.shape[-1]]
-            rows += [row] * len(held)
-            cols += held
-        if rows:
-            with torch.inference_mode():  # the logits are the runner's inference tensor
-                logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -torch.inf
+            return None
+        held = [[] if seq.matcher is not None else self._stops_held(req.params, seq) for seq, req in zip(seqs, owners)]
+        return held if any(held) else None
 
     def _stops_held(self, p: SamplingParams, seq: Sequence) -> list[int]:
         """The tokens ``min_tokens`` holds back from ``seq`` now: its stop token ids and EOS (unless
@@ -424,7 +417,7 @@ class LLMEngine:
         """Structured outputs: in place, each constrained row keeps only the tokens its grammar allows next
         (filled on the CPU while a CUDA device may still run the forward, applied on the logits' device).
 
-        ``min_tokens`` of a constrained row is applied here, on its mask, rather than by ``_hold_stops``: its
+        ``min_tokens`` of a constrained row is applied here, on its mask, rather than by the sampler (:meth:`_held`): its
         stop tokens are held back only while the grammar allows another token, so an output at the grammar's
         end ends there (holding EOS as well would leave the row nothing to draw)."""
         rows = [r for r, s in enumerate(seqs) if s.matcher is not None and owners[r].request_id not in failed]
@@ -513,9 +506,13 @@ class LLMEngine:
         rows = torch.stack([req.pending_logits.pop(s.seq_id) for s in beams])
         logprobs = torch.log_softmax(rows.float(), dim=-1)
         scores = logprobs
-        if p.needs_penalties:  # on the log-probs, where HF's beam search applies its logits processors
+        held = [self._stops_held(p, b) for b in beams] if p.min_tokens else []
+        if p.needs_penalties or any(held):  # on the log-probs, where HF's beam search applies its logits processors
             scores = logprobs.clone()
-            apply_penalties(scores, beams, [p] * len(beams))
+            if p.needs_penalties:
+                apply_penalties(scores, beams, [p] * len(beams))
+            if any(held):
+                hold_tokens(scores, held)
         entry = history = None
         if p.logprobs is not None:  # of the raw distribution, as sampling reports them
             top_vals, top_ids = logprobs.topk(p.logprobs, dim=-1) if p.logprobs else (logprobs[:, :0],) * 2

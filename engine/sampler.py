@@ -29,6 +29,17 @@ class SampleResult:
     top_logprobs: dict[int, float] | None
 
 
+def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
+    """In place, on logits (sampling) or log-probs (beam search): row ``r`` cannot draw ``held[r]`` (``min_tokens``
+    holding its stop tokens back). Like HF's min_new_tokens processor, it acts where the penalties do, after the
+    raw log-probs were taken: the reported logprobs stay those of the model."""
+    vocab = scores.shape[1]
+    rows = [r for r, ids in enumerate(held) for t in ids if t < vocab]
+    cols = [t for ids in held for t in ids if t < vocab]
+    if rows:
+        scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = -torch.inf
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
     """In place, on logits (sampling) or log-probs (beam search). Repetition penalty (HF/CTRL style) over prompt +
     output; presence/frequency over output."""
@@ -123,15 +134,21 @@ class Sampler:
             return
         seq.seed_key = sample_key(params.seed, seq.index)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> list[SampleResult]:
-        """Sample one token per row of ``logits`` ``[R, V]`` (float32) for ``seqs[r]`` under ``params[r]``."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams],
+                 held: list[list[int]] | None = None) -> list[SampleResult]:
+        """Sample one token per row of ``logits`` ``[R, V]`` (float32) for ``seqs[r]`` under ``params[r]``;
+        ``held[r]``: tokens row ``r`` may not draw now (``min_tokens``), None when no row holds any."""
         # Logprobs are of the raw logits: log_softmax = logits - lse, taken only where asked (the chosen token,
         # and the top-k where requested), not as a [R, V] tensor every step.
         raw_logits = logits
         tokens, lse = self.argmax_logsumexp(logits)
-        if any(p.needs_penalties for p in params):
+        penalties = any(p.needs_penalties for p in params)
+        if penalties or held is not None:
             logits = logits.clone()
-            apply_penalties(logits, seqs, params)
+            if penalties:
+                apply_penalties(logits, seqs, params)
+            if held is not None:
+                hold_tokens(logits, held)
             tokens = logits.argmax(dim=-1)
         greedy = [p.greedy for p in params]
         sampled_rows = [i for i, g in enumerate(greedy) if not g]

@@ -10,11 +10,11 @@ import torch
 from pagedserve.engine import LLM, SamplingParams
 
 
-def _hf_beams(model, prompt, width, n, max_new, length_penalty, early_stopping, eos=None):
+def _hf_beams(model, prompt, width, n, max_new, length_penalty, early_stopping, eos=None, min_new=0):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=n, do_sample=False,
                              max_new_tokens=max_new, length_penalty=length_penalty, early_stopping=early_stopping,
-                             pad_token_id=258, eos_token_id=eos if eos is not None else 257)
+                             pad_token_id=258, eos_token_id=eos if eos is not None else 257, min_new_tokens=min_new)
     seqs = []
     for row in out[:, len(prompt):].tolist():
         # HF pads finished beams; cut after the first EOS.
@@ -50,8 +50,9 @@ def test_beam_search_matches_hf(family, width, length, engines, hf_models):
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
 
 
-@pytest.mark.parametrize("length_penalty,early_stopping", [(0.5, True), (2.0, "never"), (1.0, False)])
-def test_beam_search_with_eos_and_stop_rules(length_penalty, early_stopping, tiny_models, hf_models):
+@pytest.mark.parametrize("length_penalty,early_stopping,min_tokens", [(0.5, True, 0), (2.0, "never", 0),
+                                                                        (1.0, False, 0), (2.0, "never", 5)])
+def test_beam_search_with_eos_and_stop_rules(length_penalty, early_stopping, min_tokens, tiny_models, hf_models):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     llm = LLM(model=tiny_models["llama"], device="cpu", block_size=8)
     # Make a token the model likes into EOS so hypotheses finish at different lengths.
@@ -59,10 +60,32 @@ def test_beam_search_with_eos_and_stop_rules(length_penalty, early_stopping, tin
     eos = greedy.token_ids[3]
     llm.engine.eos_token_ids = {eos}
     ours = llm.generate([prompt], SamplingParams(max_tokens=12, beam_width=4, n=3, length_penalty=length_penalty,
-                                                 early_stopping=early_stopping))[0].outputs
-    ref = _hf_beams(hf_models["llama"], prompt, 4, 3, 12, length_penalty, early_stopping, eos=eos)
+                                                 early_stopping=early_stopping, min_tokens=min_tokens))[0].outputs
+    ref = _hf_beams(hf_models["llama"], prompt, 4, 3, 12, length_penalty, early_stopping, eos=eos, min_new=min_tokens)
     assert [c.token_ids for c in ours] == ref
     assert [c.finish_reason for c in ours] == ["stop" if c.token_ids[-1] == eos else "length" for c in ours]
+
+
+def test_beam_search_holds_stop_tokens_for_min_tokens_as_hf():
+    """``min_tokens`` as HF's min_new_tokens in beam search: the stop tokens set to -inf on the log-probs, not
+    renormalised away (they were held on the logits before their log-softmax: other beams, other scores)."""
+    import transformers
+
+    from pagedserve.engine.model_source import resolve_model
+
+    model_dir = str(resolve_model("pagedserve-tiny-random"))  # the service tests' model: its beams meet token 103
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    llm = LLM(model=model_dir, device="cpu", block_size=8)
+    ours = llm.generate([prompt], SamplingParams(max_tokens=10, beam_width=4, n=3, length_penalty=2.0,
+                                                 early_stopping="never", stop_token_ids=[103], min_tokens=5))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor([prompt]), num_beams=4, num_return_sequences=3, do_sample=False, max_new_tokens=10,
+            length_penalty=2.0, early_stopping="never", eos_token_id=[257, 103], pad_token_id=258, min_new_tokens=5,
+            output_scores=True, return_dict_in_generate=True)
+    want = [[t for t in row if t != 258] for row in ref.sequences[:, len(prompt):].tolist()]
+    assert [c.token_ids for c in ours[0].outputs] == want
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])

@@ -40,6 +40,31 @@ def test_min_tokens_holds_back_stop_tokens_as_hf_min_new_tokens(llm, tiny_models
     assert out.token_ids == ref
 
 
+def test_min_tokens_leaves_the_logprobs_those_of_the_model(llm, tiny_models):
+    """The hold was written into the raw logits, so the logprobs (and ``cumulative_logprob``, which ranks
+    ``best_of``) were of a distribution renormalised without the stop tokens. HF's min_new_tokens acts as a
+    processor: its raw ``output_logits`` are the model's. Ours must equal their log-softmax at every step."""
+    import transformers
+
+    prompt = "Once upon"
+    stop_id = _greedy(llm, prompt, ignore_eos=True).token_ids[0]  # the model's first choice: held back here
+    (out,) = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, logprobs=3, ignore_eos=True,
+                                                 stop_token_ids=[stop_id], min_tokens=6))
+    ours = out.outputs[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, min_new_tokens=6,
+                             eos_token_id=[stop_id], pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert ours.token_ids == ref.sequences[0, len(ids):].tolist()
+    for step, (token, top) in enumerate(zip(ours.token_ids, ours.logprobs)):
+        raw = torch.log_softmax(ref.logits[step][0].float(), dim=-1)
+        assert top[token] == pytest.approx(raw[token].item(), abs=1e-4), step
+        if step < 6:  # held back, yet reported with the model's own logprob (it is the top one at step 0)
+            assert top.get(stop_id, raw[stop_id].item()) == pytest.approx(raw[stop_id].item(), abs=1e-4)
+    assert stop_id in ours.logprobs[0]  # the model's first choice, though it could not be drawn
+
+
 def test_min_tokens_defers_stop_strings(llm):
     free = _greedy(llm, "The capital", ignore_eos=True)
     stop = free.text[1:3]
