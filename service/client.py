@@ -42,6 +42,7 @@ from .client_core import (
     Unsubscribe,
     TooManyConnections,
     build_request,
+    check_resume_keywords,
     done_or_raise,
     first_terminal,
     pool_full,
@@ -55,6 +56,9 @@ __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "Redis
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
 # 50 calls at once. Redis's own default maxclients.
 MAX_CONNECTIONS = 10_000
+
+
+EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
 
 
 def _entries(reply: Any) -> list:
@@ -102,12 +106,15 @@ class Client(ProducerCore):
         max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
+        self._closed = False
         self.r = redis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
         )
 
     def close(self) -> None:
+        """Close the connections; a call waiting in another thread ends with ``RuntimeError`` (client closed)."""
+        self._closed = True
         self.r.close()
 
     def __enter__(self) -> Client:
@@ -154,6 +161,7 @@ class Client(ProducerCore):
         if after is not None:
             if not isinstance(prompt, str):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
+            check_resume_keywords(kw)
             yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout))
             return
         private = _private_id(kw)
@@ -199,10 +207,12 @@ class Client(ProducerCore):
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
-        ended = sent = False
+        ended = sent = asked = False
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
+                if self._closed:
+                    raise RuntimeError("this Client was closed while the call waited")
                 try:
                     if isinstance(op, Emit):
                         ended = first_terminal(op.event) is not None
@@ -210,7 +220,7 @@ class Client(ProducerCore):
                     elif isinstance(op, Listen):
                         reply = pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
                     elif isinstance(op, ReadEvents):
-                        reply = _entries(self.r.xread({op.key: op.after}, block=op.block_ms))
+                        reply = _entries(self.r.xread({op.key: op.after}, count=EVENTS_PAGE, block=op.block_ms))
                     elif isinstance(op, ReadResult):
                         reply = self.r.get(op.key)
                     elif isinstance(op, ReadGroups):
@@ -223,6 +233,7 @@ class Client(ProducerCore):
                         pubsub = self.r.pubsub()
                         pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
+                        asked = True  # from here it may be in the stream, whatever becomes of the reply
                         self._xadd(op.request)
                         sent = True
                     elif isinstance(op, Unsubscribe):
@@ -233,8 +244,12 @@ class Client(ProducerCore):
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
                         raise self._unreachable(e) from None
                     error = e
+                except (ValueError, OSError) as e:  # redis-py's socket, closed under the call by close()
+                    if self._closed:
+                        raise RuntimeError("this Client was closed while the call waited") from None
+                    raise
         except (GeneratorExit, KeyboardInterrupt):
-            if owned is not None and sent and not ended:
+            if owned is not None and asked and not ended:
                 with contextlib.suppress(Exception):
                     self.cancel(owned)
             raise
@@ -288,7 +303,10 @@ class Client(ProducerCore):
 
 
 class AsyncClient(ProducerCore):
-    """Asyncio producer with the same methods as :class:`Client` (``stream``/``events`` are async iterators)."""
+    """Asyncio producer with the request methods of :class:`Client` (``stream``/``events`` are async iterators;
+    batch jobs: :class:`Client`). One per event loop. :meth:`aclose` cancels the requests its calls sent under ids
+    of their own making and still wait for, then closes the connections: a call still waiting raises
+    ``RuntimeError``."""
 
     def __init__(
         self,
@@ -302,17 +320,31 @@ class AsyncClient(ProducerCore):
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self.r = aredis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
         )
 
     async def aclose(self) -> None:
+        """Cancel what the calls still waiting sent under ids of their own making (their callers go with the
+        client), then close the connections."""
+        if self._closed:
+            return
+        self._bind_loop()
+        owned, self._owned = sorted(self._owned), set()
+        for rid in owned:
+            with contextlib.suppress(Exception):
+                await self.cancel(rid)
+        self._closed = True
         await self.r.aclose()
 
     def _bind_loop(self) -> None:
         """redis-py's asyncio connections belong to the event loop that opened them: used from another, a call
         fails deep inside asyncio or waits past its timeout. Said at once instead."""
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -360,23 +392,29 @@ class AsyncClient(ProducerCore):
         if after is not None:
             if not isinstance(prompt, str):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
+            check_resume_keywords(kw)
             wait = self._stream(prompt, None, timeout, after, pickup_timeout)
         else:
             private = _private_id(kw)
             req = self._request(prompt, kw)
             wait = self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout)
-        async for ev in self._run(wait, owned=req.id if after is None and private else None):
-            yield ev
+        # Closed with this generator (aclose(), a break that drops it): the cancel goes out before aclose() returns,
+        # not whenever the event loop gets round to finalizing an abandoned inner generator.
+        async with contextlib.aclosing(self._run(wait, owned=req.id if after is None and private else None)) as evs:
+            async for ev in evs:
+                yield ev
 
     async def events(self, request_id: str, timeout: float | None = None,
                      after: int | dict[int, int] | None = None) -> AsyncIterator[Event]:
-        async for ev in self._run(self._stream(request_id, None, timeout, after)):
-            yield ev
+        async with contextlib.aclosing(self._run(self._stream(request_id, None, timeout, after))) as evs:
+            async for ev in evs:
+                yield ev
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Terminal:
-        async for ev in self._run(self._wait(request_id, None, timeout, tokens=False)):
-            if (end := first_terminal(ev)) is not None:
-                return end
+        async with contextlib.aclosing(self._run(self._wait(request_id, None, timeout, tokens=False))) as evs:
+            async for ev in evs:
+                if (end := first_terminal(ev)) is not None:
+                    return end
         raise AssertionError("unreachable")
 
     async def generate(
@@ -386,10 +424,11 @@ class AsyncClient(ProducerCore):
         kw.setdefault("stream", False)
         private = _private_id(kw)
         req = self._request(prompt, kw)
-        async for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
-                                  owned=req.id if private else None):
-            if (done := done_or_raise(ev)) is not None:
-                return done
+        wait = self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)
+        async with contextlib.aclosing(self._run(wait, owned=req.id if private else None)) as evs:
+            async for ev in evs:
+                if (done := done_or_raise(ev)) is not None:
+                    return done
         raise AssertionError("unreachable")
 
     async def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> AsyncIterator[Event]:
@@ -399,13 +438,15 @@ class AsyncClient(ProducerCore):
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
-        ended = sent = False
+        ended = sent = asked = False
         cancels = _cancels()  # the task's count now: a cancel its code caught before this call is not ours
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
                 if not isinstance(op, Emit) and _cancels() > cancels:
                     raise asyncio.CancelledError
+                if self._closed:
+                    raise RuntimeError("this AsyncClient was closed while the call waited")
                 try:
                     if isinstance(op, Emit):
                         ended = first_terminal(op.event) is not None
@@ -413,7 +454,7 @@ class AsyncClient(ProducerCore):
                     elif isinstance(op, Listen):
                         reply = await pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
                     elif isinstance(op, ReadEvents):
-                        reply = _entries(await self.r.xread({op.key: op.after}, block=op.block_ms))
+                        reply = _entries(await self.r.xread({op.key: op.after}, count=EVENTS_PAGE, block=op.block_ms))
                     elif isinstance(op, ReadResult):
                         reply = await self.r.get(op.key)
                     elif isinstance(op, ReadGroups):
@@ -426,6 +467,9 @@ class AsyncClient(ProducerCore):
                         pubsub = self.r.pubsub()
                         await pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
+                        asked = True  # from here it may be in the stream, whatever becomes of the reply
+                        if owned is not None:
+                            self._owned.add(owned)
                         await self._xadd(op.request)
                         sent = True
                     elif isinstance(op, Unsubscribe):
@@ -437,11 +481,13 @@ class AsyncClient(ProducerCore):
                         raise self._unreachable(e) from None
                     error = e
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
-            if owned is not None and sent and not ended:
+            if owned is not None and asked and not ended and owned in self._owned and not self._closed:
                 with contextlib.suppress(Exception):
                     await self.cancel(owned)
             raise
         finally:
+            if owned is not None:
+                self._owned.discard(owned)
             wait.close()
             await self._close_quietly(pubsub)
 

@@ -18,7 +18,8 @@ Invariants of :func:`stream_wait`:
   again is answered from its stored result, whose run may have streamed nothing (``stream: false``) or streamed
   its tokens into an events stream since expired; what the stream lacks is emitted as one token event per
   output before the ``done`` event. A request sent with ``stream: false`` gets no token event, even when an
-  earlier run of its id streamed;
+  earlier run of its id streamed. (A Redis restarted without persistence has lost the events it held: the
+  stream then has a gap in ``seq``, which nothing can fill; the ``done`` event is whole);
 - it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
   a worker older than the events stream ran the request);
 - Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``, also
@@ -321,6 +322,7 @@ class ProducerCore:
 
     def _stream(self, request_id: str, submit: GenerateRequest | None, timeout: float | None,
                 after: int | dict[int, int] | None = None, pickup_timeout: float | None = None):
+        check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
         return stream_wait(self.keys, request_id, submit, timeout, after, where=redact(self.redis_url),
                            pickup_timeout=pickup_timeout)
 
@@ -332,8 +334,27 @@ class ProducerCore:
         tokens: bool = True,
         pickup_timeout: float | None = None,
     ):
+        check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
         return event_wait(self.keys, request_id, submit, timeout, tokens, where=redact(self.redis_url),
                           pickup_timeout=pickup_timeout)
+
+
+def check_seconds(**values: Any) -> None:
+    """``timeout=``, ``pickup_timeout=``: None, or a number of seconds > 0. Checked before anything is sent: a
+    string failed deep in the wait after the request had gone out, NaN turned the check off, a negative number
+    gave up at once and said so in nonsense."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number of seconds > 0, or None (got {value!r})")
+
+
+def check_resume_keywords(kw: dict) -> None:
+    """``stream(request_id, after=...)`` reads a request already sent: keywords of a new request mean a mistake."""
+    if kw:
+        raise TypeError(f"stream(request_id, after=...) reads an already submitted request; "
+                        f"{', '.join(sorted(kw))} describe a new one (leave out after= to send one)")
 
 
 # ------------------------------------------------------------------------------------------------ event wait
@@ -568,7 +589,8 @@ def stream_wait(
     deadline = None if timeout is None else clock() + timeout
     sent = submit is None
     reached = False  # Redis answered once: a lost connection is worth a retry
-    check_workers_at: float | None = None
+    # A request picked up again (resumed): is a worker there at all? Checked as for one just sent.
+    check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
     last_entry = "0-0"
     default_next = after + 1 if isinstance(after, int) else 0
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}

@@ -371,6 +371,134 @@ def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, share
     r.close()
 
 
+def test_an_abandoned_request_is_cancelled_whatever_the_moment_and_however_the_client_goes(redis_url, prefix,
+                                                                                           shared_engine):
+    """Three ways an abandoned request of the client's own id ran on to the end: (1) the task was cancelled while
+    the XADD's reply was on its way (the request was in the stream, the client thought it unsent); (2) a ``break``
+    out of ``async for ... in ac.stream()`` with the ``AsyncClient`` closed right after (the stream's inner
+    generator was finalized by the event loop later, after the client's connections were gone); (3) the client
+    closed (``aclose()``) with its calls still waiting. Each is cancelled now, before the call or ``aclose()``
+    returns; a call still waiting on a closed client says so."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient, Client
+
+    params = {"max_tokens": 1500, "ignore_eos": True}
+
+    async def reply_late_then_abandon() -> str:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            applied = ac.r.xadd
+
+            sent: list[str] = []
+
+            async def late_reply(stream, fields, *a, **k):  # Redis applies the XADD; its reply comes late
+                entry = await applied(stream, fields, *a, **k)
+                sent.append(json.loads(fields["body"])["id"])
+                await asyncio.sleep(0.5)
+                return entry
+
+            ac.r.xadd = late_reply
+
+            async def handler():
+                async for _ in ac.stream("x", params=params):
+                    pass
+
+            task = asyncio.create_task(handler())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        (rid,) = sent
+        return rid
+
+    async def break_then_close() -> str:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            async for ev in ac.stream("x", params=params):
+                if ev.seq >= 2:
+                    rid = ev.id
+                    break
+        return rid
+
+    async def close_while_waiting() -> tuple[str, BaseException]:
+        ac = AsyncClient(redis_url, prefix=prefix)
+        first: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def consume():
+            async for ev in ac.stream("x", params=params):
+                if not first.done():
+                    first.set_result(ev.id)
+
+        task = asyncio.create_task(consume())
+        rid = await first
+        await ac.aclose()
+        with pytest.raises(RuntimeError, match="closed") as closed:
+            await asyncio.wait_for(task, 30)
+        return rid, closed.value
+
+    keys = Keys(prefix)
+    with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine), \
+            redis.Redis.from_url(redis_url) as r:
+        late = asyncio.run(reply_late_then_abandon())
+        broke = asyncio.run(break_then_close())
+        assert r.exists(keys.cancelled(broke)), "not cancelled before the client closed"
+        closed_rid, _ = asyncio.run(close_while_waiting())
+        assert r.exists(keys.cancelled(closed_rid)), "not cancelled by aclose()"
+        for rid in (late, broke, closed_rid):
+            out = c.wait(rid, timeout=120).outputs[0]
+            assert out.finish_reason == "cancelled" and len(out.token_ids) < 1500, (rid, out.finish_reason)
+
+
+def test_wait_arguments_are_checked_before_sending_and_a_resumed_stream_checks_for_a_worker(redis_url, prefix):
+    """``pickup_timeout="2"`` failed deep in the wait after the request had gone out, NaN turned the check off,
+    -1 gave up at once ("after -1 s"); keywords of a new request given with ``after=`` were dropped silently, and
+    a resumed stream ignored ``pickup_timeout``. A sync call waiting while another thread closes its client got
+    redis-py's ``ValueError`` from a closed socket."""
+    import math
+    import threading
+    import time
+
+    from pagedserve.service.client import AsyncClient, Client, NoWorker
+
+    keys = Keys(prefix)
+    with Client(redis_url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
+        for name, value in (("pickup_timeout", "2"), ("pickup_timeout", math.nan), ("pickup_timeout", -1),
+                            ("timeout", 0), ("timeout", True), ("timeout", "60")):
+            for call in (lambda: c.generate("x", **{name: value}), lambda: next(c.stream("x", **{name: value}))):
+                with pytest.raises(ValueError, match=f"^{name} must be a number of seconds > 0"):
+                    call()
+        assert r.xlen(keys.requests) == 0  # nothing was sent
+        rid = c.submit("x")  # queued: no worker on this prefix
+        with pytest.raises(TypeError, match="params describe a new one"):
+            next(c.stream(rid, after=0, params={"max_tokens": 4}))
+        with pytest.raises(NoWorker, match="after 1 s"):
+            list(c.stream(rid, after=0, pickup_timeout=1, timeout=30))
+
+        async def resumed() -> None:
+            async with AsyncClient(redis_url, prefix=prefix) as ac:
+                with pytest.raises(NoWorker):
+                    async for _ in ac.stream(rid, after=0, pickup_timeout=1, timeout=30):
+                        pass
+
+        asyncio.run(resumed())
+
+    waiting = Client(redis_url, prefix=prefix)
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            waiting.wait(rid, timeout=60)
+        except BaseException as e:
+            failed.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.5)
+    waiting.close()
+    t.join(30)
+    assert not t.is_alive() and len(failed) == 1 and isinstance(failed[0], RuntimeError), failed
+    assert "closed" in str(failed[0])
+
+
 def test_a_cancel_caught_before_the_call_is_not_raised_again(redis_url, prefix, shared_engine):
     """Code that caught a CancelledError without ``uncancel()`` then calls the client: that old cancel is not
     the call's, so the call runs (it raised at once, and the abandonment then marked the unsent id cancelled)."""
