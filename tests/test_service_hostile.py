@@ -95,17 +95,28 @@ def hostile_env(redis_url, shared_engine):
     r.close()
 
 
+class _Pairs(list):
+    """A JSON object's key-value pairs, in order (``object_pairs_hook``)."""
+
+
 def _expected_id(body: bytes | None) -> str | None:
-    """The id an error result would be stored under, if the body carries a usable one."""
-    if body is None or len(body) > MAX_BYTES:
+    """The id an error result would be stored under, if the body carries a usable one. A body over the size limit
+    is not parsed by the worker: it is answered only when its id is its first key, its only ``"id"``, and no
+    escape could spell another."""
+    if body is None:
         return None
     try:
-        data = json.loads(body.decode("utf-8"))
+        pairs = json.loads(body.decode("utf-8"), object_pairs_hook=_Pairs)
     except (ValueError, RecursionError):
         return None
-    if isinstance(data, dict) and valid_id(data.get("id")):
-        return data["id"]
-    return None
+    if not isinstance(pairs, _Pairs) or not pairs:
+        return None
+    data = dict(pairs)
+    if not valid_id(data.get("id")):
+        return None
+    if len(body) > MAX_BYTES and (pairs[0][0] != "id" or body.count(b'"id"') != 1 or b"\\u" in body):
+        return None
+    return data["id"]
 
 
 def _dead_entry_ids(r, keys) -> dict[str, DeadLetter]:
