@@ -91,7 +91,10 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption_mode: str, cost: PreemptionCost) -> None:
         self.bm = block_manager
-        self.max_num_seqs = max_num_seqs
+        # A running sequence takes a token of every step's budget; more of them than the budget holds would not
+        # all step, and worse-priority decodes could take a whole step's budget from a better request queued
+        # behind them (the slots it may preempt for are what keeps priorities: there must be no more of them).
+        self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
         self.cost = cost

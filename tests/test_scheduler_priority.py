@@ -15,7 +15,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.engine.block_manager import BlockManager
@@ -99,10 +99,12 @@ def _run(sim, arrivals, max_steps=3000):
             if head.request_id not in streak:
                 # Worse running requests are preempted for the head's blocks and sequence slots, but they keep
                 # the token budget of a step they run in: their prompts still to prefill bound the wait. A prompt
-                # prefills at the budget the others' decode tokens leave (one per other running sequence).
+                # prefills at the budget the others' decode tokens leave (one per other running sequence, worse
+                # or not).
                 worse_seqs = [s for r in worse for s in r.unfinished_seqs()]
                 left = sum(s.num_tokens - s.num_computed_tokens for s in worse_seqs)
-                rate = max(1, sim.sched.max_num_batched_tokens - (len(worse_seqs) - 1))
+                running = sum(len(item.request.unfinished_seqs()) for item in out.scheduled)
+                rate = max(1, sim.sched.max_num_batched_tokens - (running - 1))
                 allowed[head.request_id] = math.ceil(left / rate) + 2
                 streak = {head.request_id: 0}
             streak[head.request_id] += 1
@@ -114,6 +116,11 @@ def _run(sim, arrivals, max_steps=3000):
 
 
 @settings(max_examples=200, deadline=None)
+# Found by hypothesis: more running sequences than a step's token budget, whose worse-priority decodes took every
+# step's budget from a better request queued behind them (the scheduler now runs at most that many sequences);
+# and a worse prompt prefilling beside a decode of equal priority (the bound counts every running decode).
+@example(seed=171678, mode="swap", num_blocks=19, max_num_seqs=5, budget=4, caching=False, swap_is_cheap=False)
+@example(seed=19804, mode="swap", num_blocks=9, max_num_seqs=3, budget=4, caching=False, swap_is_cheap=False)
 @given(seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(MODES), num_blocks=st.integers(6, 24),
        max_num_seqs=st.integers(1, 5), budget=st.integers(4, 40), caching=st.booleans(),
        swap_is_cheap=st.booleans())
