@@ -24,7 +24,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -75,16 +74,6 @@ def _client(app: Celery):
         if c is None:
             c = _clients[key] = Client(settings=s)
         return c
-
-
-def _seconds(name: str, value: Any) -> float | None:
-    """A task's seconds argument (None: no limit). Checked before anything is sent, or a bad one would fail the
-    task after its request had gone out."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds (got {value!r})")
-    return float(value)
 
 
 def _task_request(own_id: str, prompt: Any, *, params: Any, id: Any, metadata: Any, settings: Settings, **kw: Any):
@@ -211,15 +200,14 @@ def _register(app: Celery) -> None:
         ``TimeoutError`` when no result came in time (the request may still complete: same id, same result),
         ``NoWorker`` (a ``TimeoutError``) after ``pickup_timeout`` s unheard of with no live pagedserve worker;
         ``SoftTimeLimitExceeded``/``TimeLimitExceeded``/``Terminated`` when given up (its own request cancelled)."""
-        from .client_core import first_terminal
+        from .client_core import check_seconds, first_terminal
         from .protocol import refusal_message
 
         started = time.monotonic()  # the time limits count from the start of the run, as Celery's
         c = _client(app)
         own_id = f"celery-{self.request.id}"
         try:
-            timeout = _seconds("timeout", timeout)
-            pickup_timeout = _seconds("pickup_timeout", pickup_timeout)
+            check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
             req = _task_request(own_id, prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
                                 id=id, priority=priority, deadline_ms=deadline_ms, metadata=metadata, stream=False,
                                 settings=c.settings)
