@@ -133,20 +133,19 @@ def test_a_restarted_worker_waiting_for_its_name_is_alive_but_not_ready(tmp_path
     assert json.loads(waiting[-1][1][1])["started"] is False
 
 
-def test_a_second_live_worker_under_the_same_name_says_how_to_name_it(tmp_path, redis_url, prefix):
+def test_a_second_live_worker_under_the_same_name_says_how_to_name_it(redis_url, prefix, shared_engine, capfd):
+    """It waited silently, then named only PAGEDSERVE_WORKER_NAME; the CLI's option is --name."""
+    import pytest
+
+    from pagedserve.service.worker import Worker
+
     name = f"twin-{prefix}"
-    first = WorkerProcess(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), tmp_path / "1.log")
-    second = WorkerProcess(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), tmp_path / "2.log")
-    try:
-        first.start().wait_started()
-        second.start()
-        assert second.proc.wait(timeout=120) == 1
-        (waiting,) = [e for e in second.events() if e.get("event") == "consumer_name_in_use_waiting"]
-        assert waiting["wait_s"] == 3.0 and "--name" in waiting["note"]
-        last = second.log_path.read_text().strip().splitlines()[-1]
-        assert "held by another live worker" in last and "pagedserve worker --name NAME" in last, last
-        assert "Traceback" not in second.log_path.read_text()
-        assert first.proc.poll() is None
-    finally:
-        first.close()
-        second.close()
+    with running_worker(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), shared_engine):
+        second = Worker(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), shared_engine)
+        with pytest.raises(RuntimeError) as ended:
+            second.run()
+    assert "held by another live worker" in str(ended.value) and "pagedserve worker --name NAME" in str(ended.value)
+    captured = capfd.readouterr()  # the log goes where structlog was set up to write: stdout unless configured
+    (waiting,) = [line for line in (captured.out + captured.err).splitlines()
+                  if "consumer_name_in_use_waiting" in line]
+    assert "wait_s=3.0" in waiting and "--name" in waiting, waiting
