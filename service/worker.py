@@ -202,12 +202,17 @@ class Worker(WorkerPart):
             self.log.warning("unknown_setting", name=name, did_you_mean=likely, note="ignored: nothing reads it")
         self.check_credentials()
         self.start_health()
-        engine = self.engine  # load the model before taking any work
-        self._engine_stats()  # the KV pool's size and an empty engine from the start, not from the first step
         try:
-            self.conn.setup()  # group and subscriptions exist once "worker_started" is logged
-        except REDIS_DOWN + REDIS_REFUSED as e:
-            self.conn.failed(e)  # not fatal: the loop retries with backoff
+            engine = self.engine  # load the model before taking any work
+            self._engine_stats()  # the KV pool's size and an empty engine from the start, not from the first step
+            try:
+                self.conn.setup()  # group and subscriptions exist once "worker_started" is logged
+            except REDIS_DOWN + REDIS_REFUSED as e:
+                self.conn.failed(e)  # not fatal: the loop retries with backoff
+        except BaseException:  # a start that fails (the model, a consumer name held by a live worker) serves nothing
+            if self.health is not None:
+                self.health.stop()
+            raise
         self.log.info(
             "worker_started",
             model=engine.model_name,
@@ -332,18 +337,19 @@ class Worker(WorkerPart):
         self.intake.queue_stats()
 
     def _check_if_away(self) -> None:
-        """When no renewal has succeeded for a while (the process was paused, Redis down, a renewal thread
-        starved), entries and ids may be another worker's now: renew here and give up what was lost before
-        anything buffered goes out or a cancel is acted on, so a run taken over gets no more tokens from here
-        and a cancel ends no run that is another's."""
+        """Give up the runs whose entries or ids another worker holds now, before anything buffered goes out or a
+        cancel is acted on, so a run taken over gets no more tokens from here and a cancel ends no run that is
+        another's. When no renewal has succeeded for a while (the process was paused, Redis down, a renewal
+        thread starved), renew here first: what was lost is not known yet."""
         if self.leases.thread.overdue() or self.claims.thread.overdue():
             try:
                 self.leases.thread.tick_now(self.r)
                 self.claims.thread.tick_now(self.r)
             except redis.ResponseError:  # refused (maxmemory, ACL): not known yet; the next iteration asks again
                 pass
-            self.running.lose(self.leases.take_lost())
-            self.admission.give_up_lost()
+        # Whoever found them (this tick, or a renewal thread that ran first after the pause), before any flush.
+        self.running.lose(self.leases.take_lost())
+        self.admission.give_up_lost()
 
     def _step(self) -> None:
         self._stats_idle = False  # whatever the step does (a failed one too) changes what the engine holds

@@ -148,4 +148,5 @@ def test_a_second_live_worker_under_the_same_name_says_how_to_name_it(redis_url,
     captured = capfd.readouterr()  # the log goes where structlog was set up to write: stdout unless configured
     (waiting,) = [line for line in (captured.out + captured.err).splitlines()
                   if "consumer_name_in_use_waiting" in line]
-    assert "wait_s=3.0" in waiting and "--name" in waiting, waiting
+    assert ("wait_s=3.0" in waiting or '"wait_s": 3.0' in waiting) and "--name" in waiting, waiting  # console or JSON
+    assert second.health is None or second.health.server.socket.fileno() == -1  # its health server went with it

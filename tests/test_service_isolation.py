@@ -47,10 +47,10 @@ def test_sampling_failure_of_one_request_ends_it_alone(env):
     s, r, keys, engine = env
     real_sampler = engine.sampler
 
-    def sampler(logits, seqs, params):
+    def sampler(logits, seqs, params, held=None):
         if any(p.seed == CULPRIT_SEED for p in params):
             raise FloatingPointError("injected: this request's sampling overflows")
-        return real_sampler(logits, seqs, params)
+        return real_sampler(logits, seqs, params, held)
 
     engine.sampler = sampler
     try:
