@@ -314,6 +314,15 @@ def test_the_deadline_holds_while_token_events_keep_coming():
     assert emitted == 4  # the event that crossed the deadline is the last one handed out
 
 
+async def _cancelled_after(coro, seconds: float) -> None:
+    """Run ``coro`` as a task and cancel it after ``seconds`` (a web framework's disconnect), as the caller sees it."""
+    task = asyncio.create_task(coro)
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, shared_engine):
     """Closing a stream before its end, or cancelling the task awaiting ``generate``/``stream``, cancels the
     request it sent under an id of its own making (nobody else can wait for it, nobody will read it; vLLM and the
@@ -343,11 +352,7 @@ def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, share
                     async for _ in ac.stream("x", timeout=120, **kw):
                         pass
 
-            task = asyncio.create_task(consume())
-            await asyncio.sleep(1.0)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _cancelled_after(consume(), 1.0)
 
     with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine):
         events = c.stream("x", params=params, timeout=120)
@@ -403,11 +408,7 @@ def test_an_abandoned_request_is_cancelled_whatever_the_moment_and_however_the_c
                 async for _ in ac.stream("x", params=params):
                     pass
 
-            task = asyncio.create_task(handler())
-            await asyncio.sleep(0.2)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _cancelled_after(handler(), 0.2)
         (rid,) = sent
         return rid
 

@@ -63,7 +63,9 @@ def test_an_otlp_collector_that_never_answers_does_not_hold_up_the_exit(tmp_path
         finally:
             w.close()
     assert rc == 0, w.log_path.read_text()[-2000:]
-    assert took < s.grace_period_s + 4, f"exit took {took:.1f} s after SIGTERM"
+    # Unbounded it took 10-30 s; bounded: the grace, ~2 s of flush, and the interpreter's exit (torch's teardown
+    # alone takes 1-2 s on a busy 2-core machine: 4.3-5.3 s in all were seen there).
+    assert took < s.grace_period_s + 6, f"exit took {took:.1f} s after SIGTERM"
 
 
 def test_the_engine_gauges_are_right_before_the_first_request_and_after_a_cancel(redis_url, prefix, shared_engine):
