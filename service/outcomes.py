@@ -28,7 +28,7 @@ from .context import WorkerContext, WorkerPart
 from .inflight import InFlight
 from .protocol import DeadLetter, ErrorEvent, ErrorInfo, GenerateRequest
 from .publisher import Publisher
-from .results import done_event, empty_done
+from .results import done_before_start, done_event
 from .telemetry import request_logger
 
 
@@ -126,8 +126,8 @@ class Outcomes(WorkerPart):
     ) -> None:
         """A request that ends before reaching the engine (cancelled before pick-up, or before a takeover went on
         with it): ``done``, with the outputs empty or as far as an earlier run streamed them (``handed_out``)."""
-        ev = empty_done(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata, handed_out,
-                        prompt_tokens)
+        ev = done_before_start(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata, handed_out,
+                               prompt_tokens)
         self._terminal(req.id, ev.model_dump_json().encode(), entry_ids)
         self.metrics.requests.labels(outcome=reason).inc()
         log.info("request_finished", finish_reason=reason, before_start=True)

@@ -79,7 +79,7 @@ def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: di
     )
 
 
-def empty_done(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict, handed_out: Any = None,
+def done_before_start(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict, handed_out: Any = None,
                prompt_tokens: int = 0) -> DoneEvent:
     """A request that ended before reaching the engine (cancelled before pick-up): empty outputs, or, for one
     taken over from a worker that died mid-generation, what its events stream says that worker handed out
