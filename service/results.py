@@ -80,7 +80,7 @@ def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: di
 
 
 def done_before_start(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict, handed_out: Any = None,
-               prompt_tokens: int = 0) -> DoneEvent:
+                      prompt_tokens: int = 0) -> DoneEvent:
     """A request that ended before reaching the engine (cancelled before pick-up): empty outputs, or, for one
     taken over from a worker that died mid-generation, what its events stream says that worker handed out
     (``handed_out``: resume.py's ``Emitted``), so that the done text is still the streamed deltas joined."""
