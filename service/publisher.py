@@ -17,12 +17,13 @@ pub/sub channel (``out:{id}``, for consumers that only listen). The events key g
 event here (``PEXPIRE``, the result TTL, renewed every half TTL while the request runs), so nothing is left
 behind when every worker dies; lua/finish.lua appends the terminal event and sets the same expiry as the result.
 
-If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent
-(SET NX, XACK, XDEL; a dead letter is written only while its entry is pending; a token event appended twice
-has the same ``seq`` twice, which readers skip), except the PUBLISH of a token event, which is not repeated
-(pub/sub is at-most-once anyway). Of a token event Redis refused in part (under ``maxmemory`` PUBLISH goes
-through and XADD does not), only what was refused is sent again. Token events of a request given up to another worker are dropped
-(:meth:`Publisher.forget`): the new owner continues from what the stream holds.
+If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent (SET NX,
+XACK, XDEL; a terminal script finding its own event stored publishes nothing again; a dead letter is written only
+while its entry is pending; a token event appended twice has the same ``seq`` twice, which readers skip), except
+the PUBLISH of a token event, which is not repeated (pub/sub is at-most-once anyway). Of a token event Redis
+refused in part (under ``maxmemory`` PUBLISH goes through and XADD does not), only what was refused is sent again.
+Token events of a request given up to another worker are dropped (:meth:`Publisher.forget`): the new owner
+continues from what the stream holds.
 
 Invariants:
 - an entry is acknowledged only in the same script that stored its terminal event (or wrote its dead

@@ -229,3 +229,39 @@ def test_the_finish_script_acknowledges_thousands_of_entries_of_one_id(redis_url
     finally:
         r.delete(keys.requests, keys.result(rid), keys.events(rid))
         r.close()
+
+
+def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix):
+    """The publisher sends a finish script again when its reply was lost (a broken connection, a timeout): the
+    script had run, so the stored event is its own and was published then. Publishing it again made subscribers
+    see two terminal events of one run (the fault campaign's "same id ran twice"). A worker that lost the race
+    with another run's event still publishes the stored one, so every subscriber ends on the same event."""
+    from pagedserve.service.scripts import source
+
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    rid = "sent-twice"
+    sub = r.pubsub()
+    try:
+        sub.subscribe(keys.out(rid))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"  # listening before anything is published
+        r.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+        entry = r.xadd(keys.requests, {"body": _body(rid, 4, 1)}).decode()
+        r.xreadgroup(keys.group, "c", {keys.requests: ">"})
+        finish = r.register_script(source("finish"))
+        mine = json.dumps({"type": "done", "id": rid, "metrics": {"e2e_ms": 1.5}})
+        other = json.dumps({"type": "done", "id": rid, "metrics": {"e2e_ms": 9.5}})
+        run = lambda event: finish(keys=[keys.result(rid), keys.requests, keys.events(rid)],  # noqa: E731
+                                   args=[keys.group, keys.out(rid), event, 60, entry])
+        assert (run(mine), run(mine), run(other)) == (1, 0, 0)
+
+        published = []
+        while (m := sub.get_message(timeout=0.5)) is not None:
+            published.append(m["data"] if m["type"] == "message" else m)
+        assert published == [mine.encode(), mine.encode()], published  # the first run, then the race loser's
+        assert r.xlen(keys.events(rid)) == 1 and r.get(keys.result(rid)) == mine.encode()
+        assert r.xpending(keys.requests, keys.group)["pending"] == 0
+    finally:
+        sub.close()
+        r.delete(keys.requests, keys.result(rid), keys.events(rid))
+        r.close()

@@ -6,6 +6,8 @@
 -- a later command, the entry stays pending with its result stored, never the other way round.
 -- First writer wins (SET NX): a worker that lost a race on a reclaimed entry publishes the stored event, so
 -- every subscriber sees the same terminal event (the winner already appended it to the events stream).
+-- The same event found stored is this very script sent again (its reply was lost to a broken connection or a
+-- timeout, and the publisher repeats what it cannot know was applied): it was published then, not again now.
 -- The events stream expires with the result: a client reading it from its last entry finds the end there.
 -- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
@@ -14,6 +16,9 @@ local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4])
 local event = ARGV[3]
 if not stored then
   event = redis.call('GET', KEYS[1])
+  if event == ARGV[3] then
+    event = false
+  end
 end
 if event then
   redis.call('PUBLISH', ARGV[2], event)
