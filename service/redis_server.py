@@ -1,14 +1,20 @@
 """A throwaway local ``redis-server`` subprocess on a free port (``pagedserve demo``, benchmarks, tests).
 
 It is started without persistence in a private temporary directory, in a session of its own (a Ctrl-C meant for
-its owner does not reach it), and stopped (by its own pid) on exit.
+its owner does not reach it), and stopped (by its own pid) on exit. On Linux it is also asked to end with the
+thread that started it (``PR_SET_PDEATHSIG``), so an owner killed outright (SIGKILL, the OOM killer) leaves no
+server behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -19,6 +25,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _end_with_owner():
+    """A ``preexec_fn`` that has the kernel send SIGTERM to the child when its owner dies (Linux), or None.
+
+    Resolved before the fork: the child only calls a function pointer already at hand."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
 
 
 class LocalRedis:
@@ -46,7 +66,7 @@ class LocalRedis:
         # died with it would fail its owner's last writes (a worker handing entries back, clients cancelling)
         # while the owner shuts down; the owner stops it, on its way out.
         self.proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_end_with_owner())
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -118,6 +119,37 @@ def test_a_local_redis_is_out_of_reach_of_its_owners_ctrl_c():
         assert os.getsid(server.proc.pid) != os.getsid(0) and os.getpgid(server.proc.pid) != os.getpgid(0)
     finally:
         server.stop()
+
+
+def test_a_local_redis_ends_with_an_owner_killed_outright(tmp_path):
+    """``pagedserve demo`` or ``bench`` SIGKILLed (or taken by the OOM killer) runs no cleanup: the redis-server it
+    started must not outlive it, holding its port and memory (it did, for good)."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "from pagedserve.service.redis_server import LocalRedis\n"
+         "import time\nr = LocalRedis().start()\nprint(r.proc.pid, flush=True)\ntime.sleep(600)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(owner.stdout.readline())
+        os.kill(server_pid, 0)  # running
+        owner.kill()
+        owner.wait(10)
+        end = time.monotonic() + 15
+        while time.monotonic() < end and _alive(server_pid):
+            time.sleep(0.1)
+        if _alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+            pytest.fail("redis-server outlived its SIGKILLed owner")
+    finally:
+        owner.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running (an exited child of a dead owner is a zombie until init reaps it: that counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
