@@ -450,6 +450,12 @@ class Admission(WorkerPart):
             next_seq=dict(job.next_seq),
         ))
 
+    def unstarted(self) -> int:
+        """Sequences this worker holds entries of but has not started: grammars compiling (``n`` each) and ids
+        waiting for another worker's run (one each). They take room as running ones do, so that a worker never
+        holds more pending entries than it has room for (intake.py)."""
+        return sum(job.params.num_samples for job in self.compiling.values()) + len(self.waiting)
+
     def follow_compiles(self) -> None:
         """Start the entries whose grammar is compiled; answer those whose compile failed or timed out."""
         if not self.compiling:

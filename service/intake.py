@@ -3,8 +3,9 @@ new ones), cancel messages, and the queue gauges. Reading only: what to do with 
 loop's business.
 
 Invariants:
-- a worker never reads more entries than it has room for (``count=room``), so an entry it holds unstarted
-  waits in the stream, where any worker with room can take it;
+- a worker never reads more entries than it has room for (``count=room``; room is what the engine may still
+  take less what the worker holds unstarted: grammars compiling, ids waiting on another worker's run), so an
+  entry it could not start yet waits in the stream, where any worker with room can take it;
 - after every (re)connect a worker first drains its own pending entries that it does not hold (a previous
   life of this consumer died holding them, or Redis delivered them just before the connection broke and the
   reply never arrived), then reads new ones (``>``); the entries it holds are not delivered again, so each

@@ -324,17 +324,22 @@ class Worker(WorkerPart):
         self.running.mark_gone(self.leases.take_gone())
         self.admission.follow_claims()
         if not self._stop.is_set():
-            self.batches.tick(self.running.room())  # batch lines join the stream only when the room is there
-            room = self.running.room()
+            self.batches.tick(self._room())  # batch lines join the stream only when the room is there
+            room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []
             if claimed:
                 self.admission.admit(claimed, redelivered=True)
-                room = self.running.room()
+                room = self._room()
             if room > 0:
                 entries, redelivered = self.intake.read(room, block)
                 if entries:
                     self.admission.admit(entries, redelivered)
         self.intake.queue_stats()
+
+    def _room(self) -> int:
+        """Sequences the engine may still take, less those held here unstarted (compiling, waiting on another
+        worker's run): what this worker may still read."""
+        return max(0, self.running.room() - self.admission.unstarted())
 
     def _check_if_away(self) -> None:
         """Give up the runs whose entries or ids another worker holds now, before anything buffered goes out or a

@@ -265,3 +265,41 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
         sub.close()
         r.delete(keys.requests, keys.result(rid), keys.events(rid))
         r.close()
+
+
+def test_entries_waiting_for_another_workers_run_take_room(redis_url, prefix, shared_engine):
+    """An entry whose id another worker runs waits here, pending, until that run's result appears. It took no
+    room: a worker kept reading (every claim held elsewhere, or refused by Redis) and pulled the whole stream
+    into its pending list, where no idle worker could take it. Held unstarted, each takes room like a running
+    request: the worker holds at most ``max_num_seqs`` entries; a request behind them stays in the stream until
+    the owner's results free the room, then runs here."""
+    from service_fixtures import running_worker
+
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    held = [f"held-{i}" for i in range(10)]
+    for rid in held:  # another (live) worker runs these ids
+        r.set(keys.running(rid), "other-worker:0123456789ab", px=120_000)
+    pipe = r.pipeline(transaction=False)
+    for rid in held:
+        pipe.xadd(keys.requests, {"body": _body(rid, 4, 1)})
+    pipe.execute()
+    free = r.xadd(keys.requests, {"body": _body("free", 4, 1)}).decode()
+    s = make_settings(redis_url, prefix, max_num_seqs=4)
+    try:
+        with running_worker(s, shared_engine):
+            wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] >= 4, 30, 0.05, "entries read")
+            time.sleep(1.0)  # several loop iterations, each with room to fill if waiting took none
+            pending = r.xpending(keys.requests, keys.group)["pending"]
+            assert pending == 4, f"{pending} entries pending on a worker with room for 4"
+            assert r.get(keys.result("free")) is None and free not in {
+                p["message_id"].decode() for p in r.xpending_range(keys.requests, keys.group, "-", "+", 100)}
+
+            for rid in held:  # the owner's results appear; its claims go
+                r.set(keys.result(rid), json.dumps({"type": "done", "id": rid, "outputs": []}), ex=60)
+                r.delete(keys.running(rid))
+            wait_for(lambda: r.get(keys.result("free")) is not None, 60, 0.05, "the free request's result")
+            wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, 0.05, "every entry acked")
+            assert parse_terminal(r.get(keys.result("free"))).type == "done"
+    finally:
+        r.close()
