@@ -20,10 +20,10 @@ behind when every worker dies; lua/finish.lua appends the terminal event and set
 If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent (SET NX,
 XACK, XDEL; a terminal script finding its own event stored publishes nothing again; a dead letter is written only
 while its entry is pending; a token event appended twice has the same ``seq`` twice, which readers skip), except
-the PUBLISH of a token event, which is not repeated (pub/sub is at-most-once anyway). Of a token event Redis
-refused in part (under ``maxmemory`` PUBLISH goes through and XADD does not), only what was refused is sent again.
-Token events of a request given up to another worker are dropped (:meth:`Publisher.forget`): the new owner
-continues from what the stream holds.
+the PUBLISH of a token event, which is not repeated (pub/sub is at-most-once anyway), nor the re-publication of a
+stored result. Of a token event Redis refused in part (under ``maxmemory`` PUBLISH goes through and XADD does not),
+only what was refused is sent again. Token events of a request given up to another worker are dropped
+(:meth:`Publisher.forget`): the new owner continues from what the stream holds.
 
 Invariants:
 - an entry is acknowledged only in the same script that stored its terminal event (or wrote its dead
@@ -186,10 +186,10 @@ class Publisher(WorkerPart):
                     replies = pipe.execute(raise_on_error=False)
                 except Exception:
                     # Unknown how much was applied: keep it all (every op is safe to repeat), but publish no
-                    # token event twice.
+                    # event twice (pub/sub is at most once; a client reads the stored result anyway).
                     for op in batch:
                         op.published = True
-                    kept.extend(batch)
+                    kept.extend(op for op in batch if op.kind != "publish")
                     i += len(batch)
                     raise
                 i += len(batch)

@@ -303,3 +303,60 @@ def test_entries_waiting_for_another_workers_run_take_room(redis_url, prefix, sh
             assert parse_terminal(r.get(keys.result("free"))).type == "done"
     finally:
         r.close()
+
+
+def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, prefix):
+    """The publisher sends a flush again when its replies never came (a socket timeout, a broken connection),
+    not knowing what Redis applied. A busy Redis applies a flush only after the worker's socket timed out: the terminal script and the re-publication of a stored result (a redelivered id) were applied, and the
+    flush sent again published both a second time."""
+    from pagedserve.service.connection import redis_client
+    from pagedserve.service.context import WorkerContext
+    from pagedserve.service.metrics import WorkerMetrics
+    from pagedserve.service.publisher import Publisher
+    from pagedserve.service.telemetry import get_logger, get_tracer
+
+    admin = redis.Redis.from_url(redis_url)
+    worker_side = redis_client(redis_url, timeout=0.3)  # the worker's own kind of client (no silent retry)
+    keys = Keys(prefix)
+    ctx = WorkerContext(settings=make_settings(redis_url, prefix), keys=keys, consumer="c", metrics=WorkerMetrics(),
+                        tracer=get_tracer(), log=get_logger(), new_client=lambda: redis.Redis.from_url(redis_url))
+    publisher = Publisher(ctx)
+    sub = admin.pubsub()
+    try:
+        sub.psubscribe(f"{prefix}:out:*")
+        assert sub.get_message(timeout=5)["type"] == "psubscribe"
+        admin.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+        finished, redelivered = (admin.xadd(keys.requests, {"body": _body(rid, 4, 1)}).decode()
+                                 for rid in ("finished", "redelivered"))
+        admin.xreadgroup(keys.group, "c", {keys.requests: ">"})
+        earlier = json.dumps({"type": "done", "id": "redelivered"}).encode()
+        admin.set(keys.result("redelivered"), earlier)
+        publisher.terminal("finished", json.dumps({"type": "done", "id": "finished"}).encode(), [finished])
+        publisher.publish("redelivered", earlier)
+        publisher.ack([redelivered])
+
+        # Redis busy for a second: the flush waits in its socket and is applied after its reader gave up.
+        worker_side.ping()  # connected before: the handshake would time out instead, and nothing be sent
+        busy = threading.Thread(target=lambda: redis.Redis.from_url(redis_url).eval(
+            "local t = redis.call('TIME') repeat local n = redis.call('TIME') "
+            "until (n[1] - t[1]) * 1000000 + n[2] - t[2] > 1000000", 0))
+        busy.start()
+        time.sleep(0.2)
+        with pytest.raises(redis.TimeoutError):
+            publisher.flush(worker_side)
+        busy.join()
+        wait_for(lambda: admin.xpending(keys.requests, keys.group)["pending"] == 0, 10, 0.05, "the late flush")
+        assert publisher.buffered() > 0  # not known to be applied: kept
+        publisher.flush(worker_side)
+        assert publisher.buffered() == 0
+
+        published = collections.Counter()
+        while (m := sub.get_message(timeout=0.5)) is not None:
+            published[m["channel"].decode().rsplit(":", 1)[-1]] += 1
+        assert published == {"finished": 1, "redelivered": 1}, published
+        assert admin.xlen(keys.events("finished")) == 1
+    finally:
+        sub.close()
+        worker_side.close()
+        admin.delete(keys.requests, keys.result("finished"), keys.result("redelivered"), keys.events("finished"))
+        admin.close()
