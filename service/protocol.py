@@ -26,7 +26,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
     MAX_INT_DIGITS,
@@ -151,6 +152,15 @@ class StructuredOutputsModel(BaseModel):
     disable_any_whitespace: bool | None = Field(None, description="JSON kinds: compact JSON, no whitespace.")
     whitespace_pattern: str | None = Field(
         None, description="JSON kinds: a regex each run of whitespace between JSON tokens matches.")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_shape(cls, value: Any) -> Any:
+        # One message, not pydantic's one per branch of the union (``dict[str,any]``, ``str``).
+        if value is None or isinstance(value, (dict, str)):
+            return value
+        got = {bool: json.dumps(value), list: "an array"}.get(type(value), f"a {type(value).__name__}")
+        raise ValueError(f"must be a JSON Schema object or its JSON text (got {got})")
 
     @property
     def kind(self) -> str | None:

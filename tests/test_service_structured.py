@@ -74,6 +74,9 @@ def test_round_trip_json_regex_choice(setup):
     ({"regex": "a", "choice": ["a"]}, "params.structured_outputs must set exactly one of"),
     ({"choice": "a,b"}, "params.structured_outputs.choice"),
     ({"jsn": {}}, "params.structured_outputs.jsn"),
+    # one message of ours, not pydantic's two for the union's branches (dict[str,any], str)
+    ({"json": False}, "params.structured_outputs.json: must be a JSON Schema object or its JSON text (got false)"),
+    ({"json": [1, 2]}, "params.structured_outputs.json: must be a JSON Schema object or its JSON text (got an array)"),
     # compiles, then fails at its first mask: ended with the engine's error, still the request's own
     ({"regex": "(a{1000}){1000}"}, "params.structured_outputs could not be followed while generating"),
 ])
