@@ -36,6 +36,11 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
 _ACCEPTED = {"model", "user", "messages", "prompt", "max_completion_tokens", "logprobs", "top_logprobs",
              "response_format", "stream", "best_of", "echo", *_SAME_NAME}
 _STATUS_OF_CODE = {"invalid_request": 400, "prompt_too_long": 400, "overloaded": 503, "internal": 500}
+# A worker's refusal starts with the request field it is about (``params.temperature ...``, ``prompt has ...``);
+# the error body's ``param`` names it as the line's body does.
+_LEADING_FIELD = re.compile(r"(?:params\.)?([a-z_]+)\b")
+_BODY_NAME = {"structured_outputs": "response_format", "messages": "messages", "prompt": "prompt",
+              **{name: name for name in _SAME_NAME}}
 
 
 class LineError(ValueError):
@@ -317,6 +322,13 @@ def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | Non
             "text_offset": None}
 
 
+def _param(message: str, url: str) -> str | None:
+    """The body field a worker's error message is about, or None."""
+    m = _LEADING_FIELD.match(message)
+    name = _BODY_NAME.get(m.group(1)) if m else None
+    return "messages" if name == "prompt" and url == "/v1/chat/completions" else name
+
+
 def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
@@ -327,8 +339,8 @@ def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, boo
     top_logprobs = int(md.get("top_logprobs") or 0)
     bid, line_no, cid, url = md["batch_id"], int(md["line"]), md["custom_id"], md["url"]
     if isinstance(event, ErrorEvent):
-        body = {"error": {"message": event.error.message, "type": event.error.code, "param": None,
-                          "code": event.error.code}}
+        body = {"error": {"message": event.error.message, "type": event.error.code,
+                          "param": _param(event.error.message, url), "code": event.error.code}}
         return line_no, {"id": line_id(bid, line_no), "custom_id": cid,
                          "response": {"status_code": _STATUS_OF_CODE.get(event.error.code, 500),
                                       "request_id": event.id, "body": body}, "error": None}, False

@@ -71,6 +71,8 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
         {"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}},
         b"{not json",
         chat("bad-temperature", temperature="hot"),
+        chat("bad-schema", response_format={"type": "json_schema", "json_schema": {  # refused by the worker
+            "name": "u", "schema": {"type": "array", "uniqueItems": True}}}),
     ]
     bid = submit_batch(r, prefix, jsonl(lines), input_file_id="mixed.jsonl", metadata={"team": "qa"})
     with running_worker(make_settings(redis_url, prefix), shared_engine) as w:
@@ -79,8 +81,8 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
     batch = Batch.model_validate(status)
     assert batch.status == "completed" and batch.completed_at and batch.metadata == {"team": "qa"}
     assert batch.request_counts.total == len(lines)
-    assert batch.request_counts.failed == 7 and batch.request_counts.completed == len(lines) - 7
-    assert fed == 8  # only the valid lines ran
+    assert batch.request_counts.failed == 8 and batch.request_counts.completed == len(lines) - 8
+    assert fed == 9  # only the valid lines ran
     out = list(batch_results(r, prefix, bid))
     assert len(out) == len(lines)
     by_id = {o["custom_id"]: o for o in out if o["custom_id"] is not None}
@@ -99,6 +101,9 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
         assert isinstance(json.loads(schema_out.message.content)["a"], int)
     too_long = by_id["too-long"]["response"]
     assert too_long["status_code"] == 400 and too_long["body"]["error"]["code"] == "prompt_too_long"
+    assert too_long["body"]["error"]["param"] == "prompt"  # the field, as the line's body names it
+    bad_schema = by_id["bad-schema"]["response"]["body"]["error"]
+    assert bad_schema["code"] == "invalid_request" and bad_schema["param"] == "response_format", bad_schema
     assert by_id["too-long"]["error"] is None
     errors = {o["custom_id"]: o["error"]["message"] for o in out if o["response"] is None}
     assert "max_tokens" in errors["bad-max-tokens"]
