@@ -148,8 +148,10 @@ def batch_command(
     if threads:
         import torch
 
+        from pagedserve.engine import cpu_threads
+
         torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # the worker subprocess inherits it
+        os.environ.update(cpu_threads.child_env(threads))  # the worker subprocess inherits them
     engine_kw = {"model": model, "device": device, "max_num_seqs": max_num_seqs,
                  "num_gpu_blocks": num_gpu_blocks or None, "seed": seed}
     # Token ids below the model's own vocabulary (a small model may have a few hundred).

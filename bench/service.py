@@ -272,7 +272,9 @@ def service_command(
             env.update({f"PAGEDSERVE_{k.upper()}": str(v) for k, v in s.model_dump().items() if v is not None})
             env["PAGEDSERVE_LOG_LEVEL"] = "WARNING"
             if threads > 0:
-                env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool in the worker process
+                from pagedserve.engine import cpu_threads
+
+                env.update(cpu_threads.child_env(threads))  # torch's intra-op pool in the worker process
             worker, ok = None, False
             try:
                 worker = WorkerProc(url, prefix, env)

@@ -3,8 +3,8 @@
 Read from two settings, once per process, before torch loads its OpenMP runtime (the ``pagedserve`` CLI does it
 first thing in ``worker``, ``demo`` and ``bench``):
 
-- ``PAGEDSERVE_CPU_THREADS``: intra-op threads (default: the CPU quota, i.e. the cgroup's ``cpu.max`` rounded up,
-  capped by the CPUs this process may run on);
+- ``PAGEDSERVE_CPU_THREADS``: intra-op threads (default: ``OMP_NUM_THREADS`` if the user set it, else the CPU
+  quota, i.e. the cgroup's ``cpu.max`` rounded up, capped by the CPUs this process may run on);
 - ``PAGEDSERVE_CPU_BIND``: ``auto`` (default) or ``none``: no pinning, the kernel places the threads; or a CPU
   list such as ``0-1`` or ``0,2,4-5``: one thread pinned to each of those CPUs (for cores that are this process's
   alone: Kubernetes' static CPU manager, a reserved ``docker --cpuset-cpus``).
@@ -138,10 +138,15 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
         raise ValueError(f"{ENV_SPIN} must be a whole number of microseconds >= 0 (got {raw_spin!r})")
 
     threads: int | None = None
+    named = ENV_THREADS
     if raw_threads:
         if not raw_threads.isdigit() or int(raw_threads) < 1:
             raise ValueError(f"{ENV_THREADS} must be an integer >= 1 (got {raw_threads!r})")
         threads = int(raw_threads)
+    elif environ.get("OMP_NUM_THREADS", "").strip():
+        # The user's own OpenMP count (its first level) is the count: left to the default, MKL_NUM_THREADS would
+        # be every CPU, and torch takes MKL's count over OpenMP's.
+        threads, named = int(environ["OMP_NUM_THREADS"].strip().split(",")[0]), "OMP_NUM_THREADS"
 
     if raw_bind in BIND_MODES:
         return CPUThreadPlan(threads or default_threads(cpus), None)
@@ -156,9 +161,17 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
                          f"(allowed: {list(cpus)}; got {environ.get(ENV_BIND)!r})")
     threads = threads or len(wanted)
     if threads > len(wanted):
-        raise ValueError(f"{ENV_THREADS}={threads} is more threads than the {len(wanted)} CPUs of "
+        raise ValueError(f"{named}={threads} is more threads than the {len(wanted)} CPUs of "
                          f"{ENV_BIND}={environ.get(ENV_BIND)!r} (one thread per pinned CPU)")
     return CPUThreadPlan(threads, wanted[:threads])
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """The variables that give a child process ``threads`` intra-op threads. All of them: :func:`apply` filled
+    the OpenMP and MKL counts into this process's environment, which a child inherits, and a child's own
+    ``apply`` keeps what it finds (torch takes MKL's count over OpenMP's)."""
+    n = str(threads)
+    return {ENV_THREADS: n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
 def openmp_started() -> bool:

@@ -28,6 +28,11 @@ FOUR = (0, 1, 2, 3)
     ({"PAGEDSERVE_CPU_BIND": "3,0-1"}, FOUR, CPUThreadPlan(3, (0, 1, 3))),
     ({"PAGEDSERVE_CPU_BIND": "0-3", "PAGEDSERVE_CPU_THREADS": "2"}, FOUR, CPUThreadPlan(2, (0, 1))),
     ({"PAGEDSERVE_CPU_THREADS": "8", "PAGEDSERVE_CPU_BIND": "none"}, FOUR, CPUThreadPlan(8, None)),
+    # the user's own OpenMP count is the count (MKL's too, which torch takes when both are set)
+    ({"OMP_NUM_THREADS": "1"}, FOUR, CPUThreadPlan(1, None)),
+    ({"OMP_NUM_THREADS": "3,2"}, FOUR, CPUThreadPlan(3, None)),
+    ({"OMP_NUM_THREADS": "2", "PAGEDSERVE_CPU_BIND": "1-3"}, FOUR, CPUThreadPlan(2, (1, 2))),
+    ({"OMP_NUM_THREADS": "1", "PAGEDSERVE_CPU_THREADS": "2"}, FOUR, CPUThreadPlan(2, None)),
 ])
 def test_plan_from_settings(env, cpus, plan, monkeypatch):
     monkeypatch.setattr(cpu_threads, "cgroup_cpu_quota", lambda: None)
@@ -131,6 +136,13 @@ def test_a_users_openmp_setting_wins():
     assert got["wait"] == "ACTIVE" and got["threads"] == 1
 
 
+def test_a_users_openmp_thread_count_is_the_count():
+    """OMP_NUM_THREADS alone (what the docs and every OpenMP program say to set) was kept, but MKL_NUM_THREADS
+    was set to every CPU, and torch takes MKL's count: the worker ran with all cores."""
+    got = _probe(OMP_NUM_THREADS="1")
+    assert got["threads"] == 1 and got["applied"]["threads"] == 1
+
+
 def test_the_worker_applies_the_settings(redis_url, prefix, tmp_path):
     from service_fixtures import WorkerProcess, make_settings
 
@@ -213,3 +225,14 @@ def test_kernel_switches_refuse_a_value_they_do_not_know(monkeypatch, name, good
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=f"^{name} must be"):
             read()
+
+
+def test_a_child_of_a_process_that_applied_its_plan_gets_the_count_it_is_given():
+    """``bench service``/``bench batch --threads 1`` start their worker from a process whose own ``apply`` filled
+    in OMP and MKL counts for every CPU: given OMP_NUM_THREADS alone, the child kept the inherited MKL count, and
+    torch took that."""
+    inherited = _env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**inherited, **cpu_threads.child_env(1)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["threads"] == 1
