@@ -55,13 +55,14 @@ class BeamState:
         w, vocab = self.width, logprobs.shape[1]
         scores = torch.tensor(self.scores, dtype=logprobs.dtype, device=logprobs.device)
         acc = (logprobs + scores[:, None]).flatten()
-        n_eos = 0 if self.params.ignore_eos else len(eos_ids)
-        k = min(max(2, 1 + n_eos) * w, acc.numel())
+        stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else eos_ids)
+        # HF's top max(2, 1 + n_eos) * W, its stop ids being its EOS ids: enough candidates that W run on even
+        # if every stop id is among the best.
+        k = min(max(2, 1 + len(stop_ids)) * w, acc.numel())
         top_vals, top_idx = torch.topk(acc, k)
         parents = (top_idx // vocab).tolist()
         tokens = (top_idx % vocab).tolist()
         vals = top_vals.tolist()
-        stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else eos_ids)
         hits = [max_len_hit or t in stop_ids for t in tokens]
         gen_len = len(beam_tokens[0]) + 1
 

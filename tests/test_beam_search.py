@@ -196,3 +196,28 @@ def test_beam_search_refuses_stop_strings():
     with pytest.raises(ValueError, match="^stop cannot be combined with beam search"):
         SamplingParams(max_tokens=4, beam_width=2, stop=["\n"])
     SamplingParams(max_tokens=4, beam_width=2, stop_token_ids=[7])
+
+
+def test_beam_search_with_more_stop_tokens_than_beams_as_hf():
+    """``stop_token_ids`` end beams as EOS does, so they widen the candidates as HF's EOS ids do (HF's top
+    ``max(2, 1 + n_eos) * W``): with the first step's six likeliest tokens as stop ids, every candidate of a
+    ``2 * W`` top-k was finished and no beam ran on, where HF keeps its W beams running."""
+    import transformers
+
+    from pagedserve.engine.model_source import resolve_model
+
+    model_dir = str(resolve_model("pagedserve-tiny-random"))
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        first = hf(torch.tensor([prompt])).logits[0, -1]
+    stops = [t for t in torch.topk(first, 8).indices.tolist() if t != 257][:6]
+    llm = LLM(model=model_dir, device="cpu", block_size=8)
+    ours = llm.generate([prompt], SamplingParams(max_tokens=6, beam_width=2, n=2, stop_token_ids=stops,
+                                                 length_penalty=2.0, early_stopping="never"))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), num_beams=2, num_return_sequences=2, do_sample=False,
+                          max_new_tokens=6, eos_token_id=[257, *stops], pad_token_id=258, length_penalty=2.0,
+                          early_stopping="never")
+    want = [[t for t in row if t != 258] for row in ref[:, len(prompt):].tolist()]
+    assert [c.token_ids for c in ours[0].outputs] == want
