@@ -23,11 +23,21 @@ ENV_PREFIX = "PAGEDSERVE_"
 # Variables read outside these settings: by the engine and the kernels (straight from the environment, at the
 # point they matter), by the compose file, and by the test suite's fault campaign.
 OTHER_ENV = (
-    "CACHE_DIR", "CPU_THREADS", "CPU_BIND", "CPU_SPIN_US", "CPU_LINEAR", "CPU_KERNELS", "CPU_MARCH",
+    "CACHE_DIR", "CPU_THREADS", "CPU_BIND", "CPU_SPIN_US", "CPU_KERNELS", "CPU_MARCH",
     "CPU_FUSED_LAYERS", "STRUCTURED_COMPILE_TIMEOUT_S",
     "IMAGE", "VERSION", "MODELS_DIR", "GPUS_PER_WORKER", "WORKER_CPUS",
     "FAULT_SEED", "FAULT_SECONDS", "TEST_REDIS_URL",
 )
+
+
+# What the engine takes (engine/config.py's EngineConfig checks, engine/cpu_linear.py's LAYOUTS), here again
+# because both modules import torch and the producers must not; tests/test_settings.py holds the two together.
+DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+CPU_LINEAR_LAYOUTS = ("auto", "row", "column", "onednn", "amx", "panel")
+# The devices the engine runs on: torch's own device strings for them (an index without leading zeros). Whether
+# cuda:N exists is only known to torch: the engine checks it when it starts.
+DEVICE_PATTERN = r"auto|cpu|cuda(:(0|[1-9][0-9]*))?"
 
 
 def env_names(setting: str) -> list[str]:
@@ -155,6 +165,40 @@ class Settings(BaseSettings):
     batch_retention_s: int = Field(7 * 86400, ge=60)
     celery_broker_url: str | None = None  # default: redis_url
     celery_visibility_timeout_s: int = Field(3600, ge=1)
+    # The layout of linear weights on the CPU (engine/cpu_linear.py), which the engine reads from
+    # PAGEDSERVE_CPU_LINEAR when it loads a model (the worker puts a value given in code there): a setting too, so
+    # that a bad value is refused at start, naming the variable, as any other.
+    cpu_linear: str = "auto"
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError("must be auto, float32, float16 or bfloat16 (or fp32, fp16, bf16)")
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int) -> int:
+        if v not in BLOCK_SIZES:
+            raise ValueError("must be a power of two from 1 to 128 (tokens per KV block)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N (N: a GPU's index, as in cuda:1)")
+        return v
+
+    @field_validator("cpu_linear")
+    @classmethod
+    def _cpu_linear(cls, v: str) -> str:
+        v = v.strip().lower() or "auto"  # as the engine reads it
+        if v not in CPU_LINEAR_LAYOUTS:
+            raise ValueError("must be auto, row, column, onednn, amx or panel (the layout of linear weights on the "
+                             "CPU)")
+        return v
 
     @field_validator("log_level")
     @classmethod

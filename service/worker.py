@@ -27,6 +27,7 @@ the Step API only (engine_api.py). This module wires them and runs the loop, sta
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -120,6 +121,8 @@ class Worker(WorkerPart):
         if self._engine is None:
             from pagedserve.engine import LLMEngine
 
+            if self.settings.cpu_linear != "auto":  # the engine reads the layout where the variable would be
+                os.environ["PAGEDSERVE_CPU_LINEAR"] = self.settings.cpu_linear
             self._engine = LLMEngine(**self.settings.engine_kwargs())
             self.heartbeat = time.monotonic()  # the loop's clock starts now: a long load is not a stall
             self.model_loaded = True

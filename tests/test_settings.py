@@ -85,3 +85,66 @@ def test_a_refused_url_quotes_no_piece_of_its_password(url):
     message = str(e.value).split("[type=")[0]
     for piece in ("Tr0ub4dor", "s3cr3t", "abc"):
         assert piece not in message, message
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("dtype", "int8", "must be auto, float32, float16 or bfloat16"),
+    ("dtype", "BF16", "must be auto, float32, float16 or bfloat16"),
+    ("block_size", 7, "must be a power of two from 1 to 128"),
+    ("block_size", 256, "must be a power of two from 1 to 128"),
+    ("device", "tpu", "must be auto, cpu, cuda or cuda:N"),
+    ("device", "cuda:01", "must be auto, cpu, cuda or cuda:N"),
+    ("device", "CPU", "must be auto, cpu, cuda or cuda:N"),
+    ("cpu_linear", "foo", "must be auto, row, column, onednn, amx or panel"),
+])
+def test_a_value_the_engine_would_refuse_is_refused_when_the_settings_are_read(field, value, words):
+    """The engine refused these only once the worker had spent seconds loading torch and the model, exit 1 and
+    without the variable's name; the settings refuse them at once, as every other bad value."""
+    with pytest.raises(ValidationError, match=re.escape(words)) as e:
+        Settings(**{field: value})
+    assert [err["loc"] for err in e.value.errors()] == [(field,)]
+
+
+def test_the_settings_take_what_the_engine_takes():
+    """The allowed values are the engine's (engine/config.py, engine/cpu_linear.py), kept apart because the
+    producers must not import torch: checked against the engine's own checks here."""
+    from pagedserve.engine import cpu_linear
+    from pagedserve.engine.config import EngineConfig
+
+    def engine_takes(**kw) -> bool:
+        try:
+            EngineConfig(**{"device": "cpu", **kw})
+        except ValueError:
+            return False
+        return True
+
+    def settings_take(**kw) -> bool:
+        try:
+            Settings(**kw)
+        except ValidationError:
+            return False
+        return True
+
+    for dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "int8", "float64", "BF16",
+                  "half", ""):
+        assert settings_take(dtype=dtype) == engine_takes(dtype=dtype), dtype
+    for block_size in range(0, 300):
+        assert settings_take(block_size=block_size) == engine_takes(block_size=block_size), block_size
+    import torch
+
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:3"):  # cuda:N needs N+1 GPUs: the engine checks that
+        assert settings_take(device=device), device
+        assert device == "auto" or torch.device(device).type in ("cpu", "cuda")  # the types the engine runs on
+    for device in ("tpu", "cuda:01", "cuda:-1", " cpu"):
+        assert not settings_take(device=device) and not engine_takes(device=device), device
+    for layout in ("auto", "", " Row ", *cpu_linear.LAYOUTS):
+        assert settings_take(cpu_linear=layout), layout
+    assert not settings_take(cpu_linear="fastest")
+
+
+def test_cpu_linear_is_read_from_the_variable_the_engine_reads(monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_CPU_LINEAR", "foo")
+    with pytest.raises(ValidationError, match="cpu_linear"):
+        Settings()
+    monkeypatch.setenv("PAGEDSERVE_CPU_LINEAR", "panel")
+    assert Settings().cpu_linear == "panel"
