@@ -140,7 +140,7 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
     import redis
     from pydantic import ValidationError
 
-    from .connection import redact
+    from .connection import NameHeld, redact
 
     if isinstance(e, ValidationError):
         parts = []
@@ -159,6 +159,8 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
     from pagedserve.engine.default_model import ModelDownloadError
 
     if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
+        return f"error: {redact(e)}"
+    if isinstance(e, NameHeld):  # a second live worker under one name: the message says what to do (--name)
         return f"error: {redact(e)}"
     return (f"error: {type(e).__name__}: {redact(e)} (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG "
             f"shows the traceback)")
@@ -380,6 +382,10 @@ def submit(
     final = None
     streamed = False
     try:
+        if request_id is not None and client.result(request.id) is not None:
+            # An id is an idempotency key: what follows is that earlier run's result, not a new one.
+            err.print(printable(f"note: id {request.id} already has a result; showing it (an id is answered once)"),
+                      markup=False, highlight=False, soft_wrap=True)
         with err.status("[bold]waiting for a worker ...") as status:
             # Read from the request's events stream: a dropped connection or a worker crash costs no token.
             events = client.stream(request=request, timeout=timeout, pickup_timeout=pickup_timeout)
@@ -438,8 +444,13 @@ def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit
     import redis
 
     from .client import Client
+    from .client_core import check_request_id
     from .connection import redact
 
+    try:
+        check_request_id(request_id)  # an id no request can have: nothing to cancel, nothing written
+    except ValueError as e:
+        _fail(f"error: {e}", 2)
     try:
         with Client(settings=_settings()) as client:
             found = client.cancel(request_id)

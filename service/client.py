@@ -138,9 +138,11 @@ class Client(ProducerCore):
 
     def cancel(self, request_id: str) -> CancelOutcome:
         """Cancel: mark it (covers a request not picked up yet) and tell the worker running it. Says what it
-        found: already finished (nothing changed), running (it ends now) or neither (queued, or unknown)."""
+        found: already finished (nothing changed), running (it ends now) or neither (queued, or unknown).
+        ``ValueError`` for an id no request can have (1 to 128 characters of A-Z, a-z, 0-9, ``_.:-``)."""
+        commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         pipe = self.r.pipeline(transaction=True)
-        for name, args, kwargs in self._cancel_commands(request_id):
+        for name, args, kwargs in commands:
             getattr(pipe, name)(*args, **kwargs)
         with self._reaching():
             return self._cancel_outcome(pipe.execute())
@@ -373,9 +375,10 @@ class AsyncClient(ProducerCore):
         return req.id
 
     async def cancel(self, request_id: str) -> CancelOutcome:
+        commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         self._bind_loop()
         pipe = self.r.pipeline(transaction=True)
-        for name, args, kwargs in self._cancel_commands(request_id):
+        for name, args, kwargs in commands:
             getattr(pipe, name)(*args, **kwargs)
         with self._reaching():
             return self._cancel_outcome(await pipe.execute())

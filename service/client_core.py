@@ -67,6 +67,7 @@ from .protocol import (
     parse_event,
     parse_terminal,
     refusal_message,
+    valid_id,
 )
 from .redaction import redact, remember_secrets
 from .safe_json import MAX_JSON_DEPTH, first_problem
@@ -159,6 +160,21 @@ def _changed_by_json(value: Any, where: str) -> str | None:
     return None
 
 
+ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, _ . : -"
+
+
+def check_request_id(request_id: Any) -> None:
+    """Raise ``ValueError`` (one line naming the rule) for an id no request can have: a cancel of it would write a
+    ``cancelled`` key that nothing ever reads."""
+    if valid_id(request_id):
+        return
+    if isinstance(request_id, str) and len(request_id) > 64:
+        shown = f"{request_id[:32]!r}... ({len(request_id)} characters)"
+    else:
+        shown = repr(request_id)
+    raise ValueError(f"invalid id {shown}: a request id is {ID_RULE} (as submit takes it)")
+
+
 def build_request(
     prompt: str | list[int] | None = None,
     *,
@@ -179,7 +195,7 @@ def build_request(
         prompt_token_ids, prompt = prompt, None
     try:
         req = GenerateRequest.model_validate({
-            "id": id or uuid.uuid4().hex,
+            "id": uuid.uuid4().hex if id is None else id,  # "" is refused, not read as "no id"
             "prompt": prompt,
             "prompt_token_ids": prompt_token_ids,
             "messages": messages,
@@ -288,7 +304,9 @@ class ProducerCore:
         """Look (its stored result, its claim), mark it cancelled (covers a request not picked up yet) and tell
         the worker running it; one MULTI/EXEC: a refused mark (maxmemory, an ACL without writes) aborts the
         publish too, so a cancel the caller was told failed has no effect (a pipeline would still publish, and
-        the worker would cancel the run). :meth:`_cancel_outcome` reads the replies."""
+        the worker would cancel the run). :meth:`_cancel_outcome` reads the replies. An id no request can have is
+        refused (``ValueError``) before anything is sent."""
+        check_request_id(request_id)
         return [
             ("get", (self.keys.result(request_id),), {}),
             ("exists", (self.keys.running(request_id),), {}),

@@ -93,6 +93,10 @@ def producer_acl(prefix: str = "pagedserve") -> list[str]:
     ]
 
 
+class NameHeld(RuntimeError):
+    """Another live worker holds this worker's consumer name; the message says what to do."""
+
+
 REDIS_TIMEOUT_S = 5.0  # socket timeout of the worker's commands: a Redis that answers nothing for this long is away
 
 
@@ -226,7 +230,7 @@ class Connection(WorkerPart):
         warned = False
         while not self.reclaimer.acquire_name(self.r, self.name_token):
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise NameHeld(
                     f"consumer name {self.consumer!r} is held by another live worker: give each worker a name of "
                     "its own (pagedserve worker --name NAME, or PAGEDSERVE_WORKER_NAME)"
                 )

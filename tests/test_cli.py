@@ -379,7 +379,7 @@ def test_help_texts_have_no_hard_line_breaks_and_subcommands_no_completion_optio
 
 def test_submit_again_with_the_same_id_prints_the_text_once(redis_url, prefix, shared_engine):
     """``--id`` sent again prints the request's text once, whether the first run streamed and the second does not,
-    or the other way round (the first run's stored result answers both)."""
+    or the other way round (the first run's stored result answers both), and says that it is an earlier result."""
     from pagedserve.service.cli import printable
     from pagedserve.service.protocol import Keys, parse_terminal
 
@@ -393,6 +393,10 @@ def test_submit_again_with_the_same_id_prints_the_text_once(redis_url, prefix, s
             for res in outs:
                 assert res.returncode == 0, res.stderr
                 assert res.stdout == printable(text) + "\n", (first, again, res.stdout)
+            # The second one prints an earlier run's result: said on stderr, in one line before the summary.
+            note = f"note: id {rid} already has a result; showing it (an id is answered once)"
+            assert "note:" not in outs[0].stderr, outs[0].stderr
+            assert outs[1].stderr.splitlines()[0] == note, outs[1].stderr
 
 
 def test_ctrl_c_cancels_the_request(redis_url, prefix, shared_engine):
@@ -579,3 +583,58 @@ def test_an_error_message_cannot_drive_the_terminal():
     assert res.returncode == 1
     assert "\x1b" not in res.stderr and "\x07" not in res.stderr and "\r" not in res.stderr
     assert "\\x1b]0;PWNED" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("PAGEDSERVE_DTYPE", "int8", "must be auto, float32, float16 or bfloat16"),
+    ("PAGEDSERVE_BLOCK_SIZE", "7", "must be a power of two from 1 to 128"),
+    ("PAGEDSERVE_DEVICE", "tpu", "must be auto, cpu, cuda or cuda:N"),
+    ("PAGEDSERVE_CPU_LINEAR", "foo", "must be auto, row, column, onednn, amx or panel"),
+])
+def test_a_value_the_engine_would_refuse_stops_the_worker_before_it_loads_anything(tmp_path, name, value, words):
+    """These came from the engine after seconds of loading, exit 1, without the variable's name. The model here is
+    not there: a start that got as far as the engine would say so instead."""
+    res = _cli({name: value, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": str(tmp_path / "missing")}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith(f"invalid setting {name}={value!r}: {words}"), line
+
+
+def test_cancel_refuses_an_id_submit_would_refuse_and_writes_nothing(redis_url, prefix):
+    """``cancel ""`` (or a 2000-character id) said ``cancelled id=`` with exit 0 and wrote a cancelled key that no
+    request can ever have; ``submit --id ""`` silently sent the request under a new id."""
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    long_id = "a" * 2000
+    for bad in ("", long_id, "no spaces"):
+        res = _cli(env, "cancel", bad)
+        line = _one_line(res)
+        assert res.returncode == 2 and line.startswith("error: invalid id "), line
+        assert "1 to 128 characters of A-Z, a-z, 0-9, _ . : -" in line and long_id not in line, line
+        with Client(redis_url, prefix=prefix) as c, pytest.raises(ValueError, match="1 to 128 characters"):
+            c.cancel(bad)
+
+        async def acancel(bad=bad):
+            async with AsyncClient(redis_url, prefix=prefix) as ac:
+                await ac.cancel(bad)
+
+        with pytest.raises(ValueError, match="1 to 128 characters"):
+            asyncio.run(acancel())
+    res = _submit(env, "--id", "", "--pickup-timeout", "1")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: invalid request: id"), line
+    with Client(redis_url, prefix=prefix) as c, pytest.raises(ValueError, match="^id: "):
+        c.submit("x", id="")
+    with redis.Redis.from_url(redis_url) as r:
+        assert list(r.scan_iter(match=f"{prefix}*")) == []
+
+
+def test_a_second_worker_under_a_live_workers_name_is_one_line_without_a_type_name(redis_url, prefix, shared_engine):
+    name = f"twin-{prefix}"
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "PAGEDSERVE_METRICS_PORT": "0",
+           "PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_DEVICE": "cpu",
+           "PAGEDSERVE_CLAIM_IDLE_MS": "1000", "PAGEDSERVE_LOG_LEVEL": "ERROR"}
+    with running_worker(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=1000), shared_engine):
+        res = _cli(env, "worker", "--name", name)
+    line = _one_line(res)
+    assert res.returncode == 1, line
+    assert line.startswith(f"error: consumer name {name!r} is held by another live worker: "), line
+    assert "pagedserve worker --name NAME" in line and "RuntimeError" not in line and "--debug" not in line, line
