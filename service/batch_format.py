@@ -244,11 +244,12 @@ def _stream_body(req: GenerateRequest, max_message_bytes: int | None) -> str:
 
 def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int | None = None) -> list[ParsedLine]:
     """Every non-blank line of a batch file, valid or not (in file order). Raises :class:`FileError` for a
-    problem of the whole file (not UTF-8, :class:`DuplicateCustomId`). A valid line's request must fit in
+    problem of the whole file (not UTF-8, no line a JSON object, :class:`DuplicateCustomId`). A valid line's request must fit in
     ``max_message_bytes`` as a stream entry (None: no limit)."""
     out: list[ParsedLine] = []
     seen: dict[str, int] = {}
     index = 0
+    objects = 0  # lines that are JSON objects: none at all is another format (a JSON array, CSV, plain text)
     for line_no, raw in enumerate(_utf8(data).splitlines()):
         if not raw.strip():
             continue
@@ -260,6 +261,7 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
                 raise LineError(f"not a JSON object: {e}") from None
             if not isinstance(obj, dict):
                 raise LineError("not a JSON object")
+            objects += 1
             cid = obj.get("custom_id")
             if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
                 cid = cid if isinstance(cid, str) else None
@@ -283,6 +285,9 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
             raise
         except LineError as e:
             out.append(ParsedLine(line_no, cid, url, None, f"line {line_no + 1}: {e}"))
+    if out and not objects:
+        raise FileError(f"not JSON Lines: no line is a JSON object ({out[0].error}); each line is one request "
+                        '{"custom_id", "method", "url", "body"}')
     return out
 
 

@@ -166,6 +166,29 @@ def test_a_file_that_is_not_utf8_is_refused_in_one_line(prefix, r, cli, tmp_path
     assert res.exit_code == 0 and "2 lines, 0 invalid" in res.stderr, res.output
 
 
+def test_a_file_with_no_json_object_line_is_refused_in_one_line(prefix, r, cli, tmp_path):
+    """A JSON array of requests, plain text, CSV: no line is a request, so the file is not JSON Lines. It was
+    taken as a batch of nothing but invalid lines (exit 0, status completed)."""
+    lines = [completion("a"), chat("b")]
+    for name, data, first in (
+        ("array.json", json.dumps(lines, indent=None).encode(), "line 1: not a JSON object"),
+        ("pretty.json", json.dumps(lines, indent=2).encode(), "line 1: not a JSON object"),
+        ("notes.txt", b"hello\nworld\n", "line 1: not a JSON object: Expecting value"),
+    ):
+        src = tmp_path / name
+        src.write_bytes(data)
+        res = cli.invoke(app, ["batch", "submit", str(src)])
+        assert res.exit_code == 2, res.output
+        assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(
+            f"error: {name}: not JSON Lines: no line is a JSON object ({first}"), res.stderr
+    assert r.zcard(BatchKeys(prefix).all) == 0
+    # one good line among bad ones is a batch: each bad line gets its own error line
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"not json\n" + json.dumps(completion("c")).encode() + b"\n")
+    res = cli.invoke(app, ["batch", "submit", str(src)])
+    assert res.exit_code == 0 and "2 lines, 1 invalid" in res.stderr, res.output
+
+
 def test_cli_ctrl_c_says_the_batch_runs_on_and_o_never_overwrites_the_input(prefix, r, cli, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_bytes(jsonl([completion("a")]))
