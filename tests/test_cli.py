@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from pagedserve.service.cli import app
 from pagedserve.service.client import AsyncClient, Client, RedisUnreachable
+from processes import alive
 from service_fixtures import REPO, make_settings, running_worker
 
 runner = CliRunner()
@@ -134,22 +135,13 @@ def test_a_local_redis_ends_with_an_owner_killed_outright(tmp_path):
         owner.kill()
         owner.wait(10)
         end = time.monotonic() + 15
-        while time.monotonic() < end and _alive(server_pid):
+        while time.monotonic() < end and alive(server_pid):
             time.sleep(0.1)
-        if _alive(server_pid):
+        if alive(server_pid):
             os.kill(server_pid, signal.SIGKILL)
             pytest.fail("redis-server outlived its SIGKILLed owner")
     finally:
         owner.kill()
-
-
-def _alive(pid: int) -> bool:
-    """Running (an exited child of a dead owner is a zombie until init reaps it: that counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
