@@ -66,6 +66,22 @@ def tiny_models(tmp_path_factory):
     return {f: str(write_tiny(root / f, f)) for f in ("llama", "mistral", "qwen2", "qwen3")}
 
 
+def ignore_eos_config(model, max_new_tokens: int, **kw):
+    """HF's generation config for a greedy run of the engine's with ``ignore_eos``: EOS is a token like any other
+    (chosen when it is the argmax, and generation goes on), as ``ignore_eos`` treats it. ``min_new_tokens`` would
+    mask it instead, a different continuation wherever EOS is the argmax."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    config.pad_token_id = 258
+    for key, value in kw.items():
+        setattr(config, key, value)
+    return config
+
+
 @pytest.fixture(scope="session")
 def hf_greedy():
     """Greedy continuation by HF transformers ``generate`` (one prompt at a time, fp32, no padding)."""
@@ -78,8 +94,7 @@ def hf_greedy():
             cache[model_dir] = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         model = cache[model_dir]
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 min_new_tokens=max_new_tokens, pad_token_id=258)
+            out = model.generate(torch.tensor([prompt_ids]), generation_config=ignore_eos_config(model, max_new_tokens))
         return out[0, len(prompt_ids):].tolist()
 
     return run

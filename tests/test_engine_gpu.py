@@ -18,6 +18,7 @@ import random
 import pytest
 import torch
 
+from conftest import ignore_eos_config
 from pagedserve.engine import LLM, SamplingParams
 
 CUDA = torch.cuda.is_available()
@@ -50,7 +51,7 @@ _HF_CACHE: dict = {}
 def hf_generate(model_dir: str, prompt: list[int], max_new: int, dtype: torch.dtype, device: str):
     """HF greedy ``generate`` on ``device``: (new tokens, ``[steps, vocab]`` float32 log-softmax of raw logits).
 
-    EOS is masked until ``max_new`` tokens (``min_new_tokens``), as the engine's ``ignore_eos`` runs do.
+    EOS is a token like any other, as in the engine's ``ignore_eos`` runs (:func:`conftest.ignore_eos_config`).
     """
     import transformers
 
@@ -59,8 +60,8 @@ def hf_generate(model_dir: str, prompt: list[int], max_new: int, dtype: torch.dt
         _HF_CACHE[key] = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     model = _HF_CACHE[key]
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=max_new, min_new_tokens=max_new,
-                             do_sample=False, pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+        config = ignore_eos_config(model, max_new, pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(torch.tensor([prompt], device=device), generation_config=config)
     tokens = out.sequences[0, len(prompt):].tolist()
     logprobs = torch.log_softmax(torch.stack([s[0] for s in out.logits]).float(), dim=-1).cpu()
     return tokens, logprobs

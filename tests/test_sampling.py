@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import ignore_eos_config
 from pagedserve.engine import LLM, SamplingParams
 
 
@@ -70,8 +71,8 @@ def test_repetition_penalty_matches_hf(llm, tiny_models):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]).eval()
-    ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, repetition_penalty=1.7,
-                         min_new_tokens=12, pad_token_id=258)[0, len(PROMPT):].tolist()
+    config = ignore_eos_config(model, 12, repetition_penalty=1.7)
+    ref = model.generate(torch.tensor([PROMPT]), generation_config=config)[0, len(PROMPT):].tolist()
     ours = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.7,
                                                  ignore_eos=True))[0].outputs[0].token_ids
     assert ours == ref
