@@ -83,6 +83,15 @@ def test_stack_services(resolved):
         resolved["services"])
 
 
+def test_every_port_is_published_on_localhost_only(resolved):
+    """Redis without a password, Grafana with admin/admin: published on every interface (Docker's default, which
+    host firewalls do not see) a `docker compose up` on a cloud VM opened them to the world."""
+    published = [(name, p) for name, svc in resolved["services"].items() for p in svc.get("ports", [])]
+    assert {name for name, _ in published} >= {"redis", "grafana", "prometheus", "jaeger", "otel-collector"}
+    for name, port in published:
+        assert port.get("host_ip") == "127.0.0.1", (name, port)
+
+
 def test_redis_persistent_and_healthchecked(resolved):
     redis = resolved["services"]["redis"]
     cmd = " ".join(redis["command"])
