@@ -72,6 +72,12 @@ class _EngineCollector:
         yield kinds
 
 
+# The dead-letter reasons (protocol.DeadLetterError's kinds, and the worker's own) and the publisher's write ops.
+DEAD_LETTER_REASONS = ("missing_body", "too_large", "invalid_utf8", "invalid_json", "not_object", "invalid_id",
+                       "unparseable", "max_deliveries", "handling_failed")
+WRITE_OPS = ("token", "terminal", "ack", "dead", "publish")
+
+
 class WorkerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -134,6 +140,15 @@ class WorkerMetrics:
         self.batch_lines = Counter("pagedserve_batch_lines", "Batch output lines stored by this worker", ["outcome"], registry=r)
         self.batch_lines_fed = Counter("pagedserve_batch_lines_fed", "Batch lines this worker added to the stream", registry=r)
         self.batch_refeeds = Counter("pagedserve_batch_refeeds", "Batch lines fed again after their request vanished", registry=r)
+
+        # Every known label value from the start, at 0: a labelled counter is exported only once a label set exists,
+        # and dashboards and `increase(...) > 0` alerts need the 0 before the first event.
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
+        for op in WRITE_OPS:
+            self.write_refusals.labels(op=op)
+        for outcome in ("completed", "failed"):
+            self.batch_lines.labels(outcome)
 
     def set_batch_stats(self, by_status: dict[str, int], backlog: int, lag_s: float) -> None:
         for status in ("in_progress", "cancelling", "expired", "completed", "cancelled", "failed"):

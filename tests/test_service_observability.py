@@ -125,3 +125,24 @@ get_logger().info("worker_event", n=1)
     failed = by_event["it failed"]
     assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
     assert by_event["worker_event"]["n"] == 1 and "s3cret" not in res.stderr
+
+
+def test_labelled_counters_are_exported_at_zero_before_their_first_event():
+    """Dead letters, refused writes and batch lines by label: exported only after a first event, so the
+    dashboard's panels showed "No data" on a healthy fleet and an ``increase(...) > 0`` alert missed the first."""
+    from prometheus_client import generate_latest
+
+    from pagedserve.service.metrics import DEAD_LETTER_REASONS, WRITE_OPS, WorkerMetrics
+    from pagedserve.service.protocol import DeadLetterError
+
+    text = generate_latest(WorkerMetrics().registry).decode()
+    for reason in DEAD_LETTER_REASONS:
+        assert f'pagedserve_queue_dead_letters_total{{reason="{reason}"}} 0.0' in text, reason
+    for op in WRITE_OPS:
+        assert f'pagedserve_redis_write_refusals_total{{op="{op}"}} 0.0' in text, op
+    for outcome in ("completed", "failed"):
+        assert f'pagedserve_batch_lines_total{{outcome="{outcome}"}} 0.0' in text, outcome
+    # the list holds every kind the parser gives (its docstring names them) and the default
+    kinds = DeadLetterError.__doc__.split("metric label):")[1].split(".")[0]
+    assert {k.strip() for k in kinds.replace("\n", " ").split(",")} | {DeadLetterError("x").kind} <= set(
+        DEAD_LETTER_REASONS)
