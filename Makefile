@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist; 0 runs the suite in this process). Most tests wait on worker processes and Redis,
-# so two of them keep a 2-core machine busy; each test still gets its own Redis keys, ports and directories.
+# so two of them keep a 2-core machine busy; each test still gets its own Redis keys, ports and directories. A file
+# stays in one process (loadfile): some modules share a worker or an engine between their tests, in order.
 PYTEST_WORKERS ?= 2
 
 $(STAMP): pyproject.toml constraints.txt
@@ -28,7 +29,7 @@ redis:
 	@bash .ci/ensure-redis
 
 test: $(STAMP) redis
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Results go to .bench/ (ignored); the recorded runs in docs/ are only rewritten on purpose (--out docs/...).
 bench: $(STAMP)
