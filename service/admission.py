@@ -322,6 +322,9 @@ class Admission(WorkerPart):
         if kind == "held":  # another worker runs it (or Redis refused the claim): wait for its result
             self.waiting[req.id] = Waiting(req, [entry_id], fields, deliveries)
             return
+        if kind == "foreign":
+            self._foreign_key(req, [entry_id], stored, fields, deliveries)
+            return
         seen.add(req.id)
         self._start([entry_id], req, fields, deliveries, bool(cancelled), bool(has_events))
 
@@ -352,11 +355,28 @@ class Admission(WorkerPart):
                 del self.waiting[rid]
                 if kind == "result":
                     self.outcomes.answered_elsewhere(rid, w.entry_ids)
+                elif kind == "foreign":
+                    self._foreign_key(w.request, w.entry_ids, stored, w.fields, w.deliveries)
                 else:  # its owner died: take over
                     self._start(w.entry_ids, w.request, w.fields, w.deliveries, bool(cancelled), bool(has_events))
             except Exception as e:
                 self.waiting.pop(rid, None)
                 self.outcomes.failed(rid, w.entry_ids, "admission", e)
+
+    def _foreign_key(self, req: GenerateRequest | Refused, entry_ids: list[str], key: bytes, fields: dict,
+                     deliveries: int) -> None:
+        """The id's claim or result key holds a value no worker wrote (another type): waiting on it would hold the
+        entries, and room, for good. A bad claim key: the id is answered ``internal``, naming the key. A bad
+        result key: no answer can be stored there, so the entries go to the dead letters."""
+        key_text = key.decode("utf-8", "replace")
+        what = f"{key_text} holds a value of another type (not written by a worker): delete it and send the request again"
+        if key_text == self.keys.result(req.id):
+            for entry_id in entry_ids:
+                self.outcomes.dead(entry_id, what, _body(fields), deliveries, req.id, kind="foreign_key",
+                                   trace_id=trace_id_from_fields(fields))
+            return
+        metadata = req.metadata if isinstance(req, GenerateRequest) else req.error.metadata
+        self.outcomes.error(req.id, entry_ids, "internal", what, metadata, trace_id=trace_id_from_fields(fields))
 
     def release_waiting(self) -> list[str]:
         """Shutdown: the waiting entries, for other workers to take over."""

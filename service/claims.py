@@ -80,7 +80,8 @@ class Claims(WorkerPart):
         return [(replies[i * per], replies[i * per + 1: (i + 1) * per]) for i in range(len(request_ids))]
 
     def outcome(self, request_id: str, reply: Any) -> tuple[str, bytes | None]:
-        """``("result", stored)``, ``("claimed", None)`` (now held: renewed until released) or ``("held", None)``."""
+        """``("result", stored)``, ``("claimed", None)`` (now held: renewed until released), ``("held", None)``
+        or ``("foreign", key)``: the id's result or claim key holds a value of another type, no worker's."""
         if isinstance(reply, Exception) or not isinstance(reply, list) or not reply:
             return "held", None  # refused (e.g. maxmemory): undecided, asked again like a waiting entry
         kind = as_text(reply[0])
@@ -89,7 +90,7 @@ class Claims(WorkerPart):
                 self._held.add(request_id)
                 self._release.discard(request_id)
             return kind, None
-        if kind == "result":
+        if kind in ("result", "foreign"):
             return kind, reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         return "held", None
 

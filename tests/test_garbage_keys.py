@@ -1,8 +1,11 @@
 """Keys a worker trusts, written by something that is not a worker (a producer with too wide an ACL, an operator's
-typo): a claim without a TTL, a consumer-name lease no worker wrote. Neither blocks an id or a worker for good.
+typo): a claim without a TTL or with one of years, a claim or result key of another type, a consumer-name lease no
+worker wrote. None blocks an id or a worker for good.
 And a lease renewal that Redis refuses (an ACL without XPENDING) is reported as a refusal, not as entries gone."""
 
 from __future__ import annotations
+
+import time
 
 import redis
 
@@ -105,3 +108,69 @@ def test_a_key_of_the_wrong_type_fails_its_own_writes_alone(redis_url, prefix, s
     # Each token event refused once and dropped (not retried for ever); the result retried once on its own.
     assert 1 <= refused[(("op", "token"),)] <= 300 and refused.get((("op", "terminal"),), 0) <= 2, refused
     r.close()
+
+
+def test_claim_and_result_keys_no_worker_wrote_answer_their_id_and_hold_no_room(redis_url, prefix, shared_engine):
+    """A claim key of another type, or a string claim that outlives any worker's (a TTL of years), was taken for
+    another worker's run: the entry waited, pending and holding room, for good (with ``max_num_seqs`` such ids a
+    worker served no one). A result key of another type can hold no answer. Now: the bad claim's id is answered
+    ``internal`` naming the key, the long-lived string claim is taken over and the request runs, the bad result's
+    entry goes to the dead letters; an innocent request beside them finishes ``done``; nothing stays pending."""
+    from pagedserve.service.protocol import DeadLetter, ErrorEvent, parse_terminal
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    r.hset(keys.running("bad-claim"), "a", "b")
+    r.set(keys.running("long-claim"), "nobody:000000000000", ex=100_000_000)
+    r.hset(keys.result("bad-result"), "a", "b")
+    s = make_settings(redis_url, prefix, max_num_seqs=3)  # room for exactly the three: none may hold it
+    try:
+        with running_worker(s, shared_engine), Client(settings=s) as c:
+            for rid in ("bad-claim", "long-claim", "bad-result"):
+                c.submit("hi", id=rid, params={"max_tokens": 4})
+            assert isinstance(c.generate("innocent", params={"max_tokens": 4}, timeout=60), DoneEvent)
+            bad = c.wait("bad-claim", timeout=30)
+            assert isinstance(bad, ErrorEvent) and bad.error.code == "internal", bad
+            assert keys.running("bad-claim") in bad.error.message and "another type" in bad.error.message
+            assert isinstance(c.wait("long-claim", timeout=30), DoneEvent)
+            wait_for(lambda: r.xlen(keys.dead) == 1, 30, what="the bad result's dead letter")
+            wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="nothing pending")
+        letter = DeadLetter.from_fields(r.xrange(keys.dead)[0][1])
+        assert letter.id == "bad-result" and keys.result("bad-result") in letter.reason
+        assert r.type(keys.running("bad-claim")) == b"hash"  # not ours to delete
+        assert isinstance(parse_terminal(r.get(keys.result("bad-claim"))), ErrorEvent)
+    finally:
+        r.close()
+
+
+def test_a_claim_key_turned_foreign_mid_run_fails_that_run_alone(redis_url, prefix, shared_engine):
+    """The renewal of every claim is one script: a claim key replaced by another type made its GET fail the
+    whole script, every tick, so no claim of the worker was renewed any more (another worker could start the
+    same ids: two runs) and the ids it released piled up. Now the foreign key is that run's alone: it ends
+    ``internal``, and the request beside it keeps its claim renewed to the end."""
+    from pagedserve.service.protocol import ErrorEvent
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, claim_idle_ms=1000)  # renewed every third of a second
+    try:
+        with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+            poisoned = submit_running(c, r, keys, "0-poisoned", max_tokens=1500)
+            innocent = submit_running(c, r, keys, "1-innocent", max_tokens=1500)
+            r.delete(keys.running(poisoned))
+            r.hset(keys.running(poisoned), "a", "b")
+            ended = c.wait(poisoned, timeout=60)
+            assert isinstance(ended, ErrorEvent) and keys.running(poisoned) in ended.error.message, ended
+            for _ in range(6):  # over several TTLs, while it runs: still this worker's, still renewed
+                if r.get(keys.result(innocent)) is not None:
+                    break
+                assert r.get(keys.running(innocent)) == w.claims.owner.encode()
+                assert 0 < r.pttl(keys.running(innocent)) <= 1000
+                time.sleep(0.3)
+            done = c.wait(innocent, timeout=120)
+            assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1500
+            assert not w.claims._release  # nothing left to release: the foreign key is not retried for ever
+    finally:
+        r.close()

@@ -5,13 +5,22 @@
 -- ARGV[1] = owner   ARGV[2] = TTL in ms   ARGV[3] = n   ARGV[4] = m
 -- A claim that expired (Redis lost it, or this worker was away) is taken again unless another worker took it or
 -- the id has a result: then another worker ran it while this one was away and answered it.
+-- A key holding a value of another type (no worker's) is lost to a renewal and left alone by a release: one
+-- such key must not fail the whole call, and with it every other claim's renewal.
 -- Returns the 1-based indexes of the renewed keys this worker must stop running.
 local lost = {}
 local renew, release = tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 1, renew + release do
   local key = KEYS[i]
-  local cur = redis.call('GET', key)
-  if i <= renew then
+  local cur = redis.pcall('GET', key)
+  if type(cur) == 'table' and cur.err then
+    cur = nil
+  end
+  if cur == nil then
+    if i <= renew then
+      table.insert(lost, i)
+    end
+  elseif i <= renew then
     if cur == ARGV[1] then
       redis.call('PEXPIRE', key, ARGV[2])
     elseif cur == false and redis.call('EXISTS', KEYS[renew + release + i]) == 0 then
