@@ -463,7 +463,7 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
             raise InvalidRequestError(request_id, "invalid_request", f"body: {message}")
         raise DeadLetterError(message, "too_large")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte order mark (.NET writes one): JSON may skip it
     except UnicodeDecodeError as e:
         raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}", "invalid_utf8") from None
     try:
@@ -476,7 +476,11 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
         raise InvalidRequestError(request_id, "invalid_request",
                                   f"{field}: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:
-        raise DeadLetterError(f"body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
+        message = f"body is not valid JSON: {str(e)[:200]}"
+        request_id = leading_id(text.encode())
+        if request_id is not None:  # its producer waits on this id (a body with trailing bytes, a cut-off one)
+            raise InvalidRequestError(request_id, "invalid_request", message) from None
+        raise DeadLetterError(message, "invalid_json") from None
     if not isinstance(data, dict):
         raise DeadLetterError(f"body must be a JSON object, got {type(data).__name__}", "not_object")
     request_id = data.get("id")

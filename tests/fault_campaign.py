@@ -59,7 +59,8 @@ def _nested(depth: int) -> dict:
 # for an entry without a body field. Bodies without a usable id are dead letters; with one, they are answered.
 HOSTILE: dict[str, tuple] = {
     "not_utf8": (lambda rid, c: b"\xff\xfe" + rid.encode(), "dead", None),
-    "truncated_json": (lambda rid, c: b'{"id": "' + rid.encode() + b'", "prompt": "x"', "dead", None),
+    # broken JSON that starts with its id: its producer waits on that id, so it is answered
+    "truncated_json": (lambda rid, c: b'{"id": "' + rid.encode() + b'", "prompt": "x"', "error", "body"),
     "not_object": (lambda rid, c: b"[1, 2, 3]", "dead", None),
     "missing_body": (lambda rid, c: None, "dead", None),
     "missing_id": (lambda rid, c: _j({"prompt": "x"}), "dead", None),

@@ -78,6 +78,26 @@ def test_a_body_too_large_to_parse_is_answered_when_its_id_comes_first():
     assert str(ei.value.message).startswith("body: message too large: 3") and "max_message_bytes 2048" in ei.value.message
 
 
+@pytest.mark.parametrize("body", [
+    b'{"id": "broken-1", "prompt": "x"} trailing',  # valid JSON, then more
+    b'{"id": "broken-1", "prompt": "x"',  # cut off
+    b'  {"id":"broken-1","prompt": x}',  # not JSON after the id
+])
+def test_broken_json_is_answered_when_its_id_comes_first(body):
+    """A body that is not JSON but starts with its id: its producer waits on that id, so it is answered
+    ``invalid_request`` (it was dead-lettered without an id, and the producer timed out)."""
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(body, 2048)
+    assert ei.value.request_id == "broken-1" and ei.value.message.startswith("body is not valid JSON")
+
+
+def test_a_byte_order_mark_before_the_json_is_skipped():
+    """.NET's UTF-8 encoder writes one by default; JSON parsers may skip it (RFC 8259 8.1), and this one does."""
+    body = "\ufeff" + json.dumps({"id": "bom-1", "prompt": "x"})
+    assert parse_request(body.encode("utf-8"), 2048).id == "bom-1"
+    assert parse_request(body, 2048).prompt == "x"
+
+
 def test_id_keys_of_nested_objects_are_not_duplicates():
     body = b'{"id": "a", "prompt": "x", "metadata": {"id": "b", "x": {"id": "c"}}}'
     assert parse_request(body, 2048).id == "a"
