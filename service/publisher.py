@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import redis
 
 from .context import WorkerContext, WorkerPart
+from .protocol import DeadLetter
 from .redaction import redact
 from .scripts import Scripts
 
@@ -175,6 +176,7 @@ class Publisher(WorkerPart):
         kept: list[_Op] = []
         refused: list[tuple[_Op, BaseException]] = []
         given_up: list[tuple[_Op, BaseException]] = []
+        foreign: list[_Op] = []
         reload = False
         sent = i = 0
         try:
@@ -206,6 +208,9 @@ class Publisher(WorkerPart):
                         if op.kind != "token":  # a result or an ack is never dropped: retried on its own
                             self._retry_later(op)
                         continue
+                    if op.kind == "terminal" and mine == [-1]:
+                        foreign.append(op)  # its result key holds another type: no answer can be stored
+                        continue
                     if errors:
                         kept.append(op)
                         if isinstance(errors[0], redis.exceptions.NoScriptError):
@@ -220,7 +225,28 @@ class Publisher(WorkerPart):
             self._scripts.load(r)
         self._refused(refused)
         self._wrong_types(given_up)
+        for op in foreign:
+            self._result_key_foreign(op)
         return sent
+
+    def _result_key_foreign(self, op: _Op) -> None:
+        """A terminal event whose result key holds a value of another type (no worker wrote it): nothing was
+        stored or acknowledged. Its entries go to the dead letters (one script each, with their ack), so the id
+        ends there rather than pending for good; the request is over (its callback runs)."""
+        key = self.keys.result(op.request_id)
+        reason = f"{key} holds a value of another type (not written by a worker): the result could not be stored"
+        for entry_id in op.entry_ids:
+            letter = DeadLetter(reason=reason, body="", entry_id=entry_id, id=op.request_id, consumer=self.consumer,
+                                deliveries=0, time_ms=int(time.time() * 1000))
+            self.dead_letter(letter.to_fields(raw_body=b""), entry_id)
+        self.metrics.dead_letters.labels(reason="foreign_key").inc(len(op.entry_ids))
+        self.log.error("result_key_foreign", request_id=op.request_id, entry_ids=list(op.entry_ids), key=key,
+                       action="entries dead-lettered")
+        if op.callback is not None:
+            try:
+                op.callback()
+            except Exception:
+                self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id)
 
     def _retry_later(self, op: _Op) -> None:
         op.delay = 0.05 if op.delay == 0 else min(5.0, op.delay * 2)

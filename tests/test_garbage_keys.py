@@ -171,6 +171,33 @@ def test_a_claim_key_turned_foreign_mid_run_fails_that_run_alone(redis_url, pref
                 time.sleep(0.3)
             done = c.wait(innocent, timeout=120)
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1500
-            assert not w.claims._release  # nothing left to release: the foreign key is not retried for ever
+            # every release goes out on a tick: the foreign key is not retried for ever, nothing piles up
+            wait_for(lambda: not w.claims._release, 10, what="every claim released")
+    finally:
+        r.close()
+
+
+def test_a_result_key_turned_foreign_mid_run_ends_its_id_as_a_dead_letter(redis_url, prefix, shared_engine):
+    """A result key written with another type while its request runs: the finish script could store nothing
+    (its GET failed) and was retried for ever, the entry pending for good. Now its entries go to the dead
+    letters, naming the key; the request beside it finishes ``done``."""
+    from pagedserve.service.protocol import DeadLetter
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix)
+    try:
+        with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+            spoiled = submit_running(c, r, keys, "spoiled", max_tokens=300)
+            innocent = c.submit("innocent", params={"max_tokens": 40, "ignore_eos": True})
+            r.hset(keys.result(spoiled), "a", "b")
+            assert isinstance(c.wait(innocent, timeout=60), DoneEvent)
+            wait_for(lambda: r.xlen(keys.dead) == 1, 60, what="the spoiled id's dead letter")
+            wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="nothing pending")
+            wait_for(lambda: w.publisher.buffered() == 0, 30, what="nothing buffered")
+        letter = DeadLetter.from_fields(r.xrange(keys.dead)[0][1])
+        assert letter.id == spoiled and keys.result(spoiled) in letter.reason
+        assert r.type(keys.result(spoiled)) == b"hash"  # not ours to delete
     finally:
         r.close()

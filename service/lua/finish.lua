@@ -12,10 +12,15 @@
 -- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
 -- ARGV[5..] the request's stream entry ids
+-- Returns 1 (stored), 0 (another run's event was stored first), or -1: the result key holds a value of another
+-- type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead.
 local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4])
 local event = ARGV[3]
 if not stored then
-  event = redis.call('GET', KEYS[1])
+  event = redis.pcall('GET', KEYS[1])
+  if type(event) == 'table' and event.err then
+    return -1
+  end
   if event == ARGV[3] then
     event = false
   end
