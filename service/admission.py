@@ -369,12 +369,10 @@ class Admission(WorkerPart):
         entries, and room, for good. A bad claim key: the id is answered ``internal``, naming the key. A bad
         result key: no answer can be stored there, so the entries go to the dead letters."""
         key_text = key.decode("utf-8", "replace")
-        what = f"{key_text} holds a value of another type (not written by a worker): delete it and send the request again"
         if key_text == self.keys.result(req.id):
-            for entry_id in entry_ids:
-                self.outcomes.dead(entry_id, what, _body(fields), deliveries, req.id, kind="foreign_key",
-                                   trace_id=trace_id_from_fields(fields))
+            self.outcomes.result_key_foreign(req.id, entry_ids, _body(fields), deliveries, trace_id_from_fields(fields))
             return
+        what = f"{key_text} holds a value of another type (not written by a worker): delete it and send the request again"
         metadata = req.metadata if isinstance(req, GenerateRequest) else req.error.metadata
         self.outcomes.error(req.id, entry_ids, "internal", what, metadata, trace_id=trace_id_from_fields(fields))
 

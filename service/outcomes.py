@@ -93,6 +93,15 @@ class Outcomes(WorkerPart):
             "dead_letter", entry_id=entry_id, request_id=request_id or None, trace_id=trace_id, reason=reason
         )
 
+    def result_key_foreign(self, request_id: str, entry_ids: list[str] | tuple[str, ...], raw: bytes | None = None,
+                           deliveries: int = 0, trace_id: str | None = None) -> None:
+        """The id's result key holds a value of another type (no worker wrote it): no answer can be stored there,
+        so its entries go to the dead letters, naming the key."""
+        reason = (f"{self.keys.result(request_id)} holds a value of another type (not written by a worker): delete "
+                  "it and send the request again")
+        for entry_id in entry_ids:
+            self.dead(entry_id, reason, raw, deliveries, request_id, kind="foreign_key", trace_id=trace_id)
+
     def error(
         self, request_id: str, entry_ids: list[str], code: str, message: str, metadata: dict | None = None, span=None,
         trace_id: str | None = None,

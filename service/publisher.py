@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 import redis
 
 from .context import WorkerContext, WorkerPart
-from .protocol import DeadLetter
 from .redaction import redact
 from .scripts import Scripts
 
@@ -89,6 +88,9 @@ class Publisher(WorkerPart):
     chunk: int = 4096
     _ops: list[_Op] = field(default_factory=list)
     on_acked: Callable[[tuple], None] | None = None  # called with entry ids once their XACK is applied
+    # Called with (request id, entry ids) of a terminal event whose result key holds another type: nothing was
+    # stored or acknowledged, and no retry would store it (the worker dead-letters the entries: outcomes.py).
+    on_result_key_foreign: Callable[[str, tuple], None] | None = None
     _scripts: Scripts | None = field(default=None, init=False)
     _retry_delay: float = field(default=0.0, init=False)
     _retry_at: float = field(default=0.0, init=False)
@@ -230,23 +232,17 @@ class Publisher(WorkerPart):
         return sent
 
     def _result_key_foreign(self, op: _Op) -> None:
-        """A terminal event whose result key holds a value of another type (no worker wrote it): nothing was
-        stored or acknowledged. Its entries go to the dead letters (one script each, with their ack), so the id
-        ends there rather than pending for good; the request is over (its callback runs)."""
-        key = self.keys.result(op.request_id)
-        reason = f"{key} holds a value of another type (not written by a worker): the result could not be stored"
-        for entry_id in op.entry_ids:
-            letter = DeadLetter(reason=reason, body="", entry_id=entry_id, id=op.request_id, consumer=self.consumer,
-                                deliveries=0, time_ms=int(time.time() * 1000))
-            self.dead_letter(letter.to_fields(raw_body=b""), entry_id)
-        self.metrics.dead_letters.labels(reason="foreign_key").inc(len(op.entry_ids))
-        self.log.error("result_key_foreign", request_id=op.request_id, entry_ids=list(op.entry_ids), key=key,
-                       action="entries dead-lettered")
-        if op.callback is not None:
-            try:
+        """A terminal event whose result key holds a value of another type: reported, so that its entries end as
+        dead letters rather than pending for good; the request is over (its callback runs)."""
+        self.log.error("result_key_foreign", request_id=op.request_id, entry_ids=list(op.entry_ids),
+                       key=self.keys.result(op.request_id), action="entries dead-lettered")
+        try:
+            if self.on_result_key_foreign is not None:
+                self.on_result_key_foreign(op.request_id, op.entry_ids)
+            if op.callback is not None:
                 op.callback()
-            except Exception:
-                self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id)
+        except Exception:
+            self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id or None)
 
     def _retry_later(self, op: _Op) -> None:
         op.delay = 0.05 if op.delay == 0 else min(5.0, op.delay * 2)

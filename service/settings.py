@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +35,10 @@ OTHER_ENV = (
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 CPU_LINEAR_LAYOUTS = ("auto", "row", "column", "onednn", "amx", "panel")
+_ENGINE_CHOICES = {
+    "dtype": (DTYPES, "must be auto, float32, float16 or bfloat16 (or fp32, fp16, bf16)"),
+    "block_size": (BLOCK_SIZES, "must be a power of two from 1 to 128 (tokens per KV block)"),
+}
 # The devices the engine runs on: torch's own device strings for them (an index without leading zeros). Whether
 # cuda:N exists is only known to torch: the engine checks it when it starts.
 DEVICE_PATTERN = r"auto|cpu|cuda(:(0|[1-9][0-9]*))?"
@@ -170,18 +174,12 @@ class Settings(BaseSettings):
     # that a bad value is refused at start, naming the variable, as any other.
     cpu_linear: str = "auto"
 
-    @field_validator("dtype")
+    @field_validator("dtype", "block_size")
     @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError("must be auto, float32, float16 or bfloat16 (or fp32, fp16, bf16)")
-        return v
-
-    @field_validator("block_size")
-    @classmethod
-    def _block_size(cls, v: int) -> int:
-        if v not in BLOCK_SIZES:
-            raise ValueError("must be a power of two from 1 to 128 (tokens per KV block)")
+    def _one_of(cls, v: Any, info: ValidationInfo) -> Any:
+        allowed, expected = _ENGINE_CHOICES[info.field_name]
+        if v not in allowed:
+            raise ValueError(expected)
         return v
 
     @field_validator("device")

@@ -90,6 +90,7 @@ class Worker(WorkerPart):
         self.claims = claims = Claims(ctx, self.r)
         self.progress = Progress(s.stall_timeout_s)
         outcomes = Outcomes(ctx=ctx, publisher=publisher, claims=claims)
+        publisher.on_result_key_foreign = outcomes.result_key_foreign
         get_engine = lambda: self.engine  # noqa: E731  (loaded on first use, after the health server is up)
         self.running = Running(ctx=ctx, engine=get_engine, outcomes=outcomes, publisher=publisher, claims=claims)
         self.admission = Admission(

@@ -14,9 +14,6 @@ for i = 1, renew + release do
   local key = KEYS[i]
   local cur = redis.pcall('GET', key)
   if type(cur) == 'table' and cur.err then
-    cur = nil
-  end
-  if cur == nil then
     if i <= renew then
       table.insert(lost, i)
     end
