@@ -148,8 +148,9 @@ class Client(ProducerCore):
             return self._cancel_outcome(pipe.execute())
 
     def result(self, request_id: str) -> Terminal | None:
+        key = self._result_key(request_id)
         with self._reaching():
-            return self._terminal(self.r.get(self.keys.result(request_id)))
+            return self._terminal(self.r.get(key))
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
@@ -384,9 +385,10 @@ class AsyncClient(ProducerCore):
             return self._cancel_outcome(await pipe.execute())
 
     async def result(self, request_id: str) -> Terminal | None:
+        key = self._result_key(request_id)
         self._bind_loop()
         with self._reaching():
-            return self._terminal(await self.r.get(self.keys.result(request_id)))
+            return self._terminal(await self.r.get(key))
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,

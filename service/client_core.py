@@ -334,6 +334,11 @@ class ProducerCore:
                                       "or make fewer calls at once")
         return RedisUnreachable(f"cannot reach Redis at {redact(self.redis_url)}: {redact(e)}")
 
+    def _result_key(self, request_id: str) -> str:
+        """The result key of ``request_id``; ``ValueError`` for an id no request can have."""
+        check_request_id(request_id)
+        return self.keys.result(request_id)
+
     @staticmethod
     def _terminal(raw: Any) -> Terminal | None:
         return parse_terminal(raw) if raw is not None else None
@@ -341,6 +346,8 @@ class ProducerCore:
     def _stream(self, request_id: str, submit: GenerateRequest | None, timeout: float | None,
                 after: int | dict[int, int] | None = None, pickup_timeout: float | None = None):
         check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
+        if submit is None:  # an id no request can have would be waited on for ever
+            check_request_id(request_id)
         return stream_wait(self.keys, request_id, submit, timeout, after, where=redact(self.redis_url),
                            pickup_timeout=pickup_timeout)
 
@@ -353,6 +360,8 @@ class ProducerCore:
         pickup_timeout: float | None = None,
     ):
         check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
+        if submit is None:
+            check_request_id(request_id)
         return event_wait(self.keys, request_id, submit, timeout, tokens, where=redact(self.redis_url),
                           pickup_timeout=pickup_timeout)
 

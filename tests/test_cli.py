@@ -619,6 +619,26 @@ def test_cancel_refuses_an_id_submit_would_refuse_and_writes_nothing(redis_url, 
         assert list(r.scan_iter(match=f"{prefix}*")) == []
 
 
+def test_reading_an_id_no_request_can_have_is_refused_at_once(redis_url, prefix):
+    """``result``, ``events`` and ``wait`` of such an id looked for a result that can never come: ``wait`` without
+    a timeout waited for ever."""
+    for bad in ("", "a" * 2000, "no spaces"):
+        with Client(redis_url, prefix=prefix) as c:
+            for call in (lambda: c.result(bad), lambda: list(c.events(bad)), lambda: c.wait(bad)):
+                with pytest.raises(ValueError, match="1 to 128 characters"):
+                    call()
+
+        async def areads(bad=bad):
+            async with AsyncClient(redis_url, prefix=prefix) as ac:
+                for call in (lambda: ac.result(bad), lambda: ac.wait(bad)):
+                    with pytest.raises(ValueError, match="1 to 128 characters"):
+                        await call()
+                with pytest.raises(ValueError, match="1 to 128 characters"):
+                    [ev async for ev in ac.events(bad)]
+
+        asyncio.run(asyncio.wait_for(areads(), 30))
+
+
 def test_a_second_worker_under_a_live_workers_name_is_one_line_without_a_type_name(redis_url, prefix, shared_engine):
     name = f"twin-{prefix}"
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "PAGEDSERVE_METRICS_PORT": "0",
