@@ -299,7 +299,7 @@ def _prompt_text(prompt: str | None) -> str:
     """The prompt argument, or stdin for ``-`` (or no argument with input piped in), its trailing line breaks
     dropped: a long or multi-line prompt needs no shell quoting."""
     if prompt is not None and prompt != "-":
-        return prompt
+        return _utf8(prompt, "the prompt argument")
     if prompt is None and sys.stdin.isatty():
         _fail("error: give the prompt as an argument, or - to read it from stdin (`pagedserve submit --help`)", 2)
     try:
@@ -309,6 +309,17 @@ def _prompt_text(prompt: str | None) -> str:
     text = text.rstrip("\n")  # as the shell's $(...) does: `echo` ends what it pipes with a line break
     if not text:  # nothing piped in (stdin closed, /dev/null): an empty prompt is a mistake
         _fail("error: no prompt: give it as an argument, or pipe it in (stdin was empty)", 2)
+    return _utf8(text, "the prompt on stdin")
+
+
+def _utf8(text: str, what: str) -> str:
+    """``text`` as read from argv or stdin, which Python decodes with ``surrogateescape``: a byte that is not
+    UTF-8 becomes a lone surrogate, which no request can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        _fail(f"error: {what} is not UTF-8 text (an undecodable byte at character {e.start}): convert it to UTF-8 "
+              "first, e.g. with iconv", 2)
     return text
 
 
@@ -416,7 +427,9 @@ def submit(
         if isinstance(e, TimeoutError):
             _fail(f"timeout: {e}", 2)
         if isinstance(e, redis.ConnectionError):  # the message names the URL, password masked
-            _fail(f"error: {redact(e)}", 1)
+            again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
+                     if "may still finish" in str(e) else "")
+            _fail(f"error: {redact(e)}{again}", 1)
         _fail(f"error: {type(e).__name__}: {redact(e)}", 1)
     if isinstance(final, ErrorEvent):
         _fail(f"{final.error.code}: {final.error.message}", 1)

@@ -23,7 +23,7 @@ Invariants of :func:`stream_wait`:
 - it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
   a worker older than the events stream ran the request);
 - Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``, also
-  while token events keep coming;
+  while token events keep coming; Redis lost for ``OUTAGE_S`` raises :class:`RedisUnreachable` too;
   ``pickup_timeout`` works as below.
 
 Invariants of :func:`event_wait`:
@@ -33,8 +33,9 @@ Invariants of :func:`event_wait`:
   been quiet for ``QUIET_S``, so a late subscriber or a lost pub/sub message still gets the terminal event;
 - it emits token events (when asked for them), then exactly one terminal event, then stops;
 - a lost connection drops the subscription and starts over after a short pause, until the deadline, which
-  raises ``TimeoutError``; but a Redis never reached (no subscription ever confirmed) fails at once with
-  :class:`RedisUnreachable`, naming the URL with its password masked;
+  raises ``TimeoutError``, or until Redis has been away for ``OUTAGE_S``; a Redis never reached (no
+  subscription ever confirmed) fails at once. Both raise :class:`RedisUnreachable`, naming the URL with its
+  password masked;
 - with ``pickup_timeout``, a request it sent that has had no event for that long is checked against the
   consumer group: no group, no consumers, or none whose consumer-name lease is alive (a live worker renews it
   from a thread of its own, however busy its loop) raises :class:`NoWorker`; a live worker keeps the wait
@@ -90,12 +91,16 @@ class CancelOutcome:
 QUIET_S = 1.0  # re-read the result key after this long without an event
 CONFIRM_S = 5.0  # a subscription not confirmed within this long counts as a lost connection
 RETRY_PAUSE_S = 0.2
+# A wait rides out a Redis restart; Redis away this long is an outage the caller hears of (RedisUnreachable), not
+# a silent wait until the deadline (for ever without one).
+OUTAGE_S = 60.0
 # The errors event_wait retries on (a client throws every Redis error of an operation into it).
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 class RedisUnreachable(redis.ConnectionError):
-    """Redis could not be reached before anything was sent (the message names the URL, password masked)."""
+    """Redis could not be reached before anything was sent, or was lost for ``OUTAGE_S`` during a wait (the
+    message names the URL, password masked, and says whether the request was sent)."""
 
 
 class TooManyConnections(redis.ConnectionError):
@@ -217,7 +222,7 @@ def build_request(
                          "numbers, booleans, null)") from None
     engine_params(req.params)
     try:  # as the worker parses it: a JSON schema nested past what the wire carries is refused here, by path
-        problem = first_problem(req.model_dump(mode="json", by_alias=True), check_unicode=False)
+        problem = first_problem(req.model_dump(mode="json", by_alias=True), check_unicode=True)
     except ValueError:  # pydantic's serializer has a depth limit of its own, above the wire's
         problem = f"the request nests deeper than {MAX_JSON_DEPTH} levels"
     if problem is not None:
@@ -486,6 +491,26 @@ def _rest(out: Any, text: str, ids: list[int], request_id: str, seq: int) -> Tok
                       seq=seq, logprobs=logprobs)
 
 
+class Outage:
+    """How long Redis has been away during a wait that reached it once; :meth:`check` raises past ``OUTAGE_S``."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.since: float | None = None
+
+    def answered(self) -> None:
+        self.since = None
+
+    def check(self, error: BaseException, where: str, request_id: str, sent: bool) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= OUTAGE_S:
+            then = "it was sent and may still finish: wait for it again" if sent else "it was not sent"
+            raise RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
+                                   f"({then}): {redact(error)}")
+
+
 def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
     """Why no worker will pick a request up, or None when a worker is alive.
 
@@ -534,6 +559,7 @@ def event_wait(
     sent = submit is None
     subscribed = False
     reached = False  # a subscription was confirmed once: Redis exists, so a lost connection is worth a retry
+    outage = Outage(clock)
     check_workers_at: float | None = None  # while nothing has been heard of a request we sent
 
     def expired() -> bool:
@@ -553,6 +579,7 @@ def event_wait(
                     if m["type"] == "subscribe":
                         break
                 subscribed = reached = True
+                outage.answered()
                 if not sent:
                     yield Send(submit)  # type: ignore[arg-type]
                     sent = True
@@ -565,6 +592,7 @@ def event_wait(
                         return
             wait = QUIET_S if deadline is None else max(0.0, min(QUIET_S, deadline - clock()))
             m = yield Listen(wait)
+            outage.answered()
             if m is None:  # quiet channel: maybe we missed the end
                 done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                 if done is not None:
@@ -575,7 +603,7 @@ def event_wait(
                 if check_workers_at is not None and clock() >= check_workers_at:
                     why = yield from why_no_worker(keys)
                     if why is not None:
-                        raise NoWorker(f"no worker has picked this up after {pickup_timeout:g} s ({why})")
+                        raise NoWorker(f"no worker is running this after {pickup_timeout:g} s ({why})")
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             if m.get("type") != "message":
@@ -596,6 +624,7 @@ def event_wait(
             yield Unsubscribe()
             if expired():
                 raise timeout_error() from None
+            outage.check(e, where, request_id, sent)
             yield Pause(RETRY_PAUSE_S)
 
 
@@ -616,6 +645,7 @@ def stream_wait(
     deadline = None if timeout is None else clock() + timeout
     sent = submit is None
     reached = False  # Redis answered once: a lost connection is worth a retry
+    outage = Outage(clock)
     # A request picked up again (resumed): is a worker there at all? Checked as for one just sent.
     check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
     last_entry = "0-0"
@@ -648,6 +678,7 @@ def stream_wait(
             wait = QUIET_S if deadline is None else max(0.001, min(QUIET_S, deadline - clock()))
             entries = yield ReadEvents(keys.events(request_id), last_entry, max(1, int(wait * 1000)))
             reached = True
+            outage.answered()
             if not entries:  # quiet: maybe the stream is gone and the end is only in the result key
                 done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                 if done is not None:
@@ -658,7 +689,7 @@ def stream_wait(
                 if check_workers_at is not None and clock() >= check_workers_at:
                     why = yield from why_no_worker(keys)
                     if why is not None:
-                        raise NoWorker(f"no worker has picked this up after {pickup_timeout:g} s ({why})")
+                        raise NoWorker(f"no worker is running this after {pickup_timeout:g} s ({why})")
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             for entry_id, fields in entries:
@@ -687,4 +718,5 @@ def stream_wait(
                 raise RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}") from None
             if expired():
                 raise TimeoutError(f"no result for {request_id} within {timeout} s") from None
+            outage.check(e, where, request_id, sent)
             yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen

@@ -209,19 +209,19 @@ def test_submit_without_a_worker_says_so(redis_url, prefix):
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
     res = _submit(env, "--pickup-timeout", "1")
     line = _one_line(res)
-    assert res.returncode == 2 and "no worker has picked this up after 1 s" in line and "no consumer group" in line
+    assert res.returncode == 2 and "no worker is running this after 1 s" in line and "no consumer group" in line
     with redis.Redis.from_url(redis_url) as r:  # a group that no worker ever read from
         r.xgroup_create(f"{prefix}:requests", f"{prefix}-workers", id="$", mkstream=True)
     res = _submit(env, "--pickup-timeout", "1")
     line = _one_line(res)
     assert res.returncode == 2, line
-    assert "no worker has picked this up after 1 s (consumer group has 0 consumers)" in line
+    assert "no worker is running this after 1 s (consumer group has 0 consumers)" in line
     with redis.Redis.from_url(redis_url) as r:  # a consumer whose worker is gone (no consumer-name lease)
         r.xreadgroup(f"{prefix}-workers", "gone-worker", {f"{prefix}:requests": "0"}, count=1)
     res = _submit(env, "--pickup-timeout", "1")
     line = _one_line(res)
     assert res.returncode == 2, line
-    assert "no worker has picked this up after 1 s (consumer group has 1 consumer, none of them alive)" in line
+    assert "no worker is running this after 1 s (consumer group has 1 consumer, none of them alive)" in line
 
 
 @pytest.mark.parametrize(("args", "named"), [
@@ -439,6 +439,16 @@ def test_submit_reads_the_prompt_from_stdin_and_sends_chat_messages_and_options(
                              input=stdin, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and _one_line(res) == line
 
+    # Not UTF-8 (Latin-1 here): Python hands such bytes over as lone surrogates, and the request could not be
+    # serialized ("Error serializing to JSON: UnicodeEncodeError ...").
+    for args, stdin, what in ((["-"], b"caf\xe9", "the prompt on stdin"), ([b"caf\xe9"], b"", "the prompt argument")):
+        res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", *args], cwd=REPO, env=env,
+                             input=stdin, capture_output=True, timeout=120)
+        res = subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
+        assert res.returncode == 2 and _one_line(res).startswith(f"error: {what} is not UTF-8 text"), res.stderr
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(Keys(prefix).requests) == 1  # the one sent above, nothing since
+
 
 def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(redis_url, prefix, shared_engine):
     from pagedserve.service.protocol import Keys, parse_terminal
@@ -446,7 +456,7 @@ def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(re
 
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
     line = _one_line(_submit(env, "--pickup-timeout", "1", "--id", "queued-1"))
-    assert "no worker has picked this up after 1 s" in line and "id=queued-1 stays queued" in line, line
+    assert "no worker is running this after 1 s" in line and "id=queued-1 stays queued" in line, line
     assert "pagedserve cancel queued-1" in line, line
     res = _cli(env, "cancel", "queued-1")
     assert res.returncode == 0, res.stderr

@@ -19,6 +19,7 @@ from pagedserve.service.client_core import (
     CountKeys,
     Emit,
     Listen,
+    OUTAGE_S,
     NoWorker,
     Pause,
     ReadConsumers,
@@ -63,6 +64,7 @@ def test_event_wait_invariants(data, submit, tokens):
     reply, error, steps = None, None, 0
     timed_out = unreachable = False
     ever_confirmed = False
+    failing_since = None  # start of the current run of failed operations
     while True:
         try:
             op = wait.throw(error) if error is not None else wait.send(reply)
@@ -74,6 +76,10 @@ def test_event_wait_invariants(data, submit, tokens):
         except RedisUnreachable:
             unreachable = True
             break
+        if error is None:
+            failing_since = None
+        elif failing_since is None:
+            failing_since = clock.now
         reply, error, steps = None, None, steps + 1
         late = steps > 300  # past this, the connection only stays quiet so that the deadline ends the wait
         if isinstance(op, Subscribe):
@@ -112,8 +118,9 @@ def test_event_wait_invariants(data, submit, tokens):
 
     sent = trace.count("sent")
     assert sent == 0 if not submit else sent <= 1
-    if unreachable:  # only when Redis never answered: then nothing was sent or heard
-        assert not ever_confirmed and not trace.count("sent") and not emitted
+    if unreachable:  # when Redis never answered (nothing was sent or heard), or stayed away for OUTAGE_S
+        assert (not ever_confirmed and not trace.count("sent") and not emitted) or \
+            clock.now - failing_since >= OUTAGE_S
         return
     *head, last = emitted or [None]
     assert all(isinstance(e, TokenEvent) for e in head)
@@ -143,6 +150,58 @@ def test_a_sent_request_is_not_sent_again_after_a_lost_connection(submit):
     assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
     with pytest.raises(StopIteration):
         wait.send(None)
+
+
+@pytest.mark.parametrize("reader", [event_wait, stream_wait])
+def test_redis_away_for_the_outage_bound_ends_the_wait_saying_so(reader):
+    """Redis lost for good once the request was sent: the wait went on silently until its deadline (for ever
+    without one). A restart shorter than the bound is ridden out."""
+    clock = Clock()
+    wait = reader(Keys("t"), RID, None, timeout=None, clock=clock, where="redis://h:6379/0")
+    op, reply, error, answered, lost_at = next(wait), None, None, 0, 0.0
+    with pytest.raises(RedisUnreachable) as exc:
+        while True:
+            if isinstance(op, Pause):
+                clock.now += op.seconds
+            elif isinstance(op, (Listen, ReadEvents)) and answered < 3:  # Redis there at first, then gone
+                answered += 1
+                clock.now += getattr(op, "timeout", 0) or 1.0
+                reply = {"type": "subscribe", "data": 1} if isinstance(op, Listen) else []
+            elif isinstance(op, (Subscribe, Unsubscribe)):
+                pass
+            elif isinstance(op, ReadResult) and answered < 3:
+                reply = None
+            else:
+                error = LOST
+            op = wait.throw(error) if error is not None else wait.send(reply)
+            reply, error = None, None
+            if answered < 3:
+                lost_at = clock.now
+    assert clock.now - lost_at >= OUTAGE_S
+    message = str(exc.value)
+    assert message.startswith(f"lost Redis at redis://h:6379/0 for {OUTAGE_S:g} s while waiting for {RID} "), message
+    assert "may still finish" in message, message
+
+
+def test_a_restart_shorter_than_the_outage_bound_is_ridden_out():
+    clock = Clock()
+    wait = stream_wait(Keys("t"), RID, None, timeout=None, clock=clock)
+    op = next(wait)
+    assert isinstance(op, ReadEvents)
+    assert isinstance(wait.send([]), ReadResult)  # Redis answered: a quiet stream, no result yet
+    op = wait.send(None)
+    for _ in range(3):  # three outages, each just short of the bound, with one answer between them
+        start = clock.now
+        while clock.now - start < OUTAGE_S - 1:
+            op = wait.throw(LOST)
+            assert isinstance(op, Pause), op
+            clock.now += op.seconds
+            op = wait.send(None)
+        assert isinstance(op, ReadEvents)
+        op = wait.send([])  # Redis back: a quiet stream
+        assert isinstance(op, ReadResult)
+        op = wait.send(None)
+        assert isinstance(op, ReadEvents)
 
 
 def _sent_and_quiet(pickup_timeout: float):
@@ -184,7 +243,7 @@ def test_pickup_timeout_names_why_no_worker_will_come(replies, why):
         for reply in replies:
             op = wait.send(reply)
             assert isinstance(op, (ReadConsumers, CountKeys)), op
-    assert str(exc.value) == f"no worker has picked this up after 5 s ({why})"
+    assert str(exc.value) == f"no worker is running this after 5 s ({why})"
 
 
 @pytest.mark.parametrize("refused_at", [0, 1, 2])
@@ -551,6 +610,18 @@ def test_a_cancelled_stream_task_always_stops(redis_url, prefix, shared_engine):
     with running_worker(make_settings(redis_url, prefix), shared_engine):
         stopped = [asyncio.run(run(i)) for i in range(8)]
     assert all(stopped), stopped
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"prompt": "a\ud800"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "caf\udce9"}]}, "messages.0.content"),
+    ({"prompt": "x", "metadata": {"k": ["\ud800"]}}, "metadata.k.0"),
+])
+def test_a_lone_surrogate_is_refused_naming_the_field(kw, field):
+    """Such text cannot be sent (pydantic's serializer failed with an error naming nothing, at send time)."""
+    with pytest.raises(ValueError) as exc:
+        build_request(**kw)
+    assert str(exc.value) == f"{field}: not valid Unicode (lone surrogate)"
 
 
 @pytest.mark.parametrize("metadata, words", [
