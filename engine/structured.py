@@ -39,6 +39,12 @@ from pagedserve.engine.structured_spec import KINDS, cache_key, kind_of, structu
 TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
 CACHE_SIZE = 512  # compiled grammars kept per engine
+# llguidance compiles a chain of rules (r0 -> r1 -> ...) recursively: some 3,000 of them, well inside
+# MAX_SPEC_CHARS, overflow a default 8 MiB thread stack and kill the process (SIGSEGV, every request of the worker
+# with it). The longest chain that limit admits, as Lark rules or JSON-schema $refs, compiles in 32 MiB; compile
+# threads get twice that (address space: a page is only taken when touched).
+COMPILE_STACK_BYTES = 64 << 20
+_STACK_SIZE_LOCK = threading.Lock()  # threading.stack_size is process-wide: set it only around thread creation
 
 
 # ---------------------------------------------------------------------- the backend interface
@@ -159,6 +165,15 @@ class StructuredOutputs:
                 self.compile_seconds.append(seconds)
                 self.compile_seconds_total += seconds
 
+    def _submit(self, spec: dict) -> Future:
+        """The compile on the pool, whose threads (created inside ``submit``, when needed) get the deep stack."""
+        with _STACK_SIZE_LOCK:
+            previous = threading.stack_size(COMPILE_STACK_BYTES)
+            try:
+                return self._pool.submit(self._compile, spec)
+            finally:
+                threading.stack_size(previous)
+
     def compile_async(self, spec: dict) -> Future:
         """The future of ``spec``'s compiled grammar: shared with every earlier request for the same grammar."""
         key = cache_key(spec)
@@ -169,7 +184,7 @@ class StructuredOutputs:
                 self.num_cache_hits += 1
                 return entry.future
             self.num_compiles += 1
-            entry = _Entry(self._pool.submit(self._compile, spec))
+            entry = _Entry(self._submit(spec))
             self._cache[key] = entry
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

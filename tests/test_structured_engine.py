@@ -278,3 +278,50 @@ def test_bench_structured_runs_small(tmp_path):
     assert figures["constrained_requests"] == 2 and figures["mask_rows"] > 0
     assert figures["constrained_tokens_per_s"] > 0 and figures["unconstrained_tokens_per_s"] > 0
     assert set(figures["compile_cold_ms"]) == set(figures["compile_cached_ms"])
+
+
+def _rule_chain(n: int) -> str:
+    """A Lark grammar of ``n`` rules, each leading to the next: as long as the spec limit admits."""
+    return "start: r0\n" + "\n".join(f'r{i}: "x{i % 10}" r{i + 1} | "y"' for i in range(n)) + f'\nr{n}: "z"'
+
+
+def _ref_chain(n: int) -> dict:
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "null"}]} for i in range(n)}
+    defs[f"d{n}"] = {"type": "null"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def test_the_longest_chain_of_rules_the_size_limit_admits_compiles_without_killing_the_process(model_dir):
+    """A few thousand chained rules (or $refs) overflowed the compile thread's stack: SIGSEGV, the whole worker
+    gone with every request it held, and again on each redelivery. In a subprocess, so that a crash is a failure
+    here, not the end of the test run."""
+    import subprocess
+    import sys
+
+    from pagedserve.engine.structured_spec import MAX_SPEC_CHARS
+
+    n = 5000
+    while len(_rule_chain(n)) > MAX_SPEC_CHARS:
+        n -= 50
+    m = 2000
+    while len(json.dumps(_ref_chain(m))) > MAX_SPEC_CHARS:  # as the limit counts it
+        m -= 50
+    assert n > 3000 and m > 1000  # past what overflowed an 8 MiB stack
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+from test_structured_engine import _rule_chain, _ref_chain
+from pagedserve.engine import LLM, SamplingParams
+llm = LLM(model={model_dir!r}, device="cpu", max_num_seqs=64)
+specs = [{{"grammar": _rule_chain({n})}}, {{"json": _ref_chain({m})}}]
+for spec in specs:
+    # 40 samples: their masks are filled on llguidance's own threads, not only this one
+    out = llm.generate(["a"], SamplingParams(n=40, max_tokens=8, seed=1, structured_outputs=spec))[0]
+    print(len(out.outputs), sorted({{o.finish_reason for o in out.outputs}}), getattr(out, "error", None), flush=True)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    lark, ref = res.stdout.strip().splitlines()
+    assert lark.startswith("40 ") and lark.endswith(" None"), lark
+    # So many nested alternatives pass llguidance's per-token parser limit: the request alone fails, saying so.
+    assert ref.startswith("40 ") or ref.startswith("0 [] structured_outputs could not be followed"), ref
