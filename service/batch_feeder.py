@@ -24,6 +24,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import redis
+
 from .batch_format import error_line, output_line
 from .batch_keys import CLOSING, SHOWN_AS, BatchKeys, BatchScripts, request_id
 from .connection import Connection
@@ -87,7 +89,12 @@ class BatchFeeder(WorkerPart):
         if now >= self._next_collect:
             self._next_collect = now + COLLECT_S
             for bid in list(self._active):
-                self._collect(bid)
+                try:
+                    self._collect(bid)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    raise  # Redis away: the loop's business
+                except Exception as e:  # one batch's trouble must not stop the others' collecting, nor feeding
+                    self.log.exception("batch_collect_failed", batch=bid, error=f"{type(e).__name__}: {e}")
         if room > self.reserve and now >= self._next_feed and self._stream_read():
             if not self._feed(room - self.reserve):
                 self._next_feed = now + LOOK_S  # every batch taken to its end: no need to ask each iteration
@@ -150,16 +157,25 @@ class BatchFeeder(WorkerPart):
         groups: list[str] = []
         stale_before = int(time.time() * 1000) - self.refeed_after_ms
         stale = []
+        finished = []
         for (member, score), index, raw in zip(taken, indexes, raws):
-            if raw is None:
-                if score <= stale_before:
-                    stale.append(index)
+            if raw is not None:
+                finished.append((index, raw))
+            elif score <= stale_before:
+                stale.append(index)
+        # The line's identity comes from its stored request, never from the result: a line's id is predictable
+        # (the file's hash and its place), so a result under it may have been stored by any producer, with any
+        # metadata (none of the batch's keys, or another line's).
+        for (index, raw), md in zip(finished, self._metadatas(bid, [index for index, _ in finished])):
+            if md is None:  # the batch's lines are gone (deleted)
                 continue
-            event = parse_terminal(raw)
-            md = event.metadata if "line" in event.metadata else self._metadata(bid, index)
-            if md is None:
-                continue
-            line_no, line, ok = output_line(event, md)
+            try:
+                line_no, line, ok = output_line(parse_terminal(raw), md)
+            except Exception as e:  # a result no output line can be made of: this line fails, not the tick
+                self.log.warning("batch_result_unusable", batch=bid, index=index, error=f"{type(e).__name__}: {e}")
+                line_no, ok = int(md["line"]), False
+                line = error_line(bid, line_no, md["custom_id"], "internal",
+                                  f"the stored result of this line's request could not be read ({type(e).__name__})")
             groups += [str(line_no), json.dumps(line, separators=(",", ":")), "1" if ok else "0", str(index)]
         if groups:
             self._store(bid, groups)
@@ -167,10 +183,19 @@ class BatchFeeder(WorkerPart):
             self._refeed(bid, index, stale_before)
 
     def _metadata(self, bid: str, index: int) -> dict | None:
-        """The metadata of a line from its stored request (a terminal event that could not echo it)."""
-        body = self.conn.r.lindex(self.bkeys.lines(bid), index)
-        self.metrics.redis_ops.inc()
-        return json.loads(body)["metadata"] if body is not None else None
+        """The metadata of a line from its stored request (written by the submitter: the line's identity)."""
+        return self._metadatas(bid, [index])[0]
+
+    def _metadatas(self, bid: str, indexes: list[int]) -> list[dict | None]:
+        """:meth:`_metadata` of each of ``indexes``, in one round trip."""
+        if not indexes:
+            return []
+        pipe = self.conn.r.pipeline(transaction=False)
+        for index in indexes:
+            pipe.lindex(self.bkeys.lines(bid), index)
+        bodies = pipe.execute()
+        self.metrics.redis_ops.inc(len(indexes))
+        return [json.loads(body)["metadata"] if body is not None else None for body in bodies]
 
     def _store(self, bid: str, groups: list[str], cursor: tuple[int, int] | None = None) -> None:
         k = self.bkeys

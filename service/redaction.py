@@ -17,10 +17,16 @@ import re
 from urllib.parse import unquote
 
 # The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
-# raw ``@`` inside a password is covered too) and ``password=`` query parameters.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@")
-_PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\bpassword=)[^&\s'\"<>]*")
+# raw ``@`` inside a password is covered too), also after a mistyped scheme (``redis//``, ``redis:/``: the error
+# refusing one quotes it), and ``password=`` query parameters. A parameter's value ends where the query does
+# (``&``, ``#``, a space or a quote); punctuation that closes the sentence quoting the URL (``: invalid``,
+# ``...).``) is left standing unless more of the value follows it.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*(?::/+|//+))(?P<userinfo>[^\s'\"<>]*)@")
+_PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\bpassword=)[^&#\s'\"<>]*?(?=[:;,.!?)\]]*(?:[&#\s'\"<>]|$))")
 _PASSWORD_VALUE = re.compile(r"(?i)\bpassword=(?P<value>[^&#]*)")
+# What stands before the user-info in a URL, written right or not: a scheme and any of ``:`` and slashes
+# (``redis://``, ``redis//``, ``redis:/``, ``redis:``; a bare ``user:`` is taken for one, which leaves its password).
+_SCHEME_PREFIX = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.\-]*(?::[/\\]*|[/\\]+)")
 
 # Shorter ones would mask ordinary words of every line; the pattern still covers them inside a URL.
 MIN_REMEMBERED = 3
@@ -31,13 +37,14 @@ _masking_order: tuple[str, ...] = ()  # longest first (one may contain another);
 def remember_secrets(url: object) -> None:
     """Remember the password of ``url`` (its user-info's, or all of a user-info without ``:``, and any
     ``password=`` parameter), raw and percent-decoded, so that :func:`redact` masks it anywhere. The URL need not
-    parse: a malformed one is quoted in the error that refuses it."""
+    parse, nor its scheme be written right: a malformed one is quoted in the error that refuses it."""
     if not isinstance(url, str):
         return
-    _, sep, rest = url.partition("://")
     found = [m["value"] for m in _PASSWORD_VALUE.finditer(url)]
-    if sep and "@" in rest:
-        userinfo = rest[: rest.rindex("@")]
+    if "@" in url:
+        # The scheme is cut however it was mistyped (``redis//:pw@``, ``redis:/:pw@``): such a URL is refused by
+        # an error that quotes it, and finding the password only after ``://`` left it in clear there.
+        userinfo = _SCHEME_PREFIX.sub("", url[: url.rindex("@")], count=1)
         user, colon, password = userinfo.partition(":")
         found.append(password if colon else user)
     global _masking_order

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .redaction import redact, remember_secrets
@@ -88,6 +88,9 @@ def check_redis_url(url: str) -> None:
 
     from redis.connection import parse_url
 
+    remember_secrets(url)  # before anything can quote it, these refusals included
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("redis_url must start with redis://, rediss:// or unix://")
     try:
         parse_url(url)
         path = urlsplit(url).path
@@ -99,6 +102,31 @@ def check_redis_url(url: str) -> None:
     if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
         raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
                          f"(got {redact(path)!r})")
+
+
+def masked_error(error: ValidationError) -> ValidationError:
+    """``error`` with the passwords in the inputs and messages it quotes masked (:func:`redact`)."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    def masked(value: Any) -> Any:
+        if isinstance(value, (str, BaseException)):
+            return redact(value)
+        shown = repr(value)  # a dict of inputs (a whole-model error) or another object: masked as it would print
+        return value if redact(shown) == shown else redact(shown)
+
+    details: list[InitErrorDetails] = []
+    for item in error.errors(include_url=False):
+        ctx = {k: masked(v) for k, v in item.get("ctx", {}).items()}
+        detail = InitErrorDetails(type=item["type"], loc=item["loc"], input=masked(item["input"]))
+        if ctx:
+            detail["ctx"] = ctx
+        try:
+            ValidationError.from_exception_data(error.title, [detail])
+        except (KeyError, TypeError, ValueError):  # a custom error type: its message, already formatted
+            detail = InitErrorDetails(type=PydanticCustomError(item["type"], redact(item["msg"])), loc=item["loc"],
+                                      input=detail["input"])
+        details.append(detail)
+    return ValidationError.from_exception_data(error.title, details)
 
 
 class Settings(BaseSettings):
@@ -215,9 +243,6 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        remember_secrets(v)  # before anything can quote it, this refusal included
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         check_redis_url(v)
         return v
 
@@ -248,6 +273,20 @@ class Settings(BaseSettings):
             raise ValueError(f"must be less than claim_idle_ms ({claim_idle_ms}): a live worker's entries would go "
                              "idle long enough for another worker to reclaim them")
         return v
+
+    def __init__(self, **values: Any) -> None:
+        # pydantic's refusal quotes every input (``input_value='redis://u:pw@...'``): raised again with the
+        # passwords masked, the same errors otherwise (type, fields, messages), and without the original chained.
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise masked_error(e) from None
+
+    def __repr_args__(self) -> Any:
+        # What repr and str show (``celery report`` and ``celery inspect conf``, Flower's view, print the settings
+        # kept in app.conf): passwords masked there only, the attributes keep them.
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) else value
 
     @property
     def consumer_name(self) -> str:

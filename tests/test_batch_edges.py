@@ -215,3 +215,48 @@ def test_cli_ctrl_c_says_the_batch_runs_on_and_o_never_overwrites_the_input(pref
     other.write_bytes(data[:-1] + b" \n")  # any other file is overwritten, as asked
     assert cli.invoke(app, ["batch", "results", bid, "-o", str(other)]).exit_code == 3
     assert other.read_text() == ""
+
+
+def test_a_result_stored_under_a_lines_id_by_someone_else_fails_no_other_line_or_batch(redis_url, prefix, r,
+                                                                                      shared_engine):
+    """A line's request id is the batch id (a hash of the file) and its index: anyone who can send requests can
+    use it first, and the line is then answered by that stored result. Its metadata is not the line's: echoed
+    metadata without the batch's keys stopped every batch's feeding and collecting (a KeyError each tick), and
+    metadata naming another line dropped this one from the batch without an output line, for good."""
+    from pagedserve.service.batch_client import batch_id
+    from pagedserve.service.batch_keys import request_id
+
+    data = jsonl([completion(f"c{i}") for i in range(5)])
+    bid = batch_id(data)
+    keys = Keys(prefix)
+
+    def planted(index, metadata):
+        event = {"type": "done", "id": request_id(bid, index), "metadata": metadata,
+                 "outputs": [{"index": 0, "text": " planted", "token_ids": [1], "finish_reason": "length"}],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+        r.set(keys.result(request_id(bid, index)), json.dumps(event), ex=600)
+
+    planted(1, {"line": 1})  # none of the batch's keys
+    planted(2, {"line": 1, "batch_id": bid, "custom_id": "c0", "url": "/v1/completions"})  # another line's
+    planted(3, {"line": "x", "batch_id": 7})  # nothing of the right type
+    r.set(keys.result(request_id(bid, 4)), b"\xff not an event", ex=600)
+    innocent = submit_batch(r, prefix, jsonl([completion("other")]), key="innocent")
+    assert submit_batch(r, prefix, data) == bid
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+        assert wait_batch(r, prefix, innocent, timeout=60, poll_s=0.1)["status"] == "completed"
+    assert status["status"] == "completed", status
+    assert status["request_counts"] == {"total": 5, "completed": 4, "failed": 1}, status
+    out = list(batch_results(r, prefix, bid))
+    assert sorted(o["custom_id"] for o in out) == ["c0", "c1", "c2", "c3", "c4"]
+    from pagedserve.service.batch_format import line_id
+
+    for o in out:  # each line's identity is its own; the text is what its id's stored result says
+        assert o["id"] == line_id(bid, int(o["custom_id"][1:])), o
+        if o["custom_id"] == "c4":
+            assert o["response"] is None and o["error"]["code"] == "internal", o
+        else:
+            assert o["response"]["status_code"] == 200, o
+    out = [o for o in out if o["custom_id"] != "c4"]
+    planted_texts = {o["custom_id"]: o["response"]["body"]["choices"][0]["text"] for o in out}
+    assert planted_texts["c1"] == planted_texts["c2"] == planted_texts["c3"] == " planted"

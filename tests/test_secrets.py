@@ -1,0 +1,157 @@
+"""Secrets never reach a log line or an error: the Redis passwords of the settings are masked in their repr (what
+``celery report`` and ``celery inspect conf``, Flower's view, print of the app's configuration), in the error
+that refuses a malformed URL (pydantic quotes the input), and in the CLI's line for a mistyped scheme.
+
+Each case uses a password of its own: :mod:`redaction` remembers every password it has seen in this process, so
+one remembered by an earlier test would mask a later one's whatever the code under test did.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from pagedserve.service.redaction import redact, remember_secrets
+from pagedserve.service.settings import Settings
+from service_fixtures import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    full_env.update(env)
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=180)
+
+
+# --- the settings' repr: what Celery prints of app.conf -------------------------------------------------------
+
+def test_the_settings_repr_and_str_mask_the_passwords_and_keep_the_values():
+    url, broker = "redis://:r3prPW0rd@127.0.0.1:6379/0", "redis://app:br0kerPW0rd@127.0.0.1:6379/1"
+    s = Settings(redis_url=url, celery_broker_url=broker)
+    for text in (repr(s), str(s), f"{s!r}", repr({"pagedserve_settings": s})):
+        assert "r3prPW0rd" not in text and "br0kerPW0rd" not in text, text
+    assert "redis_url='redis://:***@127.0.0.1:6379/0'" in repr(s)
+    assert "celery_broker_url='redis://app:***@127.0.0.1:6379/1'" in repr(s)
+    assert (s.redis_url, s.celery_broker_url) == (url, broker)  # masked in what is shown only
+    assert s.model_dump()["redis_url"] == url
+
+
+def test_celery_inspect_conf_masks_the_settings_passwords():
+    # What a worker answers to `celery inspect conf` (Flower's configuration page): its control command, run here.
+    from celery.worker.control import conf
+
+    from pagedserve.service.celery_app import make_celery
+
+    app = make_celery(Settings(redis_url=f"redis://:1nsp3ctPW@127.0.0.1:{_free_port()}/0", prefix="secrets-test"))
+    answer = conf(type("State", (), {"app": app})())
+    assert "1nsp3ctPW" not in repr(answer), answer
+    assert "redis://:***@127.0.0.1:" in answer["pagedserve_settings"]
+
+
+def test_celery_report_masks_the_settings_passwords():
+    url = f"redis://:r3p0rtPW@127.0.0.1:{_free_port()}/0"
+    broker = f"redis://app:r3p0rtBr0ker@127.0.0.1:{_free_port()}/1"
+    res = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "report"],
+               {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_CELERY_BROKER_URL": broker})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "pagedserve_settings: Settings(" in out, out
+    assert "r3p0rtPW" not in out and "r3p0rtBr0ker" not in out, out
+    assert "redis_url='redis://:***@127.0.0.1:" in out, out
+
+
+# --- a refused URL: pydantic's error quotes the input -----------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("redis://admin:v4lPW0rd1@127.0.0.1:26379/abc", "v4lPW0rd1"),  # refused by the database check
+    ("redis//:v4lPW0rd2@host:6379/0", "v4lPW0rd2"),  # mistyped schemes: no '://' to find the password after
+    ("redis:/:v4lPW0rd3@host", "v4lPW0rd3"),
+    ("redis:/admin:v4lPW0rd4@host", "v4lPW0rd4"),
+    ("redis:v4lPW0rd5@host:6379", "v4lPW0rd5"),
+    ("redis//:v4l/PW0rd6@host", "v4l/PW0rd6"),  # a raw '/' in the password of a mistyped one
+    ("redis://admin:v4lPW0rd7@h:1/abc?password=v4lQu3ry7", "v4lQu3ry7"),
+])
+def test_a_refused_url_is_quoted_with_its_password_masked(url, secret):
+    with pytest.raises(ValidationError) as e:
+        Settings(redis_url=url)
+    for text in (str(e.value), repr(e.value), repr(e.value.errors())):
+        assert secret not in text and secret.split("/")[0] not in text, text
+    assert [err["loc"] for err in e.value.errors()] == [("redis_url",)]
+    assert "redis_url" in str(e.value) and "input_value=" in str(e.value)  # still names the field and the value
+
+
+def test_a_refused_url_given_to_a_client_is_masked():
+    from pagedserve.service.client import AsyncClient, Client
+
+    for cls, secret in ((Client, "cl1entPW"), (AsyncClient, "acl1entPW")):
+        with pytest.raises(ValidationError) as e:
+            cls(redis_url=f"redis://u:{secret}@h:1/abc")
+        assert secret not in str(e.value), str(e.value)
+
+
+def test_the_other_errors_of_a_refusal_are_kept():
+    with pytest.raises(ValidationError) as e:
+        Settings(redis_url="redis//:k33pPW0rd@h/0", block_size=7, preemption_mode="x", max_num_seqs=0)
+    assert [(err["loc"], err["type"]) for err in e.value.errors()] == [
+        (("redis_url",), "value_error"), (("block_size",), "value_error"),
+        (("preemption_mode",), "literal_error"), (("max_num_seqs",), "greater_than_equal")]
+    assert "k33pPW0rd" not in str(e.value)
+    assert "input_value=7" in str(e.value) and "greater than or equal to 1" in str(e.value)
+
+
+def test_importing_the_celery_app_with_a_refused_url_masks_it():
+    # `celery -A pagedserve.service.celery_app worker` imports it: the traceback ends in the settings' refusal.
+    url = "redis://admin:1mp0rtPW@127.0.0.1:26379/abc"
+    res = _run([sys.executable, "-c", "import pagedserve.service.celery_app"], {"PAGEDSERVE_REDIS_URL": url})
+    assert res.returncode != 0 and "redis_url" in res.stderr, res.stderr
+    assert "1mp0rtPW" not in res.stdout + res.stderr, res.stderr
+    assert "redis://admin:***@127.0.0.1:26379/abc" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("command", "url", "secret"), [
+    ("submit", "redis//:cl1PW0rd1@host:6379/0", "cl1PW0rd1"),
+    ("submit", "redis:/:cl1PW0rd2@host", "cl1PW0rd2"),
+    ("submit", "redis://admin:cl1PW0rd3@127.0.0.1:26379/abc", "cl1PW0rd3"),
+    ("worker", "redis//:cl1PW0rd4@host:6379/0", "cl1PW0rd4"),
+])
+def test_the_cli_refuses_a_mistyped_url_in_one_line_without_its_password(command, url, secret):
+    args = [sys.executable, "-m", "pagedserve.service.cli", command] + (["Hello"] if command == "submit" else [])
+    res = _run(args, {"PAGEDSERVE_REDIS_URL": url})
+    text = (res.stdout + res.stderr).strip()
+    assert res.returncode != 0 and "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert secret not in text and "PAGEDSERVE_REDIS_URL" in text, text
+
+
+# --- the redaction helpers ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("redis//:r3mPW0rd1@host:6379/0", "r3mPW0rd1"), ("redis:/:r3mPW0rd2@host", "r3mPW0rd2"),
+    ("redis:/u:r3mPW0rd3@host", "r3mPW0rd3"), ("u:r3mPW0rd4@host:6379", "r3mPW0rd4"),
+    ("redis//:r3m/PW0rd5@host", "r3m/PW0rd5"), ("redis://:r3m@PW0rd6@host", "r3m@PW0rd6"),
+    ("redis//:r3m%40PW0rd7@host", "r3m@PW0rd7"),
+])
+def test_the_password_of_a_mistyped_url_is_remembered(url, secret):
+    remember_secrets(url)
+    assert secret not in redact(f"refused {secret} (in {url})")
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("redis://h:6379/0?password=abc: invalid", "redis://h:6379/0?password=***: invalid"),
+    ("'redis://h/0?password=abc', then", "'redis://h/0?password=***', then"),
+    ("redis://h/0?password=a:b&db=1 (x)", "redis://h/0?password=***&db=1 (x)"),
+    ("redis://h/0?password=abc#frag.", "redis://h/0?password=***#frag."),
+    ("(redis://h/0?password=abc).", "(redis://h/0?password=***)."),
+    ("redis//:pw@host:6379/0: bad", "redis//:***@host:6379/0: bad"),
+    ("redis:/u:pw@host", "redis:/u:***@host"),
+])
+def test_redaction_keeps_the_text_around_what_it_masks(text, masked):
+    assert redact(text) == masked
