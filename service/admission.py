@@ -43,8 +43,8 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
-from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, engine_params, params_field,
-                       parse_request)
+from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, engine_params, entry_time,
+                       params_field, parse_request)
 from .reclaim import LeaseKeeper
 from .resume import events_bound, read_emitted
 from .running import Running
@@ -178,14 +178,6 @@ def add_to_engine(
                                   req.metadata) from None
 
 
-def entry_time(entry_id: str) -> float:
-    """Unix time (s) at which Redis accepted the entry (its id's millisecond part)."""
-    try:
-        return int(entry_id.split("-", 1)[0]) / 1000.0
-    except ValueError:
-        return time.time()
-
-
 @dataclass
 class Refused:
     """An entry with a valid id whose content was refused at parse time. It goes through steps 3-4 like a
@@ -213,6 +205,7 @@ class Compiling:
     log: Any
     resume: Any = None  # per sample, what an earlier run handed out (resume.py); None: from the start
     next_seq: dict = field(default_factory=dict)  # output index -> seq of its next token event
+    first_token_at: float | None = None  # when an earlier run handed out its first token (resume.py)
 
 
 @dataclass
@@ -420,6 +413,7 @@ class Admission(WorkerPart):
                 self.waiting[req.id] = Waiting(req, list(entry_ids), fields, deliveries)
                 return
             job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
+            job.first_token_at = emitted.first_token_at
             log.info("request_resumed", outputs=len(emitted.outputs), continued=job.resume is not None,
                      tokens=sum(len(o.token_ids) for o in emitted.outputs.values()))
         if not engine.structured_ready(params):  # its grammar compiles off the loop; it waits here meanwhile
@@ -466,6 +460,7 @@ class Admission(WorkerPart):
             span=job.span,
             log=job.log,
             next_seq=dict(job.next_seq),
+            first_token_at=job.first_token_at,
         ))
 
     def unstarted(self) -> int:

@@ -27,6 +27,7 @@ class InFlight:
     log: Any = None
     last_token_at: float | None = None  # time.time() of its last new token (inter-token latency)
     next_seq: dict[int, int] = field(default_factory=dict)  # output index -> the seq of its next token event
+    first_token_at: float | None = None  # time.time() an earlier run of it handed out its first token
     gone: set[str] = field(default_factory=set)  # its entries no consumer holds any more (reclaim.py: "gone")
 
     @property

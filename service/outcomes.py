@@ -28,7 +28,7 @@ from .context import WorkerContext, WorkerPart
 from .inflight import InFlight
 from .protocol import DeadLetter, ErrorEvent, ErrorInfo, GenerateRequest
 from .publisher import Publisher
-from .results import done_before_start, done_event
+from .results import done_before_start, done_event, run_times
 from .telemetry import request_logger
 
 
@@ -148,12 +148,12 @@ class Outcomes(WorkerPart):
     def done(self, rid: str, f: InFlight, out: Any, finish_reason: str | None = None) -> None:
         """The ``done`` event of a request the engine ran (finished, cancelled or past its deadline); latency
         histograms and the phase spans come from the engine's timestamps, measured from the XADD."""
-        m = dict(getattr(out, "metrics", None) or {}) if out is not None else {}
+        m = run_times(out, f.first_token_at)
         arrival = f.arrival
         first_sched = m.get("first_scheduled_time")
         first_tok = m.get("first_token_time")
         finished = m.get("finished_time") or time.time()
-        ev = done_event(rid, out, arrival, finished, f.request.metadata, finish_reason)
+        ev = done_event(rid, out, arrival, finished, f.request.metadata, finish_reason, f.first_token_at)
         outputs = ev.outputs
         prompt_tokens, completion = ev.usage.prompt_tokens, ev.usage.completion_tokens
         self.metrics.prompt_tokens.inc(prompt_tokens)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -445,6 +446,14 @@ def leading_id(raw: bytes) -> str | None:
     if m is None or raw.count(b'"id"') != 1 or b"\\u" in raw:
         return None
     return m.group(1).decode("ascii")
+
+
+def entry_time(entry_id: str | bytes) -> float:
+    """Unix time (s) at which Redis accepted a stream entry (its id's millisecond part)."""
+    try:
+        return int(as_text(entry_id).split("-", 1)[0]) / 1000.0
+    except ValueError:
+        return time.time()
 
 
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:

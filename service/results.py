@@ -48,9 +48,21 @@ def _ms(a: float | None, b: float | None) -> float | None:
     return round((b - a) * 1000, 3) if a is not None and b is not None else None
 
 
-def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: dict, reason: str | None = None) -> DoneEvent:
-    """The terminal ``done`` event of a request; latencies are measured from the entry's enqueue time."""
+def run_times(out: Any, first_token_at: float | None = None) -> dict:
+    """The engine's timestamps of a request's run (``first_scheduled_time``, ``first_token_time``, ...). With
+    ``first_token_at``, when an earlier run of the request (a worker that died or handed it back) gave the caller
+    its first token: the request's first token and scheduling are then that run's, not this one's."""
     m = dict(getattr(out, "metrics", None) or {}) if out is not None else {}
+    if first_token_at is not None:
+        for k in ("first_scheduled_time", "first_token_time"):
+            m[k] = min(first_token_at, m.get(k, first_token_at))
+    return m
+
+
+def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: dict, reason: str | None = None,
+               first_token_at: float | None = None) -> DoneEvent:
+    """The terminal ``done`` event of a request; latencies are measured from the entry's enqueue time."""
+    m = run_times(out, first_token_at)
     outputs = [
         CompletionResult(
             index=c.index,

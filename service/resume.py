@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from .protocol import Keys
+from .protocol import Keys, entry_time
 
 
 PAGE = 1000  # events per XRANGE: a long stream neither blocks Redis nor arrives as one reply
@@ -54,6 +54,7 @@ class Emitted:
 
     outputs: dict[int, Output] = field(default_factory=dict)
     resumable: bool = True
+    first_token_at: float | None = None  # time.time() of the first token event (its entry id): when the caller got it
 
     @property
     def empty(self) -> bool:
@@ -79,16 +80,17 @@ class Emitted:
 
 
 def _entries(r: redis.Redis, key: str, limit: int):
-    """The stream's entries, a page at a time; None after ``limit`` of them (the rest is not read)."""
+    """The stream's (entry id, fields), a page at a time; (None, None) after ``limit`` of them (the rest is not
+    read)."""
     start, seen = "-", 0
     while True:
         page = r.xrange(key, min=start, count=PAGE)
         for entry_id, fields in page:
             seen += 1
             if seen > limit:
-                yield None
+                yield None, None
                 return
-            yield fields
+            yield entry_id, fields
         if len(page) < PAGE:
             return
         start = "(" + (page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0])
@@ -99,7 +101,7 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emi
     ``limit`` entries (:func:`events_bound` of the request) was not written by runs of this request: it is not
     resumable, and the rest of it is not read."""
     emitted = Emitted()
-    for fields in _entries(r, keys.events(request_id), limit):
+    for entry_id, fields in _entries(r, keys.events(request_id), limit):
         if fields is None:
             emitted.resumable = False
             break
@@ -115,6 +117,8 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emi
         if not isinstance(index, int) or not isinstance(seq, int):
             emitted.resumable = False
             continue
+        if emitted.first_token_at is None:
+            emitted.first_token_at = entry_time(entry_id)
         o = emitted.outputs.setdefault(index, Output())
         if seq < o.next_seq:
             continue  # appended twice (a flush that broke off was sent again)

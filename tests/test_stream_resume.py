@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import uuid
 
 import pytest
@@ -189,6 +190,7 @@ def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_
     def consume(rid: str) -> None:
         try:
             with Client(settings=s) as c:
+                sent_at[rid] = time.time()
                 for ev in c.stream(PROMPTS[rid], id=rid, params=REQUESTS[rid], timeout=240):
                     seen[rid].append(ev)
         except BaseException as e:  # surfaced below
@@ -197,6 +199,8 @@ def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_
     def events_per_sample() -> int:
         return min(sum(1 for e in seen[rid] if isinstance(e, TokenEvent) and e.index == i)
                    for rid, p in REQUESTS.items() for i in range(p.get("n", 1)))
+
+    sent_at = {}
 
     a = WorkerProcess(s.model_copy(update={"worker_name": "resume-a"}), tmp_path / "a.log").start()
     b = WorkerProcess(s.model_copy(update={"worker_name": "resume-b"}), tmp_path / "b.log")
@@ -207,6 +211,7 @@ def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_
             t.start()
         wait_for(lambda: events_per_sample() >= 5 or errors, 120, what="every sample streaming")
         a.kill()  # mid-generation: no result stored yet
+        killed_time = time.time()
         assert not errors and not any(r.exists(keys.result(rid)) for rid in REQUESTS), "killed too late"
         killed_at = {rid: len(seen[rid]) for rid in REQUESTS}
         b.start()
@@ -226,6 +231,10 @@ def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_
                 assert [t for e in mine for t in e.token_ids] == out.token_ids
                 assert "".join(e.text for e in mine) == out.text
                 assert len(out.token_ids) == MAX_TOKENS and out.finish_reason == "length"
+            # The caller's first token came from the killed worker; the taking worker's first token (seconds
+            # later, after its start) was counted as the request's TTFT.
+            m = done.metrics
+            assert m.queued_ms <= m.ttft_ms <= (killed_time - sent_at[rid]) * 1000, (rid, m)
         want = uninterrupted(shared_engine, PROMPTS["seeded"], REQUESTS["seeded"])
         assert [o.token_ids for o in seen["seeded"][-1].outputs] == want
 
