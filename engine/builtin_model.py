@@ -36,6 +36,18 @@ def cache_dir() -> Path:
     return Path(cache).expanduser()
 
 
+def make_dirs(path: Path) -> Path:
+    """``mkdir -p path``; one line naming the cache setting when it cannot be made (ValueError)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = os.environ.get("PAGEDSERVE_CACHE_DIR")
+        named = f"PAGEDSERVE_CACHE_DIR={where}" if where else f"the model cache {cache_dir()}"
+        raise ValueError(f"cannot write in {named} ({e.strerror or e}: {path}): set PAGEDSERVE_CACHE_DIR to a "
+                         "directory you can write to") from None
+    return path
+
+
 def default_model_dir() -> Path:
     """The tiny random model's directory in the cache."""
     return cache_dir() / BUILTIN_NAME
@@ -108,9 +120,9 @@ def ensure_builtin_model(path: str | Path | None = None) -> str:
     if _is_builtin(target):
         return str(target)
     refuse_occupied(target, ours=False)
+    make_dirs(target.parent)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     write_llama(tmp, seed=0)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(target)
     except OSError:  # another process won the race (its copy is identical), or the directory filled meanwhile

