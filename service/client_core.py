@@ -72,7 +72,7 @@ from .protocol import (
 )
 from .redaction import redact, remember_secrets
 from .safe_json import MAX_JSON_DEPTH, first_problem
-from .settings import Settings
+from .settings import Settings, check_redis_url
 from .telemetry import get_tracer, inject_fields
 
 Event = Union[TokenEvent, DoneEvent, ErrorEvent]
@@ -272,6 +272,11 @@ class ProducerCore:
         self.settings = s
         self.redis_url = redis_url or s.redis_url
         remember_secrets(self.redis_url)
+        if redis_url:  # refused as the settings refuse theirs (checked when they were read), password masked
+            try:
+                check_redis_url(redis_url)
+            except ValueError as e:
+                raise ValueError(f"redis_url {redact(redis_url)!r}: {e}") from None
         self.keys = Keys(prefix or s.prefix)
         self.tracer = get_tracer(tracer_provider)
 

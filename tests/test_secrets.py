@@ -89,13 +89,19 @@ def test_a_refused_url_is_quoted_with_its_password_masked(url, secret):
     assert "redis_url" in str(e.value) and "input_value=" in str(e.value)  # still names the field and the value
 
 
-def test_a_refused_url_given_to_a_client_is_masked():
+def test_a_client_refuses_the_urls_the_settings_refuse_with_the_password_masked():
+    # The clients took redis://h/abc for database 0 without a word, and redis-py's own refusal of a mistyped
+    # scheme does not say which URL: refused as the settings refuse them, naming the argument.
     from pagedserve.service.client import AsyncClient, Client
 
-    for cls, secret in ((Client, "cl1entPW"), (AsyncClient, "acl1entPW")):
-        with pytest.raises(ValidationError) as e:
-            cls(redis_url=f"redis://u:{secret}@h:1/abc")
-        assert secret not in str(e.value), str(e.value)
+    for cls, url, secret, words in (
+            (Client, "redis://u:cl1entPW1@h:1/abc", "cl1entPW1", "the database after the host must be a number"),
+            (AsyncClient, "redis://u:cl1entPW2@h:1/abc", "cl1entPW2", "the database after the host must be a number"),
+            (Client, "redis//:cl1entPW3@h:1/0", "cl1entPW3", "must start with redis://, rediss:// or unix://")):
+        with pytest.raises(ValueError, match=words) as e:
+            cls(redis_url=url)
+        assert secret not in str(e.value) and str(e.value).startswith("redis_url '"), str(e.value)
+        assert len(str(e.value).splitlines()) == 1 and e.value.__suppress_context__
 
 
 def test_the_other_errors_of_a_refusal_are_kept():
