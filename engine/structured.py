@@ -7,7 +7,9 @@ A request asks with ``SamplingParams(structured_outputs={...})`` (the field's ru
   thread pool (never on the step loop), keeps the compiled grammars in an LRU cache (failures too, so a bad
   schema sent again fails without compiling again), and refuses a compile that takes longer than
   ``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S``. It hands out one :class:`Matcher` per sequence and fills the
-  batch's token bitmask.
+  batch's token bitmask. A grammar whose masks cost more than ``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` of CPU per
+  token is refused when it compiles (a mask of its start state is timed), or ends its request when that happens
+  later in the output (three masks in a row): one request's grammar must not slow every other request's tokens.
 - :func:`apply_token_bitmask`: sets the logits of disallowed tokens to ``-inf``, in place on the logits'
   device, before the sampler runs (so penalties, top-k/top-p/min-p and logprobs all see the constrained
   distribution).
@@ -38,6 +40,10 @@ from pagedserve.engine.structured_spec import KINDS, cache_key, kind_of, structu
 
 TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
+# Every step waits for the masks of all its rows, so a grammar that costs milliseconds per mask (a{99999}: ~25 ms
+# on a 49k vocabulary) slows every request in the batch; ordinary schemas and regexes cost 0.04-0.2 ms.
+MAX_MASK_ENV = "PAGEDSERVE_STRUCTURED_MAX_MASK_MS"
+DEFAULT_MAX_MASK_MS = 10.0
 CACHE_SIZE = 512  # compiled grammars kept per engine
 # llguidance compiles a chain of rules (r0 -> r1 -> ...) recursively: some 3,000 of them, well inside
 # MAX_SPEC_CHARS, overflow a default 8 MiB thread stack and kill the process (SIGSEGV, every request of the worker
@@ -80,6 +86,9 @@ class GrammarBackend(Protocol):
     name: str
     version: str
     vocab_size: int  # bits per bitmask row
+    # CPU milliseconds a mask may cost per token (set by StructuredOutputs before the first compile): a grammar
+    # over it at its start is refused by compile; a matcher over it for several masks in a row raises GrammarFailed.
+    max_mask_ms: float
 
     def compile(self, spec: dict) -> CompiledGrammar:
         """Compile a validated spec; raises ``ValueError`` starting with ``structured_outputs`` if it is unusable.
@@ -95,18 +104,28 @@ def default_backend(tokenizer, vocab_size: int, eos_token_ids) -> GrammarBackend
     return LLGuidanceBackend(tokenizer, vocab_size, sorted(eos_token_ids))
 
 
-def compile_timeout_from_env() -> float:
-    """``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S`` (seconds, > 0), else the default."""
-    raw = os.environ.get(TIMEOUT_ENV)
+def _positive_from_env(name: str, default: float, unit: str) -> float:
+    """The environment's ``name`` as a finite number > 0, else ``default``; ValueError naming it otherwise."""
+    raw = os.environ.get(name)
     if raw is None or raw == "":
-        return DEFAULT_COMPILE_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0 (got {raw!r})")
+        raise ValueError(f"{name} must be a number of {unit} > 0 (got {raw!r})")
     return value
+
+
+def compile_timeout_from_env() -> float:
+    """``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S`` (seconds, > 0), else the default."""
+    return _positive_from_env(TIMEOUT_ENV, DEFAULT_COMPILE_TIMEOUT_S, "seconds")
+
+
+def max_mask_ms_from_env() -> float:
+    """``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` (CPU milliseconds of mask per token, > 0), else the default."""
+    return _positive_from_env(MAX_MASK_ENV, DEFAULT_MAX_MASK_MS, "milliseconds")
 
 
 class _Entry:
@@ -125,14 +144,16 @@ class StructuredOutputs:
 
     ``backend_factory`` builds the backend on first use, on the compile thread (wrapping a large tokenizer
     for llguidance takes up to a second, which an engine that never sees a structured request never pays).
+    ``compile_timeout_s`` and ``max_mask_ms`` default to their settings in the environment.
     """
 
     def __init__(self, backend_factory, compile_timeout_s: float | None = None, max_workers: int = 2,
-                 cache_size: int = CACHE_SIZE) -> None:
+                 cache_size: int = CACHE_SIZE, max_mask_ms: float | None = None) -> None:
         self._factory = backend_factory
         self._backend: GrammarBackend | None = None
         self._backend_lock = threading.Lock()
         self.compile_timeout_s = compile_timeout_from_env() if compile_timeout_s is None else compile_timeout_s
+        self.max_mask_ms = max_mask_ms_from_env() if max_mask_ms is None else max_mask_ms
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar-compile")
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._cache_size = cache_size
@@ -152,7 +173,9 @@ class StructuredOutputs:
     def backend(self) -> GrammarBackend:
         with self._backend_lock:
             if self._backend is None:
-                self._backend = self._factory()
+                backend = self._factory()
+                backend.max_mask_ms = self.max_mask_ms
+                self._backend = backend
             return self._backend
 
     def _compile(self, spec: dict) -> CompiledGrammar:

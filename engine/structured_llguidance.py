@@ -20,6 +20,25 @@ an EOS that would pass its invalid output off as complete.
 
 What llguidance cannot follow exactly is refused when compiling, naming the place: a schema number beyond 2**53 in
 magnitude where it constrains the output (:func:`inexact_number`), and a regex or grammar that matches no string.
+
+Mask cost. Each mask works out the bytes the grammar forces next, so a large counted repetition costs in proportion
+to its count: ``a{99999}`` some 25 ms of CPU per mask on SmolLM2's vocabulary (an ordinary grammar 0.04-0.2 ms),
+and every step of the batch waits for it. Masks are timed in CPU time of the thread that fills them (a thread
+the OS sets aside does not count against the grammar), against the backend's ``max_mask_ms``:
+
+- ``compile`` times one mask of the start state after the warm-up mask (which builds the lexer and so costs
+  more than the masks after it): over the limit, the grammar is refused like one that does not compile.
+- A grammar may be cheap at its start and costly further on (``[xy]a{40000}``: nothing is forced until x or y is
+  written). Each matcher counts its masks over the limit in a row; the :data:`MASK_STRIKES`-th raises
+  :class:`GrammarFailed`, and so does every mask after it, without computing it. One mask over the limit now and
+  then (a new region of the lexer built on first use) does not count against a grammar.
+- The parallel path (llguidance's thread pool) gives only the total time of its rows; when that is over the limit
+  per row (as CPU time: the total times the pool's threads over the rows), every row is masked again alone and
+  timed, so that only the costly rows are counted, never their neighbours. A few costly rows among many cheap ones
+  stay under that average (one 25 ms row among 31 cheap ones on one thread: 0.8 ms a row), so each step also times
+  alone one row in :data:`PROBE_EVERY`, in turn, and every row whose last timed mask was over the limit: a costly
+  row is found within about ``PROBE_EVERY`` steps whatever the batch, for about 3% more mask work. A mask computed
+  again leaves a matcher as it was, and writes the same bits.
 """
 
 from __future__ import annotations
@@ -31,6 +50,8 @@ from importlib.metadata import version as package_version
 
 import torch
 
+from pagedserve.engine.cpu_threads import allowed_cpus, default_threads
+from pagedserve.engine.structured import DEFAULT_MAX_MASK_MS, MAX_MASK_ENV
 from pagedserve.engine.structured_spec import GrammarFailed, kind_of, structured_error
 
 log = logging.getLogger(__name__)
@@ -38,6 +59,11 @@ log = logging.getLogger(__name__)
 # Above this many rows a step's masks are filled by llguidance's own thread pool (it releases the GIL); below,
 # one thread is faster (the pool's hand-off costs more than the rows).
 PARALLEL_MIN_ROWS = 32
+# Masks over the limit in a row that fail a matcher: more than one, since the first mask in a new region of a
+# grammar also builds that region of the lexer (measured: 35 ms, then 8 ms for each mask after it).
+MASK_STRIKES = 3
+# The parallel path times one row in this many alone at each step, in turn (see the module's docstring).
+PROBE_EVERY = 32
 # Each run of whitespace between JSON tokens, unless the request says otherwise: pretty-printing fits, an
 # endless run of newlines (a small model's favourite loop) does not, and a bounded schema stays bounded.
 DEFAULT_WHITESPACE_PATTERN = r"[\x20\x0A\x0D\x09]{0,20}"
@@ -128,6 +154,13 @@ def _matches_nothing(error: str) -> bool:
     return error.split(None, 1)[:1] == [_NO_STRING]
 
 
+def executor_threads() -> int:
+    """llguidance's own default size for its thread pool (80% of the CPUs this process may use: its affinity,
+    capped by its cgroup's CPU quota; 1 to 32), computed here so that the parallel path knows how many rows run
+    at once."""
+    return min(32, max(1, default_threads(allowed_cpus()) * 80 // 100))
+
+
 def _cut(text: str) -> str:
     text = " ".join(str(text).split()).split(" <state>", 1)[0]  # the parser state dump after it is for llguidance's authors
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
@@ -137,24 +170,51 @@ class LLGuidanceMatcher:
     """One sequence's llguidance matcher (see :class:`pagedserve.engine.structured.Matcher`).
 
     EOS is accepted without being fed to a stopped matcher (llguidance stops itself once nothing can follow);
-    ``_eos_held`` remembers it so that a rollback undoes the right number of llguidance tokens.
+    ``_eos_held`` remembers it so that a rollback undoes the right number of llguidance tokens. ``strikes``: its
+    masks in a row that cost more than ``max_mask_s`` of CPU; ``_too_costly``: why it failed once they reached
+    :data:`MASK_STRIKES` (every mask after that raises it).
     """
 
-    __slots__ = ("m", "eos", "terminated", "_eos_held", "_warned")
+    __slots__ = ("m", "eos", "max_mask_s", "terminated", "strikes", "_too_costly", "_eos_held", "_warned")
 
-    def __init__(self, m, eos: frozenset[int]) -> None:
+    def __init__(self, m, eos: frozenset[int], max_mask_s: float) -> None:
         self.m = m
         self.eos = eos
+        self.max_mask_s = max_mask_s
         self.terminated = False
+        self.strikes = 0
+        self._too_costly: str | None = None
         self._eos_held = False
         self._warned = False
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
+        if self._too_costly is not None:
+            raise GrammarFailed(self._too_costly)
+        started = time.thread_time()
         self.m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        seconds = time.thread_time() - started
         self.check()
+        self.charge(seconds)
+
+    def charge(self, seconds: float) -> None:
+        """Count one mask that cost ``seconds`` of CPU; raise :class:`GrammarFailed` at the :data:`MASK_STRIKES`-th
+        in a row over the limit."""
+        if seconds <= self.max_mask_s:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        if self.strikes >= MASK_STRIKES:
+            self._too_costly = (
+                f"could not be followed while generating: its masks cost {seconds * 1e3:.1f} ms of CPU per token, "
+                f"{self.strikes} tokens in a row, more than the limit of {self.max_mask_s * 1e3:g} ms "
+                f"({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the usual cause")
+            log.warning("structured output: %s", self._too_costly)
+            raise GrammarFailed(self._too_costly)
 
     def check(self) -> None:
-        """Raise :class:`GrammarFailed` when the matcher is in error."""
+        """Raise :class:`GrammarFailed` when the matcher is in error or has failed on its masks' cost."""
+        if self._too_costly is not None:
+            raise GrammarFailed(self._too_costly)
         if self.m.is_error():
             error = self.m.get_error()
             if _matches_nothing(error):
@@ -197,22 +257,24 @@ class LLGuidanceMatcher:
             self.accept(t)
 
     def fork(self) -> LLGuidanceMatcher:
-        child = LLGuidanceMatcher(self.m.deep_copy(), self.eos)
+        child = LLGuidanceMatcher(self.m.deep_copy(), self.eos, self.max_mask_s)
         child.terminated, child._eos_held, child._warned = self.terminated, self._eos_held, self._warned
+        child.strikes, child._too_costly = self.strikes, self._too_costly
         return child
 
 
 class LLGuidanceGrammar:
-    """A compiled grammar: a pristine matcher that is only ever copied."""
+    """A compiled grammar: a pristine matcher that is only ever copied, and the mask-time limit of its matchers."""
 
-    __slots__ = ("pristine", "eos")
+    __slots__ = ("pristine", "eos", "max_mask_s")
 
-    def __init__(self, pristine, eos: frozenset[int]) -> None:
+    def __init__(self, pristine, eos: frozenset[int], max_mask_s: float) -> None:
         self.pristine = pristine
         self.eos = eos
+        self.max_mask_s = max_mask_s
 
     def matcher(self) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self.pristine.deep_copy(), self.eos)
+        return LLGuidanceMatcher(self.pristine.deep_copy(), self.eos, self.max_mask_s)
 
 
 class LLGuidanceBackend:
@@ -228,12 +290,15 @@ class LLGuidanceBackend:
         self.version = package_version("llguidance")
         self.vocab_size = max(vocab_size, len(tokenizer))
         self.eos = frozenset(eos_token_ids)
+        self.max_mask_ms = DEFAULT_MAX_MASK_MS  # StructuredOutputs sets its own before the first compile
         try:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size,
                                                           eos_token=sorted(self.eos))
         except ValueError as e:  # a slow (Python) tokenizer: llguidance reads the Rust tokenizer's JSON
             raise structured_error(f"is not available for this model's tokenizer: {_cut(e)}") from None
         self._executor = None
+        self._executor_threads = 1
+        self._probe = 0  # the parallel path's next row to time alone
 
     def grammar_text(self, spec: dict) -> str:
         """The llguidance grammar of a validated spec."""
@@ -274,30 +339,56 @@ class LLGuidanceBackend:
         what = {"json": "json is not a usable JSON Schema", "json_object": "json_object failed to compile",
                 "regex": "regex does not compile", "choice": "choice failed to compile",
                 "grammar": "grammar does not compile"}[kind]
+        limit_s = self.max_mask_ms / 1e3
         matcher = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0)
         warm = matcher
+        seconds = 0.0
         if not matcher.is_error():
             warm = matcher.deep_copy()  # builds the lexer here, on the compile thread
             warm.compute_bitmask()
+            if not warm.is_error():  # the start's cost, now that the lexer is built (a mask again changes nothing)
+                row = torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32)
+                started = time.thread_time()
+                warm.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+                seconds = time.thread_time() - started
         if warm.is_error():
             error = warm.get_error()
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
             raise structured_error(f"{what}: {_cut(error)}")
-        return LLGuidanceGrammar(matcher, self.eos)
+        if seconds > limit_s:
+            raise structured_error(
+                f"{kind} costs {seconds * 1e3:.1f} ms of CPU per token to mask, more than the limit of "
+                f"{self.max_mask_ms:g} ms ({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the "
+                "usual cause")
+        return LLGuidanceGrammar(matcher, self.eos, limit_s)
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:
         rows = len(matchers)
         if rows >= PARALLEL_MIN_ROWS:
             if self._executor is None:
-                self._executor = self._llg.LLExecutor()
+                self._executor_threads = executor_threads()
+                self._executor = self._llg.LLExecutor(self._executor_threads)
             started = time.perf_counter()
             row_bytes = bitmask.shape[1] * bitmask.element_size()
             self._executor.unsafe_compute_mask_ptr([(m.m, i) for i, m in enumerate(matchers)],
                                                    bitmask.data_ptr(), row_bytes, rows)
             for m in matchers:  # the engine then masks row by row, and only the culprit's request fails
                 m.check()
+            # The rows ran on the pool's threads at once: their CPU time each, were they alike, is the total
+            # times the threads over the rows. Over the limit: each row again alone, timed, to find which. Else
+            # the rows in turn and those over the limit when last timed (a costly row hides among cheap ones).
+            cpu_per_row = (time.perf_counter() - started) * self._executor_threads / rows
+            if cpu_per_row > self.max_mask_ms / 1e3:
+                again = range(rows)
+            else:
+                first, count = self._probe % rows, -(-rows // PROBE_EVERY)
+                self._probe = first + count
+                turn = {(first + j) % rows for j in range(count)}
+                again = [i for i, m in enumerate(matchers) if m.strikes or i in turn]
+            for i in again:
+                matchers[i].fill_bitmask(bitmask[i])
             return [(time.perf_counter() - started) / rows] * rows
         seconds = []
         for i, m in enumerate(matchers):

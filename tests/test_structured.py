@@ -8,10 +8,12 @@ choices. Walks run on two tokenizers: the tiny model's byte tokenizer and a smal
 
 from __future__ import annotations
 
+import ctypes
 import json
 import random
 import re
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -22,15 +24,24 @@ from hypothesis import strategies as st
 from pagedserve.engine.builtin_model import build_byte_tokenizer
 from pagedserve.engine.structured import (
     DEFAULT_COMPILE_TIMEOUT_S,
+    DEFAULT_MAX_MASK_MS,
+    MAX_MASK_ENV,
     TIMEOUT_ENV,
     StructuredOutputs,
     apply_token_bitmask,
     compile_timeout_from_env,
     default_backend,
+    max_mask_ms_from_env,
     withhold,
 )
-from pagedserve.engine.structured_llguidance import EXACT_FORMATS
-from pagedserve.engine.structured_spec import MAX_SPEC_DEPTH, cache_key, validate_structured_outputs
+from pagedserve.engine.structured_llguidance import (
+    EXACT_FORMATS,
+    MASK_STRIKES,
+    PARALLEL_MIN_ROWS,
+    PROBE_EVERY,
+    LLGuidanceMatcher,
+)
+from pagedserve.engine.structured_spec import MAX_SPEC_DEPTH, GrammarFailed, cache_key, validate_structured_outputs
 from structured_schemas import CHOICES, OPEN_SCHEMAS, REGEXES, SCHEMAS
 
 WALK_SEEDS = (0, 1, 2)
@@ -353,6 +364,195 @@ def test_timeout_from_the_environment(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=TIMEOUT_ENV):
             compile_timeout_from_env()
+
+
+# ---------------------------------------------------------------------- the mask-time limit
+# Grammars whose masks cost milliseconds: for each mask llguidance works out the bytes the grammar forces next, so a
+# large counted repetition costs in proportion to its count. a{99999} costs ~20 ms of CPU a mask from the start (on
+# the byte tokenizer; ~30 ms on SmolLM2's); [xy]a{40000} nothing at the start (x or y: nothing is forced) and ~8 ms
+# once x or y is written. An ordinary grammar's mask costs ~0.05 ms here.
+COSTLY_AT_START = "a{99999}"
+COSTLY_LATER = "[xy]a{40000}"
+STRICT_MS = 1.0  # far above an ordinary mask, far below the costly ones: these tests do not hang on the CPU's speed
+
+
+@pytest.fixture(scope="module")
+def strict(tokenized):
+    """(StructuredOutputs whose masks may cost STRICT_MS per token, tokenizer, eos id), on each tokenizer."""
+    _, tok, eos = tokenized
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {eos}), max_mask_ms=STRICT_MS)
+    yield so, tok, eos
+    so.close()
+
+
+def test_max_mask_ms_from_the_environment(monkeypatch):
+    monkeypatch.delenv(MAX_MASK_ENV, raising=False)
+    assert max_mask_ms_from_env() == DEFAULT_MAX_MASK_MS == 10
+    monkeypatch.setenv(MAX_MASK_ENV, "2.5")
+    assert max_mask_ms_from_env() == 2.5
+    tok = build_byte_tokenizer()
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {tok.eos_token_id}))
+    try:
+        assert so.max_mask_ms == 2.5 and so.backend.max_mask_ms == 2.5
+    finally:
+        so.close()
+    for bad in ("0", "-1", "fast", "inf", "nan"):
+        monkeypatch.setenv(MAX_MASK_ENV, bad)
+        with pytest.raises(ValueError, match=f"^{MAX_MASK_ENV} must be a number of milliseconds > 0"):
+            max_mask_ms_from_env()
+        with pytest.raises(ValueError, match=MAX_MASK_ENV):  # an engine with it does not start
+            StructuredOutputs(lambda: None)
+
+
+@pytest.mark.parametrize("spec, kind", [
+    ({"regex": COSTLY_AT_START}, "regex"),
+    ({"json": {"type": "string", "pattern": f"^{COSTLY_AT_START}$"}}, "json"),
+    ({"grammar": f"start: /{COSTLY_AT_START}/"}, "grammar"),
+])
+def test_a_grammar_whose_masks_cost_more_than_the_limit_is_refused_at_compile(strict, spec, kind):
+    """Its first mask, timed on the compile thread, is over the limit: refused like a grammar that does not
+    compile (over the wire: invalid_request naming params.structured_outputs), with the cost, the limit and the
+    setting that raises it. Refused again from the cache."""
+    so, _, _ = strict
+    words = (rf"^structured_outputs {kind} costs [0-9.]+ ms of CPU per token to mask, more than the limit of 1 ms "
+             rf"\({MAX_MASK_ENV}\)")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=words):
+            so.compile(validate_structured_outputs(spec))
+
+
+def test_ordinary_grammars_are_far_inside_the_limit(strict):
+    """Even at STRICT_MS every suite regex, choice list and a few schemas compile and mask."""
+    so, tok, eos = strict
+    specs = ([{"regex": r} for r in REGEXES.values()] + [{"choice": c} for c in CHOICES.values()]
+             + [{"json": SCHEMAS[n]} for n in ("invoice", "person", "format_date", "anyof_tagged_objects")])
+    for spec in specs:
+        walk(so, so.compile(validate_structured_outputs(spec)).matcher(), tok, eos, random.Random(0))
+
+
+def test_a_matcher_whose_masks_stay_over_the_limit_fails_at_the_third(strict):
+    """A grammar cheap at the start compiles; once its masks cost more than the limit, the third such mask in a
+    row raises GrammarFailed (its request alone ends with it), and every mask after it does, at once."""
+    so, tok, eos = strict
+    matcher = so.compile(validate_structured_outputs({"regex": COSTLY_LATER})).matcher()
+    vocab = len(tok)
+    x, a = (tok.encode(c, add_special_tokens=False)[0] for c in "xa")
+    assert x in allowed_ids(so, matcher, vocab)
+    assert matcher.accept(x)
+    for _ in range(MASK_STRIKES - 1):
+        assert a in allowed_ids(so, matcher, vocab)
+        assert matcher.accept(a)
+    words = (rf"^structured_outputs could not be followed while generating: its masks cost [0-9.]+ ms of CPU per "
+             rf"token, {MASK_STRIKES} tokens in a row, more than the limit of 1 ms \({MAX_MASK_ENV}\)")
+    with pytest.raises(GrammarFailed, match=words):
+        so.fill_bitmask([matcher])
+    started = time.thread_time()
+    with pytest.raises(GrammarFailed, match=words):
+        so.fill_bitmask([matcher])
+    assert time.thread_time() - started < 0.005  # not masked again
+
+
+class _BurnsCPU:
+    """Stands in for an llguidance matcher: each mask burns the next of ``ms`` (CPU milliseconds), allows all."""
+
+    def __init__(self, ms: list[float]) -> None:
+        self.ms = list(ms)
+
+    def unsafe_compute_mask_ptr(self, ptr: int, nbytes: int) -> None:
+        end = time.thread_time() + self.ms.pop(0) / 1e3
+        while time.thread_time() < end:
+            pass
+        ctypes.memset(ptr, 0xFF, nbytes)
+
+    def is_error(self) -> bool:
+        return False
+
+    def deep_copy(self) -> _BurnsCPU:
+        return _BurnsCPU(self.ms)
+
+
+def test_only_masks_over_the_limit_in_a_row_count():
+    """A mask within the limit starts the count again: a grammar with a costly mask now and then (a new region
+    of its lexer built) is not failed, one that stays costly is."""
+    over, under = 4.0, 0.0
+    matcher = LLGuidanceMatcher(_BurnsCPU([over, over, under, over, over, under, over, over, over]), frozenset([0]),
+                                max_mask_s=2e-3)
+    row = torch.empty(1, dtype=torch.int32)
+    for _ in range(8):
+        matcher.fill_bitmask(row)
+    with pytest.raises(GrammarFailed, match=f"{MASK_STRIKES} tokens in a row"):
+        matcher.fill_bitmask(row)
+    fork = matcher.fork()  # a sample forked from it is over too
+    with pytest.raises(GrammarFailed, match=f"{MASK_STRIKES} tokens in a row"):
+        fork.fill_bitmask(row)
+
+
+def test_the_parallel_path_charges_the_costly_rows_only(strict):
+    """With PARALLEL_MIN_ROWS rows or more the masks are filled together on llguidance's threads, which give
+    only the total time. Over the limit per row, each row is masked again alone and timed: the costly rows are
+    charged, their neighbours never; the bitmask is the same either way."""
+    so, tok, eos = strict
+    backend = so.backend
+    costly = so.compile(validate_structured_outputs({"regex": COSTLY_LATER})).matcher()
+    assert costly.accept(tok.encode("x", add_special_tokens=False)[0])
+    cheap = so.compile(validate_structured_outputs({"choice": ["alpha", "beta"]})).matcher()
+    half = PARALLEL_MIN_ROWS // 2
+    culprits = [costly.fork() for _ in range(half)]
+    others = [cheap.fork() for _ in range(half)]
+    rows = [m for pair in zip(others, culprits) for m in pair]  # interleaved
+    words = (backend.vocab_size + 31) // 32
+    bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
+    expected = {id(m): set(allowed_ids(so, m.fork(), backend.vocab_size)) for m in (costly, cheap)}
+    for _ in range(MASK_STRIKES - 1):
+        backend.fill_bitmasks(rows, bitmask)
+        for i, m in enumerate(rows):
+            assert _bits(bitmask[i]) == expected[id(costly if m in culprits else cheap)], i
+    with pytest.raises(GrammarFailed, match=f"{MASK_STRIKES} tokens in a row"):
+        backend.fill_bitmasks(rows, bitmask)
+    row = torch.empty(words, dtype=torch.int32)
+    for m in culprits:
+        with pytest.raises(GrammarFailed, match=f"{MASK_STRIKES} tokens in a row"):
+            m.fill_bitmask(row)
+    for m in others:
+        m.fill_bitmask(row)
+        assert _bits(row) == expected[id(cheap)] and m.strikes == 0
+
+
+def test_a_costly_row_among_many_cheap_ones_is_found_in_turn(strict):
+    """One costly row among 31 cheap ones: the parallel path's average stays under the limit (on one thread,
+    ~8 ms / 32 rows), yet each step times some rows alone in turn, and a row found over the limit again at every
+    step after: it fails within about PROBE_EVERY + MASK_STRIKES steps; the cheap rows are never charged."""
+    so, tok, eos = strict
+    backend = so.backend
+    culprit = so.compile(validate_structured_outputs({"regex": COSTLY_LATER})).matcher()
+    assert culprit.accept(tok.encode("x", add_special_tokens=False)[0])
+    cheap = so.compile(validate_structured_outputs({"choice": ["alpha", "beta"]})).matcher()
+    rows = [cheap.fork() for _ in range(PARALLEL_MIN_ROWS - 1)]
+    rows.insert(PARALLEL_MIN_ROWS // 2, culprit)
+    bitmask = torch.zeros((len(rows), (backend.vocab_size + 31) // 32), dtype=torch.int32)
+    with pytest.raises(GrammarFailed, match=f"{MASK_STRIKES} tokens in a row"):
+        for _ in range(PROBE_EVERY + MASK_STRIKES + 1):
+            backend.fill_bitmasks(rows, bitmask)
+    assert all(m.strikes == 0 for m in rows if m is not culprit)
+
+
+def test_a_mask_computed_again_changes_nothing(tokenized):
+    """The parallel path masks a costly step's rows a second time, alone: a second mask of the same state leaves
+    the matcher where it was (the same masks, the same tokens accepted, as a matcher masked once)."""
+    so, tok, eos = tokenized
+    vocab = len(tok)
+    for spec in ({"json": SCHEMAS["invoice"]}, {"regex": REGEXES[sorted(REGEXES)[0]]}, {"choice": ["yes", "no"]}):
+        grammar = so.compile(validate_structured_outputs(spec))
+        once, twice = grammar.matcher(), grammar.matcher()
+        rng = random.Random(3)
+        for _ in range(60):
+            allowed = allowed_ids(so, once, vocab)
+            assert allowed_ids(so, twice, vocab) == allowed and allowed_ids(so, twice, vocab) == allowed
+            free = [t for t in allowed if t != eos]
+            if not free:
+                break
+            token = rng.choice(free)
+            assert once.accept(token) and twice.accept(token)
 
 
 # ---------------------------------------------------------------------- applying the bitmask

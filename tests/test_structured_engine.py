@@ -175,10 +175,10 @@ def test_grammar_end_stops_even_with_ignore_eos(llm):
 
 @pytest.mark.parametrize("others", [1, 40])  # 40: the rows are masked together on llguidance's thread pool
 def test_a_grammar_that_fails_while_generating_ends_its_request_with_an_error(llm, others):
-    """This regex compiles, and its lexer gives up at the first mask of the run (too many expressions): the
+    """This regex compiles, and its lexer gives up at the second mask of the run (too many expressions): the
     request ends with an error naming the field, never with an EOS forced in (it ended "stop" with an empty
     text, which the regex does not match). The requests beside it, constrained or not, are unaffected."""
-    failing = constrained({"regex": "(a{1000}){1000}"}, max_tokens=20)
+    failing = constrained({"regex": "[xy](a{1000}){1000}"}, max_tokens=20)
     beside = [constrained({"choice": ["alpha", "beta"]}) if i % 2 else SamplingParams(max_tokens=4, temperature=0)
               for i in range(others)]
     outs = llm.generate(["x"] * (others + 1), [failing, *beside])
@@ -325,3 +325,49 @@ for spec in specs:
     assert lark.startswith("40 ") and lark.endswith(" None"), lark
     # So many nested alternatives pass llguidance's per-token parser limit: the request alone fails, saying so.
     assert ref.startswith("40 ") or ref.startswith("0 [] structured_outputs could not be followed"), ref
+
+
+# ---------------------------------------------------------------------- the mask-time limit
+@pytest.fixture
+def strict_llm(model_dir, monkeypatch):
+    """An engine whose grammars' masks may cost 1 ms of CPU per token (PAGEDSERVE_STRUCTURED_MAX_MASK_MS): far
+    above an ordinary mask on the byte tokenizer (~0.05 ms), far below the costly grammars here (8-20 ms)."""
+    monkeypatch.setenv("PAGEDSERVE_STRUCTURED_MAX_MASK_MS", "1")
+    llm = LLM(model=model_dir, device="cpu", max_num_seqs=64)
+    yield llm
+    llm.close()
+
+
+def test_a_grammar_too_costly_to_mask_is_refused_before_it_runs(strict_llm):
+    """a{99999}: every mask costs some 20 ms (25 ms on SmolLM2's vocabulary), and with n=8 every step of the
+    whole batch took 200 ms longer. Its first mask is timed when it compiles: refused, nothing queued."""
+    eng = strict_llm.engine
+    with pytest.raises(ValueError, match=r"^structured_outputs regex costs [0-9.]+ ms of CPU per token to mask, "
+                                         r"more than the limit of 1 ms \(PAGEDSERVE_STRUCTURED_MAX_MASK_MS\)"):
+        eng.add_request("costly", "x", SamplingParams(n=8, structured_outputs={"regex": "a{99999}"}))
+    assert not eng.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("n, constrained_beside", [(1, 3), (16, 16)])  # 32 rows: masked on llguidance's threads
+def test_a_grammar_that_turns_costly_ends_its_request_alone(strict_llm, n, constrained_beside):
+    """[xy]a{40000} costs nothing at the start (it compiles) and ~8 ms a mask once x or y is written: its third
+    such mask in a row ends its request with an error naming the limit, while the requests beside it in the same
+    batch, constrained or not, finish as usual."""
+    costly = constrained({"regex": "[xy]a{40000}"}, max_tokens=40, n=n, temperature=1.0, seed=1)
+    beside = ([constrained({"choice": ["alpha", "beta"]})] * constrained_beside
+              + [SamplingParams(max_tokens=8, temperature=0)] * 2)
+    outs = strict_llm.generate(["x"] * (len(beside) + 1), [costly, *beside])
+    assert outs[0].outputs == [] and outs[0].error.startswith(
+        "structured_outputs could not be followed while generating: its masks cost "), outs[0].error
+    assert "(PAGEDSERVE_STRUCTURED_MAX_MASK_MS)" in outs[0].error
+    assert all(o.error is None and o.outputs[0].finish_reason in ("stop", "length") for o in outs[1:])
+    assert not strict_llm.engine.has_unfinished_requests()
+
+
+def test_a_grammar_whose_lexer_is_costly_from_the_start_is_refused_at_the_default_limit(llm):
+    """(a{1000}){1000}: its first mask took a second and each after it 120-180 ms (it used to fail at the first
+    mask of its run instead); at the default limit of 10 ms it is refused when it compiles."""
+    with pytest.raises(ValueError, match=r"^structured_outputs regex costs [0-9.]+ ms of CPU per token to mask, "
+                                         r"more than the limit of 10 ms \(PAGEDSERVE_STRUCTURED_MAX_MASK_MS\)"):
+        llm.engine.add_request("lexer", "x", SamplingParams(structured_outputs={"regex": "(a{1000}){1000}"}))
+    assert not llm.engine.has_unfinished_requests()
