@@ -161,6 +161,13 @@ def executor_threads() -> int:
     return min(32, max(1, default_threads(allowed_cpus()) * 80 // 100))
 
 
+def _timed_mask(m, row: torch.Tensor) -> float:
+    """Fill ``row`` with llguidance matcher ``m``'s mask; the CPU seconds it took on this thread."""
+    started = time.thread_time()
+    m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    return time.thread_time() - started
+
+
 def _cut(text: str) -> str:
     text = " ".join(str(text).split()).split(" <state>", 1)[0]  # the parser state dump after it is for llguidance's authors
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
@@ -190,9 +197,7 @@ class LLGuidanceMatcher:
     def fill_bitmask(self, row: torch.Tensor) -> None:
         if self._too_costly is not None:
             raise GrammarFailed(self._too_costly)
-        started = time.thread_time()
-        self.m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-        seconds = time.thread_time() - started
+        seconds = _timed_mask(self.m, row)
         self.check()
         self.charge(seconds)
 
@@ -347,10 +352,7 @@ class LLGuidanceBackend:
             warm = matcher.deep_copy()  # builds the lexer here, on the compile thread
             warm.compute_bitmask()
             if not warm.is_error():  # the start's cost, now that the lexer is built (a mask again changes nothing)
-                row = torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32)
-                started = time.thread_time()
-                warm.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-                seconds = time.thread_time() - started
+                seconds = _timed_mask(warm, torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
         if warm.is_error():
             error = warm.get_error()
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end

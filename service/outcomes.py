@@ -153,7 +153,7 @@ class Outcomes(WorkerPart):
         first_sched = m.get("first_scheduled_time")
         first_tok = m.get("first_token_time")
         finished = m.get("finished_time") or time.time()
-        ev = done_event(rid, out, arrival, finished, f.request.metadata, finish_reason, f.first_token_at)
+        ev = done_event(rid, out, arrival, finished, f.request.metadata, finish_reason, m)
         outputs = ev.outputs
         prompt_tokens, completion = ev.usage.prompt_tokens, ev.usage.completion_tokens
         self.metrics.prompt_tokens.inc(prompt_tokens)

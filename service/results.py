@@ -60,9 +60,10 @@ def run_times(out: Any, first_token_at: float | None = None) -> dict:
 
 
 def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: dict, reason: str | None = None,
-               first_token_at: float | None = None) -> DoneEvent:
-    """The terminal ``done`` event of a request; latencies are measured from the entry's enqueue time."""
-    m = run_times(out, first_token_at)
+               times: dict | None = None) -> DoneEvent:
+    """The terminal ``done`` event of a request; latencies are measured from the entry's enqueue time, to the
+    run's ``times`` (:func:`run_times`; by default the engine's own)."""
+    m = run_times(out) if times is None else times
     outputs = [
         CompletionResult(
             index=c.index,
