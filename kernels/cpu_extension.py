@@ -98,12 +98,14 @@ def cpu_flags_line() -> str:
 def _cpu_digest() -> str:
     """The build is ``-march=native``: a cache shared by machines with different CPUs (a home directory on NFS, a
     volume moved between nodes) must not hand one machine's binary to another, where an AMX or AVX-512 instruction
-    it lacks would kill the process. The CPU's feature flags and the ``-march`` name the build."""
+    it lacks would kill the process. The CPU's feature flags, the ``-march`` and torch's version name the build."""
     import platform  # noqa: PLC0415
 
     cpu = cpu_flags_line() or platform.processor() or platform.machine()
     march = _march()
-    return hashlib.sha256((cpu if march == "native" else f"{cpu} -march={march}").encode()).hexdigest()[:12]
+    key = cpu if march == "native" else f"{cpu} -march={march}"
+    # Two installs with different torch builds would otherwise share the directory and rebuild over each other.
+    return hashlib.sha256(f"{key} torch={torch.__version__}".encode()).hexdigest()[:12]
 
 
 def _header_digest() -> str:
@@ -120,18 +122,18 @@ def _build() -> str | None:
     march = _march()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", march):
         return f"{ENV_MARCH}={march!r}: expected a -march name of the compiler, e.g. native or haswell"
-    _ninja_on_path()
     try:  # imports setuptools: only when building, and a broken setuptools is one more reason to fall back
         from torch.utils import cpp_extension  # noqa: PLC0415
     except Exception as exc:
         return f"torch's C++ extension builder does not import: {type(exc).__name__}: {_first_line(exc)}"
     name = f"{_NAME}_{_cpu_digest()}"
-    try:
-        build_dir = cpp_extension._get_build_directory(name, False)
-        with build_lock(Path(build_dir)):
-            _load(cpp_extension, name, build_dir, march)
-    except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
-        return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
+    with _pip_ninja_first():
+        try:
+            build_dir = cpp_extension._get_build_directory(name, False)
+            with build_lock(Path(build_dir)):
+                _load(cpp_extension, name, build_dir, march)
+        except Exception as exc:  # no compiler, no ninja, a compile error, a read-only cache dir: say which, once
+            return _missing_tool(cpp_extension) or f"building the CPU kernels failed: {_first_line(exc)}"
     for op in ("paged_decode_attention", "paged_prefill_attention", "small_batch_linear", "panel_linear",
                "amx_linear", "argmax_logsumexp", "decoder_stack", *_FUSED_OPS):
         if not hasattr(torch.ops.pagedserve_cpu, op):
@@ -188,15 +190,29 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _ninja_on_path() -> None:
-    """cpp_extension runs ``ninja`` from PATH; the pip package's binary sits in the venv, maybe not on it."""
-    if shutil.which("ninja") is not None:
-        return
+@contextlib.contextmanager
+def _pip_ninja_first():
+    """While building: the ``ninja`` package's binary (a dependency) first on PATH, where cpp_extension looks.
+
+    Not whichever ninja PATH happens to find: processes of one install started with the venv's bin on PATH and
+    without it (a shell that activated it, a service manager's PATH) would find two ninjas and share one build
+    directory, whose build log each version rewrites in its own format (1.11 writes v5; 1.12 and later discard
+    a v5 log): each rebuilt everything the other had built, about a minute of compiling each time, while every
+    other process waited on the build lock."""
     try:
         import ninja  # noqa: PLC0415
-    except ImportError:
+    except ImportError:  # then PATH's ninja, if any (the missing-tool message says when there is none)
+        yield
         return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (old or "")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, plan=None,

@@ -191,6 +191,30 @@ def test_fallback_when_the_compiler_is_missing(tmp_path):
     assert "no C++ compiler" in warnings[0] or "ninja is not installed" in warnings[0], warnings[0]
 
 
+def test_the_build_runs_the_ninja_package_whatever_ninja_path_finds_first(tmp_path, monkeypatch):
+    """Processes of one install that found different ninjas (the venv's bin on PATH or not: a system 1.11 and
+    pip's 1.13) rewrote each other's build log and rebuilt everything in turn. The build always runs pip's."""
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (other / "ninja").chmod(0o755)
+    path = f"{other}{os.pathsep}{os.environ.get('PATH', '')}"
+    monkeypatch.setenv("PATH", path)
+    with cpu_extension._pip_ninja_first():
+        assert os.path.dirname(shutil.which("ninja")) == ninja.BIN_DIR
+    assert os.environ["PATH"] == path  # only while building
+
+
+def test_the_build_is_named_by_torch_version_too(monkeypatch):
+    """Two installs with different torch builds on one machine share the extension cache: one directory each."""
+    first = cpu_extension._cpu_digest()
+    monkeypatch.setattr(torch, "__version__", "0.0.1+other")
+    assert cpu_extension._cpu_digest() != first
+
+
 def test_env_switch_forces_the_reference(tmp_path):
     proc = _run_fallback({cpu_extension.ENV_SWITCH: "torch"}, tmp_path)
     assert "REASON PAGEDSERVE_CPU_KERNELS=torch" in proc.stdout
