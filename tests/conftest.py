@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
+
+# Started in the background by a non-interactive shell (`make test &`, nohup), these processes inherit SIGINT
+# ignored, and every command a test starts would too (an ignored signal survives exec): the Ctrl-C tests need it
+# delivered. A Python handler does not survive exec, so the commands start with the default and install their own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Triton kernels run in the interpreter when there is no GPU; it must be set before they are imported.
 if not torch.cuda.is_available():
