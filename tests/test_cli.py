@@ -38,10 +38,25 @@ def test_help_lists_the_contract_commands():
 
 
 def test_console_script_entry_point_runs():
-    # what `pagedserve = pagedserve.service.cli:app` does, without relying on the package being installed
-    out = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "--help"], cwd=REPO, capture_output=True, text=True,
+    # what `pagedserve = pagedserve.__main__:main` does, without relying on the package being installed
+    out = subprocess.run([sys.executable, "-m", "pagedserve", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "submit" in out.stdout
+
+
+def test_ctrl_c_while_the_cli_loads_ends_without_a_traceback():
+    # Ctrl-C lands while typer is being imported (deterministically: the import itself raises it)
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'typer': raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "sys.argv = ['pagedserve', 'submit', 'Hello']\n"
+            "from pagedserve.__main__ import main\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out
+    assert "Traceback" not in out.stderr, out.stderr
 
 
 def test_submit_streams_and_no_stream(redis_url, prefix, shared_engine):
