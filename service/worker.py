@@ -405,6 +405,7 @@ class Worker(WorkerPart):
         requeue = self.running.take_requeue()
         self.claims.stop()
         end = time.monotonic() + 5.0
+        handed_back = False
         while time.monotonic() < end:
             try:
                 if self.conn.needs_setup:
@@ -416,13 +417,18 @@ class Worker(WorkerPart):
                 requeue = []
                 self.claims.release_now(self.r)
                 self.reclaimer.release_name(self.r, self._name_token)
+                handed_back = True
                 break
             except Exception as e:
                 self.conn.failed(e)
                 time.sleep(0.2)
         self.conn.close_pubsub()
         self._close_engine()
-        self.log.info("worker_stopped", released=len(entry_ids), unflushed=self.publisher.pending())
+        if handed_back:
+            self.log.info("worker_stopped", released=len(entry_ids), unflushed=self.publisher.pending())
+        else:  # Redis stayed away: nothing was handed back; unrenewed, the entries are reclaimed after claim_idle_ms
+            self.log.warning("worker_stopped", released=0, left_to_reclaim=len(entry_ids),
+                             unflushed=self.publisher.pending())
         if self.health is not None:
             self.health.stop()
         self.stopped.set()

@@ -182,3 +182,26 @@ def test_a_request_whose_entry_left_the_stream_is_sent_again_when_its_worker_sto
         finally:
             second.close()
         assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
+
+
+def test_a_worker_stopping_while_redis_is_away_says_nothing_was_handed_back(tmp_path, prefix):
+    """SIGTERM with the link down: the worker cannot hand its running entry back. Its last word says so (released
+    0, one left to reclaim) rather than claiming a release, and the entry is still pending: the next worker takes
+    it over once its lease lapses."""
+    with worker_under_acl(tmp_path, prefix, grace_period_s=0.5, claim_idle_ms=1000) as (admin, c, w):
+        keys = Keys(prefix)
+        submit_running(c, admin, keys, "stopped-offline", max_tokens=600)
+        drop_worker_link(admin)
+        assert w.terminate(60) == 0
+        (stopped,) = [e for e in w.events() if e.get("event") == "worker_stopped"]
+        assert stopped["released"] == 0 and stopped["left_to_reclaim"] == 1, stopped
+        assert len(pending(admin, keys)) == 1
+        restore(admin)
+        second = WorkerProcess(make_settings(w.settings.redis_url, prefix, claim_idle_ms=1000),
+                               tmp_path / "w2.log").start()
+        try:
+            second.wait_started()
+            ended = c.wait("stopped-offline", timeout=120)
+        finally:
+            second.close()
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 600
