@@ -110,6 +110,8 @@ def _params(body: dict, chat: bool) -> dict:
     if body.get("max_completion_tokens") is not None:
         params["max_tokens"] = body["max_completion_tokens"]
     if chat:
+        if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+            raise LineError("body.logprobs: must be true or false (top_logprobs says how many alternatives)")
         if body.get("logprobs"):
             params["logprobs"] = body.get("top_logprobs") or 0
         elif body.get("top_logprobs") is not None:

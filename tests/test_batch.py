@@ -71,6 +71,7 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
         {"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}},
         b"{not json",
         chat("bad-temperature", temperature="hot"),
+        chat("bad-logprobs", logprobs="yes"),  # truthy, but not the boolean chat's logprobs is
         chat("bad-schema", response_format={"type": "json_schema", "json_schema": {  # refused by the worker
             "name": "u", "schema": {"type": "array", "uniqueItems": True}}}),
     ]
@@ -81,7 +82,7 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
     batch = Batch.model_validate(status)
     assert batch.status == "completed" and batch.completed_at and batch.metadata == {"team": "qa"}
     assert batch.request_counts.total == len(lines)
-    assert batch.request_counts.failed == 8 and batch.request_counts.completed == len(lines) - 8
+    assert batch.request_counts.failed == 9 and batch.request_counts.completed == len(lines) - 9
     assert fed == 9  # only the valid lines ran
     out = list(batch_results(r, prefix, bid))
     assert len(out) == len(lines)
@@ -114,6 +115,7 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
     assert "body.tools" in errors["bad-field"]
     assert "url" in errors["bad-url"]
     assert "temperature" in errors["bad-temperature"]
+    assert "body.logprobs: must be true or false" in errors["bad-logprobs"], errors["bad-logprobs"]
     assert "custom_id" in errors[None] or any("custom_id" in o["error"]["message"] for o in out if o["custom_id"] is None)
     assert sum(1 for o in out if o["custom_id"] is None) == 2  # the line without an id and the broken JSON
     assert all(o["error"]["code"] == "invalid_request" for o in out if o["response"] is None)
