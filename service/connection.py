@@ -50,6 +50,8 @@ WORKER_ACL_COMMANDS = (
     # batch jobs (batch_feeder.py and its scripts)
     "mget", "expireat", "xrange", "lrange", "lindex", "hget", "hmget", "hset", "hsetnx", "hincrby", "hdel",
     "zrange", "zrevrange", "zadd", "zrem", "zscore", "xrevrange", "xinfo|groups",
+    # deleting the group's dead consumers (reclaim.py); without them they are only kept
+    "xinfo|consumers", "xgroup|delconsumer",
 )
 
 

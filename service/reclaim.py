@@ -11,6 +11,10 @@
   cursor is kept between calls so a long pending list is walked in pages.
 - Consumer-name lease: a key ``{prefix}:consumer:{name}`` with a TTL makes sure two live workers never share
   a consumer name (they would drain each other's pending entries).
+- Dead consumers: a consumer whose worker is gone (no name lease, nothing pending, idle for ``DEAD_AFTER_LEASES``
+  x ``claim_idle_ms``) is deleted from the group, and a worker that stops with nothing pending deletes its own:
+  without that every pod a Deployment ever ran stays listed in ``XINFO CONSUMERS``. A Redis user without
+  ``XINFO CONSUMERS`` / ``XGROUP DELCONSUMER`` (an ACL from before) only keeps them: nothing else changes.
 - Own pending: entries delivered to this consumer that it does not hold (a previous life of it died holding
   them, or a connection broke after Redis delivered them and before the reply arrived) are listed with
   ``XPENDING ... consumer`` and taken with ``XCLAIM`` (one delivery each); the entries it holds are not
@@ -21,6 +25,7 @@ The scripts live in lua/ (scripts.py).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -31,6 +36,9 @@ from .renewal import RenewalThread
 from .scripts import Scripts
 
 
+DEAD_AFTER_LEASES = 10  # a consumer idle this many lease periods, with no lease and nothing pending, is gone
+
+
 @dataclass(eq=False)
 class Reclaimer(WorkerPart):
     """The consumer group's crash-safety commands of one consumer (the module docstring says which)."""
@@ -38,6 +46,8 @@ class Reclaimer(WorkerPart):
     ctx: WorkerContext
     cursor: str = "0-0"  # the XAUTOCLAIM cursor, kept between calls
     _scripts: Scripts | None = field(default=None, init=False, repr=False)
+    _last_forget: float = field(default_factory=time.monotonic, init=False)
+    _may_forget: bool = field(default=True, init=False)  # False once Redis refused the commands (an older ACL)
 
     @property
     def claim_idle_ms(self) -> int:
@@ -77,6 +87,41 @@ class Reclaimer(WorkerPart):
         self.cursor = as_text(res[0])
         entries = [(as_text(eid), fields or {}) for eid, fields in res[1]]
         return [(eid, fields, n) for (eid, fields), n in zip(entries, self.delivery_counts(r, [e for e, _ in entries]))]
+
+    def forget_dead_consumers(self, r: redis.Redis) -> int:
+        """Delete the group's consumers whose workers are gone (module docstring), at most once per
+        ``DEAD_AFTER_LEASES`` lease periods; returns how many were deleted."""
+        period_ms = DEAD_AFTER_LEASES * self.claim_idle_ms
+        now = time.monotonic()
+        if not self._may_forget or (now - self._last_forget) * 1000 < period_ms:
+            return 0
+        self._last_forget = now
+        try:
+            rows = r.xinfo_consumers(self.keys.requests, self.keys.group)
+            dead = [as_text(c["name"]) for c in rows
+                    if int(c["pending"]) == 0 and int(c["idle"]) >= period_ms and as_text(c["name"]) != self.consumer]
+            forgotten = sum(self._forget(r, name) for name in dead)
+        except redis.exceptions.NoPermissionError as e:
+            self._may_forget = False
+            self.log.info("dead_consumers_kept", reason=str(e)[:200],
+                          note="the worker's Redis user lacks xinfo|consumers or xgroup|delconsumer")
+            return 0
+        if forgotten:
+            self.log.info("dead_consumers_deleted", count=forgotten)
+        return forgotten
+
+    def forget_self(self, r: redis.Redis) -> bool:
+        """At a clean stop, after the name lease is given up: delete this consumer if nothing is pending with it."""
+        if not self._may_forget:
+            return False
+        try:
+            return bool(self._forget(r, self.consumer))
+        except redis.exceptions.NoPermissionError:
+            return False
+
+    def _forget(self, r: redis.Redis, name: str) -> int:
+        return int(self.scripts(r).forget_consumer(
+            keys=[self.keys.requests, self.keys.consumer_lease(name)], args=[self.keys.group, name], client=r))
 
     def own_pending(
         self, r: redis.Redis, after: str, count: int, held: set[str]

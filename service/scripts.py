@@ -19,7 +19,7 @@ from importlib import resources
 
 import redis
 
-NAMES = ("finish", "dead_letter", "renew_leases", "refresh_name", "release_name")
+NAMES = ("finish", "dead_letter", "renew_leases", "refresh_name", "release_name", "forget_consumer")
 
 
 @cache

@@ -331,6 +331,7 @@ class Worker(WorkerPart):
             self.batches.tick(self._room())  # batch lines join the stream only when the room is there
             room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []
+            self.reclaimer.forget_dead_consumers(self.r)
             if claimed:
                 self.admission.admit(claimed, redelivered=True)
                 room = self._room()
@@ -422,6 +423,11 @@ class Worker(WorkerPart):
             except Exception as e:
                 self.conn.failed(e)
                 time.sleep(0.2)
+        if handed_back:
+            try:  # after the name lease is given up (a consumer whose name is held is kept); nothing depends on it
+                self.reclaimer.forget_self(self.r)
+            except Exception as e:
+                self.log.debug("consumer_not_deleted", error=redact(str(e)))
         self.conn.close_pubsub()
         self._close_engine()
         if handed_back:

@@ -1,0 +1,82 @@
+"""The group's consumers of workers that are gone are deleted; a worker's own at a clean stop (reclaim.py).
+
+Real worker processes on a private redis-server. A consumer is deleted only when nothing is pending with it (that
+would drop its entries from the group for good) and no live worker holds its name; a Redis user whose ACL predates
+the cleanup commands keeps the consumers and serves as before.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.connection import worker_acl
+from pagedserve.service.protocol import DoneEvent, Keys
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import WorkerProcess, make_settings, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def consumers(admin: redis.Redis, keys: Keys) -> dict[str, int]:
+    return {c["name"].decode(): int(c["pending"]) for c in admin.xinfo_consumers(keys.requests, keys.group)}
+
+
+def ghost_holding_an_entry(admin: redis.Redis, keys: Keys, name: str, rid: str) -> None:
+    """A consumer that read a request and died: the entry is pending with it, no worker holds its name."""
+    body = json.dumps({"id": rid, "prompt": "hello", "params": {"max_tokens": 4}})
+    pipe = admin.pipeline(transaction=True)  # MULTI: the live worker's blocked read cannot take it first
+    pipe.xadd(keys.requests, {"body": body})
+    pipe.xreadgroup(keys.group, name, {keys.requests: ">"}, count=1)
+    pipe.execute()
+
+
+def test_dead_consumers_go_once_nothing_is_pending_with_them_and_a_clean_stop_takes_its_own(tmp_path, prefix):
+    keys = Keys(prefix)
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        s = make_settings(url, prefix, claim_idle_ms=1000)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        c = Client(settings=s)
+        try:
+            w.wait_started()
+            admin.xgroup_createconsumer(keys.requests, keys.group, "gone-idle")
+            ghost_holding_an_entry(admin, keys, "gone-holding", "held-by-the-dead")
+            assert consumers(admin, keys)["gone-holding"] == 1
+            # The entry is reclaimed and answered first; only then is its consumer empty and deleted too.
+            assert isinstance(c.wait("held-by-the-dead", timeout=120), DoneEvent)
+            wait_for(lambda: set(consumers(admin, keys)) <= {s.worker_name}, 90, what="dead consumers deleted")
+            assert any(e.get("event") == "dead_consumers_deleted" for e in w.events())
+            assert c.generate("still served", params={"max_tokens": 2}, timeout=120).text is not None
+            assert w.terminate(60) == 0
+            assert consumers(admin, keys) == {}  # nothing pending: it took its own consumer with it
+            assert admin.xpending(keys.requests, keys.group)["pending"] == 0
+        finally:
+            w.close()
+            c.close()
+
+
+def test_a_worker_whose_acl_predates_the_cleanup_keeps_the_consumers_and_serves(tmp_path, prefix):
+    keys = Keys(prefix)
+    older = [rule for rule in worker_acl(prefix) if rule not in ("+xinfo|consumers", "+xgroup|delconsumer")]
+    assert len(older) == len(worker_acl(prefix)) - 2
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        admin.execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *older)
+        s = make_settings(url.replace("redis://", "redis://w:pw@", 1), prefix, claim_idle_ms=1000)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        c = Client(settings=make_settings(url, prefix))
+        try:
+            w.wait_started()
+            admin.xgroup_createconsumer(keys.requests, keys.group, "gone-idle")
+            wait_for(lambda: any(e.get("event") == "dead_consumers_kept" for e in w.events()), 90,
+                     what="the cleanup given up")
+            assert isinstance(c.wait(c.submit("served", params={"max_tokens": 2}), timeout=120), DoneEvent)
+            assert "gone-idle" in consumers(admin, keys)
+            assert [e.get("event") for e in w.events()].count("dead_consumers_kept") == 1
+            assert not [e for e in w.events() if e.get("level") in ("error", "critical")]
+            assert w.terminate(60) == 0
+        finally:
+            w.close()
+            c.close()
