@@ -18,7 +18,10 @@ Invariants:
   shared and is left alone; the task's own ``timeout`` and ``pickup_timeout`` cancel nothing (same id, same
   result later). The task keeps its time limits itself and polls the worker's revoked set while it waits:
   the threads pool enforces no limit and cannot terminate, gevent ignores soft limits; prefork's signals and
-  gevent's kills still come first where they exist, and the worker's signals cancel for them.
+  gevent's kills still come first where they exist, and the worker's signals cancel for them. A revoked task
+  ends ``REVOKED`` on every pool;
+- the visibility timeout stays ``REDELIVERY_SWEEP_S`` below the result TTL (``make_celery`` refuses otherwise):
+  a task redelivered after it must still find its request's result.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery.signals import task_failure, task_revoked
 from celery.worker import state as worker_state
 
@@ -40,8 +43,20 @@ _clients: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
 
 
+# kombu's Redis transport gives unacknowledged tasks back on a sweep about every 100 s: a task past its visibility
+# timeout comes back up to this much later.
+REDELIVERY_SWEEP_S = 120
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
+    """The Celery app of ``settings``' deployment (default: from the environment). ``ValueError`` when a task
+    redelivered after its visibility timeout could find its request's result already expired and generate again."""
     s = settings or Settings()
+    if s.celery_visibility_timeout_s + REDELIVERY_SWEEP_S >= s.result_ttl_s:
+        raise ValueError(
+            f"PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S ({s.celery_visibility_timeout_s}) must be at least "
+            f"{REDELIVERY_SWEEP_S} s below PAGEDSERVE_RESULT_TTL_S ({s.result_ttl_s}): a task redelivered after the "
+            "visibility timeout would find its result expired and generate again")
     broker = s.celery_broker_url or s.redis_url
     app = Celery("pagedserve", broker=broker, backend=broker)
     transport = {"visibility_timeout": s.celery_visibility_timeout_s}
@@ -154,7 +169,9 @@ def _watched(wait: Generator[Any, Any, None], check: Callable[[], None]) -> Gene
 
 
 def _register(app: Celery) -> None:
-    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError,))
+    # shared=False: the module's own app (from the environment) registers these names too; shared tasks would
+    # let Celery pick either app's task for every app, and send requests to the other deployment's Redis.
+    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError,), shared=False)
     def submit(
         self,
         prompt: str | None = None,
@@ -179,7 +196,7 @@ def _register(app: Celery) -> None:
     # Expected endings: logged in one line, without a traceback.
     given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
 
-    @app.task(name="pagedserve.generate", bind=True, throws=(*given_up, TimeoutError))
+    @app.task(name="pagedserve.generate", bind=True, throws=(*given_up, TimeoutError), shared=False)
     def generate(
         self,
         prompt: str | None = None,
@@ -223,14 +240,25 @@ def _register(app: Celery) -> None:
             for ev in c._run(_watched(wait, _giving_up(self, started))):
                 if (end := first_terminal(ev)) is not None:
                     return end.model_dump(mode="json")
-        except given_up:
+        except given_up as e:
             if not id:
                 _cancel_quietly(app, req.id)
+            if isinstance(e, Terminated):  # revoked: stored as REVOKED, as where Celery itself ends the task
+                _store_revoked(self, str(e))
+                raise Ignore() from None  # the worker acknowledges the message and stores nothing more
             raise
         raise AssertionError("unreachable")
 
     app.pagedserve_submit = submit
     app.pagedserve_generate = generate
+
+
+def _store_revoked(task: Any, reason: str) -> None:
+    """End a revoked run as Celery ends one it could terminate: state ``REVOKED`` (``get()`` raises
+    ``TaskRevokedError``) and a ``task-revoked`` event. Raising ``Terminated`` alone stored ``FAILURE`` first, so a
+    caller's ``get()`` raised ``Terminated``, and ``REVOKED`` replaced it only later."""
+    task.backend.mark_as_revoked(task.request.id, reason, request=task.request)
+    task.send_event("task-revoked", terminated=True, signum=None, expired=False)
 
 
 def _cancel_quietly(app: Celery, request_id: str) -> None:

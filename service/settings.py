@@ -196,7 +196,7 @@ class Settings(BaseSettings):
     # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
     batch_retention_s: int = Field(7 * 86400, ge=60)
     celery_broker_url: str | None = None  # default: redis_url
-    celery_visibility_timeout_s: int = Field(3600, ge=1)
+    celery_visibility_timeout_s: int = Field(1800, ge=1)  # below result_ttl_s: celery_app.make_celery says why
     # The layout of linear weights on the CPU (engine/cpu_linear.py), which the engine reads from
     # PAGEDSERVE_CPU_LINEAR when it loads a model (the worker puts a value given in code there): a setting too, so
     # that a bad value is refused at start, naming the variable, as any other.
