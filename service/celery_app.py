@@ -52,14 +52,17 @@ def make_celery(settings: Settings | None = None) -> Celery:
     """The Celery app of ``settings``' deployment (default: from the environment). ``ValueError`` when a task
     redelivered after its visibility timeout could find its request's result already expired and generate again."""
     s = settings or Settings()
-    if s.celery_visibility_timeout_s + REDELIVERY_SWEEP_S >= s.result_ttl_s:
+    visibility = s.celery_visibility_timeout_s
+    if "celery_visibility_timeout_s" not in s.model_fields_set:  # the default follows a shorter result TTL
+        visibility = min(visibility, s.result_ttl_s // 2)
+    if visibility + REDELIVERY_SWEEP_S >= s.result_ttl_s:
         raise ValueError(
-            f"PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S ({s.celery_visibility_timeout_s}) must be at least "
-            f"{REDELIVERY_SWEEP_S} s below PAGEDSERVE_RESULT_TTL_S ({s.result_ttl_s}): a task redelivered after the "
-            "visibility timeout would find its result expired and generate again")
+            f"PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S ({visibility}) must be at least {REDELIVERY_SWEEP_S} s below "
+            f"PAGEDSERVE_RESULT_TTL_S ({s.result_ttl_s}): a task redelivered after the visibility timeout would "
+            "find its result expired and generate again")
     broker = s.celery_broker_url or s.redis_url
     app = Celery("pagedserve", broker=broker, backend=broker)
-    transport = {"visibility_timeout": s.celery_visibility_timeout_s}
+    transport = {"visibility_timeout": visibility}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -161,3 +161,6 @@ def test_a_visibility_timeout_the_result_may_not_outlive_is_refused(redis_url, p
     with pytest.raises(ValueError, match="PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S .*PAGEDSERVE_RESULT_TTL_S"):
         make_celery(make_settings(redis_url, prefix, celery_visibility_timeout_s=3600, result_ttl_s=3600))
     make_celery(make_settings(redis_url, prefix))
+    # Left at its default, the visibility timeout follows a shorter result TTL (half of it) instead of refusing.
+    app = make_celery(make_settings(redis_url, prefix, result_ttl_s=600))
+    assert app.conf.broker_transport_options["visibility_timeout"] == 300
