@@ -32,6 +32,9 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
         self.stopped = False  # the text was cut at a stop string; nothing after it is ever added
+        # What ended the sequence, as vLLM's ``stop_reason``: the stop string found here, or the stop token id the
+        # engine sets (None for EOS, a grammar's end or a length limit).
+        self.stop_reason: int | str | None = None
 
     def copy(self) -> IncrementalDetokenizer:
         new = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
@@ -59,9 +62,10 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._check_stop(start) if check_stop else None
 
-    def flush(self) -> str | None:
+    def flush(self, check_stop: bool = True) -> str | None:
         """At the end of the sequence: release whatever was held back for an incomplete character. Returns a
-        stop string if the released text completes one (the text is cut before it)."""
+        stop string if the released text completes one (the text is cut before it). ``check_stop`` False: the
+        sequence ended on a token (EOS, a stop token id), and as in vLLM no stop string is looked for then."""
         if self.stopped or self.read_offset >= len(self.ids):
             return None
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
@@ -69,7 +73,7 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset = self.read_offset = len(self.ids)
-        return self._check_stop(start)
+        return self._check_stop(start) if check_stop else None
 
     def _check_stop(self, start: int) -> str | None:
         """The stop string that ends the text first (not the first listed that occurs: the text would keep an
@@ -83,6 +87,7 @@ class IncrementalDetokenizer:
             return None
         self.text = self.text[:hit[0] + (len(hit[1]) if self.keep_stop else 0)]
         self.stopped = True
+        self.stop_reason = hit[1]
         return hit[1]
 
     def take_delta(self, final: bool) -> str:

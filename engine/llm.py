@@ -46,6 +46,15 @@ def _prompt_list(prompts) -> list:
     return [_one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
+def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:
+    """``show_progress``, or vLLM's name for it, ``use_tqdm`` (a bool, or a tqdm factory: shown as pagedserve's own
+    progress bar). Both at once is a mistake, refused by name rather than one silently winning."""
+    if show_progress is not None and use_tqdm is not None:
+        raise TypeError(f"{method}() got both show_progress and use_tqdm (vLLM's name for show_progress): pass "
+                        "one of them")
+    return bool(use_tqdm if use_tqdm is not None else show_progress)
+
+
 class LLM:
     """Batch generation over the step engine: all prompts are queued, then steps run until every one is done."""
 
@@ -70,13 +79,19 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        """The model's tokenizer (``llm.tokenizer``), by vLLM's name for it."""
+        return self.engine.tokenizer
+
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 show_progress: bool = False) -> list[RequestOutput]:
+                 show_progress: bool | None = None, *, use_tqdm=None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in the prompts' order.
 
-        Every prompt and parameter set is validated before any work starts.
+        Every prompt and parameter set is validated before any work starts. ``show_progress`` (or vLLM's
+        ``use_tqdm``; default off) shows a progress bar.
         """
+        show_progress = _progress("generate", show_progress, use_tqdm)
         prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -110,12 +125,14 @@ class LLM:
     def chat(self, messages: Seq[dict] | Seq[Seq[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, show_progress: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False, show_progress: bool | None = None,
+             use_tqdm=None) -> list[RequestOutput]:
         """Reply to one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them, as vLLM's
         ``LLM.chat``: each is rendered with the model's chat template (or ``chat_template``), tokenized without
         adding special tokens again (the template writes them), and generated like a prompt. One output per
-        conversation, in order; ``output.prompt`` is the rendered text.
+        conversation, in order; ``output.prompt`` is the rendered text. ``use_tqdm`` is ``show_progress``.
         """
+        show_progress = _progress("chat", show_progress, use_tqdm)
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Seq) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "
                              "(one conversation) or a list of such lists")

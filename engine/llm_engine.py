@@ -35,6 +35,9 @@ from pagedserve.kernels import get_ops
 
 MAX_REQUEST_ID_LEN = 256
 MAX_ERROR_LEN = 300
+# A request's own failures that are documented outcomes, not faults (a grammar that cannot be followed further):
+# its end is logged as one warning line (``_fail``), without a traceback. Anything else keeps its traceback.
+EXPECTED_FAILURES = (GrammarFailed,)
 log = logging.getLogger(__name__)
 
 
@@ -364,9 +367,11 @@ class LLMEngine:
             fn(*args)
             return True
         except Exception as exc:
-            log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
+            expected = isinstance(exc, EXPECTED_FAILURES)
+            if not expected:  # an expected one is logged once, by _fail, as a line naming the request and why
+                log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
             # A request whose own parameters failed (its message names the field) is told so as it is.
-            why = str(exc) if isinstance(exc, GrammarFailed) else f"{stage} failed: {type(exc).__name__}: {exc}"
+            why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
             failed[req.request_id] = (req, _one_line(why))
             return False
 
@@ -435,8 +440,10 @@ class LLMEngine:
 
         try:
             mask(rows)
-        except Exception:  # mask request by request, so that only the culprit fails
-            log.warning("batched grammar masks failed; masking request by request to find the culprit")
+        except Exception as exc:  # mask request by request, so that only the culprit fails
+            log.log(logging.DEBUG if isinstance(exc, EXPECTED_FAILURES) else logging.WARNING,
+                    "batched grammar masks failed (%s); masking request by request to find the culprit",
+                    type(exc).__name__)
             for r in rows:
                 self._guard(owners[r], failed, "grammar mask", mask, [r])
 
@@ -449,7 +456,7 @@ class LLMEngine:
         for seq in req.seqs:
             if seq.finished and seq.block_table:
                 self.block_manager.free(seq)
-        out = build_output(req, False, self.tokenizer)
+        out = build_output(req, False, self.tokenizer, self.eos_token_ids)
         if out is not None:
             outputs.append(out)
 
@@ -552,11 +559,17 @@ class LLMEngine:
             seq.logprobs.append(res.top_logprobs)
         if seq.matcher is not None:
             seq.matcher.accept(tok)
-        if not p.ignore_eos and tok in self.eos_token_ids:
+        eos = not p.ignore_eos and tok in self.eos_token_ids
+        if eos or tok in p.stop_token_ids:
+            # Ended by a token, as vLLM's check_stop: EOS first (stop_reason None), else the stop token id. Its text
+            # (none for a special token) is kept only with include_stop_str_in_output, as vLLM V1's detokenizer
+            # does, and no stop string is looked for in it.
             seq.finish_reason = "stop"
+            if not eos:
+                seq.detok.stop_reason = tok
+            if p.include_stop_str_in_output:
+                seq.detok.add(tok, check_stop=False)
         elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar's end, even with ignore_eos
-            seq.finish_reason = "stop"
-        elif tok in p.stop_token_ids:
             seq.finish_reason = "stop"
         elif seq.detok.add(tok, check_stop=seq.num_output_tokens >= p.min_tokens) is not None:
             seq.finish_reason = "stop"
@@ -578,9 +591,11 @@ class LLMEngine:
     def _finish(self, req: Request) -> RequestOutput:
         self._release(req)
         for seq in req.seqs:
-            if seq.detok.flush() is not None and seq.finish_reason == "length":
+            # A sequence that ended on a token ("stop" not at a stop string: there flush has nothing left) looks
+            # for no stop string in its held-back end, as vLLM checks none on the step a stop token ends.
+            if seq.detok.flush(check_stop=seq.finish_reason != "stop") is not None and seq.finish_reason == "length":
                 seq.finish_reason = "stop"  # the held-back end completed a stop string
-        return build_output(req, True, self.tokenizer)
+        return build_output(req, True, self.tokenizer, self.eos_token_ids)
 
     # ------------------------------------------------------------------ stats
     def _kv_utilization(self) -> tuple[float, int]:

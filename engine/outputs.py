@@ -26,6 +26,9 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    # What ended a "stop", as vLLM's: the stop token id (int) or the stop string (str); None for EOS, a grammar's
+    # end, a length limit, a cancel or a deadline. Offline only: the wire protocol does not carry it.
+    stop_reason: int | str | None = None
 
     @property
     def finished(self) -> bool:
@@ -46,12 +49,14 @@ class RequestOutput:
     error: str | None = None
 
 
-def build_output(req: Request, final: bool, tokenizer) -> RequestOutput | None:
+def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[int] | set[int] = frozenset(),
+                 ) -> RequestOutput | None:
     """The request's output after a step: every sample's delta, or None while nothing can be shown yet (beam
-    search and ``best_of > n`` only know their outputs at the end)."""
+    search and ``best_of > n`` only know their outputs at the end). ``eos_token_ids``: the engine's, which tell
+    a beam ended by EOS (``stop_reason`` None) from one ended by a stop token id."""
     p = req.params
     if req.beam is not None:
-        return _beam_output(req, tokenizer) if final else None
+        return _beam_output(req, tokenizer, eos_token_ids) if final else None
     hidden = p.best_of is not None and p.best_of > p.n
     if hidden and not final:
         return None
@@ -72,6 +77,7 @@ def build_output(req: Request, final: bool, tokenizer) -> RequestOutput | None:
             logprobs=list(seq.logprobs) if p.logprobs is not None else None,
             delta_text=delta_text,
             delta_token_ids=seq.token_ids[emitted:],
+            stop_reason=seq.detok.stop_reason if seq.finish_reason == "stop" else None,
         ))
     if final:
         _pad_to_n(completions, p.n, req.finish_reason, p.logprobs is not None)
@@ -87,17 +93,26 @@ def _pad_to_n(completions: list[CompletionOutput], n: int, reason: str | None, l
         completions.append(CompletionOutput(index, "", [], reason, 0.0, [] if logprobs else None))
 
 
-def _beam_output(req: Request, tokenizer) -> RequestOutput:
-    """The ``n`` best finished hypotheses; a search cut short (cancel, deadline) returns its live beams."""
-    hyps = req.beam.best(req.params.n)
+def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[int]) -> RequestOutput:
+    """The ``n`` best finished hypotheses; a search cut short (cancel, deadline) returns its live beams.
+
+    A hypothesis that ended on EOS or a stop token id keeps the token in ``token_ids``, and its text only with
+    ``include_stop_str_in_output``, as a sampled sequence does."""
+    p = req.params
+    hyps = req.beam.best(p.n)
     reason = req.finish_reason
-    want_logprobs = req.params.logprobs is not None
+    want_logprobs = p.logprobs is not None
     completions = []
     if reason is None:
         for rank, h in enumerate(hyps):
-            text = tokenizer.decode(h.token_ids, skip_special_tokens=True)
+            ended_on = h.token_ids[-1] if h.hit_eos and h.token_ids else None
+            shown = h.token_ids[:-1] if ended_on is not None and not p.include_stop_str_in_output else h.token_ids
+            text = tokenizer.decode(shown, skip_special_tokens=True)
+            eos = ended_on is not None and not p.ignore_eos and ended_on in eos_token_ids
+            stop_reason = ended_on if ended_on in p.stop_token_ids and not eos else None
             completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
-                                                h.logprob, h.logprobs, delta_text=text, delta_token_ids=h.token_ids))
+                                                h.logprob, h.logprobs, delta_text=text, delta_token_ids=h.token_ids,
+                                                stop_reason=stop_reason))
     else:
         for rank, seq in enumerate(req.seqs[:req.params.n]):
             ids = seq.output_token_ids

@@ -77,9 +77,21 @@ class SamplingParams:
     structured_outputs: dict | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         self.validate()
+
+    def _normalize(self) -> None:
+        """vLLM's spellings of the defaults, in place: ``stop`` / ``stop_token_ids`` None (empty) or a tuple (a
+        list), ``stop`` one string (a list of it), and ``top_k`` -1 (vLLM's "no top-k": 0 here)."""
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, (str, tuple)):
+            self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k == -1:
+            self.top_k = 0
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -88,8 +100,11 @@ class SamplingParams:
         The bounds keep every per-request computation finite: integers stay machine-sized (``top_k`` or
         ``max_tokens`` near 2**100 overflow a tensor), ``length_penalty`` keeps ``length ** penalty`` inside a
         double for any length up to ``MAX_INT`` (beam scores divide by it), and a temperature of at least 0.01
-        keeps ``logits / temperature`` finite (vLLM's floor).
+        keeps ``logits / temperature`` finite (vLLM's floor). vLLM's spellings of the defaults are converted
+        first (``_normalize``).
         """
+        self._normalize()
+
         def fail(name: str, why: str) -> None:
             raise ValueError(f"{name} {why} (got {short_repr(getattr(self, name))})")
 
@@ -111,7 +126,9 @@ class SamplingParams:
             fail("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
-        in_range("top_k", integer=True)
+        lo, hi = LIMITS["top_k"]
+        if not is_int(self.top_k) or not lo <= self.top_k <= hi:
+            fail("top_k", f"must be an integer in [{lo}, {hi}], or -1 (as 0: no top-k)")
         in_range("min_p")
         in_range("n", integer=True)
         if self.best_of is not None:

@@ -145,8 +145,8 @@ def test_async_client(setup):
             results = await asyncio.gather(*[ac.generate(f"p{i}", params={"max_tokens": 4, "ignore_eos": True}, timeout=60) for i in range(6)])
             assert all(len(r.outputs[0].token_ids) == 4 for r in results)
             with pytest.raises(ValueError, match=r"^params\.top_k"):  # refused before it is sent
-                await ac.submit("x", params={"top_k": -1})
-            err = await ac.wait(raw_submit(s, {"top_k": -1}), timeout=30)
+                await ac.submit("x", params={"top_k": -2})
+            err = await ac.wait(raw_submit(s, {"top_k": -2}), timeout=30)
             assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request"
             assert err.error.message.startswith("params.top_k"), err.error.message
 

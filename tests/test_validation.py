@@ -10,7 +10,7 @@ from pagedserve.engine import LLM, PromptTooLongError, SamplingParams
 
 BAD = [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"min_p": 2}, "min_p"), ({"n": 0}, "n"),
+    ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"n": 0}, "n"),
     ({"n": 3, "best_of": 2}, "best_of"), ({"beam_width": -1}, "beam_width"),
     ({"length_penalty": float("nan")}, "length_penalty"), ({"stop": [""]}, "stop"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"seed": -5}, "seed"), ({"presence_penalty": 3}, "presence_penalty"),
