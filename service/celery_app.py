@@ -72,6 +72,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         result_expires=s.result_ttl_s,
+        task_track_started=True,  # STARTED while it waits on a generation: PENDING alone looks like a lost task
         task_acks_late=True,  # a task lost with its Celery worker is redelivered (same id: no double work)
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -45,7 +45,12 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
         with celery_worker(s, tmp_path / "celery.log", "threads", 4):
             app = make_celery(s)
             assert app.conf.task_serializer == "json" and app.conf.accept_content == ["json"]
+            # No pagedserve worker yet: the task waits, and says so (STARTED, not PENDING like a task never taken).
+            waiting = app.send_task("pagedserve.generate", kwargs={"prompt": "started", "params": {"max_tokens": 2},
+                                    "timeout": 120})
+            wait_for(lambda: waiting.state == "STARTED", 60, 0.1, what="the waiting task STARTED")
             with running_worker(s, shared_engine):
+                assert waiting.get(timeout=120)["type"] == "done" and waiting.state == "SUCCESS"
                 res = app.send_task("pagedserve.generate", kwargs={"prompt": "celery", "params": {"max_tokens": 5,
                                     "temperature": 0}, "metadata": {"via": "celery"}, "timeout": 60})
                 done = res.get(timeout=120)
