@@ -55,6 +55,16 @@ def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:
     return bool(use_tqdm if use_tqdm is not None else show_progress)
 
 
+def _text_parts(parts: list, where: str) -> str:
+    """``[{"type": "text", "text": ...}, ...]`` as one string, the parts joined by newlines (vLLM's chat parsing)."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': ...}} (no other kind runs)")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class LLM:
     """Batch generation over the step engine: all prompts are queued, then steps run until every one is done."""
 
@@ -156,19 +166,24 @@ class LLM:
                      continue_final_message: bool) -> str:
         if isinstance(conversation, (str, bytes, dict)) or not isinstance(conversation, Seq) or not conversation:
             raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+        messages = []
         for i, message in enumerate(conversation):
             if not isinstance(message, dict):
                 raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content'")
+            if isinstance(message.get("content"), list):  # OpenAI's content parts: text ones, joined as vLLM joins them
+                message = {**message, "content": _text_parts(message["content"], f"{name}[{i}].content")}
+            messages.append(message)
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
-                    raise ValueError(f"{name}[{i}].{key} must be a string")
+                    kinds = "a string or a list of text parts" if key == "content" else "a string"
+                    raise ValueError(f"{name}[{i}].{key} must be {kinds}")
                 check_unicode(message[key], f"{name}[{i}].{key}")
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.engine.model_name!r} has no chat template: pass chat_template=..., "
                              f"or use generate() with a plain prompt")
         try:
             return self.tokenizer.apply_chat_template(
-                list(conversation), chat_template=chat_template, tokenize=False,
+                messages, chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message)
         except Exception as e:  # the template's own raise_exception(), or a Jinja error in it

@@ -8,6 +8,8 @@ scoring, structured-output masks, detokenization, stop checks); the pieces it ca
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import logging
 import secrets
@@ -187,6 +189,8 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens; max_model_len {self.max_model_len} leaves room for "
                 f"{self.max_model_len - 1} prompt tokens")
+        if params.max_tokens is None:  # the rest of the context, for this prompt (the caller's object may be shared)
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(token_ids))
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "

@@ -51,7 +51,7 @@ class SamplingParams:
     Invalid values raise ``ValueError`` whose message starts with the field's name.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: to the end of the context (max_model_len less the prompt), as vLLM's
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -120,7 +120,8 @@ class SamplingParams:
             if not (is_int(value) if integer else is_num(value)) or not lo <= value <= hi:
                 fail(name, f"must be {'an integer' if integer else 'a number'} in [{lo}, {hi}]")
 
-        in_range("max_tokens", integer=True)
+        if self.max_tokens is not None:  # None: as many as max_model_len leaves after the prompt (vLLM's)
+            in_range("max_tokens", integer=True)
         if not is_num(self.temperature) or not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature
                                                 <= MAX_TEMPERATURE):
             fail("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
@@ -157,7 +158,8 @@ class SamplingParams:
             fail("stop_token_ids", f"must be a list of integers in [0, {MAX_INT}]")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "must be a boolean")
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        most = MAX_INT if self.max_tokens is None else self.max_tokens
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= most:
             fail("min_tokens", f"must be an integer in [0, max_tokens] ({self.max_tokens})")
         if not isinstance(self.include_stop_str_in_output, bool):
             fail("include_stop_str_in_output", "must be a boolean")

@@ -231,3 +231,30 @@ def test_an_unexpected_failure_keeps_its_traceback(llm, caplog):
         engine.sampler = real
     assert out.error == "sampling failed: RuntimeError: boom"
     assert any(r.exc_info and out.request_id in r.getMessage() for r in _engine_records(caplog))
+
+
+# ------------------------------------------------------------------- max_tokens=None, chat content parts
+def test_max_tokens_none_runs_to_the_end_of_the_context_for_each_prompt(tiny_models):
+    """vLLM: ``max_tokens=None`` generates until ``max_model_len``; one SamplingParams shared by prompts of
+    different lengths gives each its own room, and the caller's object stays as it was."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=64, max_model_len=40)
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    short, longer = [5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12]
+    outs = llm.generate([short, longer], params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [40 - 3, 40 - 8]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert params.max_tokens is None
+    with pytest.raises(ValueError, match="^min_tokens"):
+        SamplingParams(max_tokens=None, min_tokens=-1)
+
+
+def test_chat_takes_openai_text_parts_joined_by_newlines(llm):
+    """OpenAI-style ``content`` lists of text parts (vLLM joins them with newlines); any other part is refused by
+    where it is."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    (out,) = llm.chat(parts, GREEDY)
+    (same,) = llm.chat([{"role": "user", "content": "one\ntwo"}], GREEDY)
+    assert out.prompt == same.prompt and out.outputs[0].token_ids == same.outputs[0].token_ids
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\] must be a text part"):
+        llm.chat(image, GREEDY)
