@@ -213,7 +213,7 @@ class LLGuidanceMatcher:
                 f"could not be followed while generating: its masks cost {seconds * 1e3:.1f} ms of CPU per token, "
                 f"{self.strikes} tokens in a row, more than the limit of {self.max_mask_s * 1e3:g} ms "
                 f"({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the usual cause")
-            log.warning("structured output: %s", self._too_costly)
+            log.debug("structured output: %s", self._too_costly)  # the engine logs the request's end, naming it
             raise GrammarFailed(self._too_costly)
 
     def check(self) -> None:
@@ -238,7 +238,8 @@ class LLGuidanceMatcher:
         ok = self.m.consume_token(token_id)
         if not ok and not self._warned:
             self._warned = True
-            log.warning("structured output: the grammar refused token %d (%s); the request ends at its next mask",
+            # Debug: the request's end is what matters, and the engine logs it once, naming the request.
+            log.debug("structured output: the grammar refused token %d (%s); the request ends at its next mask",
                         token_id, _cut(self.m.get_error()))
         return ok
 
