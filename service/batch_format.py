@@ -74,7 +74,7 @@ def _message_content(content: Any, where: str) -> str:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise LineError(f"{where}[{i}]: only text content parts are supported")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM's OpenAI server (and LLM.chat) join them
     raise LineError(f"{where}: must be a string or a list of text parts")
 
 
