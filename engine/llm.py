@@ -65,6 +65,28 @@ def _text_parts(parts: list, where: str) -> str:
     return "\n".join(texts)
 
 
+def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> float:
+    """vLLM's names for the engine's arguments, taken in place (``kwargs`` is changed); the swap space to use.
+    ``swap_space`` is vLLM's ``swap_space_gb``; ``tokenizer`` may only name the model's own (its directory holds
+    it); ``trust_remote_code`` is a permission and nothing here runs a checkpoint's code. Any other name the
+    engine does not take is a ``TypeError`` that lists the ones it does (not ``EngineConfig``'s own error)."""
+    from pagedserve.engine.config import EngineConfig
+
+    if "swap_space" in kwargs:
+        swap_space_gb = kwargs.pop("swap_space")
+    tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is not None and tokenizer != model:
+        raise TypeError("LLM() loads the tokenizer from the model directory: tokenizer= may only name the model")
+    if not isinstance(kwargs.pop("trust_remote_code", False), bool):
+        raise TypeError("LLM() trust_remote_code must be true or false")
+    known = set(EngineConfig.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; it takes: "
+                        f"{', '.join(sorted(known))}")
+    return swap_space_gb
+
+
 class LLM:
     """Batch generation over the step engine: all prompts are queued, then steps run until every one is done."""
 
@@ -73,6 +95,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                  device: str = "auto", dtype: str = "auto", seed: int = 0, tensor_parallel_size: int = 1,
                  **kwargs) -> None:
+        swap_space_gb = _vllm_engine_args(model, kwargs, swap_space_gb)
         self.engine = LLMEngine(
             model, block_size=block_size, num_gpu_blocks=num_gpu_blocks, swap_space_gb=swap_space_gb,
             preemption_mode=preemption_mode, enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,

@@ -258,3 +258,17 @@ def test_chat_takes_openai_text_parts_joined_by_newlines(llm):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\] must be a text part"):
         llm.chat(image, GREEDY)
+
+
+def test_vllm_engine_arguments_are_taken_or_refused_listing_what_is(tiny_models):
+    """``swap_space`` (vLLM's name for swap_space_gb), ``tokenizer`` naming the model, ``trust_remote_code``; any other
+    unknown name is a TypeError from LLM() that lists the names it takes (it named EngineConfig.__init__)."""
+    model = tiny_models["llama"]
+    llm = LLM(model=model, device="cpu", num_gpu_blocks=16, max_model_len=64, swap_space=0.01, tokenizer=model,
+              trust_remote_code=True)
+    assert llm.engine.config.swap_space_gb == 0.01
+    with pytest.raises(TypeError, match=r"^LLM\(\) got an unexpected keyword argument 'quantization'; it takes: .*"
+                                        r"max_model_len"):
+        LLM(model=model, device="cpu", quantization="awq")
+    with pytest.raises(TypeError, match="tokenizer from the model directory"):
+        LLM(model=model, device="cpu", tokenizer="/somewhere/else")
