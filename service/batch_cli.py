@@ -8,7 +8,9 @@ Ctrl-C (exit 130) stops the command, never the batch: it says so, and how to fol
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,8 +83,12 @@ def submit(
     metadata: list[str] = typer.Option([], "--metadata", help="k=v, repeatable (at most 16)."),
     key: str = typer.Option("", "--key", help="Submitting the same file with another key makes a new batch."),
 ) -> None:
-    """Validate every line and store the batch; the workers run it. Prints the batch id on the last line."""
+    """Validate every line and store the batch; the workers run it. Prints the batch id on the last line.
+
+    The same file (and --key) submitted again is the same batch: its id and status are printed, with a note, and
+    nothing runs again."""
     from .batch_client import batch_id, batch_status, submit_batch
+    from .batch_keys import BatchKeys
 
     try:
         data = file.read_bytes()
@@ -97,16 +103,35 @@ def submit(
     s, r = _redis()
     with r:
         try:
+            record = BatchKeys(s.prefix).record(batch_id(data, key))
+            before = _call(r.exists, record)
             bid = _call(submit_batch, r, s.prefix, data, input_file_id=file.name,
                         completion_window=completion_window, metadata=md, key=key, retention_s=s.batch_retention_s,
                         max_message_bytes=s.max_message_bytes)
             batch = batch_status(r, s.prefix, bid)
+            invalid, default_max = (int(v or 0) for v in _call(r.hmget, record, "invalid", "default_max_tokens"))
         except KeyboardInterrupt:
             _interrupted(r, s.prefix, batch_id(data, key), "")
     counts = batch["request_counts"]
-    err.print(f"{counts['total']} lines, {counts['failed']} invalid (their error lines are in the output); "
-              f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
+    if before:  # answered from the first submit: its options, its counts
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch["created_at"]))
+        note(f"note: this file was submitted before{' with this --key' if key else ''} (batch {bid}, created "
+             f"{created}): showing that batch, whose --completion-window and --metadata are the first submit's; "
+             f"nothing runs again (another --key makes a new batch)")
+        err.print(f"{counts['total']} lines: {counts['completed']} completed, {counts['failed']} failed; "
+                  f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"{counts['total']} lines, {invalid} invalid (their error lines are in the output); "
+                  f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
+        if default_max:
+            note(f"note: {default_max} line{'s' if default_max > 1 else ''} set no max_tokens: "
+                 f"{'they stop' if default_max > 1 else 'it stops'} at 16 tokens (the engine's default; OpenAI's "
+                 "API runs to the end): set max_tokens in the body")
     print(bid)
+
+
+def note(text: str) -> None:
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @batch_app.command("status")
@@ -166,9 +191,15 @@ def results(
     if output is None:
         sys.stdout.write(text)
     else:
-        try:
-            output.write_text(text, encoding="utf-8")
+        if output.is_dir() or not output.name:
+            _fail(f"error: -o {output}: is a directory; name a file", 2)
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        try:  # whole or not at all: a reader (or a crash halfway) never sees a file half written
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, output)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             _fail(f"error: -o {output}: {e.strerror or e}", 2)
         err.print(f"{len(lines)} lines -> {output}", markup=False, highlight=False, soft_wrap=True)
     if batch["status"] not in TERMINAL_STATUSES:  # a script must not take these lines for the whole output

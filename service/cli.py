@@ -87,6 +87,11 @@ class _OneLineErrors(TyperGroup):
     def invoke(self, ctx):  # noqa: ANN001 - click API
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (`... | head`): nothing to tell it. Stdout goes to /dev/null so that the flush at
+            # exit does not fail again; the status is a SIGPIPE death's, as other tools' in a pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except Exception as e:
             # Exits, aborts and usage errors are click's (typer vendors its own copy, hence the names).
             kinds = {c.__name__ for c in type(e).__mro__}

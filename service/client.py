@@ -284,13 +284,24 @@ class Client(ProducerCore):
         with self._reaching():
             return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
 
-    def batch_results(self, batch_id: str, wait: bool = False, timeout: float | None = None) -> list[dict]:
+    def batch_results(self, batch_id: str, wait: bool = False, timeout: float | None = None,
+                      partial: bool = False) -> list[dict]:
+        """The batch's output lines in input order. ``wait``: wait until it has ended first (``TimeoutError``
+        after ``timeout``). A batch not ended raises ``BatchNotEnded`` unless ``partial`` asks for the lines so
+        far (a script must not take a part for the whole output)."""
         from . import batch_client
 
         with self._reaching():
             if wait:
-                batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout)
-            return list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
+                batch = batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout)
+            else:
+                batch = batch_client.batch_status(self.r, self.keys.prefix, batch_id)
+            lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
+        if batch["status"] not in batch_client.TERMINAL_STATUSES and not partial:
+            raise batch_client.BatchNotEnded(
+                f"batch {batch_id} is still {batch['status']}: {len(lines)} of {batch['request_counts']['total']} "
+                "lines have their output so far (wait=True waits for the rest, partial=True returns these)")
+        return lines
 
     def cancel_batch(self, batch_id: str) -> dict:
         from . import batch_client

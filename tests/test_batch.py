@@ -6,6 +6,9 @@ Every output line is checked with the ``openai`` package's own types: a real cli
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,12 +17,13 @@ from openai.types import Batch, Completion
 from openai.types.chat import ChatCompletion
 
 from pagedserve.service.batch_client import (
+    BatchNotEnded,
     batch_results, batch_status, cancel_batch, list_batches, submit_batch, wait_batch,
 )
 from pagedserve.service.batch_keys import BatchKeys
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import Keys
-from service_fixtures import make_settings, metric_samples, running_worker, wait_for
+from service_fixtures import REPO, make_settings, metric_samples, running_worker, wait_for
 
 
 def chat(cid, content="Hello there", **body):
@@ -197,19 +201,39 @@ def test_cli_submit_status_results_cancel_list(redis_url, prefix, r, shared_engi
     monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
     monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
     src = tmp_path / "in.jsonl"
-    src.write_bytes(jsonl([chat("a"), completion("b"), b"oops"]))
+    no_max = {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "no limit given"}}
+    src.write_bytes(jsonl([chat("a"), completion("b"), b"oops", no_max]))
     cli = CliRunner()
+    monkeypatch.setenv("COLUMNS", "400")  # each note in one line
     res = cli.invoke(app, ["batch", "submit", str(src), "--metadata", "team=qa"])
     assert res.exit_code == 0, res.output
     bid = res.stdout.strip().splitlines()[-1]
     assert bid.startswith("batch_")
-    assert cli.invoke(app, ["batch", "submit", str(src)]).stdout.strip().splitlines()[-1] == bid
+    assert res.stderr.splitlines() == [
+        "4 lines, 1 invalid (their error lines are in the output); status in_progress",
+        "note: 1 line set no max_tokens: it stops at 16 tokens (the engine's default; OpenAI's API runs to the end): "
+        "set max_tokens in the body"], res.stderr
     with running_worker(make_settings(redis_url, prefix), shared_engine):
         out = tmp_path / "out.jsonl"
         res = cli.invoke(app, ["batch", "results", bid, "-o", str(out), "--wait", "--timeout", "60"])
         assert res.exit_code == 0, res.output
+    # The same file again is the same batch, said so with its own counts (not its failures called invalid).
+    again = cli.invoke(app, ["batch", "submit", str(src), "--metadata", "team=other"])
+    assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == bid
+    first, counts = again.stderr.splitlines()
+    assert first.startswith(f"note: this file was submitted before (batch {bid}, created ") and "first submit's" in first
+    assert counts == "4 lines: 3 completed, 1 failed; status completed", again.stderr
+    assert Batch.model_validate_json(cli.invoke(app, ["batch", "status", bid, "--json"]).stdout).metadata == {
+        "team": "qa"}
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [ln["custom_id"] for ln in lines] == ["a", "b", None]
+    assert [ln["custom_id"] for ln in lines] == ["a", "b", None, "c"]
+    assert lines[3]["response"]["body"]["usage"]["completion_tokens"] <= 16
+    # A reader that goes away (`batch list | head`): no error line, the status of a SIGPIPE death.
+    env = {**os.environ, "PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve", "batch", "list"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141 and proc.stderr.read() == b""
     res = cli.invoke(app, ["batch", "status", bid, "--json"])
     assert Batch.model_validate_json(res.stdout).status == "completed"
     assert "completed" in cli.invoke(app, ["batch", "status", bid]).stdout
@@ -287,6 +311,10 @@ def test_cli_results_of_a_batch_not_ended_say_so_and_exit_3(redis_url, prefix, r
         assert note == [f"batch {bid} is still in_progress{waited}: 0 of 2 lines have their output so far "
                         f"(`pagedserve batch results {bid} --wait` waits for the rest)"], res.stderr
     assert out.read_text() == ""
+    with Client(settings=make_settings(redis_url, prefix)) as c:  # Python says so too: a part only when asked
+        with pytest.raises(BatchNotEnded, match=rf"^batch {bid} is still in_progress: 0 of 2 lines"):
+            c.batch_results(bid)
+        assert c.batch_results(bid, partial=True) == []
     with running_worker(make_settings(redis_url, prefix), shared_engine):  # its log lines go to the runner's output
         res = cli.invoke(app, ["batch", "results", bid, "-o", str(out), "--wait", "--timeout", "60"])
     assert res.exit_code == 0 and "still" not in res.stderr, res.stderr
