@@ -85,8 +85,7 @@ def submit(
 ) -> None:
     """Validate every line and store the batch; the workers run it. Prints the batch id on the last line.
 
-    The same file (and --key) submitted again is the same batch: its id and status are printed, with a note, and
-    nothing runs again."""
+    The same file (and --key) submitted again is the same batch: its id and status are printed, with a note, and nothing runs again."""
     from .batch_client import batch_id, batch_status, submit_batch
     from .batch_keys import BatchKeys
 

@@ -106,6 +106,8 @@ class Reclaimer(WorkerPart):
             self.log.info("dead_consumers_kept", reason=str(e)[:200],
                           note="the worker's Redis user lacks xinfo|consumers or xgroup|delconsumer")
             return 0
+        except redis.exceptions.ResponseError:  # no group right now (Redis lost it): the next pass looks again
+            return 0
         if forgotten:
             self.log.info("dead_consumers_deleted", count=forgotten)
         return forgotten
