@@ -82,8 +82,8 @@ def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> 
     known = set(EngineConfig.__dataclass_fields__)
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; it takes: "
-                        f"{', '.join(sorted(known))}")
+        taken = sorted(known | {"swap_space", "tokenizer", "trust_remote_code"})
+        raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; it takes: {', '.join(taken)}")
     return swap_space_gb
 
 

@@ -22,6 +22,8 @@ _EXPORTS = {
     "RequestOutput": "pagedserve.engine.outputs",
     "CompletionOutput": "pagedserve.engine.outputs",
     "PromptTooLongError": "pagedserve.engine.errors",
+    "EngineDeadError": "pagedserve.engine.errors",
+    "ResumeSample": "pagedserve.engine.sequence",
     "Client": "pagedserve.service.client",
     "AsyncClient": "pagedserve.service.client",
     "CancelOutcome": "pagedserve.service.client",
@@ -29,6 +31,8 @@ _EXPORTS = {
     "RedisUnreachable": "pagedserve.service.client",
     "TooManyConnections": "pagedserve.service.client",
     "NoWorker": "pagedserve.service.client",
+    "BatchNotEnded": "pagedserve.service.batch_client",
+    "BatchNotFound": "pagedserve.service.batch_client",
     "GenerateRequest": "pagedserve.service.protocol",
     "TokenEvent": "pagedserve.service.protocol",
     "DoneEvent": "pagedserve.service.protocol",
@@ -40,11 +44,13 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from pagedserve.engine.errors import PromptTooLongError
+    from pagedserve.engine.errors import EngineDeadError, PromptTooLongError
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.engine.sequence import ResumeSample
+    from pagedserve.service.batch_client import BatchNotEnded, BatchNotFound
     from pagedserve.service.client import (
         AsyncClient,
         CancelOutcome,

@@ -35,9 +35,11 @@ def _fail(message: str, code: int) -> None:
 
 
 def _redis():
+    from .cli import warn_unknown_settings
     from .connection import redis_client
     from .settings import Settings
 
+    warn_unknown_settings()
     s = Settings()
     return s, redis_client(s.redis_url, timeout=30.0)
 

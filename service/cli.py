@@ -209,6 +209,17 @@ def _cpu_threads() -> dict:
         _fail(f"error: {e}", 2)
 
 
+def warn_unknown_settings() -> None:
+    """One stderr line per ``PAGEDSERVE_*`` variable nothing reads (a typo leaves its default in force silently:
+    a misspelt prefix sends requests to another deployment). The worker logs the same as ``unknown_setting``."""
+    from .settings import unknown_env_names
+
+    for name, likely in unknown_env_names():
+        hint = f": did you mean {likely}?" if likely else ""
+        err.print(printable(f"warning: {name} is not a setting, it is ignored{hint}"), markup=False, highlight=False,
+                  soft_wrap=True)
+
+
 def _settings(flags: dict[str, str] | None = None, **overrides):
     """Settings from the environment, ``overrides`` (options given on the command line, None = not given) on top;
     a bad value is one line naming the option (``flags``: field name -> option) or the variable it came from."""
@@ -382,6 +393,7 @@ def submit(
     structured = _structured_outputs(json_schema, choice, regex)
     if structured is not None:
         params["structured_outputs"] = structured
+    warn_unknown_settings()
     settings = _settings()
     try:  # checked here, before anything is sent: a request no worker would take is one line saying why
         if chat or system is not None:
@@ -470,6 +482,7 @@ def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit
     except ValueError as e:
         _fail(f"error: {e}", 2)
     try:
+        warn_unknown_settings()
         with Client(settings=_settings()) as client:
             found = client.cancel(request_id)
     except redis.RedisError as e:
