@@ -13,7 +13,8 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build: anything else would pull multi-GB CUDA wheels.
+	# torch first, pinned to the version whose CPU wheel the machine's pip configuration offers (elsewhere set
+	# PIP_EXTRA_INDEX_URL to PyTorch's CPU index, README): PyPI's own torch wheel pulls multi-GB CUDA libraries.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@bash .ci/ensure-compiler
