@@ -35,11 +35,11 @@ def _fail(message: str, code: int) -> None:
 
 
 def _redis():
-    from .cli import warn_unknown_settings
     from .connection import redis_client
-    from .settings import Settings
+    from .settings import Settings, unknown_env_warnings
 
-    warn_unknown_settings()
+    for line in unknown_env_warnings():  # a misspelt prefix would look at another deployment's batches
+        err.print(printable(line), markup=False, highlight=False, soft_wrap=True)
     s = Settings()
     return s, redis_client(s.redis_url, timeout=30.0)
 

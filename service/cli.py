@@ -210,14 +210,12 @@ def _cpu_threads() -> dict:
 
 
 def warn_unknown_settings() -> None:
-    """One stderr line per ``PAGEDSERVE_*`` variable nothing reads (a typo leaves its default in force silently:
-    a misspelt prefix sends requests to another deployment). The worker logs the same as ``unknown_setting``."""
-    from .settings import unknown_env_names
+    """The producer commands' stderr line per ``PAGEDSERVE_*`` variable nothing reads (the worker logs the same as
+    ``unknown_setting``)."""
+    from .settings import unknown_env_warnings
 
-    for name, likely in unknown_env_names():
-        hint = f": did you mean {likely}?" if likely else ""
-        err.print(printable(f"warning: {name} is not a setting, it is ignored{hint}"), markup=False, highlight=False,
-                  soft_wrap=True)
+    for line in unknown_env_warnings():
+        err.print(printable(line), markup=False, highlight=False, soft_wrap=True)
 
 
 def _settings(flags: dict[str, str] | None = None, **overrides):

@@ -81,6 +81,13 @@ def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[tuple[st
             if name.upper().startswith(ENV_PREFIX) and name.upper() not in known]
 
 
+def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What a command says of each ``PAGEDSERVE_*`` variable nothing reads, one line each (a misspelt prefix would
+    send a producer's requests to another deployment without a word)."""
+    return [f"warning: {name} is not a setting, it is ignored" + (f": did you mean {likely}?" if likely else "")
+            for name, likely in unknown_env_names(environ)]
+
+
 def check_redis_url(url: str) -> None:
     """Raise ``ValueError`` (credentials masked) for a URL redis-py would refuse, or would read as another database
     than the one written: it takes ``/abc`` or ``/9/x`` for database 0 without a word."""

@@ -220,20 +220,6 @@ def test_a_worker_without_redis_names_the_url_without_its_password_and_keeps_try
     assert "s3cret" not in w.log_path.read_text()
 
 
-def test_a_misspelt_setting_is_named_by_the_producer_commands_too(redis_url, prefix):
-    """``PAGEDSERVE_PREFX``: only the worker said so; submit went quietly to the default prefix and said no worker
-    runs there."""
-    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "PAGEDSERVE_PREFX": "typo"}
-    res = _submit(env, "--pickup-timeout", "1")
-    assert res.stderr.splitlines()[0] == ("warning: PAGEDSERVE_PREFX is not a setting, it is ignored: did you mean "
-                                          "PAGEDSERVE_PREFIX?"), res.stderr
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
-    for args in (["cancel", "nobody"], ["batch", "list"]):
-        out = subprocess.run([sys.executable, "-m", "pagedserve", *args], cwd=REPO, env={**full_env, **env},
-                             capture_output=True, text=True, timeout=120)
-        assert "warning: PAGEDSERVE_PREFX is not a setting" in out.stderr, (args, out.stderr)
-
-
 def test_submit_without_a_worker_says_so(redis_url, prefix):
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
     res = _submit(env, "--pickup-timeout", "1")

@@ -3,6 +3,7 @@ a lease that cannot keep a live worker's entries, and warn of ``PAGEDSERVE_*`` n
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -148,3 +149,18 @@ def test_cpu_linear_is_read_from_the_variable_the_engine_reads(monkeypatch):
         Settings()
     monkeypatch.setenv("PAGEDSERVE_CPU_LINEAR", "panel")
     assert Settings().cpu_linear == "panel"
+
+
+def test_a_misspelt_setting_is_named_by_the_producer_commands_too(redis_url, prefix):
+    """``PAGEDSERVE_PREFX``: only the worker said so; submit went quietly to the default prefix and said no worker
+    runs there."""
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "PAGEDSERVE_PREFX": "typo"}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    res = subprocess.run([sys.executable, "-m", "pagedserve", "submit", "Hello", "--pickup-timeout", "1"], cwd=REPO,
+                         env={**full_env, **env}, capture_output=True, text=True, timeout=120)
+    assert res.stderr.splitlines()[0] == ("warning: PAGEDSERVE_PREFX is not a setting, it is ignored: did you mean "
+                                          "PAGEDSERVE_PREFIX?"), res.stderr
+    for args in (["cancel", "nobody"], ["batch", "list"]):
+        out = subprocess.run([sys.executable, "-m", "pagedserve", *args], cwd=REPO, env={**full_env, **env},
+                             capture_output=True, text=True, timeout=120)
+        assert "warning: PAGEDSERVE_PREFX is not a setting" in out.stderr, (args, out.stderr)
