@@ -107,6 +107,7 @@ class Worker(WorkerPart):
         self._shutting_down = False
         self._credentials_checked = False
         self._stop_deadline: float | None = None
+        self._ctrl_c = False  # the drain was asked for by a Ctrl-C (a second one stops it), not by SIGTERM
         self.stopped = threading.Event()
         self.heartbeat = self._created = time.monotonic()
         self.started = threading.Event()
@@ -139,6 +140,7 @@ class Worker(WorkerPart):
         if self._shutting_down:  # handing entries back and releasing claims: let it finish, or work stays held
             return
         if self.started.is_set() and not self._stop.is_set():
+            self._ctrl_c = True
             self.request_stop()
             return
         raise KeyboardInterrupt
@@ -242,7 +244,8 @@ class Worker(WorkerPart):
                     drain_logged = True
                     self.log.info("drain_started", in_flight=len(self.running.table),
                                   grace_period_s=self.settings.grace_period_s,
-                                  note="Ctrl-C again stops at once: what runs goes back to the stream")
+                                  note="Ctrl-C again stops at once: what runs goes back to the stream" if self._ctrl_c
+                                  else "what has not finished by then goes back to the stream")
                 if self._stop.is_set() and (not self.running.table or time.monotonic() >= (self._stop_deadline or 0)):
                     break
                 try:

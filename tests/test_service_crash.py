@@ -117,6 +117,7 @@ def test_restart_with_same_name_drains_own_pending_and_sigterm_releases(redis_ur
         names = [e.get("event") for e in w2.events()]
         drain = [e for e in w2.events() if e.get("event") == "drain_started"]
         assert len(drain) == 1 and isinstance(drain[0]["in_flight"], int) and drain[0]["grace_period_s"] == 0.5
+        assert "Ctrl-C" not in drain[0]["note"]  # SIGTERM: a second one does not stop it at once
         assert names.index("drain_started") < names.index("worker_stopped")
         stopped = [e for e in w2.events() if e.get("event") == "worker_stopped"]
         assert stopped and stopped[0]["released"] + len(stored_results(r, keys, ids)) >= 6
@@ -266,6 +267,8 @@ def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back
             rid = submit_running(c, r, keys, "second-ctrl-c")
             w.proc.send_signal(signal.SIGINT)
             wait_for(lambda: any(e.get("event") == "drain_started" for e in w.events()), 30, what="draining")
+            assert [e["note"] for e in w.events() if e.get("event") == "drain_started"] == [
+                "Ctrl-C again stops at once: what runs goes back to the stream"]
             for _ in range(3):  # impatient: the presses after the second must not cut the hand-back short
                 w.proc.send_signal(signal.SIGINT)
                 time.sleep(0.02)
