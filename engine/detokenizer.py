@@ -31,10 +31,8 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
-        self.stopped = False  # the text was cut at a stop string; nothing after it is ever added
-        # What ended the sequence, as vLLM's ``stop_reason``: the stop string found here, or the stop token id the
-        # engine sets (None for EOS, a grammar's end or a length limit).
-        self.stop_reason: int | str | None = None
+        # The stop string the text was cut at (the output's ``stop_reason``); nothing after it is ever added.
+        self.stop_string: str | None = None
 
     def copy(self) -> IncrementalDetokenizer:
         new = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
@@ -66,7 +64,7 @@ class IncrementalDetokenizer:
         """At the end of the sequence: release whatever was held back for an incomplete character. Returns a
         stop string if the released text completes one (the text is cut before it). ``check_stop`` False: the
         sequence ended on a token (EOS, a stop token id), and as in vLLM no stop string is looked for then."""
-        if self.stopped or self.read_offset >= len(self.ids):
+        if self.stop_string is not None or self.read_offset >= len(self.ids):
             return None
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
@@ -86,8 +84,7 @@ class IncrementalDetokenizer:
         if hit is None:
             return None
         self.text = self.text[:hit[0] + (len(hit[1]) if self.keep_stop else 0)]
-        self.stopped = True
-        self.stop_reason = hit[1]
+        self.stop_string = hit[1]
         return hit[1]
 
     def take_delta(self, final: bool) -> str:

@@ -9,7 +9,6 @@ scoring, structured-output masks, detokenization, stop checks); the pieces it ca
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import logging
 import secrets
@@ -565,12 +564,9 @@ class LLMEngine:
             seq.matcher.accept(tok)
         eos = not p.ignore_eos and tok in self.eos_token_ids
         if eos or tok in p.stop_token_ids:
-            # Ended by a token, as vLLM's check_stop: EOS first (stop_reason None), else the stop token id. Its text
-            # (none for a special token) is kept only with include_stop_str_in_output, as vLLM V1's detokenizer
-            # does, and no stop string is looked for in it.
+            # Ended by a token, as vLLM's check_stop (EOS first). Its text (none for a special token) is kept only
+            # with include_stop_str_in_output, as vLLM V1's detokenizer does, and no stop string is looked for in it.
             seq.finish_reason = "stop"
-            if not eos:
-                seq.detok.stop_reason = tok
             if p.include_stop_str_in_output:
                 seq.detok.add(tok, check_stop=False)
         elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar's end, even with ignore_eos

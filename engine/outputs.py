@@ -77,12 +77,24 @@ def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[
             logprobs=list(seq.logprobs) if p.logprobs is not None else None,
             delta_text=delta_text,
             delta_token_ids=seq.token_ids[emitted:],
-            stop_reason=seq.detok.stop_reason if seq.finish_reason == "stop" else None,
+            stop_reason=(_stop_reason(seq.token_ids, seq.detok.stop_string, p, eos_token_ids)
+                         if seq.finish_reason == "stop" else None),
         ))
     if final:
         _pad_to_n(completions, p.n, req.finish_reason, p.logprobs is not None)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
                          req.num_cached_tokens, dict(req.metrics))
+
+
+def _stop_reason(token_ids: list[int], stop_string: str | None, p, eos_token_ids) -> int | str | None:
+    """vLLM's ``stop_reason`` of an output that ended "stop": the stop string it was cut at, else the stop token id
+    it ended on (EOS, which vLLM checks first, and a grammar's end give None)."""
+    if stop_string is not None:
+        return stop_string
+    last = token_ids[-1] if token_ids else None
+    if last in p.stop_token_ids and (p.ignore_eos or last not in eos_token_ids):
+        return last
+    return None
 
 
 def _pad_to_n(completions: list[CompletionOutput], n: int, reason: str | None, logprobs: bool) -> None:
@@ -105,11 +117,10 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
     completions = []
     if reason is None:
         for rank, h in enumerate(hyps):
-            ended_on = h.token_ids[-1] if h.hit_eos and h.token_ids else None
-            shown = h.token_ids[:-1] if ended_on is not None and not p.include_stop_str_in_output else h.token_ids
+            ended_on_token = h.hit_eos and h.token_ids
+            shown = h.token_ids[:-1] if ended_on_token and not p.include_stop_str_in_output else h.token_ids
             text = tokenizer.decode(shown, skip_special_tokens=True)
-            eos = ended_on is not None and not p.ignore_eos and ended_on in eos_token_ids
-            stop_reason = ended_on if ended_on in p.stop_token_ids and not eos else None
+            stop_reason = _stop_reason(h.token_ids, None, p, eos_token_ids) if ended_on_token else None
             completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
                                                 h.logprob, h.logprobs, delta_text=text, delta_token_ids=h.token_ids,
                                                 stop_reason=stop_reason))

@@ -27,6 +27,11 @@ batch_app = typer.Typer(help="Batch jobs in OpenAI's batch file format (see docs
 err = Console(stderr=True)
 
 
+def note(text: str) -> None:
+    """One plain line on stderr (stdout keeps only what a script reads: the id, the output lines)."""
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int) -> None:
     """One line on stderr, then exit with ``code`` (a bad setting or an unreachable Redis escapes to the main
     CLI, which says it in one line too). Control characters are escaped: a message may quote the file."""
@@ -39,7 +44,7 @@ def _redis():
     from .settings import Settings, unknown_env_warnings
 
     for line in unknown_env_warnings():  # a misspelt prefix would look at another deployment's batches
-        err.print(printable(line), markup=False, highlight=False, soft_wrap=True)
+        note(printable(line))
     s = Settings()
     return s, redis_client(s.redis_url, timeout=30.0)
 
@@ -119,11 +124,11 @@ def submit(
         note(f"note: this file was submitted before{' with this --key' if key else ''} (batch {bid}, created "
              f"{created}): showing that batch, whose --completion-window and --metadata are the first submit's; "
              f"nothing runs again (another --key makes a new batch)")
-        err.print(f"{counts['total']} lines: {counts['completed']} completed, {counts['failed']} failed; "
-                  f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
+        note(f"{counts['total']} lines: {counts['completed']} completed, {counts['failed']} failed; "
+             f"status {batch['status']}")
     else:
-        err.print(f"{counts['total']} lines, {invalid} invalid (their error lines are in the output); "
-                  f"status {batch['status']}", markup=False, highlight=False, soft_wrap=True)
+        note(f"{counts['total']} lines, {invalid} invalid (their error lines are in the output); "
+             f"status {batch['status']}")
         if default_max:
             note(f"note: {default_max} line{'s' if default_max > 1 else ''} set no max_tokens: "
                  f"{'they stop' if default_max > 1 else 'it stops'} at 16 tokens (the engine's default; OpenAI's "
@@ -131,8 +136,6 @@ def submit(
     print(bid)
 
 
-def note(text: str) -> None:
-    err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @batch_app.command("status")
@@ -202,12 +205,12 @@ def results(
             with contextlib.suppress(OSError):
                 tmp.unlink()
             _fail(f"error: -o {output}: {e.strerror or e}", 2)
-        err.print(f"{len(lines)} lines -> {output}", markup=False, highlight=False, soft_wrap=True)
+        note(f"{len(lines)} lines -> {output}")
     if batch["status"] not in TERMINAL_STATUSES:  # a script must not take these lines for the whole output
         waited = f" after {timeout:g} s" if wait and timeout is not None else ""
-        err.print(f"batch {batch_id} is still {batch['status']}{waited}: {len(lines)} of "
-                  f"{batch['request_counts']['total']} lines have their output so far (`pagedserve batch results "
-                  f"{batch_id} --wait` waits for the rest)", markup=False, highlight=False, soft_wrap=True)
+        note(f"batch {batch_id} is still {batch['status']}{waited}: {len(lines)} of "
+             f"{batch['request_counts']['total']} lines have their output so far (`pagedserve batch results "
+             f"{batch_id} --wait` waits for the rest)")
         raise typer.Exit(3)
 
 

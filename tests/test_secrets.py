@@ -151,6 +151,12 @@ def test_the_password_of_a_mistyped_url_is_remembered(url, secret):
 
 
 @pytest.mark.parametrize(("text", "masked"), [
+    ("redis://user:pw-a@h:6379/0", "redis://user:***@h:6379/0"),
+    ("rediss://:pw-b@h", "rediss://:***@h"),
+    ("redis://pw-c@h/0", "redis://***@h/0"),
+    ("unix://u:p@w-d@/tmp/r.sock?db=1&password=pw-e", "unix://u:***@/tmp/r.sock?db=1&password=***"),
+    ("Error 111 connecting to 'redis://u:pw-f@h:1'.", "Error 111 connecting to 'redis://u:***@h:1'."),
+    ("redis://h:6379/0", "redis://h:6379/0"),
     ("redis://h:6379/0?password=abc: invalid", "redis://h:6379/0?password=***: invalid"),
     ("'redis://h/0?password=abc', then", "'redis://h/0?password=***', then"),
     ("redis://h/0?password=a:b&db=1 (x)", "redis://h/0?password=***&db=1 (x)"),
