@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -91,7 +91,7 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
 
     check_request_limits(req, settings)
     try:
-        params = engine_params(req.params)
+        params = engine_params(req.params, chat=req.messages is not None)
     except ValueError as e:
         raise refuse("invalid_request", str(e)) from None
     limit, setting = engine.max_seqs_per_request
@@ -115,6 +115,15 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
         if not prompt:
             raise refuse("invalid_request", "messages: the chat template renders to no tokens")
+        if len(prompt) + 1 > max_len:
+            raise refuse("prompt_too_long", f"messages render to {len(prompt)} tokens; max_model_len is {max_len}")
+        if params.max_tokens is None:  # the rest of the context, within the operator's cap
+            rest = max_len - len(prompt)
+            cap = settings.max_tokens_per_request
+            try:  # min_tokens may ask for more than the context leaves
+                params = replace(params, max_tokens=min(rest, cap) if cap is not None else rest)
+            except ValueError as e:
+                raise refuse("invalid_request", params_field(str(e))) from None
     elif req.prompt_token_ids is not None:
         ids = req.prompt_token_ids
         vocab = engine.vocab_size
@@ -457,6 +466,7 @@ class Admission(WorkerPart):
             entry_ids=job.entry_ids,
             arrival=job.arrival,
             samples=job.params.num_samples,
+            max_tokens=job.params.max_tokens,
             span=job.span,
             log=job.log,
             next_seq=dict(job.next_seq),

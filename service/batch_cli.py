@@ -115,7 +115,7 @@ def submit(
                         completion_window=completion_window, metadata=md, key=key, retention_s=s.batch_retention_s,
                         max_message_bytes=s.max_message_bytes)
             batch = batch_status(r, s.prefix, bid)
-            invalid, default_max = (int(v or 0) for v in _call(r.hmget, record, "invalid", "default_max_tokens"))
+            invalid = int(_call(r.hget, record, "invalid") or 0)
         except KeyboardInterrupt:
             _interrupted(r, s.prefix, batch_id(data, key), "")
     counts = batch["request_counts"]
@@ -129,10 +129,6 @@ def submit(
     else:
         note(f"{counts['total']} lines, {invalid} invalid (their error lines are in the output); "
              f"status {batch['status']}")
-        if default_max:
-            note(f"note: {default_max} line{'s' if default_max > 1 else ''} set no max_tokens: "
-                 f"{'they stop' if default_max > 1 else 'it stops'} at 16 tokens (the engine's default; OpenAI's "
-                 "API runs to the end): set max_tokens in the body")
     print(bid)
 
 

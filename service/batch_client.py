@@ -119,10 +119,7 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         "expires_at": expires_at, "total": len(lines), "completed": 0, "failed": len(invalid),
         "metadata": json.dumps(md), "cursor": 0, "lines": len(valid), "retain_until": expires_at + retention_s,
         "input_bytes": len(data), "input_sha256": hashlib.sha256(data).hexdigest(),
-        # For the submitter's summary: lines refused here, and lines that set no max_tokens (they stop at the
-        # engine's default of 16 tokens, where OpenAI's run to the end: worth a word at submit).
-        "invalid": len(invalid),
-        "default_max_tokens": sum(1 for p in valid if p.request.params.max_tokens is None),
+        "invalid": len(invalid),  # for the submitter's summary: lines refused here
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))

@@ -220,7 +220,7 @@ def build_request(
     if changed:
         raise ValueError(f"{changed} (plain JSON values only: objects with string keys, arrays, strings, finite "
                          "numbers, booleans, null)") from None
-    engine_params(req.params)
+    engine_params(req.params, chat=req.messages is not None)
     try:  # as the worker parses it: a JSON schema nested past what the wire carries is refused here, by path
         problem = first_problem(req.model_dump(mode="json", by_alias=True), check_unicode=True)
     except ValueError:  # pydantic's serializer has a depth limit of its own, above the wire's
@@ -236,7 +236,7 @@ def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
     req = kw.pop("request", None)
     if req is None:
         return build_request(prompt, **kw)
-    engine_params(req.params)
+    engine_params(req.params, chat=req.messages is not None)
     return req
 
 

@@ -23,6 +23,7 @@ class InFlight:
     entry_ids: list[str]
     arrival: float  # time.time() of the XADD
     samples: int  # sequences it runs at once (n, best_of or beam_width): its share of max_num_seqs
+    max_tokens: int  # as the engine runs it (a chat request without one gets what its context leaves)
     span: Any = None
     log: Any = None
     last_token_at: float | None = None  # time.time() of its last new token (inter-token latency)

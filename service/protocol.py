@@ -407,14 +407,21 @@ def params_field(message: str) -> str:
     return f"params.{message}" if name in {f.name for f in fields(SamplingParams)} else message
 
 
-def engine_params(params: SamplingParamsModel) -> Any:
+def engine_params(params: SamplingParamsModel, *, chat: bool = False) -> Any:
     """The engine's ``SamplingParams`` of these wire values, through its own range checks (plain Python: a
     producer runs them without torch, so a value no worker would take fails where it is built). Raises
-    ``ValueError`` naming the field as the wire names it. The operator's limits (settings) are the worker's."""
+    ``ValueError`` naming the field as the wire names it. The operator's limits (settings) are the worker's.
+
+    Without ``max_tokens`` a chat request (``messages``) runs to the end of the context, as OpenAI's and vLLM's
+    chat completions do (``max_tokens`` None here: the worker knows the prompt's length); a prompt keeps the
+    ``SamplingParams`` default of 16, as their completions do."""
     from pagedserve.engine.sampling_params import SamplingParams
 
+    kwargs = params.to_kwargs()
+    if chat:
+        kwargs.setdefault("max_tokens", None)
     try:
-        return SamplingParams(**params.to_kwargs())
+        return SamplingParams(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(params_field(str(e))) from None
 

@@ -45,7 +45,7 @@ def events_cap(f: InFlight) -> int:
     """About how many entries a request's events stream keeps: room for one event per token of every sample
     and the terminal event, so a worker taking it over finds every token it must continue after, while a
     request's events stay bounded."""
-    return events_bound(f.samples, f.request.params.max_tokens)
+    return events_bound(f.samples, f.max_tokens)
 
 
 @dataclass(kw_only=True, eq=False)

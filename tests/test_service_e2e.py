@@ -225,3 +225,40 @@ def test_a_cancelled_request_streams_what_its_result_holds(setup, redis_url, par
         mine = [e for e in events[:-1] if e.index == out.index]
         assert sum((e.token_ids for e in mine), []) == out.token_ids, out.index
         assert "".join(e.text for e in mine) == out.text, out.index
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(redis_url, prefix, shared_engine):
+    """As OpenAI's and vLLM's chat completions: a chat request that sets no max_tokens gets what its context
+    leaves (within the operator's cap); a prompt keeps the completions default of 16."""
+    tok, max_len = shared_engine.tokenizer, shared_engine.max_model_len
+
+    def rendered(words: int) -> tuple[list, int]:
+        messages = [{"role": "user", "content": "a " * words}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return messages, len(tok.encode(text, add_special_tokens=False))
+
+    # A message long enough that little context is left: the run stays short.
+    per_word = rendered(101)[1] - rendered(100)[1]
+    messages, prompt_len = rendered((max_len - 60 - rendered(0)[1]) // per_word)
+    assert 16 < max_len - prompt_len < 200, prompt_len
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine), Client(settings=s) as c:
+        # min_tokens past 16: the producer checks it against the context, not against a default of 16.
+        rid = c.submit(messages=messages, params={**greedy, "min_tokens": 20})
+        events = list(c.events(rid, timeout=120))
+        done = c.wait(rid, timeout=30)
+        assert isinstance(done, DoneEvent), done
+        out = done.outputs[0]
+        assert (len(out.token_ids), out.finish_reason) == (max_len - prompt_len, "length")
+        assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == out.text
+        plain = c.generate("hello", params=greedy, timeout=60)
+        assert len(plain.outputs[0].token_ids) == 16
+        with pytest.raises(ValueError, match=r"min_tokens"):  # a prompt's default is 16: refused before sending
+            c.submit("hello", params={"min_tokens": 20})
+    capped = make_settings(redis_url, prefix, max_tokens_per_request=30)
+    with running_worker(capped, shared_engine), Client(settings=capped) as c:
+        d = c.generate(messages=[{"role": "user", "content": "hi"}], params=greedy, timeout=60)
+        assert (len(d.outputs[0].token_ids), d.outputs[0].finish_reason) == (30, "length")
+        with pytest.raises(RequestFailed, match=r"min_tokens"):  # more than the cap leaves
+            c.generate(messages=[{"role": "user", "content": "hi"}], params={"min_tokens": 31}, timeout=60)
