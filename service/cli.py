@@ -243,7 +243,7 @@ def worker(
     import redis
 
     from .telemetry import configure_logging, configure_tracing, shutdown_tracing
-    from .worker import Worker
+    from .worker import TerminatedBeforeStart, Worker
 
     s = _settings({"worker_name": "--name", "metrics_port": "--metrics-port"}, worker_name=name,
                   metrics_port=metrics_port)
@@ -273,10 +273,14 @@ def worker(
         raise
     from pagedserve.engine.model_source import DEFAULT_MODEL
 
-    with err.status(f"[bold]loading model[/] {s.model or DEFAULT_MODEL + ' (the default)'} on {s.device} ..."):
-        _ = w.engine
     try:
+        with err.status(f"[bold]loading model[/] {s.model or DEFAULT_MODEL + ' (the default)'} on {s.device} ..."):
+            _ = w.engine
         w.run()
+    except TerminatedBeforeStart as e:
+        if w.health is not None:
+            w.health.stop()
+        _fail("stopped by SIGTERM before taking any work (the model was loading): nothing to hand back", e.code)
     finally:
         shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
 

@@ -143,7 +143,10 @@ class Settings(BaseSettings):
     be reclaimed by another worker.
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+    # populate_by_name: Settings(grace_period_s=...) by its field name, while the environment is read only under
+    # the PAGEDSERVE_ names of its aliases (an alias without the prefix would read a bare GRACE_PERIOD_S).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True,
+                                      populate_by_name=True)
 
     # --- contract §4 ---------------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -175,7 +178,7 @@ class Settings(BaseSettings):
     # SIGTERM: time to finish in-flight work. Also read as PAGEDSERVE_SHUTDOWN_GRACE_S, the name the chart and
     # the compose file use for the pod's drain (both set it; the first name wins when both are present).
     grace_period_s: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=AliasChoices(
-        "grace_period_s", "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
+        "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
     max_message_bytes: int = Field(1 << 20, ge=256)  # a larger body is refused unparsed (protocol.parse_request)

@@ -55,6 +55,15 @@ from .settings import Settings, unknown_env_names
 from .telemetry import get_logger, get_tracer
 
 
+class TerminatedBeforeStart(SystemExit):
+    """SIGTERM before the worker took any work: it exits as a process that SIGTERM ended (status 143). A
+    ``SystemExit``, so that no ``except Exception`` on the way (a kernel build falling back to torch, say) takes
+    it for a failure of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
 class Worker(WorkerPart):
     """The long-running worker. ``run()`` blocks until :meth:`request_stop` (SIGTERM) and the grace period."""
 
@@ -114,7 +123,7 @@ class Worker(WorkerPart):
         self.health: HealthServer | None = None
         self._want_health = health and s.metrics_port is not None
         if install_signals:
-            signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+            signal.signal(signal.SIGTERM, self._terminated)
             signal.signal(signal.SIGINT, self._interrupted)
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -144,6 +153,15 @@ class Worker(WorkerPart):
             self.request_stop()
             return
         raise KeyboardInterrupt
+
+    def _terminated(self, signum: int, frame: Any) -> None:
+        """SIGTERM drains. While the model still loads the worker holds nothing (no entry, no consumer name) and
+        there is nothing to drain: the start ends at once, as a Ctrl-C ends it, rather than finishing a long load only to stop (an
+        orchestrator scaling down a pod that is still loading would wait out its grace period, then kill it)."""
+        if self.model_loaded or self._shutting_down:  # from here on the loop's shutdown releases what it holds
+            self.request_stop()
+            return
+        raise TerminatedBeforeStart
 
     def request_stop(self, grace_s: float | None = None) -> None:
         """Stop reading; finish in-flight work within ``grace_s`` (default ``grace_period_s``; 0: none); release the

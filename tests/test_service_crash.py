@@ -288,3 +288,40 @@ def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back
     finally:
         w.close()
         r.close()
+
+
+def test_sigterm_while_the_model_loads_ends_the_start_at_once(redis_url, prefix, tmp_path):
+    """An orchestrator scaling down a pod that is still loading sends SIGTERM: the worker holds nothing yet, so it
+    exits at once (status 143, one line), instead of finishing the load, draining nothing and being killed after
+    its grace period. The load is held where a real start waits: on the CPU kernels' build lock, held here."""
+    import signal
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from pagedserve.kernels import cpu_extension as ce
+
+    if ce.disabled_by_env():
+        pytest.skip("the CPU kernels are switched off here: the load never takes their build lock")
+    with ce._pip_ninja_first():
+        build_dir = Path(cpp_extension._get_build_directory(f"{ce._NAME}_{ce._cpu_digest()}", False))
+    s = make_settings(redis_url, prefix, grace_period_s=60)
+    w = WorkerProcess(s, tmp_path / "w.log")
+    try:
+        with ce.build_lock(build_dir):
+            w.start()
+            wait_for(lambda: "waiting for another process building" in w.log_path.read_text(errors="replace")
+                     or w.proc.poll() is not None, 120, 0.1, "the load waiting on the build lock")
+            assert w.proc.poll() is None, w.log_path.read_text(errors="replace")[-3000:]
+            sent = time.monotonic()
+            w.proc.send_signal(signal.SIGTERM)
+            code = w.proc.wait(timeout=30)
+            took = time.monotonic() - sent
+        log = w.log_path.read_text(errors="replace")
+        assert code == 143, log[-3000:]
+        assert took < 10, took
+        assert "stopped by SIGTERM before taking any work" in log and "Traceback" not in log, log[-3000:]
+        with redis.Redis.from_url(redis_url) as r:
+            assert not r.exists(Keys(prefix).consumer_lease(s.worker_name))
+    finally:
+        w.close()

@@ -164,3 +164,14 @@ def test_a_misspelt_setting_is_named_by_the_producer_commands_too(redis_url, pre
         out = subprocess.run([sys.executable, "-m", "pagedserve", *args], cwd=REPO, env={**full_env, **env},
                              capture_output=True, text=True, timeout=120)
         assert "warning: PAGEDSERVE_PREFX is not a setting" in out.stderr, (args, out.stderr)
+
+
+def test_the_grace_period_is_read_only_under_pagedserve_names(monkeypatch):
+    """A bare GRACE_PERIOD_S (another program's variable) must not set how long a draining worker waits."""
+    monkeypatch.setenv("GRACE_PERIOD_S", "0")
+    assert Settings().grace_period_s == 30.0
+    assert Settings(grace_period_s=5).grace_period_s == 5.0
+    monkeypatch.setenv("PAGEDSERVE_SHUTDOWN_GRACE_S", "7")
+    assert Settings().grace_period_s == 7.0
+    monkeypatch.setenv("PAGEDSERVE_GRACE_PERIOD_S", "8")
+    assert Settings().grace_period_s == 8.0
