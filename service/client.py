@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import redis
@@ -82,6 +82,18 @@ def _cancels() -> int:
     ran on to the end. The task still counts that cancel, so a count above the one at the call's start is raised."""
     task = asyncio.current_task()
     return task.cancelling() if task is not None and hasattr(task, "cancelling") else 0
+
+
+def _forget_cancel(pending: set) -> Callable[[asyncio.Task], None]:
+    """Done callback of a cancel sent for an abandoned request: off the pending set, its outcome (an error
+    included: the caller is gone, nobody could act on it) taken so that asyncio reports nothing."""
+
+    def done(task: asyncio.Task) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | None) -> Op | None:
@@ -336,6 +348,7 @@ class AsyncClient(ProducerCore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
+        self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
         self.r = aredis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
@@ -351,6 +364,8 @@ class AsyncClient(ProducerCore):
         for rid in owned:
             with contextlib.suppress(Exception):
                 await self.cancel(rid)
+        if self._cancelling:
+            await asyncio.wait(list(self._cancelling), timeout=10)
         self._closed = True
         await self.r.aclose()
 
@@ -498,14 +513,23 @@ class AsyncClient(ProducerCore):
                     error = e
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:
-                with contextlib.suppress(Exception):
-                    await self.cancel(owned)
+                await self._cancel_abandoned(owned)
             raise
         finally:
             if owned is not None:
                 self._owned.discard(owned)
             wait.close()
             await self._close_quietly(pubsub)
+
+    async def _cancel_abandoned(self, request_id: str) -> None:
+        """Cancel a request whose caller went away, in a task of its own: under a cancel scope (anyio's, as in
+        Starlette's disconnect handling) every await of the cancelled code is cancelled again, this one's too,
+        and the cancel would never go out. :meth:`aclose` waits for the ones still on their way."""
+        task = asyncio.ensure_future(self.cancel(request_id))
+        self._cancelling.add(task)
+        task.add_done_callback(_forget_cancel(self._cancelling))
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(task)
 
     @staticmethod
     async def _close_quietly(pubsub: Any) -> None:

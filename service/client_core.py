@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -394,6 +395,27 @@ def check_resume_keywords(kw: dict) -> None:
                         f"{', '.join(sorted(kw))} describe a new one (leave out after= to send one)")
 
 
+def resume_point(after: Any) -> int | dict[int, int] | None:
+    """``after`` as ``stream``/``events`` take it: the last ``seq`` seen, for every output (an int) or per output
+    index (``{index: seq}``). The text of a whole number is taken too (an SSE ``Last-Event-ID`` is text, and a
+    dict saved as JSON comes back with text keys). Anything else raises ``TypeError`` naming ``after``: taken
+    for "from the start", it replayed every token the caller already had."""
+    if after is None:
+        return None
+
+    def whole(value: Any, what: str) -> int:
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value.strip()):
+            value = int(value.strip())
+        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+            raise TypeError(f"after{what}: expected the last seq seen, a whole number >= -1 (or its text); "
+                            f"got {value!r}")
+        return value
+
+    if isinstance(after, dict):
+        return {whole(k, f" key {k!r}"): whole(v, f"[{k!r}]") for k, v in after.items()}
+    return whole(after, "")
+
+
 # ------------------------------------------------------------------------------------------------ event wait
 @dataclasses.dataclass(frozen=True)
 class Subscribe:
@@ -647,6 +669,7 @@ def stream_wait(
     """The events of ``request_id`` from its events stream (sending ``submit`` first if given), as operations for a
     client to run. ``after``: the last ``seq`` already seen, for every output (an int) or per output index (a
     dict); those events and the ones before them are skipped. Errors as :func:`event_wait`."""
+    after = resume_point(after)
     deadline = None if timeout is None else clock() + timeout
     sent = submit is None
     reached = False  # Redis answered once: a lost connection is worth a retry
@@ -690,6 +713,11 @@ def stream_wait(
                     yield from end(done)
                     return
                 if expired():
+                    if submit is None and last_entry == "0-0":  # picked up by id, and nothing of it was ever seen
+                        raise TimeoutError(
+                            f"no result for {request_id} within {timeout} s, and no event of it either: it is not "
+                            f"under prefix {keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or "
+                            "it still waits in the queue for a worker")
                     raise TimeoutError(f"no result for {request_id} within {timeout} s")
                 if check_workers_at is not None and clock() >= check_workers_at:
                     why = yield from why_no_worker(keys)

@@ -765,3 +765,66 @@ def test_an_async_client_used_from_another_event_loop_says_so(redis_url, prefix)
     asyncio.run(main())
     t.join(10)
     assert not t.is_alive() and len(errors) == 1 and "event loop" in str(errors[0])
+
+
+def test_a_stream_under_an_anyio_cancel_scope_cancels_its_request(redis_url, prefix, shared_engine):
+    """Starlette ends a streaming response whose client went away by cancelling an anyio scope, which cancels
+    every await inside it again, the client's own cancel of the request included: the request ran on to its
+    end, its tokens for nobody. The cancel goes out in a task of its own."""
+    import anyio
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient
+
+    async def main() -> str:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            seen: list = []
+
+            async def consume() -> None:
+                async for ev in ac.stream("x", params={"max_tokens": 1500, "ignore_eos": True}, timeout=120):
+                    seen.append(ev)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume)
+                while len(seen) < 5:
+                    await anyio.sleep(0.005)
+                tg.cancel_scope.cancel()
+            rid = seen[0].id
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            done = await ac.wait(rid, timeout=60)
+            return done.outputs[0].finish_reason
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert anyio.run(main) == "cancelled"
+
+
+@pytest.mark.parametrize("after, expected", [
+    (None, None), (9, 9), (-1, -1), ("9", 9), (" 12 ", 12), ({0: 4, 1: 6}, {0: 4, 1: 6}), ({"0": "4", "1": 6}, {0: 4, 1: 6}),
+])
+def test_a_resume_point_is_a_seq_or_its_text(after, expected):
+    from pagedserve.service.client_core import resume_point
+
+    assert resume_point(after) == expected
+
+
+@pytest.mark.parametrize("after, words", [
+    ("nine", "after: expected the last seq seen"), (9.0, "got 9.0"), (True, "got True"), (-2, "got -2"),
+    ({0: "x"}, r"after\[0\]: expected"), ({"a": 1}, "after key 'a': expected"), ([1, 2], r"got \[1, 2\]"),
+])
+def test_a_resume_point_that_is_no_seq_is_refused_naming_after(after, words):
+    """Anything else was taken for "from the start": every token the caller had came again, without a word."""
+    from pagedserve.service.client_core import resume_point
+
+    with pytest.raises(TypeError, match=words):
+        resume_point(after)
+
+
+def test_resuming_an_id_nothing_is_known_of_says_so_when_it_times_out(redis_url, prefix):
+    """A resume of an id with no events and no result (a typo, another prefix, a result expired) waited out its
+    timeout with the message of a slow request; it now says what may be the matter."""
+    from pagedserve.service.client import Client
+
+    with Client(redis_url, prefix=prefix) as c, pytest.raises(TimeoutError) as ei:
+        list(c.stream("never-sent-1", after=0, timeout=1))
+    assert "no event of it either" in str(ei.value) and repr(prefix) in str(ei.value)
+    assert "RESULT_TTL_S" in str(ei.value)

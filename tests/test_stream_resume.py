@@ -243,6 +243,9 @@ def test_streams_survive_a_sigkilled_worker(redis_url, prefix, tmp_path, shared_
             later = list(c.stream("pair", after={0: 4, 1: 6}, timeout=30))
         assert [e.seq for e in later if isinstance(e, TokenEvent) and e.index == 0][:1] == [5]
         assert [e.seq for e in later if isinstance(e, TokenEvent) and e.index == 1][:1] == [7]
+        with Client(settings=s) as c:  # the same point saved as JSON (text keys), or an SSE Last-Event-ID (text)
+            assert list(c.stream("pair", after=json.loads(json.dumps({0: 4, 1: 6})), timeout=30)) == later
+            assert [e.seq for e in c.events("plain", after="9", timeout=30) if isinstance(e, TokenEvent)][:1] == [10]
 
         async def pick_up() -> list:
             async with AsyncClient(settings=s) as ac:
