@@ -123,6 +123,8 @@ class Claims(WorkerPart):
     def _tick(self, r: redis.Redis) -> None:
         with self._lock:
             held, release = sorted(self._held), sorted(self._release)
+        if self.ctx.loop_stuck():  # the claims lapse, as the entries' leases do (context.py says why)
+            held = []
         if not held and not release:
             return
         lost = self._renew_and_release(r, held, release)

@@ -33,6 +33,11 @@ class WorkerContext:
     tracer: Any  # an OpenTelemetry tracer
     log: Any  # a structlog logger bound to the worker
     new_client: Callable[[], redis.Redis]  # a Redis client of its own (for a thread: lease and claim renewals)
+    # Whether the loop is stuck (its /healthz fails: no turn, or work and no progress, for too long). The renewal
+    # threads then let its entries' leases and its ids' claims lapse, so that other workers take its requests, as
+    # they would if an orchestrator had restarted it: where none watches its health (compose, a VM), a wedged
+    # worker would otherwise hold its requests for as long as it lives.
+    loop_stuck: Callable[[], bool] = lambda: False
 
 
 class WorkerPart:

@@ -228,6 +228,8 @@ class LeaseKeeper:
         self._lost: list[str] = []
         self._lock = threading.Lock()
         self._refusals = 0  # consecutive renewals Redis refused (logged on the first and every 50th)
+        self._loop_stuck = ctx.loop_stuck
+        self._lapsing = False  # the loop is stuck: its entries' leases are left to lapse (context.py says why)
         self.thread = RenewalThread("pagedserve-lease", self._tick, ctx.new_client,
                                     ctx.settings.lease_renew_interval_ms / 1000, ctx.log, "lease_renewal_failed")
 
@@ -261,6 +263,17 @@ class LeaseKeeper:
     def _tick(self, r: redis.Redis) -> None:
         with self._lock:
             ids = sorted(self._ids)
+        stuck = self._loop_stuck()
+        if stuck != self._lapsing:
+            self._lapsing = stuck
+            if stuck:
+                self.log.error("leases_lapsing", entries=len(ids),
+                               note="the loop is stuck (/healthz fails): its requests are left for other workers "
+                                    "to take once claim_idle_ms passes")
+            else:
+                self.log.warning("leases_renewed_again", entries=len(ids), note="the loop moves again")
+        if stuck:
+            ids = []  # the consumer name stays held: this process lives, and a replacement under it would wait
         if not self.reclaimer.refresh_name(r, self.name_token):
             self.name_taken.set()
         lost, gone, refused = self.reclaimer.renew(r, ids) if ids else ([], [], None)

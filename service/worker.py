@@ -82,6 +82,7 @@ class Worker(WorkerPart):
             settings=s, keys=Keys(s.prefix), consumer=consumer, metrics=WorkerMetrics(),
             tracer=get_tracer(tracer_provider), log=get_logger(worker=consumer),
             new_client=lambda: redis_client(s.redis_url),
+            loop_stuck=lambda: self._loop_stuck(),
         )
         self._engine = engine
         self._owns_engine = engine is None  # an engine handed in belongs to the caller, who closes it
@@ -187,6 +188,12 @@ class Worker(WorkerPart):
         progressing, info = self.progress.check()
         ok = age < self.settings.liveness_timeout_s and progressing and not self.stopped.is_set()
         return ok, {"loop_age_s": round(age, 3), **info}
+
+    def _loop_stuck(self) -> bool:
+        """The loop runs, and /healthz fails (asked from the renewal threads)."""
+        if not self.started.is_set() or self.stopped.is_set():
+            return False
+        return not self._alive()[0]
 
     def _ready(self) -> tuple[bool, dict]:
         reachable = False
@@ -336,7 +343,7 @@ class Worker(WorkerPart):
     def _redis_phase(self, block: bool) -> None:
         """Send what is buffered first (the last step's results go out before anything new is read), then act
         on cancels and lost leases (they free room), then fill the room: dead workers' entries before new ones.
-        A stopping worker reads nothing."""
+        A stopping worker reads nothing, nor does a stuck one (its requests are left to others: context.py)."""
         if self.conn.needs_setup:
             self.conn.setup()
         self._check_if_away()
@@ -348,7 +355,7 @@ class Worker(WorkerPart):
         self.running.lose(self.leases.take_lost())
         self.running.mark_gone(self.leases.take_gone())
         self.admission.follow_claims()
-        if not self._stop.is_set():
+        if not self._stop.is_set() and not self._loop_stuck():
             self.batches.tick(self._room())  # batch lines join the stream only when the room is there
             room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []

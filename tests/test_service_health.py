@@ -176,3 +176,38 @@ def test_a_probe_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
         server.stop()
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Exception occurred" not in captured.err, captured.err
+
+
+def test_a_stuck_worker_leaves_its_requests_to_another(redis_url, prefix, shared_engine):
+    """Where nothing restarts a worker whose /healthz fails (compose, a VM), its renewal threads kept its leases
+    and claims alive: its requests waited for as long as it lived. Stuck, it lets them lapse and reads nothing
+    new; another worker runs them, and the stuck one, moving again, gives its run up (one result per id)."""
+    from pagedserve.engine import LLMEngine
+    from service_fixtures import ENGINE_KW, TEST_MODEL
+
+    stuck_engine = LLMEngine(model=TEST_MODEL, **ENGINE_KW)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    scheduler = stuck_engine.scheduler
+    real_schedule = scheduler.schedule
+    scheduler.schedule = lambda: SchedulerOutput()  # wedged: nothing is ever scheduled
+    fast = dict(stall_timeout_s=1.0, claim_idle_ms=2000, log_level="ERROR")
+    try:
+        with running_worker(make_settings(redis_url, prefix, **fast), stuck_engine) as a:
+            r.xadd(keys.requests, {"body": json.dumps({"id": "held", "prompt": "x", "params": {"max_tokens": 3}})})
+            wait_for(lambda: r.exists(keys.running("held")), 30, what="the stuck worker's claim")
+            wait_for(lambda: _healthz(a.health.port)[0] == 503, 30, what="/healthz 503")
+            with running_worker(make_settings(redis_url, prefix, **fast), shared_engine):
+                wait_for(lambda: r.exists(keys.result("held")), 60, what="the other worker's result")
+                # A request sent while it is stuck goes to the worker that moves, first time.
+                r.xadd(keys.requests, {"body": json.dumps({"id": "new", "prompt": "y", "params": {"max_tokens": 3}})})
+                wait_for(lambda: r.exists(keys.result("new")), 60, what="the new request's result")
+            scheduler.schedule = real_schedule  # the stuck worker moves again: the run it held is another's
+            wait_for(lambda: not a.running.table, 30, what="the stuck worker giving its run up")
+        for rid in ("held", "new"):
+            assert isinstance(parse_terminal(r.get(keys.result(rid))), DoneEvent)
+        assert r.xpending(keys.requests, keys.group)["pending"] == 0
+        assert not r.exists(keys.dead) or r.xlen(keys.dead) == 0
+    finally:
+        scheduler.schedule = real_schedule
+        r.close()
