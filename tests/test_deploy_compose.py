@@ -97,7 +97,7 @@ def test_redis_persistent_and_healthchecked(resolved):
     cmd = " ".join(redis["command"])
     assert "--appendonly yes" in cmd and "--save" in cmd
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
-    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert redis["healthcheck"]["test"][0] == "CMD-SHELL" and "redis-cli ping" in redis["healthcheck"]["test"][1]
     assert redis["image"].startswith("redis:7")
 
 
@@ -229,3 +229,101 @@ def test_cpu_worker_threads_are_a_whole_number():
     assert float(w["cpus"]) == 1.5
     threads = w["environment"].get("PAGEDSERVE_CPU_THREADS")
     assert threads is None or (threads.isdigit() and int(threads) >= 1), threads
+
+
+# ---------------------------------------------------------------- Redis with a password
+
+
+def _config(*profiles: str, extra: tuple[Path, ...] = (), **env: str) -> dict:
+    args = [a for p in profiles for a in ("--profile", p)]
+    proc = compose(*args, "config", "--format", "json", extra=extra, env_vars=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["services"]
+
+
+def _unescaped(value):
+    """`config` writes a literal $ as $$ (so that its output is a compose file again); Docker gets one $."""
+    if isinstance(value, str):
+        return value.replace("$$", "$")
+    if isinstance(value, list):
+        return [_unescaped(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unescaped(v) for k, v in value.items()}
+    return value
+
+
+@needs_compose
+def test_workers_take_the_redis_url_from_the_environment():
+    """PAGEDSERVE_REDIS_URL in the shell or .env reaches every worker; unset, the stack's own Redis."""
+    overlay = ROOT / "deploy" / "compose" / "two-gpus.yml"
+    workers = ("worker", "worker-cpu", "worker-gpu1")
+    services = _config("cpu", extra=(overlay,))
+    assert {services[w]["environment"]["PAGEDSERVE_REDIS_URL"] for w in workers} == {"redis://redis:6379/0"}
+    url = "redis://:s3cr%40t@redis:6379/0"
+    services = _config("cpu", extra=(overlay,), PAGEDSERVE_REDIS_URL=url, REDIS_PASSWORD="s3cr@t")
+    assert {services[w]["environment"]["PAGEDSERVE_REDIS_URL"] for w in workers} == {url}
+
+
+@needs_compose
+def test_redis_exporter_logs_in_with_the_password():
+    assert _config()["redis-exporter"]["environment"].get("REDIS_PASSWORD", "") == ""
+    env = _unescaped(_config(REDIS_PASSWORD="s3cr@t$x")["redis-exporter"]["environment"])
+    assert env["REDIS_PASSWORD"] == "s3cr@t$x"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_compose
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+                    reason="redis-server and redis-cli are needed")
+@pytest.mark.parametrize("server_password, check_password, healthy", [
+    ("", "", True), ("s3cr@t$x", "s3cr@t$x", True), ("s3cr@t$x", "", False), ("s3cr@t$x", "wrong", False)])
+def test_redis_healthcheck_runs_the_servers_password(tmp_path, server_password, check_password, healthy):
+    """redis-server started with the compose file's own command, its health check run as Docker runs it (sh -c,
+    with the service's environment): `redis-cli ping` exits 0 on a NOAUTH error, the check must not."""
+    server = _unescaped(_config(REDIS_PASSWORD=server_password)["redis"])
+    check = _unescaped(_config(REDIS_PASSWORD=check_password)["redis"])
+    port = _free_port()
+    proc = subprocess.Popen([*server["command"], "--port", str(port), "--dir", str(tmp_path), "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        for _ in range(100):
+            probe = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
+            if probe.stdout.strip() in ("PONG", "NOAUTH Authentication required."):
+                break
+            time.sleep(0.05)
+        # REDIS_PASSWORD reaches redis-server: without it on the connection, Redis refuses
+        assert probe.stdout.strip() == ("NOAUTH Authentication required." if server_password else "PONG"), probe
+        # inside the container redis-cli reaches the server on its default port; here it is sent to `port`
+        shim = tmp_path / "bin"
+        shim.mkdir()
+        (shim / "redis-cli").write_text(f'#!/bin/sh\nexec {shutil.which("redis-cli")} -p {port} "$@"\n')
+        (shim / "redis-cli").chmod(0o755)
+        kind, *args = check["healthcheck"]["test"]
+        argv = ["/bin/sh", "-c", *args] if kind == "CMD-SHELL" else args
+        env = {"PATH": f"{shim}:/usr/bin:/bin", **{k: v or "" for k, v in check.get("environment", {}).items()}}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20)
+        assert (done.returncode == 0) == healthy, (done.returncode, done.stdout, done.stderr)
+        assert "AUTH failed" not in done.stderr or check_password, done.stderr  # no AUTH without a password
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_dashboard_panels_follow_both_variables():
+    """The Job variable narrows the Worker list; with Worker at All (`.*`) a panel that filters on instance alone
+    would still show every job."""
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/pagedserve.json").read_text())
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            for selector in re.findall(r"\bpagedserve_[a-z0-9_]+(\{[^}]*\})?", target["expr"]):
+                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (panel["title"],
+                                                                                          target["expr"])

@@ -166,3 +166,39 @@ def test_documented_build_targets_exist():
     assert any(t == "baked" for _, t in named)
     missing = sorted((n, t) for n, t in named if t not in stages())
     assert not missing, f"build targets named in the docs but not in the Dockerfile: {missing}"
+
+
+def _dirs_made_for_the_worker_user(stage: list[tuple[str, str]]) -> set[str]:
+    """Directories a RUN of the stage creates and leaves owned by uid 10001: `mkdir -p` paths under a later
+    `chown -R 10001:10001 <dir>`, or `install -d -o 10001`."""
+    owned: set[str] = set()
+    for ins, args in stage:
+        if ins != "RUN":
+            continue
+        for cmd in re.split(r"&&|;", args):
+            words = cmd.split()
+            if words[:2] == ["mkdir", "-p"]:
+                made = [w for w in words[2:] if w.startswith("/")]
+                roots = [w for c in re.split(r"&&|;", args) if c.split()[:3] == ["chown", "-R", "10001:10001"]
+                         for w in c.split()[3:]]
+                owned |= {d for d in made if any((d + "/").startswith(r.rstrip("/") + "/") for r in roots)}
+            if words[:2] == ["install", "-d"] and "-o" in words and words[words.index("-o") + 1] == "10001":
+                owned |= {w for w in words if w.startswith("/")}
+    return owned
+
+
+def test_the_documented_cache_volume_path_is_made_for_the_worker_user():
+    """A fresh named volume takes the owner of the directory it is mounted on in the image; mounted on a path the
+    image lacks, it is root's, and uid 10001 cannot write the model there. Every document names one path."""
+    named = {}
+    for name in ("README.md", "Dockerfile", "docs/deployment.md"):
+        text = " ".join((ROOT / name).read_text().replace("#", " ").split())
+        found = set(re.findall(r"mount a (?:named )?volume on `?(/home/pagedserve/[\w./-]*\w)", text))
+        assert found, f"{name} does not say where to mount the cache volume"
+        named[name] = found
+    paths = set().union(*named.values())
+    assert len(paths) == 1, named
+    (path,) = paths
+    assert path in _dirs_made_for_the_worker_user(stages()["worker"]), path
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for i, a in stages()["worker"] if i == "ENV")))
+    assert path == env["XDG_CACHE_HOME"] + "/pagedserve"  # where the worker writes the default model

@@ -404,13 +404,15 @@ def test_keda_credentials_from_url_are_decoded(userinfo):
 
 
 def test_keda_acl_user_with_existing_secret():
-    values = {"redis": {"existingSecret": "mine", "usernameKey": "user"}, "keda": {"enabled": True}}
+    values = {"redis": {"existingSecret": "mine", "usernameKey": "user", "host": "redis.redis"},
+              "keda": {"enabled": True}}
     ta = one(render(values), "TriggerAuthentication")["spec"]["secretTargetRef"]
     assert sorted(ta, key=lambda r: r["parameter"]) == [
         {"parameter": "password", "name": "mine", "key": "redis-password"},
         {"parameter": "username", "name": "mine", "key": "user"}]
     # a username the chart cannot hand to KEDA (TriggerAuthentication reads Secrets only) is refused
-    render_fails({"redis": {"existingSecret": "mine", "username": "pagedserve-worker"}, "keda": {"enabled": True}},
+    render_fails({"redis": {"existingSecret": "mine", "username": "pagedserve-worker", "host": "redis.redis"},
+                  "keda": {"enabled": True}},
                  "redis.usernameKey")
 
 
@@ -632,3 +634,85 @@ def test_probe_initial_delays_are_rendered():
     assert c["readinessProbe"]["initialDelaySeconds"] == 60
     c = worker_container(render({}))
     assert "initialDelaySeconds" not in c["livenessProbe"] and "initialDelaySeconds" not in c["readinessProbe"]
+
+
+# ---------------------------------------------------------------- KEDA with a Secret the chart cannot read
+
+
+def test_keda_with_existing_secret_needs_the_redis_address():
+    """The worker takes its URL from the Secret, which the chart cannot read: KEDA polling the default host would
+    watch a Redis nobody named (redis-master, database 0) and scale on nothing."""
+    base = {"redis": {"existingSecret": "pagedserve-redis"}, "keda": {"enabled": True}}
+    render_fails(base, "redis.existingSecret", "redis.host", "keda.address")
+    md = keda_trigger({**base, "redis": {"existingSecret": "pagedserve-redis", "host": "redis.cache", "db": 2}})
+    assert md["address"] == "redis.cache:6379" and md["databaseIndex"] == "2"
+    md = keda_trigger({**base, "keda": {"enabled": True, "address": "10.1.2.3:6380"}})
+    assert md["address"] == "10.1.2.3:6380"
+    # without KEDA the Secret alone is enough; without the Secret the chart builds the URL from the default host
+    assert not by_kind(render({"redis": {"existingSecret": "pagedserve-redis"}}), "ScaledObject")
+    docs = render({"keda": {"enabled": True}})
+    assert one(docs, "Secret")["stringData"]["redis-url"] == "redis://redis-master:6379/0"
+    assert one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["address"] == "redis-master.ml:6379"
+
+
+def _documented_helm_sets(text: str) -> list[dict]:
+    """The --set values of every `helm install ... helm/pagedserve` command in a document (continuations joined)."""
+    text = text.replace("\\\n", " ")
+    out = []
+    for cmd in re.findall(r"helm install \S+ helm/pagedserve[^`\n]*", text):
+        values: dict = {}
+        for key, value in re.findall(r"--set ([\w.]+)=(\S+)", cmd):
+            node = values
+            *path, last = key.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = {"true": True, "false": False}.get(value, value)
+        out.append(values)
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/deployment.md"])
+def test_documented_helm_install_commands_render(doc):
+    found = [v for v in _documented_helm_sets((CHART.parents[1] / doc).read_text()) if "-f " not in str(v)]
+    assert any(v.get("keda", {}).get("enabled") for v in found), found
+    for values in found:
+        render(values)
+
+
+def test_readme_names_the_metric_keda_scales_on_by_default():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["keda"]["trigger"]["metric"] == "length"
+    line = next(ln for ln in (CHART.parents[1] / "README.md").read_text().splitlines() if "ScaledObject" in ln)
+    assert "lag" not in line.replace("`lag`", "") and "length" in line, line
+
+
+# ---------------------------------------------------------------- PodDisruptionBudget
+
+
+def test_pdb_lets_drains_evict_unready_pods():
+    """Readiness follows Redis: with Redis down every worker is unready, and a budget that counts unready pods as
+    disruptions blocks `kubectl drain` until Redis is back."""
+    for docs in (render({}), render({"podDisruptionBudget": {"minAvailable": 1}})):
+        pdb = one(docs, "PodDisruptionBudget")
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        kubernetes_validate.validate(pdb, KUBE_VERSION, strict=True)
+    pdb = one(render({"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "IfHealthyBudget"}}), "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "IfHealthyBudget"
+
+
+@pytest.mark.parametrize("min_available", [1, "50%", 0])
+def test_pdb_min_available_set_alone_wins_over_the_default(min_available):
+    # `--set podDisruptionBudget.minAvailable=1` leaves the default maxUnavailable: 1 in the values
+    spec = one(render({"podDisruptionBudget": {"minAvailable": min_available}}), "PodDisruptionBudget")["spec"]
+    assert spec["minAvailable"] == min_available and "maxUnavailable" not in spec
+    spec = one(render({"podDisruptionBudget": {"maxUnavailable": "25%"}}), "PodDisruptionBudget")["spec"]
+    assert spec["maxUnavailable"] == "25%" and "minAvailable" not in spec
+
+
+def test_batch_trigger_without_the_service_monitor_is_flagged():
+    """The batch query reads labels only the chart's ServiceMonitor (or a scrape the operator set up with the same
+    labels) gives the series: without either it matches nothing and reads as no backlog."""
+    values = {"keda": {"enabled": True, "minReplicaCount": 1, "batchTrigger": {"enabled": True}}}
+    text = notes(values)
+    assert "keda.batchTrigger" in text and 'service="rel-pagedserve"' in text, text
+    assert "keda.batchTrigger" not in notes({**values, "serviceMonitor": {"enabled": True}})

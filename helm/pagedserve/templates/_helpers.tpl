@@ -83,14 +83,17 @@ its errors. The user/password part is checked here, without quoting it, and the 
 {{- $url }}
 {{- end }}
 
+{{/* redis.host, empty = redis-master. Empty is the default so that the chart can tell an operator who named the
+Redis from one who did not: with existingSecret KEDA has nothing else to go by. */}}
+{{- define "pagedserve.redisHost" -}}
+{{- .Values.redis.host | default "redis-master" }}
+{{- end }}
+
 {{/* Redis URL built from the parts when redis.url is empty. */}}
 {{- define "pagedserve.redisURL" -}}
 {{- if .Values.redis.url }}
 {{- include "pagedserve.redisURLChecked" . }}
 {{- else }}
-{{- if not .Values.redis.host }}
-{{- fail "redis: set redis.url, redis.host or redis.existingSecret" }}
-{{- end }}
 {{- $scheme := ternary "rediss" "redis" .Values.redis.tls }}
 {{- $auth := "" }}
 {{- /* urlquery writes a space as "+", which redis-py's unquote keeps as a literal "+"; a literal "+" is
@@ -101,7 +104,7 @@ its errors. The user/password part is checked here, without quoting it, and the 
 {{- else if .Values.redis.username }}
 {{- $auth = printf "%s@" $user }}
 {{- end }}
-{{- printf "%s://%s%s:%s/%s" $scheme $auth .Values.redis.host (include "pagedserve.str" .Values.redis.port) (include "pagedserve.str" .Values.redis.db) }}
+{{- printf "%s://%s%s:%s/%s" $scheme $auth (include "pagedserve.redisHost" .) (include "pagedserve.str" .Values.redis.port) (include "pagedserve.str" .Values.redis.db) }}
 {{- end }}
 {{- end }}
 
@@ -302,7 +305,7 @@ so it is qualified with the release namespace. IPv6 literals ([...]) stay as the
 {{- if .Values.keda.address }}
 {{- .Values.keda.address }}
 {{- else }}
-{{- $host := .Values.redis.host }}
+{{- $host := include "pagedserve.redisHost" . }}
 {{- $port := include "pagedserve.str" .Values.redis.port }}
 {{- if .Values.redis.url }}
 {{- $hp := get (urlParse (include "pagedserve.redisURLChecked" .)) "host" }}
