@@ -43,8 +43,8 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
-from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, engine_params, entry_time,
-                       params_field, parse_request)
+from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, check_other_fields, engine_params,
+                       entry_time, params_field, parse_request)
 from .reclaim import LeaseKeeper
 from .resume import events_bound, read_emitted
 from .running import Running
@@ -278,6 +278,7 @@ class Admission(WorkerPart):
         """Steps 1-3: the request, or None when the entry is answered, dead-lettered or attached already."""
         raw = _body(fields)
         try:
+            check_other_fields(fields, raw)
             req = parse_request(raw, self.settings.max_message_bytes)
         except DeadLetterError as e:
             self.outcomes.dead(entry_id, str(e), raw, deliveries, kind=e.kind, trace_id=trace_id_from_fields(fields))

@@ -53,6 +53,10 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+# The stream fields besides ``body`` (traceparent and tracestate: W3C caps tracestate at 512 characters), names
+# included. More is refused at once, so that an entry padded with other fields leaves the stream on its first read
+# instead of being read again on every redelivery (max_message_bytes bounds the body alone).
+MAX_OTHER_FIELDS_BYTES = 4096
 
 
 def _whole(value: Any) -> Any:
@@ -461,6 +465,21 @@ def entry_time(entry_id: str | bytes) -> float:
         return int(as_text(entry_id).split("-", 1)[0]) / 1000.0
     except ValueError:
         return time.time()
+
+
+def check_other_fields(fields: dict, raw_body: bytes | None) -> None:
+    """Refuse an entry whose fields besides ``body`` hold more than :data:`MAX_OTHER_FIELDS_BYTES`: answered when
+    the body's leading id can be read without parsing it (as for a body too large), else a dead letter."""
+    size = sum(len(k) + len(v) for k, v in fields.items()
+               if k not in (b"body", "body") and isinstance(k, (bytes, str)) and isinstance(v, (bytes, str)))
+    if size <= MAX_OTHER_FIELDS_BYTES:
+        return
+    message = (f"the entry's fields besides body hold {size} bytes, more than {MAX_OTHER_FIELDS_BYTES} "
+               "(traceparent and tracestate are all the worker reads)")
+    request_id = leading_id(raw_body) if raw_body is not None else None
+    if request_id is not None:
+        raise InvalidRequestError(request_id, "invalid_request", message)
+    raise DeadLetterError(message, "too_large")
 
 
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:

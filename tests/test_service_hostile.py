@@ -180,6 +180,31 @@ def test_generated_hostile_messages(hostile_env, body):
     assert not w.stopped.is_set()
 
 
+def test_an_entry_padded_with_other_fields_leaves_on_its_first_read(hostile_env):
+    """The size limit covered the body alone: an entry padded with other fields (megabytes each) was served, and
+    read again in full on every redelivery. It is answered (an id it leads with) or dead-lettered at once."""
+    from pagedserve.service.protocol import MAX_OTHER_FIELDS_BYTES
+
+    s, w, r, c, keys = hostile_env
+    pad = b"x" * (MAX_OTHER_FIELDS_BYTES + 1)
+    answered = r.xadd(keys.requests, {"body": json.dumps({"id": "h-padded", "prompt": "x"}), "junk": pad}).decode()
+    dead = r.xadd(keys.requests, {"body": b'{"prompt": "x", "id": "h-padded-2"}', "traceparent": pad}).decode()
+    ok = c.submit("beside", params={"max_tokens": 2})
+    # W3C trace context of its largest allowed size passes.
+    fine = r.xadd(keys.requests, {"body": json.dumps({"id": "h-traced", "prompt": "x", "params": {"max_tokens": 2}}),
+                                  "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+                                  "tracestate": "k=" + "v" * 510})
+    assert fine
+    err = c.wait("h-padded", timeout=60)
+    assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request"
+    assert "fields besides body hold" in err.error.message
+    wait_for(lambda: dead in _dead_entry_ids(r, keys), 30, what="the dead letter")
+    assert "fields besides body" in _dead_entry_ids(r, keys)[dead].reason
+    assert isinstance(c.wait(ok, timeout=60), DoneEvent)
+    assert isinstance(c.wait("h-traced", timeout=60), DoneEvent)
+    assert answered
+
+
 def test_everything_acknowledged_and_worker_healthy(hostile_env):
     s, w, r, c, keys = hostile_env
     wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="no pending entries")

@@ -108,3 +108,23 @@ def test_a_refused_cancel_has_no_effect():
         listener.close()
         client.close()
         redis.close()
+
+
+def test_claims_are_renewed_under_maxmemory():
+    """As the entry leases are: a claim renewal refused under maxmemory let the claim lapse while its run went on,
+    and a worker holding another entry of the id started it a second time."""
+    from pagedserve.service.scripts import source
+
+    redis = PrivateRedis().start()
+    try:
+        r = redis.admin
+        renew = r.register_script(source("claim_renew"))
+        r.set(KEYS.running("busy"), "me", px=2000)
+        redis.refuse_memory(True)
+        lost = renew(keys=[KEYS.running("busy"), KEYS.running("lapsed"), KEYS.result("busy"), KEYS.result("lapsed")],
+                     args=["me", 60_000, 2, 0])
+        assert lost == []
+        assert r.pttl(KEYS.running("busy")) > 50_000 and r.get(KEYS.running("lapsed")) == b"me"
+    finally:
+        redis.refuse_memory(False)
+        redis.close()

@@ -1,5 +1,8 @@
-#!lua
+#!lua flags=allow-oom
 -- Renew the claims a worker still runs and release the ones it has answered (or given up), in one call.
+-- allow-oom: a renewal grows nothing (a lapsed claim taken again is one short key) and a release frees; refused
+-- under maxmemory, the claims of runs still going here would lapse and a worker holding another entry of the id
+-- would start it a second time.
 -- KEYS[1..n] = running keys to renew, KEYS[n+1..n+m] = running keys to release, KEYS[n+m+1..2n+m] = the result
 -- keys of the renewed ids, in the same order
 -- ARGV[1] = owner   ARGV[2] = TTL in ms   ARGV[3] = n   ARGV[4] = m
