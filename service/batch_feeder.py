@@ -20,15 +20,20 @@ With no active batch a tick costs one ``ZRANGE`` every ``LOOK_S``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
 
 from .batch_format import error_line, output_line
-from .batch_keys import CLOSING, SHOWN_AS, BatchKeys, BatchScripts, request_id
-from .connection import Connection
+from .batch_keys import (
+    BATCH_ID, CLOSING, ENDED, SHOWN_AS, BatchKeys, BatchScripts, MalformedBatch, request_id, whole,
+)
+from .connection import REDIS_DOWN, Connection
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text, parse_terminal
 from .running import Running
@@ -39,6 +44,7 @@ MAX_BATCHES = 8  # active batches looked at per tick (oldest first)
 INFLIGHT_SCAN = 512  # in-flight lines looked at per batch and tick (a window that moves on over a long set)
 MAX_REFEEDS = 3  # a line whose request vanished this often is answered with an error (dead-lettered each time?)
 CLOSE_CHUNK = 500  # untaken lines closed per script call
+SAY_AGAIN_S = 60.0  # a trouble that stays (a refusal, an index of the wrong type) is logged this seldom
 
 
 @dataclass(kw_only=True, eq=False)
@@ -54,6 +60,7 @@ class BatchFeeder(WorkerPart):
     _next_stats: float = field(default=0.0, init=False)
     _next_feed: float = field(default=0.0, init=False)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
+    _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
 
     def __post_init__(self) -> None:
         self.bkeys = BatchKeys(self.keys.prefix)
@@ -76,28 +83,77 @@ class BatchFeeder(WorkerPart):
 
     # ------------------------------------------------------------------------------------------ the tick
     def tick(self, room: int) -> None:
+        """One look at the batches. Raises only when Redis is away (the loop's business): whatever one batch's
+        keys hold, the worker's iteration goes on to reclaim and read, and the other batches are fed."""
         now = time.monotonic()
         if now >= self._next_look:
             self._next_look = now + LOOK_S
-            self._active = [as_text(b) for b in self.conn.r.zrange(self.bkeys.active, 0, MAX_BATCHES - 1)]
-            self.metrics.redis_ops.inc()
+            self._active = self._guarded(None, "look", self._look) or []
             if now >= self._next_stats:
                 self._next_stats = now + self.settings.queue_stats_interval_s
-                self._stats()
+                self._guarded(None, "stats", self._stats)
         if not self._active:
             return
         if now >= self._next_collect:
             self._next_collect = now + COLLECT_S
             for bid in list(self._active):
-                try:
-                    self._collect(bid)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    raise  # Redis away: the loop's business
-                except Exception as e:  # one batch's trouble must not stop the others' collecting, nor feeding
-                    self.log.exception("batch_collect_failed", batch=bid, error=f"{type(e).__name__}: {e}")
-        if room > self.reserve and now >= self._next_feed and self._stream_read():
+                self._guarded(bid, "collect", self._collect, bid)
+        if room > self.reserve and now >= self._next_feed and self._guarded(None, "feed", self._stream_read):
             if not self._feed(room - self.reserve):
                 self._next_feed = now + LOOK_S  # every batch taken to its end: no need to ask each iteration
+
+    def _look(self) -> list[str]:
+        """The oldest active batches; a member that is no batch id is set aside at once."""
+        with _expect(self.bkeys.active, "sorted set"):
+            members = [as_text(b) for b in self.conn.r.zrange(self.bkeys.active, 0, MAX_BATCHES - 1)]
+        self.metrics.redis_ops.inc()
+        for bid in [b for b in members if not BATCH_ID.fullmatch(b)]:
+            self._set_aside(bid, MalformedBatch("id", "is not a batch id (batch_ and 32 hex digits)"))
+            members.remove(bid)
+        return members
+
+    def _guarded(self, bid: str | None, step: str, fn, *args):
+        """``fn(*args)``, with one batch's trouble kept to that batch: a malformed one is set aside, any other
+        failure is logged (at most once in ``SAY_AGAIN_S`` per batch and step) and the tick goes on; ``None``
+        then."""
+        try:
+            return fn(*args)
+        except REDIS_DOWN:
+            raise  # Redis away: the loop's business
+        except MalformedBatch as e:
+            if bid is not None:
+                self._guarded(None, "set_aside", self._set_aside, bid, e)
+            else:  # one of the indexes (the active set, the list of batches) is of the wrong type
+                self._say_once((e.field, step), "batch_index_malformed", key=e.field,
+                               error=f"{e.field} {e.why}, not written by pagedserve: no batch runs until it is deleted")
+        except Exception as e:  # a refusal (maxmemory, ACL), a bug: this step waits for the next tick
+            self._say_once((bid, step, type(e).__name__), f"batch_{step}_failed", batch=bid,
+                           error=f"{type(e).__name__}: {e}", exc_info=not isinstance(e, redis.ResponseError))
+        return None
+
+    def _say_once(self, what: tuple, event: str, again_s: float = SAY_AGAIN_S, **fields) -> None:
+        """Log an error at most once in ``again_s`` per ``what``: a trouble that stays is not logged each loop
+        iteration."""
+        now = time.monotonic()
+        if self._said.get(what, 0.0) > now:
+            return
+        if len(self._said) > 1000:
+            self._said = {k: t for k, t in self._said.items() if t > now}
+        self._said[what] = now + again_s
+        if again_s < math.inf:
+            fields["repeats"] = f"said at most once in {again_s:.0f} s"
+        self.log.error(event, **fields)
+
+    def _set_aside(self, bid: str, e: MalformedBatch) -> None:
+        """A batch whose record or keys are not the service's: failed (when it is a batch record at all), with an
+        error naming the field, and out of the active set, so no worker looks at it again. Said once."""
+        k = self.bkeys
+        got = as_text(self.scripts.fail(keys=[k.record(bid), k.active], args=[bid, int(time.time()), e.errors()]))
+        self.metrics.redis_ops.inc()
+        self._drop(bid)
+        self.log.error("batch_malformed", batch=bid, field=e.field, error=e.message,
+                       outcome={"failed": "marked failed", "ended": "had ended: left as it was"}.get(
+                           got, "no batch record: only taken out of the active set"))
 
     def _stream_read(self) -> bool:
         """True when every entry of the request stream has been delivered to the group: its newest entry is not
@@ -116,27 +172,37 @@ class BatchFeeder(WorkerPart):
 
     def _feed(self, count: int) -> bool:
         """Take up to ``count`` lines of the oldest batch that has any; whether any were taken."""
+        return any(self._guarded(bid, "feed", self._take, bid, count) for bid in list(self._active))
+
+    def _take(self, bid: str, count: int) -> bool:
         k = self.bkeys
-        for bid in list(self._active):
-            got = self.scripts.take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid),
-                                         self.keys.requests], args=[count, int(time.time() * 1000)])
-            self.metrics.redis_ops.inc()
-            what = as_text(got[0])
-            if what == "taken":
-                self.metrics.batch_lines_fed.inc(int(got[1]))
-                return True
-            if what == "gone":
-                self._forget(bid)
-            elif what in CLOSING:
-                self._close(bid, what)
-            # drained (all taken, some still running): the next batch may have lines
+        got = self.scripts.take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid),
+                                      self.keys.requests], args=[count, int(time.time() * 1000)])
+        self.metrics.redis_ops.inc()
+        what = _reply(got)
+        if what == "taken":
+            self.metrics.batch_lines_fed.inc(int(got[1]))
+            return True
+        self._on_status(bid, what)
+        # drained (all taken, some still running): the next batch may have lines
         return False
+
+    def _on_status(self, bid: str, status: str) -> None:
+        """What a batch in the active set with this status needs, besides feeding and collecting."""
+        if status in CLOSING:
+            self._close(bid, status)
+        elif status == "gone" or status in ENDED:
+            self._forget(bid)  # its record expired; or it ended (the script that ends one takes it out too)
+        elif status not in ("in_progress", "drained"):
+            # validating and finalizing are OpenAI's, never a record's here (lines are checked before it exists)
+            raise MalformedBatch("status", f"is {status[:40]!r}, not the status of a running batch")
 
     # ------------------------------------------------------------------------------------------ collect
     def _collect(self, bid: str) -> None:
         k, r = self.bkeys, self.conn.r
         start = self._scan_from.get(bid, 0)
-        taken = r.zrange(k.inflight(bid), start, start + INFLIGHT_SCAN - 1, withscores=True)
+        with _expect("inflight", "sorted set"):
+            taken = r.zrange(k.inflight(bid), start, start + INFLIGHT_SCAN - 1, withscores=True)
         self.metrics.redis_ops.inc()
         # Oldest first; when more lines are in flight than one window, the next tick looks at the next window,
         # so a finished line is collected within a few ticks however many run.
@@ -144,14 +210,17 @@ class BatchFeeder(WorkerPart):
         if not taken and start:
             return
         if not taken:
-            status = r.hget(k.record(bid), "status")
+            with _expect("record", "hash"):
+                status, cursor, lines = r.hmget(k.record(bid), "status", "cursor", "lines")
             self.metrics.redis_ops.inc()
-            if status is None:
-                self._forget(bid)
-            elif as_text(status) in CLOSING:
-                self._close(bid, as_text(status))
+            status = "gone" if status is None else as_text(status)
+            self._on_status(bid, status)
+            if status == "in_progress" and whole(cursor, "cursor") >= whole(lines, "lines"):
+                # Every line taken, none in flight: the collect script ends it, or finds that it never can
+                # (counts that a producer wrote), in one instant.
+                self._store(bid, [])
             return
-        indexes = [int(as_text(m)) for m, _ in taken]
+        indexes = [_index(m) for m, _ in taken]
         raws = r.mget([self.keys.result(request_id(bid, i)) for i in indexes])
         self.metrics.redis_ops.inc()
         groups: list[str] = []
@@ -173,7 +242,7 @@ class BatchFeeder(WorkerPart):
                 line_no, line, ok = output_line(parse_terminal(raw), md)
             except Exception as e:  # a result no output line can be made of: this line fails, not the tick
                 self.log.warning("batch_result_unusable", batch=bid, index=index, error=f"{type(e).__name__}: {e}")
-                line_no, ok = int(md["line"]), False
+                line_no, ok = md["line"], False
                 line = error_line(bid, line_no, md["custom_id"], "internal",
                                   f"the stored result of this line's request could not be read ({type(e).__name__})")
             groups += [str(line_no), json.dumps(line, separators=(",", ":")), "1" if ok else "0", str(index)]
@@ -193,23 +262,26 @@ class BatchFeeder(WorkerPart):
         pipe = self.conn.r.pipeline(transaction=False)
         for index in indexes:
             pipe.lindex(self.bkeys.lines(bid), index)
-        bodies = pipe.execute()
+        with _expect("lines", "list"):
+            bodies = pipe.execute()
         self.metrics.redis_ops.inc(len(indexes))
-        return [json.loads(body)["metadata"] if body is not None else None for body in bodies]
+        return [_line_metadata(body, index) if body is not None else None for body, index in zip(bodies, indexes)]
 
     def _store(self, bid: str, groups: list[str], cursor: tuple[int, int] | None = None) -> None:
         k = self.bkeys
         moved = [str(cursor[0]), str(cursor[1])] if cursor else ["", ""]
         self.metrics.redis_ops.inc()
-        ok, failed = self.scripts.collect(
+        got = self.scripts.collect(
             keys=[k.record(bid), k.out(bid), k.inflight(bid), k.entries(bid), k.active],
             args=[int(time.time()), bid, *moved, *groups])
+        _reply(got)
+        ok, failed = got
         self.metrics.batch_lines.labels("completed").inc(ok)  # only the lines this worker stored first
         self.metrics.batch_lines.labels("failed").inc(failed)
 
     def _refeed(self, bid: str, index: int, stale_before: int) -> None:
         k, rid = self.bkeys, request_id(bid, index)
-        what = as_text(self.scripts.refeed(
+        what = _reply(self.scripts.refeed(
             keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid), self.keys.requests,
                   self.keys.result(rid), self.keys.running(rid)],
             args=[index, int(time.time() * 1000), stale_before, MAX_REFEEDS]))
@@ -224,7 +296,7 @@ class BatchFeeder(WorkerPart):
             status = as_text(self.conn.r.hget(k.record(bid), "status") or b"")
             code, message = _closing_error(status) if what == "closed" else (
                 "internal", f"the request was lost {MAX_REFEEDS} times (dead-lettered or dropped by Redis)")
-            line = error_line(bid, int(md["line"]), md["custom_id"], code, message)
+            line = error_line(bid, md["line"], md["custom_id"], code, message)
             self._store(bid, [str(md["line"]), json.dumps(line, separators=(",", ":")), "0", str(index)])
 
     # ------------------------------------------------------------------------------------------ close
@@ -232,19 +304,23 @@ class BatchFeeder(WorkerPart):
         """Error lines for the untaken lines of a cancelled or expiring batch (nothing is taken any more: the
         take script checks the status), a chunk per call; the batch ends once its running lines are in."""
         k, r = self.bkeys, self.conn.r
-        cursor, total = r.hmget(k.record(bid), "cursor", "lines")
+        with _expect("record", "hash"):
+            cursor, total = r.hmget(k.record(bid), "cursor", "lines")
         self.metrics.redis_ops.inc()
-        if cursor is None:
-            return self._forget(bid)
-        start, end = int(cursor), int(total)
+        if cursor is None and total is None:
+            return self._forget(bid)  # the record expired (or never was one)
+        start, end = whole(cursor, "cursor"), whole(total, "lines")
         groups: list[str] = []
         code, message = _closing_error(status)
         if start < end:
-            bodies = r.lrange(k.lines(bid), start, min(end, start + CLOSE_CHUNK) - 1)
+            with _expect("lines", "list"):
+                bodies = r.lrange(k.lines(bid), start, min(end, start + CLOSE_CHUNK) - 1)
             self.metrics.redis_ops.inc()
-            for body in bodies:
-                md = json.loads(body)["metadata"]
-                line = error_line(bid, int(md["line"]), md["custom_id"], code, message)
+            if not bodies:  # closing nothing would look like progress forever
+                raise MalformedBatch("lines", f"holds {start} lines or fewer, the record says {end}")
+            for index, body in enumerate(bodies, start):
+                md = _line_metadata(body, index)
+                line = error_line(bid, md["line"], md["custom_id"], code, message)
                 groups += [str(md["line"]), json.dumps(line, separators=(",", ":")), "0", ""]
             self._store(bid, groups, (start, start + len(bodies)))
         else:
@@ -254,30 +330,50 @@ class BatchFeeder(WorkerPart):
         """A batch whose record expired (its retention ended): out of the active list."""
         self.conn.r.zrem(self.bkeys.active, bid)
         self.metrics.redis_ops.inc()
+        self._drop(bid)
+
+    def _drop(self, bid: str) -> None:
+        """No more looks at this batch in this tick, nor windows remembered for it."""
         if bid in self._active:
             self._active.remove(bid)
+        self._scan_from.pop(bid, None)
 
     # ------------------------------------------------------------------------------------------ metrics
     def _stats(self) -> None:
-        """Batches by status, untaken lines and the age of the oldest (the backlog KEDA scales on)."""
+        """Batches by status, untaken lines and the age of the oldest (the backlog KEDA scales on). A record
+        that cannot be read is left out (and said once; an active one is set aside by the feeding)."""
         k, r = self.bkeys, self.conn.r
-        bids = [as_text(b) for b in r.zrevrange(k.all, 0, 199)]
+        with _expect(k.all, "sorted set"):
+            bids = [as_text(b) for b in r.zrevrange(k.all, 0, 199)]
         pipe = r.pipeline(transaction=False)
         for bid in bids:
             pipe.hmget(k.record(bid), "status", "cursor", "lines", "created_at")
-        rows = pipe.execute() if bids else []
+        rows = pipe.execute(raise_on_error=False) if bids else []
         self.metrics.redis_ops.inc(1 + len(bids))
         by_status: dict[str, int] = {}
         backlog, oldest = 0, None
-        for status, cursor, lines, created in rows:
-            if status is None:
+        for bid, row in zip(bids, rows):
+            try:
+                if isinstance(row, Exception):
+                    with _expect("record", "hash"):
+                        raise row
+                status, cursor, lines, created = row
+                if status is None:
+                    continue
+                s = as_text(status)
+                if s == "in_progress":
+                    untaken = whole(lines, "lines") - whole(cursor, "cursor")
+                    if untaken > 0:
+                        created = whole(created, "created_at")
+                        backlog += untaken
+                        oldest = min(oldest or created, created)
+            except MalformedBatch as e:
+                if bid not in self._active:  # an active one is set aside by the feeding, and said then
+                    self._say_once((bid, "stats"), "batch_record_unreadable", math.inf, batch=bid, field=e.field,
+                                   error=f"left out of the batch metrics: {e.field} {e.why}")
                 continue
-            s = as_text(status)
             shown = SHOWN_AS.get(s, s)
             by_status[shown] = by_status.get(shown, 0) + 1
-            if s == "in_progress" and int(cursor) < int(lines):
-                backlog += int(lines) - int(cursor)
-                oldest = min(oldest or int(created), int(created))
         self.metrics.set_batch_stats(by_status, backlog, time.time() - oldest if oldest else 0.0)
 
 
@@ -290,3 +386,44 @@ def _closing_error(status: str) -> tuple[str, str]:
     if status in ("expiring", "expired"):
         return "batch_expired", "This request could not be executed before the completion window expired."
     return "batch_cancelled", "The batch was cancelled before this request ran."
+
+
+def _reply(got: object) -> str:
+    """The first word of a batch script's reply; :class:`MalformedBatch` when the script found the batch's
+    record or keys not the service's."""
+    what = as_text(got[0] if isinstance(got, list) else got)
+    if what == "malformed":
+        raise MalformedBatch(as_text(got[1]), as_text(got[2]))
+    return what
+
+
+@contextlib.contextmanager
+def _expect(name: str, kind: str) -> Iterator[None]:
+    """A key read here that holds another type (a producer wrote it) is the batch's fault: :class:`MalformedBatch`
+    naming it, not a Redis error each time a worker looks."""
+    try:
+        yield
+    except redis.ResponseError as e:
+        if str(e).startswith("WRONGTYPE"):
+            raise MalformedBatch(name, f"is not a {kind}") from None
+        raise
+
+
+def _index(member: bytes) -> int:
+    """A member of a batch's inflight set: a list index, as the take script writes one."""
+    try:
+        return whole(member, "inflight")
+    except MalformedBatch:
+        raise MalformedBatch("inflight", f"holds {as_text(member)[:40]!r}, not a line index") from None
+
+
+def _line_metadata(body: bytes, index: int) -> dict:
+    """The metadata of the stored request at ``index`` of a batch's lines (its identity: line number and
+    custom_id, as batch_format.py wrote them)."""
+    try:
+        md = json.loads(body)["metadata"]
+        if type(md["line"]) is int and md["line"] >= 0 and isinstance(md["custom_id"], str):
+            return md
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise MalformedBatch("lines", f"holds no request of this batch at index {index}")

@@ -11,6 +11,11 @@ One batch ``{bid}`` lives in five keys, all expiring together at the batch's ret
 Plus two indexes: ``{prefix}:batches`` (every batch, by creation time) and ``{prefix}:batches:active`` (the
 batches with lines still to take or to collect, oldest first).
 
+Producers may write these keys too (they create batches), so a worker trusts nothing it reads there: a number is
+read with :func:`whole`, the scripts check what they read before their first write, and a batch whose record or
+keys the service did not write (:class:`MalformedBatch`) is set aside (batch_fail.lua: failed, with an error
+naming the field, out of the active set) instead of stopping the worker's loop or the other batches.
+
 Invariants: a line is taken at most once (the take cursor moves in the same script that adds its stream entry);
 a line has at most one output line (HSETNX in the same script as the counters); ``completed + failed`` counts
 the output lines, so the batch ends exactly when every line has one.
@@ -18,10 +23,13 @@ the output lines, so the batch ends exactly when every line has one.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 import redis
 
+from .protocol import as_text
 from .scripts import source
 
 # Batch lines run after interactive requests: the scheduler serves lower values first (interactive: 0).
@@ -35,7 +43,38 @@ SHOWN_AS = {"expiring": "in_progress"}
 # Statuses in which nothing more is taken and the untaken lines get error lines ("expired" with lines left: a
 # record written by an older version, which ended the batch as soon as the window had passed).
 CLOSING = ("cancelling", "expiring", "expired")
-SCRIPT_NAMES = ("batch_create", "batch_take", "batch_collect", "batch_refeed", "batch_cancel")
+SCRIPT_NAMES = ("batch_create", "batch_take", "batch_collect", "batch_refeed", "batch_cancel", "batch_fail")
+ENDED = ("completed", "failed", "cancelled", "expired")  # "expired" with lines left is CLOSING too
+# A batch id as batch_client.batch_id makes them: an active-set member that is none is no batch of the service.
+BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+_WHOLE = re.compile(r"[0-9]{1,15}")  # as the scripts read a number (batch_take.lua: count)
+
+
+class MalformedBatch(Exception):
+    """A batch's record or one of its keys is not what the service writes: ``field`` (a record field, or the key:
+    ``record``, ``lines``, ``inflight`` ...) ``why`` (``is 'soon', not a whole number >= 0``)."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field} {why}")
+        self.field, self.why = field, why
+
+    @property
+    def message(self) -> str:
+        return (f"malformed batch record: {self.field} {self.why} (not written by pagedserve); the batch was set "
+                "aside so that the workers go on with the others")
+
+    def errors(self) -> str:
+        """The record's ``errors`` field: OpenAI's Batch ``errors`` object, as JSON."""
+        return json.dumps({"object": "list", "data": [
+            {"code": "malformed_record", "message": self.message, "param": self.field, "line": None}]})
+
+
+def whole(value: object, field: str) -> int:
+    """A count of the record (or a list index) as the service writes one; :class:`MalformedBatch` otherwise."""
+    text = None if value is None else as_text(value)
+    if text is None or not _WHOLE.fullmatch(text):
+        raise MalformedBatch(field, "is missing" if text is None else f"is {text[:40]!r}, not a whole number >= 0")
+    return int(text)
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,65 @@
 -- same line changes nothing), count them, and end the batch when every line has its output line.
 -- Optionally moves the take cursor (closing untaken lines of a cancelled or expired batch), only from where the
 -- caller read it, so two closers never skip a line.
+-- Producers may write a batch's keys: the counters and the types of the keys are checked before the first write,
+-- and a batch that can never end (every line taken, none running, yet the counts short of the total) is found
+-- here, where that is seen in one instant; either is answered 'malformed' (the worker sets the batch aside).
 -- KEYS[1] record, KEYS[2] out, KEYS[3] inflight, KEYS[4] entries, KEYS[5] active batches
 -- ARGV[1] now (unix s), ARGV[2] batch id, ARGV[3] cursor read ('' = leave it), ARGV[4] new cursor,
 -- ARGV[5..] groups of four: line number, output line, '1' succeeded / '0' failed, list index ('' = not taken)
--- Returns {output lines stored that succeeded, that failed}.
-local added, ok, bad = 0, 0, 0
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cursor') == ARGV[3] then
+-- Returns {output lines stored that succeeded, that failed} | {'malformed', <field or key>, <what is wrong>}
+
+-- A whole number >= 0 as the service writes one, or nil (missing, text, '1e3', ' 5', too big for exact math).
+local function count(v)
+  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
+    return tonumber(v)
+  end
+  return nil
+end
+local function what(v)
+  return v and ("is '" .. string.sub(v, 1, 40) .. "', not a whole number >= 0") or 'is missing'
+end
+-- A read of one of the batch's keys: a key of the wrong type is the batch's fault (nil and the reply); any other
+-- error (an ACL refusal) is raised as it is, since it is no fault of the batch.
+local function read(name, kind, ...)
+  local got = redis.pcall(...)
+  if type(got) == 'table' and got.err then
+    if string.sub(got.err, 1, 9) == 'WRONGTYPE' then
+      return nil, {'malformed', name, 'is not a ' .. kind}
+    end
+    error(got)
+  end
+  return got
+end
+
+local r, bad = read('record', 'hash', 'HMGET', KEYS[1], 'status', 'total', 'completed', 'failed', 'retain_until',
+                    'cursor', 'lines')
+if bad then
+  return bad
+end
+if not r[1] then
+  return {0, 0}  -- the batch is gone (its retention ended): an output line would outlive it
+end
+local fields = {'total', 'completed', 'failed', 'retain_until'}
+local n = {}
+for i, name in ipairs(fields) do
+  n[name] = count(r[i + 1])
+  if not n[name] then
+    return {'malformed', name, what(r[i + 1])}
+  end
+end
+local checks = {{'out', 'hash', 'HGET', KEYS[2], '0'}, {'inflight', 'sorted set', 'ZSCORE', KEYS[3], '0'},
+                {'entries', 'hash', 'HGET', KEYS[4], '0'}}
+for _, c in ipairs(checks) do
+  local _
+  _, bad = read(unpack(c))
+  if bad then
+    return bad
+  end
+end
+
+local added, ok, failed = 0, 0, 0
+if ARGV[3] ~= '' and r[6] == ARGV[3] then
   redis.call('HSET', KEYS[1], 'cursor', ARGV[4])
 end
 for i = 5, #ARGV, 4 do
@@ -16,10 +69,8 @@ for i = 5, #ARGV, 4 do
     added = added + 1
     if ARGV[i + 2] == '1' then
       ok = ok + 1
-      redis.call('HINCRBY', KEYS[1], 'completed', 1)
     else
-      bad = bad + 1
-      redis.call('HINCRBY', KEYS[1], 'failed', 1)
+      failed = failed + 1
     end
   end
   if ARGV[i + 3] ~= '' then
@@ -27,19 +78,34 @@ for i = 5, #ARGV, 4 do
     redis.call('HDEL', KEYS[4], ARGV[i + 3])
   end
 end
-local r = redis.call('HMGET', KEYS[1], 'status', 'total', 'completed', 'failed', 'retain_until')
-if r[1] and tonumber(r[3]) + tonumber(r[4]) >= tonumber(r[2]) then
-  -- expired: a record of an older version, which marked it expired at once
-  local final = {in_progress = 'completed', cancelling = 'cancelled', expiring = 'expired', expired = 'expired'}
-  local to = final[r[1]]
-  if to then
+if ok > 0 then
+  redis.call('HINCRBY', KEYS[1], 'completed', ok)
+end
+if failed > 0 then
+  redis.call('HINCRBY', KEYS[1], 'failed', failed)
+end
+if added > 0 then
+  redis.call('EXPIREAT', KEYS[2], n.retain_until)
+end
+-- expired: a record of an older version, which marked it expired at once
+local final = {in_progress = 'completed', cancelling = 'cancelled', expiring = 'expired', expired = 'expired'}
+local to = final[r[1]]
+if to then
+  local done = n.completed + ok + n.failed + failed
+  if done >= n.total then
     if to ~= r[1] then
       redis.call('HSET', KEYS[1], 'status', to, 'finalizing_at', ARGV[1], to .. '_at', ARGV[1])
     end
     redis.call('ZREM', KEYS[5], ARGV[2])
+  else
+    -- Every line taken (a closer moves the cursor too) and none in flight: each taken line was collected with
+    -- its count in one script, so the counts add up to the total, unless the record was not the service's.
+    local cursor = redis.call('HGET', KEYS[1], 'cursor')
+    local lines = count(r[7])
+    if count(cursor) and lines and count(cursor) >= lines and #redis.call('ZRANGE', KEYS[3], 0, 0) == 0 then
+      return {'malformed', 'total', 'is ' .. n.total .. ' but the batch has ' .. done ..
+              ' output lines and no line left to take or running'}
+    end
   end
 end
-if added > 0 and r[5] then
-  redis.call('EXPIREAT', KEYS[2], r[5])
-end
-return {ok, bad}
+return {ok, failed}

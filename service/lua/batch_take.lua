@@ -4,28 +4,84 @@
 -- A batch past its completion window becomes expiring here instead, so nothing is taken after it. It is not
 -- expired yet: lines taken before may still be running; batch_collect.lua ends it when every line has its
 -- output line, as it ends a cancelling batch.
+-- Producers may write a batch's keys, so every number read is checked and every key's type too, all before the
+-- first write: a record the service did not write is answered 'malformed' (the worker sets the batch aside)
+-- instead of a Lua error each time a worker looks, or a half-done take.
 -- KEYS[1] record, KEYS[2] lines, KEYS[3] inflight, KEYS[4] entries, KEYS[5] request stream
 -- ARGV[1] most lines to take, ARGV[2] now (ms)
 -- Returns {'taken', n} | {'drained'} (nothing left to take) | {'expiring'} | {<status>} | {'gone'}
-local st = redis.call('HMGET', KEYS[1], 'status', 'cursor', 'lines', 'expires_at', 'retain_until')
+--   | {'malformed', <field or key>, <what is wrong with it>}
+
+-- A whole number >= 0 as the service writes one, or nil (missing, text, '1e3', ' 5', too big for exact math).
+local function count(v)
+  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
+    return tonumber(v)
+  end
+  return nil
+end
+local function what(v)
+  return v and ("is '" .. string.sub(v, 1, 40) .. "', not a whole number >= 0") or 'is missing'
+end
+-- A read of one of the batch's keys: a key of the wrong type is the batch's fault (nil and the reply); any other
+-- error (an ACL refusal) is raised as it is, since it is no fault of the batch.
+local function read(name, kind, ...)
+  local got = redis.pcall(...)
+  if type(got) == 'table' and got.err then
+    if string.sub(got.err, 1, 9) == 'WRONGTYPE' then
+      return nil, {'malformed', name, 'is not a ' .. kind}
+    end
+    error(got)
+  end
+  return got
+end
+
+local st, bad = read('record', 'hash', 'HMGET', KEYS[1], 'status', 'cursor', 'lines', 'expires_at', 'retain_until')
+if bad then
+  return bad
+end
 if not st[1] then
   return {'gone'}
 end
 if st[1] ~= 'in_progress' then
   return {st[1]}
 end
+local fields = {'cursor', 'lines', 'expires_at', 'retain_until'}
+local n = {}
+for i, name in ipairs(fields) do
+  n[name] = count(st[i + 1])
+  if not n[name] then
+    return {'malformed', name, what(st[i + 1])}
+  end
+end
 local now = tonumber(ARGV[2])
-if tonumber(st[4]) * 1000 <= now then
+if n.expires_at * 1000 <= now then
   redis.call('HSET', KEYS[1], 'status', 'expiring')
   return {'expiring'}
 end
-local cursor = tonumber(st[2])
-local n = tonumber(st[3])
-if cursor >= n then
+local cursor = n.cursor
+if cursor >= n.lines then
   return {'drained'}
 end
-local last = math.min(n, cursor + tonumber(ARGV[1])) - 1
-local bodies = redis.call('LRANGE', KEYS[2], cursor, last)
+local _
+_, bad = read('inflight', 'sorted set', 'ZSCORE', KEYS[3], '0')
+if bad then
+  return bad
+end
+_, bad = read('entries', 'hash', 'HGET', KEYS[4], '0')
+if bad then
+  return bad
+end
+local last = math.min(n.lines, cursor + tonumber(ARGV[1])) - 1
+local bodies
+bodies, bad = read('lines', 'list', 'LRANGE', KEYS[2], cursor, last)
+if bad then
+  return bad
+end
+if #bodies == 0 then
+  -- taking nothing while the record says lines are left would look like progress forever, and a batch that
+  -- took lines is the last looked at in that tick: no batch after it would be fed
+  return {'malformed', 'lines', 'holds ' .. cursor .. ' lines or fewer, the record says ' .. n.lines}
+end
 for i, body in ipairs(bodies) do
   local index = cursor + i - 1
   local eid = redis.call('XADD', KEYS[5], '*', 'body', body)
@@ -33,6 +89,6 @@ for i, body in ipairs(bodies) do
   redis.call('HSET', KEYS[4], index, eid)
 end
 redis.call('HSET', KEYS[1], 'cursor', cursor + #bodies)
-redis.call('EXPIREAT', KEYS[3], st[5])
-redis.call('EXPIREAT', KEYS[4], st[5])
+redis.call('EXPIREAT', KEYS[3], n.retain_until)
+redis.call('EXPIREAT', KEYS[4], n.retain_until)
 return {'taken', #bodies}
