@@ -10,8 +10,9 @@ not fit (nothing worse goes ahead of it).
 When the device pool runs dry the lowest-priority, latest running request is preempted: swapped to the CPU
 pool, or recomputed (its blocks freed, prompt + output prefilled again later), or ``auto``: see ``PreemptionCost``.
 Before the phases, the best queued request preempts running ones of strictly worse priority while it lacks
-blocks or sequence slots. A victim queues behind the request it made room for, so it is not swapped straight
-back in: priorities hold in every preemption mode, and nothing thrashes.
+blocks or sequence slots, and those that keep running get only the budget its next chunk leaves. A victim
+queues behind the request it made room for, so it is not swapped straight back in: priorities hold in every
+preemption mode (a better request starts the step after it arrives), and nothing thrashes.
 
 Liveness: nothing waits forever on blocks. A single sequence always fits (the engine caps ``max_model_len`` at the
 pool), but a group (``n`` samples, beams) can outgrow the whole pool. Samples alone on the device take turns
@@ -264,14 +265,20 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
-        """Running requests, best first; room is made by preempting from the back of the queue.
+        """Running requests, best first; room is made by preempting from the back of the queue. Those of worse
+        priority than the best queued request get only the budget its next chunk leaves (``_held_for_head``):
+        a worse prompt prefilling in chunks would otherwise take every step's budget before the better request
+        is looked at, and keep it out until that whole prompt was in.
 
         Returns the budget left and whether any running request was preempted for room (starved)."""
         queue = deque(self.running)
         starved = False
+        head = self._queue_head()
+        held = self._held_for_head(head)
         while queue and budget > 0:
             req = queue.popleft()
-            plan = self._plan(req, budget)
+            worse = held > 0 and req.priority > head.priority  # type: ignore[union-attr]
+            plan = self._plan(req, budget - held if worse else budget)
             if plan is None:
                 continue
             while not self._allocate(plan):
@@ -291,6 +298,18 @@ class Scheduler:
             if plan is not None:  # allocated: the request runs this step
                 budget -= self._admit(req, plan, out)
         return budget, starved
+
+    def _held_for_head(self, head: Request | None) -> int:
+        """The budget kept from worse running requests for the best queued one: its next chunk (the tokens it
+        has left, at most a step's budget), when it has the sequence slots and blocks to start (once worse ones
+        were preempted for them: ``_preempt_for_priority``); else none, as it would not use it."""
+        if head is None or not self.running or self.running[-1].priority <= head.priority or not self._fits(head):
+            return 0
+        seqs = head.unfinished_seqs()
+        if head.status == RequestStatus.WAITING:
+            seqs = seqs[:1]  # a group starts with its first sequence (``_start``)
+        left = sum(s.num_tokens - s.num_computed_tokens for s in seqs)
+        return max(1, min(left, self.max_num_batched_tokens))
 
     def _part_that_fits(self, req: Request, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]] | None:
         """For samples alone on the device and short of blocks: the longest head of ``plan`` that fits,

@@ -4,14 +4,12 @@ The scheduler is driven without a model: a step computes the planned tokens, and
 token gets one more (a fixed id) until ``max_tokens``. Checked at every step: the block manager's invariants; no
 request admitted from the queue is worse than one left queued (so the best is never kept out by a worse one, and
 a swapped-out request never takes back the room its preemption made for a better one); the best queued request
-waits while worse ones run only as long as their prompts take to prefill at the budget their decodes leave (they
-keep the budget of a step they run in, but are preempted for its blocks and sequence slots); the blocks moved per
-step stay within the pool; and every request ends.
+waits at most one step while worse ones run (they are preempted for its blocks and sequence slots, and get only
+the budget its next chunk leaves); the blocks moved per step stay within the pool; and every request ends.
 """
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -97,15 +95,10 @@ def _run(sim, arrivals, max_steps=3000):
             streak.clear()
         else:
             if head.request_id not in streak:
-                # Worse running requests are preempted for the head's blocks and sequence slots, but they keep
-                # the token budget of a step they run in: their prompts still to prefill bound the wait. A prompt
-                # prefills at the budget the others' decode tokens leave (one per other running sequence, worse
-                # or not).
-                worse_seqs = [s for r in worse for s in r.unfinished_seqs()]
-                left = sum(s.num_tokens - s.num_computed_tokens for s in worse_seqs)
-                running = sum(len(item.request.unfinished_seqs()) for item in out.scheduled)
-                rate = max(1, sim.sched.max_num_batched_tokens - (running - 1))
-                allowed[head.request_id] = math.ceil(left / rate) + 2
+                # Worse running requests are preempted for the head's blocks and sequence slots, and get only the
+                # budget its next chunk leaves: it starts in the step after it became the head, whatever worse
+                # prompts are still prefilling.
+                allowed[head.request_id] = 1
                 streak = {head.request_id: 0}
             streak[head.request_id] += 1
             assert streak[head.request_id] <= allowed[head.request_id], (
@@ -161,6 +154,20 @@ def test_a_better_request_displaces_two_worse_ones_at_once(mode):
     assert all(sim.requests[rid].num_preemptions <= 1 for rid in ("worse-1", "worse-2"))
     assert sim.requests["better"].num_preemptions == 0
     assert sum(moved) <= 2 * 12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_better_request_starts_beside_a_worse_prompt_prefilling_in_chunks(mode):
+    """A worse prompt of 900 tokens prefilling 16 a step took every step's budget before the queue was looked at:
+    a better request that arrived meanwhile waited 56 steps, until that whole prompt was in."""
+    sim = Sim(num_gpu_blocks=300, num_cpu_blocks=0, max_num_seqs=8, budget=16, mode=mode)
+    sim.add("worse", 900, 4, priority=9)
+    sim.step()
+    sim.add("better", 5, 4, priority=0)
+    arrived = sim.step_no
+    _run(sim, [])
+    assert sim.started["better"] == arrived
+    assert sim.finished["better"] < sim.finished["worse"]
 
 
 def test_a_swapped_request_is_not_swapped_back_ahead_of_a_better_one():
