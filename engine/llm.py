@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 
+from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode
@@ -55,6 +56,21 @@ def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:
     return bool(use_tqdm if use_tqdm is not None else show_progress)
 
 
+def _priorities(priority, num_prompts: int) -> list[int]:
+    """vLLM's ``priority=``: one integer per prompt (lower runs first), checked before anything is queued."""
+    if priority is None:
+        return [0] * num_prompts
+    if isinstance(priority, (str, bytes, Mapping)) or not isinstance(priority, Iterable):
+        raise ValueError(f"priority must be a list of integers, one per prompt (got {type(priority).__name__})")
+    priority = list(priority)
+    if len(priority) != num_prompts:
+        raise ValueError(f"priority has {len(priority)} entries for {num_prompts} prompts")
+    for i, p in enumerate(priority):
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+            raise ValueError(f"priority[{i}] must be an integer (got {p!r})")
+    return [int(p) for p in priority]
+
+
 def _text_parts(parts: list, where: str) -> str:
     """``[{"type": "text", "text": ...}, ...]`` as one string, the parts joined by newlines (vLLM's chat parsing)."""
     texts = []
@@ -102,11 +118,20 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, device=device, dtype=dtype,
             seed=seed, tensor_parallel_size=tensor_parallel_size, **kwargs)
         self._counter = 0
+        self._closed = False
 
     def close(self) -> None:
         """Stop the grammar compile threads and the tensor-parallel rank processes, if any, now (both also stop
-        when the engine is dropped, and when this process exits)."""
+        when the engine is dropped, and when this process exits). Every later ``generate`` or ``chat`` raises
+        ``EngineDeadError``, whatever ``tensor_parallel_size``: a closed LLM is done, make a new one."""
+        self._closed = True
         self.engine.close()
+
+    def _check_open(self) -> None:
+        # One answer for every engine: a tensor-parallel one could no longer step (its ranks are gone), and a
+        # single-process one would run on without its grammar compile threads.
+        if self._closed:
+            raise EngineDeadError("this LLM was closed (close()): make a new one")
 
     @property
     def tokenizer(self):
@@ -118,14 +143,18 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 show_progress: bool | None = None, *, use_tqdm=None) -> list[RequestOutput]:
+                 show_progress: bool | None = None, *, use_tqdm=None,
+                 priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in the prompts' order.
 
         Every prompt and parameter set is validated before any work starts. ``show_progress`` (or vLLM's
-        ``use_tqdm``; default off) shows a progress bar.
+        ``use_tqdm``; default off) shows a progress bar. ``priority``: as in vLLM, one integer per prompt; lower
+        runs first (default 0 for all).
         """
+        self._check_open()
         show_progress = _progress("generate", show_progress, use_tqdm)
         prompts = _prompt_list(prompts)
+        priorities = _priorities(priority, len(prompts))
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -140,10 +169,10 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, prio in zip(prompts, params, priorities):
                 rid = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, priority=prio)
                 ids.append(rid)
         except BaseException:  # a bad prompt, or Ctrl-C: the batch is not queued, in part or at all
             self._abort(ids)
@@ -165,6 +194,7 @@ class LLM:
         adding special tokens again (the template writes them), and generated like a prompt. One output per
         conversation, in order; ``output.prompt`` is the rendered text. ``use_tqdm`` is ``show_progress``.
         """
+        self._check_open()
         show_progress = _progress("chat", show_progress, use_tqdm)
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Seq) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "

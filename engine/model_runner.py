@@ -40,6 +40,31 @@ GIB = 1 << 30
 # start-up (a cgroup limit included), never more than max_num_seqs full-length sequences need (README, settings).
 CPU_KV_MEMORY_FRACTION = 0.1
 CPU_KV_FALLBACK_BYTES = 1 * GIB  # where the available memory is unknown
+# A CPU KV pool above this share of the memory available at start-up is allowed, with a warning.
+CPU_KV_WARN_FRACTION = 0.7
+
+
+def check_cpu_pool(num_blocks: int, block_bytes: int, ranks: int = 1, available: int | None = None) -> None:
+    """Raise ``ValueError`` naming num_gpu_blocks when a CPU KV pool of ``num_blocks`` (``block_bytes`` each, on
+    each of ``ranks`` processes of this host) cannot fit in the memory available now (``available``:
+    :func:`available_memory_bytes` unless given); warn when it would take most of it.
+
+    The pool is zero-filled at start: one larger than the memory available is either refused by the kernel (a bare
+    ``OSError`` naming no setting) or committed page by page until the OOM killer ends the process."""
+    available = available if available is not None else available_memory_bytes()
+    nbytes = num_blocks * block_bytes * ranks
+    if available is None or nbytes == 0:
+        return
+    each = f"{block_bytes / 1024:.4g} KiB a block" + (f" on each of {ranks} ranks" if ranks > 1 else "")
+    if nbytes > available:
+        fit = int(CPU_KV_WARN_FRACTION * available // (block_bytes * ranks))
+        fix = (f"lower num_gpu_blocks to {fit} or less, or leave it unset to size the pool from the memory available"
+               if fit else "free memory, or use a smaller model")
+        raise ValueError(f"num_gpu_blocks={num_blocks} asks for a {nbytes / GIB:.1f} GiB KV pool on the CPU ({each}), "
+                         f"more than the {available / GIB:.1f} GiB of memory available: it would not fit; {fix}")
+    if nbytes > CPU_KV_WARN_FRACTION * available:
+        log.warning("num_gpu_blocks=%d: the %.1f GiB KV pool takes over %d%% of the %.1f GiB of memory available",
+                    num_blocks, nbytes / GIB, CPU_KV_WARN_FRACTION * 100, available / GIB)
 
 
 @dataclass
@@ -101,6 +126,8 @@ class ModelRunner:
 
         max_useful = config.max_num_seqs * -(-max_model_len // self.block_size)
         self.num_gpu_blocks = config.num_gpu_blocks or min(self._blocks_from_memory(max_num_batched_tokens), max_useful)
+        if self.device.type == "cpu":  # before agreeing: no rank has allocated its pool yet
+            check_cpu_pool(self.num_gpu_blocks, self.block_bytes, tp.size)
         if agree_num_blocks is not None:
             self.num_gpu_blocks = agree_num_blocks(self.num_gpu_blocks)
         if self.num_gpu_blocks < 1:

@@ -291,7 +291,10 @@ class TensorParallelRunner(ModelRunner):
 
     # ---------------------------------------------------------------------------------------- per step
     def check_alive(self) -> None:
-        """Raise ``EngineDeadError`` once a rank has exited (or a step failed): no step could run."""
+        """Raise ``EngineDeadError`` once a rank has exited (or a step failed), or the engine was closed: no step
+        could run."""
+        if self._closed:  # its ranks exited as told: say so rather than report the exit of rank 1
+            raise EngineDeadError("tensor-parallel engine was closed (close()): make a new one")
         if self._dead is not None:
             raise self._dead
         for r, proc in enumerate(self._procs):

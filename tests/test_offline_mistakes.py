@@ -110,3 +110,40 @@ def test_no_engine_seed_means_unseeded(tiny_models):
     llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, seed=None)
     (out,) = llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(out.outputs[0].token_ids) == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_cpu_kv_pool_beyond_the_hosts_memory_is_refused_by_name_before_allocating(llm, tiny_models):
+    """``num_gpu_blocks`` far beyond the host's memory on the CPU was a bare ``OSError: Cannot allocate memory``
+    naming no setting, and a size the kernel's overcommit check let through was zero-filled until the OOM killer
+    came. It is a ValueError naming num_gpu_blocks and the size it asks for, raised before anything is allocated."""
+    import resource
+    import time
+
+    from pagedserve.engine.host_memory import total_memory
+
+    total, _ = total_memory()
+    blocks = 4 * total // llm.engine.runner.block_bytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"^num_gpu_blocks={blocks} asks for a [0-9.]+ GiB KV pool on the CPU.*"
+                                         r"lower num_gpu_blocks"):
+        LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=blocks, max_model_len=256)
+    assert time.monotonic() - start < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024  # nothing of the pool touched
+
+
+def test_an_llm_after_close_says_it_was_closed(tiny_models):
+    """After ``close()`` a tensor-parallel LLM said "rank 1 exited with code 0" and a single-process one went on
+    as if nothing happened (with its grammar threads gone). Every call now says the LLM was closed, alike."""
+    from pagedserve.engine.errors import EngineDeadError
+
+    llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, max_model_len=64)
+    (out,) = llm.generate("Hi", GREEDY)
+    assert len(out.outputs[0].token_ids) == 4
+    llm.close()
+    llm.close()  # twice is fine
+    for call in (lambda: llm.generate("Hi", GREEDY), lambda: llm.chat([{"role": "user", "content": "hi"}], GREEDY)):
+        with pytest.raises(EngineDeadError, match=r"^this LLM was closed \(close\(\)\): make a new one"):
+            call()
+    assert not llm.engine.requests

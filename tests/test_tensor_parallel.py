@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU (gloo, fp32): TP=2 generates what TP=1 generates, the loader reads each rank's
-shard only, head counts that cannot be split are refused, and the rank processes live and die with the driver.
+shard only, head counts that cannot be split are refused, the rank processes live and die with the driver, and a
+closed engine says so.
 
 Every TP=2 engine starts a rank process (seconds on a busy machine), so each one runs as much as it can: one
 mixed batch with chunked prefill, prefix-cache hits, a preemption mode, n-sampling and beam search.
@@ -110,6 +111,12 @@ def test_tp2_generates_what_tp1_generates(family, tp_models):
     finally:
         llm2.close()
     assert all(not alive(pid) for pid in llm2.engine.runner.rank_pids)
+    # A call after close() said "rank 1 exited with code 0"; it says the LLM (or its engine) was closed.
+    with pytest.raises(EngineDeadError, match=r"^this LLM was closed \(close\(\)\): make a new one"):
+        llm2.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    llm2.engine.add_request("after-close", [5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(EngineDeadError, match=r"^tensor-parallel engine was closed \(close\(\)\): make a new one"):
+        llm2.engine.step()
 
 
 def test_a_dropped_tp2_engine_stops_its_ranks(tp_models):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,3 +273,30 @@ def test_vllm_engine_arguments_are_taken_or_refused_listing_what_is(tiny_models)
         LLM(model=model, device="cpu", quantization="awq")
     with pytest.raises(TypeError, match="tokenizer from the model directory"):
         LLM(model=model, device="cpu", tokenizer="/somewhere/else")
+
+
+# ---------------------------------------------------------------------------------------------- priority
+def test_generate_takes_vllms_priority_one_per_prompt(tiny_models):
+    """vLLM's ``LLM.generate(..., priority=[...])`` was a TypeError. One integer per prompt, lower runs first (as
+    the engine's ``add_request``); the outputs still come back in the prompts' order. With one sequence slot the
+    better prompt finishes before the other is first scheduled."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, max_model_len=64, max_num_seqs=1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    ref = llm.generate(prompts, params)
+    for priority, first in (([1, 0], 1), ([0, 1], 0), ((3, -2), 1), ([np.int64(2), np.int64(1)], 1)):
+        outs = llm.generate(prompts, params, priority=priority)
+        assert [o.prompt_token_ids for o in outs] == prompts
+        assert [o.outputs[0].token_ids for o in outs] == [r.outputs[0].token_ids for r in ref]
+        done, later = outs[first].metrics, outs[1 - first].metrics
+        assert done["finished_time"] <= later["first_scheduled_time"], priority
+    for priority, words in (([0], r"^priority has 1 entries for 2 prompts"),
+                            ([0, 1, 2], r"^priority has 3 entries for 2 prompts"),
+                            (5, r"^priority must be a list of integers, one per prompt"),
+                            ([0, 1.5], r"^priority\[1\] must be an integer \(got 1\.5\)"),
+                            ([True, 0], r"^priority\[0\] must be an integer")):
+        with pytest.raises(ValueError, match=words):
+            llm.generate(prompts, params, priority=priority)
+        assert not llm.engine.requests
+    (one,) = llm.generate(prompts[0], params, priority=[4])  # a lone prompt takes a list of one, as in vLLM
+    assert one.outputs[0].token_ids == ref[0].outputs[0].token_ids
