@@ -4,8 +4,9 @@ A request asks with ``SamplingParams(structured_outputs={...})`` (the field's ru
 ``pagedserve.engine.structured_spec``). The pieces, each used by the engine in one place:
 
 - :class:`StructuredOutputs`: one per engine. Compiles each distinct ``(kind, spec, whitespace)`` once on a small
-  thread pool (never on the step loop), keeps the compiled grammars in an LRU cache (failures too, so a bad
-  schema sent again fails without compiling again), and refuses a compile that takes longer than
+  thread pool (never on the step loop), keeps the compiled grammars in an LRU cache bounded by an estimate of
+  their memory, :data:`CACHE_BYTES` (failures too, so a bad schema sent again fails without compiling again),
+  and refuses a compile that takes longer than
   ``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S``. It hands out one :class:`Matcher` per sequence and fills the
   batch's token bitmask. A grammar whose masks cost more than ``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` of CPU per
   token is refused when it compiles (a mask of its start state is timed), or ends its request when that happens
@@ -27,8 +28,10 @@ The backend is behind :class:`GrammarBackend`; the only one is llguidance
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,7 +47,13 @@ DEFAULT_COMPILE_TIMEOUT_S = 10.0
 # on a 49k vocabulary) slows every request in the batch; ordinary schemas and regexes cost 0.04-0.2 ms.
 MAX_MASK_ENV = "PAGEDSERVE_STRUCTURED_MAX_MASK_MS"
 DEFAULT_MAX_MASK_MS = 10.0
-CACHE_SIZE = 512  # compiled grammars kept per engine
+# The compile cache's budget per engine, in bytes of its estimate of what its entries cost (a grammar's
+# ``nbytes``, the backend's estimate, plus its key, which holds the spec's text). Bounded in bytes, not entries:
+# one grammar of a large schema costs thousands of times what a small one does, and any producer may send such
+# schemas. The size of vLLM's default for its own grammar cache (VLLM_XGRAMMAR_CACHE_MB).
+CACHE_BYTES = 512 << 20
+# A cached failure: its exception (without its traceback) and message, besides its key.
+FAILURE_BYTES = 2048
 # llguidance compiles a chain of rules (r0 -> r1 -> ...) recursively: some 3,000 of them, well inside
 # MAX_SPEC_CHARS, overflow a default 8 MiB thread stack and kill the process (SIGSEGV, every request of the worker
 # with it). The longest chain that limit admits, as Lark rules or JSON-schema $refs, compiles in 32 MiB; compile
@@ -56,6 +65,11 @@ _STACK_SIZE_LOCK = threading.Lock()  # threading.stack_size is process-wide: set
 # ---------------------------------------------------------------------- the backend interface
 class Matcher(Protocol):
     """One sequence's position in its grammar. Not thread-safe; the engine uses it from the step loop only."""
+
+    # The kind its request is counted as at its first mask (set by StructuredOutputs.new_matcher; None after
+    # that, and in forks): a request counts once it runs, not when it is added (a batch refused part-way, after
+    # its first requests were added, runs none of them).
+    uncounted: str | None
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         """Write the allowed next tokens into ``row`` (int32, CPU, contiguous; bit ``t % 32`` of word ``t // 32``).
@@ -128,15 +142,22 @@ def max_mask_ms_from_env() -> float:
     return _positive_from_env(MAX_MASK_ENV, DEFAULT_MAX_MASK_MS, "milliseconds")
 
 
+def _key_bytes(key: tuple) -> int:
+    """What a cache key holds: the spec's text (a schema's canonical JSON, a regex, a grammar) or choices."""
+    return sum(sum(map(sys.getsizeof, part)) if isinstance(part, tuple) else sys.getsizeof(part) for part in key)
+
+
 class _Entry:
     """One cache entry: the compile's future and when it started (its timeout runs from then, for every
-    request that shares it; a compile that finishes after its timeout serves the requests that come later)."""
+    request that shares it; a compile that finishes after its timeout serves the requests that come later), and
+    the bytes it is charged (its key until the compile ends, then the grammar's estimate too)."""
 
-    __slots__ = ("future", "started")
+    __slots__ = ("future", "started", "nbytes")
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, nbytes: int) -> None:
         self.future = future
         self.started = time.monotonic()
+        self.nbytes = nbytes
 
 
 class StructuredOutputs:
@@ -144,11 +165,13 @@ class StructuredOutputs:
 
     ``backend_factory`` builds the backend on first use, on the compile thread (wrapping a large tokenizer
     for llguidance takes up to a second, which an engine that never sees a structured request never pays).
-    ``compile_timeout_s`` and ``max_mask_ms`` default to their settings in the environment.
+    ``compile_timeout_s`` and ``max_mask_ms`` default to their settings in the environment. ``cache_bytes``:
+    the compile cache's budget (:data:`CACHE_BYTES`); past it, the least recently used entries go (a compile
+    still running is only dropped from the cache: the requests waiting for it still get it).
     """
 
     def __init__(self, backend_factory, compile_timeout_s: float | None = None, max_workers: int = 2,
-                 cache_size: int = CACHE_SIZE, max_mask_ms: float | None = None) -> None:
+                 cache_bytes: int = CACHE_BYTES, max_mask_ms: float | None = None) -> None:
         self._factory = backend_factory
         self._backend: GrammarBackend | None = None
         self._backend_lock = threading.Lock()
@@ -156,7 +179,8 @@ class StructuredOutputs:
         self.max_mask_ms = max_mask_ms_from_env() if max_mask_ms is None else max_mask_ms
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar-compile")
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_budget = cache_bytes
+        self.cache_bytes = 0  # what the entries in the cache are charged, together
         self._lock = threading.Lock()
         # Figures for stats() and the benchmark (the deques keep the latest, the totals everything).
         self.compile_seconds: deque[float] = deque(maxlen=10_000)  # each finished compile
@@ -182,11 +206,18 @@ class StructuredOutputs:
         started = time.perf_counter()
         try:
             return self.backend.compile(spec)
+        except Exception as e:
+            # The cache keeps a failure's exception: not its traceback, whose frames hold what the failed compile
+            # built (a matcher of a large grammar is megabytes).
+            failure = e.with_traceback(None)
+            if failure.__suppress_context__:  # raised "from None": the exception it replaced holds frames too
+                failure.__context__ = None
         finally:
             seconds = time.perf_counter() - started
             with self._lock:  # compiles finish on several threads
                 self.compile_seconds.append(seconds)
                 self.compile_seconds_total += seconds
+        raise failure
 
     def _submit(self, spec: dict) -> Future:
         """The compile on the pool, whose threads (created inside ``submit``, when needed) get the deep stack."""
@@ -207,11 +238,42 @@ class StructuredOutputs:
                 self.num_cache_hits += 1
                 return entry.future
             self.num_compiles += 1
-            entry = _Entry(self._submit(spec))
+            entry = _Entry(self._submit(spec), _key_bytes(key))
             self._cache[key] = entry
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-            return entry.future
+            self.cache_bytes += entry.nbytes
+            self._evict()
+        # Outside the lock: a compile already over runs its callback here, at once. The callback holds neither
+        # this object nor the entry (a future keeps its callbacks): no cycle keeps a dropped engine's grammars.
+        charge = weakref.WeakMethod(self._charge)
+        entry.future.add_done_callback(lambda future: (method := charge()) is not None and method(key, future))
+        return entry.future
+
+    def _charge(self, key: tuple, future: Future) -> None:
+        """A compile ended: charge its entry, if still cached, what the grammar costs (the backend's estimate,
+        ``nbytes``; a failure, :data:`FAILURE_BYTES`), then evict down to the budget."""
+        if future.cancelled():
+            extra = 0
+        elif future.exception() is not None:
+            extra = FAILURE_BYTES
+        else:
+            extra = int(getattr(future.result(), "nbytes", 0))
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None and entry.future is future:
+                entry.nbytes += extra
+                self.cache_bytes += extra
+                self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries while the cache is over its budget (under ``_lock``). The
+        newest entry stays even alone over it: it is the grammar its requests are waiting for."""
+        while self.cache_bytes > self._cache_budget and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self.cache_bytes -= old.nbytes
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._cache)
 
     def ready(self, spec: dict) -> bool:
         """Whether :meth:`compile` would return (or raise) now without waiting. Starts the compile if needed.
@@ -244,8 +306,7 @@ class StructuredOutputs:
     def new_matcher(self, spec: dict) -> Matcher:
         """A matcher for one request's first sequence (raises like :meth:`compile`)."""
         matcher = self.compile(spec).matcher()
-        kind = kind_of(spec)
-        self.requests_by_kind[kind] = self.requests_by_kind.get(kind, 0) + 1
+        matcher.uncounted = kind_of(spec)
         return matcher
 
     # ------------------------------------------------------------------ masks
@@ -255,6 +316,11 @@ class StructuredOutputs:
         words = (backend.vocab_size + 31) // 32
         bitmask = torch.empty((len(matchers), words), dtype=torch.int32,
                               pin_memory=torch.cuda.is_available() and torch.cuda.is_initialized())
+        for m in matchers:
+            kind = getattr(m, "uncounted", None)
+            if kind is not None:
+                self.requests_by_kind[kind] = self.requests_by_kind.get(kind, 0) + 1
+                m.uncounted = None
         seconds = backend.fill_bitmasks(matchers, bitmask)
         self.mask_seconds.extend(seconds)
         self.mask_seconds_total += sum(seconds)
@@ -262,11 +328,15 @@ class StructuredOutputs:
         return bitmask
 
     def stats(self) -> dict:
-        """Numbers for ``LLMEngine.stats()``: compiles (started, answered from the cache, seconds spent), mask
-        rows filled and their seconds, and requests per kind (``structured_requests_json``, ...)."""
+        """Numbers for ``LLMEngine.stats()``: compiles (started, answered from the cache, seconds spent), the
+        compile cache (entries, their estimated bytes, its budget), mask rows filled and their seconds, and
+        requests per kind (``structured_requests_json``, ...)."""
         return {
             "structured_compiles": self.num_compiles,
             "structured_compile_cache_hits": self.num_cache_hits,
+            "structured_cache_entries": len(self._cache),
+            "structured_cache_bytes": self.cache_bytes,
+            "structured_cache_budget_bytes": self._cache_budget,
             "structured_compile_seconds_total": self.compile_seconds_total,
             "structured_mask_seconds_total": self.mask_seconds_total,
             "structured_mask_rows": self.mask_rows,

@@ -19,7 +19,13 @@ output, a refused token) raises :class:`GrammarFailed` at its next mask: its req
 an EOS that would pass its invalid output off as complete.
 
 What llguidance cannot follow exactly is refused when compiling, naming the place: a schema number beyond 2**53 in
-magnitude where it constrains the output (:func:`inexact_number`), and a regex or grammar that matches no string.
+magnitude where it constrains the output (:func:`inexact_number`), an object of more optional properties than its
+parser can hold at one place (:func:`crowded_object`), and a regex or grammar that matches no string. A ``format``
+llguidance does not know is an annotation, as JSON Schema has it (:func:`known_formats_only`); the known ones
+are enforced.
+
+Memory. llguidance reports no size for what it builds; a compiled grammar carries an estimate, ``nbytes``, for the
+compile cache's byte budget (:data:`GRAMMAR_BYTES_PER_CHAR`).
 
 Mask cost. Each mask works out the bytes the grammar forces next, so a large counted repetition costs in proportion
 to its count: ``a{99999}`` some 25 ms of CPU per mask on SmolLM2's vocabulary (an ordinary grammar 0.04-0.2 ms),
@@ -43,8 +49,10 @@ the OS sets aside does not count against the grammar), against the backend's ``m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import time
 from importlib.metadata import version as package_version
 
@@ -68,6 +76,15 @@ PROBE_EVERY = 32
 # endless run of newlines (a small model's favourite loop) does not, and a bounded schema stays bounded.
 DEFAULT_WHITESPACE_PATTERN = r"[\x20\x0A\x0D\x09]{0,20}"
 MAX_ERROR_CHARS = 300
+# A compiled grammar's memory, estimated from its llguidance grammar text, for the compile cache's byte budget
+# (llguidance reports no size of its own). Measured as the process's resident memory per compile, alike on
+# SmolLM2's 49k-token vocabulary and on the 259-token byte tokenizer (the tokenizer's trie is shared, not per
+# grammar): 40-145 bytes per character of grammar text, the most for an object of thousands of properties
+# (11 MB for 83 KB), the least for a long alternation of literals; and each grammar in use builds lexer states as
+# outputs go on (1-1.5 MB after a few sampled outputs, whatever its size). The estimate takes the costliest of
+# each, so that the budget is an upper bound on what the cache holds rather than a guess below it.
+GRAMMAR_BYTES_PER_CHAR = 160
+GRAMMAR_FIXED_BYTES = 1 << 20
 
 # llguidance's ``date`` admits February 29 in every year and the year 0000; this one is the Gregorian
 # calendar's dates in years 0001-9999 (what Python's date, and so jsonschema's format check, accepts).
@@ -87,7 +104,9 @@ def exact_formats(schema: object) -> object:
         return [exact_formats(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (v if k in _DATA_KEYWORDS else exact_formats(v)) for k, v in schema.items()}
+    out = {k: (v if k in _DATA_KEYWORDS else
+               {name: exact_formats(sub) for name, sub in v.items()} if k in _SCHEMA_MAPS and isinstance(v, dict)
+               else exact_formats(v)) for k, v in schema.items()}
     fmt = out.get("format")
     if isinstance(fmt, str) and fmt in EXACT_FORMATS and "pattern" not in out:
         del out["format"]
@@ -140,6 +159,143 @@ def inexact_number(schema: object) -> tuple[str, int | float] | None:
     return None
 
 
+def _subschemas(value: dict, where: str):
+    """The ``(pointer, schema)`` of each schema directly inside schema ``value`` (the values of ``properties``,
+    ``$defs``, ..., the items of ``anyOf``, ``prefixItems``, ...; never ``enum``, ``const``, ``default`` or
+    ``examples`` data)."""
+    for key, child in value.items():
+        here = f"{where}/{_escape(key)}"
+        if key in _DATA_KEYWORDS or key in _VALUE_KEYWORDS:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(child, dict):
+            for name, sub in child.items():
+                yield f"{here}/{_escape(name)}", sub
+        elif isinstance(child, list):
+            for i, sub in enumerate(child):
+                yield f"{here}/{i}", sub
+        else:
+            yield here, child
+
+
+def _escape(key: object) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _schemas(schema: object):
+    """Every ``(pointer, schema dict)`` in ``schema``, itself first, in document order (iterative)."""
+    stack = [("", schema)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            yield where, value
+            stack.extend(reversed(list(_subschemas(value, where))))
+
+
+@functools.lru_cache(maxsize=256)
+def known_format(name: str) -> bool:
+    """Whether llguidance enforces string format ``name`` (asked of llguidance itself, so its list is never
+    copied here; no format it knows has a long name)."""
+    if len(name) > 64:
+        return False
+    import llguidance
+
+    grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "string", "format": name})
+    return not llguidance.LLMatcher.validate_grammar(grammar).startswith("Unknown format")
+
+
+def known_formats_only(schema: object) -> object:
+    """A copy of ``schema`` without the ``format`` keywords llguidance does not know. JSON Schema makes a
+    format an annotation unless the validator knows it (the jsonschema package ignores unknown ones too), and
+    pydantic writes formats of its own (``path``, ``password``, ``binary``, ``ipvanyaddress``): refusing them would
+    refuse models that any validator accepts. llguidance's ``lenient`` option would do it, but it also ignores
+    keywords it cannot follow that change what is valid (``uniqueItems``, ``not``, ``if``), which are refused."""
+    if isinstance(schema, list):
+        return [known_formats_only(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS or key in _VALUE_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: known_formats_only(sub) for name, sub in value.items()}
+        elif key == "format" and isinstance(value, str) and not known_format(value):
+            continue
+        else:
+            out[key] = known_formats_only(value)
+    return out
+
+
+# llguidance's parser holds at most this many items at one place of the output (LLParserLimits' default
+# max_items_in_row); more, and the request fails once its output gets there ("Current row has 2003 items").
+MAX_ROW_ITEMS = 2000
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    """A schema that is only a local ``$ref`` (an anyOf branch naming a definition): the definition."""
+    ref = schema.get("$ref")
+    if not (isinstance(ref, str) and ref.startswith("#/") and len(schema) == 1):
+        return schema
+    target: object = root
+    for part in ref[2:].split("/"):
+        target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+    return target if isinstance(target, dict) else schema
+
+
+def _object_rows(schema: dict) -> list[tuple[int, int, str]]:
+    """``(parser items, optional properties, where they are)`` at the places of an object where its optional
+    properties pile up, the place after its ``{`` first. Measured on llguidance: properties follow their order in
+    the schema; with none required, each optional property puts 4 items in the row after ``{`` (8 more if
+    additional properties are admitted, less one); the ones before the first required property 3 each (plus
+    one); the ones after a required property about one each. [] for a schema that is not an object."""
+    props = schema.get("properties")
+    if not isinstance(props, dict):
+        return []
+    required = schema.get("required")
+    required = set(required) if isinstance(required, list) and all(isinstance(r, str) for r in required) else set()
+    extra = 0 if schema.get("additionalProperties") is False else 8
+    runs = [0]  # optional properties before the first required one, then after each required one
+    for name in props:
+        if name in required:
+            runs.append(0)
+        else:
+            runs[-1] += 1
+    if len(runs) == 1:
+        return [(4 * runs[0] + extra - 1, runs[0], "none required")]
+    rows = [(3 * runs[0] + 1, runs[0], "before its first required one")]
+    return rows + [(k + extra, k, "after a required one") for k in runs[1:]]
+
+
+def crowded_object(schema: object) -> str | None:
+    """Why ``schema`` has a place whose parser row llguidance cannot hold (:data:`MAX_ROW_ITEMS`), or None: an
+    object of more than ~500 properties none of which is required (~660 before its first required one), or an
+    ``anyOf`` / ``oneOf`` of objects with more than that together. llguidance compiles these, and fails only when
+    the output reaches them."""
+    if not isinstance(schema, dict):
+        return None
+    for where, node in _schemas(schema):
+        for items, count, which in _object_rows(node):
+            if items > MAX_ROW_ITEMS:
+                if which == "none required":
+                    most = (MAX_ROW_ITEMS + 1 - items + 4 * count) // 4
+                    return (f"the object at {where or '/'} has {count} optional properties and none required, more "
+                            f"than llguidance can follow (at most {most}): make one of them required, or split "
+                            "the object")
+                return (f"the object at {where or '/'} has {count} optional properties {which}, more than "
+                        f"llguidance can follow at one place (about {count * MAX_ROW_ITEMS // items}): put a "
+                        "required property among them, or split the object")
+        for keyword in ("anyOf", "oneOf"):
+            branches = node.get(keyword)
+            if not isinstance(branches, list):
+                continue
+            starts = [rows[0] for b in branches if isinstance(b, dict) and (rows := _object_rows(_resolve(b, schema)))]
+            if len(starts) > 1 and sum(items for items, _, _ in starts) > MAX_ROW_ITEMS:
+                return (f"the {keyword} at {where or '/'} offers objects of {sum(c for _, c, _ in starts)} optional "
+                        "properties in all at their start, more than llguidance can follow at one place (at most "
+                        f"{(MAX_ROW_ITEMS + 1) // 4}): put a required property first in each, or merge the branches")
+    return None
+
+
 def _number_text(value: int | float) -> str:
     text = repr(value)
     return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
@@ -148,6 +304,34 @@ def _number_text(value: int | float) -> str:
 # llguidance's stop reason when a mask allows nothing, not even the end: no string of the grammar (none that the
 # tokenizer's tokens can write) continues the output so far. At the start: the grammar matches no string at all.
 _NO_STRING = "NoExtensionBias"
+
+
+_TOO_MANY_DIGITS = re.compile(r"Value for '(\w+)' has too many digits")
+_UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
+
+
+def _json_error(error: str, schema: object) -> str:
+    """llguidance's refusal of a schema, reworded where its words are about its own options or internals."""
+    if "coerce_one_of" in error:  # an option of llguidance's, not the user's; it would make oneOf anyOf
+        return ("oneOf is followed only where llguidance can tell its branches never overlap, and here it cannot: "
+                "use anyOf if no value can match two branches, or make the branches exclusive (say, a property "
+                "with a different const in each)")
+    digits = _TOO_MANY_DIGITS.search(error)
+    if digits:  # llguidance reads the float's binary value in decimal: 0.0001234 is 0.00012339999999999998
+        keyword = digits.group(1)
+        for where, node in _schemas(schema):
+            value = node.get(keyword)
+            if isinstance(value, float):
+                return (f"{where}/{keyword} {value!r} has too many decimal digits for llguidance (it takes "
+                        f"{keyword} as the float's exact decimal expansion): use one with fewer digits")
+        return f"a {keyword} has too many decimal digits for llguidance: use one with fewer digits"
+    unimplemented = _UNIMPLEMENTED.match(error)
+    if unimplemented:  # llguidance names the keywords, not where they are
+        names = set(re.findall(r'"([^"]*)"', unimplemented.group(1)))
+        for where, node in _schemas(schema):
+            if names & set(node):
+                return f"{_cut(error)} (at {where or '/'})"
+    return _cut(error)
 
 
 def _matches_nothing(error: str) -> bool:
@@ -182,10 +366,11 @@ class LLGuidanceMatcher:
     :data:`MASK_STRIKES` (every mask after that raises it).
     """
 
-    __slots__ = ("m", "eos", "max_mask_s", "terminated", "strikes", "_too_costly", "_eos_held", "_warned")
+    __slots__ = ("m", "eos", "max_mask_s", "terminated", "strikes", "_too_costly", "_eos_held", "_warned", "uncounted")
 
     def __init__(self, m, eos: frozenset[int], max_mask_s: float) -> None:
         self.m = m
+        self.uncounted: str | None = None
         self.eos = eos
         self.max_mask_s = max_mask_s
         self.terminated = False
@@ -272,12 +457,13 @@ class LLGuidanceMatcher:
 class LLGuidanceGrammar:
     """A compiled grammar: a pristine matcher that is only ever copied, and the mask-time limit of its matchers."""
 
-    __slots__ = ("pristine", "eos", "max_mask_s")
+    __slots__ = ("pristine", "eos", "max_mask_s", "nbytes")
 
-    def __init__(self, pristine, eos: frozenset[int], max_mask_s: float) -> None:
+    def __init__(self, pristine, eos: frozenset[int], max_mask_s: float, nbytes: int = 0) -> None:
         self.pristine = pristine
         self.eos = eos
         self.max_mask_s = max_mask_s
+        self.nbytes = nbytes  # estimated memory (GRAMMAR_BYTES_PER_CHAR)
 
     def matcher(self) -> LLGuidanceMatcher:
         return LLGuidanceMatcher(self.pristine.deep_copy(), self.eos, self.max_mask_s)
@@ -318,6 +504,11 @@ class LLGuidanceBackend:
             else:
                 options["whitespace_flexible"] = True
                 options["whitespace_pattern"] = spec.get("whitespace_pattern", DEFAULT_WHITESPACE_PATTERN)
+                if "whitespace_pattern" in spec:  # else its error would read as the schema's
+                    regex = llg.LLMatcher.grammar_from_regex(spec["whitespace_pattern"])
+                    error = llg.LLMatcher.validate_grammar(regex)
+                    if error:
+                        raise structured_error(f"whitespace_pattern does not compile: {_cut(error)}")
             if kind == "json":
                 inexact = inexact_number(body)
                 if inexact is not None:
@@ -326,7 +517,10 @@ class LLGuidanceBackend:
                         f"json is not a usable JSON Schema: {where} is {_number_text(number)}, beyond 2**53 in "
                         "magnitude: llguidance holds bounds, multipleOf, enum and const numbers as 64-bit floats, "
                         "which would round it")
-            schema = exact_formats(body) if kind == "json" else {"type": "object"}
+                crowded = crowded_object(body)
+                if crowded is not None:
+                    raise structured_error(f"json is not a usable JSON Schema: {crowded}")
+            schema = exact_formats(known_formats_only(body)) if kind == "json" else {"type": "object"}
             try:
                 return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
             except ValueError as e:
@@ -346,7 +540,8 @@ class LLGuidanceBackend:
                 "regex": "regex does not compile", "choice": "choice failed to compile",
                 "grammar": "grammar does not compile"}[kind]
         limit_s = self.max_mask_ms / 1e3
-        matcher = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0)
+        text = self.grammar_text(spec)
+        matcher = self._llg.LLMatcher(self.tokenizer, text, log_level=0)
         warm = matcher
         seconds = 0.0
         if not matcher.is_error():
@@ -359,13 +554,13 @@ class LLGuidanceBackend:
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
-            raise structured_error(f"{what}: {_cut(error)}")
+            raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
         if seconds > limit_s:
             raise structured_error(
                 f"{kind} costs {seconds * 1e3:.1f} ms of CPU per token to mask, more than the limit of "
                 f"{self.max_mask_ms:g} ms ({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the "
                 "usual cause")
-        return LLGuidanceGrammar(matcher, self.eos, limit_s)
+        return LLGuidanceGrammar(matcher, self.eos, limit_s, GRAMMAR_FIXED_BYTES + GRAMMAR_BYTES_PER_CHAR * len(text))
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:
         rows = len(matchers)

@@ -43,6 +43,24 @@ _BODY_NAME = {"structured_outputs": "response_format", "messages": "messages", "
               **{name: name for name in _SAME_NAME}}
 
 
+# The worker's and the engine's words for the structured outputs field, and the batch line's: a JSON Schema's
+# refusal is about body.response_format.json_schema.schema. Longest first.
+_STRUCTURED_NAMES = (("params.structured_outputs.json:", "body.response_format.json_schema.schema:"),
+                     ("params.structured_outputs json_object ", "body.response_format "),
+                     ("params.structured_outputs json ", "body.response_format.json_schema.schema "),
+                     ("params.structured_outputs", "body.response_format"))
+_RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+_JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
+
+
+def _in_body_words(message: str) -> str:
+    """``message`` about ``params.structured_outputs`` as the batch line's body names the field."""
+    for wire, body in _STRUCTURED_NAMES:
+        if message.startswith(wire):
+            return body + message[len(wire):]
+    return message
+
+
 class LineError(ValueError):
     """A line that cannot run; the message names the field."""
 
@@ -92,10 +110,19 @@ def _messages(messages: Any) -> list[dict]:
 def _structured(fmt: Any) -> dict | None:
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise LineError("body.response_format.type: must be text, json_object or json_schema")
+    # Refused by name, never dropped: it may have been meant to constrain the output (a null is no request).
+    unknown = sorted(str(k) for k, v in fmt.items() if k not in _RESPONSE_FORMAT_KEYS[fmt["type"]] and v is not None)
+    if unknown:
+        raise LineError(f"body.response_format.{unknown[0]}: not supported with type {fmt['type']}")
     if fmt["type"] == "json_object":
         return {"json_object": True}
     if fmt["type"] == "json_schema":
         spec = fmt.get("json_schema")
+        if isinstance(spec, dict):
+            unknown = sorted(str(k) for k, v in spec.items() if k not in _JSON_SCHEMA_KEYS and v is not None)
+            if unknown:
+                raise LineError(f"body.response_format.json_schema.{unknown[0]}: not supported (known: "
+                                f"{', '.join(sorted(_JSON_SCHEMA_KEYS))})")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise LineError("body.response_format.json_schema.schema: a JSON Schema object is required")
         return {"json": spec["schema"]}
@@ -134,6 +161,8 @@ def _check_ranges(params: dict) -> None:
     try:
         SamplingParams(**params)
     except (TypeError, ValueError) as e:
+        if str(e).startswith("structured_outputs"):
+            raise LineError(_in_body_words(f"params.{e}")) from None
         raise LineError(f"body: {e}") from None
 
 
@@ -176,7 +205,9 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        raise LineError(f"body.{loc}: {first['msg']}") from None
+        message = f"{loc}: {first['msg']}"
+        raise LineError(_in_body_words(message) if message.startswith("params.structured_outputs")
+                        else f"body.{message}") from None
 
 
 def _utf8(data: bytes) -> bytes:
@@ -346,7 +377,7 @@ def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, boo
     top_logprobs = int(md.get("top_logprobs") or 0)
     bid, line_no, cid, url = md["batch_id"], int(md["line"]), md["custom_id"], md["url"]
     if isinstance(event, ErrorEvent):
-        body = {"error": {"message": event.error.message, "type": event.error.code,
+        body = {"error": {"message": _in_body_words(event.error.message), "type": event.error.code,
                           "param": _param(event.error.message, url), "code": event.error.code}}
         return line_no, {"id": line_id(bid, line_no), "custom_id": cid,
                          "response": {"status_code": _STATUS_OF_CODE.get(event.error.code, 500),

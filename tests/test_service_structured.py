@@ -130,3 +130,68 @@ def test_submit_options(redis_url, prefix, shared_engine, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     res = _submit(env, "x", "--json-schema", str(tmp_path / "bad.json"))
     assert res.returncode == 2 and "--json-schema" in res.stderr, res.stderr
+
+
+def test_an_object_of_too_many_optional_properties_is_refused_before_any_token(setup):
+    """llguidance fails on it only once the output is inside the object: refused before the request runs, so
+    no token event (a lone ``{``) is streamed ahead of the error."""
+    s, w, c = setup
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)},
+              "additionalProperties": False}
+    events = list(c.stream("JSON:", params={"max_tokens": 16, "temperature": 0.0,
+                                            "structured_outputs": {"json": schema}}, timeout=60))
+    assert [e.type for e in events] == ["error"], events
+    err = events[0]
+    assert err.error.code == "invalid_request"
+    assert err.error.message.startswith(
+        "params.structured_outputs json is not a usable JSON Schema: the object at / has 600 optional properties "
+        "and none required, more than llguidance can follow (at most 500)"), err.error.message
+
+
+# ---------------------------------------------------------------------- batch lines: response_format
+def _batch(*formats) -> bytes:
+    return "\n".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                 "body": {"messages": [{"role": "user", "content": "x"}], "response_format": f}})
+                     for i, f in enumerate(formats)).encode()
+
+
+def test_batch_response_format_unknown_keys_are_refused_by_name():
+    from pagedserve.service.batch_format import parse_lines
+
+    schema = {"type": "object"}
+    lines = parse_lines("batch_x", _batch(
+        {"type": "json_object", "foo": 1},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "stirct": True}},
+        {"type": "text", "json_schema": {"name": "a", "schema": schema}},
+        {"type": "json_schema", "json_schema": {"name": "a", "description": "d", "schema": schema, "strict": True}},
+        {"type": "json_object", "json_schema": None},  # a client's model dumped with its empty fields
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"a": {}}} |
+                                                {"$defs": {"d": {"type": "integer"}}}}},
+    ), expires_ms=0)
+    assert [ln.error for ln in lines] == [
+        "line 1: body.response_format.foo: not supported with type json_object",
+        "line 2: body.response_format.json_schema.stirct: not supported (known: description, name, schema, strict)",
+        "line 3: body.response_format.json_schema: not supported with type text",
+        None, None, None]
+
+
+def test_batch_refusals_of_a_schema_name_the_body_field():
+    from pagedserve.service.batch_format import output_line, parse_lines
+
+    deep: dict = {"type": "integer"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    (line,) = parse_lines("batch_x", _batch({"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}),
+                          expires_ms=0)
+    assert line.error == "line 1: body.response_format.json_schema.schema nests deeper than 128 levels", line.error
+    md = {"batch_id": "batch_x", "line": 3, "custom_id": "c3", "url": "/v1/chat/completions"}
+    worker_says = "params.structured_outputs json is not a usable JSON Schema: Unimplemented keys: [\"uniqueItems\"]"
+    _, out, ok = output_line(ErrorEvent(id="r", error={"code": "invalid_request", "message": worker_says}), md)
+    error = out["response"]["body"]["error"]
+    assert not ok and error["param"] == "response_format"
+    assert error["message"] == ("body.response_format.json_schema.schema is not a usable JSON Schema: "
+                                "Unimplemented keys: [\"uniqueItems\"]")
+    following = "params.structured_outputs could not be followed while generating: lexer error"
+    _, out, _ = output_line(ErrorEvent(id="r", error={"code": "invalid_request", "message": following}), md)
+    assert out["response"]["body"]["error"]["message"] == (
+        "body.response_format could not be followed while generating: lexer error")

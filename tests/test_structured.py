@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from pagedserve.engine.builtin_model import build_byte_tokenizer
 from pagedserve.engine.structured import (
+    CACHE_BYTES,
     DEFAULT_COMPILE_TIMEOUT_S,
     DEFAULT_MAX_MASK_MS,
     MAX_MASK_ENV,
@@ -292,7 +293,7 @@ def test_numbers_up_to_two_to_the_53_compile_and_walks_validate(tokenized, schem
 
 # ---------------------------------------------------------------------- compiling: errors, cache, timeout
 @pytest.mark.parametrize("spec, words", [
-    ({"json": {"type": "string", "format": "no-such-format"}}, "json is not a usable JSON Schema"),
+    ({"json": {"type": "array", "uniqueItems": True}}, "json is not a usable JSON Schema"),
     ({"json": {"type": "strnig"}}, "json is not a usable JSON Schema"),
     ({"regex": "(unclosed"}, "regex does not compile"),
     ({"grammar": "start: undefined_rule"}, "grammar does not compile"),
@@ -319,6 +320,215 @@ def test_cache_shares_one_compile_per_grammar():
         assert c is not a and so.num_compiles == 2
     finally:
         so.close()
+
+
+def _enum_schema(k: int, n: int = 1500) -> dict:
+    return {"enum": [f"value-{k}-{i}" for i in range(n)]}
+
+
+def test_the_cache_is_bounded_by_an_estimate_of_bytes_and_evicts_the_least_recently_used():
+    """Distinct large schemas do not pile up: the cache's own accounting stays within its byte budget, a grammar
+    used again stays, and the one used longest ago goes first."""
+    tok = build_byte_tokenizer()
+    budget = 24 << 20
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {tok.eos_token_id}), cache_bytes=budget)
+    try:
+        specs = [validate_structured_outputs({"json": _enum_schema(k)}) for k in range(12)]
+        first = so.compile(specs[0])
+        one = so.cache_bytes
+        assert one > len(json.dumps(specs[0]["json"])) * 50  # the compiled grammar, not only the schema's text
+        fits = budget // one
+        assert 1 < fits < len(specs)
+        for k, spec in enumerate(specs[1:], 1):
+            so.compile(spec)
+            assert so.compile(specs[0]) is first  # used at each step: never the least recently used
+            assert so.cache_bytes <= budget, (k, so.cache_bytes)
+            assert so.cache_entries == min(k + 1, fits)
+        assert so.stats()["structured_cache_bytes"] == so.cache_bytes
+        hits, compiles = so.num_cache_hits, so.num_compiles
+        assert so.compile(specs[-1]) is not None and so.num_cache_hits == hits + 1  # the newest stayed
+        so.compile(specs[1])  # long evicted: compiled again
+        assert so.num_compiles == compiles + 1
+    finally:
+        so.close()
+
+
+def test_a_large_schema_is_charged_what_its_grammar_costs():
+    """A ~91 KB schema of 2,600 properties costs some 10 MB of memory once compiled (measured as the process's
+    resident memory on SmolLM2's vocabulary and on the byte tokenizer alike): the estimate must not be below."""
+    tok = build_byte_tokenizer()
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {tok.eos_token_id}))
+    try:
+        props = {f"field_{i:04d}": {"type": "integer"} for i in range(2600)}
+        so.compile(validate_structured_outputs({"json": {"type": "object", "properties": props,
+                                                         "required": ["field_0000", "field_1000", "field_2000"]}}))
+        assert so.cache_bytes >= 10_000_000
+        assert so.stats()["structured_cache_budget_bytes"] == CACHE_BYTES == 512 << 20
+    finally:
+        so.close()
+
+
+def test_a_cached_failure_costs_little():
+    tok = build_byte_tokenizer()
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {tok.eos_token_id}))
+    try:
+        with pytest.raises(ValueError):
+            so.compile(validate_structured_outputs({"json": {"type": "array", "uniqueItems": True}}))
+        assert 0 < so.cache_bytes < 64 << 10
+    finally:
+        so.close()
+
+
+# ---------------------------------------------------------------------- objects of many optional properties
+def _optional(n: int, prefix: str = "p", **kw) -> dict:
+    return {"type": "object", "properties": {f"{prefix}{i}": {"type": "integer"} for i in range(n)}, **kw}
+
+
+@pytest.mark.parametrize("schema, where, count, most", [
+    (_optional(501, additionalProperties=False), "/", 501, 500),
+    (_optional(499), "/", 499, 498),  # additional properties take some of the room
+    ({"type": "object", "properties": {"a": _optional(600, additionalProperties=False)}, "required": ["a"]},
+     "/properties/a", 600, 500),
+    ({"type": "array", "items": _optional(501, additionalProperties=False)}, "/items", 501, 500),
+    ({"$defs": {"big": _optional(700)}, "type": "object", "properties": {"b": {"$ref": "#/$defs/big"}},
+      "required": ["b"]}, "/$defs/big", 700, 498),
+])
+def test_an_object_of_too_many_optional_properties_is_refused_at_compile(tokenized, schema, where, count, most):
+    """llguidance compiles such an object, then fails once the output reaches it (a parser row of more than 2000
+    items): refused before the request runs, in words a JSON Schema user understands."""
+    so, _, _ = tokenized
+    expected = (f"structured_outputs json is not a usable JSON Schema: the object at {where} has {count} optional "
+                f"properties and none required, more than llguidance can follow (at most {most}): make one of them "
+                "required, or split the object")
+    with pytest.raises(ValueError) as e:
+        so.compile(validate_structured_outputs({"json": schema}))
+    assert str(e.value) == expected
+
+
+@pytest.mark.parametrize("schema, where, words", [
+    ({**_optional(700, additionalProperties=False), "required": ["p699"]}, "/",
+     "699 optional properties before its first required one, more than llguidance can follow at one place "
+     "(about 666): put a required property among them, or split the object"),
+    ({**_optional(2100), "required": ["p0"]}, "/",
+     "2099 optional properties after a required one, more than llguidance can follow at one place (about 1992)"),
+])
+def test_an_object_of_too_many_optional_properties_around_required_ones_is_refused(tokenized, schema, where, words):
+    so, _, _ = tokenized
+    with pytest.raises(ValueError, match=re.escape(
+            f"structured_outputs json is not a usable JSON Schema: the object at {where} has {words}")):
+        so.compile(validate_structured_outputs({"json": schema}))
+
+
+def test_an_any_of_whose_objects_have_too_many_optional_properties_together_is_refused(tokenized):
+    so, _, _ = tokenized
+    schema = {"anyOf": [_optional(260, prefix=f"b{j}_", additionalProperties=False) for j in range(2)]}
+    with pytest.raises(ValueError, match=re.escape(
+            "structured_outputs json is not a usable JSON Schema: the anyOf at / offers objects of 520 optional "
+            "properties in all at their start, more than llguidance can follow at one place (at most 500): put a "
+            "required property first in each, or merge the branches")):
+        so.compile(validate_structured_outputs({"json": schema}))
+
+
+@pytest.mark.parametrize("schema, text", [
+    (_optional(500, additionalProperties=False), '{"p499": 1}'),
+    (_optional(498), '{"p0": 1, "p497": 2}'),
+    ({"type": "array", "items": _optional(500, additionalProperties=False)}, '[{"p3": 1}, {}]'),
+    ({"anyOf": [_optional(250, prefix=f"b{j}_", additionalProperties=False) for j in range(2)]}, '{"b1_249": 3}'),
+    # a required property first: llguidance then follows many more optional ones after it
+    ({"type": "object", "properties": {"a": {**_optional(1900), "required": ["p0"]}}, "required": ["a"]},
+     '{"a": {"p0": 1, "p5": 2, "p1899": 3}}'),
+    ({**_optional(660, additionalProperties=False), "required": ["p659"]}, '{"p3": 1, "p659": 2}'),
+])
+def test_objects_within_the_limit_compile_and_are_followed_past_their_start(tokenized, schema, text):
+    so, tok, eos = tokenized
+    matcher = so.compile(validate_structured_outputs({"json": schema})).matcher()
+    vocab = len(tok)
+    for token in tok.encode(text, add_special_tokens=False):
+        assert token in allowed_ids(so, matcher, vocab), (text, tok.decode([token]))
+        assert matcher.accept(token)
+    assert eos in allowed_ids(so, matcher, vocab)
+    jsonschema.validate(json.loads(text), schema)
+
+
+# ---------------------------------------------------------------------- formats llguidance does not know
+def _pydantic_schema() -> dict:
+    from pathlib import Path
+
+    from pydantic import BaseModel, IPvAnyAddress, SecretStr
+
+    class Account(BaseModel):
+        home: Path
+        secret: SecretStr
+        blob: bytes
+        address: IPvAnyAddress
+        phone: str
+        email: str
+
+    schema = Account.model_json_schema()
+    schema["properties"]["phone"]["format"] = "phone-number"
+    schema["properties"]["email"]["format"] = "email"  # known: still enforced
+    schema["properties"]["phone"]["maxLength"] = 12
+    for name in ("home", "secret", "blob", "address"):
+        schema["properties"][name]["maxLength"] = 12
+    return schema
+
+
+def test_unknown_formats_are_annotations_known_ones_are_enforced(tokenized):
+    """JSON Schema treats a format it does not know as an annotation (the jsonschema package too): pydantic's
+    path, password, binary and ipvanyaddress formats compile, and outputs validate; email stays enforced."""
+    so, tok, eos = tokenized
+    schema = _pydantic_schema()
+    assert {p.get("format") for p in schema["properties"].values()} >= {
+        "path", "password", "binary", "ipvanyaddress", "phone-number", "email"}
+    grammar = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+    for seed in WALK_SEEDS:
+        text = walk(so, grammar.matcher(), tok, eos, random.Random(seed))
+        assert_valid(schema, text)  # with the format checker: email is checked
+        value = json.loads(text)
+        assert "@" in value["email"]
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),  # a keyword that changes validity is still refused
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
+])
+def test_unknown_formats_being_ignored_relaxes_nothing_else(tokenized, schema, words):
+    so, _, _ = tokenized
+    with pytest.raises(ValueError, match=f"^structured_outputs json is not a usable JSON Schema: .*{words}"):
+        so.compile(validate_structured_outputs({"json": schema}))
+
+
+def test_a_property_named_format_is_a_property():
+    from pagedserve.engine.structured_llguidance import known_formats_only
+
+    schema = {"type": "object", "properties": {"format": {"type": "string", "format": "no-such"},
+                                               "enum": {"type": "string", "format": "date"}},
+              "enum": [{"format": "no-such"}], "format": "no-such-either"}
+    assert known_formats_only(schema) == {
+        "type": "object", "properties": {"format": {"type": "string"}, "enum": {"type": "string", "format": "date"}},
+        "enum": [{"format": "no-such"}]}
+
+
+# ---------------------------------------------------------------------- refusals in the user's words
+@pytest.mark.parametrize("spec, message", [
+    ({"json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}},
+     "structured_outputs json is not a usable JSON Schema: oneOf is followed only where llguidance can tell its "
+     "branches never overlap, and here it cannot: use anyOf if no value can match two branches, or make the "
+     "branches exclusive (say, a property with a different const in each)"),
+    ({"json": {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}},
+     'structured_outputs json is not a usable JSON Schema: Unimplemented keys: ["uniqueItems"] (at /properties/tags)'),
+    ({"json": {"type": "object"}, "whitespace_pattern": "("},
+     "structured_outputs whitespace_pattern does not compile: "),
+    ({"json": {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.0001234}}}},
+     "structured_outputs json is not a usable JSON Schema: /properties/price/multipleOf 0.0001234 has too many "
+     "decimal digits for llguidance"),
+])
+def test_refusals_say_what_the_user_can_do(tokenized, spec, message):
+    so, _, _ = tokenized
+    with pytest.raises(ValueError) as e:
+        so.compile(validate_structured_outputs(spec))
+    assert str(e.value).startswith(message), str(e.value)
+    assert "coerce_one_of" not in str(e.value) and "12339999999999998" not in str(e.value)
 
 
 def test_compile_past_the_timeout_is_refused_and_never_blocks_longer():

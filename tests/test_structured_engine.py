@@ -371,3 +371,40 @@ def test_a_grammar_whose_lexer_is_costly_from_the_start_is_refused_at_the_defaul
                                          r"more than the limit of 10 ms \(PAGEDSERVE_STRUCTURED_MAX_MASK_MS\)"):
         llm.engine.add_request("lexer", "x", SamplingParams(structured_outputs={"regex": "(a{1000}){1000}"}))
     assert not llm.engine.has_unfinished_requests()
+
+
+def _crowded(n: int = 501) -> dict:
+    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)},
+            "additionalProperties": False}
+
+
+def test_an_object_of_too_many_optional_properties_is_refused_before_it_runs(llm):
+    """llguidance compiles it and fails once the output is inside the object; refused at add_request instead,
+    with words about the schema, and nothing of the call is queued."""
+    eng = llm.engine
+    words = (r"^structured_outputs json is not a usable JSON Schema: the object at / has 501 optional properties and "
+             r"none required, more than llguidance can follow \(at most 500\): make one of them required")
+    with pytest.raises(ValueError, match=words):
+        eng.add_request("crowded", "x", SamplingParams(structured_outputs={"json": _crowded()}))
+    with pytest.raises(ValueError, match=words):
+        llm.generate(["a", "b"], [constrained({"regex": "[ab]{3}"}), constrained({"json": _crowded()})])
+    assert not eng.has_unfinished_requests()
+    schema = {**_crowded(), "required": ["p7"]}  # one required property: followed, well inside the object
+    out = llm.generate([PROMPT], constrained({"json": schema, "disable_any_whitespace": True}, max_tokens=40))[0]
+    assert out.error is None and out.outputs[0].finish_reason == "length", out
+    assert out.outputs[0].text.startswith('{"p'), out.outputs[0].text
+
+
+def test_requests_are_counted_by_kind_once_they_run(llm):
+    """A call refused part-way (its last spec is unusable) ran nothing: none of its requests is counted."""
+    before = llm.stats()
+    with pytest.raises(ValueError, match="^structured_outputs"):
+        llm.generate(["a", "b", "c"], [constrained({"json": SCHEMAS[sorted(SCHEMAS)[0]]}),
+                                       constrained({"regex": "[ab]{3}"}), constrained({"regex": "(unclosed"})])
+    after = llm.stats()
+    assert after["structured_requests_json"] == before["structured_requests_json"]
+    assert after["structured_requests_regex"] == before["structured_requests_regex"]
+    llm.generate(["a", "b"], [constrained({"regex": "[ab]{3}"}, n=2), constrained({"choice": ["x", "y"]})])
+    counted = llm.stats()
+    assert counted["structured_requests_regex"] == before["structured_requests_regex"] + 1  # n=2: one request
+    assert counted["structured_requests_choice"] == before["structured_requests_choice"] + 1
