@@ -36,8 +36,12 @@ class InFlight:
         """Whether none of its entries is left in the stream: given up, it must be sent again or nobody runs it."""
         return bool(self.entry_ids) and self.gone.issuperset(self.entry_ids)
 
-    def abandon(self, why: str) -> None:
-        """End the span of a request this worker stops without answering (someone else will)."""
+    def abandon(self, why: str, failed: bool = False) -> None:
+        """End the span of a request this worker stops without answering (someone else will). Handed over (a
+        shutdown's release, a lease another worker took) is no error of the request's: an event says why, and
+        a rolling restart does not show in the traces' error rate; ``failed`` (an engine step that raised) is."""
         if self.span is not None:
-            self.span.set_status(Status(StatusCode.ERROR, why))
+            self.span.add_event("pagedserve.request.handed_over", {"reason": why})
+            if failed:
+                self.span.set_status(Status(StatusCode.ERROR, why))
             self.span.end()

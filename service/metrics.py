@@ -12,6 +12,8 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .protocol import ERROR_CODES, FINISH_REASONS
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -149,6 +151,8 @@ class WorkerMetrics:
             self.write_refusals.labels(op=op)
         for outcome in ("completed", "failed"):
             self.batch_lines.labels(outcome)
+        for outcome in (*FINISH_REASONS, "cached", *(f"error:{code}" for code in ERROR_CODES)):
+            self.requests.labels(outcome=outcome)
 
     def set_batch_stats(self, by_status: dict[str, int], backlog: int, lag_s: float) -> None:
         for status in ("in_progress", "cancelling", "expired", "completed", "cancelled", "failed"):

@@ -171,7 +171,7 @@ class Running(WorkerPart):
             f = self.table.pop(rid)
             self.claims.release(rid)
             (f.log or self.log).warning("request_sent_back", error=f"{type(e).__name__}: {e}"[:300])
-            f.abandon("engine step failed")
+            f.abandon("engine step failed", failed=True)
             entry_ids.extend(f.entry_ids)
             if f.entries_gone:
                 self.requeue.append(f.request)
@@ -183,6 +183,7 @@ class Running(WorkerPart):
         left = list(self.table.items())
         for rid, f in left:
             self._abort(rid)
+            (f.log or self.log).info("request_released", note="unfinished at shutdown: another worker takes it")
             f.abandon("released on shutdown")
             if f.entries_gone:
                 self.requeue.append(f.request)

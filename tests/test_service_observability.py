@@ -142,7 +142,28 @@ def test_labelled_counters_are_exported_at_zero_before_their_first_event():
         assert f'pagedserve_redis_write_refusals_total{{op="{op}"}} 0.0' in text, op
     for outcome in ("completed", "failed"):
         assert f'pagedserve_batch_lines_total{{outcome="{outcome}"}} 0.0' in text, outcome
+    for outcome in ("stop", "length", "cancelled", "deadline", "cached", "error:invalid_request", "error:internal",
+                    "error:prompt_too_long", "error:overloaded"):
+        assert f'pagedserve_requests_total{{outcome="{outcome}"}} 0.0' in text, outcome
     # the list holds every kind the parser gives (its docstring names them) and the default
     kinds = DeadLetterError.__doc__.split("metric label):")[1].split(".")[0]
     assert {k.strip() for k in kinds.replace("\n", " ").split(",")} | {DeadLetterError("x").kind} <= set(
         DEAD_LETTER_REASONS)
+
+
+def test_a_request_handed_over_at_shutdown_is_no_error_in_its_trace(redis_url, prefix, shared_engine):
+    """A drain's release (and a lease another worker took) handed the request on: its span ended with status
+    ERROR, so every rolling restart showed in the traces' error rate. It ends with an event saying why."""
+    from opentelemetry.trace import StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = make_settings(redis_url, prefix, grace_period_s=0)
+    with running_worker(s, shared_engine, tracer_provider=provider) as w, Client(settings=s) as c:
+        rid = c.submit("long", params={"max_tokens": 1500, "ignore_eos": True})
+        wait_for(lambda: rid in w.running.table, 30, what="the request running")
+    (process,) = [sp for sp in exporter.get_finished_spans() if sp.name == f"process {prefix}:requests"]
+    assert process.status.status_code != StatusCode.ERROR
+    assert [(e.name, e.attributes["reason"]) for e in process.events] == [
+        ("pagedserve.request.handed_over", "released on shutdown")]
