@@ -155,8 +155,46 @@ _provider: Any = None  # the provider configure_tracing installed, until shutdow
 TRACE_FLUSH_TIMEOUT_S = 2.0
 
 
+def _span_exporter() -> Any:
+    """The exporter the standard variables ask for, or None (with a warning when they ask for one that cannot
+    be had): ``OTEL_TRACES_EXPORTER`` ``otlp`` (the default; only once an endpoint is set), ``console`` or
+    ``none``; for OTLP, ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` ``http/protobuf`` (the default) or ``grpc``
+    (its package is not a dependency: posting HTTP to a gRPC port would only fail on every export)."""
+    env = os.environ.get
+    name = (env("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    if name == "none":
+        return None
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        get_logger().warning("tracing_off", reason=f"OTEL_TRACES_EXPORTER={name!r}: pagedserve exports otlp, "
+                                                   "console or none")
+        return None
+    if not (env("OTEL_EXPORTER_OTLP_ENDPOINT") or env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return None
+    protocol = (env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip().lower()
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError:
+            get_logger().warning("tracing_off", reason="OTLP protocol grpc needs the package "
+                                 "opentelemetry-exporter-otlp-proto-grpc; or use http/protobuf (port 4318)")
+            return None
+        return GrpcExporter()
+    if protocol != "http/protobuf":
+        get_logger().warning("tracing_off", reason=f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
 def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider | None:
-    """Install an SDK tracer provider with an OTLP/HTTP exporter if an OTLP endpoint is configured.
+    """Install an SDK tracer provider with the exporter the standard ``OTEL_*`` variables ask for
+    (:func:`_span_exporter`: OTLP/HTTP once an endpoint is set).
 
     Returns the provider, or None when tracing export is not configured (spans are then no-ops unless the
     application installed its own provider, e.g. tests with an InMemorySpanExporter). Queued spans are flushed
@@ -165,11 +203,11 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
     global _provider_installed, _provider
     if _provider_installed:
         return trace.get_tracer_provider()  # type: ignore[return-value]
-    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
-        return None
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    exporter = _span_exporter()
+    if exporter is None:
+        return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -177,7 +215,7 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
     # Resource.create() also merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # bounded below instead
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider_installed = True
     _provider = provider

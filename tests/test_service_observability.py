@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import urllib.request
+
+import pytest
 
 import structlog
 from opentelemetry.sdk.trace import TracerProvider
@@ -167,3 +170,40 @@ def test_a_request_handed_over_at_shutdown_is_no_error_in_its_trace(redis_url, p
     assert process.status.status_code != StatusCode.ERROR
     assert [(e.name, e.attributes["reason"]) for e in process.events] == [
         ("pagedserve.request.handed_over", "released on shutdown")]
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({"OTEL_TRACES_EXPORTER": "console"}, "console"),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "off"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "grpc"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "http"),
+    ({}, "off"),
+])
+def test_tracing_follows_the_standard_exporter_variables(env, expect):
+    """OTEL_TRACES_EXPORTER and the OTLP protocol were ignored: none still exported, console printed nothing,
+    and grpc posted HTTP to the gRPC port, failing on every export with only the exporter's warnings."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pagedserve.service.telemetry import configure_tracing, shutdown_tracing, configure_logging\n"
+            "configure_logging('json', 'INFO')\n"
+            "p = configure_tracing()\n"
+            "print('PROVIDER', p is not None, flush=True)\n"
+            "if p is not None:\n"
+            "    p.get_tracer('t').start_span('probe-span').end()\n"
+            "    shutdown_tracing(5)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    res = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    grpc_installed = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
+    if expect == "console":
+        assert "PROVIDER True" in out and '"name": "probe-span"' in out
+    elif expect == "off":
+        assert "PROVIDER False" in out
+    elif expect == "grpc" and not grpc_installed:
+        assert "PROVIDER False" in out and "opentelemetry-exporter-otlp-proto-grpc" in out
+    else:
+        assert "PROVIDER True" in out
