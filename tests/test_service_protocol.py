@@ -171,7 +171,7 @@ def test_settings_grace_period_names_and_enforce_eager(monkeypatch):
     assert Settings().grace_period_s == 12
     assert Settings(grace_period_s=3).grace_period_s == 3
     monkeypatch.setenv("PAGEDSERVE_GRACE_PERIOD_S", "-1")
-    with pytest.raises(ValueError, match="grace_period_s"):
+    with pytest.raises(ValueError, match="PAGEDSERVE_GRACE_PERIOD_S"):  # the variable that holds it
         Settings()
     assert Settings(grace_period_s=1).engine_kwargs()["enforce_eager"] is False
     monkeypatch.setenv("PAGEDSERVE_ENFORCE_EAGER", "true")
