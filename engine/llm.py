@@ -169,10 +169,15 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p, prio in zip(prompts, params, priorities):
+            for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
                 rid = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(rid, prompt, p, priority=prio)
+                try:
+                    self.engine.add_request(rid, prompt, p, priority=prio)
+                except ValueError as e:  # which of the batch's prompts, when there are several
+                    if len(prompts) > 1 and e.args and isinstance(e.args[0], str):
+                        e.args = (f"prompts[{i}]: {e.args[0]}", *e.args[1:])
+                    raise
                 ids.append(rid)
         except BaseException:  # a bad prompt, or Ctrl-C: the batch is not queued, in part or at all
             self._abort(ids)

@@ -58,8 +58,8 @@ def test_vllm_prompt_dicts_are_prompts(llm):
 @pytest.mark.parametrize("prompts, words", [
     (None, r"prompts must be"),
     (5, r"prompts must be"),
-    (["ok", "bad \ud800 text"], r"prompt.*not valid Unicode"),
-    ([[1, 2], [3, 1.5]], r"prompt_token_ids contains 1\.5"),
+    (["ok", "bad \ud800 text"], r"^prompts\[1\]: prompt.*not valid Unicode"),
+    ([[1, 2], [3, 1.5]], r"^prompts\[1\]: prompt_token_ids contains 1\.5"),
 ])
 def test_bad_prompts_are_value_errors_and_queue_nothing(llm, prompts, words):
     with pytest.raises(ValueError, match=words):

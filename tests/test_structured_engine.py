@@ -382,11 +382,11 @@ def test_an_object_of_too_many_optional_properties_is_refused_before_it_runs(llm
     """llguidance compiles it and fails once the output is inside the object; refused at add_request instead,
     with words about the schema, and nothing of the call is queued."""
     eng = llm.engine
-    words = (r"^structured_outputs json is not a usable JSON Schema: the object at / has 501 optional properties and "
+    words = (r"structured_outputs json is not a usable JSON Schema: the object at / has 501 optional properties and "
              r"none required, more than llguidance can follow \(at most 500\): make one of them required")
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match="^" + words):
         eng.add_request("crowded", "x", SamplingParams(structured_outputs={"json": _crowded()}))
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: " + words):  # which prompt of the call
         llm.generate(["a", "b"], [constrained({"regex": "[ab]{3}"}), constrained({"json": _crowded()})])
     assert not eng.has_unfinished_requests()
     schema = {**_crowded(), "required": ["p7"]}  # one required property: followed, well inside the object
@@ -398,7 +398,7 @@ def test_an_object_of_too_many_optional_properties_is_refused_before_it_runs(llm
 def test_requests_are_counted_by_kind_once_they_run(llm):
     """A call refused part-way (its last spec is unusable) ran nothing: none of its requests is counted."""
     before = llm.stats()
-    with pytest.raises(ValueError, match="^structured_outputs"):
+    with pytest.raises(ValueError, match=r"^prompts\[2\]: structured_outputs"):
         llm.generate(["a", "b", "c"], [constrained({"json": SCHEMAS[sorted(SCHEMAS)[0]]}),
                                        constrained({"regex": "[ab]{3}"}), constrained({"regex": "(unclosed"})])
     after = llm.stats()
