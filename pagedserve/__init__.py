@@ -33,6 +33,7 @@ _EXPORTS = {
     "NoWorker": "pagedserve.service.client",
     "BatchNotEnded": "pagedserve.service.batch_client",
     "BatchNotFound": "pagedserve.service.batch_client",
+    "BatchMalformed": "pagedserve.service.batch_client",
     "GenerateRequest": "pagedserve.service.protocol",
     "TokenEvent": "pagedserve.service.protocol",
     "DoneEvent": "pagedserve.service.protocol",
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.sampling_params import SamplingParams
     from pagedserve.engine.sequence import ResumeSample
-    from pagedserve.service.batch_client import BatchNotEnded, BatchNotFound
+    from pagedserve.service.batch_client import BatchMalformed, BatchNotEnded, BatchNotFound
     from pagedserve.service.client import (
         AsyncClient,
         CancelOutcome,

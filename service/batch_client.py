@@ -16,6 +16,7 @@ wraps them as methods.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -43,6 +44,11 @@ _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "comple
 class BatchNotFound(KeyError):
     def __str__(self) -> str:
         return f"no batch {self.args[0]!r} (unknown, or its retention has ended)"
+
+
+class BatchMalformed(ValueError):
+    """A batch record that pagedserve did not write (a field missing or of the wrong kind): nothing can be said
+    of its lines. Its keys are the producers' to delete."""
 
 
 class BatchNotEnded(RuntimeError):
@@ -130,19 +136,27 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     return bid
 
 
-def _batch_object(raw: dict) -> dict:
-    """The record as an OpenAI Batch object (``openai.types.Batch`` validates it)."""
+def _batch_object(bid: str, raw: dict) -> dict:
+    """The record as an OpenAI Batch object (``openai.types.Batch`` validates it); :class:`BatchMalformed` for a
+    record the service did not write. ``errors``: why a worker set the batch aside (a malformed record)."""
     rec = {as_text(k): as_text(v) for k, v in raw.items()}
-    obj: dict[str, Any] = {
-        "id": rec["id"], "object": "batch", "endpoint": rec["endpoint"], "input_file_id": rec["input_file_id"],
-        "completion_window": rec["completion_window"], "status": SHOWN_AS.get(rec["status"], rec["status"]),
-        "output_file_id": None, "error_file_id": None, "errors": None,
-        "request_counts": {"total": int(rec["total"]), "completed": int(rec["completed"]),
-                           "failed": int(rec["failed"])},
-        "metadata": json.loads(rec.get("metadata") or "{}"),
-    }
-    for name in _TIMES:
-        obj[name] = int(rec[name]) if rec.get(name) else None
+    try:
+        obj: dict[str, Any] = {
+            "id": rec["id"], "object": "batch", "endpoint": rec["endpoint"], "input_file_id": rec["input_file_id"],
+            "completion_window": rec["completion_window"], "status": SHOWN_AS.get(rec["status"], rec["status"]),
+            "output_file_id": None, "error_file_id": None,
+            "errors": json.loads(rec["errors"]) if rec.get("errors") else None,
+            "request_counts": {"total": int(rec["total"]), "completed": int(rec["completed"]),
+                               "failed": int(rec["failed"])},
+            "metadata": json.loads(rec.get("metadata") or "{}"),
+        }
+        for name in _TIMES:
+            obj[name] = int(rec[name]) if rec.get(name) else None
+    except KeyError as e:
+        raise BatchMalformed(f"batch {bid}: its record has no {e.args[0]!r}: pagedserve did not write it "
+                             "(delete its keys)") from None
+    except ValueError as e:
+        raise BatchMalformed(f"batch {bid}: its record is not one pagedserve wrote ({e}): delete its keys") from None
     return obj
 
 
@@ -151,7 +165,7 @@ def batch_status(r: redis.Redis, prefix: str, bid: str) -> dict:
     raw = r.hgetall(BatchKeys(prefix).record(bid))
     if not raw:
         raise BatchNotFound(bid)
-    return _batch_object(raw)
+    return _batch_object(bid, raw)
 
 
 def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5) -> dict:
@@ -206,19 +220,24 @@ def cancel_batch(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 3600
 
 
 def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
-    """The newest batches first, as Batch objects (batches whose retention ended drop out)."""
+    """The newest batches first, as Batch objects (batches whose retention ended drop out, and records the service
+    did not write are left out: one must not hide the others)."""
     k = BatchKeys(prefix)
     bids = [as_text(b) for b in r.zrevrange(k.all, 0, max(0, limit - 1))]
     pipe = r.pipeline(transaction=False)
     for bid in bids:
         pipe.hgetall(k.record(bid))
     out, gone = [], []
-    for bid, raw in zip(bids, pipe.execute() if bids else []):
-        (out.append(_batch_object(raw)) if raw else gone.append(bid))
+    for bid, raw in zip(bids, pipe.execute(raise_on_error=False) if bids else []):
+        if not raw:
+            gone.append(bid)
+        elif isinstance(raw, dict):  # not a hash at all: a reply error, left out as a malformed record is
+            with contextlib.suppress(BatchMalformed):
+                out.append(_batch_object(bid, raw))
     if gone:
         r.zrem(k.all, *gone)
     return out
 
 
-__all__ = ["BatchNotFound", "LineError", "batch_id", "batch_results", "batch_status", "cancel_batch",
+__all__ = ["BatchMalformed", "BatchNotFound", "LineError", "batch_id", "batch_results", "batch_status", "cancel_batch",
            "is_batch_input", "list_batches", "submit_batch", "wait_batch", "window_seconds"]

@@ -160,3 +160,25 @@ def test_a_junk_record_outside_the_active_set_is_left_out_of_the_metrics_once(re
     assert "batch_record_unreadable" in said and "cursor" in said, said
     for word in ("redis_error", "loop_iteration_failed", "batch_stats_failed", "Traceback"):
         assert not about(lines, word), about(lines, word)[:3]
+
+
+def test_a_junk_record_is_named_by_status_and_hides_nothing_from_list(prefix, r):
+    """``batch status`` of a record the service did not write said ``KeyError: 'id'``, and one such record made
+    ``batch list`` fail for every batch. A set-aside batch shows why, in OpenAI's ``errors``."""
+    from openai.types import Batch
+
+    from pagedserve.service.batch_client import BatchMalformed, batch_status, list_batches
+
+    k = BatchKeys(prefix)
+    good = submit_batch(r, prefix, jsonl([completion("g0")]), key="good")
+    junk = "batch_" + "0" * 31 + "2"
+    r.hset(k.record(junk), mapping={"status": "in_progress", "cursor": "abc"})
+    r.zadd(k.all, {junk: time.time() + 10})  # the newest: listed first
+    with pytest.raises(BatchMalformed, match=f"^batch {junk}: its record has no 'id'"):
+        batch_status(r, prefix, junk)
+    assert [b["id"] for b in list_batches(r, prefix)] == [good]
+    errors = json.dumps({"object": "list", "data": [
+        {"code": "malformed_record", "message": "cursor is malformed", "param": "cursor", "line": None}]})
+    r.hset(k.record(good), mapping={"status": "failed", "errors": errors})
+    shown = Batch.model_validate(batch_status(r, prefix, good))
+    assert shown.status == "failed" and shown.errors.data[0].code == "malformed_record"
