@@ -12,6 +12,7 @@ A path that exists is taken as a path even if its name is also a model name. Any
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def resolve_model(model: str | Path | None) -> str:
     if not path.exists():
         if str(model) in MODEL_NAMES:
             return MODEL_NAMES[str(model)]()
-        raise ValueError(f"model {str(model)!r} does not exist (expected an HF model directory, a .gguf file, "
+        hub = ("models are not downloaded from the Hugging Face Hub: download it and give its directory; "
+               if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) else "")  # an org/name id, as vLLM takes
+        raise ValueError(f"model {str(model)!r} does not exist ({hub}expected an HF model directory, a .gguf file, "
                          f"or one of the model names {', '.join(sorted(MODEL_NAMES))})")
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import re
 import time
@@ -181,6 +182,18 @@ def check_request_id(request_id: Any) -> None:
     raise ValueError(f"invalid id {shown}: a request id is {ID_RULE} (as submit takes it)")
 
 
+def check_request_keywords(kw: dict) -> None:
+    """A keyword no request has raises ``TypeError`` in one line: a sampling parameter given at the top level
+    (``max_tokens=4``) says it belongs in ``params``, instead of Python's message about an internal function."""
+    known = set(inspect.signature(build_request).parameters) - {"prompt"}
+    for name in kw:
+        if name in known:
+            continue
+        if name in SamplingParamsModel.model_fields:
+            raise TypeError(f"{name}= is a sampling parameter: pass it in params, e.g. params={{{name!r}: ...}}")
+        raise TypeError(f"unexpected keyword argument {name!r}: a request takes {', '.join(sorted(known))}")
+
+
 def build_request(
     prompt: str | list[int] | None = None,
     *,
@@ -236,6 +249,7 @@ def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
     the request built from ``prompt`` and the other keywords."""
     req = kw.pop("request", None)
     if req is None:
+        check_request_keywords(kw)
         return build_request(prompt, **kw)
     engine_params(req.params, chat=req.messages is not None)
     return req
@@ -538,6 +552,17 @@ class Outage:
                                    f"({then}): {redact(error)}")
 
 
+def timed_out(keys: Keys, request_id: str, timeout: float | None) -> Generator[Op, Any, TimeoutError]:
+    """The ``TimeoutError`` of a wait that ran out, saying so when no worker is running the prefix at all (a
+    forgotten worker otherwise looks like a slow one)."""
+    message = f"no result for {request_id} within {timeout} s"
+    try:
+        why = yield from why_no_worker(keys)
+    except redis.RedisError:
+        why = None
+    return TimeoutError(f"{message}; no worker is running ({why})" if why else message)
+
+
 def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
     """Why no worker will pick a request up, or None when a worker is alive.
 
@@ -626,7 +651,7 @@ def event_wait(
                     yield Emit(done)
                     return
                 if expired():
-                    raise timeout_error()
+                    raise (yield from timed_out(keys, request_id, timeout))
                 if check_workers_at is not None and clock() >= check_workers_at:
                     why = yield from why_no_worker(keys)
                     if why is not None:
@@ -718,7 +743,7 @@ def stream_wait(
                             f"no result for {request_id} within {timeout} s, and no event of it either: it is not "
                             f"under prefix {keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or "
                             "it still waits in the queue for a worker")
-                    raise TimeoutError(f"no result for {request_id} within {timeout} s")
+                    raise (yield from timed_out(keys, request_id, timeout))
                 if check_workers_at is not None and clock() >= check_workers_at:
                     why = yield from why_no_worker(keys)
                     if why is not None:

@@ -112,6 +112,9 @@ def test_event_wait_invariants(data, submit, tokens):
             confirmed = False
         elif isinstance(op, Pause):
             clock.now += op.seconds
+        elif isinstance(op, ReadGroups):  # a timed-out wait asks whether any worker runs: none here
+            assert timed_out is False and op.stream == "t:requests"
+            reply = []
         else:
             assert isinstance(op, Emit)
             emitted.append(op.event)
@@ -828,3 +831,27 @@ def test_resuming_an_id_nothing_is_known_of_says_so_when_it_times_out(redis_url,
         list(c.stream("never-sent-1", after=0, timeout=1))
     assert "no event of it either" in str(ei.value) and repr(prefix) in str(ei.value)
     assert "RESULT_TTL_S" in str(ei.value)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"max_tokens": 4}, r"^max_tokens= is a sampling parameter: pass it in params, e\.g\. params=\{'max_tokens': \.\.\.\}"),
+    ({"temprature": 0}, r"^unexpected keyword argument 'temprature': a request takes deadline_ms, id, messages"),
+])
+def test_a_keyword_no_request_has_is_one_line_saying_where_it_goes(redis_url, prefix, kw, words):
+    """It was Python's own message about an internal function (build_request() got an unexpected keyword)."""
+    from pagedserve.service.client import Client
+
+    with Client(redis_url, prefix=prefix) as c:
+        with pytest.raises(TypeError, match=words):
+            c.submit("hi", **kw)
+        with pytest.raises(TypeError, match=words):
+            c.generate("hi", timeout=1, **kw)
+
+
+def test_a_wait_that_times_out_says_when_no_worker_runs(redis_url, prefix):
+    """A forgotten worker looked like a slow one: the timeout now says no worker runs the prefix."""
+    from pagedserve.service.client import Client
+
+    with Client(redis_url, prefix=prefix) as c, pytest.raises(TimeoutError) as ei:
+        c.generate("hi", timeout=1)
+    assert "no worker is running" in str(ei.value) and "within 1 s" in str(ei.value)

@@ -147,3 +147,14 @@ def test_an_llm_after_close_says_it_was_closed(tiny_models):
         with pytest.raises(EngineDeadError, match=r"^this LLM was closed \(close\(\)\): make a new one"):
             call()
     assert not llm.engine.requests
+
+
+def test_a_hugging_face_hub_id_is_told_it_is_not_downloaded():
+    """vLLM downloads ``org/name``; here that was only "does not exist", as for a typo."""
+    from pagedserve.engine.model_source import resolve_model
+
+    with pytest.raises(ValueError, match=r"not downloaded from the Hugging Face Hub: download it and give its dir"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(ValueError) as ei:
+        resolve_model("no-such-model")
+    assert "Hub" not in str(ei.value)
