@@ -24,8 +24,11 @@ NAMES = ("finish", "dead_letter", "renew_leases", "refresh_name", "release_name"
 
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/{name}.lua``."""
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The text of ``lua/{name}.lua``, each ``--!include <lib>`` line replaced by ``lua/<lib>.lua`` (Redis scripts
+    cannot load one another: what several share is written once and put into each)."""
+    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return "".join(source(line.split()[1]) if line.startswith("--!include ") else line
+                   for line in text.splitlines(keepends=True))
 
 
 class Scripts:

@@ -11,28 +11,7 @@
 -- ARGV[5..] groups of four: line number, output line, '1' succeeded / '0' failed, list index ('' = not taken)
 -- Returns {output lines stored that succeeded, that failed} | {'malformed', <field or key>, <what is wrong>}
 
--- A whole number >= 0 as the service writes one, or nil (missing, text, '1e3', ' 5', too big for exact math).
-local function count(v)
-  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
-    return tonumber(v)
-  end
-  return nil
-end
-local function what(v)
-  return v and ("is '" .. string.sub(v, 1, 40) .. "', not a whole number >= 0") or 'is missing'
-end
--- A read of one of the batch's keys: a key of the wrong type is the batch's fault (nil and the reply); any other
--- error (an ACL refusal) is raised as it is, since it is no fault of the batch.
-local function read(name, kind, ...)
-  local got = redis.pcall(...)
-  if type(got) == 'table' and got.err then
-    if string.sub(got.err, 1, 9) == 'WRONGTYPE' then
-      return nil, {'malformed', name, 'is not a ' .. kind}
-    end
-    error(got)
-  end
-  return got
-end
+--!include batch_checks
 
 local r, bad = read('record', 'hash', 'HMGET', KEYS[1], 'status', 'total', 'completed', 'failed', 'retain_until',
                     'cursor', 'lines')
@@ -42,13 +21,9 @@ end
 if not r[1] then
   return {0, 0}  -- the batch is gone (its retention ended): an output line would outlive it
 end
-local fields = {'total', 'completed', 'failed', 'retain_until'}
-local n = {}
-for i, name in ipairs(fields) do
-  n[name] = count(r[i + 1])
-  if not n[name] then
-    return {'malformed', name, what(r[i + 1])}
-  end
+local n, malformed = counts({'total', 'completed', 'failed', 'retain_until'}, r, 1)
+if malformed then
+  return malformed
 end
 local checks = {{'out', 'hash', 'HGET', KEYS[2], '0'}, {'inflight', 'sorted set', 'ZSCORE', KEYS[3], '0'},
                 {'entries', 'hash', 'HGET', KEYS[4], '0'}}

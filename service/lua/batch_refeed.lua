@@ -14,25 +14,7 @@
 -- Returns 'fresh' | 'alive' | 'refed' | 'closed' (the batch takes nothing more) | 'exhausted' | 'gone'
 --   | {'malformed', <field or key>, <what is wrong with it>}
 
--- A whole number >= 0 as the service writes one, or nil.
-local function count(v)
-  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
-    return tonumber(v)
-  end
-  return nil
-end
--- A read of one of the batch's keys: a key of the wrong type is the batch's fault (nil and the reply); any other
--- error (an ACL refusal) is raised as it is, since it is no fault of the batch.
-local function read(name, kind, ...)
-  local got = redis.pcall(...)
-  if type(got) == 'table' and got.err then
-    if string.sub(got.err, 1, 9) == 'WRONGTYPE' then
-      return nil, {'malformed', name, 'is not a ' .. kind}
-    end
-    error(got)
-  end
-  return got
-end
+--!include batch_checks
 
 local score, bad = read('inflight', 'sorted set', 'ZSCORE', KEYS[3], ARGV[1])
 if bad then

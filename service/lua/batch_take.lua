@@ -12,28 +12,7 @@
 -- Returns {'taken', n} | {'drained'} (nothing left to take) | {'expiring'} | {<status>} | {'gone'}
 --   | {'malformed', <field or key>, <what is wrong with it>}
 
--- A whole number >= 0 as the service writes one, or nil (missing, text, '1e3', ' 5', too big for exact math).
-local function count(v)
-  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
-    return tonumber(v)
-  end
-  return nil
-end
-local function what(v)
-  return v and ("is '" .. string.sub(v, 1, 40) .. "', not a whole number >= 0") or 'is missing'
-end
--- A read of one of the batch's keys: a key of the wrong type is the batch's fault (nil and the reply); any other
--- error (an ACL refusal) is raised as it is, since it is no fault of the batch.
-local function read(name, kind, ...)
-  local got = redis.pcall(...)
-  if type(got) == 'table' and got.err then
-    if string.sub(got.err, 1, 9) == 'WRONGTYPE' then
-      return nil, {'malformed', name, 'is not a ' .. kind}
-    end
-    error(got)
-  end
-  return got
-end
+--!include batch_checks
 
 local st, bad = read('record', 'hash', 'HMGET', KEYS[1], 'status', 'cursor', 'lines', 'expires_at', 'retain_until')
 if bad then
@@ -45,13 +24,9 @@ end
 if st[1] ~= 'in_progress' then
   return {st[1]}
 end
-local fields = {'cursor', 'lines', 'expires_at', 'retain_until'}
-local n = {}
-for i, name in ipairs(fields) do
-  n[name] = count(st[i + 1])
-  if not n[name] then
-    return {'malformed', name, what(st[i + 1])}
-  end
+local n, malformed = counts({'cursor', 'lines', 'expires_at', 'retain_until'}, st, 1)
+if malformed then
+  return malformed
 end
 local now = tonumber(ARGV[2])
 if n.expires_at * 1000 <= now then
