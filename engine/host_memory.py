@@ -12,9 +12,11 @@ values, same behaviour.
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -75,3 +77,20 @@ def total_memory() -> tuple[int, str] | None:
             found.append((int(limit), "the container's memory limit"))
         break
     return min(found) if found else None
+
+
+# A host pool allocated whole (the swap pool, a CPU KV pool) above this share of the memory it is held against is
+# allowed, with a warning; above all of it, refused.
+POOL_WARN_FRACTION = 0.7
+
+
+def check_pool(nbytes: int, limit: int | None, refusal: Callable[[], str], warning: Callable[[], str],
+               log: logging.Logger) -> None:
+    """``ValueError(refusal())`` when a pool of ``nbytes`` is over ``limit`` bytes; ``warning()`` logged on ``log``
+    above :data:`POOL_WARN_FRACTION` of it. Nothing when the limit is unknown or the pool empty."""
+    if limit is None or nbytes == 0:
+        return
+    if nbytes > limit:
+        raise ValueError(refusal())
+    if nbytes > POOL_WARN_FRACTION * limit:
+        log.warning("%s", warning())

@@ -40,8 +40,7 @@ GIB = 1 << 30
 # start-up (a cgroup limit included), never more than max_num_seqs full-length sequences need (README, settings).
 CPU_KV_MEMORY_FRACTION = 0.1
 CPU_KV_FALLBACK_BYTES = 1 * GIB  # where the available memory is unknown
-# A CPU KV pool above this share of the memory available at start-up is allowed, with a warning.
-CPU_KV_WARN_FRACTION = 0.7
+CPU_KV_WARN_FRACTION = host_memory.POOL_WARN_FRACTION  # of the memory available at start-up
 
 
 def check_cpu_pool(num_blocks: int, block_bytes: int, ranks: int = 1, available: int | None = None) -> None:
@@ -53,18 +52,20 @@ def check_cpu_pool(num_blocks: int, block_bytes: int, ranks: int = 1, available:
     ``OSError`` naming no setting) or committed page by page until the OOM killer ends the process."""
     available = available if available is not None else available_memory_bytes()
     nbytes = num_blocks * block_bytes * ranks
-    if available is None or nbytes == 0:
-        return
-    each = f"{block_bytes / 1024:.4g} KiB a block" + (f" on each of {ranks} ranks" if ranks > 1 else "")
-    if nbytes > available:
+
+    def refusal() -> str:
+        each = f"{block_bytes / 1024:.4g} KiB a block" + (f" on each of {ranks} ranks" if ranks > 1 else "")
         fit = int(CPU_KV_WARN_FRACTION * available // (block_bytes * ranks))
         fix = (f"lower num_gpu_blocks to {fit} or less, or leave it unset to size the pool from the memory available"
                if fit else "free memory, or use a smaller model")
-        raise ValueError(f"num_gpu_blocks={num_blocks} asks for a {nbytes / GIB:.1f} GiB KV pool on the CPU ({each}), "
-                         f"more than the {available / GIB:.1f} GiB of memory available: it would not fit; {fix}")
-    if nbytes > CPU_KV_WARN_FRACTION * available:
-        log.warning("num_gpu_blocks=%d: the %.1f GiB KV pool takes over %d%% of the %.1f GiB of memory available",
-                    num_blocks, nbytes / GIB, CPU_KV_WARN_FRACTION * 100, available / GIB)
+        return (f"num_gpu_blocks={num_blocks} asks for a {nbytes / GIB:.1f} GiB KV pool on the CPU ({each}), more "
+                f"than the {available / GIB:.1f} GiB of memory available: it would not fit; {fix}")
+
+    host_memory.check_pool(
+        nbytes, available, refusal,
+        lambda: (f"num_gpu_blocks={num_blocks}: the {nbytes / GIB:.1f} GiB KV pool takes over "
+                 f"{CPU_KV_WARN_FRACTION * 100:.0f}% of the {available / GIB:.1f} GiB of memory available"),
+        log)
 
 
 @dataclass

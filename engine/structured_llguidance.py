@@ -97,21 +97,32 @@ EXACT_FORMATS = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}[tT]{_TIME}$"}
 _DATA_KEYWORDS = ("enum", "const", "default", "examples")  # values, not schemas: never rewritten
 
 
+def _map_schemas(schema: object, rewrite) -> object:
+    """A copy of ``schema`` with ``rewrite`` applied to each schema object in it, inner ones first (``enum``,
+    ``const``, ``default`` and ``examples`` are data and the names of ``properties`` etc. are names: neither is
+    rewritten)."""
+    if isinstance(schema, list):
+        return [_map_schemas(s, rewrite) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return rewrite({k: (v if k in _DATA_KEYWORDS else
+                        {name: _map_schemas(sub, rewrite) for name, sub in v.items()}
+                        if k in _SCHEMA_MAPS and isinstance(v, dict) else _map_schemas(v, rewrite))
+                    for k, v in schema.items()})
+
+
+def _exact_format(node: dict) -> dict:
+    fmt = node.get("format")
+    if isinstance(fmt, str) and fmt in EXACT_FORMATS and "pattern" not in node:
+        del node["format"]
+        node["pattern"] = EXACT_FORMATS[fmt]
+    return node
+
+
 def exact_formats(schema: object) -> object:
     """A copy of ``schema`` whose ``date`` / ``date-time`` formats (without a ``pattern`` beside them) are the
     exact patterns above."""
-    if isinstance(schema, list):
-        return [exact_formats(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: (v if k in _DATA_KEYWORDS else
-               {name: exact_formats(sub) for name, sub in v.items()} if k in _SCHEMA_MAPS and isinstance(v, dict)
-               else exact_formats(v)) for k, v in schema.items()}
-    fmt = out.get("format")
-    if isinstance(fmt, str) and fmt in EXACT_FORMATS and "pattern" not in out:
-        del out["format"]
-        out["pattern"] = EXACT_FORMATS[fmt]
-    return out
+    return _map_schemas(schema, _exact_format)
 
 
 # llguidance holds a schema's numbers as 64-bit floats, which keep every integer only up to 2**53: beyond, a bound,
@@ -209,21 +220,14 @@ def known_formats_only(schema: object) -> object:
     pydantic writes formats of its own (``path``, ``password``, ``binary``, ``ipvanyaddress``): refusing them would
     refuse models that any validator accepts. llguidance's ``lenient`` option would do it, but it also ignores
     keywords it cannot follow that change what is valid (``uniqueItems``, ``not``, ``if``), which are refused."""
-    if isinstance(schema, list):
-        return [known_formats_only(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in _DATA_KEYWORDS or key in _VALUE_KEYWORDS:
-            out[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: known_formats_only(sub) for name, sub in value.items()}
-        elif key == "format" and isinstance(value, str) and not known_format(value):
-            continue
-        else:
-            out[key] = known_formats_only(value)
-    return out
+    return _map_schemas(schema, _drop_unknown_format)
+
+
+def _drop_unknown_format(node: dict) -> dict:
+    fmt = node.get("format")
+    if isinstance(fmt, str) and not known_format(fmt):
+        del node["format"]
+    return node
 
 
 # llguidance's parser holds at most this many items at one place of the output (LLParserLimits' default

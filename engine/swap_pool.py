@@ -26,24 +26,22 @@ from pagedserve.kernels import KernelOps
 
 log = logging.getLogger(__name__)
 
-WARN_FRACTION = 0.7
+WARN_FRACTION = host_memory.POOL_WARN_FRACTION
 
 
 def check_size(nbytes: int, total: tuple[int, str] | None = None) -> None:
     """Raise ``ValueError`` naming swap_space_gb when a pool of ``nbytes`` can never fit in this host's memory
     (``total``: :func:`host_memory.total_memory` unless given); warn when it would take most of it."""
-    total = total or host_memory.total_memory()
-    if total is None or nbytes == 0:
-        return
-    limit, what = total
+    limit, what = total or host_memory.total_memory() or (None, "")
     gib = 1 << 30
-    if nbytes > limit:
-        raise ValueError(f"swap_space_gb asks for a {nbytes / gib:.1f} GiB swap pool, more than {what} "
-                         f"({limit / gib:.1f} GiB): it could never be allocated and every swap would fail; lower "
-                         f"swap_space_gb below {WARN_FRACTION * limit / gib:.1f}, or to 0 (preemption then recomputes)")
-    if nbytes > WARN_FRACTION * limit:
-        log.warning("swap_space_gb: a %.1f GiB swap pool would take over %d%% of %s (%.1f GiB) once used",
-                    nbytes / gib, WARN_FRACTION * 100, what, limit / gib)
+    host_memory.check_pool(
+        nbytes, limit,
+        lambda: (f"swap_space_gb asks for a {nbytes / gib:.1f} GiB swap pool, more than {what} ({limit / gib:.1f} "
+                 f"GiB): it could never be allocated and every swap would fail; lower swap_space_gb below "
+                 f"{WARN_FRACTION * limit / gib:.1f}, or to 0 (preemption then recomputes)"),
+        lambda: (f"swap_space_gb: a {nbytes / gib:.1f} GiB swap pool would take over {WARN_FRACTION * 100:.0f}% of "
+                 f"{what} ({limit / gib:.1f} GiB) once used"),
+        log)
 
 
 class SwapPool:

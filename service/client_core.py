@@ -552,15 +552,18 @@ class Outage:
                                    f"({then}): {redact(error)}")
 
 
+def timeout_error(request_id: str, timeout: float | None, more: str = "") -> TimeoutError:
+    return TimeoutError(f"no result for {request_id} within {timeout} s{more}")
+
+
 def timed_out(keys: Keys, request_id: str, timeout: float | None) -> Generator[Op, Any, TimeoutError]:
     """The ``TimeoutError`` of a wait that ran out, saying so when no worker is running the prefix at all (a
     forgotten worker otherwise looks like a slow one)."""
-    message = f"no result for {request_id} within {timeout} s"
     try:
         why = yield from why_no_worker(keys)
     except redis.RedisError:
         why = None
-    return TimeoutError(f"{message}; no worker is running ({why})" if why else message)
+    return timeout_error(request_id, timeout, f"; no worker is running ({why})" if why else "")
 
 
 def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
@@ -617,9 +620,6 @@ def event_wait(
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
 
-    def timeout_error() -> TimeoutError:
-        return TimeoutError(f"no result for {request_id} within {timeout} s")
-
     while True:
         try:
             if not subscribed:
@@ -675,7 +675,7 @@ def event_wait(
             subscribed = False
             yield Unsubscribe()
             if expired():
-                raise timeout_error() from None
+                raise timeout_error(request_id, timeout) from None
             outage.check(e, where, request_id, sent)
             yield Pause(RETRY_PAUSE_S)
 
@@ -739,10 +739,10 @@ def stream_wait(
                     return
                 if expired():
                     if submit is None and last_entry == "0-0":  # picked up by id, and nothing of it was ever seen
-                        raise TimeoutError(
-                            f"no result for {request_id} within {timeout} s, and no event of it either: it is not "
-                            f"under prefix {keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or "
-                            "it still waits in the queue for a worker")
+                        raise timeout_error(
+                            request_id, timeout, f", and no event of it either: it is not under prefix "
+                            f"{keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or it still waits "
+                            "in the queue for a worker")
                     raise (yield from timed_out(keys, request_id, timeout))
                 if check_workers_at is not None and clock() >= check_workers_at:
                     why = yield from why_no_worker(keys)
@@ -767,7 +767,7 @@ def stream_wait(
                         ids.extend(ev.token_ids)
                     yield Emit(ev)
                     if expired():  # while events flow too: the caller's time may go into handling them
-                        raise TimeoutError(f"no result for {request_id} within {timeout} s")
+                        raise timeout_error(request_id, timeout)
                     continue
                 yield from end(ev)
                 return
@@ -775,6 +775,6 @@ def stream_wait(
             if not reached:
                 raise RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}") from None
             if expired():
-                raise TimeoutError(f"no result for {request_id} within {timeout} s") from None
+                raise timeout_error(request_id, timeout) from None
             outage.check(e, where, request_id, sent)
             yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen
