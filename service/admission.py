@@ -44,11 +44,12 @@ from .engine_api import EngineAPI
 from .inflight import InFlight
 from .outcomes import Outcomes
 from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, check_other_fields, engine_params,
-                       entry_time, params_field, parse_request)
+                       entry_time, params_field, parse_request, refuse_repeated_bodies)
 from .reclaim import LeaseKeeper
 from .resume import events_bound, read_emitted
 from .running import Running
 from .settings import Settings
+from .stream_fields import repeated
 from .telemetry import extract_context, request_logger, trace_id_from_fields
 
 # No tokenizer turns more than this many characters into one token: a longer prompt cannot fit and is refused
@@ -251,14 +252,13 @@ class Admission(WorkerPart):
             if redelivered:
                 self.metrics.redeliveries.inc()
             try:
-                req = self._parse(entry_id, fields, deliveries)
+                reqs = self._parse(entry_id, fields, deliveries)
             except Exception as e:  # a bug in parsing: this entry alone goes to the dead letters
                 self.log.exception("entry_handling_failed", entry_id=entry_id)
                 self.outcomes.dead(entry_id, f"handling failed: {type(e).__name__}: {e}", _body(fields),
                                    deliveries, kind="handling_failed")
                 continue
-            if req is not None:
-                parsed.append((entry_id, req, fields, deliveries))
+            parsed.extend((entry_id, req, fields, deliveries) for req in reqs)
         if not parsed:
             return
         # One round trip for every claim (with its "already answered?") and "cancelled before pick-up?".
@@ -274,27 +274,33 @@ class Admission(WorkerPart):
             except Exception as e:
                 self.outcomes.failed(req.id, [entry_id], "admission", e)
 
-    def _parse(self, entry_id: str, fields: dict, deliveries: int) -> GenerateRequest | Refused | None:
-        """Steps 1-3: the request, or None when the entry is answered, dead-lettered or attached already."""
+    def _parse(self, entry_id: str, fields: dict, deliveries: int) -> list[GenerateRequest | Refused]:
+        """Steps 1-3: the entry's request, or none when it is dead-lettered or attached already. An entry that
+        gives ``body`` more than once yields a refusal for each id of its bodies: every one is answered, and the
+        entry goes with the first answer stored (the others are in the same flush)."""
         raw = _body(fields)
+        bodies = repeated(fields, b"body")
         try:
             check_other_fields(fields, raw)
-            req = parse_request(raw, self.settings.max_message_bytes)
+            if bodies:
+                reqs = [Refused(e) for e in refuse_repeated_bodies(bodies, self.settings.max_message_bytes)]
+            else:
+                reqs = [parse_request(raw, self.settings.max_message_bytes)]
         except DeadLetterError as e:
             self.outcomes.dead(entry_id, str(e), raw, deliveries, kind=e.kind, trace_id=trace_id_from_fields(fields))
-            return None
+            return []
         except InvalidRequestError as e:
-            req = Refused(e)
+            reqs = [Refused(e)]
         if deliveries > self.settings.max_deliveries:
             self.outcomes.dead(
                 entry_id, f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}", raw,
-                deliveries, req.id, kind="max_deliveries", trace_id=trace_id_from_fields(fields),
+                deliveries, reqs[0].id, kind="max_deliveries", trace_id=trace_id_from_fields(fields),
             )
-            return None
-        if self._attach(req.id, entry_id):
+            return []
+        fresh = [req for req in reqs if not self._attach(req.id, entry_id)]
+        if len(fresh) < len(reqs):
             self.metrics.redeliveries.inc()
-            return None
-        return req
+        return fresh
 
     def _attach(self, rid: str, entry_id: str) -> bool:
         """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""

@@ -31,6 +31,7 @@ from .context import WorkerContext, WorkerPart
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .redaction import redact, remember_secrets
+from .stream_fields import keep_repeated_fields
 
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
@@ -162,6 +163,7 @@ class Connection(WorkerPart):
         # block above 3 s lengthens the timeout, and with it how long a hung Redis goes unnoticed).
         timeout = max(REDIS_TIMEOUT_S, self.settings.read_block_ms / 1000 + 2.0)
         self.r = redis_client(self.settings.redis_url, timeout=timeout)
+        keep_repeated_fields(self.r)  # an entry naming body twice is refused for each of its ids, not half lost
 
     def usable(self) -> bool:
         """Up, or down but the backoff delay has passed: worth trying."""

@@ -76,7 +76,7 @@ class _EngineCollector:
 
 # The dead-letter reasons (protocol.DeadLetterError's kinds, and the worker's own) and the publisher's write ops.
 DEAD_LETTER_REASONS = ("missing_body", "too_large", "invalid_utf8", "invalid_json", "not_object", "invalid_id",
-                       "unparseable", "max_deliveries", "handling_failed", "foreign_key")
+                       "unparseable", "max_deliveries", "handling_failed", "foreign_key", "repeated_body")
 WRITE_OPS = ("token", "terminal", "ack", "dead", "publish")
 
 

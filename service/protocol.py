@@ -470,8 +470,9 @@ def entry_time(entry_id: str | bytes) -> float:
 def check_other_fields(fields: dict, raw_body: bytes | None) -> None:
     """Refuse an entry whose fields besides ``body`` hold more than :data:`MAX_OTHER_FIELDS_BYTES`: answered when
     the body's leading id can be read without parsing it (as for a body too large), else a dead letter."""
-    size = sum(len(k) + len(v) for k, v in fields.items()
-               if k not in (b"body", "body") and isinstance(k, (bytes, str)) and isinstance(v, (bytes, str)))
+    every = getattr(fields, "repeated", {})  # a name given more than once counts each time (stream_fields.py)
+    size = sum(len(k) + len(v) for k, last in fields.items() if k not in (b"body", "body") and isinstance(k, (bytes, str))
+               for v in every.get(k, [last]) if isinstance(v, (bytes, str)))
     if size <= MAX_OTHER_FIELDS_BYTES:
         return
     message = (f"the entry's fields besides body hold {size} bytes, more than {MAX_OTHER_FIELDS_BYTES} "
@@ -480,6 +481,25 @@ def check_other_fields(fields: dict, raw_body: bytes | None) -> None:
     if request_id is not None:
         raise InvalidRequestError(request_id, "invalid_request", message)
     raise DeadLetterError(message, "too_large")
+
+
+def refuse_repeated_bodies(bodies: list[bytes], max_bytes: int) -> list[InvalidRequestError]:
+    """An entry that gives ``body`` more than once (one ``XADD`` with two requests): each id its bodies carry is
+    refused, since its producer waits on it; an entry none of whose bodies has an id is a dead letter."""
+    message = f"the entry gives the body field {len(bodies)} times: send one request per entry"
+    ids: list[str] = []
+    for body in bodies:
+        try:
+            request_id = parse_request(body, max_bytes).id
+        except InvalidRequestError as e:
+            request_id = e.request_id
+        except DeadLetterError:
+            continue
+        if request_id not in ids:
+            ids.append(request_id)
+    if not ids:
+        raise DeadLetterError(message, "repeated_body")
+    return [InvalidRequestError(request_id, "invalid_request", message) for request_id in ids]
 
 
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:

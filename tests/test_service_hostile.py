@@ -205,6 +205,34 @@ def test_an_entry_padded_with_other_fields_leaves_on_its_first_read(hostile_env)
     assert answered
 
 
+def test_an_entry_giving_body_twice_answers_every_id_it_carries(hostile_env):
+    """redis-py keeps the last value of a field named twice, so the first body's producer was never answered.
+    Every id of such an entry is refused, naming the cause; an entry whose bodies carry no id is a dead letter;
+    an entry padded by repeating a small field counts each copy against the size limit."""
+    from pagedserve.service.protocol import MAX_OTHER_FIELDS_BYTES
+
+    s, w, r, c, keys = hostile_env
+    first = json.dumps({"id": "h-twice-a", "prompt": "x", "params": {"max_tokens": 2}})
+    second = json.dumps({"id": "h-twice-b", "prompt": "x", "params": {"max_tokens": 2}})
+    r.execute_command("XADD", keys.requests, "*", "body", first, "traceparent", "junk", "body", second)
+    r.execute_command("XADD", keys.requests, "*", "body", first.replace("twice-a", "twice-c"), "body", b"{")
+    dead = r.execute_command("XADD", keys.requests, "*", "body", b"[]", "body", b"{").decode()
+    copies = MAX_OTHER_FIELDS_BYTES // 8 + 1
+    padded = r.execute_command("XADD", keys.requests, "*",
+                               "body", json.dumps({"id": "h-many-pads", "prompt": "x"}), *["pad", "1234567"] * copies)
+    ok = c.submit("beside", params={"max_tokens": 2})
+    for rid in ("h-twice-a", "h-twice-b", "h-twice-c"):
+        err = c.wait(rid, timeout=60)
+        assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request", (rid, err)
+        assert "gives the body field 2 times" in err.error.message
+    wait_for(lambda: dead in _dead_entry_ids(r, keys), 30, what="the dead letter")
+    assert "body field 2 times" in _dead_entry_ids(r, keys)[dead].reason
+    err = c.wait("h-many-pads", timeout=60)
+    assert isinstance(err, ErrorEvent) and "fields besides body hold" in err.error.message
+    assert isinstance(c.wait(ok, timeout=60), DoneEvent)
+    assert padded
+
+
 def test_everything_acknowledged_and_worker_healthy(hostile_env):
     s, w, r, c, keys = hostile_env
     wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="no pending entries")
