@@ -38,6 +38,7 @@ from typing import Any
 import redis
 from opentelemetry.trace import SpanKind
 
+from .batch_keys import is_batch_line
 from .claims import RETRY_S, Claims
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
@@ -149,9 +150,12 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
     entry reclaimed from a dead worker has waited all that time too. Past the limit its client has likely given
     up, and starting it would only make every later request wait longer. Checked after validation (a request
     that can never succeed says why instead) and after the cancelled-before-pick-up check.
+
+    A batch line is never shed: the feeder adds lines only while the worker has room, so what it waits is the
+    admission of the lines fed with it, and no client waits on it; its limit is the batch's completion window.
     """
     waited_ms = waited_s * 1000
-    if not max_queue_ms or waited_ms <= max_queue_ms:
+    if not max_queue_ms or waited_ms <= max_queue_ms or is_batch_line(req.id, req.metadata):
         return
     raise InvalidRequestError(
         req.id,

@@ -111,6 +111,12 @@ class BatchKeys:
         return f"{self.prefix}:batch:{bid}:{what}:staged:{token}"
 
 
+def is_batch_line(rid: str, metadata: dict) -> bool:
+    """Whether a request is a batch's line (fed by a worker), by its id and the batch id in its metadata."""
+    bid = metadata.get("batch_id") if isinstance(metadata, dict) else None
+    return isinstance(bid, str) and BATCH_ID.fullmatch(bid) is not None and rid.startswith(bid + ".")
+
+
 def request_id(bid: str, index: int) -> str:
     """The request id of the valid line at ``index`` of a batch's ``lines`` list.
 

@@ -114,3 +114,24 @@ def test_limit_off_serves_old_entries(redis_url, prefix, shared_engine, limit):
             # latencies are measured from the XADD: the hour in the stream shows
             assert done.metrics.e2e_ms >= 3_600_000
             assert "error:overloaded" not in _outcomes(w)
+
+
+def test_batch_lines_are_not_shed(redis_url, prefix, shared_engine):
+    """The worker feeds a batch's lines only while it has room, yet each waits for the admission of those fed
+    with it: with a limit of 1 ms most were answered overloaded, failed lines no one could retry. Interactive
+    entries are still shed."""
+    from pagedserve.service.batch_client import submit_batch, wait_batch
+
+    s = make_settings(redis_url, prefix, max_queue_ms=1)
+    keys = Keys(prefix)
+    lines = b"".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                 "body": {"model": "tiny", "prompt": f"tale {i}", "max_tokens": 2}}).encode() + b"\n"
+                     for i in range(24))
+    with redis.Redis.from_url(redis_url) as r, Client(settings=s) as c:
+        _xadd_old(r, keys, {"id": "old-shed", "prompt": "x", "params": {"max_tokens": 2}}, age_ms=10_000)
+        bid = submit_batch(r, prefix, lines)
+        with running_worker(s, shared_engine):
+            status = wait_batch(r, prefix, bid, timeout=120, poll_s=0.1)
+            err = c.wait("old-shed", timeout=60)
+    assert status["request_counts"] == {"total": 24, "completed": 24, "failed": 0}, status["request_counts"]
+    assert isinstance(err, ErrorEvent) and err.error.code == "overloaded"
