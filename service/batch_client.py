@@ -37,6 +37,7 @@ STAGE_CHUNK = 1000  # lines per pipeline while staging a big file
 STAGE_TTL_S = 3600  # a submitter that dies while staging leaves nothing behind for longer
 _WINDOW_RE = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 365 * 86400
 _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
           "cancelling_at", "cancelled_at")
 
@@ -56,11 +57,16 @@ class BatchNotEnded(RuntimeError):
 
 
 def window_seconds(window: str) -> int:
-    """``24h``, ``30m``, ``90s``, ``2d`` -> seconds (OpenAI accepts only ``24h``; shorter ones help tests)."""
+    """``24h``, ``30m``, ``90s``, ``2d`` -> seconds, at most ``365d`` (OpenAI accepts only ``24h``; shorter ones
+    help tests). The bound keeps every line's deadline a date a request can carry (a window of millions of days
+    was taken, and then every line failed on its deadline)."""
     m = _WINDOW_RE.match(window or "")
     if not m:
         raise ValueError(f"completion_window: {window!r} is not a duration like 24h, 30m, 90s or 2d")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds > MAX_WINDOW_S:
+        raise ValueError(f"completion_window: {window!r} is longer than 365d: give at most 365d (OpenAI's is 24h)")
+    return seconds
 
 
 def batch_id(data: bytes, key: str = "") -> str:

@@ -4,7 +4,8 @@ Input line: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/
 body's fields map onto :class:`~pagedserve.service.protocol.GenerateRequest` (``messages`` / ``prompt``,
 ``max_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``, ``logprobs`` / ``top_logprobs``,
 penalties, ``response_format`` -> structured outputs). A field we cannot honour is refused by name, never
-dropped silently; ``model`` and ``user`` are accepted and ``model`` is echoed in the response.
+dropped silently (a message's ``name`` or ``tool_calls`` too); ``model`` is echoed in the response, ``user``,
+``store`` and ``metadata`` are accepted and change nothing, and a field set to null is not given.
 
 Output line: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` with a
 ``chat.completion`` or ``text_completion`` body (with ``usage``), an error body for a request the service
@@ -21,7 +22,7 @@ import codecs
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,8 +34,13 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
 # Body fields mapped one to one onto our sampling parameters.
 _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty")
-_ACCEPTED = {"model", "user", "messages", "prompt", "max_completion_tokens", "logprobs", "top_logprobs",
-             "response_format", "stream", "best_of", "echo", *_SAME_NAME}
+_ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
+             "top_logprobs", "response_format", "stream", "best_of", "echo", *_SAME_NAME}
+# What a request's message carries (protocol.ChatMessage): a name, tool calls or audio would change what the model
+# is asked, so they are refused, as the wire refuses them.
+_MESSAGE_KEYS = {"role", "content"}
+# OpenAI's limits on a request's metadata (the same as on a batch's).
+_METADATA_RULE = "must be an object of at most 16 string values, keys up to 64 and values up to 512 characters"
 _STATUS_OF_CODE = {"invalid_request": 400, "prompt_too_long": 400, "overloaded": 503, "internal": 500}
 # A worker's refusal starts with the request field it is about (``params.temperature ...``, ``prompt has ...``);
 # the error body's ``param`` names it as the line's body does.
@@ -103,6 +109,10 @@ def _messages(messages: Any) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise LineError(f"body.messages[{i}]: must be an object with a role")
+        # Before the content: an assistant's tool_calls message has none, and the tool_calls are the reason.
+        unknown = sorted(str(k) for k, v in m.items() if k not in _MESSAGE_KEYS and v is not None)
+        if unknown:
+            raise LineError(f"body.messages[{i}].{unknown[0]}: not supported (a message carries only role and content)")
         out.append({"role": m["role"], "content": _message_content(m.get("content"), f"body.messages[{i}].content")})
     return out
 
@@ -129,18 +139,21 @@ def _structured(fmt: Any) -> dict | None:
     return None
 
 
-def _params(body: dict, chat: bool) -> dict:
+def _params(body: dict, chat: bool, written: dict[str, str]) -> dict:
+    """The sampling parameters of ``body``; ``written`` gets the body key of each one named otherwise there."""
     params = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
     for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         if isinstance(params.get(k), int) and not isinstance(params[k], bool):
             params[k] = float(params[k])  # JSON 1 is a valid temperature
     if body.get("max_completion_tokens") is not None:
         params["max_tokens"] = body["max_completion_tokens"]
+        written["max_tokens"] = "max_completion_tokens"
     if chat:
         if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
             raise LineError("body.logprobs: must be true or false (top_logprobs says how many alternatives)")
         if body.get("logprobs"):
             params["logprobs"] = body.get("top_logprobs") or 0
+            written["logprobs"] = "top_logprobs"
         elif body.get("top_logprobs") is not None:
             raise LineError("body.top_logprobs: needs logprobs: true")
     elif body.get("logprobs") is not None:
@@ -154,22 +167,43 @@ def _params(body: dict, chat: bool) -> dict:
     return params
 
 
-def _check_ranges(params: dict) -> None:
-    """The engine's own range checks (its messages name the field), so a bad value fails at submit."""
+def _check_ranges(params: dict, written: dict[str, str]) -> None:
+    """The engine's own range checks, so a bad value fails at submit. Their messages start with the engine's
+    field name; the line's message names the body key that set it (``written``: top_logprobs for logprobs)."""
     from pagedserve.engine.sampling_params import SamplingParams
 
     try:
         SamplingParams(**params)
     except (TypeError, ValueError) as e:
-        if str(e).startswith("structured_outputs"):
-            raise LineError(_in_body_words(f"params.{e}")) from None
-        raise LineError(f"body: {e}") from None
+        message = str(e)
+        if message.startswith("structured_outputs"):
+            raise LineError(_in_body_words(f"params.{message}")) from None
+        name, _, why = message.partition(" ")
+        if name not in {f.name for f in fields(SamplingParams)}:
+            raise LineError(f"body: {message}") from None
+        if name == "seed" and isinstance(params["seed"], int) and params["seed"] < 0:
+            # vLLM takes any integer; this engine's seeded draws take none below 0.
+            why += ": negative seeds are not supported, give one in that range"
+        raise LineError(f"body.{written.get(name, name)}: {why}") from None
+
+
+def _metadata(value: Any) -> None:
+    if not isinstance(value, dict) or len(value) > 16 or any(
+            len(k) > 64 or not isinstance(v, str) or len(v) > 512 for k, v in value.items()):
+        raise LineError(f"body.metadata: {_METADATA_RULE}")
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as the line names it: ``messages[0].role``."""
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
 
 
 def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, body: dict,
                expires_ms: int) -> GenerateRequest:
     """The request of one valid line; raises :class:`LineError` naming the field."""
     chat = url == "/v1/chat/completions"
+    # A null asks for nothing: the key is not given (as the openai SDK means it), whether we support it or not.
+    body = {k: v for k, v in body.items() if v is not None}
     unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED))
     if unknown:
         raise LineError(f"body.{unknown[0]}: not supported")
@@ -177,8 +211,13 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
         raise LineError("body.stream: a batch line cannot stream")
     if body.get("echo"):
         raise LineError("body.echo: not supported")
-    if body.get("model") is not None and not isinstance(body["model"], str):
+    if "model" in body and not isinstance(body["model"], str):
         raise LineError("body.model: must be a string")
+    # store and metadata are for OpenAI's stored completions: nothing is stored here, so they change nothing.
+    if "store" in body and not isinstance(body["store"], bool):
+        raise LineError("body.store: must be true or false")
+    if "metadata" in body:
+        _metadata(body["metadata"])
     req: dict[str, Any] = {}
     if chat:
         if "prompt" in body:
@@ -194,8 +233,9 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
             req["prompt_token_ids"] = prompt
         else:
             raise LineError("body.prompt: must be a non-empty string or list of token ids (one prompt per line)")
-    params = _params(body, chat)
-    _check_ranges(params)
+    written: dict[str, str] = {}
+    params = _params(body, chat, written)
+    _check_ranges(params, written)
     metadata = {"batch_id": bid, "custom_id": custom_id, "url": url, "line": line_no,
                 "model": body.get("model") or "pagedserve", "top_logprobs": params.get("logprobs") or 0}
     try:
@@ -204,8 +244,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
              "deadline_ms": expires_ms, "metadata": metadata})
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        message = f"{loc}: {first['msg']}"
+        message = f"{_where(first['loc'])}: {first['msg']}"
         raise LineError(_in_body_words(message) if message.startswith("params.structured_outputs")
                         else f"body.{message}") from None
 
@@ -352,12 +391,24 @@ def _chat_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: 
 
 
 def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int) -> dict | None:
+    """The legacy completions shape, as OpenAI and vLLM write it: each ``top_logprobs`` entry holds the ``k`` most
+    likely tokens and the sampled one (up to k + 1), and ``text_offset[i]`` is the length of ``tokens[:i]`` joined
+    (vLLM's rule; the tokens are ``token_id:<id>``, so these are offsets into the joined tokens, not into the text)."""
     if lps is None:
         return None
-    return {"tokens": [_token(t) for t in token_ids],
-            "token_logprobs": [d.get(str(t), 0.0) for t, d in zip(token_ids, lps)],
-            "top_logprobs": [{_token(t): v for t, v in sorted(d.items(), key=lambda kv: -kv[1])[:k]} for d in lps],
-            "text_offset": None}
+    tokens = [_token(t) for t in token_ids]
+    top_logprobs = []
+    for tid, d in zip(token_ids, lps):
+        top = dict(sorted(d.items(), key=lambda kv: -kv[1])[:k])
+        if str(tid) in d:
+            top.setdefault(str(tid), d[str(tid)])
+        top_logprobs.append({_token(t): v for t, v in top.items()})
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": [d.get(str(t), 0.0) for t, d in zip(token_ids, lps)],
+            "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
 def _param(message: str, url: str) -> str | None:

@@ -1,5 +1,7 @@
 """Batch jobs at their edges: a window that ends with lines in flight, lines too big for a stream entry, text
-that is not valid Unicode, files that are not UTF-8, and the CLI's Ctrl-C and ``-o``. Real Redis, real worker."""
+that is not valid Unicode, files that are not UTF-8, the CLI's Ctrl-C and ``-o``, what a body may say (message
+keys, nulls, store and metadata, range errors in the body's words), completions logprobs, and the longest window.
+Real Redis, real worker."""
 
 from __future__ import annotations
 
@@ -260,3 +262,150 @@ def test_a_result_stored_under_a_lines_id_by_someone_else_fails_no_other_line_or
     out = [o for o in out if o["custom_id"] != "c4"]
     planted_texts = {o["custom_id"]: o["response"]["body"]["choices"][0]["text"] for o in out}
     assert planted_texts["c1"] == planted_texts["c2"] == planted_texts["c3"] == " planted"
+
+
+# ------------------------------------------------------------------------------------------ what a body may say
+def _errors(lines) -> dict:
+    """custom_id -> the error of each invalid line, as submit stores it (parsing alone: no Redis, no worker)."""
+    from pagedserve.service.batch_format import parse_lines
+
+    return {p.custom_id: p.error for p in parse_lines("batch_t", jsonl(lines), 2**40) if p.request is None}
+
+
+def test_a_message_key_the_service_does_not_carry_is_refused_by_name():
+    """A message's name, tool_calls, tool_call_id, audio were dropped silently: the model then saw a conversation
+    other than the one sent. The wire's messages (and so Client and Celery) refuse every key but role and content;
+    a batch line does too, naming it. A key set to null asks for nothing and is accepted."""
+    from pydantic import ValidationError
+
+    from pagedserve.service.protocol import GenerateRequest
+
+    def convo(**extra):
+        return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok", **extra}]
+
+    errors = _errors([
+        chat("name", messages=convo(name="bob")),
+        chat("tool_calls", messages=convo(tool_calls=[{"id": "c1", "type": "function",
+                                                        "function": {"name": "f", "arguments": "{}"}}])),
+        chat("tool_call_id", messages=convo(tool_call_id="c1")),
+        chat("audio", messages=convo(audio={"id": "a1"})),
+        chat("no content", messages=convo(content=None, tool_calls=[{"id": "c1"}])),  # the key, not the content
+        chat("nulls", messages=convo(name=None, tool_calls=None, refusal=None, audio=None)),
+    ])
+    for key in ("name", "tool_calls", "tool_call_id", "audio"):
+        assert errors.pop(key) == (f"line {['name', 'tool_calls', 'tool_call_id', 'audio'].index(key) + 1}: "
+                                   f"body.messages[2].{key}: not supported (a message carries only role and "
+                                   "content)"), key
+    assert errors == {"no content": "line 5: body.messages[2].tool_calls: not supported (a message carries only "
+                                    "role and content)"}
+    with pytest.raises(ValidationError, match="messages.0.name"):  # the wire says no to a name as well
+        GenerateRequest.model_validate({"id": "x", "messages": [{"role": "user", "content": "hi", "name": "bob"}]})
+
+
+def test_a_range_error_names_the_body_key_the_line_wrote():
+    """The engine's checks name its own fields (logprobs, max_tokens): a line that wrote top_logprobs or
+    max_completion_tokens was told about a field it never wrote."""
+    errors = _errors([
+        chat("top_logprobs", logprobs=True, top_logprobs=21),
+        chat("max_completion_tokens", max_tokens=None, max_completion_tokens=0),
+        completion("logprobs", logprobs=21),
+        completion("max_tokens", max_tokens=0),
+        chat("temperature", temperature="hot"),
+        completion("seed", seed=-1),
+        chat("role", messages=[{"role": "r" * 65, "content": "hi"}]),
+    ])
+    assert errors == {
+        "top_logprobs": "line 1: body.top_logprobs: must be an integer in [0, 20] (got 21)",
+        "max_completion_tokens": "line 2: body.max_completion_tokens: must be an integer in [1, 2147483647] (got 0)",
+        "logprobs": "line 3: body.logprobs: must be an integer in [0, 20] (got 21)",
+        "max_tokens": "line 4: body.max_tokens: must be an integer in [1, 2147483647] (got 0)",
+        "temperature": "line 5: body.temperature: must be 0 (greedy) or in [0.01, 100.0] (got 'hot')",
+        "seed": "line 6: body.seed: must be an integer in [0, 2**63) (got -1): negative seeds are not supported, "
+                "give one in that range",
+        "role": "line 7: body.messages[0].role: String should have at most 64 characters",
+    }
+
+
+def test_keys_that_ask_for_nothing_are_accepted():
+    """store and metadata (OpenAI's stored-completions pair) change no output, and a key set to null is not given,
+    as the openai SDK means it: each of these failed its whole line."""
+    from pagedserve.service.batch_format import parse_lines
+
+    plain = [chat("chat"), completion("cmpl")]
+    harmless = [
+        chat("store", store=False), chat("store-null", store=None), chat("store-true", store=True),
+        chat("metadata", store=True, metadata={"team": "qa", "run": "7"}), chat("metadata-null", metadata=None),
+        chat("nulls", stream_options=None, parallel_tool_calls=None, tools=None, tool_choice=None, prompt=None,
+             logit_bias=None, n=None, stop=None, seed=None, max_tokens=4, top_logprobs=None, response_format=None),
+        completion("cmpl-nulls", ignore_eos=None, stream_options=None, suffix=None, echo=None, best_of=None,
+                   messages=None, store=False, metadata={}),
+    ]
+    parsed = parse_lines("batch_t", jsonl(plain + harmless), 2**40)
+    assert [p.error for p in parsed] == [None] * len(parsed)
+    req = {p.custom_id: p.request for p in parsed}
+    for p in parsed[len(plain):]:  # ignored: the same request as the plain line's
+        base = req["cmpl" if p.url == "/v1/completions" else "chat"]
+        assert (p.request.params, p.request.messages, p.request.prompt) == (
+            base.params, base.messages, base.prompt), p.custom_id
+
+    errors = _errors([
+        chat("store", store="yes"),
+        chat("metadata", metadata=["team"]),
+        chat("metadata-value", metadata={"team": 7}),
+        chat("metadata-many", metadata={f"k{i}": "v" for i in range(17)}),
+        chat("stream_options", stream_options={"include_usage": True}),  # not null: refused as before
+    ])
+    metadata_rule = "must be an object of at most 16 string values, keys up to 64 and values up to 512 characters"
+    assert errors == {
+        "store": "line 1: body.store: must be true or false",
+        "metadata": f"line 2: body.metadata: {metadata_rule}",
+        "metadata-value": f"line 3: body.metadata: {metadata_rule}",
+        "metadata-many": f"line 4: body.metadata: {metadata_rule}",
+        "stream_options": "line 5: body.stream_options: not supported",
+    }
+
+
+def test_completions_logprobs_have_the_sampled_token_and_text_offsets(redis_url, prefix, r, shared_engine):
+    """/v1/completions logprobs as OpenAI and vLLM write them: each top_logprobs entry holds the `logprobs` most
+    likely tokens and the sampled one (logprobs 0 gave [{}, ...]), and text_offset is a list of ints (it was
+    null): the offset of each token in the joined tokens, from 0 (vLLM's rule)."""
+    from openai.types import Completion
+
+    lines = [completion("zero", logprobs=0, temperature=1.0, seed=3, max_tokens=8),
+             completion("two", logprobs=2, temperature=1.0, seed=3, max_tokens=8)]
+    bid = submit_batch(r, prefix, jsonl(lines))
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert wait_batch(r, prefix, bid, timeout=120, poll_s=0.1)["status"] == "completed"
+    out = {o["custom_id"]: o for o in batch_results(r, prefix, bid)}
+    for cid, k in (("zero", 0), ("two", 2)):
+        body = out[cid]["response"]["body"]
+        parsed = Completion.model_validate(body, strict=True)
+        lp = parsed.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.top_logprobs) == parsed.usage.completion_tokens >= 1
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top[token] == logprob, (cid, top)  # the sampled token, with its own logprob
+            assert max(1, k) <= len(top) <= k + 1, (cid, top)
+            if k and len(top) == k + 1:  # the sampled token is outside the top k: it is the least likely
+                assert min(top.values()) == logprob
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))], lp
+    assert len(out["zero"]["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"][0]) == 1
+
+
+def test_a_completion_window_is_at_most_365_days(prefix, r, cli, tmp_path):
+    """3000000d was taken and then failed every line with body.deadline_ms (a field no line wrote): the deadline
+    was past the year 9999."""
+    from pagedserve.service.batch_client import window_seconds
+
+    assert window_seconds("365d") == window_seconds("8760h") == 365 * 86400
+    for window in ("3000000d", "366d", "8761h", "525601m", "9999999m"):
+        with pytest.raises(ValueError) as e:
+            window_seconds(window)
+        assert str(e.value) == (f"completion_window: {window!r} is longer than 365d: give at most 365d "
+                                "(OpenAI's is 24h)")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([completion("a")]))
+    res = cli.invoke(app, ["batch", "submit", str(src), "--completion-window", "3000000d"])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        "error: completion_window: '3000000d' is longer than 365d: give at most 365d (OpenAI's is 24h)"], res.output
+    assert r.zcard(BatchKeys(prefix).all) == 0
