@@ -199,6 +199,9 @@ class Refused:
 
     error: InvalidRequestError
     priority: int = 0
+    # Delivered more than max_deliveries times: the id is answered and its entries go to the dead letters too
+    # (Outcomes.poisoned), where an operator can look at what took the workers down.
+    poison: bool = False
 
     @property
     def id(self) -> str:
@@ -296,11 +299,12 @@ class Admission(WorkerPart):
         except InvalidRequestError as e:
             reqs = [Refused(e)]
         if deliveries > self.settings.max_deliveries:
-            self.outcomes.dead(
-                entry_id, f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}", raw,
-                deliveries, reqs[0].id, kind="max_deliveries", trace_id=trace_id_from_fields(fields),
-            )
-            return []
+            # Its producer still waits on the id (a Celery task would even send it again): the id is answered,
+            # through the claim like any answer, so that one running from another entry keeps its own.
+            message = (f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}: every worker "
+                       "that took it stopped before answering it (a request that takes workers down?); not run again")
+            reqs = [Refused(InvalidRequestError(req.id, "internal", message, _metadata(req)), poison=True)
+                    for req in reqs]
         fresh = [req for req in reqs if not self._attach(req.id, entry_id)]
         if len(fresh) < len(reqs):
             self.metrics.redeliveries.inc()
@@ -386,8 +390,7 @@ class Admission(WorkerPart):
             self.outcomes.result_key_foreign(req.id, entry_ids, _body(fields), deliveries, trace_id_from_fields(fields))
             return
         what = f"{key_text} holds a value of another type (not written by a worker): delete it and send the request again"
-        metadata = req.metadata if isinstance(req, GenerateRequest) else req.error.metadata
-        self.outcomes.error(req.id, entry_ids, "internal", what, metadata, trace_id=trace_id_from_fields(fields))
+        self.outcomes.error(req.id, entry_ids, "internal", what, _metadata(req), trace_id=trace_id_from_fields(fields))
 
     def release_waiting(self) -> list[str]:
         """Shutdown: the waiting entries, for other workers to take over."""
@@ -403,6 +406,10 @@ class Admission(WorkerPart):
                cancelled: bool, has_events: bool = False) -> None:
         if isinstance(req, Refused):
             e = req.error
+            if req.poison:
+                self.outcomes.poisoned(req.id, entry_ids, e.message, e.metadata, _body(fields), deliveries,
+                                       trace_id_from_fields(fields))
+                return
             self.outcomes.error(req.id, entry_ids, e.code, e.message, e.metadata, trace_id=trace_id_from_fields(fields))
             return
         now = time.time()
@@ -547,6 +554,10 @@ class Admission(WorkerPart):
             if value is not None:
                 span.set_attribute(attr, value)
         return span
+
+
+def _metadata(req: GenerateRequest | Refused) -> dict:
+    return req.metadata if isinstance(req, GenerateRequest) else req.error.metadata
 
 
 def _body(fields: dict) -> bytes | None:

@@ -243,8 +243,10 @@ def test_everything_acknowledged_and_worker_healthy(hostile_env):
     assert total >= 20
 
 
-def test_max_deliveries_goes_to_dead_letters(redis_url, prefix, shared_engine):
-    # An entry delivered more than max_deliveries times (e.g. a poison pill that crashed workers) is dead.
+def test_max_deliveries_goes_to_dead_letters_and_its_id_is_answered(redis_url, prefix, shared_engine):
+    """An entry delivered more than max_deliveries times (a poison pill that crashed workers) is dead-lettered,
+    and its id is answered ``internal``: without an answer its producer waited until its own timeout, and a Celery
+    task delivered again sent the request again, running what max_deliveries had stopped."""
     s = make_settings(redis_url, prefix, max_deliveries=2, claim_idle_ms=200)
     keys = Keys(prefix)
     r = redis.Redis.from_url(redis_url)
@@ -255,9 +257,14 @@ def test_max_deliveries_goes_to_dead_letters(redis_url, prefix, shared_engine):
             r.xreadgroup(keys.group, "ghost0", {keys.requests: ">"}, count=1)
     with running_worker(s, shared_engine):
         wait_for(lambda: eid in _dead_entry_ids(r, keys), 30, what="dead letter")
+        with Client(settings=s) as c:
+            err = c.wait("poison", timeout=30)
+            resent = c.submit("again", id="poison")  # what a redelivered Celery task does
+            assert isinstance(c.wait(resent, timeout=30), ErrorEvent)
     d = _dead_entry_ids(r, keys)[eid]
     assert d.id == "poison" and d.deliveries > 2 and "max_deliveries" in d.reason
-    assert r.get(keys.result("poison")) is None
+    assert isinstance(err, ErrorEvent) and err.error.code == "internal" and "max_deliveries" in err.error.message
+    assert len(_dead_entry_ids(r, keys)) == 1 and r.xlen(keys.events("poison")) == 1  # one answer, never run
     assert r.xpending(keys.requests, keys.group)["pending"] == 0
     r.close()
 

@@ -129,7 +129,8 @@ def test_poison_step_ends_as_dead_letter(env):
         runner.execute = real_execute
     (_, fields), = r.xrange(keys.dead)
     assert fields[b"entry_id"].decode() == eid and b"max_deliveries" in fields[b"reason"]
-    assert r.get(keys.result("poison")) is None
+    poison = parse_terminal(r.get(keys.result("poison")))  # its producer hears, and nothing runs it again
+    assert isinstance(poison, ErrorEvent) and poison.error.code == "internal" and "max_deliveries" in poison.error.message
     assert isinstance(after, DoneEvent)
 
 

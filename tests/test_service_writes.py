@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import redis
 
-from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys
+from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, Keys
 from pagedserve.service.redis_server import LocalRedis
 from service_fixtures import WorkerProcess, make_settings, wait_for, stored_results
 
@@ -103,7 +103,7 @@ def test_refused_result_writes_are_retried_and_never_acked(tmp_path, prefix):
 def test_restart_under_the_same_name_counts_one_delivery_and_one_dead_letter(tmp_path, prefix):
     """A worker restarted under its name drains its own pending entries without also auto-claiming them:
     with max_deliveries=2 an entry interrupted once still runs to ``done``, and an entry past the limit gets
-    exactly one dead letter."""
+    exactly one dead letter, its id answered `internal`."""
     with LocalRedis() as url:
         r = redis.Redis.from_url(url)
         keys = Keys(prefix)
@@ -126,7 +126,7 @@ def test_restart_under_the_same_name_counts_one_delivery_and_one_dead_letter(tmp
                      "ran-once done, nothing pending")
             done = stored_results(r, keys, ["ran-once", "over-limit"])
             assert isinstance(done["ran-once"], DoneEvent) and done["ran-once"].outputs[0].finish_reason == "length"
-            assert "over-limit" not in done
+            assert isinstance(done["over-limit"], ErrorEvent) and done["over-limit"].error.code == "internal"
             letters = [DeadLetter.from_fields(f) for _, f in r.xrange(keys.dead)]
             assert [(d.entry_id, d.id, d.deliveries) for d in letters] == [(over, "over-limit", 3)]
             assert r.xlen(keys.requests) == 0
