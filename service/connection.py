@@ -41,6 +41,10 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSErro
 # outage all the same: nothing is acknowledged, it backs off and sets up again, and a worker that starts
 # during such a window waits instead of exiting into a crash loop.
 REDIS_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError)
+# A write refused READONLY: the node this connection was opened to is a replica now (a failover demoted it, and a
+# proxy or DNS name points at the new primary). Only new connections can reach that one, so the link is set up
+# anew, as after an outage, instead of retrying on the same connections for as long as they stay open.
+REDIS_DEMOTED = redis.exceptions.ReadOnlyError
 
 # Every command the worker sends, directly or from its Lua scripts (ACL rules are checked inside scripts too):
 # the minimal ACL of its Redis user is ``-@all`` plus these, on the keys and channels of its prefix
@@ -51,6 +55,8 @@ WORKER_ACL_COMMANDS = (
     # batch jobs (batch_feeder.py and its scripts)
     "mget", "expireat", "xrange", "lrange", "lindex", "hget", "hmget", "hset", "hsetnx", "hincrby", "hdel",
     "zrange", "zrevrange", "zadd", "zrem", "zscore", "xrevrange", "xinfo|groups",
+    # the start-up check of Redis' eviction policy (Connection._warn_if_evicting); without it the check is skipped
+    "info",
     # deleting the group's dead consumers (reclaim.py); without them they are only kept
     "xinfo|consumers", "xgroup|delconsumer",
 )
@@ -155,6 +161,7 @@ class Connection(WorkerPart):
     pubsub: Any = field(default=None, init=False)  # subscribed to the cancel channel while set up
     _name_held: bool = field(default=False, init=False)
     _leases_started: bool = field(default=False, init=False)
+    _eviction_seen: str = field(default="", init=False)  # the evicting policy last warned of; "unknown": no INFO
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
 
     def __post_init__(self) -> None:
@@ -190,6 +197,7 @@ class Connection(WorkerPart):
         """(Re)connect: consumer group, cancel subscription, consumer-name lease, immediate lease renewal."""
         r = self.r
         r.ping()
+        self._warn_if_evicting(r)
         try:
             r.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
             self.log.info("consumer_group_created", group=self.keys.group)
@@ -214,6 +222,26 @@ class Connection(WorkerPart):
             self.leases.start()
             self._leases_started = True
         self.leases.renew_now()  # at once: our leases may have aged during the outage
+
+    def _warn_if_evicting(self, r: redis.Redis) -> None:
+        """Say once (per setting seen) when Redis may evict keys under memory pressure: any policy but
+        ``noeviction`` with a ``maxmemory`` can drop a queued stream, a result, a claim or a batch, and with it a
+        request or the one-run-per-id promise; managed services often default to ``volatile-lru``. A Redis that
+        does not let us read ``INFO`` (an ACL, a managed service) is not asked again."""
+        if self._eviction_seen == "unknown":
+            return
+        try:
+            memory = r.info("memory")
+        except redis.ResponseError:  # NOPERM or a disabled command
+            self._eviction_seen = "unknown"
+            return
+        policy, limit = str(memory.get("maxmemory_policy", "")), int(memory.get("maxmemory", 0) or 0)
+        seen = policy if limit and policy != "noeviction" else ""
+        if seen and seen != self._eviction_seen:
+            self.log.warning("redis_may_evict", maxmemory_policy=policy, maxmemory=limit,
+                             note="Redis may evict queued requests, results and claims under memory pressure: "
+                                  "set maxmemory-policy noeviction (docs/deployment.md)")
+        self._eviction_seen = seen
 
     def _on_pubsub_reconnect(self):
         # redis-py reconnects a broken subscription by itself (and subscribes again) inside get_message, without

@@ -166,7 +166,8 @@ class Publisher(WorkerPart):
     def flush(self, r: redis.Redis) -> int:
         """Send the buffer (unless a refusal's backoff is running); returns commands sent. Raises
         ``redis.ConnectionError``/``TimeoutError`` with the buffer intact (less the token events of the batch
-        that broke off) when Redis is unreachable. Refused ops stay buffered, in order."""
+        that broke off) when Redis is unreachable, and ``redis.ReadOnlyError`` when a replica refused a write (the
+        connection must be opened anew). Refused ops stay buffered, in order."""
         now = time.monotonic()
         if now < self._retry_at or not self.pending():
             return 0
@@ -226,6 +227,9 @@ class Publisher(WorkerPart):
         if reload:
             self._scripts.load(r)
         self._refused(refused)
+        demoted = next((e for _, e in refused if isinstance(e, redis.exceptions.ReadOnlyError)), None)
+        if demoted is not None:
+            raise demoted  # a replica answered: the caller connects anew (connection.REDIS_DEMOTED); all kept
         self._wrong_types(given_up)
         for op in foreign:
             self._result_key_foreign(op)

@@ -39,7 +39,7 @@ import redis
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .claims import Claims
-from .connection import REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
+from .connection import REDIS_DEMOTED, REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
 from .redaction import redact
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
@@ -305,8 +305,8 @@ class Worker(WorkerPart):
             except REDIS_DOWN as e:
                 conn.failed(e)
             except REDIS_REFUSED as e:
-                if conn.needs_setup:
-                    conn.failed(e)  # cannot set up (group, name lease): back off as in an outage, never exit
+                if conn.needs_setup or isinstance(e, REDIS_DEMOTED):
+                    conn.failed(e)  # cannot set up (group, name lease), or a replica now: back off and set up anew
                 else:
                     # A refusal of one write while set up: the publisher keeps refused ops and retries them.
                     self.log.error("redis_error", error=redact(str(e)))
@@ -335,7 +335,7 @@ class Worker(WorkerPart):
             try:
                 self._check_if_away()  # a step that a pause broke into has just ended: its tokens may be stale
                 self.metrics.redis_ops.inc(self.publisher.flush(self.r))
-            except REDIS_DOWN as e:
+            except (*REDIS_DOWN, REDIS_DEMOTED) as e:
                 conn.failed(e)
         if busy:
             self.metrics.busy_seconds.inc(time.perf_counter() - started)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -128,3 +129,117 @@ def test_claims_are_renewed_under_maxmemory():
     finally:
         redis.refuse_memory(False)
         redis.close()
+
+
+class _Endpoint:
+    """A TCP endpoint in front of Redis, as a proxy or a DNS name is: repointed at the new primary after a
+    failover, it sends new connections there and leaves open ones where they were."""
+
+    def __init__(self, port: int):
+        import socket
+        import threading
+
+        self.port = port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_path):
+    """A failover demotes the node the worker's connections were opened to, and the endpoint points at the new
+    primary for new connections only (a proxy without session shut-down, a DNS name). The worker retried its writes
+    on the old connections for as long as they stayed open, the replica refusing each (READONLY), while nothing it
+    ran could be stored; it must set its link up anew and serve the new primary."""
+    import redis as redis_py
+
+    from pagedserve.service.client import Client
+    from pagedserve.service.redis_server import LocalRedis
+
+    old, new = LocalRedis().start(), LocalRedis().start()
+    endpoint = _Endpoint(old.port)
+    worker = None
+    try:
+        a, b = redis_py.Redis(port=old.port), redis_py.Redis(port=new.port)
+        b.replicaof("127.0.0.1", old.port)
+        settings = make_settings(endpoint.url, KEYS.prefix, worker_name="failover", claim_idle_ms=4000)
+        worker = WorkerProcess(settings, tmp_path / "w.log").start()
+        worker.wait_started()
+        with Client(settings=settings.model_copy(update={"redis_url": old.url})) as c:
+            assert c.generate("before", params={"max_tokens": 2}, timeout=60).type == "done"
+            # Busy generating when the failover comes, so that no blocked read is there for Redis to break off.
+            running = c.submit("running", params={"max_tokens": 400, "ignore_eos": True})
+            wait_for(lambda: a.exists(KEYS.events(running)), 60, 0.05, "the request running")
+        wait_for(lambda: b.info("replication")["master_link_status"] == "up", 30, 0.1, "the replica in sync")
+        b.replicaof("NO", "ONE")
+        a.replicaof("127.0.0.1", new.port)
+        endpoint.port = new.port
+        with Client(settings=settings.model_copy(update={"redis_url": new.url})) as c:
+            after = c.generate("after the failover", params={"max_tokens": 2}, timeout=60)
+            finished = c.wait(running, timeout=120)
+        assert after.type == "done" and finished.type == "done"
+        assert len(finished.outputs[0].token_ids) == 400
+        assert any(e.get("event") == "redis_refused" for e in worker.events())
+    finally:
+        if worker is not None:
+            worker.close()
+        endpoint.close()
+        old.stop(kill=True)
+        new.stop(kill=True)
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "noeviction"])
+def test_a_worker_says_when_redis_may_evict_its_keys(tmp_path, policy):
+    """Under memory pressure any policy but noeviction may drop a queued stream, results or claims (managed
+    services often default to volatile-lru), losing requests or running one twice: the worker says so at start,
+    under the documented minimal ACL too."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    server = LocalRedis(extra_args=["--maxmemory", "500mb", "--maxmemory-policy", policy]).start()
+    worker = None
+    try:
+        import redis as redis_py
+
+        from pagedserve.service.connection import worker_acl
+
+        admin = redis_py.Redis(port=server.port)
+        admin.execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *worker_acl(KEYS.prefix))
+        url = f"redis://w:pw@127.0.0.1:{server.port}/0"
+        worker = WorkerProcess(make_settings(url, KEYS.prefix, worker_name="evict"), tmp_path / "w.log").start()
+        worker.wait_started()
+        warned = [e for e in worker.events() if e.get("event") == "redis_may_evict"]
+        assert len(warned) == (policy != "noeviction"), warned
+        if warned:
+            assert warned[0]["maxmemory_policy"] == policy and "noeviction" in warned[0]["note"]
+        assert admin.acl_log() == []
+    finally:
+        if worker is not None:
+            worker.close()
+        server.stop(kill=True)
