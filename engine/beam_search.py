@@ -23,7 +23,7 @@ from pagedserve.engine.sampling_params import SamplingParams
 class Hypothesis:
     token_ids: list[int]  # generated tokens only
     score: float  # length-normalised
-    logprob: float  # raw sum of log-probs
+    logprob: float  # sum of the log-probs it was ranked by (penalties included), not length-normalised
     hit_eos: bool
     logprobs: list[dict[int, float]] | None = None  # per token, when the request asks for logprobs
 

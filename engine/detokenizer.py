@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 REPLACEMENT = "\ufffd"
+# Prompt tokens a detokenizer starts from. An output's text is what it adds after the prompt: a SentencePiece
+# decoder (Llama-2, Mistral v0.x) drops the leading space of whatever it decodes first, so "▁sky" alone is "sky"
+# but " sky" after a word. A few tokens of context are enough for that, and keep every step's decode small
+# (vLLM primes its detokenizer with as many).
+PROMPT_CONTEXT_TOKENS = 5
+
+
+def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
+    """The last ``PROMPT_CONTEXT_TOKENS`` prompt tokens that have text: special tokens are skipped by every decode,
+    so a chat template ending in them still leaves the words before them as context."""
+    context: list[int] = []
+    for t in reversed(prompt_token_ids):
+        if len(context) == PROMPT_CONTEXT_TOKENS:
+            break
+        if t not in skip_ids:
+            context.append(t)
+    return context[::-1]
 
 
 class IncrementalDetokenizer:
     """Turns one sequence's output tokens into text, a delta at a time.
+
+    The window starts on the prompt's last tokens (``prompt_context``), so the first output token decodes as it
+    does after the prompt, not as the start of a text; they are never part of ``text``.
 
     Decodes only a sliding window (``prefix_offset:``) so each step costs O(window), not O(length). Text that
     ends in U+FFFD is held back: the next token may complete the character. ``text`` is the concatenation of all
@@ -16,7 +38,8 @@ class IncrementalDetokenizer:
     sequence ends, so a client never sees the start of a stop string that is later cut.
     """
 
-    def __init__(self, tokenizer, stop: list[str], skip_ids: set[int], keep_stop: bool = False) -> None:
+    def __init__(self, tokenizer, stop: list[str], skip_ids: set[int], keep_stop: bool = False,
+                 prompt_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         # HF fast tokenizers wrap a Rust ``tokenizers.Tokenizer``; calling it directly gives the same text (we
         # never ask for clean-up) without the Python wrapper, which costs more than the decode itself per token.
@@ -26,9 +49,11 @@ class IncrementalDetokenizer:
         self.keep_stop = keep_stop  # the text ends with the stop string found, rather than before it
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.skip_ids = skip_ids
-        self.ids: list[int] = []
+        # The prompt's context, then the output's tokens. ``ids[prefix_offset:read_offset]`` decode to text already
+        # accounted for (at first the prompt's, never part of ``text``); what the tokens after it add is new.
+        self.ids: list[int] = prompt_context(prompt_token_ids, skip_ids)
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
         # The stop string the text was cut at (the output's ``stop_reason``); nothing after it is ever added.
@@ -93,3 +118,13 @@ class IncrementalDetokenizer:
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+
+
+def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
+                        skip_ids: set[int]) -> str:
+    """The text ``token_ids`` add after the prompt, decoded at once (beam hypotheses are only known at the end):
+    the output's own tokens decoded after the same prompt context an ``IncrementalDetokenizer`` starts from."""
+    detok = IncrementalDetokenizer(tokenizer, [], skip_ids, prompt_token_ids=prompt_token_ids)
+    context = detok.ids
+    head = detok._decode(context)
+    return detok._decode(context + [t for t in token_ids if t not in skip_ids])[len(head):]

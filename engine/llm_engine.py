@@ -268,7 +268,7 @@ class LLMEngine:
     def _init_seq(self, req: Request, seq: Sequence) -> None:
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop, self.special_ids,
-                                               req.params.include_stop_str_in_output)
+                                               req.params.include_stop_str_in_output, req.prompt_token_ids)
         Sampler.seed_sequence(seq, req.params, self.runner.device)
 
     def abort_request(self, request_id: str, reason: str = "cancelled") -> RequestOutput | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 
@@ -23,6 +24,19 @@ LIMITS: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
     "repetition_penalty": (0.01, 100.0),
     "logprobs": (0, 20),
+}
+# vLLM SamplingParams options this engine does not implement, and what to do instead: passing one is a TypeError
+# naming it rather than Python's "unexpected keyword argument".
+UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "prompt_logprobs": "leave it out",
+    "skip_special_tokens": "leave it out (text is always decoded without special tokens)",
+    "spaces_between_special_tokens": "leave it out (text is always decoded without special tokens)",
+    "logit_bias": "leave it out",
+    "allowed_token_ids": "leave it out",
+    "bad_words": "leave it out",
+    "truncate_prompt_tokens": "leave it out and shorten the prompt",
+    "detokenize": "leave it out (text is always decoded)",
+    "use_beam_search": "use beam_width > 0 instead",
 }
 
 
@@ -205,3 +219,17 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"{unknown[0]} is not a sampling parameter")
         return cls(**data)
+
+
+def _refuse_unsupported_options(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for name in kwargs:
+            if name in UNSUPPORTED_OPTIONS:
+                raise TypeError(f"SamplingParams option {name} is not supported by pagedserve: "
+                                f"{UNSUPPORTED_OPTIONS[name]}")
+        init(self, *args, **kwargs)
+    return __init__
+
+
+SamplingParams.__init__ = _refuse_unsupported_options(SamplingParams.__init__)

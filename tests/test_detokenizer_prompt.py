@@ -1,0 +1,244 @@
+"""Output text in the prompt's context: what HF's ``decode(prompt + output)`` adds after ``decode(prompt)``.
+
+A SentencePiece-style tokenizer (Llama-2, Mistral v0.x, TinyLlama: Metaspace with a decoder that strips the
+first leading space) decodes ``['▁sky']`` alone to ``"sky"`` but after a prompt to ``" sky"``; the output's text is
+the latter, as vLLM's detokenizer (primed with the prompt's last tokens) gives it. Checked for the detokenizer
+alone, for streamed deltas, stop strings, sampled and beam outputs of an engine, and unchanged for byte-level
+BPE tokenizers, with HF's tokenizer as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.builtin_model import build_byte_tokenizer
+from pagedserve.engine.default_model import default_model_path
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+
+CORPUS = ["the sky is blue and the grass is green", "hello world the cat sat on the mat",
+          "a big dog and a small cat", "café € naïve 日本"] * 50
+ALPHABET = "the skyblugrancowdmil  \n\tcafé€naïve日本ü😀"
+DECODE = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def build_llama_tokenizer(byte_tokens: bool):
+    """transformers' own ``LlamaTokenizer`` (Metaspace, byte fallback, decoder ending in Strip(" ", left=1)) over
+    a BPE vocabulary trained here, so no hub access is needed.
+
+    ``byte_tokens``: the vocabulary has the 256 byte tokens, so characters outside it decode through byte fallback,
+    split over tokens. Without them every token is whole text: a random model then samples only valid UTF-8, where
+    HF's decode of the whole output is a well-defined reference (ByteFallback turns every byte of an invalid run
+    into U+FFFD, so a later byte can change the text of earlier ones that were valid)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + ([f"<0x{b:02X}>" for b in range(256)] if byte_tokens else [])
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=360 if byte_tokens else 120,
+                                                         special_tokens=specials))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+LLAMA_TOK = build_llama_tokenizer(byte_tokens=True)
+BYTE_TOK = build_byte_tokenizer()
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+
+
+SMOL_TOK = _smollm2_tokenizer()
+TOKENIZERS = {"llama-metaspace": LLAMA_TOK, "byte-level": BYTE_TOK}
+if SMOL_TOK is not None:
+    TOKENIZERS["smollm2"] = SMOL_TOK
+
+
+def reference(tok, prompt: list[int], output: list[int]) -> str:
+    """HF's text of ``output`` after ``prompt``."""
+    whole, head = tok.decode(prompt + output, **DECODE), tok.decode(prompt, **DECODE)
+    assert whole.startswith(head)
+    return whole[len(head):]
+
+
+def stream(tok, prompt: list[int], output: list[int], stop: list[str] = (), keep_stop: bool = False):
+    """Feed ``output`` as the engine does; the deltas, the final text and the stop string hit."""
+    detok = IncrementalDetokenizer(tok, list(stop), set(tok.all_special_ids), keep_stop, prompt_token_ids=prompt)
+    deltas, hit = [], None
+    for t in output:
+        hit = detok.add(t)
+        deltas.append(detok.take_delta(final=False))
+        if hit:
+            break
+    if hit is None:
+        hit = detok.flush()
+    deltas.append(detok.take_delta(final=True))
+    return deltas, detok.text, hit
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_first_token_keeps_its_leading_space_after_a_prompt():
+    prompt = _ids(LLAMA_TOK, "the sky is")
+    output = LLAMA_TOK.convert_tokens_to_ids(["▁sky", "ll", "▁", "▁"])
+    deltas, text, _ = stream(LLAMA_TOK, prompt, output)
+    assert text == " skyll  " == reference(LLAMA_TOK, prompt, output) == "".join(deltas)
+    assert deltas[0] == " sky"
+
+
+def test_a_prompt_of_special_tokens_only_gives_the_text_alone():
+    # decode([BOS] + output) skips BOS, so its text is the output's own: no space before the first word.
+    output = LLAMA_TOK.convert_tokens_to_ids(["▁sky", "▁is"])
+    _, text, _ = stream(LLAMA_TOK, [LLAMA_TOK.bos_token_id], output)
+    assert text == "sky is" == reference(LLAMA_TOK, [LLAMA_TOK.bos_token_id], output)
+
+
+@pytest.mark.parametrize("keep_stop", [False, True])
+def test_stop_string_with_a_leading_space_matches_at_the_first_token(keep_stop):
+    prompt = _ids(LLAMA_TOK, "the sky is")
+    output = LLAMA_TOK.convert_tokens_to_ids(["▁sky", "▁is", "▁blue"])
+    deltas, text, hit = stream(LLAMA_TOK, prompt, output, stop=[" sky"], keep_stop=keep_stop)
+    assert hit == " sky"
+    assert text == (" sky" if keep_stop else "") == "".join(deltas)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt_text=st.text(ALPHABET, min_size=1, max_size=20), output_text=st.text(ALPHABET, max_size=30),
+       data=st.data())
+def test_text_and_deltas_equal_hf_decode_in_context(name, prompt_text, output_text, data):
+    tok = TOKENIZERS[name]
+    prompt, output = _ids(tok, prompt_text), _ids(tok, output_text)
+    specials = sorted(tok.all_special_ids)
+    # Special tokens anywhere (a chat template's, an ignored EOS) are skipped, in the context too.
+    for ids in (prompt, output):
+        for _ in range(data.draw(st.integers(0, 2))):
+            ids.insert(data.draw(st.integers(0, len(ids))), data.draw(st.sampled_from(specials)))
+    if not prompt:
+        prompt = [specials[0]]
+    deltas, text, _ = stream(tok, prompt, output)
+    assert text == reference(tok, prompt, output)
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)  # valid UTF-8 split over tokens is never cut in half
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_each_step_decodes_a_bounded_window(name):
+    """The cost per token does not grow with the prompt or the output: no decode sees more than a few tokens."""
+    tok = TOKENIZERS[name]
+    seen: list[int] = []
+    detok = IncrementalDetokenizer(tok, [], set(tok.all_special_ids), prompt_token_ids=_ids(tok, "the sky " * 200))
+    decode = detok._decode
+    detok._decode = lambda ids: (seen.append(len(ids)), decode(ids))[1]
+    for t in _ids(tok, "hello world the cat sat on the mat " * 20):
+        detok.add(t)
+    assert seen and max(seen) <= 8
+
+
+# ------------------------------------------------------------------ an engine over a Metaspace tokenizer
+@pytest.fixture(scope="module")
+def llama_spm_model(tmp_path_factory):
+    from conftest import write_tiny
+
+    tok = build_llama_tokenizer(byte_tokens=False)
+    path = tmp_path_factory.mktemp("llama-spm")
+    write_tiny(path, "llama", seed=1, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    tok.save_pretrained(path)  # replaces the byte tokenizer write_tiny saved
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(llama_spm_model):
+    engine = LLM(model=llama_spm_model, device="cpu", num_gpu_blocks=64, max_model_len=128)
+    yield engine
+    engine.close()
+
+
+def _streamed(llm, request_id: str, prompt: str, params: SamplingParams):
+    """The final output of one request run on the step API, and its deltas per output index."""
+    llm.engine.add_request(request_id, prompt, params)
+    deltas: dict[int, list[str]] = {}
+    final = None
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            for c in out.outputs:
+                deltas.setdefault(c.index, []).append(c.delta_text)
+            if out.finished:
+                final = out
+    return final, deltas
+
+
+PROMPTS = ["the sky is", "hello world", "日本 café"]
+
+
+def _seed_with_spaced_first_token(llm, prompt: str) -> tuple[int, list[int]]:
+    """A seed whose first sampled token begins with '▁' (the case a bare decode gets wrong), and its tokens."""
+    for seed in range(60):
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=seed, max_tokens=6, ignore_eos=True))
+        ids = out[0].outputs[0].token_ids
+        tokens = llm.tokenizer.convert_ids_to_tokens(ids)
+        if tokens[0].startswith("▁") and len(tokens[0]) > 1:
+            return seed, ids
+    raise AssertionError(f"no seed below 60 samples a '▁' word first after {prompt!r}")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_engine_text_and_stream_equal_hf_decode_in_context(llm, prompt):
+    seed, _ = _seed_with_spaced_first_token(llm, prompt)
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=12, ignore_eos=True, n=3)
+    final, deltas = _streamed(llm, f"ctx-{prompt}", prompt, params)
+    prompt_ids = final.prompt_token_ids
+    assert final.outputs[0].text.startswith(" ")
+    for c in final.outputs:
+        assert c.text == reference(llm.tokenizer, prompt_ids, c.token_ids)
+        assert "".join(deltas[c.index]) == c.text
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_engine_stop_string_with_a_space_at_the_first_token(llm, keep):
+    prompt = "the sky is"
+    seed, ids = _seed_with_spaced_first_token(llm, prompt)
+    word = llm.tokenizer.convert_ids_to_tokens(ids[:1])[0].replace("▁", " ")
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=6, ignore_eos=True, stop=[word],
+                            include_stop_str_in_output=keep)
+    final, deltas = _streamed(llm, f"stop-{keep}", prompt, params)
+    c = final.outputs[0]
+    assert (c.finish_reason, c.stop_reason, c.token_ids) == ("stop", word, ids[:1])
+    assert c.text == (word if keep else "") == "".join(deltas[0])
+
+
+def test_engine_beam_outputs_equal_hf_decode_in_context(llm):
+    spaced = 0
+    for prompt in ["a big", *PROMPTS]:
+        out = llm.generate([prompt], SamplingParams(beam_width=3, n=3, max_tokens=8))[0]
+        assert len(out.outputs) == 3
+        for c in out.outputs:
+            assert c.text == c.delta_text == reference(llm.tokenizer, out.prompt_token_ids, c.token_ids)
+            if llm.tokenizer.convert_ids_to_tokens(c.token_ids[:1])[0].startswith("▁"):
+                assert c.text.startswith(" ")
+                spaced += 1
+    assert spaced  # the case a bare decode of the hypothesis got wrong
+
+
+def test_engine_cancelled_beam_outputs_keep_the_context(llm):
+    llm.engine.add_request("beam-cut", "a big", SamplingParams(beam_width=2, n=2, max_tokens=20))
+    for _ in range(4):
+        llm.engine.step()
+    out = llm.engine.abort_request("beam-cut")
+    for c in out.outputs:
+        assert c.finish_reason == "cancelled"
+        assert c.text == reference(llm.tokenizer, out.prompt_token_ids, c.token_ids)
+    assert any(c.text.startswith(" ") for c in out.outputs)
