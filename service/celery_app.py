@@ -7,9 +7,11 @@ The tasks only talk to the pagedserve wire protocol (they never load a model); r
 Invariants:
 - JSON serializer only (task arguments, results, accepted content); never pickle;
 - the request id defaults to ``celery-<task id>``: a task redelivered by the broker (visibility timeout, lost
-  worker) resubmits the SAME id and is answered from the stored result instead of generating twice;
+  worker) resubmits the SAME id and is answered from the stored result instead of generating twice; a task called
+  as a function (no task id) gets a fresh one, as ``.apply()`` does;
 - ``pagedserve.generate`` waits at most ``timeout`` seconds (explicit; the broker's visibility timeout must be
-  longer than the longest timeout, see docs/service.md);
+  longer than the longest timeout, see docs/service.md) and raises ``GenerationTimedOut``, never a
+  ``TimeoutError`` (Celery takes one reaching a chain's or chord's ``get()`` for its own wait running out);
 - task arguments are checked before anything is sent: ``generate`` answers a bad one with the ``invalid_request``
   error event naming the field (its ``id`` and ``metadata`` only if they are of the right type), ``submit``
   raises ``ValueError``;
@@ -21,7 +23,9 @@ Invariants:
   gevent's kills still come first where they exist, and the worker's signals cancel for them. A revoked task
   ends ``REVOKED`` on every pool;
 - the visibility timeout stays ``REDELIVERY_SWEEP_S`` below the result TTL (``make_celery`` refuses otherwise):
-  a task redelivered after it must still find its request's result.
+  a task redelivered after it must still find its request's result;
+- the module's ``app`` (from the environment) is built when first asked for, so that importing ``make_celery``
+  never depends on what the environment says.
 """
 
 from __future__ import annotations
@@ -31,16 +35,19 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from celery import Celery
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery.signals import task_failure, task_revoked
+from celery.utils import uuid
 from celery.worker import state as worker_state
 
 from .settings import Settings
 
 _clients: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
+_app_lock = threading.Lock()
 
 
 # kombu's Redis transport gives unacknowledged tasks back on a sweep about every 100 s: a task past its visibility
@@ -48,19 +55,76 @@ _lock = threading.Lock()
 REDELIVERY_SWEEP_S = 120
 
 
+class GenerationTimedOut(Exception):
+    """``pagedserve.generate`` got no result within its ``timeout``; the request may still finish (same id, same
+    result later). Not a ``TimeoutError``, which the clients raise: Celery takes a ``TimeoutError`` that reaches a
+    chain's or chord's ``get()`` for its own wait running out, and raises ``TimeoutError('The operation timed
+    out.')`` instead."""
+
+    def __init__(self, message: str, request_id: str):
+        super().__init__(message, request_id)  # Celery stores the args and builds the exception again from them
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NoPagedserveWorker(GenerationTimedOut):
+    """Nothing was heard of the request for ``pickup_timeout`` s and no live ``pagedserve worker`` consumes the
+    stream (the clients' ``NoWorker``; the message says what was seen)."""
+
+
+def _visibility_timeout(s: Settings) -> int:
+    """The broker's visibility timeout: the setting, or when left at its default, no more than half the result TTL.
+    ``ValueError`` when a task redelivered after it could find its request's result already expired and generate
+    again."""
+    ttl = s.result_ttl_s
+    explicit = "celery_visibility_timeout_s" in s.model_fields_set
+    visibility = s.celery_visibility_timeout_s if explicit else min(s.celery_visibility_timeout_s, ttl // 2)
+    if visibility + REDELIVERY_SWEEP_S < ttl:
+        return visibility
+    why = "a task redelivered after the visibility timeout would find its result expired and generate again"
+    below = ttl - REDELIVERY_SWEEP_S  # what an explicit visibility timeout must stay under (it is at least 1)
+    room = f", or PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S below {below}" if below > 1 else ""
+    if explicit:
+        raise ValueError(
+            f"PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S ({visibility}) must be at least {REDELIVERY_SWEEP_S} s below "
+            f"PAGEDSERVE_RESULT_TTL_S ({ttl}): set the TTL above {visibility + REDELIVERY_SWEEP_S}{room} ({why})")
+    # Half of any TTL from 2 * sweep + 1 s leaves the room.
+    raise ValueError(
+        f"the Celery visibility timeout ({visibility} s) is derived from PAGEDSERVE_RESULT_TTL_S ({ttl}) as half of "
+        f"it and must be at least {REDELIVERY_SWEEP_S} s below it: set PAGEDSERVE_RESULT_TTL_S to "
+        f"{2 * REDELIVERY_SWEEP_S + 1} or more{room} ({why})")
+
+
+def _celery_url(url: str) -> str:
+    """``url`` as kombu's Redis transport and Celery's Redis backend read it. They know no ``unix://`` (redis-py's
+    socket URL, which the settings take): their own form is ``redis+socket://``, with the database as the
+    ``virtual_host`` parameter and the credentials before the path only (a ``password`` parameter is overwritten)."""
+    if not url.startswith("unix://"):
+        return url
+    parts = urlsplit(url)
+    query, auth = [], {"username": parts.username, "password": parts.password}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in auth:
+            auth[key] = quote(value, safe="")
+        else:
+            query.append(("virtual_host" if key == "db" else key, value))
+    netloc = ""
+    if auth["password"] is not None:
+        netloc = f"{auth['username'] or ''}:{auth['password']}@"
+    elif auth["username"] is not None:
+        netloc = f"{auth['username']}@"
+    return f"redis+socket://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     """The Celery app of ``settings``' deployment (default: from the environment). ``ValueError`` when a task
     redelivered after its visibility timeout could find its request's result already expired and generate again."""
     s = settings or Settings()
-    visibility = s.celery_visibility_timeout_s
-    if "celery_visibility_timeout_s" not in s.model_fields_set:  # the default follows a shorter result TTL
-        visibility = min(visibility, s.result_ttl_s // 2)
-    if visibility + REDELIVERY_SWEEP_S >= s.result_ttl_s:
-        raise ValueError(
-            f"PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S ({visibility}) must be at least {REDELIVERY_SWEEP_S} s below "
-            f"PAGEDSERVE_RESULT_TTL_S ({s.result_ttl_s}): a task redelivered after the visibility timeout would "
-            "find its result expired and generate again")
-    broker = s.celery_broker_url or s.redis_url
+    visibility = _visibility_timeout(s)
+    broker = _celery_url(s.celery_broker_url or s.redis_url)
     app = Celery("pagedserve", broker=broker, backend=broker)
     transport = {"visibility_timeout": visibility}
     app.conf.update(
@@ -93,6 +157,13 @@ def _client(app: Celery):
         if c is None:
             c = _clients[key] = Client(settings=s)
         return c
+
+
+def _own_id(task: Any) -> str:
+    """The request id a task uses when the caller gives none: ``celery-<task id>``, so that a redelivered task
+    resubmits the same id. A task called as a function has no task id: a fresh one, as ``.apply()`` gives, or
+    every such call would share one request and its stored answer."""
+    return f"celery-{task.request.id or uuid()}"
 
 
 def _task_request(own_id: str, prompt: Any, *, params: Any, id: Any, metadata: Any, settings: Settings, **kw: Any):
@@ -173,9 +244,12 @@ def _watched(wait: Generator[Any, Any, None], check: Callable[[], None]) -> Gene
 
 
 def _register(app: Celery) -> None:
+    from .client_core import NoWorker, RedisUnreachable
+
     # shared=False: the module's own app (from the environment) registers these names too; shared tasks would
     # let Celery pick either app's task for every app, and send requests to the other deployment's Redis.
-    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError,), shared=False)
+    # throws: expected endings, logged in one line without a traceback.
+    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError, RedisUnreachable), shared=False)
     def submit(
         self,
         prompt: str | None = None,
@@ -190,17 +264,18 @@ def _register(app: Celery) -> None:
         stream: bool = True,
     ) -> str:
         """Enqueue one request; returns its id at once (results: ``Client.wait(id)`` or the result key). A request
-        that fails validation raises ``ValueError`` naming the field, and nothing is sent."""
+        that fails validation raises ``ValueError`` naming the field, and nothing is sent; ``RedisUnreachable``
+        when Redis cannot be reached."""
         c = _client(app)
-        req = _task_request(f"celery-{self.request.id}", prompt, messages=messages, prompt_token_ids=prompt_token_ids,
+        req = _task_request(_own_id(self), prompt, messages=messages, prompt_token_ids=prompt_token_ids,
                             params=params, id=id, priority=priority, deadline_ms=deadline_ms, metadata=metadata,
                             stream=stream, settings=c.settings)
         return c.submit(request=req)
 
-    # Expected endings: logged in one line, without a traceback.
     given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
 
-    @app.task(name="pagedserve.generate", bind=True, throws=(*given_up, TimeoutError), shared=False)
+    @app.task(name="pagedserve.generate", bind=True, throws=(*given_up, GenerationTimedOut, RedisUnreachable),
+              shared=False)
     def generate(
         self,
         prompt: str | None = None,
@@ -218,15 +293,16 @@ def _register(app: Celery) -> None:
         """Submit and wait (at most ``timeout`` s). Returns the terminal event as a dict: ``type`` is ``done``
         (``outputs``, ``usage``, ``metrics``) or ``error`` (``error.code``, ``error.message``; a request or a
         ``timeout``/``pickup_timeout`` that fails validation is answered so without being sent). Raises
-        ``TimeoutError`` when no result came in time (the request may still complete: same id, same result),
-        ``NoWorker`` (a ``TimeoutError``) after ``pickup_timeout`` s unheard of with no live pagedserve worker;
+        ``GenerationTimedOut`` when no result came in time (the request may still complete: same id, same result),
+        ``NoPagedserveWorker`` (a ``GenerationTimedOut``) after ``pickup_timeout`` s unheard of with no live
+        pagedserve worker, ``RedisUnreachable`` when Redis cannot be reached or stays away during the wait;
         ``SoftTimeLimitExceeded``/``TimeLimitExceeded``/``Terminated`` when given up (its own request cancelled)."""
         from .client_core import check_seconds, first_terminal
         from .protocol import refusal_message
 
         started = time.monotonic()  # the time limits count from the start of the run, as Celery's
         c = _client(app)
-        own_id = f"celery-{self.request.id}"
+        own_id = _own_id(self)
         try:
             check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
             req = _task_request(own_id, prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
@@ -251,6 +327,10 @@ def _register(app: Celery) -> None:
                 _store_revoked(self, str(e))
                 raise Ignore() from None  # the worker acknowledges the message and stores nothing more
             raise
+        except NoWorker as e:
+            raise NoPagedserveWorker(str(e), req.id) from None
+        except TimeoutError as e:
+            raise GenerationTimedOut(str(e), req.id) from None
         raise AssertionError("unreachable")
 
     app.pagedserve_submit = submit
@@ -294,4 +374,14 @@ def _cancel_timed_out(sender: Any = None, task_id: str | None = None, exception:
         _cancel_quietly(sender.app, f"celery-{task_id}")
 
 
-app = make_celery()
+def __getattr__(name: str) -> Any:
+    """The module's own ``app``, from the environment, built when first asked for (``celery -A
+    pagedserve.service.celery_app``, ``from pagedserve.service.celery_app import app``). Built at import, it made
+    importing ``make_celery`` fail wherever the environment suits no Celery app, even to build one of other
+    settings."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _app_lock:
+        if "app" not in globals():
+            globals()["app"] = make_celery()
+    return globals()["app"]

@@ -88,16 +88,17 @@ def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
             for name, likely in unknown_env_names(environ)]
 
 
-def check_redis_url(url: str) -> None:
+def check_redis_url(url: str, name: str = "redis_url") -> None:
     """Raise ``ValueError`` (credentials masked) for a URL redis-py would refuse, or would read as another database
-    than the one written: it takes ``/abc`` or ``/9/x`` for database 0 without a word."""
+    than the one written: it takes ``/abc`` or ``/9/x`` for database 0 without a word. ``name``: the setting the
+    refusal names."""
     from urllib.parse import urlsplit
 
     from redis.connection import parse_url
 
     remember_secrets(url)  # before anything can quote it, these refusals included
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        raise ValueError(f"{name} must start with redis://, rediss:// or unix://")
     try:
         parse_url(url)
         path = urlsplit(url).path
@@ -247,7 +248,11 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url")
     @classmethod
     def _broker_url(cls, v: str | None) -> str | None:
-        remember_secrets(v)
+        # A Redis only: the same URL is Celery's result backend, and the visibility timeout is the Redis transport's.
+        # Unchecked, a mistyped scheme reached kombu as a module name, password and all.
+        if not v:
+            return None  # empty: the Redis URL, as when unset
+        check_redis_url(v, "celery_broker_url")
         return v
 
     @field_validator("redis_url")

@@ -13,7 +13,7 @@ import redis
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from pagedserve.service.celery_app import make_celery
+from pagedserve.service.celery_app import NoPagedserveWorker, make_celery
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
@@ -88,7 +88,8 @@ def test_bad_arguments_are_refused_as_an_error_event_and_pickup_timeout_names_th
     """A metadata or id of the wrong type made the refusal itself fail (the producer got a bare pydantic
     ``ValidationError([])``); params not a dict escaped as a TypeError; a bad ``timeout`` was noticed only after
     the request had gone out. Each is now the documented ``invalid_request`` event naming the field, nothing sent.
-    With no pagedserve worker, ``pickup_timeout`` raises NoWorker in seconds instead of waiting out ``timeout``."""
+    With no pagedserve worker, ``pickup_timeout`` raises NoPagedserveWorker in seconds instead of waiting out
+    ``timeout``."""
     with LocalRedis() as url:
         s = make_settings(url, prefix, celery_visibility_timeout_s=120)
         with celery_worker(s, tmp_path / "celery.log", "threads", 4), redis.Redis.from_url(url) as r:
@@ -123,7 +124,7 @@ def test_bad_arguments_are_refused_as_an_error_event_and_pickup_timeout_names_th
 
             started = time.monotonic()
             lost = app.send_task("pagedserve.generate", kwargs={"prompt": "x", "pickup_timeout": 2, "timeout": 120})
-            with pytest.raises(TimeoutError, match="no worker is running this after 2 s"):
+            with pytest.raises(NoPagedserveWorker, match="no worker is running this after 2 s"):
                 lost.get(timeout=60)
             assert time.monotonic() - started < 30
             assert r.xlen(keys.requests) == 1 and not r.exists(keys.cancelled(f"celery-{lost.id}"))
@@ -164,3 +165,22 @@ def test_a_visibility_timeout_the_result_may_not_outlive_is_refused(redis_url, p
     # Left at its default, the visibility timeout follows a shorter result TTL (half of it) instead of refusing.
     app = make_celery(make_settings(redis_url, prefix, result_ttl_s=600))
     assert app.conf.broker_transport_options["visibility_timeout"] == 300
+
+
+def test_a_redis_out_of_reach_fails_the_tasks_as_expected(prefix, tmp_path):
+    """The pagedserve Redis out of reach (the broker is another): both tasks end ``FAILURE`` with
+    ``RedisUnreachable``, which the Celery worker logs as an expected ending, in one line without a traceback."""
+    from pagedserve.service.client_core import RedisUnreachable
+    from pagedserve.service.redis_server import free_port
+
+    with LocalRedis() as broker:
+        s = make_settings(f"redis://127.0.0.1:{free_port()}/0", prefix, celery_broker_url=broker,
+                          celery_visibility_timeout_s=120)
+        log = tmp_path / "celery.log"
+        with celery_worker(s, log, "threads", 2):
+            app = make_celery(s)
+            for name in ("pagedserve.submit", "pagedserve.generate"):
+                with pytest.raises(RedisUnreachable, match="cannot reach Redis"):
+                    app.send_task(name, args=["x"]).get(timeout=120)
+        text = log.read_text(errors="replace")
+        assert text.count("raised expected: network:RedisUnreachable") == 2 and "Traceback" not in text, text[-3000:]

@@ -37,6 +37,27 @@ def test_good_urls_pass(url):
     assert Settings(redis_url=url).redis_url == url
 
 
+@pytest.mark.parametrize(("url", "secret", "words"), [
+    # kombu took the mistyped scheme for a module name: "No module named 'redis//:<password>@127'"
+    ("redis//:Sup3rS3cretPW@127.0.0.1:6503/1", "Sup3rS3cretPW", "celery_broker_url must start with redis://"),
+    ("redis://:Sup3r#S3cretPW@127.0.0.1:6503/1", "Sup3r", "not a valid Redis URL"),  # '#' cut the password
+    ("redis://:br0kerPW@127.0.0.1:6379/abc", "br0kerPW", "the database after the host must be a number"),
+    # the same URL is the result backend, which Celery keeps in Redis only here
+    ("amqp://guest:gu3stPW@127.0.0.1:5672//", "gu3stPW", "celery_broker_url must start with redis://"),
+])
+def test_a_celery_broker_url_is_checked_as_the_redis_url_is(url, secret, words):
+    with pytest.raises(ValidationError, match=words) as e:
+        Settings(celery_broker_url=url)
+    assert [err["loc"] for err in e.value.errors()] == [("celery_broker_url",)]
+    assert secret not in str(e.value) and secret not in repr(e.value.errors()), str(e.value)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/1", "rediss://u:pw@h:6380/2", "unix:///tmp/r.sock?db=2"])
+def test_good_celery_broker_urls_pass(url):
+    assert Settings(celery_broker_url=url).celery_broker_url == url
+    assert Settings(celery_broker_url="").celery_broker_url is None  # empty: the Redis URL, as when unset
+
+
 def test_the_lease_must_renew_inside_the_claim_time():
     with pytest.raises(ValidationError, match="lease_renew_ms") as e:
         Settings(claim_idle_ms=1000, lease_renew_ms=1000)

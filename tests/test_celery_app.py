@@ -1,0 +1,91 @@
+"""Building the Celery app: the module's own app is made from the environment only when it is asked for (so
+``make_celery(Settings(...))`` works whatever the environment says), a refusal says which variable to set, and the
+broker URL is checked as the Redis URL is. Real processes (``celery -A ...``) and a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from pagedserve.service.celery_app import make_celery
+from pagedserve.service.protocol import Keys
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import REPO, make_settings
+from test_celery_roundtrip import celery_worker
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    full_env.update(env, PYTHONPATH=str(REPO))
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=180)
+
+
+def test_the_module_app_is_built_when_asked_for_and_says_which_variable_to_set(redis_url, prefix):
+    """``app = make_celery()`` ran at import: with ``PAGEDSERVE_RESULT_TTL_S=200`` in the environment, importing
+    ``make_celery`` to build an app of other settings failed with a ValueError about
+    ``PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S``, which the user never set. The module's app is built on first use;
+    its refusal says the timeout was derived from the result TTL and what to set."""
+    code = ("import sys\n"
+            "from pagedserve.service.celery_app import make_celery\n"
+            "from pagedserve.service.settings import Settings\n"
+            "mine = make_celery(Settings(redis_url=sys.argv[1], prefix=sys.argv[2], result_ttl_s=3600))\n"
+            "print('made', mine.conf.broker_transport_options['visibility_timeout'])\n"
+            "import pagedserve.service.celery_app as module\n"
+            "try:\n"
+            "    module.app\n"
+            "except ValueError as e:\n"
+            "    print('refused:', e)\n")
+    env = {"PAGEDSERVE_RESULT_TTL_S": "200", "PAGEDSERVE_REDIS_URL": redis_url}
+    out = _run([sys.executable, "-c", code, redis_url, prefix], env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    made, refused = out.stdout.strip().splitlines()
+    assert made == "made 1800"
+    assert "derived from PAGEDSERVE_RESULT_TTL_S (200)" in refused, refused
+    assert "set PAGEDSERVE_RESULT_TTL_S to 241 or more" in refused, refused
+    assert "PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S below 80" in refused, refused
+
+    # The Celery command asks for the app: it refuses to start with the same words.
+    worker = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", "solo"],
+                  env)
+    assert worker.returncode != 0 and "derived from PAGEDSERVE_RESULT_TTL_S (200)" in worker.stderr, worker.stderr
+
+
+def test_the_module_app_is_found_by_the_celery_command(redis_url, prefix):
+    """``celery -A pagedserve.service.celery_app`` finds the module's app although it is built on first use."""
+    out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "inspect", "registered",
+                "--timeout", "1"], {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix})
+    # No Celery worker runs on this prefix: the command found the app, asked, and heard nothing.
+    assert "No nodes replied" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_a_broker_url_the_settings_refuse_stops_the_celery_command_with_the_password_masked():
+    """A mistyped scheme reached kombu as a module name (``No module named 'redis//:<password>@127'``) and an
+    unescaped '#' printed part of the password; refused now as ``PAGEDSERVE_REDIS_URL`` is, masked."""
+    for url, secret in (("redis//:Sup3rS3cretPW@127.0.0.1:6503/1", "Sup3rS3cretPW"),
+                        ("redis://:Sup3r#S3cretPW@127.0.0.1:6503/1", "Sup3r")):
+        out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "report"],
+                   {"PAGEDSERVE_CELERY_BROKER_URL": url})
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "celery_broker_url" in text, text
+        assert secret not in text and "No module named" not in text, text
+
+
+@pytest.mark.slow
+def test_a_unix_socket_url_carries_the_celery_tasks(prefix, tmp_path):
+    """kombu knows no ``unix://`` transport (``No such transport: unix``): a Redis reached by its socket,
+    as ``PAGEDSERVE_REDIS_URL`` or the broker URL, carries the tasks and their results, in the database named."""
+    sock = tmp_path / "redis.sock"
+    with LocalRedis(extra_args=["--unixsocket", str(sock)]):
+        url = f"unix://{sock}?db=3"
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120)
+        with celery_worker(s, tmp_path / "celery.log", "threads", 2):
+            app = make_celery(s)
+            rid = app.send_task("pagedserve.submit", args=["over the socket"]).get(timeout=60)
+            assert rid.startswith("celery-")
+        with redis.Redis(unix_socket_path=str(sock), db=3) as r:
+            assert r.xlen(Keys(prefix).requests) == 1
+            assert any(k.startswith(b"celery-task-meta-") for k in r.scan_iter(count=1000))
