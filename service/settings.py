@@ -100,9 +100,11 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"{name} must start with redis://, rediss:// or unix://")
     try:
-        parse_url(url)
+        options = parse_url(url)
         path = urlsplit(url).path
     except ValueError as e:
+        if str(e).startswith("Invalid value for"):  # a query option of the wrong type: redis-py names it
+            raise ValueError(f"{e} (after ? in the URL)") from None
         # urllib's message may quote a piece of a password cut at a raw '/', '#' or '?': not shown then.
         why = "" if "@" in url else f" ({redact(e)})"
         raise ValueError(f"not a valid Redis URL{why}; percent-encode any of :/?#[]@ in the user name or password "
@@ -110,6 +112,28 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
         raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
                          f"(got {redact(path)!r})")
+    _check_url_options(url, options)
+
+
+def _check_url_options(url: str, options: dict) -> None:
+    """The URL's query options, as the connection they make would refuse them (only when it connects)."""
+    import redis
+
+    if options.get("protocol") not in (None, 2, "2"):
+        # Replies then come in RESP3's shapes (maps for stream reads), which the worker does not read.
+        raise ValueError(f"protocol={options['protocol']} is not supported: leave protocol out of the URL")
+    for option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if options.get(option) and not os.path.exists(options[option]):
+            raise ValueError(f"{option}: no such file {options[option]!r}")
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()  # builds the connection object, connects nowhere
+    except TypeError as e:
+        option = re.search(r"argument '(\w+)'", str(e))
+        what = option.group(1) if option else "an option"
+        hint = " (TLS options need a rediss:// URL)" if what.startswith("ssl_") else ""
+        raise ValueError(f"{what} is not an option of this URL{hint}") from None
+    except redis.RedisError as e:  # e.g. an ssl_cert_reqs value redis-py does not know
+        raise ValueError(f"{redact(e)} (ssl_cert_reqs takes none, optional or required)") from None
 
 
 def masked_error(error: ValidationError) -> ValidationError:
