@@ -118,6 +118,7 @@ class Worker(WorkerPart):
         self._credentials_checked = False
         self._stop_deadline: float | None = None
         self._ctrl_c = False  # the drain was asked for by a Ctrl-C (a second one stops it), not by SIGTERM
+        self._ended_before_start: type[BaseException] | None = None  # a signal that ended the start (model loading)
         self.stopped = threading.Event()
         self.heartbeat = self._created = time.monotonic()
         self.started = threading.Event()
@@ -136,6 +137,10 @@ class Worker(WorkerPart):
             if self.settings.cpu_linear != "auto":  # the engine reads the layout where the variable would be
                 os.environ["PAGEDSERVE_CPU_LINEAR"] = self.settings.cpu_linear
             self._engine = LLMEngine(**self.settings.engine_kwargs())
+            if self._ended_before_start is not None:
+                # The signal's raise landed in a finalizer (a __del__ during the load), which prints an exception
+                # and carries on: the start ends now that the load is over, never as a worker that serves.
+                raise self._ended_before_start()
             self.heartbeat = time.monotonic()  # the loop's clock starts now: a long load is not a stall
             self.model_loaded = True
         return self._engine
@@ -153,6 +158,8 @@ class Worker(WorkerPart):
             self._ctrl_c = True
             self.request_stop()
             return
+        if not self.started.is_set():
+            self._ended_before_start = KeyboardInterrupt
         raise KeyboardInterrupt
 
     def _terminated(self, signum: int, frame: Any) -> None:
@@ -162,6 +169,7 @@ class Worker(WorkerPart):
         if self.model_loaded or self._shutting_down:  # from here on the loop's shutdown releases what it holds
             self.request_stop()
             return
+        self._ended_before_start = TerminatedBeforeStart
         raise TerminatedBeforeStart
 
     def request_stop(self, grace_s: float | None = None) -> None:

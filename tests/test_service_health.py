@@ -11,6 +11,7 @@ import json
 import urllib.error
 import urllib.request
 
+import pytest
 import redis
 
 from pagedserve.engine.scheduler import SchedulerOutput
@@ -211,3 +212,28 @@ def test_a_stuck_worker_leaves_its_requests_to_another(redis_url, prefix, shared
     finally:
         scheduler.schedule = real_schedule
         r.close()
+
+
+def test_a_sigterm_swallowed_during_the_load_still_ends_the_start(redis_url, prefix, monkeypatch):
+    """SIGTERM while the model loads raises from its handler; when it lands in a finalizer (a ``__del__`` run during
+    the load), Python prints the exception and carries on, and the worker went on to serve, deaf to that SIGTERM.
+    The start now ends once the load is over, with the same exit."""
+    import signal
+
+    import pagedserve.engine
+    from pagedserve.service.worker import TerminatedBeforeStart, Worker
+
+    real_engine = pagedserve.engine.LLMEngine
+    w = Worker(make_settings(redis_url, prefix, log_level="ERROR"))
+
+    def engine_whose_load_swallows_the_signal(**kw):
+        try:  # what a finalizer does with an exception: print it and go on
+            w._terminated(signal.SIGTERM, None)
+        except TerminatedBeforeStart:
+            pass
+        return real_engine(**kw)
+
+    monkeypatch.setattr(pagedserve.engine, "LLMEngine", engine_whose_load_swallows_the_signal)
+    with pytest.raises(TerminatedBeforeStart) as e:
+        w.run()
+    assert e.value.code == 128 + signal.SIGTERM and not w.started.is_set()
