@@ -17,9 +17,11 @@ Lifecycle invariants:
     then all join the process group. A rank that cannot start never leaves the driver waiting on a collective.
   * A rank dies with the driver, also on SIGKILL of the driver: ``PR_SET_PDEATHSIG`` plus a watchdog thread
     that polls the parent pid.
-  * A rank that dies (or a step that fails on the driver's side of a collective) makes every later step raise
-    ``EngineDeadError``: the ranks' state is no longer known to agree, so the engine cannot go on.
+  * A rank that dies, or takes no part in a step for ``COLLECTIVE_TIMEOUT_S`` (stopped, hung), or a step that
+    fails on the driver's side of a collective makes that step and every later one raise ``EngineDeadError``
+    (the ranks' state is no longer known to agree, so the engine cannot go on), and the ranks are killed then.
   * Messages on the pipes are JSON; nothing is pickled after the processes start.
+  * A rank logs in the driver's format: JSON lines when the driver's are JSON (a service worker's), else text.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from multiprocessing.connection import Connection, wait
 from types import SimpleNamespace
 
@@ -52,7 +54,11 @@ from pagedserve.engine.parallel_layers import TensorParallelGroup
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 900.0  # loading a large shard from a network disk takes minutes
-COLLECTIVE_TIMEOUT_S = 300.0  # a forward's all-reduce: a hung rank fails the step after this long
+# How long the driver waits for the other ranks in any collective of a step (the step broadcast included): a rank
+# that is alive but takes no part (stopped, hung) fails the step after this long. The ranks run the same step in
+# lockstep, so the wait is their skew, not a step's length: a long prefill does not come near it.
+COLLECTIVE_TIMEOUT_S = 300.0
+IDLE_TIMEOUT = timedelta(days=365)  # a rank waits for the driver's next step as long as the engine idles
 STOP_JOIN_S = 10.0
 HEADER_LEN = 12
 _STEP, _STOP = 1, 0
@@ -128,6 +134,62 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def _is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): alive, but it runs nothing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _utc_iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object per record, with the keys of the service's JSON log (timestamp, level, logger, event) and
+    the rank; a traceback is one field, ``exception``, so that a log collector keeps it with its line."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"timestamp": _utc_iso(record.created),
+                "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage(),
+                "rank": self.rank}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)
+
+
+def _configure_rank_logging(rank: int, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines(rank) if log_format == "json" else logging.Formatter(
+        f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def _driver_log_format() -> str:
+    """``json`` when this process writes the engine's log records as JSON objects (a service worker set to log
+    JSON), else ``text``: what the handlers make of a probe record tells, so the engine need not know who set
+    them up."""
+    probe = logging.LogRecord(log.name, logging.INFO, __file__, 0, "probe", None, None)
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            try:
+                if isinstance(json.loads(handler.format(probe)), dict):
+                    return "json"
+            except Exception:  # a handler's formatter that cannot take the probe, or text that is not JSON
+                continue
+        logger = logger.parent if logger.propagate else None
+    return "text"
+
+
 def _send(conn: Connection, **msg) -> None:
     conn.send_bytes(json.dumps(msg).encode())
 
@@ -136,29 +198,30 @@ def _recv(conn: Connection) -> dict:
     return json.loads(conn.recv_bytes())
 
 
-def _init_groups(tp: TensorParallelGroup, device: torch.device, init_method: str):
+def _init_groups(tp: TensorParallelGroup, device: torch.device, init_method: str, step_timeout: timedelta):
     """Join the process group (NCCL between GPUs, gloo on the CPU); return the gloo group steps travel on.
 
-    The step channel has its own gloo group without a useful timeout: an idle engine leaves the ranks waiting
-    in its broadcast for as long as it likes, while the forward's collectives keep ``COLLECTIVE_TIMEOUT_S``.
+    The step channel has its own gloo group, whose timeout each process sets for itself: the driver's is
+    ``COLLECTIVE_TIMEOUT_S`` (gloo's root waits for every receiver, so a stopped rank would hold the driver's
+    send for ever), the ranks' ``IDLE_TIMEOUT`` (an idle engine leaves them waiting in its broadcast).
     """
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=tp.rank, world_size=tp.size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     tp.group = dist.group.WORLD
-    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+    return dist.new_group(backend="gloo", timeout=step_timeout)
 
 
 def _rank_main(rank: int, size: int, config: dict, model_dir: str, hf_config: dict, max_model_len: int,
-               max_num_batched_tokens: int, init_method: str, conn: Connection, parent_pid: int) -> None:
+               max_num_batched_tokens: int, init_method: str, conn: Connection, parent_pid: int,
+               log_format: str) -> None:
     """A rank process: load the shard, agree on the pool, then run every step the driver sends until it stops."""
     # Ctrl-C and a service manager's stop signal the whole process group: the driver alone decides (it drains,
     # then stops its ranks; they die with it in any case).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s")
+    _configure_rank_logging(rank, log_format)
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
     tp = TensorParallelGroup(rank, size)
     group = None
@@ -167,7 +230,7 @@ def _rank_main(rank: int, size: int, config: dict, model_dir: str, hf_config: di
         nonlocal group
         _send(conn, num_gpu_blocks=num_blocks)
         agreed = _recv(conn)["num_gpu_blocks"]
-        group = _init_groups(tp, torch.device(cfg.device), init_method)
+        group = _init_groups(tp, torch.device(cfg.device), init_method, IDLE_TIMEOUT)
         return agreed
 
     try:
@@ -192,6 +255,31 @@ def _rank_main(rank: int, size: int, config: dict, model_dir: str, hf_config: di
 
 
 # ------------------------------------------------------------------------------------------ the driver
+RENDEZVOUS_PREFIX = "pagedserve-tp-"
+
+
+def _remove_stale_rendezvous() -> None:
+    """Remove the rendezvous directories of drivers that are gone: one that ended without ``close()`` (SIGKILL,
+    SIGTERM without a handler) left its directory behind. Each name carries its driver's pid."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(RENDEZVOUS_PREFIX):
+            continue
+        pid = name.removeprefix(RENDEZVOUS_PREFIX).split("-", 1)[0]
+        if not pid.isdigit():  # an older engine's name, without its pid: whose it is cannot be told
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # alive, under another user
+            pass
+
+
 class TensorParallelRunner(ModelRunner):
     """Rank 0's model runner: starts and supervises the other ranks and sends each step to them first."""
 
@@ -210,13 +298,15 @@ class TensorParallelRunner(ModelRunner):
         self._threads = torch.get_num_threads()
         # The ranks meet through a file in a private directory: torch's TCP store would listen on every
         # interface, unauthenticated, for the engine's life (ranks share one machine; no port is needed).
-        self._rendezvous = tempfile.mkdtemp(prefix="pagedserve-tp-")
+        _remove_stale_rendezvous()
+        self._rendezvous = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-")
         init_method = f"file://{os.path.join(self._rendezvous, 'store')}"
         ctx = mp.get_context("spawn")
         # Each rank is its own engine process config-wise: its device, the driver's dtype (the rank's config
         # carries no torch dtype), and no further ranks of its own.
         dtype = config.torch_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
         hf_dict = hf_config.to_dict()
+        log_format = _driver_log_format()
         for rank in range(1, size):
             rank_config = dataclasses.asdict(dataclasses.replace(
                 config, device=config.rank_device(rank), dtype=str(dtype).removeprefix("torch."),
@@ -225,7 +315,7 @@ class TensorParallelRunner(ModelRunner):
             proc = ctx.Process(
                 target=_rank_main, name=f"pagedserve-tp-rank{rank}", daemon=True,
                 args=(rank, size, rank_config, str(model_dir), hf_dict, max_model_len,
-                      max_num_batched_tokens, init_method, theirs, os.getpid()))
+                      max_num_batched_tokens, init_method, theirs, os.getpid(), log_format))
             proc.start()
             theirs.close()
             self._procs.append(proc)
@@ -237,7 +327,8 @@ class TensorParallelRunner(ModelRunner):
             agreed = min([num_blocks, *self._wait_ready()])
             for conn in self._conns:
                 _send(conn, num_gpu_blocks=agreed)
-            self.channel = StepChannel(_init_groups(tp, config.torch_device, init_method))
+            self.channel = StepChannel(_init_groups(tp, config.torch_device, init_method,
+                                                    timedelta(seconds=COLLECTIVE_TIMEOUT_S)))
             return agreed
 
         if config.torch_device.type == "cpu":
@@ -304,11 +395,13 @@ class TensorParallelRunner(ModelRunner):
 
     def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
         self.check_alive()
+        start = time.monotonic()
         try:
             self.channel.send(plan)
             return super().execute_plan(plan)
         except Exception as exc:
-            self._dead = self._failure(exc)
+            self._dead = self._failure(exc, timed_out=time.monotonic() - start >= COLLECTIVE_TIMEOUT_S)
+            self._stop_ranks(healthy=False)  # each holds a shard of the weights and of the KV pool, for nothing
             raise self._dead from exc
         except BaseException as exc:  # KeyboardInterrupt: the ranks are left inside this step's collectives
             self._dead = EngineDeadError(f"tensor-parallel step interrupted on rank 0 ({type(exc).__name__}): "
@@ -316,8 +409,9 @@ class TensorParallelRunner(ModelRunner):
             self._stop_ranks(healthy=False)
             raise
 
-    def _failure(self, exc: Exception) -> EngineDeadError:
-        """What took the step down: the first rank that died or reported an error, else the driver's error."""
+    def _failure(self, exc: Exception, timed_out: bool) -> EngineDeadError:
+        """What took the step down: the first rank that died or reported an error; else, when the driver's wait
+        ran out, the ranks that took no part (the stopped ones, else any of them); else the driver's error."""
         deadline = time.monotonic() + 2.0  # a dying rank's exit and message lag the broken collective a little
         while time.monotonic() < deadline:
             for r, proc in enumerate(self._procs):
@@ -325,6 +419,16 @@ class TensorParallelRunner(ModelRunner):
                 if proc.exitcode is not None or msg:
                     return EngineDeadError(f"tensor-parallel rank {r + 1} {self._describe(r, msg)}")
             time.sleep(0.05)
+        if timed_out:
+            stopped = [r + 1 for r, proc in enumerate(self._procs) if _is_stopped(proc.pid)]
+            if len(stopped) == 1:
+                who = f"rank {stopped[0]} is stopped"
+            elif stopped:
+                who = f"ranks {', '.join(map(str, stopped))} are stopped"
+            else:
+                who = "rank 1 hangs" if len(self._procs) == 1 else f"one of ranks 1-{len(self._procs)} hangs"
+            return EngineDeadError(f"tensor-parallel {who}: no part in a step for {COLLECTIVE_TIMEOUT_S:.0f} s "
+                                   "(COLLECTIVE_TIMEOUT_S); the ranks were killed, make a new engine")
         return EngineDeadError(f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}")
 
     @property

@@ -1,6 +1,6 @@
 """Tensor parallelism on the CPU (gloo, fp32): TP=2 generates what TP=1 generates, the loader reads each rank's
-shard only, head counts that cannot be split are refused, the rank processes live and die with the driver, and a
-closed engine says so.
+shard only, head counts that cannot be split are refused, the rank processes live and die with the driver, a rank
+that stops takes the engine down in bounded time, the ranks log in the driver's format, and a closed engine says so.
 
 Every TP=2 engine starts a rank process (seconds on a busy machine), so each one runs as much as it can: one
 mixed batch with chunked prefill, prefix-cache hits, a preemption mode, n-sampling and beam search.
@@ -8,13 +8,17 @@ mixed batch with chunked prefill, prefix-cache hits, a preemption mode, n-sampli
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -312,3 +316,115 @@ def test_ranks_leave_signals_to_the_driver_listen_on_loopback_only_and_die_with_
         assert not alive(pid)
     finally:
         llm2.close()
+
+
+def _rendezvous_dirs(pid: int) -> list[str]:
+    """The rendezvous directories the engine of process ``pid`` created (they carry its pid)."""
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"pagedserve-tp-{pid}-*"))
+
+
+def test_a_stopped_rank_fails_the_step_within_the_bound_and_is_killed(tp_models, monkeypatch):
+    """A rank that is alive but takes no part (SIGSTOP, a hang) blocked the driver in the step broadcast forever,
+    and a service worker's loop with it: the driver's waits on a rank are bounded by ``COLLECTIVE_TIMEOUT_S``
+    (here a few seconds), the step raises ``EngineDeadError`` naming the rank, and the rank is killed at once.
+    The rendezvous directory an engine's abnormal end left behind is removed at the next start."""
+    from pagedserve.engine import tensor_parallel
+
+    bound = 5.0
+    monkeypatch.setattr(tensor_parallel, "COLLECTIVE_TIMEOUT_S", bound)
+    gone = subprocess.Popen(["true"])  # a pid that is gone
+    gone.wait()
+    stale = tempfile.mkdtemp(prefix=f"pagedserve-tp-{gone.pid}-")
+    open(os.path.join(stale, "store"), "w").close()
+    sleeper = subprocess.Popen(["sleep", "600"])
+    live = tempfile.mkdtemp(prefix=f"pagedserve-tp-{sleeper.pid}-")
+    before = set(spawned_children(os.getpid()))
+    llm2 = LLM(model=tp_models["llama"], tensor_parallel_size=2, **_engine_kw(CASES["llama"]))
+    try:
+        assert not os.path.exists(stale), "a dead engine's rendezvous directory was left behind"
+        assert os.path.isdir(live), "a live engine's rendezvous directory was removed"
+        assert len(_rendezvous_dirs(os.getpid())) == 1
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        llm2.generate([[5, 6, 7]], params)
+        (pid,) = llm2.engine.runner.rank_pids
+        os.kill(pid, signal.SIGSTOP)
+        outcome: dict = {}
+
+        def call() -> None:
+            try:
+                llm2.generate([[8, 9, 10]], params)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+                outcome["error"] = exc
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(bound + 60)
+        blocked = caller.is_alive()
+        if blocked:  # let the driver go: a killed rank breaks the collective it waits in
+            os.kill(pid, signal.SIGKILL)
+            caller.join(60)
+        assert not blocked, "generate still waited on the stopped rank long after the collective timeout"
+        assert isinstance(outcome.get("error"), EngineDeadError), outcome
+        assert "rank 1" in str(outcome["error"]), outcome["error"]
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), "the stopped rank was left behind"
+        with pytest.raises(EngineDeadError, match="rank 1"):  # and the engine stays down
+            llm2.generate([[5, 6, 7]], params)
+    finally:
+        llm2.close()
+        sleeper.kill()
+        sleeper.wait()
+        shutil.rmtree(live, ignore_errors=True)
+    assert set(spawned_children(os.getpid())) <= before
+    assert not _rendezvous_dirs(os.getpid())
+
+
+def test_ranks_log_json_lines_when_the_driver_does(tp_models, tmp_path):
+    """A worker logging JSON (PAGEDSERVE_LOG_FORMAT=json) got plain-text lines from its ranks among its own, which
+    a log collector cannot parse: the ranks write one JSON object per line too, a traceback as one field. The
+    rank's traceback comes from a step it cannot unpack (a header that promises more than the body holds)."""
+    pytest.importorskip("structlog")
+    script = textwrap.dedent(f"""
+        import torch
+        import torch.distributed as dist
+        from pagedserve.engine import LLM, SamplingParams, tensor_parallel
+        from pagedserve.engine.errors import EngineDeadError
+        from pagedserve.service.telemetry import configure_logging
+
+        def garbled(self, plan):
+            header = torch.tensor([1, 10**6, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0], dtype=torch.int64)
+            dist.broadcast(header, 0, group=self.group)
+            dist.broadcast(torch.zeros(1, dtype=torch.int64), 0, group=self.group)
+
+        if __name__ == "__main__":
+            configure_logging("json", "INFO")
+            llm = LLM(model={tp_models['llama']!r}, tensor_parallel_size=2, device="cpu", num_gpu_blocks=16)
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+            tensor_parallel.StepChannel.send = garbled
+            try:
+                llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+            except EngineDeadError:
+                pass
+            llm.close()
+    """)
+    path = tmp_path / "driver.py"
+    path.write_text(script)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # Read as a stream of JSON objects rather than line by line: the driver writes each of its own lines in two
+    # parts (the object, then the newline), so a rank's line written between them shares a line with it.
+    decoder, text, at, records = json.JSONDecoder(), done.stderr, 0, []
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        try:
+            record, at = decoder.raw_decode(text, at)
+        except ValueError:
+            pytest.fail(f"the driver's JSON log holds something else: {text[at:at + 200]!r}")
+        records.append(record)
+    ranks = [r for r in records if r.get("rank") == 1]
+    assert {"timestamp", "level", "logger", "event"} <= set(ranks[0]), ranks[0]
+    assert any(r["level"] == "info" and "rank 1 of 2 ready" in r["event"] for r in ranks), ranks
+    (failed,) = [r for r in ranks if r["level"] == "error"]
+    assert failed["logger"] == "pagedserve.engine.tensor_parallel" and "rank 1 failed" in failed["event"]
+    assert failed["exception"].startswith("Traceback") and "cannot reshape" in failed["exception"], failed
