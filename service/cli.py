@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from .redaction import printable
+from .redaction import printable, redact
 
 _BENCH_TARGETS = {
     "offline": "pagedserve.bench.offline:offline_command",
@@ -275,7 +275,12 @@ def worker(
 
     try:
         with err.status(f"[bold]loading model[/] {s.model or DEFAULT_MODEL + ' (the default)'} on {s.device} ..."):
-            _ = w.engine
+            try:
+                _ = w.engine
+            except ValueError as e:
+                if "tensor_parallel_size" not in str(e):
+                    raise
+                _fail(f"error: {redact(e)} (PAGEDSERVE_TENSOR_PARALLEL_SIZE)", 2)  # the engine knows no settings
         w.run()
     except TerminatedBeforeStart as e:
         if w.health is not None:

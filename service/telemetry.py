@@ -43,7 +43,10 @@ class _StderrLogger:
 
     def msg(self, message: str) -> None:
         try:
-            print(message, file=sys.stderr, flush=True)
+            # One write with its newline (print makes two): a tensor-parallel rank writes to the same stderr, and
+            # its line must not land between ours and our newline, making two JSON objects of one line.
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
         except (ValueError, OSError):  # closed or broken stream: drop the line, keep serving
             pass
 

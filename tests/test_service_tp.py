@@ -99,3 +99,13 @@ def test_tp2_worker_whose_rank_dies_while_idle_exits_at_once(redis_url, prefix, 
         assert tp.proc.wait(30) != 0
         dead = [e for e in tp.events() if e.get("event") == "engine_dead"]
         assert dead and "rank 1" in dead[0]["error"], tp.log_path.read_text()[-3000:]
+
+
+def test_a_size_the_heads_do_not_divide_names_the_setting(redis_url, prefix, tmp_path):
+    """The engine's refusal names its own argument; the worker's user set an environment variable."""
+    s = make_settings(redis_url, prefix, worker_name="tp-three", tensor_parallel_size=3)
+    w = WorkerProcess(s, tmp_path / "tp3.log").start()
+    assert w.proc.wait(120) == 2
+    lines = [ln for ln in w.log_path.read_text().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "not divisible by tensor_parallel_size 3" in lines[0], lines
+    assert lines[0].endswith("(PAGEDSERVE_TENSOR_PARALLEL_SIZE)") and "Traceback" not in w.log_path.read_text()
