@@ -3,7 +3,7 @@
 Input line: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}``; the
 body's fields map onto :class:`~pagedserve.service.protocol.GenerateRequest` (``messages`` / ``prompt``,
 ``max_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``, ``logprobs`` / ``top_logprobs``,
-penalties, ``response_format`` -> structured outputs). A field we cannot honour is refused by name, never
+penalties, vLLM's extra sampling keys such as ``top_k``, ``response_format`` -> structured outputs). A field we cannot honour is refused by name, never
 dropped silently (a message's ``name`` or ``tool_calls`` too); ``model`` is echoed in the response, ``user``,
 ``store`` and ``metadata`` are accepted and change nothing, and a field set to null is not given.
 
@@ -33,7 +33,10 @@ from .protocol import DoneEvent, ErrorEvent, GenerateRequest
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
 # Body fields mapped one to one onto our sampling parameters.
-_SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty")
+_SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty",
+              # vLLM's sampling parameters beyond OpenAI's, which its OpenAI server and batch runner take in the body
+              "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
+              "include_stop_str_in_output")
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
              "top_logprobs", "response_format", "stream", "best_of", "echo", *_SAME_NAME}
 # What a request's message carries (protocol.ChatMessage): a name, tool calls or audio would change what the model
@@ -142,7 +145,7 @@ def _structured(fmt: Any) -> dict | None:
 def _params(body: dict, chat: bool, written: dict[str, str]) -> dict:
     """The sampling parameters of ``body``; ``written`` gets the body key of each one named otherwise there."""
     params = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
-    for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+    for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
         if isinstance(params.get(k), int) and not isinstance(params[k], bool):
             params[k] = float(params[k])  # JSON 1 is a valid temperature
     if body.get("max_completion_tokens") is not None:

@@ -327,6 +327,22 @@ def test_a_range_error_names_the_body_key_the_line_wrote():
     }
 
 
+def test_vllm_sampling_keys_are_taken_as_vllm_takes_them():
+    """vLLM's OpenAI server and batch runner take its own sampling parameters in the body (top_k, min_p, ...): a
+    file written for it failed every such line here."""
+    from pagedserve.service.batch_format import parse_lines
+
+    extras = {"top_k": 5, "min_p": 0, "repetition_penalty": 1, "stop_token_ids": [7], "ignore_eos": True,
+              "min_tokens": 2, "include_stop_str_in_output": True}
+    parsed = parse_lines("batch_t", jsonl([chat("vllm", **extras), completion("vllm-cmpl", **extras)]), 2**40)
+    assert [p.error for p in parsed] == [None, None]
+    for p in parsed:
+        params = p.request.params.model_dump(exclude_none=True)
+        assert {k: params[k] for k in extras} == extras
+        assert isinstance(params["min_p"], float) and isinstance(params["repetition_penalty"], float)
+    assert _errors([chat("bad-top-k", top_k=-2)])["bad-top-k"].startswith("line 1: body.top_k: ")
+
+
 def test_keys_that_ask_for_nothing_are_accepted():
     """store and metadata (OpenAI's stored-completions pair) change no output, and a key set to null is not given,
     as the openai SDK means it: each of these failed its whole line."""
