@@ -31,6 +31,7 @@ _EXPORTS = {
     "RedisUnreachable": "pagedserve.service.client",
     "TooManyConnections": "pagedserve.service.client",
     "NoWorker": "pagedserve.service.client",
+    "RequestGone": "pagedserve.service.client",
     "BatchNotEnded": "pagedserve.service.batch_client",
     "BatchNotFound": "pagedserve.service.batch_client",
     "BatchMalformed": "pagedserve.service.batch_client",
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
         NoWorker,
         RedisUnreachable,
         RequestFailed,
+        RequestGone,
         TooManyConnections,
     )
     from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent

@@ -3,7 +3,7 @@
 The service knows nothing of KV blocks; the engine knows nothing of Redis.
 """
 
-from .client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed
+from .client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed, RequestGone
 from .protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
 from .settings import Settings
 
@@ -18,6 +18,7 @@ __all__ = [
     "NoWorker",
     "RedisUnreachable",
     "RequestFailed",
+    "RequestGone",
     "Settings",
     "TokenEvent",
 ]

@@ -36,6 +36,7 @@ from .client_core import (
     ReadResult,
     RedisUnreachable,
     RequestFailed,
+    RequestGone,
     Send,
     Subscribe,
     Terminal,
@@ -50,8 +51,8 @@ from .client_core import (
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
-__all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed", "Terminal",
-           "TooManyConnections", "build_request"]
+__all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed",
+           "RequestGone", "Terminal", "TooManyConnections", "build_request"]
 
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
 # 50 calls at once. Redis's own default maxclients.
@@ -139,14 +140,15 @@ class Client(ProducerCore):
         """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
         req = self._request(prompt, kw)
         try:
-            return self._xadd(req)
+            self._xadd(req)
         except CONNECTION_ERRORS as e:
             raise self._unreachable(e) from None
+        return req.id
 
     def _xadd(self, req: GenerateRequest) -> str:
+        """Send ``req``; returns its stream entry id."""
         with self._producer_span(req) as span:
-            self._sent(span, self.r.xadd(self.keys.requests, self._fields(req)))
-        return req.id
+            return self._sent(span, req, self.r.xadd(self.keys.requests, self._fields(req)))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         """Cancel: mark it (covers a request not picked up yet) and tell the worker running it. Says what it
@@ -249,7 +251,7 @@ class Client(ProducerCore):
                         pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
-                        self._xadd(op.request)
+                        reply = self._xadd(op.request)
                         sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = self._close_quietly(pubsub)
@@ -392,14 +394,15 @@ class AsyncClient(ProducerCore):
         self._bind_loop()
         req = self._request(prompt, kw)
         try:
-            return await self._xadd(req)
+            await self._xadd(req)
         except CONNECTION_ERRORS as e:
             raise self._unreachable(e) from None
+        return req.id
 
     async def _xadd(self, req: GenerateRequest) -> str:
+        """Send ``req``; returns its stream entry id."""
         with self._producer_span(req) as span:
-            self._sent(span, await self.r.xadd(self.keys.requests, self._fields(req)))
-        return req.id
+            return self._sent(span, req, await self.r.xadd(self.keys.requests, self._fields(req)))
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
@@ -501,7 +504,7 @@ class AsyncClient(ProducerCore):
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         if owned is not None:
                             self._owned.add(owned)
-                        await self._xadd(op.request)
+                        reply = await self._xadd(op.request)
                         sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = await self._close_quietly(pubsub)

@@ -36,10 +36,11 @@ Invariants of :func:`event_wait`:
   raises ``TimeoutError``, or until Redis has been away for ``OUTAGE_S``; a Redis never reached (no
   subscription ever confirmed) fails at once. Both raise :class:`RedisUnreachable`, naming the URL with its
   password masked;
-- with ``pickup_timeout``, a request it sent that has had no event for that long is checked against the
-  consumer group: no group, no consumers, or none whose consumer-name lease is alive (a live worker renews it
-  from a thread of its own, however busy its loop) raises :class:`NoWorker`; a live worker keeps the wait
-  going, whatever the queue's length.
+- with ``pickup_timeout``, a request it sent that has had no event for that long is looked for (see
+  :func:`diagnose`): lost by Redis (no entry, claim or result) raises :class:`RequestGone`; otherwise it is
+  checked against the consumer group: no group, no consumers, or none whose consumer-name lease is alive (a
+  live worker renews it from a thread of its own, however busy its loop) raises :class:`NoWorker`; a live worker
+  keeps the wait going, whatever the queue's length. A wait that runs out says the same in its ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Union
 
@@ -98,6 +100,18 @@ RETRY_PAUSE_S = 0.2
 OUTAGE_S = 60.0
 # The errors event_wait retries on (a client throws every Redis error of an operation into it).
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+ENTRY_IDS_KEPT = 10_000  # entry ids of the requests a client sent lately (ProducerCore._entry_ids)
+CONSUMERS_KEPT = 64  # consumer names a client has seen in its checks (ProducerCore._consumers_seen)
+
+
+def remember(kept: OrderedDict, key: str, value: Any, limit: int) -> None:
+    """Keep ``key`` as the newest of at most ``limit`` (the oldest go). Safe from several threads: a pop that
+    another thread made first is no harm."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > limit:
+        with contextlib.suppress(KeyError):
+            kept.popitem(last=False)
 
 
 class RedisUnreachable(redis.ConnectionError):
@@ -120,6 +134,13 @@ def pool_full(e: BaseException) -> bool:
 
 class NoWorker(TimeoutError):
     """Nothing picked the request up and no live worker consumes the stream (the message says what was seen)."""
+
+
+class RequestGone(TimeoutError):
+    """Nothing of the request is in Redis any more, neither queued, running nor answered (Redis restarted without
+    persistence, or evicted it): nothing will ever answer it, and it has to be sent again (:func:`why_gone` says
+    how this is known). Of an id this client did not send, it may also never have been sent under this prefix,
+    or its result expired: the message says which it can tell."""
 
 
 class RequestFailed(Exception):
@@ -294,6 +315,11 @@ class ProducerCore:
                 raise ValueError(f"redis_url {redact(redis_url)!r}: {e}") from None
         self.keys = Keys(prefix or s.prefix)
         self.tracer = get_tracer(tracer_provider)
+        # The stream entry of each request this client sent lately, for telling whether a later wait(id) on it
+        # waits for a request Redis lost; and the consumer names its checks have seen, whose leases still show a
+        # worker alive after a restart emptied the group. Both bounded: a long-lived client keeps the newest.
+        self._entry_ids: OrderedDict[str, str] = OrderedDict()
+        self._consumers_seen: OrderedDict[str, None] = OrderedDict()
 
     def _request(self, prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
         """:func:`request_of`, refused (``ValueError``) if no worker would read it (:func:`check_message_size`)."""
@@ -321,9 +347,12 @@ class ProducerCore:
         fields.update(inject_fields(trace.get_current_span()))
         return fields
 
-    @staticmethod
-    def _sent(span: Any, entry_id: Any) -> None:
-        span.set_attribute("messaging.message.id", entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    def _sent(self, span: Any, req: GenerateRequest, entry_id: Any) -> str:
+        """Note the XADD's entry id (on the span, and kept for a later wait on ``req``); returns it as text."""
+        text = _text(entry_id)
+        span.set_attribute("messaging.message.id", text)
+        remember(self._entry_ids, req.id, text, ENTRY_IDS_KEPT)
+        return text
 
     def _cancel_commands(self, request_id: str) -> list[tuple[str, tuple, dict]]:
         """Look (its stored result, its claim), mark it cancelled (covers a request not picked up yet) and tell
@@ -374,7 +403,7 @@ class ProducerCore:
         if submit is None:  # an id no request can have would be waited on for ever
             check_request_id(request_id)
         return stream_wait(self.keys, request_id, submit, timeout, after, where=redact(self.redis_url),
-                           pickup_timeout=pickup_timeout)
+                           pickup_timeout=pickup_timeout, **self._clues(request_id, submit))
 
     def _wait(
         self,
@@ -388,7 +417,13 @@ class ProducerCore:
         if submit is None:
             check_request_id(request_id)
         return event_wait(self.keys, request_id, submit, timeout, tokens, where=redact(self.redis_url),
-                          pickup_timeout=pickup_timeout)
+                          pickup_timeout=pickup_timeout, **self._clues(request_id, submit))
+
+    def _clues(self, request_id: str, submit: GenerateRequest | None) -> dict:
+        """What this client knows of a request a wait looks for: its entry, if this client sent it (a request the
+        wait sends learns its own from the XADD), and the consumer names seen so far."""
+        entry_id = self._entry_ids.get(request_id) if submit is None else None
+        return {"entry_id": entry_id, "consumers_seen": self._consumers_seen}
 
 
 def check_seconds(**values: Any) -> None:
@@ -556,41 +591,185 @@ def timeout_error(request_id: str, timeout: float | None, more: str = "") -> Tim
     return TimeoutError(f"no result for {request_id} within {timeout} s{more}")
 
 
-def timed_out(keys: Keys, request_id: str, timeout: float | None) -> Generator[Op, Any, TimeoutError]:
-    """The ``TimeoutError`` of a wait that ran out, saying so when no worker is running the prefix at all (a
-    forgotten worker otherwise looks like a slow one)."""
+@dataclasses.dataclass
+class Clues:
+    """What a wait knows that tells where its request went: whether it was sent from this client (by this wait,
+    or by ``submit`` before a ``wait(id)``), the entry id its XADD returned (None when not known), and the consumer
+    names seen by this client's checks (shared by its waits, bounded: :data:`CONSUMERS_KEPT`)."""
+
+    request_id: str
+    sent_here: bool
+    entry_id: str | None
+    consumers_seen: OrderedDict
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Why nothing came: the request is gone (``gone``: :class:`RequestGone`), or no worker runs (:class:`NoWorker`)."""
+
+    gone: bool
+    text: str
+
+
+def timed_out(keys: Keys, clues: Clues, timeout: float | None) -> Generator[Op, Any, TimeoutError]:
+    """The ``TimeoutError`` of a wait that ran out: :class:`RequestGone` when the request is lost, else saying so
+    when no worker is running the prefix at all (a forgotten worker otherwise looks like a slow one)."""
     try:
-        why = yield from why_no_worker(keys)
+        verdict = yield from diagnose(keys, clues)
     except redis.RedisError:
-        why = None
-    return timeout_error(request_id, timeout, f"; no worker is running ({why})" if why else "")
+        verdict = None
+    if verdict is not None and verdict.gone:
+        return RequestGone(f"no result for {clues.request_id} within {timeout} s; {verdict.text}")
+    return timeout_error(clues.request_id, timeout, f"; no worker is running ({verdict.text})" if verdict else "")
 
 
-def why_no_worker(keys: Keys) -> Generator[Op, Any, str | None]:
+def not_picked_up(verdict: Verdict, pickup_timeout: float | None) -> TimeoutError:
+    """What a pickup check that found a reason raises."""
+    if verdict.gone:
+        return RequestGone(verdict.text)
+    return NoWorker(f"no worker is running this after {pickup_timeout:g} s ({verdict.text})")
+
+
+def diagnose(keys: Keys, clues: Clues) -> Generator[Op, Any, Verdict | None]:
+    """Why nothing of the request came, or None when it may still come (or the producer's Redis user may not
+    look): first whether the request is gone (:func:`why_gone`), then whether a worker runs
+    (:func:`why_no_worker`). One XINFO GROUPS serves both."""
+    try:
+        groups = yield from _read_groups(keys)
+    except redis.exceptions.NoPermissionError:
+        return None
+    gone = yield from why_gone(keys, clues, groups)
+    if gone is not None:
+        return Verdict(True, gone)
+    why = yield from _why_no_worker_in(keys, groups or [], clues.consumers_seen)
+    return None if why is None else Verdict(False, why)
+
+
+def _read_groups(keys: Keys) -> Generator[Op, Any, list | None]:
+    """The XINFO GROUPS reply of the request stream; None when there is no stream at all (an empty Redis,
+    restarted, or the stream evicted). A user that may not ask raises ``NoPermissionError``."""
+    try:
+        return (yield ReadGroups(keys.requests))
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:
+        return None
+
+
+def _stream_id(value: Any) -> tuple[int, int] | None:
+    try:
+        ms, _, seq = _text(value).partition("-")
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
+def _group_field(g: dict, name: str) -> Any:
+    return g.get(name, g.get(name.encode()))
+
+
+def why_gone(keys: Keys, clues: Clues, groups: list | None) -> Generator[Op, Any, str | None]:
+    """The message when the request is certainly gone from Redis, else None. ``groups``: the XINFO GROUPS reply,
+    None when the stream does not exist.
+
+    The rule. A request is answered only through its stream entry: the entry is queued (not yet delivered to the
+    group), or pending (delivered, not acknowledged), and a worker acknowledges it only in the script that stores
+    its result (or after reading a stored one); a run goes on only under its claim ``running:{id}``, which its
+    worker keeps renewed even when Redis lost the entry under it. So the request is gone when it has no claim and
+    no result, and its entry can be neither queued nor pending: the stream does not exist; or the group's ``lag``
+    (entries not yet delivered, counted by Redis 7) is 0 and either nothing is pending at all, or the entry comes
+    after the group's last delivered one (then it is not among the pending, and with nothing queued it is not in
+    the stream). After a restart without persistence, or the stream evicted, the worker sets the group up again
+    on an empty stream: lag 0, nothing pending, and no consumer until an entry comes (Redis 7.0 lists a blocked
+    reader only once it was delivered one), which said "no worker is running" of a live worker.
+    The claim is looked at before the result: a worker stores the result before it releases the claim, so a run
+    ending between the two reads is seen by one of them. Redis cannot count the queue (``lag`` null: entries
+    deleted ahead of the group, Redis 6), or a busy queue may hold it: then nothing is said, and the worker check
+    follows. Only the producer ACL's commands are used (XINFO GROUPS, EXISTS, GET: no XRANGE on the stream).
+    A wait on an id this client did not send cannot know it was ever sent: it says less."""
+    if groups is not None:
+        group = next((g for g in groups if _text(g.get("name")) == keys.group), None)
+        if group is None:  # the stream is there without the group: what it holds cannot be seen
+            return None
+        lag, pending = _group_field(group, "lag"), _group_field(group, "pending")
+        last = _stream_id(_group_field(group, "last-delivered-id"))
+        entry = _stream_id(clues.entry_id) if clues.entry_id else None
+        after_last = entry is not None and last is not None and entry > last
+        if lag != 0 or not (pending == 0 or after_last):
+            return None
+    rid = clues.request_id
+    try:
+        if (yield CountKeys((keys.running(rid),))):
+            return None
+        if (yield ReadResult(keys.result(rid))) is not None:
+            return None  # answered meanwhile: the wait reads it next
+    except redis.exceptions.NoPermissionError:
+        return None
+    if clues.sent_here:
+        return (f"request {rid} is gone from Redis (no entry, claim or result: Redis restarted without persistence "
+                "or evicted it): send it again")
+    return (f"nothing of request {rid} is queued, running or answered under prefix {keys.prefix!r}: it was never sent "
+            "there, its result expired (results are kept RESULT_TTL_S), or Redis lost it (restarted without "
+            "persistence, or evicted it)")
+
+
+def why_no_worker(keys: Keys, consumers_seen: OrderedDict | None = None) -> Generator[Op, Any, str | None]:
     """Why no worker will pick a request up, or None when a worker is alive.
 
     A worker joins the group's consumers when it is first delivered an entry: one alive and idle would have
     taken the request at once. Liveness is its consumer-name lease, not the consumer's idle time (before Redis
     7.2 a blocked read of an empty stream does not reset it, and a busy worker may not read for minutes).
+    ``consumers_seen``: names seen by earlier checks (it learns the listed ones): after a restart the group lists
+    a live worker only once an entry is delivered to it, and one busy with the runs it kept is not reading, so a
+    lease of a name seen before counts too. A client that never saw a name can only go by the group.
     A producer whose Redis user may not run XINFO or EXISTS cannot tell, and keeps waiting."""
     try:
-        groups = yield ReadGroups(keys.requests)
+        groups = yield from _read_groups(keys)
     except redis.exceptions.NoPermissionError:
         return None
-    except redis.ResponseError:  # no stream at all (an empty Redis, restarted): no group either
-        groups = []
+    return (yield from _why_no_worker_in(keys, groups or [], consumers_seen))
+
+
+def _why_no_worker_in(keys: Keys, groups: list, consumers_seen: OrderedDict | None) -> Generator[Op, Any, str | None]:
+    """:func:`why_no_worker`, given the XINFO GROUPS reply."""
     if not any(_text(g.get("name")) == keys.group for g in groups):
         return f"no consumer group {keys.group}: no worker has started on this prefix"
+    seen = consumers_seen if consumers_seen is not None else OrderedDict()
     try:
         consumers = yield ReadConsumers(keys.requests, keys.group)
-        if not consumers:
+        names = [_text(c["name"]) for c in consumers]
+        known = [n for n in list(seen) if n not in names]
+        for name in names:
+            remember(seen, name, None, CONSUMERS_KEPT)
+        if not names and not known:
             return "consumer group has 0 consumers"
-        alive = yield CountKeys(tuple(keys.consumer_lease(_text(c["name"])) for c in consumers))
+        alive = yield CountKeys(tuple(keys.consumer_lease(n) for n in names + known))
     except redis.exceptions.NoPermissionError:
         return None
-    if not alive:
-        return f"consumer group has {len(consumers)} consumer{'s' if len(consumers) > 1 else ''}, none of them alive"
-    return None
+    if alive:
+        return None
+    if not names:
+        return "consumer group has 0 consumers"
+    return f"consumer group has {len(names)} consumer{'s' if len(names) > 1 else ''}, none of them alive"
+
+
+def _clues_for(request_id: str, submit: GenerateRequest | None, entry_id: str | None,
+               consumers_seen: OrderedDict | None) -> Clues:
+    return Clues(request_id, sent_here=submit is not None or entry_id is not None, entry_id=entry_id,
+                 consumers_seen=consumers_seen if consumers_seen is not None else OrderedDict())
+
+
+def _entry_of(reply: Any) -> str | None:
+    """The entry id a client's :class:`Send` replied (None from a driver that does not say)."""
+    return _text(reply) if isinstance(reply, (str, bytes)) else None
+
+
+def _gone_or_none(keys: Keys, clues: Clues) -> Generator[Op, Any, str | None]:
+    """:func:`why_gone` with its XINFO GROUPS read, for a wait past its deadline: None when Redis will not say."""
+    try:
+        return (yield from why_gone(keys, clues, (yield from _read_groups(keys))))
+    except redis.RedisError:
+        return None
 
 
 def event_wait(
@@ -603,13 +782,18 @@ def event_wait(
     *,
     where: str = "Redis",
     pickup_timeout: float | None = None,
+    entry_id: str | None = None,
+    consumers_seen: OrderedDict | None = None,
 ) -> Generator[Op, Any, None]:
     """The events of ``request_id`` (sending ``submit`` first if given), as operations for a client to run.
 
     Token events are emitted only when ``tokens``; ``timeout`` (seconds, None = no limit) raises
-    ``TimeoutError``; ``pickup_timeout`` (seconds) raises :class:`NoWorker` as the module docstring says.
+    ``TimeoutError``; ``pickup_timeout`` (seconds) raises :class:`NoWorker` or :class:`RequestGone` as the module
+    docstring says. ``entry_id``: the stream entry of a request this client sent before (the reply to
+    :class:`Send` gives that of one sent here); ``consumers_seen``: as :func:`why_no_worker` takes it.
     A client throws the Redis error of a failed operation into the generator; ``where`` names Redis in errors.
     """
+    clues = _clues_for(request_id, submit, entry_id, consumers_seen)
     deadline = None if timeout is None else clock() + timeout
     sent = submit is None
     subscribed = False
@@ -633,7 +817,7 @@ def event_wait(
                 subscribed = reached = True
                 outage.answered()
                 if not sent:
-                    yield Send(submit)  # type: ignore[arg-type]
+                    clues.entry_id = _entry_of((yield Send(submit)))  # type: ignore[arg-type]
                     sent = True
                     if pickup_timeout is not None:
                         check_workers_at = clock() + pickup_timeout
@@ -651,11 +835,11 @@ def event_wait(
                     yield Emit(done)
                     return
                 if expired():
-                    raise (yield from timed_out(keys, request_id, timeout))
+                    raise (yield from timed_out(keys, clues, timeout))
                 if check_workers_at is not None and clock() >= check_workers_at:
-                    why = yield from why_no_worker(keys)
-                    if why is not None:
-                        raise NoWorker(f"no worker is running this after {pickup_timeout:g} s ({why})")
+                    verdict = yield from diagnose(keys, clues)
+                    if verdict is not None:
+                        raise not_picked_up(verdict, pickup_timeout)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             if m.get("type") != "message":
@@ -690,11 +874,15 @@ def stream_wait(
     *,
     where: str = "Redis",
     pickup_timeout: float | None = None,
+    entry_id: str | None = None,
+    consumers_seen: OrderedDict | None = None,
 ) -> Generator[Op, Any, None]:
     """The events of ``request_id`` from its events stream (sending ``submit`` first if given), as operations for a
     client to run. ``after``: the last ``seq`` already seen, for every output (an int) or per output index (a
-    dict); those events and the ones before them are skipped. Errors as :func:`event_wait`."""
+    dict); those events and the ones before them are skipped. Errors, ``entry_id`` and ``consumers_seen`` as
+    :func:`event_wait`."""
     after = resume_point(after)
+    clues = _clues_for(request_id, submit, entry_id, consumers_seen)
     deadline = None if timeout is None else clock() + timeout
     sent = submit is None
     reached = False  # Redis answered once: a lost connection is worth a retry
@@ -724,7 +912,7 @@ def stream_wait(
     while True:
         try:
             if not sent:
-                yield Send(submit)  # type: ignore[arg-type]
+                clues.entry_id = _entry_of((yield Send(submit)))  # type: ignore[arg-type]
                 sent = reached = True
                 if pickup_timeout is not None:
                     check_workers_at = clock() + pickup_timeout
@@ -739,19 +927,23 @@ def stream_wait(
                     return
                 if expired():
                     if submit is None and last_entry == "0-0":  # picked up by id, and nothing of it was ever seen
+                        gone = yield from _gone_or_none(keys, clues)
+                        if gone is not None:
+                            raise RequestGone(f"no result for {request_id} within {timeout} s, and no event of it "
+                                              f"either; {gone}")
                         raise timeout_error(
                             request_id, timeout, f", and no event of it either: it is not under prefix "
                             f"{keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or it still waits "
                             "in the queue for a worker")
-                    raise (yield from timed_out(keys, request_id, timeout))
+                    raise (yield from timed_out(keys, clues, timeout))
                 if check_workers_at is not None and clock() >= check_workers_at:
-                    why = yield from why_no_worker(keys)
-                    if why is not None:
-                        raise NoWorker(f"no worker is running this after {pickup_timeout:g} s ({why})")
+                    verdict = yield from diagnose(keys, clues)
+                    if verdict is not None:
+                        raise not_picked_up(verdict, pickup_timeout)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
-            for entry_id, fields in entries:
-                last_entry = _text(entry_id)
+            for event_id, fields in entries:
+                last_entry = _text(event_id)
                 ev = parse_event(fields.get(b"data", fields.get("data")))
                 check_workers_at = None  # a worker has it
                 if isinstance(ev, TokenEvent):

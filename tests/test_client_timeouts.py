@@ -1,0 +1,348 @@
+"""What a producer says when its wait runs out (``timeout``) or nothing picks its request up (``pickup_timeout``):
+the request itself lost by Redis (restarted without persistence, keys evicted) is named as such, not blamed on a
+missing worker; a worker alive by its name lease is not called missing because the group lists no consumers.
+
+The rule's edges are played on the sans-IO core (client_core says how it decides); the real cases run a worker
+process against a redis-server of their own that is restarted without persistence or made to evict the queue,
+with the client under the producer ACL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.client_core import (
+    CountKeys,
+    Listen,
+    NoWorker,
+    ReadConsumers,
+    ReadGroups,
+    ReadResult,
+    RequestGone,
+    Send,
+    Subscribe,
+    build_request,
+    event_wait,
+    why_no_worker,
+)
+from pagedserve.service.connection import producer_acl
+from pagedserve.service.protocol import DoneEvent, Keys
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import WorkerProcess, make_settings, wait_for
+
+RID = "req-1"
+GONE = ("request req-1 is gone from Redis (no entry, claim or result: Redis restarted without persistence or "
+        "evicted it): send it again")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def group(pending: int = 0, lag: int | None = 0, last: str = "0-0", consumers: int = 0) -> dict:
+    """One group of an XINFO GROUPS reply, as redis-py parses it."""
+    return {"name": b"t-workers", "consumers": consumers, "pending": pending, "last-delivered-id": last.encode(),
+            "entries-read": None, "lag": lag}
+
+
+def picked_up_check(entry_id, submit: bool = True, seen: OrderedDict | None = None):
+    """An event wait whose request was sent (the XADD answered ``entry_id``) run until its first pickup check asks
+    for the groups (5 s of quiet, no result); or one that only waits for the id, until its 5 s timeout does."""
+    clock = Clock()
+    if submit:
+        wait = event_wait(Keys("t"), RID, build_request("hi", id=RID), timeout=None, clock=clock, pickup_timeout=5,
+                          consumers_seen=seen)
+    else:
+        wait = event_wait(Keys("t"), RID, None, timeout=5, clock=clock, entry_id=entry_id, consumers_seen=seen)
+    assert isinstance(next(wait), Subscribe)
+    assert isinstance(wait.send(None), Listen)
+    op = wait.send({"type": "subscribe", "data": 1})
+    if submit:
+        assert isinstance(op, Send)
+        op = wait.send(entry_id)
+    while not isinstance(op, ReadGroups):
+        assert isinstance(op, (Listen, ReadResult)), op
+        if isinstance(op, Listen):
+            clock.now += op.timeout
+        op = wait.send(None)
+    return wait
+
+
+def test_a_request_with_no_entry_claim_or_result_is_gone_not_a_missing_worker():
+    """After a restart the worker recreated the group: 0 consumers, nothing pending or queued. The request was
+    lost, and a live worker may well be there: the check names the loss."""
+    wait = picked_up_check("1700000000000-0")
+    assert wait.send([group()]) == CountKeys(("t:running:req-1",))
+    assert wait.send(0) == ReadResult("t:result:req-1")
+    with pytest.raises(RequestGone) as exc:
+        wait.send(None)
+    assert str(exc.value) == GONE
+    assert isinstance(exc.value, TimeoutError) and not isinstance(exc.value, NoWorker)
+
+
+def test_a_stream_that_no_longer_exists_holds_no_entry():
+    wait = picked_up_check("1700000000000-0")
+    assert wait.throw(redis.ResponseError("no such key")) == CountKeys(("t:running:req-1",))
+    assert wait.send(0) == ReadResult("t:result:req-1")
+    with pytest.raises(RequestGone, match="^request req-1 is gone from Redis"):
+        wait.send(None)
+
+
+def test_an_entry_after_the_last_delivered_one_with_nothing_queued_is_not_in_the_stream():
+    """Other requests may be pending (a worker runs them): the entry id says ours is not among them."""
+    wait = picked_up_check("1700000000000-5")
+    assert wait.send([group(pending=3, last="1700000000000-4", consumers=1)]) == CountKeys(("t:running:req-1",))
+    assert wait.send(0) == ReadResult("t:result:req-1")
+    with pytest.raises(RequestGone):
+        wait.send(None)
+
+
+@pytest.mark.parametrize("groups, claim, result", [
+    ([group(lag=1)], None, None),  # something is queued: it may be this request
+    ([group(lag=None)], None, None),  # Redis cannot count what is queued
+    ([group(pending=1, last="1700000000000-9", consumers=1)], None, None),  # delivered, may be pending
+    ([group()], 1, None),  # a worker holds its claim: it runs
+    ([group()], 0, json.dumps({"type": "done", "id": RID, "outputs": []})),  # answered meanwhile
+])
+def test_a_request_that_may_still_be_answered_is_not_called_gone(groups, claim, result):
+    wait = picked_up_check("1700000000000-5")
+    op = wait.send(groups)
+    if claim is not None:
+        assert op == CountKeys(("t:running:req-1",))
+        op = wait.send(claim)
+        if result is not None:
+            assert op == ReadResult("t:result:req-1")
+            op = wait.send(result)
+    assert op == ReadConsumers("t:requests", "t-workers")  # on to the worker check, as before
+
+
+def test_a_wait_on_an_id_sent_elsewhere_says_less():
+    """This client did not send it: nothing of the id is in Redis, which is all that can be said."""
+    wait = picked_up_check(None, submit=False)
+    assert wait.send([group()]) == CountKeys(("t:running:req-1",))
+    assert wait.send(0) == ReadResult("t:result:req-1")
+    with pytest.raises(RequestGone) as exc:
+        wait.send(None)
+    assert str(exc.value) == ("no result for req-1 within 5 s; nothing of request req-1 is queued, running or "
+                              "answered under prefix 't': it was never sent there, its result expired (results are "
+                              "kept RESULT_TTL_S), or Redis lost it (restarted without persistence, or evicted it)")
+
+
+def test_a_wait_on_an_id_this_client_sent_knows_its_entry():
+    wait = picked_up_check("1700000000000-5", submit=False)
+    assert wait.send([group(pending=2, last="1700000000000-4", consumers=1)]) == CountKeys(("t:running:req-1",))
+    assert wait.send(0) == ReadResult("t:result:req-1")
+    with pytest.raises(RequestGone, match="^no result for req-1 within 5 s; request req-1 is gone from Redis"):
+        wait.send(None)
+
+
+def test_a_live_name_lease_is_a_live_worker_when_the_group_lists_no_consumer():
+    """Redis 7.0 adds a consumer to a group only when it delivers it an entry: after a restart a live worker
+    that is busy is no consumer. A name seen in an earlier check whose lease is alive is a live worker."""
+    seen: OrderedDict = OrderedDict()
+    wait = picked_up_check("1700000000000-5", seen=seen)
+    assert wait.send([group(lag=None, consumers=1)]) == ReadConsumers("t:requests", "t-workers")
+    assert wait.send([{"name": b"w1", "pending": 1, "idle": 5}]) == CountKeys(("t:consumer:w1",))
+    assert isinstance(wait.send(1), Listen)
+    assert list(seen) == ["w1"]
+
+    later = picked_up_check("1700000000000-6", seen=seen)
+    assert later.send([group(lag=1)]) == ReadConsumers("t:requests", "t-workers")
+    assert later.send([]) == CountKeys(("t:consumer:w1",))
+    assert isinstance(later.send(1), Listen)  # alive: keep waiting
+
+    fresh = picked_up_check("1700000000000-6")  # knows no name: the group is all it can go by
+    assert fresh.send([group(lag=1)]) == ReadConsumers("t:requests", "t-workers")
+    with pytest.raises(NoWorker, match=r"consumer group has 0 consumers\)$"):
+        fresh.send([])
+
+
+# ------------------------------------------------------------------------------------------------ real Redis
+PASSWORD = "producer-pw"
+PREFIX = "lost"
+KEYS = Keys(PREFIX)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A redis-server without persistence whose producer user (connection.producer_acl, from its command line, so
+    that a restart keeps it) the clients log in as, and one worker process logged in as the default user."""
+    server = LocalRedis(extra_args=["--user", "producer", "on", f">{PASSWORD}", *producer_acl(PREFIX)]).start()
+    admin = redis.Redis(port=server.port, socket_timeout=10)
+    producer_url = f"redis://producer:{PASSWORD}@127.0.0.1:{server.port}/0"
+    settings = make_settings(server.url, PREFIX)
+    worker = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log").start()
+    try:
+        worker.wait_started()
+        yield server, admin, producer_url, settings, worker
+    finally:
+        worker.close()
+        admin.close()
+        server.stop()
+
+
+def producer_denials(admin: redis.Redis) -> list[dict]:
+    entries = [dict(zip(e[::2], e[1::2])) for e in admin.execute_command("ACL", "LOG")]
+    return [e for e in entries if e.get(b"username") == b"producer" and b"setinfo" not in e.get(b"object", b"")]
+
+
+def worker_back(admin: redis.Redis, settings) -> bool:
+    """The worker has set itself up on this Redis: the group exists and its name lease is held."""
+    try:
+        groups = admin.xinfo_groups(KEYS.requests)
+    except redis.ResponseError:
+        return False
+    return bool(groups) and bool(admin.exists(KEYS.consumer_lease(settings.consumer_name)))
+
+
+def queued(admin: redis.Redis) -> int:
+    try:
+        return admin.xlen(KEYS.requests)
+    except redis.ResponseError:
+        return 0
+
+
+class Waiting:
+    """A call that waits in a thread of its own; ``error`` is what it raised."""
+
+    def __init__(self, call) -> None:
+        self.error: BaseException | None = None
+        self.value = None
+
+        def run() -> None:
+            try:
+                self.value = call()
+            except BaseException as e:
+                self.error = e
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> BaseException | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the wait did not end"
+        return self.error
+
+
+def paused(worker: WorkerProcess):
+    """The worker stopped (SIGSTOP) so that what is sent now stays queued; resumed on exit."""
+    class Pause:
+        def __enter__(self):
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+
+        def __exit__(self, *exc):
+            os.kill(worker.proc.pid, signal.SIGCONT)
+
+    return Pause()
+
+
+@pytest.mark.slow
+def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
+    """The probe: a worker is alive and idle, yet a wait on a request Redis lost in a restart said "no worker is
+    running (consumer group has 0 consumers)" (Redis 7.0 does not list a worker blocked on an empty stream).
+    Both a wait running out and a pickup check now say the request is gone; the worker still answers."""
+    server, admin, url, settings, worker = served
+    c = Client(url, prefix=PREFIX)
+    try:
+        assert c.generate("warm", params={"max_tokens": 2}, timeout=60).outputs  # a live worker, a consumer
+        with paused(worker):
+            timed = Waiting(lambda: c.generate("lost-1", id="lost-1", params={"max_tokens": 2}, timeout=12))
+            picked = Waiting(lambda: c.generate("lost-2", id="lost-2", params={"max_tokens": 2}, timeout=60,
+                                                pickup_timeout=4))
+            wait_for(lambda: queued(admin) == 2, 30, what="both requests queued")
+            server.stop(kill=True)  # without persistence: the restarted Redis is empty
+            server.start()
+        wait_for(lambda: worker_back(admin, settings), 60, what="the worker set up again")
+        assert admin.xinfo_groups(KEYS.requests)[0]["consumers"] == 0  # the state the probe found
+
+        error = picked.join(60)
+        assert isinstance(error, RequestGone), repr(error)
+        assert str(error) == ("request lost-2 is gone from Redis (no entry, claim or result: Redis restarted "
+                              "without persistence or evicted it): send it again")
+        error = timed.join(60)
+        assert isinstance(error, RequestGone), repr(error)
+        assert str(error).startswith("no result for lost-1 within 12 s; request lost-1 is gone from Redis"), error
+        assert "no worker is running" not in str(error)
+
+        # Waited for again: this client sent it (it knows its entry); another one can say less.
+        with pytest.raises(RequestGone, match="^no result for lost-1 within 1 s; request lost-1 is gone"):
+            c.wait("lost-1", timeout=1)
+        with Client(url, prefix=PREFIX) as other, pytest.raises(RequestGone) as exc:
+            other.wait("lost-1", timeout=1)
+        assert "nothing of request lost-1 is queued, running or answered under prefix 'lost'" in str(exc.value)
+        with pytest.raises(RequestGone, match="^request lost-2 is gone"):
+            list(c.stream("lost-2", after=0, pickup_timeout=1, timeout=30))
+
+        # Sent again, it runs: the worker was alive all along.
+        assert isinstance(c.generate("lost-1", id="lost-1", params={"max_tokens": 2}, timeout=60), DoneEvent)
+        assert producer_denials(admin) == [], "the checks need a command outside the producer ACL"
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_a_request_whose_stream_was_evicted_is_named_gone(served):
+    """maxmemory-policy allkeys-lru evicted the queue (and with it the request) while its producer waited."""
+    server, admin, url, settings, worker = served
+    c = Client(url, prefix=PREFIX)
+    filler = f"filler-{uuid.uuid4().hex[:6]}"
+    try:
+        with paused(worker):
+            waiting = Waiting(lambda: c.generate("evicted", id="evicted", params={"max_tokens": 2}, timeout=10))
+            wait_for(lambda: queued(admin) == 1, 30, what="the request queued")
+            admin.config_set("maxmemory-policy", "allkeys-lru")
+            admin.config_set("maxmemory", str(admin.info("memory")["used_memory"] + 2_000_000))
+            value = b"x" * 20_000
+            for i in range(5_000):  # written until Redis evicts the stream to make room (bounded)
+                admin.set(f"{filler}:{i}", value)
+                if not admin.exists(KEYS.requests):
+                    break
+            assert not admin.exists(KEYS.requests), "Redis never evicted the stream"
+            admin.config_set("maxmemory", "0")
+        error = waiting.join(60)
+        assert isinstance(error, RequestGone), repr(error)
+        assert "request evicted is gone from Redis" in str(error) and "no worker is running" not in str(error)
+        assert producer_denials(admin) == []
+    finally:
+        admin.config_set("maxmemory", "0")
+        for key in admin.scan_iter(match=f"{filler}:*", count=1000):
+            admin.delete(key)
+        c.close()
+
+
+@pytest.mark.slow
+def test_a_worker_known_by_its_lease_is_alive_though_a_restart_emptied_the_group(served):
+    """After a restart the worker is set up again but no consumer until an entry comes (Redis 7.0): a client that
+    saw its name before goes by its lease; one that never did can only go by the group."""
+    server, admin, url, settings, worker = served
+    with Client(url, prefix=PREFIX) as c, Client(url, prefix=PREFIX) as fresh:
+        def verdict(client: Client):
+            def check():
+                from pagedserve.service.client_core import Emit
+                yield Emit((yield from why_no_worker(client.keys, client._consumers_seen)))
+            return list(client._run(check()))
+
+        assert c.generate("warm", params={"max_tokens": 2}, timeout=60).outputs
+        assert verdict(c) == [None]  # a consumer with a live lease: its name is remembered
+        server.stop(kill=True)
+        time.sleep(0.2)
+        server.start()
+        wait_for(lambda: worker_back(admin, settings), 60, what="the worker set up again")
+        assert admin.xinfo_groups(KEYS.requests)[0]["consumers"] == 0
+        assert verdict(c) == [None]
+        assert verdict(fresh) == ["consumer group has 0 consumers"]
+        assert producer_denials(admin) == []
