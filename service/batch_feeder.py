@@ -340,11 +340,17 @@ class BatchFeeder(WorkerPart):
 
     # ------------------------------------------------------------------------------------------ metrics
     def _stats(self) -> None:
-        """Batches by status, untaken lines and the age of the oldest (the backlog KEDA scales on). A record
-        that cannot be read is left out (and said once; an active one is set aside by the feeding)."""
+        """Batches by status (every active one, and the newest ended ones), untaken lines and the age of the
+        oldest (the backlog KEDA scales on: read from every active batch, however many came since). A record that
+        cannot be read is left out (and said once; an active one is set aside by the feeding). Then the index of
+        all batches loses the oldest ones whose keys expired (it is the one batch key without an expiry)."""
         k, r = self.bkeys, self.conn.r
+        with _expect(k.active, "sorted set"):
+            active = [as_text(b) for b in r.zrange(k.active, 0, -1)]
         with _expect(k.all, "sorted set"):
-            bids = [as_text(b) for b in r.zrevrange(k.all, 0, 199)]
+            seen = set(active)
+            bids = active + [b for b in map(as_text, r.zrevrange(k.all, 0, RECENT_SHOWN - 1)) if b not in seen]
+        self._prune_index()
         pipe = r.pipeline(transaction=False)
         for bid in bids:
             pipe.hmget(k.record(bid), "status", "cursor", "lines", "created_at")
@@ -375,6 +381,25 @@ class BatchFeeder(WorkerPart):
             shown = SHOWN_AS.get(s, s)
             by_status[shown] = by_status.get(shown, 0) + 1
         self.metrics.set_batch_stats(by_status, backlog, time.time() - oldest if oldest else 0.0)
+
+    def _prune_index(self) -> None:
+        """Drop from the index of all batches the oldest ones whose record is gone (retention over). Producers
+        prune it only from the newest end, as they list; nothing did from the oldest, so it grew for ever."""
+        k, r = self.bkeys, self.conn.r
+        oldest = [as_text(b) for b in r.zrange(k.all, 0, PRUNED_PER_LOOK - 1)]
+        if not oldest:
+            return
+        pipe = r.pipeline(transaction=False)
+        for bid in oldest:
+            pipe.exists(k.record(bid))
+        gone = [bid for bid, there in zip(oldest, pipe.execute()) if not there]
+        if gone:
+            r.zrem(k.all, *gone)
+        self.metrics.redis_ops.inc(2 + len(oldest))
+
+
+RECENT_SHOWN = 200  # ended batches counted in pagedserve_batches{status}, newest first (active ones all are)
+PRUNED_PER_LOOK = 100  # oldest index members looked at per stats pass for an expired record
 
 
 def _id(entry_id: object) -> tuple[int, int]:

@@ -319,3 +319,26 @@ def test_cli_results_of_a_batch_not_ended_say_so_and_exit_3(redis_url, prefix, r
     assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a", "b"]
     res = cli.invoke(app, ["batch", "results", bid, "--wait", "--timeout", "-1"])
     assert res.exit_code == 2 and "--timeout must be a number of seconds >= 0" in res.stderr
+
+
+def test_the_backlog_counts_every_active_batch_and_the_index_sheds_expired_ones(redis_url, prefix, r, shared_engine):
+    """The backlog KEDA scales on was read from the 200 newest batches only: an older batch with lines left fell
+    out of it once 200 more came. And the index of all batches (the one batch key with no expiry) kept every
+    batch whose keys had expired, for ever."""
+    k = BatchKeys(prefix)
+    old = submit_batch(r, prefix, jsonl([completion(f"old{i}") for i in range(3)]))
+    for i in range(205):
+        submit_batch(r, prefix, jsonl([completion(f"new{i}")]), key=str(i))
+    expired = [submit_batch(r, prefix, jsonl([completion("gone")]), key=f"x{i}", completion_window="1s", retention_s=1)
+               for i in range(3)]
+    r.zadd(k.all, {b: 0 for b in expired})  # the oldest in the index, as they would be after a week
+    time.sleep(2.2)  # window and retention over: their keys expire
+    assert not any(r.exists(k.record(b)) for b in expired)
+    # One slot, one kept for interactive requests: nothing is fed, every line stays in the backlog.
+    with running_worker(make_settings(redis_url, prefix, max_num_seqs=1, queue_stats_interval_s=0.2), shared_engine) as w:
+        wait_for(lambda: metric_samples(w, "pagedserve_batch_backlog_lines").get((), 0) == 3 + 205, 30,
+                 what=f"backlog of every active batch: {metric_samples(w, 'pagedserve_batch_backlog_lines')}")
+        lag = metric_samples(w, "pagedserve_batch_lag_seconds")[()]
+        wait_for(lambda: not any(r.zscore(k.all, b) is not None for b in expired), 30, what="expired ones pruned")
+    assert lag >= time.time() - batch_status(r, prefix, old)["created_at"] - 1
+    assert r.zscore(k.all, old) is not None
