@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .redaction import printable
+
+# The most a batch file may be (OpenAI's batch input limit is 200 MB): the whole file is read, parsed and staged in
+# memory at once, so an endless input (/dev/zero, a runaway pipe) is refused at this size instead of running the
+# machine out of memory.
+MAX_BATCH_FILE_BYTES = 200 << 20
+# A path that names a file descriptor: the caller's open file, to write through, never to replace.
+_FD_PATH = re.compile(r"/proc/(self|thread-self|[0-9]+)(/task/[0-9]+)?/fd/([0-9]+)")
 
 batch_app = typer.Typer(help="Batch jobs in OpenAI's batch file format (see docs/service.md, Batch jobs).",
                         no_args_is_help=True)
@@ -75,6 +84,84 @@ def _interrupted(r, prefix: str, bid: str, again: str) -> None:
     _fail("interrupted before the batch was created: nothing runs (submit the file again)", 130)
 
 
+def _read_input(file: Path) -> tuple[bytes, str]:
+    """The batch file's bytes (``-``: stdin) and the name it is known by, read up to the cap and one byte more,
+    which tells a file over the cap from one at it."""
+    name = "stdin" if str(file) == "-" else str(file)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with contextlib.nullcontext(sys.stdin.buffer) if name == "stdin" else open(file, "rb") as f:
+            while size <= MAX_BATCH_FILE_BYTES:  # in pieces: a small file never costs a buffer of the cap's size
+                chunk = f.read(min(1 << 20, MAX_BATCH_FILE_BYTES + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except OSError as e:
+        _fail(f"error: {name}: {e.strerror or e}", 2)
+    data = b"".join(chunks)
+    if len(data) > MAX_BATCH_FILE_BYTES:
+        _fail(f"error: {name} is more than {MAX_BATCH_FILE_BYTES} bytes ({MAX_BATCH_FILE_BYTES >> 20} MiB), the most "
+              "a batch file may be: split it into smaller batches", 2)
+    return data, name
+
+
+def _named_fd(path: str) -> tuple[bool, int] | None:
+    """Whether ``path`` names a file descriptor (``/dev/fd/N``, ``/proc/<pid>/fd/N``, ``/dev/stdout``, a link to
+    one): (whether it is this process's, N), else None. Such a path is a file the caller holds open: written
+    through, never replaced."""
+    p = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        p = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))  # /dev/fd -> /proc/<pid>/fd
+        m = _FD_PATH.fullmatch(p)
+        if m:
+            return m.group(1) in ("self", "thread-self", str(os.getpid())), int(m.group(3))
+        if not os.path.islink(p):
+            return None
+        p = os.path.join(os.path.dirname(p), os.readlink(p))
+    return None
+
+
+def _write_output(output: Path, text: str) -> None:
+    """Write ``-o``: a regular file (or a path to none yet) is replaced whole, through a symlink to it, which stays;
+    anything else (a FIFO, a terminal, ``/dev/fd/N`` of a pipe or of the caller's file) is written through, as a
+    shell's ``>`` would: putting a file in its place would send the output nowhere."""
+    path = str(output)
+    named = _named_fd(path)
+    # This process's descriptor is written through a copy of it: the caller's open file continues where it stands
+    # (`>>` keeps its contents, and the shell's next write comes after ours); opening the path anew would not.
+    fd = named[1] if named and named[0] else None
+    try:
+        st = os.stat(path) if fd is None else os.fstat(fd)
+    except FileNotFoundError:
+        st = None  # nothing there yet (or a link to nothing yet): made below
+    except OSError as e:
+        _fail(f"error: -o {output}: {e.strerror or e}", 2)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        _fail(f"error: -o {output}: is a directory; name a file", 2)
+    try:
+        if named or (st is not None and not stat.S_ISREG(st.st_mode)):
+            # O_APPEND: a file the caller holds open keeps what it has (a FIFO or a device has no end to add to).
+            out = os.dup(fd) if fd is not None else os.open(path, os.O_WRONLY | os.O_APPEND)
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+    except OSError as e:
+        _fail(f"error: -o {output}: {e.strerror or e}", 2)
+    target = Path(os.path.realpath(path))  # a symlink's target is replaced and the link kept
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:  # whole or not at all: a reader (or a crash halfway) never sees a file half written
+        tmp.write_text(text, encoding="utf-8")
+        if st is not None:  # the file it replaces was private: so is this one
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.replace(tmp, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _fail(f"error: -o {output}: {e.strerror or e}", 2)
+
+
 def _progress(batch: dict) -> None:
     counts = batch["request_counts"]
     done = counts["completed"] + counts["failed"]
@@ -85,7 +172,8 @@ def _progress(batch: dict) -> None:
 
 @batch_app.command("submit")
 def submit(
-    file: Path = typer.Argument(..., help="A JSONL file of OpenAI batch lines (custom_id, method, url, body)."),
+    file: Path = typer.Argument(..., help="A JSONL file of OpenAI batch lines (custom_id, method, url, body), "
+                                          "at most 200 MiB; - reads it from stdin."),
     completion_window: str = typer.Option("24h", "--completion-window", help="Lines not done by then expire."),
     metadata: list[str] = typer.Option([], "--metadata", help="k=v, repeatable (at most 16)."),
     key: str = typer.Option("", "--key", help="Submitting the same file with another key makes a new batch."),
@@ -96,10 +184,7 @@ def submit(
     from .batch_client import batch_id, batch_status, submit_batch
     from .batch_keys import BatchKeys
 
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        _fail(f"error: {file}: {e.strerror or e}", 2)
+    data, name = _read_input(file)
     md = {}
     for item in metadata:
         k, sep, v = item.partition("=")
@@ -111,7 +196,7 @@ def submit(
         try:
             record = BatchKeys(s.prefix).record(batch_id(data, key))
             before = _call(r.exists, record)
-            bid = _call(submit_batch, r, s.prefix, data, input_file_id=file.name,
+            bid = _call(submit_batch, r, s.prefix, data, input_file_id="stdin" if name == "stdin" else file.name,
                         completion_window=completion_window, metadata=md, key=key, retention_s=s.batch_retention_s,
                         max_message_bytes=s.max_message_bytes)
             batch = batch_status(r, s.prefix, bid)
@@ -157,7 +242,9 @@ def status(
 @batch_app.command("results")
 def results(
     batch_id: str = typer.Argument(...),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSONL here (default: stdout)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSONL here (default, or -: "
+                                          "stdout); a regular file is replaced whole, a FIFO or /dev/fd/N written "
+                                          "through."),
     wait: bool = typer.Option(False, "--wait", help="Wait until the batch has ended first."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
 ) -> None:
@@ -179,7 +266,7 @@ def results(
 
     s, r = _redis()
     with r:
-        if output is not None and is_batch_input(r, s.prefix, batch_id, output):
+        if output is not None and str(output) != "-" and is_batch_input(r, s.prefix, batch_id, output):
             _fail(f"error: -o {output}: that is this batch's input file; write the output elsewhere", 2)
         try:
             # The status before the lines: the lines are then at least those it counts, never fewer.
@@ -188,19 +275,16 @@ def results(
         except KeyboardInterrupt:
             _interrupted(r, s.prefix, batch_id, " again")
     text = "".join(json.dumps(line) + "\n" for line in lines)
-    if output is None:
+    if output is None or str(output) == "-":
         sys.stdout.write(text)
     else:
-        if output.is_dir() or not output.name:
+        if not output.name:
             _fail(f"error: -o {output}: is a directory; name a file", 2)
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        try:  # whole or not at all: a reader (or a crash halfway) never sees a file half written
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, output)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            _fail(f"error: -o {output}: {e.strerror or e}", 2)
+        try:
+            _write_output(output, text)
+        except KeyboardInterrupt:  # waiting for a FIFO's reader, say: the lines stay in Redis
+            _fail(f"interrupted: nothing more was written to -o {output} (`pagedserve batch results {batch_id} -o "
+                  f"{output}` writes them again)", 130)
         note(f"{len(lines)} lines -> {output}")
     if batch["status"] not in TERMINAL_STATUSES:  # a script must not take these lines for the whole output
         waited = f" after {timeout:g} s" if wait and timeout is not None else ""

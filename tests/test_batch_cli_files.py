@@ -1,0 +1,211 @@
+"""The batch CLI's files: ``results -o`` writes through what is not a regular file (``-``, a FIFO, ``/dev/fd/N``,
+a device) and replaces a regular file whole (through a symlink, which stays); ``submit -`` reads stdin, and an
+endless or huge input is refused at a cap instead of read until memory runs out. Real Redis; the batches here
+have only invalid lines, so they are complete at submit and need no worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from pagedserve.service import batch_cli
+from pagedserve.service.batch_client import batch_status, submit_batch
+from pagedserve.service.batch_keys import BatchKeys
+from pagedserve.service.cli import app
+from service_fixtures import REPO
+from test_batch import completion, jsonl
+
+
+
+@pytest.fixture
+def r(redis_url):
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+def cli(redis_url, prefix, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
+    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
+    monkeypatch.setenv("COLUMNS", "60")  # a narrow stderr: a one-line message must stay one line
+    return CliRunner()
+
+
+def _bad(cid: str) -> dict:
+    """A line that is a JSON object but no request this service runs: its error line is its output at once."""
+    return {"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+
+
+@pytest.fixture
+def ended(prefix, r, cli):
+    """A completed batch and its output, as `results` writes it."""
+    bid = submit_batch(r, prefix, jsonl([_bad("a"), _bad("b")]))
+    assert batch_status(r, prefix, bid)["status"] == "completed"
+    res = cli.invoke(app, ["batch", "results", bid])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["custom_id"] for x in res.stdout.splitlines()] == ["a", "b"]
+    return bid, res.stdout
+
+
+def test_dash_is_stdout(cli, ended, tmp_path, monkeypatch):
+    bid, text = ended
+    monkeypatch.chdir(tmp_path)
+    res = cli.invoke(app, ["batch", "results", bid, "-o", "-"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == text
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_fifo_is_written_through_not_replaced(cli, ended, tmp_path):
+    bid, text = ended
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    res = cli.invoke(app, ["batch", "results", bid, "-o", str(fifo)])
+    reader.join(30)
+    assert res.exit_code == 0, res.output
+    assert got == [text.encode()]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fifo"]  # no temp file left beside it
+
+
+@pytest.mark.parametrize("form", ["/dev/fd/{}", "/proc/self/fd/{}"])
+def test_an_open_pipe_named_by_its_fd_is_written_through(cli, ended, form):
+    """What bash's process substitution passes (`-o >(gzip > out.gz)` is `-o /dev/fd/63`)."""
+    bid, text = ended
+    rfd, wfd = os.pipe()
+    try:
+        res = cli.invoke(app, ["batch", "results", bid, "-o", form.format(wfd)])
+        os.close(wfd)
+        wfd = -1
+        with os.fdopen(rfd, "rb") as pipe:
+            rfd = -1
+            assert pipe.read() == text.encode()  # the output is far under a pipe's buffer: no reader thread needed
+    finally:
+        for fd in (rfd, wfd):
+            if fd >= 0:
+                os.close(fd)
+    assert res.exit_code == 0, res.output
+
+
+def test_bash_process_substitution_gets_the_output(ended, redis_url, prefix, tmp_path):
+    bid, text = ended
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    script = f'"$0" -m pagedserve batch results {bid} -o >(cat > "$1"); rc=$?; wait $!; exit $rc'
+    done = subprocess.run(["bash", "-c", script, sys.executable, str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == text
+
+
+def test_an_open_file_named_by_its_fd_is_written_where_it_stands(cli, ended, tmp_path):
+    """`-o /dev/stdout >> log`: the caller's file keeps what it had, the output follows it (no truncation, no
+    file put in its place)."""
+    bid, text = ended
+    log = tmp_path / "log.jsonl"
+    log.write_text("before\n")
+    with open(log, "a") as held:
+        res = cli.invoke(app, ["batch", "results", bid, "-o", f"/dev/fd/{held.fileno()}"])
+        assert res.exit_code == 0, res.output
+        held.write("after\n")  # the caller's own writes go after the output, not over it
+    assert log.read_text() == "before\n" + text + "after\n"
+
+
+def test_a_symlink_to_a_file_keeps_the_link_and_replaces_the_target(cli, ended, tmp_path):
+    bid, text = ended
+    real = tmp_path / "real" / "out.jsonl"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    real.chmod(0o600)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    res = cli.invoke(app, ["batch", "results", bid, "-o", str(link)])
+    assert res.exit_code == 0, res.output
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == text
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600  # a private file stays private
+    assert sorted(p.name for p in real.parent.iterdir()) == ["out.jsonl"]
+
+    dangling = tmp_path / "dangling.jsonl"  # a link to a file not yet there: the file is made, the link kept
+    dangling.symlink_to(tmp_path / "real" / "new.jsonl")
+    res = cli.invoke(app, ["batch", "results", bid, "-o", str(dangling)])
+    assert res.exit_code == 0, res.output
+    assert dangling.is_symlink() and (tmp_path / "real" / "new.jsonl").read_text() == text
+
+
+def test_a_regular_file_is_still_replaced_whole_and_the_refusals_stay(cli, ended, tmp_path):
+    bid, text = ended
+    out = tmp_path / "out.jsonl"
+    out.write_text("x" * 10_000)
+    res = cli.invoke(app, ["batch", "results", bid, "-o", str(out)])
+    assert res.exit_code == 0 and res.stderr.splitlines() == [f"2 lines -> {out}"], res.output
+    assert out.read_text() == text
+    # A character device is written, never replaced: a private node of /dev/null's device, so that a regression
+    # replaces nothing the machine uses.
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        null = None
+    if null is not None:
+        res = cli.invoke(app, ["batch", "results", bid, "-o", str(null)])
+        assert res.exit_code == 0, res.output
+        assert stat.S_ISCHR(os.lstat(null).st_mode)
+    for path, why in ((tmp_path, "is a directory; name a file"),
+                      (tmp_path / "missing" / "out.jsonl", "No such file or directory")):
+        res = cli.invoke(app, ["batch", "results", bid, "-o", str(path)])
+        assert res.exit_code == 2 and res.stderr.splitlines() == [f"error: -o {path}: {why}"], res.output
+
+
+def test_submit_dash_reads_stdin(cli, prefix, r, tmp_path):
+    data = jsonl([completion("a"), _bad("b")])
+    res = cli.invoke(app, ["batch", "submit", "-"], input=data)
+    assert res.exit_code == 0 and "2 lines, 1 invalid" in res.stderr, res.output
+    bid = res.stdout.split()[-1]
+    assert r.llen(BatchKeys(prefix).lines(bid)) == 1
+    assert batch_status(r, prefix, bid)["input_file_id"] == "stdin"
+    src = tmp_path / "in.jsonl"  # the same bytes from a file are the same batch
+    src.write_bytes(data)
+    res = cli.invoke(app, ["batch", "submit", str(src)])
+    assert res.exit_code == 0 and res.stdout.split()[-1] == bid, res.output
+    res = cli.invoke(app, ["batch", "submit", "-"], input=b"")
+    assert res.exit_code == 2 and res.stderr.splitlines() == ["error: stdin: no lines"], res.output
+
+
+def test_an_endless_input_is_refused_at_the_cap(cli, redis_url, prefix, r):
+    cap = batch_cli.MAX_BATCH_FILE_BYTES
+    why = (f"is more than {cap} bytes ({cap >> 20} MiB), the most a batch file may be: split it into smaller "
+           "batches")
+    res = cli.invoke(app, ["batch", "submit", "/dev/zero"])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [f"error: /dev/zero {why}"], res.output
+    # stdin as a shell gives it (`pagedserve batch submit - < /dev/zero`): the command itself, in its own process
+    env = {**os.environ, "PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "COLUMNS": "60"}
+    with open("/dev/zero", "rb") as zero:
+        done = subprocess.run([sys.executable, "-m", "pagedserve", "batch", "submit", "-"], cwd=REPO, stdin=zero,
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: stdin {why}"], done.stderr
+    assert r.zcard(BatchKeys(prefix).all) == 0
+
+
+def test_a_file_at_the_cap_is_taken_and_one_byte_more_is_not(cli, prefix, r, tmp_path, monkeypatch):
+    data = jsonl([completion("a")])
+    monkeypatch.setattr(batch_cli, "MAX_BATCH_FILE_BYTES", len(data))
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(data)
+    res = cli.invoke(app, ["batch", "submit", str(src)])
+    assert res.exit_code == 0, res.output
+    src.write_bytes(data + b"\n")
+    res = cli.invoke(app, ["batch", "submit", str(src)])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {src} is more than {len(data)} bytes"), res.output
+    assert r.zcard(BatchKeys(prefix).all) == 1
