@@ -111,7 +111,18 @@ def refuse_occupied(target: Path, ours: bool) -> None:
 
 
 def _is_builtin(target: Path) -> bool:
-    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+    """Whether ``target`` holds the tiny random model (its config, weights and tokenizer), not any other model."""
+    import json
+
+    try:
+        config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    # rope_theta is left out: transformers versions store it in different places (rope_parameters in 5.x).
+    ours = {k: v for k, v in BUILTIN_CONFIG.items() if k != "rope_theta"}
+    ours.update(model_type="llama", vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    return (isinstance(config, dict) and all(config.get(k) == v for k, v in ours.items())
+            and (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file())
 
 
 def ensure_builtin_model(path: str | Path | None = None) -> str:

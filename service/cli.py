@@ -12,6 +12,7 @@ line on stderr and a non-zero exit status; ``--debug`` or ``PAGEDSERVE_LOG_LEVEL
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import importlib.util
@@ -81,8 +82,24 @@ class _LazyBenchGroup(TyperGroup):
         return super().get_command(ctx, cmd_name)
 
 
+def _usage_line(e: Exception) -> None:
+    """click's usage error (an unknown option or command, a bad value) as one line naming where to look, exit 2;
+    typer would print a usage block and a boxed panel."""
+    where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pagedserve"
+    _fail(f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
+
+
 class _OneLineErrors(TyperGroup):
     """Any error escaping a command becomes one line on stderr and exit status 1 (``--debug``: the traceback)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # noqa: ANN001 - click API
+        # The top-level options are parsed here, before invoke: `pagedserve --debg` is refused in this call.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as e:
+            if "UsageError" in {c.__name__ for c in type(e).__mro__} and not _debug_wanted():
+                _usage_line(e)
+            raise
 
     def invoke(self, ctx):  # noqa: ANN001 - click API
         try:
@@ -96,15 +113,14 @@ class _OneLineErrors(TyperGroup):
             # Exits, aborts and usage errors are click's (typer vendors its own copy, hence the names).
             kinds = {c.__name__ for c in type(e).__mro__}
             if "UsageError" in kinds and not _debug_wanted():  # a subcommand's bad option: one line, not a panel
-                where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pagedserve"
-                _fail(f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
+                _usage_line(e)
             if _debug_wanted() or kinds & {"Exit", "Abort", "ClickException"}:
                 raise
             _fail(explain_error(e), 1)
 
 
 app = typer.Typer(cls=_OneLineErrors, name="pagedserve", help="Message-queue-driven LLM inference on PagedAttention.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
 model_app = typer.Typer(help="Model files: fetch the default model, convert a GGUF checkpoint.", no_args_is_help=True)
 bench_app = typer.Typer(cls=_LazyBenchGroup, help="Benchmarks (see README).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -112,17 +128,47 @@ app.add_typer(bench_app, name="bench")
 from .batch_cli import batch_app  # noqa: E402  (a sub-app in its own module)
 app.add_typer(batch_app, name="batch")
 
+class _StdoutConsole(Console):
+    """stdout. A reader that went away (`... | head`) raises BrokenPipeError: rich's own handling exits with status
+    1 on the spot, before a command can act on it (submit cancels its request) and with the wrong status."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more is written to a reader that is gone
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away")
+
+
 err = Console(stderr=True)
-out = Console()
+out = _StdoutConsole()
 _debug = False
+
+
+def _escape_what_cannot_be_encoded() -> None:
+    """A stream whose encoding cannot write a character (PYTHONIOENCODING=ascii) writes it escaped (\\xe9) rather
+    than failing mid-output; an error handler the user chose (ascii:replace) is kept."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"pagedserve {version('pagedserve')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("pagedserve (version unknown: not installed)")
+        raise typer.Exit()
 
 
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (as PAGEDSERVE_LOG_LEVEL=DEBUG does)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     global _debug
     _debug = debug
+    _escape_what_cannot_be_encoded()
 
 
 def _debug_wanted() -> bool:
@@ -155,9 +201,11 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
             loc = item.get("loc", ())
             name = (flags or {}).get(str(loc[0]) if loc else "") or _setting_name(loc)
             parts.append(f"{name}{shown}: {msg}")
-        return redact("invalid setting " + "; ".join(parts))
+        return redact("error: invalid setting " + "; ".join(parts))
     if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
         return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
+    if (missing := _missing_database(e)) is not None:
+        return missing
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         text = redact(e)
         return f"error: {text}" if "Redis" in text else f"error: cannot reach Redis: {text} (PAGEDSERVE_REDIS_URL)"
@@ -167,8 +215,34 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         return f"error: {redact(e)}"
     if isinstance(e, NameHeld):  # a second live worker under one name: the message says what to do (--name)
         return f"error: {redact(e)}"
-    return (f"error: {type(e).__name__}: {redact(e)} (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG "
-            f"shows the traceback)")
+    return f"error: {type(e).__name__}: {redact(e)}{_DEBUG_HINT}"
+
+
+_DEBUG_HINT = " (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG shows the traceback)"
+
+
+def _missing_database(e: BaseException) -> str | None:
+    """The line for Redis's "DB index is out of range" (the URL names a database the server does not have), else
+    None: Redis's own words name neither the setting nor the number."""
+    import redis
+
+    if not (isinstance(e, redis.ResponseError) and "DB index is out of range" in str(e)):
+        return None
+    try:
+        db = redis.connection.parse_url(os.environ.get("PAGEDSERVE_REDIS_URL", "")).get("db")
+    except ValueError:
+        db = None
+    which = f"database {db}" if db is not None else "a database"
+    return (f"error: PAGEDSERVE_REDIS_URL names {which}, which this Redis does not have (DB index is out of range): "
+            "give a database number below the server's `databases` setting (16 unless configured), e.g. /0")
+
+
+def _redis_error(e: BaseException) -> str:
+    """What a Redis error says, its URL's password masked; a database the server lacks named as such."""
+    from .connection import redact
+
+    missing = _missing_database(e)
+    return missing.removeprefix("error: ") if missing is not None else redact(e)
 
 
 # Top-level modules of the ``worker`` extra that the engine-side commands import.
@@ -269,7 +343,7 @@ def worker(
             why = ("is not an address of this machine" if e.errno == errno.EADDRNOTAVAIL
                    else f"does not resolve ({e.strerror or e})")
             _fail(f"error: PAGEDSERVE_METRICS_HOST={s.metrics_host!r} {why}: the health and metrics server binds to it; "
-                  "give an address or host name of this machine, 0.0.0.0 or :: (or empty) for all interfaces", 1)
+                  "give an address or host name of this machine, 0.0.0.0 or :: (or empty) for all interfaces", 2)
         raise
     from pagedserve.engine.model_source import DEFAULT_MODEL
 
@@ -278,9 +352,10 @@ def worker(
             try:
                 _ = w.engine
             except ValueError as e:
-                if "tensor_parallel_size" not in str(e):
+                setting = _engine_setting_error(e)
+                if setting is None:
                     raise
-                _fail(f"error: {redact(e)} (PAGEDSERVE_TENSOR_PARALLEL_SIZE)", 2)  # the engine knows no settings
+                _fail(setting, 2)
         w.run()
     except TerminatedBeforeStart as e:
         if w.health is not None:
@@ -290,12 +365,117 @@ def worker(
         shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
 
 
+# The engine's refusals of a value that came from a setting, by how its message starts: the engine knows no
+# settings, so its words name the field (or, for the kernel switches it reads itself, already the variable).
+_ENGINE_FIELDS = ("seed", "max_model_len")
+_ENGINE_VARIABLES = ("PAGEDSERVE_CPU_KERNELS ", "PAGEDSERVE_CPU_FUSED_LAYERS ")
+
+
+def _engine_setting_error(e: ValueError) -> str | None:
+    """The line for an engine ValueError that a setting caused, naming the variable; None for any other."""
+    text = redact(e)
+    if "tensor_parallel_size" in text:
+        return f"error: {text} (PAGEDSERVE_TENSOR_PARALLEL_SIZE)"
+    if text.startswith(_ENGINE_VARIABLES):
+        return f"error: {text}"
+    for field in _ENGINE_FIELDS:
+        if text.startswith(field + " "):
+            name = _setting_name((field,))
+            shown = f"={os.environ[name]!r}" if name in os.environ else ""
+            return f"error: invalid setting {name}{shown}: {text}"
+    return None
+
+
 def _fail(message: str, code: int) -> None:
     """One line on stderr (never wrapped, never read as markup, control characters escaped: a message may quote
     what a producer wrote), then exit with ``code``."""
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a message may hold breaks
     err.print(printable(message), style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+class _StopSignal(BaseException):
+    """A stop signal (SIGTERM, SIGHUP) while submit waits: raised where the wait is, so that it can cancel."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """SIGTERM and SIGHUP raise _StopSignal inside the block (their default ends the process where it stands); a
+    second one ends it at once. A signal the parent ignored (nohup) stays ignored."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        for s in installed:
+            signal.signal(s, previous[s])
+        raise _StopSignal(signum)
+
+    import threading
+
+    previous = {}
+    for s in (signal.SIGTERM, signal.SIGHUP):  # handlers can only be set in the main thread
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(s) == signal.SIG_DFL:
+            previous[s] = signal.SIG_DFL
+    installed = list(previous)
+    for s in installed:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s in installed:
+            signal.signal(s, previous[s])
+
+
+_CANCEL_WITHIN_S = 5.0  # an ending submit waits this long at most for Redis to take the cancel
+
+
+def _cancel_within(client, request_id: str) -> str | None:  # noqa: ANN001 - the service Client
+    """Cancel ``request_id``, waiting at most _CANCEL_WITHIN_S (Redis may be the reason for the ending); None when
+    done, else why not."""
+    import threading
+
+    why: list[str] = []
+
+    def cancel() -> None:
+        try:
+            client.cancel(request_id)
+        except Exception as e:  # noqa: BLE001 - said in the line, the command ends anyway
+            why.append(_redis_error(e))
+
+    t = threading.Thread(target=cancel, name="cancel", daemon=True)
+    t.start()
+    t.join(_CANCEL_WITHIN_S)
+    if t.is_alive():
+        return f"no answer from Redis within {_CANCEL_WITHIN_S:g} s"
+    return why[0] if why else None
+
+
+def _end_before_the_result(e: BaseException, client, request_id: str, streamed: bool) -> None:  # noqa: ANN001
+    """submit ended by ``e`` before the result came: cancel the request (best effort, bounded), then end as ``e``
+    says: Ctrl-C 130, SIGTERM 143 and SIGHUP 129 with one line, a reader gone 141 (nothing said), an error its
+    line and status."""
+    import signal
+
+    failed = _cancel_within(client, request_id)
+    how = f"`pagedserve cancel {request_id}` cancels it"
+    if isinstance(e, (KeyboardInterrupt, _StopSignal)):
+        if streamed:
+            with contextlib.suppress(Exception):
+                out.print()
+        signum = e.signum if isinstance(e, _StopSignal) else signal.SIGINT
+        word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}[signum]
+        if failed is not None:
+            _fail(f"{word}; could not cancel id={request_id}: {failed} ({how})", 128 + signum)
+        if isinstance(e, KeyboardInterrupt):
+            _fail(f"cancelled id={request_id}", 130)
+        _fail(f"{word}; cancelled id={request_id}", 128 + signum)
+    if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception) or _debug_wanted():
+        raise e  # the CLI's own handling: 141 for a reader gone, a traceback with --debug
+    note = "cancelled" if failed is None else f"could not cancel it: {failed} ({how})"
+    _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
 
 def _structured_outputs(json_schema: str | None, choice: str | None, regex: str | None) -> dict | None:
@@ -417,32 +597,25 @@ def submit(
     final = None
     streamed = False
     try:
-        if request_id is not None and client.result(request.id) is not None:
-            # An id is an idempotency key: what follows is that earlier run's result, not a new one.
-            err.print(printable(f"note: id {request.id} already has a result; showing it (an id is answered once)"),
-                      markup=False, highlight=False, soft_wrap=True)
-        with err.status("[bold]waiting for a worker ...") as status:
-            # Read from the request's events stream: a dropped connection or a worker crash costs no token.
-            events = client.stream(request=request, timeout=timeout, pickup_timeout=pickup_timeout)
-            for ev in events:
-                if isinstance(ev, TokenEvent):
-                    status.stop()
-                    if n == 1 and not beam_width:
-                        out.print(printable(ev.text), end="", markup=False, highlight=False, soft_wrap=True)
-                        streamed = True
-                    continue
-                final = ev
-                break
-    except KeyboardInterrupt:  # Ctrl-C: nobody waits for the answer any more, so it must not run on
-        if streamed:
-            out.print()
-        try:
-            client.cancel(request.id)
-        except redis.RedisError as e:
-            _fail(f"interrupted; could not cancel id={request.id}: {redact(e)} (`pagedserve cancel "
-                  f"{request.id}` cancels it)", 130)
-        _fail(f"cancelled id={request.id}", 130)
-    except Exception as e:
+        with _stop_signals_raise():
+            if request_id is not None and client.result(request.id) is not None:
+                # An id is an idempotency key: what follows is that earlier run's result, not a new one.
+                err.print(printable(f"note: id {request.id} already has a result; showing it (an id is answered "
+                                    "once)"), markup=False, highlight=False, soft_wrap=True)
+            with err.status("[bold]waiting for a worker ...") as status:
+                # Read from the request's events stream: a dropped connection or a worker crash costs no token.
+                events = client.stream(request=request, timeout=timeout, pickup_timeout=pickup_timeout)
+                for ev in events:
+                    if isinstance(ev, TokenEvent):
+                        status.stop()
+                        if n == 1 and not beam_width:
+                            out.print(printable(ev.text), end="", markup=False, highlight=False, soft_wrap=True)
+                            streamed = True
+                        continue
+                    final = ev
+                    break
+    except (NoWorker, TimeoutError, redis.ConnectionError) as e:
+        # Not cancelled: the request may still run, and the line says how to get its result (or to cancel it).
         if _debug_wanted():
             raise
         if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
@@ -450,11 +623,13 @@ def submit(
                   f"... --id {request.id}` prints its result then, `pagedserve cancel {request.id}` cancels it)", 2)
         if isinstance(e, TimeoutError):
             _fail(f"timeout: {e}", 2)
-        if isinstance(e, redis.ConnectionError):  # the message names the URL, password masked
-            again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
-                     if "may still finish" in str(e) else "")
-            _fail(f"error: {redact(e)}{again}", 1)
-        _fail(f"error: {type(e).__name__}: {redact(e)}", 1)
+        again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
+                 if "may still finish" in str(e) else "")
+        _fail(f"error: {redact(e)}{again}", 1)  # the message names the URL, password masked
+    except BaseException as e:
+        # Any other way out before the result is in (Ctrl-C, SIGTERM, a reader that went away, an output or
+        # program error): nobody waits for the answer any more, so it must not run on to its last token.
+        _end_before_the_result(e, client, request.id, streamed)
     if isinstance(final, ErrorEvent):
         _fail(f"{final.error.code}: {final.error.message}", 1)
     assert isinstance(final, DoneEvent)
@@ -495,7 +670,7 @@ def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit
     except redis.RedisError as e:
         if _debug_wanted():
             raise
-        _fail(f"error: could not cancel id={request_id}: {redact(e)}", 1)
+        _fail(f"error: could not cancel id={request_id}: {_redis_error(e)}", 1)
     if found.finished is not None:  # a stored result is final: say how it ended, and that nothing changed
         end = found.finished
         if end.type == "error":
@@ -548,6 +723,8 @@ def _model_places(path: str | None, cache: bool) -> list[tuple[Path, str, str]]:
     places = []
     if path:
         target = Path(path).expanduser()
+        if target.exists() and not target.is_dir():  # found now, not after a conversion that cannot be written
+            _model_failed(f"{path} is a file: the model is written as a directory; give a new or empty directory")
         places.append((target.parent, f"cannot write the model to {path}", "give a directory in a writable place"))
     if cache or not path:
         where = os.environ.get("PAGEDSERVE_CACHE_DIR")

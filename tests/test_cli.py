@@ -613,7 +613,7 @@ def test_a_value_the_engine_would_refuse_stops_the_worker_before_it_loads_anythi
     not there: a start that got as far as the engine would say so instead."""
     res = _cli({name: value, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": str(tmp_path / "missing")}, "worker")
     line = _one_line(res)
-    assert res.returncode == 2 and line.startswith(f"invalid setting {name}={value!r}: {words}"), line
+    assert res.returncode == 2 and line.startswith(f"error: invalid setting {name}={value!r}: {words}"), line
 
 
 def test_cancel_refuses_an_id_submit_would_refuse_and_writes_nothing(redis_url, prefix):

@@ -89,9 +89,9 @@ def test_an_empty_metrics_host_binds_all_interfaces_as_http_server_does():
 
 def test_a_bad_option_is_named_as_the_option_and_a_bad_variable_as_the_variable():
     line = _one_line(_worker({}, "--metrics-port", "-1"))
-    assert line.startswith("invalid setting --metrics-port=-1: "), line
+    assert line.startswith("error: invalid setting --metrics-port=-1: "), line
     line = _one_line(_worker({"PAGEDSERVE_METRICS_PORT": "-1"}))
-    assert line.startswith("invalid setting PAGEDSERVE_METRICS_PORT='-1': "), line
+    assert line.startswith("error: invalid setting PAGEDSERVE_METRICS_PORT='-1': "), line
 
 
 @pytest.mark.parametrize("value", ["inf", "Infinity", "nan"])
@@ -100,7 +100,7 @@ def test_the_grace_period_must_be_finite(value):
     with pytest.raises(ValidationError, match="finite number"):
         Settings(grace_period_s=value)
     line = _one_line(_worker({"PAGEDSERVE_GRACE_PERIOD_S": value}))
-    assert line == f"invalid setting PAGEDSERVE_GRACE_PERIOD_S={value!r}: Input should be a finite number", line
+    assert line == f"error: invalid setting PAGEDSERVE_GRACE_PERIOD_S={value!r}: Input should be a finite number", line
 
 
 def test_an_idle_read_must_block_less_than_the_liveness_timeout():

@@ -1,0 +1,163 @@
+"""How ``pagedserve`` commands end: a submit that ends early cancels its request, output a stream cannot encode,
+settings and places refused up front with the variable or path named, and the top-level usage lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from pagedserve.service.cli import app
+from pagedserve.service.protocol import Keys, parse_terminal
+from service_fixtures import REPO, make_settings, running_worker, wait_for
+from test_cli import _cli, _one_line
+
+runner = CliRunner()
+
+
+def _env(redis_url: str, prefix: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, **extra})
+    return env
+
+
+def _long_submit(env: dict, rid: str) -> subprocess.Popen:
+    """A greedy 2000-token submit (far longer than the test waits), its output piped to the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--max-tokens", "2000", "--temperature",
+         "0", "--id", rid], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _ended_cancelled(r: redis.Redis, keys: Keys, rid: str) -> None:
+    stored = wait_for(lambda: r.get(keys.result(rid)), 120, what="the stored result")
+    done = parse_terminal(stored)
+    assert done.outputs[0].finish_reason == "cancelled", done
+    assert done.usage.completion_tokens < 2000, done
+
+
+def test_submit_cancels_its_request_when_terminated_or_its_reader_goes_away(redis_url, prefix, shared_engine):
+    """SIGTERM (``timeout``, a supervisor) or a reader that closes early (``| head -c 10``) ended submit while the
+    request ran on to its last token for nobody: it is cancelled, as on Ctrl-C, and the status says how it ended."""
+    keys = Keys(prefix)
+    env = _env(redis_url, prefix)
+    with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
+        rid = f"term-{uuid.uuid4().hex[:8]}"
+        proc = _long_submit(env, rid)
+        try:
+            wait_for(lambda: r.xlen(keys.events(rid)) > 0, 120, what="the first token")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 143, err
+        assert err.decode().strip().splitlines()[-1] == f"terminated; cancelled id={rid}", err
+        _ended_cancelled(r, keys, rid)
+
+        rid = f"pipe-{uuid.uuid4().hex[:8]}"
+        proc = _long_submit(env, rid)
+        try:
+            assert proc.stdout.read(1)  # a reader that takes a little and goes away
+            proc.stdout.close()
+            err = proc.stderr.read()
+            proc.wait(60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 141, err
+        assert "Traceback" not in err.decode(), err
+        _ended_cancelled(r, keys, rid)
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-stream"]])
+def test_submit_writes_what_stdout_cannot_encode_escaped(redis_url, prefix, shared_engine, mode):
+    """An ASCII stdout (PYTHONIOENCODING=ascii) ended submit with UnicodeEncodeError mid-output."""
+    env = _env(redis_url, prefix, PYTHONIOENCODING="ascii")
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--choice", "café",
+                              *mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "caf\\xe9\n", res.stdout
+    assert "finish=stop" in res.stderr, res.stderr
+
+
+def test_a_database_index_this_redis_lacks_names_the_url_setting(redis_url, prefix):
+    url = redis_url.rsplit("/", 1)[0] + "/99999"
+    env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": prefix}
+    for args in (["cancel", "abc"], ["submit", "Hello", "--pickup-timeout", "1"]):
+        res = _cli(env, *args)
+        line = _one_line(res)
+        assert res.returncode == 1, line
+        assert "PAGEDSERVE_REDIS_URL" in line and "database 99999" in line and "ResponseError" not in line, line
+
+
+def test_model_commands_refuse_a_file_where_the_directory_goes(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for args in (["model", "init", str(afile)], ["model", "import", str(tmp_path / "x.gguf"), str(afile)]):
+        res = _cli({}, *args)
+        line = _one_line(res)
+        assert res.returncode == 1 and line.startswith(f"error: {afile} is a file"), line
+    assert afile.read_text() == "mine"
+
+
+def test_model_init_tiny_random_refuses_a_directory_holding_another_model(tmp_path):
+    """Any directory with a config.json and a safetensors file passed for the tiny random model: exit 0, nothing
+    written, and a worker given the directory would load the other model."""
+    import transformers
+
+    bert = tmp_path / "bert"
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    transformers.BertModel(config).save_pretrained(bert, safe_serialization=True)
+    before = sorted(p.name for p in bert.iterdir())
+    res = runner.invoke(app, ["model", "init", "--tiny-random", str(bert)])
+    assert res.exit_code == 1 and "holds no pagedserve model" in res.output, res.output
+    assert sorted(p.name for p in bert.iterdir()) == before
+    ours = tmp_path / "tiny"
+    for _ in range(2):  # written, then found
+        res = runner.invoke(app, ["model", "init", "--tiny-random", str(ours)])
+        assert res.exit_code == 0 and res.output.strip().endswith(str(ours)), res.output
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("PAGEDSERVE_SEED", "-1"),
+    ("PAGEDSERVE_CPU_KERNELS", "foo"),
+    ("PAGEDSERVE_CPU_FUSED_LAYERS", "2"),
+    ("PAGEDSERVE_METRICS_HOST", "1.2.3.4"),
+    ("PAGEDSERVE_MAX_MODEL_LEN", "999999"),
+])
+def test_a_bad_setting_the_engine_refuses_exits_2_naming_it(name, value):
+    env = {name: value, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random",
+           "PAGEDSERVE_DEVICE": "cpu", "PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    res = _cli(env, "worker")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: ") and name in line, line
+
+
+def test_a_bad_setting_line_starts_with_error():
+    res = _cli({"PAGEDSERVE_MAX_NUM_SEQS": "lots"}, "submit", "Hello")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: invalid setting PAGEDSERVE_MAX_NUM_SEQS='lots'"), line
+
+
+def test_top_level_usage_help_and_version():
+    res = _cli({}, "--debg")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: No such option: --debg"), line
+    assert line.endswith(" --help` lists the options)"), line
+    res = _cli({}, "frobnicate")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: No such command 'frobnicate'"), line
+    res = _cli({}, "-h")
+    assert res.returncode == 0 and "submit" in res.stdout and "Usage:" in res.stdout, res.stderr
+    res = _cli({}, "submit", "-h")
+    assert res.returncode == 0 and "--max-tokens" in res.stdout, res.stderr
+    from importlib.metadata import version
+
+    res = _cli({}, "--version")
+    assert res.returncode == 0 and res.stdout == f"pagedserve {version('pagedserve')}\n", res.stdout + res.stderr
