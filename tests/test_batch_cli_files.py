@@ -13,8 +13,6 @@ import sys
 import threading
 
 import pytest
-import redis
-from typer.testing import CliRunner
 
 from pagedserve.service import batch_cli
 from pagedserve.service.batch_client import batch_status, submit_batch
@@ -22,21 +20,10 @@ from pagedserve.service.batch_keys import BatchKeys
 from pagedserve.service.cli import app
 from service_fixtures import REPO
 from test_batch import completion, jsonl
+from test_batch_edges import cli, r  # noqa: F401 - the fixtures those tests use
 
 
 
-@pytest.fixture
-def r(redis_url):
-    with redis.Redis.from_url(redis_url) as client:
-        yield client
-
-
-@pytest.fixture
-def cli(redis_url, prefix, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
-    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
-    monkeypatch.setenv("COLUMNS", "60")  # a narrow stderr: a one-line message must stay one line
-    return CliRunner()
 
 
 def _bad(cid: str) -> dict:
