@@ -345,8 +345,11 @@ class BatchFeeder(WorkerPart):
         cannot be read is left out (and said once; an active one is set aside by the feeding). Then the index of
         all batches loses the oldest ones whose keys expired (it is the one batch key without an expiry)."""
         k, r = self.bkeys, self.conn.r
-        with _expect(k.active, "sorted set"):
-            active = [as_text(b) for b in r.zrange(k.active, 0, -1)]
+        try:
+            with _expect(k.active, "sorted set"):
+                active = [as_text(b) for b in r.zrange(k.active, 0, -1)]
+        except MalformedBatch:
+            active = []  # the look says so (no batch runs until it is deleted); the list of all is still read
         with _expect(k.all, "sorted set"):
             seen = set(active)
             bids = active + [b for b in map(as_text, r.zrevrange(k.all, 0, RECENT_SHOWN - 1)) if b not in seen]
