@@ -132,6 +132,15 @@ def pool_full(e: BaseException) -> bool:
     return isinstance(e, _POOL_FULL) and str(e) == "Too many connections"
 
 
+def unreachable(where: str, e: BaseException) -> RedisUnreachable:
+    """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials (a
+    wrong password is no network trouble, and says where to look)."""
+    if isinstance(e, redis.AuthenticationError):
+        return RedisUnreachable(f"Redis at {where} refused the credentials ({redact(e)}): check the user name and "
+                                "password in the URL (PAGEDSERVE_REDIS_URL)")
+    return RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}")
+
+
 class NoWorker(TimeoutError):
     """Nothing picked the request up and no live worker consumes the stream (the message says what was seen)."""
 
@@ -386,7 +395,7 @@ class ProducerCore:
             return TooManyConnections(f"all {limit} connections of this client are in use (each call waiting for "
                                       "an answer holds one or two): pass a larger max_connections= to the client, "
                                       "or make fewer calls at once")
-        return RedisUnreachable(f"cannot reach Redis at {redact(self.redis_url)}: {redact(e)}")
+        return unreachable(redact(self.redis_url), e)
 
     def _result_key(self, request_id: str) -> str:
         """The result key of ``request_id``; ``ValueError`` for an id no request can have."""
@@ -854,7 +863,7 @@ def event_wait(
             return
         except CONNECTION_ERRORS as e:
             if not reached:
-                raise RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}") from None
+                raise unreachable(where, e) from None
             # Redis went away: resubscribe (then the result key is read again) until the deadline.
             subscribed = False
             yield Unsubscribe()
@@ -965,7 +974,7 @@ def stream_wait(
                 return
         except CONNECTION_ERRORS as e:
             if not reached:
-                raise RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}") from None
+                raise unreachable(where, e) from None
             if expired():
                 raise timeout_error(request_id, timeout) from None
             outage.check(e, where, request_id, sent)

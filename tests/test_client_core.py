@@ -855,3 +855,16 @@ def test_a_wait_that_times_out_says_when_no_worker_runs(redis_url, prefix):
     with Client(redis_url, prefix=prefix) as c, pytest.raises(TimeoutError) as ei:
         c.generate("hi", timeout=1)
     assert "no worker is running" in str(ei.value) and "within 1 s" in str(ei.value)
+
+
+@pytest.mark.parametrize("call", ["submit", "generate"])
+def test_a_wrong_password_is_named_as_such(redis_url, prefix, call):
+    """A refused password read "cannot reach Redis", which sends one to look at the network."""
+    from pagedserve.service.client import Client
+
+    url = redis_url.replace("redis://", "redis://nobody-here:wr0ngpw@", 1)
+    with Client(url, prefix=prefix) as c, pytest.raises(RedisUnreachable) as ei:
+        getattr(c, call)("hi", timeout=5) if call == "generate" else c.submit("hi")
+    message = str(ei.value)
+    assert "refused the credentials" in message and "PAGEDSERVE_REDIS_URL" in message, message
+    assert "wr0ngpw" not in message and "cannot reach" not in message
