@@ -57,6 +57,7 @@ class LLMEngine:
         hf_config = load_config(model_dir)
         self.hf_config = hf_config
         self.max_model_len = self._resolve_max_model_len(hf_config)
+        self._max_model_len_source = ""  # why max_model_len is lower than asked, for the errors that quote it
         self.max_num_batched_tokens = self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
         self.tokenizer = load_tokenizer(model_dir)
         self.vocab_size = hf_config.vocab_size
@@ -134,6 +135,8 @@ class LLMEngine:
         log.warning("max_model_len lowered from %d to the KV pool's capacity of %d tokens",
                     self.max_model_len, capacity)
         self.max_model_len = capacity
+        self._max_model_len_source = (f" (the KV pool's capacity: num_gpu_blocks {self.block_manager.gpu.num_blocks} "
+                                      f"x block_size {self.config.block_size})")
 
     # ------------------------------------------------------------------ requests
     @property
@@ -186,14 +189,15 @@ class LLMEngine:
             raise ValueError("prompt must be a string or a list of token ids")
         if len(token_ids) + 1 > self.max_model_len:
             raise PromptTooLongError(
-                f"prompt is {len(token_ids)} tokens; max_model_len {self.max_model_len} leaves room for "
-                f"{self.max_model_len - 1} prompt tokens")
+                f"prompt is {len(token_ids)} tokens; max_model_len {self.max_model_len}{self._max_model_len_source} "
+                f"leaves room for {self.max_model_len - 1} prompt tokens")
         if params.max_tokens is None:  # the rest of the context, for this prompt (the caller's object may be shared)
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(token_ids))
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
-                f"max_model_len {self.max_model_len} leaves after the {len(token_ids)}-token prompt")
+                f"max_model_len {self.max_model_len}{self._max_model_len_source} leaves after the "
+                f"{len(token_ids)}-token prompt")
         if resume is not None:
             self._check_resume(resume, params, len(token_ids))
         # Compiles the grammar unless it is cached (waiting at most the compile timeout): call
@@ -302,6 +306,21 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.swapped)
+
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        """Free blocks of the device KV pool (O(1), unlike :meth:`stats`)."""
+        return self.block_manager.num_free_gpu_blocks
+
+    def kv_room(self, priority: int = 0) -> int:
+        """How many more requests of ``priority`` the device KV pool could start, at a block each: the free blocks
+        plus those held by running requests of strictly worse priority (the scheduler preempts them for it), less
+        one per queued request (waiting or preempted) not worse than it, as those start first. With no request
+        worse than ``priority`` it is ``num_free_gpu_blocks`` less those queued. An upper bound where blocks are
+        shared. O(running requests)."""
+        sch = self.scheduler
+        return (self.block_manager.num_free_gpu_blocks + sch.num_blocks_worse_than(priority)
+                - sch.num_queued_not_worse(priority))
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

@@ -9,10 +9,12 @@ not fit (nothing worse goes ahead of it).
 
 When the device pool runs dry the lowest-priority, latest running request is preempted: swapped to the CPU
 pool, or recomputed (its blocks freed, prompt + output prefilled again later), or ``auto``: see ``PreemptionCost``.
-Before the phases, the best queued request preempts running ones of strictly worse priority while it lacks
-blocks or sequence slots, and those that keep running get only the budget its next chunk leaves. A victim
-queues behind the request it made room for, so it is not swapped straight back in: priorities hold in every
-preemption mode (a better request starts the step after it arrives), and nothing thrashes.
+Before the phases, each queued request in turn, best first, preempts running ones of strictly worse priority
+while it lacks blocks or sequence slots (beside the better queued ones before it), and those that keep running
+get only the token budget and the free blocks its next chunk leaves (``_Hold``). A victim queues behind the
+request it made room for, so it is not swapped straight back in: priorities hold in every preemption mode (a
+better request starts in the step after it arrives, unless better running requests take its room first; no
+request waits a step while a strictly worse one runs), and nothing thrashes.
 
 Liveness: nothing waits forever on blocks. A single sequence always fits (the engine caps ``max_model_len`` at the
 pool), but a group (``n`` samples, beams) can outgrow the whole pool. Samples alone on the device take turns
@@ -66,6 +68,17 @@ class SchedulerOutput:
     def empty(self) -> bool:
         """Nothing for the model runner to do this step."""
         return not self.scheduled and not self.swap_out and not self.swap_in and not self.copies
+
+
+@dataclass
+class _Hold:
+    """What running requests of strictly worse ``priority`` must leave this step for the queued requests, best
+    first up to one of that priority, that start in it: their next chunks' ``tokens`` and device ``blocks``
+    (cumulative, so the last hold below a running request's priority is the one that applies to it)."""
+
+    priority: int
+    tokens: int
+    blocks: int
 
 
 @dataclass
@@ -126,6 +139,24 @@ class Scheduler:
 
     def num_running_seqs(self) -> int:
         return sum(r.max_seqs for r in self.running)
+
+    def num_blocks_worse_than(self, priority: int) -> int:
+        """Device blocks held by running requests of strictly worse priority than ``priority``: what a queued
+        request of that priority may free by preempting them (``_preempt_for_priority``). An upper bound: a block
+        one of them shares with another request (a fork, a prefix-cache hit) stays in use. Swapped and waiting
+        requests hold no device blocks. O(running requests)."""
+        held = 0
+        for req in self.running:
+            if req.priority > priority:
+                seqs = req.unfinished_seqs()
+                held += len(seqs[0].block_table) if len(seqs) == 1 else len({b for s in seqs for b in s.block_table})
+        return held
+
+    def num_queued_not_worse(self, priority: int) -> int:
+        """Swapped and waiting requests whose priority is ``priority`` or better: they go ahead of a new request
+        of that priority. O(log queued): both queues are sorted by ``(priority, ...)``."""
+        bound = (priority + 1,)  # sorts before every key of a worse priority, after every other key
+        return sum(bisect.bisect_left(q, bound, key=lambda r: r.sort_key) for q in (self.waiting, self.swapped))
 
     # ------------------------------------------------------------------ preemption
     def _preempt(self, req: Request, out: SchedulerOutput, for_room: bool = True) -> None:
@@ -255,8 +286,8 @@ class Scheduler:
         """Plan one step: running requests first, then swapped and waiting ones in ``(priority, arrival)`` order."""
         out = SchedulerOutput()
         self.running.sort(key=lambda r: r.sort_key)
-        self._preempt_for_priority(out)
-        budget, starved = self._schedule_running(out, self.max_num_batched_tokens)
+        holds = self._preempt_for_priority(out)
+        budget, starved = self._schedule_running(out, self.max_num_batched_tokens, holds)
         if not starved:  # a running request had to be preempted for room: admit nothing new this step
             self._schedule_queued(out, budget)
             if not self.running and not out.preempted:
@@ -264,21 +295,29 @@ class Scheduler:
         out.swap_out, out.swap_in, out.copies = self.bm.take_pending()
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, holds: list[_Hold]) -> tuple[int, bool]:
         """Running requests, best first; room is made by preempting from the back of the queue. Those of worse
-        priority than the best queued request get only the budget its next chunk leaves (``_held_for_head``):
-        a worse prompt prefilling in chunks would otherwise take every step's budget before the better request
-        is looked at, and keep it out until that whole prompt was in.
+        priority than queued requests about to start get only what their next chunks leave (``_run_held``): a
+        worse prompt prefilling in chunks would otherwise take every step's budget (or the blocks they were
+        counted to fit in) before the better requests are looked at, and keep them out until it was all in. In a
+        starved step they do not run at all, as those better requests do not start in it.
+
+        Invariant (with ``_preempt_for_priority``): no request left queued after the step is strictly better
+        than one that ran in it.
 
         Returns the budget left and whether any running request was preempted for room (starved)."""
         queue = deque(self.running)
         starved = False
-        head = self._queue_head()
-        held = self._held_for_head(head)
+        k = 0  # holds below the current request's priority: both lists are sorted, so it only moves forward
         while queue and budget > 0:
             req = queue.popleft()
-            worse = held > 0 and req.priority > head.priority  # type: ignore[union-attr]
-            plan = self._plan(req, budget - held if worse else budget)
+            while k < len(holds) and holds[k].priority < req.priority:
+                k += 1
+            if k:  # sorted: every request that may preempt for room (``starved``) came before this one
+                if not starved:  # else nothing new starts this step, the better queued requests included
+                    budget -= self._run_held(req, budget, holds[k - 1], out)
+                continue
+            plan = self._plan(req, budget)
             if plan is None:
                 continue
             while not self._allocate(plan):
@@ -299,17 +338,19 @@ class Scheduler:
                 budget -= self._admit(req, plan, out)
         return budget, starved
 
-    def _held_for_head(self, head: Request | None) -> int:
-        """The budget kept from worse running requests for the best queued one: its next chunk (the tokens it
-        has left, at most a step's budget), when it has the sequence slots and blocks to start (once worse ones
-        were preempted for them: ``_preempt_for_priority``); else none, as it would not use it."""
-        if head is None or not self.running or self.running[-1].priority <= head.priority or not self._fits(head):
+    def _run_held(self, req: Request, budget: int, held: _Hold, out: SchedulerOutput) -> int:
+        """A running request worse than queued ones that start this step: it runs within the budget and the free
+        blocks they leave, or waits this step with the blocks it has. It never preempts for room: a victim would
+        be worse still, and the better requests are not kept out by it. Returns the tokens it takes."""
+        if budget <= held.tokens:
             return 0
-        seqs = head.unfinished_seqs()
-        if head.status == RequestStatus.WAITING:
-            seqs = seqs[:1]  # a group starts with its first sequence (``_start``)
-        left = sum(s.num_tokens - s.num_computed_tokens for s in seqs)
-        return max(1, min(left, self.max_num_batched_tokens))
+        plan = self._plan(req, budget - held.tokens)
+        room = self.bm.num_free_gpu_blocks - held.blocks
+        if plan is None or sum(self.bm.blocks_needed(s, n) for s, n in plan) > room:
+            return 0
+        if not self._allocate(plan):
+            raise RuntimeError(f"block accounting is wrong: no room for the plan of {req.request_id}")
+        return self._admit(req, plan, out)
 
     def _part_that_fits(self, req: Request, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]] | None:
         """For samples alone on the device and short of blocks: the longest head of ``plan`` that fits,
@@ -416,21 +457,58 @@ class Scheduler:
                    f"(block_size {self.bm.block_size})")
         out.unschedulable.append((req, f"request cannot be scheduled: {why}"))
 
-    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
-        """The best queued request displaces running ones of strictly worse priority while it lacks blocks or
-        sequence slots. Victims go from the back of the running queue, so they queue behind it."""
-        head = self._queue_head()
-        while self.running and head is not None and self.running[-1].priority > head.priority \
-                and not self._fits(head):
-            self._preempt(self.running[-1], out, for_room=False)
+    def _preempt_for_priority(self, out: SchedulerOutput) -> list[_Hold]:
+        """Queued requests, best first, displace running ones of strictly worse priority while they lack blocks or
+        sequence slots beside the queued ones before them; each that then fits gets a ``_Hold``, so it starts this
+        step. Victims go from the back of the running queue, so they queue behind the request they made room for.
 
-    def _fits(self, req: Request) -> bool:
-        """Whether the queued ``req`` has the sequence slots and (roughly, prefix hits aside) the blocks to start."""
+        Stops at the first queued request that no running one is worse than, that does not fit even with every
+        worse one gone, or once the holds take a whole step's budget: none after it starts this step (the queued
+        phase stops at the first that does not fit), so preempting for it would only cut a worse one's step."""
+        holds: list[_Hold] = []
+        num_seqs, tokens, blocks = self.num_running_seqs(), 0, 0
+        for req in self._queued():
+            if tokens >= self.max_num_batched_tokens or not self._worse_runs(req):
+                break
+            need_seqs, need_blocks, need_tokens = self._needs(req)
+            while not (fits := num_seqs + need_seqs <= self.max_num_seqs
+                       and blocks + need_blocks <= self.bm.num_free_gpu_blocks) and self._worse_runs(req):
+                victim = self.running[-1]
+                num_seqs -= victim.max_seqs
+                self._preempt(victim, out, for_room=False)
+            if not fits:
+                break
+            num_seqs, tokens, blocks = num_seqs + need_seqs, tokens + need_tokens, blocks + need_blocks
+            holds.append(_Hold(req.priority, tokens, blocks))
+        return holds
+
+    def _worse_runs(self, req: Request) -> bool:
+        """Whether a running request has strictly worse priority than the queued ``req`` (the running queue is
+        sorted: the worst is last)."""
+        return bool(self.running) and self.running[-1].priority > req.priority
+
+    def _queued(self):
+        """Swapped and waiting requests merged in ``(priority, arrival)`` order. Victims preempted meanwhile are
+        inserted behind the request being looked at (they are worse), so the walk stays in order."""
+        i = j = 0
+        while i < len(self.waiting) or j < len(self.swapped):
+            if j < len(self.swapped) and (i == len(self.waiting)
+                                          or self.swapped[j].sort_key < self.waiting[i].sort_key):
+                j += 1
+                yield self.swapped[j - 1]
+            else:
+                i += 1
+                yield self.waiting[i - 1]
+
+    def _needs(self, req: Request) -> tuple[int, int, int]:
+        """What the queued ``req`` needs to start: sequence slots, device blocks (roughly, prefix hits aside) and
+        the tokens of its next chunk (at most a step's budget; a group starts with its first sequence, ``_start``)."""
         seqs = req.unfinished_seqs()
-        swapped = req.status == RequestStatus.SWAPPED
-        if self.num_running_seqs() + req.max_seqs > self.max_num_seqs:
-            return False
-        if swapped:
-            return self.bm.can_swap_in(seqs)
-        chunk = min(seqs[0].num_tokens - seqs[0].num_computed_tokens, self.max_num_batched_tokens)
-        return self.bm.blocks_needed(seqs[0], chunk) <= self.bm.num_free_gpu_blocks
+        if req.status == RequestStatus.SWAPPED:
+            blocks = self.bm.swap_in_cost(seqs)
+        else:
+            seqs = seqs[:1]
+            chunk = min(seqs[0].num_tokens - seqs[0].num_computed_tokens, self.max_num_batched_tokens)
+            blocks = self.bm.blocks_needed(seqs[0], chunk)
+        left = sum(s.num_tokens - s.num_computed_tokens for s in seqs)
+        return req.max_seqs, blocks, max(1, min(left, self.max_num_batched_tokens))

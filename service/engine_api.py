@@ -51,3 +51,8 @@ class EngineAPI(Protocol):
 
     @property
     def num_waiting(self) -> int: ...
+
+    @property
+    def num_free_gpu_blocks(self) -> int: ...  # free blocks of the device KV pool
+
+    def kv_room(self, priority: int = 0) -> int: ...  # requests of ``priority`` the KV pool could start (preempting)

@@ -80,7 +80,8 @@ def ignore_eos_config(model, max_new_tokens: int, **kw):
     import copy
 
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
+    # An empty list, not None: given None, generate falls back to the model config's EOS and stops there.
+    config.eos_token_id = []
     config.max_new_tokens = max_new_tokens
     config.do_sample = False
     config.pad_token_id = 258

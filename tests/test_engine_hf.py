@@ -67,3 +67,20 @@ def test_greedy_matches_hf_with_prefix_cache_hits(tiny_models, hf_greedy):
     _check(llm, model, hf_greedy, prompts[:1])  # warm the cache with the shared prefix
     _check(llm, model, hf_greedy, prompts)
     assert llm.stats()["prefix_cache_hit_tokens"] >= 4 * 40 // 8 * 8
+
+
+def test_the_hf_reference_goes_on_past_an_eos_argmax(tiny_models):
+    """The reference of ``ignore_eos`` runs: where EOS is the argmax, HF's generate must choose it and go on, as the
+    engine does; a reference that stopped there would fail the engine on any prompt that reaches EOS."""
+    import torch
+    import transformers
+
+    from conftest import ignore_eos_config
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        first = int(model(ids).logits[0, -1].argmax())
+        model.config.eos_token_id = model.generation_config.eos_token_id = first  # EOS is what comes next
+        out = model.generate(ids, generation_config=ignore_eos_config(model, 6))
+    assert out.shape[1] == ids.shape[1] + 6 and int(out[0, 4]) == first

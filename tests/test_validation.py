@@ -101,6 +101,17 @@ def test_prompt_limits_checked_before_work(tiny_models):
         LLM(model=tiny_models["llama"], device="cpu", max_model_len=10_000)
 
 
+def test_a_max_model_len_lowered_to_the_pool_says_so_where_it_is_quoted(tiny_models):
+    """A user who never set max_model_len must see where the number in a refusal comes from."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=4, block_size=8)
+    assert llm.engine.max_model_len == 32
+    pool = r"max_model_len 32 \(the KV pool's capacity: num_gpu_blocks 4 x block_size 8\)"
+    with pytest.raises(ValueError, match=f"^max_tokens 10 is more than the 2 tokens that {pool} leaves"):
+        llm.generate([[1] * 30], SamplingParams(max_tokens=10))
+    with pytest.raises(PromptTooLongError, match=f"^prompt is 40 tokens; {pool} leaves room"):
+        llm.generate([[1] * 40])
+
+
 def test_sampling_params_of_the_wrong_type_are_named(tiny_models):
     llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
     # A dict of fields is a common slip (the wire takes one): named, with the way to convert it.
