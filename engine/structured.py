@@ -6,11 +6,12 @@ A request asks with ``SamplingParams(structured_outputs={...})`` (the field's ru
 - :class:`StructuredOutputs`: one per engine. Compiles each distinct ``(kind, spec, whitespace)`` once on a small
   thread pool (never on the step loop), keeps the compiled grammars in an LRU cache bounded by an estimate of
   their memory, :data:`CACHE_BYTES` (failures too, so a bad schema sent again fails without compiling again),
-  and refuses a compile that takes longer than
-  ``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S``. It hands out one :class:`Matcher` per sequence and fills the
-  batch's token bitmask. A grammar whose masks cost more than ``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` of CPU per
-  token is refused when it compiles (a mask of its start state is timed), or ends its request when that happens
-  later in the output (three masks in a row): one request's grammar must not slow every other request's tokens.
+  and refuses a compile whose own run takes longer than ``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S`` (the time a
+  spec waits behind other specs' compiles does not count: a slow spec must not fail a fast one). It hands out one
+  :class:`Matcher` per sequence and fills the batch's token bitmask. A grammar whose masks cost more than
+  ``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` of CPU per token is refused when it compiles (a mask of its start state is
+  timed), or ends its request when that happens later in the output (three masks in a row): one request's grammar
+  must not slow every other request's tokens.
 - :func:`apply_token_bitmask`: sets the logits of disallowed tokens to ``-inf``, in place on the logits'
   device, before the sampler runs (so penalties, top-k/top-p/min-p and logprobs all see the constrained
   distribution).
@@ -60,6 +61,11 @@ FAILURE_BYTES = 2048
 # threads get twice that (address space: a page is only taken when touched).
 COMPILE_STACK_BYTES = 64 << 20
 _STACK_SIZE_LOCK = threading.Lock()  # threading.stack_size is process-wide: set it only around thread creation
+# A compile past its timeout has had its requests refused, but llguidance cannot be interrupted: it keeps its
+# thread until it ends. The pool has this many threads beyond its ``max_workers`` for such compiles, so that they
+# do not keep the pool from starting the specs behind them. Bounded, since each still burns a core and holds
+# memory: past the bound, the specs behind wait for one of them to end.
+MAX_ABANDONED_COMPILES = 4
 
 
 # ---------------------------------------------------------------------- the backend interface
@@ -148,15 +154,16 @@ def _key_bytes(key: tuple) -> int:
 
 
 class _Entry:
-    """One cache entry: the compile's future and when it started (its timeout runs from then, for every
-    request that shares it; a compile that finishes after its timeout serves the requests that come later), and
-    the bytes it is charged (its key until the compile ends, then the grammar's estimate too)."""
+    """One cache entry: the compile's future; when the compile started on a pool thread (None while it waits
+    behind other compiles; its timeout runs from its start, for every request that shares it; a compile that
+    finishes after its timeout serves the requests that come later); and the bytes it is charged (its key until
+    the compile ends, then the grammar's estimate too)."""
 
     __slots__ = ("future", "started", "nbytes")
 
-    def __init__(self, future: Future, nbytes: int) -> None:
-        self.future = future
-        self.started = time.monotonic()
+    def __init__(self, nbytes: int) -> None:
+        self.future: Future | None = None  # set right after the compile is submitted, under StructuredOutputs._lock
+        self.started: float | None = None
         self.nbytes = nbytes
 
 
@@ -167,7 +174,11 @@ class StructuredOutputs:
     for llguidance takes up to a second, which an engine that never sees a structured request never pays).
     ``compile_timeout_s`` and ``max_mask_ms`` default to their settings in the environment. ``cache_bytes``:
     the compile cache's budget (:data:`CACHE_BYTES`); past it, the least recently used entries go (a compile
-    still running is only dropped from the cache: the requests waiting for it still get it).
+    still running or waiting is only dropped from the cache: the requests waiting for it still get it).
+
+    ``max_workers``: compiles within their timeout that run at once; the others wait, first come first served,
+    and their timeout starts when they do. A compile past its timeout no longer counts against ``max_workers``:
+    it runs on to its end on one of :data:`MAX_ABANDONED_COMPILES` more threads.
     """
 
     def __init__(self, backend_factory, compile_timeout_s: float | None = None, max_workers: int = 2,
@@ -177,11 +188,18 @@ class StructuredOutputs:
         self._backend_lock = threading.Lock()
         self.compile_timeout_s = compile_timeout_from_env() if compile_timeout_s is None else compile_timeout_s
         self.max_mask_ms = max_mask_ms_from_env() if max_mask_ms is None else max_mask_ms
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar-compile")
+        self._max_live = max_workers
+        self._pool = ThreadPoolExecutor(max_workers=max_workers + MAX_ABANDONED_COMPILES,
+                                        thread_name_prefix="grammar-compile")
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._cache_budget = cache_bytes
         self.cache_bytes = 0  # what the entries in the cache are charged, together
         self._lock = threading.Lock()
+        # Notified when a compile starts or ends and when a future is done (under _lock).
+        self._changed = threading.Condition(self._lock)
+        self._queue: deque[_Entry] = deque()  # submitted, not started: started in this order
+        self._compiling: set[_Entry] = set()  # started, not ended (past their timeout or not)
+        self._closed = False
         # Figures for stats() and the benchmark (the deques keep the latest, the totals everything).
         self.compile_seconds: deque[float] = deque(maxlen=10_000)  # each finished compile
         self.mask_seconds: deque[float] = deque(maxlen=100_000)  # each bitmask row (one token of one sequence)
@@ -219,26 +237,66 @@ class StructuredOutputs:
                 self.compile_seconds_total += seconds
         raise failure
 
-    def _submit(self, spec: dict) -> Future:
+    def _run(self, entry: _Entry, spec: dict) -> CompiledGrammar:
+        """On a pool thread: wait for a turn (:meth:`_start`), compile, then let the next one start."""
+        self._start(entry)
+        try:
+            return self._compile(spec)
+        finally:
+            with self._changed:
+                self._compiling.discard(entry)
+                self._changed.notify_all()
+
+    def _start(self, entry: _Entry) -> None:
+        """Wait until ``entry`` is the first submitted of those not started and fewer than ``max_workers``
+        compiles are within their timeout, then stamp its start. A compile past its timeout leaves its turn to
+        the next one here (the pool's extra threads run both)."""
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the grammar compiler is closed (its engine was shut down)")
+                while self._queue and self._queue[0].future.cancelled():  # cancelled: never runs
+                    self._queue.popleft()
+                now = time.monotonic()
+                deadlines = [e.started + self.compile_timeout_s for e in self._compiling
+                             if now - e.started < self.compile_timeout_s]
+                full = len(deadlines) >= self._max_live
+                if not full and self._queue[0] is entry:
+                    break
+                # Woken by a start, an end or a future done; when full, also when a compile passes its timeout.
+                self._changed.wait(min(deadlines) - now if full else None)
+            self._queue.popleft()
+            entry.started = time.monotonic()
+            self._compiling.add(entry)
+            self._changed.notify_all()
+
+    def _submit(self, entry: _Entry, spec: dict) -> Future:
         """The compile on the pool, whose threads (created inside ``submit``, when needed) get the deep stack."""
         with _STACK_SIZE_LOCK:
             previous = threading.stack_size(COMPILE_STACK_BYTES)
             try:
-                return self._pool.submit(self._compile, spec)
+                return self._pool.submit(self._run, entry, spec)
             finally:
                 threading.stack_size(previous)
 
     def compile_async(self, spec: dict) -> Future:
         """The future of ``spec``'s compiled grammar: shared with every earlier request for the same grammar."""
+        return self._entry(spec).future
+
+    def _entry(self, spec: dict) -> _Entry:
+        """``spec``'s cache entry, its compile submitted if it was not cached (the entry is not necessarily
+        cached any more when this returns: a budget too small evicts it; its compile goes on)."""
         key = cache_key(spec)
         with self._lock:
             entry = self._cache.get(key)
             if entry is not None:
                 self._cache.move_to_end(key)
                 self.num_cache_hits += 1
-                return entry.future
+                return entry
             self.num_compiles += 1
-            entry = _Entry(self._submit(spec), _key_bytes(key))
+            entry = _Entry(_key_bytes(key))
+            entry.future = self._submit(entry, spec)
+            self._queue.append(entry)  # its thread reads the queue under this lock: only after this
             self._cache[key] = entry
             self.cache_bytes += entry.nbytes
             self._evict()
@@ -246,7 +304,7 @@ class StructuredOutputs:
         # this object nor the entry (a future keeps its callbacks): no cycle keeps a dropped engine's grammars.
         charge = weakref.WeakMethod(self._charge)
         entry.future.add_done_callback(lambda future: (method := charge()) is not None and method(key, future))
-        return entry.future
+        return entry
 
     def _charge(self, key: tuple, future: Future) -> None:
         """A compile ended: charge its entry, if still cached, what the grammar costs (the backend's estimate,
@@ -258,6 +316,7 @@ class StructuredOutputs:
         else:
             extra = int(getattr(future.result(), "nbytes", 0))
         with self._lock:
+            self._changed.notify_all()  # compile() waits for the start or the end of a compile
             entry = self._cache.get(key)
             if entry is not None and entry.future is future:
                 entry.nbytes += extra
@@ -278,24 +337,27 @@ class StructuredOutputs:
     def ready(self, spec: dict) -> bool:
         """Whether :meth:`compile` would return (or raise) now without waiting. Starts the compile if needed.
 
-        A compile past the timeout counts as ready: :meth:`compile` then raises the timeout error.
+        A compile past its timeout (counted from its start) counts as ready: :meth:`compile` then raises the
+        timeout error. One still waiting behind other compiles is not.
         """
-        future = self.compile_async(spec)
-        if future.done():
+        entry = self._entry(spec)
+        if entry.future.done():
             return True
-        with self._lock:
-            entry = self._cache.get(cache_key(spec))
-        return entry is not None and time.monotonic() - entry.started >= self.compile_timeout_s
+        started = entry.started
+        return started is not None and time.monotonic() - started >= self.compile_timeout_s
 
     def compile(self, spec: dict) -> CompiledGrammar:
-        """The compiled grammar, waiting at most what is left of the compile timeout. Raises ``ValueError``."""
-        key = cache_key(spec)
-        future = self.compile_async(spec)
-        with self._lock:
-            entry = self._cache.get(key)
-        left = self.compile_timeout_s - (time.monotonic() - entry.started) if entry is not None else None
+        """The compiled grammar: waits for the compile to start (behind other compiles; not counted against the
+        timeout), then at most what is left of the compile timeout. Raises ``ValueError``."""
+        entry = self._entry(spec)
+        future = entry.future
+        with self._changed:
+            while entry.started is None and not future.done():
+                self._changed.wait()
+            started = entry.started
+        left = self.compile_timeout_s - (time.monotonic() - started) if started is not None else 0.0
         try:
-            return future.result(timeout=max(left, 0.0) if left is not None else self.compile_timeout_s)
+            return future.result(timeout=max(left, 0.0))
         except FutureTimeout:
             raise structured_error(f"did not compile within {self.compile_timeout_s:g} s ({TIMEOUT_ENV})") from None
         except ValueError:
@@ -344,6 +406,10 @@ class StructuredOutputs:
         }
 
     def close(self) -> None:
+        """Cancel the compiles not started (those waiting on a pool thread fail); those running end on their own."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -20,9 +20,9 @@ an EOS that would pass its invalid output off as complete.
 
 What llguidance cannot follow exactly is refused when compiling, naming the place: a schema number beyond 2**53 in
 magnitude where it constrains the output (:func:`inexact_number`), an object of more optional properties than its
-parser can hold at one place (:func:`crowded_object`), and a regex or grammar that matches no string. A ``format``
-llguidance does not know is an annotation, as JSON Schema has it (:func:`known_formats_only`); the known ones
-are enforced.
+parser can hold at one place (:func:`crowded_object`), a ``minProperties`` that repeated keys could meet
+(:func:`repeatable_minimum`), and a regex or grammar that matches no string. A ``format`` llguidance does not know
+is an annotation, as JSON Schema has it (:func:`known_formats_only`); the known ones are enforced.
 
 Memory. llguidance reports no size for what it builds; a compiled grammar carries an estimate, ``nbytes``, for the
 compile cache's byte budget (:data:`GRAMMAR_BYTES_PER_CHAR`).
@@ -300,6 +300,56 @@ def crowded_object(schema: object) -> str | None:
     return None
 
 
+def _extra_keys_possible(schema: dict) -> bool:
+    """Whether an object of ``schema`` may have keys not named in it (``additionalProperties`` not false, or a
+    ``patternProperties``)."""
+    patterns = schema.get("patternProperties")
+    return schema.get("additionalProperties", True) is not False or (
+        isinstance(patterns, dict) and any(sub is not False for sub in patterns.values()))
+
+
+def repeatable_minimum(schema: object) -> str | None:
+    """Why ``schema`` has an object whose ``minProperties`` repeated keys could meet, or None. llguidance writes a
+    name of ``properties`` / ``required`` at most once, but lets a key of ``additionalProperties`` or
+    ``patternProperties`` repeat, counting each entry toward minProperties: {"a": 1, "a": 1, "a": 1} is 3 entries
+    and one key once parsed. Its required names are always there, distinct, and any entry is one key: a minimum
+    within ``max(required, 1)`` holds whatever repeats. (A repeated key's values match one subschema, so the
+    value parsed, the last, is valid; maxProperties is only stricter.)"""
+    if not isinstance(schema, dict):
+        return None
+    for where, node in _schemas(schema):
+        minimum = node.get("minProperties")
+        if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not _extra_keys_possible(node):
+            continue
+        required = node.get("required")
+        count = len({r for r in required if isinstance(r, str)}) if isinstance(required, list) else 0
+        if minimum > max(count, 1):
+            shown = int(minimum) if minimum == int(minimum) else minimum
+            return (f"the object at {where or '/'} has minProperties {shown} but {count} required "
+                    f"{'property' if count == 1 else 'properties'}, and llguidance lets the other keys repeat "
+                    "(each repeat counts toward minProperties, and once parsed is one key): name at least "
+                    f"{shown} properties in required, or drop minProperties")
+    return None
+
+
+# JSON's short escapes (llguidance knows no "\/"), for schemas that name no control character (see grammar_text).
+JSON_ESCAPES_WITHOUT_U = 'nrbtf\\"'
+# A control character other than those short escapes, as itself or as a regex escape (only \u can write it).
+_CONTROL = re.compile(r"[\x00-\x07\x0b\x0e-\x1f]|\\(?:x[01][0-9a-fA-F]|u00[01][0-9a-fA-F]|c[A-Za-z@]|0)")
+
+
+def _names_control_characters(schema: object) -> bool:
+    """Whether a string of ``schema`` (a key or a value: a const, an enum, a pattern) names a control character
+    that JSON can write only as a \\u escape."""
+    if isinstance(schema, str):
+        return _CONTROL.search(schema) is not None
+    if isinstance(schema, dict):
+        return any(_names_control_characters(k) or _names_control_characters(v) for k, v in schema.items())
+    if isinstance(schema, list):
+        return any(_names_control_characters(v) for v in schema)
+    return False
+
+
 def _number_text(value: int | float) -> str:
     text = repr(value)
     return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
@@ -524,7 +574,15 @@ class LLGuidanceBackend:
                 crowded = crowded_object(body)
                 if crowded is not None:
                     raise structured_error(f"json is not a usable JSON Schema: {crowded}")
+                repeated = repeatable_minimum(body)
+                if repeated is not None:
+                    raise structured_error(f"json is not a usable JSON Schema: {repeated}")
             schema = exact_formats(known_formats_only(body)) if kind == "json" else {"type": "object"}
+            if not _names_control_characters(schema):
+                # llguidance tells a key apart from the named ones by its text, so "\u0061" would pass as a key
+                # other than "a" and override it once parsed. Without \u only the characters JSON requires to be
+                # escaped are lost, which a schema that names none has no use for.
+                options["json_allowed_escapes"] = JSON_ESCAPES_WITHOUT_U
             try:
                 return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
             except ValueError as e:

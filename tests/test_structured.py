@@ -26,6 +26,7 @@ from pagedserve.engine.structured import (
     CACHE_BYTES,
     DEFAULT_COMPILE_TIMEOUT_S,
     DEFAULT_MAX_MASK_MS,
+    MAX_ABANDONED_COMPILES,
     MAX_MASK_ENV,
     TIMEOUT_ENV,
     StructuredOutputs,
@@ -899,3 +900,156 @@ def test_any_value_is_normalised_or_refused_by_name(value):
     if spec is not None:
         assert validate_structured_outputs(spec) == spec  # normalising is idempotent
         cache_key(spec)
+
+
+# ---------------------------------------------------------------------- the compile timeout counts a compile's own time
+class _PacedBackend:
+    """The byte tokenizer's backend, whose compile of a regex ``slow-*`` blocks until ``release`` (or 30 s) and of
+    a regex ``medium-*`` sleeps ``medium_s``; every other spec compiles as usual. Counts compiles running at once."""
+
+    def __init__(self, release: threading.Event, medium_s: float = 0.0):
+        tok = build_byte_tokenizer()
+        self.inner = default_backend(tok, len(tok), {tok.eos_token_id})
+        self.name, self.version, self.vocab_size = "paced", "0", self.inner.vocab_size
+        self.release, self.medium_s = release, medium_s
+        self.lock = threading.Lock()
+        self.running = self.most_running = 0
+
+    def compile(self, spec):
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            regex = spec.get("regex", "")
+            if regex.startswith("slow-"):
+                self.release.wait(30)
+            elif regex.startswith("medium-"):
+                time.sleep(self.medium_s)
+            return self.inner.compile(spec)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def fill_bitmasks(self, matchers, bitmask):
+        return self.inner.fill_bitmasks(matchers, bitmask)
+
+
+def _paced(release: threading.Event, timeout_s: float, medium_s: float = 0.0):
+    backend = _PacedBackend(release, medium_s)
+    return StructuredOutputs(lambda: backend, compile_timeout_s=timeout_s, max_workers=2), backend
+
+
+def _regex(text: str) -> dict:
+    return validate_structured_outputs({"regex": text})
+
+
+def test_time_queued_behind_other_compiles_does_not_count_against_a_specs_timeout():
+    """Six compiles of 0.25 s each on two threads: the last two start 0.5 s after they were submitted and the
+    schema behind them 0.75 s after, past the 0.6 s timeout counted from submission; each compiles in far less
+    than 0.6 s of its own, so each is served."""
+    release = threading.Event()
+    so, _ = _paced(release, timeout_s=0.6, medium_s=0.25)
+    try:
+        medium = [_regex(f"medium-{i}") for i in range(6)]
+        for spec in medium:
+            so.compile_async(spec)
+        fast = validate_structured_outputs({"json": {"type": "object", "properties": {"a": {"type": "integer"}}}})
+        assert not so.ready(fast)  # queued: not past any timeout
+        assert so.compile(fast).matcher() is not None
+        for spec in medium:
+            assert so.compile(spec).matcher() is not None
+    finally:
+        release.set()
+        so.close()
+
+
+def test_a_fast_spec_behind_compiles_past_their_timeout_compiles():
+    """Slow specs, more than the pool's threads, are each refused once their own compile passes the timeout;
+    they keep running (llguidance cannot be stopped), yet a fast spec submitted after them compiles."""
+    release = threading.Event()
+    so, backend = _paced(release, timeout_s=0.3)
+    try:
+        slow = [_regex(f"slow-{i}") for i in range(4)]
+        for spec in slow:
+            so.compile_async(spec)
+        fast = _regex("[ab]{2}")
+        started = time.monotonic()
+        while not so.ready(fast):
+            assert time.monotonic() - started < 10, "the fast spec never became ready"
+            time.sleep(0.01)
+        assert so.compile(fast).matcher() is not None  # compiled, not refused for the slow specs' time
+        for spec in slow:
+            with pytest.raises(ValueError, match=r"^structured_outputs did not compile within 0.3 s"):
+                so.compile(spec)
+        assert backend.running == 4  # all still compiling
+        release.set()
+        for spec in slow:  # a compile that finishes late serves the requests after it
+            so.compile_async(spec).result(timeout=30)
+            assert so.compile(spec).matcher() is not None
+    finally:
+        release.set()
+        so.close()
+
+
+def test_a_slow_specs_timeout_counts_from_its_own_start():
+    """A slow spec queued behind two others is refused its own timeout after it starts: not at submission +
+    timeout (it was queued), and no later than start + timeout (compile never waits longer)."""
+    release = threading.Event()
+    so, _ = _paced(release, timeout_s=0.4)
+    try:
+        first = [_regex(f"slow-{i}") for i in range(2)]
+        for spec in first:
+            so.compile_async(spec)
+        third = _regex("slow-third")
+        submitted = time.monotonic()
+        so.compile_async(third)
+        assert not so.ready(third)
+        with pytest.raises(ValueError, match="did not compile within 0.4 s"):
+            so.compile(third)
+        waited = time.monotonic() - submitted
+        # It starts once the first two pass their timeout (0.4 s) and is refused 0.4 s later.
+        assert 0.7 <= waited < 3.0, waited
+        assert so.ready(third)  # past its own timeout: answering is immediate
+    finally:
+        release.set()
+        so.close()
+
+
+def test_compiles_past_their_timeout_hold_a_bounded_number_of_extra_threads():
+    """Compiles past their timeout run on at most MAX_ABANDONED_COMPILES threads beyond the pool's: past that
+    bound, a spec waits for one of them to end (each burns a core and memory until it does)."""
+    release = threading.Event()
+    so, backend = _paced(release, timeout_s=0.2)
+    try:
+        slow = [_regex(f"slow-{i}") for i in range(2 + MAX_ABANDONED_COMPILES + 2)]
+        for spec in slow:
+            so.compile_async(spec)
+        fast = _regex("[ab]{3}")
+        so.compile_async(fast)
+        time.sleep(0.2 * (len(slow) + 2))  # long enough for every slow compile that may start to pass its timeout
+        assert backend.most_running == 2 + MAX_ABANDONED_COMPILES
+        assert not so.ready(fast)  # still queued: no thread to run it on
+        release.set()
+        assert so.compile(fast).matcher() is not None
+        assert backend.most_running == 2 + MAX_ABANDONED_COMPILES
+    finally:
+        release.set()
+        so.close()
+
+
+def test_closing_fails_the_compiles_still_waiting_to_start():
+    release = threading.Event()
+    so, _ = _paced(release, timeout_s=5.0)
+    try:
+        for i in range(2):
+            so.compile_async(_regex(f"slow-{i}"))
+        waiting = _regex("[ab]{4}")
+        assert not so.ready(waiting)
+        so.close()
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="^structured_outputs could not be compiled"):
+            so.compile(waiting)
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()
+        so.close()
