@@ -8,6 +8,8 @@ downstream of the weights is real. The real default model (SmolLM2-135M-Instruct
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -26,6 +28,33 @@ BUILTIN_CONFIG = dict(
     num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+
+
+@contextlib.contextmanager
+def hf_progress_bars_on_a_terminal_only():
+    """transformers' progress bars (dequantizing a GGUF, writing shards) only where stderr is a terminal: written
+    to a log or a pipe, a bar is a line of carriage returns among our own progress lines."""
+    import sys
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty():
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    # The GGUF reader calls tqdm itself, not through transformers' switch above.
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def cache_dir() -> Path:
@@ -97,7 +126,8 @@ def write_llama(path: str | Path, seed: int = 0, vocab_size: int = 259, dtype: t
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    with hf_progress_bars_on_a_terminal_only():
+        model.save_pretrained(path, safe_serialization=True)
     GenerationConfig(bos_token_id=256, eos_token_id=257, pad_token_id=258).save_pretrained(path)
     build_byte_tokenizer().save_pretrained(path)
     return path

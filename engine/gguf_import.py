@@ -275,7 +275,10 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_hf_dir(info, tmp, dtype, say)
+        from pagedserve.engine.builtin_model import hf_progress_bars_on_a_terminal_only
+
+        with hf_progress_bars_on_a_terminal_only():
+            _write_hf_dir(info, tmp, dtype, say)
         meta = {"source": info.path.name, "sha256": sha, "architecture": info.architecture, "name": info.name,
                 "tensor_types": info.tensor_types, "dtype": dtype,
                 "conversion_s": round(time.perf_counter() - started, 1)}

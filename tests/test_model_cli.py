@@ -54,6 +54,8 @@ def test_model_import_writes_a_directory(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(tmp_path / "out")
     assert "dequantizing" in res.stderr  # progress goes to stderr
+    # in lines: transformers' bars are a line of carriage returns in a log (stderr here is a pipe)
+    assert "\r" not in res.stderr and "de-quantizing GGUF tensors" not in res.stderr, res.stderr
     meta = json.loads((tmp_path / "out" / "pagedserve-import.json").read_text())
     assert meta["dtype"] == "bfloat16" and meta["architecture"] == "llama"
     # Into a directory of other files: refused before the conversion (it was an OSError after it), files kept.
@@ -137,3 +139,9 @@ def test_init_into_a_directory_of_other_files_refuses_and_keeps_them(tmp_path, t
     assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
         "notes.md", "project", "project/thesis.txt"]
     assert not (tmp_path / "cache" / "downloads").exists() or not any((tmp_path / "cache" / "downloads").iterdir())
+
+
+def test_model_init_tiny_random_writes_no_progress_bar_into_a_log(tmp_path):
+    res = _cli("model", "init", "--tiny-random", str(tmp_path / "tiny"))
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "Writing model shards" not in res.stderr, res.stderr
