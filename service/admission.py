@@ -6,7 +6,11 @@ the guarantee; split across modules it could no longer be read, or reviewed, top
 :meth:`Admission.admit` takes a batch of entries and, for each, in this order (the first matching step wins,
 so a stored result always beats a later check, as the contract's "answered from it" requires):
 1. parse it: unusable -> dead letter; a valid id with bad content -> a :class:`Refused` entry, answered
-   ``error`` (``invalid_request``) in its turn at step 5, like any other refusal;
+   ``error`` (``invalid_request``) in its turn at step 5, like any other refusal; an entry ID more than a day
+   beyond the clock (stream_ids.py) -> refused the same way whatever its body, then dead-lettered (``future_id``),
+   and the stream's last ID is set back once it is gone (:meth:`Admission.repair_stream_ids`); an honest entry
+   that Redis' ``XADD *`` dragged after it (stream_ids.dragged) is not refused; one whose id runs or waits (here
+   or at another worker) is only dead-lettered at once, the run answers the id;
 2. delivered more than ``max_deliveries`` times -> dead letter;
 3. its id already runs (or waits) here -> the entry is attached to it (acknowledged with it);
 4. claim the id (claims.py): it already has a result -> answered from it (a redelivery or a resubmission is
@@ -42,16 +46,24 @@ from .batch_keys import is_batch_line
 from .claims import RETRY_S, Claims
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
-from .inflight import InFlight
+from .inflight import EntryIds, InFlight
 from .outcomes import Outcomes
 from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, check_other_fields, engine_params,
-                       entry_time, params_field, parse_request, refuse_repeated_bodies)
+                       entry_time, params_field, parse_request, refuse_missing_body,
+                       refuse_repeated_bodies)
 from .reclaim import LeaseKeeper
 from .resume import events_bound, read_emitted
 from .running import Running
 from .settings import Settings
 from .stream_fields import repeated
+from .stream_ids import dragged, future_message, is_future, parse_id, repair_details
 from .telemetry import extract_context, request_logger, trace_id_from_fields
+
+# Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
+# was dragged there by Redis' XADD * (stream_ids.dragged).
+_SEEN_FUTURE_IDS = 64
+# The repair's retry delays (s) while it waits or fails: doubling up to the last.
+_REPAIR_FIRST_S, _REPAIR_MAX_S = 0.1, 2.0
 
 # No tokenizer turns more than this many characters into one token: a longer prompt cannot fit and is refused
 # without tokenizing it (the engine checks the exact token count).
@@ -60,7 +72,8 @@ _MAX_CHARS_PER_TOKEN = 64
 
 def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
     """The operator's per-request limits (settings), so that one request cannot hold a worker: sequences per
-    request, stop strings (each is checked against every new token of every sequence), ``max_tokens``."""
+    request, stop strings (each is checked against every new token of every sequence), ``max_tokens``, and the
+    best priority (a better one preempts worse ones without limit)."""
     p = req.params
 
     def refuse(message: str) -> InvalidRequestError:
@@ -79,6 +92,9 @@ def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
     if longest > settings.max_stop_string_chars:
         raise refuse(f"params.stop has a string of {longest} characters, more than "
                      f"{settings.max_stop_string_chars} allowed (PAGEDSERVE_MAX_STOP_STRING_CHARS)")
+    best = settings.min_priority
+    if best is not None and req.priority < best:
+        raise refuse(f"priority must be at least {best} (PAGEDSERVE_MIN_PRIORITY; lower runs first), got {req.priority}")
     cap = settings.max_tokens_per_request
     if cap is not None and p.max_tokens is not None and p.max_tokens > cap:
         raise refuse(f"params.max_tokens must be at most {cap} (PAGEDSERVE_MAX_TOKENS_PER_REQUEST), "
@@ -202,6 +218,8 @@ class Refused:
     # Delivered more than max_deliveries times: the id is answered and its entries go to the dead letters too
     # (Outcomes.poisoned), where an operator can look at what took the workers down.
     poison: bool = False
+    # Its entry ID lies far in the future: the id is answered, then its entries go to the dead letters (future_id).
+    future: bool = False
 
     @property
     def id(self) -> str:
@@ -233,6 +251,9 @@ class Waiting:
     entry_ids: list[str]
     fields: dict
     deliveries: int
+    # A run of this worker's, given up when another worker took its claim: that worker answers and counts it.
+    given_up: bool = False
+    log: Any = None  # the given-up run's request logger (its trace id), for the line that ends the wait
 
 
 @dataclass(kw_only=True, eq=False)
@@ -249,17 +270,25 @@ class Admission(WorkerPart):
     waiting: dict[str, Waiting] = field(default_factory=dict)
     compiling: dict[str, Compiling] = field(default_factory=dict)
     _next_retry: float = 0.0
+    # The stream's last ID may lie far in the future: checked at start (a worker may have died between the dead
+    # letter and the repair) and after each far-future entry, until it is clean (stream_ids.py).
+    _repair_due: bool = True
+    _repair_at: float = 0.0
+    _repair_delay: float = 0.0
+    _repair_error: str = ""  # the last error logged by the repair (each distinct one once)
+    _future_ids: list[str] = field(default_factory=list)
 
     def admit(self, entries: list[tuple[str, dict, int]], redelivered: bool) -> None:
         """Validate entries and hand the good ones to the engine. Checks happen before any work starts."""
         parsed: list[tuple[str, GenerateRequest | Refused, dict, int]] = []
         for entry_id, _, _ in entries:
             self.leases.add(entry_id)  # held until its ack is flushed
+        honest = self._dragged([entry_id for entry_id, _, _ in entries if is_future(entry_id)])
         for entry_id, fields, deliveries in entries:
             if redelivered:
                 self.metrics.redeliveries.inc()
             try:
-                reqs = self._parse(entry_id, fields, deliveries)
+                reqs = self._parse(entry_id, fields, deliveries, entry_id in honest)
             except Exception as e:  # a bug in parsing: this entry alone goes to the dead letters
                 self.log.exception("entry_handling_failed", entry_id=entry_id)
                 self.outcomes.dead(entry_id, f"handling failed: {type(e).__name__}: {e}", _body(fields),
@@ -281,42 +310,86 @@ class Admission(WorkerPart):
             except Exception as e:
                 self.outcomes.failed(req.id, [entry_id], "admission", e)
 
-    def _parse(self, entry_id: str, fields: dict, deliveries: int) -> list[GenerateRequest | Refused]:
+    def _dragged(self, future_ids: list[str]) -> set[str]:
+        """Of this batch's far-future entry IDs, the honest ones Redis dragged after a planted one (stream_ids.py).
+        Unknown (Redis did not answer): none, as before this check, so an honest one is refused rather than a
+        planted one run."""
+        if not future_ids:
+            return set()
+        ordered = sorted(future_ids, key=parse_id)
+        try:
+            found = dragged(self.r, self.keys, ordered, self._future_ids)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # the loop handles those (the batch is read again)
+        except redis.RedisError as e:
+            self.log.warning("dragged_entry_check_failed", error=str(e)[:300])
+            found = set()
+        finally:
+            self.metrics.redis_ops.inc(1 + len(future_ids))
+        self._future_ids = (self._future_ids + ordered)[-_SEEN_FUTURE_IDS:]
+        return found
+
+    def _parse(self, entry_id: str, fields: dict, deliveries: int,
+               dragged_here: bool = False) -> list[GenerateRequest | Refused]:
         """Steps 1-3: the entry's request, or none when it is dead-lettered or attached already. An entry that
         gives ``body`` more than once yields a refusal for each id of its bodies: every one is answered, and the
         entry goes with the first answer stored (the others are in the same flush)."""
         raw = _body(fields)
         bodies = repeated(fields, b"body")
+        future = is_future(entry_id)
+        if future:  # the stream's last ID is set back once such entries are gone
+            self._repair_due, self._repair_at, self._repair_delay = True, 0.0, 0.0
+        # Whatever its body, a planted ID is the harm (XADD * fails or is dragged along until it is repaired); an
+        # honest entry dragged after it runs (its wait in the queue reads as none: arrival is capped at now).
+        future = future and not dragged_here
         try:
             check_other_fields(fields, raw)
             if bodies:
                 reqs = [Refused(e) for e in refuse_repeated_bodies(bodies, self.settings.max_message_bytes)]
+            elif raw is None:
+                reqs = [Refused(refuse_missing_body(fields))]
             else:
                 reqs = [parse_request(raw, self.settings.max_message_bytes)]
         except DeadLetterError as e:
-            self.outcomes.dead(entry_id, str(e), raw, deliveries, kind=e.kind, trace_id=trace_id_from_fields(fields))
+            reason, kind = (f"{future_message(entry_id)}; its body: {e}", "future_id") if future else (str(e), e.kind)
+            self.outcomes.dead(entry_id, reason, raw if e.body is None else e.body, deliveries, kind=kind,
+                               trace_id=trace_id_from_fields(fields))
             return []
         except InvalidRequestError as e:
             reqs = [Refused(e)]
-        if deliveries > self.settings.max_deliveries:
+        if future:
+            message = future_message(entry_id)
+            reqs = [Refused(InvalidRequestError(req.id, "invalid_request", message, _metadata(req)), future=True)
+                    for req in reqs]
+        elif deliveries > self.settings.max_deliveries:
             # Its producer still waits on the id (a Celery task would even send it again): the id is answered,
             # through the claim like any answer, so that one running from another entry keeps its own.
             message = (f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}: every worker "
                        "that took it stopped before answering it (a request that takes workers down?); not run again")
             reqs = [Refused(InvalidRequestError(req.id, "internal", message, _metadata(req)), poison=True)
                     for req in reqs]
-        fresh = [req for req in reqs if not self._attach(req.id, entry_id)]
+        # A planted entry is never attached to a run: it would stay in the stream (and keep the stream's last ID
+        # exhausted or ahead) for the whole run. _decide dead-letters it at once.
+        fresh = [req for req in reqs if future or not self._attach(req.id, entry_id)]
         if len(fresh) < len(reqs):
             self.metrics.redeliveries.inc()
         return fresh
 
+    def _holder(self, rid: str) -> Any:
+        return self.running.table.get(rid) or self.waiting.get(rid) or self.compiling.get(rid)
+
+    def _drop_future(self, req: Refused, entry_id: str, fields: dict, deliveries: int) -> None:
+        """A far-future entry of an id that runs or waits (here or at another worker): dead-lettered now, which
+        deletes it, without answering the id (its run does)."""
+        self.outcomes.dead(entry_id, req.error.message, _body(fields), deliveries, req.id, kind="future_id",
+                           trace_id=trace_id_from_fields(fields))
+
     def _attach(self, rid: str, entry_id: str) -> bool:
         """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""
-        holder = self.running.table.get(rid) or self.waiting.get(rid) or self.compiling.get(rid)
+        holder = self._holder(rid)
         if holder is None:
             return False
-        if entry_id not in holder.entry_ids:
-            holder.entry_ids.append(entry_id)
+        holder.entry_ids.append(entry_id)  # EntryIds: a redelivered entry is not added twice
         return True
 
     def _flags(self, pipe: Any, rid: str) -> None:
@@ -327,6 +400,10 @@ class Admission(WorkerPart):
     def _decide(self, entry_id: str, req: GenerateRequest | Refused, fields: dict, deliveries: int, claim: Any,
                 cancelled: Any, seen: set[str], has_events: Any = 0) -> None:
         """Steps 3-6 for one entry, given its claim reply and cancelled flag."""
+        future = isinstance(req, Refused) and req.future
+        if future and self._holder(req.id) is not None:
+            self._drop_future(req, entry_id, fields, deliveries)
+            return
         if self._attach(req.id, entry_id):  # duplicate id inside this batch, first one running or waiting
             return
         if req.id in seen:  # duplicate id inside this batch, first one already answered: same answer
@@ -336,8 +413,13 @@ class Admission(WorkerPart):
         if kind == "result":  # before any other check: a stored result is THE answer of this id
             self.outcomes.from_result(req.id, entry_id, stored, trace_id_from_fields(fields))
             return
+        if kind == "held" and future and isinstance(claim, list) and claim:
+            # Another worker holds the id: its run answers it, and the entry must not wait in the stream. A refused
+            # claim (maxmemory, an ACL) says nothing of a run: the entry waits like any other, or no one answers.
+            self._drop_future(req, entry_id, fields, deliveries)
+            return
         if kind == "held":  # another worker runs it (or Redis refused the claim): wait for its result
-            self.waiting[req.id] = Waiting(req, [entry_id], fields, deliveries)
+            self.waiting[req.id] = Waiting(req, EntryIds([entry_id]), fields, deliveries)
             return
         if kind == "foreign":
             self._foreign_key(req, [entry_id], stored, fields, deliveries)
@@ -350,12 +432,57 @@ class Admission(WorkerPart):
         for rid in self.claims.take_lost():
             f = self.running.give_up(rid, "claim lost")
             if f is not None:
-                self.waiting[rid] = Waiting(f.request, list(f.entry_ids), {}, 0)
+                self.waiting[rid] = Waiting(f.request, EntryIds(f.entry_ids), {}, 0, given_up=True, log=f.log)
+
+    def repair_stream_ids(self) -> None:
+        """When due, set the request stream's last ID back if a far-future entry ID left it beyond the bound
+        (stream_ids.py: one script, safe with several workers at once). While such an entry is still in the
+        stream (its dead letter not flushed yet, a dragged entry not answered yet, or held by another worker), or
+        while Redis refuses the script (read-only replica, a script still busy...), asked again, 0.1 s doubling to
+        2 s; given up only when the ACL denies it (asked again after the next far-future entry)."""
+        now = time.monotonic()
+        if not self._repair_due or now < self._repair_at:
+            return
+        try:
+            state, old, new = repair_details(self.r, self.keys)
+        except redis.exceptions.NoPermissionError as e:  # only an operator mends it: asked after the next one
+            self._repair_due = False
+            self._repair_failed(e, "add +xinfo|stream +xinfo|groups +xrevrange +xsetid +xgroup|setid +evalsha to the "
+                                   "worker's ACL (README \"Security\")")
+            self._repair_error = ""  # said again if the next far-future entry finds it still denied
+            return
+        except redis.ResponseError as e:  # not (redis.ConnectionError, TimeoutError): the loop handles those
+            self._repair_retry(now)
+            self._repair_failed(e, _repair_advice(e))
+            return
+        finally:
+            self.metrics.redis_ops.inc()
+        self._repair_error = ""
+        if state == "waiting":
+            self._repair_retry(now)
+            return
+        self._repair_due = False
+        if state == "repaired":
+            self.log.warning("request_stream_id_repaired", stream=self.keys.requests, last_id=old, new_last_id=new,
+                             note="a producer added an entry ID far in the future: XADD * works again")
+
+    def _repair_retry(self, now: float) -> None:
+        self._repair_delay = min(_REPAIR_MAX_S, max(_REPAIR_FIRST_S, self._repair_delay * 2))
+        self._repair_at = now + self._repair_delay
+
+    def _repair_failed(self, e: redis.ResponseError, action: str) -> None:
+        """Logged once per distinct error (retried every 2 s, it would fill the log)."""
+        error = str(e)[:300]
+        if error != self._repair_error:
+            self._repair_error = error
+            self.log.error("request_stream_id_repair_failed", stream=self.keys.requests, error=error, action=action)
 
     def follow_claims(self) -> None:
         """Stop the runs whose claim another worker holds now (they wait for its result), then ask again for
-        the waiting ids: answered by their owner -> acknowledged; owner gone (claim expired) -> started here."""
+        the waiting ids: answered by their owner -> acknowledged; owner gone (claim expired) -> started here.
+        Also sets the stream's last ID back when a far-future entry ID left it there (:meth:`repair_stream_ids`)."""
         self.give_up_lost()
+        self.repair_stream_ids()
         now = time.monotonic()
         if not self.waiting or now < self._next_retry:
             return
@@ -371,7 +498,8 @@ class Admission(WorkerPart):
                     continue
                 del self.waiting[rid]
                 if kind == "result":
-                    self.outcomes.answered_elsewhere(rid, w.entry_ids)
+                    log = w.log or request_logger(self.log, rid, trace_id=trace_id_from_fields(w.fields))
+                    self.outcomes.answered_elsewhere(rid, w.entry_ids, log, counted=not w.given_up)
                 elif kind == "foreign":
                     self._foreign_key(w.request, w.entry_ids, stored, w.fields, w.deliveries)
                 else:  # its owner died: take over
@@ -410,6 +538,13 @@ class Admission(WorkerPart):
                 self.outcomes.poisoned(req.id, entry_ids, e.message, e.metadata, _body(fields), deliveries,
                                        trace_id_from_fields(fields))
                 return
+            if req.future:  # answered first (acknowledging nothing), then each entry to the dead letters
+                trace_id = trace_id_from_fields(fields)
+                self.outcomes.error(req.id, [], e.code, e.message, e.metadata, trace_id=trace_id)
+                for entry_id in entry_ids:
+                    self.outcomes.dead(entry_id, e.message, _body(fields), deliveries, req.id, kind="future_id",
+                                       trace_id=trace_id)
+                return
             self.outcomes.error(req.id, entry_ids, e.code, e.message, e.metadata, trace_id=trace_id_from_fields(fields))
             return
         now = time.time()
@@ -432,12 +567,12 @@ class Admission(WorkerPart):
             log.exception("admission_failed")
             self.outcomes.failed(req.id, entry_ids, "admission", e, span)
             return
-        job = Compiling(req, list(entry_ids), prompt, params, arrival, span, log)
+        job = Compiling(req, EntryIds(entry_ids), prompt, params, arrival, span, log)
         if has_events:  # an earlier run handed out tokens: continue after them (resume.py)
             try:
                 emitted = read_emitted(self.r, self.keys, req.id, events_bound(params.num_samples, params.max_tokens))
             except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
-                self.waiting[req.id] = Waiting(req, list(entry_ids), fields, deliveries)
+                self.waiting[req.id] = Waiting(req, EntryIds(entry_ids), fields, deliveries)
                 return
             job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
             job.first_token_at = emitted.first_token_at
@@ -461,7 +596,7 @@ class Admission(WorkerPart):
                 handed_out = read_emitted(self.r, self.keys, req.id,
                                           events_bound(params.num_samples, params.max_tokens))
             except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
-                self.waiting[req.id] = Waiting(req, list(entry_ids), fields, deliveries)
+                self.waiting[req.id] = Waiting(req, EntryIds(entry_ids), fields, deliveries)
                 return
             prompt_tokens = len(prompt) if isinstance(prompt, list) else len(self.engine().tokenizer.encode(prompt))
         self.outcomes.before_start(req, entry_ids, arrival, "cancelled", params, span, log, handed_out, prompt_tokens)
@@ -554,6 +689,18 @@ class Admission(WorkerPart):
             if value is not None:
                 span.set_attribute(attr, value)
         return span
+
+
+def _repair_advice(e: redis.ResponseError) -> str:
+    """What the operator can do about a refused repair (retried meanwhile: XADD * works again once it is mended)."""
+    text = str(e)
+    if isinstance(e, redis.exceptions.ReadOnlyError) or text.startswith("READONLY"):
+        return "point PAGEDSERVE_REDIS_URL at the primary, not a read-only replica; retried every 2 s"
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return "raise maxmemory or free memory in Redis; retried every 2 s"
+    if text.startswith("BUSY"):
+        return "another script is running for long in Redis (SCRIPT KILL / FUNCTION KILL it); retried every 2 s"
+    return "see the error; retried every 2 s"
 
 
 def _metadata(req: GenerateRequest | Refused) -> dict:

@@ -9,13 +9,16 @@ Each loop iteration (:meth:`BatchFeeder.tick`), while batches are active:
 
 Invariants:
 - no flood: lines are added only while every stream entry has been read, and at most this worker's free room
-  minus the reserve, so the stream never holds more than one such helping per worker of unread batch lines and
-  interactive entries never queue behind a batch;
+  (free KV blocks less every request waiting: ``Worker._room(batch=True)``) minus the reserve, so the stream
+  never holds more than one such helping per worker of unread batch lines and interactive entries never queue
+  behind a batch;
 - batch lines run at ``BATCH_PRIORITY``: the engine serves interactive requests (priority 0) first and
-  preempts batch work for them;
+  preempts batch work for them; a worker whose KV pool is full of batch lines still reads interactive entries
+  (their room counts the blocks batch lines hold) while it has a sequence slot free (the reserve keeps some);
 - results are collected well within ``result_ttl_s`` (every ``COLLECT_S`` while lines are in flight), so an output
   line never depends on the per-request result TTL; the output hash lives as long as the batch.
-With no active batch a tick costs one ``ZRANGE`` every ``LOOK_S``.
+With no active batch a tick costs one ``ZRANGE`` every ``LOOK_S`` (and two ``SCRIPT LOAD`` of the producers'
+scripts every ``PRODUCER_SCRIPTS_S``, no-ops unless a ``SCRIPT FLUSH`` dropped them).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .connection import REDIS_DOWN, Connection
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text, parse_terminal
 from .running import Running
+from .scripts import load_producer_scripts
 
 LOOK_S = 0.5  # how often the list of active batches is read again
 COLLECT_S = 0.2  # how often a batch's in-flight lines are looked at (by every worker: MGETs add up)
@@ -45,6 +49,9 @@ INFLIGHT_SCAN = 512  # in-flight lines looked at per batch and tick (a window th
 MAX_REFEEDS = 3  # a line whose request vanished this often is answered with an error (dead-lettered each time?)
 CLOSE_CHUNK = 500  # untaken lines closed per script call
 SAY_AGAIN_S = 60.0  # a trouble that stays (a refusal, an index of the wrong type) is logged this seldom
+# How often the producers' scripts are loaded again while connected (a reconnect loads them at once): after an
+# admin's SCRIPT FLUSH, producers (who may not load scripts) cannot submit or cancel batches until then.
+PRODUCER_SCRIPTS_S = 10.0
 
 
 @dataclass(kw_only=True, eq=False)
@@ -59,6 +66,7 @@ class BatchFeeder(WorkerPart):
     _next_collect: float = field(default=0.0, init=False)
     _next_stats: float = field(default=0.0, init=False)
     _next_feed: float = field(default=0.0, init=False)
+    _next_scripts: float = field(default=0.0, init=False)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
 
@@ -86,6 +94,9 @@ class BatchFeeder(WorkerPart):
         """One look at the batches. Raises only when Redis is away (the loop's business): whatever one batch's
         keys hold, the worker's iteration goes on to reclaim and read, and the other batches are fed."""
         now = time.monotonic()
+        if now >= self._next_scripts:
+            self._next_scripts = now + PRODUCER_SCRIPTS_S
+            self._guarded(None, "load_scripts", load_producer_scripts, self.conn.r)
         if now >= self._next_look:
             self._next_look = now + LOOK_S
             self._active = self._guarded(None, "look", self._look) or []

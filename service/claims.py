@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -34,10 +35,12 @@ import redis
 
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text
+from .redaction import redact
 from .renewal import RenewalThread
 from .scripts import source
 
 RETRY_S = 0.1  # how often a waiting entry asks again whether its id was answered or its owner died
+REFUSAL_LOG_S = 60.0  # a claim Redis keeps refusing is asked again every RETRY_S, and said once a minute
 
 
 class Claims(WorkerPart):
@@ -54,6 +57,7 @@ class Claims(WorkerPart):
         self._release: set[str] = set()
         self._lost: list[str] = []
         self._lock = threading.Lock()
+        self._refusal_logged_at = -REFUSAL_LOG_S
         self.thread = RenewalThread("pagedserve-claims", self._tick, ctx.new_client,
                                     ctx.settings.lease_renew_interval_ms / 1000, ctx.log, "claim_renewal_failed")
 
@@ -83,7 +87,13 @@ class Claims(WorkerPart):
         """``("result", stored)``, ``("claimed", None)`` (now held: renewed until released), ``("held", None)``
         or ``("foreign", key)``: the id's result or claim key holds a value of another type, no worker's."""
         if isinstance(reply, Exception) or not isinstance(reply, list) or not reply:
-            return "held", None  # refused (e.g. maxmemory): undecided, asked again like a waiting entry
+            # Refused (maxmemory, an ACL without a command the script needs): undecided, asked again like a
+            # waiting entry. Said, since only an operator can mend it and the id waits until then.
+            if isinstance(reply, Exception) and time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_S:
+                self._refusal_logged_at = time.monotonic()
+                self.log.warning("claim_refused", request_id=request_id, error=redact(f"{type(reply).__name__}: "
+                                                                                    f"{reply}")[:300])
+            return "held", None
         kind = as_text(reply[0])
         if kind == "claimed":
             with self._lock:

@@ -51,7 +51,7 @@ REDIS_DEMOTED = redis.exceptions.ReadOnlyError
 # (README "Security", docs/service.md "Redis ACL"; tests/test_service_acl.py runs a worker under exactly it).
 WORKER_ACL_COMMANDS = (
     "ping", "xgroup|create", "xreadgroup", "xautoclaim", "xclaim", "xpending", "xack", "xdel", "xadd", "xlen",
-    "get", "set", "exists", "del", "pexpire", "publish", "subscribe", "evalsha", "script|load",
+    "get", "set", "exists", "del", "pexpire", "pttl", "publish", "subscribe", "evalsha", "script|load",
     # batch jobs (batch_feeder.py and its scripts)
     "mget", "expireat", "xrange", "lrange", "lindex", "hget", "hmget", "hset", "hsetnx", "hincrby", "hdel",
     "zrange", "zrevrange", "zadd", "zrem", "zscore", "xrevrange", "xinfo|groups",
@@ -59,6 +59,15 @@ WORKER_ACL_COMMANDS = (
     "info",
     # deleting the group's dead consumers (reclaim.py); without them they are only kept
     "xinfo|consumers", "xgroup|delconsumer",
+    # setting the stream's last ID back after a far-future entry ID (stream_ids.py)
+    "xinfo|stream", "xsetid", "xgroup|setid",
+    # listing this worker in the group before anything is delivered to it (Connection.setup); without it a client
+    # may say "no worker" of a live idle one
+    "xgroup|createconsumer",
+    # nothing the worker runs: KEDA's redis trigger on the active batches (the Helm chart's at zero replicas), which
+    # logs in as the worker by default, reads the key with EVAL of TYPE, ZCARD and LLEN. EVAL gives no power
+    # SCRIPT LOAD and EVALSHA do not give already.
+    "eval", "type", "zcard", "llen",
 )
 
 
@@ -69,9 +78,13 @@ WORKER_KEYS = ("requests", "dead", "result:*", "events:*", "cancelled:*", "runni
                "batches", "batches:active")
 BATCH_KEYS = ("batch:*", "batches", "batches:active")
 # What the batch client (batch_client.py and its scripts batch_create.lua, batch_cancel.lua) runs on BATCH_KEYS.
+# EVALSHA only: a user that may SCRIPT LOAD or EVAL can run ``while true do end``, and Redis answers BUSY to every
+# client until an admin kills it (never, once the script wrote). Workers load these scripts (Connection.setup);
+# each command a script calls is checked against the caller's ACL, so a producer running a worker's script can do
+# nothing its own ACL forbids.
 PRODUCER_BATCH_COMMANDS = (
     "exists", "hgetall", "hmget", "hget", "hset", "hscan", "rpush", "expire", "expireat", "del", "rename", "zadd",
-    "zrange", "zrevrange", "zrem", "evalsha", "script|load",
+    "zrange", "zrevrange", "zrem", "evalsha",
 )
 
 
@@ -103,7 +116,8 @@ def producer_acl(prefix: str = "pagedserve") -> list[str]:
 
 
 class NameHeld(RuntimeError):
-    """Another live worker holds this worker's consumer name; the message says what to do."""
+    """Another live worker holds this worker's consumer name; the message says what to do. It ends the worker
+    wherever the name is first asked for: at start, or in the loop once Redis answers after an outage at start."""
 
 
 REDIS_TIMEOUT_S = 5.0  # socket timeout of the worker's commands: a Redis that answers nothing for this long is away
@@ -162,6 +176,7 @@ class Connection(WorkerPart):
     _name_held: bool = field(default=False, init=False)
     _leases_started: bool = field(default=False, init=False)
     _eviction_seen: str = field(default="", init=False)  # the evicting policy last warned of; "unknown": no INFO
+    _may_announce: bool = field(default=True, init=False)  # False once the ACL refused XGROUP CREATECONSUMER
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
 
     def __post_init__(self) -> None:
@@ -171,6 +186,12 @@ class Connection(WorkerPart):
         timeout = max(REDIS_TIMEOUT_S, self.settings.read_block_ms / 1000 + 2.0)
         self.r = redis_client(self.settings.redis_url, timeout=timeout)
         keep_repeated_fields(self.r)  # an entry naming body twice is refused for each of its ids, not half lost
+
+    @property
+    def name_held(self) -> bool:
+        """This worker took its consumer-name lease (at its first completed setup). Until then it has read nothing:
+        a worker that started while Redis was away takes the name only once Redis answers."""
+        return self._name_held
 
     def usable(self) -> bool:
         """Up, or down but the backoff delay has passed: worth trying."""
@@ -198,6 +219,9 @@ class Connection(WorkerPart):
         r = self.r
         r.ping()
         self._warn_if_evicting(r)
+        from .scripts import load_producer_scripts  # producers may run them but not load them (producer_acl)
+
+        load_producer_scripts(r)
         try:
             r.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
             self.log.info("consumer_group_created", group=self.keys.group)
@@ -206,6 +230,7 @@ class Connection(WorkerPart):
                 raise
         if not self._name_held:
             self._acquire_name()
+        self._announce_consumer(r)
         self.close_pubsub()
         self.pubsub = r.pubsub(ignore_subscribe_messages=True)
         self._pubsub_on_connect = self._on_pubsub_reconnect()  # redis-py holds the callback weakly: keep it
@@ -222,6 +247,21 @@ class Connection(WorkerPart):
             self.leases.start()
             self._leases_started = True
         self.leases.renew_now()  # at once: our leases may have aged during the outage
+
+    def _announce_consumer(self, r: redis.Redis) -> None:
+        """List this worker among the group's consumers now. Redis 7.0 lists a reader blocked in XREADGROUP only
+        once an entry was delivered to it, and a client that finds its request's worker dead looks for another
+        live consumer: an idle live worker must be there to be found, or the client says "no worker" while this
+        one is about to reclaim the request. An ACL from before without the command only leaves this out."""
+        if not self._may_announce:
+            return
+        try:
+            r.xgroup_createconsumer(self.keys.requests, self.keys.group, self.consumer)
+        except redis.exceptions.NoPermissionError as e:
+            self._may_announce = False
+            self.log.info("consumer_not_announced", reason=redact(str(e))[:200],
+                          note="the worker's Redis user lacks xgroup|createconsumer: clients may say no worker "
+                               "runs while this one is idle (README \"Security\")")
 
     def _warn_if_evicting(self, r: redis.Redis) -> None:
         """Say once (per setting seen) when Redis may evict keys under memory pressure: any policy but
@@ -256,7 +296,8 @@ class Connection(WorkerPart):
 
     def _acquire_name(self) -> None:
         # A restarted worker (same name) waits for its predecessor's lease to lapse; a second live worker with
-        # the same name never gets it.
+        # the same name never gets it. The same wait, counted from when Redis answers, whether that is at start
+        # or after an outage at start: a lease still held claim_idle_ms later is being renewed, by a live worker.
         wait_s = self.settings.claim_idle_ms / 1000 + 2
         deadline = time.monotonic() + wait_s
         warned = False

@@ -1,5 +1,6 @@
 """Health and metrics HTTP server: ``/healthz`` (loop alive, and making progress while it has work:
-:class:`Progress`), ``/readyz`` (model loaded, Redis reachable), ``/metrics`` (Prometheus text format).
+:class:`Progress`), ``/readyz`` (started: model loaded and consumer name held; Redis reachable), ``/metrics``
+(Prometheus text format).
 Deployment files rely on these paths and on port 9400 by default.
 
 Runs in a daemon thread; it only reads state through the callables it is given.
@@ -101,10 +102,22 @@ class HealthServer:
 class Progress:
     """Whether the loop makes progress: ``/healthz`` fails when the engine has had work but produced no token
     and finished no request for longer than ``stall_timeout_s`` (a scheduler that spins, a request that can
-    never be scheduled, a wedged device). A loop without work is never stalled, however long it idles.
+    never be scheduled, a wedged device, a step that raises every time). A loop without work is never stalled,
+    however long it idles.
 
-    Written by the loop thread (:meth:`step`, :meth:`idle`), read by the health server's thread: plain float
-    assignments, so no lock.
+    A step that raised is not progress, and the engine it leaves empty (its requests were sent back to the
+    stream) is not "without work": until a step runs without raising, the stall clock keeps running, so a device
+    that fails every step fails ``/healthz`` however often its requests come back or go elsewhere. A step that
+    succeeds ends that state; the clock then follows the usual rules. An idle loop ends it too, at once after a
+    single failed step (one transient fault, a request that broke one step and went elsewhere: nothing says the
+    device is broken, and restarting a healthy worker reloads its model for nothing), and ``2 * stall_timeout_s``
+    after the last failure once steps failed again and again with none succeeding in between: a stuck worker
+    reads nothing, so without that bound a request that breaks every step it is in (not the device) would keep
+    each worker it reached failed until restarted; a failed ``/healthz`` for that long is what an orchestrator's
+    liveness probe needs to restart a worker whose device is broken.
+
+    Written by the loop thread (:meth:`step`, :meth:`failed`, :meth:`idle`), read by the health server's thread:
+    plain assignments, so no lock.
     """
 
     def __init__(self, stall_timeout_s: float, clock: Callable[[], float] | None = None) -> None:
@@ -114,20 +127,47 @@ class Progress:
         self.clock = clock or time.monotonic
         self.last_progress = self.clock()
         self.busy = False
+        self.failures = 0  # steps failed since the last that ran (idle time between them included)
+        self.failed_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        """The last step raised, and none has run since."""
+        return self.failures > 0
 
     def idle(self) -> None:
-        """No work: nothing can stall."""
+        """No work: nothing can stall, unless the engine is empty only because its last step failed (for at most
+        ``2 * stall_timeout_s`` after that failure)."""
+        if self.failing:
+            recent = self.clock() - self.failed_at < 2 * self.stall_timeout_s
+            if recent and self.failures > 1:
+                return
+            if not recent:  # forgotten: a failure long after this one starts a new count
+                self.failures = 0
         self.busy = False
         self.last_progress = self.clock()
 
-    def step(self, outputs: list) -> None:
-        """An engine step ran; it progressed if any request produced a token or finished."""
+    def _work(self) -> None:
         if not self.busy:  # work just arrived: the stall clock starts now
             self.busy = True
             self.last_progress = self.clock()
+
+    def failed(self) -> None:
+        """An engine step raised: work that made no progress."""
+        self._work()
+        self.failures += 1
+        self.failed_at = self.clock()
+
+    def step(self, outputs: list) -> None:
+        """An engine step ran; it progressed if any request produced a token or finished."""
+        self._work()
+        self.failures = 0
         if any(out.finished or any(c.delta_token_ids for c in out.outputs) for out in outputs):
             self.last_progress = self.clock()
 
     def check(self) -> tuple[bool, dict]:
         stalled_s = self.clock() - self.last_progress if self.busy else 0.0
-        return stalled_s < self.stall_timeout_s, {"stalled_s": round(stalled_s, 3)}
+        info = {"stalled_s": round(stalled_s, 3)}
+        if self.failing:
+            info["step_failing"] = True
+        return stalled_s < self.stall_timeout_s, info

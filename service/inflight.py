@@ -15,6 +15,26 @@ from opentelemetry.trace import Status, StatusCode
 from .protocol import GenerateRequest
 
 
+class EntryIds(list):
+    """A request's stream entries in arrival order, appended to without repeats in O(1): one id may gather
+    thousands of entries (a producer sending it again and again while it runs), and a list's own membership test
+    made attaching them quadratic. Only ``append`` adds to it."""
+
+    def __init__(self, entry_ids=()) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        for entry_id in entry_ids:
+            self.append(entry_id)
+
+    def append(self, entry_id: str) -> None:
+        if entry_id not in self._seen:
+            self._seen.add(entry_id)
+            super().append(entry_id)
+
+    def __contains__(self, entry_id: object) -> bool:
+        return entry_id in self._seen
+
+
 @dataclass
 class InFlight:
     """A request this worker started: its entries (acknowledged together), its timing, span and logger."""

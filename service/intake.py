@@ -4,8 +4,11 @@ loop's business.
 
 Invariants:
 - a worker never reads more entries than it has room for (``count=room``; room is what the engine may still
-  take less what the worker holds unstarted: grammars compiling, ids waiting on another worker's run), so an
-  entry it could not start yet waits in the stream, where any worker with room can take it;
+  take, at most its free KV blocks less the requests the engine holds waiting or preempted (each needs a block
+  to start), less what the worker holds unstarted: grammars compiling, ids waiting on another worker's run),
+  so a worker whose KV cache is full reads nothing and the backlog waits in the stream, where any worker with
+  room can take it. A request needs more than one block, so what one read takes may still not all start: that
+  excess waits in the engine, never more than its free blocks;
 - after every (re)connect a worker first drains its own pending entries that it does not hold (a previous
   life of this consumer died holding them, or Redis delivered them just before the connection broke and the
   reply never arrived), then reads new ones (``>``); the entries it holds are not delivered again, so each
@@ -32,6 +35,8 @@ from .reclaim import Reclaimer
 from .running import Running
 
 Entry = tuple[str, dict, int]  # (stream entry id, fields, delivery count)
+CANCELS_PER_PASS = 1000  # cancel messages read per loop pass, at most
+FLOOD_LOG_S = 60.0  # a cancel flood is logged at most this often
 
 
 @dataclass(kw_only=True, eq=False)
@@ -49,6 +54,7 @@ class Intake(WorkerPart):
     _own_cursor: str = field(default="0", init=False)
     _last_reclaim: float = field(default=0.0, init=False)
     _last_queue_stats: float = field(default=0.0, init=False)
+    _flood_logged_at: float = field(default=-FLOOD_LOG_S, init=False)
 
     def _after_reconnect(self) -> None:
         # A new link: what was delivered or published while the old one broke off may have been missed.
@@ -153,12 +159,21 @@ class Intake(WorkerPart):
                 missed = []
             self._recheck_cancels = False
             yield from missed
-        while True:
+        for _ in range(CANCELS_PER_PASS):
             msg = pubsub.get_message(timeout=0.0)
             if msg is None:
                 return
             if msg.get("type") == "message":
                 yield as_text(msg.get("data", b""))[:200]
+        # More waiting: read next pass, so a flood of cancel messages (any producer may publish them) cannot keep
+        # the loop from its steps. A backlog Redis drops (its output buffer limit) costs no cancel: the running
+        # ids' cancelled keys are read again after the reconnect.
+        now = time.monotonic()
+        if now - self._flood_logged_at >= FLOOD_LOG_S:
+            self._flood_logged_at = now
+            self.log.warning("cancel_messages_flooding", read_per_pass=CANCELS_PER_PASS, channel=self.keys.cancel,
+                             note="more cancel messages arrive than a loop pass reads: a producer publishing "
+                                  "in a loop? the rest are read in later passes")
 
     def queue_stats(self) -> None:
         """Refresh the stream-length and pending gauges every ``queue_stats_interval_s`` (one round trip)."""

@@ -42,6 +42,8 @@ class _EngineCollector:
             ("pagedserve_kv_cache_free_blocks", "num_free_gpu_blocks", "Free KV-cache blocks"),
             ("pagedserve_kv_cache_peak_used_blocks", "peak_used_gpu_blocks", "Peak KV-cache blocks in use"),
             ("pagedserve_kv_cache_cpu_blocks", "num_cpu_blocks", "CPU swap blocks"),
+            # total minus free: blocks of swapped-out requests (a count that never falls back is a leak)
+            ("pagedserve_kv_cache_free_cpu_blocks", "num_free_cpu_blocks", "Free CPU swap blocks"),
         ):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(s.get(key, 0) or 0))
@@ -76,7 +78,7 @@ class _EngineCollector:
 
 # The dead-letter reasons (protocol.DeadLetterError's kinds, and the worker's own) and the publisher's write ops.
 DEAD_LETTER_REASONS = ("missing_body", "too_large", "invalid_utf8", "invalid_json", "not_object", "invalid_id",
-                       "unparseable", "max_deliveries", "handling_failed", "foreign_key", "repeated_body")
+                       "unparseable", "max_deliveries", "handling_failed", "foreign_key", "repeated_body", "future_id")
 WRITE_OPS = ("token", "terminal", "ack", "dead", "publish")
 
 
@@ -114,7 +116,11 @@ class WorkerMetrics:
         self.pending_entries = Gauge(
             "pagedserve_queue_pending_entries", "Entries delivered but not acknowledged (whole group)", registry=r
         )
-        self.reclaims = Counter("pagedserve_queue_reclaims", "Entries reclaimed from dead workers", registry=r)
+        self.reclaims = Counter(
+            "pagedserve_queue_reclaims",
+            "Entries taken over once idle past claim_idle_ms: a dead, stopped or stuck worker's, or ones sent back "
+            "after a failed engine step (this worker's own too)", registry=r,
+        )
         self.redeliveries = Counter(
             "pagedserve_queue_redeliveries", "Entries seen again (own drain, reclaim, duplicate id)", registry=r
         )
@@ -127,6 +133,10 @@ class WorkerMetrics:
             ["op"], registry=r,
         )
         self.step_seconds = Counter("pagedserve_engine_step_seconds", "Time spent in engine.step()", registry=r)
+        self.step_failures = Counter(
+            "pagedserve_engine_step_failures",
+            "engine.step() calls that raised (their requests were sent back to the stream)", registry=r,
+        )
         self.busy_seconds = Counter(
             "pagedserve_loop_busy_seconds", "Loop time while the engine had work (1 - step/busy = service overhead)",
             registry=r,

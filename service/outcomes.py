@@ -62,12 +62,15 @@ class Outcomes(WorkerPart):
             for entry_id in entry_ids:
                 self.dead(entry_id, _text(message), None, 0, request_id, kind="handling_failed")
 
-    def answered_elsewhere(self, request_id: str, entry_ids: list[str]) -> None:
+    def answered_elsewhere(self, request_id: str, entry_ids: list[str], log: Any, counted: bool = True) -> None:
         """Entries of an id another worker ran: its result is stored and was published by that worker, so they
-        are only acknowledged (one ``done`` publication per run)."""
+        are only acknowledged (one ``done`` publication per run). Counted ``cached`` as a duplicate's answer,
+        unless they are the entries of this worker's own run given up to that worker, which counts its outcome
+        (counted twice, one submission would read as two)."""
         self.publisher.ack(entry_ids)
-        self.metrics.requests.labels(outcome="cached").inc()
-        request_logger(self.log, request_id).info("answered_by_owner", entry_ids=entry_ids)
+        if counted:
+            self.metrics.requests.labels(outcome="cached").inc()
+        log.info("answered_by_owner", entry_ids=entry_ids, counted=counted)
 
     # ------------------------------------------------------------------------------- before the engine
     def dead(
@@ -81,6 +84,7 @@ class Outcomes(WorkerPart):
         letter = DeadLetter(
             reason=_text(reason),
             body="",
+            kind=kind,
             entry_id=entry_id,
             id=request_id,
             consumer=self.consumer,

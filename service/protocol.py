@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,7 +51,12 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+LOWEST_PRIORITY = 2**31 - 1  # the worst priority a request may have (lower values run first)
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+# An entry giving body more often is not an honest mistake (one XADD with two requests): no body of it is read.
+MAX_REPEATED_BODIES = 64
+# 2001-09-09T01:46:40Z: a smaller deadline_ms is seconds or a duration, never a moment a request was sent before.
+MIN_DEADLINE_MS = 1_000_000_000_000
 # The stream fields besides ``body`` (traceparent and tracestate: W3C caps tracestate at 512 characters), names
 # included. More is refused at once, so that an entry padded with other fields leaves the stream on its first read
 # instead of being read again on every redelivery (max_message_bytes bounds the body alone).
@@ -135,7 +139,22 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: str = Field(min_length=1, max_length=64)
-    content: str
+    content: str = Field(description="A string, or OpenAI's list of text content parts (joined with newlines).")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        # OpenAI's content parts, text only, joined as vLLM's OpenAI server and LLM.chat join them: the chat
+        # template is given a string either way.
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for i, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                    and set(part) <= {"type", "text"}):
+                raise ValueError(f"part {i}: only text content parts ({{\"type\": \"text\", \"text\": ...}}) can run")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 class StructuredOutputsModel(BaseModel):
@@ -164,7 +183,17 @@ class StructuredOutputsModel(BaseModel):
         # One message, not pydantic's one per branch of the union (``dict[str,any]``, ``str``).
         if value is None or isinstance(value, (dict, str)):
             return value
-        got = {bool: json.dumps(value), list: "an array"}.get(type(value), f"a {type(value).__name__}")
+        if isinstance(value, type) and hasattr(value, "model_json_schema"):  # as OpenAI's response_format takes
+            raise ValueError(f"must be a JSON Schema object or its JSON text (got the pydantic class "
+                             f"{value.__name__}: pass {value.__name__}.model_json_schema())")
+        if isinstance(value, bool):
+            got = json.dumps(value)
+        elif isinstance(value, (int, float)):
+            got = "a number"
+        elif isinstance(value, (list, tuple)):
+            got = "an array"
+        else:
+            got = f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
         raise ValueError(f"must be a JSON Schema object or its JSON text (got {got})")
 
     @property
@@ -235,9 +264,18 @@ class GenerateRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     params: SamplingParamsModel = Field(default_factory=SamplingParamsModel)
     stream: bool = True
-    priority: whole_int(-(2**31), 2**31 - 1) = 0
-    deadline_ms: whole_int(0, MAX_DEADLINE_MS) | None = None
+    priority: whole_int(-(2**31), LOWEST_PRIORITY) = 0
+    deadline_ms: whole_int(MIN_DEADLINE_MS, MAX_DEADLINE_MS) | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("deadline_ms", mode="before")
+    @classmethod
+    def _unix_ms(cls, value: Any) -> Any:
+        # Seconds (time.time()) or a duration (5000) meant a deadline long past: an empty "deadline" result.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MIN_DEADLINE_MS:
+            raise ValueError(f"must be a unix time in milliseconds, e.g. int(time.time() * 1000) + 30000 for 30 s "
+                             f"from now ({value:g} is before 2001-09-09: seconds, or a duration?)")
+        return value
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -352,6 +390,9 @@ class DeadLetter(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str
     body: str  # the original body (raw bytes on the wire; truncated to 64 KiB for oversize messages)
+    # The reason's short code, as pagedserve_queue_dead_letters_total{reason} counts it (missing_body, invalid_json,
+    # max_deliveries...): what an operator filters on, the reason being free text. Empty from older workers.
+    kind: str = ""
     entry_id: str  # the stream entry id in pagedserve:requests
     id: str = ""  # the request id, when one could be read
     consumer: str = ""
@@ -370,6 +411,7 @@ class DeadLetter(BaseModel):
         return cls(
             reason=data.get("reason", ""),
             body=data.get("body", ""),
+            kind=data.get("kind", ""),
             entry_id=data.get("entry_id", ""),
             id=data.get("id", ""),
             consumer=data.get("consumer", ""),
@@ -386,9 +428,10 @@ class DeadLetterError(Exception):
     not_object, invalid_id.
     """
 
-    def __init__(self, message: str, kind: str = "unparseable"):
+    def __init__(self, message: str, kind: str = "unparseable", body: bytes | None = None):
         super().__init__(message)
         self.kind = kind
+        self.body = body  # what the dead letter keeps when the entry's body field is not it (missing_body)
 
 
 class InvalidRequestError(Exception):
@@ -450,13 +493,51 @@ _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 
 def leading_id(raw: bytes) -> str | None:
-    """The id of a body too large to parse, when it is the body's first key and its only ``id`` key (a byte
-    search; an escape anywhere could spell another ``id`` key, so a body with one has none): what clients write
-    (``model_dump_json`` puts ``id`` first)."""
+    """The id of a body too large (or too broken) to parse, when it is the body's first key and its only top-level
+    ``id`` key: what clients write (``model_dump_json`` puts ``id`` first). A byte search where ``"id"`` occurs once
+    and nothing is escaped; else the top-level keys are read without parsing the values (:func:`_scanned_keys`),
+    since an escape could spell another ``id`` key and ``"id"`` may occur nested or inside a string."""
     m = _LEADING_ID.match(raw[:256])
-    if m is None or raw.count(b'"id"') != 1 or b"\\u" in raw:
+    if m is None:
         return None
+    if raw.count(b'"id"') != 1 or b"\\u" in raw:
+        try:
+            keys = _scanned_keys(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if keys.count("id") != 1:
+            return None
     return m.group(1).decode("ascii")
+
+
+_JSON_MARK = re.compile(r'["{}\[\],]')
+
+
+def _scanned_keys(text: str) -> list[str]:
+    """The top-level keys of the JSON object ``text`` starts with, in order with duplicates, read without building
+    its values: strings are skipped by the json module's own scanner (C, escapes decoded), containers counted.
+    Linear in ``text``, for bodies too large to parse. Raises ``ValueError`` on a malformed string."""
+    keys: list[str] = []
+    depth, expect_key, pos = 0, False, 0
+    while (m := _JSON_MARK.search(text, pos)) is not None:
+        mark, at = m.group(), m.start()
+        if mark == '"':
+            value, pos = json.decoder.scanstring(text, at + 1)
+            if depth == 1 and expect_key:
+                keys.append(value)
+            expect_key = False
+            continue
+        if mark in "{[":
+            depth += 1
+            expect_key = mark == "{" and depth == 1
+        elif mark in "}]":
+            depth -= 1
+            if depth <= 0:
+                break
+        else:  # a comma: the next top-level string is a key again
+            expect_key = depth == 1
+        pos = at + 1
+    return keys
 
 
 def entry_time(entry_id: str | bytes) -> float:
@@ -483,23 +564,49 @@ def check_other_fields(fields: dict, raw_body: bytes | None) -> None:
     raise DeadLetterError(message, "too_large")
 
 
+def refuse_missing_body(fields: dict) -> InvalidRequestError:
+    """An entry without a ``body`` field (a producer that wrote ``data``, as the events stream names it): the id of
+    a request found in one of its other fields is answered, since its producer waits on it; else
+    :class:`DeadLetterError` naming the fields found and keeping the first one's value for the operator."""
+    others: dict[str, bytes] = {}
+    for key, value in fields.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name not in ("traceparent", "tracestate") and isinstance(value, (bytes, str)):
+            others[name] = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    for name, value in others.items():
+        request_id = _answerable_id(value, MAX_OTHER_FIELDS_BYTES)
+        if request_id is not None:
+            return InvalidRequestError(request_id, "invalid_request", "the entry has no body field: the request "
+                                       f"JSON goes in 'body', not {name[:40]!r}")
+    names = ", ".join(repr(n[:40]) for n in list(others)[:8])
+    raise DeadLetterError(f"missing 'body' field (the entry's fields: {names or 'none but trace context'})",
+                          "missing_body", next(iter(others.values()), None))
+
+
 def refuse_repeated_bodies(bodies: list[bytes], max_bytes: int) -> list[InvalidRequestError]:
     """An entry that gives ``body`` more than once (one ``XADD`` with two requests): each id its bodies carry is
-    refused, since its producer waits on it; an entry none of whose bodies has an id is a dead letter."""
+    refused, since its producer waits on it; an entry none of whose bodies has an id is a dead letter, and so is
+    one with more than :data:`MAX_REPEATED_BODIES` bodies or more than ``max_bytes`` in all, before any is
+    parsed: a small entry of many bodies would cost a parse each, on every delivery."""
     message = f"the entry gives the body field {len(bodies)} times: send one request per entry"
-    ids: list[str] = []
-    for body in bodies:
-        try:
-            request_id = parse_request(body, max_bytes).id
-        except InvalidRequestError as e:
-            request_id = e.request_id
-        except DeadLetterError:
-            continue
-        if request_id not in ids:
-            ids.append(request_id)
+    size = sum(len(b) for b in bodies)
+    if len(bodies) > MAX_REPEATED_BODIES or size > max_bytes:
+        raise DeadLetterError(f"{message} (more than {MAX_REPEATED_BODIES}, or {size} bytes > max_message_bytes "
+                              f"{max_bytes}: none was read)", "repeated_body")
+    ids = dict.fromkeys(i for i in (_answerable_id(body, max_bytes) for body in bodies) if i is not None)
     if not ids:
         raise DeadLetterError(message, "repeated_body")
     return [InvalidRequestError(request_id, "invalid_request", message) for request_id in ids]
+
+
+def _answerable_id(body: bytes, max_bytes: int) -> str | None:
+    """The id a body would be answered under (a valid request, or one refused with its id), else None."""
+    try:
+        return parse_request(body, max_bytes).id
+    except InvalidRequestError as e:
+        return e.request_id
+    except DeadLetterError:
+        return None
 
 
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
@@ -605,7 +712,3 @@ def write_schemas(directory: str | Path) -> list[Path]:
         paths.append(p)
     return paths
 
-
-if __name__ == "__main__":  # python -m pagedserve.service.protocol docs/schemas
-    for p in write_schemas(sys.argv[1] if len(sys.argv) > 1 else "docs/schemas"):
-        print(p)

@@ -198,7 +198,9 @@ class Reclaimer(WorkerPart):
     def refresh_name(self, r: redis.Redis, token: str) -> bool:
         """Renew the consumer-name lease; False when another worker holds the name now."""
         key = self.keys.consumer_lease(self.consumer)
-        held = int(self.scripts(r).refresh_name(keys=[key], args=[token, self.claim_idle_ms], client=r))
+        held = int(self.scripts(r).refresh_name(keys=[key, self.keys.requests],
+                                                args=[token, self.claim_idle_ms, self.keys.group, self.consumer],
+                                                client=r))
         if held == 2:
             self.log.warning("consumer_name_lease_overwritten", key=key,
                              note="it held a value no worker writes (no TTL, or not a worker's token)")

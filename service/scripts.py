@@ -20,6 +20,10 @@ from importlib import resources
 import redis
 
 NAMES = ("finish", "dead_letter", "renew_leases", "refresh_name", "release_name", "forget_consumer")
+# The batch client's scripts (batch_client.py). Producers may run scripts (EVALSHA) but not load them: one that
+# could would stall Redis with a script that never ends. So workers load these for them, at every (re)connect
+# (connection.Connection.setup) and now and then while connected (batch_feeder.py: after a SCRIPT FLUSH).
+PRODUCER_SCRIPTS = ("batch_create", "batch_cancel")
 
 
 @cache
@@ -46,3 +50,9 @@ class Scripts:
         """``SCRIPT LOAD`` every script (after a ``NOSCRIPT`` reply)."""
         for name in NAMES:
             r.script_load(source(name))
+
+
+def load_producer_scripts(r: redis.Redis) -> None:
+    """``SCRIPT LOAD`` the batch client's scripts (a no-op for each one Redis has already)."""
+    for name in PRODUCER_SCRIPTS:
+        r.script_load(source(name))

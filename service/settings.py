@@ -225,6 +225,7 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0)  # entries of params.stop (each is checked on every new token)
     max_stop_string_chars: int = Field(256, ge=1)  # length of each params.stop entry
     max_tokens_per_request: int | None = Field(None, ge=1)  # params.max_tokens; None: max_model_len bounds it
+    min_priority: int | None = None  # the best (lowest) priority a request may ask for; None: any
     # /healthz fails when the engine has work but produced no token and finished nothing for this long.
     stall_timeout_s: float = Field(120.0, gt=0)
     seed: int = 0

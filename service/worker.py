@@ -39,7 +39,7 @@ import redis
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .claims import Claims
-from .connection import REDIS_DEMOTED, REDIS_DOWN, REDIS_REFUSED, Connection, redis_client
+from .connection import REDIS_DEMOTED, REDIS_DOWN, REDIS_REFUSED, Connection, NameHeld, redis_client
 from .redaction import redact
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
@@ -47,21 +47,25 @@ from .health import HealthServer, Progress
 from .intake import Intake
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
-from .protocol import Keys
+from .protocol import LOWEST_PRIORITY, GenerateRequest, Keys
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .running import Running
 from .settings import Settings, unknown_env_names
 from .telemetry import get_logger, get_tracer
 
+# A request sent without a priority: the worker reads while its engine could start one, by preempting worse work.
+INTERACTIVE_PRIORITY: int = GenerateRequest.model_fields["priority"].default
+
 
 class TerminatedBeforeStart(SystemExit):
     """SIGTERM before the worker took any work: it exits as a process that SIGTERM ended (status 143). A
     ``SystemExit``, so that no ``except Exception`` on the way (a kernel build falling back to torch, say) takes
-    it for a failure of its own."""
+    it for a failure of its own. ``during``: what the worker was doing (said in the CLI's line)."""
 
-    def __init__(self) -> None:
+    def __init__(self, during: str = "the model was loading") -> None:
         super().__init__(128 + signal.SIGTERM)
+        self.during = during
 
 
 class Worker(WorkerPart):
@@ -94,7 +98,7 @@ class Worker(WorkerPart):
         publisher.on_acked = self.leases.discard
         self.conn = Connection(
             ctx=ctx, reclaimer=self.reclaimer, leases=self.leases, name_token=self._name_token, publisher=publisher,
-            on_wait=self._beat,
+            on_wait=self._waiting_for_name,
         )
         self.r = self.conn.r
         self.claims = claims = Claims(ctx, self.r)
@@ -147,6 +151,13 @@ class Worker(WorkerPart):
 
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()
+
+    def _waiting_for_name(self) -> None:
+        """Each moment of the wait for the consumer-name lease (up to claim_idle_ms + 2 s, more than an
+        orchestrator's usual grace period): nothing is held yet, so a stop asked for ends the wait at once."""
+        self._beat()
+        if self._stop.is_set():
+            raise TerminatedBeforeStart("it waited for its consumer name")
 
     def _interrupted(self, signum: int, frame: Any) -> None:
         """Ctrl-C drains like SIGTERM; before the worker has taken any work (the model still loading) it ends the
@@ -211,8 +222,10 @@ class Worker(WorkerPart):
         except Exception:
             reachable = False
         # Started: the model is in and the consumer name is held. A restarted worker waits up to claim_idle_ms for
-        # its predecessor's name lease; it takes no work meanwhile, so it must not draw traffic or count as up.
-        started = self.started.is_set()
+        # its predecessor's name lease; it takes no work meanwhile, so it must not draw traffic or count as up. Nor
+        # does one whose loop started while Redis was away: it takes the name only once Redis answers (and may
+        # find it another live worker's then).
+        started = self.started.is_set() and self.conn.name_held
         ok = started and self.model_loaded and reachable and not self._stop.is_set()
         return ok, {"started": started, "model_loaded": self.model_loaded, "redis": reachable,
                     "stopping": self._stop.is_set()}
@@ -245,9 +258,9 @@ class Worker(WorkerPart):
             engine = self.engine  # load the model before taking any work
             self._engine_stats()  # the KV pool's size and an empty engine from the start, not from the first step
             try:
-                self.conn.setup()  # group and subscriptions exist once "worker_started" is logged
+                self.conn.setup()  # group, name lease and subscriptions exist once "worker_started" is logged...
             except REDIS_DOWN + REDIS_REFUSED as e:
-                self.conn.failed(e)  # not fatal: the loop retries with backoff
+                self.conn.failed(e)  # ...unless Redis is away: the loop sets up once it answers, with backoff
         except BaseException:  # a start that fails (the model, a consumer name held by a live worker) serves nothing
             if self.health is not None:
                 self.health.stop()
@@ -287,6 +300,10 @@ class Worker(WorkerPart):
                 except _engine_dead_error() as e:
                     self.log.error("engine_dead", error=str(e))
                     raise  # no further step can run: exit non-zero, the entries go back to the stream below
+                except NameHeld:
+                    # Found once Redis answered after an outage at start, after the same wait as at start: it ends
+                    # the worker as at start (nothing was read), since only a name of its own can mend it.
+                    raise
                 except Exception:
                     # A bug must not take the fleet down on one bad request; a persistent one ends the process
                     # (non-zero exit: the orchestrator restarts it and redelivery/dead-lettering takes over).
@@ -336,6 +353,8 @@ class Worker(WorkerPart):
             self.metrics.step_seconds.inc(time.perf_counter() - t)
         else:
             self.progress.idle()
+            if self._loop_stuck():  # its last step failed: it reads nothing, so no XREAD blocks; wait, not spin
+                time.sleep(self.settings.read_block_ms / 1000)
             if not self._stats_idle:  # the last requests ended without a step (cancelled, sent back): say so now
                 self._engine_stats()
             self.engine.check_alive()  # a dead tensor-parallel rank is seen now, not when the next request comes
@@ -364,7 +383,7 @@ class Worker(WorkerPart):
         self.running.mark_gone(self.leases.take_gone())
         self.admission.follow_claims()
         if not self._stop.is_set() and not self._loop_stuck():
-            self.batches.tick(self._room())  # batch lines join the stream only when the room is there
+            self.batches.tick(self._room(batch=True))  # batch lines join the stream only when the room is there
             room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []
             self.reclaimer.forget_dead_consumers(self.r)
@@ -377,10 +396,22 @@ class Worker(WorkerPart):
                     self.admission.admit(entries, redelivered)
         self.intake.queue_stats()
 
-    def _room(self) -> int:
-        """Sequences the engine may still take, less those held here unstarted (compiling, waiting on another
-        worker's run): what this worker may still read."""
-        return max(0, self.running.room() - self.admission.unstarted())
+    def _room(self, batch: bool = False) -> int:
+        """What this worker may still read: sequences the engine may still take, and no more than the KV blocks
+        a request of the default priority could start in (``EngineAPI.kv_room``: the free blocks, plus those held
+        by running requests of worse priority, which the engine preempts for it, less one per request queued
+        ahead of it, since each needs a block of its own to start); less those held here unstarted (compiling,
+        waiting on another worker's run). An engine whose KV cache, not its sequence slots, is full of requests
+        as good as the default reads nothing, and the backlog stays in the stream for a worker with room; one full
+        of worse work (batch lines) still reads, as a request of the default priority runs ahead of that work.
+        ``batch``: the batch feeder's room, that of the worst priority (the free blocks less all requests queued),
+        so batch lines join the stream only where they can start without preempting anything. Requests waiting only for
+        the step's token budget (a big burst) leave a big pool's room as it was."""
+        room = self.running.room()
+        if room > 0:
+            engine = self.engine
+            room = min(room, engine.kv_room(LOWEST_PRIORITY if batch else INTERACTIVE_PRIORITY))
+        return max(0, room - self.admission.unstarted())
 
     def _check_if_away(self) -> None:
         """Give up the runs whose entries or ids another worker holds now, before anything buffered goes out or a
@@ -406,6 +437,8 @@ class Worker(WorkerPart):
         except Exception as e:
             # No request is to blame: none is answered; their entries go back to the stream (running.py).
             self.log.exception("engine_step_failed")
+            self.metrics.step_failures.inc()
+            self.progress.failed()  # not progress; nor is the empty engine it leaves "no work" (health.Progress)
             self._send_back(self.running.send_back(e))
             return
         self.progress.step(outputs)
@@ -435,15 +468,18 @@ class Worker(WorkerPart):
 
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
-        """Release unfinished entries for other workers, flush what is buffered, drop the name lease."""
+        """Release unfinished entries for other workers, flush what is buffered, drop the name lease. A worker that
+        never held its name (Redis away since its start, or the name another live worker's) never set up, so it
+        read nothing: it has nothing to hand back, and must not wait for a name only to drop it."""
         self._shutting_down = True
         self.conn.stop_leases()
         entry_ids = self.running.release_all() + self.admission.release_waiting()
         requeue = self.running.take_requeue()
         self.claims.stop()
         end = time.monotonic() + 5.0
+        owned = self.conn.name_held
         handed_back = False
-        while time.monotonic() < end:
+        while owned and time.monotonic() < end:
             try:
                 if self.conn.needs_setup:
                     self.conn.setup()
@@ -466,10 +502,12 @@ class Worker(WorkerPart):
                 self.log.debug("consumer_not_deleted", error=redact(str(e)))
         self.conn.close_pubsub()
         self._close_engine()
-        if handed_back:
+        if handed_back or not owned:
             self.log.info("worker_stopped", released=len(entry_ids), unflushed=self.publisher.pending())
         else:  # Redis stayed away: nothing was handed back; unrenewed, the entries are reclaimed after claim_idle_ms
-            self.log.warning("worker_stopped", released=0, left_to_reclaim=len(entry_ids),
+            # (those whose results were never written too: they run again elsewhere)
+            left = set(entry_ids) | set(self.publisher.entry_ids())
+            self.log.warning("worker_stopped", released=0, left_to_reclaim=len(left),
                              unflushed=self.publisher.pending())
         if self.health is not None:
             self.health.stop()

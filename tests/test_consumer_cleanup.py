@@ -8,6 +8,8 @@ the cleanup commands keeps the consumers and serves as before.
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import redis
@@ -80,3 +82,28 @@ def test_a_worker_whose_acl_predates_the_cleanup_keeps_the_consumers_and_serves(
         finally:
             w.close()
             c.close()
+
+
+def test_a_worker_whose_consumer_was_deleted_during_a_pause_lists_itself_again(tmp_path, prefix):
+    """Paused past its name lease (SIGSTOP: a VM migration, a debugger), a worker's idle consumer is deleted by
+    another worker's cleanup. Once it runs again it must be listed at once: Redis 7.0 lists a blocked reader only
+    when an entry is delivered to it, and a client that finds no consumer alive says no worker runs."""
+    keys = Keys(prefix)
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        s = make_settings(url, prefix, claim_idle_ms=1000)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            wait_for(lambda: s.worker_name in consumers(admin, keys), 30, what="the worker listed")
+            os.kill(w.proc.pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: not admin.exists(keys.consumer_lease(s.worker_name)), 30, what="its lease lapsed")
+                # What forget_consumer.lua does in another worker once the lease is gone and nothing is pending.
+                admin.xgroup_delconsumer(keys.requests, keys.group, s.worker_name)
+            finally:
+                os.kill(w.proc.pid, signal.SIGCONT)
+            wait_for(lambda: s.worker_name in consumers(admin, keys), 30, what="the worker listed again")
+            assert admin.exists(keys.consumer_lease(s.worker_name))
+            assert w.terminate(60) == 0
+        finally:
+            w.close()

@@ -107,3 +107,35 @@ def test_an_acl_does_not_reach_a_nested_prefix(acl_redis, acl):
         user.execute_command("XADD", "a:requests", "*", "body", "{}")  # its own still works
     finally:
         user.close()
+
+
+def test_no_loaded_script_runs_long_for_a_producer_without_keys(acl_redis):
+    """EVALSHA of any loaded script is open to a producer (its ACL allows it for its own keys, and a call without
+    keys has none to check): claim_renew.lua looped as many times as its arguments said, answering BUSY to every
+    client for minutes. Every script of the service, called without keys and with huge counts in every argument,
+    ends at once: with an error, or having done nothing."""
+    import hashlib
+    import time
+    from importlib import resources
+
+    from pagedserve.service.scripts import source
+
+    url, admin = acl_redis
+    producer = redis.Redis.from_url(user_url(url, admin, "p", producer_acl("app")))
+    names = sorted(p.name.removesuffix(".lua") for p in resources.files("pagedserve.service").joinpath("lua").iterdir()
+                   if p.name.endswith(".lua") and p.read_text().startswith("#!lua"))
+    assert "claim_renew" in names and len(names) >= 10, names
+    admin.config_set("busy-reply-threshold", "100")  # a script past 100 ms makes Redis answer BUSY
+    for name in names:
+        text = source(name)
+        sha = admin.script_load(text)
+        assert sha == hashlib.sha1(text.encode()).hexdigest()
+        for args in (["x", "1", "100000000", "100000000"], ["100000000"] * 8):
+            started = time.monotonic()
+            try:
+                producer.evalsha(sha, 0, *args)
+            except redis.exceptions.ResponseError as e:
+                assert "BUSY" not in str(e), (name, e)
+            assert admin.ping()  # not BUSY: the script has ended
+            assert time.monotonic() - started < 5, name  # minutes when it loops
+    producer.close()

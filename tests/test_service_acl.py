@@ -20,17 +20,22 @@ from service_fixtures import REPO, WorkerProcess, make_settings, wait_for
 PASSWORD = "acl-S3cret-pw"
 
 
-def acl_url(url: str, prefix: str, admin: redis.Redis, user: str = "pagedserve-worker") -> str:
-    """Create the worker's ACL user with exactly the documented rules; its URL."""
-    admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{PASSWORD}", *worker_acl(prefix))
+def acl_url(url: str, prefix: str, admin: redis.Redis, user: str = "pagedserve-worker",
+            without: tuple[str, ...] = ()) -> str:
+    """Create the worker's ACL user with exactly the documented rules (less the commands ``without``); its URL."""
+    rules = [r for r in worker_acl(prefix) if r.removeprefix("+") not in without]
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{PASSWORD}", *rules)
     return url.replace("redis://", f"redis://{user}:{PASSWORD}@", 1)
 
 
-def denials(admin: redis.Redis) -> list[dict]:
+def denials(admin: redis.Redis, expected: tuple[bytes, ...] = ()) -> list[dict]:
     # redis-py sends CLIENT SETINFO on connect and ignores a refusal: not a command the worker needs.
-    log = admin.execute_command("ACL", "LOG")
-    entries = [dict(zip(e[::2], e[1::2])) for e in log]
-    return [e for e in entries if b"setinfo" not in e.get(b"object", b"")]
+    entries = admin.execute_command("ACL", "LOG")  # redis-py answers a list of dicts
+    return [e for e in entries if b"setinfo" not in e.get(b"object", b"") and e.get(b"object") not in expected]
+
+
+def consumers(admin: redis.Redis, keys: Keys) -> set[str]:
+    return {c["name"].decode() for c in admin.xinfo_consumers(keys.requests, keys.group)}
 
 
 @pytest.mark.slow
@@ -45,6 +50,9 @@ def test_worker_round_trips_under_the_minimal_acl(tmp_path, prefix):
         b = None
         try:
             a.wait_started()
+            # listed in the group before anything was delivered to it (Redis 7.0 lists a blocked reader only
+            # after a delivery): a client's "is a worker alive?" must find an idle live worker
+            wait_for(lambda: "acl-a" in consumers(admin, keys), 30, what="acl-a listed as a consumer")
             # tokens + done
             events = list(c.stream("tokens please", id="acl-stream", params={"max_tokens": 8, "ignore_eos": True},
                                    timeout=120))
@@ -62,7 +70,11 @@ def test_worker_round_trips_under_the_minimal_acl(tmp_path, prefix):
             c.submit("reclaim me", id="acl-reclaim", params={"max_tokens": 300, "ignore_eos": True})
             wait_for(lambda: admin.xpending(keys.requests, keys.group)["pending"] == 1, 60, what="delivered")
             a.kill()
-            b = WorkerProcess(s.model_copy(update={"worker_name": "acl-b"}), tmp_path / "b.log").start()
+            # b logs in as a user of an ACL from before xgroup|createconsumer: it works all the same, and says once
+            # that clients may not find it while it is idle
+            old_url = acl_url(url, prefix, admin, user="pagedserve-worker-old", without=("xgroup|createconsumer",))
+            b = WorkerProcess(s.model_copy(update={"worker_name": "acl-b", "redis_url": old_url}),
+                              tmp_path / "b.log").start()
             b.wait_started()
             reclaimed = c.wait("acl-reclaim", timeout=240)
             assert isinstance(reclaimed, DoneEvent) and len(reclaimed.outputs[0].token_ids) == 300
@@ -73,7 +85,9 @@ def test_worker_round_trips_under_the_minimal_acl(tmp_path, prefix):
             assert admin.xlen(keys.requests) == 0
             letter = DeadLetter.from_fields(admin.xrange(keys.dead)[0][1])
             assert letter.reason
-            assert denials(admin) == [], "the worker needed a command outside the documented ACL"
+            assert denials(admin, (b"xgroup|createconsumer",)) == [], \
+                "the worker needed a command outside the documented ACL"
+            assert [e["event"] for e in b.events()].count("consumer_not_announced") == 1
             assert b.proc.poll() is None
         finally:
             a.close()
@@ -174,3 +188,60 @@ def test_a_worker_whose_credentials_redis_refuses_exits_with_one_line(redis_url)
     assert "refused the credentials of PAGEDSERVE_REDIS_URL" in last and "nobody:***@" in last, last
     assert "Wr0ngPw" not in p.stderr + p.stdout and "Traceback" not in p.stderr
     assert "worker_started" not in p.stderr and "loading model" not in p.stderr  # said before the load
+
+
+def test_every_command_a_lua_script_calls_is_in_the_acl_of_who_runs_it(redis_url):
+    """ACL rules are checked inside scripts too, so a command a script reaches only on a rare path (a stale claim
+    taken over) must be in the list as well: the round trip above never takes that path. The batch client runs
+    batch_create and batch_cancel; the worker runs every other script. A script names a command as an upper-case
+    literal (``redis.call('HGET', ...)``, or handed to a helper); Redis itself says which literals are commands."""
+    from pagedserve.service.connection import PRODUCER_BATCH_COMMANDS
+    from pagedserve.service.scripts import source
+
+    commands = {c.decode() for c in redis.Redis.from_url(redis_url).command_list()}  # subcommands as xinfo|stream
+    producer_scripts = {"batch_create", "batch_cancel"}
+    for path in sorted((REPO / "service" / "lua").glob("*.lua")):
+        allowed = PRODUCER_BATCH_COMMANDS if path.stem in producer_scripts else WORKER_ACL_COMMANDS
+        called = set()
+        # A command literal, and the literal after it: a container's subcommand ('XINFO', 'STREAM') is its own ACL
+        # rule, and allowing one subcommand allows no other.
+        for word, following in re.findall(r"'([A-Z]+)'(?=\s*,\s*'([A-Z]+)')?", source(path.stem)):
+            name = word.lower()
+            if name in commands:
+                sub = f"{name}|{following.lower()}"
+                called.add(sub if following and sub in commands else name)
+        if path.stem != "batch_checks":  # only included by others, its calls go through their arguments
+            assert called, f"{path.name}: no command found (has the way scripts name commands changed?)"
+        missing = sorted(c for c in called if c not in allowed)
+        assert not missing, f"{path.name} calls {missing}, which its runner's ACL lacks"
+
+
+@pytest.mark.slow
+def test_a_stale_claim_is_taken_over_under_the_acl_and_a_refused_claim_is_said(tmp_path, prefix):
+    """A claim whose owner is long gone (TTL past claim.lua's limit) is taken over, which runs PTTL inside the
+    claim script; a claim Redis refuses (here: that command taken from the ACL) is logged, not waited on mutely."""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        keys = Keys(prefix)
+        worker_url = acl_url(url, prefix, admin)
+        c = Client(settings=make_settings(url, prefix))
+        w = WorkerProcess(make_settings(worker_url, prefix).model_copy(update={"worker_name": "acl-stale"}),
+                          tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            admin.set(keys.running("stale-1"), "gone-worker:abc", px=7_200_000)  # over an hour: a stale claim
+            c.submit("taken over", id="stale-1", params={"max_tokens": 4})
+            assert isinstance(c.wait("stale-1", timeout=60), DoneEvent)
+            assert denials(admin) == []
+            admin.execute_command("ACL", "SETUSER", "pagedserve-worker", "-pttl")
+            admin.set(keys.running("stale-2"), "gone-worker:abc", px=7_200_000)
+            c.submit("refused", id="stale-2", params={"max_tokens": 4})
+            wait_for(lambda: any(e.get("event") == "claim_refused" for e in w.events()), 30, what="claim_refused")
+            refused = next(e for e in w.events() if e.get("event") == "claim_refused")
+            assert refused["request_id"] == "stale-2" and "can't run this command" in refused["error"]
+            admin.execute_command("ACL", "SETUSER", "pagedserve-worker", "+pttl")
+            assert isinstance(c.wait("stale-2", timeout=60), DoneEvent)
+        finally:
+            w.close()
+            c.close()
+            admin.close()

@@ -237,3 +237,59 @@ def test_a_sigterm_swallowed_during_the_load_still_ends_the_start(redis_url, pre
     with pytest.raises(TerminatedBeforeStart) as e:
         w.run()
     assert e.value.code == 128 + signal.SIGTERM and not w.started.is_set()
+
+
+def test_progress_rules_for_steps_that_raise():
+    """A step that raised sends its requests back, which leaves the engine empty: once steps have failed again
+    and again, that emptiness is not "no work" (it restarted the stall clock after every failure, and /healthz
+    stayed 200 while every step failed). One failed step and then idle is: restarting a healthy worker for one
+    transient fault reloads its model for nothing."""
+    clock = Clock()
+    p = Progress(10.0, clock)
+    p.failed()  # the first step of new work raised
+    clock.t += 6
+    p.idle()  # its requests went back to the stream (or elsewhere): one failure says nothing of the device
+    assert p.check() == (True, {"stalled_s": 0.0, "step_failing": True})
+    p.failed()  # they came back, and failed again: the stall clock runs from here
+    clock.t += 5
+    p.idle()
+    assert p.check() == (True, {"stalled_s": 5, "step_failing": True})
+    clock.t += 6
+    p.idle()
+    ok, info = p.check()
+    assert not ok and info == {"stalled_s": 11, "step_failing": True}
+    clock.t += 8
+    p.idle()
+    assert not p.check()[0]  # with nothing left to run it stays failed: nothing has shown the engine works
+    p.step([Out([])])  # a step ran without raising: no longer failing, but no token yet, so still stalled
+    assert p.check() == (False, {"stalled_s": 19})
+    p.step([Out([7])])
+    assert p.check() == (True, {"stalled_s": 0})
+    p.failed()  # one failure after progress: the clock runs from the last token
+    clock.t += 3
+    p.step([Out([8])])  # then steps succeed: recovered
+    clock.t += 1
+    p.idle()
+    clock.t += 1000
+    assert p.check() == (True, {"stalled_s": 0.0})
+    # One failure, then idle for good: healthy at once (a transient fault, or a request that went elsewhere).
+    p.failed()
+    clock.t += 1
+    p.idle()
+    assert p.check()[0] is True
+    clock.t += 25  # long after it: forgotten, so a later failure counts as the first again
+    p.idle()
+    p.failed()
+    clock.t += 1
+    p.idle()
+    assert p.check()[0] is True
+    # Failures in a row, then idle: failed for 2 * stall_timeout_s after the last one (time for a liveness probe
+    # to restart a worker whose device is broken), then idle again, so a request that broke every step it was in
+    # does not keep the workers it reached out of work for good.
+    p.failed()
+    clock.t += 19
+    p.idle()
+    assert p.check()[0] is False
+    clock.t += 1
+    p.idle()
+    assert p.check() == (True, {"stalled_s": 0.0})

@@ -233,6 +233,27 @@ def test_an_entry_giving_body_twice_answers_every_id_it_carries(hostile_env):
     assert padded
 
 
+def test_an_entry_without_a_body_field_answers_the_request_it_carries_elsewhere(hostile_env):
+    """``data`` instead of ``body`` (the events stream's field name) was a dead letter keeping nothing of the
+    entry: neither the producer, waiting on its id, nor the operator could tell which request was lost. The id a
+    request in another field carries is answered, naming the field; an entry with none is a dead letter naming the
+    fields found and keeping the first one's value."""
+    s, w, r, c, keys = hostile_env
+    r.xadd(keys.requests, {"data": json.dumps({"id": "h-in-data", "prompt": "x", "params": {"max_tokens": 2}})})
+    dead = r.xadd(keys.requests, {"payload": "not a request", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16
+                                  + "-01"}).decode()
+    ok = c.submit("beside", params={"max_tokens": 2})
+    err = c.wait("h-in-data", timeout=60)
+    assert isinstance(err, ErrorEvent) and err.error.code == "invalid_request", err
+    assert err.error.message == "the entry has no body field: the request JSON goes in 'body', not 'data'"
+    wait_for(lambda: dead in _dead_entry_ids(r, keys), 30, what="the dead letter")
+    letter = _dead_entry_ids(r, keys)[dead]
+    assert letter.reason == "missing 'body' field (the entry's fields: 'payload')", letter
+    assert letter.kind == "missing_body"  # the metric's reason label: what an operator filters on
+    assert letter.body == "not a request", letter
+    assert isinstance(c.wait(ok, timeout=60), DoneEvent)
+
+
 def test_everything_acknowledged_and_worker_healthy(hostile_env):
     s, w, r, c, keys = hostile_env
     wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, what="no pending entries")

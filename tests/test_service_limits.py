@@ -249,3 +249,22 @@ def test_a_chat_template_that_writes_its_own_bos_gets_one(redis_url, prefix, sha
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == tok.encode(text, add_special_tokens=False)
     assert prompt[0] == tok.bos_token_id and prompt[1] != tok.bos_token_id
+
+
+def test_a_priority_better_than_the_deployments_best_is_refused_naming_it(monkeypatch):
+    """Any producer may send any priority, and a better one preempts worse ones without limit: an operator can bound
+    it (e.g. 0, so that no request overtakes the interactive ones), refused before any work, naming the field."""
+    from pagedserve.service.admission import check_request_limits
+    from pagedserve.service.protocol import GenerateRequest, InvalidRequestError
+    from pagedserve.service.settings import Settings
+
+    assert Settings().min_priority is None
+    check_request_limits(GenerateRequest(id="p", prompt="x", priority=-(2 ** 31)), Settings())  # off: any priority
+    monkeypatch.setenv("PAGEDSERVE_MIN_PRIORITY", "0")
+    s = Settings()
+    check_request_limits(GenerateRequest(id="p", prompt="x", priority=0), s)
+    check_request_limits(GenerateRequest(id="p", prompt="x", priority=1000), s)  # batch lines' priority
+    with pytest.raises(InvalidRequestError) as ei:
+        check_request_limits(GenerateRequest(id="p", prompt="x", priority=-5), s)
+    assert ei.value.code == "invalid_request"
+    assert ei.value.message == "priority must be at least 0 (PAGEDSERVE_MIN_PRIORITY; lower runs first), got -5"

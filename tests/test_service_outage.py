@@ -157,6 +157,9 @@ def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix)
         pipe.execute()
         wait_for(lambda: any(e.get("event") == "run_given_up" for e in w.events()), 60, what="run given up")
         wait_for(lambda: any(e.get("event") == "answered_by_owner" for e in w.events()), 60, what="answered")
+        # The owner counts the outcome; counted here too, one submission would read as two.
+        (answered,) = [e for e in w.events() if e.get("event") == "answered_by_owner"]
+        assert answered["request_id"] == rid and answered["counted"] is False
         assert admin.get(keys.result(rid)).decode() == other
         assert not admin.exists(keys.running(rid)) and not pending(admin, keys)
         assert not any(e.get("event") == "request_finished" and e.get("request_id") == rid for e in w.events())
@@ -190,18 +193,24 @@ def test_a_worker_stopping_while_redis_is_away_says_nothing_was_handed_back(tmp_
     it over once its lease lapses."""
     with worker_under_acl(tmp_path, prefix, grace_period_s=0.5, claim_idle_ms=1000) as (admin, c, w):
         keys = Keys(prefix)
-        submit_running(c, admin, keys, "stopped-offline", max_tokens=600)
+        c.submit("finished-offline", id="finished-offline", params={"max_tokens": 64, "ignore_eos": True})
+        submit_running(c, admin, keys, "stopped-offline", max_tokens=1800)
         drop_worker_link(admin)
+        # One finishes while Redis is away: its result is never written, so its entry is left to reclaim as well.
+        wait_for(lambda: any(e.get("event") == "request_finished" and e.get("request_id") == "finished-offline"
+                             for e in w.events()), 60, what="the short one finished offline")
         assert w.terminate(60) == 0
         (stopped,) = [e for e in w.events() if e.get("event") == "worker_stopped"]
-        assert stopped["released"] == 0 and stopped["left_to_reclaim"] == 1, stopped
-        assert len(pending(admin, keys)) == 1
+        assert stopped["released"] == 0 and stopped["left_to_reclaim"] == 2, stopped
+        assert len(pending(admin, keys)) == 2
         restore(admin)
         second = WorkerProcess(make_settings(w.settings.redis_url, prefix, claim_idle_ms=1000),
                                tmp_path / "w2.log").start()
         try:
             second.wait_started()
             ended = c.wait("stopped-offline", timeout=120)
+            short = c.wait("finished-offline", timeout=120)
         finally:
             second.close()
-        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 600
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
+        assert isinstance(short, DoneEvent) and len(short.outputs[0].token_ids) == 64

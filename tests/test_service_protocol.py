@@ -35,7 +35,7 @@ def test_keys_follow_contract():
 def test_published_schemas_are_current():
     for name, schema in json_schemas().items():
         path = SCHEMAS / f"{name}.schema.json"
-        assert path.exists(), f"run: python -m pagedserve.service.protocol docs/schemas ({path} missing)"
+        assert path.exists(), f"run: python -m pagedserve.service.schemas docs/schemas ({path} missing)"
         assert json.loads(path.read_text()) == json.loads(json.dumps(schema)), f"{path} is stale"
 
 
@@ -44,7 +44,7 @@ def test_valid_request_minimal_and_full():
     assert r.stream is True and r.priority == 0 and r.params.to_kwargs() == {}
     r = parse_request(json.dumps({
         "id": "a.b_c-d:1", "prompt_token_ids": [1, 2], "params": {"max_tokens": 4, "temperature": 0, "stop": "x"},
-        "stream": False, "priority": -3, "deadline_ms": 1, "metadata": {"k": [1]}}), 1 << 20)
+        "stream": False, "priority": -3, "deadline_ms": 10**12, "metadata": {"k": [1]}}), 1 << 20)
     assert r.params.to_kwargs() == {"max_tokens": 4, "temperature": 0.0, "stop": "x"}
 
 
@@ -61,8 +61,8 @@ def test_valid_request_minimal_and_full():
     (json.dumps({"id": 5, "prompt": "x"}), "id"),
     (b"[" * 1000 + b"]" * 1000, "JSON"),
     (json.dumps({"prompt": "x" * 3000, "id": "a"}), "too large"),  # its id is not read: not the first key
-    (json.dumps({"id": "a", "prompt": "\u00e9" * 3000}), "too large"),  # an escape could spell another id key
-    (json.dumps({"id": "a", "prompt": "x" * 3000, "metadata": {"id": "b"}}), "too large"),  # "id" twice
+    (json.dumps({"id": "a", "prompt": "x" * 3000, "id2": 1}).replace('"id2"', '"\\u0069d"'), "too large"),
+    ('{"id": "a", "prompt": "%s", "id": "b"}' % ("x" * 3000), "too large"),  # a second id: which one counts?
     (b'{"id": "a", "prompt": "x", "id": "b"}', "duplicate 'id'"),
 ])
 def test_dead_letters(body, reason):
@@ -76,6 +76,19 @@ def test_a_body_too_large_to_parse_is_answered_when_its_id_comes_first():
         parse_request(json.dumps({"id": "big-1", "prompt": "x" * 3000}), 2048)
     assert ei.value.request_id == "big-1" and ei.value.code == "invalid_request"
     assert str(ei.value.message).startswith("body: message too large: 3") and "max_message_bytes 2048" in ei.value.message
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps({"id": "big-2", "prompt": "\u00e9" * 3000}),  # json.dumps escapes every non-ASCII character
+    json.dumps({"id": "big-2", "prompt": "x" * 3000, "metadata": {"id": "b"}}),  # "id" again, not a top-level key
+    json.dumps({"id": "big-2", "prompt": 'a "quoted" \\ "id": "c"' * 300}),  # "id" inside a string
+])
+def test_a_body_too_large_to_parse_is_answered_when_its_id_is_its_only_top_level_id(body):
+    """Escapes, and "id" nested or inside strings, do not hide the id a body too large to parse starts with:
+    its producer waits on it (a Python producer's json.dumps escapes every non-ASCII character)."""
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(body, 2048)
+    assert ei.value.request_id == "big-2" and ei.value.message.startswith("body: message too large")
 
 
 @pytest.mark.parametrize("body", [
@@ -122,6 +135,8 @@ def test_id_keys_of_nested_objects_are_not_duplicates():
     ({"id": "a", "prompt": "x", "stream": "yes"}, "stream"),
     ({"id": "a", "prompt": "x", "priority": 2**40}, "priority"),
     ({"id": "a", "prompt": "x", "deadline_ms": -1}, "deadline_ms"),
+    ({"id": "a", "prompt": "x", "deadline_ms": 1_764_000_000}, "deadline_ms: must be a unix time in milliseconds"),
+    ({"id": "a", "prompt": "x", "deadline_ms": 5000}, "deadline_ms: must be a unix time in milliseconds"),
     ({"id": "a", "prompt": "x", "metadata": []}, "metadata"),
     ({"id": "a", "messages": [{"role": "user"}]}, "messages.0.content"),
     ({"id": "a", "messages": "hi"}, "messages"),
@@ -222,3 +237,43 @@ def test_the_worker_names_a_request_level_mistake_as_the_client_does():
     with pytest.raises(InvalidRequestError) as ei:
         parse_request(json.dumps({"id": "a", "prompt": ""}), 1 << 20)
     assert ei.value.message == "prompt must not be empty"
+
+
+def test_an_entry_of_many_bodies_is_a_dead_letter_before_any_is_read():
+    """150000 small bodies in one 3.6 MB entry: each parsed (and its id looked up in a list) on every delivery
+    stalled the worker for minutes. Two bodies are an honest mistake and every id is answered; beyond
+    MAX_REPEATED_BODIES, or more than max_message_bytes in all, the entry is a dead letter and no body is read."""
+    from pagedserve.service.protocol import MAX_REPEATED_BODIES, DeadLetterError, refuse_repeated_bodies
+
+    def body(i: int) -> bytes:
+        return json.dumps({"id": f"r{i % 3}", "prompt": "x"}).encode()
+
+    answered = refuse_repeated_bodies([body(i) for i in range(MAX_REPEATED_BODIES)], 1 << 20)
+    assert [e.request_id for e in answered] == ["r0", "r1", "r2"]
+    for bodies, max_bytes in (([body(i) for i in range(MAX_REPEATED_BODIES + 1)], 1 << 20),
+                              ([b"{" * 600, body(1)], 600)):
+        with pytest.raises(DeadLetterError) as e:
+            refuse_repeated_bodies(bodies, max_bytes)
+        assert e.value.kind == "repeated_body" and "none was read" in str(e.value), str(e.value)
+
+
+def test_entry_ids_keep_order_and_take_no_repeat():
+    from pagedserve.service.inflight import EntryIds
+
+    ids = EntryIds(["1-0", "2-0", "1-0"])
+    for entry_id in ("3-0", "2-0", "4-0"):
+        ids.append(entry_id)
+    assert ids == ["1-0", "2-0", "3-0", "4-0"] and "3-0" in ids and "5-0" not in ids
+    assert json.dumps(ids) == '["1-0", "2-0", "3-0", "4-0"]'
+
+
+def test_openai_text_content_parts_are_joined_as_vllm_joins_them():
+    """Offline LLM.chat and batch lines took OpenAI's list of text parts; the wire refused it (a string only)."""
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    req = parse_request(json.dumps({"id": "a", "messages": [{"role": "user", "content": parts}]}), 1 << 20)
+    assert req.messages[0].content == "first\nsecond"
+    for bad in ([{"type": "image_url", "image_url": {"url": "http://x"}}], [{"type": "text", "text": 5}],
+                [{"type": "text", "text": "x", "extra": 1}]):
+        with pytest.raises(InvalidRequestError) as ei:
+            parse_request(json.dumps({"id": "a", "messages": [{"role": "user", "content": bad}]}), 1 << 20)
+        assert ei.value.message.startswith("messages.0.content: part 0: only text content parts"), ei.value.message

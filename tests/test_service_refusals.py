@@ -195,9 +195,10 @@ def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_
         with Client(settings=settings.model_copy(update={"redis_url": old.url})) as c:
             assert c.generate("before", params={"max_tokens": 2}, timeout=60).type == "done"
             # Busy generating when the failover comes, so that no blocked read is there for Redis to break off.
-            running = c.submit("running", params={"max_tokens": 400, "ignore_eos": True})
+            wait_for(lambda: b.info("replication")["master_link_status"] == "up", 30, 0.1, "the replica in sync")
+            # Synced first: the failover comes as soon as it runs (a wait here let it finish on a fast machine).
+            running = c.submit("running", params={"max_tokens": 1500, "ignore_eos": True})
             wait_for(lambda: a.exists(KEYS.events(running)), 60, 0.05, "the request running")
-        wait_for(lambda: b.info("replication")["master_link_status"] == "up", 30, 0.1, "the replica in sync")
         b.replicaof("NO", "ONE")
         a.replicaof("127.0.0.1", new.port)
         endpoint.port = new.port
@@ -205,7 +206,7 @@ def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_
             after = c.generate("after the failover", params={"max_tokens": 2}, timeout=60)
             finished = c.wait(running, timeout=120)
         assert after.type == "done" and finished.type == "done"
-        assert len(finished.outputs[0].token_ids) == 400
+        assert len(finished.outputs[0].token_ids) == 1500
         assert any(e.get("event") == "redis_refused" for e in worker.events())
     finally:
         if worker is not None:

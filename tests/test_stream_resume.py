@@ -358,8 +358,12 @@ def test_a_cancel_meeting_a_takeover_keeps_the_streamed_tokens_and_the_paused_ow
             done = c.wait(rid, timeout=60)
             paused.proc.send_signal(signal.SIGCONT)
             # It finds its entry reclaimed (lease_lost) or its id claimed (run_given_up), whichever it asks first.
-            wait_for(lambda: any(e.get("event") in ("run_given_up", "lease_lost") for e in paused.events()), 60,
-                     what="the paused owner giving the run up")
+            try:
+                wait_for(lambda: any(e.get("event") in ("run_given_up", "lease_lost") for e in paused.events()), 60,
+                         what="the paused owner giving the run up")
+            except AssertionError as e:  # what it did instead, and whether it still runs
+                said = [(x.get("event"), x.get("request_id"), x.get("why")) for x in paused.events()[-15:]]
+                raise AssertionError(f"{e}; exit status {paused.proc.poll()}; its last events: {said}") from None
         assert isinstance(done, DoneEvent) and done.outputs[0].finish_reason == "cancelled"
         events = [json.loads(f[b"data"]) for _, f in r.xrange(keys.events(rid))]
         end = next(i for i, e in enumerate(events) if e["type"] != "token")

@@ -11,8 +11,14 @@
 -- A key holding a value of another type (no worker's) is lost to a renewal and left alone by a release: one
 -- such key must not fail the whole call, and with it every other claim's renewal.
 -- Returns the 1-based indexes of the renewed keys this worker must stop running.
+-- The counts are checked against the keys first: EVALSHA of any loaded script is open to producers (their ACL
+-- allows it for their own keys, and a call without keys has none to check), and a loop bound taken from the
+-- arguments alone would keep Redis busy, answering BUSY to every client, for as long as a caller asked.
 local lost = {}
 local renew, release = tonumber(ARGV[3]), tonumber(ARGV[4])
+if not renew or not release or renew < 0 or release < 0 or #KEYS ~= 2 * renew + release then
+  return redis.error_reply('ERR claim_renew: ARGV[3] and ARGV[4] must count the keys given')
+end
 for i = 1, renew + release do
   local key = KEYS[i]
   local cur = redis.pcall('GET', key)

@@ -1,0 +1,154 @@
+"""How much a worker reads: bounded by what its engine can start, not only by its sequence slots.
+
+A worker whose KV pool is small (``num_gpu_blocks``) but whose ``max_num_seqs`` is large must not pull the whole
+backlog into its pending list, where the engine holds it waiting and no other worker can take it: it reads no
+more than its free KV blocks less the requests its engine holds waiting or preempted (each needs a block). Blocks
+that worse-priority work holds count as room for a request of the default priority: the engine preempts for it.
+Real redis-server, real worker processes, the tiny random model on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+from service_fixtures import TEST_MODEL, WorkerProcess, make_settings, wait_for
+
+from pagedserve.service.protocol import Keys, parse_terminal
+
+POOL = 16  # KV blocks of the small worker (block_size 16): a request below needs 13 or so, so about one runs at once
+
+
+def _pending_by_consumer(r: redis.Redis, keys: Keys) -> dict[str, int]:
+    p = r.xpending(keys.requests, keys.group)
+    return {c["name"].decode(): int(c["pending"]) for c in p["consumers"]}
+
+
+def _finished_ids(w: WorkerProcess) -> list[str]:
+    return [e.get("request_id") for e in w.events() if e.get("event") == "request_finished"]
+
+
+def test_a_worker_short_of_kv_blocks_leaves_the_backlog_in_the_stream_for_another(redis_url, prefix, tmp_path):
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    small = dict(num_gpu_blocks=POOL, max_num_seqs=256, preemption_mode="swap", swap_space_gb=0.02)
+    sa = make_settings(redis_url, prefix, worker_name=f"room-a-{uuid.uuid4().hex[:6]}", **small)
+    sb = make_settings(redis_url, prefix, worker_name=f"room-b-{uuid.uuid4().hex[:6]}", **small)
+    a = WorkerProcess(sa, tmp_path / "a.log", PAGEDSERVE_CPU_THREADS="1")
+    b = WorkerProcess(sb, tmp_path / "b.log", PAGEDSERVE_CPU_THREADS="1")
+    ids = [f"room-{i}" for i in range(60)]
+    try:
+        a.start().wait_started()
+        pipe = r.pipeline(transaction=False)  # one burst, as a producer pipelines it
+        for rid in ids:
+            body = {"id": rid, "prompt": "job " * 12 + rid, "params": {"max_tokens": 150, "ignore_eos": True}}
+            pipe.xadd(keys.requests, {"body": json.dumps(body)})
+        pipe.execute()
+        b.start()
+
+        # Until the second worker is up, the first holds no more than its pool could start; the rest waits in
+        # the stream (before: all 60 read, held waiting in an engine that runs about one at a time).
+        wait_for(lambda: _pending_by_consumer(r, keys).get(sa.worker_name, 0) > 0, 30, 0.02, "the first read")
+        most = 0
+        while '"event": "worker_started"' not in b.log_path.read_text(errors="replace"):
+            assert b.proc.poll() is None, b.log_path.read_text(errors="replace")[-3000:]
+            most = max(most, _pending_by_consumer(r, keys).get(sa.worker_name, 0))
+            time.sleep(0.02)
+        assert 0 < most <= POOL, f"{most} entries pending on a worker whose KV pool holds {POOL} blocks"
+        assert len(_finished_ids(a)) < len(ids), "the first worker ran the backlog before the second started"
+
+        wait_for(lambda: all(r.exists(keys.result(rid)) for rid in ids), 120, 0.2, "every result")
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0, 30, 0.05, "every entry acked")
+        for rid in ids:
+            assert parse_terminal(r.get(keys.result(rid))).type == "done", rid
+        done_a, done_b = _finished_ids(a), _finished_ids(b)
+        assert done_a and done_b, f"first worker ran {len(done_a)}, second {len(done_b)}: both must serve"
+        assert sorted(done_a + done_b) == sorted(ids), "every id runs exactly once"
+        assert r.xlen(keys.dead) == 0
+    finally:
+        b.close()
+        a.close()
+        r.close()
+
+
+def test_a_worker_full_of_worse_priority_work_still_reads_and_runs_a_default_priority_request(redis_url, prefix):
+    """A KV pool full of worse-priority requests (batch lines, or as here priority 5) with more of them waiting
+    than blocks are free: the room for a request of the default priority counts the blocks it would preempt them
+    for, so it is read and finishes while they still run (before: nothing was read until they had drained)."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    pool = 48  # blocks: a request below starts in one and ends in 8 to 17, so a few of them run at once
+    s = make_settings(redis_url, prefix, num_gpu_blocks=pool, max_num_seqs=64)
+    low = [f"low-{i}" for i in range(pool)]  # all read at once (a block each to start), as a batch feeder's are
+    try:
+        with running_worker(s) as w:
+            pipe = r.pipeline(transaction=False)
+            for i, rid in enumerate(low):  # lengths apart, so they end one by one, never all in the same step
+                params = {"max_tokens": 120 + 3 * i, "ignore_eos": True}
+                body = {"id": rid, "prompt": "job", "priority": 5, "params": params}
+                pipe.xadd(keys.requests, {"body": json.dumps(body)})
+            pipe.execute()
+            # All read; the pool full of them, and what its free blocks could start spoken for by those waiting.
+            e = w.engine
+            wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == len(low)
+                     and 0 < e.num_running and e.num_free_gpu_blocks <= e.num_waiting, 30, 0.005, "a full pool")
+            r.xadd(keys.requests, {"body": json.dumps({"id": "urgent", "prompt": "now", "params": {"max_tokens": 4}})})
+            wait_for(lambda: r.exists(keys.result("urgent")), 20, 0.02, "the default-priority request's result")
+            assert parse_terminal(r.get(keys.result("urgent"))).type == "done"
+            still = [rid for rid in low if not r.exists(keys.result(rid))]
+            # Read at once and run by preempting them (before: read only once their waiting had drained, after
+            # about half of them had ended).
+            assert len(still) >= len(low) - 8, f"{len(low) - len(still)} worse requests ended first: it waited"
+    finally:
+        r.close()
+
+
+def test_a_burst_into_an_idle_worker_with_a_big_pool_starts_at_once(redis_url, prefix):
+    """The bound does not hold back a worker that has room: a burst is read and started in one step."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=2048, max_num_seqs=64)
+    ids = [f"burst-{i}" for i in range(40)]
+    try:
+        with running_worker(s) as w:
+            pipe = r.pipeline(transaction=False)
+            for rid in ids:
+                body = {"id": rid, "prompt": "job " + rid, "params": {"max_tokens": 200, "ignore_eos": True}}
+                pipe.xadd(keys.requests, {"body": json.dumps(body)})
+            pipe.execute()
+            wait_for(lambda: w.engine.num_running == len(ids), 30, 0.001, "all 40 running")
+            wait_for(lambda: all(r.exists(keys.result(rid)) for rid in ids), 120, 0.1, "every result")
+    finally:
+        r.close()
+
+
+def test_cpu_swap_pool_use_is_exported():
+    """Swapped-out requests hold CPU blocks: ``pagedserve_kv_cache_free_cpu_blocks`` shows them (a swap pool
+    that never frees again is a leak)."""
+    from pagedserve.engine import LLMEngine, SamplingParams
+    from pagedserve.service.metrics import WorkerMetrics
+
+    engine = LLMEngine(model=TEST_MODEL, num_gpu_blocks=12, swap_space_gb=0.02, preemption_mode="swap",
+                       max_num_seqs=8, device="cpu", seed=0)
+    try:
+        for i in range(4):
+            engine.add_request(f"s{i}", "job " * 20, SamplingParams(max_tokens=100, ignore_eos=True))
+        for _ in range(400):
+            engine.step()
+            if engine.stats()["num_free_cpu_blocks"] < engine.stats()["num_cpu_blocks"]:
+                break
+        stats = engine.stats()
+        assert stats["num_free_cpu_blocks"] < stats["num_cpu_blocks"], "nothing was swapped out"
+        m = WorkerMetrics()
+        m.engine.update(stats)
+        samples = {s.name: s.value for fam in m.registry.collect() for s in fam.samples}
+        assert samples["pagedserve_kv_cache_free_cpu_blocks"] == stats["num_free_cpu_blocks"]
+        assert samples["pagedserve_kv_cache_cpu_blocks"] == stats["num_cpu_blocks"]
+    finally:
+        engine.close()
