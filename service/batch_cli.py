@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from .redaction import printable
+from .cli_errors import _fail, _settings, err, warn_unknown_settings
 
 # The most a batch file may be (OpenAI's batch input limit is 200 MB): the whole file is read, parsed and staged in
 # memory at once, so an endless input (/dev/zero, a runaway pipe) is refused at this size instead of running the
@@ -33,7 +32,6 @@ _FD_PATH = re.compile(r"/proc/(self|thread-self|[0-9]+)(/task/[0-9]+)?/fd/([0-9]
 
 batch_app = typer.Typer(help="Batch jobs in OpenAI's batch file format (see docs/service.md, Batch jobs).",
                         no_args_is_help=True)
-err = Console(stderr=True)
 
 
 def note(text: str) -> None:
@@ -41,21 +39,15 @@ def note(text: str) -> None:
     err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _fail(message: str, code: int) -> None:
-    """One line on stderr, then exit with ``code`` (a bad setting or an unreachable Redis escapes to the main
-    CLI, which says it in one line too). Control characters are escaped: a message may quote the file."""
-    err.print(printable(" ".join(message.split())), style="red", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
 def _redis():
+    """The settings and a Redis client, as ``submit`` and ``cancel`` have them: a bad setting is one line and exit
+    status 2, and a Redis that does not answer is given up on after the clients' socket timeout."""
+    from .client_core import SOCKET_TIMEOUT_S
     from .connection import redis_client
-    from .settings import Settings, unknown_env_warnings
 
-    for line in unknown_env_warnings():  # a misspelt prefix would look at another deployment's batches
-        note(printable(line))
-    s = Settings()
-    return s, redis_client(s.redis_url, timeout=30.0)
+    warn_unknown_settings()  # a misspelt prefix would look at another deployment's batches
+    s = _settings()
+    return s, redis_client(s.redis_url, timeout=SOCKET_TIMEOUT_S)
 
 
 def _call(fn, *args, **kw):
@@ -181,7 +173,7 @@ def submit(
     """Validate every line and store the batch; the workers run it. Prints the batch id on the last line.
 
     The same file (and --key) submitted again is the same batch: its id and status are printed, with a note, and nothing runs again."""
-    from .batch_client import batch_id, batch_status, submit_batch
+    from .batch_client import batch_id, batch_status, create_batch
     from .batch_keys import BatchKeys
 
     data, name = _read_input(file)
@@ -195,28 +187,73 @@ def submit(
     with r:
         try:
             record = BatchKeys(s.prefix).record(batch_id(data, key))
-            before = _call(r.exists, record)
-            bid = _call(submit_batch, r, s.prefix, data, input_file_id="stdin" if name == "stdin" else file.name,
-                        completion_window=completion_window, metadata=md, key=key, retention_s=s.batch_retention_s,
-                        max_message_bytes=s.max_message_bytes)
+            # Not created: submitted before, or a submit of the same file and key at the same time got there first
+            # (its options won): both are said the same way.
+            bid, created = _call(create_batch, r, s.prefix, data,
+                                 input_file_id="stdin" if name == "stdin" else file.name,
+                                 completion_window=completion_window, metadata=md, key=key,
+                                 retention_s=s.batch_retention_s, max_message_bytes=s.max_message_bytes)
             batch = batch_status(r, s.prefix, bid)
             invalid = int(_call(r.hget, record, "invalid") or 0)
+            idle = _idle(r, s.prefix, batch)
         except KeyboardInterrupt:
             _interrupted(r, s.prefix, batch_id(data, key), "")
     counts = batch["request_counts"]
-    if before:  # answered from the first submit: its options, its counts
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch["created_at"]))
+    if not created:  # answered from the first submit: its options, its counts
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch["created_at"]))
         note(f"note: this file was submitted before{' with this --key' if key else ''} (batch {bid}, created "
-             f"{created}): showing that batch, whose --completion-window and --metadata are the first submit's; "
+             f"{at}): showing that batch, whose --completion-window and --metadata are the first submit's; "
              f"nothing runs again (another --key makes a new batch)")
+        differ = _options_differ(completion_window, md, batch)
+        if differ:
+            note(differ)
         note(f"{counts['total']} lines: {counts['completed']} completed, {counts['failed']} failed; "
              f"status {batch['status']}")
     else:
         note(f"{counts['total']} lines, {invalid} invalid (their error lines are in the output); "
              f"status {batch['status']}")
+    _say_idle(s.prefix, batch, idle)
     print(bid)
 
 
+def _idle(r, prefix: str, batch: dict) -> str | None:  # noqa: ANN001 - a redis-py client
+    """Why no worker runs a batch that has not ended (None: one is alive, it has ended, or it cannot be told).
+    Said at once, not only once `results --wait` has waited: a wrong prefix or a forgotten worker. A courtesy: a
+    Redis error here must not make the command look failed."""
+    import redis
+
+    from .batch_client import TERMINAL_STATUSES, no_worker
+
+    if batch["status"] in TERMINAL_STATUSES:
+        return None
+    try:
+        return no_worker(r, prefix)
+    except redis.RedisError:
+        return None
+
+
+def _say_idle(prefix: str, batch: dict, idle: str | None) -> None:
+    if idle is not None:
+        note(f"note: no worker is running on prefix {prefix!r} now ({idle}): the batch stays {batch['status']} "
+             "and runs when a worker starts")
+
+
+def _options_differ(window: str, md: dict, batch: dict) -> str | None:
+    """One line naming this submit's options that the existing batch does not have (they are not used), or None."""
+    from .batch_client import window_seconds
+
+    mine, theirs = [], []
+    if window_seconds(window) != window_seconds(batch["completion_window"]):  # 1d is 24h
+        mine.append(f"--completion-window {window}")
+        theirs.append(batch["completion_window"])
+    if md != batch["metadata"]:
+        mine.append(f"--metadata {json.dumps(md)}")
+        theirs.append(json.dumps(batch["metadata"]))
+    if not mine:
+        return None
+    one = len(mine) == 1
+    return (f"note: this submit's {' and '.join(mine)} {'differs' if one else 'differ'} from that batch's "
+            f"({', '.join(theirs)}): {'it is' if one else 'they are'} not used")
 
 
 @batch_app.command("status")
@@ -230,6 +267,8 @@ def status(
     s, r = _redis()
     with r:
         batch = _call(batch_status, r, s.prefix, batch_id)
+        idle = _idle(r, s.prefix, batch)
+    _say_idle(s.prefix, batch, idle)  # on stderr: --json's stdout stays the object alone
     if as_json:
         print(json.dumps(batch))
         return
@@ -239,7 +278,15 @@ def status(
           f"failed={counts['failed']}")
 
 
-@batch_app.command("results")
+_RESULTS_HELP = (
+    "The output lines (OpenAI's batch output format), one per input line, in input order.\n\n"
+    "A batch that has not ended yet: the lines so far, a note on stderr and exit status 3. With --wait, a batch that "
+    "no worker is running (none alive on this prefix once it has not moved for --pickup-timeout): one line saying "
+    "so, nothing written, exit status 3; the batch stays and runs when a worker starts."
+)
+
+
+@batch_app.command("results", help=_RESULTS_HELP)
 def results(
     batch_id: str = typer.Argument(...),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSONL here (default, or -: "
@@ -247,19 +294,24 @@ def results(
                                           "through."),
     wait: bool = typer.Option(False, "--wait", help="Wait until the batch has ended first."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
+    pickup_timeout: float = typer.Option(
+        30.0, "--pickup-timeout", help="With --wait: seconds without progress before checking that a worker is "
+                                       "running (none: exit status 2)."),
 ) -> None:
-    """The output lines (OpenAI's batch output format), one per input line, in input order.
-
-    A batch that has not ended yet: the lines so far, a note on stderr and exit status 3."""
-    from .batch_client import TERMINAL_STATUSES, batch_results, batch_status, is_batch_input, wait_batch
+    from .batch_client import TERMINAL_STATUSES, NoWorker, batch_results, batch_status, is_batch_input, wait_batch
 
     if timeout is not None and not timeout >= 0:
         _fail(f"error: --timeout must be a number of seconds >= 0 (got {timeout:g})", 2)
+    if not pickup_timeout > 0:  # NaN too: it would turn the check off
+        _fail(f"error: --pickup-timeout must be a number of seconds > 0 (got {pickup_timeout:g})", 2)
 
     def current(r, prefix: str) -> dict:
         if wait:
             try:
-                return wait_batch(r, prefix, batch_id, timeout=timeout)
+                return wait_batch(r, prefix, batch_id, timeout=timeout, pickup_timeout=pickup_timeout)
+            except NoWorker as e:  # as `submit` says it: the work stays queued, and how to get it later
+                _fail(f"error: {e} (`pagedserve batch results {batch_id} --wait` waits for it then, `pagedserve "
+                      f"batch cancel {batch_id}` cancels it)", 3)  # no answer yet, the batch kept: as not ended
             except TimeoutError:  # not ended: said below, with the lines there are so far
                 pass
         return batch_status(r, prefix, batch_id)
@@ -294,14 +346,26 @@ def results(
         raise typer.Exit(3)
 
 
-@batch_app.command("cancel")
+_CANCEL_HELP = (
+    "Cancel: running lines are cancelled, untaken ones get batch_cancelled error lines.\n\n"
+    "A batch that had ended already, or is expiring (its running lines finish, then it is expired), is left as it "
+    "is (exit status 0, as Client.cancel_batch returns it without raising): its status is printed, with a note on "
+    "stderr that nothing was cancelled."
+)
+
+
+@batch_app.command("cancel", help=_CANCEL_HELP)
 def cancel(batch_id: str = typer.Argument(...)) -> None:
-    """Cancel: running lines are cancelled, untaken ones get batch_cancelled error lines."""
-    from .batch_client import cancel_batch
+    from .batch_client import TERMINAL_STATUSES, request_cancel
 
     s, r = _redis()
     with r:
-        batch = _call(cancel_batch, r, s.prefix, batch_id, result_ttl_s=s.result_ttl_s)
+        batch, untouched = _call(request_cancel, r, s.prefix, batch_id, result_ttl_s=s.result_ttl_s)
+    if untouched and batch["status"] in TERMINAL_STATUSES:
+        note(f"note: batch {batch['id']} had already ended ({batch['status']}): nothing was cancelled")
+    elif untouched:
+        note(f"note: batch {batch['id']} is past its completion window: nothing was cancelled; its running lines "
+             f"finish, then it is expired")
     print(f"{batch['id']} {batch['status']}")
 
 

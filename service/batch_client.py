@@ -12,6 +12,11 @@ are gone and the same file makes a new batch.
 
 Every function takes a redis-py client and the deployment's prefix; :class:`~pagedserve.service.client.Client`
 wraps them as methods.
+
+A batch runs only while a worker runs on its prefix (every worker feeds and collects batches: batch_feeder.py).
+:func:`no_worker` says why none does, and :func:`wait_batch` with ``pickup_timeout`` raises :class:`NoWorker` when
+the batch has not moved for that long and no worker is alive: a wrong prefix or a forgotten worker is said, not
+waited on forever. Its lines stay as they are and run when a worker starts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ import redis
 
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import SHOWN_AS, BatchKeys, BatchScripts, request_id
+from .client_core import CountKeys, NoWorker, ReadConsumers, ReadGroups, check_seconds, why_no_worker
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -54,6 +61,32 @@ class BatchMalformed(ValueError):
 
 class BatchNotEnded(RuntimeError):
     """Results asked of a batch that has not ended, without saying that a part is wanted."""
+
+
+class BatchScriptsNotLoaded(PermissionError):
+    """The batch scripts are not in Redis's script cache and this user may not load them (producers may only run
+    scripts: connection.producer_acl says why); workers load them when they connect. A ``PermissionError``, so the
+    CLI says it in one line."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"batch scripts are not loaded in Redis yet ({name}.lua; no worker has connected since Redis "
+                         "started or its scripts were flushed) and this Redis user may not load them: start a worker, "
+                         "or retry once one runs")
+
+
+def _run(r: redis.Redis, name: str, keys: list, args: list) -> Any:
+    """``EVALSHA`` the batch script ``name`` (``create``: batch_create.lua); on ``NOSCRIPT``, ``SCRIPT LOAD`` it and
+    run it again. A user that may not load scripts (a producer) gets :class:`BatchScriptsNotLoaded` instead."""
+    script = getattr(BatchScripts(r), name)
+    try:
+        return r.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        pass
+    try:
+        r.script_load(script.script)
+    except redis.exceptions.NoPermissionError:
+        raise BatchScriptsNotLoaded(f"batch_{name}") from None
+    return r.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def window_seconds(window: str) -> int:
@@ -88,6 +121,16 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     Raises ``ValueError`` for a problem of the whole file (not UTF-8, no lines, a duplicate custom_id, a bad
     window). A line whose request is over ``max_message_bytes`` as a stream entry (default: the settings', which
     must be the workers') is invalid: a worker would dead-letter it."""
+    return create_batch(r, prefix, data, input_file_id=input_file_id, completion_window=completion_window,
+                        metadata=metadata, key=key, retention_s=retention_s, max_message_bytes=max_message_bytes)[0]
+
+
+def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str = "input.jsonl",
+                 completion_window: str = "24h", metadata: dict | None = None, key: str = "",
+                 retention_s: int = 7 * 86400, max_message_bytes: int | None = None) -> tuple[str, bool]:
+    """:func:`submit_batch`, returning (the id, whether this call created the batch). False when the batch
+    existed already, or when another submit of the same file and key created it while this one was checking the
+    lines: then this call's ``completion_window`` and ``metadata`` are not used, and a caller can say so."""
     window = window_seconds(completion_window)
     if max_message_bytes is None:
         from .settings import Settings
@@ -97,7 +140,7 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     k = BatchKeys(prefix)
     bid = batch_id(data, key)
     if r.exists(k.record(bid)):
-        return bid
+        return bid, False
     now = time.time()
     expires_at = int(now) + window
     try:
@@ -135,11 +178,16 @@ def submit_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))
-    BatchScripts(r).create(
-        keys=[k.record(bid), k.lines(bid), k.out(bid), staged_lines, staged_out, k.all, k.active],
-        args=[bid, int(now * 1000), record["retain_until"], "1" if valid else "0",
-              *(x for kv in record.items() for x in kv)])
-    return bid
+    try:
+        created = _run(r, "create",
+             keys=[k.record(bid), k.lines(bid), k.out(bid), staged_lines, staged_out, k.all, k.active],
+             args=[bid, int(now * 1000), record["retain_until"], "1" if valid else "0",
+                   *(x for kv in record.items() for x in kv)])
+    except BatchScriptsNotLoaded:
+        with contextlib.suppress(redis.RedisError):  # they would expire anyway (STAGE_TTL_S)
+            r.delete(staged_lines, staged_out)
+        raise
+    return bid, bool(created)  # 0: a racing submit of the same file and key created it first
 
 
 def _batch_object(bid: str, raw: dict) -> dict:
@@ -174,15 +222,59 @@ def batch_status(r: redis.Redis, prefix: str, bid: str) -> dict:
     return _batch_object(bid, raw)
 
 
-def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5) -> dict:
+def no_worker(r: redis.Redis, prefix: str, consumers_seen: OrderedDict | None = None) -> str | None:
+    """Why no worker runs on ``prefix`` now (so none runs its batches), or None when one is alive, or when this
+    Redis user may not look. The requests' check (:func:`~pagedserve.service.client_core.why_no_worker`: the
+    consumer group and its consumers' name leases), run on ``r``; ``consumers_seen`` as it takes it."""
+    check = why_no_worker(Keys(prefix), consumers_seen)
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = check.throw(error) if error is not None else check.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply = error = None
+        try:
+            if isinstance(op, ReadGroups):
+                reply = r.xinfo_groups(op.stream)
+            elif isinstance(op, ReadConsumers):
+                reply = r.xinfo_consumers(op.stream, op.group)
+            elif isinstance(op, CountKeys):
+                reply = r.exists(*op.keys)
+            else:
+                raise AssertionError(f"why_no_worker asked for {op!r}")
+        except redis.RedisError as e:  # the check decides: a refused XINFO means "cannot tell", others escape
+            error = e
+
+
+def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5, *,
+               pickup_timeout: float | None = None) -> dict:
     """Wait until the batch ends (completed, expired, cancelled, failed): every line has its output line.
-    ``TimeoutError`` after ``timeout``."""
+    ``TimeoutError`` after ``timeout``. ``pickup_timeout``: once the batch has not moved (its status and counts
+    the same) for that long, look for a live worker (:func:`no_worker`); none raises :class:`NoWorker`, and the
+    batch stays as it is, to run when a worker starts; a live one keeps the wait going (lines may take long) and
+    is looked for again after the next such still stretch."""
+    check_seconds(pickup_timeout=pickup_timeout)
     end = None if timeout is None else time.monotonic() + timeout
+    seen: OrderedDict = OrderedDict()  # consumer names met by earlier checks (why_no_worker says why)
+    last, still_since = None, time.monotonic()
     while True:
         status = batch_status(r, prefix, bid)
         if status["status"] in TERMINAL_STATUSES:
             return status
-        if end is not None and time.monotonic() >= end:
+        now = time.monotonic()
+        counts = status["request_counts"]
+        moved = (status["status"], counts["completed"], counts["failed"])
+        if moved != last:
+            last, still_since = moved, now
+        elif pickup_timeout is not None and now - still_since >= pickup_timeout:
+            why = no_worker(r, prefix, seen)
+            if why is not None:
+                raise NoWorker(f"no worker is running batch {bid} after {pickup_timeout:g} s without progress "
+                               f"({why}): it stays {status['status']} and runs when a worker starts")
+            still_since = now
+        if end is not None and now >= end:
             raise TimeoutError(f"batch {bid} is still {status['status']} after {timeout}s")
         time.sleep(poll_s)
 
@@ -211,8 +303,15 @@ def cancel_batch(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 3600
     """Cancel: nothing more is taken, the running lines are cancelled (each ends with a ``batch_cancelled``
     error line unless it finished first), the untaken ones get ``batch_cancelled`` error lines from the
     workers. Returns the batch object (``cancelling``, or its final status when it had ended already)."""
+    return request_cancel(r, prefix, bid, result_ttl_s)[0]
+
+
+def request_cancel(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 3600) -> tuple[dict, bool]:
+    """:func:`cancel_batch`, returning (the batch object, whether nothing was cancelled: the batch had ended
+    before this call, or it is expiring, whose running lines finish and whose end is ``expired``). Read from the
+    cancel script's answer, not from the status after it, which a worker may have moved on to ``cancelled``."""
     k, keys = BatchKeys(prefix), Keys(prefix)
-    got = BatchScripts(r).cancel(keys=[k.record(bid), k.inflight(bid)], args=[int(time.time())])
+    got = _run(r, "cancel", keys=[k.record(bid), k.inflight(bid)], args=[int(time.time())])
     if not got:
         raise BatchNotFound(bid)
     if len(got) > 1:
@@ -222,7 +321,7 @@ def cancel_batch(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 3600
             pipe.set(keys.cancelled(rid), "1", ex=result_ttl_s)  # covers a request not picked up yet
             pipe.publish(keys.cancel, rid)
         pipe.execute()
-    return batch_status(r, prefix, bid)
+    return batch_status(r, prefix, bid), as_text(got[0]) != "cancelling"
 
 
 def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
@@ -245,5 +344,6 @@ def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
     return out
 
 
-__all__ = ["BatchMalformed", "BatchNotFound", "LineError", "batch_id", "batch_results", "batch_status", "cancel_batch",
-           "is_batch_input", "list_batches", "submit_batch", "wait_batch", "window_seconds"]
+__all__ = ["BatchMalformed", "BatchNotFound", "BatchScriptsNotLoaded", "LineError", "NoWorker", "batch_id",
+           "batch_results", "batch_status", "cancel_batch", "create_batch", "is_batch_input", "list_batches",
+           "no_worker", "request_cancel", "submit_batch", "wait_batch", "window_seconds"]

@@ -39,6 +39,8 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               "include_stop_str_in_output")
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
              "top_logprobs", "response_format", "stream", "best_of", "echo", *_SAME_NAME}
+# The keys of an OpenAI batch input line.
+_LINE_KEYS = {"custom_id", "method", "url", "body"}
 # What a request's message carries (protocol.ChatMessage): a name, tool calls or audio would change what the model
 # is asked, so they are refused, as the wire refuses them.
 _MESSAGE_KEYS = {"role", "content"}
@@ -60,6 +62,7 @@ _STRUCTURED_NAMES = (("params.structured_outputs.json:", "body.response_format.j
                      ("params.structured_outputs", "body.response_format"))
 _RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _in_body_words(message: str) -> str:
@@ -138,6 +141,13 @@ def _structured(fmt: Any) -> dict | None:
                                 f"{', '.join(sorted(_JSON_SCHEMA_KEYS))})")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise LineError("body.response_format.json_schema.schema: a JSON Schema object is required")
+        # As OpenAI checks them: a file it would refuse is refused here too, not run with a surprise later.
+        if not (isinstance(spec.get("name"), str) and _SCHEMA_NAME.fullmatch(spec["name"])):
+            raise LineError("body.response_format.json_schema.name: required, 1 to 64 letters, digits, _ or -")
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise LineError("body.response_format.json_schema.strict: must be true or false")
+        if spec.get("description") is not None and not isinstance(spec["description"], str):
+            raise LineError("body.response_format.json_schema.description: must be a string")
         return {"json": spec["schema"]}
     return None
 
@@ -344,6 +354,11 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
             if cid in seen:
                 raise DuplicateCustomId(f"line {line_no + 1}: custom_id {cid!r} duplicates line {seen[cid] + 1}")
             seen[cid] = line_no
+            # A key OpenAI's line format does not have would be dropped unsaid, as an unknown body field would be.
+            unknown = sorted(str(k) for k, v in obj.items() if k not in _LINE_KEYS and v is not None)
+            if unknown:
+                raise LineError(f"{unknown[0]}: not supported (a batch line carries only custom_id, method, url and "
+                                "body)")
             if _SURROGATE_ESCAPE.search(raw) and (bad := _not_unicode(obj)):
                 raise LineError(bad)
             if obj.get("method", "POST") != "POST":

@@ -25,23 +25,33 @@ Invariants:
 - the visibility timeout stays ``REDELIVERY_SWEEP_S`` below the result TTL (``make_celery`` refuses otherwise):
   a task redelivered after it must still find its request's result;
 - the module's ``app`` (from the environment) is built when first asked for, so that importing ``make_celery``
-  never depends on what the environment says.
+  never depends on what the environment says;
+- a broker whose Redis user may not run what Celery needs (``NoPermissionError``: by default the broker is
+  ``PAGEDSERVE_REDIS_URL``, a producer's user) stops the Celery worker in one line naming
+  ``PAGEDSERVE_CELERY_BROKER_URL``, and a task sent there raises with the same words; a task called with an
+  argument it does not take raises ``TypeError`` naming it and the accepted ones, on the caller's side where
+  Celery checks the signature (``apply_async``, ``delay``), else in the task.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from celery import Celery
+import redis
+from celery import Celery, Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery.signals import task_failure, task_revoked
 from celery.utils import uuid
 from celery.worker import state as worker_state
+from kombu.exceptions import OperationalError
+from kombu.utils.objects import cached_property
 
 from .settings import Settings
 
@@ -68,6 +78,11 @@ class GenerationTimedOut(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class TaskArgumentError(TypeError):
+    """A task was called with an argument it does not take (or without one it needs); the message names the task,
+    the argument and the ones it accepts."""
 
 
 class NoPagedserveWorker(GenerationTimedOut):
@@ -119,13 +134,114 @@ def _celery_url(url: str) -> str:
     return f"redis+socket://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
 
 
+def _refused_by_the_broker(e: BaseException) -> BaseException | None:
+    """The Redis ``NoPermissionError`` behind ``e`` (kombu wraps the sender's in an ``OperationalError``), or
+    None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, redis.exceptions.NoPermissionError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _broker_refusal(s: Settings, e: BaseException) -> str:
+    """One line for a broker whose Redis user may not run what Celery needs: Redis's words name neither the
+    setting nor the way out, and by default the broker is the producers' URL, whose user (the documented producer
+    ACL) may not."""
+    from .redaction import redact
+
+    why = f"Celery's broker was refused by Redis ({e})"
+    fix = ("a Redis user of the broker's own, allowed Celery's keys and commands (README, Celery: the broker's ACL), "
+           "or a Redis of its own")
+    if s.celery_broker_url:
+        return redact(f"{why}: PAGEDSERVE_CELERY_BROKER_URL={s.celery_broker_url!r} must name {fix}")
+    return redact(f"{why}: PAGEDSERVE_CELERY_BROKER_URL is not set, so the broker is PAGEDSERVE_REDIS_URL="
+                  f"{s.redis_url!r}, whose user (a producer's) may not: set PAGEDSERVE_CELERY_BROKER_URL to {fix}")
+
+
+class _PagedserveCelery(Celery):
+    """The app ``make_celery`` builds: Celery's, but a broker that refuses Celery's commands says which setting to
+    change, and a task called with an argument it does not take says which ones it does."""
+
+    @cached_property
+    def Worker(self):  # noqa: N802 (Celery's name)
+        from celery.apps.worker import Worker
+
+        class Blueprint(Worker.Blueprint):
+            def start(self, parent: Any) -> None:
+                try:
+                    super().start(parent)
+                except Exception as e:
+                    refused = _refused_by_the_broker(e)
+                    if refused is None:
+                        raise
+                    # Celery logged it as "Unrecoverable error" with an 80-line traceback naming no setting.
+                    _exit_with("error: " + _broker_refusal(parent.app.conf.pagedserve_settings, refused), 2)
+
+        return self.subclass_with_self(type("Worker", (Worker,), {"Blueprint": Blueprint}))
+
+    def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().send_task(*args, **kwargs)
+        except (OperationalError, redis.exceptions.NoPermissionError) as e:
+            refused = _refused_by_the_broker(e)
+            if refused is None or not hasattr(self.conf, "pagedserve_settings"):
+                raise
+            raise type(e)(_broker_refusal(self.conf.pagedserve_settings, refused)) from None
+
+    def type_checker(self, fun: Callable[..., Any], bound: bool = False) -> Any:
+        """The caller's check of a task's arguments (``apply_async``, ``delay``): Python's own ``TypeError`` named
+        the task by the function Celery generated for the check."""
+        return staticmethod(_argument_checker(fun, bound))
+
+
+def _argument_checker(fun: Callable[..., Any], bound: bool) -> Callable[..., None]:
+    """A check of a call's arguments against ``fun``'s signature (its ``self`` left out when ``bound``) raising
+    ``TypeError`` that names the task, the argument and the accepted ones."""
+    sig = inspect.signature(fun)
+    if bound:
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+    accepted = ", ".join(sig.parameters)
+
+    def check(*args: Any, **kwargs: Any) -> None:  # Celery calls it in apply_async, before anything is sent
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            name = getattr(fun, "task_name", fun.__name__)
+            unknown = [k for k in kwargs if k not in sig.parameters]
+            what = f"got an unexpected keyword argument {unknown[0]!r}" if unknown else str(e)
+            raise TaskArgumentError(f"{name} {what} (accepted: {accepted})") from None
+
+    return check
+
+
+class _Task(Task):
+    """A task that checks its arguments where it runs too: one sent by name (``send_task``) is checked nowhere
+    before, and Python's own ``TypeError`` named the function by its place in this module."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.__header__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _task_name(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a task's function its task's name, for the argument check's message (it is given the function only)."""
+    def mark(fun: Callable[..., Any]) -> Callable[..., Any]:
+        fun.task_name = name  # type: ignore[attr-defined]
+        return fun
+
+    return mark
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     """The Celery app of ``settings``' deployment (default: from the environment). ``ValueError`` when a task
     redelivered after its visibility timeout could find its request's result already expired and generate again."""
     s = settings or Settings()
     visibility = _visibility_timeout(s)
     broker = _celery_url(s.celery_broker_url or s.redis_url)
-    app = Celery("pagedserve", broker=broker, backend=broker)
+    app = _PagedserveCelery("pagedserve", broker=broker, backend=broker, task_cls=_Task)
     transport = {"visibility_timeout": visibility}
     app.conf.update(
         task_serializer="json",
@@ -248,8 +364,10 @@ def _register(app: Celery) -> None:
 
     # shared=False: the module's own app (from the environment) registers these names too; shared tasks would
     # let Celery pick either app's task for every app, and send requests to the other deployment's Redis.
-    # throws: expected endings, logged in one line without a traceback.
-    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError, RedisUnreachable), shared=False)
+    # throws: expected endings, logged in one line without a traceback (TaskArgumentError: the caller's mistake).
+    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError, RedisUnreachable, TaskArgumentError),
+              shared=False)
+    @_task_name("pagedserve.submit")
     def submit(
         self,
         prompt: str | None = None,
@@ -274,8 +392,9 @@ def _register(app: Celery) -> None:
 
     given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
 
-    @app.task(name="pagedserve.generate", bind=True, throws=(*given_up, GenerationTimedOut, RedisUnreachable),
-              shared=False)
+    @app.task(name="pagedserve.generate", bind=True,
+              throws=(*given_up, GenerationTimedOut, RedisUnreachable, TaskArgumentError), shared=False)
+    @_task_name("pagedserve.generate")
     def generate(
         self,
         prompt: str | None = None,
@@ -383,5 +502,39 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _app_lock:
         if "app" not in globals():
-            globals()["app"] = make_celery()
+            try:
+                globals()["app"] = make_celery()
+            except ValueError as e:  # a pydantic ValidationError is one too
+                if _loaded_by_the_celery_command():
+                    _refuse_to_start(e)
+                raise
     return globals()["app"]
+
+
+def _loaded_by_the_celery_command() -> bool:
+    """Whether the ``celery`` command is loading the app (``-A``). It reports any exception of loading as "Unable to
+    load celery application" with the traceback; a program importing ``app`` gets the exception itself."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "celery" and frame.f_globals.get("__name__") == "celery.bin.celery":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _refuse_to_start(e: ValueError) -> None:
+    """End the ``celery`` command with the line ``pagedserve`` prints for the same setting, exit status 2 (a setting
+    with a bad value). SystemExit is the one way out that the command's loader does not turn into a traceback."""
+    from .cli_errors import explain_error
+
+    _exit_with(explain_error(e), 2)
+
+
+def _exit_with(line: str, status: int) -> None:
+    """Print ``line`` (made safe for a terminal) and end the ``celery`` command with ``status``: its loader and its
+    worker turn any other exception into a traceback."""
+    from .redaction import printable
+
+    # The worker sends sys.stderr to its log once it runs (a WARNING record): the process's own stderr takes it.
+    print(printable(line), file=sys.__stderr__ or sys.stderr, flush=True)
+    raise SystemExit(status)

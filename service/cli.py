@@ -26,6 +26,9 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from . import cli_errors
+from .cli_errors import (_DEBUG_HINT, _debug_wanted, _fail, _missing_database, _naming_the_redis_url, _redis_error,
+                         _setting_name, _settings, err, explain_error, warn_unknown_settings)
 from .redaction import printable, redact
 
 _BENCH_TARGETS = {
@@ -85,6 +88,12 @@ class _LazyBenchGroup(TyperGroup):
 def _usage_line(e: Exception) -> None:
     """click's usage error (an unknown option or command, a bad value) as one line naming where to look, exit 2;
     typer would print a usage block and a boxed panel."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        # A group given no subcommand: its help, as `--help` prints it (rich has already printed it while the error
+        # was built, so its message is empty), and no error line. Exit 2, as click's own: a command was expected.
+        if help_text := e.format_message().strip():
+            out.print(help_text, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pagedserve"
     _fail(f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
 
@@ -137,9 +146,7 @@ class _StdoutConsole(Console):
         raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away")
 
 
-err = Console(stderr=True)
 out = _StdoutConsole()
-_debug = False
 
 
 def _escape_what_cannot_be_encoded() -> None:
@@ -166,83 +173,8 @@ def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (as PAGEDSERVE_LOG_LEVEL=DEBUG does)."),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
-    global _debug
-    _debug = debug
+    cli_errors.debug = debug
     _escape_what_cannot_be_encoded()
-
-
-def _debug_wanted() -> bool:
-    return _debug or os.environ.get("PAGEDSERVE_LOG_LEVEL", "").strip().upper() == "DEBUG"
-
-
-def _setting_name(loc: tuple) -> str:
-    """The variable the user set: a setting read under several names (PAGEDSERVE_SHUTDOWN_GRACE_S for
-    PAGEDSERVE_GRACE_PERIOD_S) is named as the environment has it, the first of them present, as it is read."""
-    from .settings import env_names
-
-    names = env_names(str(loc[0]) if loc else "?")
-    in_env = {k.upper() for k in os.environ}
-    return next((n for n in names if n in in_env), names[0])
-
-
-def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
-    """One line for an error a user can act on; the type and message of anything else (secrets masked). ``flags``:
-    the settings given as command-line options (field name -> option), named as such rather than as variables."""
-    import redis
-    from pydantic import ValidationError
-
-    from .connection import NameHeld, redact
-
-    if isinstance(e, ValidationError):
-        parts = []
-        for item in e.errors():
-            msg = str(item.get("msg", "")).removeprefix("Value error, ")
-            shown = f"={item['input']!r}" if isinstance(item.get("input"), (str, int, float)) else ""
-            loc = item.get("loc", ())
-            name = (flags or {}).get(str(loc[0]) if loc else "") or _setting_name(loc)
-            parts.append(f"{name}{shown}: {msg}")
-        return redact("error: invalid setting " + "; ".join(parts))
-    if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
-        return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
-    if (missing := _missing_database(e)) is not None:
-        return missing
-    if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-        text = redact(e)
-        return f"error: {text}" if "Redis" in text else f"error: cannot reach Redis: {text} (PAGEDSERVE_REDIS_URL)"
-    from pagedserve.engine.default_model import ModelDownloadError
-
-    if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
-        return f"error: {redact(e)}"
-    if isinstance(e, NameHeld):  # a second live worker under one name: the message says what to do (--name)
-        return f"error: {redact(e)}"
-    return f"error: {type(e).__name__}: {redact(e)}{_DEBUG_HINT}"
-
-
-_DEBUG_HINT = " (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG shows the traceback)"
-
-
-def _missing_database(e: BaseException) -> str | None:
-    """The line for Redis's "DB index is out of range" (the URL names a database the server does not have), else
-    None: Redis's own words name neither the setting nor the number."""
-    import redis
-
-    if not (isinstance(e, redis.ResponseError) and "DB index is out of range" in str(e)):
-        return None
-    try:
-        db = redis.connection.parse_url(os.environ.get("PAGEDSERVE_REDIS_URL", "")).get("db")
-    except ValueError:
-        db = None
-    which = f"database {db}" if db is not None else "a database"
-    return (f"error: PAGEDSERVE_REDIS_URL names {which}, which this Redis does not have (DB index is out of range): "
-            "give a database number below the server's `databases` setting (16 unless configured), e.g. /0")
-
-
-def _redis_error(e: BaseException) -> str:
-    """What a Redis error says, its URL's password masked; a database the server lacks named as such."""
-    from .connection import redact
-
-    missing = _missing_database(e)
-    return missing.removeprefix("error: ") if missing is not None else redact(e)
 
 
 # Top-level modules of the ``worker`` extra that the engine-side commands import.
@@ -283,27 +215,18 @@ def _cpu_threads() -> dict:
         _fail(f"error: {e}", 2)
 
 
-def warn_unknown_settings() -> None:
-    """The producer commands' stderr line per ``PAGEDSERVE_*`` variable nothing reads (the worker logs the same as
-    ``unknown_setting``)."""
-    from .settings import unknown_env_warnings
+def _engine_env() -> None:
+    """The variables the engine and its kernels read themselves, checked before anything starts: a bad value
+    then ends the start in one line at once, not after Redis, the health server and a model load."""
+    from pagedserve.engine import structured
+    from pagedserve.kernels import cpu_extension
 
-    for line in unknown_env_warnings():
-        err.print(printable(line), markup=False, highlight=False, soft_wrap=True)
-
-
-def _settings(flags: dict[str, str] | None = None, **overrides):
-    """Settings from the environment, ``overrides`` (options given on the command line, None = not given) on top;
-    a bad value is one line naming the option (``flags``: field name -> option) or the variable it came from."""
-    from pydantic import ValidationError
-
-    from .settings import Settings
-
-    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**given)
-    except ValidationError as e:  # its text quotes the input: explain_error masks a Redis URL's password
-        _fail(explain_error(e, {k: f for k, f in (flags or {}).items() if k in given}), 2)
+        for check in (cpu_extension.disabled_by_env, cpu_extension.fused_layers_enabled,
+                      structured.compile_timeout_from_env, structured.max_mask_ms_from_env):
+            check()
+    except ValueError as e:
+        _fail(f"error: {redact(e)}", 2)
 
 
 @app.command()
@@ -321,6 +244,7 @@ def worker(
 
     s = _settings({"worker_name": "--name", "metrics_port": "--metrics-port"}, worker_name=name,
                   metrics_port=metrics_port)
+    _engine_env()
     configure_logging(s.log_format, s.log_level)
     configure_tracing()
     try:
@@ -352,31 +276,29 @@ def worker(
             try:
                 _ = w.engine
             except ValueError as e:
-                setting = _engine_setting_error(e)
-                if setting is None:
-                    raise
-                _fail(setting, 2)
+                _fail_at_startup(e, s)
         w.run()
     except TerminatedBeforeStart as e:
         if w.health is not None:
             w.health.stop()
-        _fail("stopped by SIGTERM before taking any work (the model was loading): nothing to hand back", e.code)
+        _fail(f"stopped by SIGTERM before taking any work ({e.during}): nothing to hand back", e.code)
     finally:
         shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
 
 
 # The engine's refusals of a value that came from a setting, by how its message starts: the engine knows no
-# settings, so its words name the field (or, for the kernel switches it reads itself, already the variable).
+# settings, so its words name the field (or, for the variables it reads itself, already the variable).
 _ENGINE_FIELDS = ("seed", "max_model_len")
-_ENGINE_VARIABLES = ("PAGEDSERVE_CPU_KERNELS ", "PAGEDSERVE_CPU_FUSED_LAYERS ")
 
 
 def _engine_setting_error(e: ValueError) -> str | None:
     """The line for an engine ValueError that a setting caused, naming the variable; None for any other."""
+    import re
+
     text = redact(e)
     if "tensor_parallel_size" in text:
         return f"error: {text} (PAGEDSERVE_TENSOR_PARALLEL_SIZE)"
-    if text.startswith(_ENGINE_VARIABLES):
+    if re.match(r"PAGEDSERVE_[A-Z0-9_]+ ", text):
         return f"error: {text}"
     for field in _ENGINE_FIELDS:
         if text.startswith(field + " "):
@@ -386,12 +308,17 @@ def _engine_setting_error(e: ValueError) -> str | None:
     return None
 
 
-def _fail(message: str, code: int) -> None:
-    """One line on stderr (never wrapped, never read as markup, control characters escaped: a message may quote
-    what a producer wrote), then exit with ``code``."""
-    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a message may hold breaks
-    err.print(printable(message), style="red", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def _fail_at_startup(e: ValueError, s) -> None:  # noqa: ANN001 - the service Settings
+    """End ``worker`` or ``demo`` on a ValueError of starting the engine: a setting with a bad value, exit 2; a model
+    that is not there or not a model, exit 1, naming PAGEDSERVE_MODEL when the model came from it (the engine's
+    words are the offline API's too, where no setting is involved); anything else goes on up."""
+    setting = _engine_setting_error(e)
+    if setting is not None:
+        _fail(setting, 2)
+    text = redact(e)
+    if s.model is not None and text.startswith(f"model {str(s.model)!r} ") and not _debug_wanted():
+        _fail(f"error: {text} ({_setting_name(('model',))})", 1)
+    raise e
 
 
 class _StopSignal(BaseException):
@@ -453,20 +380,33 @@ def _cancel_within(client, request_id: str) -> str | None:  # noqa: ANN001 - the
     return why[0] if why else None
 
 
-def _end_before_the_result(e: BaseException, client, request_id: str, streamed: bool) -> None:  # noqa: ANN001
-    """submit ended by ``e`` before the result came: cancel the request (best effort, bounded), then end as ``e``
-    says: Ctrl-C 130, SIGTERM 143 and SIGHUP 129 with one line, a reader gone 141 (nothing said), an error its
-    line and status."""
+def _end_before_the_result(e: BaseException, client, request_id: str, streamed: bool,  # noqa: ANN001
+                           may_be_sent: bool = True, own_id: bool = True) -> None:
+    """submit ended by ``e`` before the result came: cancel the request (best effort, bounded) if it may have been
+    sent under an id of submit's own making, then end as ``e`` says: Ctrl-C 130, SIGTERM 143 and SIGHUP 129 with
+    one line, a reader gone 141 (nothing said), an error its line and status. An id given with ``--id`` may be
+    another producer's request (submit prints an id's result too): it is left running, as Client leaves one."""
     import signal
 
-    failed = _cancel_within(client, request_id)
+    if not may_be_sent:  # nothing reached Redis: nothing to cancel, nor to mention
+        if isinstance(e, (KeyboardInterrupt, _StopSignal)):
+            signum = e.signum if isinstance(e, _StopSignal) else signal.SIGINT
+            _fail({signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}[signum],
+                  128 + signum)
+        if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception) or _debug_wanted():
+            raise e
+        _fail(explain_error(e), 1)
     how = f"`pagedserve cancel {request_id}` cancels it"
+    failed = _cancel_within(client, request_id) if own_id else None
+    left = f"id={request_id} was not cancelled (an id given with --id may be another producer's too: {how})"
     if isinstance(e, (KeyboardInterrupt, _StopSignal)):
         if streamed:
             with contextlib.suppress(Exception):
                 out.print()
         signum = e.signum if isinstance(e, _StopSignal) else signal.SIGINT
         word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}[signum]
+        if not own_id:
+            _fail(f"{word}; {left}", 128 + signum)
         if failed is not None:
             _fail(f"{word}; could not cancel id={request_id}: {failed} ({how})", 128 + signum)
         if isinstance(e, KeyboardInterrupt):
@@ -474,6 +414,8 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
         _fail(f"{word}; cancelled id={request_id}", 128 + signum)
     if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception) or _debug_wanted():
         raise e  # the CLI's own handling: 141 for a reader gone, a traceback with --debug
+    if not own_id:
+        _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)}; {left}", 1)
     note = "cancelled" if failed is None else f"could not cancel it: {failed} ({how})"
     _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
@@ -526,7 +468,13 @@ def _utf8(text: str, what: str) -> str:
     return text
 
 
-@app.command()
+_SUBMIT_HELP = (
+    "Enqueue one request and print its output as it streams. Ctrl-C cancels it; one sent with --id is left "
+    "running, as that id may be another producer's too (`pagedserve cancel ID` cancels it)."
+)
+
+
+@app.command(help=_SUBMIT_HELP)
 def submit(
     prompt: Optional[str] = typer.Argument(
         None, help="The prompt text; - (or none, with input piped in) reads it from stdin."),
@@ -556,7 +504,6 @@ def submit(
         30.0, "--pickup-timeout", help="Seconds without any event before checking that a worker is consuming."
     ),
 ) -> None:
-    """Enqueue one request and print its output as it streams. Ctrl-C cancels it."""
     import redis
 
     from .client import Client, NoWorker, build_request
@@ -596,6 +543,7 @@ def submit(
     client = Client(settings=settings)
     final = None
     streamed = False
+    sending = False  # until the stream is asked for, nothing was sent
     try:
         with _stop_signals_raise():
             if request_id is not None and client.result(request.id) is not None:
@@ -603,6 +551,7 @@ def submit(
                 err.print(printable(f"note: id {request.id} already has a result; showing it (an id is answered "
                                     "once)"), markup=False, highlight=False, soft_wrap=True)
             with err.status("[bold]waiting for a worker ...") as status:
+                sending = True
                 # Read from the request's events stream: a dropped connection or a worker crash costs no token.
                 events = client.stream(request=request, timeout=timeout, pickup_timeout=pickup_timeout)
                 for ev in events:
@@ -619,17 +568,23 @@ def submit(
         if _debug_wanted():
             raise
         if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
-            _fail(f"error: {e}; id={request.id} stays queued and runs when a worker starts (`pagedserve submit "
-                  f"... --id {request.id}` prints its result then, `pagedserve cancel {request.id}` cancels it)", 2)
+            how = (f"`pagedserve submit ... --id {request.id}` prints its result then, `pagedserve cancel "
+                   f"{request.id}` cancels it")
+            # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)
+            if "stays pending" in str(e):  # its worker died mid-run: the message says what happens to it
+                _fail(f"error: {e} (id={request.id}: {how})", 3)
+            _fail(f"error: {e}; id={request.id} stays queued and runs when a worker starts ({how})", 3)
         if isinstance(e, TimeoutError):
-            _fail(f"timeout: {e}", 2)
+            _fail(f"timeout: {e}", 3)
         again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
                  if "may still finish" in str(e) else "")
-        _fail(f"error: {redact(e)}{again}", 1)  # the message names the URL, password masked
+        _fail(f"error: {_naming_the_redis_url(redact(e))}{again}", 1)  # the URL is named, password masked
     except BaseException as e:
         # Any other way out before the result is in (Ctrl-C, SIGTERM, a reader that went away, an output or
         # program error): nobody waits for the answer any more, so it must not run on to its last token.
-        _end_before_the_result(e, client, request.id, streamed)
+        # A database the server lacks is refused on connecting, before any command: the request was not sent.
+        _end_before_the_result(e, client, request.id, streamed,
+                               may_be_sent=sending and _missing_database(e) is None, own_id=request_id is None)
     if isinstance(final, ErrorEvent):
         _fail(f"{final.error.code}: {final.error.message}", 1)
     assert isinstance(final, DoneEvent)
@@ -657,7 +612,6 @@ def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit
 
     from .client import Client
     from .client_core import check_request_id
-    from .connection import redact
 
     try:
         check_request_id(request_id)  # an id no request can have: nothing to cancel, nothing written
@@ -700,10 +654,14 @@ def demo(
     _cpu_threads()
     from .demo import run_demo
 
+    s = _settings()  # a bad value: exit 2, as the worker's
+    _engine_env()
     try:
-        run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out)
+        run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out, settings=s)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except ValueError as e:
+        _fail_at_startup(e, s)
 
 
 def _model_step(msg: str) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any
 
 import redis
@@ -37,6 +39,7 @@ from .client_core import (
     RedisUnreachable,
     RequestFailed,
     RequestGone,
+    SOCKET_TIMEOUT_S,
     Send,
     Subscribe,
     Terminal,
@@ -59,6 +62,7 @@ __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "Redis
 MAX_CONNECTIONS = 10_000
 
 
+CLOSE_CANCELS_S = 5.0  # AsyncClient.aclose waits this long at most for its cancels, all of them together
 EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
 
 
@@ -76,13 +80,32 @@ def _private_id(kw: dict) -> bool:
     return kw.get("id") is None and kw.get("request") is None
 
 
+# Python 3.11+: a task counts the cancels it was asked for (Task.cancelling).
+_COUNTS_CANCELS = hasattr(asyncio.Task, "cancelling")
+
+
 def _cancels() -> int:
     """How many cancels the running task has been asked for and not yet let go (``Task.cancelling``, Python
     3.11+; 0 before). redis-py runs each command under ``asyncio.wait_for`` when a socket timeout is set, and
     before Python 3.12 ``wait_for`` drops a cancel that arrives as the command completes: a cancelled ``stream``
     ran on to the end. The task still counts that cancel, so a count above the one at the call's start is raised."""
     task = asyncio.current_task()
-    return task.cancelling() if task is not None and hasattr(task, "cancelling") else 0
+    return task.cancelling() if _COUNTS_CANCELS and task is not None else 0
+
+
+async def _keeping_cancels(aw: Awaitable[Any]) -> Any:
+    """Await a redis-py call so that no cancel of the calling task is lost. Where the task counts its cancels
+    (:func:`_cancels`) that count catches a dropped one and the call is awaited as it is; before Python 3.11 it is
+    run as a task of its own behind a shield, so a cancel reaches the caller at once, whatever becomes of the
+    ``wait_for`` inside (the call is then cancelled too)."""
+    if _COUNTS_CANCELS:
+        return await aw
+    inner = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        inner.cancel()
+        raise
 
 
 def _forget_cancel(pending: set) -> Callable[[asyncio.Task], None]:
@@ -115,7 +138,7 @@ class Client(ProducerCore):
         prefix: str | None = None,
         settings: Settings | None = None,
         tracer_provider: Any = None,
-        socket_timeout: float = 10.0,
+        socket_timeout: float = SOCKET_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
@@ -126,7 +149,8 @@ class Client(ProducerCore):
         )
 
     def close(self) -> None:
-        """Close the connections; a call waiting in another thread ends with ``RuntimeError`` (client closed)."""
+        """Close the connections; a call waiting in another thread ends with ``RuntimeError`` (client closed), and
+        every later call raises ``RuntimeError`` before it sends anything."""
         self._closed = True
         self.r.close()
 
@@ -138,6 +162,7 @@ class Client(ProducerCore):
 
     def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
         """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
+        self._check_open()
         req = self._request(prompt, kw)
         try:
             self._xadd(req)
@@ -154,6 +179,7 @@ class Client(ProducerCore):
         """Cancel: mark it (covers a request not picked up yet) and tell the worker running it. Says what it
         found: already finished (nothing changed), running (it ends now) or neither (queued, or unknown).
         ``ValueError`` for an id no request can have (1 to 128 characters of A-Z, a-z, 0-9, ``_.:-``)."""
+        self._check_open()
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         pipe = self.r.pipeline(transaction=True)
         for name, args, kwargs in commands:
@@ -162,6 +188,7 @@ class Client(ProducerCore):
             return self._cancel_outcome(pipe.execute())
 
     def result(self, request_id: str) -> Terminal | None:
+        self._check_open()
         key = self._result_key(request_id)
         with self._reaching():
             return self._terminal(self.r.get(key))
@@ -175,6 +202,7 @@ class Client(ProducerCore):
         ``pickup_timeout``: raise :class:`NoWorker` when nothing was heard that long and no worker is live.
         ``after``: pick up the stream of an already submitted request, whose id is then the first argument,
         after the last ``seq`` seen (an int for every output, or ``{index: seq}``); nothing is sent."""
+        self._check_open()
         if after is not None:
             if not isinstance(prompt, str):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
@@ -187,12 +215,17 @@ class Client(ProducerCore):
                              owned=req.id if private else None)
 
     def events(self, request_id: str, timeout: float | None = None,
-               after: int | dict[int, int] | None = None) -> Iterator[Event]:
-        """Events of an already submitted request, from its first (or after ``seq`` ``after``) to its end."""
-        yield from self._run(self._stream(request_id, None, timeout, after))
+               after: int | dict[int, int] | None = None, *, pickup_timeout: float | None = None) -> Iterator[Event]:
+        """Events of an already submitted request, from its first (or after ``seq`` ``after``) to its end.
+        ``pickup_timeout`` as in :meth:`stream`."""
+        self._check_open()
+        yield from self._run(self._stream(request_id, None, timeout, after, pickup_timeout))
 
-    def wait(self, request_id: str, timeout: float | None = None) -> Terminal:
-        for ev in self._run(self._wait(request_id, None, timeout, tokens=False)):
+    def wait(self, request_id: str, timeout: float | None = None, *,
+             pickup_timeout: float | None = None) -> Terminal:
+        """The terminal event of an already submitted request. ``pickup_timeout`` as in :meth:`stream`."""
+        self._check_open()
+        for ev in self._run(self._wait(request_id, None, timeout, tokens=False, pickup_timeout=pickup_timeout)):
             if (end := first_terminal(ev)) is not None:
                 return end
         raise AssertionError("unreachable")
@@ -203,6 +236,7 @@ class Client(ProducerCore):
     ) -> DoneEvent:
         """Submit and wait for the result; raises :class:`RequestFailed` on an error event, ``TimeoutError``
         (:class:`NoWorker` with ``pickup_timeout``), :class:`RedisUnreachable`."""
+        self._check_open()
         kw.setdefault("stream", False)
         private = _private_id(kw)
         req = self._request(prompt, kw)
@@ -261,7 +295,7 @@ class Client(ProducerCore):
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
                         raise self._unreachable(e) from None
                     error = e
-                except (ValueError, OSError) as e:  # redis-py's socket, closed under the call by close()
+                except (ValueError, OSError):  # redis-py's socket, closed under the call by close()
                     if self._closed:
                         raise RuntimeError("this Client was closed while the call waited") from None
                     raise
@@ -281,19 +315,38 @@ class Client(ProducerCore):
                 pubsub.close()
 
     # ------------------------------------------------------------------ batch jobs (thin: batch_client.py)
-    def submit_batch(self, data: bytes | str, **kw: Any) -> str:
-        """Submit a batch file's content (OpenAI batch lines); returns the batch id. Keywords as
+    def submit_batch(self, data: bytes | str | os.PathLike, **kw: Any) -> str:
+        """Submit a batch file (OpenAI batch lines): its content as bytes or str, or its path (``Path("in.jsonl")``,
+        read here; its name is the batch's ``input_file_id``). Returns the batch id. Keywords as
         :func:`~pagedserve.service.batch_client.submit_batch` (``completion_window``, ``metadata``, ``key``)."""
         from . import batch_client
 
+        self._check_open()
+
         kw.setdefault("retention_s", self.settings.batch_retention_s)
         kw.setdefault("max_message_bytes", self.settings.max_message_bytes)
-        raw = data.encode() if isinstance(data, str) else data
+        if isinstance(data, os.PathLike):
+            kw.setdefault("input_file_id", os.path.basename(os.fsdecode(data)))
+            with open(data, "rb") as f:
+                raw = f.read()
+        elif isinstance(data, str):
+            # A file name passed as a str would be taken for the file's content, and refused as one bad line.
+            if "\n" not in data and data.strip() and os.path.isfile(data):
+                try:
+                    json.loads(data)
+                except ValueError:
+                    raise TypeError(f"submit_batch: {data!r} names a file, but a str is the file's content: pass "
+                                    f"Path({data!r}) to read the file, or its content") from None
+            raw = data.encode()
+        else:
+            raw = data
         with self._reaching():
             return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)
 
     def batch_status(self, batch_id: str) -> dict:
         from . import batch_client
+
+        self._check_open()
 
         with self._reaching():
             return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
@@ -304,6 +357,8 @@ class Client(ProducerCore):
         after ``timeout``). A batch not ended raises ``BatchNotEnded`` unless ``partial`` asks for the lines so
         far (a script must not take a part for the whole output)."""
         from . import batch_client
+
+        self._check_open()
 
         with self._reaching():
             if wait:
@@ -320,11 +375,15 @@ class Client(ProducerCore):
     def cancel_batch(self, batch_id: str) -> dict:
         from . import batch_client
 
+        self._check_open()
+
         with self._reaching():
             return batch_client.cancel_batch(self.r, self.keys.prefix, batch_id, self.settings.result_ttl_s)
 
     def list_batches(self, limit: int = 20) -> list[dict]:
         from . import batch_client
+
+        self._check_open()
 
         with self._reaching():
             return batch_client.list_batches(self.r, self.keys.prefix, limit)
@@ -334,7 +393,7 @@ class AsyncClient(ProducerCore):
     """Asyncio producer with the request methods of :class:`Client` (``stream``/``events`` are async iterators;
     batch jobs: :class:`Client`). One per event loop. :meth:`aclose` cancels the requests its calls sent under ids
     of their own making and still wait for, then closes the connections: a call still waiting raises
-    ``RuntimeError``."""
+    ``RuntimeError``, and so does every later call, before it sends anything."""
 
     def __init__(
         self,
@@ -343,12 +402,13 @@ class AsyncClient(ProducerCore):
         prefix: str | None = None,
         settings: Settings | None = None,
         tracer_provider: Any = None,
-        socket_timeout: float = 10.0,
+        socket_timeout: float = SOCKET_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._closing = False  # from aclose's start: no call sends anything any more
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
         self.r = aredis.Redis.from_url(
@@ -358,24 +418,29 @@ class AsyncClient(ProducerCore):
 
     async def aclose(self) -> None:
         """Cancel what the calls still waiting sent under ids of their own making (their callers go with the
-        client), then close the connections."""
-        if self._closed:
+        client), then close the connections. From its start no call sends a request (it would be left running:
+        its caller gets an error and nothing would cancel it); the cancels go out at once, all together within
+        CLOSE_CANCELS_S, so a Redis that hangs holds the close that long, not that long per open stream."""
+        if self._closed or self._closing:
             return
         self._bind_loop()
-        owned, self._owned = sorted(self._owned), set()
-        for rid in owned:
-            with contextlib.suppress(Exception):
-                await self.cancel(rid)
+        self._closing = True
+        for rid in sorted(self._owned):
+            task = asyncio.ensure_future(self._send_cancel(rid))
+            self._cancelling.add(task)
+            task.add_done_callback(_forget_cancel(self._cancelling))
+        self._owned = set()
         if self._cancelling:
-            await asyncio.wait(list(self._cancelling), timeout=10)
+            await asyncio.wait(list(self._cancelling), timeout=CLOSE_CANCELS_S)
+        for task in list(self._cancelling):  # Redis did not answer in time: they are given up
+            task.cancel()
         self._closed = True
         await self.r.aclose()
 
     def _bind_loop(self) -> None:
         """redis-py's asyncio connections belong to the event loop that opened them: used from another, a call
         fails deep inside asyncio or waits past its timeout. Said at once instead."""
-        if self._closed:
-            raise RuntimeError("this AsyncClient is closed")
+        self._check_open()
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -405,6 +470,10 @@ class AsyncClient(ProducerCore):
             return self._sent(span, req, await self.r.xadd(self.keys.requests, self._fields(req)))
 
     async def cancel(self, request_id: str) -> CancelOutcome:
+        self._check_open()
+        return await self._send_cancel(request_id)
+
+    async def _send_cancel(self, request_id: str) -> CancelOutcome:
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         self._bind_loop()
         pipe = self.r.pipeline(transaction=True)
@@ -414,6 +483,7 @@ class AsyncClient(ProducerCore):
             return self._cancel_outcome(await pipe.execute())
 
     async def result(self, request_id: str) -> Terminal | None:
+        self._check_open()
         key = self._result_key(request_id)
         self._bind_loop()
         with self._reaching():
@@ -423,6 +493,7 @@ class AsyncClient(ProducerCore):
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
         pickup_timeout: float | None = None, after: int | dict[int, int] | None = None, **kw: Any,
     ) -> AsyncIterator[Event]:
+        self._check_open()
         if after is not None:
             if not isinstance(prompt, str):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
@@ -439,13 +510,17 @@ class AsyncClient(ProducerCore):
                 yield ev
 
     async def events(self, request_id: str, timeout: float | None = None,
-                     after: int | dict[int, int] | None = None) -> AsyncIterator[Event]:
-        async with contextlib.aclosing(self._run(self._stream(request_id, None, timeout, after))) as evs:
+                     after: int | dict[int, int] | None = None, *,
+                     pickup_timeout: float | None = None) -> AsyncIterator[Event]:
+        wait = self._stream(request_id, None, timeout, after, pickup_timeout)
+        async with contextlib.aclosing(self._run(wait)) as evs:
             async for ev in evs:
                 yield ev
 
-    async def wait(self, request_id: str, timeout: float | None = None) -> Terminal:
-        async with contextlib.aclosing(self._run(self._wait(request_id, None, timeout, tokens=False))) as evs:
+    async def wait(self, request_id: str, timeout: float | None = None, *,
+                   pickup_timeout: float | None = None) -> Terminal:
+        wait = self._wait(request_id, None, timeout, tokens=False, pickup_timeout=pickup_timeout)
+        async with contextlib.aclosing(self._run(wait)) as evs:
             async for ev in evs:
                 if (end := first_terminal(ev)) is not None:
                     return end
@@ -455,6 +530,7 @@ class AsyncClient(ProducerCore):
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
         pickup_timeout: float | None = None, **kw: Any,
     ) -> DoneEvent:
+        self._check_open()
         kw.setdefault("stream", False)
         private = _private_id(kw)
         req = self._request(prompt, kw)
@@ -486,21 +562,25 @@ class AsyncClient(ProducerCore):
                         ended = first_terminal(op.event) is not None
                         yield op.event
                     elif isinstance(op, Listen):
-                        reply = await pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
+                        reply = await _keeping_cancels(pubsub.get_message(timeout=op.timeout))  # type: ignore[union-attr]
                     elif isinstance(op, ReadEvents):
-                        reply = _entries(await self.r.xread({op.key: op.after}, count=EVENTS_PAGE, block=op.block_ms))
+                        reply = _entries(await _keeping_cancels(
+                            self.r.xread({op.key: op.after}, count=EVENTS_PAGE, block=op.block_ms)))
                     elif isinstance(op, ReadResult):
-                        reply = await self.r.get(op.key)
+                        reply = await _keeping_cancels(self.r.get(op.key))
                     elif isinstance(op, ReadGroups):
-                        reply = await self.r.xinfo_groups(op.stream)
+                        reply = await _keeping_cancels(self.r.xinfo_groups(op.stream))
                     elif isinstance(op, ReadConsumers):
-                        reply = await self.r.xinfo_consumers(op.stream, op.group)
+                        reply = await _keeping_cancels(self.r.xinfo_consumers(op.stream, op.group))
                     elif isinstance(op, CountKeys):
-                        reply = await self.r.exists(*op.keys)
+                        reply = await _keeping_cancels(self.r.exists(*op.keys))
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
-                        await pubsub.subscribe(op.channel)
+                        await _keeping_cancels(pubsub.subscribe(op.channel))
                     elif isinstance(op, Send):
+                        if self._closing:
+                            raise RuntimeError("this AsyncClient was closed before the call sent its request "
+                                               "(nothing was sent): make a new one")
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         if owned is not None:
                             self._owned.add(owned)
@@ -528,7 +608,7 @@ class AsyncClient(ProducerCore):
         """Cancel a request whose caller went away, in a task of its own: under a cancel scope (anyio's, as in
         Starlette's disconnect handling) every await of the cancelled code is cancelled again, this one's too,
         and the cancel would never go out. :meth:`aclose` waits for the ones still on their way."""
-        task = asyncio.ensure_future(self.cancel(request_id))
+        task = asyncio.ensure_future(self._send_cancel(request_id))
         self._cancelling.add(task)
         task.add_done_callback(_forget_cancel(self._cancelling))
         with contextlib.suppress(Exception, asyncio.CancelledError):

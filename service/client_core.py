@@ -36,17 +36,21 @@ Invariants of :func:`event_wait`:
   raises ``TimeoutError``, or until Redis has been away for ``OUTAGE_S``; a Redis never reached (no
   subscription ever confirmed) fails at once. Both raise :class:`RedisUnreachable`, naming the URL with its
   password masked;
-- with ``pickup_timeout``, a request it sent that has had no event for that long is looked for (see
-  :func:`diagnose`): lost by Redis (no entry, claim or result) raises :class:`RequestGone`; otherwise it is
+- with ``pickup_timeout``, a request that has had no event for that long (since it was sent, or since its last
+  event: a worker that dies mid-run leaves a silent wait) is looked for (see :func:`diagnose`), once per such
+  silent window: lost by Redis (no entry, claim or result) raises :class:`RequestGone`; otherwise it is
   checked against the consumer group: no group, no consumers, or none whose consumer-name lease is alive (a
-  live worker renews it from a thread of its own, however busy its loop) raises :class:`NoWorker`; a live worker
-  keeps the wait going, whatever the queue's length. A wait that runs out says the same in its ``TimeoutError``.
+  live worker renews it from a thread of its own, however busy its loop) raises :class:`NoWorker` (after an
+  event: saying that the worker running it stopped and that it stays pending); a live worker keeps the wait
+  going, whatever the queue's length (one alive takes a dead one's entry over after ``claim_idle_ms``). A wait
+  that runs out says the same in its ``TimeoutError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import json
 import re
@@ -99,7 +103,9 @@ RETRY_PAUSE_S = 0.2
 # a silent wait until the deadline (for ever without one).
 OUTAGE_S = 60.0
 # The errors event_wait retries on (a client throws every Redis error of an operation into it).
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# InvalidResponse: the URL's port answers, but not in Redis's protocol (another server's port): nothing was sent.
+SOCKET_TIMEOUT_S = 10.0  # the clients' default socket timeout: a Redis silent this long is given up on
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)
 ENTRY_IDS_KEPT = 10_000  # entry ids of the requests a client sent lately (ProducerCore._entry_ids)
 CONSUMERS_KEPT = 64  # consumer names a client has seen in its checks (ProducerCore._consumers_seen)
 
@@ -138,7 +144,18 @@ def unreachable(where: str, e: BaseException) -> RedisUnreachable:
     if isinstance(e, redis.AuthenticationError):
         return RedisUnreachable(f"Redis at {where} refused the credentials ({redact(e)}): check the user name and "
                                 "password in the URL (PAGEDSERVE_REDIS_URL)")
-    return RedisUnreachable(f"cannot reach Redis at {where}: {redact(e)}")
+    return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}")
+
+
+def not_redis(e: BaseException) -> str | None:
+    """For a server that answered in another protocol than Redis's (a NATS, SMTP or SSH port, say), what to say
+    instead of redis-py's protocol error, which quotes the whole greeting; None for any other error."""
+    if not isinstance(e, redis.exceptions.InvalidResponse):
+        return None
+    said = str(e).removeprefix("Protocol Error: ")
+    said = said if len(said) <= 40 else said[:40] + "..."
+    return (f"the server there does not speak Redis's protocol (it answered {redact(said)}): check the host and "
+            "port")
 
 
 class NoWorker(TimeoutError):
@@ -212,16 +229,28 @@ def check_request_id(request_id: Any) -> None:
     raise ValueError(f"invalid id {shown}: a request id is {ID_RULE} (as submit takes it)")
 
 
+WAIT_KEYWORDS = ("timeout", "pickup_timeout", "after")  # what Client.stream/generate take besides a request's
+
+
 def check_request_keywords(kw: dict) -> None:
     """A keyword no request has raises ``TypeError`` in one line: a sampling parameter given at the top level
     (``max_tokens=4``) says it belongs in ``params``, instead of Python's message about an internal function."""
     known = set(inspect.signature(build_request).parameters) - {"prompt"}
+    sampling = set(SamplingParamsModel.model_fields)
     for name in kw:
         if name in known:
             continue
-        if name in SamplingParamsModel.model_fields:
+        if name in sampling:
             raise TypeError(f"{name}= is a sampling parameter: pass it in params, e.g. params={{{name!r}: ...}}")
-        raise TypeError(f"unexpected keyword argument {name!r}: a request takes {', '.join(sorted(known))}")
+        # A misspelling of a wait's own keywords (timeout=, pickup_timeout=, after=) lands here too: this list
+        # alone would read as if they were not taken either.
+        close = difflib.get_close_matches(name, [*known, *WAIT_KEYWORDS, *sampling], n=1)
+        hint = ""
+        if close:
+            hint = (f" (did you mean params={{{close[0]!r}: ...}}?)" if close[0] in sampling
+                    else f" (did you mean {close[0]}=?)")
+        raise TypeError(f"unexpected keyword argument {name!r}{hint}: a request takes {', '.join(sorted(known))}; "
+                        f"stream and generate also take {', '.join(WAIT_KEYWORDS)}")
 
 
 def build_request(
@@ -329,6 +358,11 @@ class ProducerCore:
         # worker alive after a restart emptied the group. Both bounded: a long-lived client keeps the newest.
         self._entry_ids: OrderedDict[str, str] = OrderedDict()
         self._consumers_seen: OrderedDict[str, None] = OrderedDict()
+
+    def _check_open(self) -> None:
+        """A closed client refuses every call before it sends anything: redis-py would quietly reconnect."""
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"this {type(self).__name__} is closed: make a new one")
 
     def _request(self, prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
         """:func:`request_of`, refused (``ValueError``) if no worker would read it (:func:`check_message_size`)."""
@@ -632,10 +666,14 @@ def timed_out(keys: Keys, clues: Clues, timeout: float | None) -> Generator[Op, 
     return timeout_error(clues.request_id, timeout, f"; no worker is running ({verdict.text})" if verdict else "")
 
 
-def not_picked_up(verdict: Verdict, pickup_timeout: float | None) -> TimeoutError:
-    """What a pickup check that found a reason raises."""
+def not_picked_up(verdict: Verdict, pickup_timeout: float | None, heard: bool = False) -> TimeoutError:
+    """What a pickup check that found a reason raises. ``heard``: an event of the request came, so a worker ran it
+    and is gone now; its entry stays pending, and a worker started later takes it over."""
     if verdict.gone:
         return RequestGone(verdict.text)
+    if heard:
+        return NoWorker(f"no worker is running this after {pickup_timeout:g} s without an event ({verdict.text}): "
+                        "the worker running it stopped; it stays pending and continues when a worker starts")
     return NoWorker(f"no worker is running this after {pickup_timeout:g} s ({verdict.text})")
 
 
@@ -725,12 +763,14 @@ def why_gone(keys: Keys, clues: Clues, groups: list | None) -> Generator[Op, Any
 def why_no_worker(keys: Keys, consumers_seen: OrderedDict | None = None) -> Generator[Op, Any, str | None]:
     """Why no worker will pick a request up, or None when a worker is alive.
 
-    A worker joins the group's consumers when it is first delivered an entry: one alive and idle would have
-    taken the request at once. Liveness is its consumer-name lease, not the consumer's idle time (before Redis
-    7.2 a blocked read of an empty stream does not reset it, and a busy worker may not read for minutes).
-    ``consumers_seen``: names seen by earlier checks (it learns the listed ones): after a restart the group lists
-    a live worker only once an entry is delivered to it, and one busy with the runs it kept is not reading, so a
-    lease of a name seen before counts too. A client that never saw a name can only go by the group.
+    A worker lists itself among the group's consumers when it sets up and when its name lease had lapsed (a
+    pause: another worker may have deleted its consumer meanwhile); before Redis 7.2 a blocked read alone lists
+    it only once an entry is delivered to it. Liveness is its consumer-name lease, not the consumer's idle time
+    (before Redis 7.2 a blocked read of an empty stream does not reset it, and a busy worker may not read for
+    minutes). ``consumers_seen``: names seen by earlier checks (it learns the listed ones): a worker whose ACL
+    lacks XGROUP CREATECONSUMER is listed only once an entry is delivered to it, and one busy with the runs it
+    kept is not reading, so a lease of a name seen before counts too. A client that never saw a name can only go
+    by the group.
     A producer whose Redis user may not run XINFO or EXISTS cannot tell, and keeps waiting."""
     try:
         groups = yield from _read_groups(keys)
@@ -808,7 +848,10 @@ def event_wait(
     subscribed = False
     reached = False  # a subscription was confirmed once: Redis exists, so a lost connection is worth a retry
     outage = Outage(clock)
-    check_workers_at: float | None = None  # while nothing has been heard of a request we sent
+    # When to look for a live worker (diagnose) next: pickup_timeout after the request was sent (or the wait on an
+    # id began), and again pickup_timeout after each event; a worker that dies mid-run leaves a silent channel.
+    check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
+    heard = False  # an event of the request came: a worker ran it
 
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
@@ -848,13 +891,15 @@ def event_wait(
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
-                        raise not_picked_up(verdict, pickup_timeout)
+                        raise not_picked_up(verdict, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             if m.get("type") != "message":
                 continue
             ev = parse_event(m["data"])
-            check_workers_at = None  # a worker has it
+            heard = True
+            if pickup_timeout is not None:  # a worker ran it: look again only after a silent pickup_timeout
+                check_workers_at = clock() + pickup_timeout
             if isinstance(ev, TokenEvent):
                 if tokens:
                     yield Emit(ev)
@@ -896,8 +941,10 @@ def stream_wait(
     sent = submit is None
     reached = False  # Redis answered once: a lost connection is worth a retry
     outage = Outage(clock)
-    # A request picked up again (resumed): is a worker there at all? Checked as for one just sent.
+    # A request picked up again (resumed): is a worker there at all? Checked as for one just sent, and again
+    # pickup_timeout after each event (a worker that dies mid-run leaves a silent stream).
     check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
+    heard = False  # an event of the request came: a worker ran it
     last_entry = "0-0"
     default_next = after + 1 if isinstance(after, int) else 0
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
@@ -948,13 +995,15 @@ def stream_wait(
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
-                        raise not_picked_up(verdict, pickup_timeout)
+                        raise not_picked_up(verdict, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             for event_id, fields in entries:
                 last_entry = _text(event_id)
                 ev = parse_event(fields.get(b"data", fields.get("data")))
-                check_workers_at = None  # a worker has it
+                heard = True
+                if pickup_timeout is not None:  # a worker ran it: look again only after a silent pickup_timeout
+                    check_workers_at = clock() + pickup_timeout
                 if isinstance(ev, TokenEvent):
                     if not tokens:
                         continue  # an earlier run of this id streamed; this request asked for the end alone

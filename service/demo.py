@@ -73,13 +73,15 @@ def readable(s: str) -> str:
 def _check_redis(url: str) -> None:
     """Fail at once, in one line, when a configured Redis does not answer (before the model loads)."""
     from .client import RedisUnreachable
+    from .client_core import not_redis
     from .connection import redis_client
 
     try:
         with redis_client(url, timeout=3.0) as r:
             r.ping()
     except Exception as e:
-        raise RedisUnreachable(f"cannot reach Redis at {redact(url)} (PAGEDSERVE_REDIS_URL): {redact(e)}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {redact(url)} (PAGEDSERVE_REDIS_URL): "
+                               f"{not_redis(e) or redact(e)}") from None
 
 
 def _forget_prefix(url: str, prefix: str) -> None:
@@ -92,9 +94,10 @@ def _forget_prefix(url: str, prefix: str) -> None:
 
 
 def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature: float | None = None,
-             console: Console | None = None) -> dict:
+             console: Console | None = None, settings=None) -> dict:  # noqa: ANN001 - Settings, imported below
     """Run the demo; ``num_requests`` cycles through ``TASKS`` (default: each once); ``temperature`` overrides the
-    tasks' own. Returns the summary, with each request's question and answer under ``answers``."""
+    tasks' own; ``settings`` (default: from the environment) are the deployment's. Returns the summary, with each
+    request's question and answer under ``answers``."""
     from .client import AsyncClient
     from .redis_server import LocalRedis
     from .settings import Settings
@@ -102,7 +105,7 @@ def run_demo(num_requests: int | None = None, max_tokens: int = 96, temperature:
     from .worker import Worker
 
     console = console or Console()
-    base = Settings()
+    base = settings or Settings()
     configure_logging(base.log_format, "WARNING")  # the demo's own output is the table, not the log
     from pagedserve.engine.model_source import resolve_model
 

@@ -212,7 +212,9 @@ def test_cli_submit_status_results_cancel_list(redis_url, prefix, r, shared_engi
     bid = res.stdout.strip().splitlines()[-1]
     assert bid.startswith("batch_")
     assert res.stderr.splitlines() == [
-        "4 lines, 1 invalid (their error lines are in the output); status in_progress"], res.stderr
+        "4 lines, 1 invalid (their error lines are in the output); status in_progress",
+        f"note: no worker is running on prefix {prefix!r} now (no consumer group {prefix}-workers: no worker has "
+        "started on this prefix): the batch stays in_progress and runs when a worker starts"], res.stderr
     with running_worker(make_settings(redis_url, prefix), shared_engine):
         out = tmp_path / "out.jsonl"
         res = cli.invoke(app, ["batch", "results", bid, "-o", str(out), "--wait", "--timeout", "60"])
@@ -220,9 +222,13 @@ def test_cli_submit_status_results_cancel_list(redis_url, prefix, r, shared_engi
     # The same file again is the same batch, said so with its own counts (not its failures called invalid).
     again = cli.invoke(app, ["batch", "submit", str(src), "--metadata", "team=other"])
     assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == bid
-    first, counts = again.stderr.splitlines()
+    first, differ, counts = again.stderr.splitlines()
     assert first.startswith(f"note: this file was submitted before (batch {bid}, created ") and "first submit's" in first
+    assert differ == ('note: this submit\'s --metadata {"team": "other"} differs from that batch\'s ({"team": "qa"}): '
+                      "it is not used"), again.stderr
     assert counts == "4 lines: 3 completed, 1 failed; status completed", again.stderr
+    same = cli.invoke(app, ["batch", "submit", str(src), "--metadata", "team=qa", "--completion-window", "1d"])
+    assert same.exit_code == 0 and len(same.stderr.splitlines()) == 2, same.stderr  # 1d is the batch's 24h
     assert Batch.model_validate_json(cli.invoke(app, ["batch", "status", bid, "--json"]).stdout).metadata == {
         "team": "qa"}
     lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -285,9 +291,11 @@ def test_helm_chart_can_scale_on_the_batch_backlog():
     assert lag["type"] == "redis-streams" and backlog["type"] == "prometheus"
     assert backlog["metadata"]["query"] == 'max(pagedserve_batch_backlog_lines{namespace="ml",service="rel-pagedserve"})'
     assert backlog["metadata"]["threshold"] == "100"
-    with helm.Chart.load(str(chart_dir)) as chart, pytest.raises(Exception, match="minReplicaCount"):
-        chart.render({"keda": {"enabled": True, "minReplicaCount": 0, "batchTrigger": {"enabled": True}}},
-                     name="rel", namespace="ml", is_install=True)
+    # At zero replicas no worker exports the backlog: only the active-batches trigger can start one.
+    with helm.Chart.load(str(chart_dir)) as chart, pytest.raises(Exception, match="activeBatchesTrigger"):
+        chart.render({"keda": {"enabled": True, "minReplicaCount": 0, "batchTrigger": {"enabled": True},
+                               "activeBatchesTrigger": {"enabled": False}}}, name="rel", namespace="ml",
+                     is_install=True)
 
 
 def test_cli_results_of_a_batch_not_ended_say_so_and_exit_3(redis_url, prefix, r, shared_engine, tmp_path,

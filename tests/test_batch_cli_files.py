@@ -1,7 +1,8 @@
 """The batch CLI's files: ``results -o`` writes through what is not a regular file (``-``, a FIFO, ``/dev/fd/N``,
 a device) and replaces a regular file whole (through a symlink, which stays); ``submit -`` reads stdin, and an
-endless or huge input is refused at a cap instead of read until memory runs out. Real Redis; the batches here
-have only invalid lines, so they are complete at submit and need no worker."""
+endless or huge input is refused at a cap instead of read until memory runs out; submits of one file at once
+make one batch and the others say so; cancel of an ended batch says nothing was cancelled. Real Redis; no
+worker (a batch here is complete at submit, or is not run)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -196,3 +198,103 @@ def test_a_file_at_the_cap_is_taken_and_one_byte_more_is_not(cli, prefix, r, tmp
     res = cli.invoke(app, ["batch", "submit", str(src)])
     assert res.exit_code == 2 and res.stderr.startswith(f"error: {src} is more than {len(data)} bytes"), res.output
     assert r.zcard(BatchKeys(prefix).all) == 1
+
+
+def _first_submit_lines(bid: str, created_at: int, key: str = "") -> str:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created_at))
+    return (f"note: this file was submitted before{' with this --key' if key else ''} (batch {bid}, created "
+            f"{created}): showing that batch, whose --completion-window and --metadata are the first submit's; "
+            "nothing runs again (another --key makes a new batch)")
+
+
+def test_a_submit_that_loses_a_race_says_so_as_a_later_submit_does(cli, prefix, r, tmp_path, monkeypatch):
+    """Three `batch submit FILE --key K` at once: every one but the first to create the batch printed that it had
+    created it, and a loser's --completion-window and --metadata went nowhere, unsaid. Here another submit of the
+    same file and key creates the batch while this one is checking the lines (after it found no batch)."""
+    from pagedserve.service import batch_client
+
+    monkeypatch.setenv("COLUMNS", "400")
+    data = jsonl([completion("a"), _bad("b")])
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(data)
+    parse, won = batch_client.parse_lines, []
+
+    def racing_parse(*args, **kw):
+        if not won:  # the other racer (whose own parse is the plain one) gets there first
+            monkeypatch.setattr(batch_client, "parse_lines", parse)
+            won.append(batch_client.submit_batch(r, prefix, data, key="K", metadata={"team": "a"}))
+        return parse(*args, **kw)
+
+    monkeypatch.setattr(batch_client, "parse_lines", racing_parse)
+    res = cli.invoke(app, ["batch", "submit", str(src), "--key", "K", "--completion-window", "1h",
+                           "--metadata", "team=b"])
+    assert res.exit_code == 0, res.output
+    bid = res.stdout.split()[-1]
+    assert won == [bid] and r.zcard(BatchKeys(prefix).all) == 1
+    batch = batch_status(r, prefix, bid)
+    assert batch["completion_window"] == "24h" and batch["metadata"] == {"team": "a"}
+    differ = ('note: this submit\'s --completion-window 1h and --metadata {"team": "b"} differ from that batch\'s '
+              '(24h, {"team": "a"}): they are not used')
+    idle = (f"note: no worker is running on prefix {prefix!r} now (no consumer group {prefix}-workers: no worker "
+            "has started on this prefix): the batch stays in_progress and runs when a worker starts")
+    assert res.stderr.splitlines() == [_first_submit_lines(bid, batch["created_at"], "K"), differ,
+                                       "2 lines: 0 completed, 1 failed; status in_progress", idle], res.stderr
+    # a later submit says the same; with the batch's own options it says nothing of them
+    later = cli.invoke(app, ["batch", "submit", str(src), "--key", "K", "--completion-window", "1h",
+                             "--metadata", "team=b"])
+    assert later.stdout == res.stdout and later.stderr == res.stderr, later.output
+    same = cli.invoke(app, ["batch", "submit", str(src), "--key", "K", "--metadata", "team=a"])
+    assert same.stderr.splitlines() == [_first_submit_lines(bid, batch["created_at"], "K"),
+                                        "2 lines: 0 completed, 1 failed; status in_progress", idle], same.stderr
+
+
+def test_concurrent_creates_of_one_batch_create_it_once(prefix, r):
+    """The create path from threads at once, same file and key: one creates the batch, each other one is told it
+    did not (and gets the same id)."""
+    from pagedserve.service.batch_client import create_batch
+
+    data = jsonl([completion(f"c{i}") for i in range(200)])
+    start, got = threading.Barrier(4), []
+
+    def one():
+        start.wait()
+        got.append(create_batch(r, prefix, data, key="K"))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(got) == 4 and len({bid for bid, _ in got}) == 1, got
+    assert sorted(created for _, created in got) == [False, False, False, True], got
+    k = BatchKeys(prefix)
+    assert r.zcard(k.all) == 1 and r.llen(k.lines(got[0][0])) == 200
+    assert not list(r.scan_iter(match=f"{prefix}*staged*"))  # the losers' staged copies are gone
+
+
+def test_cancel_of_an_ended_batch_says_nothing_was_cancelled(cli, ended):
+    """It printed `<id> completed`, exit 0, as if the cancel had done something. The Python API returns the
+    batch (its final status) without raising, and so the CLI exits 0 as well, saying so on stderr."""
+    bid, _ = ended
+    res = cli.invoke(app, ["batch", "cancel", bid])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.split() == [bid, "completed"]
+    assert res.stderr.splitlines() == [f"note: batch {bid} had already ended (completed): nothing was cancelled"]
+
+
+def test_cancel_of_an_expiring_batch_says_nothing_was_cancelled(cli, prefix, r):
+    """Past its completion window (status expiring, shown in_progress until its taken lines end) nothing is
+    cancelled: its running lines finish and it ends expired. The cancel printed nothing to say so."""
+    bid = submit_batch(r, prefix, jsonl([completion("a")]))
+    r.hset(BatchKeys(prefix).record(bid), "status", "expiring")  # what batch_take.lua sets past the window
+    res = cli.invoke(app, ["batch", "cancel", bid])
+    assert res.exit_code == 0 and res.stdout.split() == [bid, "in_progress"], res.output
+    assert res.stderr.splitlines() == [f"note: batch {bid} is past its completion window: nothing was cancelled; its "
+                                       "running lines finish, then it is expired"]
+    assert r.hget(BatchKeys(prefix).record(bid), "status") == b"expiring"
+
+
+def test_cancel_of_a_running_batch_has_no_note(cli, prefix, r):
+    bid = submit_batch(r, prefix, jsonl([completion("a")]))
+    res = cli.invoke(app, ["batch", "cancel", bid])
+    assert res.exit_code == 0 and res.stdout.split() == [bid, "cancelling"] and res.stderr == "", res.output

@@ -425,3 +425,46 @@ def test_a_completion_window_is_at_most_365_days(prefix, r, cli, tmp_path):
     assert res.exit_code == 2 and res.stderr.splitlines() == [
         "error: completion_window: '3000000d' is longer than 365d: give at most 365d (OpenAI's is 24h)"], res.output
     assert r.zcard(BatchKeys(prefix).all) == 0
+
+
+def test_a_line_key_other_than_openais_is_refused_by_name():
+    """An unknown key beside custom_id, method, url and body ran as if it were not there, while an unknown body
+    field is refused by name: it is refused the same way. A null asks for nothing, as in the body."""
+    errors = _errors([
+        {**completion("foo"), "foo": 1},
+        {**chat("two"), "zeta": "z", "alpha": [1]},
+        {**completion("null"), "foo": None},
+        completion("plain"),
+    ])
+    why = "not supported (a batch line carries only custom_id, method, url and body)"
+    assert errors == {"foo": f"line 1: foo: {why}", "two": f"line 2: alpha: {why}"}
+
+
+def test_client_submit_batch_takes_a_path_and_says_what_a_file_name_is(redis_url, prefix, r, tmp_path,
+                                                                       monkeypatch):
+    """Path("f.jsonl") was a raw TypeError (can't concat PosixPath to bytes), and "f.jsonl" was taken as the
+    file's content (an error about input.jsonl). A path is read, under its own name; a str that only names a file
+    says to pass a Path or the content; content as str or bytes works as before."""
+    from pathlib import Path
+
+    from pagedserve.service.batch_client import batch_id
+    from pagedserve.service.client import Client
+
+    data = jsonl([completion("a")])
+    src = tmp_path / "f.jsonl"
+    src.write_bytes(data)
+    with Client(settings=make_settings(redis_url, prefix)) as c:
+        bid = c.submit_batch(src)
+        assert bid == batch_id(data) and batch_status(r, prefix, bid)["input_file_id"] == "f.jsonl"
+        assert c.submit_batch(data.decode()) == bid
+        assert c.submit_batch(data) == bid
+        other = c.submit_batch(Path(src), key="2", input_file_id="mine.jsonl")
+        assert batch_status(r, prefix, other)["input_file_id"] == "mine.jsonl"
+        monkeypatch.chdir(tmp_path)
+        for name in (str(src), "f.jsonl"):
+            with pytest.raises(TypeError) as e:
+                c.submit_batch(name)
+            assert str(e.value) == (f"submit_batch: {name!r} names a file, but a str is the file's content: pass "
+                                    f"Path({name!r}) to read the file, or its content"), e.value
+        with pytest.raises(FileNotFoundError):
+            c.submit_batch(tmp_path / "missing.jsonl")

@@ -70,7 +70,7 @@ def test_a_broker_url_the_settings_refuse_stops_the_celery_command_with_the_pass
         out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "report"],
                    {"PAGEDSERVE_CELERY_BROKER_URL": url})
         text = out.stdout + out.stderr
-        assert out.returncode != 0 and "celery_broker_url" in text, text
+        assert out.returncode != 0 and "PAGEDSERVE_CELERY_BROKER_URL" in text, text
         assert secret not in text and "No module named" not in text, text
 
 
@@ -89,3 +89,43 @@ def test_a_unix_socket_url_carries_the_celery_tasks(prefix, tmp_path):
         with redis.Redis(unix_socket_path=str(sock), db=3) as r:
             assert r.xlen(Keys(prefix).requests) == 1
             assert any(k.startswith(b"celery-task-meta-") for k in r.scan_iter(count=1000))
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"PAGEDSERVE_CELERY_BROKER_URL": "http://u:Sup3rS3cretPW@127.0.0.1:6457"},
+     "error: invalid setting PAGEDSERVE_CELERY_BROKER_URL='http://u:***@127.0.0.1:6457': celery_broker_url must"),
+    ({"PAGEDSERVE_RESULT_TTL_S": "0"}, "error: invalid setting PAGEDSERVE_RESULT_TTL_S='0': "),
+    ({"PAGEDSERVE_RESULT_TTL_S": "100"}, "error: the Celery visibility timeout (50 s) is derived from"),
+])
+def test_a_bad_setting_stops_the_celery_worker_in_one_line_naming_the_variable(env, words):
+    """Celery printed "Unable to load celery application", the traceback and pydantic's error block (the field's
+    name, an errors.pydantic.dev link): 26 lines. One line now, as the pagedserve command says it, exit 2."""
+    out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool",
+                "threads"], env)
+    text = (out.stdout + out.stderr).strip()
+    assert out.returncode == 2 and "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert text.startswith(words) and "Sup3rS3cretPW" not in text and "pydantic.dev" not in text, text
+
+
+def test_a_broker_user_refused_by_redis_stops_the_celery_worker_in_one_line_naming_the_broker_url():
+    """Under the producer ACL (the broker defaults to PAGEDSERVE_REDIS_URL) the worker printed 88 lines ending
+    ``Unrecoverable error: auth:NoPermissionError``, naming no setting. One line now naming
+    PAGEDSERVE_CELERY_BROKER_URL, its password masked; a task sent there raises the same words."""
+    from pagedserve.service.connection import producer_acl
+    from pagedserve.service.settings import Settings
+
+    with LocalRedis(extra_args=["--user", "producer", "on", ">Sup3rS3cretPW", *producer_acl("pagedserve")]) as url:
+        producer = url.replace("redis://", "redis://producer:Sup3rS3cretPW@")
+        out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool",
+                    "threads", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                   {"PAGEDSERVE_REDIS_URL": producer})
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "Traceback" not in text and "Unrecoverable" not in text, text
+        named = [line for line in text.splitlines() if "PAGEDSERVE_CELERY_BROKER_URL" in line]
+        assert len(named) == 1 and named[0].startswith("error: ") and "Sup3rS3cretPW" not in text, text
+        assert "redis://producer:***@" in named[0] and "README" in named[0], named
+
+        app = make_celery(Settings(redis_url=producer, celery_visibility_timeout_s=120))
+        with pytest.raises(Exception, match="PAGEDSERVE_CELERY_BROKER_URL is not set") as caught:
+            app.send_task("pagedserve.submit", args=["hello"])
+        assert "Sup3rS3cretPW" not in str(caught.value)

@@ -184,3 +184,29 @@ def test_a_redis_out_of_reach_fails_the_tasks_as_expected(prefix, tmp_path):
                     app.send_task(name, args=["x"]).get(timeout=120)
         text = log.read_text(errors="replace")
         assert text.count("raised expected: network:RedisUnreachable") == 2 and "Traceback" not in text, text[-3000:]
+
+
+def test_an_unknown_argument_names_the_task_and_the_accepted_ones(prefix, tmp_path):
+    """``bogus=1`` raised ``TypeError: _register.<locals>.generate() got an unexpected keyword argument
+    'bogus'``. Refused on the caller's side when the task is called (nothing is sent), and in the task when it is
+    sent by name, naming the task, the argument and the accepted ones."""
+    from pagedserve.service.celery_app import TaskArgumentError
+
+    with LocalRedis() as url:
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120)
+        app = make_celery(s)
+        with pytest.raises(TaskArgumentError, match=r"^pagedserve\.generate got an unexpected keyword argument "
+                           r"'bogus' \(accepted: prompt, messages, .*pickup_timeout\)$"):
+            app.pagedserve_generate.apply_async(kwargs={"prompt": "x", "bogus": 1})
+        with pytest.raises(TypeError, match=r"^pagedserve\.submit got an unexpected keyword argument 'bogus'"):
+            app.pagedserve_submit.delay("x", bogus=1)
+        with redis.Redis.from_url(url) as r:
+            assert r.llen(f"{prefix}-tasks") == 0
+        with celery_worker(s, tmp_path / "celery.log", "threads", 2):
+            sent = app.send_task("pagedserve.generate", kwargs={"prompt": "x", "bogus": 1})
+            with pytest.raises(TypeError, match=r"^pagedserve\.generate got an unexpected keyword argument 'bogus' "
+                               r"\(accepted: prompt, messages, "):
+                sent.get(timeout=60)
+        with redis.Redis.from_url(url) as r:
+            assert r.xlen(Keys(prefix).requests) == 0
+        assert "Traceback" not in (tmp_path / "celery.log").read_text(errors="replace")

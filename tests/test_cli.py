@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -224,18 +225,18 @@ def test_submit_without_a_worker_says_so(redis_url, prefix):
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
     res = _submit(env, "--pickup-timeout", "1")
     line = _one_line(res)
-    assert res.returncode == 2 and "no worker is running this after 1 s" in line and "no consumer group" in line
+    assert res.returncode == 3 and "no worker is running this after 1 s" in line and "no consumer group" in line
     with redis.Redis.from_url(redis_url) as r:  # a group that no worker ever read from
         r.xgroup_create(f"{prefix}:requests", f"{prefix}-workers", id="$", mkstream=True)
     res = _submit(env, "--pickup-timeout", "1")
     line = _one_line(res)
-    assert res.returncode == 2, line
+    assert res.returncode == 3, line
     assert "no worker is running this after 1 s (consumer group has 0 consumers)" in line
     with redis.Redis.from_url(redis_url) as r:  # a consumer whose worker is gone (no consumer-name lease)
         r.xreadgroup(f"{prefix}-workers", "gone-worker", {f"{prefix}:requests": "0"}, count=1)
     res = _submit(env, "--pickup-timeout", "1")
     line = _one_line(res)
-    assert res.returncode == 2, line
+    assert res.returncode == 3, line
     assert "no worker is running this after 1 s (consumer group has 1 consumer, none of them alive)" in line
 
 
@@ -417,15 +418,16 @@ def test_ctrl_c_cancels_the_request(redis_url, prefix, shared_engine):
     env.update({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix})
     keys = Keys(prefix)
     with redis.Redis.from_url(redis_url) as r:
-        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--id", "ctrl-c"],
+        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello"],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: r.xlen(keys.requests) == 1, 60, what="the request in the stream")  # no worker yet
+        rid = json.loads(r.xrange(keys.requests)[0][1][b"body"])["id"]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and err.strip() == "cancelled id=ctrl-c", err
+        assert proc.returncode == 130 and err.strip() == f"cancelled id={rid}", err
         with running_worker(make_settings(redis_url, prefix), shared_engine):
-            wait_for(lambda: r.get(keys.result("ctrl-c")), 60, what="the result")
-        done = parse_terminal(r.get(keys.result("ctrl-c")))
+            wait_for(lambda: r.get(keys.result(rid)), 60, what="the result")
+        done = parse_terminal(r.get(keys.result(rid)))
         assert done.outputs[0].finish_reason == "cancelled" and done.usage.completion_tokens == 0
 
 
@@ -439,7 +441,7 @@ def test_submit_reads_the_prompt_from_stdin_and_sends_chat_messages_and_options(
             "--top-p", "0.5", "--pickup-timeout", "1", "--id", "from-stdin"]
     res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", *args], cwd=REPO, env=env,
                          input="line one\nline two\n\n", capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "id=from-stdin stays queued" in res.stderr, res.stderr
+    assert res.returncode == 3 and "id=from-stdin stays queued" in res.stderr, res.stderr
     with redis.Redis.from_url(redis_url) as r:
         ((_, fields),) = r.xrange(Keys(prefix).requests)
     body = json.loads(fields[b"body"])
@@ -675,3 +677,117 @@ def test_a_second_worker_under_a_live_workers_name_is_one_line_without_a_type_na
     assert res.returncode == 1, line
     assert line.startswith(f"error: consumer name {name!r} is held by another live worker: "), line
     assert "pagedserve worker --name NAME" in line and "RuntimeError" not in line and "--debug" not in line, line
+
+
+@pytest.mark.parametrize("group", [[], ["model"], ["batch"], ["bench"]])
+def test_a_group_without_a_subcommand_prints_its_help_alone(group):
+    """``pagedserve`` (or a group) alone printed its help, then ``error:  (`pagedserve --help` lists the
+    options)``: click's no-args-is-help is a usage error with an empty message. The help alone now, exit 2 as
+    click's own (a command was expected)."""
+    res = _cli({}, *group)
+    assert res.returncode == 2, res.stderr
+    assert "Usage" in res.stdout and "Commands" in res.stdout, res.stdout
+    assert res.stderr == "" and "error: " not in res.stdout, res.stderr
+
+
+def test_submit_to_a_database_redis_lacks_says_it_once_and_offers_no_cancel(redis_url, prefix):
+    """Redis refuses the database on connecting, so nothing was sent: the line said the reason twice, the second
+    time as why the request could not be cancelled."""
+    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    res = _submit({"PAGEDSERVE_REDIS_URL": f"{base}/99", "PAGEDSERVE_PREFIX": prefix})
+    line = _one_line(res)
+    assert res.returncode == 1 and line.startswith("error: PAGEDSERVE_REDIS_URL names database 99"), line
+    assert line.count("DB index is out of range") == 1 and "cancel" not in line and "id=" not in line, line
+
+
+def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting():
+    """A server that speaks first in another protocol (NATS's INFO greeting, an SMTP banner) gave redis-py's
+    protocol error quoting the whole greeting, with no setting named, and submit offered to cancel a request it
+    never sent."""
+    import socket
+    import threading
+
+    greeting = b'INFO {"server_id":"' + b"N" * 200 + b'","version":"2.9.10","secret_looking":"zz"}\r\n'
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(greeting)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    url = f"redis://app:s3cret-pw@127.0.0.1:{srv.getsockname()[1]}/0"
+    masked = url.replace("s3cret-pw", "***")
+    try:
+        env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
+        for args in (["submit", "Hello"], ["cancel", "x"], ["batch", "list"], ["worker"], ["demo"]):
+            res = _cli(env, *args)
+            line = _one_line(res)
+            assert res.returncode == 1, (args, res.stderr)
+            assert f"cannot reach Redis at {masked} (PAGEDSERVE_REDIS_URL): the server there does not speak Redis's " \
+                   "protocol (it answered b'INFO {" in line and line.endswith("check the host and port"), (args, line)
+            assert "s3cret-pw" not in line and "NNNNNNNNNNNNNNNNNNNNNNNN" not in line and "id=" not in line.replace(
+                "cancel id=x", ""), (args, line)
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def test_an_unreachable_redis_or_a_missing_model_names_the_setting_to_fix(tmp_path):
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    res = _submit({"PAGEDSERVE_REDIS_URL": url})
+    line = _one_line(res)
+    assert res.returncode == 1 and f"cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): " in line, line
+    missing = str(tmp_path / "missing")
+    env = {"PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_DEVICE": "cpu", "PAGEDSERVE_MODEL": missing}
+    for command in ("worker", "demo"):
+        res = _cli(env, command)
+        line = _one_line(res)
+        assert res.returncode == 1 and line.startswith(f"error: model {missing!r} does not exist"), line
+        assert line.endswith(" (PAGEDSERVE_MODEL)"), line
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S", "abc", "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S must be"),
+    ("PAGEDSERVE_BLOCK_SIZE", "3", "invalid setting PAGEDSERVE_BLOCK_SIZE='3': must be a power of two"),
+    ("PAGEDSERVE_MAX_NUM_SEQS", "lots", "invalid setting PAGEDSERVE_MAX_NUM_SEQS='lots'"),
+])
+@pytest.mark.parametrize("command", ["worker", "demo"])
+def test_a_setting_with_a_bad_value_exits_2_from_the_worker_and_the_demo(name, value, words, command):
+    """README: a setting with a bad value is one line starting ``error:`` naming the variable, exit 2, before the
+    model loads. The demo exited 1 for any, the worker 1 for a variable the engine reads itself."""
+    env = {name: value, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_DEVICE": "cpu",
+           "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
+    with socket.socket() as busy:
+        if command == "worker":  # a Redis of no one's (the demo starts its own)
+            env["PAGEDSERVE_REDIS_URL"] = f"redis://127.0.0.1:{_free_port()}/0"
+            # a health port in use: a worker that got as far as starting its health server says that instead
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            env["PAGEDSERVE_METRICS_HOST"], env["PAGEDSERVE_METRICS_PORT"] = "127.0.0.1", str(busy.getsockname()[1])
+        res = _cli(env, command)
+    line = res.stderr.strip()  # the demo says on stdout what it started
+    assert "Traceback" not in line and len(line.splitlines()) == 1, res.stdout + res.stderr
+    assert res.returncode == 2 and line.startswith(f"error: {words}"), line
+    assert "Redis: started" not in res.stdout, "the demo started Redis before it looked at the setting"
+
+
+def test_a_redis_error_without_an_address_names_the_url_it_came_from(monkeypatch):
+    """A batch command against a Redis that never answers said `cannot reach Redis: Timeout reading from socket`,
+    naming no address (the clients' own errors name theirs)."""
+    from pagedserve.service.cli_errors import explain_error
+
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", "redis://app:s3cret@10.1.2.3:6380/2")
+    line = explain_error(redis.TimeoutError("Timeout reading from socket"))
+    assert line == ("error: cannot reach Redis at redis://app:***@10.1.2.3:6380/2 (PAGEDSERVE_REDIS_URL): Timeout "
+                    "reading from socket"), line

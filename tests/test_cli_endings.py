@@ -1,4 +1,4 @@
-"""How ``pagedserve`` commands end: a submit that ends early cancels its request, output a stream cannot encode,
+"""How ``pagedserve`` commands end: a submit that ends early cancels its request (not one sent with --id), output a stream cannot encode,
 settings and places refused up front with the variable or path named, and the top-level usage lines."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import redis
 from typer.testing import CliRunner
 
 from pagedserve.service.cli import app
+from pagedserve.service.client import Client
 from pagedserve.service.protocol import Keys, parse_terminal
 from service_fixtures import REPO, make_settings, running_worker, wait_for
 from test_cli import _cli, _one_line
@@ -27,11 +28,22 @@ def _env(redis_url: str, prefix: str, **extra: str) -> dict:
     return env
 
 
-def _long_submit(env: dict, rid: str) -> subprocess.Popen:
+def _long_submit(env: dict, *extra: str) -> subprocess.Popen:
     """A greedy 2000-token submit (far longer than the test waits), its output piped to the test."""
     return subprocess.Popen(
         [sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--max-tokens", "2000", "--temperature",
-         "0", "--id", rid], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "0", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _streaming_id(r: redis.Redis, keys: Keys, known: set[str]) -> str:
+    """The id of the request that began to stream (submit makes its own id; the prefix is the test's own)."""
+    def new_one():
+        ids = {k.decode().removeprefix(f"{keys.prefix}:events:") for k in r.scan_iter(match=f"{keys.prefix}:events:*")}
+        return next(iter(ids - known), None)
+
+    rid = wait_for(new_one, 120, what="the first token")
+    known.add(rid)
+    return rid
 
 
 def _ended_cancelled(r: redis.Redis, keys: Keys, rid: str) -> None:
@@ -46,11 +58,11 @@ def test_submit_cancels_its_request_when_terminated_or_its_reader_goes_away(redi
     request ran on to its last token for nobody: it is cancelled, as on Ctrl-C, and the status says how it ended."""
     keys = Keys(prefix)
     env = _env(redis_url, prefix)
+    known: set[str] = set()
     with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
-        rid = f"term-{uuid.uuid4().hex[:8]}"
-        proc = _long_submit(env, rid)
+        proc = _long_submit(env)
         try:
-            wait_for(lambda: r.xlen(keys.events(rid)) > 0, 120, what="the first token")
+            rid = _streaming_id(r, keys, known)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
         finally:
@@ -59,10 +71,10 @@ def test_submit_cancels_its_request_when_terminated_or_its_reader_goes_away(redi
         assert err.decode().strip().splitlines()[-1] == f"terminated; cancelled id={rid}", err
         _ended_cancelled(r, keys, rid)
 
-        rid = f"pipe-{uuid.uuid4().hex[:8]}"
-        proc = _long_submit(env, rid)
+        proc = _long_submit(env)
         try:
             assert proc.stdout.read(1)  # a reader that takes a little and goes away
+            rid = _streaming_id(r, keys, known)
             proc.stdout.close()
             err = proc.stderr.read()
             proc.wait(60)
@@ -70,6 +82,27 @@ def test_submit_cancels_its_request_when_terminated_or_its_reader_goes_away(redi
             proc.kill()
         assert proc.returncode == 141, err
         assert "Traceback" not in err.decode(), err
+        _ended_cancelled(r, keys, rid)
+
+        # An id given with --id may be another producer's request (submit also prints an id's result): left
+        # running, as Client leaves a caller-chosen id, and said so with the way to cancel it.
+        rid = f"shared-{uuid.uuid4().hex[:8]}"
+        proc = _long_submit(env, "--id", rid)
+        try:
+            wait_for(lambda: r.xlen(keys.events(rid)) > 0, 120, what="the first token")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        assert err.decode().strip().splitlines()[-1] == (
+            f"interrupted; id={rid} was not cancelled (an id given with --id may be another producer's too: "
+            f"`pagedserve cancel {rid}` cancels it)"), err
+        assert not r.exists(keys.cancelled(rid))
+        seen = r.xlen(keys.events(rid))
+        wait_for(lambda: r.xlen(keys.events(rid)) > seen + 2, 120, what="tokens after the interrupt")
+        with Client(settings=make_settings(redis_url, prefix)) as c:  # the test's own end of it
+            c.cancel(rid)
         _ended_cancelled(r, keys, rid)
 
 
@@ -161,3 +194,34 @@ def test_top_level_usage_help_and_version():
 
     res = _cli({}, "--version")
     assert res.returncode == 0 and res.stdout == f"pagedserve {version('pagedserve')}\n", res.stdout + res.stderr
+
+
+def test_submit_whose_only_worker_dies_mid_run_says_so_in_one_line(redis_url, prefix, tmp_path):
+    """It waited out its whole --timeout in silence; now it ends after a silent --pickup-timeout, saying the request
+    stays pending for the next worker, not that it is queued (it ran)."""
+    from service_fixtures import WorkerProcess
+
+    keys = Keys(prefix)
+    env = _env(redis_url, prefix)
+    w = WorkerProcess(make_settings(redis_url, prefix), tmp_path / "w.log").start()
+    with redis.Redis.from_url(redis_url) as r:
+        try:
+            w.wait_started()
+            rid = f"orphan-{uuid.uuid4().hex[:8]}"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello", "--max-tokens", "2000",
+                 "--temperature", "0", "--id", rid, "--pickup-timeout", "3", "--timeout", "120"],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_for(lambda: r.xlen(keys.events(rid)) > 0, 120, what="the first token")
+                w.kill()
+                _, err = proc.communicate(timeout=60)
+            finally:
+                proc.kill()
+        finally:
+            w.close()
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert proc.returncode == 3 and len(lines) == 1 and "Traceback" not in lines[0], err
+    line = lines[0]
+    assert "the worker running it stopped; it stays pending" in line and "stays queued" not in line, line
+    assert f"pagedserve cancel {rid}" in line

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 
 import pytest
 import redis
@@ -34,7 +36,7 @@ from pagedserve.service.client_core import (
     event_wait,
     stream_wait,
 )
-from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
+from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent, parse_terminal
 
 RID = "req-1"
 DONE = json.dumps({"type": "done", "id": RID, "outputs": [{"index": 0, "text": "ab", "token_ids": [1, 2],
@@ -273,7 +275,7 @@ def test_pickup_timeout_keeps_waiting_while_a_worker_is_alive():
 
 def test_a_live_worker_passes_the_check_through_both_clients(redis_url, prefix, shared_engine):
     """The check's reads on a real Redis with a real worker (and none once it stopped), run by the clients' own
-    drivers: a worker that has taken an entry is a consumer with a live lease, idle or busy."""
+    drivers: a worker is a consumer with a live lease from its start (it lists itself), idle or busy."""
     from service_fixtures import make_settings, running_worker
 
     from pagedserve.service.client import AsyncClient, Client
@@ -289,7 +291,7 @@ def test_a_live_worker_passes_the_check_through_both_clients(redis_url, prefix, 
     s = make_settings(redis_url, prefix)
     with Client(redis_url, prefix=prefix) as c:
         with running_worker(s, shared_engine):
-            assert list(c._run(check(c.keys))) == ["consumer group has 0 consumers"]  # nothing delivered yet
+            assert list(c._run(check(c.keys))) == [None]  # nothing delivered yet, listed all the same
             c.generate("hi", params={"max_tokens": 2}, timeout=120)
             assert list(c._run(check(c.keys))) == [None]
             assert asyncio.run(async_check()) == [None]
@@ -585,13 +587,19 @@ def test_a_cancel_caught_before_the_call_is_not_raised_again(redis_url, prefix, 
         assert asyncio.run(main()) == "length"
 
 
-def test_a_cancelled_stream_task_always_stops(redis_url, prefix, shared_engine):
+@pytest.mark.parametrize("counts_cancels", [True, False], ids=["python-3.11+", "as-python-3.10"])
+def test_a_cancelled_stream_task_always_stops(redis_url, prefix, shared_engine, monkeypatch, counts_cancels):
     """With a socket timeout (the default), redis-py awaits each command under ``asyncio.wait_for``, which before
     Python 3.12 drops a cancel that lands as the command completes: cancelling a task iterating ``stream`` was
-    ignored most of the time (the loop ran to the end), and so was ``asyncio.timeout``. Every cancel must stop it."""
+    ignored most of the time (the loop ran to the end), and so was ``asyncio.timeout``. Every cancel must stop it,
+    also where a task does not count its cancels (Python 3.10, which the package supports: run as it here)."""
     from service_fixtures import make_settings, running_worker
 
+    from pagedserve.service import client
     from pagedserve.service.client import AsyncClient
+
+    if not counts_cancels:
+        monkeypatch.setattr(client, "_COUNTS_CANCELS", False)
 
     async def run(i: int) -> bool:
         async with AsyncClient(redis_url, prefix=prefix) as ac:
@@ -835,7 +843,12 @@ def test_resuming_an_id_nothing_is_known_of_says_so_when_it_times_out(redis_url,
 
 @pytest.mark.parametrize("kw, words", [
     ({"max_tokens": 4}, r"^max_tokens= is a sampling parameter: pass it in params, e\.g\. params=\{'max_tokens': \.\.\.\}"),
-    ({"temprature": 0}, r"^unexpected keyword argument 'temprature': a request takes deadline_ms, id, messages"),
+    ({"temprature": 0}, r"^unexpected keyword argument 'temprature' \(did you mean params=\{'temperature': \.\.\.\}\?\): "
+                        r"a request takes deadline_ms, id, messages"),
+    # a wait's own keyword misspelt: the list of a request's keywords alone read as if timeout= were not taken
+    ({"timout": 5}, r"^unexpected keyword argument 'timout' \(did you mean timeout=\?\): a request takes .*; stream "
+                    r"and generate also take timeout, pickup_timeout, after$"),
+    ({"frobnicate": 1}, r"^unexpected keyword argument 'frobnicate': a request takes "),
 ])
 def test_a_keyword_no_request_has_is_one_line_saying_where_it_goes(redis_url, prefix, kw, words):
     """It was Python's own message about an internal function (build_request() got an unexpected keyword)."""
@@ -868,3 +881,199 @@ def test_a_wrong_password_is_named_as_such(redis_url, prefix, call):
     message = str(ei.value)
     assert "refused the credentials" in message and "PAGEDSERVE_REDIS_URL" in message, message
     assert "wr0ngpw" not in message and "cannot reach" not in message
+
+
+@pytest.mark.parametrize("machine", ["event_wait", "stream_wait"])
+def test_after_an_event_each_silent_pickup_timeout_looks_for_a_worker_once(machine):
+    """The worker check stopped for good at the first event: a worker dying mid-run left the wait silent until its
+    timeout (for ever without one). Now events keep it off, every pickup_timeout of silence after the last one
+    looks once (a live worker: wait on), and a dead one raises NoWorker saying the request stays pending."""
+    clock = Clock()
+    req = build_request("hi", id=RID)
+    if machine == "event_wait":
+        wait = event_wait(Keys("t"), RID, req, timeout=None, clock=clock, pickup_timeout=5.0)
+    else:
+        wait = stream_wait(Keys("t"), RID, req, timeout=None, clock=clock, pickup_timeout=5.0)
+    seq = 0
+    tokens_left = 20  # one event a second for 20 s: no check, though the first window ends at 5 s
+    checks: list[float] = []
+    alive = [1, 1, 0]  # the leases seen by three checks: alive, alive, gone
+    reply = None
+    confirmed = False  # event_wait's subscription
+    with pytest.raises(NoWorker) as exc:
+        while True:
+            op = wait.send(reply)
+            reply = None
+            if isinstance(op, Subscribe):
+                continue
+            if isinstance(op, Listen) and not confirmed:
+                confirmed = True
+                reply = {"type": "subscribe", "data": 1}
+                continue
+            if isinstance(op, (Listen, ReadEvents)):
+                wait_s = op.timeout if isinstance(op, Listen) else op.block_ms / 1000
+                if tokens_left:
+                    tokens_left -= 1
+                    clock.now += 1.0
+                    event = TOKEN.replace('"seq": 0', f'"seq": {seq}')
+                    reply = ({"type": "message", "data": event} if isinstance(op, Listen)
+                             else [(f"1-{seq}".encode(), {b"data": event.encode()})])
+                    seq += 1
+                else:
+                    clock.now += wait_s
+                    assert clock.now < 100, f"no worker check after the last event (checks at {checks})"
+            elif isinstance(op, ReadGroups):
+                checks.append(clock.now)
+                reply = [{"name": b"t-workers", "lag": 0, "pending": 1, "last-delivered-id": b"9-0"}]
+            elif isinstance(op, ReadConsumers):
+                reply = W1
+            elif isinstance(op, CountKeys):
+                reply = alive.pop(0)
+            elif isinstance(op, Send):
+                reply = "1-0"
+    assert checks == [25.0, 30.0, 35.0]  # the last event at 20 s, then one check per silent window
+    assert str(exc.value).startswith("no worker is running this after 5 s without an event (consumer group has 1 "
+                                     "consumer, none of them alive): the worker running it stopped; it stays pending")
+
+
+def test_every_call_on_a_closed_client_says_so_and_sends_nothing(redis_url, prefix):
+    """A closed Client reconnected for submit and enqueued the request, while generate said "closed while the
+    call waited" though it never waited. Every call on a closed client now raises the same RuntimeError before
+    anything is sent (a call really waiting when the client is closed keeps its own message: tested above)."""
+    from pagedserve.service.client import AsyncClient, Client
+
+    keys = Keys(prefix)
+    c = Client(redis_url, prefix=prefix)
+    assert c.result("warm") is None  # it was in use
+    c.close()
+    c.close()  # twice is no harm
+    calls = {
+        "submit": lambda: c.submit("x", id="after-close"),
+        "generate": lambda: c.generate("x", id="after-close"),
+        "stream": lambda: next(c.stream("x", id="after-close")),
+        "stream after": lambda: next(c.stream("after-close", after=0)),
+        "events": lambda: next(c.events("after-close")),
+        "wait": lambda: c.wait("after-close", timeout=5),
+        "cancel": lambda: c.cancel("after-close"),
+        "result": lambda: c.result("after-close"),
+        "submit_batch": lambda: c.submit_batch('{"custom_id": "a", "body": {"prompt": "x"}}\n'),
+        "batch_status": lambda: c.batch_status("b"),
+        "list_batches": lambda: c.list_batches(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"^this Client is closed: make a new one$"):
+            call()
+
+    async def closed_async() -> None:
+        ac = AsyncClient(redis_url, prefix=prefix)
+        assert await ac.result("warm") is None
+        await ac.aclose()
+
+        async def first(it):
+            async for ev in it:
+                return ev
+
+        for call in (lambda: ac.submit("x", id="after-close"), lambda: ac.generate("x", id="after-close"),
+                     lambda: first(ac.stream("x", id="after-close")), lambda: first(ac.events("after-close")),
+                     lambda: ac.wait("after-close", timeout=5), lambda: ac.cancel("after-close"),
+                     lambda: ac.result("after-close")):
+            with pytest.raises(RuntimeError, match=r"^this AsyncClient is closed: make a new one$"):
+                await call()
+
+    asyncio.run(closed_async())
+    with redis.Redis.from_url(redis_url) as r:
+        assert not r.exists(keys.requests), "a closed client sent a request"
+        assert not r.exists(keys.cancelled("after-close")), "a closed client sent a cancel"
+        assert not list(r.scan_iter(match=f"{prefix}:batch*")), "a closed client sent a batch"
+
+
+def test_wait_and_events_on_an_id_take_pickup_timeout(redis_url, prefix):
+    """Following a request by id (an observer: submit, then wait/events) can ask for the worker check too: a
+    queued request with no worker on the prefix raises NoWorker instead of waiting out its timeout."""
+    from pagedserve.service.client import AsyncClient, Client, NoWorker
+
+    with Client(redis_url, prefix=prefix) as c:
+        rid = c.submit("x")  # no worker on this prefix: it stays queued
+        with pytest.raises(NoWorker, match=r"^no worker is running this after 1 s \(no consumer group"):
+            c.wait(rid, timeout=30, pickup_timeout=1)
+        with pytest.raises(NoWorker, match=r"^no worker is running this after 1 s \(no consumer group"):
+            list(c.events(rid, timeout=30, pickup_timeout=1))
+
+    async def observe() -> None:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            with pytest.raises(NoWorker):
+                await ac.wait(rid, timeout=30, pickup_timeout=1)
+            with pytest.raises(NoWorker):
+                async for _ in ac.events(rid, timeout=30, pickup_timeout=1):
+                    pass
+
+    asyncio.run(observe())
+
+
+def test_aclose_leaves_no_request_running_and_a_hung_redis_holds_it_once(redis_url, prefix, shared_engine):
+    """Calls started while aclose() ran sent their requests after its cancels, got an error and left them running
+    to the end; and with Redis hung aclose() waited the socket timeout once per open stream (a minute for six)."""
+    import signal
+
+    from service_fixtures import make_settings, running_worker, wait_for
+
+    from pagedserve.service import client
+    from pagedserve.service.client import AsyncClient
+    from pagedserve.service.redis_server import LocalRedis
+
+    keys = Keys(prefix)
+
+    async def late_calls() -> list[BaseException | None]:
+        ac = AsyncClient(redis_url, prefix=prefix)
+
+        async def one(i: int) -> BaseException | None:
+            try:
+                async for _ in ac.stream(f"late {i}", params={"max_tokens": 1500, "ignore_eos": True}, timeout=60):
+                    pass
+            except Exception as e:
+                return e
+            return None
+
+        early = [asyncio.create_task(one(i)) for i in range(3)]
+        await asyncio.sleep(0.5)
+        closer = asyncio.create_task(ac.aclose())
+        await asyncio.sleep(0)
+        late = [asyncio.create_task(one(10 + i)) for i in range(3)]
+        await closer
+        return await asyncio.gather(*early, *late)
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
+        errors = asyncio.run(late_calls())
+        assert all(e is None or isinstance(e, RuntimeError) for e in errors[:3]), errors
+        assert all(isinstance(e, RuntimeError) and "nothing was sent" in str(e) for e in errors[3:]), errors
+        # nothing left running: the three requests sent were cancelled, none ran to its end
+        wait_for(lambda: not list(r.scan_iter(match=f"{keys.prefix}:running:*")), 60, what="no request running")
+        results = [parse_terminal(r.get(k)) for k in r.scan_iter(match=f"{keys.prefix}:result:*")]
+        assert len(results) == 3 and all(d.outputs[0].finish_reason == "cancelled" for d in results), results
+
+    with LocalRedis() as url:
+        async def hung() -> float:
+            ac = AsyncClient(url, prefix=prefix)
+            streams = [asyncio.create_task(_drain(ac.stream(f"s{i}", timeout=120))) for i in range(4)]
+            while len(ac._owned) < 4:
+                await asyncio.sleep(0.01)
+            pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                await ac.aclose()
+                took = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            for t in streams:
+                t.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            return took
+
+        took = asyncio.run(hung())
+    assert took < client.CLOSE_CANCELS_S + 3, took  # 10 s per stream before: the socket timeout, one by one
+
+
+async def _drain(it) -> None:
+    async for _ in it:
+        pass

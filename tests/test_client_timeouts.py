@@ -201,12 +201,15 @@ def producer_denials(admin: redis.Redis) -> list[dict]:
 
 
 def worker_back(admin: redis.Redis, settings) -> bool:
-    """The worker has set itself up on this Redis: the group exists and its name lease is held."""
+    """The worker has set itself up on this Redis: the group exists, its name lease is held and it is listed
+    among the group's consumers (it lists itself at set-up, before anything is delivered to it)."""
     try:
         groups = admin.xinfo_groups(KEYS.requests)
+        names = {c["name"] for c in admin.xinfo_consumers(KEYS.requests, KEYS.group)} if groups else set()
     except redis.ResponseError:
         return False
-    return bool(groups) and bool(admin.exists(KEYS.consumer_lease(settings.consumer_name)))
+    return (settings.consumer_name.encode() in names
+            and bool(admin.exists(KEYS.consumer_lease(settings.consumer_name))))
 
 
 def queued(admin: redis.Redis) -> int:
@@ -253,8 +256,7 @@ def paused(worker: WorkerProcess):
 @pytest.mark.slow
 def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
     """The probe: a worker is alive and idle, yet a wait on a request Redis lost in a restart said "no worker is
-    running (consumer group has 0 consumers)" (Redis 7.0 does not list a worker blocked on an empty stream).
-    Both a wait running out and a pickup check now say the request is gone; the worker still answers."""
+    running". Both a wait running out and a pickup check say the request is gone; the worker still answers."""
     server, admin, url, settings, worker = served
     c = Client(url, prefix=PREFIX)
     try:
@@ -267,7 +269,6 @@ def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
             server.stop(kill=True)  # without persistence: the restarted Redis is empty
             server.start()
         wait_for(lambda: worker_back(admin, settings), 60, what="the worker set up again")
-        assert admin.xinfo_groups(KEYS.requests)[0]["consumers"] == 0  # the state the probe found
 
         error = picked.join(60)
         assert isinstance(error, RequestGone), repr(error)
@@ -325,9 +326,10 @@ def test_a_request_whose_stream_was_evicted_is_named_gone(served):
 
 
 @pytest.mark.slow
-def test_a_worker_known_by_its_lease_is_alive_though_a_restart_emptied_the_group(served):
-    """After a restart the worker is set up again but no consumer until an entry comes (Redis 7.0): a client that
-    saw its name before goes by its lease; one that never did can only go by the group."""
+def test_a_worker_set_up_again_after_a_restart_is_alive_to_every_client(served):
+    """After a restart without persistence the worker sets itself up again and lists itself in the new group
+    before any entry comes (Redis 7.0 would list it only after a delivery): a client that saw its name before and
+    one that never did both find it alive."""
     server, admin, url, settings, worker = served
     with Client(url, prefix=PREFIX) as c, Client(url, prefix=PREFIX) as fresh:
         def verdict(client: Client):
@@ -342,7 +344,147 @@ def test_a_worker_known_by_its_lease_is_alive_though_a_restart_emptied_the_group
         time.sleep(0.2)
         server.start()
         wait_for(lambda: worker_back(admin, settings), 60, what="the worker set up again")
-        assert admin.xinfo_groups(KEYS.requests)[0]["consumers"] == 0
+        assert admin.xinfo_groups(KEYS.requests)[0]["consumers"] == 1
         assert verdict(c) == [None]
-        assert verdict(fresh) == ["consumer group has 0 consumers"]
+        assert verdict(fresh) == [None]
         assert producer_denials(admin) == []
+
+
+# ------------------------------------------------------------------------------------------------ a worker lost mid-run
+LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.0}
+PICKUP_S = 2.0  # the workers' claim_idle_ms (make_settings) is 2 s: a dead worker's name lease lapses in 2 s
+# The wait's timeout: far longer than a NoWorker should take, so that a wait that misses it shows as a timeout.
+LONG_WAIT_S = 40.0
+
+
+def _worker(redis_url: str, prefix: str, tmp_path, name: str) -> WorkerProcess:
+    s = make_settings(redis_url, prefix, worker_name=f"{name}-{uuid.uuid4().hex[:6]}")
+    w = WorkerProcess(s, tmp_path / f"{name}.log", OMP_NUM_THREADS=1).start()
+    w.wait_started()
+    return w
+
+
+def _holder(admin: redis.Redis, keys: Keys) -> str:
+    """The consumer the one pending request was delivered to."""
+    pending = admin.xpending_range(keys.requests, keys.group, "-", "+", 10)
+    assert len(pending) == 1, pending
+    return _text(pending[0]["consumer"])
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _kill_when_streaming(admin: redis.Redis, keys: Keys, rid: str, worker: WorkerProcess) -> threading.Thread:
+    """SIGKILL ``worker`` once the request's events stream holds 3 token events (from a thread of its own)."""
+    def run() -> None:
+        wait_for(lambda: admin.exists(keys.events(rid)) and admin.xlen(keys.events(rid)) >= 3, 60,
+                 what="token events")
+        worker.kill()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+def test_the_only_worker_dying_mid_stream_raises_no_worker_and_the_request_resumes_later(redis_url, prefix, tmp_path):
+    """The probe: the only worker SIGKILLed after a few token events, and stream/generate with pickup_timeout=5
+    waited silently for their whole timeout (for ever without one): the worker check stopped at the first event.
+    Now every pickup_timeout without an event looks again: no live worker raises NoWorker, saying the request
+    stays pending; a worker started later continues it, and stream(id, after=seq) reads it to its end."""
+    import asyncio
+
+    from pagedserve.service.client import AsyncClient
+
+    keys = Keys(prefix)
+    admin = redis.Redis.from_url(redis_url, socket_timeout=10)
+    workers: list[WorkerProcess] = []
+    try:
+        # Sync stream: the caller kills the worker itself after 3 token events.
+        workers.append(_worker(redis_url, prefix, tmp_path, "a"))
+        seen: list = []
+        with Client(redis_url, prefix=prefix) as c:
+            start = None
+            with pytest.raises(NoWorker) as exc:
+                for ev in c.stream("Count:", params=LONG, pickup_timeout=PICKUP_S, timeout=LONG_WAIT_S):
+                    seen.append(ev)
+                    if len(seen) == 3:
+                        workers[-1].kill()
+                        start = time.monotonic()
+            took = time.monotonic() - start
+            assert took < 15, f"NoWorker came {took:.1f} s after the kill"
+            rid = seen[0].id
+            message = str(exc.value)
+            assert message.startswith(f"no worker is running this after {PICKUP_S:g} s without an event (consumer "
+                                      "group has 1 consumer, none of them alive): the worker running it stopped; "
+                                      "it stays pending"), message
+            assert not admin.exists(keys.cancelled(rid)), "a NoWorker cancels nothing"
+
+            # A worker started later takes it over; the stream is followed by id from the last seq seen.
+            workers.append(_worker(redis_url, prefix, tmp_path, "b"))
+            rest = list(c.stream(rid, after=seen[-1].seq, timeout=120))
+            done = rest[-1]
+            assert isinstance(done, DoneEvent)
+            assert "".join(e.text for e in seen + rest[:-1]) == done.outputs[0].text
+            assert len(done.outputs[0].token_ids) == LONG["max_tokens"]
+
+            # generate(stream=True), the pub/sub wait: killed from outside once it streams.
+            rid = f"gen-{uuid.uuid4().hex[:6]}"
+            killer = _kill_when_streaming(admin, keys, rid, workers[-1])
+            start = time.monotonic()
+            with pytest.raises(NoWorker, match="stays pending"):
+                c.generate("Count:", id=rid, stream=True, params=LONG, pickup_timeout=PICKUP_S,
+                           timeout=LONG_WAIT_S)
+            killer.join(5)
+            assert time.monotonic() - start < 25
+
+        # AsyncClient.stream.
+        workers.append(_worker(redis_url, prefix, tmp_path, "c"))
+        wait_for(lambda: admin.exists(keys.result(rid)), 120, what="the generate request finished by worker c")
+
+        async def astream() -> tuple[BaseException | None, float]:
+            n = 0
+            killed = None
+            try:
+                async with AsyncClient(redis_url, prefix=prefix) as ac:
+                    async for _ in ac.stream("Count:", params=LONG, pickup_timeout=PICKUP_S, timeout=LONG_WAIT_S):
+                        n += 1
+                        if n == 3:
+                            workers[-1].kill()
+                            killed = time.monotonic()
+            except NoWorker as e:
+                return e, time.monotonic() - killed
+            return None, 0.0
+
+        error, took = asyncio.run(astream())
+        assert isinstance(error, NoWorker) and "stays pending" in str(error), repr(error)
+        assert took < 15
+    finally:
+        for w in workers:
+            w.close()
+        admin.close()
+
+
+@pytest.mark.slow
+def test_a_worker_dying_mid_stream_while_another_lives_is_waited_out(redis_url, prefix, tmp_path):
+    """The check after a silent pickup_timeout finds the other worker alive: the wait goes on, that worker
+    reclaims the entry after claim_idle_ms and continues the stream to its end; no NoWorker."""
+    keys = Keys(prefix)
+    admin = redis.Redis.from_url(redis_url, socket_timeout=10)
+    workers = [_worker(redis_url, prefix, tmp_path, "a"), _worker(redis_url, prefix, tmp_path, "b")]
+    try:
+        events = []
+        with Client(redis_url, prefix=prefix) as c:
+            for ev in c.stream("Count:", params=LONG, pickup_timeout=1.0, timeout=120):
+                events.append(ev)
+                if len(events) == 3:
+                    holder = _holder(admin, keys)
+                    next(w for w in workers if w.settings.consumer_name == holder).kill()
+        done = events[-1]
+        assert isinstance(done, DoneEvent)
+        assert "".join(e.text for e in events[:-1]) == done.outputs[0].text
+    finally:
+        for w in workers:
+            w.close()
+        admin.close()

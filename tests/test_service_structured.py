@@ -92,6 +92,25 @@ def test_unusable_spec_is_invalid_request_naming_the_field(setup, spec, words):
     assert isinstance(c.wait(innocent, timeout=60), DoneEvent)
 
 
+def test_a_pydantic_class_or_a_number_for_the_json_schema_is_named_before_sending():
+    """OpenAI's SDK takes a pydantic class as response_format: given here, json.dumps of it escaped as a bare
+    TypeError naming no field (the message was built for every type, bools' JSON text included)."""
+    import pydantic
+
+    from pagedserve.service.client import build_request
+
+    class Person(pydantic.BaseModel):
+        name: str
+
+    for value, got in ((Person, "got the pydantic class Person: pass Person.model_json_schema()"),
+                       (5, "got a number"), (dict, "got the class dict")):
+        with pytest.raises(ValueError) as e:
+            build_request("Hi", params={"max_tokens": 4, "structured_outputs": {"json": value}})
+        assert "params.structured_outputs.json" in str(e.value) and got in str(e.value), str(e.value)
+    ok = build_request("Hi", params={"structured_outputs": {"json": Person.model_json_schema()}})
+    assert ok.params.structured_outputs.kind == "json"
+
+
 def test_wire_model_carries_the_field():
     req = parse_request(json.dumps({"id": "a", "prompt": "x", "params": {"structured_outputs": {
         "json": {"type": "object"}, "disable_any_whitespace": True}}}), 1 << 20)
@@ -167,12 +186,35 @@ def test_batch_response_format_unknown_keys_are_refused_by_name():
         {"type": "json_object", "json_schema": None},  # a client's model dumped with its empty fields
         {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"a": {}}} |
                                                 {"$defs": {"d": {"type": "integer"}}}}},
-    ), expires_ms=0)
+    ), expires_ms=2**40)
     assert [ln.error for ln in lines] == [
         "line 1: body.response_format.foo: not supported with type json_object",
         "line 2: body.response_format.json_schema.stirct: not supported (known: description, name, schema, strict)",
         "line 3: body.response_format.json_schema: not supported with type text",
         None, None, None]
+
+
+def test_batch_json_schema_name_and_strict_are_checked_as_openai_does():
+    """OpenAI refuses a json_schema without a usable name, or a strict that is not a boolean; a line it would
+    refuse is refused here too, by field. A strict that is false still constrains the output (the docs say so)."""
+    from pagedserve.service.batch_format import parse_lines
+
+    schema = {"type": "object"}
+    lines = parse_lines("batch_x", _batch(
+        {"type": "json_schema", "json_schema": {"schema": schema}},
+        {"type": "json_schema", "json_schema": {"name": 5, "schema": schema}},
+        {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": schema}},
+        {"type": "json_schema", "json_schema": {"name": "n" * 65, "schema": schema}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": "yes"}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "description": 3}},
+        {"type": "json_schema", "json_schema": {"name": "Order_summary-2", "schema": schema, "strict": False}},
+    ), expires_ms=2**40)
+    name_rule = "body.response_format.json_schema.name: required, 1 to 64 letters, digits, _ or -"
+    assert [ln.error for ln in lines] == [
+        f"line 1: {name_rule}", f"line 2: {name_rule}", f"line 3: {name_rule}", f"line 4: {name_rule}",
+        "line 5: body.response_format.json_schema.strict: must be true or false",
+        "line 6: body.response_format.json_schema.description: must be a string",
+        None]
 
 
 def test_batch_refusals_of_a_schema_name_the_body_field():
@@ -182,7 +224,7 @@ def test_batch_refusals_of_a_schema_name_the_body_field():
     for _ in range(200):
         deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
     (line,) = parse_lines("batch_x", _batch({"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}),
-                          expires_ms=0)
+                          expires_ms=2**40)
     assert line.error == "line 1: body.response_format.json_schema.schema nests deeper than 128 levels", line.error
     md = {"batch_id": "batch_x", "line": 3, "custom_id": "c3", "url": "/v1/chat/completions"}
     worker_says = "params.structured_outputs json is not a usable JSON Schema: Unimplemented keys: [\"uniqueItems\"]"

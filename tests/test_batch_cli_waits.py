@@ -1,0 +1,109 @@
+"""The batch commands when no worker runs them, and their settings: ``batch submit`` and ``batch status`` note
+that no worker is running on the prefix; ``batch results --wait`` (and ``wait_batch`` with ``pickup_timeout``) says so once the batch
+has not moved for the pickup timeout, exit status 3, the batch left as it is; a live worker keeps the wait going.
+A bad ``PAGEDSERVE_*`` value is one line and exit status 2, as for ``submit``; the Redis client's timeout is the
+one ``submit`` and ``cancel`` use. Real Redis, real worker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagedserve.service import batch_cli, batch_client
+from pagedserve.service.batch_client import batch_status, submit_batch, wait_batch
+from pagedserve.service.client import Client
+from pagedserve.service.client_core import NoWorker
+from pagedserve.service.cli import app
+from service_fixtures import make_settings, running_worker
+from test_batch import completion, jsonl
+from test_batch_edges import cli, r  # noqa: F401 - the fixtures these tests use
+
+
+def _no_group(prefix: str) -> str:
+    return f"no consumer group {prefix}-workers: no worker has started on this prefix"
+
+
+def _said(bid: str, why: str, status: str = "in_progress") -> str:
+    return (f"error: no worker is running batch {bid} after 0.2 s without progress ({why}): it stays {status} and "
+            f"runs when a worker starts (`pagedserve batch results {bid} --wait` waits for it then, `pagedserve "
+            f"batch cancel {bid}` cancels it)")
+
+
+def test_with_no_worker_submit_notes_it_and_results_wait_says_it(cli, prefix, r, tmp_path, monkeypatch):
+    """A wrong prefix or a forgotten worker: `results --wait` printed nothing for as long as it waited."""
+    monkeypatch.setenv("COLUMNS", "400")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([completion("a"), completion("b")]))
+    res = cli.invoke(app, ["batch", "submit", str(src)])
+    assert res.exit_code == 0, res.output
+    bid = res.stdout.split()[-1]
+    assert res.stderr.splitlines() == [
+        "2 lines, 0 invalid (their error lines are in the output); status in_progress",
+        f"note: no worker is running on prefix {prefix!r} now ({_no_group(prefix)}): the batch stays in_progress "
+        "and runs when a worker starts"], res.stderr
+
+    # status says it too (on stderr: --json's stdout stays the Batch object alone)
+    res = cli.invoke(app, ["batch", "status", bid, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["id"] == bid, res.output
+    assert res.stderr.splitlines() == [
+        f"note: no worker is running on prefix {prefix!r} now ({_no_group(prefix)}): the batch stays in_progress "
+        "and runs when a worker starts"], res.stderr
+
+    out = tmp_path / "out.jsonl"
+    res = cli.invoke(app, ["batch", "results", bid, "--wait", "--pickup-timeout", "0.2", "-o", str(out)])
+    assert res.exit_code == 3 and res.stdout == "", res.output
+    assert res.stderr.splitlines() == [_said(bid, _no_group(prefix))], res.stderr
+    assert not out.exists()  # an error, not a part of the output taken for the whole
+    assert batch_status(r, prefix, bid)["status"] == "in_progress"  # nothing of the batch was touched
+
+    with pytest.raises(NoWorker, match=rf"^no worker is running batch {bid} after 0.2 s without progress"):
+        wait_batch(r, prefix, bid, timeout=60, poll_s=0.05, pickup_timeout=0.2)
+    with pytest.raises(ValueError, match="pickup_timeout must be a number of seconds > 0"):
+        wait_batch(r, prefix, bid, pickup_timeout=0)
+    res = cli.invoke(app, ["batch", "results", bid, "--wait", "--pickup-timeout", "nan"])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        "error: --pickup-timeout must be a number of seconds > 0 (got nan)"], res.output
+    # --timeout shorter than the pickup timeout: the lines so far and exit 3, as before
+    res = cli.invoke(app, ["batch", "results", bid, "--wait", "--timeout", "0.1"])
+    assert res.exit_code == 3 and res.stdout == "", res.output
+
+
+def test_a_live_worker_keeps_the_wait_going_and_one_stopped_is_said(cli, redis_url, prefix, r, shared_engine,
+                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert batch_client.no_worker(r, prefix) is None
+        bid = submit_batch(r, prefix, jsonl([completion(f"c{i}") for i in range(3)]))
+        assert wait_batch(r, prefix, bid, timeout=60, poll_s=0.3, pickup_timeout=0.1)["status"] == "completed"
+    # The worker has stopped: the group stays, with no live consumer.
+    why = batch_client.no_worker(r, prefix)
+    assert why is not None and why.startswith("consumer group has "), why
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([completion("after")]))
+    res = cli.invoke(app, ["batch", "submit", str(src)])
+    assert res.exit_code == 0 and res.stderr.splitlines()[-1] == (
+        f"note: no worker is running on prefix {prefix!r} now ({why}): the batch stays in_progress and runs when a "
+        "worker starts"), res.stderr
+    bid = res.stdout.split()[-1]
+    res = cli.invoke(app, ["batch", "results", bid, "--wait", "--pickup-timeout", "0.2"])
+    assert res.exit_code == 3 and res.stderr.splitlines() == [_said(bid, why)], res.output
+
+
+@pytest.mark.parametrize("command", [["list"], ["status", "batch_x"], ["results", "batch_x"], ["cancel", "batch_x"]])
+def test_a_bad_setting_is_one_line_and_exit_status_2(cli, monkeypatch, command):
+    """The README's exit status for a setting with a bad value (batch commands exited 1)."""
+    monkeypatch.setenv("PAGEDSERVE_MAX_MESSAGE_BYTES", "abc")
+    res = cli.invoke(app, ["batch", *command])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == ["error: invalid setting PAGEDSERVE_MAX_MESSAGE_BYTES='abc': Input should be "
+                                       "a valid integer, unable to parse string as an integer"], res.stderr
+
+
+def test_the_redis_timeout_is_submits(cli):
+    """A Redis that does not answer is given up on when `submit` and `cancel` give up on it (batch commands waited
+    three times as long)."""
+    s, r = batch_cli._redis()
+    with r, Client(settings=s) as client:
+        assert (r.connection_pool.connection_kwargs["socket_timeout"]
+                == client.r.connection_pool.connection_kwargs["socket_timeout"])
