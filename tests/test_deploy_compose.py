@@ -327,3 +327,71 @@ def test_dashboard_panels_follow_both_variables():
             for selector in re.findall(r"\bpagedserve_[a-z0-9_]+(\{[^}]*\})?", target["expr"]):
                 assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (panel["title"],
                                                                                           target["expr"])
+
+
+@needs_compose
+def test_a_gpu_worker_runs_one_tensor_parallel_rank_per_reserved_gpu():
+    """A worker given two GPUs that ran one rank would leave the second idle; the size can still be set apart."""
+    for env, gpus, ranks in (({}, 1, "1"), ({"PAGEDSERVE_GPUS_PER_WORKER": "2"}, 2, "2"),
+                             ({"PAGEDSERVE_GPUS_PER_WORKER": "4", "PAGEDSERVE_TENSOR_PARALLEL_SIZE": "2"}, 4, "2")):
+        w = _config(**env)["worker"]
+        (dev,) = w["deploy"]["resources"]["reservations"]["devices"]
+        assert int(dev["count"]) == gpus and w["environment"]["PAGEDSERVE_TENSOR_PARALLEL_SIZE"] == ranks, env
+
+
+# ---------------------------------------------------------------- alert rules: coverage and job independence
+
+
+def _alert_rules() -> dict[str, dict]:
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    return {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+
+
+def test_alerts_cover_the_faults_the_worker_reports():
+    """Each fault the worker counts has a rule: Redis unreachable, refused writes, internal errors, failed engine
+    steps, dead letters, a stalled engine; each says how long it must last, how bad it is and what to check."""
+    rules = _alert_rules()
+    exprs = " ".join(r["expr"] for r in rules.values())
+    for needle in ("pagedserve_redis_errors_total", "pagedserve_redis_write_refusals_total",
+                   'pagedserve_requests_total{outcome="error:internal"}', "pagedserve_engine_step_failures_total",
+                   "pagedserve_queue_dead_letters_total", "pagedserve_requests_running",
+                   "kube_pod_container_status_restarts_total"):
+        assert needle in exprs, needle
+    for name, rule in rules.items():
+        assert "for" in rule, name
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"].get("summary") and rule["annotations"].get("description"), name
+
+
+def test_alert_outcomes_and_metrics_are_ones_the_worker_exports():
+    try:
+        from pagedserve.service.metrics import WorkerMetrics
+    except ImportError:
+        pytest.skip("pagedserve.service.metrics is not importable")
+    samples = {(s.name, s.labels.get("outcome")) for fam in WorkerMetrics().registry.collect() for s in fam.samples}
+    names = {n for n, _ in samples}
+    for name, rule in _alert_rules().items():
+        for metric in re.findall(r"\bpagedserve_[a-z0-9_]+", rule["expr"]):
+            assert metric in names, f"{name} reads {metric}, which the worker does not export"
+        for outcome in re.findall(r'outcome="([^"]+)"', rule["expr"]):
+            assert ("pagedserve_requests_total", outcome) in samples, (name, outcome)
+
+
+def test_alerts_select_workers_by_metric_name_or_the_shared_job():
+    """Kubernetes names the job after the Service; only up{} needs the job (a down target exports nothing else),
+    and the chart's ServiceMonitor sets it to the compose job's name (tests/test_deploy_helm.py checks that)."""
+    cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert "pagedserve-worker" in {j["job_name"] for j in cfg["scrape_configs"]}
+    for name, rule in _alert_rules().items():
+        for selector in re.findall(r"\bpagedserve_[a-z0-9_]+(\{[^}]*\})?", rule["expr"]):
+            assert "job" not in selector, (name, rule["expr"])
+        for selector in re.findall(r"\bup\b(\{[^}]*\})?", rule["expr"]):
+            assert selector == '{job="pagedserve-worker"}', (name, rule["expr"])
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test():
+    tests = yaml.safe_load((ROOT / "deploy/prometheus/alerts.test.yml").read_text())["tests"]
+    cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+    for name in _alert_rules():
+        assert any(c["alertname"] == name and c["exp_alerts"] for c in cases), f"{name}: no test where it fires"
+        assert any(c["alertname"] == name and not c["exp_alerts"] for c in cases), f"{name}: no test where it is quiet"

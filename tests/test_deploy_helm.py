@@ -215,7 +215,7 @@ def test_keda_scaled_object(rendered):
     assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] == 16
     assert spec["fallback"] == {"failureThreshold": 3, "replicas": 2}
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
-    (trigger,) = spec["triggers"]
+    trigger, batches = spec["triggers"]
     assert trigger["type"] == "redis-streams"
     md = trigger["metadata"]
     assert md["stream"] == "pagedserve:requests"
@@ -225,8 +225,12 @@ def test_keda_scaled_object(rendered):
     assert not [k for k in md if k.startswith("activation")]
     assert md["address"] == "redis-master.redis.svc:6379"
     assert all(isinstance(v, str) for v in md.values())  # KEDA metadata is map[string]string
+    # at zero replicas the batches waiting start a worker (their lines reach the stream only through one)
+    assert batches["type"] == "redis"
+    assert batches["metadata"] == {"address": md["address"], "databaseIndex": "0", "enableTLS": "false",
+                                   "listName": "pagedserve:batches:active", "listLength": "8"}
     ta = one(docs, "TriggerAuthentication")
-    assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
+    assert trigger["authenticationRef"] == batches["authenticationRef"] == {"name": ta["metadata"]["name"]}
     assert ta["spec"]["secretTargetRef"] == [
         {"parameter": "password", "name": "pagedserve-redis", "key": "redis-password"}]
     assert not by_kind(docs, "HorizontalPodAutoscaler")  # KEDA owns the HPA
@@ -303,6 +307,8 @@ def test_tensor_parallel_size_sets_the_engine_and_the_gpu_limit():
     # gpu.count above the ranks stays as asked
     assert worker_container(render({"engine": {"tensorParallelSize": 2}, "gpu": {"count": 4}}))[
         "resources"]["limits"]["nvidia.com/gpu"] == 4
+    # and the install notes say what the pods ask for
+    assert "Each worker requests 4 x nvidia.com/gpu" in notes({"engine": {"tensorParallelSize": 4}})
 
 
 # ---------------------------------------------------------------- KEDA: what the redis-streams scaler really reads
@@ -355,6 +361,92 @@ def test_keda_scale_to_zero_only_on_stream_length():
                      "keda.minReplicaCount=0", "length")
     md = keda_trigger({"keda": {"enabled": True, "minReplicaCount": 0, "trigger": {"metric": "length", "threshold": 4}}})
     assert keda_reads(md) == "length"
+
+
+# What KEDA's redis scaler runs on its listName, as a script (EVAL): TYPE, then ZCARD of a sorted set, LLEN of a
+# list or of a missing key. Each command is checked against the ACL of the user KEDA logs in with.
+KEDA_REDIS_LENGTH = """local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'zset' then return redis.call('ZCARD', KEYS[1]) end
+return redis.call('LLEN', KEYS[1])"""
+
+
+def keda_active_at_zero(r, trigger: dict) -> bool:
+    """Whether KEDA would start a worker on this trigger while none runs (each activates above 0 here)."""
+    md = trigger["metadata"]
+    if trigger["type"] == "redis-streams":
+        assert keda_reads(md) == "length", md
+        return r.xlen(md["stream"]) > int(md.get("activationLagCount", 0))
+    if trigger["type"] == "redis":
+        return r.eval(KEDA_REDIS_LENGTH, 1, md["listName"]) > int(md.get("activationListLength", 0))
+    assert trigger["type"] == "prometheus", trigger
+    return False  # the workers' own metrics: no worker, no series
+
+
+def documented_keda_acl(prefix: str) -> list[str]:
+    """The rules values.yaml gives a Redis user of KEDA's own, for ``prefix``."""
+    text = " ".join(w for w in (CHART / "values.yaml").read_text().split() if w != "#")
+    rules = re.search(r"ACL SETUSER pagedserve-keda on >PASSWORD (.*?\+llen)", text).group(1).split()
+    return [rule.replace("pagedserve:", f"{prefix}:") for rule in rules]
+
+
+def test_keda_at_zero_starts_a_worker_for_a_batch(redis_url, prefix):
+    """A batch submitted while KEDA holds the fleet at zero: its lines reach the request stream only through a
+    running worker's batch feeder, so the stream stays empty; KEDA must see the batch itself, or it waits until
+    its window expires. Checked on a real Redis, logged in as the KEDA user values.yaml documents."""
+    redis = pytest.importorskip("redis")
+    from pagedserve.service.batch_client import create_batch
+
+    triggers = one(render({**VALUE_SETS["keda"], "prefix": prefix}), "ScaledObject")["spec"]["triggers"]
+    admin = redis.Redis.from_url(redis_url)
+    user = f"{prefix}-keda"
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">keda-pw", *documented_keda_acl(prefix))
+    keda = redis.Redis.from_url(redis_url.replace("redis://", f"redis://{user}:keda-pw@", 1))
+    try:
+        # nothing waits: every trigger reads 0, so the fleet may go to zero (no batch key yet: LLEN of nothing)
+        assert not [t["type"] for t in triggers if keda_active_at_zero(keda, t)]
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}}
+        bid, created = create_batch(admin, prefix, json.dumps(line).encode() + b"\n")
+        assert created and admin.hget(f"{prefix}:batch:{bid}", "status") == b"in_progress"
+        assert admin.xlen(f"{prefix}:requests") == 0  # no worker, no line fed
+        assert [t["type"] for t in triggers if keda_active_at_zero(keda, t)] == ["redis"]
+        # With the chart's own Secret KEDA logs in as the worker: its ACL reads every trigger too.
+        from pagedserve.service.connection import worker_acl
+
+        admin.execute_command("ACL", "SETUSER", f"{user}-w", "reset", "on", ">keda-pw", *worker_acl(prefix))
+        with redis.Redis.from_url(redis_url.replace("redis://", f"redis://{user}-w:keda-pw@", 1)) as as_worker:
+            assert [t["type"] for t in triggers if keda_active_at_zero(as_worker, t)] == ["redis"]
+    finally:
+        keda.close()
+        admin.execute_command("ACL", "DELUSER", user, f"{user}-w")
+        admin.close()
+
+
+def test_keda_active_batches_trigger_only_at_zero():
+    """With a worker always running it feeds the batches itself: the trigger (and the EVAL it needs) is left out;
+    turned off at zero the notes say that batches then wait."""
+    def types(values):
+        return [t["type"] for t in one(render(values), "ScaledObject")["spec"]["triggers"]]
+
+    assert types({"keda": {"enabled": True, "minReplicaCount": 1}}) == ["redis-streams"]
+    at_zero = {"keda": {"enabled": True, "minReplicaCount": 0}}
+    assert types(at_zero) == ["redis-streams", "redis"]
+    assert "+eval +type +zcard +llen" in notes(at_zero)
+    off = {"keda": {"enabled": True, "minReplicaCount": 0, "activeBatchesTrigger": {"enabled": False}}}
+    assert types(off) == ["redis-streams"]
+    text = notes(off)
+    assert "WARNING" in text and "keda.activeBatchesTrigger" in text and "batch" in text, text
+    assert "keda.activeBatchesTrigger" not in notes({"keda": {"enabled": True, "minReplicaCount": 1}})
+
+
+def test_keda_batch_backlog_trigger_at_zero_needs_the_active_batches_trigger():
+    """The backlog metric comes from running workers: at zero only the active-batches trigger starts one."""
+    values = {"keda": {"enabled": True, "minReplicaCount": 0, "batchTrigger": {"enabled": True}},
+              "serviceMonitor": {"enabled": True}}
+    assert [t["type"] for t in one(render(values), "ScaledObject")["spec"]["triggers"]] == [
+        "redis-streams", "redis", "prometheus"]
+    values["keda"]["activeBatchesTrigger"] = {"enabled": False}
+    render_fails(values, "keda.batchTrigger", "keda.activeBatchesTrigger")
 
 
 def test_keda_activation_only_for_lag():
@@ -716,3 +808,43 @@ def test_batch_trigger_without_the_service_monitor_is_flagged():
     text = notes(values)
     assert "keda.batchTrigger" in text and 'service="rel-pagedserve"' in text, text
     assert "keda.batchTrigger" not in notes({**values, "serviceMonitor": {"enabled": True}})
+
+
+# ---------------------------------------------------------------- alert rules (PrometheusRule) and the job label
+
+ALERTS = CHART.parents[1] / "deploy" / "prometheus" / "alerts.yml"
+
+
+def test_service_monitor_names_the_job_the_alert_rules_select():
+    """The operator names the job after the Service (rel-pagedserve), where the rules' up{job="pagedserve-worker"}
+    would match nothing and PagedserveNoWorkers fire for ever; relabelings of the user's come after the chart's."""
+    own = {"targetLabel": "node", "sourceLabels": ["__meta_kubernetes_pod_node_name"]}
+    sm = one(render({"serviceMonitor": {"enabled": True, "relabelings": [own]}}), "ServiceMonitor")
+    relabelings = sm["spec"]["endpoints"][0]["relabelings"]
+    assert relabelings[0] == {"targetLabel": "job", "replacement": "pagedserve-worker", "action": "replace"}
+    assert relabelings[1:] == [own]
+    assert 'up{job="pagedserve-worker"}' in ALERTS.read_text()
+
+
+def test_prometheus_rule_is_the_alerts_file():
+    """One set of rules: the chart's copy is deploy/prometheus/alerts.yml, byte for byte, and is what it renders."""
+    assert (CHART / "files" / "alerts.yml").read_bytes() == ALERTS.read_bytes(), (
+        "helm/pagedserve/files/alerts.yml differs from deploy/prometheus/alerts.yml: copy the latter over the former")
+    assert not by_kind(render({}), "PrometheusRule")
+    values = {"serviceMonitor": {"enabled": True},
+              "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}
+    rule = one(render(values), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == {"groups": yaml.safe_load(ALERTS.read_text())["groups"]}
+    report = helm.lint(str(CHART), values, strict=True, namespace="ml", kube_version=f"v{KUBE_VERSION}")
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"prometheusRule": {"enabled": True, "rules": []}})
+
+
+def test_prometheus_rule_without_the_service_monitor_is_flagged():
+    text = notes({"prometheusRule": {"enabled": True}})
+    assert "prometheusRule" in text and 'job="pagedserve-worker"' in text, text
+    assert "prometheusRule" not in notes({"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}})

@@ -116,6 +116,11 @@ Redis from one who did not: with existingSecret KEDA has nothing else to go by. 
 {{- define "pagedserve.consumerGroup" -}}
 {{- printf "%s-workers" .Values.prefix }}
 {{- end }}
+{{- /* The batches with lines still to take or to collect (batch_keys.BatchKeys.active, a sorted set): producers
+       add a batch when they create it, workers remove it once every line has its output line. */}}
+{{- define "pagedserve.activeBatches" -}}
+{{- printf "%s:batches:active" .Values.prefix }}
+{{- end }}
 
 {{/* Drain budget: worker grace + margin. */}}
 {{- define "pagedserve.terminationGracePeriodSeconds" -}}
@@ -344,4 +349,22 @@ so it is qualified with the release namespace. IPv6 literals ([...]) stay as the
 {{/* true when an autoscaler owns .spec.replicas. */}}
 {{- define "pagedserve.autoscaled" -}}
 {{- or .Values.keda.enabled .Values.autoscaling.enabled }}
+{{- end }}
+
+{{/* The connection metadata of the chart's KEDA Redis triggers (redis-streams and redis read the same keys):
+     address, databaseIndex, TLS. */}}
+{{- define "pagedserve.kedaRedisConnection" -}}
+address: {{ include "pagedserve.redisAddress" . | quote }}
+{{- if not .Values.redis.url }}
+databaseIndex: {{ include "pagedserve.str" .Values.redis.db | quote }}
+{{- else }}
+{{- $db := trimPrefix "/" (get (urlParse (include "pagedserve.redisURLChecked" .)) "path") }}
+{{- if $db }}
+databaseIndex: {{ $db | quote }}
+{{- end }}
+{{- end }}
+enableTLS: {{ include "pagedserve.redisTLS" . | quote }}
+{{- if eq (include "pagedserve.redisUnsafeSSL" .) "true" }}
+unsafeSsl: "true"
+{{- end }}
 {{- end }}
