@@ -93,7 +93,7 @@ def test_producer_batches_run_once_a_worker_has_connected_and_a_workers_script_w
         bid = p.stdout.strip().splitlines()[-1]
         assert wait_batch(producer, PREFIX, bid, timeout=120, poll_s=0.1)["status"] == "completed"
         assert [line["custom_id"] for line in batch_results(producer, PREFIX, bid)] == ["a", "b"]
-        infile.write_bytes(jsonl([chat(f"l{i}", 1500) for i in range(3)]))
+        infile.write_bytes(jsonl([chat(f"l{i}", 1500, ignore_eos=True) for i in range(3)]))
         p = batch_cli(producer_url, "submit", str(infile))
         assert p.returncode == 0, p.stderr
         long = p.stdout.strip().splitlines()[-1]
