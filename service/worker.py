@@ -376,7 +376,13 @@ class Worker(WorkerPart):
         self._check_if_away()
         if self.publisher.pending():
             self.metrics.redis_ops.inc(self.publisher.flush(self.r))
+        checked = False
         for rid in self.intake.cancels():
+            if not checked:
+                # A pause may have come after the check above (while the cancels were read, say), and a cancel sent
+                # meanwhile must not end a run another worker took over then: ask again once one is in hand.
+                self._check_if_away()
+                checked = True
             if not self.admission.cancel_compiling(rid):
                 self.running.cancel(rid)
         self.running.lose(self.leases.take_lost())

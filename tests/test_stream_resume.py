@@ -24,7 +24,7 @@ from pagedserve.engine.sequence import ResumeSample
 from pagedserve.service.client import AsyncClient, Client
 from pagedserve.service.client_core import Emit, Pause, ReadEvents, ReadResult, Send, build_request, stream_wait
 from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
-from service_fixtures import WorkerProcess, make_settings, wait_for
+from service_fixtures import WorkerProcess, make_settings, running_worker, submit_running, wait_for
 
 PROMPT = [5, 17, 99, 3, 250, 8, 61]
 
@@ -389,3 +389,44 @@ def test_a_cancel_meeting_a_takeover_keeps_the_streamed_tokens_and_the_paused_ow
         for w in workers:
             w.kill()
         r.close()
+
+
+def test_a_cancel_read_after_a_pause_ends_no_run_another_worker_took_over(redis_url, prefix, shared_engine):
+    """The pause of the test above, landing after the loop's check for lost claims and before its read of the
+    cancels: another worker took the id over meanwhile and the cancel came. The worker must find the claim lost
+    before it acts on the cancel: it gives the run up and stores no answer of its own (the owner answers). Driven
+    in this process: the renewal threads are held, as SIGSTOP holds them, and the loop's own ticks run."""
+    s = make_settings(redis_url, prefix, claim_idle_ms=3000)
+    keys = Keys(prefix)
+    rid = "cancelled-in-a-pause"
+    r = redis.Redis.from_url(redis_url)
+    armed, resume = threading.Event(), threading.Event()
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        for t in (w.leases.thread, w.claims.thread):
+            def held(client, tick=t._tick):
+                if armed.is_set() and threading.current_thread().name.startswith("pagedserve-"):
+                    resume.wait(60)
+                return tick(client)
+            t._tick = held
+        cancels = w.intake.cancels
+
+        def paused_read():
+            if armed.is_set() and not resume.is_set() and r.get(keys.running(rid)) != b"other-worker:1":
+                r.set(keys.running(rid), "other-worker:1", px=60_000)  # taken over while this worker was stopped
+                c.cancel(rid)
+                wait_for(lambda: w.conn.pubsub.connection.can_read(timeout=0), 10, what="the cancel reaching it")
+                for t in (w.leases.thread, w.claims.thread):
+                    t.last_ok -= 10  # the time the pause took
+            yield from cancels()
+
+        w.intake.cancels = paused_read
+        try:
+            submit_running(c, r, keys, rid)
+            armed.set()
+            wait_for(lambda: rid not in w.running.table, 60, what="the run ending here")
+            assert rid in w.admission.waiting, "not given up: it acted on the cancel"
+            assert r.get(keys.result(rid)) is None  # the owner answers, not this worker
+        finally:
+            resume.set()
+            r.delete(keys.running(rid))
+            r.close()
