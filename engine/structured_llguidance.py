@@ -332,6 +332,8 @@ def repeatable_minimum(schema: object) -> str | None:
     return None
 
 
+# The shorthand classes read as ASCII ([0-9], [0-9a-zA-Z_], [ \t\n\r\f\v]) in a regex spec (llguidance's flags).
+REGEX_ASCII_CLASSES = "dws"
 # JSON's short escapes (llguidance knows no "\/"), for schemas that name no control character (see grammar_text).
 JSON_ESCAPES_WITHOUT_U = 'nrbtf\\"'
 # A control character other than those short escapes, as itself or as a regex escape (only \u can write it).
@@ -590,7 +592,9 @@ class LLGuidanceBackend:
         if kind == "choice":
             return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in body))
         if kind == "regex":
-            return llg.LLMatcher.grammar_from_regex(body)
+            # \d, \w and \s are ASCII classes, as in vLLM's default backend and in a JSON Schema pattern here;
+            # llguidance's own regexes are Unicode-aware, so a date came out in look-alike digits.
+            return llg.LLMatcher.grammar_from_lark(f"start: /{llg.regex_to_lark(body, REGEX_ASCII_CLASSES)}/")
         try:
             return llg.grammar_from("grammar", body)  # Lark as it is, GBNF converted to Lark
         except ValueError as e:

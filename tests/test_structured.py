@@ -161,6 +161,26 @@ def test_regex_walks_fullmatch(tokenized, name):
         assert re.fullmatch(REGEXES[name], text), text
 
 
+def _accepts(matcher, tok, eos: int, text: str) -> bool:
+    """Whether the grammar's matcher takes ``text`` whole and then ends."""
+    return all(matcher.accept(t) for t in tok.encode(text, add_special_tokens=False)) and matcher.accept(eos)
+
+
+@pytest.mark.parametrize("regex, texts", [
+    (r"\d{4}-\d{2}", ["2024-05", "\u0662\u0660\u0662\u0664-05", "2024-\U0001fbf8\U0001fbf8"]),  # Arabic-Indic, segmented
+    (r"\w{3}", ["a_9", "\u00e9t\u00e9", "ab\u0301"]),  # accented letters, a combining mark
+    (r"a\sb", ["a b", "a\tb", "a\u00a0b", "a\u2003b"]),  # no-break and em spaces
+    (r"[\d.]+|\D", ["1.5", "x", "\u0663.5"]),
+])
+def test_regex_shorthand_classes_are_ascii(tokenized, regex, texts):
+    """\\d, \\w and \\s are ASCII classes, as in vLLM's default backend (xgrammar) and a JSON Schema pattern: a date
+    asked as \\d{4} came out in look-alike digits. Python's re with re.ASCII is the reference."""
+    so, tok, eos = tokenized
+    grammar = so.compile(validate_structured_outputs({"regex": regex}))
+    for text in texts:
+        assert _accepts(grammar.matcher(), tok, eos, text) == bool(re.fullmatch(regex, text, re.ASCII)), text
+
+
 @pytest.mark.parametrize("name", sorted(CHOICES))
 def test_choice_walks_pick_a_choice(tokenized, name):
     so, tok, eos = tokenized
