@@ -149,6 +149,17 @@ class _StdoutConsole(Console):
 out = _StdoutConsole()
 
 
+def _print_output(text: str, end: str = "\n") -> None:
+    """The model's text. On a terminal its control characters are escaped (``printable``), so an answer cannot
+    drive the terminal; into a file or a pipe it goes as the model wrote it, so that JSON whose whitespace holds a
+    carriage return stays JSON (and rich, which would expand tabs, is not in the way)."""
+    if out.is_terminal:
+        out.print(printable(text), end=end, markup=False, highlight=False, soft_wrap=True)
+    else:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()  # streamed tokens reach a pipe's reader as they come
+
+
 def _escape_what_cannot_be_encoded() -> None:
     """A stream whose encoding cannot write a character (PYTHONIOENCODING=ascii) writes it escaped (\\xe9) rather
     than failing mid-output; an error handler the user chose (ascii:replace) is kept."""
@@ -420,10 +431,10 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
     _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
 
-def _structured_outputs(json_schema: str | None, choice: str | None, regex: str | None) -> dict | None:
+def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex: str | None) -> dict | None:
     """``params.structured_outputs`` from ``submit``'s options (at most one of them), or None."""
     given = [name for name, v in (("--json-schema", json_schema), ("--choice", choice), ("--regex", regex))
-             if v is not None]
+             if v]
     if len(given) > 1:
         _fail(f"error: give one of --json-schema, --choice, --regex (got {', '.join(given)})", 2)
     if json_schema is not None:
@@ -433,8 +444,10 @@ def _structured_outputs(json_schema: str | None, choice: str | None, regex: str 
             return {"json": json.loads(Path(json_schema).read_text(encoding="utf-8"))}
         except (OSError, ValueError) as e:
             _fail(f"error: --json-schema {json_schema}: {e}", 2)
-    if choice is not None:
-        return {"choice": [c.strip() for c in choice.split(",") if c.strip()]}
+    if choice:
+        if len(choice) > 1:  # one choice per --choice, exactly as given: a choice may hold a comma or spaces
+            return {"choice": choice}
+        return {"choice": [c.strip() for c in choice[0].split(",") if c.strip()]}
     if regex is not None:
         return {"regex": regex}
     return None
@@ -493,7 +506,7 @@ def submit(
     priority: int = typer.Option(0, "--priority", help="Lower runs first when the worker is full."),
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", help="FILE: the output is JSON that validates against this JSON Schema."),
-    choice: Optional[str] = typer.Option(None, "--choice", help="a,b,c: the output is one of these."),
+    choice: Optional[list[str]] = typer.Option(None, "--choice", help="a,b,c: the output is one of these. Or give --choice once per choice, kept exactly as written (commas and spaces included)."),
     regex: Optional[str] = typer.Option(None, "--regex", help="The output matches this regular expression."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Only print the final result."),
     request_id: Optional[str] = typer.Option(
@@ -558,7 +571,7 @@ def submit(
                     if isinstance(ev, TokenEvent):
                         status.stop()
                         if n == 1 and not beam_width:
-                            out.print(printable(ev.text), end="", markup=False, highlight=False, soft_wrap=True)
+                            _print_output(ev.text, end="")
                             streamed = True
                         continue
                     final = ev
@@ -595,7 +608,7 @@ def submit(
         for o in final.outputs:
             if len(final.outputs) > 1:
                 out.print(f"[bold][{o.index}][/]", end=" ")
-            out.print(printable(o.text), markup=False, highlight=False, soft_wrap=True)
+            _print_output(o.text)
     reasons = ",".join(str(o.finish_reason) for o in final.outputs)
     m = final.metrics
     err.print(

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from pagedserve.service.cli import app
 from pagedserve.service.client import AsyncClient, Client, RedisUnreachable
 from processes import alive
-from service_fixtures import REPO, make_settings, running_worker
+from service_fixtures import REPO, WorkerProcess, make_settings, running_worker
 
 runner = CliRunner()
 
@@ -349,18 +349,38 @@ def test_demo_with_an_unreachable_redis_is_one_line_naming_the_url():
     assert "PAGEDSERVE_REDIS_URL" in line and "s3cret-pw" not in line
 
 
-def test_submit_never_prints_raw_control_characters(redis_url, prefix, shared_engine):
+def test_submit_escapes_control_characters_on_a_terminal_and_writes_a_file_as_the_model_wrote_it(
+        redis_url, prefix, tmp_path):
+    """On a terminal an answer cannot drive it (control characters escaped); into a file or a pipe the text is the
+    model's own, byte for byte: JSON whose whitespace held a carriage return printed as the two characters \\r,
+    which is no longer JSON, and tabs came out as spaces."""
     from pagedserve.service.cli import printable
+    from pagedserve.service.protocol import Keys, parse_terminal
 
     assert printable("a\x1b[2Jb\x07\r\nc\td é") == "a\\x1b[2Jb\\x07\\r\nc\td é"
     # The tiny model's byte-level noise holds control bytes: sampled, 48 tokens, streamed and not.
-    s = make_settings(redis_url, prefix)
-    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
-    with running_worker(s, shared_engine):
-        for extra in ([], ["--no-stream"]):
-            res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "48", "--temperature", "1.0", *extra], env=env)
-            assert res.exit_code == 0, res.output
-            assert all(ch.isprintable() or ch in "\n\t" for ch in res.stdout), repr(res.stdout)
+    # A worker process: one in this process would log into the stdout the runner captures.
+    w = WorkerProcess(make_settings(redis_url, prefix), tmp_path / "w.log").start()
+    r = redis.Redis.from_url(redis_url)
+    try:
+        w.wait_started()
+        for terminal in ("1", "0"):
+            env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix, "TTY_COMPATIBLE": terminal}
+            for extra in ([], ["--no-stream"]):
+                rid = f"noise-{terminal}-{len(extra)}"
+                res = runner.invoke(app, ["submit", "Hello", "--id", rid, "--max-tokens", "48", "--temperature", "1.0",
+                                          "--seed", "3", *extra], env=env)
+                assert res.exit_code == 0, res.output
+                text = parse_terminal(r.get(Keys(prefix).result(rid))).text
+                assert not all(ch.isprintable() or ch in "\n" for ch in text), "no control character to show"
+                if terminal == "1":
+                    assert res.stdout == printable(text) + "\n", repr(res.stdout)
+                    assert all(ch.isprintable() or ch in "\n\t" for ch in res.stdout), repr(res.stdout)
+                else:
+                    assert res.stdout == text + "\n", repr(res.stdout)
+    finally:
+        w.close()
+        r.close()
 
 
 def test_help_texts_have_no_hard_line_breaks_and_subcommands_no_completion_options():
@@ -400,7 +420,7 @@ def test_submit_again_with_the_same_id_prints_the_text_once(redis_url, prefix, s
             assert text
             for res in outs:
                 assert res.returncode == 0, res.stderr
-                assert res.stdout == printable(text) + "\n", (first, again, res.stdout)
+                assert res.stdout == text + "\n", (first, again, res.stdout)  # a pipe: the model's own text
             # The second one prints an earlier run's result: said on stderr, in one line before the summary.
             note = f"note: id {rid} already has a result; showing it (an id is answered once)"
             assert "note:" not in outs[0].stderr, outs[0].stderr
@@ -791,3 +811,21 @@ def test_a_redis_error_without_an_address_names_the_url_it_came_from(monkeypatch
     line = explain_error(redis.TimeoutError("Timeout reading from socket"))
     assert line == ("error: cannot reach Redis at redis://app:***@10.1.2.3:6380/2 (PAGEDSERVE_REDIS_URL): Timeout "
                     "reading from socket"), line
+
+
+def test_choice_given_once_per_choice_keeps_commas_and_spaces(redis_url, prefix, shared_engine):
+    """--choice repeated: each one whole (a second one was dropped unsaid, and a choice with a comma could not be
+    written); given once, it still splits on commas."""
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    choices = ["yes, please", " no "]
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        seen = set()
+        for seed in range(6):
+            res = _submit(env, "--max-tokens", "16", "--temperature", "1", "--seed", str(seed),
+                          *[arg for c in choices for arg in ("--choice", c)])
+            assert res.returncode == 0, res.stderr
+            assert res.stdout[:-1] in choices, repr(res.stdout)
+            seen.add(res.stdout[:-1])
+        assert seen == set(choices)  # both were offered (6 seeded draws of a random model)
+        res = _submit(env, "--max-tokens", "16", "--temperature", "1", "--choice", "red, green")
+        assert res.returncode == 0 and res.stdout[:-1] in ("red", "green"), (res.stdout, res.stderr)
