@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -129,3 +130,51 @@ def test_a_broker_user_refused_by_redis_stops_the_celery_worker_in_one_line_nami
         with pytest.raises(Exception, match="PAGEDSERVE_CELERY_BROKER_URL is not set") as caught:
             app.send_task("pagedserve.submit", args=["hello"])
         assert "Sup3rS3cretPW" not in str(caught.value)
+
+
+def _readme_broker_acl() -> list[str]:
+    """The README's ACL SETUSER for the Celery broker's user, as arguments (its lines are one command)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("ACL SETUSER pagedserve-celery")
+    return shlex.split(text[start:text.index("```", start)])[3:]  # after ACL SETUSER pagedserve-celery
+
+
+@pytest.mark.slow
+def test_the_readmes_broker_acl_carries_the_documented_celery_worker(tmp_path):
+    """The Celery worker started as the README says (gossip, mingle and heartbeats on, Celery's defaults) under the
+    README's broker user: it died within 2 s, refused celeryev.<uuid> and the pattern /0.celeryev/worker.* that
+    gossip subscribes to (Redis checks a PSUBSCRIBE pattern literally against the user's channel patterns). It
+    runs tasks and answers inspect ping, and Redis logs no denial."""
+    from pagedserve.service.settings import Settings
+
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        try:
+            admin.execute_command("ACL", "SETUSER", "pagedserve-celery",
+                                  *[">broker-pw" if a == ">CHANGE-ME" else a for a in _readme_broker_acl()])
+            broker = url.replace("redis://", "redis://pagedserve-celery:broker-pw@")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+            env.update(PAGEDSERVE_REDIS_URL=url, PAGEDSERVE_CELERY_BROKER_URL=broker, PYTHONPATH=str(REPO))
+            with open(tmp_path / "celery.log", "wb") as log:
+                celery = subprocess.Popen(
+                    [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool",
+                     "threads", "--loglevel", "INFO"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                app = make_celery(Settings(redis_url=url, celery_broker_url=broker))
+                rid = app.send_task("pagedserve.submit", args=["under the broker ACL"]).get(timeout=60)
+                assert rid.startswith("celery-")
+                assert app.control.inspect(timeout=5).ping(), "no worker answered inspect ping"
+                time.sleep(3)  # gossip's and the heartbeats' refusals came within two seconds of the start
+                assert celery.poll() is None, (tmp_path / "celery.log").read_text(errors="replace")[-3000:]
+                assert admin.execute_command("ACL", "LOG") == []
+                assert admin.xlen(Keys("pagedserve").requests) == 1
+            finally:
+                celery.terminate()
+                try:
+                    celery.wait(30)
+                except subprocess.TimeoutExpired:
+                    celery.kill()
+        finally:
+            admin.close()
