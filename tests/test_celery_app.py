@@ -55,10 +55,13 @@ def test_the_module_app_is_built_when_asked_for_and_says_which_variable_to_set(r
     assert worker.returncode != 0 and "derived from PAGEDSERVE_RESULT_TTL_S (200)" in worker.stderr, worker.stderr
 
 
-def test_the_module_app_is_found_by_the_celery_command(redis_url, prefix):
-    """``celery -A pagedserve.service.celery_app`` finds the module's app although it is built on first use."""
-    out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "inspect", "registered",
-                "--timeout", "1"], {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix})
+def test_the_module_app_is_found_by_the_celery_command(prefix):
+    """``celery -A pagedserve.service.celery_app`` finds the module's app although it is built on first use. On a
+    Redis of its own: Celery's control channel is not the prefix's, and a Celery worker of another test on the
+    shared Redis would answer."""
+    with LocalRedis() as url:
+        out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "inspect", "registered",
+                    "--timeout", "1"], {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": prefix})
     # No Celery worker runs on this prefix: the command found the app, asked, and heard nothing.
     assert "No nodes replied" in out.stdout + out.stderr, out.stdout + out.stderr
 
