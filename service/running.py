@@ -158,7 +158,10 @@ class Running(WorkerPart):
                 self.publisher.forget(rid)
                 self.claims.release(rid)  # the entry's new owner claims the id next
                 self.metrics.leases_lost.inc()
-                (f.log or self.log).warning("lease_lost", entry_id=eid)
+                (f.log or self.log).warning(
+                    "lease_lost", entry_id=eid,
+                    note="another worker took its entry over: this one renewed it too late (paused, starved, Redis "
+                         "away), or that one's CLAIM_IDLE_MS is shorter (a prefix's workers need one value)")
                 f.abandon("lease lost")
 
     def send_back(self, e: BaseException) -> list[str]:
