@@ -12,6 +12,9 @@ Invariants:
 - the entry leases are renewed at once after every (re)connect: they may have aged during the outage;
 - every completed (re)connect bumps ``generation``: the intake then drains the consumer's orphaned pending
   entries again and re-checks the cancelled keys of the running ids (what the broken link may have missed);
+- ``ok`` is what ``/readyz`` says of the link (worker.py): false from a failure (an outage, or a refusal the loop
+  takes for one: READONLY from a replica, any refusal during setup) until the next completed setup; a replica
+  answers PING, so only the link's own state says that nothing can be stored;
 - no credential is ever printed: errors and log lines that may quote the Redis URL go through :func:`redact`.
 """
 
@@ -171,6 +174,7 @@ class Connection(WorkerPart):
     on_wait: Callable[[], None] = lambda: None
     backoff: Backoff = field(default_factory=Backoff, init=False)
     ok: bool = field(default=False, init=False)
+    refused: str = field(default="", init=False)  # what Redis said when a refusal took the link down (redacted)
     needs_setup: bool = field(default=True, init=False)
     pubsub: Any = field(default=None, init=False)  # subscribed to the cancel channel while set up
     _name_held: bool = field(default=False, init=False)
@@ -203,7 +207,8 @@ class Connection(WorkerPart):
             event = "redis_refused" if isinstance(e, REDIS_REFUSED) else "redis_unreachable"
             self.log.warning(event, url=redact(self.settings.redis_url), error=redact(e),
                              buffered=self.publisher.buffered(),
-                             note="retrying with backoff; /readyz says not ready until Redis answers")
+                             note="retrying with backoff; /readyz says not ready until the link is set up again")
+        self.refused = redact(str(e)) if isinstance(e, REDIS_REFUSED) else ""
         self.metrics.redis_errors.inc()
         self.ok = False
         self.needs_setup = True
@@ -239,6 +244,7 @@ class Connection(WorkerPart):
         if not self.ok and self.backoff.delay:
             self.log.info("redis_reconnected", buffered=self.publisher.buffered())
         self.ok = True
+        self.refused = ""
         self.backoff.ok()
         self.needs_setup = False
         self.generation += 1

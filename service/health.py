@@ -1,6 +1,6 @@
 """Health and metrics HTTP server: ``/healthz`` (loop alive, and making progress while it has work:
-:class:`Progress`), ``/readyz`` (started: model loaded and consumer name held; Redis reachable), ``/metrics``
-(Prometheus text format).
+:class:`Progress`), ``/readyz`` (started: model loaded and consumer name held; Redis reachable and the worker's
+link to it set up), ``/metrics`` (Prometheus text format).
 Deployment files rely on these paths and on port 9400 by default.
 
 Runs in a daemon thread; it only reads state through the callables it is given.

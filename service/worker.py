@@ -226,9 +226,16 @@ class Worker(WorkerPart):
         # does one whose loop started while Redis was away: it takes the name only once Redis answers (and may
         # find it another live worker's then).
         started = self.started.is_set() and self.conn.name_held
-        ok = started and self.model_loaded and reachable and not self._stop.is_set()
-        return ok, {"started": started, "model_loaded": self.model_loaded, "redis": reachable,
-                    "stopping": self._stop.is_set()}
+        # The loop's own link, set up and not failed since: a PING alone passes on a read-only replica (what a
+        # failover can leave behind), where the worker stores nothing and backs off. A refusal of single writes
+        # while set up (maxmemory) leaves the link up: the publisher sends them again, and readiness holds.
+        set_up, refused = self.conn.ok, self.conn.refused
+        ok = started and self.model_loaded and reachable and set_up and not self._stop.is_set()
+        info = {"started": started, "model_loaded": self.model_loaded, "redis": reachable, "redis_set_up": set_up,
+                "stopping": self._stop.is_set()}
+        if refused and not set_up:
+            info["redis_refused"] = refused
+        return ok, info
 
     def check_credentials(self) -> None:
         """Raise ``redis.AuthenticationError`` (one line, password masked) when Redis refuses this worker's user or
