@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .batch_keys import BATCH_PRIORITY, request_id
-from .protocol import DoneEvent, ErrorEvent, GenerateRequest
+from .protocol import DoneEvent, ErrorEvent, GenerateRequest, too_large
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
@@ -321,9 +321,7 @@ def _stream_body(req: GenerateRequest, max_message_bytes: int | None) -> str:
         raise LineError(f"body: {e}") from None
     size = len(body.encode())
     if max_message_bytes is not None and size > max_message_bytes:
-        raise LineError(f"the request is {size} bytes as a stream entry, more than max_message_bytes "
-                        f"{max_message_bytes} (PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit): shorten the prompt "
-                        "or raise the limit on both sides")
+        raise LineError(too_large(req, size, max_message_bytes))
     return body
 
 

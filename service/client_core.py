@@ -76,6 +76,7 @@ from .protocol import (
     parse_event,
     parse_terminal,
     refusal_message,
+    too_large,
     valid_id,
 )
 from .redaction import redact, remember_secrets
@@ -321,9 +322,7 @@ def check_message_size(req: GenerateRequest, settings: Settings) -> None:
     size = len(req.model_dump_json(exclude_none=False).encode())
     limit = settings.max_message_bytes
     if size > limit:
-        raise ValueError(f"the request is {size} bytes as a stream entry, more than max_message_bytes {limit} "
-                         "(PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit): shorten the prompt or raise the "
-                         "limit on both sides")
+        raise ValueError(too_large(req, size, limit))
 
 
 def first_terminal(ev: Event) -> Terminal | None:

@@ -295,6 +295,19 @@ class GenerateRequest(BaseModel):
 # Readers ignore fields they do not know: the contract grows by adding fields, never renaming them.
 _EVENT = ConfigDict(extra="ignore")
 
+def too_large(req: GenerateRequest, size: int, limit: int) -> str:
+    """Why a request of ``size`` bytes as a stream entry is refused, naming its largest part (the prompt or
+    messages, metadata, params): a big ``metadata`` was blamed on a prompt of one byte."""
+    parts = {"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids, "messages": req.messages,
+             "metadata": req.metadata or None, "params": req.params}
+    sizes = {name: len(json.dumps(value, default=lambda m: m.model_dump(mode="json")).encode())
+             for name, value in parts.items() if value is not None}
+    largest = max(sizes, key=sizes.__getitem__)
+    return (f"the request is {size} bytes as a stream entry, more than max_message_bytes {limit} "
+            f"(PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit), {sizes[largest]} of them in {largest}: shorten "
+            f"it or raise the limit on both sides")
+
+
 class TokenEvent(BaseModel):
     """One step's delta of one output sequence (``index``); deltas concatenate to the final text.
 

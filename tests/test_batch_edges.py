@@ -99,7 +99,8 @@ def test_a_line_over_max_message_bytes_is_refused_at_submit_and_one_at_it_runs(r
     assert over["custom_id"] == "over" and over["error"]["code"] == "invalid_request"
     assert over["error"]["message"] == (
         f"line 2: the request is {size + 1} bytes as a stream entry, more than max_message_bytes {size} "
-        "(PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit): shorten the prompt or raise the limit on both sides")
+        f"(PAGEDSERVE_MAX_MESSAGE_BYTES, the workers' limit), 1003 of them in prompt: shorten it or raise the limit "
+        "on both sides")  # 1001 a's and the quotes
     with running_worker(make_settings(redis_url, prefix, max_message_bytes=size), shared_engine):
         status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
     assert status["status"] == "completed" and status["request_counts"] == {"total": 2, "completed": 1, "failed": 1}

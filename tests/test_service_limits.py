@@ -169,8 +169,12 @@ def test_a_body_over_max_message_bytes_is_refused_by_the_client_as_the_worker_wo
     with running_worker(s, shared_engine), Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
         for call in (lambda: c.submit(request=over), lambda: c.generate(request=over, timeout=30),
                      lambda: next(c.stream(request=over, timeout=30))):
-            with pytest.raises(ValueError, match=f"more than max_message_bytes {limit} "):
+            with pytest.raises(ValueError, match=f"more than max_message_bytes {limit} .* in prompt: shorten it"):
                 call()
+        # The largest part is named: a big metadata was blamed on the prompt.
+        heavy = build_request("a", id="heavy", params={"max_tokens": 2}, metadata={"blob": "x" * limit})
+        with pytest.raises(ValueError, match=r"of them in metadata: shorten it"):
+            c.submit(request=heavy)
 
         async def async_submit():
             async with AsyncClient(settings=s) as ac:
