@@ -387,7 +387,24 @@ def _json_error(error: str, schema: object) -> str:
         for where, node in _schemas(schema):
             if names & set(node):
                 return f"{_cut(error)} (at {where or '/'})"
-    return _cut(error)
+    where = _metaschema_place(schema)
+    return _cut(error) if where is None else f"{_cut(error)} (at {where})"
+
+
+def _metaschema_place(schema: object) -> str | None:
+    """Where ``schema`` breaks the JSON Schema metaschema (a type spelled ``strng``, ``required`` given as a
+    string), as a JSON pointer, or None: llguidance names the mistake, not its place in a schema of hundreds of
+    lines. The ``jsonschema`` package's own check of its dialect (2020-12 where the schema names none)."""
+    import jsonschema
+
+    try:
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        error = jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
+    except Exception:  # a $schema it does not know, a schema it cannot walk: the place stays unsaid
+        return None
+    if error is None:
+        return None
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path)
 
 
 def _matches_nothing(error: str) -> bool:
