@@ -507,6 +507,30 @@ def resume_point(after: Any) -> int | dict[int, int] | None:
     return whole(after, "")
 
 
+def check_resume_point(after: int | dict[int, int], done: DoneEvent, top_seq: dict[int, int]) -> None:
+    """``after`` against the end of the request it resumed (``top_seq``: each output's highest seq read from its
+    events stream; empty when that stream had expired). A key naming no output, or a seq past the end (of every
+    output for an int, of its own for a key), is a caller's mistake (a token count, a character offset, a dict
+    written ``{seq: index}``) that replayed every token or skipped some without a word: ``ValueError`` naming
+    ``after`` instead of the ``done`` event."""
+    indexes = sorted(o.index for o in done.outputs)
+    if isinstance(after, dict):
+        unknown = sorted(set(after) - set(indexes))
+        if unknown:
+            raise ValueError(f"after: key {unknown[0]} names no output of request {done.id} (its outputs are "
+                             f"{', '.join(map(str, indexes))}): give {{index: last seq seen}}")
+        points = {i: (after.get(i, -1), i in top_seq, top_seq.get(i, -1)) for i in indexes}
+        name = "after[{}]"
+    else:
+        points = {"every output": (after, bool(top_seq), max(top_seq.values(), default=-1))}
+        name = "after"
+    for where, (point, known, top) in points.items():
+        if known and point > top:
+            raise ValueError(f"{name.format(where)}: seq {point} is past the end of request {done.id} (its last seq "
+                             f"{'' if where == 'every output' else f'of output {where} '}is {top}): "
+                             "give the last seq your reader saw")
+
+
 # ------------------------------------------------------------------------------------------------ event wait
 @dataclasses.dataclass(frozen=True)
 class Subscribe:
@@ -948,11 +972,14 @@ def stream_wait(
     default_next = after + 1 if isinstance(after, int) else 0
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
     tokens = submit is None or submit.stream
+    top_seq: dict[int, int] = {}  # per output, the highest seq read from the events stream (skipped ones too)
     # From the start of a request we sent that streams: what was emitted of each output, to complete it at the end.
     emitted: dict[int, tuple[list[str], list[int]]] | None = (
         {} if after is None and submit is not None and _streams(submit) else None)
 
     def end(ev: Terminal) -> Generator[Op, Any, None]:
+        if after is not None and isinstance(ev, DoneEvent):
+            check_resume_point(after, ev, top_seq)
         if emitted is not None and isinstance(ev, DoneEvent):
             for o in ev.outputs:
                 texts, ids = emitted.get(o.index, ([], []))
@@ -1007,6 +1034,7 @@ def stream_wait(
                     if not tokens:
                         continue  # an earlier run of this id streamed; this request asked for the end alone
                     if ev.seq is not None:
+                        top_seq[ev.index] = max(ev.seq, top_seq.get(ev.index, -1))
                         if ev.seq < next_seq.get(ev.index, default_next):
                             continue  # seen already
                         next_seq[ev.index] = ev.seq + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -430,3 +431,40 @@ def test_a_cancel_read_after_a_pause_ends_no_run_another_worker_took_over(redis_
             resume.set()
             r.delete(keys.running(rid))
             r.close()
+
+
+def test_a_resume_point_past_the_end_or_naming_no_output_is_refused_naming_after(redis_url, prefix, shared_engine):
+    """A resume point past an output's last seq skipped its tokens without a word, and a dict key naming no output
+    (``{seq: index}`` written the wrong way round) replayed every token: both are a ``ValueError`` naming ``after``
+    at the end. A point at the last seq, or per output within each, reads on as before."""
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    rid = "resumed-pair"
+    with running_worker(s, shared_engine), Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
+        done = list(c.stream("two", id=rid, params={"max_tokens": 8, "n": 2, "temperature": 1.0, "seed": 1,
+                                                    "ignore_eos": True}, timeout=60))[-1]
+        top: dict[int, int] = {}
+        for _, f in r.xrange(keys.events(rid)):
+            ev = json.loads(f[b"data"])
+            if ev["type"] == "token":
+                top[ev["index"]] = max(ev["seq"], top.get(ev["index"], -1))
+        assert set(top) == {0, 1}
+        last = max(top.values())
+        for after, words in ((last + 1, f"after: seq {last + 1} is past the end of request {rid}"),
+                             (10**6, "after: seq 1000000 is past the end"),
+                             ({0: top[0], 5: 1}, f"after: key 5 names no output of request {rid} (its outputs are 0, 1)"),
+                             ({top[0]: 0}, None),  # written {seq: index}: a key naming no output unless seq < 2
+                             ({0: top[0] + 1, 1: -1}, f"after[0]: seq {top[0] + 1} is past the end of request {rid}")):
+            if words is None:
+                if top[0] < 2:
+                    continue
+                words = f"after: key {top[0]} names no output"
+            with pytest.raises(ValueError, match=re.escape(words)):
+                list(c.stream(rid, after=after))
+        # Within the end: read on from there, per output.
+        evs = list(c.stream(rid, after={0: 2, 1: -1}))
+        assert isinstance(evs[-1], DoneEvent)
+        texts = {i: "".join(e.text for e in evs[:-1] if e.index == i) for i in (0, 1)}
+        assert texts[1] == done.outputs[1].text and done.outputs[0].text.endswith(texts[0])
+        assert all(e.seq > 2 for e in evs[:-1] if e.index == 0)
+        assert isinstance(list(c.stream(rid, after=last))[-1], DoneEvent)
