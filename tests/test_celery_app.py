@@ -150,22 +150,15 @@ def test_the_readmes_broker_acl_carries_the_documented_celery_worker(tmp_path):
     README's broker user: it died within 2 s, refused celeryev.<uuid> and the pattern /0.celeryev/worker.* that
     gossip subscribes to (Redis checks a PSUBSCRIBE pattern literally against the user's channel patterns). It
     runs tasks and answers inspect ping, and Redis logs no denial."""
-    from pagedserve.service.settings import Settings
-
     with LocalRedis() as url:
         admin = redis.Redis.from_url(url)
         try:
             admin.execute_command("ACL", "SETUSER", "pagedserve-celery",
                                   *[">broker-pw" if a == ">CHANGE-ME" else a for a in _readme_broker_acl()])
             broker = url.replace("redis://", "redis://pagedserve-celery:broker-pw@")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
-            env.update(PAGEDSERVE_REDIS_URL=url, PAGEDSERVE_CELERY_BROKER_URL=broker, PYTHONPATH=str(REPO))
-            with open(tmp_path / "celery.log", "wb") as log:
-                celery = subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool",
-                     "threads", "--loglevel", "INFO"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                app = make_celery(Settings(redis_url=url, celery_broker_url=broker))
+            s = make_settings(url, "pagedserve", celery_broker_url=broker, celery_visibility_timeout_s=120)
+            with celery_worker(s, tmp_path / "celery.log", "threads", 2, quiet=False) as celery:
+                app = make_celery(s)
                 rid = app.send_task("pagedserve.submit", args=["under the broker ACL"]).get(timeout=60)
                 assert rid.startswith("celery-")
                 assert app.control.inspect(timeout=5).ping(), "no worker answered inspect ping"
@@ -173,11 +166,5 @@ def test_the_readmes_broker_acl_carries_the_documented_celery_worker(tmp_path):
                 assert celery.poll() is None, (tmp_path / "celery.log").read_text(errors="replace")[-3000:]
                 assert admin.execute_command("ACL", "LOG") == []
                 assert admin.xlen(Keys("pagedserve").requests) == 1
-            finally:
-                celery.terminate()
-                try:
-                    celery.wait(30)
-                except subprocess.TimeoutExpired:
-                    celery.kill()
         finally:
             admin.close()

@@ -20,13 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
-def celery_worker(settings, log_path, pool: str, concurrency: int):
-    """A real Celery worker process running the pagedserve tasks; stopped (then killed) on exit."""
+def celery_worker(settings, log_path, pool: str, concurrency: int, quiet: bool = True):
+    """A real Celery worker process running the pagedserve tasks; stopped (then killed) on exit. ``quiet``:
+    without gossip, mingle and heartbeats (a faster start); else with Celery's defaults, as the README starts it."""
+    flags = ["--without-gossip", "--without-mingle", "--without-heartbeat"] if quiet else []
     with open(log_path, "wb") as log:
         celery = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", pool,
-             "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-             "--without-heartbeat"],
+             "--concurrency", str(concurrency), "--loglevel", "INFO", *flags],
             cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
         )
         try:
