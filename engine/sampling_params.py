@@ -37,6 +37,11 @@ UNSUPPORTED_OPTIONS: dict[str, str] = {
     "truncate_prompt_tokens": "leave it out and shorten the prompt",
     "detokenize": "leave it out (text is always decoded)",
     "use_beam_search": "use beam_width > 0 instead",
+    "guided_decoding": "use structured_outputs instead (vLLM's newer name)",
+    "output_kind": "leave it out (an offline run returns whole outputs; the service streams deltas of its own)",
+    "logits_processors": "leave it out",
+    "extra_args": "leave it out",
+    "flat_logprobs": "leave it out",
 }
 
 
@@ -221,15 +226,32 @@ class SamplingParams:
         return cls(**data)
 
 
+def _unsupported(name: str) -> str:
+    return f"SamplingParams option {name} is not supported by pagedserve: {UNSUPPORTED_OPTIONS[name]}"
+
+
 def _refuse_unsupported_options(init):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        if args:  # vLLM's first positional field is n, this class's max_tokens: one would be read as the other
+            raise TypeError("SamplingParams takes keyword arguments only, e.g. SamplingParams(max_tokens=16)")
         for name in kwargs:
             if name in UNSUPPORTED_OPTIONS:
-                raise TypeError(f"SamplingParams option {name} is not supported by pagedserve: "
-                                f"{UNSUPPORTED_OPTIONS[name]}")
-        init(self, *args, **kwargs)
+                raise TypeError(_unsupported(name))
+        init(self, **kwargs)
     return __init__
 
 
+def _refuse_unknown_attributes(self: SamplingParams, name: str, value: object) -> None:
+    """Setting an option after construction, as vLLM code does (``sp.logit_bias = ...``), is checked as the
+    constructor checks it: an option this engine lacks, or a misspelt one, was stored and ignored."""
+    if name not in _FIELD_NAMES:
+        if name in UNSUPPORTED_OPTIONS:
+            raise AttributeError(_unsupported(name))
+        raise AttributeError(f"SamplingParams has no option {name!r}")
+    object.__setattr__(self, name, value)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
 SamplingParams.__init__ = _refuse_unsupported_options(SamplingParams.__init__)
+SamplingParams.__setattr__ = _refuse_unknown_attributes
