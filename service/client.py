@@ -63,6 +63,9 @@ MAX_CONNECTIONS = 10_000
 
 
 CLOSE_CANCELS_S = 5.0  # AsyncClient.aclose waits this long at most for its cancels, all of them together
+# A caller that went away waits this long at most for its request's cancel: a Redis that hangs must not hold it
+# for the socket timeout past its own deadline (asyncio.timeout, a web framework's disconnect). The cancel goes on.
+ABANDONED_CANCEL_WAIT_S = 1.0
 EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
 
 
@@ -607,12 +610,13 @@ class AsyncClient(ProducerCore):
     async def _cancel_abandoned(self, request_id: str) -> None:
         """Cancel a request whose caller went away, in a task of its own: under a cancel scope (anyio's, as in
         Starlette's disconnect handling) every await of the cancelled code is cancelled again, this one's too,
-        and the cancel would never go out. :meth:`aclose` waits for the ones still on their way."""
+        and the cancel would never go out. The caller waits for it ABANDONED_CANCEL_WAIT_S at most; past that it
+        goes on in the background, and :meth:`aclose` waits for the ones still on their way."""
         task = asyncio.ensure_future(self._send_cancel(request_id))
         self._cancelling.add(task)
         task.add_done_callback(_forget_cancel(self._cancelling))
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.shield(task)
+            await asyncio.wait({task}, timeout=ABANDONED_CANCEL_WAIT_S)  # neither its end nor ours cancels it
 
     @staticmethod
     async def _close_quietly(pubsub: Any) -> None:

@@ -8,6 +8,7 @@ are the ones its docstring states; the real-Redis behaviour of both clients is c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -1077,3 +1078,41 @@ def test_aclose_leaves_no_request_running_and_a_hung_redis_holds_it_once(redis_u
 async def _drain(it) -> None:
     async for _ in it:
         pass
+
+
+def test_a_caller_that_times_out_against_a_hung_redis_is_held_a_moment_not_the_socket_timeout(prefix):
+    """A handler under asyncio.timeout(1) whose Redis hangs (SIGSTOP: it accepts and never answers): the cancel
+    of its abandoned request held it for the whole socket timeout (10 s) past its deadline. It waits
+    ABANDONED_CANCEL_WAIT_S at most now; the cancel still goes out once Redis answers."""
+    import signal
+
+    from pagedserve.service.client import ABANDONED_CANCEL_WAIT_S, AsyncClient
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        async def handlers() -> list[float]:
+            ac = AsyncClient(url, prefix=prefix)
+
+            async def one(i: int) -> float:
+                started = time.monotonic()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(_drain(ac.stream(f"h{i}", timeout=120)), 1.0)
+                return time.monotonic() - started
+
+            tasks = [asyncio.create_task(one(i)) for i in range(3)]
+            while len(ac._owned) < 3:  # sent, under ids of the client's making (it cancels only those)
+                await asyncio.sleep(0.01)
+            ids.extend(ac._owned)
+            pid = int(r.info("server")["process_id"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                took = await asyncio.gather(*tasks)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await ac.aclose()  # waits for the cancels still on their way
+            return took
+
+        ids: list[str] = []
+        took = asyncio.run(handlers())
+        assert all(t < 1.0 + ABANDONED_CANCEL_WAIT_S + 1.5 for t in took), took
+        assert len(ids) == 3 and all(r.exists(Keys(prefix).cancelled(rid)) for rid in ids)
