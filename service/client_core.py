@@ -513,22 +513,21 @@ def check_resume_point(after: int | dict[int, int], done: DoneEvent, top_seq: di
     output for an int, of its own for a key), is a caller's mistake (a token count, a character offset, a dict
     written ``{seq: index}``) that replayed every token or skipped some without a word: ``ValueError`` naming
     ``after`` instead of the ``done`` event."""
+    fix = "give the last seq your reader saw"
+    if not isinstance(after, dict):
+        top = max(top_seq.values(), default=None)
+        if top is not None and after > top:
+            raise ValueError(f"after: seq {after} is past the end of request {done.id} (its last seq is {top}): {fix}")
+        return
     indexes = sorted(o.index for o in done.outputs)
-    if isinstance(after, dict):
-        unknown = sorted(set(after) - set(indexes))
-        if unknown:
-            raise ValueError(f"after: key {unknown[0]} names no output of request {done.id} (its outputs are "
-                             f"{', '.join(map(str, indexes))}): give {{index: last seq seen}}")
-        points = {i: (after.get(i, -1), i in top_seq, top_seq.get(i, -1)) for i in indexes}
-        name = "after[{}]"
-    else:
-        points = {"every output": (after, bool(top_seq), max(top_seq.values(), default=-1))}
-        name = "after"
-    for where, (point, known, top) in points.items():
-        if known and point > top:
-            raise ValueError(f"{name.format(where)}: seq {point} is past the end of request {done.id} (its last seq "
-                             f"{'' if where == 'every output' else f'of output {where} '}is {top}): "
-                             "give the last seq your reader saw")
+    unknown = sorted(set(after) - set(indexes))
+    if unknown:
+        raise ValueError(f"after: key {unknown[0]} names no output of request {done.id} (its outputs are "
+                         f"{', '.join(map(str, indexes))}): give {{index: last seq seen}}")
+    for i in indexes:
+        if i in top_seq and after.get(i, -1) > top_seq[i]:
+            raise ValueError(f"after[{i}]: seq {after[i]} is past the end of request {done.id} (its last seq of "
+                             f"output {i} is {top_seq[i]}): {fix}")
 
 
 # ------------------------------------------------------------------------------------------------ event wait
