@@ -44,6 +44,7 @@ from opentelemetry.trace import SpanKind
 
 from .batch_keys import is_batch_line
 from .claims import RETRY_S, Claims
+from .connection import Backoff
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import EntryIds, InFlight
@@ -62,9 +63,6 @@ from .telemetry import extract_context, request_logger, trace_id_from_fields
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
 # was dragged there by Redis' XADD * (stream_ids.dragged).
 _SEEN_FUTURE_IDS = 64
-# The repair's retry delays (s) while it waits or fails: doubling up to the last.
-_REPAIR_FIRST_S, _REPAIR_MAX_S = 0.1, 2.0
-
 # No tokenizer turns more than this many characters into one token: a longer prompt cannot fit and is refused
 # without tokenizing it (the engine checks the exact token count).
 _MAX_CHARS_PER_TOKEN = 64
@@ -273,8 +271,8 @@ class Admission(WorkerPart):
     # The stream's last ID may lie far in the future: checked at start (a worker may have died between the dead
     # letter and the repair) and after each far-future entry, until it is clean (stream_ids.py).
     _repair_due: bool = True
-    _repair_at: float = 0.0
-    _repair_delay: float = 0.0
+    # Asked again while it waits or fails: 0.1 s, doubling up to 2 s.
+    _repair_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.1, cap=2.0))
     _repair_error: str = ""  # the last error logged by the repair (each distinct one once)
     _future_ids: list[str] = field(default_factory=list)
 
@@ -338,7 +336,8 @@ class Admission(WorkerPart):
         bodies = repeated(fields, b"body")
         future = is_future(entry_id)
         if future:  # the stream's last ID is set back once such entries are gone
-            self._repair_due, self._repair_at, self._repair_delay = True, 0.0, 0.0
+            self._repair_due = True
+            self._repair_backoff.ok()
         # Whatever its body, a planted ID is the harm (XADD * fails or is dragged along until it is repaired); an
         # honest entry dragged after it runs (its wait in the queue reads as none: arrival is capped at now).
         future = future and not dragged_here
@@ -441,7 +440,7 @@ class Admission(WorkerPart):
         while Redis refuses the script (read-only replica, a script still busy...), asked again, 0.1 s doubling to
         2 s; given up only when the ACL denies it (asked again after the next far-future entry)."""
         now = time.monotonic()
-        if not self._repair_due or now < self._repair_at:
+        if not self._repair_due or now < self._repair_backoff.next_try:
             return
         try:
             state, old, new = repair_details(self.r, self.keys)
@@ -452,23 +451,19 @@ class Admission(WorkerPart):
             self._repair_error = ""  # said again if the next far-future entry finds it still denied
             return
         except redis.ResponseError as e:  # not (redis.ConnectionError, TimeoutError): the loop handles those
-            self._repair_retry(now)
+            self._repair_backoff.failed(now)
             self._repair_failed(e, _repair_advice(e))
             return
         finally:
             self.metrics.redis_ops.inc()
         self._repair_error = ""
         if state == "waiting":
-            self._repair_retry(now)
+            self._repair_backoff.failed(now)
             return
         self._repair_due = False
         if state == "repaired":
             self.log.warning("request_stream_id_repaired", stream=self.keys.requests, last_id=old, new_last_id=new,
                              note="a producer added an entry ID far in the future: XADD * works again")
-
-    def _repair_retry(self, now: float) -> None:
-        self._repair_delay = min(_REPAIR_MAX_S, max(_REPAIR_FIRST_S, self._repair_delay * 2))
-        self._repair_at = now + self._repair_delay
 
     def _repair_failed(self, e: redis.ResponseError, action: str) -> None:
         """Logged once per distinct error (retried every 2 s, it would fill the log)."""

@@ -286,14 +286,14 @@ def test_the_repair_runs_under_maxmemory_and_is_retried_after_a_refusal():
         admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only, keeps its data (no master to sync)
         try:
             for _ in range(3):
-                adm._repair_at = 0.0
+                adm._repair_backoff.next_try = 0.0
                 adm.repair_stream_ids()
             assert adm._repair_due, "gave up after a refusal that an operator may mend"
             assert [e for _, e, _ in logged] == ["request_stream_id_repair_failed"], logged
             assert "replica" in logged[0][2]["action"]
         finally:
             admin.execute_command("REPLICAOF", "NO", "ONE")
-        adm._repair_at = 0.0
+        adm._repair_backoff.next_try = 0.0
         adm.repair_stream_ids()
         assert not adm._repair_due
         assert last_ms(admin, keys.requests) < time.time() * 1000 + 1000
