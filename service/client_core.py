@@ -688,15 +688,17 @@ def timed_out(keys: Keys, clues: Clues, timeout: float | None) -> Generator[Op, 
     return timeout_error(clues.request_id, timeout, f"; no worker is running ({verdict.text})" if verdict else "")
 
 
-def not_picked_up(verdict: Verdict, pickup_timeout: float | None, heard: bool = False) -> TimeoutError:
+def not_picked_up(verdict: Verdict, request_id: str, pickup_timeout: float | None,
+                  heard: bool = False) -> TimeoutError:
     """What a pickup check that found a reason raises. ``heard``: an event of the request came, so a worker ran it
     and is gone now; its entry stays pending, and a worker started later takes it over."""
     if verdict.gone:
         return RequestGone(verdict.text)
     if heard:
-        return NoWorker(f"no worker is running this after {pickup_timeout:g} s without an event ({verdict.text}): "
-                        "the worker running it stopped; it stays pending and continues when a worker starts")
-    return NoWorker(f"no worker is running this after {pickup_timeout:g} s ({verdict.text})")
+        return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s without an event "
+                        f"({verdict.text}): the worker running it stopped; it stays pending and continues when a "
+                        "worker starts")
+    return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s ({verdict.text})")
 
 
 def diagnose(keys: Keys, clues: Clues) -> Generator[Op, Any, Verdict | None]:
@@ -913,7 +915,7 @@ def event_wait(
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
-                        raise not_picked_up(verdict, pickup_timeout, heard)
+                        raise not_picked_up(verdict, request_id, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             if m.get("type") != "message":
@@ -1020,7 +1022,7 @@ def stream_wait(
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
-                        raise not_picked_up(verdict, pickup_timeout, heard)
+                        raise not_picked_up(verdict, request_id, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             for event_id, fields in entries:

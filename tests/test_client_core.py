@@ -249,7 +249,7 @@ def test_pickup_timeout_names_why_no_worker_will_come(replies, why):
         for reply in replies:
             op = wait.send(reply)
             assert isinstance(op, (ReadConsumers, CountKeys)), op
-    assert str(exc.value) == f"no worker is running this after 5 s ({why})"
+    assert str(exc.value) == f"no worker is running {RID} after 5 s ({why})"
 
 
 @pytest.mark.parametrize("refused_at", [0, 1, 2])
@@ -933,7 +933,7 @@ def test_after_an_event_each_silent_pickup_timeout_looks_for_a_worker_once(machi
             elif isinstance(op, Send):
                 reply = "1-0"
     assert checks == [25.0, 30.0, 35.0]  # the last event at 20 s, then one check per silent window
-    assert str(exc.value).startswith("no worker is running this after 5 s without an event (consumer group has 1 "
+    assert str(exc.value).startswith(f"no worker is running {RID} after 5 s without an event (consumer group has 1 "
                                      "consumer, none of them alive): the worker running it stopped; it stays pending")
 
 
@@ -995,9 +995,9 @@ def test_wait_and_events_on_an_id_take_pickup_timeout(redis_url, prefix):
 
     with Client(redis_url, prefix=prefix) as c:
         rid = c.submit("x")  # no worker on this prefix: it stays queued
-        with pytest.raises(NoWorker, match=r"^no worker is running this after 1 s \(no consumer group"):
+        with pytest.raises(NoWorker, match=rf"^no worker is running {rid} after 1 s \(no consumer group"):
             c.wait(rid, timeout=30, pickup_timeout=1)
-        with pytest.raises(NoWorker, match=r"^no worker is running this after 1 s \(no consumer group"):
+        with pytest.raises(NoWorker, match=rf"^no worker is running {rid} after 1 s \(no consumer group"):
             list(c.events(rid, timeout=30, pickup_timeout=1))
 
     async def observe() -> None:

@@ -416,7 +416,7 @@ def test_the_only_worker_dying_mid_stream_raises_no_worker_and_the_request_resum
             assert took < 15, f"NoWorker came {took:.1f} s after the kill"
             rid = seen[0].id
             message = str(exc.value)
-            assert message.startswith(f"no worker is running this after {PICKUP_S:g} s without an event (consumer "
+            assert message.startswith(f"no worker is running {rid} after {PICKUP_S:g} s without an event (consumer "
                                       "group has 1 consumer, none of them alive): the worker running it stopped; "
                                       "it stays pending"), message
             assert not admin.exists(keys.cancelled(rid)), "a NoWorker cancels nothing"
