@@ -297,6 +297,6 @@ class LeaseKeeper:
                 self._gone.extend(gone)
         if gone:
             # Nothing to renew, and no other worker can hold these entries: their requests run on here under
-            # their id claims and store their results (the ack then finds nothing to acknowledge).
+            # their id claims and store their results (the ack then finds nothing to acknowledge). Logged where
+            # the request ids are known (running.py).
             self.metrics.entries_gone.inc(len(gone))
-            self.log.warning("entries_gone", entry_ids=gone)

@@ -198,7 +198,11 @@ class Running(WorkerPart):
         if entry_ids:
             gone = set(entry_ids)
             for f in self.table.values():
-                f.gone |= gone.intersection(f.entry_ids)
+                mine = gone.intersection(f.entry_ids) - f.gone
+                if mine:
+                    f.gone |= mine
+                    (f.log or self.log).warning("entries_gone", entry_ids=sorted(mine),
+                                                note="no consumer holds its entry: it runs on and stores its result")
 
     def take_requeue(self) -> list:
         requeue, self.requeue = self.requeue, []

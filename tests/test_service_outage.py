@@ -135,7 +135,8 @@ def test_a_running_request_whose_entry_leaves_the_stream_ends_with_its_result(tm
         assert 0 < admin.pttl(keys.events(rid)) <= s.result_ttl_s * 1000
         wait_for(lambda: not admin.exists(keys.running(rid)), 30, what="claim released")
         assert not pending(admin, keys)
-        assert any(e.get("event") == "entries_gone" for e in w.events()), "the loss is logged"
+        assert [e.get("request_id") for e in w.events() if e.get("event") == "entries_gone"] == [rid], \
+            "the loss is logged once, naming the request"
         assert not any(e.get("event") in ("lease_lost", "run_given_up") for e in w.events())
         assert w.proc.poll() is None
 
