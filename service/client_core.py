@@ -43,7 +43,10 @@ Invariants of :func:`event_wait`:
   live worker renews it from a thread of its own, however busy its loop) raises :class:`NoWorker` (after an
   event: saying that the worker running it stopped and that it stays pending); a live worker keeps the wait
   going, whatever the queue's length (one alive takes a dead one's entry over after ``claim_idle_ms``). A wait
-  that runs out says the same in its ``TimeoutError``.
+  that runs out says the same in its ``TimeoutError``;
+- without ``pickup_timeout``, a wait on a request this client sent still ends when Redis lost it (restarted
+  without persistence, evicted it), instead of waiting for ever: :class:`LossCheck`.
+Both machines do the last two alike.
 """
 
 from __future__ import annotations
@@ -463,9 +466,11 @@ class ProducerCore:
 
     def _clues(self, request_id: str, submit: GenerateRequest | None) -> dict:
         """What this client knows of a request a wait looks for: its entry, if this client sent it (a request the
-        wait sends learns its own from the XADD), and the consumer names seen so far."""
+        wait sends learns its own from the XADD), and the consumer names seen so far; and how often a wait looks
+        whether Redis lost it (:class:`LossCheck`)."""
         entry_id = self._entry_ids.get(request_id) if submit is None else None
-        return {"entry_id": entry_id, "consumers_seen": self._consumers_seen}
+        return {"entry_id": entry_id, "consumers_seen": self._consumers_seen,
+                "loss_check_s": self.settings.claim_idle_ms / 1000}
 
 
 def check_seconds(**values: Any) -> None:
@@ -630,6 +635,40 @@ def _rest(out: Any, text: str, ids: list[int], request_id: str, seq: int) -> Tok
     logprobs = out.logprobs[len(ids):] if out.logprobs is not None else None
     return TokenEvent(id=request_id, index=out.index, token_ids=out.token_ids[len(ids):], text=out.text[len(text):],
                       seq=seq, logprobs=logprobs)
+
+
+class LossCheck:
+    """A wait without ``pickup_timeout`` looks after each ``period`` of silence whether its request is gone from
+    Redis (:func:`why_gone`), and raises :class:`RequestGone` only when two looks in a row, ``period`` apart, say
+    so: one look may fall between a loss of Redis's data and the running worker's next renewal of its claim
+    (every ``lease_renew_ms``, less than ``claim_idle_ms``), and the period is the client's ``claim_idle_ms``.
+    Only for a request this client sent: of another id it cannot tell "lost" from "not sent yet"."""
+
+    def __init__(self, clock: Callable[[], float], period: float):
+        self.clock = clock
+        self.period = period
+        self.next_at = clock() + period
+        self.first: str | None = None  # what the last look found, when it found the request gone
+
+    def due(self) -> bool:
+        return self.clock() >= self.next_at
+
+    def heard(self) -> None:
+        """The request was sent, or an event of it came: it is not lost now."""
+        self.first = None
+        self.next_at = self.clock() + self.period
+
+    def looked(self, gone: str | None) -> str | None:
+        """The message to raise :class:`RequestGone` with, when this look and the one before found it gone."""
+        confirmed = gone if gone is not None and self.first is not None else None
+        self.first = gone
+        self.next_at = self.clock() + self.period
+        return confirmed
+
+
+def _loss_check(clock: Callable[[], float], period: float | None, pickup_timeout: float | None,
+                clues: Clues) -> LossCheck | None:
+    return LossCheck(clock, period) if period and pickup_timeout is None and clues.sent_here else None
 
 
 class Outage:
@@ -857,14 +896,15 @@ def event_wait(
     pickup_timeout: float | None = None,
     entry_id: str | None = None,
     consumers_seen: OrderedDict | None = None,
+    loss_check_s: float | None = None,
 ) -> Generator[Op, Any, None]:
     """The events of ``request_id`` (sending ``submit`` first if given), as operations for a client to run.
 
     Token events are emitted only when ``tokens``; ``timeout`` (seconds, None = no limit) raises
     ``TimeoutError``; ``pickup_timeout`` (seconds) raises :class:`NoWorker` or :class:`RequestGone` as the module
     docstring says. ``entry_id``: the stream entry of a request this client sent before (the reply to
-    :class:`Send` gives that of one sent here); ``consumers_seen``: as :func:`why_no_worker` takes it.
-    A client throws the Redis error of a failed operation into the generator; ``where`` names Redis in errors.
+    :class:`Send` gives that of one sent here); ``consumers_seen``: as :func:`why_no_worker` takes it;
+    ``loss_check_s``: the period of :class:`LossCheck` (None: none). A client throws the Redis error of a failed operation into the generator; ``where`` names Redis in errors.
     """
     clues = _clues_for(request_id, submit, entry_id, consumers_seen)
     deadline = None if timeout is None else clock() + timeout
@@ -876,6 +916,7 @@ def event_wait(
     # id began), and again pickup_timeout after each event; a worker that dies mid-run leaves a silent channel.
     check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
     heard = False  # an event of the request came: a worker ran it
+    loss = _loss_check(clock, loss_check_s, pickup_timeout, clues)
 
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
@@ -897,6 +938,8 @@ def event_wait(
                     sent = True
                     if pickup_timeout is not None:
                         check_workers_at = clock() + pickup_timeout
+                    if loss is not None:
+                        loss.heard()
                 else:
                     done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                     if done is not None:
@@ -912,6 +955,10 @@ def event_wait(
                     return
                 if expired():
                     raise (yield from timed_out(keys, clues, timeout))
+                if loss is not None and loss.due():
+                    gone = loss.looked((yield from _gone_or_none(keys, clues)))
+                    if gone is not None:
+                        raise RequestGone(gone)
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
@@ -922,6 +969,8 @@ def event_wait(
                 continue
             ev = parse_event(m["data"])
             heard = True
+            if loss is not None:
+                loss.heard()
             if pickup_timeout is not None:  # a worker ran it: look again only after a silent pickup_timeout
                 check_workers_at = clock() + pickup_timeout
             if isinstance(ev, TokenEvent):
@@ -954,11 +1003,12 @@ def stream_wait(
     pickup_timeout: float | None = None,
     entry_id: str | None = None,
     consumers_seen: OrderedDict | None = None,
+    loss_check_s: float | None = None,
 ) -> Generator[Op, Any, None]:
     """The events of ``request_id`` from its events stream (sending ``submit`` first if given), as operations for a
     client to run. ``after``: the last ``seq`` already seen, for every output (an int) or per output index (a
-    dict); those events and the ones before them are skipped. Errors, ``entry_id`` and ``consumers_seen`` as
-    :func:`event_wait`."""
+    dict); those events and the ones before them are skipped. Errors, ``entry_id``, ``consumers_seen`` and
+    ``loss_check_s`` as :func:`event_wait`."""
     after = resume_point(after)
     clues = _clues_for(request_id, submit, entry_id, consumers_seen)
     deadline = None if timeout is None else clock() + timeout
@@ -969,6 +1019,7 @@ def stream_wait(
     # pickup_timeout after each event (a worker that dies mid-run leaves a silent stream).
     check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
     heard = False  # an event of the request came: a worker ran it
+    loss = _loss_check(clock, loss_check_s, pickup_timeout, clues)
     last_entry = "0-0"
     default_next = after + 1 if isinstance(after, int) else 0
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
@@ -999,6 +1050,8 @@ def stream_wait(
                 sent = reached = True
                 if pickup_timeout is not None:
                     check_workers_at = clock() + pickup_timeout
+                if loss is not None:
+                    loss.heard()
             wait = QUIET_S if deadline is None else max(0.001, min(QUIET_S, deadline - clock()))
             entries = yield ReadEvents(keys.events(request_id), last_entry, max(1, int(wait * 1000)))
             reached = True
@@ -1019,6 +1072,10 @@ def stream_wait(
                             f"{keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or it still waits "
                             "in the queue for a worker")
                     raise (yield from timed_out(keys, clues, timeout))
+                if loss is not None and loss.due():
+                    gone = loss.looked((yield from _gone_or_none(keys, clues)))
+                    if gone is not None:
+                        raise RequestGone(gone)
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
@@ -1029,6 +1086,8 @@ def stream_wait(
                 last_entry = _text(event_id)
                 ev = parse_event(fields.get(b"data", fields.get("data")))
                 heard = True
+                if loss is not None:
+                    loss.heard()
                 if pickup_timeout is not None:  # a worker ran it: look again only after a silent pickup_timeout
                     check_workers_at = clock() + pickup_timeout
                 if isinstance(ev, TokenEvent):

@@ -30,6 +30,7 @@ from pagedserve.service.client_core import (
     ReadGroups,
     ReadResult,
     RedisUnreachable,
+    RequestGone,
     Send,
     Subscribe,
     Unsubscribe,
@@ -208,6 +209,85 @@ def test_a_restart_shorter_than_the_outage_bound_is_ridden_out():
         assert isinstance(op, ReadResult)
         op = wait.send(None)
         assert isinstance(op, ReadEvents)
+
+
+NO_STREAM = redis.ResponseError("ERR no such key")  # XINFO GROUPS of a stream Redis lost
+
+
+def _drive_silent(reader, claims: list[int], *, until: float, submit: bool = True, token_at: float | None = None,
+                  loss_check_s: float | None = 30.0):
+    """Run a wait (no pickup_timeout, no deadline) over a Redis that lost everything of its request: no stream,
+    no result; each look's EXISTS of the claim answers the next of ``claims`` (0 once they run out). A token event
+    comes once at ``token_at``. Returns the looks' times and the RequestGone raised, or None at ``until``."""
+    clock = Clock()
+    wait = reader(Keys("t"), RID, build_request("hi", id=RID) if submit else None, None, clock=clock,
+                  loss_check_s=loss_check_s)
+    looks: list[float] = []
+    op, reply, error = next(wait), None, None
+    try:
+        while clock.now < until:
+            if isinstance(op, Listen):
+                if op.timeout == 5.0:  # the subscription's confirmation
+                    reply = {"type": "subscribe", "data": 1}
+                elif token_at is not None and clock.now >= token_at:
+                    token_at, reply = None, {"type": "message", "data": TOKEN}
+                else:
+                    clock.now += op.timeout
+            elif isinstance(op, ReadEvents):
+                if token_at is not None and clock.now >= token_at:
+                    token_at, reply = None, [(b"1-0", {b"data": TOKEN})]
+                else:
+                    clock.now += op.block_ms / 1000
+                    reply = []
+            elif isinstance(op, Send):
+                reply = "5-0"
+            elif isinstance(op, ReadGroups):
+                looks.append(clock.now)
+                error = NO_STREAM
+            elif isinstance(op, CountKeys):
+                reply = claims.pop(0) if claims else 0
+            elif isinstance(op, Pause):
+                clock.now += op.seconds
+            op = wait.throw(error) if error is not None else wait.send(reply)
+            reply, error = None, None
+    except RequestGone as e:
+        return looks, e
+    return looks, None
+
+
+@pytest.mark.parametrize("reader", [event_wait, stream_wait])
+def test_a_wait_without_pickup_timeout_ends_when_redis_lost_its_request(reader):
+    """Redis restarted without persistence (or evicted the stream) while a request it had queued waited: nothing
+    will ever answer it, and a wait without a timeout or pickup_timeout waited for ever. Two looks in a row, one
+    loss period apart, find nothing of it: RequestGone."""
+    looks, gone = _drive_silent(reader, [], until=1000)
+    assert gone is not None, "waited for ever on a request Redis lost"
+    assert looks == [pytest.approx(30, abs=1.5), pytest.approx(60, abs=3)]
+    assert str(gone) == (f"request {RID} is gone from Redis (no entry, claim or result: Redis restarted without "
+                         "persistence or evicted it): send it again")
+
+
+@pytest.mark.parametrize("reader", [event_wait, stream_wait])
+def test_a_running_request_whose_claim_comes_back_is_not_called_gone(reader):
+    """Right after Redis lost its data a running request has no claim until its worker renews it (every
+    lease_renew_ms): the first look alone proves nothing. The claim back at the second look keeps the wait going,
+    and only two looks in a row that find nothing end it."""
+    looks, gone = _drive_silent(reader, [0, 1, 0], until=1000)
+    assert len(looks) == 4 and gone is not None, looks
+
+
+@pytest.mark.parametrize("reader", [event_wait, stream_wait])
+def test_an_event_between_two_looks_starts_the_loss_check_over(reader):
+    looks, gone = _drive_silent(reader, [], until=1000, token_at=45.0)
+    assert looks[0] == pytest.approx(30, abs=1.5) and looks[1] == pytest.approx(75, abs=3), looks
+    assert gone is not None and len(looks) == 3
+
+
+@pytest.mark.parametrize("reader", [event_wait, stream_wait])
+def test_no_loss_check_on_an_id_this_client_did_not_send_or_when_none_is_asked_for(reader):
+    """Of an id sent elsewhere (and maybe not yet), nothing says it was ever there: no look, the wait goes on."""
+    assert _drive_silent(reader, [], until=500, submit=False) == ([], None)
+    assert _drive_silent(reader, [], until=500, loss_check_s=None) == ([], None)
 
 
 def _sent_and_quiet(pickup_timeout: float):

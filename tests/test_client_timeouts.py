@@ -256,16 +256,20 @@ def paused(worker: WorkerProcess):
 @pytest.mark.slow
 def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
     """The probe: a worker is alive and idle, yet a wait on a request Redis lost in a restart said "no worker is
-    running". Both a wait running out and a pickup check say the request is gone; the worker still answers."""
+    running". Both a wait running out and a pickup check say the request is gone, and so does a wait with neither
+    a timeout nor a pickup_timeout (it waited for ever); the worker still answers."""
     server, admin, url, settings, worker = served
     c = Client(url, prefix=PREFIX)
+    # Its loss check looks every claim_idle_ms: the workers' 2 s, not the default 30 s.
+    patient = Client(settings=make_settings(url, PREFIX))
     try:
         assert c.generate("warm", params={"max_tokens": 2}, timeout=60).outputs  # a live worker, a consumer
         with paused(worker):
             timed = Waiting(lambda: c.generate("lost-1", id="lost-1", params={"max_tokens": 2}, timeout=12))
             picked = Waiting(lambda: c.generate("lost-2", id="lost-2", params={"max_tokens": 2}, timeout=60,
                                                 pickup_timeout=4))
-            wait_for(lambda: queued(admin) == 2, 30, what="both requests queued")
+            untimed = Waiting(lambda: patient.generate("lost-3", id="lost-3", params={"max_tokens": 2}))
+            wait_for(lambda: queued(admin) == 3, 30, what="the requests queued")
             server.stop(kill=True)  # without persistence: the restarted Redis is empty
             server.start()
         wait_for(lambda: worker_back(admin, settings), 60, what="the worker set up again")
@@ -278,6 +282,10 @@ def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
         assert isinstance(error, RequestGone), repr(error)
         assert str(error).startswith("no result for lost-1 within 12 s; request lost-1 is gone from Redis"), error
         assert "no worker is running" not in str(error)
+        error = untimed.join(60)
+        assert isinstance(error, RequestGone), repr(error)
+        assert str(error) == ("request lost-3 is gone from Redis (no entry, claim or result: Redis restarted "
+                              "without persistence or evicted it): send it again")
 
         # Waited for again: this client sent it (it knows its entry); another one can say less.
         with pytest.raises(RequestGone, match="^no result for lost-1 within 1 s; request lost-1 is gone"):
@@ -293,6 +301,7 @@ def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
         assert producer_denials(admin) == [], "the checks need a command outside the producer ACL"
     finally:
         c.close()
+        patient.close()
 
 
 @pytest.mark.slow
