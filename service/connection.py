@@ -3,7 +3,7 @@
 A (re)connect (:meth:`Connection.setup`): PING, create the consumer group if it is missing, take the
 consumer-name lease, subscribe to the cancel channel, start the lease thread once and renew the entry leases.
 Any Redis error marks the link down (:meth:`Connection.failed`); the loop keeps generating and tries again
-after an exponential backoff (50 ms doubling to 5 s).
+after an exponential backoff (50 ms doubling to 5 s), once :class:`Prober` has heard Redis answer.
 
 Invariants:
 - the client never retries on its own: a silently repeated pipeline whose reply was lost could publish a
@@ -15,11 +15,14 @@ Invariants:
 - ``ok`` is what ``/readyz`` says of the link (worker.py): false from a failure (an outage, or a refusal the loop
   takes for one: READONLY from a replica, any refusal during setup) until the next completed setup; a replica
   answers PING, so only the link's own state says that nothing can be stored;
-- no credential is ever printed: errors and log lines that may quote the Redis URL go through :func:`redact`.
+- no credential is ever printed: errors and log lines that may quote the Redis URL go through :func:`redact`;
+- while the link is down, the loop's thread sends nothing to a Redis that has not answered the prober since:
+  a hung Redis costs the engine one socket timeout per outage, not one per try.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -144,6 +147,64 @@ def redis_client(url: str, *, decode: bool = False, timeout: float = REDIS_TIMEO
         raise ValueError(f"PAGEDSERVE_REDIS_URL {redact(url)!r} is not a valid Redis URL: {redact(e)}") from None
 
 
+PROBE_PAUSE_S = 0.25  # between the prober's PINGs while Redis does not answer
+
+
+class Prober:
+    """While the link is down, a thread of its own sends PING, on a connection of its own, until Redis answers;
+    the loop tries to set the link up again only then. A Redis that hangs (a stopped process, a partition that
+    drops packets: the connect succeeds or waits, nothing answers) holds every command for the socket timeout,
+    and tried from the loop's thread that held the engine's steps as well, one try per backoff delay. A Redis that
+    refuses writes (READONLY, OOM, an ACL) answers PING: the loop's tries and backoff go on as they were."""
+
+    def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_S, pause: float = PROBE_PAUSE_S):
+        self._url, self._timeout, self._pause = url, timeout, pause
+        self._down = threading.Event()
+        self._stop = threading.Event()
+        self._epoch = 0  # +1 per link_down: a PING sent before the latest failure proves nothing after it
+        self._answered_epoch = -1
+        self._thread: threading.Thread | None = None
+
+    @property
+    def answered(self) -> bool:
+        """The link is not down, or Redis answered a PING sent since it went down."""
+        return not self._down.is_set() or self._answered_epoch == self._epoch
+
+    def link_down(self) -> None:
+        self._epoch += 1
+        self._down.set()
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._run, name="redis-prober", daemon=True)
+            self._thread.start()
+
+    def link_up(self) -> None:
+        self._down.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._down.set()  # wakes the thread to end
+
+    def _run(self) -> None:
+        client = redis_client(self._url, timeout=self._timeout)
+        try:
+            while True:
+                self._down.wait()
+                if self._stop.is_set():
+                    return
+                epoch = self._epoch
+                if self._answered_epoch == epoch:  # answered: the loop tries now; wait for its outcome
+                    self._stop.wait(self._pause)
+                    continue
+                try:
+                    client.ping()
+                    self._answered_epoch = epoch
+                except Exception:  # away, hung, or refusing even PING (an ACL without it): try again shortly
+                    client.connection_pool.disconnect()
+                    self._stop.wait(self._pause)
+        finally:
+            client.close()
+
+
 @dataclass
 class Backoff:
     initial: float = 0.05
@@ -182,6 +243,7 @@ class Connection(WorkerPart):
     _eviction_seen: str = field(default="", init=False)  # the evicting policy last warned of; "unknown": no INFO
     _may_announce: bool = field(default=True, init=False)  # False once the ACL refused XGROUP CREATECONSUMER
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
+    prober: Prober = field(init=False)
 
     def __post_init__(self) -> None:
         # One client for the worker's life; a reconnect reuses its pool. An idle read blocks for read_block_ms: its
@@ -189,6 +251,7 @@ class Connection(WorkerPart):
         # block above 3 s lengthens the timeout, and with it how long a hung Redis goes unnoticed).
         timeout = max(REDIS_TIMEOUT_S, self.settings.read_block_ms / 1000 + 2.0)
         self.r = redis_client(self.settings.redis_url, timeout=timeout)
+        self.prober = Prober(self.settings.redis_url)
         keep_repeated_fields(self.r)  # an entry naming body twice is refused for each of its ids, not half lost
 
     @property
@@ -198,8 +261,8 @@ class Connection(WorkerPart):
         return self._name_held
 
     def usable(self) -> bool:
-        """Up, or down but the backoff delay has passed: worth trying."""
-        return self.ok or time.monotonic() >= self.backoff.next_try
+        """Up, or down but the backoff delay has passed and Redis answered the prober: worth trying."""
+        return self.ok or (time.monotonic() >= self.backoff.next_try and self.prober.answered)
 
     def failed(self, e: BaseException) -> None:
         """Redis went away: back off, set up again on the next try (logged once per outage)."""
@@ -213,6 +276,7 @@ class Connection(WorkerPart):
         self.ok = False
         self.needs_setup = True
         self.backoff.failed(time.monotonic())
+        self.prober.link_down()
         try:
             self.r.connection_pool.disconnect()
         except Exception:
@@ -246,6 +310,7 @@ class Connection(WorkerPart):
         self.ok = True
         self.refused = ""
         self.backoff.ok()
+        self.prober.link_up()
         self.needs_setup = False
         self.generation += 1
         self.publisher.expire_again()
@@ -326,6 +391,11 @@ class Connection(WorkerPart):
         """Shutdown: stop renewing (the entries still held are released or acknowledged right after)."""
         if self._leases_started:
             self.leases.stop()
+
+    def close(self) -> None:
+        """Shutdown: the cancel subscription and the prober go."""
+        self.close_pubsub()
+        self.prober.stop()
 
     def close_pubsub(self) -> None:
         if self.pubsub is not None:

@@ -513,7 +513,7 @@ class Worker(WorkerPart):
                 self.reclaimer.forget_self(self.r)
             except Exception as e:
                 self.log.debug("consumer_not_deleted", error=redact(str(e)))
-        self.conn.close_pubsub()
+        self.conn.close()
         self._close_engine()
         if handed_back or not owned:
             self.log.info("worker_stopped", released=len(entry_ids), unflushed=self.publisher.pending())

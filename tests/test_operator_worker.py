@@ -152,3 +152,34 @@ def test_a_second_live_worker_under_the_same_name_says_how_to_name_it(redis_url,
                   if "consumer_name_in_use_waiting" in line]
     assert ("wait_s=3.0" in waiting or '"wait_s": 3.0' in waiting) and "--name" in waiting, waiting  # console or JSON
     assert second.health is None or second.health.server.socket.fileno() == -1  # its health server went with it
+
+
+def test_a_hung_redis_does_not_hold_up_the_engine(prefix, shared_engine):
+    """A Redis that hangs (SIGSTOP here: connections complete in its backlog and nothing answers, as in a partition
+    or a stalled primary) held each of the loop's reconnect tries for the socket timeout on the loop's own thread:
+    the engine stepped between 5 s waits and a running request took ten times as long. Only the first command
+    after the hang waits now; the loop goes on stepping, and the request ends whole once Redis is back."""
+    import os
+    import signal
+
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s = make_settings(url, prefix)
+        with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+            rid = c.submit("count", params={"max_tokens": 1200, "ignore_eos": True})
+            wait_for(lambda: r.exists(Keys(prefix).events(rid)), 60, 0.01, "tokens flowing")
+            pid = int(r.info("server")["process_id"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: not w.conn.ok, 30, 0.05, "the hang seen")
+                ages, end = [], time.monotonic() + 8
+                while time.monotonic() < end:
+                    ages.append(json.loads(_get(w.health.port, "/healthz")[1])["loop_age_s"])
+                    time.sleep(0.1)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert max(ages) < 2.0, f"the loop stood still while Redis hung: loop ages {ages}"
+            done = c.wait(rid, timeout=120)
+            assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1200
+            wait_for(lambda: w.conn.ok, 30, 0.05, "the link set up again")
