@@ -296,7 +296,7 @@ def results(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
     pickup_timeout: float = typer.Option(
         30.0, "--pickup-timeout", help="With --wait: seconds without progress before checking that a worker is "
-                                       "running (none: exit status 2)."),
+                                       "running (none: exit status 3, the batch kept)."),
 ) -> None:
     from .batch_client import TERMINAL_STATUSES, NoWorker, batch_results, batch_status, is_batch_input, wait_batch
 

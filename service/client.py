@@ -355,17 +355,19 @@ class Client(ProducerCore):
             return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
 
     def batch_results(self, batch_id: str, wait: bool = False, timeout: float | None = None,
-                      partial: bool = False) -> list[dict]:
+                      partial: bool = False, pickup_timeout: float | None = None) -> list[dict]:
         """The batch's output lines in input order. ``wait``: wait until it has ended first (``TimeoutError``
-        after ``timeout``). A batch not ended raises ``BatchNotEnded`` unless ``partial`` asks for the lines so
-        far (a script must not take a part for the whole output)."""
+        after ``timeout``; ``pickup_timeout``: ``NoWorker`` once the batch has not moved for that long and no
+        worker runs, the batch kept). A batch not ended raises ``BatchNotEnded`` unless ``partial`` asks for the
+        lines so far (a script must not take a part for the whole output)."""
         from . import batch_client
 
         self._check_open()
 
         with self._reaching():
             if wait:
-                batch = batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout)
+                batch = batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout,
+                                                pickup_timeout=pickup_timeout)
             else:
                 batch = batch_client.batch_status(self.r, self.keys.prefix, batch_id)
             lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))

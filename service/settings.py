@@ -305,6 +305,18 @@ class Settings(BaseSettings):
                              "in its read that long would fail /healthz and be restarted")
         return v
 
+    @field_validator("batch_retention_s")
+    @classmethod
+    def _batches_outlive_results(cls, v: int, info: ValidationInfo) -> int:
+        # A batch's lines are requests whose ids come from the file: the same file sent again once its batch is
+        # gone makes a new batch with the same line ids, which stored results of the first one would answer (its
+        # expired and cancelled lines too) instead of running them.
+        result_ttl_s = info.data.get("result_ttl_s")  # absent when it failed its own check
+        if result_ttl_s is not None and v < result_ttl_s:
+            raise ValueError(f"must be at least result_ttl_s ({result_ttl_s}): the same file sent again after a "
+                             "shorter retention would be answered from the first batch's stored results")
+        return v
+
     @field_validator("lease_renew_ms")
     @classmethod
     def _lease_inside_claim(cls, v: int | None, info: ValidationInfo) -> int | None:

@@ -30,7 +30,7 @@ def _said(bid: str, why: str, status: str = "in_progress") -> str:
             f"batch cancel {bid}` cancels it)")
 
 
-def test_with_no_worker_submit_notes_it_and_results_wait_says_it(cli, prefix, r, tmp_path, monkeypatch):
+def test_with_no_worker_submit_notes_it_and_results_wait_says_it(cli, prefix, r, redis_url, tmp_path, monkeypatch):
     """A wrong prefix or a forgotten worker: `results --wait` printed nothing for as long as it waited."""
     monkeypatch.setenv("COLUMNS", "400")
     src = tmp_path / "in.jsonl"
@@ -59,6 +59,9 @@ def test_with_no_worker_submit_notes_it_and_results_wait_says_it(cli, prefix, r,
 
     with pytest.raises(NoWorker, match=rf"^no worker is running batch {bid} after 0.2 s without progress"):
         wait_batch(r, prefix, bid, timeout=60, poll_s=0.05, pickup_timeout=0.2)
+    with Client(settings=make_settings(redis_url, prefix)) as c:  # it waited for ever: no pickup_timeout there
+        with pytest.raises(NoWorker, match=rf"^no worker is running batch {bid} after 0.2 s without progress"):
+            c.batch_results(bid, wait=True, timeout=60, pickup_timeout=0.2)
     with pytest.raises(ValueError, match="pickup_timeout must be a number of seconds > 0"):
         wait_batch(r, prefix, bid, pickup_timeout=0)
     res = cli.invoke(app, ["batch", "results", bid, "--wait", "--pickup-timeout", "nan"])

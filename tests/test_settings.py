@@ -212,3 +212,12 @@ def test_the_grace_period_is_read_only_under_pagedserve_names(monkeypatch):
     assert Settings().grace_period_s == 7.0
     monkeypatch.setenv("PAGEDSERVE_GRACE_PERIOD_S", "8")
     assert Settings().grace_period_s == 8.0
+
+
+def test_batches_are_kept_at_least_as_long_as_results():
+    """A file sent again once its batch's retention ended makes a new batch with the same line ids: results still
+    stored from the first batch answered its lines (expired and cancelled ones too) without running them."""
+    with pytest.raises(ValidationError, match=r"batch_retention_s\n.*must be at least result_ttl_s \(3600\)"):
+        Settings(batch_retention_s=60)
+    assert Settings(batch_retention_s=3600).batch_retention_s == 3600
+    assert Settings(batch_retention_s=60, result_ttl_s=60).batch_retention_s == 60
