@@ -97,12 +97,21 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     from redis.connection import parse_url
 
     remember_secrets(url)  # before anything can quote it, these refusals included
+    if url.split("://", 1)[0].lower() in ("redis+sentinel", "rediss+sentinel", "sentinel", "redis-sentinel"):
+        raise ValueError(f"{name}: sentinel URLs are not read: give the URL of the primary through a proxy or the "
+                         "master Service that follows it (docs/deployment.md, \"Scaling out\")")
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"{name} must start with redis://, rediss:// or unix://")
     try:
+        hosts = urlsplit(url).netloc.rpartition("@")[2]
+        if "," in hosts:
+            raise ValueError(f"{name} names several hosts ({hosts}): give one, the primary (or a proxy or Service "
+                             "that follows it)")
         options = parse_url(url)
         path = urlsplit(url).path
     except ValueError as e:
+        if str(e).startswith(name):
+            raise
         if str(e).startswith("Invalid value for"):  # a query option of the wrong type: redis-py names it
             raise ValueError(f"{e} (after ? in the URL)") from None
         # urllib's message may quote a piece of a password cut at a raw '/', '#' or '?': not shown then.

@@ -46,6 +46,10 @@ def test_good_urls_pass(url):
     ("unix://:s3cret@/tmp/r.sock?db=x", "Invalid value for 'db'"),
     # RESP3's reply shapes (maps for stream reads) are not what the worker reads.
     ("redis://:s3cret@h:6379/0?protocol=3", "protocol=3 is not supported"),
+    # Sentinel and lists of hosts were "must start with redis://" and "percent-encode ... the password".
+    ("redis+sentinel://:s3cret@h:26379/mymaster", "sentinel URLs are not read: give the URL of the primary"),
+    ("sentinel://:s3cret@h:26379", "sentinel URLs are not read"),
+    ("redis://:s3cret@h1:6379,h2:6379/0", "names several hosts (h1:6379,h2:6379): give one, the primary"),
 ])
 def test_url_options_are_checked_before_connecting(url, words):
     with pytest.raises(ValidationError, match=re.escape(words)) as e:
