@@ -88,6 +88,9 @@ def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
             for name, likely in unknown_env_names(environ)]
 
 
+DEFAULT_BATCH_RETENTION_S = 7 * 86400
+
+
 def check_redis_url(url: str, name: str = "redis_url") -> None:
     """Raise ``ValueError`` (credentials masked) for a URL redis-py would refuse, or would read as another database
     than the one written: it takes ``/abc`` or ``/9/x`` for database 0 without a word. ``name``: the setting the
@@ -239,7 +242,7 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(120.0, gt=0)
     seed: int = 0
     # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
-    batch_retention_s: int = Field(7 * 86400, ge=60)
+    batch_retention_s: int | None = Field(None, ge=60)  # default: 7 days, or result_ttl_s when that is longer
     celery_broker_url: str | None = None  # default: redis_url
     celery_visibility_timeout_s: int = Field(1800, ge=1)  # below result_ttl_s: celery_app.make_celery says why
     # The layout of linear weights on the CPU (engine/cpu_linear.py), which the engine reads from
@@ -316,11 +319,13 @@ class Settings(BaseSettings):
 
     @field_validator("batch_retention_s")
     @classmethod
-    def _batches_outlive_results(cls, v: int, info: ValidationInfo) -> int:
+    def _batches_outlive_results(cls, v: int | None, info: ValidationInfo) -> int:
         # A batch's lines are requests whose ids come from the file: the same file sent again once its batch is
         # gone makes a new batch with the same line ids, which stored results of the first one would answer (its
         # expired and cancelled lines too) instead of running them.
         result_ttl_s = info.data.get("result_ttl_s")  # absent when it failed its own check
+        if v is None:
+            return max(DEFAULT_BATCH_RETENTION_S, result_ttl_s or 0)
         if result_ttl_s is not None and v < result_ttl_s:
             raise ValueError(f"must be at least result_ttl_s ({result_ttl_s}): the same file sent again after a "
                              "shorter retention would be answered from the first batch's stored results")

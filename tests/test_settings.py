@@ -225,3 +225,6 @@ def test_batches_are_kept_at_least_as_long_as_results():
         Settings(batch_retention_s=60)
     assert Settings(batch_retention_s=3600).batch_retention_s == 3600
     assert Settings(batch_retention_s=60, result_ttl_s=60).batch_retention_s == 60
+    # Not set: 7 days, or the results' TTL when that is longer (a worker keeping results 30 days starts as before).
+    assert Settings().batch_retention_s == 7 * 86400
+    assert Settings(result_ttl_s=30 * 86400).batch_retention_s == 30 * 86400
