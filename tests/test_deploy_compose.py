@@ -395,3 +395,43 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test():
     for name in _alert_rules():
         assert any(c["alertname"] == name and c["exp_alerts"] for c in cases), f"{name}: no test where it fires"
         assert any(c["alertname"] == name and not c["exp_alerts"] for c in cases), f"{name}: no test where it is quiet"
+
+
+# ---------------------------------------------------------------- the dashboard's queries, evaluated by Prometheus
+
+
+def _grafana_all(expr: str) -> str:
+    """A panel query as Grafana sends it with every variable at All: a variable with allValue ".*" becomes that."""
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/pagedserve.json").read_text())
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            assert var.get("includeAll") and var.get("allValue"), var["name"]
+            expr = expr.replace("${%s}" % var["name"], var["allValue"]).replace("$" + var["name"], var["allValue"])
+    assert "$" not in expr, expr
+    return expr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+@pytest.mark.parametrize("workers_up", [1, 0])
+def test_workers_up_panel_counts_only_worker_targets(tmp_path, workers_up):
+    """With Job at All (`.*`) `up{job=~"$job"}` matched every target Prometheus scrapes (Redis's exporter,
+    Prometheus, the collector): one worker showed as four. A worker that is down is not up either."""
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/pagedserve.json").read_text())
+    (target,) = next(p for p in dash["panels"] if p["title"] == "Workers up")["targets"]
+    worker = 'job="pagedserve-worker", instance="worker:9400"'
+    series = [
+        {"series": f"up{{{worker}}}", "values": f"{workers_up}x10"},
+        {"series": 'up{job="pagedserve-worker", instance="worker-cpu:9400"}', "values": "0x10"},
+        {"series": 'up{job="redis", instance="redis-exporter:9121"}', "values": "1x10"},
+        {"series": 'up{job="prometheus", instance="localhost:9090"}', "values": "1x10"},
+        {"series": 'up{job="otel-collector", instance="otel-collector:8888"}', "values": "1x10"},
+    ]
+    if workers_up:  # a target that is down has no other series
+        series.append({"series": f"pagedserve_requests_running{{{worker}}}", "values": "0x10"})
+    unit = {"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": _grafana_all(target["expr"]), "eval_time": "5m",
+         "exp_samples": [{"labels": "{}", "value": workers_up}]}]}]}
+    (tmp_path / "panel.test.yml").write_text(yaml.safe_dump(unit))
+    done = subprocess.run(["promtool", "test", "rules", "panel.test.yml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

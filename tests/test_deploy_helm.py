@@ -848,3 +848,118 @@ def test_prometheus_rule_without_the_service_monitor_is_flagged():
     text = notes({"prometheusRule": {"enabled": True}})
     assert "prometheusRule" in text and 'job="pagedserve-worker"' in text, text
     assert "prometheusRule" not in notes({"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}})
+
+
+# ---------------------------------------------------------------- tracing set up through extraConfig / extraEnv
+
+
+def _worker_would_export_spans(env: dict[str, str], monkeypatch) -> bool:
+    """What the worker's configure_tracing decides from these variables, without installing a global provider."""
+    from pagedserve.service import telemetry
+
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return telemetry._span_exporter() is not None
+
+
+@pytest.mark.parametrize("values", [
+    {"extraConfig": {"OTEL_TRACES_EXPORTER": "console"}},
+    {"extraConfig": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://tempo:4318/v1/traces"}},
+    {"extraConfig": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4318"}},
+    {"extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector:4318"}]},
+    {"extraEnv": [{"name": "OTEL_TRACES_EXPORTER", "value": "console"}]},
+    {"opentelemetry": {"endpoint": "http://otel-collector:4318"}},
+])
+def test_tracing_set_up_through_extra_config_is_not_switched_off(values, monkeypatch):
+    """OTEL_SDK_DISABLED=true, put in the ConfigMap while opentelemetry.endpoint is empty, turned off the
+    exporter that extraConfig or extraEnv asked for: the worker ran without traces and said nothing."""
+    docs = render(values)
+    env = dict(one(docs, "ConfigMap")["data"])
+    env.update({e["name"]: e["value"] for e in values.get("extraEnv", [])})
+    assert "OTEL_SDK_DISABLED" not in env, env
+    assert _worker_would_export_spans(env, monkeypatch)
+
+
+def test_tracing_set_up_from_a_secret_in_extra_env_is_not_switched_off():
+    ref = {"secretKeyRef": {"name": "otel", "key": "endpoint"}}
+    docs = render({"extraEnv": [{"name": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "valueFrom": ref}]})
+    assert "OTEL_SDK_DISABLED" not in one(docs, "ConfigMap")["data"]
+    # variables from extraEnvFrom are out of the chart's sight: values.yaml says to set this with them
+    docs = render({"extraEnvFrom": [{"secretRef": {"name": "otel"}}], "extraConfig": {"OTEL_SDK_DISABLED": "false"}})
+    assert one(docs, "ConfigMap")["data"]["OTEL_SDK_DISABLED"] == "false"
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"extraConfig": {"OTEL_TRACES_EXPORTER": "none"}},
+    {"extraConfig": {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}},
+    {"extraEnv": [{"name": "OTEL_TRACES_EXPORTER", "value": "none"}]},
+])
+def test_tracing_stays_off_without_an_exporter(values, monkeypatch):
+    data = one(render(values), "ConfigMap")["data"]
+    assert data["OTEL_SDK_DISABLED"] == "true"
+    assert not _worker_would_export_spans(dict(data), monkeypatch)
+
+
+# ---------------------------------------------------------------- GPU limit written into resources
+
+
+@pytest.mark.parametrize("values, asked, chart", [
+    ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "resources.limits.nvidia.com/gpu: 2", "gpu.count: 1"),
+    ({"resources": {"limits": {"nvidia.com/gpu": "2"}}}, "resources.limits.nvidia.com/gpu: 2", "gpu.count: 1"),
+    ({"resources": {"requests": {"nvidia.com/gpu": 2}}}, "resources.requests.nvidia.com/gpu: 2", "gpu.count: 1"),
+    ({"resources": {"limits": {"nvidia.com/gpu": 1}}, "engine": {"tensorParallelSize": 2}},
+     "resources.limits.nvidia.com/gpu: 1", "engine.tensorParallelSize: 2"),
+    ({"resources": {"limits": {"amd.com/gpu": 4}}, "gpu": {"enabled": True, "resourceName": "amd.com/gpu"}},
+     "resources.limits.amd.com/gpu: 4", "gpu.count: 1"),
+])
+def test_gpu_limit_in_resources_that_disagrees_with_gpu_count_is_refused(values, asked, chart):
+    """The chart writes the GPU limit from gpu.count and engine.tensorParallelSize: a different one written into
+    resources was replaced without a word (2 GPUs asked, 1 given)."""
+    render_fails(values, asked, chart, "gpu.count")
+
+
+def test_gpu_limit_in_resources_that_agrees_is_kept():
+    for values, gpus in (({"resources": {"limits": {"nvidia.com/gpu": 2}}, "gpu": {"enabled": True, "count": 2}}, 2),
+                         ({"resources": {"limits": {"nvidia.com/gpu": "1"}}}, 1),
+                         ({"resources": {"limits": {"nvidia.com/gpu": 4}, "requests": {"nvidia.com/gpu": 4}},
+                           "engine": {"tensorParallelSize": 4}}, 4)):
+        docs = render(values)
+        assert worker_container(docs)["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        for doc in docs:
+            if doc["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------- the Kubernetes versions the chart admits
+
+
+def _admits(constraint: str, version: str) -> bool:
+    """Chart.yaml's kubeVersion (the comparisons Helm's semver constraints take, all of them ANDed) on a release
+    version; a "-0" pre-release suffix only lets pre-releases of that version through, so it is dropped here."""
+    def parse(v: str) -> tuple[int, ...]:
+        parts = [int(p) for p in v.lstrip("v").split("-")[0].split(".")]
+        return tuple(parts + [0] * (3 - len(parts)))
+
+    ops = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
+           "=": lambda a, b: a == b}
+    clauses = re.findall(r"(>=|<=|>|<|=)?\s*(v?\d+(?:\.\d+){0,2}(?:-\S+)?)", constraint.replace(",", " "))
+    assert clauses and "||" not in constraint, constraint
+    return all(ops[op or "="](parse(version), parse(bound)) for op, bound in clauses)
+
+
+def test_kube_version_floor_has_the_pdb_unhealthy_pod_eviction_policy():
+    """unhealthyPodEvictionPolicy is alpha, behind a feature gate off by default, in Kubernetes 1.26 (beta and on
+    from 1.27): a 1.26 API server drops it, and a drain blocks on unready workers again while Redis is down."""
+    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    assert not _admits(constraint, "1.26.15"), constraint
+    assert _admits(constraint, "1.27.0") and _admits(constraint, KUBE_VERSION), constraint
+    # every manifest is valid on the oldest Kubernetes the chart admits
+    for values in VALUE_SETS.values():
+        for doc in render(values):
+            if doc["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(doc, "1.27.0", strict=True)

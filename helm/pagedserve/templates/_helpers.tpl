@@ -122,9 +122,51 @@ Redis from one who did not: with existingSecret KEDA has nothing else to go by. 
 {{- printf "%s:batches:active" .Values.prefix }}
 {{- end }}
 
+{{/* GPUs per worker pod: gpu.count, at least one per tensor-parallel rank. */}}
+{{- define "pagedserve.gpuCount" -}}
+{{- max .Values.gpu.count (.Values.engine.tensorParallelSize | default 1) }}
+{{- end }}
+
+{{/* Fails when resources names the GPU resource with another count than the chart's: the chart writes the limit
+from gpu.count and engine.tensorParallelSize, and would otherwise replace the one given without a word. */}}
+{{- define "pagedserve.checkGpuResources" -}}
+{{- $gpu := .Values.gpu }}
+{{- $want := include "pagedserve.gpuCount" . }}
+{{- range $kind := list "limits" "requests" }}
+{{- $given := get ($.Values.resources | default dict) $kind | default dict }}
+{{- if hasKey $given $gpu.resourceName }}
+{{- $asked := include "pagedserve.str" (get $given $gpu.resourceName) }}
+{{- if ne $asked $want }}
+{{- fail (printf "resources.%s.%s: %s, but the pod asks for %s (the larger of gpu.count: %s and engine.tensorParallelSize: %s); set gpu.count instead and leave %s out of resources" $kind $gpu.resourceName $asked $want (include "pagedserve.str" $gpu.count) (include "pagedserve.str" ($.Values.engine.tensorParallelSize | default 1)) $gpu.resourceName) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Drain budget: worker grace + margin. */}}
 {{- define "pagedserve.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.worker.shutdownGraceSeconds) (int .Values.worker.terminationGraceMarginSeconds) }}
+{{- end }}
+
+{{/* true when the worker is to export spans: opentelemetry.endpoint, or extraConfig / extraEnv naming an exporter
+or an OTLP endpoint themselves (the SDK's own variables, which the worker reads). Without any of them the chart
+sets OTEL_SDK_DISABLED, which would otherwise switch off the exporter they ask for. An extraEnv value taken from
+a Secret or ConfigMap (valueFrom) counts as set; OTEL_TRACES_EXPORTER=none asks for no export. */}}
+{{- define "pagedserve.tracingConfigured" -}}
+{{- $vars := dict }}
+{{- range $k, $v := .Values.extraConfig }}{{ $_ := set $vars $k (toString $v) }}{{ end }}
+{{- range $e := .Values.extraEnv }}
+{{- if $e.valueFrom }}
+{{- $_ := set $vars (toString $e.name) "(valueFrom)" }}
+{{- else }}
+{{- $_ := set $vars (toString $e.name) (toString ($e.value | default "")) }}
+{{- end }}
+{{- end }}
+{{- $exporter := get $vars "OTEL_TRACES_EXPORTER" | trim | lower }}
+{{- $endpoint := or (get $vars "OTEL_EXPORTER_OTLP_ENDPOINT") (get $vars "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") }}
+{{- /* the worker's exporter: otlp (the default) once an endpoint is set, console, or none */}}
+{{- $asked := and (ne $exporter "none") (or (not (empty $endpoint)) (not (has $exporter (list "" "otlp")))) }}
+{{- or (not (empty .Values.opentelemetry.endpoint)) $asked | toString }}
 {{- end }}
 
 {{/* One "NAME: "value"" line per setting that is not null/empty. */}}
@@ -165,7 +207,7 @@ Redis from one who did not: with existingSecret KEDA has nothing else to go by. 
 {{- if ne $e.enablePrefixCaching nil }}
 {{- $_ := set $cfg "PAGEDSERVE_ENABLE_PREFIX_CACHING" (ternary "true" "false" $e.enablePrefixCaching) }}
 {{- end }}
-{{- if not .Values.opentelemetry.endpoint }}
+{{- if ne (include "pagedserve.tracingConfigured" .) "true" }}
 {{- $_ := set $cfg "OTEL_SDK_DISABLED" "true" }}
 {{- end }}
 {{- include "pagedserve.refuseManagedEnv" (dict "where" "extraConfig" "names" (keys .Values.extraConfig)) }}
