@@ -121,6 +121,28 @@ def producer_acl(prefix: str = "pagedserve") -> list[str]:
     ]
 
 
+class RedisSettingError(RuntimeError):
+    """PAGEDSERVE_REDIS_URL leads to a Redis this worker can never use as it is (a certificate it does not trust,
+    TLS against a port that speaks none, a Redis Cluster node): no retry mends it, so the worker ends at start in
+    one line instead of retrying for ever behind a /readyz that says only "not ready"."""
+
+
+def tls_problem(e: BaseException, url: str) -> str | None:
+    """What is wrong with the TLS of ``url`` when a connect failed for it (redis-py keeps the ``ssl`` error as the
+    context of its ConnectionError), else None. No credential is shown."""
+    import ssl
+
+    cause = e.__context__ or e.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (f"Redis at {redact(url)} presented a certificate this worker does not trust "
+                f"({cause.verify_message or cause.reason}): give the CA that signed it in PAGEDSERVE_REDIS_URL "
+                "(?ssl_ca_certs=/path/to/ca.pem), or ?ssl_cert_reqs=none to skip the check (not for production)")
+    if isinstance(cause, ssl.SSLError):
+        return (f"the TLS handshake with Redis at {redact(url)} failed ({cause.reason or cause}): rediss:// speaks "
+                "TLS, redis:// does not; is that port a TLS port?")
+    return None
+
+
 class NameHeld(RuntimeError):
     """Another live worker holds this worker's consumer name; the message says what to do. It ends the worker
     wherever the name is first asked for: at start, or in the loop once Redis answers after an outage at start."""
@@ -236,6 +258,7 @@ class Connection(WorkerPart):
     backoff: Backoff = field(default_factory=Backoff, init=False)
     ok: bool = field(default=False, init=False)
     refused: str = field(default="", init=False)  # what Redis said when a refusal took the link down (redacted)
+    error: str = field(default="", init=False)  # the error that took the link down, for /readyz (redacted)
     needs_setup: bool = field(default=True, init=False)
     pubsub: Any = field(default=None, init=False)  # subscribed to the cancel channel while set up
     _name_held: bool = field(default=False, init=False)
@@ -272,6 +295,7 @@ class Connection(WorkerPart):
                              buffered=self.publisher.buffered(),
                              note="retrying with backoff; /readyz says not ready until the link is set up again")
         self.refused = redact(str(e)) if isinstance(e, REDIS_REFUSED) else ""
+        self.error = redact(f"{type(e).__name__}: {e}")[:300]
         self.metrics.redis_errors.inc()
         self.ok = False
         self.needs_setup = True
@@ -309,6 +333,7 @@ class Connection(WorkerPart):
             self.log.info("redis_reconnected", buffered=self.publisher.buffered())
         self.ok = True
         self.refused = ""
+        self.error = ""
         self.backoff.ok()
         self.prober.link_up()
         self.needs_setup = False

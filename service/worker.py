@@ -39,7 +39,16 @@ import redis
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .claims import Claims
-from .connection import REDIS_DEMOTED, REDIS_DOWN, REDIS_REFUSED, Connection, NameHeld, redis_client
+from .connection import (
+    REDIS_DEMOTED,
+    REDIS_DOWN,
+    REDIS_REFUSED,
+    Connection,
+    NameHeld,
+    RedisSettingError,
+    redis_client,
+    tls_problem,
+)
 from .redaction import redact
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
@@ -235,25 +244,40 @@ class Worker(WorkerPart):
                 "stopping": self._stop.is_set()}
         if refused and not set_up:
             info["redis_refused"] = refused
+        elif self.conn.error and not set_up:
+            info["redis_error"] = self.conn.error
         return ok, info
 
     def check_credentials(self) -> None:
         """Raise ``redis.AuthenticationError`` (one line, password masked) when Redis refuses this worker's user or
-        password: no retry can mend a wrong setting, and a worker that waited for ever would look started. A Redis
-        not reachable yet is not an error here: the loop waits for it (it may start after the workers). Asked of
-        Redis once per worker: the CLI asks before its model load, :meth:`run` for any other caller."""
+        password, and :class:`RedisSettingError` for a TLS setting that cannot work or a Redis Cluster node: no retry
+        can mend a wrong setting, and a worker that waited for ever would look started. A Redis not reachable yet
+        is not an error here: the loop waits for it (it may start after the workers). Asked of Redis once per
+        worker: the CLI asks before its model load, :meth:`run` for any other caller."""
         if self._credentials_checked:
             return
+        url = self.settings.redis_url
         try:
             self.r.ping()
         except redis.AuthenticationError as e:
-            url = self.settings.redis_url
             what = ("refused the credentials of PAGEDSERVE_REDIS_URL" if "@" in url
                     else "requires a password, and PAGEDSERVE_REDIS_URL gives none")
             raise redis.AuthenticationError(
                 f"Redis at {redact(url)} {what} ({redact(e)}): check its user name and password") from None
-        except REDIS_DOWN + REDIS_REFUSED:
+        except REDIS_DOWN + REDIS_REFUSED as e:
+            problem = tls_problem(e, url)
+            if problem is not None:
+                raise RedisSettingError(problem) from None
             return
+        try:
+            cluster = str(self.r.info("cluster").get("cluster_enabled", 0))
+        except redis.RedisError:  # INFO refused or renamed: the first multi-key script will say it, less clearly
+            cluster = "0"
+        if cluster == "1":
+            raise RedisSettingError(
+                f"Redis at {redact(url)} is a Redis Cluster node (cluster_enabled:1), which pagedserve does not "
+                "support (its scripts use keys of several hash slots): point PAGEDSERVE_REDIS_URL at a standalone "
+                "Redis or a primary with replicas (docs/deployment.md, \"Redis Cluster\")")
         self._credentials_checked = True
 
     def run(self) -> None:

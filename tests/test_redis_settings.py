@@ -1,0 +1,127 @@
+"""A Redis that PAGEDSERVE_REDIS_URL leads to but a worker can never use as it is: TLS whose certificate it does not
+trust or that the port does not speak, a Redis Cluster node. The worker retried such a setting for ever, alive and
+never ready, with /readyz saying only "redis_set_up": false; it ends at start now, naming what to change. Over TLS
+with the CA given, a worker serves as over TCP; and a worker whose Redis is away says why in /readyz."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import redis
+
+from pagedserve.service.client import Client
+from pagedserve.service.connection import RedisSettingError
+from pagedserve.service.protocol import DoneEvent
+from pagedserve.service.redis_server import LocalRedis, free_port
+from pagedserve.service.worker import Worker
+from service_fixtures import make_settings, running_worker
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory):
+    """A redis-server with a TLS port whose certificate (for 127.0.0.1) a private CA signed; its plain port too.
+    Yields (plain port, TLS port, the CA's file)."""
+    d = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=pagedserve-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.cnf")
+    tls_port = free_port()
+    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", str(d / "server.pem"),
+                                    "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.pem"),
+                                    "--tls-auth-clients", "no"])
+    try:
+        server.start()
+    except RuntimeError as e:  # a redis-server built without TLS refuses the options
+        pytest.skip(f"redis-server without TLS: {e}")
+    try:
+        yield server.port, tls_port, d / "ca.pem"
+    finally:
+        server.stop()
+
+
+def _check(url: str, prefix: str) -> None:
+    Worker(make_settings(url, prefix), install_signals=False).check_credentials()
+
+
+def test_a_certificate_the_worker_does_not_trust_ends_it_at_start_naming_the_setting(tls_redis, prefix):
+    _, tls_port, _ = tls_redis
+    with pytest.raises(RedisSettingError) as e:
+        _check(f"rediss://:s3cret@127.0.0.1:{tls_port}/0", prefix)
+    message = str(e.value)
+    assert message.startswith(f"Redis at rediss://:***@127.0.0.1:{tls_port}/0 presented a certificate this worker "
+                              "does not trust ("), message
+    assert "PAGEDSERVE_REDIS_URL (?ssl_ca_certs=" in message and "s3cret" not in message
+
+
+def test_the_worker_command_says_it_in_one_line_and_exits_1(tls_redis, prefix):
+    _, tls_port, _ = tls_redis
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update(PAGEDSERVE_REDIS_URL=f"rediss://:s3cret@127.0.0.1:{tls_port}/0", PAGEDSERVE_PREFIX=prefix,
+               PAGEDSERVE_METRICS_PORT="0")
+    res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "worker"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: Redis at rediss://:***@127.0.0.1:{tls_port}/0 presented a certificate"), lines
+
+
+def test_tls_against_a_port_that_answers_without_tls_ends_the_worker_at_start(prefix):
+    """A TLS client meets a server that answers in plain text (a redis-server waits silently instead: a handshake
+    that times out is what a hung Redis looks like too, so that one is retried)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer_in_plain_text() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"-ERR this port speaks no TLS\r\n")
+                conn.recv(4096)
+
+        threading.Thread(target=answer_in_plain_text, daemon=True).start()
+        port = listener.getsockname()[1]
+        with pytest.raises(RedisSettingError, match=rf"^the TLS handshake with Redis at rediss://127\.0\.0\.1:{port}/0\?ssl_cert_reqs=none "
+                                                    r"failed \(.+\): rediss:// speaks TLS, redis:// does not"):
+            _check(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none", prefix)
+
+
+def test_a_worker_given_the_ca_serves_over_tls(tls_redis, prefix, shared_engine):
+    _, tls_port, ca = tls_redis
+    s = make_settings(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}", prefix)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        w.check_credentials()
+        done = c.generate("over tls", params={"max_tokens": 3, "ignore_eos": True}, timeout=60)
+        assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 3
+
+
+def test_a_redis_cluster_node_ends_the_worker_at_start_before_it_writes(tmp_path, prefix):
+    with LocalRedis(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")]) as url:
+        with pytest.raises(RedisSettingError, match=r"is a Redis Cluster node \(cluster_enabled:1\), which pagedserve "
+                                                    "does not support"):
+            _check(url, prefix)
+        with redis.Redis.from_url(url) as r:
+            assert r.dbsize() == 0  # nothing was created (the consumer group was, before)
+
+
+def test_readyz_says_why_the_link_is_down(prefix):
+    w = Worker(make_settings(f"redis://127.0.0.1:{free_port()}/0", prefix), install_signals=False)
+    w.conn.failed(redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused."))
+    ok, info = w._ready()
+    assert not ok and info["redis_set_up"] is False
+    assert info["redis_error"] == "ConnectionError: Error 111 connecting to 127.0.0.1. Connection refused."
