@@ -116,7 +116,12 @@ def _visibility_timeout(s: Settings) -> int:
 def _celery_url(url: str) -> str:
     """``url`` as kombu's Redis transport and Celery's Redis backend read it. They know no ``unix://`` (redis-py's
     socket URL, which the settings take): their own form is ``redis+socket://``, with the database as the
-    ``virtual_host`` parameter and the credentials before the path only (a ``password`` parameter is overwritten)."""
+    ``virtual_host`` parameter and the credentials before the path only (a ``password`` parameter is overwritten).
+    A ``rediss://`` URL gets ``ssl_cert_reqs=required`` unless it names one: Celery's backend refuses a rediss URL
+    without it (the worker and the clients take it: redis-py requires the certificate by default), and kombu's
+    transport would connect without checking the certificate at all."""
+    if url.startswith("rediss://"):
+        return _with_cert_reqs(url)
     if not url.startswith("unix://"):
         return url
     parts = urlsplit(url)
@@ -132,6 +137,18 @@ def _celery_url(url: str) -> str:
     elif auth["username"] is not None:
         netloc = f"{auth['username']}@"
     return f"redis+socket://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+
+
+def _with_cert_reqs(url: str) -> str:
+    """``url`` with redis-py's default certificate check (``ssl_cert_reqs=required``) written out when it names
+    none (a blank value is none to redis-py too). The rest of the URL is kept as written: the credentials are
+    not decoded and encoded again."""
+    parts = urlsplit(url)
+    given = [p for p in parts.query.split("&") if p]
+    if any(p.split("=", 1)[0] == "ssl_cert_reqs" and p.split("=", 1)[1:] not in ([], [""]) for p in given):
+        return url
+    query = [p for p in given if p.split("=", 1)[0] != "ssl_cert_reqs"] + ["ssl_cert_reqs=required"]
+    return parts._replace(query="&".join(query)).geturl()
 
 
 def _refused_by_the_broker(e: BaseException) -> BaseException | None:

@@ -4,13 +4,16 @@ broker URL is checked as the Redis URL is. Real processes (``celery -A ...``) an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 import redis
+from kombu.exceptions import OperationalError
 
 from pagedserve.service.celery_app import make_celery
 from pagedserve.service.protocol import Keys
@@ -168,3 +171,102 @@ def test_the_readmes_broker_acl_carries_the_documented_celery_worker(tmp_path):
                 assert admin.xlen(Keys("pagedserve").requests) == 1
         finally:
             admin.close()
+
+
+def _tls_files(where) -> dict[str, str]:
+    """A CA and a server certificate it signed, for 127.0.0.1 and localhost (redis-py checks the host name)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=pagedserve test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+            "/CN=localhost")
+    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.crt", "-days", "2", "-extfile", "san.ext")
+    return {name: str(where / f"{name}") for name in ("ca.crt", "server.crt", "server.key")}
+
+
+@contextlib.contextmanager
+def _tls_redis(where, password: str):
+    """A redis-server that speaks TLS only (``--port 0``), clients not asked for certificates; its port. Skips
+    when this redis-server was built without TLS."""
+    from pagedserve.service.redis_server import free_port
+
+    files = _tls_files(where)
+    port = free_port()
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("no redis-server")
+    proc = subprocess.Popen(
+        [exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", files["server.crt"],
+         "--tls-key-file", files["server.key"], "--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", "no",
+         "--requirepass", password, "--dir", str(where), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"rediss://:{password}@127.0.0.1:{port}/5?ssl_ca_certs={files['ca.crt']}"
+        end = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                said = proc.stdout.read().decode(errors="replace")
+                if "tls" in said.lower() and "Bad directive" in said:
+                    pytest.skip(f"this redis-server has no TLS: {said.strip()[-200:]}")
+                raise RuntimeError(f"redis-server exited with {proc.returncode}: {said[-2000:]}")
+            try:
+                with redis.Redis.from_url(url, socket_connect_timeout=0.5) as r:
+                    if r.ping():
+                        break
+            except redis.ConnectionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.1)
+        yield url, files
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_rediss_url_with_only_a_ca_carries_the_celery_tasks(prefix, tmp_path):
+    """Celery and kombu refuse a ``rediss://`` URL without ``ssl_cert_reqs`` (``A rediss:// URL must have parameter
+    ssl_cert_reqs ...``), which the worker and the clients take (redis-py requires the certificate by default): the
+    Celery worker exited 1 with a traceback and ``send_task`` raised it. The URL reaches Celery with redis-py's
+    default made explicit: tasks and results go over TLS, the server's certificate checked."""
+    from pagedserve.service.celery_app import _celery_url
+
+    password = "Sup3rS3cretPW"
+    with _tls_redis(tmp_path, password) as (url, files):
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120)
+        log = tmp_path / "celery.log"
+        with celery_worker(s, log, "threads", 2) as celery:
+            app = make_celery(s)
+            rid = app.send_task("pagedserve.submit", args=["over TLS"]).get(timeout=60)
+            assert rid.startswith("celery-"), rid
+            assert celery.poll() is None, log.read_text(errors="replace")[-3000:]
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text and password not in text, text[-3000:]
+        with redis.Redis.from_url(url) as r:
+            assert r.xlen(Keys(prefix).requests) == 1
+            assert any(k.startswith(b"celery-task-meta-") for k in r.scan_iter(count=1000))
+
+        # The certificate is checked: a CA that did not sign the server's is refused.
+        other = tmp_path / "other"
+        other.mkdir()
+        stranger = _tls_files(other)["ca.crt"]
+        wrong = make_celery(make_settings(url.replace(files["ca.crt"], stranger), prefix,
+                                          celery_visibility_timeout_s=120))
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            wrong.backend.client.ping()  # the result backend
+        with pytest.raises(OperationalError, match="certificate verify failed"), wrong.connection_for_write() as c:
+            c.ensure_connection(max_retries=1)  # the broker: kombu checked no certificate of a bare rediss:// URL
+
+    # What the user gave is kept.
+    assert _celery_url("rediss://h:6380/0?ssl_cert_reqs=none") == "rediss://h:6380/0?ssl_cert_reqs=none"
+    assert _celery_url("rediss://h:6380/0?ssl_cert_reqs=optional&ssl_ca_certs=/c.pem").endswith(
+        "?ssl_cert_reqs=optional&ssl_ca_certs=/c.pem")
+    assert _celery_url("rediss://:p%23w@h:6380/1") == "rediss://:p%23w@h:6380/1?ssl_cert_reqs=required"
