@@ -7,7 +7,8 @@ registered lazily, so the CLI keeps working when one of them is missing.
 the engine and say which extra to install when it is missing (one line, exit status 1, no traceback).
 
 Errors a user can fix (a bad setting, a model path that is not a model, a port in use, an unreachable Redis) are one
-line on stderr and a non-zero exit status; ``--debug`` or ``PAGEDSERVE_LOG_LEVEL=DEBUG`` shows the traceback.
+line on stderr and a non-zero exit status; ``--debug`` or ``PAGEDSERVE_LOG_LEVEL=DEBUG`` shows the traceback
+before that same line, with the same status.
 """
 
 from __future__ import annotations
@@ -85,6 +86,21 @@ class _LazyBenchGroup(TyperGroup):
         return super().get_command(ctx, cmd_name)
 
 
+def _fail_showing(e: BaseException, message: str, code: int) -> None:
+    """``_fail(message, code)`` for an ending caused by ``e``; with ``--debug`` (or PAGEDSERVE_LOG_LEVEL=DEBUG)
+    ``e``'s traceback comes first. Debug adds the traceback and changes nothing else: re-raising instead made every
+    ending exit 1 without its line (a submit with no worker lost the status 3 and the line saying the request stays
+    queued and how to cancel it)."""
+    if _debug_wanted():
+        import traceback
+
+        # Written as Python does, not through rich: the text is masked as every line is (an error may quote a URL).
+        sys.stderr.write(printable(redact("".join(traceback.format_exception(e)))))
+        sys.stderr.flush()
+        message = message.removesuffix(_DEBUG_HINT)  # it says to do what was just done
+    _fail(message, code)
+
+
 def _usage_line(e: Exception) -> None:
     """click's usage error (an unknown option or command, a bad value) as one line naming where to look, exit 2;
     typer would print a usage block and a boxed panel."""
@@ -95,7 +111,7 @@ def _usage_line(e: Exception) -> None:
             out.print(help_text, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pagedserve"
-    _fail(f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
+    _fail_showing(e, f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
 
 
 class _OneLineErrors(TyperGroup):
@@ -106,7 +122,7 @@ class _OneLineErrors(TyperGroup):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except Exception as e:
-            if "UsageError" in {c.__name__ for c in type(e).__mro__} and not _debug_wanted():
+            if "UsageError" in {c.__name__ for c in type(e).__mro__}:
                 _usage_line(e)
             raise
 
@@ -121,11 +137,11 @@ class _OneLineErrors(TyperGroup):
         except Exception as e:
             # Exits, aborts and usage errors are click's (typer vendors its own copy, hence the names).
             kinds = {c.__name__ for c in type(e).__mro__}
-            if "UsageError" in kinds and not _debug_wanted():  # a subcommand's bad option: one line, not a panel
+            if "UsageError" in kinds:  # a subcommand's bad option: one line, not a panel
                 _usage_line(e)
-            if _debug_wanted() or kinds & {"Exit", "Abort", "ClickException"}:
+            if kinds & {"Exit", "Abort", "ClickException"}:
                 raise
-            _fail(explain_error(e), 1)
+            _fail_showing(e, explain_error(e), 1)
 
 
 app = typer.Typer(cls=_OneLineErrors, name="pagedserve", help="Message-queue-driven LLM inference on PagedAttention.",
@@ -251,6 +267,7 @@ def worker(
     import redis
 
     from .telemetry import configure_logging, configure_tracing, shutdown_tracing
+    from .connection import RedisSettingError
     from .worker import TerminatedBeforeStart, Worker
 
     s = _settings({"worker_name": "--name", "metrics_port": "--metrics-port"}, worker_name=name,
@@ -264,21 +281,21 @@ def worker(
         _fail(f"error: {e}", 2)
     try:
         w.check_credentials()  # a wrong password ends the start in one line, before a long model load
-    except redis.AuthenticationError as e:
+    except (redis.AuthenticationError, RedisSettingError) as e:
         _fail(f"error: {e}", 1)
     try:
         w.start_health()  # /healthz answers while the model loads; /readyz only once it is loaded
     except OSError as e:
-        if _debug_wanted():
-            raise
         if e.errno == errno.EADDRINUSE:
-            _fail(f"error: port {s.metrics_port} is already in use on {s.metrics_host} (the health and metrics port: "
-                  f"set PAGEDSERVE_METRICS_PORT or --metrics-port to a free port, or 0 for any)", 1)
+            _fail_showing(e, f"error: port {s.metrics_port} is already in use on {s.metrics_host} (the health and "
+                          "metrics port: set PAGEDSERVE_METRICS_PORT or --metrics-port to a free port, or 0 for "
+                          "any)", 1)
         if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
             why = ("is not an address of this machine" if e.errno == errno.EADDRNOTAVAIL
                    else f"does not resolve ({e.strerror or e})")
-            _fail(f"error: PAGEDSERVE_METRICS_HOST={s.metrics_host!r} {why}: the health and metrics server binds to it; "
-                  "give an address or host name of this machine, 0.0.0.0 or :: (or empty) for all interfaces", 2)
+            _fail_showing(e, f"error: PAGEDSERVE_METRICS_HOST={s.metrics_host!r} {why}: the health and metrics server "
+                          "binds to it; give an address or host name of this machine, 0.0.0.0 or :: (or empty) for "
+                          "all interfaces", 2)
         raise
     from pagedserve.engine.model_source import DEFAULT_MODEL
 
@@ -325,10 +342,10 @@ def _fail_at_startup(e: ValueError, s) -> None:  # noqa: ANN001 - the service Se
     words are the offline API's too, where no setting is involved); anything else goes on up."""
     setting = _engine_setting_error(e)
     if setting is not None:
-        _fail(setting, 2)
+        _fail_showing(e, setting, 2)
     text = redact(e)
-    if s.model is not None and text.startswith(f"model {str(s.model)!r} ") and not _debug_wanted():
-        _fail(f"error: {text} ({_setting_name(('model',))})", 1)
+    if s.model is not None and text.startswith(f"model {str(s.model)!r} "):
+        _fail_showing(e, f"error: {text} ({_setting_name(('model',))})", 1)
     raise e
 
 
@@ -404,9 +421,9 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
             signum = e.signum if isinstance(e, _StopSignal) else signal.SIGINT
             _fail({signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}[signum],
                   128 + signum)
-        if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception) or _debug_wanted():
+        if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception):
             raise e
-        _fail(explain_error(e), 1)
+        _fail_showing(e, explain_error(e), 1)
     how = f"`pagedserve cancel {request_id}` cancels it"
     failed = _cancel_within(client, request_id) if own_id else None
     left = f"id={request_id} was not cancelled (an id given with --id may be another producer's too: {how})"
@@ -423,12 +440,12 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
         if isinstance(e, KeyboardInterrupt):
             _fail(f"cancelled id={request_id}", 130)
         _fail(f"{word}; cancelled id={request_id}", 128 + signum)
-    if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception) or _debug_wanted():
-        raise e  # the CLI's own handling: 141 for a reader gone, a traceback with --debug
+    if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception):
+        raise e  # the CLI's own handling: 141 for a reader gone
     if not own_id:
-        _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)}; {left}", 1)
+        _fail_showing(e, f"{explain_error(e).removesuffix(_DEBUG_HINT)}; {left}", 1)
     note = "cancelled" if failed is None else f"could not cancel it: {failed} ({how})"
-    _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
+    _fail_showing(e, f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
 
 def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex: str | None) -> dict | None:
@@ -578,20 +595,18 @@ def submit(
                     break
     except (NoWorker, TimeoutError, redis.ConnectionError) as e:
         # Not cancelled: the request may still run, and the line says how to get its result (or to cancel it).
-        if _debug_wanted():
-            raise
         if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
             how = (f"`pagedserve submit ... --id {request.id}` prints its result then, `pagedserve cancel "
                    f"{request.id}` cancels it")
             # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)
             if "stays pending" in str(e):  # its worker died mid-run: the message says what happens to it
-                _fail(f"error: {e} (id={request.id}: {how})", 3)
-            _fail(f"error: {e}; id={request.id} stays queued and runs when a worker starts ({how})", 3)
+                _fail_showing(e, f"error: {e} (id={request.id}: {how})", 3)
+            _fail_showing(e, f"error: {e}; id={request.id} stays queued and runs when a worker starts ({how})", 3)
         if isinstance(e, TimeoutError):
-            _fail(f"timeout: {e}", 3)
+            _fail_showing(e, f"timeout: {e}", 3)
         again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
                  if "may still finish" in str(e) else "")
-        _fail(f"error: {_naming_the_redis_url(redact(e))}{again}", 1)  # the URL is named, password masked
+        _fail_showing(e, f"error: {_naming_the_redis_url(redact(e))}{again}", 1)  # the URL named, password masked
     except BaseException as e:
         # Any other way out before the result is in (Ctrl-C, SIGTERM, a reader that went away, an output or
         # program error): nobody waits for the answer any more, so it must not run on to its last token.
@@ -635,9 +650,7 @@ def cancel(request_id: str = typer.Argument(..., help="The request's id (`submit
         with Client(settings=_settings()) as client:
             found = client.cancel(request_id)
     except redis.RedisError as e:
-        if _debug_wanted():
-            raise
-        _fail(f"error: could not cancel id={request_id}: {_redis_error(e)}", 1)
+        _fail_showing(e, f"error: could not cancel id={request_id}: {_redis_error(e)}", 1)
     if found.finished is not None:  # a stored result is final: say how it ended, and that nothing changed
         end = found.finished
         if end.type == "error":

@@ -225,3 +225,53 @@ def test_submit_whose_only_worker_dies_mid_run_says_so_in_one_line(redis_url, pr
     line = lines[0]
     assert "the worker running it stopped; it stays pending" in line and "stays queued" not in line, line
     assert f"pagedserve cancel {rid}" in line
+
+
+def _ending(res: subprocess.CompletedProcess) -> tuple[int, str]:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    return res.returncode, lines[-1] if lines else ""
+
+
+def _debug_cases(redis_url: str, prefix: str, tmp_path) -> list[tuple[str, dict, list[str]]]:
+    """Every ending --debug used to change: (name, settings, arguments), each run with and without debug."""
+    from test_cli import _free_port
+
+    (tmp_path / "notes").mkdir()
+    here = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    gone = {"PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0"}
+    engine = {"PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_DEVICE": "cpu", **gone}
+    return [
+        ("no worker", here, ["submit", "hi", "--pickup-timeout", "2", "--id", "ID"]),
+        ("submit, no Redis", gone, ["submit", "hi", "--id", "ID"]),
+        ("cancel, no Redis", gone, ["cancel", "ID"]),
+        ("metrics host", {**engine, "PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_METRICS_HOST":
+                          "no-such-host.invalid"}, ["worker"]),
+        ("not a model", {**engine, "PAGEDSERVE_MODEL": str(tmp_path / "notes")}, ["worker"]),
+    ]
+
+
+def test_debug_adds_the_traceback_and_keeps_the_line_and_the_exit_status(redis_url, prefix, tmp_path):
+    """``--debug`` (or PAGEDSERVE_LOG_LEVEL=DEBUG) re-raised instead of ending as usual: a submit with no worker
+    exited 1, not 3, without the line saying the request stays queued and how to cancel it; a metrics host that
+    does not resolve exited 1, not 2. The traceback now comes before the same line, with the same status."""
+    statuses = {}
+    for name, env, args in _debug_cases(redis_url, prefix, tmp_path):
+        endings = {}
+        for how in ("plain", "--debug", "LOG_LEVEL"):
+            rid = f"dbg-{uuid.uuid4().hex[:8]}"
+            argv = [rid if a == "ID" else a for a in args]
+            res = _cli({**env, **({"PAGEDSERVE_LOG_LEVEL": "DEBUG"} if how == "LOG_LEVEL" else {})},
+                       *(["--debug"] if how == "--debug" else []), *argv)
+            has_traceback = "Traceback (most recent call last)" in res.stderr
+            assert has_traceback == (how != "plain"), (name, how, res.stderr[-3000:])
+            status, line = _ending(res)
+            endings[how] = (status, line.replace(rid, "ID"))
+        assert endings["--debug"] == endings["plain"] == endings["LOG_LEVEL"], (name, endings)
+        statuses[name] = endings["plain"]
+    status, line = statuses["no worker"]
+    assert status == 3 and "stays queued and runs when a worker starts" in line, line
+    assert "`pagedserve cancel ID` cancels it" in line, line
+    assert statuses["metrics host"][0] == 2 and "PAGEDSERVE_METRICS_HOST" in statuses["metrics host"][1]
+    assert statuses["not a model"][0] == 1 and "not a model" in statuses["not a model"][1]
+    assert statuses["cancel, no Redis"][0] == 1 and "could not cancel id=ID" in statuses["cancel, no Redis"][1]
+    assert statuses["submit, no Redis"][0] == 1 and "cannot reach Redis" in statuses["submit, no Redis"][1]
