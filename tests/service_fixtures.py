@@ -217,3 +217,18 @@ class WorkerProcess:
         self.kill()
         with contextlib.suppress(Exception):
             self._log.close()
+
+
+def tls_files(where: Path) -> dict[str, str]:
+    """A CA and a server certificate it signed, for 127.0.0.1 and localhost (redis-py checks the host name)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=pagedserve test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+            "/CN=localhost")
+    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.crt", "-days", "2", "-extfile", "san.ext")
+    return {name: str(where / f"{name}") for name in ("ca.crt", "server.crt", "server.key")}

@@ -18,7 +18,7 @@ from kombu.exceptions import OperationalError
 from pagedserve.service.celery_app import make_celery
 from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import REPO, make_settings
+from service_fixtures import REPO, make_settings, tls_files
 from test_celery_roundtrip import celery_worker
 
 
@@ -173,28 +173,13 @@ def test_the_readmes_broker_acl_carries_the_documented_celery_worker(tmp_path):
             admin.close()
 
 
-def _tls_files(where) -> dict[str, str]:
-    """A CA and a server certificate it signed, for 127.0.0.1 and localhost (redis-py checks the host name)."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=pagedserve test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
-            "/CN=localhost")
-    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-            "server.crt", "-days", "2", "-extfile", "san.ext")
-    return {name: str(where / f"{name}") for name in ("ca.crt", "server.crt", "server.key")}
-
-
 @contextlib.contextmanager
 def _tls_redis(where, password: str):
     """A redis-server that speaks TLS only (``--port 0``), clients not asked for certificates; its port. Skips
     when this redis-server was built without TLS."""
     from pagedserve.service.redis_server import free_port
 
-    files = _tls_files(where)
+    files = tls_files(where)
     port = free_port()
     exe = shutil.which("redis-server")
     if exe is None:
@@ -257,7 +242,7 @@ def test_a_rediss_url_with_only_a_ca_carries_the_celery_tasks(prefix, tmp_path):
         # The certificate is checked: a CA that did not sign the server's is refused.
         other = tmp_path / "other"
         other.mkdir()
-        stranger = _tls_files(other)["ca.crt"]
+        stranger = tls_files(other)["ca.crt"]
         wrong = make_celery(make_settings(url.replace(files["ca.crt"], stranger), prefix,
                                           celery_visibility_timeout_s=120))
         with pytest.raises(redis.ConnectionError, match="certificate verify failed"):

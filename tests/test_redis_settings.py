@@ -20,7 +20,7 @@ from pagedserve.service.connection import RedisSettingError
 from pagedserve.service.protocol import DoneEvent
 from pagedserve.service.redis_server import LocalRedis, free_port
 from pagedserve.service.worker import Worker
-from service_fixtures import make_settings, running_worker
+from service_fixtures import make_settings, running_worker, tls_files
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -29,28 +29,17 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 def tls_redis(tmp_path_factory):
     """A redis-server with a TLS port whose certificate (for 127.0.0.1) a private CA signed; its plain port too.
     Yields (plain port, TLS port, the CA's file)."""
-    d = tmp_path_factory.mktemp("tls")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=pagedserve-test-ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1")
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "san.cnf")
+    files = tls_files(tmp_path_factory.mktemp("tls"))
     tls_port = free_port()
-    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", str(d / "server.pem"),
-                                    "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.pem"),
+    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", files["server.crt"],
+                                    "--tls-key-file", files["server.key"], "--tls-ca-cert-file", files["ca.crt"],
                                     "--tls-auth-clients", "no"])
     try:
         server.start()
     except RuntimeError as e:  # a redis-server built without TLS refuses the options
         pytest.skip(f"redis-server without TLS: {e}")
     try:
-        yield server.port, tls_port, d / "ca.pem"
+        yield server.port, tls_port, files["ca.crt"]
     finally:
         server.stop()
 
