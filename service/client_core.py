@@ -148,6 +148,10 @@ def unreachable(where: str, e: BaseException) -> RedisUnreachable:
     if isinstance(e, redis.AuthenticationError):
         return RedisUnreachable(f"Redis at {where} refused the credentials ({redact(e)}): check the user name and "
                                 "password in the URL (PAGEDSERVE_REDIS_URL)")
+    if "max number of clients reached" in str(e):  # a full server, not an outage: nothing was sent, retry later
+        return RedisUnreachable(f"Redis at {where} has no connection free (max number of clients reached: its "
+                                "maxclients): nothing was sent; retry later, or raise maxclients or lower the "
+                                "clients' max_connections (idle connections stay open until a client is closed)")
     return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}")
 
 

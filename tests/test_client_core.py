@@ -1196,3 +1196,18 @@ def test_a_caller_that_times_out_against_a_hung_redis_is_held_a_moment_not_the_s
         took = asyncio.run(handlers())
         assert all(t < 1.0 + ABANDONED_CANCEL_WAIT_S + 1.5 for t in took), took
         assert len(ids) == 3 and all(r.exists(Keys(prefix).cancelled(rid)) for rid in ids)
+
+
+def test_a_full_redis_is_said_to_be_full_not_unreachable(prefix):
+    """Redis at its maxclients refuses new connections with 'max number of clients reached': that read 'cannot
+    reach Redis', as an outage does, though nothing was down and nothing was sent."""
+    from pagedserve.service.client import Client
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis(extra_args=["--maxclients", "1"]) as url, redis.Redis.from_url(url) as holder:
+        holder.ping()  # the one connection there is
+        with Client(url, prefix=prefix) as c, pytest.raises(RedisUnreachable) as e:
+            c.generate("x", params={"max_tokens": 1}, timeout=5)
+        assert str(e.value).startswith(f"Redis at {url} has no connection free (max number of clients reached: its "
+                                       "maxclients): nothing was sent"), str(e.value)
+        assert holder.xlen(f"{prefix}:requests") == 0
