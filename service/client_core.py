@@ -821,7 +821,7 @@ def why_gone(keys: Keys, clues: Clues, groups: list | None) -> Generator[Op, Any
         return None
     if clues.sent_here:
         return (f"request {rid} is gone from Redis (no entry, claim or result: Redis restarted without persistence "
-                "or evicted it): send it again")
+                "or evicted it, or its result expired before it was read, RESULT_TTL_S after it ended): send it again")
     return (f"nothing of request {rid} is queued, running or answered under prefix {keys.prefix!r}: it was never sent "
             "there, its result expired (results are kept RESULT_TTL_S), or Redis lost it (restarted without "
             "persistence, or evicted it)")
@@ -908,7 +908,8 @@ def event_wait(
     ``TimeoutError``; ``pickup_timeout`` (seconds) raises :class:`NoWorker` or :class:`RequestGone` as the module
     docstring says. ``entry_id``: the stream entry of a request this client sent before (the reply to
     :class:`Send` gives that of one sent here); ``consumers_seen``: as :func:`why_no_worker` takes it;
-    ``loss_check_s``: the period of :class:`LossCheck` (None: none). A client throws the Redis error of a failed operation into the generator; ``where`` names Redis in errors.
+    ``loss_check_s``: the period of :class:`LossCheck` (None: none). A client throws the Redis error of a failed
+    operation into the generator; ``where`` names Redis in errors.
     """
     clues = _clues_for(request_id, submit, entry_id, consumers_seen)
     deadline = None if timeout is None else clock() + timeout

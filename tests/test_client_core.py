@@ -264,7 +264,8 @@ def test_a_wait_without_pickup_timeout_ends_when_redis_lost_its_request(reader):
     assert gone is not None, "waited for ever on a request Redis lost"
     assert looks == [pytest.approx(30, abs=1.5), pytest.approx(60, abs=3)]
     assert str(gone) == (f"request {RID} is gone from Redis (no entry, claim or result: Redis restarted without "
-                         "persistence or evicted it): send it again")
+                         "persistence or evicted it, or its result expired before it was read, RESULT_TTL_S after it "
+                         "ended): send it again")
 
 
 @pytest.mark.parametrize("reader", [event_wait, stream_wait])

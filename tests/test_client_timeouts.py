@@ -41,8 +41,9 @@ from pagedserve.service.redis_server import LocalRedis
 from service_fixtures import WorkerProcess, make_settings, wait_for
 
 RID = "req-1"
-GONE = ("request req-1 is gone from Redis (no entry, claim or result: Redis restarted without persistence or "
-        "evicted it): send it again")
+IS_GONE = ("is gone from Redis (no entry, claim or result: Redis restarted without persistence or evicted it, or "
+           "its result expired before it was read, RESULT_TTL_S after it ended): send it again")
+GONE = f"request req-1 {IS_GONE}"
 
 
 class Clock:
@@ -276,16 +277,14 @@ def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
 
         error = picked.join(60)
         assert isinstance(error, RequestGone), repr(error)
-        assert str(error) == ("request lost-2 is gone from Redis (no entry, claim or result: Redis restarted "
-                              "without persistence or evicted it): send it again")
+        assert str(error) == f"request lost-2 {IS_GONE}"
         error = timed.join(60)
         assert isinstance(error, RequestGone), repr(error)
         assert str(error).startswith("no result for lost-1 within 12 s; request lost-1 is gone from Redis"), error
         assert "no worker is running" not in str(error)
         error = untimed.join(60)
         assert isinstance(error, RequestGone), repr(error)
-        assert str(error) == ("request lost-3 is gone from Redis (no entry, claim or result: Redis restarted "
-                              "without persistence or evicted it): send it again")
+        assert str(error) == f"request lost-3 {IS_GONE}"
 
         # Waited for again: this client sent it (it knows its entry); another one can say less.
         with pytest.raises(RequestGone, match="^no result for lost-1 within 1 s; request lost-1 is gone"):
