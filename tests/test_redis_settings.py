@@ -110,7 +110,10 @@ def test_a_redis_cluster_node_ends_the_worker_at_start_before_it_writes(tmp_path
 
 def test_readyz_says_why_the_link_is_down(prefix):
     w = Worker(make_settings(f"redis://127.0.0.1:{free_port()}/0", prefix), install_signals=False)
-    w.conn.failed(redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused."))
-    ok, info = w._ready()
-    assert not ok and info["redis_set_up"] is False
-    assert info["redis_error"] == "ConnectionError: Error 111 connecting to 127.0.0.1. Connection refused."
+    try:
+        w.conn.failed(redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused."))
+        ok, info = w._ready()
+        assert not ok and info["redis_set_up"] is False
+        assert info["redis_error"] == "ConnectionError: Error 111 connecting to 127.0.0.1. Connection refused."
+    finally:
+        w.conn.close()  # its prober thread
