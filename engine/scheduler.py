@@ -435,7 +435,11 @@ class Scheduler:
         self.waiting.remove(req)
         for (seq, n), cached in zip(plan, hits):
             self._must_allocate(seq, n, cached)
-            req.num_cached_tokens = max(req.num_cached_tokens, len(cached) * self.bm.block_size)
+            if req.num_preemptions == 0:
+                # Prompt tokens served from the cache at the first start, as vLLM counts them: a restart after a
+                # recompute finds its own earlier blocks, generated tokens included, and counted them too (more
+                # cached tokens than the prompt has).
+                req.num_cached_tokens = min(len(cached) * self.bm.block_size, len(req.prompt_token_ids))
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         return budget - self._admit(req, plan, out)

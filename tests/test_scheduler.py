@@ -311,3 +311,18 @@ def test_samples_that_cannot_all_step_at_once_take_turns(tiny_models, caching):
     eng.add_request("x", prompt, params)
     assert _run_to_end(eng)["x"].outputs[0].token_ids == expected
     assert eng.block_manager.num_free_gpu_blocks == eng.block_manager.gpu.num_blocks
+
+
+def test_cached_prompt_tokens_count_the_first_start_and_never_exceed_the_prompt(tiny_models):
+    """A request restarted after a recompute finds its own earlier blocks in the prefix cache, generated tokens
+    included: num_cached_tokens (usage.cached_prompt_tokens) read 36 of a 20-token prompt. It counts the prompt
+    tokens served from the cache at the first start, as vLLM's does."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4, num_gpu_blocks=24, preemption_mode="recompute",
+              swap_space_gb=0, max_num_seqs=2)
+    shared = list(range(20, 28))  # two full blocks every prompt starts with
+    prompts = [{"prompt_token_ids": shared + [40 + i] * 12} for i in range(6)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0))
+    assert llm.stats()["num_preemptions"] > 0  # some were restarted
+    cached = [o.num_cached_tokens for o in outs]
+    assert all(0 <= c <= len(o.prompt_token_ids) for c, o in zip(cached, outs)), cached
+    assert max(cached) == len(shared), cached  # the shared blocks, found by the requests that started later
