@@ -26,8 +26,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema,
+                      field_validator, model_serializer, model_validator)
 
 from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
     MAX_INT_DIGITS,
@@ -139,7 +139,14 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: str = Field(min_length=1, max_length=64)
-    content: str = Field(description="A string, or OpenAI's list of text content parts (joined with newlines).")
+    # The schema shows both forms the validator below takes (the str type alone published only the string).
+    content: Annotated[str, WithJsonSchema({
+        "description": "A string, or OpenAI's list of text content parts (joined with newlines).",
+        "anyOf": [{"type": "string"},
+                  {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                              "required": ["type", "text"],
+                                              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}],
+    })]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -397,6 +404,9 @@ def parse_terminal(raw: str | bytes) -> DoneEvent | ErrorEvent:
     return TERMINAL_ADAPTER.validate_json(raw)
 
 
+_DECIMAL_FIELD = {"type": "string", "pattern": "^[0-9]+$"}
+
+
 class DeadLetter(BaseModel):
     """One entry of ``pagedserve:dead`` (stream fields, all strings on the wire)."""
 
@@ -409,8 +419,9 @@ class DeadLetter(BaseModel):
     entry_id: str  # the stream entry id in pagedserve:requests
     id: str = ""  # the request id, when one could be read
     consumer: str = ""
-    deliveries: int = 0
-    time_ms: int = 0
+    # Numbers, written as stream fields: decimal strings on the wire, which is what the schema describes.
+    deliveries: Annotated[int, WithJsonSchema(_DECIMAL_FIELD)] = Field(0, json_schema_extra={"default": "0"})
+    time_ms: Annotated[int, WithJsonSchema(_DECIMAL_FIELD)] = Field(0, json_schema_extra={"default": "0"})
 
     def to_fields(self, raw_body: bytes | None = None) -> dict[str, str | bytes]:
         fields: dict[str, str | bytes] = {k: str(v) for k, v in self.model_dump().items()}

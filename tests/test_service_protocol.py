@@ -215,6 +215,12 @@ def test_a_duplicate_id_key_spelled_with_an_escape_is_caught():
     {"prompt": "x", "prompt_token_ids": [1]},
     {"prompt": "x", "messages": None},
     {"messages": [{"role": "user", "content": "hi"}], "prompt": None, "prompt_token_ids": None},
+    # OpenAI's text content parts (the schema published the string form only)
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
+    {"messages": [{"role": "user", "content": []}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {}}]}]},
 ], ids=lambda b: json.dumps(b)[:60])
 def test_the_published_request_schema_accepts_what_the_worker_accepts(body):
     """A producer in another language validates with docs/schemas/request.schema.json: whatever it accepts the
@@ -277,3 +283,18 @@ def test_openai_text_content_parts_are_joined_as_vllm_joins_them():
         with pytest.raises(InvalidRequestError) as ei:
             parse_request(json.dumps({"id": "a", "messages": [{"role": "user", "content": bad}]}), 1 << 20)
         assert ei.value.message.startswith("messages.0.content: part 0: only text content parts"), ei.value.message
+
+
+def test_a_dead_letter_as_written_to_the_stream_matches_its_published_schema():
+    """Stream fields are strings: deliveries and time_ms were published as integers, which no entry read from
+    Redis ever is (a validator in another language refused every dead letter)."""
+    import jsonschema
+
+    from pagedserve.service.protocol import DeadLetter
+
+    schema = json.loads((SCHEMAS / "dead-letter.schema.json").read_text())
+    letter = DeadLetter(reason="body is not JSON", body="{", kind="invalid_json", entry_id="1-0", consumer="w1",
+                        deliveries=2, time_ms=1_796_304_571_556)
+    fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in letter.to_fields(b"{").items()}
+    jsonschema.Draft202012Validator(schema).validate(fields)
+    assert DeadLetter.from_fields(fields) == letter
