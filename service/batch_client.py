@@ -51,7 +51,8 @@ _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "comple
 
 class BatchNotFound(KeyError):
     def __str__(self) -> str:
-        return f"no batch {self.args[0]!r} (unknown, or its retention has ended)"
+        return (f"no batch {self.args[0]!r} (unknown under this prefix, its retention has ended, or Redis lost it: "
+                "restarted without persistence, or evicted it)")
 
 
 class BatchMalformed(ValueError):

@@ -247,6 +247,7 @@ def test_cli_submit_status_results_cancel_list(redis_url, prefix, r, shared_engi
     assert cli.invoke(app, ["batch", "cancel", bid]).stdout.split() == [bid, "completed"]  # ended: unchanged
     res = cli.invoke(app, ["batch", "status", "batch_nope"])
     assert res.exit_code == 1 and "no batch 'batch_nope'" in res.output and "Traceback" not in res.output
+    assert "or Redis lost it: restarted without persistence" in res.output, res.output
     res = cli.invoke(app, ["batch", "submit", str(tmp_path / "missing.jsonl")])
     assert res.exit_code == 2 and "missing.jsonl" in res.output
     dup = tmp_path / "dup.jsonl"
