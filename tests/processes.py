@@ -1,8 +1,10 @@
-"""Which processes a test's process (or a worker it started) has spawned: the tensor-parallel ranks."""
+"""Which processes a test's process (or a worker it started) has spawned: the tensor-parallel ranks; and stopping
+one it started."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 
 def spawned_children(pid: int) -> list[int]:
@@ -29,3 +31,13 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM ``proc`` and reap it; SIGKILL what is still there after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

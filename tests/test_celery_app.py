@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError
 from pagedserve.service.celery_app import make_celery
 from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
+from processes import stop
 from service_fixtures import REPO, make_settings, tls_files
 from test_celery_roundtrip import celery_worker
 
@@ -208,12 +209,7 @@ def _tls_redis(where, password: str):
                 time.sleep(0.1)
         yield url, files
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.mark.slow
