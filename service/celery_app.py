@@ -144,10 +144,10 @@ def _with_cert_reqs(url: str) -> str:
     none (a blank value is none to redis-py too). The rest of the URL is kept as written: the credentials are
     not decoded and encoded again."""
     parts = urlsplit(url)
-    given = [p for p in parts.query.split("&") if p]
-    if any(p.split("=", 1)[0] == "ssl_cert_reqs" and p.split("=", 1)[1:] not in ([], [""]) for p in given):
+    given = [p.partition("=") for p in parts.query.split("&") if p]
+    if any(key == "ssl_cert_reqs" and value for key, _, value in given):
         return url
-    query = [p for p in given if p.split("=", 1)[0] != "ssl_cert_reqs"] + ["ssl_cert_reqs=required"]
+    query = ["".join(p) for p in given if p[0] != "ssl_cert_reqs"] + ["ssl_cert_reqs=required"]
     return parts._replace(query="&".join(query)).geturl()
 
 

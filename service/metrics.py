@@ -129,7 +129,8 @@ class WorkerMetrics:
         self.redis_ops = Counter("pagedserve_redis_commands", "Redis commands sent by the worker", registry=r)
         self.write_refusals = Counter(
             "pagedserve_redis_write_refusals",
-            "Writes Redis refused (maxmemory, ACL, READONLY), each refused try counted; kept and sent again after a backoff",
+            "Writes Redis refused (maxmemory, ACL, READONLY), each refused try counted; kept and sent again after "
+            "a backoff",
             ["op"], registry=r,
         )
         self.step_seconds = Counter("pagedserve_engine_step_seconds", "Time spent in engine.step()", registry=r)

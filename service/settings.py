@@ -106,24 +106,22 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"{name} must start with redis://, rediss:// or unix://")
     try:
-        hosts = urlsplit(url).netloc.rpartition("@")[2]
-        if "," in hosts:
-            raise ValueError(f"{name} names several hosts ({hosts}): give one, the primary (or a proxy or Service "
-                             "that follows it)")
-        options = parse_url(url)
-        path = urlsplit(url).path
+        parts = urlsplit(url)
+        hosts = parts.netloc.rpartition("@")[2]
+        options = parse_url(url) if "," not in hosts else {}  # redis-py's refusal of a host list blames the password
     except ValueError as e:
-        if str(e).startswith(name):
-            raise
         if str(e).startswith("Invalid value for"):  # a query option of the wrong type: redis-py names it
             raise ValueError(f"{e} (after ? in the URL)") from None
         # urllib's message may quote a piece of a password cut at a raw '/', '#' or '?': not shown then.
         why = "" if "@" in url else f" ({redact(e)})"
         raise ValueError(f"not a valid Redis URL{why}; percent-encode any of :/?#[]@ in the user name or password "
                          "(# as %23)") from None
-    if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", path):
+    if "," in hosts:
+        raise ValueError(f"{name} names several hosts ({hosts}): give one, the primary (or a proxy or Service that "
+                         "follows it)")
+    if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", parts.path):
         raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
-                         f"(got {redact(path)!r})")
+                         f"(got {redact(parts.path)!r})")
     _check_url_options(url, options)
 
 

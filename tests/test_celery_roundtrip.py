@@ -14,6 +14,7 @@ from pagedserve.service.celery_app import make_celery
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
+from processes import stop
 from service_fixtures import REPO, make_settings, running_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -33,11 +34,7 @@ def celery_worker(settings, log_path, pool: str, concurrency: int, quiet: bool =
         try:
             yield celery
         finally:
-            celery.terminate()
-            try:
-                celery.wait(30)
-            except subprocess.TimeoutExpired:
-                celery.kill()
+            stop(celery, 30)
 
 
 def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_engine, tmp_path):
