@@ -117,13 +117,15 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     _check_against_checkpoint(path, files, config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions, ops, tp)
-    model = model.to_empty(device=device)
-    # Rotary tables are buffers computed from config, not checkpoint weights: rebuild them on the device.
+    # The rotary tables come from the config, not the checkpoint, and were computed on the CPU even here: keep
+    # them (in fp32 whatever the model's dtype) through to_empty, which replaces every buffer.
     rotary = model.layers[0].self_attn.rotary
-    fresh = type(rotary)(config, model.layers[0].self_attn.head_dim, max_positions, ops).to(device)
-    rotary.cos, rotary.sin = fresh.cos, fresh.sin
+    cos, sin = rotary.cos, rotary.sin
+    # What Module.to_empty does, but with torch.empty: its empty_like on the meta device imports torch's symbolic
+    # shapes machinery (most of a second of each start).
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.to(dtype)
-    rotary.cos, rotary.sin = fresh.cos.float(), fresh.sin.float()
+    rotary.cos, rotary.sin = cos.to(device), sin.to(device)
 
     params = dict(model.named_parameters())
     filled: set[str] = set()

@@ -179,6 +179,12 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(rows, dim)
         self.vocab_size, self.tp = vocab_size, tp
 
+    def reset_parameters(self) -> None:
+        # The loader builds the model on the meta device and reads every weight from the checkpoint: nothing to
+        # draw there, and a random draw on the meta device imports torch's compiler stack (seconds of each start).
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def weight_loader(self, param: torch.Tensor, tensor_slice, part=None) -> torch.Tensor:
         return _load_vocab_rows(param, tensor_slice, self.vocab_start, self.vocab_size)
 

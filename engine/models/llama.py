@@ -52,7 +52,7 @@ def _rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     if base is None:
         base = params.get("rope_theta", 10000.0)
     scaling = getattr(config, "rope_scaling", None) or params
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -73,13 +73,17 @@ def _rope_inv_freq(config, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding (HF ``rotate_half``) with a precomputed cos/sin table."""
+    """Neox-style rotary embedding (HF ``rotate_half``) with a precomputed cos/sin table.
+
+    The table is computed on the CPU whatever the default device: it comes from the config, not the checkpoint,
+    so a model built on the meta device keeps it real, and factory functions on the meta device would import
+    torch's compiler stack (seconds of every worker's start)."""
 
     def __init__(self, config, head_dim: int, max_positions: int, ops: KernelOps) -> None:
         super().__init__()
         self.ops = ops
         inv_freq = _rope_inv_freq(config, head_dim)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
