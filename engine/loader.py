@@ -10,6 +10,7 @@ import json
 import stat
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -80,8 +81,6 @@ def load_config(model_dir: str | Path):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"model {str(path)!r} is not a model directory (no config.json)")
-    from transformers import AutoConfig  # here: a tensor-parallel rank gets its config without transformers
-
     _check_regular_files(path)
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -98,7 +97,59 @@ def load_config(model_dir: str | Path):
         # Before transformers, whose message for a type it does not know advises upgrading it.
         raise ValueError(f"model {str(path)!r}: config.json model_type {raw.get('model_type')!r} (architectures "
                          f"{archs}) is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})")
-    return AutoConfig.from_pretrained(path)
+    config = _as_written(raw)
+    if config is None:
+        from transformers import AutoConfig  # here: most starts need not import it (_FIELDS_BY_TYPE)
+
+        config = AutoConfig.from_pretrained(path)
+    return config
+
+
+# What the engine reads from a model's config, by model type. Where config.json states every one of them (with
+# values of the expected kinds and the plain rotary embedding) the engine takes them as written; otherwise
+# transformers' config class for the type fills in its defaults: importing it loads the library's whole model
+# registry, seconds of every worker's start. The defaults differ by type (Qwen3's head_dim is 128, not
+# hidden_size / heads; Mistral's and Qwen's sliding_window is 4096; Llama's eos_token_id is 2), hence the lists.
+_NUMBERS = (int, float)
+_COMMON_FIELDS = {
+    "vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
+    "num_attention_heads": int, "num_key_value_heads": int, "max_position_embeddings": int, "rms_norm_eps": _NUMBERS,
+    "hidden_act": str, "tie_word_embeddings": bool, "eos_token_id": (int, list, type(None)),
+}
+_WINDOW = {"sliding_window": (int, type(None))}
+_FIELDS_BY_TYPE = {
+    "llama": _COMMON_FIELDS,
+    "mistral": {**_COMMON_FIELDS, **_WINDOW},
+    "qwen2": {**_COMMON_FIELDS, **_WINDOW, "use_sliding_window": bool},
+    "qwen3": {**_COMMON_FIELDS, **_WINDOW, "use_sliding_window": bool, "head_dim": int},
+}
+
+
+def _of_kind(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)  # a bool is an int, but not a size
+
+
+class _ConfigAsWritten(SimpleNamespace):
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def _as_written(raw: dict) -> _ConfigAsWritten | None:
+    """config.json as attributes when it states everything the engine reads (see above), else None."""
+    fields = _FIELDS_BY_TYPE.get(raw.get("model_type"))
+    if fields is None or not all(name in raw and _of_kind(raw[name], kind) for name, kind in fields.items()):
+        return None
+    theta = raw.get("rope_theta")
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and theta is None:
+        theta = params.get("rope_theta") if params.get("rope_type", "default") == "default" else None
+    elif params is not None:
+        return None
+    if raw.get("rope_scaling") is not None or isinstance(theta, bool) or not isinstance(theta, _NUMBERS):
+        return None
+    return _ConfigAsWritten(**{**raw, "rope_theta": theta, "rope_parameters": None})
 
 
 def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.device, max_positions: int,

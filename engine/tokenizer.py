@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PretrainedConfig
 
 PROBE_TEXT = "Hello"
+
+
+def _generic_config(model_dir: str | Path) -> PretrainedConfig | None:
+    """config.json as transformers' generic config class, for AutoTokenizer, which reads only a few fields of it
+    (model_type, tokenizer_class): left to itself it loads the file through the model type's own config class,
+    whose import loads the library's whole model registry (seconds of every start). None where the file is
+    missing or unreadable: AutoTokenizer then says what it makes of that itself."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        config = PretrainedConfig.from_dict(raw)  # from_pretrained would warn that the types differ
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    config.name_or_path = str(model_dir)  # as from_pretrained sets it: AutoTokenizer matches some names
+    return config
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -14,7 +29,7 @@ def load_tokenizer(model_dir: str | Path):
     is empty (no vocabulary, or ``PROBE_TEXT`` encodes to nothing): every text prompt would then have no tokens, and
     a request with no tokens can never be scheduled."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, config=_generic_config(model_dir))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"model {str(model_dir)!r} has no usable tokenizer (tokenizer.json or "
