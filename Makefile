@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist; 0 runs the suite in this process). Most tests wait on worker processes and Redis,
-# so two of them keep a 2-core machine busy; each test still gets its own Redis keys, ports and directories. A file
-# stays in one process (loadfile): some modules share a worker or an engine between their tests, in order.
-PYTEST_WORKERS ?= 2
+# Test processes (pytest-xdist; 0 runs the suite in this process). Many tests wait on worker processes and Redis:
+# three of them keep a 2-core machine busy where two left it idle a tenth of the time; each test still gets its own
+# Redis keys, ports and directories. A file stays in one process (loadfile): some modules share a worker or an
+# engine between their tests, in order. Files go out longest first (tests/conftest.py), not by test count.
+PYTEST_WORKERS ?= 3
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -30,7 +31,7 @@ redis:
 	@bash .ci/ensure-redis
 
 test: $(STAMP) redis
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Results go to .bench/ (ignored); the recorded runs in docs/ are only rewritten on purpose (--out docs/...).
 bench: $(STAMP)

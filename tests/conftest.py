@@ -32,6 +32,29 @@ except ImportError:
 
 from pagedserve.engine.builtin_model import build_byte_tokenizer  # noqa: E402
 
+# The files that take longest (measured on the 2-core CI machine), longest first. pytest-xdist hands a process one
+# file at a time in collection order (the Makefile turns its own reordering by test count off): a long file
+# started last would leave the other processes idle while it runs, so these start first and the many short
+# files fill in behind them. The rest keep xdist's order, most tests first. A stale entry only costs balance.
+LONGEST_FIRST = [
+    "test_cli.py", "test_kernels.py", "test_service_outage.py", "test_service_crash.py",
+    "test_structured_real_model.py", "test_client_timeouts.py", "test_cli_endings.py", "test_model_cli.py",
+    "test_service_refusals.py", "test_bench_processes.py", "test_tensor_parallel.py", "test_service_tp.py",
+    "test_operator_worker.py", "test_service_writes.py", "test_consumer_cleanup.py", "test_garbage_keys.py",
+    "test_service_room.py", "test_structured.py", "test_service_acl.py", "test_service_claim.py",
+    "test_stream_resume.py", "test_client_core.py", "test_celery_app.py", "test_service_faults.py",
+    "test_cpu_threads.py", "test_loadtest.py", "test_celery_tasks.py", "test_readyz_refused.py",
+]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    per_file: dict[str, int] = {}
+    for item in items:
+        per_file[item.path.name] = per_file.get(item.path.name, 0) + 1
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # sort() is stable: within a file the tests keep their order.
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -per_file[item.path.name], str(item.path)))
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, vocab_size=300)
 
