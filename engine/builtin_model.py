@@ -12,8 +12,11 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 BUILTIN_NAME = "pagedserve-tiny-random"
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -111,14 +114,16 @@ def build_byte_tokenizer():
     return fast
 
 
-def write_llama(path: str | Path, seed: int = 0, vocab_size: int = 259, dtype: torch.dtype = torch.float32,
+def write_llama(path: str | Path, seed: int = 0, vocab_size: int = 259, dtype: torch.dtype | None = None,
                 device: str = "cpu", **overrides) -> Path:
     """Write a random-weight (seeded) Llama with the byte tokenizer to ``path`` as an HF directory.
 
     ``device`` draws the weights there: the CPU's random generator is serial (about half a minute for the 1B
     bench model on a 2-core VM), a GPU's is not; a GPU draws other values than the CPU for the same seed."""
+    import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    dtype = dtype or torch.float32
     path = Path(path)
     cfg = dict(BUILTIN_CONFIG, **overrides)
     config = LlamaConfig(vocab_size=vocab_size, bos_token_id=256, eos_token_id=257, pad_token_id=258, **cfg)

@@ -49,8 +49,27 @@ MODEL_NAMES: dict[str, Callable[[], str]] = {
 }
 
 
+def check_model(model: str | Path | None) -> None:
+    """Raise the ``ValueError`` that :func:`resolve_model` would raise for ``model`` without doing its work (no
+    fetch, no conversion, no torch): a value that names nothing loadable is refused before a start's seconds of
+    imports. A model name, a .gguf file or a model directory passes."""
+    _source(model)
+
+
 def resolve_model(model: str | Path | None) -> str:
     """The HF model directory for ``model`` (see the module docstring), fetching or converting it if needed."""
+    kind, source = _source(model)
+    if kind == "name":
+        return MODEL_NAMES[source]()
+    if kind == "gguf":
+        from pagedserve.engine.gguf_import import import_gguf
+
+        return str(import_gguf(source, progress=_stderr))
+    return str(source)
+
+
+def _source(model: str | Path | None) -> tuple[str, str | Path]:
+    """What ``model`` names, as ("name", name), ("gguf", file) or ("dir", directory); ValueError for anything else."""
     if model is None:
         model = DEFAULT_MODEL
     if not isinstance(model, (str, Path)) or not str(model):
@@ -58,7 +77,7 @@ def resolve_model(model: str | Path | None) -> str:
     path = Path(model).expanduser()
     if not path.exists():
         if str(model) in MODEL_NAMES:
-            return MODEL_NAMES[str(model)]()
+            return "name", str(model)
         hub = ("models are not downloaded from the Hugging Face Hub: download it and give its directory; "
                if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) else "")  # an org/name id, as vLLM takes
         raise ValueError(f"model {str(model)!r} does not exist ({hub}expected an HF model directory, a .gguf file, "
@@ -69,10 +88,8 @@ def resolve_model(model: str | Path | None) -> str:
         if not any(path.glob("*.safetensors")):
             raise ValueError(f"model {str(model)!r} has no *.safetensors weights (only safetensors checkpoints "
                              f"are loaded; a .gguf file is converted)")
-        return str(path)
+        return "dir", path
     if path.suffix.lower() == ".gguf":
-        from pagedserve.engine.gguf_import import import_gguf
-
-        return str(import_gguf(path, progress=_stderr))
+        return "gguf", path
     raise ValueError(f"model {str(model)!r} is a file but not a .gguf checkpoint (expected an HF model "
                      f"directory or a .gguf file)")

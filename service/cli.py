@@ -242,6 +242,17 @@ def _cpu_threads() -> dict:
         _fail(f"error: {e}", 2)
 
 
+def _check_model(s) -> None:  # noqa: ANN001 - the service Settings
+    """A model setting that names nothing loadable ends the start at once, in the words the model load would use:
+    not after the seconds of imports (torch, transformers) that the load begins with, nor after Redis."""
+    from pagedserve.engine.model_source import check_model
+
+    try:
+        check_model(s.model)
+    except ValueError as e:
+        _fail_at_startup(e, s)
+
+
 def _engine_env() -> None:
     """The variables the engine and its kernels read themselves, checked before anything starts: a bad value
     then ends the start in one line at once, not after Redis, the health server and a model load."""
@@ -272,6 +283,7 @@ def worker(
 
     s = _settings({"worker_name": "--name", "metrics_port": "--metrics-port"}, worker_name=name,
                   metrics_port=metrics_port)
+    _check_model(s)
     _engine_env()
     configure_logging(s.log_format, s.log_level)
     configure_tracing()
@@ -681,6 +693,7 @@ def demo(
     from .demo import run_demo
 
     s = _settings()  # a bad value: exit 2, as the worker's
+    _check_model(s)
     _engine_env()
     try:
         run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out, settings=s)
