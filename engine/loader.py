@@ -141,13 +141,14 @@ def _as_written(raw: dict) -> _ConfigAsWritten | None:
     fields = _FIELDS_BY_TYPE.get(raw.get("model_type"))
     if fields is None or not all(name in raw and _of_kind(raw[name], kind) for name, kind in fields.items()):
         return None
-    theta = raw.get("rope_theta")
     params = raw.get("rope_parameters")
-    if isinstance(params, dict) and theta is None:
-        theta = params.get("rope_theta") if params.get("rope_type", "default") == "default" else None
-    elif params is not None:
+    if params is None:
+        theta = raw.get("rope_theta")
+    elif isinstance(params, dict) and params.get("rope_type", "default") == "default" and raw.get("rope_theta") is None:
+        theta = params.get("rope_theta")  # transformers 5 writes it here
+    else:
         return None
-    if raw.get("rope_scaling") is not None or isinstance(theta, bool) or not isinstance(theta, _NUMBERS):
+    if raw.get("rope_scaling") is not None or not _of_kind(theta, _NUMBERS):
         return None
     return _ConfigAsWritten(**{**raw, "rope_theta": theta, "rope_parameters": None})
 
@@ -168,12 +169,12 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     _check_against_checkpoint(path, files, config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions, ops, tp)
-    # The rotary tables come from the config, not the checkpoint, and were computed on the CPU even here: keep
-    # them (in fp32 whatever the model's dtype) through to_empty, which replaces every buffer.
+    # The rotary tables come from the config, not the checkpoint, and were computed on the CPU even here: kept (in
+    # fp32 whatever the model's dtype) through the allocation, which replaces every buffer. The allocation is
+    # Module.to_empty's, with torch.empty: to_empty's empty_like on the meta device imports torch's symbolic
+    # shapes machinery (most of a second of each start).
     rotary = model.layers[0].self_attn.rotary
     cos, sin = rotary.cos, rotary.sin
-    # What Module.to_empty does, but with torch.empty: its empty_like on the meta device imports torch's symbolic
-    # shapes machinery (most of a second of each start).
     model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.to(dtype)
     rotary.cos, rotary.sin = cos.to(device), sin.to(device)

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pagedserve.service.cli import app
 from pagedserve.service.client import AsyncClient, Client, RedisUnreachable
+from pagedserve.service.redis_server import free_port
 from processes import alive
 from service_fixtures import REPO, WorkerProcess, make_settings, running_worker
 
@@ -175,16 +176,10 @@ def _one_line(res: subprocess.CompletedProcess) -> str:
     return text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("password", ["s3cret-pw", "s3cret pw", "s3cret'pw", 's3cret"pw', "s3<cret>pw"])
 def test_unreachable_redis_is_one_line_naming_the_url_without_its_password(password):
     # redis-py takes a password with a space, a quote or angle brackets (it connects with it): none may show.
-    url = f"redis://app:{password}@127.0.0.1:{_free_port()}/0"
+    url = f"redis://app:{password}@127.0.0.1:{free_port()}/0"
     res = _submit({"PAGEDSERVE_REDIS_URL": url})
     line = _one_line(res)
     assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
@@ -210,7 +205,7 @@ def test_unreachable_redis_is_one_line_naming_the_url_without_its_password(passw
 def test_a_worker_without_redis_names_the_url_without_its_password_and_keeps_trying(tmp_path):
     from service_fixtures import WorkerProcess, wait_for
 
-    url = f"redis://app:s3cret-pw@127.0.0.1:{_free_port()}/0"
+    url = f"redis://app:s3cret-pw@127.0.0.1:{free_port()}/0"
     w = WorkerProcess(make_settings(url, "no-redis"), tmp_path / "w.log").start()
     try:
         wait_for(lambda: any(e.get("event") == "redis_unreachable" for e in w.events()), 120, what="the warning")
@@ -343,7 +338,7 @@ def test_a_bad_setting_value_is_one_line_naming_it():
 
 
 def test_demo_with_an_unreachable_redis_is_one_line_naming_the_url():
-    url = f"redis://app:s3cret-pw@127.0.0.1:{_free_port()}/0"
+    url = f"redis://app:s3cret-pw@127.0.0.1:{free_port()}/0"
     res = _cli({"PAGEDSERVE_REDIS_URL": url}, "demo")
     line = _one_line(res)
     assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
@@ -551,7 +546,7 @@ def test_one_line_messages_stay_one_line_on_a_narrow_stderr(redis_url, prefix, s
 
 
 def test_debug_shows_the_traceback_of_a_submit_error():
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     res = _cli({"PAGEDSERVE_REDIS_URL": url}, "--debug", "submit", "hi")
     assert res.returncode == 1 and "Traceback" in res.stderr and "cannot reach Redis" in res.stderr, res.stderr
     res = _cli({"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_LOG_LEVEL": "DEBUG"}, "submit", "hi")
@@ -765,7 +760,7 @@ def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting
 
 
 def test_an_unreachable_redis_or_a_missing_model_names_the_setting_to_fix(tmp_path):
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     res = _submit({"PAGEDSERVE_REDIS_URL": url})
     line = _one_line(res)
     assert res.returncode == 1 and f"cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): " in line, line
@@ -791,7 +786,7 @@ def test_a_setting_with_a_bad_value_exits_2_from_the_worker_and_the_demo(name, v
            "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
     with socket.socket() as busy:
         if command == "worker":  # a Redis of no one's (the demo starts its own)
-            env["PAGEDSERVE_REDIS_URL"] = f"redis://127.0.0.1:{_free_port()}/0"
+            env["PAGEDSERVE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
             # a health port in use: a worker that got as far as starting its health server says that instead
             busy.bind(("127.0.0.1", 0))
             busy.listen()

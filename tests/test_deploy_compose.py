@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pagedserve.service.redis_server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
@@ -271,14 +273,6 @@ def test_redis_exporter_logs_in_with_the_password():
     assert env["REDIS_PASSWORD"] == "s3cr@t$x"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_compose
 @pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
                     reason="redis-server and redis-cli are needed")
@@ -289,7 +283,7 @@ def test_redis_healthcheck_runs_the_servers_password(tmp_path, server_password, 
     with the service's environment): `redis-cli ping` exits 0 on a NOAUTH error, the check must not."""
     server = _unescaped(_config(REDIS_PASSWORD=server_password)["redis"])
     check = _unescaped(_config(REDIS_PASSWORD=check_password)["redis"])
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*server["command"], "--port", str(port), "--dir", str(tmp_path), "--bind", "127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

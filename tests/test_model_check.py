@@ -4,7 +4,6 @@ demo say so in one line before they import torch or try Redis, in the words the 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.engine.model_source import MODEL_NAMES, check_model, resolve_model
+from pagedserve.service.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,19 +41,13 @@ def test_check_passes_names_directories_and_gguf_files_without_loading_anything(
         check_model(model)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", ["worker", "demo"])
 def test_a_missing_model_is_named_before_redis_is_tried_and_before_torch_loads(tmp_path, command):
     missing = str(tmp_path / "missing")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
     # A Redis no one answers at: a worker that tried it first would keep trying (the demo would start its own).
     env.update(PAGEDSERVE_MODEL=missing, PAGEDSERVE_METRICS_PORT="0",
-               PAGEDSERVE_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0")
+               PAGEDSERVE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     code = ("import sys, runpy; sys.argv = ['pagedserve', sys.argv[1]]\n"
             "try:\n    runpy.run_module('pagedserve.service.cli', run_name='__main__')\n"
             "finally:\n    print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n")

@@ -13,13 +13,8 @@ import redis
 
 from pagedserve.service.client import Client
 from pagedserve.service.protocol import DoneEvent, Keys
+from pagedserve.service.redis_server import free_port
 from service_fixtures import WorkerProcess, make_settings, raw_submit, running_worker, submit_running, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(port: int, path: str) -> tuple[int | None, str]:
@@ -107,7 +102,7 @@ def test_a_restarted_worker_waiting_for_its_name_is_alive_but_not_ready(tmp_path
     liveness_timeout_s (the wait did not beat the heartbeat), so a liveness probe killed a normal restart."""
     name = f"same-{prefix}"
     first = WorkerProcess(make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=6000), tmp_path / "1.log")
-    port = _free_port()
+    port = free_port()
     s = make_settings(redis_url, prefix, worker_name=name, claim_idle_ms=6000, liveness_timeout_s=1.0,
                       metrics_port=port)
     second = WorkerProcess(s, tmp_path / "2.log")

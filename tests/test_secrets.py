@@ -9,7 +9,6 @@ one remembered by an earlier test would mask a later one's whatever the code und
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,14 +16,9 @@ import pytest
 from pydantic import ValidationError
 
 from pagedserve.service.redaction import redact, remember_secrets
+from pagedserve.service.redis_server import free_port
 from pagedserve.service.settings import Settings
 from service_fixtures import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -52,15 +46,15 @@ def test_celery_inspect_conf_masks_the_settings_passwords():
 
     from pagedserve.service.celery_app import make_celery
 
-    app = make_celery(Settings(redis_url=f"redis://:1nsp3ctPW@127.0.0.1:{_free_port()}/0", prefix="secrets-test"))
+    app = make_celery(Settings(redis_url=f"redis://:1nsp3ctPW@127.0.0.1:{free_port()}/0", prefix="secrets-test"))
     answer = conf(type("State", (), {"app": app})())
     assert "1nsp3ctPW" not in repr(answer), answer
     assert "redis://:***@127.0.0.1:" in answer["pagedserve_settings"]
 
 
 def test_celery_report_masks_the_settings_passwords():
-    url = f"redis://:r3p0rtPW@127.0.0.1:{_free_port()}/0"
-    broker = f"redis://app:r3p0rtBr0ker@127.0.0.1:{_free_port()}/1"
+    url = f"redis://:r3p0rtPW@127.0.0.1:{free_port()}/0"
+    broker = f"redis://app:r3p0rtBr0ker@127.0.0.1:{free_port()}/1"
     res = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "report"],
                {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_CELERY_BROKER_URL": broker})
     out = res.stdout + res.stderr
