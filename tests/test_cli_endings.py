@@ -234,11 +234,11 @@ def _ending(res: subprocess.CompletedProcess) -> tuple[int, str]:
 
 def _debug_cases(redis_url: str, prefix: str, tmp_path) -> list[tuple[str, dict, list[str]]]:
     """Every ending --debug used to change: (name, settings, arguments), each run with and without debug."""
-    from test_cli import _free_port
+    from pagedserve.service.redis_server import free_port
 
     (tmp_path / "notes").mkdir()
     here = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
-    gone = {"PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0"}
+    gone = {"PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     engine = {"PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_DEVICE": "cpu", **gone}
     return [
         ("no worker", here, ["submit", "hi", "--pickup-timeout", "2", "--id", "ID"]),
