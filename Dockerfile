@@ -36,7 +36,7 @@ FROM base-${FLAVOR} AS base
 ENV DEBIAN_FRONTEND=noninteractive
 # gcc, libc6-dev, python3-dev: Triton compiles its small launcher stubs with the host C compiler the
 # first time a kernel runs, so they are runtime dependencies of the GPU image (cheap on the CPU one).
-# g++: the CPU attention kernel (kernels/csrc) is compiled on first use, for the CPU that runs it.
+# g++: the CPU attention kernel (pagedserve/kernels/csrc) is compiled on first use, for the CPU that runs it.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         python3 python3-venv python3-dev gcc g++ libc6-dev tini ca-certificates \

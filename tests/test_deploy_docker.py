@@ -90,11 +90,12 @@ def included(path: str) -> bool:
 
 def test_dockerignore_is_an_allow_list():
     assert _dockerignore_patterns()[0] == "**"
-    for path in ("pyproject.toml", "constraints.txt", "engine/llm.py", "service/worker.py", "kernels/__init__.py",
+    for path in ("pyproject.toml", "constraints.txt", "pagedserve/engine/llm.py", "pagedserve/service/worker.py",
+                 "pagedserve/kernels/__init__.py", "pagedserve/kernels/csrc/vec8.h", "pagedserve/service/lua/claim.lua",
                  "deploy/docker/healthcheck.py"):
         assert included(path), path
     for path in (".venv/bin/python", ".git/HEAD", "models/llama/model.safetensors", "tests/test_x.py",
-                 "helm/pagedserve/Chart.yaml", "service/__pycache__/x.pyc"):
+                 "helm/pagedserve/Chart.yaml", "pagedserve/service/__pycache__/x.pyc"):
         assert not included(path), path
 
 
@@ -130,10 +131,12 @@ def test_container_healthcheck_script(health_server):
 
 
 def test_build_context_holds_every_packaged_directory():
-    """`pip install /src` fails on a package directory pyproject.toml maps but the context lacks."""
+    """`pip install /src` fails on a package directory pyproject.toml finds but the context lacks."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    dirs = set(setuptools.get("package-dir", {}).values())
-    assert dirs
+    include = setuptools["packages"]["find"]["include"]
+    dirs = {p.relative_to(ROOT).as_posix() for p in ROOT.glob("*/") if (p / "__init__.py").is_file()
+            and any(fnmatch.fnmatch(p.name, pat) for pat in include)}
+    assert dirs == {"pagedserve"}, dirs
     for d in sorted(dirs):
         sources = [p for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts]
         assert sources, d

@@ -71,8 +71,8 @@ ABSENT_ON_DEVICE = ("redis", "pydantic", "pydantic_settings", "celery", "kombu",
 
 
 def test_env_stage_collects_and_imports_in_the_device_layout(tmp_path):
-    """The env stage for real, as the GPU machine runs it: the checkout with no install (the package a folder of
-    links), the service's packages absent, started from the repository root. It gets as far as the missing
+    """The env stage for real, as the GPU machine runs it: the checkout with no install (the package its own folder
+    on PYTHONPATH), the service's packages absent, started from the repository root. It gets as far as the missing
     device here; collection or an import failing first would cost a whole device run on the GPU machine."""
     blocker = tmp_path / "site"
     blocker.mkdir()

@@ -185,3 +185,20 @@ def test_client_only_venv_names_the_worker_extra(client_venv, tmp_path):
         assert res.returncode == 1, text
         assert 'pip install "pagedserve[worker]"' in text and "Traceback" not in text, text
         assert len(text.strip().splitlines()) == 1, text
+
+
+def test_the_repository_root_hides_no_installed_package():
+    """Python run from the checkout (``python -m``, pytest, the worker's subprocesses) puts the root on sys.path
+    first, so a root folder named like an installed distribution's package would be imported in its place (a root
+    ``kernels/`` once hid PyPI's ``kernels`` from transformers, which then failed to import)."""
+    from importlib.metadata import packages_distributions
+
+    importable = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
+    importable |= {p.stem for p in REPO.glob("*.py")}
+    assert "pagedserve" in importable and not {"engine", "kernels", "service", "bench"} & importable, importable
+    installed = {name: dists for name, dists in packages_distributions().items() if set(dists) != {"pagedserve"}}
+    assert not importable & set(installed), {n: installed[n] for n in importable & set(installed)}
+    # and the one that bit: from the root, `kernels` is PyPI's or nothing, never ours
+    res = _run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                "print(s.origin if s else '')"], cwd=REPO)
+    assert res.returncode == 0 and not res.stdout.strip().startswith(str(REPO / "kernels")), res.stdout + res.stderr
