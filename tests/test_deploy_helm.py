@@ -584,7 +584,7 @@ def test_notes_submit_does_not_use_the_worker_user():
 def test_large_integers_reach_the_worker_as_integers(monkeypatch):
     """Every number of a values file reaches the templates as a float64, which "%v" writes as 2.592e+06 from
     10**6 on: the worker's settings refuse that, and the pods crash-loop."""
-    from service.settings import Settings
+    from pagedserve.service.settings import Settings
 
     values = {"worker": {"resultTtlS": 2592000, "maxQueueMs": 1800000, "claimIdleMs": 1800000},
               "engine": {"maxModelLen": 1048576},
@@ -686,7 +686,7 @@ def test_malformed_redis_url_is_refused_without_quoting_the_password(url, keda):
 
 
 def test_schema_engine_values_are_the_ones_the_engine_takes():
-    from engine.config import EngineConfig
+    from pagedserve.engine.config import EngineConfig
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     engine = schema["properties"]["engine"]["properties"]
