@@ -11,17 +11,17 @@ PYTEST_ARGS ?=
 # engine between their tests, in order. Files go out longest first (tests/conftest.py), not by test count.
 PYTEST_WORKERS ?= 3
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-tested.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the version whose CPU wheel the machine's pip configuration offers (elsewhere set
 	# PIP_EXTRA_INDEX_URL to PyTorch's CPU index, README): PyPI's own torch wheel pulls multi-GB CUDA libraries.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -c constraints-tested.txt -e ".[dev]"
 	@bash .ci/ensure-compiler
 	touch $(STAMP)
 
-.PHONY: install demo test redis bench
+.PHONY: install demo test redis bench lock
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -36,3 +36,14 @@ test: $(STAMP) redis
 # Results go to .bench/ (ignored); the recorded runs in docs/ are only rewritten on purpose (--out docs/...).
 bench: $(STAMP)
 	$(VENV)/bin/pagedserve bench offline --out .bench/offline.json
+
+# constraints-tested.txt anew: the newest releases pyproject.toml admits, resolved in a scratch venv
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install -q -c constraints.txt ".[dev]"
+	{ sed -n '/^#/p' constraints-tested.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude pagedserve --exclude torch; } \
+		> constraints-tested.txt.new && mv constraints-tested.txt.new constraints-tested.txt
+	rm -rf $(LOCK_VENV)
