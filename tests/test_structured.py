@@ -380,6 +380,38 @@ def test_the_cache_is_bounded_by_an_estimate_of_bytes_and_evicts_the_least_recen
         so.close()
 
 
+def test_a_compile_is_charged_before_its_caller_sees_the_grammar():
+    """compile() returns only once the grammar's cost is on the cache's account (and the cache back within its
+    budget): charged after the future resolved, a caller read the cache over its budget until the charge came.
+    The switch interval is shortened so that the threads interleave where that race lies."""
+    import sys
+
+    class Grammar:
+        nbytes = 1 << 20
+
+    class CountingBackend:
+        name, version, vocab_size = "counting", "0", 256
+
+        def compile(self, spec):
+            return Grammar()
+
+        def fill_bitmasks(self, matchers, bitmask):
+            return []
+
+    budget = (3 << 20) + (512 << 10)  # three grammars and their keys
+    so = StructuredOutputs(CountingBackend, cache_bytes=budget)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for k in range(300):
+            so.compile(validate_structured_outputs({"regex": f"a{{{k}}}"}))
+            assert so.cache_bytes >= Grammar.nbytes * min(k + 1, 3), (k, so.cache_bytes)
+            assert so.cache_bytes <= budget and so.cache_entries == min(k + 1, 3), (k, so.cache_entries)
+    finally:
+        sys.setswitchinterval(interval)
+        so.close()
+
+
 def test_a_large_schema_is_charged_what_its_grammar_costs():
     """A ~91 KB schema of 2,600 properties costs some 10 MB of memory once compiled (measured as the process's
     resident memory on SmolLM2's vocabulary and on the byte tokenizer alike): the estimate must not be below."""

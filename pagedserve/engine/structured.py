@@ -237,14 +237,23 @@ class StructuredOutputs:
                 self.compile_seconds_total += seconds
         raise failure
 
-    def _run(self, entry: _Entry, spec: dict) -> CompiledGrammar:
-        """On a pool thread: wait for a turn (:meth:`_start`), compile, then let the next one start."""
+    def _run(self, entry: _Entry, key: tuple, spec: dict) -> CompiledGrammar:
+        """On a pool thread: wait for a turn (:meth:`_start`), compile, charge the entry what the grammar costs
+        (the backend's estimate, ``nbytes``; a failure, :data:`FAILURE_BYTES`) and let the next one start. The
+        charge comes before the future resolves, so whoever its result wakes sees the cache within its budget."""
         self._start(entry)
+        extra = FAILURE_BYTES
         try:
-            return self._compile(spec)
+            grammar = self._compile(spec)
+            extra = int(getattr(grammar, "nbytes", 0))
+            return grammar
         finally:
             with self._changed:
                 self._compiling.discard(entry)
+                if self._cache.get(key) is entry:
+                    entry.nbytes += extra
+                    self.cache_bytes += extra
+                    self._evict()
                 self._changed.notify_all()
 
     def _start(self, entry: _Entry) -> None:
@@ -270,12 +279,12 @@ class StructuredOutputs:
             self._compiling.add(entry)
             self._changed.notify_all()
 
-    def _submit(self, entry: _Entry, spec: dict) -> Future:
+    def _submit(self, entry: _Entry, key: tuple, spec: dict) -> Future:
         """The compile on the pool, whose threads (created inside ``submit``, when needed) get the deep stack."""
         with _STACK_SIZE_LOCK:
             previous = threading.stack_size(COMPILE_STACK_BYTES)
             try:
-                return self._pool.submit(self._run, entry, spec)
+                return self._pool.submit(self._run, entry, key, spec)
             finally:
                 threading.stack_size(previous)
 
@@ -295,33 +304,22 @@ class StructuredOutputs:
                 return entry
             self.num_compiles += 1
             entry = _Entry(_key_bytes(key))
-            entry.future = self._submit(entry, spec)
+            entry.future = self._submit(entry, key, spec)
             self._queue.append(entry)  # its thread reads the queue under this lock: only after this
             self._cache[key] = entry
             self.cache_bytes += entry.nbytes
             self._evict()
         # Outside the lock: a compile already over runs its callback here, at once. The callback holds neither
         # this object nor the entry (a future keeps its callbacks): no cycle keeps a dropped engine's grammars.
-        charge = weakref.WeakMethod(self._charge)
-        entry.future.add_done_callback(lambda future: (method := charge()) is not None and method(key, future))
+        notify = weakref.WeakMethod(self._notify)
+        entry.future.add_done_callback(lambda _: (method := notify()) is not None and method())
         return entry
 
-    def _charge(self, key: tuple, future: Future) -> None:
-        """A compile ended: charge its entry, if still cached, what the grammar costs (the backend's estimate,
-        ``nbytes``; a failure, :data:`FAILURE_BYTES`), then evict down to the budget."""
-        if future.cancelled():
-            extra = 0
-        elif future.exception() is not None:
-            extra = FAILURE_BYTES
-        else:
-            extra = int(getattr(future.result(), "nbytes", 0))
-        with self._lock:
-            self._changed.notify_all()  # compile() waits for the start or the end of a compile
-            entry = self._cache.get(key)
-            if entry is not None and entry.future is future:
-                entry.nbytes += extra
-                self.cache_bytes += extra
-                self._evict()
+    def _notify(self) -> None:
+        """A future is done (also one cancelled or failed before its compile started): compile() waits for the
+        start or the end of a compile."""
+        with self._changed:
+            self._changed.notify_all()
 
     def _evict(self) -> None:
         """Drop the least recently used entries while the cache is over its budget (under ``_lock``). The
