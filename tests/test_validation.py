@@ -234,6 +234,18 @@ def _unknown_model_type(model, json):
     (model / "config.json").write_text(json.dumps(cfg))
 
 
+def _mlp_bias(model, json):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(mlp_bias=True)
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+def _gelu(model, json):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(hidden_act="gelu")
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("break_it, words", [
     (_corrupt_weights, r"model\.safetensors is not a readable safetensors file"),
@@ -242,6 +254,8 @@ def _unknown_model_type(model, json):
     (_malformed_generation_config, r"generation_config\.json cannot be read"),
     (_string_eos, r"generation_config\.json eos_token_id must be a token id or a list of token ids \(got '</s>'\)"),
     (_unknown_model_type, r"model_type 'foobar' \(architectures \['FooForCausalLM'\]\) is not supported"),
+    (_mlp_bias, r"config\.json mlp_bias true is not supported \(the MLP projections here carry no bias\)"),
+    (_gelu, r"config\.json hidden_act \"gelu\" is not supported"),
 ])
 def test_broken_model_files_are_refused_naming_the_file(tmp_path, break_it, words):
     """A corrupt checkpoint, an unknown model type or a malformed generation config surfaced the reading

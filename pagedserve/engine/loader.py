@@ -97,6 +97,9 @@ def load_config(model_dir: str | Path):
         # Before transformers, whose message for a type it does not know advises upgrading it.
         raise ValueError(f"model {str(path)!r}: config.json model_type {raw.get('model_type')!r} (architectures "
                          f"{archs}) is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})")
+    for name, allowed, why in _UNSUPPORTED:  # before the model is built: no weights read for a model it cannot run
+        if name in raw and raw[name] not in allowed:
+            raise ValueError(f"model {str(path)!r}: config.json {name} {json.dumps(raw[name])} is not supported ({why})")
     config = _as_written(raw)
     if config is None:
         from transformers import AutoConfig  # here: most starts need not import it (_FIELDS_BY_TYPE)
@@ -104,6 +107,12 @@ def load_config(model_dir: str | Path):
         config = AutoConfig.from_pretrained(path)
     return config
 
+
+# Switches of the four families that the model here does not build: (name, the values it runs, why not others).
+_UNSUPPORTED = (
+    ("mlp_bias", (False, None), "the MLP projections here carry no bias"),
+    ("hidden_act", ("silu",), "the MLP here is SiLU-gated; only silu"),
+)
 
 # What the engine reads from a model's config, by model type. Where config.json states every one of them (with
 # values of the expected kinds and the plain rotary embedding) the engine takes them as written; otherwise
