@@ -107,6 +107,21 @@ def test_resume_refused_where_it_cannot_continue(engine):
     assert not engine.has_unfinished_requests()
 
 
+def test_a_resume_refused_part_way_leaves_nothing_behind(engine):
+    """Tokens that go on after the sample ended are only found while they are replayed, after the request's
+    sequences exist: the refusal must leave no reference to them (a worker lives for weeks)."""
+    owners = len(engine._owner)
+    params = SamplingParams(n=2, max_tokens=8, seed=1, stop_token_ids=[65])
+    past_end = r"resume\[1\].token_ids go on after token 1, which ended the sample \(stop\): 1 more"
+    for i in range(5):
+        with pytest.raises(ValueError, match=past_end):
+            engine.add_request(f"past-end{i}", PROMPT, params, resume=[ResumeSample([1]), ResumeSample([66, 65, 67])])
+    assert len(engine._owner) == owners and "past-end0" not in engine.requests
+    assert not engine.has_unfinished_requests()
+    done, _ = run(engine, "past-end0", params, [ResumeSample([1]), ResumeSample([66, 65])])  # the id is free
+    assert done.outputs[1].token_ids[:2] == [66, 65] and done.outputs[1].finish_reason == "stop"
+
+
 # ------------------------------------------------------------------------------------------------ client core
 def _entry(i: int, ev: dict) -> tuple[bytes, dict]:
     return f"1-{i}".encode(), {b"data": json.dumps(ev).encode()}

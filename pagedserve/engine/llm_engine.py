@@ -208,9 +208,10 @@ class LLMEngine:
         if params.beam_width > 0:
             req.beam = BeamState(params.beam_width, params)
         self._init_seq(req, req.seqs[0])
-        self._owner[req.seqs[0].seq_id] = req
         if resume is not None:
-            self._resume(req, resume)
+            self._resume(req, resume)  # may still refuse the request: nothing refers to it before this returns
+        for seq in req.seqs:
+            self._owner[seq.seq_id] = req
         self.requests[request_id] = req
         self._holding_stops += bool(params.min_tokens)
         if all(s.finished for s in req.seqs):  # resumed after its last token: only its ending is left to hand out
@@ -244,11 +245,11 @@ class LLMEngine:
             child = first.fork(i)
             self._init_seq(req, child)
             req.seqs.append(child)
-            self._owner[child.seq_id] = req
         for seq, done in zip(req.seqs, resume):
             for k, tok in enumerate(done.token_ids):
                 if seq.finished:
-                    raise ValueError(f"resume[{seq.index}].token_ids go on after the sample ended at token {k}")
+                    raise ValueError(f"resume[{seq.index}].token_ids go on after token {k - 1}, which ended the "
+                                     f"sample ({seq.finish_reason}): {len(done.token_ids) - k} more follow it")
                 top = done.logprobs[k] if done.logprobs is not None and k < len(done.logprobs) else None
                 chosen = top.get(tok, float("nan")) if top else float("nan")
                 self._append_token(req, seq, SampleResult(tok, chosen, dict(top) if top else {}))
