@@ -65,6 +65,23 @@ def test_min_tokens_leaves_the_logprobs_those_of_the_model(llm, tiny_models):
     assert stop_id in ours.logprobs[0]  # the model's first choice, though it could not be drawn
 
 
+def test_min_tokens_with_every_token_a_stop_token_is_refused_and_one_left_is_drawn(llm):
+    """With EOS and ``stop_token_ids`` covering the vocabulary, ``min_tokens`` leaves no token to draw: every logit
+    is -inf and a sampler would take token 0, a stop token, ending the sample at once. Refused before any work;
+    one token left out of the stop ids is then the only one drawn until ``min_tokens``."""
+    engine = llm.engine
+    vocab = engine.vocab_size
+    everything = [t for t in range(vocab) if t not in engine.eos_token_ids]
+    with pytest.raises(ValueError, match=f"^stop_token_ids with EOS hold back all {vocab} tokens"):
+        llm.generate("Once upon", SamplingParams(max_tokens=5, min_tokens=3, stop_token_ids=everything))
+    assert not engine.has_unfinished_requests()
+    free = everything.pop(7)  # one left: the only token that can come first
+    out = _greedy(llm, "Once upon", min_tokens=3, stop_token_ids=everything)
+    assert out.token_ids[:3] == [free] * 3 and out.finish_reason == "stop"
+    # without min_tokens nothing is held back: a stop token may come first
+    assert len(_greedy(llm, "Once upon", stop_token_ids=everything).token_ids) == 1
+
+
 def test_min_tokens_defers_stop_strings(llm):
     free = _greedy(llm, "The capital", ignore_eos=True)
     stop = free.text[1:3]

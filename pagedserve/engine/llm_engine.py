@@ -198,6 +198,10 @@ class LLMEngine:
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
                 f"max_model_len {self.max_model_len}{self._max_model_len_source} leaves after the "
                 f"{len(token_ids)}-token prompt")
+        held = self._stops_held(params, None)
+        if params.min_tokens and len({t for t in held if t < self.vocab_size}) >= self.vocab_size:
+            raise ValueError(f"stop_token_ids with EOS hold back all {self.vocab_size} tokens of the vocabulary while "
+                             f"min_tokens {params.min_tokens} is not reached: no token could be drawn")
         if resume is not None:
             self._check_resume(resume, params, len(token_ids))
         # Compiles the grammar unless it is cached (waiting at most the compile timeout): call
@@ -433,10 +437,10 @@ class LLMEngine:
         held = [[] if seq.matcher is not None else self._stops_held(req.params, seq) for seq, req in zip(seqs, owners)]
         return held if any(held) else None
 
-    def _stops_held(self, p: SamplingParams, seq: Sequence) -> list[int]:
-        """The tokens ``min_tokens`` holds back from ``seq`` now: its stop token ids and EOS (unless
-        ``ignore_eos``) while it is short of ``min_tokens``, else none."""
-        if p.min_tokens <= seq.num_output_tokens:
+    def _stops_held(self, p: SamplingParams, seq: Sequence | None) -> list[int]:
+        """The tokens ``min_tokens`` holds back from ``seq`` now (None: before its first token): its stop token
+        ids and EOS (unless ``ignore_eos``) while it is short of ``min_tokens``, else none."""
+        if p.min_tokens <= (seq.num_output_tokens if seq is not None else 0):
             return []
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
 
