@@ -256,13 +256,16 @@ def _unescaped(value):
 
 @needs_compose
 def test_workers_take_the_redis_url_from_the_environment():
-    """PAGEDSERVE_REDIS_URL in the shell or .env reaches every worker; unset, the stack's own Redis."""
+    """WORKER_REDIS_URL in the shell or .env reaches every worker; unset, the stack's own Redis. The host's
+    PAGEDSERVE_REDIS_URL (localhost, for `pagedserve submit` and Locust, as the docs say) does not: inside a
+    container localhost is the container itself, and the workers would never reach Redis."""
     overlay = ROOT / "deploy" / "compose" / "two-gpus.yml"
     workers = ("worker", "worker-cpu", "worker-gpu1")
-    services = _config("cpu", extra=(overlay,))
+    services = _config("cpu", extra=(overlay,), PAGEDSERVE_REDIS_URL="redis://localhost:6379/0")
     assert {services[w]["environment"]["PAGEDSERVE_REDIS_URL"] for w in workers} == {"redis://redis:6379/0"}
     url = "redis://:s3cr%40t@redis:6379/0"
-    services = _config("cpu", extra=(overlay,), PAGEDSERVE_REDIS_URL=url, REDIS_PASSWORD="s3cr@t")
+    services = _config("cpu", extra=(overlay,), WORKER_REDIS_URL=url, REDIS_PASSWORD="s3cr@t",
+                       PAGEDSERVE_REDIS_URL="redis://:s3cr%40t@localhost:6379/0")
     assert {services[w]["environment"]["PAGEDSERVE_REDIS_URL"] for w in workers} == {url}
 
 
