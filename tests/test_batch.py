@@ -69,6 +69,8 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
         completion("cmpl-logprobs", logprobs=2),
         completion("cmpl-ids", prompt=[5, 6, 7, 8]),
         completion("too-long", prompt="word " * 5000),  # refused by the worker (prompt_too_long): a 400 body
+        {"custom_id": "too-many-tokens", "method": "POST", "url": "/v1/chat/completions",  # the worker again
+         "body": {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 100000}},
         completion("bad-max-tokens", max_tokens=0),
         chat("bad-field", tools=[{"type": "function"}]),
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
@@ -86,8 +88,8 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
     batch = Batch.model_validate(status)
     assert batch.status == "completed" and batch.completed_at and batch.metadata == {"team": "qa"}
     assert batch.request_counts.total == len(lines)
-    assert batch.request_counts.failed == 9 and batch.request_counts.completed == len(lines) - 9
-    assert fed == 9  # only the valid lines ran
+    assert batch.request_counts.failed == 10 and batch.request_counts.completed == len(lines) - 10
+    assert fed == 10  # only the valid lines ran
     out = list(batch_results(r, prefix, bid))
     assert len(out) == len(lines)
     by_id = {o["custom_id"]: o for o in out if o["custom_id"] is not None}
@@ -113,6 +115,10 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
     too_long = by_id["too-long"]["response"]
     assert too_long["status_code"] == 400 and too_long["body"]["error"]["code"] == "prompt_too_long"
     assert too_long["body"]["error"]["param"] == "prompt"  # the field, as the line's body names it
+    assert too_long["body"]["error"]["type"] == "invalid_request_error"  # OpenAI's class; code keeps ours
+    many = by_id["too-many-tokens"]["response"]
+    assert many["status_code"] == 400 and many["body"]["error"]["param"] == "max_completion_tokens", many
+    assert many["body"]["error"]["message"].startswith("body.max_completion_tokens 100000 is more than"), many
     bad_schema = by_id["bad-schema"]["response"]["body"]["error"]
     assert bad_schema["code"] == "invalid_request" and bad_schema["param"] == "response_format", bad_schema
     assert by_id["too-long"]["error"] is None

@@ -65,12 +65,23 @@ _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _in_body_words(message: str) -> str:
-    """``message`` about ``params.structured_outputs`` as the batch line's body names the field."""
+def _in_body_words(message: str, renamed: dict[str, str] | None = None) -> str:
+    """``message`` as the batch line's body names its field: ``params.structured_outputs`` is about
+    ``body.response_format``, and ``params.max_tokens`` about ``body.max_completion_tokens`` where the line wrote
+    that (``renamed``: wire name -> the key the line wrote)."""
     for wire, body in _STRUCTURED_NAMES:
         if message.startswith(wire):
             return body + message[len(wire):]
+    m = _LEADING_FIELD.match(message)
+    if renamed is not None and m and message.startswith("params.") and m.group(1) in _BODY_NAME:
+        return f"body.{renamed.get(m.group(1), _BODY_NAME[m.group(1)])}{message[m.end():]}"
     return message
+
+
+def _renamed(md: dict) -> dict[str, str]:
+    """The wire names the line wrote under another key, as :func:`to_request` left them in its metadata."""
+    pairs = md.get("renamed")
+    return dict(pair.split("=", 1) for pair in pairs.split(",")) if isinstance(pairs, str) and pairs else {}
 
 
 class LineError(ValueError):
@@ -251,6 +262,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     _check_ranges(params, written)
     metadata = {"batch_id": bid, "custom_id": custom_id, "url": url, "line": line_no,
                 "model": body.get("model") or "pagedserve", "top_logprobs": params.get("logprobs") or 0}
+    if written:  # so that a worker's refusal can name the key the line wrote (output_line)
+        metadata["renamed"] = ",".join(f"{wire}={key}" for wire, key in sorted(written.items()))
     try:
         return GenerateRequest.model_validate(
             {"id": request_id(bid, index), **req, "params": params, "stream": False, "priority": BATCH_PRIORITY,
@@ -427,10 +440,10 @@ def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | Non
             "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def _param(message: str, url: str) -> str | None:
+def _param(message: str, url: str, renamed: dict[str, str]) -> str | None:
     """The body field a worker's error message is about, or None."""
     m = _LEADING_FIELD.match(message)
-    name = _BODY_NAME.get(m.group(1)) if m else None
+    name = renamed.get(m.group(1), _BODY_NAME.get(m.group(1))) if m else None
     return "messages" if name == "prompt" and url == "/v1/chat/completions" else name
 
 
@@ -444,11 +457,14 @@ def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, boo
     top_logprobs = int(md.get("top_logprobs") or 0)
     bid, line_no, cid, url = md["batch_id"], int(md["line"]), md["custom_id"], md["url"]
     if isinstance(event, ErrorEvent):
-        body = {"error": {"message": _in_body_words(event.error.message), "type": event.error.code,
-                          "param": _param(event.error.message, url), "code": event.error.code}}
+        renamed, status = _renamed(md), _STATUS_OF_CODE.get(event.error.code, 500)
+        # OpenAI's error body: its type is the class of error; ``code`` keeps the worker's own code.
+        body = {"error": {"message": _in_body_words(event.error.message, renamed),
+                          "type": "invalid_request_error" if status == 400 else "server_error",
+                          "param": _param(event.error.message, url, renamed), "code": event.error.code}}
         return line_no, {"id": line_id(bid, line_no), "custom_id": cid,
-                         "response": {"status_code": _STATUS_OF_CODE.get(event.error.code, 500),
-                                      "request_id": event.id, "body": body}, "error": None}, False
+                         "response": {"status_code": status, "request_id": event.id, "body": body},
+                         "error": None}, False
     reasons = {o.finish_reason for o in event.outputs}
     if "cancelled" in reasons:
         return line_no, error_line(bid, line_no, cid, "batch_cancelled",
