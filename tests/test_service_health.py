@@ -179,6 +179,48 @@ def test_a_probe_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     assert "Traceback" not in captured.err and "Exception occurred" not in captured.err, captured.err
 
 
+def test_idle_and_half_sent_connections_are_bounded_and_timed_out():
+    """Anyone who can reach the port (0.0.0.0 by default) could open connections and send nothing, or half a
+    request: each held a thread and a descriptor for as long as the peer kept it open, and a thousand of them left
+    the worker no descriptor to reconnect to Redis. Now at most ``max_connections`` are served at once (more are
+    closed on accept) and a read that waits ``read_timeout_s`` ends its connection."""
+    import socket
+    import threading
+    import time
+
+    from pagedserve.service.health import HealthServer
+
+    def handlers() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    before = handlers()
+    server = HealthServer("127.0.0.1", 0, lambda: (True, {}), lambda: (True, {}), lambda: b"",
+                          max_connections=4, read_timeout_s=0.5).start()
+    peers = []
+    try:
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            if i % 2:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
+            peers.append(s)
+        time.sleep(0.2)
+        assert handlers() - before <= 4
+        for s in peers:  # the server ends every one of them, refused at once or timed out (TimeoutError if not)
+            s.settimeout(3)
+            try:
+                while s.recv(1024):
+                    pass
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: handlers() == before, 5, what="the handler threads to end")
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        for s in peers:
+            s.close()
+        server.stop()
+
+
 def test_a_stuck_worker_leaves_its_requests_to_another(redis_url, prefix, shared_engine):
     """Where nothing restarts a worker whose /healthz fails (compose, a VM), its renewal threads kept its leases
     and claims alive: its requests waited for as long as it lived. Stuck, it lets them lapse and reads nothing

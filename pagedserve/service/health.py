@@ -19,16 +19,41 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 
-def _server_class(host: str) -> type[ThreadingHTTPServer]:
+# The port answers the kubelet's probes and a Prometheus scrape or two, from anyone who can reach it (0.0.0.0 by
+# default): without bounds a peer that opens connections and sends nothing held a thread and a file descriptor
+# each until it hung up, and enough of them left the worker no descriptor to reconnect to Redis with.
+MAX_CONNECTIONS = 32  # at once; more are closed as soon as they are accepted
+READ_TIMEOUT_S = 5.0  # for each read of a request; a probe sends its few lines at once
+
+
+def _server_class(host: str, max_connections: int) -> type[ThreadingHTTPServer]:
     """An HTTP server of the host's address family: ``::`` or an IPv6 address binds IPv6 (on an IPv6-only or
     IPv6-first cluster the kubelet probes over it); the IPv6 wildcard also takes IPv4 where the system allows
     (dual stack, as ``python -m http.server`` does); an empty host is the wildcard of the system's first family,
-    as ``python -m http.server`` without ``--bind`` takes."""
+    as ``python -m http.server`` without ``--bind`` takes. At most ``max_connections`` are served at once: one
+    over that is closed at once, costing no thread (and only a moment's descriptor)."""
     family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
+        slots = threading.BoundedSemaphore(max_connections)
+
+        def process_request(self, request: socket.socket, client_address: object) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started (none left?): the slot is not taken
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
 
         def handle_error(self, request: object, client_address: object) -> None:
             # A peer that hung up (a probe's timeout) is nobody to answer and no fault of ours; socketserver would
@@ -53,10 +78,15 @@ class HealthServer:
         alive: Callable[[], tuple[bool, dict]],
         ready: Callable[[], tuple[bool, dict]],
         scrape: Callable[[], bytes],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = read_timeout_s  # a read that waits longer ends the connection (http.server drops it quietly)
+
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 path = self.path.split("?", 1)[0]
                 try:
@@ -86,7 +116,7 @@ class HealthServer:
                 pass
 
         self.alive, self.ready, self.scrape = alive, ready, scrape
-        self.server = _server_class(host)((host, port), Handler)
+        self.server = _server_class(host, max_connections)((host, port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="pagedserve-health", daemon=True)
 
