@@ -716,6 +716,29 @@ def test_submit_to_a_database_redis_lacks_says_it_once_and_offers_no_cancel(redi
     assert line.count("DB index is out of range") == 1 and "cancel" not in line and "id=" not in line, line
 
 
+@pytest.mark.parametrize("refusal", ["maxmemory", "no-xadd"])
+def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_nothing(refusal):
+    """Redis refused the XADD itself (its memory full; a user without XADD): nothing was queued, yet submit said
+    "cancelled", or that it could not cancel it and how to (the cancel refused in its turn)."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        if refusal == "maxmemory":
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+        else:
+            admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                              commands=["+@all", "-xadd"])
+            url = url.replace("redis://", "redis://app:pw@")
+        res = _submit({"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": "t"})
+        admin.config_set("maxmemory", 0)
+        line = _one_line(res)
+        assert res.returncode == 1 and line.endswith("; the request was not queued"), line
+        assert "cancel" not in line and "id=" not in line and ":pw@" not in line, line
+        assert ("memory is full (maxmemory)" if refusal == "maxmemory" else "may not do this") in line, line
+        assert admin.xlen("t:requests") == 0 and not admin.keys("t:cancelled:*")
+
+
 def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting():
     """A server that speaks first in another protocol (NATS's INFO greeting, an SMTP banner) gave redis-py's
     protocol error quoting the whole greeting, with no setting named, and submit offered to cancel a request it

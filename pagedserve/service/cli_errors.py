@@ -61,6 +61,12 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         if "Redis" in text:
             return f"error: {_naming_the_redis_url(text)}"
         return f"error: cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): {text}"
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return f"error: Redis at {url} refuses writes, its memory is full (maxmemory): {redact(e).rstrip('.')}"
+    if isinstance(e, redis.exceptions.ReadOnlyError):
+        return f"error: Redis at {url} is a read-only replica: point PAGEDSERVE_REDIS_URL at the primary"
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return f"error: the Redis user of PAGEDSERVE_REDIS_URL ({url}) may not do this: {redact(e)}"
     from pagedserve.engine.default_model import ModelDownloadError
 
     if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
@@ -87,6 +93,16 @@ def _missing_database(e: BaseException) -> str | None:
     which = f"database {db}" if db is not None else "a database"
     return (f"error: PAGEDSERVE_REDIS_URL names {which}, which this Redis does not have (DB index is out of range): "
             "give a database number below the server's `databases` setting (16 unless configured), e.g. /0")
+
+
+def _refused_the_request(e: BaseException) -> bool:
+    """Whether Redis refused submit's XADD itself, so that nothing was queued: a write refused (out of memory, a
+    read-only replica; the stream's other commands only read) or a user without XADD. Redis checks these before
+    it runs a command."""
+    import redis
+
+    return isinstance(e, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)) or (
+        isinstance(e, redis.exceptions.NoPermissionError) and "'xadd'" in str(e))
 
 
 def _redis_error(e: BaseException) -> str:
