@@ -963,3 +963,24 @@ def test_kube_version_floor_has_the_pdb_unhealthy_pod_eviction_policy():
         for doc in render(values):
             if doc["kind"] not in CRD_KINDS:
                 kubernetes_validate.validate(doc, "1.27.0", strict=True)
+
+
+def test_network_policy_admits_only_the_metrics_port_from_whom_it_names():
+    """The metrics port has no authentication: with networkPolicy.enabled the workers' pods admit traffic only there,
+    only from ``metricsFrom`` (none: the node alone, whose probes a NetworkPolicy always admits)."""
+    assert not by_kind(render(), "NetworkPolicy")  # off by default
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    docs = render({"networkPolicy": {"enabled": True, "metricsFrom": [monitoring]}, "worker": {"metricsPort": 9500}})
+    policy = one(docs, "NetworkPolicy")
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    pod = one(docs, "Deployment")["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule == {"from": [monitoring], "ports": [{"port": 9500, "protocol": "TCP"}]}
+    ports = {p["name"]: p["containerPort"] for p in worker_container(docs)["ports"]}
+    assert ports["metrics"] == 9500
+    closed = one(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    kubernetes_validate.validate(closed, KUBE_VERSION, strict=True)
+    assert closed["spec"]["ingress"] == [] and closed["spec"]["policyTypes"] == ["Ingress"]
+    render_fails({"networkPolicy": {"enabled": True, "metricsFrom": "monitoring"}}, "metricsFrom")
