@@ -1212,3 +1212,64 @@ def test_a_full_redis_is_said_to_be_full_not_unreachable(prefix):
         assert str(e.value).startswith(f"Redis at {url} has no connection free (max number of clients reached: its "
                                        "maxclients): nothing was sent"), str(e.value)
         assert holder.xlen(f"{prefix}:requests") == 0
+
+
+def test_closing_a_client_cancels_what_its_waiting_calls_sent_and_sends_nothing_more(redis_url, prefix, shared_engine):
+    """Client.close() with calls waiting in other threads ended them with RuntimeError but left their requests
+    running to the end (AsyncClient.aclose() cancels them): nobody could read or cancel those results, generate()'s
+    error not even naming the id. And AsyncClient.submit() during aclose() still sent its request."""
+    import threading
+
+    from service_fixtures import make_settings, running_worker, wait_for
+
+    from pagedserve.service.client import AsyncClient, Client
+
+    keys = Keys(prefix)
+    long = {"max_tokens": 1500, "ignore_eos": True}
+    with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
+        c = Client(redis_url, prefix=prefix)
+        errors: list[BaseException | None] = []
+
+        def call(i: int) -> None:
+            try:
+                if i % 2:
+                    c.generate(f"waiting {i}", params=long, timeout=60)
+                else:
+                    for _ in c.stream(f"waiting {i}", params=long, timeout=60):
+                        pass
+            except Exception as e:  # noqa: BLE001 - asserted below
+                errors.append(e)
+                return
+            errors.append(None)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(list(r.scan_iter(match=f"{keys.prefix}:running:*"))) == 3, 30, what="three running")
+        c.close()
+        for t in threads:
+            t.join(60)
+        assert len(errors) == 3 and all(e is None or isinstance(e, RuntimeError) for e in errors), errors
+        with pytest.raises(RuntimeError, match="is closed"):
+            c.submit("after", params={"max_tokens": 2})
+        wait_for(lambda: len(list(r.scan_iter(match=f"{keys.prefix}:result:*"))) == 3, 60, what="three results")
+        results = [parse_terminal(r.get(k)) for k in r.scan_iter(match=f"{keys.prefix}:result:*")]
+        assert all(d.outputs[0].finish_reason == "cancelled" for d in results), results
+        wait_for(lambda: not list(r.scan_iter(match=f"{keys.prefix}:running:*")), 60, what="no request running")
+
+        async def submit_while_closing() -> None:
+            ac = AsyncClient(redis_url, prefix=prefix)
+            it = ac.stream("held", params=long, timeout=60)
+            await anext(it)  # the first token: its request is running
+            closer = asyncio.create_task(ac.aclose())
+            await asyncio.sleep(0)  # aclose has begun: its cancel is on its way
+            with pytest.raises(RuntimeError, match="nothing was sent"):
+                await ac.submit("late", params={"max_tokens": 2})
+            await closer
+            with contextlib.suppress(RuntimeError):
+                await it.aclose()
+
+        asyncio.run(submit_while_closing())
+        wait_for(lambda: len(list(r.scan_iter(match=f"{keys.prefix}:result:*"))) == 4, 60, what="held's result")
+        time.sleep(1.0)  # "late", had it been sent, would have its result by now
+        assert len(list(r.scan_iter(match=f"{keys.prefix}:result:*"))) == 4

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any
@@ -146,16 +147,39 @@ class Client(ProducerCore):
     ):
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self._closed = False
+        self._closing = False  # from close's start: no call sends anything any more
+        self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
+        self._owned_lock = threading.Lock()  # calls in other threads send while close() takes the set
         self.r = redis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
         )
 
     def close(self) -> None:
-        """Close the connections; a call waiting in another thread ends with ``RuntimeError`` (client closed), and
-        every later call raises ``RuntimeError`` before it sends anything."""
+        """Cancel what the calls still waiting in other threads sent under ids of their own making (their callers
+        go with the client; as :meth:`AsyncClient.aclose`), then close the connections: those calls end with
+        ``RuntimeError`` (client closed), and every later call raises ``RuntimeError`` before it sends anything.
+        From its start no call sends a request (nothing would cancel it)."""
+        with self._owned_lock:
+            if self._closing:
+                return
+            self._closing = True
+            owned, self._owned = sorted(self._owned), set()
+        if owned:
+            self._cancel_at_close(owned)
         self._closed = True
         self.r.close()
+
+    def _cancel_at_close(self, request_ids: list[str]) -> None:
+        """All the cancels in one transaction, on a connection of their own (the waiting calls may hold the whole
+        pool), within CLOSE_CANCELS_S: best effort, as Redis may be the reason for the close."""
+        with contextlib.suppress(Exception), redis.Redis.from_url(
+                self.redis_url, socket_timeout=CLOSE_CANCELS_S, socket_connect_timeout=CLOSE_CANCELS_S) as r:
+            pipe = r.pipeline(transaction=True)
+            for rid in request_ids:
+                for name, args, kwargs in self._cancel_commands(rid):
+                    getattr(pipe, name)(*args, **kwargs)
+            pipe.execute()
 
     def __enter__(self) -> Client:
         return self
@@ -167,6 +191,9 @@ class Client(ProducerCore):
         """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
         self._check_open()
         req = self._request(prompt, kw)
+        if self._closing:  # close() has begun in another thread: a request sent now would outlive the client
+            raise RuntimeError("this Client was closed before the call sent its request (nothing was sent): "
+                               "make a new one")
         try:
             self._xadd(req)
         except CONNECTION_ERRORS as e:
@@ -287,6 +314,12 @@ class Client(ProducerCore):
                         pubsub = self.r.pubsub()
                         pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
+                        with self._owned_lock:  # close() either sees this id or this call sees it closing
+                            if self._closing:
+                                raise RuntimeError("this Client was closed before the call sent its request "
+                                                   "(nothing was sent): make a new one")
+                            if owned is not None:
+                                self._owned.add(owned)
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         reply = self._xadd(op.request)
                         sent = True
@@ -303,11 +336,14 @@ class Client(ProducerCore):
                         raise RuntimeError("this Client was closed while the call waited") from None
                     raise
         except (GeneratorExit, KeyboardInterrupt):
-            if owned is not None and asked and not ended:
+            if owned is not None and asked and not ended and not self._closing:  # closing: close() cancels it
                 with contextlib.suppress(Exception):
                     self.cancel(owned)
             raise
         finally:
+            if owned is not None:
+                with self._owned_lock:
+                    self._owned.discard(owned)
             wait.close()
             self._close_quietly(pubsub)
 
@@ -463,6 +499,9 @@ class AsyncClient(ProducerCore):
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
         self._bind_loop()
         req = self._request(prompt, kw)
+        if self._closing:  # as a call's Send: a request sent now would outlive the client
+            raise RuntimeError("this AsyncClient was closed before the call sent its request (nothing was sent): "
+                               "make a new one")
         try:
             await self._xadd(req)
         except CONNECTION_ERRORS as e:
