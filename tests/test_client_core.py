@@ -943,6 +943,29 @@ def test_a_keyword_no_request_has_is_one_line_saying_where_it_goes(redis_url, pr
             c.generate("hi", timeout=1, **kw)
 
 
+def test_a_wait_keyword_where_the_call_takes_none_and_a_request_with_more_beside_it_are_refused(redis_url, prefix):
+    """``submit(timeout=5)`` said "did you mean timeout=?", the keyword given; ``generate(after=3)`` that stream and
+    generate take ``after`` (generate does not). ``request=`` silently dropped a prompt, params, an id, even an
+    unknown keyword given beside it."""
+    from pagedserve.service.client import Client
+    from pagedserve.service.client_core import build_request
+
+    not_here = r"^{}= is not taken by this call: stream takes timeout, pickup_timeout and after; generate takes"
+    with Client(redis_url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
+        with pytest.raises(TypeError, match=not_here.format("timeout")):
+            c.submit("hi", timeout=5)
+        with pytest.raises(TypeError, match=not_here.format("after")):
+            c.generate("hi", after=3, timeout=1)
+        req = build_request("hi", params={"max_tokens": 2})
+        for prompt, kw, named in (("other", {}, "prompt"), (None, {"params": {"max_tokens": 9}}, "params"),
+                                  (None, {"id": "x", "bogus_kw": 1}, "bogus_kw, id")):
+            with pytest.raises(TypeError, match=f"^request= is a whole request: give it alone, without {named}$"):
+                c.submit(prompt, request=req, **kw)
+        with pytest.raises(TypeError, match="^request= takes a GenerateRequest"):
+            c.submit(request={"prompt": "hi"})
+        assert not r.exists(Keys(prefix).requests)  # nothing was sent
+
+
 def test_a_wait_that_times_out_says_when_no_worker_runs(redis_url, prefix):
     """A forgotten worker looked like a slow one: the timeout now says no worker runs the prefix."""
     from pagedserve.service.client import Client

@@ -250,6 +250,9 @@ def check_request_keywords(kw: dict) -> None:
             continue
         if name in sampling:
             raise TypeError(f"{name}= is a sampling parameter: pass it in params, e.g. params={{{name!r}: ...}}")
+        if name in WAIT_KEYWORDS:  # given to a call that does not wait that way
+            raise TypeError(f"{name}= is not taken by this call: stream takes timeout, pickup_timeout and after; "
+                            "generate takes timeout and pickup_timeout; submit sends and returns at once")
         # A misspelling of a wait's own keywords (timeout=, pickup_timeout=, after=) lands here too: this list
         # alone would read as if they were not taken either.
         close = difflib.get_close_matches(name, [*known, *WAIT_KEYWORDS, *sampling], n=1)
@@ -318,6 +321,11 @@ def request_of(prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
     if req is None:
         check_request_keywords(kw)
         return build_request(prompt, **kw)
+    if not isinstance(req, GenerateRequest):
+        raise TypeError(f"request= takes a GenerateRequest (build_request(...) makes one), not {type(req).__name__}")
+    beside = (["prompt"] if prompt is not None else []) + sorted(kw)
+    if beside:  # they would be dropped without a word: the request says everything already
+        raise TypeError(f"request= is a whole request: give it alone, without {', '.join(beside)}")
     engine_params(req.params, chat=req.messages is not None)
     return req
 
