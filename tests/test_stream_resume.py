@@ -107,6 +107,16 @@ def test_resume_refused_where_it_cannot_continue(engine):
     assert not engine.has_unfinished_requests()
 
 
+def test_resume_logprobs_that_do_not_match_the_tokens_are_refused(engine):
+    """Too few, or without the chosen token: the output's logprobs would have an empty entry where the documented
+    one holds the top k and the chosen token."""
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
+    for logprobs in ([{99: -1.0}], [{99: -1.0}, {7: -0.5}], "xx"):
+        with pytest.raises(ValueError, match=r"^resume\[0\].logprobs must hold one dict per token"):
+            engine.add_request("lp", PROMPT, params, resume=[ResumeSample([99, 100], logprobs=logprobs)])
+    assert not engine.has_unfinished_requests() and "lp" not in engine.requests
+
+
 def test_a_resume_refused_part_way_leaves_nothing_behind(engine):
     """Tokens that go on after the sample ended are only found while they are replayed, after the request's
     sequences exist: the refusal must leave no reference to them (a worker lives for weeks)."""

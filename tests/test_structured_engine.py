@@ -119,6 +119,26 @@ def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(llm):
         assert len(outs[3 * i].outputs[0].token_ids) == 40 + i  # the free ones are not constrained
 
 
+def test_logprobs_filled_with_disallowed_tokens_are_the_same_alone_and_in_a_batch(llm):
+    """Where the grammar allows fewer tokens than ``logprobs``, the list is filled up with disallowed ones at -inf:
+    which ones followed torch.topk's order of ties, which changes with k, the batch's largest ``logprobs``. So a
+    greedy request's logprobs differed with its batch. The fill is now the lowest disallowed ids."""
+    params = constrained({"regex": "[ab]{3}"}, logprobs=3)
+    (alone,) = llm.generate([[70, 71, 72]], params)
+    wide = SamplingParams(max_tokens=12, temperature=0.0, logprobs=20, ignore_eos=True)
+    chosen_only = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0, ignore_eos=True)
+    beside, _, only = llm.generate([[70, 71, 72], [1, 2, 3, 4], [5, 6]], [params, wide, chosen_only])
+    assert beside.outputs[0].logprobs == alone.outputs[0].logprobs
+    assert [list(top) for top in only.outputs[0].logprobs] == [[t] for t in only.outputs[0].token_ids]
+    assert llm.generate([[5, 6]], chosen_only)[0].outputs[0].logprobs == only.outputs[0].logprobs  # alone: no top-k
+    for token, top in zip(alone.outputs[0].token_ids, alone.outputs[0].logprobs):
+        allowed = {t for t, v in top.items() if v != float("-inf")}
+        filled = sorted(t for t, v in top.items() if v == float("-inf"))
+        assert token in top and len(top) == 3 + (token not in list(top)[:3])
+        if filled:  # the lowest ids the grammar disallows: not 'a' (97) or 'b' (98), nor EOS where it may end
+            assert filled == [t for t in range(len(filled) + 3) if t not in allowed][:len(filled)]
+
+
 PREEMPTION_PROMPTS = [f"Reply in JSON ({i}): " for i in range(2 * len(GREEDY_CASES))]
 
 

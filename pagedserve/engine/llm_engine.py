@@ -238,6 +238,11 @@ class LLMEngine:
             if len(r.token_ids) > params.max_tokens or num_prompt_tokens + len(r.token_ids) > self.max_model_len:
                 raise ValueError(f"resume[{i}].token_ids has {len(r.token_ids)} tokens, more than max_tokens "
                                  "or max_model_len allow")
+            if r.logprobs is not None and (
+                    not isinstance(r.logprobs, (list, tuple)) or len(r.logprobs) != len(r.token_ids)
+                    or not all(isinstance(top, dict) and t in top for t, top in zip(r.token_ids, r.logprobs))):
+                raise ValueError(f"resume[{i}].logprobs must hold one dict per token of resume[{i}].token_ids, each "
+                                 "with that token's logprob (or be None: not kept)")
 
     def _resume(self, req: Request, resume: list[ResumeSample]) -> None:
         """Give each sample its already handed-out tokens, as if this engine had sampled them: they go through

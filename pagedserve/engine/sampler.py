@@ -12,6 +12,8 @@ draw itself. Unseeded rows share one draw from the engine's generator.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,6 +136,15 @@ class Sampler:
             return
         seq.seed_key = sample_key(params.seed, seq.index)
 
+    @staticmethod
+    def _fill_disallowed(row: torch.Tensor, ids: list[int], vals: list[float]) -> tuple[list[int], list[float]]:
+        """A top-k list that runs into tokens at -inf gets the lowest disallowed ids: ``topk`` leaves the order of
+        ties open and it changes with k, the batch's largest ``logprobs``, so a row's list would depend on its
+        batch."""
+        finite = [(i, v) for i, v in zip(ids, vals) if v != -math.inf]
+        fill = (row == -math.inf).nonzero().flatten()[:len(ids) - len(finite)].tolist()
+        return [i for i, _ in finite] + fill, [v for _, v in finite] + [-math.inf] * len(fill)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams],
                  held: list[list[int]] | None = None) -> list[SampleResult]:
         """Sample one token per row of ``logits`` ``[R, V]`` (float32) for ``seqs[r]`` under ``params[r]``;
@@ -184,7 +195,12 @@ class Sampler:
             top = None
             if want_top[r] is not None:
                 k = want_top[r]
-                top = dict(zip(top_ids[r][:k], top_vals[r][:k])) if k else {}
+                top = {}
+                if k:
+                    ids, vals = top_ids[r][:k], top_vals[r][:k]
+                    if vals[-1] == -math.inf:  # filled up with disallowed tokens (a grammar's mask)
+                        ids, vals = self._fill_disallowed(raw_logits[r], ids, vals)
+                    top = dict(zip(ids, vals))
                 top[tok] = chosen[r]
             results.append(SampleResult(tok, chosen[r], top))
         return results
