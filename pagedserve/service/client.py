@@ -267,7 +267,8 @@ class Client(ProducerCore):
         """Submit and wait for the result; raises :class:`RequestFailed` on an error event, ``TimeoutError``
         (:class:`NoWorker` with ``pickup_timeout``), :class:`RedisUnreachable`."""
         self._check_open()
-        kw.setdefault("stream", False)
+        if "request" not in kw:  # a whole request says for itself whether it streams
+            kw.setdefault("stream", False)
         private = _private_id(kw)
         req = self._request(prompt, kw)
         for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
@@ -575,7 +576,8 @@ class AsyncClient(ProducerCore):
         pickup_timeout: float | None = None, **kw: Any,
     ) -> DoneEvent:
         self._check_open()
-        kw.setdefault("stream", False)
+        if "request" not in kw:  # a whole request says for itself whether it streams
+            kw.setdefault("stream", False)
         private = _private_id(kw)
         req = self._request(prompt, kw)
         wait = self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)
