@@ -117,6 +117,20 @@ def test_resume_logprobs_that_do_not_match_the_tokens_are_refused(engine):
     assert not engine.has_unfinished_requests() and "lp" not in engine.requests
 
 
+def test_a_resume_its_grammar_refuses_is_refused_by_name(engine):
+    """Accepted before, the request then ended at its next step with a structured_outputs error; refused up front,
+    the service runs it from the start instead."""
+    a, b, z = (engine.tokenizer.encode(ch, add_special_tokens=False) for ch in "abz")
+    params = SamplingParams(max_tokens=8, temperature=0, structured_outputs={"regex": "[ab]{3,6}"})
+    with pytest.raises(ValueError, match=rf"^resume\[0\].token_ids: token 1 \({z[0]}\) is not one "
+                                         "structured_outputs allows there"):
+        engine.add_request("bad-grammar", PROMPT, params, resume=[ResumeSample(a + z)])
+    assert not engine.has_unfinished_requests() and "bad-grammar" not in engine.requests
+    whole, _ = run(engine, "good-grammar", params)
+    done, _ = run(engine, "good-grammar-2", params, [ResumeSample(whole.outputs[0].token_ids[:2])])
+    assert done.outputs[0].token_ids == whole.outputs[0].token_ids and re.fullmatch("[ab]{3,6}", done.outputs[0].text)
+
+
 def test_a_resume_refused_part_way_leaves_nothing_behind(engine):
     """Tokens that go on after the sample ended are only found while they are replayed, after the request's
     sequences exist: the refusal must leave no reference to them (a worker lives for weeks)."""

@@ -261,7 +261,9 @@ class LLMEngine:
                                      f"sample ({seq.finish_reason}): {len(done.token_ids) - k} more follow it")
                 top = done.logprobs[k] if done.logprobs is not None and k < len(done.logprobs) else None
                 chosen = top.get(tok, float("nan")) if top else float("nan")
-                self._append_token(req, seq, SampleResult(tok, chosen, dict(top) if top else {}))
+                if not self._append_token(req, seq, SampleResult(tok, chosen, dict(top) if top else {})):
+                    raise ValueError(f"resume[{seq.index}].token_ids: token {k} ({tok}) is not one "
+                                     "structured_outputs allows there")
             seq.num_emitted_tokens = seq.num_output_tokens
             detok = seq.detok
             if done.text is None:  # what build_output would have released after the last of these tokens
@@ -582,15 +584,16 @@ class LLMEngine:
             self._owner.pop(beam.seq_id, None)
         req.seqs = [child for _, child in children] if not req.beam.done else beams
 
-    def _append_token(self, req: Request, seq: Sequence, res) -> None:
+    def _append_token(self, req: Request, seq: Sequence, res) -> bool:
+        """Add a sampled (or resumed) token and its ending, if it ends the sample; False if the sequence's grammar
+        does not allow it (never for a token drawn under its mask)."""
         p = req.params
         tok = res.token_id
         seq.token_ids.append(tok)
         seq.cumulative_logprob += res.logprob
         if p.logprobs is not None:
             seq.logprobs.append(res.top_logprobs)
-        if seq.matcher is not None:
-            seq.matcher.accept(tok)
+        allowed = seq.matcher.accept(tok) if seq.matcher is not None else True
         eos = not p.ignore_eos and tok in self.eos_token_ids
         if eos or tok in p.stop_token_ids:
             # Ended by a token, as vLLM's check_stop (EOS first). Its text (none for a special token) is kept only
@@ -604,6 +607,7 @@ class LLMEngine:
             seq.finish_reason = "stop"
         if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
+        return allowed
 
     def _end_at_capacity(self, req: Request) -> RequestOutput:
         """End a group that has the whole device pool and still cannot take a step, as a length limit would:
