@@ -191,9 +191,7 @@ class Client(ProducerCore):
         """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
         self._check_open()
         req = self._request(prompt, kw)
-        if self._closing:  # close() has begun in another thread: a request sent now would outlive the client
-            raise RuntimeError("this Client was closed before the call sent its request (nothing was sent): "
-                               "make a new one")
+        self._check_not_closing()  # close() may have begun in another thread
         try:
             self._xadd(req)
         except CONNECTION_ERRORS as e:
@@ -316,9 +314,7 @@ class Client(ProducerCore):
                         pubsub.subscribe(op.channel)
                     elif isinstance(op, Send):
                         with self._owned_lock:  # close() either sees this id or this call sees it closing
-                            if self._closing:
-                                raise RuntimeError("this Client was closed before the call sent its request "
-                                                   "(nothing was sent): make a new one")
+                            self._check_not_closing()
                             if owned is not None:
                                 self._owned.add(owned)
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
@@ -500,9 +496,7 @@ class AsyncClient(ProducerCore):
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
         self._bind_loop()
         req = self._request(prompt, kw)
-        if self._closing:  # as a call's Send: a request sent now would outlive the client
-            raise RuntimeError("this AsyncClient was closed before the call sent its request (nothing was sent): "
-                               "make a new one")
+        self._check_not_closing()
         try:
             await self._xadd(req)
         except CONNECTION_ERRORS as e:
@@ -624,9 +618,7 @@ class AsyncClient(ProducerCore):
                         pubsub = self.r.pubsub()
                         await _keeping_cancels(pubsub.subscribe(op.channel))
                     elif isinstance(op, Send):
-                        if self._closing:
-                            raise RuntimeError("this AsyncClient was closed before the call sent its request "
-                                               "(nothing was sent): make a new one")
+                        self._check_not_closing()
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         if owned is not None:
                             self._owned.add(owned)

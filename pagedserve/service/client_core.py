@@ -378,6 +378,12 @@ class ProducerCore:
         if getattr(self, "_closed", False):
             raise RuntimeError(f"this {type(self).__name__} is closed: make a new one")
 
+    def _check_not_closing(self) -> None:
+        """From the start of its close a client sends no request: nothing would cancel it, and its caller goes."""
+        if getattr(self, "_closing", False):
+            raise RuntimeError(f"this {type(self).__name__} was closed before the call sent its request (nothing "
+                               "was sent): make a new one")
+
     def _request(self, prompt: str | list[int] | None, kw: dict) -> GenerateRequest:
         """:func:`request_of`, refused (``ValueError``) if no worker would read it (:func:`check_message_size`)."""
         req = request_of(prompt, kw)
