@@ -198,8 +198,7 @@ class LLMEngine:
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
                 f"max_model_len {self.max_model_len}{self._max_model_len_source} leaves after the "
                 f"{len(token_ids)}-token prompt")
-        held = self._stops_held(params, None)
-        if params.min_tokens and len({t for t in held if t < self.vocab_size}) >= self.vocab_size:
+        if params.min_tokens and sum(t < self.vocab_size for t in self._stops_held(params, None)) >= self.vocab_size:
             raise ValueError(f"stop_token_ids with EOS hold back all {self.vocab_size} tokens of the vocabulary while "
                              f"min_tokens {params.min_tokens} is not reached: no token could be drawn")
         if resume is not None:
@@ -259,8 +258,8 @@ class LLMEngine:
                 if seq.finished:
                     raise ValueError(f"resume[{seq.index}].token_ids go on after token {k - 1}, which ended the "
                                      f"sample ({seq.finish_reason}): {len(done.token_ids) - k} more follow it")
-                top = done.logprobs[k] if done.logprobs is not None and k < len(done.logprobs) else None
-                chosen = top.get(tok, float("nan")) if top else float("nan")
+                top = done.logprobs[k] if done.logprobs is not None else None  # one per token (_check_resume)
+                chosen = top[tok] if top is not None else float("nan")
                 if not self._append_token(req, seq, SampleResult(tok, chosen, dict(top) if top else {})):
                     raise ValueError(f"resume[{seq.index}].token_ids: token {k} ({tok}) is not one "
                                      "structured_outputs allows there")

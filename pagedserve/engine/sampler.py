@@ -13,7 +13,6 @@ draw itself. Unseeded rows share one draw from the engine's generator.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

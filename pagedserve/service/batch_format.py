@@ -80,8 +80,8 @@ def _in_body_words(message: str, renamed: dict[str, str] | None = None) -> str:
 
 def _renamed(md: dict) -> dict[str, str]:
     """The wire names the line wrote under another key, as :func:`to_request` left them in its metadata."""
-    pairs = md.get("renamed")
-    return dict(pair.split("=", 1) for pair in pairs.split(",")) if isinstance(pairs, str) and pairs else {}
+    renamed = md.get("renamed")
+    return renamed if isinstance(renamed, dict) else {}
 
 
 class LineError(ValueError):
@@ -263,7 +263,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     metadata = {"batch_id": bid, "custom_id": custom_id, "url": url, "line": line_no,
                 "model": body.get("model") or "pagedserve", "top_logprobs": params.get("logprobs") or 0}
     if written:  # so that a worker's refusal can name the key the line wrote (output_line)
-        metadata["renamed"] = ",".join(f"{wire}={key}" for wire, key in sorted(written.items()))
+        metadata["renamed"] = written
     try:
         return GenerateRequest.model_validate(
             {"id": request_id(bid, index), **req, "params": params, "stream": False, "priority": BATCH_PRIORITY,
