@@ -421,7 +421,7 @@ def _cancel_within(client, request_id: str) -> str | None:  # noqa: ANN001 - the
 
 
 def _end_before_the_result(e: BaseException, client, request_id: str, streamed: bool,  # noqa: ANN001
-                           may_be_sent: bool = True, own_id: bool = True, refused: bool = False) -> None:
+                           may_be_sent: bool = True, own_id: bool = True) -> None:
     """submit ended by ``e`` before the result came: cancel the request (best effort, bounded) if it may have been
     sent under an id of submit's own making, then end as ``e`` says: Ctrl-C 130, SIGTERM 143 and SIGHUP 129 with
     one line, a reader gone 141 (nothing said), an error its line and status. An id given with ``--id`` may be
@@ -435,7 +435,7 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
                   128 + signum)
         if isinstance(e, (BrokenPipeError, SystemExit)) or not isinstance(e, Exception):
             raise e
-        if refused:
+        if _refused_the_request(e):
             _fail_showing(e, f"{explain_error(e).removesuffix(_DEBUG_HINT)}; the request was not queued", 1)
         _fail_showing(e, explain_error(e), 1)
     how = f"`pagedserve cancel {request_id}` cancels it"
@@ -626,9 +626,8 @@ def submit(
         # program error): nobody waits for the answer any more, so it must not run on to its last token.
         # A database the server lacks is refused on connecting, before any command: the request was not sent.
         # So is a request Redis refused outright (out of memory, a user without XADD): "cancelled" would be untrue.
-        refused = _refused_the_request(e)
-        _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None, refused=refused,
-                               may_be_sent=sending and _missing_database(e) is None and not refused)
+        _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None,
+                               may_be_sent=sending and _missing_database(e) is None and not _refused_the_request(e))
     if isinstance(final, ErrorEvent):
         _fail(f"{final.error.code}: {final.error.message}", 1)
     assert isinstance(final, DoneEvent)
