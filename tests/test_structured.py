@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import random
 import re
 import threading
 import time
+from decimal import Decimal
 
 import jsonschema
 import pytest
@@ -310,6 +312,75 @@ def test_numbers_up_to_two_to_the_53_compile_and_walks_validate(tokenized, schem
     grammar = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
     for seed in WALK_SEEDS:
         assert_valid(schema, walk(so, grammar.matcher(), tok, eos, random.Random(seed)))
+
+
+# ---------------------------------------------------------------------- bounds a parsed float would cross
+def _plain(value) -> str:
+    """A number as JSON text without an exponent (llguidance admits none beside a bound)."""
+    return format(Decimal(value), "f")
+
+
+INTERESTING_BOUNDS = (0, 1, -1, 0.1, 0.5, -0.3, 2**52, 2**52 + 1, 0.9999999999999999, 1.0000000000000002,
+                      99.99999999999999, 1.9999999999999998, -0.9999999999999999, 1e-20, 123456.78901234567)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bound=st.one_of(st.sampled_from(INTERESTING_BOUNDS),
+                       st.floats(min_value=-1e6, max_value=1e6).filter(lambda x: x == 0 or abs(x) > 1e-6)),
+       side=st.sampled_from(["minimum", "maximum"]), form=st.sampled_from(["inclusive", "exclusive", "draft4"]),
+       kind=st.sampled_from(["number", None, ["integer", "number"]]))
+def test_numbers_near_a_bound_are_admitted_as_a_float_parser_reads_them(tokenized, bound, side, form, kind):
+    """llguidance misread bounds of 16-17 significant digits (maximum 0.9999999999999999 admitted 1). Texts within
+    a few ulps of the bound are admitted only where their value meets the schema, read as Python's json reads it
+    (jsonschema is the reference), up to 16 significant digits beside an exclusive bound (README: more may read
+    back as the bound itself); a number a millionth of a unit inside it is admitted."""
+    so, tok, eos = tokenized
+    schema: dict = {} if kind is None else {"type": kind}
+    if form == "inclusive":
+        schema[side] = bound
+    elif form == "exclusive":
+        schema["exclusive" + side.capitalize()] = bound
+    else:
+        schema.update({"$schema": "http://json-schema.org/draft-04/schema#", side: bound,
+                       "exclusive" + side.capitalize(): True})
+    grammar = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    near = {repr(bound), _plain(bound), _plain(repr(bound)) + "1"}
+    up, down = float(bound), float(bound)
+    for _ in range(3):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        near |= {_plain(repr(up)), _plain(repr(down))}
+    if form == "inclusive":  # digits beyond a float's: they read back as the bound or beside it
+        exact = Decimal(float(bound))
+        near |= {_plain(exact + sign * Decimal(10) ** -k) for k in (17, 20, 25) for sign in (1, -1)}
+    for text in sorted(near):
+        if form != "inclusive" and len(Decimal(text).normalize().as_tuple().digits) > 16:
+            continue
+        if _accepts(grammar.matcher(), tok, eos, text):
+            assert validator.is_valid(json.loads(text)), f"{text} admitted but outside {schema}"
+    step = max(abs(bound), 1.0) * 1e-6
+    inside = _plain(repr(float(bound) + step if side == "minimum" else float(bound) - step))
+    assert _accepts(grammar.matcher(), tok, eos, inside), f"{inside} is inside {schema} but refused"
+
+
+# ---------------------------------------------------------------------- whitespace_pattern
+@pytest.mark.parametrize("pattern, refused", [
+    (" ", False), (r"[ \t]*", False), (r"\n?", False), (r"(?:\r\n)?[ ]{0,4}", False), (r"[\x20\x09]{1,3}", False),
+    ("[a-z,]{0,3}", True), ("[,]?", True), (r"//[a-z ]*\n", True), (r"\s*", True), (" |x", True),
+])
+def test_a_whitespace_pattern_may_match_only_json_whitespace(tokenized, pattern, refused):
+    """A pattern that admits anything but space, tab, LF or CR wrote outputs that did not parse ({vec"a"mjx:4}).
+    \\s is refused too: it matches \\v, \\f and Unicode spaces, which JSON's grammar does not take."""
+    so, tok, eos = tokenized
+    spec = validate_structured_outputs({"json": SCHEMAS["address"], "whitespace_pattern": pattern})
+    if refused:
+        with pytest.raises(ValueError, match="^structured_outputs whitespace_pattern may match only JSON's "
+                                             "whitespace"):
+            so.compile(spec)
+        return
+    grammar = so.compile(spec)
+    for seed in WALK_SEEDS:
+        assert_valid(SCHEMAS["address"], walk(so, grammar.matcher(), tok, eos, random.Random(seed)))
 
 
 # ---------------------------------------------------------------------- compiling: errors, cache, timeout

@@ -21,8 +21,10 @@ an EOS that would pass its invalid output off as complete.
 What llguidance cannot follow exactly is refused when compiling, naming the place: a schema number beyond 2**53 in
 magnitude where it constrains the output (:func:`inexact_number`), an object of more optional properties than its
 parser can hold at one place (:func:`crowded_object`), a ``minProperties`` that repeated keys could meet
-(:func:`repeatable_minimum`), and a regex or grammar that matches no string. A ``format`` llguidance does not know
-is an annotation, as JSON Schema has it (:func:`known_formats_only`); the known ones are enforced.
+(:func:`repeatable_minimum`), a ``whitespace_pattern`` that matches more than JSON's whitespace, and a regex or
+grammar that matches no string. Bounds of more digits than llguidance reads right are rounded inward
+(:func:`readable_number_bounds`). A ``format`` llguidance does not know is an annotation, as JSON Schema has it
+(:func:`known_formats_only`); the known ones are enforced.
 
 Memory. llguidance reports no size for what it builds; a compiled grammar carries an estimate, ``nbytes``, for the
 compile cache's byte budget (:data:`GRAMMAR_BYTES_PER_CHAR`).
@@ -52,8 +54,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import time
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from importlib.metadata import version as package_version
 
 import torch
@@ -74,7 +78,8 @@ MASK_STRIKES = 3
 PROBE_EVERY = 32
 # Each run of whitespace between JSON tokens, unless the request says otherwise: pretty-printing fits, an
 # endless run of newlines (a small model's favourite loop) does not, and a bounded schema stays bounded.
-DEFAULT_WHITESPACE_PATTERN = r"[\x20\x0A\x0D\x09]{0,20}"
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]"
+DEFAULT_WHITESPACE_PATTERN = JSON_WHITESPACE + "{0,20}"
 MAX_ERROR_CHARS = 300
 # A compiled grammar's memory, estimated from its llguidance grammar text, for the compile cache's byte budget
 # (llguidance reports no size of its own). Measured as the process's resident memory per compile, alike on
@@ -168,6 +173,55 @@ def inexact_number(schema: object) -> tuple[str, int | float] | None:
         elif role == "data" and _inexact(value):
             return where, value
     return None
+
+
+# llguidance misreads a bound of more significant digits than BOUND_DIGITS: maximum 0.9999999999999999 admitted 1,
+# and 99.99999999999999 admitted 100. Such a bound is given to it rounded inward to BOUND_DIGITS digits (a whole
+# number below 2**53 is exact and stays as it is), losing a sliver of a part in 10**15. A bound of fewer digits is
+# left alone even where a rounded one would be safer: llguidance also refuses a number whose digits are a proper
+# prefix of an upper bound's (maximum 12.75 refuses 12.7), so a longer bound would refuse 0.9 and 0.99 below 1.
+BOUND_DIGITS = 15
+_BOUNDS = {"minimum": ("exclusiveMinimum", 1), "maximum": ("exclusiveMaximum", -1)}
+
+
+def _rounded_inward(bound: int | float, inward: int) -> Decimal | None:
+    """``bound`` rounded toward the inside (``inward`` +1 above a minimum, -1 below a maximum) to
+    :data:`BOUND_DIGITS` significant digits, or to units where those are coarser; None if it has no more digits
+    than that (the shortest decimal that reads back as the float is what the schema wrote)."""
+    exact = Decimal(repr(bound))
+    if exact == 0:
+        return None
+    unit = min(Decimal(1), Decimal(10) ** (exact.adjusted() - BOUND_DIGITS + 1))
+    steps = (exact / unit).to_integral_value(ROUND_CEILING if inward > 0 else ROUND_FLOOR)
+    return None if steps * unit == exact else steps * unit
+
+
+def _readable_number_bounds(node: dict) -> dict:
+    for inclusive, (exclusive, inward) in _BOUNDS.items():
+        for key in (inclusive, exclusive):
+            value = node.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            rounded = _rounded_inward(value, inward)
+            if rounded is None:
+                continue
+            # Strictly inside the bound either way, so it is inclusive now (and draft 4's "exclusiveMaximum": true
+            # beside it has nothing more to say). Where both keywords bound one side, the tighter one wins.
+            number = int(rounded) if rounded == rounded.to_integral_value() else float(rounded)
+            other = node.get(inclusive) if key == exclusive else None
+            del node[key]
+            if key == inclusive and isinstance(node.get(exclusive), bool):
+                del node[exclusive]
+            if isinstance(other, (int, float)) and not isinstance(other, bool):
+                number = max(number, other) if inward > 0 else min(number, other)
+            node[inclusive] = number
+    return node
+
+
+def readable_number_bounds(schema: object) -> object:
+    """A copy of ``schema`` whose numeric bounds llguidance reads as the schema means them (see
+    :data:`BOUND_DIGITS`)."""
+    return _map_schemas(schema, _readable_number_bounds)
 
 
 def _subschemas(value: dict, where: str):
@@ -582,6 +636,11 @@ class LLGuidanceBackend:
                     error = llg.LLMatcher.validate_grammar(regex)
                     if error:
                         raise structured_error(f"whitespace_pattern does not compile: {_cut(error)}")
+                    if not self._whitespace_only(spec["whitespace_pattern"]):
+                        raise structured_error(
+                            "whitespace_pattern may match only JSON's whitespace (space, tab, LF and CR; \\s also "
+                            "matches \\v, \\f and other Unicode spaces, which JSON does not): anything else between "
+                            "the output's tokens would keep it from parsing")
             if kind == "json":
                 inexact = inexact_number(body)
                 if inexact is not None:
@@ -596,7 +655,8 @@ class LLGuidanceBackend:
                 repeated = repeatable_minimum(body)
                 if repeated is not None:
                     raise structured_error(f"json is not a usable JSON Schema: {repeated}")
-            schema = exact_formats(known_formats_only(body)) if kind == "json" else {"type": "object"}
+            schema = (readable_number_bounds(exact_formats(known_formats_only(body))) if kind == "json"
+                      else {"type": "object"})
             if not _names_control_characters(schema):
                 # llguidance tells a key apart from the named ones by its text, so "\u0061" would pass as a key
                 # other than "a" and override it once parsed. Without \u only the characters JSON requires to be
@@ -616,6 +676,16 @@ class LLGuidanceBackend:
             return llg.grammar_from("grammar", body)  # Lark as it is, GBNF converted to Lark
         except ValueError as e:
             raise structured_error(f"grammar does not parse: {_cut(e)}") from None
+
+    def _whitespace_only(self, pattern: str) -> bool:
+        """Whether every string ``pattern`` matches that this model's tokens can write is JSON whitespace: the
+        pattern less runs of whitespace matches no string (llguidance's lexemes take ``&`` and ``~``)."""
+        llg = self._llg
+        lark = f"start: OTHER\nOTHER: /{llg.regex_to_lark(pattern)}/ & ~/{JSON_WHITESPACE}*/\n"
+        matcher = llg.LLMatcher(self.tokenizer, llg.LLMatcher.grammar_from_lark(lark), log_level=0)
+        if not matcher.is_error():
+            matcher.compute_bitmask()
+        return matcher.is_error() and _matches_nothing(matcher.get_error())
 
     def compile(self, spec: dict) -> LLGuidanceGrammar:
         kind = kind_of(spec)
