@@ -428,3 +428,96 @@ def test_ranks_log_json_lines_when_the_driver_does(tp_models, tmp_path):
     (failed,) = [r for r in ranks if r["level"] == "error"]
     assert failed["logger"] == "pagedserve.engine.tensor_parallel" and "rank 1 failed" in failed["event"]
     assert failed["exception"].startswith("Traceback") and "cannot reshape" in failed["exception"], failed
+
+
+def _script_exits(path, *args, env=None, timeout=120) -> tuple[int, str, str]:
+    proc = subprocess.Popen([sys.executable, str(path), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the script did not exit within {timeout} s: {err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def test_a_script_that_never_closes_its_engine_exits_and_an_unseeded_one_starts(tp_models, tmp_path):
+    """At exit multiprocessing joins its children before any finalizer runs, and a rank ignores SIGTERM: a
+    script that never called close() waited for ever, also one ended by an uncaught exception. ``seed=None``
+    (documented) failed the rank's start. The CPU pool is the engine's 10% of available memory, not each rank's."""
+    script = tmp_path / "no_close.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys
+        from pagedserve.engine import model_runner
+        model_runner.available_memory_bytes = lambda: 64 << 20  # in the rank too: it imports this module
+        from pagedserve.engine import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM(model=sys.argv[1], device="cpu", seed=None, tensor_parallel_size=2, max_num_seqs=256)
+            out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+            runner = llm.engine.runner
+            print(json.dumps({"pids": runner.rank_pids, "blocks": runner.num_gpu_blocks,
+                              "block_bytes": runner.block_bytes, "tokens": out[0].outputs[0].token_ids}))
+            if sys.argv[2] == "raise":
+                llm.generate([[5]], SamplingParams(temperature=-1))
+    """))
+    budget = (64 << 20) * 0.1
+    for ending, code in (("return", 0), ("raise", 1)):
+        rc, out, err = _script_exits(script, tp_models["llama"], ending)
+        assert rc == code, err[-2000:]
+        got = json.loads(out.splitlines()[-1])
+        assert not any(alive(p) for p in got["pids"])
+        assert len(got["tokens"]) == 3
+        assert budget / 2 < got["blocks"] * got["block_bytes"] * 2 <= budget  # both ranks' pools together
+    assert "ValueError" in err and "temperature" in err
+
+
+def test_the_rank_killed_is_named_not_the_one_that_failed_on_its_broken_connection():
+    """A rank killed mid-step breaks its peers' connections; a peer then reports its read error and exits. The
+    one killed (a negative exit code) is the step's cause, whatever the order of their ranks."""
+    from types import SimpleNamespace
+
+    from pagedserve.engine.tensor_parallel import TensorParallelRunner
+
+    peer = SimpleNamespace(exitcode=1, join=lambda timeout: None, pid=1)
+    killed = SimpleNamespace(exitcode=-9, join=lambda timeout: None, pid=2)
+    messages = {0: {"error": "RuntimeError: [gloo/transport/tcp/pair.cc] Read error: Connection reset by peer"},
+                1: {}}
+    runner = SimpleNamespace(_procs=[peer, killed], _poll=lambda r, timeout=0.0: messages[r])
+    runner._describe = lambda r, msg: TensorParallelRunner._describe(runner, r, msg)
+    error = TensorParallelRunner._failure(runner, RuntimeError("broadcast failed"), timed_out=False)
+    assert str(error) == "tensor-parallel rank 2 exited with code -9"
+
+
+def test_pinned_cpus_are_shared_out_among_the_ranks(tp_models, tmp_path):
+    """With ``PAGEDSERVE_CPU_BIND`` the driver's OpenMP threads are pinned before a rank starts, and the rank took
+    the starting thread's affinity: every rank computed on the driver's first CPU."""
+    from pagedserve.engine.cpu_threads import allowed_cpus, pinned_cpus, rank_share
+
+    assert pinned_cpus({"OMP_PLACES": "{2},{5},{7}"}) == (2, 5, 7)
+    assert pinned_cpus({"OMP_PLACES": "cores"}) is None and pinned_cpus({}) is None
+    assert [rank_share((0, 1, 2, 3), r, 2) for r in range(2)] == [(0, 1), (2, 3)]
+    assert [rank_share((4, 6), r, 4) for r in range(4)] == [(4,), (6,), (4,), (6,)]
+    cpus = allowed_cpus()
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    script = tmp_path / "pinned.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        if __name__ == "__main__":
+            from pagedserve.engine import cpu_threads
+            cpu_threads.apply()
+        from pagedserve.engine import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM(model=sys.argv[1], device="cpu", tensor_parallel_size=2, num_gpu_blocks=16)
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+            (pid,) = llm.engine.runner.rank_pids
+            print(json.dumps({"rank": sorted(os.sched_getaffinity(pid)), "driver": sorted(os.sched_getaffinity(0)),
+                              "places": os.environ["OMP_PLACES"]}))
+            llm.close()
+    """))
+    pinned = f"{cpus[0]},{cpus[1]}"
+    rc, out, err = _script_exits(script, tp_models["llama"], env={**os.environ, "PAGEDSERVE_CPU_BIND": pinned})
+    assert rc == 0, err[-2000:]
+    got = json.loads(out.splitlines()[-1])
+    assert got == {"rank": [cpus[1]], "driver": [cpus[0]], "places": f"{{{cpus[0]}}},{{{cpus[1]}}}"}

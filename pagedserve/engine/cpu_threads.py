@@ -166,6 +166,22 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
     return CPUThreadPlan(threads, wanted[:threads])
 
 
+def pinned_cpus(environ: dict[str, str] | None = None) -> tuple[int, ...] | None:
+    """The CPUs of a pinned plan, in order, read back from the ``OMP_PLACES`` it set (``{0},{1}``); None when
+    this process is not pinned that way."""
+    places = (os.environ if environ is None else environ).get("OMP_PLACES", "").strip()
+    if not re.fullmatch(r"\{\d+\}(,\{\d+\})*", places):
+        return None
+    return tuple(int(c) for c in re.findall(r"\d+", places))
+
+
+def rank_share(cpus: tuple[int, ...], rank: int, size: int) -> tuple[int, ...]:
+    """Tensor-parallel rank ``rank``'s part of pinned ``cpus``, the driver (rank 0) taking the first: equal
+    parts where there are enough, else one CPU each, shared round the list."""
+    per = len(cpus) // size
+    return cpus[rank * per:(rank + 1) * per] if per else (cpus[rank % len(cpus)],)
+
+
 def child_env(threads: int) -> dict[str, str]:
     """The variables that give a child process ``threads`` intra-op threads. All of them: :func:`apply` filled
     the OpenMP and MKL counts into this process's environment, which a child inherits, and a child's own

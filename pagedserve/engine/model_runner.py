@@ -157,7 +157,8 @@ class ModelRunner:
         if self.device.type != "cuda":
             avail = available_memory_bytes()
             budget = CPU_KV_FALLBACK_BYTES if avail is None else int(avail * CPU_KV_MEMORY_FRACTION)
-            return budget // self.block_bytes
+            # Tensor-parallel ranks on the CPU share this host's memory: the budget is the engine's, not each rank's.
+            return budget // (self.block_bytes * self.tp.size)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         cfg = self.model.config

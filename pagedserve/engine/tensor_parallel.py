@@ -26,6 +26,8 @@ Lifecycle invariants:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from datetime import datetime, timedelta, timezone
 from multiprocessing.connection import Connection, wait
 from types import SimpleNamespace
@@ -47,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.cpu_threads import pinned_cpus, rank_share
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.model_runner import ModelRunner, StepPlan
 from pagedserve.engine.parallel_layers import TensorParallelGroup
@@ -280,6 +284,35 @@ def _remove_stale_rendezvous() -> None:
             pass
 
 
+def _weak_close(runner: TensorParallelRunner):
+    """``runner.close`` without a reference that would keep a dropped runner alive."""
+    ref = weakref.ref(runner)
+
+    def close() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.close()
+
+    return close
+
+
+@contextlib.contextmanager
+def _started_on(cpus: tuple[int, ...] | None):
+    """Processes started inside run on ``cpus`` (one OpenMP place each), when the driver is pinned: a child
+    takes the starting thread's affinity, which OpenMP has narrowed to the driver's first place."""
+    if cpus is None:
+        yield
+        return
+    affinity, places = os.sched_getaffinity(0), os.environ.get("OMP_PLACES")
+    os.environ["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in cpus)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, affinity)
+        os.environ["OMP_PLACES"] = places
+
+
 class TensorParallelRunner(ModelRunner):
     """Rank 0's model runner: starts and supervises the other ranks and sends each step to them first."""
 
@@ -294,6 +327,11 @@ class TensorParallelRunner(ModelRunner):
         self._conns: list[Connection] = []
         self._dead: EngineDeadError | None = None
         self._closed = False
+        # At interpreter exit multiprocessing joins its children before any finalizer of ours runs, and a rank
+        # ignores SIGTERM: a script that never called close() (or ended in an exception) would wait for ever.
+        # atexit runs its callbacks last-registered first, so this one runs before multiprocessing's.
+        self._close_at_exit = _weak_close(self)
+        atexit.register(self._close_at_exit)
         self.channel: StepChannel | None = None
         self._threads = torch.get_num_threads()
         # The ranks meet through a file in a private directory: torch's TCP store would listen on every
@@ -307,16 +345,18 @@ class TensorParallelRunner(ModelRunner):
         dtype = config.torch_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
         hf_dict = hf_config.to_dict()
         log_format = _driver_log_format()
+        pinned = pinned_cpus() if config.torch_device.type == "cpu" else None
         for rank in range(1, size):
             rank_config = dataclasses.asdict(dataclasses.replace(
                 config, device=config.rank_device(rank), dtype=str(dtype).removeprefix("torch."),
-                tensor_parallel_size=1))
+                tensor_parallel_size=1, seed=torch.initial_seed()))  # the engine's seed, drawn if it had none
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=_rank_main, name=f"pagedserve-tp-rank{rank}", daemon=True,
                 args=(rank, size, rank_config, str(model_dir), hf_dict, max_model_len,
                       max_num_batched_tokens, init_method, theirs, os.getpid(), log_format))
-            proc.start()
+            with _started_on(None if pinned is None else rank_share(pinned, rank, size)):
+                proc.start()
             theirs.close()
             self._procs.append(proc)
             self._conns.append(ours)
@@ -414,9 +454,11 @@ class TensorParallelRunner(ModelRunner):
         ran out, the ranks that took no part (the stopped ones, else any of them); else the driver's error."""
         deadline = time.monotonic() + 2.0  # a dying rank's exit and message lag the broken collective a little
         while time.monotonic() < deadline:
-            for r, proc in enumerate(self._procs):
+            # A rank killed by a signal first: the others then fail on the broken connection, and say so.
+            killed = [r for r, proc in enumerate(self._procs) if (proc.exitcode or 0) < 0]
+            for r in killed + [r for r in range(len(self._procs)) if r not in killed]:
                 msg = self._poll(r)
-                if proc.exitcode is not None or msg:
+                if self._procs[r].exitcode is not None or msg:
                     return EngineDeadError(f"tensor-parallel rank {r + 1} {self._describe(r, msg)}")
             time.sleep(0.05)
         if timed_out:
@@ -458,6 +500,7 @@ class TensorParallelRunner(ModelRunner):
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._close_at_exit)
         # Healthy ranks stop on the message; ranks still starting, or after a failure, are killed at once.
         healthy = self.channel is not None and self._dead is None and all(p.exitcode is None for p in self._procs)
         if healthy:
