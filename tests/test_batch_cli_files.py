@@ -246,6 +246,9 @@ def test_a_submit_that_loses_a_race_says_so_as_a_later_submit_does(cli, prefix, 
     same = cli.invoke(app, ["batch", "submit", str(src), "--key", "K", "--metadata", "team=a"])
     assert same.stderr.splitlines() == [_first_submit_lines(bid, batch["created_at"], "K"),
                                         "2 lines: 0 completed, 1 failed; status in_progress", idle], same.stderr
+    # without options it says nothing of them either (their defaults were compared as if given: "--metadata {}")
+    bare = cli.invoke(app, ["batch", "submit", str(src), "--key", "K"])
+    assert bare.stderr == same.stderr, bare.output
 
 
 def test_concurrent_creates_of_one_batch_create_it_once(prefix, r):

@@ -236,6 +236,18 @@ def test_submit_without_a_worker_says_so(redis_url, prefix):
     assert re.search(r"no worker is running \S+ after 1 s \(consumer group has 1 consumer, none of them alive\)", line), line
 
 
+def test_submit_past_its_timeout_says_how_to_get_the_result_later(redis_url, prefix):
+    """The request is kept (exit 3), and the line says how to read or cancel it, as the no-worker line does."""
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    res = _submit(env, "--timeout", "1", "--pickup-timeout", "60", "--id", "slow-1")
+    line = _one_line(res)
+    assert res.returncode == 3 and line.startswith("error: no result for slow-1 within 1.0 s; ") and line.endswith(
+        "; the request is kept (`pagedserve submit ... --id slow-1` prints its result then, `pagedserve cancel "
+        "slow-1` cancels it)"), line
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen(f"{prefix}:requests") == 1  # queued, not cancelled
+
+
 @pytest.mark.parametrize(("args", "named"), [
     (["--max-tokens", "-3"], "params.max_tokens must be an integer in [1, "),
     (["--max-tokens", str(2**70)], "params.max_tokens: Input should be less than or equal to"),

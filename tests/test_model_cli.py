@@ -71,6 +71,12 @@ def test_model_import_refuses_in_one_line(tmp_path):
     assert "gpt2.gguf" in line and "only Llama-family" in line
     line = _one_line_error(_cli("model", "import", str(tmp_path / "missing.gguf")))
     assert "missing.gguf" in line and "does not exist" in line
+    # --dtype is checked first, named, and a usage mistake (2); it takes the worker's short names too
+    res = _cli("model", "import", str(tmp_path / "missing.gguf"), "--dtype", "fp8")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --dtype must be float32, bfloat16 or float16 (or fp32, bf16, fp16) (got 'fp8')"), res.stderr
+    line = _one_line_error(_cli("model", "import", str(_write_gpt2_gguf(tmp_path / "gpt2.gguf")), "--dtype", "bf16"))
+    assert "only Llama-family" in line, line
 
 
 def test_failed_download_says_how_to_retry(tmp_path):

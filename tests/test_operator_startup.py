@@ -44,8 +44,18 @@ def test_a_swap_space_larger_than_the_host_is_refused_at_engine_start():
     res = _worker({"PAGEDSERVE_SWAP_SPACE_GB": "100000", "PAGEDSERVE_NUM_GPU_BLOCKS": "16",
                    "PAGEDSERVE_METRICS_PORT": "0"})
     line = _one_line(res)
-    assert res.returncode == 1 and line.startswith("error: swap_space_gb asks for a "), line
+    # a setting with a bad value: exit 2, the variable named (the engine's words name its own field)
+    assert res.returncode == 2 and line.startswith(
+        "error: invalid setting PAGEDSERVE_SWAP_SPACE_GB='100000': swap_space_gb asks for a "), line
     assert re.search(r"more than the (host's memory|container's memory limit) \(\d+\.\d GiB\)", line), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there to be seen")
+def test_a_cuda_device_torch_cannot_see_names_the_setting():
+    res = _worker({"PAGEDSERVE_DEVICE": "cuda", "PAGEDSERVE_METRICS_PORT": "0"})
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith(
+        "error: invalid setting PAGEDSERVE_DEVICE='cuda': device names a CUDA device this torch cannot see"), line
 
 
 def test_the_swap_pool_size_rule():

@@ -166,7 +166,8 @@ def _progress(batch: dict) -> None:
 def submit(
     file: Path = typer.Argument(..., help="A JSONL file of OpenAI batch lines (custom_id, method, url, body), "
                                           "at most 200 MiB; - reads it from stdin."),
-    completion_window: str = typer.Option("24h", "--completion-window", help="Lines not done by then expire."),
+    completion_window: Optional[str] = typer.Option(
+        None, "--completion-window", help="Lines not done by then expire (default 24h)."),
     metadata: list[str] = typer.Option([], "--metadata", help="k=v, repeatable (at most 16)."),
     key: str = typer.Option("", "--key", help="Submitting the same file with another key makes a new batch."),
 ) -> None:
@@ -189,9 +190,10 @@ def submit(
             record = BatchKeys(s.prefix).record(batch_id(data, key))
             # Not created: submitted before, or a submit of the same file and key at the same time got there first
             # (its options won): both are said the same way.
+            window = "24h" if completion_window is None else completion_window
             bid, created = _call(create_batch, r, s.prefix, data,
                                  input_file_id="stdin" if name == "stdin" else file.name,
-                                 completion_window=completion_window, metadata=md, key=key,
+                                 completion_window=window, metadata=md, key=key,
                                  retention_s=s.batch_retention_s, max_message_bytes=s.max_message_bytes)
             batch = batch_status(r, s.prefix, bid)
             invalid = int(_call(r.hget, record, "invalid") or 0)
@@ -204,7 +206,7 @@ def submit(
         note(f"note: this file was submitted before{' with this --key' if key else ''} (batch {bid}, created "
              f"{at}): showing that batch, whose --completion-window and --metadata are the first submit's; "
              f"nothing runs again (another --key makes a new batch)")
-        differ = _options_differ(completion_window, md, batch)
+        differ = _options_differ(completion_window, md if metadata else None, batch)  # only the options given
         if differ:
             note(differ)
         note(f"{counts['total']} lines: {counts['completed']} completed, {counts['failed']} failed; "
@@ -238,15 +240,16 @@ def _say_idle(prefix: str, batch: dict, idle: str | None) -> None:
              "and runs when a worker starts")
 
 
-def _options_differ(window: str, md: dict, batch: dict) -> str | None:
-    """One line naming this submit's options that the existing batch does not have (they are not used), or None."""
+def _options_differ(window: str | None, md: dict | None, batch: dict) -> str | None:
+    """One line naming this submit's options that the existing batch does not have (they are not used), or None.
+    ``None``: the option was not given."""
     from .batch_client import window_seconds
 
     mine, theirs = [], []
-    if window_seconds(window) != window_seconds(batch["completion_window"]):  # 1d is 24h
+    if window is not None and window_seconds(window) != window_seconds(batch["completion_window"]):  # 1d is 24h
         mine.append(f"--completion-window {window}")
         theirs.append(batch["completion_window"])
-    if md != batch["metadata"]:
+    if md is not None and md != batch["metadata"]:
         mine.append(f"--metadata {json.dumps(md)}")
         theirs.append(json.dumps(batch["metadata"]))
     if not mine:

@@ -328,7 +328,7 @@ def worker(
 
 # The engine's refusals of a value that came from a setting, by how its message starts: the engine knows no
 # settings, so its words name the field (or, for the variables it reads itself, already the variable).
-_ENGINE_FIELDS = ("seed", "max_model_len")
+_ENGINE_FIELDS = ("seed", "max_model_len", "device", "swap_space_gb")
 
 
 def _engine_setting_error(e: ValueError) -> str | None:
@@ -609,15 +609,15 @@ def submit(
                     break
     except (NoWorker, TimeoutError, redis.ConnectionError) as e:
         # Not cancelled: the request may still run, and the line says how to get its result (or to cancel it).
+        how = (f"`pagedserve submit ... --id {request.id}` prints its result then, `pagedserve cancel "
+               f"{request.id}` cancels it")
+        # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)
         if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
-            how = (f"`pagedserve submit ... --id {request.id}` prints its result then, `pagedserve cancel "
-                   f"{request.id}` cancels it")
-            # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)
             if "stays pending" in str(e):  # its worker died mid-run: the message says what happens to it
                 _fail_showing(e, f"error: {e} (id={request.id}: {how})", 3)
             _fail_showing(e, f"error: {e}; id={request.id} stays queued and runs when a worker starts ({how})", 3)
         if isinstance(e, TimeoutError):
-            _fail_showing(e, f"timeout: {e}", 3)
+            _fail_showing(e, f"error: {e}; the request is kept ({how})", 3)
         again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
                  if "may still finish" in str(e) else "")
         _fail_showing(e, f"error: {_naming_the_redis_url(redact(e))}{again}", 1)  # the URL named, password masked
@@ -777,9 +777,13 @@ def model_import(
     """Convert a GGUF checkpoint into an HF model directory (config, safetensors, tokenizer, chat template) and print it. PAGEDSERVE_MODEL and LLM(model=...) also take the .gguf file itself."""
     from pagedserve.engine.gguf_import import import_gguf
 
+    name = dtype.strip().lower()
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)  # PAGEDSERVE_DTYPE's too
+    if name not in ("float32", "bfloat16", "float16"):
+        _fail(f"error: --dtype must be float32, bfloat16 or float16 (or fp32, bf16, fp16) (got {dtype!r})", 2)
     _check_model_places(_model_places(path, cache=False))
     try:
-        where = import_gguf(file, path, dtype=dtype, progress=_model_step)
+        where = import_gguf(file, path, dtype=name, progress=_model_step)
     except ValueError as e:
         _model_failed(e)
     out.print(str(where), markup=False, highlight=False, soft_wrap=True)
