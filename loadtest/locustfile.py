@@ -1,12 +1,13 @@
-"""Locust load test of pagedserve through Redis, speaking the wire protocol (CONTRACT §2) with raw
+"""Locust load test of pagedserve through Redis, speaking the wire protocol (docs/protocol.md) with raw
 redis-py, as a backend in any language would: SUBSCRIBE ``<prefix>:out:{id}``, then
 ``XADD <prefix>:requests * body <json>``, then read the events until ``done``/``error`` (falling back to
 ``<prefix>:result:{id}`` when the channel is quiet).
 
 Each request is reported to Locust as four request types (``events.request``): ``TTFT``, ``ITL`` (one
 sample per gap between token events), ``TPOT`` and ``E2E`` (response_length = output tokens; failures
-are reported here). Output tokens/s and goodput against the SLO options are printed at the end and
-written to ``<csv prefix>_pagedserve.json`` (``--summary-file`` to choose another path).
+are reported here; with ``--no-stream`` only the terminal event arrives: TTFT = E2E, and no ITL or TPOT).
+Output tokens/s and goodput against the SLO options are printed at the end and written to
+``<csv prefix>_pagedserve.json`` (``--summary-file`` to choose another path).
 
 Arrivals are Poisson: with ``--arrival-rate R`` each of the U users waits an exponential time of mean
 U/R between request *starts*, so the offered load is R requests/s independently of latency as long as
@@ -36,6 +37,12 @@ from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `locust -f loadtest/locustfile.py` from anywhere
 from loadtest.metrics import SLO, PoissonPacer, RequestTiming, RunTotals  # noqa: E402
+from pagedserve.service.redaction import redact  # noqa: E402
+
+# A user whose Redis cannot be reached waits this long before its next try: a closed-loop user would otherwise
+# fail thousands of requests a second, burning the CPU the run shares and burying the cause in its counts.
+REDIS_RETRY_S = 1.0
+UNREACHABLE = "redis_unreachable"  # the error code of a request that failed on a connection error
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while paged attention keeps every block of the "
           "cache busy and the scheduler batches many requests").split()
@@ -57,7 +64,7 @@ def _add_arguments(parser) -> None:
     g.add_argument("--allow-eos", action="store_true", default=False,
                    help="Stop at EOS (default: ignore_eos, so every request generates max_tokens)")
     g.add_argument("--no-stream", action="store_true", default=False,
-                   help="stream=false: only the terminal event (TTFT = E2E, no ITL)")
+                   help="stream=false: only the terminal event (TTFT = E2E, no ITL or TPOT)")
     g.add_argument("--request-timeout-s", type=float, default=120.0, help="Give up on a request after this")
     g.add_argument("--slo-ttft-ms", type=float, default=0.0, help="Goodput SLO on TTFT (0 = none)")
     g.add_argument("--slo-itl-ms", type=float, default=0.0, help="Goodput SLO on a request's p95 ITL (0 = none)")
@@ -74,6 +81,7 @@ class _Run:
     started: float | None = None
     stopped: float | None = None
     unfinished = 0  # requests cut off by the end of the run (their users were stopped while waiting)
+    redis_error: str | None = None  # the last connection error (its text; a worker process sends it to the master)
     loadavg_start: float | None = None
 
 
@@ -85,13 +93,14 @@ def _slo(opts) -> SLO:
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw) -> None:
     _Run.totals = RunTotals()
-    _Run.started, _Run.stopped, _Run.unfinished = time.time(), None, 0
+    _Run.started, _Run.stopped, _Run.unfinished, _Run.redis_error = time.time(), None, 0, None
     _Run.loadavg_start = os.getloadavg()[0]
 
 
 @events.report_to_master.add_listener
 def _on_report_to_master(client_id, data, **_kw) -> None:
     data["pagedserve"] = _Run.totals.to_dict()
+    data["pagedserve_redis_error"] = _Run.redis_error
     _Run.totals = RunTotals()
 
 
@@ -99,6 +108,8 @@ def _on_report_to_master(client_id, data, **_kw) -> None:
 def _on_worker_report(client_id, data, **_kw) -> None:
     if "pagedserve" in data:
         _Run.totals.merge(data["pagedserve"])
+    if data.get("pagedserve_redis_error"):
+        _Run.redis_error = data["pagedserve_redis_error"]
 
 
 @events.test_stop.add_listener
@@ -119,6 +130,7 @@ def _on_quitting(environment, **_kw) -> None:
     users = getattr(environment.runner, "target_user_count", None) or getattr(opts, "num_users", 0) or 0
     summary = _Run.totals.summary(duration, slo=_slo(opts), arrival_rate=opts.arrival_rate, users=int(users))
     summary["max_tokens"] = opts.max_tokens
+    summary["stream"] = not opts.no_stream
     summary["unfinished"] = _Run.unfinished  # this process only (use --stop-timeout to let them finish)
     summary["host"] = {"cpus": os.cpu_count(), "loadavg_1m_at_start": _Run.loadavg_start,
                        "loadavg_1m_at_end": os.getloadavg()[0]}  # a shared machine skews latency: say so
@@ -138,8 +150,18 @@ def _on_quitting(environment, **_kw) -> None:
     print(f"  server-side (worker's done.metrics) ms  queued p50 {fmt(srv['server_queued']['p50'])}  "
           f"TTFT p50 {fmt(srv['server_ttft']['p50'])} p90 {fmt(srv['server_ttft']['p90'])}  "
           f"E2E p50 {fmt(srv['server_e2e']['p50'])}")
+    if opts.no_stream:
+        unused = [f for f, v in (("--slo-tpot-ms", opts.slo_tpot_ms), ("--slo-itl-ms", opts.slo_itl_ms)) if v]
+        print("  TPOT and ITL are not measured without streaming (--no-stream: TTFT = E2E)"
+              + (f"; {' and '.join(unused)} did not apply" if unused else ""))
     if _Run.unfinished:
         print(f"  {_Run.unfinished} requests were cut off by the end of the run (not counted; see --stop-timeout)")
+    if summary["errors"].get(UNREACHABLE):
+        url = redact(opts.redis_url)
+        summary["redis_unreachable"] = {"url": url, "error": _Run.redis_error}
+        reason = f" ({_Run.redis_error})" if _Run.redis_error else ""
+        print(f"pagedserve: Redis at {url} is unreachable{reason}: {summary['errors'][UNREACHABLE]} requests failed "
+              "on it; check --redis-url (PAGEDSERVE_REDIS_URL)")
     path = opts.summary_file or (f"{opts.csv_prefix}_pagedserve.json" if getattr(opts, "csv_prefix", None) else "")
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +223,20 @@ class PagedServeUser(User):
         elapsed = (time.monotonic() - timing.submitted) * 1000.0
         self._fire("E2E", elapsed, timing.output_tokens, RuntimeError(f"{code}: {message}"))
 
+    def _redis_failed(self, e: redis.RedisError, timing: RequestTiming | None) -> None:
+        """A Redis error: counted; on a connection error (nothing listening, a wrong host or password) the user
+        waits a moment before its next request instead of failing in a tight loop."""
+        unreachable = isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+        code = UNREACHABLE if unreachable else "redis"
+        if timing is None:
+            _Run.totals.add_failure(code)
+            self._fire("E2E", 0.0, 0, e)
+        else:
+            self._fail(timing, code, redact(e))
+        if unreachable:
+            _Run.redis_error = redact(e)
+            gevent.sleep(REDIS_RETRY_S)
+
     @task
     def generate(self) -> None:
         opts = self.opts
@@ -220,15 +256,14 @@ class PagedServeUser(User):
         try:
             self._subscribe(channel)
         except redis.RedisError as e:
-            _Run.totals.add_failure("redis")
-            self._fire("E2E", 0.0, 0, e)
+            self._redis_failed(e, None)
             return
         timing = RequestTiming(submitted=time.monotonic())
         try:
             self.r.xadd(self.stream, {"body": json.dumps(body)})
             terminal = self._read_events(channel, result_key, timing)
         except redis.RedisError as e:
-            self._fail(timing, "redis", str(e))
+            self._redis_failed(e, timing)
             return
         except BaseException:  # GreenletExit: the run ended (or the user was stopped) mid-request
             _Run.unfinished += 1

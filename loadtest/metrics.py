@@ -4,7 +4,8 @@ Locust monkey-patches the process with gevent, which the report and the tests mu
 Definitions (the same as vLLM's serving benchmark):
 - TTFT: submit (XADD) to the first token event;
 - ITL: the gap between two consecutive token events of one request (one sample per gap);
-- TPOT: (E2E - TTFT) / (output tokens - 1), one sample per request with at least two tokens;
+- TPOT: (E2E - TTFT) / (output tokens - 1), one sample per streamed request with at least two tokens (without
+  streaming TTFT is E2E, so there is no TPOT to measure: no sample, and a TPOT SLO does not apply);
 - E2E: submit to the terminal event;
 - goodput: completed requests per second that met every SLO that is set (TTFT, TPOT, E2E and the
   request's p95 ITL); 0 or None disables an SLO.
@@ -69,7 +70,9 @@ class RequestTiming:
 
     @property
     def tpot_ms(self) -> float | None:
-        if self.finished is None or self.output_tokens < 2:
+        # Without token events the first token is only known to arrive with the result (TTFT = E2E): a TPOT of 0
+        # would be a made-up sample that meets any SLO.
+        if self.finished is None or self.output_tokens < 2 or not self.token_times:
             return None
         e2e, ttft = self.e2e_ms, self.ttft_ms
         return (e2e - ttft) / (self.output_tokens - 1)

@@ -14,13 +14,14 @@ Writes ``<out>/<name>-latency.png`` (TTFT, ITL, TPOT and E2E percentiles vs offe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
 import os
 import sys
 from pathlib import Path
+
+from loadtest.cli import OneLineParser, fail, usage_error
 
 METRICS = ("TTFT", "ITL", "TPOT", "E2E")
 _CSV_PCTS = {"p50": "50%", "p90": "90%", "p95": "95%", "p99": "99%"}
@@ -174,21 +175,30 @@ def plot(points: list[dict], out_dir: Path, name: str, title: str = "") -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m loadtest.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_prefix", help="--csv prefix of a Locust run, or the common prefix of a sweep")
     ap.add_argument("--out", required=True, help="directory for the PNGs and the markdown table (e.g. docs/img)")
     ap.add_argument("--name", default="", help="file name stem (default: the prefix's base name)")
     ap.add_argument("--title", default="", help="title prefix for the plots")
     args = ap.parse_args(argv)
-    points = load_points(args.run_prefix)
+    try:
+        points = load_points(args.run_prefix)
+    except FileNotFoundError as e:
+        usage_error(f"RUN_PREFIX {args.run_prefix!r}: {e}: give the --csv prefix of a Locust run, or the common "
+                    "prefix of a sweep's runs (e.g. .bench/sweep/cpu_r)")
+    except (ValueError, KeyError) as e:  # a summary or CSV that is not one of ours (or was cut short)
+        fail(f"RUN_PREFIX {args.run_prefix!r}: a file of the run cannot be read: {type(e).__name__}: {e}")
     name = args.name or os.path.basename(args.run_prefix.rstrip("_-/")) or "loadtest"
     out = Path(args.out)
-    pngs = plot(points, out, name, args.title)
     table = markdown_table(points)
     k = knee(points)
     if k is not None:
         table += f"\nKnee (TTFT p90 > 2x its light-load value): ~{k['offered']:.2f} req/s offered.\n"
-    (out / f"{name}.md").write_text(table)
+    try:
+        pngs = plot(points, out, name, args.title)
+        (out / f"{name}.md").write_text(table)
+    except OSError as e:
+        usage_error(f"--out {args.out!r}: cannot write there: {e.strerror or e}")
     print(table)
     for p in pngs:
         print(f"wrote {p}", file=sys.stderr)

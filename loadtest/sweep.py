@@ -18,13 +18,14 @@ the sweep also waits for the stream to drain so one point's backlog does not lea
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from loadtest.cli import OneLineParser, fail, usage_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +82,45 @@ def users_for(rate: float, e2e_guess_s: float, minimum: int = 4, maximum: int = 
     return max(minimum, min(maximum, math.ceil(rate * e2e_guess_s * 3)))
 
 
+def parse_rates(text: str) -> list[float]:
+    """``--rates``: comma-separated offered loads in requests/s (0 = a closed loop)."""
+    rates = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            rate = float(item)
+        except ValueError:
+            rate = None
+        if rate is None or not math.isfinite(rate) or rate < 0:
+            usage_error(f"--rates {text!r}: {item!r} is not a rate (requests/s, 0 or more; comma-separated, "
+                        "e.g. 0.5,1,2)")
+        rates.append(rate)
+    return rates
+
+
+def parse_worker_env(items: list[str]) -> dict[str, str]:
+    """``--worker-env NAME=VALUE`` (repeatable)."""
+    env = {}
+    for kv in items:
+        name, eq, value = kv.partition("=")
+        if not eq or not name.strip():
+            usage_error(f"--worker-env {kv!r}: give NAME=VALUE (e.g. --worker-env OMP_NUM_THREADS=4)")
+        env[name] = value
+    return env
+
+
+def _spawn_failed(e: RuntimeError, stack) -> str:
+    """One line for a private stack that did not start: what failed, the worker's last words and where its log is."""
+    line = f"--spawn: {str(e).splitlines()[0].rstrip(':')}"
+    if stack.worker is not None:
+        last = next((ln.strip() for ln in reversed(stack.worker_log_tail().splitlines()) if ln.strip()), "")
+        if last:
+            line += f": {last.removeprefix('error: ')}"
+        line += f" (the worker's log: {stack.log_dir / 'worker.log'})"
+    return line
+
+
 def run_point(rate: float, args, redis_url: str) -> Path:
     prefix = f"{args.out}_r{rate:g}"
     users = args.users or users_for(rate, args.e2e_guess_s)
@@ -102,7 +142,7 @@ def run_point(rate: float, args, redis_url: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.sweep", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m loadtest.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="0.5,1,2,4,8", help="comma-separated offered loads (requests/s)")
     ap.add_argument("--duration", type=int, default=45, help="seconds per load point")
     ap.add_argument("--out", default=".bench/sweep/run", help="run prefix for the CSVs and summaries")
@@ -124,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-dir", default="", help="also run loadtest.report into this directory")
     ap.add_argument("--title", default="")
     args = ap.parse_args(argv)
-    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    rates = parse_rates(args.rates)
+    env = parse_worker_env(args.worker_env)
+    if args.spawn and env.get("PAGEDSERVE_PREFIX", args.key_prefix) != args.key_prefix:
+        usage_error("--worker-env PAGEDSERVE_PREFIX differs from --key-prefix (the worker would not read the load); "
+                    "set --key-prefix alone")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     stack = None
@@ -132,18 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.spawn:
         from loadtest.harness import LocalStack
 
-        env = dict(kv.split("=", 1) for kv in args.worker_env)
-        if env.get("PAGEDSERVE_PREFIX", args.key_prefix) != args.key_prefix:
-            ap.error("--worker-env PAGEDSERVE_PREFIX differs from --key-prefix (the worker would not read the load); "
-                     "set --key-prefix alone")
         # the spawned worker serves the stream the load goes to
-        stack = LocalStack(worker_env=env, prefix=args.key_prefix, log_dir=Path(args.out).parent / "logs").__enter__()
+        stack = LocalStack(worker_env=env, prefix=args.key_prefix, log_dir=Path(args.out).parent / "logs")
+        try:
+            stack.__enter__()
+        except RuntimeError as e:  # redis-server missing, or the worker exited or never got ready
+            fail(_spawn_failed(e, stack))
         redis_url = stack.redis_url
+
+    import redis
+
     try:
         if args.warmup:
             warmup(redis_url, args.key_prefix, args.warmup, args.max_tokens)
         for rate in rates:
             run_point(rate, args, redis_url)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        fail(f"cannot reach Redis at {redis_url} ({'the spawned one' if args.spawn else '--redis-url'}): {e}")
+    except TimeoutError as e:  # the warm-up got no answer: no worker reads that stream
+        fail(f"--warmup: {e}: is a worker serving --key-prefix {args.key_prefix!r} on {redis_url}?")
     finally:
         if stack is not None:
             stack.__exit__(None, None, None)

@@ -130,6 +130,57 @@ def test_container_healthcheck_script(health_server):
     assert subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=20).returncode == 1
 
 
+def _healthcheck(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "deploy/docker/healthcheck.py"), *args],
+                          env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=20)
+
+
+def _can_bind(host: str) -> bool:
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "::1", "::", "0.0.0.0", ""])
+def test_container_healthcheck_asks_where_the_worker_listens(host):
+    """The worker's own health server bound as PAGEDSERVE_METRICS_HOST says: a specific address (127.0.0.2 and ::1
+    stand for a pod's 10.0.0.5: the worker listens there only) is asked there; a wildcard on its loopback."""
+    if not _can_bind(host):
+        pytest.skip(f"cannot bind {host!r} here")
+    from pagedserve.service.health import HealthServer
+
+    server = HealthServer(host, 0, lambda: (True, {}), lambda: (False, {"reason": "model loading"}),
+                          lambda: b"").start()
+    try:
+        env = {"PAGEDSERVE_METRICS_HOST": host, "PAGEDSERVE_METRICS_PORT": str(server.port)}
+        ok = _healthcheck(env)
+        assert ok.returncode == 0, ok.stderr
+        not_ready = _healthcheck(env, "/readyz")
+        assert not_ready.returncode == 1 and "503" in not_ready.stderr and "model loading" in not_ready.stderr
+    finally:
+        server.stop()
+    if host in ("127.0.0.2", "::1"):
+        shown = "[::1]" if host == "::1" else host
+        assert f"http://{shown}:{server.port}/readyz" in not_ready.stderr
+
+
+def test_container_healthcheck_needs_a_fixed_metrics_port():
+    """PAGEDSERVE_METRICS_PORT=0: the worker takes any free port, which the check cannot find; it says so."""
+    done = _healthcheck({"PAGEDSERVE_METRICS_PORT": "0"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "unhealthy: the health check needs a fixed PAGEDSERVE_METRICS_PORT: 0 lets the worker take any free port, "
+        "which the check cannot know"]
+    bad = _healthcheck({"PAGEDSERVE_METRICS_PORT": "94OO"})
+    assert bad.returncode == 1 and bad.stderr.strip() == "unhealthy: PAGEDSERVE_METRICS_PORT='94OO' is not a port number"
+
+
 def test_build_context_holds_every_packaged_directory():
     """`pip install /src` fails on a package directory pyproject.toml finds but the context lacks."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]

@@ -57,6 +57,21 @@ def test_request_timing_definitions():
     assert t2.ttft_ms == t2.e2e_ms == pytest.approx(1000) and t2.tpot_ms is None and t2.itl_ms == []
 
 
+def test_no_tpot_without_streaming():
+    """A non-streamed request has no token events: TTFT is its E2E and its TPOT is not measured (no sample), rather
+    than a TPOT of 0 that every TPOT SLO would pass."""
+    t = RequestTiming(submitted=0.0, finished=2.0, output_tokens=8)
+    assert t.ttft_ms == t.e2e_ms == pytest.approx(2000) and t.tpot_ms is None and t.itl_ms == []
+    totals = RunTotals()
+    totals.add(t, SLO(tpot_ms=50))
+    s = totals.summary(2.0, slo=SLO(tpot_ms=50), arrival_rate=0, users=1)
+    assert s["latency_ms"]["TPOT"] == {"count": 0, "mean": None, "p50": None, "p90": None, "p95": None, "p99": None}
+    assert s["latency_ms"]["TTFT"]["count"] == s["latency_ms"]["E2E"]["count"] == 1
+    # one token event carrying the first token, the rest with the result: that is a measured TPOT
+    streamed = RequestTiming(submitted=0.0, token_times=[0.5], finished=2.0, output_tokens=4)
+    assert streamed.tpot_ms == pytest.approx(500)
+
+
 def test_slo_and_goodput():
     fast = RequestTiming(submitted=0.0, token_times=[0.1, 0.12, 0.14], finished=0.15, output_tokens=3)
     slow = RequestTiming(submitted=0.0, token_times=[0.9, 0.92, 0.94], finished=0.95, output_tokens=3)
@@ -133,6 +148,77 @@ def test_report_reads_plain_locust_csv(tmp_path):
     assert (tmp_path / "img" / "run-latency.png").exists()
 
 
+def _run_tool(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    import os
+
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The tool's only line on stderr, an ``error:`` line (no traceback)."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def _free_port() -> int:
+    from loadtest.harness import free_port
+
+    return free_port()
+
+
+def test_report_without_a_run_says_so(tmp_path):
+    proc = _run_tool("loadtest.report", str(tmp_path / "nothing"), "--out", str(tmp_path / "img"))
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "RUN_PREFIX" in line and str(tmp_path / "nothing") in line and "--csv prefix" in line
+    assert not (tmp_path / "img").exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--rates", "1,x"], "--rates '1,x': 'x' is not a rate"),
+    (["--rates", "1,-2"], "--rates '1,-2': '-2' is not a rate"),
+    (["--spawn", "--worker-env", "OMP_NUM_THREADS", "--rates", "1"], "--worker-env 'OMP_NUM_THREADS': give NAME=VALUE"),
+    (["--duration", "abc"], "argument --duration: invalid int value: 'abc'"),
+])
+def test_sweep_usage_mistakes_are_one_line(tmp_path, args, named):
+    proc = _run_tool("loadtest.sweep", *args, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert named in _one_error_line(proc)
+    assert not (tmp_path / "logs").exists()  # refused before anything was started
+
+
+def test_sweep_without_redis_says_where_it_looked(tmp_path):
+    url = f"redis://:s3cret@127.0.0.1:{_free_port()}/0"
+    proc = _run_tool("loadtest.sweep", "--rates", "1", "--redis-url", url, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "cannot reach Redis at redis://:***@127.0.0.1:" in line and "s3cret" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_locust_backs_off_when_redis_is_unreachable(tmp_path):
+    """Nothing listens on the URL: each closed-loop user fails about once a second, not thousands of times, and the
+    summary says Redis is unreachable, naming the URL with its password masked."""
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed")
+    port = _free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+         "-u", "2", "-r", "2", "-t", "3s", "--only-summary", "--loglevel", "WARNING", "--csv", str(tmp_path / "run"),
+         "--redis-url", f"redis://:s3cret@127.0.0.1:{port}/0"],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=50)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output  # every request failed
+    assert f"pagedserve: Redis at redis://:***@127.0.0.1:{port}/0 is unreachable" in output, output
+    assert "s3cret" not in output
+    summary = json.loads(Path(f"{tmp_path / 'run'}_pagedserve.json").read_text())
+    assert 1 <= summary["failed"] <= 16, summary  # 2 users x 3 s, a try a second each (old: ~10,000)
+    assert summary["errors"] == {"redis_unreachable": summary["failed"]}
+    assert summary["redis_unreachable"]["url"] == f"redis://:***@127.0.0.1:{port}/0"
+
+
 def _worker_importable() -> bool:
     try:
         return importlib.util.find_spec("pagedserve.service.worker") is not None
@@ -196,3 +282,52 @@ def test_sweep_spawns_the_worker_on_its_key_prefix(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # a worker on another prefix would never answer: refused up front
         sweep.main(["--spawn", "--key-prefix", "lt-prefix", "--rates", "", "--worker-env", "PAGEDSERVE_PREFIX=other",
                     "--out", str(tmp_path / "run2")])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _worker_importable(), reason="pagedserve.service.worker (the real worker) is not importable")
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_no_stream_run_reports_no_tpot(tmp_path):
+    """--no-stream: only the terminal event arrives, so there is no TPOT (nor ITL) sample, a TPOT SLO does not
+    apply, and the summary says why rather than printing a TPOT of 0."""
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed")
+    from loadtest.harness import LocalStack
+
+    csv_prefix = tmp_path / "run"
+    with LocalStack(log_dir=tmp_path / "logs", ready_timeout_s=60,
+                    worker_env={"PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_MAX_NUM_SEQS": "16",
+                                "PAGEDSERVE_SWAP_SPACE_GB": "0.05"}) as stack:
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+             "-u", "2", "-r", "2", "-t", "4s", "--stop-timeout", "20", "--only-summary", "--loglevel", "WARNING",
+             "--csv", str(csv_prefix), "--exit-code-on-error", "1", "--redis-url", stack.redis_url,
+             "--arrival-rate", "2", "--max-tokens", "8", "--prompt-words", "6", "--no-stream",
+             "--slo-tpot-ms", "0.001", "--request-timeout-s", "30"],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=90)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output + "\n--- worker log ---\n" + stack.worker_log_tail()
+    summary = json.loads(Path(f"{csv_prefix}_pagedserve.json").read_text())
+    assert summary["completed"] >= 2 and summary["failed"] == 0
+    assert summary["output_tokens"] == 8 * summary["completed"]  # every request had tokens to time
+    lat = summary["latency_ms"]
+    assert lat["TPOT"]["count"] == 0 and lat["TPOT"]["p50"] is None and lat["ITL"]["count"] == 0, lat
+    assert summary["stream"] is False
+    assert lat["TTFT"]["p50"] == pytest.approx(lat["E2E"]["p50"])
+    assert summary["good"] == summary["completed"]  # nothing measured against the TPOT SLO
+    assert "TPOT and ITL are not measured without streaming (--no-stream: TTFT = E2E); --slo-tpot-ms did not " \
+           "apply" in output, output
+    rows = {r["Type"]: r for r in csv.DictReader(open(f"{csv_prefix}_stats.csv", newline=""))}
+    assert "TPOT" not in rows and "ITL" not in rows and "E2E" in rows, output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not _worker_importable(), reason="pagedserve.service.worker (the real worker) is not importable")
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_sweep_spawn_of_a_worker_that_cannot_start_is_one_line(tmp_path):
+    proc = _run_tool("loadtest.sweep", "--spawn", "--rates", "1", "--out", str(tmp_path / "run"),
+                     env={"PAGEDSERVE_MODEL": str(tmp_path / "no-such-model")}, timeout=50)
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert line.startswith("error: --spawn: worker exited with ") and "PAGEDSERVE_MODEL" in line, line
+    assert "no-such-model" in line and str(tmp_path / "logs" / "worker.log") in line
