@@ -50,8 +50,8 @@ def test_the_module_app_is_built_when_asked_for_and_says_which_variable_to_set(r
     made, refused = out.stdout.strip().splitlines()
     assert made == "made 1800"
     assert "derived from PAGEDSERVE_RESULT_TTL_S (200)" in refused, refused
-    assert "set PAGEDSERVE_RESULT_TTL_S to 241 or more" in refused, refused
-    assert "PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S below 80" in refused, refused
+    assert "set PAGEDSERVE_RESULT_TTL_S to 239 or more" in refused, refused
+    assert "PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S to 80 or less" in refused, refused
 
     # The Celery command asks for the app: it refuses to start with the same words.
     worker = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool", "solo"],
@@ -251,3 +251,56 @@ def test_a_rediss_url_with_only_a_ca_carries_the_celery_tasks(prefix, tmp_path):
     assert _celery_url("rediss://h:6380/0?ssl_cert_reqs=optional&ssl_ca_certs=/c.pem").endswith(
         "?ssl_cert_reqs=optional&ssl_ca_certs=/c.pem")
     assert _celery_url("rediss://:p%23w@h:6380/1") == "rediss://:p%23w@h:6380/1?ssl_cert_reqs=required"
+
+
+def test_an_integrators_own_tasks_on_the_app_keep_celerys_behaviour():
+    """make_celery's argument checks applied app-wide: a class-based task of the integrator's failed every run
+    (no ``__header__``, which Celery gives function tasks only), and a task whose decorator supplies an argument
+    (``functools.wraps``) was refused in ``delay``. They apply to the pagedserve tasks only."""
+    import functools
+
+    app = make_celery(make_settings("redis://127.0.0.1:1/0", "unused"))
+
+    class Add(app.Task):
+        name = "mine.add"
+
+        def run(self, x, y):
+            return x + y
+
+    app.register_task(Add())
+
+    def with_session(fun):
+        @functools.wraps(fun)
+        def wrapper(*args, **kwargs):
+            return fun(*args, session="db-session", **kwargs)
+        return wrapper
+
+    @app.task(name="mine.uses_session")
+    @with_session
+    def uses_session(x, session):
+        return [x, session]
+
+    assert app.tasks["mine.add"].apply(args=(1, 2)).get() == 3
+    assert app.tasks["mine.uses_session"].apply(args=(1,)).get() == [1, "db-session"]
+    app.tasks["mine.uses_session"].__header__(1)  # delay's check, before anything is sent: no TypeError
+    with pytest.raises(TypeError, match="pagedserve.submit got an unexpected keyword argument 'promt'"):
+        app.tasks["pagedserve.submit"].__header__(promt="hi")  # the pagedserve tasks' own check stays
+
+
+def test_a_broker_that_stops_answering_fails_a_send_in_bounded_time():
+    """kombu waits on a silent broker for ever by default: a send blocked for minutes when the broker Redis
+    froze (a failover, a dropped connection that is never closed). The app bounds each broker command."""
+    import signal
+
+    server = LocalRedis().start()
+    try:
+        app = make_celery(make_settings(server.url, "frozen"))
+        app.send_task("pagedserve.submit", args=["warm"])  # the connection is open
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            app.send_task("pagedserve.submit", args=["x"], retry=False)
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()

@@ -165,6 +165,15 @@ def test_a_visibility_timeout_the_result_may_not_outlive_is_refused(redis_url, p
     # Left at its default, the visibility timeout follows a shorter result TTL (half of it) instead of refusing.
     app = make_celery(make_settings(redis_url, prefix, result_ttl_s=600))
     assert app.conf.broker_transport_options["visibility_timeout"] == 300
+    # "at least 120 s below": exactly 120 s is enough, explicit or derived (half of 239 is 119)
+    make_celery(make_settings(redis_url, prefix, celery_visibility_timeout_s=3480, result_ttl_s=3600))
+    with pytest.raises(ValueError, match=r"set the TTL to 3601 or more, or PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S "
+                                         r"to 3480 or less"):
+        make_celery(make_settings(redis_url, prefix, celery_visibility_timeout_s=3481, result_ttl_s=3600))
+    assert make_celery(make_settings(redis_url, prefix, result_ttl_s=239)).conf.broker_transport_options[
+        "visibility_timeout"] == 119
+    with pytest.raises(ValueError, match="set PAGEDSERVE_RESULT_TTL_S to 239 or more"):
+        make_celery(make_settings(redis_url, prefix, result_ttl_s=238))
 
 
 def test_a_redis_out_of_reach_fails_the_tasks_as_expected(prefix, tmp_path):

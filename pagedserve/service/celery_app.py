@@ -53,6 +53,7 @@ from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 from kombu.utils.objects import cached_property
 
+from .client_core import SOCKET_TIMEOUT_S
 from .settings import Settings
 
 _clients: dict[tuple[str, str], Any] = {}
@@ -97,20 +98,21 @@ def _visibility_timeout(s: Settings) -> int:
     ttl = s.result_ttl_s
     explicit = "celery_visibility_timeout_s" in s.model_fields_set
     visibility = s.celery_visibility_timeout_s if explicit else min(s.celery_visibility_timeout_s, ttl // 2)
-    if visibility + REDELIVERY_SWEEP_S < ttl:
+    if visibility + REDELIVERY_SWEEP_S <= ttl:
         return visibility
     why = "a task redelivered after the visibility timeout would find its result expired and generate again"
-    below = ttl - REDELIVERY_SWEEP_S  # what an explicit visibility timeout must stay under (it is at least 1)
-    room = f", or PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S below {below}" if below > 1 else ""
+    most = ttl - REDELIVERY_SWEEP_S  # the longest explicit visibility timeout this TTL allows (it is at least 1)
+    room = f", or PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S to {most} or less" if most >= 1 else ""
     if explicit:
         raise ValueError(
             f"PAGEDSERVE_CELERY_VISIBILITY_TIMEOUT_S ({visibility}) must be at least {REDELIVERY_SWEEP_S} s below "
-            f"PAGEDSERVE_RESULT_TTL_S ({ttl}): set the TTL above {visibility + REDELIVERY_SWEEP_S}{room} ({why})")
-    # Half of any TTL from 2 * sweep + 1 s leaves the room.
+            f"PAGEDSERVE_RESULT_TTL_S ({ttl}): set the TTL to {visibility + REDELIVERY_SWEEP_S} or more{room} "
+            f"({why})")
+    # Half of any TTL from 2 * sweep - 1 s (rounded down) leaves the room.
     raise ValueError(
         f"the Celery visibility timeout ({visibility} s) is derived from PAGEDSERVE_RESULT_TTL_S ({ttl}) as half of "
         f"it and must be at least {REDELIVERY_SWEEP_S} s below it: set PAGEDSERVE_RESULT_TTL_S to "
-        f"{2 * REDELIVERY_SWEEP_S + 1} or more{room} ({why})")
+        f"{2 * REDELIVERY_SWEEP_S - 1} or more{room} ({why})")
 
 
 def _celery_url(url: str) -> str:
@@ -209,8 +211,11 @@ class _PagedserveCelery(Celery):
             raise type(e)(_broker_refusal(self.conf.pagedserve_settings, refused)) from None
 
     def type_checker(self, fun: Callable[..., Any], bound: bool = False) -> Any:
-        """The caller's check of a task's arguments (``apply_async``, ``delay``): Python's own ``TypeError`` named
-        the task by the function Celery generated for the check."""
+        """The caller's check of a pagedserve task's arguments (``apply_async``, ``delay``): Python's own
+        ``TypeError`` named the task by the function Celery generated for the check. The app's other tasks (an
+        integrator's own, on this app) keep Celery's check."""
+        if not hasattr(fun, "task_name"):
+            return super().type_checker(fun, bound)
         return staticmethod(_argument_checker(fun, bound))
 
 
@@ -235,8 +240,9 @@ def _argument_checker(fun: Callable[..., Any], bound: bool) -> Callable[..., Non
 
 
 class _Task(Task):
-    """A task that checks its arguments where it runs too: one sent by name (``send_task``) is checked nowhere
-    before, and Python's own ``TypeError`` named the function by its place in this module."""
+    """The pagedserve tasks' class: they check their arguments where they run too (one sent by name,
+    ``send_task``, is checked nowhere before, and Python's own ``TypeError`` named the function by its place in
+    this module)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.__header__(*args, **kwargs)
@@ -258,15 +264,17 @@ def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or Settings()
     visibility = _visibility_timeout(s)
     broker = _celery_url(s.celery_broker_url or s.redis_url)
-    app = _PagedserveCelery("pagedserve", broker=broker, backend=broker, task_cls=_Task)
+    app = _PagedserveCelery("pagedserve", broker=broker, backend=broker)
     transport = {"visibility_timeout": visibility}
+    # kombu waits on a silent broker for ever by default (a failover, a dropped NAT entry): a send would hang.
+    broker_transport = {**transport, "socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": SOCKET_TIMEOUT_S}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
         task_default_queue=f"{s.prefix}-tasks",
-        broker_transport_options=transport,
+        broker_transport_options=broker_transport,
         result_backend_transport_options=transport,
         result_expires=s.result_ttl_s,
         task_track_started=True,  # STARTED while it waits on a generation: PENDING alone looks like a lost task
@@ -382,8 +390,8 @@ def _register(app: Celery) -> None:
     # shared=False: the module's own app (from the environment) registers these names too; shared tasks would
     # let Celery pick either app's task for every app, and send requests to the other deployment's Redis.
     # throws: expected endings, logged in one line without a traceback (TaskArgumentError: the caller's mistake).
-    @app.task(name="pagedserve.submit", bind=True, throws=(ValueError, RedisUnreachable, TaskArgumentError),
-              shared=False)
+    @app.task(name="pagedserve.submit", bind=True, base=_Task,
+              throws=(ValueError, RedisUnreachable, TaskArgumentError), shared=False)
     @_task_name("pagedserve.submit")
     def submit(
         self,
@@ -409,7 +417,7 @@ def _register(app: Celery) -> None:
 
     given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
 
-    @app.task(name="pagedserve.generate", bind=True,
+    @app.task(name="pagedserve.generate", bind=True, base=_Task,
               throws=(*given_up, GenerationTimedOut, RedisUnreachable, TaskArgumentError), shared=False)
     @_task_name("pagedserve.generate")
     def generate(
