@@ -326,3 +326,6 @@ def test_cached_prompt_tokens_count_the_first_start_and_never_exceed_the_prompt(
     cached = [o.num_cached_tokens for o in outs]
     assert all(0 <= c <= len(o.prompt_token_ids) for c, o in zip(cached, outs)), cached
     assert max(cached) == len(shared), cached  # the shared blocks, found by the requests that started later
+    # The engine's total (the worker's pagedserve_prefix_cache_hit_tokens_total) is their sum: it counted every
+    # restart's hits, generated tokens included, more than all the prompts held.
+    assert llm.stats()["prefix_cache_hit_tokens"] == sum(cached)

@@ -136,7 +136,6 @@ class BlockManager:
         self.swap_out_map: list[tuple[int, int]] = []
         self.swap_in_map: list[tuple[int, int]] = []
         self.peak_used = 0
-        self.prefix_hit_tokens = 0
         self.num_swapped_out_blocks = 0
 
     # ------------------------------------------------------------------ accounting
@@ -221,7 +220,6 @@ class BlockManager:
             num_hit = len(cached) * self.block_size
             seq.num_computed_tokens = num_hit
             seq.num_registered_blocks = len(cached)
-            self.prefix_hit_tokens += num_hit
         if seq.private_copy_pending:
             for i, block_id in enumerate(seq.block_table):
                 old = self.gpu.blocks[block_id]

@@ -664,7 +664,7 @@ class LLMEngine:
             "num_recompute_preemptions": sch.num_recomputed,
             "num_swapped_recomputed": sch.num_swapped_recomputed,
             "num_swapped_out_blocks": bm.num_swapped_out_blocks,
-            "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
+            "prefix_cache_hit_tokens": sch.prefix_hit_tokens,
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "num_steps": self.num_steps,

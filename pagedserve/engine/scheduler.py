@@ -116,6 +116,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache, all requests
         self.num_recomputed = 0
         self.num_swapped = 0
         self.num_swapped_recomputed = 0  # swapped requests that could not come back and were recomputed instead
@@ -435,11 +436,12 @@ class Scheduler:
         self.waiting.remove(req)
         for (seq, n), cached in zip(plan, hits):
             self._must_allocate(seq, n, cached)
-            if req.num_preemptions == 0:
-                # Prompt tokens served from the cache at the first start, as vLLM counts them: a restart after a
-                # recompute finds its own earlier blocks, generated tokens included, and counted them too (more
-                # cached tokens than the prompt has).
-                req.num_cached_tokens = min(len(cached) * self.bm.block_size, len(req.prompt_token_ids))
+        if req.num_preemptions == 0:
+            # Prompt tokens served from the cache at the first start, as vLLM counts them: a restart after a
+            # recompute finds its own earlier blocks, generated tokens included, and counted them too (more
+            # cached tokens than the prompt has). The engine's total is the sum of these.
+            req.num_cached_tokens = min(max(map(len, hits)) * self.bm.block_size, len(req.prompt_token_ids))
+            self.prefix_hit_tokens += req.num_cached_tokens
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         return budget - self._admit(req, plan, out)
