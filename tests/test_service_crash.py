@@ -325,3 +325,29 @@ def test_sigterm_while_the_model_loads_ends_the_start_at_once(redis_url, prefix,
             assert not r.exists(Keys(prefix).consumer_lease(s.worker_name))
     finally:
         w.close()
+
+
+def test_an_outage_keeps_counting_redis_errors_while_it_lasts(prefix, shared_engine):
+    """The loop tries Redis again only once the prober hears it answer, so an outage counted one error however
+    long it lasted: PagedserveRedisUnreachable (a rate over 5 minutes, for 5 minutes) went pending and cleared
+    without firing. Each failed PING of the prober counts."""
+    srv = LocalRedis(persist=False).start()
+    try:
+        s = make_settings(srv.url, prefix)
+        with running_worker(s, shared_engine) as w:
+            c = Client(settings=s)
+            assert isinstance(c.generate("a", params={"max_tokens": 2}, timeout=30), DoneEvent)
+            c.close()
+            srv.stop()
+            wait_for(lambda: w.metrics.redis_errors._value.get() >= 1, 30, what="the outage noticed")
+            seen = w.metrics.redis_errors._value.get()
+            wait_for(lambda: w.metrics.redis_errors._value.get() >= seen + 3, 30, what="errors counted on")
+            srv.start()
+            c = Client(settings=s)
+            assert isinstance(c.generate("b", params={"max_tokens": 2}, timeout=60), DoneEvent)
+            c.close()
+            after = w.metrics.redis_errors._value.get()
+            time.sleep(1.0)
+            assert w.metrics.redis_errors._value.get() == after  # and stops once Redis is back
+    finally:
+        srv.stop()

@@ -179,8 +179,11 @@ class Prober:
     and tried from the loop's thread that held the engine's steps as well, one try per backoff delay. A Redis that
     refuses writes (READONLY, OOM, an ACL) answers PING: the loop's tries and backoff go on as they were."""
 
-    def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_S, pause: float = PROBE_PAUSE_S):
-        self._url, self._timeout, self._pause = url, timeout, pause
+    def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_S, pause: float = PROBE_PAUSE_S,
+                 on_failure: Callable[[], None] = lambda: None):
+        """``on_failure``: called (on the prober's thread) for each PING that fails: an outage keeps counting as
+        long as it lasts, where the loop, which waits for the prober, counts it once."""
+        self._url, self._timeout, self._pause, self._on_failure = url, timeout, pause, on_failure
         self._down = threading.Event()
         self._stop = threading.Event()
         self._epoch = 0  # +1 per link_down: a PING sent before the latest failure proves nothing after it
@@ -222,6 +225,8 @@ class Prober:
                     self._answered_epoch = epoch
                 except Exception:  # away, hung, or refusing even PING (an ACL without it): try again shortly
                     client.connection_pool.disconnect()
+                    if not self._stop.is_set():
+                        self._on_failure()
                     self._stop.wait(self._pause)
         finally:
             client.close()
@@ -274,7 +279,7 @@ class Connection(WorkerPart):
         # block above 3 s lengthens the timeout, and with it how long a hung Redis goes unnoticed).
         timeout = max(REDIS_TIMEOUT_S, self.settings.read_block_ms / 1000 + 2.0)
         self.r = redis_client(self.settings.redis_url, timeout=timeout)
-        self.prober = Prober(self.settings.redis_url)
+        self.prober = Prober(self.settings.redis_url, on_failure=self.metrics.redis_errors.inc)
         keep_repeated_fields(self.r)  # an entry naming body twice is refused for each of its ids, not half lost
 
     @property

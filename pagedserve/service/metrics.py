@@ -125,7 +125,10 @@ class WorkerMetrics:
             "pagedserve_queue_redeliveries", "Entries seen again (own drain, reclaim, duplicate id)", registry=r
         )
         self.dead_letters = Counter("pagedserve_queue_dead_letters", "Entries sent to the dead-letter stream", ["reason"], registry=r)
-        self.redis_errors = Counter("pagedserve_redis_errors", "Redis operations that failed (connection lost)", registry=r)
+        self.redis_errors = Counter(
+            "pagedserve_redis_errors",
+            "Redis operations that failed (connection lost); while Redis is away, each failed PING of the reconnect "
+            "prober (a few a second)", registry=r)
         self.redis_ops = Counter("pagedserve_redis_commands", "Redis commands sent by the worker", registry=r)
         self.write_refusals = Counter(
             "pagedserve_redis_write_refusals",
