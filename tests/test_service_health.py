@@ -335,3 +335,41 @@ def test_progress_rules_for_steps_that_raise():
     clock.t += 1
     p.idle()
     assert p.check() == (True, {"stalled_s": 0.0})
+
+
+def test_a_first_step_that_hangs_shows_its_request_and_stalls(redis_url, prefix, shared_engine):
+    """The gauges were snapshotted only after a step (or while idle), and the stall clock started after a step
+    returned: a worker whose first step hung showed nothing running or waiting, /healthz said stalled_s 0, and
+    PagedserveWorkerStalled (running + waiting > 0, no tokens) could not fire."""
+    import threading
+
+    s = make_settings(redis_url, prefix, stall_timeout_s=1.0, log_level="ERROR")
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    release = threading.Event()
+    real_step = shared_engine.step
+
+    def hung_once():
+        release.wait(60)
+        shared_engine.step = real_step
+        return real_step()
+
+    shared_engine.step = hung_once
+    try:
+        with running_worker(s, shared_engine) as w:
+            port = w.health.port
+            r.xadd(keys.requests, {"body": json.dumps({"id": "first", "prompt": "x", "params": {"max_tokens": 3}})})
+            code, info = wait_for(lambda: (lambda c: c if c[0] == 503 else None)(_healthz(port)), 30,
+                                  what="/healthz 503")
+            assert info["stalled_s"] >= 1.0, info
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            held = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith(("pagedserve_requests_running ", "pagedserve_requests_waiting ")))
+            assert held == 1, held
+            release.set()
+            wait_for(lambda: r.exists(keys.result("first")), 60, what="the result")
+            assert isinstance(parse_terminal(r.get(keys.result("first"))), DoneEvent)
+    finally:
+        release.set()
+        shared_engine.step = real_step
+        r.close()

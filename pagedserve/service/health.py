@@ -177,20 +177,21 @@ class Progress:
         self.busy = False
         self.last_progress = self.clock()
 
-    def _work(self) -> None:
-        if not self.busy:  # work just arrived: the stall clock starts now
+    def working(self) -> None:
+        """A step starts: with work just arrived, the stall clock starts now (a first step that hangs stalls)."""
+        if not self.busy:
             self.busy = True
             self.last_progress = self.clock()
 
     def failed(self) -> None:
         """An engine step raised: work that made no progress."""
-        self._work()
+        self.working()
         self.failures += 1
         self.failed_at = self.clock()
 
     def step(self, outputs: list) -> None:
         """An engine step ran; it progressed if any request produced a token or finished."""
-        self._work()
+        self.working()
         self.failures = 0
         if any(out.finished or any(c.delta_token_ids for c in out.outputs) for out in outputs):
             self.last_progress = self.clock()

@@ -466,6 +466,11 @@ class Worker(WorkerPart):
         self.admission.give_up_lost()
 
     def _step(self) -> None:
+        # Before the step too: a first step that hangs must show its requests (and stall), not the idle snapshot
+        # taken before they came.
+        if self._stats_idle or time.monotonic() - self._last_engine_stats >= 0.25:
+            self._engine_stats()
+        self.progress.working()
         self._stats_idle = False  # whatever the step does (a failed one too) changes what the engine holds
         try:
             outputs = self.engine.step()
