@@ -90,6 +90,25 @@ def _slo(opts) -> SLO:
                tpot_ms=opts.slo_tpot_ms or None, e2e_ms=opts.slo_e2e_ms or None)
 
 
+def _read_prompts(path: str) -> list[str]:
+    """The prompts of ``--prompts-file``: one a line, blank lines skipped."""
+    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw) -> None:
+    # Checked once, before any user starts: read by each user's on_start, a missing file was a traceback per user.
+    opts = environment.parsed_options
+    if opts is not None and opts.prompts_file:
+        try:
+            if not _read_prompts(opts.prompts_file):
+                raise ValueError("it holds no prompt (one a line)")
+        except (OSError, ValueError) as e:
+            print(f"error: --prompts-file {opts.prompts_file!r}: {getattr(e, 'strerror', None) or e}",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw) -> None:
     _Run.totals = RunTotals()
@@ -182,7 +201,7 @@ class PagedServeUser(User):
         self.stream = f"{opts.key_prefix}:requests"
         self.prompts = None
         if opts.prompts_file:
-            self.prompts = [ln.strip() for ln in Path(opts.prompts_file).read_text().splitlines() if ln.strip()]
+            self.prompts = _read_prompts(opts.prompts_file)
         self.pacer = PoissonPacer()
         self._first = True
 

@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rates = parse_rates(args.rates)
     env = parse_worker_env(args.worker_env)
+    if env and not args.spawn:
+        usage_error("--worker-env applies to the worker --spawn starts: without --spawn, set the running worker's "
+                    "environment instead")
     if args.spawn and env.get("PAGEDSERVE_PREFIX", args.key_prefix) != args.key_prefix:
         usage_error("--worker-env PAGEDSERVE_PREFIX differs from --key-prefix (the worker would not read the load); "
                     "set --key-prefix alone")

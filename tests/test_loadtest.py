@@ -181,6 +181,7 @@ def test_report_without_a_run_says_so(tmp_path):
     (["--rates", "1,-2"], "--rates '1,-2': '-2' is not a rate"),
     (["--spawn", "--worker-env", "OMP_NUM_THREADS", "--rates", "1"], "--worker-env 'OMP_NUM_THREADS': give NAME=VALUE"),
     (["--duration", "abc"], "argument --duration: invalid int value: 'abc'"),
+    (["--worker-env", "OMP_NUM_THREADS=4", "--rates", "1"], "--worker-env applies to the worker --spawn starts"),
 ])
 def test_sweep_usage_mistakes_are_one_line(tmp_path, args, named):
     proc = _run_tool("loadtest.sweep", *args, "--out", str(tmp_path / "run"))
@@ -331,3 +332,19 @@ def test_sweep_spawn_of_a_worker_that_cannot_start_is_one_line(tmp_path):
     line = _one_error_line(proc)
     assert line.startswith("error: --spawn: worker exited with ") and "PAGEDSERVE_MODEL" in line, line
     assert "no-such-model" in line and str(tmp_path / "logs" / "worker.log") in line
+
+
+@pytest.mark.timeout(60)
+def test_a_prompts_file_that_cannot_be_read_is_one_line_before_any_user_starts(tmp_path):
+    """Read in each user's on_start, a missing file was a traceback per user and a run of nothing."""
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for path, words in ((tmp_path / "missing.txt", "No such file or directory"),
+                        (tmp_path / "blank.txt", "it holds no prompt (one a line)")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", "1",
+             "-r", "1", "-t", "2s", "--prompts-file", str(path), "--redis-url", f"redis://127.0.0.1:{_free_port()}/0"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"error: --prompts-file {str(path)!r}: {words}" in proc.stderr, proc.stderr
