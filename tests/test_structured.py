@@ -649,6 +649,10 @@ def test_a_property_named_format_is_a_property():
      'structured_outputs json is not a usable JSON Schema: Unimplemented keys: ["uniqueItems"] (at /properties/tags)'),
     ({"json": {"type": "object"}, "whitespace_pattern": "("},
      "structured_outputs whitespace_pattern does not compile: "),
+    ({"json": {"type": "object", "properties": {"p": {"type": "number", "minimum": 1e-90, "maximum": 5}}}},
+     "structured_outputs json is not a usable JSON Schema: /properties/p/minimum 1e-90 is too close to zero "
+     "for llguidance (its range of numbers nests a level per digit after the point): use a bound of fewer decimal "
+     "places (or 0)"),
     ({"json": {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.0001234}}}},
      "structured_outputs json is not a usable JSON Schema: /properties/price/multipleOf 0.0001234 has too many "
      "decimal digits for llguidance"),

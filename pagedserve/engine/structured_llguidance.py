@@ -435,6 +435,16 @@ def _json_error(error: str, schema: object) -> str:
                 return (f"{where}/{keyword} {value!r} has too many decimal digits for llguidance (it takes "
                         f"{keyword} as the float's exact decimal expansion): use one with fewer digits")
         return f"a {keyword} has too many decimal digits for llguidance: use one with fewer digits"
+    if error.startswith("regex parse error") and "0(0(0(0(0(0(0(0(" in error:
+        # llguidance's own regex of a range of numbers nests a group per digit: a bound tens of zeros after the
+        # point nests deeper than its regex parser allows, and its error is that regex, hundreds of characters.
+        tiny = [(abs(node[key]), f"{where}/{key}", node[key]) for where, node in _schemas(schema)
+                for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+                if isinstance(node.get(key), float) and node[key] != 0]
+        if tiny:
+            _, where, value = min(tiny)
+            return (f"{where} {value!r} is too close to zero for llguidance (its range of numbers nests a level per "
+                    "digit after the point): use a bound of fewer decimal places (or 0)")
     unimplemented = _UNIMPLEMENTED.match(error)
     if unimplemented:  # llguidance names the keywords, not where they are
         names = set(re.findall(r'"([^"]*)"', unimplemented.group(1)))
