@@ -227,6 +227,26 @@ def _worker_importable() -> bool:
         return False
 
 
+def _tiny_stack(tmp_path):
+    """A redis-server and a worker on the tiny random model, as ``loadtest.sweep --spawn`` starts them."""
+    from loadtest.harness import LocalStack
+
+    return LocalStack(log_dir=tmp_path / "logs", ready_timeout_s=60,
+                      worker_env={"PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_MAX_NUM_SEQS": "16",
+                                  "PAGEDSERVE_SWAP_SPACE_GB": "0.05"})
+
+
+def _locust_run(stack, csv_prefix, *args: str) -> subprocess.CompletedProcess:
+    """A headless Locust run of short requests against ``stack`` (Locust in its own process: importing it here
+    would monkey-patch pytest with gevent)."""
+    return subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+         "--stop-timeout", "20", "--only-summary", "--loglevel", "WARNING", "--csv", str(csv_prefix),
+         "--exit-code-on-error", "1", "--redis-url", stack.redis_url, "--max-tokens", "8", "--prompt-words", "6",
+         "--request-timeout-s", "30", *args],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=90)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not _worker_importable(), reason="pagedserve.service.worker (the real worker) is not importable")
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -235,19 +255,10 @@ def test_headless_locust_run_against_real_worker(tmp_path):
     # tests that run after this one. Locust runs in its own subprocess below.
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed")
-    from loadtest.harness import LocalStack
-
     csv_prefix = tmp_path / "run"
-    with LocalStack(log_dir=tmp_path / "logs", ready_timeout_s=60,
-                    worker_env={"PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_MAX_NUM_SEQS": "16",
-                                "PAGEDSERVE_SWAP_SPACE_GB": "0.05"}) as stack:
-        proc = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-             "-u", "4", "-r", "4", "-t", "6s", "--stop-timeout", "20", "--only-summary", "--loglevel", "WARNING",
-             "--csv", str(csv_prefix), "--exit-code-on-error", "1",
-             "--redis-url", stack.redis_url, "--arrival-rate", "3", "--max-tokens", "8", "--prompt-words", "6",
-             "--slo-ttft-ms", "5000", "--request-timeout-s", "30"],
-            cwd=str(ROOT), capture_output=True, text=True, timeout=90)
+    with _tiny_stack(tmp_path) as stack:
+        proc = _locust_run(stack, csv_prefix, "-u", "4", "-r", "4", "-t", "6s", "--arrival-rate", "3",
+                           "--slo-ttft-ms", "5000")
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output + "\n--- worker log ---\n" + stack.worker_log_tail()
         metrics = stack.scrape()
@@ -293,19 +304,10 @@ def test_no_stream_run_reports_no_tpot(tmp_path):
     apply, and the summary says why rather than printing a TPOT of 0."""
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed")
-    from loadtest.harness import LocalStack
-
     csv_prefix = tmp_path / "run"
-    with LocalStack(log_dir=tmp_path / "logs", ready_timeout_s=60,
-                    worker_env={"PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_MAX_NUM_SEQS": "16",
-                                "PAGEDSERVE_SWAP_SPACE_GB": "0.05"}) as stack:
-        proc = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-             "-u", "2", "-r", "2", "-t", "4s", "--stop-timeout", "20", "--only-summary", "--loglevel", "WARNING",
-             "--csv", str(csv_prefix), "--exit-code-on-error", "1", "--redis-url", stack.redis_url,
-             "--arrival-rate", "2", "--max-tokens", "8", "--prompt-words", "6", "--no-stream",
-             "--slo-tpot-ms", "0.001", "--request-timeout-s", "30"],
-            cwd=str(ROOT), capture_output=True, text=True, timeout=90)
+    with _tiny_stack(tmp_path) as stack:
+        proc = _locust_run(stack, csv_prefix, "-u", "2", "-r", "2", "-t", "4s", "--arrival-rate", "2", "--no-stream",
+                           "--slo-tpot-ms", "0.001")
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output + "\n--- worker log ---\n" + stack.worker_log_tail()
     summary = json.loads(Path(f"{csv_prefix}_pagedserve.json").read_text())
