@@ -1296,3 +1296,30 @@ def test_closing_a_client_cancels_what_its_waiting_calls_sent_and_sends_nothing_
         wait_for(lambda: len(list(r.scan_iter(match=f"{keys.prefix}:result:*"))) == 4, 60, what="held's result")
         time.sleep(1.0)  # "late", had it been sent, would have its result by now
         assert len(list(r.scan_iter(match=f"{keys.prefix}:result:*"))) == 4
+
+
+@pytest.mark.parametrize("after", [None, -1])
+def test_a_reader_by_id_gets_the_events_written_between_a_quiet_read_and_the_result(after):
+    """A read that found the stream quiet looked at the result key and, finding it, ended there: the events the
+    worker wrote in between (all of a short request's) were never read. A reader by id (``events(id)``,
+    ``stream(id, after=...)``) missed them without a word; it reads the stream once more first."""
+    second = TOKEN.replace('"seq": 0, "token_ids": [1], "text": "a"', '"seq": 1, "token_ids": [2], "text": "b"')
+    written = [(f"1-{i}".encode(), {b"data": e.encode()}) for i, e in enumerate([TOKEN, second, DONE])]
+    wait = stream_wait(Keys("t"), RID, None, timeout=None, after=after, clock=Clock())
+    emitted, reply, reads = [], None, []
+    while True:
+        try:
+            op = wait.send(reply)
+        except StopIteration:
+            break
+        reply = None
+        if isinstance(op, ReadEvents):
+            reads.append(op.block_ms)
+            reply = [] if len(reads) == 1 else [e for e in written if e[0].decode() > op.after]  # quiet, then all
+        elif isinstance(op, ReadResult):
+            reply = DONE  # stored meanwhile
+        elif isinstance(op, Emit):
+            emitted.append(op.event)
+    assert [(type(e), getattr(e, "seq", None)) for e in emitted] == [
+        (TokenEvent, 0), (TokenEvent, 1), (DoneEvent, None)]
+    assert reads[1] is None  # the second read does not block: the end is known

@@ -577,12 +577,12 @@ class Send:
 
 @dataclasses.dataclass(frozen=True)
 class ReadEvents:
-    """XREAD BLOCK ``block_ms`` STREAMS ``key`` ``after``. Reply: the entries as ``(entry id, fields)`` pairs (none
-    when the block ran out)."""
+    """XREAD BLOCK ``block_ms`` STREAMS ``key`` ``after`` (no BLOCK when None). Reply: the entries as ``(entry id,
+    fields)`` pairs (none when the block ran out)."""
 
     key: str
     after: str
-    block_ms: int
+    block_ms: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1078,8 +1078,14 @@ def stream_wait(
             if not entries:  # quiet: maybe the stream is gone and the end is only in the result key
                 done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                 if done is not None:
-                    yield from end(done)
-                    return
+                    # The worker may have written events between the quiet read and this one (a whole short
+                    # request): they come first, and the end with them; the result key ends it only when the
+                    # stream holds nothing more (gone, or a result stored without events).
+                    entries = yield ReadEvents(keys.events(request_id), last_entry, None)
+                    if not entries:
+                        yield from end(done)
+                        return
+            if not entries:  # quiet, and no result yet
                 if expired():
                     if submit is None and last_entry == "0-0":  # picked up by id, and nothing of it was ever seen
                         gone = yield from _gone_or_none(keys, clues)
