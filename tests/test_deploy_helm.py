@@ -219,10 +219,11 @@ def test_keda_scaled_object(rendered):
     assert trigger["type"] == "redis-streams"
     md = trigger["metadata"]
     assert md["stream"] == "pagedserve:requests"
-    # XLEN (streamLength) is read only without consumerGroup; no activation key (KEDA reads only
-    # activationLagCount, and length activates on any entry)
+    # XLEN (streamLength) is read only without consumerGroup; activationLagCount, KEDA's only activation key,
+    # applies to every metric (KEDA 2.16+): 0 = active on any entry
     assert md["streamLength"] == "32" and "consumerGroup" not in md
-    assert not [k for k in md if k.startswith("activation")]
+    assert [k for k in md if k.startswith("activation")] == ["activationLagCount"]
+    assert md["activationLagCount"] == "0"
     assert md["address"] == "redis-master.redis.svc:6379"
     assert all(isinstance(v, str) for v in md.values())  # KEDA metadata is map[string]string
     # at zero replicas the batches waiting start a worker (their lines reach the stream only through one)
@@ -242,7 +243,7 @@ def test_keda_pending_trigger_and_url_parsing():
                    "redis": {"url": "rediss://app:pw@redis.internal:6380/3"}})
     md = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
     assert md["pendingEntriesCount"] == "8" and "lagCount" not in md
-    assert not [k for k in md if k.startswith("activation")]
+    assert [k for k in md if k.startswith("activation")] == ["activationLagCount"]
     assert md["stream"] == "chat:requests" and md["consumerGroup"] == "chat-workers"
     assert md["address"] == "redis.internal:6380"
     assert md["enableTLS"] == "true" and md["databaseIndex"] == "3"
@@ -344,8 +345,8 @@ def test_keda_reads_the_metric_asked_for(metric):
     assert md[key] == "24"
     if metric != "length":
         assert md["consumerGroup"] == "pagedserve-workers"
-    # the only activation key KEDA reads is activationLagCount
-    assert [k for k in md if k.startswith("activation")] == (["activationLagCount"] if metric == "lag" else [])
+    # the only activation key KEDA reads is activationLagCount, for every metric (KEDA 2.16+)
+    assert [k for k in md if k.startswith("activation")] == ["activationLagCount"]
 
 
 def test_keda_defaults_to_stream_length():
@@ -449,12 +450,21 @@ def test_keda_batch_backlog_trigger_at_zero_needs_the_active_batches_trigger():
     render_fails(values, "keda.batchTrigger", "keda.activeBatchesTrigger")
 
 
-def test_keda_activation_only_for_lag():
-    md = keda_trigger({"keda": {"enabled": True, "trigger": {"metric": "lag", "threshold": 8, "activationThreshold": 3}}})
-    assert md["activationLagCount"] == "3"
-    for metric in ("length", "pending"):
-        render_fails({"keda": {"enabled": True, "trigger": {"metric": metric, "threshold": 8, "activationThreshold": 3}}},
-                     "keda.trigger.activationThreshold")
+@pytest.mark.parametrize("metric", ["length", "lag", "pending"])
+def test_keda_activation_applies_to_every_metric(metric):
+    """KEDA's redis-streams scaler (pkg/scalers/redis_streams_scaler.go, from 2.16 on) parses activationLagCount
+    whatever the metric and reports the trigger active while ``metricCount > ActivationLagCount``: XLEN, XPENDING
+    and lag alike."""
+    md = keda_trigger({"keda": {"enabled": True, "trigger": {"metric": metric, "threshold": 8,
+                                                              "activationThreshold": 3}}})
+    assert keda_reads(md) == metric and md["activationLagCount"] == "3"
+
+
+def test_keda_activation_at_zero_on_stream_length():
+    # scale to zero on XLEN with an activation value: the fleet starts once more than 3 entries wait
+    md = keda_trigger({"keda": {"enabled": True, "minReplicaCount": 0,
+                                "trigger": {"metric": "length", "threshold": 16, "activationThreshold": 3}}})
+    assert keda_reads(md) == "length" and md["activationLagCount"] == "3"
 
 
 def test_keda_consumer_group_override_is_refused():
@@ -711,9 +721,19 @@ def test_recreate_strategy_has_no_rolling_update():
     # the API server refuses rollingUpdate with type Recreate; values merge the default rollingUpdate in
     assert one(render({"updateStrategy": {"type": "Recreate"}}), "Deployment")["spec"]["strategy"] == {
         "type": "Recreate"}
-    assert one(render({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0}}}),
+    # maxSurge: 0 alone keeps the default maxUnavailable: 0, which the API server refuses ("may not be 0 when
+    # maxSurge is 0"), and kubernetes-validate does not check
+    for surge, unavailable in ((0, None), (0, 0), ("0%", "0%")):
+        rolling = {"maxSurge": surge} if unavailable is None else {"maxSurge": surge, "maxUnavailable": unavailable}
+        render_fails({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": rolling}},
+                     "updateStrategy.rollingUpdate.maxSurge", "updateStrategy.rollingUpdate.maxUnavailable: 1",
+                     "updateStrategy.type: Recreate")
+    assert one(render({"updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}}),
                "Deployment")["spec"]["strategy"] == {"type": "RollingUpdate",
-                                                     "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}
+                                                     "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    # Recreate leaves rollingUpdate out, so zeros there are no matter
+    assert one(render({"updateStrategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 0}}}),
+               "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def test_probe_initial_delays_are_rendered():
@@ -984,3 +1004,170 @@ def test_network_policy_admits_only_the_metrics_port_from_whom_it_names():
     kubernetes_validate.validate(closed, KUBE_VERSION, strict=True)
     assert closed["spec"]["ingress"] == [] and closed["spec"]["policyTypes"] == ["Ingress"]
     render_fails({"networkPolicy": {"enabled": True, "metricsFrom": "monitoring"}}, "metricsFrom")
+
+
+# ---------------------------------------------------------------- values the API server (or the pod) would refuse
+
+
+def test_pdb_max_unavailable_zero_is_kept():
+    # 0 is a budget (no voluntary eviction at all), not "unset": `default` would have turned it into 1
+    pdb = one(render({"podDisruptionBudget": {"maxUnavailable": 0}}), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 0 and "minAvailable" not in pdb["spec"]
+    kubernetes_validate.validate(pdb, KUBE_VERSION, strict=True)
+    assert one(render({"podDisruptionBudget": {"maxUnavailable": None}}), "PodDisruptionBudget")["spec"][
+        "maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("parts", [{"password": "oldpw"}, {"username": "someone-else"},
+                                   {"username": "someone-else", "password": "oldpw"}])
+def test_redis_url_credentials_win_over_the_parts(parts):
+    """redis.url wins over the parts: the worker logs in with the URL's user and password, and so must KEDA (a
+    redis.password left beside the URL had KEDA log in with it: WRONGPASS, and the fleet never scaled)."""
+    url = "redis://pagedserve-worker:url%40pw@redis-master.redis:6379/0"
+    docs = render({"redis": {"url": url, **parts}, "keda": {"enabled": True}})
+    secret = one(docs, "Secret")["stringData"]
+    assert secret["redis-url"] == url
+    assert (secret["redis-username"], secret["redis-password"]) == ("pagedserve-worker", "url@pw")
+    ta = one(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {(r["parameter"], r["key"]) for r in ta} == {("password", "redis-password"),
+                                                        ("username", "redis-username")}
+    # a URL without credentials: KEDA logs in as the worker does, with none
+    docs = render({"redis": {"url": "redis://redis-master.redis:6379/0", **parts}, "keda": {"enabled": True}})
+    assert not {"redis-password", "redis-username"} & set(one(docs, "Secret")["stringData"])
+    assert not by_kind(docs, "TriggerAuthentication")
+
+
+@pytest.mark.parametrize("url", ["redis://:pw@redis-master.redis:6379?db=3", "redis://:pw@redis-master.redis:6379/1?db=3",
+                                 "redis://:pw@redis-master.redis:6379/1?x=1&db=&db=3&db=4",
+                                 "redis://:pw@redis-master.redis:6379/5?db=", "redis://:pw@redis-master.redis:6379/5",
+                                 "redis://:pw@redis-master.redis:6379", "redis://:pw@redis-master.redis:6379/"])
+def test_keda_polls_the_database_redis_py_reads_from_the_url(url):
+    connection = pytest.importorskip("redis.connection")
+    want = str(connection.parse_url(url).get("db", 0))  # what the worker (redis-py) selects
+    md = keda_trigger({"redis": {"url": url}})
+    assert md.get("databaseIndex", "0") == want, md
+    assert f"@redis-master.redis:6379/{want}'" in notes({"redis": {"url": url}})
+
+
+def test_redis_url_db_query_that_is_no_number_is_refused():
+    # redis-py refuses it at connect; KEDA would poll some other database meanwhile
+    render_fails({"redis": {"url": "redis://:pw@redis-master.redis:6379/1?db=x"}, "keda": {"enabled": True}},
+                 "redis.url", "?db=")
+
+
+@pytest.mark.parametrize("values, needles", [
+    ({"cache": {"mountPath": "/tmp"}}, ["cache.mountPath", "/tmp"]),
+    ({"cache": {"mountPath": "/tmp/"}}, ["cache.mountPath", "/tmp"]),
+    ({"cache": {"mountPath": "/dev/shm"}}, ["cache.mountPath", "/dev/shm", "shm.enabled"]),
+    ({"cache": {"mountPath": "/models"}, "model": {"existingClaim": "w", "path": "/models/m"}},
+     ["model.mountPath", "cache.mountPath"]),
+    ({"model": {"existingClaim": "w", "mountPath": "/dev/shm", "path": "/dev/shm/m"}},
+     ["model.mountPath", "/dev/shm", "shm.enabled"]),
+    ({"model": {"existingClaim": "w", "mountPath": "/tmp", "path": "/tmp/m"}}, ["model.mountPath", "/tmp"]),
+    ({"extraVolumes": [{"name": "x", "emptyDir": {}}], "extraVolumeMounts": [{"name": "x", "mountPath": "/tmp"}]},
+     ["extraVolumeMounts[0].mountPath", "/tmp"]),
+])
+def test_mount_path_collisions_are_refused(values, needles):
+    # each mountPath of a container must be unique: the API server refuses the Deployment otherwise
+    render_fails(values, *needles)
+
+
+def test_mount_paths_apart_render():
+    docs = render({"shm": {"enabled": False}, "cache": {"mountPath": "/dev/shm"}})
+    assert {"name": "cache", "mountPath": "/dev/shm"} in worker_container(docs)["volumeMounts"]
+    c = worker_container(render({"cache": {"mountPath": "/tmp/cache"}}))  # below /tmp is another path
+    paths = [m["mountPath"] for m in c["volumeMounts"]]
+    assert len(paths) == len(set(paths)) and "/tmp/cache" in paths
+
+
+@pytest.mark.parametrize("name, instead", [
+    ("HF_HOME", "cache.mountPath"), ("XDG_CACHE_HOME", "cache.mountPath"), ("TRITON_CACHE_DIR", "cache.mountPath"),
+    ("TORCH_EXTENSIONS_DIR", "cache.mountPath"), ("CUDA_CACHE_PATH", "cache.mountPath"),
+    ("POD_NAME", "downward API"), ("POD_NAMESPACE", "downward API"), ("NODE_NAME", "downward API"),
+])
+def test_extra_config_variables_the_pod_env_sets_are_refused(name, instead):
+    # the pod sets these in env, which wins over the ConfigMap (envFrom): extraConfig's would never arrive
+    render_fails({"extraConfig": {name: "/x"}}, f"extraConfig.{name}", "env", instead)
+
+
+def test_every_variable_of_the_pod_env_is_refused_in_extra_config():
+    env = {e["name"] for e in worker_container(render({"cpuBind": "0-3"}))["env"]}
+    for name in sorted(env - {"OTEL_RESOURCE_ATTRIBUTES"}):
+        render_fails({"extraConfig": {name: "1"}}, f"extraConfig.{name}")
+
+
+def test_extra_config_resource_attributes_are_appended_to_the_pods(monkeypatch):
+    """The chart has no value of its own for resource attributes: extraConfig's are appended to the pod's env
+    variable (which would otherwise hide them), and win for a key both name."""
+    docs = render({"extraConfig": {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.instance.id=w1"}})
+    assert "OTEL_RESOURCE_ATTRIBUTES" not in one(docs, "ConfigMap")["data"]
+    value = {e["name"]: e.get("value") for e in worker_container(docs)["env"]}["OTEL_RESOURCE_ATTRIBUTES"]
+    assert value.startswith("k8s.pod.name=$(POD_NAME),") and value.endswith(
+        ",deployment.environment=prod,service.instance.id=w1"), value
+    resources = pytest.importorskip("opentelemetry.sdk.resources")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", value.replace("$(POD_NAME)", "p").replace("$(POD_NAMESPACE)", "ml")
+                       .replace("$(NODE_NAME)", "n"))
+    attrs = resources.Resource.create().attributes
+    assert attrs["deployment.environment"] == "prod" and attrs["service.instance.id"] == "w1"
+    assert attrs["k8s.pod.name"] == "p"
+
+
+def test_cuda_device_needs_the_gpu():
+    # gpu.enabled: false renders the CPU image and asks for no GPU: a CUDA worker could not start
+    render_fails({"gpu": {"enabled": False}, "engine": {"device": "cuda"}}, "engine.device", "gpu.enabled")
+    assert one(render({"gpu": {"enabled": False}, "engine": {"device": "cpu"}}), "ConfigMap")["data"][
+        "PAGEDSERVE_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("model, needles", [
+    ({"existingClaim": "llm-weights"}, ["model.path", "model.existingClaim"]),
+    ({"volume": {"hostPath": {"path": "/srv/m"}}}, ["model.path", "model.volume"]),
+    ({"existingClaim": "llm-weights", "path": "/data/llama"}, ["model.path", "model.mountPath"]),
+    ({"existingClaim": "llm-weights", "path": "/models2/llama"}, ["model.path", "model.mountPath"]),
+    ({"existingClaim": "llm-weights", "path": "llama"}, ["model.path", "model.mountPath"]),
+])
+def test_model_volume_needs_a_model_path_inside_it(model, needles):
+    # without PAGEDSERVE_MODEL the worker serves the image's (or the default) model, never the mounted weights
+    render_fails({"model": model}, *needles)
+    for path in ("/models", "/models/llama", "/models/llama/"):
+        data = one(render({"model": {"existingClaim": "llm-weights", "path": path}}), "ConfigMap")["data"]
+        assert data["PAGEDSERVE_MODEL"] == path
+    # no volume: a model baked into the image may be anywhere
+    assert one(render({"model": {"path": "/opt/pagedserve/models/m"}}), "ConfigMap")["data"][
+        "PAGEDSERVE_MODEL"] == "/opt/pagedserve/models/m"
+
+
+def test_tensor_parallel_needs_shared_memory():
+    # the ranks exchange tensors through /dev/shm, which is 64 MiB without the chart's emptyDir
+    render_fails({"engine": {"tensorParallelSize": 2}, "shm": {"enabled": False}},
+                 "engine.tensorParallelSize", "shm.enabled")
+    render({"engine": {"tensorParallelSize": 1}, "shm": {"enabled": False}})
+    own = {"engine": {"tensorParallelSize": 2}, "shm": {"enabled": False},
+           "extraVolumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
+           "extraVolumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}]}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in worker_container(render(own))["volumeMounts"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"podDisruptionBudget": {"maxUnavailable": "one"}}, {"podDisruptionBudget": {"maxUnavailable": -1}},
+    {"podDisruptionBudget": {"minAvailable": "50"}}, {"podDisruptionBudget": {"minAvailable": -2}},
+    {"shm": {"sizeLimit": "8GB"}}, {"shm": {"sizeLimit": -1}}, {"shm": {"sizeLimit": "-1Gi"}},
+    {"cache": {"sizeLimit": "10 Gi"}}, {"cache": {"sizeLimit": "lots"}},
+])
+def test_schema_rejects_budgets_and_sizes_the_api_server_refuses(bad):
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+
+
+@pytest.mark.parametrize("good", [
+    {"podDisruptionBudget": {"maxUnavailable": 0}}, {"podDisruptionBudget": {"maxUnavailable": "25%"}},
+    {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None}}, {"shm": {"sizeLimit": "1.5Gi"}},
+    {"shm": {"sizeLimit": "512Mi"}}, {"cache": {"sizeLimit": "10G"}}, {"cache": {"sizeLimit": ""}},
+    {"cache": {"sizeLimit": 1073741824}},
+])
+def test_schema_takes_budgets_and_sizes_the_api_server_takes(good):
+    docs = render(good)
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "PodDisruptionBudget"):
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)

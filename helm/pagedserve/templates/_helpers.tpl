@@ -211,7 +211,9 @@ a Secret or ConfigMap (valueFrom) counts as set; OTEL_TRACES_EXPORTER=none asks 
 {{- $_ := set $cfg "OTEL_SDK_DISABLED" "true" }}
 {{- end }}
 {{- include "pagedserve.refuseManagedEnv" (dict "where" "extraConfig" "names" (keys .Values.extraConfig)) }}
-{{- $cfg = merge (deepCopy .Values.extraConfig) $cfg }}
+{{- include "pagedserve.refusePodEnv" (keys .Values.extraConfig) }}
+{{- /* OTEL_RESOURCE_ATTRIBUTES goes into the pod's env, after the chart's attributes (see deployment.yaml) */}}
+{{- $cfg = merge (omit .Values.extraConfig "OTEL_RESOURCE_ATTRIBUTES" | deepCopy) $cfg }}
 {{- range $k := keys $cfg | sortAlpha }}
 {{- $v := get $cfg $k }}
 {{- if or (kindIs "bool" $v) (kindIs "float64" $v) (kindIs "int" $v) (kindIs "int64" $v) $v }}
@@ -281,6 +283,35 @@ settings read names in any case (pagedserve_prefix is PAGEDSERVE_PREFIX), so the
 {{- end }}
 {{- end }}
 
+{{/* Variables the pod sets in its env (from another value, or the downward API), with what to do instead. env wins
+over the ConfigMap (envFrom): one of these in extraConfig would sit in the ConfigMap and never reach the worker.
+Compared as written: unlike the worker's PAGEDSERVE_* settings, the libraries reading these names mind the case.
+OTEL_RESOURCE_ATTRIBUTES is not among them: extraConfig's is appended to the pod's own (deployment.yaml). */}}
+{{- define "pagedserve.podEnv" -}}
+{{- $cache := "set cache.mountPath instead (every cache location of the pod points into that volume)" }}
+{{- $downward := "the downward API sets it (the pod's own name, namespace or node); use another name" }}
+{{- dict
+  "XDG_CACHE_HOME" $cache
+  "HF_HOME" $cache
+  "TRITON_CACHE_DIR" $cache
+  "TORCH_EXTENSIONS_DIR" $cache
+  "CUDA_CACHE_PATH" $cache
+  "POD_NAME" $downward
+  "POD_NAMESPACE" $downward
+  "NODE_NAME" $downward
+| toJson }}
+{{- end }}
+
+{{/* Fails when an extraConfig key (the list given) is a variable of pagedserve.podEnv. */}}
+{{- define "pagedserve.refusePodEnv" -}}
+{{- $set := include "pagedserve.podEnv" . | fromJson }}
+{{- range $name := . | sortAlpha }}
+{{- with get $set $name }}
+{{- fail (printf "extraConfig.%s: the pod sets this variable in its env, which wins over the ConfigMap; %s" $name .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Percent-decoding of URL userinfo, as redis-py's unquote does (Sprig has no url-decode). urlParse hands the
 userinfo back escaped, so a password taken from redis.url must be decoded before KEDA logs in with it.
 %XX escapes are bytes: runs of them are assembled into UTF-8 code points; a malformed escape fails. */}}
@@ -325,23 +356,25 @@ userinfo back escaped, so a password taken from redis.url must be decoded before
 {{- $out }}
 {{- end }}
 
-{{/* Redis password: redis.password, else the one inside redis.url, decoded (for KEDA's TriggerAuthentication). */}}
+{{/* Redis password for KEDA's TriggerAuthentication: the one inside redis.url, decoded, when the URL is set (the
+worker logs in with the URL, which wins over the parts: a redis.password left beside it would have KEDA log in with
+another password than the worker's), else redis.password. */}}
 {{- define "pagedserve.redisPassword" -}}
-{{- if .Values.redis.password }}
-{{- .Values.redis.password }}
-{{- else if .Values.redis.url }}
+{{- if .Values.redis.url }}
 {{- $parts := splitn ":" 2 (get (urlParse (include "pagedserve.redisURLChecked" .)) "userinfo") }}
 {{- include "pagedserve.urlUnescape" (dict "s" ($parts._1 | default "") "what" "redis.url") }}
+{{- else }}
+{{- .Values.redis.password }}
 {{- end }}
 {{- end }}
 
-{{/* Redis username, same rules. */}}
+{{/* Redis username, same rules: the URL's when redis.url is set, else redis.username. */}}
 {{- define "pagedserve.redisUsername" -}}
-{{- if .Values.redis.username }}
-{{- .Values.redis.username }}
-{{- else if .Values.redis.url }}
+{{- if .Values.redis.url }}
 {{- $parts := splitn ":" 2 (get (urlParse (include "pagedserve.redisURLChecked" .)) "userinfo") }}
 {{- include "pagedserve.urlUnescape" (dict "s" ($parts._0 | default "") "what" "redis.url") }}
+{{- else }}
+{{- .Values.redis.username }}
 {{- end }}
 {{- end }}
 
@@ -374,6 +407,26 @@ so it is qualified with the release namespace. IPv6 literals ([...]) stay as the
 {{- end }}
 {{- end }}
 
+{{/* Database of redis.url as redis-py reads it: a non-empty ?db= wins over the path (/N); empty when the URL names
+neither (database 0). The first non-empty db= counts, as parse_qs hands redis-py the first; a ?db= without a
+number fails, as redis-py refuses it. */}}
+{{- define "pagedserve.redisURLDatabase" -}}
+{{- $u := urlParse (include "pagedserve.redisURLChecked" .) }}
+{{- $db := trimPrefix "/" (get $u "path") }}
+{{- $found := false }}
+{{- range $kv := splitList "&" (get $u "query") }}
+{{- $pair := splitn "=" 2 $kv }}
+{{- if and (eq $pair._0 "db") $pair._1 (not $found) }}
+{{- if not (regexMatch "^[0-9]+$" $pair._1) }}
+{{- fail "redis.url: ?db= is not a database number; set it to one (?db=3), or put the number in the path (/3)" }}
+{{- end }}
+{{- $db = $pair._1 }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- $db }}
+{{- end }}
+
 {{/* true when the Redis connection uses TLS. */}}
 {{- define "pagedserve.redisTLS" -}}
 {{- if .Values.redis.url }}
@@ -400,9 +453,8 @@ address: {{ include "pagedserve.redisAddress" . | quote }}
 {{- if not .Values.redis.url }}
 databaseIndex: {{ include "pagedserve.str" .Values.redis.db | quote }}
 {{- else }}
-{{- $db := trimPrefix "/" (get (urlParse (include "pagedserve.redisURLChecked" .)) "path") }}
-{{- if $db }}
-databaseIndex: {{ $db | quote }}
+{{- with include "pagedserve.redisURLDatabase" . }}
+databaseIndex: {{ . | quote }}
 {{- end }}
 {{- end }}
 enableTLS: {{ include "pagedserve.redisTLS" . | quote }}
