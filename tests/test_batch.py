@@ -185,6 +185,23 @@ def test_lines_left_when_the_completion_window_ends_expire(redis_url, prefix, r,
     assert r.xlen(Keys(prefix).requests) == 0
 
 
+def test_a_window_that_ends_while_every_line_runs_expires_the_batch(redis_url, prefix, r, shared_engine):
+    """Every line taken and running when the window ends: they end at their deadline, and the batch then read
+    ``completed``, its lines ``batch_expired``. Only a take marked a batch expiring, and none came (nothing was
+    left to take, no seat was free); the collect that stores an expired line marks it now."""
+    lines = [completion(f"c{i}", prompt=f"saga {i}", max_tokens=1500, ignore_eos=True) for i in range(3)]
+    bid = submit_batch(r, prefix, jsonl(lines), completion_window="2s")
+    with running_worker(make_settings(redis_url, prefix, max_num_seqs=4), shared_engine) as w:
+        wait_for(lambda: int(r.hget(BatchKeys(prefix).record(bid), "cursor") or 0) == 3, 30, what="all lines taken")
+        w.batches._feed = lambda room: False  # no take any more, as when no seat is free past the window
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+    batch = Batch.model_validate(status)
+    out = list(batch_results(r, prefix, bid))
+    assert any(o["error"] and o["error"]["code"] == "batch_expired" for o in out), out
+    assert batch.status == "expired" and batch.expired_at, status
+    assert batch.request_counts.completed + batch.request_counts.failed == 3
+
+
 def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, shared_engine):
     n = 40
     bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=32) for i in range(n)]))

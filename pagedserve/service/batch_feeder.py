@@ -256,7 +256,9 @@ class BatchFeeder(WorkerPart):
                 line_no, ok = md["line"], False
                 line = error_line(bid, line_no, md["custom_id"], "internal",
                                   f"the stored result of this line's request could not be read ({type(e).__name__})")
-            groups += [str(line_no), json.dumps(line, separators=(",", ":")), "1" if ok else "0", str(index)]
+            expired = (line.get("error") or {}).get("code") == "batch_expired"
+            groups += [str(line_no), json.dumps(line, separators=(",", ":")), "1" if ok else "e" if expired else "0",
+                       str(index)]
         if groups:
             self._store(bid, groups)
         for index in stale[:64]:

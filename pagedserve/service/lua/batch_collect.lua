@@ -8,7 +8,8 @@
 -- here, where that is seen in one instant; either is answered 'malformed' (the worker sets the batch aside).
 -- KEYS[1] record, KEYS[2] out, KEYS[3] inflight, KEYS[4] entries, KEYS[5] active batches
 -- ARGV[1] now (unix s), ARGV[2] batch id, ARGV[3] cursor read ('' = leave it), ARGV[4] new cursor,
--- ARGV[5..] groups of four: line number, output line, '1' succeeded / '0' failed, list index ('' = not taken)
+-- ARGV[5..] groups of four: line number, output line, '1' succeeded / '0' failed / 'e' expired (its request
+--   ended at the completion window), list index ('' = not taken)
 -- Returns {output lines stored that succeeded, that failed} | {'malformed', <field or key>, <what is wrong>}
 
 --!include batch_checks
@@ -35,7 +36,7 @@ for _, c in ipairs(checks) do
   end
 end
 
-local added, ok, failed = 0, 0, 0
+local added, ok, failed, expired = 0, 0, 0, false
 if ARGV[3] ~= '' and r[6] == ARGV[3] then
   redis.call('HSET', KEYS[1], 'cursor', ARGV[4])
 end
@@ -46,6 +47,7 @@ for i = 5, #ARGV, 4 do
       ok = ok + 1
     else
       failed = failed + 1
+      expired = expired or ARGV[i + 2] == 'e'
     end
   end
   if ARGV[i + 3] ~= '' then
@@ -61,6 +63,12 @@ if failed > 0 then
 end
 if added > 0 then
   redis.call('EXPIREAT', KEYS[2], n.retain_until)
+end
+-- A line that ended at the window: the batch is past it, expiring as a take would have marked it (none may come:
+-- every line taken, or no seat free), so that it ends expired rather than completed.
+if expired and r[1] == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'expiring')
+  r[1] = 'expiring'
 end
 -- expired: a record of an older version, which marked it expired at once
 local final = {in_progress = 'completed', cancelling = 'cancelled', expiring = 'expired', expired = 'expired'}
