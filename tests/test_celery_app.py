@@ -115,6 +115,19 @@ def test_a_bad_setting_stops_the_celery_worker_in_one_line_naming_the_variable(e
     assert text.startswith(words) and "Sup3rS3cretPW" not in text and "pydantic.dev" not in text, text
 
 
+def test_a_broker_database_its_redis_lacks_stops_the_celery_worker_in_one_line():
+    """Celery's worker retried "DB index is out of range" a hundred times over minutes, naming no setting."""
+    with LocalRedis() as url:
+        broker = url.replace("/0", "/99").replace("redis://", "redis://:Sup3rS3cretPW@")
+        out = _run([sys.executable, "-m", "celery", "-A", "pagedserve.service.celery_app", "worker", "--pool",
+                    "threads"], {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_CELERY_BROKER_URL": broker})
+    text = (out.stdout + out.stderr).strip()
+    assert out.returncode == 2 and "Traceback" not in text and "Sup3rS3cretPW" not in text, text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+    assert line.startswith("error: PAGEDSERVE_CELERY_BROKER_URL='redis://:***@127.0.0.1:") and (
+        "names database 99, which the broker's Redis does not have") in line, text
+
+
 def test_a_broker_user_refused_by_redis_stops_the_celery_worker_in_one_line_naming_the_broker_url():
     """Under the producer ACL (the broker defaults to PAGEDSERVE_REDIS_URL) the worker printed 88 lines ending
     ``Unrecoverable error: auth:NoPermissionError``, naming no setting. One line now naming

@@ -180,6 +180,28 @@ def _broker_refusal(s: Settings, e: BaseException) -> str:
                   f"{s.redis_url!r}, whose user (a producer's) may not: set PAGEDSERVE_CELERY_BROKER_URL to {fix}")
 
 
+def _missing_broker_database(s: Settings) -> str | None:
+    """The line for a broker URL naming a database its Redis does not have, else None (also when Redis cannot be
+    asked now: Celery's own retries cover a broker that is away). Celery's worker retried it a hundred times over
+    minutes, logging Redis's words, which name neither the setting nor the number."""
+    from .redaction import redact
+
+    name, url = ("PAGEDSERVE_CELERY_BROKER_URL", s.celery_broker_url) if s.celery_broker_url else (
+        "PAGEDSERVE_REDIS_URL", s.redis_url)
+    try:
+        with redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S) as r:
+            r.ping()
+    except redis.ResponseError as e:
+        if "DB index is out of range" in str(e):
+            db = redis.connection.parse_url(url).get("db")
+            return redact(f"error: {name}={url!r} names database {db}, which the broker's Redis does not have (DB "
+                          "index is out of range): give a number below the server's `databases` setting (16 unless "
+                          "configured), e.g. /0")
+    except redis.RedisError:
+        pass
+    return None
+
+
 class _PagedserveCelery(Celery):
     """The app ``make_celery`` builds: Celery's, but a broker that refuses Celery's commands says which setting to
     change, and a task called with an argument it does not take says which ones it does."""
@@ -190,6 +212,9 @@ class _PagedserveCelery(Celery):
 
         class Blueprint(Worker.Blueprint):
             def start(self, parent: Any) -> None:
+                missing = _missing_broker_database(parent.app.conf.pagedserve_settings)
+                if missing is not None:
+                    _exit_with(missing, 2)
                 try:
                     super().start(parent)
                 except Exception as e:
