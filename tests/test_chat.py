@@ -59,3 +59,25 @@ def test_a_model_without_a_chat_template(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="has no chat template"):
         llm.chat([{"role": "user", "content": "hi"}], GREEDY)
     assert llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template=CHAT_TEMPLATE)[0].outputs[0].token_ids
+
+
+def test_tools_and_template_variables_reach_the_template_as_transformers_renders_them(llm):
+    """vLLM's ``LLM.chat`` takes ``tools`` and ``chat_template_kwargs`` (Qwen3's ``enable_thinking``); ours
+    refused them as unexpected keywords. The reference is transformers' own ``apply_chat_template``."""
+    template = ("{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if not enable_thinking %}<no-think>{% endif %}{% endif %}")
+    hi = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    out = llm.chat(hi, GREEDY, chat_template=template, tools=tools, chat_template_kwargs={"enable_thinking": False})
+    reference = llm.tokenizer.apply_chat_template(hi, chat_template=template, tools=tools, enable_thinking=False,
+                                                  tokenize=False, add_generation_prompt=True)
+    assert out[0].prompt == reference == "[get_weather]<user>hi<assistant><no-think>"
+    assert llm.chat(hi, GREEDY, chat_template=template, chat_template_kwargs={"enable_thinking": True})[0].prompt == (
+        "<user>hi<assistant>")
+    for kw, words in (({"tools": "get_weather"}, "tools must be a list of dicts"),
+                      ({"chat_template_kwargs": ["x"]}, "chat_template_kwargs must be a dict"),
+                      ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs: tokenize is an argument")):
+        with pytest.raises(ValueError, match=words):
+            llm.chat(hi, GREEDY, chat_template=template, **kw)
+    assert not llm.engine.has_unfinished_requests()

@@ -71,6 +71,32 @@ def _priorities(priority, num_prompts: int) -> list[int]:
     return [int(p) for p in priority]
 
 
+# apply_chat_template's own arguments: a template variable of the same name would change how it renders or
+# tokenizes, not reach the template.
+_RENDER_ARGUMENTS = ("conversation", "messages", "chat_template", "tokenize", "add_generation_prompt",
+                     "continue_final_message", "tools", "documents", "return_dict", "return_tensors", "padding",
+                     "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask")
+
+
+def _template_variables(tools, chat_template_kwargs) -> dict:
+    """The extra variables of the chat template: ``tools`` and ``chat_template_kwargs``, checked."""
+    extra: dict = {}
+    if tools is not None:
+        if not isinstance(tools, Seq) or isinstance(tools, (str, bytes)) or not all(
+                isinstance(t, dict) for t in tools):
+            raise ValueError("tools must be a list of dicts (function schemas, as OpenAI's tools)")
+        extra["tools"] = list(tools)
+    if chat_template_kwargs is not None:
+        if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+            raise ValueError("chat_template_kwargs must be a dict of template variables by name")
+        taken = sorted(k for k in chat_template_kwargs if k in _RENDER_ARGUMENTS)
+        if taken:
+            raise ValueError(f"chat_template_kwargs: {', '.join(taken)} is an argument of the rendering, not a "
+                             "template variable: pass it as chat()'s own argument where it has one")
+        extra.update(chat_template_kwargs)
+    return extra
+
+
 def _text_parts(parts: list, where: str) -> str:
     """``[{"type": "text", "text": ...}, ...]`` as one string, the parts joined by newlines (vLLM's chat parsing)."""
     texts = []
@@ -192,12 +218,15 @@ class LLM:
     def chat(self, messages: Seq[dict] | Seq[Seq[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, show_progress: bool | None = None,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None, show_progress: bool | None = None,
              use_tqdm=None) -> list[RequestOutput]:
         """Reply to one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them, as vLLM's
         ``LLM.chat``: each is rendered with the model's chat template (or ``chat_template``), tokenized without
         adding special tokens again (the template writes them), and generated like a prompt. One output per
         conversation, in order; ``output.prompt`` is the rendered text. ``use_tqdm`` is ``show_progress``.
+        ``tools`` (function schemas) and ``chat_template_kwargs`` (``{"enable_thinking": False}`` for Qwen3) reach
+        the template as its variables, as in vLLM; the output is text either way (no tool-call parsing).
         """
         self._check_open()
         show_progress = _progress("chat", show_progress, use_tqdm)
@@ -209,7 +238,8 @@ class LLM:
         else:
             conversations = list(messages)
             names = [f"messages[{i}]" for i in range(len(conversations))]
-        texts = [self._render_chat(conv, name, chat_template, add_generation_prompt, continue_final_message)
+        extra = _template_variables(tools, chat_template_kwargs)
+        texts = [self._render_chat(conv, name, chat_template, add_generation_prompt, continue_final_message, extra)
                  for conv, name in zip(conversations, names)]
         prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
         for name, ids in zip(names, prompts):
@@ -221,7 +251,7 @@ class LLM:
         return outputs
 
     def _render_chat(self, conversation, name: str, chat_template: str | None, add_generation_prompt: bool,
-                     continue_final_message: bool) -> str:
+                     continue_final_message: bool, extra: dict) -> str:
         if isinstance(conversation, (str, bytes, dict)) or not isinstance(conversation, Seq) or not conversation:
             raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
         messages = []
@@ -243,7 +273,7 @@ class LLM:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message)
+                continue_final_message=continue_final_message, **extra)
         except Exception as e:  # the template's own raise_exception(), or a Jinja error in it
             raise ValueError(f"{name}: the chat template failed: {e}") from None
 
