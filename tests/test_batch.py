@@ -202,6 +202,29 @@ def test_a_window_that_ends_while_every_line_runs_expires_the_batch(redis_url, p
     assert batch.request_counts.completed + batch.request_counts.failed == 3
 
 
+def test_lines_of_several_samples_leave_the_reserve_free(redis_url, prefix, r, shared_engine):
+    """The feeder took lines by the room's sequence slots as if each line ran one sequence: lines of n=4 filled
+    every slot of the worker, the reserve too, and an interactive request waited seconds in the stream."""
+    lines = [completion(f"c{i}", prompt=f"epic {i}", max_tokens=400, n=4, seed=i, ignore_eos=True) for i in range(6)]
+    bid = submit_batch(r, prefix, jsonl(lines))
+    s = make_settings(redis_url, prefix, max_num_seqs=8)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        wait_for(lambda: w.running.table, 30, what="batch lines running")
+        held = []
+        for _ in range(20):  # the reserve (max_num_seqs // 8, at least 1) stays free while lines run
+            held.append(sum(f.samples for f in list(w.running.table.values())))
+            time.sleep(0.05)
+        done = c.generate("an interactive question", params={"max_tokens": 4}, timeout=60)
+        cancel_batch(r, prefix, bid)
+        assert wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)["status"] == "cancelled"
+    assert 0 < max(held) <= 7, held
+    assert done.metrics.queued_ms < 1000, done.metrics  # read at once, not after a line ended
+    # A line wider than the room beside the reserve still runs, once the worker has nothing else.
+    wide = submit_batch(r, prefix, jsonl([completion("w", prompt="wide", max_tokens=4, n=8)]))
+    with running_worker(s, shared_engine):
+        assert wait_batch(r, prefix, wide, timeout=60, poll_s=0.1)["request_counts"]["completed"] == 1
+
+
 def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, shared_engine):
     n = 40
     bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=32) for i in range(n)]))

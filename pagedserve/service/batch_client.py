@@ -176,6 +176,9 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         "metadata": json.dumps(md), "cursor": 0, "lines": len(valid), "retain_until": expires_at + retention_s,
         "input_bytes": len(data), "input_sha256": hashlib.sha256(data).hexdigest(),
         "invalid": len(invalid),  # for the submitter's summary: lines refused here
+        # the most sequences a line runs (n, best_of or beam_width): the feeder takes lines by the sequence slots
+        # they fill, so that the reserve it keeps for interactive requests stays free
+        "samples": max((_samples(p.request.params) for p in valid), default=1),
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))
@@ -189,6 +192,13 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
             r.delete(staged_lines, staged_out)
         raise
     return bid, bool(created)  # 0: a racing submit of the same file and key created it first
+
+
+def _samples(params) -> int:  # noqa: ANN001 - the protocol's params
+    """The sequences a line's request runs, as the engine counts them (``SamplingParams.num_samples``)."""
+    if params.beam_width:
+        return params.beam_width
+    return params.best_of or params.n or 1
 
 
 def _batch_object(bid: str, raw: dict) -> dict:

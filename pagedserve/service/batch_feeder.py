@@ -68,6 +68,7 @@ class BatchFeeder(WorkerPart):
     _next_feed: float = field(default=0.0, init=False)
     _next_scripts: float = field(default=0.0, init=False)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
+    _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
 
     def __post_init__(self) -> None:
@@ -181,12 +182,22 @@ class BatchFeeder(WorkerPart):
         group = next((g for g in groups if as_text(g.get("name")) == self.keys.group), None)
         return group is not None and _id(newest[0][0]) <= _id(group.get("last-delivered-id"))
 
-    def _feed(self, count: int) -> bool:
-        """Take up to ``count`` lines of the oldest batch that has any; whether any were taken."""
-        return any(self._guarded(bid, "feed", self._take, bid, count) for bid in list(self._active))
+    def _feed(self, seqs: int) -> bool:
+        """Take lines of the oldest batch that has any, as many as fill at most ``seqs`` sequence slots; whether
+        any were taken."""
+        return any(self._guarded(bid, "feed", self._take, bid, seqs) for bid in list(self._active))
 
-    def _take(self, bid: str, count: int) -> bool:
+    def _take(self, bid: str, seqs: int) -> bool:
         k = self.bkeys
+        if bid not in self._samples:  # written once, when the batch was created (1: a record without it)
+            raw = self.conn.r.hget(k.record(bid), "samples")
+            self.metrics.redis_ops.inc()
+            self._samples[bid] = max(1, whole(raw, "samples")) if raw is not None else 1
+        count = seqs // self._samples[bid]
+        if count == 0:
+            if seqs + self.reserve < self.settings.max_num_seqs:
+                return False  # its lines fill more than the room left: one goes in when the worker is free
+            count = 1  # a line wider than the room beside the reserve runs when nothing else does
         got = self.scripts.take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid),
                                       self.keys.requests], args=[count, int(time.time() * 1000)])
         self.metrics.redis_ops.inc()
@@ -350,6 +361,7 @@ class BatchFeeder(WorkerPart):
         if bid in self._active:
             self._active.remove(bid)
         self._scan_from.pop(bid, None)
+        self._samples.pop(bid, None)
 
     # ------------------------------------------------------------------------------------------ metrics
     def _stats(self) -> None:
