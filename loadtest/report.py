@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pngs = plot(points, out, name, args.title)
         (out / f"{name}.md").write_text(table)
+    except ImportError:  # a producer's install: matplotlib comes with the dev extra
+        fail("loadtest.report draws with matplotlib, which is not installed here: pip install matplotlib (or "
+             "'pagedserve[dev]')")
     except OSError as e:
         usage_error(f"--out {args.out!r}: cannot write there: {e.strerror or e}")
     print(table)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,17 @@ def test_report_without_a_run_says_so(tmp_path):
     line = _one_error_line(proc)
     assert "RUN_PREFIX" in line and str(tmp_path / "nothing") in line and "--csv prefix" in line
     assert not (tmp_path / "img").exists()
+
+
+def test_report_without_matplotlib_is_one_line(tmp_path):
+    """matplotlib comes with the dev extra only: without it the report was an ImportError traceback."""
+    hidden = tmp_path / "no_matplotlib"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    proc = _run_tool("loadtest.report", _fake_sweep(tmp_path), "--out", str(tmp_path / "img"),
+                     env={"PYTHONPATH": f"{hidden}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 1
+    assert "matplotlib, which is not installed here" in _one_error_line(proc)
 
 
 @pytest.mark.parametrize("args, named", [
