@@ -67,7 +67,7 @@ class CPUThreadPlan:
                ENV_SPIN: "0"}
         if self.cpus is not None:
             env["OMP_PROC_BIND"] = "close"
-            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in self.cpus)
+            env["OMP_PLACES"] = omp_places(self.cpus)
             env[ENV_SPIN] = str(PINNED_SPIN_US)
         return env
 
@@ -164,6 +164,11 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
         raise ValueError(f"{named}={threads} is more threads than the {len(wanted)} CPUs of "
                          f"{ENV_BIND}={environ.get(ENV_BIND)!r} (one thread per pinned CPU)")
     return CPUThreadPlan(threads, wanted[:threads])
+
+
+def omp_places(cpus: tuple[int, ...]) -> str:
+    """``OMP_PLACES`` of one place per CPU (``{0},{1}``), the form :func:`pinned_cpus` reads back."""
+    return ",".join(f"{{{c}}}" for c in cpus)
 
 
 def pinned_cpus(environ: dict[str, str] | None = None) -> tuple[int, ...] | None:

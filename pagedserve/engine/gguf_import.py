@@ -31,6 +31,7 @@ MARKER = "pagedserve-import.json"
 # GGUF architecture names (``general.architecture``) the engine runs. llama.cpp stores Mistral as "llama".
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # PAGEDSERVE_DTYPE's short names
 
 Progress = Callable[[str], None]
 
@@ -257,6 +258,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     Tensors are dequantized to ``dtype`` (float32 keeps every dequantized value exact). The directory is
     written under a temporary name and renamed when complete. ``sha256``: the file's hash, if already known.
     """
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     say = progress or (lambda _msg: None)
@@ -356,6 +358,7 @@ def import_gguf(path: str | Path, out_dir: str | Path | None = None, dtype: str 
 
     A cached conversion is reused when its marker names the same content hash and dtype.
     """
+    dtype = DTYPE_ALIASES.get(dtype, dtype)  # the cache is keyed by the full name
     path = Path(path).expanduser()
     if out_dir is not None:
         return convert_gguf(path, Path(out_dir).expanduser(), dtype, progress)

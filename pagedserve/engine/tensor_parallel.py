@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.cpu_threads import pinned_cpus, rank_share
+from pagedserve.engine.cpu_threads import omp_places, pinned_cpus, rank_share
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.model_runner import ModelRunner, StepPlan
 from pagedserve.engine.parallel_layers import TensorParallelGroup
@@ -304,7 +304,7 @@ def _started_on(cpus: tuple[int, ...] | None):
         yield
         return
     affinity, places = os.sched_getaffinity(0), os.environ.get("OMP_PLACES")
-    os.environ["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in cpus)
+    os.environ["OMP_PLACES"] = omp_places(cpus)
     os.sched_setaffinity(0, cpus)
     try:
         yield

@@ -178,7 +178,7 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         "invalid": len(invalid),  # for the submitter's summary: lines refused here
         # the most sequences a line runs (n, best_of or beam_width): the feeder takes lines by the sequence slots
         # they fill, so that the reserve it keeps for interactive requests stays free
-        "samples": max((_samples(p.request.params) for p in valid), default=1),
+        "samples": max((p.request.params.num_samples for p in valid), default=1),
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))
@@ -192,13 +192,6 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
             r.delete(staged_lines, staged_out)
         raise
     return bid, bool(created)  # 0: a racing submit of the same file and key created it first
-
-
-def _samples(params) -> int:  # noqa: ANN001 - the protocol's params
-    """The sequences a line's request runs, as the engine counts them (``SamplingParams.num_samples``)."""
-    if params.beam_width:
-        return params.beam_width
-    return params.best_of or params.n or 1
 
 
 def _batch_object(bid: str, raw: dict) -> dict:

@@ -775,11 +775,10 @@ def model_import(
     dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the written safetensors: float32, bfloat16 or float16."),
 ) -> None:
     """Convert a GGUF checkpoint into an HF model directory (config, safetensors, tokenizer, chat template) and print it. PAGEDSERVE_MODEL and LLM(model=...) also take the .gguf file itself."""
-    from pagedserve.engine.gguf_import import import_gguf
+    from pagedserve.engine.gguf_import import DTYPE_ALIASES, DTYPES, import_gguf
 
-    name = dtype.strip().lower()
-    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)  # PAGEDSERVE_DTYPE's too
-    if name not in ("float32", "bfloat16", "float16"):
+    name = DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
+    if name not in DTYPES:
         _fail(f"error: --dtype must be float32, bfloat16 or float16 (or fp32, bf16, fp16) (got {dtype!r})", 2)
     _check_model_places(_model_places(path, cache=False))
     try:

@@ -251,6 +251,12 @@ class SamplingParamsModel(BaseModel):
     def to_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
 
+    @property
+    def num_samples(self) -> int:
+        """The sequences the request runs at once, as ``engine.SamplingParams.num_samples`` counts them:
+        ``beam_width`` for beam search, else ``best_of`` (or ``n``)."""
+        return self.beam_width or self.best_of or self.n or 1
+
 
 def _one_prompt_schema(schema: dict) -> None:
     """What ``_one_prompt`` checks, in the published schema: exactly one prompt field, not empty."""
