@@ -1323,3 +1323,17 @@ def test_a_reader_by_id_gets_the_events_written_between_a_quiet_read_and_the_res
     assert [(type(e), getattr(e, "seq", None)) for e in emitted] == [
         (TokenEvent, 0), (TokenEvent, 1), (DoneEvent, None)]
     assert reads[1] is None  # the second read does not block: the end is known
+
+
+def test_numbers_computed_with_numpy_go_out_as_json_numbers():
+    """A producer's params and token ids computed with numpy (``int64``, ``float32``) are sent as the numbers they
+    are, as the offline API takes them, not refused as "not a valid integer"; numpy's bool is still no number."""
+    import numpy as np
+
+    req = build_request([np.int64(3), 4], params={"max_tokens": np.int64(5), "temperature": np.float32(0.5),
+                                                  "stop_token_ids": [np.int32(2)]})
+    body = json.loads(req.model_dump_json(exclude_none=True))
+    assert body["prompt_token_ids"] == [3, 4]
+    assert body["params"] == {"max_tokens": 5, "temperature": 0.5, "stop_token_ids": [2]}
+    with pytest.raises(ValueError, match=r"^params\.max_tokens"):
+        build_request("hi", params={"max_tokens": np.bool_(True)})

@@ -75,6 +75,19 @@ def test_token_ids_of_any_integer_type_are_token_ids(llm):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
+def test_numpy_numbers_are_sampling_params(llm):
+    """Parameters computed with numpy (an ``int64`` max_tokens, a ``float32`` temperature) are the numbers they say,
+    as in vLLM, and a seeded request runs as with the same Python numbers; numpy's bool is still no number."""
+    plain = SamplingParams(max_tokens=5, temperature=0.5, top_k=7, seed=3, stop_token_ids=[1], ignore_eos=True)
+    numpy = SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), top_k=np.int32(7),
+                           seed=np.uint64(3), stop_token_ids=[np.int64(1)], ignore_eos=True)
+    assert type(numpy.max_tokens) is int and type(numpy.temperature) is float and numpy.stop_token_ids == [1]
+    (a,), (b,) = llm.generate(["Hello"], plain), llm.generate(["Hello"], numpy)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids and len(b.outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="max_tokens must be an integer"):
+        SamplingParams(max_tokens=np.bool_(True))
+
+
 def test_a_lone_surrogate_in_a_chat_is_named(llm):
     with pytest.raises(ValueError, match=r"messages\[0\]\.content.*not valid Unicode"):
         llm.chat([{"role": "user", "content": "hi \udc80"}], GREEDY)

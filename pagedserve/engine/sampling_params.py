@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 from pagedserve.engine.structured_spec import validate_structured_outputs
@@ -63,6 +64,14 @@ def check_unicode(text: str, name: str) -> None:
                          f"{e.start})") from None
 
 
+def plain_number(v: object) -> object:
+    """``v`` as a Python int or float when it is another type's integer or real number (numpy scalars); booleans
+    and everything else unchanged (the checks refuse them by name)."""
+    if isinstance(v, (bool, int, float)) or not isinstance(v, numbers.Real):
+        return v
+    return int(v) if isinstance(v, numbers.Integral) else float(v)  # numpy's bool_ is no numbers.Real
+
+
 @dataclass
 class SamplingParams:
     """How to generate one request's outputs. ``validate()`` runs on construction.
@@ -100,7 +109,13 @@ class SamplingParams:
 
     def _normalize(self) -> None:
         """vLLM's spellings of the defaults, in place: ``stop`` / ``stop_token_ids`` None (empty) or a tuple (a
-        list), ``stop`` one string (a list of it), and ``top_k`` -1 (vLLM's "no top-k": 0 here)."""
+        list), ``stop`` one string (a list of it), and ``top_k`` -1 (vLLM's "no top-k": 0 here); and numbers of
+        other numeric types (numpy's ``int64``, ``float32``) as Python ints and floats, which the checks and the
+        wire's JSON take."""
+        for name in (*LIMITS, "temperature", "top_p", "seed", "min_tokens"):
+            setattr(self, name, plain_number(getattr(self, name)))
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = [plain_number(t) for t in self.stop_token_ids]
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, (str, tuple)):

@@ -68,6 +68,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from pagedserve.engine.sampling_params import plain_number
+
 from .protocol import (
     DoneEvent,
     ErrorEvent,
@@ -190,8 +192,9 @@ class RequestFailed(Exception):
 def _params(params: Any) -> dict:
     if params is None:
         return {}
-    if isinstance(params, dict):
-        return dict(params)
+    if isinstance(params, dict):  # numbers computed with numpy as the Python numbers the wire's JSON takes
+        return {k: [plain_number(x) for x in v] if isinstance(v, (list, tuple)) else plain_number(v)
+                for k, v in params.items()}
     if isinstance(params, SamplingParamsModel):
         return params.to_kwargs()
     if dataclasses.is_dataclass(params):  # engine.SamplingParams: send only what differs from the defaults
@@ -282,6 +285,8 @@ def build_request(
     trip to its refusal, or the whole pickup timeout with no worker running)."""
     if isinstance(prompt, list):
         prompt_token_ids, prompt = prompt, None
+    if isinstance(prompt_token_ids, (list, tuple)):
+        prompt_token_ids = [plain_number(t) for t in prompt_token_ids]
     try:
         req = GenerateRequest.model_validate({
             "id": uuid.uuid4().hex if id is None else id,  # "" is refused, not read as "no id"
