@@ -32,6 +32,7 @@ _EXPORTS = {
     "TooManyConnections": "pagedserve.service.client",
     "NoWorker": "pagedserve.service.client",
     "RequestGone": "pagedserve.service.client",
+    "RequestTimedOut": "pagedserve.service.client",
     "BatchNotEnded": "pagedserve.service.batch_client",
     "BatchNotFound": "pagedserve.service.batch_client",
     "BatchMalformed": "pagedserve.service.batch_client",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
         RedisUnreachable,
         RequestFailed,
         RequestGone,
+        RequestTimedOut,
         TooManyConnections,
     )
     from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent

@@ -469,7 +469,7 @@ def test_submit_reads_the_prompt_from_stdin_and_sends_chat_messages_and_options(
             "--top-p", "0.5", "--pickup-timeout", "1", "--id", "from-stdin"]
     res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", *args], cwd=REPO, env=env,
                          input="line one\nline two\n\n", capture_output=True, text=True, timeout=120)
-    assert res.returncode == 3 and "id=from-stdin stays queued" in res.stderr, res.stderr
+    assert res.returncode == 3 and "it stays queued and runs when a worker starts (id=from-stdin:" in res.stderr, res.stderr
     with redis.Redis.from_url(redis_url) as r:
         ((_, fields),) = r.xrange(Keys(prefix).requests)
     body = json.loads(fields[b"body"])
@@ -501,7 +501,7 @@ def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(re
 
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
     line = _one_line(_submit(env, "--pickup-timeout", "1", "--id", "queued-1"))
-    assert "no worker is running queued-1 after 1 s" in line and "id=queued-1 stays queued" in line, line
+    assert "no worker is running queued-1 after 1 s" in line and "it stays queued and runs when a worker starts (id=queued-1:" in line, line
     assert "pagedserve cancel queued-1" in line, line
     res = _cli(env, "cancel", "queued-1")
     assert res.returncode == 0, res.stderr

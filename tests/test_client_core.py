@@ -38,7 +38,7 @@ from pagedserve.service.client_core import (
     event_wait,
     stream_wait,
 )
-from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent, parse_terminal
+from pagedserve.service.protocol import DoneEvent, ErrorEvent, Keys, TokenEvent, parse_terminal
 
 RID = "req-1"
 DONE = json.dumps({"type": "done", "id": RID, "outputs": [{"index": 0, "text": "ab", "token_ids": [1, 2],
@@ -330,7 +330,8 @@ def test_pickup_timeout_names_why_no_worker_will_come(replies, why):
         for reply in replies:
             op = wait.send(reply)
             assert isinstance(op, (ReadConsumers, CountKeys)), op
-    assert str(exc.value) == f"no worker is running {RID} after 5 s ({why})"
+    assert str(exc.value) == f"no worker is running {RID} after 5 s ({why}): it stays queued and runs when a worker starts"
+    assert exc.value.request_id == RID
 
 
 @pytest.mark.parametrize("refused_at", [0, 1, 2])
@@ -540,17 +541,17 @@ def test_an_abandoned_request_is_cancelled_whatever_the_moment_and_however_the_c
 
     async def reply_late_then_abandon() -> str:
         async with AsyncClient(redis_url, prefix=prefix) as ac:
-            applied = ac.r.xadd
+            applied = ac._send
 
             sent: list[str] = []
 
-            async def late_reply(stream, fields, *a, **k):  # Redis applies the XADD; its reply comes late
-                entry = await applied(stream, fields, *a, **k)
-                sent.append(json.loads(fields["body"])["id"])
+            async def late_reply(req):  # Redis applies the XADD; its reply comes late
+                reply = await applied(req)
+                sent.append(req.id)
                 await asyncio.sleep(0.5)
-                return entry
+                return reply
 
-            ac.r.xadd = late_reply
+            ac._send = late_reply
 
             async def handler():
                 async for _ in ac.stream("x", params=params):
@@ -1337,3 +1338,54 @@ def test_numbers_computed_with_numpy_go_out_as_json_numbers():
     assert body["params"] == {"max_tokens": 5, "temperature": 0.5, "stop_token_ids": [2]}
     with pytest.raises(ValueError, match=r"^params\.max_tokens"):
         build_request("hi", params={"max_tokens": np.bool_(True)})
+
+
+def test_a_clients_errors_pickle_and_are_built_again_from_their_args():
+    """What the clients raise crosses a process pool (pickle) and a team's own Celery task (JSON of ``args``, the
+    exception built again as ``cls(*args)``) with what the caller reads: ``code`` and ``event`` of a failure, the
+    ``request_id`` a timeout kept (also of an id ``generate`` made up)."""
+    import copy
+    import pickle
+
+    from pagedserve.service.client_core import RequestFailed, RequestTimedOut, timeout_error
+    from pagedserve.service.protocol import ErrorEvent
+
+    failed = RequestFailed(ErrorEvent(id=RID, error={"code": "prompt_too_long", "message": "prompt is 5001 tokens"}))
+    waited = [timeout_error(RID, 3.0), NoWorker("no worker is running it", RID), RequestGone("nothing of it", RID)]
+    for e in (failed, *waited):
+        for again in (pickle.loads(pickle.dumps(e)), copy.copy(e), type(e)(*json.loads(json.dumps(e.args)))):
+            assert type(again) is type(e) and str(again) == str(e)
+    assert str(failed) == "prompt_too_long: prompt is 5001 tokens"
+    assert pickle.loads(pickle.dumps(failed)).code == "prompt_too_long"
+    assert all(isinstance(e, RequestTimedOut) and isinstance(e, TimeoutError) and e.request_id == RID
+               and pickle.loads(pickle.dumps(e)).request_id == RID for e in waited)
+
+
+def test_an_id_sent_again_after_an_error_says_the_error_is_the_earlier_requests(redis_url, prefix, shared_engine):
+    """An id is answered once: a request refused, mended and sent again under its id gets the first refusal, whose
+    text speaks of the old request. Both clients say so in the error, and a new id runs the mended one."""
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient, Client, RequestFailed
+
+    params = {"max_tokens": 4, "temperature": 0}
+    long_prompt = "word " * 5000
+
+    async def again_async(rid: str) -> str:
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            with pytest.raises(RequestFailed) as info:
+                await ac.generate("The sky is", id=rid, params=params, timeout=60)
+            return str(info.value)
+
+    with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine):
+        with pytest.raises(RequestFailed) as first:
+            c.generate(long_prompt, id="mended", params=params, timeout=60)
+        assert first.value.code == "prompt_too_long" and "earlier request" not in str(first.value)
+        with pytest.raises(RequestFailed) as info:
+            c.generate("The sky is", id="mended", params=params, timeout=60)
+        assert info.value.code == "prompt_too_long"
+        assert "stored answer to an earlier request with id mended" in str(info.value) and "new id" in str(info.value)
+        (end,) = c.stream("The sky is", id="mended", params=params, timeout=60)
+        assert isinstance(end, ErrorEvent) and end.error.message == info.value.event.error.message
+        assert "earlier request" in asyncio.run(again_async("mended"))
+        assert c.generate("The sky is", id="mended-2", params=params, timeout=60).text

@@ -228,3 +228,20 @@ def test_batches_are_kept_at_least_as_long_as_results():
     # Not set: 7 days, or the results' TTL when that is longer (a worker keeping results 30 days starts as before).
     assert Settings().batch_retention_s == 7 * 86400
     assert Settings(result_ttl_s=30 * 86400).batch_retention_s == 30 * 86400
+
+
+def test_a_producer_told_of_a_bad_setting_reads_one_line_naming_the_variable(monkeypatch):
+    """A bad value in a shared environment (a worker's setting too) reached a producer's ``Client()`` and the Celery
+    app as pydantic's text over lines, naming the field: one line naming the variable as it was set, as the CLI
+    prints it, a ``ValueError``."""
+    from pagedserve.service.celery_app import make_celery
+    from pagedserve.service.client import AsyncClient, Client
+
+    monkeypatch.setenv("PAGEDSERVE_SHUTDOWN_GRACE_S", "soon")
+    monkeypatch.setenv("PAGEDSERVE_CLAIM_IDLE_MS", "-5")
+    for make in (Client, AsyncClient, make_celery):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert not isinstance(e.value, ValidationError) and "\n" not in str(e.value), str(e.value)
+        assert str(e.value).startswith("invalid setting ") and "PAGEDSERVE_CLAIM_IDLE_MS='-5'" in str(e.value)
+        assert "PAGEDSERVE_SHUTDOWN_GRACE_S='soon'" in str(e.value)

@@ -3,7 +3,7 @@
 The service knows nothing of KV blocks; the engine knows nothing of Redis.
 """
 
-from .client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed, RequestGone
+from .client import AsyncClient, Client, NoWorker, RedisUnreachable, RequestFailed, RequestGone, RequestTimedOut
 from .protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
 from .settings import Settings
 
@@ -19,6 +19,7 @@ __all__ = [
     "RedisUnreachable",
     "RequestFailed",
     "RequestGone",
+    "RequestTimedOut",
     "Settings",
     "TokenEvent",
 ]

@@ -134,9 +134,9 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     lines: then this call's ``completion_window`` and ``metadata`` are not used, and a caller can say so."""
     window = window_seconds(completion_window)
     if max_message_bytes is None:
-        from .settings import Settings
+        from .settings import read_settings
 
-        max_message_bytes = Settings().max_message_bytes
+        max_message_bytes = read_settings().max_message_bytes
     md = _metadata(metadata)
     k = BatchKeys(prefix)
     bid = batch_id(data, key)
@@ -276,7 +276,7 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
             why = no_worker(r, prefix, seen)
             if why is not None:
                 raise NoWorker(f"no worker is running batch {bid} after {pickup_timeout:g} s without progress "
-                               f"({why}): it stays {status['status']} and runs when a worker starts")
+                               f"({why}): it stays {status['status']} and runs when a worker starts", bid)
             still_since = now
         if end is not None and now >= end:
             raise TimeoutError(f"batch {bid} is still {status['status']} after {timeout}s")

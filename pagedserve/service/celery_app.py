@@ -54,7 +54,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.objects import cached_property
 
 from .client_core import SOCKET_TIMEOUT_S
-from .settings import Settings
+from .settings import Settings, read_settings
 
 _clients: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
@@ -286,7 +286,7 @@ def _task_name(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def make_celery(settings: Settings | None = None) -> Celery:
     """The Celery app of ``settings``' deployment (default: from the environment). ``ValueError`` when a task
     redelivered after its visibility timeout could find its request's result already expired and generate again."""
-    s = settings or Settings()
+    s = settings or read_settings()
     visibility = _visibility_timeout(s)
     broker = _celery_url(s.celery_broker_url or s.redis_url)
     app = _PagedserveCelery("pagedserve", broker=broker, backend=broker)

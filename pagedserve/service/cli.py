@@ -613,9 +613,7 @@ def submit(
                f"{request.id}` cancels it")
         # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)
         if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
-            if "stays pending" in str(e):  # its worker died mid-run: the message says what happens to it
-                _fail_showing(e, f"error: {e} (id={request.id}: {how})", 3)
-            _fail_showing(e, f"error: {e}; id={request.id} stays queued and runs when a worker starts ({how})", 3)
+            _fail_showing(e, f"error: {e} (id={request.id}: {how})", 3)  # it says what happens to the request
         if isinstance(e, TimeoutError):
             _fail_showing(e, f"error: {e}; the request is kept ({how})", 3)
         again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"

@@ -21,13 +21,9 @@ def _debug_wanted() -> bool:
 
 
 def _setting_name(loc: tuple) -> str:
-    """The variable the user set: a setting read under several names (PAGEDSERVE_SHUTDOWN_GRACE_S for
-    PAGEDSERVE_GRACE_PERIOD_S) is named as the environment has it, the first of them present, as it is read."""
-    from .settings import env_names
+    from .settings import env_name_set
 
-    names = env_names(str(loc[0]) if loc else "?")
-    in_env = {k.upper() for k in os.environ}
-    return next((n for n in names if n in in_env), names[0])
+    return env_name_set(str(loc[0]) if loc else "?")
 
 
 def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
@@ -39,14 +35,9 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
     from .connection import NameHeld
 
     if isinstance(e, ValidationError):
-        parts = []
-        for item in e.errors():
-            msg = str(item.get("msg", "")).removeprefix("Value error, ")
-            shown = f"={item['input']!r}" if isinstance(item.get("input"), (str, int, float)) else ""
-            loc = item.get("loc", ())
-            name = (flags or {}).get(str(loc[0]) if loc else "") or _setting_name(loc)
-            parts.append(f"{name}{shown}: {msg}")
-        return redact("error: invalid setting " + "; ".join(parts))
+        from .settings import invalid_settings
+
+        return "error: " + invalid_settings(e, flags)
     if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
         return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
     if (missing := _missing_database(e)) is not None:

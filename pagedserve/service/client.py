@@ -40,8 +40,10 @@ from .client_core import (
     RedisUnreachable,
     RequestFailed,
     RequestGone,
+    RequestTimedOut,
     SOCKET_TIMEOUT_S,
     Send,
+    Sent,
     Subscribe,
     Terminal,
     Unsubscribe,
@@ -56,7 +58,7 @@ from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
 __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed",
-           "RequestGone", "Terminal", "TooManyConnections", "build_request"]
+           "RequestGone", "RequestTimedOut", "Terminal", "TooManyConnections", "build_request"]
 
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
 # 50 calls at once. Redis's own default maxclients.
@@ -203,6 +205,13 @@ class Client(ProducerCore):
         with self._producer_span(req) as span:
             return self._sent(span, req, self.r.xadd(self.keys.requests, self._fields(req)))
 
+    def _send(self, req: GenerateRequest) -> Sent:
+        """Send ``req`` for a wait, reading in the same round trip what its id had stored before."""
+        with self._producer_span(req) as span:
+            pipe = self.r.pipeline(transaction=False)
+            self._send_commands(pipe, req)
+            return self._sent_with(span, req, pipe.execute(raise_on_error=False))
+
     def cancel(self, request_id: str) -> CancelOutcome:
         """Cancel: mark it (covers a request not picked up yet) and tell the worker running it. Says what it
         found: already finished (nothing changed), running (it ends now) or neither (queued, or unknown).
@@ -318,7 +327,7 @@ class Client(ProducerCore):
                             if owned is not None:
                                 self._owned.add(owned)
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
-                        reply = self._xadd(op.request)
+                        reply = self._send(op.request)
                         sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = self._close_quietly(pubsub)
@@ -508,6 +517,12 @@ class AsyncClient(ProducerCore):
         with self._producer_span(req) as span:
             return self._sent(span, req, await self.r.xadd(self.keys.requests, self._fields(req)))
 
+    async def _send(self, req: GenerateRequest) -> Sent:
+        with self._producer_span(req) as span:
+            pipe = self.r.pipeline(transaction=False)
+            self._send_commands(pipe, req)
+            return self._sent_with(span, req, await pipe.execute(raise_on_error=False))
+
     async def cancel(self, request_id: str) -> CancelOutcome:
         self._check_open()
         return await self._send_cancel(request_id)
@@ -622,7 +637,7 @@ class AsyncClient(ProducerCore):
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         if owned is not None:
                             self._owned.add(owned)
-                        reply = await self._xadd(op.request)
+                        reply = await self._send(op.request)
                         sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = await self._close_quietly(pubsub)

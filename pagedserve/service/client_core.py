@@ -86,7 +86,7 @@ from .protocol import (
 )
 from .redaction import redact, remember_secrets
 from .safe_json import MAX_JSON_DEPTH, first_problem
-from .settings import Settings, check_redis_url
+from .settings import Settings, check_redis_url, read_settings
 from .telemetry import get_tracer, inject_fields
 
 Event = Union[TokenEvent, DoneEvent, ErrorEvent]
@@ -168,11 +168,25 @@ def not_redis(e: BaseException) -> str | None:
             "port")
 
 
-class NoWorker(TimeoutError):
-    """Nothing picked the request up and no live worker consumes the stream (the message says what was seen)."""
+class RequestTimedOut(TimeoutError):
+    """No result within a wait's ``timeout``; the request (``request_id``: the one a ``generate`` or ``stream`` made
+    up too) may still finish, and a later ``wait(request_id)`` gets its result. Its args are plain text, so it
+    pickles and crosses a process pool or a Celery result as it is."""
+
+    def __init__(self, message: str, request_id: str):
+        super().__init__(message, request_id)
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-class RequestGone(TimeoutError):
+class NoWorker(RequestTimedOut):
+    """Nothing picked the request up and no live worker consumes the stream (the message says what was seen). The
+    request stays queued: a worker started later runs it."""
+
+
+class RequestGone(RequestTimedOut):
     """Nothing of the request is in Redis any more, neither queued, running nor answered (Redis restarted without
     persistence, or evicted it): nothing will ever answer it, and it has to be sent again (:func:`why_gone` says
     how this is known). Of an id this client did not send, it may also never have been sent under this prefix,
@@ -180,12 +194,18 @@ class RequestGone(TimeoutError):
 
 
 class RequestFailed(Exception):
-    """The request ended with an ``error`` event."""
+    """The request ended with an ``error`` event (``event``, its ``code``). Its arg is the event as JSON, so it is
+    built again from it: it pickles, and crosses a process pool or a Celery result (JSON) with its code."""
 
-    def __init__(self, event: ErrorEvent):
-        super().__init__(f"{event.error.code}: {event.error.message}")
+    def __init__(self, event: ErrorEvent | dict):
+        if not isinstance(event, ErrorEvent):
+            event = ErrorEvent.model_validate(event)
+        super().__init__(event.model_dump(mode="json"))
         self.event = event
         self.code = event.error.code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.event.error.message}"
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -361,7 +381,7 @@ class ProducerCore:
     """What both clients hold: settings, key names, tracer; the XADD fields and the cancel commands."""
 
     def __init__(self, settings: Settings | None, redis_url: str | None, prefix: str | None, tracer_provider: Any):
-        s = settings or Settings()
+        s = settings or read_settings()
         self.settings = s
         self.redis_url = redis_url or s.redis_url
         remember_secrets(self.redis_url)
@@ -414,6 +434,20 @@ class ProducerCore:
         fields = {"body": req.model_dump_json(exclude_none=False)}
         fields.update(inject_fields(trace.get_current_span()))
         return fields
+
+    def _send_commands(self, pipe: Any, req: GenerateRequest) -> None:
+        """A wait's send: what its id has stored already (a GET a producer may do anyway), then the XADD."""
+        pipe.get(self.keys.result(req.id))
+        pipe.xadd(self.keys.requests, self._fields(req))
+
+    def _sent_with(self, span: Any, req: GenerateRequest, replies: list) -> Sent:
+        """The replies of :meth:`_send_commands`: the XADD's error raised as a lone XADD raises it; a GET refused
+        (a producer user without it) is as nothing stored."""
+        stored, entry_id = replies
+        if isinstance(entry_id, Exception):
+            raise entry_id
+        earlier = None if isinstance(stored, Exception) or stored is None else self._terminal(stored)
+        return Sent(self._sent(span, req, entry_id), earlier)
 
     def _sent(self, span: Any, req: GenerateRequest, entry_id: Any) -> str:
         """Note the XADD's entry id (on the span, and kept for a later wait on ``req``); returns it as text."""
@@ -581,6 +615,23 @@ class Send:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sent:
+    """A :class:`Send`'s reply: the entry id, and the result the id had before it was sent (None: none)."""
+
+    entry_id: str
+    earlier: Terminal | None
+
+
+def answered_before(ev: ErrorEvent) -> ErrorEvent:
+    """An error stored for an earlier request with this id, as a wait that sent the id again ends with it: an id is
+    answered once (an idempotency key), so a request mended and sent again under its id gets that old error, whose
+    text says what was wrong with the old one. The message says so."""
+    note = (f" (the stored answer to an earlier request with id {ev.id}: an id is answered once, so send the "
+            "request again under a new id)")
+    return ev.model_copy(update={"error": ev.error.model_copy(update={"message": ev.error.message + note})})
+
+
+@dataclasses.dataclass(frozen=True)
 class ReadEvents:
     """XREAD BLOCK ``block_ms`` STREAMS ``key`` ``after`` (no BLOCK when None). Reply: the entries as ``(entry id,
     fields)`` pairs (none when the block ran out)."""
@@ -715,7 +766,7 @@ class Outage:
 
 
 def timeout_error(request_id: str, timeout: float | None, more: str = "") -> TimeoutError:
-    return TimeoutError(f"no result for {request_id} within {timeout} s{more}")
+    return RequestTimedOut(f"no result for {request_id} within {timeout} s{more}", request_id)
 
 
 @dataclasses.dataclass
@@ -746,7 +797,7 @@ def timed_out(keys: Keys, clues: Clues, timeout: float | None) -> Generator[Op, 
     except redis.RedisError:
         verdict = None
     if verdict is not None and verdict.gone:
-        return RequestGone(f"no result for {clues.request_id} within {timeout} s; {verdict.text}")
+        return RequestGone(f"no result for {clues.request_id} within {timeout} s; {verdict.text}", clues.request_id)
     return timeout_error(clues.request_id, timeout, f"; no worker is running ({verdict.text})" if verdict else "")
 
 
@@ -755,12 +806,13 @@ def not_picked_up(verdict: Verdict, request_id: str, pickup_timeout: float | Non
     """What a pickup check that found a reason raises. ``heard``: an event of the request came, so a worker ran it
     and is gone now; its entry stays pending, and a worker started later takes it over."""
     if verdict.gone:
-        return RequestGone(verdict.text)
+        return RequestGone(verdict.text, request_id)
     if heard:
         return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s without an event "
                         f"({verdict.text}): the worker running it stopped; it stays pending and continues when a "
-                        "worker starts")
-    return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s ({verdict.text})")
+                        "worker starts", request_id)
+    return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s ({verdict.text}): it stays "
+                    "queued and runs when a worker starts", request_id)
 
 
 def diagnose(keys: Keys, clues: Clues) -> Generator[Op, Any, Verdict | None]:
@@ -896,7 +948,15 @@ def _clues_for(request_id: str, submit: GenerateRequest | None, entry_id: str | 
 
 def _entry_of(reply: Any) -> str | None:
     """The entry id a client's :class:`Send` replied (None from a driver that does not say)."""
+    if isinstance(reply, Sent):
+        return reply.entry_id
     return _text(reply) if isinstance(reply, (str, bytes)) else None
+
+
+def _error_before(reply: Any) -> ErrorEvent | None:
+    """The error stored for the id before a :class:`Send` sent it again, if the reply says."""
+    earlier = reply.earlier if isinstance(reply, Sent) else None
+    return answered_before(earlier) if isinstance(earlier, ErrorEvent) else None
 
 
 def _gone_or_none(keys: Keys, clues: Clues) -> Generator[Op, Any, str | None]:
@@ -958,8 +1018,11 @@ def event_wait(
                 subscribed = reached = True
                 outage.answered()
                 if not sent:
-                    clues.entry_id = _entry_of((yield Send(submit)))  # type: ignore[arg-type]
-                    sent = True
+                    reply = yield Send(submit)  # type: ignore[arg-type]
+                    clues.entry_id, sent = _entry_of(reply), True
+                    if (earlier := _error_before(reply)) is not None:
+                        yield Emit(earlier)
+                        return
                     if pickup_timeout is not None:
                         check_workers_at = clock() + pickup_timeout
                     if loss is not None:
@@ -982,7 +1045,7 @@ def event_wait(
                 if loss is not None and loss.due():
                     gone = loss.looked((yield from _gone_or_none(keys, clues)))
                     if gone is not None:
-                        raise RequestGone(gone)
+                        raise RequestGone(gone, request_id)
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:
@@ -1070,8 +1133,11 @@ def stream_wait(
     while True:
         try:
             if not sent:
-                clues.entry_id = _entry_of((yield Send(submit)))  # type: ignore[arg-type]
-                sent = reached = True
+                reply = yield Send(submit)  # type: ignore[arg-type]
+                clues.entry_id, sent, reached = _entry_of(reply), True, True
+                if (earlier := _error_before(reply)) is not None:
+                    yield from end(earlier)
+                    return
                 if pickup_timeout is not None:
                     check_workers_at = clock() + pickup_timeout
                 if loss is not None:
@@ -1096,7 +1162,7 @@ def stream_wait(
                         gone = yield from _gone_or_none(keys, clues)
                         if gone is not None:
                             raise RequestGone(f"no result for {request_id} within {timeout} s, and no event of it "
-                                              f"either; {gone}")
+                                              f"either; {gone}", request_id)
                         raise timeout_error(
                             request_id, timeout, f", and no event of it either: it is not under prefix "
                             f"{keys.prefix!r}, its result expired (results are kept RESULT_TTL_S), or it still waits "
@@ -1105,7 +1171,7 @@ def stream_wait(
                 if loss is not None and loss.due():
                     gone = loss.looked((yield from _gone_or_none(keys, clues)))
                     if gone is not None:
-                        raise RequestGone(gone)
+                        raise RequestGone(gone, request_id)
                 if check_workers_at is not None and clock() >= check_workers_at:
                     verdict = yield from diagnose(keys, clues)
                     if verdict is not None:

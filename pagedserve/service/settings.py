@@ -56,6 +56,14 @@ def env_names(setting: str) -> list[str]:
     return [setting.upper() if setting.upper().startswith(ENV_PREFIX) else ENV_PREFIX + setting.upper()]
 
 
+def env_name_set(setting: str) -> str:
+    """The variable the user set for ``setting``: one read under several names (PAGEDSERVE_SHUTDOWN_GRACE_S for
+    PAGEDSERVE_GRACE_PERIOD_S) is named as the environment has it, the first of them present, as it is read."""
+    names = env_names(setting)
+    in_env = {k.upper() for k in os.environ}
+    return next((n for n in names if n in in_env), names[0])
+
+
 def known_env_names() -> set[str]:
     """Every ``PAGEDSERVE_*`` variable some part of pagedserve reads."""
     names = {ENV_PREFIX + n for n in OTHER_ENV}
@@ -385,3 +393,24 @@ class Settings(BaseSettings):
             enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
         )
+
+
+def invalid_settings(e: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line for settings that failed to read: each bad value named as the user set it (the variable as the
+    environment has it, or ``flags``: a setting given as a command-line option), secrets masked."""
+    parts = []
+    for item in e.errors():
+        msg = str(item.get("msg", "")).removeprefix("Value error, ")
+        shown = f"={item['input']!r}" if isinstance(item.get("input"), (str, int, float)) else ""
+        loc = str(item["loc"][0]) if item.get("loc") else "?"
+        parts.append(f"{(flags or {}).get(loc) or env_name_set(loc)}{shown}: {msg}")
+    return redact("invalid setting " + "; ".join(parts))
+
+
+def read_settings() -> Settings:
+    """The settings from the environment, a bad value a ``ValueError`` in one line naming its variable (pydantic's
+    own text spans lines and names the field, not the variable the user set)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise ValueError(invalid_settings(e)) from None
