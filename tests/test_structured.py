@@ -391,6 +391,10 @@ def test_a_whitespace_pattern_may_match_only_json_whitespace(tokenized, pattern,
     ({"grammar": "start: undefined_rule"}, "grammar does not compile"),
     ({"regex": "[^\\s\\S]"}, "regex matches no string"),  # compiles, but its language is empty
     ({"grammar": 'start: a\na: a "x"'}, "grammar matches no string"),  # a rule with no way out
+    # ... on the right: forced from the start without end (llguidance's parser gave up on it while generating)
+    ({"grammar": 'start: "a" start'}, "grammar matches no finite string"),
+    ({"grammar": 'root ::= "x" root'}, "grammar matches no finite string"),
+    ({"grammar": 'start: x\nx: "(" x ")"'}, "grammar matches no finite string"),
     # Where in the schema, which llguidance does not say (the jsonschema package's check of the metaschema)
     ({"json": {"type": "object", "properties": {"address": {"type": "object", "properties": {
         "zip": {"type": "strng"}}}}}},
@@ -1186,3 +1190,17 @@ def test_closing_fails_the_compiles_still_waiting_to_start():
     finally:
         release.set()
         so.close()
+
+
+def test_a_branch_that_recurses_without_end_ends_its_request_saying_so(tokenized):
+    """Not forced from the start, so it compiles; once the output takes the branch whose rule only expands into
+    itself, the request ends naming that, not with the parser's hint about short lexemes."""
+    so, tok, _ = tokenized
+    matcher = so.compile(validate_structured_outputs({"grammar": 'start: "b" | "a" x\nx: "c" x'})).matcher()
+    (a,), (c,) = (tok.encode(ch, add_special_tokens=False) for ch in "ac")
+    assert a in allowed_ids(so, matcher, len(tok)) and matcher.accept(a)
+    assert c in allowed_ids(so, matcher, len(tok))
+    matcher.accept(c)  # the parser gives up here; the request ends at its next mask
+    with pytest.raises(GrammarFailed, match="^structured_outputs could not be followed while generating: what the "
+                                            "grammar forces after the output so far never ends"):
+        so.fill_bitmask([matcher])

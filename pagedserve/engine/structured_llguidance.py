@@ -416,6 +416,8 @@ def _number_text(value: int | float) -> str:
 _NO_STRING = "NoExtensionBias"
 
 
+# llguidance's parser error when the tokens a grammar forces (ff_tokens) run past its item limit.
+_ENDLESS = "Too many items"
 _TOO_MANY_DIGITS = re.compile(r"Value for '(\w+)' has too many digits")
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
 
@@ -547,6 +549,9 @@ class LLGuidanceMatcher:
             if _matches_nothing(error):
                 raise GrammarFailed("could not be followed while generating: no string it matches begins with the "
                                     "output so far (none that this model's tokens can write)")
+            if _ENDLESS in error:
+                raise GrammarFailed("could not be followed while generating: what the grammar forces after the output "
+                                    "so far never ends (a rule whose every alternative contains the rule itself)")
             raise GrammarFailed(f"could not be followed while generating: {_cut(error)}")
 
     def accept(self, token_id: int) -> bool:
@@ -712,11 +717,19 @@ class LLGuidanceBackend:
             warm.compute_bitmask()
             if not warm.is_error():  # the start's cost, now that the lexer is built (a mask again changes nothing)
                 seconds = _timed_mask(warm, torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
+            if not warm.is_error() and (forced := warm.compute_ff_tokens()):
+                # What the grammar forces from the start, taken as generation would take it: a rule that only
+                # ever expands into itself (start: "a" start) forces tokens without end, and the parser gives up.
+                warm.consume_tokens(forced)
         if warm.is_error():
             error = warm.get_error()
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
+            if _ENDLESS in error:
+                raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends "
+                                       "(a rule whose every alternative contains the rule itself, as start: \"a\" "
+                                       "start); give the recursion an alternative that ends")
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
         if seconds > limit_s:
             raise structured_error(
