@@ -303,6 +303,15 @@ def test_submit_with_a_short_pickup_timeout_completes_on_a_live_worker(redis_url
     assert "finish=length" in res.stderr and "completion_tokens=3" in res.stderr
 
 
+def test_a_timeout_after_some_text_ends_the_texts_line_before_the_error(redis_url, prefix, shared_engine):
+    """On a terminal the error was written on the line of the text streamed so far (``...textserror: no result``)."""
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}, "--max-tokens", "1500",
+                      "--temperature", "0", "--timeout", "2", "--id", "cut-1")  # greedy: no early EOS
+    assert res.returncode == 3 and res.stdout.strip() and res.stdout.endswith("\n"), (res.stdout, res.stderr)
+    assert res.stderr.startswith("error: no result for cut-1 within 2.0 s"), res.stderr
+
+
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     """``pagedserve ARGS`` in a subprocess with only ``env``'s PAGEDSERVE_* settings."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}

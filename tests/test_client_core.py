@@ -1389,3 +1389,37 @@ def test_an_id_sent_again_after_an_error_says_the_error_is_the_earlier_requests(
         assert isinstance(end, ErrorEvent) and end.error.message == info.value.event.error.message
         assert "earlier request" in asyncio.run(again_async("mended"))
         assert c.generate("The sky is", id="mended-2", params=params, timeout=60).text
+
+
+def test_producer_mistakes_are_named_before_anything_is_sent(redis_url, prefix):
+    """Each was a round trip to a refusal, a confusing message, or silently something else: metadata over the
+    wire's limit (the worker's refusal after a pickup wait), a list of prompts (vLLM's habit: "prompt_token_ids.0:
+    Input should be a valid integer"), a tuple of token ids, a batch given as a list of dicts ("can't concat list
+    to bytes"), list_batches(limit=0) (one batch), a URL naming a database the server lacks (Redis's bare "DB index
+    is out of range"), and an AsyncClient whose loop has ended could not be closed at all."""
+    from pagedserve.service.client import AsyncClient, Client
+    from pagedserve.service.client_core import MissingDatabase
+
+    with pytest.raises(ValueError, match=r"^metadata: \d+ bytes as JSON, more than 16384 allowed"):
+        build_request("hi", metadata={"note": "x" * 20000})
+    with pytest.raises(ValueError, match="^prompt: a request has one prompt"):
+        build_request(["hi", "there"])
+    assert build_request((1, 2)).prompt_token_ids == [1, 2]
+    with Client(redis_url, prefix=prefix) as c:
+        with pytest.raises(TypeError, match="^submit_batch takes the batch file"):
+            c.submit_batch([{"custom_id": "a"}])
+        for limit in (0, -1, 1.5):
+            with pytest.raises(ValueError, match="^limit must be a whole number >= 1"):
+                c.list_batches(limit=limit)
+        assert not redis.Redis.from_url(redis_url).exists(f"{prefix}:requests")
+    base, _, _ = redis_url.rpartition("/")
+    with Client(f"{base}/99", prefix=prefix) as c:
+        for call in (lambda: c.submit("hi"), lambda: c.result("x"), lambda: c.generate("hi", timeout=2)):
+            with pytest.raises(MissingDatabase, match="names database 99, which this Redis does not have"):
+                call()
+
+    ac = AsyncClient(redis_url, prefix=prefix)
+    asyncio.run(ac.result("x"))  # bound to that loop, which then ends
+    asyncio.run(ac.aclose())
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(ac.result("x"))

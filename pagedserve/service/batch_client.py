@@ -330,7 +330,9 @@ def request_cancel(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 36
 
 def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
     """The newest batches first, as Batch objects (batches whose retention ended drop out, and records the service
-    did not write are left out: one must not hide the others)."""
+    did not write are left out: one must not hide the others). ``limit``: a whole number >= 1."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a whole number >= 1 (got {limit!r})")
     k = BatchKeys(prefix)
     bids = [as_text(b) for b in r.zrevrange(k.all, 0, max(0, limit - 1))]
     pipe = r.pipeline(transaction=False)

@@ -609,6 +609,9 @@ def submit(
                     break
     except (NoWorker, TimeoutError, redis.ConnectionError) as e:
         # Not cancelled: the request may still run, and the line says how to get its result (or to cancel it).
+        if streamed:  # the text so far ends its line, as on Ctrl-C, so the error is a line of its own
+            with contextlib.suppress(Exception):
+                out.print()
         how = (f"`pagedserve submit ... --id {request.id}` prints its result then, `pagedserve cancel "
                f"{request.id}` cancels it")
         # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)

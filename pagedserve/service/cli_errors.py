@@ -72,18 +72,11 @@ _DEBUG_HINT = " (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG shows th
 
 def _missing_database(e: BaseException) -> str | None:
     """The line for Redis's "DB index is out of range" (the URL names a database the server does not have), else
-    None: Redis's own words name neither the setting nor the number."""
-    import redis
+    None."""
+    from .client_core import missing_database
 
-    if not (isinstance(e, redis.ResponseError) and "DB index is out of range" in str(e)):
-        return None
-    try:
-        db = redis.connection.parse_url(os.environ.get("PAGEDSERVE_REDIS_URL", "")).get("db")
-    except ValueError:
-        db = None
-    which = f"database {db}" if db is not None else "a database"
-    return (f"error: PAGEDSERVE_REDIS_URL names {which}, which this Redis does not have (DB index is out of range): "
-            "give a database number below the server's `databases` setting (16 unless configured), e.g. /0")
+    missing = missing_database(e, os.environ.get("PAGEDSERVE_REDIS_URL", ""), "PAGEDSERVE_REDIS_URL")
+    return None if missing is None else f"error: {missing}"
 
 
 def _refused_the_request(e: BaseException) -> bool:

@@ -23,7 +23,6 @@ import redis
 import redis.asyncio as aredis
 
 from .client_core import (
-    CONNECTION_ERRORS,
     CancelOutcome,
     CountKeys,
     Emit,
@@ -194,10 +193,8 @@ class Client(ProducerCore):
         self._check_open()
         req = self._request(prompt, kw)
         self._check_not_closing()  # close() may have begun in another thread
-        try:
+        with self._reaching():
             self._xadd(req)
-        except CONNECTION_ERRORS as e:
-            raise self._unreachable(e) from None
         return req.id
 
     def _xadd(self, req: GenerateRequest) -> str:
@@ -336,6 +333,7 @@ class Client(ProducerCore):
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
                         raise self._unreachable(e) from None
+                    self._raise_missing_database(e)
                     error = e
                 except (ValueError, OSError):  # redis-py's socket, closed under the call by close()
                     if self._closed:
@@ -383,8 +381,12 @@ class Client(ProducerCore):
                     raise TypeError(f"submit_batch: {data!r} names a file, but a str is the file's content: pass "
                                     f"Path({data!r}) to read the file, or its content") from None
             raw = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            raw = bytes(data)
         else:
-            raw = data
+            raise TypeError(f"submit_batch takes the batch file: its content (bytes or str, one request per line) or "
+                            f"its path (a Path), not {type(data).__name__} (lines as dicts: "
+                            "'\\n'.join(json.dumps(line) for line in lines))")
         with self._reaching():
             return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)
 
@@ -470,6 +472,14 @@ class AsyncClient(ProducerCore):
         CLOSE_CANCELS_S, so a Redis that hangs holds the close that long, not that long per open stream."""
         if self._closed or self._closing:
             return
+        if self._loop is not None and self._loop.is_closed():
+            # Its loop has ended (an asyncio.run() it was used in): so have its calls, and its connections cannot
+            # be spoken to from here. They are dropped unspoken; Redis closes them as their sockets go.
+            self._closed = True
+            self._owned = set()
+            with contextlib.suppress(Exception):
+                self.r.connection_pool.reset()
+            return
         self._bind_loop()
         self._closing = True
         for rid in sorted(self._owned):
@@ -506,10 +516,8 @@ class AsyncClient(ProducerCore):
         self._bind_loop()
         req = self._request(prompt, kw)
         self._check_not_closing()
-        try:
+        with self._reaching():
             await self._xadd(req)
-        except CONNECTION_ERRORS as e:
-            raise self._unreachable(e) from None
         return req.id
 
     async def _xadd(self, req: GenerateRequest) -> str:
@@ -646,6 +654,7 @@ class AsyncClient(ProducerCore):
                 except redis.RedisError as e:
                     if pool_full(e) and not sent:
                         raise self._unreachable(e) from None
+                    self._raise_missing_database(e)
                     error = e
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:

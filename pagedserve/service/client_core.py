@@ -78,6 +78,7 @@ from .protocol import (
     SamplingParamsModel,
     TokenEvent,
     engine_params,
+    oversized_metadata,
     parse_event,
     parse_terminal,
     refusal_message,
@@ -138,6 +139,25 @@ class TooManyConnections(redis.ConnectionError):
 
 # A pool's "Too many connections" (redis-py 8's MaxConnectionsError; a plain ConnectionError before it).
 _POOL_FULL = getattr(redis.exceptions, "MaxConnectionsError", redis.ConnectionError)
+
+
+class MissingDatabase(ValueError):
+    """The client's URL names a database the Redis server does not have (refused on connecting: nothing sent)."""
+
+
+def missing_database(e: BaseException, url: str, name: str) -> str | None:
+    """What Redis's "DB index is out of range" means (``url``, called ``name``, names a database the server does
+    not have), or None for any other error: Redis's own words name neither the setting nor the number."""
+    if not isinstance(e, MissingDatabase) and not (
+            isinstance(e, redis.ResponseError) and "DB index is out of range" in str(e)):
+        return None
+    try:
+        db = redis.connection.parse_url(url).get("db")
+    except ValueError:
+        db = None
+    which = f"database {db}" if db is not None else "a database"
+    return (f"{name} names {which}, which this Redis does not have (DB index is out of range): give a database "
+            "number below the server's `databases` setting (16 unless configured), e.g. /0")
 
 
 def pool_full(e: BaseException) -> bool:
@@ -303,7 +323,10 @@ def build_request(
     naming the field in one line (``params.max_token: Extra inputs are not permitted`` for a wrong shape or type;
     the engine's own range checks for a sampling value no worker would take, which would otherwise cost a round
     trip to its refusal, or the whole pickup timeout with no worker running)."""
-    if isinstance(prompt, list):
+    if isinstance(prompt, (list, tuple)):
+        if any(isinstance(p, str) for p in prompt):  # vLLM's generate takes a list of prompts; a request is one
+            raise ValueError("prompt: a request has one prompt, a str (or its token ids, a list of ints): send one "
+                             "request per prompt, or many as a batch file (submit_batch)")
         prompt_token_ids, prompt = prompt, None
     if isinstance(prompt_token_ids, (list, tuple)):
         prompt_token_ids = [plain_number(t) for t in prompt_token_ids]
@@ -334,6 +357,8 @@ def build_request(
         problem = first_problem(req.model_dump(mode="json", by_alias=True), check_unicode=True)
     except ValueError:  # pydantic's serializer has a depth limit of its own, above the wire's
         problem = f"the request nests deeper than {MAX_JSON_DEPTH} levels"
+    if problem is None:
+        problem = oversized_metadata(req.metadata)
     if problem is not None:
         raise ValueError(problem)
     return req
@@ -481,6 +506,14 @@ class ProducerCore:
             yield
         except CONNECTION_ERRORS as e:
             raise self._unreachable(e) from None
+        except redis.ResponseError as e:
+            self._raise_missing_database(e)
+            raise
+
+    def _raise_missing_database(self, e: BaseException) -> None:
+        """A URL naming a database the server lacks: a ``ValueError`` saying so, not Redis's words."""
+        if (missing := missing_database(e, self.redis_url, redact(self.redis_url))) is not None:
+            raise MissingDatabase(missing) from None
 
     def _unreachable(self, e: Exception) -> redis.ConnectionError:
         if pool_full(e):

@@ -639,6 +639,12 @@ def _answerable_id(body: bytes, max_bytes: int) -> str | None:
         return None
 
 
+def oversized_metadata(metadata: dict) -> str | None:
+    """What is wrong with ``metadata``'s size (it is echoed in every terminal event), or None."""
+    size = json_size(metadata)
+    return f"metadata: {size} bytes as JSON, more than {MAX_METADATA_BYTES} allowed" if size > MAX_METADATA_BYTES else None
+
+
 def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     """Parse one stream entry body. Raises :class:`DeadLetterError` or :class:`InvalidRequestError`.
 
@@ -687,10 +693,8 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
         raise InvalidRequestError(request_id, "invalid_request", problem, metadata_or_empty(data))
     metadata = data.get("metadata")
     if isinstance(metadata, dict):
-        size = json_size(metadata)
-        if size > MAX_METADATA_BYTES:
-            raise InvalidRequestError(request_id, "invalid_request",
-                                      f"metadata: {size} bytes as JSON, more than {MAX_METADATA_BYTES} allowed")
+        if (too_big := oversized_metadata(metadata)) is not None:
+            raise InvalidRequestError(request_id, "invalid_request", too_big)
     else:
         metadata = {}
     try:
