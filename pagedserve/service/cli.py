@@ -152,6 +152,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 from .batch_cli import batch_app  # noqa: E402  (a sub-app in its own module)
 app.add_typer(batch_app, name="batch")
+from .queue_cli import queue_app  # noqa: E402
+app.add_typer(queue_app, name="queue")
 
 class _StdoutConsole(Console):
     """stdout. A reader that went away (`... | head`) raises BrokenPipeError: rich's own handling exits with status
