@@ -66,6 +66,24 @@ def prefix(redis_url):
             r.delete(*keys)
 
 
+@pytest.fixture
+def r(redis_url):
+    """A client of the session's Redis."""
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+def cli(redis_url, prefix, monkeypatch):
+    """typer's runner for ``pagedserve`` commands on this test's prefix."""
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
+    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
+    monkeypatch.setenv("COLUMNS", "60")  # a narrow stderr: a one-line message must stay one line
+    return CliRunner()
+
+
 @pytest.fixture(scope="session")
 def shared_engine():
     from pagedserve.engine import LLMEngine

@@ -51,12 +51,6 @@ def check_line(line: dict, url: str) -> ChatCompletion | Completion | None:
     return parsed
 
 
-@pytest.fixture
-def r(redis_url):
-    with redis.Redis.from_url(redis_url) as client:
-        yield client
-
-
 def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, prefix, r, shared_engine):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     lines = [

@@ -12,9 +12,7 @@ import threading
 import time
 
 import pytest
-import redis
 from openai.types import Batch
-from typer.testing import CliRunner
 
 from pagedserve.service.batch_client import batch_results, batch_status, submit_batch, wait_batch
 from pagedserve.service.batch_keys import BatchKeys, BatchScripts
@@ -22,20 +20,6 @@ from pagedserve.service.cli import app
 from pagedserve.service.protocol import Keys
 from service_fixtures import make_settings, running_worker, wait_for
 from test_batch import chat, completion, jsonl
-
-
-@pytest.fixture
-def r(redis_url):
-    with redis.Redis.from_url(redis_url) as client:
-        yield client
-
-
-@pytest.fixture
-def cli(redis_url, prefix, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
-    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
-    monkeypatch.setenv("COLUMNS", "60")  # a narrow stderr: a one-line message must stay one line
-    return CliRunner()
 
 
 def test_a_batch_past_its_window_ends_only_once_every_line_has_its_output(redis_url, prefix, r, shared_engine,

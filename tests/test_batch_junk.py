@@ -18,12 +18,6 @@ from service_fixtures import make_settings, running_worker, wait_for
 from test_batch import completion, jsonl
 
 
-@pytest.fixture
-def r(redis_url):
-    with redis.Redis.from_url(redis_url) as client:
-        yield client
-
-
 def record(now: float, **fields) -> dict:
     """A record as batch_client.py writes one, with ``fields`` changed."""
     rec = {"id": "", "object": "batch", "endpoint": "/v1/completions", "input_file_id": "input.jsonl",

@@ -18,20 +18,6 @@ from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys, parse_termi
 from pagedserve.service.redis_server import free_port
 
 
-@pytest.fixture
-def r(redis_url):
-    with redis.Redis.from_url(redis_url) as client:
-        yield client
-
-
-@pytest.fixture
-def cli(redis_url, prefix, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
-    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
-    monkeypatch.setenv("COLUMNS", "60")  # a narrow stderr: a one-line message must stay one line
-    return CliRunner()
-
-
 def dead_letter(r: redis.Redis, keys: Keys, body: bytes, kind: str, rid: str = "", reason: str = "",
                 id: str = "*") -> str:  # noqa: A002 - XADD's own word
     """A dead letter as a worker writes it (outcomes.dead: DeadLetter.to_fields with the raw body)."""
