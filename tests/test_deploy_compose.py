@@ -350,7 +350,7 @@ def test_alerts_cover_the_faults_the_worker_reports():
     rules = _alert_rules()
     exprs = " ".join(r["expr"] for r in rules.values())
     for needle in ("pagedserve_redis_errors_total", "pagedserve_redis_write_refusals_total",
-                   'pagedserve_requests_total{outcome="error:internal"}', "pagedserve_engine_step_failures_total",
+                   'pagedserve_requests_total{outcome="error:internal"}', "pagedserve_engine_steps_failing",
                    "pagedserve_queue_dead_letters_total", "pagedserve_requests_running",
                    "kube_pod_container_status_restarts_total"):
         assert needle in exprs, needle

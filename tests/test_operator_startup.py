@@ -130,7 +130,7 @@ def test_every_metric_is_in_the_docs_table():
     documented |= {"pagedserve_kv_cache" + short for short in re.findall(r"`\.\.\.(_[a-z_]+)`", table)}
     missing = []
     for family in WorkerMetrics().registry.collect():
-        name = family.name + ("_total" if family.type == "counter" else "")
+        name = family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
         if name not in documented:
             missing.append(name)
     assert missing == []

@@ -247,3 +247,84 @@ def test_a_stale_claim_is_taken_over_under_the_acl_and_a_refused_claim_is_said(t
             w.close()
             c.close()
             admin.close()
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _ready(port: int) -> tuple[int, dict]:
+    import json
+
+    code, body = _get(port, "/readyz")
+    return code, json.loads(body)
+
+
+def _redis_errors(port: int) -> float:
+    text = _get(port, "/metrics")[1].decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("pagedserve_redis_errors_total ")]
+    return float(line.split()[1])
+
+
+def _port(w: WorkerProcess) -> int:
+    return next(e["metrics_port"] for e in w.events() if e.get("event") == "worker_started")
+
+
+@pytest.mark.slow
+def test_a_worker_whose_acl_lacks_xautoclaim_says_so_and_is_not_ready(tmp_path, prefix):
+    """The documented ACL less +xautoclaim: the worker still serves new requests, but no dead worker's entry would
+    ever be taken over. It was ready, counted nothing and logged redis_error every second; now each refused try
+    counts in pagedserve_redis_errors_total, it says so once (until a reminder a minute later), /readyz is 503
+    quoting Redis, and all of that ends once the ACL has the command."""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        worker_url = acl_url(url, prefix, admin, without=("xautoclaim",))
+        w = WorkerProcess(make_settings(worker_url, prefix, claim_idle_ms=1000), tmp_path / "w.log").start()
+        c = Client(settings=make_settings(url, prefix))
+        try:
+            w.wait_started()
+            port = _port(w)
+            code, info = wait_for(lambda: (r := _ready(port))[0] == 503 and r, 30, 0.1, "not ready")
+            assert info["redis_set_up"] is True and "xautoclaim" in info["redis_refused"], info
+            assert info["redis_refused"].startswith("reclaim: ")
+            assert isinstance(c.generate("still serves", params={"max_tokens": 2}, timeout=60), DoneEvent)
+            wait_for(lambda: _redis_errors(port) >= 3, 30, 0.2, "each refused reclaim counted")
+            said = [e for e in w.events() if e.get("event") == "redis_command_refused"]
+            assert len(said) == 1 and said[0]["op"] == "reclaim" and "xautoclaim" in said[0]["error"], said
+            assert "redis_error" not in [e.get("event") for e in w.events()]
+            admin.execute_command("ACL", "SETUSER", "pagedserve-worker", "+xautoclaim")
+            wait_for(lambda: _ready(port)[0] == 200, 30, 0.1, "ready once the ACL has the command")
+            assert [e["op"] for e in w.events() if e.get("event") == "redis_command_accepted"] == ["reclaim"]
+        finally:
+            w.close()
+            c.close()
+            admin.close()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_acl_lacks_xlen_counts_the_refused_gauge_reads(tmp_path, prefix):
+    """The documented ACL less +xlen: the stream-length gauge kept its last value with nothing to say so. Now each
+    refused read counts in pagedserve_redis_errors_total and is said once; the worker serves all the same, so it
+    stays ready."""
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        worker_url = acl_url(url, prefix, admin, without=("xlen",))
+        w = WorkerProcess(make_settings(worker_url, prefix, queue_stats_interval_s=0.2), tmp_path / "w.log").start()
+        try:
+            w.wait_started()
+            port = _port(w)
+            wait_for(lambda: _redis_errors(port) >= 3, 30, 0.1, "refused gauge reads counted")
+            said = [e for e in w.events() if e.get("event") == "redis_command_refused"]
+            assert len(said) == 1 and said[0]["op"] == "queue_stats" and "xlen" in said[0]["error"], said
+            code, info = _ready(port)
+            assert code == 200 and "redis_refused" not in info, info
+        finally:
+            w.close()
+            admin.close()

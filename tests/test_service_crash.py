@@ -251,6 +251,31 @@ def test_a_worker_whose_consumer_name_was_taken_stops(redis_url, prefix, tmp_pat
         r.close()
 
 
+def test_a_worker_whose_consumer_name_was_taken_hands_back_nothing_it_no_longer_owns(redis_url, prefix, tmp_path):
+    """The replacement that took the name also took the run (its id claim): the loser gives it up, waits for the
+    result, and stops. Its entry is pending under the name the replacement holds, which takes it as its own: the
+    loser must not make it reclaimable, and its last word says nothing was released. (It logged released=1.)"""
+    s = make_settings(redis_url, prefix, claim_idle_ms=2000, grace_period_s=30)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        with Client(settings=s) as c:
+            rid = submit_running(c, r, keys, "taken-run", max_tokens=1800)
+            r.set(keys.running(rid), "replacement:0123456789ab", px=60_000)  # the replacement's claim of the id
+            wait_for(lambda: any(e.get("event") == "run_given_up" for e in w.events()), 30, what="run given up")
+            r.set(keys.consumer_lease(s.worker_name), uuid.uuid4().hex, px=60_000)
+            assert w.proc.wait(timeout=120) == 1
+            (row,) = r.xpending_range(keys.requests, keys.group, "-", "+", 10)
+        assert row["time_since_delivered"] < 2 * s.claim_idle_ms, "the loser released an entry it no longer owns"
+        (stopped,) = [e for e in w.events() if e.get("event") == "worker_stopped"]
+        assert stopped["released"] == 0 and stopped["left_to_name_holder"] == 1, stopped
+    finally:
+        w.close()
+        r.close()
+
+
 def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back(redis_url, prefix, tmp_path):
     """The first Ctrl-C drains (finish what runs, up to the grace period); a second stops at once: the running
     request goes back to the stream, idle enough for any worker to take at once, and a second worker completes it.

@@ -94,6 +94,11 @@ def test_metrics_move(redis_url, prefix, shared_engine):
                  "pagedserve_queue_pending_entries", "pagedserve_queue_reclaims_total",
                  "pagedserve_queue_redeliveries_total", "pagedserve_requests_running", "pagedserve_requests_waiting"):
         assert name in after, name
+    # Which model, and where it reads: one prefix on one Redis serves one model (alert PagedserveMixedModels).
+    (info,) = [k for k in after if k.startswith("pagedserve_model_info{")]
+    assert f'prefix="{prefix}"' in info and 'model="' in info and 'vocab_size="' in info, info
+    host, _, db = redis_url.rpartition("@")[2].split("://")[-1].partition("/")
+    assert f'redis="{host}/{db or 0}"' in info and after[info] == 1, info
 
 
 def test_library_log_records_are_lines_of_the_workers_json_log():

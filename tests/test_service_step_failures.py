@@ -132,6 +132,7 @@ def test_failing_steps_fail_healthz_and_are_counted(failing_worker):
         assert isinstance(parse_terminal(r.get(keys.result("once"))), DoneEvent)
         assert control.read_text() == "0"
         assert _metric(port, "pagedserve_engine_step_failures_total") == 2.0
+        assert _metric(port, "pagedserve_engine_steps_failing") == 0.0  # a step ran after them: over
         time.sleep(STALL_S + 1)
         assert _healthz(port)[0] == 200, _healthz(port)
 
@@ -149,6 +150,8 @@ def test_failing_steps_fail_healthz_and_are_counted(failing_worker):
         time.sleep(2)
         code, info = _healthz(port)
         assert code == 503 and info["stalled_s"] >= STALL_S + 2, info
+        # Stuck, it reads nothing and its failure count stops rising; the gauge the alert reads stays 1.
+        assert _metric(port, "pagedserve_engine_steps_failing") == 1.0
         logged = sum('"event": "engine_step_failed"' in line for line in log.read_text(errors="replace").splitlines())
         assert _metric(port, "pagedserve_engine_step_failures_total") == logged
     finally:

@@ -327,6 +327,31 @@ def test_token_events_off_pubsub_still_stream_and_end(redis_url, prefix, shared_
     assert [e["type"] for e in published] == ["done"]  # no token event on the channel, the terminal one still
 
 
+def test_tokens_another_model_streamed_are_not_continued_and_the_worker_says_so(redis_url, prefix, shared_engine):
+    """A worker taking over a request another model began (two models on one prefix) found token ids outside its
+    vocabulary: the engine refused the resume and the request ran again from its start, while the worker's log
+    said it had continued. It says it did not, and why; the stream numbers on after the earlier run's events."""
+    import structlog
+
+    from pagedserve.service.telemetry import configure_logging
+
+    s = make_settings(redis_url, prefix)
+    keys, rid = Keys(prefix), "other-model-1"
+    configure_logging("json", "INFO")
+    with redis.Redis.from_url(redis_url) as r:
+        for seq in range(3):  # what the other model handed out before it died: ids beyond this vocabulary
+            r.xadd(keys.events(rid), {"data": json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq,
+                                                           "token_ids": [10**6 + seq], "text": "x"})})
+        with structlog.testing.capture_logs() as logs, running_worker(s, shared_engine), Client(settings=s) as c:
+            done = c.generate("hello", id=rid, params={"max_tokens": 4, "ignore_eos": True}, timeout=60)
+        seqs = [json.loads(f[b"data"])["seq"] for _, f in r.xrange(keys.events(rid))
+                if json.loads(f[b"data"])["type"] == "token"]
+    assert len(done.outputs[0].token_ids) == 4 and all(t < 10**6 for t in done.outputs[0].token_ids)
+    assert seqs[:3] == [0, 1, 2] and seqs[3:] == list(range(3, len(seqs)))
+    (warned,) = [e for e in logs if e.get("event") == "request_not_resumed"]
+    assert "not a token id in" in warned["reason"] and "another model" in warned["note"], warned
+
+
 def _token_event(rid: str, seq: int, text: str) -> str:
     return json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq, "token_ids": [7], "text": text})
 

@@ -184,21 +184,24 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
 def add_to_engine(
     engine: EngineAPI, req: GenerateRequest, prompt: str | list[int], params: Any, arrival: float,
     resume: list | None = None,
-) -> None:
+) -> str | None:
     """``engine.add_request`` with the engine's refusals mapped to error codes. ``resume``: continue after what
-    an earlier run handed out; if the engine cannot, the request runs from the start."""
+    an earlier run handed out; if the engine cannot, the request runs from the start, and the engine's reason is
+    returned (tokens outside its vocabulary: another model ran it before)."""
     from pagedserve.engine.errors import PromptTooLongError
 
     deadline = req.deadline_ms / 1000.0 if req.deadline_ms is not None else None
+    not_resumed = None
     try:
         if resume is not None:
             try:
                 engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline,
                                    arrival_time=arrival, resume=resume)
-                return
-            except ValueError:
-                pass
+                return None
+            except ValueError as e:
+                not_resumed = str(e)
         engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival)
+        return not_resumed
     except ValueError as e:  # the engine's messages name the field (max_tokens beyond the context: params.)
         message = params_field(str(e))
         too_long = isinstance(e, PromptTooLongError) and not message.startswith("params.")
@@ -572,7 +575,7 @@ class Admission(WorkerPart):
             job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
             job.first_token_at = emitted.first_token_at
             log.info("request_resumed", outputs=len(emitted.outputs), continued=job.resume is not None,
-                     tokens=sum(len(o.token_ids) for o in emitted.outputs.values()))
+                     tokens=sum(len(o.token_ids) for o in emitted.outputs.values()))  # unless the engine refuses it
         if not engine.structured_ready(params):  # its grammar compiles off the loop; it waits here meanwhile
             self.compiling[req.id] = job
             return
@@ -600,7 +603,12 @@ class Admission(WorkerPart):
         """Add a checked request to the engine and the running table, or answer the engine's refusal."""
         req = job.request
         try:
-            add_to_engine(engine, req, job.prompt, job.params, job.arrival, job.resume)
+            not_resumed = add_to_engine(engine, req, job.prompt, job.params, job.arrival, job.resume)
+            if not_resumed is not None:  # what the stream handed out is not this engine's to continue
+                job.log.warning("request_not_resumed", reason=not_resumed[:300],
+                                note="it runs again from the start; its token events go on numbering after the "
+                                     "earlier run's (tokens outside this model's vocabulary: another model ran it "
+                                     "before, on this prefix?)")
             self.metrics.pickup.observe(max(0.0, time.time() - job.arrival))
         except InvalidRequestError as e:
             self.outcomes.error(req.id, job.entry_ids, e.code, e.message, req.metadata, job.span)

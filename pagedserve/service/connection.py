@@ -15,6 +15,11 @@ Invariants:
 - ``ok`` is what ``/readyz`` says of the link (worker.py): false from a failure (an outage, or a refusal the loop
   takes for one: READONLY from a replica, any refusal during setup) until the next completed setup; a replica
   answers PING, so only the link's own state says that nothing can be stored;
+- a command Redis refuses while the link is up (an ACL without it: NOPERM; any other error reply of a periodic
+  read) leaves the link up but is never silent (:meth:`Connection.command_refused`): each refused try counts in
+  ``pagedserve_redis_errors_total``, the problem is logged once (``redis_command_refused``) and reminded of every
+  ``REFUSAL_REMIND_S`` while it lasts, and while one the worker needs to do its job is refused (reclaiming dead
+  workers' entries, reading its own) ``/readyz`` is 503 quoting Redis; the next accepted try ends it (logged);
 - no credential is ever printed: errors and log lines that may quote the Redis URL go through :func:`redact`;
 - while the link is down, the loop's thread sends nothing to a Redis that has not answered the prober since:
   a hung Redis costs the engine one socket timeout per outage, not one per try.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import threading
 import time
 import types
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +57,14 @@ REDIS_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyErr
 # proxy or DNS name points at the new primary). Only new connections can reach that one, so the link is set up
 # anew, as after an outage, instead of retrying on the same connections for as long as they stay open.
 REDIS_DEMOTED = redis.exceptions.ReadOnlyError
+
+
+
+def refused_while_up(e: BaseException) -> bool:
+    """An error reply the link stays up through (:meth:`Connection.command_refused`): not READONLY (a replica now:
+    the link is set up anew) nor NOGROUP (the stream or group vanished: the loop sets it up again)."""
+    return isinstance(e, redis.ResponseError) and not isinstance(e, REDIS_DEMOTED) and "NOGROUP" not in str(e)
+
 
 # Every command the worker sends, directly or from its Lua scripts (ACL rules are checked inside scripts too):
 # the minimal ACL of its Redis user is ``-@all`` plus these, on the keys and channels of its prefix
@@ -151,6 +165,16 @@ class NameHeld(RuntimeError):
 REDIS_TIMEOUT_S = 5.0  # socket timeout of the worker's commands: a Redis that answers nothing for this long is away
 
 
+def redis_location(url: str) -> str:
+    """Which Redis and database ``url`` names, without its user or password: ``host:port/db``, or the socket's
+    path (``unix://``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    db = parts.path.strip("/") or urllib.parse.parse_qs(parts.query).get("db", ["0"])[0]
+    return f"{parts.hostname}:{parts.port or 6379}/{db}"
+
+
 def redis_client(url: str, *, decode: bool = False, timeout: float = REDIS_TIMEOUT_S) -> redis.Redis:
     """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
     was lost could publish a batch's token events twice. A URL redis-py cannot parse is a ``ValueError``
@@ -170,6 +194,18 @@ def redis_client(url: str, *, decode: bool = False, timeout: float = REDIS_TIMEO
 
 
 PROBE_PAUSE_S = 0.25  # between the prober's PINGs while Redis does not answer
+REFUSAL_REMIND_S = 60.0  # a command Redis keeps refusing is logged again this often (each try is counted)
+
+
+@dataclass
+class Refusal:
+    """A command Redis keeps refusing while the link is up (:meth:`Connection.command_refused`)."""
+
+    error: str  # what Redis said, redacted
+    needed: bool  # the worker cannot do its job without it: not ready while it lasts
+    since: float
+    logged_at: float
+    count: int = 1
 
 
 class Prober:
@@ -271,6 +307,9 @@ class Connection(WorkerPart):
     _eviction_seen: str = field(default="", init=False)  # the evicting policy last warned of; "unknown": no INFO
     _may_announce: bool = field(default=True, init=False)  # False once the ACL refused XGROUP CREATECONSUMER
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
+    # What Redis refuses while the link is up, by the worker's operation ("reclaim", "loop", "queue_stats"); written
+    # by the loop, read by /readyz (through :meth:`refusals`).
+    _refusals: dict[str, Refusal] = field(default_factory=dict, init=False)
     prober: Prober = field(init=False)
 
     def __post_init__(self) -> None:
@@ -311,6 +350,40 @@ class Connection(WorkerPart):
         except Exception:
             pass
         self.close_pubsub()
+
+    def command_refused(self, op: str, e: BaseException, *, needed: bool = True) -> None:
+        """Redis answered ``op``'s command with an error while the link is up (NOPERM: the worker's ACL lacks it;
+        any other error reply): the link stays up and the loop goes on, but a worker that silently could not
+        reclaim or read would look healthy for ever. Counted each time, logged when new (or its error changed)
+        and every ``REFUSAL_REMIND_S`` while it lasts; ``needed``: ``/readyz`` fails until ``op`` is accepted."""
+        self.metrics.redis_errors.inc()
+        error, now = redact(str(e))[:300], time.monotonic()
+        known = self._refusals.get(op)
+        if known is not None and known.error == error:
+            known.count += 1
+            if now - known.logged_at < REFUSAL_REMIND_S:
+                return
+            known.logged_at = now
+            self.log.error("redis_command_refused", op=op, error=error, refused=known.count,
+                           since_s=round(now - known.since), note="still refused")
+            return
+        self._refusals[op] = Refusal(error, needed, now, now)
+        self.log.error("redis_command_refused", op=op, error=error,
+                       note=("not ready until Redis accepts it: " if needed else "")
+                       + "counted in pagedserve_redis_errors_total, said again every "
+                       f"{REFUSAL_REMIND_S:g} s while it lasts; an ACL without the command? (README \"Security\")")
+
+    def command_accepted(self, op: str) -> None:
+        """``op``'s command went through: a refusal of it is over."""
+        if op in self._refusals:
+            gone = self._refusals.pop(op)
+            self.log.info("redis_command_accepted", op=op, refused=gone.count,
+                          after_s=round(time.monotonic() - gone.since, 1))
+
+    def refusals(self, needed_only: bool = True) -> dict[str, str]:
+        """op -> Redis's error, of the refusals that last (those the worker needs, unless ``needed_only`` is off).
+        Safe from another thread (a copy of the items is taken at once)."""
+        return {op: f.error for op, f in list(self._refusals.items()) if f.needed or not needed_only}
 
     def setup(self) -> None:
         """(Re)connect: consumer group, cancel subscription, consumer-name lease, immediate lease renewal."""

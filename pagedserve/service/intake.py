@@ -17,6 +17,8 @@ Invariants:
   ``min(claim_idle_ms / 2, 1 s)``, with the ``XAUTOCLAIM`` cursor kept between calls, and never while the
   own drain runs (a restarted consumer would otherwise claim its own idle entries and then read them again:
   two deliveries for one run);
+- a command Redis refuses here while the link is up (the reclaim's, the gauges') is counted and said, never
+  skipped in silence (connection.py); a refused reclaim does not stop the reads of new entries;
 - cancels published while the link was down are not lost: after a reconnect the ``cancelled:{id}`` keys of
   the running ids are checked once (clients SET that key before they publish).
 """
@@ -28,7 +30,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connection import Connection
+import redis
+
+from .connection import Connection, refused_while_up
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text
 from .reclaim import Reclaimer
@@ -74,7 +78,16 @@ class Intake(WorkerPart):
         if now - self._last_reclaim < min(self.settings.claim_idle_ms / 2000, 1.0):
             return []
         self._last_reclaim = now
-        claimed = self.reclaimer.reclaim(self.conn.r, room)
+        try:
+            claimed = self.reclaimer.reclaim(self.conn.r, room)
+        except redis.ResponseError as e:
+            if not refused_while_up(e):
+                raise
+            # An ACL without XAUTOCLAIM, say: the worker still reads new entries, but dead workers' ones would wait
+            # for ever behind a worker that looks ready (connection.py: counted, said, not ready).
+            self.conn.command_refused("reclaim", e)
+            return []
+        self.conn.command_accepted("reclaim")
         held = self.held() if claimed else set()
         if any(eid in held for eid, _, _ in claimed):
             # Our own leases lapsed (renewals refused or late) and XAUTOCLAIM, which cannot skip a consumer, took
@@ -189,3 +202,10 @@ class Intake(WorkerPart):
             self.metrics.stream_length.set(xlen)
         if isinstance(pend, dict):
             self.metrics.pending_entries.set(pend.get("pending", 0))
+        # A refused one (an ACL without XLEN or XPENDING) leaves its gauge at its last value: counted and said
+        # (connection.py), not silent; the worker serves all the same, so readiness holds.
+        refused = next((x for x in (xlen, pend) if isinstance(x, Exception) and refused_while_up(x)), None)
+        if refused is not None:
+            self.conn.command_refused("queue_stats", refused, needed=False)
+        elif isinstance(xlen, int) and isinstance(pend, dict):
+            self.conn.command_accepted("queue_stats")

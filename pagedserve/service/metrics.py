@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .protocol import ERROR_CODES, FINISH_REASONS
@@ -112,6 +112,10 @@ class WorkerMetrics:
         self.requests = Counter(
             "pagedserve_requests", "Terminal results by outcome", ["outcome"], registry=r
         )  # outcome: stop|length|cancelled|deadline|error:<code>|cached
+        self.model = Info(
+            "pagedserve_model",
+            "The model this worker serves (name, vocabulary size) and where it reads requests (Redis host:port/db, "
+            "key prefix): one prefix on one Redis serves one model (alert PagedserveMixedModels)", registry=r)
         self.stream_length = Gauge("pagedserve_queue_stream_length", "XLEN of the request stream", registry=r)
         self.pending_entries = Gauge(
             "pagedserve_queue_pending_entries", "Entries delivered but not acknowledged (whole group)", registry=r
@@ -128,7 +132,8 @@ class WorkerMetrics:
         self.redis_errors = Counter(
             "pagedserve_redis_errors",
             "Redis operations that failed (connection lost); while Redis is away, each failed PING of the reconnect "
-            "prober (a few a second)", registry=r)
+            "prober (a few a second); each try of a command Redis refuses while the link is up (an ACL without it: "
+            "the reclaim, the loop's reads, the queue gauges)", registry=r)
         self.redis_ops = Counter("pagedserve_redis_commands", "Redis commands sent by the worker", registry=r)
         self.write_refusals = Counter(
             "pagedserve_redis_write_refusals",
@@ -140,6 +145,13 @@ class WorkerMetrics:
         self.step_failures = Counter(
             "pagedserve_engine_step_failures",
             "engine.step() calls that raised (their requests were sent back to the stream)", registry=r,
+        )
+        self.steps_failing = Gauge(
+            "pagedserve_engine_steps_failing",
+            "1 while engine steps keep failing: two or more raised in a row and none has run since (health.Progress; "
+            "its stall clock runs meanwhile). A worker stuck after failing steps reads nothing, so its failure count "
+            "stops rising for up to 2 * stall_timeout_s while this stays 1",
+            registry=r,
         )
         self.busy_seconds = Counter(
             "pagedserve_loop_busy_seconds", "Loop time while the engine had work (1 - step/busy = service overhead)",

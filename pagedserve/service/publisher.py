@@ -3,8 +3,8 @@
 Everything one loop iteration produces is sent in ONE pipeline (one round trip). A terminal result and a
 dead letter are each ONE script with the acknowledgement of their entries (lua/finish.lua,
 lua/dead_letter.lua): Redis runs all of it or refuses it whole (maxmemory, read-only replica), and within
-the script the result is written before the ack, so an ACL that denies one of its commands leaves the entry
-pending, never acknowledged without its result. Every reply of the pipeline is checked: an op Redis refused
+the script the result is written before the ack, so an ACL that denies one of its commands never leaves the entry
+acknowledged without its result (pending, or, with only XDEL denied, acknowledged but left in the stream). Every reply of the pipeline is checked: an op Redis refused
 stays in the buffer, in order, and the whole buffer is sent again after a backoff (50 ms doubling to 5 s),
 counted in ``pagedserve_redis_write_refusals_total{op}`` and logged with its request id; the loop keeps
 generating meanwhile. A write that fails on its own key, which holds a value of another type (WRONGTYPE: a key

@@ -47,6 +47,7 @@ from .connection import (
     NameHeld,
     RedisSettingError,
     redis_client,
+    redis_location,
     tls_problem,
 )
 from .redaction import redact
@@ -239,13 +240,19 @@ class Worker(WorkerPart):
         # failover can leave behind), where the worker stores nothing and backs off. A refusal of single writes
         # while set up (maxmemory) leaves the link up: the publisher sends them again, and readiness holds.
         set_up, refused = self.conn.ok, self.conn.refused
-        ok = started and self.model_loaded and reachable and set_up and not self._stop.is_set()
+        # A command the worker needs for its job that Redis refuses while the link is up (an ACL without XAUTOCLAIM:
+        # dead workers' entries would never be taken over), quoted by the worker's operation.
+        commands = self.conn.refusals()
+        ok = (started and self.model_loaded and reachable and set_up and not commands
+              and not self._stop.is_set())
         info = {"started": started, "model_loaded": self.model_loaded, "redis": reachable, "redis_set_up": set_up,
                 "stopping": self._stop.is_set()}
         if refused and not set_up:
             info["redis_refused"] = refused
         elif self.conn.error and not set_up:
             info["redis_error"] = self.conn.error
+        elif commands and set_up:
+            info["redis_refused"] = "; ".join(f"{op}: {error}" for op, error in sorted(commands.items()))
         return ok, info
 
     def check_credentials(self) -> None:
@@ -288,6 +295,8 @@ class Worker(WorkerPart):
         try:
             engine = self.engine  # load the model before taking any work
             self._engine_stats()  # the KV pool's size and an empty engine from the start, not from the first step
+            self.metrics.model.info({"model": engine.model_name, "vocab_size": str(engine.vocab_size),
+                                     "redis": redis_location(self.settings.redis_url), "prefix": self.keys.prefix})
             try:
                 self.conn.setup()  # group, name lease and subscriptions exist once "worker_started" is logged...
             except REDIS_DOWN + REDIS_REFUSED as e:
@@ -364,16 +373,20 @@ class Worker(WorkerPart):
                 if conn.needs_setup or isinstance(e, REDIS_DEMOTED):
                     conn.failed(e)  # cannot set up (group, name lease), or a replica now: back off and set up anew
                 else:
-                    # A refusal of one write while set up: the publisher keeps refused ops and retries them.
-                    self.log.error("redis_error", error=redact(str(e)))
+                    # A command of the loop's own refused while set up (an ACL without XREADGROUP, say; refused
+                    # writes the publisher keeps and retries itself): counted, said once, and not ready meanwhile;
+                    # but a full Redis (maxmemory) leaves readiness as it is: the worker goes on with what it runs.
+                    conn.command_refused("loop", e, needed=not isinstance(e, redis.exceptions.OutOfMemoryError))
                     time.sleep(0.05)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):
                     conn.needs_setup = True  # the stream or the group vanished (Redis lost its data)
                     self.log.warning("consumer_group_missing", error=str(e))
                 else:
-                    self.log.error("redis_error", error=str(e))
+                    conn.command_refused("loop", e)
                     time.sleep(0.05)
+            else:
+                conn.command_accepted("loop")
         elif not busy:
             time.sleep(max(0.0, min(0.05, conn.backoff.next_try - time.monotonic())))
         self.admission.follow_compiles()
@@ -389,6 +402,8 @@ class Worker(WorkerPart):
             if not self._stats_idle:  # the last requests ended without a step (cancelled, sent back): say so now
                 self._engine_stats()
             self.engine.check_alive()  # a dead tensor-parallel rank is seen now, not when the next request comes
+        # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
+        self.metrics.steps_failing.set(1 if self.progress.failures > 1 else 0)
         if self.publisher.pending() and conn.usable():
             try:
                 self._check_if_away()  # a step that a pause broke into has just ended: its tokens may be stale
@@ -512,7 +527,9 @@ class Worker(WorkerPart):
     def _shutdown(self) -> None:
         """Release unfinished entries for other workers, flush what is buffered, drop the name lease. A worker that
         never held its name (Redis away since its start, or the name another live worker's) never set up, so it
-        read nothing: it has nothing to hand back, and must not wait for a name only to drop it."""
+        read nothing: it has nothing to hand back, and must not wait for a name only to drop it. One whose name
+        another worker took hands nothing back either: its entries are that worker's now (``released`` counts only
+        what was made reclaimable)."""
         self._shutting_down = True
         self.conn.stop_leases()
         entry_ids = self.running.release_all() + self.admission.release_waiting()
@@ -520,14 +537,19 @@ class Worker(WorkerPart):
         self.claims.stop()
         end = time.monotonic() + 5.0
         owned = self.conn.name_held
+        # Another worker holds this consumer name now: the entries are pending under it, and that worker takes them
+        # as its own (it drains its name's pending entries): made idle here, a third worker could reclaim one it runs.
+        taken = self.leases.name_taken.is_set()
         handed_back = False
+        released = 0  # entries made reclaimable at once (logged): not those left to the name's new holder
         while owned and time.monotonic() < end:
             try:
                 if self.conn.needs_setup:
                     self.conn.setup()
                 self.publisher.flush(self.r)
-                if entry_ids:
+                if entry_ids and not taken:
                     self.reclaimer.release(self.r, entry_ids)
+                    released = len(entry_ids)
                 self.reclaimer.requeue(self.r, requeue)  # before the claims go: the new entries then wait on them
                 requeue = []
                 self.claims.release_now(self.r)
@@ -544,12 +566,15 @@ class Worker(WorkerPart):
                 self.log.debug("consumer_not_deleted", error=redact(str(e)))
         self.conn.close()
         self._close_engine()
-        if handed_back or not owned:
-            self.log.info("worker_stopped", released=len(entry_ids), unflushed=self.publisher.pending())
+        if taken and entry_ids:
+            self.log.warning("worker_stopped", released=released, left_to_name_holder=len(entry_ids),
+                             unflushed=self.publisher.pending())
+        elif handed_back or not owned:
+            self.log.info("worker_stopped", released=released, unflushed=self.publisher.pending())
         else:  # Redis stayed away: nothing was handed back; unrenewed, the entries are reclaimed after claim_idle_ms
             # (those whose results were never written too: they run again elsewhere)
             left = set(entry_ids) | set(self.publisher.entry_ids())
-            self.log.warning("worker_stopped", released=0, left_to_reclaim=len(left),
+            self.log.warning("worker_stopped", released=released, left_to_reclaim=len(left),
                              unflushed=self.publisher.pending())
         if self.health is not None:
             self.health.stop()

@@ -3,7 +3,8 @@
 -- delete its stream entries.
 -- One script, so Redis either runs all of it or refuses it up front (OOM, read-only replica: a script with a
 -- shebang and without the no-writes flag is checked before it starts). The SET comes first: if the ACL denies
--- a later command, the entry stays pending with its result stored, never the other way round.
+-- a later command, Redis stops there and keeps what ran before it, so the result is stored, never the other way
+-- round: the entry stays pending (XACK denied) or, with only XDEL denied, is acknowledged but left in the stream.
 -- First writer wins (SET NX): a worker that lost a race on a reclaimed entry publishes the stored event, so
 -- every subscriber sees the same terminal event (the winner already appended it to the events stream).
 -- The same event found stored is this very script sent again (its reply was lost to a broken connection or a
