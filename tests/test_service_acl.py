@@ -328,3 +328,39 @@ def test_a_worker_whose_acl_lacks_xlen_counts_the_refused_gauge_reads(tmp_path, 
         finally:
             w.close()
             admin.close()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_acl_lacks_xpending_does_not_take_over_entries_uncounted(tmp_path, prefix):
+    """XPENDING refused once the worker runs (its own drain done): a dead worker's entry was taken over with its
+    delivery count read as 1 (the refused XPENDING ignored), so an entry that crashes every worker would never
+    reach max_deliveries. The take-over is refused as the reclaim is (counted, said, not ready); with the command
+    back the entry runs."""
+    import json
+
+    with LocalRedis() as url:
+        admin = redis.Redis.from_url(url)
+        keys = Keys(prefix)
+        worker_url = acl_url(url, prefix, admin)
+        w = WorkerProcess(make_settings(worker_url, prefix, claim_idle_ms=1000), tmp_path / "w.log").start()
+        c = Client(settings=make_settings(url, prefix))
+        try:
+            w.wait_started()
+            port = _port(w)
+            assert isinstance(c.generate("first", params={"max_tokens": 2}, timeout=60), DoneEvent)  # drain done
+            admin.execute_command("ACL", "SETUSER", "pagedserve-worker", "-xpending")
+            body = json.dumps({"id": "orphan-1", "prompt": "x", "params": {"max_tokens": 2}})
+            with admin.pipeline(transaction=True) as pipe:  # at once: the live worker must not read it first
+                pipe.xadd(keys.requests, {"body": body})
+                pipe.xreadgroup(keys.group, "gone-worker", {keys.requests: ">"})  # its worker died holding it
+                pipe.execute()
+            code, info = wait_for(lambda: (r := _ready(port))[0] == 503 and r, 30, 0.1, "not ready")
+            assert info["redis_refused"].startswith("reclaim: ") and "xpending" in info["redis_refused"], info
+            assert admin.get(keys.result("orphan-1")) is None
+            admin.execute_command("ACL", "SETUSER", "pagedserve-worker", "+xpending")
+            assert isinstance(c.wait("orphan-1", timeout=60), DoneEvent)
+            wait_for(lambda: _ready(port)[0] == 200, 30, 0.1, "ready once the ACL has the command")
+        finally:
+            w.close()
+            c.close()
+            admin.close()

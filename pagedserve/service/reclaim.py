@@ -160,6 +160,11 @@ class Reclaimer(WorkerPart):
             pipe.xpending_range(self.keys.requests, self.keys.group, eid, eid, 1)
         out = []
         for rows in pipe.execute(raise_on_error=False):
+            if isinstance(rows, redis.ResponseError):
+                # Refused (an ACL without XPENDING): taken as 1, a poison entry would never reach max_deliveries
+                # and run again after every crash it causes. The caller counts and says the refusal; the entries
+                # claimed stay pending, taken over again once idle.
+                raise rows
             out.append(int(rows[0]["times_delivered"]) if isinstance(rows, list) and rows else 1)
         return out
 
