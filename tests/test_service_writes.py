@@ -95,6 +95,9 @@ def test_refused_result_writes_are_retried_and_never_acked(tmp_path, prefix):
             assert w.proc.poll() is None
             refused = [e for e in w.events() if e.get("event") == "redis_write_refused"]
             assert refused and {e["request_id"] for e in refused} <= set(entries)
+            # Said once per write (and once for the token events) within a minute, not at every retry.
+            said = [(e["op"], e["request_id"] if e["op"] != "token" else "") for e in refused]
+            assert len(said) == len(set(said)), said
         finally:
             w.close()
             r.close()

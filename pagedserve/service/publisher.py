@@ -81,6 +81,9 @@ class _Op:
                     self.published = True
 
 
+REFUSAL_LOG_S = 60.0  # a write Redis keeps refusing is logged again this often (every try is counted)
+
+
 @dataclass(eq=False)
 class Publisher(WorkerPart):
     ctx: WorkerContext
@@ -94,6 +97,9 @@ class Publisher(WorkerPart):
     _scripts: Scripts | None = field(default=None, init=False)
     _retry_delay: float = field(default=0.0, init=False)
     _retry_at: float = field(default=0.0, init=False)
+    # (op kind, request id) -> when its refusal was last logged: a refusal that lasts (a full Redis) is said again
+    # every REFUSAL_LOG_S, not at every retry (each retry is still counted).
+    _refusal_logged: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
     _expiry_set: dict[str, float] = field(default_factory=dict, init=False)  # request id -> when (monotonic)
     # Ops that failed on their own key (a value of the wrong type), each on its own backoff: what only an operator
     # can mend must not hold back every other request's writes, nor be retried on every iteration.
@@ -331,17 +337,30 @@ class Publisher(WorkerPart):
             return
         self._retry_delay = 0.05 if self._retry_delay == 0 else min(5.0, self._retry_delay * 2)
         self._retry_at = time.monotonic() + self._retry_delay
+        now = time.monotonic()
+        logged = self._refusal_logged
+        for key in [k for k, at in logged.items() if now - at >= REFUSAL_LOG_S]:
+            del logged[key]
+
+        def due(kind: str, request_id: str) -> bool:
+            if (kind, request_id) in logged:
+                return False
+            logged[(kind, request_id)] = now
+            return True
+
         tokens = 0
         for op, err in refused:
             self.metrics.write_refusals.labels(op=op.kind).inc()
             if op.kind == "token":
                 tokens += 1
                 continue
-            self.log.warning(
-                "redis_write_refused", op=op.kind, request_id=op.request_id or None,
-                entry_ids=list(op.entry_ids), error=redact(str(err)), retry_in_s=self._retry_delay,
-            )
-        if tokens:
+            if due(op.kind, op.request_id):
+                self.log.warning(
+                    "redis_write_refused", op=op.kind, request_id=op.request_id or None,
+                    entry_ids=list(op.entry_ids), error=redact(str(err)), retry_in_s=self._retry_delay,
+                    note=f"retried with backoff; said again every {REFUSAL_LOG_S:g} s while refused",
+                )
+        if tokens and due("token", ""):
             first = next(op for op, _ in refused if op.kind == "token")
             self.log.warning(
                 "redis_write_refused", op="token", count=tokens, request_id=first.request_id,
