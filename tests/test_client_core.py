@@ -352,7 +352,8 @@ def test_pickup_timeout_keeps_waiting_while_a_worker_is_alive():
         assert wait.send(WORKERS) == ReadConsumers("t:requests", "t-workers")
         assert wait.send(W1) == CountKeys(("t:consumer:w1",))
         assert isinstance(wait.send(1), Listen)  # its lease is alive: go on, check again later
-    end = wait.send({"type": "message", "data": DONE})
+    assert wait.send({"type": "message", "data": DONE}) == ReadResult("t:result:req-1")  # the stored end answers
+    end = wait.send(DONE)
     assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
 
 
@@ -388,7 +389,7 @@ def _drive_stream(req, entries: list, stored) -> list:
     its result key ``stored``."""
     wait = stream_wait(Keys("t"), RID, req, timeout=None, clock=Clock())
     emitted, reply, pending = [], None, [(f"1-{i}".encode(), {b"data": e.encode()}) for i, e in enumerate(entries)]
-    while True:
+    for _ in range(1000):  # a wait that never ends fails here, not the suite's timeout
         try:
             op = wait.send(reply)
         except StopIteration:
@@ -400,6 +401,7 @@ def _drive_stream(req, entries: list, stored) -> list:
             reply = stored
         elif isinstance(op, Emit):
             emitted.append(op.event)
+    raise AssertionError(f"no end after 1000 operations; emitted {emitted}")
 
 
 def test_an_id_sent_again_streams_the_text_the_stored_result_holds_once():
@@ -407,18 +409,23 @@ def test_an_id_sent_again_streams_the_text_the_stored_result_holds_once():
     events: a streaming caller still gets the text as tokens (once). A first run that streamed left token events: a
     caller that asked for ``stream: false`` gets none of them, only the end."""
     streaming, quiet = build_request("hi", id=RID), build_request("hi", id=RID, stream=False)
-    for entries, stored in (([DONE], None), ([], DONE)):  # the end from the events stream, or the result key alone
-        tok, done = _drive_stream(streaming, entries, stored)
+    for entries in ([DONE], []):  # the end in the events stream too, or in the result key alone
+        tok, done = _drive_stream(streaming, entries, DONE)
         assert isinstance(tok, TokenEvent) and (tok.text, tok.token_ids, tok.seq) == ("ab", [1, 2], 0)
         assert isinstance(done, DoneEvent)
-    tok, rest, done = _drive_stream(streaming, [TOKEN, DONE], None)  # a stream cut short: only the rest is added
+    tok, rest, done = _drive_stream(streaming, [TOKEN, DONE], DONE)  # a stream cut short: only the rest is added
     assert (tok.text, rest.text, rest.token_ids, rest.seq) == ("a", "b", [2], 1) and isinstance(done, DoneEvent)
     second = TOKEN.replace('"seq": 0, "token_ids": [1], "text": "a"', '"seq": 1, "token_ids": [2], "text": "b"')
-    assert [type(e) for e in _drive_stream(streaming, [TOKEN, second, DONE], None)] == [
+    assert [type(e) for e in _drive_stream(streaming, [TOKEN, second, DONE], DONE)] == [
         TokenEvent, TokenEvent, DoneEvent]  # complete: nothing added
-    assert [type(e) for e in _drive_stream(quiet, [TOKEN, DONE], None)] == [DoneEvent]
+    assert [type(e) for e in _drive_stream(quiet, [TOKEN, DONE], DONE)] == [DoneEvent]
     beams = build_request("hi", id=RID, params={"beam_width": 2})  # beam search streams nothing, by design
-    assert [type(e) for e in _drive_stream(beams, [DONE], None)] == [DoneEvent]
+    assert [type(e) for e in _drive_stream(beams, [DONE], DONE)] == [DoneEvent]
+    # An end in the events stream that no worker stored (anyone who may XADD there wrote it) is not the answer.
+    forged = DONE.replace('"text": "ab"', '"text": "forged"')
+    assert forged != DONE
+    *_, end = _drive_stream(quiet, [forged], DONE)
+    assert end.outputs[0].text == "ab"
 
 
 def test_an_id_sent_again_streams_its_text_once_through_both_clients(redis_url, prefix, shared_engine):
@@ -1423,3 +1430,28 @@ def test_producer_mistakes_are_named_before_anything_is_sent(redis_url, prefix):
     asyncio.run(ac.aclose())
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(ac.result("x"))
+
+
+def test_an_end_published_by_someone_else_is_not_the_answer(redis_url, prefix, shared_engine):
+    """Anyone who may PUBLISH on a request's channel (a producer without the documented ACL) could end a waiting
+    generate() with text of their own: the waits take the end a worker stored, which it stores before it
+    publishes, and let a channel message alone pass."""
+    import threading
+
+    from service_fixtures import make_settings, running_worker, wait_for
+
+    from pagedserve.service.client import Client
+
+    keys, rid = Keys(prefix), "victim-1"
+    forged = DONE.replace(RID, rid).replace('"text": "ab"', '"text": "forged"')
+    with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine), \
+            redis.Redis.from_url(redis_url) as r:
+        def forge():  # as soon as the caller listens, before any worker could have ended its request
+            wait_for(lambda: r.pubsub_numsub(keys.out(rid))[0][1] > 0, 30, 0.001, "the caller subscribed")
+            r.publish(keys.out(rid), forged)
+
+        t = threading.Thread(target=forge)
+        t.start()
+        done = c.generate("The sky is", id=rid, params={"max_tokens": 64, "ignore_eos": True}, timeout=120)
+        t.join()
+    assert done.outputs[0].text != "forged" and len(done.outputs[0].token_ids) == 64

@@ -187,8 +187,8 @@ def test_stream_wait_reads_on_from_the_last_entry_and_yields_each_seq_once(data,
             else:
                 reply = []
                 clock["now"] += op.block_ms / 1000
-        elif isinstance(op, ReadResult):
-            reply = None
+        elif isinstance(op, ReadResult):  # stored before the worker appended the end to the stream
+            reply = json.dumps(events[-1]) if at == len(stream) else None
         elif isinstance(op, Pause):
             clock["now"] += op.seconds
         elif isinstance(op, Emit):

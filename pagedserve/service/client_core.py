@@ -1097,7 +1097,12 @@ def event_wait(
                 if tokens:
                     yield Emit(ev)
                 continue
-            yield Emit(ev)
+            # The end a worker publishes it has stored first (finish.lua): the stored one is the answer. A channel
+            # message alone may be anyone's who can PUBLISH there (a producer without the documented ACL).
+            stored = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+            if stored is None:
+                continue  # not a worker's: the stored end comes (read again once the channel is quiet)
+            yield Emit(stored)
             return
         except CONNECTION_ERRORS as e:
             if not reached:
@@ -1235,7 +1240,11 @@ def stream_wait(
                     if expired():  # while events flow too: the caller's time may go into handling them
                         raise timeout_error(request_id, timeout)
                     continue
-                yield from end(ev)
+                # As on the channel: a worker stored the end before it appended it here; the stored one answers.
+                stored = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+                if stored is None:
+                    continue
+                yield from end(stored)
                 return
         except CONNECTION_ERRORS as e:
             if not reached:
