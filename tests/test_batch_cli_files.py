@@ -22,7 +22,6 @@ from pagedserve.service.batch_keys import BatchKeys
 from pagedserve.service.cli import app
 from service_fixtures import REPO
 from test_batch import completion, jsonl
-from test_batch_edges import cli, r  # noqa: F401 - the fixtures those tests use
 
 
 

@@ -7,8 +7,10 @@ one ``submit`` and ``cancel`` use. Real Redis, real worker."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import redis
 
 from pagedserve.service import batch_cli, batch_client
 from pagedserve.service.batch_client import batch_status, submit_batch, wait_batch
@@ -17,7 +19,6 @@ from pagedserve.service.client_core import NoWorker
 from pagedserve.service.cli import app
 from service_fixtures import make_settings, running_worker
 from test_batch import completion, jsonl
-from test_batch_edges import cli, r  # noqa: F401 - the fixtures these tests use
 
 
 def _no_group(prefix: str) -> str:
@@ -110,3 +111,30 @@ def test_the_redis_timeout_is_submits(cli):
     with r, Client(settings=s) as client:
         assert (r.connection_pool.connection_kwargs["socket_timeout"]
                 == client.r.connection_pool.connection_kwargs["socket_timeout"])
+
+
+def test_a_wait_for_a_batch_rides_out_a_redis_restart(prefix, shared_engine):
+    """A batch survives a Redis restart (with AOF) and ends, but its waiter died at the restart ("cannot reach
+    Redis", exit 1): a wait that may last hours rides it out, as a request's wait does, for up to OUTAGE_S."""
+    import threading
+
+    from pagedserve.service.redis_server import LocalRedis
+
+    server = LocalRedis(persist=True).start()
+    try:
+        r = redis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        bid = submit_batch(r, prefix, jsonl([completion("a"), completion("b")]))
+        got: dict = {}
+        waiter = threading.Thread(target=lambda: got.update(
+            status=wait_batch(r, prefix, bid, timeout=120, poll_s=0.05)), daemon=True)
+        waiter.start()
+        time.sleep(0.3)
+        server.stop(kill=True)
+        time.sleep(2.0)
+        server.start(timeout=30)
+        with running_worker(make_settings(server.url, prefix), shared_engine):
+            waiter.join(120)
+        assert got.get("status", {}).get("status") == "completed", got
+        r.close()
+    finally:
+        server.stop()

@@ -36,7 +36,8 @@ import redis
 
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import SHOWN_AS, BatchKeys, BatchScripts, request_id
-from .client_core import CountKeys, NoWorker, ReadConsumers, ReadGroups, check_seconds, why_no_worker
+from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, check_seconds,
+                          why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -263,8 +264,18 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
     end = None if timeout is None else time.monotonic() + timeout
     seen: OrderedDict = OrderedDict()  # consumer names met by earlier checks (why_no_worker says why)
     last, still_since = None, time.monotonic()
+    outage = Outage(time.monotonic)  # a wait of hours rides out a Redis restart, as a request's wait does
     while True:
-        status = batch_status(r, prefix, bid)
+        try:
+            status = batch_status(r, prefix, bid)
+        except CONNECTION_ERRORS as e:
+            outage.check(e, "Redis", f"batch {bid}", sent=True)
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"batch {bid} is not known to have ended after {timeout}s (Redis did not answer "
+                                   "the last look)") from None
+            time.sleep(poll_s)
+            continue
+        outage.answered()
         if status["status"] in TERMINAL_STATUSES:
             return status
         now = time.monotonic()
@@ -273,7 +284,10 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
         if moved != last:
             last, still_since = moved, now
         elif pickup_timeout is not None and now - still_since >= pickup_timeout:
-            why = no_worker(r, prefix, seen)
+            try:
+                why = no_worker(r, prefix, seen)
+            except CONNECTION_ERRORS:  # gone again since the look: the next stretch asks again
+                why = None
             if why is not None:
                 raise NoWorker(f"no worker is running batch {bid} after {pickup_timeout:g} s without progress "
                                f"({why}): it stays {status['status']} and runs when a worker starts", bid)
