@@ -171,3 +171,12 @@ def test_a_hugging_face_hub_id_is_told_it_is_not_downloaded():
     with pytest.raises(ValueError) as ei:
         resolve_model("no-such-model")
     assert "Hub" not in str(ei.value)
+
+
+def test_a_temperature_below_the_floor_runs_at_the_floor_as_in_vllm():
+    """vLLM raises a temperature between 0 and 0.01 to 0.01 (below it logits / t overflow); an OpenAI batch line
+    with 0.005 failed here. 0 stays greedy; a negative one is still refused."""
+    assert SamplingParams(temperature=0.005).temperature == 0.01
+    assert SamplingParams(temperature=1e-9).temperature == 0.01 and SamplingParams(temperature=0).greedy
+    with pytest.raises(ValueError, match="^temperature must be 0"):
+        SamplingParams(temperature=-0.001)

@@ -109,7 +109,8 @@ class SamplingParams:
 
     def _normalize(self) -> None:
         """vLLM's spellings of the defaults, in place: ``stop`` / ``stop_token_ids`` None (empty) or a tuple (a
-        list), ``stop`` one string (a list of it), and ``top_k`` -1 (vLLM's "no top-k": 0 here); and numbers of
+        list), ``stop`` one string (a list of it), ``top_k`` -1 (vLLM's "no top-k": 0 here), a temperature between
+        0 and 0.01 as 0.01 (vLLM's floor, which it too raises such a temperature to); and numbers of
         other numeric types (numpy's ``int64``, ``float32``) as Python ints and floats, which the checks and the
         wire's JSON take."""
         for name in (*LIMITS, "temperature", "top_p", "seed", "min_tokens"):
@@ -126,6 +127,9 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k == -1:
             self.top_k = 0
+        t = self.temperature
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE  # as vLLM: below it logits / t overflow; an OpenAI client may send it
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
