@@ -112,7 +112,7 @@ def test_importing_the_celery_app_with_a_refused_url_masks_it():
     # `celery -A pagedserve.service.celery_app worker` imports it: the traceback ends in the settings' refusal.
     url = "redis://admin:1mp0rtPW@127.0.0.1:26379/abc"
     res = _run([sys.executable, "-c", "from pagedserve.service.celery_app import app"], {"PAGEDSERVE_REDIS_URL": url})
-    assert res.returncode != 0 and "redis_url" in res.stderr, res.stderr
+    assert res.returncode != 0 and "PAGEDSERVE_REDIS_URL" in res.stderr, res.stderr
     assert "1mp0rtPW" not in res.stdout + res.stderr, res.stderr
     assert "redis://admin:***@127.0.0.1:26379/abc" in res.stderr, res.stderr
 

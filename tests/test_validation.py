@@ -20,7 +20,7 @@ BAD = [
     # Values that used to pass validation and then broke the engine step for the whole batch.
     ({"top_k": 10**30}, "top_k"), ({"length_penalty": 500}, "length_penalty"),
     ({"length_penalty": -500}, "length_penalty"), ({"max_tokens": 10**5000}, "max_tokens"),
-    ({"temperature": 1e-300}, "temperature"), ({"temperature": 1e6}, "temperature"), ({"n": 10**6}, "n"),
+    ({"temperature": -1e-300}, "temperature"), ({"temperature": 1e6}, "temperature"), ({"n": 10**6}, "n"),
     ({"best_of": 10**9}, "best_of"), ({"beam_width": 10**9}, "beam_width"), ({"repetition_penalty": 1e30}, "repetition_penalty"),
     ({"repetition_penalty": 1e-30}, "repetition_penalty"), ({"stop_token_ids": [2**40]}, "stop_token_ids"),
     ({"stop": ["ok", "\ud800"]}, "stop"), ({"logprobs": -1}, "logprobs"), ({"seed": 2**63}, "seed"),

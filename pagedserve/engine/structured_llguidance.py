@@ -59,6 +59,7 @@ import re
 import time
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from importlib.metadata import version as package_version
+from typing import Any
 
 import torch
 
@@ -473,6 +474,16 @@ def _metaschema_place(schema: object) -> str | None:
     return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path)
 
 
+def _forces_without_end(matcher: Any) -> bool:
+    """Whether what a grammar forces from its start never ends (start: "a" start): taken on a copy as generation
+    would take it, the parser gives up on it (llguidance's item limit). Any other trouble there is not this."""
+    probe = matcher.deep_copy()
+    forced = probe.compute_ff_tokens()
+    if forced:
+        probe.consume_tokens(forced)
+    return probe.is_error() and _ENDLESS in probe.get_error()
+
+
 def _matches_nothing(error: str) -> bool:
     return error.split(None, 1)[:1] == [_NO_STRING]
 
@@ -717,25 +728,21 @@ class LLGuidanceBackend:
             warm.compute_bitmask()
             if not warm.is_error():  # the start's cost, now that the lexer is built (a mask again changes nothing)
                 seconds = _timed_mask(warm, torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
-            if not warm.is_error() and (forced := warm.compute_ff_tokens()):
-                # What the grammar forces from the start, taken as generation would take it: a rule that only
-                # ever expands into itself (start: "a" start) forces tokens without end, and the parser gives up.
-                warm.consume_tokens(forced)
         if warm.is_error():
             error = warm.get_error()
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
-            if _ENDLESS in error:
-                raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends "
-                                       "(a rule whose every alternative contains the rule itself, as start: \"a\" "
-                                       "start); give the recursion an alternative that ends")
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
         if seconds > limit_s:
             raise structured_error(
                 f"{kind} costs {seconds * 1e3:.1f} ms of CPU per token to mask, more than the limit of "
                 f"{self.max_mask_ms:g} ms ({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the "
                 "usual cause")
+        if kind == "grammar" and _forces_without_end(warm):
+            raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends (a "
+                                   "rule whose every alternative contains the rule itself, as start: \"a\" start); "
+                                   "give the recursion an alternative that ends")
         return LLGuidanceGrammar(matcher, self.eos, limit_s, GRAMMAR_FIXED_BYTES + GRAMMAR_BYTES_PER_CHAR * len(text))
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:

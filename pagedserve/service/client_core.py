@@ -68,8 +68,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from pagedserve.engine.sampling_params import plain_number
-
 from .protocol import (
     DoneEvent,
     ErrorEvent,
@@ -233,6 +231,7 @@ def _params(params: Any) -> dict:
     if params is None:
         return {}
     if isinstance(params, dict):  # numbers computed with numpy as the Python numbers the wire's JSON takes
+        from pagedserve.engine.sampling_params import plain_number
         return {k: [plain_number(x) for x in v] if isinstance(v, (list, tuple)) else plain_number(v)
                 for k, v in params.items()}
     if isinstance(params, SamplingParamsModel):
@@ -329,6 +328,8 @@ def build_request(
                              "request per prompt, or many as a batch file (submit_batch)")
         prompt_token_ids, prompt = prompt, None
     if isinstance(prompt_token_ids, (list, tuple)):
+        from pagedserve.engine.sampling_params import plain_number
+
         prompt_token_ids = [plain_number(t) for t in prompt_token_ids]
     try:
         req = GenerateRequest.model_validate({
