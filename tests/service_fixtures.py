@@ -66,6 +66,18 @@ def prefix(redis_url):
             r.delete(*keys)
 
 
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """A worker's health server: (status, body) of GET ``path``, errors included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 @pytest.fixture
 def r(redis_url):
     """A client of the session's Redis."""

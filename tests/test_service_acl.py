@@ -15,7 +15,7 @@ from pagedserve.service.client import Client
 from pagedserve.service.connection import WORKER_ACL_COMMANDS, redact, worker_acl
 from pagedserve.service.protocol import DeadLetter, DoneEvent, Keys, TokenEvent, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
-from service_fixtures import REPO, WorkerProcess, make_settings, wait_for
+from service_fixtures import REPO, WorkerProcess, http_get, make_settings, wait_for
 
 PASSWORD = "acl-S3cret-pw"
 
@@ -249,26 +249,15 @@ def test_a_stale_claim_is_taken_over_under_the_acl_and_a_refused_claim_is_said(t
             admin.close()
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def _ready(port: int) -> tuple[int, dict]:
     import json
 
-    code, body = _get(port, "/readyz")
+    code, body = http_get(port, "/readyz")
     return code, json.loads(body)
 
 
 def _redis_errors(port: int) -> float:
-    text = _get(port, "/metrics")[1].decode()
+    text = http_get(port, "/metrics")[1].decode()
     (line,) = [x for x in text.splitlines() if x.startswith("pagedserve_redis_errors_total ")]
     return float(line.split()[1])
 

@@ -16,14 +16,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import redis
 
 from pagedserve.service.protocol import DoneEvent, Keys, parse_terminal
-from service_fixtures import REPO, make_settings, wait_for, worker_env
+from service_fixtures import REPO, http_get, make_settings, wait_for, worker_env
 
 STALL_S = 3.0
 
@@ -54,28 +52,20 @@ WRAPPER = textwrap.dedent("""
 """)
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def _healthz(port: int) -> tuple[int, dict]:
-    code, body = _get(port, "/healthz")
+    code, body = http_get(port, "/healthz")
     return code, json.loads(body)
 
 
 def _metric(port: int, name: str) -> float | None:
-    for line in _get(port, "/metrics")[1].decode().splitlines():
+    for line in http_get(port, "/metrics")[1].decode().splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None
 
 
 def _help(port: int, name: str) -> str:
-    for line in _get(port, "/metrics")[1].decode().splitlines():
+    for line in http_get(port, "/metrics")[1].decode().splitlines():
         if line.startswith(f"# HELP {name} "):
             return line
     return ""
