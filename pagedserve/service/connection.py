@@ -216,9 +216,9 @@ class Prober:
     refuses writes (READONLY, OOM, an ACL) answers PING: the loop's tries and backoff go on as they were."""
 
     def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_S, pause: float = PROBE_PAUSE_S,
-                 on_failure: Callable[[], None] = lambda: None):
-        """``on_failure``: called (on the prober's thread) for each PING that fails: an outage keeps counting as
-        long as it lasts, where the loop, which waits for the prober, counts it once."""
+                 on_failure: Callable[[BaseException], None] = lambda e: None):
+        """``on_failure``: called (on the prober's thread) with the error of each PING that fails: an outage keeps
+        counting as long as it lasts, where the loop, which waits for the prober, counts it once."""
         self._url, self._timeout, self._pause, self._on_failure = url, timeout, pause, on_failure
         self._down = threading.Event()
         self._stop = threading.Event()
@@ -259,10 +259,10 @@ class Prober:
                 try:
                     client.ping()
                     self._answered_epoch = epoch
-                except Exception:  # away, hung, or refusing even PING (an ACL without it): try again shortly
+                except Exception as e:  # away, hung, or refusing even PING (an ACL without it): try again shortly
                     client.connection_pool.disconnect()
                     if not self._stop.is_set():
-                        self._on_failure()
+                        self._on_failure(e)
                     self._stop.wait(self._pause)
         finally:
             client.close()
@@ -318,7 +318,7 @@ class Connection(WorkerPart):
         # block above 3 s lengthens the timeout, and with it how long a hung Redis goes unnoticed).
         timeout = max(REDIS_TIMEOUT_S, self.settings.read_block_ms / 1000 + 2.0)
         self.r = redis_client(self.settings.redis_url, timeout=timeout)
-        self.prober = Prober(self.settings.redis_url, on_failure=self.metrics.redis_errors.inc)
+        self.prober = Prober(self.settings.redis_url, on_failure=self._probe_failed)
         keep_repeated_fields(self.r)  # an entry naming body twice is refused for each of its ids, not half lost
 
     @property
@@ -330,6 +330,13 @@ class Connection(WorkerPart):
     def usable(self) -> bool:
         """Up, or down but the backoff delay has passed and Redis answered the prober: worth trying."""
         return self.ok or (time.monotonic() >= self.backoff.next_try and self.prober.answered)
+
+    def _probe_failed(self, e: BaseException) -> None:
+        """A PING of the prober failed (its thread): counted, and /readyz quotes the latest error, not the first
+        of an outage (a reset connection, then refused ones while Redis restarts)."""
+        self.metrics.redis_errors.inc()
+        if not self.refused:
+            self.error = redact(f"{type(e).__name__}: {e}")[:300]
 
     def failed(self, e: BaseException) -> None:
         """Redis went away: back off, set up again on the next try (logged once per outage)."""
