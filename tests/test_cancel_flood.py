@@ -55,3 +55,44 @@ def test_a_cancel_flood_is_read_in_bounded_passes_and_a_real_cancel_still_lands(
             stop.set()
             c.close()
             w.close()
+
+
+def test_huge_cancel_messages_drop_the_subscription_alone_and_readiness_holds(tmp_path, prefix):
+    """Messages on the cancel channel larger than Redis's pubsub output-buffer limit make Redis close the worker's
+    subscriber. It was taken for Redis going away: redis_unreachable, /readyz 503 and the whole link set up again,
+    for each message. The subscription alone is made again (said once), readiness holds, and a cancel published
+    around the drops still lands (the cancelled keys are read again)."""
+    import json
+    import urllib.request
+
+    keys = Keys(prefix)
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        admin.config_set("client-output-buffer-limit", "pubsub 64kb 64kb 0")  # as 32 MB is to a flood of 40 MB
+        s = make_settings(url, prefix)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        c = Client(settings=s)
+        try:
+            w.wait_started()
+            port = next(e["metrics_port"] for e in w.events() if e.get("event") == "worker_started")
+            rid = submit_running(c, admin, keys, "huge-cancels", max_tokens=2000)
+            ready = []
+            for _ in range(20):
+                admin.publish(keys.cancel, "x" * 200_000)
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+                        ready.append(resp.status)
+                except urllib.error.HTTPError as e:
+                    ready.append(e.code)
+            assert set(ready) == {200} and "redis_unreachable" not in [e.get("event") for e in w.events()], ready
+            wait_for(lambda: any(e.get("event") == "cancel_subscription_dropped" for e in w.events()), 30,
+                     what="the drop said")
+            c.cancel(rid)
+            done = c.wait(rid, timeout=120)
+            assert isinstance(done, DoneEvent) and done.outputs[0].finish_reason == "cancelled", done
+            events = [e.get("event") for e in w.events()]
+            assert "redis_unreachable" not in events and events.count("cancel_subscription_dropped") == 1, events
+            readyz = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read())
+            assert readyz["redis_set_up"] is True
+        finally:
+            c.close()
+            w.close()

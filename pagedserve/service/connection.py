@@ -306,6 +306,8 @@ class Connection(WorkerPart):
     _leases_started: bool = field(default=False, init=False)
     _eviction_seen: str = field(default="", init=False)  # the evicting policy last warned of; "unknown": no INFO
     _may_announce: bool = field(default=True, init=False)  # False once the ACL refused XGROUP CREATECONSUMER
+    _dropped: int = field(default=0, init=False)  # times the cancel subscription alone broke (subscribe_again)
+    _dropped_logged_at: float = field(default=-REFUSAL_REMIND_S, init=False)
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
     # What Redis refuses while the link is up, by the worker's operation ("reclaim", "loop", "queue_stats"); written
     # by the loop, read by /readyz (through :meth:`refusals`).
@@ -409,11 +411,7 @@ class Connection(WorkerPart):
         if not self._name_held:
             self._acquire_name()
         self._announce_consumer(r)
-        self.close_pubsub()
-        self.pubsub = r.pubsub(ignore_subscribe_messages=True)
-        self._pubsub_on_connect = self._on_pubsub_reconnect()  # redis-py holds the callback weakly: keep it
-        self.pubsub.on_connect = types.MethodType(self._pubsub_on_connect, self.pubsub)
-        self.pubsub.subscribe(self.keys.cancel)
+        self._subscribe()
         if not self.ok and self.backoff.delay:
             self.log.info("redis_reconnected", buffered=self.publisher.buffered())
         self.ok = True
@@ -463,6 +461,29 @@ class Connection(WorkerPart):
                              note="Redis may evict queued requests, results and claims under memory pressure: "
                                   "set maxmemory-policy noeviction (docs/deployment.md)")
         self._eviction_seen = seen
+
+    def _subscribe(self) -> None:
+        self.close_pubsub()
+        self.pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub_on_connect = self._on_pubsub_reconnect()  # redis-py holds the callback weakly: keep it
+        self.pubsub.on_connect = types.MethodType(self._pubsub_on_connect, self.pubsub)
+        self.pubsub.subscribe(self.keys.cancel)
+
+    def subscribe_again(self, e: BaseException) -> None:
+        """The cancel subscription alone broke while the link is up: Redis closes a subscriber past its output
+        buffer limit (``client-output-buffer-limit pubsub``: a flood of huge messages on the channel, which any
+        producer may publish). Subscribe anew, and count it as a reconnect so that the running ids' cancelled keys
+        are read again (nothing cancelled meanwhile is missed). If Redis is away, this raises and the loop takes
+        the link down as for any outage. Said once a minute at most."""
+        self._subscribe()
+        self.generation += 1
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= REFUSAL_REMIND_S:
+            self._dropped_logged_at = now
+            self.log.warning("cancel_subscription_dropped", error=redact(e)[:300], times=self._dropped,
+                             note="subscribed again; Redis closes a subscriber whose unread messages pass "
+                                  "client-output-buffer-limit pubsub: huge messages on the cancel channel?")
 
     def _on_pubsub_reconnect(self):
         # redis-py reconnects a broken subscription by itself (and subscribes again) inside get_message, without

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from .connection import Connection, refused_while_up
+from .connection import REDIS_DOWN, Connection, refused_while_up
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text
 from .reclaim import Reclaimer
@@ -173,7 +173,11 @@ class Intake(WorkerPart):
             self._recheck_cancels = False
             yield from missed
         for _ in range(CANCELS_PER_PASS):
-            msg = pubsub.get_message(timeout=0.0)
+            try:
+                msg = pubsub.get_message(timeout=0.0)
+            except REDIS_DOWN as e:  # the subscription alone, or the link: subscribe_again tells them apart
+                self.conn.subscribe_again(e)
+                return
             if msg is None:
                 return
             if msg.get("type") == "message":
