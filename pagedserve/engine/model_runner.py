@@ -113,6 +113,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.ops = ops if ops is not None else get_ops(self.device)
         if self.device.type == "cuda":
+            # torch 2.11 refuses set_device(torch.device("cuda")) (no index); 2.13 takes it as the current device.
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.tp = tp
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, max_model_len, self.ops, tp)
