@@ -232,6 +232,7 @@ def _params(params: Any) -> dict:
         return {}
     if isinstance(params, dict):  # numbers computed with numpy as the Python numbers the wire's JSON takes
         from pagedserve.engine.sampling_params import plain_number
+
         return {k: [plain_number(x) for x in v] if isinstance(v, (list, tuple)) else plain_number(v)
                 for k, v in params.items()}
     if isinstance(params, SamplingParamsModel):
@@ -799,7 +800,7 @@ class Outage:
                                    f"({then}): {redact(error)}")
 
 
-def timeout_error(request_id: str, timeout: float | None, more: str = "") -> TimeoutError:
+def timeout_error(request_id: str, timeout: float | None, more: str = "") -> RequestTimedOut:
     return RequestTimedOut(f"no result for {request_id} within {timeout} s{more}", request_id)
 
 
@@ -883,8 +884,9 @@ def _stream_id(value: Any) -> tuple[int, int] | None:
         return None
 
 
-def _group_field(g: dict, name: str) -> Any:
-    return g.get(name, g.get(name.encode()))
+def xinfo_field(d: dict, name: str) -> Any:
+    """A field of an XINFO GROUPS/CONSUMERS reply, whose keys are str or bytes depending on the client."""
+    return d.get(name, d.get(name.encode()))
 
 
 def why_gone(keys: Keys, clues: Clues, groups: list | None) -> Generator[Op, Any, str | None]:
@@ -910,8 +912,8 @@ def why_gone(keys: Keys, clues: Clues, groups: list | None) -> Generator[Op, Any
         group = next((g for g in groups if _text(g.get("name")) == keys.group), None)
         if group is None:  # the stream is there without the group: what it holds cannot be seen
             return None
-        lag, pending = _group_field(group, "lag"), _group_field(group, "pending")
-        last = _stream_id(_group_field(group, "last-delivered-id"))
+        lag, pending = xinfo_field(group, "lag"), xinfo_field(group, "pending")
+        last = _stream_id(xinfo_field(group, "last-delivered-id"))
         entry = _stream_id(clues.entry_id) if clues.entry_id else None
         after_last = entry is not None and last is not None and entry > last
         if lag != 0 or not (pending == 0 or after_last):

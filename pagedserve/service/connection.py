@@ -389,10 +389,10 @@ class Connection(WorkerPart):
             self.log.info("redis_command_accepted", op=op, refused=gone.count,
                           after_s=round(time.monotonic() - gone.since, 1))
 
-    def refusals(self, needed_only: bool = True) -> dict[str, str]:
-        """op -> Redis's error, of the refusals that last (those the worker needs, unless ``needed_only`` is off).
-        Safe from another thread (a copy of the items is taken at once)."""
-        return {op: f.error for op, f in list(self._refusals.items()) if f.needed or not needed_only}
+    def refusals(self) -> dict[str, str]:
+        """op -> Redis's error, of the lasting refusals the worker needs lifted to do its job. Safe from another
+        thread (a copy of the items is taken at once)."""
+        return {op: f.error for op, f in list(self._refusals.items()) if f.needed}
 
     def setup(self) -> None:
         """(Re)connect: consumer group, cancel subscription, consumer-name lease, immediate lease renewal."""

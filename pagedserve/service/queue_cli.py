@@ -23,6 +23,7 @@ import typer
 
 from .batch_cli import _redis, note
 from .cli_errors import _DEBUG_HINT, _fail, explain_error
+from .client_core import xinfo_field
 from .protocol import DeadLetterError, InvalidRequestError, Keys, as_text, entry_time, parse_request
 from .redaction import printable
 
@@ -60,11 +61,6 @@ def _utf8(data: Any) -> bool:
     return True
 
 
-def _field(d: dict, name: str) -> Any:
-    """A field of an XINFO reply, whose keys are str or bytes depending on the client."""
-    return d.get(name, d.get(name.encode()))
-
-
 def _now_ms(r) -> int:  # noqa: ANN001 - a redis-py client
     """Redis's clock, in ms (stream entry ids are its milliseconds); this machine's where TIME is refused."""
     import redis
@@ -94,20 +90,20 @@ def _stats(r, prefix: str) -> dict:  # noqa: ANN001 - a redis-py client
             if isinstance(e, redis.exceptions.NoPermissionError):
                 raise
             groups = []
-        found = next((g for g in groups if as_text(_field(g, "name")) == keys.group), None)
+        found = next((g for g in groups if as_text(xinfo_field(g, "name")) == keys.group), None)
         if found is not None:
-            lag = _field(found, "lag")
+            lag = xinfo_field(found, "lag")
             group = {"name": keys.group, "lag": None if lag is None else int(lag),  # null: Redis cannot count it
-                     "pending": int(_field(found, "pending") or 0),
-                     "last_delivered_id": as_text(_field(found, "last-delivered-id") or b"")}
+                     "pending": int(xinfo_field(found, "pending") or 0),
+                     "last_delivered_id": as_text(xinfo_field(found, "last-delivered-id") or b"")}
             listed = r.xinfo_consumers(keys.requests, keys.group)
-            names = [as_text(_field(c, "name")) for c in listed]
+            names = [as_text(xinfo_field(c, "name")) for c in listed]
             pipe = r.pipeline(transaction=False)
             for name in names:
                 pipe.exists(keys.consumer_lease(name))
             alive = pipe.execute() if names else []
-            consumers = [{"name": name, "pending": int(_field(c, "pending") or 0),
-                          "idle_ms": int(_field(c, "idle") or 0), "alive": bool(lease)}
+            consumers = [{"name": name, "pending": int(xinfo_field(c, "pending") or 0),
+                          "idle_ms": int(xinfo_field(c, "idle") or 0), "alive": bool(lease)}
                          for name, c, lease in zip(names, listed, alive)]
     oldest = r.xrange(keys.requests, count=1) if length else []
     age = max(0.0, _now_ms(r) / 1000.0 - entry_time(oldest[0][0])) if oldest else None

@@ -113,6 +113,9 @@ class Worker(WorkerPart):
         self.r = self.conn.r
         self.claims = claims = Claims(ctx, self.r)
         self.progress = Progress(s.stall_timeout_s)
+        # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
+        # Read from the progress at scrape time, not written at every loop pass.
+        self.metrics.steps_failing.set_function(lambda: float(self.progress.failures > 1))
         outcomes = Outcomes(ctx=ctx, publisher=publisher, claims=claims)
         publisher.on_result_key_foreign = outcomes.result_key_foreign
         get_engine = lambda: self.engine  # noqa: E731  (loaded on first use, after the health server is up)
@@ -402,8 +405,6 @@ class Worker(WorkerPart):
             if not self._stats_idle:  # the last requests ended without a step (cancelled, sent back): say so now
                 self._engine_stats()
             self.engine.check_alive()  # a dead tensor-parallel rank is seen now, not when the next request comes
-        # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
-        self.metrics.steps_failing.set(1 if self.progress.failures > 1 else 0)
         if self.publisher.pending() and conn.usable():
             try:
                 self._check_if_away()  # a step that a pause broke into has just ended: its tokens may be stale
