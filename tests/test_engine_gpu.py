@@ -145,6 +145,33 @@ def test_gpu_graphs_equal_eager_for_mixed_batches(family, dtype, tiny_models):
             compare_sparse(g_tok, g_lp, e_tok, e_lp, FP32_TOL if dtype == "float32" else BF16_TOL)
 
 
+def test_gpu_async_scheduling_equals_synchronous(tiny_models):
+    """On the device, where the next step's input really is taken from the device before the host reads it:
+    every feature's requests (test_async_scheduling's workload, a pool small enough to swap) get the tokens and
+    texts of the synchronous engine, logprobs within fp32 tolerance, and every block comes back."""
+    from test_async_scheduling import _run, _workload
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    prompts, params = _workload(structured=False)
+    finals = {}
+    for mode in (False, True):
+        engine = LLMEngine(tiny_models["llama"], device="cuda", dtype="float32", block_size=4, max_model_len=96,
+                           seed=0, num_gpu_blocks=34, preemption_mode="swap", async_scheduling=mode)
+        assert engine.async_scheduling is mode
+        finals[mode], _ = _run(engine, prompts, params)
+        assert engine.stats()["num_preemptions"] > 0
+        bm = engine.block_manager
+        assert (bm.gpu.num_free, bm.cpu.num_free) == (bm.gpu.num_blocks, bm.cpu.num_blocks)
+        engine.close()
+    for rid, ref in finals[False].items():
+        got = finals[True][rid]
+        assert [(c.token_ids, c.text, c.finish_reason) for c in got.outputs] == \
+            [(c.token_ids, c.text, c.finish_reason) for c in ref.outputs], rid
+        for c, r in zip(got.outputs, ref.outputs):
+            if r.logprobs is not None:
+                compare_sparse(c.token_ids, c.logprobs, r.token_ids, r.logprobs, FP32_TOL)
+
+
 def compare_sparse(tokens, logprobs, ref_tokens, ref_logprobs, tol) -> None:
     """``compare_with_tolerance`` against another engine run, which has only its top-k logprobs."""
     for t, (tok, ref_tok) in enumerate(zip(tokens, ref_tokens)):

@@ -21,7 +21,7 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm):
     """Ctrl-C landing in the sampler left the batch in the engine with its last position computed but no token
     sampled: the scheduler had nothing to give it, and the next generate() spun for good."""
     engine = llm.engine
-    real, calls = engine.sampler, {"n": 0}
+    real, calls = engine.sampler.draw, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -29,12 +29,12 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    engine.sampler = interrupted
+    engine.sampler.draw = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(["Tell me a story."] * 2, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     finally:
-        engine.sampler = real
+        del engine.sampler.draw
     assert not engine.requests and not engine.has_unfinished_requests()
     steps = engine.num_steps
     (out,) = llm.generate("Hi", GREEDY)

@@ -45,14 +45,14 @@ def env(redis_url, prefix, shared_engine):
 
 def test_sampling_failure_of_one_request_ends_it_alone(env):
     s, r, keys, engine = env
-    real_sampler = engine.sampler
+    real_draw = engine.sampler.draw
 
-    def sampler(logits, seqs, params, held=None):
+    def draw(logits, seqs, params, held=None):
         if any(p.seed == CULPRIT_SEED for p in params):
             raise FloatingPointError("injected: this request's sampling overflows")
-        return real_sampler(logits, seqs, params, held)
+        return real_draw(logits, seqs, params, held)
 
-    engine.sampler = sampler
+    engine.sampler.draw = draw
     try:
         with running_worker(s, engine):
             pipe = r.pipeline(transaction=False)  # one burst: batched together in the same steps
@@ -65,7 +65,7 @@ def test_sampling_failure_of_one_request_ends_it_alone(env):
             pipe.execute()
             results = _settled(r, keys, ids + ["culprit"])
     finally:
-        engine.sampler = real_sampler
+        del engine.sampler.draw
     bad = results.pop("culprit")
     assert isinstance(bad, ErrorEvent) and bad.error.code == "internal", bad
     assert "sampl" in bad.error.message and "FloatingPointError" in bad.error.message
@@ -79,11 +79,11 @@ def test_failed_step_is_retried_not_answered(env):
     real_execute = runner.execute
     failures = {"left": 2}
 
-    def execute(sched):
+    def execute(sched, *args):
         if failures["left"] and any(item.request.request_id.startswith("step-") for item in sched.scheduled):
             failures["left"] -= 1
             raise RuntimeError("injected: device lost mid-step")
-        return real_execute(sched)
+        return real_execute(sched, *args)
 
     runner.execute = execute
     try:
@@ -112,10 +112,10 @@ def test_poison_step_ends_as_dead_letter(env):
     runner = engine.runner
     real_execute = runner.execute
 
-    def execute(sched):
+    def execute(sched, *args):
         if any(item.request.request_id == "poison" for item in sched.scheduled):
             raise RuntimeError("injected: this request breaks the step")
-        return real_execute(sched)
+        return real_execute(sched, *args)
 
     runner.execute = execute
     try:

@@ -219,17 +219,16 @@ def test_a_grammar_that_fails_logs_one_warning_line(llm, caplog):
 
 def test_an_unexpected_failure_keeps_its_traceback(llm, caplog):
     engine = llm.engine
-    real = engine.sampler
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    engine.sampler = broken
+    engine.sampler.draw = broken
     try:
         with caplog.at_level(logging.WARNING, logger="pagedserve.engine"):
             (out,) = llm.generate(PROMPT, GREEDY)
     finally:
-        engine.sampler = real
+        del engine.sampler.draw
     assert out.error == "sampling failed: RuntimeError: boom"
     assert any(r.exc_info and out.request_id in r.getMessage() for r in _engine_records(caplog))
 

@@ -2,7 +2,9 @@
 
 A decode step reads every weight once and the whole KV context of every sequence: it cannot take less than those
 bytes over the memory bandwidth. Each batch size is timed with CUDA graphs (``enforce_eager=False``), without
-(``True``; the same code on CPU), and with a zero-cost model (``host``: the engine's own work per step).
+(``True``; the same code on CPU), and with a zero-cost model (``host``: the engine's own work per step). On CUDA
+also ``sync``: graphs with ``async_scheduling`` off, so each step's host work waits for the device and the
+device for it (the other modes run with the engine's default, which overlaps them).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def decode_prefill_budget(context: int) -> int:
 
 
 def decode_engine(model_dir: str, device: str, dtype: str, max_batch: int, context: int, steps: int,
-                  enforce_eager: bool, block_size: int = 16):
+                  enforce_eager: bool, block_size: int = 16, async_scheduling: bool | None = None):
     """An engine for ``measure_decode_steps`` up to ``max_batch``: KV for that batch and no more (so the pool is
     small and engines can follow each other), no swap pool to speak of, a prefill budget of 8 prompts a step."""
     from pagedserve.engine import LLMEngine
@@ -88,12 +90,24 @@ def decode_engine(model_dir: str, device: str, dtype: str, max_batch: int, conte
     blocks = max_batch * -(-(context + max_tokens + 1) // block_size) + 8
     return LLMEngine(model_dir, device=device, dtype=dtype, enforce_eager=enforce_eager, block_size=block_size,
                      num_gpu_blocks=blocks, max_num_seqs=max(max_batch, 1), swap_space_gb=0.01,
-                     preemption_mode="recompute", max_num_batched_tokens=budget)
+                     preemption_mode="recompute", max_num_batched_tokens=budget, async_scheduling=async_scheduling)
+
+
+def decode_modes(device: torch.device) -> list[tuple[str, bool, bool | None]]:
+    """(name, enforce_eager, async_scheduling) of each timed mode; None is the engine's default."""
+    modes = [("graphs", False, None), ("eager", True, None), ("host", True, None)]
+    if device.type == "cuda":
+        modes.insert(1, ("sync", False, False))
+    return modes
 
 
 def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0) -> dict:
     """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
-    ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards."""
+    ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards.
+
+    The device is synchronized before and after the timed steps, not between them: with async scheduling a
+    step's host work overlaps the device's previous step, and a sync per step would undo that. ``step_s_mean`` is
+    the window over ``steps``; the median and minimum are of the host's time per ``step()`` call."""
     device = eng.runner.device
     rng = np.random.default_rng(seed * 1000 + batch)
     max_tokens = decode_max_tokens(batch, context, steps, eng.max_num_batched_tokens)
@@ -114,31 +128,34 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
         before = [r.seqs[0].num_output_tokens for r in reqs]
         times = []
         sync(device)
+        start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
             eng.step()
-            sync(device)
             times.append(time.perf_counter() - t0)
+        sync(device)
+        window = time.perf_counter() - start
         gained = [r.seqs[0].num_output_tokens - b for r, b in zip(reqs, before)]
         pure = all(g == steps for g in gained) and eng.stats()["num_preemptions"] == preempted
     finally:
         for rid in ids:
             eng.abort_request(rid)
     return {"batch": batch, "context_lens_mean": sum(context_lens) / batch, "context_lens": context_lens,
-            "step_s_mean": sum(times) / steps, "step_s_median": sorted(times)[steps // 2], "step_s_min": min(times),
+            "step_s_mean": window / steps, "step_s_median": sorted(times)[steps // 2], "step_s_min": min(times),
             "pure_decode": pure}
 
 
 def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list[int], context: int, steps: int,
                           copy_gbps: float, progress=None, task=None, seed: int = 0) -> dict:
     """Decode step time vs the memory roofline for each batch size, with CUDA graphs (``enforce_eager=False``)
-    and without (``True``; the same code on CPU). One engine per mode, used for every batch size."""
+    and without (``True``; the same code on CPU), graphs without async scheduling (CUDA only: on the CPU it is
+    off anyway) and the host's work alone. One engine per mode, used for every batch size."""
     dev = torch.device(device)
     rows = {b: {"batch": b} for b in batches}
     meta: dict = {}
     captured: dict[str, bool] = {}
-    for mode, eager in (("graphs", False), ("eager", True), ("host", True)):
-        eng = decode_engine(model_dir, device, dtype, max(batches), context, steps, eager)
+    for mode, eager, overlap in decode_modes(dev):
+        eng = decode_engine(model_dir, device, dtype, max(batches), context, steps, eager, async_scheduling=overlap)
         runner = eng.runner
         captured[mode] = getattr(runner, "decode_graphs", None) is not None
         if mode == "host":
@@ -174,6 +191,8 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
     out_rows = list(rows.values())
     for r in out_rows:
         r["eager_over_graphs"] = r["eager_step_s"] / r["graphs_step_s"]
+        if "sync_step_s" in r:
+            r["sync_over_graphs"] = r["sync_step_s"] / r["graphs_step_s"]
         r["host_us_per_seq"] = r["host_step_s"] / r["batch"] * 1e6
     big = [r for r in out_rows if r["batch"] >= ROOFLINE_TARGET_BATCH]
     return {"context": context, "steps": steps, "warmup_steps": DECODE_WARMUP_STEPS, "copy_gbps": copy_gbps,
@@ -189,8 +208,12 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
     table = Table(title=f"decode step vs memory roofline: context {d['context']}, {d['steps']} steps, "
                         f"weights {d['weight_bytes'] / 1e6:.0f} MB, KV {d['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
                         f"copy {d['copy_gbps']:.1f} GB/s ({device})")
-    for col in ("batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs",
-                "tok/s", "host ms", "host us/seq"):
+    with_sync = any("sync_step_s" in r for r in d["rows"])
+    cols = ["batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs", "tok/s",
+            "host ms", "host us/seq"]
+    if with_sync:
+        cols[4:4] = ["sync ms", "x roofline"]
+    for col in cols:
         table.add_column(col, justify="right", overflow="fold")
     for r in d["rows"]:
         def ratio(mode: str, r: dict = r) -> str:
@@ -199,15 +222,20 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
             mark = "" if r[f"{mode}_pure_decode"] else "*"
             return f"[{colour}]{x:.2f}{mark}[/]" if colour else f"{x:.2f}{mark}"
 
-        table.add_row(str(r["batch"]), f"{r['roofline_s'] * 1e3:.2f}", f"{r['graphs_step_s'] * 1e3:.2f}",
-                      ratio("graphs"), f"{r['eager_step_s'] * 1e3:.2f}", ratio("eager"),
-                      f"{r['eager_over_graphs']:.2f}", f"{r['graphs_tokens_per_s']:.0f}",
-                      f"{r['host_step_s'] * 1e3:.2f}", f"{r['host_us_per_seq']:.1f}")
+        cells = [str(r["batch"]), f"{r['roofline_s'] * 1e3:.2f}", f"{r['graphs_step_s'] * 1e3:.2f}",
+                 ratio("graphs"), f"{r['eager_step_s'] * 1e3:.2f}", ratio("eager"), f"{r['eager_over_graphs']:.2f}",
+                 f"{r['graphs_tokens_per_s']:.0f}", f"{r['host_step_s'] * 1e3:.2f}", f"{r['host_us_per_seq']:.1f}"]
+        if with_sync:
+            cells[4:4] = [f"{r['sync_step_s'] * 1e3:.2f}", ratio("sync")]
+        table.add_row(*cells)
     console.print(table)
     console.print("host: the same steps with a zero-cost model forward and LM head (the engine's own work per step)")
+    if with_sync:
+        console.print("sync: graphs with async_scheduling off (the host reads each step's tokens before the next)")
     if not d["cuda_graphs_captured"].get("graphs"):
         console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
-    if not all(r["graphs_pure_decode"] and r["eager_pure_decode"] for r in d["rows"]):
+    if not all(r[f"{m}_pure_decode"] for r in d["rows"] for m in ("graphs", "eager", "host", "sync")
+               if f"{m}_pure_decode" in r):
         console.print("* not every timed step decoded every sequence (preemption or a request finished)")
     met = d["target_met"]
     console.print(f"target: decode step <= {d['target_x_roofline']}x roofline at batch >= {d['target_batch']}: "

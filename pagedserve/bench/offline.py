@@ -24,8 +24,8 @@ from pagedserve.bench.common import (
     check_model, check_out, drive, make_workload, parse_ints, usage_error, write_json,
 )
 from pagedserve.bench.decode_roofline import (
-    DECODE_DEFAULTS, copy_bandwidth_gbps, decode_max_tokens, decode_prefill_budget, decode_roofline_bench,
-    print_decode_roofline,
+    DECODE_DEFAULTS, copy_bandwidth_gbps, decode_max_tokens, decode_modes, decode_prefill_budget,
+    decode_roofline_bench, print_decode_roofline,
 )
 from pagedserve.bench.swap_recompute import SWAP_REPS, SWAP_TOKENS, print_swap_vs_recompute, swap_vs_recompute_bench
 from pagedserve.engine.sampling_params import SamplingParams
@@ -395,7 +395,7 @@ def offline_command(
                      "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
                      "dtype": dtype}
     total = 1 + (0 if skip_throughput else 5 + profile) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
-    total += 0 if skip_decode_roofline else 3 * len(batches)
+    total += 0 if skip_decode_roofline else len(decode_modes(dev)) * len(batches)
     total += 0 if skip_swap_vs_recompute else len(block_sizes)
     total += tensor_parallel_size > 1
     with Progress(console=console) as progress:

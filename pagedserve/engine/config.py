@@ -36,6 +36,9 @@ class EngineConfig:
     # Ranks the model is sharded over (one process each; on CUDA one GPU each, cuda:0 .. cuda:N-1 from the
     # driver's device on): engine/tensor_parallel.py.
     tensor_parallel_size: int = 1
+    # Read a step's sampled tokens back while the next step runs (``LLMEngine.step``). None: on where the device
+    # runs asynchronously to the host (CUDA, one process), off on the CPU, where it would only delay outputs.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -64,6 +67,10 @@ class EngineConfig:
             fail("enforce_eager", "must be a bool")
         if not isinstance(self.share_blocks, bool):
             fail("share_blocks", "must be a bool")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            fail("async_scheduling", "must be a bool or None")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            fail("async_scheduling", "needs tensor_parallel_size 1: the ranks take every input token from the host")
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
                 or self.tensor_parallel_size < 1:
             fail("tensor_parallel_size", "must be an integer >= 1")

@@ -25,10 +25,11 @@ from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
-from pagedserve.engine.sampler import SampleResult, Sampler, apply_penalties, hold_tokens
+from pagedserve.engine.device_copy import upload
+from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, apply_penalties, hold_tokens
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
-from pagedserve.engine.sequence import Request, ResumeSample, Sequence
+from pagedserve.engine.sequence import Request, RequestStatus, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend, withhold
 from pagedserve.engine.structured_spec import GrammarFailed
 from pagedserve.engine.tokenizer import load_tokenizer
@@ -40,6 +41,15 @@ MAX_ERROR_LEN = 300
 # its end is logged as one warning line (``_fail``), without a traceback. Anything else keeps its traceback.
 EXPECTED_FAILURES = (GrammarFailed,)
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DrawnStep:
+    """A step's sampled tokens not yet read: ``tokens`` on the device (row ``Sequence.pending_row`` is that
+    sequence's), and what was drawn for each (request, sequence) pair, in parts of one batch or one request."""
+
+    tokens: torch.Tensor
+    parts: list[tuple[list[tuple[Request, Sequence]], Drawn]]
 
 
 def _one_line(text: str) -> str:
@@ -98,6 +108,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp)
+        auto = self.config.tensor_parallel_size == 1 and self.runner.device.type == "cuda"
+        self.async_scheduling = self.config.async_scheduling if self.config.async_scheduling is not None else auto
         # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one. The
         # factory holds what it needs, not the engine: a cycle through it would keep a dropped engine's KV pool
         # until the garbage collector happens by.
@@ -108,6 +120,7 @@ class LLMEngine:
         # Requests in the engine with min_tokens: the per-step masking pass runs only while there is one.
         self._holding_stops = 0
         self._ready: list[RequestOutput] = []  # resumed requests that had already ended: out at the next step
+        self._in_flight: DrawnStep | None = None  # the last step's tokens, read during this one (async_scheduling)
         self.num_steps = 0
 
     def _resolve_max_model_len(self, hf_config) -> int:
@@ -335,12 +348,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that ended or produced text this step.
+        """Run one iteration; return an output for every request that ended or produced text.
 
         A failure attributable to one request (its sampling, beam scoring, detokenization, stop checks or output)
         ends that request alone: it is freed and returns a final output whose ``error`` says what failed, and the
         other requests of the step go on as if it had not been there. A request the scheduler can never start
         ends the same way.
+
+        With ``async_scheduling`` a step's sampled tokens stay on the device until the next step's forward is
+        queued: they are its input there, and the host reads them (stop checks, text, outputs) while the device
+        runs it, so the device does not wait for that host work. Outputs then come one step later, and a
+        sequence that ends on a token has computed one more, which is dropped. Without it the tokens are read
+        in the step that drew them. Either way a request gets the same tokens.
         """
         now = time.time()
         outputs, self._ready = self._ready, []
@@ -349,21 +368,34 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         outputs.extend(self._end_at_capacity(req) for req in sched.capacity_bound)
         outputs.extend(self._fail(req, why) for req, why in sched.unschedulable)
+        in_flight, self._in_flight = self._in_flight, None
         if sched.empty:
+            if in_flight is not None:
+                outputs += self._read_back(in_flight)
             return outputs
         self.num_steps += 1
         for item in sched.scheduled:
             item.request.metrics.setdefault("first_scheduled_time", now)
-        logits, sample_seqs = self.runner.execute(sched)
+        try:
+            logits, sample_seqs = self.runner.execute(sched, in_flight.tokens if in_flight is not None else None)
+        except BaseException:
+            self._in_flight = in_flight  # still to be read, and still the input of sequences' next tokens
+            raise
         for item in sched.scheduled:
             for seq, n in item.seqs:
                 seq.num_computed_tokens += n
+        if in_flight is not None:
+            outputs += self._read_back(in_flight)
+        for item in sched.scheduled:  # after the read-back: a block's hash is of its tokens, all known now
+            for seq, _ in item.seqs:
                 self.block_manager.register_full_blocks(seq)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
-        progressed: dict[str, Request] = {}
+        progressed: dict[str, Request] = {}  # beam requests that took a step
         sample_rows = []
         for row, seq in enumerate(sample_seqs):
-            req = self._owner[seq.seq_id]
+            req = self._owner.get(seq.seq_id)
+            if req is None or seq.finished:
+                continue  # ended by the token just read back (or meanwhile): this row was one too many
             if req.beam is None:
                 sample_rows.append(row)
                 continue
@@ -373,23 +405,29 @@ class LLMEngine:
                     progressed[req.request_id] = req
         if len(sample_rows) != len(sample_seqs):
             sample_seqs = [sample_seqs[r] for r in sample_rows]
-            logits = logits[torch.tensor(sample_rows, dtype=torch.long, device=logits.device)] if sample_rows else logits
+            logits = logits[self._index(sample_rows)] if sample_rows else logits
+        drawn = None
         if sample_seqs:
             rows, seqs = self._expand_forks(sample_seqs, failed)
             if len(rows) != len(sample_seqs):
-                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+                logits = logits[self._index(rows)]
             owners = [self._owner[s.seq_id] for s in seqs]
             self._constrain(logits, seqs, owners, failed)
-            for req, seq, res in zip(owners, seqs, self._sample(logits, seqs, owners, failed)):
-                if res is not None and self._guard(req, failed, "stop check or detokenization",
-                                                   self._append_token, req, seq, res):
-                    progressed[req.request_id] = req
+            drawn = self._draw(logits, seqs, owners, failed)
         now = time.time()
         for req in progressed.values():
             if req.request_id not in failed:
                 self._guard(req, failed, "output", self._emit, req, now, outputs)
+        if drawn is not None:
+            if self.async_scheduling:
+                self._in_flight = drawn
+            else:
+                outputs += self._read_back(drawn)
         outputs.extend(self._fail(req, why) for req, why in failed.values())
         return outputs
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return upload([rows], torch.int64, self.runner.device)[0]
 
     def _guard(self, req: Request, failed: dict[str, tuple[Request, str]], stage: str, fn, *args) -> bool:
         """Run ``fn(*args)`` for ``req`` unless it already failed this step; a raise marks it failed instead of
@@ -408,31 +446,62 @@ class LLMEngine:
             failed[req.request_id] = (req, _one_line(why))
             return False
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
-                failed: dict[str, tuple[Request, str]]) -> list:
-        """One token per row, batched; if the batch raises, each request is sampled alone so that only the
-        culprit fails (greedy and seeded rows draw the same tokens either way). ``None`` for a failed row."""
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
+              failed: dict[str, tuple[Request, str]]) -> DrawnStep | None:
+        """One token per row, batched, on the device; if the batch raises, each request is drawn alone so that
+        only the culprit fails (greedy and seeded rows draw the same tokens either way). Each drawn sequence
+        gets its token as pending (``Sequence.num_pending``) until :meth:`_read_back`."""
         held = self._held(seqs, owners)
+        parts: list[tuple[list[tuple[Request, Sequence]], Drawn]] = []
         try:
-            return self.sampler(logits, seqs, [r.params for r in owners], held)
+            parts.append((list(zip(owners, seqs)), self.sampler.draw(logits, seqs, [r.params for r in owners], held)))
         except Exception:
             log.warning("batched sampling failed; sampling request by request to find the culprit")
-        results: list = [None] * len(seqs)
-        by_request: dict[str, list[int]] = {}
-        for row, req in enumerate(owners):
-            by_request.setdefault(req.request_id, []).append(row)
-        for rows in by_request.values():
-            req = owners[rows[0]]
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            by_request: dict[str, list[int]] = {}
+            for row, req in enumerate(owners):
+                by_request.setdefault(req.request_id, []).append(row)
+            for rows in by_request.values():
+                req = owners[rows[0]]
 
-            def sample_alone(rows=rows, index=index, req=req):
-                alone = self.sampler(logits[index], [seqs[r] for r in rows], [req.params] * len(rows),
-                                     [held[r] for r in rows] if held is not None else None)
-                for row, res in zip(rows, alone):
-                    results[row] = res
+                def draw_alone(rows=rows, req=req):
+                    alone = self.sampler.draw(logits[self._index(rows)], [seqs[r] for r in rows],
+                                              [req.params] * len(rows),
+                                              [held[r] for r in rows] if held is not None else None)
+                    parts.append(([(req, seqs[r]) for r in rows], alone))
 
-            self._guard(req, failed, "sampling", sample_alone)
-        return results
+                self._guard(req, failed, "sampling", draw_alone)
+        if not parts:
+            return None
+        row = 0
+        for pairs, _ in parts:
+            for _, seq in pairs:
+                seq.num_pending += 1
+                seq.pending_row = row
+                row += 1
+        tokens = parts[0][1].tokens if len(parts) == 1 else torch.cat([d.tokens for _, d in parts])
+        return DrawnStep(tokens, parts)
+
+    def _read_back(self, drawn: DrawnStep) -> list[RequestOutput]:
+        """A step's drawn tokens, read from the device: each is appended to its sequence (stop checks, text), and
+        the requests it moved on give their outputs. A request that ended since it was drawn is passed over."""
+        for pairs, _ in drawn.parts:
+            for _, seq in pairs:
+                seq.num_pending -= 1
+        failed: dict[str, tuple[Request, str]] = {}
+        progressed: dict[str, Request] = {}
+        for pairs, part in drawn.parts:
+            for (req, seq), res in zip(pairs, part.results()):
+                if self.requests.get(req.request_id) is not req or seq.finished:
+                    continue
+                if self._guard(req, failed, "stop check or detokenization", self._append_token, req, seq, res):
+                    progressed[req.request_id] = req
+        now = time.time()
+        outputs: list[RequestOutput] = []
+        for req in progressed.values():
+            if req.request_id not in failed:
+                self._guard(req, failed, "output", self._emit, req, now, outputs)
+        outputs.extend(self._fail(req, why) for req, why in failed.values())
+        return outputs
 
     def _held(self, seqs: list[Sequence], owners: list[Request]) -> list[list[int]] | None:
         """Per row, the tokens ``min_tokens`` holds back now (applied by the sampler after the raw logprobs, as
@@ -488,7 +557,8 @@ class LLMEngine:
             return
         for seq in req.seqs:
             if seq.finished and seq.block_table:
-                self.block_manager.free(seq)
+                # A token read back a step late can end a sample of a request preempted by swap meanwhile.
+                (self.block_manager.free_cpu if req.status == RequestStatus.SWAPPED else self.block_manager.free)(seq)
         out = build_output(req, False, self.tokenizer, self.eos_token_ids)
         if out is not None:
             outputs.append(out)

@@ -26,6 +26,7 @@ from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
 from pagedserve.engine.cpu_linear import prepare_cpu_linears
 from pagedserve.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphRunner
+from pagedserve.engine.device_copy import upload
 from pagedserve.engine.loader import load_model
 from pagedserve.engine.parallel_layers import SINGLE, TensorParallelGroup
 from pagedserve.engine.scheduler import SchedulerOutput
@@ -89,6 +90,9 @@ class StepPlan:
     swap_out: list[tuple[int, int]]
     swap_in: list[tuple[int, int]]
     copies: list[tuple[int, int]]
+    # Input rows whose token was sampled by the step still in flight, and its row among that step's tokens.
+    pending_rows: list[int] = field(default_factory=list)
+    pending_sources: list[int] = field(default_factory=list)
     sample_seqs: list[Sequence] = field(default_factory=list)
 
 
@@ -97,6 +101,7 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     context: StepContext
+    sample_rows: torch.Tensor
 
 
 class ModelRunner:
@@ -183,6 +188,8 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        pending_rows: list[int] = []
+        pending_sources: list[int] = []
         decode_only = True
         for item in sched.scheduled:
             for seq, n in item.seqs:
@@ -190,7 +197,7 @@ class ModelRunner:
                 end = start + n
                 table = seq.block_table
                 if n == 1:  # decode: the common case, without the range machinery
-                    input_ids.append(seq.token_ids[start])
+                    input_ids.append(seq.token_ids[start] if start < len(seq.token_ids) else 0)
                     positions.append(start)
                     slots.append(table[start // bs] * bs + start % bs)
                 else:
@@ -198,6 +205,11 @@ class ModelRunner:
                     positions.extend(range(start, end))
                     slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
                     decode_only = False
+                if end > len(seq.token_ids):  # its last token is still on the device: taken from there
+                    if n > 1:
+                        input_ids.append(0)
+                    pending_rows.append(cu[-1] + n - 1)
+                    pending_sources.append(seq.pending_row)
                 cu.append(cu[-1] + n)
                 seq_lens.append(end)
                 tables.append(table)
@@ -209,26 +221,30 @@ class ModelRunner:
         for i, table in enumerate(tables):
             block_tables[i, :len(table)] = table
         return StepPlan(input_ids, positions, slots, cu, seq_lens, block_tables, decode_only, sample_rows,
-                        list(sched.swap_out), list(sched.swap_in), list(sched.copies), sample_seqs)
+                        list(sched.swap_out), list(sched.swap_in), list(sched.copies), pending_rows,
+                        pending_sources, sample_seqs)
 
-    def prepare(self, plan: StepPlan) -> StepInputs:
-        """The plan's tensors on the device (lists, arrays or CPU tensors alike: a rank's plan was unpacked)."""
+    def prepare(self, plan: StepPlan, pending_tokens: torch.Tensor | None = None) -> StepInputs:
+        """The plan's tensors on the device (lists, arrays or CPU tensors alike: a rank's plan was unpacked), in two
+        uploads that do not wait for the device (``device_copy``). ``pending_tokens``: the in-flight step's
+        sampled tokens, which the plan's pending rows take as their input."""
         dev = self.device
-        seq_lens_t = torch.as_tensor(plan.seq_lens, dtype=torch.int32, device=dev)
-        block_tables_t = torch.as_tensor(plan.block_tables, dtype=torch.int32, device=dev)
+        input_ids, positions, slot_mapping, sample_rows, pending_rows, pending_sources = upload(
+            [plan.input_ids, plan.positions, plan.slot_mapping, plan.sample_rows, plan.pending_rows,
+             plan.pending_sources], torch.int64, dev)
+        cu_seqlens_q, seq_lens_t, block_tables_t = upload(
+            [plan.cu_seqlens_q, plan.seq_lens, plan.block_tables], torch.int32, dev)
+        if len(plan.pending_rows):
+            input_ids[pending_rows] = pending_tokens[pending_sources]
         ctx = StepContext(
-            slot_mapping=torch.as_tensor(plan.slot_mapping, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.as_tensor(plan.cu_seqlens_q, dtype=torch.int32, device=dev),
+            slot_mapping=slot_mapping,
+            cu_seqlens_q=cu_seqlens_q,
             seq_lens=seq_lens_t,
             block_tables=block_tables_t,
             decode_only=plan.decode_only,
             decode_plan=self.ops.plan_decode(seq_lens_t, block_tables_t, self.block_size) if plan.decode_only else None,
         )
-        return StepInputs(
-            torch.as_tensor(plan.input_ids, dtype=torch.int64, device=dev),
-            torch.as_tensor(plan.positions, dtype=torch.int64, device=dev),
-            ctx,
-        )
+        return StepInputs(input_ids, positions, ctx, sample_rows)
 
     def apply_block_ops(self, sched: SchedulerOutput) -> None:
         """Swap-out, swap-in, then copy-on-write: a block freed by a swap-out may be reused in the same step."""
@@ -236,24 +252,25 @@ class ModelRunner:
         self.swap_pool.swap_in(self.ops, self.kv_cache, sched.swap_in)
         if sched.copies:
             src, dst = zip(*sched.copies)
-            self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
-                                 torch.tensor(dst, device=self.device))
+            self.ops.copy_blocks(self.kv_cache, *upload([src, dst], torch.int64, self.device))
 
-    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run the step; return float32 logits for every sequence that reached its last token, and those sequences."""
+    def execute(self, sched: SchedulerOutput, pending_tokens: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run the step; return float32 logits for every sequence that reached its last token, and those sequences.
+        ``pending_tokens``: the tokens of the step still in flight (``Sequence.pending_row`` indexes them)."""
         plan = self.plan(sched)
-        return self.execute_plan(plan), plan.sample_seqs
+        return self.execute_plan(plan, pending_tokens), plan.sample_seqs
 
     def check_alive(self) -> None:
         """A single-process runner lives as long as its process."""
 
     @torch.inference_mode()
-    def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute_plan(self, plan: StepPlan, pending_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run one planned step: float32 logits of the plan's sample rows (None on a rank other than 0)."""
         self.apply_block_ops(plan)
         if not len(plan.seq_lens):
             return torch.empty(0)
-        inputs = self.prepare(plan)
+        inputs = self.prepare(plan, pending_tokens)
         ctx = inputs.context
         graphs = self.decode_graphs
         if ctx.decode_only and graphs is not None and graphs.covers(*ctx.block_tables.shape):
@@ -263,8 +280,7 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions)
         if not len(plan.sample_rows):
             return torch.empty(0)
-        rows = torch.as_tensor(plan.sample_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        return self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
 
     def close(self) -> None:
         """Nothing to release for a single process (the tensor-parallel runner stops its ranks here)."""

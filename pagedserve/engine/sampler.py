@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.engine.device_copy import Download, upload
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 from pagedserve.kernels import reference
@@ -86,6 +87,15 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return probs
 
 
+def _fill_disallowed(row: torch.Tensor, ids: list[int], vals: list[float]) -> tuple[list[int], list[float]]:
+    """A top-k list that runs into tokens at -inf gets the lowest disallowed ids: ``topk`` leaves the order of
+    ties open and it changes with k, the batch's largest ``logprobs``, so a row's list would depend on its
+    batch."""
+    finite = [(i, v) for i, v in zip(ids, vals) if v != -math.inf]
+    fill = (row == -math.inf).nonzero().flatten()[:len(ids) - len(finite)].tolist()
+    return [i for i, _ in finite] + fill, [v for _, v in finite] + [-math.inf] * len(fill)
+
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -135,19 +145,18 @@ class Sampler:
             return
         seq.seed_key = sample_key(params.seed, seq.index)
 
-    @staticmethod
-    def _fill_disallowed(row: torch.Tensor, ids: list[int], vals: list[float]) -> tuple[list[int], list[float]]:
-        """A top-k list that runs into tokens at -inf gets the lowest disallowed ids: ``topk`` leaves the order of
-        ties open and it changes with k, the batch's largest ``logprobs``, so a row's list would depend on its
-        batch."""
-        finite = [(i, v) for i, v in zip(ids, vals) if v != -math.inf]
-        fill = (row == -math.inf).nonzero().flatten()[:len(ids) - len(finite)].tolist()
-        return [i for i, _ in finite] + fill, [v for _, v in finite] + [-math.inf] * len(fill)
-
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams],
                  held: list[list[int]] | None = None) -> list[SampleResult]:
+        """Sample one token per row and read the results back at once (:meth:`draw`, then ``results()``)."""
+        return self.draw(logits, seqs, params, held).results()
+
+    def draw(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams],
+             held: list[list[int]] | None = None) -> Drawn:
         """Sample one token per row of ``logits`` ``[R, V]`` (float32) for ``seqs[r]`` under ``params[r]``;
-        ``held[r]``: tokens row ``r`` may not draw now (``min_tokens``), None when no row holds any."""
+        ``held[r]``: tokens row ``r`` may not draw now (``min_tokens``), None when no row holds any.
+
+        Everything runs on the logits' device and nothing waits for it: the tokens (``Drawn.tokens``) can feed
+        the next step's input before the host has seen them, and ``Drawn.results()`` reads them back."""
         # Logprobs are of the raw logits: log_softmax = logits - lse, taken only where asked (the chosen token,
         # and the top-k where requested), not as a [R, V] tensor every step.
         raw_logits = logits
@@ -160,10 +169,9 @@ class Sampler:
             if held is not None:
                 hold_tokens(logits, held)
             tokens = logits.argmax(dim=-1)
-        greedy = [p.greedy for p in params]
-        sampled_rows = [i for i, g in enumerate(greedy) if not g]
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
-            idx = torch.tensor(sampled_rows, device=logits.device)
+            (idx,) = upload([sampled_rows], torch.int64, logits.device)
             sub_params = [params[i] for i in sampled_rows]
             probs = _filter(logits[idx], sub_params)
             noise = torch.empty_like(probs)
@@ -171,7 +179,7 @@ class Sampler:
             if unseeded:
                 draw = torch.empty((len(unseeded), probs.shape[1]), device=probs.device, dtype=probs.dtype)
                 draw.exponential_(generator=self._engine_generator(probs.device))
-                noise[unseeded] = draw
+                noise[upload([unseeded], torch.int64, probs.device)[0]] = draw
             keyed = self._keyed_generator(probs.device) if len(unseeded) < len(sampled_rows) else None
             for j, i in enumerate(sampled_rows):
                 seq = seqs[i]
@@ -180,25 +188,41 @@ class Sampler:
                     keyed.manual_seed(draw_key(seq.seed_key, seq.num_output_tokens))
                     noise[j].exponential_(generator=keyed)
             tokens[idx] = (probs / noise).argmax(dim=-1)
-        token_list = tokens.tolist()
-        chosen = (raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse).tolist()
-        results = []
+        chosen = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
         want_top = [p.logprobs for p in params]
         top_k = max((k for k in want_top if k), default=0)
-        top_vals = top_ids = None
+        copies = [tokens, chosen]
         if top_k:
             top_vals, top_ids = raw_logits.topk(top_k, dim=-1)
-            top_vals = top_vals - lse.unsqueeze(1)
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            copies += [top_vals - lse.unsqueeze(1), top_ids]
+        return Drawn(tokens, Download(copies), want_top, raw_logits if top_k else None)
+
+
+class Drawn:
+    """One step's sampled tokens: ``tokens`` on the device, and their results once read back (``results``)."""
+
+    def __init__(self, tokens: torch.Tensor, download: Download, want_top: list[int | None],
+                 raw_logits: torch.Tensor | None) -> None:
+        self.tokens = tokens
+        self._download = download
+        self._want_top = want_top
+        self._raw_logits = raw_logits  # for the rare top-k list that runs into disallowed tokens
+
+    def results(self) -> list[SampleResult]:
+        """A result per row; waits for the device to reach the step's sampling (not for later work)."""
+        host = self._download.wait()
+        token_list, chosen = host[0].tolist(), host[1].tolist()
+        top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)
+        results = []
         for r, tok in enumerate(token_list):
             top = None
-            if want_top[r] is not None:
-                k = want_top[r]
+            k = self._want_top[r]
+            if k is not None:
                 top = {}
                 if k:
                     ids, vals = top_ids[r][:k], top_vals[r][:k]
                     if vals[-1] == -math.inf:  # filled up with disallowed tokens (a grammar's mask)
-                        ids, vals = self._fill_disallowed(raw_logits[r], ids, vals)
+                        ids, vals = _fill_disallowed(self._raw_logits[r], ids, vals)
                     top = dict(zip(ids, vals))
                 top[tok] = chosen[r]
             results.append(SampleResult(tok, chosen[r], top))

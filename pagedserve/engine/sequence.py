@@ -26,6 +26,11 @@ class Sequence:
     Invariants: ``0 <= num_computed_tokens <= num_tokens``; the block table covers at least
     ``num_computed_tokens`` tokens while the request is running; only the table's end ever changes
     (blocks are appended, or the last block is replaced by its copy-on-write copy).
+
+    ``num_tokens`` counts ``num_pending`` tokens beyond ``token_ids``: sampled on the device, not read back yet
+    (the engine reads a step's tokens while the next step runs). At most one, always the last; its value lives
+    in row ``pending_row`` of the in-flight step's token tensor, which is where the next step's input takes it
+    from. Everything that reads token values (outputs, stop checks, prefix-cache hashes) sees ``token_ids``.
     """
 
     def __init__(self, token_ids: list[int], num_prompt_tokens: int, index: int = 0) -> None:
@@ -46,10 +51,12 @@ class Sequence:
         self.seed_key: int | None = None  # seeded requests: this sample's key of counter-based draws (sampler.py)
         self.detok: IncrementalDetokenizer | None = None
         self.matcher = None  # structured outputs: its grammar matcher, which has consumed the output tokens
+        self.num_pending = 0
+        self.pending_row = -1
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

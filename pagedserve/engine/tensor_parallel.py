@@ -433,7 +433,10 @@ class TensorParallelRunner(ModelRunner):
                 self._dead = EngineDeadError(f"tensor-parallel rank {r + 1} {self._describe(r, self._poll(r))}")
                 raise self._dead
 
-    def execute_plan(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute_plan(self, plan: StepPlan, pending_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        # The ranks never see the driver's sampled tokens: every input token is known before a step is sent
+        # (the engine reads tokens back at once with more than one rank, ``LLMEngine.async_scheduling``).
+        assert not plan.pending_rows, "a tensor-parallel step cannot take its input from the device"
         self.check_alive()
         start = time.monotonic()
         try:
