@@ -101,13 +101,14 @@ def decode_modes(device: torch.device) -> list[tuple[str, bool, bool | None]]:
     return modes
 
 
-def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0) -> dict:
+def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0, profiler=None) -> dict:
     """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
     ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards.
 
     The device is synchronized before and after the timed steps, not between them: with async scheduling a
     step's host work overlaps the device's previous step, and a sync per step would undo that. ``step_s_mean`` is
-    the window over ``steps``; the median and minimum are of the host's time per ``step()`` call."""
+    the window over ``steps``; the median and minimum are of the host's time per ``step()`` call. ``profiler``: a
+    ``cProfile.Profile`` enabled around the timed steps."""
     device = eng.runner.device
     rng = np.random.default_rng(seed * 1000 + batch)
     max_tokens = decode_max_tokens(batch, context, steps, eng.max_num_batched_tokens)
@@ -128,6 +129,8 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
         before = [r.seqs[0].num_output_tokens for r in reqs]
         times = []
         sync(device)
+        if profiler is not None:
+            profiler.enable()
         start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -135,6 +138,8 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
             times.append(time.perf_counter() - t0)
         sync(device)
         window = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
         gained = [r.seqs[0].num_output_tokens - b for r, b in zip(reqs, before)]
         pure = all(g == steps for g in gained) and eng.stats()["num_preemptions"] == preempted
     finally:
@@ -154,6 +159,7 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
     rows = {b: {"batch": b} for b in batches}
     meta: dict = {}
     captured: dict[str, bool] = {}
+    profiles: dict[str, dict] = {}
     for mode, eager, overlap in decode_modes(dev):
         eng = decode_engine(model_dir, device, dtype, max(batches), context, steps, eager, async_scheduling=overlap)
         runner = eng.runner
@@ -170,6 +176,8 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
         meta = {"weight_bytes": decode_weight_bytes(runner.model),
                 "kv_bytes_per_token": runner.block_bytes // runner.block_size,
                 "num_params": runner.num_params, "dtype": str(runner.dtype).removeprefix("torch.")}
+        if mode in ("graphs", "host"):
+            profiles[mode] = profile_steps(eng, max(batches), context, steps, seed)
         for b in batches:
             m = measure_decode_steps(eng, b, context, steps, seed)
             roof = decode_roofline_s(meta["weight_bytes"], meta["kv_bytes_per_token"], m.pop("context_lens"), steps,
@@ -199,7 +207,24 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
             **meta, "cuda_graphs_captured": captured, "target_x_roofline": ROOFLINE_TARGET,
             "target_batch": ROOFLINE_TARGET_BATCH,
             "target_met": (all(r["graphs_x_roofline"] <= ROOFLINE_TARGET for r in big) if big else None),
-            "rows": out_rows}
+            "rows": out_rows, "profiles": profiles}
+
+
+def profile_steps(eng, batch: int, context: int, steps: int, seed: int, top: int = 25) -> dict:
+    """Where the host's time goes in ``steps`` decode steps of ``batch`` sequences: the functions with the most own
+    time, per step (cProfile; its overhead inflates Python-heavy functions, so read the shares, not the sums). In
+    a CUDA engine a wait for the device shows as the own time of the call that waits."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    m = measure_decode_steps(eng, batch, context, steps, seed + 1, profiler=prof)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return {"batch": batch, "steps": steps, "step_s_mean_profiled": m["step_s_mean"],
+            "top": [{"function": f"{file.rsplit('/', 1)[-1]}:{line}({name})", "calls_per_step": nc / steps,
+                     "own_us_per_step": tt / steps * 1e6, "cumulative_us_per_step": ct / steps * 1e6}
+                    for (file, line, name), (_, nc, tt, ct, _) in rows]}
 
 
 def print_decode_roofline(console, d: dict, device: str) -> None:
@@ -237,6 +262,10 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
     if not all(r[f"{m}_pure_decode"] for r in d["rows"] for m in ("graphs", "eager", "host", "sync")
                if f"{m}_pure_decode" in r):
         console.print("* not every timed step decoded every sequence (preemption or a request finished)")
+    for mode, prof in d.get("profiles", {}).items():
+        console.print(f"{mode}: most own time per step at batch {prof['batch']} (cProfile, "
+                      f"{prof['step_s_mean_profiled'] * 1e3:.2f} ms a step profiled): "
+                      + ", ".join(f"{r['function']} {r['own_us_per_step']:.0f} us" for r in prof["top"][:8]))
     met = d["target_met"]
     console.print(f"target: decode step <= {d['target_x_roofline']}x roofline at batch >= {d['target_batch']}: "
                   + ("no batch that large measured" if met is None else ("met" if met else "NOT met")))

@@ -211,6 +211,12 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[Block] = ()) -> bool:
         """Give ``seq`` room for ``num_new_tokens`` more tokens. All or nothing: False changes nothing."""
+        if num_new_tokens == 1 and not cached and not seq.private_copy_pending:
+            # A decode, every running sequence every step: nothing to do while its last block has room and is
+            # its own (what blocks_needed would count as 0 and the rest below leave as is).
+            pos, table, bs = seq.num_computed_tokens, seq.block_table, self.block_size
+            if pos < len(table) * bs and (pos % bs == 0 or self.gpu.blocks[table[pos // bs]].ref_count == 1):
+                return True
         if self.blocks_needed(seq, num_new_tokens, cached) > self.gpu.num_free:
             return False
         if cached:

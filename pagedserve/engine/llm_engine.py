@@ -391,13 +391,14 @@ class LLMEngine:
                 self.block_manager.register_full_blocks(seq)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
         progressed: dict[str, Request] = {}  # beam requests that took a step
-        sample_rows = []
+        sample_rows, owners = [], []
         for row, seq in enumerate(sample_seqs):
             req = self._owner.get(seq.seq_id)
             if req is None or seq.finished:
                 continue  # ended by the token just read back (or meanwhile): this row was one too many
             if req.beam is None:
                 sample_rows.append(row)
+                owners.append(req)
                 continue
             req.pending_logits[seq.seq_id] = logits[row]
             if len(req.pending_logits) == len(req.seqs):
@@ -408,10 +409,9 @@ class LLMEngine:
             logits = logits[self._index(sample_rows)] if sample_rows else logits
         drawn = None
         if sample_seqs:
-            rows, seqs = self._expand_forks(sample_seqs, failed)
+            rows, seqs, owners = self._expand_forks(sample_seqs, owners, failed)
             if len(rows) != len(sample_seqs):
                 logits = logits[self._index(rows)]
-            owners = [self._owner[s.seq_id] for s in seqs]
             self._constrain(logits, seqs, owners, failed)
             drawn = self._draw(logits, seqs, owners, failed)
         now = time.time()
@@ -579,15 +579,17 @@ class LLMEngine:
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
 
-    def _expand_forks(self, sample_seqs: list[Sequence],
-                      failed: dict[str, tuple[Request, str]]) -> tuple[list[int], list[Sequence]]:
+    def _expand_forks(self, sample_seqs: list[Sequence], owners: list[Request], failed: dict[str, tuple[Request, str]],
+                      ) -> tuple[list[int], list[Sequence], list[Request]]:
         """Fork each prompt that just finished prefill into its samples, which all read the prompt's logits row.
 
-        Returns, per sequence to sample, its row in ``logits`` and the sequence (none for a request that failed).
+        Returns, per sequence to sample, its row in ``logits``, the sequence and its request (none for a request
+        that failed).
         """
-        rows, seqs = [], []
-        for row, seq in enumerate(sample_seqs):
-            req = self._owner[seq.seq_id]
+        if not failed and all(req.forked for req in owners):  # every step but a prompt's last
+            return list(range(len(sample_seqs))), sample_seqs, owners
+        rows, seqs, reqs = [], [], []
+        for row, (seq, req) in enumerate(zip(sample_seqs, owners)):
             group = [seq]
             if not req.forked and not self._guard(req, failed, "fork", self._fork_samples, req, seq, group):
                 continue
@@ -595,7 +597,8 @@ class LLMEngine:
                 continue
             rows.extend([row] * len(group))
             seqs.extend(group)
-        return rows, seqs
+            reqs.extend([req] * len(group))
+        return rows, seqs, reqs
 
     def _fork_samples(self, req: Request, seq: Sequence, group: list[Sequence]) -> None:
         for i in range(1, req.params.num_samples):

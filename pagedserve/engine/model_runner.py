@@ -191,30 +191,33 @@ class ModelRunner:
         pending_rows: list[int] = []
         pending_sources: list[int] = []
         decode_only = True
+        num_tokens = 0
         for item in sched.scheduled:
             for seq, n in item.seqs:
                 start = seq.num_computed_tokens
                 end = start + n
                 table = seq.block_table
+                known = seq.token_ids
                 if n == 1:  # decode: the common case, without the range machinery
-                    input_ids.append(seq.token_ids[start] if start < len(seq.token_ids) else 0)
+                    input_ids.append(known[start] if start < len(known) else 0)
                     positions.append(start)
                     slots.append(table[start // bs] * bs + start % bs)
                 else:
-                    input_ids.extend(seq.token_ids[start:end])
+                    input_ids.extend(known[start:end])
                     positions.extend(range(start, end))
                     slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
                     decode_only = False
-                if end > len(seq.token_ids):  # its last token is still on the device: taken from there
+                num_tokens += n
+                if end > len(known):  # its last token is still on the device: taken from there
                     if n > 1:
                         input_ids.append(0)
-                    pending_rows.append(cu[-1] + n - 1)
+                    pending_rows.append(num_tokens - 1)
                     pending_sources.append(seq.pending_row)
-                cu.append(cu[-1] + n)
+                cu.append(num_tokens)
                 seq_lens.append(end)
                 tables.append(table)
                 if end == seq.num_tokens:
-                    sample_rows.append(cu[-1] - 1)
+                    sample_rows.append(num_tokens - 1)
                     sample_seqs.append(seq)
         # Row by row into a zeroed array: cheaper than torch.tensor over padded nested lists at long contexts.
         block_tables = np.zeros((len(tables), max(map(len, tables), default=0)), dtype=np.int32)

@@ -375,8 +375,10 @@ class Scheduler:
         (so a swapped-out request never takes back the room its preemption made for a better one).
 
         Returns the budget left."""
-        num_seqs = self.num_running_seqs()
+        num_seqs = None  # O(running requests): counted only once something is queued
         while budget > 0 and (req := self._queue_head()) is not None:
+            if num_seqs is None:
+                num_seqs = self.num_running_seqs()
             if req.status == RequestStatus.SWAPPED:
                 left = self._swap_in(req, out, budget, num_seqs)
             else:
@@ -472,10 +474,12 @@ class Scheduler:
         worse one gone, or once the holds take a whole step's budget: none after it starts this step (the queued
         phase stops at the first that does not fit), so preempting for it would only cut a worse one's step."""
         holds: list[_Hold] = []
-        num_seqs, tokens, blocks = self.num_running_seqs(), 0, 0
+        num_seqs, tokens, blocks = None, 0, 0
         for req in self._queued():
             if tokens >= self.max_num_batched_tokens or not self._worse_runs(req):
                 break
+            if num_seqs is None:  # O(running requests): counted only when a queued request may preempt
+                num_seqs = self.num_running_seqs()
             need_seqs, need_blocks, need_tokens = self._needs(req)
             while not (fits := num_seqs + need_seqs <= self.max_num_seqs
                        and blocks + need_blocks <= self.bm.num_free_gpu_blocks) and self._worse_runs(req):
