@@ -58,6 +58,21 @@ def test_a_cuda_device_torch_cannot_see_names_the_setting():
         "error: invalid setting PAGEDSERVE_DEVICE='cuda': device names a CUDA device this torch cannot see"), line
 
 
+def test_async_scheduling_with_tensor_parallel_ranks_names_both_settings():
+    res = _worker({"PAGEDSERVE_ASYNC_SCHEDULING": "true", "PAGEDSERVE_TENSOR_PARALLEL_SIZE": "2",
+                   "PAGEDSERVE_METRICS_PORT": "0"})
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith("error: async_scheduling needs tensor_parallel_size 1"), line
+    assert line.endswith("(PAGEDSERVE_ASYNC_SCHEDULING, PAGEDSERVE_TENSOR_PARALLEL_SIZE)"), line
+
+
+def test_async_scheduling_setting_reaches_the_engine(monkeypatch):
+    monkeypatch.delenv("PAGEDSERVE_ASYNC_SCHEDULING", raising=False)
+    assert Settings().engine_kwargs()["async_scheduling"] is None  # the engine's default
+    monkeypatch.setenv("PAGEDSERVE_ASYNC_SCHEDULING", "false")
+    assert Settings().engine_kwargs()["async_scheduling"] is False
+
+
 def test_the_swap_pool_size_rule():
     total = (32 * GIB, "the host's memory")
     with pytest.raises(ValueError, match=r"swap_space_gb asks for a 33.0 GiB swap pool, more than the host's memory "

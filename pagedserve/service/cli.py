@@ -338,6 +338,8 @@ def _engine_setting_error(e: ValueError) -> str | None:
     import re
 
     text = redact(e)
+    if text.startswith("async_scheduling needs tensor_parallel_size"):
+        return f"error: {text} (PAGEDSERVE_ASYNC_SCHEDULING, PAGEDSERVE_TENSOR_PARALLEL_SIZE)"
     if "tensor_parallel_size" in text:
         return f"error: {text} (PAGEDSERVE_TENSOR_PARALLEL_SIZE)"
     if re.match(r"PAGEDSERVE_[A-Z0-9_]+ ", text):

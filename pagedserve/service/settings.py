@@ -223,6 +223,7 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=AliasChoices(
         "PAGEDSERVE_GRACE_PERIOD_S", "PAGEDSERVE_SHUTDOWN_GRACE_S"))
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
+    async_scheduling: bool | None = None  # engine option; None: the engine's default (on for one CUDA GPU)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
     max_message_bytes: int = Field(1 << 20, ge=256)  # a larger body is refused unparsed (protocol.parse_request)
     lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
@@ -392,6 +393,7 @@ class Settings(BaseSettings):
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
+            async_scheduling=self.async_scheduling,
         )
 
 
