@@ -39,40 +39,43 @@ def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
     rows = [r for r, ids in enumerate(held) for t in ids if t < vocab]
     cols = [t for ids in held for t in ids if t < vocab]
     if rows:
-        scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = -torch.inf
+        scores[tuple(upload([rows, cols], torch.int64, scores.device))] = -torch.inf
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
     """In place, on logits (sampling) or log-probs (beam search). Repetition penalty (HF/CTRL style) over prompt +
-    output; presence/frequency over output."""
+    output; presence/frequency over output. The token sets are made on the host and nothing here waits for the
+    device (``unique``, boolean masks and ``bincount`` would: their output size depends on the data)."""
     vocab = logits.shape[1]
+    device = logits.device
     for row, (seq, p) in enumerate(zip(seqs, params)):
         if not p.needs_penalties:
             continue
-        out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-        out_ids = out_ids[out_ids < vocab]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device).unique()
-            seen = seen[seen < vocab]
+            (seen,) = upload([sorted({t for t in seq.token_ids if t < vocab})], torch.int64, device)
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(out_ids, minlength=vocab).to(logits.dtype)
+        out_ids = [t for t in seq.output_token_ids if t < vocab]
+        if out_ids and (p.presence_penalty or p.frequency_penalty):
+            (ids,) = upload([out_ids], torch.int64, device)
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
+            counts.index_add_(0, ids, torch.ones(len(out_ids), dtype=logits.dtype, device=device))
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks; returns probabilities."""
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
-    logits = logits / temps.unsqueeze(1)
     vocab = logits.shape[1]
+    temps, top_p, min_p = upload([[p.temperature for p in params], [p.top_p for p in params],
+                                  [p.min_p for p in params]], torch.float32, device)
+    (top_k,) = upload([[p.top_k if p.top_k > 0 else vocab for p in params]], torch.int64, device)
+    logits = logits / temps.to(logits.dtype).unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
         ranks = torch.arange(vocab, device=device).unsqueeze(0)
         mask = ranks >= top_k.unsqueeze(1)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+        top_p = top_p.to(logits.dtype)
         probs_sorted = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the top token is always kept). Only rows that ask:
         # at top_p = 1 the float32 running sum reaches 1 before the tail and would cut it.
@@ -82,7 +85,7 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
+        min_p = min_p.to(probs.dtype)
         probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs
 

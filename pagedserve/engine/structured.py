@@ -40,6 +40,7 @@ from typing import Protocol
 
 import torch
 
+from pagedserve.engine.device_copy import upload
 from pagedserve.engine.structured_spec import KINDS, cache_key, kind_of, structured_error
 
 TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
@@ -470,7 +471,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
         disallowed[:, :allowed.shape[1]] = ~allowed
     if rows is not None and (len(rows) != logits.shape[0] or rows != list(range(len(rows)))):
         spread = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        spread[torch.tensor(rows, dtype=torch.long, device=device)] = disallowed
+        spread[upload([rows], torch.int64, device)[0]] = disallowed
         disallowed = spread
     with torch.inference_mode():  # the model runner's logits are inference tensors
         logits.masked_fill_(disallowed, float("-inf"))
