@@ -172,6 +172,46 @@ def test_gpu_async_scheduling_equals_synchronous(tiny_models):
                 compare_sparse(c.token_ids, c.logprobs, r.token_ids, r.logprobs, FP32_TOL)
 
 
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_gpu_async_decode_steps_never_wait_for_the_device(tiny_models, monkeypatch, enforce_eager):
+    """With async scheduling the host waits for the device once a step, for the tokens of the step before the one
+    it just queued (``Download.wait``); any other synchronizing call (a blocking copy, ``.item()``, ``nonzero``,
+    ``unique``) would let the device run dry. torch's sync debug mode raises on those: decode steps of a batch
+    with every sampling feature (greedy, temperature, top-k/p, min-p, seeds, penalties, min_tokens, logprobs)
+    must run without one, with and without CUDA graphs."""
+    from pagedserve.engine import device_copy
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(tiny_models["llama"], device="cuda", dtype="float32", enforce_eager=enforce_eager, seed=0)
+    assert engine.async_scheduling
+    kinds = [dict(temperature=0), dict(temperature=0.8, top_k=20, top_p=0.9, seed=1), dict(temperature=1.0, min_p=0.1),
+             dict(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2, seed=2),
+             dict(temperature=0, min_tokens=30, stop_token_ids=[5, 6, 7]), dict(temperature=0.5, logprobs=2)]
+    for i in range(12):
+        engine.add_request(f"r{i}", _prompts(i, [5 + 3 * i])[0],
+                           SamplingParams(max_tokens=60, ignore_eos=True, **kinds[i % len(kinds)]))
+    for _ in range(8):  # prefill, then warm-up decode steps (allocator, kernel compilation, graph buffers)
+        engine.step()
+    wait = device_copy.Download.wait
+
+    def expected_wait(self):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return wait(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(device_copy.Download, "wait", expected_wait)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(len(r.seqs[0].token_ids) > 20 for r in engine.requests.values())
+    engine.close()
+
+
 def compare_sparse(tokens, logprobs, ref_tokens, ref_logprobs, tol) -> None:
     """``compare_with_tolerance`` against another engine run, which has only its top-k logprobs."""
     for t, (tok, ref_tok) in enumerate(zip(tokens, ref_tokens)):
