@@ -156,7 +156,7 @@ def test_gpu_async_scheduling_equals_synchronous(tiny_models):
     finals = {}
     for mode in (False, True):
         engine = LLMEngine(tiny_models["llama"], device="cuda", dtype="float32", block_size=4, max_model_len=96,
-                           seed=0, num_gpu_blocks=34, preemption_mode="swap", async_scheduling=mode)
+                           seed=0, num_gpu_blocks=34, preemption_mode="swap", async_scheduling=mode, max_num_seqs=16)
         assert engine.async_scheduling is mode
         finals[mode], _ = _run(engine, prompts, params)
         assert engine.stats()["num_preemptions"] > 0
@@ -182,7 +182,8 @@ def test_gpu_async_decode_steps_never_wait_for_the_device(tiny_models, monkeypat
     from pagedserve.engine import device_copy
     from pagedserve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(tiny_models["llama"], device="cuda", dtype="float32", enforce_eager=enforce_eager, seed=0)
+    engine = LLMEngine(tiny_models["llama"], device="cuda", dtype="float32", enforce_eager=enforce_eager, seed=0,
+                       max_num_seqs=16)
     assert engine.async_scheduling
     kinds = [dict(temperature=0), dict(temperature=0.8, top_k=20, top_p=0.9, seed=1), dict(temperature=1.0, min_p=0.1),
              dict(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2, seed=2),
