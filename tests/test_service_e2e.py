@@ -24,10 +24,26 @@ def setup(redis_url, prefix, shared_engine):
         yield s, w, c
 
 
-def test_greedy_equals_offline_engine_and_deltas_concatenate(setup):
+@pytest.fixture(scope="module")
+def async_engine():
+    """An engine that reads each step's tokens during the next step, as a worker on one CUDA GPU does."""
+    from pagedserve.engine import LLMEngine
+
+    return LLMEngine(model=TEST_MODEL, **ENGINE_KW, async_scheduling=True)
+
+
+@pytest.fixture(params=["sync", "async"])
+def either(request, redis_url, prefix, shared_engine):
+    engine = shared_engine if request.param == "sync" else request.getfixturevalue("async_engine")
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, engine) as w, Client(settings=s) as c:
+        yield s, w, c
+
+
+def test_greedy_equals_offline_engine_and_deltas_concatenate(either):
     from pagedserve.engine import LLM, SamplingParams
 
-    s, w, c = setup
+    s, w, c = either
     # Streaming, concurrently: submit all, then read every stream.
     ids = [c.submit(p, params={"max_tokens": 12, "temperature": 0.0}) for p in PROMPTS]
     wire = {}
@@ -91,8 +107,8 @@ def test_generate_params_n_beam_and_chat(setup):
     assert ei.value.code == "prompt_too_long"
 
 
-def test_cancel_mid_stream_frees_blocks_and_deadline(setup):
-    s, w, c = setup
+def test_cancel_mid_stream_frees_blocks_and_deadline(either):
+    s, w, c = either
     engine = w.engine
     total = engine.stats()["num_gpu_blocks"]
     events = c.stream("cancel me " * 20, params={"max_tokens": 1800, "ignore_eos": True, "temperature": 0},
