@@ -184,7 +184,8 @@ class BlockManager:
         """Publish ``seq``'s newly computed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        # Computed and known: a token still pending on the device (Sequence.num_pending) has KV but no value yet.
+        num_full = min(min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size, len(seq.block_table))
         while seq.num_registered_blocks < num_full:
             i = seq.num_registered_blocks
             h = self._token_block_hash(seq, i)
