@@ -39,7 +39,9 @@ def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
     rows = [r for r, ids in enumerate(held) for t in ids if t < vocab]
     cols = [t for ids in held for t in ids if t < vocab]
     if rows:
-        scores[tuple(upload([rows, cols], torch.int64, scores.device))] = -torch.inf
+        # The value as a device tensor: a Python scalar would go up by a blocking copy (a stream sync).
+        scores.index_put_(tuple(upload([rows, cols], torch.int64, scores.device)),
+                          torch.full((len(rows),), -torch.inf, dtype=scores.dtype, device=scores.device))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
