@@ -198,3 +198,27 @@ def test_same_tokens_after_a_different_prefix_never_share(monkeypatch):
         again, hits = _prefill(bm, a + x + [2])  # the same chain is still shared
         assert hits == 2 and again.block_table[:2] == victim.block_table[:2]
         bm.check_invariants([victim, probe, attacker, again])
+
+
+def test_a_fork_restarted_without_sharing_takes_exactly_the_blocks_it_was_counted():
+    """A fork made with sharing off (it copies its shared blocks at its next allocate) was preempted by
+    recompute before that allocate. Restarted, it found its prompt in the prefix cache, still held by its
+    parent: allocate() copied those hits too, which blocks_needed() had not counted, and with the pool that
+    tight the scheduler's checked allocation ran out of blocks (KeyError from the free list, the engine dead)."""
+    bm = BlockManager(16, 0, BS, True, share_blocks=False)
+    parent = Sequence(list(range(1, 2 * BS + 2)), 2 * BS + 1)
+    assert bm.allocate(parent, parent.num_tokens)
+    parent.num_computed_tokens = parent.num_tokens
+    bm.register_full_blocks(parent)
+    child = parent.fork(1)
+    bm.fork(parent, child)
+    assert child.private_copy_pending
+    bm.free(child)  # recompute preemption
+    child.num_computed_tokens = 0
+    hits = bm.find_cached_prefix(child)
+    assert len(hits) == 2  # the parent's two full blocks, still held by it
+    n = child.num_tokens - len(hits) * BS
+    need, free = bm.blocks_needed(child, n, hits), bm.num_free_gpu_blocks
+    assert bm.allocate(child, n, hits)
+    assert free - bm.num_free_gpu_blocks == need
+    bm.check_invariants([parent, child])

@@ -287,6 +287,9 @@ class BlockManager:
             pool.release(pool.blocks[block_id])
         seq.block_table = []
         seq.num_registered_blocks = 0
+        # A fork that was to copy its shared blocks has none left: restarted, it starts (prefix hits included) as
+        # any sequence does. Left set, allocate() would copy hits that blocks_needed never counted.
+        seq.private_copy_pending = False
 
     def free_cpu(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
