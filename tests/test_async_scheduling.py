@@ -162,3 +162,60 @@ def test_async_scheduling_defaults_and_refusals(tiny_models):
         LLMEngine(tiny_models["llama"], device="cpu", async_scheduling=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="async_scheduling must be a bool or None"):
         LLMEngine(tiny_models["llama"], device="cpu", async_scheduling="yes")
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["sync", "async"])
+def test_a_caller_stepping_on_after_a_failed_step_gets_errors_not_wrong_tokens(tiny_models, mode):
+    """A step that raised while blocks were to move (swap, copy-on-write) left those requests' KV in an unknown
+    state; a caller that went on stepping without ending them (LLMEngine is usable that way) got wrong tokens
+    with no error. Now each of them ends with an error saying so, the rest finish as if nothing had failed, and
+    an ending decided before the failure (here a deadline) still reaches the caller."""
+    rng = random.Random(128)
+    prompts, params = [], []
+    for _ in range(6):
+        prompts.append([rng.randint(5, 200) for _ in range(rng.randint(3, 20))])
+        params.append(SamplingParams(max_tokens=rng.randint(10, 25), temperature=1.0, seed=rng.randint(0, 99),
+                                     n=rng.randint(1, 3)))
+
+    def engine():
+        return LLMEngine(tiny_models["llama"], device="cpu", block_size=4, max_model_len=96, seed=0,
+                         num_gpu_blocks=30, preemption_mode="swap", async_scheduling=mode)
+
+    ref, _ = _run(engine(), prompts, params)
+    eng = engine()
+    real, failed, calls = eng.runner.execute, [], []
+
+    def execute(sched, *args):
+        calls.append(sched)
+        if len(calls) == 1:  # past its deadline: the next step ends it before it fails itself
+            eng.add_request("late", [9, 9], SamplingParams(max_tokens=5), deadline=0.0)
+        moves = bool(sched.swap_out or sched.swap_in or sched.copies)
+        if len(calls) == 2 or (moves and not failed):
+            if moves:
+                failed.append(sched)
+            raise RuntimeError("injected: device lost mid-step")
+        return real(sched, *args)
+
+    eng.runner.execute = execute
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", prompt, p)
+    final = {}
+    for _ in range(2000):
+        if not eng.has_unfinished_requests():
+            break
+        try:
+            outs = eng.step()
+        except RuntimeError:
+            continue
+        final.update((o.request_id, o) for o in outs if o.finished)
+    assert failed, "no step moved blocks: the case does not test anything"
+    errors = {rid for rid, o in final.items() if o.error is not None and rid != "late"}
+    assert errors and errors <= {item.request.request_id for item in failed[0].scheduled} | {
+        r.request_id for r in failed[0].preempted}
+    assert all("cache can no longer be trusted" in final[rid].error for rid in errors)
+    for rid, out in ref.items():
+        if rid not in errors:
+            assert _final(final[rid]) == _final(out), rid
+    assert final["late"].outputs[0].finish_reason == "deadline"
+    bm = eng.block_manager
+    assert (bm.gpu.num_free, bm.cpu.num_free) == (bm.gpu.num_blocks, bm.cpu.num_blocks)

@@ -41,6 +41,8 @@ MAX_ERROR_LEN = 300
 # its end is logged as one warning line (``_fail``), without a traceback. Anything else keeps its traceback.
 EXPECTED_FAILURES = (GrammarFailed,)
 log = logging.getLogger(__name__)
+STEP_FAILED = ("an engine step failed while this request's KV cache was being moved (swap or copy-on-write): its "
+               "cache can no longer be trusted; send the request again")
 
 
 @dataclasses.dataclass
@@ -121,6 +123,7 @@ class LLMEngine:
         self._holding_stops = 0
         self._ready: list[RequestOutput] = []  # resumed requests that had already ended: out at the next step
         self._in_flight: DrawnStep | None = None  # the last step's tokens, read during this one (async_scheduling)
+        self._untrusted: list[Request] = []  # in a step that failed while moving blocks: ended at the next step
         self.num_steps = 0
 
     def _resolve_max_model_len(self, hf_config) -> int:
@@ -363,6 +366,8 @@ class LLMEngine:
         """
         now = time.time()
         outputs, self._ready = self._ready, []
+        untrusted, self._untrusted = self._untrusted, []
+        outputs += [self._fail(req, STEP_FAILED) for req in untrusted if self.requests.get(req.request_id) is req]
         outputs += [self.abort_request(r.request_id, "deadline")
                     for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
         sched = self.scheduler.schedule()
@@ -380,6 +385,12 @@ class LLMEngine:
             logits, sample_seqs = self.runner.execute(sched, in_flight.tokens if in_flight is not None else None)
         except BaseException:
             self._in_flight = in_flight  # still to be read, and still the input of sequences' next tokens
+            self._ready = outputs  # endings decided before the failure still reach the caller, next step
+            if sched.swap_out or sched.swap_in or sched.copies:
+                # Blocks were to move (swap, copy-on-write) in this step, and whether they did is unknown: the KV
+                # of the requests it held cannot be trusted. A caller that goes on stepping without ending them
+                # (the service and LLM.generate end them) gets an error for each, not wrong tokens.
+                self._untrusted = [item.request for item in sched.scheduled] + list(sched.preempted)
             raise
         for item in sched.scheduled:
             for seq, n in item.seqs:
