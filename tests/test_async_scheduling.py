@@ -219,3 +219,30 @@ def test_a_caller_stepping_on_after_a_failed_step_gets_errors_not_wrong_tokens(t
     assert final["late"].outputs[0].finish_reason == "deadline"
     bm = eng.block_manager
     assert (bm.gpu.num_free, bm.cpu.num_free) == (bm.gpu.num_blocks, bm.cpu.num_blocks)
+
+
+def test_an_ending_kept_from_a_failed_step_does_not_answer_a_new_request_of_that_id(tiny_models):
+    """A request that reached its deadline in a step that then failed has its ending handed out at the next step.
+    A caller that sent it back and added it again under the same id (the service's redelivery) before that step
+    gets the new request's own outputs, not the old one's ending."""
+    eng = LLMEngine(tiny_models["llama"], device="cpu", seed=0)
+    real, calls = eng.runner.execute, []
+
+    def execute(sched, *args):
+        calls.append(sched)
+        if len(calls) == 2:
+            raise RuntimeError("injected: device lost mid-step")
+        return real(sched, *args)
+
+    eng.runner.execute = execute
+    eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    eng.step()
+    eng.add_request("x", [8, 9], SamplingParams(max_tokens=4), deadline=0.0)  # ends at the next step's start
+    with pytest.raises(RuntimeError):
+        eng.step()
+    eng.abort_request("a")  # what the service does with every request of a failed step
+    eng.add_request("x", [8, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # redelivered
+    ends = []
+    while eng.has_unfinished_requests():
+        ends += [o for o in eng.step() if o.finished and o.request_id == "x"]
+    assert [(o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in ends] == [("length", 4)]

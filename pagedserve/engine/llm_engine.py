@@ -231,6 +231,8 @@ class LLMEngine:
             self._resume(req, resume)  # may still refuse the request: nothing refers to it before this returns
         for seq in req.seqs:
             self._owner[seq.seq_id] = req
+        if self._ready:  # an ending kept for the next step belongs to an earlier request of this id, gone now
+            self._ready = [out for out in self._ready if out.request_id != request_id]
         self.requests[request_id] = req
         self._holding_stops += bool(params.min_tokens)
         if all(s.finished for s in req.seqs):  # resumed after its last token: only its ending is left to hand out
