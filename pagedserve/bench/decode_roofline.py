@@ -259,8 +259,7 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
         console.print("sync: graphs with async_scheduling off (the host reads each step's tokens before the next)")
     if not d["cuda_graphs_captured"].get("graphs"):
         console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
-    if not all(r[f"{m}_pure_decode"] for r in d["rows"] for m in ("graphs", "eager", "host", "sync")
-               if f"{m}_pure_decode" in r):
+    if not all(v for r in d["rows"] for k, v in r.items() if k.endswith("_pure_decode")):
         console.print("* not every timed step decoded every sequence (preemption or a request finished)")
     for mode, prof in d.get("profiles", {}).items():
         console.print(f"{mode}: most own time per step at batch {prof['batch']} (cProfile, "

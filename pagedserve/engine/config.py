@@ -69,11 +69,11 @@ class EngineConfig:
             fail("share_blocks", "must be a bool")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             fail("async_scheduling", "must be a bool or None")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            fail("async_scheduling", "needs tensor_parallel_size 1: the ranks take every input token from the host")
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
                 or self.tensor_parallel_size < 1:
             fail("tensor_parallel_size", "must be an integer >= 1")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            fail("async_scheduling", "needs tensor_parallel_size 1: the ranks take every input token from the host")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):
             fail("seed", "must be an integer in [0, 2**63) or None")

@@ -29,7 +29,7 @@ from pagedserve.engine.device_copy import upload
 from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, apply_penalties, hold_tokens
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
-from pagedserve.engine.sequence import Request, RequestStatus, ResumeSample, Sequence
+from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend, withhold
 from pagedserve.engine.structured_spec import GrammarFailed
 from pagedserve.engine.tokenizer import load_tokenizer
@@ -399,7 +399,7 @@ class LLMEngine:
                 seq.num_computed_tokens += n
         if in_flight is not None:
             outputs += self._read_back(in_flight)
-        for item in sched.scheduled:  # after the read-back: a block's hash is of its tokens, all known now
+        for item in sched.scheduled:  # after the read-back: a block its token just completed is published now
             for seq, _ in item.seqs:
                 self.block_manager.register_full_blocks(seq)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
@@ -427,16 +427,15 @@ class LLMEngine:
                 logits = logits[self._index(rows)]
             self._constrain(logits, seqs, owners, failed)
             drawn = self._draw(logits, seqs, owners, failed)
-        now = time.time()
-        for req in progressed.values():
-            if req.request_id not in failed:
-                self._guard(req, failed, "output", self._emit, req, now, outputs)
+        self._emit_progressed(progressed, failed, outputs)
         if drawn is not None:
             if self.async_scheduling:
+                for pairs, _ in drawn.parts:
+                    for _, seq in pairs:
+                        seq.num_pending = 1
                 self._in_flight = drawn
             else:
                 outputs += self._read_back(drawn)
-        outputs.extend(self._fail(req, why) for req, why in failed.values())
         return outputs
 
     def _index(self, rows: list[int]) -> torch.Tensor:
@@ -462,8 +461,9 @@ class LLMEngine:
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
               failed: dict[str, tuple[Request, str]]) -> DrawnStep | None:
         """One token per row, batched, on the device; if the batch raises, each request is drawn alone so that
-        only the culprit fails (greedy and seeded rows draw the same tokens either way). Each drawn sequence
-        gets its token as pending (``Sequence.num_pending``) until :meth:`_read_back`."""
+        only the culprit fails (greedy and seeded rows draw the same tokens either way). Each drawn sequence's
+        row in the step's tokens is its ``pending_row``; with async scheduling its token stays pending
+        (``Sequence.num_pending``) until :meth:`_read_back`."""
         held = self._held(seqs, owners)
         parts: list[tuple[list[tuple[Request, Sequence]], Drawn]] = []
         try:
@@ -488,7 +488,6 @@ class LLMEngine:
         row = 0
         for pairs, _ in parts:
             for _, seq in pairs:
-                seq.num_pending += 1
                 seq.pending_row = row
                 row += 1
         tokens = parts[0][1].tokens if len(parts) == 1 else torch.cat([d.tokens for _, d in parts])
@@ -499,7 +498,7 @@ class LLMEngine:
         the requests it moved on give their outputs. A request that ended since it was drawn is passed over."""
         for pairs, _ in drawn.parts:
             for _, seq in pairs:
-                seq.num_pending -= 1
+                seq.num_pending = 0  # its only one: this step's draw comes after this read
         failed: dict[str, tuple[Request, str]] = {}
         progressed: dict[str, Request] = {}
         for pairs, part in drawn.parts:
@@ -508,13 +507,18 @@ class LLMEngine:
                     continue
                 if self._guard(req, failed, "stop check or detokenization", self._append_token, req, seq, res):
                     progressed[req.request_id] = req
-        now = time.time()
         outputs: list[RequestOutput] = []
+        self._emit_progressed(progressed, failed, outputs)
+        return outputs
+
+    def _emit_progressed(self, progressed: dict[str, Request], failed: dict[str, tuple[Request, str]],
+                         outputs: list[RequestOutput]) -> None:
+        """The outputs of the requests a step moved on, then the endings of those that failed in it."""
+        now = time.time()
         for req in progressed.values():
             if req.request_id not in failed:
                 self._guard(req, failed, "output", self._emit, req, now, outputs)
         outputs.extend(self._fail(req, why) for req, why in failed.values())
-        return outputs
 
     def _held(self, seqs: list[Sequence], owners: list[Request]) -> list[list[int]] | None:
         """Per row, the tokens ``min_tokens`` holds back now (applied by the sampler after the raw logprobs, as
@@ -570,8 +574,7 @@ class LLMEngine:
             return
         for seq in req.seqs:
             if seq.finished and seq.block_table:
-                # A token read back a step late can end a sample of a request preempted by swap meanwhile.
-                (self.block_manager.free_cpu if req.status == RequestStatus.SWAPPED else self.block_manager.free)(seq)
+                self.scheduler.free_seq(req, seq)
         out = build_output(req, False, self.tokenizer, self.eos_token_ids)
         if out is not None:
             outputs.append(out)

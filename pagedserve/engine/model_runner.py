@@ -232,12 +232,13 @@ class ModelRunner:
         uploads that do not wait for the device (``device_copy``). ``pending_tokens``: the in-flight step's
         sampled tokens, which the plan's pending rows take as their input."""
         dev = self.device
-        input_ids, positions, slot_mapping, sample_rows, pending_rows, pending_sources = upload(
-            [plan.input_ids, plan.positions, plan.slot_mapping, plan.sample_rows, plan.pending_rows,
-             plan.pending_sources], torch.int64, dev)
+        pending = [plan.pending_rows, plan.pending_sources] if len(plan.pending_rows) else []
+        input_ids, positions, slot_mapping, sample_rows, *rows = upload(
+            [plan.input_ids, plan.positions, plan.slot_mapping, plan.sample_rows, *pending], torch.int64, dev)
         cu_seqlens_q, seq_lens_t, block_tables_t = upload(
             [plan.cu_seqlens_q, plan.seq_lens, plan.block_tables], torch.int32, dev)
-        if len(plan.pending_rows):
+        if rows:
+            pending_rows, pending_sources = rows
             input_ids[pending_rows] = pending_tokens[pending_sources]
         ctx = StepContext(
             slot_mapping=slot_mapping,

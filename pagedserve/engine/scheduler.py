@@ -132,11 +132,13 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
         for seq in req.seqs:
-            if req.status == RequestStatus.SWAPPED:
-                self.bm.free_cpu(seq)
-            else:
-                self.bm.free(seq)
+            self.free_seq(req, seq)
         req.status = RequestStatus.FINISHED
+
+    def free_seq(self, req: Request, seq: Sequence) -> None:
+        """Free one sequence of ``req``'s blocks where they are: the CPU pool while ``req`` is swapped out, else
+        the device (a sample can end on a token read back after its request was swapped out)."""
+        (self.bm.free_cpu if req.status == RequestStatus.SWAPPED else self.bm.free)(seq)
 
     def num_running_seqs(self) -> int:
         return sum(r.max_seqs for r in self.running)
