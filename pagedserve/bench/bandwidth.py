@@ -15,6 +15,41 @@ def bench_ms(fn, quick: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_ms(fn, quick: bool, calls: int = 20) -> float:
+    """Median milliseconds per call of ``fn`` replayed from a captured CUDA graph: the device's time alone.
+
+    ``bench_ms`` times each call from a host launch, so where the host takes longer to launch a call than the
+    device to run it (small batches, a slow or busy host) it measures the host. The engine replays decode from
+    graphs, so this is the latency a decode step sees. Several replays go back to back between the timing events
+    so that one replay's launch hides behind the previous one's work. L2 is not flushed between calls.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton JIT, cuBLAS/flash workspaces) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    replays, samples = (3, 5) if quick else (5, 15)
+    times = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (replays * calls))
+    del graph
+    return float(sorted(times)[len(times) // 2])
+
+
 def event_ms(fn, iters: int) -> float:
     """Mean milliseconds per call of ``iters`` back-to-back calls, timed by CUDA events (after one warm-up)."""
     fn()
