@@ -129,14 +129,19 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
         before = [r.seqs[0].num_output_tokens for r in reqs]
         times = []
         sync(device)
+        forward_events = _time_forwards(eng) if device.type == "cuda" and profiler is None else None
         if profiler is not None:
             profiler.enable()
         start = time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            eng.step()
-            times.append(time.perf_counter() - t0)
-        sync(device)
+        try:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                eng.step()
+                times.append(time.perf_counter() - t0)
+            sync(device)
+        finally:
+            if forward_events is not None:
+                del eng.runner.execute  # the class's method again
         window = time.perf_counter() - start
         if profiler is not None:
             profiler.disable()
@@ -145,9 +150,31 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
     finally:
         for rid in ids:
             eng.abort_request(rid)
+    forward_s = (sum(a.elapsed_time(b) for a, b in forward_events) / 1e3 / len(forward_events)
+                 if forward_events else None)
     return {"batch": batch, "context_lens_mean": sum(context_lens) / batch, "context_lens": context_lens,
             "step_s_mean": window / steps, "step_s_median": sorted(times)[steps // 2], "step_s_min": min(times),
-            "pure_decode": pure}
+            "forward_s_mean": forward_s, "pure_decode": pure}
+
+
+def _time_forwards(eng) -> list:
+    """Record CUDA events on the stream around each step's queued forward (uploads, block ops, the forward or
+    graph replay, the LM head): their span is the device's time for it, plus any gap where the device waited for
+    the host to queue the next piece of it. Their mean, against the roofline, says how much of a step's excess
+    is on the device side, whatever the host does between steps. Undone by deleting the instance attribute."""
+    events: list = []
+    execute = eng.runner.execute
+
+    def timed(*args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = execute(*args, **kwargs)
+        end.record()
+        events.append((start, end))
+        return out
+
+    eng.runner.execute = timed
+    return events
 
 
 def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list[int], context: int, steps: int,
@@ -190,6 +217,9 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
             row[f"{mode}_x_roofline"] = m["step_s_mean"] / roof
             row[f"{mode}_tokens_per_s"] = b / m["step_s_mean"]
             row[f"{mode}_pure_decode"] = m["pure_decode"]
+            if m["forward_s_mean"] is not None:
+                row[f"{mode}_forward_s"] = m["forward_s_mean"]
+                row[f"{mode}_forward_x_roofline"] = m["forward_s_mean"] / roof
             if progress is not None:
                 progress.advance(task)
         del eng, runner
@@ -261,6 +291,11 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
         console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
     if not all(v for r in d["rows"] for k, v in r.items() if k.endswith("_pure_decode")):
         console.print("* not every timed step decoded every sequence (preemption or a request finished)")
+    forwards = [(r["batch"], r["graphs_forward_s"], r["graphs_forward_x_roofline"]) for r in d["rows"]
+                if "graphs_forward_s" in r]
+    if forwards:
+        console.print("graphs: device time of a step's forward (CUDA events around it): "
+                      + ", ".join(f"batch {b} {s * 1e3:.2f} ms ({x:.2f}x roofline)" for b, s, x in forwards))
     for mode, prof in d.get("profiles", {}).items():
         console.print(f"{mode}: most own time per step at batch {prof['batch']} (cProfile, "
                       f"{prof['step_s_mean_profiled'] * 1e3:.2f} ms a step profiled): "
