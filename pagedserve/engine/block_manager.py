@@ -228,13 +228,15 @@ class BlockManager:
             seq.num_computed_tokens = num_hit
             seq.num_registered_blocks = len(cached)
         if seq.private_copy_pending:
-            for i, block_id in enumerate(seq.block_table):
+            table = list(seq.block_table)  # a new list, never a changed one (Sequence's invariant)
+            for i, block_id in enumerate(table):
                 old = self.gpu.blocks[block_id]
                 if old.ref_count > 1:
                     new = self.gpu.allocate()
                     self.copies.append((old.block_id, new.block_id))
                     self.gpu.release(old)
-                    seq.block_table[i] = new.block_id
+                    table[i] = new.block_id
+            seq.block_table = table
             seq.private_copy_pending = False
             seq.num_registered_blocks = 0
         if self._needs_cow(seq):
@@ -243,7 +245,7 @@ class BlockManager:
             new = self.gpu.allocate()
             self.copies.append((old.block_id, new.block_id))
             self.gpu.release(old)
-            seq.block_table[last] = new.block_id
+            seq.block_table = [*seq.block_table[:last], new.block_id, *seq.block_table[last + 1:]]
         total = self._blocks_for(seq.num_computed_tokens + num_new_tokens)
         while len(seq.block_table) < total:
             seq.block_table.append(self.gpu.allocate().block_id)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pagedserve.engine import host_memory
+from pagedserve.engine.block_table_rows import BlockTableRows
 from pagedserve.engine.config import EngineConfig, available_memory_bytes
 from pagedserve.engine.context import StepContext, step_context
 from pagedserve.engine.cpu_linear import prepare_cpu_linears
@@ -154,6 +155,8 @@ class ModelRunner:
         if self.device.type == "cpu" and cpu_extension.fused_layers_enabled():
             why_not = self.model.fuse_layers()
             log.debug("decoder layers: %s", "one call per step" if why_not is None else f"layer by layer ({why_not})")
+        # Rows for twice the sequences a step runs: those of sequences that ended are taken back when short.
+        self.block_table_rows = BlockTableRows(-(-max_model_len // self.block_size), 2 * config.max_num_seqs)
         # Captured after the KV pool exists, so the graphs' memory comes out of the activation headroom.
         self.decode_graphs: DecodeGraphRunner | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -185,7 +188,7 @@ class ModelRunner:
         slots: list[int] = []
         cu = [0]
         seq_lens: list[int] = []
-        tables: list[list[int]] = []
+        planned: list[Sequence] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         pending_rows: list[int] = []
@@ -215,14 +218,11 @@ class ModelRunner:
                     pending_sources.append(seq.pending_row)
                 cu.append(num_tokens)
                 seq_lens.append(end)
-                tables.append(table)
+                planned.append(seq)
                 if end == seq.num_tokens:
                     sample_rows.append(num_tokens - 1)
                     sample_seqs.append(seq)
-        # Row by row into a zeroed array: cheaper than torch.tensor over padded nested lists at long contexts.
-        block_tables = np.zeros((len(tables), max(map(len, tables), default=0)), dtype=np.int32)
-        for i, table in enumerate(tables):
-            block_tables[i, :len(table)] = table
+        block_tables = self.block_table_rows.gather(planned)
         return StepPlan(input_ids, positions, slots, cu, seq_lens, block_tables, decode_only, sample_rows,
                         list(sched.swap_out), list(sched.swap_in), list(sched.copies), pending_rows,
                         pending_sources, sample_seqs)

@@ -25,7 +25,8 @@ class Sequence:
 
     Invariants: ``0 <= num_computed_tokens <= num_tokens``; the block table covers at least
     ``num_computed_tokens`` tokens while the request is running; only the table's end ever changes
-    (blocks are appended, or the last block is replaced by its copy-on-write copy).
+    (blocks are appended, or the last block is replaced by its copy-on-write copy); a block table list is only
+    ever appended to: any other change assigns a new list (the runner's ``BlockTableRows`` relies on it).
 
     ``num_tokens`` counts ``num_pending`` tokens beyond ``token_ids``: sampled on the device, not read back yet
     (the engine reads a step's tokens while the next step runs). At most one, always the last; its value lives
