@@ -568,13 +568,16 @@ class LLMEngine:
 
     def _emit(self, req: Request, now: float, outputs: list[RequestOutput]) -> None:
         """After a token: finish ``req`` if it is done, else free its finished sequences and add its delta."""
-        req.metrics.setdefault("first_token_time", now)
-        if req.beam.done if req.beam else all(s.finished for s in req.seqs):
+        if "first_token_time" not in req.metrics:
+            req.metrics["first_token_time"] = now
+        seqs = req.seqs
+        if req.beam.done if req.beam else all(s.finish_reason is not None for s in seqs):
             outputs.append(self._finish(req))
             return
-        for seq in req.seqs:
-            if seq.finished and seq.block_table:
-                self.scheduler.free_seq(req, seq)
+        if len(seqs) > 1 or req.beam is not None:  # a lone sample is finished only with its request, above
+            for seq in seqs:
+                if seq.finished and seq.block_table:
+                    self.scheduler.free_seq(req, seq)
         out = build_output(req, False, self.tokenizer, self.eos_token_ids)
         if out is not None:
             outputs.append(out)
@@ -677,11 +680,14 @@ class LLMEngine:
         does not allow it (never for a token drawn under its mask)."""
         p = req.params
         tok = res.token_id
-        seq.token_ids.append(tok)
+        token_ids = seq.token_ids
+        token_ids.append(tok)
+        num_output = len(token_ids) - seq.num_prompt_tokens
         seq.cumulative_logprob += res.logprob
         if p.logprobs is not None:
             seq.logprobs.append(res.top_logprobs)
-        allowed = seq.matcher.accept(tok) if seq.matcher is not None else True
+        matcher = seq.matcher
+        allowed = matcher.accept(tok) if matcher is not None else True
         eos = not p.ignore_eos and tok in self.eos_token_ids
         if eos or tok in p.stop_token_ids:
             # Ended by a token, as vLLM's check_stop (EOS first). Its text (none for a special token) is kept only
@@ -689,11 +695,11 @@ class LLMEngine:
             seq.finish_reason = "stop"
             if p.include_stop_str_in_output:
                 seq.detok.add(tok, check_stop=False)
-        elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar's end, even with ignore_eos
+        elif matcher is not None and matcher.is_terminated():  # the grammar's end, even with ignore_eos
             seq.finish_reason = "stop"
-        elif seq.detok.add(tok, check_stop=seq.num_output_tokens >= p.min_tokens) is not None:
+        elif seq.detok.add(tok, check_stop=num_output >= p.min_tokens) is not None:
             seq.finish_reason = "stop"
-        if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if seq.finish_reason is None and (num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         return allowed
 

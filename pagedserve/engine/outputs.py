@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.sequence import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One output sequence of a request.
 
@@ -37,7 +37,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

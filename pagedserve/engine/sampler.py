@@ -24,7 +24,7 @@ from pagedserve.engine.sequence import Sequence
 from pagedserve.kernels import reference
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleResult:
     token_id: int
     logprob: float  # log-softmax of the raw model logits at the chosen token
@@ -217,6 +217,8 @@ class Drawn:
         """A result per row; waits for the device to reach the step's sampling (not for later work)."""
         host = self._download.wait()
         token_list, chosen = host[0].tolist(), host[1].tolist()
+        if self._want_top.count(None) == len(self._want_top):  # no logprobs asked for: the common case, kept cheap
+            return [SampleResult(tok, logprob, None) for tok, logprob in zip(token_list, chosen)]
         top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)
         results = []
         for r, tok in enumerate(token_list):
