@@ -67,7 +67,7 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend_decode is not None:
-            return self._backend_decode(ids, skip_special_tokens=True)
+            return self._backend_decode(ids, True)  # skip_special_tokens, positionally: a keyword costs more
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
@@ -75,15 +75,17 @@ class IncrementalDetokenizer:
         it with ``keep_stop``). ``check_stop`` False: no stop string ends the text yet (``min_tokens``)."""
         if token_id in self.skip_ids:
             return None
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        ids = self.ids
+        ids.append(token_id)
+        start = self.prefix_offset
+        prefix = self._decode(ids[start:self.read_offset])
+        full = self._decode(ids[start:])
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
             return None
-        start = len(self.text)
+        end = len(self.text)
         self.text += full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._check_stop(start) if check_stop else None
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return self._check_stop(end) if check_stop and self.stop else None
 
     def flush(self, check_stop: bool = True) -> str | None:
         """At the end of the sequence: release whatever was held back for an incomplete character. Returns a

@@ -60,6 +60,16 @@ def _one_line(text: str) -> str:
     return text if len(text) <= MAX_ERROR_LEN else text[:MAX_ERROR_LEN - 3] + "..."
 
 
+def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: str, exc: Exception) -> None:
+    """Mark ``req`` failed at ``stage`` by ``exc``: it ends alone at the end of the step (``LLMEngine._guard``)."""
+    expected = isinstance(exc, EXPECTED_FAILURES)
+    if not expected:  # an expected one is logged once, by _fail, as a line naming the request and why
+        log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
+    # A request whose own parameters failed (its message names the field) is told so as it is.
+    why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
+    failed[req.request_id] = (req, _one_line(why))
+
+
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
@@ -450,12 +460,7 @@ class LLMEngine:
             fn(*args)
             return True
         except Exception as exc:
-            expected = isinstance(exc, EXPECTED_FAILURES)
-            if not expected:  # an expected one is logged once, by _fail, as a line naming the request and why
-                log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
-            # A request whose own parameters failed (its message names the field) is told so as it is.
-            why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
-            failed[req.request_id] = (req, _one_line(why))
+            _note_failure(req, failed, stage, exc)
             return False
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
@@ -501,12 +506,18 @@ class LLMEngine:
                 seq.num_pending = 0  # its only one: this step's draw comes after this read
         failed: dict[str, tuple[Request, str]] = {}
         progressed: dict[str, Request] = {}
+        requests = self.requests
         for pairs, part in drawn.parts:
             for (req, seq), res in zip(pairs, part.results()):
-                if self.requests.get(req.request_id) is not req or seq.finished:
+                rid = req.request_id
+                if requests.get(rid) is not req or seq.finish_reason is not None or rid in failed:
                     continue
-                if self._guard(req, failed, "stop check or detokenization", self._append_token, req, seq, res):
-                    progressed[req.request_id] = req
+                try:  # _guard's work, inline: it runs for every sequence every step
+                    self._append_token(req, seq, res)
+                except Exception as exc:
+                    _note_failure(req, failed, "stop check or detokenization", exc)
+                    continue
+                progressed[rid] = req
         outputs: list[RequestOutput] = []
         self._emit_progressed(progressed, failed, outputs)
         return outputs
@@ -517,7 +528,10 @@ class LLMEngine:
         now = time.time()
         for req in progressed.values():
             if req.request_id not in failed:
-                self._guard(req, failed, "output", self._emit, req, now, outputs)
+                try:  # _guard's work, inline, as in _read_back
+                    self._emit(req, now, outputs)
+                except Exception as exc:
+                    _note_failure(req, failed, "output", exc)
         outputs.extend(self._fail(req, why) for req, why in failed.values())
 
     def _held(self, seqs: list[Sequence], owners: list[Request]) -> list[list[int]] | None:

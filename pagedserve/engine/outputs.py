@@ -66,21 +66,24 @@ def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[
     if hidden:
         seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:p.n]
     completions = []
+    want_logprobs = p.logprobs is not None
     for rank, seq in enumerate(seqs):
-        delta_text = seq.detok.take_delta(final=final or seq.finished)
-        emitted = seq.num_prompt_tokens + seq.num_emitted_tokens
-        seq.num_emitted_tokens = seq.num_output_tokens
+        # Positional construction: every running sample builds one of these every step.
+        detok, token_ids, reason = seq.detok, seq.token_ids, seq.finish_reason
+        delta_text = detok.take_delta(final or reason is not None)
+        num_prompt = seq.num_prompt_tokens
+        emitted = num_prompt + seq.num_emitted_tokens
+        seq.num_emitted_tokens = len(token_ids) - num_prompt
         completions.append(CompletionOutput(
-            index=rank if hidden else seq.index,
-            text=seq.detok.text[:seq.detok.emitted],
-            token_ids=seq.output_token_ids,
-            finish_reason=seq.finish_reason,
-            cumulative_logprob=seq.cumulative_logprob,
-            logprobs=list(seq.logprobs) if p.logprobs is not None else None,
-            delta_text=delta_text,
-            delta_token_ids=seq.token_ids[emitted:],
-            stop_reason=(_stop_reason(seq.token_ids, seq.detok.stop_string, p, eos_token_ids)
-                         if seq.finish_reason == "stop" else None),
+            rank if hidden else seq.index,  # index
+            detok.text[:detok.emitted],  # text
+            token_ids[num_prompt:],  # token_ids
+            reason,  # finish_reason
+            seq.cumulative_logprob,  # cumulative_logprob
+            list(seq.logprobs) if want_logprobs else None,  # logprobs
+            delta_text,  # delta_text
+            token_ids[emitted:],  # delta_token_ids
+            _stop_reason(token_ids, detok.stop_string, p, eos_token_ids) if reason == "stop" else None,  # stop_reason
         ))
     if final:
         _pad_to_n(completions, p.n, req.finish_reason, p.logprobs is not None)
