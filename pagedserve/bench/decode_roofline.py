@@ -9,6 +9,7 @@ device for it (the other modes run with the engine's default, which overlaps the
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 
@@ -17,6 +18,7 @@ import torch
 
 from pagedserve.bench.bandwidth import measure_copy_bandwidth
 from pagedserve.bench.common import sync
+from pagedserve.engine.device_copy import Download
 from pagedserve.engine.sampling_params import SamplingParams
 
 # Decode steps read every weight once and the whole KV context of every sequence: a step cannot take less
@@ -129,19 +131,16 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
         before = [r.seqs[0].num_output_tokens for r in reqs]
         times = []
         sync(device)
-        forward_events = _time_forwards(eng) if device.type == "cuda" and profiler is None else None
+        timers = DeviceTimers(eng) if device.type == "cuda" and profiler is None else None
         if profiler is not None:
             profiler.enable()
         start = time.perf_counter()
-        try:
+        with timers or contextlib.nullcontext():
             for _ in range(steps):
                 t0 = time.perf_counter()
                 eng.step()
                 times.append(time.perf_counter() - t0)
             sync(device)
-        finally:
-            if forward_events is not None:
-                del eng.runner.execute  # the class's method again
         window = time.perf_counter() - start
         if profiler is not None:
             profiler.disable()
@@ -150,31 +149,57 @@ def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 
     finally:
         for rid in ids:
             eng.abort_request(rid)
-    forward_s = (sum(a.elapsed_time(b) for a, b in forward_events) / 1e3 / len(forward_events)
-                 if forward_events else None)
     return {"batch": batch, "context_lens_mean": sum(context_lens) / batch, "context_lens": context_lens,
             "step_s_mean": window / steps, "step_s_median": sorted(times)[steps // 2], "step_s_min": min(times),
-            "forward_s_mean": forward_s, "pure_decode": pure}
+            **(timers.means() if timers is not None else {}), "pure_decode": pure}
 
 
-def _time_forwards(eng) -> list:
-    """Record CUDA events on the stream around each step's queued forward (uploads, block ops, the forward or
-    graph replay, the LM head): their span is the device's time for it, plus any gap where the device waited for
-    the host to queue the next piece of it. Their mean, against the roofline, says how much of a step's excess
-    is on the device side, whatever the host does between steps. Undone by deleting the instance attribute."""
-    events: list = []
-    execute = eng.runner.execute
+class DeviceTimers:
+    """Where a CUDA step's time goes, while in use (a context manager over the timed steps):
 
-    def timed(*args, **kwargs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = execute(*args, **kwargs)
-        end.record()
-        events.append((start, end))
-        return out
+    * ``forward_s_mean``: CUDA events on the stream around each step's queued forward (uploads, block ops, the
+      forward or graph replay, the LM head). Their span is the device's time for it, plus any gap where the
+      device waited for the host to queue the next piece: against the roofline, the device side of a step.
+    * ``wait_s_mean``: the host's time in ``Download.wait``, waiting for sampled tokens to arrive: what of a
+      step the host spends waiting for the device rather than working.
+    """
 
-    eng.runner.execute = timed
-    return events
+    def __init__(self, eng) -> None:
+        self.eng = eng
+        self.forwards: list = []
+        self.waits: list[float] = []
+
+    def __enter__(self) -> DeviceTimers:
+        execute, wait = self.eng.runner.execute, Download.wait
+        forwards, waits = self.forwards, self.waits
+
+        def timed_execute(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = execute(*args, **kwargs)
+            end.record()
+            forwards.append((start, end))
+            return out
+
+        def timed_wait(download):
+            t0 = time.perf_counter()
+            out = wait(download)
+            waits.append(time.perf_counter() - t0)
+            return out
+
+        self.eng.runner.execute = timed_execute
+        Download.wait = timed_wait
+        self._wait = wait
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.eng.runner.execute  # the class's method again
+        Download.wait = self._wait
+
+    def means(self) -> dict:
+        steps = max(1, len(self.forwards))
+        return {"forward_s_mean": sum(a.elapsed_time(b) for a, b in self.forwards) / 1e3 / steps,
+                "wait_s_mean": sum(self.waits) / steps}
 
 
 def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list[int], context: int, steps: int,
@@ -217,9 +242,10 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
             row[f"{mode}_x_roofline"] = m["step_s_mean"] / roof
             row[f"{mode}_tokens_per_s"] = b / m["step_s_mean"]
             row[f"{mode}_pure_decode"] = m["pure_decode"]
-            if m["forward_s_mean"] is not None:
+            if "forward_s_mean" in m:
                 row[f"{mode}_forward_s"] = m["forward_s_mean"]
                 row[f"{mode}_forward_x_roofline"] = m["forward_s_mean"] / roof
+                row[f"{mode}_wait_s"] = m["wait_s_mean"]
             if progress is not None:
                 progress.advance(task)
         del eng, runner
@@ -291,11 +317,14 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
         console.print("no CUDA graphs were captured (not a CUDA device): both columns ran the same eager code")
     if not all(v for r in d["rows"] for k, v in r.items() if k.endswith("_pure_decode")):
         console.print("* not every timed step decoded every sequence (preemption or a request finished)")
-    forwards = [(r["batch"], r["graphs_forward_s"], r["graphs_forward_x_roofline"]) for r in d["rows"]
-                if "graphs_forward_s" in r]
-    if forwards:
-        console.print("graphs: device time of a step's forward (CUDA events around it): "
-                      + ", ".join(f"batch {b} {s * 1e3:.2f} ms ({x:.2f}x roofline)" for b, s, x in forwards))
+    for mode in ("graphs", "sync"):
+        timed = [r for r in d["rows"] if f"{mode}_forward_s" in r]
+        if timed:
+            console.print(f"{mode}: device time of a step's forward (CUDA events around it), and the host's wait "
+                          "for sampled tokens, per step: " + ", ".join(
+                              f"batch {r['batch']} {r[f'{mode}_forward_s'] * 1e3:.2f} ms "
+                              f"({r[f'{mode}_forward_x_roofline']:.2f}x roofline), wait {r[f'{mode}_wait_s'] * 1e3:.2f} ms"
+                              for r in timed))
     for mode, prof in d.get("profiles", {}).items():
         console.print(f"{mode}: most own time per step at batch {prof['batch']} (cProfile, "
                       f"{prof['step_s_mean_profiled'] * 1e3:.2f} ms a step profiled): "

@@ -71,10 +71,16 @@ def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
 
 # ---------------------------------------------------------------------- contenders
 def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
+    """The workload through one engine, timed after a warm-up: on CUDA the workload itself, once (Triton compiles
+    a kernel for each new specialization of its arguments, a second or more each, which a server pays once and
+    a short timed run would count); elsewhere one short request."""
     from pagedserve.engine import LLM
 
     llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
+    if torch.device(device).type == "cuda":
+        drive(llm.engine, w.prompts, w.params)
+    else:
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
     steps_before = llm.stats()["num_steps"]
     result = drive(llm.engine, w.prompts, w.params)
     del result["outputs"]
@@ -181,6 +187,9 @@ def throughput_section(model_dir: str, w: Workload, size: str, device: str, dtyp
                      "compute_floor_s": workload_flops(w, model_cfg, vocab) / flops_rate}
     step("pagedserve")
     results["pagedserve"] = run_engine(model_dir, w, device, dtype)
+    if torch.device(device).type == "cuda":  # the only device where async scheduling is on by default
+        step("pagedserve, async scheduling off")
+        results["pagedserve_sync"] = run_engine(model_dir, w, device, dtype, async_scheduling=False)
     step("HF static")
     results["hf_static"] = run_hf_static(model_dir, w, device, hf_batch_size, dtype)
     step("HF continuous")
@@ -214,8 +223,10 @@ def print_throughput(console, results: dict, w: Workload, device: str, profile: 
     for col in ("contender", "wall s", "output tok/s", "x HF static", "x compute floor"):
         table.add_column(col, justify="right", overflow="fold")
     base = results["hf_static"]["output_tokens"] / results["hf_static"]["wall_s"]
-    for name in ("pagedserve", "hf_static", "hf_continuous"):
+    for name in ("pagedserve", "pagedserve_sync", "hf_static", "hf_continuous"):
         r = results.get(name)
+        if name == "pagedserve_sync" and r is None:
+            continue  # not a CUDA run
         if not r or "error" in r:
             table.add_row(name, "-", "-", "-", (r or {}).get("error", "skipped")[:40])
             continue
@@ -394,7 +405,7 @@ def offline_command(
                      "prompt_tokens": sum(map(len, w.prompts)), "output_tokens": w.num_output_tokens,
                      "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "size": size,
                      "dtype": dtype}
-    total = 1 + (0 if skip_throughput else 5 + profile) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
+    total = 1 + (0 if skip_throughput else 5 + profile + (dev.type == "cuda")) + (0 if skip_decode_roofline and skip_swap_vs_recompute else 1)
     total += 0 if skip_decode_roofline else len(decode_modes(dev)) * len(batches)
     total += 0 if skip_swap_vs_recompute else len(block_sizes)
     total += tensor_parallel_size > 1
