@@ -79,6 +79,11 @@ def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32",
     a short timed run would count); elsewhere one short request."""
     from pagedserve.engine import LLM
 
+    if torch.device(device).type == "cuda":
+        # An earlier engine may still hold its KV pool through reference cycles: free it, so that every engine
+        # sizes its pool from the whole GPU, as a worker does (a smaller pool has run the workload faster).
+        gc.collect()
+        torch.cuda.empty_cache()
     llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
     if torch.device(device).type == "cuda":
         drive(llm.engine, w.prompts, w.params)
@@ -191,8 +196,7 @@ def throughput_section(model_dir: str, w: Workload, size: str, device: str, dtyp
     step("pagedserve")
     if torch.device(device).type == "cuda":
         # Async scheduling on (the default on one GPU) and off, alternating, twice each, the faster run of each
-        # kept: a process's first engine on a GPU runs the workload up to 2.7x slower than later ones even after
-        # a warm-up on it, so a single run in a fixed order measures the order.
+        # kept: side by side in one process, in both orders.
         runs: dict[str, list[dict]] = {"pagedserve": [], "pagedserve_sync": []}
         for _ in range(ENGINE_REPS_CUDA):
             for name, overlap in (("pagedserve", None), ("pagedserve_sync", False)):
