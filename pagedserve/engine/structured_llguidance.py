@@ -734,15 +734,17 @@ class LLGuidanceBackend:
                 empty = "matches no string (none that this model's tokens can write)"
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
+        # A grammar that never ends is told so before its cost: its mask is slow too, and on a busy host it can
+        # pass the limit, which would name the wrong fix.
+        if kind == "grammar" and _forces_without_end(warm):
+            raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends (a "
+                                   "rule whose every alternative contains the rule itself, as start: \"a\" start); "
+                                   "give the recursion an alternative that ends")
         if seconds > limit_s:
             raise structured_error(
                 f"{kind} costs {seconds * 1e3:.1f} ms of CPU per token to mask, more than the limit of "
                 f"{self.max_mask_ms:g} ms ({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the "
                 "usual cause")
-        if kind == "grammar" and _forces_without_end(warm):
-            raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends (a "
-                                   "rule whose every alternative contains the rule itself, as start: \"a\" start); "
-                                   "give the recursion an alternative that ends")
         return LLGuidanceGrammar(matcher, self.eos, limit_s, GRAMMAR_FIXED_BYTES + GRAMMAR_BYTES_PER_CHAR * len(text))
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:
