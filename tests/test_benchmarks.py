@@ -345,3 +345,26 @@ def test_parse_ints_keeps_defaults_and_refuses_malformed_lists():
     for bad in ("1,,x", "1,", ",", "0", "-4", "1.5"):
         with pytest.raises(ValueError, match="comma-separated"):
             common.parse_ints(bad)
+
+
+def test_cuda_contenders_small_pool_holds_the_workload_twice_and_keeps_max_model_len(tiny_models):
+    """The small-pool contender must differ from the default in its pool alone: room for the workload twice over
+    (no eviction, no preemption) and at least one sequence of the model's full length, so the engine keeps the
+    same max_model_len and its decode graphs the same block-table width."""
+    import json
+    from pathlib import Path
+
+    from pagedserve.bench.offline import KV_BLOCK, cuda_contenders, max_model_len
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    model = tiny_models["llama"]
+    w = common.make_workload(5, 0, vocab_size=64)
+    contenders = dict(cuda_contenders(model, w))
+    assert list(contenders) == ["pagedserve", "pagedserve_sync", "pagedserve_small_pool"]
+    assert contenders["pagedserve"] == {} and contenders["pagedserve_sync"] == {"async_scheduling": False}
+    small = contenders["pagedserve_small_pool"]
+    tokens = sum(map(len, w.prompts)) + w.num_output_tokens
+    assert small["block_size"] == KV_BLOCK and small["num_gpu_blocks"] * KV_BLOCK >= 2 * tokens
+    full = max_model_len(json.loads((Path(model) / "config.json").read_text()))
+    engine = LLMEngine(model, device="cpu", **small)
+    assert engine.max_model_len == full
