@@ -4,7 +4,9 @@ A decode step reads every weight once and the whole KV context of every sequence
 bytes over the memory bandwidth. Each batch size is timed with CUDA graphs (``enforce_eager=False``), without
 (``True``; the same code on CPU), and with a zero-cost model (``host``: the engine's own work per step). On CUDA
 also ``sync``: graphs with ``async_scheduling`` off, so each step's host work waits for the device and the
-device for it (the other modes run with the engine's default, which overlaps them).
+device for it (the other modes run with the engine's default, which overlaps them). On CUDA each timed step's
+forward is also timed on the device and the host's wait for sampled tokens on the host (:class:`DeviceTimers`):
+which side sets a step's pace.
 """
 
 from __future__ import annotations
