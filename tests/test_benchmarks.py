@@ -368,3 +368,29 @@ def test_cuda_contenders_small_pool_holds_the_workload_twice_and_keeps_max_model
     full = max_model_len(json.loads((Path(model) / "config.json").read_text()))
     engine = LLMEngine(model, device="cpu", **small)
     assert engine.max_model_len == full
+
+
+def test_warm_up_runs_the_timed_shapes_and_leaves_no_prefix_to_hit(tiny_models):
+    """The CUDA warm-up runs steps of exactly the timed run's shapes (so every kernel specialization is compiled
+    before the clock starts), and the timed run finds none of its prompts in the prefix cache: a warm-up on the same
+    prompts would serve them from it and spare pagedserve the prefills its HF contenders do."""
+    from pagedserve.bench.offline import warm_up
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(tiny_models["llama"], device="cpu", seed=0)
+    w = common.make_workload(6, 0, vocab_size=engine.vocab_size)
+    shapes: list[list[tuple[int, int]]] = [[]]
+    plan = engine.runner.plan
+
+    def recording_plan(sched):
+        p = plan(sched)
+        shapes[-1].append((len(p.input_ids), len(p.seq_lens)))
+        return p
+
+    engine.runner.plan = recording_plan
+    warm_up(engine, w)
+    assert engine.stats()["prefix_cache_hit_tokens"] == 0
+    shapes.append([])
+    common.drive(engine, w.prompts, w.params)
+    assert engine.stats()["prefix_cache_hit_tokens"] == 0
+    assert shapes[0] == shapes[1]

@@ -73,35 +73,45 @@ def workload_flops(w: Workload, cfg: dict, vocab: int) -> float:
 ENGINE_REPS_CUDA = 2  # runs of each pagedserve contender on CUDA (alternating)
 
 
+def warm_up(engine, w: Workload) -> None:
+    """Run a workload of ``w``'s shapes whose prompts share no prefix with ``w``'s (every token id moved by one):
+    the timed run then finds every kernel specialization it needs compiled (Triton compiles each on first use, a
+    second or more each, which a server pays once), and none of its prompts in the prefix cache, which would
+    spare it the prefills that HF's contenders do."""
+    vocab = engine.vocab_size
+    drive(engine, [[(t + 1) % vocab for t in p] for p in w.prompts], w.params)
+
+
 def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
-    """The workload through one engine, timed after a warm-up: on CUDA the workload itself, once (Triton compiles
-    a kernel for each new specialization of its arguments, a second or more each, which a server pays once and
-    a short timed run would count); elsewhere one short request."""
+    """The workload through one engine, timed after a warm-up: on CUDA :func:`warm_up`; elsewhere (nothing is
+    compiled at run time) one short request."""
     from pagedserve.engine import LLM
 
     if torch.device(device).type == "cuda":
         # An earlier engine may still hold its KV pool through reference cycles: free it, so that every engine
-        # sizes its pool from the whole GPU, as a worker does (a smaller pool has run the workload faster).
+        # sizes its pool from the whole GPU, as a worker does.
         gc.collect()
         torch.cuda.empty_cache()
     llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
     if torch.device(device).type == "cuda":
-        drive(llm.engine, w.prompts, w.params)
+        warm_up(llm.engine, w)
     else:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
-    steps_before = llm.stats()["num_steps"]
+    before = llm.stats()
     result = drive(llm.engine, w.prompts, w.params)
     del result["outputs"]
     stats = llm.stats()
-    return {**result, "num_preemptions": stats["num_preemptions"], "num_steps": stats["num_steps"] - steps_before,
+    return {**result, "num_preemptions": stats["num_preemptions"], "num_steps": stats["num_steps"] - before["num_steps"],
+            "prefix_cache_hit_tokens": stats["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
             "num_gpu_blocks": stats["num_gpu_blocks"]}
 
 
 def cuda_contenders(model_dir: str, w: Workload) -> list[tuple[str, dict]]:
     """The engine settings compared on CUDA: the default (async scheduling, a KV pool sized from the whole GPU),
-    async scheduling off, and a small KV pool (a pool of 11k blocks has run this workload 2-3x faster than one of
-    353k): twice the workload's tokens, and no less than one sequence of the model's full length, so that
-    max_model_len (and with it the width of the decode graphs' block tables) stays that of the default."""
+    async scheduling off, and a small KV pool: twice the workload's tokens, and no less than one sequence of the
+    model's full length, so that max_model_len (and with it the width of the decode graphs' block tables) stays
+    that of the default. (Engines with 11k-block pools once ran this workload 2-3x faster than the first engine
+    of the process, with 353k; the small pool tells the pool's share from the first engine's.)"""
     need = 2 * -(-(sum(map(len, w.prompts)) + w.num_output_tokens) // KV_BLOCK)
     full_length = -(-max_model_len(json.loads((Path(model_dir) / "config.json").read_text())) // KV_BLOCK)
     return [("pagedserve", {}), ("pagedserve_sync", {"async_scheduling": False}),
