@@ -87,13 +87,14 @@ def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32",
     compiled at run time) one short request."""
     from pagedserve.engine import LLM
 
-    if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         # An earlier engine may still hold its KV pool through reference cycles: free it, so that every engine
         # sizes its pool from the whole GPU, as a worker does.
         gc.collect()
         torch.cuda.empty_cache()
     llm = LLM(model=model_dir, device=device, dtype=dtype, **kwargs)
-    if torch.device(device).type == "cuda":
+    if cuda:
         warm_up(llm.engine, w)
     else:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))

@@ -20,47 +20,41 @@ class BlockTableRows:
     """Rows of ``max_blocks`` block ids for up to ``capacity`` sequences at a time.
 
     Invariants: a sequence with a row holds ``(table, copied, row)`` where ``rows[row, :copied]`` equals
-    ``table[:copied]`` whenever ``table`` is still the sequence's list; every entry of a row past what its
-    occupant copied is 0 (so a gathered row is its table zero-padded, as a fresh build would be). Rows of
+    ``table[:copied]`` whenever ``table`` is still the sequence's list, and every entry of the row past ``copied``
+    is 0 (so a gathered row is its table zero-padded, as a fresh build would be); a free row is all 0. Rows of
     sequences that no longer run are taken back when rows run short, keeping those of the step being built.
     """
 
     def __init__(self, max_blocks: int, capacity: int) -> None:
         self.rows = np.zeros((capacity, max_blocks), dtype=np.int32)
         self._entries: dict[int, tuple[list[int], int, int]] = {}  # seq_id -> (table, copied, row)
-        self._filled = [0] * capacity  # entries of each row that may be non-zero
         self._free = list(range(capacity - 1, -1, -1))
 
     def gather(self, seqs: list[Sequence]) -> np.ndarray:
         """``[len(seqs), longest table]`` int32: each sequence's block table, zero-padded."""
-        if len(seqs) > len(self.rows) or any(len(s.block_table) > self.rows.shape[1] for s in seqs):
+        if len(seqs) > len(self.rows):
             return fresh_block_tables([s.block_table for s in seqs])
         if len(self._free) < len(seqs):
             self._reclaim({s.seq_id for s in seqs})
-        rows, entries, filled, width = self.rows, self._entries, self._filled, 0
-        picked = []
+        rows, entries, max_blocks = self.rows, self._entries, self.rows.shape[1]
+        picked, width = [], 0
         for seq in seqs:
             table = seq.block_table
             n = len(table)
+            if n > max_blocks:  # longer than any row: this step is built from the lists
+                return fresh_block_tables([s.block_table for s in seqs])
             entry = entries.get(seq.seq_id)
-            if entry is None:
-                row = self._free.pop()
-                rows[row, :n] = table
-                filled[row] = n
-                entries[seq.seq_id] = (table, n, row)
-            elif entry[0] is not table or n < entry[1]:  # a new list: rewrite the row from it
-                row = entry[2]
-                rows[row, :n] = table
-                if filled[row] > n:
-                    rows[row, n:filled[row]] = 0
-                filled[row] = n
-                entries[seq.seq_id] = (table, n, row)
-            else:
-                row = entry[2]
-                if n > entry[1]:
-                    rows[row, entry[1]:n] = table[entry[1]:]
-                    filled[row] = n
+            if entry is not None and entry[0] is table:  # the same list: copy what was appended since
+                _, copied, row = entry
+                if n > copied:
+                    rows[row, copied:n] = table[copied:]
                     entries[seq.seq_id] = (table, n, row)
+            else:  # a new sequence, or a new list (copy-on-write, swap, free, fork): (re)write the row from it
+                _, copied, row = entry if entry is not None else (None, 0, self._free.pop())
+                rows[row, :n] = table
+                if copied > n:
+                    rows[row, n:copied] = 0
+                entries[seq.seq_id] = (table, n, row)
             picked.append(row)
             if n > width:
                 width = n
@@ -69,9 +63,8 @@ class BlockTableRows:
     def _reclaim(self, keep: set[int]) -> None:
         """Take back the rows of every sequence not in ``keep`` (zeroed, free again)."""
         for seq_id in [s for s in self._entries if s not in keep]:
-            _, _, row = self._entries.pop(seq_id)
-            self.rows[row, :self._filled[row]] = 0
-            self._filled[row] = 0
+            _, copied, row = self._entries.pop(seq_id)
+            self.rows[row, :copied] = 0
             self._free.append(row)
 
 
