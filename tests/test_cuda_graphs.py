@@ -6,6 +6,7 @@ Without a GPU the runner's eager twin (``capture=False``) runs the same static b
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -77,15 +78,27 @@ def test_padded_decode_steps_match_hf(family, max_batch, tiny_models, hf_greedy)
 def test_padded_decode_steps_with_triton_kernels(family, tiny_models, hf_greedy):
     # The kernel set the GPU path uses (here in Triton's interpreter), prefill steps included: padding rows
     # skip the KV write and decode to zeros inside the kernels rather than in torch.
+    # Each size is planned for the fewest rows it serves (one more than the next smaller size), so its padding
+    # rows take no partitions from the live ones.
     from pagedserve.kernels import triton_ops
 
+    plans: list[tuple[int, object]] = []
+
+    def plan_decode(seq_lens, block_tables, block_size, live_seqs=None):
+        plan = triton_ops.OPS.plan_decode(seq_lens, block_tables, block_size, live_seqs)
+        plans.append((seq_lens.shape[0], plan))
+        return plan
+
     llm = LLM(model=tiny_models[family], device="cpu", block_size=8)
-    log = _use_graph_runner(llm, 4, ops=triton_ops.OPS)
+    log = _use_graph_runner(llm, 4, ops=dataclasses.replace(triton_ops.OPS, plan_decode=plan_decode))
     prompts, lengths = _prompts_and_lengths(3, seed=1)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in lengths])
     for prompt, m, out in zip(prompts, lengths, outs):
         assert out.outputs[0].token_ids == hf_greedy(tiny_models[family], prompt, m)
     assert (3, 4) in log
+    graph_plans = {(rows, plan.live) for rows, plan in plans if rows in {size for _, size in log}}
+    assert {(4, 3), (2, 2), (1, 1)} <= graph_plans and all(live == {1: 1, 2: 2, 4: 3}[rows]
+                                                          for rows, live in graph_plans), graph_plans
 
 
 def test_graphs_only_on_cuda_and_not_when_eager(tiny_models):

@@ -335,6 +335,36 @@ def test_decode_split_from_seq_lens_with_wide_table_and_padding_rows():
         assert torch.equal(out[[1, 5, 8]], torch.zeros_like(out[[1, 5, 8]])), split
 
 
+def test_decode_plan_gives_padding_rows_no_share_of_the_partitions(monkeypatch):
+    """A captured graph's plan says how many leading rows are surely live: one sequence and two padding rows get
+    the partitions one sequence alone would (the grid chosen for 1 row, not 3), and the output is the
+    reference's. A plan for fewer rows than are live over-splits, still exactly."""
+    gen = torch.Generator().manual_seed(11)
+    block_size, num_kv_heads, group, head_dim, dtype = 8, 1, 2, 32, torch.float32
+    cpu = torch.device("cpu")
+    width = 4096
+    assert triton_attention.choose_decode_splits(1, num_kv_heads, width, cpu) > \
+        triton_attention.choose_decode_splits(3, num_kv_heads, width, cpu)
+    chosen: list[int] = []
+    choose = triton_attention.choose_decode_splits
+    monkeypatch.setattr(triton_attention, "choose_decode_splits", lambda n, *rest: chosen.append(n) or choose(n, *rest))
+    for lengths, live in (([1500, 0, 0], 1), ([1500, 700, 257], 1), ([1500, 700, 0], 2)):
+        real = [i for i, n in enumerate(lengths) if n]
+        k_cache, v_cache, table = _paged_kv([max(n, 1) for n in lengths], num_kv_heads, head_dim, block_size, dtype,
+                                            gen, table_pad=width // block_size - 1500 // block_size - 1)
+        q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+        seq_lens = torch.tensor(lengths, dtype=torch.int32)
+        plan = triton_ops.OPS.plan_decode(seq_lens, table, block_size, live_seqs=live)
+        assert plan == triton_attention.DecodeRows(live)
+        out = triton_ops.OPS.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, 0.2, plan=plan)
+        assert chosen.pop() == live
+        expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real], 0.2)
+        _assert_close(out[real], expected)
+        assert not out[[i for i, n in enumerate(lengths) if not n]].any()
+    assert triton_ops.OPS.plan_decode(torch.zeros(5), torch.zeros(5, 2), 8) == triton_attention.DecodeRows(5)
+    assert triton_ops.OPS.plan_decode(torch.zeros(5), torch.zeros(5, 2), 8, live_seqs=9).live == 5
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Prefill / extend (varlen)
 # ---------------------------------------------------------------------------------------------------------
@@ -606,8 +636,12 @@ def test_kernels_compile_for_sm90_without_gpu():
 def test_ops_namespace_matches_reference_signatures():
     ops = triton_ops.OPS
     assert ops.name == "triton"
+    def params(fn):  # names, kinds and defaults: each set types its own decode ``plan``
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
     for name in ("write_kv", "paged_attention", "paged_decode_attention", "copy_blocks", "swap_blocks"):
-        assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(reference, name)), name
+        assert params(getattr(ops, name)) == params(getattr(reference, name)), name
+    assert params(ops.plan_decode) == params(TORCH_OPS.plan_decode)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ def bench_decode_case(ops, batch: int, context: int, copy_gbps: float, quick: bo
     from pagedserve.kernels.triton_attention import choose_decode_splits  # noqa: PLC0415
 
     row["max_splits"] = choose_decode_splits(batch, HKV, context, q.device)
-    # The same sequences as a replayed graph sees them: max_model_len-wide rows, then padding rows.
+    # The same sequences as a replayed graph sees them: max_model_len-wide rows, then padding rows, planned as
+    # the graph runner plans a graph that serves every batch from this one up to its size.
     rows = batch + WIDE_PAD_ROWS
     wide = torch.zeros((rows, WIDE_CONTEXT // BLOCK_SIZE), dtype=torch.int32, device="cuda")
     wide[:batch, : block_tables.shape[1]] = block_tables
@@ -125,11 +126,12 @@ def bench_decode_case(ops, batch: int, context: int, copy_gbps: float, quick: bo
     wide_lens[:batch] = context
     wide_q = torch.zeros((rows, HQ, HEAD_DIM), dtype=DTYPE, device="cuda")
     wide_q[:batch] = q
+    plan = ops.plan_decode(wide_lens, wide, BLOCK_SIZE, live_seqs=batch)
     row["wide_ms"], row["wide_launch_ms"] = _latency_ms(
-        lambda: ops.paged_decode_attention(wide_q, k_cache, v_cache, wide_lens, wide, scale), quick
+        lambda: ops.paged_decode_attention(wide_q, k_cache, v_cache, wide_lens, wide, scale, plan=plan), quick
     )
     row["wide_ratio"] = row["wide_ms"] / row["paged_ms"]
-    row["wide_max_splits"] = choose_decode_splits(rows, HKV, WIDE_CONTEXT, q.device)
+    row["wide_max_splits"] = choose_decode_splits(batch, HKV, WIDE_CONTEXT, q.device)
     del k_flat, v_flat, k_cache, v_cache
     return row
 

@@ -23,7 +23,7 @@ class StepContext:
     token count); ``seq_lens[i] - (cu_seqlens_q[i+1] - cu_seqlens_q[i]) >= 0`` is the number of tokens of
     sequence ``i`` already in the cache; ``block_tables[i]`` covers ``seq_lens[i]`` tokens. ``decode_plan`` is
     the kernel set's ``plan_decode(seq_lens, block_tables, block_size)`` for a decode-only step (built once per
-    step, shared by every layer), None otherwise.
+    step, shared by every layer; once per captured graph, with ``live_seqs``), None otherwise.
     """
 
     slot_mapping: torch.Tensor  # [T] int64

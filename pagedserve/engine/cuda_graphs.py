@@ -15,6 +15,8 @@ Invariants:
     shape from that width, never from the contents, so the captured launches stay valid. How the work is
     shared out among the launched programs they derive on the device from ``seq_lens`` (split decode cuts
     each sequence by its own length), so a wide table costs idle programs, not longer ones.
+  * A size's decode plan (``plan_decode`` with ``live_seqs``) is made once, for the fewest rows it serves:
+    one more than the next smaller size. Kernels that share the device out by rows count those, not padding.
   * Only the model forward is captured; logits and sampling run eagerly on the real rows.
 
 ``capture=False`` keeps the static buffers and the padding but runs the forward eagerly. That is how the
@@ -70,6 +72,9 @@ class DecodeGraphRunner:
 
     def _forward(self, size: int) -> torch.Tensor:
         seq_lens, block_tables = self.seq_lens[:size], self.block_tables[:size]
+        # This size serves every batch above the next smaller one: that many plus one rows are surely live.
+        index = self.sizes.index(size)
+        live_seqs = self.sizes[index - 1] + 1 if index else 1
         ctx = StepContext(
             slot_mapping=self.slot_mapping[:size],
             cu_seqlens_q=self.cu_seqlens_q[: size + 1],
@@ -77,7 +82,7 @@ class DecodeGraphRunner:
             block_tables=block_tables,
             decode_only=True,
             # Kernels that can be captured plan nothing on the host (None); the eager twin may run any kernel set.
-            decode_plan=self.model.ops.plan_decode(seq_lens, block_tables, self.block_size),
+            decode_plan=self.model.ops.plan_decode(seq_lens, block_tables, self.block_size, live_seqs=live_seqs),
         )
         with step_context(ctx):
             return self.model(self.input_ids[:size], self.positions[:size])

@@ -84,8 +84,10 @@ def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale,
     return out.to(q.dtype)
 
 
-def decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> DecodePlan:
-    """Length buckets and shared prefixes of one decode batch; valid while neither tensor changes."""
+def decode_plan(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                live_seqs: int | None = None) -> DecodePlan:
+    """Length buckets and shared prefixes of one decode batch; valid while neither tensor changes (so it reads
+    which rows are padding from ``seq_lens`` and needs no ``live_seqs``)."""
     lens = seq_lens.tolist()
     prefixes, skip = _shared_prefixes(lens, block_tables, block_size)
     suffix_lens, suffix_tables = seq_lens, block_tables

@@ -4,7 +4,9 @@ A model gets its :class:`KernelOps` when it is built and keeps it; nothing picks
 implementation has the signatures of :mod:`pagedserve.kernels.reference`, which documents the layouts, plus
 ``plan_decode``: what an implementation precomputes once per decode step from ``seq_lens`` and
 ``block_tables`` (every layer of a step passes the same ones), handed back to ``paged_decode_attention`` as
-``plan``. ``None`` means "nothing to plan"; ``plan=None`` always works and plans on the spot.
+``plan``. ``None`` means "nothing to plan"; ``plan=None`` always works and plans on the spot. A plan that serves
+several steps (a captured graph's) is made with ``live_seqs``, the fewest leading rows that will hold a sequence
+(the rest padding, length 0); a plan made from the values at hand may ignore it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class KernelOps:
     decoder_stack: Callable[..., Any] | None = None
 
 
-def no_plan(seq_lens, block_tables, block_size: int) -> None:
+def no_plan(seq_lens, block_tables, block_size: int, live_seqs: int | None = None) -> None:
     """``plan_decode`` of kernels that read the block tables on the device and need no host-side plan."""
     return None
 

@@ -8,9 +8,10 @@ loaded once per KV head, not once per query head. Softmax runs online in fp32 in
 
 Host-side launch parameters are derived only from tensor shapes (never from tensor values), so the
 wrappers do not synchronise with the device and can be captured in CUDA graphs. Split decode launches a fixed
-number of partitions per sequence from the shapes; each program derives its sequence's own partitioning from
-``seq_lens`` (the reduce kernel derives the same), so a block table as wide as ``max_model_len`` costs idle
-programs that exit at once, never one program reading a whole long context alone.
+number of partitions per sequence from the shapes and the step's plan (:class:`DecodeRows`: how many rows are
+surely live, so a captured graph's padding rows do not thin the real rows' partitions); each program derives its
+sequence's own partitioning from ``seq_lens`` (the reduce kernel derives the same), so a block table as wide as
+``max_model_len`` costs idle programs that exit at once, never one program reading a whole long context alone.
 
 One module past the usual size on purpose: decode and prefill share the online-softmax tile step
 (``_attend_kv_tile``), the dot-precision rules and the launch-shape helpers; split, neither half reads alone.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -120,6 +122,28 @@ def choose_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, dev
         return 1
     programs = max(1, num_seqs * num_kv_heads)
     return max(1, min(triton.cdiv(_target_programs(device), programs), triton.cdiv(max_context, MIN_PARTITION)))
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The Triton kernel set's decode plan: at least ``live`` leading rows of the step hold a sequence; rows past
+    them may be padding (length 0), as in a captured graph that serves every batch from ``live`` up to its size.
+
+    The grid's partition count is chosen for ``live`` rows, so a batch of 1 in a graph of 3 rows gets the
+    partitions a lone sequence would, not a third of them. With more rows live than that the device holds more
+    programs than it needs (at most twice as many on the batch ladder), each partition still
+    ``MIN_PARTITION`` tokens or more.
+    """
+
+    live: int
+
+
+def plan_decode(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                live_seqs: int | None = None) -> DecodeRows:
+    """``plan_decode`` of the Triton kernel set: shapes only (capturable), every row live unless ``live_seqs``
+    says fewer are sure to be."""
+    rows = seq_lens.shape[0]
+    return DecodeRows(rows if live_seqs is None else max(1, min(live_seqs, rows)))
 
 
 def split_bounds(seq_len: int, max_splits: int, min_partition: int = MIN_PARTITION) -> list[tuple[int, int]]:
@@ -286,13 +310,14 @@ def decode_attention(
     max_splits: int | None = None,
     out: torch.Tensor | None = None,
     min_partition: int = MIN_PARTITION,
+    live_seqs: int | None = None,
 ) -> torch.Tensor:
     """:func:`pagedserve.kernels.reference.paged_decode_attention` with explicit split limits (tests, benchmarks).
 
-    ``max_splits=None`` chooses the grid from shapes (:func:`choose_decode_splits`); ``1`` is the single pass; a
-    larger value lets each sequence use up to that many partitions of at least ``min_partition`` tokens
-    (:func:`split_bounds`). Sequences that fit one partition are written by the decode kernel itself; the
-    reduce kernel combines the others.
+    ``max_splits=None`` chooses the grid from shapes (:func:`choose_decode_splits`, for ``live_seqs`` rows: all
+    of them if None); ``1`` is the single pass; a larger value lets each sequence use up to that many
+    partitions of at least ``min_partition`` tokens (:func:`split_bounds`). Sequences that fit one partition
+    are written by the decode kernel itself; the reduce kernel combines the others.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -307,7 +332,8 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
     if max_splits is None:
-        max_splits = choose_decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        live = num_seqs if live_seqs is None else max(1, min(live_seqs, num_seqs))
+        max_splits = choose_decode_splits(live, num_kv_heads, block_tables.shape[1] * block_size, q.device)
     max_splits = max(1, int(max_splits))
     if max_splits > 1:
         part_out = torch.empty((num_seqs, num_q_heads, max_splits, d_pad), dtype=torch.float32, device=q.device)
@@ -341,11 +367,13 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-    plan: cpu_decode.DecodePlan | None = None,
+    plan: DecodeRows | cpu_decode.DecodePlan | None = None,
 ) -> torch.Tensor:
-    """Triton :func:`pagedserve.kernels.reference.paged_decode_attention` (split-KV for long contexts); it reads
-    the block tables on the device and takes no ``plan`` (its kernel set's ``plan_decode`` gives None)."""
-    return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    """Triton :func:`pagedserve.kernels.reference.paged_decode_attention` (split-KV for long contexts). It reads
+    the block tables on the device; its ``plan`` (:func:`plan_decode`) says only how many rows are surely live
+    (another kernel set's plan, or None, counts every row)."""
+    live = plan.live if isinstance(plan, DecodeRows) else None
+    return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, live_seqs=live)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -499,10 +527,12 @@ def paged_attention(
 
 
 __all__ = [
+    "DecodeRows",
     "choose_decode_splits",
     "decode_attention",
     "paged_attention",
     "paged_decode_attention",
+    "plan_decode",
     "split_bounds",
     "varlen_attention",
 ]

@@ -2,14 +2,21 @@
 
 ``kernels.get_ops("cuda")`` returns :data:`OPS`. Every op also runs on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests them); ``swap_blocks`` defers to the reference unless one side is CUDA.
-The attention kernels read the block tables on the device, so decode steps need no host-side plan.
+The attention kernels read the block tables on the device; a decode step's plan is only how many of its rows
+are surely live (:class:`~pagedserve.kernels.triton_attention.DecodeRows`), from shapes, so graphs can hold it.
 """
 
 from __future__ import annotations
 
 from pagedserve.kernels import reference
-from pagedserve.kernels.ops import KernelOps, no_plan
-from pagedserve.kernels.triton_attention import decode_attention, paged_attention, paged_decode_attention, varlen_attention
+from pagedserve.kernels.ops import KernelOps
+from pagedserve.kernels.triton_attention import (
+    decode_attention,
+    paged_attention,
+    paged_decode_attention,
+    plan_decode,
+    varlen_attention,
+)
 from pagedserve.kernels.triton_cache import copy_blocks, swap_blocks, write_kv
 from pagedserve.kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
@@ -18,7 +25,7 @@ OPS = KernelOps(
     write_kv=write_kv,
     paged_attention=paged_attention,
     paged_decode_attention=paged_decode_attention,
-    plan_decode=no_plan,
+    plan_decode=plan_decode,
     copy_blocks=copy_blocks,
     swap_blocks=swap_blocks,
     rms_norm=rms_norm,
