@@ -178,6 +178,7 @@ _WORK = {
     "offline": ["bench_model_dir", "throughput_section", "copy_bandwidth_gbps", "decode_roofline_bench",
                 "swap_vs_recompute_bench"],
     "kernels": ["measure_copy_bandwidth", "measure_pinned_bandwidth"],
+    "decode_configs": ["sweep_shape"],
     "sharing": ["run_sharing"],
     "cpu_kernels": ["measure", "measure_prefill"],
     "cpu_linears": ["measure"],
@@ -274,6 +275,8 @@ def test_bench_offline_help_lists_the_sizes_and_dtypes():
     (["kernels", "--batches", "0"], "--batches must be whole numbers >= 1"),
     (["kernels", "--swap-layers", "0"], "--swap-layers must be >= 1"),
     (["kernels", "--max-kv-gib", "0"], "--max-kv-gib must be > 0"),
+    (["decode-configs", "--batches", "0"], "--batches must be whole numbers >= 1"),
+    (["decode-configs", "--contexts", "1000"], "--contexts must be multiples of the block size 16"),
     (["sharing", "--num-requests", "0"], "--num-requests must be >= 1"),
     (["sharing", "--widths", "2,,x"], "--widths must be whole numbers >= 1"),
     (["sharing", "--widths", "600"], "--widths must be one or more whole numbers from 1 to 512"),
@@ -313,8 +316,8 @@ def test_every_bench_refuses_a_bad_option_in_one_line_before_any_work(no_work, a
     assert says in _one_line_usage_error(_bench(*args))
 
 
-@pytest.mark.parametrize("command", ["offline", "kernels", "sharing", "cpu-kernels", "cpu-linears", "service",
-                                     "structured", "batch", "vs-vllm", "cpu-load"])
+@pytest.mark.parametrize("command", ["offline", "kernels", "decode-configs", "sharing", "cpu-kernels", "cpu-linears",
+                                     "service", "structured", "batch", "vs-vllm", "cpu-load"])
 def test_every_bench_refuses_an_out_it_cannot_write_before_any_work(no_work, tmp_path, command):
     """The results are written last: an --out that cannot be written must fail first, not after the run."""
     a_file = tmp_path / "file"

@@ -299,15 +299,15 @@ def test_decode_split_choice_depends_on_shapes_only():
     assert wide <= triton_attention._target_programs(cpu)  # a wider table never launches more than fill the device
 
 
-@pytest.mark.parametrize("max_splits,min_partition", [(1, 256), (4, 64), (16, 64), (66, 256), (3, 100)])
-def test_split_bounds_follow_each_sequence_length(max_splits, min_partition):
+@pytest.mark.parametrize("max_splits,min_partition,tile", [(1, 256, 64), (4, 64, 64), (16, 64, 64), (66, 256, 64),
+                                                          (3, 100, 64), (5, 100, 16), (7, 300, 128)])
+def test_split_bounds_follow_each_sequence_length(max_splits, min_partition, tile):
     """Every length up to 1100: the partitions tile the context, at most ``max_splits`` of them, none empty, all but
     the last whole tiles of at least ``min_partition`` tokens, and the longest as short as those rules allow (the
     table width plays no part)."""
-    tile = triton_attention.DECODE_TILE
-    assert triton_attention.split_bounds(0, max_splits, min_partition) == []
+    assert triton_attention.split_bounds(0, max_splits, min_partition, tile) == []
     for n in range(1, 1100):
-        bounds = triton_attention.split_bounds(n, max_splits, min_partition)
+        bounds = triton_attention.split_bounds(n, max_splits, min_partition, tile)
         assert [s for s, _ in bounds] == [0, *(e for _, e in bounds[:-1])] and bounds[-1][1] == n
         assert len(bounds) <= max_splits and all(e > s for s, e in bounds)
         assert all((e - s) % tile == 0 and e - s >= min_partition for s, e in bounds[:-1])
@@ -333,6 +333,30 @@ def test_decode_split_from_seq_lens_with_wide_table_and_padding_rows():
         triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, out=out, **split)
         _assert_close(out[real], expected)
         assert torch.equal(out[[1, 5, 8]], torch.zeros_like(out[[1, 5, 8]])), split
+
+
+@pytest.mark.parametrize("launch", [dict(tile=16), dict(tile=32, num_warps=2, num_stages=1),
+                                    dict(tile=128, num_warps=8, num_stages=3, reduce_warps=1)],
+                         ids=["tile16", "tile32", "tile128"])
+def test_decode_launch_variants_match_reference(launch):
+    """Every launch ``bench decode-configs`` may pick computes the reference's attention: tiles smaller and larger
+    than a block, lengths at tile and partition edges, split and single pass."""
+    gen = torch.Generator().manual_seed(launch["tile"])
+    block_size, num_kv_heads, group, head_dim, dtype = 16, 2, 4, 64, torch.float32
+    lengths = [1, 15, 16, 17, 127, 128, 129, 300, 513, 0]
+    real = [i for i, n in enumerate(lengths) if n]
+    k_cache, v_cache, table = _paged_kv([max(n, 1) for n in lengths], num_kv_heads, head_dim, block_size, dtype, gen)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real], 0.125)
+    for split in (dict(max_splits=1), dict(max_splits=5, min_partition=100)):
+        out = triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125,
+                                                launch=triton_attention.DecodeLaunch(**launch), **split)
+        _assert_close(out[real], expected)
+        assert not out[-1].any()
+    with pytest.raises(AssertionError, match="tile"):
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125,
+                                          launch=triton_attention.DecodeLaunch(tile=48))
 
 
 def test_decode_plan_gives_padding_rows_no_share_of_the_partitions(monkeypatch):
@@ -615,6 +639,37 @@ def test_bench_without_cuda_exits_cleanly(monkeypatch, tmp_path, capsys):
     assert exc.value.exit_code == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_decode_configs_sweep_checks_every_launch_before_timing_it(monkeypatch, tmp_path, capsys):
+    """``bench decode-configs`` in the interpreter (fp32, one small shape): every launch and partition count is
+    compared with contiguous attention over the same K/V read through shuffled tables; a launch that computes
+    something else is reported wrong and never timed. Without CUDA the command says so in one line."""
+    import typer  # noqa: PLC0415
+
+    from pagedserve.bench import decode_configs  # noqa: PLC0415
+
+    monkeypatch.setitem(decode_configs.SHAPES, "tiny", (4, 2, 32))
+    launches = [triton_attention.DEFAULT_DECODE_LAUNCH, triton_attention.DecodeLaunch(tile=32, num_warps=2)]
+    row = decode_configs.sweep_shape("tiny", 2, 1024, launches, torch.device("cpu"), dtype=torch.float32)
+    auto = row["auto_splits"]
+    assert auto > 1 and [r["max_splits"] for r in row["runs"]] == \
+        [auto] * 2 + [s for s in decode_configs.split_variants(auto) if s != auto]
+    assert all(r["correct"] and r["max_abs_err"] < 1e-4 and r["ms"] > 0 for r in row["runs"])
+    assert row["best"] in row["runs"] and row["default_ms"] == row["runs"][0]["ms"]
+
+    real = triton_attention.decode_attention
+    monkeypatch.setattr(triton_attention, "decode_attention",
+                        lambda *a, **k: real(*a, **k) * (1.5 if k["launch"].tile == 32 else 1.0))
+    row = decode_configs.sweep_shape("tiny", 2, 512, launches, torch.device("cpu"), dtype=torch.float32)
+    wrong = row["runs"][1]
+    assert wrong["tile"] == 32 and wrong["correct"] is False and wrong["ms"] is None and row["best"] is not wrong
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(typer.Exit) as exc:
+        decode_configs.decode_configs_command(out=str(tmp_path / "d.json"), quick=True)
+    assert exc.value.exit_code == 1 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists()
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the gpu-marked tests compile the kernels for real")

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 LOG2E = 1.4426950408889634
 
-# KV tokens per inner-loop iteration. Independent of the block size (a tile may span several blocks).
+# KV tokens per inner-loop iteration of decode unless a DecodeLaunch says otherwise. Independent of the block
+# size (a tile may span several blocks).
 DECODE_TILE = 64
 PREFILL_TILE_N = 64
 # Rows (query tokens x query heads of one KV head) per prefill program.
@@ -125,6 +126,22 @@ def choose_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, dev
 
 
 @dataclass(frozen=True)
+class DecodeLaunch:
+    """How the split decode kernel is compiled and launched: KV tokens per inner-loop tile, warps and software
+    pipeline stages of a decode program, warps of a reduce program. Every launch computes the same attention (up
+    to the order of its fp32 sums: partitions are whole tiles, so ``tile`` moves their ends); only the speed
+    differs, which ``pagedserve bench decode-configs`` measures per shape on a GPU."""
+
+    tile: int = DECODE_TILE
+    num_warps: int = 4
+    num_stages: int = 2
+    reduce_warps: int = 4
+
+
+DEFAULT_DECODE_LAUNCH = DecodeLaunch()
+
+
+@dataclass(frozen=True)
 class DecodeRows:
     """The Triton kernel set's decode plan: at least ``live`` leading rows of the step hold a sequence; rows past
     them may be padding (length 0), as in a captured graph that serves every batch from ``live`` up to its size.
@@ -146,15 +163,16 @@ def plan_decode(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: 
     return DecodeRows(rows if live_seqs is None else max(1, min(live_seqs, rows)))
 
 
-def split_bounds(seq_len: int, max_splits: int, min_partition: int = MIN_PARTITION) -> list[tuple[int, int]]:
+def split_bounds(seq_len: int, max_splits: int, min_partition: int = MIN_PARTITION,
+                 tile: int = DECODE_TILE) -> list[tuple[int, int]]:
     """The ``[start, end)`` token ranges the split decode kernel gives one sequence (host mirror of ``_split_len``).
 
     Invariants: the ranges tile ``[0, seq_len)`` in order, none is empty, there are at most ``max_splits`` of
-    them, and each but the last is a whole number of ``DECODE_TILE`` tiles of at least ``min_partition`` tokens.
+    them, and each but the last is a whole number of ``tile``-token tiles of at least ``min_partition`` tokens.
     Their length depends on ``seq_len`` alone, never on the block table's width.
     """
     splits = min(max(seq_len // min_partition, 1), max_splits)
-    part = max(triton.cdiv(triton.cdiv(seq_len, splits), DECODE_TILE) * DECODE_TILE, DECODE_TILE)
+    part = max(triton.cdiv(triton.cdiv(seq_len, splits), tile) * tile, tile)
     return [(start, min(start + part, seq_len)) for start in range(0, seq_len, part)]
 
 
@@ -311,19 +329,22 @@ def decode_attention(
     out: torch.Tensor | None = None,
     min_partition: int = MIN_PARTITION,
     live_seqs: int | None = None,
+    launch: DecodeLaunch = DEFAULT_DECODE_LAUNCH,
 ) -> torch.Tensor:
     """:func:`pagedserve.kernels.reference.paged_decode_attention` with explicit split limits (tests, benchmarks).
 
     ``max_splits=None`` chooses the grid from shapes (:func:`choose_decode_splits`, for ``live_seqs`` rows: all
     of them if None); ``1`` is the single pass; a larger value lets each sequence use up to that many
     partitions of at least ``min_partition`` tokens (:func:`split_bounds`). Sequences that fit one partition
-    are written by the decode kernel itself; the reduce kernel combines the others.
+    are written by the decode kernel itself; the reduce kernel combines the others. ``launch``: tile size, warps
+    and pipeline stages (:class:`DecodeLaunch`).
     """
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     assert min_partition >= 1, "min_partition must be positive"
+    assert launch.tile >= 16 and launch.tile & (launch.tile - 1) == 0, "tile must be a power of two >= 16"
     q = _last_dim_contiguous(q)
     if out is None:
         out = torch.empty_like(q)
@@ -347,15 +368,15 @@ def decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE=DECODE_TILE,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE=launch.tile,
         DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     if max_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             out, part_out, part_m, part_l, seq_lens, max_splits, min_partition, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, triton.next_power_of_2(max_splits)), TILE=DECODE_TILE,
-            num_warps=4,
+            HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, triton.next_power_of_2(max_splits)), TILE=launch.tile,
+            num_warps=launch.reduce_warps,
         )  # fmt: skip
     return out
 
@@ -527,6 +548,8 @@ def paged_attention(
 
 
 __all__ = [
+    "DEFAULT_DECODE_LAUNCH",
+    "DecodeLaunch",
     "DecodeRows",
     "choose_decode_splits",
     "decode_attention",
