@@ -336,8 +336,9 @@ def test_decode_split_from_seq_lens_with_wide_table_and_padding_rows():
 
 
 @pytest.mark.parametrize("launch", [dict(tile=16), dict(tile=32, num_warps=2, num_stages=1),
-                                    dict(tile=128, num_warps=8, num_stages=3, reduce_warps=1)],
-                         ids=["tile16", "tile32", "tile128"])
+                                    dict(tile=128, num_warps=8, num_stages=3, reduce_warps=1),
+                                    dict(tile=64, fused_reduce=True), dict(tile=16, fused_reduce=True)],
+                         ids=["tile16", "tile32", "tile128", "fused", "fused-tile16"])
 def test_decode_launch_variants_match_reference(launch):
     """Every launch ``bench decode-configs`` may pick computes the reference's attention: tiles smaller and larger
     than a block, lengths at tile and partition edges, split and single pass."""
@@ -349,11 +350,13 @@ def test_decode_launch_variants_match_reference(launch):
     q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
     expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real], 0.125)
-    for split in (dict(max_splits=1), dict(max_splits=5, min_partition=100)):
+    for split in (dict(max_splits=1), dict(max_splits=5, min_partition=100), dict(max_splits=5, min_partition=100)):
         out = triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125,
                                                 launch=triton_attention.DecodeLaunch(**launch), **split)
         _assert_close(out[real], expected)
         assert not out[-1].any()
+    # The fused reduce's counters are zero again after every launch (a graph replays on them).
+    assert not any(c.any() for c in triton_attention._DONE_COUNTERS.get(torch.device("cpu"), []))
     with pytest.raises(AssertionError, match="tile"):
         triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125,
                                           launch=triton_attention.DecodeLaunch(tile=48))
@@ -651,10 +654,12 @@ def test_decode_configs_sweep_checks_every_launch_before_timing_it(monkeypatch, 
 
     monkeypatch.setitem(decode_configs.SHAPES, "tiny", (4, 2, 32))
     launches = [triton_attention.DEFAULT_DECODE_LAUNCH, triton_attention.DecodeLaunch(tile=32, num_warps=2)]
+    assert decode_configs.launch_grid(quick=True)[:2] == [
+        triton_attention.DEFAULT_DECODE_LAUNCH, triton_attention.DecodeLaunch(fused_reduce=True)]
     row = decode_configs.sweep_shape("tiny", 2, 1024, launches, torch.device("cpu"), dtype=torch.float32)
     auto = row["auto_splits"]
     assert auto > 1 and [r["max_splits"] for r in row["runs"]] == \
-        [auto] * 2 + [s for s in decode_configs.split_variants(auto) if s != auto]
+        [auto] * 2 + [s for s in decode_configs.split_variants(auto) if s != auto] * 2
     assert all(r["correct"] and r["max_abs_err"] < 1e-4 and r["ms"] > 0 for r in row["runs"])
     assert row["best"] in row["runs"] and row["default_ms"] == row["runs"][0]["ms"]
 
@@ -718,10 +723,47 @@ def test_gpu_decode_real_sizes(dtype, group, head_dim, block_size):
     q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     expected = reference.paged_decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5)
-    for split in (dict(max_splits=1), dict(max_splits=16, min_partition=512), dict()):
+    fused = triton_attention.DecodeLaunch(fused_reduce=True)
+    for split in (dict(max_splits=1), dict(max_splits=16, min_partition=512), dict(),
+                  dict(max_splits=16, min_partition=512, launch=fused), dict(launch=fused)):
         out = torch.full_like(q, float("nan"))
         triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, head_dim**-0.5, out=out, **split)
         _assert_close(out.cpu(), expected.cpu())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fused_reduce_under_graph_replays():
+    """The fused reduce on the device, as a captured graph runs it (the 1B model's attention, bf16, a wide table,
+    padding rows): replayed many times with the lengths changed between replays, every replay gives the
+    reference's output. A counter left non-zero, or partials read before they land, would not."""
+    gen = torch.Generator().manual_seed(13)
+    rng = random.Random(13)
+    block_size, hkv, group, head_dim, dtype = 16, 4, 8, 64, torch.bfloat16
+    lengths = [4096] * 61 + [0, 0, 0]
+    k_cache, v_cache, table = _paged_kv([max(n, 1) for n in lengths], hkv, head_dim, block_size, dtype, gen,
+                                        device="cpu", table_pad=256)
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    q = torch.randn(len(lengths), hkv * group, head_dim, generator=gen).to(dtype).cuda()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    call = lambda: triton_attention.decode_attention(  # noqa: E731
+        q, k_cache, v_cache, seq_lens, table, head_dim**-0.5, out=out,
+        launch=triton_attention.DecodeLaunch(fused_reduce=True), live_seqs=61)
+    call()  # compiles and allocates the counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for replay in range(12):
+        now = [rng.randrange(1, 4097) for _ in range(61)] + [0, 0, 0]
+        seq_lens.copy_(torch.tensor(now, dtype=torch.int32))
+        graph.replay()
+        real = [i for i, n in enumerate(now) if n]
+        expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real],
+                                                    head_dim**-0.5)
+        _assert_close(out[real].cpu(), expected.cpu())
+        assert not out[-3:].any(), replay
 
 
 @pytest.mark.gpu

@@ -48,14 +48,14 @@ def cases(full: bool):
     from pagedserve.kernels import triton_attention as ta  # noqa: PLC0415
     from pagedserve.kernels import triton_cache as tc  # noqa: PLC0415
 
-    configs = [("bf16", 4, 128, 16), ("fp16", 1, 80, 8)]
+    configs = [("bf16", 4, 128, 16), ("fp16", 1, 80, 8), ("bf16", 8, 64, 16)]
     if full:
         configs += [("fp32", 8, 96, 128), ("bf16", 2, 64, 32), ("fp16", 3, 128, 64)]
-    for dt, group, head_dim, block_size in configs:
+    for (dt, group, head_dim, block_size), fused in zip(configs, [True, False, True, False, False, True]):
         precision = "ieee" if dt == "fp32" else "tf32"
         stages = 1 if dt == "fp32" else 2
         yield (
-            f"decode {dt} group={group} d={head_dim} bs={block_size}",
+            f"decode {dt} group={group} d={head_dim} bs={block_size}{' fused reduce' if fused else ''}",
             ta._decode_kernel,
             {
                 "out_ptr": f"*{dt}",
@@ -67,6 +67,7 @@ def cases(full: bool):
                 "v_cache_ptr": f"*{dt}",
                 "block_tables_ptr": "*i32",
                 "seq_lens_ptr": "*i32",
+                "done_ptr": "*i32",
             },
             {
                 "GROUP": group,
@@ -77,6 +78,8 @@ def cases(full: bool):
                 "TILE": ta.DECODE_TILE,
                 "DOT_PRECISION": precision,
                 "DOT_UPCAST": False,
+                "FUSED_REDUCE": fused,
+                "NP_PAD": 64,
             },
             ("qk_scale",),
             2,

@@ -5,7 +5,8 @@ stages, partitions per sequence. For the two attention shapes the benchmarks use
 Hkv 4, D 64; ``bench kernels``' Hq 32, Hkv 8, D 128; bf16, block 16, shuffled block tables) at each batch and
 context, every launch of a grid is first checked against contiguous SDPA over the same K/V (a launch that
 computes something else is reported as wrong and never timed), then timed from CUDA graph replays beside SDPA.
-Partition counts are varied around the automatic choice with the default launch. The table gives the fastest
+Partition counts are varied around the automatic choice with the default launch, with its reduce fused into
+the decode kernel and without. The table gives the fastest
 launch per shape and the default's time against it; the engine's launch (``DEFAULT_DECODE_LAUNCH``) is set by
 hand from what this reports (docs/benchmarks.md). On the CPU (Triton's interpreter) the same sweep runs with
 wall-clock timing, which says nothing of speed: tests use it to check the sweep itself.
@@ -43,7 +44,8 @@ def launch_grid(quick: bool) -> list:
 
     grid = QUICK_GRID if quick else [(t, w, s) for t in TILES for w in WARPS for s in STAGES]
     launches = [DecodeLaunch(tile=t, num_warps=w, num_stages=s) for t, w, s in grid]
-    return [DEFAULT_DECODE_LAUNCH] + [x for x in launches if x != DEFAULT_DECODE_LAUNCH]
+    fused = dataclasses.replace(DEFAULT_DECODE_LAUNCH, fused_reduce=not DEFAULT_DECODE_LAUNCH.fused_reduce)
+    return [DEFAULT_DECODE_LAUNCH, fused] + [x for x in launches if x not in (DEFAULT_DECODE_LAUNCH, fused)]
 
 
 def split_variants(auto: int) -> list[int]:
@@ -84,7 +86,8 @@ def _reference(q, k_flat, v_flat, batch: int, context: int) -> tuple[torch.Tenso
 
 def sweep_shape(shape: str, batch: int, context: int, launches: list, device: torch.device,
                 dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    """Every launch (automatic partitions), then every partition count (default launch), at one shape."""
+    """Every launch (automatic partitions), then every partition count with the first two launches (the default
+    and its reduce the other way), at one shape."""
     from pagedserve.kernels import triton_attention as ta  # noqa: PLC0415
 
     hq, hkv, d = SHAPES[shape]
@@ -107,7 +110,7 @@ def sweep_shape(shape: str, batch: int, context: int, launches: list, device: to
     row: dict[str, Any] = {"shape": shape, "batch": batch, "context": context, "auto_splits": auto,
                            "sdpa_ms": timer(sdpa) if sdpa is not None else None, "runs": []}
     cases = [(launch, None) for launch in launches]
-    cases += [(launches[0], s) for s in split_variants(auto) if s != auto]
+    cases += [(launch, s) for launch in launches[:2] for s in split_variants(auto) if s != auto]
     for launch, splits in cases:
         run = {**dataclasses.asdict(launch), "max_splits": splits or auto}
         call = lambda: ta.decode_attention(q, k_cache, v_cache, seq_lens, tables, d**-0.5,  # noqa: E731

@@ -128,14 +128,17 @@ def choose_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, dev
 @dataclass(frozen=True)
 class DecodeLaunch:
     """How the split decode kernel is compiled and launched: KV tokens per inner-loop tile, warps and software
-    pipeline stages of a decode program, warps of a reduce program. Every launch computes the same attention (up
-    to the order of its fp32 sums: partitions are whole tiles, so ``tile`` moves their ends); only the speed
-    differs, which ``pagedserve bench decode-configs`` measures per shape on a GPU."""
+    pipeline stages of a decode program, warps of a reduce program (or no reduce launch at all). Every launch
+    computes the same attention (up to the order of its fp32 sums: partitions are whole tiles, so ``tile`` moves
+    their ends); only the speed differs, which ``pagedserve bench decode-configs`` measures per shape on a GPU."""
 
     tile: int = DECODE_TILE
     num_warps: int = 4
     num_stages: int = 2
     reduce_warps: int = 4
+    # The program that finishes a sequence's last partition combines them (counters in device memory), instead
+    # of a second launch: one launch fewer per layer, and no program waits for the others.
+    fused_reduce: bool = False
 
 
 DEFAULT_DECODE_LAUNCH = DecodeLaunch()
@@ -201,6 +204,7 @@ def _decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    done_ptr,  # [S, Hkv] int32 partitions finished (FUSED_REDUCE); all zero between launches
     qk_scale,  # softmax scale * log2(e)
     max_splits,
     min_partition,
@@ -223,6 +227,8 @@ def _decode_kernel(
     TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    NP_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -263,14 +269,47 @@ def _decode_kernel(
         if used == 1:  # the whole sequence in one partition: final output, the reduce skips it
             tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
         else:
-            row = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * max_splits + part
+            base = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * max_splits
+            row = base + part
             tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=mask_g[:, None])
             tl.store(m_ptr + row, m_i, mask=mask_g)
             tl.store(l_ptr + row, l_i, mask=mask_g)
+            if FUSED_REDUCE:
+                _reduce_if_last(out_rows, part_out_ptr, m_ptr, l_ptr, done_ptr + seq * tl.num_programs(1) + kv_head,
+                                base, used, mask_g, offs_d, mask_d, GROUP_PAD, D_PAD, NP_PAD)
     elif used == 0 and part == 0:
         # Empty sequence (e.g. batch padding): defined zero output instead of 0/0.
         zero = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
         tl.store(out_rows, zero.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _reduce_if_last(out_rows, part_out_ptr, m_ptr, l_ptr, done, base, used, mask_g, offs_d, mask_d,
+                    GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr, NP_PAD: tl.constexpr):
+    """The decode program that finishes a (sequence, KV head)'s last partition combines all of them: no reduce
+    launch. The barrier, then the counter's acquire-release add at GPU scope, order every thread's partial stores
+    before the count that another program reads; the partials are read past L1 (``.cg``), which may hold stale
+    lines of another SM's writes. The last program sets the counter back to zero, so it is zero at every launch
+    (a captured graph replays on the same counters)."""
+    tl.debug_barrier()
+    finished = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if finished == used - 1:
+        offs_p = tl.arange(0, NP_PAD)
+        mask = mask_g[:, None] & (offs_p[None, :] < used)
+        m = tl.load(m_ptr + base[:, None] + offs_p[None, :], mask=mask, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.where(mask_g, tl.max(m, axis=1), 0.0)  # padded heads: no partitions, a finite max
+        l = tl.load(l_ptr + base[:, None] + offs_p[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        denom = tl.sum(tl.where(mask, l * tl.exp2(m - m_max[:, None]), 0.0), axis=1)
+        acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+        for p in range(0, used):
+            w = tl.load(l_ptr + base + p, mask=mask_g, other=0.0, cache_modifier=".cg") * tl.exp2(
+                tl.load(m_ptr + base + p, mask=mask_g, other=0.0, cache_modifier=".cg") - m_max)
+            part = tl.load(part_out_ptr + (base + p)[:, None] * D_PAD + offs_d[None, :], mask=mask_g[:, None],
+                           other=0.0, cache_modifier=".cg")
+            acc += w[:, None] * part
+        out = acc / tl.where(mask_g, denom, 1.0)[:, None]
+        tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        tl.atomic_xchg(done, 0)
 
 
 @triton.jit
@@ -312,6 +351,21 @@ def _decode_reduce_kernel(
             (acc / denom).to(out_ptr.dtype.element_ty),
             mask=offs_d < HEAD_DIM,
         )
+
+
+_DONE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _done_counters(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` zeroed int32 partition counters of the fused reduce on ``device``, kept for the process: captured
+    graphs hold their address, and the kernel leaves them zero. A larger need allocates anew (outside a graph
+    capture: the graph runner's warm-up runs each size eagerly first) and keeps the old ones alive."""
+    kept = _DONE_COUNTERS.setdefault(device, [])
+    if not kept or kept[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused-reduce counters are allocated before graph capture: run the size eagerly first")
+        kept.append(torch.zeros(max(n, 2 * kept[-1].numel() if kept else 0), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -356,26 +410,29 @@ def decode_attention(
         live = num_seqs if live_seqs is None else max(1, min(live_seqs, num_seqs))
         max_splits = choose_decode_splits(live, num_kv_heads, block_tables.shape[1] * block_size, q.device)
     max_splits = max(1, int(max_splits))
+    fused = launch.fused_reduce and max_splits > 1
     if max_splits > 1:
         part_out = torch.empty((num_seqs, num_q_heads, max_splits, d_pad), dtype=torch.float32, device=q.device)
         part_m = torch.empty((num_seqs, num_q_heads, max_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
     else:  # every sequence fits its single partition: the partial buffers are never touched
         part_out = part_m = part_l = out
+    done = _done_counters(num_seqs * num_kv_heads, q.device) if fused else seq_lens
+    np_pad = max(2, triton.next_power_of_2(max_splits))
     _decode_kernel[(num_seqs, num_kv_heads, max_splits)](
-        out, part_out, part_m, part_l, q, k_cache, v_cache, block_tables, seq_lens, float(scale) * LOG2E,
+        out, part_out, part_m, part_l, q, k_cache, v_cache, block_tables, seq_lens, done, float(scale) * LOG2E,
         max_splits, min_partition,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE=launch.tile,
         DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        FUSED_REDUCE=fused, NP_PAD=np_pad, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
-    if max_splits > 1:
+    if max_splits > 1 and not fused:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             out, part_out, part_m, part_l, seq_lens, max_splits, min_partition, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=max(2, triton.next_power_of_2(max_splits)), TILE=launch.tile,
+            HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=np_pad, TILE=launch.tile,
             num_warps=launch.reduce_warps,
         )  # fmt: skip
     return out
