@@ -733,6 +733,38 @@ def test_gpu_decode_real_sizes(dtype, group, head_dim, block_size):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_batch_sizes_do_not_recompile_the_attention_kernels():
+    """Prefill batches of 1, 3, 16 and 48 sequences and decode partition counts of 2, 3, 16 and 32 (Triton would
+    specialise an integer argument on 1 and on multiples of 16) each run on one compiled kernel: a server's first
+    batches do not stop for the compiler."""
+    def compiled(kernel) -> int:
+        caches = getattr(kernel, "device_caches", None)
+        if not isinstance(caches, dict):
+            pytest.skip("this Triton keeps no per-device kernel caches to count")
+        return sum(len(entry[0]) for entry in caches.values())
+
+    gen = torch.Generator().manual_seed(17)
+    hkv, group, head_dim, block_size, dtype = 4, 8, 64, 16, torch.bfloat16
+    lengths = [700, 33, 1, 512] * 12
+    k_cache, v_cache, table = _paged_kv(lengths, hkv, head_dim, block_size, dtype, gen, device="cpu")
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    q = torch.randn(len(lengths), hkv * group, head_dim, generator=gen).to(dtype).cuda()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    counts = []
+    for n in (1, 3, 16, 48):  # decode-shaped prefill: one query token per sequence
+        cu = torch.arange(n + 1, dtype=torch.int32, device="cuda")
+        triton_attention.varlen_attention(q[:n], k_cache, v_cache, cu, seq_lens[:n], table[:n], 0.125)
+        counts.append(compiled(triton_attention._prefill_kernel))
+    for splits in (2, 3, 16, 32):
+        triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, max_splits=splits,
+                                          min_partition=64)
+        counts.append(compiled(triton_attention._decode_kernel))
+    torch.cuda.synchronize()
+    assert counts[:4] == [counts[0]] * 4 and counts[4:] == [counts[4]] * 4, counts
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_fused_reduce_under_graph_replays():
     """The fused reduce on the device, as a captured graph runs it (the 1B model's attention, bf16, a wide table,
     padding rows): replayed many times with the lengths changed between replays, every replay gives the

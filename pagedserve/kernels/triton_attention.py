@@ -193,7 +193,9 @@ def _split_len(seq_len, max_splits, min_partition, TILE: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, splits), TILE) * TILE, TILE)
 
 
-@triton.jit
+# Integer arguments that change with the batch are not specialised on (Triton would compile a kernel again for
+# a value of 1 or a multiple of 16): a server's first batches must not stop for the compiler mid-serving.
+@triton.jit(do_not_specialize=["max_splits", "min_partition"])
 def _decode_kernel(
     out_ptr,  # [S, Hq, D] output (sequences that fit one partition, and empty ones)
     part_out_ptr,  # [S, Hq, MAX_SPLITS, D_PAD] fp32 partial outputs of sequences cut in several partitions
@@ -312,7 +314,7 @@ def _reduce_if_last(out_rows, part_out_ptr, m_ptr, l_ptr, done, base, used, mask
         tl.atomic_xchg(done, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits", "min_partition"])
 def _decode_reduce_kernel(
     out_ptr,
     part_out_ptr,
@@ -427,7 +429,8 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE=launch.tile,
         DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
-        FUSED_REDUCE=fused, NP_PAD=np_pad, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        FUSED_REDUCE=fused, NP_PAD=np_pad if fused else 2,  # one compiled kernel for any partition count
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     if max_splits > 1 and not fused:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
@@ -459,7 +462,7 @@ def paged_decode_attention(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     out_ptr,
     q_ptr,
