@@ -216,8 +216,11 @@ def test_fused_add_rms_norm_matches_reference(dtype, width):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, tokens, max_positions, gen, what):
-    """Rotate q/k views of a fused qkv output (with extra NaN columns past it) and check every byte of it."""
+def _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, tokens, max_positions, gen, what,
+                               write_kv=False):
+    """Rotate q/k views of a fused qkv output (with extra NaN columns past it) and check every byte of it; with
+    ``write_kv``, through ``rotary_write_kv``, whose cache slots must then hold the rotated k and the v exactly
+    (a negative slot and every other slot untouched)."""
     q_width, kv_width = num_q_heads * head_dim, num_kv_heads * head_dim
     width = q_width + 2 * kv_width
     storage = _poisoned((tokens, width + 24), dtype)  # columns past qkv must stay NaN
@@ -233,7 +236,25 @@ def _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, token
     cos, sin = _rope_tables(max_positions, head_dim)
     expected_q, expected_k = reference.rotary_embedding(positions, q, k, cos, sin)
     v_before = v.clone()
-    out_q, out_k = triton_fused.rotary_embedding(positions, q, k, cos, sin)
+    if write_kv:
+        block_size, num_blocks = 16, tokens // 16 + 3
+        k_cache = _poisoned((num_blocks, block_size, num_kv_heads, head_dim), dtype)
+        v_cache = _poisoned((num_blocks, block_size, num_kv_heads, head_dim), dtype)
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+        slots[tokens // 2] = -1  # a padding row: no write
+        slot_mapping = slots.to(DEVICE)
+        v3 = v.view(-1, num_kv_heads, head_dim)
+        out_q = triton_fused.rotary_write_kv(positions, q, k, v3, cos, sin, k_cache, v_cache, slot_mapping)
+        out_k = k
+        written = slot_mapping >= 0
+        k_flat, v_flat = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+        assert torch.equal(k_flat[slot_mapping[written]], k[written]), f"{what}: cached k is not the rotated k"
+        assert torch.equal(v_flat[slot_mapping[written]], v3[written]), f"{what}: cached v is not v"
+        untouched = torch.ones(k_flat.shape[0], dtype=torch.bool, device=DEVICE)
+        untouched[slot_mapping[written]] = False
+        assert torch.isnan(k_flat[untouched]).all() and torch.isnan(v_flat[untouched]).all(), f"{what}: stray write"
+    else:
+        out_q, out_k = triton_fused.rotary_embedding(positions, q, k, cos, sin)
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not rotated in place"
     _assert_ulps(out_q, expected_q, "rotary", f"{what} q")
     _assert_ulps(out_k, expected_k, "rotary", f"{what} k")
@@ -241,13 +262,30 @@ def _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, token
     assert torch.isnan(storage[:, width:]).all(), f"{what}: wrote past the qkv row"
 
 
+@pytest.mark.parametrize("write_kv", [False, True], ids=["rotary", "rotary+write_kv"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 2, 64), (6, 2, 80), (5, 1, 96), (2, 2, 256)])
-def test_fused_rotary_in_place_on_qkv_views(dtype, num_q_heads, num_kv_heads, head_dim):
+def test_fused_rotary_in_place_on_qkv_views(dtype, num_q_heads, num_kv_heads, head_dim, write_kv):
     for tokens in TOKENS:
         gen = _gen("rotary", dtype, num_q_heads, num_kv_heads, head_dim, tokens)
         what = f"rotary Hq={num_q_heads} Hkv={num_kv_heads} D={head_dim} T={tokens}"
-        _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, tokens, 64, gen, what)
+        _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, tokens, 64, gen, what, write_kv)
+
+
+def test_rotary_write_kv_into_a_cache_of_another_dtype_rounds_as_write_kv_does():
+    """An fp32 model over a bf16 cache takes the two-op path: the cache holds the rotated k rounded by torch."""
+    gen = _gen("rotary-write-cast")
+    q, k, v = (_randn(gen, 5, h, 64, dtype=torch.float32) for h in (4, 2, 2))
+    positions = torch.tensor([9, 3, 3, 0, 31], device=DEVICE)
+    cos, sin = _rope_tables(32, 64)
+    expected_q, expected_k = reference.rotary_embedding(positions, q.clone(), k.clone(), cos, sin)
+    k_cache, v_cache = (torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    slots = torch.tensor([4, 20, -1, 0, 31], device=DEVICE)
+    out_q = triton_fused.rotary_write_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
+    _assert_ulps(out_q, expected_q, "rotary", "rotary q")
+    keep = slots >= 0
+    assert torch.equal(k_cache.view(-1, 2, 64)[slots[keep]], k[keep].to(torch.bfloat16))
+    assert torch.equal(v_cache.view(-1, 2, 64)[slots[keep]], v[keep].to(torch.bfloat16))
 
 
 def test_fused_rotary_contiguous_inputs_and_int32_positions():
@@ -358,7 +396,8 @@ def test_gpu_fused_rotary_real_sizes(dtype, num_q_heads, num_kv_heads, head_dim)
     for tokens in (1, 7, 512):
         gen = _gen("gpu-rotary", dtype, num_q_heads, num_kv_heads, head_dim, tokens)
         what = f"gpu rotary Hq={num_q_heads} Hkv={num_kv_heads} D={head_dim} T={tokens}"
-        _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, tokens, 8192, gen, what)
+        for write_kv in (False, True):
+            _check_rotary_on_fused_qkv(dtype, num_q_heads, num_kv_heads, head_dim, tokens, 8192, gen, what, write_kv)
 
 
 @pytest.mark.gpu

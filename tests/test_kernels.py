@@ -954,9 +954,12 @@ def test_kernel_sets_are_typed_records():
         with pytest.raises(dataclasses.FrozenInstanceError):
             ops.write_kv = reference.write_kv
     for field in dataclasses.fields(KernelOps):
-        if field.name not in ("name", "plan_decode", "decoder_stack"):
+        if field.name not in ("name", "plan_decode", "decoder_stack", "rotary_write_kv"):
             assert getattr(TORCH_OPS, field.name) is getattr(reference, field.name), field.name
     assert TORCH_OPS.plan_decode is cpu_decode.decode_plan
+    # Rotary and the KV write in one pass is Triton's alone; elsewhere the model calls the two ops.
+    assert TORCH_OPS.rotary_write_kv is None and CPU_OPS.rotary_write_kv is None
+    assert triton_ops.OPS.rotary_write_kv is not None
     # The one-call layer stack is the C++ kernels' alone; elsewhere the model runs layer by layer.
     assert TORCH_OPS.decoder_stack is None and triton_ops.OPS.decoder_stack is None
     assert CPU_OPS.decoder_stack is not None

@@ -191,11 +191,12 @@ def _fused_cases(full: bool):
                 no_fma,
             )
         heads = [(32, 8, 128), (12, 2, 80)] + ([(8, 8, 64), (16, 4, 96), (8, 1, 256)] if full else [])
-        for num_q, num_kv, head_dim in heads:
+        for (num_q, num_kv, head_dim), write_kv in zip(heads, [False, True, True, False, True]):
             yield (
-                f"rotary {dt} hq={num_q} hkv={num_kv} d={head_dim}",
+                f"rotary {dt} hq={num_q} hkv={num_kv} d={head_dim}{' + write_kv' if write_kv else ''}",
                 tf._rotary_kernel,
-                {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
+                {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                 "v_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}", "slot_mapping_ptr": "*i64"},
                 {
                     "NUM_Q_HEADS": num_q,
                     "NUM_KV_HEADS": num_kv,
@@ -203,6 +204,8 @@ def _fused_cases(full: bool):
                     "QH_PAD": triton.next_power_of_2(num_q),
                     "KH_PAD": triton.next_power_of_2(num_kv),
                     "HALF_PAD": triton.next_power_of_2(head_dim // 2),
+                    "WRITE_KV": write_kv,
+                    "BLOCK_SIZE": 16,
                 },
                 (),
                 1,

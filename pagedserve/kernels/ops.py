@@ -34,6 +34,9 @@ class KernelOps:
     argmax_logsumexp: Callable[..., Any]  # the sampler's greedy tokens and log-softmax normalisers
     # Every decoder layer of a step in one call (cpu_extension.decoder_stack); None: the model runs layer by layer.
     decoder_stack: Callable[..., Any] | None = None
+    # Rotary of q and k, then k and v written to their cache slots, in one pass: returns the rotated q
+    # (triton_fused.rotary_write_kv). None: the model calls rotary_embedding, then write_kv.
+    rotary_write_kv: Callable[..., Any] | None = None
 
 
 def no_plan(seq_lens, block_tables, block_size: int, live_seqs: int | None = None) -> None:

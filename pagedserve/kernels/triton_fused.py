@@ -1,4 +1,4 @@
-"""Triton element-wise model ops: RMSNorm (+ residual add), neox rotary embedding, SiLU-and-mul.
+"""Triton element-wise model ops: RMSNorm (+ residual add), neox rotary embedding (+ the KV write), SiLU-and-mul.
 
 Same signatures and semantics as the bottom section of :mod:`pagedserve.kernels.reference`, which computes exactly what
 HF transformers computes. The kernels keep the reference's rounding points (fp32 inside, rounded to the model
@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from pagedserve.kernels.triton_cache import write_kv
 
 # libdevice calls cannot run in the interpreter; there ``tl.exp`` (numpy) stands in. Decided at import, like
 # the choice between a compiled and an interpreted kernel.
@@ -216,7 +218,8 @@ def _rotate_heads(
     H_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr,
 ):
-    """Rotate all heads of token ``t`` in place: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]`` (fp32, one rounding)."""
+    """Rotate all heads of token ``t`` in place: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]`` (fp32, one rounding);
+    returns the two rotated halves as stored (``[H_PAD, HALF_PAD]``, ``x``'s dtype)."""
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, HALF_PAD)
     mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HALF)[None, :]
@@ -225,8 +228,11 @@ def _rotate_heads(
     # Both halves are loaded before either is stored: the rotation reads its own output locations.
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, x1 * c - x2 * s, mask=mask)
-    tl.store(p2, x2 * c + x1 * s, mask=mask)
+    r1 = (x1 * c - x2 * s).to(x_ptr.dtype.element_ty)
+    r2 = (x2 * c + x1 * s).to(x_ptr.dtype.element_ty)
+    tl.store(p1, r1, mask=mask)
+    tl.store(p2, r2, mask=mask)
+    return r1, r2
 
 
 @triton.jit
@@ -245,14 +251,29 @@ def _rotary_kernel(
     stride_cos,
     stride_sin,
     stride_cd,
+    v_ptr,  # WRITE_KV: v [T, Hkv, D] (last dim contiguous), the caches [blocks, BLOCK_SIZE, Hkv, D], the slots
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     QH_PAD: tl.constexpr,
     KH_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    WRITE_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
-    """One program per token: looks up its position's cos/sin row once and rotates its q and k heads in place."""
+    """One program per token: looks up its position's cos/sin row once and rotates its q and k heads in place;
+    with ``WRITE_KV`` it also writes the rotated k and its v to the token's cache slot (none if negative)."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
@@ -260,7 +281,20 @@ def _rotary_kernel(
     c = tl.load(cos_ptr + pos * stride_cos + offs_d * stride_cd, mask=cmask, other=0.0).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + pos * stride_sin + offs_d * stride_cd, mask=cmask, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, stride_qd, c, s, NUM_Q_HEADS, HALF, QH_PAD, HALF_PAD)
-    _rotate_heads(k_ptr, t, stride_kt, stride_kh, stride_kd, c, s, NUM_KV_HEADS, HALF, KH_PAD, HALF_PAD)
+    k1, k2 = _rotate_heads(k_ptr, t, stride_kt, stride_kh, stride_kd, c, s, NUM_KV_HEADS, HALF, KH_PAD, HALF_PAD)
+    if WRITE_KV:
+        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+        if slot >= 0:
+            offs_h = tl.arange(0, KH_PAD)
+            mask = (offs_h < NUM_KV_HEADS)[:, None] & cmask[None, :]
+            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch
+            v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch
+            v_src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh
+            tl.store(k_dst + offs_d[None, :], k1, mask=mask)
+            tl.store(k_dst + HALF + offs_d[None, :], k2, mask=mask)
+            tl.store(v_dst + offs_d[None, :], tl.load(v_src + offs_d[None, :], mask=mask), mask=mask)
+            tl.store(v_dst + HALF + offs_d[None, :], tl.load(v_src + HALF + offs_d[None, :], mask=mask), mask=mask)
 
 
 def rotary_embedding(
@@ -273,22 +307,67 @@ def rotary_embedding(
     stays as it is. ``positions`` ``[T]`` (any integer dtype, any order) must index rows of the fp32 tables
     ``cos``/``sin`` ``[max_positions, D / 2]``; they are not bounds-checked on the device.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    _check_rotary(positions, q, k, cos, sin)
+    if q.shape[0]:
+        _launch_rotary(positions, q, k, cos, sin, None)
+    return q, k
+
+
+def _check_rotary(positions, q, k, cos, sin) -> None:
+    num_tokens, _, head_dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == head_dim, f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
     assert positions.shape == (num_tokens,), f"positions {tuple(positions.shape)} for {num_tokens} tokens"
     assert head_dim % 2 == 0 and cos.shape[-1] == head_dim // 2 and sin.shape == cos.shape, "cos/sin [P, D/2]"
     assert cos.stride(-1) == sin.stride(-1), "cos and sin must share their last-dim stride"
-    if num_tokens == 0:
-        return q, k
+
+
+def _launch_rotary(positions, q, k, cos, sin, kv_write) -> None:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
     half = head_dim // 2
     q_pad, k_pad, half_pad = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(half)
+    if kv_write is None:  # the cache arguments are unused: any pointer and stride will do
+        v, k_cache, v_cache, slot_mapping, block_size = q, q, q, positions, 1
+        cache_strides = (0,) * 8
+    else:
+        v, k_cache, v_cache, slot_mapping = kv_write
+        block_size = k_cache.shape[1]
+        cache_strides = (*v.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3])
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos, sin, *q.stride(), *k.stride(), cos.stride(0), sin.stride(0), cos.stride(1),
+        v, k_cache, v_cache, slot_mapping, *cache_strides,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, QH_PAD=q_pad, KH_PAD=k_pad,
-        HALF_PAD=half_pad, num_warps=4 if q_pad * half_pad <= 4096 else 8, enable_fp_fusion=False,
+        HALF_PAD=half_pad, WRITE_KV=kv_write is not None, BLOCK_SIZE=block_size,
+        num_warps=4 if q_pad * half_pad <= 4096 else 8, enable_fp_fusion=False,
     )  # fmt: skip
-    return q, k
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`rotary_embedding` of ``q`` and ``k``, then :func:`~pagedserve.kernels.reference.write_kv` of the
+    rotated ``k`` and ``v``, in one launch: returns the rotated ``q`` (``k`` is rotated in place too). A cache of
+    another dtype than ``k``, or a layout the one pass does not take, goes through the two ops instead."""
+    num_tokens = q.shape[0]
+    one_pass = (k_cache.dtype == k.dtype == v.dtype and v.stride(-1) == 1 and k_cache.stride(-1) == 1
+                and v_cache.stride(-1) == 1 and slot_mapping.shape == (num_tokens,))
+    if not one_pass:
+        q, k = rotary_embedding(positions, q, k, cos, sin)
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
+    _check_rotary(positions, q, k, cos, sin)
+    assert v.shape == k.shape, f"v {tuple(v.shape)} vs k {tuple(k.shape)}"
+    if num_tokens:
+        _launch_rotary(positions, q, k, cos, sin, (v, k_cache, v_cache, slot_mapping))
+    return q
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,6 +438,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_out",
     "rotary_embedding",
+    "rotary_write_kv",
     "silu_and_mul",
     "silu_and_mul_out",
 ]

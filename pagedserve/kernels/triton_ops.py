@@ -18,7 +18,7 @@ from pagedserve.kernels.triton_attention import (
     varlen_attention,
 )
 from pagedserve.kernels.triton_cache import copy_blocks, swap_blocks, write_kv
-from pagedserve.kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from pagedserve.kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, rotary_write_kv, silu_and_mul
 
 OPS = KernelOps(
     name="triton",
@@ -33,6 +33,7 @@ OPS = KernelOps(
     rotary_embedding=rotary_embedding,
     silu_and_mul=silu_and_mul,
     argmax_logsumexp=reference.argmax_logsumexp,  # two torch reductions on the device: no kernel of ours needed
+    rotary_write_kv=rotary_write_kv,  # one launch a layer fewer than rotary, then the KV write
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "paged_decode_attention",
     "rms_norm",
     "rotary_embedding",
+    "rotary_write_kv",
     "silu_and_mul",
     "swap_blocks",
     "varlen_attention",

@@ -92,9 +92,10 @@ class RotaryEmbedding(nn.Module):
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's K/V into the paged cache, then attends through the block tables.
+    """Rotates this step's q and k, writes its K/V into the paged cache, then attends through the block tables.
 
-    The cache tensors are bound by the model runner after it sizes the pool (``k_cache``/``v_cache``).
+    The cache tensors are bound by the model runner after it sizes the pool (``k_cache``/``v_cache``). Kernel sets
+    with ``rotary_write_kv`` rotate and write in one pass.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, ops: KernelOps) -> None:
@@ -105,10 +106,16 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rotary: RotaryEmbedding) -> torch.Tensor:
         ctx = get_context()
         ops = self.ops
-        ops.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ops.rotary_write_kv is not None:
+            q = ops.rotary_write_kv(positions, q, k, v, rotary.cos, rotary.sin, self.k_cache, self.v_cache,
+                                    ctx.slot_mapping)
+        else:
+            q, k = rotary(positions, q, k)
+            ops.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.decode_only:
             return ops.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.seq_lens, ctx.block_tables, self.scale,
                                               plan=ctx.decode_plan)
@@ -154,8 +161,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v)
+        out = self.attn(positions, q, k, v, self.rotary)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
