@@ -397,3 +397,16 @@ def test_warm_up_runs_the_timed_shapes_and_leaves_no_prefix_to_hit(tiny_models):
     common.drive(engine, w.prompts, w.params)
     assert engine.stats()["prefix_cache_hit_tokens"] == 0
     assert shapes[0] == shapes[1]
+
+
+def test_run_engine_reports_what_could_slow_one_engine_and_not_another(tiny_models):
+    """Each engine run says whether Triton compiled during its timed run and whether the caching allocator retried
+    or went to the driver (CUDA); on the CPU, where neither applies, the counters are None rather than a
+    misleading 0. The Triton count is None in the interpreter, which compiles nothing."""
+    from pagedserve.bench.offline import DEVICE_COUNTERS, run_engine
+    from pagedserve.kernels.triton_ops import compiled_kernels
+
+    w = common.make_workload(2, 0, vocab_size=256)
+    result = run_engine(tiny_models["llama"], w, "cpu")
+    assert {k: result[k] for k in DEVICE_COUNTERS} == dict.fromkeys(DEVICE_COUNTERS)
+    assert compiled_kernels() is None

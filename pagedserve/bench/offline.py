@@ -98,13 +98,30 @@ def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32",
         warm_up(llm.engine, w)
     else:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
-    before = llm.stats()
+    before, device_before = llm.stats(), _device_counters(cuda)
     result = drive(llm.engine, w.prompts, w.params)
     del result["outputs"]
-    stats = llm.stats()
+    stats, device_after = llm.stats(), _device_counters(cuda)
     return {**result, "num_preemptions": stats["num_preemptions"], "num_steps": stats["num_steps"] - before["num_steps"],
             "prefix_cache_hit_tokens": stats["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
-            "num_gpu_blocks": stats["num_gpu_blocks"]}
+            "num_gpu_blocks": stats["num_gpu_blocks"],
+            **{k: None if device_before[k] is None else device_after[k] - device_before[k] for k in device_before}}
+
+
+DEVICE_COUNTERS = ("triton_compiles", "alloc_retries", "device_mallocs")
+
+
+def _device_counters(cuda: bool) -> dict:
+    """What could make one engine's timed run slower than another's on the same work: Triton compiling in it, and
+    the caching allocator retrying a failed cudaMalloc after freeing its cache (which synchronizes) or going to
+    the driver at all, as it may when a KV pool leaves little memory beside it."""
+    if not cuda:
+        return dict.fromkeys(DEVICE_COUNTERS)
+    from pagedserve.kernels.triton_ops import compiled_kernels
+
+    stats = torch.cuda.memory_stats()
+    return {"triton_compiles": compiled_kernels(), "alloc_retries": stats.get("num_alloc_retries", 0),
+            "device_mallocs": stats.get("num_device_alloc", 0)}
 
 
 def cuda_contenders(model_dir: str, w: Workload) -> list[tuple[str, dict]]:
@@ -227,7 +244,8 @@ def throughput_section(model_dir: str, w: Workload, size: str, device: str, dtyp
             for name, kwargs in (order if round_ % 2 == 0 else order[::-1]):
                 runs[name].append(run_engine(model_dir, w, device, dtype, **kwargs))
         for name, rs in runs.items():
-            results[name] = {**min(rs, key=lambda r: r["wall_s"]), "wall_s_runs": [r["wall_s"] for r in rs]}
+            results[name] = {**min(rs, key=lambda r: r["wall_s"]), "wall_s_runs": [r["wall_s"] for r in rs],
+                             "device_counters_runs": [{k: r[k] for k in DEVICE_COUNTERS} for r in rs]}
     else:
         results["pagedserve"] = run_engine(model_dir, w, device, dtype)
     step("HF static")

@@ -36,8 +36,25 @@ OPS = KernelOps(
     rotary_write_kv=rotary_write_kv,  # one launch a layer fewer than rotary, then the KV write
 )
 
+def compiled_kernels() -> int | None:
+    """How many compiled variants of this kernel set's Triton kernels the process holds (None where Triton keeps
+    no per-device caches to count, e.g. its interpreter): a rise across a timed run means it compiled in it."""
+    from pagedserve.kernels import triton_attention, triton_cache, triton_fused  # noqa: PLC0415
+
+    total = 0
+    for module in (triton_attention, triton_cache, triton_fused):
+        for kernel in vars(module).values():
+            caches = getattr(kernel, "device_caches", None)
+            if isinstance(caches, dict):
+                total += sum(len(entry[0]) for entry in caches.values())
+            elif caches is not None:
+                return None
+    return None if triton_attention._INTERPRETED else total
+
+
 __all__ = [
     "OPS",
+    "compiled_kernels",
     "add_rms_norm",
     "copy_blocks",
     "decode_attention",
