@@ -361,7 +361,9 @@ _DONE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 def _done_counters(n: int, device: torch.device) -> torch.Tensor:
     """``n`` zeroed int32 partition counters of the fused reduce on ``device``, kept for the process: captured
     graphs hold their address, and the kernel leaves them zero. A larger need allocates anew (outside a graph
-    capture: the graph runner's warm-up runs each size eagerly first) and keeps the old ones alive."""
+    capture: the graph runner's warm-up runs each size eagerly first) and keeps the old ones alive. One decode
+    launch at a time per device uses them (an engine's one compute stream): two engines decoding at once on one
+    GPU in one process would need counters of their own."""
     kept = _DONE_COUNTERS.setdefault(device, [])
     if not kept or kept[-1].numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

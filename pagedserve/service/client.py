@@ -335,7 +335,9 @@ class Client(ProducerCore):
                         raise self._unreachable(e) from None
                     self._raise_missing_database(e)
                     error = e
-                except (ValueError, OSError):  # redis-py's socket, closed under the call by close()
+                # redis-py's socket, closed under the call by close(): a read then fails as the socket's (ValueError,
+                # OSError) or, when the close lands between two reads, as the parser's emptied buffer (AttributeError).
+                except (ValueError, OSError, AttributeError):
                     if self._closed:
                         raise RuntimeError("this Client was closed while the call waited") from None
                     raise
