@@ -13,7 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 
+import dataclasses  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -675,6 +677,53 @@ def test_decode_configs_sweep_checks_every_launch_before_timing_it(monkeypatch, 
         decode_configs.decode_configs_command(out=str(tmp_path / "d.json"), quick=True)
     assert exc.value.exit_code == 1 and "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists()
+
+
+def _sweep_row(shape, batch, context, timings, auto=4):
+    """A ``sweep_shape`` row from {launch kwargs as a tuple of items: ms or None (wrong)}; the first is the default."""
+    runs = []
+    for items, ms in timings.items():
+        launch = dataclasses.asdict(triton_attention.DecodeLaunch(**dict(items)))
+        runs.append({**launch, "max_splits": auto, "ms": ms, "correct": ms is not None})
+    runs.append({**runs[0], "max_splits": 1, "ms": 0.001, "correct": True})  # a split variant: never adopted
+    return {"shape": shape, "batch": batch, "context": context, "auto_splits": auto, "runs": runs}
+
+
+def test_launch_table_adopts_only_clear_correct_wins_and_covers_every_batch(tmp_path, monkeypatch):
+    """``bench decode-configs --write``: per batch the launch fastest over all contexts, among those correct at
+    every context, and only past the noise margin; a shape with any win lists every batch (the default where it
+    won), so each batch range keeps its own launch. The engine then looks launches up by GPU model and shape."""
+    from pagedserve.bench import decode_configs as dc  # noqa: PLC0415
+
+    default, fast, wrong = (), (("tile", 128),), (("num_warps", 8),)
+    rows = [_sweep_row("1b", b, c, {default: 10.0, fast: t, wrong: 1.0 if c == 1024 else None})
+            for b, c, t in [(1, 1024, 10.1), (1, 8192, 10.0), (64, 1024, 8.0), (64, 8192, 9.0),
+                            (256, 1024, 9.9), (256, 8192, 9.9)]]
+    entries = dc.launch_table_entries(rows, "GPU X")
+    assert [(e["max_batch"], e["launch"]["tile"], e["head_dim"], e["group"]) for e in entries] == [
+        (1, 64, 64, 8), (64, 128, 64, 8), (256, 64, 64, 8)]  # 256: 1% faster is noise; 8 warps: wrong at 8k
+    assert dc.launch_table_entries([_sweep_row("1b", 64, 1024, {default: 10.0, fast: 9.9})], "GPU X") == []
+
+    table = tmp_path / "launches.json"
+    table.write_text(json.dumps([{**entries[0], "device": "GPU Y"}, {**entries[0], "max_batch": 999}]))
+    dc.write_launch_table(entries, "GPU X", table)
+    written = json.loads(table.read_text())
+    assert [(e["device"], e["max_batch"]) for e in written] == [("GPU X", 1), ("GPU X", 64), ("GPU X", 256),
+                                                                ("GPU Y", 1)]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    look = lambda n, name="GPU X", d=64: triton_attention.decode_launch(  # noqa: E731
+        torch.device("cuda"), torch.bfloat16, d, 8, n, table=table)
+    assert [look(n).tile for n in (1, 2, 64, 65, 256, 257)] == [64, 128, 128, 64, 64, 64]
+    assert look(64, d=128) == triton_attention.DEFAULT_DECODE_LAUNCH  # another head size: not measured
+    assert triton_attention.decode_launch(torch.device("cpu"), torch.bfloat16, 64, 8, 64, table=table) == \
+        triton_attention.DEFAULT_DECODE_LAUNCH
+
+
+def test_shipped_launch_table_holds_valid_launches():
+    for entry in json.loads(triton_attention.DECODE_LAUNCHES.read_text()):
+        launch = triton_attention.DecodeLaunch(**entry["launch"])
+        assert launch.tile >= 16 and launch.tile & (launch.tile - 1) == 0, entry
+        assert entry["max_batch"] >= 1 and entry["dtype"] in ("bfloat16", "float16", "float32"), entry
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the gpu-marked tests compile the kernels for real")

@@ -76,7 +76,8 @@ def test_wheel_ships_only_the_pagedserve_package(wheel):
     for module in ("pagedserve/__init__.py", "pagedserve/service/client.py", "pagedserve/service/celery_app.py",
                    "pagedserve/engine/llm.py", "pagedserve/kernels/__init__.py",
                    "pagedserve/kernels/csrc/paged_decode_attention.cpp", "pagedserve/kernels/csrc/cpu_fused_ops.cpp",
-                   "pagedserve/kernels/csrc/vec8.h"):  # compiled on first use
+                   "pagedserve/kernels/csrc/vec8.h",  # compiled on first use
+                   "pagedserve/kernels/decode_launches.json"):  # the decode launches measured per GPU model
         assert module in paths, module
 
 

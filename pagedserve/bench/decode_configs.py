@@ -6,10 +6,11 @@ Hkv 4, D 64; ``bench kernels``' Hq 32, Hkv 8, D 128; bf16, block 16, shuffled bl
 context, every launch of a grid is first checked against contiguous SDPA over the same K/V (a launch that
 computes something else is reported as wrong and never timed), then timed from CUDA graph replays beside SDPA.
 Partition counts are varied around the automatic choice with the default launch, with its reduce fused into
-the decode kernel and without. The table gives the fastest
-launch per shape and the default's time against it; the engine's launch (``DEFAULT_DECODE_LAUNCH``) is set by
-hand from what this reports (docs/benchmarks.md). On the CPU (Triton's interpreter) the same sweep runs with
-wall-clock timing, which says nothing of speed: tests use it to check the sweep itself.
+the decode kernel and without. The table gives the fastest launch per shape and the default's time against it;
+``--write`` puts each batch's winner over the contexts into the engine's launch table
+(``pagedserve/kernels/decode_launches.json``, by GPU model), where a win is clear of noise. On the CPU (Triton's
+interpreter) the same sweep runs with wall-clock timing, which says nothing of speed: tests use it to check the
+sweep itself.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ QUICK_BATCHES = [64]
 QUICK_CONTEXTS = [1024]
 TILES, WARPS, STAGES = (32, 64, 128), (2, 4, 8), (1, 2, 3)
 QUICK_GRID = ((64, 4, 2), (128, 4, 2), (64, 8, 3))
+LAUNCH_FIELDS = ("tile", "num_warps", "num_stages", "reduce_warps", "fused_reduce")
+MIN_GAIN = 0.03  # a launch must beat the default by this much over a batch's contexts to be adopted
 
 
 def launch_grid(quick: bool) -> list:
@@ -129,11 +132,57 @@ def sweep_shape(shape: str, batch: int, context: int, launches: list, device: to
     return row
 
 
+def launch_table_entries(rows: list[dict], device_name: str, min_gain: float = MIN_GAIN) -> list[dict]:
+    """``decode_launches.json`` entries from a sweep: per attention shape and batch, the launch (automatic
+    partitions) whose time summed over the contexts is least, among those correct and timed at every context.
+    A shape gets entries only where some batch beats the default by ``min_gain`` (less is noise); then it gets
+    one for every batch, the default included where it won, so each batch range keeps its own launch."""
+    by_shape: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        totals = by_shape.setdefault(row["shape"], {}).setdefault(row["batch"], {})
+        for run in row["runs"]:
+            if run["max_splits"] != row["auto_splits"]:
+                continue  # partition-count variants are read by hand, not adopted
+            key = tuple(sorted((k, run[k]) for k in LAUNCH_FIELDS))
+            ms = run["ms"] if run["correct"] else None
+            totals[key] = None if ms is None or totals.get(key, 0.0) is None else totals.get(key, 0.0) + ms
+    default = tuple(sorted(dataclasses.asdict(_default_launch()).items()))
+    entries = []
+    for shape, batches in by_shape.items():
+        hq, hkv, d = SHAPES[shape]
+        chosen = {}
+        for batch, totals in batches.items():
+            timed = {k: v for k, v in totals.items() if v is not None}
+            best = min(timed, key=timed.get) if timed else default
+            base = totals.get(default)
+            keep = base is None or timed.get(best, base) <= base * (1 - min_gain)
+            chosen[batch] = best if keep else default
+        if any(launch != default for launch in chosen.values()):
+            entries += [{"device": device_name, "dtype": "bfloat16", "head_dim": d, "group": hq // hkv,
+                         "max_batch": batch, "launch": dict(launch)} for batch, launch in sorted(chosen.items())]
+    return entries
+
+
+def write_launch_table(entries: list[dict], device_name: str, path: Path) -> None:
+    """Replace this device's entries of the table at ``path`` (others' stay) with ``entries``."""
+    kept = [e for e in (json.loads(path.read_text()) if path.is_file() else []) if e["device"] != device_name]
+    table = sorted(kept + entries, key=lambda e: (e["device"], e["dtype"], e["head_dim"], e["group"], e["max_batch"]))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+
+
+def _default_launch():
+    from pagedserve.kernels.triton_attention import DEFAULT_DECODE_LAUNCH  # noqa: PLC0415
+
+    return DEFAULT_DECODE_LAUNCH
+
+
 def decode_configs_command(
     out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/decode-configs.json",
     quick: Annotated[bool, typer.Option(help="Three launches at batch 64, context 1k (smoke run).")] = False,
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes (default 1,16,64,256).")] = "",
     contexts: Annotated[str, typer.Option(help="Comma-separated context lengths (default 1024,8192).")] = "",
+    write: Annotated[str, typer.Option(help="Also write the winning launches for this GPU into this launch table "
+                                            "(the engine's: pagedserve/kernels/decode_launches.json).")] = "",
 ) -> None:
     """Time the split decode kernel's launches (tiles, warps, stages, partitions) per shape (needs CUDA)."""
     batch_list = parse_ints(batches, QUICK_BATCHES if quick else BATCHES, "--batches")
@@ -141,6 +190,7 @@ def decode_configs_command(
     if any(c % BLOCK_SIZE for c in ctx_list):
         usage_error(f"--contexts must be multiples of the block size {BLOCK_SIZE} (got {contexts})")
     path = check_out("--out", out)
+    table = check_out("--write", write) if write else None
     if not torch.cuda.is_available():
         usage_error("pagedserve bench decode-configs needs a CUDA GPU: torch.cuda.is_available() is False. "
                     "Nothing was measured; run it on a machine with an NVIDIA GPU.", code=1)
@@ -178,6 +228,10 @@ def decode_configs_command(
         "shapes": {k: dict(zip(("num_q_heads", "num_kv_heads", "head_dim"), v)) for k, v in SHAPES.items()},
         "rows": rows,
     }
+    if table is not None:
+        result["launch_table"] = launch_table_entries(rows, props.name)
+        write_launch_table(result["launch_table"], props.name, table)
+        console.print(f"{len(result['launch_table'])} launch table entries for {props.name} written to {table}")
     path.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"Wrote {path}")
 

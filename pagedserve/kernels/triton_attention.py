@@ -20,8 +20,10 @@ One module past the usual size on purpose: decode and prefill share the online-s
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,6 +144,32 @@ class DecodeLaunch:
 
 
 DEFAULT_DECODE_LAUNCH = DecodeLaunch()
+
+# Launches measured faster than the default on a GPU model (``bench decode-configs --write``): a list of
+# {"device", "dtype", "head_dim", "group", "max_batch", "launch"}; a shape not listed runs the default.
+DECODE_LAUNCHES = Path(__file__).with_name("decode_launches.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_table(path: Path) -> tuple[dict, ...]:
+    return tuple(json.loads(path.read_text())) if path.is_file() else ()
+
+
+@functools.lru_cache(maxsize=4096)  # every layer of every step asks: a dict lookup after the first
+def decode_launch(device: torch.device, dtype: torch.dtype, head_dim: int, group: int, num_seqs: int,
+                  table: Path = DECODE_LAUNCHES) -> DecodeLaunch:
+    """The launch measured fastest for this GPU model, cache dtype, head size and GQA group at ``num_seqs`` rows
+    (the entry with the smallest ``max_batch`` that covers them), else :data:`DEFAULT_DECODE_LAUNCH`. Shapes
+    only, so a captured graph keeps its launch."""
+    if device.type != "cuda":
+        return DEFAULT_DECODE_LAUNCH
+    name = torch.cuda.get_device_name(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    fits = [e for e in _launch_table(table) if e["device"] == name and e["dtype"] == dtype_name
+            and e["head_dim"] == head_dim and e["group"] == group and e["max_batch"] >= num_seqs]
+    if not fits:
+        return DEFAULT_DECODE_LAUNCH
+    return DecodeLaunch(**min(fits, key=lambda e: e["max_batch"])["launch"])
 
 
 @dataclass(frozen=True)
@@ -387,7 +415,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     min_partition: int = MIN_PARTITION,
     live_seqs: int | None = None,
-    launch: DecodeLaunch = DEFAULT_DECODE_LAUNCH,
+    launch: DecodeLaunch | None = None,
 ) -> torch.Tensor:
     """:func:`pagedserve.kernels.reference.paged_decode_attention` with explicit split limits (tests, benchmarks).
 
@@ -395,13 +423,15 @@ def decode_attention(
     of them if None); ``1`` is the single pass; a larger value lets each sequence use up to that many
     partitions of at least ``min_partition`` tokens (:func:`split_bounds`). Sequences that fit one partition
     are written by the decode kernel itself; the reduce kernel combines the others. ``launch``: tile size, warps
-    and pipeline stages (:class:`DecodeLaunch`).
+    and pipeline stages (:class:`DecodeLaunch`; None: :func:`decode_launch`'s for this device and shape).
     """
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     assert min_partition >= 1, "min_partition must be positive"
+    if launch is None:
+        launch = decode_launch(q.device, k_cache.dtype, head_dim, num_q_heads // num_kv_heads, num_seqs)
     assert launch.tile >= 16 and launch.tile & (launch.tile - 1) == 0, "tile must be a power of two >= 16"
     q = _last_dim_contiguous(q)
     if out is None:
@@ -610,11 +640,13 @@ def paged_attention(
 
 
 __all__ = [
+    "DECODE_LAUNCHES",
     "DEFAULT_DECODE_LAUNCH",
     "DecodeLaunch",
     "DecodeRows",
     "choose_decode_splits",
     "decode_attention",
+    "decode_launch",
     "paged_attention",
     "paged_decode_attention",
     "plan_decode",
