@@ -1,0 +1,116 @@
+"""Triton GEMM for the few rows of a decode step: a contender to cuBLAS, not yet used by the model.
+
+A decode step's linear layers multiply a handful of rows (one per sequence) by each weight matrix once: they are
+bound by reading the weights. On the H200 the 1B model's four layer GEMMs ran at about 61% of the copy
+bandwidth under cuBLAS. This kernel streams ``w`` ``[N, K]`` (``nn.Linear``'s layout) in ``block_n x block_k``
+tiles against all the rows at once (``tl.dot`` with the rows padded to ``block_m``), optionally cutting ``K``
+into ``split_k`` parts whose fp32 partial sums meet in a buffer; the program that adds the last part writes the
+output and clears the buffer and its counter for the next launch (the fused-reduce pattern of split decode),
+so there is one launch and graphs can replay it. ``.ci/gpu-probe``'s ``gemm`` section times it beside cuBLAS;
+the model uses it only once a device run shows it faster (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.kernels.triton_attention import _dot, _dot_precision, _dot_upcast
+
+
+@dataclass(frozen=True)
+class LinearLaunch:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(
+    x_ptr, w_ptr, out_ptr, acc_ptr, done_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * chunk
+    k_hi = tl.minimum(k_lo + chunk, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += _dot(x, tl.trans(w), PRECISION, UPCAST)  # fp32: exact products; bf16 in the interpreter: upcast
+    out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Partial sums meet in the fp32 buffer; the last part's program writes the output and leaves the buffer
+        # and its counter zero. The barrier and the acquire-release count order every thread's adds before it.
+        sums = acc_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.atomic_add(sums, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        done = done_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_rows, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(sums, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=mask, cache_modifier=".cg")
+            tl.atomic_xchg(done, 0)
+
+
+_SCRATCH: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
+
+
+def _scratch(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed buffers kept for the process (the kernel leaves them zero), grown by allocating anew; one launch at
+    a time per device uses them."""
+    kept = _SCRATCH.setdefault((device, kind), [])
+    if not kept or kept[-1].numel() < n:
+        kept.append(torch.zeros(max(n, 2 * kept[-1].numel() if kept else 0), dtype=dtype, device=device))
+    return kept[-1]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch()) -> torch.Tensor:
+    """``x @ w.T`` (``F.linear`` without bias) for ``x`` ``[M, K]`` and ``w`` ``[N, K]``, both with unit stride in
+    ``K``; the output ``[M, N]`` has ``x``'s dtype."""
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], f"x {tuple(x.shape)} vs w {tuple(w.shape)}"
+    assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need unit stride along K"
+    assert launch.block_m >= 16 and launch.block_k >= 16 and launch.block_n >= 16, "tl.dot needs blocks >= 16"
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    grid_m = triton.cdiv(m, launch.block_m)
+    grid = (triton.cdiv(n, launch.block_n), grid_m, launch.split_k)
+    if launch.split_k > 1:
+        acc = _scratch("acc", m * n, torch.float32, x.device)
+        done = _scratch("done", grid[0] * grid_m, torch.int32, x.device)
+    else:
+        acc, done = out, out  # unused
+    _linear_kernel[grid](
+        x, w, out, acc, done, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,
+        PRECISION=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["LinearLaunch", "linear"]
