@@ -45,3 +45,23 @@ def test_small_m_linear_refuses_what_it_cannot_read():
     with pytest.raises(AssertionError, match="x"):
         linear(x, torch.zeros(4, 9))
     assert linear(torch.zeros(0, 8), w).shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("launch", LAUNCHES, ids=["one-part", "split3", "split2-m32"])
+def test_gate_up_silu_is_the_projection_then_swiglu(dtype, tol, launch):
+    """The MLP's gate/up projection with SwiGLU applied in the same launch: the two layers' result (each
+    projection rounded to the model dtype before the activation), [M, I] from w [2I, K]."""
+    from pagedserve.kernels import reference
+
+    gen = torch.Generator().manual_seed(10 + launch.split_k)
+    for m, k, inter in [(1, 96, 40), (5, 200, 130), (33, 64, 64)]:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = (torch.randn(2 * inter, k, generator=gen) / k**0.5).to(dtype)
+        expected = reference.silu_and_mul(F.linear(x.double(), w.double()).to(dtype)).double()
+        out = triton_linear.gate_up_silu(x.to(DEVICE), w.to(DEVICE), launch).cpu()
+        assert out.shape == (m, inter) and out.dtype == dtype
+        assert ((out.double() - expected).abs() / (expected.abs() + 1)).max() < tol, (m, k, inter)
+    assert not any(t.any() for kept in triton_linear._SCRATCH.values() for t in kept)
+    with pytest.raises(AssertionError, match="gate; up"):
+        triton_linear.gate_up_silu(torch.zeros(1, 8), torch.zeros(3, 8))

@@ -149,15 +149,17 @@ def _linear_cases():
     """The small-M linear contender at the launches ``.ci/gpu-probe`` times (one part, and K split)."""
     from pagedserve.kernels import triton_linear as tl_  # noqa: PLC0415
 
-    for block_n, block_k, split_k, stages in ((64, 128, 1, 4), (32, 128, 4, 4), (128, 64, 2, 4)):
+    for block_n, block_k, split_k, gated in ((64, 128, 1, False), (32, 128, 4, False), (128, 64, 2, True),
+                                             (64, 128, 1, True)):
         yield (
-            f"linear bf16 block_n={block_n} block_k={block_k} split_k={split_k}",
+            f"linear bf16 block_n={block_n} block_k={block_k} split_k={split_k}{' gate_up_silu' if gated else ''}",
             tl_._linear_kernel,
             {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "acc_ptr": "*fp32", "done_ptr": "*i32"},
             {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "PRECISION": "tf32",
-             "UPCAST": False},
+             "UPCAST": False, "GATED": gated, "EXACT_EXP": True},
             (),
-            stages,
+            4,
+            {"enable_fp_fusion": False},
         )
 
 

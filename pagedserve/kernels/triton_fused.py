@@ -394,6 +394,12 @@ def _silu_and_mul_kernel(
     row = x_ptr + t * stride_xt
     gate = tl.load(row + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + (offs + n_cols) * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * n_cols + offs, silu_mul(gate, up, x_ptr.dtype.element_ty, EXACT_EXP), mask=mask)
+
+
+@triton.jit
+def silu_mul(gate, up, dtype, EXACT_EXP: tl.constexpr):
+    """``F.silu(gate) * up`` for ``gate``/``up`` holding ``dtype`` values (in fp32), rounded as torch rounds it."""
     # torch's CUDA silu is ``x / (1 + expf(-x))`` with the accurate expf and an IEEE division; libdevice's exp
     # and div_rn are those same operations (``tl.exp`` and ``/`` are approximations that differ in the last bits).
     if EXACT_EXP:
@@ -402,8 +408,8 @@ def _silu_and_mul_kernel(
         e = tl.exp(-gate)
     silu = tl.math.div_rn(gate, 1.0 + e)
     # ``F.silu(gate) * up`` in the model dtype: silu is rounded before the multiply.
-    silu = silu.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + t * n_cols + offs, silu * up, mask=mask)
+    silu = silu.to(dtype).to(tl.float32)
+    return silu * up
 
 
 def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

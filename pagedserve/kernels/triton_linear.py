@@ -6,8 +6,11 @@ bandwidth under cuBLAS. This kernel streams ``w`` ``[N, K]`` (``nn.Linear``'s la
 tiles against all the rows at once (``tl.dot`` with the rows padded to ``block_m``), optionally cutting ``K``
 into ``split_k`` parts whose fp32 partial sums meet in a buffer; the program that adds the last part writes the
 output and clears the buffer and its counter for the next launch (the fused-reduce pattern of split decode),
-so there is one launch and graphs can replay it. ``.ci/gpu-probe``'s ``gemm`` section times it beside cuBLAS;
-the model uses it only once a device run shows it faster (docs/benchmarks.md).
+so there is one launch and graphs can replay it. :func:`gate_up_silu` is the MLP's gate/up projection with the
+SwiGLU activation applied before anything is written (the output is ``silu(gate) * up``, half as wide), one
+launch and one write instead of a GEMM, its output and an activation kernel. ``.ci/gpu-probe``'s ``gemm``
+section times both beside cuBLAS; the model uses them only once a device run shows them faster
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels.triton_attention import _dot, _dot_precision, _dot_upcast
+from pagedserve.kernels.triton_fused import _INTERPRET, silu_mul
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,11 @@ def _linear_kernel(
     x_ptr, w_ptr, out_ptr, acc_ptr, done_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATED: tl.constexpr, EXACT_EXP: tl.constexpr,
 ):
+    """``out = x @ w.T``; ``GATED``: ``w`` is ``[2N, K]`` (gate rows, then up rows) and ``out`` ``[M, N]`` is
+    ``silu(x @ w_gate.T) * (x @ w_up.T)``, each product rounded to the output dtype first, as the unfused
+    layers round it."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -48,30 +55,52 @@ def _linear_kernel(
     k_lo = pid_k * chunk
     k_hi = tl.minimum(k_lo + chunk, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
     for k in range(k_lo, k_hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+        w = tl.load(w_rows, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += _dot(x, tl.trans(w), PRECISION, UPCAST)  # fp32: exact products; bf16 in the interpreter: upcast
+        if GATED:
+            w_up = tl.load(w_rows + N * stride_wn, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_up += _dot(x, tl.trans(w_up), PRECISION, UPCAST)
     out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _write_out(out_rows, acc, acc_up, mask, GATED, EXACT_EXP)
     else:
         # Partial sums meet in the fp32 buffer; the last part's program writes the output and leaves the buffer
         # and its counter zero. The barrier and the acquire-release count order every thread's adds before it.
-        sums = acc_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        width = 2 * N if GATED else N
+        sums = acc_ptr + offs_m.to(tl.int64)[:, None] * width + offs_n[None, :]
         tl.atomic_add(sums, acc, mask=mask, sem="relaxed")
+        if GATED:
+            tl.atomic_add(sums + N, acc_up, mask=mask, sem="relaxed")
         tl.debug_barrier()
         done = done_ptr + pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_rows, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(sums, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=mask, cache_modifier=".cg")
+            tl.store(sums, zero, mask=mask, cache_modifier=".cg")
+            total_up = zero
+            if GATED:
+                total_up = tl.load(sums + N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(sums + N, zero, mask=mask, cache_modifier=".cg")
+            _write_out(out_rows, total, total_up, mask, GATED, EXACT_EXP)
             tl.atomic_xchg(done, 0)
+
+
+@triton.jit
+def _write_out(out_rows, acc, acc_up, mask, GATED: tl.constexpr, EXACT_EXP: tl.constexpr):
+    dtype = out_rows.dtype.element_ty
+    if GATED:  # each projection rounded to the model dtype first, as the separate GEMM writes it
+        out = silu_mul(acc.to(dtype).to(tl.float32), acc_up.to(dtype).to(tl.float32), dtype, EXACT_EXP)
+    else:
+        out = acc
+    tl.store(out_rows, out.to(dtype), mask=mask)
 
 
 _SCRATCH: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
@@ -89,28 +118,39 @@ def _scratch(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> tor
 def linear(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch()) -> torch.Tensor:
     """``x @ w.T`` (``F.linear`` without bias) for ``x`` ``[M, K]`` and ``w`` ``[N, K]``, both with unit stride in
     ``K``; the output ``[M, N]`` has ``x``'s dtype."""
+    return _launch(x, w, launch, gated=False)
+
+
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch()) -> torch.Tensor:
+    """``silu_and_mul(F.linear(x, w))`` in one launch, for ``w`` ``[2I, K]`` (gate rows, then up rows): ``[M, I]``,
+    rounded at the same points as the two layers."""
+    assert w.shape[0] % 2 == 0, f"w {tuple(w.shape)} is not [gate; up]"
+    return _launch(x, w, launch, gated=True)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool) -> torch.Tensor:
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], f"x {tuple(x.shape)} vs w {tuple(w.shape)}"
     assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need unit stride along K"
     assert launch.block_m >= 16 and launch.block_k >= 16 and launch.block_n >= 16, "tl.dot needs blocks >= 16"
     m, k = x.shape
-    n = w.shape[0]
+    n = w.shape[0] // 2 if gated else w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     grid_m = triton.cdiv(m, launch.block_m)
     grid = (triton.cdiv(n, launch.block_n), grid_m, launch.split_k)
     if launch.split_k > 1:
-        acc = _scratch("acc", m * n, torch.float32, x.device)
+        acc = _scratch("acc", m * w.shape[0], torch.float32, x.device)
         done = _scratch("done", grid[0] * grid_m, torch.int32, x.device)
     else:
         acc, done = out, out  # unused
     _linear_kernel[grid](
         x, w, out, acc, done, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,
-        PRECISION=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        PRECISION=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype), GATED=gated, EXACT_EXP=not _INTERPRET,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
 
-__all__ = ["LinearLaunch", "linear"]
+__all__ = ["LinearLaunch", "gate_up_silu", "linear"]
