@@ -1,8 +1,8 @@
 """Triton GEMM for the few rows of a decode step: a contender to cuBLAS, not yet used by the model.
 
 A decode step's linear layers multiply a handful of rows (one per sequence) by each weight matrix once: they are
-bound by reading the weights. On the H200 the 1B model's four layer GEMMs ran at about 61% of the copy
-bandwidth under cuBLAS. This kernel streams ``w`` ``[N, K]`` (``nn.Linear``'s layout) in ``block_n x block_k``
+bound by reading the weights, and cuBLAS reads them well short of the copy bandwidth at these sizes
+(docs/benchmarks.md). This kernel streams ``w`` ``[N, K]`` (``nn.Linear``'s layout) in ``block_n x block_k``
 tiles against all the rows at once (``tl.dot`` with the rows padded to ``block_m``), optionally cutting ``K``
 into ``split_k`` parts whose fp32 partial sums meet in a buffer; the program that adds the last part writes the
 output and clears the buffer and its counter for the next launch (the fused-reduce pattern of split decode),
