@@ -1003,12 +1003,15 @@ def test_kernel_sets_are_typed_records():
         with pytest.raises(dataclasses.FrozenInstanceError):
             ops.write_kv = reference.write_kv
     for field in dataclasses.fields(KernelOps):
-        if field.name not in ("name", "plan_decode", "decoder_stack", "rotary_write_kv"):
+        if field.name not in ("name", "plan_decode", "decoder_stack", "rotary_write_kv", "linear", "gate_up_silu"):
             assert getattr(TORCH_OPS, field.name) is getattr(reference, field.name), field.name
     assert TORCH_OPS.plan_decode is cpu_decode.decode_plan
     # Rotary and the KV write in one pass is Triton's alone; elsewhere the model calls the two ops.
     assert TORCH_OPS.rotary_write_kv is None and CPU_OPS.rotary_write_kv is None
     assert triton_ops.OPS.rotary_write_kv is not None
+    # Triton's small-M linear layers only where PAGEDSERVE_CUDA_LINEAR=triton asks (TRITON_LINEAR_OPS).
+    assert all(ops.linear is None and ops.gate_up_silu is None for ops in (TORCH_OPS, CPU_OPS, triton_ops.OPS))
+    assert triton_ops.TRITON_LINEAR_OPS.linear is not None and triton_ops.TRITON_LINEAR_OPS.gate_up_silu is not None
     # The one-call layer stack is the C++ kernels' alone; elsewhere the model runs layer by layer.
     assert TORCH_OPS.decoder_stack is None and triton_ops.OPS.decoder_stack is None
     assert CPU_OPS.decoder_stack is not None

@@ -65,3 +65,117 @@ def test_gate_up_silu_is_the_projection_then_swiglu(dtype, tol, launch):
     assert not any(t.any() for kept in triton_linear._SCRATCH.values() for t in kept)
     with pytest.raises(AssertionError, match="gate; up"):
         triton_linear.gate_up_silu(torch.zeros(1, 8), torch.zeros(3, 8))
+
+
+def test_small_m_layers_take_few_bf16_rows_and_leave_the_rest_to_cublas(monkeypatch):
+    """``small_m_linear``/``small_m_gate_up_silu`` (the layers' multiply under PAGEDSERVE_CUDA_LINEAR=triton): a few
+    bf16 or fp16 rows without bias go to the Triton kernels; fp32, a bias or more than SMALL_M rows stay F.linear's,
+    bit for bit."""
+    from pagedserve.kernels import reference, triton_fused
+
+    calls: list[str] = []
+    real_linear, real_gated = triton_linear.linear, triton_linear.gate_up_silu
+    monkeypatch.setattr(triton_linear, "linear", lambda *a: calls.append("linear") or real_linear(*a))
+    monkeypatch.setattr(triton_linear, "gate_up_silu", lambda *a: calls.append("gated") or real_gated(*a))
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    for rows, dtype, bias, triton in [(4, torch.bfloat16, None, True), (4, torch.float32, None, False),
+                                      (4, torch.bfloat16, torch.ones(64), False),
+                                      (triton_linear.SMALL_M + 1, torch.bfloat16, None, False)]:
+        x = torch.randn(rows, 32, generator=gen).to(dtype)
+        calls.clear()
+        out = triton_linear.small_m_linear(x, w.to(dtype), None if bias is None else bias.to(dtype))
+        expected = F.linear(x, w.to(dtype), None if bias is None else bias.to(dtype))
+        assert calls == (["linear"] if triton else []), (rows, dtype)
+        close = ((out.float() - expected.float()).abs() / (expected.float().abs() + 1) < 2e-2).all()
+        assert torch.equal(out, expected) if not triton else close
+        if bias is None:
+            calls.clear()
+            out = triton_linear.small_m_gate_up_silu(x, w.to(dtype))
+            # cuBLAS, then the kernel set's own activation: that is the fallback, bit for bit
+            expected = (reference if triton else triton_fused).silu_and_mul(F.linear(x, w.to(dtype)))
+            assert calls == (["gated"] if triton else []) and out.shape == (rows, 32)
+            close = ((out.float() - expected.float()).abs() / (expected.float().abs() + 1) < 3e-2).all()
+            assert torch.equal(out, expected) if not triton else close
+
+
+def test_cuda_linear_setting_picks_the_kernel_set_and_names_itself_when_wrong(monkeypatch):
+    from pagedserve.kernels import CUDA_LINEAR_ENV, get_ops, triton_ops
+
+    monkeypatch.delenv(CUDA_LINEAR_ENV, raising=False)
+    assert get_ops("cuda") is triton_ops.OPS
+    monkeypatch.setenv(CUDA_LINEAR_ENV, "Triton")
+    assert get_ops("cuda") is triton_ops.TRITON_LINEAR_OPS
+    monkeypatch.setenv(CUDA_LINEAR_ENV, "cutlass")
+    with pytest.raises(ValueError, match="PAGEDSERVE_CUDA_LINEAR must be cublas or triton \\(got 'cutlass'\\)"):
+        get_ops("cuda")
+
+
+def test_a_model_on_the_triton_linear_set_multiplies_with_it_and_agrees_with_cublas(tiny_models, monkeypatch):
+    """Every column- and row-parallel layer of a model built with TRITON_LINEAR_OPS multiplies with its linear,
+    the MLP applies SwiGLU in its gate/up call, and a bf16 engine's first-token logprobs agree with the plain
+    Triton set's (in the interpreter)."""
+    from pagedserve.engine import LLM, SamplingParams
+    from pagedserve.engine.model_runner import ModelRunner
+    from pagedserve.engine.parallel_layers import ColumnParallelLinear, RowParallelLinear
+    from pagedserve.kernels import triton_ops
+
+    monkeypatch.setenv("PAGEDSERVE_CPU_LINEAR", "row")  # plain [N, K] weights, as on a GPU
+    calls: list[str] = []
+    real_linear, real_gated = triton_linear.linear, triton_linear.gate_up_silu
+    monkeypatch.setattr(triton_linear, "linear", lambda *a: calls.append("linear") or real_linear(*a))
+    monkeypatch.setattr(triton_linear, "gate_up_silu", lambda *a: calls.append("gated") or real_gated(*a))
+    results = []
+    for ops in (triton_ops.OPS, triton_ops.TRITON_LINEAR_OPS):
+        llm = LLM(model=tiny_models["llama"], device="cpu", dtype="bfloat16", block_size=8)
+        eng = llm.engine
+        eng.runner = ModelRunner(eng.config, eng.model_dir, eng.hf_config, eng.max_model_len,
+                                 eng.max_num_batched_tokens, ops=ops)
+        layers = [m for m in eng.runner.model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        bound = [getattr(m.matmul, "func", None) for m in layers]
+        assert layers and bound == [ops.linear] * len(layers)  # None: the layers' own linear
+        outs = llm.generate([[5, 9, 14, 3], [7, 7, 21]],
+                            SamplingParams(max_tokens=1, temperature=0.0, logprobs=3, ignore_eos=True))
+        results.append([o.outputs[0].logprobs[0] for o in outs])
+        n = len(eng.runner.model.layers)  # one step (the prefill): qkv, o and down by linear, gate/up by gated
+        assert (calls.count("linear"), calls.count("gated")) == ((0, 0) if ops.linear is None else (3 * n, n))
+        calls.clear()
+    for cublas, triton in zip(*results):
+        shared = cublas.keys() & triton.keys()
+        assert shared and all(abs(cublas[t] - triton[t]) < 0.1 for t in shared), (cublas, triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_small_m_layers_at_the_1b_shapes_and_under_graph_replays():
+    """The launches ``launch_for`` picks on this GPU (K split to fill it), at the 1B bench model's layer shapes and
+    1-256 rows, against cuBLAS; then replayed from a captured graph with new inputs, so the kept split-K buffer
+    and counters are seen to start every replay at zero."""
+    from pagedserve.kernels import triton_fused
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"qkv": (2048, 2560), "o": (2048, 2048), "down": (5632, 2048), "gate_up": (2048, 11264)}
+    for m in (1, 16, 64, 256):
+        for name, (k, n) in shapes.items():
+            x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+            w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).bfloat16()
+            want = F.linear(x, w).float()
+            got = triton_linear.small_m_linear(x, w).float()
+            assert ((got - want).abs() / (want.abs() + 1)).max() < 2e-2, (name, m)
+            if name == "gate_up":
+                want = triton_fused.silu_and_mul(F.linear(x, w)).float()
+                got = triton_linear.small_m_gate_up_silu(x, w).float()
+                assert ((got - want).abs() / (want.abs() + 1)).max() < 3e-2, (name, m)
+    x = torch.randn(64, 2048, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(2560, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    assert triton_linear.launch_for(64, 2560, 2048, x.device).split_k > 1  # the graph replays the split path
+    out = triton_linear.small_m_linear(x, w)  # outside the capture: compiles, sizes the kept buffers
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_linear.small_m_linear(x, w)
+    for _ in range(5):
+        x.copy_(torch.randn(64, 2048, device="cuda", generator=gen).bfloat16())
+        graph.replay()
+        want = F.linear(x, w).float()
+        assert ((out.float() - want).abs() / (want.abs() + 1)).max() < 2e-2

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -113,14 +114,19 @@ def replicated_weight_loader(param: torch.Tensor, tensor_slice, part=None) -> to
 
 
 class ColumnParallelLinear(nn.Linear):
-    """``y = x W^T (+ b)`` for this rank's output rows; the merged parts' slices are stacked in order."""
+    """``y = x W^T (+ b)`` for this rank's output rows; the merged parts' slices are stacked in order.
+
+    ``matmul(x, weight, bias)``: the layout-dispatching ``linear`` unless the model's kernel set brings its own
+    (:func:`use_linear`)."""
+
+    matmul = staticmethod(linear)
 
     def __init__(self, in_features: int, parts: list[Part], bias: bool, tp: TensorParallelGroup) -> None:
         super().__init__(in_features, sum(p.rows for p in parts), bias=bias)
         self.parts, self.tp = parts, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x, self.weight, self.bias)
 
     def weight_loader(self, param: torch.Tensor, tensor_slice, part: int) -> torch.Tensor:
         p = self.parts[part]
@@ -132,7 +138,10 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    """``y = all_reduce(x_r W_r^T) + b``: this rank's input columns; the bias is added once, after the sum."""
+    """``y = all_reduce(x_r W_r^T) + b``: this rank's input columns; the bias is added once, after the sum.
+    ``matmul`` as in :class:`ColumnParallelLinear`."""
+
+    matmul = staticmethod(linear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
         super().__init__(in_features // tp.size, out_features, bias=bias)
@@ -149,9 +158,18 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(linear(x, self.weight))
+            return self.matmul(x, self.weight, self.bias)
+        y = self.tp.all_reduce(self.matmul(x, self.weight, None))
         return y if self.bias is None else y + self.bias
+
+
+def use_linear(model: nn.Module, matmul) -> None:
+    """Every column- and row-parallel layer of ``model`` multiplies with ``matmul(x, weight, bias, otherwise)``,
+    which hands what it does not take to ``otherwise``: the layout-dispatching ``linear``."""
+    bound = functools.partial(matmul, otherwise=linear)
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.matmul = bound
 
 
 def _vocab_shard(vocab_size: int, tp: TensorParallelGroup) -> tuple[int, int]:

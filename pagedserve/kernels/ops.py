@@ -37,6 +37,12 @@ class KernelOps:
     # Rotary of q and k, then k and v written to their cache slots, in one pass: returns the rotated q
     # (triton_fused.rotary_write_kv). None: the model calls rotary_embedding, then write_kv.
     rotary_write_kv: Callable[..., Any] | None = None
+    # The linear layers' ``linear(x, weight, bias, otherwise)`` and the MLP's ``silu_and_mul(linear(x, gate_up))``
+    # in one call, ``gate_up_silu(x, weight, otherwise)`` (triton_linear's small-M kernels, PAGEDSERVE_CUDA_LINEAR
+    # =triton); what they do not take goes to ``otherwise(x, weight, bias)``. None: the layers' own linear, then
+    # silu_and_mul.
+    linear: Callable[..., Any] | None = None
+    gate_up_silu: Callable[..., Any] | None = None
 
 
 def no_plan(seq_lens, block_tables, block_size: int, live_seqs: int | None = None) -> None:

@@ -9,8 +9,9 @@ output and clears the buffer and its counter for the next launch (the fused-redu
 so there is one launch and graphs can replay it. :func:`gate_up_silu` is the MLP's gate/up projection with the
 SwiGLU activation applied before anything is written (the output is ``silu(gate) * up``, half as wide), one
 launch and one write instead of a GEMM, its output and an activation kernel. ``.ci/gpu-probe``'s ``gemm``
-section times both beside cuBLAS; the model uses them only once a device run shows them faster
-(docs/benchmarks.md).
+section times both beside cuBLAS. The model uses them only where ``PAGEDSERVE_CUDA_LINEAR=triton`` asks for it
+(:func:`small_m_linear`, :func:`small_m_gate_up_silu`: up to ``SMALL_M`` rows of bf16 or fp16, cuBLAS otherwise)
+until a device run shows them faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pagedserve.kernels.triton_attention import _dot, _dot_precision, _dot_upcast
-from pagedserve.kernels.triton_fused import _INTERPRET, silu_mul
+from pagedserve.kernels.triton_fused import _INTERPRET, silu_and_mul, silu_mul
+
+SMALL_M = 256  # rows up to which the small-M kernels stand in for cuBLAS (decode steps; prefill stays on cuBLAS)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ def _scratch(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> tor
     a time per device uses them."""
     kept = _SCRATCH.setdefault((device, kind), [])
     if not kept or kept[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K buffers are allocated before graph capture: run the size eagerly first")
         kept.append(torch.zeros(max(n, 2 * kept[-1].numel() if kept else 0), dtype=dtype, device=device))
     return kept[-1]
 
@@ -153,4 +159,38 @@ def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool)
     return out
 
 
-__all__ = ["LinearLaunch", "gate_up_silu", "linear"]
+def launch_for(m: int, n: int, k: int, device: torch.device) -> LinearLaunch:
+    """A launch for ``m`` rows: row blocks of 16 up to 16 rows, else 64; columns in tiles of 64; K split until the
+    programs fill the device about twice (at most 8 parts, each at least two ``block_k`` tiles)."""
+    block_m = 16 if m <= 16 else 64
+    tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    split = max(1, min(8, triton.cdiv(2 * sms, tiles), k // 256))
+    return LinearLaunch(block_m=block_m, block_n=64, block_k=128, split_k=split)
+
+
+def _small(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.dim() == 2 and 0 < x.shape[0] <= SMALL_M and x.dtype in (torch.bfloat16, torch.float16)
+            and w.dtype == x.dtype and w.layout == torch.strided and not w.is_mkldnn and w.dim() == 2
+            and x.stride(1) == 1 and w.stride(1) == 1)
+
+
+def small_m_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                   otherwise=F.linear) -> torch.Tensor:
+    """``F.linear`` by :func:`linear` for a few bf16/fp16 rows of a plain ``[N, K]`` weight without bias, by
+    ``otherwise`` (cuBLAS; a layer passes its own, which knows its weight's layout) for anything else."""
+    if bias is not None or not _small(x, w):
+        return otherwise(x, w, bias)
+    return linear(x, w, launch_for(x.shape[0], w.shape[0], w.shape[1], x.device))
+
+
+def small_m_gate_up_silu(x: torch.Tensor, w: torch.Tensor, otherwise=F.linear) -> torch.Tensor:
+    """``silu_and_mul(F.linear(x, w))`` by :func:`gate_up_silu` for a few bf16/fp16 rows, by ``otherwise`` and
+    the activation kernel for anything else."""
+    if not _small(x, w):
+        return silu_and_mul(otherwise(x, w, None))
+    return gate_up_silu(x, w, launch_for(x.shape[0], w.shape[0] // 2, w.shape[1], x.device))
+
+
+__all__ = ["SMALL_M", "LinearLaunch", "gate_up_silu", "launch_for", "linear", "small_m_gate_up_silu",
+           "small_m_linear"]

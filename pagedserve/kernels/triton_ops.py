@@ -8,6 +8,8 @@ are surely live (:class:`~pagedserve.kernels.triton_attention.DecodeRows`), from
 
 from __future__ import annotations
 
+import dataclasses
+
 from pagedserve.kernels import reference
 from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.triton_attention import (
@@ -19,6 +21,7 @@ from pagedserve.kernels.triton_attention import (
 )
 from pagedserve.kernels.triton_cache import copy_blocks, swap_blocks, write_kv
 from pagedserve.kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, rotary_write_kv, silu_and_mul
+from pagedserve.kernels.triton_linear import small_m_gate_up_silu, small_m_linear
 
 OPS = KernelOps(
     name="triton",
@@ -35,6 +38,12 @@ OPS = KernelOps(
     argmax_logsumexp=reference.argmax_logsumexp,  # two torch reductions on the device: no kernel of ours needed
     rotary_write_kv=rotary_write_kv,  # one launch a layer fewer than rotary, then the KV write
 )
+
+# The same set with the linear layers of decode steps on Triton's small-M kernels instead of cuBLAS: chosen with
+# PAGEDSERVE_CUDA_LINEAR=triton (kernels.get_ops) while a device run decides which is faster.
+TRITON_LINEAR_OPS = dataclasses.replace(OPS, name="triton+linear", linear=small_m_linear,
+                                        gate_up_silu=small_m_gate_up_silu)
+
 
 def compiled_kernels() -> int | None:
     """How many compiled variants of this kernel set's Triton kernels the process holds (None where Triton keeps
@@ -54,6 +63,7 @@ def compiled_kernels() -> int | None:
 
 __all__ = [
     "OPS",
+    "TRITON_LINEAR_OPS",
     "compiled_kernels",
     "add_rms_norm",
     "copy_blocks",

@@ -16,7 +16,7 @@ from torch import nn
 from pagedserve.engine.context import get_context
 from pagedserve.engine.parallel_layers import (SINGLE, ColumnParallelLinear, ParallelLMHead, Part, RowParallelLinear,
                                                TensorParallelGroup, VocabParallelEmbedding, check_divisible,
-                                               gather_logits)
+                                               gather_logits, use_linear)
 from pagedserve.kernels import KernelOps
 
 SUPPORTED_ARCHITECTURES = {
@@ -176,6 +176,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.gate_up_silu is not None:  # the activation applied before the projection is written
+            return self.down_proj(self.ops.gate_up_silu(x, self.gate_up_proj.weight, self.gate_up_proj.matmul))
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -222,6 +224,8 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
+        if ops.linear is not None:
+            use_linear(self, ops.linear)
         self._fused_layers: tuple | None = None  # the decoder_stack's arguments once fuse_layers() succeeded
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
