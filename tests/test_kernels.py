@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pagedserve.kernels import TORCH_OPS, cpu_decode, reference  # noqa: E402
-from pagedserve.kernels import triton_attention, triton_cache, triton_ops  # noqa: E402
+from pagedserve.kernels import kept_buffers, triton_attention, triton_cache, triton_ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -358,7 +358,7 @@ def test_decode_launch_variants_match_reference(launch):
         _assert_close(out[real], expected)
         assert not out[-1].any()
     # The fused reduce's counters are zero again after every launch (a graph replays on them).
-    assert not any(c.any() for c in triton_attention._DONE_COUNTERS.get(torch.device("cpu"), []))
+    assert not any(c.any() for c in kept_buffers.kept("decode partitions done"))
     with pytest.raises(AssertionError, match="tile"):
         triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125,
                                           launch=triton_attention.DecodeLaunch(tile=48))
@@ -787,10 +787,10 @@ def test_gpu_batch_sizes_do_not_recompile_the_attention_kernels():
     specialise an integer argument on 1 and on multiples of 16) each run on one compiled kernel: a server's first
     batches do not stop for the compiler."""
     def compiled(kernel) -> int:
-        caches = getattr(kernel, "device_caches", None)
-        if not isinstance(caches, dict):
+        count = triton_ops.compiled_variants(kernel)
+        if count is None:
             pytest.skip("this Triton keeps no per-device kernel caches to count")
-        return sum(len(entry[0]) for entry in caches.values())
+        return count
 
     gen = torch.Generator().manual_seed(17)
     hkv, group, head_dim, block_size, dtype = 4, 8, 64, 16, torch.bfloat16

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pagedserve.kernels import triton_linear  # noqa: E402
+from pagedserve.kernels import kept_buffers, triton_linear  # noqa: E402
 from pagedserve.kernels.triton_linear import LinearLaunch, linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +35,7 @@ def test_small_m_linear_matches_f_linear(dtype, tol, launch):
         assert out.dtype == dtype and out.shape == (m, n)
         # bf16: the output's own rounding (relative 2**-8) of sums of k products
         assert ((out.double() - expected).abs() / (expected.abs() + 1)).max() < tol, (m, k, n)
-    assert not any(t.any() for kept in triton_linear._SCRATCH.values() for t in kept)
+    assert not any(t.any() for t in kept_buffers.kept())
 
 
 def test_small_m_linear_refuses_what_it_cannot_read():
@@ -62,7 +62,7 @@ def test_gate_up_silu_is_the_projection_then_swiglu(dtype, tol, launch):
         out = triton_linear.gate_up_silu(x.to(DEVICE), w.to(DEVICE), launch).cpu()
         assert out.shape == (m, inter) and out.dtype == dtype
         assert ((out.double() - expected).abs() / (expected.abs() + 1)).max() < tol, (m, k, inter)
-    assert not any(t.any() for kept in triton_linear._SCRATCH.values() for t in kept)
+    assert not any(t.any() for t in kept_buffers.kept())
     with pytest.raises(AssertionError, match="gate; up"):
         triton_linear.gate_up_silu(torch.zeros(1, 8), torch.zeros(3, 8))
 

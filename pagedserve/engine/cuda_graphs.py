@@ -51,6 +51,8 @@ class DecodeGraphRunner:
                  capture: bool = True) -> None:
         self.model, self.device, self.block_size = model, device, block_size
         self.sizes = batch_ladder(max_batch)
+        # Each size serves every batch above the next smaller one: that many plus one rows are surely live.
+        self.fewest_live = dict(zip(self.sizes, [1] + [s + 1 for s in self.sizes[:-1]]))
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -72,9 +74,6 @@ class DecodeGraphRunner:
 
     def _forward(self, size: int) -> torch.Tensor:
         seq_lens, block_tables = self.seq_lens[:size], self.block_tables[:size]
-        # This size serves every batch above the next smaller one: that many plus one rows are surely live.
-        index = self.sizes.index(size)
-        live_seqs = self.sizes[index - 1] + 1 if index else 1
         ctx = StepContext(
             slot_mapping=self.slot_mapping[:size],
             cu_seqlens_q=self.cu_seqlens_q[: size + 1],
@@ -82,7 +81,8 @@ class DecodeGraphRunner:
             block_tables=block_tables,
             decode_only=True,
             # Kernels that can be captured plan nothing on the host (None); the eager twin may run any kernel set.
-            decode_plan=self.model.ops.plan_decode(seq_lens, block_tables, self.block_size, live_seqs=live_seqs),
+            decode_plan=self.model.ops.plan_decode(seq_lens, block_tables, self.block_size,
+                                                   live_seqs=self.fewest_live[size]),
         )
         with step_context(ctx):
             return self.model(self.input_ids[:size], self.positions[:size])

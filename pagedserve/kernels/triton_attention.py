@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels import kept_buffers
+
 if TYPE_CHECKING:
     from pagedserve.kernels import cpu_decode
 
@@ -383,23 +385,6 @@ def _decode_reduce_kernel(
         )
 
 
-_DONE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _done_counters(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` zeroed int32 partition counters of the fused reduce on ``device``, kept for the process: captured
-    graphs hold their address, and the kernel leaves them zero. A larger need allocates anew (outside a graph
-    capture: the graph runner's warm-up runs each size eagerly first) and keeps the old ones alive. One decode
-    launch at a time per device uses them (an engine's one compute stream): two engines decoding at once on one
-    GPU in one process would need counters of their own."""
-    kept = _DONE_COUNTERS.setdefault(device, [])
-    if not kept or kept[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("fused-reduce counters are allocated before graph capture: run the size eagerly first")
-        kept.append(torch.zeros(max(n, 2 * kept[-1].numel() if kept else 0), dtype=torch.int32, device=device))
-    return kept[-1]
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -451,7 +436,8 @@ def decode_attention(
         part_l = torch.empty_like(part_m)
     else:  # every sequence fits its single partition: the partial buffers are never touched
         part_out = part_m = part_l = out
-    done = _done_counters(num_seqs * num_kv_heads, q.device) if fused else seq_lens
+    done = kept_buffers.zeros("decode partitions done", num_seqs * num_kv_heads, torch.int32, q.device) if fused \
+        else seq_lens
     np_pad = max(2, triton.next_power_of_2(max_splits))
     _decode_kernel[(num_seqs, num_kv_heads, max_splits)](
         out, part_out, part_m, part_l, q, k_cache, v_cache, block_tables, seq_lens, done, float(scale) * LOG2E,

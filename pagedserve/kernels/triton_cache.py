@@ -20,6 +20,13 @@ from pagedserve.kernels import reference
 
 
 @triton.jit
+def slot_rows(cache_ptr, slot, stride_b, stride_t, stride_h, offs_h, BLOCK_SIZE: tl.constexpr):
+    """Pointers ``[H, 1]`` to the head rows of cache slot ``slot`` (block ``slot // BLOCK_SIZE``, its token
+    ``slot % BLOCK_SIZE``) of a ``[blocks, BLOCK_SIZE, Hkv, D]`` cache; add the offsets along D."""
+    return cache_ptr + (slot // BLOCK_SIZE) * stride_b + (slot % BLOCK_SIZE) * stride_t + offs_h[:, None] * stride_h
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
@@ -45,17 +52,15 @@ def _write_kv_kernel(
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        block = slot // BLOCK_SIZE
-        offset = slot % BLOCK_SIZE
         offs_h = tl.arange(0, H_PAD)
         offs_d = tl.arange(0, D_PAD)
         mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
         v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-        k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :]
-        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :]
-        tl.store(k_dst, k, mask=mask)
-        tl.store(v_dst, v, mask=mask)
+        k_dst = slot_rows(k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, BLOCK_SIZE)
+        v_dst = slot_rows(v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, offs_h, BLOCK_SIZE)
+        tl.store(k_dst + offs_d[None, :], k, mask=mask)
+        tl.store(v_dst + offs_d[None, :], v, mask=mask)
 
 
 def write_kv(

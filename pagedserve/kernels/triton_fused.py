@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from pagedserve.kernels.triton_cache import write_kv
+from pagedserve.kernels.triton_cache import slot_rows, write_kv
 
 # libdevice calls cannot run in the interpreter; there ``tl.exp`` (numpy) stands in. Decided at import, like
 # the choice between a compiled and an interpreted kernel.
@@ -287,9 +287,8 @@ def _rotary_kernel(
         if slot >= 0:
             offs_h = tl.arange(0, KH_PAD)
             mask = (offs_h < NUM_KV_HEADS)[:, None] & cmask[None, :]
-            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h[:, None] * stride_kch
-            v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h[:, None] * stride_vch
+            k_dst = slot_rows(k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, BLOCK_SIZE)
+            v_dst = slot_rows(v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, offs_h, BLOCK_SIZE)
             v_src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh
             tl.store(k_dst + offs_d[None, :], k1, mask=mask)
             tl.store(k_dst + HALF + offs_d[None, :], k2, mask=mask)

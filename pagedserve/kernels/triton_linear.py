@@ -16,6 +16,7 @@ until a device run shows them faster (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pagedserve.kernels import kept_buffers
 from pagedserve.kernels.triton_attention import _dot, _dot_precision, _dot_upcast
 from pagedserve.kernels.triton_fused import _INTERPRET, silu_and_mul, silu_mul
 
@@ -107,20 +109,6 @@ def _write_out(out_rows, acc, acc_up, mask, GATED: tl.constexpr, EXACT_EXP: tl.c
     tl.store(out_rows, out.to(dtype), mask=mask)
 
 
-_SCRATCH: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
-
-
-def _scratch(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed buffers kept for the process (the kernel leaves them zero), grown by allocating anew; one launch at
-    a time per device uses them."""
-    kept = _SCRATCH.setdefault((device, kind), [])
-    if not kept or kept[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K buffers are allocated before graph capture: run the size eagerly first")
-        kept.append(torch.zeros(max(n, 2 * kept[-1].numel() if kept else 0), dtype=dtype, device=device))
-    return kept[-1]
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch()) -> torch.Tensor:
     """``x @ w.T`` (``F.linear`` without bias) for ``x`` ``[M, K]`` and ``w`` ``[N, K]``, both with unit stride in
     ``K``; the output ``[M, N]`` has ``x``'s dtype."""
@@ -146,8 +134,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool)
     grid_m = triton.cdiv(m, launch.block_m)
     grid = (triton.cdiv(n, launch.block_n), grid_m, launch.split_k)
     if launch.split_k > 1:
-        acc = _scratch("acc", m * w.shape[0], torch.float32, x.device)
-        done = _scratch("done", grid[0] * grid_m, torch.int32, x.device)
+        acc = kept_buffers.zeros("split-K sums", m * w.shape[0], torch.float32, x.device)
+        done = kept_buffers.zeros("split-K parts done", grid[0] * grid_m, torch.int32, x.device)
     else:
         acc, done = out, out  # unused
     _linear_kernel[grid](
@@ -159,6 +147,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool)
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # every linear layer of an eager step asks
 def launch_for(m: int, n: int, k: int, device: torch.device) -> LinearLaunch:
     """A launch for ``m`` rows: row blocks of 16 up to 16 rows, else 64; columns in tiles of 64; K split until the
     programs fill the device about twice (at most 8 parts, each at least two ``block_k`` tiles)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pagedserve.kernels import reference
+from pagedserve.kernels import reference, triton_attention, triton_cache, triton_fused, triton_linear
 from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.triton_attention import (
     decode_attention,
@@ -45,26 +45,28 @@ TRITON_LINEAR_OPS = dataclasses.replace(OPS, name="triton+linear", linear=small_
                                         gate_up_silu=small_m_gate_up_silu)
 
 
-def compiled_kernels() -> int | None:
-    """How many compiled variants of this kernel set's Triton kernels the process holds (None where Triton keeps
-    no per-device caches to count, e.g. its interpreter): a rise across a timed run means it compiled in it."""
-    from pagedserve.kernels import triton_attention, triton_cache, triton_fused  # noqa: PLC0415
+def compiled_variants(kernel) -> int | None:
+    """How many compiled variants of one Triton kernel the process holds; None where Triton keeps no per-device
+    caches to count (its interpreter compiles nothing)."""
+    caches = getattr(kernel, "device_caches", None)
+    if triton_attention._INTERPRETED or not isinstance(caches, dict):
+        return None
+    return sum(len(entry[0]) for entry in caches.values())
 
-    total = 0
-    for module in (triton_attention, triton_cache, triton_fused):
-        for kernel in vars(module).values():
-            caches = getattr(kernel, "device_caches", None)
-            if isinstance(caches, dict):
-                total += sum(len(entry[0]) for entry in caches.values())
-            elif caches is not None:
-                return None
-    return None if triton_attention._INTERPRETED else total
+
+def compiled_kernels() -> int | None:
+    """:func:`compiled_variants` summed over this kernel set's Triton kernels: a rise across a timed run means it
+    compiled in it."""
+    counts = [compiled_variants(kernel) for module in (triton_attention, triton_cache, triton_fused, triton_linear)
+              for kernel in vars(module).values() if hasattr(kernel, "device_caches")]
+    return None if not counts or None in counts else sum(counts)
 
 
 __all__ = [
     "OPS",
     "TRITON_LINEAR_OPS",
     "compiled_kernels",
+    "compiled_variants",
     "add_rms_norm",
     "copy_blocks",
     "decode_attention",
