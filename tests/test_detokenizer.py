@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedserve.engine.builtin_model import build_byte_tokenizer
-from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
 
 TOK = build_byte_tokenizer()
 
@@ -23,6 +23,46 @@ def test_deltas_never_split_characters_and_add_up(text):
     deltas.append(detok.take_delta(final=True))
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text == detok.text
+
+
+def _window(detok: IncrementalDetokenizer) -> int:
+    """Tokens a step decodes."""
+    return len(detok.ids) - detok.prefix_offset
+
+
+# Any bytes, with runs that never make a character (continuation bytes, a lead byte repeated) among valid text.
+ANY_BYTES = st.lists(st.one_of(st.binary(max_size=12), st.sampled_from(["é", "€", "😀", "a b"]).map(str.encode),
+                               st.builds(bytes.__mul__, st.sampled_from([b"\x80", b"\xf0", b"\xe2\x82"]),
+                                         st.integers(1, 60))), max_size=20).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=ANY_BYTES)
+def test_any_bytes_decode_as_a_whole_decode_does_in_a_bounded_window(data):
+    """Invalid UTF-8 (a model can emit any byte) reads as Python's decode with replacement reads it, and the
+    window a step decodes stays bounded: held bytes that can never complete a character are released."""
+    detok = IncrementalDetokenizer(TOK, [], set(TOK.all_special_ids))
+    deltas = []
+    for b in data:
+        detok.add(b)
+        assert _window(detok) <= 2 * MAX_HELD_TOKENS
+        deltas.append(detok.take_delta(final=False))
+    detok.flush()
+    deltas.append(detok.take_delta(final=True))
+    assert "".join(deltas) == detok.text == data.decode("utf-8", "replace")
+
+
+def test_ids_without_text_do_not_grow_the_window():
+    """Ids the tokenizer has no text for (a model's vocabulary larger than its tokenizer's) add nothing, and
+    are not decoded again at every later step."""
+    detok = IncrementalDetokenizer(TOK, [], set(TOK.all_special_ids))
+    unknown = len(TOK) + 40
+    assert TOK.decode([unknown]) == ""
+    for i in range(500):
+        detok.add(unknown if i % 50 else ord("a"))
+        assert _window(detok) <= 2 * MAX_HELD_TOKENS
+    detok.flush()
+    assert detok.text == "a" * 10
 
 
 def test_invalid_bytes_are_released_at_the_end():

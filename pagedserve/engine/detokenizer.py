@@ -10,6 +10,12 @@ REPLACEMENT = "\ufffd"
 # but " sky" after a word. A few tokens of context are enough for that, and keep every step's decode small
 # (vLLM primes its detokenizer with as many).
 PROMPT_CONTEXT_TOKENS = 5
+# Tokens a window may hold back before what it holds is taken for text that never completes (a model's invalid
+# UTF-8, ids the tokenizer has no text for) rather than a character in progress, which takes at most 4 byte
+# tokens. Held longer, the window would grow with the output and every step would decode all of it.
+MAX_HELD_TOKENS = 16
+# Tokens that stay held when such a window is released: a character in progress has at most 3 of its bytes.
+IN_PROGRESS_TOKENS = 3
 
 
 def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
@@ -80,12 +86,27 @@ class IncrementalDetokenizer:
         start = self.prefix_offset
         prefix = self._decode(ids[start:self.read_offset])
         full = self._decode(ids[start:])
+        read = len(ids)
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
-            return None
+            released = self._release_held(prefix, full) if read - self.read_offset >= MAX_HELD_TOKENS else None
+            if released is None:
+                return None
+            full, read = released
         end = len(self.text)
         self.text += full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        self.prefix_offset, self.read_offset = self.read_offset, read
         return self._check_stop(end) if check_stop and self.stop else None
+
+    def _release_held(self, prefix: str, full: str) -> tuple[str, int] | None:
+        """A window held for ``MAX_HELD_TOKENS``: the decode of its longest part that leaves the last
+        ``IN_PROGRESS_TOKENS`` held and whose text the whole window's text continues (so that no character
+        is cut), and that part's end. Its text may end in U+FFFD: those bytes never make a character."""
+        ids, start = self.ids, self.prefix_offset
+        for cut in range(len(ids) - IN_PROGRESS_TOKENS, self.read_offset, -1):
+            text = self._decode(ids[start:cut])
+            if len(text) >= len(prefix) and full.startswith(text):
+                return text, cut
+        return None  # no such part: held as before
 
     def flush(self, check_stop: bool = True) -> str | None:
         """At the end of the sequence: release whatever was held back for an incomplete character. Returns a
