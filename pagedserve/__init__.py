@@ -19,6 +19,7 @@ _EXPORTS = {
     "LLM": "pagedserve.engine.llm",
     "LLMEngine": "pagedserve.engine.llm_engine",
     "SamplingParams": "pagedserve.engine.sampling_params",
+    "RequestOutputKind": "pagedserve.engine.sampling_params",
     "RequestOutput": "pagedserve.engine.outputs",
     "CompletionOutput": "pagedserve.engine.outputs",
     "PromptTooLongError": "pagedserve.engine.errors",
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
-    from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
     from pagedserve.engine.sequence import ResumeSample
     from pagedserve.service.batch_client import BatchMalformed, BatchNotEnded, BatchNotFound
     from pagedserve.service.client import (

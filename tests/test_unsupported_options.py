@@ -9,7 +9,7 @@ from pagedserve.engine import SamplingParams
 
 UNSUPPORTED = ["prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
                "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "detokenize", "use_beam_search",
-               "guided_decoding", "output_kind", "logits_processors", "extra_args", "flat_logprobs"]
+               "guided_decoding", "logits_processors", "extra_args", "flat_logprobs"]
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)

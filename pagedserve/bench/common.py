@@ -220,9 +220,14 @@ def sync(device) -> None:
 
 def drive(eng, prompts: list[list[int]], params: list) -> dict:
     """Queue every request on ``eng``, step until all are done: wall time, outputs, peak concurrency, and KV
-    use read from ``eng.stats()`` after every step (mean live-token share of allocated slots, mean blocks)."""
+    use read from ``eng.stats()`` after every step (mean live-token share of allocated slots, mean blocks).
+    Requests run as ``LLM.generate`` runs them: only their final outputs are built."""
+    from dataclasses import replace
+
+    from pagedserve.engine.sampling_params import RequestOutputKind
+
     for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(str(i), p, sp)
+        eng.add_request(str(i), p, replace(sp, output_kind=RequestOutputKind.FINAL_ONLY))
     outputs: dict[str, list[list[int]]] = {}
     peak_seqs, steps, util_sum, used_sum = 0, 0, 0.0, 0
     start = time.perf_counter()

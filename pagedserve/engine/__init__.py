@@ -14,6 +14,7 @@ _EXPORTS = {
     "LLM": "pagedserve.engine.llm",
     "LLMEngine": "pagedserve.engine.llm_engine",
     "SamplingParams": "pagedserve.engine.sampling_params",
+    "RequestOutputKind": "pagedserve.engine.sampling_params",
     "RequestOutput": "pagedserve.engine.outputs",
     "CompletionOutput": "pagedserve.engine.outputs",
     "PromptTooLongError": "pagedserve.engine.errors",
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
-    from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

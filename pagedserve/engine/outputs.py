@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedserve.engine.detokenizer import decode_after_prompt
+from pagedserve.engine.sampling_params import RequestOutputKind
+
+DELTA, FINAL_ONLY = RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
 
 if TYPE_CHECKING:
     from pagedserve.engine.sequence import Request
@@ -16,8 +19,9 @@ if TYPE_CHECKING:
 class CompletionOutput:
     """One output sequence of a request.
 
-    ``text``/``token_ids`` are cumulative; ``delta_text``/``delta_token_ids`` are what this step added (the
-    service streams deltas; their concatenation equals ``text``, never splitting a UTF-8 character).
+    ``delta_text``/``delta_token_ids`` are what this step added (their concatenation over the steps equals the
+    final ``text``, never splitting a UTF-8 character). ``text``/``token_ids``/``logprobs`` hold everything so
+    far, or under ``RequestOutputKind.DELTA`` only the step's part, as the delta fields do.
     """
 
     index: int
@@ -53,10 +57,14 @@ class RequestOutput:
 
 def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[int] | set[int] = frozenset(),
                  ) -> RequestOutput | None:
-    """The request's output after a step: every sample's delta, or None while nothing can be shown yet (beam
-    search and ``best_of > n`` only know their outputs at the end). ``eos_token_ids``: the engine's, which tell
-    a beam ended by EOS (``stop_reason`` None) from one ended by a stop token id."""
+    """The request's output after a step, as its ``output_kind`` asks (``RequestOutputKind``), or None while
+    nothing can be shown yet (beam search and ``best_of > n`` only know their outputs at the end, and
+    ``FINAL_ONLY`` shows nothing before). ``eos_token_ids``: the engine's, which tell a beam ended by EOS
+    (``stop_reason`` None) from one ended by a stop token id."""
     p = req.params
+    kind = p.output_kind
+    if kind is FINAL_ONLY and not final:
+        return None
     if req.beam is not None:
         return _beam_output(req, tokenizer, eos_token_ids) if final else None
     hidden = p.best_of is not None and p.best_of > p.n
@@ -67,6 +75,7 @@ def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[
         seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:p.n]
     completions = []
     want_logprobs = p.logprobs is not None
+    delta_only = kind is DELTA
     for rank, seq in enumerate(seqs):
         # Positional construction: every running sample builds one of these every step.
         detok, token_ids, reason = seq.detok, seq.token_ids, seq.finish_reason
@@ -74,15 +83,21 @@ def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[
         num_prompt = seq.num_prompt_tokens
         emitted = num_prompt + seq.num_emitted_tokens
         seq.num_emitted_tokens = len(token_ids) - num_prompt
+        delta_ids = token_ids[emitted:]
+        if delta_only:  # no copy of what earlier steps handed out: a long output costs the same every step
+            text, ids, logprobs = delta_text, delta_ids, seq.logprobs[emitted - num_prompt:] if want_logprobs else None
+        else:
+            text, ids = detok.text[:detok.emitted], token_ids[num_prompt:]
+            logprobs = list(seq.logprobs) if want_logprobs else None
         completions.append(CompletionOutput(
             rank if hidden else seq.index,  # index
-            detok.text[:detok.emitted],  # text
-            token_ids[num_prompt:],  # token_ids
+            text,  # text
+            ids,  # token_ids
             reason,  # finish_reason
             seq.cumulative_logprob,  # cumulative_logprob
-            list(seq.logprobs) if want_logprobs else None,  # logprobs
+            logprobs,  # logprobs
             delta_text,  # delta_text
-            token_ids[emitted:],  # delta_token_ids
+            delta_ids,  # delta_token_ids
             _stop_reason(token_ids, detok.stop_string, p, eos_token_ids) if reason == "stop" else None,  # stop_reason
         ))
     if final:

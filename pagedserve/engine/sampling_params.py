@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import numbers
@@ -39,7 +40,6 @@ UNSUPPORTED_OPTIONS: dict[str, str] = {
     "detokenize": "leave it out (text is always decoded)",
     "use_beam_search": "use beam_width > 0 instead",
     "guided_decoding": "use structured_outputs instead (vLLM's newer name)",
-    "output_kind": "leave it out (an offline run returns whole outputs; the service streams deltas of its own)",
     "logits_processors": "leave it out",
     "extra_args": "leave it out",
     "flat_logprobs": "leave it out",
@@ -70,6 +70,20 @@ def plain_number(v: object) -> object:
     if isinstance(v, (bool, int, float)) or not isinstance(v, numbers.Real):
         return v
     return int(v) if isinstance(v, numbers.Integral) else float(v)  # numpy's bool_ is no numbers.Real
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a request's outputs hold while it runs (vLLM's values and names).
+
+    ``CUMULATIVE``: every step's output holds everything generated so far (and the step's delta).
+    ``DELTA``: only what the step added (``text``/``token_ids``/``logprobs`` equal the delta fields); a caller
+    that streams needs nothing more, and no step copies a long output again.
+    ``FINAL_ONLY``: nothing until the request ends, then one whole output (what ``LLM.generate`` returns).
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -103,6 +117,7 @@ class SamplingParams:
     # {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} | {"grammar": ...}
     # (rules: pagedserve.engine.structured_spec)
     structured_outputs: dict | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -211,6 +226,10 @@ class SamplingParams:
         if self.structured_outputs is not None and self.beam_width > 0:
             fail("structured_outputs", "cannot be combined with beam search (beam_width > 0): sample with n or "
                                       "best_of instead")
+        if is_int(self.output_kind) and self.output_kind in tuple(RequestOutputKind):
+            self.output_kind = RequestOutputKind(self.output_kind)
+        else:
+            fail("output_kind", "must be a RequestOutputKind: CUMULATIVE, DELTA or FINAL_ONLY")
 
     # ------------------------------------------------------------------ derived
     @property
