@@ -79,6 +79,7 @@ def test_decode_roofline_bench_rows(tiny_models):
         assert r["graphs_pure_decode"] and r["eager_pure_decode"] and r["host_pure_decode"]
         assert r["graphs_x_roofline"] == pytest.approx(r["graphs_step_s"] / r["roofline_s"])
         assert r["host_us_per_seq"] == pytest.approx(r["host_step_s"] / r["batch"] * 1e6)
+        assert r["host_final_only_us_per_seq"] == pytest.approx(r["host_final_only_step_s"] / r["batch"] * 1e6)
     assert set(d["profiles"]) == {"graphs", "host"}  # where the host's time goes, for the GPU run's record
     for prof in d["profiles"].values():
         assert prof["batch"] == 2 and prof["top"] and prof["top"][0]["own_us_per_step"] > 0

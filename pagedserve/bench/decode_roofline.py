@@ -21,7 +21,7 @@ import torch
 from pagedserve.bench.bandwidth import measure_copy_bandwidth
 from pagedserve.bench.common import sync
 from pagedserve.engine.device_copy import Download
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 # Decode steps read every weight once and the whole KV context of every sequence: a step cannot take less
 # than those bytes over the memory bandwidth. Defaults per device type: (batch sizes, context, timed steps).
@@ -105,18 +105,20 @@ def decode_modes(device: torch.device) -> list[tuple[str, bool, bool | None]]:
     return modes
 
 
-def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0, profiler=None) -> dict:
+def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0, profiler=None,
+                         output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> dict:
     """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
     ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards.
 
     The device is synchronized before and after the timed steps, not between them: with async scheduling a
     step's host work overlaps the device's previous step, and a sync per step would undo that. ``step_s_mean`` is
     the window over ``steps``; the median and minimum are of the host's time per ``step()`` call. ``profiler``: a
-    ``cProfile.Profile`` enabled around the timed steps."""
+    ``cProfile.Profile`` enabled around the timed steps. ``output_kind``: what every step returns (the worker
+    reads each step's output, ``LLM.generate`` only the last)."""
     device = eng.runner.device
     rng = np.random.default_rng(seed * 1000 + batch)
     max_tokens = decode_max_tokens(batch, context, steps, eng.max_num_batched_tokens)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=output_kind)
     ids = [f"decode-{batch}-{i}" for i in range(batch)]
     for rid in ids:
         eng.add_request(rid, rng.integers(0, eng.vocab_size, context).tolist(), params)
@@ -248,6 +250,11 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
                 row[f"{mode}_forward_s"] = m["forward_s_mean"]
                 row[f"{mode}_forward_x_roofline"] = m["forward_s_mean"] / roof
                 row[f"{mode}_wait_s"] = m["wait_s_mean"]
+            if mode == "host":  # the same with no output before a request ends, as LLM.generate runs requests
+                m = measure_decode_steps(eng, b, context, steps, seed, output_kind=RequestOutputKind.FINAL_ONLY)
+                row["host_final_only_step_s"] = m["step_s_mean"]
+                row["host_final_only_us_per_seq"] = m["step_s_mean"] / b * 1e6
+                row["host_final_only_pure_decode"] = m["pure_decode"]
             if progress is not None:
                 progress.advance(task)
         del eng, runner
@@ -293,7 +300,7 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
                         f"copy {d['copy_gbps']:.1f} GB/s ({device})")
     with_sync = any("sync_step_s" in r for r in d["rows"])
     cols = ["batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs", "tok/s",
-            "host ms", "host us/seq"]
+            "host ms", "host us/seq", "final-only us/seq"]
     if with_sync:
         cols[4:4] = ["sync ms", "x roofline"]
     for col in cols:
@@ -307,12 +314,15 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
 
         cells = [str(r["batch"]), f"{r['roofline_s'] * 1e3:.2f}", f"{r['graphs_step_s'] * 1e3:.2f}",
                  ratio("graphs"), f"{r['eager_step_s'] * 1e3:.2f}", ratio("eager"), f"{r['eager_over_graphs']:.2f}",
-                 f"{r['graphs_tokens_per_s']:.0f}", f"{r['host_step_s'] * 1e3:.2f}", f"{r['host_us_per_seq']:.1f}"]
+                 f"{r['graphs_tokens_per_s']:.0f}", f"{r['host_step_s'] * 1e3:.2f}", f"{r['host_us_per_seq']:.1f}",
+                 f"{r['host_final_only_us_per_seq']:.1f}"]
         if with_sync:
             cells[4:4] = [f"{r['sync_step_s'] * 1e3:.2f}", ratio("sync")]
         table.add_row(*cells)
     console.print(table)
-    console.print("host: the same steps with a zero-cost model forward and LM head (the engine's own work per step)")
+    console.print("host: the same steps with a zero-cost model forward and LM head (the engine's own work per step), "
+                  "every step returning outputs (as the worker reads them); final-only: none before a request ends "
+                  "(as LLM.generate runs)")
     if with_sync:
         console.print("sync: graphs with async_scheduling off (the host reads each step's tokens before the next)")
     if not d["cuda_graphs_captured"].get("graphs"):
