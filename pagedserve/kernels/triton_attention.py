@@ -192,8 +192,12 @@ def plan_decode(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: 
                 live_seqs: int | None = None) -> DecodeRows:
     """``plan_decode`` of the Triton kernel set: shapes only (capturable), every row live unless ``live_seqs``
     says fewer are sure to be."""
-    rows = seq_lens.shape[0]
-    return DecodeRows(rows if live_seqs is None else max(1, min(live_seqs, rows)))
+    return DecodeRows(_live_rows(seq_lens.shape[0], live_seqs))
+
+
+def _live_rows(rows: int, live_seqs: int | None) -> int:
+    """Rows surely live of ``rows``: all of them unless ``live_seqs`` says fewer (at least one)."""
+    return rows if live_seqs is None else max(1, min(live_seqs, rows))
 
 
 def split_bounds(seq_len: int, max_splits: int, min_partition: int = MIN_PARTITION,
@@ -415,19 +419,19 @@ def decode_attention(
     assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     assert min_partition >= 1, "min_partition must be positive"
+    group = num_q_heads // num_kv_heads
     if launch is None:
-        launch = decode_launch(q.device, k_cache.dtype, head_dim, num_q_heads // num_kv_heads, num_seqs)
+        launch = decode_launch(q.device, k_cache.dtype, head_dim, group, num_seqs)
     assert launch.tile >= 16 and launch.tile & (launch.tile - 1) == 0, "tile must be a power of two >= 16"
     q = _last_dim_contiguous(q)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    group = num_q_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
     if max_splits is None:
-        live = num_seqs if live_seqs is None else max(1, min(live_seqs, num_seqs))
-        max_splits = choose_decode_splits(live, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        max_splits = choose_decode_splits(_live_rows(num_seqs, live_seqs), num_kv_heads,
+                                          block_tables.shape[1] * block_size, q.device)
     max_splits = max(1, int(max_splits))
     fused = launch.fused_reduce and max_splits > 1
     if max_splits > 1:

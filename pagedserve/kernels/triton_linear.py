@@ -1,4 +1,4 @@
-"""Triton GEMM for the few rows of a decode step: a contender to cuBLAS, not yet used by the model.
+"""Triton GEMM for the few rows of a decode step: a contender to cuBLAS, used by the model only when asked.
 
 A decode step's linear layers multiply a handful of rows (one per sequence) by each weight matrix once: they are
 bound by reading the weights, and cuBLAS reads them well short of the copy bandwidth at these sizes
