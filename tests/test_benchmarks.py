@@ -86,6 +86,29 @@ def test_decode_roofline_bench_rows(tiny_models):
         assert any("step" in r["function"] for r in prof["top"])
 
 
+def test_host_work_times_pure_decode_steps_in_a_process_of_its_own(tiny_models):
+    """One run per process, as the command alternates them: every timed step decodes every sequence."""
+    from pagedserve.bench import host_work
+
+    for kind in host_work.KINDS:
+        r = host_work.run_once({"model_dir": tiny_models["llama"], "batch": 3, "output_tokens": 20, "kind": kind,
+                                "token": 299, "logprobs": 1, "threads": 1})
+        assert r["pure_decode"] and r["us_per_seq"] > 0, r
+
+
+def test_zero_cost_model_decodes_the_token_asked_for(tiny_models):
+    from pagedserve.engine import LLMEngine, SamplingParams
+
+    eng = LLMEngine(tiny_models["llama"], device="cpu", num_gpu_blocks=32, max_model_len=128)
+    D.zero_cost_model(eng.runner, token=97)
+    eng.add_request("z", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, n=2, seed=1))
+    eng.add_request("g", [5, 6], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    finals = {}
+    while eng.has_unfinished_requests():
+        finals.update({o.request_id: o for o in eng.step() if o.finished})
+    assert [c.token_ids for c in finals["z"].outputs] == [[97] * 4] * 2 and finals["g"].outputs[0].text == "aaa"
+
+
 def test_measure_swap_vs_recompute_on_cpu(tiny_models):
     r = S.measure_swap_vs_recompute(tiny_models["llama"], "cpu", "float32", block_size=8, tokens=32, reps=1)
     assert r["num_blocks"] == 4 and r["tokens"] == 32
@@ -180,6 +203,7 @@ _WORK = {
                 "swap_vs_recompute_bench"],
     "kernels": ["measure_copy_bandwidth", "measure_pinned_bandwidth"],
     "decode_configs": ["sweep_shape"],
+    "host_work": ["bench_model_dir", "run_once"],
     "sharing": ["run_sharing"],
     "cpu_kernels": ["measure", "measure_prefill"],
     "cpu_linears": ["measure"],
@@ -308,6 +332,13 @@ def test_bench_offline_help_lists_the_sizes_and_dtypes():
     (["vs-vllm", "--dtypes", "float8"], "--dtypes must be one or more of float32, bfloat16"),
     (["vs-vllm", "--hf-threads", "0"], "--hf-threads must be from 1 to"),
     (["vs-vllm", "--hf-models", "26m,nope", "--skip-vllm"], "--hf-models 'nope'"),
+    (["host-work", "--batch", "0"], "--batch must be >= 1"),
+    (["host-work", "--output-tokens", "40,,x"], "--output-tokens must be whole numbers >= 1"),
+    (["host-work", "--output-tokens", "5000"], "--output-tokens 5000 is more than the bench model's context leaves"),
+    (["host-work", "--kinds", "DELTA,ALL"], "--kinds must be one or more of CUMULATIVE, DELTA, FINAL_ONLY"),
+    (["host-work", "--tokens", "emoji"], "--tokens must be one or more of text, no-text"),
+    (["host-work", "--logprobs", "-2"], "--logprobs must be >= -1"),
+    (["host-work", "--rounds", "0"], "--rounds must be >= 1"),
     (["cpu-load", "--reps", "0"], "--reps must be >= 1"),
     (["cpu-load", "--threads", "0"], "--threads must be >= 1"),
     (["cpu-load", "--dtype", "float8"], "--dtype must be one of float32, bfloat16, float16"),
@@ -317,8 +348,8 @@ def test_every_bench_refuses_a_bad_option_in_one_line_before_any_work(no_work, a
     assert says in _one_line_usage_error(_bench(*args))
 
 
-@pytest.mark.parametrize("command", ["offline", "kernels", "decode-configs", "sharing", "cpu-kernels", "cpu-linears",
-                                     "service", "structured", "batch", "vs-vllm", "cpu-load"])
+@pytest.mark.parametrize("command", ["offline", "kernels", "decode-configs", "host-work", "sharing", "cpu-kernels",
+                                     "cpu-linears", "service", "structured", "batch", "vs-vllm", "cpu-load"])
 def test_every_bench_refuses_an_out_it_cannot_write_before_any_work(no_work, tmp_path, command):
     """The results are written last: an --out that cannot be written must fail first, not after the run."""
     a_file = tmp_path / "file"

@@ -10,6 +10,7 @@ One module per benchmark, helpers shared once:
 * :mod:`.sharing` - ``bench sharing``: KV blocks with and without block sharing (``n`` samples, beams);
 * :mod:`.kernels` - ``bench kernels``: the Triton kernels against copy bandwidth and contiguous SDPA (CUDA);
 * :mod:`.decode_configs` - ``bench decode-configs``: the split decode kernel's launches against each other (CUDA);
+* :mod:`.host_work` - ``bench host-work``: the engine's own work per decode step, by output kind and length;
 * :mod:`.service` - ``bench service``: the offline workload through Redis to a worker vs in process;
 * :mod:`.aot_check` - compile every Triton kernel for sm_80/sm_90 without a GPU.
 

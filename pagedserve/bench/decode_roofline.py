@@ -105,6 +105,25 @@ def decode_modes(device: torch.device) -> list[tuple[str, bool, bool | None]]:
     return modes
 
 
+def zero_cost_model(runner, token: int = 0) -> None:
+    """Give ``runner``'s model a forward and LM head that cost nothing, so that steps time the engine's own work:
+    zero hidden states, and logits whose greedy token is ``token`` taken from one kept buffer (making them anew
+    would time a memset, on the CPU page faults too; the greedy, penalty-free requests timed never write to it)."""
+    cfg, model_dtype = runner.model.config, runner.dtype
+    logits = torch.zeros(0, cfg.vocab_size, dtype=torch.float32, device=runner.device)
+
+    def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
+        nonlocal logits
+        if logits.shape[0] < hidden.shape[0]:
+            logits = torch.zeros(hidden.shape[0], cfg.vocab_size, dtype=torch.float32, device=hidden.device)
+            logits[:, token] = 1.0
+        return logits[:hidden.shape[0]]
+
+    runner.model.forward = lambda input_ids, positions: torch.zeros(
+        input_ids.shape[0], cfg.hidden_size, dtype=model_dtype, device=input_ids.device)
+    runner.model.compute_logits = compute_logits
+
+
 def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0, profiler=None,
                          output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> dict:
     """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
@@ -224,11 +243,7 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
             # The engine's own cost per step (schedule, inputs, sampler, detokenizer, outputs): the same steps
             # with a model forward and LM head that cost nothing. Whatever of it is not hidden behind the GPU
             # adds to every decode step.
-            cfg, model_dtype = runner.model.config, runner.dtype
-            runner.model.forward = lambda input_ids, positions: torch.zeros(
-                input_ids.shape[0], cfg.hidden_size, dtype=model_dtype, device=input_ids.device)
-            runner.model.compute_logits = lambda hidden: torch.zeros(
-                hidden.shape[0], cfg.vocab_size, dtype=torch.float32, device=hidden.device)
+            zero_cost_model(runner)
         meta = {"weight_bytes": decode_weight_bytes(runner.model),
                 "kv_bytes_per_token": runner.block_bytes // runner.block_size,
                 "num_params": runner.num_params, "dtype": str(runner.dtype).removeprefix("torch.")}

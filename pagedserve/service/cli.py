@@ -37,6 +37,7 @@ _BENCH_TARGETS = {
     "sharing": "pagedserve.bench.sharing:sharing_command",
     "kernels": "pagedserve.bench.kernels:kernels_command",
     "decode-configs": "pagedserve.bench.decode_configs:decode_configs_command",
+    "host-work": "pagedserve.bench.host_work:host_work_command",
     "cpu-kernels": "pagedserve.bench.cpu_kernels:cpu_kernels_command",
     "cpu-linears": "pagedserve.bench.cpu_linears:cpu_linears_command",
     "service": "pagedserve.bench.service:service_command",

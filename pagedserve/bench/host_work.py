@@ -1,0 +1,142 @@
+"""``pagedserve bench host-work``: the engine's own work per sequence per decode step, by output kind and length.
+
+The model's forward and LM head cost nothing (:func:`.decode_roofline.zero_cost_model`), so a timed step is the
+engine alone: scheduling, inputs, sampling, stop checks, the detokenizer and the outputs. This is the part of a
+decode step that no GPU makes faster (it must stay under the device's time for the step to be the device's). The
+greedy token is one with text (``text``: a byte of the bench model's byte tokenizer) or an id its tokenizer has
+none for (``no-text``: as most ids a random model samples, and as a model's invalid UTF-8 reads). Every
+measurement runs in its own process, the contenders alternating round by round so that a change in the machine's
+load touches all alike; the medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from pagedserve.bench.common import (
+    BENCH_MODELS,
+    bench_model_dir,
+    check_choices,
+    check_min,
+    check_out,
+    die_with_parent,
+    parse_ints,
+    usage_error,
+    write_json,
+)
+
+KINDS = ("CUMULATIVE", "DELTA", "FINAL_ONLY")
+TOKENS = {"text": 97, "no-text": 300}  # in the 26m bench model: byte "a"; an id past its 259-token tokenizer
+PROMPT_TOKENS = 64
+TIMED_STEPS = 32
+RUN_TIMEOUT_S = 600
+
+
+def measure(model_dir: str, batch: int, output_tokens: int, kind: str, token: int, logprobs: int | None = None,
+            steps: int = TIMED_STEPS) -> dict:
+    """``batch`` greedy requests of ``PROMPT_TOKENS`` prompt tokens stepped until each has ``output_tokens``
+    outputs, then ``steps`` steps timed: µs a sequence a step."""
+    from pagedserve.bench.decode_roofline import zero_cost_model
+    from pagedserve.engine import LLMEngine, SamplingParams
+    from pagedserve.engine.sampling_params import RequestOutputKind
+
+    max_tokens = output_tokens + steps + 8
+    blocks_per_seq = -(-(PROMPT_TOKENS + max_tokens) // 16)
+    eng = LLMEngine(model_dir, device="cpu", dtype="float32", num_gpu_blocks=batch * blocks_per_seq + 8,
+                    max_num_seqs=batch, swap_space_gb=0.01, max_num_batched_tokens=max(2048, batch * PROMPT_TOKENS))
+    zero_cost_model(eng.runner, token)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs,
+                            output_kind=RequestOutputKind[kind])
+    for i in range(batch):
+        eng.add_request(str(i), [100 + (i + j) % 150 for j in range(PROMPT_TOKENS)], params)
+    seqs = [eng.requests[str(i)].seqs[0] for i in range(batch)]
+    while min(s.num_output_tokens for s in seqs) < output_tokens:
+        eng.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    seconds = time.perf_counter() - start
+    pure = all(s.num_output_tokens >= output_tokens + steps - 1 for s in seqs)  # none preempted or ended
+    return {"us_per_seq": seconds / steps / batch * 1e6, "pure_decode": pure}
+
+
+def run_once(job: dict) -> dict:
+    """:func:`measure` in a fresh process."""
+    done = subprocess.run([sys.executable, "-m", "pagedserve.bench.host_work", json.dumps(job)], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S, preexec_fn=die_with_parent)
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"a host-work run failed (exit {done.returncode}): {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def host_work_command(
+    batch: Annotated[int, typer.Option(help="Sequences decoding together.")] = 256,
+    output_tokens: Annotated[str, typer.Option(
+        help="Output lengths at which the steps are timed, comma-separated.")] = "40,1000",
+    kinds: Annotated[str, typer.Option(help=f"Output kinds, comma-separated ({', '.join(KINDS)}).")] = ",".join(KINDS),
+    tokens: Annotated[str, typer.Option(help=f"Greedy tokens: {', '.join(TOKENS)}.")] = ",".join(TOKENS),
+    logprobs: Annotated[int, typer.Option(help="Top logprobs per token (-1: none).")] = -1,
+    rounds: Annotated[int, typer.Option(help="Alternating rounds (each contender once per round).")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads in each run.")] = 1,
+    out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/host_work.json",
+) -> None:
+    """The engine's own work per sequence per decode step (zero-cost model, CPU): by output kind and length (see docs/benchmarks.md)."""  # noqa: E501
+    check_min("--batch", batch, 1)
+    longest = BENCH_MODELS["26m"][0]["max_position_embeddings"] - PROMPT_TOKENS - TIMED_STEPS - 8
+    lengths = parse_ints(output_tokens, option="--output-tokens")
+    if max(lengths) > longest:
+        usage_error(f"--output-tokens {max(lengths)} is more than the bench model's context leaves ({longest})")
+    kind_list = check_choices("--kinds", kinds, KINDS)
+    token_list = check_choices("--tokens", tokens, TOKENS)
+    check_min("--logprobs", logprobs, -1, " (-1: none)")
+    check_min("--rounds", rounds, 1)
+    check_min("--threads", threads, 1)
+    out = check_out("--out", out)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    model_dir = bench_model_dir(size="26m")
+    runs: dict[tuple, list[float]] = {}
+    pure = True
+    for round_ in range(rounds):
+        for length in lengths:
+            for token in token_list:
+                order = kind_list if round_ % 2 == 0 else kind_list[::-1]
+                for kind in order:
+                    job = {"model_dir": model_dir, "batch": batch, "output_tokens": length, "kind": kind,
+                           "token": TOKENS[token], "logprobs": None if logprobs < 0 else logprobs, "threads": threads}
+                    r = run_once(job)
+                    runs.setdefault((length, token, kind), []).append(r["us_per_seq"])
+                    pure &= r["pure_decode"]
+                    console.print(f"round {round_ + 1}: {length} tokens, {token}, {kind}: {r['us_per_seq']:.2f} µs/seq")
+    rows = [{"output_tokens": length, "token": token, "kind": kind, "us_per_seq_median": statistics.median(v),
+             "us_per_seq_runs": v} for (length, token, kind), v in runs.items()]
+    table = Table(title=f"host work per sequence per decode step: batch {batch}, {rounds} rounds, medians (µs)")
+    for col in ("output tokens", "token", *kind_list):
+        table.add_column(col, justify="right")
+    for length in lengths:
+        for token in token_list:
+            table.add_row(str(length), token, *(f"{statistics.median(runs[(length, token, k)]):.2f}" for k in kind_list))
+    console.print(table)
+    if not pure:
+        console.print("* a timed step did not decode every sequence (preemption or an ending)")
+    write_json(out, {"batch": batch, "rounds": rounds, "threads": threads, "logprobs": job["logprobs"],
+                     "prompt_tokens": PROMPT_TOKENS, "timed_steps": TIMED_STEPS, "pure_decode": pure, "rows": rows},
+               console)
+
+
+if __name__ == "__main__":  # one measurement, for run_once: a JSON job in, a JSON line out
+    job = json.loads(sys.argv[1])
+    import torch
+
+    torch.set_num_threads(job.pop("threads"))
+    print(json.dumps(measure(**job)))
