@@ -69,6 +69,26 @@ def test_greedy_equals_offline_engine_and_deltas_concatenate(either):
     assert final.metrics.e2e_ms > 0 and final.metrics.ttft_ms is not None
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_sampled_outputs_with_logprobs_equal_the_offline_engines(setup, stream):
+    """The worker adds up each step's part of every output (the engine returns only that): the stored result is
+    the offline engine's whole output, logprobs included, streamed or not."""
+    from pagedserve.engine import LLM, SamplingParams
+
+    s, w, c = setup
+    params = {"max_tokens": 24, "temperature": 1.0, "seed": 5, "n": 2, "logprobs": 2}
+    done = c.wait(c.submit(PROMPTS[1], params=params, stream=stream), timeout=60)
+    assert isinstance(done, DoneEvent)
+    offline = LLM(model=TEST_MODEL, **ENGINE_KW).generate([PROMPTS[1]], SamplingParams(**params))[0]
+    assert len(done.outputs) == 2
+    for got, want in zip(done.outputs, offline.outputs):
+        assert (got.index, got.text, got.token_ids, got.finish_reason) == \
+            (want.index, want.text, want.token_ids, want.finish_reason)
+        assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob)
+        assert [{int(k): v for k, v in d.items()} for d in got.logprobs] == \
+            [{k: pytest.approx(v) for k, v in d.items()} for d in want.logprobs]
+
+
 def test_late_subscriber_gets_result_key_and_redelivered_id_is_answered_from_it(setup, redis_url):
     s, w, c = setup
     rid = c.submit("late", id="late-1", params={"max_tokens": 4, "temperature": 0}, metadata={"order": 42})

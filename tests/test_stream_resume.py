@@ -88,6 +88,39 @@ def test_resumed_request_continues_as_the_uninterrupted_run(engine, params):
             assert r.text + "".join(text for _, text in events.get(b.index, [])) == b.text
 
 
+@pytest.mark.parametrize("kept_logprobs", [True, False])
+def test_the_workers_sum_of_delta_outputs_is_the_engines_whole_output_resumed_or_not(engine, kept_logprobs):
+    """The worker asks for DELTA outputs and adds them up, from what a resumed run had handed out
+    (resume.received_from): the result equals the engine's cumulative output of the same run."""
+    from dataclasses import replace
+
+    from pagedserve.engine import RequestOutputKind
+    from pagedserve.service.resume import received_from
+    from pagedserve.service.results import add_deltas, whole_output
+
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=3, n=2, ignore_eos=True, logprobs=2)
+    whole, whole_events = run(engine, "w-whole", params)
+    delta = replace(params, output_kind=RequestOutputKind.DELTA)
+    for cut in (0, 3):
+        resume = []
+        for c in whole.outputs:
+            ids = [t for toks, _ in whole_events[c.index][:cut] for t in toks]
+            resume.append(ResumeSample(ids, "".join(text for _, text in whole_events[c.index][:cut]),
+                                       list(c.logprobs[:len(ids)]) if kept_logprobs else None))
+        reference, _ = run(engine, f"w-cum{cut}", params, resume)  # the engine's own whole output
+        engine.add_request(f"w-delta{cut}", PROMPT, delta, resume=resume)
+        received, final = received_from(resume, want_logprobs=True), None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                add_deltas(received, out)
+                final = out
+        assert final.finished
+        got = whole_output(final, received)
+        for a, b in zip(got.outputs, reference.outputs):
+            assert (a.index, a.text, a.token_ids, a.logprobs, a.finish_reason) == \
+                (b.index, b.text, b.token_ids, b.logprobs, b.finish_reason)
+
+
 def test_resumed_after_the_last_token_ends_at_once(engine):
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     whole, _ = run(engine, "all", params)

@@ -53,7 +53,7 @@ from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, ch
                        entry_time, params_field, parse_request, refuse_missing_body,
                        refuse_repeated_bodies)
 from .reclaim import LeaseKeeper
-from .resume import events_bound, read_emitted
+from .resume import events_bound, read_emitted, received_from
 from .running import Running
 from .settings import Settings
 from .stream_fields import repeated
@@ -110,6 +110,11 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         params = engine_params(req.params, chat=req.messages is not None)
     except ValueError as e:
         raise refuse("invalid_request", str(e)) from None
+    from pagedserve.engine.sampling_params import RequestOutputKind
+
+    # Each step's part only: the worker streams it and adds it up itself (results.add_deltas), so that no step
+    # copies a long output again.
+    params.output_kind = RequestOutputKind.DELTA
     limit, setting = engine.max_seqs_per_request
     if params.num_samples > limit:
         raise refuse("invalid_request", f"params.{params.num_samples_field}: {params.num_samples} sequences exceed "
@@ -627,6 +632,8 @@ class Admission(WorkerPart):
             log=job.log,
             next_seq=dict(job.next_seq),
             first_token_at=job.first_token_at,
+            received=(received_from(job.resume, job.params.logprobs is not None)
+                      if job.resume is not None and not_resumed is None else {}),
         ))
 
     def unstarted(self) -> int:

@@ -50,6 +50,8 @@ class InFlight:
     next_seq: dict[int, int] = field(default_factory=dict)  # output index -> the seq of its next token event
     first_token_at: float | None = None  # time.time() an earlier run of it handed out its first token
     gone: set[str] = field(default_factory=set)  # its entries no consumer holds any more (reclaim.py: "gone")
+    # output index -> what its outputs added up to so far (results.add_deltas), a resumed run's included
+    received: dict = field(default_factory=dict)
 
     @property
     def entries_gone(self) -> bool:

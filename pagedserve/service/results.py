@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
 
 from .protocol import FINISH_REASONS, CompletionResult, DoneEvent, RequestMetrics, Usage
+from .resume import Output
 
 
 def finish_reason(reason: str | None) -> str:
@@ -42,6 +44,33 @@ def token_payloads(out: Any, next_seq: dict[int, int]) -> list[bytes]:
             ev["logprobs"] = _logprobs(c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
         events.append(json.dumps(ev, separators=(",", ":")).encode())
     return events
+
+
+def add_deltas(received: dict[int, Output], out: Any) -> None:
+    """Add a step's output to what each of the request's outputs has received so far. The worker asks the engine
+    for ``DELTA`` outputs (admission.prepare): each holds only what its step added, so that no step copies a
+    long output again, and the whole output is assembled here once (:func:`whole_output`)."""
+    for c in out.outputs:
+        got = received.get(c.index)
+        if got is None:
+            got = received[c.index] = Output(logprobs=None if c.logprobs is None else [])
+        got.token_ids += c.token_ids
+        if c.text:
+            got.texts.append(c.text)
+        if c.logprobs is not None:
+            if got.logprobs is None:
+                got.logprobs = []
+            got.logprobs += c.logprobs
+
+
+def whole_output(out: Any, received: dict[int, Output]) -> Any:
+    """A request's last output (``DELTA``) with each output's text, token ids and logprobs as all its steps, and
+    the run it resumed, added them up: what :func:`done_event` stores."""
+    outputs = []
+    for c in out.outputs:
+        got = received[c.index]  # add_deltas(received, out) came first
+        outputs.append(dataclasses.replace(c, text=got.text, token_ids=got.token_ids, logprobs=got.logprobs))
+    return dataclasses.replace(out, outputs=outputs)
 
 
 def _ms(a: float | None, b: float | None) -> float | None:

@@ -79,6 +79,19 @@ class Emitted:
         return samples
 
 
+def received_from(samples: list, want_logprobs: bool) -> dict[int, Output]:
+    """What a continued run's outputs start from, per output index (the worker adds each step's part to it):
+    each sample's handed-out tokens, text and logprobs; a token whose logprobs were not kept has an empty entry,
+    as the engine's own outputs give it."""
+    received = {}
+    for i, sample in enumerate(samples):
+        logprobs = list(sample.logprobs) if sample.logprobs is not None else None
+        if logprobs is None and want_logprobs:
+            logprobs = [{} for _ in sample.token_ids]
+        received[i] = Output(list(sample.token_ids), [sample.text] if sample.text else [], logprobs)
+    return received
+
+
 def _entries(r: redis.Redis, key: str, limit: int):
     """The stream's (entry id, fields), a page at a time; (None, None) after ``limit`` of them (the rest is not
     read)."""

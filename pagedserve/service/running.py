@@ -37,7 +37,7 @@ from .inflight import InFlight
 from .outcomes import Outcomes
 from .protocol import GenerateRequest
 from .publisher import Publisher
-from .results import token_payloads
+from .results import add_deltas, token_payloads, whole_output
 from .resume import events_bound
 
 
@@ -100,6 +100,7 @@ class Running(WorkerPart):
                              else ("internal", f"engine: {error}"))
             self.outcomes.error(out.request_id, f.entry_ids, code, message, f.request.metadata, f.span)
             return 0
+        add_deltas(f.received, out)
         new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
         if new_tokens:
             if f.last_token_at is not None:
@@ -109,7 +110,7 @@ class Running(WorkerPart):
             for payload in token_payloads(out, f.next_seq):
                 self.publisher.token(out.request_id, payload, events_cap(f))
         if out.finished:
-            self.outcomes.done(out.request_id, self.table.pop(out.request_id), out)
+            self.outcomes.done(out.request_id, self.table.pop(out.request_id), whole_output(out, f.received))
         return new_tokens
 
     def cancel(self, rid: str) -> None:
@@ -122,9 +123,12 @@ class Running(WorkerPart):
         (f.log or self.log).info("request_cancelled")
         self.table.pop(rid)
         try:
-            if f.request.stream and out is not None:  # held-back text, and beam or best_of outputs, go out now
-                for payload in token_payloads(out, f.next_seq):
-                    self.publisher.token(rid, payload, events_cap(f))
+            if out is not None:
+                add_deltas(f.received, out)
+                if f.request.stream:  # held-back text, and beam or best_of outputs, go out now
+                    for payload in token_payloads(out, f.next_seq):
+                        self.publisher.token(rid, payload, events_cap(f))
+                out = whole_output(out, f.received)
             self.outcomes.done(rid, f, out, finish_reason="cancelled")
         except Exception as e:
             self.outcomes.failed(rid, f.entry_ids, "cancel", e, f.span)
