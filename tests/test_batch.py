@@ -179,10 +179,18 @@ def test_lines_left_when_the_completion_window_ends_expire(redis_url, prefix, r,
     assert r.xlen(Keys(prefix).requests) == 0
 
 
-def test_a_window_that_ends_while_every_line_runs_expires_the_batch(redis_url, prefix, r, shared_engine):
+def test_a_window_that_ends_while_every_line_runs_expires_the_batch(redis_url, prefix, r, shared_engine,
+                                                                     monkeypatch):
     """Every line taken and running when the window ends: they end at their deadline, and the batch then read
     ``completed``, its lines ``batch_expired``. Only a take marked a batch expiring, and none came (nothing was
     left to take, no seat was free); the collect that stores an expired line marks it now."""
+    step = shared_engine.step
+
+    def slow_step():  # 1500 tokens take 6 s or more, whatever the machine: the 2 s window always ends first
+        time.sleep(0.004)
+        return step()
+
+    monkeypatch.setattr(shared_engine, "step", slow_step)
     lines = [completion(f"c{i}", prompt=f"saga {i}", max_tokens=1500, ignore_eos=True) for i in range(3)]
     bid = submit_batch(r, prefix, jsonl(lines), completion_window="2s")
     with running_worker(make_settings(redis_url, prefix, max_num_seqs=4), shared_engine) as w:
@@ -221,7 +229,9 @@ def test_lines_of_several_samples_leave_the_reserve_free(redis_url, prefix, r, s
 
 def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, shared_engine):
     n = 40
-    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=32) for i in range(n)]))
+    # Lines long enough that the batch's counts, which its collector updates a few times a second, first show a
+    # completed line while most still wait: at 32 tokens a line, 16-21 of the 40 were done by then.
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=128) for i in range(n)]))
     s = make_settings(redis_url, prefix, max_num_seqs=4)
     with running_worker(s, shared_engine), Client(settings=s) as c:
         wait_for(lambda: batch_status(r, prefix, bid)["request_counts"]["completed"] >= 1, 60, what="batch running")
