@@ -110,6 +110,45 @@ def test_deadline_and_cancel_free_blocks_at_once(tiny_models):
     assert not eng.has_unfinished_requests()
 
 
+def test_the_per_step_pass_counts_follow_the_live_requests(tiny_models):
+    """A step skips its deadline scan, its fork pass and its min_tokens masking while no live request needs them
+    (``LLMEngine._count``): the counts must say what the live requests say as requests of each kind start, end,
+    are cancelled and pass their deadline, or a deadline would go unseen or a prompt would never fork."""
+    import time
+
+    seed = random.randrange(10_000)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=4)
+    eng = llm.engine
+    ended: dict[str, str] = {}
+    added = 0
+    for step in range(80):
+        if step < 60 and rng.random() < 0.5:
+            rid = str(added)
+            added += 1
+            kind = rng.choice(["plain", "n", "best_of", "beam", "min_tokens"])
+            params = SamplingParams(max_tokens=rng.randint(3, 8), ignore_eos=True, seed=added,
+                                    n=2 if kind == "n" else 1, best_of=3 if kind == "best_of" else None,
+                                    beam_width=2 if kind == "beam" else 0,
+                                    min_tokens=3 if kind == "min_tokens" else 0)
+            deadline = rng.choice([None, None, time.time() - 1, time.time() + 3600])
+            eng.add_request(rid, [rng.randrange(1, 250) for _ in range(rng.randint(1, 9))], params, deadline=deadline)
+        if eng.requests and rng.random() < 0.1:
+            rid = rng.choice(sorted(eng.requests))
+            ended[rid] = eng.abort_request(rid).outputs[0].finish_reason
+        for out in eng.step():
+            if out.finished:
+                ended[out.request_id] = out.outputs[0].finish_reason
+        live = list(eng.requests.values())
+        assert eng._with_deadline == sum(r.deadline is not None for r in live)
+        assert eng._multi_sample == sum(r.params.num_samples > 1 for r in live)
+        assert eng._holding_stops == sum(bool(r.params.min_tokens) for r in live)
+    _run_to_end(eng)
+    assert (eng._with_deadline, eng._multi_sample, eng._holding_stops) == (0, 0, 0)
+    assert len(ended) == added
+
+
 # ---------------------------------------------------------------------------- liveness: nothing waits forever
 
 

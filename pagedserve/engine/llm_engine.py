@@ -129,8 +129,12 @@ class LLMEngine:
             functools.partial(default_backend, self.tokenizer, self.vocab_size, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._owner: dict[int, Request] = {}  # seq_id -> request, for every live sequence
-        # Requests in the engine with min_tokens: the per-step masking pass runs only while there is one.
+        # Requests in the engine with min_tokens (the per-step masking pass runs only while there is one), with
+        # several samples (a prompt's last step forks them) and with a deadline (each step looks for those past
+        # it): every step's check for them costs nothing while there are none (``_count``).
         self._holding_stops = 0
+        self._multi_sample = 0
+        self._with_deadline = 0
         self._ready: list[RequestOutput] = []  # resumed requests that had already ended: out at the next step
         self._in_flight: DrawnStep | None = None  # the last step's tokens, read during this one (async_scheduling)
         self._untrusted: list[Request] = []  # in a step that failed while moving blocks: ended at the next step
@@ -244,7 +248,7 @@ class LLMEngine:
         if self._ready:  # an ending kept for the next step belongs to an earlier request of this id, gone now
             self._ready = [out for out in self._ready if out.request_id != request_id]
         self.requests[request_id] = req
-        self._holding_stops += bool(params.min_tokens)
+        self._count(req, 1)
         if all(s.finished for s in req.seqs):  # resumed after its last token: only its ending is left to hand out
             self._ready.append(self._finish(req))
             return
@@ -380,8 +384,9 @@ class LLMEngine:
         outputs, self._ready = self._ready, []
         untrusted, self._untrusted = self._untrusted, []
         outputs += [self._fail(req, STEP_FAILED) for req in untrusted if self.requests.get(req.request_id) is req]
-        outputs += [self.abort_request(r.request_id, "deadline")
-                    for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
+        if self._with_deadline:
+            outputs += [self.abort_request(r.request_id, "deadline")
+                        for r in list(self.requests.values()) if r.deadline is not None and now >= r.deadline]
         sched = self.scheduler.schedule()
         outputs.extend(self._end_at_capacity(req) for req in sched.capacity_bound)
         outputs.extend(self._fail(req, why) for req, why in sched.unschedulable)
@@ -409,9 +414,11 @@ class LLMEngine:
                 seq.num_computed_tokens += n
         if in_flight is not None:
             outputs += self._read_back(in_flight)
+        bm, bs = self.block_manager, self.block_manager.block_size
         for item in sched.scheduled:  # after the read-back: a block its token just completed is published now
             for seq, _ in item.seqs:
-                self.block_manager.register_full_blocks(seq)
+                if seq.num_computed_tokens // bs > seq.num_registered_blocks:  # else none to publish: spare the call
+                    bm.register_full_blocks(seq)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
         progressed: dict[str, Request] = {}  # beam requests that took a step
         sample_rows, owners = [], []
@@ -585,7 +592,13 @@ class LLMEngine:
         if "first_token_time" not in req.metrics:
             req.metrics["first_token_time"] = now
         seqs = req.seqs
-        if req.beam.done if req.beam else all(s.finish_reason is not None for s in seqs):
+        if req.beam is not None:
+            done = req.beam.done
+        elif len(seqs) == 1:  # the common case, without all()'s generator
+            done = seqs[0].finish_reason is not None
+        else:
+            done = all(s.finish_reason is not None for s in seqs)
+        if done:
             outputs.append(self._finish(req))
             return
         if len(seqs) > 1 or req.beam is not None:  # a lone sample is finished only with its request, above
@@ -603,12 +616,18 @@ class LLMEngine:
         self._release(req)
         return error_output(req, error)
 
+    def _count(self, req: Request, sign: int) -> None:
+        """``req`` enters (1) or leaves (-1) the engine's counts of requests that need a per-step pass."""
+        self._holding_stops += sign * bool(req.params.min_tokens)
+        self._multi_sample += sign * (req.params.num_samples > 1)
+        self._with_deadline += sign * (req.deadline is not None)
+
     def _release(self, req: Request) -> None:
         """``req`` leaves the engine: its blocks, its place in the scheduler and its sequences' owner entries."""
         self.scheduler.release(req)
         req.metrics["finished_time"] = time.time()
         if self.requests.pop(req.request_id, None) is not None:
-            self._holding_stops -= bool(req.params.min_tokens)
+            self._count(req, -1)
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
 
@@ -619,7 +638,7 @@ class LLMEngine:
         Returns, per sequence to sample, its row in ``logits``, the sequence and its request (none for a request
         that failed).
         """
-        if not failed and all(req.forked for req in owners):  # every step but a prompt's last
+        if not failed and (not self._multi_sample or all(req.forked for req in owners)):  # all but a prompt's last
             return list(range(len(sample_seqs))), sample_seqs, owners
         rows, seqs, reqs = [], [], []
         for row, (seq, req) in enumerate(zip(sample_seqs, owners)):

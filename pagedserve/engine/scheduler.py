@@ -47,7 +47,7 @@ def _common_blocks(seq: Sequence, other: Sequence, block_size: int) -> int:
     return n
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     seqs: list[tuple[Sequence, int]]  # (sequence, number of new tokens this step)
@@ -320,9 +320,23 @@ class Scheduler:
                 if not starved:  # else nothing new starts this step, the better queued requests included
                     budget -= self._run_held(req, budget, holds[k - 1], out)
                 continue
-            plan = self._plan(req, budget)
-            if plan is None:
-                continue
+            # A lone sequence, planned and allocated as _plan and _allocate would, without their calls: it is
+            # every running request of most workloads, every step.
+            if len(req.seqs) == 1:
+                seq = req.seqs[0]
+                n = 0 if seq.finish_reason is not None else min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if n <= 0:
+                    continue
+                plan = [(seq, n)]
+                if self.bm.allocate(seq, n):
+                    out.scheduled.append(ScheduledRequest(req, plan))
+                    out.num_batched_tokens += n
+                    budget -= n
+                    continue
+            else:
+                plan = self._plan(req, budget)
+                if plan is None:
+                    continue
             while not self._allocate(plan):
                 victim = queue.pop() if queue else req
                 starved = True
