@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
@@ -16,6 +17,19 @@ PROMPT_CONTEXT_TOKENS = 5
 MAX_HELD_TOKENS = 16
 # Tokens that stay held when such a window is released: a character in progress has at most 3 of its bytes.
 IN_PROGRESS_TOKENS = 3
+
+
+# Per tokenizer, the text of each token decoded alone. In a steady stream the window's already-read part is the one
+# token read last (each step then decodes [last] and [last, new]); a token's text alone never changes, so that
+# decode is looked up. Bounded by the vocabulary.
+_SINGLE_TOKEN_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _single_token_texts(tokenizer) -> dict[int, str]:
+    try:
+        return _SINGLE_TOKEN_TEXTS.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable: a cache of this detokenizer's own
+        return {}
 
 
 def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
@@ -51,6 +65,7 @@ class IncrementalDetokenizer:
         # never ask for clean-up) without the Python wrapper, which costs more than the decode itself per token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
+        self._single = _single_token_texts(tokenizer)
         self.stop = stop
         self.keep_stop = keep_stop  # the text ends with the stop string found, rather than before it
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -83,8 +98,13 @@ class IncrementalDetokenizer:
             return None
         ids = self.ids
         ids.append(token_id)
-        start = self.prefix_offset
-        prefix = self._decode(ids[start:self.read_offset])
+        start, read_offset = self.prefix_offset, self.read_offset
+        if read_offset - start == 1:
+            prefix = self._single.get(ids[start])
+            if prefix is None:
+                prefix = self._single[ids[start]] = self._decode(ids[start:read_offset])
+        else:
+            prefix = self._decode(ids[start:read_offset])
         full = self._decode(ids[start:])
         read = len(ids)
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT):

@@ -201,8 +201,9 @@ class ModelRunner:
                 end = start + n
                 table = seq.block_table
                 known = seq.token_ids
+                num_known = len(known)
                 if n == 1:  # decode: the common case, without the range machinery
-                    input_ids.append(known[start] if start < len(known) else 0)
+                    input_ids.append(known[start] if start < num_known else 0)
                     positions.append(start)
                     slots.append(table[start // bs] * bs + start % bs)
                 else:
@@ -211,7 +212,7 @@ class ModelRunner:
                     slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
                     decode_only = False
                 num_tokens += n
-                if end > len(known):  # its last token is still on the device: taken from there
+                if end > num_known:  # its last token is still on the device: taken from there
                     if n > 1:
                         input_ids.append(0)
                     pending_rows.append(num_tokens - 1)
@@ -219,7 +220,7 @@ class ModelRunner:
                 cu.append(num_tokens)
                 seq_lens.append(end)
                 planned.append(seq)
-                if end == seq.num_tokens:
+                if end == num_known + seq.num_pending:  # its num_tokens: the step reaches its end
                     sample_rows.append(num_tokens - 1)
                     sample_seqs.append(seq)
         block_tables = self.block_table_rows.gather(planned)
