@@ -158,6 +158,26 @@ def test_drive_reads_kv_use_from_stats(tiny_models):
     assert 1 <= r["peak_concurrent_seqs"] <= 3
 
 
+def test_a_timed_drive_calls_no_stats_between_steps(tiny_models):
+    """A run timed against other engines steps as ``LLM.generate`` does: ``stats()`` walks every running block
+    table, host work the contenders do not do. Its outputs are the same, its KV fields None."""
+    from pagedserve.engine import LLMEngine
+
+    eng = LLMEngine(tiny_models["llama"], device="cpu", block_size=8)
+    w = common.make_workload(3, seed=1, vocab_size=eng.vocab_size)
+    w = common.Workload([p[:20] for p in w.prompts], [min(m, 12) for m in w.max_tokens])
+    calls = []
+    stats = eng.stats
+    eng.stats = lambda: calls.append(1) or stats()
+    timed = common.drive(eng, w.prompts, w.params, kv_stats=False)
+    assert not calls
+    assert {k: timed[k] for k in ("peak_concurrent_seqs", "mean_kv_utilization", "mean_used_gpu_blocks")} == \
+        dict.fromkeys(("peak_concurrent_seqs", "mean_kv_utilization", "mean_used_gpu_blocks"))
+    del eng.stats
+    watched = common.drive(eng, [p for p in w.prompts], w.params)
+    assert watched["outputs"] == timed["outputs"] and timed["output_tokens"] == w.num_output_tokens
+
+
 def test_kv_utilization_counts_shared_blocks_once(tiny_models):
     from pagedserve.engine import LLMEngine, SamplingParams
 

@@ -218,10 +218,12 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def drive(eng, prompts: list[list[int]], params: list) -> dict:
-    """Queue every request on ``eng``, step until all are done: wall time, outputs, peak concurrency, and KV
-    use read from ``eng.stats()`` after every step (mean live-token share of allocated slots, mean blocks).
-    Requests run as ``LLM.generate`` runs them: only their final outputs are built."""
+def drive(eng, prompts: list[list[int]], params: list, kv_stats: bool = True) -> dict:
+    """Queue every request on ``eng``, step until all are done: wall time, outputs, and with ``kv_stats`` peak
+    concurrency and KV use read from ``eng.stats()`` after every step (mean live-token share of allocated slots,
+    mean blocks; None without). Requests run as ``LLM.generate`` runs them: only their final outputs are built.
+    A run timed against other engines passes ``kv_stats=False``: ``stats()`` walks every running sequence's
+    block table, host work between steps that ``LLM.generate`` does not do."""
     from dataclasses import replace
 
     from pagedserve.engine.sampling_params import RequestOutputKind
@@ -235,6 +237,8 @@ def drive(eng, prompts: list[list[int]], params: list) -> dict:
         for out in eng.step():
             if out.finished:
                 outputs[out.request_id] = [c.token_ids for c in out.outputs]
+        if not kv_stats:
+            continue
         st = eng.stats()
         steps += 1
         util_sum += st["kv_utilization"]
@@ -242,9 +246,10 @@ def drive(eng, prompts: list[list[int]], params: list) -> dict:
         peak_seqs = max(peak_seqs, st["num_running_seqs"])
     wall = time.perf_counter() - start
     produced = sum(len(t) for outs in outputs.values() for t in outs)
-    return {"wall_s": wall, "output_tokens": produced, "peak_concurrent_seqs": peak_seqs, "outputs": outputs,
-            "mean_kv_utilization": util_sum / steps if steps else 0.0,
-            "mean_used_gpu_blocks": used_sum / steps if steps else 0.0}
+    kv = {"peak_concurrent_seqs": peak_seqs, "mean_kv_utilization": util_sum / steps if steps else 0.0,
+          "mean_used_gpu_blocks": used_sum / steps if steps else 0.0}
+    return {"wall_s": wall, "output_tokens": produced, "outputs": outputs,
+            **(kv if kv_stats else dict.fromkeys(kv))}
 
 
 def write_json(out: str | Path, results: dict, console) -> None:

@@ -79,12 +79,14 @@ def warm_up(engine, w: Workload) -> None:
     second or more each, which a server pays once), and none of its prompts in the prefix cache, which would
     spare it the prefills that HF's contenders do."""
     vocab = engine.vocab_size
-    drive(engine, [[(t + 1) % vocab for t in p] for p in w.prompts], w.params)
+    drive(engine, [[(t + 1) % vocab for t in p] for p in w.prompts], w.params, kv_stats=False)
 
 
-def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", **kwargs) -> dict:
+def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32", kv_stats: bool = False,
+               **kwargs) -> dict:
     """The workload through one engine, timed after a warm-up: on CUDA :func:`warm_up`; elsewhere (nothing is
-    compiled at run time) one short request."""
+    compiled at run time) one short request. ``kv_stats``: also read KV use after every step (:func:`drive`),
+    for a run whose time is not compared."""
     from pagedserve.engine import LLM
 
     cuda = torch.device(device).type == "cuda"
@@ -99,7 +101,7 @@ def run_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32",
     else:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
     before, device_before = llm.stats(), _device_counters(cuda)
-    result = drive(llm.engine, w.prompts, w.params)
+    result = drive(llm.engine, w.prompts, w.params, kv_stats)
     del result["outputs"]
     stats, device_after = llm.stats(), _device_counters(cuda)
     return {**result, "num_preemptions": stats["num_preemptions"], "num_steps": stats["num_steps"] - before["num_steps"],
@@ -259,7 +261,8 @@ def throughput_section(model_dir: str, w: Workload, size: str, device: str, dtyp
     # Concurrency at a fixed KV budget vs reserving max-length contiguous space per sequence.
     step("concurrency")
     reserve = MAX_PROMPT + MAX_OUTPUT
-    budget_run = run_engine(model_dir, w, device, dtype, num_gpu_blocks=kv_budget_tokens // 16, block_size=16)
+    budget_run = run_engine(model_dir, w, device, dtype, kv_stats=True, num_gpu_blocks=kv_budget_tokens // 16,
+                            block_size=16)
     results["concurrency"] = {
         "kv_budget_tokens": kv_budget_tokens, "contiguous_reservation_tokens": reserve,
         "contiguous_max_seqs": kv_budget_tokens // reserve,
@@ -295,7 +298,7 @@ def print_throughput(console, results: dict, w: Workload, device: str, profile: 
     console.print(table)
     c = results["concurrency"]
     console.print(f"compute floor {floor_s:.2f} s at {results['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (large matmul); "
-                  f"mean KV utilization {results['pagedserve']['mean_kv_utilization']:.4f}")
+                  f"mean KV utilization {c['paged_mean_kv_utilization']:.4f} (at the KV budget below)")
     console.print(f"concurrency at {c['kv_budget_tokens']} KV slots: paged {c['paged_peak_seqs']} seqs vs "
                   f"contiguous {c['contiguous_max_seqs']} "
                   f"({c['paged_peak_seqs'] / max(1, c['contiguous_max_seqs']):.1f}x)")

@@ -22,7 +22,7 @@ def _run(model_dir: str, w: Workload, device: str, dtype: str, size: int) -> dic
         steps0 = llm.stats()["num_steps"]
         comm0 = runner.comm_seconds if size > 1 else 0.0
         send0 = runner.channel.seconds if size > 1 else 0.0
-        result = drive(llm.engine, w.prompts, w.params)
+        result = drive(llm.engine, w.prompts, w.params, kv_stats=False)
         steps = llm.stats()["num_steps"] - steps0
         out = {"wall_s": result["wall_s"], "output_tokens": result["output_tokens"], "num_steps": steps,
                "step_ms": 1e3 * result["wall_s"] / max(1, steps), "outputs": result["outputs"]}
