@@ -74,7 +74,7 @@ def test_measure_decode_steps_times_pure_decode_and_cleans_up(tiny_models):
 
 def test_decode_roofline_bench_rows(tiny_models):
     d = D.decode_roofline_bench(tiny_models["llama"], "cpu", "float32", [1, 2], context=16, steps=2, copy_gbps=5.0)
-    assert [r["batch"] for r in d["rows"]] == [1, 2] and d["target_met"] is None
+    assert [r["batch"] for r in d["rows"]] == [1, 2] and d["target_met"] is None and d["output_kind"] == "DELTA"
     for r in d["rows"]:
         assert r["graphs_pure_decode"] and r["eager_pure_decode"] and r["host_pure_decode"]
         assert r["graphs_x_roofline"] == pytest.approx(r["graphs_step_s"] / r["roofline_s"])

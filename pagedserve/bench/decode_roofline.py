@@ -125,15 +125,15 @@ def zero_cost_model(runner, token: int = 0) -> None:
 
 
 def measure_decode_steps(eng, batch: int, context: int, steps: int, seed: int = 0, profiler=None,
-                         output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> dict:
+                         output_kind: RequestOutputKind = RequestOutputKind.DELTA) -> dict:
     """Queue ``batch`` greedy requests of ``context`` prompt tokens, step until every one is decoding, then time
     ``steps`` pure decode steps (``engine.step()``); the requests are aborted afterwards.
 
     The device is synchronized before and after the timed steps, not between them: with async scheduling a
     step's host work overlaps the device's previous step, and a sync per step would undo that. ``step_s_mean`` is
     the window over ``steps``; the median and minimum are of the host's time per ``step()`` call. ``profiler``: a
-    ``cProfile.Profile`` enabled around the timed steps. ``output_kind``: what every step returns (the worker
-    reads each step's output, ``LLM.generate`` only the last)."""
+    ``cProfile.Profile`` enabled around the timed steps. ``output_kind``: what every step returns; by default
+    what the service's worker asks for (each step's delta; ``LLM.generate`` asks for ``FINAL_ONLY``)."""
     device = eng.runner.device
     rng = np.random.default_rng(seed * 1000 + batch)
     max_tokens = decode_max_tokens(batch, context, steps, eng.max_num_batched_tokens)
@@ -229,7 +229,8 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
                           copy_gbps: float, progress=None, task=None, seed: int = 0) -> dict:
     """Decode step time vs the memory roofline for each batch size, with CUDA graphs (``enforce_eager=False``)
     and without (``True``; the same code on CPU), graphs without async scheduling (CUDA only: on the CPU it is
-    off anyway) and the host's work alone. One engine per mode, used for every batch size."""
+    off anyway) and the host's work alone. One engine per mode, used for every batch size. Every step returns
+    what the service's worker asks for, each request's delta (the host column also with final outputs only)."""
     dev = torch.device(device)
     rows = {b: {"batch": b} for b in batches}
     meta: dict = {}
@@ -284,6 +285,7 @@ def decode_roofline_bench(model_dir: str, device: str, dtype: str, batches: list
         r["host_us_per_seq"] = r["host_step_s"] / r["batch"] * 1e6
     big = [r for r in out_rows if r["batch"] >= ROOFLINE_TARGET_BATCH]
     return {"context": context, "steps": steps, "warmup_steps": DECODE_WARMUP_STEPS, "copy_gbps": copy_gbps,
+            "output_kind": RequestOutputKind.DELTA.name,
             **meta, "cuda_graphs_captured": captured, "target_x_roofline": ROOFLINE_TARGET,
             "target_batch": ROOFLINE_TARGET_BATCH,
             "target_met": (all(r["graphs_x_roofline"] <= ROOFLINE_TARGET for r in big) if big else None),
@@ -312,7 +314,7 @@ def print_decode_roofline(console, d: dict, device: str) -> None:
 
     table = Table(title=f"decode step vs memory roofline: context {d['context']}, {d['steps']} steps, "
                         f"weights {d['weight_bytes'] / 1e6:.0f} MB, KV {d['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
-                        f"copy {d['copy_gbps']:.1f} GB/s ({device})")
+                        f"copy {d['copy_gbps']:.1f} GB/s ({device}); {d['output_kind']} outputs")
     with_sync = any("sync_step_s" in r for r in d["rows"])
     cols = ["batch", "roofline ms", "graphs ms", "x roofline", "eager ms", "x roofline", "eager / graphs", "tok/s",
             "host ms", "host us/seq", "final-only us/seq"]
