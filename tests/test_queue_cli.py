@@ -35,6 +35,16 @@ def one_line(text: str) -> str:
     return text.strip()
 
 
+# A worker in a thread of this process logs to whatever ``sys.stdout`` is at the time: while ``CliRunner`` runs a
+# command, its capture. Those lines are the worker's, not the command's.
+WORKER_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+def command_stdout(res) -> str:
+    """The command's own standard output, without lines a worker thread logged meanwhile."""
+    return "".join(line for line in res.stdout.splitlines(keepends=True) if not WORKER_LOG_LINE.match(line))
+
+
 def snapshot(r: redis.Redis, prefix: str) -> dict:
     """Every key of the prefix with its type and contents: what a dry run must leave as it was."""
     out = {}
@@ -211,17 +221,18 @@ def test_a_dead_letter_written_by_a_worker_runs_again_after_requeue_force(cli, r
 
         res = cli.invoke(app, ["queue", "dead", "--json", "--body-chars", "65536"])
         assert res.exit_code == 0, res.output
-        (shown,) = [json.loads(line) for line in res.stdout.splitlines()]
+        (shown,) = [json.loads(line) for line in command_stdout(res).splitlines()]
         assert shown["dead_letter"] == letter and shown["fields"]["kind"] == "foreign_key"
         assert json.loads(shown["body"])["id"] == "was-dead" and not shown["body_cut"]
 
         res = cli.invoke(app, ["queue", "requeue", letter])
         assert res.exit_code == 1, res.output
-        assert res.stdout == (f"kept {letter}: {keys.result('was-dead')} holds a value of another type (hash, not "
-                              "written by a worker): a worker would dead-letter it again; --force deletes its result "
-                              "and events and runs it again, or send it under a new id\n"), res.stdout
+        assert command_stdout(res) == (
+            f"kept {letter}: {keys.result('was-dead')} holds a value of another type (hash, not written by a worker): "
+            "a worker would dead-letter it again; --force deletes its result and events and runs it again, or send it "
+            "under a new id\n"), res.stdout
         res = cli.invoke(app, ["queue", "requeue", letter, "--force"])
-        assert res.exit_code == 0 and res.stdout.startswith(f"requeued {letter} id=was-dead as "), res.output
+        assert res.exit_code == 0 and command_stdout(res).startswith(f"requeued {letter} id=was-dead as "), res.output
         assert "no worker is running" not in res.stderr  # one is
         done = c.wait("was-dead", timeout=60)
     assert isinstance(done, DoneEvent), done
