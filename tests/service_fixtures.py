@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -112,6 +113,27 @@ def make_settings(redis_url: str, prefix: str, **kw) -> Settings:
     )
     base.update(kw)
     return Settings(**base)
+
+
+# A worker in a thread of this process (``running_worker``) logs to whatever ``sys.stdout`` is at the time: while
+# typer's ``CliRunner`` runs a command, its capture. Those lines are the worker's, not the command's: a console
+# line (time, then the level in brackets) or a JSON object with an event, a level and the worker's name.
+CONSOLE_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\w+ *\] .* worker=")
+
+
+def _worker_log_line(line: str) -> bool:
+    if CONSOLE_LOG_LINE.match(line):
+        return True
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"event", "level", "worker"} <= record.keys()
+
+
+def command_stdout(res) -> str:
+    """A ``CliRunner`` result's standard output without the lines a worker thread logged meanwhile."""
+    return "".join(line for line in res.stdout.splitlines(keepends=True) if not _worker_log_line(line))
 
 
 @contextlib.contextmanager

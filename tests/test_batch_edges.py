@@ -18,7 +18,7 @@ from pagedserve.service.batch_client import batch_results, batch_status, submit_
 from pagedserve.service.batch_keys import BatchKeys, BatchScripts
 from pagedserve.service.cli import app
 from pagedserve.service.protocol import Keys
-from service_fixtures import make_settings, running_worker, wait_for
+from service_fixtures import command_stdout, make_settings, running_worker, wait_for
 from test_batch import chat, completion, jsonl
 
 
@@ -46,7 +46,7 @@ def test_a_batch_past_its_window_ends_only_once_every_line_has_its_output(redis_
             wait_batch(r, prefix, bid, timeout=0.3, poll_s=0.1)
         res = cli.invoke(app, ["batch", "results", bid, "--wait", "--timeout", "0.3"])
         assert res.exit_code == 3 and f"batch {bid} is still in_progress after 0.3 s: 1 of 3 lines" in res.stderr
-        assert len(res.stdout.splitlines()) == 1
+        assert len(command_stdout(res).splitlines()) == 1
 
         waiter: dict = {}
         t = threading.Thread(target=lambda: waiter.update(

@@ -35,16 +35,6 @@ def one_line(text: str) -> str:
     return text.strip()
 
 
-# A worker in a thread of this process logs to whatever ``sys.stdout`` is at the time: while ``CliRunner`` runs a
-# command, its capture. Those lines are the worker's, not the command's.
-WORKER_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
-
-
-def command_stdout(res) -> str:
-    """The command's own standard output, without lines a worker thread logged meanwhile."""
-    return "".join(line for line in res.stdout.splitlines(keepends=True) if not WORKER_LOG_LINE.match(line))
-
-
 def snapshot(r: redis.Redis, prefix: str) -> dict:
     """Every key of the prefix with its type and contents: what a dry run must leave as it was."""
     out = {}
@@ -207,7 +197,7 @@ def test_a_dead_letter_written_by_a_worker_runs_again_after_requeue_force(cli, r
     """A result key no worker wrote sends its entry to the dead letters (a real worker writes it); the recipe, by
     the command: --force deletes that key (and the events), the body goes back, the worker answers it."""
     from pagedserve.service.client import Client
-    from service_fixtures import make_settings, running_worker, wait_for
+    from service_fixtures import command_stdout, make_settings, running_worker, wait_for
 
     keys = Keys(prefix)
     r.hset(keys.result("was-dead"), "a", "b")
