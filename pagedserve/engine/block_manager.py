@@ -182,8 +182,8 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish ``seq``'s newly computed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_computed_tokens // self.block_size <= seq.num_registered_blocks:
+            return  # nothing new can be full: called for every running sequence every step, most often this
         # Computed and known: a token still pending on the device (Sequence.num_pending) has KV but no value yet.
         num_full = min(min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size, len(seq.block_table))
         while seq.num_registered_blocks < num_full:

@@ -414,11 +414,9 @@ class LLMEngine:
                 seq.num_computed_tokens += n
         if in_flight is not None:
             outputs += self._read_back(in_flight)
-        bm, bs = self.block_manager, self.block_manager.block_size
         for item in sched.scheduled:  # after the read-back: a block its token just completed is published now
             for seq, _ in item.seqs:
-                if seq.num_computed_tokens // bs > seq.num_registered_blocks:  # else none to publish: spare the call
-                    bm.register_full_blocks(seq)
+                self.block_manager.register_full_blocks(seq)
         failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
         progressed: dict[str, Request] = {}  # beam requests that took a step
         sample_rows, owners = [], []

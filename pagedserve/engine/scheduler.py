@@ -279,7 +279,7 @@ class Scheduler:
 
     def _admit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
         """Add ``req`` to the step; returns the tokens it takes from the budget."""
-        tokens = sum(n for _, n in plan)
+        tokens = plan[0][1] if len(plan) == 1 else sum(n for _, n in plan)  # one sequence: every decode, every step
         out.scheduled.append(ScheduledRequest(req, plan))
         out.num_batched_tokens += tokens
         return tokens
@@ -320,23 +320,9 @@ class Scheduler:
                 if not starved:  # else nothing new starts this step, the better queued requests included
                     budget -= self._run_held(req, budget, holds[k - 1], out)
                 continue
-            # A lone sequence, planned and allocated as _plan and _allocate would, without their calls: it is
-            # every running request of most workloads, every step.
-            if len(req.seqs) == 1:
-                seq = req.seqs[0]
-                n = 0 if seq.finish_reason is not None else min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if n <= 0:
-                    continue
-                plan = [(seq, n)]
-                if self.bm.allocate(seq, n):
-                    out.scheduled.append(ScheduledRequest(req, plan))
-                    out.num_batched_tokens += n
-                    budget -= n
-                    continue
-            else:
-                plan = self._plan(req, budget)
-                if plan is None:
-                    continue
+            plan = self._plan(req, budget)
+            if plan is None:
+                continue
             while not self._allocate(plan):
                 victim = queue.pop() if queue else req
                 starved = True
