@@ -224,12 +224,10 @@ def drive(eng, prompts: list[list[int]], params: list, kv_stats: bool = True) ->
     mean blocks; None without). Requests run as ``LLM.generate`` runs them: only their final outputs are built.
     A run timed against other engines passes ``kv_stats=False``: ``stats()`` walks every running sequence's
     block table, host work between steps that ``LLM.generate`` does not do."""
-    from dataclasses import replace
+    from pagedserve.engine.sampling_params import final_only
 
-    from pagedserve.engine.sampling_params import RequestOutputKind
-
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(str(i), p, replace(sp, output_kind=RequestOutputKind.FINAL_ONLY))
+    for i, (p, sp) in enumerate(zip(prompts, final_only(params))):
+        eng.add_request(str(i), p, sp)
     outputs: dict[str, list[list[int]]] = {}
     peak_seqs, steps, util_sum, used_sum = 0, 0, 0.0, 0
     start = time.perf_counter()

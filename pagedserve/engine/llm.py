@@ -5,12 +5,11 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
-from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams, check_unicode
+from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only
 
 PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
 
@@ -195,12 +194,7 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         # Only the final outputs are returned (as vLLM's LLM does): no step builds an output before a request ends.
-        final_only: dict[int, SamplingParams] = {}
-        for p in params:
-            if isinstance(p, SamplingParams) and id(p) not in final_only:
-                final_only[id(p)] = (p if p.output_kind is RequestOutputKind.FINAL_ONLY
-                                     else replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
-        params = [final_only.get(id(p), p) for p in params]
+        params = final_only(params)
         ids = []
         try:
             for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):

@@ -6,7 +6,7 @@ import enum
 import functools
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from pagedserve.engine.structured_spec import validate_structured_outputs
 
@@ -262,6 +262,18 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"{unknown[0]} is not a sampling parameter")
         return cls(**data)
+
+
+def final_only(params: list) -> list:
+    """``params`` for a caller that reads only each request's final output (``LLM.generate``): every
+    ``SamplingParams`` as a ``FINAL_ONLY`` copy (the caller's own are not changed), one copy per distinct object;
+    other entries as they are, for the engine to refuse."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if isinstance(p, SamplingParams) and id(p) not in copies:
+            copies[id(p)] = (p if p.output_kind is RequestOutputKind.FINAL_ONLY
+                             else replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
+    return [copies.get(id(p), p) for p in params]
 
 
 def _unsupported(name: str) -> str:
