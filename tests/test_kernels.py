@@ -17,6 +17,7 @@ import dataclasses  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
@@ -740,6 +741,12 @@ def test_kernels_compile_for_sm90_without_gpu():
         [sys.executable, "-m", "pagedserve.bench.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Compiled as the JIT specializes them (aligned tensors), the kernels keep their software pipeline: the
+    # linear's 4-stage launch holds more than one stage of its tiles (64 rows and 64 weight rows of 128 bf16).
+    one_stage = (64 * 128 + 64 * 128) * 2
+    line = next(ln for ln in proc.stdout.splitlines() if "sm_90 linear bf16 block_n=64 block_k=128 split_k=1:" in ln)
+    shared = int(re.search(r"shared (\d+) B", line)[1])
+    assert shared > one_stage, line
 
 
 def test_ops_namespace_matches_reference_signatures():
