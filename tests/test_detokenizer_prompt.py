@@ -147,6 +147,25 @@ def test_each_step_decodes_a_bounded_window(name):
     assert seen and max(seen) <= 8
 
 
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_a_byte_level_stream_of_known_tokens_decodes_nothing(name):
+    """A byte-level decoder's tokens decode to their texts alone joined, so a stream of tokens seen before is
+    looked up, not decoded (and gives HF's text, as the tests above hold); a SentencePiece decoder's are not
+    (a word's leading space depends on what comes before it), so each of its tokens is decoded in its window."""
+    tok = TOKENIZERS[name]
+    prompt, output = _ids(tok, "the sky "), _ids(tok, "hello world the cat sat on the mat " * 4)
+    stream(tok, prompt, output)  # every token's text alone is known after this
+    detok = IncrementalDetokenizer(tok, [], set(tok.all_special_ids), prompt_token_ids=prompt)
+    detok.add(output[0])  # its window holds the prompt's last tokens: decoded
+    calls = []
+    decode = detok._decode
+    detok._decode = lambda ids: (calls.append(ids), decode(ids))[1]
+    for t in output[1:]:
+        detok.add(t)
+    assert detok.text == reference(tok, prompt, output)
+    assert len(calls) == (0 if name != "llama-metaspace" else len(output) - 1), calls
+
+
 # ------------------------------------------------------------------ an engine over a Metaspace tokenizer
 @pytest.fixture(scope="module")
 def llama_spm_model(tmp_path_factory):

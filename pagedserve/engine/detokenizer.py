@@ -32,6 +32,18 @@ def _single_token_texts(tokenizer) -> dict[int, str]:
         return {}
 
 
+def _texts_concatenate(backend) -> bool:
+    """Whether two tokens that each decode to whole characters decode together to their two texts joined: so for
+    a byte-level decoder (GPT-2's, Llama-3's, Qwen's, SmolLM's), which maps each token to its bytes alone and
+    reads the bytes of all as UTF-8 at the end. Not for a SentencePiece decoder (``"▁sky"`` is ``"sky"`` alone,
+    ``" sky"`` after a word) nor for any chain of decoders."""
+    try:
+        from tokenizers.decoders import ByteLevel
+    except ImportError:
+        return False
+    return isinstance(getattr(backend, "decoder", None), ByteLevel)
+
+
 def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
     """The last ``PROMPT_CONTEXT_TOKENS`` prompt tokens that have text: special tokens are skipped by every decode,
     so a chat template ending in them still leaves the words before them as context."""
@@ -66,6 +78,8 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
         self._single = _single_token_texts(tokenizer)
+        # Then a window of one read token and the new one decodes to their texts alone joined, both looked up.
+        self._concatenate = self._backend_decode is not None and _texts_concatenate(backend)
         self.stop = stop
         self.keep_stop = keep_stop  # the text ends with the stop string found, rather than before it
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -99,13 +113,22 @@ class IncrementalDetokenizer:
         ids = self.ids
         ids.append(token_id)
         start, read_offset = self.prefix_offset, self.read_offset
+        full = None
         if read_offset - start == 1:
-            prefix = self._single.get(ids[start])
+            single = self._single
+            prefix = single.get(ids[start])
             if prefix is None:
-                prefix = self._single[ids[start]] = self._decode(ids[start:read_offset])
+                prefix = single[ids[start]] = self._decode(ids[start:read_offset])
+            if self._concatenate and len(ids) == read_offset + 1:  # nothing held between them
+                new = single.get(token_id)
+                if new is None:
+                    new = single[token_id] = self._decode(ids[read_offset:])
+                if REPLACEMENT not in prefix and REPLACEMENT not in new:  # whole characters each
+                    full = prefix + new
         else:
             prefix = self._decode(ids[start:read_offset])
-        full = self._decode(ids[start:])
+        if full is None:
+            full = self._decode(ids[start:])
         read = len(ids)
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
             released = self._release_held(prefix, full) if read - self.read_offset >= MAX_HELD_TOKENS else None
