@@ -28,13 +28,14 @@ def upload(arrays: Sequence, dtype: torch.dtype, device: torch.device) -> list[t
         return [torch.as_tensor(a, dtype=dtype) for a in arrays]
     flat = [np.asarray(a, dtype=_NUMPY[dtype]) for a in arrays]
     host = torch.from_numpy(np.concatenate([a.ravel() for a in flat])).pin_memory()
-    whole = host.to(device, non_blocking=True)
-    out, start = [], 0
-    for a in flat:
-        n = math.prod(a.shape)
-        out.append(whole[start:start + n].view(a.shape))
-        start += n
-    return out
+    return unpack(host.to(device, non_blocking=True), [a.shape for a in flat])
+
+
+def unpack(whole: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Views of the 1-D ``whole`` as consecutive tensors of ``shapes``: one ``split`` call (a decode step
+    uploads twice, every step; a slice and a view per array cost the host more than the split)."""
+    parts = whole.split([math.prod(shape) for shape in shapes])
+    return [part if len(shape) == 1 else part.view(shape) for part, shape in zip(parts, shapes)]
 
 
 class Download:
