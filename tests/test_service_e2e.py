@@ -84,9 +84,11 @@ def test_sampled_outputs_with_logprobs_equal_the_offline_engines(setup, stream):
     for got, want in zip(done.outputs, offline.outputs):
         assert (got.index, got.text, got.token_ids, got.finish_reason) == \
             (want.index, want.text, want.token_ids, want.finish_reason)
-        assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob)
+        # Two engines' float sums may differ in the last digits (once, in a full run: 5.7e-6 on one of 72 values,
+        # the same in both parametrizations); a part added twice or lost would differ by whole logprobs.
+        assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, rel=1e-5)
         assert [{int(k): v for k, v in d.items()} for d in got.logprobs] == \
-            [{k: pytest.approx(v) for k, v in d.items()} for d in want.logprobs]
+            [{k: pytest.approx(v, rel=1e-5) for k, v in d.items()} for d in want.logprobs]
 
 
 def test_late_subscriber_gets_result_key_and_redelivered_id_is_answered_from_it(setup, redis_url):
