@@ -51,8 +51,11 @@ def _linear_kernel(
     """``out = x @ w.T``; ``GATED``: ``w`` is ``[2N, K]`` (gate rows, then up rows) and ``out`` ``[M, N]`` is
     ``silu(x @ w_gate.T) * (x @ w_up.T)``, each product rounded to the output dtype first, as the unfused
     layers round it."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Row blocks vary fastest in the grid: the programs of one weight tile start together and read it from DRAM
+    # once between them (L2 serves the others), where column-major order would stream every weight once per
+    # row block (four times at 256 rows of 64; the MLP's weights do not fit in L2).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,7 +89,7 @@ def _linear_kernel(
         if GATED:
             tl.atomic_add(sums + N, acc_up, mask=mask, sem="relaxed")
         tl.debug_barrier()
-        done = done_ptr + pid_m * tl.num_programs(0) + pid_n
+        done = done_ptr + pid_n * tl.num_programs(0) + pid_m
         if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
@@ -131,11 +134,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    grid_m = triton.cdiv(m, launch.block_m)
-    grid = (triton.cdiv(n, launch.block_n), grid_m, launch.split_k)
+    grid_m, grid_n = triton.cdiv(m, launch.block_m), triton.cdiv(n, launch.block_n)
+    grid = (grid_m, grid_n, launch.split_k)
     if launch.split_k > 1:
         acc = kept_buffers.zeros("split-K sums", m * w.shape[0], torch.float32, x.device)
-        done = kept_buffers.zeros("split-K parts done", grid[0] * grid_m, torch.int32, x.device)
+        done = kept_buffers.zeros("split-K parts done", grid_m * grid_n, torch.int32, x.device)
     else:
         acc, done = out, out  # unused
     _linear_kernel[grid](
