@@ -365,6 +365,32 @@ def test_decode_launch_variants_match_reference(launch):
                                           launch=triton_attention.DecodeLaunch(tile=48))
 
 
+@pytest.mark.skipif(CUDA, reason="orders the interpreter's programs; a GPU runs them at once")
+def test_fused_reduce_partitions_in_any_order_meet_in_their_own_sequence_and_head():
+    """On a GPU a sequence's partitions finish in any order, interleaved with other sequences' and heads'; the
+    last one to finish, whichever it is, combines that (sequence, KV head)'s partitions alone. Programs run
+    shuffled in the interpreter (seed printed)."""
+    from interpreter_order import programs_in_random_order
+
+    seed = random.randrange(1 << 16)
+    print(f"program order seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    block_size, num_kv_heads, group, head_dim, dtype = 16, 2, 2, 32, torch.float32
+    lengths = [300, 1, 513, 0, 129, 256]
+    real = [i for i, n in enumerate(lengths) if n]
+    k_cache, v_cache, table = _paged_kv([max(n, 1) for n in lengths], num_kv_heads, head_dim, block_size, dtype, gen)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(q[real], k_cache, v_cache, seq_lens[real], table[real], 0.125)
+    with programs_in_random_order(seed):
+        out = triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125, max_splits=5,
+                                                min_partition=64,
+                                                launch=triton_attention.DecodeLaunch(tile=32, fused_reduce=True))
+    _assert_close(out[real], expected)
+    assert not out[3].any()
+    assert not any(c.any() for c in kept_buffers.kept("decode partitions done"))
+
+
 def test_decode_plan_gives_padding_rows_no_share_of_the_partitions(monkeypatch):
     """A captured graph's plan says how many leading rows are surely live: one sequence and two padding rows get
     the partitions one sequence alone would (the grid chosen for 1 row, not 3), and the output is the

@@ -11,6 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 
+import random  # noqa: E402
+
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -36,6 +38,31 @@ def test_small_m_linear_matches_f_linear(dtype, tol, launch):
         # bf16: the output's own rounding (relative 2**-8) of sums of k products
         assert ((out.double() - expected).abs() / (expected.abs() + 1)).max() < tol, (m, k, n)
     assert not any(t.any() for t in kept_buffers.kept())
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="orders the interpreter's programs; a GPU runs them at once")
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gate_up_silu"])
+def test_split_k_parts_of_many_tiles_in_any_order_meet_in_their_own_tile(gated):
+    """On a GPU a tile's K parts finish in any order, interleaved with other tiles' parts; each tile's last part,
+    whichever it is, adds up that tile's parts alone. Programs run shuffled in the interpreter (seed printed)."""
+    from interpreter_order import programs_in_random_order
+
+    from pagedserve.kernels import reference
+
+    seed = random.randrange(1 << 16)
+    print(f"program order seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    m, k, n = 40, 256, 96  # 3 row blocks x 6 column tiles x 4 parts
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(2 * n if gated else n, k, generator=gen) / k**0.5
+    launch = LinearLaunch(block_m=16, block_n=16, block_k=32, split_k=4)
+    with programs_in_random_order(seed):
+        out = (triton_linear.gate_up_silu if gated else linear)(x, w, launch)
+    expected = F.linear(x.double(), w.double())
+    if gated:
+        expected = reference.silu_and_mul(expected.float()).double()
+    assert ((out.double() - expected).abs() / (expected.abs() + 1)).max() < 1e-4, seed
+    assert not any(t.any() for t in kept_buffers.kept())  # every tile's sums and counter left zero
 
 
 def test_small_m_linear_refuses_what_it_cannot_read():
