@@ -37,10 +37,8 @@ def _texts_concatenate(backend) -> bool:
     a byte-level decoder (GPT-2's, Llama-3's, Qwen's, SmolLM's), which maps each token to its bytes alone and
     reads the bytes of all as UTF-8 at the end. Not for a SentencePiece decoder (``"▁sky"`` is ``"sky"`` alone,
     ``" sky"`` after a word) nor for any chain of decoders."""
-    try:
-        from tokenizers.decoders import ByteLevel
-    except ImportError:
-        return False
+    from tokenizers.decoders import ByteLevel  # transformers' own dependency: every fast tokenizer's backend
+
     return isinstance(getattr(backend, "decoder", None), ByteLevel)
 
 

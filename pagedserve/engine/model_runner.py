@@ -220,7 +220,7 @@ class ModelRunner:
                 cu.append(num_tokens)
                 seq_lens.append(end)
                 planned.append(seq)
-                if end == num_known + seq.num_pending:  # its num_tokens: the step reaches its end
+                if end == seq.num_tokens:  # the step reaches its end
                     sample_rows.append(num_tokens - 1)
                     sample_seqs.append(seq)
         block_tables = self.block_table_rows.gather(planned)
