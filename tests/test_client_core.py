@@ -470,9 +470,12 @@ def test_the_deadline_holds_while_token_events_keep_coming():
     assert emitted == 4  # the event that crossed the deadline is the last one handed out
 
 
-async def _cancelled_after(coro, seconds: float) -> None:
-    """Run ``coro`` as a task and cancel it after ``seconds`` (a web framework's disconnect), as the caller sees it."""
+async def _cancelled_after(coro, seconds: float, started=None) -> None:
+    """Run ``coro`` as a task and cancel it after ``seconds`` (a web framework's disconnect), as the caller sees it;
+    with ``started``, ``seconds`` after ``started()`` first holds (polled)."""
     task = asyncio.create_task(coro)
+    while started is not None and not started() and not task.done():
+        await asyncio.sleep(0.01)
     await asyncio.sleep(seconds)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -508,7 +511,8 @@ def test_a_request_abandoned_by_its_caller_is_cancelled(redis_url, prefix, share
                     async for _ in ac.stream("x", timeout=120, **kw):
                         pass
 
-            await _cancelled_after(consume(), 1.0)
+            # Once a worker holds the request: on a loaded machine a second may pass before it is even sent.
+            await _cancelled_after(consume(), 1.0, started=lambda: r.xpending(keys.requests, keys.group)["pending"])
 
     with Client(redis_url, prefix=prefix) as c, running_worker(make_settings(redis_url, prefix), shared_engine):
         events = c.stream("x", params=params, timeout=120)
