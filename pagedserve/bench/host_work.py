@@ -43,9 +43,10 @@ RUN_TIMEOUT_S = 600
 def zero_cost_greedy_pass(eng, token: int) -> None:
     """The sampler's greedy pass over every row's logits (argmax and log-sum-exp across the vocabulary) as kept
     results: ``token`` for every row (the zero-cost logits' greedy token) and log-sum-exp 0 (not theirs: it only
-    shifts the logprobs reported, which nothing timed reads). On a GPU that pass is a kernel on the device; run on the CPU it would be timed as the engine's
-    own work (about a fifth of a step at the bench model's 4,096-token vocabulary). For greedy requests without
-    penalties only, as :func:`measure` makes them (nothing then writes to the tokens returned)."""
+    shifts the logprobs reported, which nothing timed reads). On a GPU that pass is a kernel on the device; run
+    on the CPU it would be timed as the engine's own work (about a fifth of a step at the bench model's 4,096-token
+    vocabulary). For greedy requests without penalties only, as :func:`measure` makes them (nothing then writes to
+    the tokens returned)."""
     import torch
 
     tokens = torch.zeros(0, dtype=torch.int64)
