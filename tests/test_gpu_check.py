@@ -94,7 +94,8 @@ def test_env_stage_collects_and_imports_in_the_device_layout(tmp_path):
     assert "error" not in log.lower() and "Traceback" not in log, log
     collected = dict(line.rsplit(": ", 1) for line in log.splitlines() if line.startswith("tests/"))
     assert set(collected) == {"tests/test_kernels.py", "tests/test_fused_kernels.py", "tests/test_triton_linear.py",
-                              "tests/test_engine_gpu.py", "tests/test_cuda_graphs.py"} and all(
+                              "tests/test_dependent_launch.py", "tests/test_engine_gpu.py",
+                              "tests/test_cuda_graphs.py"} and all(
         int(n) > 0 for n in collected.values()), log
     assert "imports ok" in log
     if shutil.which("nvidia-smi") is None:  # this machine: the stage stops at the device, after the imports

@@ -773,13 +773,18 @@ def test_kernels_compile_for_sm90_without_gpu():
     line = next(ln for ln in proc.stdout.splitlines() if "sm_90 linear bf16 block_n=64 block_k=128 split_k=1:" in ln)
     shared = int(re.search(r"shared (\d+) B", line)[1])
     assert shared > one_stage, line
+    # Every kernel of a decode step was also compiled with programmatic dependent launch and its PTX read against
+    # its rules (a violation fails the run; tests/test_dependent_launch.py shows the reading catches them).
+    checked = {ln.split(" sm_90 ")[1].split()[0] for ln in proc.stdout.splitlines() if " pdl: " in ln}
+    assert checked >= {"decode", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "linear"}, checked
 
 
 def test_ops_namespace_matches_reference_signatures():
     ops = triton_ops.OPS
     assert ops.name == "triton"
-    def params(fn):  # names, kinds and defaults: each set types its own decode ``plan``
-        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    def params(fn):  # names, kinds and defaults: each set types its own decode ``plan``; Triton's ``pdl`` is its own
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
+                if (p.name, p.kind, p.default) != ("pdl", inspect.Parameter.KEYWORD_ONLY, False)]
 
     for name in ("write_kv", "paged_attention", "paged_decode_attention", "copy_blocks", "swap_blocks"):
         assert params(getattr(ops, name)) == params(getattr(reference, name)), name

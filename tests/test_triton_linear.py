@@ -102,8 +102,9 @@ def test_small_m_layers_take_few_bf16_rows_and_leave_the_rest_to_cublas(monkeypa
 
     calls: list[str] = []
     real_linear, real_gated = triton_linear.linear, triton_linear.gate_up_silu
-    monkeypatch.setattr(triton_linear, "linear", lambda *a: calls.append("linear") or real_linear(*a))
-    monkeypatch.setattr(triton_linear, "gate_up_silu", lambda *a: calls.append("gated") or real_gated(*a))
+    monkeypatch.setattr(triton_linear, "linear", lambda *a, **kw: calls.append("linear") or real_linear(*a, **kw))
+    monkeypatch.setattr(triton_linear, "gate_up_silu",
+                        lambda *a, **kw: calls.append("gated") or real_gated(*a, **kw))
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
     for rows, dtype, bias, triton in [(4, torch.bfloat16, None, True), (4, torch.float32, None, False),
@@ -150,8 +151,9 @@ def test_a_model_on_the_triton_linear_set_multiplies_with_it_and_agrees_with_cub
     monkeypatch.setenv("PAGEDSERVE_CPU_LINEAR", "row")  # plain [N, K] weights, as on a GPU
     calls: list[str] = []
     real_linear, real_gated = triton_linear.linear, triton_linear.gate_up_silu
-    monkeypatch.setattr(triton_linear, "linear", lambda *a: calls.append("linear") or real_linear(*a))
-    monkeypatch.setattr(triton_linear, "gate_up_silu", lambda *a: calls.append("gated") or real_gated(*a))
+    monkeypatch.setattr(triton_linear, "linear", lambda *a, **kw: calls.append("linear") or real_linear(*a, **kw))
+    monkeypatch.setattr(triton_linear, "gate_up_silu",
+                        lambda *a, **kw: calls.append("gated") or real_gated(*a, **kw))
     results = []
     for ops in (triton_ops.OPS, triton_ops.TRITON_LINEAR_OPS):
         llm = LLM(model=tiny_models["llama"], device="cpu", dtype="bfloat16", block_size=8)

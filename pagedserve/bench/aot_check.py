@@ -10,6 +10,10 @@ cannot stage loads asynchronously and builds a kernel without its software pipel
 stage) says nothing of the budget the real kernel needs (four stages of the linear's tiles: four times as much).
 The registers and stack frame of each compiled kernel are printed beside it (from the cubin, where Triton ships
 ``cuobjdump``).
+
+Kernels that can be launched with programmatic dependent launch (a ``PDL`` constexpr) are compiled for sm_90 a
+second time with it on, and their PTX is checked against its rules (:func:`pdl_violations`,
+``pagedserve/kernels/triton_launch.py``): a race there would show only now and then, on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,35 @@ import time
 
 # Shared memory per block (bytes) available on the targets we care about.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+PDL_CAPABILITY = 90  # griddepcontrol needs sm_90
+
+# Instructions a kernel launched with PDL must not run before its first wait: any access to global, shared or
+# local memory but the kernel's parameters (``ld.param``) and L2 prefetches, and returning.
+_BEFORE_WAIT = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?((?:ld|ldu|st|atom|red|cp|tex|suld|sust)\.(?!param)\S*|ret;|exit;)", re.M)
+
+
+_LABEL = re.compile(r"^(\$L__\w+):", re.M)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def pdl_violations(ptx: str) -> list[str]:
+    """What a kernel compiled for programmatic dependent launch does against its rules (:mod:`.triton_launch`):
+    before its first ``griddepcontrol.wait``, an instruction that touches memory or returns, or a branch past the
+    wait (a path that skips it: an early exit); or no wait or no release at all. Empty when it keeps them.
+
+    Read in the PTX's textual order, in which the wait's block precedes every block it dominates."""
+    body = ptx[ptx.find(".entry"):]
+    wait = body.find("griddepcontrol.wait")
+    if wait < 0:
+        return ["no griddepcontrol.wait"]
+    before = body[:wait]
+    found = [m[1] for m in _BEFORE_WAIT.finditer(before)]
+    labels = set(_LABEL.findall(before))
+    found += [f"bra {target} (past the wait)" for target in _BRANCH.findall(before) if target not in labels]
+    if "griddepcontrol.launch_dependents" not in body:
+        found.append("no griddepcontrol.launch_dependents")
+    return found
 
 
 def _compile(
@@ -186,7 +219,7 @@ def _linear_cases():
             tl_._linear_kernel,
             {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "acc_ptr": "*fp32", "done_ptr": "*i32"},
             {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "PRECISION": "tf32",
-             "UPCAST": False, "GATED": gated, "EXACT_EXP": True},
+             "UPCAST": False, "GATED": gated, "EXACT_EXP": True, "LINE": 64, "LINES": max(1, block_k // 64)},
             (),
             4,
             {"enable_fp_fusion": False},
@@ -270,21 +303,29 @@ def main(argv: list[str]) -> int:
     capabilities = [80, 90] if full else [90]
     failures = 0
     for label, fn, pointers, constants, floats, stages, *extra in cases(full):
-        for capability in capabilities:
+        takes_pdl = "PDL" in fn.arg_names
+        for capability, pdl in [(c, False) for c in capabilities] + [(PDL_CAPABILITY, True)] * takes_pdl:
             start = time.perf_counter()
+            name = f"{label}{' pdl' if pdl else ''}"
+            options = {**(extra[0] if extra else {}), **({"launch_pdl": True} if pdl else {})}
             try:
-                compiled = _compile(fn, pointers, constants, floats, capability, stages, *extra)
+                compiled = _compile(fn, pointers, {**constants, **({"PDL": pdl} if takes_pdl else {})}, floats,
+                                    capability, stages, options)
             except Exception as exc:  # noqa: BLE001  (report every failing kernel, then fail)
                 failures += 1
-                print(f"FAIL sm_{capability} {label}: {type(exc).__name__}: {exc}")
+                print(f"FAIL sm_{capability} {name}: {type(exc).__name__}: {exc}")
                 continue
             shared = compiled.metadata.shared
-            ok = shared <= SHARED_LIMIT[capability]
-            failures += not ok
-            status = "ok  " if ok else "FAIL"
+            limit = SHARED_LIMIT[capability]
+            problems = [f"shared {shared} B over {limit}"] if shared > limit else []
+            if pdl:
+                problems += [f"before its wait: {v}" for v in pdl_violations(compiled.asm["ptx"])]
+            failures += bool(problems)
+            status = "FAIL" if problems else "ok  "
             took = time.perf_counter() - start
             usage = resource_usage(compiled.asm["cubin"])
-            print(f"{status} sm_{capability} {label}: shared {shared} B{usage}, {took:.1f}s", flush=True)
+            why = f" ({'; '.join(problems)})" if problems else ""
+            print(f"{status} sm_{capability} {name}: shared {shared} B{usage}, {took:.1f}s{why}", flush=True)
     return 1 if failures else 0
 
 

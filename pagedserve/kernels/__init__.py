@@ -7,6 +7,7 @@ Every implementation has the signatures of :mod:`pagedserve.kernels.reference`, 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,27 +15,51 @@ import torch
 from pagedserve.kernels import cpu_extension, reference
 from pagedserve.kernels.ops import CPU_OPS, TORCH_OPS, KernelOps
 
-__all__ = ["CPU_OPS", "CUDA_LINEAR_ENV", "KernelOps", "TORCH_OPS", "get_ops", "reference"]
+__all__ = ["CPU_OPS", "CUDA_LINEAR_ENV", "CUDA_PDL_ENV", "KernelOps", "TORCH_OPS", "get_ops", "reference"]
+
+log = logging.getLogger(__name__)
 
 # Which kernels multiply a CUDA decode step's linear layers: cuBLAS (torch), or Triton's small-M kernels.
 CUDA_LINEAR_ENV = "PAGEDSERVE_CUDA_LINEAR"
 CUDA_LINEARS = ("cublas", "triton")
+# Whether a CUDA step's Triton kernels are launched with programmatic dependent launch (sm_90 and later).
+CUDA_PDL_ENV = "PAGEDSERVE_CUDA_PDL"
+CUDA_PDLS = ("off", "on")
 
 
 def get_ops(device: torch.device | str) -> KernelOps:
     """The kernel set for ``device``: Triton on CUDA when importable (its linear layers as
-    ``PAGEDSERVE_CUDA_LINEAR`` says, cuBLAS by default); on the CPU, ``CPU_OPS`` when the C++ extension builds
+    ``PAGEDSERVE_CUDA_LINEAR`` says, cuBLAS by default; launched with programmatic dependent launch where
+    ``PAGEDSERVE_CUDA_PDL=on`` asks and the GPU has it); on the CPU, ``CPU_OPS`` when the C++ extension builds
     and loads (the first call may compile it), else the torch reference."""
-    kind = torch.device(device).type
-    if kind == "cpu":
+    device = torch.device(device)
+    if device.type == "cpu":
         return CPU_OPS if cpu_extension.load() else TORCH_OPS
-    if kind == "cuda":
+    if device.type == "cuda":
         try:
             from pagedserve.kernels import triton_ops  # noqa: PLC0415  (optional: needs triton and a GPU)
         except ImportError:
             return TORCH_OPS
-        choice = os.environ.get(CUDA_LINEAR_ENV, "").strip().lower() or "cublas"
-        if choice not in CUDA_LINEARS:
-            raise ValueError(f"{CUDA_LINEAR_ENV} must be {' or '.join(CUDA_LINEARS)} (got {choice!r})")
-        return triton_ops.TRITON_LINEAR_OPS if choice == "triton" else triton_ops.OPS
+        triton_linear = _setting(CUDA_LINEAR_ENV, CUDA_LINEARS) == "triton"
+        pdl = _setting(CUDA_PDL_ENV, CUDA_PDLS) == "on" and _has_pdl(device)
+        return triton_ops.kernel_set(triton_linear, pdl)
     return TORCH_OPS
+
+
+def _setting(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable ``name`` (the first of ``choices`` when unset), refused unless one of them."""
+    choice = os.environ.get(name, "").strip().lower() or choices[0]
+    if choice not in choices:
+        raise ValueError(f"{name} must be {' or '.join(choices)} (got {choice!r})")
+    return choice
+
+
+def _has_pdl(device: torch.device) -> bool:
+    from pagedserve.kernels.triton_launch import PDL_MIN_CAPABILITY  # noqa: PLC0415  (imports triton)
+
+    major = torch.cuda.get_device_capability(device)[0] if torch.cuda.is_available() else 0
+    if major < PDL_MIN_CAPABILITY:
+        log.warning("%s=on needs a GPU of compute capability %d.0 or later (this one: %s): kernels launch without it",
+                    CUDA_PDL_ENV, PDL_MIN_CAPABILITY, f"{major}.x" if major else "none")
+        return False
+    return True

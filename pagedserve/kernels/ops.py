@@ -6,7 +6,9 @@ implementation has the signatures of :mod:`pagedserve.kernels.reference`, which 
 ``block_tables`` (every layer of a step passes the same ones), handed back to ``paged_decode_attention`` as
 ``plan``. ``None`` means "nothing to plan"; ``plan=None`` always works and plans on the spot. A plan that serves
 several steps (a captured graph's) is made with ``live_seqs``, the fewest leading rows that will hold a sequence
-(the rest padding, length 0); a plan made from the values at hand may ignore it.
+(the rest padding, length 0); a plan made from the values at hand may ignore it. The Triton ops of a decode
+step also take a keyword ``pdl`` (programmatic dependent launch, off by default); a set that launches with it
+binds it (``triton_ops.kernel_set``), so the model calls every set alike.
 """
 
 from __future__ import annotations

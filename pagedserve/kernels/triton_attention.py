@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels import kept_buffers
+from pagedserve.kernels.triton_launch import INTERPRETED, pdl_options, release_dependents, wait_for_inputs
 
 if TYPE_CHECKING:
     from pagedserve.kernels import cpu_decode
@@ -49,7 +49,6 @@ MIN_PARTITION = 256
 
 # Triton's CPU interpreter computes tl.dot on bf16 operands wrongly (raw bit patterns); there the kernels
 # upcast bf16 operands to fp32 after the same bf16 rounding a GPU would apply. Compiled kernels never do.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -98,7 +97,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
-    return _INTERPRETED and dtype == torch.bfloat16
+    return INTERPRETED and dtype == torch.bfloat16
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,10 +264,12 @@ def _decode_kernel(
     DOT_UPCAST: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     NP_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
+    wait_for_inputs(PDL)  # this step's q and newest K/V are the previous kernel's output
 
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     part_len = _split_len(seq_len, max_splits, min_partition, TILE)
@@ -300,6 +301,7 @@ def _decode_kernel(
                 mask_d, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 BLOCK_SIZE, DOT_PRECISION, DOT_UPCAST,
             )  # fmt: skip
+        release_dependents(PDL)  # the context is read: the next kernel may start fetching its weights
 
         out = acc / l_i[:, None]
         if used == 1:  # the whole sequence in one partition: final output, the reduce skips it
@@ -363,7 +365,10 @@ def _decode_reduce_kernel(
     D_PAD: tl.constexpr,
     NP_PAD: tl.constexpr,
     TILE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
@@ -405,6 +410,7 @@ def decode_attention(
     min_partition: int = MIN_PARTITION,
     live_seqs: int | None = None,
     launch: DecodeLaunch | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """:func:`pagedserve.kernels.reference.paged_decode_attention` with explicit split limits (tests, benchmarks).
 
@@ -413,6 +419,7 @@ def decode_attention(
     partitions of at least ``min_partition`` tokens (:func:`split_bounds`). Sequences that fit one partition
     are written by the decode kernel itself; the reduce kernel combines the others. ``launch``: tile size, warps
     and pipeline stages (:class:`DecodeLaunch`; None: :func:`decode_launch`'s for this device and shape).
+    ``pdl``: both kernels launched with programmatic dependent launch (:mod:`.triton_launch`).
     """
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -452,13 +459,13 @@ def decode_attention(
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE=launch.tile,
         DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_UPCAST=_dot_upcast(k_cache.dtype),
         FUSED_REDUCE=fused, NP_PAD=np_pad if fused else 2,  # one compiled kernel for any partition count
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_options(pdl),
     )  # fmt: skip
     if max_splits > 1 and not fused:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             out, part_out, part_m, part_l, seq_lens, max_splits, min_partition, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, D_PAD=d_pad, NP_PAD=np_pad, TILE=launch.tile,
-            num_warps=launch.reduce_warps,
+            num_warps=launch.reduce_warps, **pdl_options(pdl),
         )  # fmt: skip
     return out
 
@@ -471,12 +478,14 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
     plan: DecodeRows | cpu_decode.DecodePlan | None = None,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Triton :func:`pagedserve.kernels.reference.paged_decode_attention` (split-KV for long contexts). It reads
     the block tables on the device; its ``plan`` (:func:`plan_decode`) says only how many rows are surely live
     (another kernel set's plan, or None, counts every row)."""
     live = plan.live if isinstance(plan, DecodeRows) else None
-    return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, live_seqs=live)
+    return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, live_seqs=live, pdl=pdl)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ element-wise ops, each rounded, and an FMA contraction would round once and diff
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import triton
@@ -29,10 +27,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from pagedserve.kernels.triton_cache import slot_rows, write_kv
+from pagedserve.kernels.triton_launch import INTERPRETED, pdl_options, release_dependents, wait_for_inputs
 
-# libdevice calls cannot run in the interpreter; there ``tl.exp`` (numpy) stands in. Decided at import, like
-# the choice between a compiled and an interpreted kernel.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# libdevice calls cannot run in the interpreter; there ``tl.exp`` (numpy) stands in.
 
 
 def _row_warps(block: int) -> int:
@@ -64,8 +61,11 @@ def _rms_norm_kernel(
     inv_n,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program normalises one row ``x[t, h, :]``; ``out`` is contiguous ``[rows, n_cols]``."""
+    wait_for_inputs(PDL)
+    release_dependents(PDL)  # one short pass: the next kernel may take its place
     row = tl.program_id(0).to(tl.int64)
     t = row // num_heads
     h = row % num_heads
@@ -96,12 +96,15 @@ def _add_rms_norm_kernel(
     inv_n,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per row: ``s = x + residual`` (stored, rounded to its dtype), then RMSNorm of that ``s``.
 
     The whole row is loaded before anything is stored, so ``residual_out`` may alias ``residual`` and ``out``
     may alias ``x`` (in-place update).
     """
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -128,12 +131,14 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, *,
+                 pdl: bool = False) -> torch.Tensor:
     """:func:`rms_norm` into ``out``, a contiguous tensor of ``x``'s shape and dtype ``promote(x, weight)``.
 
     ``x`` may be any strided view (e.g. Qwen3's per-head q/k norm on ``[T, H, D]`` slices of a fused qkv
     output); ``weight`` is contiguous ``[D]``. One program per row of ``D`` elements, the whole row in one
-    block (``D`` up to 16384 or so; larger rows spill registers but stay correct).
+    block (``D`` up to 16384 or so; larger rows spill registers but stay correct). ``pdl``: launched with
+    programmatic dependent launch (:mod:`.triton_launch`), as every op of this module can be.
     """
     n_cols = x.shape[-1]
     assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} for rows of {n_cols}"
@@ -146,14 +151,15 @@ def rms_norm_out(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
     _rms_norm_kernel[(rows,)](
         out, x3, weight.contiguous(), x3.stride(0), x3.stride(1), x3.stride(2), x3.shape[1], n_cols,
         _inv(n_cols), float(eps), BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
+        **pdl_options(pdl),
     )  # fmt: skip
     return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False) -> torch.Tensor:
     """Triton :func:`pagedserve.kernels.reference.rms_norm`: RMSNorm over the last dim of a 2-D or 3-D (strided) ``x``."""
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    return rms_norm_out(x, weight, eps, out)
+    return rms_norm_out(x, weight, eps, out, pdl=pdl)
 
 
 def add_rms_norm_out(
@@ -163,6 +169,8 @@ def add_rms_norm_out(
     eps: float,
     out: torch.Tensor,
     residual_out: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`add_rms_norm` into ``out`` / ``residual_out`` (contiguous, ``x``'s shape).
 
@@ -182,12 +190,13 @@ def add_rms_norm_out(
     _add_rms_norm_kernel[(rows,)](
         out, residual_out, x2, r2, weight.contiguous(), x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
         n_cols, _inv(n_cols), float(eps), BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
+        **pdl_options(pdl),
     )  # fmt: skip
     return out, residual_out
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`pagedserve.kernels.reference.add_rms_norm`: ``(rms_norm(x + residual), x + residual)`` in one pass.
 
@@ -196,7 +205,7 @@ def add_rms_norm(
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     residual_out = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
     out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
-    return add_rms_norm_out(x, residual, weight, eps, out, residual_out)
+    return add_rms_norm_out(x, residual, weight, eps, out, residual_out, pdl=pdl)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,9 +280,12 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr,
     WRITE_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per token: looks up its position's cos/sin row once and rotates its q and k heads in place;
     with ``WRITE_KV`` it also writes the rotated k and its v to the token's cache slot (none if negative)."""
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
@@ -297,7 +309,8 @@ def _rotary_kernel(
 
 
 def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`pagedserve.kernels.reference.rotary_embedding`: rotates ``q`` and ``k`` in place and returns them.
 
@@ -308,7 +321,7 @@ def rotary_embedding(
     """
     _check_rotary(positions, q, k, cos, sin)
     if q.shape[0]:
-        _launch_rotary(positions, q, k, cos, sin, None)
+        _launch_rotary(positions, q, k, cos, sin, None, pdl)
     return q, k
 
 
@@ -320,7 +333,7 @@ def _check_rotary(positions, q, k, cos, sin) -> None:
     assert cos.stride(-1) == sin.stride(-1), "cos and sin must share their last-dim stride"
 
 
-def _launch_rotary(positions, q, k, cos, sin, kv_write) -> None:
+def _launch_rotary(positions, q, k, cos, sin, kv_write, pdl: bool) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     half = head_dim // 2
@@ -337,7 +350,7 @@ def _launch_rotary(positions, q, k, cos, sin, kv_write) -> None:
         v, k_cache, v_cache, slot_mapping, *cache_strides,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, QH_PAD=q_pad, KH_PAD=k_pad,
         HALF_PAD=half_pad, WRITE_KV=kv_write is not None, BLOCK_SIZE=block_size,
-        num_warps=4 if q_pad * half_pad <= 4096 else 8, enable_fp_fusion=False,
+        num_warps=4 if q_pad * half_pad <= 4096 else 8, enable_fp_fusion=False, **pdl_options(pdl),
     )  # fmt: skip
 
 
@@ -351,6 +364,8 @@ def rotary_write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """:func:`rotary_embedding` of ``q`` and ``k``, then :func:`~pagedserve.kernels.reference.write_kv` of the
     rotated ``k`` and ``v``, in one launch: returns the rotated ``q`` (``k`` is rotated in place too). A cache of
@@ -359,13 +374,13 @@ def rotary_write_kv(
     one_pass = (k_cache.dtype == k.dtype == v.dtype and v.stride(-1) == 1 and k_cache.stride(-1) == 1
                 and v_cache.stride(-1) == 1 and slot_mapping.shape == (num_tokens,))
     if not one_pass:
-        q, k = rotary_embedding(positions, q, k, cos, sin)
+        q, k = rotary_embedding(positions, q, k, cos, sin, pdl=pdl)
         write_kv(k, v, k_cache, v_cache, slot_mapping)
         return q
     _check_rotary(positions, q, k, cos, sin)
     assert v.shape == k.shape, f"v {tuple(v.shape)} vs k {tuple(k.shape)}"
     if num_tokens:
-        _launch_rotary(positions, q, k, cos, sin, (v, k_cache, v_cache, slot_mapping))
+        _launch_rotary(positions, q, k, cos, sin, (v, k_cache, v_cache, slot_mapping), pdl)
     return q
 
 
@@ -385,8 +400,11 @@ def _silu_and_mul_kernel(
     n_cols,
     BLOCK: tl.constexpr,
     EXACT_EXP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program ``(t, j)``: ``out[t, jB:(j+1)B] = silu(gate) * up`` for ``x[t] = [gate | up]``, ``out`` contiguous."""
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -411,7 +429,7 @@ def silu_mul(gate, up, dtype, EXACT_EXP: tl.constexpr):
     return silu * up
 
 
-def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """:func:`silu_and_mul` into ``out`` (contiguous ``[..., I]``, ``x``'s dtype) for any strided ``x [..., 2I]``."""
     width = x.shape[-1]
     assert width % 2 == 0, f"x width {width} is not [gate | up]"
@@ -425,16 +443,16 @@ def silu_and_mul_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     # Tokens on grid axis 0 (up to 2^31 - 1); the few column blocks per row on axis 1 (limited to 65535).
     grid = (num_tokens, triton.cdiv(n_cols, block))
     _silu_and_mul_kernel[grid](
-        out, x2, x2.stride(0), x2.stride(1), n_cols, BLOCK=block, EXACT_EXP=not _INTERPRET, num_warps=4,
-        enable_fp_fusion=False,
+        out, x2, x2.stride(0), x2.stride(1), n_cols, BLOCK=block, EXACT_EXP=not INTERPRETED, num_warps=4,
+        enable_fp_fusion=False, **pdl_options(pdl),
     )  # fmt: skip
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """Triton :func:`pagedserve.kernels.reference.silu_and_mul`: ``silu(gate) * up`` for ``x = [gate | up]`` ``[T, 2I]``."""
     out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
-    return silu_and_mul_out(x, out)
+    return silu_and_mul_out(x, out, pdl=pdl)
 
 
 __all__ = [

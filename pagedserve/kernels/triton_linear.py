@@ -26,7 +26,9 @@ import triton.language as tl
 
 from pagedserve.kernels import kept_buffers
 from pagedserve.kernels.triton_attention import _dot, _dot_precision, _dot_upcast
-from pagedserve.kernels.triton_fused import _INTERPRET, silu_and_mul, silu_mul
+from pagedserve.kernels.triton_fused import silu_and_mul, silu_mul
+from pagedserve.kernels.triton_launch import (INTERPRETED, pdl_options, prefetch_l2, release_dependents,
+                                              wait_for_inputs)
 
 SMALL_M = 256  # rows up to which the small-M kernels stand in for cuBLAS (decode steps; prefill stays on cuBLAS)
 
@@ -47,10 +49,12 @@ def _linear_kernel(
     M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATED: tl.constexpr, EXACT_EXP: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):
     """``out = x @ w.T``; ``GATED``: ``w`` is ``[2N, K]`` (gate rows, then up rows) and ``out`` ``[M, N]`` is
     ``silu(x @ w_gate.T) * (x @ w_up.T)``, each product rounded to the output dtype first, as the unfused
-    layers round it."""
+    layers round it. ``PDL``: this program's weights are asked into L2 (``LINES`` lines of ``LINE`` elements
+    per request) while the kernel before still runs, then it waits for ``x``."""
     # Row blocks vary fastest in the grid: the programs of one weight tile start together and read it from DRAM
     # once between them (L2 serves the others), where column-major order would stream every weight once per
     # row block (four times at 256 rows of 64; the MLP's weights do not fit in L2).
@@ -63,6 +67,9 @@ def _linear_kernel(
     chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * chunk
     k_hi = tl.minimum(k_lo + chunk, K)
+    if PDL:  # the weights are no kernel's output
+        _prefetch_weights(w_ptr, offs_n, mask_n, k_lo, k_hi, stride_wn, N, GATED, LINE, LINES)
+    wait_for_inputs(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
     for k in range(k_lo, k_hi, BLOCK_K):
@@ -76,6 +83,7 @@ def _linear_kernel(
         if GATED:
             w_up = tl.load(w_rows + N * stride_wn, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc_up += _dot(x, tl.trans(w_up), PRECISION, UPCAST)
+    release_dependents(PDL)
     out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -103,6 +111,20 @@ def _linear_kernel(
 
 
 @triton.jit
+def _prefetch_weights(w_ptr, offs_n, mask_n, k_lo, k_hi, stride_wn, N, GATED: tl.constexpr, LINE: tl.constexpr,
+                      LINES: tl.constexpr):
+    """Ask L2 for rows ``offs_n`` of ``w`` over columns ``[k_lo, k_hi)`` (and the up rows, ``GATED``), one
+    request per line; masked requests go to ``w``'s first line, which is valid."""
+    rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    for k in range(k_lo, k_hi, LINE * LINES):
+        offs_k = k + tl.arange(0, LINES) * LINE
+        mask = mask_n[:, None] & (offs_k < k_hi)[None, :]
+        prefetch_l2(tl.where(mask, rows + offs_k[None, :], w_ptr))
+        if GATED:
+            prefetch_l2(tl.where(mask, rows + N * stride_wn + offs_k[None, :], w_ptr))
+
+
+@triton.jit
 def _write_out(out_rows, acc, acc_up, mask, GATED: tl.constexpr, EXACT_EXP: tl.constexpr):
     dtype = out_rows.dtype.element_ty
     if GATED:  # each projection rounded to the model dtype first, as the separate GEMM writes it
@@ -112,20 +134,23 @@ def _write_out(out_rows, acc, acc_up, mask, GATED: tl.constexpr, EXACT_EXP: tl.c
     tl.store(out_rows, out.to(dtype), mask=mask)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch()) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch(), *,
+           pdl: bool = False) -> torch.Tensor:
     """``x @ w.T`` (``F.linear`` without bias) for ``x`` ``[M, K]`` and ``w`` ``[N, K]``, both with unit stride in
-    ``K``; the output ``[M, N]`` has ``x``'s dtype."""
-    return _launch(x, w, launch, gated=False)
+    ``K``; the output ``[M, N]`` has ``x``'s dtype. ``pdl``: launched with programmatic dependent launch, the
+    weights fetched into L2 before the kernel waits for ``x`` (:mod:`.triton_launch`)."""
+    return _launch(x, w, launch, gated=False, pdl=pdl)
 
 
-def gate_up_silu(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch()) -> torch.Tensor:
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch = LinearLaunch(), *,
+                 pdl: bool = False) -> torch.Tensor:
     """``silu_and_mul(F.linear(x, w))`` in one launch, for ``w`` ``[2I, K]`` (gate rows, then up rows): ``[M, I]``,
     rounded at the same points as the two layers."""
     assert w.shape[0] % 2 == 0, f"w {tuple(w.shape)} is not [gate; up]"
-    return _launch(x, w, launch, gated=True)
+    return _launch(x, w, launch, gated=True, pdl=pdl)
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool, pdl: bool) -> torch.Tensor:
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], f"x {tuple(x.shape)} vs w {tuple(w.shape)}"
     assert x.stride(1) == 1 and w.stride(1) == 1, "x and w need unit stride along K"
     assert launch.block_m >= 16 and launch.block_k >= 16 and launch.block_n >= 16, "tl.dot needs blocks >= 16"
@@ -141,11 +166,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, launch: LinearLaunch, gated: bool)
         done = kept_buffers.zeros("split-K parts done", grid_m * grid_n, torch.int32, x.device)
     else:
         acc, done = out, out  # unused
+    line = max(1, 128 // w.element_size())  # elements of a 128-byte cache line
     _linear_kernel[grid](
         x, w, out, acc, done, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SPLIT_K=launch.split_k,
-        PRECISION=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype), GATED=gated, EXACT_EXP=not _INTERPRET,
-        num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=False,
+        PRECISION=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype), GATED=gated, EXACT_EXP=not INTERPRETED,
+        LINE=line, LINES=max(1, launch.block_k // line), num_warps=launch.num_warps, num_stages=launch.num_stages,
+        enable_fp_fusion=False, **pdl_options(pdl),
     )  # fmt: skip
     return out
 
@@ -168,20 +195,20 @@ def _small(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                   otherwise=F.linear) -> torch.Tensor:
+                   otherwise=F.linear, *, pdl: bool = False) -> torch.Tensor:
     """``F.linear`` by :func:`linear` for a few bf16/fp16 rows of a plain ``[N, K]`` weight without bias, by
     ``otherwise`` (cuBLAS; a layer passes its own, which knows its weight's layout) for anything else."""
     if bias is not None or not _small(x, w):
         return otherwise(x, w, bias)
-    return linear(x, w, launch_for(x.shape[0], w.shape[0], w.shape[1], x.device))
+    return linear(x, w, launch_for(x.shape[0], w.shape[0], w.shape[1], x.device), pdl=pdl)
 
 
-def small_m_gate_up_silu(x: torch.Tensor, w: torch.Tensor, otherwise=F.linear) -> torch.Tensor:
+def small_m_gate_up_silu(x: torch.Tensor, w: torch.Tensor, otherwise=F.linear, *, pdl: bool = False) -> torch.Tensor:
     """``silu_and_mul(F.linear(x, w))`` by :func:`gate_up_silu` for a few bf16/fp16 rows, by ``otherwise`` and
     the activation kernel for anything else."""
     if not _small(x, w):
-        return silu_and_mul(otherwise(x, w, None))
-    return gate_up_silu(x, w, launch_for(x.shape[0], w.shape[0] // 2, w.shape[1], x.device))
+        return silu_and_mul(otherwise(x, w, None), pdl=pdl)
+    return gate_up_silu(x, w, launch_for(x.shape[0], w.shape[0] // 2, w.shape[1], x.device), pdl=pdl)
 
 
 __all__ = ["SMALL_M", "LinearLaunch", "gate_up_silu", "launch_for", "linear", "small_m_gate_up_silu",

@@ -9,6 +9,7 @@ are surely live (:class:`~pagedserve.kernels.triton_attention.DecodeRows`), from
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from pagedserve.kernels import reference, triton_attention, triton_cache, triton_fused, triton_linear
 from pagedserve.kernels.ops import KernelOps
@@ -21,6 +22,7 @@ from pagedserve.kernels.triton_attention import (
 )
 from pagedserve.kernels.triton_cache import copy_blocks, swap_blocks, write_kv
 from pagedserve.kernels.triton_fused import add_rms_norm, rms_norm, rotary_embedding, rotary_write_kv, silu_and_mul
+from pagedserve.kernels.triton_launch import INTERPRETED
 from pagedserve.kernels.triton_linear import small_m_gate_up_silu, small_m_linear
 
 OPS = KernelOps(
@@ -44,12 +46,29 @@ OPS = KernelOps(
 TRITON_LINEAR_OPS = dataclasses.replace(OPS, name="triton+linear", linear=small_m_linear,
                                         gate_up_silu=small_m_gate_up_silu)
 
+# The ops whose kernels can be launched with programmatic dependent launch (a ``pdl`` keyword): those of a
+# decode step. Prefill attention, the cache writes and the block moves always launch plainly.
+PDL_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "rotary_write_kv", "silu_and_mul",
+           "paged_decode_attention", "linear", "gate_up_silu")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_set(triton_linear: bool = False, pdl: bool = False) -> KernelOps:
+    """:data:`OPS`, or :data:`TRITON_LINEAR_OPS` (``triton_linear``), with every op of :data:`PDL_OPS` launched
+    with programmatic dependent launch when ``pdl`` (:mod:`.triton_launch`; sm_90 and later: ``kernels.get_ops``
+    asks only there)."""
+    base = TRITON_LINEAR_OPS if triton_linear else OPS
+    if not pdl:
+        return base
+    ops = {name: functools.partial(getattr(base, name), pdl=True) for name in PDL_OPS if getattr(base, name)}
+    return dataclasses.replace(base, name=f"{base.name}+pdl", **ops)
+
 
 def compiled_variants(kernel) -> int | None:
     """How many compiled variants of one Triton kernel the process holds; None where Triton keeps no per-device
     caches to count (its interpreter compiles nothing)."""
     caches = getattr(kernel, "device_caches", None)
-    if triton_attention._INTERPRETED or not isinstance(caches, dict):
+    if INTERPRETED or not isinstance(caches, dict):
         return None
     return sum(len(entry[0]) for entry in caches.values())
 
@@ -65,11 +84,13 @@ def compiled_kernels() -> int | None:
 __all__ = [
     "OPS",
     "TRITON_LINEAR_OPS",
+    "PDL_OPS",
     "compiled_kernels",
     "compiled_variants",
     "add_rms_norm",
     "copy_blocks",
     "decode_attention",
+    "kernel_set",
     "paged_attention",
     "paged_decode_attention",
     "rms_norm",

@@ -23,7 +23,7 @@ ENV_PREFIX = "PAGEDSERVE_"
 # Variables read outside these settings: by the engine and the kernels (straight from the environment, at the
 # point they matter), by the compose file, and by the test suite's fault campaign.
 OTHER_ENV = (
-    "CACHE_DIR", "CPU_THREADS", "CPU_BIND", "CPU_SPIN_US", "CPU_KERNELS", "CPU_MARCH", "CUDA_LINEAR",
+    "CACHE_DIR", "CPU_THREADS", "CPU_BIND", "CPU_SPIN_US", "CPU_KERNELS", "CPU_MARCH", "CUDA_LINEAR", "CUDA_PDL",
     "CPU_FUSED_LAYERS", "STRUCTURED_COMPILE_TIMEOUT_S", "STRUCTURED_MAX_MASK_MS",
     "IMAGE", "VERSION", "MODELS_DIR", "GPUS_PER_WORKER", "WORKER_CPUS",
     "FAULT_SEED", "FAULT_SECONDS", "TEST_REDIS_URL",
