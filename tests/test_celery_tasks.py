@@ -219,3 +219,52 @@ def test_an_unknown_argument_names_the_task_and_the_accepted_ones(prefix, tmp_pa
         with redis.Redis.from_url(url) as r:
             assert r.xlen(Keys(prefix).requests) == 0
         assert "Traceback" not in (tmp_path / "celery.log").read_text(errors="replace")
+
+
+def test_a_given_up_tasks_cancel_outlasts_a_refused_write_and_says_when_it_cannot(prefix, tmp_path):
+    """A revoked task cancels its request even while pagedserve's Redis refuses writes for a moment (maxmemory
+    reached, the fault injected for real): the cancel is tried again until it gets through. Refused for good, the
+    Celery log says so in one line naming the request, and the task still ends REVOKED. Celery's broker is a Redis
+    of its own here, as in a deployment that sets PAGEDSERVE_CELERY_BROKER_URL (with one Redis, Celery's worker
+    stops at the first acknowledgement the full Redis refuses, which is Celery's to handle)."""
+    with LocalRedis() as url, LocalRedis() as broker:
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120, celery_broker_url=broker)
+        log_path = tmp_path / "celery.log"
+        with celery_worker(s, log_path, "threads", 4):
+            app = make_celery(s)
+            keys = Keys(prefix)
+            with redis.Redis.from_url(url) as r:
+
+                def refused() -> int:
+                    return r.info("errorstats").get("errorstat_OOM", {}).get("count", 0)
+
+                def revoke_while_full(prompt: str):
+                    task = app.send_task("pagedserve.generate", kwargs={"prompt": prompt, "params": {"max_tokens": 5}})
+                    wait_for(lambda: r.xlen(keys.requests) == tasks_sent + 1, 60, what="the request queued")
+                    before = refused()
+                    r.config_set("maxmemory-policy", "noeviction")
+                    r.config_set("maxmemory", 1)  # one byte: every write refused
+                    task.revoke(terminate=True)
+                    wait_for(lambda: refused() > before, 30, what="the cancel refused")
+                    return task
+
+                tasks_sent = 0
+                passing = revoke_while_full("refused for a moment")
+                tasks_sent += 1
+                time.sleep(0.3)
+                r.config_set("maxmemory", 0)  # room again: the next try gets through
+                wait_for(lambda: r.exists(keys.cancelled(f"celery-{passing.id}")), 30,
+                         what="the cancel after the refusal")
+                with pytest.raises(TaskRevokedError):
+                    passing.get(timeout=30)
+
+                lasting = revoke_while_full("refused for good")
+                warning = f"could not cancel request celery-{lasting.id} of a given-up task"
+                wait_for(lambda: warning in log_path.read_text(errors="replace"), 60, 0.2, what="the warning")
+                with pytest.raises(TaskRevokedError):
+                    lasting.get(timeout=30)
+                r.config_set("maxmemory", 0)
+                assert not r.exists(keys.cancelled(f"celery-{lasting.id}"))
+                # One line (the threads pool's own traceback for terminate=True, "does not implement kill_job", is
+                # Celery's): no traceback through the tasks' code.
+                assert "celery_app.py" not in log_path.read_text(errors="replace")

@@ -16,7 +16,8 @@ Invariants:
   error event naming the field (its ``id`` and ``metadata`` only if they are of the right type), ``submit``
   raises ``ValueError``;
 - a ``generate`` task given up (revoked, terminated, past its soft or hard time limit) cancels its request when
-  the id is the task's own (``celery-<task id>``): no one else can be waiting for it. A caller-chosen id may be
+  the id is the task's own (``celery-<task id>``): no one else can be waiting for it. A cancel Redis refuses or
+  does not answer is tried again for about 8 s, then given up with a warning naming the request. A caller-chosen id may be
   shared and is left alone; the task's own ``timeout`` and ``pickup_timeout`` cancel nothing (same id, same
   result later). The task keeps its time limits itself and polls the worker's revoked set while it waits:
   the threads pool enforces no limit and cannot terminate, gevent ignores soft limits; prefork's signals and
@@ -35,8 +36,8 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+import logging
 import sys
 import threading
 import time
@@ -54,11 +55,17 @@ from kombu.exceptions import OperationalError
 from kombu.utils.objects import cached_property
 
 from .client_core import SOCKET_TIMEOUT_S
+from .redaction import redact
 from .settings import Settings, read_settings
 
+log = logging.getLogger(__name__)
 _clients: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
 _app_lock = threading.Lock()
+
+# Pauses between the tries of a given-up task's cancel, about 8 s in all: a write refused for a moment must not leave
+# its request to run unread to max_tokens.
+CANCEL_RETRY_PAUSES_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 # kombu's Redis transport gives unacknowledged tasks back on a sweep about every 100 s: a task past its visibility
@@ -514,9 +521,26 @@ def _store_revoked(task: Any, reason: str) -> None:
     task.send_event("task-revoked", terminated=True, signum=None, expired=False)
 
 
-def _cancel_quietly(app: Celery, request_id: str) -> None:
-    with contextlib.suppress(Exception):  # best effort: Redis may be gone too, and the task is over either way
-        _client(app).cancel(request_id)
+def _cancel_quietly(app: Celery, request_id: str, pauses: tuple[float, ...] = CANCEL_RETRY_PAUSES_S) -> bool:
+    """Cancel a given-up task's own request; never raises (the task is over either way). Tried again after each
+    of ``pauses`` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be reached, as a cancel
+    can be sent twice; then given up with one warning. True when it got through."""
+    for pause in (*pauses, None):
+        try:
+            _client(app).cancel(request_id)
+            return True
+        except Exception as e:  # noqa: BLE001  (whatever Redis answers, the task has ended)
+            if pause is None:
+                log.warning("could not cancel request %s of a given-up task (%s); it may run to its end unread",
+                            request_id, redact(str(e)))
+                return False
+            time.sleep(pause)
+    return False
+
+
+def _cancel_in_background(app: Celery, request_id: str) -> None:
+    """:func:`_cancel_quietly` from the Celery worker's main process, without holding up its loop while it retries."""
+    threading.Thread(target=_cancel_quietly, args=(app, request_id), name="pagedserve-cancel", daemon=True).start()
 
 
 def _own_request(sender: Any, kwargs: dict | None) -> bool:
@@ -531,7 +555,7 @@ def _cancel_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     ran) cancels its request when the id is the task's own. A terminated task's process is killed by a signal
     and runs no code of its own."""
     if request is not None and _own_request(sender, request.kwargs):
-        _cancel_quietly(sender.app, f"celery-{request.id}")
+        _cancel_in_background(sender.app, f"celery-{request.id}")
 
 
 @task_failure.connect(weak=False, dispatch_uid="pagedserve-cancel-timed-out")
@@ -540,7 +564,7 @@ def _cancel_timed_out(sender: Any = None, task_id: str | None = None, exception:
     """In the Celery worker's main process: a hard time limit kills a prefork process (or a gevent greenlet)
     before the task's own check, and the worker reports it here; the task ran no code of its own."""
     if isinstance(exception, TimeLimitExceeded) and task_id and _own_request(sender, kwargs):
-        _cancel_quietly(sender.app, f"celery-{task_id}")
+        _cancel_in_background(sender.app, f"celery-{task_id}")
 
 
 def __getattr__(name: str) -> Any:
