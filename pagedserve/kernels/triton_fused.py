@@ -29,9 +29,6 @@ from triton.language.extra import libdevice
 from pagedserve.kernels.triton_cache import slot_rows, write_kv
 from pagedserve.kernels.triton_launch import INTERPRETED, pdl_options, release_dependents, wait_for_inputs
 
-# libdevice calls cannot run in the interpreter; there ``tl.exp`` (numpy) stands in.
-
-
 def _row_warps(block: int) -> int:
     """Warps for one program reducing a row of ``block`` (power of two) elements: ~256 elements per warp."""
     return min(16, max(1, block // 256))
@@ -416,7 +413,8 @@ def _silu_and_mul_kernel(
 
 @triton.jit
 def silu_mul(gate, up, dtype, EXACT_EXP: tl.constexpr):
-    """``F.silu(gate) * up`` for ``gate``/``up`` holding ``dtype`` values (in fp32), rounded as torch rounds it."""
+    """``F.silu(gate) * up`` for ``gate``/``up`` holding ``dtype`` values (in fp32), rounded as torch rounds it.
+    ``EXACT_EXP`` false only in the interpreter, which cannot call libdevice: there numpy's ``exp`` stands in."""
     # torch's CUDA silu is ``x / (1 + expf(-x))`` with the accurate expf and an IEEE division; libdevice's exp
     # and div_rn are those same operations (``tl.exp`` and ``/`` are approximations that differ in the last bits).
     if EXACT_EXP:

@@ -16,9 +16,9 @@ Invariants:
   error event naming the field (its ``id`` and ``metadata`` only if they are of the right type), ``submit``
   raises ``ValueError``;
 - a ``generate`` task given up (revoked, terminated, past its soft or hard time limit) cancels its request when
-  the id is the task's own (``celery-<task id>``): no one else can be waiting for it. A cancel Redis refuses or
-  does not answer is tried again for about 8 s, then given up with a warning naming the request. A caller-chosen id may be
-  shared and is left alone; the task's own ``timeout`` and ``pickup_timeout`` cancel nothing (same id, same
+  the id is the task's own (``celery-<task id>``): no one else can be waiting for it (a cancel Redis refuses or
+  does not answer is tried again for about 8 s, then given up with a warning naming the request). A caller-chosen
+  id may be shared and is left alone; the task's own ``timeout`` and ``pickup_timeout`` cancel nothing (same id, same
   result later). The task keeps its time limits itself and polls the worker's revoked set while it waits:
   the threads pool enforces no limit and cannot terminate, gevent ignores soft limits; prefork's signals and
   gevent's kills still come first where they exist, and the worker's signals cancel for them. A revoked task
@@ -521,11 +521,11 @@ def _store_revoked(task: Any, reason: str) -> None:
     task.send_event("task-revoked", terminated=True, signum=None, expired=False)
 
 
-def _cancel_quietly(app: Celery, request_id: str, pauses: tuple[float, ...] = CANCEL_RETRY_PAUSES_S) -> bool:
+def _cancel_quietly(app: Celery, request_id: str) -> bool:
     """Cancel a given-up task's own request; never raises (the task is over either way). Tried again after each
-    of ``pauses`` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be reached, as a cancel
-    can be sent twice; then given up with one warning. True when it got through."""
-    for pause in (*pauses, None):
+    of :data:`CANCEL_RETRY_PAUSES_S` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be
+    reached, as a cancel can be sent twice; then given up with one warning. True when it got through."""
+    for pause in (*CANCEL_RETRY_PAUSES_S, None):
         try:
             _client(app).cancel(request_id)
             return True
@@ -535,7 +535,7 @@ def _cancel_quietly(app: Celery, request_id: str, pauses: tuple[float, ...] = CA
                             request_id, redact(str(e)))
                 return False
             time.sleep(pause)
-    return False
+    raise AssertionError("unreachable")
 
 
 def _cancel_in_background(app: Celery, request_id: str) -> None:
