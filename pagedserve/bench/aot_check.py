@@ -27,7 +27,6 @@ import time
 
 # Shared memory per block (bytes) available on the targets we care about.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-PDL_CAPABILITY = 90  # griddepcontrol needs sm_90
 
 # Instructions a kernel launched with PDL must not run before its first wait: any access to global, shared or
 # local memory but the kernel's parameters (``ld.param``) and L2 prefetches, and returning.
@@ -299,12 +298,15 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces @triton.jit kernels", file=sys.stderr)
         return 2
+    from pagedserve.kernels.triton_launch import PDL_MIN_CAPABILITY  # noqa: PLC0415  (imports triton)
+
     full = "--full" in argv
     capabilities = [80, 90] if full else [90]
+    pdl_capability = PDL_MIN_CAPABILITY * 10  # sm_90: griddepcontrol's first target
     failures = 0
     for label, fn, pointers, constants, floats, stages, *extra in cases(full):
         takes_pdl = "PDL" in fn.arg_names
-        for capability, pdl in [(c, False) for c in capabilities] + [(PDL_CAPABILITY, True)] * takes_pdl:
+        for capability, pdl in [(c, False) for c in capabilities] + [(pdl_capability, True)] * takes_pdl:
             start = time.perf_counter()
             name = f"{label}{' pdl' if pdl else ''}"
             options = {**(extra[0] if extra else {}), **({"launch_pdl": True} if pdl else {})}

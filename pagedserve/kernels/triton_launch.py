@@ -32,10 +32,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 PDL_MIN_CAPABILITY = 9  # griddepcontrol is a PTX instruction of sm_90 and later
 
 
+_LAUNCH_OPTIONS = {pdl: {"PDL": pdl and not INTERPRETED, "launch_pdl": pdl and not INTERPRETED}
+                   for pdl in (False, True)}
+
+
 def pdl_options(pdl: bool) -> dict:
-    """The ``PDL`` constexpr and Triton's ``launch_pdl`` option of a launch: both off in the interpreter."""
-    on = bool(pdl) and not INTERPRETED
-    return {"PDL": on, "launch_pdl": on}
+    """The ``PDL`` constexpr and Triton's ``launch_pdl`` option of a launch: both off in the interpreter. One dict
+    per choice, made at import (every launch asks; callers unpack it and never change it)."""
+    return _LAUNCH_OPTIONS[bool(pdl)]
 
 
 @triton.jit
