@@ -317,3 +317,35 @@ def test_a_broker_that_stops_answering_fails_a_send_in_bounded_time():
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+def test_a_pool_child_forked_while_the_main_process_cancels_gets_its_client():
+    """A given-up task's cancel runs in a thread of the worker's main process, and holds the lock of the
+    per-process clients while it makes one; prefork forks a new child when one dies (a hard time limit, a
+    terminate), often at that very moment. The child inherited the lock held, with no thread to release it: its
+    first task waited for a client for good. Here the lock is held by a thread across a real fork."""
+    code = ("import os, sys, threading, time\n"
+            "from pagedserve.service import celery_app\n"
+            "from pagedserve.service.settings import Settings\n"
+            "app = celery_app.make_celery(Settings(redis_url='redis://127.0.0.1:1/0', prefix='fork'))\n"
+            "celery_app._client(app)\n"
+            "held, release = threading.Event(), threading.Event()\n"
+            "def hold():\n"
+            "    with celery_app._lock:\n"
+            "        held.set(); release.wait()\n"
+            "t = threading.Thread(target=hold); t.start(); held.wait()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    c = celery_app._client(app)\n"
+            "    os._exit(0 if c.settings.prefix == 'fork' else 3)\n"
+            "release.set(); t.join()\n"
+            "deadline = time.monotonic() + 20\n"
+            "while time.monotonic() < deadline:\n"
+            "    done, status = os.waitpid(pid, os.WNOHANG)\n"
+            "    if done:\n"
+            "        sys.exit(os.waitstatus_to_exitcode(status))\n"
+            "    time.sleep(0.05)\n"
+            "os.kill(pid, 9); os.waitpid(pid, 0)\n"
+            "print('the forked child never got its client'); sys.exit(1)\n")
+    proc = _run([sys.executable, "-c", code], {})
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 import threading
 import time
@@ -62,6 +63,19 @@ log = logging.getLogger(__name__)
 _clients: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
 _app_lock = threading.Lock()
+
+
+def _fresh_in_child() -> None:
+    """A forked process (a prefork pool's child, forked again whenever one dies) starts with no clients and new
+    locks. A thread of the parent may hold the lock at the fork (a given-up task's cancel, run in the worker's
+    main process in a thread of its own) and no thread of the child would ever release it: the child's first
+    task would wait for it for good."""
+    global _lock, _app_lock
+    _clients.clear()
+    _lock, _app_lock = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_in_child)
 
 # Pauses between the tries of a given-up task's cancel, about 8 s in all: a write refused for a moment must not leave
 # its request to run unread to max_tokens.
