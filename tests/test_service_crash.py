@@ -318,20 +318,18 @@ def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back
 def test_sigterm_while_the_model_loads_ends_the_start_at_once(redis_url, prefix, tmp_path):
     """An orchestrator scaling down a pod that is still loading sends SIGTERM: the worker holds nothing yet, so it
     exits at once (status 143, one line), instead of finishing the load, draining nothing and being killed after
-    its grace period. The load is held where a real start waits: on the CPU kernels' build lock, held here."""
+    its grace period. The load is held where a real start waits: on the CPU kernels' build lock, held here, in
+    an extensions directory of the worker's own (the shared one's lock would hold up every other test's start)."""
     import signal
-    from pathlib import Path
-
-    from torch.utils import cpp_extension
 
     from pagedserve.kernels import cpu_extension as ce
 
     if ce.disabled_by_env():
         pytest.skip("the CPU kernels are switched off here: the load never takes their build lock")
-    with ce._pip_ninja_first():
-        build_dir = Path(cpp_extension._get_build_directory(f"{ce._NAME}_{ce._cpu_digest()}", False))
+    extensions = tmp_path / "torch_extensions"
+    build_dir = extensions / f"{ce._NAME}_{ce._cpu_digest()}"  # torch's layout under TORCH_EXTENSIONS_DIR
     s = make_settings(redis_url, prefix, grace_period_s=60)
-    w = WorkerProcess(s, tmp_path / "w.log")
+    w = WorkerProcess(s, tmp_path / "w.log", TORCH_EXTENSIONS_DIR=extensions)
     try:
         with ce.build_lock(build_dir):
             w.start()
