@@ -82,6 +82,9 @@ def test_time_limits_and_revokes_cancel_the_request_on_every_pool(pool, prefix, 
                     assert d.outputs[0].finish_reason == "cancelled" and d.outputs[0].token_ids == []
                 mine = c.wait(f"{prefix}-mine", timeout=60)
                 assert mine.outputs[0].finish_reason == "length" and len(mine.outputs[0].token_ids) == 5
+                # The pool still serves after its processes (prefork) were killed and replaced mid-cancel.
+                after = send("after").get(timeout=60)
+                assert after["type"] == "done" and len(after["outputs"][0]["token_ids"]) == 5, after
 
 
 def test_bad_arguments_are_refused_as_an_error_event_and_pickup_timeout_names_the_missing_worker(prefix, tmp_path):
