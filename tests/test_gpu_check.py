@@ -100,3 +100,21 @@ def test_env_stage_collects_and_imports_in_the_device_layout(tmp_path):
     assert "imports ok" in log
     if shutil.which("nvidia-smi") is None:  # this machine: the stage stops at the device, after the imports
         assert proc.returncode != 0 and "no CUDA device" in log
+
+
+def test_the_probe_skips_whole_the_sections_that_would_outlast_its_deadline(tmp_path):
+    """``.ci/gpu-probe`` after ``gpu-check`` in one device call: a section that cannot end before
+    ``GPU_PROBE_UNTIL`` is skipped whole and listed for a next call, instead of being cut off by the call's time
+    limit with its figures; the sections that fit still run (here on the CPU: gemm fits, decode-linear does not)."""
+    import time
+
+    probe = SCRIPT.with_name("gpu-probe")
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "PYTHONSAFEPATH": "1",
+           "GPU_PROBE_UNTIL": str(int(time.time()) + 150)}
+    proc = subprocess.run([sys.executable, str(probe), str(tmp_path), "cpu", "gemm", "decode-linear"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["skipped"] == ["decode-linear"] and "decode_linear" not in result, result.keys()
+    assert "gemm" in result["seconds"] and "failed" not in result
+    assert "skipped, for a next call: decode-linear" in proc.stdout
