@@ -1,10 +1,21 @@
-"""Which processes a test's process (or a worker it started) has spawned: the tensor-parallel ranks; and stopping
-one it started."""
+"""Which processes a test's process (or a worker it started) has spawned: the tensor-parallel ranks; stopping one
+it started; and the environment of one that compiles Triton kernels for real."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compiler_env() -> dict:
+    """This process's environment without ``TRITON_INTERPRET`` (the suite's interpreter would replace every
+    kernel), the checkout and ``tests/`` first on the path: for a subprocess that compiles kernels ahead of time."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
+    return env
 
 
 def spawned_children(pid: int) -> list[int]:

@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagedserve.kernels import CUDA_LINEAR_ENV, CUDA_PDL_ENV, get_ops, triton_ops
+from processes import ROOT, compiler_env
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
-
-
-def _compile_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
-    return env
 
 
 def test_the_pdl_check_finds_a_read_and_an_exit_before_the_wait():
@@ -38,7 +30,7 @@ def test_the_pdl_check_finds_a_read_and_an_exit_before_the_wait():
 
     if "nvidia" not in backends:
         pytest.skip("Triton build without the NVIDIA backend")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "pdl_toy_kernels.py")], cwd=ROOT, env=_compile_env(),
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "pdl_toy_kernels.py")], cwd=ROOT, env=compiler_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])

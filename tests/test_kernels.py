@@ -21,7 +21,6 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -760,12 +759,10 @@ def test_kernels_compile_for_sm90_without_gpu():
 
     if "nvidia" not in backends:
         pytest.skip("Triton build without the NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pagedserve.bench.aot_check"], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+    from processes import ROOT, compiler_env  # noqa: PLC0415
+
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.bench.aot_check"], cwd=ROOT, env=compiler_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Compiled as the JIT specializes them (aligned tensors), the kernels keep their software pipeline: the
     # linear's 4-stage launch holds more than one stage of its tiles (64 rows and 64 weight rows of 128 bf16).

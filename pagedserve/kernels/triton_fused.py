@@ -29,6 +29,7 @@ from triton.language.extra import libdevice
 from pagedserve.kernels.triton_cache import slot_rows, write_kv
 from pagedserve.kernels.triton_launch import INTERPRETED, pdl_options, release_dependents, wait_for_inputs
 
+
 def _row_warps(block: int) -> int:
     """Warps for one program reducing a row of ``block`` (power of two) elements: ~256 elements per warp."""
     return min(16, max(1, block // 256))
