@@ -9,17 +9,19 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import redis
 from kombu.exceptions import OperationalError
 
+from pagedserve.service import celery_app
 from pagedserve.service.celery_app import make_celery
 from pagedserve.service.protocol import Keys
 from pagedserve.service.redis_server import LocalRedis
 from processes import stop
-from service_fixtures import REPO, make_settings, tls_files
+from service_fixtures import REPO, make_settings, tls_files, wait_for
 from test_celery_roundtrip import celery_worker
 
 
@@ -349,3 +351,49 @@ def test_a_pool_child_forked_while_the_main_process_cancels_gets_its_client():
             "print('the forked child never got its client'); sys.exit(1)\n")
     proc = _run([sys.executable, "-c", code], {})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _cancel_threads() -> int:
+    return sum(t.name == "pagedserve-cancel" for t in threading.enumerate())
+
+
+def test_a_flood_of_given_up_tasks_is_cancelled_from_one_thread_while_redis_refuses_writes(prefix):
+    """A revoke of many tasks (or a pool's tasks all past their time limit) while pagedserve's Redis refuses writes
+    (maxmemory, for real): every cancel is kept and tried again until Redis takes it, from one thread. One thread
+    per cancel, each retrying for seconds, held hundreds of threads at once in the worker's main process."""
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        app = make_celery(make_settings(url, prefix))
+        keys = Keys(prefix)
+        ids = [f"celery-flood-{i}" for i in range(300)]
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)  # one byte: every write refused
+
+        def refused() -> int:
+            return r.info("errorstats").get("errorstat_OOM", {}).get("count", 0)
+
+        for request_id in ids:
+            celery_app._cancel_in_background(app, request_id)
+        wait_for(lambda: refused() >= len(ids), 30, what="every cancel tried once and refused")
+        assert _cancel_threads() == 1
+        r.config_set("maxmemory", 0)
+        wait_for(lambda: all(r.exists(keys.cancelled(i)) for i in ids), 30, 0.2, what="every cancel after the refusal")
+        assert _cancel_threads() == 1
+
+
+def test_cancels_to_an_unreachable_redis_are_given_up_together_each_with_its_warning(prefix, caplog):
+    """Redis unreachable (nothing listening): each cancel is given up after its retries with one warning naming
+    its request, all within the one schedule (a failed connection moves the round's other cancels on with it,
+    so that a Redis that answers nothing costs one socket timeout a round, not one per request)."""
+    with LocalRedis() as url:
+        pass  # a port that was Redis's a moment ago and now refuses connections
+    app = make_celery(make_settings(url, prefix))
+    ids = [f"celery-gone-{i}" for i in range(50)]
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="pagedserve.service.celery_app"):
+        for request_id in ids:
+            celery_app._cancel_in_background(app, request_id)
+        wait_for(lambda: all(f"could not cancel request {i} " in caplog.text for i in ids), 30, 0.1,
+                 what="a warning for each cancel")
+    assert time.monotonic() - started < sum(celery_app.CANCEL_RETRY_PAUSES_S) + 10
+    assert _cancel_threads() == 1
+    assert all(caplog.text.count(f"could not cancel request {i} ") == 1 for i in ids)

@@ -36,7 +36,9 @@ Invariants:
 
 from __future__ import annotations
 
+import heapq
 import inspect
+import itertools
 import logging
 import os
 import sys
@@ -67,12 +69,13 @@ _app_lock = threading.Lock()
 
 def _fresh_in_child() -> None:
     """A forked process (a prefork pool's child, forked again whenever one dies) starts with no clients and new
-    locks. A thread of the parent may hold the lock at the fork (a given-up task's cancel, run in the worker's
+    locks (and no cancels of its own to send). A thread of the parent may hold the lock at the fork (a given-up task's cancel, run in the worker's
     main process in a thread of its own) and no thread of the child would ever release it: the child's first
     task would wait for it for good."""
-    global _lock, _app_lock
+    global _lock, _app_lock, _canceller
     _clients.clear()
     _lock, _app_lock = threading.Lock(), threading.Lock()
+    _canceller = _Canceller()  # the parent's thread is not in the child, and its cancels are the parent's to send
 
 
 os.register_at_fork(after_in_child=_fresh_in_child)
@@ -535,26 +538,92 @@ def _store_revoked(task: Any, reason: str) -> None:
     task.send_event("task-revoked", terminated=True, signum=None, expired=False)
 
 
+class _Canceller:
+    """Sends given-up tasks' cancels from the Celery worker's main process, in one thread for all of them, without
+    holding up the worker's loop. Each cancel is tried at once, then again after each of
+    :data:`CANCEL_RETRY_PAUSES_S` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be reached
+    (a cancel can be sent twice), then given up with one warning naming the request.
+
+    One thread, not one per cancel: a revoke of thousands of tasks, or a pool whose tasks all pass their time limit,
+    while Redis refuses writes would otherwise hold a thread per request for the whole schedule, each one a process
+    id counted against a container's limit, which the pool's own forks and threads need too. A cancel that found
+    Redis unreachable moves every other cancel due in that round to its next try, so that a silent Redis costs one
+    socket timeout a round, not one per request."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, int, Celery, str]] = []  # (when, order, tries so far, app, request id)
+        self._order = itertools.count()
+        self._changed = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+
+    def add(self, app: Celery, request_id: str) -> None:
+        with self._changed:
+            self._schedule(0.0, 0, app, request_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pagedserve-cancel", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _schedule(self, pause: float, tries: int, app: Celery, request_id: str) -> None:
+        heapq.heappush(self._due, (time.monotonic() + pause, next(self._order), tries, app, request_id))
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or (wait := self._due[0][0] - time.monotonic()) > 0:
+                    self._changed.wait(None if not self._due else wait)
+                _, _, tries, app, request_id = heapq.heappop(self._due)
+            error = _try_cancel(app, request_id)
+            with self._changed:
+                if error is None:
+                    continue
+                self._retry_or_give_up(tries, app, request_id, error)
+                if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+                    now = time.monotonic()
+                    while self._due and self._due[0][0] <= now:
+                        _, _, others_tries, other_app, other_id = heapq.heappop(self._due)
+                        self._retry_or_give_up(others_tries, other_app, other_id, error)
+
+    def _retry_or_give_up(self, tries: int, app: Celery, request_id: str, error: Exception) -> None:
+        if tries < len(CANCEL_RETRY_PAUSES_S):
+            self._schedule(CANCEL_RETRY_PAUSES_S[tries], tries + 1, app, request_id)
+        else:
+            _warn_not_cancelled(request_id, error)
+
+
 def _cancel_quietly(app: Celery, request_id: str) -> bool:
-    """Cancel a given-up task's own request; never raises (the task is over either way). Tried again after each
-    of :data:`CANCEL_RETRY_PAUSES_S` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be
-    reached, as a cancel can be sent twice; then given up with one warning. True when it got through."""
+    """A given-up task's cancel, sent from the task itself on the schedule :class:`_Canceller` keeps; never raises
+    (the task is over either way). True when it got through."""
     for pause in (*CANCEL_RETRY_PAUSES_S, None):
-        try:
-            _client(app).cancel(request_id)
+        if (error := _try_cancel(app, request_id)) is None:
             return True
-        except Exception as e:  # noqa: BLE001  (whatever Redis answers, the task has ended)
-            if pause is None:
-                log.warning("could not cancel request %s of a given-up task (%s); it may run to its end unread",
-                            request_id, redact(str(e)))
-                return False
-            time.sleep(pause)
+        if pause is None:
+            _warn_not_cancelled(request_id, error)
+            return False
+        time.sleep(pause)
     raise AssertionError("unreachable")
 
 
+def _try_cancel(app: Celery, request_id: str) -> Exception | None:
+    """One try at a given-up task's cancel: None when it got through, else what Redis answered."""
+    try:
+        _client(app).cancel(request_id)
+        return None
+    except Exception as e:  # noqa: BLE001  (whatever Redis answers, the task has ended)
+        return e
+
+
+def _warn_not_cancelled(request_id: str, error: Exception) -> None:
+    log.warning("could not cancel request %s of a given-up task (%s); it may run to its end unread",
+                request_id, redact(str(error)))
+
+
+_canceller = _Canceller()
+
+
 def _cancel_in_background(app: Celery, request_id: str) -> None:
-    """:func:`_cancel_quietly` from the Celery worker's main process, without holding up its loop while it retries."""
-    threading.Thread(target=_cancel_quietly, args=(app, request_id), name="pagedserve-cancel", daemon=True).start()
+    """Cancel a given-up task's own request (see :class:`_Canceller`)."""
+    _canceller.add(app, request_id)
 
 
 def _own_request(sender: Any, kwargs: dict | None) -> bool:
