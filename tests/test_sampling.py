@@ -48,10 +48,14 @@ def test_best_of_returns_n_highest_cumulative_logprob(llm):
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(llm):
+    """Down to the smallest positive top_p: one below float32's smallest value (1e-46, 5e-324) once uploaded as 0,
+    which masked even the top token, and every row of -inf sampled token 0."""
     greedy = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0].token_ids
     for p in (SamplingParams(max_tokens=10, top_k=1, seed=1), SamplingParams(max_tokens=10, top_p=1e-6, seed=1),
+              SamplingParams(max_tokens=10, top_p=1e-46, seed=1), SamplingParams(max_tokens=10, top_p=5e-324, seed=1),
+              SamplingParams(max_tokens=10, top_p=1e-300, top_k=5, seed=1),
               SamplingParams(max_tokens=10, min_p=1.0, seed=1)):
-        assert llm.generate([PROMPT], p)[0].outputs[0].token_ids == greedy
+        assert llm.generate([PROMPT], p)[0].outputs[0].token_ids == greedy, p
 
 
 def test_top_k_keeps_tokens_within_top_k(llm, tiny_models):

@@ -79,10 +79,11 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         mask = ranks >= top_k.unsqueeze(1)
         top_p = top_p.to(logits.dtype)
         probs_sorted = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept). Only rows that ask:
-        # at top_p = 1 the float32 running sum reaches 1 before the tail and would cut it.
+        # Keep the smallest prefix whose mass reaches top_p. Only rows that ask: at top_p = 1 the float32 running
+        # sum reaches 1 before the tail and would cut it. The top token is kept by rank, not by its mass: a top_p
+        # below float32's smallest value uploads as 0, which every mass reaches, and a row of -inf samples id 0.
         mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
-        mask |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+        mask |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1) & (ranks > 0)
         sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
