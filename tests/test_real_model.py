@@ -123,3 +123,30 @@ def test_a_stop_string_completed_by_a_partial_character_is_cut_at_the_end(model_
                            resume=[ResumeSample(token_ids=ids, text=None, logprobs=None)])
     out = next(o for o in llm.engine.step() if o.request_id == "partial-stop").outputs[0]
     assert (out.text, out.finish_reason) == ("Hello ", "stop")
+
+
+def test_a_prompt_of_long_tokens_is_not_refused_for_its_characters(llm, model_dir):
+    """The worker refuses, without tokenizing it, a prompt longer than ``max_model_len`` tokens could write.
+    SmolLM2 has a token of 81 characters (a newline and 80 spaces, code indentation): 900 of them, 72,900
+    characters, are 900 tokens and fit 1,024, but a bound of 64 characters a token refused them as
+    ``prompt_too_long``. The tokenizer's own longest token sets the bound now; past it the refusal stands."""
+    import transformers
+
+    from pagedserve.service.admission import add_to_engine, prepare
+    from pagedserve.service.protocol import InvalidRequestError, parse_request
+    from service_fixtures import make_settings
+
+    engine, settings = llm.engine, make_settings("redis://127.0.0.1:1/0", "chars")
+    text = ("\n" + " " * 80) * 900
+    assert len(transformers.AutoTokenizer.from_pretrained(model_dir).encode(text, add_special_tokens=False)) == 900
+    for body in ({"prompt": text}, {"messages": [{"role": "user", "content": text}]}):
+        req = parse_request(json.dumps({"id": "long-tokens", **body, "params": {"max_tokens": 4}}), 1 << 20)
+        prompt, params = prepare(req, engine, settings)
+        add_to_engine(engine, req, prompt, params, 0.0)
+        assert len(engine.requests["long-tokens"].prompt_token_ids) <= 1000
+        engine.abort_request("long-tokens")
+    too_long = "#" * (engine.max_token_chars * engine.max_model_len + 1)
+    req = parse_request(json.dumps({"id": "too-long", "prompt": too_long}), 1 << 22)
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare(req, engine, settings)
+    assert refused.value.code == "prompt_too_long" and "characters" in refused.value.message

@@ -32,7 +32,7 @@ from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend, withhold
 from pagedserve.engine.structured_spec import GrammarFailed
-from pagedserve.engine.tokenizer import load_tokenizer
+from pagedserve.engine.tokenizer import load_tokenizer, longest_token_chars
 from pagedserve.kernels import get_ops
 
 MAX_REQUEST_ID_LEN = 256
@@ -82,6 +82,7 @@ class LLMEngine:
         self._max_model_len_source = ""  # why max_model_len is lower than asked, for the errors that quote it
         self.max_num_batched_tokens = self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
         self.tokenizer = load_tokenizer(model_dir)
+        self.max_token_chars = longest_token_chars(self.tokenizer)
         self.vocab_size = hf_config.vocab_size
         eos = set(read_generation_eos(model_dir))
         for source in (getattr(hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):

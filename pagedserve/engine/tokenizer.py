@@ -38,3 +38,11 @@ def load_tokenizer(model_dir: str | Path):
         raise ValueError(f"model {str(model_dir)!r} has an empty tokenizer: its vocabulary has {len(tokenizer)} "
                          f"tokens and {PROBE_TEXT!r} encodes to no tokens; add the model's tokenizer files")
     return tokenizer
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for: its longest vocabulary entry, added tokens
+    included. A byte-level entry has a character per byte and a SentencePiece entry its own characters (a byte
+    token such as ``<0x0A>`` more than the one it writes), so a text longer than this times a token count cannot
+    encode to that few tokens. Code indentation and banner lines make long tokens: SmolLM2 has one of 81."""
+    return max(1, max(map(len, tokenizer.get_vocab()), default=1))

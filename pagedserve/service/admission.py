@@ -63,9 +63,6 @@ from .telemetry import extract_context, request_logger, trace_id_from_fields
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
 # was dragged there by Redis' XADD * (stream_ids.dragged).
 _SEEN_FUTURE_IDS = 64
-# No tokenizer turns more than this many characters into one token: a longer prompt cannot fit and is refused
-# without tokenizing it (the engine checks the exact token count).
-_MAX_CHARS_PER_TOKEN = 64
 
 
 def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
@@ -130,7 +127,7 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
             )
         except Exception as e:  # a template may reject roles or orderings
             raise refuse("invalid_request", f"messages: {str(e)[:300]}") from None
-        if len(text) > _MAX_CHARS_PER_TOKEN * max_len:
+        if len(text) > engine.max_token_chars * max_len:  # cannot fit: refused without tokenizing it
             raise refuse("prompt_too_long", f"messages render to {len(text)} characters; max_model_len is {max_len}")
         # The template writes the special tokens it wants (a BOS, for Llama 3's): encoding adds none of its own.
         prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
@@ -156,7 +153,7 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         prompt = list(ids)
     else:
         prompt = req.prompt or ""
-        if len(prompt) > _MAX_CHARS_PER_TOKEN * max_len:
+        if len(prompt) > engine.max_token_chars * max_len:  # cannot fit (the engine counts the tokens of the rest)
             raise refuse("prompt_too_long", f"prompt has {len(prompt)} characters; max_model_len is {max_len}")
     return prompt, params
 

@@ -25,6 +25,7 @@ class EngineAPI(Protocol):
     max_model_len: int
     vocab_size: int
     tokenizer: Any  # a Hugging Face tokenizer: ``chat_template``, ``apply_chat_template``
+    max_token_chars: int  # the most characters one token stands for: a longer text per token cannot fit
     max_seqs_per_request: tuple[int, str]  # (most sequences one request may run, the setting that bounds it)
 
     def add_request(
