@@ -732,6 +732,10 @@ class LLGuidanceBackend:
             error = warm.get_error()
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
+                if kind == "json":  # llguidance writes some schemas' numbers in fewer forms than they allow
+                    empty = ("matches no value that llguidance writes (under multipleOf it writes numbers with no "
+                             "fraction or exactly as many decimals as the multiple, and none whose digits are a "
+                             "proper prefix of an upper bound's: bounds can leave none)")
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
         # A grammar that never ends is told so before its cost: its mask is slow too, and on a busy host it can
