@@ -227,6 +227,33 @@ def test_lines_of_several_samples_leave_the_reserve_free(redis_url, prefix, r, s
         assert wait_batch(r, prefix, wide, timeout=60, poll_s=0.1)["request_counts"]["completed"] == 1
 
 
+def test_a_worker_whose_reserve_leaves_no_room_runs_batches_when_it_holds_nothing(redis_url, prefix, r,
+                                                                                  shared_engine):
+    """One sequence slot, and the reserve keeps one for interactive requests: the feeder fed nothing, ever, though
+    the worker was idle, and every batch waited out its window with nothing logged. A worker that holds no
+    request feeds a line."""
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", max_tokens=4) for i in range(3)]))
+    with running_worker(make_settings(redis_url, prefix, max_num_seqs=1), shared_engine):
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+    assert status["status"] == "completed" and status["request_counts"]["completed"] == 3, status
+
+
+def test_the_reserve_is_an_eighth_of_what_the_kv_pool_can_run_where_that_is_less(redis_url, prefix, r):
+    """64 sequence slots but a KV pool of 8 blocks: the reserve was an eighth of the slots (8), and the room
+    (8 blocks at most) never passed it, so nothing was fed. The reserve is an eighth of the worker's room when it
+    holds nothing (1 here): lines are fed several at a time, not one by one."""
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"tale {i}", max_tokens=16) for i in range(6)]))
+    s = make_settings(redis_url, prefix, max_num_seqs=64, num_gpu_blocks=8)
+    with running_worker(s) as w:
+        held = []
+        deadline = time.monotonic() + 90
+        while batch_status(r, prefix, bid)["status"] != "completed" and time.monotonic() < deadline:
+            held.append(len(w.running.table))
+            time.sleep(0.01)
+    assert batch_status(r, prefix, bid)["request_counts"]["completed"] == 6
+    assert max(held) > 1, held
+
+
 def test_interactive_requests_run_before_batch_lines(redis_url, prefix, r, shared_engine):
     n = 40
     # Lines long enough that the batch's counts, which its collector updates a few times a second, first show a
@@ -395,8 +422,9 @@ def test_the_backlog_counts_every_active_batch_and_the_index_sheds_expired_ones(
     r.zadd(k.all, {b: 0 for b in expired})  # the oldest in the index, as they would be after a week
     time.sleep(2.2)  # window and retention over: their keys expire
     assert not any(r.exists(k.record(b)) for b in expired)
-    # One slot, one kept for interactive requests: nothing is fed, every line stays in the backlog.
-    with running_worker(make_settings(redis_url, prefix, max_num_seqs=1, queue_stats_interval_s=0.2), shared_engine) as w:
+    # The first look's figures, taken before its first feed (an idle worker feeds a line), and kept: the next
+    # are an hour away.
+    with running_worker(make_settings(redis_url, prefix, max_num_seqs=1, queue_stats_interval_s=3600), shared_engine) as w:
         wait_for(lambda: metric_samples(w, "pagedserve_batch_backlog_lines").get((), 0) == 3 + 205, 30,
                  what=f"backlog of every active batch: {metric_samples(w, 'pagedserve_batch_backlog_lines')}")
         lag = metric_samples(w, "pagedserve_batch_lag_seconds")[()]

@@ -4,14 +4,17 @@ Each loop iteration (:meth:`BatchFeeder.tick`), while batches are active:
   1. collect (every ``COLLECT_S``): the terminal results of taken lines become output lines (batch_collect.lua: one per line);
      a line taken long ago whose request vanished is fed again (batch_refeed.lua);
   2. close: the untaken lines of a cancelled or expiring batch get their error lines;
-  3. feed: when this worker has room beyond a reserve kept for interactive requests and the request stream
-     has no unread entries, the next lines of the oldest batch become stream entries (batch_take.lua).
+  3. feed: when this worker has room beyond a reserve kept for interactive requests (or holds no request at
+     all) and the request stream has no unread entries, the next lines of the oldest batch become stream
+     entries (batch_take.lua).
 
 Invariants:
 - no flood: lines are added only while every stream entry has been read, and at most this worker's free room
   (free KV blocks less every request waiting: ``Worker._room(batch=True)``) minus the reserve, so the stream
   never holds more than one such helping per worker of unread batch lines and interactive entries never queue
   behind a batch;
+- no starving: a worker that holds no request feeds a line even where the reserve leaves no room (one sequence
+  slot, a KV pool smaller than the slots), so every batch ends on any worker;
 - batch lines run at ``BATCH_PRIORITY``: the engine serves interactive requests (priority 0) first and
   preempts batch work for them; a worker whose KV pool is full of batch lines still reads interactive entries
   (their room counts the blocks batch lines hold) while it has a sequence slot free (the reserve keeps some);
@@ -67,12 +70,14 @@ class BatchFeeder(WorkerPart):
     _next_stats: float = field(default=0.0, init=False)
     _next_feed: float = field(default=0.0, init=False)
     _next_scripts: float = field(default=0.0, init=False)
+    _capacity: int = field(default=0, init=False)  # the room this worker had when it last held no request
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
     _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
 
     def __post_init__(self) -> None:
         self.bkeys = BatchKeys(self.keys.prefix)
+        self._capacity = self.settings.max_num_seqs
 
     @property
     def scripts(self) -> BatchScripts:
@@ -82,8 +87,10 @@ class BatchFeeder(WorkerPart):
 
     @property
     def reserve(self) -> int:
-        """Slots kept free for interactive requests (an eighth of the batch, at least one)."""
-        return max(1, self.settings.max_num_seqs // 8)
+        """Room kept free for interactive requests: an eighth of what this worker can run at once, at least one.
+        That is its sequence slots, or fewer where its KV pool is what bounds it (its room when it last held no
+        request): an eighth of 256 slots is more than a pool of 32 blocks ever leaves."""
+        return max(1, min(self.settings.max_num_seqs, self._capacity) // 8)
 
     @property
     def refeed_after_ms(self) -> int:
@@ -91,10 +98,13 @@ class BatchFeeder(WorkerPart):
         return max(5000, 2 * self.settings.claim_idle_ms)
 
     # ------------------------------------------------------------------------------------------ the tick
-    def tick(self, room: int) -> None:
-        """One look at the batches. Raises only when Redis is away (the loop's business): whatever one batch's
+    def tick(self, room: int, idle: bool) -> None:
+        """One look at the batches. ``room``: what the worker may still read for batch lines (``Worker._room``);
+        ``idle``: it holds no request. Raises only when Redis is away (the loop's business): whatever one batch's
         keys hold, the worker's iteration goes on to reclaim and read, and the other batches are fed."""
         now = time.monotonic()
+        if idle and room > 0:
+            self._capacity = room
         if now >= self._next_scripts:
             self._next_scripts = now + PRODUCER_SCRIPTS_S
             self._guarded(None, "load_scripts", load_producer_scripts, self.conn.r)
@@ -110,8 +120,9 @@ class BatchFeeder(WorkerPart):
             self._next_collect = now + COLLECT_S
             for bid in list(self._active):
                 self._guarded(bid, "collect", self._collect, bid)
-        if room > self.reserve and now >= self._next_feed and self._guarded(None, "feed", self._stream_read):
-            if not self._feed(room - self.reserve):
+        if (room > self.reserve or idle and room > 0) and now >= self._next_feed \
+                and self._guarded(None, "feed", self._stream_read):
+            if not self._feed(max(0, room - self.reserve), idle):
                 self._next_feed = now + LOOK_S  # every batch taken to its end: no need to ask each iteration
 
     def _look(self) -> list[str]:
@@ -182,12 +193,12 @@ class BatchFeeder(WorkerPart):
         group = next((g for g in groups if as_text(g.get("name")) == self.keys.group), None)
         return group is not None and _id(newest[0][0]) <= _id(group.get("last-delivered-id"))
 
-    def _feed(self, seqs: int) -> bool:
-        """Take lines of the oldest batch that has any, as many as fill at most ``seqs`` sequence slots; whether
-        any were taken."""
-        return any(self._guarded(bid, "feed", self._take, bid, seqs) for bid in list(self._active))
+    def _feed(self, seqs: int, idle: bool) -> bool:
+        """Take lines of the oldest batch that has any, as many as fill at most ``seqs`` sequence slots (one line,
+        however wide, when the worker is ``idle`` and they fill more); whether any were taken."""
+        return any(self._guarded(bid, "feed", self._take, bid, seqs, idle) for bid in list(self._active))
 
-    def _take(self, bid: str, seqs: int) -> bool:
+    def _take(self, bid: str, seqs: int, idle: bool) -> bool:
         k = self.bkeys
         if bid not in self._samples:  # written once, when the batch was created (1: a record without it)
             raw = self.conn.r.hget(k.record(bid), "samples")
@@ -195,7 +206,7 @@ class BatchFeeder(WorkerPart):
             self._samples[bid] = max(1, whole(raw, "samples")) if raw is not None else 1
         count = seqs // self._samples[bid]
         if count == 0:
-            if seqs + self.reserve < self.settings.max_num_seqs:
+            if not idle:
                 return False  # its lines fill more than the room left: one goes in when the worker is free
             count = 1  # a line wider than the room beside the reserve runs when nothing else does
         got = self.scripts.take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid),

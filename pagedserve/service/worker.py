@@ -436,7 +436,8 @@ class Worker(WorkerPart):
         self.running.mark_gone(self.leases.take_gone())
         self.admission.follow_claims()
         if not self._stop.is_set() and not self._loop_stuck():
-            self.batches.tick(self._room(batch=True))  # batch lines join the stream only when the room is there
+            # Batch lines join the stream only when the room is there (or the worker holds nothing).
+            self.batches.tick(self._room(batch=True), idle=not self.running.table and not self.admission.unstarted())
             room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []
             self.reclaimer.forget_dead_consumers(self.r)
