@@ -227,6 +227,27 @@ def test_submit_whose_only_worker_dies_mid_run_says_so_in_one_line(redis_url, pr
     assert f"pagedserve cancel {rid}" in line
 
 
+def test_submit_whose_request_redis_lost_says_to_send_it_again_not_that_it_is_kept(redis_url, prefix):
+    """Redis restarted without persistence while submit waited with no worker (the stream gone, as the restart
+    leaves it): the line said the request was gone, send it again, and then "the request is kept", exit status 3
+    (no answer yet, the work kept). Nothing is kept: one line, exit status 1."""
+    keys = Keys(prefix)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve.service.cli", "submit", "lost one", "--max-tokens", "4",
+         "--pickup-timeout", "3"], cwd=REPO, env=_env(redis_url, prefix), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            wait_for(lambda: r.xlen(keys.requests) == 1, 60, what="the request sent")
+            r.delete(keys.requests)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in lines[0], err
+    assert "is gone from Redis" in lines[0] and "send it again" in lines[0] and "kept" not in lines[0], lines[0]
+
+
 def _ending(res: subprocess.CompletedProcess) -> tuple[int, str]:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     return res.returncode, lines[-1] if lines else ""

@@ -556,7 +556,7 @@ def submit(
 ) -> None:
     import redis
 
-    from .client import Client, NoWorker, build_request
+    from .client import Client, NoWorker, RequestGone, build_request
     from .client_core import check_message_size
     from .connection import redact
     from .protocol import DoneEvent, ErrorEvent, TokenEvent
@@ -623,6 +623,8 @@ def submit(
         # 3, as `batch results` not ended: no answer yet, the request is kept (2 is a usage mistake)
         if isinstance(e, NoWorker):  # the entry stays in the stream, as a job queue keeps a job
             _fail_showing(e, f"error: {e} (id={request.id}: {how})", 3)  # it says what happens to the request
+        if isinstance(e, RequestGone):  # nothing of it is kept: its line says to send it again
+            _fail_showing(e, f"error: {e}", 1)
         if isinstance(e, TimeoutError):
             _fail_showing(e, f"error: {e}; the request is kept ({how})", 3)
         again = (f" (`pagedserve submit ... --id {request.id}` prints its result once Redis is back)"
