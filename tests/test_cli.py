@@ -523,6 +523,13 @@ def test_a_request_no_worker_picked_up_stays_queued_and_says_how_to_cancel_it(re
         assert parse_terminal(r.get(keys.result("queued-1"))).outputs[0].finish_reason == "cancelled"
 
 
+async def _async_cancel(redis_url: str, prefix: str, request_id: str):
+    from pagedserve.service.client import AsyncClient
+
+    async with AsyncClient(redis_url, prefix=prefix) as ac:
+        return await ac.cancel(request_id)
+
+
 def test_cancel_says_what_it_found_running_finished_or_already_cancelled(redis_url, prefix, shared_engine):
     """A cancel of a finished request changes nothing and says so (exit 1); of a running one, that it ends now;
     ``Client.cancel`` returns what it found."""
@@ -542,6 +549,13 @@ def test_cancel_says_what_it_found_running_finished_or_already_cancelled(redis_u
                                   "(`pagedserve submit ... --id short-1` prints its result)")
         assert parse_terminal(r.get(keys.result("short-1"))).outputs[0].finish_reason == "length"  # unchanged
         assert c.cancel("short-1").finished.outputs[0].finish_reason == "length"
+        assert asyncio.run(_async_cancel(redis_url, prefix, "short-1")).finished.outputs[0].finish_reason == "length"
+        # Nothing changed, truly: a cancel mark stored all the same outlived the result, and the id sent again
+        # once its result was deleted (the protocol's way to run an answered id again) ended cancelled unrun.
+        assert not r.exists(keys.cancelled("short-1"))
+        r.delete(keys.result("short-1"), keys.events("short-1"))
+        again = c.generate("Hello", id="short-1", params={"max_tokens": 2, "ignore_eos": True}, timeout=120)
+        assert again.outputs[0].finish_reason == "length", again
 
         submit_running(c, r, keys, "long-1")
         res = _cli(env, "cancel", "long-1")

@@ -215,11 +215,17 @@ class Client(ProducerCore):
         ``ValueError`` for an id no request can have (1 to 128 characters of A-Z, a-z, 0-9, ``_.:-``)."""
         self._check_open()
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
-        pipe = self.r.pipeline(transaction=True)
-        for name, args, kwargs in commands:
-            getattr(pipe, name)(*args, **kwargs)
         with self._reaching():
-            return self._cancel_outcome(pipe.execute())
+            look = self.r.pipeline(transaction=False)
+            for name, args, kwargs in commands[:self.CANCEL_LOOK]:
+                getattr(look, name)(*args, **kwargs)
+            replies = look.execute()
+            if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
+                pipe = self.r.pipeline(transaction=True)
+                for name, args, kwargs in commands:
+                    getattr(pipe, name)(*args, **kwargs)
+                replies = pipe.execute()
+            return self._cancel_outcome(replies)
 
     def result(self, request_id: str) -> Terminal | None:
         self._check_open()
@@ -540,11 +546,17 @@ class AsyncClient(ProducerCore):
     async def _send_cancel(self, request_id: str) -> CancelOutcome:
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         self._bind_loop()
-        pipe = self.r.pipeline(transaction=True)
-        for name, args, kwargs in commands:
-            getattr(pipe, name)(*args, **kwargs)
         with self._reaching():
-            return self._cancel_outcome(await pipe.execute())
+            look = self.r.pipeline(transaction=False)
+            for name, args, kwargs in commands[:self.CANCEL_LOOK]:
+                getattr(look, name)(*args, **kwargs)
+            replies = await look.execute()
+            if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
+                pipe = self.r.pipeline(transaction=True)
+                for name, args, kwargs in commands:
+                    getattr(pipe, name)(*args, **kwargs)
+                replies = await pipe.execute()
+            return self._cancel_outcome(replies)
 
     async def result(self, request_id: str) -> Terminal | None:
         self._check_open()

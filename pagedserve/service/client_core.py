@@ -488,7 +488,10 @@ class ProducerCore:
         the worker running it; one MULTI/EXEC: a refused mark (maxmemory, an ACL without writes) aborts the
         publish too, so a cancel the caller was told failed has no effect (a pipeline would still publish, and
         the worker would cancel the run). :meth:`_cancel_outcome` reads the replies. An id no request can have is
-        refused (``ValueError``) before anything is sent."""
+        refused (``ValueError``) before anything is sent. A cancel sends the first :data:`CANCEL_LOOK` alone
+        first, and nothing more for a request that has finished: "nothing changed" is then true, where a mark
+        would outlive the result and end a later run of the id (sent again once its result was deleted or had
+        expired) as cancelled before it started."""
         check_request_id(request_id)
         return [
             ("get", (self.keys.result(request_id),), {}),
@@ -496,6 +499,8 @@ class ProducerCore:
             ("set", (self.keys.cancelled(request_id), "1"), {"ex": self.settings.result_ttl_s}),
             ("publish", (self.keys.cancel, request_id), {}),
         ]
+
+    CANCEL_LOOK = 2  # the commands of _cancel_commands that only read
 
     def _cancel_outcome(self, replies: list) -> CancelOutcome:
         stored, claimed = replies[0], replies[1]
