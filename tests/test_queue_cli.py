@@ -332,6 +332,27 @@ def test_an_unreachable_redis_is_one_line_without_its_password(monkeypatch):
         assert "s3cret" not in res.output and "PAGEDSERVE_REDIS_URL" in line
 
 
+def test_a_redis_that_wants_a_password_the_url_lacks_or_gets_wrong_is_said_so(monkeypatch):
+    """A Redis asking for a password the URL does not give read "cannot reach Redis ...: HELLO must be called
+    with the client already authenticated, ...", which sends one to look at the network: the queue and batch
+    commands say what the worker and cancel say."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    monkeypatch.setenv("COLUMNS", "60")
+    runner = CliRunner()
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        admin.config_set("requirepass", "s3cret-pw")  # this connection stays authenticated
+        for given, words in (("", "requires a password, and PAGEDSERVE_REDIS_URL gives none"),
+                             (":wr0ng@", "refused the credentials of PAGEDSERVE_REDIS_URL")):
+            monkeypatch.setenv("PAGEDSERVE_REDIS_URL", url.replace("redis://", f"redis://{given}", 1))
+            for args in (["queue", "stats"], ["queue", "dead"], ["batch", "list"], ["cancel", "some-id"]):
+                res = runner.invoke(app, args)
+                line = one_line(res.stderr)
+                assert res.exit_code == 1 and words in line, (args, line)
+                assert "HELLO" not in line and "wr0ng" not in res.output and "cannot reach" not in line
+        admin.config_set("requirepass", "")
+
+
 # ------------------------------------------------------------------------------------------------ purge-dead
 def test_purge_dead_needs_yes_and_keeps_the_newer_ones(cli, r, prefix):
     keys = Keys(prefix)

@@ -42,11 +42,13 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
     if (missing := _missing_database(e)) is not None:
         return missing
-    from .client_core import not_redis
+    from .client_core import credentials_refused, not_redis
 
     url = redact(os.environ.get("PAGEDSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"))  # where the commands go
     if (other := not_redis(e)) is not None:
         return f"error: cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): {other}"
+    if isinstance(e, redis.AuthenticationError) and "PAGEDSERVE_REDIS_URL" not in str(e):  # not said yet
+        return f"error: {credentials_refused(url, e)}"
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         text = redact(e)
         if "Redis" in text:

@@ -162,12 +162,20 @@ def pool_full(e: BaseException) -> bool:
     return isinstance(e, _POOL_FULL) and str(e) == "Too many connections"
 
 
+def credentials_refused(where: str, e: BaseException) -> str:
+    """What to say of a Redis (at ``where``, password masked) that refused the URL's credentials, or asked for a
+    password the URL does not give: no network trouble, and it says where to look. Under RESP3 Redis answers
+    the latter with two sentences about its HELLO command; Redis's RESP2 words stand for them."""
+    said = "Authentication required." if "HELLO must be called" in str(e) else redact(e)
+    if "@" not in where:
+        return f"Redis at {where} requires a password, and PAGEDSERVE_REDIS_URL gives none ({said})"
+    return f"Redis at {where} refused the credentials of PAGEDSERVE_REDIS_URL ({said}): check its user name and password"
+
+
 def unreachable(where: str, e: BaseException) -> RedisUnreachable:
-    """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials (a
-    wrong password is no network trouble, and says where to look)."""
+    """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials."""
     if isinstance(e, redis.AuthenticationError):
-        return RedisUnreachable(f"Redis at {where} refused the credentials ({redact(e)}): check the user name and "
-                                "password in the URL (PAGEDSERVE_REDIS_URL)")
+        return RedisUnreachable(credentials_refused(where, e))
     if "max number of clients reached" in str(e):  # a full server, not an outage: nothing was sent, retry later
         return RedisUnreachable(f"Redis at {where} has no connection free (max number of clients reached: its "
                                 "maxclients): nothing was sent; retry later, or raise maxclients or lower the "

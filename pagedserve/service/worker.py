@@ -39,6 +39,7 @@ import redis
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .claims import Claims
+from .client_core import credentials_refused
 from .connection import (
     REDIS_DEMOTED,
     REDIS_DOWN,
@@ -270,10 +271,7 @@ class Worker(WorkerPart):
         try:
             self.r.ping()
         except redis.AuthenticationError as e:
-            what = ("refused the credentials of PAGEDSERVE_REDIS_URL" if "@" in url
-                    else "requires a password, and PAGEDSERVE_REDIS_URL gives none")
-            raise redis.AuthenticationError(
-                f"Redis at {redact(url)} {what} ({redact(e)}): check its user name and password") from None
+            raise redis.AuthenticationError(credentials_refused(redact(url), e)) from None
         except REDIS_DOWN + REDIS_REFUSED as e:
             problem = tls_problem(e, url)
             if problem is not None:
