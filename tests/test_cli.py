@@ -774,6 +774,29 @@ def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_n
         assert admin.xlen("t:requests") == 0 and not admin.keys("t:cancelled:*")
 
 
+@pytest.mark.parametrize("refusal", ["maxmemory", "no-set"])
+def test_a_cancel_redis_refuses_says_why_in_redis_words_not_a_transactions(refusal):
+    """The cancel's transaction refused (its memory full; a user without SET) read "could not cancel id=ID:
+    Command # 1 (GET pagedserve:result:ID) of pipeline caused error: ...": the line names the refusal."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        if refusal == "maxmemory":
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+        else:
+            admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                              commands=["+@all", "-set"])
+            url = url.replace("redis://", "redis://app:pw@")
+        res = _cli({"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": "t"}, "cancel", "some-id")
+        admin.config_set("maxmemory", 0)
+        line = _one_line(res)
+        assert res.returncode == 1 and line.startswith("error: could not cancel id=some-id: "), line
+        assert "pipeline" not in line and "Command #" not in line and ":pw@" not in line, line
+        assert ("memory is full (maxmemory)" if refusal == "maxmemory" else "may not do this") in line, line
+        assert not admin.exists("t:cancelled:some-id")
+
+
 def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting():
     """A server that speaks first in another protocol (NATS's INFO greeting, an SMTP banner) gave redis-py's
     protocol error quoting the whole greeting, with no setting named, and submit offered to cancel a request it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 import typer
 from rich.console import Console
@@ -55,11 +56,11 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
             return f"error: {_naming_the_redis_url(text)}"
         return f"error: cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): {text}"
     if isinstance(e, redis.exceptions.OutOfMemoryError):
-        return f"error: Redis at {url} refuses writes, its memory is full (maxmemory): {redact(e).rstrip('.')}"
+        return f"error: Redis at {url} refuses writes, its memory is full (maxmemory): {_redis_said(e).rstrip('.')}"
     if isinstance(e, redis.exceptions.ReadOnlyError):
         return f"error: Redis at {url} is a read-only replica: point PAGEDSERVE_REDIS_URL at the primary"
     if isinstance(e, redis.exceptions.NoPermissionError):
-        return f"error: the Redis user of PAGEDSERVE_REDIS_URL ({url}) may not do this: {redact(e)}"
+        return f"error: the Redis user of PAGEDSERVE_REDIS_URL ({url}) may not do this: {_redis_said(e)}"
     from pagedserve.engine.default_model import ModelDownloadError
 
     if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
@@ -67,6 +68,11 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
     if isinstance(e, NameHeld):  # a second live worker under one name: the message says what to do (--name)
         return f"error: {redact(e)}"
     return f"error: {type(e).__name__}: {redact(e)}{_DEBUG_HINT}"
+
+
+def _redis_said(e: BaseException) -> str:
+    """Redis's own words, without redis-py's "Command # 1 (GET key) of pipeline caused error: " before them."""
+    return re.sub(r"^Command # \d+ \(.*?\) of pipeline caused error: ", "", redact(e), count=1, flags=re.S)
 
 
 _DEBUG_HINT = " (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG shows the traceback)"
@@ -100,8 +106,14 @@ def _redis_error(e: BaseException) -> str:
 
 
 def _not_redis_line(e: BaseException) -> str | None:
+    """explain_error's line where it says more than the error itself: a server that is not Redis, a full Redis,
+    a replica, a user without the command (redis-py's words for these are a transaction's "Command # 1 (GET
+    ...) of pipeline caused error: ...")."""
+    import redis
+
     line = explain_error(e)
-    return line.removeprefix("error: ") if "does not speak Redis's protocol" in line else None
+    refused = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError)
+    return line.removeprefix("error: ") if "does not speak Redis's protocol" in line or isinstance(e, refused) else None
 
 
 def _naming_the_redis_url(text: str) -> str:
