@@ -92,7 +92,7 @@ def test_the_dead_letter_is_deleted_only_after_the_xadd_succeeded(cli, r, prefix
     res = cli.invoke(app, ["queue", "requeue", "--all"])
     assert res.exit_code == 1
     line = one_line(res.stderr)
-    assert line.startswith("error: ") and "WRONGTYPE" in line, line
+    assert line.startswith(f"error: {keys.requests} is a string, not the stream pagedserve keeps there"), line
     assert line.endswith(f"(dead letter {first} was not requeued)"), line
     assert "req-a" not in line.removesuffix(f"(dead letter {first} was not requeued)")  # not the body quoted
     assert [e.decode() for e, _ in r.xrange(keys.dead)] == [first, second]
@@ -330,6 +330,21 @@ def test_an_unreachable_redis_is_one_line_without_its_password(monkeypatch):
         line = one_line(res.stderr)
         assert res.exit_code == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, (args, line)
         assert "s3cret" not in res.output and "PAGEDSERVE_REDIS_URL" in line
+
+
+def test_a_queue_key_something_else_wrote_is_named(cli, r, prefix):
+    """Redis's WRONGTYPE names no key: the queue commands printed "error: ResponseError: WRONGTYPE Operation
+    against a key holding the wrong kind of value" and left the operator to guess which. Now they name it."""
+    keys = Keys(prefix)
+    r.set(keys.requests, "not a stream")
+    r.set(keys.dead, "nor this")
+    for args in (["stats"], ["dead"], ["requeue", "--all"], ["purge-dead", "--yes"]):
+        res = cli.invoke(app, ["queue", *args])
+        line = one_line(res.stderr)
+        assert res.exit_code == 1 and "WRONGTYPE" not in line, (args, line)
+        assert f"{keys.requests} is a string, not the stream pagedserve keeps there" in line or args == ["dead"], line
+        assert f"{keys.dead} is a string, not the stream pagedserve keeps there" in line, line
+    assert r.get(keys.requests) == b"not a stream" and r.get(keys.dead) == b"nor this"  # left to the operator
 
 
 def test_a_redis_that_wants_a_password_the_url_lacks_or_gets_wrong_is_said_so(monkeypatch):

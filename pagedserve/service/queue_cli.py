@@ -13,6 +13,7 @@ other commands say them (cli_errors.py): 2 for a usage mistake, 1 for the rest (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -72,6 +73,38 @@ def _now_ms(r) -> int:  # noqa: ANN001 - a redis-py client
     return int(now_s) * 1000 + int(now_us) // 1000
 
 
+def _wrong_types(r, prefix: str, e: BaseException) -> str | None:  # noqa: ANN001 - a redis-py client
+    """For Redis's WRONGTYPE, which names no key: which key of the queue holds another type than pagedserve keeps
+    there (something else wrote it), and what to do; None for any other error, or where TYPE cannot tell."""
+    import redis
+
+    from .batch_keys import BatchKeys
+
+    if not (isinstance(e, redis.ResponseError) and str(e).startswith("WRONGTYPE")):
+        return None
+    keys = Keys(prefix)
+    kept = {keys.requests: "stream", keys.dead: "stream", BatchKeys(prefix).active: "zset"}
+    try:
+        wrong = [(k, got) for k in kept if (got := as_text(r.type(k))) not in ("none", kept[k])]
+    except redis.RedisError:
+        return None  # TYPE refused too: Redis's words are all there is
+    return ("; ".join(f"{k} is a {got}, not the {kept[k]} pagedserve keeps there" for k, got in wrong)
+            + ": something else wrote it; rename or delete it (the workers make it anew)") if wrong else None
+
+
+@contextlib.contextmanager
+def _wrong_types_named(r, prefix: str):  # noqa: ANN001 - a redis-py client
+    """A WRONGTYPE from the block, as a ``ValueError`` naming the key (one line, exit status 1)."""
+    import redis
+
+    try:
+        yield
+    except redis.ResponseError as e:
+        if (named := _wrong_types(r, prefix, e)) is None:
+            raise
+        raise ValueError(named) from None
+
+
 # ------------------------------------------------------------------------------------------------ stats
 def _stats(r, prefix: str) -> dict:  # noqa: ANN001 - a redis-py client
     import redis
@@ -128,7 +161,7 @@ def stats(as_json: bool = typer.Option(False, "--json", help="Print one JSON obj
     from .batch_client import no_worker
 
     s, r = _redis()
-    with r:
+    with r, _wrong_types_named(r, s.prefix):
         st = _stats(r, s.prefix)
         why = None if st["workers_alive"] else no_worker(r, s.prefix)
     if as_json:
@@ -198,7 +231,7 @@ def dead(
     """The dead letters, newest first: id in the dead-letter stream, time, kind, request id, reason, body (cut)."""
     s, r = _redis()
     keys = Keys(s.prefix)
-    with r:
+    with r, _wrong_types_named(r, s.prefix):
         total = r.xlen(keys.dead)
         entries = r.xrevrange(keys.dead, count=limit) if total else []
     letters = [_letter(e, body_chars) for e in entries]
@@ -380,7 +413,8 @@ def requeue(
             done = f"{tally.requeued} requeued before it; " if tally.requeued else ""
             where = (f"dead letter {current} was not requeued" if current
                      else f"nothing {'more ' if tally.requeued else ''}was requeued")
-            _fail(f"{explain_error(e).removesuffix(_DEBUG_HINT)} ({done}{where})", 1)
+            why = f"error: {named}" if (named := _wrong_types(r, s.prefix, e)) else explain_error(e)
+            _fail(f"{why.removesuffix(_DEBUG_HINT)} ({done}{where})", 1)
     what = "would be requeued" if dry_run else "requeued"
     if everything and not tally.requeued and not tally.kept:
         note(f"no dead letters in {keys.dead}")
@@ -408,7 +442,7 @@ def purge_dead(
     which = "" if older_than is None else f" older than {older_than:g} s"
     s, r = _redis()
     keys = Keys(s.prefix)
-    with r:
+    with r, _wrong_types_named(r, s.prefix):
         if not yes:
             _fail(f"error: purge-dead deletes dead letters for good: add --yes to delete them ({keys.dead} holds "
                   f"{r.xlen(keys.dead)}{'' if older_than is None else '; --older-than selects some of them'}; "
