@@ -68,10 +68,10 @@ _app_lock = threading.Lock()
 
 
 def _fresh_in_child() -> None:
-    """A forked process (a prefork pool's child, forked again whenever one dies) starts with no clients and new
-    locks (and no cancels of its own to send). A thread of the parent may hold the lock at the fork (a given-up task's cancel, run in the worker's
-    main process in a thread of its own) and no thread of the child would ever release it: the child's first
-    task would wait for it for good."""
+    """A forked process (a prefork pool's child, forked again whenever one dies) starts with no clients, new
+    locks and no cancels to send. A thread of the parent may hold the lock at the fork (the given-up tasks'
+    canceller, in the worker's main process) and no thread of the child would ever release it: the child's
+    first task would wait for it for good."""
     global _lock, _app_lock, _canceller
     _clients.clear()
     _lock, _app_lock = threading.Lock(), threading.Lock()

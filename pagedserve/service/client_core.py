@@ -169,7 +169,8 @@ def credentials_refused(where: str, e: BaseException) -> str:
     said = "Authentication required." if "HELLO must be called" in str(e) else redact(e)
     if "@" not in where:
         return f"Redis at {where} requires a password, and PAGEDSERVE_REDIS_URL gives none ({said})"
-    return f"Redis at {where} refused the credentials of PAGEDSERVE_REDIS_URL ({said}): check its user name and password"
+    return (f"Redis at {where} refused the credentials of PAGEDSERVE_REDIS_URL ({said}): check its user name and "
+            "password")
 
 
 def unreachable(where: str, e: BaseException) -> RedisUnreachable:
