@@ -139,3 +139,13 @@ def test_a_row_without_top_p_keeps_its_whole_distribution_beside_one_with_it():
     assert int((alone > 0).sum()) == row.shape[1]
     assert torch.equal(beside > 0, alone[0] > 0)
     assert int((_filter(row.clone(), [top_k_only]) > 0).sum()) == 40000
+
+
+def test_clone_is_a_deep_copy_as_vllms():
+    """vLLM's SamplingParams has clone(); code written for it called it and got an AttributeError."""
+    sp = SamplingParams(max_tokens=7, stop=["END"], seed=3, structured_outputs={"choice": ["yes", "no"]})
+    copy = sp.clone()
+    assert copy == sp and copy is not sp
+    copy.stop.append("STOP")
+    copy.structured_outputs["choice"].append("maybe")
+    assert sp.stop == ["END"] and sp.structured_outputs == {"choice": ["yes", "no"]}

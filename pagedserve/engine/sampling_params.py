@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import math
@@ -262,6 +263,11 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"{unknown[0]} is not a sampling parameter")
         return cls(**data)
+
+    def clone(self) -> SamplingParams:
+        """A deep copy, as vLLM's ``SamplingParams.clone()``: changing the copy's lists (``stop``, the
+        ``structured_outputs`` spec) leaves these as they are."""
+        return copy.deepcopy(self)
 
 
 def final_only(params: list) -> list:
