@@ -6,6 +6,8 @@ anything is sent; ``pickup_timeout`` says at once that no pagedserve worker is t
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 
 import pytest
@@ -32,10 +34,12 @@ def test_time_limits_and_revokes_cancel_the_request_on_every_pool(pool, prefix, 
     by its signals (a hard limit kills the process; the worker's main process cancels); elsewhere the task keeps
     its own limits and watches the worker's revoked set. Each of these ends within seconds and cancels its request
     (queued behind no pagedserve worker: it ends cancelled, never run); a caller-chosen id is left alone, as the
-    clients leave it. A plain revoke() stops a running task except on prefork (Celery's own rule there)."""
+    clients leave it. A plain revoke() stops a running task except on prefork (Celery's own rule there). A revoke
+    by stamped headers with terminate=True ends the task as revoke(terminate=True) does (on threads the task
+    watched only the revoked ids, and ran on to its timeout)."""
     with LocalRedis() as url:
         s = make_settings(url, prefix, celery_visibility_timeout_s=120)
-        with celery_worker(s, tmp_path / "celery.log", pool, 4 if pool == "prefork" else 8):
+        with celery_worker(s, tmp_path / "celery.log", pool, 5 if pool == "prefork" else 8):
             app = make_celery(s)
             keys = Keys(prefix)
             params = {"max_tokens": 5, "temperature": 0}
@@ -50,9 +54,13 @@ def test_time_limits_and_revokes_cancel_the_request_on_every_pool(pool, prefix, 
                 hard = send("hard", time_limit=3)
                 chosen = send("chosen", kwargs={"id": f"{prefix}-mine"}, soft_time_limit=3)
                 terminated = send("terminated")
+                stamp = f"batch-{prefix}"
+                stamped = app.signature("pagedserve.generate", kwargs={"prompt": "stamped", "params": params}).set(
+                    stamped_headers=["job"], job=stamp).apply_async()
                 revoked = send("revoked") if pool != "prefork" else None
-                wait_for(lambda: r.xlen(keys.requests) == (4 if revoked is None else 5), 60, what="requests queued")
+                wait_for(lambda: r.xlen(keys.requests) == (5 if revoked is None else 6), 60, what="requests queued")
                 terminated.revoke(terminate=True)
+                app.control.revoke_by_stamped_headers({"job": stamp}, terminate=True)
                 if revoked is not None:
                     revoked.revoke()  # no terminate: a running task on threads/gevent still stops
                 try:
@@ -62,7 +70,7 @@ def test_time_limits_and_revokes_cancel_the_request_on_every_pool(pool, prefix, 
                         hard.get(timeout=60)
                     with pytest.raises(Exception, match="SoftTimeLimitExceeded|soft time limit"):
                         chosen.get(timeout=60)
-                    for task in (t for t in (terminated, revoked) if t is not None):
+                    for task in (t for t in (terminated, stamped, revoked) if t is not None):
                         # REVOKED from the start: the task's own check stored FAILURE (Terminated) first on the
                         # pools that cannot kill it, and get() raised that.
                         with pytest.raises(TaskRevokedError):
@@ -72,7 +80,7 @@ def test_time_limits_and_revokes_cancel_the_request_on_every_pool(pool, prefix, 
                     pytest.fail(f"a task outlived its limit or revoke on the {pool} pool:\n"
                                 + (tmp_path / "celery.log").read_text(errors="replace")[-3000:])
                 assert time.monotonic() - started < 60
-                own = [t for t in (soft, hard, terminated, revoked) if t is not None]
+                own = [t for t in (soft, hard, terminated, stamped, revoked) if t is not None]
                 wait_for(lambda: all(r.exists(keys.cancelled(f"celery-{t.id}")) for t in own), 30,
                          what="the task's own ids cancelled")
                 assert not r.exists(keys.cancelled(f"{prefix}-mine"))
@@ -271,3 +279,34 @@ def test_a_given_up_tasks_cancel_outlasts_a_refused_write_and_says_when_it_canno
                 # One line (the threads pool's own traceback for terminate=True, "does not implement kill_job", is
                 # Celery's): no traceback through the tasks' code.
                 assert "celery_app.py" not in log_path.read_text(errors="replace")
+
+
+def test_a_task_ends_at_its_limit_while_pagedserves_redis_answers_nothing(prefix, tmp_path):
+    """pagedserve's Redis stopped answering (SIGSTOP: a hung primary, a partition) while a task waited on the
+    threads pool: the task gave up at its hard limit, then sent its cancel itself, six tries each waiting out the
+    10 s socket timeout, and ended some 75 s past a 4 s limit. The cancel goes to the process's canceller thread
+    now: the task ends within its limit and the one operation it was in, and the cancel lands once Redis
+    answers again. Celery's broker is a Redis of its own, as PAGEDSERVE_CELERY_BROKER_URL sets it."""
+    from pagedserve.service.client_core import SOCKET_TIMEOUT_S
+
+    silent = LocalRedis()
+    with silent as url, LocalRedis() as broker:
+        s = make_settings(url, prefix, celery_visibility_timeout_s=120, celery_broker_url=broker)
+        with celery_worker(s, tmp_path / "celery.log", "threads", 4):
+            app = make_celery(s)
+            keys = Keys(prefix)
+            with redis.Redis.from_url(url) as r:
+                task = app.send_task("pagedserve.generate", kwargs={"prompt": "silent", "params": {"max_tokens": 5}},
+                                     time_limit=4)
+                wait_for(lambda: task.state == "STARTED" and r.xlen(keys.requests) == 1, 60, 0.1,
+                         what="the task waiting on its request")
+                os.kill(silent.proc.pid, signal.SIGSTOP)
+                stopped = time.monotonic()
+                try:
+                    with pytest.raises(Exception, match="TimeLimitExceeded|time limit"):
+                        task.get(timeout=120)
+                    ended = time.monotonic() - stopped
+                finally:
+                    os.kill(silent.proc.pid, signal.SIGCONT)
+                assert ended < 4 + SOCKET_TIMEOUT_S + 5, ended
+                wait_for(lambda: r.exists(keys.cancelled(f"celery-{task.id}")), 60, 0.2, what="the cancel")

@@ -17,9 +17,11 @@ Invariants:
   raises ``ValueError``;
 - a ``generate`` task given up (revoked, terminated, past its soft or hard time limit) cancels its request when
   the id is the task's own (``celery-<task id>``): no one else can be waiting for it (a cancel Redis refuses or
-  does not answer is tried again for about 8 s, then given up with a warning naming the request). A caller-chosen
+  does not answer is tried again for about 8 s from a thread, then given up with a warning naming the request; the
+  task does not wait for it). A caller-chosen
   id may be shared and is left alone; the task's own ``timeout`` and ``pickup_timeout`` cancel nothing (same id, same
-  result later). The task keeps its time limits itself and polls the worker's revoked set while it waits:
+  result later). The task keeps its time limits itself and polls the worker's revoked set (and revoked stamps)
+  while it waits:
   the threads pool enforces no limit and cannot terminate, gevent ignores soft limits; prefork's signals and
   gevent's kills still come first where they exist, and the worker's signals cancel for them. A revoked task
   ends ``REVOKED`` on every pool;
@@ -393,15 +395,18 @@ def _limits(task: Any) -> tuple[float | None, float | None]:
 
 def _giving_up(task: Any, started: float) -> Callable[[], None]:
     """A check that raises what Celery would have raised when this run is given up: revoked (``Terminated``; the
-    worker adds the id to its revoked set before it tries to terminate), past its soft limit
+    worker adds the id to its revoked set before it tries to terminate, or the stamp to its revoked stamps for
+    ``revoke_by_stamped_headers``), past its soft limit
     (``SoftTimeLimitExceeded``) or its hard limit (``TimeLimitExceeded``). Needed where the pool enforces
     neither (threads: no time limit, no terminate; gevent: no soft limit). A prefork child's revoked set is a
     copy taken at fork and never changes: there the worker's signals do it."""
     hard, soft = _limits(task)
     task_id = task.request.id
+    stamped = task.request.stamped_headers or ()
+    stamps = {k: v for k, v in (task.request.stamps or {}).items() if k in stamped}
 
     def check() -> None:
-        if task_id in worker_state.revoked:
+        if task_id in worker_state.revoked or (stamps and _revoked_by_stamp(stamps)):
             raise Terminated(f"revoked: {task_id}")
         elapsed = time.monotonic() - started
         if soft is not None and elapsed >= soft:
@@ -410,6 +415,19 @@ def _giving_up(task: Any, started: float) -> Callable[[], None]:
             raise TimeLimitExceeded(f"time limit ({hard:g} s) exceeded")
 
     return check
+
+
+def _revoked_by_stamp(stamps: dict[str, Any]) -> bool:
+    """Whether one of the run's stamps is revoked, matched as Celery matches a request's stamps (a stamp holds
+    one value or several, a revoke names one or several)."""
+    for header, value in stamps.items():
+        revoked = worker_state.revoked_stamps.get(header)
+        if revoked is None:
+            continue
+        revoked = revoked if isinstance(revoked, (list, tuple, set)) else [revoked]
+        if any(v in revoked for v in (value if isinstance(value, (list, tuple)) else [value])):
+            return True
+    return False
 
 
 def _watched(wait: Generator[Any, Any, None], check: Callable[[], None]) -> Generator[Any, Any, None]:
@@ -514,8 +532,8 @@ def _register(app: Celery) -> None:
                 if (end := first_terminal(ev)) is not None:
                     return end.model_dump(mode="json")
         except given_up as e:
-            if not id:
-                _cancel_quietly(app, req.id)
+            if not id:  # sent by this process's canceller: the task ends now, whatever Redis does
+                _cancel_in_background(app, req.id)
             if isinstance(e, Terminated):  # revoked: stored as REVOKED, as where Celery itself ends the task
                 _store_revoked(self, str(e))
                 raise Ignore() from None  # the worker acknowledges the message and stores nothing more
@@ -539,8 +557,10 @@ def _store_revoked(task: Any, reason: str) -> None:
 
 
 class _Canceller:
-    """Sends given-up tasks' cancels from the Celery worker's main process, in one thread for all of them, without
-    holding up the worker's loop. Each cancel is tried at once, then again after each of
+    """Sends given-up tasks' cancels, in one thread of the process for all of them (the Celery worker's main
+    process for what its signals report, a pool process for its own tasks), holding up neither the worker's loop
+    nor a task past its limit (each try can wait out a socket timeout on a silent Redis). Each cancel is tried at
+    once, then again after each of
     :data:`CANCEL_RETRY_PAUSES_S` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be reached
     (a cancel can be sent twice), then given up with one warning naming the request.
 
@@ -589,19 +609,6 @@ class _Canceller:
             self._schedule(CANCEL_RETRY_PAUSES_S[tries], tries + 1, app, request_id)
         else:
             _warn_not_cancelled(request_id, error)
-
-
-def _cancel_quietly(app: Celery, request_id: str) -> bool:
-    """A given-up task's cancel, sent from the task itself on the schedule :class:`_Canceller` keeps; never raises
-    (the task is over either way). True when it got through."""
-    for pause in (*CANCEL_RETRY_PAUSES_S, None):
-        if (error := _try_cancel(app, request_id)) is None:
-            return True
-        if pause is None:
-            _warn_not_cancelled(request_id, error)
-            return False
-        time.sleep(pause)
-    raise AssertionError("unreachable")
 
 
 def _try_cancel(app: Celery, request_id: str) -> Exception | None:
