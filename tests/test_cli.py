@@ -751,10 +751,11 @@ def test_submit_to_a_database_redis_lacks_says_it_once_and_offers_no_cancel(redi
     assert line.count("DB index is out of range") == 1 and "cancel" not in line and "id=" not in line, line
 
 
-@pytest.mark.parametrize("refusal", ["maxmemory", "no-xadd"])
-def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_nothing(refusal):
-    """Redis refused the XADD itself (its memory full; a user without XADD): nothing was queued, yet submit said
-    "cancelled", or that it could not cancel it and how to (the cancel refused in its turn)."""
+@contextlib.contextmanager
+def _refusing_redis(refusal: str, without: str):
+    """A Redis of the test's own that refuses writes: its memory full ("maxmemory"), or, for any other
+    ``refusal``, a user ``app`` (the URL's) without the command ``without`` names ("-xadd"). Yields (URL, an
+    admin client)."""
     from pagedserve.service.redis_server import LocalRedis
 
     with LocalRedis() as url, redis.Redis.from_url(url) as admin:
@@ -763,8 +764,16 @@ def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_n
             admin.config_set("maxmemory", 1)
         else:
             admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                              commands=["+@all", "-xadd"])
+                              commands=["+@all", without])
             url = url.replace("redis://", "redis://app:pw@")
+        yield url, admin
+
+
+@pytest.mark.parametrize("refusal", ["maxmemory", "no-xadd"])
+def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_nothing(refusal):
+    """Redis refused the XADD itself (its memory full; a user without XADD): nothing was queued, yet submit said
+    "cancelled", or that it could not cancel it and how to (the cancel refused in its turn)."""
+    with _refusing_redis(refusal, "-xadd") as (url, admin):
         res = _submit({"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": "t"})
         admin.config_set("maxmemory", 0)
         line = _one_line(res)
@@ -778,16 +787,7 @@ def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_n
 def test_a_cancel_redis_refuses_says_why_in_redis_words_not_a_transactions(refusal):
     """The cancel's transaction refused (its memory full; a user without SET) read "could not cancel id=ID:
     Command # 1 (GET pagedserve:result:ID) of pipeline caused error: ...": the line names the refusal."""
-    from pagedserve.service.redis_server import LocalRedis
-
-    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
-        if refusal == "maxmemory":
-            admin.config_set("maxmemory-policy", "noeviction")
-            admin.config_set("maxmemory", 1)
-        else:
-            admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                              commands=["+@all", "-set"])
-            url = url.replace("redis://", "redis://app:pw@")
+    with _refusing_redis(refusal, "-set") as (url, admin):
         res = _cli({"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": "t"}, "cancel", "some-id")
         admin.config_set("maxmemory", 0)
         line = _one_line(res)
