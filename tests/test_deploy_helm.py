@@ -263,6 +263,34 @@ def test_service_monitor(rendered):
     assert not by_kind(rendered["gpu"], "ServiceMonitor")
 
 
+def test_a_scrape_timeout_longer_than_the_interval_is_refused_and_an_empty_one_left_to_prometheus():
+    """interval 5s beside the scrapeTimeout default of 10s rendered a scrape Prometheus refuses ("scrape timeout
+    greater than scrape interval"): the workers were never scraped, the alerts and the batch trigger read nothing.
+    The timeout is left out unless set (Prometheus cuts its own to the interval), and a longer one is refused."""
+    def endpoint(**sm) -> dict:
+        return one(render({"serviceMonitor": {"enabled": True, **sm}}), "ServiceMonitor")["spec"]["endpoints"][0]
+
+    assert "scrapeTimeout" not in endpoint(interval="5s")
+    assert endpoint(interval="1m", scrapeTimeout="59s")["scrapeTimeout"] == "59s"
+    assert endpoint(interval="1m30s", scrapeTimeout="1m30s")["scrapeTimeout"] == "1m30s"
+    for interval, timeout in (("5s", "10s"), ("9s", "10s"), ("1m", "1m1s"), ("500ms", "1s")):
+        render_fails({"serviceMonitor": {"enabled": True, "interval": interval, "scrapeTimeout": timeout}},
+                     f"serviceMonitor.scrapeTimeout: {timeout} is longer than serviceMonitor.interval ({interval})")
+    with helm.Chart.load(str(CHART)) as chart:
+        for bad in ({"interval": "5"}, {"interval": ""}, {"scrapeTimeout": "ten"}, {"interval": "1.5s"}):
+            with pytest.raises(helm.HelmError):
+                chart.validate_schema({"serviceMonitor": bad})
+
+
+def test_a_pod_label_the_chart_sets_is_refused():
+    """podLabels were written after the chart's own labels: one of the same name rendered a duplicate YAML key,
+    and a pod template whose labels do not match the Deployment's selector, which the API server refuses."""
+    for name in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"):
+        render_fails({"podLabels": {name: "other"}}, f"podLabels.{name}: the chart sets this label")
+    labels = one(render({"podLabels": {"team": "ml"}}), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "ml" and labels["app.kubernetes.io/component"] == "worker"
+
+
 def test_cpu_only(rendered):
     docs = rendered["cpu"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]

@@ -462,3 +462,15 @@ enableTLS: {{ include "pagedserve.redisTLS" . | quote }}
 unsafeSsl: "true"
 {{- end }}
 {{- end }}
+
+{{- /* A Prometheus duration (1h30m, 15s, 500ms; the schema checks the form) in milliseconds. include returns
+text: atoi it before comparing ("9000" > "10000" as strings). */}}
+{{- define "pagedserve.durationMs" -}}
+{{- $units := dict "y" 31536000000 "w" 604800000 "d" 86400000 "h" 3600000 "m" 60000 "s" 1000 "ms" 1 -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|[ywdhms])" . -1 -}}
+{{- $digits := regexFind "^[0-9]+" . -}}
+{{- $total = add $total (mul (atoi $digits) (get $units (trimPrefix $digits .))) -}}
+{{- end -}}
+{{- $total -}}
+{{- end }}
