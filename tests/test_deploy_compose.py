@@ -220,6 +220,14 @@ def test_exporter_exports_every_stream_the_alerts_watch(resolved):
     assert selectors  # the dead-letter alert
     for regex in selectors:
         assert any(re.fullmatch(regex, s) for s in streams), f"no exported stream matches {regex!r}: {streams}"
+    # ... and every single key (redis_key_size): the set of active batches, without which PagedserveNoWorkers
+    # stayed quiet in this stack while a batch waited with no worker up.
+    single = resolved["services"]["redis-exporter"]["environment"].get("REDIS_EXPORTER_CHECK_SINGLE_KEYS", "")
+    keys = [p.partition("=")[2] if "=" in p else p for p in single.split(",") if p]
+    key_selectors = [m for g in rules["groups"] for r in g["rules"] for m in re.findall(r'key=~"([^"]+)"', r["expr"])]
+    assert key_selectors  # the no-workers alert
+    for regex in key_selectors:
+        assert any(re.fullmatch(regex, k) for k in keys), f"no exported key matches {regex!r}: {keys}"
 
 
 @needs_compose
