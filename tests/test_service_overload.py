@@ -135,3 +135,26 @@ def test_batch_lines_are_not_shed(redis_url, prefix, shared_engine):
             err = c.wait("old-shed", timeout=60)
     assert status["request_counts"] == {"total": 24, "completed": 24, "failed": 0}, status["request_counts"]
     assert isinstance(err, ErrorEvent) and err.error.code == "overloaded"
+
+
+def test_a_request_taken_over_after_it_streamed_tokens_is_continued_not_shed(redis_url, prefix, shared_engine):
+    """A worker that streamed tokens of a request and died left it started: its client had those tokens. The
+    worker taking it over judged it on its age from the first XADD like one never started, and answered
+    ``overloaded`` after the tokens ("request waited 3732 ms in the queue"). It continues it after them; an entry
+    as old that nothing started is still shed."""
+    s = make_settings(redis_url, prefix, max_queue_ms=1000)
+    keys = Keys(prefix)
+    rid = "taken-over"
+    with redis.Redis.from_url(redis_url) as r, Client(settings=s) as c:
+        for seq in range(3):  # what the dead worker handed out
+            r.xadd(keys.events(rid), {"data": json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq,
+                                                           "token_ids": [7], "text": "x"})})
+        _xadd_old(r, keys, {"id": rid, "prompt": "x", "params": {"max_tokens": 6, "ignore_eos": True}})
+        r.xadd(keys.requests, {"body": json.dumps({"id": "never-started", "prompt": "x"})},
+               id=f"{int(time.time() * 1000) - 59_000}-0")
+        with running_worker(s, shared_engine):
+            done = c.wait(rid, timeout=60)
+            shed = c.wait("never-started", timeout=60)
+    assert isinstance(done, DoneEvent), done
+    assert done.outputs[0].token_ids[:3] == [7, 7, 7] and len(done.outputs[0].token_ids) == 6
+    assert isinstance(shed, ErrorEvent) and shed.error.code == "overloaded", shed

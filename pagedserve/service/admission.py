@@ -165,7 +165,8 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
     The wait runs from the entry's XADD (the time in its stream id) to its pick-up, redeliveries included: an
     entry reclaimed from a dead worker has waited all that time too. Past the limit its client has likely given
     up, and starting it would only make every later request wait longer. Checked after validation (a request
-    that can never succeed says why instead) and after the cancelled-before-pick-up check.
+    that can never succeed says why instead) and after the cancelled-before-pick-up check; not for one taken
+    over after a worker streamed tokens of it and died (it started: its client reads those tokens).
 
     A batch line is never shed: the feeder adds lines only while the worker has room, so what it waits is the
     admission of the lines fed with it, and no client waits on it; its limit is the batch's completion window.
@@ -559,7 +560,8 @@ class Admission(WorkerPart):
                 self._cancelled_before_start(req, entry_ids, fields, deliveries, arrival, prompt, params, span, log,
                                              has_events)
                 return
-            check_queue_wait(req, now - arrival, self.settings.max_queue_ms)
+            if not has_events:  # one that streamed tokens under a worker that died has started: never shed
+                check_queue_wait(req, now - arrival, self.settings.max_queue_ms)
         except InvalidRequestError as e:
             self.outcomes.error(req.id, entry_ids, e.code, e.message, req.metadata, span)
             return
