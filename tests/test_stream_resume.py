@@ -385,6 +385,33 @@ def test_tokens_another_model_streamed_are_not_continued_and_the_worker_says_so(
     assert "not a token id in" in warned["reason"] and "another model" in warned["note"], warned
 
 
+def test_token_events_no_worker_wrote_are_not_continued_and_the_request_runs_from_its_start(redis_url, prefix,
+                                                                                             shared_engine):
+    """An events stream holding a token event of another shape (token ids as text or fractions, logprobs not
+    objects, text a number: written by hand, or by something else) answered the id with an ``internal`` error
+    ("admission failed: ValueError: invalid literal for int()"), or (5.7) continued after token 5. The request
+    runs from its start, its events numbered on after the odd one, as after a gap."""
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    odd = {"str-tokens": {"token_ids": ["a"], "text": "a"}, "fraction": {"token_ids": [5.7], "text": "a"},
+           "list-logprobs": {"token_ids": [5], "text": "a", "logprobs": [3]}, "int-text": {"token_ids": [5], "text": 7},
+           "bool-token": {"token_ids": [True], "text": "a"}}
+    with redis.Redis.from_url(redis_url) as r:
+        for rid, event in odd.items():
+            r.xadd(keys.events(rid), {"data": json.dumps({"type": "token", "id": rid, "index": 0, "seq": 0, **event})})
+        with running_worker(s, shared_engine), Client(settings=s) as c:
+            done = {rid: c.generate("hello", id=rid, params={"max_tokens": 4, "ignore_eos": True, "temperature": 0},
+                                    timeout=60) for rid in odd}
+            fresh = c.generate("hello", params={"max_tokens": 4, "ignore_eos": True, "temperature": 0}, timeout=60)
+        for rid, d in done.items():
+            assert isinstance(d, DoneEvent), (rid, d)
+            assert d.outputs[0].token_ids == fresh.outputs[0].token_ids and d.outputs[0].text == fresh.outputs[0].text
+            assert d.metrics.queued_ms >= 0, (rid, d.metrics)
+            seqs = [json.loads(f[b"data"])["seq"] for _, f in r.xrange(keys.events(rid))
+                    if json.loads(f[b"data"])["type"] == "token"]
+            assert seqs[0] == 0 and seqs[1:] == list(range(1, len(seqs))), (rid, seqs)
+
+
 def _token_event(rid: str, seq: int, text: str) -> str:
     return json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq, "token_ids": [7], "text": text})
 

@@ -577,7 +577,8 @@ class Admission(WorkerPart):
                 self.waiting[req.id] = Waiting(req, EntryIds(entry_ids), fields, deliveries)
                 return
             job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
-            job.first_token_at = emitted.first_token_at
+            # Not before the request came: an event of an earlier request of this id, or written by hand, is older.
+            job.first_token_at = None if emitted.first_token_at is None else max(emitted.first_token_at, arrival)
             log.info("request_resumed", outputs=len(emitted.outputs), continued=job.resume is not None,
                      tokens=sum(len(o.token_ids) for o in emitted.outputs.values()))  # unless the engine refuses it
         if not engine.structured_ready(params):  # its grammar compiles off the loop; it waits here meanwhile

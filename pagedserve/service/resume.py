@@ -130,21 +130,40 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emi
         if not isinstance(index, int) or not isinstance(seq, int):
             emitted.resumable = False
             continue
-        if emitted.first_token_at is None:
-            emitted.first_token_at = entry_time(entry_id)
         o = emitted.outputs.setdefault(index, Output())
         if seq < o.next_seq:
             continue  # appended twice (a flush that broke off was sent again)
-        if seq > o.next_seq:
-            emitted.resumable = False  # a gap: events were dropped (or trimmed), the tokens are not all here
+        parts = _parts(ev)
+        if seq > o.next_seq or parts is None:
+            # A gap (events dropped or trimmed), or an event no worker wrote: the tokens are not all here.
+            emitted.resumable = False
             o.next_seq = seq + 1
             continue
+        if emitted.first_token_at is None:
+            emitted.first_token_at = entry_time(entry_id)
         o.next_seq = seq + 1
-        o.token_ids.extend(int(t) for t in ev.get("token_ids") or [])
-        o.texts.append(ev.get("text") or "")
-        lp = ev.get("logprobs")
-        if lp is not None:
+        token_ids, text, logprobs = parts
+        o.token_ids.extend(token_ids)
+        o.texts.append(text)
+        if logprobs is not None:
             if o.logprobs is None:
                 o.logprobs = []
-            o.logprobs.extend({int(k): float(v) for k, v in d.items()} for d in lp)
+            o.logprobs.extend(logprobs)
     return emitted
+
+
+def _parts(ev: dict) -> tuple[list[int], str, list[dict[int, float]] | None] | None:
+    """A token event's token ids, text and logprobs as a worker writes them; None for any other shape (written
+    by hand or by something else), which no run can be continued after."""
+    token_ids, text, logprobs = ev.get("token_ids") or [], ev.get("text") or "", ev.get("logprobs")
+    if (not isinstance(token_ids, list) or not all(type(t) is int and t >= 0 for t in token_ids)
+            or not isinstance(text, str)):
+        return None
+    if logprobs is not None:
+        if not isinstance(logprobs, list) or not all(isinstance(d, dict) for d in logprobs):
+            return None
+        try:
+            logprobs = [{int(k): float(v) for k, v in d.items()} for d in logprobs]
+        except (TypeError, ValueError):
+            return None
+    return token_ids, text, logprobs
