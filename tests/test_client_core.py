@@ -1459,3 +1459,49 @@ def test_an_end_published_by_someone_else_is_not_the_answer(redis_url, prefix, s
         done = c.generate("The sky is", id=rid, params={"max_tokens": 64, "ignore_eos": True}, timeout=120)
         t.join()
     assert done.outputs[0].text != "forged" and len(done.outputs[0].token_ids) == 64
+
+
+def test_a_forked_childs_close_cancels_nothing_of_the_parents_and_never_waits_on_its_lock(redis_url, prefix):
+    """A process that forks (a prefork web server, multiprocessing) while a thread waits in ``generate`` on a
+    shared Client: the child's close() cancelled the parent's request, as if the child's copy of the client had
+    sent it (a fork copies no other thread, so the child has no such call). And a lock such a thread held at the
+    fork would be held in the child for good. Real fork, real Redis."""
+    import subprocess
+    import sys
+
+    from service_fixtures import REPO
+
+    code = ("import os, sys, threading, time\n"
+            "import redis\n"
+            "from pagedserve import Client\n"
+            "url, prefix = sys.argv[1], sys.argv[2]\n"
+            "c = Client(url, prefix=prefix)\n"
+            "def wait():\n"
+            "    try: c.generate('parent call', params={'max_tokens': 4}, timeout=6)\n"
+            "    except Exception: pass\n"
+            "waiter = threading.Thread(target=wait); waiter.start()\n"
+            "r = redis.Redis.from_url(url)\n"
+            "while not r.exists(prefix + ':requests'): time.sleep(0.02)\n"
+            "held, release = threading.Event(), threading.Event()\n"
+            "def hold():\n"
+            "    with c._owned_lock:\n"
+            "        held.set(); release.wait()\n"
+            "holder = threading.Thread(target=hold); holder.start(); held.wait()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    c.close(); os._exit(0)\n"
+            "release.set()\n"
+            "deadline = time.monotonic() + 20\n"
+            "while time.monotonic() < deadline:\n"
+            "    done, status = os.waitpid(pid, os.WNOHANG)\n"
+            "    if done: break\n"
+            "    time.sleep(0.05)\n"
+            "else:\n"
+            "    os.kill(pid, 9); os.waitpid(pid, 0); print('the child waited on the lock'); sys.exit(1)\n"
+            "cancelled = list(r.scan_iter(match=prefix + ':cancelled:*'))\n"
+            "print('cancelled', cancelled); sys.exit(2 if cancelled else 0)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", code, redis_url, prefix], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any
 
@@ -133,6 +134,18 @@ def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | Non
         return None
 
 
+# Every Client of this process, for the at-fork reset (Client._forked); weak, so it keeps none alive.
+_clients: weakref.WeakSet = weakref.WeakSet()
+
+
+def _reset_forked_clients() -> None:
+    for client in list(_clients):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_reset_forked_clients)
+
+
 class Client(ProducerCore):
     """Synchronous producer. ``with Client() as c: print(c.generate("Hello", params={"max_tokens": 8}).text)``."""
 
@@ -155,6 +168,13 @@ class Client(ProducerCore):
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
         )
+        _clients.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the calls that sent the ids in ``_owned`` are the parent's (a fork copies no other
+        thread), so the child's close() must not cancel them, and a lock one of them held at the fork would never
+        be released here. (redis-py's pool makes new connections in the child by itself.)"""
+        self._owned, self._owned_lock = set(), threading.Lock()
 
     def close(self) -> None:
         """Cancel what the calls still waiting in other threads sent under ids of their own making (their callers
