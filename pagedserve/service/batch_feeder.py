@@ -70,7 +70,7 @@ class BatchFeeder(WorkerPart):
     _next_stats: float = field(default=0.0, init=False)
     _next_feed: float = field(default=0.0, init=False)
     _next_scripts: float = field(default=0.0, init=False)
-    _capacity: int = field(default=0, init=False)  # the room this worker had when it last held no request
+    _capacity: int = field(default=0, init=False)  # its room when it last held no request (max_num_seqs at most)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
     _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
@@ -90,7 +90,7 @@ class BatchFeeder(WorkerPart):
         """Room kept free for interactive requests: an eighth of what this worker can run at once, at least one.
         That is its sequence slots, or fewer where its KV pool is what bounds it (its room when it last held no
         request): an eighth of 256 slots is more than a pool of 32 blocks ever leaves."""
-        return max(1, min(self.settings.max_num_seqs, self._capacity) // 8)
+        return max(1, self._capacity // 8)
 
     @property
     def refeed_after_ms(self) -> int:

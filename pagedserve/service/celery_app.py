@@ -560,9 +560,9 @@ class _Canceller:
     """Sends given-up tasks' cancels, in one thread of the process for all of them (the Celery worker's main
     process for what its signals report, a pool process for its own tasks), holding up neither the worker's loop
     nor a task past its limit (each try can wait out a socket timeout on a silent Redis). Each cancel is tried at
-    once, then again after each of
-    :data:`CANCEL_RETRY_PAUSES_S` while Redis refuses the mark (maxmemory, a read-only replica) or cannot be reached
-    (a cancel can be sent twice), then given up with one warning naming the request.
+    once, then again after each of :data:`CANCEL_RETRY_PAUSES_S` while Redis refuses the mark (maxmemory, a
+    read-only replica) or cannot be reached (a cancel can be sent twice), then given up with one warning naming
+    the request.
 
     One thread, not one per cancel: a revoke of thousands of tasks, or a pool whose tasks all pass their time limit,
     while Redis refuses writes would otherwise hold a thread per request for the whole schedule, each one a process

@@ -100,12 +100,12 @@ def _refused_the_request(e: BaseException) -> bool:
 def _redis_error(e: BaseException) -> str:
     """What a Redis error says, its URL's password masked; a database the server lacks named as such."""
     missing = _missing_database(e)
-    if missing is None and (other := _not_redis_line(e)) is not None:
+    if missing is None and (other := _explained_line(e)) is not None:
         return other
     return missing.removeprefix("error: ") if missing is not None else _naming_the_redis_url(redact(e))
 
 
-def _not_redis_line(e: BaseException) -> str | None:
+def _explained_line(e: BaseException) -> str | None:
     """explain_error's line where it says more than the error itself: a server that is not Redis, a full Redis,
     a replica, a user without the command (redis-py's words for these are a transaction's "Command # 1 (GET
     ...) of pipeline caused error: ...")."""

@@ -134,6 +134,13 @@ def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | Non
         return None
 
 
+def _queued(pipe: Any, commands: list[tuple[str, tuple, dict]]) -> Any:
+    """``pipe`` (a redis-py pipeline, sync or async) with ``commands`` (name, args, kwargs) queued on it."""
+    for name, args, kwargs in commands:
+        getattr(pipe, name)(*args, **kwargs)
+    return pipe
+
+
 # Every Client of this process, for the at-fork reset (Client._forked); weak, so it keeps none alive.
 _clients: weakref.WeakSet = weakref.WeakSet()
 
@@ -196,11 +203,8 @@ class Client(ProducerCore):
         pool), within CLOSE_CANCELS_S: best effort, as Redis may be the reason for the close."""
         with contextlib.suppress(Exception), redis.Redis.from_url(
                 self.redis_url, socket_timeout=CLOSE_CANCELS_S, socket_connect_timeout=CLOSE_CANCELS_S) as r:
-            pipe = r.pipeline(transaction=True)
-            for rid in request_ids:
-                for name, args, kwargs in self._cancel_commands(rid):
-                    getattr(pipe, name)(*args, **kwargs)
-            pipe.execute()
+            commands = [c for rid in request_ids for c in self._cancel_commands(rid)]
+            _queued(r.pipeline(transaction=True), commands).execute()
 
     def __enter__(self) -> Client:
         return self
@@ -236,15 +240,9 @@ class Client(ProducerCore):
         self._check_open()
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         with self._reaching():
-            look = self.r.pipeline(transaction=False)
-            for name, args, kwargs in commands[:self.CANCEL_LOOK]:
-                getattr(look, name)(*args, **kwargs)
-            replies = look.execute()
+            replies = _queued(self.r.pipeline(transaction=False), commands[:self.CANCEL_LOOK]).execute()
             if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
-                pipe = self.r.pipeline(transaction=True)
-                for name, args, kwargs in commands:
-                    getattr(pipe, name)(*args, **kwargs)
-                replies = pipe.execute()
+                replies = _queued(self.r.pipeline(transaction=True), commands).execute()
             return self._cancel_outcome(replies)
 
     def result(self, request_id: str) -> Terminal | None:
@@ -567,15 +565,9 @@ class AsyncClient(ProducerCore):
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         self._bind_loop()
         with self._reaching():
-            look = self.r.pipeline(transaction=False)
-            for name, args, kwargs in commands[:self.CANCEL_LOOK]:
-                getattr(look, name)(*args, **kwargs)
-            replies = await look.execute()
+            replies = await _queued(self.r.pipeline(transaction=False), commands[:self.CANCEL_LOOK]).execute()
             if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
-                pipe = self.r.pipeline(transaction=True)
-                for name, args, kwargs in commands:
-                    getattr(pipe, name)(*args, **kwargs)
-                replies = await pipe.execute()
+                replies = await _queued(self.r.pipeline(transaction=True), commands).execute()
             return self._cancel_outcome(replies)
 
     async def result(self, request_id: str) -> Terminal | None:
