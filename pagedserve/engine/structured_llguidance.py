@@ -395,6 +395,93 @@ JSON_ESCAPES_WITHOUT_U = 'nrbtf\\"'
 _CONTROL = re.compile(r"[\x00-\x07\x0b\x0e-\x1f]|\\(?:x[01][0-9a-fA-F]|u00[01][0-9a-fA-F]|c[A-Za-z@]|0)")
 
 
+_SCALAR_TYPES = frozenset(("string", "number", "integer", "boolean", "null"))
+
+
+def _pointer_target(ref: str, root: object) -> object:
+    """What local ``$ref`` ``ref`` ("#", "#/$defs/a") points at in ``root``; None for another kind of ref."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None
+    target: object = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict):
+            target = target.get(part)
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            return None
+    return target
+
+
+def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) -> bool:
+    """Whether schema ``node`` admits a value of finite size, given for each local ``$ref`` whether its target
+    does (``finite_refs``; a ref not in it counts as finite). Only recursion is judged: where this cannot tell
+    (a pattern, a keyword it does not read), it says True, and llguidance's compile judges the rest."""
+    if not isinstance(node, dict):
+        return node is not False
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not finite_refs.get(ref, True):
+        return False
+    every = node.get("allOf")
+    if isinstance(every, list) and not all(_has_finite_value(n, root, finite_refs) for n in every):
+        return False
+    for key in ("anyOf", "oneOf"):
+        some = node.get(key)
+        if isinstance(some, list) and not any(_has_finite_value(n, root, finite_refs) for n in some):
+            return False
+    if "enum" in node or "const" in node:
+        return True
+    types = node.get("type")
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or any(t in _SCALAR_TYPES for t in types):
+        return True  # any type allowed, or a scalar one (a JSON Schema without "type" allows every type)
+    if "object" in types:
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        extra = node.get("additionalProperties", True)
+        if all(_has_finite_value(props[n] if n in props else extra, root, finite_refs)
+               for n in required if isinstance(n, str)):
+            return True
+    if "array" in types:
+        least = node.get("minItems", 0)
+        least = int(least) if isinstance(least, (int, float)) and not isinstance(least, bool) else 0
+        prefix = node.get("prefixItems", node.get("items") if isinstance(node.get("items"), list) else [])
+        prefix = prefix if isinstance(prefix, list) else []
+        rest = node.get("additionalItems", True) if isinstance(node.get("items"), list) else node.get("items", True)
+        needed = prefix[:least] + ([rest] if least > len(prefix) else [])
+        if all(_has_finite_value(n, root, finite_refs) for n in needed):
+            return True
+    return False
+
+
+def endless_schema(schema: object) -> str | None:
+    """Why ``schema`` admits no value of finite size, or None: every value it allows must hold another of its
+    own kind without end (a required property, or an item below ``minItems``, whose schema refers back to the
+    one holding it). llguidance compiles such a schema, and its output runs to ``max_tokens`` (with flexible
+    whitespace) without ever parsing. Each ``$ref`` starts as admitting nothing and is judged again until no
+    judgement changes (the least fixed point: a ref admits a finite value only through a path that ends)."""
+    if not isinstance(schema, dict):
+        return None
+    refs = {node["$ref"] for _, node in _schemas(schema) if isinstance(node.get("$ref"), str)
+            and isinstance(_pointer_target(node["$ref"], schema), (dict, bool))}
+    finite_refs = dict.fromkeys(refs, False)
+    changed = True
+    while changed:
+        changed = False
+        for ref in refs:
+            if not finite_refs[ref] and _has_finite_value(_pointer_target(ref, schema), schema, finite_refs):
+                finite_refs[ref] = changed = True
+    if _has_finite_value(schema, schema, finite_refs):
+        return None
+    endless = sorted(ref for ref, finite in finite_refs.items() if not finite)
+    return (f"json matches no value of finite size: every value it allows holds another without end ({endless[0]!r} "
+            "is needed inside itself, through a required property or an array's minItems); make the recursion "
+            "optional: leave the property out of required, or allow minItems 0, or add an anyOf branch that ends")
+
+
 def _names_control_characters(schema: object) -> bool:
     """Whether a string of ``schema`` (a key or a value: a const, an enum, a pattern) names a control character
     that JSON can write only as a \\u escape."""
@@ -681,6 +768,9 @@ class LLGuidanceBackend:
                 repeated = repeatable_minimum(body)
                 if repeated is not None:
                     raise structured_error(f"json is not a usable JSON Schema: {repeated}")
+                endless = endless_schema(body)
+                if endless is not None:
+                    raise structured_error(endless)
             schema = (readable_number_bounds(exact_formats(known_formats_only(body))) if kind == "json"
                       else {"type": "object"})
             if not _names_control_characters(schema):
