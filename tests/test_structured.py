@@ -709,6 +709,66 @@ def test_compile_past_the_timeout_is_refused_and_never_blocks_longer():
         so.close()
 
 
+def test_building_the_backend_does_not_count_against_the_first_compile_timeout():
+    """The backend (llguidance's tokenizer: about a second for SmolLM2) was built inside the first compile's timed
+    window: under a short timeout every grammar sent to a fresh worker failed "did not compile", stored for good
+    under innocent ids, though each compiles in milliseconds. A backend that cannot be built fails its compiles
+    with its error, and the compiles behind them are not left waiting."""
+    tok = build_byte_tokenizer()
+    built = []
+
+    def slow_to_build():
+        time.sleep(0.6)
+        built.append(True)
+        return default_backend(tok, len(tok), {tok.eos_token_id})
+
+    so = StructuredOutputs(slow_to_build, compile_timeout_s=0.2)
+    try:
+        specs = [validate_structured_outputs({"regex": "[ab]{2}"}), validate_structured_outputs({"choice": ["x"]})]
+        assert all(so.compile(spec).matcher() is not None for spec in specs) and built == [True]
+    finally:
+        so.close()
+
+    def broken():
+        raise OSError("no tokenizer here")
+
+    so = StructuredOutputs(broken, compile_timeout_s=5, max_workers=1)
+    try:
+        for regex in ("a", "b", "c"):
+            started = time.monotonic()
+            with pytest.raises(ValueError, match="^structured_outputs could not be compiled: OSError: no tokenizer"):
+                so.compile(validate_structured_outputs({"regex": regex}))
+            assert time.monotonic() - started < 2
+    finally:
+        so.close()
+
+
+def test_a_waiting_request_looks_its_grammar_up_without_serializing_its_schema_again(tokenized, monkeypatch):
+    """A request waiting for its grammar is looked up before every engine step (ready()): each look serialized
+    its whole schema again for the cache key, 3.5 ms for an 86 kB schema, so 30 such requests added 100 ms to every
+    step of everyone's. The validated spec keeps its key."""
+    import pagedserve.engine.structured_spec as structured_spec
+
+    so, _, _ = tokenized
+    spec = validate_structured_outputs({"json": {"type": "object", "properties": {"a": {"type": "string"}}}})
+    dumps = []
+
+    class CountingJson:  # structured_spec's json module, its dumps counted
+        loads = staticmethod(json.loads)
+
+        @staticmethod
+        def dumps(*a, **k):
+            dumps.append(1)
+            return json.dumps(*a, **k)
+
+    monkeypatch.setattr(structured_spec, "json", CountingJson)
+    for _ in range(10):
+        so.ready(spec)
+    so.compile(spec)
+    assert len(dumps) == 1
+    assert cache_key(spec) == cache_key(dict(spec))  # the same key as a plain dict's: one cache entry for both
+
+
 def test_timeout_from_the_environment(monkeypatch):
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert compile_timeout_from_env() == DEFAULT_COMPILE_TIMEOUT_S

@@ -242,14 +242,16 @@ class StructuredOutputs:
         """On a pool thread: wait for a turn (:meth:`_start`), compile, charge the entry what the grammar costs
         (the backend's estimate, ``nbytes``; a failure, :data:`FAILURE_BYTES`) and let the next one start. The
         charge comes before the future resolves, so whoever its result wakes sees the cache within its budget."""
-        self._start(entry)
         extra = FAILURE_BYTES
         try:
+            self._start(entry)
             grammar = self._compile(spec)
             extra = int(getattr(grammar, "nbytes", 0))
             return grammar
         finally:
             with self._changed:
+                if entry.started is None and entry in self._queue:  # never started (the backend failed)
+                    self._queue.remove(entry)
                 self._compiling.discard(entry)
                 if self._cache.get(key) is entry:
                     entry.nbytes += extra
@@ -260,7 +262,9 @@ class StructuredOutputs:
     def _start(self, entry: _Entry) -> None:
         """Wait until ``entry`` is the first submitted of those not started and fewer than ``max_workers``
         compiles are within their timeout, then stamp its start. A compile past its timeout leaves its turn to
-        the next one here (the pool's extra threads run both)."""
+        the next one here (the pool's extra threads run both). The backend is built first: its setup (the
+        tokenizer's, about a second) is no grammar's and does not count against the first compile's timeout."""
+        self.backend  # noqa: B018 (built here, off the clock)
         with self._changed:
             while True:
                 if self._closed:

@@ -13,7 +13,6 @@ Standard library only: producers validate requests with it, without torch.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 WHITESPACE_OPTIONS = ("disable_any_whitespace", "whitespace_pattern")
@@ -69,6 +68,14 @@ def _too_deep(value: object, limit: int) -> bool:
     return False
 
 
+class StructuredSpec(dict):
+    """A validated ``structured_outputs`` dict, as :func:`validate_structured_outputs` returns it. It remembers
+    its :func:`cache_key`: a request waiting for its grammar is looked up before every engine step, and a
+    schema's key is its whole canonical JSON text (milliseconds for a large schema, each time)."""
+
+    __slots__ = ("_key",)
+
+
 def validate_structured_outputs(value: object) -> dict | None:
     """The ``structured_outputs`` field, normalised: ``None``, or a new dict with one kind and its options.
 
@@ -122,7 +129,7 @@ def validate_structured_outputs(value: object) -> dict | None:
         if sum(len(c) for c in spec) > MAX_SPEC_CHARS:
             raise structured_error(f"choice has more than {MAX_SPEC_CHARS} characters in all")
         spec = list(spec)
-    out: dict[str, Any] = {kind: spec}
+    out = StructuredSpec({kind: spec})
     disable = value.get("disable_any_whitespace")
     pattern = value.get("whitespace_pattern")
     if disable is not None and not isinstance(disable, bool):
@@ -147,10 +154,16 @@ def kind_of(spec: dict) -> str:
 
 def cache_key(spec: dict) -> tuple:
     """What makes two validated specs compile to the same grammar."""
+    known = getattr(spec, "_key", None)
+    if known is not None:
+        return known
     kind = kind_of(spec)
     body = spec[kind]
     if kind == "json":
         body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     elif kind == "choice":
         body = tuple(body)
-    return kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern")
+    key = kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern")
+    if isinstance(spec, StructuredSpec):
+        spec._key = key
+    return key
