@@ -215,6 +215,15 @@ def test_the_build_is_named_by_torch_version_too(monkeypatch):
     assert cpu_extension._cpu_digest() != first
 
 
+def test_the_build_is_named_by_the_sources_place_too(monkeypatch, tmp_path):
+    """Two installs of one torch in different places (two venvs, a checkout beside an install) shared the build
+    directory, and torch's build file names the sources by path: each process of one found the other's build
+    changed and rebuilt it, holding the build lock (workers of the other waited over 100 s to start)."""
+    first = cpu_extension._cpu_digest()
+    monkeypatch.setattr(cpu_extension, "_CSRC", tmp_path / "csrc")
+    assert cpu_extension._cpu_digest() != first
+
+
 def test_env_switch_forces_the_reference(tmp_path):
     proc = _run_fallback({cpu_extension.ENV_SWITCH: "torch"}, tmp_path)
     assert "REASON PAGEDSERVE_CPU_KERNELS=torch" in proc.stdout

@@ -98,14 +98,17 @@ def cpu_flags_line() -> str:
 def _cpu_digest() -> str:
     """The build is ``-march=native``: a cache shared by machines with different CPUs (a home directory on NFS, a
     volume moved between nodes) must not hand one machine's binary to another, where an AMX or AVX-512 instruction
-    it lacks would kill the process. The CPU's feature flags, the ``-march`` and torch's version name the build."""
+    it lacks would kill the process. The CPU's feature flags, the ``-march``, torch's version and the sources' place
+    name the build."""
     import platform  # noqa: PLC0415
 
     cpu = cpu_flags_line() or platform.processor() or platform.machine()
     march = _march()
     key = cpu if march == "native" else f"{cpu} -march={march}"
-    # Two installs with different torch builds would otherwise share the directory and rebuild over each other.
-    return hashlib.sha256(f"{key} torch={torch.__version__}".encode()).hexdigest()[:12]
+    # Two installs with different torch builds, or in different places (two venvs, a checkout beside an install),
+    # would otherwise share the directory and rebuild over each other: torch's build file names each source by
+    # its path, so every process of the other install found it changed and rebuilt, holding the lock minutes.
+    return hashlib.sha256(f"{key} torch={torch.__version__} sources={_CSRC.resolve()}".encode()).hexdigest()[:12]
 
 
 def _header_digest() -> str:
