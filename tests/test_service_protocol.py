@@ -142,12 +142,18 @@ def test_id_keys_of_nested_objects_are_not_duplicates():
     ({"id": "a", "messages": "hi"}, "messages"),
     ({"id": "a", "prompt": "x", "params": {"structured_outputs": {"json_schema": {}}}},
      "params.structured_outputs.json_schema"),  # the attribute's name is not a wire name
+    # pydantic's words named a class of ours ("a valid dictionary or instance of StructuredOutputsModel")
+    ({"id": "a", "prompt": "x", "params": {"structured_outputs": "json"}},
+     'params.structured_outputs: must be a JSON object (got the string "json")'),
+    ({"id": "a", "prompt": "x", "params": {"structured_outputs": [{"json": {}}]}},
+     "params.structured_outputs: must be a JSON object (got an array)"),
+    ({"id": "a", "messages": ["hi"]}, "messages.0: must be a JSON object (got the string \"hi\")"),
 ])
 def test_invalid_requests_name_the_field(body, needle):
     with pytest.raises(InvalidRequestError) as ei:
         parse_request(json.dumps(body), 1 << 20)
     assert ei.value.request_id == "a" and ei.value.code == "invalid_request"
-    assert needle in ei.value.message
+    assert needle in ei.value.message and "Model" not in ei.value.message, ei.value.message
 
 
 def test_events_round_trip():

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, fields
@@ -509,8 +510,20 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"])
         # A validator's own message names the field already; pydantic prefixes it with "Value error, ".
         msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
+        if e["type"] == "model_type":  # pydantic's words name a class of ours ("... or instance of ChatMessage")
+            msg = f"must be a JSON object (got {_json_type(e.get('input'))})"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {json.dumps(value[:40])}"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else "a number"
+    return f"a {type(value).__name__}"
 
 
 def refusal_message(err: ValueError) -> str:
