@@ -638,6 +638,16 @@ def test_unknown_formats_being_ignored_relaxes_nothing_else(tokenized, schema, w
         so.compile(validate_structured_outputs({"json": schema}))
 
 
+def test_unique_items_false_changes_nothing_and_compiles(tokenized):
+    """``uniqueItems: false`` is JSON Schema's default, written out by schema generators; llguidance refused it as
+    an unimplemented key. ``true`` stays refused (above)."""
+    so, tok, eos = tokenized
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "maxItems": 3}
+    grammar = so.compile(validate_structured_outputs({"json": schema, "disable_any_whitespace": True}))
+    for seed in WALK_SEEDS:
+        assert_valid(schema, walk(so, grammar.matcher(), tok, eos, random.Random(seed)))
+
+
 def test_a_property_named_format_is_a_property():
     from pagedserve.engine.structured_llguidance import known_formats_only
 

@@ -274,7 +274,8 @@ def known_formats_only(schema: object) -> object:
     format an annotation unless the validator knows it (the jsonschema package ignores unknown ones too), and
     pydantic writes formats of its own (``path``, ``password``, ``binary``, ``ipvanyaddress``): refusing them would
     refuse models that any validator accepts. llguidance's ``lenient`` option would do it, but it also ignores
-    keywords it cannot follow that change what is valid (``uniqueItems``, ``not``, ``if``), which are refused."""
+    keywords it cannot follow that change what is valid (``uniqueItems``, ``not``, ``if``), which are refused.
+    ``uniqueItems: false`` changes nothing and is dropped too."""
     return _map_schemas(schema, _drop_unknown_format)
 
 
@@ -282,6 +283,8 @@ def _drop_unknown_format(node: dict) -> dict:
     fmt = node.get("format")
     if isinstance(fmt, str) and not known_format(fmt):
         del node["format"]
+    if node.get("uniqueItems") is False:  # JSON Schema's default, which generators write out; llguidance refuses it
+        del node["uniqueItems"]
     return node
 
 
