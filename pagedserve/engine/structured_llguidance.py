@@ -398,9 +398,6 @@ JSON_ESCAPES_WITHOUT_U = 'nrbtf\\"'
 _CONTROL = re.compile(r"[\x00-\x07\x0b\x0e-\x1f]|\\(?:x[01][0-9a-fA-F]|u00[01][0-9a-fA-F]|c[A-Za-z@]|0)")
 
 
-_SCALAR_TYPES = frozenset(("string", "number", "integer", "boolean", "null"))
-
-
 def _pointer_target(ref: str, root: object) -> object:
     """What local ``$ref`` ``ref`` ("#", "#/$defs/a") points at in ``root``; None for another kind of ref."""
     if ref == "#":
@@ -439,8 +436,8 @@ def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) 
         return True
     types = node.get("type")
     types = [types] if isinstance(types, str) else types
-    if not isinstance(types, list) or any(t in _SCALAR_TYPES for t in types):
-        return True  # any type allowed, or a scalar one (a JSON Schema without "type" allows every type)
+    if not isinstance(types, list) or any(t not in ("object", "array") for t in types):
+        return True  # any type, a scalar one (a JSON Schema without "type" allows every type), or one unknown here
     if "object" in types:
         props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
         required = node.get("required") if isinstance(node.get("required"), list) else []
