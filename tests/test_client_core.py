@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -23,6 +24,7 @@ from pagedserve.service.client_core import (
     Emit,
     Listen,
     OUTAGE_S,
+    PAST_DEADLINE_S,
     NoWorker,
     Pause,
     ReadConsumers,
@@ -35,6 +37,7 @@ from pagedserve.service.client_core import (
     Subscribe,
     Unsubscribe,
     build_request,
+    command_bound,
     event_wait,
     stream_wait,
 )
@@ -924,6 +927,27 @@ def test_a_resume_point_that_is_no_seq_is_refused_naming_after(after, words):
         resume_point(after)
 
 
+def test_a_resume_point_naming_an_output_twice_is_refused_and_a_long_seq_text_taken():
+    from pagedserve.service.client_core import resume_point
+
+    with pytest.raises(ValueError, match=r"^after: output 0 is given twice \(key '0' and one before it\)$"):
+        resume_point({0: 2, "0": 5})  # which one was meant cannot be told: the last one won
+    assert resume_point("99999999999999999999") == 10**20 - 1  # a whole number, as 10**20 - 1 given as an int is
+
+
+@pytest.mark.parametrize("name", ["timeout", "pickup_timeout"])
+def test_seconds_past_a_floats_range_are_refused_before_anything_is_sent(redis_url, prefix, name):
+    """``pickup_timeout=10**400`` raised OverflowError once the request had gone out, under an id of the client's
+    making that nobody could then read or cancel; ``timeout=10**400`` raised it too."""
+    from pagedserve.service.client import Client
+
+    with Client(redis_url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
+        for call in (lambda: c.generate("x", **{name: 10**400}), lambda: list(c.stream("x", **{name: 10**400}))):
+            with pytest.raises(ValueError, match=rf"^{name} must be a number of seconds > 0 that a float holds"):
+                call()
+        assert not r.exists(f"{prefix}:requests")
+
+
 def test_resuming_an_id_nothing_is_known_of_says_so_when_it_times_out(redis_url, prefix):
     """A resume of an id with no events and no result (a typo, another prefix, a result expired) waited out its
     timeout with the message of a slow request; it now says what may be the matter."""
@@ -1505,3 +1529,61 @@ def test_a_forked_childs_close_cancels_nothing_of_the_parents_and_never_waits_on
     proc = subprocess.run([sys.executable, "-c", code, redis_url, prefix], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["generate", "stream", "async generate", "async stream", "wait of a silent start"])
+def test_a_wait_whose_redis_hangs_ends_at_its_timeout_not_the_socket_timeout(prefix, kind):
+    """Redis stopped answering (SIGSTOP: it accepts and never replies) while a call waited with ``timeout=3``: each
+    read waited out the 10 s socket timeout, and the call ended at 11-12 s. The wait bounds its commands by its
+    deadline now (PAST_DEADLINE_S past it at most), and says what Redis failed to answer."""
+    import signal
+
+    from pagedserve.service.client import AsyncClient, Client
+    from pagedserve.service.client_core import PAST_DEADLINE_S, RequestTimedOut
+    from pagedserve.service.redis_server import LocalRedis
+
+    timeout = 3.0
+
+    async def call_async(url: str) -> None:
+        async with AsyncClient(url, prefix=prefix) as ac:
+            if kind == "async generate":
+                await ac.generate("x", params={"max_tokens": 1}, timeout=timeout)
+            else:
+                await _drain(ac.stream("x", params={"max_tokens": 1}, timeout=timeout))
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        pid = int(r.info("server")["process_id"])
+        with Client(url, prefix=prefix) as c:
+            c.result("warm")  # a pooled connection, as in a long-lived client: no new handshake to wait on
+            stop = threading.Timer(0.0 if kind.startswith("wait") else 1.0, os.kill, (pid, signal.SIGSTOP))
+            stop.start()
+            started = time.monotonic()
+            try:
+                with pytest.raises((RequestTimedOut, RedisUnreachable)) as e:
+                    if kind == "generate":
+                        c.generate("x", params={"max_tokens": 1}, timeout=timeout)
+                    elif kind == "stream":
+                        list(c.stream("x", params={"max_tokens": 1}, timeout=timeout))
+                    elif kind == "wait of a silent start":
+                        time.sleep(0.2)
+                        c.wait("never-sent", timeout=timeout)
+                    else:
+                        asyncio.run(call_async(url))
+                took = time.monotonic() - started
+            finally:
+                stop.join()
+                os.kill(pid, signal.SIGCONT)
+    assert took < timeout + PAST_DEADLINE_S + 1.0, (kind, took, str(e.value))
+    if kind.startswith("wait"):  # never answered: nothing of it was reached
+        assert isinstance(e.value, RedisUnreachable) and "no subscribe confirmation" in str(e.value), str(e.value)
+    else:
+        assert isinstance(e.value, RequestTimedOut) and "Redis sent no reply to" in str(e.value), str(e.value)
+
+
+def test_a_command_of_a_wait_is_bounded_by_its_deadline_unless_the_socket_timeout_comes_first():
+    now = 100.0
+    assert command_bound(None, 10.0, lambda: now) is None
+    assert command_bound(now + 3, 10.0, lambda: now) == 3 + PAST_DEADLINE_S
+    assert command_bound(now - 5, 10.0, lambda: now) == PAST_DEADLINE_S  # past it: a reply on its way
+    assert command_bound(now + 30, 10.0, lambda: now) is None
+    assert command_bound(now + 30, None, lambda: now) == 30 + PAST_DEADLINE_S

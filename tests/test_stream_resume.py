@@ -592,3 +592,41 @@ def test_a_resume_point_past_the_end_or_naming_no_output_is_refused_naming_after
         assert texts[1] == done.outputs[1].text and done.outputs[0].text.endswith(texts[0])
         assert all(e.seq > 2 for e in evs[:-1] if e.index == 0)
         assert isinstance(list(c.stream(rid, after=last))[-1], DoneEvent)
+
+
+def test_resuming_with_after_none_reads_the_id_and_a_point_past_a_streamless_end_is_refused(
+        redis_url, prefix, shared_engine):
+    """``stream(rid, after=None)`` (an SSE handler's Last-Event-ID, None on a first connect) sent ``rid`` as a new
+    prompt and streamed an unrelated generation; it reads the id from its first event now, as ``events(rid)``.
+    A point past the end of a request that left no token events (sent with stream false, or its events stream
+    expired) was taken without a word: an output's end is bounded by its tokens."""
+    import asyncio
+
+    from pagedserve.service.client import AsyncClient
+
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    with running_worker(s, shared_engine), Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
+        done = list(c.stream("one", id="streamed", params={"max_tokens": 6, "ignore_eos": True}, timeout=60))[-1]
+        length = r.xlen(keys.requests)
+        evs = list(c.stream("streamed", after=None, timeout=60))
+        assert r.xlen(keys.requests) == length  # nothing sent
+        assert "".join(e.text for e in evs[:-1]) == done.outputs[0].text and evs[-1] == done
+
+        async def resumed() -> list:
+            async with AsyncClient(settings=s) as ac:
+                return [e async for e in ac.stream("streamed", after=None, timeout=60)]
+
+        assert asyncio.run(resumed())[-1] == done and r.xlen(keys.requests) == length
+
+        quiet = c.generate("two", id="quiet", params={"max_tokens": 6, "ignore_eos": True}, timeout=60)
+        tokens = len(quiet.outputs[0].token_ids)
+        for after, words in ((tokens + 1, f"after: seq {tokens + 1} is past the end of request quiet (it has {tokens} "
+                                          "tokens"),
+                             ({0: 1000}, "after[0]: seq 1000 is past the end of request quiet (output 0 has")):
+            with pytest.raises(ValueError, match=re.escape(words)):
+                list(c.stream("quiet", after=after, timeout=60))
+        assert list(c.stream("quiet", after=tokens, timeout=60))[-1] == quiet  # within the bound: read as before
+        r.delete(keys.events("streamed"))  # expired: the same bound
+        with pytest.raises(ValueError, match="after: seq 1000 is past the end of request streamed"):
+            list(c.stream("streamed", after=1000, timeout=60))

@@ -50,6 +50,7 @@ from .client_core import (
     TooManyConnections,
     build_request,
     check_resume_keywords,
+    command_bound,
     done_or_raise,
     first_terminal,
     pool_full,
@@ -70,6 +71,10 @@ CLOSE_CANCELS_S = 5.0  # AsyncClient.aclose waits this long at most for its canc
 # for the socket timeout past its own deadline (asyncio.timeout, a web framework's disconnect). The cancel goes on.
 ABANDONED_CANCEL_WAIT_S = 1.0
 EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
+# stream()'s ``after`` when not given: a new request is sent. ``after=None`` given (an SSE handler passing
+# Last-Event-ID, None on a first connect) resumes the id from its first event, as ``events(id)`` does: taken for
+# "not given", it sent the id as a prompt and streamed an unrelated generation.
+NEW_REQUEST: Any = object()
 
 
 def _entries(reply: Any) -> list:
@@ -134,6 +139,51 @@ def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | Non
         return None
 
 
+def _reply_within(r: redis.Redis, seconds: float, *args: Any) -> Any:
+    """``r.execute_command(*args)``, its reply waited for ``seconds`` at most (redis-py's sync client has only the
+    socket timeout, longer than what is left of a wait): ``redis.TimeoutError`` past that. The connection given
+    up on is closed, not pooled: its late reply would answer the next command sent on it."""
+    pool = r.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command(*args, check_health=False)  # a health check's PING would wait out the socket timeout
+        if not conn.can_read(timeout=seconds):
+            raise redis.TimeoutError(f"Redis sent no reply to {args[0]} within {seconds:.1f} s")
+        return r.parse_response(conn, args[0])
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+async def _within(aw: Awaitable[Any], seconds: float | None, what: str) -> Any:
+    """``aw`` (Redis's ``what``) given ``seconds`` at most (None: the socket timeout bounds it), as
+    :func:`_reply_within`. redis-py closes the connection of a command cancelled mid-reply."""
+    if seconds is None:
+        return await aw
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:
+        raise redis.TimeoutError(f"Redis sent no reply to {what} within {seconds:.1f} s") from None
+
+
+def _command(op: Op) -> tuple | None:
+    """The Redis command of a wait's read ``op`` (None for an operation of another kind)."""
+    if isinstance(op, ReadEvents):
+        block = () if op.block_ms is None else ("BLOCK", op.block_ms)
+        return ("XREAD", "COUNT", EVENTS_PAGE, *block, "STREAMS", op.key, op.after)
+    if isinstance(op, ReadResult):
+        return ("GET", op.key)
+    if isinstance(op, ReadGroups):
+        return ("XINFO GROUPS", op.stream)
+    if isinstance(op, ReadConsumers):
+        return ("XINFO CONSUMERS", op.stream, op.group)
+    if isinstance(op, CountKeys):
+        return ("EXISTS", *op.keys)
+    return None
+
+
 def _queued(pipe: Any, commands: list[tuple[str, tuple, dict]]) -> Any:
     """``pipe`` (a redis-py pipeline, sync or async) with ``commands`` (name, args, kwargs) queued on it."""
     for name, args, kwargs in commands:
@@ -171,6 +221,7 @@ class Client(ProducerCore):
         self._closing = False  # from close's start: no call sends anything any more
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._owned_lock = threading.Lock()  # calls in other threads send while close() takes the set
+        self._socket_timeout = socket_timeout
         self.r = redis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
@@ -253,37 +304,39 @@ class Client(ProducerCore):
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
-        pickup_timeout: float | None = None, after: int | dict[int, int] | None = None, **kw: Any,
+        pickup_timeout: float | None = None, after: int | str | dict | None = NEW_REQUEST, **kw: Any,
     ) -> Iterator[Event]:
         """Submit and yield the request's events (token events, then exactly one terminal event), read from its
         events stream: a dropped connection or a worker crash neither loses nor repeats one.
         ``pickup_timeout``: raise :class:`NoWorker` when nothing was heard that long and no worker is live.
         ``after``: pick up the stream of an already submitted request, whose id is then the first argument,
-        after the last ``seq`` seen (an int for every output, or ``{index: seq}``); nothing is sent."""
+        after the last ``seq`` seen (an int for every output, or ``{index: seq}``; None: from its first event);
+        nothing is sent."""
         self._check_open()
-        if after is not None:
+        if after is not NEW_REQUEST:
             if not isinstance(prompt, str):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
             check_resume_keywords(kw)
-            yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout))
+            yield from self._run(self._stream(prompt, None, timeout, after, pickup_timeout), timeout=timeout)
             return
         private = _private_id(kw)
         req = self._request(prompt, kw)
         yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout),
-                             owned=req.id if private else None)
+                             owned=req.id if private else None, timeout=timeout)
 
     def events(self, request_id: str, timeout: float | None = None,
                after: int | dict[int, int] | None = None, *, pickup_timeout: float | None = None) -> Iterator[Event]:
         """Events of an already submitted request, from its first (or after ``seq`` ``after``) to its end.
         ``pickup_timeout`` as in :meth:`stream`."""
         self._check_open()
-        yield from self._run(self._stream(request_id, None, timeout, after, pickup_timeout))
+        yield from self._run(self._stream(request_id, None, timeout, after, pickup_timeout), timeout=timeout)
 
     def wait(self, request_id: str, timeout: float | None = None, *,
              pickup_timeout: float | None = None) -> Terminal:
         """The terminal event of an already submitted request. ``pickup_timeout`` as in :meth:`stream`."""
         self._check_open()
-        for ev in self._run(self._wait(request_id, None, timeout, tokens=False, pickup_timeout=pickup_timeout)):
+        for ev in self._run(self._wait(request_id, None, timeout, tokens=False, pickup_timeout=pickup_timeout),
+                            timeout=timeout):
             if (end := first_terminal(ev)) is not None:
                 return end
         raise AssertionError("unreachable")
@@ -300,13 +353,15 @@ class Client(ProducerCore):
         private = _private_id(kw)
         req = self._request(prompt, kw)
         for ev in self._run(self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout),
-                            owned=req.id if private else None):
+                            owned=req.id if private else None, timeout=timeout):
             if (done := done_or_raise(ev)) is not None:
                 return done
         raise AssertionError("unreachable")
 
-    def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> Iterator[Event]:
-        """Run the core's operations on this client's connection; yield what it emits.
+    def _run(self, wait: Generator[Op, Any, None], owned: str | None = None,
+             timeout: float | None = None) -> Iterator[Event]:
+        """Run the core's operations on this client's connection; yield what it emits. ``timeout``: the wait's,
+        which bounds each of its reads too (:func:`~.client_core.command_bound`).
 
         ``owned``: the id of a request this call sends under an id of its own making. If the caller stops waiting
         for it before its end (the generator closed, the task cancelled, Ctrl-C), nobody else can be waiting for
@@ -318,6 +373,7 @@ class Client(ProducerCore):
         reply: Any = None
         error: BaseException | None = None
         ended = sent = asked = False
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
@@ -329,16 +385,11 @@ class Client(ProducerCore):
                         yield op.event
                     elif isinstance(op, Listen):
                         reply = pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
-                    elif isinstance(op, ReadEvents):
-                        reply = _entries(self.r.xread({op.key: op.after}, count=EVENTS_PAGE, block=op.block_ms))
-                    elif isinstance(op, ReadResult):
-                        reply = self.r.get(op.key)
-                    elif isinstance(op, ReadGroups):
-                        reply = self.r.xinfo_groups(op.stream)
-                    elif isinstance(op, ReadConsumers):
-                        reply = self.r.xinfo_consumers(op.stream, op.group)
-                    elif isinstance(op, CountKeys):
-                        reply = self.r.exists(*op.keys)
+                    elif (command := _command(op)) is not None:
+                        bound = command_bound(deadline, self._socket_timeout)
+                        reply = _reply_within(self.r, self._socket_timeout if bound is None else bound, *command)
+                        if isinstance(op, ReadEvents):
+                            reply = _entries(reply)
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
                         pubsub.subscribe(op.channel)
@@ -486,6 +537,7 @@ class AsyncClient(ProducerCore):
         self._closing = False  # from aclose's start: no call sends anything any more
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
+        self._socket_timeout = socket_timeout
         self.r = aredis.Redis.from_url(
             self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
             max_connections=max_connections,
@@ -579,10 +631,10 @@ class AsyncClient(ProducerCore):
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
-        pickup_timeout: float | None = None, after: int | dict[int, int] | None = None, **kw: Any,
+        pickup_timeout: float | None = None, after: int | str | dict | None = NEW_REQUEST, **kw: Any,
     ) -> AsyncIterator[Event]:
         self._check_open()
-        if after is not None:
+        if after is not NEW_REQUEST:
             if not isinstance(prompt, str):
                 raise TypeError("stream(request_id, after=seq): the request's id comes first")
             check_resume_keywords(kw)
@@ -593,7 +645,8 @@ class AsyncClient(ProducerCore):
             wait = self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout)
         # Closed with this generator (aclose(), a break that drops it): the cancel goes out before aclose() returns,
         # not whenever the event loop gets round to finalizing an abandoned inner generator.
-        async with contextlib.aclosing(self._run(wait, owned=req.id if after is None and private else None)) as evs:
+        owned = req.id if after is NEW_REQUEST and private else None
+        async with contextlib.aclosing(self._run(wait, owned=owned, timeout=timeout)) as evs:
             async for ev in evs:
                 yield ev
 
@@ -601,14 +654,14 @@ class AsyncClient(ProducerCore):
                      after: int | dict[int, int] | None = None, *,
                      pickup_timeout: float | None = None) -> AsyncIterator[Event]:
         wait = self._stream(request_id, None, timeout, after, pickup_timeout)
-        async with contextlib.aclosing(self._run(wait)) as evs:
+        async with contextlib.aclosing(self._run(wait, timeout=timeout)) as evs:
             async for ev in evs:
                 yield ev
 
     async def wait(self, request_id: str, timeout: float | None = None, *,
                    pickup_timeout: float | None = None) -> Terminal:
         wait = self._wait(request_id, None, timeout, tokens=False, pickup_timeout=pickup_timeout)
-        async with contextlib.aclosing(self._run(wait)) as evs:
+        async with contextlib.aclosing(self._run(wait, timeout=timeout)) as evs:
             async for ev in evs:
                 if (end := first_terminal(ev)) is not None:
                     return end
@@ -624,20 +677,22 @@ class AsyncClient(ProducerCore):
         private = _private_id(kw)
         req = self._request(prompt, kw)
         wait = self._wait(req.id, req, timeout, tokens=False, pickup_timeout=pickup_timeout)
-        async with contextlib.aclosing(self._run(wait, owned=req.id if private else None)) as evs:
+        async with contextlib.aclosing(self._run(wait, owned=req.id if private else None, timeout=timeout)) as evs:
             async for ev in evs:
                 if (done := done_or_raise(ev)) is not None:
                     return done
         raise AssertionError("unreachable")
 
-    async def _run(self, wait: Generator[Op, Any, None], owned: str | None = None) -> AsyncIterator[Event]:
-        """Run the core's operations on this client's connection; yield what it emits. ``owned`` as in
-        :meth:`Client._run`."""
+    async def _run(self, wait: Generator[Op, Any, None], owned: str | None = None,
+                   timeout: float | None = None) -> AsyncIterator[Event]:
+        """Run the core's operations on this client's connection; yield what it emits. ``owned`` and ``timeout`` as
+        in :meth:`Client._run`."""
         self._bind_loop()
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
         ended = sent = asked = False
+        deadline = None if timeout is None else time.monotonic() + timeout
         cancels = _cancels()  # the task's count now: a cancel its code caught before this call is not ours
         try:
             while (op := _step(wait, reply, error)) is not None:
@@ -652,17 +707,12 @@ class AsyncClient(ProducerCore):
                         yield op.event
                     elif isinstance(op, Listen):
                         reply = await _keeping_cancels(pubsub.get_message(timeout=op.timeout))  # type: ignore[union-attr]
-                    elif isinstance(op, ReadEvents):
-                        reply = _entries(await _keeping_cancels(
-                            self.r.xread({op.key: op.after}, count=EVENTS_PAGE, block=op.block_ms)))
-                    elif isinstance(op, ReadResult):
-                        reply = await _keeping_cancels(self.r.get(op.key))
-                    elif isinstance(op, ReadGroups):
-                        reply = await _keeping_cancels(self.r.xinfo_groups(op.stream))
-                    elif isinstance(op, ReadConsumers):
-                        reply = await _keeping_cancels(self.r.xinfo_consumers(op.stream, op.group))
-                    elif isinstance(op, CountKeys):
-                        reply = await _keeping_cancels(self.r.exists(*op.keys))
+                    elif (command := _command(op)) is not None:
+                        reply = await _keeping_cancels(_within(
+                            self.r.execute_command(*command), command_bound(deadline, self._socket_timeout),
+                            command[0]))
+                        if isinstance(op, ReadEvents):
+                            reply = _entries(reply)
                     elif isinstance(op, Subscribe):
                         pubsub = self.r.pubsub()
                         await _keeping_cancels(pubsub.subscribe(op.channel))
@@ -671,7 +721,8 @@ class AsyncClient(ProducerCore):
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         if owned is not None:
                             self._owned.add(owned)
-                        reply = await self._send(op.request)
+                        reply = await _within(self._send(op.request),
+                                              command_bound(deadline, self._socket_timeout), "the request")
                         sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = await self._close_quietly(pubsub)

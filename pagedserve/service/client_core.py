@@ -110,9 +110,23 @@ OUTAGE_S = 60.0
 # The errors event_wait retries on (a client throws every Redis error of an operation into it).
 # InvalidResponse: the URL's port answers, but not in Redis's protocol (another server's port): nothing was sent.
 SOCKET_TIMEOUT_S = 10.0  # the clients' default socket timeout: a Redis silent this long is given up on
+# How long one Redis command of a wait may run past the caller's deadline (a reply on its way). A Redis that
+# accepts and never answers (a hung primary, SIGSTOP) held each command for the socket timeout, and the call
+# ended that long after its ``timeout``: the clients bound a wait's commands by its deadline plus this.
+PAST_DEADLINE_S = 1.0
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)
 ENTRY_IDS_KEPT = 10_000  # entry ids of the requests a client sent lately (ProducerCore._entry_ids)
 CONSUMERS_KEPT = 64  # consumer names a client has seen in its checks (ProducerCore._consumers_seen)
+
+
+def command_bound(deadline: float | None, socket_timeout: float | None,
+                  clock: Callable[[], float] = time.monotonic) -> float | None:
+    """Seconds the next Redis command of a wait with ``deadline`` (a ``clock`` time; None: no deadline) may take,
+    or None where the client's ``socket_timeout`` comes first and bounds it alone."""
+    if deadline is None:
+        return None
+    bound = max(0.0, deadline - clock()) + PAST_DEADLINE_S
+    return None if socket_timeout is not None and bound >= socket_timeout else bound
 
 
 def remember(kept: OrderedDict, key: str, value: Any, limit: int) -> None:
@@ -586,8 +600,20 @@ def check_seconds(**values: Any) -> None:
     for name, value in values.items():
         if value is None:
             continue
+        # An int past a float's range failed as OverflowError once the request had gone out.
+        if isinstance(value, int) and not _fits_float(value):
+            raise ValueError(f"{name} must be a number of seconds > 0 that a float holds, or None (got an int of "
+                             f"{abs(value).bit_length()} bits; float('inf') waits without end)")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a number of seconds > 0, or None (got {value!r})")
+
+
+def _fits_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def check_resume_keywords(kw: dict) -> None:
@@ -606,7 +632,7 @@ def resume_point(after: Any) -> int | dict[int, int] | None:
         return None
 
     def whole(value: Any, what: str) -> int:
-        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,40}", value.strip()):
             value = int(value.strip())
         if not isinstance(value, int) or isinstance(value, bool) or value < -1:
             raise TypeError(f"after{what}: expected the last seq seen, a whole number >= -1 (or its text); "
@@ -614,7 +640,13 @@ def resume_point(after: Any) -> int | dict[int, int] | None:
         return value
 
     if isinstance(after, dict):
-        return {whole(k, f" key {k!r}"): whole(v, f"[{k!r}]") for k, v in after.items()}
+        point: dict[int, int] = {}
+        for k, v in after.items():
+            index = whole(k, f" key {k!r}")
+            if index in point:  # {0: 2, "0": 5}: which one the caller meant cannot be told
+                raise ValueError(f"after: output {index} is given twice (key {k!r} and one before it)")
+            point[index] = whole(v, f"[{k!r}]")
+        return point
     return whole(after, "")
 
 
@@ -623,12 +655,15 @@ def check_resume_point(after: int | dict[int, int], done: DoneEvent, top_seq: di
     events stream; empty when that stream had expired). A key naming no output, or a seq past the end (of every
     output for an int, of its own for a key), is a caller's mistake (a token count, a character offset, a dict
     written ``{seq: index}``) that replayed every token or skipped some without a word: ``ValueError`` naming
-    ``after`` instead of the ``done`` event."""
+    ``after`` instead of the ``done`` event. Where the stream held no event of an output (expired, or the request
+    did not stream), its end is bounded by its tokens: every event but a last text-only one carries one at least."""
     fix = "give the last seq your reader saw"
+    bound = {o.index: top_seq.get(o.index, len(o.token_ids)) for o in done.outputs}
     if not isinstance(after, dict):
-        top = max(top_seq.values(), default=None)
+        top = max(bound.values(), default=None)
         if top is not None and after > top:
-            raise ValueError(f"after: seq {after} is past the end of request {done.id} (its last seq is {top}): {fix}")
+            said = f"its last seq is {top}" if top_seq else f"it has {top} tokens, and so no seq past {top}"
+            raise ValueError(f"after: seq {after} is past the end of request {done.id} ({said}): {fix}")
         return
     indexes = sorted(o.index for o in done.outputs)
     unknown = sorted(set(after) - set(indexes))
@@ -636,9 +671,10 @@ def check_resume_point(after: int | dict[int, int], done: DoneEvent, top_seq: di
         raise ValueError(f"after: key {unknown[0]} names no output of request {done.id} (its outputs are "
                          f"{', '.join(map(str, indexes))}): give {{index: last seq seen}}")
     for i in indexes:
-        if i in top_seq and after.get(i, -1) > top_seq[i]:
-            raise ValueError(f"after[{i}]: seq {after[i]} is past the end of request {done.id} (its last seq of "
-                             f"output {i} is {top_seq[i]}): {fix}")
+        if after.get(i, -1) > bound[i]:
+            said = (f"its last seq of output {i} is {bound[i]}" if i in top_seq else
+                    f"output {i} has {bound[i]} tokens, and so no seq past {bound[i]}")
+            raise ValueError(f"after[{i}]: seq {after[i]} is past the end of request {done.id} ({said}): {fix}")
 
 
 # ------------------------------------------------------------------------------------------------ event wait
@@ -1060,7 +1096,8 @@ def event_wait(
             if not subscribed:
                 yield Subscribe(keys.out(request_id))
                 while True:  # the subscription is live before we XADD or read the result
-                    m = yield Listen(CONFIRM_S)
+                    m = yield Listen(CONFIRM_S if deadline is None else
+                                     min(CONFIRM_S, max(0.0, deadline - clock()) + PAST_DEADLINE_S))
                     if m is None:
                         raise redis.TimeoutError("no subscribe confirmation")
                     if m["type"] == "subscribe":
@@ -1128,7 +1165,7 @@ def event_wait(
             subscribed = False
             yield Unsubscribe()
             if expired():
-                raise timeout_error(request_id, timeout) from None
+                raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
             outage.check(e, where, request_id, sent)
             yield Pause(RETRY_PAUSE_S)
 
@@ -1267,6 +1304,6 @@ def stream_wait(
             if not reached:
                 raise unreachable(where, e) from None
             if expired():
-                raise timeout_error(request_id, timeout) from None
+                raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
             outage.check(e, where, request_id, sent)
             yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen
