@@ -176,3 +176,37 @@ def test_a_junk_record_is_named_by_status_and_hides_nothing_from_list(prefix, r)
     r.hset(k.record(good), mapping={"status": "failed", "errors": errors})
     shown = Batch.model_validate(batch_status(r, prefix, good))
     assert shown.status == "failed" and shown.errors.data[0].code == "malformed_record"
+
+
+def test_a_list_fills_its_page_past_expired_batches_and_pages_with_after(redis_url, prefix, r, monkeypatch):
+    """The newest batches expired (a 24h window beside an older 30-day one) listed as nothing: each call dropped
+    the expired ids of its page from the index without filling the page, so ``list_batches(limit=3)`` answered []
+    while a batch lived. And there was no way to page (OpenAI's ``after``)."""
+    from openai.types import Batch
+
+    from typer.testing import CliRunner
+
+    from pagedserve.service.batch_client import list_batches
+    from pagedserve.service.cli import app
+
+    k = BatchKeys(prefix)
+    live = [submit_batch(r, prefix, jsonl([completion(f"l{i}")]), key=f"live{i}") for i in range(4)]
+    expired = [submit_batch(r, prefix, jsonl([completion(f"e{i}")]), key=f"expired{i}") for i in range(5)]
+    r.zadd(k.all, {bid: i for i, bid in enumerate(live + expired)})  # in that order (one ms may hold several)
+    for bid in expired:  # the newest five: their retention ended
+        r.delete(k.record(bid))
+    page = list_batches(r, prefix, limit=3)
+    assert [b["id"] for b in page] == live[::-1][:3] and all(Batch.model_validate(b) for b in page)
+    assert r.zcard(k.all) == 4  # the expired ones met on the way left the index
+    rest = list_batches(r, prefix, limit=3, after=page[-1]["id"])
+    assert [b["id"] for b in rest] == [live[0]]
+    assert list_batches(r, prefix, limit=3, after=live[0]) == []
+    with pytest.raises(ValueError, match=r"^after: no batch 'batch_nope' is listed under prefix"):
+        list_batches(r, prefix, after="batch_nope")
+    monkeypatch.setenv("PAGEDSERVE_PREFIX", prefix)
+    monkeypatch.setenv("PAGEDSERVE_REDIS_URL", redis_url)
+    result = CliRunner().invoke(app, ["batch", "list", "--limit", "2", "--after", live[2]])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines()] == [live[1], live[0]]
+    result = CliRunner().invoke(app, ["batch", "list", "--after", "batch_nope"])
+    assert result.exit_code == 2 and "after: no batch 'batch_nope'" in result.output, result.output

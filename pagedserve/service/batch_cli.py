@@ -373,13 +373,14 @@ def cancel(batch_id: str = typer.Argument(...)) -> None:
 
 
 @batch_app.command("list")
-def list_(limit: int = typer.Option(20, "--limit", min=1, help="The newest this many.")) -> None:
+def list_(limit: int = typer.Option(20, "--limit", min=1, help="The newest this many."),
+          after: str = typer.Option(None, "--after", help="Older than this batch id (the last one listed).")) -> None:
     """The newest batches: id, status, counts, created."""
     from .batch_client import list_batches
 
     s, r = _redis()
     with r:
-        batches = list_batches(r, s.prefix, limit)
+        batches = _call(list_batches, r, s.prefix, limit, after)
     for b in batches:
         c = b["request_counts"]
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b["created_at"]))

@@ -342,25 +342,40 @@ def request_cancel(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 36
     return batch_status(r, prefix, bid), as_text(got[0]) != "cancelling"
 
 
-def list_batches(r: redis.Redis, prefix: str, limit: int = 20) -> list[dict]:
-    """The newest batches first, as Batch objects (batches whose retention ended drop out, and records the service
-    did not write are left out: one must not hide the others). ``limit``: a whole number >= 1."""
+def list_batches(r: redis.Redis, prefix: str, limit: int = 20, after: str | None = None) -> list[dict]:
+    """The newest batches first, as Batch objects, ``limit`` of them (a whole number >= 1) while there are that
+    many: batches whose retention ended drop out of the index as they are met, and the page is filled from older
+    ones (it came back short, even empty, when the newest had expired); records the service did not write are
+    left out (one must not hide the others). ``after``: a batch id the previous page ended with (OpenAI's
+    cursor): the page starts with the next older batch."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a whole number >= 1 (got {limit!r})")
     k = BatchKeys(prefix)
-    bids = [as_text(b) for b in r.zrevrange(k.all, 0, max(0, limit - 1))]
-    pipe = r.pipeline(transaction=False)
-    for bid in bids:
-        pipe.hgetall(k.record(bid))
-    out, gone = [], []
-    for bid, raw in zip(bids, pipe.execute(raise_on_error=False) if bids else []):
-        if not raw:
-            gone.append(bid)
-        elif isinstance(raw, dict):  # not a hash at all: a reply error, left out as a malformed record is
-            with contextlib.suppress(BatchMalformed):
-                out.append(_batch_object(bid, raw))
-    if gone:
-        r.zrem(k.all, *gone)
+    start = 0
+    if after is not None:
+        rank = r.zrevrank(k.all, after) if isinstance(after, str) else None
+        if rank is None:
+            raise ValueError(f"after: no batch {after!r} is listed under prefix {prefix!r} (its retention ended, "
+                             "or it is not a batch id): list from the newest again")
+        start = rank + 1
+    out: list[dict] = []
+    while len(out) < limit:
+        bids = [as_text(b) for b in r.zrevrange(k.all, start, start + limit - 1)]
+        if not bids:
+            break
+        pipe = r.pipeline(transaction=False)
+        for bid in bids:
+            pipe.hgetall(k.record(bid))
+        gone = []
+        for bid, raw in zip(bids, pipe.execute(raise_on_error=False)):
+            if not raw:
+                gone.append(bid)
+            elif isinstance(raw, dict) and len(out) < limit:  # a reply error: left out as a malformed record is
+                with contextlib.suppress(BatchMalformed):
+                    out.append(_batch_object(bid, raw))
+        if gone:
+            r.zrem(k.all, *gone)
+        start += len(bids) - len(gone)  # the ones removed no longer take a rank
     return out
 
 

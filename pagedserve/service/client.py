@@ -506,13 +506,14 @@ class Client(ProducerCore):
         with self._reaching():
             return batch_client.cancel_batch(self.r, self.keys.prefix, batch_id, self.settings.result_ttl_s)
 
-    def list_batches(self, limit: int = 20) -> list[dict]:
+    def list_batches(self, limit: int = 20, after: str | None = None) -> list[dict]:
+        """The newest batches (``limit`` of them), or those older than batch ``after`` (the last of a page)."""
         from . import batch_client
 
         self._check_open()
 
         with self._reaching():
-            return batch_client.list_batches(self.r, self.keys.prefix, limit)
+            return batch_client.list_batches(self.r, self.keys.prefix, limit, after)
 
 
 class AsyncClient(ProducerCore):
