@@ -453,3 +453,30 @@ def test_client_submit_batch_takes_a_path_and_says_what_a_file_name_is(redis_url
                                     f"Path({name!r}) to read the file, or its content"), e.value
         with pytest.raises(FileNotFoundError):
             c.submit_batch(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("message, param, said", [
+    ("params.best_of must be at most 16 (got 17)", "best_of", "body.best_of must be at most 16 (got 17)"),
+    ("prompt_token_ids: 1000000000 is out of vocabulary (50272 tokens)", "prompt",
+     "body.prompt: 1000000000 is out of vocabulary (50272 tokens)"),
+])
+def test_a_workers_refusal_names_the_key_the_line_wrote(message, param, said):
+    """``param`` was null and the message named the wire's field (``prompt_token_ids``, ``params.best_of``) for
+    some refusals: scripts that route on ``param`` got nothing."""
+    from pagedserve.service.batch_format import output_line
+    from pagedserve.service.protocol import ErrorEvent
+
+    md = {"batch_id": "batch_" + "0" * 32, "line": 3, "custom_id": "c", "url": "/v1/completions"}
+    event = ErrorEvent.model_validate({"type": "error", "id": "r", "error": {"code": "invalid_request",
+                                                                              "message": message}})
+    _, line, ok = output_line(event, md)
+    error = line["response"]["body"]["error"]
+    assert not ok and error["param"] == param and error["message"] == said, error
+
+
+def test_a_prompt_of_token_ids_out_of_range_is_named_as_the_line_wrote_it():
+    from pagedserve.service.batch_format import LineError, to_request
+
+    with pytest.raises(LineError, match=r"^body\.prompt\[1\]: Input should be greater than or equal to 0"):
+        to_request("batch_" + "0" * 32, 0, 1, "c", "/v1/completions", {"prompt": [1, -5], "max_tokens": 2},
+                   int(time.time() * 1000) + 60_000)

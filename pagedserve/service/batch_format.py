@@ -51,7 +51,7 @@ _STATUS_OF_CODE = {"invalid_request": 400, "prompt_too_long": 400, "overloaded":
 # the error body's ``param`` names it as the line's body does.
 _LEADING_FIELD = re.compile(r"(?:params\.)?([a-z_]+)\b")
 _BODY_NAME = {"structured_outputs": "response_format", "messages": "messages", "prompt": "prompt",
-              **{name: name for name in _SAME_NAME}}
+              "prompt_token_ids": "prompt", "best_of": "best_of", **{name: name for name in _SAME_NAME}}
 
 
 # The worker's and the engine's words for the structured outputs field, and the batch line's: a JSON Schema's
@@ -75,6 +75,8 @@ def _in_body_words(message: str, renamed: dict[str, str] | None = None) -> str:
     m = _LEADING_FIELD.match(message)
     if renamed is not None and m and message.startswith("params.") and m.group(1) in _BODY_NAME:
         return f"body.{renamed.get(m.group(1), _BODY_NAME[m.group(1)])}{message[m.end():]}"
+    if message.startswith("prompt_token_ids"):  # a completions line's prompt of token ids, as the wire names it
+        return f"body.prompt{message[len('prompt_token_ids'):]}"
     return message
 
 
@@ -271,7 +273,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     except ValidationError as e:
         first = e.errors()[0]
         message = f"{_where(first['loc'])}: {first['msg']}"
-        raise LineError(_in_body_words(message) if message.startswith("params.structured_outputs")
+        raise LineError(_in_body_words(message) if message.startswith(("params.structured_outputs",
+                                                                        "prompt_token_ids"))
                         else f"body.{message}") from None
 
 
