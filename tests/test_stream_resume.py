@@ -412,6 +412,45 @@ def test_token_events_no_worker_wrote_are_not_continued_and_the_request_runs_fro
             assert seqs[0] == 0 and seqs[1:] == list(range(1, len(seqs))), (rid, seqs)
 
 
+def test_a_takeover_continues_only_the_tokens_of_the_body_it_runs(redis_url, prefix, shared_engine):
+    """Two bodies sent under one id (a retry that lowered max_tokens or changed the prompt), the worker running
+    the first SIGKILLed: the worker that took the id over with the second body continued the first body's tokens
+    under it (a done mixing two prompts, usage of the other, done shorter than its own streamed deltas). Token
+    events are written beside their body's digest now, and a body continues only its own: the other's make it
+    run from its start (numbered on after them), as after a gap; its own are continued as before."""
+    import structlog
+
+    from pagedserve.service.protocol import body_digest
+    from pagedserve.service.telemetry import configure_logging
+
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    greedy = {"max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    planted = [5, 6, 7]  # not what greedy decoding writes: continued or not shows in the done
+    text = shared_engine.tokenizer.decode(planted)
+    configure_logging("json", "INFO")
+    with redis.Redis.from_url(redis_url) as r:
+        for rid, first_body in (("other-body", build_request("goodbye", id="other-body", params=greedy)),
+                                ("same-body", build_request("hello", id="same-body", params=greedy))):
+            r.xadd(keys.events(rid), {"data": json.dumps({"type": "token", "id": rid, "index": 0, "seq": 0,
+                                                           "token_ids": planted, "text": text}),
+                                      "body": body_digest(first_body)})
+        with structlog.testing.capture_logs() as logs, running_worker(s, shared_engine), Client(settings=s) as c:
+            done = {rid: list(c.stream("hello", id=rid, params=greedy, timeout=60))[-1]
+                    for rid in ("other-body", "same-body")}
+            fresh = c.generate("hello", params=greedy, timeout=60)
+        ours = body_digest(build_request("hello", id="other-body", params=greedy))
+        written = [f for _, f in r.xrange(keys.events("other-body")) if json.loads(f[b"data"])["type"] == "token"]
+    assert done["other-body"].outputs[0].token_ids == fresh.outputs[0].token_ids
+    assert done["other-body"].outputs[0].text == fresh.outputs[0].text
+    assert done["same-body"].outputs[0].token_ids[:3] == planted  # its own body's tokens: continued
+    assert len(done["same-body"].outputs[0].token_ids) == 6
+    assert [json.loads(f[b"data"])["seq"] for f in written] == list(range(len(written)))
+    assert all(f[b"body"].decode() == ours for f in written[1:])  # what this worker wrote names its body
+    (warned,) = [e for e in logs if e.get("event") == "request_not_resumed"]
+    assert warned["request_id"] == "other-body" and "another body" in warned["reason"], warned
+
+
 def _token_event(rid: str, seq: int, text: str) -> str:
     return json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq, "token_ids": [7], "text": text})
 

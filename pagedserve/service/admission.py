@@ -49,8 +49,8 @@ from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import EntryIds, InFlight
 from .outcomes import Outcomes
-from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, check_other_fields, engine_params,
-                       entry_time, params_field, parse_request, refuse_missing_body,
+from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, body_digest, check_other_fields,
+                       engine_params, entry_time, params_field, parse_request, refuse_missing_body,
                        refuse_repeated_bodies)
 from .reclaim import LeaseKeeper
 from .resume import events_bound, read_emitted, received_from
@@ -245,6 +245,7 @@ class Compiling:
     resume: Any = None  # per sample, what an earlier run handed out (resume.py); None: from the start
     next_seq: dict = field(default_factory=dict)  # output index -> seq of its next token event
     first_token_at: float | None = None  # when an earlier run handed out its first token (resume.py)
+    body: str = ""  # body_digest of the request: written beside its token events, and what it continues
 
 
 @dataclass
@@ -569,14 +570,19 @@ class Admission(WorkerPart):
             log.exception("admission_failed")
             self.outcomes.failed(req.id, entry_ids, "admission", e, span)
             return
-        job = Compiling(req, EntryIds(entry_ids), prompt, params, arrival, span, log)
+        job = Compiling(req, EntryIds(entry_ids), prompt, params, arrival, span, log, body=body_digest(req))
         if has_events:  # an earlier run handed out tokens: continue after them (resume.py)
             try:
-                emitted = read_emitted(self.r, self.keys, req.id, events_bound(params.num_samples, params.max_tokens))
+                emitted = read_emitted(self.r, self.keys, req.id, events_bound(params.num_samples, params.max_tokens),
+                                       job.body)
             except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
                 self.waiting[req.id] = Waiting(req, EntryIds(entry_ids), fields, deliveries)
                 return
             job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
+            if emitted.other_body:
+                log.warning("request_not_resumed", reason="its token events came from another body sent under this id",
+                            note="this body runs from the start; its token events go on numbering after the other's, "
+                                 "and its done is authoritative (send a changed request under a new id)")
             # Not before the request came: an event of an earlier request of this id, or written by hand, is older.
             job.first_token_at = None if emitted.first_token_at is None else max(emitted.first_token_at, arrival)
             log.info("request_resumed", outputs=len(emitted.outputs), continued=job.resume is not None,
@@ -634,6 +640,7 @@ class Admission(WorkerPart):
             first_token_at=job.first_token_at,
             received=(received_from(job.resume, job.params.logprobs is not None)
                       if job.resume is not None and not_resumed is None else {}),
+            body=job.body,
         ))
 
     def unstarted(self) -> int:

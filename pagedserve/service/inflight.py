@@ -52,6 +52,7 @@ class InFlight:
     gone: set[str] = field(default_factory=set)  # its entries no consumer holds any more (reclaim.py: "gone")
     # output index -> what its outputs added up to so far (results.add_deltas), a resumed run's included
     received: dict = field(default_factory=dict)
+    body: str = ""  # body_digest of its request, written beside each token event
 
     @property
     def entries_gone(self) -> bool:

@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -502,6 +503,15 @@ def engine_params(params: SamplingParamsModel, *, chat: bool = False) -> Any:
         return SamplingParams(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(params_field(str(e))) from None
+
+
+def body_digest(req: GenerateRequest) -> str:
+    """What makes two requests of one id generate alike (prompt and params; not priority, deadline, metadata or
+    streaming), as 16 hex digits. A worker writes it beside each token event: a worker taking the id over
+    continues only the tokens of the body it runs (two bodies sent under one id: a retry that changed them)."""
+    body = req.model_dump(mode="json", include={"prompt", "prompt_token_ids", "messages", "params"},
+                          exclude_none=True)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -108,15 +108,15 @@ class Publisher(WorkerPart):
     _drops_logged: dict[str, None] = field(default_factory=dict, init=False)  # requests whose token drops were logged
 
     # --------------------------------------------------------------------------------- enqueue
-    def token(self, request_id: str, payload: bytes, cap: int) -> None:
-        """A token event: appended to the events stream (kept to about ``cap`` entries) and published (unless
-        ``publish_token_events`` is off)."""
+    def token(self, request_id: str, payload: bytes, cap: int, body: str = "") -> None:
+        """A token event: appended to the events stream (kept to about ``cap`` entries; ``body``, the request's
+        :func:`~.protocol.body_digest`, beside it) and published (unless ``publish_token_events`` is off)."""
         now = time.monotonic()
         ttl = self.settings.result_ttl_s
         expire = now - self._expiry_set.get(request_id, -ttl) >= ttl / 2
         if expire:
             self._expiry_set[request_id] = now
-        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload, cap), expire=expire,
+        self._ops.append(_Op("token", request_id, (self.keys.out(request_id), payload, cap, body), expire=expire,
                              published=not self.settings.publish_token_events))
         if len(self._ops) > self.max_buffered:
             self._drop_tokens()
@@ -294,12 +294,13 @@ class Publisher(WorkerPart):
     def _add(self, pipe: redis.client.Pipeline, op: _Op) -> int:
         k = self.keys
         if op.kind == "token":
-            channel, payload, cap = op.args
+            channel, payload, cap, body = op.args
             events = k.events(op.request_id)
             commands = op.token_commands()
             for command in commands:
                 if command == "xadd":
-                    pipe.xadd(events, {"data": payload}, maxlen=cap, approximate=True)
+                    pipe.xadd(events, {"data": payload, "body": body} if body else {"data": payload}, maxlen=cap,
+                              approximate=True)
                 elif command == "pexpire":
                     pipe.pexpire(events, self.settings.result_ttl_s * 1000)
                 else:

@@ -10,7 +10,10 @@ Invariants:
   appended twice after a broken flush is skipped);
 - when they cannot be rebuilt (a gap in the ``seq`` numbers, an output the request does not have, beam search
   or ``best_of`` > ``n``), there is nothing to continue after: the request runs again from the start
-  (:attr:`Emitted.resumable` is False).
+  (:attr:`Emitted.resumable` is False);
+- only the tokens of the body being run are continued: a token event written beside another ``body`` digest
+  (another body sent under the same id, taken over in its stead) makes the request run from the start
+  (:attr:`Emitted.other_body`). An event without one (a worker before the digest) counts as this body's.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Emitted:
 
     outputs: dict[int, Output] = field(default_factory=dict)
     resumable: bool = True
+    other_body: bool = False  # a token event of another body of this id: its tokens are not this body's to continue
     first_token_at: float | None = None  # time.time() of the first token event (its entry id): when the caller got it
 
     @property
@@ -109,10 +113,11 @@ def _entries(r: redis.Redis, key: str, limit: int):
         start = "(" + (page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0])
 
 
-def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emitted:
+def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: str | None = None) -> Emitted:
     """The token events already in ``request_id``'s events stream, read a page at a time. A stream of more than
     ``limit`` entries (:func:`events_bound` of the request) was not written by runs of this request: it is not
-    resumable, and the rest of it is not read."""
+    resumable, and the rest of it is not read. ``body``: the :func:`~.protocol.body_digest` of the request to be
+    continued (None: any)."""
     emitted = Emitted()
     for entry_id, fields in _entries(r, keys.events(request_id), limit):
         if fields is None:
@@ -126,6 +131,9 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emi
             continue
         if not isinstance(ev, dict) or ev.get("type") != "token":
             continue
+        written_for = fields.get(b"body", fields.get("body"))
+        if body is not None and written_for is not None and _text(written_for) != body:
+            emitted.resumable, emitted.other_body = False, True
         index, seq = ev.get("index"), ev.get("seq")
         if not isinstance(index, int) or not isinstance(seq, int):
             emitted.resumable = False
@@ -150,6 +158,10 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int) -> Emi
                 o.logprobs = []
             o.logprobs.extend(logprobs)
     return emitted
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _parts(ev: dict) -> tuple[list[int], str, list[dict[int, float]] | None] | None:

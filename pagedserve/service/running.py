@@ -108,7 +108,7 @@ class Running(WorkerPart):
             f.last_token_at = now
         if f.request.stream:
             for payload in token_payloads(out, f.next_seq):
-                self.publisher.token(out.request_id, payload, events_cap(f))
+                self.publisher.token(out.request_id, payload, events_cap(f), f.body)
         if out.finished:
             self.outcomes.done(out.request_id, self.table.pop(out.request_id), whole_output(out, f.received))
         return new_tokens
@@ -127,7 +127,7 @@ class Running(WorkerPart):
                 add_deltas(f.received, out)
                 if f.request.stream:  # held-back text, and beam or best_of outputs, go out now
                     for payload in token_payloads(out, f.next_seq):
-                        self.publisher.token(rid, payload, events_cap(f))
+                        self.publisher.token(rid, payload, events_cap(f), f.body)
                 out = whole_output(out, f.received)
             self.outcomes.done(rid, f, out, finish_reason="cancelled")
         except Exception as e:
