@@ -1095,6 +1095,17 @@ def test_schema_nesting_is_bounded_with_a_value_error():
         validate_structured_outputs({"json": cyclic})
 
 
+def test_a_schema_at_the_nesting_limit_compiles(tokenized):
+    """The limit was 128 levels, and a schema of 125 (62 nested object properties) passed it and failed in
+    llguidance's parser with "recursion limit exceeded at line 1 column 2220"."""
+    so, _, _ = tokenized
+    chain: dict = {"type": "string"}
+    for _ in range((MAX_SPEC_DEPTH - 1) // 2):  # each object property is two levels: the schema, its properties
+        chain = {"type": "object", "properties": {"a": chain}}
+    for schema in (_nested(MAX_SPEC_DEPTH), chain):
+        assert so.compile(validate_structured_outputs({"json": schema})).matcher() is not None
+
+
 _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                          max_size=3), max_leaves=8)

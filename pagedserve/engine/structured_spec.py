@@ -21,7 +21,9 @@ MAX_CHOICES = 1024
 # Levels of objects and arrays in a schema. The walks over a schema (json.dumps, the backend's rewrites) recurse,
 # and past Python's recursion limit (a few hundred levels) they fail with a RecursionError instead of a refusal;
 # no real schema comes near this. Over the wire a request nests at most 32 levels in all (service.safe_json).
-MAX_SPEC_DEPTH = 128
+# llguidance parses the schema inside a grammar document of its own, three levels up, with serde_json's limit of
+# 128: a schema of 125 levels failed there ("recursion limit exceeded at line 1 column 2220").
+MAX_SPEC_DEPTH = 124
 
 
 def structured_error(why: str) -> ValueError:
