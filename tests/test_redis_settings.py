@@ -6,6 +6,7 @@ with the CA given, a worker serves as over TCP; and a worker whose Redis is away
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -122,3 +123,82 @@ def test_readyz_says_why_the_link_is_down(prefix):
         wait_for(lambda: "Connection refused" in w._ready()[1]["redis_error"], 10, 0.01, "the prober's error")
     finally:
         w.conn.close()  # its prober thread
+
+
+def test_a_redis_that_asks_for_a_client_certificate_is_said_to(prefix, tmp_path):
+    """Mutual TLS without a client certificate read "rediss:// speaks TLS, redis:// does not; is that port a TLS
+    port?", and a certificate for other host names "give the CA that signed it" though the CA was right."""
+    import ssl
+
+    from pagedserve.service.connection import tls_problem
+
+    files = tls_files(tmp_path)
+    tls_port = free_port()
+    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", files["server.crt"],
+                                    "--tls-key-file", files["server.key"], "--tls-ca-cert-file", files["ca.crt"],
+                                    "--tls-auth-clients", "yes"])
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.skip(f"redis-server without TLS: {e}")
+    try:
+        url = f"rediss://:s3cret@127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca.crt']}"
+        with pytest.raises(RedisSettingError) as e:
+            _check(url, prefix)
+        # Redis's alert (TLSV13_ALERT_CERTIFICATE_REQUIRED) when it comes; an end of the handshake when it does not
+        assert "rediss://:***@127.0.0.1" in str(e.value) and "s3cret" not in str(e.value), str(e.value)
+        assert "client certificate" in str(e.value) and "?ssl_certfile=" in str(e.value), str(e.value)
+    finally:
+        server.stop()
+
+    mismatch = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    mismatch.verify_message = "Hostname mismatch, certificate is not valid for 'redis.internal'."
+    outer = redis.ConnectionError("Error 1 connecting to redis.internal:6380.")
+    outer.__context__ = mismatch
+    said = tls_problem(outer, "rediss://:s3cret@redis.internal:6380/0")
+    assert said.startswith("Redis at rediss://:***@redis.internal:6380/0 presented a certificate for other host "
+                           "names than 'redis.internal'"), said
+    assert "?ssl_check_hostname=false" in said and "ssl_ca_certs" not in said, said
+
+
+@pytest.mark.parametrize("url, words", [
+    ("redis://:pw@127.0.0.1:6379/0 ", "redis_url has white space before or after it"),
+    ("unix:///tmp/redis.sock ", "redis_url has white space before or after it"),
+    ("redis://127.0.0.1:6379/0?db=5", "redis_url names two databases, 0 after the host and 5 in ?db="),
+])
+def test_a_url_with_a_space_or_two_databases_is_refused_saying_so(url, words):
+    """A trailing space read "not a valid Redis URL; percent-encode ..." (or "cannot reach Redis ... No such file",
+    exit 1, for a socket), and /0?db=5 selected database 5 without a word."""
+    from pydantic import ValidationError
+
+    from pagedserve.service.settings import Settings
+
+    with pytest.raises(ValidationError, match=re.escape(words)):
+        Settings(redis_url=url)
+    assert Settings(redis_url="redis://127.0.0.1:6379/0\r\n").redis_url == "redis://127.0.0.1:6379/0"  # a secret file's
+
+
+def test_the_redis_location_names_the_database_redis_py_selects():
+    """The ``redis`` label of pagedserve_model_info (PagedserveMixedModels groups by it) named /0 for /0?db=5
+    and no database for a socket's ?db=2."""
+    from pagedserve.service.connection import redis_location
+
+    assert redis_location("unix:///run/redis.sock?db=2") == "/run/redis.sock?db=2"
+    assert redis_location("unix:///run/redis.sock") == "/run/redis.sock"
+    assert redis_location("redis://h:1/3") == "h:1/3" and redis_location("redis://h:1?db=4") == "h:1/4"
+
+
+def test_a_wrong_password_in_the_query_is_called_refused_not_missing():
+    from pagedserve.service.client_core import credentials_refused
+
+    said = credentials_refused("redis://127.0.0.1:16403/0?password=***", redis.AuthenticationError("invalid password"))
+    assert said.startswith("Redis at redis://127.0.0.1:16403/0?password=*** refused the credentials"), said
+
+
+def test_a_sentinels_port_is_named_as_no_primary_and_nothing_is_said_queued():
+    from pagedserve.service.cli_errors import _refused_the_request, explain_error
+
+    e = redis.ResponseError("unknown command 'XADD', with args beginning with: 'pagedserve:requests' '*'")
+    line = explain_error(e)
+    assert "runs no XADD command: it is no Redis primary (a Sentinel's port?)" in line and "\n" not in line, line
+    assert _refused_the_request(e)

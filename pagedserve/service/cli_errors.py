@@ -61,6 +61,10 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         return f"error: Redis at {url} is a read-only replica: point PAGEDSERVE_REDIS_URL at the primary"
     if isinstance(e, redis.exceptions.NoPermissionError):
         return f"error: the Redis user of PAGEDSERVE_REDIS_URL ({url}) may not do this: {_redis_said(e)}"
+    if isinstance(e, redis.ResponseError) and (unknown := re.match(r"unknown command '([^']*)'", _redis_said(e))):
+        # A Sentinel's port (or a proxy's) answers in Redis's protocol but runs none of the data commands.
+        return (f"error: the server at {url} (PAGEDSERVE_REDIS_URL) runs no {unknown.group(1).upper()} command: it is "
+                "no Redis primary (a Sentinel's port?): give the primary's address, or a Service that follows it")
     from pagedserve.engine.default_model import ModelDownloadError
 
     if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
@@ -89,12 +93,14 @@ def _missing_database(e: BaseException) -> str | None:
 
 def _refused_the_request(e: BaseException) -> bool:
     """Whether Redis refused submit's XADD itself, so that nothing was queued: a write refused (out of memory, a
-    read-only replica; the stream's other commands only read) or a user without XADD. Redis checks these before
-    it runs a command."""
+    read-only replica; the stream's other commands only read), a user without XADD (or without SELECT of the URL's
+    database), or a server that runs no such command (a Sentinel's port). Redis checks these before it runs a
+    command."""
     import redis
 
     return isinstance(e, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)) or (
-        isinstance(e, redis.exceptions.NoPermissionError) and "'xadd'" in str(e))
+        isinstance(e, redis.exceptions.NoPermissionError) and ("'xadd'" in str(e) or "'select'" in str(e))) or (
+        isinstance(e, redis.ResponseError) and "unknown command" in str(e))
 
 
 def _redis_error(e: BaseException) -> str:

@@ -181,7 +181,7 @@ def credentials_refused(where: str, e: BaseException) -> str:
     password the URL does not give: no network trouble, and it says where to look. Under RESP3 Redis answers
     the latter with two sentences about its HELLO command; Redis's RESP2 words stand for them."""
     said = "Authentication required." if "HELLO must be called" in str(e) else redact(e)
-    if "@" not in where:
+    if "@" not in where and "password=" not in where:
         return f"Redis at {where} requires a password, and PAGEDSERVE_REDIS_URL gives none ({said})"
     return (f"Redis at {where} refused the credentials of PAGEDSERVE_REDIS_URL ({said}): check its user name and "
             "password")

@@ -147,13 +147,24 @@ def tls_problem(e: BaseException, url: str) -> str | None:
     import ssl
 
     cause = e.__context__ or e.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError) and "hostname mismatch" in str(cause.verify_message).lower():
+        host = urllib.parse.urlsplit(url).hostname
+        return (f"Redis at {redact(url)} presented a certificate for other host names than {host!r} "
+                f"({cause.verify_message}): reach it by a name its certificate gives, or add ?ssl_check_hostname=false "
+                "to PAGEDSERVE_REDIS_URL (the CA is checked still)")
     if isinstance(cause, ssl.SSLCertVerificationError):
         return (f"Redis at {redact(url)} presented a certificate this worker does not trust "
                 f"({cause.verify_message or cause.reason}): give the CA that signed it in PAGEDSERVE_REDIS_URL "
                 "(?ssl_ca_certs=/path/to/ca.pem), or ?ssl_cert_reqs=none to skip the check (not for production)")
+    if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(cause.reason or cause):
+        return (f"Redis at {redact(url)} asks for a client certificate ({cause.reason}): give it in "
+                "PAGEDSERVE_REDIS_URL (?ssl_certfile=/path/to/client.pem&ssl_keyfile=/path/to/client.key)")
     if isinstance(cause, ssl.SSLError):
+        # Over TLS 1.3 a server that wants a client certificate may end the handshake without saying why.
+        asks = "" if "ssl_certfile" in url else (" Or does it ask for a client certificate (?ssl_certfile=...&"
+                                                 "ssl_keyfile=...)?")
         return (f"the TLS handshake with Redis at {redact(url)} failed ({cause.reason or cause}): rediss:// speaks "
-                "TLS, redis:// does not; is that port a TLS port?")
+                f"TLS, redis:// does not; is that port a TLS port?{asks}")
     return None
 
 
@@ -169,9 +180,10 @@ def redis_location(url: str) -> str:
     """Which Redis and database ``url`` names, without its user or password: ``host:port/db``, or the socket's
     path (``unix://``)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    db = parts.path.strip("/") or urllib.parse.parse_qs(parts.query).get("db", ["0"])[0]
+    query_db = urllib.parse.parse_qs(parts.query).get("db", [None])[0]
+    if parts.scheme == "unix":  # a database other than 0 is only in the query: named then, as redis-py selects it
+        return parts.path if query_db in (None, "0") else f"{parts.path}?db={query_db}"
+    db = query_db or parts.path.strip("/") or "0"  # redis-py lets ?db= win over the path
     return f"{parts.hostname}:{parts.port or 6379}/{db}"
 
 

@@ -103,7 +103,7 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     """Raise ``ValueError`` (credentials masked) for a URL redis-py would refuse, or would read as another database
     than the one written: it takes ``/abc`` or ``/9/x`` for database 0 without a word. ``name``: the setting the
     refusal names."""
-    from urllib.parse import urlsplit
+    from urllib.parse import parse_qs, urlsplit
 
     from redis.connection import parse_url
 
@@ -113,6 +113,8 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
                          "master Service that follows it (docs/deployment.md, \"Scaling out\")")
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"{name} must start with redis://, rediss:// or unix://")
+    if url != url.strip():  # a space, tab or line end around it (a secret file's newline): not part of any URL
+        raise ValueError(f"{name} has white space before or after it: remove it")
     try:
         parts = urlsplit(url)
         hosts = parts.netloc.rpartition("@")[2]
@@ -130,6 +132,10 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", parts.path):
         raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
                          f"(got {redact(parts.path)!r})")
+    query_db = parse_qs(parts.query).get("db", [None])[0]
+    if query_db is not None and parts.path.strip("/") and query_db != parts.path.strip("/"):
+        raise ValueError(f"{name} names two databases, {parts.path.strip('/')} after the host and {query_db} in "
+                         "?db= (redis-py takes the latter): give one")
     _check_url_options(url, options)
 
 
@@ -288,6 +294,12 @@ class Settings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return v
+
+    @field_validator("celery_broker_url", "redis_url", mode="before")
+    @classmethod
+    def _without_line_end(cls, v: object) -> object:
+        # A Kubernetes secret mounted as a file, or read with $(cat ...), ends with a newline: not the URL's.
+        return v.rstrip("\r\n") if isinstance(v, str) else v
 
     @field_validator("celery_broker_url")
     @classmethod
