@@ -31,18 +31,24 @@ def tls_redis(tmp_path_factory):
     """A redis-server with a TLS port whose certificate (for 127.0.0.1) a private CA signed; its plain port too.
     Yields (plain port, TLS port, the CA's file)."""
     files = tls_files(tmp_path_factory.mktemp("tls"))
-    tls_port = free_port()
-    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", files["server.crt"],
-                                    "--tls-key-file", files["server.key"], "--tls-ca-cert-file", files["ca.crt"],
-                                    "--tls-auth-clients", "no"])
-    try:
-        server.start()
-    except RuntimeError as e:  # a redis-server built without TLS refuses the options
-        pytest.skip(f"redis-server without TLS: {e}")
+    server, tls_port = _tls_server(files, client_certificates=False)
     try:
         yield server.port, tls_port, files["ca.crt"]
     finally:
         server.stop()
+
+
+def _tls_server(files: dict[str, str], client_certificates: bool) -> tuple[LocalRedis, int]:
+    """A started redis-server with a TLS port (asking clients for a certificate or not), and that port."""
+    tls_port = free_port()
+    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", files["server.crt"],
+                                    "--tls-key-file", files["server.key"], "--tls-ca-cert-file", files["ca.crt"],
+                                    "--tls-auth-clients", "yes" if client_certificates else "no"])
+    try:
+        server.start()
+    except RuntimeError as e:  # a redis-server built without TLS refuses the options
+        pytest.skip(f"redis-server without TLS: {e}")
+    return server, tls_port
 
 
 def _check(url: str, prefix: str) -> None:
@@ -133,14 +139,7 @@ def test_a_redis_that_asks_for_a_client_certificate_is_said_to(prefix, tmp_path)
     from pagedserve.service.connection import tls_problem
 
     files = tls_files(tmp_path)
-    tls_port = free_port()
-    server = LocalRedis(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", files["server.crt"],
-                                    "--tls-key-file", files["server.key"], "--tls-ca-cert-file", files["ca.crt"],
-                                    "--tls-auth-clients", "yes"])
-    try:
-        server.start()
-    except RuntimeError as e:
-        pytest.skip(f"redis-server without TLS: {e}")
+    server, tls_port = _tls_server(files, client_certificates=True)
     try:
         url = f"rediss://:s3cret@127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca.crt']}"
         with pytest.raises(RedisSettingError) as e:
