@@ -480,3 +480,28 @@ def test_a_prompt_of_token_ids_out_of_range_is_named_as_the_line_wrote_it():
     with pytest.raises(LineError, match=r"^body\.prompt\[1\]: Input should be greater than or equal to 0"):
         to_request("batch_" + "0" * 32, 0, 1, "c", "/v1/completions", {"prompt": [1, -5], "max_tokens": 2},
                    int(time.time() * 1000) + 60_000)
+
+
+def test_a_token_that_could_not_be_drawn_reads_as_openai_writes_it():
+    """The wire's -1e30 (a grammar's disallowed token filling a top-k list; JSON has no -Infinity) went into the
+    OpenAI-format output as is, where OpenAI writes -9999.0 ("very unlikely"): an average of the logprobs was off
+    by 1e28."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    from pagedserve.service.batch_format import output_line
+    from pagedserve.service.protocol import DoneEvent
+
+    event = DoneEvent.model_validate({"type": "done", "id": "r", "outputs": [{
+        "index": 0, "text": "{", "token_ids": [90], "finish_reason": "length", "cumulative_logprob": -0.1,
+        "logprobs": [{"90": -0.1, "7": -1e30, "8": -1e30}]}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "cached_prompt_tokens": 0},
+        "metrics": {"queued_ms": 1, "ttft_ms": 2, "e2e_ms": 3}, "metadata": {}})
+    for url, kind in (("/v1/chat/completions", ChatCompletion), ("/v1/completions", Completion)):
+        md = {"batch_id": "batch_" + "0" * 32, "line": 1, "custom_id": "c", "url": url, "top_logprobs": 3}
+        _, line, ok = output_line(event, md)
+        body = kind.model_validate(line["response"]["body"])
+        logprobs = body.choices[0].logprobs
+        values = ([t.logprob for t in logprobs.content[0].top_logprobs] if kind is ChatCompletion
+                  else list(logprobs.top_logprobs[0].values()))
+        assert ok and sorted(values) == [-9999.0, -9999.0, -0.1], values

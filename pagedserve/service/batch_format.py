@@ -411,11 +411,20 @@ def _token(tid: int | str) -> str:
     return f"token_id:{tid}"
 
 
+# OpenAI's value for a token that could not be drawn ("-9999.0 is used to signify that the token is very unlikely");
+# the wire's -1e30 (JSON has no -Infinity) would skew what a reader averages or exponentiates.
+UNLIKELY_LOGPROB = -9999.0
+
+
+def _openai_logprobs(lps: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{t: max(v, UNLIKELY_LOGPROB) for t, v in d.items()} for d in lps]
+
+
 def _chat_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int) -> dict | None:
     if lps is None:
         return None
     content = []
-    for tid, d in zip(token_ids, lps):
+    for tid, d in zip(token_ids, _openai_logprobs(lps)):
         top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
         content.append({"token": _token(tid), "logprob": d.get(str(tid), top[0][1] if top else 0.0), "bytes": None,
                         "top_logprobs": [{"token": _token(t), "logprob": v, "bytes": None} for t, v in top]})
@@ -428,6 +437,7 @@ def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | Non
     (vLLM's rule; the tokens are ``token_id:<id>``, so these are offsets into the joined tokens, not into the text)."""
     if lps is None:
         return None
+    lps = _openai_logprobs(lps)
     tokens = [_token(t) for t in token_ids]
     top_logprobs = []
     for tid, d in zip(token_ids, lps):
