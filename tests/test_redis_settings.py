@@ -201,3 +201,26 @@ def test_a_sentinels_port_is_named_as_no_primary_and_nothing_is_said_queued():
     line = explain_error(e)
     assert "runs no XADD command: it is no Redis primary (a Sentinel's port?)" in line and "\n" not in line, line
     assert _refused_the_request(e)
+
+
+def test_the_clients_name_a_read_only_replica_and_what_to_do(prefix):
+    """Client and AsyncClient raised redis-py's bare "You can't write against a read only replica." (and a
+    Sentinel's "unknown command 'XADD'") where the CLI said which Redis and what to do. Same type, said so now."""
+    import asyncio
+
+    from pagedserve.service.client import AsyncClient
+
+    with LocalRedis() as primary, LocalRedis() as replica, redis.Redis.from_url(replica) as r:
+        host, port = primary.removeprefix("redis://").split("/")[0].split(":")
+        r.replicaof(host, port)
+        with Client(replica, prefix=prefix) as c, pytest.raises(redis.exceptions.ReadOnlyError) as e:
+            c.generate("x", params={"max_tokens": 1}, timeout=10)
+        assert str(e.value) == (f"Redis at {replica} is a read-only replica: point the client's Redis URL at the "
+                                "primary"), str(e.value)
+
+        async def submit() -> None:
+            async with AsyncClient(replica, prefix=prefix) as ac:
+                await ac.submit("x", params={"max_tokens": 1})
+
+        with pytest.raises(redis.exceptions.ReadOnlyError, match="is a read-only replica: point the client's"):
+            asyncio.run(submit())

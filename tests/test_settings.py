@@ -24,6 +24,13 @@ def test_a_database_that_is_not_a_number_is_refused(url):
         Settings(redis_url=url)
 
 
+@pytest.mark.parametrize("url", ["redis://h/3?db=4", "redis://h:6379/0?db=5"])
+def test_two_databases_in_one_url_are_refused(url):
+    # redis-py takes the query's without a word, and the worker's redis label named the path's.
+    with pytest.raises(ValidationError, match="names two databases"):
+        Settings(redis_url=url)
+
+
 @pytest.mark.parametrize("url", ["redis://:s#cret@127.0.0.1:6379/9"])
 def test_an_unparseable_url_is_refused_with_what_to_do(url):
     with pytest.raises(ValidationError, match="not a valid Redis URL") as e:
@@ -32,7 +39,7 @@ def test_an_unparseable_url_is_refused_with_what_to_do(url):
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "redis://h:6379/", "redis://u:pw@h/12",
-                                 "rediss://h/0?ssl_cert_reqs=none", "unix:///tmp/r.sock?db=2", "redis://h/3?db=4"])
+                                 "rediss://h/0?ssl_cert_reqs=none", "unix:///tmp/r.sock?db=2", "redis://h/4?db=4"])
 def test_good_urls_pass(url):
     assert Settings(redis_url=url).redis_url == url
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 
 import typer
 from rich.console import Console
@@ -43,7 +42,7 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         return f"error: {e.strerror or e} (a port is already in use: set PAGEDSERVE_METRICS_PORT to a free port, or 0)"
     if (missing := _missing_database(e)) is not None:
         return missing
-    from .client_core import credentials_refused, not_redis
+    from .client_core import credentials_refused, not_redis, refusal_line
 
     url = redact(os.environ.get("PAGEDSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"))  # where the commands go
     if (other := not_redis(e)) is not None:
@@ -55,16 +54,8 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         if "Redis" in text:
             return f"error: {_naming_the_redis_url(text)}"
         return f"error: cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): {text}"
-    if isinstance(e, redis.exceptions.OutOfMemoryError):
-        return f"error: Redis at {url} refuses writes, its memory is full (maxmemory): {_redis_said(e).rstrip('.')}"
-    if isinstance(e, redis.exceptions.ReadOnlyError):
-        return f"error: Redis at {url} is a read-only replica: point PAGEDSERVE_REDIS_URL at the primary"
-    if isinstance(e, redis.exceptions.NoPermissionError):
-        return f"error: the Redis user of PAGEDSERVE_REDIS_URL ({url}) may not do this: {_redis_said(e)}"
-    if isinstance(e, redis.ResponseError) and (unknown := re.match(r"unknown command '([^']*)'", _redis_said(e))):
-        # A Sentinel's port (or a proxy's) answers in Redis's protocol but runs none of the data commands.
-        return (f"error: the server at {url} (PAGEDSERVE_REDIS_URL) runs no {unknown.group(1).upper()} command: it is "
-                "no Redis primary (a Sentinel's port?): give the primary's address, or a Service that follows it")
+    if (refused := refusal_line(e, url, "PAGEDSERVE_REDIS_URL")) is not None:
+        return f"error: {refused}"
     from pagedserve.engine.default_model import ModelDownloadError
 
     if isinstance(e, (ValueError, ModelDownloadError, FileNotFoundError, PermissionError)):
@@ -72,11 +63,6 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
     if isinstance(e, NameHeld):  # a second live worker under one name: the message says what to do (--name)
         return f"error: {redact(e)}"
     return f"error: {type(e).__name__}: {redact(e)}{_DEBUG_HINT}"
-
-
-def _redis_said(e: BaseException) -> str:
-    """Redis's own words, without redis-py's "Command # 1 (GET key) of pipeline caused error: " before them."""
-    return re.sub(r"^Command # \d+ \(.*?\) of pipeline caused error: ", "", redact(e), count=1, flags=re.S)
 
 
 _DEBUG_HINT = " (`pagedserve --debug ...` or PAGEDSERVE_LOG_LEVEL=DEBUG shows the traceback)"

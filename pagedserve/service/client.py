@@ -409,7 +409,7 @@ class Client(ProducerCore):
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
                         raise self._unreachable(e) from None
                     self._raise_missing_database(e)
-                    error = e
+                    error = self._explained(e)
                 # redis-py's socket, closed under the call by close(): a read then fails as the socket's (ValueError,
                 # OSError) or, when the close lands between two reads, as the parser's emptied buffer (AttributeError).
                 except (ValueError, OSError, AttributeError):
@@ -733,7 +733,7 @@ class AsyncClient(ProducerCore):
                     if pool_full(e) and not sent:
                         raise self._unreachable(e) from None
                     self._raise_missing_database(e)
-                    error = e
+                    error = self._explained(e)
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:
                 await self._cancel_abandoned(owned)

@@ -198,6 +198,28 @@ def unreachable(where: str, e: BaseException) -> RedisUnreachable:
     return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}")
 
 
+def redis_said(e: BaseException) -> str:
+    """Redis's own words, without redis-py's "Command # 1 (GET key) of pipeline caused error: " before them."""
+    return re.sub(r"^Command # \d+ \(.*?\) of pipeline caused error: ", "", redact(e), count=1, flags=re.S)
+
+
+def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
+    """What to say of a command Redis (at ``where``, from ``setting``) refused for what it is, not for what was
+    asked: a full memory, a read-only replica, a user without the command, a server that runs no such command (a
+    Sentinel's port). None for any other error."""
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return f"Redis at {where} refuses writes, its memory is full (maxmemory): {redis_said(e).rstrip('.')}"
+    if isinstance(e, redis.exceptions.ReadOnlyError):
+        return f"Redis at {where} is a read-only replica: point {setting} at the primary"
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return f"the Redis user of {setting} ({where}) may not do this: {redis_said(e)}"
+    if isinstance(e, redis.ResponseError) and (unknown := re.match(r"unknown command '([^']*)'", redis_said(e))):
+        # A Sentinel's port (or a proxy's) answers in Redis's protocol but runs none of the data commands.
+        return (f"the server at {where} ({setting}) runs no {unknown.group(1).upper()} command: it is no Redis "
+                "primary (a Sentinel's port?): give the primary's address, or a Service that follows it")
+    return None
+
+
 def not_redis(e: BaseException) -> str | None:
     """For a server that answered in another protocol than Redis's (a NATS, SMTP or SSH port, say), what to say
     instead of redis-py's protocol error, which quotes the whole greeting; None for any other error."""
@@ -538,12 +560,19 @@ class ProducerCore:
             raise self._unreachable(e) from None
         except redis.ResponseError as e:
             self._raise_missing_database(e)
-            raise
+            raise self._explained(e) from None
 
     def _raise_missing_database(self, e: BaseException) -> None:
         """A URL naming a database the server lacks: a ``ValueError`` saying so, not Redis's words."""
         if (missing := missing_database(e, self.redis_url, redact(self.redis_url))) is not None:
             raise MissingDatabase(missing) from None
+
+    def _explained(self, e: redis.RedisError) -> redis.RedisError:
+        """A refusal of what Redis is (:func:`refusal_line`) as the same exception type, its message saying which
+        Redis and what to do, where redis-py's is Redis's bare words ("You can't write against a read only
+        replica.")."""
+        line = refusal_line(e, redact(self.redis_url), "the client's Redis URL")
+        return e if line is None else type(e)(line)
 
     def _unreachable(self, e: Exception) -> redis.ConnectionError:
         if pool_full(e):

@@ -133,7 +133,8 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
         raise ValueError(f"the database after the host must be a number, as in redis://host:6379/0 "
                          f"(got {redact(parts.path)!r})")
     query_db = parse_qs(parts.query).get("db", [None])[0]
-    if query_db is not None and parts.path.strip("/") and query_db != parts.path.strip("/"):
+    if (not url.startswith("unix://") and query_db is not None and parts.path.strip("/")
+            and query_db != parts.path.strip("/")):
         raise ValueError(f"{name} names two databases, {parts.path.strip('/')} after the host and {query_db} in "
                          "?db= (redis-py takes the latter): give one")
     _check_url_options(url, options)
