@@ -360,3 +360,57 @@ def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, 
         worker_side.close()
         admin.delete(keys.requests, keys.result("finished"), keys.result("redelivered"), keys.events("finished"))
         admin.close()
+
+
+def test_a_flush_broken_off_by_ctrl_c_publishes_its_token_events_once(redis_url, prefix):
+    """A second Ctrl-C during a flush's round trip (Redis slow to answer): the batch was marked "maybe
+    published" only for an Exception, so the shutdown's flush published every token event of it again, and a
+    reader of the channel saw a token twice. Redis had the first flush already."""
+    from pagedserve.service.connection import redis_client
+    from pagedserve.service.context import WorkerContext
+    from pagedserve.service.metrics import WorkerMetrics
+    from pagedserve.service.publisher import Publisher
+    from pagedserve.service.telemetry import get_logger, get_tracer
+
+    admin = redis.Redis.from_url(redis_url)
+    worker_side = redis_client(redis_url)
+    keys = Keys(prefix)
+    ctx = WorkerContext(settings=make_settings(redis_url, prefix), keys=keys, consumer="c", metrics=WorkerMetrics(),
+                        tracer=get_tracer(), log=get_logger(), new_client=lambda: redis.Redis.from_url(redis_url))
+    publisher = Publisher(ctx)
+    sub = admin.pubsub()
+    real_pipeline = worker_side.pipeline
+
+    def interrupted_pipeline(*a, **kw):
+        pipe = real_pipeline(*a, **kw)
+        real_execute = pipe.execute
+
+        def execute(*ea, **ekw):
+            real_execute(*ea, **ekw)  # Redis has it; the reply is lost to the interrupt
+            raise KeyboardInterrupt
+
+        pipe.execute = execute
+        return pipe
+
+    try:
+        sub.psubscribe(f"{prefix}:out:*")
+        assert sub.get_message(timeout=5)["type"] == "psubscribe"
+        for seq in range(3):
+            publisher.token("ctrl-c", json.dumps({"type": "token", "id": "ctrl-c", "index": 0, "seq": seq,
+                                                  "token_ids": [seq], "text": "x"}).encode(), 100)
+        worker_side.pipeline = interrupted_pipeline
+        with pytest.raises(KeyboardInterrupt):
+            publisher.flush(worker_side)
+        worker_side.pipeline = real_pipeline
+        publisher.flush(worker_side)  # the shutdown's
+        assert publisher.buffered() == 0
+        published = collections.Counter()
+        while (m := sub.get_message(timeout=0.5)) is not None:
+            published[json.loads(m["data"])["seq"]] += 1
+        assert published == {0: 1, 1: 1, 2: 1}, published
+        seqs = [json.loads(f[b"data"])["seq"] for _, f in admin.xrange(keys.events("ctrl-c"))]
+        assert sorted(set(seqs)) == [0, 1, 2]  # appended twice at most, which readers skip by seq
+    finally:
+        sub.close()
+        worker_side.close()
+        admin.close()

@@ -195,9 +195,10 @@ class Publisher(WorkerPart):
                 spans = [self._add(pipe, op) for op in batch]
                 try:
                     replies = pipe.execute(raise_on_error=False)
-                except Exception:
+                except BaseException:
                     # Unknown how much was applied: keep it all (every op is safe to repeat), but publish no
-                    # event twice (pub/sub is at most once; a client reads the stored result anyway).
+                    # event twice (pub/sub is at most once; a client reads the stored result anyway). A Ctrl-C
+                    # too: the shutdown's flush sends the batch again, and Redis may have it already.
                     for op in batch:
                         op.published = True
                     kept.extend(op for op in batch if op.kind != "publish")
