@@ -55,12 +55,16 @@ def test_progress_rules():
     assert p.check()[0]
 
 
-def _healthz(port: int) -> tuple[int, dict]:
+def _get(port: int, path: str) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def _healthz(port: int) -> tuple[int, dict]:
+    return _get(port, "healthz")
 
 
 def test_healthz_fails_while_the_engine_makes_no_progress(redis_url, prefix, shared_engine):
@@ -376,3 +380,57 @@ def test_a_first_step_that_hangs_shows_its_request_and_stalls(redis_url, prefix,
         release.set()
         shared_engine.step = real_step
         r.close()
+
+
+def test_a_worker_whose_step_was_wedged_gives_up_the_runs_taken_before_it_writes_again(redis_url, prefix,
+                                                                                        shared_engine):
+    """A step that blocked past the stall timeout (a wedged device) let the worker's claims lapse, and another
+    worker took the request over and stored its done. The step then returned, and the first worker went on
+    with the run: its renewal thread had counted the ticks that renewed nothing as successes, so the loop did not
+    check before its flush, and its token events came after the other's done with the same seq numbers and other
+    text, its run finishing a second time. /readyz said 200 throughout. The loop now gives the run up first, and
+    a stuck worker is not ready."""
+    import threading
+
+    from pagedserve.engine import LLMEngine
+    from service_fixtures import ENGINE_KW, TEST_MODEL
+
+    wedged_engine = LLMEngine(model=TEST_MODEL, **ENGINE_KW)
+    gate = threading.Event()
+    gate.set()
+    real_step = wedged_engine.step
+
+    def step():
+        gate.wait(120)
+        return real_step()
+
+    wedged_engine.step = step
+    keys = Keys(prefix)
+    fast = dict(stall_timeout_s=1.0, claim_idle_ms=2000, log_level="ERROR")
+    body = {"id": "wedged", "prompt": "x", "params": {"max_tokens": 60, "ignore_eos": True}}
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            with running_worker(make_settings(redis_url, prefix, **fast), wedged_engine) as a:
+                r.xadd(keys.requests, {"body": json.dumps(body)})
+                wait_for(lambda: r.xlen(keys.events("wedged")) >= 3, 60, what="the first worker's tokens")
+                gate.clear()  # its next step blocks
+                wait_for(lambda: _healthz(a.health.port)[0] == 503, 30, what="/healthz 503")
+                status, info = _get(a.health.port, "readyz")
+                assert status == 503 and info.get("stuck") is True, (status, info)
+                with running_worker(make_settings(redis_url, prefix, **fast), shared_engine):
+                    wait_for(lambda: r.exists(keys.result("wedged")), 60, what="the other worker's result")
+                gate.set()  # the step returns: its run is another's now
+                wait_for(lambda: not a.running.table, 30, what="the wedged worker giving its run up")
+                a.publisher.flush(a.r)
+            events = [json.loads(f[b"data"]) for _, f in r.xrange(keys.events("wedged"))]
+        ends = [i for i, ev in enumerate(events) if ev["type"] == "done"]
+        assert len(ends) == 1 and ends[0] == len(events) - 1, events[-5:]  # nothing after the done
+        seqs = [ev["seq"] for ev in events if ev["type"] == "token"]
+        texts = {}
+        for ev in events[:-1]:  # a seq appended twice carries the same text
+            assert texts.setdefault(ev["seq"], ev["text"]) == ev["text"], ev
+        assert sorted(set(seqs)) == list(range(len(set(seqs))))
+        done = parse_terminal(json.dumps(events[-1]))
+        assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 60
+    finally:
+        gate.set()

@@ -130,13 +130,16 @@ class Claims(WorkerPart):
     def stop(self) -> None:
         self.thread.stop()
 
-    def _tick(self, r: redis.Redis) -> None:
+    def _tick(self, r: redis.Redis) -> bool:
+        """Renew the claims held and release the ones let go; False when the loop is stuck and they were left to
+        lapse (renewal.py)."""
         with self._lock:
             held, release = sorted(self._held), sorted(self._release)
-        if self.ctx.loop_stuck():  # the claims lapse, as the entries' leases do (context.py says why)
+        lapsing = self.ctx.loop_stuck()
+        if lapsing:  # the claims lapse, as the entries' leases do (context.py says why)
             held = []
         if not held and not release:
-            return
+            return not lapsing
         lost = self._renew_and_release(r, held, release)
         with self._lock:
             self._release.difference_update(release)
@@ -150,6 +153,7 @@ class Claims(WorkerPart):
             again = [rid for rid in release if rid in self._held]
         if again:
             self._renew_and_release(r, again, [])
+        return not lapsing
 
     def _renew_and_release(self, r: redis.Redis, held: list[str], release: list[str]) -> list:
         keys = [self.keys.running(i) for i in held + release] + [self.keys.result(i) for i in held]

@@ -267,7 +267,9 @@ class LeaseKeeper:
             gone, self._gone = self._gone, []
         return gone
 
-    def _tick(self, r: redis.Redis) -> None:
+    def _tick(self, r: redis.Redis) -> bool:
+        """Renew the entries' leases and the consumer name; False when the loop is stuck and the leases were left
+        to lapse (renewal.py)."""
         with self._lock:
             ids = sorted(self._ids)
         stuck = self._loop_stuck()
@@ -305,3 +307,4 @@ class LeaseKeeper:
             # their id claims and store their results (the ack then finds nothing to acknowledge). Logged where
             # the request ids are known (running.py).
             self.metrics.entries_gone.inc(len(gone))
+        return not stuck

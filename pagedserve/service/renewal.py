@@ -10,7 +10,11 @@ Invariants:
 - a failed tick (Redis away, a refusal) is never fatal: the client is dropped, the next interval tries again,
   and the failure is logged once per 50 (the loop logs the outage itself), with credentials masked;
 - :meth:`RenewalThread.overdue` says when no tick has succeeded for two intervals: the loop then ticks itself
-  (:meth:`RenewalThread.tick_now`) before it publishes or acts on anything (worker.py).
+  (:meth:`RenewalThread.tick_now`) before it publishes or acts on anything (worker.py);
+- a tick that renewed nothing on purpose (the loop stuck: its leases and claims are left to lapse) is no success:
+  the loop, moving again, finds itself overdue and ticks first, so the runs taken meanwhile get nothing more from
+  it. Counted a success, they ran on until the thread's next tick (up to an interval), publishing tokens after
+  the other worker's ``done`` and finishing their ids a second time.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from .redaction import redact
 
 
 class RenewalThread:
-    """Runs ``tick(client)`` every ``interval_s`` (at once after :meth:`wake`) on a daemon thread until :meth:`stop`."""
+    """Runs ``tick(client)`` every ``interval_s`` (at once after :meth:`wake`) on a daemon thread until :meth:`stop`.
+    ``tick`` returns False when it left what it holds to lapse (the loop stuck): not a success."""
 
-    def __init__(self, name: str, tick: Callable[[redis.Redis], None], new_client: Callable[[], redis.Redis],
+    def __init__(self, name: str, tick: Callable[..., bool | None], new_client: Callable[[], redis.Redis],
                  interval_s: float, log: Any, failure_event: str) -> None:
         self._tick = tick
         self._new_client = new_client
@@ -58,8 +63,8 @@ class RenewalThread:
 
     def tick_now(self, r: redis.Redis) -> None:
         """Tick on the caller's thread and client, now (a failure is the caller's to handle)."""
-        self._tick(r)
-        self.last_ok = time.monotonic()
+        if self._tick(r) is not False:
+            self.last_ok = time.monotonic()
 
     def wake(self) -> None:
         """Renew now, not at the end of the interval (after a reconnect: the leases may have aged)."""
@@ -74,8 +79,8 @@ class RenewalThread:
                 break
             try:
                 r = r or self._new_client()
-                self._tick(r)
-                self.last_ok = time.monotonic()
+                if self._tick(r) is not False:
+                    self.last_ok = time.monotonic()
             except Exception as e:  # Redis away: try again next interval; the loop has its own backoff
                 self.failures += 1
                 _close(r)

@@ -247,10 +247,14 @@ class Worker(WorkerPart):
         # A command the worker needs for its job that Redis refuses while the link is up (an ACL without XAUTOCLAIM:
         # dead workers' entries would never be taken over), quoted by the worker's operation.
         commands = self.conn.refusals()
+        # A stuck loop (/healthz failing) lets its work go to other workers: it must not count as available either.
+        stuck = self._loop_stuck()
         ok = (started and self.model_loaded and reachable and set_up and not commands
-              and not self._stop.is_set())
+              and not self._stop.is_set() and not stuck)
         info = {"started": started, "model_loaded": self.model_loaded, "redis": reachable, "redis_set_up": set_up,
                 "stopping": self._stop.is_set()}
+        if stuck:
+            info["stuck"] = True
         if refused and not set_up:
             info["redis_refused"] = refused
         elif self.conn.error and not set_up:
@@ -470,7 +474,8 @@ class Worker(WorkerPart):
         cancel is acted on, so a run taken over gets no more tokens from here and a cancel ends no run that is
         another's. When no renewal has succeeded for a while (the process was paused, Redis down, a renewal
         thread starved), renew here first: what was lost is not known yet."""
-        if self.leases.thread.overdue() or self.claims.thread.overdue():
+        # A stuck loop (its renewals left to lapse, so always overdue) does not renew here either.
+        if (self.leases.thread.overdue() or self.claims.thread.overdue()) and not self._loop_stuck():
             try:
                 self.leases.thread.tick_now(self.r)
                 self.claims.thread.tick_now(self.r)
@@ -498,7 +503,19 @@ class Worker(WorkerPart):
             self.progress.failed()  # not progress; nor is the empty engine it leaves "no work" (health.Progress)
             self._send_back(self.running.send_back(e))
             return
+        self.heartbeat = time.monotonic()  # a step that returns is a loop that moves, however long it took
         self.progress.step(outputs)
+        if (self.leases.thread.overdue() or self.claims.thread.overdue()) and self.conn.usable():
+            # The step outlasted the renewals (a wedged device, a pause): a run another worker took over meanwhile
+            # is given up before its outputs are taken, not after they went out beside that worker's done. Not
+            # while the link is down (Redis away or hung: the renewals fail then, and a try here would hold the
+            # loop for the socket timeout); the check before the flush asks once it is up.
+            try:
+                self._check_if_away()
+            except REDIS_DOWN as e:
+                self.conn.failed(e)
+            except redis.RedisError:  # refused: not known now; the check before the flush asks again
+                pass
         self.running.on_outputs(outputs)
         # A snapshot 4x a second is plenty for a scrape every few seconds; the last step's is always taken.
         if time.monotonic() - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
