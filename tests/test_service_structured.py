@@ -218,6 +218,7 @@ def test_batch_json_schema_name_and_strict_are_checked_as_openai_does():
 
 
 def test_batch_refusals_of_a_schema_name_the_body_field():
+    from pagedserve.engine.structured_spec import MAX_SPEC_DEPTH
     from pagedserve.service.batch_format import output_line, parse_lines
 
     deep: dict = {"type": "integer"}
@@ -225,7 +226,8 @@ def test_batch_refusals_of_a_schema_name_the_body_field():
         deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
     (line,) = parse_lines("batch_x", _batch({"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}),
                           expires_ms=2**40)
-    assert line.error == "line 1: body.response_format.json_schema.schema nests deeper than 128 levels", line.error
+    assert line.error == ("line 1: body.response_format.json_schema.schema nests deeper than "
+                          f"{MAX_SPEC_DEPTH} levels"), line.error
     md = {"batch_id": "batch_x", "line": 3, "custom_id": "c3", "url": "/v1/chat/completions"}
     worker_says = "params.structured_outputs json is not a usable JSON Schema: Unimplemented keys: [\"uniqueItems\"]"
     _, out, ok = output_line(ErrorEvent(id="r", error={"code": "invalid_request", "message": worker_says}), md)
