@@ -293,14 +293,30 @@ def _drop_unknown_format(node: dict) -> dict:
 MAX_ROW_ITEMS = 2000
 
 
+def _pointer_target(ref: str, root: object) -> object:
+    """What local ``$ref`` ``ref`` ("#", "#/$defs/a") points at in ``root``; None for another kind of ref."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None
+    target: object = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict):
+            target = target.get(part)
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            return None
+    return target
+
+
 def _resolve(schema: dict, root: dict) -> dict:
     """A schema that is only a local ``$ref`` (an anyOf branch naming a definition): the definition."""
     ref = schema.get("$ref")
     if not (isinstance(ref, str) and ref.startswith("#/") and len(schema) == 1):
         return schema
-    target: object = root
-    for part in ref[2:].split("/"):
-        target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+    target = _pointer_target(ref, root)
     return target if isinstance(target, dict) else schema
 
 
@@ -396,24 +412,6 @@ REGEX_ASCII_CLASSES = "dws"
 JSON_ESCAPES_WITHOUT_U = 'nrbtf\\"'
 # A control character other than those short escapes, as itself or as a regex escape (only \u can write it).
 _CONTROL = re.compile(r"[\x00-\x07\x0b\x0e-\x1f]|\\(?:x[01][0-9a-fA-F]|u00[01][0-9a-fA-F]|c[A-Za-z@]|0)")
-
-
-def _pointer_target(ref: str, root: object) -> object:
-    """What local ``$ref`` ``ref`` ("#", "#/$defs/a") points at in ``root``; None for another kind of ref."""
-    if ref == "#":
-        return root
-    if not ref.startswith("#/"):
-        return None
-    target: object = root
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(target, dict):
-            target = target.get(part)
-        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
-            target = target[int(part)]
-        else:
-            return None
-    return target
 
 
 def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) -> bool:

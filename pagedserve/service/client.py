@@ -408,7 +408,6 @@ class Client(ProducerCore):
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
                         raise self._unreachable(e) from None
-                    self._raise_missing_database(e)
                     error = self._explained(e)
                 # redis-py's socket, closed under the call by close(): a read then fails as the socket's (ValueError,
                 # OSError) or, when the close lands between two reads, as the parser's emptied buffer (AttributeError).
@@ -732,7 +731,6 @@ class AsyncClient(ProducerCore):
                 except redis.RedisError as e:
                     if pool_full(e) and not sent:
                         raise self._unreachable(e) from None
-                    self._raise_missing_database(e)
                     error = self._explained(e)
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:

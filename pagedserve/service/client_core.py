@@ -559,18 +559,15 @@ class ProducerCore:
         except CONNECTION_ERRORS as e:
             raise self._unreachable(e) from None
         except redis.ResponseError as e:
-            self._raise_missing_database(e)
             raise self._explained(e) from None
 
-    def _raise_missing_database(self, e: BaseException) -> None:
-        """A URL naming a database the server lacks: a ``ValueError`` saying so, not Redis's words."""
+    def _explained(self, e: redis.RedisError) -> redis.RedisError:
+        """``e`` said as what it is about: a URL naming a database the server lacks raises :class:`MissingDatabase`;
+        a refusal of what Redis is (:func:`refusal_line`) comes back as the same exception type, its message saying
+        which Redis and what to do, where redis-py's is Redis's bare words ("You can't write against a read only
+        replica."); anything else as it is."""
         if (missing := missing_database(e, self.redis_url, redact(self.redis_url))) is not None:
             raise MissingDatabase(missing) from None
-
-    def _explained(self, e: redis.RedisError) -> redis.RedisError:
-        """A refusal of what Redis is (:func:`refusal_line`) as the same exception type, its message saying which
-        Redis and what to do, where redis-py's is Redis's bare words ("You can't write against a read only
-        replica.")."""
         line = refusal_line(e, redact(self.redis_url), "the client's Redis URL")
         return e if line is None else type(e)(line)
 
@@ -1125,8 +1122,7 @@ def event_wait(
             if not subscribed:
                 yield Subscribe(keys.out(request_id))
                 while True:  # the subscription is live before we XADD or read the result
-                    m = yield Listen(CONFIRM_S if deadline is None else
-                                     min(CONFIRM_S, max(0.0, deadline - clock()) + PAST_DEADLINE_S))
+                    m = yield Listen(command_bound(deadline, CONFIRM_S, clock) or CONFIRM_S)
                     if m is None:
                         raise redis.TimeoutError("no subscribe confirmation")
                     if m["type"] == "subscribe":

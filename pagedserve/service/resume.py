@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from .protocol import Keys, entry_time
+from .protocol import Keys, as_text, entry_time
 
 
 PAGE = 1000  # events per XRANGE: a long stream neither blocks Redis nor arrives as one reply
@@ -132,7 +132,7 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: 
         if not isinstance(ev, dict) or ev.get("type") != "token":
             continue
         written_for = fields.get(b"body", fields.get("body"))
-        if body is not None and written_for is not None and _text(written_for) != body:
+        if body is not None and written_for is not None and as_text(written_for) != body:
             emitted.resumable, emitted.other_body = False, True
         index, seq = ev.get("index"), ev.get("seq")
         if not isinstance(index, int) or not isinstance(seq, int):
@@ -158,10 +158,6 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: 
                 o.logprobs = []
             o.logprobs.extend(logprobs)
     return emitted
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _parts(ev: dict) -> tuple[list[int], str, list[dict[int, float]] | None] | None:

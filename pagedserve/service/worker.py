@@ -469,13 +469,16 @@ class Worker(WorkerPart):
             room = min(room, engine.kv_room(LOWEST_PRIORITY if batch else INTERACTIVE_PRIORITY))
         return max(0, room - self.admission.unstarted())
 
+    def _renewals_overdue(self) -> bool:
+        return self.leases.thread.overdue() or self.claims.thread.overdue()
+
     def _check_if_away(self) -> None:
         """Give up the runs whose entries or ids another worker holds now, before anything buffered goes out or a
         cancel is acted on, so a run taken over gets no more tokens from here and a cancel ends no run that is
         another's. When no renewal has succeeded for a while (the process was paused, Redis down, a renewal
         thread starved), renew here first: what was lost is not known yet."""
         # A stuck loop (its renewals left to lapse, so always overdue) does not renew here either.
-        if (self.leases.thread.overdue() or self.claims.thread.overdue()) and not self._loop_stuck():
+        if self._renewals_overdue() and not self._loop_stuck():
             try:
                 self.leases.thread.tick_now(self.r)
                 self.claims.thread.tick_now(self.r)
@@ -505,7 +508,7 @@ class Worker(WorkerPart):
             return
         self.heartbeat = time.monotonic()  # a step that returns is a loop that moves, however long it took
         self.progress.step(outputs)
-        if (self.leases.thread.overdue() or self.claims.thread.overdue()) and self.conn.usable():
+        if self._renewals_overdue() and self.conn.usable():
             # The step outlasted the renewals (a wedged device, a pause): a run another worker took over meanwhile
             # is given up before its outputs are taken, not after they went out beside that worker's done. Not
             # while the link is down (Redis away or hung: the renewals fail then, and a try here would hold the
