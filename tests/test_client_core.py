@@ -1531,11 +1531,13 @@ def test_a_forked_childs_close_cancels_nothing_of_the_parents_and_never_waits_on
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kind", ["generate", "stream", "async generate", "async stream", "wait of a silent start"])
+@pytest.mark.parametrize("kind", ["generate", "stream", "async generate", "async stream", "wait of a silent start",
+                                  "stream of a silent start"])
 def test_a_wait_whose_redis_hangs_ends_at_its_timeout_not_the_socket_timeout(prefix, kind):
     """Redis stopped answering (SIGSTOP: it accepts and never replies) while a call waited with ``timeout=3``: each
     read waited out the 10 s socket timeout, and the call ended at 11-12 s. The wait bounds its commands by its
-    deadline now (PAST_DEADLINE_S past it at most), and says what Redis failed to answer."""
+    deadline now (PAST_DEADLINE_S past it at most), and says what Redis failed to answer. A stream sends its
+    request first: Redis silent from the start held the sync client's send for the socket timeout too."""
     import signal
 
     from pagedserve.service.client import AsyncClient, Client
@@ -1555,7 +1557,7 @@ def test_a_wait_whose_redis_hangs_ends_at_its_timeout_not_the_socket_timeout(pre
         pid = int(r.info("server")["process_id"])
         with Client(url, prefix=prefix) as c:
             c.result("warm")  # a pooled connection, as in a long-lived client: no new handshake to wait on
-            stop = threading.Timer(0.0 if kind.startswith("wait") else 1.0, os.kill, (pid, signal.SIGSTOP))
+            stop = threading.Timer(0.0 if "silent start" in kind else 1.0, os.kill, (pid, signal.SIGSTOP))
             stop.start()
             started = time.monotonic()
             try:
@@ -1563,6 +1565,9 @@ def test_a_wait_whose_redis_hangs_ends_at_its_timeout_not_the_socket_timeout(pre
                     if kind == "generate":
                         c.generate("x", params={"max_tokens": 1}, timeout=timeout)
                     elif kind == "stream":
+                        list(c.stream("x", params={"max_tokens": 1}, timeout=timeout))
+                    elif kind == "stream of a silent start":
+                        time.sleep(0.2)
                         list(c.stream("x", params={"max_tokens": 1}, timeout=timeout))
                     elif kind == "wait of a silent start":
                         time.sleep(0.2)
@@ -1576,6 +1581,9 @@ def test_a_wait_whose_redis_hangs_ends_at_its_timeout_not_the_socket_timeout(pre
     assert took < timeout + PAST_DEADLINE_S + 1.0, (kind, took, str(e.value))
     if kind.startswith("wait"):  # never answered: nothing of it was reached
         assert isinstance(e.value, RedisUnreachable) and "no subscribe confirmation" in str(e.value), str(e.value)
+    elif "silent start" in kind:
+        assert isinstance(e.value, RedisUnreachable), str(e.value)
+        assert "Redis sent no reply to the request within" in str(e.value), str(e.value)
     else:
         assert isinstance(e.value, RequestTimedOut) and "Redis sent no reply to" in str(e.value), str(e.value)
 

@@ -141,15 +141,32 @@ def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | Non
 
 def _reply_within(r: redis.Redis, seconds: float, *args: Any) -> Any:
     """``r.execute_command(*args)``, its reply waited for ``seconds`` at most (redis-py's sync client has only the
-    socket timeout, longer than what is left of a wait): ``redis.TimeoutError`` past that. The connection given
-    up on is closed, not pooled: its late reply would answer the next command sent on it."""
+    socket timeout, longer than what is left of a wait): ``redis.TimeoutError`` past that."""
+    reply = _replies_within(r, seconds, [args], args[0])[0]
+    if isinstance(reply, redis.ResponseError):
+        raise reply
+    return reply
+
+
+def _replies_within(r: redis.Redis, seconds: float, commands: list[tuple], what: str) -> list:
+    """The replies of ``commands`` (``what`` they are, for the error), sent in one round trip, waited for
+    ``seconds`` at most in all; a refusal is its reply, as a pipeline's ``raise_on_error=False`` gives it. The
+    connection given up on is closed, not pooled: its late replies would answer the next commands sent on it."""
     pool = r.connection_pool
     conn = pool.get_connection()
+    until = time.monotonic() + seconds
     try:
-        conn.send_command(*args, check_health=False)  # a health check's PING would wait out the socket timeout
-        if not conn.can_read(timeout=seconds):
-            raise redis.TimeoutError(f"Redis sent no reply to {args[0]} within {seconds:.1f} s")
-        return r.parse_response(conn, args[0])
+        # a health check's PING would wait out the socket timeout
+        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies: list = []
+        for args in commands:
+            if not conn.can_read(timeout=max(0.0, until - time.monotonic())):
+                raise redis.TimeoutError(f"Redis sent no reply to {what} within {seconds:.1f} s")
+            try:
+                replies.append(r.parse_response(conn, args[0]))
+            except redis.ResponseError as e:
+                replies.append(e)
+        return replies
     except BaseException:
         conn.disconnect()
         raise
@@ -277,12 +294,16 @@ class Client(ProducerCore):
         with self._producer_span(req) as span:
             return self._sent(span, req, self.r.xadd(self.keys.requests, self._fields(req)))
 
-    def _send(self, req: GenerateRequest) -> Sent:
-        """Send ``req`` for a wait, reading in the same round trip what its id had stored before."""
+    def _send(self, req: GenerateRequest, seconds: float | None) -> Sent:
+        """Send ``req`` for a wait, reading in the same round trip what its id had stored before; its replies
+        waited for ``seconds`` at most (None: the socket timeout bounds them)."""
         with self._producer_span(req) as span:
             pipe = self.r.pipeline(transaction=False)
             self._send_commands(pipe, req)
-            return self._sent_with(span, req, pipe.execute(raise_on_error=False))
+            if seconds is None:
+                return self._sent_with(span, req, pipe.execute(raise_on_error=False))
+            commands = [args for args, _options in pipe.command_stack]
+            return self._sent_with(span, req, _replies_within(self.r, seconds, commands, "the request"))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         """Cancel: mark it (covers a request not picked up yet) and tell the worker running it. Says what it
@@ -399,7 +420,7 @@ class Client(ProducerCore):
                             if owned is not None:
                                 self._owned.add(owned)
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
-                        reply = self._send(op.request)
+                        reply = self._send(op.request, command_bound(deadline, self._socket_timeout))
                         sent = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = self._close_quietly(pubsub)
