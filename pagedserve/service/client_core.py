@@ -75,6 +75,7 @@ from .protocol import (
     Keys,
     SamplingParamsModel,
     TokenEvent,
+    as_text,
     engine_params,
     oversized_metadata,
     parse_event,
@@ -523,7 +524,7 @@ class ProducerCore:
 
     def _sent(self, span: Any, req: GenerateRequest, entry_id: Any) -> str:
         """Note the XADD's entry id (on the span, and kept for a later wait on ``req``); returns it as text."""
-        text = _text(entry_id)
+        text = as_text(entry_id)
         span.set_attribute("messaging.message.id", text)
         remember(self._entry_ids, req.id, text, ENTRY_IDS_KEPT)
         return text
@@ -802,10 +803,6 @@ Op = Union[Subscribe, Listen, Send, ReadEvents, ReadResult, ReadGroups, ReadCons
            Emit]
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def _streams(req: GenerateRequest) -> bool:
     """Whether a worker streams token events for ``req`` (beam search and ``best_of`` > ``n`` stream nothing)."""
     p = req.params
@@ -954,7 +951,7 @@ def _read_groups(keys: Keys) -> Generator[Op, Any, list | None]:
 
 def _stream_id(value: Any) -> tuple[int, int] | None:
     try:
-        ms, _, seq = _text(value).partition("-")
+        ms, _, seq = as_text(value).partition("-")
         return int(ms), int(seq or 0)
     except ValueError:
         return None
@@ -985,7 +982,7 @@ def why_gone(keys: Keys, clues: Clues, groups: list | None) -> Generator[Op, Any
     follows. Only the producer ACL's commands are used (XINFO GROUPS, EXISTS, GET: no XRANGE on the stream).
     A wait on an id this client did not send cannot know it was ever sent: it says less."""
     if groups is not None:
-        group = next((g for g in groups if _text(g.get("name")) == keys.group), None)
+        group = next((g for g in groups if as_text(g.get("name")) == keys.group), None)
         if group is None:  # the stream is there without the group: what it holds cannot be seen
             return None
         lag, pending = xinfo_field(group, "lag"), xinfo_field(group, "pending")
@@ -1031,12 +1028,12 @@ def why_no_worker(keys: Keys, consumers_seen: OrderedDict | None = None) -> Gene
 
 def _why_no_worker_in(keys: Keys, groups: list, consumers_seen: OrderedDict | None) -> Generator[Op, Any, str | None]:
     """:func:`why_no_worker`, given the XINFO GROUPS reply."""
-    if not any(_text(g.get("name")) == keys.group for g in groups):
+    if not any(as_text(g.get("name")) == keys.group for g in groups):
         return f"no consumer group {keys.group}: no worker has started on this prefix"
     seen = consumers_seen if consumers_seen is not None else OrderedDict()
     try:
         consumers = yield ReadConsumers(keys.requests, keys.group)
-        names = [_text(c["name"]) for c in consumers]
+        names = [as_text(c["name"]) for c in consumers]
         known = [n for n in list(seen) if n not in names]
         for name in names:
             remember(seen, name, None, CONSUMERS_KEPT)
@@ -1062,7 +1059,7 @@ def _entry_of(reply: Any) -> str | None:
     """The entry id a client's :class:`Send` replied (None from a driver that does not say)."""
     if isinstance(reply, Sent):
         return reply.entry_id
-    return _text(reply) if isinstance(reply, (str, bytes)) else None
+    return as_text(reply) if isinstance(reply, (str, bytes)) else None
 
 
 def _error_before(reply: Any) -> ErrorEvent | None:
@@ -1296,7 +1293,7 @@ def stream_wait(
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
             for event_id, fields in entries:
-                last_entry = _text(event_id)
+                last_entry = as_text(event_id)
                 ev = parse_event(fields.get(b"data", fields.get("data")))
                 heard = True
                 if loss is not None:

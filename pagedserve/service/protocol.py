@@ -623,7 +623,7 @@ def refuse_missing_body(fields: dict) -> InvalidRequestError:
     :class:`DeadLetterError` naming the fields found and keeping the first one's value for the operator."""
     others: dict[str, bytes] = {}
     for key, value in fields.items():
-        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        name = as_text(key)
         if name not in ("traceparent", "tracestate") and isinstance(value, (bytes, str)):
             others[name] = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     for name, value in others.items():

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import redis
 
 from .context import WorkerContext, WorkerPart
+from .protocol import as_text
 from .redaction import redact
 from .scripts import Scripts
 
@@ -149,9 +150,7 @@ class Publisher(WorkerPart):
 
     def dead_letter(self, fields: dict, entry_id: str) -> None:
         """One dead letter for ``entry_id`` and its ack, in one script (none if the entry is no longer pending)."""
-        rid = fields.get("id", "")
-        rid = rid.decode("utf-8", "replace") if isinstance(rid, bytes) else str(rid)
-        self._ops.append(_Op("dead", rid, (fields,), (entry_id,)))
+        self._ops.append(_Op("dead", as_text(fields.get("id", "")), (fields,), (entry_id,)))
 
     # --------------------------------------------------------------------------------- flush
     def pending(self) -> int:

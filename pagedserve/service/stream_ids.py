@@ -38,7 +38,7 @@ import time
 
 import redis
 
-from .protocol import Keys
+from .protocol import Keys, as_text
 from .scripts import source
 
 # One day. Entry IDs come from Redis' clock (XADD *), compared here with the worker's: NTP keeps them within
@@ -100,9 +100,9 @@ def dragged(r: redis.Redis, keys: Keys, entry_ids: list[str], seen: list[str]) -
     out: set[str] = set()
     known = list(seen)
     for entry_id, before in zip(entry_ids, replies[1:]):
-        evidence = known + ([_text(deleted)] if deleted else [])
+        evidence = known + ([as_text(deleted)] if deleted else [])
         if isinstance(before, list) and before:
-            evidence.append(_text(before[0][0]))
+            evidence.append(as_text(before[0][0]))
         if any(follows(x, entry_id) for x in evidence):
             out.add(entry_id)
         known.append(entry_id)
@@ -121,9 +121,5 @@ def repair_details(r: redis.Redis, keys: Keys, now: float | None = None) -> tupl
     script = r.register_script(source("repair_stream_ids"))
     reply = script(keys=[keys.requests], args=[keys.group, now_ms, FUTURE_ID_BOUND_MS])
     if isinstance(reply, list):
-        return "repaired", _text(reply[1]), _text(reply[2])
+        return "repaired", as_text(reply[1]), as_text(reply[2])
     return ("clean" if reply == 0 else "waiting"), "", ""
-
-
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
