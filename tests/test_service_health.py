@@ -8,6 +8,7 @@ the heartbeat would stay green forever; this one turns red, and green again once
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -55,6 +56,21 @@ def test_progress_rules():
     assert p.check()[0]
 
 
+def test_a_request_that_outputs_nothing_until_its_end_progresses_by_the_engines_count():
+    """A beam search or ``best_of`` request outputs nothing until it ends: a step that moved it on shows only in
+    the engine's count of advanced requests."""
+    clock = Clock()
+    p = Progress(10.0, clock)
+    p.step([], advanced=0)
+    for n in range(1, 4):
+        clock.t += 8
+        p.step([], advanced=n)  # no output, but the engine moved a request on
+        assert p.check()[0]
+    clock.t += 11
+    p.step([], advanced=3)  # the count stands still: no progress
+    assert not p.check()[0]
+
+
 def _get(port: int, path: str) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=5) as resp:
@@ -89,6 +105,41 @@ def test_healthz_fails_while_the_engine_makes_no_progress(redis_url, prefix, sha
     finally:
         scheduler.schedule = real_schedule
         r.close()
+
+
+@pytest.mark.parametrize("params", [{"beam_width": 2, "n": 1, "temperature": 0}, {"best_of": 2, "n": 1, "seed": 3}],
+                         ids=["beam", "best_of"])
+def test_a_request_whose_outputs_wait_for_its_end_is_not_a_stall(redis_url, prefix, shared_engine, params):
+    """A beam search (or ``best_of`` > ``n``) outputs nothing until it ends: a worker running one for longer than
+    ``stall_timeout_s`` answered /healthz 503, read nothing new, and under a liveness probe was restarted until the
+    request was dead-lettered after ``max_deliveries``. Its steps move it on: /healthz stays 200."""
+    s = make_settings(redis_url, prefix, stall_timeout_s=1.0, log_level="ERROR")
+    keys = Keys(prefix)
+    runner = shared_engine.runner
+    real_execute = runner.execute
+
+    def slow_execute(*args, **kw):  # each step a tenth of a second: the run outlasts the stall timeout
+        time.sleep(0.1)
+        return real_execute(*args, **kw)
+
+    runner.execute = slow_execute
+    body = {"id": "quiet", "prompt": "x", "params": {**params, "max_tokens": 30, "ignore_eos": True}}
+    try:
+        with running_worker(s, shared_engine) as w, redis.Redis.from_url(redis_url) as r:
+            port = w.health.port
+            r.xadd(keys.requests, {"body": json.dumps(body)})
+            wait_for(lambda: r.exists(keys.running("quiet")), 30, what="the run")
+            started, codes = time.monotonic(), []
+            while not r.exists(keys.result("quiet")):
+                codes.append(_healthz(port)[0])
+                time.sleep(0.1)
+            ran = time.monotonic() - started
+            done = parse_terminal(r.get(keys.result("quiet")))
+    finally:
+        runner.execute = real_execute
+    assert isinstance(done, DoneEvent) and done.outputs[0].finish_reason == "length", done
+    assert ran > 2 * s.stall_timeout_s, ran  # else the check below proves nothing
+    assert set(codes) == {200}, codes
 
 
 def test_healthz_says_loading_until_the_model_is_loaded_however_long_it_takes(redis_url, prefix, monkeypatch):
@@ -373,6 +424,9 @@ def test_a_first_step_that_hangs_shows_its_request_and_stalls(redis_url, prefix,
             held = sum(float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith(("pagedserve_requests_running ", "pagedserve_requests_waiting ")))
             assert held == 1, held
+            stalled = next(float(line.split()[-1]) for line in metrics.splitlines()
+                           if line.startswith("pagedserve_loop_stalled_seconds "))
+            assert stalled >= 1.0, stalled  # read at the scrape, the step still hung: the alert's series
             release.set()
             wait_for(lambda: r.exists(keys.result("first")), 60, what="the result")
             assert isinstance(parse_terminal(r.get(keys.result("first"))), DoneEvent)

@@ -140,6 +140,9 @@ class LLMEngine:
         self._in_flight: DrawnStep | None = None  # the last step's tokens, read during this one (async_scheduling)
         self._untrusted: list[Request] = []  # in a step that failed while moving blocks: ended at the next step
         self.num_steps = 0
+        # Requests moved on by a token, summed over steps: beams and best_of's unshown samples too, whose outputs
+        # wait for their end (a caller judging progress by outputs alone would see none for their whole run).
+        self.num_advanced = 0
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -532,6 +535,7 @@ class LLMEngine:
                          outputs: list[RequestOutput]) -> None:
         """The outputs of the requests a step moved on, then the endings of those that failed in it."""
         now = time.time()
+        self.num_advanced += len(progressed)
         for req in progressed.values():
             if req.request_id not in failed:
                 try:  # _guard's work, inline, as in _read_back

@@ -159,6 +159,7 @@ class Progress:
         self.busy = False
         self.failures = 0  # steps failed since the last that ran (idle time between them included)
         self.failed_at = 0.0
+        self.advanced = 0  # the engine's num_advanced at the last step
 
     @property
     def failing(self) -> bool:
@@ -189,15 +190,25 @@ class Progress:
         self.failures += 1
         self.failed_at = self.clock()
 
-    def step(self, outputs: list) -> None:
-        """An engine step ran; it progressed if any request produced a token or finished."""
+    def step(self, outputs: list, advanced: int | None = None) -> None:
+        """An engine step ran; it progressed if any request produced a token or finished, or if ``advanced`` (the
+        engine's count of requests moved on by a token, :attr:`~.LLMEngine.num_advanced`) grew: a beam search or
+        a ``best_of`` request outputs nothing until its end, however long it runs."""
         self.working()
         self.failures = 0
-        if any(out.finished or any(c.delta_token_ids for c in out.outputs) for out in outputs):
+        moved = advanced is not None and advanced != self.advanced
+        if advanced is not None:
+            self.advanced = advanced
+        if moved or any(out.finished or any(c.delta_token_ids for c in out.outputs) for out in outputs):
             self.last_progress = self.clock()
 
+    @property
+    def stalled_s(self) -> float:
+        """Seconds with work and no progress (0 without work)."""
+        return self.clock() - self.last_progress if self.busy else 0.0
+
     def check(self) -> tuple[bool, dict]:
-        stalled_s = self.clock() - self.last_progress if self.busy else 0.0
+        stalled_s = self.stalled_s
         info = {"stalled_s": round(stalled_s, 3)}
         if self.failing:
             info["step_failing"] = True

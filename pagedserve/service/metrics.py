@@ -153,6 +153,12 @@ class WorkerMetrics:
             "stops rising for up to 2 * stall_timeout_s while this stays 1",
             registry=r,
         )
+        self.stalled_seconds = Gauge(
+            "pagedserve_loop_stalled_seconds",
+            "Seconds the engine has held work without moving a request on (the /healthz stall clock, "
+            "health.Progress; 0 while it moves or has no work). Read at scrape time: a hung step shows too",
+            registry=r,
+        )
         self.busy_seconds = Counter(
             "pagedserve_loop_busy_seconds", "Loop time while the engine had work (1 - step/busy = service overhead)",
             registry=r,

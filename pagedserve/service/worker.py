@@ -117,6 +117,7 @@ class Worker(WorkerPart):
         # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
         # Read from the progress at scrape time, not written at every loop pass.
         self.metrics.steps_failing.set_function(lambda: float(self.progress.failures > 1))
+        self.metrics.stalled_seconds.set_function(lambda: self.progress.stalled_s)
         outcomes = Outcomes(ctx=ctx, publisher=publisher, claims=claims)
         publisher.on_result_key_foreign = outcomes.result_key_foreign
         get_engine = lambda: self.engine  # noqa: E731  (loaded on first use, after the health server is up)
@@ -507,7 +508,7 @@ class Worker(WorkerPart):
             self._send_back(self.running.send_back(e))
             return
         self.heartbeat = time.monotonic()  # a step that returns is a loop that moves, however long it took
-        self.progress.step(outputs)
+        self.progress.step(outputs, self.engine.num_advanced)
         if self._renewals_overdue() and self.conn.usable():
             # The step outlasted the renewals (a wedged device, a pause): a run another worker took over meanwhile
             # is given up before its outputs are taken, not after they went out beside that worker's done. Not
