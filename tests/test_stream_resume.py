@@ -24,7 +24,7 @@ from pagedserve.engine import LLMEngine, SamplingParams
 from pagedserve.engine.sequence import ResumeSample
 from pagedserve.service.client import AsyncClient, Client
 from pagedserve.service.client_core import Emit, Pause, ReadEvents, ReadResult, Send, build_request, stream_wait
-from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent
+from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent, parse_terminal
 from service_fixtures import WorkerProcess, make_settings, running_worker, submit_running, wait_for
 
 PROMPT = [5, 17, 99, 3, 250, 8, 61]
@@ -451,6 +451,34 @@ def test_a_takeover_continues_only_the_tokens_of_the_body_it_runs(redis_url, pre
     assert warned["request_id"] == "other-body" and "another body" in warned["reason"], warned
 
 
+def test_a_takeover_by_a_shorter_body_numbers_on_after_every_event_of_the_other(redis_url, prefix, shared_engine):
+    """Another body under the id had written more token events than the body taken over could write: the worker
+    read the stream only as far as its own body's bound and numbered its events from there, reusing seqs the other
+    had written with other tokens (a reader keeping the first of each seq showed neither body's text). It numbers
+    on after the stream's highest seq now."""
+    from pagedserve.service.protocol import body_digest
+
+    s = make_settings(redis_url, prefix)
+    keys, rid = Keys(prefix), "long-other"
+    greedy = {"max_tokens": 4, "ignore_eos": True, "temperature": 0}
+    other = body_digest(build_request("goodbye", id=rid, params={**greedy, "max_tokens": 400}))
+    written_before = 60  # more than events_bound(1, 4) = 21
+    with redis.Redis.from_url(redis_url) as r:
+        pipe = r.pipeline(transaction=False)
+        for seq in range(written_before):
+            pipe.xadd(keys.events(rid), {"data": _token_event(rid, seq, "z"), "body": other})
+        pipe.execute()
+        with running_worker(s, shared_engine), Client(settings=s) as c:
+            c.submit("hello", id=rid, params=greedy)
+            c.wait(rid, timeout=60)
+            fresh = c.generate("hello", params=greedy, timeout=60)
+        done = parse_terminal(r.get(keys.result(rid)))
+        ours = [json.loads(f[b"data"]) for _, f in r.xrange(keys.events(rid)) if f.get(b"body", b"").decode() != other]
+    assert done.outputs[0].token_ids == fresh.outputs[0].token_ids
+    seqs = [ev["seq"] for ev in ours if ev["type"] == "token"]
+    assert seqs and seqs == list(range(written_before, written_before + len(seqs))), seqs
+
+
 def _token_event(rid: str, seq: int, text: str) -> str:
     return json.dumps({"type": "token", "id": rid, "index": 0, "seq": seq, "token_ids": [7], "text": text})
 
@@ -474,6 +502,7 @@ def test_a_long_events_stream_is_read_in_linear_time_and_pages(redis_url, prefix
             assert emitted.outputs[0].token_ids == [7] * n
             capped = read_emitted(r, keys, rid, limit=100)  # more than the request could have written: not its own
             assert not capped.resumable and capped.outputs[0].next_seq <= 100 + 1000
+            assert capped.next_seq(2) == {0: n, 1: n}  # yet a run numbers on after all of it, every output
         finally:
             r.delete(keys.events(rid))
 

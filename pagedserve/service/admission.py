@@ -578,7 +578,7 @@ class Admission(WorkerPart):
             except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
                 self.waiting[req.id] = Waiting(req, EntryIds(entry_ids), fields, deliveries)
                 return
-            job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq()
+            job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq(params.n)
             if emitted.other_body:
                 log.warning("request_not_resumed", reason="its token events came from another body sent under this id",
                             note="this body runs from the start; its token events go on numbering after the other's, "

@@ -13,7 +13,10 @@ Invariants:
   (:attr:`Emitted.resumable` is False);
 - only the tokens of the body being run are continued: a token event written beside another ``body`` digest
   (another body sent under the same id, taken over in its stead) makes the request run from the start
-  (:attr:`Emitted.other_body`). An event without one (a worker before the digest) counts as this body's.
+  (:attr:`Emitted.other_body`). An event without one (a worker before the digest) counts as this body's;
+- a run that does not continue numbers its events after every ``seq`` the stream holds for that output (a reader
+  keeps the first event of a ``seq``), also past the entries read: a longer stream than the request could have
+  written (another body's) is read no further, but its newest page says how far it went.
 """
 
 from __future__ import annotations
@@ -59,14 +62,16 @@ class Emitted:
     resumable: bool = True
     other_body: bool = False  # a token event of another body of this id: its tokens are not this body's to continue
     first_token_at: float | None = None  # time.time() of the first token event (its entry id): when the caller got it
+    floor: int = 0  # the lowest seq a new event of any output may take (past the entries read: the stream's top + 1)
 
     @property
     def empty(self) -> bool:
         return not self.outputs
 
-    def next_seq(self) -> dict[int, int]:
-        """The ``seq`` each output's next token event takes."""
-        return {i: o.next_seq for i, o in self.outputs.items()}
+    def next_seq(self, outputs: int) -> dict[int, int]:
+        """The ``seq`` the next token event of each of ``outputs`` outputs (and of any other found) takes."""
+        return {i: max(self.outputs[i].next_seq if i in self.outputs else 0, self.floor)
+                for i in sorted(set(range(outputs)) | set(self.outputs))}
 
     def resume_samples(self, params: Any) -> list | None:
         """One ``ResumeSample`` per sample of the engine's ``params``, or None if the run cannot be continued."""
@@ -122,6 +127,7 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: 
     for entry_id, fields in _entries(r, keys.events(request_id), limit):
         if fields is None:
             emitted.resumable = False
+            emitted.floor = _top_seq(r, keys.events(request_id)) + 1
             break
         raw = fields.get(b"data", fields.get("data"))
         try:
@@ -158,6 +164,20 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: 
                 o.logprobs = []
             o.logprobs.extend(logprobs)
     return emitted
+
+
+def _top_seq(r: redis.Redis, key: str) -> int:
+    """The highest ``seq`` among the newest token events of a stream (-1: none). Every step of a run writes one
+    event per live output, so the output furthest on has its last event among the newest."""
+    top = -1
+    for _, fields in r.xrevrange(key, count=PAGE):
+        try:
+            ev = json.loads(fields.get(b"data", fields.get("data")))
+        except (TypeError, ValueError):
+            continue
+        if isinstance(ev, dict) and ev.get("type") == "token" and type(ev.get("seq")) is int:
+            top = max(top, ev["seq"])
+    return top
 
 
 def _parts(ev: dict) -> tuple[list[int], str, list[dict[int, float]] | None] | None:
