@@ -63,6 +63,20 @@ def test_old_entry_is_answered_overloaded_stored_and_acked(redis_url, prefix, sh
     assert line and line[0]["code"] == "overloaded" and line[0]["log_level"] == "warning"
 
 
+def test_an_entry_whose_deadline_passed_while_it_waited_ends_deadline_not_overloaded(redis_url, prefix, shared_engine):
+    """With shedding on, an entry past its own ``deadline_ms`` was answered ``overloaded``, "retry later": the
+    docs promise such an entry ends ``deadline`` without running, as it does with shedding off."""
+    s = make_settings(redis_url, prefix, max_queue_ms=1000)
+    keys = Keys(prefix)
+    passed = int(time.time() * 1000) - 30_000
+    with redis.Redis.from_url(redis_url) as r, Client(settings=s) as c:
+        _xadd_old(r, keys, {"id": "late-1", "prompt": "x", "params": {"max_tokens": 2}, "deadline_ms": passed})
+        with running_worker(s, shared_engine):
+            done = c.wait("late-1", timeout=30)
+    assert isinstance(done, DoneEvent) and done.outputs[0].finish_reason == "deadline", done
+    assert done.outputs[0].token_ids == []
+
+
 def test_redelivered_entry_with_a_result_is_answered_from_it_not_shed(redis_url, prefix, shared_engine):
     # The result check comes first: an old entry whose id already has a result (a worker died between storing it
     # and XACK, or the producer resubmitted) gets that result, never an overloaded error in its place.

@@ -170,9 +170,13 @@ def check_queue_wait(req: GenerateRequest, waited_s: float, max_queue_ms: int | 
 
     A batch line is never shed: the feeder adds lines only while the worker has room, so what it waits is the
     admission of the lines fed with it, and no client waits on it; its limit is the batch's completion window.
+    Nor is a request whose own ``deadline_ms`` passed while it waited: it ends ``deadline`` unrun, as documented,
+    not with a "retry later" that no retry can honour.
     """
     waited_ms = waited_s * 1000
     if not max_queue_ms or waited_ms <= max_queue_ms or is_batch_line(req.id, req.metadata):
+        return
+    if req.deadline_ms is not None and req.deadline_ms <= time.time() * 1000:
         return
     raise InvalidRequestError(
         req.id,
