@@ -240,6 +240,12 @@ def test_dead_lists_the_newest_first_with_bodies_cut(cli, r, prefix):
     big = dead_letter(r, keys, huge[:65536], "too_large", reason="message too large: 70030 bytes")
     hostile = dead_letter(r, keys, b"\x1b[2J\xff", "invalid_utf8")
     newest = dead_letter(r, keys, body_of("n"), "max_deliveries", "n")
+    # A body holding a line shaped like the listing's passed for another dead letter there.
+    forged_line = f"{newest}  2023-11-14T22:13:20Z  kind=max_deliveries  id=forged"
+    forger = dead_letter(r, keys, b'{"x":1}\n' + forged_line.encode(), "missing_body")
+    res = cli.invoke(app, ["queue", "dead", "--limit", "1"])
+    assert res.stdout.splitlines()[2] == '  body: {"x":1}\\n' + forged_line and len(res.stdout.splitlines()) == 3
+    r.xdel(keys.dead, forger)
 
     res = cli.invoke(app, ["queue", "dead", "--limit", "2"])
     assert res.exit_code == 0, res.output

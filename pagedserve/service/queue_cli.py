@@ -37,8 +37,9 @@ _CHUNK = 100  # dead letters read per XRANGE by `requeue --all`
 
 
 def _out(text: str) -> None:
-    """One line on stdout, control characters escaped: a body, a reason or a consumer name is anyone's text."""
-    sys.stdout.write(printable(text) + "\n")
+    """One line on stdout, control characters escaped, line breaks too: a body, a reason or a consumer name is
+    anyone's text, and one holding a line shaped like the listing's would pass for another entry."""
+    sys.stdout.write(printable(text, lines=False) + "\n")
 
 
 def _iso(ms: float | None) -> str:

@@ -68,11 +68,13 @@ def redact(text: object) -> str:
     return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, out))
 
 
-def printable(text: str) -> str:
-    """Text for a terminal (model output, an error message quoting a producer): line breaks and tabs kept, every
-    other control character written as an escape (``\\x1b``), so that it cannot move the cursor, clear the screen
-    or retitle the window."""
+def printable(text: str, lines: bool = True) -> str:
+    """Text for a terminal (model output, an error message quoting a producer): line breaks and tabs kept (unless
+    ``lines`` is False: text meant for one line, where a line break would let its writer forge the lines after
+    it), every other control character written as an escape (``\\x1b``), so that it cannot move the cursor, clear
+    the screen or retitle the window."""
     if text.isprintable():
         return text
-    return "".join(ch if ch in "\n\t" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+    kept = "\n\t" if lines else ""
+    return "".join(ch if ch in kept or ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
                    for ch in text)
