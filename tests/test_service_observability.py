@@ -177,6 +177,47 @@ def test_a_request_handed_over_at_shutdown_is_no_error_in_its_trace(redis_url, p
         ("pagedserve.request.handed_over", "released on shutdown")]
 
 
+@pytest.mark.parametrize("case", ["refused", "delivered too often"])
+def test_a_request_answered_without_a_run_has_an_error_span_in_its_producers_trace(redis_url, prefix,
+                                                                                   shared_engine, case):
+    """A request refused at parse time, or answered ``internal`` after ``max_deliveries``, had no span at all:
+    its producer's trace showed no consumer and no error for a request that failed (its log lines carried the
+    trace id). Each has its CONSUMER span now, child of the producer's, ending with the answer's code."""
+    import json
+
+    import redis
+    from opentelemetry.trace import StatusCode
+
+    from pagedserve.service.protocol import ErrorEvent, Keys, parse_terminal
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = make_settings(redis_url, prefix, max_deliveries=2)
+    keys = Keys(prefix)
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    params = {"max_tokens": -1} if case == "refused" else {"max_tokens": 2}
+    with redis.Redis.from_url(redis_url) as r:
+        r.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+        entry = r.xadd(keys.requests, {"body": json.dumps({"id": "no-run", "prompt": "x", "params": params}),
+                                       "traceparent": f"00-{trace_id}-{parent}-01"})
+        if case == "delivered too often":  # taken by workers that died before answering
+            r.xreadgroup(keys.group, "ghost", {keys.requests: ">"}, count=1)
+            for _ in range(3):
+                r.xclaim(keys.requests, keys.group, "ghost", 0, [entry])
+        with running_worker(s, shared_engine, tracer_provider=provider):
+            wait_for(lambda: r.exists(keys.result("no-run")), 30, what="the answer")
+            end = parse_terminal(r.get(keys.result("no-run")))
+            code = "invalid_request" if case == "refused" else "internal"
+            assert isinstance(end, ErrorEvent) and end.error.code == code, end
+            wait_for(lambda: exporter.get_finished_spans(), 10, what="the span")
+    (process,) = [sp for sp in exporter.get_finished_spans() if sp.name == f"process {prefix}:requests"]
+    assert process.kind == SpanKind.CONSUMER and format(process.context.trace_id, "032x") == trace_id
+    assert format(process.parent.span_id, "016x") == parent
+    assert process.status.status_code == StatusCode.ERROR and process.attributes["error.type"] == code
+    assert process.attributes["pagedserve.request.id"] == "no-run"
+
+
 @pytest.mark.parametrize("env, expect", [
     ({"OTEL_TRACES_EXPORTER": "console"}, "console"),
     ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "off"),

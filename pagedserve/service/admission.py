@@ -540,18 +540,19 @@ class Admission(WorkerPart):
                cancelled: bool, has_events: bool = False) -> None:
         if isinstance(req, Refused):
             e = req.error
+            trace_id = trace_id_from_fields(fields)
+            span = self._refused_span(entry_ids[0], req.id, fields, deliveries)
             if req.poison:
                 self.outcomes.poisoned(req.id, entry_ids, e.message, e.metadata, _body(fields), deliveries,
-                                       trace_id_from_fields(fields))
+                                       trace_id, span)
                 return
             if req.future:  # answered first (acknowledging nothing), then each entry to the dead letters
-                trace_id = trace_id_from_fields(fields)
-                self.outcomes.error(req.id, [], e.code, e.message, e.metadata, trace_id=trace_id)
+                self.outcomes.error(req.id, [], e.code, e.message, e.metadata, span, trace_id)
                 for entry_id in entry_ids:
                     self.outcomes.dead(entry_id, e.message, _body(fields), deliveries, req.id, kind="future_id",
                                        trace_id=trace_id)
                 return
-            self.outcomes.error(req.id, entry_ids, e.code, e.message, e.metadata, trace_id=trace_id_from_fields(fields))
+            self.outcomes.error(req.id, entry_ids, e.code, e.message, e.metadata, span, trace_id)
             return
         now = time.time()
         entry_id = entry_ids[0]
@@ -672,12 +673,11 @@ class Admission(WorkerPart):
                                    job.log)
         return True
 
-    def _process_span(
-        self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, arrival: float, model: str
-    ) -> Any:
-        """The request's CONSUMER span, child of the producer's (``traceparent`` in the entry), started at the
-        XADD so that the time in the stream shows in the trace."""
-        span = self.tracer.start_span(
+    def _consumer_span(self, entry_id: str, request_id: str, fields: dict, deliveries: int, arrival: float,
+                       attributes: dict) -> Any:
+        """An entry's CONSUMER span, child of the producer's (``traceparent`` in the entry), started at the XADD
+        so that the time in the stream shows in the trace."""
+        return self.tracer.start_span(
             f"process {self.keys.requests}",
             context=extract_context(fields),
             kind=SpanKind.CONSUMER,
@@ -690,13 +690,27 @@ class Admission(WorkerPart):
                 "messaging.consumer.group.name": self.keys.group,
                 "messaging.message.id": entry_id,
                 "messaging.message.delivery_count": deliveries,
-                "gen_ai.system": "pagedserve",
-                "gen_ai.operation.name": "chat" if req.messages is not None else "text_completion",
-                "gen_ai.request.model": model,
-                "pagedserve.request.id": req.id,
+                "pagedserve.request.id": request_id,
                 "pagedserve.consumer": self.consumer,
+                **attributes,
             },
         )
+
+    def _refused_span(self, entry_id: str, request_id: str, fields: dict, deliveries: int) -> Any:
+        """The span of an entry answered without a run (refused at parse time, delivered too often): its
+        producer's trace shows the answer (ended by :meth:`Outcomes.error` with its code)."""
+        return self._consumer_span(entry_id, request_id, fields, deliveries,
+                                   min(entry_time(entry_id), time.time()), {"gen_ai.system": "pagedserve"})
+
+    def _process_span(
+        self, entry_id: str, req: GenerateRequest, fields: dict, deliveries: int, arrival: float, model: str
+    ) -> Any:
+        """The request's CONSUMER span (:meth:`_consumer_span`) with what it asks of the model."""
+        span = self._consumer_span(entry_id, req.id, fields, deliveries, arrival, {
+            "gen_ai.system": "pagedserve",
+            "gen_ai.operation.name": "chat" if req.messages is not None else "text_completion",
+            "gen_ai.request.model": model,
+        })
         p = req.params
         for attr, value in (
             ("gen_ai.request.max_tokens", p.max_tokens),

@@ -98,12 +98,12 @@ class Outcomes(WorkerPart):
         )
 
     def poisoned(self, request_id: str, entry_ids: list[str], message: str, metadata: dict, raw: bytes | None,
-                 deliveries: int, trace_id: str | None) -> None:
+                 deliveries: int, trace_id: str | None, span=None) -> None:
         """An id whose entries were delivered more than ``max_deliveries`` times: its ``internal`` error is stored
         first (acknowledging nothing), then each entry goes to the dead letters, which acknowledges it: the
         producer hears, a redelivered producer (Celery) finds the answer instead of sending it again, and the
         operator finds the body. Queued in that order: an entry leaves with the flush that stores the answer or after."""
-        self.error(request_id, [], "internal", message, metadata, trace_id=trace_id)
+        self.error(request_id, [], "internal", message, metadata, span, trace_id)
         for entry_id in entry_ids:
             self.dead(entry_id, message, raw, deliveries, request_id, kind="max_deliveries", trace_id=trace_id)
 
