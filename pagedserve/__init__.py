@@ -35,6 +35,7 @@ _EXPORTS = {
     "RequestGone": "pagedserve.service.client",
     "RequestTimedOut": "pagedserve.service.client",
     "BatchNotEnded": "pagedserve.service.batch_client",
+    "BatchOutputLost": "pagedserve.service.batch_client",
     "BatchNotFound": "pagedserve.service.batch_client",
     "BatchMalformed": "pagedserve.service.batch_client",
     "GenerateRequest": "pagedserve.service.protocol",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
     from pagedserve.engine.sequence import ResumeSample
-    from pagedserve.service.batch_client import BatchMalformed, BatchNotEnded, BatchNotFound
+    from pagedserve.service.batch_client import BatchMalformed, BatchNotEnded, BatchNotFound, BatchOutputLost
     from pagedserve.service.client import (
         AsyncClient,
         CancelOutcome,

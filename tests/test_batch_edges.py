@@ -505,3 +505,34 @@ def test_a_token_that_could_not_be_drawn_reads_as_openai_writes_it():
         values = ([t.logprob for t in logprobs.content[0].top_logprobs] if kind is ChatCompletion
                   else list(logprobs.top_logprobs[0].values()))
         assert ok and sorted(values) == [-9999.0, -9999.0, -0.1], values
+
+
+def test_an_output_redis_lost_is_never_taken_for_the_whole(redis_url, prefix, r, shared_engine, cli, tmp_path):
+    """An ended batch whose output lines Redis evicted (any maxmemory-policy but noeviction) or someone deleted:
+    `batch results` wrote the lines left and exited 0, `Client.batch_results` returned them, while the status said
+    completed 4/4 (a held-out soak saw 0 of 10 lines after an eviction). The record's counts say how many lines
+    were written: fewer stored is said, exit status 3, BatchOutputLost unless partial=True."""
+    from pagedserve.service.batch_client import BatchOutputLost
+    from pagedserve.service.client import Client
+
+    s = make_settings(redis_url, prefix)
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}") for i in range(3)] + [completion("bad", max_tokens=-1)]))
+    with running_worker(s, shared_engine):
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    k = BatchKeys(prefix)
+    res = cli.invoke(app, ["batch", "results", bid])
+    assert res.exit_code == 0 and len(command_stdout(res).splitlines()) == 4, res.output  # whole: as before
+    r.hdel(k.out(bid), "0", "2")  # as an eviction of some fields would; a whole hash evicted is the same case
+    res = cli.invoke(app, ["batch", "results", bid])
+    assert res.exit_code == 3, res.output
+    assert [json.loads(x)["custom_id"] for x in command_stdout(res).splitlines()] == ["c1", "bad"]
+    assert (f"batch {bid} counts 2 output lines that Redis no longer holds (completed, 4 lines): evicted or deleted"
+            in res.stderr), res.stderr
+    with Client(settings=s) as c:
+        with pytest.raises(BatchOutputLost, match="partial=True returns the lines there are"):
+            c.batch_results(bid)
+        assert [o["custom_id"] for o in c.batch_results(bid, partial=True)] == ["c1", "bad"]
+    r.delete(k.out(bid))
+    res = cli.invoke(app, ["batch", "results", bid, "-o", str(tmp_path / "out.jsonl")])
+    assert res.exit_code == 3 and "counts 4 output lines" in res.stderr, res.output

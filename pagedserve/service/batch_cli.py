@@ -301,7 +301,8 @@ def results(
         30.0, "--pickup-timeout", help="With --wait: seconds without progress before checking that a worker is "
                                        "running (none: exit status 3, the batch kept)."),
 ) -> None:
-    from .batch_client import TERMINAL_STATUSES, NoWorker, batch_results, batch_status, is_batch_input, wait_batch
+    from .batch_client import (TERMINAL_STATUSES, NoWorker, batch_results, batch_status, is_batch_input, lost_lines,
+                               lost_note, wait_batch)
 
     if timeout is not None and not timeout >= 0:
         _fail(f"error: --timeout must be a number of seconds >= 0 (got {timeout:g})", 2)
@@ -346,6 +347,9 @@ def results(
         note(f"batch {batch_id} is still {batch['status']}{waited}: {len(lines)} of "
              f"{batch['request_counts']['total']} lines have their output so far (`pagedserve batch results "
              f"{batch_id} --wait` waits for the rest)")
+        raise typer.Exit(3)
+    if lost := lost_lines(batch, lines):  # nor these, of which some are gone for good
+        note(f"{lost_note(batch_id, lost, batch)}: {len(lines)} lines written")
         raise typer.Exit(3)
 
 

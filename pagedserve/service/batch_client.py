@@ -65,6 +65,11 @@ class BatchNotEnded(RuntimeError):
     """Results asked of a batch that has not ended, without saying that a part is wanted."""
 
 
+class BatchOutputLost(RuntimeError):
+    """Results asked of a batch whose record counts output lines that are not stored: Redis lost them (evicted
+    under a ``maxmemory-policy`` other than ``noeviction``, or deleted); they will not come back."""
+
+
 class BatchScriptsNotLoaded(PermissionError):
     """The batch scripts are not in Redis's script cache and this user may not load them (producers may only run
     scripts: connection.producer_acl says why); workers load them when they connect. A ``PermissionError``, so the
@@ -315,6 +320,19 @@ def batch_results(r: redis.Redis, prefix: str, bid: str) -> Iterator[dict]:
     lines = {int(as_text(f)): v for f, v in r.hscan_iter(BatchKeys(prefix).out(bid), count=1000)}
     for line_no in sorted(lines):
         yield json.loads(lines[line_no])
+
+
+def lost_lines(batch: dict, lines: list) -> int:
+    """How many of the output lines ``batch`` (its status, read before ``lines``) counts as written are not among
+    ``lines``: 0 unless Redis lost some. Every line answered, run or refused, is counted and stored together."""
+    counts = batch["request_counts"]
+    return max(0, counts["completed"] + counts["failed"] - len(lines))
+
+
+def lost_note(bid: str, lost: int, batch: dict) -> str:
+    return (f"batch {bid} counts {lost} output lines that Redis no longer holds ({batch['status']}, "
+            f"{batch['request_counts']['total']} lines): evicted or deleted, they will not come back (run Redis "
+            "with maxmemory-policy noeviction); send those lines again")
 
 
 def cancel_batch(r: redis.Redis, prefix: str, bid: str, result_ttl_s: int = 3600) -> dict:

@@ -60,7 +60,8 @@ class MalformedBatch(Exception):
 
     @property
     def message(self) -> str:
-        return (f"malformed batch record: {self.field} {self.why} (not written by pagedserve); the batch was set "
+        return (f"malformed batch record: {self.field} {self.why} (not written by pagedserve, or Redis lost part of "
+                "it: evicted under a maxmemory-policy other than noeviction); the batch was set "
                 "aside so that the workers go on with the others")
 
     def errors(self) -> str:

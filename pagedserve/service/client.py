@@ -500,7 +500,8 @@ class Client(ProducerCore):
         """The batch's output lines in input order. ``wait``: wait until it has ended first (``TimeoutError``
         after ``timeout``; ``pickup_timeout``: ``NoWorker`` once the batch has not moved for that long and no
         worker runs, the batch kept). A batch not ended raises ``BatchNotEnded`` unless ``partial`` asks for the
-        lines so far (a script must not take a part for the whole output)."""
+        lines so far (a script must not take a part for the whole output); one whose stored lines are fewer than
+        it counts (Redis lost some) raises ``BatchOutputLost`` unless ``partial``."""
         from . import batch_client
 
         self._check_open()
@@ -516,6 +517,9 @@ class Client(ProducerCore):
             raise batch_client.BatchNotEnded(
                 f"batch {batch_id} is still {batch['status']}: {len(lines)} of {batch['request_counts']['total']} "
                 "lines have their output so far (wait=True waits for the rest, partial=True returns these)")
+        if (lost := batch_client.lost_lines(batch, lines)) and not partial:
+            raise batch_client.BatchOutputLost(batch_client.lost_note(batch_id, lost, batch)
+                                               + " (partial=True returns the lines there are)")
         return lines
 
     def cancel_batch(self, batch_id: str) -> dict:
