@@ -107,3 +107,27 @@ def test_batch_completes_once_per_line_through_worker_and_redis_kills(tmp_path):
         kind = ChatCompletion if urls[o["custom_id"]] == "/v1/chat/completions" else Completion
         parsed = kind.model_validate(o["response"]["body"])
         assert parsed.usage.completion_tokens == 4 or parsed.choices[0].finish_reason == "stop"
+
+
+def test_the_index_of_batches_loses_every_batch_whose_record_expired(redis_url, prefix, shared_engine):
+    """The workers pruned the index of all batches (no TTL) by looking at its 100 oldest members only: batches
+    with a short window created after 100 with a long one stayed in it, records long gone, until the old ones
+    expired (a year, at most). They look on past the oldest now, and round again."""
+    from pagedserve.service.batch_keys import BatchKeys
+    from service_fixtures import running_worker
+
+    k = BatchKeys(prefix)
+    now = time.time()
+    with redis.Redis.from_url(redis_url) as r:
+        long_lived = [f"batch_kept{i:03d}" for i in range(120)]
+        expired = [f"batch_gone{i:03d}" for i in range(30)]
+        pipe = r.pipeline(transaction=False)
+        for i, bid in enumerate(long_lived):  # the oldest: records alive (their window is a year)
+            pipe.zadd(k.all, {bid: now - 1000 + i})
+            pipe.hset(k.record(bid), mapping={"id": bid, "status": "completed"})
+        for i, bid in enumerate(expired):  # newer, their records expired already
+            pipe.zadd(k.all, {bid: now - 500 + i})
+        pipe.execute()
+        with running_worker(make_settings(redis_url, prefix, queue_stats_interval_s=0.1), shared_engine):
+            wait_for(lambda: r.zcard(k.all) == len(long_lived), 30, what="the expired batches pruned")
+        assert [m.decode() for m in r.zrange(k.all, 0, -1)] == long_lived

@@ -73,6 +73,7 @@ class BatchFeeder(WorkerPart):
     _capacity: int = field(default=0, init=False)  # its room when it last held no request (max_num_seqs at most)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
     _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
+    _prune_from: int = field(default=0, init=False)  # the index rank where the next look for expired records starts
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
 
     def __post_init__(self) -> None:
@@ -422,19 +423,22 @@ class BatchFeeder(WorkerPart):
         self.metrics.set_batch_stats(by_status, backlog, time.time() - oldest if oldest else 0.0)
 
     def _prune_index(self) -> None:
-        """Drop from the index of all batches the oldest ones whose record is gone (retention over). Producers
-        prune it only from the newest end, as they list; nothing did from the oldest, so it grew for ever."""
+        """Drop from the index of all batches those whose record is gone (retention over), looking at
+        ``PRUNED_PER_LOOK`` of them a pass, from the oldest on and round again. Producers prune it only from the
+        newest end, as they list; a look at the oldest alone missed batches with a short window created after
+        older ones with a long one (their records expire first), and the index grew with them."""
         k, r = self.bkeys, self.conn.r
-        oldest = [as_text(b) for b in r.zrange(k.all, 0, PRUNED_PER_LOOK - 1)]
-        if not oldest:
-            return
+        start = self._prune_from
+        looked = [as_text(b) for b in r.zrange(k.all, start, start + PRUNED_PER_LOOK - 1)]
         pipe = r.pipeline(transaction=False)
-        for bid in oldest:
+        for bid in looked:
             pipe.exists(k.record(bid))
-        gone = [bid for bid, there in zip(oldest, pipe.execute()) if not there]
+        gone = [bid for bid, there in zip(looked, pipe.execute()) if not there]
         if gone:
             r.zrem(k.all, *gone)
-        self.metrics.redis_ops.inc(2 + len(oldest))
+        # the members kept shift down by those removed; past the end, round again from the oldest
+        self._prune_from = 0 if len(looked) < PRUNED_PER_LOOK else start + len(looked) - len(gone)
+        self.metrics.redis_ops.inc(2 + len(looked))
 
 
 RECENT_SHOWN = 200  # ended batches counted in pagedserve_batches{status}, newest first (active ones all are)
