@@ -104,6 +104,16 @@ def test_broken_json_is_answered_when_its_id_comes_first(body):
     assert ei.value.request_id == "broken-1" and ei.value.message.startswith("body is not valid JSON")
 
 
+def test_a_body_that_is_not_utf8_is_answered_when_its_id_comes_first():
+    """A prompt cut mid-character (a non-Python producer slicing bytes) with the id first was dead-lettered with no
+    id, which the producer's ACL may not even read: it waited out its timeout. Answered as broken JSON is."""
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(b'{"id": "cut-1", "prompt": "price: \xe2\x82"}', 2048)
+    assert ei.value.request_id == "cut-1" and ei.value.message.startswith("body is not valid UTF-8")
+    with pytest.raises(DeadLetterError, match="not valid UTF-8"):  # no id first: nobody to answer
+        parse_request(b'{"prompt": "\xe2\x82", "id": "cut-2"}', 2048)
+
+
 def test_a_byte_order_mark_before_the_json_is_skipped():
     """.NET's UTF-8 encoder writes one by default; JSON parsers may skip it (RFC 8259 8.1), and this one does."""
     body = "\ufeff" + json.dumps({"id": "bom-1", "prompt": "x"})

@@ -3,7 +3,7 @@
 Over 400 lines on purpose: every message of the wire is here, so the published JSON Schemas have one source.
 
 The models are the single source of truth for both validation and the published JSON Schemas
-(``docs/schemas/*.json``, regenerated with ``python -m pagedserve.service.protocol docs/schemas``).
+(``docs/schemas/*.json``, regenerated with ``python -m pagedserve.service.schemas docs/schemas``).
 
 Invariants:
 - every value on the wire is UTF-8 JSON (never pickle);
@@ -686,7 +686,11 @@ def parse_request(body: bytes | str | None, max_bytes: int) -> GenerateRequest:
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte order mark (.NET writes one): JSON may skip it
     except UnicodeDecodeError as e:
-        raise DeadLetterError(f"body is not valid UTF-8: {e.reason} at byte {e.start}", "invalid_utf8") from None
+        message = f"body is not valid UTF-8: {e.reason} at byte {e.start}"
+        request_id = leading_id(raw)
+        if request_id is not None:  # its producer waits on this id (a prompt cut mid-character, say): answer it
+            raise InvalidRequestError(request_id, "invalid_request", message) from None
+        raise DeadLetterError(message, "invalid_utf8") from None
     try:
         data = loads(text)
     except RecursionError:
