@@ -52,3 +52,10 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def sigint_ignored(q) -> None:
+    """A spawned process's target: puts whether it ignores SIGINT."""
+    import signal
+
+    q.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)

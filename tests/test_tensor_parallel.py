@@ -157,6 +157,13 @@ def test_tp2_matches_then_a_killed_rank_takes_the_engine_down(tp_models):
                 engine.step()
         with pytest.raises(EngineDeadError, match="rank 1"):  # and stays down
             engine.step()
+        # "make a new one", as the error says, without closing the dead one first: its process group was all
+        # that was left of it, and the new engine was refused as "another tensor-parallel engine is running"
+        fresh = LLM(model=tp_models["qwen3"], tensor_parallel_size=2, **_engine_kw(CASES["qwen3"]))
+        try:
+            _check_same("qwen3", tp_models["qwen3"], fresh)
+        finally:
+            fresh.close()
     finally:
         llm2.close()
 
@@ -202,6 +209,19 @@ def test_heads_that_do_not_split_are_refused_before_any_rank_starts(overrides, s
     with pytest.raises(ValueError, match=field):
         LLM(model=model, device="cpu", tensor_parallel_size=size)
     assert set(spawned_children(os.getpid())) <= before
+
+
+def test_a_script_read_from_stdin_is_told_at_once_why_its_ranks_cannot_start(tp_models, tmp_path):
+    """`python - < script.py`: spawn runs the main module again in each rank, and "<stdin>" is no file; the rank
+    failed after the driver's load with "exited with code 1", the cause only in the rank's own traceback."""
+    code = ("from pagedserve import LLM\n"
+            f"LLM(model={str(tp_models['qwen3'])!r}, device='cpu', num_gpu_blocks=8, tensor_parallel_size=2)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60, done.stderr[-2000:]
+    assert "'<stdin>' is no file (a script read from stdin?): run it from a file" in done.stderr, done.stderr[-2000:]
+    assert "rank 1 failed to start" not in done.stderr
 
 
 def test_a_failed_start_stops_the_ranks_and_says_why(tmp_path):
@@ -521,3 +541,22 @@ def test_pinned_cpus_are_shared_out_among_the_ranks(tp_models, tmp_path):
     assert rc == 0, err[-2000:]
     got = json.loads(out.splitlines()[-1])
     assert got == {"rank": [cpus[1]], "driver": [cpus[0]], "places": f"{{{cpus[0]}}},{{{cpus[1]}}}"}
+
+
+def test_ranks_ignore_ctrl_c_from_their_first_instruction():
+    """A Ctrl-C while a rank still imported (before _rank_main set its handlers) printed the rank's traceback
+    beside the driver's. Ranks are started ignoring it: an ignored signal stays ignored across exec."""
+    import multiprocessing as mp
+
+    from pagedserve.engine.tensor_parallel import _born_ignoring_sigint
+    from processes import sigint_ignored  # in a module without conftest's import, which puts Ctrl-C back
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    before = signal.getsignal(signal.SIGINT)
+    with _born_ignoring_sigint():
+        proc = ctx.Process(target=sigint_ignored, args=(q,))
+        proc.start()
+    assert signal.getsignal(signal.SIGINT) is before  # the driver's own handler is back
+    assert q.get(timeout=60) is True
+    proc.join(30)

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from multiprocessing.connection import Connection, wait
 from types import SimpleNamespace
@@ -313,12 +314,54 @@ def _started_on(cpus: tuple[int, ...] | None):
         os.environ["OMP_PLACES"] = places
 
 
+@contextlib.contextmanager
+def _born_ignoring_sigint():
+    """Processes started inside ignore Ctrl-C from their first instruction (an ignored signal stays ignored
+    across exec), not only once ``_rank_main`` runs: a Ctrl-C while they import printed a rank's traceback beside
+    the driver's. Only the main thread may set a handler; elsewhere the driver gets no SIGINT anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: set outside Python, and not ours to put back
+            signal.signal(signal.SIGINT, before)
+
+
+def _check_main_importable() -> None:
+    """``spawn`` starts each rank by running this program's main module again: one read from stdin (``python -
+    < script.py``) has no file to run, and the rank failed after the driver's load, its reason only in its own
+    traceback. Said at once instead."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is not None and getattr(main, "__spec__", None) is None and not os.path.exists(path):
+        raise RuntimeError(f"tensor_parallel_size: each rank starts by running this program's main module again, "
+                           f"and {path!r} is no file (a script read from stdin?): run it from a file, under "
+                           "if __name__ == \"__main__\":")
+
+
+def _no_engine() -> None:
+    return None
+
+
+# The process's tensor-parallel driver (torch has one default process group per process), weakly: a dead one
+# still holding the group is closed when a new one starts.
+_engine_of_process: Callable[[], TensorParallelRunner | None] = _no_engine
+
+
 class TensorParallelRunner(ModelRunner):
     """Rank 0's model runner: starts and supervises the other ranks and sends each step to them first."""
 
     def __init__(self, config: EngineConfig, model_dir: str, hf_config, max_model_len: int,
                  max_num_batched_tokens: int) -> None:
+        global _engine_of_process
         size = config.tensor_parallel_size
+        _check_main_importable()
+        held = _engine_of_process() if dist.is_initialized() else None
+        if held is not None and held.dead:  # its group is all that is left of it: "make a new one" must work
+            held.close()
         if dist.is_initialized():  # torch has one default process group per process
             raise RuntimeError("tensor_parallel_size: another tensor-parallel engine is running in this process; "
                                "close it first (llm.close()): one at a time per process")
@@ -327,6 +370,7 @@ class TensorParallelRunner(ModelRunner):
         self._conns: list[Connection] = []
         self._dead: EngineDeadError | None = None
         self._closed = False
+        _engine_of_process = weakref.ref(self)
         # At interpreter exit multiprocessing joins its children before any finalizer of ours runs, and a rank
         # ignores SIGTERM: a script that never called close() (or ended in an exception) would wait for ever.
         # atexit runs its callbacks last-registered first, so this one runs before multiprocessing's.
@@ -355,7 +399,7 @@ class TensorParallelRunner(ModelRunner):
                 target=_rank_main, name=f"pagedserve-tp-rank{rank}", daemon=True,
                 args=(rank, size, rank_config, str(model_dir), hf_dict, max_model_len,
                       max_num_batched_tokens, init_method, theirs, os.getpid(), log_format))
-            with _started_on(None if pinned is None else rank_share(pinned, rank, size)):
+            with _started_on(None if pinned is None else rank_share(pinned, rank, size)), _born_ignoring_sigint():
                 proc.start()
             theirs.close()
             self._procs.append(proc)
@@ -419,6 +463,11 @@ class TensorParallelRunner(ModelRunner):
         proc = self._procs[r]
         proc.join(1.0)
         return f"exited with code {proc.exitcode}" if proc.exitcode is not None else "closed its pipe"
+
+    @property
+    def dead(self) -> bool:
+        """A step failed, or a rank has exited: no step can run on this engine again."""
+        return self._dead is not None or any(proc.exitcode is not None for proc in self._procs)
 
     # ---------------------------------------------------------------------------------------- per step
     def check_alive(self) -> None:
