@@ -7,7 +7,7 @@ a swapped-out request never takes back the room its preemption made for a better
 strictly better than one that ran in the step (every queued request better than running ones preempts them for
 its blocks and sequence slots, and they get only the budget and blocks its next chunk leaves); the blocks moved
 per step stay within the pool; every request ends; and the room accessors (``num_blocks_worse_than``,
-``num_queued_not_worse``) agree with a count over the queues.
+``num_queued_not_worse``, ``waiting_worse_than``) agree with a count over the queues.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class Sim:
             if all(self.bm.gpu.blocks[b].ref_count == 1 for b in refs):
                 assert freed == held
             assert sched.num_queued_not_worse(p) == sum(1 for q in self.queued() if q.priority <= p)
+            assert sched.waiting_worse_than(p) == [q for q in sched.waiting if q.priority > p]
 
 
 def _run(sim, arrivals, max_steps=3000):

@@ -152,3 +152,57 @@ def test_cpu_swap_pool_use_is_exported():
         assert samples["pagedserve_kv_cache_cpu_blocks"] == stats["num_cpu_blocks"]
     finally:
         engine.close()
+
+
+def test_a_backlog_of_worse_priority_requests_stays_in_the_stream(redis_url, prefix):
+    """Each worse-priority request read left a default-priority request's room as it was, so a worker with a small
+    pool read the whole backlog of them (60 of 60, lag 0): no other worker could take any, load shedding never
+    saw them, and KEDA's lag read 0. Beyond what can start at once it holds no more of them that never ran than
+    the batch feeder's reserve."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=POOL, max_num_seqs=256, preemption_mode="swap",
+                      swap_space_gb=0.02)
+    ids = [f"bg-{i}" for i in range(40)]
+    try:
+        with running_worker(s) as w:
+            pipe = r.pipeline(transaction=False)
+            for rid in ids:
+                body = {"id": rid, "prompt": "job " * 12 + rid, "priority": 10,
+                        "params": {"max_tokens": 60, "ignore_eos": True}}
+                pipe.xadd(keys.requests, {"body": json.dumps(body)})
+            pipe.execute()
+            most, started = 0, time.monotonic()
+            while not r.exists(keys.result(ids[0])) and time.monotonic() - started < 60:
+                most = max(most, r.xpending(keys.requests, keys.group)["pending"])
+                time.sleep(0.01)
+            assert 0 < most <= POOL + w.batches.reserve, f"{most} of {len(ids)} read by a worker of {POOL} blocks"
+            wait_for(lambda: all(r.exists(keys.result(rid)) for rid in ids), 180, 0.2, "every result")
+        assert all(parse_terminal(r.get(keys.result(rid))).type == "done" for rid in ids)
+    finally:
+        r.close()
+
+
+def test_slots_full_of_worse_priority_work_still_read_a_default_priority_request(redis_url, prefix):
+    """Every sequence slot held by worse-priority requests: a default-priority request sent then was read only
+    once one of them finished (9.6 s in a held-out run), though the engine preempts worse work for a slot."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=64, max_num_seqs=4)
+    low = [f"slot-{i}" for i in range(4)]
+    try:
+        with running_worker(s) as w:
+            for rid in low:
+                body = {"id": rid, "prompt": "job", "priority": 10, "params": {"max_tokens": 600, "ignore_eos": True}}
+                r.xadd(keys.requests, {"body": json.dumps(body)})
+            wait_for(lambda: w.engine.num_running == len(low), 30, 0.005, "the slots full")
+            r.xadd(keys.requests, {"body": json.dumps({"id": "urgent", "prompt": "now", "params": {"max_tokens": 4}})})
+            wait_for(lambda: r.exists(keys.result("urgent")), 30, 0.02, "the default-priority request's result")
+            assert parse_terminal(r.get(keys.result("urgent"))).type == "done"
+            assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: it waited"
+    finally:
+        r.close()

@@ -369,6 +369,11 @@ class LLMEngine:
         return (self.block_manager.num_free_gpu_blocks + sch.num_blocks_worse_than(priority)
                 - sch.num_queued_not_worse(priority))
 
+    def num_unstarted_worse_than(self, priority: int = 0) -> int:
+        """Waiting requests of strictly worse priority than ``priority`` that have never been scheduled: added,
+        then kept waiting by work at least as good (a preempted one has run and is not counted)."""
+        return sum("first_scheduled_time" not in r.metrics for r in self.scheduler.waiting_worse_than(priority))
+
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return an output for every request that ended or produced text.

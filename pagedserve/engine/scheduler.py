@@ -161,6 +161,11 @@ class Scheduler:
         bound = (priority + 1,)  # sorts before every key of a worse priority, after every other key
         return sum(bisect.bisect_left(q, bound, key=lambda r: r.sort_key) for q in (self.waiting, self.swapped))
 
+    def waiting_worse_than(self, priority: int) -> list[Request]:
+        """Waiting requests of strictly worse priority than ``priority``, in order. O(log queued + those)."""
+        bound = (priority + 1,)
+        return self.waiting[bisect.bisect_left(self.waiting, bound, key=lambda r: r.sort_key):]
+
     # ------------------------------------------------------------------ preemption
     def _preempt(self, req: Request, out: SchedulerOutput, for_room: bool = True) -> None:
         """Swap ``req`` out or queue it for recompute. ``for_room``: it is short of blocks itself (or makes room

@@ -57,3 +57,5 @@ class EngineAPI(Protocol):
     def num_free_gpu_blocks(self) -> int: ...  # free blocks of the device KV pool
 
     def kv_room(self, priority: int = 0) -> int: ...  # requests of ``priority`` the KV pool could start (preempting)
+
+    def num_unstarted_worse_than(self, priority: int = 0) -> int: ...  # worse requests waiting, never scheduled

@@ -64,9 +64,10 @@ class Running(WorkerPart):
         """``f`` was added to the engine: it runs here until it is answered or given up."""
         self.table[f.request.id] = f
 
-    def room(self) -> int:
-        """Sequences the engine may still take (a request with ``n`` samples takes ``n``)."""
-        used = sum(f.samples for f in self.table.values())
+    def room(self, priority: int | None = None) -> int:
+        """Sequences the engine may still take (a request with ``n`` samples takes ``n``); for a request of
+        ``priority``, those of requests of worse priority count as free: the engine preempts them for it."""
+        used = sum(f.samples for f in self.table.values() if priority is None or f.request.priority <= priority)
         return max(0, self.settings.max_num_seqs - used)
 
     def on_outputs(self, outputs: list) -> None:

@@ -454,20 +454,26 @@ class Worker(WorkerPart):
         self.intake.queue_stats()
 
     def _room(self, batch: bool = False) -> int:
-        """What this worker may still read: sequences the engine may still take, and no more than the KV blocks
-        a request of the default priority could start in (``EngineAPI.kv_room``: the free blocks, plus those held
-        by running requests of worse priority, which the engine preempts for it, less one per request queued
-        ahead of it, since each needs a block of its own to start); less those held here unstarted (compiling,
-        waiting on another worker's run). An engine whose KV cache, not its sequence slots, is full of requests
-        as good as the default reads nothing, and the backlog stays in the stream for a worker with room; one full
-        of worse work (batch lines) still reads, as a request of the default priority runs ahead of that work.
+        """What this worker may still read: what a request of the default priority could start in, its sequence
+        slots and KV blocks (``EngineAPI.kv_room``: the free blocks, plus those held by running requests of worse
+        priority, less one per request queued ahead of it, since each needs a block of its own to start), where
+        worse requests' slots and blocks count as room, since the engine preempts them for it; less those held
+        here unstarted (compiling, waiting on another worker's run). An engine whose KV cache, not its sequence
+        slots, is full of requests as good as the default reads nothing, and the backlog stays in the stream for
+        a worker with room; one full of worse work (batch lines) still reads, as a request of the default
+        priority runs ahead of that work. But what it reads may be worse itself: beyond what could start at once,
+        it holds no more worse requests that never ran than the batch feeder's reserve, so that a backlog of them
+        stays in the stream, for other workers, load shedding and KEDA's lag, not all in this engine.
         ``batch``: the batch feeder's room, that of the worst priority (the free blocks less all requests queued),
         so batch lines join the stream only where they can start without preempting anything. Requests waiting only for
         the step's token budget (a big burst) leave a big pool's room as it was."""
-        room = self.running.room()
-        if room > 0:
-            engine = self.engine
-            room = min(room, engine.kv_room(LOWEST_PRIORITY if batch else INTERACTIVE_PRIORITY))
+        engine = self.engine
+        startable = min(self.running.room(), engine.kv_room(LOWEST_PRIORITY))
+        if batch:
+            return max(0, startable - self.admission.unstarted())
+        room = min(self.running.room(INTERACTIVE_PRIORITY), engine.kv_room(INTERACTIVE_PRIORITY))
+        held_back = engine.num_unstarted_worse_than(INTERACTIVE_PRIORITY)
+        room = min(room, max(0, startable) + max(0, self.batches.reserve - held_back))
         return max(0, room - self.admission.unstarted())
 
     def _renewals_overdue(self) -> bool:
