@@ -56,6 +56,8 @@ class EngineAPI(Protocol):
     @property
     def num_free_gpu_blocks(self) -> int: ...  # free blocks of the device KV pool
 
+    num_advanced: int  # requests moved on by a token, summed over steps (beams and unshown samples too): progress
+
     def kv_room(self, priority: int = 0) -> int: ...  # requests of ``priority`` the KV pool could start (preempting)
 
     def num_unstarted_worse_than(self, priority: int = 0) -> int: ...  # worse requests waiting, never scheduled
