@@ -233,10 +233,17 @@ class WorkerProcess:
         return self
 
     def wait_started(self, timeout: float = 120) -> None:
-        # The event itself, not the bare word: a start-up traceback quotes worker.py, whose comments name it.
-        wait_for(lambda: '"event": "worker_started"' in self.log_path.read_text(errors="replace") or self._dead(),
-                 timeout, 0.1, "worker start")
-        assert self.proc.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
+        """Until the worker says it started. A start that fails or times out kills it first: a caller that never
+        got the process back (``w = WorkerProcess(...).start(); w.wait_started()`` in a helper) could not close
+        it, and it ran on after the test, reading the suite's shared Redis."""
+        try:
+            # The event itself, not the bare word: a start-up traceback quotes worker.py, whose comments name it.
+            wait_for(lambda: '"event": "worker_started"' in self.log_path.read_text(errors="replace") or self._dead(),
+                     timeout, 0.1, "worker start")
+            assert self.proc.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
+        except BaseException:
+            self.close()
+            raise
 
     def _dead(self) -> bool:
         return self.proc.poll() is not None
