@@ -156,8 +156,10 @@ def test_cancel_mid_stream_frees_blocks_and_deadline(either):
     d = c.generate("x", id="never-ran", params={"max_tokens": 5}, timeout=30)
     assert d.outputs[0].finish_reason == "cancelled" and d.outputs[0].token_ids == []
     # A deadline in the past ends with "deadline".
-    d = c.generate("deadline", params={"max_tokens": 50}, deadline_ms=int(time.time() * 1000) - 1000, timeout=30)
-    assert d.outputs[0].finish_reason == "deadline"
+    late = c.generate("deadline", params={"max_tokens": 50}, deadline_ms=int(time.time() * 1000) - 1000, timeout=30)
+    assert late.outputs[0].finish_reason == "deadline"
+    # Neither ran a token: both sum no logprob (the cancel said null, the engine's deadline 0.0)
+    assert d.outputs[0].cumulative_logprob == late.outputs[0].cumulative_logprob == 0.0
 
 
 def test_priority_orders_admission(redis_url, prefix, shared_engine):

@@ -121,6 +121,17 @@ def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: di
     )
 
 
+def _handed_out_sum(o: Any) -> float | None:
+    """The cumulative logprob of what an earlier run handed out: 0.0 for nothing (as the engine sums no token),
+    the chosen tokens' logprobs summed where their events carried them, else None (not known)."""
+    if o is None or not o.token_ids:
+        return 0.0
+    if o.logprobs is None or len(o.logprobs) != len(o.token_ids):
+        return None
+    chosen = [d.get(t) for d, t in zip(o.logprobs, o.token_ids)]
+    return _finite(sum(chosen)) if None not in chosen else None
+
+
 def done_before_start(rid: str, n: int, reason: str, e2e_ms: float, metadata: dict, handed_out: Any = None,
                       prompt_tokens: int = 0) -> DoneEvent:
     """A request that ended before reaching the engine (cancelled before pick-up): empty outputs, or, for one
@@ -132,7 +143,7 @@ def done_before_start(rid: str, n: int, reason: str, e2e_ms: float, metadata: di
         o = got.get(i)
         outputs.append(CompletionResult(
             index=i, text=o.text if o else "", token_ids=list(o.token_ids) if o else [], finish_reason=reason,
-            logprobs=_logprobs(o.logprobs) if o else None))
+            cumulative_logprob=_handed_out_sum(o), logprobs=_logprobs(o.logprobs) if o else None))
     return DoneEvent(
         id=rid,
         outputs=outputs,
