@@ -210,3 +210,26 @@ def test_a_list_fills_its_page_past_expired_batches_and_pages_with_after(redis_u
     assert [line.split()[0] for line in result.output.splitlines()] == [live[1], live[0]]
     result = CliRunner().invoke(app, ["batch", "list", "--after", "batch_nope"])
     assert result.exit_code == 2 and "after: no batch 'batch_nope'" in result.output, result.output
+
+
+@pytest.mark.parametrize("forged", [{"created_at": "99999999999999999999"}, {"status": "completed\x1b]0;OWNED\x07\x1b[2J"},
+                                    {"id": "batch_" + "0" * 31 + "9\x1b[2J"}], ids=["time", "status", "id"])
+def test_a_forged_record_neither_breaks_the_list_nor_reaches_the_terminal(prefix, r, cli, forged):
+    """Any producer may write batch keys: a record with a created_at past any clock made `batch list` fail for
+    every producer of the prefix (OverflowError from time.gmtime), and a status or id holding escape codes was
+    printed raw (a terminal's title set, its screen cleared). Such a record is one pagedserve did not write."""
+    from pagedserve.service.batch_client import BatchMalformed, batch_status
+    from pagedserve.service.cli import app
+
+    k = BatchKeys(prefix)
+    good = submit_batch(r, prefix, jsonl([completion("g0")]), key="good")
+    forger = "batch_" + "0" * 31 + "3"
+    record = {k2.decode(): v.decode() for k2, v in r.hgetall(k.record(good)).items()}
+    r.hset(k.record(forger), mapping={**record, "id": forger, **forged})
+    r.zadd(k.all, {forger: time.time() + 10})  # the newest: listed first
+    res = cli.invoke(app, ["batch", "list"])
+    assert res.exit_code == 0 and res.stdout.split()[0] == good and "\x1b" not in res.stdout, res.output
+    with pytest.raises(BatchMalformed, match=f"^batch {forger}: its record is not one pagedserve wrote"):
+        batch_status(r, prefix, forger)
+    res = cli.invoke(app, ["batch", "status", forger])
+    assert res.exit_code != 0 and "\x1b" not in res.output and "not one pagedserve wrote" in res.output, res.output

@@ -35,7 +35,7 @@ from typing import Any
 import redis
 
 from .batch_format import FileError, LineError, error_line, parse_lines
-from .batch_keys import SHOWN_AS, BatchKeys, BatchScripts, request_id
+from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, check_seconds,
                           why_no_worker)
 from .protocol import Keys, as_text
@@ -200,11 +200,30 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     return bid, bool(created)  # 0: a racing submit of the same file and key created it first
 
 
+LAST_TIME = 253402300799  # 9999-12-31T23:59:59Z: past it no time a worker writes, nor one time.gmtime can show
+
+
+def _time_field(rec: dict, name: str) -> int | None:
+    """A time of the record, in seconds; ``ValueError`` for one no worker writes (not a whole number, or out of
+    the range a clock gives)."""
+    if not rec.get(name):
+        return None
+    value = int(rec[name])
+    if not 0 <= value <= LAST_TIME:
+        raise ValueError(f"{name} {value} is no time")
+    return value
+
+
 def _batch_object(bid: str, raw: dict) -> dict:
     """The record as an OpenAI Batch object (``openai.types.Batch`` validates it); :class:`BatchMalformed` for a
     record the service did not write. ``errors``: why a worker set the batch aside (a malformed record)."""
     rec = {as_text(k): as_text(v) for k, v in raw.items()}
     try:
+        # What a CLI prints of them is anyone's text (producers may write batch keys): only what a worker writes.
+        if rec["id"] != bid or not BATCH_ID.fullmatch(bid):
+            raise ValueError(f"id {rec['id'][:80]!r} under the key of {bid[:80]!r}")
+        if rec["status"] not in STATUSES:
+            raise ValueError(f"status {rec['status'][:40]!r}")
         obj: dict[str, Any] = {
             "id": rec["id"], "object": "batch", "endpoint": rec["endpoint"], "input_file_id": rec["input_file_id"],
             "completion_window": rec["completion_window"], "status": SHOWN_AS.get(rec["status"], rec["status"]),
@@ -215,7 +234,7 @@ def _batch_object(bid: str, raw: dict) -> dict:
             "metadata": json.loads(rec.get("metadata") or "{}"),
         }
         for name in _TIMES:
-            obj[name] = int(rec[name]) if rec.get(name) else None
+            obj[name] = _time_field(rec, name)
     except KeyError as e:
         raise BatchMalformed(f"batch {bid}: its record has no {e.args[0]!r}: pagedserve did not write it "
                              "(delete its keys)") from None
