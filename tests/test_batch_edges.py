@@ -536,3 +536,29 @@ def test_an_output_redis_lost_is_never_taken_for_the_whole(redis_url, prefix, r,
     r.delete(k.out(bid))
     res = cli.invoke(app, ["batch", "results", bid, "-o", str(tmp_path / "out.jsonl")])
     assert res.exit_code == 3 and "counts 4 output lines" in res.stderr, res.output
+
+
+def test_closing_a_client_ends_its_calls_waiting_for_a_batch(redis_url, prefix, r):
+    """Client.close() ended every waiting call with RuntimeError but those waiting in batch_results(wait=True),
+    which returned once the batch ended, hours later maybe, and reopened connections on the closed client."""
+    from pagedserve.service.client import Client
+
+    bid = submit_batch(r, prefix, jsonl([completion("c0")]))  # no worker: it never ends here
+    c = Client(redis_url, prefix=prefix)
+    outcome: dict = {}
+
+    def waiter() -> None:
+        try:
+            outcome["lines"] = c.batch_results(bid, wait=True)
+        except Exception as e:
+            outcome["error"], outcome["at"] = e, time.monotonic()
+
+    t = threading.Thread(target=waiter, daemon=True)  # daemon: a wait that never ends holds no exit
+    t.start()
+    time.sleep(0.7)
+    closed_at = time.monotonic()
+    c.close()
+    t.join(10)
+    assert not t.is_alive(), "still waiting after close()"
+    assert isinstance(outcome.get("error"), RuntimeError) and "closed" in str(outcome["error"]), outcome
+    assert outcome["at"] - closed_at < 2.0

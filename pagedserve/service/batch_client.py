@@ -28,7 +28,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,18 +278,21 @@ def no_worker(r: redis.Redis, prefix: str, consumers_seen: OrderedDict | None = 
 
 
 def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5, *,
-               pickup_timeout: float | None = None) -> dict:
+               pickup_timeout: float | None = None, closed: Callable[[], bool] | None = None) -> dict:
     """Wait until the batch ends (completed, expired, cancelled, failed): every line has its output line.
     ``TimeoutError`` after ``timeout``. ``pickup_timeout``: once the batch has not moved (its status and counts
     the same) for that long, look for a live worker (:func:`no_worker`); none raises :class:`NoWorker`, and the
     batch stays as it is, to run when a worker starts; a live one keeps the wait going (lines may take long) and
-    is looked for again after the next such still stretch."""
+    is looked for again after the next such still stretch. ``closed``: whether the caller's client was closed
+    meanwhile (``RuntimeError`` at the next look, as a request's wait ends; the batch runs on)."""
     check_seconds(pickup_timeout=pickup_timeout)
     end = None if timeout is None else time.monotonic() + timeout
     seen: OrderedDict = OrderedDict()  # consumer names met by earlier checks (why_no_worker says why)
     last, still_since = None, time.monotonic()
     outage = Outage(time.monotonic)  # a wait of hours rides out a Redis restart, as a request's wait does
     while True:
+        if closed is not None and closed():
+            raise RuntimeError(f"this Client was closed while the call waited for batch {bid} (it runs on)")
         try:
             status = batch_status(r, prefix, bid)
         except CONNECTION_ERRORS as e:

@@ -509,7 +509,7 @@ class Client(ProducerCore):
         with self._reaching():
             if wait:
                 batch = batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout,
-                                                pickup_timeout=pickup_timeout)
+                                                pickup_timeout=pickup_timeout, closed=lambda: self._closed)
             else:
                 batch = batch_client.batch_status(self.r, self.keys.prefix, batch_id)
             lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
