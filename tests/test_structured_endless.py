@@ -63,3 +63,22 @@ def test_recursion_with_a_way_out_compiles_and_accepts_a_finite_value(tokenized,
     matcher = grammar.matcher()
     ids = tok.encode(json.dumps(value, separators=(",", ":")), add_special_tokens=False)
     assert all(matcher.accept(t) for t in ids) and matcher.accept(eos) and matcher.is_terminated()
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"], "additionalProperties": False},
+    {"type": "array", "items": False, "minItems": 1},
+    {"type": "object", "properties": {"a": False}, "required": ["a"]},
+    {"type": "object", "properties": {"o": {"type": "object", "properties": {}, "required": ["q"],
+                                           "additionalProperties": False}}, "required": ["o"]},
+])
+def test_a_schema_with_no_value_at_all_is_refused_saying_so(tokenized, schema):
+    """No recursion, yet no value (a required property forbidden, items false under minItems): the refusal read
+    "could not be compiled: IndexError: list index out of range" (it named the first endless ref, of none)."""
+    so, _, _ = tokenized
+    assert not any(jsonschema.Draft202012Validator(schema).is_valid(v) for v in ({}, [], {"a": 1}, [1], {"o": {}}))
+    with pytest.raises(ValueError) as e:
+        so.compile(validate_structured_outputs({"json": schema}))
+    message = str(e.value)
+    assert message.startswith("structured_outputs json matches no value at all: a property it requires"), message
+    assert "IndexError" not in message

@@ -197,7 +197,31 @@ def _rounded_inward(bound: int | float, inward: int) -> Decimal | None:
     return None if steps * unit == exact else steps * unit
 
 
+def _exclusive_whole_bounds(node: dict) -> None:
+    """llguidance lets a ``number`` equal to an exclusive bound that is a whole number through where the other
+    bound is within 1 of it (``exclusiveMinimum: 0, maximum: 0.99`` wrote ``0``; ``exclusiveMaximum: 0`` wrote
+    ``-0``): such a bound is given to it as the inclusive one a unit of its 15th significant digit inside (a
+    number nearer the bound than that is lost, as with :data:`BOUND_DIGITS`). An ``integer`` reads them right."""
+    types = node.get("type")
+    if "number" not in (types if isinstance(types, list) else [types]):
+        return
+    for inclusive, (exclusive, inward) in _BOUNDS.items():
+        value = node.get(exclusive)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or value != int(value) or abs(value) >= 2**53):
+            continue
+        exact = Decimal(int(value))
+        unit = Decimal(10) ** ((exact.adjusted() if exact else 0) - BOUND_DIGITS + 1)
+        number = float(exact + inward * unit)
+        other = node.get(inclusive)
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            number = max(number, other) if inward > 0 else min(number, other)
+        del node[exclusive]
+        node[inclusive] = number
+
+
 def _readable_number_bounds(node: dict) -> dict:
+    _exclusive_whole_bounds(node)
     for inclusive, (exclusive, inward) in _BOUNDS.items():
         for key in (inclusive, exclusive):
             value = node.get(key)
@@ -475,6 +499,9 @@ def endless_schema(schema: object) -> str | None:
     if _has_finite_value(schema, schema, finite_refs):
         return None
     endless = sorted(ref for ref, finite in finite_refs.items() if not finite)
+    if not endless:  # no recursion: something it needs can never be
+        return ("json matches no value at all: a property it requires, or an item its minItems needs, can never be "
+                "(its schema is false, or additionalProperties: false leaves a required property out)")
     return (f"json matches no value of finite size: every value it allows holds another without end ({endless[0]!r} "
             "is needed inside itself, through a required property or an array's minItems); make the recursion "
             "optional: leave the property out of required, or allow minItems 0, or add an anyOf branch that ends")
