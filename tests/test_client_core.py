@@ -24,6 +24,7 @@ from pagedserve.service.client_core import (
     Emit,
     Listen,
     OUTAGE_S,
+    MIN_COMMAND_S,
     PAST_DEADLINE_S,
     NoWorker,
     Pause,
@@ -1592,6 +1593,8 @@ def test_a_command_of_a_wait_is_bounded_by_its_deadline_unless_the_socket_timeou
     now = 100.0
     assert command_bound(None, 10.0, lambda: now) is None
     assert command_bound(now + 3, 10.0, lambda: now) == 3 + PAST_DEADLINE_S
-    assert command_bound(now - 5, 10.0, lambda: now) == PAST_DEADLINE_S  # past it: a reply on its way
+    # Past it, the commands share PAST_DEADLINE_S: a reply on its way, the looks that say why nothing came
+    assert command_bound(now - 0.25, 10.0, lambda: now) == PAST_DEADLINE_S - 0.25
+    assert command_bound(now - 5, 10.0, lambda: now) == MIN_COMMAND_S
     assert command_bound(now + 30, 10.0, lambda: now) is None
     assert command_bound(now + 30, None, lambda: now) == 30 + PAST_DEADLINE_S

@@ -111,10 +111,11 @@ OUTAGE_S = 60.0
 # The errors event_wait retries on (a client throws every Redis error of an operation into it).
 # InvalidResponse: the URL's port answers, but not in Redis's protocol (another server's port): nothing was sent.
 SOCKET_TIMEOUT_S = 10.0  # the clients' default socket timeout: a Redis silent this long is given up on
-# How long one Redis command of a wait may run past the caller's deadline (a reply on its way). A Redis that
-# accepts and never answers (a hung primary, SIGSTOP) held each command for the socket timeout, and the call
-# ended that long after its ``timeout``: the clients bound a wait's commands by its deadline plus this.
+# How long the Redis commands of a wait may run past the caller's deadline, all of them together (a reply on its
+# way). A Redis that accepts and never answers (a hung primary, SIGSTOP) held each command for the socket timeout,
+# and the call ended that long after its ``timeout``: the clients bound a wait's commands by its deadline plus this.
 PAST_DEADLINE_S = 1.0
+MIN_COMMAND_S = 0.05  # the least a command past the deadline is given: a reply already on its way still lands
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)
 ENTRY_IDS_KEPT = 10_000  # entry ids of the requests a client sent lately (ProducerCore._entry_ids)
 CONSUMERS_KEPT = 64  # consumer names a client has seen in its checks (ProducerCore._consumers_seen)
@@ -122,11 +123,13 @@ CONSUMERS_KEPT = 64  # consumer names a client has seen in its checks (ProducerC
 
 def command_bound(deadline: float | None, socket_timeout: float | None,
                   clock: Callable[[], float] = time.monotonic) -> float | None:
-    """Seconds the next Redis command of a wait with ``deadline`` (a ``clock`` time; None: no deadline) may take,
-    or None where the client's ``socket_timeout`` comes first and bounds it alone."""
+    """Seconds the next Redis command of a wait with ``deadline`` (a ``clock`` time; None: no deadline) may take:
+    what is left of the wait and ``PAST_DEADLINE_S``, which the commands after the deadline share (a reply on its
+    way, the looks that say why nothing came; each of them had a second of its own, and a slow Redis took four),
+    at least ``MIN_COMMAND_S``; None where the client's ``socket_timeout`` comes first and bounds it alone."""
     if deadline is None:
         return None
-    bound = max(0.0, deadline - clock()) + PAST_DEADLINE_S
+    bound = max(MIN_COMMAND_S, deadline + PAST_DEADLINE_S - clock())
     return None if socket_timeout is not None and bound >= socket_timeout else bound
 
 
