@@ -38,13 +38,14 @@ Invariants of :func:`event_wait`:
   password masked;
 - with ``pickup_timeout``, a request that has had no event for that long (since it was sent, or since its last
   event: a worker that dies mid-run leaves a silent wait) is looked for (see :func:`diagnose`), once per such
-  silent window: lost by Redis (no entry, claim or result) raises :class:`RequestGone`; otherwise it is
+  silent window: lost by Redis (no entry, claim or result, and so at the loss check's next look, for a request
+  this client sent: :class:`LossCheck`) raises :class:`RequestGone`; otherwise it is
   checked against the consumer group: no group, no consumers, or none whose consumer-name lease is alive (a
   live worker renews it from a thread of its own, however busy its loop) raises :class:`NoWorker` (after an
   event: saying that the worker running it stopped and that it stays pending); a live worker keeps the wait
   going, whatever the queue's length (one alive takes a dead one's entry over after ``claim_idle_ms``). A wait
   that runs out says the same in its ``TimeoutError``;
-- without ``pickup_timeout``, a wait on a request this client sent still ends when Redis lost it (restarted
+- with or without ``pickup_timeout``, a wait on a request this client sent ends when Redis lost it (restarted
   without persistence, evicted it), instead of waiting for ever: :class:`LossCheck`.
 Both machines do the last two alike.
 """
@@ -823,9 +824,9 @@ def _rest(out: Any, text: str, ids: list[int], request_id: str, seq: int) -> Tok
 
 
 class LossCheck:
-    """A wait without ``pickup_timeout`` looks after each ``period`` of silence whether its request is gone from
-    Redis (:func:`why_gone`), and raises :class:`RequestGone` only when two looks in a row, ``period`` apart, say
-    so: one look may fall between a loss of Redis's data and the running worker's next renewal of its claim
+    """A wait looks after each ``period`` of silence whether its request is gone from Redis (:func:`why_gone`),
+    and raises :class:`RequestGone` only when two looks in a row, ``period`` apart, say so (a pickup check's look
+    is one of them, :func:`_confirmed`): one look may fall between a loss of Redis's data and the running worker's next renewal of its claim
     (every ``lease_renew_ms``, less than ``claim_idle_ms``), and the period is the client's ``claim_idle_ms``.
     Only for a request this client sent: of another id it cannot tell "lost" from "not sent yet"."""
 
@@ -853,7 +854,17 @@ class LossCheck:
 
 def _loss_check(clock: Callable[[], float], period: float | None, pickup_timeout: float | None,
                 clues: Clues) -> LossCheck | None:
-    return LossCheck(clock, period) if period and pickup_timeout is None and clues.sent_here else None
+    return LossCheck(clock, period) if period and clues.sent_here else None
+
+
+def _confirmed(verdict: Verdict | None, loss: LossCheck | None) -> Verdict | None:
+    """A pickup check's verdict; one that the request is gone only when the look before found it gone too
+    (:class:`LossCheck`): after a restart without persistence a look may come before the worker running it has
+    renewed its claim, and "send it again" then ran it twice. Of an id sent elsewhere (no loss check) at once."""
+    if verdict is None or not verdict.gone or loss is None:
+        return verdict
+    text = loss.looked(verdict.text)
+    return None if text is None else Verdict(True, text)
 
 
 class Outage:
@@ -1159,7 +1170,7 @@ def event_wait(
                     if gone is not None:
                         raise RequestGone(gone, request_id)
                 if check_workers_at is not None and clock() >= check_workers_at:
-                    verdict = yield from diagnose(keys, clues)
+                    verdict = _confirmed((yield from diagnose(keys, clues)), loss)
                     if verdict is not None:
                         raise not_picked_up(verdict, request_id, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
@@ -1290,7 +1301,7 @@ def stream_wait(
                     if gone is not None:
                         raise RequestGone(gone, request_id)
                 if check_workers_at is not None and clock() >= check_workers_at:
-                    verdict = yield from diagnose(keys, clues)
+                    verdict = _confirmed((yield from diagnose(keys, clues)), loss)
                     if verdict is not None:
                         raise not_picked_up(verdict, request_id, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
