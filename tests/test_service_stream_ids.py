@@ -330,3 +330,48 @@ def test_a_far_future_entry_is_dropped_only_when_another_worker_holds_its_id_not
         assert dead == ["99999999999999-0"], "a refused claim dropped the entry unanswered"
         assert adm.waiting["b"].entry_ids == ["99999999999999-1"]
         del adm.waiting["b"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_send_rides_out_a_stream_whose_last_id_is_the_largest(redis_url, prefix, kind):
+    """Any producer can XADD the largest entry ID, and until a worker sets the last ID back (milliseconds) every
+    XADD * is refused: a loop of them made 193 of 332 generate calls of another producer raise redis-py's bare
+    "The stream has exhausted the last possible ID" (a held-out attacking tenant). A send is tried again
+    meanwhile, and one still refused says so in a line: nothing was sent, send again."""
+    import asyncio
+    import threading
+
+    from pagedserve.service.client import AsyncClient
+
+    keys = Keys(prefix)
+    admin = redis.Redis.from_url(redis_url)
+    admin.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+
+    def send(rid: str) -> None:
+        if kind == "sync":
+            with Client(redis_url, prefix=prefix) as c:
+                c.submit("x", id=rid, params={"max_tokens": 2})
+        else:
+            async def go() -> None:
+                async with AsyncClient(redis_url, prefix=prefix) as ac:
+                    await ac.submit("x", id=rid, params={"max_tokens": 2})
+            asyncio.run(go())
+
+    try:
+        admin.xadd(keys.requests, body("planted"), id=MAX_ID)
+        admin.xdel(keys.requests, MAX_ID)  # as a worker that took it does before its repair, 0.3 s later here
+        mended = threading.Timer(0.3, repair_stream_ids, (admin, keys))
+        mended.start()
+        send("after-repair")
+        mended.join()
+        assert [f[b"body"] for _, f in admin.xrange(keys.requests)][-1].startswith(b'{"id":"after-repair"')
+
+        admin.xadd(keys.requests, body("planted-2"), id=MAX_ID)  # and nobody repairs it
+        started = time.monotonic()
+        with pytest.raises(redis.ResponseError) as e:
+            send("never")
+        assert time.monotonic() - started < 6
+        assert "holds an entry ID at the largest possible" in str(e.value) and "nothing was sent" in str(e.value)
+    finally:
+        admin.delete(keys.requests)
+        admin.close()

@@ -28,6 +28,7 @@ from .client_core import (
     CountKeys,
     Emit,
     Event,
+    ID_REPAIR_PAUSES_S,
     Listen,
     NoWorker,
     Op,
@@ -53,6 +54,7 @@ from .client_core import (
     command_bound,
     done_or_raise,
     first_terminal,
+    ids_exhausted,
     pool_full,
 )
 from .protocol import DoneEvent, GenerateRequest
@@ -137,6 +139,31 @@ def _step(wait: Generator[Op, Any, None], reply: Any, error: BaseException | Non
         return wait.throw(error) if error is not None else wait.send(reply)
     except StopIteration:
         return None
+
+
+def _past_id_repair(send: Callable[[], Any]) -> Any:
+    """``send()``, tried again while Redis refuses it for a request stream whose last ID is the largest there is
+    (:data:`~.client_core.ID_REPAIR_PAUSES_S`); a worker sets it back within milliseconds."""
+    for pause in ID_REPAIR_PAUSES_S:
+        try:
+            return send()
+        except redis.ResponseError as e:
+            if not ids_exhausted(e):
+                raise
+        time.sleep(pause)
+    return send()
+
+
+async def _past_id_repair_async(send: Callable[[], Awaitable[Any]]) -> Any:
+    """:func:`_past_id_repair` for the async client."""
+    for pause in ID_REPAIR_PAUSES_S:
+        try:
+            return await send()
+        except redis.ResponseError as e:
+            if not ids_exhausted(e):
+                raise
+        await asyncio.sleep(pause)
+    return await send()
 
 
 def _reply_within(r: redis.Redis, seconds: float, *args: Any) -> Any:
@@ -292,11 +319,14 @@ class Client(ProducerCore):
     def _xadd(self, req: GenerateRequest) -> str:
         """Send ``req``; returns its stream entry id."""
         with self._producer_span(req) as span:
-            return self._sent(span, req, self.r.xadd(self.keys.requests, self._fields(req)))
+            return self._sent(span, req, _past_id_repair(lambda: self.r.xadd(self.keys.requests, self._fields(req))))
 
     def _send(self, req: GenerateRequest, seconds: float | None) -> Sent:
         """Send ``req`` for a wait, reading in the same round trip what its id had stored before; its replies
         waited for ``seconds`` at most (None: the socket timeout bounds them)."""
+        return _past_id_repair(lambda: self._send_once(req, seconds))
+
+    def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
         with self._producer_span(req) as span:
             pipe = self.r.pipeline(transaction=False)
             self._send_commands(pipe, req)
@@ -626,9 +656,13 @@ class AsyncClient(ProducerCore):
     async def _xadd(self, req: GenerateRequest) -> str:
         """Send ``req``; returns its stream entry id."""
         with self._producer_span(req) as span:
-            return self._sent(span, req, await self.r.xadd(self.keys.requests, self._fields(req)))
+            return self._sent(span, req, await _past_id_repair_async(
+                lambda: self.r.xadd(self.keys.requests, self._fields(req))))
 
     async def _send(self, req: GenerateRequest) -> Sent:
+        return await _past_id_repair_async(lambda: self._send_once(req))
+
+    async def _send_once(self, req: GenerateRequest) -> Sent:
         with self._producer_span(req) as span:
             pipe = self.r.pipeline(transaction=False)
             self._send_commands(pipe, req)

@@ -208,6 +208,16 @@ def redis_said(e: BaseException) -> str:
     return re.sub(r"^Command # \d+ \(.*?\) of pipeline caused error: ", "", redact(e), count=1, flags=re.S)
 
 
+# An entry ID at the largest possible in the request stream (any producer can XADD one) makes every XADD * fail
+# until a worker sets the stream's last ID back (stream_ids.py), in milliseconds: a send is tried again meanwhile.
+ID_REPAIR_PAUSES_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.0)
+
+
+def ids_exhausted(e: BaseException) -> bool:
+    """Whether Redis refused an XADD because the stream's last ID is the largest there is."""
+    return isinstance(e, redis.ResponseError) and "exhausted the last possible ID" in str(e)
+
+
 def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
     """What to say of a command Redis (at ``where``, from ``setting``) refused for what it is, not for what was
     asked: a full memory, a read-only replica, a user without the command, a server that runs no such command (a
@@ -218,6 +228,10 @@ def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
         return f"Redis at {where} is a read-only replica: point {setting} at the primary"
     if isinstance(e, redis.exceptions.NoPermissionError):
         return f"the Redis user of {setting} ({where}) may not do this: {redis_said(e)}"
+    if ids_exhausted(e):
+        return (f"the request stream at {where} holds an entry ID at the largest possible (a producer XADDed one from "
+                "the far future), so no XADD * can follow it: nothing was sent; a running worker sets its last ID "
+                "back within seconds: send again")
     if isinstance(e, redis.ResponseError) and (unknown := re.match(r"unknown command '([^']*)'", redis_said(e))):
         # A Sentinel's port (or a proxy's) answers in Redis's protocol but runs none of the data commands.
         return (f"the server at {where} ({setting}) runs no {unknown.group(1).upper()} command: it is no Redis "
