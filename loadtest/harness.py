@@ -86,10 +86,20 @@ class LocalStack:
                **({"PAGEDSERVE_PREFIX": self.prefix} if self.prefix else {}),
                **self.worker_env}
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._worker_log = open(self.log_dir / "worker.log", "wb")
-        self.worker = subprocess.Popen(worker_command(), env=env, cwd=str(ROOT), stdout=self._worker_log,
-                                       stderr=subprocess.STDOUT)
-        self._wait_ready()
+        for attempt in range(3):
+            self._worker_log = open(self.log_dir / "worker.log", "wb")
+            self.worker = subprocess.Popen(worker_command(), env=env, cwd=str(ROOT), stdout=self._worker_log,
+                                           stderr=subprocess.STDOUT)
+            try:
+                self._wait_ready()
+                return self
+            except RuntimeError:
+                # free_port() only found the port free: another process may bind it before the worker does
+                if attempt == 2 or "already in use" not in self.worker_log_tail():
+                    raise
+                self._worker_log.close()
+                self.metrics_port = free_port()
+                env["PAGEDSERVE_METRICS_PORT"] = str(self.metrics_port)
         return self
 
     def _wait_redis(self) -> None:
