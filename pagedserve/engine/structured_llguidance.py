@@ -201,7 +201,9 @@ def _exclusive_whole_bounds(node: dict) -> None:
     """llguidance lets a ``number`` equal to an exclusive bound that is a whole number through where the other
     bound is within 1 of it (``exclusiveMinimum: 0, maximum: 0.99`` wrote ``0``; ``exclusiveMaximum: 0`` wrote
     ``-0``): such a bound is given to it as the inclusive one a unit of its 15th significant digit inside (a
-    number nearer the bound than that is lost, as with :data:`BOUND_DIGITS`). An ``integer`` reads them right."""
+    number nearer the bound than that is lost, as with :data:`BOUND_DIGITS`), where it is the bound nearer zero
+    (a lower one >= 0, an upper one <= 0): the other way, llguidance would refuse the new bound's prefixes (0.999
+    under maximum 0.99999999999999). An ``integer`` reads them right."""
     types = node.get("type")
     if "number" not in (types if isinstance(types, list) else [types]):
         return
@@ -209,6 +211,8 @@ def _exclusive_whole_bounds(node: dict) -> None:
         value = node.get(exclusive)
         if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
                 or value != int(value) or abs(value) >= 2**53):
+            continue
+        if value * inward < 0:  # the bound of the larger magnitude: a longer one refuses its prefixes (0.9 below 1)
             continue
         exact = Decimal(int(value))
         unit = Decimal(10) ** ((exact.adjusted() if exact else 0) - BOUND_DIGITS + 1)
