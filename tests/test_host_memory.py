@@ -14,15 +14,15 @@ from pagedserve.kernels import cpu_extension
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def _huge_kb_at(address: int) -> int:
-    """AnonHugePages of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+def _kb_at(address: int, field: str = "AnonHugePages") -> int:
+    """``field`` (kB) of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= address < hi
-        elif inside and line.startswith("AnonHugePages:"):
+        elif inside and line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -40,6 +40,37 @@ def test_empty_is_an_ordinary_contiguous_tensor(shape, dtype):
     assert torch.equal(t.zero_(), torch.zeros(shape, dtype=dtype))
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (64, 1024, 17)])
+def test_zeros_are_zeros_and_a_large_buffer_is_not_written_until_used(shape):
+    t = host_memory.zeros(shape, torch.bfloat16)
+    assert t.shape == torch.Size(shape) and t.is_contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= host_memory.HUGE_PAGE and Path("/proc/self/smaps").exists():
+        assert _kb_at(t.data_ptr(), "Rss") * 1024 < nbytes // 8, "the zeros were written"
+    assert not t.any()
+    t[-1] = 1
+    assert t.sum().item() == t[-1].numel()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="no /proc/self/smaps here")
+def test_an_engines_kv_pool_costs_no_memory_until_its_blocks_are_written(tiny_models):
+    """A pool sized from the host's memory is gigabytes: writing its zeros at start took seconds and all of it
+    at once. The mapping reads as zeros unwritten, and the blocks a request writes are what it comes to hold."""
+    from pagedserve.engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine(model=tiny_models["llama"], device="cpu", num_gpu_blocks=8192, max_num_seqs=4,
+                       swap_space_gb=0.01)
+    pool = engine.runner.kv_cache
+    nbytes = pool.numel() * pool.element_size()
+    assert nbytes >= 32 << 20
+    assert _kb_at(pool.data_ptr(), "Rss") * 1024 < nbytes // 8, "the pool was written at start"
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert _kb_at(pool.data_ptr(), "Rss") * 1024 < nbytes // 2
+    assert pool.abs().sum().item() > 0  # what the request wrote is there
+
+
 def test_copy_of_keeps_values_and_gives_small_contiguous_tensors_back_as_they_are():
     w = torch.randn(3000, 700)
     assert torch.equal(host_memory.copy_of(w), w)
@@ -52,7 +83,7 @@ def test_copy_of_keeps_values_and_gives_small_contiguous_tensors_back_as_they_ar
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="transparent huge pages are off here")
 def test_a_large_buffer_is_backed_by_huge_pages_once_touched():
     t = host_memory.empty((8 << 20,), torch.float32).zero_()  # 32 MB: sixteen huge pages
-    assert _huge_kb_at(t.data_ptr()) >= 2048, "no huge page behind a buffer advised for them"
+    assert _kb_at(t.data_ptr()) >= 2048, "no huge page behind a buffer advised for them"
 
 
 @pytest.mark.skipif(not cpu_extension.load(), reason="the CPU kernels did not build here")

@@ -30,14 +30,13 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     Its own anonymous mapping, not the allocator's: memory the allocator hands out again was touched already,
     and pages that exist stay 4 KB whatever the advice.
     """
-    nbytes = math.prod(shape) * dtype.itemsize
-    advise = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
-    if nbytes < HUGE_PAGE or advise is None:
+    if not _mapped(shape, dtype):
         return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
     # Private: a shared anonymous mapping is shmem, whose huge pages have a switch of their own (off by default).
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room for a 2 MB start
     try:
-        area.madvise(advise)
+        area.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # huge pages unsupported here: ordinary pages, nothing to report
         pass
     with warnings.catch_warnings():  # "non-writable buffer": an anonymous mapping is writable
@@ -45,6 +44,18 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
         raw = torch.frombuffer(area, dtype=torch.uint8)  # holds ``area`` for the tensor's life
     start = -raw.data_ptr() % HUGE_PAGE
     return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor as :func:`empty` places it. A mapping of its own reads as zeros until written, so it is
+    not written here: a KV pool of gigabytes costs nothing at start (writing it took seconds, and all of its memory
+    at once), and its pages arrive, huge, as blocks are first used."""
+    return empty(shape, dtype) if _mapped(shape, dtype) else torch.zeros(shape, dtype=dtype)
+
+
+def _mapped(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> bool:
+    """Whether :func:`empty` gives the tensor a mapping of its own (not the allocator's memory)."""
+    return math.prod(shape) * dtype.itemsize >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")  # Linux only
 
 
 def copy_of(t: torch.Tensor) -> torch.Tensor:

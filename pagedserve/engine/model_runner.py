@@ -145,7 +145,7 @@ class ModelRunner:
         self.num_cpu_blocks = int(config.swap_space_gb * GIB // self.block_bytes)
         shape = (self.num_layers, 2, self.num_gpu_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         if self.device.type == "cpu":  # streamed every step: on huge pages where the system offers them
-            self.kv_cache = host_memory.empty(shape, self.dtype).zero_()
+            self.kv_cache = host_memory.zeros(shape, self.dtype)
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.swap_pool = SwapPool(self.num_layers, self.num_cpu_blocks, self.block_size, self.num_kv_heads,
