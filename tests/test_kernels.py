@@ -684,7 +684,7 @@ def test_decode_configs_sweep_checks_every_launch_before_timing_it(monkeypatch, 
     launches = [triton_attention.DEFAULT_DECODE_LAUNCH, triton_attention.DecodeLaunch(tile=32, num_warps=2)]
     assert decode_configs.launch_grid(quick=True)[:2] == [
         triton_attention.DEFAULT_DECODE_LAUNCH, triton_attention.DecodeLaunch(fused_reduce=True)]
-    row = decode_configs.sweep_shape("tiny", 2, 1024, launches, torch.device("cpu"), dtype=torch.float32)
+    row = decode_configs.sweep_shape("tiny", 2, 512, launches, torch.device("cpu"), dtype=torch.float32)
     auto = row["auto_splits"]
     assert auto > 1 and [r["max_splits"] for r in row["runs"]] == \
         [auto] * 2 + [s for s in decode_configs.split_variants(auto) if s != auto] * 2
@@ -694,7 +694,7 @@ def test_decode_configs_sweep_checks_every_launch_before_timing_it(monkeypatch, 
     real = triton_attention.decode_attention
     monkeypatch.setattr(triton_attention, "decode_attention",
                         lambda *a, **k: real(*a, **k) * (1.5 if k["launch"].tile == 32 else 1.0))
-    row = decode_configs.sweep_shape("tiny", 2, 512, launches, torch.device("cpu"), dtype=torch.float32)
+    row = decode_configs.sweep_shape("tiny", 2, 256, launches, torch.device("cpu"), dtype=torch.float32)
     wrong = row["runs"][1]
     assert wrong["tile"] == 32 and wrong["correct"] is False and wrong["ms"] is None and row["best"] is not wrong
 
