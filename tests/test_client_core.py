@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 
@@ -785,6 +786,22 @@ def test_hundreds_of_calls_at_once_through_one_client(redis_url, prefix, shared_
 
     with running_worker(make_settings(redis_url, prefix), shared_engine):
         assert asyncio.run(main()) == ["length"] * 150
+
+
+@pytest.mark.parametrize("field, value", [("max_connections", 1), ("max_connections", 0), ("max_connections", True),
+                                          ("max_connections", 2.5), ("socket_timeout", 0), ("socket_timeout", -1),
+                                          ("socket_timeout", float("nan")), ("socket_timeout", float("inf")),
+                                          ("socket_timeout", "5")])
+def test_connection_options_that_could_never_work_are_refused_naming_the_field(field, value, redis_url):
+    """One connection fails every call (a waiting call holds one or two) and 0 meant no limit; a socket timeout
+    of 0 made the sockets non-blocking and a negative one failed every command in redis-py's words."""
+    from pagedserve.service.client import AsyncClient, Client
+
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=rf"^{field} must be .*\(got {re.escape(repr(value))}\)$"):
+            cls(redis_url, **{field: value})
+    with Client(redis_url, max_connections=2, socket_timeout=None) as c:  # the least that works; no timeout
+        assert c.r.ping()
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

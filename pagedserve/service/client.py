@@ -56,6 +56,7 @@ from .client_core import (
     first_terminal,
     ids_exhausted,
     pool_full,
+    pool_options,
 )
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
@@ -260,16 +261,14 @@ class Client(ProducerCore):
         socket_timeout: float = SOCKET_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
     ):
+        options = pool_options(socket_timeout, max_connections)
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self._closed = False
         self._closing = False  # from close's start: no call sends anything any more
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._owned_lock = threading.Lock()  # calls in other threads send while close() takes the set
         self._socket_timeout = socket_timeout
-        self.r = redis.Redis.from_url(
-            self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
-            max_connections=max_connections,
-        )
+        self.r = redis.Redis.from_url(self.redis_url, **options)
         _clients.add(self)
 
     def _forked(self) -> None:
@@ -586,6 +585,7 @@ class AsyncClient(ProducerCore):
         socket_timeout: float = SOCKET_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
     ):
+        options = pool_options(socket_timeout, max_connections)
         super().__init__(settings, redis_url, prefix, tracer_provider)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -593,10 +593,7 @@ class AsyncClient(ProducerCore):
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
         self._socket_timeout = socket_timeout
-        self.r = aredis.Redis.from_url(
-            self.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
-            max_connections=max_connections,
-        )
+        self.r = aredis.Redis.from_url(self.redis_url, **options)
 
     async def aclose(self) -> None:
         """Cancel what the calls still waiting sent under ids of their own making (their callers go with the

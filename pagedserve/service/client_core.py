@@ -122,6 +122,21 @@ ENTRY_IDS_KEPT = 10_000  # entry ids of the requests a client sent lately (Produ
 CONSUMERS_KEPT = 64  # consumer names a client has seen in its checks (ProducerCore._consumers_seen)
 
 
+def pool_options(socket_timeout: float | None, max_connections: int) -> dict:
+    """A client's options for its redis-py connection pool, checked before anything connects: a socket timeout
+    that is not a positive number fails every command in redis-py's words (or, 0, makes every socket
+    non-blocking), and a pool of one connection fails every call (one waiting for an answer holds one or two),
+    where 0 would mean no limit at all."""
+    if socket_timeout is not None and (isinstance(socket_timeout, bool) or not isinstance(socket_timeout, (int, float))
+                                       or not 0 < socket_timeout < float("inf")):
+        raise ValueError(f"socket_timeout must be a number of seconds > 0 (got {socket_timeout!r})")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 2:
+        raise ValueError("max_connections must be a whole number of at least 2: a call waiting for an answer holds "
+                         f"one or two connections (got {max_connections!r})")
+    return dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
+                max_connections=max_connections)
+
+
 def command_bound(deadline: float | None, socket_timeout: float | None,
                   clock: Callable[[], float] = time.monotonic) -> float | None:
     """Seconds the next Redis command of a wait with ``deadline`` (a ``clock`` time; None: no deadline) may take:
