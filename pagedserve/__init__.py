@@ -78,7 +78,13 @@ def _lazy_exports(module: str, exports: dict[str, str]):
     def __getattr__(name: str):
         if name not in exports:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(exports[name]), name)
+        try:
+            value = getattr(importlib.import_module(exports[name]), name)
+        except ModuleNotFoundError as e:  # the engine's packages come with the worker extra, not with the client
+            if not exports[name].startswith("pagedserve.engine.") or (e.name or "").startswith("pagedserve"):
+                raise
+            raise ModuleNotFoundError(f"pagedserve.{name} needs the worker extra (missing: {e.name}): "
+                                      'pip install "pagedserve[worker]"', name=e.name) from None
         setattr(sys.modules[module], name, value)
         return value
 

@@ -186,6 +186,11 @@ def test_client_only_venv_names_the_worker_extra(client_venv, tmp_path):
         assert res.returncode == 1, text
         assert 'pip install "pagedserve[worker]"' in text and "Traceback" not in text, text
         assert len(text.strip().splitlines()) == 1, text
+    res = _run([client_venv / "bin" / "python", "-c", "from pagedserve import LLM"], cwd=tmp_path,
+               env=_venv_env(client_venv))
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: pagedserve.LLM needs the worker extra (missing: torch): "
+        'pip install "pagedserve[worker]"'), res.stderr
 
 
 def test_the_repository_root_hides_no_installed_package():
