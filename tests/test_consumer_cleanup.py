@@ -107,3 +107,42 @@ def test_a_worker_whose_consumer_was_deleted_during_a_pause_lists_itself_again(t
             assert w.terminate(60) == 0
         finally:
             w.close()
+
+
+def test_a_lag_redis_counts_on_a_fully_delivered_stream_is_set_right_and_a_real_one_is_left(tmp_path, prefix):
+    """Redis 7.0/7.2 count a group's lag from a read counter that entries deleted ahead of the group or an AOF
+    reload leave wrong: after restarts under traffic a soak saw ``lag 6526`` on an empty stream for good (KEDA's
+    trigger scales on it; ``queue stats`` prints it; the clients' loss check waits for 0). Here the counter is put
+    where such a reload left it (``XGROUP SETID ... ENTRIESREAD``); a worker sets it right, and leaves the lag of a
+    group that has entries to read as Redis counts it."""
+    from pagedserve.service.scripts import Scripts
+
+    keys = Keys(prefix)
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        s = make_settings(url, prefix, claim_idle_ms=1000)
+        w = WorkerProcess(s, tmp_path / "w.log").start()
+        c = Client(settings=s)
+        try:
+            w.wait_started()
+            for i in range(3):
+                assert c.generate(f"r{i}", params={"max_tokens": 2}, timeout=120).text is not None
+            wait_for(lambda: admin.xlen(keys.requests) == 0, 30, what="answered entries deleted")
+            group = admin.xinfo_groups(keys.requests)[0]
+            assert group["lag"] == 0
+            admin.execute_command("XGROUP", "SETID", keys.requests, keys.group, group["last-delivered-id"],
+                                  "ENTRIESREAD", 0)
+            assert admin.xinfo_groups(keys.requests)[0]["lag"] == 3  # a backlog on an empty stream
+            wait_for(lambda: admin.xinfo_groups(keys.requests)[0]["lag"] == 0, 30, what="lag set right")
+            assert any(e.get("event") == "group_lag_repaired" and e.get("lag") == 3 for e in w.events())
+            assert c.generate("still served", params={"max_tokens": 2}, timeout=120).text is not None
+        finally:
+            w.close()
+            c.close()
+        # An entry not delivered yet: the group is not at the stream's last ID, and its lag is left alone.
+        admin.xadd(keys.requests, {"body": "{}"})
+        last = admin.xinfo_groups(keys.requests)[0]["last-delivered-id"]
+        admin.execute_command("XGROUP", "SETID", keys.requests, keys.group, last, "ENTRIESREAD", 0)
+        lag = admin.xinfo_groups(keys.requests)[0]["lag"]
+        assert Scripts(admin).repair_group_lag(keys=[keys.requests], args=[keys.group]) == 0
+        assert admin.xinfo_groups(keys.requests)[0]["lag"] == lag > 0
+

@@ -79,7 +79,8 @@ WORKER_ACL_COMMANDS = (
     "info",
     # deleting the group's dead consumers (reclaim.py); without them they are only kept
     "xinfo|consumers", "xgroup|delconsumer",
-    # setting the stream's last ID back after a far-future entry ID (stream_ids.py)
+    # setting the stream's last ID back after a far-future entry ID (stream_ids.py), and the group's lag counter
+    # right (reclaim.py; without them a wrong lag stays)
     "xinfo|stream", "xsetid", "xgroup|setid",
     # listing this worker in the group before anything is delivered to it (Connection.setup); without it a client
     # may say "no worker" of a live idle one

@@ -15,6 +15,10 @@
   x ``claim_idle_ms``) is deleted from the group, and a worker that stops with nothing pending deletes its own:
   without that every pod a Deployment ever ran stays listed in ``XINFO CONSUMERS``. A Redis user without
   ``XINFO CONSUMERS`` / ``XGROUP DELCONSUMER`` (an ACL from before) only keeps them: nothing else changes.
+- Lag: Redis 7.0/7.2 count a group's lag from a read counter that entries deleted ahead of the group (the workers
+  delete what they answer) or a reload can leave wrong, and then report a backlog on an empty stream for good
+  (``queue stats``, KEDA's trigger and the clients' loss check read it). Once per ``claim_idle_ms`` a script sets
+  the counter right where the group was delivered every entry the stream ever had (lua/repair_group_lag.lua).
 - Own pending: entries delivered to this consumer that it does not hold (a previous life of it died holding
   them, or a connection broke after Redis delivered them and before the reply arrived) are listed with
   ``XPENDING ... consumer`` and taken with ``XCLAIM`` (one delivery each); the entries it holds are not
@@ -48,6 +52,8 @@ class Reclaimer(WorkerPart):
     _scripts: Scripts | None = field(default=None, init=False, repr=False)
     _last_forget: float = field(default_factory=time.monotonic, init=False)
     _may_forget: bool = field(default=True, init=False)  # False once Redis refused the commands (an older ACL)
+    _last_lag_repair: float = field(default=0.0, init=False)
+    _may_repair_lag: bool = field(default=True, init=False)  # as _may_forget
 
     @property
     def claim_idle_ms(self) -> int:
@@ -111,6 +117,26 @@ class Reclaimer(WorkerPart):
         if forgotten:
             self.log.info("dead_consumers_deleted", count=forgotten)
         return forgotten
+
+    def repair_lag(self, r: redis.Redis) -> None:
+        """At most once per ``claim_idle_ms``: the group's lag set right where nothing is undelivered (module
+        docstring)."""
+        now = time.monotonic()
+        if not self._may_repair_lag or (now - self._last_lag_repair) * 1000 < self.claim_idle_ms:
+            return
+        self._last_lag_repair = now
+        try:
+            wrong = int(self.scripts(r).repair_group_lag(keys=[self.keys.requests], args=[self.keys.group], client=r))
+        except redis.exceptions.NoPermissionError as e:
+            self._may_repair_lag = False
+            self.log.info("group_lag_kept", reason=str(e)[:200],
+                          note="the worker's Redis user lacks xinfo|stream, xinfo|groups or xgroup|setid")
+            return
+        except redis.exceptions.ResponseError:  # no group right now, a read-only replica: the next pass looks again
+            return
+        if wrong:
+            self.log.info("group_lag_repaired", stream=self.keys.requests, lag=None if wrong < 0 else wrong,
+                          note="every entry was delivered; Redis counted a backlog")
 
     def forget_self(self, r: redis.Redis) -> bool:
         """At a clean stop, after the name lease is given up: delete this consumer if nothing is pending with it."""

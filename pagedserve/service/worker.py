@@ -444,6 +444,7 @@ class Worker(WorkerPart):
             room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []
             self.reclaimer.forget_dead_consumers(self.r)
+            self.reclaimer.repair_lag(self.r)
             if claimed:
                 self.admission.admit(claimed, redelivered=True)
                 room = self._room()
