@@ -98,7 +98,8 @@ Terminal = Union[DoneEvent, ErrorEvent]
 class CancelOutcome:
     """What a cancel found. ``finished``: the stored terminal event of a request that had already ended (the
     cancel changed nothing). Otherwise ``running`` says whether a worker held its claim (it ends now, with
-    finish_reason ``cancelled``) or not: queued, or an id not submitted (yet): if it comes, it ends
+    finish_reason ``cancelled``, unless its run had ended and its result was on its way to Redis: that result
+    stands, as ``wait(id)`` tells) or not: queued, or an id not submitted (yet): if it comes, it ends
     ``cancelled`` without running."""
 
     finished: Terminal | None
