@@ -172,6 +172,26 @@ def test_a_bad_setting_the_engine_refuses_exits_2_naming_it(name, value):
     assert res.returncode == 2 and line.startswith("error: ") and name in line, line
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("PAGEDSERVE_CPU_KERNELS", "foo"),
+    ("PAGEDSERVE_CPU_FUSED_LAYERS", "2"),
+    ("PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S", "0"),
+    ("PAGEDSERVE_STRUCTURED_MAX_MASK_MS", "nan"),
+])
+def test_a_variable_the_engine_reads_is_checked_before_the_engine_is_imported(name, value):
+    """The engine and its kernels read these themselves; the worker checks them first, and without importing
+    either (torch and transformers were seconds of imports before the line)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update({name: value, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random",
+                "PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "pagedserve.service.cli", "worker"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("import time:")]
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")}
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
+    assert not imported & {"torch", "transformers"}, sorted(imported & {"torch", "transformers"})
+
+
 def test_a_bad_setting_line_starts_with_error():
     res = _cli({"PAGEDSERVE_MAX_NUM_SEQS": "lots"}, "submit", "Hello")
     line = _one_line(res)

@@ -28,7 +28,6 @@ The backend is behind :class:`GrammarBackend`; the only one is llguidance
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -41,14 +40,16 @@ from typing import Protocol
 import torch
 
 from pagedserve.engine.device_copy import upload
+from pagedserve.engine.engine_env import (  # noqa: F401 (its variables, read here, and named from here too)
+    DEFAULT_COMPILE_TIMEOUT_S,
+    DEFAULT_MAX_MASK_MS,
+    MAX_MASK_ENV,
+    TIMEOUT_ENV,
+    compile_timeout_from_env,
+    max_mask_ms_from_env,
+)
 from pagedserve.engine.structured_spec import KINDS, cache_key, kind_of, structured_error
 
-TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
-DEFAULT_COMPILE_TIMEOUT_S = 10.0
-# Every step waits for the masks of all its rows, so a grammar that costs milliseconds per mask (a{99999}: ~25 ms
-# on a 49k vocabulary) slows every request in the batch; ordinary schemas and regexes cost 0.04-0.2 ms.
-MAX_MASK_ENV = "PAGEDSERVE_STRUCTURED_MAX_MASK_MS"
-DEFAULT_MAX_MASK_MS = 10.0
 # The compile cache's budget per engine, in bytes of its estimate of what its entries cost (a grammar's
 # ``nbytes``, the backend's estimate, plus its key, which holds the spec's text). Bounded in bytes, not entries:
 # one grammar of a large schema costs thousands of times what a small one does, and any producer may send such
@@ -123,30 +124,6 @@ def default_backend(tokenizer, vocab_size: int, eos_token_ids) -> GrammarBackend
     from pagedserve.engine.structured_llguidance import LLGuidanceBackend
 
     return LLGuidanceBackend(tokenizer, vocab_size, sorted(eos_token_ids))
-
-
-def _positive_from_env(name: str, default: float, unit: str) -> float:
-    """The environment's ``name`` as a finite number > 0, else ``default``; ValueError naming it otherwise."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a number of {unit} > 0 (got {raw!r})")
-    return value
-
-
-def compile_timeout_from_env() -> float:
-    """``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S`` (seconds, > 0), else the default."""
-    return _positive_from_env(TIMEOUT_ENV, DEFAULT_COMPILE_TIMEOUT_S, "seconds")
-
-
-def max_mask_ms_from_env() -> float:
-    """``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` (CPU milliseconds of mask per token, > 0), else the default."""
-    return _positive_from_env(MAX_MASK_ENV, DEFAULT_MAX_MASK_MS, "milliseconds")
 
 
 def _key_bytes(key: tuple) -> int:

@@ -32,13 +32,16 @@ from pathlib import Path
 
 import torch
 
+from pagedserve.engine import engine_env
 from pagedserve.kernels import reference
 
 log = logging.getLogger(__name__)
 
-ENV_SWITCH = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; anything else (or unset): the extension
+ENV_SWITCH = engine_env.CPU_KERNELS_ENV
 ENV_MARCH = "PAGEDSERVE_CPU_MARCH"  # the -march the kernels are built for (default: native)
-ENV_FUSED_LAYERS = "PAGEDSERVE_CPU_FUSED_LAYERS"  # "0": run the decoder layer by layer (see decoder_stack)
+ENV_FUSED_LAYERS = engine_env.FUSED_LAYERS_ENV
+disabled_by_env = engine_env.disabled_by_env
+fused_layers_enabled = engine_env.fused_layers_enabled
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attention.cpp", _CSRC / "cpu_fused_ops.cpp",
             _CSRC / "small_batch_linear.cpp", _CSRC / "panel_linear.cpp", _CSRC / "amx_linear.cpp",
@@ -49,16 +52,6 @@ _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others g
 _FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "write_kv")  # csrc/cpu_fused_ops.cpp
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool once decided; "why": the reason when not loaded
-
-
-def disabled_by_env() -> bool:
-    """Whether ``PAGEDSERVE_CPU_KERNELS`` asks for the torch reference; ``ValueError`` naming it for a value that
-    is neither (a typo would otherwise leave the C++ kernels on without a word)."""
-    value = os.environ.get(ENV_SWITCH, "").strip().lower()
-    if value not in ("", "torch", "cpp"):
-        raise ValueError(f"{ENV_SWITCH} must be torch (the torch reference kernels) or cpp (the C++ kernels, the "
-                         f"default when unset); got {os.environ[ENV_SWITCH]!r}")
-    return value == "torch"
 
 
 def load() -> bool:
@@ -425,16 +418,6 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # The whole decoder stack of a step in one call (csrc/decoder_stack.cpp).
 
 DECODER_STACK_TENSORS = 12  # per layer, in csrc/decoder_stack.cpp's order
-
-
-def fused_layers_enabled() -> bool:
-    """False where ``PAGEDSERVE_CPU_FUSED_LAYERS`` is 0 (or false/no/off): the model then runs layer by layer.
-    ``ValueError`` naming it for a value that is not a yes or a no."""
-    value = os.environ.get(ENV_FUSED_LAYERS, "").strip().lower()
-    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-        raise ValueError(f"{ENV_FUSED_LAYERS} must be 1 or 0 (also true/false, yes/no, on/off); "
-                         f"got {os.environ[ENV_FUSED_LAYERS]!r}")
-    return value not in ("0", "false", "no", "off")
 
 
 def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, ctx, layers: list, final_norm: torch.Tensor,

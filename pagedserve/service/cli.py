@@ -260,13 +260,10 @@ def _check_model(s) -> None:  # noqa: ANN001 - the service Settings
 def _engine_env() -> None:
     """The variables the engine and its kernels read themselves, checked before anything starts: a bad value
     then ends the start in one line at once, not after Redis, the health server and a model load."""
-    from pagedserve.engine import structured
-    from pagedserve.kernels import cpu_extension
+    from pagedserve.engine import engine_env
 
     try:
-        for check in (cpu_extension.disabled_by_env, cpu_extension.fused_layers_enabled,
-                      structured.compile_timeout_from_env, structured.max_mask_ms_from_env):
-            check()
+        engine_env.check_all()
     except ValueError as e:
         _fail(f"error: {redact(e)}", 2)
 

@@ -1,0 +1,66 @@
+"""The environment variables the engine and its CPU kernels read themselves, parsed here without importing either
+(torch, transformers): the worker checks them before anything starts, so a bad value ends its start in one line at
+once, not after seconds of imports. Each parser raises ``ValueError`` naming its variable."""
+
+from __future__ import annotations
+
+import os
+
+CPU_KERNELS_ENV = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; "cpp" (or unset): the extension
+FUSED_LAYERS_ENV = "PAGEDSERVE_CPU_FUSED_LAYERS"  # "0": run the decoder layer by layer (see decoder_stack)
+TIMEOUT_ENV = "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S"
+DEFAULT_COMPILE_TIMEOUT_S = 10.0
+# Every step waits for the masks of all its rows, so a grammar that costs milliseconds per mask (a{99999}: ~25 ms
+# on a 49k vocabulary) slows every request in the batch; ordinary schemas and regexes cost 0.04-0.2 ms.
+MAX_MASK_ENV = "PAGEDSERVE_STRUCTURED_MAX_MASK_MS"
+DEFAULT_MAX_MASK_MS = 10.0
+
+
+def disabled_by_env() -> bool:
+    """Whether ``PAGEDSERVE_CPU_KERNELS`` asks for the torch reference; ``ValueError`` naming it for a value that
+    is neither (a typo would otherwise leave the C++ kernels on without a word)."""
+    value = os.environ.get(CPU_KERNELS_ENV, "").strip().lower()
+    if value not in ("", "torch", "cpp"):
+        raise ValueError(f"{CPU_KERNELS_ENV} must be torch (the torch reference kernels) or cpp (the C++ kernels, the "
+                         f"default when unset); got {os.environ[CPU_KERNELS_ENV]!r}")
+    return value == "torch"
+
+
+def fused_layers_enabled() -> bool:
+    """False where ``PAGEDSERVE_CPU_FUSED_LAYERS`` is 0 (or false/no/off): the model then runs layer by layer.
+    ``ValueError`` naming it for a value that is not a yes or a no."""
+    value = os.environ.get(FUSED_LAYERS_ENV, "").strip().lower()
+    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise ValueError(f"{FUSED_LAYERS_ENV} must be 1 or 0 (also true/false, yes/no, on/off); "
+                         f"got {os.environ[FUSED_LAYERS_ENV]!r}")
+    return value not in ("0", "false", "no", "off")
+
+
+def compile_timeout_from_env() -> float:
+    """``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S`` (seconds, > 0), else the default."""
+    return _positive_from_env(TIMEOUT_ENV, DEFAULT_COMPILE_TIMEOUT_S, "seconds")
+
+
+def max_mask_ms_from_env() -> float:
+    """``PAGEDSERVE_STRUCTURED_MAX_MASK_MS`` (CPU milliseconds of mask per token, > 0), else the default."""
+    return _positive_from_env(MAX_MASK_ENV, DEFAULT_MAX_MASK_MS, "milliseconds")
+
+
+def check_all() -> None:
+    """Every variable above parsed: ``ValueError`` for the first bad one."""
+    for check in (disabled_by_env, fused_layers_enabled, compile_timeout_from_env, max_mask_ms_from_env):
+        check()
+
+
+def _positive_from_env(name: str, default: float, unit: str) -> float:
+    """The environment's ``name`` as a finite number > 0, else ``default``; ValueError naming it otherwise."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a number of {unit} > 0 (got {raw!r})")
+    return value
