@@ -177,6 +177,7 @@ def test_a_bad_setting_the_engine_refuses_exits_2_naming_it(name, value):
     ("PAGEDSERVE_CPU_FUSED_LAYERS", "2"),
     ("PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S", "0"),
     ("PAGEDSERVE_STRUCTURED_MAX_MASK_MS", "nan"),
+    ("PAGEDSERVE_SEED", "-1"),
 ])
 def test_a_variable_the_engine_reads_is_checked_before_the_engine_is_imported(name, value):
     """The engine and its kernels read these themselves; the worker checks them first, and without importing

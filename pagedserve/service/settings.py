@@ -254,7 +254,7 @@ class Settings(BaseSettings):
     min_priority: int | None = None  # the best (lowest) priority a request may ask for; None: any
     # /healthz fails when the engine has work but produced no token and finished nothing for this long.
     stall_timeout_s: float = Field(120.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # as the engine takes it
     # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
     batch_retention_s: int | None = Field(None, ge=60)  # default: 7 days, or result_ttl_s when that is longer
     celery_broker_url: str | None = None  # default: redis_url
