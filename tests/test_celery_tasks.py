@@ -59,6 +59,9 @@ def test_time_limits_and_revokes_cancel_the_request_on_every_pool(pool, prefix, 
                     stamped_headers=["job"], job=stamp).apply_async()
                 revoked = send("revoked") if pool != "prefork" else None
                 wait_for(lambda: r.xlen(keys.requests) == (5 if revoked is None else 6), 60, what="requests queued")
+                # A revoke is a broadcast (Redis pub/sub): one sent before the worker listens is lost, and a gevent
+                # worker may take tasks before it does (a slow start here missed the first two revokes).
+                wait_for(lambda: app.control.ping(timeout=0.5), 60, what="the worker's control channel")
                 terminated.revoke(terminate=True)
                 app.control.revoke_by_stamped_headers({"job": stamp}, terminate=True)
                 if revoked is not None:
@@ -252,6 +255,7 @@ def test_a_given_up_tasks_cancel_outlasts_a_refused_write_and_says_when_it_canno
                 def revoke_while_full(prompt: str):
                     task = app.send_task("pagedserve.generate", kwargs={"prompt": prompt, "params": {"max_tokens": 5}})
                     wait_for(lambda: r.xlen(keys.requests) == tasks_sent + 1, 60, what="the request queued")
+                    wait_for(lambda: app.control.ping(timeout=0.5), 60, what="the worker's control channel")
                     before = refused()
                     r.config_set("maxmemory-policy", "noeviction")
                     r.config_set("maxmemory", 1)  # one byte: every write refused
