@@ -882,8 +882,7 @@ class LossCheck:
         return confirmed
 
 
-def _loss_check(clock: Callable[[], float], period: float | None, pickup_timeout: float | None,
-                clues: Clues) -> LossCheck | None:
+def _loss_check(clock: Callable[[], float], period: float | None, clues: Clues) -> LossCheck | None:
     return LossCheck(clock, period) if period and clues.sent_here else None
 
 
@@ -1153,7 +1152,7 @@ def event_wait(
     # id began), and again pickup_timeout after each event; a worker that dies mid-run leaves a silent channel.
     check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
     heard = False  # an event of the request came: a worker ran it
-    loss = _loss_check(clock, loss_check_s, pickup_timeout, clues)
+    loss = _loss_check(clock, loss_check_s, clues)
 
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
@@ -1264,7 +1263,7 @@ def stream_wait(
     # pickup_timeout after each event (a worker that dies mid-run leaves a silent stream).
     check_workers_at: float | None = clock() + pickup_timeout if submit is None and pickup_timeout else None
     heard = False  # an event of the request came: a worker ran it
-    loss = _loss_check(clock, loss_check_s, pickup_timeout, clues)
+    loss = _loss_check(clock, loss_check_s, clues)
     last_entry = "0-0"
     default_next = after + 1 if isinstance(after, int) else 0
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
