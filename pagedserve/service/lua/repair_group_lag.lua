@@ -8,9 +8,7 @@
 -- KEYS[1] request stream; ARGV[1] consumer group
 -- Returns the lag Redis reported where it set it right (-1: it reported none), else 0
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local function field(flat, name)
-  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
-end
+--!include xinfo_fields
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if field(g, 'name') == ARGV[1] then

@@ -4,9 +4,7 @@
 -- KEYS[1] request stream; ARGV[1] consumer group, ARGV[2] now (ms, the worker's clock), ARGV[3] bound (ms)
 -- Returns 0: nothing to do; 1: waiting for a far-future entry to leave the stream; {2, old last ID, new last ID}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local function field(flat, name)
-  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
-end
+--!include xinfo_fields
 local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
 local function less(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
