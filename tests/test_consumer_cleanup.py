@@ -7,6 +7,7 @@ the cleanup commands keeps the consumers and serves as before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,19 @@ def consumers(admin: redis.Redis, keys: Keys) -> dict[str, int]:
     return {c["name"].decode(): int(c["pending"]) for c in admin.xinfo_consumers(keys.requests, keys.group)}
 
 
+@contextlib.contextmanager
+def serving(worker_settings, client_settings, log_path):
+    """A started worker process and a client, both closed at the end."""
+    w = WorkerProcess(worker_settings, log_path).start()
+    c = Client(settings=client_settings)
+    try:
+        w.wait_started()
+        yield w, c
+    finally:
+        w.close()
+        c.close()
+
+
 def ghost_holding_an_entry(admin: redis.Redis, keys: Keys, name: str, rid: str) -> None:
     """A consumer that read a request and died: the entry is pending with it, no worker holds its name."""
     body = json.dumps({"id": rid, "prompt": "hello", "params": {"max_tokens": 4}})
@@ -40,10 +54,7 @@ def test_dead_consumers_go_once_nothing_is_pending_with_them_and_a_clean_stop_ta
     keys = Keys(prefix)
     with LocalRedis() as url, redis.Redis.from_url(url) as admin:
         s = make_settings(url, prefix, claim_idle_ms=1000)
-        w = WorkerProcess(s, tmp_path / "w.log").start()
-        c = Client(settings=s)
-        try:
-            w.wait_started()
+        with serving(s, s, tmp_path / "w.log") as (w, c):
             admin.xgroup_createconsumer(keys.requests, keys.group, "gone-idle")
             ghost_holding_an_entry(admin, keys, "gone-holding", "held-by-the-dead")
             assert consumers(admin, keys)["gone-holding"] == 1
@@ -55,9 +66,6 @@ def test_dead_consumers_go_once_nothing_is_pending_with_them_and_a_clean_stop_ta
             assert w.terminate(60) == 0
             assert consumers(admin, keys) == {}  # nothing pending: it took its own consumer with it
             assert admin.xpending(keys.requests, keys.group)["pending"] == 0
-        finally:
-            w.close()
-            c.close()
 
 
 def test_a_worker_whose_acl_predates_the_cleanup_keeps_the_consumers_and_serves(tmp_path, prefix):
@@ -67,10 +75,7 @@ def test_a_worker_whose_acl_predates_the_cleanup_keeps_the_consumers_and_serves(
     with LocalRedis() as url, redis.Redis.from_url(url) as admin:
         admin.execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *older)
         s = make_settings(url.replace("redis://", "redis://w:pw@", 1), prefix, claim_idle_ms=1000)
-        w = WorkerProcess(s, tmp_path / "w.log").start()
-        c = Client(settings=make_settings(url, prefix))
-        try:
-            w.wait_started()
+        with serving(s, make_settings(url, prefix), tmp_path / "w.log") as (w, c):
             admin.xgroup_createconsumer(keys.requests, keys.group, "gone-idle")
             wait_for(lambda: any(e.get("event") == "dead_consumers_kept" for e in w.events()), 90,
                      what="the cleanup given up")
@@ -79,9 +84,6 @@ def test_a_worker_whose_acl_predates_the_cleanup_keeps_the_consumers_and_serves(
             assert [e.get("event") for e in w.events()].count("dead_consumers_kept") == 1
             assert not [e for e in w.events() if e.get("level") in ("error", "critical")]
             assert w.terminate(60) == 0
-        finally:
-            w.close()
-            c.close()
 
 
 def test_a_worker_whose_consumer_was_deleted_during_a_pause_lists_itself_again(tmp_path, prefix):
@@ -120,10 +122,7 @@ def test_a_lag_redis_counts_on_a_fully_delivered_stream_is_set_right_and_a_real_
     keys = Keys(prefix)
     with LocalRedis() as url, redis.Redis.from_url(url) as admin:
         s = make_settings(url, prefix, claim_idle_ms=1000)
-        w = WorkerProcess(s, tmp_path / "w.log").start()
-        c = Client(settings=s)
-        try:
-            w.wait_started()
+        with serving(s, s, tmp_path / "w.log") as (w, c):
             for i in range(3):
                 assert c.generate(f"r{i}", params={"max_tokens": 2}, timeout=120).text is not None
             wait_for(lambda: admin.xlen(keys.requests) == 0, 30, what="answered entries deleted")
@@ -135,9 +134,6 @@ def test_a_lag_redis_counts_on_a_fully_delivered_stream_is_set_right_and_a_real_
             wait_for(lambda: admin.xinfo_groups(keys.requests)[0]["lag"] == 0, 30, what="lag set right")
             assert any(e.get("event") == "group_lag_repaired" and e.get("lag") == 3 for e in w.events())
             assert c.generate("still served", params={"max_tokens": 2}, timeout=120).text is not None
-        finally:
-            w.close()
-            c.close()
         # An entry not delivered yet: the group is not at the stream's last ID, and its lag is left alone.
         admin.xadd(keys.requests, {"body": "{}"})
         last = admin.xinfo_groups(keys.requests)[0]["last-delivered-id"]
