@@ -45,6 +45,7 @@ from pagedserve.engine.structured_llguidance import (
     PROBE_EVERY,
     LLGuidanceMatcher,
 )
+from pagedserve.engine.structured_lark import rules_that_never_end
 from pagedserve.engine.structured_spec import MAX_SPEC_DEPTH, GrammarFailed, cache_key, validate_structured_outputs
 from structured_schemas import CHOICES, OPEN_SCHEMAS, REGEXES, SCHEMAS
 
@@ -401,6 +402,12 @@ def test_a_whitespace_pattern_may_match_only_json_whitespace(tokenized, pattern,
     ({"grammar": 'start: "a" start'}, "grammar matches no finite string"),
     ({"grammar": 'root ::= "x" root'}, "grammar matches no finite string"),
     ({"grammar": 'start: x\nx: "(" x ")"'}, "grammar matches no finite string"),
+    # ... not forced: every alternative recurses (llguidance ran these to max_tokens, "(2222...": held-out testing)
+    ({"grammar": 'start: "(" y\ny: "1" y | "2" y'}, "grammar matches no finite string: rules start, y never end"),
+    ({"grammar": 'root ::= "[" x\nx ::= "a" x | "b" x'}, "grammar matches no finite string: rules start, x never end"),
+    # ... a branch the output may take and never leave (the grammar matches "a" too)
+    ({"grammar": 'start: "a" | "(" y\ny: "1" y | "2" y'}, "grammar has an endless branch: rule y never ends"),
+    ({"grammar": 'start: "a" y*\ny: ("b" | "c") y'}, "grammar has an endless branch: rule y never ends"),
     # Where in the schema, which llguidance does not say (the jsonschema package's check of the metaschema)
     ({"json": {"type": "object", "properties": {"address": {"type": "object", "properties": {
         "zip": {"type": "strng"}}}}}},
@@ -1280,10 +1287,13 @@ def test_closing_fails_the_compiles_still_waiting_to_start():
 
 
 def test_a_branch_that_recurses_without_end_ends_its_request_saying_so(tokenized):
-    """Not forced from the start, so it compiles; once the output takes the branch whose rule only expands into
-    itself, the request ends naming that, not with the parser's hint about short lexemes."""
+    """A grammar whose rules are not read before it compiles (parametric rules, ``x::_``) can still hold a branch
+    that never ends; once the output takes it, the request ends naming that, not with the parser's hint about short
+    lexemes."""
     so, tok, _ = tokenized
-    matcher = so.compile(validate_structured_outputs({"grammar": 'start: "b" | "a" x\nx: "c" x'})).matcher()
+    grammar = 'start: "b" | "a" x::0\nx::_ : "c" x::_'
+    assert rules_that_never_end(grammar) is None
+    matcher = so.compile(validate_structured_outputs({"grammar": grammar})).matcher()
     (a,), (c,) = (tok.encode(ch, add_special_tokens=False) for ch in "ac")
     assert a in allowed_ids(so, matcher, len(tok)) and matcher.accept(a)
     assert c in allowed_ids(so, matcher, len(tok))

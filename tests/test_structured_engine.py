@@ -249,9 +249,10 @@ def test_min_tokens_holds_while_the_grammar_allows_more(llm):
 
 
 def test_an_empty_language_found_while_generating_is_named(llm):
-    """A grammar whose first token is allowed but that matches no string at all ends its request with an
-    error saying so, not llguidance's bare ``NoExtensionBias``."""
-    out = llm.generate(["x"], constrained({"grammar": 'start: "y" a\na: a "x"'}, max_tokens=5))[0]
+    """A grammar whose first token is allowed but that matches no string at all (here a terminal that matches
+    nothing: ``&`` intersects) ends its request with an error saying so, not llguidance's bare
+    ``NoExtensionBias``."""
+    out = llm.generate(["x"], constrained({"grammar": 'start: "y" A\nA: /x/ & /z/'}, max_tokens=5))[0]
     assert out.outputs == [] and out.error == (
         "structured_outputs could not be followed while generating: no string it matches begins with the output "
         "so far (none that this model's tokens can write)"), out.error

@@ -65,6 +65,7 @@ import torch
 
 from pagedserve.engine.cpu_threads import allowed_cpus, default_threads
 from pagedserve.engine.structured import DEFAULT_MAX_MASK_MS, MAX_MASK_ENV
+from pagedserve.engine.structured_lark import rules_that_never_end
 from pagedserve.engine.structured_spec import GrammarFailed, kind_of, structured_error
 
 log = logging.getLogger(__name__)
@@ -600,6 +601,17 @@ def _forces_without_end(matcher: Any) -> bool:
     return probe.is_error() and _ENDLESS in probe.get_error()
 
 
+def _never_ends(rules: list[str]) -> str:
+    """The refusal of a grammar with rules that derive no finite string (``rules``: from the start's side)."""
+    named = ", ".join(rules[:5]) + (f" and {len(rules) - 5} more" if len(rules) > 5 else "")
+    rule = f"rule {named} never ends" if len(rules) == 1 else f"rules {named} never end"
+    why = 'every alternative holds a rule that never ends, as in y: "1" y | "2" y'
+    fix = "give the recursion an alternative that ends"
+    if rules[0] == "start":
+        return f"grammar matches no finite string: {rule} ({why}); {fix}"
+    return f"grammar has an endless branch: {rule} ({why}), and an output that enters it stops only at max_tokens; {fix}"
+
+
 def _matches_nothing(error: str) -> bool:
     return error.split(None, 1)[:1] == [_NO_STRING]
 
@@ -859,10 +871,14 @@ class LLGuidanceBackend:
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
         # A grammar that never ends is told so before its cost: its mask is slow too, and on a busy host it can
         # pass the limit, which would name the wrong fix.
-        if kind == "grammar" and _forces_without_end(warm):
-            raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends (a "
-                                   "rule whose every alternative contains the rule itself, as start: \"a\" start); "
-                                   "give the recursion an alternative that ends")
+        if kind == "grammar":
+            never = rules_that_never_end(text)
+            if never:
+                raise structured_error(_never_ends(never))
+            if never is None and _forces_without_end(warm):  # a text the rule reader does not follow
+                raise structured_error(f"{kind} matches no finite string: what it forces from the start never ends "
+                                       "(a rule whose every alternative contains the rule itself, as start: \"a\" "
+                                       "start); give the recursion an alternative that ends")
         if seconds > limit_s:
             raise structured_error(
                 f"{kind} costs {seconds * 1e3:.1f} ms of CPU per token to mask, more than the limit of "
