@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from pagedserve.service.client import Client
+from pagedserve.service.client_core import unreachable
 from pagedserve.service.connection import RedisSettingError
 from pagedserve.service.protocol import DoneEvent
 from pagedserve.service.redis_server import LocalRedis, free_port
@@ -95,6 +96,35 @@ def test_tls_against_a_port_that_answers_without_tls_ends_the_worker_at_start(pr
         with pytest.raises(RedisSettingError, match=rf"^the TLS handshake with Redis at rediss://127\.0\.0\.1:{port}/0\?ssl_cert_reqs=none "
                                                     r"failed \(.+\): rediss:// speaks TLS, redis:// does not"):
             _check(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none", prefix)
+
+
+def test_tls_against_a_plain_redis_port_ends_the_worker_at_start_and_the_cli_says_it(tls_redis, prefix):
+    """A redis-server's plain port waits, silent, for the end of a line that a TLS greeting never sends, so the
+    handshake timed out as a hung Redis does, and the worker retried for ever. A PING in plain text tells the two
+    apart: a Redis answers it."""
+    plain_port, _, _ = tls_redis
+    url = f"rediss://127.0.0.1:{plain_port}/0?ssl_cert_reqs=none"
+    with pytest.raises(RedisSettingError, match=rf"^Redis at rediss://127\.0\.0\.1:{plain_port}/0\?ssl_cert_reqs=none "
+                                                r"answers without TLS .*; use redis://"):
+        _check(url, prefix)
+    res = subprocess.run([sys.executable, "-m", "pagedserve", "queue", "stats"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_PREFIX": prefix})
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "answers without TLS" in res.stderr and "use redis://" in res.stderr, res.stderr
+    # The clients say it without the probe (their waits do no I/O of their own): the timeout, and what it may be.
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.TimeoutError as e:
+        said = str(unreachable(url, e))
+    assert said.startswith(f"cannot reach Redis at {url}: Timeout") and "is that its tls-port?" in said, said
+
+
+def test_tls_against_a_port_that_answers_nothing_is_retried_as_a_hung_redis(prefix):
+    """Nothing answers the handshake nor a plain PING: a Redis that hangs looks the same, so the worker waits."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        _check(f"rediss://127.0.0.1:{listener.getsockname()[1]}/0?ssl_cert_reqs=none", prefix)  # no error
 
 
 def test_a_worker_given_the_ca_serves_over_tls(tls_redis, prefix, shared_engine):

@@ -44,12 +44,17 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
         return missing
     from .client_core import credentials_refused, not_redis, refusal_line
 
-    url = redact(os.environ.get("PAGEDSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"))  # where the commands go
+    given = os.environ.get("PAGEDSERVE_REDIS_URL", "redis://127.0.0.1:6379/0")  # where the commands go
+    url = redact(given)
     if (other := not_redis(e)) is not None:
         return f"error: cannot reach Redis at {url} (PAGEDSERVE_REDIS_URL): {other}"
     if isinstance(e, redis.AuthenticationError) and "PAGEDSERVE_REDIS_URL" not in str(e):  # not said yet
         return f"error: {credentials_refused(url, e)}"
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        from .connection import tls_problem
+
+        if (tls := tls_problem(e, given)) is not None:
+            return f"error: {tls}"
         text = redact(e)
         if "Redis" in text:
             return f"error: {_naming_the_redis_url(text)}"

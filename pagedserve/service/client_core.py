@@ -216,7 +216,12 @@ def unreachable(where: str, e: BaseException) -> RedisUnreachable:
         return RedisUnreachable(f"Redis at {where} has no connection free (max number of clients reached: its "
                                 "maxclients): nothing was sent; retry later, or raise maxclients or lower the "
                                 "clients' max_connections (idle connections stay open until a client is closed)")
-    return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}")
+    hint = ""
+    if isinstance(e, (redis.TimeoutError, TimeoutError)) and where.lower().startswith("rediss://"):
+        # Said, not probed: this runs inside the sans-IO waits too (the worker and `queue stats` probe with a PING).
+        hint = (" (over rediss:// a Redis port that speaks no TLS times out too: it waits in silence through the TLS "
+                "greeting; is that its tls-port?)")
+    return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}{hint}")
 
 
 def redis_said(e: BaseException) -> str:

@@ -160,6 +160,9 @@ def tls_problem(e: BaseException, url: str) -> str | None:
     if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(cause.reason or cause):
         return (f"Redis at {redact(url)} asks for a client certificate ({cause.reason}): give it in "
                 "PAGEDSERVE_REDIS_URL (?ssl_certfile=/path/to/client.pem&ssl_keyfile=/path/to/client.key)")
+    if isinstance(e, (redis.TimeoutError, TimeoutError)) and url.lower().startswith("rediss://") and _plain_redis(url):
+        return (f"Redis at {redact(url)} answers without TLS (it answered a PING in plain text, and its TLS handshake "
+                "timed out): rediss:// speaks TLS; use redis://, or the port of its tls-port")
     if isinstance(cause, ssl.SSLError):
         # Over TLS 1.3 a server that wants a client certificate may end the handshake without saying why.
         asks = "" if "ssl_certfile" in url else (" Or does it ask for a client certificate (?ssl_certfile=...&"
@@ -167,6 +170,22 @@ def tls_problem(e: BaseException, url: str) -> str | None:
         return (f"the TLS handshake with Redis at {redact(url)} failed ({cause.reason or cause}): rediss:// speaks "
                 f"TLS, redis:// does not; is that port a TLS port?{asks}")
     return None
+
+
+def _plain_redis(url: str, timeout: float = 1.0) -> bool:
+    """Whether the host and port of ``url`` answer a PING in plain text as a Redis does (PONG, or a refusal such as
+    NOAUTH). A redis-server's plain port waits, silent, for a line end a TLS greeting never sends: the handshake
+    times out there as against a Redis that hangs, and this tells the two apart."""
+    import socket
+
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 6379), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except (OSError, ValueError):
+        return False
+    return reply.startswith((b"+PONG", b"-NOAUTH", b"-ERR", b"-WRONGPASS", b"-NOPERM"))
 
 
 class NameHeld(RuntimeError):
