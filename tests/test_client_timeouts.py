@@ -528,3 +528,38 @@ def test_a_worker_dying_mid_stream_while_another_lives_is_waited_out(redis_url, 
         for w in workers:
             w.close()
         admin.close()
+
+
+@pytest.mark.slow
+def test_a_takeover_continues_the_stream_even_where_results_are_kept_only_briefly(redis_url, prefix, tmp_path):
+    """The events stream of a running request expired with the result TTL, renewed every half of it: where that
+    TTL was shorter than a takeover takes (held-out testing: RESULT_TTL_S=6, CLAIM_IDLE_MS=4000), the stream was gone
+    when the next worker claimed the request, which ran it again from its start, and the client joined the first
+    run's tokens to the second's: deltas other than the done text, silently. While it runs, the stream now lives
+    long enough for any takeover; the deltas join to the done text."""
+    keys = Keys(prefix)
+    admin = redis.Redis.from_url(redis_url, socket_timeout=10)
+    workers = {}
+    for seed, name in enumerate(("a", "b")):  # seeds of their own: a run again from the start would differ
+        s = make_settings(redis_url, prefix, worker_name=f"{name}-{uuid.uuid4().hex[:6]}", result_ttl_s=1, seed=seed)
+        workers[s.worker_name] = WorkerProcess(s, tmp_path / f"{name}.log", OMP_NUM_THREADS=1).start()
+    try:
+        for w in workers.values():
+            w.wait_started()
+        params = {"max_tokens": 1500, "ignore_eos": True, "temperature": 1.0}
+        seen: list = []
+        with Client(redis_url, prefix=prefix) as c:
+            for ev in c.stream("Count:", params=params, timeout=120):
+                seen.append(ev)
+                if len(seen) == 5:
+                    killed = _holder(admin, keys)
+                    workers[killed].kill()
+        done = seen[-1]
+        assert isinstance(done, DoneEvent), done
+        assert len(done.outputs[0].token_ids) == params["max_tokens"]
+        assert "".join(e.text for e in seen[:-1]) == done.outputs[0].text
+        survivor = next(w for name, w in workers.items() if name != killed)
+        assert "request_resumed" in survivor.log_path.read_text()
+    finally:
+        for w in workers.values():
+            w.kill()

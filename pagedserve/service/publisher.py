@@ -14,8 +14,9 @@ is dropped, anything else is retried on a backoff of its own. No MULTI/EXEC: the
 A token event goes to two places: appended to the request's events stream (``XADD events:{id} MAXLEN ~ cap``,
 what clients resume from and what a worker taking the request over continues after) and published on its
 pub/sub channel (``out:{id}``, for consumers that only listen). The events key gets an expiry with its first
-event here (``PEXPIRE``, the result TTL, renewed every half TTL while the request runs), so nothing is left
-behind when every worker dies; lua/finish.lua appends the terminal event and sets the same expiry as the result.
+event here (``PEXPIRE``, the result TTL but no less than a takeover needs, renewed every half of it while the
+request runs: ``Settings.running_events_ttl_ms``), so nothing is left behind when every worker dies;
+lua/finish.lua appends the terminal event and sets the result's expiry.
 
 If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent (SET NX,
 XACK, XDEL; a terminal script finding its own event stored publishes nothing again; a dead letter is written only
@@ -113,7 +114,7 @@ class Publisher(WorkerPart):
         """A token event: appended to the events stream (kept to about ``cap`` entries; ``body``, the request's
         :func:`~.protocol.body_digest`, beside it) and published (unless ``publish_token_events`` is off)."""
         now = time.monotonic()
-        ttl = self.settings.result_ttl_s
+        ttl = self.settings.running_events_ttl_ms / 1000
         expire = now - self._expiry_set.get(request_id, -ttl) >= ttl / 2
         if expire:
             self._expiry_set[request_id] = now
@@ -302,7 +303,7 @@ class Publisher(WorkerPart):
                     pipe.xadd(events, {"data": payload, "body": body} if body else {"data": payload}, maxlen=cap,
                               approximate=True)
                 elif command == "pexpire":
-                    pipe.pexpire(events, self.settings.result_ttl_s * 1000)
+                    pipe.pexpire(events, self.settings.running_events_ttl_ms)
                 else:
                     pipe.publish(channel, payload)
             return len(commands)

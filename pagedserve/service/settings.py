@@ -384,6 +384,14 @@ class Settings(BaseSettings):
         return self.lease_renew_ms if self.lease_renew_ms is not None else max(10, self.claim_idle_ms // 3)
 
     @property
+    def running_events_ttl_ms(self) -> int:
+        """The expiry of a running request's events stream, renewed every half of it: the result TTL, but never
+        less than twice ``claim_idle_ms`` left at a worker's death (four times, halved by the renewal), so that the
+        worker that takes the request over finds its events and continues after them; run again from its start, a
+        sampled request's deltas would no longer join to its done text."""
+        return max(self.result_ttl_s * 1000, 4 * self.claim_idle_ms)
+
+    @property
     def redis_url_configured(self) -> bool:
         """True when ``PAGEDSERVE_REDIS_URL`` (or an explicit value) was given rather than the default."""
         return "redis_url" in self.model_fields_set
