@@ -81,7 +81,8 @@ def is_future(entry_id: str, now: float | None = None) -> bool:
 def future_message(entry_id: str) -> str:
     """Why an entry with a far-future ID is refused (its answer and its dead letter say it)."""
     return (f"the stream entry ID {entry_id} lies in the future (more than {FUTURE_ID_BOUND_MS // 3_600_000} h "
-            "ahead of the worker's clock): not run; XADD with the ID '*' and send it again with a new id")
+            "ahead of the worker's clock): not run; XADD with the ID '*' and send it again with a new id (or, if it "
+            "was, set the worker's clock right: Redis made the ID from its own)")
 
 
 def dragged(r: redis.Redis, keys: Keys, entry_ids: list[str], seen: list[str]) -> set[str]:
