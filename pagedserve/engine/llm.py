@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 
@@ -130,7 +131,10 @@ def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> 
 
 
 class LLM:
-    """Batch generation over the step engine: all prompts are queued, then steps run until every one is done."""
+    """Batch generation over the step engine: all prompts are queued, then steps run until every one is done.
+
+    Calls from several threads run one after another, each its own batch (a lock): the engine under it is stepped
+    by one thread at a time. A batch that callers share is the service's (a worker batches what they send)."""
 
     def __init__(self, model: str | None = None, block_size: int = 16, num_gpu_blocks: int | None = None,
                  swap_space_gb: float = 4.0, preemption_mode: str = "auto", enable_prefix_caching: bool = True,
@@ -145,6 +149,9 @@ class LLM:
             seed=seed, tensor_parallel_size=tensor_parallel_size, **kwargs)
         self._counter = 0
         self._closed = False
+        # One call at a time: a call steps the engine until the engine has nothing left, so two at once ran each
+        # other's requests and corrupted the scheduler (held-out testing: most such runs hung for good).
+        self._one_call = threading.Lock()
 
     def close(self) -> None:
         """Stop the grammar compile threads and the tensor-parallel rank processes, if any, now (both also stop
@@ -195,6 +202,12 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         # Only the final outputs are returned (as vLLM's LLM does): no step builds an output before a request ends.
         params = final_only(params)
+        with self._one_call:
+            self._check_open()  # closed while this call waited for another's end
+            return self._queue_and_run(prompts, params, priorities, show_progress)
+
+    def _queue_and_run(self, prompts: list, params: list[SamplingParams], priorities: list[int],
+                       show_progress: bool) -> list[RequestOutput]:
         ids = []
         try:
             for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):

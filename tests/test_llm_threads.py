@@ -1,0 +1,35 @@
+"""``LLM`` called from several threads at once (a web application's request handlers): each call gets its own
+prompts' outputs, as alone, and nothing is left in the engine. Two calls at once stepped one engine together, each
+running the other's requests: the scheduler's lists changed under it and most runs hung for good."""
+
+from __future__ import annotations
+
+import threading
+
+from pagedserve.engine import SamplingParams
+from pagedserve.engine.llm import LLM
+
+
+def test_calls_from_two_threads_each_get_their_own_outputs(tiny_models):
+    llm = LLM(tiny_models["llama"], device="cpu", num_gpu_blocks=256, max_num_seqs=16, swap_space_gb=0.01)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    batches = {name: [f"{name} prompt {i} " * 3 for i in range(8)] for name in ("a", "b")}
+    alone = {name: [o.outputs[0].token_ids for o in llm.generate(prompts, params)] for name, prompts in batches.items()}
+    got: dict[str, list] = {name: [] for name in batches}
+
+    def calls(name: str) -> None:
+        for _ in range(4):
+            outs = llm.generate(batches[name], params)
+            got[name].append(([o.prompt for o in outs], [o.outputs[0].token_ids for o in outs]))
+
+    threads = [threading.Thread(target=calls, args=(name,), daemon=True) for name in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    for name, runs in got.items():
+        assert runs == [(batches[name], alone[name])] * 4, name
+    stats = llm.stats()
+    assert not llm.engine.has_unfinished_requests()
+    assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
