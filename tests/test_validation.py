@@ -127,6 +127,25 @@ def test_sampling_params_of_the_wrong_type_are_named(tiny_models):
     assert [len(o.outputs[0].token_ids) for o in outs] == [1, 2]
 
 
+def test_step_api_times_are_checked_and_numpy_numbers_taken(tiny_models):
+    """A ``deadline`` or ``arrival_time`` of the wrong type was queued, then compared at every step: every add and
+    every step of the whole engine failed with an unnamed TypeError until the request was aborted by id. numpy's
+    numbers, which LLM.generate takes, were refused by the step API (token id 5 "not in [0, 259)")."""
+    import numpy as np
+
+    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
+    eng = llm.engine
+    for field, value in (("deadline", "soon"), ("deadline", float("nan")), ("arrival_time", "x"),
+                         ("arrival_time", float("inf")), ("deadline", True)):
+        with pytest.raises(ValueError, match=rf"^{field} must be None or a finite number of seconds"):
+            eng.add_request("bad", [1, 2], SamplingParams(max_tokens=2), **{field: value})
+    assert not eng.has_unfinished_requests() and not eng.requests
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    eng.add_request("np", [np.int64(5), np.int32(6)], params, priority=np.int64(1), deadline=np.float64(9e9))
+    finished = [out for _ in range(10) if eng.has_unfinished_requests() for out in eng.step() if out.finished]
+    assert [o.outputs[0].token_ids for o in finished] == [llm.generate([[5, 6]], params)[0].outputs[0].token_ids]
+
+
 def test_empty_token_lists_are_refused(tiny_models, monkeypatch):
     llm = LLM(model=tiny_models["llama"], device="cpu")
     with pytest.raises(ValueError, match="^prompt_token_ids must not be empty"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import numbers
 import secrets
 import time
 
@@ -69,6 +71,17 @@ def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: s
     why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
     failed[req.request_id] = (req, _one_line(why))
 
+
+
+def _wall_time(value, name: str) -> float | None:
+    """``value`` as seconds on ``time.time()``'s clock (a ``deadline`` or an ``arrival_time``), checked: a string
+    or a nan let in was compared at every step, and the whole batch failed there."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be None or a finite number of seconds on time.time()'s clock (unix time), got "
+                         f"{short_repr(value)}")
+    return float(value)
 
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:
@@ -198,8 +211,10 @@ class LLMEngine:
             raise ValueError(f"request_id must be a non-empty string of at most {MAX_REQUEST_ID_LEN} characters")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
-        if isinstance(priority, bool) or not isinstance(priority, int):
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
             raise ValueError("priority must be an integer")
+        priority = int(priority)
+        deadline, arrival_time = _wall_time(deadline, "deadline"), _wall_time(arrival_time, "arrival_time")
         limit, setting = self.max_seqs_per_request
         if params.num_samples > limit:
             raise ValueError(f"{params.num_samples_field} must be at most {setting} ({limit}): the request runs "
@@ -216,9 +231,10 @@ class LLMEngine:
             if not token_ids:
                 raise ValueError("prompt_token_ids must not be empty")
             for t in token_ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size:
                     raise ValueError(f"prompt_token_ids contains {short_repr(t)}, not a token id in "
                                      f"[0, {self.vocab_size})")
+            token_ids = [int(t) for t in token_ids]  # numpy's integers too, as LLM.generate takes them
         else:
             raise ValueError("prompt must be a string or a list of token ids")
         if len(token_ids) + 1 > self.max_model_len:
