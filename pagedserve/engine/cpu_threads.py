@@ -195,6 +195,35 @@ def child_env(threads: int) -> dict[str, str]:
     return {ENV_THREADS: n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
+_forks_guarded = False
+
+
+def guard_forks() -> None:
+    """Run a ``fork()``'s child's torch ops on one thread (once per process; a later call does nothing).
+
+    GNU OpenMP, which torch's CPU build uses, is not fork-safe: a child forked once its threads ran (a web server
+    that preloads the model, then forks its workers; multiprocessing's fork) waited for ever in its first parallel
+    op, for threads that did not come along. One thread is slow, not stuck; the child says so. (The C++ kernels'
+    own helpers already do the same, kernels/csrc/kernel_threads.h.)"""
+    global _forks_guarded
+    if not _forks_guarded and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_one_thread_in_child)
+        _forks_guarded = True
+
+
+def _one_thread_in_child() -> None:
+    import logging
+
+    import torch
+
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        logging.getLogger(__name__).warning(
+            "this process was forked from one whose torch had started its OpenMP threads, which do not survive a "
+            "fork: its torch ops run on one thread (start processes with 'spawn', or build the LLM after forking, "
+            "for all of them)")
+
+
 def openmp_started() -> bool:
     """Whether torch (and with it the OpenMP runtime, which reads its settings once at load) is already loaded."""
     return "torch" in sys.modules

@@ -21,6 +21,7 @@ import torch
 from pagedserve.engine.beam_search import BeamState
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.cpu_threads import guard_forks
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.errors import PromptTooLongError
 from pagedserve.engine.loader import load_config, read_generation_eos
@@ -86,6 +87,7 @@ def _wall_time(value, name: str) -> float | None:
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
+        guard_forks()  # a child forked once the model's ops ran would hang in its first one
         model_dir = resolve_model(model)  # None, a model name, an HF directory or a .gguf file
         self.model_dir = model_dir
         self.model_name = str(model_dir).rstrip("/").split("/")[-1]
