@@ -73,3 +73,21 @@ def test_close_stops_the_grammar_compile_threads(tiny_models):
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_a_closed_engine_refuses_work_as_dead(tiny_models):
+    """After close() the step API ran plain requests on, and a structured one failed with the compile pool's bare
+    "cannot schedule new futures after shutdown"; LLM's own calls already said EngineDeadError."""
+    from pagedserve import EngineDeadError
+
+    llm = LLM(model=tiny_models["llama"], device="cpu")
+    eng = llm.engine
+    llm.close()
+    for params in (SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, structured_outputs={"regex": "[ab]+"})):
+        with pytest.raises(EngineDeadError, match=r"^this LLMEngine was closed"):
+            eng.add_request("a", [5, 6], params)
+    with pytest.raises(EngineDeadError, match=r"^this LLMEngine was closed"):
+        eng.step()
+    with pytest.raises(EngineDeadError, match=r"^this LLM was closed"):
+        llm.generate(["x"])
+    assert not eng.requests

@@ -23,7 +23,7 @@ from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_threads import guard_forks
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
-from pagedserve.engine.errors import PromptTooLongError
+from pagedserve.engine.errors import EngineDeadError, PromptTooLongError
 from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
@@ -87,6 +87,7 @@ def _wall_time(value, name: str) -> float | None:
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
+        self._closed = False
         guard_forks()  # a child forked once the model's ops ran would hang in its first one
         model_dir = resolve_model(model)  # None, a model name, an HF directory or a .gguf file
         self.model_dir = model_dir
@@ -204,6 +205,7 @@ class LLMEngine:
 
         ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this request had handed out;
         generation continues after it (``_resume``)."""
+        self._check_open()
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams (got {type(params).__name__}); "
@@ -352,9 +354,16 @@ class LLMEngine:
         return self._finish(req)
 
     def close(self) -> None:
-        """Release what outlives the object: the grammar compile threads and the tensor-parallel rank processes."""
+        """Release what outlives the object: the grammar compile threads and the tensor-parallel rank processes.
+        A closed engine is done: ``add_request`` and ``step`` raise ``EngineDeadError`` (a single-process one ran
+        on without its compile threads, and a structured request failed with the executor's bare RuntimeError)."""
+        self._closed = True
         self.structured.close()
         self.runner.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineDeadError("this LLMEngine was closed (close()): make a new one")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._ready)
@@ -407,6 +416,7 @@ class LLMEngine:
         sequence that ends on a token has computed one more, which is dropped. Without it the tokens are read
         in the step that drew them. Either way a request gets the same tokens.
         """
+        self._check_open()
         now = time.time()
         outputs, self._ready = self._ready, []
         untrusted, self._untrusted = self._untrusted, []
