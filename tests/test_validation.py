@@ -119,8 +119,11 @@ def test_sampling_params_of_the_wrong_type_are_named(tiny_models):
         llm.generate(["hi"], {"max_tokens": 2})
     with pytest.raises(ValueError, match=r"^params must be a SamplingParams \(got dict\)"):
         llm.engine.add_request("a", "hi", {"max_tokens": 2})
-    with pytest.raises(ValueError, match=r"^params must be a SamplingParams \(got dict\)"):
+    with pytest.raises(ValueError, match=r"^sampling_params\[0\] must be a SamplingParams \(got dict\)"):
         llm.generate(["hi"], [{"max_tokens": 2}])
+    # None among them ran its prompt on the defaults (16 tokens), without a word
+    with pytest.raises(ValueError, match=r"^sampling_params\[1\] must be a SamplingParams \(got NoneType\)"):
+        llm.generate(["hi", "there"], [SamplingParams(max_tokens=2), None])
     assert not llm.engine.has_unfinished_requests()
     # Any iterable of them, one per prompt, still works.
     outs = llm.generate(["a", "b"], (SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in (1, 2)))

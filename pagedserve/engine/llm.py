@@ -200,6 +200,10 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+            for i, p in enumerate(params):
+                if not isinstance(p, SamplingParams):  # None among them ran that prompt on the defaults, unsaid
+                    raise ValueError(f"sampling_params[{i}] must be a SamplingParams (got {type(p).__name__}); "
+                                     "a dict of fields converts with SamplingParams.from_dict")
         # Only the final outputs are returned (as vLLM's LLM does): no step builds an output before a request ends.
         params = final_only(params)
         with self._one_call:
