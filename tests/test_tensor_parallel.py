@@ -118,8 +118,9 @@ def test_tp2_generates_what_tp1_generates(family, tp_models):
     # A call after close() said "rank 1 exited with code 0"; it says the LLM (or its engine) was closed.
     with pytest.raises(EngineDeadError, match=r"^this LLM was closed \(close\(\)\): make a new one"):
         llm2.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
-    llm2.engine.add_request("after-close", [5, 6, 7], SamplingParams(max_tokens=2))
-    with pytest.raises(EngineDeadError, match=r"^tensor-parallel engine was closed \(close\(\)\): make a new one"):
+    with pytest.raises(EngineDeadError, match=r"^this LLMEngine was closed \(close\(\)\): make a new one"):
+        llm2.engine.add_request("after-close", [5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(EngineDeadError, match=r"^this LLMEngine was closed \(close\(\)\): make a new one"):
         llm2.engine.step()
 
 
