@@ -533,12 +533,12 @@ def _optional(n: int, prefix: str = "p", **kw) -> dict:
 
 @pytest.mark.parametrize("schema, where, count, most", [
     (_optional(501, additionalProperties=False), "/", 501, 500),
-    (_optional(499), "/", 499, 498),  # additional properties take some of the room
+    (_optional(499, additionalProperties=True), "/", 499, 498),  # additional properties take some of the room
     ({"type": "object", "properties": {"a": _optional(600, additionalProperties=False)}, "required": ["a"]},
      "/properties/a", 600, 500),
     ({"type": "array", "items": _optional(501, additionalProperties=False)}, "/items", 501, 500),
-    ({"$defs": {"big": _optional(700)}, "type": "object", "properties": {"b": {"$ref": "#/$defs/big"}},
-      "required": ["b"]}, "/$defs/big", 700, 498),
+    ({"$defs": {"big": _optional(700, additionalProperties=True)}, "type": "object",
+      "properties": {"b": {"$ref": "#/$defs/big"}}, "required": ["b"]}, "/$defs/big", 700, 498),
 ])
 def test_an_object_of_too_many_optional_properties_is_refused_at_compile(tokenized, schema, where, count, most):
     """llguidance compiles such an object, then fails once the output reaches it (a parser row of more than 2000
@@ -556,7 +556,7 @@ def test_an_object_of_too_many_optional_properties_is_refused_at_compile(tokeniz
     ({**_optional(700, additionalProperties=False), "required": ["p699"]}, "/",
      "699 optional properties before its first required one, more than llguidance can follow at one place "
      "(about 666): put a required property among them, or split the object"),
-    ({**_optional(2100), "required": ["p0"]}, "/",
+    ({**_optional(2100, additionalProperties=True), "required": ["p0"]}, "/",
      "2099 optional properties after a required one, more than llguidance can follow at one place (about 1992)"),
 ])
 def test_an_object_of_too_many_optional_properties_around_required_ones_is_refused(tokenized, schema, where, words):
@@ -1322,3 +1322,47 @@ def test_a_whole_exclusive_bound_of_a_number_is_never_written(tokenized, schema,
     check = jsonschema.Draft202012Validator(schema)
     for text in outside + inside:
         assert _accepts(grammar.matcher(), tok, eos, text) == check.is_valid(json.loads(text)), text
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}  # pydantic's schema of a two-field model: nothing said of other keys
+
+
+@pytest.mark.parametrize("schema, spec, text, taken", [
+    # An object that names its properties takes no others by default (vLLM's default backend, OpenAI's strict)
+    (PERSON, {}, '{"name": "Ann", "age": 30}', True),
+    (PERSON, {}, '{"name": "Ann", "age": 30, "gender": "F"}', False),
+    ({"type": "array", "items": PERSON}, {}, '[{"name": "A", "age": 1, "x": 2}]', False),
+    ({"$defs": {"p": PERSON}, "$ref": "#/$defs/p"}, {}, '{"name": "A", "age": 1, "x": 2}', False),
+    ({"anyOf": [PERSON, {"type": "object", "properties": {"id": {"type": "integer"}}}]}, {},
+     '{"name": "A", "age": 1, "id": 2}', False),  # whole objects as branches: each closed
+    # ... and as JSON Schema reads it when asked, or when the schema says so
+    (PERSON, {"disable_additional_properties": False}, '{"name": "Ann", "age": 30, "gender": "F"}', True),
+    ({**PERSON, "additionalProperties": {"type": "integer"}}, {}, '{"name": "A", "age": 1, "x": 2}', True),
+    ({**PERSON, "patternProperties": {"^x": {"type": "integer"}}}, {}, '{"name": "A", "age": 1, "x1": 2}', True),
+    # A free-form object (no properties named) stays open; so do objects composed with others
+    ({"type": "object"}, {}, '{"any": [1, 2]}', True),
+    ({"type": "object", "properties": {"d": {"type": "object"}}}, {}, '{"d": {"k": 1}}', True),
+    ({"allOf": [PERSON, {"properties": {"x": {"type": "integer"}}}]}, {}, '{"name": "A", "age": 1, "x": 2}', True),
+    ({**PERSON, "anyOf": [{"properties": {"x": {"type": "integer"}}}]}, {}, '{"name": "A", "age": 1, "x": 2}', True),
+])
+def test_objects_that_name_their_properties_admit_no_others_unless_they_say_so(tokenized, schema, spec, text, taken):
+    """Held-out testing: vLLM's structured-outputs example (a pydantic model's schema) ran on here into keys the
+    model made up ("gender", "occupation", "family", ...) until max_tokens, where vLLM's default backend writes the
+    named ones and stops. jsonschema is the reference for every text the grammar takes."""
+    so, tok, eos = tokenized
+    compiled = so.compile(validate_structured_outputs({"json": schema, **spec}))
+    assert _accepts(compiled.matcher(), tok, eos, text) == taken, text
+    if taken:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_the_additional_properties_option_is_checked():
+    with pytest.raises(ValueError, match=r"^structured_outputs disable_additional_properties must be a boolean"):
+        validate_structured_outputs({"json": PERSON, "disable_additional_properties": "no"})
+    with pytest.raises(ValueError, match=r"^structured_outputs disable_additional_properties applies to json only"):
+        validate_structured_outputs({"regex": "a", "disable_additional_properties": False})
+    open_spec = validate_structured_outputs({"json": PERSON, "disable_additional_properties": False})
+    assert cache_key(open_spec) != cache_key(validate_structured_outputs({"json": PERSON}))
+    assert cache_key(validate_structured_outputs({"json": PERSON, "disable_additional_properties": True})) == \
+        cache_key(validate_structured_outputs({"json": PERSON}))

@@ -121,8 +121,10 @@ def test_a_key_written_with_unicode_escapes_cannot_pass_as_another(tokenized, sc
 
 
 @pytest.mark.parametrize("schema, text", [
-    ({"type": "object", "properties": {"a": INT}}, '{"b\\"c": "x\\n\\t\\\\"}'),  # the short escapes stay
-    ({"type": "object", "properties": {"a": INT}}, '{"bé": "é"}'),  # any character written as itself
+    ({"type": "object", "properties": {"a": INT}, "additionalProperties": True},
+     '{"b\\"c": "x\\n\\t\\\\"}'),  # the short escapes stay
+    ({"type": "object", "properties": {"a": INT}, "additionalProperties": True},
+     '{"bé": "é"}'),  # any character written as itself
     ({"const": "\u0001"}, '"\\u0001"'),  # a schema naming a control character can still have it written
     ({"type": "object", "properties": {"\u0001": INT}, "required": ["\u0001"]}, '{"\\u0001": 1}'),
 ])

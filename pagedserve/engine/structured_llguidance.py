@@ -51,6 +51,7 @@ the OS sets aside does not count against the grammar), against the backend's ``m
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -284,6 +285,38 @@ def _schemas(schema: object):
         if isinstance(value, dict):
             yield where, value
             stack.extend(reversed(list(_subschemas(value, where))))
+
+
+# What leaves an object's other keys to its schema, or composes it with schemas that may name more of them:
+# closing such an object would refuse what they admit.
+_OPEN_KEEPERS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "anyOf", "oneOf", "if",
+                 "dependentSchemas", "$ref")
+# Where a schema is applied to the same instance as its holder: a member there with properties of its own adds them
+# to the holder's (a mixin), and is left open when the holder names properties or requires keys.
+_SAME_INSTANCE = ("anyOf", "oneOf", "if", "then", "else", "not", "dependentSchemas")
+
+
+def closed_objects(schema: object) -> object:
+    """``schema`` with ``additionalProperties: false`` on each object that names its ``properties`` and says
+    nothing of other keys: what vLLM's default backend (xgrammar's strict mode) and OpenAI's strict structured
+    outputs do. Read as JSON Schema, such an object admits any other key, and the model wrote keys the caller never
+    named until ``max_tokens`` (held-out testing: a pydantic model's schema grew "gender", "occupation", "family"
+    and ended unparsed). An object without ``properties`` stays open (a free-form dict); so does a mixin (a member
+    of ``anyOf``, ``oneOf``, ``if``... beside properties of its holder), and a schema using ``allOf`` anywhere is
+    left as it is: its members' properties add up, and closing one would refuse another's."""
+    if not isinstance(schema, dict) or any("allOf" in sub for _, sub in _schemas(schema)):
+        return schema
+    out = copy.deepcopy(schema)
+    stack = [(out, True)]
+    while stack:
+        node, closable = stack.pop()
+        if closable and isinstance(node.get("properties"), dict) and not any(k in node for k in _OPEN_KEEPERS):
+            node["additionalProperties"] = False
+        mixins_open = "properties" in node or "required" in node
+        for where, sub in _subschemas(node, ""):
+            if isinstance(sub, dict):
+                stack.append((sub, not (mixins_open and where.split("/")[1] in _SAME_INSTANCE)))
+    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -796,6 +829,8 @@ class LLGuidanceBackend:
                             "matches \\v, \\f and other Unicode spaces, which JSON does not): anything else between "
                             "the output's tokens would keep it from parsing")
             if kind == "json":
+                if spec.get("disable_additional_properties", True):
+                    body = closed_objects(body)
                 inexact = inexact_number(body)
                 if inexact is not None:
                     where, number = inexact

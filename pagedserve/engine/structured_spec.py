@@ -3,7 +3,9 @@
 Exactly one of ``json`` (a JSON Schema, as an object or its JSON text), ``json_object`` (``True``: any JSON
 object), ``regex``, ``choice`` (a list of strings) or ``grammar`` (Lark, or llama.cpp's GBNF), plus, for the two
 JSON kinds, ``disable_any_whitespace`` (compact JSON) or ``whitespace_pattern`` (a regex for each run of
-whitespace). These are vLLM's names, so its users need no translation. A schema nests at most ``MAX_SPEC_DEPTH``
+whitespace), and for ``json`` ``disable_additional_properties`` (default true here: an object that names its
+properties admits no others unless it says so, as vLLM's default backend and OpenAI's strict mode read it; false
+reads the schema as JSON Schema does). These are vLLM's names, so its users need no translation. A schema nests at most ``MAX_SPEC_DEPTH``
 levels of objects and arrays. Whether a schema, regex or grammar compiles is the backend's to say
 (``pagedserve.engine.structured``).
 
@@ -16,6 +18,7 @@ import json
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 WHITESPACE_OPTIONS = ("disable_any_whitespace", "whitespace_pattern")
+OPTIONS = (*WHITESPACE_OPTIONS, "disable_additional_properties")
 MAX_SPEC_CHARS = 100_000  # a schema, regex or grammar (as text), or all choices together
 MAX_CHOICES = 1024
 # Levels of objects and arrays in a schema. The walks over a schema (json.dumps, the backend's rewrites) recurse,
@@ -89,9 +92,9 @@ def validate_structured_outputs(value: object) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise structured_error(f"must be a dict with one of {', '.join(KINDS)} (got {_short(value)})")
-    unknown = sorted(str(k) for k in value if k not in KINDS + WHITESPACE_OPTIONS)
+    unknown = sorted(str(k) for k in value if k not in KINDS + OPTIONS)
     if unknown:
-        raise structured_error(f"has an unknown key {unknown[0]!r} (known: {', '.join(KINDS + WHITESPACE_OPTIONS)})")
+        raise structured_error(f"has an unknown key {unknown[0]!r} (known: {', '.join(KINDS + OPTIONS)})")
     kinds = [k for k in KINDS if value.get(k) is not None]
     if len(kinds) != 1:
         raise structured_error(f"must set exactly one of {', '.join(KINDS)} (got {', '.join(kinds) or 'none'})")
@@ -146,6 +149,13 @@ def validate_structured_outputs(value: object) -> dict | None:
         out["disable_any_whitespace"] = True
     if pattern is not None:
         out["whitespace_pattern"] = pattern
+    closed = value.get("disable_additional_properties")
+    if closed is not None and not isinstance(closed, bool):
+        raise structured_error(f"disable_additional_properties must be a boolean (got {_short(closed)})")
+    if closed is not None and kind != "json":
+        raise structured_error(f"disable_additional_properties applies to json only (got it with {kind})")
+    if closed is False:  # true is the default: said only when it is not
+        out["disable_additional_properties"] = False
     return out
 
 
@@ -165,7 +175,8 @@ def cache_key(spec: dict) -> tuple:
         body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     elif kind == "choice":
         body = tuple(body)
-    key = kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern")
+    key = (kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern"),
+           spec.get("disable_additional_properties", True))
     if isinstance(spec, StructuredSpec):
         spec._key = key
     return key

@@ -185,6 +185,9 @@ class StructuredOutputsModel(BaseModel):
     disable_any_whitespace: bool | None = Field(None, description="JSON kinds: compact JSON, no whitespace.")
     whitespace_pattern: str | None = Field(
         None, description="JSON kinds: a regex each run of whitespace between JSON tokens matches.")
+    disable_additional_properties: bool | None = Field(
+        None, description="json: an object that names its properties admits no others unless it says so (the "
+                          "default, true; false: as JSON Schema reads it, any other key).")
 
     @field_validator("json_schema", mode="before")
     @classmethod
