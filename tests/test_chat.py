@@ -81,3 +81,29 @@ def test_tools_and_template_variables_reach_the_template_as_transformers_renders
         with pytest.raises(ValueError, match=words):
             llm.chat(hi, GREEDY, chat_template=template, **kw)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_tool_call_arguments_reach_the_template_as_values_as_vllm_passes_them(llm):
+    """OpenAI's history carries a tool call's ``arguments`` as JSON text, and an assistant turn that only calls
+    tools has ``content: None``. vLLM reads the arguments into their value before the template, whose tool-use
+    templates write ``arguments | tojson``: here the text came out encoded twice, and ``None`` was refused. The
+    reference is transformers' ``apply_chat_template`` given the arguments as values."""
+    template = ("{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{\"name\": "
+                "\"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}</call>{% endfor %}"
+                "{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}")
+
+    def history(arguments, content):
+        return [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": content, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "content": "22C", "tool_call_id": "c1"}]
+
+    reference = llm.tokenizer.apply_chat_template(history({"city": "Paris"}, ""), chat_template=template,
+                                                  tokenize=False, add_generation_prompt=True)
+    assert '"arguments": {"city": "Paris"}' in reference
+    for content in ("", None):
+        out = llm.chat(history('{"city": "Paris"}', content), GREEDY, chat_template=template)
+        assert out[0].prompt == reference
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON text"):
+        llm.chat(history("{city: Paris", ""), GREEDY, chat_template=template)
+    assert not llm.engine.has_unfinished_requests()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 import threading
 from collections.abc import Iterable, Mapping
@@ -106,6 +107,25 @@ def _text_parts(parts: list, where: str) -> str:
             raise ValueError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': ...}} (no other kind runs)")
         texts.append(part["text"])
     return "\n".join(texts)
+
+
+def _tool_calls(calls, where: str) -> list:
+    """OpenAI's ``tool_calls`` with each ``function.arguments`` JSON text read into its value, as vLLM passes them to
+    the chat template (tool-use templates write ``arguments | tojson``: a string there came out encoded twice)."""
+    if not isinstance(calls, list):
+        raise ValueError(f"{where} must be a list of tool calls")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                value = json.loads(arguments)
+            except ValueError as e:
+                raise ValueError(f"{where}[{j}].function.arguments is not JSON text: {e}") from None
+            call = {**call, "function": {**function, "arguments": value}}
+        out.append(call)
+    return out
 
 
 def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> float:
@@ -279,8 +299,12 @@ class LLM:
                 raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content'")
             if isinstance(message.get("content"), list):  # OpenAI's content parts: text ones, joined as vLLM joins them
                 message = {**message, "content": _text_parts(message["content"], f"{name}[{i}].content")}
+            if message.get("tool_calls") is not None:
+                message = {**message, "tool_calls": _tool_calls(message["tool_calls"], f"{name}[{i}].tool_calls")}
             messages.append(message)
             for key in ("role", "content"):
+                if key == "content" and message.get(key) is None and message.get("tool_calls"):
+                    continue  # an assistant turn that only calls tools: OpenAI's history carries content None
                 if not isinstance(message.get(key), str):
                     kinds = "a string or a list of text parts" if key == "content" else "a string"
                     raise ValueError(f"{name}[{i}].{key} must be {kinds}")
