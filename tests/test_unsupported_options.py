@@ -7,15 +7,22 @@ import pytest
 
 from pagedserve.engine import SamplingParams
 
-UNSUPPORTED = ["prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
-               "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "detokenize", "use_beam_search",
-               "guided_decoding", "logits_processors", "extra_args", "flat_logprobs"]
+# Each with a value other than vLLM's default (which is what pagedserve does, and is taken)
+NOT_DEFAULT = {"prompt_logprobs": 1, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+               "logit_bias": {1: 1.0}, "allowed_token_ids": [1], "bad_words": ["x"], "truncate_prompt_tokens": 8,
+               "detokenize": False, "use_beam_search": True, "guided_decoding": {"json": {}},
+               "logits_processors": [print], "extra_args": {"a": 1}, "flat_logprobs": True}
+UNSUPPORTED = list(NOT_DEFAULT)
+VLLM_DEFAULTS = {"prompt_logprobs": None, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+                 "logit_bias": None, "allowed_token_ids": None, "bad_words": [], "truncate_prompt_tokens": None,
+                 "detokenize": True, "use_beam_search": False, "guided_decoding": None, "logits_processors": None,
+                 "extra_args": None, "flat_logprobs": False}
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
 def test_unsupported_option_is_named(name):
     with pytest.raises(TypeError) as err:
-        SamplingParams(max_tokens=4, **{name: None})
+        SamplingParams(max_tokens=4, **{name: NOT_DEFAULT[name]})
     message = str(err.value)
     assert name in message and "not supported" in message and "\n" not in message
     assert "unexpected keyword" not in message
@@ -39,7 +46,7 @@ def test_an_unsupported_option_set_after_construction_is_refused_by_name(name):
     ignored, so a ported script ran unconstrained without a word."""
     p = SamplingParams(max_tokens=4)
     with pytest.raises(AttributeError, match=f"^SamplingParams option {name} is not supported by pagedserve: "):
-        setattr(p, name, None)
+        setattr(p, name, NOT_DEFAULT[name])
     with pytest.raises(AttributeError, match="^SamplingParams has no option 'temprature'$"):
         p.temprature = 0.0
     assert not hasattr(p, name) and not hasattr(p, "temprature")
@@ -50,3 +57,15 @@ def test_positional_arguments_are_refused():
     samples there and two tokens here."""
     with pytest.raises(TypeError, match="keyword arguments only"):
         SamplingParams(2)
+
+
+def test_vllms_defaults_of_those_options_are_taken_and_change_nothing():
+    """vLLM scripts spell some defaults out (skip_special_tokens=True is common): they are what pagedserve does,
+    and a drop-in that refused them made every such script fail. Another value of the same type is refused."""
+    p = SamplingParams(max_tokens=4, temperature=0.0, **VLLM_DEFAULTS)
+    assert p == SamplingParams(max_tokens=4, temperature=0.0)
+    for name, value in VLLM_DEFAULTS.items():
+        setattr(p, name, value)  # as vLLM code sets them afterwards
+        assert not hasattr(p, name)
+    with pytest.raises(TypeError, match="^SamplingParams option detokenize is not supported .* vLLM's default, True"):
+        SamplingParams(detokenize=1)  # not True itself

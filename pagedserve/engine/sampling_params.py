@@ -282,8 +282,25 @@ def final_only(params: list) -> list:
     return [copies.get(id(p), p) for p in params]
 
 
+# vLLM's own defaults of those options, which are what pagedserve does anyway: a script that spells them out
+# (skip_special_tokens=True is common) runs unchanged, and any other value is refused as above.
+UNSUPPORTED_DEFAULTS: dict[str, tuple] = {
+    "prompt_logprobs": (None,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "logit_bias": (None, {}), "allowed_token_ids": (None, []), "bad_words": (None, []),
+    "truncate_prompt_tokens": (None,), "detokenize": (True,), "use_beam_search": (False,),
+    "guided_decoding": (None,), "logits_processors": (None, []), "extra_args": (None, {}), "flat_logprobs": (False,),
+}
+
+
+def _as_default(name: str, value: object) -> bool:
+    """Whether ``value`` of unsupported option ``name`` is vLLM's default, which changes nothing here."""
+    return any(type(value) is type(d) and value == d for d in UNSUPPORTED_DEFAULTS.get(name, ()))
+
+
 def _unsupported(name: str) -> str:
-    return f"SamplingParams option {name} is not supported by pagedserve: {UNSUPPORTED_OPTIONS[name]}"
+    defaults = " or ".join(repr(d) for d in UNSUPPORTED_DEFAULTS.get(name, ()))
+    taken = f"; vLLM's default, {defaults}, is taken as what pagedserve does" if defaults else ""
+    return f"SamplingParams option {name} is not supported by pagedserve: {UNSUPPORTED_OPTIONS[name]}{taken}"
 
 
 def _refuse_unsupported_options(init):
@@ -291,9 +308,11 @@ def _refuse_unsupported_options(init):
     def __init__(self, *args, **kwargs):
         if args:  # vLLM's first positional field is n, this class's max_tokens: one would be read as the other
             raise TypeError("SamplingParams takes keyword arguments only, e.g. SamplingParams(max_tokens=16)")
-        for name in kwargs:
+        for name, value in list(kwargs.items()):
             if name in UNSUPPORTED_OPTIONS:
-                raise TypeError(_unsupported(name))
+                if not _as_default(name, value):
+                    raise TypeError(_unsupported(name))
+                del kwargs[name]
         init(self, **kwargs)
     return __init__
 
@@ -303,6 +322,8 @@ def _refuse_unknown_attributes(self: SamplingParams, name: str, value: object) -
     constructor checks it: an option this engine lacks, or a misspelt one, was stored and ignored."""
     if name not in _FIELD_NAMES:
         if name in UNSUPPORTED_OPTIONS:
+            if _as_default(name, value):
+                return
             raise AttributeError(_unsupported(name))
         raise AttributeError(f"SamplingParams has no option {name!r}")
     object.__setattr__(self, name, value)
