@@ -12,6 +12,7 @@ sequence decodes its last token only with ``include_stop_str_in_output``, and it
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -65,6 +66,20 @@ def test_get_tokenizer_is_the_tokenizer(llm):
 
 
 # ------------------------------------------------------------------------------------------ 2. SamplingParams
+@pytest.mark.parametrize("name, words", [
+    ("beam_search", "pass SamplingParams(beam_width="),
+    ("llm_engine", "llm.engine is the step engine"),
+    ("reset_prefix_cache", "evicts by itself"),
+])
+def test_vllms_methods_that_llm_lacks_say_what_to_use(llm, name, words):
+    """A ported script calling llm.beam_search(...) met a bare AttributeError."""
+    with pytest.raises(AttributeError, match=rf"^LLM\.{name} is vLLM's, not pagedserve's: .*{re.escape(words)}"):
+        getattr(llm, name)
+    with pytest.raises(AttributeError, match=r"^'LLM' object has no attribute 'generat'$"):
+        llm.generat
+    assert not hasattr(llm, "beam_search") and hasattr(llm, "generate")
+
+
 def test_vllm_defaults_are_accepted():
     p = SamplingParams(top_k=-1, stop=None, stop_token_ids=None)
     assert (p.top_k, p.stop, p.stop_token_ids) == (0, [], [])

@@ -150,6 +150,20 @@ def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> 
     return swap_space_gb
 
 
+_VLLM_ONLY = {
+    "beam_search": "pass SamplingParams(beam_width=..., n=...) to generate (n beams come back; beam_width is the "
+                   "search's width)",
+    "llm_engine": "llm.engine is the step engine (add_request, step, abort_request; README, Step API)",
+    "get_default_sampling_params": "SamplingParams() holds the defaults (the model's generation_config is not read)",
+    "set_tokenizer": "load the model with the tokenizer files beside its weights",
+    "reset_prefix_cache": "the prefix cache evicts by itself; a new LLM starts empty",
+    "encode": "pagedserve generates text only",
+    "embed": "pagedserve generates text only",
+    "classify": "pagedserve generates text only",
+    "score": "pagedserve generates text only",
+}
+
+
 class LLM:
     """Batch generation over the step engine: all prompts are queued, then steps run until every one is done.
 
@@ -185,6 +199,13 @@ class LLM:
         # single-process one would run on without its grammar compile threads.
         if self._closed:
             raise EngineDeadError("this LLM was closed (close()): make a new one")
+
+    def __getattr__(self, name: str):
+        """vLLM's ``LLM`` methods this one lacks: an ``AttributeError`` that says what to use, not a bare one."""
+        hint = _VLLM_ONLY.get(name)
+        if hint is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(f"LLM.{name} is vLLM's, not pagedserve's: {hint}")
 
     @property
     def tokenizer(self):
