@@ -9,6 +9,7 @@ with the client under the producer ACL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
 import os
@@ -563,3 +564,33 @@ def test_a_takeover_continues_the_stream_even_where_results_are_kept_only_briefl
     finally:
         for w in workers.values():
             w.kill()
+
+
+@pytest.mark.slow
+def test_a_send_whose_answer_is_lost_in_a_hung_redis_is_waited_for_not_called_unsent(tmp_path):
+    """A Redis that hangs longer than the client's socket timeout took the XADD of stream() and answered it only
+    when it woke: the client raised RedisUnreachable "cannot reach Redis" (documented: nothing was sent) after the
+    socket timeout, and the request then ran with nobody reading it (held-out testing, DEBUG SLEEP 12). A send
+    whose answer is lost may be in the stream: the wait goes on as through an outage, and ends with the result."""
+    server = LocalRedis().start()
+    settings = make_settings(server.url, PREFIX)
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    admin = redis.Redis(port=server.port, socket_timeout=30)
+    try:
+        worker.wait_started()
+        with Client(server.url, prefix=PREFIX, socket_timeout=1.0) as c:
+            assert c.generate("warm", params={"max_tokens": 2}, timeout=60).outputs
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            threading.Timer(3.0, os.kill, (server.proc.pid, signal.SIGCONT)).start()
+            events = list(c.stream("Count:", id="hung-send", params={"max_tokens": 8, "ignore_eos": True},
+                                   timeout=60))
+        assert isinstance(events[-1], DoneEvent) and len(events[-1].outputs[0].token_ids) == 8
+        assert "".join(e.text for e in events[:-1]) == events[-1].outputs[0].text
+        assert json.loads(admin.get(Keys(PREFIX).result("hung-send")))["type"] == "done"
+        wait_for(lambda: worker.log_path.read_text().count('"request_finished"') == 2, 30, what="both finished")
+        assert worker.log_path.read_text().count('"request_finished"') == 2  # the warm-up's and this one: once
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.proc.pid, signal.SIGCONT)
+        worker.kill()
+        server.stop()

@@ -162,7 +162,8 @@ def remember(kept: OrderedDict, key: str, value: Any, limit: int) -> None:
 
 class RedisUnreachable(redis.ConnectionError):
     """Redis could not be reached before anything was sent, or was lost for ``OUTAGE_S`` during a wait (the
-    message names the URL, password masked, and says whether the request was sent)."""
+    message names the URL, password masked, and says whether the request was sent, or may have been: a send whose
+    answer was lost is waited on as through an outage)."""
 
 
 class TooManyConnections(redis.ConnectionError):
@@ -901,6 +902,12 @@ def _confirmed(verdict: Verdict | None, loss: LossCheck | None) -> Verdict | Non
     return None if text is None else Verdict(True, text)
 
 
+def answer_lost(e: BaseException) -> bool:
+    """Whether a command failed after it went out (its answer timed out), so that Redis may have applied it; not a
+    connection that could not be made (then nothing was sent)."""
+    return isinstance(e, (redis.TimeoutError, TimeoutError)) and not str(e).startswith("Timeout connecting")
+
+
 class Outage:
     """How long Redis has been away during a wait that reached it once; :meth:`check` raises past ``OUTAGE_S``."""
 
@@ -911,12 +918,15 @@ class Outage:
     def answered(self) -> None:
         self.since = None
 
-    def check(self, error: BaseException, where: str, request_id: str, sent: bool) -> None:
+    def check(self, error: BaseException, where: str, request_id: str, sent: bool, tried: bool = False) -> None:
+        """``sent``: Redis answered the send; ``tried``: the send went out, and its answer was lost."""
         now = self.clock()
         if self.since is None:
             self.since = now
         elif now - self.since >= OUTAGE_S:
-            then = "it was sent and may still finish: wait for it again" if sent else "it was not sent"
+            then = ("it was sent and may still finish: wait for it again" if sent else
+                    "it may have been sent (Redis did not answer the send): wait for it again, or send it again under "
+                    "the same id, which runs once" if tried else "it was not sent")
             raise RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
                                    f"({then}): {redact(error)}")
 
@@ -1152,6 +1162,7 @@ def event_wait(
     sent = submit is None
     subscribed = False
     reached = False  # a subscription was confirmed once: Redis exists, so a lost connection is worth a retry
+    tried = False  # a send went out (its answer may be lost: the outage message says it may have been sent)
     outage = Outage(clock)
     # When to look for a live worker (diagnose) next: pickup_timeout after the request was sent (or the wait on an
     # id began), and again pickup_timeout after each event; a worker that dies mid-run leaves a silent channel.
@@ -1175,6 +1186,7 @@ def event_wait(
                 subscribed = reached = True
                 outage.answered()
                 if not sent:
+                    tried = True  # from here the send may be in the stream, whatever becomes of its answer
                     reply = yield Send(submit)  # type: ignore[arg-type]
                     clues.entry_id, sent = _entry_of(reply), True
                     if (earlier := _error_before(reply)) is not None:
@@ -1236,7 +1248,7 @@ def event_wait(
             yield Unsubscribe()
             if expired():
                 raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
-            outage.check(e, where, request_id, sent)
+            outage.check(e, where, request_id, sent, tried and answer_lost(e))
             yield Pause(RETRY_PAUSE_S)
 
 
@@ -1292,9 +1304,11 @@ def stream_wait(
     def expired() -> bool:
         return deadline is not None and clock() >= deadline
 
+    tried = False  # a send went out whose answer was lost: it may be in the stream (sent again, it runs once)
     while True:
         try:
             if not sent:
+                tried = True
                 reply = yield Send(submit)  # type: ignore[arg-type]
                 clues.entry_id, sent, reached = _entry_of(reply), True, True
                 if (earlier := _error_before(reply)) is not None:
@@ -1371,9 +1385,9 @@ def stream_wait(
                 yield from end(stored)
                 return
         except CONNECTION_ERRORS as e:
-            if not reached:
+            if not reached and not (tried and answer_lost(e)):
                 raise unreachable(where, e) from None
             if expired():
                 raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
-            outage.check(e, where, request_id, sent)
+            outage.check(e, where, request_id, sent, tried and answer_lost(e))
             yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen
