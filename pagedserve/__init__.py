@@ -30,6 +30,7 @@ _EXPORTS = {
     "CancelOutcome": "pagedserve.service.client",
     "RequestFailed": "pagedserve.service.client",
     "RedisUnreachable": "pagedserve.service.client",
+    "RedisBusy": "pagedserve.service.client",
     "TooManyConnections": "pagedserve.service.client",
     "NoWorker": "pagedserve.service.client",
     "RequestGone": "pagedserve.service.client",

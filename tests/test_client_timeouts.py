@@ -29,6 +29,7 @@ from pagedserve.service.client_core import (
     ReadConsumers,
     ReadGroups,
     ReadResult,
+    RedisBusy,
     RequestGone,
     Send,
     Subscribe,
@@ -594,3 +595,42 @@ def test_a_send_whose_answer_is_lost_in_a_hung_redis_is_waited_for_not_called_un
             os.kill(server.proc.pid, signal.SIGCONT)
         worker.kill()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_redis_busy_with_a_script_is_waited_out_and_a_send_into_it_says_so(tmp_path):
+    """Someone's Lua script ran past Redis's time limit: Redis answered BUSY to every other command, and a
+    generate() or stream() already sent raised redis-py's bare ResponseError (README: "nothing was sent, the same
+    call may be made again"), though its request ran to the end (held-out testing). BUSY refuses the command whole
+    and passes: a wait goes on through it, and a send into it says what it is."""
+    server = LocalRedis(extra_args=["--busy-reply-threshold", "200"]).start()
+    settings = make_settings(server.url, PREFIX)
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    admin = redis.Redis(port=server.port, socket_timeout=30)
+    try:
+        worker.wait_started()
+        with Client(server.url, prefix=PREFIX) as c:
+            call = Waiting(lambda: c.generate("Count:", id="through-busy", params={"max_tokens": 300,
+                                                                                   "ignore_eos": True}, timeout=90))
+            wait_for(lambda: admin.exists(Keys(PREFIX).running("through-busy")), 30, what="the request running")
+            script = Waiting(lambda: redis.Redis(port=server.port, socket_timeout=60).eval("while true do end", 0))
+            wait_for(lambda: _busy(server.port), 10, what="Redis busy")
+            with pytest.raises(RedisBusy, match=r"^Redis at .* is busy running a script .*: nothing was sent"):
+                c.submit("refused", params={"max_tokens": 2})
+            time.sleep(2.0)
+            redis.Redis(port=server.port, socket_timeout=10).script_kill()
+            script.thread.join(30)
+            call.thread.join(90)
+        assert call.error is None and isinstance(call.value, DoneEvent), repr(call.error)
+        assert len(call.value.outputs[0].token_ids) == 300
+    finally:
+        worker.kill()
+        server.stop()
+
+
+def _busy(port: int) -> bool:
+    try:
+        redis.Redis(port=port, socket_timeout=5).ping()
+    except redis.ResponseError as e:
+        return str(e).startswith("BUSY")
+    return False

@@ -38,6 +38,7 @@ from .client_core import (
     ReadEvents,
     ReadGroups,
     ReadResult,
+    RedisBusy,
     RedisUnreachable,
     RequestFailed,
     RequestGone,
@@ -61,8 +62,8 @@ from .client_core import (
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
 
-__all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisUnreachable", "RequestFailed",
-           "RequestGone", "RequestTimedOut", "Terminal", "TooManyConnections", "build_request"]
+__all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisBusy", "RedisUnreachable",
+           "RequestFailed", "RequestGone", "RequestTimedOut", "Terminal", "TooManyConnections", "build_request"]
 
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
 # 50 calls at once. Redis's own default maxclients.

@@ -166,6 +166,13 @@ class RedisUnreachable(redis.ConnectionError):
     answer was lost is waited on as through an outage)."""
 
 
+class RedisBusy(redis.ConnectionError):
+    """Redis answered BUSY: a script (or function) of someone else's has run past its time limit, and until it
+    ends (or SCRIPT KILL / FUNCTION KILL) Redis refuses every other command. Nothing of the refused command was
+    done, so a wait treats it as an outage (it goes on, and a send is made again), and a call that sends raises
+    it at once, saying so."""
+
+
 class TooManyConnections(redis.ConnectionError):
     """All of this client's connections were in use (``max_connections``) before the call sent anything: the
     call did nothing and may be made again. Redis itself is fine."""
@@ -211,6 +218,8 @@ def credentials_refused(where: str, e: BaseException) -> str:
 
 def unreachable(where: str, e: BaseException) -> RedisUnreachable:
     """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials."""
+    if isinstance(e, RedisBusy):  # reached, and its message says what it is
+        return RedisUnreachable(str(e))
     if isinstance(e, redis.AuthenticationError):
         return RedisUnreachable(credentials_refused(where, e))
     if "max number of clients reached" in str(e):  # a full server, not an outage: nothing was sent, retry later
@@ -240,6 +249,17 @@ def ids_exhausted(e: BaseException) -> bool:
     return isinstance(e, redis.ResponseError) and "exhausted the last possible ID" in str(e)
 
 
+def is_busy(e: BaseException) -> bool:
+    """Whether Redis refused a command with BUSY (a script or function running past its time limit)."""
+    return isinstance(e, redis.ResponseError) and not isinstance(e, RedisBusy) and str(e).startswith("BUSY")
+
+
+def busy_line(where: str) -> str:
+    return (f"Redis at {where} is busy running a script or function past its time limit (BUSY): it refuses every "
+            "command until that ends (SCRIPT KILL or FUNCTION KILL ends it): nothing was sent; the same call may be "
+            "made again")
+
+
 def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
     """What to say of a command Redis (at ``where``, from ``setting``) refused for what it is, not for what was
     asked: a full memory, a read-only replica, a user without the command, a server that runs no such command (a
@@ -250,6 +270,8 @@ def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
         return f"Redis at {where} is a read-only replica: point {setting} at the primary"
     if isinstance(e, redis.exceptions.NoPermissionError):
         return f"the Redis user of {setting} ({where}) may not do this: {redis_said(e)}"
+    if is_busy(e):
+        return busy_line(where)
     if ids_exhausted(e):
         return (f"the request stream at {where} holds an entry ID at the largest possible (a producer XADDed one from "
                 "the far future), so no XADD * can follow it: nothing was sent; a running worker sets its last ID "
@@ -609,6 +631,8 @@ class ProducerCore:
         replica."); anything else as it is."""
         if (missing := missing_database(e, self.redis_url, redact(self.redis_url))) is not None:
             raise MissingDatabase(missing) from None
+        if is_busy(e):  # an outage to a wait: the command was refused whole, and Redis answers again later
+            return RedisBusy(busy_line(redact(self.redis_url)))
         line = refusal_line(e, redact(self.redis_url), "the client's Redis URL")
         return e if line is None else type(e)(line)
 
