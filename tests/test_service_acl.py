@@ -241,8 +241,12 @@ def test_a_stale_claim_is_taken_over_under_the_acl_and_a_refused_claim_is_said(t
             wait_for(lambda: any(e.get("event") == "claim_refused" for e in w.events()), 30, what="claim_refused")
             refused = next(e for e in w.events() if e.get("event") == "claim_refused")
             assert refused["request_id"] == "stale-2" and "can't run this command" in refused["error"]
+            # No request can start while claims are refused: /readyz said 200 (held-out testing, ACL without SET)
+            code, info = wait_for(lambda: (r := _ready(_port(w)))[0] == 503 and r, 30, 0.1, "not ready")
+            assert info["redis_refused"].startswith("claim: "), info
             admin.execute_command("ACL", "SETUSER", "pagedserve-worker", "+pttl")
             assert isinstance(c.wait("stale-2", timeout=60), DoneEvent)
+            wait_for(lambda: _ready(_port(w))[0] == 200, 30, 0.1, "ready once claims are answered")
         finally:
             w.close()
             c.close()

@@ -642,7 +642,8 @@ def _never_ends(rules: list[str]) -> str:
     fix = "give the recursion an alternative that ends"
     if rules[0] == "start":
         return f"grammar matches no finite string: {rule} ({why}); {fix}"
-    return f"grammar has an endless branch: {rule} ({why}), and an output that enters it stops only at max_tokens; {fix}"
+    return (f"grammar has an endless branch: {rule} ({why}), and an output that enters it stops only at "
+            f"max_tokens; {fix}")
 
 
 def _matches_nothing(error: str) -> bool:

@@ -5,9 +5,9 @@ object), ``regex``, ``choice`` (a list of strings) or ``grammar`` (Lark, or llam
 JSON kinds, ``disable_any_whitespace`` (compact JSON) or ``whitespace_pattern`` (a regex for each run of
 whitespace), and for ``json`` ``disable_additional_properties`` (default true here: an object that names its
 properties admits no others unless it says so, as vLLM's default backend and OpenAI's strict mode read it; false
-reads the schema as JSON Schema does). These are vLLM's names, so its users need no translation. A schema nests at most ``MAX_SPEC_DEPTH``
-levels of objects and arrays. Whether a schema, regex or grammar compiles is the backend's to say
-(``pagedserve.engine.structured``).
+reads the schema as JSON Schema does). These are vLLM's names, so its users need no translation. A schema nests at
+most ``MAX_SPEC_DEPTH`` levels of objects and arrays. Whether a schema, regex or grammar compiles is the backend's
+to say (``pagedserve.engine.structured``).
 
 Standard library only: producers validate requests with it, without torch.
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -58,6 +59,10 @@ class Claims(WorkerPart):
         self._lost: list[str] = []
         self._lock = threading.Lock()
         self._refusal_logged_at = -REFUSAL_LOG_S
+        # Told each refused claim and each answered one (the worker's link: /readyz is 503 while claims are refused,
+        # for no request can start then).
+        self.on_refused: Callable[[BaseException], None] = lambda e: None
+        self.on_answered: Callable[[], None] = lambda: None
         self.thread = RenewalThread("pagedserve-claims", self._tick, ctx.new_client,
                                     ctx.settings.lease_renew_interval_ms / 1000, ctx.log, "claim_renewal_failed")
 
@@ -89,11 +94,14 @@ class Claims(WorkerPart):
         if isinstance(reply, Exception) or not isinstance(reply, list) or not reply:
             # Refused (maxmemory, an ACL without a command the script needs): undecided, asked again like a
             # waiting entry. Said, since only an operator can mend it and the id waits until then.
-            if isinstance(reply, Exception) and time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_S:
-                self._refusal_logged_at = time.monotonic()
-                self.log.warning("claim_refused", request_id=request_id, error=redact(f"{type(reply).__name__}: "
-                                                                                    f"{reply}")[:300])
+            if isinstance(reply, Exception):
+                self.on_refused(reply)
+                if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_S:
+                    self._refusal_logged_at = time.monotonic()
+                    self.log.warning("claim_refused", request_id=request_id,
+                                     error=redact(f"{type(reply).__name__}: {reply}")[:300])
             return "held", None
+        self.on_answered()
         kind = as_text(reply[0])
         if kind == "claimed":
             with self._lock:

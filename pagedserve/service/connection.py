@@ -341,8 +341,8 @@ class Connection(WorkerPart):
     _dropped: int = field(default=0, init=False)  # times the cancel subscription alone broke (subscribe_again)
     _dropped_logged_at: float = field(default=-REFUSAL_REMIND_S, init=False)
     generation: int = field(default=0, init=False)  # +1 per completed (re)connect: readers re-check what it missed
-    # What Redis refuses while the link is up, by the worker's operation ("reclaim", "loop", "queue_stats"); written
-    # by the loop, read by /readyz (through :meth:`refusals`).
+    # What Redis refuses while the link is up, by the worker's operation ("reclaim", "loop", "claim",
+    # "queue_stats"); written by the loop, read by /readyz (through :meth:`refusals`).
     _refusals: dict[str, Refusal] = field(default_factory=dict, init=False)
     prober: Prober = field(init=False)
 

@@ -113,6 +113,10 @@ class Worker(WorkerPart):
         )
         self.r = self.conn.r
         self.claims = claims = Claims(ctx, self.r)
+        # No request can start while Redis refuses claims (an ACL without a command of claim.lua): not ready.
+        claims.on_refused = lambda e: self.conn.command_refused(
+            "claim", e, needed=not isinstance(e, redis.exceptions.OutOfMemoryError))
+        claims.on_answered = lambda: self.conn.command_accepted("claim")
         self.progress = Progress(s.stall_timeout_s)
         # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
         # Read from the progress at scrape time, not written at every loop pass.
