@@ -433,6 +433,36 @@ def test_an_id_sent_again_streams_the_text_the_stored_result_holds_once():
     assert end.outputs[0].text == "ab"
 
 
+def _token(seq: int, text: str) -> str:
+    return json.dumps({"type": "token", "id": RID, "index": 0, "seq": seq, "token_ids": [ord(text)], "text": text})
+
+
+def _done(text: str) -> str:
+    return json.dumps({"type": "done", "id": RID, "usage": {"prompt_tokens": 1, "completion_tokens": len(text)},
+                       "outputs": [{"index": 0, "text": text, "token_ids": [ord(c) for c in text],
+                                    "finish_reason": "length"}]})
+
+
+@pytest.mark.parametrize("order, emitted", [
+    # seq 1 refused under maxmemory and appended after 2 and 3: held until it comes, then in order
+    ([0, 2, 3, 1], ["a", "b", "c", "d"]),
+    # ... and appended only after the terminal (or never): the end completes the text from the done event
+    ([0, 2, 3], ["a", "bcd"]),
+    ([1, 2, 3], ["abcd"]),  # the first one missing: nothing before the end
+    ([0, 1, 1, 2, 3], ["a", "b", "c", "d"]),  # appended twice: once
+])
+def test_token_events_past_a_gap_in_seq_are_held_and_the_deltas_join_to_the_done_text(order, emitted):
+    """Held-out testing, maxmemory for 8 s under traffic: a token event Redis refused was appended after later
+    ones of its request (some after the terminal entry), and the client, skipping what it took for repeats, emitted
+    15 of 61 events of an output: deltas that were not the done text, silently."""
+    done = _done("abcd")
+    events = _drive_stream(build_request("hi", id=RID), [_token(seq, "abcd"[seq]) for seq in order] + [done], done)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert [t.text for t in tokens] == emitted and isinstance(events[-1], DoneEvent)
+    assert "".join(t.text for t in tokens) == "abcd"
+    assert [t.seq for t in tokens] == list(range(len(tokens)))
+
+
 def test_an_id_sent_again_streams_its_text_once_through_both_clients(redis_url, prefix, shared_engine):
     from service_fixtures import make_settings, running_worker
 

@@ -18,8 +18,9 @@ Invariants of :func:`stream_wait`:
   again is answered from its stored result, whose run may have streamed nothing (``stream: false``) or streamed
   its tokens into an events stream since expired; what the stream lacks is emitted as one token event per
   output before the ``done`` event. A request sent with ``stream: false`` gets no token event, even when an
-  earlier run of its id streamed. (A Redis restarted without persistence has lost the events it held: the
-  stream then has a gap in ``seq``, which nothing can fill; the ``done`` event is whole);
+  earlier run of its id streamed. An event past a gap in its output's ``seq`` (an append Redis refused, under
+  ``maxmemory``, and took after later ones; events a Redis restarted without persistence lost) is held until the
+  missing one comes: what the gap keeps back at the end comes from the ``done`` event, as above;
 - it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
   a worker older than the events stream ran the request);
 - Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``, also
@@ -873,6 +874,14 @@ def _streams(req: GenerateRequest) -> bool:
     return req.stream and not p.beam_width and (p.best_of or 1) <= (p.n or 1)
 
 
+def _in_order(ev: TokenEvent, held: dict[int, TokenEvent]) -> list[TokenEvent]:
+    """``ev`` (the seq expected next) and the held events that follow it without a gap, taken out of ``held``."""
+    out = [ev]
+    while (following := held.pop(out[-1].seq + 1, None)) is not None:  # type: ignore[operator]
+        out.append(following)
+    return out
+
+
 def _rest(out: Any, text: str, ids: list[int], request_id: str, seq: int) -> TokenEvent | None:
     """The token event that completes one output's emitted deltas (``text``, ``ids``) to its final text, or None
     when nothing is missing or the deltas are not a start of it (a run restarted by an older worker)."""
@@ -1313,6 +1322,7 @@ def stream_wait(
     # From the start of a request we sent that streams: what was emitted of each output, to complete it at the end.
     emitted: dict[int, tuple[list[str], list[int]]] | None = (
         {} if after is None and submit is not None and _streams(submit) else None)
+    held: dict[int, dict[int, TokenEvent]] = {}  # per output, events past a gap in seq, by seq (``emitted`` only)
 
     def end(ev: Terminal) -> Generator[Op, Any, None]:
         if after is not None and isinstance(ev, DoneEvent):
@@ -1389,16 +1399,25 @@ def stream_wait(
                 if isinstance(ev, TokenEvent):
                     if not tokens:
                         continue  # an earlier run of this id streamed; this request asked for the end alone
+                    ready = [ev]
                     if ev.seq is not None:
                         top_seq[ev.index] = max(ev.seq, top_seq.get(ev.index, -1))
-                        if ev.seq < next_seq.get(ev.index, default_next):
+                        expected = next_seq.get(ev.index, default_next)
+                        if ev.seq < expected:
                             continue  # seen already
-                        next_seq[ev.index] = ev.seq + 1
-                    if emitted is not None:
-                        texts, ids = emitted.setdefault(ev.index, ([], []))
-                        texts.append(ev.text)
-                        ids.extend(ev.token_ids)
-                    yield Emit(ev)
+                        if emitted is not None and ev.seq > expected:
+                            # A gap (an append Redis refused and took later, after the ones behind it): held until
+                            # the missing one comes, else the end completes the text from the done event (end()).
+                            held.setdefault(ev.index, {})[ev.seq] = ev
+                            continue
+                        ready = _in_order(ev, held.get(ev.index, {}))
+                        next_seq[ev.index] = ready[-1].seq + 1  # type: ignore[operator]
+                    for ev in ready:
+                        if emitted is not None:
+                            texts, ids = emitted.setdefault(ev.index, ([], []))
+                            texts.append(ev.text)
+                            ids.extend(ev.token_ids)
+                        yield Emit(ev)
                     if expired():  # while events flow too: the caller's time may go into handling them
                         raise timeout_error(request_id, timeout)
                     continue
