@@ -357,3 +357,14 @@ def test_a_worker_whose_acl_lacks_xpending_does_not_take_over_entries_uncounted(
             w.close()
             c.close()
             admin.close()
+
+
+def test_a_refusals_hint_points_at_the_acl_only_where_redis_said_noperm():
+    """Every refused command's log line suggested an ACL without the command, also for UNBLOCKED (a failover or
+    FLUSHDB ending a blocking read: held-out testing), which sent operators to the wrong place."""
+    from pagedserve.service.connection import _refusal_hint
+
+    assert "ACL lacks the command" in _refusal_hint(redis.exceptions.NoPermissionError("NOPERM no xautoclaim"))
+    unblocked = _refusal_hint(redis.ResponseError("UNBLOCKED the stream key no longer exists"))
+    assert "ACL" not in unblocked and "failover" in unblocked
+    assert _refusal_hint(redis.ResponseError("ERR some other error")) == ""

@@ -188,6 +188,17 @@ def _plain_redis(url: str, timeout: float = 1.0) -> bool:
     return reply.startswith((b"+PONG", b"-NOAUTH", b"-ERR", b"-WRONGPASS", b"-NOPERM"))
 
 
+def _refusal_hint(e: BaseException) -> str:
+    """What an operator should look at for a refused command: the ACL only where Redis said NOPERM (an UNBLOCKED
+    reply, a failover or CLIENT UNBLOCK ending a blocking read, pointed there too)."""
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return "; the worker's ACL lacks the command (README \"Security\")"
+    said = str(e).split(" ", 1)[0]
+    if said == "UNBLOCKED":
+        return "; a blocking read was ended by Redis (a failover, CLIENT UNBLOCK): retried"
+    return ""
+
+
 class NameHeld(RuntimeError):
     """Another live worker holds this worker's consumer name; the message says what to do. It ends the worker
     wherever the name is first asked for: at start, or in the loop once Redis answers after an outage at start."""
@@ -412,7 +423,7 @@ class Connection(WorkerPart):
         self.log.error("redis_command_refused", op=op, error=error,
                        note=("not ready until Redis accepts it: " if needed else "")
                        + "counted in pagedserve_redis_errors_total, said again every "
-                       f"{REFUSAL_REMIND_S:g} s while it lasts; an ACL without the command? (README \"Security\")")
+                       f"{REFUSAL_REMIND_S:g} s while it lasts" + _refusal_hint(e))
 
     def command_accepted(self, op: str) -> None:
         """``op``'s command went through: a refusal of it is over."""
