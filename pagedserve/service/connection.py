@@ -525,8 +525,9 @@ class Connection(WorkerPart):
         if now - self._dropped_logged_at >= REFUSAL_REMIND_S:
             self._dropped_logged_at = now
             self.log.warning("cancel_subscription_dropped", error=redact(e)[:300], times=self._dropped,
-                             note="subscribed again; Redis closes a subscriber whose unread messages pass "
-                                  "client-output-buffer-limit pubsub: huge messages on the cancel channel?")
+                             note="subscribed again; Redis closed the subscription: past client-output-buffer-"
+                                  "limit pubsub (huge messages on the cancel channel?), or by CLIENT KILL, a proxy "
+                                  "or a network cut")
 
     def _on_pubsub_reconnect(self):
         # redis-py reconnects a broken subscription by itself (and subscribes again) inside get_message, without
