@@ -73,7 +73,6 @@ def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: s
     failed[req.request_id] = (req, _one_line(why))
 
 
-
 def _wall_time(value, name: str) -> float | None:
     """``value`` as seconds on ``time.time()``'s clock (a ``deadline`` or an ``arrival_time``), checked: a string
     or a nan let in was compared at every step, and the whole batch failed there."""
@@ -83,6 +82,7 @@ def _wall_time(value, name: str) -> float | None:
         raise ValueError(f"{name} must be None or a finite number of seconds on time.time()'s clock (unix time), got "
                          f"{short_repr(value)}")
     return float(value)
+
 
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs) -> None:

@@ -28,6 +28,8 @@ _TOKEN = re.compile(r"""
   | (?P<number>\d+(?:\.\d+)?)
   | (?P<punct>\.\.|->|[:|()\[\]?*+~{},=.!&\->])
 """, re.VERBOSE)
+_BLOCK_OPEN = re.compile(r"[ \t\r\n]*\{")  # after a %directive: an inline block (%json {...})
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _TERMINAL = ("string", "regex", "special", "gref", "block")
 _MAX_DEPTH = 200  # groups nested deeper than this: no verdict (and no Python recursion limit reached)
 
@@ -71,7 +73,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         if kind == "skip":
             continue
         if kind == "directive":
-            brace = re.compile(r"[ \t\r\n]*\{").match(text, i)
+            brace = _BLOCK_OPEN.match(text, i)
             if brace:
                 i = _past_braces(text, brace.end() - 1)
                 kind = "block"
@@ -91,7 +93,7 @@ def _past_braces(text: str, i: int) -> int:
     while i < len(text):
         c = text[i]
         if c == '"':
-            m = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL).match(text, i)
+            m = _QUOTED.match(text, i)
             if m is None:
                 raise _Unread
             i = m.end()
@@ -150,6 +152,8 @@ _EMPTY = ("and", [])
 
 def _or_nothing(node):
     return ("or", [node, _EMPTY])
+
+
 def _expansions(tokens: list[tuple[str, str]]):
     node, i = _alternatives(tokens, 0, None, 0)
     if i != len(tokens):
@@ -166,7 +170,7 @@ def _alternatives(tokens, i, closer, depth):
             alternatives.append(("and", items))
             items, i = [], i + 1
             continue
-        if tokens[i] == ("punct", "->") and tokens[i + 1:i + 2][:1] and tokens[i + 1][0] == "name":
+        if tokens[i] == ("punct", "->") and i + 1 < len(tokens) and tokens[i + 1][0] == "name":
             i += 2  # an alias names the alternative's tree node: nothing to the language
             continue
         item, i = _item(tokens, i, depth)
@@ -196,7 +200,7 @@ def _item(tokens, i, depth):
         atom, i = (True if value.upper() == value else ("ref", value)), i + 1
     else:
         raise _Unread
-    while i < len(tokens) and tokens[i][0] == "punct" and tokens[i][1] in "?*+~{":
+    while i < len(tokens) and tokens[i][0] == "punct" and tokens[i][1] in ("?", "*", "+", "~", "{"):
         mark = tokens[i][1]
         if mark in "?*":
             atom, i = _or_nothing(atom), i + 1
