@@ -61,6 +61,17 @@ def test_use_tqdm_and_show_progress_together_are_refused_by_name(llm, method):
     assert not llm.engine.requests
 
 
+@pytest.mark.parametrize("method", ["generate", "chat"])
+def test_lora_request_none_is_taken_and_an_adapter_refused_by_name(llm, method):
+    """vLLM scripts pass ``lora_request=None`` along; it was a bare TypeError (an unexpected keyword)."""
+    arg = [{"role": "user", "content": "hi"}] if method == "chat" else "hi"
+    out = getattr(llm, method)(arg, GREEDY, lora_request=None)
+    assert len(out) == 1 and out[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match=rf"{method}\(\) lora_request: .*no LoRA adapter"):
+        getattr(llm, method)(arg, GREEDY, lora_request=object())
+    assert not llm.engine.requests
+
+
 def test_get_tokenizer_is_the_tokenizer(llm):
     assert llm.get_tokenizer() is llm.tokenizer
 

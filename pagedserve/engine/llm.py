@@ -58,6 +58,13 @@ def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:
     return bool(use_tqdm if use_tqdm is not None else show_progress)
 
 
+def _no_lora(method: str, lora_request) -> None:
+    """vLLM's ``lora_request=``: None (its default, which scripts pass along) is taken; an adapter is refused."""
+    if lora_request is not None:
+        raise ValueError(f"{method}() lora_request: pagedserve serves the model's own weights, no LoRA adapter; "
+                         "merge the adapter into the weights (peft's merge_and_unload) and load that, or pass None")
+
+
 def _priorities(priority, num_prompts: int) -> list[int]:
     """vLLM's ``priority=``: one integer per prompt (lower runs first), checked before anything is queued."""
     if priority is None:
@@ -217,16 +224,17 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 show_progress: bool | None = None, *, use_tqdm=None,
+                 show_progress: bool | None = None, *, use_tqdm=None, lora_request=None,
                  priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in the prompts' order.
 
         Every prompt and parameter set is validated before any work starts. ``show_progress`` (or vLLM's
         ``use_tqdm``; default off) shows a progress bar. ``priority``: as in vLLM, one integer per prompt; lower
-        runs first (default 0 for all).
+        runs first (default 0 for all). ``lora_request`` must be None (no adapters are served).
         """
         self._check_open()
         show_progress = _progress("generate", show_progress, use_tqdm)
+        _no_lora("generate", lora_request)
         prompts = _prompt_list(prompts)
         priorities = _priorities(priority, len(prompts))
         if sampling_params is None:
@@ -280,7 +288,7 @@ class LLM:
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict | None = None, show_progress: bool | None = None,
-             use_tqdm=None) -> list[RequestOutput]:
+             use_tqdm=None, lora_request=None) -> list[RequestOutput]:
         """Reply to one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them, as vLLM's
         ``LLM.chat``: each is rendered with the model's chat template (or ``chat_template``), tokenized without
         adding special tokens again (the template writes them), and generated like a prompt. One output per
@@ -290,6 +298,7 @@ class LLM:
         """
         self._check_open()
         show_progress = _progress("chat", show_progress, use_tqdm)
+        _no_lora("chat", lora_request)
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Seq) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "
                              "(one conversation) or a list of such lists")
