@@ -216,11 +216,21 @@ def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_
         new.stop(kill=True)
 
 
+def _gauge(worker: WorkerProcess, name: str) -> float:
+    import re
+    import urllib.request
+
+    port = next(e["metrics_port"] for e in worker.events() if e.get("event") == "worker_started")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "noeviction"])
 def test_a_worker_says_when_redis_may_evict_its_keys(tmp_path, policy):
     """Under memory pressure any policy but noeviction may drop a queued stream, results or claims (managed
     services often default to volatile-lru), losing requests or running one twice: the worker says so at start,
-    under the documented minimal ACL too."""
+    under the documented minimal ACL too, and in ``pagedserve_redis_may_evict`` (alert PagedserveRedisMayEvict).
+    A policy an operator changes live (CONFIG SET) went unnoticed: it was read only at start."""
     from pagedserve.service.redis_server import LocalRedis
 
     server = LocalRedis(extra_args=["--maxmemory", "500mb", "--maxmemory-policy", policy]).start()
@@ -233,13 +243,60 @@ def test_a_worker_says_when_redis_may_evict_its_keys(tmp_path, policy):
         admin = redis_py.Redis(port=server.port)
         admin.execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *worker_acl(KEYS.prefix))
         url = f"redis://w:pw@127.0.0.1:{server.port}/0"
-        worker = WorkerProcess(make_settings(url, KEYS.prefix, worker_name="evict"), tmp_path / "w.log").start()
+        worker = WorkerProcess(make_settings(url, KEYS.prefix, worker_name="evict", queue_stats_interval_s=0.1),
+                               tmp_path / "w.log").start()
         worker.wait_started()
-        warned = [e for e in worker.events() if e.get("event") == "redis_may_evict"]
-        assert len(warned) == (policy != "noeviction"), warned
-        if warned:
-            assert warned[0]["maxmemory_policy"] == policy and "noeviction" in warned[0]["note"]
+
+        def said(event: str) -> list[dict]:
+            return [e for e in worker.events() if e.get("event") == event]
+
+        evicting = policy != "noeviction"
+        assert len(said("redis_may_evict")) == evicting, said("redis_may_evict")
+        if evicting:
+            assert said("redis_may_evict")[0]["maxmemory_policy"] == policy
+            assert "noeviction" in said("redis_may_evict")[0]["note"]
+        assert _gauge(worker, "pagedserve_redis_may_evict") == evicting
+
+        # Changed live, both ways: seen within a few queue-gauge refreshes, said once per change.
+        admin.config_set("maxmemory-policy", "noeviction" if evicting else "allkeys-lfu")
+        wait_for(lambda: _gauge(worker, "pagedserve_redis_may_evict") == (not evicting), 20, 0.1, "the gauge")
+        wait_for(lambda: said("redis_eviction_off" if evicting else "redis_may_evict"), 10, 0.1, "the log line")
+        if not evicting:
+            assert said("redis_may_evict")[0]["maxmemory_policy"] == "allkeys-lfu"
+        admin.config_set("maxmemory", "0")  # no limit: nothing is evicted whatever the policy
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        wait_for(lambda: _gauge(worker, "pagedserve_redis_may_evict") == 0, 20, 0.1, "the gauge without a limit")
+        time.sleep(0.5)
+        assert len(said("redis_may_evict")) == 1 and len(said("redis_eviction_off")) == 1
         assert admin.acl_log() == []
+    finally:
+        if worker is not None:
+            worker.close()
+        server.stop(kill=True)
+
+
+def test_a_worker_that_may_not_read_info_says_so_in_its_eviction_gauge(tmp_path):
+    """A Redis user without INFO (an ACL, a managed service): the check is skipped, and the gauge says unknown
+    (-1) rather than "may not evict" (0)."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    server = LocalRedis(extra_args=["--maxmemory", "500mb", "--maxmemory-policy", "allkeys-lru"]).start()
+    worker = None
+    try:
+        import redis as redis_py
+
+        from pagedserve.service.connection import worker_acl
+
+        admin = redis_py.Redis(port=server.port)
+        admin.execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *worker_acl(KEYS.prefix), "-info")
+        url = f"redis://w:pw@127.0.0.1:{server.port}/0"
+        worker = WorkerProcess(make_settings(url, KEYS.prefix, worker_name="noinfo", queue_stats_interval_s=0.1),
+                               tmp_path / "w.log").start()
+        worker.wait_started()
+        time.sleep(0.5)
+        assert _gauge(worker, "pagedserve_redis_may_evict") == -1
+        assert not [e for e in worker.events() if e.get("event") == "redis_may_evict"]
+        assert [e["object"] for e in admin.acl_log()] == ["info"]  # asked once, not at every refresh
     finally:
         if worker is not None:
             worker.close()

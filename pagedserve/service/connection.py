@@ -75,7 +75,7 @@ WORKER_ACL_COMMANDS = (
     # batch jobs (batch_feeder.py and its scripts)
     "mget", "expireat", "xrange", "lrange", "lindex", "hget", "hmget", "hset", "hsetnx", "hincrby", "hdel",
     "zrange", "zrevrange", "zadd", "zrem", "zscore", "xrevrange", "xinfo|groups",
-    # the start-up check of Redis' eviction policy (Connection._warn_if_evicting); without it the check is skipped
+    # the check of Redis' eviction policy (Connection.check_eviction); without it the check is skipped
     "info",
     # deleting the group's dead consumers (reclaim.py); without them they are only kept
     "xinfo|consumers", "xgroup|delconsumer",
@@ -347,7 +347,7 @@ class Connection(WorkerPart):
     pubsub: Any = field(default=None, init=False)  # subscribed to the cancel channel while set up
     _name_held: bool = field(default=False, init=False)
     _leases_started: bool = field(default=False, init=False)
-    _eviction_seen: str = field(default="", init=False)  # the evicting policy last warned of; "unknown": no INFO
+    _eviction_seen: str | None = field(default=None, init=False)  # None: not read yet; "": safe; "unknown": no INFO
     _may_announce: bool = field(default=True, init=False)  # False once the ACL refused XGROUP CREATECONSUMER
     _dropped: int = field(default=0, init=False)  # times the cancel subscription alone broke (subscribe_again)
     _dropped_logged_at: float = field(default=-REFUSAL_REMIND_S, init=False)
@@ -441,7 +441,7 @@ class Connection(WorkerPart):
         """(Re)connect: consumer group, cancel subscription, consumer-name lease, immediate lease renewal."""
         r = self.r
         r.ping()
-        self._warn_if_evicting(r)
+        self.check_eviction(r)
         from .scripts import load_producer_scripts  # producers may run them but not load them (producer_acl)
 
         load_producer_scripts(r)
@@ -485,24 +485,30 @@ class Connection(WorkerPart):
                           note="the worker's Redis user lacks xgroup|createconsumer: clients may say no worker "
                                "runs while this one is idle (README \"Security\")")
 
-    def _warn_if_evicting(self, r: redis.Redis) -> None:
-        """Say once (per setting seen) when Redis may evict keys under memory pressure: any policy but
-        ``noeviction`` with a ``maxmemory`` can drop a queued stream, a result, a claim or a batch, and with it a
-        request or the one-run-per-id promise; managed services often default to ``volatile-lru``. A Redis that
-        does not let us read ``INFO`` (an ACL, a managed service) is not asked again."""
+    def check_eviction(self, r: redis.Redis) -> None:
+        """Read Redis's eviction setting (at setup, and with the queue gauges: an operator may change it live) into
+        ``pagedserve_redis_may_evict``, and say when it becomes one that may evict and when that ends: any policy
+        but ``noeviction`` with a ``maxmemory`` can drop a queued stream, a result, a claim or a batch under memory
+        pressure, and with it a request or the one-run-per-id promise; managed services often default to
+        ``volatile-lru``. A Redis that does not let us read ``INFO`` (an ACL, a managed service) is not asked
+        again: the gauge says -1."""
         if self._eviction_seen == "unknown":
             return
         try:
             memory = r.info("memory")
         except redis.ResponseError:  # NOPERM or a disabled command
             self._eviction_seen = "unknown"
+            self.metrics.redis_may_evict.set(-1)
             return
         policy, limit = str(memory.get("maxmemory_policy", "")), int(memory.get("maxmemory", 0) or 0)
         seen = policy if limit and policy != "noeviction" else ""
+        self.metrics.redis_may_evict.set(1 if seen else 0)
         if seen and seen != self._eviction_seen:
             self.log.warning("redis_may_evict", maxmemory_policy=policy, maxmemory=limit,
                              note="Redis may evict queued requests, results and claims under memory pressure: "
                                   "set maxmemory-policy noeviction (docs/deployment.md)")
+        elif not seen and self._eviction_seen:
+            self.log.info("redis_eviction_off", maxmemory_policy=policy, maxmemory=limit)
         self._eviction_seen = seen
 
     def _subscribe(self) -> None:

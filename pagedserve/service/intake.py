@@ -193,7 +193,8 @@ class Intake(WorkerPart):
                                   "in a loop? the rest are read in later passes")
 
     def queue_stats(self) -> None:
-        """Refresh the stream-length and pending gauges every ``queue_stats_interval_s`` (one round trip)."""
+        """Refresh the stream-length and pending gauges every ``queue_stats_interval_s`` (one round trip), and the
+        Redis eviction gauge (another: :meth:`~.connection.Connection.check_eviction`)."""
         now = time.monotonic()
         if now - self._last_queue_stats < self.settings.queue_stats_interval_s:
             return
@@ -213,3 +214,4 @@ class Intake(WorkerPart):
             self.conn.command_refused("queue_stats", refused, needed=False)
         elif isinstance(xlen, int) and isinstance(pend, dict):
             self.conn.command_accepted("queue_stats")
+        self.conn.check_eviction(self.conn.r)

@@ -120,6 +120,11 @@ class WorkerMetrics:
         self.pending_entries = Gauge(
             "pagedserve_queue_pending_entries", "Entries delivered but not acknowledged (whole group)", registry=r
         )
+        self.redis_may_evict = Gauge(
+            "pagedserve_redis_may_evict",
+            "1 while Redis has a maxmemory and a maxmemory-policy other than noeviction: under memory pressure it may "
+            "drop queued requests, results and claims (read at start and with the queue gauges); 0 when it may not; "
+            "-1 when the worker's Redis user may not run INFO", registry=r)
         self.reclaims = Counter(
             "pagedserve_queue_reclaims",
             "Entries taken over once idle past claim_idle_ms: a dead, stopped or stuck worker's, or ones sent back "
