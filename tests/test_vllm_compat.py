@@ -72,6 +72,12 @@ def test_lora_request_none_is_taken_and_an_adapter_refused_by_name(llm, method):
     assert not llm.engine.requests
 
 
+def test_a_completion_outputs_finished_is_a_method_and_a_request_outputs_a_field(llm):
+    """As vLLM's: ``output.outputs[0].finished()`` was ``True()``, a TypeError, when it was a property."""
+    out = llm.generate("hi", SamplingParams(max_tokens=2, temperature=0))[0]
+    assert out.finished is True and out.outputs[0].finished() is True
+
+
 def test_get_tokenizer_is_the_tokenizer(llm):
     assert llm.get_tokenizer() is llm.tokenizer
 

@@ -36,8 +36,8 @@ class CompletionOutput:
     # end, a length limit, a cancel or a deadline. Offline only: the wire protocol does not carry it.
     stop_reason: int | str | None = None
 
-    @property
     def finished(self) -> bool:
+        """Whether this output has ended: a method, as vLLM's (``RequestOutput.finished`` is a field, as there)."""
         return self.finish_reason is not None
 
 
