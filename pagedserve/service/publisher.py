@@ -31,10 +31,12 @@ Invariants:
   letter), or, for an id answered from an already stored result, after that result was read;
 - nothing but token events is ever dropped: refused or unsent ops stay buffered until Redis takes them
   (token events beyond ``max_buffered`` are dropped oldest first, leaving a gap a taking-over worker cannot
-  continue after, those of a request given up, and those whose events key holds another type);
+  continue after, those of a request given up, those refused until after their request's end was stored, and
+  those whose events key holds another type);
 - a request's token events reach its events stream in ``seq`` order per output, unless Redis refuses one
-  and takes a later one of the same flush (a refusal window closing mid-pipeline): readers then skip the
-  late one as a repeat;
+  and takes a later one of the same flush (a refusal window closing mid-pipeline): the refused one is appended
+  after them (readers hold the later ones until it comes), or, when the request's terminal event was stored
+  meanwhile, dropped: nothing of a request is written after its end (readers complete the text from it);
 - commands per op: token 2 (XADD, PUBLISH; 1 with publish_token_events off; + PEXPIRE on a request's first and every half-TTL), terminal 1
   (EVALSHA), dead letter 1 (EVALSHA), plain ack 2.
 """
@@ -186,6 +188,7 @@ class Publisher(WorkerPart):
         refused: list[tuple[_Op, BaseException]] = []
         given_up: list[tuple[_Op, BaseException]] = []
         foreign: list[_Op] = []
+        ended: set[str] = set()  # requests whose terminal event this flush stored
         reload = False
         sent = i = 0
         try:
@@ -229,7 +232,11 @@ class Publisher(WorkerPart):
                             refused.append((op, errors[0]))
                         continue
                     self._applied(op)
+                    if op.kind == "terminal":
+                        ended.add(op.request_id)
         finally:
+            if ended:  # a token event Redis refused before its request's end was stored: nothing may follow the end
+                kept = [op for op in kept if not (op.kind == "token" and op.request_id in ended)]
             self._ops = kept + ops[i:] + self._ops
         if reload:
             self._scripts.load(r)
