@@ -30,20 +30,23 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 # vLLM SamplingParams options this engine does not implement, and what to do instead: passing one is a TypeError
 # naming it rather than Python's "unexpected keyword argument".
-UNSUPPORTED_OPTIONS: dict[str, str] = {
-    "prompt_logprobs": "leave it out",
-    "skip_special_tokens": "leave it out (text is always decoded without special tokens)",
-    "spaces_between_special_tokens": "leave it out (text is always decoded without special tokens)",
-    "logit_bias": "leave it out",
-    "allowed_token_ids": "leave it out",
-    "bad_words": "leave it out",
-    "truncate_prompt_tokens": "leave it out and shorten the prompt",
-    "detokenize": "leave it out (text is always decoded)",
-    "use_beam_search": "use beam_width > 0 instead",
-    "guided_decoding": "use structured_outputs instead (vLLM's newer name)",
-    "logits_processors": "leave it out",
-    "extra_args": "leave it out",
-    "flat_logprobs": "leave it out",
+# vLLM's options this engine lacks: what to do instead, and vLLM's own defaults of each, which are what pagedserve
+# does anyway (a script that spells them out, skip_special_tokens=True is common, runs unchanged; any other value
+# is refused by name).
+UNSUPPORTED_OPTIONS: dict[str, tuple[str, tuple]] = {
+    "prompt_logprobs": ("leave it out", (None,)),
+    "skip_special_tokens": ("leave it out (text is always decoded without special tokens)", (True,)),
+    "spaces_between_special_tokens": ("leave it out (text is always decoded without special tokens)", (True,)),
+    "logit_bias": ("leave it out", (None, {})),
+    "allowed_token_ids": ("leave it out", (None, [])),
+    "bad_words": ("leave it out", (None, [])),
+    "truncate_prompt_tokens": ("leave it out and shorten the prompt", (None,)),
+    "detokenize": ("leave it out (text is always decoded)", (True,)),
+    "use_beam_search": ("use beam_width > 0 instead", (False,)),
+    "guided_decoding": ("use structured_outputs instead (vLLM's newer name)", (None,)),
+    "logits_processors": ("leave it out", (None, [])),
+    "extra_args": ("leave it out", (None, {})),
+    "flat_logprobs": ("leave it out", (False,)),
 }
 
 
@@ -282,25 +285,16 @@ def final_only(params: list) -> list:
     return [copies.get(id(p), p) for p in params]
 
 
-# vLLM's own defaults of those options, which are what pagedserve does anyway: a script that spells them out
-# (skip_special_tokens=True is common) runs unchanged, and any other value is refused as above.
-UNSUPPORTED_DEFAULTS: dict[str, tuple] = {
-    "prompt_logprobs": (None,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
-    "logit_bias": (None, {}), "allowed_token_ids": (None, []), "bad_words": (None, []),
-    "truncate_prompt_tokens": (None,), "detokenize": (True,), "use_beam_search": (False,),
-    "guided_decoding": (None,), "logits_processors": (None, []), "extra_args": (None, {}), "flat_logprobs": (False,),
-}
-
-
 def _as_default(name: str, value: object) -> bool:
     """Whether ``value`` of unsupported option ``name`` is vLLM's default, which changes nothing here."""
-    return any(type(value) is type(d) and value == d for d in UNSUPPORTED_DEFAULTS.get(name, ()))
+    return any(type(value) is type(d) and value == d for d in UNSUPPORTED_OPTIONS[name][1])
 
 
 def _unsupported(name: str) -> str:
-    defaults = " or ".join(repr(d) for d in UNSUPPORTED_DEFAULTS.get(name, ()))
-    taken = f"; vLLM's default, {defaults}, is taken as what pagedserve does" if defaults else ""
-    return f"SamplingParams option {name} is not supported by pagedserve: {UNSUPPORTED_OPTIONS[name]}{taken}"
+    instead, defaults = UNSUPPORTED_OPTIONS[name]
+    taken = " or ".join(repr(d) for d in defaults)
+    return (f"SamplingParams option {name} is not supported by pagedserve: {instead}; vLLM's default, {taken}, is "
+            "taken as what pagedserve does")
 
 
 def _refuse_unsupported_options(init):
