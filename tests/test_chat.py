@@ -104,6 +104,11 @@ def test_tool_call_arguments_reach_the_template_as_values_as_vllm_passes_them(ll
     for content in ("", None):
         out = llm.chat(history('{"city": "Paris"}', content), GREEDY, chat_template=template)
         assert out[0].prompt == reference
+    # A template that writes every turn's content (SmolLM2's): content None renders as "", as vLLM renders it.
+    plain = "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}"
+    reference = llm.tokenizer.apply_chat_template(history({"city": "Paris"}, ""), chat_template=plain,
+                                                  tokenize=False, add_generation_prompt=True)
+    assert llm.chat(history('{"city": "Paris"}', None), GREEDY, chat_template=plain)[0].prompt == reference
     with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON text"):
         llm.chat(history("{city: Paris", ""), GREEDY, chat_template=template)
     assert not llm.engine.has_unfinished_requests()

@@ -331,10 +331,12 @@ class LLM:
                 message = {**message, "content": _text_parts(message["content"], f"{name}[{i}].content")}
             if message.get("tool_calls") is not None:
                 message = {**message, "tool_calls": _tool_calls(message["tool_calls"], f"{name}[{i}].tool_calls")}
+                if message.get("content") is None:
+                    # An assistant turn that only calls tools: OpenAI's history carries content None, which vLLM
+                    # renders as "" (a template that writes message['content'] failed on the missing value).
+                    message = {**message, "content": ""}
             messages.append(message)
             for key in ("role", "content"):
-                if key == "content" and message.get(key) is None and message.get("tool_calls"):
-                    continue  # an assistant turn that only calls tools: OpenAI's history carries content None
                 if not isinstance(message.get(key), str):
                     kinds = "a string or a list of text parts" if key == "content" else "a string"
                     raise ValueError(f"{name}[{i}].{key} must be {kinds}")
