@@ -314,3 +314,23 @@ def test_a_dead_letter_as_written_to_the_stream_matches_its_published_schema():
     fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in letter.to_fields(b"{").items()}
     jsonschema.Draft202012Validator(schema).validate(fields)
     assert DeadLetter.from_fields(fields) == letter
+
+
+def test_a_history_built_from_openai_replies_is_taken_by_the_client():
+    """``resp.choices[0].message.model_dump()`` appended to the history, as openai SDK users build it: its keys
+    set to None (refusal, audio, function_call, tool_calls ...) were refused as extra inputs, while batch lines and
+    LLM.chat took them. A null asks for nothing; a key with a value the wire does not carry is still refused."""
+    from openai.types.chat import ChatCompletionMessage
+
+    from pagedserve.service.client_core import build_request
+
+    reply = ChatCompletionMessage(role="assistant", content="Paris.").model_dump()
+    assert {"refusal", "tool_calls"} <= {k for k, v in reply.items() if v is None}
+    history = [{"role": "user", "content": "Capital of France?"}, reply, {"role": "user", "content": "And Italy?"}]
+    req = build_request(messages=history)
+    assert [(m.role, m.content) for m in req.messages] == [
+        ("user", "Capital of France?"), ("assistant", "Paris."), ("user", "And Italy?")]
+    with pytest.raises(ValueError, match=r"^messages\.1\.refusal: Extra inputs are not permitted"):
+        build_request(messages=[history[0], {**reply, "refusal": "no"}])
+    with pytest.raises(ValueError, match=r"^messages\.0\.content"):
+        build_request(messages=[{"role": "user", "content": None}])
