@@ -81,6 +81,7 @@ def test_lines_are_validated_up_front_and_answered_in_openai_format(redis_url, p
         fed = sum(metric_samples(w, "pagedserve_batch_lines_fed_total").values())
     batch = Batch.model_validate(status)
     assert batch.status == "completed" and batch.completed_at and batch.metadata == {"team": "qa"}
+    assert batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
     assert batch.request_counts.total == len(lines)
     assert batch.request_counts.failed == 10 and batch.request_counts.completed == len(lines) - 10
     assert fed == 10  # only the valid lines ran
@@ -155,6 +156,7 @@ def test_cancel_ends_running_lines_and_closes_untaken_ones(redis_url, prefix, r,
         status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
     batch = Batch.model_validate(status)
     assert batch.status == "cancelled" and batch.cancelling_at and batch.cancelled_at
+    assert batch.finalizing_at is None  # as OpenAI's: only a batch on its way to completed finalizes
     out = list(batch_results(r, prefix, bid))
     assert sorted(o["custom_id"] for o in out) == sorted(f"c{i}" for i in range(n))
     cancelled = [o for o in out if o["error"] is not None]
@@ -200,7 +202,7 @@ def test_a_window_that_ends_while_every_line_runs_expires_the_batch(redis_url, p
     batch = Batch.model_validate(status)
     out = list(batch_results(r, prefix, bid))
     assert any(o["error"] and o["error"]["code"] == "batch_expired" for o in out), out
-    assert batch.status == "expired" and batch.expired_at, status
+    assert batch.status == "expired" and batch.expired_at and batch.finalizing_at is None, status
     assert batch.request_counts.completed + batch.request_counts.failed == 3
 
 

@@ -76,8 +76,10 @@ local to = final[r[1]]
 if to then
   local done = n.completed + ok + n.failed + failed
   if done >= n.total then
-    if to ~= r[1] then
+    if to == 'completed' then  -- as OpenAI's: only a batch on its way to completed passes through finalizing
       redis.call('HSET', KEYS[1], 'status', to, 'finalizing_at', ARGV[1], to .. '_at', ARGV[1])
+    elseif to ~= r[1] then
+      redis.call('HSET', KEYS[1], 'status', to, to .. '_at', ARGV[1])
     end
     redis.call('ZREM', KEYS[5], ARGV[2])
   else
