@@ -507,6 +507,24 @@ def test_a_token_that_could_not_be_drawn_reads_as_openai_writes_it():
         assert ok and sorted(values) == [-9999.0, -9999.0, -0.1], values
 
 
+def test_usage_says_the_prompt_tokens_the_prefix_cache_served_as_openai_does():
+    """The done event counts them (cached_prompt_tokens); the output's usage left out OpenAI's
+    prompt_tokens_details.cached_tokens."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    from pagedserve.service.batch_format import output_line
+    from pagedserve.service.protocol import DoneEvent
+
+    event = DoneEvent.model_validate({"type": "done", "id": "r", "outputs": [{
+        "index": 0, "text": "x", "token_ids": [90], "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 1, "cached_prompt_tokens": 32}})
+    for url, kind in (("/v1/chat/completions", ChatCompletion), ("/v1/completions", Completion)):
+        md = {"batch_id": "batch_" + "0" * 32, "line": 1, "custom_id": "c", "url": url}
+        usage = kind.model_validate(output_line(event, md)[1]["response"]["body"], strict=True).usage
+        assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.total_tokens) == (40, 32, 41)
+
+
 def test_an_output_redis_lost_is_never_taken_for_the_whole(redis_url, prefix, r, shared_engine, cli, tmp_path):
     """An ended batch whose output lines Redis evicted (any maxmemory-policy but noeviction) or someone deleted:
     `batch results` wrote the lines left and exited 0, `Client.batch_results` returned them, while the status said

@@ -486,8 +486,10 @@ def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, boo
         return line_no, error_line(bid, line_no, cid, "batch_expired",
                                    "This request could not be executed before the completion window expired."), False
     u = event.usage
+    # prompt_tokens_details.cached_tokens as OpenAI (and vLLM's server, asked for it) write it: from the prefix cache
     usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-             "total_tokens": u.prompt_tokens + u.completion_tokens}
+             "total_tokens": u.prompt_tokens + u.completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
     created = int(time.time())
     model = md.get("model") or "pagedserve"
     if url == "/v1/chat/completions":
