@@ -334,3 +334,18 @@ def test_a_history_built_from_openai_replies_is_taken_by_the_client():
         build_request(messages=[history[0], {**reply, "refusal": "no"}])
     with pytest.raises(ValueError, match=r"^messages\.0\.content"):
         build_request(messages=[{"role": "user", "content": None}])
+
+
+@pytest.mark.parametrize("literal", ["123456789012345678.0", "9007199254740993.0", "9.2e18"])
+def test_a_whole_float_past_what_floats_hold_exactly_is_refused_not_run_as_its_neighbour(literal):
+    """A seed written as a float from 2**53 on ran as the float's value, a neighbour of the number written
+    (123456789012345678.0 as 123456789012345680): two producers of "the same seed" got different outputs."""
+    body = '{"id": "x", "prompt": "hi", "params": {"seed": %s}}' % literal
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(body, 1 << 20)
+    assert ei.value.message.startswith("params.seed: ") and "write it as an integer" in ei.value.message
+    exact = parse_request('{"id": "x", "prompt": "hi", "params": {"seed": %d, "max_tokens": 4.0}}'
+                          % int(float(literal)), 1 << 20)
+    assert exact.params.seed == int(float(literal)) and exact.params.max_tokens == 4
+    assert parse_request('{"id": "x", "prompt": "hi", "params": {"seed": 9007199254740991.0}}',
+                         1 << 20).params.seed == 2**53 - 1

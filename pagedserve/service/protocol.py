@@ -67,8 +67,15 @@ MAX_OTHER_FIELDS_BYTES = 4096
 
 def _whole(value: Any) -> Any:
     """JSON has one number type: ``4.0`` is the integer 4 (JSON Schema says so, and Java or C# serializers write
-    whole doubles that way). Other floats stay floats, for the strict check to refuse."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    whole doubles that way). Other floats stay floats, for the strict check to refuse. From 2**53 on, floats skip
+    whole numbers, so the float read may be a neighbour of the number written (123456789012345678.0 reads as
+    123456789012345680): such a float is refused rather than run as a number nobody sent."""
+    if isinstance(value, float) and value.is_integer():
+        if abs(value) >= 2**53:
+            raise ValueError(f"{value!r} is a whole number written as a float of 2**53 or more, where floats skip "
+                             "whole numbers (it may not be the one written): write it as an integer")
+        return int(value)
+    return value
 
 
 def whole_int(ge: int, le: int) -> Any:
