@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pagedserve.service.settings import Settings, known_env_names, unknown_env_names
+from pagedserve.service.settings import Settings, known_env_names, read_settings, unknown_env_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,3 +252,37 @@ def test_a_producer_told_of_a_bad_setting_reads_one_line_naming_the_variable(mon
         assert not isinstance(e.value, ValidationError) and "\n" not in str(e.value), str(e.value)
         assert str(e.value).startswith("invalid setting ") and "PAGEDSERVE_CLAIM_IDLE_MS='-5'" in str(e.value)
         assert "PAGEDSERVE_SHUTDOWN_GRACE_S='soon'" in str(e.value)
+
+
+@pytest.mark.parametrize("field", ["claim_idle_ms", "result_ttl_s", "lease_renew_ms", "max_queue_ms",
+                                   "batch_retention_s", "celery_visibility_timeout_s"])
+def test_a_time_past_what_redis_and_the_lease_clocks_take_is_refused_at_start(field):
+    """result_ttl_s = 1e20 started a worker, ready, whose every result write Redis refused (not an integer or out
+    of range): no request ever ended. claim_idle_ms = 1e16 killed its lease threads (time_t overflow)."""
+    with pytest.raises(ValidationError, match=rf"{field}\n.*less than or equal to 2147483647"):
+        Settings(**{field: 10**20})
+    top = 2**31 - 2 if field == "lease_renew_ms" else 2**31 - 1  # below claim_idle_ms
+    assert getattr(Settings(**{field: top, "claim_idle_ms": 2**31 - 1}), field) == top
+
+
+@pytest.mark.parametrize("name", ["", "w\n", "two words", "ü"])
+def test_a_worker_name_is_one_printable_word(name):
+    """``--name "$UNSET"`` silently became the host name (two workers on a host then want one name), and a name
+    with a line break was used as is."""
+    with pytest.raises(ValidationError, match=r"worker_name\n.*must be one word of 1 to 200 printable ASCII"):
+        Settings(worker_name=name)
+    assert Settings(worker_name="pagedserve-worker-7f9c_0.a").worker_name == "pagedserve-worker-7f9c_0.a"
+
+
+def test_one_setting_spelt_in_two_cases_with_two_values_is_refused(monkeypatch):
+    """Names are read whatever their case: PAGEDSERVE_PREFIX=aaa beside pagedserve_prefix=bbb read the one later in
+    the environment, so the same command went to either deployment depending on how its environment was built."""
+    monkeypatch.setenv("PAGEDSERVE_PREFIX", "aaa")
+    monkeypatch.setenv("pagedserve_prefix", "aaa")
+    assert Settings().prefix == "aaa"  # the same value twice: no doubt which
+    monkeypatch.setenv("pagedserve_prefix", "bbb")
+    with pytest.raises(ValueError) as e:
+        read_settings()
+    assert str(e.value) == ("invalid setting PAGEDSERVE_PREFIX and pagedserve_prefix set one setting to different "
+                            "values (names are read whatever their case, and which one wins depends on the "
+                            "environment's order): keep one")

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .redaction import redact, remember_secrets
@@ -87,6 +87,18 @@ def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[tuple[st
 
     return [(name, closest(name)) for name in sorted(env)
             if name.upper().startswith(ENV_PREFIX) and name.upper() not in known]
+
+
+def spelling_clashes(environ: Mapping[str, str] | None = None) -> list[list[str]]:
+    """Groups of ``PAGEDSERVE_*`` variables that differ only in case and hold different values: the settings read
+    names case-insensitively, and which one wins depends on the environment's order (``env``, a shell), so the
+    same command could read one deployment's prefix here and another's there."""
+    env = os.environ if environ is None else environ
+    by_name: dict[str, list[str]] = {}
+    for name in sorted(env):
+        if name.upper().startswith(ENV_PREFIX):
+            by_name.setdefault(name.upper(), []).append(name)
+    return [names for names in by_name.values() if len({env[n] for n in names}) > 1]
 
 
 def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -186,6 +198,9 @@ def masked_error(error: ValidationError) -> ValidationError:
     return ValidationError.from_exception_data(error.title, details)
 
 
+INT32_MAX = 2**31 - 1
+
+
 class Settings(BaseSettings):
     """All knobs of the worker, the producers and the CLI.
 
@@ -215,15 +230,20 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=2)
     enable_prefix_caching: bool = True
     prefix: str = Field("pagedserve", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
-    claim_idle_ms: int = Field(30_000, ge=100)
+    # The time settings' upper bounds: 2**31 - 1 (24 days of claim, 68 years of results) is past any deployment's
+    # need, and below what Redis's expiries and the lease threads' clocks take (larger values started a worker whose
+    # every result write Redis refused, or whose lease threads died).
+    claim_idle_ms: int = Field(30_000, ge=100, le=INT32_MAX)
     max_deliveries: int = Field(5, ge=1)
-    result_ttl_s: int = Field(3600, ge=1)
+    result_ttl_s: int = Field(3600, ge=1, le=INT32_MAX)
     metrics_port: int = Field(9400, ge=0, le=65535)  # 0 = any free port (tests, demo)
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
 
     # --- extras (documented in docs/service.md) -------------------------------------------------------------
-    worker_name: str | None = None  # stable consumer name; default: the host name
+    # stable consumer name; default: the host name. One printable word: it names Redis keys and a consumer, and an
+    # empty one ($UNSET) silently became the host name, which two workers on a host then share.
+    worker_name: str | None = None
     metrics_host: str = "0.0.0.0"
     # SIGTERM: time to finish in-flight work. Also read as PAGEDSERVE_SHUTDOWN_GRACE_S, the name the chart and
     # the compose file use for the pod's drain (both set it; the first name wins when both are present).
@@ -233,19 +253,19 @@ class Settings(BaseSettings):
     async_scheduling: bool | None = None  # engine option; None: the engine's default (on for one CUDA GPU)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
     max_message_bytes: int = Field(1 << 20, ge=256)  # a larger body is refused unparsed (protocol.parse_request)
-    lease_renew_ms: int | None = Field(None, ge=10)  # default claim_idle_ms / 3
+    lease_renew_ms: int | None = Field(None, ge=10, le=INT32_MAX)  # default claim_idle_ms / 3
     # Token events go to the request's events stream (what clients read and resume from) and, for consumers that
     # listen on pub/sub, are also published on out:{id}. False publishes only terminal events: one command and
     # about 150 bytes per token event less (docs/benchmarks.md).
     publish_token_events: bool = True
     queue_stats_interval_s: float = Field(2.0, gt=0)  # XLEN/XPENDING refresh for the queue gauges
-    dead_letter_maxlen: int = Field(100_000, ge=1)  # approximate MAXLEN of the dead-letter stream
+    dead_letter_maxlen: int = Field(100_000, ge=1, le=2**63 - 1)  # approximate MAXLEN of the dead-letter stream
     liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer
     # XREADGROUP BLOCK while the engine is idle; less than liveness_timeout_s (declared first: the check reads it)
     read_block_ms: int = Field(50, ge=1)
     # Load shedding: an entry that waited longer than this in the stream (XADD -> pick-up) is not started but
     # answered with an ``overloaded`` error. None or 0 = off (every entry is served however long it waited).
-    max_queue_ms: int | None = Field(None, ge=0)
+    max_queue_ms: int | None = Field(None, ge=0, le=INT32_MAX)
     # Per-request limits, so that one request cannot hold a worker: refused with invalid_request naming the field.
     max_samples_per_request: int = Field(16, ge=1)  # params.n, params.best_of and params.beam_width
     max_stop_strings: int = Field(16, ge=0)  # entries of params.stop (each is checked on every new token)
@@ -256,13 +276,23 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(120.0, gt=0)
     seed: int = Field(0, ge=0, le=2**63 - 1)  # as the engine takes it
     # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
-    batch_retention_s: int | None = Field(None, ge=60)  # default: 7 days, or result_ttl_s when that is longer
+    batch_retention_s: int | None = Field(None, ge=60, le=INT32_MAX)  # default: 7 days, or result_ttl_s when that is longer
     celery_broker_url: str | None = None  # default: redis_url
-    celery_visibility_timeout_s: int = Field(1800, ge=1)  # below result_ttl_s: celery_app.make_celery says why
+    celery_visibility_timeout_s: int = Field(1800, ge=1, le=INT32_MAX)  # below result_ttl_s: celery_app.make_celery says why
     # The layout of linear weights on the CPU (engine/cpu_linear.py), which the engine reads from
     # PAGEDSERVE_CPU_LINEAR when it loads a model (the worker puts a value given in code there): a setting too, so
     # that a bad value is refused at start, naming the variable, as any other.
     cpu_linear: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, data: Any) -> Any:
+        clashes = spelling_clashes()
+        if clashes:
+            raise ValueError("; ".join(" and ".join(names) for names in clashes) + " set one setting to different "
+                             "values (names are read whatever their case, and which one wins depends on the "
+                             "environment's order): keep one")
+        return data
 
     @field_validator("dtype", "block_size")
     @classmethod
@@ -270,6 +300,14 @@ class Settings(BaseSettings):
         allowed, expected = _ENGINE_CHOICES[info.field_name]
         if v not in allowed:
             raise ValueError(expected)
+        return v
+
+    @field_validator("worker_name")
+    @classmethod
+    def _worker_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\x21-\x7e]{1,200}", v):
+            raise ValueError("must be one word of 1 to 200 printable ASCII characters (no spaces; unset it for the "
+                             "host name)")
         return v
 
     @field_validator("device")
@@ -425,7 +463,10 @@ def invalid_settings(e: ValidationError, flags: Mapping[str, str] | None = None)
     for item in e.errors():
         msg = str(item.get("msg", "")).removeprefix("Value error, ")
         shown = f"={item['input']!r}" if isinstance(item.get("input"), (str, int, float)) else ""
-        loc = str(item["loc"][0]) if item.get("loc") else "?"
+        if not item.get("loc"):  # the settings as a whole (spelling_clashes): the message names the variables
+            parts.append(msg)
+            continue
+        loc = str(item["loc"][0])
         parts.append(f"{(flags or {}).get(loc) or env_name_set(loc)}{shown}: {msg}")
     return redact("invalid setting " + "; ".join(parts))
 
