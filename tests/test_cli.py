@@ -62,6 +62,31 @@ def test_ctrl_c_while_the_cli_loads_ends_without_a_traceback():
     assert "Traceback" not in out.stderr, out.stderr
 
 
+def _shell(command: str, redis_url: str, prefix: str) -> subprocess.CompletedProcess:
+    """``command`` in bash with ``$P`` the CLI as its console script runs it (``pagedserve.__main__``)."""
+    env = {**os.environ, "P": f"{sys.executable} -m pagedserve", "PAGEDSERVE_REDIS_URL": redis_url,
+           "PAGEDSERVE_PREFIX": prefix}
+    return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command, code, line", [
+    ("$P submit - <&-", 2, "error: no prompt: give it as an argument, or pipe it in (stdin was empty)"),
+    ("$P submit <&-", 2, "error: no prompt: give it as an argument, or pipe it in (stdin was empty)"),
+    ("$P batch submit - <&-", 2, "error: stdin: no lines"),
+    ("$P --version >/dev/full", 1, "error: cannot write to stdout: [Errno 28] No space left on device"),
+    ("$P --help >/dev/full", 1, "error: cannot write to stdout: [Errno 28] No space left on device"),
+    ("$P --version | true", 141, ""),
+    ("$P --help | head -c 1 >/dev/null", 141, ""),
+])
+def test_closed_or_failing_standard_streams_end_in_one_line_or_a_pipes_status(command, code, line, redis_url, prefix):
+    """A stdin closed by the caller (cron, ``<&-``) was Python's None: ``'NoneType' object has no attribute
+    'read'``. --help and --version into a full disk printed a 72-line traceback, and into a pipe closed early
+    exited 1 without a word (a ``pipefail`` script failed unexplained), where commands exit 141."""
+    res = _shell(command, redis_url, prefix)
+    assert (res.returncode, res.stderr.strip()) == (code, line), res
+
+
 def test_submit_streams_and_no_stream(redis_url, prefix, shared_engine):
     s = make_settings(redis_url, prefix)
     env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}

@@ -116,6 +116,12 @@ def _usage_line(e: Exception) -> None:
     _fail_showing(e, f"error: {e.format_message()} (`{where} --help` lists the options)", 2)
 
 
+def _stdout_gone() -> None:
+    """Stdout can take nothing more (its reader went away, its disk is full): it goes to /dev/null, so that the
+    flush at exit does not fail again with a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class _OneLineErrors(TyperGroup):
     """Any error escaping a command becomes one line on stderr and exit status 1 (``--debug``: the traceback)."""
 
@@ -123,6 +129,12 @@ class _OneLineErrors(TyperGroup):
         # The top-level options are parsed here, before invoke: `pagedserve --debg` is refused in this call.
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
+        except BrokenPipeError:  # `pagedserve --help | head -1`: as a command's output cut short, below
+            _stdout_gone()
+            raise SystemExit(141) from None
+        except OSError as e:  # --help or --version into a full disk (/dev/full): one line, not a traceback
+            _stdout_gone()
+            _fail(f"error: cannot write to stdout: {e}", 1)
         except Exception as e:
             if "UsageError" in {c.__name__ for c in type(e).__mro__}:
                 _usage_line(e)
@@ -132,9 +144,9 @@ class _OneLineErrors(TyperGroup):
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
-            # The reader went away (`... | head`): nothing to tell it. Stdout goes to /dev/null so that the flush at
-            # exit does not fail again; the status is a SIGPIPE death's, as other tools' in a pipe.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            # The reader went away (`... | head`): nothing to tell it; the status is a SIGPIPE death's, as other
+            # tools' in a pipe.
+            _stdout_gone()
             raise SystemExit(141) from None
         except Exception as e:
             # Exits, aborts and usage errors are click's (typer vendors its own copy, hence the names).
@@ -157,16 +169,16 @@ app.add_typer(batch_app, name="batch")
 from .queue_cli import queue_app  # noqa: E402
 app.add_typer(queue_app, name="queue")
 
-class _StdoutConsole(Console):
-    """stdout. A reader that went away (`... | head`) raises BrokenPipeError: rich's own handling exits with status
-    1 on the spot, before a command can act on it (submit cancels its request) and with the wrong status."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True  # nothing more is written to a reader that is gone
-        raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away")
+def _reader_gone(console: Console) -> None:
+    console.quiet = True  # nothing more is written to a reader that is gone
+    raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away")
 
 
-out = _StdoutConsole()
+# A reader of stdout that went away (`... | head`): rich's own handling exits with status 1 on the spot, before a
+# command can act on it (submit cancels its request), with the wrong status and no word. For every console the CLI
+# prints with, typer's help among them: the commands end with a SIGPIPE death's status (_OneLineErrors).
+Console.on_broken_pipe = _reader_gone
+out = Console()
 
 
 def _print_output(text: str, end: str = "\n") -> None:
