@@ -288,6 +288,15 @@ def test_a_message_key_the_service_does_not_carry_is_refused_by_name():
         GenerateRequest.model_validate({"id": "x", "messages": [{"role": "user", "content": "hi", "name": "bob"}]})
 
 
+def test_each_url_takes_its_own_fields_only():
+    """A completions line's top_logprobs (chat's field; completions says how many alternatives in logprobs) was
+    accepted and ignored: logprobs=1, top_logprobs=2 gave one alternative a token, without a word."""
+    errors = _errors([completion("top", logprobs=1, top_logprobs=2), chat("echo", echo=True),
+                      chat("best_of", best_of=2), completion("ok", logprobs=2)])
+    assert errors == {"top": "line 1: body.top_logprobs: not supported", "echo": "line 2: body.echo: not supported",
+                      "best_of": "line 3: body.best_of: not supported"}
+
+
 def test_a_range_error_names_the_body_key_the_line_wrote():
     """The engine's checks name its own fields (logprobs, max_tokens): a line that wrote top_logprobs or
     max_completion_tokens was told about a field it never wrote."""

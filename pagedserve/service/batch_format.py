@@ -230,7 +230,9 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     chat = url == "/v1/chat/completions"
     # A null asks for nothing: the key is not given (as the openai SDK means it), whether we support it or not.
     body = {k: v for k, v in body.items() if v is not None}
-    unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED))
+    # Each url's own fields: echo and best_of are completions', top_logprobs chat's (a completions line says how
+    # many alternatives in logprobs itself; its top_logprobs was ignored without a word).
+    unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED - {"top_logprobs"}))
     if unknown:
         raise LineError(f"body.{unknown[0]}: not supported")
     if body.get("stream"):
