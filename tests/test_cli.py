@@ -931,3 +931,23 @@ def test_choice_given_once_per_choice_keeps_commas_and_spaces(redis_url, prefix,
         assert seen == set(choices)  # both were offered (6 seeded draws of a random model)
         res = _submit(env, "--max-tokens", "16", "--temperature", "1", "--choice", "red, green")
         assert res.returncode == 0 and res.stdout[:-1] in ("red", "green"), (res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--max-tokens", "3000000000"], "error: invalid request: --max-tokens must be an integer in [1, 2147483647] "
+                                     "(got 3000000000)"),
+    (["--seed", "-1"], "error: invalid request: --seed must be an integer in [0, 2**63) (got -1)"),
+    (["--json-schema", ""], "error: --json-schema needs a file: the path of a JSON Schema (it was empty)"),
+])
+def test_a_bad_submit_option_is_named_as_typed(args, line):
+    """The request's field was named (params.max_tokens), no option the user typed; an empty --json-schema read
+    the current directory ("Is a directory: '.'")."""
+    res = runner.invoke(app, ["submit", "x", *args], env={"PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert (res.exit_code, res.output.strip()) == (2, line)
+
+
+@pytest.mark.parametrize("args", [["batch", "list"], ["queue", "dead"]])
+def test_a_limit_past_what_redis_takes_is_a_usage_error(args):
+    res = runner.invoke(app, [*args, "--limit", "99999999999999999999"],
+                        env={"PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert res.exit_code == 2 and "--limit" in res.output and "2147483647" in res.output, res.output

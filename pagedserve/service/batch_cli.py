@@ -377,7 +377,7 @@ def cancel(batch_id: str = typer.Argument(...)) -> None:
 
 
 @batch_app.command("list")
-def list_(limit: int = typer.Option(20, "--limit", min=1, help="The newest this many."),
+def list_(limit: int = typer.Option(20, "--limit", min=1, max=2**31 - 1, help="The newest this many."),
           after: str = typer.Option(None, "--after", help="Older than this batch id (the last one listed).")) -> None:
     """The newest batches: id, status, counts, created."""
     from .batch_client import list_batches

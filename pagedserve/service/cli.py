@@ -477,6 +477,23 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
     _fail_showing(e, f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
 
+# submit's options by the request field each sets: an error about the field names the option the user typed.
+_OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temperature", "params.top_p": "--top-p",
+              "params.seed": "--seed", "params.stop": "--stop", "params.n": "--n", "params.beam_width": "--beam-width",
+              "priority": "--priority", "id": "--id", "params.structured_outputs.regex": "--regex",
+              "params.structured_outputs.choice": "--choice", "params.structured_outputs.json": "--json-schema"}
+
+
+def _as_options(message: str) -> str:
+    """A request error naming the field an option of ``submit`` set: named as that option (``--max-tokens must
+    be ...``), the field's own name being no option the user typed."""
+    for field, option in sorted(_OPTION_OF.items(), key=lambda kv: -len(kv[0])):
+        if message.startswith(field) and not message[len(field):len(field) + 1].isalnum() \
+                and message[len(field):len(field) + 1] not in ("_", "."):
+            return option + message[len(field):]
+    return message
+
+
 def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex: str | None) -> dict | None:
     """``params.structured_outputs`` from ``submit``'s options (at most one of them), or None."""
     given = [name for name, v in (("--json-schema", json_schema), ("--choice", choice), ("--regex", regex))
@@ -486,6 +503,8 @@ def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex
     if json_schema is not None:
         import json
 
+        if not json_schema:  # Path("") is the current directory: "Is a directory: '.'" named no option
+            _fail("error: --json-schema needs a file: the path of a JSON Schema (it was empty)", 2)
         try:
             return {"json": json.loads(Path(json_schema).read_text(encoding="utf-8"))}
         except (OSError, ValueError) as e:
@@ -598,7 +617,7 @@ def submit(
             request = build_request(prompt, params=params, stream=not no_stream, id=request_id, priority=priority)
         check_message_size(request, settings)
     except ValueError as e:
-        _fail(f"error: invalid request: {e}", 2)
+        _fail(f"error: invalid request: {_as_options(str(e))}", 2)
     client = Client(settings=settings)
     final = None
     streamed = False

@@ -224,7 +224,7 @@ def _letter(entry: tuple, body_chars: int) -> dict:
 
 @queue_app.command("dead")
 def dead(
-    limit: int = typer.Option(20, "--limit", min=1, help="The newest this many."),
+    limit: int = typer.Option(20, "--limit", min=1, max=2**31 - 1, help="The newest this many."),
     body_chars: int = typer.Option(200, "--body-chars", min=0, help="Show at most this many characters of each "
                                                                     "body (the rest is cut, with a note)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
@@ -439,7 +439,7 @@ def purge_dead(
 ) -> None:
     """Delete dead letters for good (all of them, or those older than --older-than). Requires --yes."""
     if older_than is not None and not (0 <= older_than < 1e12):  # NaN and infinity too
-        _fail(f"error: --older-than must be a number of seconds >= 0 (got {older_than:g})", 2)
+        _fail(f"error: --older-than must be a number of seconds from 0 to below 1e12 (got {older_than:g})", 2)
     which = "" if older_than is None else f" older than {older_than:g} s"
     s, r = _redis()
     keys = Keys(s.prefix)
