@@ -55,6 +55,33 @@ def _open_checkpoint(path: Path, file: Path):
         raise ValueError(f"model {str(path)!r}: {file.name} is not a readable safetensors file ({exc})") from None
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files that hold the model, chosen as transformers chooses them: ``model.safetensors`` when
+    there is one, else the shards ``model.safetensors.index.json`` lists (each must be there), else every
+    ``*.safetensors`` but a PEFT adapter's. Files the index does not list are left alone: shards of an older save
+    copied into the folder (they were read too, and their tensors overwrote the listed ones: the old model's
+    tokens, without a word), Mistral's ``consolidated.safetensors`` beside the HF shards."""
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not names or not all(isinstance(n, str) and "/" not in n for n in names):
+                raise ValueError("no shard file names")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"model {str(path)!r}: {INDEX} cannot be read as a shard index ({e})") from None
+        gone = [n for n in names if not (path / n).is_file()]
+        if gone:
+            raise ValueError(f"model {str(path)!r}: {INDEX} lists {gone[0]}, which is not in the folder (a "
+                             "download that stopped early?)")
+        return [path / n for n in names]
+    return sorted(f for f in path.glob("*.safetensors") if f.name != "adapter_model.safetensors")
+
+
 def _check_against_checkpoint(path: Path, files: list[Path], config) -> None:
     """The layer count and embedding shape the config gives agree with the checkpoint's tensors, read from the
     files' headers before anything is built: a config claiming 10**8 layers or a 2**31 vocabulary would build
@@ -92,6 +119,12 @@ def load_config(model_dir: str | Path):
         value = raw.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"model {str(path)!r}: config.json {name} must be a positive integer (got {value!r})")
+    for name, kind, what in (("model_type", str, "a string"), ("architectures", list, "a list of class names")):
+        if raw.get(name) is not None and not isinstance(raw[name], kind):
+            raise ValueError(f"model {str(path)!r}: config.json {name} must be {what} (got {raw[name]!r})")
+    theta = raw.get("rope_theta")
+    if theta is not None and (not _of_kind(theta, _NUMBERS) or not theta > 0):  # a string failed deep in torch
+        raise ValueError(f"model {str(path)!r}: config.json rope_theta must be a positive number (got {theta!r})")
     archs = raw.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and raw.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
         # Before transformers, whose message for a type it does not know advises upgrading it.
@@ -172,7 +205,7 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     an error rather than a silently random weight.
     """
     path = Path(model_dir)
-    files = sorted(path.glob("*.safetensors"))
+    files = checkpoint_files(path)
     if not files:
         raise ValueError(f"model {str(path)!r} has no *.safetensors files")
     _check_against_checkpoint(path, files, config)
@@ -208,11 +241,15 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
                 except ValueError as exc:
                     raise ValueError(f"tensor {name!r} {exc}") from None
                 bytes_read += read.numel() * read.element_size()
+                if name in filled:  # two files of one folder hold it: which one is the model's is anyone's guess
+                    raise ValueError(f"model {str(path)!r}: tensor {name!r} is in more than one of "
+                                     f"{', '.join(f.name for f in files)}; keep one checkpoint in the folder")
                 filled.add(name)
     expected = _expected_names(model)
     missing = sorted(expected - filled)
     if missing:
-        raise ValueError(f"checkpoint is missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"model {str(path)!r}: the checkpoint is missing tensors: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
     model.checkpoint_bytes_read = bytes_read
     return model.eval()
 

@@ -1,0 +1,122 @@
+"""Which files of a model folder are the model, and which ids end its outputs: as transformers reads them.
+
+A folder holds more than one checkpoint in practice: shards of an older save that ``cp`` or a download into the
+folder left behind, Mistral's ``consolidated.safetensors`` beside the HF shards, a PEFT adapter beside merged
+weights. transformers loads ``model.safetensors``, else the shards its index lists, and ignores the rest; the
+reference here is its ``generate`` on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import write_tiny
+from pagedserve.engine import LLM, SamplingParams
+
+PROMPT = [256, 72, 101, 108, 108, 111]
+
+
+def _ours(path, max_tokens: int = 8, ignore_eos: bool = True) -> list[int]:
+    llm = LLM(str(path), num_gpu_blocks=16, max_num_seqs=2, swap_space_gb=0, device="cpu", dtype="float32")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
+        return llm.generate([PROMPT], params)[0].outputs[0].token_ids
+    finally:
+        llm.close()
+
+
+def _hf(path, max_tokens: int = 8, eos: bool = False) -> list[int]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    kw = {} if eos else {"eos_token_id": []}
+    out = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                         max_new_tokens=max_tokens, do_sample=False, pad_token_id=258, **kw)
+    return out[0, len(PROMPT):].tolist()
+
+
+def _sharded(src, dst, shard: str) -> list[str]:
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(str(src)).save_pretrained(dst, max_shard_size=shard)
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    shutil.copy(src / "tokenizer_config.json", dst / "tokenizer_config.json")
+    return sorted(p.name for p in dst.glob("*.safetensors"))
+
+
+def test_shards_the_index_does_not_list_are_not_read(tmp_path):
+    """An older save's shards copied into the folder were read too, sorted after the new ones: their tensors
+    overwrote the listed ones, and the folder ran the old model, without a word."""
+    old, new, folder = tmp_path / "old", tmp_path / "new", tmp_path / "folder"
+    write_tiny(old, "llama", seed=1)
+    write_tiny(new, "llama", seed=0)
+    stale = _sharded(old, tmp_path / "old-sharded", "60KB")
+    listed = _sharded(new, folder, "120KB")
+    assert len(stale) != len(listed) and not set(stale) & set(listed), (stale, listed)
+    for name in stale:
+        shutil.copy(tmp_path / "old-sharded" / name, folder / name)
+    assert _ours(folder) == _hf(folder) == _hf(new) != _hf(old)
+
+
+def test_a_listed_shard_that_is_not_there_is_named(tmp_path):
+    write_tiny(tmp_path / "src", "llama")
+    listed = _sharded(tmp_path / "src", tmp_path / "m", "60KB")
+    (tmp_path / "m" / listed[-1]).unlink()
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json lists {listed[-1]}, which is not in the"):
+        _ours(tmp_path / "m")
+
+
+def test_an_adapter_beside_the_weights_is_left_alone_and_a_tensor_in_two_files_is_refused(tmp_path):
+    """A PEFT adapter beside merged weights was read as part of the model (an AttributeError naming no file); two
+    unindexed files holding the same tensors loaded whichever came last."""
+    write_tiny(tmp_path / "m", "llama")
+    expected = _hf(tmp_path / "m")
+    shutil.copy(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "adapter_model.safetensors")
+    assert _ours(tmp_path / "m") == expected
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "a.safetensors")
+    shutil.copy(tmp_path / "m" / "a.safetensors", tmp_path / "m" / "b.safetensors")
+    with pytest.raises(ValueError, match=r"is in more than one of a\.safetensors, b\.safetensors; keep one"):
+        _ours(tmp_path / "m")
+
+
+def test_generation_configs_eos_ids_end_outputs_not_the_configs_beside_them(tmp_path):
+    """transformers' generate ends at generation_config.json's EOS ids, and at config.json's only without them:
+    the engine ended at both, so a config.json id the generation config leaves out cut outputs short."""
+    for seed in range(20):  # a model whose greedy run turns to a second token (tiny random ones often repeat one)
+        path = write_tiny(tmp_path / f"m{seed}", "llama", seed=seed)
+        free = _hf(path)  # the greedy run, EOS a token like any other
+        first = free[0]
+        later = next((i for i, t in enumerate(free) if t != first), None)
+        if later is not None and 257 not in free[:later + 1]:
+            break
+    else:
+        pytest.fail("no tiny model of 20 has a greedy run to test with")
+    second = free[later]
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": first}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, second], "bos_token_id": 256}))
+    reference = _hf(path, eos=True)
+    assert reference == free[:later + 1], (reference, free)
+    assert _ours(path, ignore_eos=False) == reference
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("rope_theta", "10000", "config.json rope_theta must be a positive number (got '10000')"),
+    ("model_type", ["llama"], "config.json model_type must be a string (got ['llama'])"),
+    ("architectures", "LlamaForCausalLM", "config.json architectures must be a list of class names"),
+])
+def test_a_config_field_of_the_wrong_kind_is_named(tmp_path, field, value, words):
+    """A string rope_theta failed in torch (unsupported operand type(s) for **), a list model_type as an
+    unhashable type: neither named config.json nor the field."""
+    from pagedserve.engine.loader import load_config
+
+    path = write_tiny(tmp_path / "m", "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_config(path)
