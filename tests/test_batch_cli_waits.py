@@ -104,6 +104,13 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(cli, monkeypatch, command):
                                        "a valid integer, unable to parse string as an integer"], res.stderr
 
 
+def test_a_timeout_without_wait_is_a_usage_error(cli):
+    """``batch results BID --timeout 5`` printed what there was at once, the timeout ignored without a word."""
+    res = cli.invoke(app, ["batch", "results", "batch_x", "--timeout", "5"])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        "error: --timeout applies with --wait (without it, the lines there are now are printed at once)"], res.output
+
+
 def test_the_redis_timeout_is_submits(cli):
     """A Redis that does not answer is given up on when `submit` and `cancel` give up on it (batch commands waited
     three times as long)."""

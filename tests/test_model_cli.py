@@ -25,8 +25,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
-def _one_line_error(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 1, res.stderr
+def _one_line_error(res: subprocess.CompletedProcess, code: int = 1) -> str:
+    assert res.returncode == code, res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, res.stderr
@@ -111,22 +111,23 @@ def test_pip_check_leaves_setuptools_importable():
 
 
 def test_a_place_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
-    """Checked before any work: the path the user gave (not a temporary name made from it), or the cache setting."""
+    """Checked before any work: the path the user gave (not a temporary name made from it), or the cache setting.
+    Exit status 2, the README's for a usage mistake or a setting with a bad value (it was 1)."""
     (tmp_path / "file").write_text("not a directory")
     blocked = tmp_path / "file" / "m"
-    line = _one_line_error(_cli("model", "init", "--tiny-random", str(blocked)))
+    line = _one_line_error(_cli("model", "init", "--tiny-random", str(blocked)), 2)
     assert f"cannot write the model to {blocked}" in line and ".tmp" not in line and "writable" in line, line
     env = {"PAGEDSERVE_CACHE_DIR": str(blocked)}
     for args in (["model", "init"], ["model", "init", "--tiny-random"]):
-        line = _one_line_error(_cli(*args, env=env))
+        line = _one_line_error(_cli(*args, env=env), 2)
         assert f"PAGEDSERVE_CACHE_DIR={blocked}" in line and "set PAGEDSERVE_CACHE_DIR to a directory" in line, line
-    line = _one_line_error(_cli("model", "import", str(tmp_path / "any.gguf"), str(blocked)))
+    line = _one_line_error(_cli("model", "import", str(tmp_path / "any.gguf"), str(blocked)), 2)
     assert f"cannot write the model to {blocked}" in line, line
     # The worker (and LLM()) writing the default or the built-in model there: "error: [Errno 20] Not a directory".
     for model in ({}, {"PAGEDSERVE_MODEL": "pagedserve-tiny-random"}):
         res = _cli("worker", env={**env, **model, "PAGEDSERVE_METRICS_PORT": "0",
                                   "PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
-        line = _one_line_error(res)
+        line = _one_line_error(res, 2)
         assert f"cannot write in PAGEDSERVE_CACHE_DIR={blocked}" in line and "set PAGEDSERVE_CACHE_DIR" in line, line
 
 

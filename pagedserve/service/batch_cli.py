@@ -306,6 +306,8 @@ def results(
 
     if timeout is not None and not timeout >= 0:
         _fail(f"error: --timeout must be a number of seconds >= 0 (got {timeout:g})", 2)
+    if timeout is not None and not wait:  # it would be ignored: the results there are now are printed at once
+        _fail("error: --timeout applies with --wait (without it, the lines there are now are printed at once)", 2)
     if not pickup_timeout > 0:  # NaN too: it would turn the check off
         _fail(f"error: --pickup-timeout must be a number of seconds > 0 (got {pickup_timeout:g})", 2)
 

@@ -371,6 +371,8 @@ def _fail_at_startup(e: ValueError, s) -> None:  # noqa: ANN001 - the service Se
     if setting is not None:
         _fail_showing(e, setting, 2)
     text = redact(e)
+    if text.startswith("cannot write in PAGEDSERVE_CACHE_DIR="):  # a setting with a bad value, as above
+        _fail_showing(e, f"error: {text}", 2)
     if s.model is not None and text.startswith(f"model {str(s.model)!r} "):
         _fail_showing(e, f"error: {text} ({_setting_name(('model',))})", 1)
     raise e
@@ -781,7 +783,7 @@ def _check_model_places(places: list[tuple[Path, str, str]]) -> None:
             tempfile.TemporaryFile(dir=where).close()
         except OSError as e:  # mkdir's "File exists" for a file where a directory should be says too little
             why = "part of the path is a file" if isinstance(e, FileExistsError) else e.strerror or e
-            _model_failed(f"{what} ({why}): {fix}")
+            _fail(f"error: {what} ({why}): {fix}", 2)  # a place the user named (or must name): a usage mistake
 
 
 @model_app.command("init")
