@@ -396,7 +396,8 @@ def offline_command(
         help="Skip the workload runs (engine vs HF, concurrency, profile): only the sections below.")] = False,
     skip_decode_roofline: Annotated[bool, typer.Option(help="Skip decode step time vs the memory roofline.")] = False,
     decode_batches: Annotated[str, typer.Option(
-        show_default=False, help="Decode-roofline batch sizes, comma-separated (default 1,16,64,128,256 on CUDA, 1,4,16 on CPU).")] = "",
+        show_default=False,
+        help="Decode-roofline batch sizes, comma-separated (default 1,16,64,128,256 on CUDA, 1,4,16 on CPU).")] = "",
     decode_context: Annotated[int, typer.Option(
         show_default=False, help="Decode-roofline prompt length (default 1024 CUDA, 128 CPU).")] = 0,
     decode_steps: Annotated[int, typer.Option(

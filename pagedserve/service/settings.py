@@ -241,9 +241,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # --- extras (documented in docs/service.md) -------------------------------------------------------------
-    # stable consumer name; default: the host name. One printable word: it names Redis keys and a consumer, and an
-    # empty one ($UNSET) silently became the host name, which two workers on a host then share.
-    worker_name: str | None = None
+    worker_name: str | None = None  # stable consumer name, one printable word (_worker_name); default: host name
     metrics_host: str = "0.0.0.0"
     # SIGTERM: time to finish in-flight work. Also read as PAGEDSERVE_SHUTDOWN_GRACE_S, the name the chart and
     # the compose file use for the pod's drain (both set it; the first name wins when both are present).
@@ -276,9 +274,11 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(120.0, gt=0)
     seed: int = Field(0, ge=0, le=2**63 - 1)  # as the engine takes it
     # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
-    batch_retention_s: int | None = Field(None, ge=60, le=INT32_MAX)  # default: 7 days, or result_ttl_s when that is longer
+    # default: 7 days, or result_ttl_s when that is longer
+    batch_retention_s: int | None = Field(None, ge=60, le=INT32_MAX)
     celery_broker_url: str | None = None  # default: redis_url
-    celery_visibility_timeout_s: int = Field(1800, ge=1, le=INT32_MAX)  # below result_ttl_s: celery_app.make_celery says why
+    # below result_ttl_s: celery_app.make_celery says why
+    celery_visibility_timeout_s: int = Field(1800, ge=1, le=INT32_MAX)
     # The layout of linear weights on the CPU (engine/cpu_linear.py), which the engine reads from
     # PAGEDSERVE_CPU_LINEAR when it loads a model (the worker puts a value given in code there): a setting too, so
     # that a bad value is refused at start, naming the variable, as any other.
@@ -305,6 +305,8 @@ class Settings(BaseSettings):
     @field_validator("worker_name")
     @classmethod
     def _worker_name(cls, v: str | None) -> str | None:
+        # It names Redis keys and a consumer; an empty one ($UNSET) silently became the host name, which two workers
+        # on one host then both wanted.
         if v is not None and not re.fullmatch(r"[\x21-\x7e]{1,200}", v):
             raise ValueError("must be one word of 1 to 200 printable ASCII characters (no spaces; unset it for the "
                              "host name)")
