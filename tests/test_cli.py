@@ -98,7 +98,7 @@ def test_submit_streams_and_no_stream(redis_url, prefix, shared_engine):
         assert res.exit_code == 0, res.output
         assert "[0]" in res.output and "[1]" in res.output
         res = runner.invoke(app, ["submit", "Hello", "--max-tokens", "0"], env=env)  # refused before it is sent
-        assert res.exit_code == 2 and "invalid request: params.max_tokens" in res.output
+        assert res.exit_code == 2 and "invalid request: --max-tokens" in res.output
 
 
 def test_model_init(tmp_path):
@@ -274,12 +274,12 @@ def test_submit_past_its_timeout_says_how_to_get_the_result_later(redis_url, pre
 
 
 @pytest.mark.parametrize(("args", "named"), [
-    (["--max-tokens", "-3"], "params.max_tokens must be an integer in [1, "),
-    (["--max-tokens", str(2**70)], "params.max_tokens: Input should be less than or equal to"),
-    (["--temperature", "-1"], "params.temperature must be 0 (greedy) or in"),
-    (["--n", "0"], "params.n must be an integer in [1, "),
-    (["--beam-width", "2", "--n", "3"], "params.n must be <= beam_width (2)"),
-    (["--id", "no spaces"], "id: String should match pattern"),
+    (["--max-tokens", "-3"], "--max-tokens must be an integer in [1, "),
+    (["--max-tokens", str(2**70)], "--max-tokens: Input should be less than or equal to"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or in"),
+    (["--n", "0"], "--n must be an integer in [1, "),
+    (["--beam-width", "2", "--n", "3"], "--n must be <= beam_width (2)"),
+    (["--id", "no spaces"], "--id: String should match pattern"),
 ])
 def test_submit_refuses_a_bad_value_before_sending_it(redis_url, prefix, args, named):
     """A value no worker would take is one line naming the field, at once (no worker is running here, so a sent
@@ -715,7 +715,7 @@ def test_cancel_refuses_an_id_submit_would_refuse_and_writes_nothing(redis_url, 
             asyncio.run(acancel())
     res = _submit(env, "--id", "", "--pickup-timeout", "1")
     line = _one_line(res)
-    assert res.returncode == 2 and line.startswith("error: invalid request: id"), line
+    assert res.returncode == 2 and line.startswith("error: invalid request: --id"), line
     with Client(redis_url, prefix=prefix) as c, pytest.raises(ValueError, match="^id: "):
         c.submit("x", id="")
     with redis.Redis.from_url(redis_url) as r:
