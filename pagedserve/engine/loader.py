@@ -234,6 +234,9 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
                     if name == "lm_head.weight" and model.tie_word_embeddings:
                         continue
                     raise ValueError(f"unexpected tensor {name!r} in {file.name}")
+                if name in filled:  # two files of one folder hold it: which one is the model's is anyone's guess
+                    raise ValueError(f"model {str(path)!r}: tensor {name!r} is in more than one of "
+                                     f"{', '.join(f.name for f in files)}; keep one checkpoint in the folder")
                 module_name, _, _ = target.rpartition(".")
                 loader = getattr(model.get_submodule(module_name), "weight_loader", replicated_weight_loader)
                 try:
@@ -241,9 +244,6 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
                 except ValueError as exc:
                     raise ValueError(f"tensor {name!r} {exc}") from None
                 bytes_read += read.numel() * read.element_size()
-                if name in filled:  # two files of one folder hold it: which one is the model's is anyone's guess
-                    raise ValueError(f"model {str(path)!r}: tensor {name!r} is in more than one of "
-                                     f"{', '.join(f.name for f in files)}; keep one checkpoint in the folder")
                 filled.add(name)
     expected = _expected_names(model)
     missing = sorted(expected - filled)

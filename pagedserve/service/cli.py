@@ -489,10 +489,10 @@ _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temp
 def _as_options(message: str) -> str:
     """A request error naming the field an option of ``submit`` set: named as that option (``--max-tokens must
     be ...``), the field's own name being no option the user typed."""
-    for field, option in sorted(_OPTION_OF.items(), key=lambda kv: -len(kv[0])):
-        if message.startswith(field) and not message[len(field):len(field) + 1].isalnum() \
-                and message[len(field):len(field) + 1] not in ("_", "."):
-            return option + message[len(field):]
+    for field, option in _OPTION_OF.items():
+        rest = message.removeprefix(field)
+        if rest != message and rest[:1] in (" ", ":"):  # the whole field's name, not the start of another's
+            return option + rest
     return message
 
 
