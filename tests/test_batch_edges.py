@@ -276,7 +276,7 @@ def test_a_message_key_the_service_does_not_carry_is_refused_by_name():
         chat("tool_call_id", messages=convo(tool_call_id="c1")),
         chat("audio", messages=convo(audio={"id": "a1"})),
         chat("no content", messages=convo(content=None, tool_calls=[{"id": "c1"}])),  # the key, not the content
-        chat("nulls", messages=convo(name=None, tool_calls=None, refusal=None, audio=None)),
+        chat("nulls", messages=convo(name=None, tool_calls=None, refusal=None, audio=None, annotations=[])),
     ])
     for key in ("name", "tool_calls", "tool_call_id", "audio"):
         assert errors.pop(key) == (f"line {['name', 'tool_calls', 'tool_call_id', 'audio'].index(key) + 1}: "

@@ -63,6 +63,27 @@ def test_shards_the_index_does_not_list_are_not_read(tmp_path):
     assert _ours(folder) == _hf(folder) == _hf(new) != _hf(old)
 
 
+@pytest.mark.parametrize("where", ["./", "w/"])
+def test_an_index_naming_its_shards_by_a_path_in_the_folder_loads(tmp_path, where):
+    """transformers joins the index's names to the folder: ``./model-...`` loaded before the file choice followed
+    the index, and shards in a subfolder load there too."""
+    write_tiny(tmp_path / "src", "llama")
+    folder = tmp_path / "m"
+    listed = _sharded(tmp_path / "src", folder, "60KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: where + v for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    if where == "w/":
+        (folder / "w").mkdir()
+        for name in listed:
+            (folder / name).rename(folder / "w" / name)
+    assert _ours(folder) == _hf(folder) == _hf(tmp_path / "src")
+    index["weight_map"] = {k: "../" + v for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="its weight_map must name shard files inside the model's folder"):
+        _ours(folder)
+
+
 def test_a_listed_shard_that_is_not_there_is_named(tmp_path):
     write_tiny(tmp_path / "src", "llama")
     listed = _sharded(tmp_path / "src", tmp_path / "m", "60KB")

@@ -938,6 +938,8 @@ def test_choice_given_once_per_choice_keeps_commas_and_spaces(redis_url, prefix,
                                      "(got 3000000000)"),
     (["--seed", "-1"], "error: invalid request: --seed must be an integer in [0, 2**63) (got -1)"),
     (["--json-schema", ""], "error: --json-schema needs a file: the path of a JSON Schema (it was empty)"),
+    (["--choice", ""], "error: invalid request: --choice must be a non-empty list of strings (got [])"),
+    (["--regex", ""], "error: invalid request: --regex must be a non-empty string (got '')"),
 ])
 def test_a_bad_submit_option_is_named_as_typed(args, line):
     """The request's field was named (params.max_tokens), no option the user typed; an empty --json-schema read

@@ -568,6 +568,25 @@ def test_claim_idle_ms_minimum_matches_the_worker():
             chart.validate_schema({"worker": {"claimIdleMs": 99}})
 
 
+@pytest.mark.parametrize("key, setting", [("claimIdleMs", "claim_idle_ms"), ("resultTtlS", "result_ttl_s"),
+                                          ("maxQueueMs", "max_queue_ms")])
+def test_the_schemas_time_bounds_are_the_workers(key, setting):
+    """resultTtlS 3000000000 passed the schema and rendered; the worker refused it at start, every pod in a crash
+    loop. The schema's bounds are the settings' own."""
+    from pydantic import ValidationError
+
+    from pagedserve.service.settings import Settings
+
+    bound = Settings.model_fields[setting].metadata
+    top = next(m.le for m in bound if getattr(m, "le", None) is not None)
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema({"worker": {key: top}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"worker": {key: top + 1}})
+    with pytest.raises(ValidationError):
+        Settings(**{setting: top + 1})
+
+
 # ---------------------------------------------------------------- the worker pod
 
 

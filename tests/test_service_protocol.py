@@ -324,8 +324,9 @@ def test_a_history_built_from_openai_replies_is_taken_by_the_client():
 
     from pagedserve.service.client_core import build_request
 
-    reply = ChatCompletionMessage(role="assistant", content="Paris.").model_dump()
-    assert {"refusal", "tool_calls"} <= {k for k, v in reply.items() if v is None}
+    reply = {**ChatCompletionMessage(role="assistant", content="Paris.").model_dump(), "annotations": []}
+    assert {"refusal", "tool_calls"} <= {k for k, v in reply.items() if v is None}  # and annotations: [], as
+    # current replies carry it
     history = [{"role": "user", "content": "Capital of France?"}, reply, {"role": "user", "content": "And Italy?"}]
     req = build_request(messages=history)
     assert [(m.role, m.content) for m in req.messages] == [

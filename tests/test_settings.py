@@ -286,3 +286,10 @@ def test_one_setting_spelt_in_two_cases_with_two_values_is_refused(monkeypatch):
     assert str(e.value) == ("invalid setting PAGEDSERVE_PREFIX and pagedserve_prefix set one setting to different "
                             "values (names are read whatever their case, and which one wins depends on the "
                             "environment's order): keep one")
+    # Given in code, the setting is not read from the environment; a variable that is no setting is not compared
+    # (what reads it reads one exact name).
+    assert Settings(prefix="mine").prefix == "mine"
+    monkeypatch.delenv("pagedserve_prefix")
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", "/tmp/x")
+    monkeypatch.setenv("PAGEDSERVE_cache_dir", "/tmp/y")
+    assert read_settings().prefix == "aaa"

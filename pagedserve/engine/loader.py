@@ -7,6 +7,7 @@ parameter says which (its ``weight_loader``, engine/parallel_layers.py), through
 from __future__ import annotations
 
 import json
+import os
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,9 +70,11 @@ def checkpoint_files(path: Path) -> list[Path]:
     if (path / INDEX).is_file():
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-            if not names or not all(isinstance(n, str) and "/" not in n for n in names):
-                raise ValueError("no shard file names")
+            # As transformers joins them to the folder: "./x" and "sub/x" are the folder's; nothing outside it.
+            names = sorted({os.path.normpath(n) for n in weight_map.values()})
+            if not names or not all(isinstance(n, str) and not os.path.isabs(n) and n.split(os.sep)[0] != ".."
+                                    for n in names):
+                raise ValueError("its weight_map must name shard files inside the model's folder")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"model {str(path)!r}: {INDEX} cannot be read as a shard index ({e})") from None
         gone = [n for n in names if not (path / n).is_file()]

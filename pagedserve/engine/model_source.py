@@ -85,7 +85,7 @@ def _source(model: str | Path | None) -> tuple[str, str | Path]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model {str(model)!r} is a directory but not a model (no config.json)")
-        if not any(path.glob("*.safetensors")):
+        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
             raise ValueError(f"model {str(model)!r} has no *.safetensors weights (only safetensors checkpoints "
                              f"are loaded; a .gguf file is converted)")
         return "dir", path

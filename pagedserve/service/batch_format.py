@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .batch_keys import BATCH_PRIORITY, request_id
-from .protocol import DoneEvent, ErrorEvent, GenerateRequest, too_large
+from .protocol import DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, too_large
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
@@ -129,7 +129,7 @@ def _messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise LineError(f"body.messages[{i}]: must be an object with a role")
         # Before the content: an assistant's tool_calls message has none, and the tool_calls are the reason.
-        unknown = sorted(str(k) for k, v in m.items() if k not in _MESSAGE_KEYS and v is not None)
+        unknown = sorted(str(k) for k, v in m.items() if k not in _MESSAGE_KEYS and not asks_nothing(v))
         if unknown:
             raise LineError(f"body.messages[{i}].{unknown[0]}: not supported (a message carries only role and content)")
         out.append({"role": m["role"], "content": _message_content(m.get("content"), f"body.messages[{i}].content")})

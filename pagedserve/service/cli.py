@@ -482,8 +482,8 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
 # submit's options by the request field each sets: an error about the field names the option the user typed.
 _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temperature", "params.top_p": "--top-p",
               "params.seed": "--seed", "params.stop": "--stop", "params.n": "--n", "params.beam_width": "--beam-width",
-              "priority": "--priority", "id": "--id", "params.structured_outputs.regex": "--regex",
-              "params.structured_outputs.choice": "--choice", "params.structured_outputs.json": "--json-schema"}
+              "priority": "--priority", "id": "--id", "params.structured_outputs regex": "--regex",
+              "params.structured_outputs choice": "--choice", "params.structured_outputs.json": "--json-schema"}
 
 
 def _as_options(message: str) -> str:
@@ -668,7 +668,7 @@ def submit(
         _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None,
                                may_be_sent=sending and _missing_database(e) is None and not _refused_the_request(e))
     if isinstance(final, ErrorEvent):
-        _fail(f"{final.error.code}: {final.error.message}", 1)
+        _fail(f"{final.error.code}: {_as_options(final.error.message)}", 1)  # the worker's refusal names fields too
     assert isinstance(final, DoneEvent)
     streamed_single = not no_stream and n == 1 and not beam_width
     if streamed_single:

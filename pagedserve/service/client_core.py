@@ -78,6 +78,7 @@ from .protocol import (
     SamplingParamsModel,
     TokenEvent,
     as_text,
+    asks_nothing,
     engine_params,
     oversized_metadata,
     parse_event,
@@ -438,9 +439,9 @@ def build_request(
                              "request per prompt, or many as a batch file (submit_batch)")
         prompt_token_ids, prompt = prompt, None
     if isinstance(messages, list):
-        # A key set to null asks for nothing, as the openai SDK means it (a reply's message.model_dump() carries
-        # refusal, audio, tool_calls ... as None) and as batch lines take it; role and content are always checked.
-        messages = [{k: v for k, v in m.items() if v is not None or k in ("role", "content")}
+        # A key that asks for nothing is not given, as batch lines take it (a reply's message.model_dump() carries
+        # refusal, audio, tool_calls ... as None, annotations as []); role and content are always checked.
+        messages = [{k: v for k, v in m.items() if not asks_nothing(v) or k in ("role", "content")}
                     if isinstance(m, dict) else m for m in messages]
     if isinstance(prompt_token_ids, (list, tuple)):
         from pagedserve.engine.sampling_params import plain_number

@@ -72,8 +72,8 @@ def _whole(value: Any) -> Any:
     123456789012345680): such a float is refused rather than run as a number nobody sent."""
     if isinstance(value, float) and value.is_integer():
         if abs(value) >= 2**53:
-            raise ValueError(f"{value!r} is a whole number written as a float of 2**53 or more, where floats skip "
-                             "whole numbers (it may not be the one written): write it as an integer")
+            raise ValueError(f"{value!r} is a whole number written as a float of magnitude 2**53 or more, where "
+                             "floats skip whole numbers (it may not be the one written): write it as an integer")
         return int(value)
     return value
 
@@ -85,6 +85,12 @@ def whole_int(ge: int, le: int) -> Any:
 
 
 Int64 = whole_int(INT64_MIN, INT64_MAX)
+
+
+def asks_nothing(value: object) -> bool:
+    """A message key's value that asks for nothing, as the openai SDK writes a reply's unused keys when it dumps
+    one (``refusal: None``, ``annotations: []``): such a key is left out, whatever it is named."""
+    return value is None or (isinstance(value, (list, dict)) and not value)
 
 
 def valid_id(value: object) -> bool:

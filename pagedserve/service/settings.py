@@ -89,16 +89,19 @@ def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[tuple[st
             if name.upper().startswith(ENV_PREFIX) and name.upper() not in known]
 
 
-def spelling_clashes(environ: Mapping[str, str] | None = None) -> list[list[str]]:
-    """Groups of ``PAGEDSERVE_*`` variables that differ only in case and hold different values: the settings read
-    names case-insensitively, and which one wins depends on the environment's order (``env``, a shell), so the
-    same command could read one deployment's prefix here and another's there."""
+def spelling_clashes(environ: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """Setting -> the variables that set it under names differing only in case, with different values: the
+    settings read names case-insensitively, and which one wins depends on the environment's order (``env``, a
+    shell), so the same command could read one deployment's prefix here and another's there. Variables that are no
+    setting are not compared (what reads them reads one exact name)."""
     env = os.environ if environ is None else environ
-    by_name: dict[str, list[str]] = {}
+    field_of = {name: field for field in Settings.model_fields for name in env_names(field)}
+    by_field: dict[str, list[str]] = {}
     for name in sorted(env):
-        if name.upper().startswith(ENV_PREFIX):
-            by_name.setdefault(name.upper(), []).append(name)
-    return [names for names in by_name.values() if len({env[n] for n in names}) > 1]
+        if name.upper() in field_of:
+            by_field.setdefault(field_of[name.upper()], []).append(name)
+    return {field: names for field, names in by_field.items()
+            if len({n.upper() for n in names}) < len(names) and len({env[n] for n in names}) > 1}
 
 
 def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -288,10 +291,13 @@ class Settings(BaseSettings):
     @classmethod
     def _one_spelling(cls, data: Any) -> Any:
         clashes = spelling_clashes()
+        if isinstance(data, dict):  # a setting given in code is not read from the environment
+            env = os.environ
+            clashes = {f: names for f, names in clashes.items() if str(data.get(f)) in {env[n] for n in names}}
         if clashes:
-            raise ValueError("; ".join(" and ".join(names) for names in clashes) + " set one setting to different "
-                             "values (names are read whatever their case, and which one wins depends on the "
-                             "environment's order): keep one")
+            raise ValueError("; ".join(" and ".join(names) for names in clashes.values()) + " set one setting to "
+                             "different values (names are read whatever their case, and which one wins depends on "
+                             "the environment's order): keep one")
         return data
 
     @field_validator("dtype", "block_size")
