@@ -516,6 +516,22 @@ def test_a_token_that_could_not_be_drawn_reads_as_openai_writes_it():
         assert ok and sorted(values) == [-9999.0, -9999.0, -0.1], values
 
 
+@pytest.mark.parametrize("renamed", [{"max_tokens": "max_completion_tokens"}, "max_tokens=max_completion_tokens"])
+def test_a_refusal_names_the_key_the_line_wrote_whichever_version_submitted_it(renamed):
+    """A line submitted by the 2026-12-02 CLI carries its renamed keys as text; a newer worker collecting it (a
+    rolling update) read only the dict form and named body.max_tokens, a key the line never wrote."""
+    from pagedserve.service.batch_format import output_line
+    from pagedserve.service.protocol import ErrorEvent
+
+    event = ErrorEvent.model_validate({"type": "error", "id": "r", "error": {
+        "code": "invalid_request", "message": "params.max_tokens 5000 is more than the model allows"}})
+    md = {"batch_id": "batch_" + "0" * 32, "line": 1, "custom_id": "c", "url": "/v1/chat/completions",
+          "renamed": renamed}
+    error = output_line(event, md)[1]["response"]["body"]["error"]
+    assert error["param"] == "max_completion_tokens", error
+    assert error["message"].startswith("body.max_completion_tokens 5000"), error
+
+
 def test_usage_says_the_prompt_tokens_the_prefix_cache_served_as_openai_does():
     """The done event counts them (cached_prompt_tokens); the output's usage left out OpenAI's
     prompt_tokens_details.cached_tokens."""

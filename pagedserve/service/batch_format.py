@@ -81,8 +81,12 @@ def _in_body_words(message: str, renamed: dict[str, str] | None = None) -> str:
 
 
 def _renamed(md: dict) -> dict[str, str]:
-    """The wire names the line wrote under another key, as :func:`to_request` left them in its metadata."""
+    """The wire names the line wrote under another key, as :func:`to_request` left them in its metadata: a dict, or
+    the ``"max_tokens=max_completion_tokens,..."`` text a submitter of 2026-12-02 wrote (its lines may be collected
+    by a newer worker during a rolling update)."""
     renamed = md.get("renamed")
+    if isinstance(renamed, str):
+        return dict(pair.split("=", 1) for pair in renamed.split(",") if pair.count("=") == 1)
     return renamed if isinstance(renamed, dict) else {}
 
 
