@@ -124,6 +124,13 @@ def test_generation_configs_eos_ids_end_outputs_not_the_configs_beside_them(tmp_
     reference = _hf(path, eos=True)
     assert reference == free[:later + 1], (reference, free)
     assert _ours(path, ignore_eos=False) == reference
+    # A generation config that names no EOS: transformers runs on past config.json's id (its generation config has
+    # none), and the engine took config.json's as if the file were not there.
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 256}))
+    assert _hf(path, eos=True) == free
+    assert _ours(path, ignore_eos=False) == free
+    (path / "generation_config.json").unlink()  # no file: config.json's id ends it, in both
+    assert _hf(path, eos=True) == _ours(path, ignore_eos=False) == free[:1]
 
 
 @pytest.mark.parametrize("field, value, words", [

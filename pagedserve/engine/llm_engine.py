@@ -100,11 +100,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.max_token_chars = longest_token_chars(self.tokenizer)
         self.vocab_size = hf_config.vocab_size
-        # generation_config.json's EOS ids, as transformers' generate takes them (config.json's only without them),
-        # and the tokenizer's, as vLLM adds it: config.json's id beside a generation config that lists others
-        # ended outputs transformers runs on.
-        eos = set(read_generation_eos(model_dir))
-        for source in ((None if eos else getattr(hf_config, "eos_token_id", None)), self.tokenizer.eos_token_id):
+        # generation_config.json's EOS ids, as transformers' generate takes them (config.json's only without that
+        # file), and the tokenizer's, as vLLM adds it: config.json's id beside a generation config that lists
+        # others, or none, ended outputs transformers runs on.
+        generation_eos = read_generation_eos(model_dir)
+        eos = set(generation_eos or ())
+        for source in ((getattr(hf_config, "eos_token_id", None) if generation_eos is None else None),
+                       self.tokenizer.eos_token_id):
             if source is not None:
                 eos.update([source] if isinstance(source, int) else source)
         self.eos_token_ids = eos

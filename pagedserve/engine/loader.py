@@ -282,11 +282,12 @@ def _expected_names(model: LlamaForCausalLM) -> set[str]:
     return names
 
 
-def read_generation_eos(model_dir: str | Path) -> list[int]:
-    """EOS ids from generation_config.json (which may list several), else empty."""
+def read_generation_eos(model_dir: str | Path) -> list[int] | None:
+    """EOS ids from generation_config.json (which may list several); empty when the file names none, None when
+    there is no such file (transformers takes config.json's then, and only then)."""
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
-        return []
+        return None
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
