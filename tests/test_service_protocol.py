@@ -350,3 +350,43 @@ def test_a_whole_float_past_what_floats_hold_exactly_is_refused_not_run_as_its_n
     assert exact.params.seed == int(float(literal)) and exact.params.max_tokens == 4
     assert parse_request('{"id": "x", "prompt": "hi", "params": {"seed": 9007199254740991.0}}',
                          1 << 20).params.seed == 2**53 - 1
+
+
+def test_a_sampling_params_objects_max_tokens_means_on_the_wire_what_it_means_offline():
+    """SamplingParams(max_tokens=16) was sent without max_tokens (16 is the object's default), which the wire reads
+    for a chat as "to the end of the context": the chat ran past 16 tokens. max_tokens=None on a prompt was read as
+    the completions default, 16, where the object meant the end of the context."""
+    from pagedserve.engine import SamplingParams
+    from pagedserve.service.client_core import build_request
+    from pagedserve.service.protocol import engine_params
+
+    chat = [{"role": "user", "content": "hi"}]
+    for params, expected in ((SamplingParams(max_tokens=16), 16), (SamplingParams(), 16),
+                             (SamplingParams(max_tokens=None), None)):
+        req = build_request(messages=chat, params=params)
+        assert engine_params(req.params, chat=True).max_tokens == expected, params
+    assert engine_params(build_request("hi", params=SamplingParams()).params).max_tokens == 16
+    with pytest.raises(ValueError, match=r"^params\.max_tokens: None \(to the end of the context\) is for chat"):
+        build_request("hi", params=SamplingParams(max_tokens=None))
+
+
+def test_the_inputs_python_code_passes_are_taken_as_they_mean():
+    """A reply's message object appended as is (the openai SDK's pattern), messages as a tuple, numpy integers
+    for priority, deadline_ms and a resume point: each was refused ("must be a JSON object", "a valid list", "a
+    valid integer", a TypeError), while prompt_token_ids and params took numpy's integers."""
+    import numpy as np
+    from openai.types.chat import ChatCompletionMessage
+
+    from pagedserve.service.client_core import build_request, resume_point
+
+    req = build_request(messages=({"role": "user", "content": "hi"},
+                                  ChatCompletionMessage(role="assistant", content="Hello."),
+                                  {"role": "user", "content": "Again?"}),
+                        priority=np.int64(3), deadline_ms=np.int64(1_900_000_000_000))
+    assert [(m.role, m.content) for m in req.messages] == [
+        ("user", "hi"), ("assistant", "Hello."), ("user", "Again?")]
+    assert (req.priority, req.deadline_ms) == (3, 1_900_000_000_000)
+    assert type(req.priority) is int and type(req.deadline_ms) is int
+    assert resume_point(np.int64(1)) == 1 and resume_point({np.int64(0): np.int32(2)}) == {0: 2}
+    with pytest.raises(TypeError, match="after"):
+        resume_point(np.float64(1.5))

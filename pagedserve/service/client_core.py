@@ -58,6 +58,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import numbers
 import re
 import time
 import uuid
@@ -347,13 +348,17 @@ def _params(params: Any) -> dict:
                 for k, v in params.items()}
     if isinstance(params, SamplingParamsModel):
         return params.to_kwargs()
-    if dataclasses.is_dataclass(params):  # engine.SamplingParams: send only what differs from the defaults
+    if dataclasses.is_dataclass(params):  # engine.SamplingParams: send only what differs from the defaults...
         defaults = type(params)()
-        return {
+        sent = {
             f.name: getattr(params, f.name)
             for f in dataclasses.fields(params)
             if getattr(params, f.name) != getattr(defaults, f.name)
         }
+        # ...but max_tokens always: its default (16) is the object's, while the wire reads a chat request without
+        # it as "to the end of the context" (SamplingParams(max_tokens=16) ran a chat past 16 tokens).
+        sent["max_tokens"] = params.max_tokens
+        return sent
     raise TypeError("params must be a dict, a SamplingParams or a SamplingParamsModel")
 
 
@@ -438,15 +443,26 @@ def build_request(
             raise ValueError("prompt: a request has one prompt, a str (or its token ids, a list of ints): send one "
                              "request per prompt, or many as a batch file (submit_batch)")
         prompt_token_ids, prompt = prompt, None
+    if isinstance(messages, tuple):  # any sequence of messages, as the openai SDK takes them
+        messages = list(messages)
     if isinstance(messages, list):
+        # The SDK's own message objects (a reply's resp.choices[0].message appended as is) as the dicts they dump.
+        messages = [m.model_dump() if hasattr(m, "model_dump") and not isinstance(m, dict) else m for m in messages]
         # A key that asks for nothing is not given, as batch lines take it (a reply's message.model_dump() carries
         # refusal, audio, tool_calls ... as None, annotations as []); role and content are always checked.
         messages = [{k: v for k, v in m.items() if not asks_nothing(v) or k in ("role", "content")}
                     if isinstance(m, dict) else m for m in messages]
-    if isinstance(prompt_token_ids, (list, tuple)):
-        from pagedserve.engine.sampling_params import plain_number
+    if (dataclasses.is_dataclass(params) and not isinstance(params, type) and params.max_tokens is None
+            and messages is None):
+        # The wire reads a prompt request without max_tokens as OpenAI's completions do (16 tokens); the object
+        # meant "to the end of the context", which only a number can say for a prompt.
+        raise ValueError("params.max_tokens: None (to the end of the context) is for chat requests; give a prompt "
+                         "request the number of tokens to generate at most")
+    from pagedserve.engine.sampling_params import plain_number
 
+    if isinstance(prompt_token_ids, (list, tuple)):
         prompt_token_ids = [plain_number(t) for t in prompt_token_ids]
+    priority, deadline_ms = plain_number(priority), plain_number(deadline_ms)  # numpy's integers as Python's
     try:
         req = GenerateRequest.model_validate({
             "id": uuid.uuid4().hex if id is None else id,  # "" is refused, not read as "no id"
@@ -732,6 +748,8 @@ def resume_point(after: Any) -> int | dict[int, int] | None:
     def whole(value: Any, what: str) -> int:
         if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,40}", value.strip()):
             value = int(value.strip())
+        elif isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy's too
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or value < -1:
             raise TypeError(f"after{what}: expected the last seq seen, a whole number >= -1 (or its text); "
                             f"got {value!r}")
