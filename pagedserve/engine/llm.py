@@ -189,7 +189,6 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, device=device, dtype=dtype,
             seed=seed, tensor_parallel_size=tensor_parallel_size, **kwargs)
         self._counter = 0
-        self._closed = False
         # One call at a time: a call steps the engine until the engine has nothing left, so two at once ran each
         # other's requests and corrupted the scheduler (held-out testing: most such runs hung for good).
         self._one_call = threading.Lock()
@@ -198,13 +197,12 @@ class LLM:
         """Stop the grammar compile threads and the tensor-parallel rank processes, if any, now (both also stop
         when the engine is dropped, and when this process exits). Every later ``generate`` or ``chat`` raises
         ``EngineDeadError``, whatever ``tensor_parallel_size``: a closed LLM is done, make a new one."""
-        self._closed = True
         self.engine.close()
 
     def _check_open(self) -> None:
         # One answer for every engine: a tensor-parallel one could no longer step (its ranks are gone), and a
         # single-process one would run on without its grammar compile threads.
-        if self._closed:
+        if self.engine.closed:
             raise EngineDeadError("this LLM was closed (close()): make a new one")
 
     def __getattr__(self, name: str):

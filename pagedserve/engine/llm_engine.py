@@ -366,6 +366,11 @@ class LLMEngine:
         self.structured.close()
         self.runner.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: the engine takes no request and runs no step any more."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise EngineDeadError("this LLMEngine was closed (close()): make a new one")

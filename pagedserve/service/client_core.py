@@ -254,7 +254,7 @@ def ids_exhausted(e: BaseException) -> bool:
 
 def is_busy(e: BaseException) -> bool:
     """Whether Redis refused a command with BUSY (a script or function running past its time limit)."""
-    return isinstance(e, redis.ResponseError) and not isinstance(e, RedisBusy) and str(e).startswith("BUSY")
+    return isinstance(e, redis.ResponseError) and str(e).startswith("BUSY")
 
 
 def busy_line(where: str) -> str:
@@ -338,7 +338,7 @@ class RequestFailed(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ requests
-def _params(params: Any) -> dict:
+def _params(params: Any, chat: bool) -> dict:
     if params is None:
         return {}
     if isinstance(params, dict):  # numbers computed with numpy as the Python numbers the wire's JSON takes
@@ -356,10 +356,25 @@ def _params(params: Any) -> dict:
             if getattr(params, f.name) != getattr(defaults, f.name)
         }
         # ...but max_tokens always: its default (16) is the object's, while the wire reads a chat request without
-        # it as "to the end of the context" (SamplingParams(max_tokens=16) ran a chat past 16 tokens).
+        # it as "to the end of the context" (SamplingParams(max_tokens=16) ran a chat past 16 tokens), and a prompt
+        # request without it as OpenAI's completions do (16 tokens): None ("to the end") only a chat can say.
+        if params.max_tokens is None and not chat:
+            raise ValueError("params.max_tokens: None (to the end of the context) is for chat requests; give a "
+                             "prompt request the number of tokens to generate at most")
         sent["max_tokens"] = params.max_tokens
         return sent
     raise TypeError("params must be a dict, a SamplingParams or a SamplingParamsModel")
+
+
+def _message(m: Any) -> Any:
+    """One message as the wire takes it: the openai SDK's message objects (a reply's ``resp.choices[0].message``
+    appended as is) as the dicts they dump, less the keys that ask for nothing, as batch lines take them (a dumped
+    reply carries refusal, audio, tool_calls ... as None, annotations as []); role and content are always checked."""
+    if hasattr(m, "model_dump") and not isinstance(m, dict):
+        m = m.model_dump()
+    if not isinstance(m, dict):
+        return m
+    return {k: v for k, v in m.items() if not asks_nothing(v) or k in ("role", "content")}
 
 
 def _changed_by_json(value: Any, where: str) -> str | None:
@@ -443,21 +458,8 @@ def build_request(
             raise ValueError("prompt: a request has one prompt, a str (or its token ids, a list of ints): send one "
                              "request per prompt, or many as a batch file (submit_batch)")
         prompt_token_ids, prompt = prompt, None
-    if isinstance(messages, tuple):  # any sequence of messages, as the openai SDK takes them
-        messages = list(messages)
-    if isinstance(messages, list):
-        # The SDK's own message objects (a reply's resp.choices[0].message appended as is) as the dicts they dump.
-        messages = [m.model_dump() if hasattr(m, "model_dump") and not isinstance(m, dict) else m for m in messages]
-        # A key that asks for nothing is not given, as batch lines take it (a reply's message.model_dump() carries
-        # refusal, audio, tool_calls ... as None, annotations as []); role and content are always checked.
-        messages = [{k: v for k, v in m.items() if not asks_nothing(v) or k in ("role", "content")}
-                    if isinstance(m, dict) else m for m in messages]
-    if (dataclasses.is_dataclass(params) and not isinstance(params, type) and params.max_tokens is None
-            and messages is None):
-        # The wire reads a prompt request without max_tokens as OpenAI's completions do (16 tokens); the object
-        # meant "to the end of the context", which only a number can say for a prompt.
-        raise ValueError("params.max_tokens: None (to the end of the context) is for chat requests; give a prompt "
-                         "request the number of tokens to generate at most")
+    if isinstance(messages, (list, tuple)):  # any sequence of messages, as the openai SDK takes them
+        messages = [_message(m) for m in messages]
     from pagedserve.engine.sampling_params import plain_number
 
     if isinstance(prompt_token_ids, (list, tuple)):
@@ -469,7 +471,7 @@ def build_request(
             "prompt": prompt,
             "prompt_token_ids": prompt_token_ids,
             "messages": messages,
-            "params": _params(params),
+            "params": _params(params, chat=messages is not None),
             "stream": stream,
             "priority": priority,
             "deadline_ms": deadline_ms,
