@@ -12,7 +12,10 @@ TOK = build_byte_tokenizer()
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(min_size=1, max_size=40))
+# Texts without U+FFFD: a delta holding one is a split character only where the text had none (hypothesis drew
+# the text "\ufffd" itself once, which the deltas rightly hold).
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
+                   min_size=1, max_size=40))
 def test_deltas_never_split_characters_and_add_up(text):
     detok = IncrementalDetokenizer(TOK, [], set(TOK.all_special_ids))
     deltas = []
