@@ -222,8 +222,8 @@ def test_the_finish_script_acknowledges_thousands_of_entries_of_one_id(redis_url
         entries = [e for _, es in r.xreadgroup(keys.group, "c", {keys.requests: ">"}, count=20_000) for e, _ in es]
         finish = r.register_script(source("finish"))
         done = json.dumps({"type": "done", "id": rid})
-        assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid)],
-                      args=[keys.group, keys.out(rid), done, 60, *entries]) == 1
+        assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
+                      args=[keys.group, keys.out(rid), done, 60, "c:0", *entries]) == 1
         assert r.xpending(keys.requests, keys.group)["pending"] == 0 and r.xlen(keys.requests) == 0
         assert r.get(keys.result(rid)) == done.encode()
     finally:
@@ -251,8 +251,9 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
         finish = r.register_script(source("finish"))
         mine = json.dumps({"type": "done", "id": rid, "metrics": {"e2e_ms": 1.5}})
         other = json.dumps({"type": "done", "id": rid, "metrics": {"e2e_ms": 9.5}})
-        run = lambda event: finish(keys=[keys.result(rid), keys.requests, keys.events(rid)],  # noqa: E731
-                                   args=[keys.group, keys.out(rid), event, 60, entry])
+        run = lambda event: finish(  # noqa: E731
+            keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
+            args=[keys.group, keys.out(rid), event, 60, "c:0", entry])
         assert (run(mine), run(mine), run(other)) == (1, 0, 0)
 
         published = []

@@ -29,6 +29,8 @@ only what was refused is sent again. Token events of a request given up to anoth
 Invariants:
 - an entry is acknowledged only in the same script that stored its terminal event (or wrote its dead
   letter), or, for an id answered from an already stored result, after that result was read;
+- a terminal event is stored only while the id's claim is this worker's or nobody's (finish.lua): one whose run
+  another worker took over meanwhile is dropped with the request's buffered token events (``on_run_taken``);
 - nothing but token events is ever dropped: refused or unsent ops stay buffered until Redis takes them
   (token events beyond ``max_buffered`` are dropped oldest first, leaving a gap a taking-over worker cannot
   continue after, those of a request given up, those refused until after their request's end was stored, and
@@ -98,6 +100,10 @@ class Publisher(WorkerPart):
     # Called with (request id, entry ids) of a terminal event whose result key holds another type: nothing was
     # stored or acknowledged, and no retry would store it (the worker dead-letters the entries: outcomes.py).
     on_result_key_foreign: Callable[[str, tuple], None] | None = None
+    # Called with (request id, entry ids) of a terminal event that finish.lua did not store because another worker
+    # holds the id's claim (it took the run over while this one was away): nothing was stored or acknowledged.
+    on_run_taken: Callable[[str, tuple], None] | None = None
+    claim_owner: str = ""  # this worker's claim owner (claims.py): finish.lua stores only under it or no claim
     _scripts: Scripts | None = field(default=None, init=False)
     _retry_delay: float = field(default=0.0, init=False)
     _retry_at: float = field(default=0.0, init=False)
@@ -135,6 +141,15 @@ class Publisher(WorkerPart):
         events stream holds; a late append of ours would fork its stream)."""
         self._expiry_set.pop(request_id, None)
         self._ops = [op for op in self._ops if not (op.kind == "token" and op.request_id == request_id)]
+
+    def forget_ended(self, entry_ids: list[str]) -> None:
+        """Entries another worker owns now, of requests that ended here and whose terminal event is still buffered:
+        their token events are dropped (that worker continues after what the events stream holds); the terminal
+        event goes out, and finish.lua stores it only if no other worker holds the id's claim."""
+        lost = set(entry_ids)
+        for op in self._later + self._ops:
+            if op.kind == "terminal" and op.entry_ids and lost.issuperset(op.entry_ids):
+                self.forget(op.request_id)
 
     def terminal(
         self, request_id: str, payload: bytes, entry_ids: list[str], callback: Callable[[], None] | None = None
@@ -188,7 +203,8 @@ class Publisher(WorkerPart):
         refused: list[tuple[_Op, BaseException]] = []
         given_up: list[tuple[_Op, BaseException]] = []
         foreign: list[_Op] = []
-        ended: set[str] = set()  # requests whose terminal event this flush stored
+        taken: list[_Op] = []
+        ended: set[str] = set()  # requests whose terminal event this flush stored, or another worker's run ends
         reload = False
         sent = i = 0
         try:
@@ -224,6 +240,9 @@ class Publisher(WorkerPart):
                     if op.kind == "terminal" and mine == [-1]:
                         foreign.append(op)  # its result key holds another type: no answer can be stored
                         continue
+                    if op.kind == "terminal" and mine == [-2]:
+                        taken.append(op)  # another worker runs the id now: its answer is the one stored
+                        continue
                     if errors:
                         kept.append(op)
                         if isinstance(errors[0], redis.exceptions.NoScriptError):
@@ -235,6 +254,7 @@ class Publisher(WorkerPart):
                     if op.kind == "terminal":
                         ended.add(op.request_id)
         finally:
+            ended.update(op.request_id for op in taken)
             if ended:  # a token event Redis refused before its request's end was stored: nothing may follow the end
                 kept = [op for op in kept if not (op.kind == "token" and op.request_id in ended)]
             self._ops = kept + ops[i:] + self._ops
@@ -247,7 +267,22 @@ class Publisher(WorkerPart):
         self._wrong_types(given_up)
         for op in foreign:
             self._result_key_foreign(op)
+        for op in taken:
+            self._run_taken(op)
         return sent
+
+    def _run_taken(self, op: _Op) -> None:
+        """A terminal event finish.lua did not store: another worker holds the id's claim, so it runs the id now
+        and stores its answer. Its token events still buffered here go too (they would fork that run's stream)."""
+        self.forget(op.request_id)
+        self.log.warning("run_taken_over", request_id=op.request_id, entry_ids=list(op.entry_ids),
+                         note="another worker took this run over while this one was away (paused, partitioned, "
+                              "Redis unreachable): its answer is the one stored, this one's is dropped")
+        try:
+            if self.on_run_taken is not None:
+                self.on_run_taken(op.request_id, op.entry_ids)
+        except Exception:
+            self.log.exception("write_callback_failed", op=op.kind, request_id=op.request_id)
 
     def _result_key_foreign(self, op: _Op) -> None:
         """A terminal event whose result key holds a value of another type: reported, so that its entries end as
@@ -318,9 +353,10 @@ class Publisher(WorkerPart):
             pipe.publish(op.args[0], op.args[1])
             return 1
         if op.kind == "terminal":
+            rid = op.request_id
             self._scripts.evalsha(
-                pipe, "finish", [k.result(op.request_id), k.requests, k.events(op.request_id)],
-                [k.group, k.out(op.request_id), op.args[0], self.settings.result_ttl_s, *op.entry_ids],
+                pipe, "finish", [k.result(rid), k.requests, k.events(rid), k.running(rid)],
+                [k.group, k.out(rid), op.args[0], self.settings.result_ttl_s, self.claim_owner, *op.entry_ids],
             )
             return 1
         if op.kind == "ack":

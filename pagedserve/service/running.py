@@ -137,9 +137,9 @@ class Running(WorkerPart):
     def give_up(self, rid: str, why: str) -> InFlight | None:
         """Stop running ``rid`` here without answering (another worker owns it now); returns what it was."""
         f = self.table.pop(rid, None)
+        self.publisher.forget(rid)  # also of a run that ended here and whose end is still buffered
         if f is not None:
             self._abort(rid)
-            self.publisher.forget(rid)
             self.metrics.leases_lost.inc()
             (f.log or self.log).warning("run_given_up", why=why)
             f.abandon(why)
@@ -151,6 +151,7 @@ class Running(WorkerPart):
         if not entry_ids:
             return
         owner = {eid: rid for rid, f in self.table.items() for eid in f.entry_ids}
+        self.publisher.forget_ended([eid for eid in entry_ids if eid not in owner])
         for eid in entry_ids:
             rid = owner.get(eid)
             f = self.table.get(rid) if rid is not None else None

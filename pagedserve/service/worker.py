@@ -124,6 +124,8 @@ class Worker(WorkerPart):
         self.metrics.stalled_seconds.set_function(lambda: self.progress.stalled_s)
         outcomes = Outcomes(ctx=ctx, publisher=publisher, claims=claims)
         publisher.on_result_key_foreign = outcomes.result_key_foreign
+        publisher.claim_owner = claims.owner
+        publisher.on_run_taken = self._run_taken
         get_engine = lambda: self.engine  # noqa: E731  (loaded on first use, after the health server is up)
         self.running = Running(ctx=ctx, engine=get_engine, outcomes=outcomes, publisher=publisher, claims=claims)
         self.admission = Admission(
@@ -544,6 +546,14 @@ class Worker(WorkerPart):
         self.metrics.requests_running.set(engine.num_running)
         self.metrics.requests_waiting.set(engine.num_waiting)
         self.metrics.engine.update(engine.stats())
+
+    def _run_taken(self, rid: str, entry_ids: tuple[str, ...]) -> None:
+        """A run that ended here but whose answer finish.lua did not store: another worker holds the id's claim.
+        Its entries are not renewed from here any more (those still pending here are reclaimed once idle, and
+        answered from that worker's result), nor is the claim."""
+        self.leases.discard(entry_ids)
+        self.claims.release(rid)
+        self.metrics.leases_lost.inc()
 
     def _send_back(self, entry_ids: list[str]) -> None:
         """Entries to run again: reclaimable at once (another delivery, counted), or when their lease lapses."""

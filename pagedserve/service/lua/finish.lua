@@ -10,11 +10,20 @@
 -- The same event found stored is this very script sent again (its reply was lost to a broken connection or a
 -- timeout, and the publisher repeats what it cannot know was applied): it was published then, not again now.
 -- The events stream expires with the result: a client reading it from its last entry finds the end there.
--- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream
+-- Fenced by the id's claim: a worker that was away (paused, partitioned) while another worker took its run over
+-- stores nothing and acknowledges nothing, even when this script reaches Redis long after it was sent (bytes
+-- held in a half-open connection): the claim's owner stores the answer. A claim that lapsed with no new owner
+-- does not hold it back: nobody else runs the id then, and a worker that takes it later finds this result.
+-- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream, KEYS[4] the id's claim
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
--- ARGV[5..] the request's stream entry ids
--- Returns 1 (stored), 0 (another run's event was stored first), or -1: the result key holds a value of another
--- type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead.
+-- ARGV[5] this worker's claim owner, ARGV[6..] the request's stream entry ids
+-- Returns 1 (stored), 0 (another run's event was stored first), -1: the result key holds a value of another
+-- type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
+-- another worker holds the id's claim (it runs the id now), so nothing is stored, published or acknowledged.
+local owner = redis.pcall('GET', KEYS[4])
+if type(owner) == 'string' and owner ~= ARGV[5] then
+  return -2
+end
 local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4])
 local event = ARGV[3]
 if not stored then
@@ -35,7 +44,7 @@ if stored then
 end
 -- In chunks: unpack() of more than a few thousand values fails ("too many results to unpack"), and an id
 -- submitted that many times must still be acknowledged.
-for i = 5, #ARGV, 1000 do
+for i = 6, #ARGV, 1000 do
   local last = math.min(i + 999, #ARGV)
   redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, i, last))
   redis.call('XDEL', KEYS[2], unpack(ARGV, i, last))
