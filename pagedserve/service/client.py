@@ -312,7 +312,7 @@ class Client(ProducerCore):
         self._check_open()
         req = self._request(prompt, kw)
         self._check_not_closing()  # close() may have begun in another thread
-        with self._reaching():
+        with self._reaching(sending=req.id):
             self._xadd(req)
         return req.id
 
@@ -647,7 +647,7 @@ class AsyncClient(ProducerCore):
         self._bind_loop()
         req = self._request(prompt, kw)
         self._check_not_closing()
-        with self._reaching():
+        with self._reaching(sending=req.id):
             await self._xadd(req)
         return req.id
 

@@ -166,7 +166,10 @@ def remember(kept: OrderedDict, key: str, value: Any, limit: int) -> None:
 class RedisUnreachable(redis.ConnectionError):
     """Redis could not be reached before anything was sent, or was lost for ``OUTAGE_S`` during a wait (the
     message names the URL, password masked, and says whether the request was sent, or may have been: a send whose
-    answer was lost is waited on as through an outage)."""
+    answer was lost is waited on as through an outage). ``request_id``: set when a ``submit`` lost the answer to its
+    send, so the request may be in the stream under that id."""
+
+    request_id: str | None = None
 
 
 class RedisBusy(redis.ConnectionError):
@@ -640,11 +643,14 @@ class ProducerCore:
         return CancelOutcome(finished=self._terminal(stored), running=stored is None and bool(claimed))
 
     @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        """Redis not reached: :class:`RedisUnreachable` naming the URL (password masked), as from every call."""
+    def _reaching(self, sending: str | None = None) -> Iterator[None]:
+        """Redis not reached: :class:`RedisUnreachable` naming the URL (password masked), as from every call.
+        ``sending``: the id of the request the call sends; a send whose answer was lost says it may have gone."""
         try:
             yield
         except CONNECTION_ERRORS as e:
+            if sending is not None and answer_lost(e):
+                raise sent_unanswered(redact(self.redis_url), sending, e) from None
             raise self._unreachable(e) from None
         except redis.ResponseError as e:
             raise self._explained(e) from None
@@ -962,9 +968,23 @@ def _confirmed(verdict: Verdict | None, loss: LossCheck | None) -> Verdict | Non
 
 
 def answer_lost(e: BaseException) -> bool:
-    """Whether a command failed after it went out (its answer timed out), so that Redis may have applied it; not a
-    connection that could not be made (then nothing was sent)."""
-    return isinstance(e, (redis.TimeoutError, TimeoutError)) and not str(e).startswith("Timeout connecting")
+    """Whether a command failed after it went out, so that Redis may have applied it: its answer timed out, or the
+    connection broke while the answer was read (reset, closed); not a connection that could not be made, nor one
+    that broke while the command was written (Redis runs no command it did not receive whole)."""
+    if isinstance(e, (RedisUnreachable, RedisBusy, TooManyConnections)):
+        return False  # said already, and of a command that was not run
+    if isinstance(e, (redis.TimeoutError, TimeoutError)):
+        return not str(e).startswith("Timeout connecting")
+    text = str(e)
+    return isinstance(e, redis.ConnectionError) and ("while reading" in text or "closed by server" in text)
+
+
+def sent_unanswered(where: str, request_id: str, e: BaseException) -> RedisUnreachable:
+    """The error of a send whose answer was lost: the request may be in the stream, and the caller has its id."""
+    err = RedisUnreachable(f"Redis at {where} did not answer the send of request {request_id} ({redact(e)}): it may "
+                           "have been sent; wait for it by that id, or send it again under the same id, which runs once")
+    err.request_id = request_id
+    return err
 
 
 class Outage:
