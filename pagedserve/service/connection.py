@@ -236,8 +236,48 @@ def redis_client(url: str, *, decode: bool = False, timeout: float = REDIS_TIMEO
         raise ValueError(f"PAGEDSERVE_REDIS_URL {redact(url)!r} is not a valid Redis URL: {redact(e)}") from None
 
 
+READY_PING_S = 2.0  # /readyz's PING: under the chart's probe timeout (5 s), past a slow link's round trip
 PROBE_PAUSE_S = 0.25  # between the prober's PINGs while Redis does not answer
 REFUSAL_REMIND_S = 60.0  # a command Redis keeps refusing is logged again this often (each try is counted)
+
+
+class ReadinessPing:
+    """``/readyz``'s PING, on a connection kept from one probe to the next. A connection per probe cost a connect
+    and redis-py's handshake (``CLIENT SETINFO``, twice) before the PING, four round trips: over a slow link (a far
+    region, a congested one) a probe took seconds and failed, and the worker read not ready while it served. A PING
+    that fails drops the connection (a late reply must not answer the next one); the next probe connects anew.
+    Safe from the health server's threads at once."""
+
+    def __init__(self, url: str, timeout: float = READY_PING_S):
+        self._url, self._timeout = url, timeout
+        self._lock = threading.Lock()
+        self._client: redis.Redis | None = None
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self._client is None:
+                self._client = redis_client(self._url, timeout=self._timeout)
+            client = self._client
+        try:
+            return bool(client.ping())
+        except Exception:
+            self._drop(client)
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            client = self._client
+        if client is not None:
+            self._drop(client)
+
+    def _drop(self, client: redis.Redis) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+        try:
+            client.close()
+        except Exception:
+            pass
 
 
 @dataclass

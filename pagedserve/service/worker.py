@@ -46,6 +46,7 @@ from .connection import (
     REDIS_REFUSED,
     Connection,
     NameHeld,
+    ReadinessPing,
     RedisSettingError,
     redis_client,
     redis_location,
@@ -141,6 +142,7 @@ class Worker(WorkerPart):
         self._stop = threading.Event()
         self._shutting_down = False
         self._credentials_checked = False
+        self._ready_ping = ReadinessPing(s.redis_url)
         self._stop_deadline: float | None = None
         self._ctrl_c = False  # the drain was asked for by a Ctrl-C (a second one stops it), not by SIGTERM
         self._ended_before_start: type[BaseException] | None = None  # a signal that ended the start (model loading)
@@ -236,12 +238,7 @@ class Worker(WorkerPart):
         return not self._alive()[0]
 
     def _ready(self) -> tuple[bool, dict]:
-        reachable = False
-        try:
-            with redis_client(self.settings.redis_url, timeout=1.0) as probe:
-                reachable = bool(probe.ping())
-        except Exception:
-            reachable = False
+        reachable = self._ready_ping()
         # Started: the model is in and the consumer name is held. A restarted worker waits up to claim_idle_ms for
         # its predecessor's name lease; it takes no work meanwhile, so it must not draw traffic or count as up. Nor
         # does one whose loop started while Redis was away: it takes the name only once Redis answers (and may
@@ -316,6 +313,7 @@ class Worker(WorkerPart):
         except BaseException:  # a start that fails (the model, a consumer name held by a live worker) serves nothing
             if self.health is not None:
                 self.health.stop()
+            self._ready_ping.close()
             raise
         self.log.info(
             "worker_started",
@@ -620,6 +618,7 @@ class Worker(WorkerPart):
                              unflushed=self.publisher.pending())
         if self.health is not None:
             self.health.stop()
+        self._ready_ping.close()
         self.stopped.set()
 
     def _close_engine(self) -> None:
