@@ -148,3 +148,18 @@ def test_a_config_field_of_the_wrong_kind_is_named(tmp_path, field, value, words
     (path / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=re.escape(words)):
         load_config(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_damaged_weights_is_refused_naming_the_tensor(tmp_path, bad):
+    """Bytes overwritten in a weights file (a partial copy, a bad disk) made NaN weights: the worker started,
+    /healthz said ok, and every request ended "done" with token 0, each drawn at logprob -1e30."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_tiny(tmp_path / "m", "llama")
+    tensors = load_file(str(path / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name][3, 5] = bad
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(name)}' in model.safetensors holds NaN or infinite"):
+        _ours(path)

@@ -246,6 +246,12 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
                     read = loader(params[target], f.get_slice(name), part)
                 except ValueError as exc:
                     raise ValueError(f"tensor {name!r} {exc}") from None
+                # Damaged bytes (a partial copy, a bad disk) make NaN weights: every answer would be junk, every
+                # request "done". No trained checkpoint holds NaN or infinity in a weight; either makes the sum
+                # non-finite (one pass, no mask allocated: a tenth of isfinite().all()'s time).
+                if read.is_floating_point() and not bool(torch.isfinite(read.sum(dtype=torch.float32))):
+                    raise ValueError(f"model {str(path)!r}: tensor {name!r} in {file.name} holds NaN or infinite "
+                                     "values: the file is damaged (a partial copy or download?); fetch the model again")
                 bytes_read += read.numel() * read.element_size()
                 filled.add(name)
     expected = _expected_names(model)
