@@ -293,3 +293,18 @@ def test_one_setting_spelt_in_two_cases_with_two_values_is_refused(monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", "/tmp/x")
     monkeypatch.setenv("PAGEDSERVE_cache_dir", "/tmp/y")
     assert read_settings().prefix == "aaa"
+
+
+@pytest.mark.parametrize("seqs", [65537, 2**31, 2**63 - 1])
+def test_max_num_seqs_past_what_one_engine_batches_is_refused_naming_it(seqs):
+    """MAX_NUM_SEQS=2**31 failed at start with numpy's "Unable to allocate 2.00 TiB" (a block table row per slot,
+    allocated up front), 2**63-1 with "Maximum allowed dimension exceeded", naming nothing; LLM(max_num_seqs=...)
+    the same. Both take the engine's bound."""
+    from pagedserve.engine.config import MAX_NUM_SEQS_LIMIT, EngineConfig
+
+    assert Settings.model_fields["max_num_seqs"].metadata[-1].le == MAX_NUM_SEQS_LIMIT == 65536
+    with pytest.raises(ValidationError, match=r"max_num_seqs\n.*less than or equal to 65536"):
+        Settings(max_num_seqs=seqs)
+    with pytest.raises(ValueError, match=r"max_num_seqs must be an integer in \[1, 65536\]"):
+        EngineConfig(model="m", max_num_seqs=seqs)
+    assert Settings(max_num_seqs=65536).max_num_seqs == 65536

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 
 PREEMPTION_MODES = ("swap", "recompute", "auto")
+# The scheduler's tables have a row per sequence slot, allocated up front: two billion slots asked for terabytes and
+# failed deep in numpy, a million took a gigabyte for nothing. Far past what one engine batches.
+MAX_NUM_SEQS_LIMIT = 65536
 
 
 @dataclass
@@ -53,8 +56,9 @@ class EngineConfig:
             fail("swap_space_gb", "must be a finite number >= 0")
         if self.preemption_mode not in PREEMPTION_MODES:
             fail("preemption_mode", f"must be one of {PREEMPTION_MODES}")
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            fail("max_num_seqs", "must be an integer >= 1")
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) \
+                or not 1 <= self.max_num_seqs <= MAX_NUM_SEQS_LIMIT:
+            fail("max_num_seqs", f"must be an integer in [1, {MAX_NUM_SEQS_LIMIT}]")
         if self.max_num_batched_tokens is not None and (
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):

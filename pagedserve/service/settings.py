@@ -228,7 +228,7 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     swap_space_gb: float = Field(4.0, ge=0, allow_inf_nan=False)  # more than the host's memory: the engine refuses
     preemption_mode: Literal["swap", "recompute", "auto"] = "auto"
-    max_num_seqs: int = Field(256, ge=1)
+    max_num_seqs: int = Field(256, ge=1, le=65536)  # the engine's MAX_NUM_SEQS_LIMIT (its config imports torch)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     max_model_len: int | None = Field(None, ge=2)
     enable_prefix_caching: bool = True
