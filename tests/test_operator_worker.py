@@ -178,3 +178,29 @@ def test_a_hung_redis_does_not_hold_up_the_engine(prefix, shared_engine):
             done = c.wait(rid, timeout=120)
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1200
             wait_for(lambda: w.conn.ok, 30, 0.05, "the link set up again")
+
+
+def test_a_hang_up_drains_the_worker_as_sigterm_does(tmp_path, redis_url, prefix, shared_engine):
+    """Closing the terminal of a ``pagedserve worker &`` (SIGHUP) ended it where it stood, rc 129, nothing logged:
+    its running requests stayed pending under its name, claims held, until CLAIM_IDLE_MS passed. Now it drains:
+    with no grace left, what runs is handed back at once (another worker finishes it at once), and the worker
+    logs its stop and exits 0."""
+    import signal
+
+    keys = Keys(prefix)
+    s = make_settings(redis_url, prefix, grace_period_s=0, claim_idle_ms=600_000)
+    w = WorkerProcess(s, tmp_path / "w.log")
+    try:
+        w.start().wait_started()
+        with Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
+            rid = submit_running(c, r, keys, "hung-up", max_tokens=1500)
+            w.proc.send_signal(signal.SIGHUP)
+            rc = w.proc.wait(60)
+            assert rc == 0, w.log_path.read_text()[-2000:]
+            assert "worker_stopped" in [e.get("event") for e in w.events()]
+            assert not r.exists(keys.running(rid)), "its claim was left to lapse"
+            with running_worker(s, shared_engine):
+                done = c.wait(rid, timeout=60)  # not handed back, it would wait for CLAIM_IDLE_MS (10 minutes)
+            assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1500, done
+    finally:
+        w.close()

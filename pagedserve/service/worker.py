@@ -154,6 +154,10 @@ class Worker(WorkerPart):
         if install_signals:
             signal.signal(signal.SIGTERM, self._terminated)
             signal.signal(signal.SIGINT, self._interrupted)
+            # A closed terminal (SIGHUP) drains as SIGTERM does: by default it ended the process where it stood,
+            # and its requests waited out claim_idle_ms. One the parent ignored (nohup) stays ignored.
+            if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+                signal.signal(signal.SIGHUP, self._terminated)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @property
