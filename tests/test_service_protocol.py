@@ -390,3 +390,20 @@ def test_the_inputs_python_code_passes_are_taken_as_they_mean():
     assert resume_point(np.int64(1)) == 1 and resume_point({np.int64(0): np.int32(2)}) == {0: 2}
     with pytest.raises(TypeError, match="after"):
         resume_point(np.float64(1.5))
+
+
+def test_a_none_max_tokens_on_a_prompt_request_is_refused_in_every_form_python_gives_it():
+    """SamplingParams(max_tokens=None) on a prompt request was refused, while the same ask as a dict
+    ({"max_tokens": None}) or a SamplingParamsModel went out and came back after 16 tokens, 'length', nothing said:
+    offline, None means to the end of the context. A raw producer's JSON null keeps OpenAI's completions default."""
+    from pagedserve.service.client_core import build_request
+    from pagedserve.service.protocol import SamplingParamsModel, engine_params
+
+    for params in ({"max_tokens": None, "temperature": 0}, SamplingParamsModel(max_tokens=None)):
+        with pytest.raises(ValueError, match=r"^params\.max_tokens: None \(to the end of the context\) is for chat"):
+            build_request("hi", params=params)
+        chat = build_request(messages=[{"role": "user", "content": "hi"}], params=params)
+        assert engine_params(chat.params, chat=True).max_tokens is None
+    assert engine_params(build_request("hi", params={"temperature": 0}).params).max_tokens == 16
+    raw = parse_request('{"id": "x", "prompt": "hi", "params": {"max_tokens": null}}', 1 << 20)
+    assert engine_params(raw.params).max_tokens == 16

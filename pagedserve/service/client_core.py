@@ -341,15 +341,25 @@ class RequestFailed(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ requests
+_TO_THE_END_IS_FOR_CHATS = ("params.max_tokens: None (to the end of the context) is for chat requests; give a "
+                            "prompt request the number of tokens to generate at most")
+
+
 def _params(params: Any, chat: bool) -> dict:
     if params is None:
         return {}
     if isinstance(params, dict):  # numbers computed with numpy as the Python numbers the wire's JSON takes
         from pagedserve.engine.sampling_params import plain_number
 
+        # On the wire a prompt request's null max_tokens is OpenAI's completions default (16 tokens); written in
+        # Python, None says "to the end", as LLM.generate and SamplingParams take it: refused, as for those.
+        if "max_tokens" in params and params["max_tokens"] is None and not chat:
+            raise ValueError(_TO_THE_END_IS_FOR_CHATS)
         return {k: [plain_number(x) for x in v] if isinstance(v, (list, tuple)) else plain_number(v)
                 for k, v in params.items()}
     if isinstance(params, SamplingParamsModel):
+        if "max_tokens" in params.model_fields_set and params.max_tokens is None and not chat:
+            raise ValueError(_TO_THE_END_IS_FOR_CHATS)
         return params.to_kwargs()
     if dataclasses.is_dataclass(params):  # engine.SamplingParams: send only what differs from the defaults...
         defaults = type(params)()
@@ -362,8 +372,7 @@ def _params(params: Any, chat: bool) -> dict:
         # it as "to the end of the context" (SamplingParams(max_tokens=16) ran a chat past 16 tokens), and a prompt
         # request without it as OpenAI's completions do (16 tokens): None ("to the end") only a chat can say.
         if params.max_tokens is None and not chat:
-            raise ValueError("params.max_tokens: None (to the end of the context) is for chat requests; give a "
-                             "prompt request the number of tokens to generate at most")
+            raise ValueError(_TO_THE_END_IS_FOR_CHATS)
         sent["max_tokens"] = params.max_tokens
         return sent
     raise TypeError("params must be a dict, a SamplingParams or a SamplingParamsModel")
