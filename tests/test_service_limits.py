@@ -272,3 +272,26 @@ def test_a_priority_better_than_the_deployments_best_is_refused_naming_it(monkey
         check_request_limits(GenerateRequest(id="p", prompt="x", priority=-5), s)
     assert ei.value.code == "invalid_request"
     assert ei.value.message == "priority must be at least 0 (PAGEDSERVE_MIN_PRIORITY; lower runs first), got -5"
+
+
+def test_a_prompt_one_token_too_long_is_refused_saying_the_room_it_has(redis_url, prefix, shared_engine):
+    """prompt_token_ids of max_model_len tokens were refused with "prompt has 2048 tokens; max_model_len is 2048",
+    which reads as fitting; chat said the same. Each says now, as the engine does offline, how many prompt tokens
+    max_model_len leaves room for; one token fewer runs."""
+    from pagedserve.service.admission import prepare
+
+    s = make_settings(redis_url, prefix)
+    limit = shared_engine.max_model_len
+    room = f"max_model_len {limit} leaves room for {limit - 1} prompt tokens"
+    req = parse_request(json.dumps({"id": "e", "prompt_token_ids": [65] * limit, "params": {"max_tokens": 1}}),
+                        1 << 22)
+    with pytest.raises(InvalidRequestError) as ei:
+        prepare(req, shared_engine, s)
+    assert ei.value.code == "prompt_too_long" and ei.value.message == f"prompt_token_ids holds {limit} tokens; {room}"
+    fits = parse_request(json.dumps({"id": "e", "prompt_token_ids": [65] * (limit - 1), "params": {"max_tokens": 1}}),
+                         1 << 22)
+    assert len(prepare(fits, shared_engine, s)[0]) == limit - 1
+    chat = parse_request(json.dumps({"id": "c", "messages": [{"role": "user", "content": "a " * limit}]}), 1 << 22)
+    with pytest.raises(InvalidRequestError) as ei:
+        prepare(chat, shared_engine, s)
+    assert ei.value.code == "prompt_too_long" and ei.value.message.endswith(room), ei.value.message

@@ -96,6 +96,12 @@ def check_request_limits(req: GenerateRequest, settings: Settings) -> None:
                      f"got {p.max_tokens}")
 
 
+def _room(max_len: int) -> str:
+    """The limit a prompt is refused by, as the engine says it: a prompt of max_model_len tokens does not fit (the
+    first generated token needs a place)."""
+    return f"max_model_len {max_len} leaves room for {max_len - 1} prompt tokens"
+
+
 def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tuple[str | list[int], Any]:
     """Returns ``(prompt, SamplingParams)`` for ``engine.add_request`` or raises :class:`InvalidRequestError`."""
 
@@ -128,13 +134,14 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         except Exception as e:  # a template may reject roles or orderings
             raise refuse("invalid_request", f"messages: {str(e)[:300]}") from None
         if len(text) > engine.max_token_chars * max_len:  # cannot fit: refused without tokenizing it
-            raise refuse("prompt_too_long", f"messages render to {len(text)} characters; max_model_len is {max_len}")
+            raise refuse("prompt_too_long", f"messages render to {len(text)} characters, more than max_model_len "
+                                            f"{max_len} leaves room for")
         # The template writes the special tokens it wants (a BOS, for Llama 3's): encoding adds none of its own.
         prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
         if not prompt:
             raise refuse("invalid_request", "messages: the chat template renders to no tokens")
         if len(prompt) + 1 > max_len:
-            raise refuse("prompt_too_long", f"messages render to {len(prompt)} tokens; max_model_len is {max_len}")
+            raise refuse("prompt_too_long", f"messages render to {len(prompt)} tokens; {_room(max_len)}")
         if params.max_tokens is None:  # the rest of the context, within the operator's cap
             rest = max_len - len(prompt)
             cap = settings.max_tokens_per_request
@@ -149,12 +156,13 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         if bad >= vocab:
             raise refuse("invalid_request", f"prompt_token_ids: {bad} is out of vocabulary (size {vocab})")
         if len(ids) + 1 > max_len:
-            raise refuse("prompt_too_long", f"prompt has {len(ids)} tokens; max_model_len is {max_len}")
+            raise refuse("prompt_too_long", f"prompt_token_ids holds {len(ids)} tokens; {_room(max_len)}")
         prompt = list(ids)
     else:
         prompt = req.prompt or ""
         if len(prompt) > engine.max_token_chars * max_len:  # cannot fit (the engine counts the tokens of the rest)
-            raise refuse("prompt_too_long", f"prompt has {len(prompt)} characters; max_model_len is {max_len}")
+            raise refuse("prompt_too_long", f"prompt is {len(prompt)} characters, more than max_model_len {max_len} "
+                                            "leaves room for")
     return prompt, params
 
 
