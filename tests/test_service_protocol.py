@@ -407,3 +407,18 @@ def test_a_none_max_tokens_on_a_prompt_request_is_refused_in_every_form_python_g
     assert engine_params(build_request("hi", params={"temperature": 0}).params).max_tokens == 16
     raw = parse_request('{"id": "x", "prompt": "hi", "params": {"max_tokens": null}}', 1 << 20)
     assert engine_params(raw.params).max_tokens == 16
+
+
+@pytest.mark.parametrize("char", ["é", "│", "中"])
+def test_a_request_too_large_names_its_largest_part_in_bytes_as_sent(char):
+    """A prompt of 600,000 "é" was said to be "1200556 bytes as a stream entry ... 3600002 of them in prompt": the
+    part was measured with \\u escapes, the whole as the UTF-8 it is sent as."""
+    import re
+
+    from pagedserve.service.client_core import build_request, check_message_size
+
+    with pytest.raises(ValueError) as ei:
+        check_message_size(build_request(char * 600_000), Settings())
+    whole, part = map(int, re.search(r"is (\d+) bytes as a stream entry.*?, (\d+) of them in prompt", str(ei.value))
+                      .groups())
+    assert len(char.encode()) * 600_000 < part < whole, str(ei.value)

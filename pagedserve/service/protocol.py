@@ -331,7 +331,9 @@ def too_large(req: GenerateRequest, size: int, limit: int) -> str:
     messages, metadata, params): a big ``metadata`` was blamed on a prompt of one byte."""
     parts = {"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids, "messages": req.messages,
              "metadata": req.metadata or None, "params": req.params}
-    sizes = {name: len(json.dumps(value, default=lambda m: m.model_dump(mode="json")).encode())
+    # As the entry holds them: UTF-8, not \u escapes (which made "é" six bytes: a part larger than the whole).
+    sizes = {name: len(json.dumps(value, default=lambda m: m.model_dump(mode="json"), ensure_ascii=False,
+                                  separators=(",", ":")).encode())
              for name, value in parts.items() if value is not None}
     largest = max(sizes, key=sizes.__getitem__)
     return (f"the request is {size} bytes as a stream entry, more than max_message_bytes {limit} "
