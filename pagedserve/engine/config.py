@@ -125,7 +125,24 @@ class EngineConfig:
 
 def available_memory_bytes() -> int | None:
     """Memory this process may still take: the kernel's MemAvailable, lowered to what a cgroup (container) limit
-    leaves. None where neither is known (not Linux)."""
+    leaves and to what an address-space limit (``ulimit -v``: every mapping counts, the KV pool's included) leaves.
+    None where none is known (not Linux)."""
+    avail = _meminfo_and_cgroup()
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            left = max(0, soft - size)
+            avail = left if avail is None else min(avail, left)
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
+    return avail
+
+
+def _meminfo_and_cgroup() -> int | None:
     avail: int | None = None
     try:
         with open("/proc/meminfo") as f:
