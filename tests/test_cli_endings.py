@@ -129,12 +129,13 @@ def test_a_database_index_this_redis_lacks_names_the_url_setting(redis_url, pref
 
 
 def test_model_commands_refuse_a_file_where_the_directory_goes(tmp_path):
+    """Exit 2, as the README says of a place to write a model in that cannot be written (it was 1)."""
     afile = tmp_path / "afile"
     afile.write_text("mine")
     for args in (["model", "init", str(afile)], ["model", "import", str(tmp_path / "x.gguf"), str(afile)]):
         res = _cli({}, *args)
         line = _one_line(res)
-        assert res.returncode == 1 and line.startswith(f"error: {afile} is a file"), line
+        assert res.returncode == 2 and line.startswith(f"error: {afile} is a file"), line
     assert afile.read_text() == "mine"
 
 

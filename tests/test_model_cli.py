@@ -152,3 +152,26 @@ def test_model_init_tiny_random_writes_no_progress_bar_into_a_log(tmp_path):
     res = _cli("model", "init", "--tiny-random", str(tmp_path / "tiny"))
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "Writing model shards" not in res.stderr, res.stderr
+
+
+def test_a_cache_the_disk_refuses_to_fill_is_named_and_left_clean(tmp_path):
+    """A full disk or a file-size limit under PAGEDSERVE_CACHE_DIR gave "error: SafetensorError: Error while
+    serializing: I/O error: No space left on device (os error 28)", naming no place and no setting, and left the
+    half-written model's temporary directory behind on every try. The worker and `model init` say now where and
+    what to do, and leave nothing."""
+    import resource
+
+    cache = tmp_path / "cache"
+    env = {"PAGEDSERVE_CACHE_DIR": str(cache), "PAGEDSERVE_MODEL": "pagedserve-tiny-random",
+           "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"}
+
+    def small_files() -> None:  # what a full disk does to the first large write (EFBIG here, ENOSPC there)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+
+    for args in (["model", "init", "--tiny-random"], ["worker"]):
+        res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, **env}, preexec_fn=small_files)
+        line = _one_line_error(res, 2)
+        assert f"cannot write in PAGEDSERVE_CACHE_DIR={cache} (File too large: " in line, line
+        assert "free space there, or set PAGEDSERVE_CACHE_DIR" in line, line
+        assert sorted(p.name for p in cache.iterdir()) == [], "a half-written model was left behind"

