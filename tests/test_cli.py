@@ -904,6 +904,17 @@ def test_a_setting_with_a_bad_value_exits_2_from_the_worker_and_the_demo(name, v
     assert "Redis: started" not in res.stdout, "the demo started Redis before it looked at the setting"
 
 
+def test_a_kv_pool_larger_than_the_memory_names_the_variable_and_exits_2():
+    """Found once the model is in (the pool's size against the memory available): it said "error: num_gpu_blocks=
+    100000000 asks for ...", exit 1, naming the engine's argument, not the variable the worker reads it from."""
+    env = {"PAGEDSERVE_NUM_GPU_BLOCKS": "100000000", "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_DEVICE": "cpu",
+           "PAGEDSERVE_MODEL": "pagedserve-tiny-random", "PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    res = _cli(env, "worker")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith(
+        "error: invalid setting PAGEDSERVE_NUM_GPU_BLOCKS='100000000': num_gpu_blocks=100000000 asks for a"), line
+
+
 def test_a_redis_error_without_an_address_names_the_url_it_came_from(monkeypatch):
     """A batch command against a Redis that never answers said `cannot reach Redis: Timeout reading from socket`,
     naming no address (the clients' own errors name theirs)."""

@@ -341,7 +341,7 @@ def worker(
 
 # The engine's refusals of a value that came from a setting, by how its message starts: the engine knows no
 # settings, so its words name the field (or, for the variables it reads itself, already the variable).
-_ENGINE_FIELDS = ("seed", "max_model_len", "device", "swap_space_gb")
+_ENGINE_FIELDS = ("seed", "max_model_len", "device", "swap_space_gb", "num_gpu_blocks")
 
 
 def _engine_setting_error(e: ValueError) -> str | None:
@@ -356,7 +356,7 @@ def _engine_setting_error(e: ValueError) -> str | None:
     if re.match(r"PAGEDSERVE_[A-Z0-9_]+ ", text):
         return f"error: {text}"
     for field in _ENGINE_FIELDS:
-        if text.startswith(field + " "):
+        if text.startswith((field + " ", field + "=")):  # "num_gpu_blocks=N asks for ..." (the KV pool's check)
             name = _setting_name((field,))
             shown = f"={os.environ[name]!r}" if name in os.environ else ""
             return f"error: invalid setting {name}{shown}: {text}"
