@@ -12,63 +12,21 @@ its id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import threading
 
 import pytest
 import redis
 from service_fixtures import make_settings, running_worker
+from tcp_proxy import TcpProxy
 
 from pagedserve.service.protocol import Keys
 
 
-class ClosingProxy:
-    """A TCP proxy in front of Redis; once armed, the next answer Redis sends is dropped and the client's connection
-    closed in its place (the command was applied, its answer lost)."""
-
-    def __init__(self, url: str):
-        host_port = url.split("//", 1)[1].split("/", 1)[0]
-        self.target = (host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1]))
-        self.armed = threading.Event()
-        self.closed = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/{url.rsplit('/', 1)[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket, answers: bool) -> None:
-        try:
-            while data := a.recv(65536):
-                if answers and self.armed.is_set():
-                    self.armed.clear()
-                    self.closed += 1
-                    b.shutdown(socket.SHUT_RDWR)
-                    return
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def proxy(redis_url):
-    p = ClosingProxy(redis_url)
+    host_port, db = redis_url.split("//", 1)[1].split("/", 1)
+    assert host_port.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"), redis_url
+    p = TcpProxy(int(host_port.rsplit(":", 1)[1]))
+    p.url = p.url.rsplit("/", 1)[0] + "/" + db
     yield p
     p.close()
 
@@ -81,17 +39,17 @@ def test_a_stream_whose_send_lost_its_answer_goes_on_and_runs_once(redis_url, pr
     with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
         with Client(proxy.url, prefix=prefix) as c:
             c.r.ping()  # the connection the send goes out on is open before the proxy is armed
-            proxy.armed.set()
+            proxy.close_next_answer.set()
             events = list(c.stream("x", id="sync-stream", params=params, timeout=60))
 
         async def stream_async() -> list:
             async with AsyncClient(proxy.url, prefix=prefix) as ac:
                 await ac.r.ping()
-                proxy.armed.set()
+                proxy.close_next_answer.set()
                 return [ev async for ev in ac.stream("x", id="async-stream", params=params, timeout=60)]
 
         async_events = asyncio.run(stream_async())
-        assert proxy.closed == 2
+        assert proxy.answers_closed == 2
         for rid, evs in (("sync-stream", events), ("async-stream", async_events)):
             done = evs[-1]
             assert done.type == "done" and len(done.outputs[0].token_ids) == 6, evs
@@ -107,7 +65,7 @@ def test_a_submit_whose_answer_was_lost_says_it_may_have_been_sent_and_names_the
     keys = Keys(prefix)
     with Client(proxy.url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
         c.r.ping()
-        proxy.armed.set()
+        proxy.close_next_answer.set()
         with pytest.raises(RedisUnreachable, match="may have been sent") as lost:
             c.submit("x", id="sync-submit")
         assert lost.value.request_id == "sync-submit"
@@ -115,7 +73,7 @@ def test_a_submit_whose_answer_was_lost_says_it_may_have_been_sent_and_names_the
         async def submit_async() -> None:
             async with AsyncClient(proxy.url, prefix=prefix) as ac:
                 await ac.r.ping()
-                proxy.armed.set()
+                proxy.close_next_answer.set()
                 await ac.submit("x", id="async-submit")
 
         with pytest.raises(RedisUnreachable, match="may have been sent") as lost:

@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
 import pytest
 from fault_harness import PrivateRedis, pending_entries
 from service_fixtures import WorkerProcess, make_settings, wait_for
+from tcp_proxy import TcpProxy
 
 from pagedserve.service.protocol import Keys, parse_terminal
 
@@ -131,48 +131,6 @@ def test_claims_are_renewed_under_maxmemory():
         redis.close()
 
 
-class _Endpoint:
-    """A TCP endpoint in front of Redis, as a proxy or a DNS name is: repointed at the new primary after a
-    failover, it sends new connections there and leaves open ones where they were."""
-
-    def __init__(self, port: int):
-        import socket
-        import threading
-
-        self.port = port
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
-        self._threading = threading
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.port))
-            for a, b in ((client, server), (server, client)):
-                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_path):
     """A failover demotes the node the worker's connections were opened to, and the endpoint points at the new
     primary for new connections only (a proxy without session shut-down, a DNS name). The worker retried its writes
@@ -184,7 +142,7 @@ def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_
     from pagedserve.service.redis_server import LocalRedis
 
     old, new = LocalRedis().start(), LocalRedis().start()
-    endpoint = _Endpoint(old.port)
+    endpoint = TcpProxy(old.port)
     worker = None
     try:
         a, b = redis_py.Redis(port=old.port), redis_py.Redis(port=new.port)
@@ -201,7 +159,7 @@ def test_a_worker_on_a_demoted_primary_connects_anew_and_serves_the_new_one(tmp_
             wait_for(lambda: a.exists(KEYS.events(running)), 60, 0.05, "the request running")
         b.replicaof("NO", "ONE")
         a.replicaof("127.0.0.1", new.port)
-        endpoint.port = new.port
+        endpoint.target = new.port
         with Client(settings=settings.model_copy(update={"redis_url": new.url})) as c:
             after = c.generate("after the failover", params={"max_tokens": 2}, timeout=60)
             finished = c.wait(running, timeout=120)

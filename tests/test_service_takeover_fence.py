@@ -11,60 +11,15 @@ already ended.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 
 import redis
 from service_fixtures import WorkerProcess, make_settings, wait_for
+from tcp_proxy import TcpProxy
 
 from pagedserve.service.protocol import Keys, parse_terminal
 from pagedserve.service.redis_server import LocalRedis
 from pagedserve.service.scripts import source
-
-
-class HalfOpenProxy:
-    """A TCP proxy in front of Redis that can stop forwarding while keeping every socket open (a half-open link:
-    what was sent waits in the kernel's buffers) and later forward again, delivering what waited."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.open = threading.Event()
-        self.open.set()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.port))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while True:
-                self.open.wait()
-                data = a.recv(65536)
-                if not data:
-                    break
-                self.open.wait()  # read just before the link went dark: held, sent when it comes back
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def close(self) -> None:
-        self.open.set()
-        self.sock.close()
 
 
 def _finished(worker: WorkerProcess, rid: str) -> bool:
@@ -76,7 +31,7 @@ def test_a_run_taken_over_while_its_worker_was_away_is_answered_once_by_the_new_
 
     keys = Keys("fence")
     server = LocalRedis().start()
-    proxy = HalfOpenProxy(server.port)
+    proxy = TcpProxy(server.port)
     worker = None
     try:
         r = redis.Redis(port=server.port)
