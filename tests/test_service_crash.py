@@ -315,11 +315,15 @@ def test_a_second_ctrl_c_stops_a_draining_worker_at_once_and_hands_its_work_back
         r.close()
 
 
-def test_sigterm_while_the_model_loads_ends_the_start_at_once(redis_url, prefix, tmp_path):
+@pytest.mark.parametrize(("signame", "said"), [
+    ("SIGTERM", "stopped by SIGTERM before taking any work"), ("SIGHUP", "stopped by SIGHUP before taking any work"),
+    ("SIGINT", "interrupted before taking any work (the model was loading)")])
+def test_a_stop_signal_while_the_model_loads_ends_the_start_at_once(redis_url, prefix, tmp_path, signame, said):
     """An orchestrator scaling down a pod that is still loading sends SIGTERM: the worker holds nothing yet, so it
     exits at once (status 143, one line), instead of finishing the load, draining nothing and being killed after
     its grace period. The load is held where a real start waits: on the CPU kernels' build lock, held here, in
-    an extensions directory of the worker's own (the shared one's lock would hold up every other test's start)."""
+    an extensions directory of the worker's own (the shared one's lock would hold up every other test's start).
+    A SIGHUP said "stopped by SIGTERM" with status 143, a Ctrl-C (SIGINT) nothing at all."""
     import signal
 
     from pagedserve.kernels import cpu_extension as ce
@@ -337,13 +341,14 @@ def test_sigterm_while_the_model_loads_ends_the_start_at_once(redis_url, prefix,
                      or w.proc.poll() is not None, 120, 0.1, "the load waiting on the build lock")
             assert w.proc.poll() is None, w.log_path.read_text(errors="replace")[-3000:]
             sent = time.monotonic()
-            w.proc.send_signal(signal.SIGTERM)
+            signum = getattr(signal, signame)
+            w.proc.send_signal(signum)
             code = w.proc.wait(timeout=30)
             took = time.monotonic() - sent
         log = w.log_path.read_text(errors="replace")
-        assert code == 143, log[-3000:]
+        assert code == 128 + signum, log[-3000:]
         assert took < 10, took
-        assert "stopped by SIGTERM before taking any work" in log and "Traceback" not in log, log[-3000:]
+        assert said in log and "Traceback" not in log, log[-3000:]
         with redis.Redis.from_url(redis_url) as r:
             assert not r.exists(Keys(prefix).consumer_lease(s.worker_name))
     finally:

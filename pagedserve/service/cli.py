@@ -288,6 +288,8 @@ def worker(
     """The long-running worker: consume the request stream, run the engine, publish results."""
     _require_worker_extra("worker")
     _cpu_threads()
+    import signal
+
     import redis
 
     from .telemetry import configure_logging, configure_tracing, shutdown_tracing
@@ -334,7 +336,14 @@ def worker(
     except TerminatedBeforeStart as e:
         if w.health is not None:
             w.health.stop()
-        _fail(f"stopped by SIGTERM before taking any work ({e.during}): nothing to hand back", e.code)
+        _fail(f"stopped by {signal.Signals(e.signum).name} before taking any work ({e.during}): nothing to hand "
+              "back", e.code)
+    except KeyboardInterrupt:
+        if w.started.is_set():
+            raise
+        if w.health is not None:
+            w.health.stop()
+        _fail("interrupted before taking any work (the model was loading): nothing to hand back", 130)
     finally:
         shutdown_tracing()  # the queued spans get a bounded moment: a hung collector must not hold the exit
 

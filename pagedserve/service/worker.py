@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -71,13 +72,13 @@ INTERACTIVE_PRIORITY: int = GenerateRequest.model_fields["priority"].default
 
 
 class TerminatedBeforeStart(SystemExit):
-    """SIGTERM before the worker took any work: it exits as a process that SIGTERM ended (status 143). A
-    ``SystemExit``, so that no ``except Exception`` on the way (a kernel build falling back to torch, say) takes
-    it for a failure of its own. ``during``: what the worker was doing (said in the CLI's line)."""
+    """SIGTERM (or SIGHUP) before the worker took any work: it exits as a process that signal ended (status 143,
+    129). A ``SystemExit``, so that no ``except Exception`` on the way (a kernel build falling back to torch, say)
+    takes it for a failure of its own. ``during``: what the worker was doing (said in the CLI's line)."""
 
-    def __init__(self, during: str = "the model was loading") -> None:
-        super().__init__(128 + signal.SIGTERM)
-        self.during = during
+    def __init__(self, during: str = "the model was loading", signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + signum)
+        self.during, self.signum = during, signum
 
 
 class Worker(WorkerPart):
@@ -145,7 +146,8 @@ class Worker(WorkerPart):
         self._ready_ping = ReadinessPing(s.redis_url)
         self._stop_deadline: float | None = None
         self._ctrl_c = False  # the drain was asked for by a Ctrl-C (a second one stops it), not by SIGTERM
-        self._ended_before_start: type[BaseException] | None = None  # a signal that ended the start (model loading)
+        self._ended_before_start: Callable[[], BaseException] | None = None  # a signal that ended the start (loading)
+        self._stop_signal = signal.SIGTERM  # the signal that asked for the stop (said if it ends the start)
         self.stopped = threading.Event()
         self.heartbeat = self._created = time.monotonic()
         self.started = threading.Event()
@@ -184,7 +186,7 @@ class Worker(WorkerPart):
         orchestrator's usual grace period): nothing is held yet, so a stop asked for ends the wait at once."""
         self._beat()
         if self._stop.is_set():
-            raise TerminatedBeforeStart("it waited for its consumer name")
+            raise TerminatedBeforeStart("it waited for its consumer name", self._stop_signal)
 
     def _interrupted(self, signum: int, frame: Any) -> None:
         """Ctrl-C drains like SIGTERM; before the worker has taken any work (the model still loading) it ends the
@@ -204,11 +206,12 @@ class Worker(WorkerPart):
         """SIGTERM drains. While the model still loads the worker holds nothing (no entry, no consumer name) and
         there is nothing to drain: the start ends at once, as a Ctrl-C ends it, rather than finishing a long load only to stop (an
         orchestrator scaling down a pod that is still loading would wait out its grace period, then kill it)."""
+        self._stop_signal = signum
         if self.model_loaded or self._shutting_down:  # from here on the loop's shutdown releases what it holds
             self.request_stop()
             return
-        self._ended_before_start = TerminatedBeforeStart
-        raise TerminatedBeforeStart
+        self._ended_before_start = lambda: TerminatedBeforeStart(signum=signum)
+        raise TerminatedBeforeStart(signum=signum)
 
     def request_stop(self, grace_s: float | None = None) -> None:
         """Stop reading; finish in-flight work within ``grace_s`` (default ``grace_period_s``; 0: none); release the
