@@ -178,6 +178,20 @@ def test_model_without_tokenizer_is_refused_at_start(tiny_models, tmp_path):
         LLM(model=str(bare), device="cpu").generate(["Hello"])
 
 
+def test_a_tokenizer_config_without_its_vocabulary_is_refused_saying_what_was_tried(tiny_models, tmp_path):
+    """tokenizer.json gone, tokenizer_config.json kept: the refusal quoted transformers' first line alone, "Couldn't
+    instantiate the backend tokenizer from one of:", the list it names cut off."""
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_models["llama"], half)
+    (half / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=f"^model '{half}' has no usable tokenizer") as ei:
+        LLM(model=str(half), device="cpu")
+    said = str(ei.value)
+    assert "\n" not in said and not said.rstrip().endswith("one of:") and "(1)" in said, said
+
+
 def test_model_with_an_empty_tokenizer_is_refused_at_start(tiny_models, tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

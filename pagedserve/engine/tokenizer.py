@@ -31,9 +31,11 @@ def load_tokenizer(model_dir: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, config=_generic_config(model_dir))
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # On one line, whole up to a bound: transformers' first line can end in "from one of:", its list below.
+        said = " ".join(str(exc).split())
+        said = (said[:400] + " ...") if len(said) > 400 else said or type(exc).__name__
         raise ValueError(f"model {str(model_dir)!r} has no usable tokenizer (tokenizer.json or "
-                         f"tokenizer_config.json + vocabulary files): {first_line}") from exc
+                         f"tokenizer_config.json + vocabulary files): {said}") from exc
     if len(tokenizer) == 0 or not tokenizer.encode(PROBE_TEXT, add_special_tokens=False):
         raise ValueError(f"model {str(model_dir)!r} has an empty tokenizer: its vocabulary has {len(tokenizer)} "
                          f"tokens and {PROBE_TEXT!r} encodes to no tokens; add the model's tokenizer files")
