@@ -73,6 +73,7 @@ def test_celery_report_masks_the_settings_passwords():
     ("redis:v4lPW0rd5@host:6379", "v4lPW0rd5"),
     ("redis//:v4l/PW0rd6@host", "v4l/PW0rd6"),  # a raw '/' in the password of a mistyped one
     ("redis://admin:v4lPW0rd7@h:1/abc?password=v4lQu3ry7", "v4lQu3ry7"),
+    ("rediss://admin:v4lPW0rd8@h:1/abc?ssl_password=v4lTl5Key8", "v4lTl5Key8"),
 ])
 def test_a_refused_url_is_quoted_with_its_password_masked(url, secret):
     with pytest.raises(ValidationError) as e:
@@ -158,6 +159,10 @@ def test_the_password_of_a_mistyped_url_is_remembered(url, secret):
     ("(redis://h/0?password=abc).", "(redis://h/0?password=***)."),
     ("redis//:pw@host:6379/0: bad", "redis//:***@host:6379/0: bad"),
     ("redis:/u:pw@host", "redis:/u:***@host"),
+    # the TLS key's passphrase (redis-py's ssl_password): in clear in every error and log line that quoted the URL
+    ("rediss://u:pw@h:1/0?ssl_password=k3yPass (PAGEDSERVE_REDIS_URL)",
+     "rediss://u:***@h:1/0?ssl_password=*** (PAGEDSERVE_REDIS_URL)"),
+    ("rediss://h/0?ssl_cert_reqs=none&SSL_PASSWORD=k3y&db=1", "rediss://h/0?ssl_cert_reqs=none&SSL_PASSWORD=***&db=1"),
 ])
 def test_redaction_keeps_the_text_around_what_it_masks(text, masked):
     assert redact(text) == masked

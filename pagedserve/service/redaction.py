@@ -18,12 +18,12 @@ from urllib.parse import unquote
 
 # The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
 # raw ``@`` inside a password is covered too), also after a mistyped scheme (``redis//``, ``redis:/``: the error
-# refusing one quotes it), and ``password=`` query parameters. A parameter's value ends where the query does
-# (``&``, ``#``, a space or a quote); punctuation that closes the sentence quoting the URL (``: invalid``,
+# refusing one quotes it), and ``password=`` query parameters (``ssl_password=`` too: the TLS key's passphrase).
+# A parameter's value ends where the query does (``&``, ``#``, a space or a quote); punctuation that closes the sentence quoting the URL (``: invalid``,
 # ``...).``) is left standing unless more of the value follows it.
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*(?::/+|//+))(?P<userinfo>[^\s'\"<>]*)@")
-_PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\bpassword=)[^&#\s'\"<>]*?(?=[:;,.!?)\]]*(?:[&#\s'\"<>]|$))")
-_PASSWORD_VALUE = re.compile(r"(?i)\bpassword=(?P<value>[^&#]*)")
+_PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\b[a-z_]*password=)[^&#\s'\"<>]*?(?=[:;,.!?)\]]*(?:[&#\s'\"<>]|$))")
+_PASSWORD_VALUE = re.compile(r"(?i)\b[a-z_]*password=(?P<value>[^&#]*)")
 # What stands before the user-info in a URL, written right or not: a scheme and any of ``:`` and slashes
 # (``redis://``, ``redis//``, ``redis:/``, ``redis:``; a bare ``user:`` is taken for one, which leaves its password).
 _SCHEME_PREFIX = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.\-]*(?::[/\\]*|[/\\]+)")
