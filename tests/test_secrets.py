@@ -166,3 +166,26 @@ def test_the_password_of_a_mistyped_url_is_remembered(url, secret):
 ])
 def test_redaction_keeps_the_text_around_what_it_masks(text, masked):
     assert redact(text) == masked
+
+
+# --- the OTLP exporter's headers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", ["Authorization:Bearer 0tlpT0k3n1", "x-api-key:0tlpT0k3n1,Authorization= ok"])
+def test_a_malformed_otlp_header_is_not_quoted_with_its_token(headers):
+    """OTEL_EXPORTER_OTLP_HEADERS written HTTP-style (``Authorization:Bearer ...``, a colon for the ``=``): the
+    exporter's warning quoted the entry, the collector's token in clear, in `submit`'s stderr and the worker's log."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OTEL_EXPORTER_OTLP_HEADERS": headers,
+           "PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    res = _run([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello"], env)
+    assert "Header format invalid" in res.stderr, res.stderr  # the warning is kept, masked
+    assert "0tlpT0k3n1" not in res.stdout + res.stderr, res.stderr
+
+
+def test_log_values_nested_in_dicts_and_lists_are_masked(capsys):
+    """Only a log event's top-level strings were masked: a URL inside a dict or a list went out in clear."""
+    from pagedserve.service.telemetry import configure_logging, get_logger
+
+    configure_logging("json", "INFO")
+    get_logger().info("nested", data={"url": "redis://u:n3st3dPW1@h:1/0", "more": ["rediss://:n3st3dPW2@h"]})
+    err = capsys.readouterr().err
+    assert "nested" in err and "n3st3dPW" not in err, err

@@ -47,6 +47,24 @@ def remember_secrets(url: object) -> None:
         userinfo = _SCHEME_PREFIX.sub("", url[: url.rindex("@")], count=1)
         user, colon, password = userinfo.partition(":")
         found.append(password if colon else user)
+    _remember(found)
+
+
+def remember_header_values(headers: object) -> None:
+    """Remember the values of an OTLP headers setting (``key=value,...``; ``key: value`` is a common mistake) so
+    that :func:`redact` masks them: the exporter refusing a malformed one quotes it, token and all, in a warning."""
+    if not isinstance(headers, str):
+        return
+    found = []
+    for item in headers.split(","):
+        _key, sep, value = item.partition("=")
+        if not sep:
+            _key, _sep, value = item.partition(":")
+        found.append(value.strip())
+    _remember(found)
+
+
+def _remember(found: list[str]) -> None:
     global _masking_order
     new = {s for secret in found for s in (secret, unquote(secret)) if len(s) >= MIN_REMEMBERED} - _secrets
     if new:

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span
 
-from .redaction import redact
+from .redaction import redact, remember_header_values
 
 if TYPE_CHECKING:
     import structlog
@@ -54,8 +54,28 @@ class _StderrLogger:
 
 
 def _redact_values(_logger: Any, _method: str, event: dict) -> dict:
-    """Every string of a log event through :func:`redact`: a caller that forgot to, or an exception's text."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
+    """Every string of a log event through :func:`redact`, in the dicts and lists it holds too: a caller that forgot
+    to, or an exception's text."""
+    return {k: _redacted(v) for k, v in event.items()}
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted(v) for v in value)
+    return value
+
+
+class _RedactRecord(logging.Filter):
+    """A library's record through :func:`redact` as it is made, whatever handler writes it (the CLI's commands leave
+    library records to Python's last-resort handler, which masks nothing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 class _StderrHandler(logging.Handler):
@@ -208,6 +228,12 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
         return trace.get_tracer_provider()  # type: ignore[return-value]
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
+    # The exporter's header parsing warns of a malformed entry by quoting it, an Authorization token with it.
+    for name in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
+        remember_header_values(os.environ.get(name))
+    headers_log = logging.getLogger("opentelemetry.util.re")
+    if not any(isinstance(f, _RedactRecord) for f in headers_log.filters):
+        headers_log.addFilter(_RedactRecord())
     exporter = _span_exporter()
     if exporter is None:
         return None
