@@ -101,6 +101,26 @@ def test_a_unix_socket_url_carries_the_celery_tasks(prefix, tmp_path):
             assert any(k.startswith(b"celery-task-meta-") for k in r.scan_iter(count=1000))
 
 
+def test_a_broker_url_with_its_password_as_a_parameter_carries_the_celery_tasks(prefix, tmp_path):
+    """``redis://host:port/3?password=...`` passed the settings' check (redis-py takes it), then kombu and Celery's
+    backend handed redis-py the password twice: "dict() got multiple values for keyword argument 'password'", a
+    traceback at the Celery worker's start and at every send."""
+    from pagedserve.service.celery_app import _celery_url
+
+    assert _celery_url("redis://h:1/3?password=p%2Bw+x&db=3") == "redis://:p%2Bw%20x@h:1/3?db=3"
+    assert _celery_url("redis://u:own@h:1/0?password=q") == "redis://u:own@h:1/0"  # the user-info's win, as in redis-py
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        admin.config_set("requirepass", "br0k3rPW")  # set once it answers (its start-up check sends no password)
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        s = make_settings(f"redis://:br0k3rPW@127.0.0.1:{port}/0", prefix, celery_visibility_timeout_s=120,
+                          celery_broker_url=f"redis://127.0.0.1:{port}/3?password=br0k3rPW")
+        with celery_worker(s, tmp_path / "celery.log", "threads", 2):
+            rid = make_celery(s).send_task("pagedserve.submit", args=["with a parameter"]).get(timeout=60)
+            assert rid.startswith("celery-")
+        with redis.Redis(port=int(port), password="br0k3rPW", db=3) as r:
+            assert any(k.startswith(b"celery-task-meta-") for k in r.scan_iter(count=1000))
+
+
 @pytest.mark.parametrize(("env", "words"), [
     ({"PAGEDSERVE_CELERY_BROKER_URL": "http://u:Sup3rS3cretPW@127.0.0.1:6457"},
      "error: invalid setting PAGEDSERVE_CELERY_BROKER_URL='http://u:***@127.0.0.1:6457': celery_broker_url must"),

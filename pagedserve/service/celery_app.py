@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote_plus, urlencode, urlsplit
 
 import redis
 from celery import Celery, Task
@@ -148,10 +148,9 @@ def _celery_url(url: str) -> str:
     A ``rediss://`` URL gets ``ssl_cert_reqs=required`` unless it names one: Celery's backend refuses a rediss URL
     without it (the worker and the clients take it: redis-py requires the certificate by default), and kombu's
     transport would connect without checking the certificate at all."""
-    if url.startswith("rediss://"):
-        return _with_cert_reqs(url)
     if not url.startswith("unix://"):
-        return url
+        url = _credentials_in_userinfo(url)
+        return _with_cert_reqs(url) if url.startswith("rediss://") else url
     parts = urlsplit(url)
     query, auth = [], {"username": parts.username, "password": parts.password}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -165,6 +164,27 @@ def _celery_url(url: str) -> str:
     elif auth["username"] is not None:
         netloc = f"{auth['username']}@"
     return f"redis+socket://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+
+
+def _credentials_in_userinfo(url: str) -> str:
+    """``url`` with ``username``/``password`` parameters moved into its user-info, where kombu and Celery's backend
+    read credentials: given as parameters too, they reached redis-py twice ("got multiple values for keyword
+    argument 'password'"), a traceback at the Celery worker's start and every send. As redis-py reads the URL, the
+    user-info's own win over the parameters; the rest is kept as written."""
+    parts = urlsplit(url)
+    given = [p.partition("=") for p in parts.query.split("&") if p]
+    creds = {key: value for key, _, value in given if key in ("username", "password")}
+    if not creds:
+        return url
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":") if at else ("", "", "")
+    # A parameter's value is read as a query's (``+`` a space, percent-decoded); the user-info wants it encoded.
+    user = user or quote(unquote_plus(creds.get("username", "")), safe="")
+    if not colon and "password" in creds:
+        colon, password = ":", quote(unquote_plus(creds["password"]), safe="")
+    netloc = f"{user}{colon}{password}@{hostport}" if user or colon else hostport
+    query = "&".join("".join(p) for p in given if p[0] not in creds)
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def _with_cert_reqs(url: str) -> str:
