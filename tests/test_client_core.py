@@ -193,6 +193,7 @@ def test_redis_away_for_the_outage_bound_ends_the_wait_saying_so(reader):
     message = str(exc.value)
     assert message.startswith(f"lost Redis at redis://h:6379/0 for {OUTAGE_S:g} s while waiting for {RID} "), message
     assert "may still finish" in message, message
+    assert exc.value.request_id == RID  # it was sent: the caller waits for it by this id (it was None)
 
 
 def test_a_restart_shorter_than_the_outage_bound_is_ridden_out():

@@ -1,12 +1,11 @@
-"""A send whose answer the network lost: the request is in the stream, and the client must not say it was not sent.
+"""A send whose answer the network lost, a connection Redis closed: sent once more, or said to be maybe sent.
 
 A held-out tester put a proxy between the clients and Redis that broke a connection after Redis had applied the
 XADD and before its answer reached the client (a reset, a load balancer closing an idle link). ``stream()``
 raised ``RedisUnreachable: cannot reach Redis`` at once, and ``submit()`` did too, without the id: the request
-ran all the same, and a caller who believed the message and sent it again under a new id ran it twice. Only an
-answer that timed out counted as lost; a connection broken while the answer was read now counts too: the waits go
-on (sending again under the same id, which runs once) and ``submit`` says the request may have been sent, with
-its id.
+ran all the same, and a caller who believed the message and sent it again under a new id ran it twice. A command
+on a broken connection is now made once more on a new one (the same id runs once), and an answer that never
+comes says the request may have been sent, with its id; the waits go on as through an outage.
 """
 
 from __future__ import annotations
@@ -58,31 +57,72 @@ def test_a_stream_whose_send_lost_its_answer_goes_on_and_runs_once(redis_url, pr
         assert r.xpending(keys.requests, keys.group)["pending"] == 0  # both entries of each id answered by one run
 
 
-def test_a_submit_whose_answer_was_lost_says_it_may_have_been_sent_and_names_the_id(redis_url, prefix, proxy):
+def test_a_submit_whose_answer_was_lost_sends_again_or_says_it_may_have_been_sent(redis_url, prefix, proxy):
+    """An answer lost to a broken connection: the send is made again (under the same id, which runs once) and the
+    id returned. One that never comes (a Redis that hangs): ``RedisUnreachable`` saying the request may have been
+    sent, with the id, where it said "cannot reach Redis" without it."""
     from pagedserve.service.client import AsyncClient, Client
     from pagedserve.service.client_core import RedisUnreachable
+    from pagedserve.service.protocol import parse_request
 
     keys = Keys(prefix)
     with Client(proxy.url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
         c.r.ping()
         proxy.close_next_answer.set()
-        with pytest.raises(RedisUnreachable, match="may have been sent") as lost:
-            c.submit("x", id="sync-submit")
-        assert lost.value.request_id == "sync-submit"
+        assert c.submit("x", id="sync-submit") == "sync-submit"
 
-        async def submit_async() -> None:
-            async with AsyncClient(proxy.url, prefix=prefix) as ac:
+        async def submit_async(**kw) -> str:
+            async with AsyncClient(proxy.url, prefix=prefix, **kw) as ac:
                 await ac.r.ping()
                 proxy.close_next_answer.set()
-                await ac.submit("x", id="async-submit")
+                return await ac.submit("x", id="async-submit")
 
-        with pytest.raises(RedisUnreachable, match="may have been sent") as lost:
-            asyncio.run(submit_async())
-        assert lost.value.request_id == "async-submit"
-        sent = [fields for _, fields in r.xrange(keys.requests)]
-        assert len(sent) == 2, "the sends were applied; their answers were what was lost"
+        assert asyncio.run(submit_async()) == "async-submit"
+        assert proxy.answers_closed == 2
+        ids = [parse_request(f[b"body"], 1 << 20).id for _, f in r.xrange(keys.requests)]
+        assert ids == ["sync-submit"] * 2 + ["async-submit"] * 2, ids  # applied, lost, sent again
+
+        with Client(proxy.url, prefix=prefix, socket_timeout=1) as slow:
+            slow.r.ping()
+            proxy.open.clear()  # Redis takes the send and its answer never comes back
+            try:
+                with pytest.raises(RedisUnreachable, match="may have been sent") as lost:
+                    slow.submit("x", id="hung-submit")
+            finally:
+                proxy.open.set()
+        assert lost.value.request_id == "hung-submit"
         # Nothing was sent where Redis could not be reached at all: that still says so.
         with Client("redis://127.0.0.1:1/0", prefix=prefix) as nowhere, \
                 pytest.raises(RedisUnreachable, match="cannot reach") as unreached:
             nowhere.submit("x", id="never-sent")
         assert unreached.value.request_id is None
+
+
+def test_a_connection_redis_closed_while_idle_is_opened_again(prefix):
+    """Redis's idle ``timeout`` (common on managed Redis), a restart or ``CLIENT KILL`` closes a pooled connection:
+    the next call of an ``AsyncClient`` failed ("Connection closed by server": redis-py's from_url retries
+    nothing), and a submit then said its request may have been sent, though nothing was."""
+    import time
+
+    from pagedserve.service.client import AsyncClient, Client
+    from pagedserve.service.redis_server import LocalRedis
+
+    keys = Keys(prefix)
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.config_set("timeout", 1)
+
+        async def idle_then_use() -> list:
+            async with AsyncClient(url, prefix=prefix) as ac:
+                out = [await ac.submit("x", id="a1")]
+                await asyncio.sleep(2.5)
+                out.append(await ac.submit("x", id="a2"))
+                await asyncio.sleep(2.5)
+                out.append(await ac.result("a1"))
+                return out
+
+        assert asyncio.run(idle_then_use()) == ["a1", "a2", None]
+        with Client(url, prefix=prefix) as c:
+            c.submit("x", id="s1")
+            time.sleep(2.5)
+            assert c.submit("x", id="s2") == "s2"
+        assert r.xlen(keys.requests) == 4

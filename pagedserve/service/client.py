@@ -58,6 +58,7 @@ from .client_core import (
     ids_exhausted,
     pool_full,
     pool_options,
+    retry_once,
 )
 from .protocol import DoneEvent, GenerateRequest
 from .settings import Settings
@@ -269,7 +270,7 @@ class Client(ProducerCore):
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._owned_lock = threading.Lock()  # calls in other threads send while close() takes the set
         self._socket_timeout = socket_timeout
-        self.r = redis.Redis.from_url(self.redis_url, **options)
+        self.r = redis.Redis.from_url(self.redis_url, retry=retry_once(redis.retry.Retry), **options)
         _clients.add(self)
 
     def _forked(self) -> None:
@@ -594,7 +595,7 @@ class AsyncClient(ProducerCore):
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
         self._socket_timeout = socket_timeout
-        self.r = aredis.Redis.from_url(self.redis_url, **options)
+        self.r = aredis.Redis.from_url(self.redis_url, retry=retry_once(aredis.retry.Retry), **options)
 
     async def aclose(self) -> None:
         """Cancel what the calls still waiting sent under ids of their own making (their callers go with the

@@ -141,6 +141,16 @@ def pool_options(socket_timeout: float | None, max_connections: int) -> dict:
                 max_connections=max_connections)
 
 
+def retry_once(retry_class: type) -> Any:
+    """redis-py's retry for a client's commands: once, at once, on a broken connection alone. A pooled connection
+    Redis had closed (its idle ``timeout``, a restart, ``CLIENT KILL``) failed the next call of an ``AsyncClient``
+    ("Connection closed by server", from_url gives no retry), and a send then said it may have gone. A timeout is
+    not retried: a wait bounds its commands by its own deadline, and a Redis that hangs is said once."""
+    from redis.backoff import NoBackoff
+
+    return retry_class(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
 def command_bound(deadline: float | None, socket_timeout: float | None,
                   clock: Callable[[], float] = time.monotonic) -> float | None:
     """Seconds the next Redis command of a wait with ``deadline`` (a ``clock`` time; None: no deadline) may take:
@@ -166,8 +176,8 @@ def remember(kept: OrderedDict, key: str, value: Any, limit: int) -> None:
 class RedisUnreachable(redis.ConnectionError):
     """Redis could not be reached before anything was sent, or was lost for ``OUTAGE_S`` during a wait (the
     message names the URL, password masked, and says whether the request was sent, or may have been: a send whose
-    answer was lost is waited on as through an outage). ``request_id``: set when a ``submit`` lost the answer to its
-    send, so the request may be in the stream under that id."""
+    answer was lost is waited on as through an outage). ``request_id``: set when the request was sent, or may have
+    been (a ``submit`` or a wait whose send lost its answer), so that the caller can wait for it by that id."""
 
     request_id: str | None = None
 
@@ -1015,8 +1025,11 @@ class Outage:
             then = ("it was sent and may still finish: wait for it again" if sent else
                     "it may have been sent (Redis did not answer the send): wait for it again, or send it again under "
                     "the same id, which runs once" if tried else "it was not sent")
-            raise RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
+            err = RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
                                    f"({then}): {redact(error)}")
+            if sent or tried:  # in the stream, or it may be: the caller waits for it by this id
+                err.request_id = request_id
+            raise err
 
 
 def timeout_error(request_id: str, timeout: float | None, more: str = "") -> RequestTimedOut:
