@@ -417,3 +417,22 @@ def test_cancels_to_an_unreachable_redis_are_given_up_together_each_with_its_war
     assert time.monotonic() - started < sum(celery_app.CANCEL_RETRY_PAUSES_S) + 10
     assert _cancel_threads() == 1
     assert all(caplog.text.count(f"could not cancel request {i} ") == 1 for i in ids)
+
+
+def test_a_result_write_whose_connection_broke_is_made_again(prefix):
+    """A held-out tester's Celery tasks on a flaky link ended FAILURE with a raw redis ConnectionError when the result
+    backend's connection broke under a write: while storing STARTED (the generation never ran) or over a stored
+    done. The backend's writes are retried now."""
+    from tcp_proxy import TcpProxy
+
+    with LocalRedis() as url:
+        proxy = TcpProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+        try:
+            app = make_celery(make_settings(proxy.url, prefix))
+            app.backend.client.ping()
+            proxy.close_next_answer.set()  # the write is applied, its answer lost with the connection
+            app.backend.store_result("celery-flaky", {"type": "done"}, "SUCCESS")
+            assert proxy.answers_closed == 1
+            assert app.backend.get_task_meta("celery-flaky")["status"] == "SUCCESS"
+        finally:
+            proxy.close()

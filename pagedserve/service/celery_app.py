@@ -353,6 +353,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
+        # A connection to the result backend reset once failed the task with a raw redis ConnectionError: while
+        # it stored STARTED (the generation never ran), or after the generation was stored (a FAILURE over a done).
+        result_backend_always_retry=True,
+        result_backend_max_retries=10,
     )
     app.conf.pagedserve_settings = s
     _register(app)
