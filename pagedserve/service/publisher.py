@@ -243,6 +243,12 @@ class Publisher(WorkerPart):
                     if op.kind == "terminal" and mine == [-2]:
                         taken.append(op)  # another worker runs the id now: its answer is the one stored
                         continue
+                    if op.kind == "terminal" and mine == [0]:
+                        # Another run's answer was stored first: under one claim per id only when a run got past
+                        # the claims (a worker of before the claim fence, Redis that lost a claim). Said: this
+                        # run's answer, and its callers' streamed text, are not what the id answers.
+                        self.log.warning("answer_stored_by_another_run", request_id=op.request_id,
+                                         note="this run's result was not stored; the one stored answers the id")
                     if errors:
                         kept.append(op)
                         if isinstance(errors[0], redis.exceptions.NoScriptError):
