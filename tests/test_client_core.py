@@ -1654,3 +1654,32 @@ def test_a_command_of_a_wait_is_bounded_by_its_deadline_unless_the_socket_timeou
     assert command_bound(now - 5, 10.0, lambda: now) == MIN_COMMAND_S
     assert command_bound(now + 30, 10.0, lambda: now) is None
     assert command_bound(now + 30, None, lambda: now) == 30 + PAST_DEADLINE_S
+
+
+@pytest.mark.parametrize("reader", [event_wait, stream_wait])
+def test_sends_whose_answers_are_all_lost_end_the_wait_after_the_outage_bound(reader):
+    """Every XADD applied and its answer lost (a link that breaks on that command alone), every other command
+    answered: ``generate`` (event_wait) resent for ever, each subscription's confirmation starting the outage
+    bound anew; it ends after OUTAGE_S, saying the request may have been sent, with its id."""
+    clock = Clock()
+    lost = redis.ConnectionError("Error while reading from h:6379 : (104, 'Connection reset by peer')")
+    wait = reader(Keys("t"), RID, build_request("hi", id=RID), timeout=None, clock=clock, where="redis://h:6379/0")
+    op, sends = next(wait), 0
+    with pytest.raises(RedisUnreachable) as exc:
+        while True:
+            reply, error = None, None
+            if isinstance(op, Pause):
+                clock.now += op.seconds
+            elif isinstance(op, Listen):
+                reply = {"type": "subscribe", "data": 1}
+            elif isinstance(op, Send):
+                sends += 1
+                clock.now += 0.01
+                error = lost
+            elif isinstance(op, ReadEvents):
+                clock.now += 1.0
+                reply = []
+            op = wait.throw(error) if error is not None else wait.send(reply)
+            assert sends < 10_000, "resent for ever"
+    assert clock.now >= OUTAGE_S and "may have been sent" in str(exc.value), str(exc.value)
+    assert exc.value.request_id == RID

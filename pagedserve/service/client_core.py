@@ -1285,10 +1285,12 @@ def event_wait(
                     if m["type"] == "subscribe":
                         break
                 subscribed = reached = True
-                outage.answered()
+                # While the send is owed, only its answer ends an outage: each resend subscribes anew, and counted
+                # as an answer, that confirmation let a send whose answers were all lost go on for ever.
                 if not sent:
                     tried = True  # from here the send may be in the stream, whatever becomes of its answer
                     reply = yield Send(submit)  # type: ignore[arg-type]
+                    outage.answered()
                     clues.entry_id, sent = _entry_of(reply), True
                     if (earlier := _error_before(reply)) is not None:
                         yield Emit(earlier)
@@ -1298,6 +1300,7 @@ def event_wait(
                     if loss is not None:
                         loss.heard()
                 else:
+                    outage.answered()
                     done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
                     if done is not None:
                         yield Emit(done)
