@@ -12,6 +12,8 @@ import contextlib
 import errno
 import functools
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,6 +111,32 @@ def cache_write_failed(e: BaseException, path: Path) -> ValueError | None:
                       "PAGEDSERVE_CACHE_DIR to a directory with room that you can write to")
 
 
+def remove_stale_temporaries(parent: Path, prefix: str) -> None:
+    """Remove the entries of ``parent`` named ``prefix`` + the pid of a process that no longer runs (+ anything):
+    the temporary directories and files of a conversion or download that was killed, which its own clean-up never
+    reached (each is hundreds of MB). A live process's are left alone."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        digits = re.match(r"\d+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        if digits is None or _pid_alive(int(digits.group())):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, someone else's
+        return True
+    return True
+
+
 def default_model_dir() -> Path:
     """The tiny random model's directory in the cache."""
     return cache_dir() / BUILTIN_NAME
@@ -196,15 +224,11 @@ def ensure_builtin_model(path: str | Path | None = None) -> str:
         return str(target)
     refuse_occupied(target, ours=False)
     make_dirs(target.parent)
-    from pagedserve.engine.gguf_import import remove_stale_temporaries
-
     remove_stale_temporaries(target.parent, target.name + ".tmp")  # a start that was killed while it wrote
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
         write_llama(tmp, seed=0)
     except BaseException as e:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         if (refused := cache_write_failed(e, tmp)) is not None:
             raise refused from None
@@ -212,8 +236,6 @@ def ensure_builtin_model(path: str | Path | None = None) -> str:
     try:
         tmp.rename(target)
     except OSError:  # another process won the race (its copy is identical), or the directory filled meanwhile
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_builtin(target):
             refuse_occupied(target, ours=False)

@@ -76,13 +76,13 @@ def ensure_default_model(path: str | Path | None = None, progress: Progress | No
 
 
 def _fetch_and_convert(target: Path, downloads: Path, say: Progress) -> str:
-    from pagedserve.engine.builtin_model import refuse_occupied
+    from pagedserve.engine.builtin_model import refuse_occupied, remove_stale_temporaries
 
     with _lock(downloads / f".{DEFAULT_NAME}.lock"):
         if _is_ready(target):  # another process finished while this one waited
             return str(target)
         started = time.perf_counter()
-        from pagedserve.engine.gguf_import import convert_gguf, remove_stale_temporaries
+        from pagedserve.engine.gguf_import import convert_gguf
 
         # A run killed before (under this lock, so dead) left its download and staging directories behind.
         remove_stale_temporaries(downloads, f"{Path(GGUF_MEMBER).name}.tmp")

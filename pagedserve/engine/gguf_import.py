@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import struct
 import time
@@ -225,32 +224,6 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
                     template if isinstance(template, str) else None, int(head_dim) if head_dim else None)
 
 
-def remove_stale_temporaries(parent: Path, prefix: str) -> None:
-    """Remove the entries of ``parent`` named ``prefix`` + the pid of a process that no longer runs (+ anything):
-    the temporary directories and files of a conversion or download that was killed, which its own clean-up never
-    reached (each is hundreds of MB). A live process's are left alone."""
-    if not parent.is_dir():
-        return
-    for entry in parent.iterdir():
-        digits = re.match(r"\d+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
-        if digits is None or _pid_alive(int(digits.group())):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, someone else's
-        return True
-    return True
-
-
 def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
                  progress: Progress | None = None, sha256: str | None = None) -> Path:
     """Write the HF directory for the GGUF file ``path`` into ``out_dir`` (created; must not hold a model yet).
@@ -272,6 +245,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     if sha256 is None:
         say(f"hashing {info.path.name}")
     sha = sha256 or file_sha256(info.path)
+    from pagedserve.engine.builtin_model import remove_stale_temporaries
+
     remove_stale_temporaries(out_dir.parent, f".{out_dir.name}.tmp")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -144,26 +144,18 @@ def _visibility_timeout(s: Settings) -> int:
 def _celery_url(url: str) -> str:
     """``url`` as kombu's Redis transport and Celery's Redis backend read it. They know no ``unix://`` (redis-py's
     socket URL, which the settings take): their own form is ``redis+socket://``, with the database as the
-    ``virtual_host`` parameter and the credentials before the path only (a ``password`` parameter is overwritten).
+    ``virtual_host`` parameter and the credentials before the path (:func:`_credentials_in_userinfo` puts them there).
     A ``rediss://`` URL gets ``ssl_cert_reqs=required`` unless it names one: Celery's backend refuses a rediss URL
     without it (the worker and the clients take it: redis-py requires the certificate by default), and kombu's
     transport would connect without checking the certificate at all."""
+    url = _credentials_in_userinfo(url)
     if not url.startswith("unix://"):
-        url = _credentials_in_userinfo(url)
         return _with_cert_reqs(url) if url.startswith("rediss://") else url
     parts = urlsplit(url)
-    query, auth = [], {"username": parts.username, "password": parts.password}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in auth:
-            auth[key] = quote(value, safe="")
-        else:
-            query.append(("virtual_host" if key == "db" else key, value))
-    netloc = ""
-    if auth["password"] is not None:
-        netloc = f"{auth['username'] or ''}:{auth['password']}@"
-    elif auth["username"] is not None:
-        netloc = f"{auth['username']}@"
-    return f"redis+socket://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+    query = [("virtual_host" if key == "db" else key, value)
+             for key, value in parse_qsl(parts.query, keep_blank_values=True)]
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    return f"redis+socket://{userinfo + at}{parts.path}" + (f"?{urlencode(query)}" if query else "")
 
 
 def _credentials_in_userinfo(url: str) -> str:

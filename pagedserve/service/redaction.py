@@ -19,8 +19,8 @@ from urllib.parse import unquote
 # The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
 # raw ``@`` inside a password is covered too), also after a mistyped scheme (``redis//``, ``redis:/``: the error
 # refusing one quotes it), and ``password=`` query parameters (``ssl_password=`` too: the TLS key's passphrase).
-# A parameter's value ends where the query does (``&``, ``#``, a space or a quote); punctuation that closes the sentence quoting the URL (``: invalid``,
-# ``...).``) is left standing unless more of the value follows it.
+# A parameter's value ends where the query does (``&``, ``#``, a space or a quote); punctuation that closes the
+# sentence quoting the URL (``: invalid``, ``...).``) is left standing unless more of the value follows it.
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*(?::/+|//+))(?P<userinfo>[^\s'\"<>]*)@")
 _PASSWORD_PARAM = re.compile(r"(?i)(?P<name>\b[a-z_]*password=)[^&#\s'\"<>]*?(?=[:;,.!?)\]]*(?:[&#\s'\"<>]|$))")
 _PASSWORD_VALUE = re.compile(r"(?i)\b[a-z_]*password=(?P<value>[^&#]*)")
