@@ -204,3 +204,40 @@ def test_a_hang_up_drains_the_worker_as_sigterm_does(tmp_path, redis_url, prefix
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1500, done
     finally:
         w.close()
+
+
+def test_the_latency_histogram_counts_the_wait_for_redis_to_store_the_result(prefix, shared_engine):
+    """``pagedserve_e2e_request_latency_seconds`` ("enqueue to terminal result") was observed when the engine ended
+    a request, not when its result was stored: a request that ended while Redis hung, stored seconds later, read
+    as fast in the histogram while its caller waited the whole time. The result's ``e2e_ms`` is the run's end."""
+    import os
+    import signal
+
+    from pagedserve.service.redis_server import LocalRedis
+    from pagedserve.service.protocol import parse_terminal
+
+    hang_s = 4.0
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s = make_settings(url, prefix)
+        with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+            before = _scrape(w.health.port)
+            rid = c.submit("count", params={"max_tokens": 60, "ignore_eos": True})
+            wait_for(lambda: r.exists(Keys(prefix).events(rid)), 60, 0.01, "tokens flowing")
+            pid = int(r.info("server")["process_id"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: not w.conn.ok, 30, 0.05, "the hang seen")
+                wait_for(lambda: _scrape(w.health.port)["pagedserve_requests_running"] == 0, 30, 0.05,
+                         "the request ended in the engine")
+                time.sleep(hang_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            done = c.wait(rid, timeout=120)
+            assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 60
+            wait_for(lambda: _scrape(w.health.port)["pagedserve_e2e_request_latency_seconds_count"]
+                     > before.get("pagedserve_e2e_request_latency_seconds_count", 0), 10, 0.05, "the observation")
+            after = _scrape(w.health.port)
+            stored = parse_terminal(r.get(Keys(prefix).result(rid)))
+    observed = after["pagedserve_e2e_request_latency_seconds_sum"] - before.get(
+        "pagedserve_e2e_request_latency_seconds_sum", 0)
+    assert observed >= stored.metrics.e2e_ms / 1000 + hang_s, (observed, stored.metrics.e2e_ms)

@@ -175,7 +175,6 @@ class Outcomes(WorkerPart):
             self.metrics.queue_time.observe(max(0.0, first_sched - arrival))
         if first_tok is not None:
             self.metrics.ttft.observe(max(0.0, first_tok - arrival))
-        self.metrics.e2e.observe(max(0.0, finished - arrival))
         reasons = [o.finish_reason for o in outputs] or [finish_reason or "cancelled"]
         self.metrics.requests.labels(outcome=str(reasons[0])).inc()
         span = f.span
@@ -188,7 +187,9 @@ class Outcomes(WorkerPart):
         publish_started = time.time_ns()
 
         def flushed() -> None:
-            # The request's span ends when its result is really in Redis, not when it was queued for it.
+            # The latency and the request's span end when its result is really in Redis, not when it was queued
+            # for it: a caller waits through a Redis outage between the two, and so does the histogram.
+            self.metrics.e2e.observe(max(0.0, time.time() - arrival))
             if span is not None:
                 pub = self.tracer.start_span(
                     "publish", context=trace.set_span_in_context(span), kind=SpanKind.PRODUCER,
