@@ -253,3 +253,43 @@ def test_tracing_follows_the_standard_exporter_variables(env, expect):
         assert "PROVIDER False" in out and "opentelemetry-exporter-otlp-proto-grpc" in out
     else:
         assert "PROVIDER True" in out
+
+
+def test_duplicate_entries_read_together_are_counted_as_those_read_apart(redis_url, prefix, shared_engine):
+    """Two entries of one id in one read: the second was counted nowhere (no redelivery, no outcome), where the
+    same entry read a moment later counts as a redelivery (first one still running) or ``cached`` (answered)."""
+    import json
+
+    import redis
+
+    from pagedserve.service.protocol import Keys
+
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+
+    def pair(rid: str) -> None:
+        body = json.dumps({"id": rid, "prompt": "twice", "params": {"max_tokens": 4, "ignore_eos": True}})
+        with r.pipeline(transaction=True) as pipe:  # one MULTI: the worker reads both in one XREADGROUP
+            pipe.xadd(keys.requests, {"body": body})
+            pipe.xadd(keys.requests, {"body": body})
+            pipe.execute()
+
+    def moved(before: dict, name: str) -> float:
+        return _scrape(w.health.port).get(name, 0) - before.get(name, 0)
+
+    redeliveries, cached = "pagedserve_queue_redeliveries_total", 'pagedserve_requests_total{outcome="cached"}'
+    with redis.Redis.from_url(redis_url) as r, running_worker(s, shared_engine) as w:
+        before = _scrape(w.health.port)
+        pair("twice-fresh")  # the second joins the first one's run
+        wait_for(lambda: r.exists(keys.result("twice-fresh")) and
+                 r.xpending(keys.requests, keys.group)["pending"] == 0, 60, what="both answered")
+        wait_for(lambda: moved(before, redeliveries) >= 1, 5, what="the second entry counted a redelivery")
+        assert moved(before, 'pagedserve_requests_total{outcome="length"}') == 1
+        assert moved(before, cached) == 0
+
+        before = _scrape(w.health.port)
+        pair("twice-fresh")  # both answered from the stored result
+        wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == 0 and r.xlen(keys.requests) == 0, 60,
+                 what="both acknowledged")
+        wait_for(lambda: moved(before, cached) >= 2, 5, what="both counted as answered from the result")
+        assert moved(before, redeliveries) == 0

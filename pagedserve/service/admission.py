@@ -423,6 +423,7 @@ class Admission(WorkerPart):
             self._drop_future(req, entry_id, fields, deliveries)
             return
         if self._attach(req.id, entry_id):  # duplicate id inside this batch, first one running or waiting
+            self.metrics.redeliveries.inc()
             return
         if req.id in seen:  # duplicate id inside this batch, first one already answered: same answer
             self.outcomes.same_answer(entry_id)

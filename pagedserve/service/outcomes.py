@@ -140,8 +140,10 @@ class Outcomes(WorkerPart):
         request_logger(self.log, request_id, trace_id=trace_id).info("answered_from_result", entry_id=entry_id)
 
     def same_answer(self, entry_id: str) -> None:
-        """A second entry of an id answered a moment ago: acknowledged, the answer already went out."""
+        """A second entry of an id answered a moment ago: acknowledged, the answer already went out. Counted as a
+        duplicate answered from its result (``cached``), as it is when it comes a moment later."""
         self.publisher.ack([entry_id])
+        self.metrics.requests.labels(outcome="cached").inc()
 
     def before_start(
         self, req: GenerateRequest, entry_ids: list[str], arrival: float, reason: str, params: Any, span, log,
