@@ -676,6 +676,15 @@ def test_a_property_named_format_is_a_property():
      'structured_outputs json is not a usable JSON Schema: Unimplemented keys: ["uniqueItems"] (at /properties/tags)'),
     ({"json": {"type": "object"}, "whitespace_pattern": "("},
      "structured_outputs whitespace_pattern does not compile: "),
+    # A backslash that escapes nothing: llguidance dropped it and constrained "ab\\" to "ab", "\\" to nothing
+    ({"regex": "ab\\"}, "structured_outputs regex does not compile: it ends in a lone backslash, which escapes "
+                          "nothing (write \\\\ for a backslash itself)"),
+    ({"regex": "\\"}, "structured_outputs regex does not compile: it ends in a lone backslash"),
+    ({"json": {}, "whitespace_pattern": " \\"}, "structured_outputs whitespace_pattern does not compile: it ends in"),
+    ({"json": {"type": "object", "properties": {"p": {"type": "string", "pattern": "a\\\\\\"}}}},
+     "structured_outputs json is not a usable JSON Schema: /properties/p/pattern: it ends in a lone backslash"),
+    ({"json": {"type": "object", "patternProperties": {"x\\": {}}}},
+     "structured_outputs json is not a usable JSON Schema: /patternProperties/x\\: it ends in a lone backslash"),
     ({"json": {"type": "object", "properties": {"p": {"type": "number", "minimum": 1e-90, "maximum": 5}}}},
      "structured_outputs json is not a usable JSON Schema: /properties/p/minimum 1e-90 is too close to zero "
      "for llguidance (its range of numbers nests a level per digit after the point): use a bound of fewer decimal "

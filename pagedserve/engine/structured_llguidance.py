@@ -468,6 +468,8 @@ def repeatable_minimum(schema: object) -> str | None:
     return None
 
 
+# The refusal of a pattern that ends in a backslash escaping nothing.
+_DANGLING = "it ends in a lone backslash, which escapes nothing (write \\\\ for a backslash itself)"
 # The shorthand classes read as ASCII ([0-9], [0-9a-zA-Z_], [ \t\n\r\f\v]) in a regex spec (llguidance's flags).
 REGEX_ASCII_CLASSES = "dws"
 # JSON's short escapes (llguidance knows no "\/"), for schemas that name no control character (see grammar_text).
@@ -515,6 +517,26 @@ def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) 
         if all(_has_finite_value(n, root, finite_refs) for n in needed):
             return True
     return False
+
+
+def _dangling_escape(pattern: str) -> bool:
+    """Whether a regex ends in a backslash that escapes nothing (an odd run of them): llguidance drops it and runs
+    the rest, so ``ab\\`` constrained to ``ab``, where every regex engine refuses the pattern."""
+    return (len(pattern) - len(pattern.rstrip("\\"))) % 2 == 1
+
+
+def dangling_escape_pattern(schema: object) -> str | None:
+    """The pointer of the first ``pattern`` (or ``patternProperties`` key) of ``schema`` that ends in a lone
+    backslash (:func:`_dangling_escape`), or None."""
+    for where, node in _schemas(schema):
+        if isinstance(node.get("pattern"), str) and _dangling_escape(node["pattern"]):
+            return f"{where}/pattern"
+        keys = node.get("patternProperties")
+        if isinstance(keys, dict):
+            for key in keys:
+                if isinstance(key, str) and _dangling_escape(key):
+                    return f"{where}/patternProperties/{key}"
+    return None
 
 
 def endless_schema(schema: object) -> str | None:
@@ -820,6 +842,8 @@ class LLGuidanceBackend:
                 options["whitespace_flexible"] = True
                 options["whitespace_pattern"] = spec.get("whitespace_pattern", DEFAULT_WHITESPACE_PATTERN)
                 if "whitespace_pattern" in spec:  # else its error would read as the schema's
+                    if _dangling_escape(spec["whitespace_pattern"]):
+                        raise structured_error(f"whitespace_pattern does not compile: {_DANGLING}")
                     regex = llg.LLMatcher.grammar_from_regex(spec["whitespace_pattern"])
                     error = llg.LLMatcher.validate_grammar(regex)
                     if error:
@@ -848,6 +872,9 @@ class LLGuidanceBackend:
                 endless = endless_schema(body)
                 if endless is not None:
                     raise structured_error(endless)
+                dangling = dangling_escape_pattern(body)
+                if dangling is not None:
+                    raise structured_error(f"json is not a usable JSON Schema: {dangling}: {_DANGLING}")
             schema = (readable_number_bounds(exact_formats(known_formats_only(body))) if kind == "json"
                       else {"type": "object"})
             if not _names_control_characters(schema):
@@ -862,6 +889,8 @@ class LLGuidanceBackend:
         if kind == "choice":
             return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in body))
         if kind == "regex":
+            if _dangling_escape(body):
+                raise structured_error(f"regex does not compile: {_DANGLING}")
             # \d, \w and \s are ASCII classes, as in vLLM's default backend and in a JSON Schema pattern here;
             # llguidance's own regexes are Unicode-aware, so a date came out in look-alike digits.
             return llg.LLMatcher.grammar_from_lark(f"start: /{llg.regex_to_lark(body, REGEX_ASCII_CLASSES)}/")
