@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -112,6 +113,33 @@ def test_a_body_that_is_not_utf8_is_answered_when_its_id_comes_first():
     assert ei.value.request_id == "cut-1" and ei.value.message.startswith("body is not valid UTF-8")
     with pytest.raises(DeadLetterError, match="not valid UTF-8"):  # no id first: nobody to answer
         parse_request(b'{"prompt": "\xe2\x82", "id": "cut-2"}', 2048)
+
+
+@pytest.mark.parametrize("body, said", [
+    (b'{"id":"lead-1","prompt":"caf\\u00e9 \xff"}', "body is not valid UTF-8"),  # an escape beside the bad byte
+    (b'{"id":"lead-1","prompt":"x\xff","metadata":{"id":7}}', "body is not valid UTF-8"),  # "id" nested too
+    (b'{"id":"lead-1","prompt":"caf\\u00e9 and mo', "body is not valid JSON"),  # cut off, after an escape
+    (b'{"id":"lead-1","metadata":{"id":1},"prompt":"abc', "body is not valid JSON"),  # cut off, "id" nested
+    (b'{"id":"lead-1","prompt":"a\\qb","metadata":{"id":1}}', "body is not valid JSON"),  # a bad escape
+    (codecs.BOM_UTF8 + b'{"id":"lead-1","prompt":"ab\xff"}', "body is not valid UTF-8"),  # .NET's mark first
+    (codecs.BOM_UTF8 + b'{"id":"lead-1","prompt":"' + b"a" * 4096 + b'"}', "body: message too large"),
+])
+def test_a_broken_body_with_its_id_first_is_answered_whatever_else_it_holds(body, said):
+    """A broken body whose first key is its only id was dead-lettered unanswered (its producer waiting for ever)
+    when it also held an escape, a nested "id" or a byte order mark: reading its keys gave up on the broken part."""
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(body, 2048)
+    assert ei.value.request_id == "lead-1" and ei.value.message.startswith(said), ei.value.message
+
+
+@pytest.mark.parametrize("body", [
+    b'{"id":"a","prompt":"\xff","\\u0069d":"b"}',  # a second id, escaped, beside a bad byte
+    b'{"id":"a","prompt":"a\\qb","id":"b"',  # a second id after a bad escape, cut off
+    b'{"id":"a","prompt":"x\xff","i\xffd":1,"id":2}',  # after a key with a bad byte
+])
+def test_a_broken_body_with_a_second_top_level_id_is_still_a_dead_letter(body):
+    with pytest.raises(DeadLetterError):
+        parse_request(body, 2048)
 
 
 def test_a_byte_order_mark_before_the_json_is_skipped():

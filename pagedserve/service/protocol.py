@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -565,36 +566,44 @@ _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 def leading_id(raw: bytes) -> str | None:
     """The id of a body too large (or too broken) to parse, when it is the body's first key and its only top-level
-    ``id`` key: what clients write (``model_dump_json`` puts ``id`` first). A byte search where ``"id"`` occurs once
-    and nothing is escaped; else the top-level keys are read without parsing the values (:func:`_scanned_keys`),
-    since an escape could spell another ``id`` key and ``"id"`` may occur nested or inside a string."""
+    ``id`` key: what clients write (``model_dump_json`` puts ``id`` first; a byte order mark before it is skipped,
+    as the parse does). A byte search where ``"id"`` occurs once and nothing is escaped; else the top-level keys
+    are read without parsing the values (:func:`_scanned_keys`), since an escape could spell another ``id`` key and
+    ``"id"`` may occur nested or inside a string. Bytes that are not UTF-8 are read as U+FFFD there: they can stand
+    only inside strings (every JSON mark is ASCII), which is where the body is broken."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     m = _LEADING_ID.match(raw[:256])
     if m is None:
         return None
     if raw.count(b'"id"') != 1 or b"\\u" in raw:
-        try:
-            keys = _scanned_keys(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None
-        if keys.count("id") != 1:
+        if _scanned_keys(raw.decode("utf-8", errors="replace")).count("id") != 1:
             return None
     return m.group(1).decode("ascii")
 
 
 _JSON_MARK = re.compile(r'["{}\[\],]')
+# The rest of a JSON string after its opening quote, read as escapes and other characters up to its closing quote.
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 
 
 def _scanned_keys(text: str) -> list[str]:
     """The top-level keys of the JSON object ``text`` starts with, in order with duplicates, read without building
     its values: strings are skipped by the json module's own scanner (C, escapes decoded), containers counted.
-    Linear in ``text``, for bodies too large to parse. Raises ``ValueError`` on a malformed string."""
+    Linear in ``text``, for bodies too large to parse. A broken body is read as far as it goes: a string with a
+    bad escape is skipped whole (no parser reads a key there), one that never closes ends the body (cut off)."""
     keys: list[str] = []
     depth, expect_key, pos = 0, False, 0
     while (m := _JSON_MARK.search(text, pos)) is not None:
         mark, at = m.group(), m.start()
         if mark == '"':
-            value, pos = json.decoder.scanstring(text, at + 1)
-            if depth == 1 and expect_key:
+            try:
+                value, pos = json.decoder.scanstring(text, at + 1)
+            except ValueError:
+                rest = _STRING_REST.match(text, at + 1)
+                if rest is None:
+                    break
+                value, pos = None, rest.end()
+            if depth == 1 and expect_key and value is not None:
                 keys.append(value)
             expect_key = False
             continue
