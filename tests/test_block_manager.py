@@ -151,9 +151,12 @@ def test_swap_in_bound_lets_an_unshared_group_back_into_a_pool_that_holds_it():
 # ---------------------------------------------------------------------------- prefix-cache identity
 
 
-def _prefill(bm, tokens):
+def _prefill(bm, tokens, cache_salt=None):
     """A sequence computed to its end (as a prefill would), its full blocks published; returns it."""
+    from pagedserve.engine.block_manager import salted_root
+
     seq = Sequence(list(tokens), len(tokens))
+    seq.cache_root = salted_root(cache_salt)
     cached = bm.find_cached_prefix(seq)
     todo = seq.num_tokens - len(cached) * BS
     assert bm.allocate(seq, todo, cached)
@@ -222,3 +225,30 @@ def test_a_fork_restarted_without_sharing_takes_exactly_the_blocks_it_was_counte
     assert bm.allocate(child, n, hits)
     assert free - bm.num_free_gpu_blocks == need
     bm.check_invariants([parent, child])
+
+
+def test_a_cache_salt_keeps_each_salts_prefixes_to_itself(monkeypatch):
+    """Requests of different ``cache_salt`` (tenants) never share a cached block, even under a key that ignores the
+    parent (the hit checks the salted root as a parent); the same salt shares as unsalted requests do."""
+    import hashlib
+
+    from pagedserve.engine import block_manager
+
+    def parent_blind(parent, token_ids):
+        return hashlib.sha256(repr(token_ids).encode()).digest()
+
+    prompt = [10] * BS + [20] * BS + [1]
+    for key in (block_manager.chain_hash, parent_blind):
+        monkeypatch.setattr(block_manager, "chain_hash", key)
+        bm = BlockManager(16, 0, BS, True)
+        victim, _ = _prefill(bm, prompt, "tenant-a")
+        other, hits = _prefill(bm, prompt, "tenant-b")
+        assert hits == 0 and not set(other.block_table) & set(victim.block_table)
+        plain, hits = _prefill(bm, prompt)
+        assert hits == 0
+        assert not set(plain.block_table[:2]) & set(victim.block_table[:2])
+        again, hits = _prefill(bm, prompt[:-1] + [2], "tenant-a")
+        assert hits == 2 and again.block_table[:2] == victim.block_table[:2]
+        child = again.fork(1)
+        assert child.cache_root == again.cache_root  # n > 1 and beams keep their request's salt
+        bm.check_invariants([victim, other, plain, again])

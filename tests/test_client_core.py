@@ -1017,7 +1017,7 @@ def test_resuming_an_id_nothing_is_known_of_says_so_when_it_times_out(redis_url,
 @pytest.mark.parametrize("kw, words", [
     ({"max_tokens": 4}, r"^max_tokens= is a sampling parameter: pass it in params, e\.g\. params=\{'max_tokens': \.\.\.\}"),
     ({"temprature": 0}, r"^unexpected keyword argument 'temprature' \(did you mean params=\{'temperature': \.\.\.\}\?\): "
-                        r"a request takes deadline_ms, id, messages"),
+                        r"a request takes cache_salt, deadline_ms, id, messages"),
     # a wait's own keyword misspelt: the list of a request's keywords alone read as if timeout= were not taken
     ({"timout": 5}, r"^unexpected keyword argument 'timout' \(did you mean timeout=\?\): a request takes .*; stream "
                     r"and generate also take timeout, pickup_timeout, after$"),

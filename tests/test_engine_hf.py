@@ -84,3 +84,30 @@ def test_the_hf_reference_goes_on_past_an_eos_argmax(tiny_models):
         model.config.eos_token_id = model.generation_config.eos_token_id = first  # EOS is what comes next
         out = model.generate(ids, generation_config=ignore_eos_config(model, 6))
     assert out.shape[1] == ids.shape[1] + 6 and int(out[0, 4]) == first
+
+
+def test_a_cache_salt_shares_cached_prefixes_only_within_the_salt(tiny_models, hf_greedy):
+    """vLLM's ``cache_salt`` in a prompt dict: a prompt hits the prefix cache only for blocks computed under the
+    same salt (a tenant cannot learn from ``num_cached_tokens`` or its first token's latency whether another's
+    prompt begins the way it guesses), and the tokens are HF's whatever the salt."""
+    model = tiny_models["mistral"]
+    rng = random.Random(2)
+    shared = [rng.randrange(256) for _ in range(40)]
+    prompts = [shared + [rng.randrange(256) for _ in range(k)] for k in (3, 7)]
+    llm = LLM(model=model, device="cpu", block_size=8)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+
+    def run(prompt, salt):
+        out = llm.generate({"prompt_token_ids": prompt, "cache_salt": salt} if salt else prompt, params)[0]
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, MAX_NEW)
+        return out.num_cached_tokens
+
+    assert run(prompts[0], "tenant-a") == 0
+    assert run(prompts[1], "tenant-b") == 0  # the same 40 tokens, cached under another salt
+    assert run(prompts[1], None) == 0  # nor unsalted
+    assert run(prompts[1], "tenant-a") == 40  # five whole blocks of the shared prefix, under its own salt
+    assert run(prompts[0], None) == 40  # the unsalted run above cached them for unsalted prompts
+    with pytest.raises(ValueError, match=r"^cache_salt must be a non-empty string"):
+        llm.generate({"prompt": "x", "cache_salt": ""}, params)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: cache_salt must be a non-empty string \(got 5\)"):
+        llm.generate(["x", {"prompt": "y", "cache_salt": 5}], params)

@@ -14,7 +14,9 @@ A cached block is identified by a SHA-256 chain: the hash of (its parent's hash,
 per-process value. A crafted prompt therefore cannot be made to collide with another tenant's cached prefix
 (Python's ``hash()``, used before, collides on purpose cheaply), and a hit also checks the parent hash, so equal
 tokens after a different prefix never share a block. Each full block of a sequence is hashed once
-(``Sequence.token_block_hashes``).
+(``Sequence.token_block_hashes``). A request's ``cache_salt`` roots its chain elsewhere (:func:`salted_root`): its
+blocks are found only by requests with the same salt, so tenants given different salts learn nothing of each
+other's prompts from a hit (``cached_prompt_tokens``, or a faster first token).
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ class BlockPool:
 _ROOT = os.urandom(32)  # the parent of a first block: per process, so no digest can be precomputed
 
 
+def salted_root(cache_salt: str | None) -> bytes | None:
+    """The parent of a first block for requests of ``cache_salt`` (None: the unsalted root)."""
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(_ROOT + b"cache_salt\0" + cache_salt.encode("utf-8")).digest()
+
+
 def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
     """A block's identity in the prefix cache: SHA-256 of its parent's hash and its tokens (as uint32: token ids
     are below the vocabulary size)."""
@@ -162,7 +171,7 @@ class BlockManager:
         before it never change)."""
         hashes = seq.token_block_hashes
         while len(hashes) <= i:
-            hashes.append(chain_hash(hashes[-1] if hashes else None, self._chunk(seq, len(hashes))))
+            hashes.append(chain_hash(hashes[-1] if hashes else seq.cache_root, self._chunk(seq, len(hashes))))
         return hashes[i]
 
     def find_cached_prefix(self, seq: Sequence) -> list[Block]:
@@ -170,7 +179,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
             return []
         hits: list[Block] = []
-        parent = None
+        parent = seq.cache_root
         for i in range((seq.num_tokens - 1) // self.block_size):
             h = self._token_block_hash(seq, i)
             block = self.gpu.lookup(h, parent, self._chunk(seq, i))
@@ -189,7 +198,7 @@ class BlockManager:
         while seq.num_registered_blocks < num_full:
             i = seq.num_registered_blocks
             h = self._token_block_hash(seq, i)
-            parent = seq.token_block_hashes[i - 1] if i else None
+            parent = seq.token_block_hashes[i - 1] if i else seq.cache_root
             self.gpu.register(self.gpu.blocks[seq.block_table[i]], h, parent, self._chunk(seq, i))
             seq.num_registered_blocks += 1
 

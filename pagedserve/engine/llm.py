@@ -14,6 +14,7 @@ from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only
 
 PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
+PROMPT_OPTIONS = ("cache_salt",)  # what else such a dict may hold (vLLM's names)
 
 
 def _is_token_ids(value) -> bool:
@@ -24,7 +25,7 @@ def _is_token_ids(value) -> bool:
 def _one_prompt(value, name: str) -> str | list:
     """A prompt as the engine takes it: text, or a list of Python ints (numpy's included)."""
     if isinstance(value, Mapping):
-        unknown = sorted(str(k) for k in value if k not in PROMPT_KEYS)
+        unknown = sorted(str(k) for k in value if k not in PROMPT_KEYS + PROMPT_OPTIONS)
         given = [k for k in PROMPT_KEYS if k in value]
         if unknown or len(given) != 1:
             raise ValueError(f"{name} must have exactly one of the keys {PROMPT_KEYS}"
@@ -38,15 +39,17 @@ def _one_prompt(value, name: str) -> str | list:
     return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in value]
 
 
-def _prompt_list(prompts) -> list:
-    """``generate``'s prompts as a list of engine prompts: one prompt (text, token ids, a vLLM prompt dict) or a
-    list of them."""
+def _prompt_list(prompts) -> tuple[list, list[str | None]]:
+    """``generate``'s prompts as a list of engine prompts, and each one's ``cache_salt`` (a vLLM prompt dict's, else
+    None): one prompt (text, token ids, a vLLM prompt dict) or a list of them."""
     if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts):
         prompts = [prompts]
     if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
         raise ValueError(f"prompts must be a string, a list of token ids, a {{'prompt': ...}} or "
                          f"{{'prompt_token_ids': ...}} dict, or a list of those (got {type(prompts).__name__})")
-    return [_one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    prompts = list(prompts)
+    salts = [p.get("cache_salt") if isinstance(p, Mapping) else None for p in prompts]
+    return [_one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)], salts
 
 
 def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:
@@ -233,7 +236,7 @@ class LLM:
         self._check_open()
         show_progress = _progress("generate", show_progress, use_tqdm)
         _no_lora("generate", lora_request)
-        prompts = _prompt_list(prompts)
+        prompts, salts = _prompt_list(prompts)
         priorities = _priorities(priority, len(prompts))
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -255,17 +258,17 @@ class LLM:
         params = final_only(params)
         with self._one_call:
             self._check_open()  # closed while this call waited for another's end
-            return self._queue_and_run(prompts, params, priorities, show_progress)
+            return self._queue_and_run(prompts, params, priorities, salts, show_progress)
 
     def _queue_and_run(self, prompts: list, params: list[SamplingParams], priorities: list[int],
-                       show_progress: bool) -> list[RequestOutput]:
+                       salts: list[str | None], show_progress: bool) -> list[RequestOutput]:
         ids = []
         try:
-            for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
+            for i, (prompt, p, prio, salt) in enumerate(zip(prompts, params, priorities, salts)):
                 rid = f"offline-{self._counter}"
                 self._counter += 1
                 try:
-                    self.engine.add_request(rid, prompt, p, priority=prio)
+                    self.engine.add_request(rid, prompt, p, priority=prio, cache_salt=salt)
                 except ValueError as e:  # which of the batch's prompts, when there are several
                     if len(prompts) > 1 and e.args and isinstance(e.args[0], str):
                         e.args = (f"prompts[{i}]: {e.args[0]}", *e.args[1:])

@@ -19,7 +19,7 @@ import time
 import torch
 
 from pagedserve.engine.beam_search import BeamState
-from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.block_manager import BlockManager, salted_root
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_threads import guard_forks
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
@@ -39,6 +39,7 @@ from pagedserve.engine.tokenizer import load_tokenizer, longest_token_chars
 from pagedserve.kernels import get_ops
 
 MAX_REQUEST_ID_LEN = 256
+MAX_CACHE_SALT_CHARS = 1024
 MAX_ERROR_LEN = 300
 # A request's own failures that are documented outcomes, not faults (a grammar that cannot be followed further):
 # its end is logged as one warning line (``_fail``), without a traceback. Anything else keeps its traceback.
@@ -71,6 +72,17 @@ def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: s
     # A request whose own parameters failed (its message names the field) is told so as it is.
     why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
     failed[req.request_id] = (req, _one_line(why))
+
+
+def check_cache_salt(cache_salt: object) -> None:
+    """``cache_salt``: None, or a non-empty string of at most :data:`MAX_CACHE_SALT_CHARS` characters."""
+    if cache_salt is None:
+        return
+    if not isinstance(cache_salt, str) or not cache_salt:
+        raise ValueError(f"cache_salt must be a non-empty string (got {short_repr(cache_salt)})")
+    if len(cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt has {len(cache_salt)} characters, more than {MAX_CACHE_SALT_CHARS}")
+    check_unicode(cache_salt, "cache_salt")
 
 
 def _wall_time(value, name: str) -> float | None:
@@ -205,11 +217,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
                     priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
-                    resume: list[ResumeSample] | None = None) -> None:
+                    resume: list[ResumeSample] | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error.
 
         ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this request had handed out;
-        generation continues after it (``_resume``)."""
+        generation continues after it (``_resume``). ``cache_salt`` (vLLM's): the request's prompt shares cached
+        blocks only with requests of the same salt (one per tenant keeps tenants' prefixes apart)."""
         self._check_open()
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -223,6 +236,7 @@ class LLMEngine:
         if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
             raise ValueError("priority must be an integer")
         priority = int(priority)
+        check_cache_salt(cache_salt)
         deadline, arrival_time = _wall_time(deadline, "deadline"), _wall_time(arrival_time, "arrival_time")
         limit, setting = self.max_seqs_per_request
         if params.num_samples > limit:
@@ -267,6 +281,7 @@ class LLMEngine:
         matcher = self.structured.new_matcher(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id, text, token_ids, params, priority, deadline, arrival_time)
         req.seqs[0].matcher = matcher
+        req.seqs[0].cache_root = salted_root(cache_salt)
         if params.beam_width > 0:
             req.beam = BeamState(params.beam_width, params)
         self._init_seq(req, req.seqs[0])

@@ -44,6 +44,7 @@ class Sequence:
         self.num_registered_blocks = 0  # leading full blocks published in the prefix cache (their hashes below)
         # Chain hashes of the first full blocks of ``token_ids``, memoized: tokens are only ever appended.
         self.token_block_hashes: list[bytes] = []
+        self.cache_root: bytes | None = None  # the parent hash of its first block: its request's cache_salt
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
         self.finish_reason: str | None = None
@@ -77,6 +78,7 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.num_registered_blocks = self.num_registered_blocks
         child.token_block_hashes = list(self.token_block_hashes)
+        child.cache_root = self.cache_root
         child.cumulative_logprob = self.cumulative_logprob
         child.logprobs = list(self.logprobs)
         if self.detok is not None:

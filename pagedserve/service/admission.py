@@ -211,11 +211,12 @@ def add_to_engine(
         if resume is not None:
             try:
                 engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline,
-                                   arrival_time=arrival, resume=resume)
+                                   arrival_time=arrival, resume=resume, cache_salt=req.cache_salt)
                 return None
             except ValueError as e:
                 not_resumed = str(e)
-        engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival)
+        engine.add_request(req.id, prompt, params, priority=req.priority, deadline=deadline, arrival_time=arrival,
+                           cache_salt=req.cache_salt)
         return not_resumed
     except ValueError as e:  # the engine's messages name the field (max_tokens beyond the context: params.)
         message = params_field(str(e))

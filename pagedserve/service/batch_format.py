@@ -38,7 +38,7 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
               "include_stop_str_in_output")
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
-             "top_logprobs", "response_format", "stream", "best_of", "echo", *_SAME_NAME}
+             "top_logprobs", "response_format", "stream", "best_of", "echo", "cache_salt", *_SAME_NAME}
 # The keys of an OpenAI batch input line.
 _LINE_KEYS = {"custom_id", "method", "url", "body"}
 # What a request's message carries (protocol.ChatMessage): a name, tool calls or audio would change what the model
@@ -251,6 +251,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     if "metadata" in body:
         _metadata(body["metadata"])
     req: dict[str, Any] = {}
+    if "cache_salt" in body:  # vLLM's: the line's prompt shares cached blocks only with lines of the same salt
+        req["cache_salt"] = body["cache_salt"]
     if chat:
         if "prompt" in body:
             raise LineError("body.prompt: use messages with /v1/chat/completions")

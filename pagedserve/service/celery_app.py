@@ -486,6 +486,7 @@ def _register(app: Celery) -> None:
         id: str | None = None,
         priority: int = 0,
         deadline_ms: int | None = None,
+        cache_salt: str | None = None,
         metadata: dict | None = None,
         stream: bool = True,
     ) -> str:
@@ -495,7 +496,7 @@ def _register(app: Celery) -> None:
         c = _client(app)
         req = _task_request(_own_id(self), prompt, messages=messages, prompt_token_ids=prompt_token_ids,
                             params=params, id=id, priority=priority, deadline_ms=deadline_ms, metadata=metadata,
-                            stream=stream, settings=c.settings)
+                            cache_salt=cache_salt, stream=stream, settings=c.settings)
         return c.submit(request=req)
 
     given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
@@ -513,6 +514,7 @@ def _register(app: Celery) -> None:
         id: str | None = None,
         priority: int = 0,
         deadline_ms: int | None = None,
+        cache_salt: str | None = None,
         metadata: dict | None = None,
         timeout: float | None = 300.0,
         pickup_timeout: float | None = None,
@@ -534,7 +536,7 @@ def _register(app: Celery) -> None:
             check_seconds(timeout=timeout, pickup_timeout=pickup_timeout)
             req = _task_request(own_id, prompt, messages=messages, prompt_token_ids=prompt_token_ids, params=params,
                                 id=id, priority=priority, deadline_ms=deadline_ms, metadata=metadata, stream=False,
-                                settings=c.settings)
+                                cache_salt=cache_salt, settings=c.settings)
         except ValueError as e:  # refused before it is sent: the error event a worker would have stored
             return _refusal(own_id, id, metadata, refusal_message(e))
         stored = c.result(req.id)

@@ -469,6 +469,7 @@ def build_request(
     stream: bool = True,
     priority: int = 0,
     deadline_ms: int | None = None,
+    cache_salt: str | None = None,
     metadata: dict | None = None,
 ) -> GenerateRequest:
     """Build and validate a request locally: a bad request fails here, before it is sent, with a ``ValueError``
@@ -497,6 +498,7 @@ def build_request(
             "stream": stream,
             "priority": priority,
             "deadline_ms": deadline_ms,
+            "cache_salt": cache_salt,
             "metadata": metadata or {},
         })
     except ValidationError as e:  # pydantic's text spans lines and ends with a link: one line naming the field

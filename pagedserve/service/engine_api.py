@@ -31,6 +31,7 @@ class EngineAPI(Protocol):
     def add_request(
         self, request_id: str, prompt: str | list[int], params: Any = None, *, priority: int = 0,
         deadline: float | None = None, arrival_time: float | None = None, resume: list | None = None,
+        cache_salt: str | None = None,
     ) -> None: ...  # resume: per sample, what an interrupted run handed out (engine.sequence.ResumeSample)
 
     def step(self) -> list[Any]: ...  # RequestOutput per request that progressed this step

@@ -53,6 +53,7 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 # checked before work starts").
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
+MAX_CACHE_SALT_CHARS = 1024  # the engine's limit (llm_engine), checked here before a worker reads the entry
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOWEST_PRIORITY = 2**31 - 1  # the worst priority a request may have (lower values run first)
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
@@ -298,6 +299,7 @@ class GenerateRequest(BaseModel):
     stream: bool = True
     priority: whole_int(-(2**31), LOWEST_PRIORITY) = 0
     deadline_ms: whole_int(MIN_DEADLINE_MS, MAX_DEADLINE_MS) | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("deadline_ms", mode="before")
