@@ -100,6 +100,23 @@ def test_profile_counts_the_cpu_kernels_and_says_what_it_did_not_measure(tiny_mo
     assert all(v is None or v >= 0 for v in rows.values())
 
 
+def test_the_profiles_linear_layers_are_the_decoders_not_the_lm_heads(tiny_models, monkeypatch):
+    """The LM head computes its logits with the same linear as the layers: with the fused stack (the default) the
+    layers' linears run inside it, and "linear layers" printed the LM head's time again beside "LM head"."""
+    from pagedserve.bench.common import make_workload
+    from pagedserve.bench.offline import profile_engine
+    from pagedserve.kernels import cpu_extension
+
+    if not cpu_extension.load():
+        pytest.skip(f"no CPU kernels here: {cpu_extension.unavailable_reason()}")
+    w = make_workload(2, seed=0, vocab_size=300)
+    w = type(w)([p[:16] for p in w.prompts], [min(m, 4) for m in w.max_tokens])
+    rows = dict(profile_engine(tiny_models["llama"], w, "cpu"))
+    if rows["  fused decoder stack"] is None:
+        pytest.skip("the layers did not fuse here")
+    assert rows["LM head"] > 0 and rows["  linear layers"] is None, rows
+
+
 def test_out_with_a_tilde_lands_in_home_and_narrow_tables_keep_their_digits(tmp_path, monkeypatch):
     """``--out=~/x.json`` reaches no shell to expand it: the results go to $HOME, as check_out promised; and an
     80-column terminal folds long numbers rather than cutting them to "0.0…"."""

@@ -184,6 +184,10 @@ def run_hf_continuous(model_dir: str, w: Workload, device: str, dtype: str = "fl
     return {"wall_s": wall, "output_tokens": produced}
 
 
+# What computes the logits with the same linear as the decoder layers (their time is the LM head's, not theirs).
+_LM_HEAD_CALLERS = ("gather_logits", "compute_logits")
+
+
 def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float32") -> list[tuple[str, float]]:
     """Where an engine run spends its time (cProfile cumulative seconds of the main stages)."""
     from pagedserve.engine import LLM
@@ -206,7 +210,7 @@ def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float
         "  attention (decode)": [("reference.py", "paged_decode_attention"),
                                  ("cpu_extension.py", "paged_decode_attention")],
         "  KV write": [("reference.py", "write_kv"), ("cpu_extension.py", "write_kv")],
-        "  linear layers": [("~", "<built-in method torch._C._nn.linear>"), ("cpu_linear.py", "linear")],
+        "  linear layers": [("~", "<built-in method torch._C._nn.linear>"), ("cpu_linear.py", "linear")],  # below
         "LM head": [("llama.py", "compute_logits")],
         "prepare inputs": [("model_runner.py", "prepare")],
         "sampler": [("sampler.py", "__call__")],
@@ -215,9 +219,13 @@ def profile_engine(model_dir: str, w: Workload, device: str, dtype: str = "float
         "outputs": [("outputs.py", "build_output")],
     }
     found = {}
-    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+    for (file, _line, func), (_cc, _nc, _tt, ct, callers) in stats.stats.items():
         for label, where in stages.items():
             if any(file.endswith(f) and func == fn for f, fn in where):
+                if label == "  linear layers":  # the decoder's: the LM head's own matmul is counted there
+                    ct -= sum(c[3] for (_f, _l, fn), c in callers.items() if fn in _LM_HEAD_CALLERS)
+                    if ct <= 1e-9:  # only the LM head called it: the layers' run inside the fused stack
+                        continue
                 # the outermost llama forward is LlamaForCausalLM.forward: keep the largest
                 found[label] = max(found.get(label, 0.0), ct)
     # None: nothing of this stage ran where the profile could see it (inside the fused stack, say), not 0 s.
