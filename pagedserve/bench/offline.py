@@ -407,14 +407,14 @@ def offline_command(
         show_default=False,
         help="Decode-roofline batch sizes, comma-separated (default 1,16,64,128,256 on CUDA, 1,4,16 on CPU).")] = "",
     decode_context: Annotated[int, typer.Option(
-        show_default=False, help="Decode-roofline prompt length (default 1024 CUDA, 128 CPU).")] = 0,
+        show_default=False, help="Decode-roofline prompt length (0, the default: 1024 CUDA, 128 CPU).")] = 0,
     decode_steps: Annotated[int, typer.Option(
-        show_default=False, help="Timed decode steps per batch size (default 32 CUDA, 8 CPU).")] = 0,
+        show_default=False, help="Timed decode steps per batch size (0, the default: 32 CUDA, 8 CPU).")] = 0,
     skip_swap_vs_recompute: Annotated[bool, typer.Option(help="Skip recompute vs swap cost per block size.")] = False,
     swap_block_sizes: Annotated[str, typer.Option(
         help="Block sizes of the swap-vs-recompute section.")] = "8,16,32,64,128",
     swap_tokens: Annotated[int, typer.Option(
-        show_default=False, help="Tokens swapped / recomputed per block size (default 1536 CUDA, 512 CPU).")] = 0,
+        show_default=False, help="Tokens swapped / recomputed per block size (0, the default: 1536 CUDA, 512 CPU).")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(
         help="Also run the workload sharded over N ranks and compare with one rank (ratio, communication per step).")] = 1,
 ) -> None:
