@@ -1137,6 +1137,13 @@ def test_extra_config_variables_the_pod_env_sets_are_refused(name, instead):
     render_fails({"extraConfig": {name: "/x"}}, f"extraConfig.{name}", "env", instead)
 
 
+@pytest.mark.parametrize("name", ["PAGEDSERVE_WORKER_NAME", "pagedserve_worker_name"])
+def test_a_worker_name_for_every_replica_is_refused(name):
+    """One ConfigMap serves every replica: a worker name there gave all of them one consumer name, and each worker
+    past the first exits when it finds the name held by a live one (a rollout's surge pod never ready)."""
+    render_fails({"extraConfig": {name: "worker-1"}}, f"extraConfig.{name}", "consumer name", "hostname")
+
+
 def test_every_variable_of_the_pod_env_is_refused_in_extra_config():
     env = {e["name"] for e in worker_container(render({"cpuBind": "0-3"}))["env"]}
     for name in sorted(env - {"OTEL_RESOURCE_ATTRIBUTES"}):

@@ -212,6 +212,11 @@ a Secret or ConfigMap (valueFrom) counts as set; OTEL_TRACES_EXPORTER=none asks 
 {{- end }}
 {{- include "pagedserve.refuseManagedEnv" (dict "where" "extraConfig" "names" (keys .Values.extraConfig)) }}
 {{- include "pagedserve.refusePodEnv" (keys .Values.extraConfig) }}
+{{- range $name := keys .Values.extraConfig }}
+{{- if eq (upper $name) "PAGEDSERVE_WORKER_NAME" }}
+{{- fail (printf "extraConfig.%s: every replica would read this one consumer name, and a second live worker under a name is refused (it exits); leave it unset: each pod takes its own name (its hostname)" $name) }}
+{{- end }}
+{{- end }}
 {{- /* OTEL_RESOURCE_ATTRIBUTES goes into the pod's env, after the chart's attributes (see deployment.yaml) */}}
 {{- $cfg = merge (omit .Values.extraConfig "OTEL_RESOURCE_ATTRIBUTES" | deepCopy) $cfg }}
 {{- range $k := keys $cfg | sortAlpha }}
