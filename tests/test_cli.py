@@ -294,9 +294,22 @@ def test_submit_refuses_a_bad_value_before_sending_it(redis_url, prefix, args, n
 def test_submit_refuses_a_body_no_worker_would_read(redis_url, prefix):
     """Over max_message_bytes a worker dead-letters the entry unanswered: one line instead, nothing sent."""
     res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix,
-                   "PAGEDSERVE_MAX_MESSAGE_BYTES": "256"})
+                   "PAGEDSERVE_MAX_MESSAGE_BYTES": "1024"}, "--system", "be brief " * 120)
     line = _one_line(res)
-    assert res.returncode == 2 and "more than max_message_bytes 256 (PAGEDSERVE_MAX_MESSAGE_BYTES" in line, line
+    assert res.returncode == 2 and "more than max_message_bytes 1024 (PAGEDSERVE_MAX_MESSAGE_BYTES" in line, line
+
+
+def test_the_smallest_message_limit_fits_what_the_clients_write(redis_url, prefix):
+    """MAX_MESSAGE_BYTES took 256, under which no request of the Python client fits (it writes every sampling
+    value: about 600 bytes for a one-word prompt), so every request was refused. The limit starts where they fit."""
+    from pagedserve.service.client_core import build_request
+
+    res = _submit({"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix,
+                   "PAGEDSERVE_MAX_MESSAGE_BYTES": "1023"})
+    line = _one_line(res)
+    assert res.returncode == 2 and "PAGEDSERVE_MAX_MESSAGE_BYTES='1023'" in line and "1024" in line, line
+    req = build_request(messages=[{"role": "user", "content": "Hello"}], params={"max_tokens": 3}, id="x" * 64)
+    assert len(req.model_dump_json().encode()) < 1024
     with redis.Redis.from_url(redis_url) as r:
         assert r.xlen(f"{prefix}:requests") == 0
 

@@ -132,8 +132,15 @@ def test_an_idle_read_must_block_less_than_the_liveness_timeout():
     """Above the Redis socket timeout a long block works (tests/test_operator_worker.py); as long as the liveness
     timeout it would fail /healthz every idle read."""
     assert Settings(read_block_ms=10_000).read_block_ms == 10_000
-    with pytest.raises(ValidationError, match=r"read_block_ms\n.*must be less than liveness_timeout_s \(20 s\)"):
-        Settings(read_block_ms=20_000, liveness_timeout_s=20)
+    with pytest.raises(ValidationError, match=r"read_block_ms\n.*must be less than liveness_timeout_s \(8 s\)"):
+        Settings(read_block_ms=9_000, liveness_timeout_s=8)
+
+
+def test_an_idle_read_blocks_at_most_ten_seconds_whatever_the_liveness_timeout():
+    """An idle worker notices SIGTERM between two blocked reads: READ_BLOCK_MS=600000 with LIVENESS_TIMEOUT_S=inf
+    was taken, and the worker sat out SIGTERM for the whole block (12 minutes, SIGKILLed, for a larger one)."""
+    with pytest.raises(ValidationError, match=r"read_block_ms\n.*less than or equal to 10000"):
+        Settings(read_block_ms=600_000, liveness_timeout_s=float("inf"))
 
 
 def test_every_metric_is_in_the_docs_table():

@@ -112,6 +112,8 @@ def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 DEFAULT_BATCH_RETENTION_S = 7 * 86400
+MIN_MESSAGE_BYTES = 1024
+MAX_READ_BLOCK_MS = 10_000
 
 
 def check_redis_url(url: str, name: str = "redis_url") -> None:
@@ -253,7 +255,9 @@ class Settings(BaseSettings):
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
     async_scheduling: bool | None = None  # engine option; None: the engine's default (on for one CUDA GPU)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
-    max_message_bytes: int = Field(1 << 20, ge=256)  # a larger body is refused unparsed (protocol.parse_request)
+    # A larger body is refused unparsed (protocol.parse_request). At least MIN_MESSAGE_BYTES: the clients write every
+    # sampling value, about 600 bytes for a prompt of a word.
+    max_message_bytes: int = Field(1 << 20, ge=MIN_MESSAGE_BYTES)
     lease_renew_ms: int | None = Field(None, ge=10, le=INT32_MAX)  # default claim_idle_ms / 3
     # Token events go to the request's events stream (what clients read and resume from) and, for consumers that
     # listen on pub/sub, are also published on out:{id}. False publishes only terminal events: one command and
@@ -263,7 +267,8 @@ class Settings(BaseSettings):
     dead_letter_maxlen: int = Field(100_000, ge=1, le=2**63 - 1)  # approximate MAXLEN of the dead-letter stream
     liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer
     # XREADGROUP BLOCK while the engine is idle; less than liveness_timeout_s (declared first: the check reads it)
-    read_block_ms: int = Field(50, ge=1)
+    # At most MAX_READ_BLOCK_MS: an idle worker notices a SIGTERM (starts its drain) between two blocks.
+    read_block_ms: int = Field(50, ge=1, le=MAX_READ_BLOCK_MS)
     # Load shedding: an entry that waited longer than this in the stream (XADD -> pick-up) is not started but
     # answered with an ``overloaded`` error. None or 0 = off (every entry is served however long it waited).
     max_queue_ms: int | None = Field(None, ge=0, le=INT32_MAX)
