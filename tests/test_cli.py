@@ -917,6 +917,19 @@ def test_a_setting_with_a_bad_value_exits_2_from_the_worker_and_the_demo(name, v
     assert "Redis: started" not in res.stdout, "the demo started Redis before it looked at the setting"
 
 
+def test_a_kv_pool_too_small_for_any_request_names_the_variable_and_exits_2():
+    """One block of one token: the worker started, read ready, and answered every request prompt_too_long ("leaves
+    room for 0 prompt tokens"), where MAX_MODEL_LEN=1 is refused at start."""
+    env = {"PAGEDSERVE_NUM_GPU_BLOCKS": "1", "PAGEDSERVE_BLOCK_SIZE": "1", "PAGEDSERVE_METRICS_PORT": "0",
+           "PAGEDSERVE_DEVICE": "cpu", "PAGEDSERVE_MODEL": "pagedserve-tiny-random",
+           "PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    res = _cli(env, "worker")
+    line = _one_line(res)
+    assert res.returncode == 2 and line.startswith(
+        "error: invalid setting PAGEDSERVE_NUM_GPU_BLOCKS='1': num_gpu_blocks 1 x block_size 1 holds 1 token, "
+        "fewer than the 2 a request needs"), line
+
+
 def test_a_kv_pool_larger_than_the_memory_names_the_variable_and_exits_2():
     """Found once the model is in (the pool's size against the memory available): it said "error: num_gpu_blocks=
     100000000 asks for ...", exit 1, naming the engine's argument, not the variable the worker reads it from."""

@@ -180,3 +180,16 @@ def test_a_temperature_below_the_floor_runs_at_the_floor_as_in_vllm():
     assert SamplingParams(temperature=1e-9).temperature == 0.01 and SamplingParams(temperature=0).greedy
     with pytest.raises(ValueError, match="^temperature must be 0"):
         SamplingParams(temperature=-0.001)
+
+
+def test_swap_preemption_without_a_swap_pool_says_it_recomputes(tiny_models, caplog):
+    """preemption_mode="swap" beside swap_space_gb=0 was taken without a word, and every preemption recomputed."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pagedserve.engine.llm_engine"):
+        LLM(model=tiny_models["llama"], device="cpu", preemption_mode="swap", swap_space_gb=0).close()
+    assert any("preemption_mode swap with no CPU swap pool" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pagedserve.engine.llm_engine"):
+        LLM(model=tiny_models["llama"], device="cpu", preemption_mode="swap", swap_space_gb=0.01).close()
+    assert not any("swap pool" in r.getMessage() for r in caplog.records), caplog.text

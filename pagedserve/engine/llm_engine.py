@@ -151,6 +151,9 @@ class LLMEngine:
         except ValueError:
             self.runner.close()  # tensor-parallel ranks must not outlive an engine that failed to start
             raise
+        if self.config.preemption_mode == "swap" and self.block_manager.cpu.num_blocks == 0:
+            log.warning("preemption_mode swap with no CPU swap pool (swap_space_gb 0): every preemption "
+                        "recomputes; give swap_space_gb room to swap")
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp)
@@ -192,6 +195,11 @@ class LLMEngine:
         """A sequence must fit the device pool on its own, or it could never finish: an explicit ``max_model_len``
         beyond the pool is an error, a derived one is lowered to it."""
         capacity = self.block_manager.gpu.num_blocks * self.config.block_size
+        if capacity < 2:  # else an engine that refuses every request would start (and a worker read ready)
+            raise ValueError(
+                f"num_gpu_blocks {self.block_manager.gpu.num_blocks} x block_size {self.config.block_size} holds "
+                f"{capacity} token, fewer than the 2 a request needs (a prompt token and one to generate): give the "
+                "pool more blocks (num_gpu_blocks, gpu_memory_utilization) or a larger block_size")
         if self.max_model_len <= capacity:
             return
         if self.config.max_model_len is not None:
