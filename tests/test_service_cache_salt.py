@@ -68,3 +68,21 @@ def test_the_celery_tasks_take_cache_salt(redis_url, prefix):
     s = make_settings(redis_url, prefix)
     req = _task_request("task-1", "x", params=None, id=None, metadata=None, settings=s, cache_salt="tenant-a")
     assert req.cache_salt == "tenant-a" and req.id == "task-1"
+
+
+def test_the_submit_command_takes_a_cache_salt(redis_url, prefix, shared_engine):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PAGEDSERVE_")}
+    env.update(PAGEDSERVE_REDIS_URL=redis_url, PAGEDSERVE_PREFIX=prefix)
+    cmd = [sys.executable, "-m", "pagedserve.service.cli", "submit", "hi", "--max-tokens", "2", "--cache-salt"]
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([*cmd, ""], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: invalid request: --cache-salt: String should have at least 1 character"), res.stderr
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        res = subprocess.run([*cmd, "tenant-a", "--no-stream"], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -491,7 +491,8 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
 # submit's options by the request field each sets: an error about the field names the option the user typed.
 _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temperature", "params.top_p": "--top-p",
               "params.seed": "--seed", "params.stop": "--stop", "params.n": "--n", "params.beam_width": "--beam-width",
-              "priority": "--priority", "id": "--id", "params.structured_outputs regex": "--regex",
+              "priority": "--priority", "id": "--id", "cache_salt": "--cache-salt",
+              "params.structured_outputs regex": "--regex",
               "params.structured_outputs choice": "--choice", "params.structured_outputs.json": "--json-schema"}
 
 
@@ -580,6 +581,8 @@ def submit(
     n: int = typer.Option(1, "--n", help="Number of outputs."),
     beam_width: int = typer.Option(0, "--beam-width", help="> 0: beam search."),
     priority: int = typer.Option(0, "--priority", help="Lower runs first when the worker is full."),
+    cache_salt: Optional[str] = typer.Option(
+        None, "--cache-salt", help="The prompt shares cached blocks only with requests of this salt."),
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", help="FILE: the output is JSON that validates against this JSON Schema."),
     choice: Optional[list[str]] = typer.Option(None, "--choice", help="a,b,c: the output is one of these. Or give --choice once per choice, kept exactly as written (commas and spaces included)."),
@@ -623,9 +626,10 @@ def submit(
             messages = [{"role": "system", "content": system}] if system is not None else []
             messages.append({"role": "user", "content": prompt})
             request = build_request(messages=messages, params=params, stream=not no_stream, id=request_id,
-                                    priority=priority)
+                                    priority=priority, cache_salt=cache_salt)
         else:
-            request = build_request(prompt, params=params, stream=not no_stream, id=request_id, priority=priority)
+            request = build_request(prompt, params=params, stream=not no_stream, id=request_id, priority=priority,
+                                    cache_salt=cache_salt)
         check_message_size(request, settings)
     except ValueError as e:
         _fail(f"error: invalid request: {_as_options(str(e))}", 2)
