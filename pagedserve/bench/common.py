@@ -223,15 +223,23 @@ def drive(eng, prompts: list[list[int]], params: list, kv_stats: bool = True) ->
     concurrency and KV use read from ``eng.stats()`` after every step (mean live-token share of allocated slots,
     mean blocks; None without). Requests run as ``LLM.generate`` runs them: only their final outputs are built.
     A run timed against other engines passes ``kv_stats=False``: ``stats()`` walks every running sequence's
-    block table, host work between steps that ``LLM.generate`` does not do."""
+    block table, host work between steps that ``LLM.generate`` does not do. Mean blocks are each step's
+    high-water mark (read from the block manager's peak, which the loop moves to the step's start)."""
     from pagedserve.engine.sampling_params import final_only
 
     for i, (p, sp) in enumerate(zip(prompts, final_only(params))):
         eng.add_request(str(i), p, sp)
     outputs: dict[str, list[list[int]]] = {}
     peak_seqs, steps, util_sum, used_sum = 0, 0, 0.0, 0
+    bm = eng.block_manager
+    peak_used = bm.peak_used
     start = time.perf_counter()
     while eng.has_unfinished_requests():
+        if kv_stats:
+            # Blocks in use are counted at each step's height (its allocations: private copies, CoW, swap-ins),
+            # not after it: a beam forked at a step's end holds its parent's blocks by reference until its next
+            # allocation copies them (sharing off), so between steps the no-sharing baseline looked as if it shared.
+            bm.peak_used = bm.num_used_gpu_blocks
         for out in eng.step():
             if out.finished:
                 outputs[out.request_id] = [c.token_ids for c in out.outputs]
@@ -240,8 +248,10 @@ def drive(eng, prompts: list[list[int]], params: list, kv_stats: bool = True) ->
         st = eng.stats()
         steps += 1
         util_sum += st["kv_utilization"]
-        used_sum += st["num_gpu_blocks"] - st["num_free_gpu_blocks"]
+        used_sum += bm.peak_used
+        peak_used = max(peak_used, bm.peak_used)
         peak_seqs = max(peak_seqs, st["num_running_seqs"])
+    bm.peak_used = max(peak_used, bm.peak_used)  # the engine's own all-time peak again (stats()'s)
     wall = time.perf_counter() - start
     produced = sum(len(t) for outs in outputs.values() for t in outs)
     kv = {"peak_concurrent_seqs": peak_seqs, "mean_kv_utilization": util_sum / steps if steps else 0.0,
