@@ -578,7 +578,8 @@ def leading_id(raw: bytes) -> str | None:
     if m is None:
         return None
     if raw.count(b'"id"') != 1 or b"\\u" in raw:
-        if _scanned_keys(raw.decode("utf-8", errors="replace")).count("id") != 1:
+        keys = _scanned_keys(raw.decode("utf-8", errors="replace"))
+        if keys is None or keys.count("id") != 1:
             return None
     return m.group(1).decode("ascii")
 
@@ -588,25 +589,37 @@ _JSON_MARK = re.compile(r'["{}\[\],]')
 _STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 
 
-def _scanned_keys(text: str) -> list[str]:
+# The most strings the key scan reads (a few microseconds each): a request has far fewer (4096 messages are
+# 16384), and a body of millions of tiny strings would hold a worker's loop for seconds. Past it, no id is taken
+# (a dead letter).
+MAX_SCANNED_STRINGS = 50_000
+
+
+def _scanned_keys(text: str) -> list[str] | None:
     """The top-level keys of the JSON object ``text`` starts with, in order with duplicates, read without building
-    its values: strings are skipped by the json module's own scanner (C, escapes decoded), containers counted.
-    Linear in ``text``, for bodies too large to parse. A broken body is read as far as it goes: a string with a
-    bad escape is skipped whole (no parser reads a key there), one that never closes ends the body (cut off)."""
+    its values: strings are skipped by a regular expression (escapes and all), keys alone decoded, containers
+    counted. Linear in ``text``, for bodies too large or too broken to parse: nothing here costs more for coming
+    later in the text (the json module's errors count the lines before them, which made a body of many broken
+    strings quadratic). A broken body is read as far as it goes: a key that does not decode (a bad escape, a raw
+    control character) is no key any parser reads; a string that never closes ends the body (cut off). None past
+    :data:`MAX_SCANNED_STRINGS` strings."""
     keys: list[str] = []
-    depth, expect_key, pos = 0, False, 0
+    depth, expect_key, pos, strings = 0, False, 0, 0
     while (m := _JSON_MARK.search(text, pos)) is not None:
         mark, at = m.group(), m.start()
         if mark == '"':
-            try:
-                value, pos = json.decoder.scanstring(text, at + 1)
-            except ValueError:
-                rest = _STRING_REST.match(text, at + 1)
-                if rest is None:
-                    break
-                value, pos = None, rest.end()
-            if depth == 1 and expect_key and value is not None:
-                keys.append(value)
+            strings += 1
+            if strings > MAX_SCANNED_STRINGS:
+                return None
+            rest = _STRING_REST.match(text, at + 1)
+            if rest is None:
+                break
+            pos = rest.end()
+            if depth == 1 and expect_key:
+                try:
+                    keys.append(json.loads(text[at:pos]))
+                except ValueError:
+                    pass
             expect_key = False
             continue
         if mark in "{[":
