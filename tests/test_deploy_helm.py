@@ -1144,6 +1144,15 @@ def test_a_worker_name_for_every_replica_is_refused(name):
     render_fails({"extraConfig": {name: "worker-1"}}, f"extraConfig.{name}", "consumer name", "hostname")
 
 
+def test_a_worker_name_in_extra_env_is_refused_unless_each_pod_gets_its_own():
+    render_fails({"extraEnv": [{"name": "PAGEDSERVE_WORKER_NAME", "value": "w"}]}, "extraEnv PAGEDSERVE_WORKER_NAME",
+                 "consumer name", "valueFrom")
+    docs = render({"extraEnv": [{"name": "PAGEDSERVE_WORKER_NAME",
+                                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]})
+    env = {e["name"]: e for e in worker_container(docs)["env"]}
+    assert env["PAGEDSERVE_WORKER_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
 def test_every_variable_of_the_pod_env_is_refused_in_extra_config():
     env = {e["name"] for e in worker_container(render({"cpuBind": "0-3"}))["env"]}
     for name in sorted(env - {"OTEL_RESOURCE_ATTRIBUTES"}):
