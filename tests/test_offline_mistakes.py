@@ -59,6 +59,9 @@ def test_vllm_prompt_dicts_are_prompts(llm):
     (None, r"prompts must be"),
     (5, r"prompts must be"),
     (["ok", "bad \ud800 text"], r"^prompts\[1\]: prompt.*not valid Unicode"),
+    # a dict inside a dict ran, its cache_salt read by no one: the prompt joined the unsalted cache
+    ([{"prompt": {"prompt_token_ids": [1, 2], "cache_salt": "s"}}],
+     r"^prompts\[0\]\.prompt must be a string or a list of token ids, not a dict"),
     ([[1, 2], [3, 1.5]], r"^prompts\[1\]: prompt_token_ids contains 1\.5"),
 ])
 def test_bad_prompts_are_value_errors_and_queue_nothing(llm, prompts, words):

@@ -30,7 +30,10 @@ def _one_prompt(value, name: str) -> str | list:
         if unknown or len(given) != 1:
             raise ValueError(f"{name} must have exactly one of the keys {PROMPT_KEYS}"
                              + (f" (unsupported: {', '.join(unknown)})" if unknown else f" (got {given})"))
-        return _one_prompt(value[given[0]], f"{name}.{given[0]}")
+        inner = value[given[0]]
+        if isinstance(inner, Mapping):  # a dict in a dict: its keys (a cache_salt) would be read by no one
+            raise ValueError(f"{name}.{given[0]} must be a string or a list of token ids, not a dict")
+        return _one_prompt(inner, f"{name}.{given[0]}")
     if isinstance(value, str):
         return value
     if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
