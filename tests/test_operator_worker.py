@@ -3,7 +3,10 @@ idle or restarting, and an idle read that blocks longer than the Redis socket ti
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import time
 import urllib.error
@@ -34,6 +37,19 @@ def _scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+@contextlib.contextmanager
+def _redis_hung(r: redis.Redis, w):
+    """Redis stopped (SIGSTOP: connections complete in its backlog and nothing answers, as in a partition or a
+    stalled primary) for the block, which starts once the worker has seen the hang."""
+    pid = int(r.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not w.conn.ok, 30, 0.05, "the hang seen")
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_an_otlp_collector_that_never_answers_does_not_hold_up_the_exit(tmp_path, redis_url, prefix):
@@ -154,8 +170,6 @@ def test_a_hung_redis_does_not_hold_up_the_engine(prefix, shared_engine):
     or a stalled primary) held each of the loop's reconnect tries for the socket timeout on the loop's own thread:
     the engine stepped between 5 s waits and a running request took ten times as long. Only the first command
     after the hang waits now; the loop goes on stepping, and the request ends whole once Redis is back."""
-    import os
-    import signal
 
     from pagedserve.service.redis_server import LocalRedis
 
@@ -164,16 +178,11 @@ def test_a_hung_redis_does_not_hold_up_the_engine(prefix, shared_engine):
         with running_worker(s, shared_engine) as w, Client(settings=s) as c:
             rid = c.submit("count", params={"max_tokens": 1200, "ignore_eos": True})
             wait_for(lambda: r.exists(Keys(prefix).events(rid)), 60, 0.01, "tokens flowing")
-            pid = int(r.info("server")["process_id"])
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                wait_for(lambda: not w.conn.ok, 30, 0.05, "the hang seen")
+            with _redis_hung(r, w):
                 ages, end = [], time.monotonic() + 8
                 while time.monotonic() < end:
                     ages.append(json.loads(_get(w.health.port, "/healthz")[1])["loop_age_s"])
                     time.sleep(0.1)
-            finally:
-                os.kill(pid, signal.SIGCONT)
             assert max(ages) < 2.0, f"the loop stood still while Redis hung: loop ages {ages}"
             done = c.wait(rid, timeout=120)
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 1200
@@ -185,7 +194,6 @@ def test_a_hang_up_drains_the_worker_as_sigterm_does(tmp_path, redis_url, prefix
     its running requests stayed pending under its name, claims held, until CLAIM_IDLE_MS passed. Now it drains:
     with no grace left, what runs is handed back at once (another worker finishes it at once), and the worker
     logs its stop and exits 0."""
-    import signal
 
     keys = Keys(prefix)
     s = make_settings(redis_url, prefix, grace_period_s=0, claim_idle_ms=600_000)
@@ -210,8 +218,6 @@ def test_the_latency_histogram_counts_the_wait_for_redis_to_store_the_result(pre
     """``pagedserve_e2e_request_latency_seconds`` ("enqueue to terminal result") was observed when the engine ended
     a request, not when its result was stored: a request that ended while Redis hung, stored seconds later, read
     as fast in the histogram while its caller waited the whole time. The result's ``e2e_ms`` is the run's end."""
-    import os
-    import signal
 
     from pagedserve.service.redis_server import LocalRedis
     from pagedserve.service.protocol import parse_terminal
@@ -223,15 +229,10 @@ def test_the_latency_histogram_counts_the_wait_for_redis_to_store_the_result(pre
             before = _scrape(w.health.port)
             rid = c.submit("count", params={"max_tokens": 60, "ignore_eos": True})
             wait_for(lambda: r.exists(Keys(prefix).events(rid)), 60, 0.01, "tokens flowing")
-            pid = int(r.info("server")["process_id"])
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                wait_for(lambda: not w.conn.ok, 30, 0.05, "the hang seen")
+            with _redis_hung(r, w):
                 wait_for(lambda: _scrape(w.health.port)["pagedserve_requests_running"] == 0, 30, 0.05,
                          "the request ended in the engine")
                 time.sleep(hang_s)
-            finally:
-                os.kill(pid, signal.SIGCONT)
             done = c.wait(rid, timeout=120)
             assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 60
             wait_for(lambda: _scrape(w.health.port)["pagedserve_e2e_request_latency_seconds_count"]
