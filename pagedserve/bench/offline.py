@@ -414,7 +414,8 @@ def offline_command(
     swap_block_sizes: Annotated[str, typer.Option(
         help="Block sizes of the swap-vs-recompute section.")] = "8,16,32,64,128",
     swap_tokens: Annotated[int, typer.Option(
-        show_default=False, help="Tokens swapped / recomputed per block size (0, the default: 1536 CUDA, 512 CPU).")] = 0,
+        show_default=False,
+        help="Tokens swapped / recomputed per block size (0, the default: 1536 CUDA, 512 CPU).")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(
         help="Also run the workload sharded over N ranks and compare with one rank (ratio, communication per step).")] = 1,
 ) -> None:
