@@ -254,8 +254,10 @@ def test_a_worker_whose_consumer_name_was_taken_stops(redis_url, prefix, tmp_pat
 def test_a_worker_whose_consumer_name_was_taken_hands_back_nothing_it_no_longer_owns(redis_url, prefix, tmp_path):
     """The replacement that took the name also took the run (its id claim): the loser gives it up, waits for the
     result, and stops. Its entry is pending under the name the replacement holds, which takes it as its own: the
-    loser must not make it reclaimable, and its last word says nothing was released. (It logged released=1.)"""
-    s = make_settings(redis_url, prefix, claim_idle_ms=2000, grace_period_s=30)
+    loser must not make it reclaimable, and its last word says nothing was released. (It logged released=1.)
+    A released entry reads idle for 2 * claim_idle_ms + 1 s at once: claim_idle_ms is long enough that a loaded
+    machine's run, give-up and stop (5.8 s seen) stay well below that, where 2 s made the two overlap."""
+    s = make_settings(redis_url, prefix, claim_idle_ms=10_000, grace_period_s=30)
     keys = Keys(prefix)
     r = redis.Redis.from_url(redis_url)
     w = WorkerProcess(s, tmp_path / "w.log").start()
