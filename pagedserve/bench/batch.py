@@ -126,7 +126,7 @@ def batch_command(
     out: str = ".bench/batch.json",
 ) -> None:
     """A batch file through Redis and a worker vs the same prompts through LLM.generate: lines/s, tokens/s, ratio (target >= 0.9)."""
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
 
     from pagedserve.bench.common import (
         check_device, check_min, check_model, check_out, stop_on_sigterm, write_json,
@@ -143,7 +143,7 @@ def batch_command(
     check_min("--threads", threads, 0, " (0: torch's default)")
     out = check_out("--out", out)
     model_dir = check_model("--model", model)  # the name stays as given: both sides resolve it again (cached)
-    console = Console(stderr=True)
+    console = bench_console(stderr=True)
     stop_on_sigterm()
     if threads:
         import torch

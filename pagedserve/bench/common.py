@@ -260,6 +260,21 @@ def drive(eng, prompts: list[list[int]], params: list, kv_stats: bool = True) ->
             **(kv if kv_stats else dict.fromkeys(kv))}
 
 
+# How wide a bench's tables may be where its output goes to a file or a pipe (no terminal, no COLUMNS): rich's
+# default there, 80 columns, folded their numbers across lines ("0.05" over "3").
+PIPED_WIDTH = 200
+
+
+def bench_console(**kwargs):
+    """A rich console for a bench's tables: a terminal's width (or ``COLUMNS``), else :data:`PIPED_WIDTH`."""
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
+
+
 def write_json(out: str | Path, results: dict, console) -> None:
     path = Path(out).expanduser()  # as check_out reads it: ``--out=~/x.json`` reaches no shell to expand it
     path.parent.mkdir(parents=True, exist_ok=True)

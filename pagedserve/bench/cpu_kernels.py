@@ -25,10 +25,9 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from pagedserve.bench.common import check_min, check_out, parse_ints, usage_error
+from pagedserve.bench.common import bench_console, check_min, check_out, parse_ints, usage_error
 
 MODELS = {"26m": (8, 4, 64), "smollm2": (9, 3, 64)}  # (query heads, KV heads, head_dim)
 BLOCK_SIZE = 16
@@ -134,7 +133,7 @@ def cpu_kernels_command(
     context_list = parse_ints(contexts, CONTEXTS, "--contexts")
     check_min("--threads", threads, 0, " (0: torch's default)")
     out = check_out("--out", out)
-    console = Console()
+    console = bench_console()
     if threads > 0:
         torch.set_num_threads(threads)
     if not cpu_extension.load():

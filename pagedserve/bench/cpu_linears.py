@@ -22,10 +22,11 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from pagedserve.bench.common import BENCH_VOCAB, check_choices, check_min, check_out, parse_ints, write_json
+from pagedserve.bench.common import (
+    BENCH_VOCAB, bench_console, check_choices, check_min, check_out, parse_ints, write_json,
+)
 from pagedserve.bench.cpu_kernels import DTYPES
 
 # (hidden, query heads, KV heads, head_dim, intermediate, layers, vocabulary)
@@ -106,7 +107,7 @@ def cpu_linears_command(
 ) -> None:
     """Time one step's linear layers in each CPU weight layout that runs here, at decode and prefill sizes."""
     # Options first (one line, exit 2), before the weights are laid out.
-    console = Console()
+    console = bench_console()
     model_names = check_choices("--models", models, MODELS)
     dtype_names = check_choices("--dtypes", dtypes, DTYPES)
     row_list = parse_ints(rows, ROWS, "--rows")

@@ -57,7 +57,7 @@ def cpu_load_command(
     out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/cpu_load.json",
 ) -> None:
     """A CPU worker alone vs beside busy-loop processes: alternating fresh runs, median of --reps each, ratio (target <= 2x with one busy loop per CPU; see docs/benchmarks.md)."""  # noqa: E501
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
 
     from pagedserve.engine import cpu_threads
 
@@ -76,7 +76,7 @@ def cpu_load_command(
         usage_error(f"--threads {threads} --bind {bind!r}: {e}")
     out = check_out("--out", out)
     stop_on_sigterm()
-    console = Console()
+    console = bench_console()
     hogs = hogs or len(os.sched_getaffinity(0))
     w = make_workload(num_requests, seed)
     job = {"model": bench_model_dir(), "dtype": dtype, "prompts": w.prompts, "max_tokens": w.max_tokens}

@@ -24,10 +24,9 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from pagedserve.bench.common import check_out, parse_ints, usage_error
+from pagedserve.bench.common import bench_console, check_out, parse_ints, usage_error
 
 # (name, query heads, KV heads, head size): the attention of the 1B bench model and of ``bench kernels``.
 SHAPES = {"1b": (32, 4, 64), "kernels": (32, 8, 128)}
@@ -196,7 +195,7 @@ def decode_configs_command(
                     "Nothing was measured; run it on a machine with an NVIDIA GPU.", code=1)
     device = torch.device("cuda")
     launches = launch_grid(quick)
-    console = Console()
+    console = bench_console()
     rows = []
     for shape in SHAPES:
         for context in ctx_list:

@@ -125,10 +125,10 @@ def host_work_command(
     check_min("--rounds", rounds, 1)
     check_min("--threads", threads, 1)
     out = check_out("--out", out)
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
     from rich.table import Table
 
-    console = Console()
+    console = bench_console()
     model_dir = bench_model_dir(size="26m")
     runs: dict[tuple, list[float]] = {}
     pure = True

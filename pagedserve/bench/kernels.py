@@ -24,11 +24,10 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pagedserve.bench.bandwidth import bench_ms, graph_ms, measure_copy_bandwidth, measure_pinned_bandwidth
-from pagedserve.bench.common import check_min, check_out, parse_ints, usage_error
+from pagedserve.bench.common import bench_console, check_min, check_out, parse_ints, usage_error
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -196,7 +195,7 @@ def kernels_command(
     check_min("--swap-layers", swap_layers, 1)
     check_min("--swap-blocks", swap_blocks, 1)
     out = check_out("--out", out)
-    console = Console()
+    console = bench_console()
     if not torch.cuda.is_available():
         usage_error(f"pagedserve bench kernels needs a CUDA GPU: torch.cuda.is_available() is False (torch "
                     f"{torch.__version__}). Nothing was measured; run it on a machine with an NVIDIA GPU.", code=1)

@@ -451,10 +451,10 @@ def offline_command(
 
     if threads:
         torch.set_num_threads(threads)
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
     from rich.progress import Progress
 
-    console = Console()
+    console = bench_console()
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     if model:  # resolved before the progress bar: a first use fetches and converts, with its own progress lines
         model_dir = check_model("--model", model)

@@ -237,7 +237,7 @@ def service_command(
     model = check_model("--model", model) if model else ""
     out = check_out("--out", out)
     stop_on_sigterm()
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
     from rich.progress import Progress
     from rich.table import Table
 
@@ -245,7 +245,7 @@ def service_command(
     from pagedserve.service.redis_server import LocalRedis
     from pagedserve.service.settings import Settings
 
-    console = Console()
+    console = bench_console()
 
     results: dict = {"num_requests": num_requests, "seed": seed, "repeat": repeat, "device": device, "threads": threads,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count()}

