@@ -30,7 +30,7 @@ from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
 from pagedserve.engine.device_copy import upload
 from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, apply_penalties, hold_tokens
-from pagedserve.engine.sampling_params import SamplingParams, check_unicode, short_repr
+from pagedserve.engine.sampling_params import SamplingParams, check_cache_salt, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
 from pagedserve.engine.structured import StructuredOutputs, apply_token_bitmask, default_backend, withhold
@@ -39,7 +39,6 @@ from pagedserve.engine.tokenizer import load_tokenizer, longest_token_chars
 from pagedserve.kernels import get_ops
 
 MAX_REQUEST_ID_LEN = 256
-MAX_CACHE_SALT_CHARS = 1024
 MAX_ERROR_LEN = 300
 # A request's own failures that are documented outcomes, not faults (a grammar that cannot be followed further):
 # its end is logged as one warning line (``_fail``), without a traceback. Anything else keeps its traceback.
@@ -72,17 +71,6 @@ def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: s
     # A request whose own parameters failed (its message names the field) is told so as it is.
     why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
     failed[req.request_id] = (req, _one_line(why))
-
-
-def check_cache_salt(cache_salt: object) -> None:
-    """``cache_salt``: None, or a non-empty string of at most :data:`MAX_CACHE_SALT_CHARS` characters."""
-    if cache_salt is None:
-        return
-    if not isinstance(cache_salt, str) or not cache_salt:
-        raise ValueError(f"cache_salt must be a non-empty string (got {short_repr(cache_salt)})")
-    if len(cache_salt) > MAX_CACHE_SALT_CHARS:
-        raise ValueError(f"cache_salt has {len(cache_salt)} characters, more than {MAX_CACHE_SALT_CHARS}")
-    check_unicode(cache_salt, "cache_salt")
 
 
 def _wall_time(value, name: str) -> float | None:

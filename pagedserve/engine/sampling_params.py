@@ -68,6 +68,20 @@ def check_unicode(text: str, name: str) -> None:
                          f"{e.start})") from None
 
 
+MAX_CACHE_SALT_CHARS = 1024  # a request's cache_salt (the wire's limit too: service/protocol.py)
+
+
+def check_cache_salt(cache_salt: object) -> None:
+    """``cache_salt``: None, or a non-empty string of at most :data:`MAX_CACHE_SALT_CHARS` characters."""
+    if cache_salt is None:
+        return
+    if not isinstance(cache_salt, str) or not cache_salt:
+        raise ValueError(f"cache_salt must be a non-empty string (got {short_repr(cache_salt)})")
+    if len(cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt has {len(cache_salt)} characters, more than {MAX_CACHE_SALT_CHARS}")
+    check_unicode(cache_salt, "cache_salt")
+
+
 def plain_number(v: object) -> object:
     """``v`` as a Python int or float when it is another type's integer or real number (numpy scalars); booleans
     and everything else unchanged (the checks refuse them by name)."""

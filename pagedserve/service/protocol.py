@@ -32,6 +32,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema,
                       field_validator, model_serializer, model_validator)
 
+from pagedserve.engine.sampling_params import MAX_CACHE_SALT_CHARS
+
 from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
     MAX_INT_DIGITS,
     MAX_JSON_DEPTH,
@@ -53,7 +55,6 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 # checked before work starts").
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
-MAX_CACHE_SALT_CHARS = 1024  # the engine's limit (llm_engine), checked here before a worker reads the entry
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOWEST_PRIORITY = 2**31 - 1  # the worst priority a request may have (lower values run first)
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z

@@ -17,8 +17,8 @@
 -- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream, KEYS[4] the id's claim
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
 -- ARGV[5] this worker's claim owner, ARGV[6..] the request's stream entry ids
--- Returns 1 (stored, now or by this very script sent before), 0 (another run's event was stored first), -1: the result key holds a value of another
--- type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
+-- Returns 1 (stored, now or by this very script sent before), 0 (another run's event was stored first), -1: the
+-- result key holds a value of another type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
 -- another worker holds the id's claim (it runs the id now), so nothing is stored, published or acknowledged.
 local owner = redis.pcall('GET', KEYS[4])
 if type(owner) == 'string' and owner ~= ARGV[5] then
