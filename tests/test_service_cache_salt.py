@@ -53,6 +53,13 @@ def test_a_bad_cache_salt_is_refused_naming_it(redis_url, prefix, shared_engine,
     assert isinstance(ev, ErrorEvent) and ev.error.code == "invalid_request" and ev.error.message.startswith(words)
 
 
+def test_the_wire_refuses_exactly_what_the_engine_refuses():
+    from pagedserve.engine.sampling_params import MAX_CACHE_SALT_CHARS as ENGINE_LIMIT
+    from pagedserve.service.protocol import MAX_CACHE_SALT_CHARS as WIRE_LIMIT
+
+    assert WIRE_LIMIT == ENGINE_LIMIT
+
+
 def test_a_batch_line_takes_vllms_cache_salt():
     from pagedserve.service.batch_format import LineError, to_request
 

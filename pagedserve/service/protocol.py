@@ -32,8 +32,6 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema,
                       field_validator, model_serializer, model_validator)
 
-from pagedserve.engine.sampling_params import MAX_CACHE_SALT_CHARS
-
 from .safe_json import (  # noqa: F401  (the limits are part of this module's API)
     MAX_INT_DIGITS,
     MAX_JSON_DEPTH,
@@ -55,6 +53,10 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 # checked before work starts").
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
+# The engine's own limit (engine/sampling_params.py), checked here before a worker reads the entry; the engine is
+# not imported at module level (the service loads it on first use), so the value is stated twice and a test holds
+# the two equal.
+MAX_CACHE_SALT_CHARS = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOWEST_PRIORITY = 2**31 - 1  # the worst priority a request may have (lower values run first)
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
