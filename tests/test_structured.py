@@ -674,6 +674,10 @@ def test_a_property_named_format_is_a_property():
      "branches exclusive (say, a property with a different const in each)"),
     ({"json": {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}},
      'structured_outputs json is not a usable JSON Schema: Unimplemented keys: ["uniqueItems"] (at /properties/tags)'),
+    ({"json": {"type": "object", "properties": {"outer": {"type": "array", "items": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "maxProperties": 0}}}}},
+     'structured_outputs json is not a usable JSON Schema: min/maxProperties only supported when all keys listed in '
+     '"properties" are required (at /properties/outer/items)'),
     ({"json": {"type": "object"}, "whitespace_pattern": "("},
      "structured_outputs whitespace_pattern does not compile: "),
     # A backslash that escapes nothing: llguidance dropped it and constrained "ab\\" to "ab", "\\" to nothing
@@ -1354,6 +1358,11 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
     ({"type": "object", "properties": {"d": {"type": "object"}}}, {}, '{"d": {"k": 1}}', True),
     ({"allOf": [PERSON, {"properties": {"x": {"type": "integer"}}}]}, {}, '{"name": "A", "age": 1, "x": 2}', True),
     ({**PERSON, "anyOf": [{"properties": {"x": {"type": "integer"}}}]}, {}, '{"name": "A", "age": 1, "x": 2}', True),
+    # a $ref beside properties of its holder is a mixin too: closing its target made the holder's "y" impossible
+    ({"$defs": {"b": {"type": "object", "properties": {"x": {"type": "integer"}}}}, "$ref": "#/$defs/b",
+      "properties": {"y": {"type": "boolean"}}, "required": ["y"]}, {}, '{"x": 1, "y": true}', True),
+    ({"$defs": {"b": PERSON}, "type": "array", "items": {"$ref": "#/$defs/b"}}, {}, '[{"name": "A", "age": 1, "x": 2}]',
+     False),  # the same target, used alone, is closed
 ])
 def test_objects_that_name_their_properties_admit_no_others_unless_they_say_so(tokenized, schema, spec, text, taken):
     """Held-out testing: vLLM's structured-outputs example (a pydantic model's schema) ran on here into keys the

@@ -67,6 +67,7 @@ import torch
 from pagedserve.engine.cpu_threads import allowed_cpus, default_threads
 from pagedserve.engine.structured import DEFAULT_MAX_MASK_MS, MAX_MASK_ENV
 from pagedserve.engine.structured_lark import rules_that_never_end
+from pagedserve.engine.structured_patterns import quotable_pattern
 from pagedserve.engine.structured_spec import GrammarFailed, kind_of, structured_error
 
 log = logging.getLogger(__name__)
@@ -302,20 +303,25 @@ def closed_objects(schema: object) -> object:
     outputs do. Read as JSON Schema, such an object admits any other key, and the model wrote keys the caller never
     named until ``max_tokens`` (held-out testing: a pydantic model's schema grew "gender", "occupation", "family"
     and ended unparsed). An object without ``properties`` stays open (a free-form dict); so does a mixin (a member
-    of ``anyOf``, ``oneOf``, ``if``... beside properties of its holder), and a schema using ``allOf`` anywhere is
-    left as it is: its members' properties add up, and closing one would refuse another's."""
+    of ``anyOf``, ``oneOf``, ``if``... beside properties of its holder, or the target of a ``$ref`` beside them),
+    and a schema using ``allOf`` anywhere is left as it is: its members' properties add up, and closing one would
+    refuse another's."""
     if not isinstance(schema, dict) or any("allOf" in sub for _, sub in _schemas(schema)):
         return schema
+    mixin_refs = {node["$ref"] for _, node in _schemas(schema)
+                  if isinstance(node.get("$ref"), str) and ("properties" in node or "required" in node)}
     out = copy.deepcopy(schema)
-    stack = [(out, True)]
+    stack = [(out, True, "")]
     while stack:
-        node, closable = stack.pop()
-        if closable and isinstance(node.get("properties"), dict) and not any(k in node for k in _OPEN_KEEPERS):
+        node, closable, pointer = stack.pop()
+        if (closable and isinstance(node.get("properties"), dict) and not any(k in node for k in _OPEN_KEEPERS)
+                and f"#{pointer}" not in mixin_refs):
             node["additionalProperties"] = False
         mixins_open = "properties" in node or "required" in node
-        for where, sub in _subschemas(node, ""):
+        for where, sub in _subschemas(node, pointer):
             if isinstance(sub, dict):
-                stack.append((sub, not (mixins_open and where.split("/")[1] in _SAME_INSTANCE)))
+                keyword = where[len(pointer):].split("/")[1]
+                stack.append((sub, not (mixins_open and keyword in _SAME_INSTANCE), where))
     return out
 
 
@@ -579,6 +585,23 @@ def _names_control_characters(schema: object) -> bool:
     return False
 
 
+def _quotable_node(node: dict) -> dict:
+    if isinstance(node.get("pattern"), str):
+        node["pattern"] = quotable_pattern(node["pattern"])
+    keys = node.get("patternProperties")
+    if isinstance(keys, dict):
+        quotable = {quotable_pattern(k) if isinstance(k, str) else k: v for k, v in keys.items()}
+        if len(quotable) == len(keys):  # two keys that differ by a NUL alone stay as written
+            node["patternProperties"] = quotable
+    return node
+
+
+def quotable_patterns(schema: object) -> object:
+    """A copy of ``schema`` whose ``pattern`` and ``patternProperties`` regexes llguidance follows exactly in a
+    JSON string (:func:`~pagedserve.engine.structured_patterns.quotable_pattern`)."""
+    return _map_schemas(schema, _quotable_node)
+
+
 def _number_text(value: int | float) -> str:
     text = repr(value)
     return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
@@ -620,6 +643,12 @@ def _json_error(error: str, schema: object) -> str:
             _, where, value = min(tiny)
             return (f"{where} {value!r} is too close to zero for llguidance (its range of numbers nests a level per "
                     "digit after the point): use a bound of fewer decimal places (or 0)")
+    if "min/maxProperties only supported" in error:  # llguidance does not say which object
+        for where, node in _schemas(schema):
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            required = node.get("required") if isinstance(node.get("required"), list) else []
+            if ("minProperties" in node or "maxProperties" in node) and set(props) - set(required):
+                return f"{_cut(error)} (at {where or '/'})"
     unimplemented = _UNIMPLEMENTED.match(error)
     if unimplemented:  # llguidance names the keywords, not where they are
         names = set(re.findall(r'"([^"]*)"', unimplemented.group(1)))
@@ -829,8 +858,9 @@ class LLGuidanceBackend:
         self._executor_threads = 1
         self._probe = 0  # the parallel path's next row to time alone
 
-    def grammar_text(self, spec: dict) -> str:
-        """The llguidance grammar of a validated spec."""
+    def grammar_text(self, spec: dict, *, quotable: bool = True) -> str:
+        """The llguidance grammar of a validated spec; with ``quotable`` False, its schema's patterns as written
+        (for an error in its user's words), else as llguidance follows them exactly (:func:`quotable_patterns`)."""
         llg = self._llg
         kind = kind_of(spec)
         body = spec[kind]
@@ -882,6 +912,8 @@ class LLGuidanceBackend:
                 # other than "a" and override it once parsed. Without \u only the characters JSON requires to be
                 # escaped are lost, which a schema that names none has no use for.
                 options["json_allowed_escapes"] = JSON_ESCAPES_WITHOUT_U
+            if quotable:
+                schema = quotable_patterns(schema)
             try:
                 return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
             except ValueError as e:
@@ -926,6 +958,9 @@ class LLGuidanceBackend:
                 seconds = _timed_mask(warm, torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
         if warm.is_error():
             error = warm.get_error()
+            if kind == "json" and not _matches_nothing(error):  # said of the patterns as the schema has them
+                original = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec, quotable=False), log_level=0)
+                error = original.get_error() if original.is_error() else error
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
                 if kind == "json":  # llguidance writes some schemas' numbers in fewer forms than they allow

@@ -1,0 +1,93 @@
+"""A JSON Schema ``pattern`` whose character class holds every control character is followed exactly.
+
+A held-out tester found ``{"type": "string", "pattern": "^[\\x00-\\x1f]$"}`` answered with ``"\\\\"`` (a backslash)
+by SmolLM2 greedily, and ``"\\""`` on sampled walks; ``^[^"]*$`` ("no double quote") let ``"\\""`` through the same
+way: llguidance quotes such a class by a shortcut that allows every short escape. The reference here is Python's
+``re`` on the decoded string (what ``jsonschema`` checks) for every one-character JSON string, and walks through the
+masks validated with ``jsonschema``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+
+import pytest
+from test_structured import assert_valid, walk
+
+from pagedserve.engine.builtin_model import build_byte_tokenizer
+from pagedserve.engine.structured import StructuredOutputs, default_backend
+from pagedserve.engine.structured_patterns import quotable_pattern
+from pagedserve.engine.structured_spec import validate_structured_outputs
+
+
+@pytest.fixture(scope="module")
+def byte_outputs():
+    tok = build_byte_tokenizer()
+    so = StructuredOutputs(lambda: default_backend(tok, len(tok), {tok.eos_token_id}))
+    yield so, tok, tok.eos_token_id
+    so.close()
+
+
+def _one_character_strings() -> dict[str, str]:
+    """Every JSON text of a one-character ASCII string: as ``json.dumps`` writes it, and with ``\\u`` escapes in
+    both cases of hex digits for the characters that have them."""
+    texts = {json.dumps(chr(c)): chr(c) for c in range(0x80)}
+    for c in list(range(0x20)) + [0x22, 0x5C, 0x7F]:
+        texts[f'"\\u{c:04x}"'] = texts[f'"\\u{c:04X}"'] = chr(c)
+    return texts
+
+
+def _accepts(so, tok, eos: int, schema: dict, text: str) -> bool:
+    m = so.new_matcher({"json": schema})
+    return all(m.accept(t) for t in tok.encode(text, add_special_tokens=False)) and m.accept(eos)
+
+
+# Classes of every kind around the shortcut: all control characters, all but the line feed, all but one other
+# (the exact path already); with and without the double quote and the backslash; as a range and negated.
+_CONTROLS = {"all": "\\x00-\\x1f", "all but LF": "\\x00-\\x09\\x0b-\\x1f", "all but 0x05": "\\x00-\\x04\\x06-\\x1f"}
+_CLASSES = [f"[{ctl}{q}{b}a]" for ctl, q, b in itertools.product(_CONTROLS.values(), ("", '"'), ("", "\\\\"))]
+_CLASSES += ['[^"]', "[^\\\\]", '[^"\\\\]', '[^"\\n]', "[^a]", "[\\s\\S]", "\\p{Cc}", "[\\p{Cc}]", "\\P{L}"]
+
+
+@pytest.mark.parametrize("cls", _CLASSES)
+def test_a_class_admits_exactly_its_own_characters(byte_outputs, cls):
+    so, tok, eos = byte_outputs
+    schema = {"type": "string", "pattern": f"^{cls}$"}
+    python_class = cls.replace("\\p{Cc}", "\\x00-\\x1f\\x7f").replace("\\P{L}", "[^A-Za-z]")
+    python_class = python_class if python_class.startswith("[") else f"[{python_class}]"
+    admitted = {text for text, char in _one_character_strings().items() if _accepts(so, tok, eos, schema, text)}
+    wrong = sorted(t for t in admitted if not re.search(f"^{python_class}$", json.loads(t)))
+    assert not wrong, f"{cls} admits {wrong}"
+    # What the class holds and JSON writes without \u (the quote and backslash escaped) stays writable, NUL aside.
+    missing = sorted(json.dumps(chr(c)) for c in range(1, 0x80) if re.fullmatch(python_class, chr(c))
+                     and not json.dumps(chr(c)).startswith('"\\u') and json.dumps(chr(c)) not in admitted)
+    assert not missing, f"{cls} no longer admits {missing}"
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "pattern": "^[^\"]*$", "maxLength": 12},
+    {"type": "string", "pattern": "^[\\x00-\\x1f]{1,3}$"},
+    {"type": "object", "patternProperties": {"^[^\"\\\\]{1,4}$": {"type": "integer"}},
+     "additionalProperties": False, "maxProperties": 2},
+])
+def test_walks_through_such_patterns_validate(byte_outputs, schema):
+    so, tok, eos = byte_outputs
+    grammar = so.compile(validate_structured_outputs({"json": schema}))
+    for seed in range(12):
+        assert_valid(schema, walk(so, grammar.matcher(), tok, eos, random.Random(seed), p_end=0.2))
+
+
+@pytest.mark.parametrize("pattern", ["^[a-z]+$", "^.{2}$", "^[\\x00-\\x1e]$", "^[^\"\\x00]$", "^\\d\\w\\s$",
+                                     "^[]a]$", "[", "\\[x\\]"])
+def test_patterns_without_the_shortcut_are_left_as_written(pattern):
+    assert quotable_pattern(pattern) == pattern
+
+
+def test_an_unusable_pattern_is_refused_in_its_own_words(byte_outputs):
+    so, _, _ = byte_outputs
+    with pytest.raises(ValueError) as refused:
+        so.compile(validate_structured_outputs({"json": {"type": "string", "pattern": "^[\\p{NoSuchClass}]$"}}))
+    assert "[\\p{NoSuchClass}]" in str(refused.value) and "&&" not in str(refused.value), refused.value
