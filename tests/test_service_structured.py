@@ -144,6 +144,12 @@ def test_submit_options(redis_url, prefix, shared_engine, tmp_path):
         assert res.returncode == 0 and res.stdout.strip() in ("yes", "no"), res.stdout + res.stderr
         res = _submit(env, "Code", "--regex", "[A-Z]{3}", "--max-tokens", "8")  # streamed
         assert res.returncode == 0 and re.fullmatch("[A-Z]{3}", res.stdout.strip()), res.stdout + res.stderr
+        # the worker's refusal of the schema names the option, as the client's refusals do
+        unusable = tmp_path / "unusable.json"
+        unusable.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+        res = _submit(env, "x", "--json-schema", str(unusable), "--max-tokens", "8")
+        assert res.returncode == 1 and res.stderr.startswith(
+            "invalid_request: --json-schema is not a usable JSON Schema: Unimplemented keys"), res.stderr
     res = _submit(env, "x", "--choice", "a,b", "--regex", "a")
     assert res.returncode == 2 and "give one of --json-schema, --choice, --regex" in res.stderr, res.stderr
     (tmp_path / "bad.json").write_text("{not json")

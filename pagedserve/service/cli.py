@@ -493,7 +493,8 @@ _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temp
               "params.seed": "--seed", "params.stop": "--stop", "params.n": "--n", "params.beam_width": "--beam-width",
               "priority": "--priority", "id": "--id", "cache_salt": "--cache-salt",
               "params.structured_outputs regex": "--regex",
-              "params.structured_outputs choice": "--choice", "params.structured_outputs.json": "--json-schema"}
+              "params.structured_outputs choice": "--choice", "params.structured_outputs json": "--json-schema",
+              "params.structured_outputs.json": "--json-schema"}
 
 
 def _as_options(message: str) -> str:
@@ -524,7 +525,8 @@ def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex
     if choice:
         if len(choice) > 1:  # one choice per --choice, exactly as given: a choice may hold a comma or spaces
             return {"choice": choice}
-        return {"choice": [c.strip() for c in choice[0].split(",") if c.strip()]}
+        choices = [c.strip() for c in choice[0].split(",")]
+        return {"choice": choices if any(choices) else []}  # "a,,b" is refused naming the empty one, not cut to two
     if regex is not None:
         return {"regex": regex}
     return None
