@@ -678,6 +678,10 @@ def test_a_property_named_format_is_a_property():
         "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "maxProperties": 0}}}}},
      'structured_outputs json is not a usable JSON Schema: min/maxProperties only supported when all keys listed in '
      '"properties" are required (at /properties/outer/items)'),
+    # llguidance followed a draft-4 boolean bound as no bound at all (0 written under exclusiveMinimum: true)
+    ({"json": {"type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMinimum": True}},
+     "structured_outputs json is not a usable JSON Schema: /exclusiveMinimum: True is not of type 'number', as JSON "
+     "Schema 2020-12 reads it (no $schema names another)"),
     ({"json": {"type": "object"}, "whitespace_pattern": "("},
      "structured_outputs whitespace_pattern does not compile: "),
     # A backslash that escapes nothing: llguidance dropped it and constrained "ab\\" to "ab", "\\" to nothing
@@ -1335,6 +1339,16 @@ def test_a_whole_exclusive_bound_of_a_number_is_never_written(tokenized, schema,
     check = jsonschema.Draft202012Validator(schema)
     for text in outside + inside:
         assert _accepts(grammar.matcher(), tok, eos, text) == check.is_valid(json.loads(text)), text
+
+
+def test_a_schema_that_names_its_dialect_is_read_in_it(tokenized):
+    so, tok, eos = tokenized
+    schema = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "number", "minimum": 0,
+              "maximum": 0.5, "exclusiveMinimum": True}
+    grammar = so.compile(validate_structured_outputs({"json": schema}))
+    for seed in range(6):
+        jsonschema.validate(json.loads(walk(so, grammar.matcher(), tok, eos, random.Random(seed))), schema)
+    assert not _accepts(grammar.matcher(), tok, eos, "0")
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},

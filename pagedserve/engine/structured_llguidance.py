@@ -134,6 +134,24 @@ def exact_formats(schema: object) -> object:
     return _map_schemas(schema, _exact_format)
 
 
+def _draft4_bounds(node: dict) -> dict:
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(node.get(exclusive), bool):
+            if node.pop(exclusive) and bound in node:
+                node[exclusive] = node.pop(bound)
+    return node
+
+
+def draft4_bounds(schema: object) -> object:
+    """``schema``, if it names draft 4 (or 3) as its ``$schema``, with each boolean ``exclusiveMinimum`` /
+    ``exclusiveMaximum`` beside its bound as the number form of later drafts (``minimum: 0, exclusiveMinimum:
+    true`` is ``exclusiveMinimum: 0``), which is the one llguidance reads: it wrote 0 under the boolean form."""
+    dialect = schema.get("$schema") if isinstance(schema, dict) else None
+    if not (isinstance(dialect, str) and re.search(r"draft-0[34]/", dialect)):
+        return schema
+    return _map_schemas(schema, _draft4_bounds)
+
+
 # llguidance holds a schema's numbers as 64-bit floats, which keep every integer only up to 2**53: beyond, a bound,
 # multipleOf, enum or const value is rounded and the grammar admits outputs the schema does not (enum
 # [2**53 + 1] wrote 2**53, minimum = maximum = 2**64 - 1 wrote 2**63 - 1). Such a schema is refused, not followed.
@@ -659,20 +677,41 @@ def _json_error(error: str, schema: object) -> str:
     return _cut(error) if where is None else f"{_cut(error)} (at {where})"
 
 
-def _metaschema_place(schema: object) -> str | None:
-    """Where ``schema`` breaks the JSON Schema metaschema (a type spelled ``strng``, ``required`` given as a
-    string), as a JSON pointer, or None: llguidance names the mistake, not its place in a schema of hundreds of
-    lines. The ``jsonschema`` package's own check of its dialect (2020-12 where the schema names none)."""
+def _metaschema_error(schema: object):
+    """The ``jsonschema`` package's best error of ``schema`` against the metaschema of its dialect (2020-12 where
+    the schema names none), or None (also where it cannot tell: a ``$schema`` it does not know)."""
     import jsonschema
 
     try:
         validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        error = jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
-    except Exception:  # a $schema it does not know, a schema it cannot walk: the place stays unsaid
+        return jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
+    except Exception:  # a $schema it does not know, a schema it cannot walk
         return None
+
+
+def _pointer(path) -> str:
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def _metaschema_place(schema: object) -> str | None:
+    """Where ``schema`` breaks the JSON Schema metaschema (a type spelled ``strng``, ``required`` given as a
+    string), as a JSON pointer, or None: llguidance names the mistake, not its place in a schema of hundreds of
+    lines."""
+    error = _metaschema_error(schema)
+    return None if error is None else _pointer(error.absolute_path)
+
+
+def metaschema_refusal(schema: object) -> str | None:
+    """Why ``schema``, which llguidance compiled, is still no JSON Schema of its dialect, or None. llguidance
+    passes over some such keywords without a word (a draft-4 boolean ``exclusiveMinimum`` in a 2020-12 schema
+    was followed as no bound at all), and ``jsonschema.validate`` refuses the schema itself: the output could be
+    checked against nothing."""
+    error = _metaschema_error(schema)
     if error is None:
         return None
-    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path)
+    dialect = schema.get("$schema") if isinstance(schema, dict) and isinstance(schema.get("$schema"), str) else None
+    read_as = f"as {dialect} reads it" if dialect else "as JSON Schema 2020-12 reads it (no $schema names another)"
+    return f"{_pointer(error.absolute_path)}: {_cut(error.message)}, {read_as}"
 
 
 def _forces_without_end(matcher: Any) -> bool:
@@ -905,7 +944,7 @@ class LLGuidanceBackend:
                 dangling = dangling_escape_pattern(body)
                 if dangling is not None:
                     raise structured_error(f"json is not a usable JSON Schema: {dangling}: {_DANGLING}")
-            schema = (readable_number_bounds(exact_formats(known_formats_only(body))) if kind == "json"
+            schema = (readable_number_bounds(exact_formats(known_formats_only(draft4_bounds(body)))) if kind == "json"
                       else {"type": "object"})
             if not _names_control_characters(schema):
                 # llguidance tells a key apart from the named ones by its text, so "\u0061" would pass as a key
@@ -969,6 +1008,10 @@ class LLGuidanceBackend:
                              "proper prefix of an upper bound's: bounds can leave none)")
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
+        if kind == "json":
+            refusal = metaschema_refusal(spec[kind])
+            if refusal is not None:
+                raise structured_error(f"{what}: {refusal}")
         # A grammar that never ends is told so before its cost: its mask is slow too, and on a busy host it can
         # pass the limit, which would name the wrong fix.
         if kind == "grammar":
