@@ -816,6 +816,7 @@ def test_submit_whose_request_redis_refuses_says_it_was_not_queued_and_cancels_n
         admin.config_set("maxmemory", 0)
         line = _one_line(res)
         assert res.returncode == 1 and line.endswith("; the request was not queued"), line
+        assert line.count("refuses writes") + line.count("may not do this") == 1, line  # said once, not quoted in itself
         assert "cancel" not in line and "id=" not in line and ":pw@" not in line, line
         assert ("memory is full (maxmemory)" if refusal == "maxmemory" else "may not do this") in line, line
         assert admin.xlen("t:requests") == 0 and not admin.keys("t:cancelled:*")

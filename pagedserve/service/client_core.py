@@ -279,7 +279,8 @@ def busy_line(where: str) -> str:
 def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
     """What to say of a command Redis (at ``where``, from ``setting``) refused for what it is, not for what was
     asked: a full memory, a read-only replica, a user without the command, a server that runs no such command (a
-    Sentinel's port). None for any other error."""
+    Sentinel's port). None for any other error. An error a client said already is said from Redis's own."""
+    e = getattr(e, "redis_error", e)
     if isinstance(e, redis.exceptions.OutOfMemoryError):
         return f"Redis at {where} refuses writes, its memory is full (maxmemory): {redis_said(e).rstrip('.')}"
     if isinstance(e, redis.exceptions.ReadOnlyError):
@@ -686,7 +687,11 @@ class ProducerCore:
         if is_busy(e):  # an outage to a wait: the command was refused whole, and Redis answers again later
             return RedisBusy(busy_line(redact(self.redis_url)))
         line = refusal_line(e, redact(self.redis_url), "the client's Redis URL")
-        return e if line is None else type(e)(line)
+        if line is None:
+            return e
+        explained = type(e)(line)
+        explained.redis_error = e  # Redis's own, for a caller that says it in its own words (refusal_line)
+        return explained
 
     def _unreachable(self, e: Exception) -> redis.ConnectionError:
         if pool_full(e):
