@@ -605,3 +605,21 @@ def test_closing_a_client_ends_its_calls_waiting_for_a_batch(redis_url, prefix, 
     assert not t.is_alive(), "still waiting after close()"
     assert isinstance(outcome.get("error"), RuntimeError) and "closed" in str(outcome["error"]), outcome
     assert outcome["at"] - closed_at < 2.0
+
+
+def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
+    """A held-out tester's submit into a Redis whose memory filled part-way said so in one line, but left the lines
+    staged so far for an hour: Redis stayed full, and a 5-line submit after it was refused too."""
+    import redis
+
+    from pagedserve.service.redis_server import LocalRedis
+
+    big = jsonl([completion(f"c{i}", prompt="x" * 400) for i in range(4000)])  # about 2 MB, four chunks
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 900_000)  # one chunk in, then full
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            submit_batch(r, prefix, big)
+        assert not list(r.scan_iter(match=f"{prefix}*")), "the refused submit left keys behind"
+        bid = submit_batch(r, prefix, jsonl([completion(f"s{i}") for i in range(5)]))
+        assert batch_status(r, prefix, bid)["request_counts"]["total"] == 5

@@ -158,21 +158,6 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         raise ValueError(f"{input_file_id}: no lines")
     valid = [p for p in lines if p.request is not None]
     invalid = [p for p in lines if p.request is None]
-    token = uuid.uuid4().hex
-    staged_lines, staged_out = k.staged(bid, token, "lines"), k.staged(bid, token, "out")
-    for start in range(0, max(len(valid), len(invalid)), STAGE_CHUNK):
-        pipe = r.pipeline(transaction=False)
-        chunk = valid[start:start + STAGE_CHUNK]
-        if chunk:
-            pipe.rpush(staged_lines, *(p.body for p in chunk))
-            pipe.expire(staged_lines, STAGE_TTL_S)
-        bad = invalid[start:start + STAGE_CHUNK]
-        if bad:
-            pipe.hset(staged_out, mapping={
-                str(p.line_no): json.dumps(error_line(bid, p.line_no, p.custom_id, "invalid_request", p.error))
-                for p in bad})
-            pipe.expire(staged_out, STAGE_TTL_S)
-        pipe.execute()
     urls = sorted({p.url for p in valid})
     record: dict[str, Any] = {
         "id": bid, "object": "batch", "endpoint": ",".join(urls) or "/v1/chat/completions",
@@ -188,13 +173,30 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))
+    token = uuid.uuid4().hex
+    staged_lines, staged_out = k.staged(bid, token, "lines"), k.staged(bid, token, "out")
     try:
+        for start in range(0, max(len(valid), len(invalid)), STAGE_CHUNK):
+            pipe = r.pipeline(transaction=False)
+            chunk = valid[start:start + STAGE_CHUNK]
+            if chunk:
+                pipe.rpush(staged_lines, *(p.body for p in chunk))
+                pipe.expire(staged_lines, STAGE_TTL_S)
+            bad = invalid[start:start + STAGE_CHUNK]
+            if bad:
+                pipe.hset(staged_out, mapping={
+                    str(p.line_no): json.dumps(error_line(bid, p.line_no, p.custom_id, "invalid_request", p.error))
+                    for p in bad})
+                pipe.expire(staged_out, STAGE_TTL_S)
+            pipe.execute()
         created = _run(r, "create",
-             keys=[k.record(bid), k.lines(bid), k.out(bid), staged_lines, staged_out, k.all, k.active],
-             args=[bid, int(now * 1000), record["retain_until"], "1" if valid else "0",
-                   *(x for kv in record.items() for x in kv)])
-    except BatchScriptsNotLoaded:
-        with contextlib.suppress(redis.RedisError):  # they would expire anyway (STAGE_TTL_S)
+                       keys=[k.record(bid), k.lines(bid), k.out(bid), staged_lines, staged_out, k.all, k.active],
+                       args=[bid, int(now * 1000), record["retain_until"], "1" if valid else "0",
+                             *(x for kv in record.items() for x in kv)])
+    except BaseException:
+        # A refused write (a full memory), a lost connection, Ctrl-C or scripts not loaded, part-way: what was
+        # staged would hold its memory for STAGE_TTL_S, and a Redis full of it refused the next submit too.
+        with contextlib.suppress(redis.RedisError):
             r.delete(staged_lines, staged_out)
         raise
     return bid, bool(created)  # 0: a racing submit of the same file and key created it first
