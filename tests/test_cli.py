@@ -209,11 +209,17 @@ def test_unreachable_redis_is_one_line_naming_the_url_without_its_password(passw
     line = _one_line(res)
     assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
     assert password not in line and "s3" not in line, line
+    # a wait for a batch too: it waited an outage's 60 s, then said "lost Redis at Redis ... it was sent"
+    res = _cli({"PAGEDSERVE_REDIS_URL": url}, "batch", "results", "batch_" + "0" * 32, "--wait")
+    line = _one_line(res)
+    assert res.returncode == 1 and "cannot reach Redis at redis://app:***@127.0.0.1:" in line, line
+    assert password not in line and "s3" not in line, line
     # the clients fail at once too (they do not wait for the deadline), with the same masked URL
     with Client(url) as c:
         for call in (lambda: c.submit("x"), lambda: c.generate("x", timeout=600), lambda: next(c.events("x", 600)),
                      lambda: c.cancel("x"), lambda: c.result("x"), lambda: c.submit_batch(b"{}"),
-                     lambda: c.batch_status("b"), lambda: c.batch_results("b"), lambda: c.list_batches()):
+                     lambda: c.batch_status("b"), lambda: c.batch_results("b"), lambda: c.list_batches(),
+                     lambda: c.batch_results("batch_" + "0" * 32, wait=True, timeout=600)):
             with pytest.raises(RedisUnreachable, match=r"redis://app:\*\*\*@") as exc:
                 call()
             assert password not in str(exc.value)

@@ -22,6 +22,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .cli_errors import _fail, _settings, err, warn_unknown_settings
+from .redaction import redact
 
 # The most a batch file may be (OpenAI's batch input limit is 200 MB): the whole file is read, parsed and staged in
 # memory at once, so an endless input (/dev/zero, a runaway pipe) is refused at this size instead of running the
@@ -314,7 +315,8 @@ def results(
     def current(r, prefix: str) -> dict:
         if wait:
             try:
-                return wait_batch(r, prefix, batch_id, timeout=timeout, pickup_timeout=pickup_timeout)
+                return wait_batch(r, prefix, batch_id, timeout=timeout, pickup_timeout=pickup_timeout,
+                                  where=redact(s.redis_url))
             except NoWorker as e:  # as `submit` says it: the work stays queued, and how to get it later
                 _fail(f"error: {e} (`pagedserve batch results {batch_id} --wait` waits for it then, `pagedserve "
                       f"batch cancel {batch_id}` cancels it)", 3)  # no answer yet, the batch kept: as not ended

@@ -61,6 +61,7 @@ from .client_core import (
     retry_once,
 )
 from .protocol import DoneEvent, GenerateRequest
+from .redaction import redact
 from .settings import Settings
 
 __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisBusy", "RedisUnreachable",
@@ -540,7 +541,8 @@ class Client(ProducerCore):
         with self._reaching():
             if wait:
                 batch = batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout,
-                                                pickup_timeout=pickup_timeout, closed=lambda: self._closed)
+                                                pickup_timeout=pickup_timeout, closed=lambda: self._closed,
+                                                where=redact(self.redis_url))
             else:
                 batch = batch_client.batch_status(self.r, self.keys.prefix, batch_id)
             lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
