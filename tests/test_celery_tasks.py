@@ -209,6 +209,24 @@ def test_a_redis_out_of_reach_fails_the_tasks_as_expected(prefix, tmp_path):
         assert text.count("raised expected: network:RedisUnreachable") == 2 and "Traceback" not in text, text[-3000:]
 
 
+def test_a_redis_that_refuses_writes_fails_the_tasks_as_expected(prefix, tmp_path):
+    """The pagedserve Redis full (maxmemory, noeviction; the broker is another): both tasks end ``FAILURE`` with
+    redis-py's ``OutOfMemoryError`` saying which Redis and why, an expected ending in one line. The Celery worker
+    logged each "raised unexpected" with a full traceback (held-out tester)."""
+    with LocalRedis() as broker, LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)  # one byte: every write refused
+        s = make_settings(url, prefix, celery_broker_url=broker, celery_visibility_timeout_s=120)
+        log = tmp_path / "celery.log"
+        with celery_worker(s, log, "threads", 2):
+            app = make_celery(s)
+            for name in ("pagedserve.submit", "pagedserve.generate"):
+                with pytest.raises(redis.exceptions.OutOfMemoryError, match="refuses writes, its memory is full"):
+                    app.send_task(name, args=["x"]).get(timeout=120)
+        text = log.read_text(errors="replace")
+        assert text.count("raised expected: server:OutOfMemoryError") == 2 and "Traceback" not in text, text[-3000:]
+
+
 def test_an_unknown_argument_names_the_task_and_the_accepted_ones(prefix, tmp_path):
     """``bogus=1`` raised ``TypeError: _register.<locals>.generate() got an unexpected keyword argument
     'bogus'``. Refused on the caller's side when the task is called (nothing is sent), and in the task when it is

@@ -472,9 +472,12 @@ def _register(app: Celery) -> None:
 
     # shared=False: the module's own app (from the environment) registers these names too; shared tasks would
     # let Celery pick either app's task for every app, and send requests to the other deployment's Redis.
-    # throws: expected endings, logged in one line without a traceback (TaskArgumentError: the caller's mistake).
+    # throws: expected endings, logged in one line without a traceback (TaskArgumentError: the caller's mistake;
+    # a Redis that refuses the writes, its memory full or its user short of a command: the operator's to mend).
+    refused = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError)
+
     @app.task(name="pagedserve.submit", bind=True, base=_Task,
-              throws=(ValueError, RedisUnreachable, TaskArgumentError), shared=False)
+              throws=(ValueError, RedisUnreachable, TaskArgumentError, *refused), shared=False)
     @_task_name("pagedserve.submit")
     def submit(
         self,
@@ -502,7 +505,7 @@ def _register(app: Celery) -> None:
     given_up = (SoftTimeLimitExceeded, TimeLimitExceeded, Terminated)
 
     @app.task(name="pagedserve.generate", bind=True, base=_Task,
-              throws=(*given_up, GenerationTimedOut, RedisUnreachable, TaskArgumentError), shared=False)
+              throws=(*given_up, GenerationTimedOut, RedisUnreachable, TaskArgumentError, *refused), shared=False)
     @_task_name("pagedserve.generate")
     def generate(
         self,
