@@ -91,6 +91,23 @@ def test_min_tokens_defers_stop_strings(llm):
     assert len(late.token_ids) >= 6 and late.token_ids[:6] == free.token_ids[:6]
 
 
+def test_a_stop_string_is_looked_for_only_in_tokens_past_min_tokens(llm):
+    """As vLLM's detokenizer has it (stop strings are checked once the output has more than ``min_tokens``
+    tokens): a stop string that token number ``min_tokens`` completes does not end the sample, one that token
+    ``min_tokens + 1`` completes does. A held-out tester's stop=["Paris"] at token 6 under min_tokens=6 ended the
+    text before it, where a stop token id there was held back."""
+    free = _greedy(llm, "The capital", ignore_eos=True)
+    tok = llm.get_tokenizer()
+    texts = [tok.decode(free.token_ids[:n], skip_special_tokens=True) for n in range(len(free.token_ids) + 1)]
+    k = 4
+    stop = texts[k]  # the whole text of the first k tokens: token k completes it
+    assert stop and stop not in texts[k - 1]
+    at_k = _greedy(llm, "The capital", ignore_eos=True, stop=[stop], min_tokens=k - 1)
+    assert (at_k.finish_reason, at_k.text, len(at_k.token_ids)) == ("stop", "", k), at_k
+    held = _greedy(llm, "The capital", ignore_eos=True, stop=[stop], min_tokens=k)
+    assert len(held.token_ids) > k and held.token_ids[:k + 1] == free.token_ids[:k + 1], held
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string(llm):
     free = _greedy(llm, "The capital", ignore_eos=True)
     stop = free.text[2:4]

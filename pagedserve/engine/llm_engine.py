@@ -787,7 +787,7 @@ class LLMEngine:
                 seq.detok.add(tok, check_stop=False)
         elif matcher is not None and matcher.is_terminated():  # the grammar's end, even with ignore_eos
             seq.finish_reason = "stop"
-        elif seq.detok.add(tok, check_stop=num_output >= p.min_tokens) is not None:
+        elif seq.detok.add(tok, check_stop=num_output > p.min_tokens) is not None:
             seq.finish_reason = "stop"
         if seq.finish_reason is None and (num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
