@@ -8,6 +8,7 @@ from __future__ import annotations
 import _thread
 import codecs
 import json
+import re
 import threading
 import time
 
@@ -623,3 +624,24 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
         assert not list(r.scan_iter(match=f"{prefix}*")), "the refused submit left keys behind"
         bid = submit_batch(r, prefix, jsonl([completion(f"s{i}") for i in range(5)]))
         assert batch_status(r, prefix, bid)["request_counts"]["total"] == 5
+
+
+@pytest.mark.parametrize("extra, refusal", [
+    ({"skip_special_tokens": True, "spaces_between_special_tokens": True, "logit_bias": {}}, None),
+    ({"skip_special_tokens": False}, "body.skip_special_tokens: not supported: leave it out (text is always decoded "
+                                     "without special tokens)"),
+    ({"logit_bias": {"50256": -100}}, "body.logit_bias: not supported: leave it out"),
+    ({"skip_special_tokens": 1}, "body.skip_special_tokens: not supported"),  # true, not a number that equals it
+])
+def test_vllms_options_at_their_defaults_are_taken_and_any_other_value_refused(extra, refusal):
+    """A line written for vLLM's batch runner spells out skip_special_tokens: true (its default, what pagedserve
+    does): it was refused as not supported, where SamplingParams takes it (held-out tester)."""
+    from pagedserve.service.batch_format import LineError, to_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3}
+    plain = to_request("b1", 0, 1, "c1", "/v1/chat/completions", body, 2_000_000_000_000)
+    if refusal is None:
+        assert to_request("b1", 0, 1, "c1", "/v1/chat/completions", {**body, **extra}, 2_000_000_000_000) == plain
+    else:
+        with pytest.raises(LineError, match="^" + re.escape(refusal)):
+            to_request("b1", 0, 1, "c1", "/v1/chat/completions", {**body, **extra}, 2_000_000_000_000)

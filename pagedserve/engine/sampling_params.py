@@ -299,7 +299,7 @@ def final_only(params: list) -> list:
     return [copies.get(id(p), p) for p in params]
 
 
-def _as_default(name: str, value: object) -> bool:
+def is_vllm_default(name: str, value: object) -> bool:
     """Whether ``value`` of unsupported option ``name`` is vLLM's default, which changes nothing here."""
     return any(type(value) is type(d) and value == d for d in UNSUPPORTED_OPTIONS[name][1])
 
@@ -318,7 +318,7 @@ def _refuse_unsupported_options(init):
             raise TypeError("SamplingParams takes keyword arguments only, e.g. SamplingParams(max_tokens=16)")
         for name, value in list(kwargs.items()):
             if name in UNSUPPORTED_OPTIONS:
-                if not _as_default(name, value):
+                if not is_vllm_default(name, value):
                     raise TypeError(_unsupported(name))
                 del kwargs[name]
         init(self, **kwargs)
@@ -330,7 +330,7 @@ def _refuse_unknown_attributes(self: SamplingParams, name: str, value: object) -
     constructor checks it: an option this engine lacks, or a misspelt one, was stored and ignored."""
     if name not in _FIELD_NAMES:
         if name in UNSUPPORTED_OPTIONS:
-            if _as_default(name, value):
+            if is_vllm_default(name, value):
                 return
             raise AttributeError(_unsupported(name))
         raise AttributeError(f"SamplingParams has no option {name!r}")

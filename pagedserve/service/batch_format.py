@@ -238,6 +238,16 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     # many alternatives in logprobs itself; its top_logprobs was ignored without a word).
     unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED - {"top_logprobs"}))
     if unknown:
+        from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default
+
+        # vLLM's own options that pagedserve lacks: their vLLM defaults are what pagedserve does (a line written
+        # for vLLM's batch runner spells out skip_special_tokens: true), anything else is refused saying so.
+        for name in [n for n in unknown if n in UNSUPPORTED_OPTIONS]:
+            if not is_vllm_default(name, body[name]):
+                raise LineError(f"body.{name}: not supported: {UNSUPPORTED_OPTIONS[name][0]}")
+            del body[name]
+            unknown.remove(name)
+    if unknown:
         raise LineError(f"body.{unknown[0]}: not supported")
     if body.get("stream"):
         raise LineError("body.stream: a batch line cannot stream")
