@@ -1320,6 +1320,24 @@ def test_a_branch_that_recurses_without_end_ends_its_request_saying_so(tokenized
         so.fill_bitmask([matcher])
 
 
+def test_a_rule_of_thousands_of_alternatives_ends_its_request_saying_how_to_write_it(tokenized):
+    """A flat alternation of 2000 or more literals compiles, and llguidance's parser gives up at the first token
+    with a hint about left recursion, which this grammar has none of (held-out tester). The message says what
+    was too wide, and that the same list as a terminal (or a regex) is followed."""
+    so, tok, _ = tokenized
+    items = " | ".join(f'"item{i:05d}"' for i in range(2100))
+    matcher = so.compile(validate_structured_outputs({"grammar": f"start: {items}"})).matcher()
+    for t in tok.encode("item00001", add_special_tokens=False):  # the parser gives up on the first
+        if not matcher.accept(t):
+            break
+    with pytest.raises(GrammarFailed, match=r"^structured_outputs could not be followed while generating: 2101 "
+                       r"alternatives were open at one point, more than llguidance's parser follows \(2000\): write "
+                       r"a long list of literals as a terminal"):
+        so.fill_bitmask([matcher])
+    terminal = so.compile(validate_structured_outputs({"grammar": f"start: X\nX: {items}"})).matcher()
+    assert _accepts(terminal, tok, tok.eos_token_id, "item02099")
+
+
 @pytest.mark.parametrize("schema, outside, inside", [
     ({"exclusiveMinimum": 0, "maximum": 0.99}, ["0", "-0", "0.0"], ["0.5", "0.01", "0.99"]),
     ({"exclusiveMinimum": 1, "maximum": 1.9}, ["1", "1.0"], ["1.5", "1.9"]),

@@ -632,6 +632,9 @@ _NO_STRING = "NoExtensionBias"
 
 # llguidance's parser error when the tokens a grammar forces (ff_tokens) run past its item limit.
 _ENDLESS = "Too many items"
+# Its parser error when more rule alternatives are open at one position than a row holds (a flat alternation of
+# thousands of literals in a rule).
+_WIDE_ROW = re.compile(r"Current row has (\d+) items; max is (\d+)")
 _TOO_MANY_DIGITS = re.compile(r"Value for '(\w+)' has too many digits")
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
 
@@ -815,6 +818,12 @@ class LLGuidanceMatcher:
             if _ENDLESS in error:
                 raise GrammarFailed("could not be followed while generating: what the grammar forces after the output "
                                     "so far never ends (a rule whose every alternative contains the rule itself)")
+            wide = _WIDE_ROW.search(error)
+            if wide:  # llguidance's hint (left recursion) is about another cause of the same limit
+                raise GrammarFailed(
+                    f"could not be followed while generating: {wide.group(1)} alternatives were open at one point, "
+                    f"more than llguidance's parser follows ({wide.group(2)}): write a long list of literals as a "
+                    "terminal (an UPPERCASE rule, X: \"a\" | \"b\" | ..., which its lexer matches) or as one regex")
             raise GrammarFailed(f"could not be followed while generating: {_cut(error)}")
 
     def accept(self, token_id: int) -> bool:
