@@ -123,6 +123,23 @@ def test_prefix_cache_hit_verifies_tokens_and_survives_free_until_evicted():
 
 
 
+def test_a_swapped_out_prefix_is_evicted_tail_first_as_a_freed_one_is():
+    """Swapping out released the device blocks head first, so the next allocation reused the prefix's first block
+    and every later cached block was unreachable (a lookup walks the chain from the start): a request sharing the
+    preempted one's prompt found nothing cached under swap, 64 tokens under recompute (held-out tester)."""
+    for preempt in ("swap", "recompute"):
+        bm = BlockManager(5, 5, BS, enable_prefix_caching=True)
+        a = Sequence(list(range(4 * BS)) + [99], 4 * BS + 1)  # the whole pool: four full blocks and a partial
+        assert bm.allocate(a, a.num_tokens)
+        a.num_computed_tokens = a.num_tokens
+        bm.register_full_blocks(a)
+        bm.swap_out([a]) if preempt == "swap" else bm.free(a)
+        other = Sequence([7] * 2 * BS, 2 * BS)  # a newcomer takes two of the five freed: the partial, the last
+        assert bm.allocate(other, 2 * BS)
+        hits = bm.find_cached_prefix(Sequence(list(range(4 * BS)) + [1, 2, 3], 4 * BS + 3))
+        assert len(hits) == 3, (preempt, [h.block_id for h in hits])  # the head three of the four
+
+
 def test_swap_in_bound_lets_an_unshared_group_back_into_a_pool_that_holds_it():
     """A no-sharing fork swapped out before its private copies were made needs its blocks plus one copy of
     each block per extra holder (the last holder keeps the original). Counting a full copy for the fork *and*

@@ -347,6 +347,8 @@ class BlockManager:
 
     @staticmethod
     def _move(seqs: list[Sequence], src: BlockPool, dst: BlockPool) -> dict[int, int]:
+        """Each sequence's blocks to ``dst``; the ``src`` references are dropped tail first, as :meth:`free` drops
+        them, so a cached prefix left behind is evicted from its end (a lookup walks it from its start)."""
         mapping: dict[int, int] = {}
         for seq in seqs:
             table = []
@@ -356,6 +358,7 @@ class BlockManager:
                 else:
                     dst.acquire(dst.blocks[mapping[block_id]])
                 table.append(mapping[block_id])
+            for block_id in reversed(seq.block_table):
                 src.release(src.blocks[block_id])
             seq.block_table = table
         return mapping
