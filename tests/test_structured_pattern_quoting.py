@@ -50,6 +50,8 @@ def _accepts(so, tok, eos: int, schema: dict, text: str) -> bool:
 _CONTROLS = {"all": "\\x00-\\x1f", "all but LF": "\\x00-\\x09\\x0b-\\x1f", "all but 0x05": "\\x00-\\x04\\x06-\\x1f"}
 _CLASSES = [f"[{ctl}{q}{b}a]" for ctl, q, b in itertools.product(_CONTROLS.values(), ("", '"'), ("", "\\\\"))]
 _CLASSES += ['[^"]', "[^\\\\]", '[^"\\\\]', '[^"\\n]', "[^a]", "[\\s\\S]", "\\p{Cc}", "[\\p{Cc}]", "\\P{L}"]
+# a "-" last is a member: text added after it made a range down to NUL, and the pattern was refused
+_CLASSES += ['[^"-]', '[^"a-]', "[^\\\\-]", '[-"]']
 
 
 @pytest.mark.parametrize("cls", _CLASSES)

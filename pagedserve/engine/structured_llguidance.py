@@ -143,12 +143,10 @@ def _draft4_bounds(node: dict) -> dict:
 
 
 def draft4_bounds(schema: object) -> object:
-    """``schema``, if it names draft 4 (or 3) as its ``$schema``, with each boolean ``exclusiveMinimum`` /
-    ``exclusiveMaximum`` beside its bound as the number form of later drafts (``minimum: 0, exclusiveMinimum:
-    true`` is ``exclusiveMinimum: 0``), which is the one llguidance reads: it wrote 0 under the boolean form."""
-    dialect = schema.get("$schema") if isinstance(schema, dict) else None
-    if not (isinstance(dialect, str) and re.search(r"draft-0[34]/", dialect)):
-        return schema
+    """``schema`` with each boolean ``exclusiveMinimum`` / ``exclusiveMaximum`` beside its bound in the number form
+    of later drafts (``minimum: 0, exclusiveMinimum: true`` is ``exclusiveMinimum: 0``), which is the one
+    llguidance reads: it passed over the boolean and wrote 0. A boolean there means draft 4's bound whatever the
+    ``$schema`` (later drafts allow only a number), as the OpenAPI 3.0 and Swagger schemas that use it mean it."""
     return _map_schemas(schema, _draft4_bounds)
 
 
@@ -680,41 +678,20 @@ def _json_error(error: str, schema: object) -> str:
     return _cut(error) if where is None else f"{_cut(error)} (at {where})"
 
 
-def _metaschema_error(schema: object):
-    """The ``jsonschema`` package's best error of ``schema`` against the metaschema of its dialect (2020-12 where
-    the schema names none), or None (also where it cannot tell: a ``$schema`` it does not know)."""
+def _metaschema_place(schema: object) -> str | None:
+    """Where ``schema`` breaks the JSON Schema metaschema (a type spelled ``strng``, ``required`` given as a
+    string), as a JSON pointer, or None: llguidance names the mistake, not its place in a schema of hundreds of
+    lines. The ``jsonschema`` package's own check of its dialect (2020-12 where the schema names none)."""
     import jsonschema
 
     try:
         validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        return jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
-    except Exception:  # a $schema it does not know, a schema it cannot walk
+        error = jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
+    except Exception:  # a $schema it does not know, a schema it cannot walk: the place stays unsaid
         return None
-
-
-def _pointer(path) -> str:
-    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path)
-
-
-def _metaschema_place(schema: object) -> str | None:
-    """Where ``schema`` breaks the JSON Schema metaschema (a type spelled ``strng``, ``required`` given as a
-    string), as a JSON pointer, or None: llguidance names the mistake, not its place in a schema of hundreds of
-    lines."""
-    error = _metaschema_error(schema)
-    return None if error is None else _pointer(error.absolute_path)
-
-
-def metaschema_refusal(schema: object) -> str | None:
-    """Why ``schema``, which llguidance compiled, is still no JSON Schema of its dialect, or None. llguidance
-    passes over some such keywords without a word (a draft-4 boolean ``exclusiveMinimum`` in a 2020-12 schema
-    was followed as no bound at all), and ``jsonschema.validate`` refuses the schema itself: the output could be
-    checked against nothing."""
-    error = _metaschema_error(schema)
     if error is None:
         return None
-    dialect = schema.get("$schema") if isinstance(schema, dict) and isinstance(schema.get("$schema"), str) else None
-    read_as = f"as {dialect} reads it" if dialect else "as JSON Schema 2020-12 reads it (no $schema names another)"
-    return f"{_pointer(error.absolute_path)}: {_cut(error.message)}, {read_as}"
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path)
 
 
 def _forces_without_end(matcher: Any) -> bool:
@@ -1017,10 +994,6 @@ class LLGuidanceBackend:
                              "proper prefix of an upper bound's: bounds can leave none)")
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
             raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
-        if kind == "json":
-            refusal = metaschema_refusal(spec[kind])
-            if refusal is not None:
-                raise structured_error(f"{what}: {refusal}")
         # A grammar that never ends is told so before its cost: its mask is slow too, and on a busy host it can
         # pass the limit, which would name the wrong fix.
         if kind == "grammar":

@@ -11,8 +11,7 @@ allows (only NUL is lost there, which JSON can write only as ``\\u0000``), so ou
 Which characters of ASCII a class holds is read with Python's ``re`` (ASCII classes, as llguidance's are for
 ASCII). Where ``re`` cannot read a class (Unicode properties such as ``\\p{Cc}``, nested classes, set operations),
 NUL is taken out of it all the same. A class is rewritten in llguidance's own syntax (Rust's ``regex``):
-``[^...]`` gains ``\\x00``, ``[...]`` becomes ``[[...]&&[^\\x00]]``, and a bare ``\\p{...}`` / ``\\P{...}`` is put
-in such a class.
+a class ``[...]`` becomes ``[[...]&&[^\\x00]]``, and a bare ``\\p{...}`` / ``\\P{...}`` is put in such a class.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ def _takes_shortcut(cls: str) -> bool:
 
 
 def _without_nul(cls: str) -> str:
-    if cls.startswith("[^"):
-        return cls[:-1] + _NO_NUL + "]"
+    # The class itself nested whole: text added inside it could change it (after a trailing "-" it made a range).
     return f"[{cls}&&[^{_NO_NUL}]]"
 
 
