@@ -645,3 +645,33 @@ def test_vllms_options_at_their_defaults_are_taken_and_any_other_value_refused(e
     else:
         with pytest.raises(LineError, match="^" + re.escape(refusal)):
             to_request("b1", 0, 1, "c1", "/v1/chat/completions", {**body, **extra}, 2_000_000_000_000)
+
+
+def test_a_client_that_reached_redis_rides_out_a_restart_a_batch_wait_begins_in(prefix):
+    """Client.batch_results(wait=True) begun while Redis restarts, right after the client submitted the batch: it
+    failed at once as if the URL were wrong (the wait alone asked whether Redis had ever answered); the client's
+    own calls say so now. A client that never reached it still fails at once, saying it once."""
+    from pagedserve.service.client import Client
+    from pagedserve.service.client_core import RedisUnreachable
+    from pagedserve.service.redis_server import LocalRedis
+
+    server = LocalRedis(persist=True).start()
+    try:
+        with Client(server.url, prefix=prefix) as c:
+            bid = c.submit_batch(jsonl([completion("bad", max_tokens=-1)]))  # all lines refused: ended at once
+            server.stop()
+            got: list = []
+            waiter = threading.Thread(target=lambda: got.append(c.batch_results(bid, wait=True, timeout=60)))
+            waiter.start()
+            time.sleep(2.0)
+            assert waiter.is_alive()  # waiting out the outage, not failed at once
+            server.start()  # from this thread: the server ends with the thread that started it
+            waiter.join(60)
+            assert [[x["custom_id"] for x in lines] for lines in got] == [["bad"]]
+        with Client(server.url.replace(str(server.port), str(server.port + 1)), prefix=prefix) as never:
+            began = time.monotonic()
+            with pytest.raises(RedisUnreachable) as exc:
+                never.batch_results(bid, wait=True, timeout=60)
+            assert time.monotonic() - began < 10 and str(exc.value).count("cannot reach Redis") == 1, exc.value
+    finally:
+        server.stop()

@@ -37,7 +37,7 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, check_seconds,
-                          unreachable, why_no_worker)
+                          why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -281,29 +281,29 @@ def no_worker(r: redis.Redis, prefix: str, consumers_seen: OrderedDict | None = 
 
 def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = None, poll_s: float = 0.5, *,
                pickup_timeout: float | None = None, closed: Callable[[], bool] | None = None,
-               where: str = "Redis") -> dict:
+               where: str = "Redis", reached: bool = False) -> dict:
     """Wait until the batch ends (completed, expired, cancelled, failed): every line has its output line.
     ``TimeoutError`` after ``timeout``. ``pickup_timeout``: once the batch has not moved (its status and counts
     the same) for that long, look for a live worker (:func:`no_worker`); none raises :class:`NoWorker`, and the
     batch stays as it is, to run when a worker starts; a live one keeps the wait going (lines may take long) and
     is looked for again after the next such still stretch. ``closed``: whether the caller's client was closed
     meanwhile (``RuntimeError`` at the next look, as a request's wait ends; the batch runs on). A Redis that never
-    answered raises :class:`RedisUnreachable` at once (a wrong URL); one lost after it answered is waited for, up
-    to ``OUTAGE_S`` at a time. ``where`` names Redis (its URL, without secrets) in errors."""
+    answered (``reached``: the caller's did before) raises its connection error at once, a wrong URL's; one lost
+    after it answered is waited for, up to ``OUTAGE_S`` at a time. ``where`` names Redis (its URL, without
+    secrets) in that wait's error."""
     check_seconds(pickup_timeout=pickup_timeout)
     end = None if timeout is None else time.monotonic() + timeout
     seen: OrderedDict = OrderedDict()  # consumer names met by earlier checks (why_no_worker says why)
     last, still_since = None, time.monotonic()
     outage = Outage(time.monotonic)  # a wait of hours rides out a Redis restart, as a request's wait does
-    reached = False
     while True:
         if closed is not None and closed():
             raise RuntimeError(f"this Client was closed while the call waited for batch {bid} (it runs on)")
         try:
             status = batch_status(r, prefix, bid)
         except CONNECTION_ERRORS as e:
-            if not reached:  # never answered (a wrong URL, say): not an outage to ride out
-                raise unreachable(where, e) from None
+            if not reached:  # never answered (a wrong URL, say): not an outage to ride out; the caller says it
+                raise
             outage.check(e, where, f"batch {bid}", sent=True)
             if end is not None and time.monotonic() >= end:
                 raise TimeoutError(f"batch {bid} is not known to have ended after {timeout}s (Redis did not answer "

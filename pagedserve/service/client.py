@@ -542,7 +542,7 @@ class Client(ProducerCore):
             if wait:
                 batch = batch_client.wait_batch(self.r, self.keys.prefix, batch_id, timeout,
                                                 pickup_timeout=pickup_timeout, closed=lambda: self._closed,
-                                                where=redact(self.redis_url))
+                                                where=redact(self.redis_url), reached=self.answered)
             else:
                 batch = batch_client.batch_status(self.r, self.keys.prefix, batch_id)
             lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))

@@ -234,6 +234,8 @@ def credentials_refused(where: str, e: BaseException) -> str:
 
 def unreachable(where: str, e: BaseException) -> RedisUnreachable:
     """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials."""
+    if isinstance(e, RedisUnreachable):  # said already (an outage a wait gave up on)
+        return e
     if isinstance(e, RedisBusy):  # reached, and its message says what it is
         return RedisUnreachable(str(e))
     if isinstance(e, redis.AuthenticationError):
@@ -577,6 +579,7 @@ class ProducerCore:
                 raise ValueError(f"redis_url {redact(redis_url)!r}: {e}") from None
         self.keys = Keys(prefix or s.prefix)
         self.tracer = get_tracer(tracer_provider)
+        self.answered = False  # Redis answered a call of this client: one away now is an outage, not a wrong URL
         # The stream entry of each request this client sent lately, for telling whether a later wait(id) on it
         # waits for a request Redis lost; and the consumer names its checks have seen, whose leases still show a
         # worker alive after a restart emptied the group. Both bounded: a long-lived client keeps the newest.
@@ -670,6 +673,7 @@ class ProducerCore:
         ``sending``: the id of the request the call sends; a send whose answer was lost says it may have gone."""
         try:
             yield
+            self.answered = True
         except CONNECTION_ERRORS as e:
             if sending is not None and answer_lost(e):
                 raise sent_unanswered(redact(self.redis_url), sending, e) from None
