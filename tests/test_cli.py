@@ -984,7 +984,10 @@ def test_choice_given_once_per_choice_keeps_commas_and_spaces(redis_url, prefix,
     (["--json-schema", ""], "error: --json-schema needs a file: the path of a JSON Schema (it was empty)"),
     (["--choice", ""], "error: invalid request: --choice must be a non-empty list of strings (got [])"),
     (["--regex", ""], "error: invalid request: --regex must be a non-empty string (got '')"),
-    (["--choice", "a,,b"], "error: invalid request: --choice must be a non-empty string (got '')"),
+    (["--choice", "a,,b"], "error: --choice 'a,,b' holds an empty choice (two commas together, or one at an end): "
+                           "write each choice, or give --choice once per choice"),
+    (["--choice", "yes,no,"], "error: --choice 'yes,no,' holds an empty choice (two commas together, or one at an "
+                              "end): write each choice, or give --choice once per choice"),
 ])
 def test_a_bad_submit_option_is_named_as_typed(args, line):
     """The request's field was named (params.max_tokens), no option the user typed; an empty --json-schema read

@@ -526,7 +526,10 @@ def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex
         if len(choice) > 1:  # one choice per --choice, exactly as given: a choice may hold a comma or spaces
             return {"choice": choice}
         choices = [c.strip() for c in choice[0].split(",")]
-        return {"choice": choices if any(choices) else []}  # "a,,b" is refused naming the empty one, not cut to two
+        if any(choices) and not all(choices):  # not cut to the others unsaid: the API refuses an empty choice
+            _fail(f"error: --choice {choice[0]!r} holds an empty choice (two commas together, or one at an end): "
+                  "write each choice, or give --choice once per choice", 2)
+        return {"choice": choices if any(choices) else []}
     if regex is not None:
         return {"regex": regex}
     return None
