@@ -1407,6 +1407,17 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
       "properties": {"y": {"type": "boolean"}}, "required": ["y"]}, {}, '{"x": 1, "y": true}', True),
     ({"$defs": {"b": PERSON}, "type": "array", "items": {"$ref": "#/$defs/b"}}, {}, '[{"name": "A", "age": 1, "x": 2}]',
      False),  # the same target, used alone, is closed
+    # ... and used both ways, closed where alone, open as the mixin (the regression hunter's owner and pet)
+    ({"$defs": {"b": PERSON}, "type": "object", "properties": {
+        "owner": {"$ref": "#/$defs/b"},
+        "pet": {"$ref": "#/$defs/b", "properties": {"species": {"type": "string"}}, "required": ["species"]}},
+      "required": ["owner", "pet"]}, {},
+     '{"owner": {"name": "A", "age": 1, "gender": "m"}, "pet": {"name": "B", "age": 2, "species": "cat"}}', False),
+    ({"$defs": {"b": PERSON}, "type": "object", "properties": {
+        "owner": {"$ref": "#/$defs/b"},
+        "pet": {"$ref": "#/$defs/b", "properties": {"species": {"type": "string"}}, "required": ["species"]}},
+      "required": ["owner", "pet"]}, {},
+     '{"owner": {"name": "A", "age": 1}, "pet": {"name": "B", "age": 2, "species": "cat"}}', True),
 ])
 def test_objects_that_name_their_properties_admit_no_others_unless_they_say_so(tokenized, schema, spec, text, taken):
     """Held-out testing: vLLM's structured-outputs example (a pydantic model's schema) ran on here into keys the

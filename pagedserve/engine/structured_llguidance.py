@@ -324,9 +324,8 @@ def closed_objects(schema: object) -> object:
     refuse another's."""
     if not isinstance(schema, dict) or any("allOf" in sub for _, sub in _schemas(schema)):
         return schema
-    mixin_refs = {node["$ref"] for _, node in _schemas(schema)
-                  if isinstance(node.get("$ref"), str) and ("properties" in node or "required" in node)}
     out = copy.deepcopy(schema)
+    mixin_refs = _open_mixin_targets(out)
     stack = [(out, True, "")]
     while stack:
         node, closable, pointer = stack.pop()
@@ -339,6 +338,30 @@ def closed_objects(schema: object) -> object:
                 keyword = where[len(pointer):].split("/")[1]
                 stack.append((sub, not (mixins_open and keyword in _SAME_INSTANCE), where))
     return out
+
+
+_DEFS_REF = re.compile(r"#/(\$defs|definitions)/([^/]+)")
+
+
+def _open_mixin_targets(schema: dict) -> set[str]:
+    """The ``$ref`` targets in ``schema`` (changed in place) that ``closed_objects`` leaves open: those of a ``$ref``
+    beside its holder's own ``properties`` or ``required``. A target also used alone is copied for the mixin
+    (``$defs/NAME-open``), so that it stays closed where it is a whole object."""
+    mixins = [node for _, node in _schemas(schema)
+              if isinstance(node.get("$ref"), str) and ("properties" in node or "required" in node)]
+    alone = {node["$ref"] for _, node in _schemas(schema) if isinstance(node.get("$ref"), str)
+             and "properties" not in node and "required" not in node}
+    for node in mixins:
+        match = _DEFS_REF.fullmatch(node["$ref"])
+        defs = schema.get(match.group(1)) if match and node["$ref"] in alone else None
+        name = match.group(2).replace("~1", "/").replace("~0", "~") if match else None
+        if isinstance(defs, dict) and isinstance(defs.get(name), dict):
+            copy_name = f"{name}-open"
+            while copy_name in defs:
+                copy_name += "-open"
+            defs[copy_name] = copy.deepcopy(defs[name])
+            node["$ref"] = f"#/{match.group(1)}/{_escape(copy_name)}"
+    return {node["$ref"] for node in mixins}
 
 
 @functools.lru_cache(maxsize=256)
