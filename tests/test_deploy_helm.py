@@ -1234,3 +1234,35 @@ def test_schema_takes_budgets_and_sizes_the_api_server_takes(good):
     for doc in docs:
         if doc["kind"] in ("Deployment", "PodDisruptionBudget"):
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"extraConfig": {"PAGEDSERVE_METRICS_HOST": "127.0.0.1"}}, "extraConfig.PAGEDSERVE_METRICS_HOST"),
+    ({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": "10.0.0.5"}]}, "extraEnv PAGEDSERVE_METRICS_HOST"),
+])
+def test_a_metrics_host_the_probes_cannot_reach_is_refused(values, where):
+    """The kubelet probes the pod's IP: a worker bound to 127.0.0.1 failed its startup probe for its whole budget
+    and restarted for ever, a rollout with maxUnavailable 0 stalled (held-out operator)."""
+    render_fails(values, where, "probes", "0.0.0.0", "::")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_an_all_interfaces_metrics_host_is_taken(host):
+    docs = render({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": host}]})
+    assert {"name": "PAGEDSERVE_METRICS_HOST", "value": host} in worker_container(docs)["env"]
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"probes": {"readiness": {"path": "/ready", "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}}},
+     "at '/probes/readiness/path': value must be one of '/healthz', '/readyz'"),
+    ({"probes": {"liveness": {"path": "/health", "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}}},
+     "at '/probes/liveness/path': value must be one of '/healthz', '/readyz'"),
+    ({"worker": {"terminationGraceMarginSeconds": 0}}, "at '/worker/terminationGraceMarginSeconds'"),
+])
+def test_a_probe_path_the_worker_does_not_serve_and_no_margin_to_hand_back_are_refused(values, words):
+    """A probe path other than /healthz or /readyz is a 404 (never ready, or a restart loop); a margin of 0 let
+    SIGKILL come at the end of the drain, before the worker handed its unfinished requests back (held-out
+    operator)."""
+    with pytest.raises(helm.HelmError) as e:
+        render(values)
+    assert words in str(e.value), e.value

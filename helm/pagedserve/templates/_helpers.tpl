@@ -213,6 +213,7 @@ a Secret or ConfigMap (valueFrom) counts as set; OTEL_TRACES_EXPORTER=none asks 
 {{- include "pagedserve.refuseManagedEnv" (dict "where" "extraConfig" "names" (keys .Values.extraConfig)) }}
 {{- include "pagedserve.refusePodEnv" (keys .Values.extraConfig) }}
 {{- range $name := keys .Values.extraConfig }}
+{{- include "pagedserve.refuseMetricsHost" (dict "where" (printf "extraConfig.%s" $name) "name" $name "value" (get $.Values.extraConfig $name)) }}
 {{- if eq (upper $name) "PAGEDSERVE_WORKER_NAME" }}
 {{- fail (printf "extraConfig.%s: every replica would read this one consumer name, and a second live worker under a name is refused (it exits); leave it unset: each pod takes its own name (its hostname)" $name) }}
 {{- end }}
@@ -478,4 +479,13 @@ text: atoi it before comparing ("9000" > "10000" as strings). */}}
 {{- $total = add $total (mul (atoi $digits) (get $units (trimPrefix $digits .))) -}}
 {{- end -}}
 {{- $total -}}
+{{- end }}
+
+{{/* PAGEDSERVE_METRICS_HOST other than an all-interfaces address: the kubelet's probes come to the pod's IP, and
+a worker bound to 127.0.0.1 (or one address) would fail its startup probe for its whole budget, then restart for
+ever. "::" is the one an IPv6-only cluster needs. */}}
+{{- define "pagedserve.refuseMetricsHost" -}}
+{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (not (has (toString .value) (list "0.0.0.0" "::"))) }}
+{{- fail (printf "%s: %q binds the health and metrics port to one address, where the kubelet's probes (sent to the pod's IP) and Prometheus cannot reach it: use 0.0.0.0 (the default) or :: (IPv6), and a NetworkPolicy (networkPolicy.enabled) to limit who reaches the port" .where (toString .value)) }}
+{{- end }}
 {{- end }}
