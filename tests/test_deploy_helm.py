@@ -1266,3 +1266,24 @@ def test_a_probe_path_the_worker_does_not_serve_and_no_margin_to_hand_back_are_r
     with pytest.raises(helm.HelmError) as e:
         render(values)
     assert words in str(e.value), e.value
+
+
+def test_a_private_ca_reaches_kedas_trigger_authentication():
+    """A TLS Redis signed by a private CA: the trigger had enableTLS but no CA, KEDA's handshake failed and the
+    workers sat at fallback.replicas; the docs said to add the CA to the chart's own TriggerAuthentication by hand,
+    which the next upgrade removed (held-out operator)."""
+    values = {"redis": {"url": "rediss://:pw@redis.r.svc:6380/0?ssl_ca_certs=/etc/redis-tls/ca.crt"},
+              "keda": {"enabled": True, "caSecret": {"name": "redis-ca", "key": "ca.pem"}}}
+    docs = render(values)
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert refs["ca"] == {"parameter": "ca", "name": "redis-ca", "key": "ca.pem"} and "password" in refs
+    (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert all(t["metadata"]["enableTLS"] == "true" for t in so["spec"]["triggers"] if t["type"].startswith("redis"))
+    # without a password the CA alone makes the TriggerAuthentication
+    docs = render({"redis": {"url": "rediss://redis.r.svc:6380/0"},
+                   "keda": {"enabled": True, "caSecret": {"name": "redis-ca"}}})
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]
+    assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["ca"]
+    render_fails({"redis": {"url": "redis://redis.r.svc:6379/0"}, "keda": {"enabled": True, "caSecret": {"name": "c"}}},
+                 "keda.caSecret is for a TLS Redis")
