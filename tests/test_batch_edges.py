@@ -647,10 +647,25 @@ def test_vllms_options_at_their_defaults_are_taken_and_any_other_value_refused(e
             to_request("b1", 0, 1, "c1", "/v1/chat/completions", {**body, **extra}, 2_000_000_000_000)
 
 
+def _wait_through_a_restart(c, bid: str, server) -> None:
+    server.stop()
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(c.batch_results(bid, wait=True, timeout=60)))
+    waiter.start()
+    time.sleep(2.0)
+    assert waiter.is_alive()  # waiting out the outage, not failed at once
+    server.start()  # from this thread: the server ends with the thread that started it
+    waiter.join(60)
+    assert len(got) == 1 and len(got[0]) == 1, got
+
+
 def test_a_client_that_reached_redis_rides_out_a_restart_a_batch_wait_begins_in(prefix):
     """Client.batch_results(wait=True) begun while Redis restarts, right after the client submitted the batch: it
     failed at once as if the URL were wrong (the wait alone asked whether Redis had ever answered); the client's
-    own calls say so now. A client that never reached it still fails at once, saying it once."""
+    own calls say so now, whatever they were (a wait, a batch that was not there). A client that never reached it
+    still fails at once, saying it once."""
+    import redis
+
     from pagedserve.service.client import Client
     from pagedserve.service.client_core import RedisUnreachable
     from pagedserve.service.redis_server import LocalRedis
@@ -659,15 +674,14 @@ def test_a_client_that_reached_redis_rides_out_a_restart_a_batch_wait_begins_in(
     try:
         with Client(server.url, prefix=prefix) as c:
             bid = c.submit_batch(jsonl([completion("bad", max_tokens=-1)]))  # all lines refused: ended at once
-            server.stop()
-            got: list = []
-            waiter = threading.Thread(target=lambda: got.append(c.batch_results(bid, wait=True, timeout=60)))
-            waiter.start()
-            time.sleep(2.0)
-            assert waiter.is_alive()  # waiting out the outage, not failed at once
-            server.start()  # from this thread: the server ends with the thread that started it
-            waiter.join(60)
-            assert [[x["custom_id"] for x in lines] for lines in got] == [["bad"]]
+            _wait_through_a_restart(c, bid, server)
+        with redis.Redis.from_url(server.url) as admin:
+            other = submit_batch(admin, prefix, jsonl([completion("also-bad", max_tokens=-1)]))
+        for reach in (lambda c: c.wait("no-such-id", timeout=0.5), lambda c: c.batch_status("batch_" + "f" * 32)):
+            with Client(server.url, prefix=prefix) as c:  # Redis answered: nothing, or that there is no such batch
+                with pytest.raises((TimeoutError, LookupError, ValueError)):
+                    reach(c)
+                _wait_through_a_restart(c, other, server)
         with Client(server.url.replace(str(server.port), str(server.port + 1)), prefix=prefix) as never:
             began = time.monotonic()
             with pytest.raises(RedisUnreachable) as exc:

@@ -441,6 +441,7 @@ class Client(ProducerCore):
                     elif (command := _command(op)) is not None:
                         bound = command_bound(deadline, self._socket_timeout)
                         reply = _reply_within(self.r, self._socket_timeout if bound is None else bound, *command)
+                        self.answered = True
                         if isinstance(op, ReadEvents):
                             reply = _entries(reply)
                     elif isinstance(op, Subscribe):
@@ -453,7 +454,7 @@ class Client(ProducerCore):
                                 self._owned.add(owned)
                         asked = True  # from here it may be in the stream, whatever becomes of the reply
                         reply = self._send(op.request, command_bound(deadline, self._socket_timeout))
-                        sent = True
+                        sent = self.answered = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
@@ -771,6 +772,7 @@ class AsyncClient(ProducerCore):
                         reply = await _keeping_cancels(_within(
                             self.r.execute_command(*command), command_bound(deadline, self._socket_timeout),
                             command[0]))
+                        self.answered = True
                         if isinstance(op, ReadEvents):
                             reply = _entries(reply)
                     elif isinstance(op, Subscribe):
@@ -783,7 +785,7 @@ class AsyncClient(ProducerCore):
                             self._owned.add(owned)
                         reply = await _within(self._send(op.request),
                                               command_bound(deadline, self._socket_timeout), "the request")
-                        sent = True
+                        sent = self.answered = True
                     elif isinstance(op, Unsubscribe):
                         pubsub = await self._close_quietly(pubsub)
                     elif isinstance(op, Pause):

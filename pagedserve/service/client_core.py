@@ -679,7 +679,11 @@ class ProducerCore:
                 raise sent_unanswered(redact(self.redis_url), sending, e) from None
             raise self._unreachable(e) from None
         except redis.ResponseError as e:
+            self.answered = True  # refused, but it answered
             raise self._explained(e) from None
+        except Exception:  # an answer the call refuses (BatchNotFound, ...): Redis answered
+            self.answered = True
+            raise
 
     def _explained(self, e: redis.RedisError) -> redis.RedisError:
         """``e`` said as what it is about: a URL naming a database the server lacks raises :class:`MissingDatabase`;
