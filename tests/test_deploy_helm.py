@@ -1238,25 +1238,27 @@ def test_schema_takes_budgets_and_sizes_the_api_server_takes(good):
 
 @pytest.mark.parametrize("values, where", [
     ({"extraConfig": {"PAGEDSERVE_METRICS_HOST": "127.0.0.1"}}, "extraConfig.PAGEDSERVE_METRICS_HOST"),
-    ({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": "10.0.0.5"}]}, "extraEnv PAGEDSERVE_METRICS_HOST"),
+    ({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": "localhost"}]}, "extraEnv PAGEDSERVE_METRICS_HOST"),
+    ({"extraEnv": [{"name": "pagedserve_metrics_host", "value": "::1"}]}, "extraEnv pagedserve_metrics_host"),
 ])
 def test_a_metrics_host_the_probes_cannot_reach_is_refused(values, where):
     """The kubelet probes the pod's IP: a worker bound to 127.0.0.1 failed its startup probe for its whole budget
     and restarted for ever, a rollout with maxUnavailable 0 stalled (held-out operator)."""
-    render_fails(values, where, "probes", "0.0.0.0", "::")
+    render_fails(values, where, "loopback", "probes", "0.0.0.0", "::")
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
-def test_an_all_interfaces_metrics_host_is_taken(host):
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "$(POD_IP)"])
+def test_a_metrics_host_the_probes_reach_is_taken(host):
+    """All interfaces (the worker reads an empty value as all, as http.server does) or the pod's own IP."""
     docs = render({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": host}]})
     assert {"name": "PAGEDSERVE_METRICS_HOST", "value": host} in worker_container(docs)["env"]
 
 
 @pytest.mark.parametrize("values, words", [
     ({"probes": {"readiness": {"path": "/ready", "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}}},
-     "at '/probes/readiness/path': value must be one of '/healthz', '/readyz'"),
-    ({"probes": {"liveness": {"path": "/health", "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}}},
-     "at '/probes/liveness/path': value must be one of '/healthz', '/readyz'"),
+     "at '/probes/readiness/path'"),
+    ({"probes": {"liveness": {"path": "/healthz/", "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}}},
+     "at '/probes/liveness/path'"),
     ({"worker": {"terminationGraceMarginSeconds": 0}}, "at '/worker/terminationGraceMarginSeconds'"),
 ])
 def test_a_probe_path_the_worker_does_not_serve_and_no_margin_to_hand_back_are_refused(values, words):
@@ -1287,3 +1289,12 @@ def test_a_private_ca_reaches_kedas_trigger_authentication():
     assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["ca"]
     render_fails({"redis": {"url": "redis://redis.r.svc:6379/0"}, "keda": {"enabled": True, "caSecret": {"name": "c"}}},
                  "keda.caSecret is for a TLS Redis")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/healthz?verbose=1"])
+def test_a_probe_path_the_worker_serves_is_taken(path):
+    """The worker serves /metrics too and ignores a query string: refusing them broke values that worked (the
+    regression hunter's)."""
+    docs = render({"probes": {"liveness": {"path": path, "periodSeconds": 5, "timeoutSeconds": 5,
+                                           "failureThreshold": 3}}})
+    assert worker_container(docs)["livenessProbe"]["httpGet"]["path"] == path

@@ -481,11 +481,12 @@ text: atoi it before comparing ("9000" > "10000" as strings). */}}
 {{- $total -}}
 {{- end }}
 
-{{/* PAGEDSERVE_METRICS_HOST other than an all-interfaces address: the kubelet's probes come to the pod's IP, and
-a worker bound to 127.0.0.1 (or one address) would fail its startup probe for its whole budget, then restart for
-ever. "::" is the one an IPv6-only cluster needs. */}}
+{{/* PAGEDSERVE_METRICS_HOST that no probe reaches: the kubelet's probes come to the pod's IP, and a worker bound
+to the loopback would fail its startup probe for its whole budget, then restart for ever. All interfaces (0.0.0.0,
+::, empty) and the pod's own IP ($(POD_IP) from the downward API, or valueFrom) are reachable. */}}
 {{- define "pagedserve.refuseMetricsHost" -}}
-{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (not (has (toString .value) (list "0.0.0.0" "::"))) }}
-{{- fail (printf "%s: %q binds the health and metrics port to one address, where the kubelet's probes (sent to the pod's IP) and Prometheus cannot reach it: use 0.0.0.0 (the default) or :: (IPv6), and a NetworkPolicy (networkPolicy.enabled) to limit who reaches the port" .where (toString .value)) }}
+{{- $v := lower (trim (toString .value)) }}
+{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (or (hasPrefix "127." $v) (has $v (list "localhost" "::1" "[::1]" "ip6-localhost"))) }}
+{{- fail (printf "%s: %q binds the health and metrics port to the loopback, where the kubelet's probes (sent to the pod's IP) and Prometheus cannot reach it: use 0.0.0.0 (the default), :: (IPv6) or the pod's IP, and a NetworkPolicy (networkPolicy.enabled) to limit who reaches the port" .where (toString .value)) }}
 {{- end }}
 {{- end }}
