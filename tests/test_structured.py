@@ -1381,6 +1381,26 @@ def test_schemas_that_break_the_2020_12_metaschema_in_ways_generators_write_stil
     assert _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, text)
 
 
+def test_schemas_that_list_their_properties_in_another_order_are_compiled_each_in_its_own(tokenized):
+    """The compile cache keyed a schema by its sorted JSON, so a schema that listed its required properties in
+    another order got the first one's grammar, which writes them in the first one's order and refused the second's
+    own (a regression hunter's nested mixins)."""
+    so, tok, eos = tokenized
+    INT = {"type": "integer"}
+    defs = {"Base": {"type": "object", "properties": {"id": INT}, "required": ["id"]},
+            "Node": {"$ref": "#/$defs/Base", "properties": {"y": INT}, "required": ["y"]}}
+    node, base = {"$ref": "#/$defs/Node"}, {"$ref": "#/$defs/Base"}
+    mixin = {"$ref": "#/$defs/Node", "properties": {"z": INT}, "required": ["z"]}
+    first = {"$defs": defs, "type": "object", "properties": {"a": node, "b": base, "c": mixin},
+             "required": ["a", "b", "c"]}
+    second = {"$defs": dict(reversed(defs.items())), "type": "object", "properties": {"c": mixin, "a": node, "b": base},
+              "required": ["a", "b", "c"]}
+    for schema, text in ((first, '{"a": {"id": 1, "y": 2}, "b": {"id": 1}, "c": {"id": 1, "y": 2, "z": 3}}'),
+                         (second, '{"c": {"id": 1, "y": 2, "z": 3}, "a": {"id": 1, "y": 2}, "b": {"id": 1}}')):
+        jsonschema.validate(json.loads(text), schema)
+        assert _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, text), text
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}  # pydantic's schema of a two-field model: nothing said of other keys
 

@@ -171,8 +171,8 @@ def cache_key(spec: dict) -> tuple:
         return known
     kind = kind_of(spec)
     body = spec[kind]
-    if kind == "json":
-        body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if kind == "json":  # in its own key order: llguidance writes required properties in the order they are listed
+        body = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
     elif kind == "choice":
         body = tuple(body)
     key = (kind, body, spec.get("disable_any_whitespace", False), spec.get("whitespace_pattern"),
