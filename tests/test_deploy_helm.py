@@ -1289,6 +1289,9 @@ def test_a_private_ca_reaches_kedas_trigger_authentication():
     assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["ca"]
     render_fails({"redis": {"url": "redis://redis.r.svc:6379/0"}, "keda": {"enabled": True, "caSecret": {"name": "c"}}},
                  "keda.caSecret is for a TLS Redis")
+    docs = render({"redis": {"url": "rediss://:pw@redis.r.svc:6380/0"}, "keda": {"enabled": True, "caSecret": None}})
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]  # null: no CA, as an empty name
+    assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/healthz?verbose=1"])

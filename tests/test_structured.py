@@ -1427,6 +1427,9 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
       "properties": {"y": {"type": "boolean"}}, "required": ["y"]}, {}, '{"x": 1, "y": true}', True),
     ({"$defs": {"b": PERSON}, "type": "array", "items": {"$ref": "#/$defs/b"}}, {}, '[{"name": "A", "age": 1, "x": 2}]',
      False),  # the same target, used alone, is closed
+    # ... named by a URI fragment with an escape ("a%20b" is "a b")
+    ({"$defs": {"a b": {"type": "object", "properties": {"x": {"type": "integer"}}}}, "$ref": "#/$defs/a%20b",
+      "properties": {"y": {"type": "boolean"}}, "required": ["y"]}, {}, '{"x": 1, "y": true}', True),
     # ... and used both ways, closed where alone, open as the mixin (the regression hunter's owner and pet)
     ({"$defs": {"b": PERSON}, "type": "object", "properties": {
         "owner": {"$ref": "#/$defs/b"},

@@ -61,6 +61,7 @@ import time
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from importlib.metadata import version as package_version
 from typing import Any
+from urllib.parse import unquote
 
 import torch
 
@@ -349,11 +350,11 @@ def _open_mixin_targets(schema: dict) -> set[str]:
     (``$defs/NAME-open``), so that it stays closed where it is a whole object."""
     mixins = [node for _, node in _schemas(schema)
               if isinstance(node.get("$ref"), str) and ("properties" in node or "required" in node)]
-    alone = {node["$ref"] for _, node in _schemas(schema) if isinstance(node.get("$ref"), str)
+    alone = {unquote(node["$ref"]) for _, node in _schemas(schema) if isinstance(node.get("$ref"), str)
              and "properties" not in node and "required" not in node}
     for node in mixins:
-        match = _DEFS_REF.fullmatch(node["$ref"])
-        defs = schema.get(match.group(1)) if match and node["$ref"] in alone else None
+        match = _DEFS_REF.fullmatch(unquote(node["$ref"]))  # a URI fragment: "a%20b" names "a b"
+        defs = schema.get(match.group(1)) if match and unquote(node["$ref"]) in alone else None
         name = match.group(2).replace("~1", "/").replace("~0", "~") if match else None
         if isinstance(defs, dict) and isinstance(defs.get(name), dict):
             copy_name = f"{name}-open"
@@ -361,7 +362,7 @@ def _open_mixin_targets(schema: dict) -> set[str]:
                 copy_name += "-open"
             defs[copy_name] = copy.deepcopy(defs[name])
             node["$ref"] = f"#/{match.group(1)}/{_escape(copy_name)}"
-    return {node["$ref"] for node in mixins}
+    return {unquote(node["$ref"]) for node in mixins}
 
 
 @functools.lru_cache(maxsize=256)
