@@ -1495,6 +1495,13 @@ def test_producer_mistakes_are_named_before_anything_is_sent(redis_url, prefix):
     with pytest.raises(ValueError, match="^prompt: a request has one prompt"):
         build_request(["hi", "there"])
     assert build_request((1, 2)).prompt_token_ids == [1, 2]
+    # chat messages as llm.chat takes them, positionally: read as token ids ("prompt_token_ids.0: Input should be a
+    # valid integer"); a numpy array of ids: "prompt: Input should be a valid string" (held-out integrator)
+    with pytest.raises(ValueError, match=r"^prompt: a list of chat messages goes in messages="):
+        build_request([{"role": "user", "content": "hi"}])
+    import numpy as np
+
+    assert build_request(np.array([1, 2, 3])).prompt_token_ids == [1, 2, 3]
     with Client(redis_url, prefix=prefix) as c:
         with pytest.raises(TypeError, match="^submit_batch takes the batch file"):
             c.submit_batch([{"custom_id": "a"}])

@@ -209,6 +209,8 @@ def test_id_keys_of_nested_objects_are_not_duplicates():
     ({"id": "a", "prompt": "x", "deadline_ms": -1}, "deadline_ms"),
     ({"id": "a", "prompt": "x", "deadline_ms": 1_764_000_000}, "deadline_ms: must be a unix time in milliseconds"),
     ({"id": "a", "prompt": "x", "deadline_ms": 5000}, "deadline_ms: must be a unix time in milliseconds"),
+    # the value as given: 999_999_999_999 read "1e+12 is before 2001-09-09", the minimum itself, seemingly refused
+    ({"id": "a", "prompt": "x", "deadline_ms": 999_999_999_999}, "(999999999999 is before 2001-09-09"),
     ({"id": "a", "prompt": "x", "metadata": []}, "metadata"),
     ({"id": "a", "messages": [{"role": "user"}]}, "messages.0.content"),
     ({"id": "a", "messages": "hi"}, "messages"),

@@ -483,7 +483,12 @@ def build_request(
         if any(isinstance(p, str) for p in prompt):  # vLLM's generate takes a list of prompts; a request is one
             raise ValueError("prompt: a request has one prompt, a str (or its token ids, a list of ints): send one "
                              "request per prompt, or many as a batch file (submit_batch)")
+        if any(isinstance(p, dict) for p in prompt):  # as llm.chat takes them: they were read as token ids
+            raise ValueError("prompt: a list of chat messages goes in messages= (generate(messages=[{'role': "
+                             "'user', 'content': ...}])); a prompt is a str, or its token ids")
         prompt_token_ids, prompt = prompt, None
+    elif prompt is not None and not isinstance(prompt, str) and hasattr(prompt, "tolist"):
+        prompt_token_ids, prompt = prompt.tolist(), None  # a numpy or torch array of token ids, as vLLM takes it
     if isinstance(messages, (list, tuple)):  # any sequence of messages, as the openai SDK takes them
         messages = [_message(m) for m in messages]
     from pagedserve.engine.sampling_params import plain_number

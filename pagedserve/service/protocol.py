@@ -311,7 +311,7 @@ class GenerateRequest(BaseModel):
         # Seconds (time.time()) or a duration (5000) meant a deadline long past: an empty "deadline" result.
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MIN_DEADLINE_MS:
             raise ValueError(f"must be a unix time in milliseconds, e.g. int(time.time() * 1000) + 30000 for 30 s "
-                             f"from now ({value:g} is before 2001-09-09: seconds, or a duration?)")
+                             f"from now ({value!r} is before 2001-09-09: seconds, or a duration?)")
         return value
 
     @model_validator(mode="after")
