@@ -1690,3 +1690,42 @@ def test_sends_whose_answers_are_all_lost_end_the_wait_after_the_outage_bound(re
             assert sends < 10_000, "resent for ever"
     assert clock.now >= OUTAGE_S and "may have been sent" in str(exc.value), str(exc.value)
     assert exc.value.request_id == RID
+
+
+def test_aclose_under_running_streams_leaves_no_connection_open(prefix, shared_engine):
+    """Five streams running when aclose() came: their calls ended with the closed-client error and their requests
+    were cancelled, but each XREAD the close broke was retried on a new connection outside the closed pool, open
+    until garbage collection (a held-out integrator counted 85 connections after 8 such closes)."""
+    import gc
+
+    from service_fixtures import make_settings, running_worker
+
+    from pagedserve.service.client import AsyncClient
+    from pagedserve.service.redis_server import LocalRedis
+
+    async def close_under_streams(url: str) -> list:
+        ac = AsyncClient(url, prefix=prefix)
+
+        async def one(i: int):
+            try:
+                async for _ in ac.stream(f"s {i}", params={"max_tokens": 1500, "ignore_eos": True}, timeout=60):
+                    pass
+            except RuntimeError as e:
+                return e
+            return None
+
+        tasks = [asyncio.create_task(one(i)) for i in range(5)]
+        await asyncio.sleep(1.0)
+        await ac.aclose()
+        return await asyncio.gather(*tasks)
+
+    gc.disable()  # what the close leaves open must be closed by it, not collected
+    try:
+        with LocalRedis() as url, running_worker(make_settings(url, prefix), shared_engine), \
+                redis.Redis.from_url(url) as admin:
+            ends = asyncio.run(close_under_streams(url))
+            assert all(isinstance(e, RuntimeError) and "closed while the call waited" in str(e) for e in ends), ends
+            time.sleep(1.0)
+            assert not [c for c in admin.client_list() if c["cmd"] == "xread"]
+    finally:
+        gc.enable()

@@ -627,6 +627,7 @@ class AsyncClient(ProducerCore):
         for task in list(self._cancelling):  # Redis did not answer in time: they are given up
             task.cancel()
         self._closed = True
+        self.r.get_retry().update_retries(0)  # a command the close breaks ends, not reconnects (retry_once)
         await self.r.aclose()
 
     def _bind_loop(self) -> None:
@@ -794,6 +795,11 @@ class AsyncClient(ProducerCore):
                     if pool_full(e) and not sent:
                         raise self._unreachable(e) from None
                     error = self._explained(e)
+                # A connection aclose() tore down under the call, as in Client._run (redis-py's writer gone: None).
+                except (ValueError, OSError, AttributeError):
+                    if self._closed or self._closing:
+                        raise RuntimeError("this AsyncClient was closed while the call waited") from None
+                    raise
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:
                 await self._cancel_abandoned(owned)

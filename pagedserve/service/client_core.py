@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import numbers
@@ -145,10 +146,19 @@ def retry_once(retry_class: type) -> Any:
     """redis-py's retry for a client's commands: once, at once, on a broken connection alone. A pooled connection
     Redis had closed (its idle ``timeout``, a restart, ``CLIENT KILL``) failed the next call of an ``AsyncClient``
     ("Connection closed by server", from_url gives no retry), and a send then said it may have gone. A timeout is
-    not retried: a wait bounds its commands by its own deadline, and a Redis that hangs is said once."""
+    not retried: a wait bounds its commands by its own deadline, and a Redis that hangs is said once.
+
+    One policy for all the client's connections (redis-py copies it into each): closing the client sets its retries
+    to 0, so that a command its close broke does not open a connection again outside the closed pool (an
+    ``AsyncClient`` closed under running streams left their XREADs open until garbage collection)."""
     from redis.backoff import NoBackoff
 
-    return retry_class(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    return _shared(retry_class)(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared(retry_class: type) -> type:
+    return type(f"Shared{retry_class.__name__}", (retry_class,), {"__deepcopy__": lambda self, memo: self})
 
 
 def command_bound(deadline: float | None, socket_timeout: float | None,
