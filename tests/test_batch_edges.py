@@ -683,6 +683,8 @@ def test_a_client_that_reached_redis_rides_out_a_restart_a_batch_wait_begins_in(
                     reach(c)
                 _wait_through_a_restart(c, other, server)
         with Client(server.url.replace(str(server.port), str(server.port + 1)), prefix=prefix) as never:
+            with pytest.raises(ValueError):  # refused before anything was sent: Redis did not answer it
+                never.list_batches(limit=0)
             began = time.monotonic()
             with pytest.raises(RedisUnreachable) as exc:
                 never.batch_results(bid, wait=True, timeout=60)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import re
@@ -1502,6 +1503,12 @@ def test_producer_mistakes_are_named_before_anything_is_sent(redis_url, prefix):
     import numpy as np
 
     assert build_request(np.array([1, 2, 3])).prompt_token_ids == [1, 2, 3]
+    assert build_request(prompt_token_ids=np.array([4, 5])).prompt_token_ids == [4, 5]
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: an array of token ids has one dimension \(got shape "
+                                         r"\(1, 3\)\): pass ids\[0\]"):
+        build_request(np.array([[1, 2, 3]]))  # a tokenizer's return_tensors batch of one
+    with pytest.raises(ValueError, match="^prompt"):
+        build_request(memoryview(b"hi"))  # bytes, not token ids
     with Client(redis_url, prefix=prefix) as c:
         with pytest.raises(TypeError, match="^submit_batch takes the batch file"):
             c.submit_batch([{"custom_id": "a"}])
@@ -1729,3 +1736,18 @@ def test_aclose_under_running_streams_leaves_no_connection_open(prefix, shared_e
             assert not [c for c in admin.client_list() if c["cmd"] == "xread"]
     finally:
         gc.enable()
+
+
+def test_the_shared_retry_policy_is_one_per_client_and_pickles():
+    """The retry policy a client's connections share (closing turns it off for them all) is one per client, and a
+    class of its own module, so it pickles as redis-py's did."""
+    import pickle
+
+    import redis.asyncio as aredis
+
+    from pagedserve.service.client_core import retry_once
+
+    for retry_class in (redis.retry.Retry, aredis.retry.Retry):
+        one, two = retry_once(retry_class), retry_once(retry_class)
+        assert one is not two and copy.deepcopy(one) is one and isinstance(one, retry_class)
+        assert pickle.loads(pickle.dumps(one)).get_retries() == 1

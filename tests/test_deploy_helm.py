@@ -1240,6 +1240,7 @@ def test_schema_takes_budgets_and_sizes_the_api_server_takes(good):
     ({"extraConfig": {"PAGEDSERVE_METRICS_HOST": "127.0.0.1"}}, "extraConfig.PAGEDSERVE_METRICS_HOST"),
     ({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": "localhost"}]}, "extraEnv PAGEDSERVE_METRICS_HOST"),
     ({"extraEnv": [{"name": "pagedserve_metrics_host", "value": "::1"}]}, "extraEnv pagedserve_metrics_host"),
+    ({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": "::ffff:127.0.0.1"}]}, "extraEnv PAGEDSERVE_METRICS_HOST"),
 ])
 def test_a_metrics_host_the_probes_cannot_reach_is_refused(values, where):
     """The kubelet probes the pod's IP: a worker bound to 127.0.0.1 failed its startup probe for its whole budget

@@ -1430,6 +1430,11 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
     # ... named by a URI fragment with an escape ("a%20b" is "a b")
     ({"$defs": {"a b": {"type": "object", "properties": {"x": {"type": "integer"}}}}, "$ref": "#/$defs/a%20b",
       "properties": {"y": {"type": "boolean"}}, "required": ["y"]}, {}, '{"x": 1, "y": true}', True),
+    ({"$defs": {"a b": PERSON}, "type": "object", "properties": {
+        "owner": {"$ref": "#/$defs/a%20b"},
+        "pet": {"$ref": "#/$defs/a%20b", "properties": {"species": {"type": "string"}}, "required": ["species"]}},
+      "required": ["owner", "pet"]}, {},
+     '{"owner": {"name": "A", "age": 1}, "pet": {"name": "B", "age": 2, "species": "cat"}}', True),  # its copy too
     # ... and used both ways, closed where alone, open as the mixin (the regression hunter's owner and pet)
     ({"$defs": {"b": PERSON}, "type": "object", "properties": {
         "owner": {"$ref": "#/$defs/b"},

@@ -61,7 +61,7 @@ import time
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from importlib.metadata import version as package_version
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import torch
 
@@ -342,6 +342,7 @@ def closed_objects(schema: object) -> object:
 
 
 _DEFS_REF = re.compile(r"#/(\$defs|definitions)/([^/]+)")
+_POINTER_SAFE = "~!$&'()*+,;=:@"  # left as they are in a URI fragment (RFC 3986's sub-delims, ":" and "@")
 
 
 def _open_mixin_targets(schema: dict) -> set[str]:
@@ -361,7 +362,7 @@ def _open_mixin_targets(schema: dict) -> set[str]:
             while copy_name in defs:
                 copy_name += "-open"
             defs[copy_name] = copy.deepcopy(defs[name])
-            node["$ref"] = f"#/{match.group(1)}/{_escape(copy_name)}"
+            node["$ref"] = f"#/{match.group(1)}/{quote(_escape(copy_name), safe=_POINTER_SAFE)}"  # a URI fragment
     return {unquote(node["$ref"]) for node in mixins}
 
 

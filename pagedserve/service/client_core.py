@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import inspect
 import json
 import numbers
@@ -68,6 +67,8 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any, Union
 
 import redis
+import redis.asyncio.retry
+import redis.retry
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
@@ -153,12 +154,21 @@ def retry_once(retry_class: type) -> Any:
     ``AsyncClient`` closed under running streams left their XREADs open until garbage collection)."""
     from redis.backoff import NoBackoff
 
-    return _shared(retry_class)(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    shared = SharedAsyncRetry if issubclass(retry_class, redis.asyncio.retry.Retry) else SharedRetry
+    return shared(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 
 
-@functools.lru_cache(maxsize=None)
-def _shared(retry_class: type) -> type:
-    return type(f"Shared{retry_class.__name__}", (retry_class,), {"__deepcopy__": lambda self, memo: self})
+class _OnePolicy:
+    def __deepcopy__(self, memo: dict) -> _OnePolicy:
+        return self
+
+
+class SharedRetry(_OnePolicy, redis.retry.Retry):
+    """A :class:`redis.retry.Retry` that every connection of a client shares (:func:`retry_once`)."""
+
+
+class SharedAsyncRetry(_OnePolicy, redis.asyncio.retry.Retry):
+    """The same for an ``AsyncClient``'s connections."""
 
 
 def command_bound(deadline: float | None, socket_timeout: float | None,
@@ -472,6 +482,11 @@ def check_request_keywords(kw: dict) -> None:
                         f"stream and generate also take {', '.join(WAIT_KEYWORDS)}")
 
 
+def _is_array(value: object) -> bool:
+    """A numpy array or torch tensor (a dtype and tolist), not a str, bytes or memoryview."""
+    return hasattr(value, "dtype") and hasattr(value, "tolist") and not isinstance(value, (str, bytes, memoryview))
+
+
 def build_request(
     prompt: str | list[int] | None = None,
     *,
@@ -497,8 +512,13 @@ def build_request(
             raise ValueError("prompt: a list of chat messages goes in messages= (generate(messages=[{'role': "
                              "'user', 'content': ...}])); a prompt is a str, or its token ids")
         prompt_token_ids, prompt = prompt, None
-    elif prompt is not None and not isinstance(prompt, str) and hasattr(prompt, "tolist"):
-        prompt_token_ids, prompt = prompt.tolist(), None  # a numpy or torch array of token ids, as vLLM takes it
+    elif _is_array(prompt):
+        prompt_token_ids, prompt = prompt, None
+    if _is_array(prompt_token_ids):  # a numpy or torch array of token ids, as vLLM takes them
+        if getattr(prompt_token_ids, "ndim", 1) != 1:
+            raise ValueError(f"prompt_token_ids: an array of token ids has one dimension (got shape "
+                             f"{tuple(prompt_token_ids.shape)}): pass ids[0] for a tokenizer's batch of one")
+        prompt_token_ids = prompt_token_ids.tolist()
     if isinstance(messages, (list, tuple)):  # any sequence of messages, as the openai SDK takes them
         messages = [_message(m) for m in messages]
     from pagedserve.engine.sampling_params import plain_number
@@ -696,7 +716,7 @@ class ProducerCore:
         except redis.ResponseError as e:
             self.answered = True  # refused, but it answered
             raise self._explained(e) from None
-        except Exception:  # an answer the call refuses (BatchNotFound, ...): Redis answered
+        except (KeyError, RuntimeError):  # what a call makes of an answer (BatchNotFound, BatchNotEnded): it came
             self.answered = True
             raise
 

@@ -486,7 +486,7 @@ to the loopback would fail its startup probe for its whole budget, then restart 
 ::, empty) and the pod's own IP ($(POD_IP) from the downward API, or valueFrom) are reachable. */}}
 {{- define "pagedserve.refuseMetricsHost" -}}
 {{- $v := lower (trim (toString .value)) }}
-{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (or (hasPrefix "127." $v) (has $v (list "localhost" "::1" "[::1]" "ip6-localhost"))) }}
+{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (or (hasPrefix "127." $v) (hasPrefix "::ffff:127." $v) (has $v (list "localhost" "::1" "[::1]" "0:0:0:0:0:0:0:1" "ip6-localhost"))) }}
 {{- fail (printf "%s: %q binds the health and metrics port to the loopback, where the kubelet's probes (sent to the pod's IP) and Prometheus cannot reach it: use 0.0.0.0 (the default), :: (IPv6) or the pod's IP, and a NetworkPolicy (networkPolicy.enabled) to limit who reaches the port" .where (toString .value)) }}
 {{- end }}
 {{- end }}
