@@ -262,3 +262,32 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_short_wait_for_the_build_lock_says_nothing_and_a_long_one_says_so(tmp_path, caplog):
+    """Loading a built extension holds the lock a second or two, and processes starting together (a test suite's,
+    several workers') waited on one another saying "waiting for another process building the CPU kernels": a
+    line before the one a refused setting gets. Said only past QUIET_LOCK_WAIT_S, when a build is likely."""
+    import logging
+    import threading
+
+    from pagedserve.kernels import cpu_extension as ce
+
+    build = tmp_path / "build"
+    for hold_s, said in ((0.5, False), (ce.QUIET_LOCK_WAIT_S + 1.0, True)):
+        caplog.clear()
+        held, release = threading.Event(), threading.Event()
+
+        def holder():
+            with ce.build_lock(build):
+                held.set()
+                release.wait(30)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        held.wait(10)
+        threading.Timer(hold_s, release.set).start()
+        with caplog.at_level(logging.WARNING, logger=ce.__name__), ce.build_lock(build):
+            pass
+        t.join()
+        assert any("waiting for another process" in r.getMessage() for r in caplog.records) == said, hold_s

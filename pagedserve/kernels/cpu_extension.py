@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ _SOURCES = (_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_prefill_attenti
             _CSRC / "small_batch_linear.cpp", _CSRC / "panel_linear.cpp", _CSRC / "amx_linear.cpp",
             _CSRC / "sampling_ops.cpp", _CSRC / "decoder_stack.cpp")
 _NAME = "pagedserve_cpu_kernels"
+QUIET_LOCK_WAIT_S = 5.0  # waited for the build lock before saying so (a real build takes a minute)
 
 _DTYPES = (torch.float32, torch.bfloat16)  # of every kernel's tensors; others go to the reference
 _FUSED_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "write_kv")  # csrc/cpu_fused_ops.cpp
@@ -146,11 +148,19 @@ def build_lock(build_dir: Path):
     file if a dead one left it."""
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / "pagedserve.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("waiting for another process building the CPU kernels in %s", build_dir)
-            fcntl.flock(f, fcntl.LOCK_EX)
+        # A load of a built extension holds the lock a second or two (torch asks ninja whether it is up to date):
+        # processes starting together wait that long without a word, which a one-line error must not gain.
+        quiet_until = time.monotonic() + QUIET_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= quiet_until:
+                    log.warning("waiting for another process building the CPU kernels in %s", build_dir)
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.05)
         stale = build_dir / "lock"
         if stale.exists():
             log.warning("removing %s, left by a build that was killed", stale)
