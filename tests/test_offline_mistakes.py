@@ -196,3 +196,43 @@ def test_swap_preemption_without_a_swap_pool_says_it_recomputes(tiny_models, cap
     with caplog.at_level(logging.WARNING, logger="pagedserve.engine.llm_engine"):
         LLM(model=tiny_models["llama"], device="cpu", preemption_mode="swap", swap_space_gb=0.01).close()
     assert not any("swap pool" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_the_step_api_takes_vllms_prompt_dicts_and_aborts_many_ids(llm):
+    """A vLLM driver of the step API: abort_request(["a"]) (V1's list) raised "unhashable type: 'list'", a tuple
+    cancelled nothing without a word, and add_request refused {"prompt": ...} / {"prompt_token_ids": ...}, which
+    LLM.generate takes (held-out migration)."""
+    eng = llm.engine
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ids = eng.tokenizer.encode("Once upon a time", add_special_tokens=False)
+    eng.add_request("text", {"prompt": "Once upon a time"}, params)
+    eng.add_request("ids", {"prompt_token_ids": np.array(ids)}, params)
+    eng.add_request("plain", ids, params)
+    for rid in ("a", "b", "c"):
+        eng.add_request(rid, "x", params)
+    eng.step()
+    assert eng.abort_request(["a"]) is None and eng.abort_request(("b", "c")) is None
+    with pytest.raises(TypeError, match="every id of the iterable must be a str"):
+        eng.abort_request([1])
+    done: dict = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert set(done) == {"text", "ids", "plain"}, sorted(done)  # a, b and c ended at their abort
+    assert done["ids"].outputs[0].token_ids == done["plain"].outputs[0].token_ids
+    assert done["text"].prompt == "Once upon a time"
+    with pytest.raises(ValueError, match="cache_salt is given twice"):
+        eng.add_request("twice", {"prompt": "x", "cache_salt": "a"}, params, cache_salt="b")
+
+
+@pytest.mark.parametrize("dtype, name", [("half", "float16"), ("float", "float32"), ("bf16", "bf16")])
+def test_vllms_dtype_spellings_are_taken(dtype, name):
+    import torch
+
+    from pagedserve.engine.config import EngineConfig
+
+    assert EngineConfig(dtype=dtype).dtype == name
+    assert EngineConfig(dtype=torch.bfloat16).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="^dtype must be auto, float32, float16 or bfloat16"):
+        EngineConfig(dtype="int8")

@@ -13,6 +13,10 @@ PREEMPTION_MODES = ("swap", "recompute", "auto")
 MAX_NUM_SEQS_LIMIT = 65536
 
 
+_DTYPE_SPELLINGS = {"half": "float16", "float": "float32", torch.float16: "float16", torch.float32: "float32",
+                    torch.bfloat16: "bfloat16"}
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to know before it loads weights.
@@ -65,8 +69,11 @@ class EngineConfig:
             fail("max_num_batched_tokens", "must be an integer >= 1 or None")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             fail("max_model_len", "must be an integer >= 2 or None")
+        # vLLM's other spellings: its "half" and "float", and torch dtypes themselves
+        self.dtype = _DTYPE_SPELLINGS.get(self.dtype, self.dtype) if isinstance(self.dtype, (str, torch.dtype)) \
+            else self.dtype
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
-            fail("dtype", "must be auto, float32, float16 or bfloat16")
+            fail("dtype", "must be auto, float32, float16 or bfloat16 (or half, float, a torch dtype)")
         if not isinstance(self.enforce_eager, bool):
             fail("enforce_eager", "must be a bool")
         if not isinstance(self.share_blocks, bool):

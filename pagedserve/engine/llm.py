@@ -11,48 +11,20 @@ from collections.abc import Sequence as Seq
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.prompt_inputs import is_token_ids, one_prompt
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only
-
-PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
-PROMPT_OPTIONS = ("cache_salt",)  # what else such a dict may hold (vLLM's names)
-
-
-def _is_token_ids(value) -> bool:
-    return (not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable)
-            and hasattr(value, "__len__") and len(value) > 0 and isinstance(value[0], numbers.Integral))
-
-
-def _one_prompt(value, name: str) -> str | list:
-    """A prompt as the engine takes it: text, or a list of Python ints (numpy's included)."""
-    if isinstance(value, Mapping):
-        unknown = sorted(str(k) for k in value if k not in PROMPT_KEYS + PROMPT_OPTIONS)
-        given = [k for k in PROMPT_KEYS if k in value]
-        if unknown or len(given) != 1:
-            raise ValueError(f"{name} must have exactly one of the keys {PROMPT_KEYS}"
-                             + (f" (unsupported: {', '.join(unknown)})" if unknown else f" (got {given})"))
-        inner = value[given[0]]
-        if isinstance(inner, Mapping):  # a dict in a dict: its keys (a cache_salt) would be read by no one
-            raise ValueError(f"{name}.{given[0]} must be a string or a list of token ids, not a dict")
-        return _one_prompt(inner, f"{name}.{given[0]}")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a string, a list of token ids or a {{'prompt': ...}} or "
-                         f"{{'prompt_token_ids': ...}} dict (got {type(value).__name__})")
-    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in value]
-
 
 def _prompt_list(prompts) -> tuple[list, list[str | None]]:
     """``generate``'s prompts as a list of engine prompts, and each one's ``cache_salt`` (a vLLM prompt dict's, else
     None): one prompt (text, token ids, a vLLM prompt dict) or a list of them."""
-    if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts):
+    if isinstance(prompts, (str, Mapping)) or is_token_ids(prompts):
         prompts = [prompts]
     if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
         raise ValueError(f"prompts must be a string, a list of token ids, a {{'prompt': ...}} or "
                          f"{{'prompt_token_ids': ...}} dict, or a list of those (got {type(prompts).__name__})")
     prompts = list(prompts)
     salts = [p.get("cache_salt") if isinstance(p, Mapping) else None for p in prompts]
-    return [_one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)], salts
+    return [one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)], salts
 
 
 def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:

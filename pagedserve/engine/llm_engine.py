@@ -15,6 +15,7 @@ import math
 import numbers
 import secrets
 import time
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -28,6 +29,7 @@ from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
+from pagedserve.engine.prompt_inputs import one_prompt
 from pagedserve.engine.device_copy import upload
 from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, apply_penalties, hold_tokens
 from pagedserve.engine.sampling_params import SamplingParams, check_cache_salt, check_unicode, short_repr
@@ -211,15 +213,22 @@ class LLMEngine:
             return self.max_num_batched_tokens, "max_num_batched_tokens"
         return self.config.max_num_seqs, "max_num_seqs"
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None, *,
                     priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
                     resume: list[ResumeSample] | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error.
 
-        ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this request had handed out;
-        generation continues after it (``_resume``). ``cache_salt`` (vLLM's): the request's prompt shares cached
-        blocks only with requests of the same salt (one per tenant keeps tenants' prefixes apart)."""
+        ``prompt``: text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict (which may
+        carry the ``cache_salt``). ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this
+        request had handed out; generation continues after it (``_resume``). ``cache_salt`` (vLLM's): the request's
+        prompt shares cached blocks only with requests of the same salt (one per tenant keeps tenants' prefixes
+        apart)."""
         self._check_open()
+        if isinstance(prompt, Mapping):
+            if cache_salt is not None and prompt.get("cache_salt") is not None:
+                raise ValueError("cache_salt is given twice: as an argument and in the prompt dict; give one")
+            cache_salt = prompt.get("cache_salt", cache_salt)
+            prompt = one_prompt(prompt, "prompt")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams (got {type(params).__name__}); "
@@ -358,8 +367,21 @@ class LLMEngine:
                                                req.params.include_stop_str_in_output, req.prompt_token_ids)
         Sampler.seed_sequence(seq, req.params, self.runner.device)
 
-    def abort_request(self, request_id: str, reason: str = "cancelled") -> RequestOutput | None:
-        """End a request now (cancel / deadline): its blocks are freed before this returns."""
+    def abort_request(self, request_id: str | Iterable[str], reason: str = "cancelled") -> RequestOutput | None:
+        """End a request now (cancel / deadline): its blocks are freed before this returns, and its last output is
+        returned (None for an id not running). Several ids, as vLLM takes them (a list, a tuple, a set): each is
+        ended, and None is returned."""
+        if not isinstance(request_id, str):
+            try:
+                ids = list(request_id)
+            except TypeError:
+                raise TypeError(f"request_id must be a str or an iterable of str (got {type(request_id).__name__})"
+                                ) from None
+            if not all(isinstance(i, str) for i in ids):
+                raise TypeError("request_id: every id of the iterable must be a str")
+            for one in ids:
+                self.abort_request(one, reason)
+            return None
         req = self.requests.get(request_id)
         if req is None:
             return None
