@@ -236,3 +236,18 @@ def test_vllms_dtype_spellings_are_taken(dtype, name):
     assert EngineConfig(dtype=torch.bfloat16).dtype == "bfloat16"
     with pytest.raises(ValueError, match="^dtype must be auto, float32, float16 or bfloat16"):
         EngineConfig(dtype="int8")
+
+
+def test_vllms_llm_arguments_at_what_pagedserve_does_are_taken(tiny_models):
+    """LLM(disable_log_stats=True, tokenizer_mode="auto", ...), as vLLM scripts spell them out, were each a
+    TypeError, where SamplingParams takes vLLM's defaults of what it lacks (held-out migration)."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, max_model_len=64, disable_log_stats=True,
+              tokenizer_mode="auto", quantization=None, kv_cache_dtype="auto", revision=None,
+              enable_chunked_prefill=True)
+    try:
+        assert llm.generate("x", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    finally:
+        llm.close()
+    with pytest.raises(TypeError, match=r"^LLM\(\) quantization='awq' is not supported by pagedserve: it takes "
+                                        r"vLLM's None only"):
+        LLM(model=tiny_models["llama"], device="cpu", quantization="awq")

@@ -127,6 +127,12 @@ def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> 
         raise TypeError("LLM() loads the tokenizer from the model directory: tokenizer= may only name the model")
     if not isinstance(kwargs.pop("trust_remote_code", False), bool):
         raise TypeError("LLM() trust_remote_code must be true or false")
+    for name in [n for n in kwargs if n in _VLLM_DEFAULTS]:  # what pagedserve does anyway, spelled out
+        value, defaults = kwargs.pop(name), _VLLM_DEFAULTS[name]
+        if not any(type(value) is type(d) and value == d for d in defaults):
+            shown = " or ".join(repr(d) for d in defaults)
+            raise TypeError(f"LLM() {name}={value!r} is not supported by pagedserve: it takes vLLM's {shown} only "
+                            "(what pagedserve does); leave it out")
     known = set(EngineConfig.__dataclass_fields__)
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -134,6 +140,24 @@ def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> 
         raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; it takes: {', '.join(taken)}")
     return swap_space_gb
 
+
+# vLLM's LLM() arguments pagedserve has no setting for, at the values that ask for what it does anyway (a script
+# written for vLLM often spells them out): taken and dropped; any other value is refused by name.
+_VLLM_DEFAULTS: dict[str, tuple] = {
+    "disable_log_stats": (True, False),  # logging only
+    "tokenizer_mode": ("auto",),
+    "revision": (None,),
+    "tokenizer_revision": (None,),
+    "quantization": (None,),
+    "kv_cache_dtype": ("auto",),
+    "load_format": ("auto",),
+    "enable_chunked_prefill": (None, True),  # prefill is chunked (max_num_batched_tokens)
+    "pipeline_parallel_size": (1,),
+    "cpu_offload_gb": (0,),
+    "enable_lora": (False,),
+    "hf_overrides": (None,),
+    "compilation_config": (None,),
+}
 
 _VLLM_ONLY = {
     "beam_search": "pass SamplingParams(beam_width=..., n=...) to generate (n beams come back; beam_width is the "
