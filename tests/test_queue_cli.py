@@ -294,6 +294,10 @@ def test_stats_counts_the_stream_group_consumers_dead_letters_and_batches(cli, r
 
     for i in range(3):
         r.xadd(keys.requests, {"body": body_of(f"s-{i}")})
+    res = cli.invoke(app, ["queue", "stats"])  # a stream and no group: a deleted group is one way to get there
+    assert (f"group           {keys.group}: none (no worker has started on this prefix, or the group was deleted "
+            "(XGROUP DESTROY, a restore): the next worker to start makes it and reads the stream from its start)"
+            in res.stdout), res.stdout
     r.xgroup_create(keys.requests, keys.group, id="0")
     r.xreadgroup(keys.group, "w-alive", {keys.requests: ">"}, count=2)  # two delivered, one still queued
     r.xgroup_createconsumer(keys.requests, keys.group, "w-gone")

@@ -182,7 +182,10 @@ def _print_stats(st: dict) -> None:
         oldest = f" (oldest entry {age:.1f} s old)" if age is not None else ""
         _out(f"requests        {stream['key']}: length {stream['length']}{oldest}")
     if group is None:
-        _out(f"group           {Keys(st['prefix']).group}: none (no worker has started on this prefix)")
+        since = ("no worker has started on this prefix" if not stream["exists"] else "no worker has started on this "
+                 "prefix, or the group was deleted (XGROUP DESTROY, a restore): the next worker to start makes it "
+                 "and reads the stream from its start")
+        _out(f"group           {Keys(st['prefix']).group}: none ({since})")
     else:
         lag = "unknown" if group["lag"] is None else group["lag"]
         _out(f"group           {group['name']}: lag {lag} (not yet delivered), pending {group['pending']} "
