@@ -299,9 +299,11 @@ def test_vllm_engine_arguments_are_taken_or_refused_listing_what_is(tiny_models)
     llm = LLM(model=model, device="cpu", num_gpu_blocks=16, max_model_len=64, swap_space=0.01, tokenizer=model,
               trust_remote_code=True)
     assert llm.engine.config.swap_space_gb == 0.01
-    with pytest.raises(TypeError, match=r"^LLM\(\) got an unexpected keyword argument 'quantization'; it takes: .*"
-                                        r"max_model_len"):
-        LLM(model=model, device="cpu", quantization="awq")
+    with pytest.raises(TypeError, match=r"^LLM\(\) got an unexpected keyword argument 'speculative_config'; it takes: "
+                                        r".*max_model_len"):
+        LLM(model=model, device="cpu", speculative_config={"num_speculative_tokens": 2})
+    with pytest.raises(TypeError, match=r"^LLM\(\) quantization='awq' is not supported by pagedserve"):
+        LLM(model=model, device="cpu", quantization="awq")  # vLLM's default (None) is taken: what pagedserve does
     with pytest.raises(TypeError, match="tokenizer from the model directory"):
         LLM(model=model, device="cpu", tokenizer="/somewhere/else")
 

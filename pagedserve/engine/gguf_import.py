@@ -30,7 +30,8 @@ MARKER = "pagedserve-import.json"
 # GGUF architecture names (``general.architecture``) the engine runs. llama.cpp stores Mistral as "llama".
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # PAGEDSERVE_DTYPE's short names
+# PAGEDSERVE_DTYPE's short names, and vLLM's
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 Progress = Callable[[str], None]
 

@@ -32,11 +32,11 @@ OTHER_ENV = (
 
 # What the engine takes (engine/config.py's EngineConfig checks, engine/cpu_linear.py's LAYOUTS), here again
 # because both modules import torch and the producers must not; tests/test_settings.py holds the two together.
-DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half", "float")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 CPU_LINEAR_LAYOUTS = ("auto", "row", "column", "onednn", "amx", "panel")
 _ENGINE_CHOICES = {
-    "dtype": (DTYPES, "must be auto, float32, float16 or bfloat16 (or fp32, fp16, bf16)"),
+    "dtype": (DTYPES, "must be auto, float32, float16 or bfloat16 (or fp32, fp16, bf16; vLLM's half, float)"),
     "block_size": (BLOCK_SIZES, "must be a power of two from 1 to 128 (tokens per KV block)"),
 }
 # The devices the engine runs on: torch's own device strings for them (an index without leading zeros). Whether
