@@ -1207,6 +1207,16 @@ def test_wait_and_events_on_an_id_take_pickup_timeout(redis_url, prefix):
     asyncio.run(observe())
 
 
+async def _long_stream(ac, prompt: str) -> BaseException | None:
+    """A stream of 1500 tokens on ``ac``: the error that ended it (a close), or None."""
+    try:
+        async for _ in ac.stream(prompt, params={"max_tokens": 1500, "ignore_eos": True}, timeout=60):
+            pass
+    except Exception as e:
+        return e
+    return None
+
+
 def test_aclose_leaves_no_request_running_and_a_hung_redis_holds_it_once(redis_url, prefix, shared_engine):
     """Calls started while aclose() ran sent their requests after its cancels, got an error and left them running
     to the end; and with Redis hung aclose() waited the socket timeout once per open stream (a minute for six)."""
@@ -1223,19 +1233,11 @@ def test_aclose_leaves_no_request_running_and_a_hung_redis_holds_it_once(redis_u
     async def late_calls() -> list[BaseException | None]:
         ac = AsyncClient(redis_url, prefix=prefix)
 
-        async def one(i: int) -> BaseException | None:
-            try:
-                async for _ in ac.stream(f"late {i}", params={"max_tokens": 1500, "ignore_eos": True}, timeout=60):
-                    pass
-            except Exception as e:
-                return e
-            return None
-
-        early = [asyncio.create_task(one(i)) for i in range(3)]
+        early = [asyncio.create_task(_long_stream(ac, f"late {i}")) for i in range(3)]
         await asyncio.sleep(0.5)
         closer = asyncio.create_task(ac.aclose())
         await asyncio.sleep(0)
-        late = [asyncio.create_task(one(10 + i)) for i in range(3)]
+        late = [asyncio.create_task(_long_stream(ac, f"late {10 + i}")) for i in range(3)]
         await closer
         return await asyncio.gather(*early, *late)
 
@@ -1713,15 +1715,7 @@ def test_aclose_under_running_streams_leaves_no_connection_open(prefix, shared_e
     async def close_under_streams(url: str) -> list:
         ac = AsyncClient(url, prefix=prefix)
 
-        async def one(i: int):
-            try:
-                async for _ in ac.stream(f"s {i}", params={"max_tokens": 1500, "ignore_eos": True}, timeout=60):
-                    pass
-            except RuntimeError as e:
-                return e
-            return None
-
-        tasks = [asyncio.create_task(one(i)) for i in range(5)]
+        tasks = [asyncio.create_task(_long_stream(ac, f"s {i}")) for i in range(5)]
         await asyncio.sleep(1.0)
         await ac.aclose()
         return await asyncio.gather(*tasks)
