@@ -12,7 +12,7 @@ from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.prompt_inputs import is_token_ids, one_prompt
-from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only
+from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only, same_as_one_of
 
 def _prompt_list(prompts) -> tuple[list, list[str | None]]:
     """``generate``'s prompts as a list of engine prompts, and each one's ``cache_salt`` (a vLLM prompt dict's, else
@@ -129,7 +129,7 @@ def _vllm_engine_args(model: str | None, kwargs: dict, swap_space_gb: float) -> 
         raise TypeError("LLM() trust_remote_code must be true or false")
     for name in [n for n in kwargs if n in _VLLM_DEFAULTS]:  # what pagedserve does anyway, spelled out
         value, defaults = kwargs.pop(name), _VLLM_DEFAULTS[name]
-        if not any(type(value) is type(d) and value == d for d in defaults):
+        if not same_as_one_of(value, defaults):
             shown = " or ".join(repr(d) for d in defaults)
             raise TypeError(f"LLM() {name}={value!r} is not supported by pagedserve: it takes vLLM's {shown} only "
                             "(what pagedserve does); leave it out")

@@ -299,9 +299,14 @@ def final_only(params: list) -> list:
     return [copies.get(id(p), p) for p in params]
 
 
+def same_as_one_of(value: object, choices: tuple) -> bool:
+    """Whether ``value`` is one of ``choices``, of its type too (``1`` is not ``True``, nor ``0.0`` ``0``)."""
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
 def is_vllm_default(name: str, value: object) -> bool:
     """Whether ``value`` of unsupported option ``name`` is vLLM's default, which changes nothing here."""
-    return any(type(value) is type(d) and value == d for d in UNSUPPORTED_OPTIONS[name][1])
+    return same_as_one_of(value, UNSUPPORTED_OPTIONS[name][1])
 
 
 def _unsupported(name: str) -> str:

@@ -135,22 +135,6 @@ def exact_formats(schema: object) -> object:
     return _map_schemas(schema, _exact_format)
 
 
-def _draft4_bounds(node: dict) -> dict:
-    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
-        if isinstance(node.get(exclusive), bool):
-            if node.pop(exclusive) and bound in node:
-                node[exclusive] = node.pop(bound)
-    return node
-
-
-def draft4_bounds(schema: object) -> object:
-    """``schema`` with each boolean ``exclusiveMinimum`` / ``exclusiveMaximum`` beside its bound in the number form
-    of later drafts (``minimum: 0, exclusiveMinimum: true`` is ``exclusiveMinimum: 0``), which is the one
-    llguidance reads: it passed over the boolean and wrote 0. A boolean there means draft 4's bound whatever the
-    ``$schema`` (later drafts allow only a number), as the OpenAPI 3.0 and Swagger schemas that use it mean it."""
-    return _map_schemas(schema, _draft4_bounds)
-
-
 # llguidance holds a schema's numbers as 64-bit floats, which keep every integer only up to 2**53: beyond, a bound,
 # multipleOf, enum or const value is rounded and the grammar admits outputs the schema does not (enum
 # [2**53 + 1] wrote 2**53, minimum = maximum = 2**64 - 1 wrote 2**63 - 1). Such a schema is refused, not followed.
@@ -217,6 +201,17 @@ def _rounded_inward(bound: int | float, inward: int) -> Decimal | None:
     return None if steps * unit == exact else steps * unit
 
 
+def _draft4_bounds(node: dict) -> None:
+    """Each boolean ``exclusiveMinimum`` / ``exclusiveMaximum`` beside its bound in the number form of later drafts
+    (``minimum: 0, exclusiveMinimum: true`` is ``exclusiveMinimum: 0``), which is the one llguidance reads: it
+    passed over the boolean and wrote 0. A boolean there means draft 4's bound whatever the ``$schema`` (later
+    drafts allow only a number), as the OpenAPI 3.0 and Swagger schemas that use it mean it."""
+    for inclusive, (exclusive, _) in _BOUNDS.items():
+        if isinstance(node.get(exclusive), bool):
+            if node.pop(exclusive) and inclusive in node:
+                node[exclusive] = node.pop(inclusive)
+
+
 def _exclusive_whole_bounds(node: dict) -> None:
     """llguidance lets a ``number`` equal to an exclusive bound that is a whole number through where the other
     bound is within 1 of it (``exclusiveMinimum: 0, maximum: 0.99`` wrote ``0``; ``exclusiveMaximum: 0`` wrote
@@ -245,6 +240,7 @@ def _exclusive_whole_bounds(node: dict) -> None:
 
 
 def _readable_number_bounds(node: dict) -> dict:
+    _draft4_bounds(node)
     _exclusive_whole_bounds(node)
     for inclusive, (exclusive, inward) in _BOUNDS.items():
         for key in (inclusive, exclusive):
@@ -254,13 +250,11 @@ def _readable_number_bounds(node: dict) -> dict:
             rounded = _rounded_inward(value, inward)
             if rounded is None:
                 continue
-            # Strictly inside the bound either way, so it is inclusive now (and draft 4's "exclusiveMaximum": true
-            # beside it has nothing more to say). Where both keywords bound one side, the tighter one wins.
+            # Strictly inside the bound either way, so it is inclusive now. Where both keywords bound one side,
+            # the tighter one wins.
             number = int(rounded) if rounded == rounded.to_integral_value() else float(rounded)
             other = node.get(inclusive) if key == exclusive else None
             del node[key]
-            if key == inclusive and isinstance(node.get(exclusive), bool):
-                del node[exclusive]
             if isinstance(other, (int, float)) and not isinstance(other, bool):
                 number = max(number, other) if inward > 0 else min(number, other)
             node[inclusive] = number
@@ -268,8 +262,8 @@ def _readable_number_bounds(node: dict) -> dict:
 
 
 def readable_number_bounds(schema: object) -> object:
-    """A copy of ``schema`` whose numeric bounds llguidance reads as the schema means them (see
-    :data:`BOUND_DIGITS`)."""
+    """A copy of ``schema`` whose numeric bounds llguidance reads as the schema means them (draft 4's boolean
+    exclusive bounds, and :data:`BOUND_DIGITS`)."""
     return _map_schemas(schema, _readable_number_bounds)
 
 
@@ -293,6 +287,11 @@ def _subschemas(value: dict, where: str):
 
 def _escape(key: object) -> str:
     return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _unescape(part: str) -> str:
+    """A JSON pointer's part as the key it names (:func:`_escape` undone)."""
+    return part.replace("~1", "/").replace("~0", "~")
 
 
 def _schemas(schema: object):
@@ -356,7 +355,7 @@ def _open_mixin_targets(schema: dict) -> set[str]:
     for node in mixins:
         match = _DEFS_REF.fullmatch(unquote(node["$ref"]))  # a URI fragment: "a%20b" names "a b"
         defs = schema.get(match.group(1)) if match and unquote(node["$ref"]) in alone else None
-        name = match.group(2).replace("~1", "/").replace("~0", "~") if match else None
+        name = _unescape(match.group(2)) if match else None
         if isinstance(defs, dict) and isinstance(defs.get(name), dict):
             copy_name = f"{name}-open"
             while copy_name in defs:
@@ -410,7 +409,7 @@ def _pointer_target(ref: str, root: object) -> object:
         return None
     target: object = root
     for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
+        part = _unescape(part)
         if isinstance(target, dict):
             target = target.get(part)
         elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
@@ -955,7 +954,7 @@ class LLGuidanceBackend:
                 dangling = dangling_escape_pattern(body)
                 if dangling is not None:
                     raise structured_error(f"json is not a usable JSON Schema: {dangling}: {_DANGLING}")
-            schema = (readable_number_bounds(exact_formats(known_formats_only(draft4_bounds(body)))) if kind == "json"
+            schema = (readable_number_bounds(exact_formats(known_formats_only(body))) if kind == "json"
                       else {"type": "object"})
             if not _names_control_characters(schema):
                 # llguidance tells a key apart from the named ones by its text, so "\u0061" would pass as a key
