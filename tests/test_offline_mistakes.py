@@ -224,6 +224,11 @@ def test_the_step_api_takes_vllms_prompt_dicts_and_aborts_many_ids(llm):
     assert done["text"].prompt == "Once upon a time"
     with pytest.raises(ValueError, match="cache_salt is given twice"):
         eng.add_request("twice", {"prompt": "x", "cache_salt": "a"}, params, cache_salt="b")
+    # A dict's None is no salt of its own: the argument's holds (it was dropped, and the prompt cached unsalted).
+    from pagedserve.engine.block_manager import salted_root
+    eng.add_request("salted", {"prompt": "x", "cache_salt": None}, params, cache_salt="T")
+    assert eng.requests["salted"].seqs[0].cache_root == salted_root("T")
+    eng.abort_request("salted")
 
 
 @pytest.mark.parametrize("dtype, name", [("half", "float16"), ("float", "float32"), ("bf16", "bf16")])

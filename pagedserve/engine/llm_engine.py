@@ -227,7 +227,8 @@ class LLMEngine:
         if isinstance(prompt, Mapping):
             if cache_salt is not None and prompt.get("cache_salt") is not None:
                 raise ValueError("cache_salt is given twice: as an argument and in the prompt dict; give one")
-            cache_salt = prompt.get("cache_salt", cache_salt)
+            if prompt.get("cache_salt") is not None:  # {"cache_salt": None} is no salt of its own: the argument's holds
+                cache_salt = prompt["cache_salt"]
             prompt = one_prompt(prompt, "prompt")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
