@@ -111,3 +111,19 @@ def test_a_cache_salt_shares_cached_prefixes_only_within_the_salt(tiny_models, h
         llm.generate({"prompt": "x", "cache_salt": ""}, params)
     with pytest.raises(ValueError, match=r"^prompts\[1\]: cache_salt must be a non-empty string \(got 5\)"):
         llm.generate(["x", {"prompt": "y", "cache_salt": 5}], params)
+
+
+def test_a_prefix_cache_hit_leaves_logprobs_bit_for_bit(tiny_models):
+    """fp32 logits are the same alone and after a prefix-cache hit, whatever the hit leaves to compute: one prompt
+    token left (a whole-block prefix plus one) ran as a decode, by the decode kernel, while the cold run's last
+    prompt row came from the prefill kernel, and the logprobs moved in their last digits."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", block_size=8, dtype="float32")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    rng = random.Random(3)
+    for length in (9, 10, 17, 25):
+        prompt = [rng.randrange(256) for _ in range(length)]
+        cold, warm = (llm.generate(prompt, params)[0] for _ in range(2))
+        assert warm.num_cached_tokens == (length - 1) // 8 * 8
+        assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+        assert warm.outputs[0].logprobs == cold.outputs[0].logprobs, f"prompt of {length} tokens"
+        assert warm.outputs[0].cumulative_logprob == cold.outputs[0].cumulative_logprob

@@ -206,6 +206,10 @@ class ModelRunner:
                     input_ids.append(known[start] if start < num_known else 0)
                     positions.append(start)
                     slots.append(table[start // bs] * bs + start % bs)
+                    if start < seq.num_prompt_tokens:
+                        # A prompt's last token alone (the rest hit the prefix cache): the prefill kernel, as when
+                        # the whole prompt is computed, so that a cache hit leaves the logits as they were.
+                        decode_only = False
                 else:
                     input_ids.extend(known[start:end])
                     positions.extend(range(start, end))
