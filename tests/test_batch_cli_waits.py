@@ -120,6 +120,63 @@ def test_the_redis_timeout_is_submits(cli):
                 == client.r.connection_pool.connection_kwargs["socket_timeout"])
 
 
+def test_a_new_clients_batch_wait_rides_out_redis_loading_its_data(prefix, shared_engine):
+    """A Redis restarted with data answers LOADING until it has read it back. A client made meanwhile (a new
+    process's, the CLI's) has reached Redis, and its batch wait rides the loading out as an outage; it failed at
+    once with "cannot reach Redis" ("Redis is loading the dataset in memory"): the reply is a ConnectionError."""
+    import threading
+
+    from pagedserve.service.redis_server import LocalRedis
+
+    # Each key read back waits 1 ms, and Redis answers others every 1 kB read: about 3 s of LOADING.
+    server = LocalRedis(extra_args=["--key-load-delay", "1000", "--loading-process-events-interval-bytes", "1024"])
+    server.start()
+    try:
+        with redis.Redis.from_url(server.url) as r:
+            bid = submit_batch(r, prefix, jsonl([completion("a")]))
+            r.eval("for i = 1, 3000 do redis.call('SET', 'filler:' .. i, string.rep('x', 100)) end", 0)
+            r.save()
+        server.stop()
+        got: dict = {}
+
+        def wait_while_loading():
+            from redis.backoff import NoBackoff
+
+            # No retries of its own: redis-py's default retries a LOADING reply, and would see none.
+            probe = redis.Redis(port=server.port, socket_connect_timeout=0.2, retry=redis.retry.Retry(NoBackoff(), 0))
+            for _ in range(500):
+                try:
+                    probe.ping()
+                except redis.exceptions.BusyLoadingError:
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.01)
+            else:
+                got["error"] = "redis-server never answered LOADING"
+                return
+            probe.close()
+            with Client(redis_url=server.url, prefix=prefix) as c:
+                try:
+                    got["lines"] = c.batch_results(bid, wait=True, timeout=120)
+                except Exception as e:  # noqa: BLE001 - what the wait raised is the test's finding
+                    got["error"] = e
+
+        waiter = threading.Thread(target=wait_while_loading, daemon=True)
+        waiter.start()
+        server.start(timeout=60)  # from this thread: the server ends with the thread that started it
+        with running_worker(make_settings(server.url, prefix), shared_engine):
+            waiter.join(120)
+        assert "error" not in got, str(got.get("error"))
+        assert [line["custom_id"] for line in got["lines"]] == ["a"]
+        # A call that gives up on it (a send) says what it is, not that Redis cannot be reached.
+        from pagedserve.service.client_core import unreachable
+
+        said = str(unreachable("redis://h:6379/0", redis.exceptions.BusyLoadingError("Redis is loading the dataset")))
+        assert said.startswith("Redis at redis://h:6379/0 is loading its dataset (it restarted)"), said
+    finally:
+        server.stop()
+
+
 def test_a_wait_for_a_batch_rides_out_a_redis_restart(prefix, shared_engine):
     """A batch survives a Redis restart (with AOF) and ends, but its waiter died at the restart ("cannot reach
     Redis", exit 1): a wait that may last hours rides it out, as a request's wait does, for up to OUTAGE_S."""

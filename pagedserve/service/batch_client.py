@@ -37,7 +37,7 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, check_seconds,
-                          why_no_worker)
+                          is_loading, why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -302,7 +302,7 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
         try:
             status = batch_status(r, prefix, bid)
         except CONNECTION_ERRORS as e:
-            if not reached:  # never answered (a wrong URL, say): not an outage to ride out; the caller says it
+            if not reached and not is_loading(e):  # never answered (a wrong URL, say): no outage; the caller says it
                 raise
             outage.check(e, where, f"batch {bid}", sent=True)
             if end is not None and time.monotonic() >= end:

@@ -260,6 +260,9 @@ def unreachable(where: str, e: BaseException) -> RedisUnreachable:
         return RedisUnreachable(str(e))
     if isinstance(e, redis.AuthenticationError):
         return RedisUnreachable(credentials_refused(where, e))
+    if is_loading(e):
+        return RedisUnreachable(f"Redis at {where} is loading its dataset (it restarted) and takes no commands until "
+                                "it is done: nothing was sent; make the same call again in a moment")
     if "max number of clients reached" in str(e):  # a full server, not an outage: nothing was sent, retry later
         return RedisUnreachable(f"Redis at {where} has no connection free (max number of clients reached: its "
                                 "maxclients): nothing was sent; retry later, or raise maxclients or lower the "
@@ -285,6 +288,12 @@ ID_REPAIR_PAUSES_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.0)
 def ids_exhausted(e: BaseException) -> bool:
     """Whether Redis refused an XADD because the stream's last ID is the largest there is."""
     return isinstance(e, redis.ResponseError) and "exhausted the last possible ID" in str(e)
+
+
+def is_loading(e: BaseException) -> bool:
+    """Whether Redis answered LOADING: it is reading its dataset back after a restart and takes few commands until
+    done. It was reached: a wait rides that out as an outage, even on a client that Redis never answered before."""
+    return isinstance(e, redis.exceptions.BusyLoadingError)
 
 
 def is_busy(e: BaseException) -> bool:
@@ -1395,7 +1404,7 @@ def event_wait(
             yield Emit(stored)
             return
         except CONNECTION_ERRORS as e:
-            if not reached:
+            if not reached and not is_loading(e):
                 raise unreachable(where, e) from None
             # Redis went away: resubscribe (then the result key is read again) until the deadline.
             subscribed = False
@@ -1549,7 +1558,7 @@ def stream_wait(
                 yield from end(stored)
                 return
         except CONNECTION_ERRORS as e:
-            if not reached and not (tried and answer_lost(e)):
+            if not reached and not is_loading(e) and not (tried and answer_lost(e)):
                 raise unreachable(where, e) from None
             if expired():
                 raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
