@@ -1732,6 +1732,89 @@ def test_aclose_under_running_streams_leaves_no_connection_open(prefix, shared_e
         gc.enable()
 
 
+def test_an_aclose_cut_short_still_closes_and_waits_under_it_say_closed(prefix):
+    """A shutdown hook's deadline (``wait_for(ac.aclose(), ...)``) cut aclose() short after it had begun: a second
+    aclose() returned at once and the client's connections stayed open (19 of 20 in a held-out test). And waits
+    (``events``, ``wait``) whose connection the close broke said "cannot reach Redis", not that the client was
+    closed. No worker runs: every call waits until the close."""
+    from pagedserve.service.client import AsyncClient
+    from pagedserve.service.redis_server import LocalRedis
+
+    async def waits_then_cut_close(url: str) -> list:
+        ac = AsyncClient(url, prefix=prefix)
+        ids = [await ac.submit("x", params={"max_tokens": 4}) for _ in range(4)]
+
+        async def events(rid):
+            try:
+                async for _ in ac.events(rid, timeout=60):
+                    pass
+            except Exception as e:  # noqa: BLE001 - how the call ended is the finding
+                return e
+
+        async def wait(rid):
+            try:
+                await ac.wait(rid, timeout=60)
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        tasks = [asyncio.create_task(f(rid)) for rid in ids for f in (events, wait)]
+        tasks += [asyncio.create_task(_long_stream(ac, f"s {i}")) for i in range(4)]
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(ac.aclose(), 0.001)
+        await ac.aclose()
+        return await asyncio.gather(*tasks)
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        before = len(admin.client_list())
+        ends = asyncio.run(waits_then_cut_close(url))
+        assert all(isinstance(e, RuntimeError) and "closed while the call waited" in str(e) for e in ends), ends
+        end = time.monotonic() + 5  # Redis drops a closed connection at its next event loop turn
+        while len(admin.client_list()) > before and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(admin.client_list()) == before, admin.client_list()
+
+
+def test_a_cancel_that_arrives_as_a_call_ends_is_not_lost(redis_url, prefix):
+    """redis-py runs each command under ``asyncio.wait_for`` (a socket timeout is set), which before Python 3.12
+    drops a cancel that arrives as the command completes: a cancelled ``submit`` returned its id (22 of 25 in a
+    held-out test), and the caller's ``wait`` then ran the request to its end; ``result`` and ``cancel`` too.
+    Each call cancelled while it runs raises CancelledError."""
+    import random
+
+    from pagedserve.service.client import AsyncClient
+
+    seed = random.randrange(1 << 30)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+
+    async def cancel_each(make) -> tuple[int, list]:
+        cancelled, lost = 0, []
+        for _ in range(60):
+            task = asyncio.create_task(make())
+            await asyncio.sleep(rng.uniform(0, 0.002))
+            if task.done():
+                continue
+            task.cancel()
+            try:
+                lost.append(await task)
+            except asyncio.CancelledError:
+                cancelled += 1
+        return cancelled, lost
+
+    async def main():
+        async with AsyncClient(redis_url, prefix=prefix) as ac:
+            await ac.result("warm")
+            return {name: await cancel_each(make) for name, make in (
+                ("submit", lambda: ac.submit("x", params={"max_tokens": 1})),
+                ("result", lambda: ac.result("nothing")),
+                ("cancel", lambda: ac.cancel("nothing")))}
+
+    outcome = asyncio.run(main())
+    assert all(not lost for _, lost in outcome.values()), (seed, outcome)
+    assert sum(cancelled for cancelled, _ in outcome.values()) > 0, (seed, outcome)
+
+
 def test_the_shared_retry_policy_is_one_per_client_and_pickles():
     """The retry policy a client's connections share (closing turns it off for them all) is one per client, and a
     class of its own module, so it pickles as redis-py's did."""

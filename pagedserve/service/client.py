@@ -125,6 +125,17 @@ async def _keeping_cancels(aw: Awaitable[Any]) -> Any:
         raise
 
 
+async def _one_call(aw: Awaitable[Any]) -> Any:
+    """Await one call of redis-py's (or a few in a row) as :func:`_keeping_cancels` does, then raise a cancel of the
+    task that arrived meanwhile and was dropped: a cancelled ``submit`` returned its id, and the caller's ``wait``
+    then ran the request to its end."""
+    cancels = _cancels()
+    result = await _keeping_cancels(aw)
+    if _cancels() > cancels:
+        raise asyncio.CancelledError
+    return result
+
+
 def _forget_cancel(pending: set) -> Callable[[asyncio.Task], None]:
     """Done callback of a cancel sent for an abandoned request: off the pending set, its outcome (an error
     included: the caller is gone, nobody could act on it) taken so that asyncio reports nothing."""
@@ -595,6 +606,7 @@ class AsyncClient(ProducerCore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._closing = False  # from aclose's start: no call sends anything any more
+        self._connections_closed = False
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
         self._socket_timeout = socket_timeout
@@ -605,7 +617,9 @@ class AsyncClient(ProducerCore):
         client), then close the connections. From its start no call sends a request (it would be left running:
         its caller gets an error and nothing would cancel it); the cancels go out at once, all together within
         CLOSE_CANCELS_S, so a Redis that hangs holds the close that long, not that long per open stream."""
-        if self._closed or self._closing:
+        if self._closing:
+            # Done, or begun by a call that was cancelled (a shutdown's deadline) before it closed the connections.
+            await self._close_connections()
             return
         if self._loop is not None and self._loop.is_closed():
             # Its loop has ended (an asyncio.run() it was used in): so have its calls, and its connections cannot
@@ -622,13 +636,21 @@ class AsyncClient(ProducerCore):
             self._cancelling.add(task)
             task.add_done_callback(_forget_cancel(self._cancelling))
         self._owned = set()
-        if self._cancelling:
-            await asyncio.wait(list(self._cancelling), timeout=CLOSE_CANCELS_S)
-        for task in list(self._cancelling):  # Redis did not answer in time: they are given up
-            task.cancel()
+        try:
+            if self._cancelling:
+                await asyncio.wait(list(self._cancelling), timeout=CLOSE_CANCELS_S)
+        finally:  # cancelled meanwhile too: the connections are closed, not left open with the client half closed
+            for task in list(self._cancelling):  # Redis did not answer in time: they are given up
+                task.cancel()
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        if self._closed and self._connections_closed:
+            return
         self._closed = True
         self.r.get_retry().update_retries(0)  # a command the close breaks ends, not reconnects (retry_once)
         await self.r.aclose()
+        self._connections_closed = True
 
     def _bind_loop(self) -> None:
         """redis-py's asyncio connections belong to the event loop that opened them: used from another, a call
@@ -653,7 +675,7 @@ class AsyncClient(ProducerCore):
         req = self._request(prompt, kw)
         self._check_not_closing()
         with self._reaching(sending=req.id):
-            await self._xadd(req)
+            await _one_call(self._xadd(req))
         return req.id
 
     async def _xadd(self, req: GenerateRequest) -> str:
@@ -673,7 +695,7 @@ class AsyncClient(ProducerCore):
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         self._check_open()
-        return await self._send_cancel(request_id)
+        return await _one_call(self._send_cancel(request_id))
 
     async def _send_cancel(self, request_id: str) -> CancelOutcome:
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
@@ -689,7 +711,7 @@ class AsyncClient(ProducerCore):
         key = self._result_key(request_id)
         self._bind_loop()
         with self._reaching():
-            return self._terminal(await self.r.get(key))
+            return self._terminal(await _one_call(self.r.get(key)))
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
@@ -792,6 +814,8 @@ class AsyncClient(ProducerCore):
                     elif isinstance(op, Pause):
                         await asyncio.sleep(op.seconds)
                 except redis.RedisError as e:
+                    if self._closed:  # its connection closed by aclose(), not lost: not an outage to report
+                        raise RuntimeError("this AsyncClient was closed while the call waited") from None
                     if pool_full(e) and not sent:
                         raise self._unreachable(e) from None
                     error = self._explained(e)
