@@ -32,8 +32,10 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir, out, family: str = "llama", qtype=gguf.GGMLQuantizationType.F32, arch_name: str | None = None):
-    """The HF checkpoint in ``hf_dir`` (conftest's write_tiny) as a GGUF file, byte tokenizer and chat template."""
+def write_gguf(hf_dir, out, family: str = "llama", qtype=gguf.GGMLQuantizationType.F32, arch_name: str | None = None,
+               extra=None):
+    """The HF checkpoint in ``hf_dir`` (conftest's write_tiny) as a GGUF file, byte tokenizer and chat template;
+    ``extra(writer)`` adds what else the file should hold."""
     from safetensors.torch import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -77,6 +79,8 @@ def write_gguf(hf_dir, out, family: str = "llama", qtype=gguf.GGMLQuantizationTy
         kind = qtype if w.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms stay F32, as llama.cpp keeps them
         data = w if kind == gguf.GGMLQuantizationType.F32 else gguf.quantize(w, kind)
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=kind)
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -317,3 +321,68 @@ def test_a_killed_conversions_leftovers_are_removed_by_the_next_one(tiny_ggufs, 
     _, good = tiny_ggufs["llama"]
     convert_gguf(good, tmp_path / "out")
     assert not stale.exists() and live.exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def _llama_freq_divisors(head_dim: int, base: float, factor: float, low: float, high: float, old: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter writes it for HF's llama3 rope scaling (float32 frequencies)."""
+    import math
+
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_a_scaled_rope_comes_through_or_is_refused(tmp_path, cache, hf_greedy):
+    """transformers' GGUF reader maps neither the rope scaling metadata nor llama.cpp's rope_freqs.weight (every
+    conversion of Llama 3.1 and later carries it): a scaled model was converted unscaled and answered otherwise
+    than HF on the original, with no error. Linear and Llama 3 scaling come through; others are refused."""
+    from conftest import write_tiny
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    hf3 = write_tiny(tmp_path / "llama3-hf", "llama", vocab_size=259, rope_scaling=llama3)
+    divisors = _llama_freq_divisors(16, 10000.0, 8.0, 1.0, 4.0, 64)
+
+    def llama3_file(writer):
+        writer.add_rope_scaling_orig_ctx_len(64)
+        writer.add_tensor("rope_freqs.weight", divisors)
+
+    hf_linear = write_tiny(tmp_path / "linear-hf", "llama", vocab_size=259,
+                           rope_scaling={"rope_type": "linear", "factor": 4.0})
+
+    def linear_file(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(4.0)
+
+    def logprobs(model_dir) -> list:
+        llm = LLM(model=str(model_dir), device="cpu", num_gpu_blocks=32, swap_space_gb=0.0)
+        out = llm.generate([list(range(40, 100))], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2))[0]
+        return [sorted(step.values()) for step in out.outputs[0].logprobs]
+
+    for hf_dir, extra in ((hf3, llama3_file), (hf_linear, linear_file)):
+        out = import_gguf(write_gguf(hf_dir, tmp_path / f"{hf_dir.name}.gguf", extra=extra))
+        for prompt, tokens in zip(PROMPTS, _engine_greedy(out)):
+            assert tokens == hf_greedy(str(hf_dir), prompt, MAX_NEW), hf_dir.name
+        # The greedy tokens of so small a model hardly move with the scaling; its logprobs do (by 1e-2 here).
+        assert np.allclose(logprobs(out), logprobs(hf_dir), atol=1e-4, rtol=0), hf_dir.name
+
+    def yarn_file(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(4.0)
+
+    def odd_divisors(writer):
+        writer.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, 8).astype(np.float32))
+
+    for extra, said in ((yarn_file, r"llama.rope.scaling.type is 'yarn' \(factor 4.0\); the engine runs linear and "
+                                    r"Llama 3 rope scaling only"),
+                        (odd_divisors, r"rope_freqs.weight \(per-frequency rotary divisors\) is not Llama 3's")):
+        with pytest.raises(ValueError, match=said):
+            inspect_gguf(write_gguf(hf_linear, tmp_path / f"{extra.__name__}.gguf", extra=extra))

@@ -46,6 +46,7 @@ class GGUFInfo:
     tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> number of tensors
     chat_template: str | None = None
     head_dim: int | None = None  # ``<arch>.attention.key_length``, where the file states it
+    rope_scaling: dict | None = None  # HF's rope scaling parameters the file's metadata or rope_freqs imply
 
 
 def cache_root() -> Path:
@@ -222,7 +223,65 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     template = _field(reader, "tokenizer.chat_template")
     head_dim = _field(reader, f"{architecture}.attention.key_length")
     return GGUFInfo(path, architecture, name if isinstance(name, str) else None, types,
-                    template if isinstance(template, str) else None, int(head_dim) if head_dim else None)
+                    template if isinstance(template, str) else None, int(head_dim) if head_dim else None,
+                    _rope_scaling(path, reader, architecture, tensors))
+
+
+# The frequency scaling of Llama 3.1 and later (low_freq_factor, high_freq_factor): llama.cpp stores only the
+# per-frequency divisors it implies (``rope_freqs.weight``), and these are read back by recomputing them.
+_LLAMA3_FREQ_FACTORS = ((1.0, 4.0),)
+
+
+def _llama3_divisors(base: float, dim: int, factor: float, low: float, high: float, old_len: int) -> list[float]:
+    """What llama.cpp's converter writes as ``rope_freqs.weight`` for HF's llama3 rope scaling."""
+    import math
+
+    divisors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old_len / high:
+            divisors.append(1.0)
+        elif wavelen > old_len / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return divisors
+
+
+def _rope_scaling(path: Path, reader, architecture: str, tensors: list) -> dict | None:
+    """HF's rope scaling parameters for what the file states (None: unscaled), or a ValueError for a scaling the
+    engine does not run. transformers' GGUF reader maps neither the scaling metadata nor ``rope_freqs.weight``:
+    a scaled model converted without them ran unscaled, its answers off, with no error."""
+    import numpy as np
+
+    kind = _field(reader, f"{architecture}.rope.scaling.type")
+    factor = _field(reader, f"{architecture}.rope.scaling.factor")
+    if kind is None and _field(reader, f"{architecture}.rope.scale_linear") not in (None, 1.0):
+        kind, factor = "linear", _field(reader, f"{architecture}.rope.scale_linear")  # the older key
+    freqs = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        if kind not in (None, "none"):
+            raise ValueError(f"{str(path)!r} holds rope_freqs.weight and {architecture}.rope.scaling.type "
+                             f"{kind!r}: the engine runs one scaling or the other, not both")
+        divisors = np.asarray(freqs.data, dtype=np.float64).reshape(-1)
+        base = float(_field(reader, f"{architecture}.rope.freq_base") or 10000.0)
+        dim = int(_field(reader, f"{architecture}.rope.dimension_count") or 2 * divisors.size)
+        old_len = int(_field(reader, f"{architecture}.rope.scaling.original_context_length") or 8192)
+        if divisors.size == dim // 2 and divisors.max() > 0:
+            for low, high in _LLAMA3_FREQ_FACTORS:
+                expected = _llama3_divisors(base, dim, float(divisors.max()), low, high, old_len)
+                if np.allclose(divisors, expected, rtol=1e-5, atol=0):
+                    return {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": old_len}
+        raise ValueError(f"{str(path)!r}: its rope_freqs.weight (per-frequency rotary divisors) is not Llama 3's "
+                         f"rope scaling, the only one stored that way that the engine runs")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
+        return None if factor == 1 else {"rope_type": "linear", "factor": float(factor)}
+    raise ValueError(f"{str(path)!r}: its {architecture}.rope.scaling.type is {kind!r} (factor {factor}); the "
+                     f"engine runs linear and Llama 3 rope scaling only")
 
 
 def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
@@ -286,6 +345,11 @@ def _write_hf_dir(info: GGUFInfo, out: Path, dtype: str, say: Progress) -> None:
     if info.head_dim and getattr(config, "head_dim", None) != info.head_dim:
         # transformers maps the head width for Llama only (from the rotary width); Qwen3 states it here.
         config.head_dim = info.head_dim
+    if info.rope_scaling is not None:
+        if hasattr(config, "rope_parameters"):  # transformers 5: the scaling sits beside rope_theta
+            config.rope_parameters = {**(config.rope_parameters or {}), **info.rope_scaling}
+        else:  # pragma: no cover - transformers 4.x
+            config.rope_scaling = info.rope_scaling
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
