@@ -368,7 +368,13 @@ def test_a_scaled_rope_comes_through_or_is_refused(tmp_path, cache, hf_greedy):
         return [sorted(step.values()) for step in out.outputs[0].logprobs]
 
     for hf_dir, extra in ((hf3, llama3_file), (hf_linear, linear_file)):
-        out = import_gguf(write_gguf(hf_dir, tmp_path / f"{hf_dir.name}.gguf", extra=extra))
+        source = write_gguf(hf_dir, tmp_path / f"{hf_dir.name}.gguf", extra=extra)
+        out = import_gguf(source)
+        # A conversion cached by an older converter (which dropped the scaling) is made again, not reused.
+        meta = json.loads((out / MARKER).read_text())
+        (out / MARKER).write_text(json.dumps({k: v for k, v in meta.items() if k != "converter"}))
+        (out / "config.json").write_text("{}")
+        assert import_gguf(source) == out and json.loads((out / MARKER).read_text())["converter"] == meta["converter"]
         for prompt, tokens in zip(PROMPTS, _engine_greedy(out)):
             assert tokens == hf_greedy(str(hf_dir), prompt, MAX_NEW), hf_dir.name
         # The greedy tokens of so small a model hardly move with the scaling; its logprobs do (by 1e-2 here).

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = "pagedserve-import.json"
+# The conversion's own version, in the marker: 2 reads the rope scaling (a cached conversion of 1 is still right for
+# a file without any).
+CONVERTER = 2
 # GGUF architecture names (``general.architecture``) the engine runs. llama.cpp stores Mistral as "llama".
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -316,8 +319,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32",
 
         with hf_progress_bars_on_a_terminal_only():
             _write_hf_dir(info, tmp, dtype, say)
-        meta = {"source": info.path.name, "sha256": sha, "architecture": info.architecture, "name": info.name,
-                "tensor_types": info.tensor_types, "dtype": dtype,
+        meta = {"source": info.path.name, "sha256": sha, "converter": CONVERTER, "architecture": info.architecture,
+                "name": info.name, "tensor_types": info.tensor_types, "dtype": dtype,
                 "conversion_s": round(time.perf_counter() - started, 1)}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
@@ -409,7 +412,7 @@ def import_gguf(path: str | Path, out_dir: str | Path | None = None, dtype: str 
     suffix = f"-{sha[:16]}" + ("" if dtype == "float32" else f"-{dtype}")
     # Keyed by content: a copy of the file under another name finds the conversion made for the first one.
     for done in sorted(cache_root().glob(f"*{suffix}")):
-        if _is_complete(done, sha, dtype):
+        if _is_complete(done, sha, dtype, path):
             return done
     target = cache_root() / (stem + suffix)
     if target.exists():  # left by an older or interrupted run: convert again
@@ -420,14 +423,18 @@ def import_gguf(path: str | Path, out_dir: str | Path | None = None, dtype: str 
     except FileExistsError:  # pragma: no cover - another process finished the same conversion first
         return target
     except OSError:
-        if _is_complete(target, sha, dtype):  # another process won the rename race; its copy is identical
+        if _is_complete(target, sha, dtype, path):  # another process won the rename race; its copy is identical
             return target
         raise
 
 
-def _is_complete(target: Path, sha: str, dtype: str) -> bool:
+def _is_complete(target: Path, sha: str, dtype: str, source: Path) -> bool:
     try:
         meta = json.loads((target / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("sha256") == sha and meta.get("dtype") == dtype and (target / "model.safetensors").is_file()
+    if not (meta.get("sha256") == sha and meta.get("dtype") == dtype and (target / "model.safetensors").is_file()):
+        return False
+    # An older conversion dropped the rope scaling: still right where the file has none (a scaling the engine
+    # does not run is refused here, as a fresh conversion refuses it).
+    return meta.get("converter", 1) >= CONVERTER or inspect_gguf(source).rope_scaling is None
