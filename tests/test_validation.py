@@ -282,6 +282,21 @@ def _gelu(model, json):
     (model / "config.json").write_text(json.dumps(cfg))
 
 
+def _yarn(model, json):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 128}
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+def _extra_tensor(model, json):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file({**tensors, "model.junk.weight": torch.zeros(2)}, str(model / "model.safetensors"))
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("break_it, words", [
     (_corrupt_weights, r"model\.safetensors is not a readable safetensors file"),
@@ -292,6 +307,10 @@ def _gelu(model, json):
     (_unknown_model_type, r"model_type 'foobar' \(architectures \['FooForCausalLM'\]\) is not supported"),
     (_mlp_bias, r"config\.json mlp_bias true is not supported \(the MLP projections here carry no bias\)"),
     (_gelu, r"config\.json hidden_act \"gelu\" is not supported"),
+    # Said by the rotary table's maker, naming neither the model nor the field.
+    (_yarn, r"config\.json rope_parameters rope_type 'yarn' is not supported \(the engine runs default, linear, "
+            r"llama3\)"),
+    (_extra_tensor, r"unexpected tensor 'model\.junk\.weight' in model\.safetensors"),
 ])
 def test_broken_model_files_are_refused_naming_the_file(tmp_path, break_it, words):
     """A corrupt checkpoint, an unknown model type or a malformed generation config surfaced the reading
@@ -302,3 +321,34 @@ def test_broken_model_files_are_refused_naming_the_file(tmp_path, break_it, word
     with pytest.raises(ValueError, match=words) as caught:
         LLM(model=str(model), device="cpu")
     assert str(model) in str(caught.value)
+
+
+def test_a_tied_model_with_another_lm_head_warns_and_swish_is_silu(tmp_path, caplog, hf_greedy):
+    """A config that ties the embeddings while the file holds a different lm_head.weight ran on the embeddings
+    without a word (transformers 5 uses the lm_head, vLLM the embeddings); HF's "swish" (SiLU by another name) was
+    refused; and a sliding window's cap on max_model_len did not say it came from the window."""
+    import json
+    import logging
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import write_tiny
+
+    model = write_tiny(tmp_path / "m", "llama", hidden_size=64, num_hidden_layers=2, hidden_act="swish")
+    tensors = load_file(str(model / "model.safetensors"))
+    assert "lm_head.weight" not in tensors
+    save_file({**tensors, "lm_head.weight": torch.randn_like(tensors["model.embed_tokens.weight"])},
+              str(model / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="pagedserve.engine.loader"):
+        llm = LLM(model=str(model), device="cpu", num_gpu_blocks=16)
+    assert "ties the word embeddings, and the checkpoint also holds an lm_head.weight that differs" in caplog.text
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    save_file(tensors, str(model / "model.safetensors"))  # HF's reference on the tied model, swish and all
+    assert out.outputs[0].token_ids == hf_greedy(str(model), [5, 6, 7], 4)
+
+    window = write_tiny(tmp_path / "w", "mistral", hidden_size=64, num_hidden_layers=2, sliding_window=16)
+    cfg = json.loads((window / "config.json").read_text())
+    assert cfg["sliding_window"] == 16
+    with pytest.raises(ValueError, match=r"^max_model_len 64 exceeds the model's limit 16 \(its sliding_window 16"):
+        LLM(model=str(window), device="cpu", max_model_len=64)

@@ -172,13 +172,15 @@ class LLMEngine:
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        why = f"max_position_embeddings {limit}"
         window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True) is not False:
+        if window and getattr(hf_config, "use_sliding_window", True) is not False and window < limit:
             # Sliding-window attention is not implemented; cap the context where full attention is exact.
-            limit = min(limit, window)
+            limit, why = window, (f"its sliding_window {window}: the engine attends over whole contexts, which "
+                                  f"equals the window's attention up to that length only")
         wanted = self.config.max_model_len
         if wanted is not None and wanted > limit:
-            raise ValueError(f"max_model_len {wanted} exceeds the model's limit {limit}")
+            raise ValueError(f"max_model_len {wanted} exceeds the model's limit {limit} ({why})")
         return wanted or limit
 
     def _fit_max_model_len(self) -> None:

@@ -7,6 +7,7 @@ parameter says which (its ``weight_loader``, engine/parallel_layers.py), through
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from contextlib import contextmanager
@@ -136,6 +137,12 @@ def load_config(model_dir: str | Path):
     for name, allowed, why in _UNSUPPORTED:  # before the model is built: no weights read for a model it cannot run
         if name in raw and raw[name] not in allowed:
             raise ValueError(f"model {str(path)!r}: config.json {name} {json.dumps(raw[name])} is not supported ({why})")
+    for name in ("rope_scaling", "rope_parameters"):  # transformers 4 writes the first, 5 the second
+        scaling = raw.get(name)
+        kind = (scaling.get("rope_type") or scaling.get("type") or "default") if isinstance(scaling, dict) else None
+        if kind is not None and kind not in ROPE_TYPES:
+            raise ValueError(f"model {str(path)!r}: config.json {name} rope_type {kind!r} is not supported (the "
+                             f"engine runs {', '.join(ROPE_TYPES)})")
     config = _as_written(raw)
     if config is None:
         from transformers import AutoConfig  # here: most starts need not import it (_FIELDS_BY_TYPE)
@@ -144,10 +151,13 @@ def load_config(model_dir: str | Path):
     return config
 
 
+# The rotary embeddings models/llama.py computes (rope_type).
+ROPE_TYPES = ("default", "linear", "llama3")
+
 # Switches of the four families that the model here does not build: (name, the values it runs, why not others).
 _UNSUPPORTED = (
     ("mlp_bias", (False, None), "the MLP projections here carry no bias"),
-    ("hidden_act", ("silu",), "the MLP here is SiLU-gated; only silu"),
+    ("hidden_act", ("silu", "swish"), "the MLP here is SiLU-gated; only silu (swish, its other name)"),
 )
 
 # What the engine reads from a model's config, by model type. Where config.json states every one of them (with
@@ -227,16 +237,19 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     params = dict(model.named_parameters())
     filled: set[str] = set()
     bytes_read = 0
+    first_rows: dict[str, torch.Tensor] = {}  # of the embedding and of an lm_head a tied model leaves unread
     for file in files:
         with _open_checkpoint(path, file) as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
+                if name in ("lm_head.weight", "model.embed_tokens.weight") and model.tie_word_embeddings:
+                    first_rows[name] = f.get_slice(name)[:16]
                 target, part = _target(model, name, params)
                 if target is None:
                     if name == "lm_head.weight" and model.tie_word_embeddings:
                         continue
-                    raise ValueError(f"unexpected tensor {name!r} in {file.name}")
+                    raise ValueError(f"model {str(path)!r}: unexpected tensor {name!r} in {file.name}")
                 if name in filled:  # two files of one folder hold it: which one is the model's is anyone's guess
                     raise ValueError(f"model {str(path)!r}: tensor {name!r} is in more than one of "
                                      f"{', '.join(f.name for f in files)}; keep one checkpoint in the folder")
@@ -259,6 +272,12 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     if missing:
         raise ValueError(f"model {str(path)!r}: the checkpoint is missing tensors: {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}")
+    if len(first_rows) == 2 and not torch.equal(*first_rows.values()):
+        # vLLM ties them too; transformers 5 unties them and uses the file's lm_head, so its answers differ.
+        logging.getLogger(__name__).warning(
+            "model %r: config.json ties the word embeddings, and the checkpoint also holds an lm_head.weight that "
+            "differs from them; the embeddings are used (as vLLM does), the lm_head.weight is not (set "
+            "tie_word_embeddings false in config.json to use it)", str(path))
     model.checkpoint_bytes_read = bytes_read
     return model.eval()
 
