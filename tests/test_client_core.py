@@ -1509,6 +1509,9 @@ def test_producer_mistakes_are_named_before_anything_is_sent(redis_url, prefix):
     with pytest.raises(ValueError, match=r"^prompt_token_ids: an array of token ids has one dimension \(got shape "
                                          r"\(1, 3\)\): pass ids\[0\]"):
         build_request(np.array([[1, 2, 3]]))  # a tokenizer's return_tensors batch of one
+    for ids in (np.array([1, 2]), [1, 2]):  # the prompt_token_ids beside them were dropped without a word
+        with pytest.raises(ValueError, match="^exactly one of prompt, prompt_token_ids, messages is required"):
+            build_request(ids, prompt_token_ids=[3, 4])
     with pytest.raises(ValueError, match="^prompt"):
         build_request(memoryview(b"hi"))  # bytes, not token ids
     with Client(redis_url, prefix=prefix) as c:

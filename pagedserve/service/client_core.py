@@ -513,6 +513,10 @@ def build_request(
     naming the field in one line (``params.max_token: Extra inputs are not permitted`` for a wrong shape or type;
     the engine's own range checks for a sampling value no worker would take, which would otherwise cost a round
     trip to its refusal, or the whole pickup timeout with no worker running)."""
+    if (isinstance(prompt, (list, tuple)) or _is_array(prompt)) and prompt_token_ids is not None:
+        # Token ids given as the prompt and again as prompt_token_ids: the second was dropped without a word.
+        raise ValueError("exactly one of prompt, prompt_token_ids, messages is required (token ids as the prompt "
+                         "are its prompt_token_ids already)")
     if isinstance(prompt, (list, tuple)):
         if any(isinstance(p, str) for p in prompt):  # vLLM's generate takes a list of prompts; a request is one
             raise ValueError("prompt: a request has one prompt, a str (or its token ids, a list of ints): send one "
