@@ -1401,6 +1401,28 @@ def test_schemas_that_list_their_properties_in_another_order_are_compiled_each_i
         assert _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, text), text
 
 
+def test_a_mixin_inside_a_mixin_target_stays_open_whatever_the_key_order(tokenized):
+    """A definition holding a mixin, itself the target of a mixin and used alone: its open copy was made before its
+    own mixin's $ref was pointed at an open copy, so with properties listed before $defs (zod-to-json-schema's
+    order) the copy's inner target stayed closed and the schema was refused as unsatisfiable."""
+    so, tok, eos = tokenized
+    INT = {"type": "integer"}
+    defs = {"B": {"type": "object", "properties": {"x": INT}, "required": ["x"]},
+            "A": {"type": "object", "properties": {"inner": {"$ref": "#/$defs/B", "properties": {"y": INT},
+                                                             "required": ["y"]}}, "required": ["inner"]}}
+    props = {"b_alone": {"$ref": "#/$defs/B"}, "a_alone": {"$ref": "#/$defs/A"},
+             "a_mixin": {"$ref": "#/$defs/A", "properties": {"z": INT}, "required": ["z"]}}
+    text = ('{"b_alone": {"x": 1}, "a_alone": {"inner": {"x": 1, "y": 2}}, '
+            '"a_mixin": {"inner": {"x": 1, "y": 2}, "z": 3}}')
+    for schema in ({"$defs": defs, "type": "object", "properties": props, "required": list(props)},
+                   {"type": "object", "properties": props, "required": list(props), "$defs": defs}):
+        jsonschema.validate(json.loads(text), schema)
+        assert _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, text), schema
+        # ... and B alone stays closed
+        closed = text.replace('"b_alone": {"x": 1}', '"b_alone": {"x": 1, "w": 2}')
+        assert not _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, closed)
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}  # pydantic's schema of a two-field model: nothing said of other keys
 

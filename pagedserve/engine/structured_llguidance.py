@@ -352,16 +352,21 @@ def _open_mixin_targets(schema: dict) -> set[str]:
               if isinstance(node.get("$ref"), str) and ("properties" in node or "required" in node)]
     alone = {unquote(node["$ref"]) for _, node in _schemas(schema) if isinstance(node.get("$ref"), str)
              and "properties" not in node and "required" not in node}
-    for node in mixins:
+    copies: dict[tuple[str, str], str] = {}  # (defs keyword, name) -> its open copy's name, one per definition
+    for node in mixins:  # every mixin's $ref first, the copies after: a copy then holds its own mixins' new refs
         match = _DEFS_REF.fullmatch(unquote(node["$ref"]))  # a URI fragment: "a%20b" names "a b"
         defs = schema.get(match.group(1)) if match and unquote(node["$ref"]) in alone else None
         name = _unescape(match.group(2)) if match else None
         if isinstance(defs, dict) and isinstance(defs.get(name), dict):
-            copy_name = f"{name}-open"
-            while copy_name in defs:
-                copy_name += "-open"
-            defs[copy_name] = copy.deepcopy(defs[name])
-            node["$ref"] = f"#/{match.group(1)}/{quote(_escape(copy_name), safe=_POINTER_SAFE)}"  # a URI fragment
+            if (match.group(1), name) not in copies:
+                copy_name = f"{name}-open"
+                while copy_name in defs or copy_name in copies.values():
+                    copy_name += "-open"
+                copies[match.group(1), name] = copy_name
+            node["$ref"] = (f"#/{match.group(1)}/"  # a URI fragment
+                            f"{quote(_escape(copies[match.group(1), name]), safe=_POINTER_SAFE)}")
+    for (keyword, name), copy_name in copies.items():
+        schema[keyword][copy_name] = copy.deepcopy(schema[keyword][name])
     return {unquote(node["$ref"]) for node in mixins}
 
 
