@@ -982,6 +982,10 @@ def test_choice_given_once_per_choice_keeps_commas_and_spaces(redis_url, prefix,
                                      "(got 3000000000)"),
     (["--seed", "-1"], "error: invalid request: --seed must be an integer in [0, 2**63) (got -1)"),
     (["--json-schema", ""], "error: --json-schema needs a file: the path of a JSON Schema (it was empty)"),
+    # The path as typed ("http:/json-schema.org" was said for "http://json-schema.org"), and a schema inline
+    (["--json-schema", "no//such.json"], "error: --json-schema 'no//such.json': No such file or directory"),
+    (["--json-schema", '{"type": "object"'], "error: --json-schema: the schema given inline is not JSON "
+                                             "(Expecting ',' delimiter: line 1 column 18 (char 17))"),
     (["--choice", ""], "error: invalid request: --choice must be a non-empty list of strings (got [])"),
     (["--regex", ""], "error: invalid request: --regex must be a non-empty string (got '')"),
     (["--choice", "a,,b"], "error: --choice 'a,,b' holds an empty choice (two commas together, or one at an end): "
@@ -994,6 +998,13 @@ def test_a_bad_submit_option_is_named_as_typed(args, line):
     the current directory ("Is a directory: '.'")."""
     res = runner.invoke(app, ["submit", "x", *args], env={"PAGEDSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert (res.exit_code, res.output.strip()) == (2, line)
+
+
+def test_a_json_schema_may_be_given_inline():
+    from pagedserve.service.cli import _structured_outputs
+
+    schema = {"type": "object", "properties": {"u": {"const": "http://x//y"}}}
+    assert _structured_outputs(" " + json.dumps(schema), None, None) == {"json": schema}
 
 
 @pytest.mark.parametrize("args", [["batch", "list"], ["queue", "dead"]])

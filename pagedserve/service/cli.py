@@ -518,10 +518,17 @@ def _structured_outputs(json_schema: str | None, choice: list[str] | None, regex
 
         if not json_schema:  # Path("") is the current directory: "Is a directory: '.'" named no option
             _fail("error: --json-schema needs a file: the path of a JSON Schema (it was empty)", 2)
+        if json_schema.lstrip().startswith("{"):  # the schema itself, as one writes it in a shell
+            try:
+                return {"json": json.loads(json_schema)}
+            except ValueError as e:
+                _fail(f"error: --json-schema: the schema given inline is not JSON ({e})", 2)
         try:
             return {"json": json.loads(Path(json_schema).read_text(encoding="utf-8"))}
-        except (OSError, ValueError) as e:
-            _fail(f"error: --json-schema {json_schema}: {e}", 2)
+        except OSError as e:  # said with the path as typed (the OSError's is Path's, "a//b" written "a/b")
+            _fail(f"error: --json-schema {json_schema!r}: {e.strerror or e}", 2)
+        except ValueError as e:
+            _fail(f"error: --json-schema {json_schema!r}: the file is not JSON ({e})", 2)
     if choice:
         if len(choice) > 1:  # one choice per --choice, exactly as given: a choice may hold a comma or spaces
             return {"choice": choice}
@@ -589,7 +596,8 @@ def submit(
     cache_salt: Optional[str] = typer.Option(
         None, "--cache-salt", help="The prompt shares cached blocks only with requests of this salt."),
     json_schema: Optional[str] = typer.Option(
-        None, "--json-schema", help="FILE: the output is JSON that validates against this JSON Schema."),
+        None, "--json-schema", help="FILE (or the schema itself, '{...}'): the output is JSON that validates "
+                                    "against this JSON Schema."),
     choice: Optional[list[str]] = typer.Option(None, "--choice", help="a,b,c: the output is one of these. Or give --choice once per choice, kept exactly as written (commas and spaces included)."),
     regex: Optional[str] = typer.Option(None, "--regex", help="The output matches this regular expression."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Only print the final result."),
