@@ -127,3 +127,38 @@ def test_a_prefix_cache_hit_leaves_logprobs_bit_for_bit(tiny_models):
         assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
         assert warm.outputs[0].logprobs == cold.outputs[0].logprobs, f"prompt of {length} tokens"
         assert warm.outputs[0].cumulative_logprob == cold.outputs[0].cumulative_logprob
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_a_prompt_prefilled_beside_a_decode_leaves_its_logprobs_bit_for_bit(tiny_models, monkeypatch, fused):
+    """fp32 logits do not depend on who shares the step: a step that prefilled another's prompt beside a decode
+    ran the decode's row through the prefill kernel, whose sums run in another order, and moved its logprobs in
+    the last digits from there on (every later token reads that step's cache). Decodes go first in such a step,
+    to the decode kernel; so with the layers run one by one and all in one call."""
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    monkeypatch.setenv("PAGEDSERVE_CPU_FUSED_LAYERS", fused)
+    engine = LLMEngine(tiny_models["qwen2"], device="cpu", dtype="float32", block_size=8, enable_prefix_caching=False)
+    innocent = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    rng = random.Random(4)
+    prompt = [rng.randrange(256) for _ in range(20)]
+
+    def run(rid: str, neighbours: dict[int, int]):
+        engine.add_request(rid, prompt, innocent)
+        step, final = 0, None
+        while engine.has_unfinished_requests():
+            if step in neighbours:  # a prompt of that many tokens arrives while the innocent decodes
+                engine.add_request(f"{rid}-n{step}", [rng.randrange(256) for _ in range(neighbours[step])],
+                                   SamplingParams(max_tokens=3, temperature=0.0))
+            for out in engine.step():
+                if out.request_id == rid and out.finished:
+                    final = out.outputs[0]
+            step += 1
+        return final
+
+    alone = run("alone", {})
+    for neighbours in ({3: 5}, {2: 40, 5: 1, 6: 9}):
+        beside = run(f"beside-{len(neighbours)}", neighbours)
+        assert beside.token_ids == alone.token_ids
+        assert beside.logprobs == alone.logprobs, neighbours
+        assert beside.cumulative_logprob == alone.cumulative_logprob

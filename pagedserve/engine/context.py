@@ -23,7 +23,8 @@ class StepContext:
     token count); ``seq_lens[i] - (cu_seqlens_q[i+1] - cu_seqlens_q[i]) >= 0`` is the number of tokens of
     sequence ``i`` already in the cache; ``block_tables[i]`` covers ``seq_lens[i]`` tokens. ``decode_plan`` is
     the kernel set's ``plan_decode(seq_lens, block_tables, block_size)`` for a decode-only step (built once per
-    step, shared by every layer; once per captured graph, with ``live_seqs``), None otherwise.
+    step, shared by every layer; once per captured graph, with ``live_seqs``), or for the leading decodes of a
+    mixed step (``num_decodes``), None otherwise.
     """
 
     slot_mapping: torch.Tensor  # [T] int64
@@ -32,6 +33,11 @@ class StepContext:
     block_tables: torch.Tensor  # [S, max_blocks] int32
     decode_only: bool  # every sequence has exactly one new token
     decode_plan: Any = None
+    # A step that prefills beside decodes (the kernel set's ``decodes_apart``): its first ``num_decodes`` sequences
+    # decode (one row each, rows 0..num_decodes-1), and ``decode_plan`` is theirs; the rest's cu_seqlens_q counted
+    # from their first row. 0 and None otherwise.
+    num_decodes: int = 0
+    prefill_cu_seqlens_q: torch.Tensor | None = None
 
 
 _CONTEXT: StepContext | None = None

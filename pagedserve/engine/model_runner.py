@@ -70,6 +70,12 @@ def check_cpu_pool(num_blocks: int, block_bytes: int, ranks: int = 1, available:
         log)
 
 
+def _decodes(seq: Sequence, n: int) -> bool:
+    """Whether ``seq``'s part of a step is a decode: one new token past its prompt (a prompt's last token alone, the
+    rest a prefix-cache hit, is a prefill: the kernel that computes whole prompts takes it)."""
+    return n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+
 @dataclass
 class StepPlan:
     """One step as integers only: everything a rank needs to run it, nothing it cannot have (no Sequence).
@@ -95,6 +101,7 @@ class StepPlan:
     pending_rows: list[int] = field(default_factory=list)
     pending_sources: list[int] = field(default_factory=list)
     sample_seqs: list[Sequence] = field(default_factory=list)
+    num_decodes: int = 0  # a mixed step's leading decodes (StepContext.num_decodes)
 
 
 @dataclass
@@ -195,42 +202,44 @@ class ModelRunner:
         pending_sources: list[int] = []
         decode_only = True
         num_tokens = 0
-        for item in sched.scheduled:
-            for seq, n in item.seqs:
-                start = seq.num_computed_tokens
-                end = start + n
-                table = seq.block_table
-                known = seq.token_ids
-                num_known = len(known)
-                if n == 1:  # decode: the common case, without the range machinery
-                    input_ids.append(known[start] if start < num_known else 0)
-                    positions.append(start)
-                    slots.append(table[start // bs] * bs + start % bs)
-                    if start < seq.num_prompt_tokens:
-                        # A prompt's last token alone (the rest hit the prefix cache): the prefill kernel, as when
-                        # the whole prompt is computed, so that a cache hit leaves the logits as they were.
-                        decode_only = False
-                else:
-                    input_ids.extend(known[start:end])
-                    positions.extend(range(start, end))
-                    slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        pairs = [pair for item in sched.scheduled for pair in item.seqs]
+        num_decodes = 0
+        if self.ops.decodes_apart:  # decodes first (a stable sort: each part keeps the scheduler's order)
+            pairs.sort(key=lambda pair: not _decodes(*pair))
+            num_decodes = sum(1 for pair in pairs if _decodes(*pair))
+        for seq, n in pairs:
+            start = seq.num_computed_tokens
+            end = start + n
+            table = seq.block_table
+            known = seq.token_ids
+            num_known = len(known)
+            if n == 1:  # decode: the common case, without the range machinery
+                input_ids.append(known[start] if start < num_known else 0)
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                if start < seq.num_prompt_tokens:  # a prompt's last token alone is a prefill (_decodes)
                     decode_only = False
-                num_tokens += n
-                if end > num_known:  # its last token is still on the device: taken from there
-                    if n > 1:
-                        input_ids.append(0)
-                    pending_rows.append(num_tokens - 1)
-                    pending_sources.append(seq.pending_row)
-                cu.append(num_tokens)
-                seq_lens.append(end)
-                planned.append(seq)
-                if end == seq.num_tokens:  # the step reaches its end
-                    sample_rows.append(num_tokens - 1)
-                    sample_seqs.append(seq)
+            else:
+                input_ids.extend(known[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                decode_only = False
+            num_tokens += n
+            if end > num_known:  # its last token is still on the device: taken from there
+                if n > 1:
+                    input_ids.append(0)
+                pending_rows.append(num_tokens - 1)
+                pending_sources.append(seq.pending_row)
+            cu.append(num_tokens)
+            seq_lens.append(end)
+            planned.append(seq)
+            if end == seq.num_tokens:  # the step reaches its end
+                sample_rows.append(num_tokens - 1)
+                sample_seqs.append(seq)
         block_tables = self.block_table_rows.gather(planned)
         return StepPlan(input_ids, positions, slots, cu, seq_lens, block_tables, decode_only, sample_rows,
                         list(sched.swap_out), list(sched.swap_in), list(sched.copies), pending_rows,
-                        pending_sources, sample_seqs)
+                        pending_sources, sample_seqs, 0 if decode_only else num_decodes)
 
     def prepare(self, plan: StepPlan, pending_tokens: torch.Tensor | None = None) -> StepInputs:
         """The plan's tensors on the device (lists, arrays or CPU tensors alike: a rank's plan was unpacked), in two
@@ -245,13 +254,22 @@ class ModelRunner:
         if rows:
             pending_rows, pending_sources = rows
             input_ids[pending_rows] = pending_tokens[pending_sources]
+        decodes = plan.num_decodes
+        if plan.decode_only:
+            decode_plan = self.ops.plan_decode(seq_lens_t, block_tables_t, self.block_size)
+        elif decodes:
+            decode_plan = self.ops.plan_decode(seq_lens_t[:decodes], block_tables_t[:decodes], self.block_size)
+        else:
+            decode_plan = None
         ctx = StepContext(
             slot_mapping=slot_mapping,
             cu_seqlens_q=cu_seqlens_q,
             seq_lens=seq_lens_t,
             block_tables=block_tables_t,
             decode_only=plan.decode_only,
-            decode_plan=self.ops.plan_decode(seq_lens_t, block_tables_t, self.block_size) if plan.decode_only else None,
+            decode_plan=decode_plan,
+            num_decodes=decodes,
+            prefill_cu_seqlens_q=cu_seqlens_q[decodes:] - decodes if decodes else None,
         )
         return StepInputs(input_ids, positions, ctx, sample_rows)
 

@@ -74,7 +74,7 @@ class StepChannel:
     """The driver's step plans to every rank: a 12-integer header broadcast, then one packed int64 body.
 
     Header: kind, tokens, sequences, block-table width, sample rows, swap-outs, swap-ins, copies, decode_only,
-    body length. Body: input ids, positions, slots (one each per token), cu_seqlens_q, seq_lens, block tables
+    body length, the leading decodes of a mixed step. Body: input ids, positions, slots (one each per token), cu_seqlens_q, seq_lens, block tables
     (row-major), sample rows, then the (src, dst) pairs of the three block-op lists.
     """
 
@@ -91,7 +91,7 @@ class StepChannel:
         num_seqs, width = plan.block_tables.shape if len(plan.seq_lens) else (0, 0)
         header = torch.tensor([_STEP, len(plan.input_ids), num_seqs, width, len(plan.sample_rows),
                                len(plan.swap_out), len(plan.swap_in), len(plan.copies), int(plan.decode_only),
-                               body.size, 0, 0], dtype=torch.int64)
+                               body.size, plan.num_decodes, 0], dtype=torch.int64)
         dist.broadcast(header, 0, group=self.group)
         dist.broadcast(torch.from_numpy(body), 0, group=self.group)
         self.seconds += time.perf_counter() - t
@@ -104,7 +104,7 @@ class StepChannel:
         """The next step's plan (on a rank other than 0), or None when the driver stops."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64)
         dist.broadcast(header, 0, group=self.group)
-        kind, tokens, seqs, width, samples, outs, ins, copies, decode_only, size = header[:10].tolist()
+        kind, tokens, seqs, width, samples, outs, ins, copies, decode_only, size, decodes = header[:11].tolist()
         if kind == _STOP:
             return None
         body = torch.empty(size, dtype=torch.int64)
@@ -115,7 +115,7 @@ class StepChannel:
         ids, pos, slots, cu, lens, tables, rows, out, inn, cp, _ = np.split(arr, cuts)
         pairs = lambda a: [tuple(p) for p in a.reshape(-1, 2).tolist()]  # noqa: E731
         return StepPlan(ids, pos, slots, cu, lens, tables.reshape(seqs, width), bool(decode_only), rows,
-                        pairs(out), pairs(inn), pairs(cp))
+                        pairs(out), pairs(inn), pairs(cp), num_decodes=decodes)
 
 
 # ------------------------------------------------------------------------------------------ rank process

@@ -442,5 +442,5 @@ def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, ctx, layers: li
         return None
     return torch.ops.pagedserve_cpu.decoder_stack.default(
         hidden.contiguous(), positions.to(torch.int64).contiguous(), ctx.slot_mapping.to(torch.int64).contiguous(),
-        _int32(ctx.cu_seqlens_q), _int32(ctx.seq_lens), _int32(ctx.block_tables), ctx.decode_only, cos, sin, layers,
-        final_norm, num_heads, num_kv_heads, head_dim, float(eps), float(scale))
+        _int32(ctx.cu_seqlens_q), _int32(ctx.seq_lens), _int32(ctx.block_tables), ctx.decode_only,
+        ctx.num_decodes, cos, sin, layers, final_norm, num_heads, num_kv_heads, head_dim, float(eps), float(scale))

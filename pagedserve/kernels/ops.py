@@ -45,6 +45,10 @@ class KernelOps:
     # silu_and_mul.
     linear: Callable[..., Any] | None = None
     gate_up_silu: Callable[..., Any] | None = None
+    # A step that prefills beside decodes puts its decodes first and gives them to paged_decode_attention, as a
+    # step of decodes alone does: a request's logits then do not depend on whether another's prompt shares its
+    # step (the CPU sets, whose fp32 logits are the same alone and batched). False: paged_attention takes them all.
+    decodes_apart: bool = False
 
 
 def no_plan(seq_lens, block_tables, block_size: int, live_seqs: int | None = None) -> None:
@@ -65,6 +69,7 @@ TORCH_OPS = KernelOps(
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
     argmax_logsumexp=reference.argmax_logsumexp,
+    decodes_apart=True,
 )
 
 

@@ -119,6 +119,13 @@ class PagedAttention(nn.Module):
         if ctx.decode_only:
             return ops.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.seq_lens, ctx.block_tables, self.scale,
                                               plan=ctx.decode_plan)
+        if ctx.num_decodes:  # the leading decodes by the decode kernel, as in a step without prompts
+            d = ctx.num_decodes
+            return torch.cat([
+                ops.paged_decode_attention(q[:d], self.k_cache, self.v_cache, ctx.seq_lens[:d], ctx.block_tables[:d],
+                                           self.scale, plan=ctx.decode_plan),
+                ops.paged_attention(q[d:], self.k_cache, self.v_cache, ctx.prefill_cu_seqlens_q, ctx.seq_lens[d:],
+                                    ctx.block_tables[d:], self.scale)])
         return ops.paged_attention(
             q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, self.scale
         )

@@ -73,7 +73,7 @@ std::optional<at::Tensor> optional_at(const c10::List<std::optional<at::Tensor>>
 
 at::Tensor decoder_stack(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                          const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& block_tables,
-                         bool decode_only, const at::Tensor& cos, const at::Tensor& sin,
+                         bool decode_only, int64_t num_decodes, const at::Tensor& cos, const at::Tensor& sin,
                          const c10::List<std::optional<at::Tensor>>& layers, const at::Tensor& final_norm,
                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "decoder_stack: hidden must be a contiguous [T, hidden]");
@@ -81,6 +81,11 @@ at::Tensor decoder_stack(const at::Tensor& hidden, const at::Tensor& positions, 
               "decoder_stack: layers must hold ", kTensorsPerLayer, " entries per layer");
   const int64_t T = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   const int64_t num_layers = static_cast<int64_t>(layers.size()) / kTensorsPerLayer;
+  // A mixed step's leading decodes (one row each) go to the decode kernel, as in a step of decodes alone; the
+  // prompts' rows after them to the prefill kernel, their cu_seqlens_q counted from their first row.
+  const int64_t S = seq_lens.size(0), D = decode_only ? 0 : num_decodes;
+  TORCH_CHECK(D >= 0 && D <= S && D <= T, "decoder_stack: num_decodes ", num_decodes, " out of range");
+  const at::Tensor prefill_cu = D > 0 ? (cu_seqlens_q.narrow(0, D, S - D + 1) - D).contiguous() : cu_seqlens_q;
   at::Tensor h = hidden, residual;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     const int64_t i = layer * kTensorsPerLayer;
@@ -111,6 +116,12 @@ at::Tensor decoder_stack(const at::Tensor& hidden, const at::Tensor& positions, 
     at::Tensor attn = at::empty(q_rows.sizes(), q_rows.options());
     if (decode_only) {
       cpu_ops::paged_decode_attention(attn, q_rows, k_cache, v_cache, block_tables, seq_lens, scale, -1);
+    } else if (D > 0) {
+      cpu_ops::paged_decode_attention(attn.narrow(0, 0, D), q_rows.narrow(0, 0, D), k_cache, v_cache,
+                                      block_tables.narrow(0, 0, D), seq_lens.narrow(0, 0, D), scale, -1);
+      cpu_ops::paged_prefill_attention(attn.narrow(0, D, T - D), q_rows.narrow(0, D, T - D), k_cache, v_cache,
+                                       prefill_cu, seq_lens.narrow(0, D, S - D), block_tables.narrow(0, D, S - D),
+                                       scale);
     } else {
       cpu_ops::paged_prefill_attention(attn, q_rows, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale);
     }
@@ -132,7 +143,8 @@ at::Tensor decoder_stack(const at::Tensor& hidden, const at::Tensor& positions, 
 TORCH_LIBRARY_FRAGMENT(pagedserve_cpu, m) {
   m.def(
       "decoder_stack(Tensor hidden, Tensor positions, Tensor slot_mapping, Tensor cu_seqlens_q, Tensor seq_lens, "
-      "Tensor block_tables, bool decode_only, Tensor cos, Tensor sin, Tensor?[] layers, Tensor final_norm, "
+      "Tensor block_tables, bool decode_only, int num_decodes, Tensor cos, Tensor sin, Tensor?[] layers, "
+      "Tensor final_norm, "
       "int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> Tensor");
 }
 
