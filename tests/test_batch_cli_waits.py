@@ -71,6 +71,18 @@ def test_with_no_worker_submit_notes_it_and_results_wait_says_it(cli, prefix, r,
     # --timeout shorter than the pickup timeout: the lines so far and exit 3, as before
     res = cli.invoke(app, ["batch", "results", bid, "--wait", "--timeout", "0.1"])
     assert res.exit_code == 3 and res.stdout == "", res.output
+    # Cancelled with no worker: it was said to stay cancelling "and run when a worker starts", and to be cancelled
+    res = cli.invoke(app, ["batch", "cancel", bid])
+    assert res.exit_code == 0 and res.stdout == f"{bid} cancelling\n", res.output
+    res = cli.invoke(app, ["batch", "status", bid])
+    assert res.exit_code == 0 and (
+        f"note: no worker is running on prefix {prefix!r} now ({_no_group(prefix)}): the batch stays cancelling and "
+        "a worker that starts answers its lines not run as cancelled") in res.stderr.splitlines(), res.stderr
+    res = cli.invoke(app, ["batch", "results", bid, "--wait", "--pickup-timeout", "0.2"])
+    assert res.exit_code == 3 and res.stderr.splitlines() == [
+        f"error: no worker is running to end cancelled batch {bid} ({_no_group(prefix)}): it stays cancelling, and "
+        f"a worker that starts answers its lines not run as cancelled (`pagedserve batch results {bid} --wait` "
+        "waits for it then)"], res.stderr
 
 
 def test_a_live_worker_keeps_the_wait_going_and_one_stopped_is_said(cli, redis_url, prefix, r, shared_engine,

@@ -237,8 +237,10 @@ def _idle(r, prefix: str, batch: dict) -> str | None:  # noqa: ANN001 - a redis-
 
 def _say_idle(prefix: str, batch: dict, idle: str | None) -> None:
     if idle is not None:
+        then = ("a worker that starts answers its lines not run as cancelled" if batch["status"] == "cancelling"
+                else "runs when a worker starts")
         note(f"note: no worker is running on prefix {prefix!r} now ({idle}): the batch stays {batch['status']} "
-             "and runs when a worker starts")
+             f"and {then}")
 
 
 def _options_differ(window: str | None, md: dict | None, batch: dict) -> str | None:
@@ -318,8 +320,9 @@ def results(
                 return wait_batch(r, prefix, batch_id, timeout=timeout, pickup_timeout=pickup_timeout,
                                   where=redact(s.redis_url))
             except NoWorker as e:  # as `submit` says it: the work stays queued, and how to get it later
-                _fail(f"error: {e} (`pagedserve batch results {batch_id} --wait` waits for it then, `pagedserve "
-                      f"batch cancel {batch_id}` cancels it)", 3)  # no answer yet, the batch kept: as not ended
+                cancel = "" if "cancelled batch" in str(e) else f", `pagedserve batch cancel {batch_id}` cancels it"
+                _fail(f"error: {e} (`pagedserve batch results {batch_id} --wait` waits for it then{cancel})",
+                      3)  # no answer yet, the batch kept: as not ended
             except TimeoutError:  # not ended: said below, with the lines there are so far
                 pass
         return batch_status(r, prefix, batch_id)

@@ -325,6 +325,9 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
             except CONNECTION_ERRORS:  # gone again since the look: the next stretch asks again
                 why = None
             if why is not None:
+                if status["status"] == "cancelling":  # nothing more runs: a worker ends it when one starts
+                    raise NoWorker(f"no worker is running to end cancelled batch {bid} ({why}): it stays "
+                                   "cancelling, and a worker that starts answers its lines not run as cancelled", bid)
                 raise NoWorker(f"no worker is running batch {bid} after {pickup_timeout:g} s without progress "
                                f"({why}): it stays {status['status']} and runs when a worker starts", bid)
             still_since = now
