@@ -903,6 +903,9 @@ def test_an_unreachable_redis_or_a_missing_model_names_the_setting_to_fix(tmp_pa
     ("PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S", "abc", "PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S must be"),
     ("PAGEDSERVE_BLOCK_SIZE", "3", "invalid setting PAGEDSERVE_BLOCK_SIZE='3': must be a power of two"),
     ("PAGEDSERVE_MAX_NUM_SEQS", "lots", "invalid setting PAGEDSERVE_MAX_NUM_SEQS='lots'"),
+    # read by CUDA kernels only: a CPU worker took a typo without a word, and the same settings failed on a GPU
+    ("PAGEDSERVE_CUDA_LINEAR", "bogus", "PAGEDSERVE_CUDA_LINEAR must be cublas or triton (got 'bogus')"),
+    ("PAGEDSERVE_CUDA_PDL", "yes", "PAGEDSERVE_CUDA_PDL must be off or on (got 'yes')"),
 ])
 @pytest.mark.parametrize("command", ["worker", "demo"])
 def test_a_setting_with_a_bad_value_exits_2_from_the_worker_and_the_demo(name, value, words, command):

@@ -179,6 +179,8 @@ def test_a_bad_setting_the_engine_refuses_exits_2_naming_it(name, value):
     ("PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S", "0"),
     ("PAGEDSERVE_STRUCTURED_MAX_MASK_MS", "nan"),
     ("PAGEDSERVE_SEED", "-1"),
+    ("PAGEDSERVE_CUDA_LINEAR", "bogus"),
+    ("PAGEDSERVE_CUDA_PDL", "yes"),
 ])
 def test_a_variable_the_engine_reads_is_checked_before_the_engine_is_imported(name, value):
     """The engine and its kernels read these themselves; the worker checks them first, and without importing

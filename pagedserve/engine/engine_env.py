@@ -1,4 +1,4 @@
-"""The environment variables the engine and its CPU kernels read themselves, parsed here without importing either
+"""The environment variables the engine and its kernels read themselves, parsed here without importing either
 (torch, transformers): the worker checks them before anything starts, so a bad value ends its start in one line at
 once, not after seconds of imports. Each parser raises ``ValueError`` naming its variable."""
 
@@ -14,6 +14,12 @@ DEFAULT_COMPILE_TIMEOUT_S = 10.0
 # on a 49k vocabulary) slows every request in the batch; ordinary schemas and regexes cost 0.04-0.2 ms.
 MAX_MASK_ENV = "PAGEDSERVE_STRUCTURED_MAX_MASK_MS"
 DEFAULT_MAX_MASK_MS = 10.0
+# Which kernels multiply a CUDA decode step's linear layers: cuBLAS (torch), or Triton's small-M kernels.
+CUDA_LINEAR_ENV = "PAGEDSERVE_CUDA_LINEAR"
+CUDA_LINEARS = ("cublas", "triton")
+# Whether a CUDA step's Triton kernels are launched with programmatic dependent launch (sm_90 and later).
+CUDA_PDL_ENV = "PAGEDSERVE_CUDA_PDL"
+CUDA_PDLS = ("off", "on")
 
 
 def disabled_by_env() -> bool:
@@ -36,6 +42,17 @@ def fused_layers_enabled() -> bool:
     return value not in ("0", "false", "no", "off")
 
 
+def cuda_linear_from_env() -> str:
+    """``PAGEDSERVE_CUDA_LINEAR`` (cublas when unset). Checked on every device: only a CUDA engine reads it, so a
+    typo on a CPU worker would otherwise go unsaid until the same settings ran on a GPU."""
+    return _choice_from_env(CUDA_LINEAR_ENV, CUDA_LINEARS)
+
+
+def cuda_pdl_from_env() -> str:
+    """``PAGEDSERVE_CUDA_PDL`` (off when unset), checked on every device as ``PAGEDSERVE_CUDA_LINEAR`` is."""
+    return _choice_from_env(CUDA_PDL_ENV, CUDA_PDLS)
+
+
 def compile_timeout_from_env() -> float:
     """``PAGEDSERVE_STRUCTURED_COMPILE_TIMEOUT_S`` (seconds, > 0), else the default."""
     return _positive_from_env(TIMEOUT_ENV, DEFAULT_COMPILE_TIMEOUT_S, "seconds")
@@ -48,8 +65,17 @@ def max_mask_ms_from_env() -> float:
 
 def check_all() -> None:
     """Every variable above parsed: ``ValueError`` for the first bad one."""
-    for check in (disabled_by_env, fused_layers_enabled, compile_timeout_from_env, max_mask_ms_from_env):
+    for check in (disabled_by_env, fused_layers_enabled, cuda_linear_from_env, cuda_pdl_from_env,
+                  compile_timeout_from_env, max_mask_ms_from_env):
         check()
+
+
+def _choice_from_env(name: str, choices: tuple[str, ...]) -> str:
+    """The environment's ``name`` (the first of ``choices`` when unset), refused unless one of them."""
+    choice = os.environ.get(name, "").strip().lower() or choices[0]
+    if choice not in choices:
+        raise ValueError(f"{name} must be {' or '.join(choices)} (got {choice!r})")
+    return choice
 
 
 def _positive_from_env(name: str, default: float, unit: str) -> float:

@@ -8,10 +8,10 @@ Every implementation has the signatures of :mod:`pagedserve.kernels.reference`, 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from pagedserve.engine import engine_env
 from pagedserve.kernels import cpu_extension, reference
 from pagedserve.kernels.ops import CPU_OPS, TORCH_OPS, KernelOps
 
@@ -19,12 +19,9 @@ __all__ = ["CPU_OPS", "CUDA_LINEAR_ENV", "CUDA_PDL_ENV", "KernelOps", "TORCH_OPS
 
 log = logging.getLogger(__name__)
 
-# Which kernels multiply a CUDA decode step's linear layers: cuBLAS (torch), or Triton's small-M kernels.
-CUDA_LINEAR_ENV = "PAGEDSERVE_CUDA_LINEAR"
-CUDA_LINEARS = ("cublas", "triton")
-# Whether a CUDA step's Triton kernels are launched with programmatic dependent launch (sm_90 and later).
-CUDA_PDL_ENV = "PAGEDSERVE_CUDA_PDL"
-CUDA_PDLS = ("off", "on")
+# Parsed in engine_env (no torch there), where the worker checks them before it starts on any device.
+CUDA_LINEAR_ENV = engine_env.CUDA_LINEAR_ENV
+CUDA_PDL_ENV = engine_env.CUDA_PDL_ENV
 
 
 def get_ops(device: torch.device | str) -> KernelOps:
@@ -40,18 +37,10 @@ def get_ops(device: torch.device | str) -> KernelOps:
             from pagedserve.kernels import triton_ops  # noqa: PLC0415  (optional: needs triton and a GPU)
         except ImportError:
             return TORCH_OPS
-        triton_linear = _setting(CUDA_LINEAR_ENV, CUDA_LINEARS) == "triton"
-        pdl = _setting(CUDA_PDL_ENV, CUDA_PDLS) == "on" and _has_pdl(device)
+        triton_linear = engine_env.cuda_linear_from_env() == "triton"
+        pdl = engine_env.cuda_pdl_from_env() == "on" and _has_pdl(device)
         return triton_ops.kernel_set(triton_linear, pdl)
     return TORCH_OPS
-
-
-def _setting(name: str, choices: tuple[str, ...]) -> str:
-    """The environment variable ``name`` (the first of ``choices`` when unset), refused unless one of them."""
-    choice = os.environ.get(name, "").strip().lower() or choices[0]
-    if choice not in choices:
-        raise ValueError(f"{name} must be {' or '.join(choices)} (got {choice!r})")
-    return choice
 
 
 def _has_pdl(device: torch.device) -> bool:
