@@ -68,9 +68,16 @@ JUNK = {
                                 r.set(Keys(k.prefix).result(f"{bid}.0"), json.dumps(
                                     {"type": "done", "id": f"{bid}.0", "outputs": [], "usage": {}}), ex=600)),
         "lines"),
+    "bare_record_with_a_cursor_not_a_number": (  # a producer's HSET of a few fields alone: no expiry on it
+        lambda r, k, bid, now: r.hset(k.record(bid), mapping={
+            "status": "in_progress", "cursor": "abc", "total": 3, "created_at": int(now),
+            "expires_at": int(now) + 60}), "cursor"),
     "record_not_a_hash": (lambda r, k, bid, now: r.set(k.record(bid), "junk"), None),
     "record_missing": (lambda r, k, bid, now: None, None),
 }
+
+
+RETENTION_S = 7200  # the workers' PAGEDSERVE_BATCH_RETENTION_S in these tests
 
 
 def ghost_holding(r: redis.Redis, keys: Keys, rid: str) -> None:
@@ -96,20 +103,27 @@ def test_a_junk_batch_record_is_set_aside_and_stops_nothing(kind, redis_url, pre
     ghost_holding(r, keys, "orphan")
     good = submit_batch(r, prefix, jsonl([completion("g0"), completion("g1")]), key="good")
     capfd.readouterr()
-    with running_worker(make_settings(redis_url, prefix, claim_idle_ms=500, queue_stats_interval_s=0.2),
-                        shared_engine):
+    with running_worker(make_settings(redis_url, prefix, claim_idle_ms=500, queue_stats_interval_s=0.2,
+                                      batch_retention_s=RETENTION_S), shared_engine):
         wait_for(lambda: r.exists(keys.result("orphan")), 30, what="the dead consumer's request answered")
         assert wait_batch(r, prefix, good, timeout=30, poll_s=0.1)["status"] == "completed"
         wait_for(lambda: r.zscore(k.active, bid) is None, 30, what="the junk batch out of the active set")
         time.sleep(1.0)  # many iterations more: the junk batch is not logged again
     if field is None:
         assert r.type(k.record(bid)) in (b"string", b"none")  # nothing is written to a key that is no record
+        assert r.ttl(k.record(bid)) in (-1, -2)
     else:
         rec = {a.decode(): v.decode() for a, v in r.hgetall(k.record(bid)).items()}
         assert rec["status"] == "failed" and rec["failed_at"], rec
         (error,) = json.loads(rec["errors"])["data"]
         assert error["code"] == "malformed_record" and error["param"] == field, error
         assert field in error["message"] and "malformed" in error["message"], error
+        # Its keys expire as a batch's do, the retention after its window (from when it was set aside where the
+        # window cannot be read): they stayed for ever, and its id in the index of all batches with them.
+        end = int(rec["expires_at"]) if rec["expires_at"].isdigit() else int(rec["failed_at"])
+        assert r.expiretime(k.record(bid)) == end + RETENTION_S, (r.ttl(k.record(bid)), rec)
+        for key in (k.lines(bid), k.out(bid), k.inflight(bid), k.entries(bid)):
+            assert r.ttl(key) > 0 or not r.exists(key), (key, r.ttl(key))
     lines = (lambda c: (c.out + c.err).splitlines())(capfd.readouterr())
     said = about(lines, bid)
     assert (1 if field else 0) <= len(said) <= 2, said  # a record that is gone is no news: its retention ended
@@ -124,8 +138,8 @@ def test_an_active_set_of_the_wrong_type_stops_no_reclaim(redis_url, prefix, r, 
     r.set(k.all, "junk")  # read for the metrics
     ghost_holding(r, keys, "orphan")
     capfd.readouterr()
-    with running_worker(make_settings(redis_url, prefix, claim_idle_ms=500, queue_stats_interval_s=0.2),
-                        shared_engine):
+    with running_worker(make_settings(redis_url, prefix, claim_idle_ms=500, queue_stats_interval_s=0.2,
+                                      batch_retention_s=RETENTION_S), shared_engine):
         wait_for(lambda: r.exists(keys.result("orphan")), 30, what="the dead consumer's request answered")
         time.sleep(1.5)
     lines = (lambda c: (c.out + c.err).splitlines())(capfd.readouterr())

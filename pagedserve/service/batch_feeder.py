@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from .batch_client import MAX_WINDOW_S
 from .batch_format import error_line, output_line
 from .batch_keys import (
     BATCH_ID, CLOSING, ENDED, SHOWN_AS, BatchKeys, BatchScripts, MalformedBatch, request_id, whole,
@@ -170,9 +171,12 @@ class BatchFeeder(WorkerPart):
 
     def _set_aside(self, bid: str, e: MalformedBatch) -> None:
         """A batch whose record or keys are not the service's: failed (when it is a batch record at all), with an
-        error naming the field, and out of the active set, so no worker looks at it again. Said once."""
+        error naming the field, and out of the active set, so no worker looks at it again; its keys expire as a
+        batch's do. Said once."""
         k = self.bkeys
-        got = as_text(self.scripts.fail(keys=[k.record(bid), k.active], args=[bid, int(time.time()), e.errors()]))
+        got = as_text(self.scripts.fail(
+            keys=[k.record(bid), k.active, k.lines(bid), k.out(bid), k.inflight(bid), k.entries(bid)],
+            args=[bid, int(time.time()), e.errors(), self.settings.batch_retention_s, MAX_WINDOW_S]))
         self.metrics.redis_ops.inc()
         self._drop(bid)
         self.log.error("batch_malformed", batch=bid, field=e.field, error=e.message,

@@ -14,7 +14,8 @@ batches with lines still to take or to collect, oldest first).
 Producers may write these keys too (they create batches), so a worker trusts nothing it reads there: a number is
 read with :func:`whole`, the scripts check what they read before their first write, and a batch whose record or
 keys the service did not write (:class:`MalformedBatch`) is set aside (batch_fail.lua: failed, with an error
-naming the field, out of the active set) instead of stopping the worker's loop or the other batches.
+naming the field, out of the active set, its keys expiring as a batch's) instead of stopping the worker's loop or
+the other batches.
 
 Invariants: a line is taken at most once (the take cursor moves in the same script that adds its stream entry);
 a line has at most one output line (HSETNX in the same script as the counters); ``completed + failed`` counts

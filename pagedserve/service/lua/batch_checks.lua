@@ -1,6 +1,6 @@
--- Checks shared by the batch scripts that workers run (take, collect, refeed): producers may write the batch keys,
--- so every number and key type is checked before a script's first write. Not a script of its own: scripts.source
--- puts this text where a script says --!include batch_checks.
+-- Checks shared by the batch scripts that workers run (take, collect, refeed, fail): producers may write the batch
+-- keys, so every number and key type is checked before a script's first write. Not a script of its own:
+-- scripts.source puts this text where a script says --!include batch_checks.
 
 -- A whole number >= 0 as the service writes one, or nil (missing, text, '1e3', ' 5', too big for exact math).
 local function count(v)
