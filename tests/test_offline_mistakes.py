@@ -248,7 +248,7 @@ def test_vllms_llm_arguments_at_what_pagedserve_does_are_taken(tiny_models):
     TypeError, where SamplingParams takes vLLM's defaults of what it lacks (held-out migration)."""
     llm = LLM(model=tiny_models["llama"], device="cpu", num_gpu_blocks=16, max_model_len=64, disable_log_stats=True,
               tokenizer_mode="auto", quantization=None, kv_cache_dtype="auto", revision=None,
-              enable_chunked_prefill=True)
+              enable_chunked_prefill=True, cpu_offload_gb=0.0, hf_overrides={}, compilation_config={})
     try:
         assert llm.generate("x", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
     finally:
@@ -256,3 +256,9 @@ def test_vllms_llm_arguments_at_what_pagedserve_does_are_taken(tiny_models):
     with pytest.raises(TypeError, match=r"^LLM\(\) quantization='awq' is not supported by pagedserve: it takes "
                                         r"vLLM's None only"):
         LLM(model=tiny_models["llama"], device="cpu", quantization="awq")
+    # vLLM's float cpu_offload_gb and its mapping hf_overrides at their defaults, as a script writes them (0.0,
+    # {}), were refused for the type alone; other values are still refused, and a bool option takes a bool only.
+    for name, value in (("cpu_offload_gb", 0.5), ("hf_overrides", {"num_hidden_layers": 1}), ("enable_lora", 0),
+                        ("disable_log_stats", 1)):
+        with pytest.raises(TypeError, match=rf"^LLM\(\) {name}={value!r} is not supported by pagedserve"):
+            LLM(model=tiny_models["llama"], device="cpu", **{name: value})

@@ -3,6 +3,9 @@ Python's generic "unexpected keyword argument"."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from types import MappingProxyType
+
 import pytest
 
 from pagedserve.engine import SamplingParams
@@ -69,3 +72,8 @@ def test_vllms_defaults_of_those_options_are_taken_and_change_nothing():
         assert not hasattr(p, name)
     with pytest.raises(TypeError, match="^SamplingParams option detokenize is not supported .* vLLM's default, True"):
         SamplingParams(detokenize=1)  # not True itself
+    # An empty mapping of any kind is the empty dict of vLLM's default (it was refused unless a dict itself).
+    assert SamplingParams(max_tokens=4, logit_bias=MappingProxyType({}), extra_args=OrderedDict()) == \
+        SamplingParams(max_tokens=4)
+    with pytest.raises(TypeError, match="^SamplingParams option logit_bias is not supported"):
+        SamplingParams(logit_bias=MappingProxyType({1: 1.0}))

@@ -155,8 +155,8 @@ _VLLM_DEFAULTS: dict[str, tuple] = {
     "pipeline_parallel_size": (1,),
     "cpu_offload_gb": (0,),
     "enable_lora": (False,),
-    "hf_overrides": (None,),
-    "compilation_config": (None,),
+    "hf_overrides": (None, {}),  # a mapping, or a function of the config: empty, it overrides nothing
+    "compilation_config": (None, {}),  # {}: a CompilationConfig of its defaults, as None
 }
 
 _VLLM_ONLY = {

@@ -7,6 +7,7 @@ import enum
 import functools
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
 from pagedserve.engine.structured_spec import validate_structured_outputs
@@ -300,8 +301,20 @@ def final_only(params: list) -> list:
 
 
 def same_as_one_of(value: object, choices: tuple) -> bool:
-    """Whether ``value`` is one of ``choices``, of its type too (``1`` is not ``True``, nor ``0.0`` ``0``)."""
-    return any(type(value) is type(c) and value == c for c in choices)
+    """Whether ``value`` is one of ``choices``: a number by its value (``0.0`` is ``0``: vLLM's float options
+    default to an int), a mapping by its items (an empty one is ``{}``), anything else of its type too (``1`` is
+    not ``True``: a bool option takes a bool)."""
+    return any(_same(value, c) for c in choices)
+
+
+def _same(value: object, choice: object) -> bool:
+    if isinstance(value, bool) or isinstance(choice, bool):
+        return type(value) is type(choice) and value == choice
+    if isinstance(choice, (int, float)) and isinstance(value, (int, float)):
+        return value == choice
+    if isinstance(choice, dict) and isinstance(value, Mapping):
+        return len(value) == len(choice) and dict(value) == choice
+    return type(value) is type(choice) and value == choice
 
 
 def is_vllm_default(name: str, value: object) -> bool:
