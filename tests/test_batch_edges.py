@@ -632,6 +632,13 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
                                      "without special tokens)"),
     ({"logit_bias": {"50256": -100}}, "body.logit_bias: not supported: leave it out"),
     ({"skip_special_tokens": 1}, "body.skip_special_tokens: not supported"),  # true, not a number that equals it
+    # vLLM's request fields, as a line dumped from its ChatCompletionRequest spells them out
+    ({"add_generation_prompt": True, "continue_final_message": False, "echo": False, "add_special_tokens": False,
+      "priority": 0, "length_penalty": 1.0, "return_tokens_as_token_ids": False}, None),
+    ({"add_generation_prompt": False}, "body.add_generation_prompt: only vLLM's default, true, is taken (got false)"),
+    ({"priority": 5}, "body.priority: only vLLM's default, 0, is taken (got 5)"),
+    ({"guided_json": {"type": "object"}}, 'body.guided_json: not supported: give a JSON Schema as response_format '
+                                          '{"type": "json_schema", ...}'),
 ])
 def test_vllms_options_at_their_defaults_are_taken_and_any_other_value_refused(extra, refusal):
     """A line written for vLLM's batch runner spells out skip_special_tokens: true (its default, what pagedserve

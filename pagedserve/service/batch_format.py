@@ -39,6 +39,20 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               "include_stop_str_in_output")
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
              "top_logprobs", "response_format", "stream", "best_of", "echo", "cache_salt", *_SAME_NAME}
+# vLLM's request fields (beyond its sampling options) at what pagedserve does, by url: a line dumped from vLLM's
+# request model spells them out. Other values are refused.
+_VLLM_REQUEST_DEFAULTS = {
+    "/v1/chat/completions": {"add_generation_prompt": (True,), "continue_final_message": (False,), "echo": (False,),
+                             "add_special_tokens": (False,), "priority": (0,), "length_penalty": (1.0,),
+                             # logprob tokens are written as token_id:<id> here whatever it says
+                             "return_tokens_as_token_ids": (False, True)},
+    "/v1/completions": {"add_special_tokens": (True,), "priority": (0,), "length_penalty": (1.0,),
+                        "return_tokens_as_token_ids": (False, True)},
+}
+# vLLM's structured-output fields: a line says it with OpenAI's response_format.
+_INSTEAD = {name: "give a JSON Schema as response_format {\"type\": \"json_schema\", ...} (regex, choice and "
+                  "grammar constraints are not taken in batch lines)"
+            for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")}
 # The keys of an OpenAI batch input line.
 _LINE_KEYS = {"custom_id", "method", "url", "body"}
 # What a request's message carries (protocol.ChatMessage): a name, tool calls or audio would change what the model
@@ -238,7 +252,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     # many alternatives in logprobs itself; its top_logprobs was ignored without a word).
     unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED - {"top_logprobs"}))
     if unknown:
-        from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default
+        from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default, same_as_one_of
 
         # vLLM's own options that pagedserve lacks: their vLLM defaults are what pagedserve does (a line written
         # for vLLM's batch runner spells out skip_special_tokens: true), anything else is refused saying so.
@@ -247,8 +261,18 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
                 raise LineError(f"body.{name}: not supported: {UNSUPPORTED_OPTIONS[name][0]}")
             del body[name]
             unknown.remove(name)
+        taken = _VLLM_REQUEST_DEFAULTS[url]
+        for name in [n for n in unknown if n in taken]:
+            if not same_as_one_of(body[name], taken[name]):
+                said = " or ".join(json.dumps(v) for v in taken[name])
+                got = json.dumps(body[name])
+                raise LineError(f"body.{name}: only vLLM's default, {said}, is taken (got "
+                                f"{got if len(got) <= 80 else got[:60] + '...'})")
+            del body[name]
+            unknown.remove(name)
     if unknown:
-        raise LineError(f"body.{unknown[0]}: not supported")
+        raise LineError(f"body.{unknown[0]}: not supported" + (f": {_INSTEAD[unknown[0]]}" if unknown[0] in _INSTEAD
+                                                               else ""))
     if body.get("stream"):
         raise LineError("body.stream: a batch line cannot stream")
     if body.get("echo"):
