@@ -226,7 +226,31 @@ def test_exact_dates_only():
         assert date.fullmatch(text)
     for text in ("2023-02-29", "1900-02-29", "0000-01-01", "2024-04-31"):
         assert not date.fullmatch(text)
-    assert re.fullmatch(EXACT_FORMATS["date-time"], "2024-02-29T23:59:60.5+05:30")
+    assert re.fullmatch(EXACT_FORMATS["date-time"], "2024-02-29T23:59:59.5+05:30")
+    # A leap second at any minute (llguidance's time and the old date-time): Python and pydantic take none
+    for fmt, text in (("date-time", "7084-11-09t02:13:60Z"), ("time", "10:50:60z"), ("time", "15:17:60+21:28")):
+        assert not re.fullmatch(EXACT_FORMATS[fmt], text)
+
+
+@pytest.mark.parametrize("schema, text, taken", [
+    # zod's never-matching member of a union, and unevaluatedProperties where nothing else evaluates the keys:
+    # both were refused ("not" and "unevaluatedProperties" unsupported); they mean what these keywords say
+    ({"anyOf": [{"type": "string"}, {"not": {}}]}, '"x"', True),
+    ({"anyOf": [{"type": "string"}, {"not": {}}]}, '1', False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "unevaluatedProperties": False}, '{"a": 1}', True),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "unevaluatedProperties": False,
+      "$comment": "x"}, '{"a": 1, "b": 2}', False),
+    ({"type": "string", "format": "time"}, '"10:50:59Z"', True),
+    ({"type": "string", "format": "time"}, '"10:50:60Z"', False),
+    ({"type": "string", "format": "email"}, '"' + "a" * 64 + '@example.com"', True),
+    ({"type": "string", "format": "email"}, '"' + "a" * 65 + '@example.com"', False),  # RFC 5321's 64
+    ({"type": "string", "format": "email"}, '"a@' + "b" * 63 + '.com"', True),
+    ({"type": "string", "format": "email"}, '"a@' + "b" * 64 + '.com"', False),  # a label's 63
+    ({"type": "string", "format": "email"}, '"not an email"', False),  # the format itself still holds
+])
+def test_formats_and_shapes_generators_write_are_followed(tokenized, schema, text, taken):
+    so, tok, eos = tokenized
+    assert _accepts(so.compile(validate_structured_outputs({"json": schema})).matcher(), tok, eos, text) == taken
 
 
 # ---------------------------------------------------------------------- matcher state: fork, rollback, rebuild

@@ -102,8 +102,13 @@ _YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
 _LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
 _DATE = (rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
          rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)")
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-EXACT_FORMATS = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}[tT]{_TIME}$"}
+# No leap second: JSON Schema admits one at 23:59:60 UTC alone (llguidance's at any minute), and Python's time and
+# datetime (jsonschema's format check, pydantic) none.
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+EXACT_FORMATS = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}[tT]{_TIME}$", "time": f"^{_TIME}$"}
+# A pattern beside llguidance's own format, which bounds no part's length: an email's local part takes at most 64
+# characters and a domain label 63 (RFC 5321, and pydantic's EmailStr), where a small model ran on in a loop.
+BOUNDED_FORMATS = {"email": r"^[^@]{1,64}@(?:[^.@]{1,63}\.)*[^.@]{1,63}$"}
 _DATA_KEYWORDS = ("enum", "const", "default", "examples")  # values, not schemas: never rewritten
 
 
@@ -126,12 +131,14 @@ def _exact_format(node: dict) -> dict:
     if isinstance(fmt, str) and fmt in EXACT_FORMATS and "pattern" not in node:
         del node["format"]
         node["pattern"] = EXACT_FORMATS[fmt]
+    elif isinstance(fmt, str) and fmt in BOUNDED_FORMATS and "pattern" not in node:
+        node["pattern"] = BOUNDED_FORMATS[fmt]  # followed together with the format
     return node
 
 
 def exact_formats(schema: object) -> object:
-    """A copy of ``schema`` whose ``date`` / ``date-time`` formats (without a ``pattern`` beside them) are the
-    exact patterns above."""
+    """A copy of ``schema`` whose ``date`` / ``date-time`` / ``time`` formats (without a ``pattern`` beside them) are
+    the exact patterns above, and whose ``email`` formats get their length bounds."""
     return _map_schemas(schema, _exact_format)
 
 
@@ -380,6 +387,30 @@ def known_format(name: str) -> bool:
 
     grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "string", "format": name})
     return not llguidance.LLMatcher.validate_grammar(grammar).startswith("Unknown format")
+
+
+# What may decide on an object's keys besides its own properties: with none of them, unevaluatedProperties is
+# additionalProperties.
+_EVALUATORS = ("patternProperties", "additionalProperties", "allOf", "anyOf", "oneOf", "if", "then", "else", "not",
+               "dependentSchemas", "$ref", "$dynamicRef")
+_NEVER = {"not": {}}  # the schema that no value matches (zod writes it)
+
+
+def plain_equivalents(schema: object) -> object:
+    """A copy of ``schema`` where two shapes generators write are said in keywords llguidance follows, meaning the
+    same: a member of ``anyOf``/``oneOf`` that matches nothing (``{"not": {}}``, zod's) is left out, and an object's
+    ``unevaluatedProperties`` is its ``additionalProperties`` where nothing else evaluates its keys."""
+    return _map_schemas(schema, _plain_equivalent)
+
+
+def _plain_equivalent(node: dict) -> dict:
+    for key in ("anyOf", "oneOf"):
+        members = node.get(key)
+        if isinstance(members, list) and _NEVER in members and any(m != _NEVER for m in members):
+            node[key] = [m for m in members if m != _NEVER]
+    if "unevaluatedProperties" in node and not any(k in node for k in _EVALUATORS):
+        node["additionalProperties"] = node.pop("unevaluatedProperties")
+    return node
 
 
 def known_formats_only(schema: object) -> object:
@@ -938,6 +969,7 @@ class LLGuidanceBackend:
                             "matches \\v, \\f and other Unicode spaces, which JSON does not): anything else between "
                             "the output's tokens would keep it from parsing")
             if kind == "json":
+                body = plain_equivalents(body)
                 if spec.get("disable_additional_properties", True):
                     body = closed_objects(body)
                 inexact = inexact_number(body)
