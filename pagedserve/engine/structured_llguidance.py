@@ -722,6 +722,15 @@ def _json_error(error: str, schema: object) -> str:
             _, where, value = min(tiny)
             return (f"{where} {value!r} is too close to zero for llguidance (its range of numbers nests a level per "
                     "digit after the point): use a bound of fewer decimal places (or 0)")
+    if error.startswith("regex parse error"):  # llguidance names neither the place nor the pattern as written
+        for where, node in _schemas(schema):
+            patterns = [("pattern", node["pattern"])] if isinstance(node.get("pattern"), str) else []
+            if isinstance(node.get("patternProperties"), dict):
+                patterns += [("patternProperties", key) for key in node["patternProperties"]]
+            for key, pattern in patterns:
+                problem = _regex_problem(pattern)
+                if problem:
+                    return f"{where}/{key} {json.dumps(pattern)} does not compile: {_cut(problem)}"
     if "min/maxProperties only supported" in error:  # llguidance does not say which object
         for where, node in _schemas(schema):
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
@@ -792,6 +801,16 @@ def _timed_mask(m, row: torch.Tensor) -> float:
     started = time.thread_time()
     m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     return time.thread_time() - started
+
+
+def _regex_problem(pattern: str) -> str:
+    """What llguidance says of ``pattern`` compiled alone (its "error: look-around ... is not supported" line where
+    it has one), or "" when it compiles."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_regex(pattern))
+    said = [line.strip().removeprefix("error: ") for line in error.splitlines() if line.strip().startswith("error:")]
+    return said[0] if said else error
 
 
 def _cut(text: str) -> str:
