@@ -242,3 +242,20 @@ def test_the_latency_histogram_counts_the_wait_for_redis_to_store_the_result(pre
     observed = after["pagedserve_e2e_request_latency_seconds_sum"] - before.get(
         "pagedserve_e2e_request_latency_seconds_sum", 0)
     assert observed >= stored.metrics.e2e_ms / 1000 + hang_s, (observed, stored.metrics.e2e_ms)
+
+
+def test_a_request_cancelled_before_pickup_is_in_the_latency_histogram(redis_url, prefix, shared_engine):
+    """Every stored end is counted by ``pagedserve_e2e_request_latency_seconds`` ("enqueue to terminal result"),
+    but a request cancelled before a worker picked it up was not: dashboards comparing the histogram's count with
+    ``requests_total`` were off by the cancels before pickup."""
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        name = "pagedserve_e2e_request_latency_seconds_count"
+        before = _scrape(w.health.port)
+        c.cancel("cancelled-first")  # the mark is there before the request is
+        done = c.generate(params={"max_tokens": 5}, prompt="x", id="cancelled-first", timeout=60)
+        assert done.outputs[0].finish_reason == "cancelled", done
+        wait_for(lambda: _scrape(w.health.port).get(name, 0) == before.get(name, 0) + 1, 10, 0.05,
+                 "the observation")
+        cancelled = 'pagedserve_requests_total{outcome="cancelled"}'
+        assert _scrape(w.health.port)[cancelled] == before.get(cancelled, 0) + 1

@@ -204,6 +204,29 @@ def test_the_health_server_binds_ipv6_too():
             server.stop()
 
 
+def test_head_probes_get_the_get_answers_headers():
+    """An uptime checker or load balancer probing with HEAD got 501 (Unsupported method) on every path."""
+    from pagedserve.service.health import HealthServer
+
+    server = HealthServer("127.0.0.1", 0, lambda: (True, {}), lambda: (False, {"stopping": True}),
+                          lambda: b"metric 1\n").start()
+    try:
+        def fetch(path: str, method: str) -> tuple[int, int, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    return resp.status, int(resp.headers["Content-Length"]), resp.read()
+            except urllib.error.HTTPError as e:
+                return e.code, int(e.headers["Content-Length"]), e.read()
+
+        for path, code in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200), ("/nothing", 404)):
+            status, length, body = fetch(path, "GET")
+            assert status == code and length == len(body) > 0, path
+            assert fetch(path, "HEAD") == (code, length, b""), path
+    finally:
+        server.stop()
+
+
 def test_a_probe_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     """A probe with a short timeout (curl --max-time, a kubelet) closes its connection while a slow answer is
     being made (a paused or busy worker). Writing the answer then fails: the server printed two chained

@@ -88,29 +88,35 @@ class HealthServer:
             timeout = read_timeout_s  # a read that waits longer ends the connection (http.server drops it quietly)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server API
+                self._answer(with_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802 - the uptime checkers and load balancers that probe with HEAD
+                self._answer(with_body=False)
+
+            def _answer(self, with_body: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 try:
                     if path == "/healthz":
                         ok, info = outer.alive()
-                        self._send(200 if ok else 503, "application/json", json.dumps({"ok": ok, **info}).encode())
+                        answer = 200 if ok else 503, "application/json", json.dumps({"ok": ok, **info}).encode()
                     elif path == "/readyz":
                         ok, info = outer.ready()
-                        self._send(200 if ok else 503, "application/json", json.dumps({"ok": ok, **info}).encode())
+                        answer = 200 if ok else 503, "application/json", json.dumps({"ok": ok, **info}).encode()
                     elif path == "/metrics":
-                        self._send(200, CONTENT_TYPE_LATEST, outer.scrape())
+                        answer = 200, CONTENT_TYPE_LATEST, outer.scrape()
                     else:
-                        self._send(404, "text/plain", b"not found\n")
-                except (ConnectionError, TimeoutError):
-                    raise  # the peer is gone: no answer to send (the server's handle_error drops it)
+                        answer = 404, "text/plain", b"not found\n"
                 except Exception as e:  # a failing probe must answer, not hang
-                    self._send(500, "text/plain", f"{type(e).__name__}: {e}\n".encode())
+                    answer = 500, "text/plain", f"{type(e).__name__}: {e}\n".encode()
+                self._send(*answer, with_body)
 
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
+            def _send(self, code: int, ctype: str, body: bytes, with_body: bool) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if with_body:
+                    self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:  # probes are too chatty for the log
                 pass

@@ -153,7 +153,9 @@ class Outcomes(WorkerPart):
         with it): ``done``, with the outputs empty or as far as an earlier run streamed them (``handed_out``)."""
         ev = done_before_start(req.id, params.n, reason, (time.time() - arrival) * 1000, req.metadata, handed_out,
                                prompt_tokens)
-        self._terminal(req.id, ev.model_dump_json().encode(), entry_ids)
+        # Counted by the e2e histogram as every stored end is (it skipped these), when the result is in Redis.
+        self._terminal(req.id, ev.model_dump_json().encode(), entry_ids,
+                       lambda: self.metrics.e2e.observe(max(0.0, time.time() - arrival)))
         self.metrics.requests.labels(outcome=reason).inc()
         log.info("request_finished", finish_reason=reason, before_start=True)
         if span is not None:
