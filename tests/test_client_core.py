@@ -1818,6 +1818,51 @@ def test_a_cancel_that_arrives_as_a_call_ends_is_not_lost(redis_url, prefix):
     assert sum(cancelled for cancelled, _ in outcome.values()) > 0, (seed, outcome)
 
 
+def test_two_acloses_at_once_and_a_cancelled_submit_leave_nothing_running(redis_url, prefix, shared_engine):
+    """Two aclose() at once (an ``async with`` exit beside a shutdown hook): the second closed the connections under
+    the first's cancels, and the streams' requests ran to their end. A submit cancelled once its request was sent
+    raised CancelledError without the id (made by the call): nobody could cancel it, and it ran to its end."""
+    import random
+
+    from service_fixtures import make_settings, running_worker, wait_for
+
+    from pagedserve.service.client import AsyncClient
+    from pagedserve.service.protocol import parse_terminal
+
+    seed = random.randrange(1 << 30)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    params = {"max_tokens": 1000, "ignore_eos": True}
+
+    async def main(r) -> list[str]:
+        ac = AsyncClient(redis_url, prefix=prefix)
+        streams = [asyncio.create_task(_long_stream(ac, f"s {i}")) for i in range(3)]
+        kept = []  # ids submit returned: those run on, as submit says
+        for _ in range(12):
+            task = asyncio.create_task(ac.submit("x", params=params))
+            await asyncio.sleep(rng.uniform(0, 0.003))
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                kept.append(await task)
+        await asyncio.sleep(0.8)
+        await asyncio.gather(ac.aclose(), ac.aclose())
+        await asyncio.gather(*streams)
+        return kept
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
+        kept = asyncio.run(main(r))
+        def ends() -> dict:
+            return {k.decode().rsplit(":", 1)[1]: parse_terminal(r.get(k)).outputs[0].finish_reason
+                    for k in r.scan_iter(f"{prefix}:result:*")}
+        def settled() -> bool:  # every entry delivered and acknowledged, nothing running
+            group = r.xinfo_groups(f"{prefix}:requests")[0]
+            return (group["pending"] == 0 and group.get("lag") == 0
+                    and not list(r.scan_iter(f"{prefix}:running:*")))
+        wait_for(settled, 120, 0.2, "every request ended")
+        wrong = {rid: why for rid, why in ends().items() if rid not in kept and why != "cancelled"}
+        assert not wrong, (seed, wrong)
+
+
 def test_the_shared_retry_policy_is_one_per_client_and_pickles():
     """The retry policy a client's connections share (closing turns it off for them all) is one per client, and a
     class of its own module, so it pickles as redis-py's did."""

@@ -606,7 +606,7 @@ class AsyncClient(ProducerCore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._closing = False  # from aclose's start: no call sends anything any more
-        self._connections_closed = False
+        self._close_task: asyncio.Future | None = None
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._cancelling: set[asyncio.Task] = set()  # cancels of abandoned requests on their way (held: not GC'd)
         self._socket_timeout = socket_timeout
@@ -617,9 +617,9 @@ class AsyncClient(ProducerCore):
         client), then close the connections. From its start no call sends a request (it would be left running:
         its caller gets an error and nothing would cancel it); the cancels go out at once, all together within
         CLOSE_CANCELS_S, so a Redis that hangs holds the close that long, not that long per open stream."""
-        if self._closing:
-            # Done, or begun by a call that was cancelled (a shutdown's deadline) before it closed the connections.
-            await self._close_connections()
+        if self._closing:  # done, or under way (another call's, or one cut short: it goes on by itself)
+            if self._close_task is not None:
+                await asyncio.shield(self._close_task)
             return
         if self._loop is not None and self._loop.is_closed():
             # Its loop has ended (an asyncio.run() it was used in): so have its calls, and its connections cannot
@@ -631,6 +631,13 @@ class AsyncClient(ProducerCore):
             return
         self._bind_loop()
         self._closing = True
+        # A task of its own, shielded: a caller cut short (a shutdown's deadline) leaves it to finish (the cancels
+        # sent, the connections closed), and a second aclose() waits for it rather than closing under its cancels.
+        self._close_task = asyncio.ensure_future(self._close())
+        self._close_task.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         for rid in sorted(self._owned):
             task = asyncio.ensure_future(self._send_cancel(rid))
             self._cancelling.add(task)
@@ -639,18 +646,12 @@ class AsyncClient(ProducerCore):
         try:
             if self._cancelling:
                 await asyncio.wait(list(self._cancelling), timeout=CLOSE_CANCELS_S)
-        finally:  # cancelled meanwhile too: the connections are closed, not left open with the client half closed
+        finally:
             for task in list(self._cancelling):  # Redis did not answer in time: they are given up
                 task.cancel()
-            await self._close_connections()
-
-    async def _close_connections(self) -> None:
-        if self._closed and self._connections_closed:
-            return
-        self._closed = True
-        self.r.get_retry().update_retries(0)  # a command the close breaks ends, not reconnects (retry_once)
-        await self.r.aclose()
-        self._connections_closed = True
+            self._closed = True
+            self.r.get_retry().update_retries(0)  # a command the close breaks ends, not reconnects (retry_once)
+            await self.r.aclose()
 
     def _bind_loop(self) -> None:
         """redis-py's asyncio connections belong to the event loop that opened them: used from another, a call
@@ -672,10 +673,16 @@ class AsyncClient(ProducerCore):
 
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
         self._bind_loop()
+        private = _private_id(kw)
         req = self._request(prompt, kw)
         self._check_not_closing()
         with self._reaching(sending=req.id):
-            await _one_call(self._xadd(req))
+            try:
+                await _one_call(self._xadd(req))
+            except asyncio.CancelledError:
+                if private:  # sent, or it may be, under an id no one else has: nobody could wait for it or cancel it
+                    await self._cancel_abandoned(req.id)
+                raise
         return req.id
 
     async def _xadd(self, req: GenerateRequest) -> str:
