@@ -635,6 +635,7 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     # vLLM's request fields, as a line dumped from its ChatCompletionRequest spells them out
     ({"add_generation_prompt": True, "continue_final_message": False, "echo": False, "add_special_tokens": False,
       "priority": 0, "length_penalty": 1.0, "return_tokens_as_token_ids": False}, None),
+    ({"parallel_tool_calls": False, "tool_choice": "none", "request_id": "r-1", "top_logprobs": 0}, None),
     ({"add_generation_prompt": False}, "body.add_generation_prompt: only vLLM's default, true, is taken (got false)"),
     ({"priority": 5}, "body.priority: only vLLM's default, 0, is taken (got 5)"),
     ({"guided_json": {"type": "object"}}, 'body.guided_json: not supported: give a JSON Schema as response_format '

@@ -384,11 +384,16 @@ def test_a_scaled_rope_comes_through_or_is_refused(tmp_path, cache, hf_greedy):
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(4.0)
 
+    def endless_factor(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float("inf"))
+
     def odd_divisors(writer):
         writer.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, 8).astype(np.float32))
 
     for extra, said in ((yarn_file, r"llama.rope.scaling.type is 'yarn' \(factor 4.0\); the engine runs linear and "
                                     r"Llama 3 rope scaling only"),
+                        (endless_factor, r"llama.rope.scaling.type is 'linear' \(factor inf\)"),
                         (odd_divisors, r"rope_freqs.weight \(per-frequency rotary divisors\) is not Llama 3's")):
         with pytest.raises(ValueError, match=said):
             inspect_gguf(write_gguf(hf_linear, tmp_path / f"{extra.__name__}.gguf", extra=extra))

@@ -256,6 +256,10 @@ def test_vllms_llm_arguments_at_what_pagedserve_does_are_taken(tiny_models):
     with pytest.raises(TypeError, match=r"^LLM\(\) quantization='awq' is not supported by pagedserve: it takes "
                                         r"vLLM's None only"):
         LLM(model=tiny_models["llama"], device="cpu", quantization="awq")
+    from pagedserve.engine.sampling_params import same_as_one_of
+
+    assert same_as_one_of(np.int64(0), (0,)) and same_as_one_of(np.float64(0), (0,))  # numpy's numbers as Python's
+    assert not same_as_one_of(np.bool_(False), (0,)) and not same_as_one_of(True, (1,))
     # vLLM's float cpu_offload_gb and its mapping hf_overrides at their defaults, as a script writes them (0.0,
     # {}), were refused for the type alone; other values are still refused, and a bool option takes a bool only.
     for name, value in (("cpu_offload_gb", 0.5), ("hf_overrides", {"num_hidden_layers": 1}), ("enable_lora", 0),

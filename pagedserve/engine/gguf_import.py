@@ -256,6 +256,8 @@ def _rope_scaling(path: Path, reader, architecture: str, tensors: list) -> dict 
     """HF's rope scaling parameters for what the file states (None: unscaled), or a ValueError for a scaling the
     engine does not run. transformers' GGUF reader maps neither the scaling metadata nor ``rope_freqs.weight``:
     a scaled model converted without them ran unscaled, its answers off, with no error."""
+    import math
+
     import numpy as np
 
     kind = _field(reader, f"{architecture}.rope.scaling.type")
@@ -281,7 +283,7 @@ def _rope_scaling(path: Path, reader, architecture: str, tensors: list) -> dict 
                          f"rope scaling, the only one stored that way that the engine runs")
     if kind in (None, "none"):
         return None
-    if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
+    if kind == "linear" and isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0:
         return None if factor == 1 else {"rope_type": "linear", "factor": float(factor)}
     raise ValueError(f"{str(path)!r}: its {architecture}.rope.scaling.type is {kind!r} (factor {factor}); the "
                      f"engine runs linear and Llama 3 rope scaling only")

@@ -237,14 +237,16 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     params = dict(model.named_parameters())
     filled: set[str] = set()
     bytes_read = 0
-    first_rows: dict[str, torch.Tensor] = {}  # of the embedding and of an lm_head a tied model leaves unread
+    sampled_rows: dict[str, torch.Tensor] = {}  # rows of the embedding and of an lm_head a tied model leaves unread
     for file in files:
         with _open_checkpoint(path, file) as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
                 if name in ("lm_head.weight", "model.embed_tokens.weight") and model.tie_word_embeddings:
-                    first_rows[name] = f.get_slice(name)[:16]
+                    rows = f.get_slice(name)
+                    n = rows.get_shape()[0]  # 16 rows at each end and in the middle: no whole-matrix read
+                    sampled_rows[name] = torch.cat([rows[:16], rows[n // 2:n // 2 + 16], rows[max(0, n - 16):]])
                 target, part = _target(model, name, params)
                 if target is None:
                     if name == "lm_head.weight" and model.tie_word_embeddings:
@@ -272,7 +274,7 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
     if missing:
         raise ValueError(f"model {str(path)!r}: the checkpoint is missing tensors: {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}")
-    if len(first_rows) == 2 and not torch.equal(*first_rows.values()):
+    if len(sampled_rows) == 2 and not torch.equal(*sampled_rows.values()):
         # vLLM ties them too; transformers 5 unties them and uses the file's lm_head, so its answers differ.
         logging.getLogger(__name__).warning(
             "model %r: config.json ties the word embeddings, and the checkpoint also holds an lm_head.weight that "

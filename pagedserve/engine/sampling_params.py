@@ -310,7 +310,7 @@ def same_as_one_of(value: object, choices: tuple) -> bool:
 def _same(value: object, choice: object) -> bool:
     if isinstance(value, bool) or isinstance(choice, bool):
         return type(value) is type(choice) and value == choice
-    if isinstance(choice, (int, float)) and isinstance(value, (int, float)):
+    if isinstance(choice, numbers.Real) and isinstance(value, numbers.Real):  # numpy's numbers too
         return value == choice
     if isinstance(choice, dict) and isinstance(value, Mapping):
         return len(value) == len(choice) and dict(value) == choice

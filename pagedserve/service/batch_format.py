@@ -45,7 +45,9 @@ _VLLM_REQUEST_DEFAULTS = {
     "/v1/chat/completions": {"add_generation_prompt": (True,), "continue_final_message": (False,), "echo": (False,),
                              "add_special_tokens": (False,), "priority": (0,), "length_penalty": (1.0,),
                              # logprob tokens are written as token_id:<id> here whatever it says
-                             "return_tokens_as_token_ids": (False, True)},
+                             "return_tokens_as_token_ids": (False, True),
+                             # a line has no tools (they are refused), so no tool is called either way
+                             "tool_choice": ("none", "auto"), "parallel_tool_calls": (False, True)},
     "/v1/completions": {"add_special_tokens": (True,), "priority": (0,), "length_penalty": (1.0,),
                         "return_tokens_as_token_ids": (False, True)},
 }
@@ -198,7 +200,8 @@ def _params(body: dict, chat: bool, written: dict[str, str]) -> dict:
         if body.get("logprobs"):
             params["logprobs"] = body.get("top_logprobs") or 0
             written["logprobs"] = "top_logprobs"
-        elif body.get("top_logprobs") is not None:
+        elif body.get("top_logprobs") is not None and not (type(body["top_logprobs"]) is int
+                                                            and body["top_logprobs"] == 0):  # vLLM's default: none
             raise LineError("body.top_logprobs: needs logprobs: true")
     elif body.get("logprobs") is not None:
         params["logprobs"] = body["logprobs"]
@@ -262,6 +265,9 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
             del body[name]
             unknown.remove(name)
         taken = _VLLM_REQUEST_DEFAULTS[url]
+        if isinstance(body.get("request_id"), str):  # vLLM's id for its logs: the line's custom_id names it here
+            del body["request_id"]
+            unknown.remove("request_id")
         for name in [n for n in unknown if n in taken]:
             if not same_as_one_of(body[name], taken[name]):
                 said = " or ".join(json.dumps(v) for v in taken[name])
