@@ -294,7 +294,8 @@ def test_each_url_takes_its_own_fields_only():
     accepted and ignored: logprobs=1, top_logprobs=2 gave one alternative a token, without a word."""
     errors = _errors([completion("top", logprobs=1, top_logprobs=2), chat("echo", echo=True),
                       chat("best_of", best_of=2), completion("ok", logprobs=2)])
-    assert errors == {"top": "line 1: body.top_logprobs: not supported", "echo": "line 2: body.echo: not supported",
+    assert errors == {"top": "line 1: body.top_logprobs: not supported",
+                      "echo": "line 2: body.echo: only vLLM's default, false, is taken (got true)",
                       "best_of": "line 3: body.best_of: not supported"}
 
 

@@ -1038,9 +1038,11 @@ def test_kernel_sets_are_typed_records():
         with pytest.raises(dataclasses.FrozenInstanceError):
             ops.write_kv = reference.write_kv
     for field in dataclasses.fields(KernelOps):
-        if field.name not in ("name", "plan_decode", "decoder_stack", "rotary_write_kv", "linear", "gate_up_silu"):
+        if field.name not in ("name", "plan_decode", "decoder_stack", "rotary_write_kv", "linear", "gate_up_silu",
+                              "decodes_apart"):
             assert getattr(TORCH_OPS, field.name) is getattr(reference, field.name), field.name
     assert TORCH_OPS.plan_decode is cpu_decode.decode_plan
+    assert TORCH_OPS.decodes_apart and CPU_OPS.decodes_apart and not triton_ops.OPS.decodes_apart
     # Rotary and the KV write in one pass is Triton's alone; elsewhere the model calls the two ops.
     assert TORCH_OPS.rotary_write_kv is None and CPU_OPS.rotary_write_kv is None
     assert triton_ops.OPS.rotary_write_kv is not None

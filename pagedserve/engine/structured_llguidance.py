@@ -730,7 +730,7 @@ def _json_error(error: str, schema: object) -> str:
             for key, pattern in patterns:
                 problem = _regex_problem(pattern)
                 if problem:
-                    return f"{where}/{key} {json.dumps(pattern)} does not compile: {_cut(problem)}"
+                    return f"{where}/{key} {pattern} does not compile: {_cut(problem)}"
     if "min/maxProperties only supported" in error:  # llguidance does not say which object
         for where, node in _schemas(schema):
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
