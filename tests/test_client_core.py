@@ -1863,6 +1863,40 @@ def test_two_acloses_at_once_and_a_cancelled_submit_leave_nothing_running(redis_
         assert not wrong, (seed, wrong)
 
 
+def test_an_aclose_cut_short_as_the_loop_ends_still_cancels_what_it_owned(redis_url, prefix, shared_engine):
+    """aclose() under a shutdown's deadline, then asyncio.run returns at once: its teardown cancelled the close's
+    cancels before they went out, and the streams' requests ran to their end with their callers gone (3 of 3)."""
+    from service_fixtures import make_settings, running_worker, wait_for
+
+    from pagedserve.service.client import AsyncClient
+    from pagedserve.service.protocol import parse_terminal
+
+    ids: list[str] = []
+
+    async def main():
+        ac = AsyncClient(redis_url, prefix=prefix)
+
+        async def stream():
+            async for ev in ac.stream("x", params={"max_tokens": 1000, "ignore_eos": True}):
+                if ev.id not in ids:
+                    ids.append(ev.id)
+
+        tasks = [asyncio.create_task(stream()) for _ in range(3)]
+        wait_until = time.monotonic() + 60
+        while len(ids) < 3 and time.monotonic() < wait_until:
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(ac.aclose(), 0.001)
+        del tasks  # the loop ends here, the streams and the close still running
+
+    with running_worker(make_settings(redis_url, prefix), shared_engine), redis.Redis.from_url(redis_url) as r:
+        asyncio.run(main())
+        assert len(ids) == 3, ids
+        wait_for(lambda: all(r.exists(f"{prefix}:result:{rid}") for rid in ids), 60, 0.1, "their ends")
+        ends = [parse_terminal(r.get(f"{prefix}:result:{rid}")).outputs[0].finish_reason for rid in ids]
+        assert ends == ["cancelled"] * 3, ends
+
+
 def test_the_shared_retry_policy_is_one_per_client_and_pickles():
     """The retry policy a client's connections share (closing turns it off for them all) is one per client, and a
     class of its own module, so it pickles as redis-py's did."""

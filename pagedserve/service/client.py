@@ -638,14 +638,25 @@ class AsyncClient(ProducerCore):
         await asyncio.shield(self._close_task)
 
     async def _close(self) -> None:
+        sent: dict[asyncio.Task, str] = {}
         for rid in sorted(self._owned):
             task = asyncio.ensure_future(self._send_cancel(rid))
             self._cancelling.add(task)
             task.add_done_callback(_forget_cancel(self._cancelling))
+            sent[task] = rid
         self._owned = set()
         try:
             if self._cancelling:
                 await asyncio.wait(list(self._cancelling), timeout=CLOSE_CANCELS_S)
+        except asyncio.CancelledError:
+            # The loop is ending under a close cut short (asyncio.run's teardown cancels every task, these cancels
+            # too): the ones not through yet go out again from tasks of their own, as an abandoned call's does.
+            again = [asyncio.ensure_future(self._send_cancel(rid)) for task, rid in sent.items()
+                     if not task.done() or task.cancelled()]
+            if again:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait(again, timeout=CLOSE_CANCELS_S)
+            raise
         finally:
             for task in list(self._cancelling):  # Redis did not answer in time: they are given up
                 task.cancel()
