@@ -200,13 +200,16 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         pending_rows: list[int] = []
         pending_sources: list[int] = []
-        decode_only = True
         num_tokens = 0
-        pairs = [pair for item in sched.scheduled for pair in item.seqs]
-        num_decodes = 0
-        if self.ops.decodes_apart:  # decodes first (a stable sort: each part keeps the scheduler's order)
-            pairs.sort(key=lambda pair: not _decodes(*pair))
-            num_decodes = sum(1 for pair in pairs if _decodes(*pair))
+        decodes: list[tuple[Sequence, int]] = []
+        others: list[tuple[Sequence, int]] = []
+        for item in sched.scheduled:  # each part keeps the scheduler's order
+            for pair in item.seqs:
+                (decodes if _decodes(*pair) else others).append(pair)
+        decode_only = not others
+        # A mixed step's decodes first, for the decode kernel (KernelOps.decodes_apart).
+        num_decodes = len(decodes) if self.ops.decodes_apart and decodes and others else 0
+        pairs = decodes + others if num_decodes else [pair for item in sched.scheduled for pair in item.seqs]
         for seq, n in pairs:
             start = seq.num_computed_tokens
             end = start + n
@@ -217,13 +220,10 @@ class ModelRunner:
                 input_ids.append(known[start] if start < num_known else 0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
-                if start < seq.num_prompt_tokens:  # a prompt's last token alone is a prefill (_decodes)
-                    decode_only = False
             else:
                 input_ids.extend(known[start:end])
                 positions.extend(range(start, end))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-                decode_only = False
             num_tokens += n
             if end > num_known:  # its last token is still on the device: taken from there
                 if n > 1:
@@ -239,7 +239,7 @@ class ModelRunner:
         block_tables = self.block_table_rows.gather(planned)
         return StepPlan(input_ids, positions, slots, cu, seq_lens, block_tables, decode_only, sample_rows,
                         list(sched.swap_out), list(sched.swap_in), list(sched.copies), pending_rows,
-                        pending_sources, sample_seqs, 0 if decode_only else num_decodes)
+                        pending_sources, sample_seqs, num_decodes)
 
     def prepare(self, plan: StepPlan, pending_tokens: torch.Tensor | None = None) -> StepInputs:
         """The plan's tensors on the device (lists, arrays or CPU tensors alike: a rank's plan was unpacked), in two

@@ -313,7 +313,7 @@ def _same(value: object, choice: object) -> bool:
     if isinstance(choice, numbers.Real) and isinstance(value, numbers.Real):  # numpy's numbers too
         return value == choice
     if isinstance(choice, dict) and isinstance(value, Mapping):
-        return len(value) == len(choice) and dict(value) == choice
+        return dict(value) == choice
     return type(value) is type(choice) and value == choice
 
 

@@ -320,7 +320,8 @@ def results(
                 return wait_batch(r, prefix, batch_id, timeout=timeout, pickup_timeout=pickup_timeout,
                                   where=redact(s.redis_url))
             except NoWorker as e:  # as `submit` says it: the work stays queued, and how to get it later
-                cancel = "" if "cancelled batch" in str(e) else f", `pagedserve batch cancel {batch_id}` cancels it"
+                cancel = ("" if getattr(e, "batch_status", None) == "cancelling"
+                          else f", `pagedserve batch cancel {batch_id}` cancels it")
                 _fail(f"error: {e} (`pagedserve batch results {batch_id} --wait` waits for it then{cancel})",
                       3)  # no answer yet, the batch kept: as not ended
             except TimeoutError:  # not ended: said below, with the lines there are so far

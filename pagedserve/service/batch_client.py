@@ -326,10 +326,13 @@ def wait_batch(r: redis.Redis, prefix: str, bid: str, timeout: float | None = No
                 why = None
             if why is not None:
                 if status["status"] == "cancelling":  # nothing more runs: a worker ends it when one starts
-                    raise NoWorker(f"no worker is running to end cancelled batch {bid} ({why}): it stays "
+                    err = NoWorker(f"no worker is running to end cancelled batch {bid} ({why}): it stays "
                                    "cancelling, and a worker that starts answers its lines not run as cancelled", bid)
-                raise NoWorker(f"no worker is running batch {bid} after {pickup_timeout:g} s without progress "
-                               f"({why}): it stays {status['status']} and runs when a worker starts", bid)
+                else:
+                    err = NoWorker(f"no worker is running batch {bid} after {pickup_timeout:g} s without progress "
+                                   f"({why}): it stays {status['status']} and runs when a worker starts", bid)
+                err.batch_status = status["status"]  # what a caller's advice depends on
+                raise err
             still_since = now
         if end is not None and now >= end:
             raise TimeoutError(f"batch {bid} is still {status['status']} after {timeout}s")
