@@ -930,7 +930,7 @@ def _worker_would_export_spans(env: dict[str, str], monkeypatch) -> bool:
         monkeypatch.setenv(name, value)
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
-    return telemetry._span_exporter() is not None
+    return bool(telemetry._span_exporters())
 
 
 @pytest.mark.parametrize("values", [

@@ -170,7 +170,8 @@ def test_redaction_keeps_the_text_around_what_it_masks(text, masked):
 
 # --- the OTLP exporter's headers ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("headers", ["Authorization:Bearer 0tlpT0k3n1", "x-api-key:0tlpT0k3n1,Authorization= ok"])
+@pytest.mark.parametrize("headers", ["Authorization:Bearer 0tlpT0k3n1", "x-api-key:0tlpT0k3n1,Authorization= ok",
+                                     "Authorization=ok,dd-api-key 0tlpT0k3n1"])
 def test_a_malformed_otlp_header_is_not_quoted_with_its_token(headers):
     """OTEL_EXPORTER_OTLP_HEADERS written HTTP-style (``Authorization:Bearer ...``, a colon for the ``=``): the
     exporter's warning quoted the entry, the collector's token in clear, in `submit`'s stderr and the worker's log."""
@@ -179,6 +180,16 @@ def test_a_malformed_otlp_header_is_not_quoted_with_its_token(headers):
     res = _run([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello"], env)
     assert "Header format invalid" in res.stderr, res.stderr  # the warning is kept, masked
     assert "0tlpT0k3n1" not in res.stdout + res.stderr, res.stderr
+
+
+def test_a_key_in_the_otlp_endpoints_query_is_not_quoted():
+    """A collector key in the endpoint's query string (``?api_key=...``): the exporter's retry warnings quote the
+    URL, and it went out in clear in every one of them."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}/?api_key=0tlpT0k3n2",
+           "PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    res = _run([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello"], env)
+    assert "Transient error" in res.stderr, res.stderr  # the warning is kept, masked
+    assert "0tlpT0k3n2" not in res.stdout + res.stderr, res.stderr
 
 
 def test_log_values_nested_in_dicts_and_lists_are_masked(capsys):

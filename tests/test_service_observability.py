@@ -177,6 +177,39 @@ def test_a_request_handed_over_at_shutdown_is_no_error_in_its_trace(redis_url, p
         ("pagedserve.request.handed_over", "released on shutdown")]
 
 
+def test_an_untraced_request_taken_over_stays_in_one_trace(redis_url, prefix, shared_engine):
+    """A producer that sent no ``traceparent`` (a raw XADD, an app without an OpenTelemetry SDK): each delivery's
+    span began a trace of its own, so a request handed over at shutdown and finished by the next worker was split
+    across traces, its log lines' trace ids too. Every delivery of the entry takes one trace id, derived from it."""
+    import json
+
+    import redis
+
+    from pagedserve.service.protocol import Keys
+    from pagedserve.service.telemetry import _EntryTraceIds, entry_trace_id
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=_EntryTraceIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = make_settings(redis_url, prefix, grace_period_s=0)
+    keys = Keys(prefix)
+    configure_logging("json", "INFO")
+    with structlog.testing.capture_logs() as logs:
+        with running_worker(s, shared_engine, tracer_provider=provider) as w:
+            body = {"id": "untraced", "prompt": "long", "params": {"max_tokens": 400, "ignore_eos": True}}
+            with redis.Redis.from_url(redis_url) as r:
+                entry = r.xadd(keys.requests, {"body": json.dumps(body)}).decode()
+            wait_for(lambda: "untraced" in w.running.table, 30, what="the request running")
+        with running_worker(s, shared_engine, tracer_provider=provider), Client(settings=s) as c:
+            assert isinstance(c.wait("untraced", timeout=60), DoneEvent)
+    process = [sp for sp in exporter.get_finished_spans() if sp.name == f"process {keys.requests}"]
+    assert len(process) == 2, process
+    expected = entry_trace_id(keys.requests, entry)
+    assert {sp.context.trace_id for sp in process} == {expected}
+    lines = [e for e in logs if e.get("request_id") == "untraced" and "trace_id" in e]
+    assert lines and {e["trace_id"] for e in lines} == {format(expected, "032x")}, lines
+
+
 @pytest.mark.parametrize("case", ["refused", "delivered too often"])
 def test_a_request_answered_without_a_run_has_an_error_span_in_its_producers_trace(redis_url, prefix,
                                                                                    shared_engine, case):
@@ -224,6 +257,13 @@ def test_a_request_answered_without_a_run_has_an_error_span_in_its_producers_tra
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "grpc"),
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "http"),
     ({}, "off"),
+    # a list, as the specification allows: both exporters (this one was taken for an unknown name: none at all)
+    ({"OTEL_TRACES_EXPORTER": "otlp, console", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "console"),
+    ({"OTEL_TRACES_EXPORTER": "console,none"}, "console"),
+    # the service's name from OTEL_RESOURCE_ATTRIBUTES (ours overrode it; only OTEL_SERVICE_NAME may)
+    ({"OTEL_TRACES_EXPORTER": "console", "OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs"}, "from-attrs"),
+    ({"OTEL_TRACES_EXPORTER": "console", "OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs",
+      "OTEL_SERVICE_NAME": "from-name"}, "from-name"),
 ])
 def test_tracing_follows_the_standard_exporter_variables(env, expect):
     """OTEL_TRACES_EXPORTER and the OTLP protocol were ignored: none still exported, console printed nothing,
@@ -247,6 +287,8 @@ def test_tracing_follows_the_standard_exporter_variables(env, expect):
     grpc_installed = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
     if expect == "console":
         assert "PROVIDER True" in out and '"name": "probe-span"' in out
+    elif expect.startswith("from-"):
+        assert f'"service.name": "{expect}"' in out, out
     elif expect == "off":
         assert "PROVIDER False" in out
     elif expect == "grpc" and not grpc_installed:

@@ -58,7 +58,7 @@ from .running import Running
 from .settings import Settings
 from .stream_fields import repeated
 from .stream_ids import dragged, future_message, is_future, parse_id, repair_details
-from .telemetry import extract_context, request_logger, trace_id_from_fields
+from .telemetry import request_logger, start_entry_span, trace_id_from_fields
 
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
 # was dragged there by Redis' XADD * (stream_ids.dragged).
@@ -372,7 +372,7 @@ class Admission(WorkerPart):
         except DeadLetterError as e:
             reason, kind = (f"{future_message(entry_id)}; its body: {e}", "future_id") if future else (str(e), e.kind)
             self.outcomes.dead(entry_id, reason, raw if e.body is None else e.body, deliveries, kind=kind,
-                               trace_id=trace_id_from_fields(fields))
+                               trace_id=self._trace_id(fields, entry_id))
             return []
         except InvalidRequestError as e:
             reqs = [Refused(e)]
@@ -401,7 +401,7 @@ class Admission(WorkerPart):
         """A far-future entry of an id that runs or waits (here or at another worker): dead-lettered now, which
         deletes it, without answering the id (its run does)."""
         self.outcomes.dead(entry_id, req.error.message, _body(fields), deliveries, req.id, kind="future_id",
-                           trace_id=trace_id_from_fields(fields))
+                           trace_id=self._trace_id(fields, entry_id))
 
     def _attach(self, rid: str, entry_id: str) -> bool:
         """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""
@@ -431,7 +431,7 @@ class Admission(WorkerPart):
             return
         kind, stored = self.claims.outcome(req.id, claim)
         if kind == "result":  # before any other check: a stored result is THE answer of this id
-            self.outcomes.from_result(req.id, entry_id, stored, trace_id_from_fields(fields))
+            self.outcomes.from_result(req.id, entry_id, stored, self._trace_id(fields, entry_id))
             return
         if kind == "held" and future and isinstance(claim, list) and claim:
             # Another worker holds the id: its run answers it, and the entry must not wait in the stream. A refused
@@ -514,7 +514,7 @@ class Admission(WorkerPart):
                     continue
                 del self.waiting[rid]
                 if kind == "result":
-                    log = w.log or request_logger(self.log, rid, trace_id=trace_id_from_fields(w.fields))
+                    log = w.log or request_logger(self.log, rid, trace_id=self._trace_id(w.fields, w.entry_ids[0]))
                     self.outcomes.answered_elsewhere(rid, w.entry_ids, log, counted=not w.given_up)
                 elif kind == "foreign":
                     self._foreign_key(w.request, w.entry_ids, stored, w.fields, w.deliveries)
@@ -531,10 +531,12 @@ class Admission(WorkerPart):
         result key: no answer can be stored there, so the entries go to the dead letters."""
         key_text = key.decode("utf-8", "replace")
         if key_text == self.keys.result(req.id):
-            self.outcomes.result_key_foreign(req.id, entry_ids, _body(fields), deliveries, trace_id_from_fields(fields))
+            self.outcomes.result_key_foreign(req.id, entry_ids, _body(fields), deliveries,
+                                               self._trace_id(fields, entry_ids[0]))
             return
         what = f"{key_text} holds a value of another type (not written by a worker): delete it and send the request again"
-        self.outcomes.error(req.id, entry_ids, "internal", what, _metadata(req), trace_id=trace_id_from_fields(fields))
+        self.outcomes.error(req.id, entry_ids, "internal", what, _metadata(req),
+                            trace_id=self._trace_id(fields, entry_ids[0]))
 
     def release_waiting(self) -> list[str]:
         """Shutdown: the waiting entries, for other workers to take over."""
@@ -550,7 +552,7 @@ class Admission(WorkerPart):
                cancelled: bool, has_events: bool = False) -> None:
         if isinstance(req, Refused):
             e = req.error
-            trace_id = trace_id_from_fields(fields)
+            trace_id = self._trace_id(fields, entry_ids[0])
             span = self._refused_span(entry_ids[0], req.id, fields, deliveries)
             if req.poison:
                 self.outcomes.poisoned(req.id, entry_ids, e.message, e.metadata, _body(fields), deliveries,
@@ -685,11 +687,13 @@ class Admission(WorkerPart):
 
     def _consumer_span(self, entry_id: str, request_id: str, fields: dict, deliveries: int, arrival: float,
                        attributes: dict) -> Any:
-        """An entry's CONSUMER span, child of the producer's (``traceparent`` in the entry), started at the XADD
-        so that the time in the stream shows in the trace."""
-        return self.tracer.start_span(
+        """An entry's CONSUMER span, child of the producer's (``traceparent`` in the entry; without one, in the
+        entry's own trace, every delivery's span), started at the XADD so that the time in the stream shows in
+        the trace."""
+        return start_entry_span(
+            self.tracer,
             f"process {self.keys.requests}",
-            context=extract_context(fields),
+            fields, self.keys.requests, entry_id,
             kind=SpanKind.CONSUMER,
             start_time=int(arrival * 1e9),
             attributes={
@@ -705,6 +709,10 @@ class Admission(WorkerPart):
                 **attributes,
             },
         )
+
+    def _trace_id(self, fields: dict, entry_id: str) -> str:
+        """The trace id of an entry's log lines where no span of it is at hand: the one its spans take."""
+        return trace_id_from_fields(fields, self.keys.requests, entry_id)
 
     def _refused_span(self, entry_id: str, request_id: str, fields: dict, deliveries: int) -> Any:
         """The span of an entry answered without a run (refused at parse time, delivered too often): its

@@ -59,9 +59,25 @@ def remember_header_values(headers: object) -> None:
     for item in headers.split(","):
         _key, sep, value = item.partition("=")
         if not sep:
-            _key, _sep, value = item.partition(":")
-        found.append(value.strip())
+            _key, sep, value = item.partition(":")
+        if sep:
+            found.append(value.strip())
+        else:
+            # Neither separator (``api-key TOKEN``): the exporter quotes the whole entry; its words after the
+            # first may be the token alone.
+            found.append(item.strip())
+            found.extend(item.split()[1:])
     _remember(found)
+
+
+def remember_endpoint_secrets(url: object) -> None:
+    """Remember what an OTLP endpoint URL may carry as a credential: its user-info's password and every query
+    parameter's value (``?api_key=...``), which the exporter's retry warnings quote with the URL."""
+    if not isinstance(url, str):
+        return
+    remember_secrets(url)
+    _path, _q, query = url.partition("?")
+    _remember([value for _name, _eq, value in (p.partition("=") for p in query.split("#")[0].split("&"))])
 
 
 def _remember(found: list[str]) -> None:

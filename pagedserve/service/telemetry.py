@@ -14,6 +14,8 @@ to the worker extra and are imported by the functions that use them.
 from __future__ import annotations
 
 import atexit
+import contextvars
+import hashlib
 import logging
 import os
 import sys
@@ -25,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span
 
-from .redaction import redact, remember_header_values
+from .redaction import redact, remember_endpoint_secrets, remember_header_values
 
 if TYPE_CHECKING:
     import structlog
@@ -152,17 +154,47 @@ def trace_id_of(span: Span | None) -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-def trace_id_from_fields(fields: dict) -> str | None:
-    """The trace id in an entry's ``traceparent`` (``00-<trace id>-<span id>-<flags>``), for log lines about
-    entries that never got a span of their own (dead letters, refusals, answers from a stored result)."""
-    value = fields.get("traceparent", fields.get(b"traceparent"))
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    if isinstance(value, str):
-        parts = value.split("-")
-        if len(parts) == 4 and len(parts[1]) == 32:
-            return parts[1]
-    return None
+# The trace of an entry whose producer sent no (valid) ``traceparent``: every delivery's span, and every log line
+# about the entry, takes an id derived from the entry, so that a takeover or a redelivery lands in the trace of the
+# first run, as it does for a traced producer. Set around the span's start; read by the provider's id generator.
+_entry_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("pagedserve_entry_trace_id",
+                                                                              default=None)
+
+
+def entry_trace_id(stream: str, entry_id: str) -> int:
+    """The trace id of an untraced entry (never 0, which is invalid)."""
+    digest = hashlib.blake2b(f"{stream}\0{entry_id}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+def producer_span_context(fields: dict) -> trace.SpanContext | None:
+    """The valid span context an entry's ``traceparent``/``tracestate`` carry, or None."""
+    ctx = extract_context(fields)
+    if ctx is None:
+        return None
+    span_context = trace.get_current_span(ctx).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def trace_id_from_fields(fields: dict, stream: str, entry_id: str) -> str:
+    """The trace id of an entry's spans, for log lines about entries that have no span at hand (dead letters,
+    refusals, answers from a stored result): its producer's, or the one derived from the entry."""
+    span_context = producer_span_context(fields)
+    return format(span_context.trace_id if span_context else entry_trace_id(stream, entry_id), "032x")
+
+
+def start_entry_span(tracer: trace.Tracer, name: str, fields: dict, stream: str, entry_id: str,
+                     **kwargs: Any) -> Span:
+    """An entry's span: a child of its producer's, or for an untraced entry a root in the entry's own trace
+    (:func:`entry_trace_id`; under another provider than :func:`configure_tracing`'s, a trace of its own)."""
+    parent = extract_context(fields)
+    if parent is not None and trace.get_current_span(parent).get_span_context().is_valid:
+        return tracer.start_span(name, context=parent, **kwargs)
+    token = _entry_trace_id.set(entry_trace_id(stream, entry_id))
+    try:
+        return tracer.start_span(name, context=otel_context.Context(), **kwargs)
+    finally:
+        _entry_trace_id.reset(token)
 
 
 def request_logger(log: Any, request_id: str, span: Span | None = None, trace_id: str | None = None) -> Any:
@@ -178,22 +210,55 @@ _provider: Any = None  # the provider configure_tracing installed, until shutdow
 TRACE_FLUSH_TIMEOUT_S = 2.0
 
 
-def _span_exporter() -> Any:
-    """The exporter the standard variables ask for, or None (with a warning when they ask for one that cannot
-    be had): ``OTEL_TRACES_EXPORTER`` ``otlp`` (the default; only once an endpoint is set), ``console`` or
-    ``none``; for OTLP, ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` ``http/protobuf`` (the default) or ``grpc``
-    (its package is not a dependency: posting HTTP to a gRPC port would only fail on every export)."""
+# The libraries' loggers whose records quote a credential: the header parser (a malformed entry) and the OTLP
+# exporter (its endpoint). A filter on each masks the record whatever handler writes it.
+_QUOTING_LOGGERS = ("opentelemetry.util.re", "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                    "opentelemetry.exporter.otlp.common.http")
+
+
+class _EntryTraceIds:
+    """The SDK's random ids, but the trace id :func:`start_entry_span` set for an untraced entry."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        forced = _entry_trace_id.get()
+        return forced if forced is not None else self._random.generate_trace_id()
+
+    def __getattr__(self, name: str) -> Any:  # what newer SDKs ask of an id generator besides (is_trace_id_random)
+        return getattr(self._random, name)
+
+
+def _span_exporters() -> list[Any]:
+    """The exporters the standard variables ask for (with a warning for each that cannot be had):
+    ``OTEL_TRACES_EXPORTER`` a comma-separated list of ``otlp`` (the default; only once an endpoint is set),
+    ``console`` and ``none``; for OTLP, ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` ``http/protobuf`` (the default)
+    or ``grpc`` (its package is not a dependency: posting HTTP to a gRPC port would only fail on every export)."""
+    names = [n.strip().lower() for n in (os.environ.get("OTEL_TRACES_EXPORTER") or "otlp").split(",")]
+    exporters = []
+    for name in dict.fromkeys(n for n in names if n and n != "none"):
+        exporter = _span_exporter(name)
+        if exporter is not None:
+            exporters.append(exporter)
+    return exporters
+
+
+def _span_exporter(name: str) -> Any:
+    """One exporter of ``OTEL_TRACES_EXPORTER``'s list, or None."""
     env = os.environ.get
-    name = (env("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
-    if name == "none":
-        return None
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
     if name != "otlp":
-        get_logger().warning("tracing_off", reason=f"OTEL_TRACES_EXPORTER={name!r}: pagedserve exports otlp, "
-                                                   "console or none")
+        get_logger().warning("tracing_off", reason=f"OTEL_TRACES_EXPORTER names {name!r}: pagedserve exports "
+                                                   "otlp, console or none")
         return None
     if not (env("OTEL_EXPORTER_OTLP_ENDPOINT") or env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         return None
@@ -217,7 +282,7 @@ def _span_exporter() -> Any:
 
 def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider | None:
     """Install an SDK tracer provider with the exporter the standard ``OTEL_*`` variables ask for
-    (:func:`_span_exporter`: OTLP/HTTP once an endpoint is set).
+    (:func:`_span_exporters`: OTLP/HTTP once an endpoint is set).
 
     Returns the provider, or None when tracing export is not configured (spans are then no-ops unless the
     application installed its own provider, e.g. tests with an InMemorySpanExporter). Queued spans are flushed
@@ -228,23 +293,32 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
         return trace.get_tracer_provider()  # type: ignore[return-value]
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    # The exporter's header parsing warns of a malformed entry by quoting it, an Authorization token with it.
+    # The exporter's header parsing warns of a malformed entry by quoting it, an Authorization token with it; its
+    # retry warnings quote the endpoint, query string and all.
     for name in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
         remember_header_values(os.environ.get(name))
-    headers_log = logging.getLogger("opentelemetry.util.re")
-    if not any(isinstance(f, _RedactRecord) for f in headers_log.filters):
-        headers_log.addFilter(_RedactRecord())
-    exporter = _span_exporter()
-    if exporter is None:
+    for quoting in _QUOTING_LOGGERS:
+        library_log = logging.getLogger(quoting)
+        if not any(isinstance(f, _RedactRecord) for f in library_log.filters):
+            library_log.addFilter(_RedactRecord())
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        remember_endpoint_secrets(os.environ.get(name))
+    exporters = _span_exporters()
+    if not exporters:
         return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    # Resource.create() also merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # bounded below instead
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    # The standard variables name the service first (OTEL_SERVICE_NAME, then service.name in
+    # OTEL_RESOURCE_ATTRIBUTES); ours stands only where the SDK would say "unknown_service".
+    resource = Resource.create({})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": service_name}))
+    provider = TracerProvider(resource=resource, id_generator=_EntryTraceIds(),
+                              shutdown_on_exit=False)  # bounded below instead
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider_installed = True
     _provider = provider
