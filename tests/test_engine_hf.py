@@ -17,7 +17,7 @@ def _prompts(seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(0, 256) for _ in range(n)] for n in LENGTHS]
 
 
-def _check(llm: LLM, model_dir: str, hf_greedy, prompts=None) -> None:
+def _check(llm: LLM, model_dir: str, hf_greedy, prompts=None) -> list:
     prompts = prompts or _prompts()
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     outs = llm.generate(prompts, params)
@@ -28,6 +28,7 @@ def _check(llm: LLM, model_dir: str, hf_greedy, prompts=None) -> None:
     stats = llm.stats()
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
     assert stats["num_free_cpu_blocks"] == stats["num_cpu_blocks"]
+    return outs
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -43,9 +44,11 @@ def test_greedy_matches_hf_under_preemption(family, mode, tiny_models, hf_greedy
     # 7 prompts need ~20 blocks of 8 at their longest; 10 blocks force preemptions.
     llm = LLM(model=tiny_models[family], device="cpu", block_size=8, num_gpu_blocks=12, preemption_mode=mode,
               enable_prefix_caching=False)
-    _check(llm, tiny_models[family], hf_greedy)
+    outs = _check(llm, tiny_models[family], hf_greedy)
     stats = llm.stats()
     assert stats["num_preemptions"] > 0
+    # each request's own count (its trace and log line show it), adding up to the engine's
+    assert sum(out.num_preemptions for out in outs) == stats["num_preemptions"]
     if mode == "swap":
         assert stats["num_swapped_out_blocks"] > 0 and stats["num_swap_preemptions"] > 0
     else:

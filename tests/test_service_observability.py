@@ -210,6 +210,33 @@ def test_an_untraced_request_taken_over_stays_in_one_trace(redis_url, prefix, sh
     assert lines and {e["trace_id"] for e in lines} == {format(expected, "032x")}, lines
 
 
+def test_a_preempted_requests_span_and_log_line_count_its_preemptions(redis_url, prefix):
+    """A request slowed by preemptions (its KV room swapped out for another's) showed nothing of it in its trace or
+    its log line: only the worker-wide counter moved. Both carry the request's own count now."""
+    from pagedserve.engine import LLMEngine
+    from service_fixtures import ENGINE_KW, TEST_MODEL
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    engine = LLMEngine(model=TEST_MODEL, **{**ENGINE_KW, "num_gpu_blocks": 6, "block_size": 16})
+    s = make_settings(redis_url, prefix, num_gpu_blocks=6)
+    configure_logging("json", "INFO")
+    params = {"max_tokens": 70, "ignore_eos": True, "temperature": 0}
+    with structlog.testing.capture_logs() as logs, running_worker(s, engine, tracer_provider=provider), \
+            Client(settings=s) as c:
+        rids = [c.submit("preempt me " + "x" * 12, params=params) for _ in range(3)]
+        for rid in rids:
+            assert isinstance(c.wait(rid, timeout=120), DoneEvent)
+    assert engine.stats()["num_preemptions"] > 0
+    process = [sp for sp in exporter.get_finished_spans() if sp.name == f"process {prefix}:requests"]
+    counts = {sp.attributes["pagedserve.request.id"]: sp.attributes["pagedserve.request.preemptions"]
+              for sp in process}
+    assert sum(counts.values()) == engine.stats()["num_preemptions"], counts
+    lines = {e["request_id"]: e["preemptions"] for e in logs if e.get("event") == "request_finished"}
+    assert lines == counts, (lines, counts)
+
+
 @pytest.mark.parametrize("case", ["refused", "delivered too often"])
 def test_a_request_answered_without_a_run_has_an_error_span_in_its_producers_trace(redis_url, prefix,
                                                                                    shared_engine, case):

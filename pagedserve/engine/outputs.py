@@ -53,6 +53,9 @@ class RequestOutput:
     # Set when the request ended because of its own failure (or could never be scheduled): a one-line message.
     # Such an output is final (``finished``) and has no ``outputs``; the other requests are unaffected.
     error: str | None = None
+    # Times the scheduler took the request's KV room for others so far (swapped out or recomputed): what a slow
+    # request's trace and log line show.
+    num_preemptions: int = 0
 
 
 def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[int] | set[int] = frozenset(),
@@ -103,7 +106,7 @@ def build_output(req: Request, final: bool, tokenizer, eos_token_ids: frozenset[
     if final:
         _pad_to_n(completions, p.n, req.finish_reason, p.logprobs is not None)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, final,
-                         req.num_cached_tokens, dict(req.metrics))
+                         req.num_cached_tokens, dict(req.metrics), num_preemptions=req.num_preemptions)
 
 
 def _stop_reason(token_ids: list[int], stop_string: str | None, p, eos_token_ids) -> int | str | None:
@@ -155,10 +158,10 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
                                                 delta_text=text, delta_token_ids=ids))
         _pad_to_n(completions, req.params.n, reason, want_logprobs)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, True,
-                         req.num_cached_tokens, dict(req.metrics))
+                         req.num_cached_tokens, dict(req.metrics), num_preemptions=req.num_preemptions)
 
 
 def error_output(req: Request, error: str) -> RequestOutput:
     """The final output of a request ended by its own failure: no completions, the one-line ``error``."""
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, req.num_cached_tokens,
-                         dict(req.metrics), error=error)
+                         dict(req.metrics), error=error, num_preemptions=req.num_preemptions)

@@ -188,6 +188,7 @@ class Outcomes(WorkerPart):
             span.set_attribute("gen_ai.usage.output_tokens", completion)
             span.set_attribute("gen_ai.response.finish_reasons", [str(r) for r in reasons])
             span.set_attribute("gen_ai.response.id", rid)
+            span.set_attribute("pagedserve.request.preemptions", getattr(out, "num_preemptions", 0))
         publish_started = time.time_ns()
 
         def flushed() -> None:
@@ -212,6 +213,7 @@ class Outcomes(WorkerPart):
             completion_tokens=completion,
             e2e_ms=ev.metrics.e2e_ms,
             ttft_ms=ev.metrics.ttft_ms,
+            preemptions=getattr(out, "num_preemptions", 0),
         )
 
     def _child_spans(self, parent, arrival, first_sched, first_tok, finished) -> None:
