@@ -30,6 +30,7 @@ from .client_core import (
     Event,
     ID_REPAIR_PAUSES_S,
     Listen,
+    OUTAGE_S,
     NoWorker,
     Op,
     Pause,
@@ -43,6 +44,7 @@ from .client_core import (
     RequestFailed,
     RequestGone,
     RequestTimedOut,
+    RETRY_PAUSE_S,
     SOCKET_TIMEOUT_S,
     Send,
     Sent,
@@ -72,9 +74,11 @@ __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "Redis
 MAX_CONNECTIONS = 10_000
 
 
-CLOSE_CANCELS_S = 5.0  # AsyncClient.aclose waits this long at most for its cancels, all of them together
+CLOSE_CANCELS_S = 5.0  # close()/aclose() wait this long at most for their cancels, all of them together
 # A caller that went away waits this long at most for its request's cancel: a Redis that hangs must not hold it
-# for the socket timeout past its own deadline (asyncio.timeout, a web framework's disconnect). The cancel goes on.
+# for the socket timeout past its own deadline (asyncio.timeout, a web framework's disconnect). The cancel goes on,
+# tried again through an outage as long as a wait would ride one out (OUTAGE_S): a failover of a few seconds must
+# not cost every request abandoned during it a whole generation.
 ABANDONED_CANCEL_WAIT_S = 1.0
 EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
 # stream()'s ``after`` when not given: a new request is sent. ``after=None`` given (an SSE handler passing
@@ -307,12 +311,35 @@ class Client(ProducerCore):
         self.r.close()
 
     def _cancel_at_close(self, request_ids: list[str]) -> None:
+        """The cancels of ``request_ids`` within CLOSE_CANCELS_S (:meth:`_send_cancels`)."""
+        self._send_cancels(request_ids, CLOSE_CANCELS_S)
+
+    def _send_cancels(self, request_ids: list[str], seconds: float) -> None:
         """All the cancels in one transaction, on a connection of their own (the waiting calls may hold the whole
-        pool), within CLOSE_CANCELS_S: best effort, as Redis may be the reason for the close."""
-        with contextlib.suppress(Exception), redis.Redis.from_url(
-                self.redis_url, socket_timeout=CLOSE_CANCELS_S, socket_connect_timeout=CLOSE_CANCELS_S) as r:
-            commands = [c for rid in request_ids for c in self._cancel_commands(rid)]
-            _queued(r.pipeline(transaction=True), commands).execute()
+        pool, or close() has closed it), tried again while Redis cannot be reached, for ``seconds`` at most: best
+        effort, as Redis may be gone for longer."""
+        commands = [c for rid in request_ids for c in self._cancel_commands(rid)]
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                with redis.Redis.from_url(self.redis_url, socket_timeout=left, socket_connect_timeout=left) as r:
+                    _queued(r.pipeline(transaction=True), commands).execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):  # LOADING too: it answers again soon
+                time.sleep(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
+            except Exception:  # refused for good (an ACL, a full Redis): nothing to wait for
+                return
+
+    def _cancel_abandoned(self, request_id: str) -> None:
+        """Cancel a request whose caller went away (a stream closed, Ctrl-C): at once, or, where Redis cannot be
+        reached now, from a thread of its own tried again for OUTAGE_S (a wait rides an outage out that long)."""
+        try:
+            self.cancel(request_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            threading.Thread(target=self._send_cancels, args=([request_id], OUTAGE_S), daemon=True,
+                             name="pagedserve-cancel").start()
+        except Exception:  # closed meanwhile (close() cancels it), or refused for good
+            pass
 
     def __enter__(self) -> Client:
         return self
@@ -321,12 +348,30 @@ class Client(ProducerCore):
         self.close()
 
     def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
-        """Enqueue one request; returns its id at once. Keywords as :func:`build_request`."""
+        """Enqueue one request; returns its id at once. Keywords as :func:`build_request`. A request sent under an
+        id of the call's making whose id the caller never got (close() in another thread, Ctrl-C) is cancelled."""
         self._check_open()
+        private = _private_id(kw)
         req = self._request(prompt, kw)
-        self._check_not_closing()  # close() may have begun in another thread
-        with self._reaching(sending=req.id):
-            self._xadd(req)
+        with self._owned_lock:  # close() either sees this id (and cancels it) or this call sees it closing
+            self._check_not_closing()
+            if private:
+                self._owned.add(req.id)
+        taken = False
+        try:
+            with self._reaching(sending=req.id):
+                self._xadd(req)
+        except KeyboardInterrupt:
+            if private and not self._closing:
+                self._cancel_abandoned(req.id)
+            raise
+        finally:
+            if private:
+                with self._owned_lock:
+                    taken = req.id not in self._owned  # close() took it, to cancel it
+                    self._owned.discard(req.id)
+        if taken:
+            raise self._closed_under_call()
         return req.id
 
     def _xadd(self, req: GenerateRequest) -> str:
@@ -442,7 +487,7 @@ class Client(ProducerCore):
             while (op := _step(wait, reply, error)) is not None:
                 reply = error = None
                 if self._closed:
-                    raise RuntimeError("this Client was closed while the call waited")
+                    raise self._closed_under_call()
                 try:
                     if isinstance(op, Emit):
                         ended = first_terminal(op.event) is not None
@@ -478,12 +523,11 @@ class Client(ProducerCore):
                 # OSError) or, when the close lands between two reads, as the parser's emptied buffer (AttributeError).
                 except (ValueError, OSError, AttributeError):
                     if self._closed:
-                        raise RuntimeError("this Client was closed while the call waited") from None
+                        raise self._closed_under_call() from None
                     raise
         except (GeneratorExit, KeyboardInterrupt):
             if owned is not None and asked and not ended and not self._closing:  # closing: close() cancels it
-                with contextlib.suppress(Exception):
-                    self.cancel(owned)
+                self._cancel_abandoned(owned)
             raise
         finally:
             if owned is not None:
@@ -640,7 +684,7 @@ class AsyncClient(ProducerCore):
     async def _close(self) -> None:
         sent: dict[asyncio.Task, str] = {}
         for rid in sorted(self._owned):
-            task = asyncio.ensure_future(self._send_cancel(rid))
+            task = asyncio.ensure_future(self._cancel_riding_outages(rid, CLOSE_CANCELS_S))
             self._cancelling.add(task)
             task.add_done_callback(_forget_cancel(self._cancelling))
             sent[task] = rid
@@ -651,7 +695,8 @@ class AsyncClient(ProducerCore):
         except asyncio.CancelledError:
             # The loop is ending under a close cut short (asyncio.run's teardown cancels every task, these cancels
             # too): the ones not through yet go out again from tasks of their own, as an abandoned call's does.
-            again = [asyncio.ensure_future(self._send_cancel(rid)) for task, rid in sent.items()
+            again = [asyncio.ensure_future(self._cancel_riding_outages(rid, CLOSE_CANCELS_S))
+                     for task, rid in sent.items()
                      if not task.done() or task.cancelled()]
             if again:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -683,17 +728,29 @@ class AsyncClient(ProducerCore):
         await self.aclose()
 
     async def submit(self, prompt: str | list[int] | None = None, **kw: Any) -> str:
+        """As :meth:`Client.submit`; a request sent under an id of the call's making whose id the caller never
+        got (the task cancelled, aclose() meanwhile) is cancelled."""
         self._bind_loop()
         private = _private_id(kw)
         req = self._request(prompt, kw)
         self._check_not_closing()
-        with self._reaching(sending=req.id):
-            try:
+        if private:  # aclose() cancels it if it starts while this call sends
+            self._owned.add(req.id)
+        taken = False
+        try:
+            with self._reaching(sending=req.id):
                 await _one_call(self._xadd(req))
-            except asyncio.CancelledError:
-                if private:  # sent, or it may be, under an id no one else has: nobody could wait for it or cancel it
-                    await self._cancel_abandoned(req.id)
-                raise
+        except asyncio.CancelledError:
+            # Sent, or it may be, under an id no one else has; unless aclose() took it to cancel it itself.
+            if private and req.id in self._owned:
+                await self._cancel_abandoned(req.id)
+            raise
+        finally:
+            if private:
+                taken = req.id not in self._owned  # aclose() took it, to cancel it
+                self._owned.discard(req.id)
+        if taken:
+            raise self._closed_under_call()
         return req.id
 
     async def _xadd(self, req: GenerateRequest) -> str:
@@ -714,6 +771,21 @@ class AsyncClient(ProducerCore):
     async def cancel(self, request_id: str) -> CancelOutcome:
         self._check_open()
         return await _one_call(self._send_cancel(request_id))
+
+    async def _cancel_riding_outages(self, request_id: str, seconds: float) -> None:
+        """:meth:`_send_cancel`, tried again while Redis cannot be reached, for ``seconds`` at most."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            try:
+                await self._send_cancel(request_id)
+                return
+            except redis.ConnectionError:  # LOADING and a full pool too: it answers again soon
+                if loop.time() + RETRY_PAUSE_S > deadline:
+                    return
+                await asyncio.sleep(RETRY_PAUSE_S)
+            except Exception:  # refused for good, or the client closed: nothing to wait for
+                return
 
     async def _send_cancel(self, request_id: str) -> CancelOutcome:
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
@@ -802,7 +874,7 @@ class AsyncClient(ProducerCore):
                 if not isinstance(op, Emit) and _cancels() > cancels:
                     raise asyncio.CancelledError
                 if self._closed:
-                    raise RuntimeError("this AsyncClient was closed while the call waited")
+                    raise self._closed_under_call()
                 try:
                     if isinstance(op, Emit):
                         ended = first_terminal(op.event) is not None
@@ -833,14 +905,14 @@ class AsyncClient(ProducerCore):
                         await asyncio.sleep(op.seconds)
                 except redis.RedisError as e:
                     if self._closed:  # its connection closed by aclose(), not lost: not an outage to report
-                        raise RuntimeError("this AsyncClient was closed while the call waited") from None
+                        raise self._closed_under_call() from None
                     if pool_full(e) and not sent:
                         raise self._unreachable(e) from None
                     error = self._explained(e)
                 # A connection aclose() tore down under the call, as in Client._run (redis-py's writer gone: None).
                 except (ValueError, OSError, AttributeError):
                     if self._closed or self._closing:
-                        raise RuntimeError("this AsyncClient was closed while the call waited") from None
+                        raise self._closed_under_call() from None
                     raise
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:
@@ -856,8 +928,9 @@ class AsyncClient(ProducerCore):
         """Cancel a request whose caller went away, in a task of its own: under a cancel scope (anyio's, as in
         Starlette's disconnect handling) every await of the cancelled code is cancelled again, this one's too,
         and the cancel would never go out. The caller waits for it ABANDONED_CANCEL_WAIT_S at most; past that it
-        goes on in the background, and :meth:`aclose` waits for the ones still on their way."""
-        task = asyncio.ensure_future(self._send_cancel(request_id))
+        goes on in the background, through an outage of up to OUTAGE_S, and :meth:`aclose` waits for the ones
+        still on their way (CLOSE_CANCELS_S at most)."""
+        task = asyncio.ensure_future(self._cancel_riding_outages(request_id, OUTAGE_S))
         self._cancelling.add(task)
         task.add_done_callback(_forget_cancel(self._cancelling))
         with contextlib.suppress(Exception, asyncio.CancelledError):

@@ -241,25 +241,25 @@ def pool_full(e: BaseException) -> bool:
     return isinstance(e, _POOL_FULL) and str(e) == "Too many connections"
 
 
-def credentials_refused(where: str, e: BaseException) -> str:
+def credentials_refused(where: str, e: BaseException, source: str = "PAGEDSERVE_REDIS_URL") -> str:
     """What to say of a Redis (at ``where``, password masked) that refused the URL's credentials, or asked for a
     password the URL does not give: no network trouble, and it says where to look. Under RESP3 Redis answers
     the latter with two sentences about its HELLO command; Redis's RESP2 words stand for them."""
     said = "Authentication required." if "HELLO must be called" in str(e) else redact(e)
     if "@" not in where and "password=" not in where:
-        return f"Redis at {where} requires a password, and PAGEDSERVE_REDIS_URL gives none ({said})"
-    return (f"Redis at {where} refused the credentials of PAGEDSERVE_REDIS_URL ({said}): check its user name and "
-            "password")
+        return f"Redis at {where} requires a password, and {source} gives none ({said})"
+    return f"Redis at {where} refused the credentials of {source} ({said}): check its user name and password"
 
 
-def unreachable(where: str, e: BaseException) -> RedisUnreachable:
-    """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials."""
+def unreachable(where: str, e: BaseException, source: str = "PAGEDSERVE_REDIS_URL") -> RedisUnreachable:
+    """The error of a Redis that could not be used: unreachable, or reached but refusing the credentials (of the
+    URL ``source`` names)."""
     if isinstance(e, RedisUnreachable):  # said already (an outage a wait gave up on)
         return e
     if isinstance(e, RedisBusy):  # reached, and its message says what it is
         return RedisUnreachable(str(e))
     if isinstance(e, redis.AuthenticationError):
-        return RedisUnreachable(credentials_refused(where, e))
+        return RedisUnreachable(credentials_refused(where, e, source))
     if is_loading(e):
         return RedisUnreachable(f"Redis at {where} is loading its dataset (it restarted) and takes no commands until "
                                 "it is done: nothing was sent; make the same call again in a moment")
@@ -612,6 +612,9 @@ def done_or_raise(ev: Event) -> DoneEvent | None:
     return ev if isinstance(ev, DoneEvent) else None
 
 
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]+")  # Settings.prefix's pattern
+
+
 class ProducerCore:
     """What both clients hold: settings, key names, tracer; the XADD fields and the cancel commands."""
 
@@ -619,12 +622,18 @@ class ProducerCore:
         s = settings or read_settings()
         self.settings = s
         self.redis_url = redis_url or s.redis_url
+        # What a refusal of its credentials names.
+        self._url_source = "the client's redis_url" if redis_url else "PAGEDSERVE_REDIS_URL"
         remember_secrets(self.redis_url)
         if redis_url:  # refused as the settings refuse theirs (checked when they were read), password masked
             try:
                 check_redis_url(redis_url)
             except ValueError as e:
                 raise ValueError(f"redis_url {redact(redis_url)!r}: {e}") from None
+        if prefix is not None and not (isinstance(prefix, str) and _PREFIX.fullmatch(prefix)):
+            # as PAGEDSERVE_PREFIX is refused: a space or a line break would make keys no worker reads
+            raise ValueError(f"prefix {prefix!r}: 1 or more of A-Z, a-z, 0-9, '_', '.', ':', '-' (the workers' "
+                             "PAGEDSERVE_PREFIX)")
         self.keys = Keys(prefix or s.prefix)
         self.tracer = get_tracer(tracer_provider)
         self.answered = False  # Redis answered a call of this client: one away now is an outage, not a wrong URL
@@ -722,16 +731,25 @@ class ProducerCore:
         try:
             yield
             self.answered = True
-        except CONNECTION_ERRORS as e:
-            if sending is not None and answer_lost(e):
-                raise sent_unanswered(redact(self.redis_url), sending, e) from None
-            raise self._unreachable(e) from None
-        except redis.ResponseError as e:
-            self.answered = True  # refused, but it answered
-            raise self._explained(e) from None
+        except (redis.RedisError, ValueError, OSError, AttributeError) as e:
+            # Its connection closed under it by close() (from another thread, another task): not an outage, and
+            # not redis-py's torn socket (ValueError, OSError, or AttributeError for its emptied parser).
+            if getattr(self, "_closed", False):
+                raise self._closed_under_call() from None
+            if isinstance(e, CONNECTION_ERRORS):
+                if sending is not None and answer_lost(e):
+                    raise sent_unanswered(redact(self.redis_url), sending, e) from None
+                raise self._unreachable(e) from None
+            if isinstance(e, redis.ResponseError):
+                self.answered = True  # refused, but it answered
+                raise self._explained(e) from None
+            raise
         except (KeyError, RuntimeError):  # what a call makes of an answer (BatchNotFound, BatchNotEnded): it came
             self.answered = True
             raise
+
+    def _closed_under_call(self) -> RuntimeError:
+        return RuntimeError(f"this {type(self).__name__} was closed while the call waited")
 
     def _explained(self, e: redis.RedisError) -> redis.RedisError:
         """``e`` said as what it is about: a URL naming a database the server lacks raises :class:`MissingDatabase`;
@@ -755,7 +773,7 @@ class ProducerCore:
             return TooManyConnections(f"all {limit} connections of this client are in use (each call waiting for "
                                       "an answer holds one or two): pass a larger max_connections= to the client, "
                                       "or make fewer calls at once")
-        return unreachable(redact(self.redis_url), e)
+        return unreachable(redact(self.redis_url), e, self._url_source)
 
     def _result_key(self, request_id: str) -> str:
         """The result key of ``request_id``; ``ValueError`` for an id no request can have."""
@@ -772,6 +790,7 @@ class ProducerCore:
         if submit is None:  # an id no request can have would be waited on for ever
             check_request_id(request_id)
         return stream_wait(self.keys, request_id, submit, timeout, after, where=redact(self.redis_url),
+                           url_source=self._url_source,
                            pickup_timeout=pickup_timeout, **self._clues(request_id, submit))
 
     def _wait(
@@ -786,6 +805,7 @@ class ProducerCore:
         if submit is None:
             check_request_id(request_id)
         return event_wait(self.keys, request_id, submit, timeout, tokens, where=redact(self.redis_url),
+                          url_source=self._url_source,
                           pickup_timeout=pickup_timeout, **self._clues(request_id, submit))
 
     def _clues(self, request_id: str, submit: GenerateRequest | None) -> dict:
@@ -1307,6 +1327,7 @@ def event_wait(
     clock: Callable[[], float] = time.monotonic,
     *,
     where: str = "Redis",
+    url_source: str = "PAGEDSERVE_REDIS_URL",
     pickup_timeout: float | None = None,
     entry_id: str | None = None,
     consumers_seen: OrderedDict | None = None,
@@ -1409,7 +1430,7 @@ def event_wait(
             return
         except CONNECTION_ERRORS as e:
             if not reached and not is_loading(e):
-                raise unreachable(where, e) from None
+                raise unreachable(where, e, url_source) from None
             # Redis went away: resubscribe (then the result key is read again) until the deadline.
             subscribed = False
             yield Unsubscribe()
@@ -1428,6 +1449,7 @@ def stream_wait(
     clock: Callable[[], float] = time.monotonic,
     *,
     where: str = "Redis",
+    url_source: str = "PAGEDSERVE_REDIS_URL",
     pickup_timeout: float | None = None,
     entry_id: str | None = None,
     consumers_seen: OrderedDict | None = None,
@@ -1563,7 +1585,7 @@ def stream_wait(
                 return
         except CONNECTION_ERRORS as e:
             if not reached and not is_loading(e) and not (tried and answer_lost(e)):
-                raise unreachable(where, e) from None
+                raise unreachable(where, e, url_source) from None
             if expired():
                 raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
             outage.check(e, where, request_id, sent, tried and answer_lost(e))

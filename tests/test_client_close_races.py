@@ -1,0 +1,183 @@
+"""A client closed while its calls send, and cancels sent while Redis is away: no request is left running that
+its caller cannot know of, and an abandoned request's cancel rides a short outage out. Also a prefix the client
+is given, checked as the workers' is.
+
+Against a real redis-server and no worker: what the calls leave in Redis (stream entries, cancel marks) is the
+whole story (the worker honours a cancel mark before and during a run: tests/test_client_core.py)."""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import json
+import random
+import threading
+import time
+
+import pytest
+import redis
+
+from pagedserve.service.client import AsyncClient, Client
+from pagedserve.service.protocol import Keys
+from pagedserve.service.redis_server import LocalRedis
+from service_fixtures import wait_for
+
+PARAMS = {"max_tokens": 2000, "ignore_eos": True}
+
+
+def _sent_ids(r: redis.Redis, keys: Keys) -> list[str]:
+    return [json.loads(fields[b"body"])["id"] for _entry, fields in r.xrange(keys.requests)]
+
+
+def _unknown_and_running(r: redis.Redis, keys: Keys, returned: set[str]) -> list[str]:
+    """Ids in the stream that no submit returned and nothing cancelled: they would run, unknown to anyone."""
+    return [rid for rid in _sent_ids(r, keys) if rid not in returned and not r.exists(keys.cancelled(rid))]
+
+
+def test_submits_in_other_threads_during_close_raise_runtime_error_and_leave_nothing_unknown(redis_url, prefix):
+    """Submits racing close() in other threads raised redis-py's torn-socket errors (ValueError: I/O operation on
+    closed file, AttributeError on its parser) after their XADD had gone out: requests ran to their end under ids
+    nobody had. Each such call raises RuntimeError now, and a request it sent is cancelled by the close."""
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    keys = Keys(prefix)
+    returned: set[str] = set()
+    errors: list[BaseException] = []
+    with redis.Redis.from_url(redis_url) as r:
+        for _ in range(6):
+            c = Client(redis_url, prefix=prefix)
+            stop = threading.Event()
+
+            def submitting(c=c, stop=stop) -> None:
+                while not stop.is_set():
+                    try:
+                        returned.add(c.submit("x", params=PARAMS))
+                    except RuntimeError:
+                        return
+                    except BaseException as e:  # noqa: BLE001 - anything else is the failure under test
+                        errors.append(e)
+                        return
+
+            threads = [threading.Thread(target=submitting) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.0, 0.05))
+            c.close()
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not errors, f"seed {seed}: {errors[:3]!r}"
+        assert _sent_ids(r, keys), "nothing was sent before the closes"
+        assert _unknown_and_running(r, keys, returned) == [], f"seed {seed}"
+
+
+def test_async_submits_during_aclose_raise_runtime_error_and_leave_nothing_unknown(redis_url, prefix):
+    """The same of AsyncClient: calls whose connection aclose() closed said "cannot reach Redis" (an outage, for
+    the client's own close), and a submit whose XADD had gone out left its request running, its caller told to
+    wait for it by an id on a closed client."""
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    keys = Keys(prefix)
+    returned: set[str] = set()
+    errors: list[BaseException] = []
+
+    async def one_round() -> None:
+        ac = AsyncClient(redis_url, prefix=prefix)
+
+        async def submit() -> None:
+            try:
+                returned.add(await ac.submit("x", params=PARAMS))
+            except RuntimeError:
+                pass
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        tasks = [asyncio.ensure_future(submit()) for _ in range(30)]
+        await asyncio.sleep(rng.uniform(0.0, 0.012))
+        await ac.aclose()
+        await asyncio.gather(*tasks)
+
+    for _ in range(8):
+        asyncio.run(one_round())
+    assert not errors, f"seed {seed}: {errors[:3]!r}"
+    with redis.Redis.from_url(redis_url) as r:
+        assert _sent_ids(r, keys), "nothing was sent before the closes"
+        assert _unknown_and_running(r, keys, returned) == [], f"seed {seed}"
+
+
+@pytest.fixture
+def restartable():
+    server = LocalRedis(persist=True)
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+def _restart_after(server: LocalRedis, downtime: float) -> None:
+    server.stop(kill=True)
+    time.sleep(downtime)
+    server.start(timeout=30)
+
+
+@pytest.mark.parametrize("how", ["sync ctrl-c", "async task cancelled", "async aclose"])
+def test_an_abandoned_requests_cancel_rides_out_a_short_outage(restartable, how):
+    """A caller that went away while Redis was restarting: the cancel failed at once (connection refused), was
+    dropped, and the request ran to max_tokens once Redis was back. It is tried again through the outage now
+    (an abandoned call's for as long as a wait would ride one out, a close's within its 5 s)."""
+    keys = Keys("outage")
+    url = restartable.url
+    admin = redis.Redis.from_url(url, socket_timeout=5)
+    sent = lambda: admin.xlen(keys.requests) > 0  # noqa: E731
+
+    if how == "sync ctrl-c":
+        c = Client(url, prefix="outage")
+
+        def interrupt_once_sent_and_down() -> None:
+            wait_for(sent, 30, what="the request sent")
+            restartable.stop(kill=True)
+            time.sleep(0.3)  # the call now waits through the outage
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_once_sent_and_down, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            c.generate("x", params=PARAMS, timeout=60)
+        time.sleep(1.5)
+        restartable.start(timeout=30)
+        c.close()
+    else:
+        async def abandon() -> None:
+            ac = AsyncClient(url, prefix="outage")
+            task = asyncio.ensure_future(ac.generate("x", params=PARAMS, timeout=60))
+            while not await asyncio.to_thread(sent):
+                await asyncio.sleep(0.02)
+            restart = asyncio.ensure_future(asyncio.to_thread(_restart_after, restartable, 1.5))
+            await asyncio.sleep(0.3)  # Redis is down
+            if how == "async task cancelled":
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await restart
+                await asyncio.sleep(3)  # the cancel goes on in the background, Redis back
+                await ac.aclose()
+            else:
+                await ac.aclose()  # within its 5 s: Redis is back 1.5 s after it went
+                with pytest.raises(RuntimeError):
+                    await task
+                await restart
+
+        asyncio.run(abandon())
+    (rid,) = _sent_ids(admin, keys)
+    wait_for(lambda: admin.exists(keys.cancelled(rid)), 10, what="the cancel mark, once Redis was back")
+    admin.close()
+
+
+@pytest.mark.parametrize("prefix", ["a b", "a\nb", "", "pagedserve*"])
+def test_a_prefix_no_worker_could_take_is_refused_as_pagedserve_prefix_is(prefix):
+    """``Client(prefix="a b")`` was taken (PAGEDSERVE_PREFIX="a b" is refused), making keys no worker reads; an
+    empty one quietly became the environment's."""
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="^prefix .*PAGEDSERVE_PREFIX"):
+            cls("redis://127.0.0.1:1/0", prefix=prefix)
+
