@@ -446,6 +446,24 @@ def test_a_whitespace_pattern_may_match_only_json_whitespace(tokenized, pattern,
      "compile: look-around, including look-ahead and look-behind, is not supported"),
     ({"json": {"type": "object", "patternProperties": {"^(?<=x)": {"type": "integer"}}}},
      "json is not a usable JSON Schema: /patternProperties ^(?<=x) does not compile: look-around"),
+    # an anchor inside a pattern, a word boundary: llguidance calls each a "lookaround", naming neither the place
+    # nor the pattern as written
+    ({"json": {"type": "object", "properties": {"outer": {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^(a$|b)c?$"}}}}}},
+     "json is not a usable JSON Schema: /properties/outer/properties/code/pattern ^(a$|b)c?$ does not compile: "
+     "a $ that is not at the pattern's end cannot be followed"),
+    ({"json": {"type": "string", "pattern": "a^b|c"}},
+     "json is not a usable JSON Schema: /pattern a^b|c does not compile: a ^ that is not at the pattern's start"),
+    ({"json": {"type": "string", "pattern": r"\bfoo\b"}},
+     r"json is not a usable JSON Schema: /pattern \bfoo\b does not compile: a word boundary \b cannot be followed"),
+    ({"regex": r"a\Bb"}, r"regex does not compile: a non-boundary \B cannot be followed"),
+    # a string no value can be: its place, not llguidance's rewrite of the format's regex
+    ({"json": {"type": "object", "properties": {"ok": {"type": "string", "pattern": "^a+$", "maxLength": 3},
+                                                "d": {"type": "string", "format": "date", "maxLength": 5}},
+               "required": ["d"]}},
+     "json is not a usable JSON Schema: /properties/d: no string matches its format within its maxLength"),
+    ({"json": {"type": "string", "pattern": "^\\x01\\x02$", "maxLength": 1}},
+     "json is not a usable JSON Schema: /: no string matches its pattern within its maxLength"),
 ])
 def test_unusable_specs_are_value_errors_naming_the_field(tokenized, spec, words):
     so, _, _ = tokenized

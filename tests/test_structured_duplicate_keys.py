@@ -132,3 +132,25 @@ def test_what_needs_no_unicode_escape_is_still_written(tokenized, schema, text):
     so, tok, eos = tokenized
     jsonschema.validate(json.loads(text), schema)
     assert _accepts(so, tok, eos, schema, text)
+
+
+@pytest.mark.parametrize("schema, written, dropped", [
+    ({"const": "a\x7fb"}, '"a\\u007fb"', '"ab"'),
+    ({"enum": ["x\x7fy", "z"]}, '"x\\u007fy"', '"xy"'),
+    ({"type": "string", "pattern": "^a\\x7fb$"}, '"a\\u007Fb"', '"ab"'),
+    ({"type": "string", "pattern": "^a\\u007Fb$"}, '"a\\u007fb"', '"ab"'),
+    ({"type": "string", "pattern": "^a\\vb$"}, '"a\\u000bb"', '"ab"'),
+    ({"type": "string", "pattern": "^a[\\v]b$"}, '"a\\u000Bb"', '"ab"'),
+    ({"type": "object", "properties": {"k": {"type": "string", "pattern": "^\\x7f$"}}, "required": ["k"]},
+     '{"k": "\\u007f"}', '{"k": ""}'),
+])
+def test_del_and_vertical_tab_are_written_not_left_out(tokenized, schema, written, dropped):
+    """DEL (which JSON output writes only as \\u007f) and the regex escape \\v were not counted among the control
+    characters a schema may name: \\u escapes stayed off, and llguidance then took the string without the
+    character, "ab" for the const "a\\x7fb", ending "stop". The \\u form is written; the string without it is not."""
+    so, tok, eos = tokenized
+    jsonschema.validate(json.loads(written), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(dropped), schema)
+    assert _accepts(so, tok, eos, schema, written)
+    assert not _accepts(so, tok, eos, schema, dropped)

@@ -556,8 +556,12 @@ _DANGLING = "it ends in a lone backslash, which escapes nothing (write \\\\ for 
 REGEX_ASCII_CLASSES = "dws"
 # JSON's short escapes (llguidance knows no "\/"), for schemas that name no control character (see grammar_text).
 JSON_ESCAPES_WITHOUT_U = 'nrbtf\\"'
-# A control character other than those short escapes, as itself or as a regex escape (only \u can write it).
-_CONTROL = re.compile(r"[\x00-\x07\x0b\x0e-\x1f]|\\(?:x[01][0-9a-fA-F]|u00[01][0-9a-fA-F]|c[A-Za-z@]|0)")
+# A control character other than those short escapes, or DEL, as itself or as a regex escape (\v, \x7f, \x{1F},
+# \u007F, \cK, \0): only \u can write it. Without \u allowed, llguidance does not refuse such a string: it leaves
+# the character out ("a\x7fb" came out "ab", with finish_reason "stop").
+_CONTROL_CODE = r"(?:[01][0-9a-fA-F]|7[fF])"
+_CONTROL = re.compile(r"[\x00-\x07\x0b\x0e-\x1f\x7f]|\\(?:x" + _CONTROL_CODE + r"|u00" + _CONTROL_CODE
+                      + r"|[xu]\{0*(?:[0-9a-fA-F]|" + _CONTROL_CODE + r")\}|c[A-Za-z@]|0|v)")
 
 
 def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) -> bool:
@@ -722,7 +726,8 @@ def _json_error(error: str, schema: object) -> str:
             _, where, value = min(tiny)
             return (f"{where} {value!r} is too close to zero for llguidance (its range of numbers nests a level per "
                     "digit after the point): use a bound of fewer decimal places (or 0)")
-    if error.startswith("regex parse error"):  # llguidance names neither the place nor the pattern as written
+    if error.startswith("regex parse error") or _LOOKAROUND in error:
+        # llguidance names neither the place nor the pattern as written (an anchor inside one: a "lookaround")
         for where, node in _schemas(schema):
             patterns = [("pattern", node["pattern"])] if isinstance(node.get("pattern"), str) else []
             if isinstance(node.get("patternProperties"), dict):
@@ -730,7 +735,10 @@ def _json_error(error: str, schema: object) -> str:
             for key, pattern in patterns:
                 problem = _regex_problem(pattern)
                 if problem:
-                    return f"{where}/{key} {pattern} does not compile: {_cut(problem)}"
+                    return f"{where}/{key} {pattern} does not compile: {_cut(_assertion_words(problem))}"
+    unsatisfiable = _unsatisfiable_string(error, schema)
+    if unsatisfiable:
+        return unsatisfiable
     if "min/maxProperties only supported" in error:  # llguidance does not say which object
         for where, node in _schemas(schema):
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
@@ -745,6 +753,37 @@ def _json_error(error: str, schema: object) -> str:
                 return f"{_cut(error)} (at {where or '/'})"
     where = _metaschema_place(schema)
     return _cut(error) if where is None else f"{_cut(error)} (at {where})"
+
+
+_REQUIRED_UNSATISFIABLE = re.compile(r"Unsatisfiable schema: required property '(.*)' is unsatisfiable")
+
+
+def _unsatisfiable_string(error: str, schema: object) -> str | None:
+    """A string no value can be (its pattern or format against its length bounds), named by its place: llguidance
+    quotes its own rewrite of the format's regex, or names only the property that requires it."""
+    required = _REQUIRED_UNSATISFIABLE.match(error)
+    if not (required or error.startswith("Unsatisfiable schema: Regex is empty")):
+        return None
+    import llguidance
+
+    for where, node in _schemas(schema):
+        bounds = [k for k in ("minLength", "maxLength") if k in node]
+        shape = [k for k in ("pattern", "format") if k in node]
+        if not (bounds and shape):
+            continue
+        alone = {k: node[k] for k in ("type", *bounds, *shape)}
+        try:
+            said = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(alone))
+        except ValueError as e:
+            said = str(e)
+        if "Unsatisfiable" in said:
+            return (f"{where or '/'}: no string matches its {' and its '.join(shape)} within its "
+                    f"{' and '.join(bounds)}")
+    if required:
+        for where, node in _schemas(schema):
+            if isinstance(node.get("required"), list) and required.group(1) in node["required"]:
+                return f"{_cut(error)} (at {where or '/'})"
+    return None
 
 
 def _metaschema_place(schema: object) -> str | None:
@@ -801,6 +840,28 @@ def _timed_mask(m, row: torch.Tensor) -> float:
     started = time.thread_time()
     m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     return time.thread_time() - started
+
+
+# llguidance's words for an assertion it cannot follow, and what each is in the pattern as written.
+_LOOKAROUND = "lookarounds not supported yet"
+_ANCHORS = ("only a ^ at its start and a $ at its end are; a branch that ends the string early is written as an "
+            "alternative anchored on its own, ^a$|^bc?$ for ^(a$|b)c?$")
+_BOUNDARIES = "write the characters either side of it instead"
+_ASSERTIONS = {"Start": ("a ^ that is not at the pattern's start", _ANCHORS),
+               "End": ("a $ that is not at the pattern's end", _ANCHORS),
+               "WordUnicode": ("a word boundary \\b", _BOUNDARIES), "WordAscii": ("a word boundary \\b", _BOUNDARIES),
+               "WordUnicodeNegate": ("a non-boundary \\B", _BOUNDARIES),
+               "WordAsciiNegate": ("a non-boundary \\B", _BOUNDARIES)}
+
+
+def _assertion_words(problem: str) -> str:
+    """``problem`` said of the pattern as written where it is llguidance's "lookarounds not supported yet; End in
+    regex ...", which calls a $ in the middle of a pattern a lookaround."""
+    found = re.search(_LOOKAROUND + r"; (\w+) in regex", problem)
+    if found is None or found.group(1) not in _ASSERTIONS:
+        return problem
+    what, fix = _ASSERTIONS[found.group(1)]
+    return f"{what} cannot be followed ({fix})"
 
 
 def _regex_problem(pattern: str) -> str:
@@ -1068,12 +1129,16 @@ class LLGuidanceBackend:
                 error = original.get_error() if original.is_error() else error
             if _matches_nothing(error):  # it compiled; its first mask allows nothing, not even the end
                 empty = "matches no string (none that this model's tokens can write)"
-                if kind == "json":  # llguidance writes some schemas' numbers in fewer forms than they allow
+                if kind == "json" and "multipleOf" in json.dumps(spec[kind]):
+                    # llguidance writes some schemas' numbers in fewer forms than they allow
                     empty = ("matches no value that llguidance writes (under multipleOf it writes numbers with no "
                              "fraction or exactly as many decimals as the multiple, and none whose digits are a "
                              "proper prefix of an upper bound's: bounds can leave none)")
+                elif kind == "json":
+                    empty = "matches no value (none that this model's tokens can write)"
                 raise structured_error(f"{kind} {empty}" if kind in ("regex", "grammar") else f"{what}: it {empty}")
-            raise structured_error(f"{what}: {_json_error(error, spec[kind]) if kind == 'json' else _cut(error)}")
+            said = _json_error(error, spec[kind]) if kind == "json" else _cut(_assertion_words(error))
+            raise structured_error(f"{what}: {said}")
         # A grammar that never ends is told so before its cost: its mask is slow too, and on a busy host it can
         # pass the limit, which would name the wrong fix.
         if kind == "grammar":
