@@ -210,6 +210,34 @@ def test_an_untraced_request_taken_over_stays_in_one_trace(redis_url, prefix, sh
     assert lines and {e["trace_id"] for e in lines} == {format(expected, "032x")}, lines
 
 
+def test_untraced_requests_log_their_entrys_trace_id_without_an_sdk(redis_url, prefix, shared_engine):
+    """With no OpenTelemetry SDK in the worker (no exporter configured), an entry sent without a traceparent had
+    ``trace_id: null`` on its request_finished and request_error lines, where the entry's derived id was promised
+    in every log line about it (parse-time refusals had it)."""
+    import json
+
+    import redis
+
+    from pagedserve.service.protocol import Keys
+    from pagedserve.service.telemetry import entry_trace_id
+
+    s = make_settings(redis_url, prefix)
+    keys = Keys(prefix)
+    configure_logging("json", "INFO")
+    bodies = {"fine": {"id": "fine", "prompt": "hello", "params": {"max_tokens": 3}},
+              "too-long": {"id": "too-long", "prompt": "x" * 50_000, "params": {"max_tokens": 3}}}
+    with structlog.testing.capture_logs() as logs, running_worker(s, shared_engine), Client(settings=s) as c, \
+            redis.Redis.from_url(redis_url) as r:
+        entries = {rid: r.xadd(keys.requests, {"body": json.dumps(body)}).decode() for rid, body in bodies.items()}
+        assert isinstance(c.wait("fine", timeout=60), DoneEvent)
+        c.wait("too-long", timeout=60)
+    for rid, entry in entries.items():
+        lines = [e for e in logs if e.get("request_id") == rid and e.get("event") in ("request_finished",
+                                                                                      "request_error")]
+        assert lines and {e["trace_id"] for e in lines} == {format(entry_trace_id(keys.requests, entry), "032x")}, \
+            (rid, lines)
+
+
 def test_a_preempted_requests_span_and_log_line_count_its_preemptions(redis_url, prefix):
     """A request slowed by preemptions (its KV room swapped out for another's) showed nothing of it in its trace or
     its log line: only the worker-wide counter moved. Both carry the request's own count now."""

@@ -190,11 +190,18 @@ def start_entry_span(tracer: trace.Tracer, name: str, fields: dict, stream: str,
     parent = extract_context(fields)
     if parent is not None and trace.get_current_span(parent).get_span_context().is_valid:
         return tracer.start_span(name, context=parent, **kwargs)
-    token = _entry_trace_id.set(entry_trace_id(stream, entry_id))
+    trace_id = entry_trace_id(stream, entry_id)
+    token = _entry_trace_id.set(trace_id)
     try:
-        return tracer.start_span(name, context=otel_context.Context(), **kwargs)
+        span = tracer.start_span(name, context=otel_context.Context(), **kwargs)
     finally:
         _entry_trace_id.reset(token)
+    if span.get_span_context().is_valid:
+        return span
+    # No SDK in this process (the API's no-op tracer): nothing is exported, but the span, its children and the log
+    # lines bound to it still carry the entry's trace id.
+    span_id = int.from_bytes(trace_id.to_bytes(16, "big")[8:], "big") or 1
+    return trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, is_remote=False))
 
 
 def request_logger(log: Any, request_id: str, span: Span | None = None, trace_id: str | None = None) -> Any:
