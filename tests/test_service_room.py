@@ -206,3 +206,37 @@ def test_slots_full_of_worse_priority_work_still_read_a_default_priority_request
             assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: it waited"
     finally:
         r.close()
+
+
+def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_url, prefix):
+    """Every sequence slot held by default-priority requests, the stream otherwise empty: a request of a better
+    priority waited in the stream until all of them had finished (4.3 s in a held-out run), since the worker
+    reads only what a default-priority request could start in; the engine would have preempted for it. The
+    worker looks at the next entry's priority and reads it alone when it is better. A default-priority request
+    behind it still waits in the stream (a worker with no room for it reads nothing for it)."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=64, max_num_seqs=4)
+    flood = [f"flood-{i}" for i in range(4)]
+
+    def send(rid: str, max_tokens: int, **extra) -> None:
+        body = {"id": rid, "prompt": "job", "params": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
+        r.xadd(keys.requests, {"body": json.dumps(body)})
+
+    try:
+        with running_worker(s) as w:
+            for rid in flood:
+                send(rid, 600)
+            wait_for(lambda: w.engine.num_running == len(flood), 30, 0.005, "the slots full")
+            send("urgent", 4, priority=-5)
+            wait_for(lambda: r.exists(keys.result("urgent")), 30, 0.02, "the better request's result")
+            assert parse_terminal(r.get(keys.result("urgent"))).type == "done"
+            assert not any(r.exists(keys.result(rid)) for rid in flood), "a default request ended first: it waited"
+            send("default-late", 4)
+            time.sleep(0.5)  # ten looks at the head: a default-priority request is never read ahead of room
+            assert "default-late" not in w.running.table and not r.exists(keys.result("default-late"))
+            assert r.xpending(keys.requests, keys.group)["pending"] == len(flood)
+    finally:
+        r.close()

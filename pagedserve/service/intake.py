@@ -8,7 +8,9 @@ Invariants:
   to start), less what the worker holds unstarted: grammars compiling, ids waiting on another worker's run),
   so a worker whose KV cache is full reads nothing and the backlog waits in the stream, where any worker with
   room can take it. A request needs more than one block, so what one read takes may still not all start: that
-  excess waits in the engine, never more than its free blocks;
+  excess waits in the engine, never more than its free blocks. The one exception: a worker without room for the
+  default priority looks at the next entry's priority (:meth:`Intake.head_priority`), and reads it alone if it is
+  better and would start by preempting worse work;
 - after every (re)connect a worker first drains its own pending entries that it does not hold (a previous
   life of this consumer died holding them, or Redis delivered them just before the connection broke and the
   reply never arrived), then reads new ones (``>``); the entries it holds are not delivered again, so each
@@ -40,6 +42,9 @@ from .running import Running
 
 Entry = tuple[str, dict, int]  # (stream entry id, fields, delivery count)
 CANCELS_PER_PASS = 1000  # cancel messages read per loop pass, at most
+# How often a worker with no room for a request of the default priority looks at the next entry's priority (one
+# round trip; a better request is read within this long, plus a step).
+HEAD_PEEK_S = 0.05
 FLOOD_LOG_S = 60.0  # a cancel flood is logged at most this often
 
 
@@ -58,6 +63,7 @@ class Intake(WorkerPart):
     _own_cursor: str = field(default="0", init=False)
     _last_reclaim: float = field(default=0.0, init=False)
     _last_queue_stats: float = field(default=0.0, init=False)
+    _last_peek: float = field(default=0.0, init=False)
     _flood_logged_at: float = field(default=-FLOOD_LOG_S, init=False)
 
     def _after_reconnect(self) -> None:
@@ -107,6 +113,28 @@ class Intake(WorkerPart):
         if self._draining_own:
             return self._drain_own(room), True
         return self._read_new(room, block), False
+
+    def head_priority(self) -> int | None:
+        """The priority the group's next undelivered entry names, if it names one (``lua/head_priority.lua``):
+        for a worker whose room for a request of the default priority is used up, which reads nothing, so a
+        better request would wait in the stream though the engine would preempt for it. At most every
+        ``HEAD_PEEK_S``; None between looks, while draining its own entries, and where Redis refuses the script
+        (counted and said, not needed for readiness)."""
+        self._after_reconnect()
+        now = time.monotonic()
+        if self._draining_own or now - self._last_peek < HEAD_PEEK_S:
+            return None
+        self._last_peek = now
+        r = self.conn.r
+        try:
+            said = self.reclaimer.scripts(r).head_priority(keys=[self.keys.requests], args=[self.keys.group], client=r)
+        except redis.ResponseError as e:
+            if refused_while_up(e):
+                self.conn.command_refused("head_priority", e, needed=False)
+            return None
+        self.metrics.redis_ops.inc()
+        self.conn.command_accepted("head_priority")
+        return None if said is None else int(said)
 
     def held(self) -> set[str]:
         """Entry ids this worker is doing something with: running, waiting, or with a write buffered. A pending

@@ -459,11 +459,25 @@ class Worker(WorkerPart):
             if claimed:
                 self.admission.admit(claimed, redelivered=True)
                 room = self._room()
+            if room <= 0 and self._better_waits():
+                room = 1
             if room > 0:
                 entries, redelivered = self.intake.read(room, block)
                 if entries:
                     self.admission.admit(entries, redelivered)
         self.intake.queue_stats()
+
+    def _better_waits(self) -> bool:
+        """Whether the stream's next entry asks for a priority better than the default, one the engine would start
+        by preempting worse work (as :meth:`_room` counts for the default): with no room for the default, this
+        worker reads nothing, and such a request would wait behind work it is meant to overtake."""
+        priority = self.intake.head_priority()
+        if priority is None or priority >= INTERACTIVE_PRIORITY:
+            return False
+        if self.settings.min_priority is not None and priority < self.settings.min_priority:
+            return False  # refused when read, by any worker: no reason to read it ahead of room
+        room = min(self.running.room(priority), self.engine.kv_room(priority))
+        return room - self.admission.unstarted() > 0
 
     def _room(self, batch: bool = False) -> int:
         """What this worker may still read: what a request of the default priority could start in, its sequence
