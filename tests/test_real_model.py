@@ -150,3 +150,32 @@ def test_a_prompt_of_long_tokens_is_not_refused_for_its_characters(llm, model_di
     with pytest.raises(InvalidRequestError) as refused:
         prepare(req, engine, settings)
     assert refused.value.code == "prompt_too_long" and "characters" in refused.value.message
+
+
+def test_a_flood_of_short_tokens_is_refused_from_its_head_alone(llm, model_dir, monkeypatch):
+    """A prompt of random letters (about 1.7 characters a token) under the characters bound was tokenized whole
+    before its refusal: 0.55 s of the worker's loop for each 600 kB one, every other request's tokens held up
+    meanwhile. Its head alone holds more than twice the tokens max_model_len allows, so it cannot fit: refused
+    having tokenized only the head."""
+    import random
+
+    import transformers
+
+    from pagedserve.service.admission import HEAD_CHARS_PER_TOKEN, prepare
+    from pagedserve.service.protocol import InvalidRequestError, parse_request
+    from service_fixtures import make_settings
+
+    engine, settings = llm.engine, make_settings("redis://127.0.0.1:1/0", "flood")
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(60_000))
+    assert len(text) < engine.max_token_chars * engine.max_model_len  # the characters bound lets it by
+    assert len(transformers.AutoTokenizer.from_pretrained(model_dir).encode(text)) > engine.max_model_len
+    seen: list[int] = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda t, *a, **k: seen.append(len(t)) or encode(t, *a, **k))
+    for body in ({"prompt": text}, {"messages": [{"role": "user", "content": text}]}):
+        req = parse_request(json.dumps({"id": "flood", **body, "params": {"max_tokens": 4}}), 1 << 20)
+        with pytest.raises(InvalidRequestError) as refused:
+            prepare(req, engine, settings)
+        assert refused.value.code == "prompt_too_long" and "alone are" in refused.value.message, refused.value
+    assert seen and max(seen) <= HEAD_CHARS_PER_TOKEN * engine.max_model_len, seen

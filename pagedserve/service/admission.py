@@ -102,6 +102,24 @@ def _room(max_len: int) -> str:
     return f"max_model_len {max_len} leaves room for {max_len - 1} prompt tokens"
 
 
+# A text this many characters per token of max_model_len long or longer is counted on a head of that size first:
+# if the head alone holds twice the tokens max_model_len allows, the text cannot fit whatever the rest holds, and
+# it is refused without tokenizing the rest on the worker's loop (a 600 kB prompt of a random-letter flood took
+# the loop half a second each, delaying every other request's tokens).
+HEAD_CHARS_PER_TOKEN = 8
+
+
+def _head_tokens_past(tokenizer: Any, text: str, max_len: int) -> tuple[int, int] | None:
+    """``(head characters, their tokens)`` where the head of ``text`` alone holds more than twice ``max_len``
+    tokens (so the whole cannot fit: a cut changes the tokens of the word it falls in, not the count twice over),
+    else None."""
+    head = HEAD_CHARS_PER_TOKEN * max_len
+    if len(text) <= head:
+        return None
+    count = len(tokenizer.encode(text[:head], add_special_tokens=False))
+    return (head, count) if count > 2 * max_len else None
+
+
 def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tuple[str | list[int], Any]:
     """Returns ``(prompt, SamplingParams)`` for ``engine.add_request`` or raises :class:`InvalidRequestError`."""
 
@@ -136,6 +154,9 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         if len(text) > engine.max_token_chars * max_len:  # cannot fit: refused without tokenizing it
             raise refuse("prompt_too_long", f"messages render to {len(text)} characters, more than max_model_len "
                                             f"{max_len} leaves room for")
+        if (head := _head_tokens_past(tok, text, max_len)) is not None:
+            raise refuse("prompt_too_long", f"messages render to {len(text)} characters, and the first {head[0]} "
+                                            f"alone are {head[1]} tokens; {_room(max_len)}")
         # The template writes the special tokens it wants (a BOS, for Llama 3's): encoding adds none of its own.
         prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
         if not prompt:
@@ -163,6 +184,9 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         if len(prompt) > engine.max_token_chars * max_len:  # cannot fit (the engine counts the tokens of the rest)
             raise refuse("prompt_too_long", f"prompt is {len(prompt)} characters, more than max_model_len {max_len} "
                                             "leaves room for")
+        if (head := _head_tokens_past(engine.tokenizer, prompt, max_len)) is not None:
+            raise refuse("prompt_too_long", f"prompt is {len(prompt)} characters, and the first {head[0]} alone are "
+                                            f"{head[1]} tokens; {_room(max_len)}")
     return prompt, params
 
 
