@@ -25,6 +25,12 @@ from service_fixtures import wait_for
 PARAMS = {"max_tokens": 2000, "ignore_eos": True}
 
 
+def _seeded() -> tuple[int, random.Random]:
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")
+    return seed, random.Random(seed)
+
+
 def _sent_ids(r: redis.Redis, keys: Keys) -> list[str]:
     return [json.loads(fields[b"body"])["id"] for _entry, fields in r.xrange(keys.requests)]
 
@@ -38,9 +44,7 @@ def test_submits_in_other_threads_during_close_raise_runtime_error_and_leave_not
     """Submits racing close() in other threads raised redis-py's torn-socket errors (ValueError: I/O operation on
     closed file, AttributeError on its parser) after their XADD had gone out: requests ran to their end under ids
     nobody had. Each such call raises RuntimeError now, and a request it sent is cancelled by the close."""
-    seed = random.randrange(2**32)
-    print(f"seed {seed}")
-    rng = random.Random(seed)
+    seed, rng = _seeded()
     keys = Keys(prefix)
     returned: set[str] = set()
     errors: list[BaseException] = []
@@ -76,9 +80,7 @@ def test_async_submits_during_aclose_raise_runtime_error_and_leave_nothing_unkno
     """The same of AsyncClient: calls whose connection aclose() closed said "cannot reach Redis" (an outage, for
     the client's own close), and a submit whose XADD had gone out left its request running, its caller told to
     wait for it by an id on a closed client."""
-    seed = random.randrange(2**32)
-    print(f"seed {seed}")
-    rng = random.Random(seed)
+    seed, rng = _seeded()
     keys = Keys(prefix)
     returned: set[str] = set()
     errors: list[BaseException] = []
