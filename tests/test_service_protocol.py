@@ -486,3 +486,27 @@ def test_a_request_too_large_names_its_largest_part_in_bytes_as_sent(char):
     whole, part = map(int, re.search(r"is (\d+) bytes as a stream entry.*?, (\d+) of them in prompt", str(ei.value))
                       .groups())
     assert len(char.encode()) * 600_000 < part < whole, str(ei.value)
+
+
+@pytest.mark.parametrize("params, refusal", [
+    ({"skip_special_tokens": True, "spaces_between_special_tokens": True, "logit_bias": {}, "max_tokens": 5}, None),
+    ({"skip_special_tokens": False}, "params: skip_special_tokens is not supported: leave it out"),
+    ({"logit_bias": {"1": 2.0}}, "params: logit_bias is not supported: leave it out"),
+])
+def test_vllms_options_at_their_defaults_are_taken_on_the_wire_as_offline(params, refusal):
+    """``skip_special_tokens: true`` (vLLM's default, what pagedserve does) was taken by SamplingParams and batch
+    lines but refused in a params dict and a raw entry ("Extra inputs are not permitted"); another value of such
+    an option was refused without saying it is unsupported."""
+    from pagedserve.service.client_core import build_request
+    from pagedserve.service.protocol import InvalidRequestError, parse_request
+
+    body = json.dumps({"id": "vllm-defaults", "prompt": "hi", "params": params})
+    if refusal is None:
+        assert parse_request(body, 1 << 20).params.max_tokens == 5
+        assert build_request("hi", params=params).params.max_tokens == 5
+        return
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_request(body, 1 << 20)
+    assert refused.value.message.startswith(refusal), refused.value.message
+    with pytest.raises(ValueError, match=f"^{refusal}"):
+        build_request("hi", params=params)

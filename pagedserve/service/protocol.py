@@ -271,6 +271,22 @@ class SamplingParamsModel(BaseModel):
     logprobs: Int64 | None = None
     structured_outputs: StructuredOutputsModel | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_defaults(cls, data: Any) -> Any:
+        """vLLM's options pagedserve lacks, at vLLM's default (what pagedserve does: ``skip_special_tokens: true``),
+        are dropped, as ``SamplingParams`` and batch lines drop them; at any other value refused by name."""
+        if not isinstance(data, dict) or set(data) <= set(cls.model_fields):
+            return data
+        from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default
+
+        kept = dict(data)
+        for name in [n for n in data if n in UNSUPPORTED_OPTIONS]:
+            if not is_vllm_default(name, data[name]):
+                raise ValueError(f"{name} is not supported: {UNSUPPORTED_OPTIONS[name][0]}")
+            del kept[name]
+        return kept
+
     def to_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
 
