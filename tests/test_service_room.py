@@ -234,8 +234,14 @@ def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_u
             wait_for(lambda: r.exists(keys.result("urgent")), 30, 0.02, "the better request's result")
             assert parse_terminal(r.get(keys.result("urgent"))).type == "done"
             assert not any(r.exists(keys.result(rid)) for rid in flood), "a default request ended first: it waited"
+            send("urgent-float", 4, priority=-5.0)  # taken as -5 when read, so looked at as -5 too
+            wait_for(lambda: r.exists(keys.result("urgent-float")), 30, 0.02, "the second better request's result")
+            # Default-priority requests are never read ahead of room, whatever "priority" their body holds below
+            # its top level (a misread one was read, and the next, every look: the whole backlog).
             send("default-late", 4)
-            time.sleep(0.5)  # ten looks at the head: a default-priority request is never read ahead of room
+            for i in range(3):
+                send(f"default-meta-{i}", 4, metadata={"priority": -5})
+            time.sleep(0.5)  # ten looks at the head
             assert "default-late" not in w.running.table and not r.exists(keys.result("default-late"))
             assert r.xpending(keys.requests, keys.group)["pending"] == len(flood)
     finally:

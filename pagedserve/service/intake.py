@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ CANCELS_PER_PASS = 1000  # cancel messages read per loop pass, at most
 # How often a worker with no room for a request of the default priority looks at the next entry's priority (one
 # round trip; a better request is read within this long, plus a step).
 HEAD_PEEK_S = 0.05
+HEAD_PEEK_BYTES = 65536  # a longer body is not looked at (copied out and parsed every HEAD_PEEK_S): read in its turn
 FLOOD_LOG_S = 60.0  # a cancel flood is logged at most this often
 
 
@@ -115,11 +117,12 @@ class Intake(WorkerPart):
         return self._read_new(room, block), False
 
     def head_priority(self) -> int | None:
-        """The priority the group's next undelivered entry names, if it names one (``lua/head_priority.lua``):
-        for a worker whose room for a request of the default priority is used up, which reads nothing, so a
-        better request would wait in the stream though the engine would preempt for it. At most every
-        ``HEAD_PEEK_S``; None between looks, while draining its own entries, and where Redis refuses the script
-        (counted and said, not needed for readiness)."""
+        """The priority the group's next undelivered entry asks for, if it names one at its top level
+        (``lua/head_entry.lua`` fetches it; its body is read here as admission reads it): for a worker whose room
+        for a request of the default priority is used up, which reads nothing, so a better request would wait in
+        the stream though the engine would preempt for it. At most every ``HEAD_PEEK_S``; None between looks,
+        while draining its own entries, for a body over ``HEAD_PEEK_BYTES`` or not a JSON object, and where Redis
+        refuses the script (counted and said, not needed for readiness)."""
         self._after_reconnect()
         now = time.monotonic()
         if self._draining_own or now - self._last_peek < HEAD_PEEK_S:
@@ -127,14 +130,23 @@ class Intake(WorkerPart):
         self._last_peek = now
         r = self.conn.r
         try:
-            said = self.reclaimer.scripts(r).head_priority(keys=[self.keys.requests], args=[self.keys.group], client=r)
+            head = self.reclaimer.scripts(r).head_entry(keys=[self.keys.requests],
+                                                        args=[self.keys.group, HEAD_PEEK_BYTES], client=r)
         except redis.ResponseError as e:
             if refused_while_up(e):
                 self.conn.command_refused("head_priority", e, needed=False)
             return None
         self.metrics.redis_ops.inc()
         self.conn.command_accepted("head_priority")
-        return None if said is None else int(said)
+        if not head:
+            return None
+        try:
+            priority = json.loads(head[1]).get("priority")
+        except (ValueError, AttributeError, RecursionError):  # not a JSON object: answered when read in its turn
+            return None
+        if isinstance(priority, float) and priority.is_integer():  # -5.0 is taken as -5 when read
+            priority = int(priority)
+        return priority if isinstance(priority, int) and not isinstance(priority, bool) else None
 
     def held(self) -> set[str]:
         """Entry ids this worker is doing something with: running, waiting, or with a write buffered. A pending
