@@ -464,6 +464,11 @@ def test_a_whitespace_pattern_may_match_only_json_whitespace(tokenized, pattern,
      "json is not a usable JSON Schema: /properties/d: no string matches its format within its maxLength"),
     ({"json": {"type": "string", "pattern": "^\\x01\\x02$", "maxLength": 1}},
      "json is not a usable JSON Schema: /: no string matches its pattern within its maxLength"),
+    # a string node without "type" beside the one that cannot be: the diagnosis raised KeyError: 'type'
+    ({"json": {"type": "object", "properties": {"a": {"pattern": "^x$", "minLength": 1},
+                                                "b": {"type": "integer", "minimum": 5, "maximum": 1}},
+               "required": ["a", "b"]}},
+     "json is not a usable JSON Schema: Unsatisfiable schema: required property 'b' is unsatisfiable (at /)"),
 ])
 def test_unusable_specs_are_value_errors_naming_the_field(tokenized, spec, words):
     so, _, _ = tokenized

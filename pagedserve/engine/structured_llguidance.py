@@ -771,10 +771,10 @@ def _unsatisfiable_string(error: str, schema: object) -> str | None:
         shape = [k for k in ("pattern", "format") if k in node]
         if not (bounds and shape):
             continue
-        alone = {k: node[k] for k in ("type", *bounds, *shape)}
+        alone = {k: node[k] for k in ("type", *bounds, *shape) if k in node}
         try:
             said = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(alone))
-        except ValueError as e:
+        except Exception as e:  # a diagnosis must not take the place of the refusal it explains
             said = str(e)
         if "Unsatisfiable" in said:
             return (f"{where or '/'}: no string matches its {' and its '.join(shape)} within its "
