@@ -623,6 +623,8 @@ def submit(
     configure_tracing("pagedserve-cli")  # the producer span is exported if an OTLP endpoint is configured
 
     prompt = _prompt_text(prompt)
+    if system is not None:
+        system = _utf8(system, "--system")
     params: dict = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
     for name, value in (("top_p", top_p), ("seed", seed), ("stop", stop)):
         if value is not None:

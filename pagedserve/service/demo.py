@@ -65,9 +65,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def readable(s: str) -> str:
-    """``s`` for a terminal: line breaks kept, tabs as spaces, any other control character escaped (``\\x1b``)."""
-    s = s.replace("\r\n", "\n").replace("\t", "    ")
-    return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in s)
+    """``s`` for a terminal: line breaks kept, tabs as spaces, any other control character escaped (``\\x1b``;
+    :func:`~.redaction.printable`)."""
+    from .redaction import printable
+
+    return printable(s.replace("\r\n", "\n").replace("\t", "    "))
 
 
 def _check_redis(url: str) -> None:

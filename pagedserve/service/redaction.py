@@ -14,6 +14,7 @@ wherever they appear, whatever their characters.
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import unquote
 
 # The user-info part of any URL (``scheme://user:password@``, greedy up to the last ``@`` of the token, so a
@@ -70,14 +71,21 @@ def remember_header_values(headers: object) -> None:
     _remember(found)
 
 
+# A query parameter of an endpoint URL whose name says it is a credential (api_key, token, sig, X-Amz-Credential).
+_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|passw|auth|sig|cred")
+
+
 def remember_endpoint_secrets(url: object) -> None:
-    """Remember what an OTLP endpoint URL may carry as a credential: its user-info's password and every query
-    parameter's value (``?api_key=...``), which the exporter's retry warnings quote with the URL."""
+    """Remember what an OTLP endpoint URL may carry as a credential: its user-info's password and the value of
+    each query parameter named as one (``?api_key=...``), which the exporter's retry warnings quote with the URL.
+    Other values (``?dataset=pagedserve``) are not: masked wherever they appear, they would blot out every log line
+    that holds the same word."""
     if not isinstance(url, str):
         return
     remember_secrets(url)
     _path, _q, query = url.partition("?")
-    _remember([value for _name, _eq, value in (p.partition("=") for p in query.split("#")[0].split("&"))])
+    params = (p.partition("=") for p in query.split("#")[0].split("&"))
+    _remember([value for name, _eq, value in params if _CREDENTIAL_NAME.search(name)])
 
 
 def _remember(found: list[str]) -> None:
@@ -102,13 +110,26 @@ def redact(text: object) -> str:
     return _PASSWORD_PARAM.sub(r"\g<name>***", _USERINFO.sub(userinfo, out))
 
 
+# Besides the control characters (category Cc), what a terminal acts on rather than shows: the line and paragraph
+# separators, lone surrogates (not text at all), and the bidirectional overrides and isolates, which reorder what is
+# shown after them (a line that reads other than it is). Format characters that join or shape text (the ZWJ of an
+# emoji sequence, Persian's ZWNJ, the soft hyphen) and spaces other than ASCII's are text, written as they are.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def printable(text: str, lines: bool = True) -> str:
     """Text for a terminal (model output, an error message quoting a producer): line breaks and tabs kept (unless
     ``lines`` is False: text meant for one line, where a line break would let its writer forge the lines after
-    it), every other control character written as an escape (``\\x1b``), so that it cannot move the cursor, clear
-    the screen or retitle the window."""
+    it), every other control character, and the few others a terminal acts on (``_ESCAPED_CATEGORIES``, the
+    bidirectional controls), written as an escape (``\\x1b``), so that it cannot move the cursor, clear the screen,
+    retitle the window or reorder the line."""
     if text.isprintable():
         return text
     kept = "\n\t" if lines else ""
-    return "".join(ch if ch in kept or ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+    return "".join(ch if ch in kept or not _acts_on_terminal(ch) else ch.encode("unicode_escape").decode("ascii")
                    for ch in text)
+
+
+def _acts_on_terminal(ch: str) -> bool:
+    return ch in _BIDI_CONTROLS or unicodedata.category(ch) in _ESCAPED_CATEGORIES
