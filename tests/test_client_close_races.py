@@ -183,3 +183,63 @@ def test_a_prefix_no_worker_could_take_is_refused_as_pagedserve_prefix_is(prefix
         with pytest.raises(ValueError, match="^prefix .*PAGEDSERVE_PREFIX"):
             cls("redis://127.0.0.1:1/0", prefix=prefix)
 
+
+
+_ABANDON_AND_EXIT = """
+import _thread, sys, threading, time
+import redis
+from pagedserve.service.client import Client
+
+url, mode = sys.argv[1], sys.argv[2]
+c = Client(url, prefix="outage")
+admin = redis.Redis.from_url(url, socket_timeout=2)
+
+def interrupt_once_down():
+    while not admin.xlen("outage:requests"):
+        time.sleep(0.02)
+    print("SENT", flush=True)
+    while True:
+        try:
+            admin.ping()
+            time.sleep(0.02)
+        except Exception:
+            break
+    time.sleep(0.3)  # the call now waits through the outage
+    _thread.interrupt_main()
+
+threading.Thread(target=interrupt_once_down, daemon=True).start()
+try:
+    c.generate("x", params={"max_tokens": 2000, "ignore_eos": True}, timeout=60)
+except KeyboardInterrupt:
+    pass
+if mode == "close":
+    c.close()
+print("EXITING", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["close", "exit without close"])
+def test_a_background_cancel_outlives_neither_close_nor_the_process_exit_unheard(restartable, mode):
+    """A sync caller abandoning a request while Redis restarts, then ending (closing its client, or only
+    exiting): the cancel tried again in a daemon thread died with the process (or close() returned before it),
+    and the request ran to its end. close(), and the exit, wait for it as close() waits for its own (5 s)."""
+    import subprocess
+    import sys
+
+    from service_fixtures import REPO
+
+    keys = Keys("outage")
+    proc = subprocess.Popen([sys.executable, "-c", _ABANDON_AND_EXIT, restartable.url, mode], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SENT", proc.stderr.read()
+        restartable.stop(kill=True)
+        time.sleep(1.5)
+        restartable.start(timeout=30)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "EXITING" in out, err
+    finally:
+        proc.kill()
+    with redis.Redis.from_url(restartable.url) as admin:
+        (rid,) = _sent_ids(admin, keys)
+        assert admin.exists(keys.cancelled(rid)), "the abandoned request's cancel never reached Redis"

@@ -11,6 +11,7 @@ context travels in the entry (``traceparent``/``tracestate``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -254,7 +255,8 @@ def _queued(pipe: Any, commands: list[tuple[str, tuple, dict]]) -> Any:
     return pipe
 
 
-# Every Client of this process, for the at-fork reset (Client._forked); weak, so it keeps none alive.
+# Every Client of this process, for the at-fork reset (Client._forked) and the exit's wait for their cancels;
+# weak, so it keeps none alive (a cancel still tried in the background holds its client).
 _clients: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -264,6 +266,18 @@ def _reset_forked_clients() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_forked_clients)
+
+
+def _finish_cancels_at_exit() -> None:
+    """At the exit of a process that did not close its clients (a script ended by Ctrl-C): the cancels still tried
+    in the background get CLOSE_CANCELS_S, all together, as close() gives them; their daemon threads die after."""
+    deadline = time.monotonic() + CLOSE_CANCELS_S
+    for client in list(_clients):
+        for thread in list(getattr(client, "_cancelling", ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_finish_cancels_at_exit)
 
 
 class Client(ProducerCore):
@@ -285,6 +299,8 @@ class Client(ProducerCore):
         self._closing = False  # from close's start: no call sends anything any more
         self._owned: set[str] = set()  # ids of requests sent by its calls under ids of their making, not yet ended
         self._owned_lock = threading.Lock()  # calls in other threads send while close() takes the set
+        self._cancelling: set[threading.Thread] = set()  # cancels of abandoned calls tried again in the background
+        self._give_up_cancels = threading.Event()  # set by close() once it has waited for them
         self._socket_timeout = socket_timeout
         self.r = redis.Redis.from_url(self.redis_url, retry=retry_once(redis.retry.Retry), **options)
         _clients.add(self)
@@ -294,6 +310,7 @@ class Client(ProducerCore):
         thread), so the child's close() must not cancel them, and a lock one of them held at the fork would never
         be released here. (redis-py's pool makes new connections in the child by itself.)"""
         self._owned, self._owned_lock = set(), threading.Lock()
+        self._cancelling = set()  # the parent's threads: not in this process
 
     def close(self) -> None:
         """Cancel what the calls still waiting in other threads sent under ids of their own making (their callers
@@ -305,28 +322,37 @@ class Client(ProducerCore):
                 return
             self._closing = True
             owned, self._owned = sorted(self._owned), set()
+        deadline = time.monotonic() + CLOSE_CANCELS_S
         if owned:
             self._cancel_at_close(owned)
+        self._finish_cancels(deadline)
         self._closed = True
         self.r.close()
+
+    def _finish_cancels(self, deadline: float) -> None:
+        """Wait until ``deadline`` for the cancels of abandoned calls still being tried in the background
+        (:meth:`_cancel_abandoned`), then give up the ones not through: a closed client opens no connection."""
+        for thread in list(self._cancelling):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._give_up_cancels.set()
 
     def _cancel_at_close(self, request_ids: list[str]) -> None:
         """The cancels of ``request_ids`` within CLOSE_CANCELS_S (:meth:`_send_cancels`)."""
         self._send_cancels(request_ids, CLOSE_CANCELS_S)
 
-    def _send_cancels(self, request_ids: list[str], seconds: float) -> None:
+    def _send_cancels(self, request_ids: list[str], seconds: float, background: bool = False) -> None:
         """All the cancels in one transaction, on a connection of their own (the waiting calls may hold the whole
-        pool, or close() has closed it), tried again while Redis cannot be reached, for ``seconds`` at most: best
-        effort, as Redis may be gone for longer."""
+        pool, or close() has closed it), tried again while Redis cannot be reached, for ``seconds`` at most (and,
+        ``background``, until close() gives them up): best effort, as Redis may be gone for longer."""
         commands = [c for rid in request_ids for c in self._cancel_commands(rid)]
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not (background and self._give_up_cancels.is_set()):
             try:
                 with redis.Redis.from_url(self.redis_url, socket_timeout=left, socket_connect_timeout=left) as r:
                     _queued(r.pipeline(transaction=True), commands).execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):  # LOADING too: it answers again soon
-                time.sleep(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
+                self._give_up_cancels.wait(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
             except Exception:  # refused for good (an ACL, a full Redis): nothing to wait for
                 return
 
@@ -336,10 +362,20 @@ class Client(ProducerCore):
         try:
             self.cancel(request_id)
         except (redis.ConnectionError, redis.TimeoutError):
-            threading.Thread(target=self._send_cancels, args=([request_id], OUTAGE_S), daemon=True,
-                             name="pagedserve-cancel").start()
+            # A daemon, so that an outage cannot hold the process's exit for a minute: close(), and the exit of a
+            # process that never closed its client (_finish_cancels_at_exit), wait CLOSE_CANCELS_S for it.
+            thread = threading.Thread(target=self._cancel_in_background, args=(request_id,), daemon=True,
+                                      name="pagedserve-cancel")
+            self._cancelling.add(thread)
+            thread.start()
         except Exception:  # closed meanwhile (close() cancels it), or refused for good
             pass
+
+    def _cancel_in_background(self, request_id: str) -> None:
+        try:
+            self._send_cancels([request_id], OUTAGE_S, background=True)
+        finally:
+            self._cancelling.discard(threading.current_thread())
 
     def __enter__(self) -> Client:
         return self
