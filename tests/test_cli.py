@@ -425,6 +425,7 @@ def test_submit_escapes_control_characters_on_a_terminal_and_writes_a_file_as_th
     text = "👨\u200d👩\u200d👧 می\u200cخواهم 日本語\u3000テキスト Bonjour\xa0! soft\xadhyphen"
     assert printable(text) == text and printable(text, lines=False) == text
     assert printable("x\u202ey\u2066z\u2028w") == "x\\u202ey\\u2066z\\u2028w"
+    assert printable("price: \u061c10-20 \u200e\u200f") == "price: \\u061c10-20 \\u200e\\u200f"  # Bidi_Control too
     # The tiny model's byte-level noise holds control bytes: sampled, 48 tokens, streamed and not.
     # A worker process: one in this process would log into the stdout the runner captures.
     w = WorkerProcess(make_settings(redis_url, prefix), tmp_path / "w.log").start()

@@ -186,11 +186,12 @@ def test_a_key_in_the_otlp_endpoints_query_is_not_quoted():
     """A collector key in the endpoint's query string (``?api_key=...``): the exporter's retry warnings quote the
     URL, and it went out in clear in every one of them. A value not named as a credential is not masked (masked,
     ``dataset=pagedserve`` turned every "pagedserve" of the log into ***)."""
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}/?dataset=pagedserve&api_key=0tlpT0k3n2",
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}/?dataset=pagedserve&api_key=0tlpT0k3n2"
+                                          "&pwd=0tlpPwd33",
            "PAGEDSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     res = _run([sys.executable, "-m", "pagedserve.service.cli", "submit", "Hello"], env)
     assert "Transient error" in res.stderr, res.stderr  # the warning is kept, masked
-    assert "0tlpT0k3n2" not in res.stdout + res.stderr, res.stderr
+    assert "0tlpT0k3n2" not in res.stdout + res.stderr and "0tlpPwd33" not in res.stdout + res.stderr, res.stderr
     assert "dataset=pagedserve" in res.stderr, res.stderr
 
 

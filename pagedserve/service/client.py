@@ -81,6 +81,7 @@ CLOSE_CANCELS_S = 5.0  # close()/aclose() wait this long at most for their cance
 # tried again through an outage as long as a wait would ride one out (OUTAGE_S): a failover of a few seconds must
 # not cost every request abandoned during it a whole generation.
 ABANDONED_CANCEL_WAIT_S = 1.0
+CANCEL_TRY_S = 2.0  # one try of a cancel sent again through an outage (the sync client's, on its own connection)
 EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
 # stream()'s ``after`` when not given: a new request is sent. ``after=None`` given (an SSE handler passing
 # Last-Event-ID, None on a first connect) resumes the id from its first event, as ``events(id)`` does: taken for
@@ -348,7 +349,9 @@ class Client(ProducerCore):
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not (background and self._give_up_cancels.is_set()):
             try:
-                with redis.Redis.from_url(self.redis_url, socket_timeout=left, socket_connect_timeout=left) as r:
+                # Each try bounded apart: a Redis that hangs must not hold a background try past close()'s give-up.
+                each = min(left, CANCEL_TRY_S)
+                with redis.Redis.from_url(self.redis_url, socket_timeout=each, socket_connect_timeout=each) as r:
                     _queued(r.pipeline(transaction=True), commands).execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):  # LOADING too: it answers again soon

@@ -72,7 +72,7 @@ def remember_header_values(headers: object) -> None:
 
 
 # A query parameter of an endpoint URL whose name says it is a credential (api_key, token, sig, X-Amz-Credential).
-_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|passw|auth|sig|cred")
+_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|pass|pwd|auth|sig|cred|jwt|bearer|session")
 
 
 def remember_endpoint_secrets(url: object) -> None:
@@ -115,7 +115,7 @@ def redact(text: object) -> str:
 # shown after them (a line that reads other than it is). Format characters that join or shape text (the ZWJ of an
 # emoji sequence, Persian's ZWNJ, the soft hyphen) and spaces other than ASCII's are text, written as they are.
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # Bidi_Control
 
 
 def printable(text: str, lines: bool = True) -> str:
