@@ -122,6 +122,9 @@ try:
 except ZeroDivisionError:
     logging.getLogger("torch.distributed").exception("it failed")
 get_logger().info("worker_event", n=1)
+from pagedserve.engine import LLM, SamplingParams  # a beam group outgrowing a 3-block pool: the engine's warning
+llm = LLM(model="pagedserve-tiny-random", device="cpu", num_gpu_blocks=3, block_size=16, swap_space_gb=0)
+llm.generate([list(range(20, 42))], SamplingParams(beam_width=3, max_tokens=5))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -133,6 +136,9 @@ get_logger().info("worker_event", n=1)
     failed = by_event["it failed"]
     assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
     assert by_event["worker_event"]["n"] == 1 and "s3cret" not in res.stderr
+    # the engine's line about one request carries its id as a field, as the worker's lines do
+    (outgrew,) = [e for e in lines if "outgrew the KV pool" in e["event"]]
+    assert outgrew["request_id"] == "offline-0" and outgrew["logger"].startswith("pagedserve.engine"), outgrew
 
 
 def test_labelled_counters_are_exported_at_zero_before_their_first_event():

@@ -69,7 +69,8 @@ def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: s
     """Mark ``req`` failed at ``stage`` by ``exc``: it ends alone at the end of the step (``LLMEngine._guard``)."""
     expected = isinstance(exc, EXPECTED_FAILURES)
     if not expected:  # an expected one is logged once, by _fail, as a line naming the request and why
-        log.exception("request %s: %s failed; ending this request alone", req.request_id, stage)
+        log.exception("request %s: %s failed; ending this request alone", req.request_id, stage,
+                      extra={"request_id": req.request_id})
     # A request whose own parameters failed (its message names the field) is told so as it is.
     why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
     failed[req.request_id] = (req, _one_line(why))
@@ -356,7 +357,7 @@ class LLMEngine:
                     detok.flush()  # the interrupted run had released the held-back end too
                 if not detok.text.startswith(done.text):
                     log.warning("request %s: resumed text of sample %d differs from its tokens' text",
-                                req.request_id, seq.index)
+                                req.request_id, seq.index, extra={"request_id": req.request_id})
                 detok.emitted = min(len(done.text), len(detok.text))
 
     def structured_ready(self, params: SamplingParams) -> bool:
@@ -693,7 +694,7 @@ class LLMEngine:
 
     def _fail(self, req: Request, error: str) -> RequestOutput:
         """End ``req`` with ``error``, whatever state it was left in: every block it holds is freed. Idempotent."""
-        log.warning("request %s ended with an error: %s", req.request_id, error)
+        log.warning("request %s ended with an error: %s", req.request_id, error, extra={"request_id": req.request_id})
         req.pending_logits.clear()
         self._release(req)
         return error_output(req, error)
@@ -822,7 +823,8 @@ class LLMEngine:
         """End a group that has the whole device pool and still cannot take a step, as a length limit would:
         the pool is its length limit (``Scheduler`` docstring)."""
         log.warning("request %s: its %d sequences outgrew the KV pool of %d blocks; ending with finish_reason "
-                    "'length'", req.request_id, req.num_unfinished_seqs, self.block_manager.gpu.num_blocks)
+                    "'length'", req.request_id, req.num_unfinished_seqs, self.block_manager.gpu.num_blocks,
+                    extra={"request_id": req.request_id})
         if req.beam is not None:
             req.beam.finish_at_length([s.output_token_ids for s in req.seqs],
                                       [s.logprobs if req.params.logprobs is not None else None for s in req.seqs])

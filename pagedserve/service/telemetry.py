@@ -99,6 +99,9 @@ def _library_records(renderer: Any, lvl: int) -> None:
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
+            # The engine's lines about one request name it in a field of its own, as the worker's do: an
+            # operator filters by request_id (the engine knows nothing of the service's logger).
+            structlog.stdlib.ExtraAdder(allow=("request_id",)),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
         ],
