@@ -713,13 +713,15 @@ class Admission(WorkerPart):
                        attributes: dict) -> Any:
         """An entry's CONSUMER span, child of the producer's (``traceparent`` in the entry; without one, in the
         entry's own trace, every delivery's span), started at the XADD so that the time in the stream shows in
-        the trace."""
+        the trace. The entry id gives the XADD's millisecond, not when in it: the span starts at that
+        millisecond's end (or now, if sooner), never before the producer's span, which began before the XADD (a
+        trace viewer shows a child starting before its parent as clock skew)."""
         return start_entry_span(
             self.tracer,
             f"process {self.keys.requests}",
             fields, self.keys.requests, entry_id,
             kind=SpanKind.CONSUMER,
-            start_time=int(arrival * 1e9),
+            start_time=int(min(arrival + 0.001, time.time()) * 1e9),
             attributes={
                 "messaging.system": "redis",
                 "messaging.operation.type": "process",

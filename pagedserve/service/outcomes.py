@@ -218,11 +218,15 @@ class Outcomes(WorkerPart):
 
     def _child_spans(self, parent, arrival, first_sched, first_tok, finished) -> None:
         ctx = trace.set_span_in_context(parent)
+        # Not before the parent's start (the end of the XADD's millisecond: Admission._consumer_span).
+        parent_start = getattr(parent, "start_time", None)
+        floor = arrival if parent_start is None else max(arrival, parent_start / 1e9)
         ns = lambda t: int(t * 1e9)  # noqa: E731
         phases = [("queue_wait", arrival, first_sched), ("prefill", first_sched, first_tok), ("decode", first_tok, finished)]
         for name, a, b in phases:
             if a is None or b is None:
                 continue
+            a = max(a, floor)
             sp = self.tracer.start_span(name, context=ctx, start_time=ns(a), attributes={"pagedserve.phase": name})
             sp.end(end_time=ns(max(a, b)))
 
