@@ -207,9 +207,16 @@ class ModelRunner:
             for pair in item.seqs:
                 (decodes if _decodes(*pair) else others).append(pair)
         decode_only = not others
-        # A mixed step's decodes first, for the decode kernel (KernelOps.decodes_apart).
-        num_decodes = len(decodes) if self.ops.decodes_apart and decodes and others else 0
-        pairs = decodes + others if num_decodes else [pair for item in sched.scheduled for pair in item.seqs]
+        mixed = bool(decodes) and not decode_only
+        # A mixed step's decodes first, for the decode kernel (KernelOps.decodes_apart); a step of one kind is in
+        # the scheduler's order already, and only a mixed one a kernel set takes whole is gathered again.
+        num_decodes = len(decodes) if mixed and self.ops.decodes_apart else 0
+        if not mixed:
+            pairs = decodes or others
+        elif num_decodes:
+            pairs = decodes + others
+        else:
+            pairs = [pair for item in sched.scheduled for pair in item.seqs]
         for seq, n in pairs:
             start = seq.num_computed_tokens
             end = start + n

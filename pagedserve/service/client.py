@@ -274,8 +274,7 @@ def _finish_cancels_at_exit() -> None:
     in the background get CLOSE_CANCELS_S, all together, as close() gives them; their daemon threads die after."""
     deadline = time.monotonic() + CLOSE_CANCELS_S
     for client in list(_clients):
-        for thread in list(getattr(client, "_cancelling", ())):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        client._finish_cancels(deadline)
 
 
 atexit.register(_finish_cancels_at_exit)
@@ -325,7 +324,7 @@ class Client(ProducerCore):
             owned, self._owned = sorted(self._owned), set()
         deadline = time.monotonic() + CLOSE_CANCELS_S
         if owned:
-            self._cancel_at_close(owned)
+            self._send_cancels(owned, CLOSE_CANCELS_S)
         self._finish_cancels(deadline)
         self._closed = True
         self.r.close()
@@ -336,10 +335,6 @@ class Client(ProducerCore):
         for thread in list(self._cancelling):
             thread.join(max(0.0, deadline - time.monotonic()))
         self._give_up_cancels.set()
-
-    def _cancel_at_close(self, request_ids: list[str]) -> None:
-        """The cancels of ``request_ids`` within CLOSE_CANCELS_S (:meth:`_send_cancels`)."""
-        self._send_cancels(request_ids, CLOSE_CANCELS_S)
 
     def _send_cancels(self, request_ids: list[str], seconds: float, background: bool = False) -> None:
         """All the cancels in one transaction, on a connection of their own (the waiting calls may hold the whole

@@ -612,7 +612,8 @@ def done_or_raise(ev: Event) -> DoneEvent | None:
     return ev if isinstance(ev, DoneEvent) else None
 
 
-_PREFIX = re.compile(r"[A-Za-z0-9_.:-]+")  # Settings.prefix's pattern
+# Settings.prefix's own pattern: a client's prefix is checked as PAGEDSERVE_PREFIX is.
+_PREFIX = re.compile(next(m.pattern for m in Settings.model_fields["prefix"].metadata if getattr(m, "pattern", None)))
 
 
 class ProducerCore:

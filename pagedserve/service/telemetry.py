@@ -170,28 +170,26 @@ def entry_trace_id(stream: str, entry_id: str) -> int:
     return int.from_bytes(digest, "big") or 1
 
 
-def producer_span_context(fields: dict) -> trace.SpanContext | None:
-    """The valid span context an entry's ``traceparent``/``tracestate`` carry, or None."""
+def _producer_context(fields: dict) -> otel_context.Context | None:
+    """The context an entry's ``traceparent``/``tracestate`` carry, where it holds a valid span, or None."""
     ctx = extract_context(fields)
-    if ctx is None:
-        return None
-    span_context = trace.get_current_span(ctx).get_span_context()
-    return span_context if span_context.is_valid else None
+    return ctx if ctx is not None and trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
 def trace_id_from_fields(fields: dict, stream: str, entry_id: str) -> str:
     """The trace id of an entry's spans, for log lines about entries that have no span at hand (dead letters,
     refusals, answers from a stored result): its producer's, or the one derived from the entry."""
-    span_context = producer_span_context(fields)
-    return format(span_context.trace_id if span_context else entry_trace_id(stream, entry_id), "032x")
+    ctx = _producer_context(fields)
+    trace_id = trace.get_current_span(ctx).get_span_context().trace_id if ctx else entry_trace_id(stream, entry_id)
+    return format(trace_id, "032x")
 
 
 def start_entry_span(tracer: trace.Tracer, name: str, fields: dict, stream: str, entry_id: str,
                      **kwargs: Any) -> Span:
     """An entry's span: a child of its producer's, or for an untraced entry a root in the entry's own trace
     (:func:`entry_trace_id`; under another provider than :func:`configure_tracing`'s, a trace of its own)."""
-    parent = extract_context(fields)
-    if parent is not None and trace.get_current_span(parent).get_span_context().is_valid:
+    parent = _producer_context(fields)
+    if parent is not None:
         return tracer.start_span(name, context=parent, **kwargs)
     trace_id = entry_trace_id(stream, entry_id)
     token = _entry_trace_id.set(trace_id)

@@ -476,8 +476,12 @@ class Worker(WorkerPart):
             return False
         if self.settings.min_priority is not None and priority < self.settings.min_priority:
             return False  # refused when read, by any worker: no reason to read it ahead of room
-        room = min(self.running.room(priority), self.engine.kv_room(priority))
-        return room - self.admission.unstarted() > 0
+        return self._startable(priority) - self.admission.unstarted() > 0
+
+    def _startable(self, priority: int) -> int:
+        """Requests of ``priority`` the engine could start now: its sequence slots and KV blocks, those of worse
+        requests counted free (the engine preempts them)."""
+        return min(self.running.room(priority), self.engine.kv_room(priority))
 
     def _room(self, batch: bool = False) -> int:
         """What this worker may still read: what a request of the default priority could start in, its sequence
@@ -493,12 +497,11 @@ class Worker(WorkerPart):
         ``batch``: the batch feeder's room, that of the worst priority (the free blocks less all requests queued),
         so batch lines join the stream only where they can start without preempting anything. Requests waiting only for
         the step's token budget (a big burst) leave a big pool's room as it was."""
-        engine = self.engine
-        startable = min(self.running.room(), engine.kv_room(LOWEST_PRIORITY))
+        startable = self._startable(LOWEST_PRIORITY)
         if batch:
             return max(0, startable - self.admission.unstarted())
-        room = min(self.running.room(INTERACTIVE_PRIORITY), engine.kv_room(INTERACTIVE_PRIORITY))
-        held_back = engine.num_unstarted_worse_than(INTERACTIVE_PRIORITY)
+        room = self._startable(INTERACTIVE_PRIORITY)
+        held_back = self.engine.num_unstarted_worse_than(INTERACTIVE_PRIORITY)
         room = min(room, max(0, startable) + max(0, self.batches.reserve - held_back))
         return max(0, room - self.admission.unstarted())
 
