@@ -302,3 +302,11 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context(redis_url, prefi
         assert (len(d.outputs[0].token_ids), d.outputs[0].finish_reason) == (30, "length")
         with pytest.raises(RequestFailed, match=r"min_tokens"):  # more than the cap leaves
             c.generate(messages=[{"role": "user", "content": "hi"}], params={"min_tokens": 31}, timeout=60)
+    # A cap under a prompt's default of 16 bounds that default too, as it bounds a chat's rest of the context.
+    small = make_settings(redis_url, prefix, max_tokens_per_request=5)
+    with running_worker(small, shared_engine), Client(settings=small) as c:
+        for prompt in ({"prompt": "hello"}, {"prompt_token_ids": [5, 6, 7]}):
+            d = c.generate(**prompt, params=greedy, timeout=60)
+            assert (len(d.outputs[0].token_ids), d.outputs[0].finish_reason) == (5, "length"), prompt
+        with pytest.raises(RequestFailed, match=r"min_tokens"):
+            c.generate("hello", params={"min_tokens": 8}, timeout=60)

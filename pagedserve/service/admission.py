@@ -136,6 +136,13 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
     # Each step's part only: the worker streams it and adds it up itself (results.add_deltas), so that no step
     # copies a long output again.
     params.output_kind = RequestOutputKind.DELTA
+    cap = settings.max_tokens_per_request
+    if cap is not None and req.params.max_tokens is None and params.max_tokens is not None and params.max_tokens > cap:
+        # A prompt's default (16) is a default like a chat's rest of the context: the operator's cap bounds both.
+        try:
+            params = replace(params, max_tokens=cap)
+        except ValueError as e:  # min_tokens past the cap
+            raise refuse("invalid_request", params_field(str(e))) from None
     limit, setting = engine.max_seqs_per_request
     if params.num_samples > limit:
         raise refuse("invalid_request", f"params.{params.num_samples_field}: {params.num_samples} sequences exceed "
