@@ -404,6 +404,50 @@ def test_completions_logprobs_have_the_sampled_token_and_text_offsets(redis_url,
     assert len(out["zero"]["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"][0]) == 1
 
 
+def test_logprob_tokens_are_text_unless_the_line_asks_for_ids(redis_url, prefix, r, shared_engine):
+    """Logprob tokens as vLLM writes them: each token decoded alone, with its UTF-8 bytes; ``token_id:<id>`` only
+    where the line says return_tokens_as_token_ids: true. Every token was token_id:<id>, and a line saying false
+    (vLLM's default, which a line dumped from its request model spells out) got ids all the same."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    from pagedserve.service.batch_keys import request_id
+    from pagedserve.service.protocol import parse_terminal
+
+    lines = [chat("chat-text", logprobs=True, top_logprobs=3, temperature=1.0, seed=5, max_tokens=6,
+                  return_tokens_as_token_ids=False),
+             completion("cmpl-text", logprobs=3, temperature=1.0, seed=5, max_tokens=6),
+             chat("chat-ids", logprobs=True, top_logprobs=3, temperature=1.0, seed=5, max_tokens=6,
+                  return_tokens_as_token_ids=True),
+             completion("cmpl-ids", logprobs=3, temperature=1.0, seed=5, max_tokens=6, return_tokens_as_token_ids=True)]
+    bid = submit_batch(r, prefix, jsonl(lines))
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert wait_batch(r, prefix, bid, timeout=120, poll_s=0.1)["status"] == "completed"
+    out = {o["custom_id"]: o for o in batch_results(r, prefix, bid)}
+    decode = lambda tid: shared_engine.tokenizer.decode([tid])  # noqa: E731
+    for index, line in enumerate(lines):
+        cid, as_ids = line["custom_id"], line["body"].get("return_tokens_as_token_ids", False)
+        name = (lambda tid: f"token_id:{tid}") if as_ids else decode
+        done = parse_terminal(r.get(Keys(prefix).result(request_id(bid, index))))
+        token_ids, stored = done.outputs[0].token_ids, done.outputs[0].logprobs
+        body = out[cid]["response"]["body"]
+        if line["url"] == "/v1/chat/completions":
+            content = ChatCompletion.model_validate(body, strict=True).choices[0].logprobs.content
+            assert [c.token for c in content] == [name(t) for t in token_ids], cid
+            for c, alternatives in zip(content, stored):
+                assert c.bytes == (None if as_ids else list(c.token.encode("utf-8"))), cid
+                best = sorted(alternatives.items(), key=lambda kv: -kv[1])[:3]
+                assert [(t.token, t.logprob) for t in c.top_logprobs] == [(name(int(k)), v) for k, v in best], cid
+                assert all(t.bytes == (None if as_ids else list(t.token.encode("utf-8"))) for t in c.top_logprobs)
+        else:
+            lp = Completion.model_validate(body, strict=True).choices[0].logprobs
+            assert lp.tokens == [name(t) for t in token_ids], cid
+            assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))], cid
+            for tid, top, alternatives in zip(token_ids, lp.top_logprobs, stored):
+                assert top[name(tid)] == alternatives[str(tid)] or name(tid) in {
+                    name(int(k)) for k in alternatives if k != str(tid)}, cid  # two ids of one text share a key
+
+
 def test_a_completion_window_is_at_most_365_days(prefix, r, cli, tmp_path):
     """3000000d was taken and then failed every line with body.deadline_ms (a field no line wrote): the deadline
     was past the year 9999."""

@@ -76,6 +76,7 @@ class BatchFeeder(WorkerPart):
     _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
     _prune_from: int = field(default=0, init=False)  # the index rank where the next look for expired records starts
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
+    _token_texts: dict[int, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.bkeys = BatchKeys(self.keys.prefix)
@@ -86,6 +87,14 @@ class BatchFeeder(WorkerPart):
         if self._scripts is None:
             self._scripts = BatchScripts(self.conn.r)
         return self._scripts
+
+    def _token_text(self, tid: int) -> str:
+        """A logprob token's text as vLLM writes it (the token decoded alone), cached: a line's top logprobs name
+        the same few thousand tokens again and again."""
+        text = self._token_texts.get(tid)
+        if text is None:
+            text = self._token_texts[tid] = self.running.engine().tokenizer.decode([tid])
+        return text
 
     @property
     def reserve(self) -> int:
@@ -277,7 +286,7 @@ class BatchFeeder(WorkerPart):
             if md is None:  # the batch's lines are gone (deleted)
                 continue
             try:
-                line_no, line, ok = output_line(parse_terminal(raw), md)
+                line_no, line, ok = output_line(parse_terminal(raw), md, self._token_text)
             except Exception as e:  # a result no output line can be made of: this line fails, not the tick
                 self.log.warning("batch_result_unusable", batch=bid, index=index, error=f"{type(e).__name__}: {e}")
                 line_no, ok = md["line"], False

@@ -22,6 +22,7 @@ import codecs
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,7 +45,7 @@ _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_co
 _VLLM_REQUEST_DEFAULTS = {
     "/v1/chat/completions": {"add_generation_prompt": (True,), "continue_final_message": (False,), "echo": (False,),
                              "add_special_tokens": (False,), "priority": (0,), "length_penalty": (1.0,),
-                             # logprob tokens are written as token_id:<id> here whatever it says
+                             # logprob tokens as token_id:<id> (true) or as text (false), as vLLM writes them
                              "return_tokens_as_token_ids": (False, True),
                              # a line has no tools (they are refused), so no tool is called either way
                              "tool_choice": ("none", "auto"), "parallel_tool_calls": (False, True)},
@@ -251,6 +252,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     chat = url == "/v1/chat/completions"
     # A null asks for nothing: the key is not given (as the openai SDK means it), whether we support it or not.
     body = {k: v for k, v in body.items() if v is not None}
+    tokens_as_ids = body.get("return_tokens_as_token_ids") is True
     # Each url's own fields: echo and best_of are completions', top_logprobs chat's (a completions line says how
     # many alternatives in logprobs itself; its top_logprobs was ignored without a word).
     unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED - {"top_logprobs"}))
@@ -314,6 +316,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
                 "model": body.get("model") or "pagedserve", "top_logprobs": params.get("logprobs") or 0}
     if written:  # so that a worker's refusal can name the key the line wrote (output_line)
         metadata["renamed"] = written
+    if tokens_as_ids:
+        metadata["tokens_as_ids"] = True
     try:
         return GenerateRequest.model_validate(
             {"id": request_id(bid, index), **req, "params": params, "stream": False, "priority": BATCH_PRIORITY,
@@ -454,9 +458,19 @@ def error_line(bid: str, line_no: int, custom_id: str | None, code: str, message
             "error": {"code": code, "message": message}}
 
 
-def _token(tid: int | str) -> str:
-    # The service has no tokenizer; token ids stand for tokens as vLLM's return_tokens_as_token_ids writes them.
+TokenText = Callable[[int], str]
+
+
+def id_token(tid: int) -> str:
+    """A token as vLLM's ``return_tokens_as_token_ids`` writes it: where the line asks for that, or where no
+    tokenizer is at hand."""
     return f"token_id:{tid}"
+
+
+def _token_bytes(token_text: TokenText, token: str) -> list[int] | None:
+    # As vLLM writes them: the token's text as UTF-8 (a token holding part of a character reads U+FFFD);
+    # none for an id.
+    return None if token_text is id_token else list(token.encode("utf-8"))
 
 
 # OpenAI's value for a token that could not be drawn ("-9999.0 is used to signify that the token is very unlikely");
@@ -468,31 +482,39 @@ def _openai_logprobs(lps: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{t: max(v, UNLIKELY_LOGPROB) for t, v in d.items()} for d in lps]
 
 
-def _chat_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int) -> dict | None:
+def _chat_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int,
+                   token_text: TokenText) -> dict | None:
     if lps is None:
         return None
+
+    def entry(tid: int, logprob: float) -> dict:
+        token = token_text(tid)
+        return {"token": token, "logprob": logprob, "bytes": _token_bytes(token_text, token)}
+
     content = []
     for tid, d in zip(token_ids, _openai_logprobs(lps)):
         top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-        content.append({"token": _token(tid), "logprob": d.get(str(tid), top[0][1] if top else 0.0), "bytes": None,
-                        "top_logprobs": [{"token": _token(t), "logprob": v, "bytes": None} for t, v in top]})
+        content.append({**entry(tid, d.get(str(tid), top[0][1] if top else 0.0)),
+                        "top_logprobs": [entry(int(t), v) for t, v in top]})
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int) -> dict | None:
+def _completion_logprobs(token_ids: list[int], lps: list[dict[str, float]] | None, k: int,
+                         token_text: TokenText) -> dict | None:
     """The legacy completions shape, as OpenAI and vLLM write it: each ``top_logprobs`` entry holds the ``k`` most
     likely tokens and the sampled one (up to k + 1), and ``text_offset[i]`` is the length of ``tokens[:i]`` joined
-    (vLLM's rule; the tokens are ``token_id:<id>``, so these are offsets into the joined tokens, not into the text)."""
+    (vLLM's rule: with ``token_id:<id>`` tokens, offsets into the joined tokens, not into the text). Two ids of
+    one text (two byte tokens of one character) share one key, as in vLLM's dict."""
     if lps is None:
         return None
     lps = _openai_logprobs(lps)
-    tokens = [_token(t) for t in token_ids]
+    tokens = [token_text(t) for t in token_ids]
     top_logprobs = []
     for tid, d in zip(token_ids, lps):
         top = dict(sorted(d.items(), key=lambda kv: -kv[1])[:k])
         if str(tid) in d:
             top.setdefault(str(tid), d[str(tid)])
-        top_logprobs.append({_token(t): v for t, v in top.items()})
+        top_logprobs.append({token_text(int(t)): v for t, v in top.items()})
     offsets, at = [], 0
     for token in tokens:
         offsets.append(at)
@@ -512,9 +534,12 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, bool]:
+def output_line(event: DoneEvent | ErrorEvent, md: dict, token_text: TokenText = id_token) -> tuple[int, dict, bool]:
     """(line number, output line, succeeded) of a request's terminal event. ``md`` is the metadata the request
-    carried (echoed in its terminal event): the line's identity."""
+    carried (echoed in its terminal event): the line's identity. ``token_text``: a logprob token's text (the
+    deployment's tokenizer; one deployment serves one model), unless the line asked for ids."""
+    if md.get("tokens_as_ids"):
+        token_text = id_token
     top_logprobs = int(md.get("top_logprobs") or 0)
     bid, line_no, cid, url = md["batch_id"], int(md["line"]), md["custom_id"], md["url"]
     if isinstance(event, ErrorEvent):
@@ -543,12 +568,12 @@ def output_line(event: DoneEvent | ErrorEvent, md: dict) -> tuple[int, dict, boo
     if url == "/v1/chat/completions":
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "finish_reason": _finish(o.finish_reason),
-                    "logprobs": _chat_logprobs(o.token_ids, o.logprobs, top_logprobs)} for o in event.outputs]
+                    "logprobs": _chat_logprobs(o.token_ids, o.logprobs, top_logprobs, token_text)} for o in event.outputs]
         body = {"id": f"chatcmpl-{event.id}", "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": usage}
     else:
         choices = [{"index": o.index, "text": o.text, "finish_reason": _finish(o.finish_reason),
-                    "logprobs": _completion_logprobs(o.token_ids, o.logprobs, top_logprobs)} for o in event.outputs]
+                    "logprobs": _completion_logprobs(o.token_ids, o.logprobs, top_logprobs, token_text)} for o in event.outputs]
         body = {"id": f"cmpl-{event.id}", "object": "text_completion", "created": created, "model": model,
                 "choices": choices, "usage": usage}
     return line_no, {"id": line_id(bid, line_no), "custom_id": cid,
