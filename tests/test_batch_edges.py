@@ -685,6 +685,10 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     ({"priority": 5}, "body.priority: only vLLM's default, 0, is taken (got 5)"),
     ({"guided_json": {"type": "object"}}, 'body.guided_json: not supported: give a JSON Schema as response_format '
                                           '{"type": "json_schema", ...}'),
+    # SamplingParams' advice (beam_width) is no field of a line: the refusal said to use it
+    ({"use_beam_search": False}, None),
+    ({"use_beam_search": True}, "body.use_beam_search: not supported: a batch line runs no beam search (a request "
+                                "from Client or Celery takes params.beam_width)"),
 ])
 def test_vllms_options_at_their_defaults_are_taken_and_any_other_value_refused(extra, refusal):
     """A line written for vLLM's batch runner spells out skip_special_tokens: true (its default, what pagedserve

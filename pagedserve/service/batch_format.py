@@ -56,6 +56,9 @@ _VLLM_REQUEST_DEFAULTS = {
 _INSTEAD = {name: "give a JSON Schema as response_format {\"type\": \"json_schema\", ...} (regex, choice and "
                   "grammar constraints are not taken in batch lines)"
             for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")}
+# Where SamplingParams' advice for an option it lacks names what a line cannot give either.
+_LINE_INSTEAD = {"use_beam_search": "a batch line runs no beam search (a request from Client or Celery takes "
+                                    "params.beam_width)"}
 # The keys of an OpenAI batch input line.
 _LINE_KEYS = {"custom_id", "method", "url", "body"}
 # What a request's message carries (protocol.ChatMessage): a name, tool calls or audio would change what the model
@@ -263,7 +266,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
         # for vLLM's batch runner spells out skip_special_tokens: true), anything else is refused saying so.
         for name in [n for n in unknown if n in UNSUPPORTED_OPTIONS]:
             if not is_vllm_default(name, body[name]):
-                raise LineError(f"body.{name}: not supported: {UNSUPPORTED_OPTIONS[name][0]}")
+                raise LineError(f"body.{name}: not supported: "
+                                f"{_LINE_INSTEAD.get(name, UNSUPPORTED_OPTIONS[name][0])}")
             del body[name]
             unknown.remove(name)
         taken = _VLLM_REQUEST_DEFAULTS[url]
