@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedserve.engine.builtin_model import build_byte_tokenizer
-from pagedserve.engine.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
+from pagedserve.engine.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer, decode_after_prompt
 
 TOK = build_byte_tokenizer()
 
@@ -42,8 +42,9 @@ ANY_BYTES = st.lists(st.one_of(st.binary(max_size=12), st.sampled_from(["Ã©", "â
 @settings(max_examples=300, deadline=None)
 @given(data=ANY_BYTES)
 def test_any_bytes_decode_as_a_whole_decode_does_in_a_bounded_window(data):
-    """Invalid UTF-8 (a model can emit any byte) reads as Python's decode with replacement reads it, and the
-    window a step decodes stays bounded: held bytes that can never complete a character are released."""
+    """Invalid UTF-8 (a model can emit any byte) reads as Python's decode with replacement reads it, less the
+    U+FFFD still held at the end (bytes that never completed a character, which vLLM never hands out either), and
+    the window a step decodes stays bounded: held bytes that can never complete a character are released."""
     detok = IncrementalDetokenizer(TOK, [], set(TOK.all_special_ids))
     deltas = []
     for b in data:
@@ -52,7 +53,9 @@ def test_any_bytes_decode_as_a_whole_decode_does_in_a_bounded_window(data):
         deltas.append(detok.take_delta(final=False))
     detok.flush()
     deltas.append(detok.take_delta(final=True))
-    assert "".join(deltas) == detok.text == data.decode("utf-8", "replace")
+    whole = data.decode("utf-8", "replace")
+    assert "".join(deltas) == detok.text
+    assert whole.startswith(detok.text) and not whole[len(detok.text):].strip("\ufffd"), (whole, detok.text)
 
 
 def test_ids_without_text_do_not_grow_the_window():
@@ -68,13 +71,17 @@ def test_ids_without_text_do_not_grow_the_window():
     assert detok.text == "a" * 10
 
 
-def test_invalid_bytes_are_released_at_the_end():
-    detok = IncrementalDetokenizer(TOK, [], set())
-    for b in b"ok\xe2\x82":
-        detok.add(b)
-    assert detok.take_delta(final=False) == "ok"
-    detok.flush()
-    assert detok.take_delta(final=True).startswith("\ufffd")
+def test_an_incomplete_character_at_the_end_is_not_text():
+    """A sample cut inside a multi-byte character ends at the character before it, as vLLM's text does: the
+    held bytes were released as U+FFFD, a character the model never wrote."""
+    for data, text in ((b"ok\xe2\x82", "ok"), (b"ok\xe2\x82\xac", "ok\u20ac"), (b"\xf0\x9f", ""),
+                       (b"a\xe2\x82b\xe2", "a\ufffdb")):
+        detok = IncrementalDetokenizer(TOK, [], set())
+        for b in data:
+            detok.add(b)
+        detok.flush()
+        assert detok.text == detok.take_delta(final=True) == text, data
+        assert decode_after_prompt(TOK, [], list(data), set()) == text, data  # a beam's text, decoded at once
 
 
 def test_stop_string_is_cut_and_never_streamed():

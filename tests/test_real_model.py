@@ -125,6 +125,21 @@ def test_a_stop_string_completed_by_a_partial_character_is_cut_at_the_end(model_
     assert (out.text, out.finish_reason) == ("Hello ", "stop")
 
 
+def test_a_sample_cut_inside_a_character_ends_before_it(llm):
+    """max_tokens falling inside a multi-byte character: the text ends at the character before it, as vLLM's
+    does, where it ended with U+FFFD (the held bytes released as a character the model never wrote)."""
+    from pagedserve.engine.sequence import ResumeSample
+
+    tok = llm.engine.tokenizer
+    partial = next(i for i in range(tok.vocab_size) if tok.decode([i]) == " \ufffd"
+                   and tok.convert_ids_to_tokens(i) == "\u0120\u00e2")  # byte-level BPE: ' ' + 0xE2
+    ids = tok.encode("Hello world", add_special_tokens=False) + [partial]
+    llm.engine.add_request("partial-end", "Say hi", SamplingParams(max_tokens=len(ids), temperature=0),
+                           resume=[ResumeSample(token_ids=ids, text=None, logprobs=None)])
+    out = next(o for o in llm.engine.step() if o.request_id == "partial-end").outputs[0]
+    assert (out.text, out.token_ids, out.finish_reason) == ("Hello world ", ids, "length")
+
+
 def test_a_prompt_of_long_tokens_is_not_refused_for_its_characters(llm, model_dir):
     """The worker refuses, without tokenizing it, a prompt longer than ``max_model_len`` tokens could write.
     SmolLM2 has a token of 81 characters (a newline and 80 spaces, code indentation): 900 of them, 72,900

@@ -150,15 +150,16 @@ class IncrementalDetokenizer:
         return None  # no such part: held as before
 
     def flush(self, check_stop: bool = True) -> str | None:
-        """At the end of the sequence: release whatever was held back for an incomplete character. Returns a
-        stop string if the released text completes one (the text is cut before it). ``check_stop`` False: the
-        sequence ended on a token (EOS, a stop token id), and as in vLLM no stop string is looked for then."""
+        """At the end of the sequence: release whatever was held back for an incomplete character, less the
+        incomplete character itself (``complete_text``). Returns a stop string if the released text completes
+        one (the text is cut before it). ``check_stop`` False: the sequence ended on a token (EOS, a stop token
+        id), and as in vLLM no stop string is looked for then."""
         if self.stop_string is not None or self.read_offset >= len(self.ids):
             return None
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         start = len(self.text)
-        self.text += full[len(prefix):]
+        self.text += complete_text(full[len(prefix):])
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._check_stop(start) if check_stop else None
 
@@ -184,6 +185,13 @@ class IncrementalDetokenizer:
         return delta
 
 
+def complete_text(end: str) -> str:
+    """The end of a finished output without the U+FFFD its last, incomplete character decodes to: those bytes
+    never become a character, and vLLM's detokenizer never hands them out (a sample cut by max_tokens inside a
+    multi-byte character ends at the character before it)."""
+    return end.rstrip(REPLACEMENT)
+
+
 def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
                         skip_ids: set[int]) -> str:
     """The text ``token_ids`` add after the prompt, decoded at once (beam hypotheses are only known at the end):
@@ -191,4 +199,4 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
     detok = IncrementalDetokenizer(tokenizer, [], skip_ids, prompt_token_ids=prompt_token_ids)
     context = detok.ids
     head = detok._decode(context)
-    return detok._decode(context + [t for t in token_ids if t not in skip_ids])[len(head):]
+    return complete_text(detok._decode(context + [t for t in token_ids if t not in skip_ids])[len(head):])
