@@ -246,3 +246,33 @@ def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_u
             assert r.xpending(keys.requests, keys.group)["pending"] == len(flood)
     finally:
         r.close()
+
+
+def test_the_head_entry_is_copied_out_once_while_the_group_stays(redis_url, prefix):
+    """A worker with no room looks at the next entry every 50 ms; the look copied the whole entry out of Redis
+    each time (a 20 MB field beside its body took 60 ms of Redis a look, and the worker's loop waited: its
+    requests ran 74 s instead of 4). The group's last-delivered-id tells whether the head can have changed: while
+    it is the one the worker saw, the head is not copied again."""
+    from pagedserve.service.intake import HEAD_PEEK_BYTES
+    from pagedserve.service.scripts import Scripts
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        r.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+        head = Scripts(r).head_entry
+
+        def look(seen: str = "") -> list:
+            return head(keys=[keys.requests], args=[keys.group, HEAD_PEEK_BYTES, seen], client=r)
+
+        assert look() == [b"0-0", b"none"]
+        first = r.xadd(keys.requests, {"pad": b"x" * 200_000, "body": json.dumps({"id": "a", "priority": -1})})
+        assert look() == [b"0-0", b"body", json.dumps({"id": "a", "priority": -1}).encode()]
+        assert look("0-0") == [b"0-0", b"same"]  # not copied out again
+        r.xadd(keys.requests, {"body": "b" * (HEAD_PEEK_BYTES + 1)})
+        r.xreadgroup(keys.group, "c1", {keys.requests: ">"}, count=1)  # the group reads past the first
+        assert look("0-0") == [first, b"unread"]  # a new head: looked at, its body too long to read
+        assert look(first.decode()) == [first, b"same"]
+    finally:
+        r.delete(keys.requests)
+        r.close()

@@ -50,6 +50,18 @@ HEAD_PEEK_BYTES = 65536  # a longer body is not looked at (copied out and parsed
 FLOOD_LOG_S = 60.0  # a cancel flood is logged at most this often
 
 
+def _top_level_priority(body: bytes) -> int | None:
+    """The ``priority`` a request body names at its top level, as admission reads it; None for none or a body that
+    is not a JSON object (answered when read in its turn)."""
+    try:
+        priority = json.loads(body).get("priority")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(priority, float) and priority.is_integer():  # -5.0 is taken as -5 when read
+        priority = int(priority)
+    return priority if isinstance(priority, int) and not isinstance(priority, bool) else None
+
+
 @dataclass(kw_only=True, eq=False)
 class Intake(WorkerPart):
     """The reads of one consumer; keeps the own-drain cursor and the reclaim and gauge timers."""
@@ -66,6 +78,10 @@ class Intake(WorkerPart):
     _last_reclaim: float = field(default=0.0, init=False)
     _last_queue_stats: float = field(default=0.0, init=False)
     _last_peek: float = field(default=0.0, init=False)
+    # The group's last-delivered-id at the last look that found an entry after it, and that entry's priority: the
+    # head is the same until the group reads past it (or an XDEL takes it: the next is then read in its turn), so
+    # it is not copied out and parsed again every look.
+    _head_seen: tuple[str, int | None] = field(default=("", None), init=False)
     _flood_logged_at: float = field(default=-FLOOD_LOG_S, init=False)
 
     def _after_reconnect(self) -> None:
@@ -76,6 +92,7 @@ class Intake(WorkerPart):
             self._draining_own = True
             self._own_cursor = "0"
             self._recheck_cancels = bool(self.running.table)
+            self._head_seen = ("", None)  # a Redis started afresh numbers its entries anew
 
     def reclaim(self, room: int) -> list[Entry]:
         """Up to ``room`` entries of dead workers, if it is time to look again (not while draining our own)."""
@@ -122,7 +139,8 @@ class Intake(WorkerPart):
         for a request of the default priority is used up, which reads nothing, so a better request would wait in
         the stream though the engine would preempt for it. At most every ``HEAD_PEEK_S``; None between looks,
         while draining its own entries, for a body over ``HEAD_PEEK_BYTES`` or not a JSON object, and where Redis
-        refuses the script (counted and said, not needed for readiness)."""
+        refuses the script (counted and said, not needed for readiness). A head already looked at is not copied
+        out again while the group has not read past it."""
         self._after_reconnect()
         now = time.monotonic()
         if self._draining_own or now - self._last_peek < HEAD_PEEK_S:
@@ -130,8 +148,8 @@ class Intake(WorkerPart):
         self._last_peek = now
         r = self.conn.r
         try:
-            head = self.reclaimer.scripts(r).head_entry(keys=[self.keys.requests],
-                                                        args=[self.keys.group, HEAD_PEEK_BYTES], client=r)
+            head = self.reclaimer.scripts(r).head_entry(
+                keys=[self.keys.requests], args=[self.keys.group, HEAD_PEEK_BYTES, self._head_seen[0]], client=r)
         except redis.ResponseError as e:
             if refused_while_up(e):
                 self.conn.command_refused("head_priority", e, needed=False)
@@ -140,13 +158,13 @@ class Intake(WorkerPart):
         self.conn.command_accepted("head_priority")
         if not head:
             return None
-        try:
-            priority = json.loads(head[1]).get("priority")
-        except (ValueError, AttributeError, RecursionError):  # not a JSON object: answered when read in its turn
-            return None
-        if isinstance(priority, float) and priority.is_integer():  # -5.0 is taken as -5 when read
-            priority = int(priority)
-        return priority if isinstance(priority, int) and not isinstance(priority, bool) else None
+        last, what = as_text(head[0]), as_text(head[1])
+        if what == "same":
+            return self._head_seen[1]
+        # An empty stream is not remembered: an entry added next comes after the same last-delivered-id.
+        priority = _top_level_priority(head[2]) if what == "body" else None
+        self._head_seen = (last, priority) if what != "none" else ("", None)
+        return priority
 
     def held(self) -> set[str]:
         """Entry ids this worker is doing something with: running, waiting, or with a write buffered. A pending

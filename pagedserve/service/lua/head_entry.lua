@@ -1,14 +1,17 @@
 #!lua flags=no-writes
--- The group's next undelivered entry, as {id, body}, or nil: none waits, or its body is missing or longer than
--- ARGV[2] bytes (read in its turn; a worker that peeks at the head must not copy a MiB out every time it looks).
+-- The group's next undelivered entry, as {last-delivered-id, what}: 'none' (none waits), 'same' (the group's
+-- last-delivered-id is still ARGV[3], where the caller saw the head before: it has not been read since, so it is
+-- that head still, and is not copied out again), 'unread' (its body is missing or longer than ARGV[2] bytes: read
+-- in its turn), or 'body' followed by the body. Nil where the group is missing.
 --!include xinfo_fields
 local last
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if field(group, 'name') == ARGV[1] then last = field(group, 'last-delivered-id') end
 end
 if not last then return nil end
+if last == ARGV[3] then return {last, 'same'} end
 local head = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
-if #head == 0 then return nil end
+if #head == 0 then return {last, 'none'} end
 local body = field(head[1][2], 'body')
-if type(body) ~= 'string' or #body > tonumber(ARGV[2]) then return nil end
-return {head[1][1], body}
+if type(body) ~= 'string' or #body > tonumber(ARGV[2]) then return {last, 'unread'} end
+return {last, 'body', body}
