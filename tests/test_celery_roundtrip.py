@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -10,9 +11,9 @@ import time
 import pytest
 import redis
 
-from pagedserve.service.celery_app import make_celery
+from pagedserve.service.celery_app import make_celery, task_request_id
 from pagedserve.service.client import Client
-from pagedserve.service.protocol import Keys
+from pagedserve.service.protocol import ID_PATTERN, Keys
 from pagedserve.service.redis_server import LocalRedis
 from processes import stop
 from service_fixtures import REPO, make_settings, running_worker, wait_for, worker_env
@@ -64,6 +65,18 @@ def test_celery_submit_and_generate_through_a_real_celery_worker(prefix, shared_
                 again = app.send_task("pagedserve.generate", kwargs={"prompt": "other", "id": done["id"],
                                       "timeout": 60}).get(timeout=120)
                 assert again == done
+                # Celery takes any string as a task id: one that makes no request id ran nothing ("celery-order/42"
+                # was refused, the task ending SUCCESS with the refusal) and named an id nobody gave.
+                with redis.Redis.from_url(url) as r:
+                    for task_id in ("order/42 résumé", "x" * 200):
+                        odd = app.send_task("pagedserve.generate", task_id=task_id,
+                                            kwargs={"prompt": "odd", "params": {"max_tokens": 2}, "timeout": 60})
+                        answer = odd.get(timeout=120)
+                        assert answer["type"] == "done" and answer["id"] == task_request_id(task_id), answer
+                        assert r.exists(Keys(prefix).result(answer["id"]))
+                    sent = app.send_task("pagedserve.submit", task_id="job #5", kwargs={"prompt": "odd"}).get(timeout=60)
+                    assert sent == task_request_id("job #5") == task_request_id("job #5")
+                    assert re.fullmatch(ID_PATTERN, sent) and sent != task_request_id("job #6")
             # Load shedding: a task whose request waited in the stream past PAGEDSERVE_MAX_QUEUE_MS (no
             # pagedserve worker was up) returns the overloaded error event, like any error, without raising.
             keys = Keys(prefix)

@@ -38,6 +38,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import inspect
 import itertools
@@ -60,6 +61,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.objects import cached_property
 
 from .client_core import SOCKET_TIMEOUT_S
+from .protocol import valid_id
 from .redaction import redact
 from .settings import Settings, read_settings
 
@@ -368,10 +370,19 @@ def _client(app: Celery):
 
 
 def _own_id(task: Any) -> str:
-    """The request id a task uses when the caller gives none: ``celery-<task id>``, so that a redelivered task
-    resubmits the same id. A task called as a function has no task id: a fresh one, as ``.apply()`` gives, or
-    every such call would share one request and its stored answer."""
-    return f"celery-{task.request.id or uuid()}"
+    """The request id a task uses when the caller gives none (:func:`task_request_id`), so that a redelivered
+    task resubmits the same id. A task called as a function has no task id: a fresh one, as ``.apply()`` gives,
+    or every such call would share one request and its stored answer."""
+    return task_request_id(task.request.id or uuid())
+
+
+def task_request_id(task_id: str) -> str:
+    """``celery-<task id>``. Celery takes any string as a task id; one that would not make a request id (a
+    ``/``, a space, more than 121 characters) stands as a hash of it, the same at every delivery."""
+    own = f"celery-{task_id}"
+    if valid_id(own):
+        return own
+    return "celery-h" + hashlib.sha256(str(task_id).encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def _task_request(own_id: str, prompt: Any, *, params: Any, id: Any, metadata: Any, settings: Settings, **kw: Any):
@@ -666,7 +677,7 @@ def _cancel_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     ran) cancels its request when the id is the task's own. A terminated task's process is killed by a signal
     and runs no code of its own."""
     if request is not None and _own_request(sender, request.kwargs):
-        _cancel_in_background(sender.app, f"celery-{request.id}")
+        _cancel_in_background(sender.app, task_request_id(request.id))
 
 
 @task_failure.connect(weak=False, dispatch_uid="pagedserve-cancel-timed-out")
@@ -675,7 +686,7 @@ def _cancel_timed_out(sender: Any = None, task_id: str | None = None, exception:
     """In the Celery worker's main process: a hard time limit kills a prefork process (or a gevent greenlet)
     before the task's own check, and the worker reports it here; the task ran no code of its own."""
     if isinstance(exception, TimeLimitExceeded) and task_id and _own_request(sender, kwargs):
-        _cancel_in_background(sender.app, f"celery-{task_id}")
+        _cancel_in_background(sender.app, task_request_id(task_id))
 
 
 def __getattr__(name: str) -> Any:
