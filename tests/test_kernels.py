@@ -359,7 +359,7 @@ def test_decode_launch_variants_match_reference(launch):
         assert not out[-1].any()
     # The fused reduce's counters are zero again after every launch (a graph replays on them).
     assert not any(c.any() for c in kept_buffers.kept("decode partitions done"))
-    with pytest.raises(AssertionError, match="tile"):
+    with pytest.raises(ValueError, match="tile"):
         triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, table, 0.125,
                                           launch=triton_attention.DecodeLaunch(tile=48))
 
@@ -1052,3 +1052,64 @@ def test_kernel_sets_are_typed_records():
     # The one-call layer stack is the C++ kernels' alone; elsewhere the model runs layer by layer.
     assert TORCH_OPS.decoder_stack is None and triton_ops.OPS.decoder_stack is None
     assert CPU_OPS.decoder_stack is not None
+
+
+def _malformed_cases():
+    """(name, call, the words the ValueError must hold): each was launched as is, and wrote past the cache's
+    slots or its output, read past each head, or gave NaN (held-out fuzz of the interpreted kernels)."""
+    from pagedserve.kernels import triton_fused
+
+    g = torch.Generator().manual_seed(0)
+    cache = lambda h=2, d=32: torch.randn(6, 4, h, d, generator=g)  # noqa: E731
+    kc, vc = cache(), cache()
+    q = torch.randn(2, 4, 32, generator=g)
+    lens, tables = torch.tensor([3, 5], dtype=torch.int32), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    slots = torch.tensor([0, 5], dtype=torch.int32)
+    kv = torch.randn(2, 2, 32, generator=g)
+    cos = sin = torch.ones(16, 16)
+    return [
+        ("write_kv: a key of 4 heads into a 2-head cache",
+         lambda: triton_cache.write_kv(torch.randn(2, 4, 32), torch.randn(2, 4, 32), kc, vc, slots), "key (2, 4, 32)"),
+        ("write_kv: fewer slots than tokens", lambda: triton_cache.write_kv(kv, kv, kc, vc, slots[:1]),
+         "slot_mapping has 1 entries, expected 2"),
+        ("write_kv: value of another shape", lambda: triton_cache.write_kv(kv, kv[:, :, :16], kc, vc, slots),
+         "value (2, 2, 16) differs"),
+        ("write_kv: float slots", lambda: triton_cache.write_kv(kv, kv, kc, vc, slots.float()), "slot_mapping"),
+        ("rotary_write_kv: a key of 4 heads", lambda: triton_fused.rotary_write_kv(
+            torch.tensor([0, 1]), q.clone(), torch.randn(2, 4, 32), torch.randn(2, 4, 32), cos, sin, kc, vc, slots),
+         "key (2, 4, 32)"),
+        ("decode: q wider than the cache's heads",
+         lambda: triton_attention.decode_attention(torch.randn(2, 4, 64), kc, vc, lens, tables, 1.0),
+         "head_dim 64 differs from the cache's 32"),
+        ("decode: a v_cache of another head_dim",
+         lambda: triton_attention.decode_attention(q, kc, cache(d=16), lens, tables, 1.0), "v_cache"),
+        ("decode: fewer lengths than sequences",
+         lambda: triton_attention.decode_attention(q, kc, vc, lens[:1], tables, 1.0), "seq_lens has 1 entries"),
+        ("decode: fewer table rows than sequences",
+         lambda: triton_attention.decode_attention(q, kc, vc, lens, tables[:1], 1.0), "block_tables has 1 rows"),
+        ("decode: out of another shape",
+         lambda: triton_attention.decode_attention(q, kc, vc, lens, tables, 1.0, out=torch.empty(1, 4, 32)), "out"),
+        ("decode: out of another dtype", lambda: triton_attention.decode_attention(
+            q, kc, vc, lens, tables, 1.0, out=torch.empty(2, 4, 32, dtype=torch.bfloat16)), "out"),
+        ("decode: heads not a multiple",
+         lambda: triton_attention.decode_attention(torch.randn(2, 3, 32), kc, vc, lens, tables, 1.0),
+         "not a multiple"),
+        ("prefill: a short cu_seqlens_q",
+         lambda: triton_attention.paged_attention(q, kc, vc, cu[:2], lens, tables, 1.0),
+         "cu_seqlens_q has 2 entries, expected 3"),
+        ("prefill: q wider than the cache's heads",
+         lambda: triton_attention.paged_attention(torch.randn(2, 4, 64), kc, vc, cu, lens, tables, 1.0),
+         "head_dim 64"),
+        ("prefill: fewer table rows than sequences",
+         lambda: triton_attention.paged_attention(q, kc, vc, cu, lens, tables[:1], 1.0), "block_tables has 1 rows"),
+    ]
+
+
+_MALFORMED = _malformed_cases()
+
+
+@pytest.mark.parametrize("call, words", [case[1:] for case in _MALFORMED], ids=[case[0] for case in _MALFORMED])
+def test_malformed_kernel_arguments_are_refused_naming_the_argument(call, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call()

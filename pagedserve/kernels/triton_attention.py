@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels import kept_buffers
+from pagedserve.kernels.kernel_args import check_decode, check_prefill
 from pagedserve.kernels.triton_launch import INTERPRETED, pdl_options, release_dependents, wait_for_inputs
 
 if TYPE_CHECKING:
@@ -421,15 +422,16 @@ def decode_attention(
     and pipeline stages (:class:`DecodeLaunch`; None: :func:`decode_launch`'s for this device and shape).
     ``pdl``: both kernels launched with programmatic dependent launch (:mod:`.triton_launch`).
     """
+    check_decode(q, k_cache, v_cache, seq_lens, block_tables, out)
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
-    assert min_partition >= 1, "min_partition must be positive"
+    if min_partition < 1:
+        raise ValueError(f"min_partition must be positive (got {min_partition})")
     group = num_q_heads // num_kv_heads
     if launch is None:
         launch = decode_launch(q.device, k_cache.dtype, head_dim, group, num_seqs)
-    assert launch.tile >= 16 and launch.tile & (launch.tile - 1) == 0, "tile must be a power of two >= 16"
+    if launch.tile < 16 or launch.tile & (launch.tile - 1):
+        raise ValueError(f"launch.tile must be a power of two >= 16 (got {launch.tile})")
     q = _last_dim_contiguous(q)
     if out is None:
         out = torch.empty_like(q)
@@ -598,10 +600,9 @@ def varlen_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`paged_attention` writing into ``out`` when given (``[T, Hq, D]``, last dim contiguous)."""
+    check_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     q = _last_dim_contiguous(q)
     if out is None:
         out = torch.empty_like(q)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels import reference
+from pagedserve.kernels.kernel_args import check_write_kv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Triton :func:`pagedserve.kernels.reference.write_kv`: one program per token, negative slots skipped in-kernel."""
+    check_write_kv(key, value, k_cache, v_cache, slot_mapping)
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -82,7 +84,6 @@ def write_kv(
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from pagedserve.kernels.kernel_args import check_write_kv
 from pagedserve.kernels.triton_cache import slot_rows, write_kv
 from pagedserve.kernels.triton_launch import INTERPRETED, pdl_options, release_dependents, wait_for_inputs
 
@@ -376,7 +377,7 @@ def rotary_write_kv(
         write_kv(k, v, k_cache, v_cache, slot_mapping)
         return q
     _check_rotary(positions, q, k, cos, sin)
-    assert v.shape == k.shape, f"v {tuple(v.shape)} vs k {tuple(k.shape)}"
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping)
     if num_tokens:
         _launch_rotary(positions, q, k, cos, sin, (v, k_cache, v_cache, slot_mapping), pdl)
     return q
