@@ -217,7 +217,7 @@ def test_an_untraced_request_taken_over_stays_in_one_trace(redis_url, prefix, sh
     import redis
 
     from pagedserve.service.protocol import Keys
-    from pagedserve.service.telemetry import _EntryTraceIds, entry_trace_id
+    from pagedserve.service.telemetry import _EntryTraceIds, entry_trace_id, trace_scope
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider(id_generator=_EntryTraceIds())
@@ -235,10 +235,27 @@ def test_an_untraced_request_taken_over_stays_in_one_trace(redis_url, prefix, sh
             assert isinstance(c.wait("untraced", timeout=60), DoneEvent)
     process = [sp for sp in exporter.get_finished_spans() if sp.name == f"process {keys.requests}"]
     assert len(process) == 2, process
-    expected = entry_trace_id(keys.requests, entry)
+    expected = entry_trace_id(trace_scope(redis_url, keys.requests), entry)
     assert {sp.context.trace_id for sp in process} == {expected}
     lines = [e for e in logs if e.get("request_id") == "untraced" and "trace_id" in e]
     assert lines and {e["trace_id"] for e in lines} == {format(expected, "032x")}, lines
+
+
+def test_an_untraced_entrys_trace_id_is_its_deployments_own():
+    """Entry ids are milliseconds: the same prefix on two databases or Redis servers (two regions, tenants or
+    stages) took the same trace id for entries added in the same millisecond, merging unrelated requests into one
+    trace in a collector both export to. The Redis and database are part of what the id is derived from; the
+    credentials, which one deployment's workers may hold differently, are not."""
+    from pagedserve.service.telemetry import entry_trace_id, trace_scope
+
+    stream, entry = "pagedserve:requests", "1796572497723-0"
+    ids = {url: entry_trace_id(trace_scope(url, stream), entry) for url in (
+        "redis://10.0.0.5:6379/0", "redis://10.0.0.5:6379/1", "redis://10.0.0.6:6379/0", "unix:///run/redis.sock")}
+    assert len(set(ids.values())) == len(ids), ids
+    assert entry_trace_id(trace_scope("redis://worker:s3cret@10.0.0.5:6379/0", stream), entry) == \
+        ids["redis://10.0.0.5:6379/0"] == entry_trace_id(trace_scope("redis://10.0.0.5/0", stream), entry)
+    assert entry_trace_id(trace_scope("redis://10.0.0.5:6379/0", "other:requests"), entry) != \
+        ids["redis://10.0.0.5:6379/0"]
 
 
 def test_untraced_requests_log_their_entrys_trace_id_without_an_sdk(redis_url, prefix, shared_engine):
@@ -250,7 +267,7 @@ def test_untraced_requests_log_their_entrys_trace_id_without_an_sdk(redis_url, p
     import redis
 
     from pagedserve.service.protocol import Keys
-    from pagedserve.service.telemetry import entry_trace_id
+    from pagedserve.service.telemetry import entry_trace_id, trace_scope
 
     s = make_settings(redis_url, prefix)
     keys = Keys(prefix)
@@ -265,7 +282,7 @@ def test_untraced_requests_log_their_entrys_trace_id_without_an_sdk(redis_url, p
     for rid, entry in entries.items():
         lines = [e for e in logs if e.get("request_id") == rid and e.get("event") in ("request_finished",
                                                                                       "request_error")]
-        assert lines and {e["trace_id"] for e in lines} == {format(entry_trace_id(keys.requests, entry), "032x")}, \
+        assert lines and {e["trace_id"] for e in lines} == {format(entry_trace_id(trace_scope(redis_url, keys.requests), entry), "032x")}, \
             (rid, lines)
 
 

@@ -58,7 +58,7 @@ from .running import Running
 from .settings import Settings
 from .stream_fields import repeated
 from .stream_ids import dragged, future_message, is_future, parse_id, repair_details
-from .telemetry import request_logger, start_entry_span, trace_id_from_fields
+from .telemetry import request_logger, start_entry_span, trace_id_from_fields, trace_scope
 
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
 # was dragged there by Redis' XADD * (stream_ids.dragged).
@@ -726,7 +726,7 @@ class Admission(WorkerPart):
         return start_entry_span(
             self.tracer,
             f"process {self.keys.requests}",
-            fields, self.keys.requests, entry_id,
+            fields, trace_scope(self.settings.redis_url, self.keys.requests), entry_id,
             kind=SpanKind.CONSUMER,
             start_time=int(min(arrival + 0.001, time.time()) * 1e9),
             attributes={
@@ -745,7 +745,7 @@ class Admission(WorkerPart):
 
     def _trace_id(self, fields: dict, entry_id: str) -> str:
         """The trace id of an entry's log lines where no span of it is at hand: the one its spans take."""
-        return trace_id_from_fields(fields, self.keys.requests, entry_id)
+        return trace_id_from_fields(fields, trace_scope(self.settings.redis_url, self.keys.requests), entry_id)
 
     def _refused_span(self, entry_id: str, request_id: str, fields: dict, deliveries: int) -> Any:
         """The span of an entry answered without a run (refused at parse time, delivered too often): its

@@ -27,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span
 
+from .connection import redis_location
 from .redaction import redact, remember_endpoint_secrets, remember_header_values
 
 if TYPE_CHECKING:
@@ -164,9 +165,17 @@ _entry_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("pa
                                                                               default=None)
 
 
-def entry_trace_id(stream: str, entry_id: str) -> int:
-    """The trace id of an untraced entry (never 0, which is invalid)."""
-    digest = hashlib.blake2b(f"{stream}\0{entry_id}".encode(), digest_size=16).digest()
+def trace_scope(redis_url: str, stream: str) -> str:
+    """What an untraced entry's id is unique within: its stream on its Redis and database (not the credentials,
+    which workers of one deployment may hold differently). Entry ids are milliseconds: the same prefix on another
+    Redis or database (another region, tenant or stage) numbers its entries alike, and a collector they share
+    would merge unrelated requests into one trace."""
+    return f"{redis_location(redis_url)}/{stream}"
+
+
+def entry_trace_id(scope: str, entry_id: str) -> int:
+    """The trace id of an untraced entry of ``scope`` (:func:`trace_scope`); never 0, which is invalid."""
+    digest = hashlib.blake2b(f"{scope}\0{entry_id}".encode(), digest_size=16).digest()
     return int.from_bytes(digest, "big") or 1
 
 
@@ -176,22 +185,22 @@ def _producer_context(fields: dict) -> otel_context.Context | None:
     return ctx if ctx is not None and trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
-def trace_id_from_fields(fields: dict, stream: str, entry_id: str) -> str:
+def trace_id_from_fields(fields: dict, scope: str, entry_id: str) -> str:
     """The trace id of an entry's spans, for log lines about entries that have no span at hand (dead letters,
     refusals, answers from a stored result): its producer's, or the one derived from the entry."""
     ctx = _producer_context(fields)
-    trace_id = trace.get_current_span(ctx).get_span_context().trace_id if ctx else entry_trace_id(stream, entry_id)
+    trace_id = trace.get_current_span(ctx).get_span_context().trace_id if ctx else entry_trace_id(scope, entry_id)
     return format(trace_id, "032x")
 
 
-def start_entry_span(tracer: trace.Tracer, name: str, fields: dict, stream: str, entry_id: str,
+def start_entry_span(tracer: trace.Tracer, name: str, fields: dict, scope: str, entry_id: str,
                      **kwargs: Any) -> Span:
     """An entry's span: a child of its producer's, or for an untraced entry a root in the entry's own trace
     (:func:`entry_trace_id`; under another provider than :func:`configure_tracing`'s, a trace of its own)."""
     parent = _producer_context(fields)
     if parent is not None:
         return tracer.start_span(name, context=parent, **kwargs)
-    trace_id = entry_trace_id(stream, entry_id)
+    trace_id = entry_trace_id(scope, entry_id)
     token = _entry_trace_id.set(trace_id)
     try:
         span = tracer.start_span(name, context=otel_context.Context(), **kwargs)
