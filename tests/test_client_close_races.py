@@ -243,3 +243,15 @@ def test_a_background_cancel_outlives_neither_close_nor_the_process_exit_unheard
     with redis.Redis.from_url(restartable.url) as admin:
         (rid,) = _sent_ids(admin, keys)
         assert admin.exists(keys.cancelled(rid)), "the abandoned request's cancel never reached Redis"
+
+
+def test_cancels_tried_through_an_outage_leave_a_finished_request_unmarked(redis_url, prefix):
+    """The cancels close() and an abandoned call send (tried again through an outage) marked every id, finished or
+    not: a finished request's mark outlived its result and would end a later run of the id, sent again once the
+    result expired, as cancelled before it started. As cancel() does, they send nothing for a finished request."""
+    keys = Keys(prefix)
+    with redis.Redis.from_url(redis_url) as r, Client(redis_url=redis_url, prefix=prefix) as c:
+        r.set(keys.result("finished"), json.dumps({"type": "done", "id": "finished", "outputs": []}), ex=60)
+        c._send_cancels(["finished", "waiting"], 5)
+        assert not r.exists(keys.cancelled("finished"))
+        assert r.exists(keys.cancelled("waiting"))

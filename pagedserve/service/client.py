@@ -339,15 +339,19 @@ class Client(ProducerCore):
     def _send_cancels(self, request_ids: list[str], seconds: float, background: bool = False) -> None:
         """All the cancels in one transaction, on a connection of their own (the waiting calls may hold the whole
         pool, or close() has closed it), tried again while Redis cannot be reached, for ``seconds`` at most (and,
-        ``background``, until close() gives them up): best effort, as Redis may be gone for longer."""
-        commands = [c for rid in request_ids for c in self._cancel_commands(rid)]
+        ``background``, until close() gives them up): best effort, as Redis may be gone for longer. As
+        :meth:`cancel`, nothing is sent for a request that has finished (a mark would outlive its result)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not (background and self._give_up_cancels.is_set()):
             try:
                 # Each try bounded apart: a Redis that hangs must not hold a background try past close()'s give-up.
                 each = min(left, CANCEL_TRY_S)
                 with redis.Redis.from_url(self.redis_url, socket_timeout=each, socket_connect_timeout=each) as r:
-                    _queued(r.pipeline(transaction=True), commands).execute()
+                    stored = _queued(r.pipeline(transaction=False),
+                                     [("exists", (self._result_key(rid),), {}) for rid in request_ids]).execute()
+                    if running := [rid for rid, done in zip(request_ids, stored) if not done]:
+                        _queued(r.pipeline(transaction=True),
+                                [c for rid in running for c in self._cancel_commands(rid)]).execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):  # LOADING too: it answers again soon
                 self._give_up_cancels.wait(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
