@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -322,11 +323,15 @@ def is_vllm_default(name: str, value: object) -> bool:
     return same_as_one_of(value, UNSUPPORTED_OPTIONS[name][1])
 
 
+def vllm_default_words(name: str, as_json: bool = False) -> str:
+    """What a refusal of unsupported option ``name`` says is taken instead (in JSON's spelling for the wire)."""
+    taken = " or ".join(json.dumps(d) if as_json else repr(d) for d in UNSUPPORTED_OPTIONS[name][1])
+    return f"vLLM's default, {taken}, is taken as what pagedserve does"
+
+
 def _unsupported(name: str) -> str:
-    instead, defaults = UNSUPPORTED_OPTIONS[name]
-    taken = " or ".join(repr(d) for d in defaults)
-    return (f"SamplingParams option {name} is not supported by pagedserve: {instead}; vLLM's default, {taken}, is "
-            "taken as what pagedserve does")
+    return f"SamplingParams option {name} is not supported by pagedserve: {UNSUPPORTED_OPTIONS[name][0]}; " \
+           f"{vllm_default_words(name)}"
 
 
 def _refuse_unsupported_options(init):

@@ -278,12 +278,13 @@ class SamplingParamsModel(BaseModel):
         are dropped, as ``SamplingParams`` and batch lines drop them; at any other value refused by name."""
         if not isinstance(data, dict) or set(data) <= set(cls.model_fields):
             return data
-        from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default
+        from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default, vllm_default_words
 
         kept = dict(data)
         for name in [n for n in data if n in UNSUPPORTED_OPTIONS]:
             if not is_vllm_default(name, data[name]):
-                raise ValueError(f"{name} is not supported: {UNSUPPORTED_OPTIONS[name][0]}")
+                raise FieldValueError(name, f"not supported: {UNSUPPORTED_OPTIONS[name][0]}; "
+                                            f"{vllm_default_words(name, as_json=True)}")
             del kept[name]
         return kept
 
@@ -554,10 +555,21 @@ def body_digest(req: GenerateRequest) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+class FieldValueError(ValueError):
+    """A model validator's refusal of one field of the object it checks: named in the error's place, as pydantic
+    names a field validator's (``params.skip_special_tokens: ...``, not ``params: skip_special_tokens ...``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:3]:
         loc = ".".join(str(x) for x in e["loc"])
+        if isinstance(field_error := e.get("ctx", {}).get("error"), FieldValueError):
+            loc = f"{loc}.{field_error.field}" if loc else field_error.field
         # A validator's own message names the field already; pydantic prefixes it with "Value error, ".
         msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
         if e["type"] == "model_type":  # pydantic's words name a class of ours ("... or instance of ChatMessage")
