@@ -25,7 +25,7 @@ from pagedserve.engine.sequence import ResumeSample
 from pagedserve.service.client import AsyncClient, Client
 from pagedserve.service.client_core import Emit, Pause, ReadEvents, ReadResult, Send, build_request, stream_wait
 from pagedserve.service.protocol import DoneEvent, Keys, TokenEvent, parse_terminal
-from service_fixtures import WorkerProcess, make_settings, running_worker, submit_running, wait_for
+from service_fixtures import WorkerProcess, make_settings, metric_samples, running_worker, submit_running, wait_for
 
 PROMPT = [5, 17, 99, 3, 250, 8, 61]
 
@@ -698,3 +698,64 @@ def test_resuming_with_after_none_reads_the_id_and_a_point_past_a_streamless_end
         r.delete(keys.events("streamed"))  # expired: the same bound
         with pytest.raises(ValueError, match="after: seq 1000 is past the end of request streamed"):
             list(c.stream("streamed", after=1000, timeout=60))
+
+
+def test_a_takeover_reads_its_events_in_pages_a_small_output_buffer_allows(prefix, shared_engine):
+    """A Redis whose client-output-buffer-limit for normal clients is under a page of token events closes the
+    connection at every read of a taken-over request's events: the worker put the request back to wait and read
+    the same page again, for ever, with nothing logged or counted while Redis was up. A failed read is counted and
+    tried again in smaller pages, and the request continues."""
+    import structlog
+
+    from pagedserve.service.protocol import body_digest
+    from pagedserve.service.redis_server import LocalRedis
+    from pagedserve.service.telemetry import configure_logging
+
+    greedy = {"max_tokens": 1100, "ignore_eos": True, "temperature": 0}
+    req = build_request("hello", id="long", params=greedy)
+    text = shared_engine.tokenizer.decode([5])
+    configure_logging("json", "INFO")
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s, keys = make_settings(url, prefix), Keys(prefix)
+        pipe = r.pipeline()
+        for seq in range(1000):
+            pipe.xadd(keys.events("long"), {"data": json.dumps({"type": "token", "id": "long", "index": 0, "seq": seq,
+                                                                "token_ids": [5], "text": text}),
+                                            "body": body_digest(req)})
+        pipe.execute()
+        r.config_set("client-output-buffer-limit", "normal 64kb 32kb 10")  # a page of 1000 events is ~130 kB
+        with structlog.testing.capture_logs() as logs, running_worker(s, shared_engine) as w, \
+                Client(settings=s) as c:
+            c.submit(request=req)
+            wait_for(lambda: r.exists(keys.result("long")), 120, 0.05, "the taken-over request's result")
+            failures = sum(metric_samples(w, "pagedserve_redis_errors_total").values())
+        done = parse_terminal(r.get(keys.result("long")))
+    assert isinstance(done, DoneEvent), done
+    assert done.outputs[0].token_ids[:1000] == [5] * 1000 and len(done.outputs[0].token_ids) == 1100
+    said = [e for e in logs if e.get("event") == "events_read_failed"]
+    assert said and said[0]["request_id"] == "long" and failures >= 1, said
+
+
+def test_a_client_reads_events_in_pages_a_small_output_buffer_allows(prefix, shared_engine):
+    """Reading a finished 1000-token request's events from a Redis whose output buffer limit for normal clients is
+    under a page of them: every XREAD of 1000 events closed the connection, the client reconnected thousands of
+    times and raised "lost Redis ... for 60 s" from a Redis that was up. A read that breaks asks for fewer events
+    next time."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    greedy = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s = make_settings(url, prefix)
+        with running_worker(s, shared_engine), Client(settings=s) as c:
+            done = list(c.stream("hello", id="long", params=greedy, timeout=120))[-1]
+        r.config_set("client-output-buffer-limit", "normal 64kb 32kb 10")
+
+        async def read_async() -> list:
+            async with AsyncClient(settings=s) as ac:
+                return [ev async for ev in ac.events("long", timeout=60)]
+
+        with Client(settings=s) as c:
+            for events in (list(c.events("long", timeout=60)), asyncio.run(read_async())):
+                tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
+                assert events[-1] == done and [ev.seq for ev in tokens] == list(range(len(tokens)))
+                assert "".join(ev.text for ev in tokens) == done.outputs[0].text

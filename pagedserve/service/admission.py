@@ -34,6 +34,7 @@ Isolation: a failure while handling one entry (a bug, a value no check foresaw) 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -53,13 +54,15 @@ from .protocol import (DeadLetterError, GenerateRequest, InvalidRequestError, bo
                        engine_params, entry_time, params_field, parse_request, refuse_missing_body,
                        refuse_repeated_bodies)
 from .reclaim import LeaseKeeper
-from .resume import events_bound, read_emitted, received_from
+from .redaction import redact
+from .resume import MIN_PAGE, PAGE, events_bound, read_emitted, received_from
 from .running import Running
 from .settings import Settings
 from .stream_fields import repeated
 from .stream_ids import dragged, future_message, is_future, parse_id, repair_details
 from .telemetry import request_logger, start_entry_span, trace_id_from_fields, trace_scope
 
+EVENTS_FAILURE_SAY_S = 60.0  # a read of token events that keeps failing is said again at most this often
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
 # was dragged there by Redis' XADD * (stream_ids.dragged).
 _SEEN_FUTURE_IDS = 64
@@ -326,6 +329,8 @@ class Admission(WorkerPart):
     _repair_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.1, cap=2.0))
     _repair_error: str = ""  # the last error logged by the repair (each distinct one once)
     _future_ids: list[str] = field(default_factory=list)
+    _events_page: int = PAGE  # events per read of a taken-over request's events stream (_events_read_failed)
+    _events_failure_said: float = -math.inf
 
     def admit(self, entries: list[tuple[str, dict, int]], redelivered: bool) -> None:
         """Validate entries and hand the good ones to the engine. Checks happen before any work starts."""
@@ -622,8 +627,9 @@ class Admission(WorkerPart):
         if has_events:  # an earlier run handed out tokens: continue after them (resume.py)
             try:
                 emitted = read_emitted(self.r, self.keys, req.id, events_bound(params.num_samples, params.max_tokens),
-                                       job.body)
-            except (redis.ConnectionError, redis.TimeoutError):  # asked again with the waiting ids
+                                       job.body, self._events_page)
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # asked again with the waiting ids
+                self._events_read_failed(req.id, e)
                 self.waiting[req.id] = Waiting(req, EntryIds(entry_ids), fields, deliveries)
                 return
             job.resume, job.next_seq = emitted.resume_samples(params), emitted.next_seq(params.n)
@@ -742,6 +748,21 @@ class Admission(WorkerPart):
                 **attributes,
             },
         )
+
+    def _events_read_failed(self, request_id: str, e: Exception) -> None:
+        """A read of a taken-over request's token events broke off: counted, said (when its page shrinks, else at
+        most every minute), and read again later in pages a quarter the size: a Redis whose output buffer limit
+        for normal clients is under a page closes the connection at every try, and the request would wait for
+        ever, unseen, while Redis is up."""
+        self.metrics.redis_errors.inc()
+        smaller = max(MIN_PAGE, self._events_page // 4)
+        now = time.monotonic()
+        if smaller < self._events_page or now - self._events_failure_said >= EVENTS_FAILURE_SAY_S:
+            self._events_failure_said = now
+            self.log.warning("events_read_failed", request_id=request_id, error=redact(f"{type(e).__name__}: {e}"),
+                             page=smaller, note="the request waits, read again in pages of this many events; where "
+                             "Redis stays up, its client-output-buffer-limit for normal clients may be under a page")
+        self._events_page = smaller
 
     def _trace_id(self, fields: dict, entry_id: str) -> str:
         """The trace id of an entry's log lines where no span of it is at hand: the one its spans take."""

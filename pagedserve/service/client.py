@@ -82,7 +82,6 @@ CLOSE_CANCELS_S = 5.0  # close()/aclose() wait this long at most for their cance
 # not cost every request abandoned during it a whole generation.
 ABANDONED_CANCEL_WAIT_S = 1.0
 CANCEL_TRY_S = 2.0  # one try of a cancel sent again through an outage (the sync client's, on its own connection)
-EVENTS_PAGE = 1000  # events per XREAD: a long finished stream is not parsed in one go (an event loop stalls)
 # stream()'s ``after`` when not given: a new request is sent. ``after=None`` given (an SSE handler passing
 # Last-Event-ID, None on a first connect) resumes the id from its first event, as ``events(id)`` does: taken for
 # "not given", it sent the id as a prompt and streamed an unrelated generation.
@@ -237,7 +236,7 @@ def _command(op: Op) -> tuple | None:
     """The Redis command of a wait's read ``op`` (None for an operation of another kind)."""
     if isinstance(op, ReadEvents):
         block = () if op.block_ms is None else ("BLOCK", op.block_ms)
-        return ("XREAD", "COUNT", EVENTS_PAGE, *block, "STREAMS", op.key, op.after)
+        return ("XREAD", "COUNT", op.count, *block, "STREAMS", op.key, op.after)
     if isinstance(op, ReadResult):
         return ("GET", op.key)
     if isinstance(op, ReadGroups):

@@ -943,14 +943,26 @@ def answered_before(ev: ErrorEvent) -> ErrorEvent:
     return ev.model_copy(update={"error": ev.error.model_copy(update={"message": ev.error.message + note})})
 
 
+def closed_by_server(e: BaseException) -> bool:
+    """Redis closed a connection it had taken, during a command (an output buffer limit, a CLIENT KILL, a stop)."""
+    return isinstance(e, redis.ConnectionError) and "closed by server" in str(e)
+
+
+# Events per XREAD: a long finished stream is not parsed in one go (an event loop stalls). A read whose
+# connection breaks asks for a quarter as many next time, down to MIN_EVENTS_PAGE.
+EVENTS_PAGE = 1000
+MIN_EVENTS_PAGE = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadEvents:
-    """XREAD BLOCK ``block_ms`` STREAMS ``key`` ``after`` (no BLOCK when None). Reply: the entries as ``(entry id,
-    fields)`` pairs (none when the block ran out)."""
+    """XREAD COUNT ``count`` BLOCK ``block_ms`` STREAMS ``key`` ``after`` (no BLOCK when None). Reply: the entries
+    as ``(entry id, fields)`` pairs (none when the block ran out)."""
 
     key: str
     after: str
     block_ms: int | None
+    count: int = EVENTS_PAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1100,8 +1112,10 @@ class Outage:
     def answered(self) -> None:
         self.since = None
 
-    def check(self, error: BaseException, where: str, request_id: str, sent: bool, tried: bool = False) -> None:
-        """``sent``: Redis answered the send; ``tried``: the send went out, and its answer was lost."""
+    def check(self, error: BaseException, where: str, request_id: str, sent: bool, tried: bool = False,
+              events_page: int | None = None) -> None:
+        """``sent``: Redis answered the send; ``tried``: the send went out, and its answer was lost;
+        ``events_page``: the events a read asks for now (after failures, fewer than :data:`EVENTS_PAGE`)."""
         now = self.clock()
         if self.since is None:
             self.since = now
@@ -1109,8 +1123,11 @@ class Outage:
             then = ("it was sent and may still finish: wait for it again" if sent else
                     "it may have been sent (Redis did not answer the send): wait for it again, or send it again under "
                     "the same id, which runs once" if tried else "it was not sent")
+            closed = ("; Redis closed the connection even to reads of " + f"{events_page} events: if it answers other "
+                      "commands, its client-output-buffer-limit for normal clients is too small for them"
+                      if events_page is not None and events_page < EVENTS_PAGE else "")
             err = RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
-                                   f"({then}): {redact(error)}")
+                                   f"({then}): {redact(error)}{closed}")
             if sent or tried:  # in the stream, or it may be: the caller waits for it by this id
                 err.request_id = request_id
             raise err
@@ -1496,6 +1513,8 @@ def stream_wait(
         return deadline is not None and clock() >= deadline
 
     tried = False  # a send went out whose answer was lost: it may be in the stream (sent again, it runs once)
+    page = EVENTS_PAGE
+    reading = False  # an events read is under way: a connection it loses may be Redis refusing a reply that big
     while True:
         try:
             if not sent:
@@ -1510,7 +1529,9 @@ def stream_wait(
                 if loss is not None:
                     loss.heard()
             wait = QUIET_S if deadline is None else max(0.001, min(QUIET_S, deadline - clock()))
-            entries = yield ReadEvents(keys.events(request_id), last_entry, max(1, int(wait * 1000)))
+            reading = True
+            entries = yield ReadEvents(keys.events(request_id), last_entry, max(1, int(wait * 1000)), page)
+            reading = False
             reached = True
             outage.answered()
             if not entries:  # quiet: maybe the stream is gone and the end is only in the result key
@@ -1519,7 +1540,9 @@ def stream_wait(
                     # The worker may have written events between the quiet read and this one (a whole short
                     # request): they come first, and the end with them; the result key ends it only when the
                     # stream holds nothing more (gone, or a result stored without events).
-                    entries = yield ReadEvents(keys.events(request_id), last_entry, None)
+                    reading = True
+                    entries = yield ReadEvents(keys.events(request_id), last_entry, None, page)
+                    reading = False
                     if not entries:
                         yield from end(done)
                         return
@@ -1585,9 +1608,13 @@ def stream_wait(
                 yield from end(stored)
                 return
         except CONNECTION_ERRORS as e:
+            if reading:  # read on in smaller pages: where Redis is up, a reply over its output buffer limit for
+                # normal clients closes the connection at every try (a page of events with logprobs is a MiB)
+                reading, page = False, max(MIN_EVENTS_PAGE, page // 4)
+                reached = reached or closed_by_server(e)  # it took the connection and the command
             if not reached and not is_loading(e) and not (tried and answer_lost(e)):
                 raise unreachable(where, e, url_source) from None
             if expired():
                 raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
-            outage.check(e, where, request_id, sent, tried and answer_lost(e))
+            outage.check(e, where, request_id, sent, tried and answer_lost(e), events_page=page)
             yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen

@@ -31,6 +31,9 @@ from .protocol import Keys, as_text, entry_time
 
 
 PAGE = 1000  # events per XRANGE: a long stream neither blocks Redis nor arrives as one reply
+# The fewest a read of a page that failed comes down to: Redis closes a connection whose reply outgrows its
+# client-output-buffer-limit for normal clients, and a page of 1000 events with logprobs is a MiB.
+MIN_PAGE = 16
 
 
 def events_bound(samples: int, max_tokens: int | None) -> int:
@@ -101,33 +104,34 @@ def received_from(samples: list, want_logprobs: bool) -> dict[int, Output]:
     return received
 
 
-def _entries(r: redis.Redis, key: str, limit: int):
-    """The stream's (entry id, fields), a page at a time; (None, None) after ``limit`` of them (the rest is not
+def _entries(r: redis.Redis, key: str, limit: int, size: int):
+    """The stream's (entry id, fields), ``size`` at a time; (None, None) after ``limit`` of them (the rest is not
     read)."""
     start, seen = "-", 0
     while True:
-        page = r.xrange(key, min=start, count=PAGE)
+        page = r.xrange(key, min=start, count=size)
         for entry_id, fields in page:
             seen += 1
             if seen > limit:
                 yield None, None
                 return
             yield entry_id, fields
-        if len(page) < PAGE:
+        if len(page) < size:
             return
         start = "(" + (page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0])
 
 
-def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: str | None = None) -> Emitted:
-    """The token events already in ``request_id``'s events stream, read a page at a time. A stream of more than
+def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: str | None = None,
+                 page: int = PAGE) -> Emitted:
+    """The token events already in ``request_id``'s events stream, read ``page`` at a time. A stream of more than
     ``limit`` entries (:func:`events_bound` of the request) was not written by runs of this request: it is not
     resumable, and the rest of it is not read. ``body``: the :func:`~.protocol.body_digest` of the request to be
     continued (None: any)."""
     emitted = Emitted()
-    for entry_id, fields in _entries(r, keys.events(request_id), limit):
+    for entry_id, fields in _entries(r, keys.events(request_id), limit, page):
         if fields is None:
             emitted.resumable = False
-            emitted.floor = _top_seq(r, keys.events(request_id)) + 1
+            emitted.floor = _top_seq(r, keys.events(request_id), page) + 1
             break
         raw = fields.get(b"data", fields.get("data"))
         try:
@@ -166,11 +170,11 @@ def read_emitted(r: redis.Redis, keys: Keys, request_id: str, limit: int, body: 
     return emitted
 
 
-def _top_seq(r: redis.Redis, key: str) -> int:
+def _top_seq(r: redis.Redis, key: str, page: int) -> int:
     """The highest ``seq`` among the newest token events of a stream (-1: none). Every step of a run writes one
     event per live output, so the output furthest on has its last event among the newest."""
     top = -1
-    for _, fields in r.xrevrange(key, count=PAGE):
+    for _, fields in r.xrevrange(key, count=page):
         try:
             ev = json.loads(fields.get(b"data", fields.get("data")))
         except (TypeError, ValueError):
