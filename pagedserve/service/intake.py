@@ -79,8 +79,8 @@ class Intake(WorkerPart):
     _last_queue_stats: float = field(default=0.0, init=False)
     _last_peek: float = field(default=0.0, init=False)
     # The group's last-delivered-id at the last look that found an entry after it, and that entry's priority: the
-    # head is the same until the group reads past it (or an XDEL takes it: the next is then read in its turn), so
-    # it is not copied out and parsed again every look.
+    # head is the same until the group reads past it or an entry after it is deleted (lua/head_entry.lua), so it is
+    # not copied out and parsed again every look.
     _head_seen: tuple[str, int | None] = field(default=("", None), init=False)
     _flood_logged_at: float = field(default=-FLOOD_LOG_S, init=False)
 

@@ -1,15 +1,16 @@
 #!lua flags=no-writes
 -- The group's next undelivered entry, as {last-delivered-id, what}: 'none' (none waits), 'same' (the group's
--- last-delivered-id is still ARGV[3], where the caller saw the head before: it has not been read since, so it is
--- that head still, and is not copied out again), 'unread' (its body is missing or longer than ARGV[2] bytes: read
--- in its turn), or 'body' followed by the body. Nil where the group is missing.
+-- last-delivered-id is still ARGV[3], where the caller saw the head before, and its lag is known: it has not read
+-- past the head since, and no entry after its last-delivered-id was deleted (an XDEL there leaves the lag
+-- unknown), so it is that head still, not copied out again), 'unread' (its body is missing or longer than ARGV[2]
+-- bytes: read in its turn), or 'body' followed by the body. Nil where the group is missing.
 --!include xinfo_fields
-local last
+local last, lag
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(group, 'name') == ARGV[1] then last = field(group, 'last-delivered-id') end
+  if field(group, 'name') == ARGV[1] then last, lag = field(group, 'last-delivered-id'), field(group, 'lag') end
 end
 if not last then return nil end
-if last == ARGV[3] then return {last, 'same'} end
+if last == ARGV[3] and lag then return {last, 'same'} end
 local head = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
 if #head == 0 then return {last, 'none'} end
 local body = field(head[1][2], 'body')
