@@ -300,7 +300,9 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context(redis_url, prefi
     with running_worker(capped, shared_engine), Client(settings=capped) as c:
         d = c.generate(messages=[{"role": "user", "content": "hi"}], params=greedy, timeout=60)
         assert (len(d.outputs[0].token_ids), d.outputs[0].finish_reason) == (30, "length")
-        with pytest.raises(RequestFailed, match=r"min_tokens"):  # more than the cap leaves
+        # more than the cap leaves, said as that (it said "must be an integer in [0, max_tokens]", a field not given)
+        with pytest.raises(RequestFailed, match=r"^invalid_request: params\.min_tokens 31 is more than the 30 tokens "
+                                                r"PAGEDSERVE_MAX_TOKENS_PER_REQUEST allows \(max_tokens not given\)"):
             c.generate(messages=[{"role": "user", "content": "hi"}], params={"min_tokens": 31}, timeout=60)
     # A cap under a prompt's default of 16 bounds that default too, as it bounds a chat's rest of the context.
     small = make_settings(redis_url, prefix, max_tokens_per_request=5)
@@ -308,5 +310,6 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context(redis_url, prefi
         for prompt in ({"prompt": "hello"}, {"prompt_token_ids": [5, 6, 7]}):
             d = c.generate(**prompt, params=greedy, timeout=60)
             assert (len(d.outputs[0].token_ids), d.outputs[0].finish_reason) == (5, "length"), prompt
-        with pytest.raises(RequestFailed, match=r"min_tokens"):
+        with pytest.raises(RequestFailed, match=r"^invalid_request: params\.min_tokens 8 is more than the 5 tokens "
+                                                r"PAGEDSERVE_MAX_TOKENS_PER_REQUEST allows"):
             c.generate("hello", params={"min_tokens": 8}, timeout=60)

@@ -140,12 +140,17 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
     # copies a long output again.
     params.output_kind = RequestOutputKind.DELTA
     cap = settings.max_tokens_per_request
+
+    def default_max_tokens(value: int, bound: str) -> Any:
+        """``params`` with the ``max_tokens`` the request left out; refused where its min_tokens asks for more."""
+        if params.min_tokens > value:
+            raise refuse("invalid_request", f"params.min_tokens {params.min_tokens} is more than the {value} tokens "
+                                            f"{bound} (max_tokens not given)")
+        return replace(params, max_tokens=value)
+
     if cap is not None and req.params.max_tokens is None and params.max_tokens is not None and params.max_tokens > cap:
         # A prompt's default (16) is a default like a chat's rest of the context: the operator's cap bounds both.
-        try:
-            params = replace(params, max_tokens=cap)
-        except ValueError as e:  # min_tokens past the cap
-            raise refuse("invalid_request", params_field(str(e))) from None
+        params = default_max_tokens(cap, "PAGEDSERVE_MAX_TOKENS_PER_REQUEST allows")
     limit, setting = engine.max_seqs_per_request
     if params.num_samples > limit:
         raise refuse("invalid_request", f"params.{params.num_samples_field}: {params.num_samples} sequences exceed "
@@ -175,11 +180,9 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
             raise refuse("prompt_too_long", f"messages render to {len(prompt)} tokens; {_room(max_len)}")
         if params.max_tokens is None:  # the rest of the context, within the operator's cap
             rest = max_len - len(prompt)
-            cap = settings.max_tokens_per_request
-            try:  # min_tokens may ask for more than the context leaves
-                params = replace(params, max_tokens=min(rest, cap) if cap is not None else rest)
-            except ValueError as e:
-                raise refuse("invalid_request", params_field(str(e))) from None
+            params = (default_max_tokens(cap, "PAGEDSERVE_MAX_TOKENS_PER_REQUEST allows") if cap is not None
+                      and cap < rest else default_max_tokens(rest, f"max_model_len {max_len} leaves after the "
+                                                                   f"{len(prompt)}-token chat"))
     elif req.prompt_token_ids is not None:
         ids = req.prompt_token_ids
         vocab = engine.vocab_size
