@@ -41,6 +41,9 @@ from .scripts import Scripts
 
 
 DEAD_AFTER_LEASES = 10  # a consumer idle this many lease periods, with no lease and nothing pending, is gone
+# A cleanup Redis refused (an older ACL, a permission taken away for a while) is tried again after this many lease
+# periods: said once while refused, and again when it runs.
+REFUSED_RETRY_LEASES = 10
 
 
 @dataclass(eq=False)
@@ -51,9 +54,9 @@ class Reclaimer(WorkerPart):
     cursor: str = "0-0"  # the XAUTOCLAIM cursor, kept between calls
     _scripts: Scripts | None = field(default=None, init=False, repr=False)
     _last_forget: float = field(default_factory=time.monotonic, init=False)
-    _may_forget: bool = field(default=True, init=False)  # False once Redis refused the commands (an older ACL)
+    _forget_refused: float | None = field(default=None, init=False)  # when Redis refused the commands, if it did
     _last_lag_repair: float = field(default=0.0, init=False)
-    _may_repair_lag: bool = field(default=True, init=False)  # as _may_forget
+    _lag_repair_refused: float | None = field(default=None, init=False)  # as _forget_refused
 
     @property
     def claim_idle_ms(self) -> int:
@@ -99,7 +102,7 @@ class Reclaimer(WorkerPart):
         ``DEAD_AFTER_LEASES`` lease periods; returns how many were deleted."""
         period_ms = DEAD_AFTER_LEASES * self.claim_idle_ms
         now = time.monotonic()
-        if not self._may_forget or (now - self._last_forget) * 1000 < period_ms:
+        if self._refused_lately(self._forget_refused, now) or (now - self._last_forget) * 1000 < period_ms:
             return 0
         self._last_forget = now
         try:
@@ -108,12 +111,17 @@ class Reclaimer(WorkerPart):
                     if int(c["pending"]) == 0 and int(c["idle"]) >= period_ms and as_text(c["name"]) != self.consumer]
             forgotten = sum(self._forget(r, name) for name in dead)
         except redis.exceptions.NoPermissionError as e:
-            self._may_forget = False
-            self.log.info("dead_consumers_kept", reason=str(e)[:200],
-                          note="the worker's Redis user lacks xinfo|consumers or xgroup|delconsumer")
+            if self._forget_refused is None:
+                self.log.info("dead_consumers_kept", reason=str(e)[:200],
+                              note="the worker's Redis user lacks xinfo|consumers, xgroup|delconsumer or evalsha; "
+                                   "tried again now and then")
+            self._forget_refused = now
             return 0
         except redis.exceptions.ResponseError:  # no group right now (Redis lost it): the next pass looks again
             return 0
+        if self._forget_refused is not None:
+            self._forget_refused = None
+            self.log.info("dead_consumers_cleanup_resumed")
         if forgotten:
             self.log.info("dead_consumers_deleted", count=forgotten)
         return forgotten
@@ -122,25 +130,34 @@ class Reclaimer(WorkerPart):
         """At most once per ``claim_idle_ms``: the group's lag set right where nothing is undelivered (module
         docstring)."""
         now = time.monotonic()
-        if not self._may_repair_lag or (now - self._last_lag_repair) * 1000 < self.claim_idle_ms:
+        if self._refused_lately(self._lag_repair_refused, now) or (now - self._last_lag_repair) * 1000 < \
+                self.claim_idle_ms:
             return
         self._last_lag_repair = now
         try:
             wrong = int(self.scripts(r).repair_group_lag(keys=[self.keys.requests], args=[self.keys.group], client=r))
         except redis.exceptions.NoPermissionError as e:
-            self._may_repair_lag = False
-            self.log.info("group_lag_kept", reason=str(e)[:200],
-                          note="the worker's Redis user lacks xinfo|stream, xinfo|groups or xgroup|setid")
+            if self._lag_repair_refused is None:
+                self.log.info("group_lag_kept", reason=str(e)[:200],
+                              note="the worker's Redis user lacks evalsha, xinfo|stream, xinfo|groups or "
+                                   "xgroup|setid; tried again now and then")
+            self._lag_repair_refused = now
             return
         except redis.exceptions.ResponseError:  # no group right now, a read-only replica: the next pass looks again
             return
+        if self._lag_repair_refused is not None:
+            self._lag_repair_refused = None
+            self.log.info("group_lag_repair_resumed")
         if wrong:
             self.log.info("group_lag_repaired", stream=self.keys.requests, lag=None if wrong < 0 else wrong,
                           note="every entry was delivered; Redis counted a backlog")
 
+    def _refused_lately(self, refused: float | None, now: float) -> bool:
+        return refused is not None and (now - refused) * 1000 < REFUSED_RETRY_LEASES * self.claim_idle_ms
+
     def forget_self(self, r: redis.Redis) -> bool:
         """At a clean stop, after the name lease is given up: delete this consumer if nothing is pending with it."""
-        if not self._may_forget:
+        if self._forget_refused is not None:
             return False
         try:
             return bool(self._forget(r, self.consumer))
