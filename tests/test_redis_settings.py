@@ -229,8 +229,22 @@ def test_a_sentinels_port_is_named_as_no_primary_and_nothing_is_said_queued():
 
     e = redis.ResponseError("unknown command 'XADD', with args beginning with: 'pagedserve:requests' '*'")
     line = explain_error(e)
-    assert "runs no XADD command: it is no Redis primary (a Sentinel's port?)" in line and "\n" not in line, line
-    assert _refused_the_request(e)
+    assert "runs no XADD command: " in line and "is no Redis primary (a Sentinel's port?)" in line, line
+    assert "\n" not in line and _refused_the_request(e)
+
+
+def test_a_command_renamed_away_is_named_as_renamed_or_a_sentinel():
+    """A primary hardened with rename-command SCRIPT "" stopped the worker with "it is no Redis primary (a
+    Sentinel's port?)", where it was one: the line names a renamed or disabled command first."""
+    from pagedserve.service.client_core import refusal_line
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis(extra_args=["--rename-command", "SCRIPT", ""]) as url, redis.Redis.from_url(url) as r:
+        with pytest.raises(redis.ResponseError) as refused:
+            r.script_load("return 1")
+    line = refusal_line(refused.value, url, "PAGEDSERVE_REDIS_URL")
+    assert line.startswith(f"the server at {url} (PAGEDSERVE_REDIS_URL) runs no SCRIPT command: the command is "
+                           "renamed or disabled there (rename-command: pagedserve needs it under its own name)"), line
 
 
 def test_the_clients_name_a_read_only_replica_and_what_to_do(prefix):

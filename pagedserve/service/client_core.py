@@ -326,8 +326,9 @@ def refusal_line(e: BaseException, where: str, setting: str) -> str | None:
                 "back within seconds: send again")
     if isinstance(e, redis.ResponseError) and (unknown := re.match(r"unknown command '([^']*)'", redis_said(e))):
         # A Sentinel's port (or a proxy's) answers in Redis's protocol but runs none of the data commands.
-        return (f"the server at {where} ({setting}) runs no {unknown.group(1).upper()} command: it is no Redis "
-                "primary (a Sentinel's port?): give the primary's address, or a Service that follows it")
+        return (f"the server at {where} ({setting}) runs no {unknown.group(1).upper()} command: the command is "
+                "renamed or disabled there (rename-command: pagedserve needs it under its own name), or the server "
+                "is no Redis primary (a Sentinel's port?): give the primary's address, or a Service that follows it")
     return None
 
 
