@@ -165,6 +165,22 @@ def test_a_sent_request_is_not_sent_again_after_a_lost_connection(submit):
         wait.send(None)
 
 
+def test_a_resubscription_the_redis_client_made_by_itself_reads_the_result():
+    """redis-py's async PubSub reconnects and subscribes again inside get_message, handing back the new
+    subscription's confirmation: the wait skipped it, and read the result key only after a quiet second, which
+    connections dropped more often than that never gave (AsyncClient.generate waited as long as the drops went on,
+    its result stored)."""
+    wait = event_wait(Keys("t"), RID, build_request("hi", id=RID), timeout=None, clock=Clock())
+    assert isinstance(next(wait), Subscribe) and isinstance(wait.send(None), Listen)
+    assert isinstance(wait.send({"type": "subscribe", "data": 1}), Send)
+    assert isinstance(wait.send(None), Listen)
+    assert isinstance(wait.send({"type": "subscribe", "data": 1}), ReadResult)  # subscribed again: look
+    assert isinstance(wait.send(None), Listen)  # nothing stored yet: listen on
+    assert isinstance(wait.send({"type": "subscribe", "data": 1}), ReadResult)
+    end = wait.send(DONE)
+    assert isinstance(end, Emit) and isinstance(end.event, DoneEvent)
+
+
 @pytest.mark.parametrize("reader", [event_wait, stream_wait])
 def test_redis_away_for_the_outage_bound_ends_the_wait_saying_so(reader):
     """Redis lost for good once the request was sent: the wait went on silently until its deadline (for ever

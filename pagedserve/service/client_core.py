@@ -1428,6 +1428,15 @@ def event_wait(
                         raise not_picked_up(verdict, request_id, pickup_timeout, heard)
                     check_workers_at = clock() + pickup_timeout  # type: ignore[operator]
                 continue
+            if m.get("type") == "subscribe":
+                # A confirmation after the first: redis-py's async PubSub lost the connection and subscribed again
+                # by itself, inside the read. What was published meanwhile is lost: the stored end is read, as
+                # after a drop this wait sees (under drops more often than QUIET_S, it never was).
+                done = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+                if done is not None:
+                    yield Emit(done)
+                    return
+                continue
             if m.get("type") != "message":
                 continue
             ev = parse_event(m["data"])
