@@ -407,10 +407,10 @@ def test_a_live_worker_passes_the_check_through_both_clients(redis_url, prefix, 
         assert list(c._run(check(c.keys))) == ["consumer group has 0 consumers"]
 
 
-def _drive_stream(req, entries: list, stored) -> list:
-    """What ``stream_wait`` emits for ``req`` when its events stream holds ``entries`` (event JSON strings) and
-    its result key ``stored``."""
-    wait = stream_wait(Keys("t"), RID, req, timeout=None, clock=Clock())
+def _drive_stream(req, entries: list, stored, after=None) -> list:
+    """What ``stream_wait`` emits for ``req`` (None: followed by id, from ``after``) when its events stream holds
+    ``entries`` (event JSON strings) and its result key ``stored``."""
+    wait = stream_wait(Keys("t"), RID, req, timeout=None, after=after, clock=Clock())
     emitted, reply, pending = [], None, [(f"1-{i}".encode(), {b"data": e.encode()}) for i, e in enumerate(entries)]
     for _ in range(1000):  # a wait that never ends fails here, not the suite's timeout
         try:
@@ -479,6 +479,26 @@ def test_token_events_past_a_gap_in_seq_are_held_and_the_deltas_join_to_the_done
     assert [t.text for t in tokens] == emitted and isinstance(events[-1], DoneEvent)
     assert "".join(t.text for t in tokens) == "abcd"
     assert [t.seq for t in tokens] == list(range(len(tokens)))
+
+
+@pytest.mark.parametrize("after", [None, -1, 0, 1])
+@pytest.mark.parametrize("order", [[0, 2, 3, 1], [0, 2, 3], [0, 1, 1, 3, 2]])
+def test_a_follower_holds_events_past_a_gap_and_completes_the_done_text_as_a_sender_does(after, order):
+    """stream(id, after=...) and events(id), an SSE handler's resume: an event appended late (after later ones,
+    under maxmemory) was dropped as "seen already", and the deltas joined to a text the done event does not have,
+    silently; only a request's sender held and completed them."""
+    done = _done("abcd")
+    entries = [_token(seq, "abcd"[seq]) for seq in order] + [done]
+    events = _drive_stream(None, entries, done, after=after)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    start = 0 if after is None else after + 1
+    assert "".join(t.text for t in tokens) == "abcd"[start:] and isinstance(events[-1], DoneEvent), tokens
+    assert [t.seq for t in tokens] == list(range(start, start + len(tokens)))
+    # What the caller had is not in the stream (its first events expired): nothing to complete it from.
+    tail = _drive_stream(None, [_token(seq, "abcd"[seq]) for seq in (2, 3)] + [done], done, after=1)
+    assert "".join(t.text for t in tail if isinstance(t, TokenEvent)) == "cd"
+    lost = _drive_stream(None, [_token(2, "c"), done], done, after=1)  # and seq 3 never came: not made up
+    assert [(type(e), getattr(e, "text", None)) for e in lost] == [(TokenEvent, "c"), (DoneEvent, "abcd")]
 
 
 def test_an_id_sent_again_streams_its_text_once_through_both_clients(redis_url, prefix, shared_engine):

@@ -20,7 +20,9 @@ Invariants of :func:`stream_wait`:
   output before the ``done`` event. A request sent with ``stream: false`` gets no token event, even when an
   earlier run of its id streamed. An event past a gap in its output's ``seq`` (an append Redis refused, under
   ``maxmemory``, and took after later ones; events a Redis restarted without persistence lost) is held until the
-  missing one comes: what the gap keeps back at the end comes from the ``done`` event, as above;
+  missing one comes: what the gap keeps back at the end comes from the ``done`` event, as above. A request
+  followed by id (``after`` or none) is completed so too, once it streamed an event and where every event up to
+  what the caller has (``after``) was read;
 - it reads ``result:{id}`` whenever the stream has been quiet for ``QUIET_S`` (the stream expired, was lost, or
   a worker older than the events stream ran the request);
 - Redis never reached fails at once with :class:`RedisUnreachable`; the deadline raises ``TimeoutError``, also
@@ -1503,18 +1505,24 @@ def stream_wait(
     next_seq: dict[int, int] = {i: s + 1 for i, s in after.items()} if isinstance(after, dict) else {}
     tokens = submit is None or submit.stream
     top_seq: dict[int, int] = {}  # per output, the highest seq read from the events stream (skipped ones too)
-    # From the start of a request we sent that streams: what was emitted of each output, to complete it at the end.
-    emitted: dict[int, tuple[list[str], list[int]]] | None = (
-        {} if after is None and submit is not None and _streams(submit) else None)
-    held: dict[int, dict[int, TokenEvent]] = {}  # per output, events past a gap in seq, by seq (``emitted`` only)
+    # Every numbered token event read, per output, by seq (the first of each; skipped ones too): at the end, what
+    # the caller has of an output, its events 0..next_seq - 1, is completed to the done text where all of them were
+    # read (_rest). Of a request we sent that streams, always; of one followed by id, once it streamed an event.
+    read: dict[int, dict[int, TokenEvent]] = {}
+    unnumbered: set[int] = set()  # outputs with an event of a worker older than seq: not completed
+    completes = after is None and submit is not None and _streams(submit)
+    held: dict[int, dict[int, TokenEvent]] = {}  # per output, events past a gap in seq, by seq
 
     def end(ev: Terminal) -> Generator[Op, Any, None]:
         if after is not None and isinstance(ev, DoneEvent):
             check_resume_point(after, ev, top_seq)
-        if emitted is not None and isinstance(ev, DoneEvent):
+        if tokens and (completes or read or unnumbered) and isinstance(ev, DoneEvent):
             for o in ev.outputs:
-                texts, ids = emitted.get(o.index, ([], []))
-                rest = _rest(o, "".join(texts), ids, ev.id, next_seq.get(o.index, default_next))
+                upto, got = next_seq.get(o.index, default_next), read.get(o.index, {})
+                if o.index in unnumbered or any(s not in got for s in range(upto)):
+                    continue  # what the caller has is not all here: nothing to complete it from
+                had = [got[s] for s in range(upto)]
+                rest = _rest(o, "".join(e.text for e in had), [t for e in had for t in e.token_ids], ev.id, upto)
                 if rest is not None:
                     yield Emit(rest)
         yield Emit(ev)
@@ -1590,12 +1598,15 @@ def stream_wait(
                     if not tokens:
                         continue  # an earlier run of this id streamed; this request asked for the end alone
                     ready = [ev]
-                    if ev.seq is not None:
+                    if ev.seq is None:
+                        unnumbered.add(ev.index)
+                    else:
+                        read.setdefault(ev.index, {}).setdefault(ev.seq, ev)
                         top_seq[ev.index] = max(ev.seq, top_seq.get(ev.index, -1))
                         expected = next_seq.get(ev.index, default_next)
                         if ev.seq < expected:
                             continue  # seen already
-                        if emitted is not None and ev.seq > expected:
+                        if ev.seq > expected:
                             # A gap (an append Redis refused and took later, after the ones behind it): held until
                             # the missing one comes, else the end completes the text from the done event (end()).
                             held.setdefault(ev.index, {})[ev.seq] = ev
@@ -1603,10 +1614,6 @@ def stream_wait(
                         ready = _in_order(ev, held.get(ev.index, {}))
                         next_seq[ev.index] = ready[-1].seq + 1  # type: ignore[operator]
                     for ev in ready:
-                        if emitted is not None:
-                            texts, ids = emitted.setdefault(ev.index, ([], []))
-                            texts.append(ev.text)
-                            ids.extend(ev.token_ids)
                         yield Emit(ev)
                     if expired():  # while events flow too: the caller's time may go into handling them
                         raise timeout_error(request_id, timeout)
