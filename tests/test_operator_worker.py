@@ -79,6 +79,27 @@ def test_an_otlp_collector_that_never_answers_does_not_hold_up_the_exit(tmp_path
     assert took < s.grace_period_s + 6, f"exit took {took:.1f} s after SIGTERM"
 
 
+def test_requests_shorter_than_a_snapshot_period_are_seen_running(redis_url, prefix, shared_engine):
+    """A worker kept busy with requests shorter than the gauges' 0.25 s snapshot period showed them all waiting and
+    none running (the snapshot before their first step, then the empty one after their last), so dashboards and a
+    running-based alert read a saturated worker as idle. The first step after an idle snapshot is snapshotted too."""
+    s = make_settings(redis_url, prefix)
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        seen: list[tuple[float, float]] = []
+        snapshot = w._engine_stats
+
+        def recording() -> None:  # every snapshot the worker takes, as a scrape between steps would read it
+            snapshot()
+            seen.append((w.metrics.requests_running._value.get(), w.metrics.requests_waiting._value.get()))
+
+        w._engine_stats = recording
+        for burst in range(3):
+            ids = [c.submit(f"short {burst} {i}", params={"max_tokens": 2}) for i in range(3)]
+            for rid in ids:
+                assert isinstance(c.wait(rid, timeout=60), DoneEvent)
+    assert max(running for running, _ in seen) >= 1, seen
+
+
 def test_the_engine_gauges_are_right_before_the_first_request_and_after_a_cancel(redis_url, prefix, shared_engine):
     """The gauges were refreshed only after an engine step: 0 KV blocks on a fresh worker, and a cancelled last
     request stayed 'running', its blocks in use, until the next request came."""

@@ -527,7 +527,8 @@ class Worker(WorkerPart):
     def _step(self) -> None:
         # Before the step too: a first step that hangs must show its requests (and stall), not the idle snapshot
         # taken before they came.
-        if self._stats_idle or time.monotonic() - self._last_engine_stats >= 0.25:
+        first = self._stats_idle  # the first step after an idle snapshot: its requests run after it
+        if first or time.monotonic() - self._last_engine_stats >= 0.25:
             self._engine_stats()
         self.progress.working()
         self._stats_idle = False  # whatever the step does (a failed one too) changes what the engine holds
@@ -556,8 +557,10 @@ class Worker(WorkerPart):
             except redis.RedisError:  # refused: not known now; the check before the flush asks again
                 pass
         self.running.on_outputs(outputs)
-        # A snapshot 4x a second is plenty for a scrape every few seconds; the last step's is always taken.
-        if time.monotonic() - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
+        # A snapshot 4x a second is plenty for a scrape every few seconds; the last step's is always taken, and the
+        # first's after an idle one (else a worker busy with requests shorter than 0.25 s showed them all waiting,
+        # none running: the snapshot before their first step, then the empty one after their last).
+        if first or time.monotonic() - self._last_engine_stats >= 0.25 or not self.engine.has_unfinished_requests():
             self._engine_stats()
 
     def _engine_stats(self) -> None:
