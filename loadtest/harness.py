@@ -58,7 +58,7 @@ class LocalStack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
 
-    def start(self) -> LocalStack:
+    def _start_redis(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not on PATH")
@@ -67,6 +67,18 @@ class LocalStack:
              "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_redis()
+
+    def restart_redis(self, down_s: float) -> None:
+        """Redis killed (SIGKILL: no persistence, its data gone) and started again on its port after ``down_s``:
+        what a load run under a Redis outage measures."""
+        assert self.redis is not None
+        self.redis.kill()
+        self.redis.wait(10)
+        time.sleep(down_s)
+        self._start_redis()
+
+    def start(self) -> LocalStack:
+        self._start_redis()
         env = {**os.environ,
                "PAGEDSERVE_REDIS_URL": self.redis_url,
                "PAGEDSERVE_METRICS_PORT": str(self.metrics_port),

@@ -323,14 +323,30 @@ class PagedServeUser(User):
         raise redis.TimeoutError(f"no SUBSCRIBE confirmation for {channel}")
 
     def _read_events(self, channel: str, result_key: str, timing: RequestTiming) -> dict | None:
+        """The request's terminal event, or None past ``--request-timeout-s``. A connection lost after the XADD
+        (a Redis restart, a failover) is made again and the stored result read, as the service's own clients do:
+        the request was sent, and a worker answers it (counted failed, every request in flight across a restart
+        overstated the loss the run was measuring). Still lost at the deadline: the last error is raised."""
         deadline = timing.submitted + self.opts.request_timeout_s
+        lost: redis.RedisError | None = None
         while True:
             now = time.monotonic()
             if now >= deadline:
+                if lost is not None:
+                    raise lost
                 return None
-            msg = self.pubsub.get_message(timeout=min(1.0, deadline - now))
-            if msg is None:  # quiet channel: the terminal event may have been missed
-                stored = self.r.get(result_key)
+            try:
+                if lost is not None:  # subscribed again, then the stored end looked for: it may have been missed
+                    self._subscribe(channel)
+                    lost, msg = None, None
+                else:
+                    msg = self.pubsub.get_message(timeout=min(1.0, deadline - now))
+                stored = self.r.get(result_key) if msg is None else None  # quiet: the end may have been missed
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                lost = e
+                gevent.sleep(min(REDIS_RETRY_S, max(0.0, deadline - time.monotonic())))
+                continue
+            if msg is None:
                 if stored is not None:
                     timing.finished = time.monotonic()
                     return json.loads(stored)
