@@ -217,7 +217,8 @@ def test_an_untraced_request_taken_over_stays_in_one_trace(redis_url, prefix, sh
     import redis
 
     from pagedserve.service.protocol import Keys
-    from pagedserve.service.telemetry import _EntryTraceIds, entry_trace_id, trace_scope
+    from pagedserve.service.connection import trace_scope
+    from pagedserve.service.telemetry import _EntryTraceIds, entry_trace_id
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider(id_generator=_EntryTraceIds())
@@ -246,7 +247,8 @@ def test_an_untraced_entrys_trace_id_is_its_deployments_own():
     stages) took the same trace id for entries added in the same millisecond, merging unrelated requests into one
     trace in a collector both export to. The Redis and database are part of what the id is derived from; the
     credentials, which one deployment's workers may hold differently, are not."""
-    from pagedserve.service.telemetry import entry_trace_id, trace_scope
+    from pagedserve.service.connection import trace_scope
+    from pagedserve.service.telemetry import entry_trace_id
 
     stream, entry = "pagedserve:requests", "1796572497723-0"
     ids = {url: entry_trace_id(trace_scope(url, stream), entry) for url in (
@@ -267,7 +269,8 @@ def test_untraced_requests_log_their_entrys_trace_id_without_an_sdk(redis_url, p
     import redis
 
     from pagedserve.service.protocol import Keys
-    from pagedserve.service.telemetry import entry_trace_id, trace_scope
+    from pagedserve.service.connection import trace_scope
+    from pagedserve.service.telemetry import entry_trace_id
 
     s = make_settings(redis_url, prefix)
     keys = Keys(prefix)

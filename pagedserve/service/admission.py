@@ -45,7 +45,7 @@ from opentelemetry.trace import SpanKind
 
 from .batch_keys import is_batch_line
 from .claims import RETRY_S, Claims
-from .connection import Backoff
+from .connection import Backoff, trace_scope
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .inflight import EntryIds, InFlight
@@ -60,7 +60,7 @@ from .running import Running
 from .settings import Settings
 from .stream_fields import repeated
 from .stream_ids import dragged, future_message, is_future, parse_id, repair_details
-from .telemetry import request_logger, start_entry_span, trace_id_from_fields, trace_scope
+from .telemetry import request_logger, start_entry_span, trace_id_from_fields
 
 EVENTS_FAILURE_SAY_S = 60.0  # a read of token events that keeps failing is said again at most this often
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence

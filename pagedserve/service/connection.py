@@ -218,6 +218,14 @@ def redis_location(url: str) -> str:
     return f"{parts.hostname}:{parts.port or 6379}/{db}"
 
 
+def trace_scope(redis_url: str, stream: str) -> str:
+    """What an untraced entry's id is unique within: its stream on its Redis and database (not the credentials,
+    which workers of one deployment may hold differently). Entry ids are milliseconds: the same prefix on another
+    Redis or database (another region, tenant or stage) numbers its entries alike, and a collector they share
+    would merge unrelated requests into one trace."""
+    return f"{redis_location(redis_url)}/{stream}"
+
+
 def redis_client(url: str, *, decode: bool = False, timeout: float = REDIS_TIMEOUT_S) -> redis.Redis:
     """A client that fails fast: the loop does its own backoff, and a silent retry of a pipeline whose reply
     was lost could publish a batch's token events twice. A URL redis-py cannot parse is a ``ValueError``

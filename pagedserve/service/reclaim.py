@@ -46,6 +46,13 @@ DEAD_AFTER_LEASES = 10  # a consumer idle this many lease periods, with no lease
 REFUSED_RETRY_LEASES = 10
 
 
+def refused_by_acl(e: BaseException) -> bool:
+    """Redis's user may not run the command: NOPERM, or, for one a script calls, Redis 7.0's plain error reply
+    ("The user executing the script can't run this command", not a NOPERM)."""
+    return isinstance(e, redis.exceptions.NoPermissionError) or (
+        isinstance(e, redis.ResponseError) and "can't run this command" in str(e))
+
+
 @dataclass(eq=False)
 class Reclaimer(WorkerPart):
     """The consumer group's crash-safety commands of one consumer (the module docstring says which)."""
@@ -110,14 +117,14 @@ class Reclaimer(WorkerPart):
             dead = [as_text(c["name"]) for c in rows
                     if int(c["pending"]) == 0 and int(c["idle"]) >= period_ms and as_text(c["name"]) != self.consumer]
             forgotten = sum(self._forget(r, name) for name in dead)
-        except redis.exceptions.NoPermissionError as e:
+        except redis.exceptions.ResponseError as e:
+            if not refused_by_acl(e):  # no group right now (Redis lost it): the next pass looks again
+                return 0
             if self._forget_refused is None:
                 self.log.info("dead_consumers_kept", reason=str(e)[:200],
                               note="the worker's Redis user lacks xinfo|consumers, xgroup|delconsumer or evalsha; "
                                    "tried again now and then")
             self._forget_refused = now
-            return 0
-        except redis.exceptions.ResponseError:  # no group right now (Redis lost it): the next pass looks again
             return 0
         if self._forget_refused is not None:
             self._forget_refused = None
@@ -136,14 +143,14 @@ class Reclaimer(WorkerPart):
         self._last_lag_repair = now
         try:
             wrong = int(self.scripts(r).repair_group_lag(keys=[self.keys.requests], args=[self.keys.group], client=r))
-        except redis.exceptions.NoPermissionError as e:
+        except redis.exceptions.ResponseError as e:
+            if not refused_by_acl(e):  # no group right now, a read-only replica: the next pass looks again
+                return
             if self._lag_repair_refused is None:
                 self.log.info("group_lag_kept", reason=str(e)[:200],
                               note="the worker's Redis user lacks evalsha, xinfo|stream, xinfo|groups or "
                                    "xgroup|setid; tried again now and then")
             self._lag_repair_refused = now
-            return
-        except redis.exceptions.ResponseError:  # no group right now, a read-only replica: the next pass looks again
             return
         if self._lag_repair_refused is not None:
             self._lag_repair_refused = None
@@ -161,8 +168,10 @@ class Reclaimer(WorkerPart):
             return False
         try:
             return bool(self._forget(r, self.consumer))
-        except redis.exceptions.NoPermissionError:
-            return False
+        except redis.exceptions.ResponseError as e:
+            if refused_by_acl(e):
+                return False
+            raise
 
     def _forget(self, r: redis.Redis, name: str) -> int:
         return int(self.scripts(r).forget_consumer(

@@ -27,7 +27,6 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span
 
-from .connection import redis_location
 from .redaction import redact, remember_endpoint_secrets, remember_header_values
 
 if TYPE_CHECKING:
@@ -165,16 +164,8 @@ _entry_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("pa
                                                                               default=None)
 
 
-def trace_scope(redis_url: str, stream: str) -> str:
-    """What an untraced entry's id is unique within: its stream on its Redis and database (not the credentials,
-    which workers of one deployment may hold differently). Entry ids are milliseconds: the same prefix on another
-    Redis or database (another region, tenant or stage) numbers its entries alike, and a collector they share
-    would merge unrelated requests into one trace."""
-    return f"{redis_location(redis_url)}/{stream}"
-
-
 def entry_trace_id(scope: str, entry_id: str) -> int:
-    """The trace id of an untraced entry of ``scope`` (:func:`trace_scope`); never 0, which is invalid."""
+    """The trace id of an untraced entry of ``scope`` (``connection.trace_scope``); never 0, which is invalid."""
     digest = hashlib.blake2b(f"{scope}\0{entry_id}".encode(), digest_size=16).digest()
     return int.from_bytes(digest, "big") or 1
 
