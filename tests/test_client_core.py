@@ -478,7 +478,15 @@ def test_token_events_past_a_gap_in_seq_are_held_and_the_deltas_join_to_the_done
     tokens = [e for e in events if isinstance(e, TokenEvent)]
     assert [t.text for t in tokens] == emitted and isinstance(events[-1], DoneEvent)
     assert "".join(t.text for t in tokens) == "abcd"
-    assert [t.seq for t in tokens] == list(range(len(tokens)))
+    _check_resumable(tokens, order, done)
+
+
+def _check_resumable(tokens: list, order: list[int], done: str) -> None:
+    """Seqs rise, and the last is the stream's highest: a caller resuming after it (an SSE Last-Event-ID) gets no
+    token again (a completion numbered with the missing seq, below the stream's later ones, got them all again)."""
+    assert all(a.seq < b.seq for a, b in zip(tokens, tokens[1:])) and tokens[-1].seq == max(order), tokens
+    again = _drive_stream(None, [_token(seq, "abcd"[seq]) for seq in order] + [done], done, after=tokens[-1].seq)
+    assert [type(e) for e in again] == [DoneEvent], again
 
 
 @pytest.mark.parametrize("after", [None, -1, 0, 1])
@@ -493,12 +501,17 @@ def test_a_follower_holds_events_past_a_gap_and_completes_the_done_text_as_a_sen
     tokens = [e for e in events if isinstance(e, TokenEvent)]
     start = 0 if after is None else after + 1
     assert "".join(t.text for t in tokens) == "abcd"[start:] and isinstance(events[-1], DoneEvent), tokens
-    assert [t.seq for t in tokens] == list(range(start, start + len(tokens)))
+    assert tokens[0].seq >= start
+    _check_resumable(tokens, order, done)
     # What the caller had is not in the stream (its first events expired): nothing to complete it from.
     tail = _drive_stream(None, [_token(seq, "abcd"[seq]) for seq in (2, 3)] + [done], done, after=1)
     assert "".join(t.text for t in tail if isinstance(t, TokenEvent)) == "cd"
     lost = _drive_stream(None, [_token(2, "c"), done], done, after=1)  # and seq 3 never came: not made up
     assert [(type(e), getattr(e, "text", None)) for e in lost] == [(TokenEvent, "c"), (DoneEvent, "abcd")]
+    # What the caller had is lost from the stream: nothing completes it, so what comes is not held back for it
+    # (held to the end, then dropped, it gave no delta at all).
+    gone = _drive_stream(None, [_token(seq, "abcd"[seq]) for seq in (3, 2)] + [done], done, after=0)
+    assert [(type(e), getattr(e, "text", None)) for e in gone] == [(TokenEvent, "d"), (DoneEvent, "abcd")]
 
 
 def test_an_id_sent_again_streams_its_text_once_through_both_clients(redis_url, prefix, shared_engine):
@@ -1946,3 +1959,23 @@ def test_the_shared_retry_policy_is_one_per_client_and_pickles():
         one, two = retry_once(retry_class), retry_once(retry_class)
         assert one is not two and copy.deepcopy(one) is one and isinstance(one, retry_class)
         assert pickle.loads(pickle.dumps(one)).get_retries() == 1
+
+
+def test_a_connection_closed_at_the_first_read_is_told_apart_by_a_small_reply():
+    """A follower's first events read closed by the server: Redis over its output buffer limit (read on in smaller
+    pages) or a proxy with no Redis behind it (unreachable at once, as before: it waited 60 s, blaming the buffer
+    limit). A look at the result key, a small reply, tells them apart."""
+    closed = redis.ConnectionError("Connection closed by server.")
+    for redis_there in (True, False):
+        wait = stream_wait(Keys("t"), RID, None, timeout=None, clock=Clock())
+        first = next(wait)
+        assert isinstance(first, ReadEvents) and first.count == 1000
+        probe = wait.throw(closed)
+        assert isinstance(probe, ReadResult)
+        if redis_there:
+            assert isinstance(wait.send(None), Pause)
+            again = wait.send(None)
+            assert isinstance(again, ReadEvents) and again.count == 250
+        else:
+            with pytest.raises(RedisUnreachable, match="cannot reach Redis"):
+                wait.throw(closed)

@@ -711,24 +711,41 @@ def test_a_takeover_reads_its_events_in_pages_a_small_output_buffer_allows(prefi
     from pagedserve.service.redis_server import LocalRedis
     from pagedserve.service.telemetry import configure_logging
 
+    from pagedserve.service.admission import EVENTS_PAGE_KEPT_S
+    from pagedserve.service.resume import PAGE
+
     greedy = {"max_tokens": 1100, "ignore_eos": True, "temperature": 0}
     req = build_request("hello", id="long", params=greedy)
     text = shared_engine.tokenizer.decode([5])
     configure_logging("json", "INFO")
-    with LocalRedis() as url, redis.Redis.from_url(url) as r:
-        s, keys = make_settings(url, prefix), Keys(prefix)
+
+    def plant(r, keys, request) -> None:
         pipe = r.pipeline()
         for seq in range(1000):
-            pipe.xadd(keys.events("long"), {"data": json.dumps({"type": "token", "id": "long", "index": 0, "seq": seq,
-                                                                "token_ids": [5], "text": text}),
-                                            "body": body_digest(req)})
+            pipe.xadd(keys.events(request.id), {
+                "data": json.dumps({"type": "token", "id": request.id, "index": 0, "seq": seq, "token_ids": [5],
+                                    "text": text}), "body": body_digest(request)})
         pipe.execute()
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s, keys = make_settings(url, prefix), Keys(prefix)
+        plant(r, keys, req)
         r.config_set("client-output-buffer-limit", "normal 64kb 32kb 10")  # a page of 1000 events is ~130 kB
         with structlog.testing.capture_logs() as logs, running_worker(s, shared_engine) as w, \
                 Client(settings=s) as c:
             c.submit(request=req)
             wait_for(lambda: r.exists(keys.result("long")), 120, 0.05, "the taken-over request's result")
             failures = sum(metric_samples(w, "pagedserve_redis_errors_total").values())
+            assert w.admission._events_page < PAGE
+            # The limit lifted, and long enough after the last failure: the full page again (one drop in an
+            # outage is no lasting limit; it kept a page of 62 for the worker's life).
+            r.config_set("client-output-buffer-limit", "normal 0 0 0")
+            w.admission._events_failed_at -= EVENTS_PAGE_KEPT_S
+            again = build_request("hello", id="long-again", params=greedy)
+            plant(r, keys, again)
+            c.submit(request=again)
+            wait_for(lambda: r.exists(keys.result("long-again")), 120, 0.05, "the second request's result")
+            assert w.admission._events_page == PAGE
         done = parse_terminal(r.get(keys.result("long")))
     assert isinstance(done, DoneEvent), done
     assert done.outputs[0].token_ids[:1000] == [5] * 1000 and len(done.outputs[0].token_ids) == 1100

@@ -63,6 +63,7 @@ from .stream_ids import dragged, future_message, is_future, parse_id, repair_det
 from .telemetry import request_logger, start_entry_span, trace_id_from_fields
 
 EVENTS_FAILURE_SAY_S = 60.0  # a read of token events that keeps failing is said again at most this often
+EVENTS_PAGE_KEPT_S = 600.0  # a smaller page is kept this long after the last failed read, then tried full again
 # Far-future entry IDs this worker read (the latest ones): an entry of the same millisecond with a higher sequence
 # was dragged there by Redis' XADD * (stream_ids.dragged).
 _SEEN_FUTURE_IDS = 64
@@ -333,6 +334,7 @@ class Admission(WorkerPart):
     _repair_error: str = ""  # the last error logged by the repair (each distinct one once)
     _future_ids: list[str] = field(default_factory=list)
     _events_page: int = PAGE  # events per read of a taken-over request's events stream (_events_read_failed)
+    _events_failed_at: float = -math.inf
     _events_failure_said: float = -math.inf
 
     def admit(self, entries: list[tuple[str, dict, int]], redelivered: bool) -> None:
@@ -628,6 +630,8 @@ class Admission(WorkerPart):
             return
         job = Compiling(req, EntryIds(entry_ids), prompt, params, arrival, span, log, body=body_digest(req))
         if has_events:  # an earlier run handed out tokens: continue after them (resume.py)
+            if time.monotonic() - self._events_failed_at >= EVENTS_PAGE_KEPT_S:  # one drop is no lasting limit
+                self._events_page = PAGE
             try:
                 emitted = read_emitted(self.r, self.keys, req.id, events_bound(params.num_samples, params.max_tokens),
                                        job.body, self._events_page)
@@ -756,10 +760,11 @@ class Admission(WorkerPart):
         """A read of a taken-over request's token events broke off: counted, said (when its page shrinks, else at
         most every minute), and read again later in pages a quarter the size: a Redis whose output buffer limit
         for normal clients is under a page closes the connection at every try, and the request would wait for
-        ever, unseen, while Redis is up."""
+        ever, unseen, while Redis is up. The full page is tried again ``EVENTS_PAGE_KEPT_S`` after the last failure
+        (a drop in an outage is no lasting limit)."""
         self.metrics.redis_errors.inc()
         smaller = max(MIN_PAGE, self._events_page // 4)
-        now = time.monotonic()
+        now = self._events_failed_at = time.monotonic()
         if smaller < self._events_page or now - self._events_failure_said >= EVENTS_FAILURE_SAY_S:
             self._events_failure_said = now
             self.log.warning("events_read_failed", request_id=request_id, error=redact(f"{type(e).__name__}: {e}"),

@@ -1519,12 +1519,17 @@ def stream_wait(
         if tokens and (completes or read or unnumbered) and isinstance(ev, DoneEvent):
             for o in ev.outputs:
                 upto, got = next_seq.get(o.index, default_next), read.get(o.index, {})
-                if o.index in unnumbered or any(s not in got for s in range(upto)):
-                    continue  # what the caller has is not all here: nothing to complete it from
-                had = [got[s] for s in range(upto)]
-                rest = _rest(o, "".join(e.text for e in had), [t for e in had for t in e.token_ids], ev.id, upto)
+                rest = None
+                if o.index not in unnumbered and all(s in got for s in range(upto)):
+                    had = [got[s] for s in range(upto)]
+                    # Numbered past every event in the stream: a caller resuming after it gets none of those again.
+                    rest = _rest(o, "".join(e.text for e in had), [t for e in had for t in e.token_ids], ev.id,
+                                 max(upto, top_seq.get(o.index, -1)))
                 if rest is not None:
                     yield Emit(rest)
+                else:  # nothing to complete from (what the caller has is not all here): what came, in order
+                    for s in sorted(held.get(o.index, {})):
+                        yield Emit(held[o.index][s])
         yield Emit(ev)
 
     def expired() -> bool:
@@ -1606,9 +1611,11 @@ def stream_wait(
                         expected = next_seq.get(ev.index, default_next)
                         if ev.seq < expected:
                             continue  # seen already
-                        if ev.seq > expected:
+                        if ev.seq > expected and not (expected > 0 and min(read[ev.index]) > 0):
                             # A gap (an append Redis refused and took later, after the ones behind it): held until
                             # the missing one comes, else the end completes the text from the done event (end()).
+                            # Not where the stream lost what the caller had (a follower's after, its first events
+                            # gone): nothing could complete it, and it would be held until the end.
                             held.setdefault(ev.index, {})[ev.seq] = ev
                             continue
                         ready = _in_order(ev, held.get(ev.index, {}))
@@ -1628,7 +1635,14 @@ def stream_wait(
             if reading:  # read on in smaller pages: where Redis is up, a reply over its output buffer limit for
                 # normal clients closes the connection at every try (a page of events with logprobs is a MiB)
                 reading, page = False, max(MIN_EVENTS_PAGE, page // 4)
-                reached = reached or closed_by_server(e)  # it took the connection and the command
+                if not reached and closed_by_server(e):
+                    # Redis closing it over its output buffer limit, or a proxy with no Redis behind it? A small
+                    # reply tells them apart: the result key's.
+                    try:
+                        yield ReadResult(keys.result(request_id))
+                        reached = True
+                    except CONNECTION_ERRORS:
+                        pass
             if not reached and not is_loading(e) and not (tried and answer_lost(e)):
                 raise unreachable(where, e, url_source) from None
             if expired():
