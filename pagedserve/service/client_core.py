@@ -1126,7 +1126,7 @@ class Outage:
             then = ("it was sent and may still finish: wait for it again" if sent else
                     "it may have been sent (Redis did not answer the send): wait for it again, or send it again under "
                     "the same id, which runs once" if tried else "it was not sent")
-            closed = ("; Redis closed the connection even to reads of " + f"{events_page} events: if it answers other "
+            closed = (f"; Redis closed the connection even to reads of {events_page} events: if it answers other "
                       "commands, its client-output-buffer-limit for normal clients is too small for them"
                       if events_page is not None and events_page < EVENTS_PAGE else "")
             err = RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
