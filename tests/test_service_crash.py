@@ -266,13 +266,19 @@ def test_a_worker_whose_consumer_name_was_taken_hands_back_nothing_it_no_longer_
         with Client(settings=s) as c:
             rid = submit_running(c, r, keys, "taken-run", max_tokens=1800)
             r.set(keys.running(rid), "replacement:0123456789ab", px=60_000)  # the replacement's claim of the id
-            wait_for(lambda: any(e.get("event") == "run_given_up" for e in w.events()), 30, what="run given up")
+            # Given up when a renewal finds the claim taken, or, where the run ends first (a fast machine runs
+            # 1800 tokens in under two seconds, before a renewal), when its finish does.
+            wait_for(lambda: any(e.get("event") in ("run_given_up", "run_taken_over") for e in w.events()), 30,
+                     what="run given up")
             r.set(keys.consumer_lease(s.worker_name), uuid.uuid4().hex, px=60_000)
             assert w.proc.wait(timeout=120) == 1
             (row,) = r.xpending_range(keys.requests, keys.group, "-", "+", 10)
         assert row["time_since_delivered"] < 2 * s.claim_idle_ms, "the loser released an entry it no longer owns"
         (stopped,) = [e for e in w.events() if e.get("event") == "worker_stopped"]
-        assert stopped["released"] == 0 and stopped["left_to_name_holder"] == 1, stopped
+        # Still holding the run when its name went (given up by a renewal), it says it left its entry to the name's
+        # holder; where its finish gave the run up first, it held nothing more.
+        given_up = any(e.get("event") == "run_given_up" for e in w.events())
+        assert stopped["released"] == 0 and stopped.get("left_to_name_holder", 0) == int(given_up), stopped
     finally:
         w.close()
         r.close()
