@@ -294,7 +294,7 @@ def test_each_url_takes_its_own_fields_only():
     accepted and ignored: logprobs=1, top_logprobs=2 gave one alternative a token, without a word."""
     errors = _errors([completion("top", logprobs=1, top_logprobs=2), chat("echo", echo=True),
                       chat("best_of", best_of=2), completion("ok", logprobs=2)])
-    assert errors == {"top": "line 1: body.top_logprobs: not supported",
+    assert errors == {"top": "line 1: body.top_logprobs: not supported (did you mean logprobs?)",
                       "echo": "line 2: body.echo: only vLLM's default, false, is taken (got true)",
                       "best_of": "line 3: body.best_of: not supported"}
 
@@ -689,6 +689,7 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     ({"use_beam_search": False}, None),
     ({"use_beam_search": True}, "body.use_beam_search: not supported: a batch line runs no beam search (a request "
                                 "from Client or Celery takes params.beam_width)"),
+    ({"tmperature": 0}, "body.tmperature: not supported (did you mean temperature?)"),  # a typo, not a feature
 ])
 def test_vllms_options_at_their_defaults_are_taken_and_any_other_value_refused(extra, refusal):
     """A line written for vLLM's batch runner spells out skip_special_tokens: true (its default, what pagedserve

@@ -497,6 +497,10 @@ def test_a_request_too_large_names_its_largest_part_in_bytes_as_sent(char):
                                      "pagedserve does"),
     ({"logit_bias": {"1": 2.0}}, "params.logit_bias: not supported: leave it out; vLLM's default, null or {}, is "
                                  "taken"),
+    # a misspelt field and vLLM's guided_* said as what they are (both read "Extra inputs are not permitted")
+    ({"max_token": 8}, "params.max_token: not a sampling parameter (did you mean max_tokens?)"),
+    ({"guided_json": {"type": "object"}}, "params.guided_json: not supported: give structured_outputs"),
+    ({"zzz": 1}, "params.zzz: Extra inputs are not permitted"),
 ])
 def test_vllms_options_at_their_defaults_are_taken_on_the_wire_as_offline(params, refusal):
     """``skip_special_tokens: true`` (vLLM's default, what pagedserve does) was taken by SamplingParams and batch

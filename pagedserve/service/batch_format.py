@@ -19,6 +19,7 @@ the client) can build it, and two builders of one line build the same content (`
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 import re
 import time
@@ -258,7 +259,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     tokens_as_ids = body.get("return_tokens_as_token_ids") is True
     # Each url's own fields: echo and best_of are completions', top_logprobs chat's (a completions line says how
     # many alternatives in logprobs itself; its top_logprobs was ignored without a word).
-    unknown = sorted(set(body) - (_ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED - {"top_logprobs"}))
+    accepted = _ACCEPTED - {"echo", "best_of"} if chat else _ACCEPTED - {"top_logprobs"}
+    unknown = sorted(set(body) - accepted)
     if unknown:
         from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default, same_as_one_of
 
@@ -283,8 +285,10 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
             del body[name]
             unknown.remove(name)
     if unknown:
-        raise LineError(f"body.{unknown[0]}: not supported" + (f": {_INSTEAD[unknown[0]]}" if unknown[0] in _INSTEAD
-                                                               else ""))
+        name = unknown[0]
+        close = difflib.get_close_matches(name, sorted(accepted | _VLLM_REQUEST_DEFAULTS[url].keys()), n=1, cutoff=0.8)
+        raise LineError(f"body.{name}: not supported" + (f": {_INSTEAD[name]}" if name in _INSTEAD else
+                                                         f" (did you mean {close[0]}?)" if close else ""))
     if body.get("stream"):
         raise LineError("body.stream: a batch line cannot stream")
     if body.get("echo"):

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import codecs
+import difflib
 import hashlib
 import json
 import math
@@ -275,7 +276,9 @@ class SamplingParamsModel(BaseModel):
     @classmethod
     def _vllm_defaults(cls, data: Any) -> Any:
         """vLLM's options pagedserve lacks, at vLLM's default (what pagedserve does: ``skip_special_tokens: true``),
-        are dropped, as ``SamplingParams`` and batch lines drop them; at any other value refused by name."""
+        are dropped, as ``SamplingParams`` and batch lines drop them; at any other value refused by name. vLLM's
+        ``guided_*`` fields point at ``structured_outputs``, and a misspelt field at the one it likely means
+        (pydantic said "Extra inputs are not permitted")."""
         if not isinstance(data, dict) or set(data) <= set(cls.model_fields):
             return data
         from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default, vllm_default_words
@@ -286,6 +289,13 @@ class SamplingParamsModel(BaseModel):
                 raise FieldValueError(name, f"not supported: {UNSUPPORTED_OPTIONS[name][0]}; "
                                             f"{vllm_default_words(name, as_json=True)}")
             del kept[name]
+        for name in [n for n in kept if isinstance(n, str) and n not in cls.model_fields]:
+            if name.startswith("guided_"):
+                raise FieldValueError(name, "not supported: give structured_outputs ({\"json\": schema}, "
+                                            "{\"regex\": ...}, {\"choice\": [...]}, {\"grammar\": ...}), as "
+                                            "vLLM's StructuredOutputsParams")
+            if close := difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.8):
+                raise FieldValueError(name, f"not a sampling parameter (did you mean {close[0]}?)")
         return kept
 
     def to_kwargs(self) -> dict[str, Any]:
