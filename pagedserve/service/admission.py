@@ -34,6 +34,7 @@ Isolation: a failure while handling one entry (a bug, a value no check foresaw) 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -739,7 +740,7 @@ class Admission(WorkerPart):
         return start_entry_span(
             self.tracer,
             f"process {self.keys.requests}",
-            fields, trace_scope(self.settings.redis_url, self.keys.requests), entry_id,
+            fields, self._trace_scope, entry_id,
             kind=SpanKind.CONSUMER,
             start_time=int(min(arrival + 0.001, time.time()) * 1e9),
             attributes={
@@ -774,7 +775,12 @@ class Admission(WorkerPart):
 
     def _trace_id(self, fields: dict, entry_id: str) -> str:
         """The trace id of an entry's log lines where no span of it is at hand: the one its spans take."""
-        return trace_id_from_fields(fields, trace_scope(self.settings.redis_url, self.keys.requests), entry_id)
+        return trace_id_from_fields(fields, self._trace_scope, entry_id)
+
+    @functools.cached_property
+    def _trace_scope(self) -> str:
+        """Where an untraced entry's trace id is derived within (``connection.trace_scope``): one for the worker."""
+        return trace_scope(self.settings.redis_url, self.keys.requests)
 
     def _refused_span(self, entry_id: str, request_id: str, fields: dict, deliveries: int) -> Any:
         """The span of an entry answered without a run (refused at parse time, delivered too often): its

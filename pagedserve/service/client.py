@@ -336,21 +336,18 @@ class Client(ProducerCore):
         self._give_up_cancels.set()
 
     def _send_cancels(self, request_ids: list[str], seconds: float, background: bool = False) -> None:
-        """All the cancels in one transaction, on a connection of their own (the waiting calls may hold the whole
-        pool, or close() has closed it), tried again while Redis cannot be reached, for ``seconds`` at most (and,
-        ``background``, until close() gives them up): best effort, as Redis may be gone for longer. As
-        :meth:`cancel`, nothing is sent for a request that has finished (a mark would outlive its result)."""
+        """The cancels, as :meth:`cancel` sends them (nothing for a request that has finished: a mark would outlive
+        its result), on a connection of their own (the waiting calls may hold the whole pool, or close() has closed
+        it), tried again while Redis cannot be reached, for ``seconds`` at most (and, ``background``, until close()
+        gives them up): best effort, as Redis may be gone for longer."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not (background and self._give_up_cancels.is_set()):
             try:
                 # Each try bounded apart: a Redis that hangs must not hold a background try past close()'s give-up.
                 each = min(left, CANCEL_TRY_S)
                 with redis.Redis.from_url(self.redis_url, socket_timeout=each, socket_connect_timeout=each) as r:
-                    stored = _queued(r.pipeline(transaction=False),
-                                     [("exists", (self._result_key(rid),), {}) for rid in request_ids]).execute()
-                    if running := [rid for rid, done in zip(request_ids, stored) if not done]:
-                        _queued(r.pipeline(transaction=True),
-                                [c for rid in running for c in self._cancel_commands(rid)]).execute()
+                    for rid in request_ids:  # marked again on a retry: a mark and a publish say the same twice
+                        self._cancel_on(r, self._cancel_commands(rid))
                 return
             except (redis.ConnectionError, redis.TimeoutError):  # LOADING too: it answers again soon
                 self._give_up_cancels.wait(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
@@ -437,10 +434,16 @@ class Client(ProducerCore):
         self._check_open()
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         with self._reaching():
-            replies = _queued(self.r.pipeline(transaction=False), commands[:self.CANCEL_LOOK]).execute()
-            if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
-                replies = _queued(self.r.pipeline(transaction=True), commands).execute()
-            return self._cancel_outcome(replies)
+            return self._cancel_outcome(self._cancel_on(self.r, commands))
+
+    @classmethod
+    def _cancel_on(cls, r: redis.Redis, commands: list) -> list:
+        """A cancel's replies (:meth:`_cancel_commands`): the look, then, for a request not finished, the mark and
+        the word to its worker (the look again, inside)."""
+        replies = _queued(r.pipeline(transaction=False), commands[:cls.CANCEL_LOOK]).execute()
+        if replies[0] is None:
+            replies = _queued(r.pipeline(transaction=True), commands).execute()
+        return replies
 
     def result(self, request_id: str) -> Terminal | None:
         self._check_open()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -53,6 +54,32 @@ def refused_by_acl(e: BaseException) -> bool:
         isinstance(e, redis.ResponseError) and "can't run this command" in str(e))
 
 
+@dataclass
+class _Refusals:
+    """When Redis last refused a periodic cleanup for want of a permission (None: it did not): said once while it
+    refuses (``kept``, naming what may be missing) and once when it runs again (``resumed``); tried again
+    ``REFUSED_RETRY_LEASES`` lease periods after a refusal."""
+
+    kept: str
+    resumed: str
+    missing: str
+    at: float | None = None
+
+    def waiting(self, now: float, claim_idle_ms: int) -> bool:
+        return self.at is not None and (now - self.at) * 1000 < REFUSED_RETRY_LEASES * claim_idle_ms
+
+    def refused(self, log: Any, e: Exception, now: float) -> None:
+        if self.at is None:
+            log.info(self.kept, reason=str(e)[:200],
+                     note=f"the worker's Redis user lacks {self.missing}; tried again now and then")
+        self.at = now
+
+    def ran(self, log: Any) -> None:
+        if self.at is not None:
+            self.at = None
+            log.info(self.resumed)
+
+
 @dataclass(eq=False)
 class Reclaimer(WorkerPart):
     """The consumer group's crash-safety commands of one consumer (the module docstring says which)."""
@@ -61,9 +88,13 @@ class Reclaimer(WorkerPart):
     cursor: str = "0-0"  # the XAUTOCLAIM cursor, kept between calls
     _scripts: Scripts | None = field(default=None, init=False, repr=False)
     _last_forget: float = field(default_factory=time.monotonic, init=False)
-    _forget_refused: float | None = field(default=None, init=False)  # when Redis refused the commands, if it did
+    _forget_refusals: _Refusals = field(default_factory=lambda: _Refusals(
+        "dead_consumers_kept", "dead_consumers_cleanup_resumed", "xinfo|consumers, xgroup|delconsumer or evalsha"),
+        init=False)
     _last_lag_repair: float = field(default=0.0, init=False)
-    _lag_repair_refused: float | None = field(default=None, init=False)  # as _forget_refused
+    _lag_repair_refusals: _Refusals = field(default_factory=lambda: _Refusals(
+        "group_lag_kept", "group_lag_repair_resumed", "evalsha, xinfo|stream, xinfo|groups or xgroup|setid"),
+        init=False)
 
     @property
     def claim_idle_ms(self) -> int:
@@ -109,7 +140,7 @@ class Reclaimer(WorkerPart):
         ``DEAD_AFTER_LEASES`` lease periods; returns how many were deleted."""
         period_ms = DEAD_AFTER_LEASES * self.claim_idle_ms
         now = time.monotonic()
-        if self._refused_lately(self._forget_refused, now) or (now - self._last_forget) * 1000 < period_ms:
+        if self._forget_refusals.waiting(now, self.claim_idle_ms) or (now - self._last_forget) * 1000 < period_ms:
             return 0
         self._last_forget = now
         try:
@@ -118,17 +149,10 @@ class Reclaimer(WorkerPart):
                     if int(c["pending"]) == 0 and int(c["idle"]) >= period_ms and as_text(c["name"]) != self.consumer]
             forgotten = sum(self._forget(r, name) for name in dead)
         except redis.exceptions.ResponseError as e:
-            if not refused_by_acl(e):  # no group right now (Redis lost it): the next pass looks again
-                return 0
-            if self._forget_refused is None:
-                self.log.info("dead_consumers_kept", reason=str(e)[:200],
-                              note="the worker's Redis user lacks xinfo|consumers, xgroup|delconsumer or evalsha; "
-                                   "tried again now and then")
-            self._forget_refused = now
+            if refused_by_acl(e):  # else no group right now (Redis lost it): the next pass looks again
+                self._forget_refusals.refused(self.log, e, now)
             return 0
-        if self._forget_refused is not None:
-            self._forget_refused = None
-            self.log.info("dead_consumers_cleanup_resumed")
+        self._forget_refusals.ran(self.log)
         if forgotten:
             self.log.info("dead_consumers_deleted", count=forgotten)
         return forgotten
@@ -137,34 +161,24 @@ class Reclaimer(WorkerPart):
         """At most once per ``claim_idle_ms``: the group's lag set right where nothing is undelivered (module
         docstring)."""
         now = time.monotonic()
-        if self._refused_lately(self._lag_repair_refused, now) or (now - self._last_lag_repair) * 1000 < \
-                self.claim_idle_ms:
+        if self._lag_repair_refusals.waiting(now, self.claim_idle_ms) or \
+                (now - self._last_lag_repair) * 1000 < self.claim_idle_ms:
             return
         self._last_lag_repair = now
         try:
             wrong = int(self.scripts(r).repair_group_lag(keys=[self.keys.requests], args=[self.keys.group], client=r))
         except redis.exceptions.ResponseError as e:
-            if not refused_by_acl(e):  # no group right now, a read-only replica: the next pass looks again
-                return
-            if self._lag_repair_refused is None:
-                self.log.info("group_lag_kept", reason=str(e)[:200],
-                              note="the worker's Redis user lacks evalsha, xinfo|stream, xinfo|groups or "
-                                   "xgroup|setid; tried again now and then")
-            self._lag_repair_refused = now
+            if refused_by_acl(e):  # else no group right now, a read-only replica: the next pass looks again
+                self._lag_repair_refusals.refused(self.log, e, now)
             return
-        if self._lag_repair_refused is not None:
-            self._lag_repair_refused = None
-            self.log.info("group_lag_repair_resumed")
+        self._lag_repair_refusals.ran(self.log)
         if wrong:
             self.log.info("group_lag_repaired", stream=self.keys.requests, lag=None if wrong < 0 else wrong,
                           note="every entry was delivered; Redis counted a backlog")
 
-    def _refused_lately(self, refused: float | None, now: float) -> bool:
-        return refused is not None and (now - refused) * 1000 < REFUSED_RETRY_LEASES * self.claim_idle_ms
-
     def forget_self(self, r: redis.Redis) -> bool:
         """At a clean stop, after the name lease is given up: delete this consumer if nothing is pending with it."""
-        if self._forget_refused is not None:
+        if self._forget_refusals.at is not None:
             return False
         try:
             return bool(self._forget(r, self.consumer))
