@@ -776,3 +776,41 @@ def test_a_client_reads_events_in_pages_a_small_output_buffer_allows(prefix, sha
                 tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
                 assert events[-1] == done and [ev.seq for ev in tokens] == list(range(len(tokens)))
                 assert "".join(ev.text for ev in tokens) == done.outputs[0].text
+
+
+def test_a_result_over_the_output_buffer_limit_is_said_as_that_not_as_an_outage(prefix, shared_engine):
+    """A stored result bigger than Redis's client-output-buffer-limit for normal clients: every GET of it closes
+    the connection while Redis answers everything else. result() and the follower raised "cannot reach Redis" at
+    once, wait() retried for its whole timeout and ended "Redis failed at the end"; they now say what it is, at
+    once, and keep no retry going that cannot pass."""
+    from pagedserve.service.client import ReplyOverLimit
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s, keys = make_settings(url, prefix), Keys(prefix)
+        with running_worker(s, shared_engine), Client(settings=s) as c:
+            small = c.generate("one", id="big", params={"max_tokens": 2}, timeout=60)
+        stored = json.loads(r.get(keys.result("big")))
+        stored["outputs"][0]["text"] = "x" * 200_000
+        r.set(keys.result("big"), json.dumps(stored))
+        r.config_set("client-output-buffer-limit", "normal 64kb 32kb 10")
+        words = re.escape(f"closes the connection at every read of {keys.result('big')} (")
+
+        async def read_async() -> None:
+            async with AsyncClient(settings=s) as ac:
+                with pytest.raises(ReplyOverLimit, match=words):
+                    await ac.result("big")
+                with pytest.raises(ReplyOverLimit, match=words):
+                    await ac.wait("big", timeout=30)
+
+        with Client(settings=s) as c:
+            started = time.monotonic()
+            for call in (lambda: c.result("big"), lambda: c.wait("big", timeout=30),
+                         lambda: list(c.stream("big", after=None, timeout=30))):
+                with pytest.raises(ReplyOverLimit, match=words) as caught:
+                    call()
+                assert isinstance(caught.value, redis.ConnectionError)
+            assert time.monotonic() - started < 20  # not each wait's 30 s
+            asyncio.run(read_async())
+            r.config_set("client-output-buffer-limit", "normal 0 0 0")
+            assert c.result("big").outputs[0].text == "x" * 200_000 != small.outputs[0].text  # kept: raised, read

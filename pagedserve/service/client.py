@@ -42,6 +42,7 @@ from .client_core import (
     ReadResult,
     RedisBusy,
     RedisUnreachable,
+    ReplyOverLimit,
     RequestFailed,
     RequestGone,
     RequestTimedOut,
@@ -55,12 +56,14 @@ from .client_core import (
     TooManyConnections,
     build_request,
     check_resume_keywords,
+    closed_by_server,
     command_bound,
     done_or_raise,
     first_terminal,
     ids_exhausted,
     pool_full,
     pool_options,
+    reply_over_limit,
     retry_once,
 )
 from .protocol import DoneEvent, GenerateRequest
@@ -449,7 +452,27 @@ class Client(ProducerCore):
         self._check_open()
         key = self._result_key(request_id)
         with self._reaching():
-            return self._terminal(self.r.get(key))
+            return self._terminal(self._stored(key, lambda: self.r.get(key), request_id))
+
+    def _stored(self, key: str, get: Callable[[], Any], request_id: str | None = None) -> Any:
+        """``get()``, a GET of ``key``. Where Redis closes the connection at it twice running (a CLIENT KILL or a
+        restart closes it once) and answers a STRLEN of it, the reply is over its output buffer limit for normal
+        clients, which no retry passes: :class:`ReplyOverLimit`."""
+        try:
+            return get()
+        except redis.ConnectionError as e:
+            if not closed_by_server(e):
+                raise
+        try:
+            return get()
+        except redis.ConnectionError as e:
+            if not closed_by_server(e):
+                raise
+            try:
+                size = self.r.strlen(key)
+            except redis.RedisError:
+                raise e from None
+            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
@@ -536,7 +559,11 @@ class Client(ProducerCore):
                         reply = pubsub.get_message(timeout=op.timeout)  # type: ignore[union-attr]
                     elif (command := _command(op)) is not None:
                         bound = command_bound(deadline, self._socket_timeout)
-                        reply = _reply_within(self.r, self._socket_timeout if bound is None else bound, *command)
+                        seconds = self._socket_timeout if bound is None else bound
+                        if isinstance(op, ReadResult):
+                            reply = self._stored(op.key, lambda: _reply_within(self.r, seconds, *command))
+                        else:
+                            reply = _reply_within(self.r, seconds, *command)
                         self.answered = True
                         if isinstance(op, ReadEvents):
                             reply = _entries(reply)
@@ -555,6 +582,8 @@ class Client(ProducerCore):
                         pubsub = self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         time.sleep(op.seconds)
+                except ReplyOverLimit:  # no retry passes it
+                    raise
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
                         raise self._unreachable(e) from None
@@ -841,7 +870,25 @@ class AsyncClient(ProducerCore):
         key = self._result_key(request_id)
         self._bind_loop()
         with self._reaching():
-            return self._terminal(await _one_call(self.r.get(key)))
+            return self._terminal(await self._stored(key, lambda: _one_call(self.r.get(key)), request_id))
+
+    async def _stored(self, key: str, get: Callable[[], Awaitable[Any]], request_id: str | None = None) -> Any:
+        """As :meth:`Client._stored`."""
+        try:
+            return await get()
+        except redis.ConnectionError as e:
+            if not closed_by_server(e):
+                raise
+        try:
+            return await get()
+        except redis.ConnectionError as e:
+            if not closed_by_server(e):
+                raise
+            try:
+                size = await _one_call(self.r.strlen(key))
+            except redis.RedisError:
+                raise e from None
+            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
@@ -922,9 +969,11 @@ class AsyncClient(ProducerCore):
                     elif isinstance(op, Listen):
                         reply = await _keeping_cancels(pubsub.get_message(timeout=op.timeout))  # type: ignore[union-attr]
                     elif (command := _command(op)) is not None:
-                        reply = await _keeping_cancels(_within(
-                            self.r.execute_command(*command), command_bound(deadline, self._socket_timeout),
-                            command[0]))
+                        bound = command_bound(deadline, self._socket_timeout)
+
+                        def run(command: tuple = command, bound: float | None = bound) -> Awaitable[Any]:
+                            return _keeping_cancels(_within(self.r.execute_command(*command), bound, command[0]))
+                        reply = await (self._stored(op.key, run) if isinstance(op, ReadResult) else run())
                         self.answered = True
                         if isinstance(op, ReadEvents):
                             reply = _entries(reply)
@@ -943,6 +992,8 @@ class AsyncClient(ProducerCore):
                         pubsub = await self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         await asyncio.sleep(op.seconds)
+                except ReplyOverLimit:  # no retry passes it
+                    raise
                 except redis.RedisError as e:
                     if self._closed:  # its connection closed by aclose(), not lost: not an outage to report
                         raise self._closed_under_call() from None

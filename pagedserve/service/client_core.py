@@ -216,6 +216,24 @@ class TooManyConnections(redis.ConnectionError):
     call did nothing and may be made again. Redis itself is fine."""
 
 
+class ReplyOverLimit(redis.ConnectionError):
+    """Redis closed the connection at every read of one stored value, while it answers a small command: that
+    reply is over its ``client-output-buffer-limit`` for normal clients, which no retry passes. The value is kept
+    (``request_id``: the request whose result it is): raising the limit makes it readable."""
+
+    request_id: str | None = None
+
+
+def reply_over_limit(where: str, key: str, size: int, request_id: str | None = None) -> ReplyOverLimit:
+    err = ReplyOverLimit(
+        f"Redis at {where} closes the connection at every read of {key} ({size} bytes), though it answers other "
+        "commands: that reply is over its client-output-buffer-limit for normal clients (CONFIG GET "
+        "client-output-buffer-limit). Raise the limit (Redis ships 'normal 0 0 0', no limit) and read it again: "
+        "it is kept")
+    err.request_id = request_id
+    return err
+
+
 # A pool's "Too many connections" (redis-py 8's MaxConnectionsError; a plain ConnectionError before it).
 _POOL_FULL = getattr(redis.exceptions, "MaxConnectionsError", redis.ConnectionError)
 
@@ -740,6 +758,8 @@ class ProducerCore:
             # not redis-py's torn socket (ValueError, OSError, or AttributeError for its emptied parser).
             if getattr(self, "_closed", False):
                 raise self._closed_under_call() from None
+            if isinstance(e, ReplyOverLimit):  # Redis answers: said as it is
+                raise
             if isinstance(e, CONNECTION_ERRORS):
                 if sending is not None and answer_lost(e):
                     raise sent_unanswered(redact(self.redis_url), sending, e) from None
@@ -1637,9 +1657,9 @@ def stream_wait(
                 reading, page = False, max(MIN_EVENTS_PAGE, page // 4)
                 if not reached and closed_by_server(e):
                     # Redis closing it over its output buffer limit, or a proxy with no Redis behind it? A small
-                    # reply tells them apart: the result key's.
+                    # reply tells them apart (not the result itself: it may be over the limit too).
                     try:
-                        yield ReadResult(keys.result(request_id))
+                        yield CountKeys((keys.result(request_id),))
                         reached = True
                     except CONNECTION_ERRORS:
                         pass
