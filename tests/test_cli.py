@@ -102,6 +102,24 @@ def test_submit_streams_and_no_stream(redis_url, prefix, shared_engine):
         assert res.exit_code == 2 and "invalid request: --max-tokens" in res.output
 
 
+def test_submit_without_max_tokens_takes_the_workers_cap_as_a_prompt_request_does(redis_url, prefix, shared_engine):
+    """A deployment capping max_tokens below 16: `submit` without --max-tokens sent its default as if typed and was
+    refused, blaming --max-tokens, an option the user never gave, where the same request from a client gets the
+    cap. A chat's default (16, not the rest of the context) is still sent; its refusal says it was the default."""
+    s = make_settings(redis_url, prefix, max_tokens_per_request=4)
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    with running_worker(s, shared_engine):
+        res = runner.invoke(app, ["submit", "Hello", "--temperature", "0", "--no-stream"], env=env)
+        assert res.exit_code == 0 and "completion_tokens=" in res.output, res.output
+        assert int(re.search(r"completion_tokens=(\d+)", res.output).group(1)) <= 4
+        res = runner.invoke(app, ["submit", "--chat", "Hello", "--no-stream"], env=env)
+        assert res.exit_code == 1, res.output
+        assert ("--max-tokens must be at most 4 (PAGEDSERVE_MAX_TOKENS_PER_REQUEST), got 16; 16 is the default of "
+                "--max-tokens: give a smaller one") in res.output
+        res = runner.invoke(app, ["submit", "--chat", "Hello", "--max-tokens", "9", "--no-stream"], env=env)
+        assert res.exit_code == 1 and res.output.strip().endswith("got 9"), res.output
+
+
 def test_model_init(tmp_path):
     res = runner.invoke(app, ["model", "init", "--tiny-random", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output

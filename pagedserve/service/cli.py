@@ -488,6 +488,8 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
     _fail_showing(e, f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
 
+DEFAULT_MAX_TOKENS = 16  # submit's, as SamplingParams' and a prompt request's on the wire
+
 # submit's options by the request field each sets: an error about the field names the option the user typed.
 _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temperature", "params.top_p": "--top-p",
               "params.seed": "--seed", "params.stop": "--stop", "params.n": "--n", "params.beam_width": "--beam-width",
@@ -583,7 +585,9 @@ def submit(
     chat: bool = typer.Option(
         False, "--chat", help="Send the prompt as a user message: the worker applies the model's chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt (implies --chat)."),
-    max_tokens: int = typer.Option(16, "--max-tokens", help="Tokens to generate."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", show_default=False,
+        help="Tokens to generate [default: 16, for a prompt at most the workers' PAGEDSERVE_MAX_TOKENS_PER_REQUEST]."),
     temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: the smallest set of tokens whose "
                                                                  "probabilities add up to this (0 < p <= 1)."),
@@ -625,7 +629,13 @@ def submit(
     prompt = _prompt_text(prompt)
     if system is not None:
         system = _utf8(system, "--system")
-    params: dict = {"max_tokens": max_tokens, "temperature": temperature, "n": n}
+    params: dict = {"temperature": temperature, "n": n}
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    elif chat or system is not None:  # left out, a chat would run to the end of the context
+        params["max_tokens"] = DEFAULT_MAX_TOKENS
+    # (a prompt's left out: the wire's default is the same 16, and a worker's cap bounds it, as it bounds no value
+    # the user gave)
     for name, value in (("top_p", top_p), ("seed", seed), ("stop", stop)):
         if value is not None:
             params[name] = value
@@ -695,8 +705,10 @@ def submit(
         # So is a request Redis refused outright (out of memory, a user without XADD): "cancelled" would be untrue.
         _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None,
                                may_be_sent=sending and _missing_database(e) is None and not _refused_the_request(e))
-    if isinstance(final, ErrorEvent):
-        _fail(f"{final.error.code}: {_as_options(final.error.message)}", 1)  # the worker's refusal names fields too
+    if isinstance(final, ErrorEvent):  # the worker's refusal names fields too
+        default = (f"; {DEFAULT_MAX_TOKENS} is the default of --max-tokens: give a smaller one"
+                   if max_tokens is None and final.error.message.startswith("params.max_tokens") else "")
+        _fail(f"{final.error.code}: {_as_options(final.error.message)}{default}", 1)
     assert isinstance(final, DoneEvent)
     streamed_single = not no_stream and n == 1 and not beam_width
     if streamed_single:
