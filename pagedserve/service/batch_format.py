@@ -423,16 +423,21 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
             objects += 1
             cid = obj.get("custom_id")
             if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
+                misspelt = "" if "custom_id" in obj else next(
+                    (f" (the line has {k!r}: did you mean custom_id?)" for k in obj
+                     if difflib.get_close_matches(str(k), ["custom_id"], cutoff=0.8)), "")
                 cid = cid if isinstance(cid, str) else None
-                raise LineError(f"custom_id: a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters is required")
+                raise LineError(f"custom_id: a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters is "
+                                f"required{misspelt}")
             if cid in seen:
                 raise DuplicateCustomId(f"line {line_no + 1}: custom_id {cid!r} duplicates line {seen[cid] + 1}")
             seen[cid] = line_no
             # A key OpenAI's line format does not have would be dropped unsaid, as an unknown body field would be.
             unknown = sorted(str(k) for k, v in obj.items() if k not in _LINE_KEYS and v is not None)
             if unknown:
-                raise LineError(f"{unknown[0]}: not supported (a batch line carries only custom_id, method, url and "
-                                "body)")
+                close = difflib.get_close_matches(unknown[0], sorted(_LINE_KEYS), n=1, cutoff=0.8)
+                raise LineError(f"{unknown[0]}: not supported (" + (f"did you mean {close[0]}? " if close else "")
+                                + "a batch line carries only custom_id, method, url and body)")
             if _SURROGATE_ESCAPE.search(raw) and (bad := _not_unicode(obj)):
                 raise LineError(bad)
             if obj.get("method", "POST") != "POST":

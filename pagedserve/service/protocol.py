@@ -157,6 +157,22 @@ class Keys:
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+def refuse_misspelt(data: Any, names: Any, what: str) -> None:
+    """A key of ``data`` (a dict) that is none of ``names`` but close to one: refused naming the one it likely
+    means, where pydantic says only "Extra inputs are not permitted". ``what``: what the names are."""
+    if not isinstance(data, dict):
+        return
+    names = list(names)
+    for name in data:
+        if isinstance(name, str) and name not in names and (
+                close := difflib.get_close_matches(name, names, n=1, cutoff=0.8)):
+            raise FieldValueError(name, f"not {what} (did you mean {close[0]}?)")
+
+
+def _wire_names(cls: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in cls.model_fields.items()]
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: str = Field(min_length=1, max_length=64)
@@ -168,6 +184,12 @@ class ChatMessage(BaseModel):
                                               "required": ["type", "text"],
                                               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}],
     })]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _misspelt(cls, data: Any) -> Any:
+        refuse_misspelt(data, cls.model_fields, "a message field")
+        return data
 
     @field_validator("content", mode="before")
     @classmethod
@@ -207,6 +229,12 @@ class StructuredOutputsModel(BaseModel):
     disable_additional_properties: bool | None = Field(
         None, description="json: an object that names its properties admits no others unless it says so (the "
                           "default, true; false: as JSON Schema reads it, any other key).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _misspelt(cls, data: Any) -> Any:
+        refuse_misspelt(data, _wire_names(cls), "a structured_outputs field")
+        return data
 
     @field_validator("json_schema", mode="before")
     @classmethod
@@ -294,8 +322,7 @@ class SamplingParamsModel(BaseModel):
                 raise FieldValueError(name, "not supported: give structured_outputs ({\"json\": schema}, "
                                             "{\"regex\": ...}, {\"choice\": [...]}, {\"grammar\": ...}), as "
                                             "vLLM's StructuredOutputsParams")
-            if close := difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.8):
-                raise FieldValueError(name, f"not a sampling parameter (did you mean {close[0]}?)")
+        refuse_misspelt(kept, cls.model_fields, "a sampling parameter")
         return kept
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -331,6 +358,12 @@ class GenerateRequest(BaseModel):
     deadline_ms: whole_int(MIN_DEADLINE_MS, MAX_DEADLINE_MS) | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _misspelt(cls, data: Any) -> Any:
+        refuse_misspelt(data, cls.model_fields, "a request field")
+        return data
 
     @field_validator("deadline_ms", mode="before")
     @classmethod
