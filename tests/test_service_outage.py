@@ -188,6 +188,35 @@ def test_a_request_whose_entry_left_the_stream_is_sent_again_when_its_worker_sto
         assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
 
 
+@pytest.mark.parametrize("grace_s, away_s", [(0.5, 1.5), (8.0, 1.0)])
+def test_results_finished_while_redis_restarted_are_stored_by_a_stopping_worker(tmp_path, prefix, grace_s, away_s):
+    """A request finished while Redis was away, a stop asked for, then Redis back without its script cache (a
+    restart, a failover): the stop's one flush met NOSCRIPT, loaded the scripts and kept the writes for a next
+    flush that never came, and logged a clean stop; the finished request ran again elsewhere after claim_idle_ms.
+    The hand-back sends again after a reload; and a drain whose engine is empty waits for its results to be
+    stored, within the grace, instead of leaving them to a rerun."""
+    import threading
+
+    with worker_under_acl(tmp_path, prefix, grace_period_s=grace_s, claim_idle_ms=30_000) as (admin, c, w):
+        keys = Keys(prefix)
+        submit_running(c, admin, keys, "finished-offline", max_tokens=400)
+        drop_worker_link(admin)
+        wait_for(lambda: any(e.get("event") == "request_finished" and e.get("request_id") == "finished-offline"
+                             for e in w.events()), 60, what="the request finished offline")
+        admin.script_flush()  # what a restarted Redis has of the scripts: none
+
+        def back() -> None:
+            restore(admin)
+
+        threading.Timer(away_s, back).start()
+        assert w.terminate(60) == 0
+        done = parse_terminal(admin.get(keys.result("finished-offline")))
+        assert isinstance(done, DoneEvent) and len(done.outputs[0].token_ids) == 400
+        assert pending(admin, keys) == {}
+        (stopped,) = [e for e in w.events() if e.get("event") == "worker_stopped"]
+        assert stopped["level"] == "info" and "left_to_reclaim" not in stopped, stopped
+
+
 def test_a_worker_stopping_while_redis_is_away_says_nothing_was_handed_back(tmp_path, prefix):
     """SIGTERM with the link down: the worker cannot hand its running entry back. Its last word says so (released
     0, one left to reclaim) rather than claiming a release, and the entry is still pending: the next worker takes

@@ -349,7 +349,10 @@ class Worker(WorkerPart):
                                   grace_period_s=self.settings.grace_period_s,
                                   note="Ctrl-C again stops at once: what runs goes back to the stream" if self._ctrl_c
                                   else "what has not finished by then goes back to the stream")
-                if self._stop.is_set() and (not self.running.table or time.monotonic() >= (self._stop_deadline or 0)):
+                # Drained once nothing runs and every result is stored: a Redis away when the last request ended
+                # gets what is left of the grace to come back, where a rerun elsewhere would redo finished work.
+                if self._stop.is_set() and ((not self.running.table and not self.publisher.buffered())
+                                            or time.monotonic() >= (self._stop_deadline or 0)):
                     break
                 try:
                     self.iterate()
@@ -613,7 +616,10 @@ class Worker(WorkerPart):
             try:
                 if self.conn.needs_setup:
                     self.conn.setup()
-                self.publisher.flush(self.r)
+                for _ in range(3):  # a flush that met NOSCRIPT (a restarted Redis) loaded the scripts, kept its writes
+                    self.publisher.flush(self.r)
+                    if not self.publisher.pending():
+                        break
                 if entry_ids and not taken:
                     self.reclaimer.release(self.r, entry_ids)
                     released = len(entry_ids)
@@ -636,13 +642,13 @@ class Worker(WorkerPart):
         if taken and entry_ids:
             self.log.warning("worker_stopped", released=released, left_to_name_holder=len(entry_ids),
                              unflushed=self.publisher.pending())
-        elif handed_back or not owned:
+        elif (handed_back and not self.publisher.buffered()) or not owned:
             self.log.info("worker_stopped", released=released, unflushed=self.publisher.pending())
-        else:  # Redis stayed away: nothing was handed back; unrenewed, the entries are reclaimed after claim_idle_ms
-            # (those whose results were never written too: they run again elsewhere)
-            left = set(entry_ids) | set(self.publisher.entry_ids())
+        else:  # Redis stayed away, or refused writes: unrenewed, what is left is reclaimed after claim_idle_ms
+            # (requests whose results were never written too: they run again elsewhere)
+            left = set(self.publisher.entry_ids()) | (set() if handed_back else set(entry_ids))
             self.log.warning("worker_stopped", released=released, left_to_reclaim=len(left),
-                             unflushed=self.publisher.pending())
+                             unflushed=self.publisher.buffered())
         if self.health is not None:
             self.health.stop()
         self._ready_ping.close()
