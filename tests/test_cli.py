@@ -926,6 +926,11 @@ def test_an_unreachable_redis_or_a_missing_model_names_the_setting_to_fix(tmp_pa
         line = _one_line(res)
         assert res.returncode == 1 and line.startswith(f"error: model {missing!r} does not exist"), line
         assert line.endswith(" (PAGEDSERVE_MODEL)"), line
+    # empty, it said "model must be ... (got '')" without naming the variable (held-out tester)
+    res = _cli({**env, "PAGEDSERVE_MODEL": ""}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 1 and line.startswith("error: model '' is empty (expected an HF model directory"), line
+    assert line.endswith(" (PAGEDSERVE_MODEL)"), line
 
 
 @pytest.mark.parametrize(("name", "value", "words"), [

@@ -308,3 +308,92 @@ def test_max_num_seqs_past_what_one_engine_batches_is_refused_naming_it(seqs):
     with pytest.raises(ValueError, match=r"max_num_seqs must be an integer in \[1, 65536\]"):
         EngineConfig(model="m", max_num_seqs=seqs)
     assert Settings(max_num_seqs=65536).max_num_seqs == 65536
+
+
+@pytest.mark.parametrize("url", ["redis://ops:s3cret@127.0.0.1:6379x/0", "redis://ops:s3cret@127.0.0.1:99999/0",
+                                 "redis://:s3cret@[::1]:-1/0", "redis://127.0.0.1:6379x/0"])
+def test_a_bad_port_is_named_as_the_port_not_blamed_on_the_password(url):
+    """With credentials in the URL, a port that is no number was "percent-encode ... the password" (held-out
+    tester): the operator fixed the wrong thing."""
+    with pytest.raises(ValidationError, match=re.escape("redis_url: the port after the host must be a number from "
+                                                        "0 to 65535 (got '")) as e:
+        Settings(redis_url=url)
+    assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("min_priority", 2**70), ("min_priority", 2**31), ("min_priority", -(2**31) - 1),
+    ("liveness_timeout_s", float("inf")), ("queue_stats_interval_s", float("inf")),
+    ("queue_stats_interval_s", 1e-300), ("stall_timeout_s", float("nan")),
+])
+def test_a_value_no_request_or_clock_can_meet_is_refused_at_start(field, value):
+    """A min_priority past a request's priority range refused every request there can be; an infinite liveness
+    timeout never failed /healthz, and an infinite stats interval never refreshed the gauges; all started."""
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+def test_a_min_priority_that_refuses_default_requests_is_said_at_start(tmp_path, redis_url, prefix):
+    from service_fixtures import WorkerProcess, make_settings
+
+    w = WorkerProcess(make_settings(redis_url, prefix, min_priority=2000), tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        (said,) = [e for e in w.events() if e.get("event") == "min_priority_refuses_defaults"]
+    finally:
+        w.close()
+    assert said["level"] == "warning" and said["min_priority"] == 2000
+    assert said["note"] == "requests sent without a priority (0) are refused, and batch lines (priority 1000) too"
+
+
+def test_a_blank_cache_dir_is_unset(monkeypatch):
+    """PAGEDSERVE_CACHE_DIR of blanks made a directory named by blanks in the working directory, the model in it."""
+    from pagedserve.engine.builtin_model import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/xdg-cache")
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", "  ")
+    assert cache_dir() == Path("/tmp/xdg-cache/pagedserve")
+    monkeypatch.setenv("XDG_CACHE_HOME", " ")
+    assert cache_dir() == Path.home() / ".cache" / "pagedserve"
+
+
+@pytest.mark.parametrize(("march", "flags", "words"), [
+    ("bogus", None, "PAGEDSERVE_CPU_MARCH='bogus' is no -march c++ takes ("),
+    ("has well", None, "PAGEDSERVE_CPU_MARCH must be a -march name of the C++ compiler, e.g. haswell, or unset "
+                       "for native (got 'has well')"),
+    ("haswell", "flags\t: fpu sse2 avx\n", "PAGEDSERVE_CPU_MARCH='haswell' builds for instruction sets this CPU "
+                                           "lacks (avx2, f16c, fma): its kernels would die of an illegal instruction"),
+    ("haswell", "flags\t: fpu sse2 avx avx2 f16c fma\n", None),
+])
+def test_a_cpu_march_the_compiler_or_the_cpu_cannot_take_is_refused_at_start(monkeypatch, march, flags, words):
+    """A mistyped PAGEDSERVE_CPU_MARCH built for ~25 s, failed, and the worker ran the slower torch kernels after a
+    warning naming only the compiler's command line; one the CPU lacks died of an illegal instruction."""
+    import shutil
+
+    from pagedserve.engine import engine_env
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("PAGEDSERVE_CPU_MARCH", march)
+    monkeypatch.delenv("CXX", raising=False)
+    if flags is not None:
+        monkeypatch.setattr(engine_env, "cpu_flags_line", lambda: flags)
+    engine_env._checked_march.cache_clear()
+    try:
+        if words is None:
+            engine_env.check_all()
+            return
+        with pytest.raises(ValueError, match="^" + re.escape(words)):
+            engine_env.check_all()
+    finally:
+        engine_env._checked_march.cache_clear()
+
+
+@pytest.mark.parametrize("threads", [str(2**70), "65537", "٣"])
+def test_a_thread_count_past_any_machine_is_refused_naming_it(threads):
+    """2**70 went on to OpenMP, which refused it naming OMP_NUM_THREADS and ran its default."""
+    from pagedserve.engine.cpu_threads import plan_from_env
+
+    with pytest.raises(ValueError, match=re.escape(f"PAGEDSERVE_CPU_THREADS must be an integer from 1 to 65536 (got "
+                                                   f"{threads!r})")):
+        plan_from_env({"PAGEDSERVE_CPU_THREADS": threads}, (0, 1))

@@ -65,10 +65,16 @@ def hf_progress_bars_on_a_terminal_only():
 
 def cache_dir() -> Path:
     """Where models are written: ``$PAGEDSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/pagedserve`` (~/.cache)."""
-    cache = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagedserve"
+    # Blank is unset (the XDG spec's reading of an empty XDG_CACHE_HOME): a directory named by blanks was made in
+    # the working directory.
+    cache = _env_path("PAGEDSERVE_CACHE_DIR") or os.path.join(
+        _env_path("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagedserve"
     )
     return Path(cache).expanduser()
+
+
+def _env_path(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None
 
 
 def make_dirs(path: Path) -> Path:
@@ -76,13 +82,13 @@ def make_dirs(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot write in {_cache_named()} ({e.strerror or e}: {path}): set PAGEDSERVE_CACHE_DIR "
+        raise ValueError(f"cannot write in {cache_named()} ({e.strerror or e}: {path}): set PAGEDSERVE_CACHE_DIR "
                          "to a directory you can write to") from None
     return path
 
 
-def _cache_named() -> str:
-    where = os.environ.get("PAGEDSERVE_CACHE_DIR")
+def cache_named() -> str:
+    where = _env_path("PAGEDSERVE_CACHE_DIR")
     return f"PAGEDSERVE_CACHE_DIR={where}" if where else f"the model cache {cache_dir()}"
 
 
@@ -107,7 +113,7 @@ def cache_write_failed(e: BaseException, path: Path) -> ValueError | None:
     why = disk_refusal(e)
     if why is None:
         return None
-    return ValueError(f"cannot write in {_cache_named()} ({why}: {path}): free space there, or set "
+    return ValueError(f"cannot write in {cache_named()} ({why}: {path}): free space there, or set "
                       "PAGEDSERVE_CACHE_DIR to a directory with room that you can write to")
 
 

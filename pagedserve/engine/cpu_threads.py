@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 
 ENV_THREADS = "PAGEDSERVE_CPU_THREADS"
+MAX_THREADS = 65536
 ENV_BIND = "PAGEDSERVE_CPU_BIND"
 ENV_SPIN = "PAGEDSERVE_CPU_SPIN_US"
 # How long the C++ kernels' helper threads stay awake after a parallel region on pinned CPUs: long enough to span
@@ -140,8 +141,9 @@ def plan_from_env(environ: dict[str, str] | None = None, cpus: tuple[int, ...] |
     threads: int | None = None
     named = ENV_THREADS
     if raw_threads:
-        if not raw_threads.isdigit() or int(raw_threads) < 1:
-            raise ValueError(f"{ENV_THREADS} must be an integer >= 1 (got {raw_threads!r})")
+        # A count past any machine went on to OpenMP, which refused it naming OMP_NUM_THREADS and ran its default.
+        if not (raw_threads.isascii() and raw_threads.isdigit()) or not 1 <= int(raw_threads) <= MAX_THREADS:
+            raise ValueError(f"{ENV_THREADS} must be an integer from 1 to {MAX_THREADS} (got {raw_threads!r})")
         threads = int(raw_threads)
     elif environ.get("OMP_NUM_THREADS", "").strip():
         # The user's own OpenMP count (its first level) is the count: left to the default, MKL_NUM_THREADS would

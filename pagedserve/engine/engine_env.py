@@ -4,7 +4,11 @@ once, not after seconds of imports. Each parser raises ``ValueError`` naming its
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import shutil
+import subprocess
 
 CPU_KERNELS_ENV = "PAGEDSERVE_CPU_KERNELS"  # "torch": use the torch reference; "cpp" (or unset): the extension
 FUSED_LAYERS_ENV = "PAGEDSERVE_CPU_FUSED_LAYERS"  # "0": run the decoder layer by layer (see decoder_stack)
@@ -20,6 +24,14 @@ CUDA_LINEARS = ("cublas", "triton")
 # Whether a CUDA step's Triton kernels are launched with programmatic dependent launch (sm_90 and later).
 CUDA_PDL_ENV = "PAGEDSERVE_CUDA_PDL"
 CUDA_PDLS = ("off", "on")
+# The -march the CPU kernels are built for (native when unset).
+CPU_MARCH_ENV = "PAGEDSERVE_CPU_MARCH"
+# GCC's macro for an instruction set a -march turns on, and the /proc/cpuinfo flag of a CPU that has it: kernels
+# built for a set the CPU lacks die of an illegal instruction at their first call.
+_ISA_FLAGS = {"__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__AVX512F__": "avx512f",
+              "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl", "__AVX512DQ__": "avx512dq",
+              "__AVX512VNNI__": "avx512_vnni", "__AVX512BF16__": "avx512_bf16", "__AVXVNNI__": "avx_vnni",
+              "__AMX_TILE__": "amx_tile", "__AMX_BF16__": "amx_bf16", "__AMX_INT8__": "amx_int8"}
 
 
 def disabled_by_env() -> bool:
@@ -63,10 +75,55 @@ def max_mask_ms_from_env() -> float:
     return _positive_from_env(MAX_MASK_ENV, DEFAULT_MAX_MASK_MS, "milliseconds")
 
 
+def cpu_march_from_env() -> str:
+    """``PAGEDSERVE_CPU_MARCH`` (``native`` when unset). ``ValueError`` naming it for a name the C++ compiler does
+    not take, or one whose instruction sets this CPU lacks: a typo built for ~25 s, then ran the slower torch
+    kernels after a warning that named only the compiler's command line."""
+    return _checked_march(os.environ.get(CPU_MARCH_ENV, "").strip() or "native")
+
+
+@functools.cache
+def _checked_march(march: str) -> str:
+    if march == "native":
+        return march
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", march):
+        raise ValueError(f"{CPU_MARCH_ENV} must be a -march name of the C++ compiler, e.g. haswell, or unset for "
+                         f"native (got {march!r})")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return march  # no compiler: the build says so, and the torch kernels run
+    try:
+        done = subprocess.run([compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return march
+    if done.returncode != 0:
+        said = [line.strip() for line in done.stderr.splitlines() if "error" in line] or [done.stderr.strip()]
+        raise ValueError(f"{CPU_MARCH_ENV}={march!r} is no -march {compiler} takes ({said[0][:200]}); unset it for "
+                         "native")
+    flags = set(cpu_flags_line().partition(":")[2].split())
+    lacking = sorted({flag for macro, flag in _ISA_FLAGS.items()
+                      if f"#define {macro} 1" in done.stdout and flags and flag not in flags})
+    if lacking:
+        raise ValueError(f"{CPU_MARCH_ENV}={march!r} builds for instruction sets this CPU lacks ({', '.join(lacking)}):"
+                         " its kernels would die of an illegal instruction; unset it for native, or name an older one")
+    return march
+
+
+@functools.cache
+def cpu_flags_line() -> str:
+    """The ``flags`` line of ``/proc/cpuinfo`` (empty where there is none): the instruction sets this CPU has."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def check_all() -> None:
     """Every variable above parsed: ``ValueError`` for the first bad one."""
     for check in (disabled_by_env, fused_layers_enabled, cuda_linear_from_env, cuda_pdl_from_env,
-                  compile_timeout_from_env, max_mask_ms_from_env):
+                  compile_timeout_from_env, max_mask_ms_from_env, cpu_march_from_env):
         check()
 
 

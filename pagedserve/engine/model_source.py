@@ -72,8 +72,11 @@ def _source(model: str | Path | None) -> tuple[str, str | Path]:
     """What ``model`` names, as ("name", name), ("gguf", file) or ("dir", directory); ValueError for anything else."""
     if model is None:
         model = DEFAULT_MODEL
-    if not isinstance(model, (str, Path)) or not str(model):
+    if not isinstance(model, (str, Path)):
         raise ValueError(f"model must be a model directory, a .gguf file or a model name (got {model!r})")
+    if not str(model).strip():
+        raise ValueError(f"model {str(model)!r} is empty (expected an HF model directory, a .gguf file, or one of the "
+                         f"model names {', '.join(sorted(MODEL_NAMES))})")
     path = Path(model).expanduser()
     if not path.exists():
         if str(model) in MODEL_NAMES:

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -39,7 +38,7 @@ from pagedserve.kernels import reference
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = engine_env.CPU_KERNELS_ENV
-ENV_MARCH = "PAGEDSERVE_CPU_MARCH"  # the -march the kernels are built for (default: native)
+ENV_MARCH = engine_env.CPU_MARCH_ENV
 ENV_FUSED_LAYERS = engine_env.FUSED_LAYERS_ENV
 disabled_by_env = engine_env.disabled_by_env
 fused_layers_enabled = engine_env.fused_layers_enabled
@@ -76,18 +75,12 @@ def unavailable_reason() -> str | None:
 
 
 def _march() -> str:
-    """``PAGEDSERVE_CPU_MARCH`` if set (a GCC ``-march`` name), else ``native``."""
-    return os.environ.get(ENV_MARCH, "").strip() or "native"
+    """``PAGEDSERVE_CPU_MARCH`` if set (a GCC ``-march`` name), else ``native``; ``ValueError`` naming it for a
+    name the compiler or this CPU cannot take."""
+    return engine_env.cpu_march_from_env()
 
 
-@functools.cache
-def cpu_flags_line() -> str:
-    """The ``flags`` line of ``/proc/cpuinfo`` (empty where there is none): the instruction sets this CPU has."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
+cpu_flags_line = engine_env.cpu_flags_line
 
 
 def _cpu_digest() -> str:
@@ -117,9 +110,10 @@ def _build() -> str | None:
     """None when loaded, else one line saying why not."""
     if disabled_by_env():
         return f"{ENV_SWITCH}=torch"
-    march = _march()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", march):
-        return f"{ENV_MARCH}={march!r}: expected a -march name of the compiler, e.g. native or haswell"
+    try:
+        march = _march()
+    except ValueError as e:  # the worker refuses it at start; offline, the torch kernels run, said once
+        return str(e)
     try:  # imports setuptools: only when building, and a broken setuptools is one more reason to fall back
         from torch.utils import cpp_extension  # noqa: PLC0415
     except Exception as exc:

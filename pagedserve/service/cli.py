@@ -799,7 +799,7 @@ def _model_failed(e: Exception | str, code: int | None = None) -> None:
 def _model_places(path: str | None, cache: bool) -> list[tuple[Path, str, str]]:
     """The directories a model command writes in (the output's parent, the cache), each with how to name it to a
     user and what to do when it cannot be written."""
-    from pagedserve.engine.builtin_model import cache_dir
+    from pagedserve.engine.builtin_model import cache_dir, cache_named
 
     places = []
     if path:
@@ -808,9 +808,7 @@ def _model_places(path: str | None, cache: bool) -> list[tuple[Path, str, str]]:
             _model_failed(f"{path} is a file: the model is written as a directory; give a new or empty directory", 2)
         places.append((target.parent, f"cannot write the model to {path}", "give a directory in a writable place"))
     if cache or not path:
-        where = os.environ.get("PAGEDSERVE_CACHE_DIR")
-        named = f"PAGEDSERVE_CACHE_DIR={where}" if where else f"the model cache {cache_dir()}"
-        places.append((cache_dir(), f"cannot write in {named}",
+        places.append((cache_dir(), f"cannot write in {cache_named()}",
                        "set PAGEDSERVE_CACHE_DIR to a directory you can write to"))
     return places
 

@@ -139,6 +139,9 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
     except ValueError as e:
         if str(e).startswith("Invalid value for"):  # a query option of the wrong type: redis-py names it
             raise ValueError(f"{e} (after ? in the URL)") from None
+        if (port := _bad_port(url)) is not None:  # said as what it is, not blamed on the password
+            raise ValueError(f"{name}: the port after the host must be a number from 0 to 65535 (got {port!r})") \
+                from None
         # urllib's message may quote a piece of a password cut at a raw '/', '#' or '?': not shown then.
         why = "" if "@" in url else f" ({redact(e)})"
         raise ValueError(f"not a valid Redis URL{why}; percent-encode any of :/?#[]@ in the user name or password "
@@ -155,6 +158,23 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
         raise ValueError(f"{name} names two databases, {parts.path.strip('/')} after the host and {query_db} in "
                          "?db= (redis-py takes the latter): give one")
     _check_url_options(url, options)
+
+
+def _bad_port(url: str) -> str | None:
+    """The port written after the host of ``url`` when it is no port number, where the host is known: the part
+    urllib reads as the host, after the credentials' ``@`` if any (a raw ``/``, ``#`` or ``?`` in a password cuts
+    that part short before its ``@``, and what follows would be a piece of the password)."""
+    from urllib.parse import urlsplit
+
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None
+    if "@" not in netloc and "@" in url:
+        return None
+    m = re.fullmatch(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::(.*))?", netloc.rpartition("@")[2])
+    port = m.group(1) if m is not None else None
+    return None if port is None or (port.isascii() and port.isdigit() and int(port) <= 65535) else port
 
 
 def _check_url_options(url: str, options: dict) -> None:
@@ -263,9 +283,10 @@ class Settings(BaseSettings):
     # listen on pub/sub, are also published on out:{id}. False publishes only terminal events: one command and
     # about 150 bytes per token event less (docs/benchmarks.md).
     publish_token_events: bool = True
-    queue_stats_interval_s: float = Field(2.0, gt=0)  # XLEN/XPENDING refresh for the queue gauges
+    # XLEN/XPENDING refresh for the queue gauges (at least a millisecond: a loop does no faster)
+    queue_stats_interval_s: float = Field(2.0, ge=0.001, allow_inf_nan=False)
     dead_letter_maxlen: int = Field(100_000, ge=1, le=2**63 - 1)  # approximate MAXLEN of the dead-letter stream
-    liveness_timeout_s: float = Field(60.0, gt=0)  # /healthz fails when the loop stalls longer
+    liveness_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)  # /healthz fails when the loop stalls longer
     # XREADGROUP BLOCK while the engine is idle; less than liveness_timeout_s (declared first: the check reads it)
     # At most MAX_READ_BLOCK_MS: an idle worker notices a SIGTERM (starts its drain) between two blocks.
     read_block_ms: int = Field(50, ge=1, le=MAX_READ_BLOCK_MS)
@@ -277,9 +298,10 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0)  # entries of params.stop (each is checked on every new token)
     max_stop_string_chars: int = Field(256, ge=1)  # length of each params.stop entry
     max_tokens_per_request: int | None = Field(None, ge=1)  # params.max_tokens; None: max_model_len bounds it
-    min_priority: int | None = None  # the best (lowest) priority a request may ask for; None: any
+    # the best (lowest) priority a request may ask for; None: any. Within a request's own priority range.
+    min_priority: int | None = Field(None, ge=-(2**31), le=INT32_MAX)
     # /healthz fails when the engine has work but produced no token and finished nothing for this long.
-    stall_timeout_s: float = Field(120.0, gt=0)
+    stall_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**63 - 1)  # as the engine takes it
     # Batch jobs: how long a batch's record, lines and output are kept after its completion window ends.
     # default: 7 days, or result_ttl_s when that is longer

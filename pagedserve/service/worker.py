@@ -39,6 +39,7 @@ import redis
 
 from .admission import Admission
 from .batch_feeder import BatchFeeder
+from .batch_keys import BATCH_PRIORITY
 from .claims import Claims
 from .client_core import credentials_refused
 from .connection import (
@@ -306,6 +307,10 @@ class Worker(WorkerPart):
     def run(self) -> None:
         for name, likely in unknown_env_names():
             self.log.warning("unknown_setting", name=name, did_you_mean=likely, note="ignored: nothing reads it")
+        if (best := self.settings.min_priority) is not None and best > 0:  # allowed, but rarely what is meant
+            self.log.warning("min_priority_refuses_defaults", min_priority=best,
+                             note="requests sent without a priority (0) are refused" + (
+                                 f", and batch lines (priority {BATCH_PRIORITY}) too" if best > BATCH_PRIORITY else ""))
         self.check_credentials()
         self.start_health()
         try:
