@@ -270,6 +270,28 @@ class StructuredOutputsModel(BaseModel):
         return data
 
 
+def _vllm_defaults_schema(schema: dict) -> None:
+    """The vLLM options the wire takes at vLLM's default (and drops), in the published schema: a validator of it
+    refused ``skip_special_tokens: true`` that the worker runs."""
+    from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS
+
+    def one(default: Any) -> dict:
+        if default is None:
+            return {"type": "null"}
+        if isinstance(default, dict):
+            return {"type": "object", "maxProperties": 0}
+        if isinstance(default, list):
+            return {"type": "array", "maxItems": 0}
+        return {"const": default}
+
+    for name, (instead, defaults) in UNSUPPORTED_OPTIONS.items():
+        shapes = [one(d) for d in defaults]
+        schema["properties"][name] = {
+            **(shapes[0] if len(shapes) == 1 else {"anyOf": shapes}),
+            "description": f"vLLM's option at its default, what pagedserve does (dropped); any other value is "
+                           f"refused: {instead}"}
+
+
 class SamplingParamsModel(BaseModel):
     """``SamplingParams`` fields as they travel on the wire; all optional (engine defaults apply).
 
@@ -277,7 +299,7 @@ class SamplingParamsModel(BaseModel):
     the field).
     """
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_vllm_defaults_schema)
     max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -875,8 +897,18 @@ def json_schemas() -> dict[str, dict]:
     for name, model in SCHEMA_MODELS.items():
         schema = model.json_schema() if hasattr(model, "json_schema") else model.model_json_schema()
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{name}.schema.json", **schema}
-        out[name] = schema
+        out[name] = _without_discriminators(schema)
     return out
+
+
+def _without_discriminators(schema: Any) -> Any:
+    """``schema`` less pydantic's OpenAPI ``discriminator`` beside a ``oneOf``: no JSON Schema keyword, a strict
+    validator (ajv's default) refused to compile the schema for it; the ``oneOf`` says the same."""
+    if isinstance(schema, list):
+        return [_without_discriminators(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: _without_discriminators(v) for k, v in schema.items() if not (k == "discriminator" and "oneOf" in schema)}
 
 
 def write_schemas(directory: str | Path) -> list[Path]:
