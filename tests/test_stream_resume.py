@@ -814,3 +814,40 @@ def test_a_result_over_the_output_buffer_limit_is_said_as_that_not_as_an_outage(
             asyncio.run(read_async())
             r.config_set("client-output-buffer-limit", "normal 0 0 0")
             assert c.result("big").outputs[0].text == "x" * 200_000 != small.outputs[0].text  # kept: raised, read
+
+
+def test_a_stream_whose_end_is_over_the_output_buffer_limit_ends_from_its_result_or_says_so(prefix, shared_engine):
+    """A request with logprobs whose terminal entry in its events stream is over Redis's output buffer limit for
+    normal clients: the stream read smaller pages down to 16 events, each still the one entry too big, until its
+    timeout (for ever without one). It reads down to one entry, then the stored result: where that fits it ends
+    the stream, else ReplyOverLimit says what it is, also under the producer ACL (no STRLEN: a PING tells)."""
+    from pagedserve.service.client import ReplyOverLimit
+    from pagedserve.service.connection import producer_acl
+    from pagedserve.service.redis_server import LocalRedis
+
+    big = {"max_tokens": 150, "ignore_eos": True, "logprobs": 20, "temperature": 0}
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        s, keys = make_settings(url, prefix), Keys(prefix)
+        acl = [rule.replace("+strlen ", "") for rule in producer_acl(prefix)]
+        r.execute_command("ACL", "SETUSER", "old-producer", "reset", "on", ">pw", *acl)
+        old_acl = make_settings(url.replace("redis://", "redis://old-producer:pw@", 1), prefix)
+        with running_worker(s, shared_engine), Client(settings=s) as c:
+            r.config_set("client-output-buffer-limit", "normal 64kb 0 0")  # the end with logprobs is ~75 kB
+            started = time.monotonic()
+            with pytest.raises(ReplyOverLimit, match=re.escape(f"every read of {keys.result('over')} (")):
+                for _ in c.stream("hi", id="over", params=big, timeout=60):
+                    pass
+            assert time.monotonic() - started < 30
+            with Client(settings=old_acl) as limited, pytest.raises(
+                    ReplyOverLimit, match=re.escape(f"every read of {keys.result('over')}, though")):
+                limited.result("over")
+            # The stored result made small enough to read: the follower ends with it, its text whole.
+            r.config_set("client-output-buffer-limit", "normal 0 0 0")
+            done = parse_terminal(r.get(keys.result("over")))
+            r.set(keys.result("over"), done.model_copy(update={"outputs": [
+                o.model_copy(update={"logprobs": None}) for o in done.outputs]}).model_dump_json())
+            r.config_set("client-output-buffer-limit", "normal 64kb 0 0")
+            evs = list(c.stream("over", after=None, timeout=60))
+            assert isinstance(evs[-1], DoneEvent) and evs[-1].outputs[0].token_ids == done.outputs[0].token_ids
+            assert "".join(e.text for e in evs[:-1]) == done.outputs[0].text
+            r.config_set("client-output-buffer-limit", "normal 0 0 0")

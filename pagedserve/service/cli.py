@@ -587,7 +587,8 @@ def submit(
     system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt (implies --chat)."),
     max_tokens: Optional[int] = typer.Option(
         None, "--max-tokens", show_default=False,
-        help="Tokens to generate [default: 16, for a prompt at most the workers' PAGEDSERVE_MAX_TOKENS_PER_REQUEST]."),
+        help="Tokens to generate (default 16; a prompt's default at most the workers' "
+             "PAGEDSERVE_MAX_TOKENS_PER_REQUEST)."),
     temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: the smallest set of tokens whose "
                                                                  "probabilities add up to this (0 < p <= 1)."),

@@ -56,7 +56,6 @@ from .client_core import (
     TooManyConnections,
     build_request,
     check_resume_keywords,
-    closed_by_server,
     command_bound,
     done_or_raise,
     first_terminal,
@@ -187,6 +186,16 @@ async def _past_id_repair_async(send: Callable[[], Awaitable[Any]]) -> Any:
                 raise
         await asyncio.sleep(pause)
     return await send()
+
+
+def _size_of(key: str, strlen: Callable[[str], int], ping: Callable[[], Any]) -> int | None:
+    """STRLEN of ``key``, or None where the user may not run it (an ACL of before it was granted) and Redis
+    answers a PING: a small reply either way, which says Redis is up."""
+    try:
+        return strlen(key)
+    except redis.exceptions.NoPermissionError:
+        ping()
+        return None
 
 
 UNSUBSCRIBE_S = 1.0  # a wait's subscription ends cleanly within this, or its connection is closed
@@ -463,21 +472,23 @@ class Client(ProducerCore):
             return self._terminal(self._stored(key, lambda: self.r.get(key), request_id))
 
     def _stored(self, key: str, get: Callable[[], Any], request_id: str | None = None) -> Any:
-        """``get()``, a GET of ``key``. Where Redis closes the connection at it twice running (a CLIENT KILL or a
-        restart closes it once) and answers a STRLEN of it, the reply is over its output buffer limit for normal
-        clients, which no retry passes: :class:`ReplyOverLimit`."""
+        """``get()``, a GET of ``key``. Where its connection breaks twice running (a CLIENT KILL or a restart
+        breaks it once; Redis closing it mid-reply may read as a reset as well as a close) and Redis answers a
+        small command, the reply is over its output buffer limit for normal clients, which no retry passes:
+        :class:`ReplyOverLimit`."""
         try:
             return get()
-        except redis.ConnectionError as e:
-            if not closed_by_server(e):
-                raise
+        except redis.TimeoutError:
+            raise
+        except redis.ConnectionError:
+            pass
         try:
             return get()
+        except redis.TimeoutError:
+            raise
         except redis.ConnectionError as e:
-            if not closed_by_server(e):
-                raise
             try:
-                size = self.r.strlen(key)
+                size = _size_of(key, self.r.strlen, self.r.ping)
             except redis.RedisError:
                 raise e from None
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
@@ -907,16 +918,21 @@ class AsyncClient(ProducerCore):
         """As :meth:`Client._stored`."""
         try:
             return await get()
-        except redis.ConnectionError as e:
-            if not closed_by_server(e):
-                raise
+        except redis.TimeoutError:
+            raise
+        except redis.ConnectionError:
+            pass
         try:
             return await get()
+        except redis.TimeoutError:
+            raise
         except redis.ConnectionError as e:
-            if not closed_by_server(e):
-                raise
             try:
-                size = await _one_call(self.r.strlen(key))
+                try:
+                    size = await _one_call(self.r.strlen(key))
+                except redis.exceptions.NoPermissionError:
+                    await _one_call(self.r.ping())
+                    size = None
             except redis.RedisError:
                 raise e from None
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None

@@ -224,9 +224,11 @@ class ReplyOverLimit(redis.ConnectionError):
     request_id: str | None = None
 
 
-def reply_over_limit(where: str, key: str, size: int, request_id: str | None = None) -> ReplyOverLimit:
+def reply_over_limit(where: str, what: str, size: int | None, request_id: str | None = None) -> ReplyOverLimit:
+    """``what``: the key (or the entry) read; ``size``: its bytes where known."""
+    bytes_ = f" ({size} bytes)" if size is not None else ""
     err = ReplyOverLimit(
-        f"Redis at {where} closes the connection at every read of {key} ({size} bytes), though it answers other "
+        f"Redis at {where} closes the connection at every read of {what}{bytes_}, though it answers other "
         "commands: that reply is over its client-output-buffer-limit for normal clients (CONFIG GET "
         "client-output-buffer-limit). Raise the limit (Redis ships 'normal 0 0 0', no limit) and read it again: "
         "it is kept")
@@ -972,9 +974,9 @@ def closed_by_server(e: BaseException) -> bool:
 
 
 # Events per XREAD: a long finished stream is not parsed in one go (an event loop stalls). A read whose
-# connection breaks asks for a quarter as many next time, down to MIN_EVENTS_PAGE.
+# connection breaks asks for a quarter as many next time, down to one entry.
 EVENTS_PAGE = 1000
-MIN_EVENTS_PAGE = 16
+MIN_EVENTS_PAGE = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1558,6 +1560,7 @@ def stream_wait(
     tried = False  # a send went out whose answer was lost: it may be in the stream (sent again, it runs once)
     page = EVENTS_PAGE
     reading = False  # an events read is under way: a connection it loses may be Redis refusing a reply that big
+    entry_refused = False  # a read of one entry broke while Redis answered: once more, and it is over the limit
     while True:
         try:
             if not sent:
@@ -1574,7 +1577,7 @@ def stream_wait(
             wait = QUIET_S if deadline is None else max(0.001, min(QUIET_S, deadline - clock()))
             reading = True
             entries = yield ReadEvents(keys.events(request_id), last_entry, max(1, int(wait * 1000)), page)
-            reading = False
+            reading = entry_refused = False
             reached = True
             outage.answered()
             if not entries:  # quiet: maybe the stream is gone and the end is only in the result key
@@ -1654,12 +1657,29 @@ def stream_wait(
         except CONNECTION_ERRORS as e:
             if reading:  # read on in smaller pages: where Redis is up, a reply over its output buffer limit for
                 # normal clients closes the connection at every try (a page of events with logprobs is a MiB)
-                reading, page = False, max(MIN_EVENTS_PAGE, page // 4)
+                reading = False
+                if page == 1 and reached and closed_by_server(e):
+                    # One entry over the limit (the end, with logprobs): its stored copy answers, where that fits;
+                    # where none is stored yet, Redis answering and the one entry refused twice running says so.
+                    try:
+                        stored = ProducerCore._terminal((yield ReadResult(keys.result(request_id))))
+                    except CONNECTION_ERRORS:
+                        pass
+                    else:
+                        if stored is not None:
+                            yield from end(stored)
+                            return
+                        if entry_refused:
+                            raise reply_over_limit(where, f"an entry of {keys.events(request_id)} after {last_entry}",
+                                                   None, request_id) from None
+                        entry_refused = True
+                page = max(MIN_EVENTS_PAGE, page // 4)
                 if not reached and closed_by_server(e):
                     # Redis closing it over its output buffer limit, or a proxy with no Redis behind it? A small
-                    # reply tells them apart (not the result itself: it may be over the limit too).
+                    # reply tells them apart (not the result itself: it may be over the limit too), one a
+                    # producer's ACL lets it read.
                     try:
-                        yield CountKeys((keys.result(request_id),))
+                        yield CountKeys((keys.running(request_id),))
                         reached = True
                     except CONNECTION_ERRORS:
                         pass

@@ -128,7 +128,8 @@ def producer_acl(prefix: str = "pagedserve") -> list[str]:
         f"(+xadd %W~{p}:requests)",  # submit
         f"(+xinfo|groups +xinfo|consumers %R~{p}:requests)",  # pickup_timeout: is a worker there?
         f"(+exists %R~{p}:consumer:* %R~{p}:running:*)",  # ... and alive (its name lease); cancel: running?
-        f"(+get +xread %R~{p}:result:* %R~{p}:events:*)",  # the terminal event (also for cancel), the tokens
+        # the terminal event (also for cancel), the tokens; the size of a result too big to read
+        f"(+get +strlen +xread %R~{p}:result:* %R~{p}:events:*)",
         f"(+subscribe +unsubscribe &{p}:out:*)",  # the events as they come
         f"(+set %W~{p}:cancelled:*)",  # cancel: mark (SET ... EX, in MULTI with the publish)
         f"(+publish &{p}:cancel)",  # cancel: tell the worker running it
