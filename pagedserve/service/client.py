@@ -198,6 +198,12 @@ def _size_of(key: str, strlen: Callable[[str], int], ping: Callable[[], Any]) ->
         return None
 
 
+def _broke_mid_reply(e: redis.ConnectionError) -> bool:
+    """A connection that Redis closed (or reset) under a command it had taken: not a timeout, not Redis loading,
+    not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big)."""
+    return not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError)) and "connecting to" not in str(e)
+
+
 UNSUBSCRIBE_S = 1.0  # a wait's subscription ends cleanly within this, or its connection is closed
 
 
@@ -478,15 +484,14 @@ class Client(ProducerCore):
         :class:`ReplyOverLimit`."""
         try:
             return get()
-        except redis.TimeoutError:
-            raise
-        except redis.ConnectionError:
-            pass
+        except redis.ConnectionError as e:
+            if not _broke_mid_reply(e):
+                raise
         try:
             return get()
-        except redis.TimeoutError:
-            raise
         except redis.ConnectionError as e:
+            if not _broke_mid_reply(e):
+                raise
             try:
                 size = _size_of(key, self.r.strlen, self.r.ping)
             except redis.RedisError:
@@ -918,15 +923,14 @@ class AsyncClient(ProducerCore):
         """As :meth:`Client._stored`."""
         try:
             return await get()
-        except redis.TimeoutError:
-            raise
-        except redis.ConnectionError:
-            pass
+        except redis.ConnectionError as e:
+            if not _broke_mid_reply(e):
+                raise
         try:
             return await get()
-        except redis.TimeoutError:
-            raise
         except redis.ConnectionError as e:
+            if not _broke_mid_reply(e):
+                raise
             try:
                 try:
                     size = await _one_call(self.r.strlen(key))
