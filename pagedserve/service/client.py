@@ -204,14 +204,6 @@ def _broke_mid_reply(e: redis.ConnectionError) -> bool:
     return not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError)) and "connecting to" not in str(e)
 
 
-UNSUBSCRIBE_S = 1.0  # a wait's subscription ends cleanly within this, or its connection is closed
-
-
-def _unsubscribed(message: Any) -> bool:
-    """Whether ``message`` confirms the last subscription of a connection ended: it is a plain connection again."""
-    return isinstance(message, dict) and message.get("type") == "unsubscribe" and message.get("data") == 0
-
-
 def _reply_within(r: redis.Redis, seconds: float, *args: Any) -> Any:
     """``r.execute_command(*args)``, its reply waited for ``seconds`` at most (redis-py's sync client has only the
     socket timeout, longer than what is left of a wait): ``redis.TimeoutError`` past that."""
@@ -568,7 +560,7 @@ class Client(ProducerCore):
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
-        ended = sent = asked = interrupted = False
+        ended = sent = asked = False
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while (op := _step(wait, reply, error)) is not None:
@@ -618,8 +610,7 @@ class Client(ProducerCore):
                     if self._closed:
                         raise self._closed_under_call() from None
                     raise
-        except (GeneratorExit, KeyboardInterrupt) as e:
-            interrupted = isinstance(e, KeyboardInterrupt)
+        except (GeneratorExit, KeyboardInterrupt):
             if owned is not None and asked and not ended and not self._closing:  # closing: close() cancels it
                 self._cancel_abandoned(owned)
             raise
@@ -628,29 +619,7 @@ class Client(ProducerCore):
                 with self._owned_lock:
                     self._owned.discard(owned)
             wait.close()
-            if ended and not interrupted and pubsub is not None:
-                self._release_subscription(pubsub)
-            else:
-                self._close_quietly(pubsub)
-
-    @classmethod
-    def _release_subscription(cls, pubsub: Any) -> None:
-        """Unsubscribe, and hand the connection back to the pool open for the next wait's subscription: closed,
-        every ``generate`` opened a connection of its own (a TLS handshake under rediss://), whose handshake a hung
-        Redis held past the wait's timeout. Closed instead where it does not come clean within UNSUBSCRIBE_S."""
-        conn = pubsub.connection
-        try:
-            pubsub.unsubscribe()
-            until = time.monotonic() + UNSUBSCRIBE_S
-            while not _unsubscribed(pubsub.get_message(timeout=max(0.0, until - time.monotonic()))):
-                if time.monotonic() >= until:
-                    raise redis.TimeoutError("no unsubscribe confirmation")
-            conn.deregister_connect_callback(pubsub.on_connect)
-            pubsub.connection = None
-            pubsub.connection_pool.release(conn)
-        except Exception:
-            pass
-        cls._close_quietly(pubsub)
+            self._close_quietly(pubsub)
 
     @staticmethod
     def _close_quietly(pubsub: Any) -> None:
@@ -1003,7 +972,7 @@ class AsyncClient(ProducerCore):
         pubsub = None
         reply: Any = None
         error: BaseException | None = None
-        ended = sent = asked = interrupted = False
+        ended = sent = asked = False
         deadline = None if timeout is None else time.monotonic() + timeout
         cancels = _cancels()  # the task's count now: a cancel its code caught before this call is not ours
         try:
@@ -1056,8 +1025,7 @@ class AsyncClient(ProducerCore):
                     if self._closed or self._closing:
                         raise self._closed_under_call() from None
                     raise
-        except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt) as e:
-            interrupted = not isinstance(e, GeneratorExit)
+        except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             if owned is not None and asked and not ended and owned in self._owned and not self._closed:
                 await self._cancel_abandoned(owned)
             raise
@@ -1065,29 +1033,7 @@ class AsyncClient(ProducerCore):
             if owned is not None:
                 self._owned.discard(owned)
             wait.close()
-            if ended and not interrupted and pubsub is not None:
-                await self._release_subscription(pubsub)
-            else:
-                await self._close_quietly(pubsub)
-
-    @classmethod
-    async def _release_subscription(cls, pubsub: Any) -> None:
-        """As :meth:`Client._release_subscription`."""
-        conn = pubsub.connection
-
-        async def unsubscribe() -> None:
-            await pubsub.unsubscribe()
-            while not _unsubscribed(await pubsub.get_message(timeout=UNSUBSCRIBE_S)):
-                pass
-
-        try:
-            await asyncio.wait_for(unsubscribe(), UNSUBSCRIBE_S)
-            conn.deregister_connect_callback(pubsub.on_connect)
-            pubsub.connection = None
-            await pubsub.connection_pool.release(conn)
-        except Exception:
-            pass
-        await cls._close_quietly(pubsub)
+            await self._close_quietly(pubsub)
 
     async def _cancel_abandoned(self, request_id: str) -> None:
         """Cancel a request whose caller went away, in a task of its own: under a cancel scope (anyio's, as in
