@@ -838,6 +838,20 @@ def test_a_stream_whose_end_is_over_the_output_buffer_limit_ends_from_its_result
                 for _ in c.stream("hi", id="over", params=big, timeout=60):
                     pass
             assert time.monotonic() - started < 30
+
+            async def again_async() -> None:
+                async with AsyncClient(settings=s) as ac:
+                    await ac.generate("hi", id="over", params=big, timeout=30)
+
+            # Sent again under its id: the send reads the stored answer in its round trip, which broke the
+            # connection every time, and the wait sent again until its timeout, for ever without one.
+            for again in (lambda: c.generate("hi", id="over", params=big, timeout=30),
+                          lambda: list(c.stream("hi", id="over", params=big, timeout=30)),
+                          lambda: asyncio.run(again_async())):
+                started = time.monotonic()
+                with pytest.raises(ReplyOverLimit, match=re.escape(f"every read of {keys.result('over')} (")):
+                    again()
+                assert time.monotonic() - started < 10
             with Client(settings=old_acl) as limited, pytest.raises(
                     ReplyOverLimit, match=re.escape(f"every read of {keys.result('over')}, though")):
                 limited.result("over")

@@ -434,7 +434,21 @@ class Client(ProducerCore):
     def _send(self, req: GenerateRequest, seconds: float | None) -> Sent:
         """Send ``req`` for a wait, reading in the same round trip what its id had stored before; its replies
         waited for ``seconds`` at most (None: the socket timeout bounds them)."""
-        return _past_id_repair(lambda: self._send_once(req, seconds))
+        try:
+            return _past_id_repair(lambda: self._send_once(req, seconds))
+        except redis.ConnectionError as e:
+            # The id answered already, its result over the output buffer limit: the send's read of it breaks
+            # the connection every time, and the wait would send again for ever.
+            if _broke_mid_reply(e) and (size := self._size_or_none(req.id)):
+                raise reply_over_limit(redact(self.redis_url), self.keys.result(req.id), size, req.id) from None
+            raise
+
+    def _size_or_none(self, request_id: str) -> int | None:
+        """The bytes of ``request_id``'s stored result; None where it cannot be told (no STRLEN, no Redis)."""
+        try:
+            return _size_of(self.keys.result(request_id), self.r.strlen, self.r.ping)
+        except redis.RedisError:
+            return None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
         with self._producer_span(req) as span:
@@ -845,7 +859,19 @@ class AsyncClient(ProducerCore):
                 lambda: self.r.xadd(self.keys.requests, self._fields(req))))
 
     async def _send(self, req: GenerateRequest) -> Sent:
-        return await _past_id_repair_async(lambda: self._send_once(req))
+        """As :meth:`Client._send`."""
+        try:
+            return await _past_id_repair_async(lambda: self._send_once(req))
+        except redis.ConnectionError as e:
+            if _broke_mid_reply(e) and (size := await self._size_or_none(req.id)):
+                raise reply_over_limit(redact(self.redis_url), self.keys.result(req.id), size, req.id) from None
+            raise
+
+    async def _size_or_none(self, request_id: str) -> int | None:
+        try:
+            return await _one_call(self.r.strlen(self.keys.result(request_id)))
+        except redis.RedisError:
+            return None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:
         with self._producer_span(req) as span:
