@@ -227,6 +227,27 @@ def test_a_redis_that_refuses_writes_fails_the_tasks_as_expected(prefix, tmp_pat
         assert text.count("raised expected: server:OutOfMemoryError") == 2 and "Traceback" not in text, text[-3000:]
 
 
+def test_a_result_over_the_output_buffer_limit_fails_the_task_as_expected(prefix, tmp_path):
+    """A stored result bigger than the pagedserve Redis's output buffer limit for normal clients: the task fails
+    with ``ReplyOverLimit`` saying so, and the Celery worker logged it "raised unexpected" with an 18-line
+    traceback (held-out tester); it is the operator's to mend, an expected ending in one line."""
+    from pagedserve.service.client import ReplyOverLimit
+    from pagedserve.service.protocol import CompletionResult, DoneEvent, Keys
+
+    done = DoneEvent(id="big", outputs=[CompletionResult(index=0, text="x" * 100_000, token_ids=[1],
+                                                         finish_reason="length")])
+    with LocalRedis() as broker, LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.set(Keys(prefix).result("big"), done.model_dump_json())
+        r.config_set("client-output-buffer-limit", "normal 64kb 0 0")
+        s = make_settings(url, prefix, celery_broker_url=broker, celery_visibility_timeout_s=120)
+        log = tmp_path / "celery.log"
+        with celery_worker(s, log, "threads", 2):
+            with pytest.raises(ReplyOverLimit, match="closes the connection at every read of"):
+                make_celery(s).send_task("pagedserve.generate", args=["x"], kwargs={"id": "big"}).get(timeout=120)
+        text = log.read_text(errors="replace")
+        assert "raised expected" in text and "ReplyOverLimit" in text and "Traceback" not in text, text[-3000:]
+
+
 def test_an_unknown_argument_names_the_task_and_the_accepted_ones(prefix, tmp_path):
     """``bogus=1`` raised ``TypeError: _register.<locals>.generate() got an unexpected keyword argument
     'bogus'``. Refused on the caller's side when the task is called (nothing is sent), and in the task when it is

@@ -479,13 +479,15 @@ def _watched(wait: Generator[Any, Any, None], check: Callable[[], None]) -> Gene
 
 
 def _register(app: Celery) -> None:
-    from .client_core import NoWorker, RedisUnreachable
+    from .client_core import NoWorker, RedisUnreachable, ReplyOverLimit
 
     # shared=False: the module's own app (from the environment) registers these names too; shared tasks would
     # let Celery pick either app's task for every app, and send requests to the other deployment's Redis.
     # throws: expected endings, logged in one line without a traceback (TaskArgumentError: the caller's mistake;
     # a Redis that refuses the writes, its memory full or its user short of a command: the operator's to mend).
-    refused = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError)
+    # A result over Redis's output buffer limit too: the limit is the operator's to raise.
+    refused = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError,
+               ReplyOverLimit)
 
     @app.task(name="pagedserve.submit", bind=True, base=_Task,
               throws=(ValueError, RedisUnreachable, TaskArgumentError, *refused), shared=False)
