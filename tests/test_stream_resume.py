@@ -802,11 +802,13 @@ def test_a_result_over_the_output_buffer_limit_is_said_as_that_not_as_an_outage(
                     await ac.result("big")
                 with pytest.raises(ReplyOverLimit, match=words):
                     await ac.wait("big", timeout=30)
+                with pytest.raises(ReplyOverLimit, match=words):  # a cancel's look reads the result
+                    await ac.cancel("big")
 
         with Client(settings=s) as c:
             started = time.monotonic()
             for call in (lambda: c.result("big"), lambda: c.wait("big", timeout=30),
-                         lambda: list(c.stream("big", after=None, timeout=30))):
+                         lambda: list(c.stream("big", after=None, timeout=30)), lambda: c.cancel("big")):
                 with pytest.raises(ReplyOverLimit, match=words) as caught:
                     call()
                 assert isinstance(caught.value, redis.ConnectionError)

@@ -439,16 +439,18 @@ class Client(ProducerCore):
         except redis.ConnectionError as e:
             # The id answered already, its result over the output buffer limit: the send's read of it breaks
             # the connection every time, and the wait would send again for ever.
-            if _broke_mid_reply(e) and (size := self._size_or_none(req.id)):
-                raise reply_over_limit(redact(self.redis_url), self.keys.result(req.id), size, req.id) from None
+            self._raise_if_over_limit(e, req.id)
             raise
 
-    def _size_or_none(self, request_id: str) -> int | None:
-        """The bytes of ``request_id``'s stored result; None where it cannot be told (no STRLEN, no Redis)."""
+    def _raise_if_over_limit(self, e: redis.ConnectionError, request_id: str) -> None:
+        """:class:`ReplyOverLimit` where ``e`` broke a command that read ``request_id``'s stored result (a send, a
+        cancel's look) and that result is there: Redis answers, and the read breaks at every try."""
         try:
-            return _size_of(self.keys.result(request_id), self.r.strlen, self.r.ping)
+            size = _size_of(self.keys.result(request_id), self.r.strlen, self.r.ping) if _broke_mid_reply(e) else 0
         except redis.RedisError:
-            return None
+            return
+        if size:
+            raise reply_over_limit(redact(self.redis_url), self.keys.result(request_id), size, request_id) from None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
         with self._producer_span(req) as span:
@@ -466,7 +468,11 @@ class Client(ProducerCore):
         self._check_open()
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         with self._reaching():
-            return self._cancel_outcome(self._cancel_on(self.r, commands))
+            try:
+                return self._cancel_outcome(self._cancel_on(self.r, commands))
+            except redis.ConnectionError as e:  # its look reads the result: finished, and too big to read
+                self._raise_if_over_limit(e, request_id)
+                raise
 
     @classmethod
     def _cancel_on(cls, r: redis.Redis, commands: list) -> list:
@@ -863,15 +869,22 @@ class AsyncClient(ProducerCore):
         try:
             return await _past_id_repair_async(lambda: self._send_once(req))
         except redis.ConnectionError as e:
-            if _broke_mid_reply(e) and (size := await self._size_or_none(req.id)):
-                raise reply_over_limit(redact(self.redis_url), self.keys.result(req.id), size, req.id) from None
+            await self._raise_if_over_limit(e, req.id)
             raise
 
-    async def _size_or_none(self, request_id: str) -> int | None:
+    async def _raise_if_over_limit(self, e: redis.ConnectionError, request_id: str) -> None:
+        """As :meth:`Client._raise_if_over_limit`."""
+        key = self.keys.result(request_id)
         try:
-            return await _one_call(self.r.strlen(self.keys.result(request_id)))
+            try:
+                size = await _one_call(self.r.strlen(key)) if _broke_mid_reply(e) else 0
+            except redis.exceptions.NoPermissionError:
+                await _one_call(self.r.ping())
+                size = None
         except redis.RedisError:
-            return None
+            return
+        if size:
+            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:
         with self._producer_span(req) as span:
@@ -891,6 +904,8 @@ class AsyncClient(ProducerCore):
             try:
                 await self._send_cancel(request_id)
                 return
+            except ReplyOverLimit:  # finished: nothing to cancel
+                return
             except redis.ConnectionError:  # LOADING and a full pool too: it answers again soon
                 if loop.time() + RETRY_PAUSE_S > deadline:
                     return
@@ -902,7 +917,11 @@ class AsyncClient(ProducerCore):
         commands = self._cancel_commands(request_id)  # the id checked before anything is sent
         self._bind_loop()
         with self._reaching():
-            replies = await _queued(self.r.pipeline(transaction=False), commands[:self.CANCEL_LOOK]).execute()
+            try:
+                replies = await _queued(self.r.pipeline(transaction=False), commands[:self.CANCEL_LOOK]).execute()
+            except redis.ConnectionError as e:  # its look reads the result: finished, and too big to read
+                await self._raise_if_over_limit(e, request_id)
+                raise
             if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
                 replies = await _queued(self.r.pipeline(transaction=True), commands).execute()
             return self._cancel_outcome(replies)
