@@ -19,7 +19,6 @@ the client) can build it, and two builders of one line build the same content (`
 from __future__ import annotations
 
 import codecs
-import difflib
 import json
 import re
 import time
@@ -30,7 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .batch_keys import BATCH_PRIORITY, request_id
-from .protocol import DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, too_large
+from .protocol import DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, likely_meant, too_large
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
@@ -286,9 +285,9 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
             unknown.remove(name)
     if unknown:
         name = unknown[0]
-        close = difflib.get_close_matches(name, sorted(accepted | _VLLM_REQUEST_DEFAULTS[url].keys()), n=1, cutoff=0.8)
+        meant = likely_meant(name, sorted(accepted | _VLLM_REQUEST_DEFAULTS[url].keys()))
         raise LineError(f"body.{name}: not supported" + (f": {_INSTEAD[name]}" if name in _INSTEAD else
-                                                         f" (did you mean {close[0]}?)" if close else ""))
+                                                         f" (did you mean {meant}?)" if meant else ""))
     if body.get("stream"):
         raise LineError("body.stream: a batch line cannot stream")
     if body.get("echo"):
@@ -425,7 +424,7 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
             if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
                 misspelt = "" if "custom_id" in obj else next(
                     (f" (the line has {k!r}: did you mean custom_id?)" for k in obj
-                     if difflib.get_close_matches(str(k), ["custom_id"], cutoff=0.8)), "")
+                     if likely_meant(str(k), ["custom_id"])), "")
                 cid = cid if isinstance(cid, str) else None
                 raise LineError(f"custom_id: a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters is "
                                 f"required{misspelt}")
@@ -435,8 +434,8 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
             # A key OpenAI's line format does not have would be dropped unsaid, as an unknown body field would be.
             unknown = sorted(str(k) for k, v in obj.items() if k not in _LINE_KEYS and v is not None)
             if unknown:
-                close = difflib.get_close_matches(unknown[0], sorted(_LINE_KEYS), n=1, cutoff=0.8)
-                raise LineError(f"{unknown[0]}: not supported (" + (f"did you mean {close[0]}? " if close else "")
+                meant = likely_meant(unknown[0], sorted(_LINE_KEYS))
+                raise LineError(f"{unknown[0]}: not supported (" + (f"did you mean {meant}? " if meant else "")
                                 + "a batch line carries only custom_id, method, url and body)")
             if _SURROGATE_ESCAPE.search(raw) and (bad := _not_unicode(obj)):
                 raise LineError(bad)

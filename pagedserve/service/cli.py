@@ -488,8 +488,6 @@ def _end_before_the_result(e: BaseException, client, request_id: str, streamed: 
     _fail_showing(e, f"{explain_error(e).removesuffix(_DEBUG_HINT)}; id={request_id} {note}", 1)
 
 
-DEFAULT_MAX_TOKENS = 16  # submit's, as SamplingParams' and a prompt request's on the wire
-
 # submit's options by the request field each sets: an error about the field names the option the user typed.
 _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temperature", "params.top_p": "--top-p",
               "params.seed": "--seed", "params.stop": "--stop", "params.n": "--n", "params.beam_width": "--beam-width",
@@ -630,11 +628,13 @@ def submit(
     prompt = _prompt_text(prompt)
     if system is not None:
         system = _utf8(system, "--system")
+    from pagedserve.engine.sampling_params import SamplingParams
+
     params: dict = {"temperature": temperature, "n": n}
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
     elif chat or system is not None:  # left out, a chat would run to the end of the context
-        params["max_tokens"] = DEFAULT_MAX_TOKENS
+        params["max_tokens"] = SamplingParams.max_tokens  # the default a prompt gets on the wire
     # (a prompt's left out: the wire's default is the same 16, and a worker's cap bounds it, as it bounds no value
     # the user gave)
     for name, value in (("top_p", top_p), ("seed", seed), ("stop", stop)):
@@ -707,7 +707,7 @@ def submit(
         _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None,
                                may_be_sent=sending and _missing_database(e) is None and not _refused_the_request(e))
     if isinstance(final, ErrorEvent):  # the worker's refusal names fields too
-        default = (f"; {DEFAULT_MAX_TOKENS} is the default of --max-tokens: give a smaller one"
+        default = (f"; {SamplingParams.max_tokens} is the default of --max-tokens: give a smaller one"
                    if max_tokens is None and final.error.message.startswith("params.max_tokens") else "")
         _fail(f"{final.error.code}: {_as_options(final.error.message)}{default}", 1)
     assert isinstance(final, DoneEvent)

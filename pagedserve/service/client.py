@@ -188,16 +188,6 @@ async def _past_id_repair_async(send: Callable[[], Awaitable[Any]]) -> Any:
     return await send()
 
 
-def _size_of(key: str, strlen: Callable[[str], int], ping: Callable[[], Any]) -> int | None:
-    """STRLEN of ``key``, or None where the user may not run it (an ACL of before it was granted) and Redis
-    answers a PING: a small reply either way, which says Redis is up."""
-    try:
-        return strlen(key)
-    except redis.exceptions.NoPermissionError:
-        ping()
-        return None
-
-
 def _broke_mid_reply(e: redis.ConnectionError) -> bool:
     """A connection that Redis closed (or reset) under a command it had taken: not a timeout, not Redis loading,
     not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big)."""
@@ -439,18 +429,27 @@ class Client(ProducerCore):
         except redis.ConnectionError as e:
             # The id answered already, its result over the output buffer limit: the send's read of it breaks
             # the connection every time, and the wait would send again for ever.
-            self._raise_if_over_limit(e, req.id)
+            self._raise_if_over_limit(e, self.keys.result(req.id), req.id)
             raise
 
-    def _raise_if_over_limit(self, e: redis.ConnectionError, request_id: str) -> None:
-        """:class:`ReplyOverLimit` where ``e`` broke a command that read ``request_id``'s stored result (a send, a
-        cancel's look) and that result is there: Redis answers, and the read breaks at every try."""
+    def _raise_if_over_limit(self, e: redis.ConnectionError, key: str, request_id: str | None,
+                             alone: bool = False) -> None:
+        """:class:`ReplyOverLimit` where ``e`` broke a command that read the stored value ``key`` (a result: a GET,
+        a send's or a cancel's look), Redis answers a small command, and ``key`` is there: the read breaks at every
+        try. ``alone``: ``key`` was all the command read (twice): a size the user may not ask for (an ACL without
+        STRLEN; a PING answers instead) counts too."""
+        if not _broke_mid_reply(e):
+            return
         try:
-            size = _size_of(self.keys.result(request_id), self.r.strlen, self.r.ping) if _broke_mid_reply(e) else 0
+            try:
+                size = self.r.strlen(key)
+            except redis.exceptions.NoPermissionError:
+                self.r.ping()
+                size = None
         except redis.RedisError:
             return
-        if size:
-            raise reply_over_limit(redact(self.redis_url), self.keys.result(request_id), size, request_id) from None
+        if size or (alone and size is None):
+            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
         with self._producer_span(req) as span:
@@ -471,7 +470,7 @@ class Client(ProducerCore):
             try:
                 return self._cancel_outcome(self._cancel_on(self.r, commands))
             except redis.ConnectionError as e:  # its look reads the result: finished, and too big to read
-                self._raise_if_over_limit(e, request_id)
+                self._raise_if_over_limit(e, self.keys.result(request_id), request_id)
                 raise
 
     @classmethod
@@ -502,13 +501,8 @@ class Client(ProducerCore):
         try:
             return get()
         except redis.ConnectionError as e:
-            if not _broke_mid_reply(e):
-                raise
-            try:
-                size = _size_of(key, self.r.strlen, self.r.ping)
-            except redis.RedisError:
-                raise e from None
-            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
+            self._raise_if_over_limit(e, key, request_id, alone=True)
+            raise
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
@@ -869,21 +863,23 @@ class AsyncClient(ProducerCore):
         try:
             return await _past_id_repair_async(lambda: self._send_once(req))
         except redis.ConnectionError as e:
-            await self._raise_if_over_limit(e, req.id)
+            await self._raise_if_over_limit(e, self.keys.result(req.id), req.id)
             raise
 
-    async def _raise_if_over_limit(self, e: redis.ConnectionError, request_id: str) -> None:
+    async def _raise_if_over_limit(self, e: redis.ConnectionError, key: str, request_id: str | None,
+                                   alone: bool = False) -> None:
         """As :meth:`Client._raise_if_over_limit`."""
-        key = self.keys.result(request_id)
+        if not _broke_mid_reply(e):
+            return
         try:
             try:
-                size = await _one_call(self.r.strlen(key)) if _broke_mid_reply(e) else 0
+                size = await _one_call(self.r.strlen(key))
             except redis.exceptions.NoPermissionError:
                 await _one_call(self.r.ping())
                 size = None
         except redis.RedisError:
             return
-        if size:
+        if size or (alone and size is None):
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:
@@ -920,7 +916,7 @@ class AsyncClient(ProducerCore):
             try:
                 replies = await _queued(self.r.pipeline(transaction=False), commands[:self.CANCEL_LOOK]).execute()
             except redis.ConnectionError as e:  # its look reads the result: finished, and too big to read
-                await self._raise_if_over_limit(e, request_id)
+                await self._raise_if_over_limit(e, self.keys.result(request_id), request_id)
                 raise
             if replies[0] is None:  # not finished: mark it and tell its worker (the look again, inside)
                 replies = await _queued(self.r.pipeline(transaction=True), commands).execute()
@@ -943,17 +939,8 @@ class AsyncClient(ProducerCore):
         try:
             return await get()
         except redis.ConnectionError as e:
-            if not _broke_mid_reply(e):
-                raise
-            try:
-                try:
-                    size = await _one_call(self.r.strlen(key))
-                except redis.exceptions.NoPermissionError:
-                    await _one_call(self.r.ping())
-                    size = None
-            except redis.RedisError:
-                raise e from None
-            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
+            await self._raise_if_over_limit(e, key, request_id, alone=True)
+            raise
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,

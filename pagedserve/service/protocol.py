@@ -157,20 +157,22 @@ class Keys:
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
-def refuse_misspelt(data: Any, names: Any, what: str) -> None:
-    """A key of ``data`` (a dict) that is none of ``names`` but close to one: refused naming the one it likely
-    means, where pydantic says only "Extra inputs are not permitted". ``what``: what the names are."""
+def likely_meant(name: str, names: Any) -> str | None:
+    """The one of ``names`` that ``name`` is likely a misspelling of, if any."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def refuse_misspelt(data: Any, model: type[BaseModel], what: str) -> None:
+    """A key of ``data`` (a dict) that is none of ``model``'s fields (as the wire names them) but close to one:
+    refused naming the one it likely means, where pydantic says only "Extra inputs are not permitted". ``what``:
+    what the fields are."""
     if not isinstance(data, dict):
         return
-    names = list(names)
+    names = [f.alias or name for name, f in model.model_fields.items()]
     for name in data:
-        if isinstance(name, str) and name not in names and (
-                close := difflib.get_close_matches(name, names, n=1, cutoff=0.8)):
-            raise FieldValueError(name, f"not {what} (did you mean {close[0]}?)")
-
-
-def _wire_names(cls: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in cls.model_fields.items()]
+        if isinstance(name, str) and name not in names and (meant := likely_meant(name, names)):
+            raise FieldValueError(name, f"not {what} (did you mean {meant}?)")
 
 
 class ChatMessage(BaseModel):
@@ -188,7 +190,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _misspelt(cls, data: Any) -> Any:
-        refuse_misspelt(data, cls.model_fields, "a message field")
+        refuse_misspelt(data, cls, "a message field")
         return data
 
     @field_validator("content", mode="before")
@@ -233,7 +235,7 @@ class StructuredOutputsModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _misspelt(cls, data: Any) -> Any:
-        refuse_misspelt(data, _wire_names(cls), "a structured_outputs field")
+        refuse_misspelt(data, cls, "a structured_outputs field")
         return data
 
     @field_validator("json_schema", mode="before")
@@ -344,7 +346,7 @@ class SamplingParamsModel(BaseModel):
                 raise FieldValueError(name, "not supported: give structured_outputs ({\"json\": schema}, "
                                             "{\"regex\": ...}, {\"choice\": [...]}, {\"grammar\": ...}), as "
                                             "vLLM's StructuredOutputsParams")
-        refuse_misspelt(kept, cls.model_fields, "a sampling parameter")
+        refuse_misspelt(kept, cls, "a sampling parameter")
         return kept
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -384,7 +386,7 @@ class GenerateRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _misspelt(cls, data: Any) -> Any:
-        refuse_misspelt(data, cls.model_fields, "a request field")
+        refuse_misspelt(data, cls, "a request field")
         return data
 
     @field_validator("deadline_ms", mode="before")
