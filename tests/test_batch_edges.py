@@ -749,3 +749,36 @@ def test_a_client_that_reached_redis_rides_out_a_restart_a_batch_wait_begins_in(
             assert time.monotonic() - began < 10 and str(exc.value).count("cannot reach Redis") == 1, exc.value
     finally:
         server.stop()
+
+
+def test_output_lines_over_the_output_buffer_limit_are_read_in_smaller_pages_or_said_so(prefix, cli, monkeypatch):
+    """A batch's output (lines with logprobs) over Redis's client-output-buffer-limit for normal clients: the one
+    HSCAN page of up to 1000 lines closed the connection at every try, and `batch results` said "cannot reach
+    Redis" while Redis answered everything else. Pages shrink until they fit; one line alone over the limit is
+    said as that, the line kept."""
+    import redis
+
+    from pagedserve.service.client import Client, ReplyOverLimit
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        monkeypatch.setenv("PAGEDSERVE_REDIS_URL", url)
+        bid = submit_batch(r, prefix, jsonl([completion(f"c{i}") for i in range(30)]))
+        out = BatchKeys(prefix).out(bid)
+        lines = [{"custom_id": f"c{i}", "filler": f"{i}" * 20_000} for i in range(30)]
+        r.hset(out, mapping={str(i): json.dumps(line) for i, line in enumerate(lines)})
+        r.config_set("client-output-buffer-limit", "normal 256kb 0 0")  # the lines are 600 kB
+        assert list(batch_results(r, prefix, bid)) == lines
+        with Client(settings=make_settings(url, prefix)) as c:
+            assert c.batch_results(bid, partial=True) == lines
+        res = cli.invoke(app, ["batch", "results", bid])
+        assert [json.loads(line) for line in command_stdout(res).splitlines()] == lines, res.stderr
+
+        r.hset(out, "30", json.dumps({"custom_id": "big", "filler": "x" * 300_000}))
+        words = f"closes the connection at every read of an output line of batch {bid} ({out})"
+        with pytest.raises(ReplyOverLimit, match=re.escape(words)):
+            list(batch_results(r, prefix, bid))
+        res = cli.invoke(app, ["batch", "results", bid])
+        assert res.exit_code == 1 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
+        r.config_set("client-output-buffer-limit", "normal 0 0 0")
+        assert len(list(batch_results(r, prefix, bid))) == 31  # kept

@@ -335,7 +335,7 @@ def results(
         try:
             # The status before the lines: the lines are then at least those it counts, never fewer.
             batch = _call(current, r, s.prefix)
-            lines = _call(lambda: list(batch_results(r, s.prefix, batch_id)))
+            lines = _call(lambda: list(batch_results(r, s.prefix, batch_id, redact(s.redis_url))))
         except KeyboardInterrupt:
             _interrupted(r, s.prefix, batch_id, " again")
     text = "".join(json.dumps(line) + "\n" for line in lines)

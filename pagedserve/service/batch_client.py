@@ -37,7 +37,7 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, check_seconds,
-                          is_loading, why_no_worker)
+                          closed_by_server, is_loading, reply_over_limit, why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -350,11 +350,35 @@ def is_batch_input(r: redis.Redis, prefix: str, bid: str, path: Path) -> bool:
         return False
 
 
-def batch_results(r: redis.Redis, prefix: str, bid: str) -> Iterator[dict]:
-    """The output lines stored so far, in input order (all of them once the batch has ended)."""
+# Output lines per HSCAN. A page whose reply is over Redis's output buffer limit for normal clients (lines with
+# logprobs run to a MiB) closes the connection at every try: it is asked for again a quarter as large.
+OUTPUT_PAGE = 1000
+
+
+def batch_results(r: redis.Redis, prefix: str, bid: str, where: str = "Redis") -> Iterator[dict]:
+    """The output lines stored so far, in input order (all of them once the batch has ended). ``where``: the
+    Redis, as said in :class:`~pagedserve.service.client_core.ReplyOverLimit` when one line alone is over the
+    output buffer limit (kept: raising the limit makes it readable)."""
     if not r.exists(BatchKeys(prefix).record(bid)):
         raise BatchNotFound(bid)
-    lines = {int(as_text(f)): v for f, v in r.hscan_iter(BatchKeys(prefix).out(bid), count=1000)}
+    key, lines, cursor, page = BatchKeys(prefix).out(bid), {}, 0, OUTPUT_PAGE
+    while True:
+        try:
+            cursor, fields = r.hscan(key, cursor, count=page)
+        except redis.ConnectionError as e:
+            if not closed_by_server(e):
+                raise
+            if page == 1:  # one line refused: over the limit where Redis answers a small command, else an outage
+                try:
+                    r.ping()
+                except redis.RedisError:
+                    raise e from None
+                raise reply_over_limit(where, f"an output line of batch {bid} ({key})", None) from None
+            page = max(1, page // 4)
+            continue
+        lines.update((int(as_text(f)), v) for f, v in fields.items())
+        if not cursor:
+            break
     for line_no in sorted(lines):
         yield json.loads(lines[line_no])
 

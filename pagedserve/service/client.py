@@ -700,7 +700,7 @@ class Client(ProducerCore):
                                                 where=redact(self.redis_url), reached=self.answered)
             else:
                 batch = batch_client.batch_status(self.r, self.keys.prefix, batch_id)
-            lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id))
+            lines = list(batch_client.batch_results(self.r, self.keys.prefix, batch_id, redact(self.redis_url)))
         if batch["status"] not in batch_client.TERMINAL_STATUSES and not partial:
             raise batch_client.BatchNotEnded(
                 f"batch {batch_id} is still {batch['status']}: {len(lines)} of {batch['request_counts']['total']} "
