@@ -683,8 +683,8 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     ({"parallel_tool_calls": False, "tool_choice": "none", "request_id": "r-1", "top_logprobs": 0}, None),
     ({"add_generation_prompt": False}, "body.add_generation_prompt: only vLLM's default, true, is taken (got false)"),
     ({"priority": 5}, "body.priority: only vLLM's default, 0, is taken (got 5)"),
-    ({"guided_json": {"type": "object"}}, 'body.guided_json: not supported: give a JSON Schema as response_format '
-                                          '{"type": "json_schema", ...}'),
+    ({"guided_json": {"type": "object"}}, 'body.guided_json: not supported: vLLM\'s older name: give structured_outputs '
+                                          '{"json": ...}'),
     # SamplingParams' advice (beam_width) is no field of a line: the refusal said to use it
     ({"use_beam_search": False}, None),
     ({"use_beam_search": True}, "body.use_beam_search: not supported: a batch line runs no beam search (a request "

@@ -245,3 +245,46 @@ def test_batch_refusals_of_a_schema_name_the_body_field():
     _, out, _ = output_line(ErrorEvent(id="r", error={"code": "invalid_request", "message": following}), md)
     assert out["response"]["body"]["error"]["message"] == (
         "body.response_format could not be followed while generating: lexer error")
+
+
+def test_batch_lines_take_vllms_structured_outputs_of_every_kind(redis_url, prefix, r, shared_engine):
+    """A batch file written for vLLM's batch runner says its constraints as structured_outputs (json, regex,
+    choice, grammar): it was refused pointing at response_format, which has no regex, choice or grammar. Each kind
+    is followed; a refusal by the worker names body.structured_outputs; a line with it and response_format, and
+    vLLM's older guided_* names, are refused by name at submit."""
+    from openai.types.chat import ChatCompletion
+
+    from pagedserve.service.batch_client import batch_results, submit_batch, wait_batch
+
+    def line(cid: str, **body) -> dict:
+        return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "tiny", "messages": [{"role": "user", "content": "Label this: great!"}],
+                         "max_tokens": 120, "temperature": 0.8, "seed": 3, **body}}
+
+    grammar = 'start: "yes" | "no"'
+    lines = [line("json", structured_outputs={"json": SCHEMA, "disable_any_whitespace": True}),
+             line("regex", structured_outputs={"regex": r"[a-z]{2,5}-[0-9]{2}"}),
+             line("choice", structured_outputs={"choice": ["red", "green", "blue"]}),
+             line("grammar", structured_outputs={"grammar": grammar}),
+             line("bad-regex", structured_outputs={"regex": "[0-9"}),  # compiled by the worker
+             line("both", structured_outputs={"regex": "a"}, response_format={"type": "json_object"}),
+             line("guided", guided_regex="a+"),
+             line("misspelt", structured_outputs={"json_schema": SCHEMA})]
+    bid = submit_batch(r, prefix, "".join(json.dumps(ln) + "\n" for ln in lines).encode())
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        assert wait_batch(r, prefix, bid, timeout=180, poll_s=0.1)["status"] == "completed"
+    out = {o["custom_id"]: o for o in batch_results(r, prefix, bid)}
+    text = {cid: ChatCompletion.model_validate(out[cid]["response"]["body"]).choices[0].message.content
+            for cid in ("json", "regex", "choice", "grammar")}
+    jsonschema.validate(json.loads(text["json"]), SCHEMA)
+    assert re.fullmatch(r"[a-z]{2,5}-[0-9]{2}", text["regex"]), text
+    assert text["choice"] in ("red", "green", "blue") and text["grammar"] in ("yes", "no"), text
+    refused = out["bad-regex"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "structured_outputs", refused
+    assert refused["body"]["error"]["message"].startswith("body.structured_outputs"), refused
+    said = {cid: out[cid]["error"]["message"] for cid in ("both", "guided", "misspelt")}
+    assert said["both"].endswith("body.structured_outputs: give it or response_format (json_object, json_schema), "
+                                 "not both"), said
+    assert 'body.guided_regex: not supported: vLLM\'s older name: give structured_outputs {"regex": ...}' in \
+        said["guided"], said
+    assert "body.structured_outputs has an unknown key 'json_schema'" in said["misspelt"], said

@@ -3,7 +3,8 @@
 Input line: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}``; the
 body's fields map onto :class:`~pagedserve.service.protocol.GenerateRequest` (``messages`` / ``prompt``,
 ``max_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``, ``logprobs`` / ``top_logprobs``,
-penalties, vLLM's extra sampling keys such as ``top_k``, ``response_format`` -> structured outputs). A field we cannot honour is refused by name, never
+penalties, vLLM's extra sampling keys such as ``top_k``, ``response_format`` or vLLM's ``structured_outputs`` ->
+structured outputs). A field we cannot honour is refused by name, never
 dropped silently (a message's ``name`` or ``tool_calls`` too); ``model`` is echoed in the response, ``user``,
 ``store`` and ``metadata`` are accepted and change nothing, and a field set to null is not given.
 
@@ -39,7 +40,8 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
               "include_stop_str_in_output")
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
-             "top_logprobs", "response_format", "stream", "best_of", "echo", "cache_salt", *_SAME_NAME}
+             "top_logprobs", "response_format", "structured_outputs", "stream", "best_of", "echo", "cache_salt",
+             *_SAME_NAME}
 # vLLM's request fields (beyond its sampling options) at what pagedserve does, by url: a line dumped from vLLM's
 # request model spells them out. Other values are refused.
 _VLLM_REQUEST_DEFAULTS = {
@@ -52,10 +54,9 @@ _VLLM_REQUEST_DEFAULTS = {
     "/v1/completions": {"add_special_tokens": (True,), "priority": (0,), "length_penalty": (1.0,),
                         "return_tokens_as_token_ids": (False, True)},
 }
-# vLLM's structured-output fields: a line says it with OpenAI's response_format.
-_INSTEAD = {name: "give a JSON Schema as response_format {\"type\": \"json_schema\", ...} (regex, choice and "
-                  "grammar constraints are not taken in batch lines)"
-            for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")}
+# vLLM's structured-output fields before structured_outputs (its servers no longer take them either).
+_INSTEAD = {f"guided_{kind}": f"vLLM's older name: give structured_outputs {{\"{kind}\": ...}} (or a JSON Schema as "
+                              "response_format)" for kind in ("json", "regex", "choice", "grammar")}
 # Where SamplingParams' advice for an option it lacks names what a line cannot give either.
 _LINE_INSTEAD = {"use_beam_search": "a batch line runs no beam search (a request from Client or Celery takes "
                                     "params.beam_width)"}
@@ -87,8 +88,12 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 def _in_body_words(message: str, renamed: dict[str, str] | None = None) -> str:
     """``message`` as the batch line's body names its field: ``params.structured_outputs`` is about
-    ``body.response_format``, and ``params.max_tokens`` about ``body.max_completion_tokens`` where the line wrote
-    that (``renamed``: wire name -> the key the line wrote)."""
+    ``body.response_format`` (or ``body.structured_outputs`` where the line wrote that), and ``params.max_tokens``
+    about ``body.max_completion_tokens`` where the line wrote that (``renamed``: wire name -> the key the line
+    wrote)."""
+    if (renamed or {}).get("structured_outputs") == "structured_outputs" and message.startswith(
+            "params.structured_outputs"):
+        return "body." + message.removeprefix("params.")
     for wire, body in _STRUCTURED_NAMES:
         if message.startswith(wire):
             return body + message[len(wire):]
@@ -215,6 +220,14 @@ def _params(body: dict, chat: bool, written: dict[str, str]) -> dict:
         structured = _structured(body["response_format"])
         if structured is not None:
             params["structured_outputs"] = structured
+    if body.get("structured_outputs") is not None:  # vLLM's: any kind (json, regex, choice, grammar, ...)
+        if "structured_outputs" in params:
+            raise LineError("body.structured_outputs: give it or response_format (json_object, json_schema), not "
+                            "both")
+        if not isinstance(body["structured_outputs"], dict):
+            raise LineError('body.structured_outputs: must be an object, e.g. {"regex": "[0-9]+"}')
+        params["structured_outputs"] = body["structured_outputs"]
+        written["structured_outputs"] = "structured_outputs"
     return params
 
 
@@ -228,7 +241,7 @@ def _check_ranges(params: dict, written: dict[str, str]) -> None:
     except (TypeError, ValueError) as e:
         message = str(e)
         if message.startswith("structured_outputs"):
-            raise LineError(_in_body_words(f"params.{message}")) from None
+            raise LineError(_in_body_words(f"params.{message}", written)) from None
         name, _, why = message.partition(" ")
         if name not in {f.name for f in fields(SamplingParams)}:
             raise LineError(f"body: {message}") from None
@@ -332,8 +345,8 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     except ValidationError as e:
         first = e.errors()[0]
         message = f"{_where(first['loc'])}: {first['msg']}"
-        raise LineError(_in_body_words(message) if message.startswith(("params.structured_outputs",
-                                                                        "prompt_token_ids"))
+        raise LineError(_in_body_words(message, written) if message.startswith(("params.structured_outputs",
+                                                                                 "prompt_token_ids"))
                         else f"body.{message}") from None
 
 
