@@ -278,7 +278,10 @@ def test_a_message_key_the_service_does_not_carry_is_refused_by_name():
         chat("audio", messages=convo(audio={"id": "a1"})),
         chat("no content", messages=convo(content=None, tool_calls=[{"id": "c1"}])),  # the key, not the content
         chat("nulls", messages=convo(name=None, tool_calls=None, refusal=None, audio=None, annotations=[])),
+        chat("contents", messages=[{"role": "user", "contents": "hi"}]),
     ])
+    assert errors.pop("contents") == ("line 7: body.messages[0].contents: not supported (did you mean content? a "
+                                      "message carries only role and content)")
     for key in ("name", "tool_calls", "tool_call_id", "audio"):
         assert errors.pop(key) == (f"line {['name', 'tool_calls', 'tool_call_id', 'audio'].index(key) + 1}: "
                                    f"body.messages[2].{key}: not supported (a message carries only role and "

@@ -160,7 +160,9 @@ def _messages(messages: Any) -> list[dict]:
         # Before the content: an assistant's tool_calls message has none, and the tool_calls are the reason.
         unknown = sorted(str(k) for k, v in m.items() if k not in _MESSAGE_KEYS and not asks_nothing(v))
         if unknown:
-            raise LineError(f"body.messages[{i}].{unknown[0]}: not supported (a message carries only role and content)")
+            meant = "" if "content" in m else likely_meant(unknown[0], ["content"])
+            raise LineError(f"body.messages[{i}].{unknown[0]}: not supported ("
+                            + (f"did you mean {meant}? " if meant else "") + "a message carries only role and content)")
         out.append({"role": m["role"], "content": _message_content(m.get("content"), f"body.messages[{i}].content")})
     return out
 
