@@ -389,6 +389,25 @@ def test_a_cpu_march_the_compiler_or_the_cpu_cannot_take_is_refused_at_start(mon
         engine_env._checked_march.cache_clear()
 
 
+def test_a_cpu_march_is_checked_only_where_cpu_kernels_are_built_for_it(monkeypatch):
+    """A fleet-wide PAGEDSERVE_CPU_MARCH for CPU workers stopped a worker that builds nothing for it: one on the
+    torch kernels, or on a GPU. Only a CPU engine with the C++ kernels checks it."""
+    from pagedserve.engine import engine_env
+    from pagedserve.service.cli import _runs_on_the_cpu
+
+    monkeypatch.setenv("PAGEDSERVE_CPU_MARCH", "has well")  # refused wherever it is checked
+    engine_env._checked_march.cache_clear()
+    with pytest.raises(ValueError, match="^PAGEDSERVE_CPU_MARCH must be"):
+        engine_env.check_all()
+    engine_env.check_all(cpu_kernels=False)
+    monkeypatch.setenv("PAGEDSERVE_CPU_KERNELS", "torch")
+    engine_env.check_all()
+    assert _runs_on_the_cpu("cpu", "PAGEDSERVE_CPU_MARCH") and not _runs_on_the_cpu("cuda:1", "PAGEDSERVE_CPU_MARCH")
+    import torch
+
+    assert _runs_on_the_cpu("auto", "PAGEDSERVE_CPU_MARCH") == (not torch.cuda.is_available())
+
+
 @pytest.mark.parametrize("threads", [str(2**70), "65537", "٣"])
 def test_a_thread_count_past_any_machine_is_refused_naming_it(threads):
     """2**70 went on to OpenMP, which refused it naming OMP_NUM_THREADS and ran its default."""

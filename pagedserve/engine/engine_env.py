@@ -120,11 +120,15 @@ def cpu_flags_line() -> str:
         return ""
 
 
-def check_all() -> None:
-    """Every variable above parsed: ``ValueError`` for the first bad one."""
+def check_all(cpu_kernels: bool = True) -> None:
+    """Every variable above parsed: ``ValueError`` for the first bad one. ``PAGEDSERVE_CPU_MARCH`` only where
+    ``cpu_kernels`` (the engine runs on the CPU) and the C++ kernels are on: elsewhere nothing is built for it, and a
+    GPU worker or one on the torch kernels may share a fleet's setting made for other machines."""
     for check in (disabled_by_env, fused_layers_enabled, cuda_linear_from_env, cuda_pdl_from_env,
-                  compile_timeout_from_env, max_mask_ms_from_env, cpu_march_from_env):
+                  compile_timeout_from_env, max_mask_ms_from_env):
         check()
+    if cpu_kernels and not disabled_by_env():
+        cpu_march_from_env()
 
 
 def _choice_from_env(name: str, choices: tuple[str, ...]) -> str:

@@ -269,15 +269,27 @@ def _check_model(s) -> None:  # noqa: ANN001 - the service Settings
         _fail_at_startup(e, s)
 
 
-def _engine_env() -> None:
+def _engine_env(device: str) -> None:
     """The variables the engine and its kernels read themselves, checked before anything starts: a bad value
     then ends the start in one line at once, not after Redis, the health server and a model load."""
     from pagedserve.engine import engine_env
 
     try:
-        engine_env.check_all()
+        engine_env.check_all(cpu_kernels=_runs_on_the_cpu(device, engine_env.CPU_MARCH_ENV))
     except ValueError as e:
         _fail(f"error: {redact(e)}", 2)
+
+
+def _runs_on_the_cpu(device: str, march_env: str) -> bool:
+    """Whether the engine of ``device`` (the setting) runs on the CPU. "auto" asks torch whether there is a GPU,
+    which takes an import of torch here, only where a CPU -march is set for it to be checked against."""
+    if device != "auto":
+        return device == "cpu"
+    if not os.environ.get(march_env, "").strip():
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 @app.command()
@@ -299,7 +311,7 @@ def worker(
     s = _settings({"worker_name": "--name", "metrics_port": "--metrics-port"}, worker_name=name,
                   metrics_port=metrics_port)
     _check_model(s)
-    _engine_env()
+    _engine_env(s.device)
     configure_logging(s.log_format, s.log_level)
     configure_tracing()
     try:
@@ -777,7 +789,7 @@ def demo(
 
     s = _settings()  # a bad value: exit 2, as the worker's
     _check_model(s)
-    _engine_env()
+    _engine_env(s.device)
     try:
         run_demo(num_requests=num_requests, max_tokens=max_tokens, temperature=temperature, console=out, settings=s)
     except KeyboardInterrupt:
