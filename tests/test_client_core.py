@@ -941,6 +941,37 @@ def test_a_full_connection_pool_is_said_so_and_nothing_is_lost(kind, redis_url, 
     assert [rid for rid in ids if r.exists(keys.result(rid))] == [rid for rid in ids if rid not in refused]
 
 
+def test_a_full_pool_is_never_taken_for_a_reply_over_the_output_buffer_limit(redis_url, prefix):
+    """A read that found the client's pool out of connections, then a look at the stored result that found one
+    freed by another thread: the pool's "Too many connections" was taken for Redis closing the connection over
+    its output buffer limit, and result() or cancel() raised ReplyOverLimit (a 326-byte result, no limit set), which
+    tells the operator to raise a Redis limit, where TooManyConnections says to call again. Only a connection
+    broken under a command counts."""
+    from pagedserve.service.client import AsyncClient, Client, ReplyOverLimit
+
+    full = [redis.ConnectionError("Too many connections")]
+    if hasattr(redis.exceptions, "MaxConnectionsError"):
+        full.append(redis.exceptions.MaxConnectionsError("Too many connections"))
+    broken = redis.ConnectionError("Connection closed by server.")
+    key = Keys(prefix).result("small")
+    with redis.Redis.from_url(redis_url) as r, Client(redis_url, prefix=prefix) as c:
+        r.set(key, "x" * 326)
+        for e in full:
+            c._raise_if_over_limit(e, key, "small")
+        with pytest.raises(ReplyOverLimit):
+            c._raise_if_over_limit(broken, key, "small")
+
+        async def look() -> None:
+            async with AsyncClient(redis_url, prefix=prefix) as ac:
+                for e in full:
+                    await ac._raise_if_over_limit(e, key, "small")
+                with pytest.raises(ReplyOverLimit):
+                    await ac._raise_if_over_limit(broken, key, "small")
+
+        asyncio.run(look())
+        r.delete(key)
+
+
 def test_an_async_client_used_from_another_event_loop_says_so(redis_url, prefix):
     """redis-py's asyncio connections belong to the loop that opened them: a second asyncio.run with the same
     client failed deep inside asyncio ("attached to a different loop", "Event loop is closed"), and calls from

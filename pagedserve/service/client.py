@@ -190,8 +190,10 @@ async def _past_id_repair_async(send: Callable[[], Awaitable[Any]]) -> Any:
 
 def _broke_mid_reply(e: redis.ConnectionError) -> bool:
     """A connection that Redis closed (or reset) under a command it had taken: not a timeout, not Redis loading,
-    not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big)."""
-    return not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError)) and "connecting to" not in str(e)
+    not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big), not the
+    client's own pool out of connections (nothing was sent)."""
+    return (not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError))
+            and "connecting to" not in str(e) and not pool_full(e))
 
 
 def _reply_within(r: redis.Redis, seconds: float, *args: Any) -> Any:
