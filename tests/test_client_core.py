@@ -2011,3 +2011,25 @@ def test_a_connection_closed_at_the_first_read_is_told_apart_by_a_small_reply():
         else:
             with pytest.raises(RedisUnreachable, match="cannot reach Redis"):
                 wait.throw(closed)
+
+
+def test_an_outage_never_shrinks_the_pages_a_stream_reads():
+    """Each failed events read asked for a quarter as many entries next time, whatever the failure: five refused
+    connects in an outage left the stream reading one entry per XREAD for the rest of its life. Only a connection
+    broken under a read (a reply over Redis's output buffer limit) shrinks the page."""
+    clock = Clock()
+    wait = stream_wait(Keys("t"), RID, None, timeout=None, clock=clock)
+    op, counts = wait.send(None), []
+    op = wait.send([])  # reached: an empty stream, then the look at a stored result
+    for failure in [redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")] * 6 + [
+            redis.TimeoutError("Timeout reading from socket"), redis.ConnectionError("Too many connections"),
+            redis.ConnectionError("Connection closed by server.")]:
+        while not isinstance(op, ReadEvents):
+            if isinstance(op, Pause):
+                clock.now += op.seconds
+            op = wait.send(None)
+        counts.append(op.count)
+        op = wait.throw(failure)
+    while not isinstance(op, ReadEvents):
+        op = wait.send(None)
+    assert counts == [1000] * 9 and op.count == 250, (counts, op)

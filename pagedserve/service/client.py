@@ -54,6 +54,7 @@ from .client_core import (
     Terminal,
     Unsubscribe,
     TooManyConnections,
+    broke_mid_reply,
     build_request,
     check_resume_keywords,
     command_bound,
@@ -186,14 +187,6 @@ async def _past_id_repair_async(send: Callable[[], Awaitable[Any]]) -> Any:
                 raise
         await asyncio.sleep(pause)
     return await send()
-
-
-def _broke_mid_reply(e: redis.ConnectionError) -> bool:
-    """A connection that Redis closed (or reset) under a command it had taken: not a timeout, not Redis loading,
-    not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big), not the
-    client's own pool out of connections (nothing was sent)."""
-    return (not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError))
-            and "connecting to" not in str(e) and not pool_full(e))
 
 
 def _reply_within(r: redis.Redis, seconds: float, *args: Any) -> Any:
@@ -440,7 +433,7 @@ class Client(ProducerCore):
         a send's or a cancel's look), Redis answers a small command, and ``key`` is there: the read breaks at every
         try. ``alone``: ``key`` was all the command read (twice): a size the user may not ask for (an ACL without
         STRLEN; a PING answers instead) counts too."""
-        if not _broke_mid_reply(e):
+        if not broke_mid_reply(e):
             return
         try:
             try:
@@ -498,7 +491,7 @@ class Client(ProducerCore):
         try:
             return get()
         except redis.ConnectionError as e:
-            if not _broke_mid_reply(e):
+            if not broke_mid_reply(e):
                 raise
         try:
             return get()
@@ -871,7 +864,7 @@ class AsyncClient(ProducerCore):
     async def _raise_if_over_limit(self, e: redis.ConnectionError, key: str, request_id: str | None,
                                    alone: bool = False) -> None:
         """As :meth:`Client._raise_if_over_limit`."""
-        if not _broke_mid_reply(e):
+        if not broke_mid_reply(e):
             return
         try:
             try:
@@ -936,7 +929,7 @@ class AsyncClient(ProducerCore):
         try:
             return await get()
         except redis.ConnectionError as e:
-            if not _broke_mid_reply(e):
+            if not broke_mid_reply(e):
                 raise
         try:
             return await get()

@@ -968,6 +968,15 @@ def answered_before(ev: ErrorEvent) -> ErrorEvent:
     return ev.model_copy(update={"error": ev.error.model_copy(update={"message": ev.error.message + note})})
 
 
+def broke_mid_reply(e: BaseException) -> bool:
+    """A connection that Redis closed (or reset) under a command it had taken: not a timeout, not Redis loading,
+    not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big), not the
+    client's own pool out of connections (nothing was sent)."""
+    return (isinstance(e, redis.ConnectionError)
+            and not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError))
+            and "connecting to" not in str(e) and not pool_full(e))
+
+
 def closed_by_server(e: BaseException) -> bool:
     """Redis closed a connection it had taken, during a command (an output buffer limit, a CLIENT KILL, a stop)."""
     return isinstance(e, redis.ConnectionError) and "closed by server" in str(e)
@@ -1673,7 +1682,8 @@ def stream_wait(
                             raise reply_over_limit(where, f"an entry of {keys.events(request_id)} after {last_entry}",
                                                    None, request_id) from None
                         entry_refused = True
-                page = max(MIN_EVENTS_PAGE, page // 4)
+                if broke_mid_reply(e):  # not an outage: a page that could not come back in one piece
+                    page = max(MIN_EVENTS_PAGE, page // 4)
                 if not reached and closed_by_server(e):
                     # Redis closing it over its output buffer limit, or a proxy with no Redis behind it? A small
                     # reply tells them apart (not the result itself: it may be over the limit too), one a
