@@ -12,8 +12,14 @@ blocks) and ``pagedserve.bench`` (benchmarks).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 from typing import TYPE_CHECKING
+
+try:
+    __version__ = importlib.metadata.version("pagedserve")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "LLM": "pagedserve.engine.llm",

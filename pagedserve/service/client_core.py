@@ -164,6 +164,10 @@ class _OnePolicy:
     def __deepcopy__(self, memo: dict) -> _OnePolicy:
         return self
 
+    def stop(self) -> None:
+        """No more retries, for every connection of the client (redis-py before 6 has no ``update_retries``)."""
+        self._retries = 0
+
 
 class SharedRetry(_OnePolicy, redis.retry.Retry):
     """A :class:`redis.retry.Retry` that every connection of a client shares (:func:`retry_once`)."""
@@ -236,8 +240,6 @@ def reply_over_limit(where: str, what: str, size: int | None, request_id: str | 
     return err
 
 
-# A pool's "Too many connections" (redis-py 8's MaxConnectionsError; a plain ConnectionError before it).
-_POOL_FULL = getattr(redis.exceptions, "MaxConnectionsError", redis.ConnectionError)
 
 
 class MissingDatabase(ValueError):
@@ -260,7 +262,9 @@ def missing_database(e: BaseException, url: str, name: str) -> str | None:
 
 
 def pool_full(e: BaseException) -> bool:
-    return isinstance(e, _POOL_FULL) and str(e) == "Too many connections"
+    """A pool's "Too many connections": a MaxConnectionsError from newer redis-py pools, a plain ConnectionError
+    from 6.0's (which has the class, but only its cluster raises it)."""
+    return isinstance(e, redis.ConnectionError) and str(e) == "Too many connections"
 
 
 def credentials_refused(where: str, e: BaseException, source: str = "PAGEDSERVE_REDIS_URL") -> str:

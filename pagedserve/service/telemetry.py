@@ -265,8 +265,7 @@ def _span_exporter(name: str) -> Any:
 
         return ConsoleSpanExporter()
     if name != "otlp":
-        get_logger().warning("tracing_off", reason=f"OTEL_TRACES_EXPORTER names {name!r}: pagedserve exports "
-                                                   "otlp, console or none")
+        _tracing_off(f"OTEL_TRACES_EXPORTER names {name!r}: pagedserve exports otlp, console or none")
         return None
     if not (env("OTEL_EXPORTER_OTLP_ENDPOINT") or env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         return None
@@ -276,16 +275,25 @@ def _span_exporter(name: str) -> Any:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
         except ImportError:
-            get_logger().warning("tracing_off", reason="OTLP protocol grpc needs the package "
-                                 "opentelemetry-exporter-otlp-proto-grpc; or use http/protobuf (port 4318)")
+            _tracing_off("OTLP protocol grpc needs the package opentelemetry-exporter-otlp-proto-grpc; or use "
+                         "http/protobuf (port 4318)")
             return None
         return GrpcExporter()
     if protocol != "http/protobuf":
-        get_logger().warning("tracing_off", reason=f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
+        _tracing_off(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     return OTLPSpanExporter()
+
+
+def _tracing_off(reason: str) -> None:
+    """Say why no span is exported: a ``tracing_off`` log line, or one line on stderr where the install has no
+    structlog (the producer side: the worker extra brings it)."""
+    try:
+        get_logger().warning("tracing_off", reason=reason)
+    except ImportError:
+        print(f"warning: no trace is exported: {reason}", file=sys.stderr)
 
 
 def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider | None:
@@ -311,10 +319,15 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
             library_log.addFilter(_RedactRecord())
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         remember_endpoint_secrets(os.environ.get(name))
-    exporters = _span_exporters()
+    try:
+        exporters = _span_exporters()
+        from opentelemetry.sdk.resources import Resource
+    except ImportError as e:  # the producer side's install: the API alone, which exports nothing
+        _tracing_off(f"the OTEL_* variables ask for an exporter, and {e.name} is not installed (pip install "
+                     "opentelemetry-sdk opentelemetry-exporter-otlp-proto-http, or pagedserve[worker])")
+        return None
     if not exporters:
         return None
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
