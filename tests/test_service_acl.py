@@ -70,9 +70,10 @@ def test_worker_round_trips_under_the_minimal_acl(tmp_path, prefix):
             c.submit("reclaim me", id="acl-reclaim", params={"max_tokens": 300, "ignore_eos": True})
             wait_for(lambda: admin.xpending(keys.requests, keys.group)["pending"] == 1, 60, what="delivered")
             a.kill()
-            # b logs in as a user of an ACL from before xgroup|createconsumer: it works all the same, and says once
-            # that clients may not find it while it is idle
-            old_url = acl_url(url, prefix, admin, user="pagedserve-worker-old", without=("xgroup|createconsumer",))
+            # b logs in as a user of an ACL from before xgroup|createconsumer and time: it works all the same, and
+            # says once that clients may not find it while it is idle (its clock goes unchecked)
+            old_url = acl_url(url, prefix, admin, user="pagedserve-worker-old",
+                              without=("xgroup|createconsumer", "time"))
             b = WorkerProcess(s.model_copy(update={"worker_name": "acl-b", "redis_url": old_url}),
                               tmp_path / "b.log").start()
             b.wait_started()
@@ -85,7 +86,7 @@ def test_worker_round_trips_under_the_minimal_acl(tmp_path, prefix):
             assert admin.xlen(keys.requests) == 0
             letter = DeadLetter.from_fields(admin.xrange(keys.dead)[0][1])
             assert letter.reason
-            assert denials(admin, (b"xgroup|createconsumer",)) == [], \
+            assert denials(admin, (b"xgroup|createconsumer", b"time")) == [], \
                 "the worker needed a command outside the documented ACL"
             assert [e["event"] for e in b.events()].count("consumer_not_announced") == 1
             assert b.proc.poll() is None

@@ -259,3 +259,24 @@ def test_a_worker_that_may_not_read_info_says_so_in_its_eviction_gauge(tmp_path)
         if worker is not None:
             worker.close()
         server.stop(kill=True)
+
+
+@pytest.mark.parametrize("ahead_s", [90.0, -90.0, 0.0])
+def test_a_worker_says_when_its_clock_is_off_redis(redis_url, prefix, shared_engine, monkeypatch, ahead_s):
+    """Entry IDs are Redis's time; queue waits (max_queue_ms) and deadlines are read against the worker's clock. A
+    worker 90 s ahead shed every request as overloaded, and ended each deadline at once, with nothing said: it
+    says so at start, naming the skew."""
+    from structlog.testing import capture_logs
+
+    from pagedserve.service import connection
+    from service_fixtures import running_worker
+
+    monkeypatch.setattr(connection, "_wall_clock", lambda: time.time() + ahead_s)
+    with capture_logs() as logs, running_worker(make_settings(redis_url, prefix), shared_engine):
+        pass
+    said = [e for e in logs if e.get("event") == "clock_skew"]
+    if not ahead_s:
+        assert said == []
+        return
+    assert len(said) == 1 and abs(said[0]["skew_ms"] - ahead_s * 1000) < 500, said
+    assert f"90.0 s {'ahead of' if ahead_s > 0 else 'behind'} Redis's" in said[0]["note"], said

@@ -45,6 +45,11 @@ from .reclaim import LeaseKeeper, Reclaimer
 from .redaction import redact, remember_secrets
 from .stream_fields import keep_repeated_fields
 
+# A worker clock further off Redis's than this is said (check_clock): NTP keeps clocks within milliseconds, and the
+# queue-wait limits worth setting are seconds.
+CLOCK_SKEW_WARN_MS = 1000
+_wall_clock = time.time  # the clock admission reads deadlines and queue waits with
+
 # What "Redis is away" looks like from redis-py: the loop buffers and backs off instead of failing.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
@@ -79,6 +84,8 @@ WORKER_ACL_COMMANDS = (
     "info",
     # deleting the group's dead consumers (reclaim.py); without them they are only kept
     "xinfo|consumers", "xgroup|delconsumer",
+    # comparing this worker's clock with Redis's (Connection.check_clock); without it the check is skipped
+    "time",
     # setting the stream's last ID back after a far-future entry ID (stream_ids.py), and the group's lag counter
     # right (reclaim.py; without them a wrong lag stays)
     "xinfo|stream", "xsetid", "xgroup|setid",
@@ -491,6 +498,7 @@ class Connection(WorkerPart):
         r = self.r
         r.ping()
         self.check_eviction(r)
+        self.check_clock(r)
         from .scripts import load_producer_scripts  # producers may run them but not load them (producer_acl)
 
         load_producer_scripts(r)
@@ -533,6 +541,24 @@ class Connection(WorkerPart):
             self.log.info("consumer_not_announced", reason=redact(str(e))[:200],
                           note="the worker's Redis user lacks xgroup|createconsumer: clients may say no worker "
                                "runs while this one is idle (README \"Security\")")
+
+    def check_clock(self, r: redis.Redis) -> None:
+        """Say when this worker's clock is off Redis's by more than ``CLOCK_SKEW_WARN_MS``: entry IDs are Redis's
+        time, and a request's wait in the queue (``max_queue_ms``) and its ``deadline_ms`` are read against this
+        clock, so a worker ahead sheds or ends honest requests, one behind lets them wait past their limits. A
+        Redis that does not let us run TIME (an ACL) is not asked."""
+        try:
+            before = _wall_clock()
+            seconds, micros = r.time()
+            after = _wall_clock()
+        except redis.ResponseError:
+            return
+        skew_ms = (before + after) / 2 * 1000 - (seconds * 1000 + micros / 1000)
+        if abs(skew_ms) > CLOCK_SKEW_WARN_MS:
+            self.log.warning("clock_skew", skew_ms=round(skew_ms),
+                             note=f"this worker's clock is {abs(skew_ms) / 1000:.1f} s "
+                                  f"{'ahead of' if skew_ms > 0 else 'behind'} Redis's: queue waits and deadlines "
+                                  "are read against it; keep the clocks in sync (NTP)")
 
     def check_eviction(self, r: redis.Redis) -> None:
         """Read Redis's eviction setting (at setup, and with the queue gauges: an operator may change it live) into
