@@ -416,3 +416,16 @@ def test_a_thread_count_past_any_machine_is_refused_naming_it(threads):
     with pytest.raises(ValueError, match=re.escape(f"PAGEDSERVE_CPU_THREADS must be an integer from 1 to 65536 (got "
                                                    f"{threads!r})")):
         plan_from_env({"PAGEDSERVE_CPU_THREADS": threads}, (0, 1))
+
+
+def test_a_variable_set_but_empty_is_said_to_be_set_not_unset(monkeypatch):
+    """PAGEDSERVE_MAX_QUEUE_MS= (an empty compose or chart value) refused the start as "a valid integer", while
+    the docs say unset or 0 turns it off: the line now says the variable is set but empty, and what to do."""
+    from pagedserve.service.settings import read_settings
+
+    monkeypatch.setenv("PAGEDSERVE_MAX_QUEUE_MS", "")
+    with pytest.raises(ValueError, match=re.escape("PAGEDSERVE_MAX_QUEUE_MS='': ") + ".*" + re.escape(
+            "(the variable is set but empty: unset it for the default)")):
+        read_settings()
+    monkeypatch.delenv("PAGEDSERVE_MAX_QUEUE_MS")
+    assert read_settings().max_queue_ms is None

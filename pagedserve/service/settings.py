@@ -502,6 +502,8 @@ def invalid_settings(e: ValidationError, flags: Mapping[str, str] | None = None)
             parts.append(msg)
             continue
         loc = str(item["loc"][0])
+        if item.get("input") == "" and not (flags or {}).get(loc):  # a variable left empty is set, not unset
+            msg += " (the variable is set but empty: unset it for the default)"
         parts.append(f"{(flags or {}).get(loc) or env_name_set(loc)}{shown}: {msg}")
     return redact("invalid setting " + "; ".join(parts))
 
