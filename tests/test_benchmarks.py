@@ -328,6 +328,7 @@ def test_bench_offline_help_lists_the_sizes_and_dtypes():
     (["sharing", "--traces", "alpaca,foo"], "--traces must be one or more of alpaca, sharegpt"),
     (["sharing", "--budget-fraction", "0"], "--budget-fraction must be in (0, 1]"),
     (["sharing", "--device", "tpu"], "--device must be cpu, cuda or cuda:N (got 'tpu')"),
+    (["host-work", "--logprobs", "100000"], "--logprobs must be at most 20 (the engine's limit), got 100000"),
     (["cpu-kernels", "--batches", "1,,x"], "--batches must be whole numbers >= 1"),
     (["cpu-kernels", "--contexts", "0"], "--contexts must be whole numbers >= 1"),
     (["cpu-kernels", "--threads", "-1"], "--threads must be >= 0"),

@@ -122,6 +122,10 @@ def host_work_command(
     kind_list = check_choices("--kinds", kinds, KINDS)
     token_list = check_choices("--tokens", tokens, TOKENS)
     check_min("--logprobs", logprobs, -1, " (-1: none)")
+    from pagedserve.engine.sampling_params import LIMITS
+
+    if logprobs > (most := LIMITS["logprobs"][1]):  # refused here, not by SamplingParams inside the first run
+        usage_error(f"--logprobs must be at most {most:g} (the engine's limit), got {logprobs}")
     check_min("--rounds", rounds, 1)
     check_min("--threads", threads, 1)
     out = check_out("--out", out)
