@@ -39,6 +39,8 @@ _EXPORTS = {
     "RedisBusy": "pagedserve.service.client",
     "ReplyOverLimit": "pagedserve.service.client",
     "TooManyConnections": "pagedserve.service.client",
+    "Event": "pagedserve.service.client",
+    "Terminal": "pagedserve.service.client",
     "NoWorker": "pagedserve.service.client",
     "RequestGone": "pagedserve.service.client",
     "RequestTimedOut": "pagedserve.service.client",
@@ -56,28 +58,40 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-if TYPE_CHECKING:
-    from pagedserve.engine.errors import EngineDeadError, PromptTooLongError
-    from pagedserve.engine.llm import LLM
-    from pagedserve.engine.llm_engine import LLMEngine
-    from pagedserve.engine.outputs import CompletionOutput, RequestOutput
-    from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
-    from pagedserve.engine.sequence import ResumeSample
-    from pagedserve.service.batch_client import BatchMalformed, BatchNotEnded, BatchNotFound, BatchOutputLost
-    from pagedserve.service.client import (
-        AsyncClient,
-        CancelOutcome,
-        Client,
-        NoWorker,
-        RedisUnreachable,
-        ReplyOverLimit,
-        RequestFailed,
-        RequestGone,
-        RequestTimedOut,
-        TooManyConnections,
-    )
-    from pagedserve.service.protocol import DeadLetter, DoneEvent, ErrorEvent, GenerateRequest, Keys, TokenEvent
-    from pagedserve.service.settings import Settings
+if TYPE_CHECKING:  # what a type checker sees of the names above ("as": exported, not only imported here)
+    from pagedserve.engine.errors import EngineDeadError as EngineDeadError
+    from pagedserve.engine.errors import PromptTooLongError as PromptTooLongError
+    from pagedserve.engine.llm import LLM as LLM
+    from pagedserve.engine.llm_engine import LLMEngine as LLMEngine
+    from pagedserve.engine.outputs import CompletionOutput as CompletionOutput
+    from pagedserve.engine.outputs import RequestOutput as RequestOutput
+    from pagedserve.engine.sampling_params import RequestOutputKind as RequestOutputKind
+    from pagedserve.engine.sampling_params import SamplingParams as SamplingParams
+    from pagedserve.engine.sequence import ResumeSample as ResumeSample
+    from pagedserve.service.batch_client import BatchMalformed as BatchMalformed
+    from pagedserve.service.batch_client import BatchNotEnded as BatchNotEnded
+    from pagedserve.service.batch_client import BatchNotFound as BatchNotFound
+    from pagedserve.service.batch_client import BatchOutputLost as BatchOutputLost
+    from pagedserve.service.client import AsyncClient as AsyncClient
+    from pagedserve.service.client import CancelOutcome as CancelOutcome
+    from pagedserve.service.client import Client as Client
+    from pagedserve.service.client import Event as Event
+    from pagedserve.service.client import NoWorker as NoWorker
+    from pagedserve.service.client import RedisBusy as RedisBusy
+    from pagedserve.service.client import RedisUnreachable as RedisUnreachable
+    from pagedserve.service.client import ReplyOverLimit as ReplyOverLimit
+    from pagedserve.service.client import RequestFailed as RequestFailed
+    from pagedserve.service.client import RequestGone as RequestGone
+    from pagedserve.service.client import RequestTimedOut as RequestTimedOut
+    from pagedserve.service.client import Terminal as Terminal
+    from pagedserve.service.client import TooManyConnections as TooManyConnections
+    from pagedserve.service.protocol import DeadLetter as DeadLetter
+    from pagedserve.service.protocol import DoneEvent as DoneEvent
+    from pagedserve.service.protocol import ErrorEvent as ErrorEvent
+    from pagedserve.service.protocol import GenerateRequest as GenerateRequest
+    from pagedserve.service.protocol import Keys as Keys
+    from pagedserve.service.protocol import TokenEvent as TokenEvent
+    from pagedserve.service.settings import Settings as Settings
 
 
 def _lazy_exports(module: str, exports: dict[str, str]):
@@ -103,4 +117,5 @@ def _lazy_exports(module: str, exports: dict[str, str]):
     return __getattr__, __dir__
 
 
-__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
+if not TYPE_CHECKING:  # a checker reads the names above, and a misspelt one is its error, not Any
+    __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -77,8 +77,10 @@ def test_wheel_ships_only_the_pagedserve_package(wheel):
                    "pagedserve/engine/llm.py", "pagedserve/kernels/__init__.py",
                    "pagedserve/kernels/csrc/paged_decode_attention.cpp", "pagedserve/kernels/csrc/cpu_fused_ops.cpp",
                    "pagedserve/kernels/csrc/vec8.h",  # compiled on first use
-                   "pagedserve/kernels/decode_launches.json"):  # the decode launches measured per GPU model
+                   "pagedserve/kernels/decode_launches.json",  # the decode launches measured per GPU model
+                   "pagedserve/py.typed"):  # its annotations are its users' types (PEP 561)
         assert module in paths, module
+    assert any(p.endswith(".dist-info/licenses/LICENSE") or p.endswith(".dist-info/LICENSE") for p in paths), paths
 
 
 def _requirement_name(req: str) -> str:

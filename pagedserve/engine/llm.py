@@ -7,12 +7,18 @@ import numbers
 import threading
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
+from typing import Any, Union
 
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.prompt_inputs import is_token_ids, one_prompt
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only, same_as_one_of
+
+# One prompt as vLLM's LLM.generate takes it: text, token ids, or a dict ({"prompt": ...} or
+# {"prompt_token_ids": ...}, with "cache_salt").
+Prompt = Union[str, list[int], Mapping[str, Any]]
+
 
 def _prompt_list(prompts) -> tuple[list, list[str | None]]:
     """``generate``'s prompts as a list of engine prompts, and each one's ``cache_salt`` (a vLLM prompt dict's, else
@@ -222,9 +228,9 @@ class LLM:
         """The model's tokenizer (``llm.tokenizer``), by vLLM's name for it."""
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+    def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 show_progress: bool | None = None, *, use_tqdm=None, lora_request=None,
+                 show_progress: bool | None = None, *, use_tqdm: object = None, lora_request: object = None,
                  priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in the prompts' order.
 
@@ -283,12 +289,12 @@ class LLM:
         for rid in ids:
             self.engine.abort_request(rid)
 
-    def chat(self, messages: Seq[dict] | Seq[Seq[dict]],
+    def chat(self, messages: Seq[Mapping[str, Any]] | Seq[Seq[Mapping[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict | None = None, show_progress: bool | None = None,
-             use_tqdm=None, lora_request=None) -> list[RequestOutput]:
+             use_tqdm: object = None, lora_request: object = None) -> list[RequestOutput]:
         """Reply to one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them, as vLLM's
         ``LLM.chat``: each is rendered with the model's chat template (or ``chat_template``), tokenized without
         adding special tokens again (the template writes them), and generated like a prompt. One output per

@@ -18,8 +18,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
+from typing import Any, Union
 
 import redis
 import redis.asyncio as aredis
@@ -89,6 +89,9 @@ CANCEL_TRY_S = 2.0  # one try of a cancel sent again through an outage (the sync
 # Last-Event-ID, None on a first connect) resumes the id from its first event, as ``events(id)`` does: taken for
 # "not given", it sent the id as a prompt and streamed an unrelated generation.
 NEW_REQUEST: Any = object()
+# Where a resumed stream picks up: the last ``seq`` seen (an int for every output, or its text as an SSE
+# Last-Event-ID carries it), or ``{index: seq}`` (text keys too, as JSON gives them back).
+After = Union[int, str, Mapping[int, int], Mapping[str, int]]
 
 
 def _entries(reply: Any) -> list:
@@ -501,8 +504,8 @@ class Client(ProducerCore):
 
     def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
-        pickup_timeout: float | None = None, after: int | str | dict | None = NEW_REQUEST, **kw: Any,
-    ) -> Iterator[Event]:
+        pickup_timeout: float | None = None, after: After | None = NEW_REQUEST, **kw: Any,
+    ) -> Generator[Event, None, None]:
         """Submit and yield the request's events (token events, then exactly one terminal event), read from its
         events stream: a dropped connection or a worker crash neither loses nor repeats one.
         ``pickup_timeout``: raise :class:`NoWorker` when nothing was heard that long and no worker is live.
@@ -521,8 +524,8 @@ class Client(ProducerCore):
         yield from self._run(self._stream(req.id, req, timeout, pickup_timeout=pickup_timeout),
                              owned=req.id if private else None, timeout=timeout)
 
-    def events(self, request_id: str, timeout: float | None = None,
-               after: int | dict[int, int] | None = None, *, pickup_timeout: float | None = None) -> Iterator[Event]:
+    def events(self, request_id: str, timeout: float | None = None, after: After | None = None, *,
+               pickup_timeout: float | None = None) -> Generator[Event, None, None]:
         """Events of an already submitted request, from its first (or after ``seq`` ``after``) to its end.
         ``pickup_timeout`` as in :meth:`stream`."""
         self._check_open()
@@ -939,8 +942,8 @@ class AsyncClient(ProducerCore):
 
     async def stream(
         self, prompt: str | list[int] | None = None, *, timeout: float | None = None,
-        pickup_timeout: float | None = None, after: int | str | dict | None = NEW_REQUEST, **kw: Any,
-    ) -> AsyncIterator[Event]:
+        pickup_timeout: float | None = None, after: After | None = NEW_REQUEST, **kw: Any,
+    ) -> AsyncGenerator[Event, None]:
         self._check_open()
         if after is not NEW_REQUEST:
             if not isinstance(prompt, str):
@@ -958,9 +961,8 @@ class AsyncClient(ProducerCore):
             async for ev in evs:
                 yield ev
 
-    async def events(self, request_id: str, timeout: float | None = None,
-                     after: int | dict[int, int] | None = None, *,
-                     pickup_timeout: float | None = None) -> AsyncIterator[Event]:
+    async def events(self, request_id: str, timeout: float | None = None, after: After | None = None, *,
+                     pickup_timeout: float | None = None) -> AsyncGenerator[Event, None]:
         wait = self._stream(request_id, None, timeout, after, pickup_timeout)
         async with contextlib.aclosing(self._run(wait, timeout=timeout)) as evs:
             async for ev in evs:
