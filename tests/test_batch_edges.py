@@ -779,8 +779,10 @@ def test_output_lines_over_the_output_buffer_limit_are_read_in_smaller_pages_or_
 
         r.hset(out, "30", json.dumps({"custom_id": "big", "filler": "x" * 300_000}))
         words = f"closes the connection at every read of an output line of batch {bid} ({out})"
-        with pytest.raises(ReplyOverLimit, match=re.escape(words)):
+        with pytest.raises(ReplyOverLimit, match=re.escape(words)) as caught:
             list(batch_results(r, prefix, bid))
+        port = r.connection_pool.connection_kwargs["port"]
+        assert str(caught.value).startswith(f"Redis at 127.0.0.1:{port} closes"), caught.value
         res = cli.invoke(app, ["batch", "results", bid])
         assert res.exit_code == 1 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         r.config_set("client-output-buffer-limit", "normal 0 0 0")

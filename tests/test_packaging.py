@@ -170,11 +170,17 @@ def test_client_only_venv_round_trips_through_a_full_worker(client_venv, redis_u
                        "0", "--timeout", "300"], cwd=tmp_path,
                       env=_venv_env(client_venv, PAGEDSERVE_REDIS_URL=redis_url, PAGEDSERVE_PREFIX=prefix,
                                     OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"))
-        lowest = _lowest_redis_py(client_venv, tmp_path)
+        lowest = _lowest_allowed(client_venv, tmp_path)
         res = _run([python, "-c", _PRODUCER, redis_url, prefix], cwd=tmp_path,
                    env=_venv_env(client_venv, PYTHONPATH=str(lowest)))
         assert res.returncode == 0, res.stdout + res.stderr
         on_lowest = json.loads(res.stdout.strip().splitlines()[-1])
+        helped = _run([python, "-m", "pagedserve", "submit", "--help"], cwd=tmp_path,
+                      env=_venv_env(client_venv, PYTHONPATH=str(lowest)))
+        # no OTEL_* variable: nothing to say about tracing (the SDK is missing, and nothing asked for it)
+        quiet = _run([python, "-c", "from pagedserve.service.telemetry import configure_tracing as c; "
+                      "assert c() is None"], cwd=tmp_path,
+                     env={k: v for k, v in _venv_env(client_venv).items() if not k.startswith("OTEL_")})
 
     assert Path(got["pagedserve"]).is_relative_to(client_venv), got["pagedserve"]
     assert not got["torch_installed"] and got["engine_modules"] == []
@@ -189,20 +195,25 @@ def test_client_only_venv_round_trips_through_a_full_worker(client_venv, redis_u
         submit.stderr and "Traceback" not in submit.stderr, submit.stderr
     # the lowest redis-py the package allows: both clients (AsyncClient's close failed on 5.x) give the same text
     assert on_lowest["tokens"] == on_lowest["async_text"] == got["tokens"], on_lowest
+    # the lowest typer allowed, with the click the venv resolved: help renders (0.13 to 0.15 raised TypeError)
+    assert helped.returncode == 0 and "--max-tokens" in helped.stdout, helped.stdout + helped.stderr
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     printed = submit.stdout.removesuffix("\n")  # the streamed text: greedy, so a prefix of the 6-token one
     expected = reference.outputs[0].text  # into a pipe as the model wrote it (escaped on a terminal only)
     assert printed and expected.startswith(printed), (printed, expected)
 
 
-def _lowest_redis_py(venv: Path, tmp_path: Path) -> Path:
-    """A folder holding the lowest redis-py the installed package's requirement allows, to put on PYTHONPATH."""
+def _lowest_allowed(venv: Path, tmp_path: Path, names: tuple[str, ...] = ("redis", "typer")) -> Path:
+    """A folder holding the lowest version of each of ``names`` the installed package's requirements allow, to put
+    on PYTHONPATH ahead of the venv's own."""
     res = _run([venv / "bin" / "python", "-c", "from importlib.metadata import requires; "
-                "print(next(r for r in requires('pagedserve') if r.startswith('redis')))"], env=_venv_env(venv))
-    lowest = re.fullmatch(r"redis>=([0-9.]+)", res.stdout.strip())
-    assert lowest, res.stdout + res.stderr
-    folder = tmp_path / "lowest-redis"
+                "print('\\n'.join(requires('pagedserve')))"], env=_venv_env(venv))
+    bounds = dict(m.groups() for line in res.stdout.splitlines()
+                  if (m := re.fullmatch(r"([a-z]+)>=([0-9.]+)", line.strip())))
+    assert set(names) <= set(bounds), res.stdout + res.stderr
+    folder = tmp_path / "lowest"
     res = _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                "--target", folder, f"redis=={lowest.group(1)}"], timeout=300)
+                "--target", folder, *(f"{name}=={bounds[name]}" for name in names)], timeout=300)
     if res.returncode != 0 and _OFFLINE.search(res.stdout + res.stderr):
         pytest.skip(f"the package index is unreachable: {res.stderr[-300:]}")
     assert res.returncode == 0, res.stdout + res.stderr

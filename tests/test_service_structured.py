@@ -288,3 +288,34 @@ def test_batch_lines_take_vllms_structured_outputs_of_every_kind(redis_url, pref
     assert 'body.guided_regex: not supported: vLLM\'s older name: give structured_outputs {"regex": ...}' in \
         said["guided"], said
     assert "body.structured_outputs has an unknown key 'json_schema'" in said["misspelt"], said
+
+
+def test_structured_outputs_dumped_from_vllm_are_taken_at_its_defaults():
+    """A structured_outputs dict dumped from vLLM's StructuredOutputsParams spells out disable_fallback: false,
+    structural_tag: null (and its private _backend fields) and disable_additional_properties: false beside a
+    regex: each was refused as an unknown key or as json-only, offline, on the wire and in a batch line. vLLM's
+    defaults are taken; any other value of its own fields is refused saying why."""
+    from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.service.batch_format import LineError, to_request
+
+    dumped = {"json": None, "regex": "[0-9]+", "choice": None, "grammar": None, "json_object": None,
+              "disable_fallback": False, "disable_any_whitespace": False, "disable_additional_properties": False,
+              "whitespace_pattern": None, "structural_tag": None, "_backend": None, "_backend_was_auto": False}
+    assert SamplingParams(structured_outputs=dumped).structured_outputs == {"regex": "[0-9]+"}
+    from pagedserve.service.protocol import engine_params
+
+    wire = parse_request(json.dumps({"id": "d", "prompt": "x", "params": {"structured_outputs": dumped}}).encode(),
+                         1 << 20)
+    assert engine_params(wire.params).structured_outputs == {"regex": "[0-9]+"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": dumped}
+    line = to_request("batch_x", 0, 1, "c", "/v1/chat/completions", body, 2**40)
+    assert line.params.structured_outputs.regex == "[0-9]+"
+    with pytest.raises(ValueError, match="^structured_outputs disable_fallback is vLLM's, taken only at its "
+                                         r"default \(false\)"):
+        SamplingParams(structured_outputs={**dumped, "disable_fallback": True})
+    with pytest.raises(LineError, match=r"^body.structured_outputs structural_tag is vLLM's, taken only at its "
+                                        r"default \(null\)"):
+        to_request("batch_x", 0, 1, "c", "/v1/chat/completions",
+                   {**body, "structured_outputs": {**dumped, "structural_tag": "<tool>"}}, 2**40)
+    with pytest.raises(ValueError, match="disable_additional_properties applies to json only"):
+        SamplingParams(structured_outputs={"regex": "a", "disable_additional_properties": True})

@@ -29,6 +29,25 @@ MAX_CHOICES = 1024
 MAX_SPEC_DEPTH = 124
 
 
+# vLLM's StructuredOutputsParams fields this engine has no use for, at vLLM's defaults, and why no other value is
+# taken: a dict dumped from vLLM's dataclass spells them out (its private fields too), and runs as it would there.
+VLLM_DEFAULTS = {"disable_fallback": (False, "has one backend, llguidance, and nothing to fall back to"),
+                 "structural_tag": (None, "constrains no tool-call tags"),
+                 "_backend": (None, "chooses its backend itself"),
+                 "_backend_was_auto": (False, "chooses its backend itself")}
+
+
+def without_vllm_defaults(value: dict) -> dict:
+    """``value`` without vLLM's fields at their defaults (:data:`VLLM_DEFAULTS`); one at another value is refused."""
+    if not any(k in VLLM_DEFAULTS for k in value):
+        return value
+    for name, (default, why) in VLLM_DEFAULTS.items():
+        if name in value and value[name] is not default:
+            raise structured_error(f"{name} is vLLM's, taken only at its default ({json.dumps(default)}): pagedserve "
+                                   f"{why}")
+    return {k: v for k, v in value.items() if k not in VLLM_DEFAULTS}
+
+
 def structured_error(why: str) -> ValueError:
     """A refusal of the field: its message starts with the field's name, as every SamplingParams error does."""
     return ValueError(f"structured_outputs {why}")
@@ -92,6 +111,7 @@ def validate_structured_outputs(value: object) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise structured_error(f"must be a dict with one of {', '.join(KINDS)} (got {_short(value)})")
+    value = without_vllm_defaults(value)
     unknown = sorted(str(k) for k in value if k not in KINDS + OPTIONS)
     if unknown:
         raise structured_error(f"has an unknown key {unknown[0]!r} (known: {', '.join(KINDS + OPTIONS)})")
@@ -152,9 +172,9 @@ def validate_structured_outputs(value: object) -> dict | None:
     closed = value.get("disable_additional_properties")
     if closed is not None and not isinstance(closed, bool):
         raise structured_error(f"disable_additional_properties must be a boolean (got {_short(closed)})")
-    if closed is not None and kind != "json":
+    if closed and kind != "json":  # false, vLLM's default (which its dumps spell out), asks nothing of the others
         raise structured_error(f"disable_additional_properties applies to json only (got it with {kind})")
-    if closed is False:  # true is the default: said only when it is not
+    if closed is False and kind == "json":  # true is the default: said only when it is not
         out["disable_additional_properties"] = False
     return out
 

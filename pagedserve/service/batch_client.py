@@ -355,13 +355,14 @@ def is_batch_input(r: redis.Redis, prefix: str, bid: str, path: Path) -> bool:
 OUTPUT_PAGE = 1000
 
 
-def batch_results(r: redis.Redis, prefix: str, bid: str, where: str = "Redis") -> Iterator[dict]:
+def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = None) -> Iterator[dict]:
     """The output lines stored so far, in input order (all of them once the batch has ended). ``where``: the
-    Redis, as said in :class:`~pagedserve.service.client_core.ReplyOverLimit` when one line alone is over the
-    output buffer limit (kept: raising the limit makes it readable)."""
+    Redis (default: its host and port), as said in :class:`~pagedserve.service.client_core.ReplyOverLimit` when
+    one line alone is over the output buffer limit (kept: raising the limit makes it readable)."""
     if not r.exists(BatchKeys(prefix).record(bid)):
         raise BatchNotFound(bid)
     key, lines, cursor, page = BatchKeys(prefix).out(bid), {}, 0, OUTPUT_PAGE
+    refused = False  # the last read, of one line, was closed while Redis answered a PING
     while True:
         try:
             cursor, fields = r.hscan(key, cursor, count=page)
@@ -373,14 +374,23 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str = "Redis") -
                     r.ping()
                 except redis.RedisError:
                     raise e from None
-                raise reply_over_limit(where, f"an output line of batch {bid} ({key})", None) from None
+                if refused:  # twice running: a link that drops now and then is not a reply too big
+                    raise reply_over_limit(where or _host_port(r), f"an output line of batch {bid} ({key})",
+                                           None) from None
+                refused = True
             page = max(1, page // 4)
             continue
+        refused = False
         lines.update((int(as_text(f)), v) for f, v in fields.items())
         if not cursor:
             break
     for line_no in sorted(lines):
         yield json.loads(lines[line_no])
+
+
+def _host_port(r: redis.Redis) -> str:
+    kw = r.connection_pool.connection_kwargs
+    return kw["path"] if "path" in kw else f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}"
 
 
 def lost_lines(batch: dict, lines: list) -> int:

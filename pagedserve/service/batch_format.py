@@ -55,8 +55,9 @@ _VLLM_REQUEST_DEFAULTS = {
                         "return_tokens_as_token_ids": (False, True)},
 }
 # vLLM's structured-output fields before structured_outputs (its servers no longer take them either).
-_INSTEAD = {f"guided_{kind}": f"vLLM's older name: give structured_outputs {{\"{kind}\": ...}} (or a JSON Schema as "
-                              "response_format)" for kind in ("json", "regex", "choice", "grammar")}
+_INSTEAD = {f"guided_{kind}": f"vLLM's older name: give structured_outputs {{\"{kind}\": ...}}"
+                              + (" (or a JSON Schema as response_format)" if kind == "json" else "")
+            for kind in ("json", "regex", "choice", "grammar")}
 # Where SamplingParams' advice for an option it lacks names what a line cannot give either.
 _LINE_INSTEAD = {"use_beam_search": "a batch line runs no beam search (a request from Client or Celery takes "
                                     "params.beam_width)"}

@@ -235,6 +235,10 @@ class StructuredOutputsModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _misspelt(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # vLLM's own fields at its defaults, as a dump of its dataclass spells them out
+            from pagedserve.engine.structured_spec import without_vllm_defaults
+
+            data = without_vllm_defaults(data)
         refuse_misspelt(data, cls, "a structured_outputs field")
         return data
 

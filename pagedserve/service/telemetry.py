@@ -321,12 +321,12 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
         remember_endpoint_secrets(os.environ.get(name))
     try:
         exporters = _span_exporters()
+        if not exporters:
+            return None
         from opentelemetry.sdk.resources import Resource
     except ImportError as e:  # the producer side's install: the API alone, which exports nothing
         _tracing_off(f"the OTEL_* variables ask for an exporter, and {e.name} is not installed (pip install "
                      "opentelemetry-sdk opentelemetry-exporter-otlp-proto-http, or pagedserve[worker])")
-        return None
-    if not exporters:
         return None
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
