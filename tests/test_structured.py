@@ -1539,7 +1539,9 @@ def test_the_additional_properties_option_is_checked():
     with pytest.raises(ValueError, match=r"^structured_outputs disable_additional_properties must be a boolean"):
         validate_structured_outputs({"json": PERSON, "disable_additional_properties": "no"})
     with pytest.raises(ValueError, match=r"^structured_outputs disable_additional_properties applies to json only"):
-        validate_structured_outputs({"regex": "a", "disable_additional_properties": False})
+        validate_structured_outputs({"regex": "a", "disable_additional_properties": True})
+    # false is vLLM's default, which a dump of its StructuredOutputsParams spells out beside any kind
+    assert validate_structured_outputs({"regex": "a", "disable_additional_properties": False}) == {"regex": "a"}
     open_spec = validate_structured_outputs({"json": PERSON, "disable_additional_properties": False})
     assert cache_key(open_spec) != cache_key(validate_structured_outputs({"json": PERSON}))
     assert cache_key(validate_structured_outputs({"json": PERSON, "disable_additional_properties": True})) == \
