@@ -275,17 +275,19 @@ def _engine_env(device: str) -> None:
     from pagedserve.engine import engine_env
 
     try:
-        engine_env.check_all(cpu_kernels=_runs_on_the_cpu(device, engine_env.CPU_MARCH_ENV))
+        engine_env.check_all(cpu_kernels=_runs_on_the_cpu(device))
     except ValueError as e:
         _fail(f"error: {redact(e)}", 2)
 
 
-def _runs_on_the_cpu(device: str, march_env: str) -> bool:
+def _runs_on_the_cpu(device: str) -> bool:
     """Whether the engine of ``device`` (the setting) runs on the CPU. "auto" asks torch whether there is a GPU,
     which takes an import of torch here, only where a CPU -march is set for it to be checked against."""
+    from pagedserve.engine.engine_env import CPU_MARCH_ENV
+
     if device != "auto":
         return device == "cpu"
-    if not os.environ.get(march_env, "").strip():
+    if not os.environ.get(CPU_MARCH_ENV, "").strip():
         return True
     import torch
 

@@ -803,7 +803,7 @@ class AsyncClient(ProducerCore):
             for task in list(self._cancelling):  # Redis did not answer in time: they are given up
                 task.cancel()
             self._closed = True
-            self.r.get_retry().stop()  # a command the close breaks ends, not reconnects (retry_once)
+            self.r.get_retry().update_retries(0)  # a command the close breaks ends, not reconnects (retry_once)
             await self.r.aclose()
 
     def _bind_loop(self) -> None:

@@ -164,10 +164,6 @@ class _OnePolicy:
     def __deepcopy__(self, memo: dict) -> _OnePolicy:
         return self
 
-    def stop(self) -> None:
-        """No more retries, for every connection of the client (redis-py before 6 has no ``update_retries``)."""
-        self._retries = 0
-
 
 class SharedRetry(_OnePolicy, redis.retry.Retry):
     """A :class:`redis.retry.Retry` that every connection of a client shares (:func:`retry_once`)."""
