@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # The engine's heavy dependencies are not what is checked here: skipping them keeps the run to seconds.
 MYPY_INI = """[mypy]
@@ -22,27 +24,33 @@ ignore_missing_imports = True
 """
 
 
-def _mypy(tmp_path: Path, *files: Path) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory) -> Path:
+    """One cache for the module's runs: the second checks only its own file, not pagedserve again."""
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+def _mypy(tmp_path: Path, cache: Path, *files: Path) -> subprocess.CompletedProcess:
     config = tmp_path / "mypy.ini"
     config.write_text(MYPY_INI)
     # The checkout is on MYPYPATH: an editable install's import hook is nothing mypy follows.
     env = {**os.environ, "MYPYPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", config, "--cache-dir", tmp_path / "cache",
-                           *files], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", config, "--cache-dir", cache, *files],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
 
-def test_code_using_the_api_as_the_readme_does_type_checks_strictly(tmp_path):
+def test_code_using_the_api_as_the_readme_does_type_checks_strictly(tmp_path, mypy_cache):
     """Every name imported from ``pagedserve`` was "not explicitly exported" (its lazy imports), streams were typed
     as iterators (no close()/aclose(), so contextlib.aclosing was a type error), ``after=`` refused the text an SSE
     Last-Event-ID carries, and LLM.generate refused a vLLM prompt dict: 13 errors in these 60 lines."""
-    done = _mypy(tmp_path, Path(__file__).parent / "typed_api" / "user_code.py")
+    done = _mypy(tmp_path, mypy_cache, Path(__file__).parent / "typed_api" / "user_code.py")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_a_misspelt_name_is_a_type_error_not_any(tmp_path):
+def test_a_misspelt_name_is_a_type_error_not_any(tmp_path, mypy_cache):
     code = tmp_path / "typo.py"
     code.write_text("from pagedserve import Clinet\nimport pagedserve\n\nx: int = pagedserve.Settigns\n")
-    done = _mypy(tmp_path, code)
+    done = _mypy(tmp_path, mypy_cache, code)
     assert done.returncode == 1, done.stdout
     assert 'Module "pagedserve" has no attribute "Clinet"' in done.stdout, done.stdout
     assert 'Module has no attribute "Settigns"' in done.stdout, done.stdout
