@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
+import struct
 import threading
 import time
 
@@ -18,7 +19,9 @@ class TcpProxy:
       waits); set again, what waited is delivered;
     - ``close_next_answer``: set, the next bytes Redis sends are dropped and the client's connection is closed in
       their place (the command was applied, its answer lost);
-    - ``delay``: seconds each chunk waits before it is forwarded (a slow link).
+    - ``delay``: seconds each chunk waits before it is forwarded (a slow link);
+    - :meth:`reset_answers`: the next answers longer than some bytes are cut there and the client's connection
+      reset (a load balancer or a NAT dropping a flow mid-reply: ECONNRESET, not Redis's own close).
     """
 
     def __init__(self, target: int, delay: float = 0.0):
@@ -27,6 +30,7 @@ class TcpProxy:
         self.open.set()
         self.close_next_answer = threading.Event()
         self.answers_closed = 0
+        self._resets: list[int] = []  # the byte counts the next long answers are cut at, in order
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -51,6 +55,10 @@ class TcpProxy:
                     self.answers_closed += 1
                     b.shutdown(socket.SHUT_RDWR)
                     break
+                if answers and self._resets and len(data) > self._resets[0]:
+                    chunks.put((time.monotonic() + self.delay, data[:self._resets.pop(0)]))
+                    chunks.put((time.monotonic() + self.delay, None))
+                    break
                 chunks.put((time.monotonic() + self.delay, data))
         chunks.put((time.monotonic() + self.delay, b""))
 
@@ -60,6 +68,11 @@ class TcpProxy:
                 due, data = chunks.get()
                 time.sleep(max(0.0, due - time.monotonic()))
                 self.open.wait()
+                if data is None:  # reset: a close with no linger sends RST in place of FIN; SHUT_RD (which sends
+                    # nothing) wakes the other direction's recv, whose hold on the socket would delay the close
+                    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    b.shutdown(socket.SHUT_RD)
+                    break
                 if not data:
                     break
                 b.sendall(data)
@@ -68,6 +81,11 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 b.close()
+
+    def reset_answers(self, after_bytes: int, count: int = 1) -> None:
+        """Cut each of the next ``count`` answers (a chunk Redis sent) longer than ``after_bytes`` after that
+        many bytes, and reset the client's connection."""
+        self._resets.extend([after_bytes] * count)
 
     def close(self) -> None:
         self.open.set()

@@ -787,3 +787,48 @@ def test_output_lines_over_the_output_buffer_limit_are_read_in_smaller_pages_or_
         assert res.exit_code == 1 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         r.config_set("client-output-buffer-limit", "normal 0 0 0")
         assert len(list(batch_results(r, prefix, bid))) == 31  # kept
+
+
+def test_output_read_through_a_link_that_resets_mid_reply_is_read_again(prefix, cli, monkeypatch):
+    """A load balancer resetting the connection in the middle of an HSCAN page (ECONNRESET, not Redis's own
+    close): `batch results` said "cannot reach Redis" and wrote nothing, where the page read again comes whole.
+    After a page that had to shrink, pages grow back: one hard page does not leave the rest read a few lines at
+    a time."""
+    import redis
+
+    from pagedserve.service import batch_client
+    from pagedserve.service.client import Client
+    from pagedserve.service.redis_server import LocalRedis
+    from tcp_proxy import TcpProxy
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as direct:
+        proxy = TcpProxy(direct.connection_pool.connection_kwargs["port"])
+        try:
+            monkeypatch.setenv("PAGEDSERVE_REDIS_URL", proxy.url)
+            bid = submit_batch(direct, prefix, jsonl([completion(f"c{i}") for i in range(30)]))
+            lines = [{"custom_id": f"c{i}", "filler": f"{i}" * 2_000} for i in range(30)]
+            direct.hset(BatchKeys(prefix).out(bid), mapping={str(i): json.dumps(line) for i, line in enumerate(lines)})
+            direct.hset(BatchKeys(prefix).record(bid), mapping={"status": "completed", "completed": 30})
+            with redis.Redis.from_url(proxy.url) as r:
+                proxy.reset_answers(10_000, count=2)
+                assert list(batch_results(r, prefix, bid)) == lines
+            with Client(settings=make_settings(proxy.url, prefix)) as c:
+                proxy.reset_answers(10_000)
+                assert c.batch_results(bid) == lines
+            proxy.reset_answers(10_000)
+            res = cli.invoke(app, ["batch", "results", bid])
+            assert res.exit_code == 0, res.stderr
+            assert [json.loads(line) for line in command_stdout(res).splitlines()] == lines, res.stderr
+
+            # The page sizes asked for (a spy: Redis answers each), one page reset at the start.
+            monkeypatch.setattr(batch_client, "OUTPUT_PAGE", 8)
+            with redis.Redis.from_url(proxy.url) as r:
+                pages: list[int] = []
+                hscan = r.hscan
+                monkeypatch.setattr(r, "hscan", lambda key, cursor, count: pages.append(count) or hscan(key, cursor,
+                                                                                                        count=count))
+                proxy.reset_answers(5_000)
+                assert list(batch_client.batch_results(r, prefix, bid)) == lines
+            assert pages[:2] == [8, 2] and 8 in pages[2:], pages
+        finally:
+            proxy.close()

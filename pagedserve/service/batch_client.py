@@ -36,8 +36,8 @@ import redis
 
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
-from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, check_seconds,
-                          closed_by_server, is_loading, reply_over_limit, why_no_worker)
+from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, broke_mid_reply,
+                          check_seconds, is_loading, reply_over_limit, why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -351,23 +351,25 @@ def is_batch_input(r: redis.Redis, prefix: str, bid: str, path: Path) -> bool:
 
 
 # Output lines per HSCAN. A page whose reply is over Redis's output buffer limit for normal clients (lines with
-# logprobs run to a MiB) closes the connection at every try: it is asked for again a quarter as large.
+# logprobs run to a MiB) closes the connection at every try: it is asked for again a quarter as large, and grows
+# back twofold with each page that came whole (one large line must not leave the rest read a few at a time).
 OUTPUT_PAGE = 1000
 
 
 def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = None) -> Iterator[dict]:
     """The output lines stored so far, in input order (all of them once the batch has ended). ``where``: the
     Redis (default: its host and port), as said in :class:`~pagedserve.service.client_core.ReplyOverLimit` when
-    one line alone is over the output buffer limit (kept: raising the limit makes it readable)."""
+    one line alone is over the output buffer limit (kept: raising the limit makes it readable). A read Redis
+    broke off (closed or reset mid-reply) is made again, smaller: HSCAN reads, so a page read twice is harmless."""
     if not r.exists(BatchKeys(prefix).record(bid)):
         raise BatchNotFound(bid)
     key, lines, cursor, page = BatchKeys(prefix).out(bid), {}, 0, OUTPUT_PAGE
-    refused = False  # the last read, of one line, was closed while Redis answered a PING
+    refused = False  # the last read, of one line, was broken off while Redis answered a PING
     while True:
         try:
             cursor, fields = r.hscan(key, cursor, count=page)
         except redis.ConnectionError as e:
-            if not closed_by_server(e):
+            if not broke_mid_reply(e):
                 raise
             if page == 1:  # one line refused: over the limit where Redis answers a small command, else an outage
                 try:
@@ -375,12 +377,13 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
                 except redis.RedisError:
                     raise e from None
                 if refused:  # twice running: a link that drops now and then is not a reply too big
-                    raise reply_over_limit(where or _host_port(r), f"an output line of batch {bid} ({key})",
-                                           None) from None
+                    raise reply_over_limit(where or _host_port(r), f"an output line of batch {bid} ({key}) after "
+                                           f"the {len(lines)} read", None) from None
                 refused = True
             page = max(1, page // 4)
             continue
         refused = False
+        page = min(OUTPUT_PAGE, page * 2)
         lines.update((int(as_text(f)), v) for f, v in fields.items())
         if not cursor:
             break
