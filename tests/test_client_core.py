@@ -946,7 +946,8 @@ def test_a_full_pool_is_never_taken_for_a_reply_over_the_output_buffer_limit(red
     freed by another thread: the pool's "Too many connections" was taken for Redis closing the connection over
     its output buffer limit, and result() or cancel() raised ReplyOverLimit (a 326-byte result, no limit set), which
     tells the operator to raise a Redis limit, where TooManyConnections says to call again. Only a connection
-    broken under a command counts."""
+    broken under a command counts, and only for a value large enough to be over a limit (16 KiB: a connection's
+    own reply buffer holds less, outside the limit)."""
     from pagedserve.service.client import AsyncClient, Client, ReplyOverLimit
 
     full = [redis.ConnectionError("Too many connections")]
@@ -956,6 +957,9 @@ def test_a_full_pool_is_never_taken_for_a_reply_over_the_output_buffer_limit(red
     key = Keys(prefix).result("small")
     with redis.Redis.from_url(redis_url) as r, Client(redis_url, prefix=prefix) as c:
         r.set(key, "x" * 326)
+        for e in (*full, broken):
+            c._raise_if_over_limit(e, key, "small")
+        r.set(key, "x" * 16 * 1024)
         for e in full:
             c._raise_if_over_limit(e, key, "small")
         with pytest.raises(ReplyOverLimit):

@@ -132,3 +132,39 @@ def test_a_connection_redis_closed_while_idle_is_opened_again(prefix):
             c.submit("x", id="s1")
             time.sleep(2.5)
             assert c.submit("x", id="s2") == "s2"
+
+
+def test_a_read_reset_mid_reply_is_made_again_and_a_small_reply_is_never_over_the_limit(redis_url, prefix, proxy,
+                                                                                         shared_engine):
+    """A load balancer resetting the connection in the middle of a reply (ECONNRESET; Redis's own close reads as
+    "closed by server"): ``events(id)`` and ``stream(id, after=)`` raised "cannot reach Redis" at once, with Redis
+    answering; two resets running made ``wait()`` and ``cancel()`` of a 9 kB result blame Redis's output buffer
+    limit, which no reply under 16 KiB can be over (a connection's own reply buffer holds it)."""
+    from pagedserve.service.client import AsyncClient, Client, RedisUnreachable, ReplyOverLimit
+
+    params = {"max_tokens": 1200, "ignore_eos": True}
+    with running_worker(make_settings(redis_url, prefix), shared_engine), Client(proxy.url, prefix=prefix) as c:
+        streamed = list(c.stream("x", id="long-one", params=params, timeout=120))
+        whole = list(c.events("long-one", timeout=30))
+        assert whole == streamed and len(whole) > 1
+        proxy.reset_answers(5_000)
+        assert list(c.events("long-one", timeout=30)) == whole
+        proxy.reset_answers(5_000)
+        assert list(c.stream("long-one", after=len(whole) // 2, timeout=30)) == whole[len(whole) // 2 + 1:]
+
+        result_bytes = len(redis.Redis.from_url(redis_url).get(Keys(prefix).result("long-one")))
+        assert 5_000 < result_bytes < 16 * 1024, result_bytes
+        for call in (lambda: c.wait("long-one", timeout=30), lambda: c.result("long-one"),
+                     lambda: c.cancel("long-one")):
+            proxy.reset_answers(4_000, count=2)
+            try:
+                call()  # made again once more, or said as Redis not reached: never a reply over the limit
+            except RedisUnreachable as e:
+                assert not isinstance(e, ReplyOverLimit), e
+
+        async def async_events() -> list:
+            async with AsyncClient(proxy.url, prefix=prefix) as ac:
+                proxy.reset_answers(5_000)
+                return [ev async for ev in ac.events("long-one", timeout=30)]
+
+        assert asyncio.run(async_events()) == whole

@@ -61,6 +61,7 @@ from .client_core import (
     done_or_raise,
     first_terminal,
     ids_exhausted,
+    may_be_over_limit,
     pool_full,
     pool_options,
     reply_over_limit,
@@ -446,7 +447,7 @@ class Client(ProducerCore):
                 size = None
         except redis.RedisError:
             return
-        if size or (alone and size is None):
+        if may_be_over_limit(size, alone):
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
@@ -877,7 +878,7 @@ class AsyncClient(ProducerCore):
                 size = None
         except redis.RedisError:
             return
-        if size or (alone and size is None):
+        if may_be_over_limit(size, alone):
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:

@@ -224,6 +224,19 @@ class ReplyOverLimit(redis.ConnectionError):
     request_id: str | None = None
 
 
+# A stored value under this size is over no output buffer limit a deployment can have: a new connection's own
+# reply buffer (16 KiB; the limit counts only what overflows it) holds it, and a limit below 64 kB stops the
+# worker itself (docs/deployment.md). Its read broken off twice is the network's doing, not the limit's.
+REPLY_BUFFER_BYTES = 16 * 1024
+
+
+def may_be_over_limit(size: int | None, alone: bool) -> bool:
+    """Whether a stored value of ``size`` bytes (None: its size could not be asked for), whose read broke off
+    twice running while Redis answered a small command, may be over the output buffer limit. ``alone``: the
+    value was all the command read, so an unknown size counts."""
+    return alone if size is None else size >= REPLY_BUFFER_BYTES
+
+
 def reply_over_limit(where: str, what: str, size: int | None, request_id: str | None = None) -> ReplyOverLimit:
     """``what``: the key (or the entry) read; ``size``: its bytes where known."""
     bytes_ = f" ({size} bytes)" if size is not None else ""
@@ -1684,10 +1697,10 @@ def stream_wait(
                         entry_refused = True
                 if broke_mid_reply(e):  # not an outage: a page that could not come back in one piece
                     page = max(MIN_EVENTS_PAGE, page // 4)
-                if not reached and closed_by_server(e):
-                    # Redis closing it over its output buffer limit, or a proxy with no Redis behind it? A small
-                    # reply tells them apart (not the result itself: it may be over the limit too), one a
-                    # producer's ACL lets it read.
+                if not reached and broke_mid_reply(e):
+                    # Redis closing it over its output buffer limit, a link reset mid-reply, or a proxy with no
+                    # Redis behind it? A small reply tells them apart (not the result itself: it may be over the
+                    # limit too), one a producer's ACL lets it read.
                     try:
                         yield CountKeys((keys.running(request_id),))
                         reached = True
