@@ -441,3 +441,22 @@ def test_duplicate_entries_read_together_are_counted_as_those_read_apart(redis_u
                  what="both acknowledged")
         wait_for(lambda: moved(before, cached) >= 2, 5, what="both counted as answered from the result")
         assert moved(before, redeliveries) == 0
+
+
+def test_a_tracing_warning_of_a_command_that_logs_nothing_goes_to_stderr():
+    """`pagedserve submit` configures no logging; with structlog installed (the worker extra), its warning that
+    no trace is exported went through structlog's default, stdout, into the generated text (`submit > out.txt`).
+    Where no logging is configured, it is one line on stderr, as on an install without structlog."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pagedserve.service.telemetry import configure_tracing\n"
+            "print('PROVIDER', configure_tracing() is not None)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    res = subprocess.run([sys.executable, "-c", code], env={**clean, "OTEL_TRACES_EXPORTER": "bogus"},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == "PROVIDER False\n", res.stdout
+    assert res.stderr == ("warning: no trace is exported: OTEL_TRACES_EXPORTER names 'bogus': pagedserve exports "
+                          "otlp, console or none\n"), res.stderr

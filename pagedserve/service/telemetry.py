@@ -288,11 +288,11 @@ def _span_exporter(name: str) -> Any:
 
 
 def _tracing_off(reason: str) -> None:
-    """Say why no span is exported: a ``tracing_off`` log line, or one line on stderr where the install has no
-    structlog (the producer side: the worker extra brings it)."""
-    try:
+    """Say why no span is exported: a ``tracing_off`` line of the log a worker configured, or one line on stderr
+    in a process that configured none (a CLI command: structlog's own default writes to stdout, into the output)."""
+    if _configured_logging:
         get_logger().warning("tracing_off", reason=reason)
-    except ImportError:
+    else:
         print(f"warning: no trace is exported: {reason}", file=sys.stderr)
 
 
