@@ -429,3 +429,8 @@ def test_a_variable_set_but_empty_is_said_to_be_set_not_unset(monkeypatch):
         read_settings()
     monkeypatch.delenv("PAGEDSERVE_MAX_QUEUE_MS")
     assert read_settings().max_queue_ms is None
+    # A message that says what unsetting the variable gives says it once.
+    monkeypatch.setenv("PAGEDSERVE_WORKER_NAME", "")
+    with pytest.raises(ValueError) as caught:
+        read_settings()
+    assert str(caught.value).count("unset it") == 1 and "unset it for the host name" in str(caught.value), caught.value

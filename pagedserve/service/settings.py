@@ -502,7 +502,8 @@ def invalid_settings(e: ValidationError, flags: Mapping[str, str] | None = None)
             parts.append(msg)
             continue
         loc = str(item["loc"][0])
-        if item.get("input") == "" and not (flags or {}).get(loc):  # a variable left empty is set, not unset
+        # A variable left empty is set, not unset (unless the message says what unsetting it gives already)
+        if item.get("input") == "" and not (flags or {}).get(loc) and "unset it" not in msg:
             msg += " (the variable is set but empty: unset it for the default)"
         parts.append(f"{(flags or {}).get(loc) or env_name_set(loc)}{shown}: {msg}")
     return redact("invalid setting " + "; ".join(parts))
