@@ -641,7 +641,7 @@ class Client(ProducerCore):
                 pubsub.close()
 
     # ------------------------------------------------------------------ batch jobs (thin: batch_client.py)
-    def submit_batch(self, data: bytes | str | os.PathLike, **kw: Any) -> str:
+    def submit_batch(self, data: bytes | str | os.PathLike[str], **kw: Any) -> str:
         """Submit a batch file (OpenAI batch lines): its content as bytes or str, or its path (``Path("in.jsonl")``,
         read here; its name is the batch's ``input_file_id``). Returns the batch id. Keywords as
         :func:`~pagedserve.service.batch_client.submit_batch` (``completion_window``, ``metadata``, ``key``)."""
@@ -673,7 +673,7 @@ class Client(ProducerCore):
         with self._reaching():
             return batch_client.submit_batch(self.r, self.keys.prefix, raw, **kw)
 
-    def batch_status(self, batch_id: str) -> dict:
+    def batch_status(self, batch_id: str) -> dict[str, Any]:
         from . import batch_client
 
         self._check_open()
@@ -682,7 +682,7 @@ class Client(ProducerCore):
             return batch_client.batch_status(self.r, self.keys.prefix, batch_id)
 
     def batch_results(self, batch_id: str, wait: bool = False, timeout: float | None = None,
-                      partial: bool = False, pickup_timeout: float | None = None) -> list[dict]:
+                      partial: bool = False, pickup_timeout: float | None = None) -> list[dict[str, Any]]:
         """The batch's output lines in input order. ``wait``: wait until it has ended first (``TimeoutError``
         after ``timeout``; ``pickup_timeout``: ``NoWorker`` once the batch has not moved for that long and no
         worker runs, the batch kept). A batch not ended raises ``BatchNotEnded`` unless ``partial`` asks for the
@@ -709,7 +709,7 @@ class Client(ProducerCore):
                                                + " (partial=True returns the lines there are)")
         return lines
 
-    def cancel_batch(self, batch_id: str) -> dict:
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         from . import batch_client
 
         self._check_open()
@@ -717,7 +717,7 @@ class Client(ProducerCore):
         with self._reaching():
             return batch_client.cancel_batch(self.r, self.keys.prefix, batch_id, self.settings.result_ttl_s)
 
-    def list_batches(self, limit: int = 20, after: str | None = None) -> list[dict]:
+    def list_batches(self, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
         """The newest batches (``limit`` of them), or those older than batch ``after`` (the last of a page)."""
         from . import batch_client
 
