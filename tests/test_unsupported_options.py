@@ -77,3 +77,25 @@ def test_vllms_defaults_of_those_options_are_taken_and_change_nothing():
         SamplingParams(max_tokens=4)
     with pytest.raises(TypeError, match="^SamplingParams option logit_bias is not supported"):
         SamplingParams(logit_bias=MappingProxyType({1: 1.0}))
+
+
+def test_the_constructor_checkers_see_is_the_one_that_runs():
+    """sampling_params.py spells out, for type checkers only, the constructor the wrapper makes (the fields' types
+    refused stop="\\n" and had no skip_special_tokens): keyword-only, every field and every unsupported option once,
+    each default building what leaving it out builds."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from pagedserve.engine import sampling_params
+
+    (cls,) = [n for n in ast.parse(inspect.getsource(sampling_params)).body
+              if isinstance(n, ast.ClassDef) and n.name == "SamplingParams"]
+    (init,) = [f for n in cls.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+               for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
+    assert [a.arg for a in init.args.args] == ["self"] and not init.args.vararg and not init.args.kwarg
+    names = [a.arg for a in init.args.kwonlyargs]
+    assert names == [f.name for f in dataclasses.fields(SamplingParams)] + list(sampling_params.UNSUPPORTED_OPTIONS)
+    for name, node in zip(names, init.args.kw_defaults):
+        default = eval(ast.unparse(node), vars(sampling_params))  # noqa: S307 (the module's own source)
+        assert SamplingParams(**{name: default}) == SamplingParams(), name

@@ -8,8 +8,9 @@ import functools
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from pagedserve.engine.structured_spec import validate_structured_outputs
 
@@ -136,8 +137,34 @@ class SamplingParams:
     logprobs: int | None = None
     # {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} | {"grammar": ...}
     # (rules: pagedserve.engine.structured_spec)
-    structured_outputs: dict | None = None
+    structured_outputs: dict[str, Any] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    if TYPE_CHECKING:
+        # The constructor as it runs (the generated one, wrapped by _refuse_unsupported_options below), which
+        # the fields' own types do not describe: keyword arguments only; vLLM's spellings of stop and
+        # stop_token_ids (one string, a tuple, None), which _normalize turns into the lists the fields hold;
+        # and vLLM's options this engine lacks, typed as the defaults that are all it takes (an empty
+        # logit_bias, ...; a non-empty one is refused when it runs). Kept in step with the fields and
+        # UNSUPPORTED_OPTIONS by tests/test_unsupported_options.py.
+        def __init__(
+            self, *, max_tokens: int | None = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+            min_p: float = 0.0, n: int = 1, best_of: int | None = None, beam_width: int = 0,
+            length_penalty: float = 1.0, early_stopping: bool | str = False,
+            stop: str | list[str] | tuple[str, ...] | None = None,
+            stop_token_ids: list[int] | tuple[int, ...] | None = None, ignore_eos: bool = False,
+            min_tokens: int = 0, include_stop_str_in_output: bool = False, seed: int | None = None,
+            presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+            logprobs: int | None = None, structured_outputs: dict[str, Any] | None = None,
+            output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+            prompt_logprobs: None = None, skip_special_tokens: Literal[True] = True,
+            spaces_between_special_tokens: Literal[True] = True, logit_bias: Mapping[int, float] | None = None,
+            allowed_token_ids: list[int] | None = None, bad_words: list[str] | None = None,
+            truncate_prompt_tokens: None = None, detokenize: Literal[True] = True,
+            use_beam_search: Literal[False] = False, guided_decoding: None = None,
+            logits_processors: list[Callable[..., Any]] | None = None, extra_args: Mapping[str, Any] | None = None,
+            flat_logprobs: Literal[False] = False,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         self.validate()
@@ -275,7 +302,7 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
 
     @classmethod
-    def from_dict(cls, data: dict) -> SamplingParams:
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from a JSON object; unknown keys are an error naming the key."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

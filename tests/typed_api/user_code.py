@@ -62,5 +62,23 @@ def offline(messages: list[dict[str, str]]) -> list[str]:
     return [o.outputs[0].text for o in outs + chats]
 
 
+def vllm_spellings() -> list[SamplingParams]:
+    """vLLM's spellings the constructor takes: one stop string, None and tuples for the lists, and vLLM's options
+    pagedserve lacks at their defaults."""
+    return [
+        SamplingParams(max_tokens=8, stop="\n"),
+        SamplingParams(stop=None, stop_token_ids=None),
+        SamplingParams(stop=("a", "b"), stop_token_ids=(2, 3)),
+        SamplingParams(max_tokens=8, skip_special_tokens=True),
+        SamplingParams(detokenize=True, logit_bias={}, prompt_logprobs=None, use_beam_search=False),
+        SamplingParams(max_tokens=None, early_stopping="never", structured_outputs={"regex": r"\d{3}"}),
+        SamplingParams.from_dict({"max_tokens": 8, "temperature": 0.0}),
+    ]
+
+
+def stop_strings(p: SamplingParams) -> list[str]:
+    return p.stop + [str(t) for t in p.stop_token_ids]  # lists once built, whatever was passed
+
+
 if __name__ == "__main__":
     asyncio.run(handler(AsyncClient()))
