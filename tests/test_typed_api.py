@@ -54,3 +54,45 @@ def test_a_misspelt_name_is_a_type_error_not_any(tmp_path, mypy_cache):
     assert done.returncode == 1, done.stdout
     assert 'Module "pagedserve" has no attribute "Clinet"' in done.stdout, done.stdout
     assert 'Module has no attribute "Settigns"' in done.stdout, done.stdout
+
+
+def test_a_misspelt_method_and_positional_sampling_params_are_type_errors(tmp_path, mypy_cache):
+    """LLM's __getattr__ (vLLM's names it lacks, with a hint) made any attribute one a checker took; each of these
+    raises when it runs, and a checker says so first."""
+    code = tmp_path / "mistakes.py"
+    code.write_text("from pagedserve import LLM, SamplingParams\n\n"
+                    "def run(llm: LLM) -> None:\n"
+                    "    llm.genrate(['x'])\n"
+                    "    llm.llm_engine\n"
+                    "    SamplingParams(32, 0.0)\n"
+                    "    SamplingParams(max_token=8)\n"
+                    "    SamplingParams(skip_special_tokens=False)\n")
+    done = _mypy(tmp_path, mypy_cache, code)
+    assert done.returncode == 1, done.stdout
+    for line, words in ((4, '"LLM" has no attribute "genrate"'), (5, '"LLM" has no attribute "llm_engine"'),
+                        (6, 'Too many positional arguments for "SamplingParams"'),
+                        (7, 'Unexpected keyword argument "max_token" for "SamplingParams"'),
+                        (8, 'Argument "skip_special_tokens" to "SamplingParams" has incompatible type')):
+        assert f"mistakes.py:{line}: error: {words}" in done.stdout, done.stdout
+
+
+def test_stats_has_the_keys_and_value_types_engine_stats_says(tiny_models):
+    """``LLM.stats()`` is typed ``EngineStats``, built by a cast: the keys and their int/float types are held to it
+    here."""
+    import typing
+
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.engine.llm_engine import EngineStats
+
+    llm = LLM(tiny_models["llama"], device="cpu", num_gpu_blocks=64, max_num_seqs=4, swap_space_gb=0.01)
+    try:
+        llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0))
+        stats = llm.stats()
+    finally:
+        llm.close()
+    hints = typing.get_type_hints(EngineStats)
+    assert set(stats) == set(hints) == EngineStats.__required_keys__
+    for key, value in stats.items():
+        # "float" also takes an int (PEP 484), "int" no float
+        kinds = (int,) if hints[key] is int else (int, float)
+        assert isinstance(value, kinds) and not isinstance(value, bool), (key, hints[key], value)

@@ -7,10 +7,12 @@ import numbers
 import threading
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
+
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.errors import EngineDeadError
-from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.prompt_inputs import is_token_ids, one_prompt
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only, same_as_one_of
@@ -71,9 +73,9 @@ _RENDER_ARGUMENTS = ("conversation", "messages", "chat_template", "tokenize", "a
                      "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask")
 
 
-def _template_variables(tools, chat_template_kwargs) -> dict:
+def _template_variables(tools: object, chat_template_kwargs: object) -> dict[str, Any]:
     """The extra variables of the chat template: ``tools`` and ``chat_template_kwargs``, checked."""
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if tools is not None:
         if not isinstance(tools, Seq) or isinstance(tools, (str, bytes)) or not all(
                 isinstance(t, dict) for t in tools):
@@ -213,18 +215,19 @@ class LLM:
         if self.engine.closed:
             raise EngineDeadError("this LLM was closed (close()): make a new one")
 
-    def __getattr__(self, name: str):
-        """vLLM's ``LLM`` methods this one lacks: an ``AttributeError`` that says what to use, not a bare one."""
-        hint = _VLLM_ONLY.get(name)
-        if hint is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        raise AttributeError(f"LLM.{name} is vLLM's, not pagedserve's: {hint}")
+    if not TYPE_CHECKING:  # a checker that saw it would take any name, a misspelt method too, as an attribute
+        def __getattr__(self, name: str):
+            """vLLM's ``LLM`` methods this one lacks: an ``AttributeError`` that says what to use, not a bare one."""
+            hint = _VLLM_ONLY.get(name)
+            if hint is None:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            raise AttributeError(f"LLM.{name} is vLLM's, not pagedserve's: {hint}")
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's tokenizer (``llm.tokenizer``), by vLLM's name for it."""
         return self.engine.tokenizer
 
@@ -292,8 +295,8 @@ class LLM:
     def chat(self, messages: Seq[Mapping[str, Any]] | Seq[Seq[Mapping[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None, show_progress: bool | None = None,
+             continue_final_message: bool = False, tools: Seq[Mapping[str, Any]] | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None, show_progress: bool | None = None,
              use_tqdm: object = None, lora_request: object = None) -> list[RequestOutput]:
         """Reply to one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them, as vLLM's
         ``LLM.chat``: each is rendered with the model's chat template (or ``chat_template``), tokenized without
@@ -326,7 +329,7 @@ class LLM:
         return outputs
 
     def _render_chat(self, conversation, name: str, chat_template: str | None, add_generation_prompt: bool,
-                     continue_final_message: bool, extra: dict) -> str:
+                     continue_final_message: bool, extra: dict[str, Any]) -> str:
         if isinstance(conversation, (str, bytes, dict)) or not isinstance(conversation, Seq) or not conversation:
             raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
         messages = []
@@ -351,10 +354,11 @@ class LLM:
             raise ValueError(f"model {self.engine.model_name!r} has no chat template: pass chat_template=..., "
                              f"or use generate() with a plain prompt")
         try:
-            return self.tokenizer.apply_chat_template(
+            # tokenize=False: the rendered text (its return type also covers token ids and encodings)
+            return cast(str, self.tokenizer.apply_chat_template(
                 messages, chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message, **extra)
+                continue_final_message=continue_final_message, **extra))
         except Exception as e:  # the template's own raise_exception(), or a Jinja error in it
             raise ValueError(f"{name}: the chat template failed: {e}") from None
 
@@ -384,5 +388,5 @@ class LLM:
                 progress.stop()
         return [finals[i] for i in ids]
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -16,8 +16,10 @@ import numbers
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any, TypedDict, cast
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.beam_search import BeamState
 from pagedserve.engine.block_manager import BlockManager, salted_root
@@ -48,6 +50,46 @@ EXPECTED_FAILURES = (GrammarFailed,)
 log = logging.getLogger(__name__)
 STEP_FAILED = ("an engine step failed while this request's KV cache was being moved (swap or copy-on-write): its "
                "cache can no longer be trusted; send the request again")
+
+
+class EngineStats(TypedDict):
+    """What ``LLMEngine.stats()`` (and ``LLM.stats()``) returns: the README's keys, each always present. Counts are
+    ints, shares and seconds floats."""
+
+    num_gpu_blocks: int
+    num_free_gpu_blocks: int
+    peak_used_gpu_blocks: int
+    num_cpu_blocks: int
+    num_free_cpu_blocks: int
+    num_preemptions: int
+    num_swap_preemptions: int
+    num_recompute_preemptions: int
+    num_swapped_recomputed: int
+    num_swapped_out_blocks: int
+    prefix_cache_hit_tokens: int
+    num_running: int
+    num_waiting: int
+    num_steps: int
+    tensor_parallel_size: int
+    tensor_parallel_comm_seconds: float
+    block_size: int
+    kv_cache_usage: float
+    kv_utilization: float
+    num_running_seqs: int
+    # StructuredOutputs.stats(): one structured_requests_<kind> per kind of structured_spec.KINDS
+    structured_compiles: int
+    structured_compile_cache_hits: int
+    structured_cache_entries: int
+    structured_cache_bytes: int
+    structured_cache_budget_bytes: int
+    structured_compile_seconds_total: float
+    structured_mask_seconds_total: float
+    structured_mask_rows: int
+    structured_requests_json: int
+    structured_requests_json_object: int
+    structured_requests_regex: int
+    structured_requests_choice: int
+    structured_requests_grammar: int
 
 
 @dataclasses.dataclass
@@ -100,9 +142,9 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self._max_model_len_source = ""  # why max_model_len is lower than asked, for the errors that quote it
         self.max_num_batched_tokens = self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_dir)
         self.max_token_chars = longest_token_chars(self.tokenizer)
-        self.vocab_size = hf_config.vocab_size
+        self.vocab_size: int = hf_config.vocab_size
         # generation_config.json's EOS ids, as transformers' generate takes them (config.json's only without that
         # file), and the tokenizer's, as vLLM adds it: config.json's id beside a generation config that lists
         # others, or none, ended outputs transformers runs on.
@@ -216,7 +258,8 @@ class LLMEngine:
             return self.max_num_batched_tokens, "max_num_batched_tokens"
         return self.config.max_num_seqs, "max_num_seqs"
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None, *,
+    def add_request(self, request_id: str, prompt: str | list[int] | tuple[int, ...] | Mapping[str, Any],
+                    params: SamplingParams | None = None, *,
                     priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
                     resume: list[ResumeSample] | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error.
@@ -862,10 +905,12 @@ class LLMEngine:
         used = self.block_manager.num_used_gpu_blocks
         return (live / (used * bs) if used else 1.0), num_seqs
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         bm, sch = self.block_manager, self.scheduler
         kv_utilization, num_running_seqs = self._kv_utilization()
-        return {
+        # A cast: the structured keys come from StructuredOutputs.stats(), a plain dict (test_typed_api holds the
+        # keys and value types to EngineStats').
+        return cast(EngineStats, {
             "num_gpu_blocks": bm.gpu.num_blocks,
             "num_free_gpu_blocks": bm.num_free_gpu_blocks,
             "peak_used_gpu_blocks": bm.peak_used,
@@ -888,4 +933,4 @@ class LLMEngine:
             "kv_utilization": kv_utilization,
             "num_running_seqs": num_running_seqs,
             **self.structured.stats(),
-        }
+        })

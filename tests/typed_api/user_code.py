@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from typing import assert_never
 
+from openai.types.chat import ChatCompletionToolParam
+
 from pagedserve import (LLM, AsyncClient, Client, DoneEvent, ErrorEvent, Event, NoWorker, RedisBusy,
                         RequestFailed, SamplingParams, Terminal, TokenEvent)
 
@@ -78,6 +80,18 @@ def vllm_spellings() -> list[SamplingParams]:
 
 def stop_strings(p: SamplingParams) -> list[str]:
     return p.stop + [str(t) for t in p.stop_token_ids]  # lists once built, whatever was passed
+
+
+def chat_with_tools(llm: LLM, messages: list[dict[str, str]]) -> tuple[str, int, int, float]:
+    tools: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    outs = llm.chat(messages, tools=tools, chat_template_kwargs={"enable_thinking": False})
+    text = outs[0].outputs[0].text
+    ids: list[int] = llm.get_tokenizer().encode(text, add_special_tokens=False)
+    stats = llm.stats()
+    used: int = stats["num_gpu_blocks"] - stats["num_free_gpu_blocks"]
+    usage: float = stats["kv_cache_usage"] + stats["structured_compile_seconds_total"]
+    return text, len(ids) + len(llm.tokenizer.encode(text)), used, usage
 
 
 if __name__ == "__main__":
