@@ -56,7 +56,14 @@ _EXPORTS = {
     "Keys": "pagedserve.service.protocol",
     "Settings": "pagedserve.service.settings",
 }
-__all__ = list(_EXPORTS)
+# Spelt out, not list(_EXPORTS): a checker reads only a literal list, and without it `from pagedserve import *`
+# imported nothing it could see (test_typed_api holds the two to the same names).
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
+           "PromptTooLongError", "EngineDeadError", "ResumeSample", "Client", "AsyncClient", "CancelOutcome",
+           "RequestFailed", "RedisUnreachable", "RedisBusy", "ReplyOverLimit", "TooManyConnections", "Event",
+           "Terminal", "NoWorker", "RequestGone", "RequestTimedOut", "BatchNotEnded", "BatchOutputLost",
+           "BatchNotFound", "BatchMalformed", "GenerateRequest", "TokenEvent", "DoneEvent", "ErrorEvent",
+           "DeadLetter", "Keys", "Settings"]
 
 if TYPE_CHECKING:  # what a type checker sees of the names above ("as": exported, not only imported here)
     from pagedserve.engine.errors import EngineDeadError as EngineDeadError
