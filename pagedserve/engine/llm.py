@@ -191,7 +191,7 @@ class LLM:
                  swap_space_gb: float = 4.0, preemption_mode: str = "auto", enable_prefix_caching: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                  device: str = "auto", dtype: str = "auto", seed: int = 0, tensor_parallel_size: int = 1,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         swap_space_gb = _vllm_engine_args(model, kwargs, swap_space_gb)
         self.engine = LLMEngine(
             model, block_size=block_size, num_gpu_blocks=num_gpu_blocks, swap_space_gb=swap_space_gb,

@@ -130,7 +130,7 @@ def _wall_time(value, name: str) -> float | None:
 
 
 class LLMEngine:
-    def __init__(self, model: str | None = None, **kwargs) -> None:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.config = EngineConfig(model=model, **kwargs)
         self._closed = False
         guard_forks()  # a child forked once the model's ops ran would hang in its first one
