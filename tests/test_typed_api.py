@@ -80,9 +80,11 @@ def test_a_misspelt_method_and_positional_sampling_params_are_type_errors(tmp_pa
 def test_all_names_the_lazy_exports():
     """``__all__`` is spelt out for the checkers (they cannot read ``list(_EXPORTS)``): the same names, once each."""
     import pagedserve
+    import pagedserve.engine
 
-    assert len(pagedserve.__all__) == len(set(pagedserve.__all__))
-    assert set(pagedserve.__all__) == set(pagedserve._EXPORTS)
+    for package in (pagedserve, pagedserve.engine):
+        assert len(package.__all__) == len(set(package.__all__))
+        assert set(package.__all__) == set(package._EXPORTS)
 
 
 def test_stats_has_the_keys_and_value_types_engine_stats_says(tiny_models):

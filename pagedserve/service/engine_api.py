@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 
@@ -44,7 +45,7 @@ class EngineAPI(Protocol):
 
     def structured_ready(self, params: Any) -> bool: ...  # add_request would not wait for a grammar compile
 
-    def stats(self) -> dict: ...
+    def stats(self) -> Mapping[str, Any]: ...
 
     def close(self) -> None: ...  # release what outlives the engine (tensor-parallel rank processes)
 

@@ -8,6 +8,8 @@ HTTP thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,7 +28,7 @@ class _EngineCollector:
         self._lock = threading.Lock()
         self._stats: dict = {}
 
-    def update(self, stats: dict) -> None:
+    def update(self, stats: Mapping[str, Any]) -> None:
         with self._lock:
             self._stats = dict(stats)
 
