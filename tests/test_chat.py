@@ -112,3 +112,37 @@ def test_tool_call_arguments_reach_the_template_as_values_as_vllm_passes_them(ll
     with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON text"):
         llm.chat(history("{city: Paris", ""), GREEDY, chat_template=template)
     assert not llm.engine.has_unfinished_requests()
+
+
+# A template written for OpenAI's content parts (vision-language models' style): it loops over a message's
+# content and writes each text part's text.
+PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{% if p['type'] == 'text' %}"
+                  "{{ p['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}<assistant>"
+                  "{% endif %}")
+
+
+def test_a_template_that_loops_over_content_parts_gets_parts(llm):
+    """Given the parts joined into one string, such a template walked the string's characters, found no text part
+    and wrote nothing: the user's text vanished from the prompt, without a word. As vLLM does, a template that
+    loops over a message's content gets the parts as given, and a string as one text part; one that writes
+    the content as text gets the joined string, as before."""
+    from pagedserve.engine.chat_content import content_format
+
+    parts = [{"role": "system", "content": "be brief"},
+             {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": " 2+2?"}]}]
+    out = llm.chat(parts, GREEDY, chat_template=PARTS_TEMPLATE)[0]
+    wrapped = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, parts[1]]
+    reference = llm.tokenizer.apply_chat_template(wrapped, chat_template=PARTS_TEMPLATE, add_generation_prompt=True,
+                                                  tokenize=False)
+    assert out.prompt == reference == "<system>be brief<user>What is 2+2?<assistant>"  # trim_blocks: no newlines
+    assert llm.chat(parts, GREEDY, chat_template="{{ messages[1]['content'] }}")[0].prompt == "What is\n 2+2?"
+
+    assert content_format(PARTS_TEMPLATE) == "openai"
+    # The shapes templates loop in: through a name set to the content, through a filter, by attribute.
+    assert content_format("{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{{ p.text }}"
+                          "{% endfor %}{% endfor %}") == "openai"
+    assert content_format("{% for m in messages %}{% for p in m.content | selectattr('type', 'eq', 'text') %}"
+                          "{{ p.text }}{% endfor %}{% endfor %}") == "openai"
+    assert content_format(CHAT_TEMPLATE) == content_format("{{ messages[0]['content'] }}") == "string"
+    assert content_format("{% for m in messages %}{{ m['content'] }}{% endfor %}") == "string"
+    assert content_format("{% for %}") == "string"  # unparsable: its rendering says what is wrong

@@ -313,3 +313,31 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context(redis_url, prefi
         with pytest.raises(RequestFailed, match=r"^invalid_request: params\.min_tokens 8 is more than the 5 tokens "
                                                 r"PAGEDSERVE_MAX_TOKENS_PER_REQUEST allows"):
             c.generate("hello", params={"min_tokens": 8}, timeout=60)
+
+
+def test_a_models_template_that_loops_over_content_parts_gets_the_text(redis_url, prefix, tiny_models, tmp_path):
+    """A model whose own chat template loops over content parts (vision-language models' style) had every
+    message's text vanish from the prompt (the worker rendered the joined string, whose characters hold no
+    text part): 23 tokens where transformers renders 116, nothing said. The worker hands such a template each
+    content as one text part, as vLLM does."""
+    import shutil
+
+    from pagedserve.engine import LLMEngine
+    from test_chat import PARTS_TEMPLATE
+
+    model = tmp_path / "parts-model"
+    shutil.copytree(tiny_models["llama"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = PARTS_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    engine = LLMEngine(model=str(model), **ENGINE_KW)
+    assert engine.tokenizer.chat_template == PARTS_TEMPLATE
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    rendered = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    reference = engine.tokenizer.encode(rendered, add_special_tokens=False)
+    with running_worker(make_settings(redis_url, prefix), engine), Client(redis_url, prefix=prefix) as c:
+        for content in (messages[0]["content"], "What is the capital of France?"):
+            done = c.generate(messages=[{"role": "user", "content": content}], params={"max_tokens": 2},
+                              timeout=60)
+            assert done.usage.prompt_tokens == len(reference) > 30, done.usage

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedserve.engine.chat_content import as_parts, content_format
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.outputs import RequestOutput
@@ -92,14 +93,14 @@ def _template_variables(tools: object, chat_template_kwargs: object) -> dict[str
     return extra
 
 
-def _text_parts(parts: list, where: str) -> str:
-    """``[{"type": "text", "text": ...}, ...]`` as one string, the parts joined by newlines (vLLM's chat parsing)."""
+def _text_parts(parts: list, where: str) -> list[str]:
+    """The texts of ``[{"type": "text", "text": ...}, ...]``; any other kind of part is refused by its place."""
     texts = []
     for j, part in enumerate(parts):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise ValueError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': ...}} (no other kind runs)")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return texts
 
 
 def _tool_calls(calls, where: str) -> list:
@@ -332,24 +333,31 @@ class LLM:
                      continue_final_message: bool, extra: dict[str, Any]) -> str:
         if isinstance(conversation, (str, bytes, dict)) or not isinstance(conversation, Seq) or not conversation:
             raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+        template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
+        parts_wanted = content_format(template if isinstance(template, str) else None) == "openai"
         messages = []
         for i, message in enumerate(conversation):
             if not isinstance(message, dict):
                 raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content'")
+            texts = None
             if isinstance(message.get("content"), list):  # OpenAI's content parts: text ones, joined as vLLM joins them
-                message = {**message, "content": _text_parts(message["content"], f"{name}[{i}].content")}
+                texts = _text_parts(message["content"], f"{name}[{i}].content")
+                message = {**message, "content": "\n".join(texts)}
             if message.get("tool_calls") is not None:
                 message = {**message, "tool_calls": _tool_calls(message["tool_calls"], f"{name}[{i}].tool_calls")}
                 if message.get("content") is None:
                     # An assistant turn that only calls tools: OpenAI's history carries content None, which vLLM
                     # renders as "" (a template that writes message['content'] failed on the missing value).
                     message = {**message, "content": ""}
-            messages.append(message)
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
                     kinds = "a string or a list of text parts" if key == "content" else "a string"
                     raise ValueError(f"{name}[{i}].{key} must be {kinds}")
                 check_unicode(message[key], f"{name}[{i}].{key}")
+            if parts_wanted:  # the template loops over parts: the parts as given, a string as one
+                content = message["content"] if texts is None else [{"type": "text", "text": t} for t in texts]
+                message = {**message, "content": as_parts(content)}
+            messages.append(message)
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.engine.model_name!r} has no chat template: pass chat_template=..., "
                              f"or use generate() with a plain prompt")

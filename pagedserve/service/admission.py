@@ -136,6 +136,7 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         params = engine_params(req.params, chat=req.messages is not None)
     except ValueError as e:
         raise refuse("invalid_request", str(e)) from None
+    from pagedserve.engine.chat_content import as_parts, content_format
     from pagedserve.engine.sampling_params import RequestOutputKind
 
     # Each step's part only: the worker streams it and adds it up itself (results.add_deltas), so that no step
@@ -162,10 +163,12 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         tok = engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise refuse("invalid_request", "messages: the model has no chat template")
+        messages = [m.model_dump() for m in req.messages]
+        if content_format(tok.chat_template if isinstance(tok.chat_template, str) else None) == "openai":
+            # The template loops over content parts (a string's would be its characters): each as one text part.
+            messages = [{**m, "content": as_parts(m["content"])} for m in messages]
         try:
-            text = tok.apply_chat_template(
-                [m.model_dump() for m in req.messages], add_generation_prompt=True, tokenize=False
-            )
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # a template may reject roles or orderings
             raise refuse("invalid_request", f"messages: {str(e)[:300]}") from None
         if len(text) > engine.max_token_chars * max_len:  # cannot fit: refused without tokenizing it
