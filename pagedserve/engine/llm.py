@@ -9,14 +9,15 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any, Union, cast
 
-from transformers import PreTrainedTokenizerBase
-
 from pagedserve.engine.chat_content import as_parts, content_format
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.prompt_inputs import is_token_ids, one_prompt
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only, same_as_one_of
+
+if TYPE_CHECKING:  # loaded with the engine (llm_engine imports it after torch, whose absence is said first)
+    from transformers import PreTrainedTokenizerBase
 
 # One prompt as vLLM's LLM.generate takes it: text, token ids, or a dict ({"prompt": ...} or
 # {"prompt_token_ids": ...}, with "cache_salt").
