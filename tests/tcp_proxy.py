@@ -87,6 +87,9 @@ class TcpProxy:
         many bytes, and reset the client's connection."""
         self._resets.extend([after_bytes] * count)
 
+    def stop_resets(self) -> None:
+        self._resets.clear()
+
     def close(self) -> None:
         self.open.set()
         self.sock.close()

@@ -141,6 +141,7 @@ def test_a_read_reset_mid_reply_is_made_again_and_a_small_reply_is_never_over_th
     answering; two resets running made ``wait()`` and ``cancel()`` of a 9 kB result blame Redis's output buffer
     limit, which no reply under 16 KiB can be over (a connection's own reply buffer holds it)."""
     from pagedserve.service.client import AsyncClient, Client, RedisUnreachable, ReplyOverLimit
+    from pagedserve.service.client_core import ReplyCut
 
     params = {"max_tokens": 1200, "ignore_eos": True}
     with running_worker(make_settings(redis_url, prefix), shared_engine), Client(proxy.url, prefix=prefix) as c:
@@ -161,6 +162,15 @@ def test_a_read_reset_mid_reply_is_made_again_and_a_small_reply_is_never_over_th
                 call()  # made again once more, or said as Redis not reached: never a reply over the limit
             except RedisUnreachable as e:
                 assert not isinstance(e, ReplyOverLimit), e
+        # A link that cuts every long reply: said at once, where a wait read the result again for ever (each
+        # small reply between two cut reads counting as Redis back), and never as the output buffer limit.
+        proxy.reset_answers(4_000, count=1_000_000)
+        for call in (lambda: c.wait("long-one"), lambda: c.result("long-one"), lambda: c.cancel("long-one")):
+            started = time.monotonic()
+            with pytest.raises(ReplyCut, match="broke off mid-reply: too small to be over its output buffer limit"):
+                call()
+            assert time.monotonic() - started < 10
+        proxy.stop_resets()
 
         async def async_events() -> list:
             async with AsyncClient(proxy.url, prefix=prefix) as ac:

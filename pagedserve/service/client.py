@@ -42,6 +42,7 @@ from .client_core import (
     ReadResult,
     RedisBusy,
     RedisUnreachable,
+    ReplyCut,
     ReplyOverLimit,
     RequestFailed,
     RequestGone,
@@ -64,6 +65,7 @@ from .client_core import (
     may_be_over_limit,
     pool_full,
     pool_options,
+    reply_cut,
     reply_over_limit,
     retry_once,
 )
@@ -449,6 +451,8 @@ class Client(ProducerCore):
             return
         if may_be_over_limit(size, alone):
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
+        if size:
+            raise reply_cut(redact(self.redis_url), key, size, request_id) from None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
         with self._producer_span(req) as span:
@@ -611,7 +615,7 @@ class Client(ProducerCore):
                         pubsub = self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         time.sleep(op.seconds)
-                except ReplyOverLimit:  # no retry passes it
+                except (ReplyOverLimit, ReplyCut):  # no retry passes it
                     raise
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
@@ -880,6 +884,8 @@ class AsyncClient(ProducerCore):
             return
         if may_be_over_limit(size, alone):
             raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
+        if size:
+            raise reply_cut(redact(self.redis_url), key, size, request_id) from None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:
         with self._producer_span(req) as span:
@@ -899,7 +905,7 @@ class AsyncClient(ProducerCore):
             try:
                 await self._send_cancel(request_id)
                 return
-            except ReplyOverLimit:  # finished: nothing to cancel
+            except (ReplyOverLimit, ReplyCut):  # finished: nothing to cancel
                 return
             except redis.ConnectionError:  # LOADING and a full pool too: it answers again soon
                 if loop.time() + RETRY_PAUSE_S > deadline:
@@ -1042,7 +1048,7 @@ class AsyncClient(ProducerCore):
                         pubsub = await self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         await asyncio.sleep(op.seconds)
-                except ReplyOverLimit:  # no retry passes it
+                except (ReplyOverLimit, ReplyCut):  # no retry passes it
                     raise
                 except redis.RedisError as e:
                     if self._closed:  # its connection closed by aclose(), not lost: not an outage to report

@@ -237,6 +237,23 @@ def may_be_over_limit(size: int | None, alone: bool) -> bool:
     return alone if size is None else size >= REPLY_BUFFER_BYTES
 
 
+class ReplyCut(RedisUnreachable):
+    """Every read of one stored value broke off mid-reply while Redis answered a small command, and the value is
+    too small to be over Redis's output buffer limit: something between (a proxy, a load balancer) cuts long
+    replies. Said at once, as :class:`ReplyOverLimit` is: a wait that took it for an outage would read again
+    for ever, each small reply in between counting as Redis back. The value is kept (``request_id``)."""
+
+    request_id: str | None = None
+
+
+def reply_cut(where: str, what: str, size: int, request_id: str | None = None) -> ReplyCut:
+    err = ReplyCut(f"Redis at {where} answers other commands, but every read of {what} ({size} bytes) broke off "
+                   "mid-reply: too small to be over its output buffer limit, so something between (a proxy, a "
+                   "load balancer) cuts long replies; it is kept: read it again once the link holds")
+    err.request_id = request_id
+    return err
+
+
 def reply_over_limit(where: str, what: str, size: int | None, request_id: str | None = None) -> ReplyOverLimit:
     """``what``: the key (or the entry) read; ``size``: its bytes where known."""
     bytes_ = f" ({size} bytes)" if size is not None else ""
@@ -773,7 +790,7 @@ class ProducerCore:
             # not redis-py's torn socket (ValueError, OSError, or AttributeError for its emptied parser).
             if getattr(self, "_closed", False):
                 raise self._closed_under_call() from None
-            if isinstance(e, ReplyOverLimit):  # Redis answers: said as it is
+            if isinstance(e, (ReplyOverLimit, ReplyCut)):  # Redis answers: said as it is
                 raise
             if isinstance(e, CONNECTION_ERRORS):
                 if sending is not None and answer_lost(e):
