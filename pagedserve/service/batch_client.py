@@ -352,7 +352,8 @@ def is_batch_input(r: redis.Redis, prefix: str, bid: str, path: Path) -> bool:
 
 # Output lines per HSCAN. A page whose reply is over Redis's output buffer limit for normal clients (lines with
 # logprobs run to a MiB) closes the connection at every try: it is asked for again a quarter as large, and grows
-# back twofold with each page that came whole (one large line must not leave the rest read a few at a time).
+# back twofold with each page that came whole (one large line must not leave the rest read a few at a time), to
+# half the smallest page that broke (growing past it again would break read after read where large lines recur).
 OUTPUT_PAGE = 1000
 
 
@@ -365,6 +366,7 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
         raise BatchNotFound(bid)
     key, lines, cursor, page = BatchKeys(prefix).out(bid), {}, 0, OUTPUT_PAGE
     refused = False  # the last read, of one line, was broken off while Redis answered a PING
+    broke = OUTPUT_PAGE * 2  # the smallest page that broke so far
     while True:
         try:
             cursor, fields = r.hscan(key, cursor, count=page)
@@ -378,12 +380,13 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
                     raise e from None
                 if refused:  # twice running: a link that drops now and then is not a reply too big
                     raise reply_over_limit(where or _host_port(r), f"an output line of batch {bid} ({key}) after "
-                                           f"the {len(lines)} read", None) from None
+                                           f"the {len(lines)} lines read", None) from None
                 refused = True
+            broke = min(broke, page)
             page = max(1, page // 4)
             continue
         refused = False
-        page = min(OUTPUT_PAGE, page * 2)
+        page = min(OUTPUT_PAGE, page * 2, max(1, broke // 2))
         lines.update((int(as_text(f)), v) for f, v in fields.items())
         if not cursor:
             break
