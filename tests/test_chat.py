@@ -137,6 +137,16 @@ def test_a_template_that_loops_over_content_parts_gets_parts(llm):
     assert out.prompt == reference == "<system>be brief<user>What is 2+2?<assistant>"  # trim_blocks: no newlines
     assert llm.chat(parts, GREEDY, chat_template="{{ messages[1]['content'] }}")[0].prompt == "What is\n 2+2?"
 
+    # A tool-calling turn's content None is no parts (vLLM's), not one empty part: a template testing the
+    # content for truth ("\n" before a tool call only after text) saw an empty part as text.
+    tools_turn = [{"role": "user", "content": "weather?"},
+                  {"role": "assistant", "content": None,
+                   "tool_calls": [{"id": "c1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": "{}"}}]}]
+    truthy = "{% for m in messages %}{% if m['content'] %}[text]{% endif %}{% for p in m['content'] %}{% endfor %}" \
+             "{% endfor %}"
+    assert llm.chat(tools_turn, GREEDY, chat_template=truthy)[0].prompt == "[text]"
+
     assert content_format(PARTS_TEMPLATE) == "openai"
     # The shapes templates loop in: through a name set to the content, through a filter, by attribute.
     assert content_format("{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{{ p.text }}"

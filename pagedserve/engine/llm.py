@@ -348,8 +348,10 @@ class LLM:
                 message = {**message, "tool_calls": _tool_calls(message["tool_calls"], f"{name}[{i}].tool_calls")}
                 if message.get("content") is None:
                     # An assistant turn that only calls tools: OpenAI's history carries content None, which vLLM
-                    # renders as "" (a template that writes message['content'] failed on the missing value).
+                    # renders as "" (a template that writes message['content'] failed on the missing value), and
+                    # as no parts at all for a template that loops over them.
                     message = {**message, "content": ""}
+                    texts = []
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
                     kinds = "a string or a list of text parts" if key == "content" else "a string"
