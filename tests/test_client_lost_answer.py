@@ -170,6 +170,15 @@ def test_a_read_reset_mid_reply_is_made_again_and_a_small_reply_is_never_over_th
             with pytest.raises(ReplyCut, match="broke off mid-reply: too small to be over its output buffer limit"):
                 call()
             assert time.monotonic() - started < 10
+
+        async def cut_async() -> None:
+            async with AsyncClient(proxy.url, prefix=prefix) as ac:
+                for call in (lambda: ac.wait("long-one"), lambda: ac.result("long-one"),
+                             lambda: ac.cancel("long-one")):
+                    with pytest.raises(ReplyCut):
+                        await asyncio.wait_for(call(), 10)
+
+        asyncio.run(cut_async())
         proxy.stop_resets()
 
         async def async_events() -> list:
