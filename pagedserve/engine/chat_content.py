@@ -28,12 +28,15 @@ def _reads_content(node: Any, content_names: set[str]) -> bool:
     return isinstance(node, nodes.Name) and node.name in content_names
 
 
+def content_format(template: object) -> ContentFormat:
+    """``"openai"`` where ``template`` (a tokenizer's ``chat_template``: text, or None) loops over a message's
+    content (it wants parts), else ``"string"``; a template Jinja cannot parse is ``"string"`` (rendering it says
+    what is wrong)."""
+    return _template_format(template) if isinstance(template, str) and template else "string"
+
+
 @functools.lru_cache(maxsize=32)
-def content_format(template: str | None) -> ContentFormat:
-    """``"openai"`` where ``template`` loops over a message's content (it wants parts), else ``"string"``; a
-    template Jinja cannot parse is ``"string"`` (rendering it says what is wrong)."""
-    if not template:
-        return "string"
+def _template_format(template: str) -> ContentFormat:
     import jinja2
     from jinja2 import nodes
 

@@ -335,7 +335,7 @@ class LLM:
         if isinstance(conversation, (str, bytes, dict)) or not isinstance(conversation, Seq) or not conversation:
             raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
         template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
-        parts_wanted = content_format(template if isinstance(template, str) else None) == "openai"
+        parts_wanted = content_format(template) == "openai"
         messages = []
         for i, message in enumerate(conversation):
             if not isinstance(message, dict):

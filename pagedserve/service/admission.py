@@ -164,7 +164,7 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         if not getattr(tok, "chat_template", None):
             raise refuse("invalid_request", "messages: the model has no chat template")
         messages = [m.model_dump() for m in req.messages]
-        if content_format(tok.chat_template if isinstance(tok.chat_template, str) else None) == "openai":
+        if content_format(tok.chat_template) == "openai":
             # The template loops over content parts (a string's would be its characters): each as one text part.
             messages = [{**m, "content": as_parts(m["content"])} for m in messages]
         try:

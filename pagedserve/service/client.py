@@ -42,12 +42,12 @@ from .client_core import (
     ReadResult,
     RedisBusy,
     RedisUnreachable,
-    ReplyCut,
     ReplyOverLimit,
     RequestFailed,
     RequestGone,
     RequestTimedOut,
     RETRY_PAUSE_S,
+    SAID_AT_ONCE,
     SOCKET_TIMEOUT_S,
     Send,
     Sent,
@@ -56,17 +56,15 @@ from .client_core import (
     Unsubscribe,
     TooManyConnections,
     broke_mid_reply,
+    broken_reads_error,
     build_request,
     check_resume_keywords,
     command_bound,
     done_or_raise,
     first_terminal,
     ids_exhausted,
-    may_be_over_limit,
     pool_full,
     pool_options,
-    reply_cut,
-    reply_over_limit,
     retry_once,
 )
 from .protocol import DoneEvent, GenerateRequest
@@ -438,7 +436,7 @@ class Client(ProducerCore):
         """:class:`ReplyOverLimit` where ``e`` broke a command that read the stored value ``key`` (a result: a GET,
         a send's or a cancel's look), Redis answers a small command, and ``key`` is there: the read breaks at every
         try. ``alone``: ``key`` was all the command read (twice): a size the user may not ask for (an ACL without
-        STRLEN; a PING answers instead) counts too."""
+        STRLEN; a PING answers instead) counts too. A value too small for any limit: :class:`ReplyCut`."""
         if not broke_mid_reply(e):
             return
         try:
@@ -449,10 +447,8 @@ class Client(ProducerCore):
                 size = None
         except redis.RedisError:
             return
-        if may_be_over_limit(size, alone):
-            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
-        if size:
-            raise reply_cut(redact(self.redis_url), key, size, request_id) from None
+        if (err := broken_reads_error(redact(self.redis_url), key, size, alone, request_id)) is not None:
+            raise err from None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
         with self._producer_span(req) as span:
@@ -615,7 +611,7 @@ class Client(ProducerCore):
                         pubsub = self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         time.sleep(op.seconds)
-                except (ReplyOverLimit, ReplyCut):  # no retry passes it
+                except SAID_AT_ONCE:  # no retry passes it
                     raise
                 except redis.RedisError as e:  # the core decides: retry, give up, or let it through
                     if pool_full(e) and not sent:  # retrying could wait forever on calls that wait the same way
@@ -882,10 +878,8 @@ class AsyncClient(ProducerCore):
                 size = None
         except redis.RedisError:
             return
-        if may_be_over_limit(size, alone):
-            raise reply_over_limit(redact(self.redis_url), key, size, request_id) from None
-        if size:
-            raise reply_cut(redact(self.redis_url), key, size, request_id) from None
+        if (err := broken_reads_error(redact(self.redis_url), key, size, alone, request_id)) is not None:
+            raise err from None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:
         with self._producer_span(req) as span:
@@ -905,7 +899,7 @@ class AsyncClient(ProducerCore):
             try:
                 await self._send_cancel(request_id)
                 return
-            except (ReplyOverLimit, ReplyCut):  # finished: nothing to cancel
+            except SAID_AT_ONCE:  # finished: nothing to cancel
                 return
             except redis.ConnectionError:  # LOADING and a full pool too: it answers again soon
                 if loop.time() + RETRY_PAUSE_S > deadline:
@@ -1048,7 +1042,7 @@ class AsyncClient(ProducerCore):
                         pubsub = await self._close_quietly(pubsub)
                     elif isinstance(op, Pause):
                         await asyncio.sleep(op.seconds)
-                except (ReplyOverLimit, ReplyCut):  # no retry passes it
+                except SAID_AT_ONCE:  # no retry passes it
                     raise
                 except redis.RedisError as e:
                     if self._closed:  # its connection closed by aclose(), not lost: not an outage to report

@@ -230,13 +230,6 @@ class ReplyOverLimit(redis.ConnectionError):
 REPLY_BUFFER_BYTES = 16 * 1024
 
 
-def may_be_over_limit(size: int | None, alone: bool) -> bool:
-    """Whether a stored value of ``size`` bytes (None: its size could not be asked for), whose read broke off
-    twice running while Redis answered a small command, may be over the output buffer limit. ``alone``: the
-    value was all the command read, so an unknown size counts."""
-    return alone if size is None else size >= REPLY_BUFFER_BYTES
-
-
 class ReplyCut(RedisUnreachable):
     """Every read of one stored value broke off mid-reply while Redis answered a small command, and the value is
     too small to be over Redis's output buffer limit: something between (a proxy, a load balancer) cuts long
@@ -244,6 +237,17 @@ class ReplyCut(RedisUnreachable):
     for ever, each small reply in between counting as Redis back. The value is kept (``request_id``)."""
 
     request_id: str | None = None
+
+
+def broken_reads_error(where: str, key: str, size: int | None, alone: bool,
+                       request_id: str | None = None) -> ReplyOverLimit | ReplyCut | None:
+    """What a stored value of ``size`` bytes (None: its size could not be asked for) is, whose reads broke off
+    twice running while Redis answered a small command: over the output buffer limit (from
+    :data:`REPLY_BUFFER_BYTES` up, or of unknown size where it was all the command read, ``alone``), cut by the
+    link (smaller), or None where nothing is stored."""
+    if (alone if size is None else size >= REPLY_BUFFER_BYTES):
+        return reply_over_limit(where, key, size, request_id)
+    return reply_cut(where, key, size, request_id) if size else None
 
 
 def reply_cut(where: str, what: str, size: int, request_id: str | None = None) -> ReplyCut:
@@ -264,6 +268,10 @@ def reply_over_limit(where: str, what: str, size: int | None, request_id: str | 
         "it is kept")
     err.request_id = request_id
     return err
+
+
+# Errors a call raises as they are: Redis answers, and no retry (nor waiting through an outage) passes them.
+SAID_AT_ONCE = (ReplyOverLimit, ReplyCut)
 
 
 
@@ -790,7 +798,7 @@ class ProducerCore:
             # not redis-py's torn socket (ValueError, OSError, or AttributeError for its emptied parser).
             if getattr(self, "_closed", False):
                 raise self._closed_under_call() from None
-            if isinstance(e, (ReplyOverLimit, ReplyCut)):  # Redis answers: said as it is
+            if isinstance(e, SAID_AT_ONCE):  # Redis answers: said as it is
                 raise
             if isinstance(e, CONNECTION_ERRORS):
                 if sending is not None and answer_lost(e):
