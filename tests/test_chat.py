@@ -148,11 +148,13 @@ def test_a_template_that_loops_over_content_parts_gets_parts(llm):
     assert llm.chat(tools_turn, GREEDY, chat_template=truthy)[0].prompt == "[text]"
 
     assert content_format(PARTS_TEMPLATE) == "openai"
-    # The shapes templates loop in: through a name set to the content, through a filter, by attribute.
+    # The shapes templates loop in: through a name set to the content, through a filter, by attribute, a slice.
     assert content_format("{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{{ p.text }}"
                           "{% endfor %}{% endfor %}") == "openai"
     assert content_format("{% for m in messages %}{% for p in m.content | selectattr('type', 'eq', 'text') %}"
                           "{{ p.text }}{% endfor %}{% endfor %}") == "openai"
+    assert content_format("{% for m in messages %}{% for p in m['content'][0:] %}{{ p['text'] }}{% endfor %}"
+                          "{% endfor %}") == "openai"
     assert content_format(CHAT_TEMPLATE) == content_format("{{ messages[0]['content'] }}") == "string"
     assert content_format("{% for m in messages %}{{ m['content'] }}{% endfor %}") == "string"
     assert content_format("{% for %}") == "string"  # unparsable: its rendering says what is wrong

@@ -16,10 +16,11 @@ ContentFormat = Literal["string", "openai"]
 
 def _reads_content(node: Any, content_names: set[str]) -> bool:
     """Whether ``node`` is a message's content: ``m['content']``, ``m.content``, a name set to one of those, or
-    any of them through filters (``m['content'] | selectattr(...)``)."""
+    any of them through filters (``m['content'] | selectattr(...)``) and slices (``m['content'][1:]``)."""
     from jinja2 import nodes
 
-    while isinstance(node, nodes.Filter) and node.node is not None:
+    while (isinstance(node, nodes.Filter) and node.node is not None
+           or isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
         node = node.node
     if isinstance(node, nodes.Getitem):
         return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
