@@ -9,8 +9,9 @@ Invariants:
   here), made on first use and again after a failure;
 - a failed tick (Redis away, a refusal) is never fatal: the client is dropped, the next interval tries again,
   and the failure is logged once per 50 (the loop logs the outage itself), with credentials masked;
-- :meth:`RenewalThread.overdue` says when no tick has succeeded for two intervals: the loop then ticks itself
-  (:meth:`RenewalThread.tick_now`) before it publishes or acts on anything (worker.py);
+- :meth:`RenewalThread.overdue` says when no tick that succeeded began in the last two intervals (a tick knows
+  Redis as it was when sent): the loop then ticks itself (:meth:`RenewalThread.tick_now`) before it publishes or
+  acts on anything (worker.py);
 - a tick that renewed nothing on purpose (the loop stuck: its leases and claims are left to lapse) is no success:
   the loop, moving again, finds itself overdue and ticks first, so the runs taken meanwhile get nothing more from
   it. Counted a success, they ran on until the thread's next tick (up to an interval), publishing tokens after
@@ -41,7 +42,11 @@ class RenewalThread:
         self._log = log
         self._failure_event = failure_event
         self.failures = 0
-        self.last_ok = time.monotonic()  # the end of the last tick that succeeded (on either thread)
+        # The start of the last tick that succeeded (on either thread): what a tick learns is Redis's state when
+        # it was sent. A pause landing inside a tick (its answer waiting in the socket while another worker takes
+        # a lease over) ends with a tick that renewed in time and knows nothing of the takeover; dated by its
+        # end, it read as fresh, and the loop flushed a token event of the run taken over.
+        self.last_ok = time.monotonic()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -57,14 +62,16 @@ class RenewalThread:
             self._thread.join(10)
 
     def overdue(self) -> bool:
-        """No tick has succeeded for two intervals: the process was paused, Redis away or this thread starved,
-        so what the tick would have found out (a lease or claim another worker holds now) is not known yet."""
+        """No tick that succeeded began in the last two intervals: the process was paused (a pause inside a tick
+        too), Redis away or this thread starved, so what a tick would find out (a lease or claim another worker
+        holds now) is not known yet."""
         return time.monotonic() - self.last_ok > 2 * self.interval_s
 
     def tick_now(self, r: redis.Redis) -> None:
         """Tick on the caller's thread and client, now (a failure is the caller's to handle)."""
+        began = time.monotonic()
         if self._tick(r) is not False:
-            self.last_ok = time.monotonic()
+            self.last_ok = max(self.last_ok, began)
 
     def wake(self) -> None:
         """Renew now, not at the end of the interval (after a reconnect: the leases may have aged)."""
@@ -79,8 +86,9 @@ class RenewalThread:
                 break
             try:
                 r = r or self._new_client()
+                began = time.monotonic()
                 if self._tick(r) is not False:
-                    self.last_ok = time.monotonic()
+                    self.last_ok = max(self.last_ok, began)
             except Exception as e:  # Redis away: try again next interval; the loop has its own backoff
                 self.failures += 1
                 _close(r)
