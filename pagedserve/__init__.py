@@ -38,6 +38,7 @@ _EXPORTS = {
     "RedisUnreachable": "pagedserve.service.client",
     "RedisBusy": "pagedserve.service.client",
     "ReplyOverLimit": "pagedserve.service.client",
+    "ReplyCut": "pagedserve.service.client",
     "TooManyConnections": "pagedserve.service.client",
     "Event": "pagedserve.service.client",
     "Terminal": "pagedserve.service.client",
@@ -60,7 +61,7 @@ _EXPORTS = {
 # imported nothing it could see (test_typed_api holds the two to the same names).
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
            "PromptTooLongError", "EngineDeadError", "ResumeSample", "Client", "AsyncClient", "CancelOutcome",
-           "RequestFailed", "RedisUnreachable", "RedisBusy", "ReplyOverLimit", "TooManyConnections", "Event",
+           "RequestFailed", "RedisUnreachable", "RedisBusy", "ReplyOverLimit", "ReplyCut", "TooManyConnections", "Event",
            "Terminal", "NoWorker", "RequestGone", "RequestTimedOut", "BatchNotEnded", "BatchOutputLost",
            "BatchNotFound", "BatchMalformed", "GenerateRequest", "TokenEvent", "DoneEvent", "ErrorEvent",
            "DeadLetter", "Keys", "Settings"]
@@ -86,6 +87,7 @@ if TYPE_CHECKING:  # what a type checker sees of the names above ("as": exported
     from pagedserve.service.client import NoWorker as NoWorker
     from pagedserve.service.client import RedisBusy as RedisBusy
     from pagedserve.service.client import RedisUnreachable as RedisUnreachable
+    from pagedserve.service.client import ReplyCut as ReplyCut
     from pagedserve.service.client import ReplyOverLimit as ReplyOverLimit
     from pagedserve.service.client import RequestFailed as RequestFailed
     from pagedserve.service.client import RequestGone as RequestGone

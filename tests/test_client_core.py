@@ -948,35 +948,51 @@ def test_a_full_pool_is_never_taken_for_a_reply_over_the_output_buffer_limit(red
     tells the operator to raise a Redis limit, where TooManyConnections says to call again. Only a connection
     broken under a command counts, and only for a value large enough to be over a limit (16 KiB: a connection's
     own reply buffer holds less, outside the limit)."""
-    from pagedserve.service.client import AsyncClient, Client, ReplyOverLimit
-    from pagedserve.service.client_core import ReplyCut
+    from pagedserve import ReplyCut, ReplyOverLimit
+    from pagedserve.service.client import AsyncClient, Client
+    from pagedserve.service.redis_server import LocalRedis
 
     full = [redis.ConnectionError("Too many connections")]
     if hasattr(redis.exceptions, "MaxConnectionsError"):
         full.append(redis.exceptions.MaxConnectionsError("Too many connections"))
     broken = redis.ConnectionError("Connection closed by server.")
     key = Keys(prefix).result("small")
-    with redis.Redis.from_url(redis_url) as r, Client(redis_url, prefix=prefix) as c:
+    with LocalRedis() as url, redis.Redis.from_url(url) as r, Client(url, prefix=prefix) as c:
+        r.config_set("client-output-buffer-limit", "normal 64kb 64kb 0")  # the least a worker starts under
         r.set(key, "x" * 326)
         for e in full:
             c._raise_if_over_limit(e, key, "small")
         with pytest.raises(ReplyCut):  # cut by something between: too small for any limit
             c._raise_if_over_limit(broken, key, "small")
-        r.set(key, "x" * 16 * 1024)
+        r.set(key, "x" * 100_000)
         for e in full:
             c._raise_if_over_limit(e, key, "small")
         with pytest.raises(ReplyOverLimit):
             c._raise_if_over_limit(broken, key, "small")
 
         async def look() -> None:
-            async with AsyncClient(redis_url, prefix=prefix) as ac:
+            async with AsyncClient(url, prefix=prefix) as ac:
                 for e in full:
                     await ac._raise_if_over_limit(e, key, "small")
                 with pytest.raises(ReplyOverLimit):
                     await ac._raise_if_over_limit(broken, key, "small")
 
         asyncio.run(look())
-        r.delete(key)
+
+        # A value the limit Redis sets lets through (or Redis sets none: what it ships) is not over it, however
+        # large: a proxy cutting long replies was said as the limit, with "raise the limit" for advice.
+        for limit, words in (("normal 0 0 0", "Redis sets no output buffer limit for normal clients"),
+                             ("normal 1mb 0 0", "under Redis's output buffer limit for normal clients (1048576 bytes)")):
+            r.config_set("client-output-buffer-limit", limit)
+            with pytest.raises(ReplyCut, match=re.escape(words)):
+                c._raise_if_over_limit(broken, key, "small")
+
+            async def cut(words: str = words) -> None:
+                async with AsyncClient(url, prefix=prefix) as ac:
+                    with pytest.raises(ReplyCut, match=re.escape(words)):
+                        await ac._raise_if_over_limit(broken, key, "small")
+
+            asyncio.run(cut())
 
 
 def test_an_async_client_used_from_another_event_loop_says_so(redis_url, prefix):

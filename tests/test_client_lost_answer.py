@@ -140,8 +140,7 @@ def test_a_read_reset_mid_reply_is_made_again_and_a_small_reply_is_never_over_th
     "closed by server"): ``events(id)`` and ``stream(id, after=)`` raised "cannot reach Redis" at once, with Redis
     answering; two resets running made ``wait()`` and ``cancel()`` of a 9 kB result blame Redis's output buffer
     limit, which no reply under 16 KiB can be over (a connection's own reply buffer holds it)."""
-    from pagedserve.service.client import AsyncClient, Client, RedisUnreachable, ReplyOverLimit
-    from pagedserve.service.client_core import ReplyCut
+    from pagedserve import AsyncClient, Client, RedisUnreachable, ReplyCut, ReplyOverLimit
 
     params = {"max_tokens": 1200, "ignore_eos": True}
     with running_worker(make_settings(redis_url, prefix), shared_engine), Client(proxy.url, prefix=prefix) as c:
@@ -187,3 +186,34 @@ def test_a_read_reset_mid_reply_is_made_again_and_a_small_reply_is_never_over_th
                 return [ev async for ev in ac.events("long-one", timeout=30)]
 
         assert asyncio.run(async_events()) == whole
+
+
+def test_the_reply_buffer_holds_a_value_with_its_framing_and_the_replies_read_beside_it(prefix):
+    """A result of 16,376 to 16,383 bytes read under a limit of 1 kB: its reply (``$16376\\r\\n`` and a CRLF
+    more) overflows the connection's 16 KiB reply buffer, and Redis closes it over the limit; the client said a
+    proxy cut it (ReplyCut), comparing the value alone with the buffer. A cancel reads the result beside another
+    reply, in the same buffer. The largest value whose reply fits (16,374 bytes) is read."""
+    from pagedserve import Client, ReplyOverLimit
+    from pagedserve.service.protocol import CompletionResult, DoneEvent
+    from pagedserve.service.redis_server import LocalRedis
+
+    def stored(rid: str, size: int) -> bytes:
+        done = DoneEvent(id=rid, outputs=[CompletionResult(index=0, text="", token_ids=[1], finish_reason="length")])
+        empty = done.model_dump_json()
+        done.outputs[0].text = "x" * (size - len(empty))
+        raw = done.model_dump_json().encode()
+        assert len(raw) == size
+        return raw
+
+    keys = Keys(prefix)
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        for size in (16_374, 16_375, 16_376, 16_383):
+            r.set(keys.result(f"r{size}"), stored(f"r{size}", size))
+        r.config_set("client-output-buffer-limit", "normal 1kb 1kb 0")
+        with Client(url, prefix=prefix) as c:
+            assert c.result("r16374").outputs[0].text.startswith("x")
+            for size in (16_375, 16_376, 16_383):
+                with pytest.raises(ReplyOverLimit, match=f"r{size} \\({size} bytes\\)"):
+                    c.result(f"r{size}")
+            with pytest.raises(ReplyOverLimit):
+                c.cancel("r16374")  # its GET beside the EXISTS of the claim

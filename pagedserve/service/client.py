@@ -42,6 +42,7 @@ from .client_core import (
     ReadResult,
     RedisBusy,
     RedisUnreachable,
+    ReplyCut,
     ReplyOverLimit,
     RequestFailed,
     RequestGone,
@@ -63,6 +64,7 @@ from .client_core import (
     done_or_raise,
     first_terminal,
     ids_exhausted,
+    normal_output_limit,
     pool_full,
     pool_options,
     retry_once,
@@ -72,7 +74,7 @@ from .redaction import redact
 from .settings import Settings
 
 __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisBusy", "RedisUnreachable",
-           "RequestFailed", "RequestGone", "RequestTimedOut", "Terminal", "TooManyConnections", "build_request"]
+           "ReplyCut", "ReplyOverLimit", "RequestFailed", "RequestGone", "RequestTimedOut", "Terminal", "TooManyConnections", "build_request"]
 
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
 # 50 calls at once. Redis's own default maxclients.
@@ -447,7 +449,14 @@ class Client(ProducerCore):
                 size = None
         except redis.RedisError:
             return
-        if (err := broken_reads_error(redact(self.redis_url), key, size, alone, request_id)) is not None:
+        err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id)
+        if isinstance(err, ReplyOverLimit):  # unless Redis says it sets no limit that this reply is over
+            try:
+                limit = normal_output_limit(self.r.config_get("client-output-buffer-limit"))
+            except redis.RedisError:  # CONFIG not allowed (an ACL, a managed Redis): the size says it
+                limit = None
+            err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id, limit)
+        if err is not None:
             raise err from None
 
     def _send_once(self, req: GenerateRequest, seconds: float | None) -> Sent:
@@ -878,7 +887,14 @@ class AsyncClient(ProducerCore):
                 size = None
         except redis.RedisError:
             return
-        if (err := broken_reads_error(redact(self.redis_url), key, size, alone, request_id)) is not None:
+        err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id)
+        if isinstance(err, ReplyOverLimit):
+            try:
+                limit = normal_output_limit(await _one_call(self.r.config_get("client-output-buffer-limit")))
+            except redis.RedisError:
+                limit = None
+            err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id, limit)
+        if err is not None:
             raise err from None
 
     async def _send_once(self, req: GenerateRequest) -> Sent:

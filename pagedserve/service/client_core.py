@@ -224,36 +224,70 @@ class ReplyOverLimit(redis.ConnectionError):
     request_id: str | None = None
 
 
-# A stored value under this size is over no output buffer limit a deployment can have: a new connection's own
-# reply buffer (16 KiB; the limit counts only what overflows it) holds it, and a limit below 64 kB stops the
-# worker itself (docs/deployment.md). Its read broken off twice is the network's doing, not the limit's.
+# A reply that fits this is over no output buffer limit a deployment can have: a new connection's own reply
+# buffer (16 KiB; the limit counts only what overflows it) holds it, and a limit below 64 kB stops the worker
+# itself (docs/deployment.md). A value whose reads broke off twice while its reply fits is the network's doing.
 REPLY_BUFFER_BYTES = 16 * 1024
+# What a value read in a pipeline may share that buffer with: the small replies beside it (an EXISTS, an entry id).
+REPLIES_BESIDE_BYTES = 256
+
+
+def reply_bytes(size: int) -> int:
+    """The bytes of a bulk string reply of a ``size``-byte value: ``$<size>\\r\\n<value>\\r\\n``."""
+    return size + len(str(size)) + 5
 
 
 class ReplyCut(RedisUnreachable):
     """Every read of one stored value broke off mid-reply while Redis answered a small command, and the value is
-    too small to be over Redis's output buffer limit: something between (a proxy, a load balancer) cuts long
-    replies. Said at once, as :class:`ReplyOverLimit` is: a wait that took it for an outage would read again
-    for ever, each small reply in between counting as Redis back. The value is kept (``request_id``)."""
+    too small to be over Redis's output buffer limit (or Redis sets none): something between (a proxy, a load
+    balancer) cuts long replies. Said at once, as :class:`ReplyOverLimit` is: a wait that took it for an outage
+    would read again for ever, each small reply in between counting as Redis back. The value is kept
+    (``request_id``)."""
 
     request_id: str | None = None
 
 
-def broken_reads_error(where: str, key: str, size: int | None, alone: bool,
-                       request_id: str | None = None) -> ReplyOverLimit | ReplyCut | None:
+def normal_output_limit(config: Any) -> int | None:
+    """The smallest output buffer limit Redis sets normal clients (bytes; 0: none), from ``CONFIG GET
+    client-output-buffer-limit``'s answer (``{name: 'normal <hard> <soft> <seconds> replica ...'}``, bytes); None
+    where it says nothing readable (a managed Redis without CONFIG answers an error instead)."""
+    try:
+        words = as_text(next(iter(dict(config).values()))).split()
+        at = words.index("normal")
+        hard, soft = int(words[at + 1]), int(words[at + 2])
+    except (StopIteration, ValueError, IndexError, TypeError, AttributeError):
+        return None
+    return min((x for x in (hard, soft) if x > 0), default=0)
+
+
+def broken_reads_error(where: str, key: str, size: int | None, alone: bool, request_id: str | None = None,
+                       limit: int | None = None) -> ReplyOverLimit | ReplyCut | None:
     """What a stored value of ``size`` bytes (None: its size could not be asked for) is, whose reads broke off
-    twice running while Redis answered a small command: over the output buffer limit (from
-    :data:`REPLY_BUFFER_BYTES` up, or of unknown size where it was all the command read, ``alone``), cut by the
-    link (smaller), or None where nothing is stored."""
-    if (alone if size is None else size >= REPLY_BUFFER_BYTES):
+    twice running while Redis answered a small command: over the output buffer limit (its reply, with the
+    replies beside it unless it was all the command read, ``alone``, past :data:`REPLY_BUFFER_BYTES`; or of
+    unknown size where ``alone``), cut by the link (smaller, or under a ``limit`` Redis said it sets:
+    :func:`normal_output_limit`), or None where nothing is stored."""
+    reply = None if size is None else reply_bytes(size) + (0 if alone else REPLIES_BESIDE_BYTES)
+    # Redis counts what overflows its buffer in the blocks it allocated for it, up to a quarter more than the bytes
+    if limit is not None and (limit == 0 or reply is not None and reply + reply // 4 + REPLY_BUFFER_BYTES <= limit):
+        over = False  # a limit Redis sets that this reply passes, or none
+    else:
+        over = alone if reply is None else reply > REPLY_BUFFER_BYTES
+    if over:
         return reply_over_limit(where, key, size, request_id)
-    return reply_cut(where, key, size, request_id) if size else None
+    return reply_cut(where, key, size, request_id, limit) if size or (size is None and alone) else None
 
 
-def reply_cut(where: str, what: str, size: int, request_id: str | None = None) -> ReplyCut:
-    err = ReplyCut(f"Redis at {where} answers other commands, but every read of {what} ({size} bytes) broke off "
-                   "mid-reply: too small to be over its output buffer limit, so something between (a proxy, a "
-                   "load balancer) cuts long replies; it is kept: read it again once the link holds")
+def reply_cut(where: str, what: str, size: int | None, request_id: str | None = None,
+              limit: int | None = None) -> ReplyCut:
+    """``limit``: the normal clients' output buffer limit Redis said it sets (0: none), where it said."""
+    bytes_ = f" ({size} bytes)" if size is not None else ""
+    why = ("Redis sets no output buffer limit for normal clients" if limit == 0 else
+           f"under Redis's output buffer limit for normal clients ({limit} bytes)" if limit else
+           "too small to be over its output buffer limit")
+    err = ReplyCut(f"Redis at {where} answers other commands, but every read of {what}{bytes_} broke off "
+                   f"mid-reply: {why}, so something between (a proxy, a load balancer) cuts long replies; it is "
+                   "kept: read it again once the link holds")
     err.request_id = request_id
     return err
 
