@@ -770,6 +770,7 @@ def test_output_lines_over_the_output_buffer_limit_are_read_in_smaller_pages_or_
         out = BatchKeys(prefix).out(bid)
         lines = [{"custom_id": f"c{i}", "filler": f"{i}" * 20_000} for i in range(30)]
         r.hset(out, mapping={str(i): json.dumps(line) for i, line in enumerate(lines)})
+        r.hset(BatchKeys(prefix).record(bid), "completed", 30)  # as the script storing each line counts it
         r.config_set("client-output-buffer-limit", "normal 256kb 0 0")  # the lines are 600 kB
         assert list(batch_results(r, prefix, bid)) == lines
         with Client(settings=make_settings(url, prefix)) as c:
@@ -778,7 +779,8 @@ def test_output_lines_over_the_output_buffer_limit_are_read_in_smaller_pages_or_
         assert [json.loads(line) for line in command_stdout(res).splitlines()] == lines, res.stderr
 
         r.hset(out, "30", json.dumps({"custom_id": "big", "filler": "x" * 300_000}))
-        words = f"closes the connection at every read of an output line of batch {bid} ({out})"
+        r.hset(BatchKeys(prefix).record(bid), "completed", 31)
+        words = f"closes the connection at every read of output line 31 of batch {bid} ({out}) after the 30 lines read"
         with pytest.raises(ReplyOverLimit, match=re.escape(words)) as caught:
             list(batch_results(r, prefix, bid))
         port = r.connection_pool.connection_kwargs["port"]
@@ -789,6 +791,29 @@ def test_output_lines_over_the_output_buffer_limit_are_read_in_smaller_pages_or_
         assert len(list(batch_results(r, prefix, bid))) == 31  # kept
 
 
+def test_output_lines_each_under_the_limit_are_read_where_one_hscan_bucket_holds_two(prefix, cli, monkeypatch):
+    """Lines of 30 and 60 kB under the least limit a worker runs with (64 kB): HSCAN's COUNT is a hint, and a page
+    of one returned a hash bucket of two lines (90 kB) at every try, so `batch results` said an output line was
+    over the limit and wrote nothing, though each line alone is read whole. Past a page of one, the lines are read
+    by their numbers."""
+    import redis
+
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        monkeypatch.setenv("PAGEDSERVE_REDIS_URL", url)
+        bid = submit_batch(r, prefix, jsonl([completion(f"c{i}") for i in range(200)]))
+        lines = [{"custom_id": f"c{i}", "filler": ("a" if i % 2 else "\u00e9") * 30_000} for i in range(200)]
+        r.hset(BatchKeys(prefix).out(bid), mapping={str(i): json.dumps(line, ensure_ascii=False)
+                                                    for i, line in enumerate(lines)})
+        r.hset(BatchKeys(prefix).record(bid), mapping={"status": "completed", "completed": 200})
+        r.config_set("client-output-buffer-limit", "normal 64kb 64kb 0")
+        assert list(batch_results(r, prefix, bid)) == lines
+        res = cli.invoke(app, ["batch", "results", bid])
+        assert res.exit_code == 0, res.stderr
+        assert [json.loads(line) for line in command_stdout(res).splitlines()] == lines
+
+
 def test_output_read_through_a_link_that_resets_mid_reply_is_read_again(prefix, cli, monkeypatch):
     """A load balancer resetting the connection in the middle of an HSCAN page (ECONNRESET, not Redis's own
     close): `batch results` said "cannot reach Redis" and wrote nothing, where the page read again comes whole.
@@ -796,6 +821,7 @@ def test_output_read_through_a_link_that_resets_mid_reply_is_read_again(prefix, 
     the rest read a few lines at a time, nor do pages grow past it to break again and again."""
     import redis
 
+    from pagedserve import ReplyCut
     from pagedserve.service import batch_client
     from pagedserve.service.client import Client
     from pagedserve.service.redis_server import LocalRedis
@@ -830,5 +856,14 @@ def test_output_read_through_a_link_that_resets_mid_reply_is_read_again(prefix, 
                 proxy.reset_answers(5_000)
                 assert list(batch_client.batch_results(r, prefix, bid)) == lines
             assert pages[:3] == [8, 2, 4] and set(pages[2:]) == {4}, pages  # to half the page that broke
+
+            # A link that cuts every line, under a Redis that sets no output limit: not the limit's doing.
+            proxy.reset_answers(1_000, count=10**6)
+            words = f"every read of output line 1 of batch {bid} ({BatchKeys(prefix).out(bid)}) after the 0 lines " \
+                    "read broke off mid-reply: Redis sets no output buffer limit for normal clients"
+            with redis.Redis.from_url(proxy.url) as r, pytest.raises(ReplyCut, match=re.escape(words)):
+                list(batch_client.batch_results(r, prefix, bid))
+            res = cli.invoke(app, ["batch", "results", bid])
+            assert res.exit_code == 1 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         finally:
             proxy.close()

@@ -37,7 +37,7 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, broke_mid_reply,
-                          check_seconds, is_loading, reply_over_limit, why_no_worker)
+                          broken_reads_error, check_seconds, is_loading, normal_output_limit, why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -361,11 +361,13 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
     """The output lines stored so far, in input order (all of them once the batch has ended). ``where``: the
     Redis (default: its host and port), as said in :class:`~pagedserve.service.client_core.ReplyOverLimit` when
     one line alone is over the output buffer limit (kept: raising the limit makes it readable). A read Redis
-    broke off (closed or reset mid-reply) is made again, smaller: HSCAN reads, so a page read twice is harmless."""
-    if not r.exists(BatchKeys(prefix).record(bid)):
+    broke off (closed or reset mid-reply) is made again, smaller: HSCAN reads, so a page read twice is harmless.
+    Where even a page of one broke (HSCAN's COUNT is a hint: one bucket may hold a few large lines), the lines
+    are read by their numbers instead, one at a time where need be."""
+    k = BatchKeys(prefix)
+    if not r.exists(k.record(bid)):
         raise BatchNotFound(bid)
-    key, lines, cursor, page = BatchKeys(prefix).out(bid), {}, 0, OUTPUT_PAGE
-    refused = False  # the last read, of one line, was broken off while Redis answered a PING
+    key, lines, cursor, page = k.out(bid), {}, 0, OUTPUT_PAGE
     broke = OUTPUT_PAGE * 2  # the smallest page that broke so far
     while True:
         try:
@@ -373,25 +375,63 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
         except redis.ConnectionError as e:
             if not broke_mid_reply(e):
                 raise
-            if page == 1:  # one line refused: over the limit where Redis answers a small command, else an outage
-                try:
-                    r.ping()
-                except redis.RedisError:
-                    raise e from None
-                if refused:  # twice running: a link that drops now and then is not a reply too big
-                    raise reply_over_limit(where or _host_port(r), f"an output line of batch {bid} ({key}) after "
-                                           f"the {len(lines)} lines read", None) from None
-                refused = True
+            if page == 1:
+                lines = _lines_by_number(r, k, bid, where or _host_port(r), e)
+                break
             broke = min(broke, page)
             page = max(1, page // 4)
             continue
-        refused = False
         page = min(OUTPUT_PAGE, page * 2, max(1, broke // 2))
         lines.update((int(as_text(f)), v) for f, v in fields.items())
         if not cursor:
             break
     for line_no in sorted(lines):
         yield json.loads(lines[line_no])
+
+
+def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken: redis.ConnectionError) -> dict:
+    """The output lines read by line number (HMGET, in pages that shrink as HSCAN's do, down to one line) up to
+    as many as the record counts stored (``completed + failed``, read first: each line is written in the script
+    that counts it), or to the file's size in lines (blank lines have no number's line). One line whose reads
+    broke off twice running while Redis answers a PING is over the output buffer limit: said, naming it."""
+    try:
+        r.ping()
+    except redis.RedisError:
+        raise broken from None
+    stored = r.hmget(k.record(bid), "completed", "failed", "input_bytes")
+    want, last = sum(int(x or 0) for x in stored[:2]), int(stored[2] or 0)
+    lines: dict[int, Any] = {}
+    key, line_no, page, refused = k.out(bid), 0, 1, False
+    broke = OUTPUT_PAGE * 2
+    while len(lines) < want and line_no <= last:
+        numbers = list(range(line_no, min(line_no + page, last + 1)))
+        try:
+            values = r.hmget(key, numbers)
+        except redis.ConnectionError as e:
+            if not broke_mid_reply(e):
+                raise
+            if page > 1:
+                broke, page = min(broke, page), max(1, page // 4)
+                continue
+            try:
+                r.ping()
+            except redis.RedisError:
+                raise e from None
+            if refused:  # twice running: a link that drops now and then is not a reply too big
+                try:
+                    limit = normal_output_limit(r.config_get("client-output-buffer-limit"))
+                except redis.RedisError:  # CONFIG not allowed (an ACL, a managed Redis)
+                    limit = None
+                err = broken_reads_error(where, f"output line {line_no + 1} of batch {bid} ({key}) after the "
+                                         f"{len(lines)} lines read", None, True, limit=limit)
+                raise (err or e) from None  # err: of a size unknown, read alone, it is one or the other
+            refused = True
+            continue
+        refused = False
+        lines.update((n, v) for n, v in zip(numbers, values) if v is not None)
+        line_no += len(numbers)
+        page = min(OUTPUT_PAGE, page * 2, max(1, broke // 2))
+    return lines
 
 
 def _host_port(r: redis.Redis) -> str:
