@@ -1145,6 +1145,36 @@ def test_invalid_specs_name_the_field(value, words):
         validate_structured_outputs(value)
 
 
+def _rule_chain(rules: int, gbnf: bool) -> str:
+    """A chain of grammar rules, each calling the next: GBNF (``root ::=``) or the same grammar in Lark."""
+    define, start = ("::=", "root") if gbnf else (":", "start")
+    body = "".join(f'r{i} {define} "(" r{i + 1} ")" | "w{i}"\n' for i in range(rules))
+    return f"{start} {define} r0\n{body}r{rules} {define} \"y\"\n"
+
+
+def test_a_gbnf_grammar_whose_conversion_could_take_long_is_refused_before_it_starts(tokenized):
+    """llguidance converts GBNF to Lark in Python, in up to a pass over every rule per rule: six requests with
+    chains of 2,500 GBNF rules (75 kB, inside the size limit) held the compile threads for a minute, each refused
+    only after its compile timeout, every other tenant's structured request waiting behind them and the engine's
+    steps slowed by the interpreter lock. Refused by name before any work now; the same grammar in Lark (read as it
+    is) compiles, and a GBNF grammar of ordinary size is taken."""
+    from pagedserve.engine.structured_spec import MAX_GBNF_WORK
+
+    chain = _rule_chain(2_500, gbnf=True)
+    words = f"structured_outputs grammar is GBNF of 2502 rules in {len(chain)} characters"
+    with pytest.raises(ValueError, match="^" + re.escape(words)) as refused:
+        validate_structured_outputs({"grammar": chain})
+    assert "write it in Lark (start: ...)" in str(refused.value) and f"{MAX_GBNF_WORK:,}" in str(refused.value)
+    so, _tok, _eos = tokenized
+    lark = {"grammar": _rule_chain(2_500, gbnf=False)}
+    assert validate_structured_outputs(lark) == lark
+    assert so.compile(lark) is not None
+    ordinary = _rule_chain(150, gbnf=True)  # 151 rules in 4 kB: far inside the bound
+    assert 151 * len(ordinary) < MAX_GBNF_WORK
+    assert validate_structured_outputs({"grammar": ordinary}) == {"grammar": ordinary}
+    assert so.compile({"grammar": ordinary}) is not None
+
+
 def _nested(levels: int) -> dict:
     """A schema whose JSON nests exactly ``levels`` objects deep (arrays of arrays of ... integers)."""
     schema: dict = {"type": "integer"}

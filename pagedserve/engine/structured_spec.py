@@ -15,6 +15,7 @@ Standard library only: producers validate requests with it, without torch.
 from __future__ import annotations
 
 import json
+import re
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 WHITESPACE_OPTIONS = ("disable_any_whitespace", "whitespace_pattern")
@@ -27,6 +28,13 @@ MAX_CHOICES = 1024
 # llguidance parses the schema inside a grammar document of its own, three levels up, with serde_json's limit of
 # 128: a schema of 125 levels failed there ("recursion limit exceeded at line 1 column 2220").
 MAX_SPEC_DEPTH = 124
+# llguidance converts llama.cpp's GBNF to Lark in Python before it compiles anything, marking rules as terminals in
+# passes over every rule until a pass marks none: up to a pass per rule, so its time grows with the rules times
+# the grammar's length. A chain of 2,500 rules in 72 kB took 4 s of a core alone, a minute beside a few others,
+# each holding the interpreter lock that the engine's loop needs, and out of the compile timeout's reach (a thread
+# cannot be stopped). Lark is read as it is, by llguidance's Rust.
+MAX_GBNF_WORK = 10_000_000  # rules x characters: half a second at most on a 2-core EPYC VM
+_LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
 
 
 # vLLM's StructuredOutputsParams fields this engine has no use for, at vLLM's defaults, and why no other value is
@@ -77,6 +85,18 @@ def _check_text(name: str, value: object) -> str:
     except UnicodeEncodeError:
         raise structured_error(f"{name} must be valid Unicode text (it has a lone surrogate)") from None
     return value
+
+
+def _check_gbnf_work(grammar: str) -> None:
+    """A GBNF grammar whose conversion to Lark could take long (:data:`MAX_GBNF_WORK`) is refused before it starts."""
+    if _LARK_SYNTAX.search(grammar):
+        return
+    rules = grammar.count("::=")
+    if rules * len(grammar) > MAX_GBNF_WORK:
+        raise structured_error(
+            f"grammar is GBNF of {rules} rules in {len(grammar)} characters: converting it to Lark takes time that "
+            f"grows with both, and rules x characters may be {MAX_GBNF_WORK:,} at most; write it in Lark "
+            "(start: ...), which is read without converting, or with fewer rules")
 
 
 def _too_deep(value: object, limit: int) -> bool:
@@ -144,6 +164,8 @@ def validate_structured_outputs(value: object) -> dict | None:
             raise structured_error(f"json_object must be true (got {_short(spec)})")
     elif kind in ("regex", "grammar"):
         _check_text(kind, spec)
+        if kind == "grammar":
+            _check_gbnf_work(spec)
     else:  # choice
         if not isinstance(spec, (list, tuple)) or not spec:
             raise structured_error(f"choice must be a non-empty list of strings (got {_short(spec)})")
