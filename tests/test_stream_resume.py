@@ -625,6 +625,51 @@ def test_a_cancel_read_after_a_pause_ends_no_run_another_worker_took_over(redis_
             r.close()
 
 
+def test_a_pause_while_a_flush_is_built_sends_no_token_of_a_run_taken_over_meanwhile(redis_url, prefix, shared_engine):
+    """The pause of the tests above landing inside a flush, after the loop's look for runs taken over and before
+    its pipeline went out: another worker took the id over meanwhile, and the built pipeline appended this run's
+    tokens after the new owner's (a seeded chaos run: one busy pause in eleven, tokens after the owner's done).
+    A flush whose look is older than half a renewal interval sends nothing more; the loop looks again, renewing
+    first, and gives the run up. Driven in this process: the renewal threads are held, as SIGSTOP holds them."""
+    s = make_settings(redis_url, prefix, claim_idle_ms=3000)
+    keys = Keys(prefix)
+    rid = "taken-while-flushing"
+    r = redis.Redis.from_url(redis_url)
+    armed, resume = threading.Event(), threading.Event()
+    taken_at: list[bytes] = []
+    with running_worker(s, shared_engine) as w, Client(settings=s) as c:
+        for t in (w.leases.thread, w.claims.thread):
+            def held(client, tick=t._tick):
+                if armed.is_set() and threading.current_thread().name.startswith("pagedserve-"):
+                    resume.wait(60)
+                return tick(client)
+            t._tick = held
+        add = w.publisher._add
+
+        def paused_add(pipe, op):
+            if armed.is_set() and not taken_at and op.request_id == rid and op.kind == "token":
+                r.set(keys.running(rid), "other-worker:1", px=60_000)  # taken over while this worker was stopped
+                last = r.xrevrange(keys.events(rid), count=1)
+                taken_at.append(last[0][0] if last else b"0-0")
+                time.sleep(w.leases.thread.interval_s)  # the pause: past half an interval
+            return add(pipe, op)
+
+        w.publisher._add = paused_add
+        try:
+            submit_running(c, r, keys, rid)
+            armed.set()
+            wait_for(lambda: rid not in w.running.table, 60, what="the run given up here")
+            assert rid in w.admission.waiting, "not given up"
+            time.sleep(0.5)  # anything still buffered would go out now
+            after = r.xrange(keys.events(rid), min=b"(" + taken_at[0])
+            assert not after, f"{len(after)} token events of the run taken over appended after the takeover"
+            assert r.get(keys.result(rid)) is None  # the owner answers, not this worker
+        finally:
+            resume.set()
+            r.delete(keys.running(rid))
+            r.close()
+
+
 def test_a_resume_point_past_the_end_or_naming_no_output_is_refused_naming_after(redis_url, prefix, shared_engine):
     """A resume point past an output's last seq skipped its tokens without a word, and a dict key naming no output
     (``{seq: index}`` written the wrong way round) replayed every token: both are a ``ValueError`` naming ``after``

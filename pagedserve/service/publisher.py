@@ -186,11 +186,13 @@ class Publisher(WorkerPart):
         """Every op not yet applied, including refused ones waiting for their retry."""
         return len(self._ops) + len(self._later)
 
-    def flush(self, r: redis.Redis) -> int:
+    def flush(self, r: redis.Redis, sendable: Callable[[], bool] | None = None) -> int:
         """Send the buffer (unless a refusal's backoff is running); returns commands sent. Raises
         ``redis.ConnectionError``/``TimeoutError`` with the buffer intact (less the token events of the batch
         that broke off) when Redis is unreachable, and ``redis.ReadOnlyError`` when a replica refused a write (the
-        connection must be opened anew). Refused ops stay buffered, in order."""
+        connection must be opened anew). Refused ops stay buffered, in order. ``sendable``: asked before each
+        pipeline goes out, once it is built; False stops the flush there, the rest kept (the worker's look for
+        runs taken over is too old: a pause came in between)."""
         now = time.monotonic()
         if now < self._retry_at or not self.pending():
             return 0
@@ -212,6 +214,8 @@ class Publisher(WorkerPart):
                 batch = ops[i : i + self.chunk]
                 pipe = r.pipeline(transaction=False)
                 spans = [self._add(pipe, op) for op in batch]
+                if sendable is not None and not sendable():
+                    break  # kept, from this batch on (the finally below)
                 try:
                     replies = pipe.execute(raise_on_error=False)
                 except BaseException:

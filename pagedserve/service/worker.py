@@ -120,6 +120,9 @@ class Worker(WorkerPart):
         claims.on_refused = lambda e: self.conn.command_refused(
             "claim", e, needed=not isinstance(e, redis.exceptions.OutOfMemoryError))
         claims.on_answered = lambda: self.conn.command_accepted("claim")
+        # When the loop last looked for runs taken over (_check_if_away), and whether it must renew at its next look.
+        self._checked_at = 0.0
+        self._check_again = False
         self.progress = Progress(s.stall_timeout_s)
         # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
         # Read from the progress at scrape time, not written at every loop pass.
@@ -430,7 +433,7 @@ class Worker(WorkerPart):
         if self.publisher.pending() and conn.usable():
             try:
                 self._check_if_away()  # a step that a pause broke into has just ended: its tokens may be stale
-                self.metrics.redis_ops.inc(self.publisher.flush(self.r))
+                self.metrics.redis_ops.inc(self.publisher.flush(self.r, self._checked_lately))
             except (*REDIS_DOWN, REDIS_DEMOTED) as e:
                 conn.failed(e)
         if busy:
@@ -444,7 +447,7 @@ class Worker(WorkerPart):
             self.conn.setup()
         self._check_if_away()
         if self.publisher.pending():
-            self.metrics.redis_ops.inc(self.publisher.flush(self.r))
+            self.metrics.redis_ops.inc(self.publisher.flush(self.r, self._checked_lately))
         checked = False
         for rid in self.intake.cancels():
             if not checked:
@@ -522,15 +525,31 @@ class Worker(WorkerPart):
         another's. When no renewal has succeeded for a while (the process was paused, Redis down, a renewal
         thread starved), renew here first: what was lost is not known yet."""
         # A stuck loop (its renewals left to lapse, so always overdue) does not renew here either.
-        if self._renewals_overdue() and not self._loop_stuck():
+        if (self._check_again or self._renewals_overdue()) and not self._loop_stuck():
             try:
                 self.leases.thread.tick_now(self.r)
                 self.claims.thread.tick_now(self.r)
+                self._check_again = False
             except redis.ResponseError:  # refused (maxmemory, ACL): not known yet; the next iteration asks again
                 pass
         # Whoever found them (this tick, or a renewal thread that ran first after the pause), before any flush.
         self.running.lose(self.leases.take_lost())
         self.admission.give_up_lost()
+        self._checked_at = time.monotonic()
+
+    def _checked_lately(self) -> bool:
+        """Whether the last look for runs taken over is recent enough for a flush to send what it built. A pause
+        (SIGSTOP, a frozen VM) landing between that look and the send, while the flush builds its pipeline, could
+        outlast a lease, and a run's tokens would go out after another worker's done. Renewals are at most two
+        intervals old at the look, and a takeover needs claim_idle_ms, three by default: past half an interval,
+        the flush sends nothing more and the loop looks again, renewing first."""
+        fresh_s = min(self.leases.thread.interval_s, self.claims.thread.interval_s) / 2
+        if time.monotonic() - self._checked_at <= fresh_s:
+            return True
+        self._check_again = True
+        self.log.info("flush_held", note="a pause came between the look for runs taken over and the send: "
+                                         "looking again, renewing first")
+        return False
 
     def _step(self) -> None:
         # Before the step too: a first step that hangs must show its requests (and stall), not the idle snapshot
