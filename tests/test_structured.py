@@ -986,6 +986,51 @@ def test_only_masks_over_the_limit_in_a_row_count():
         fork.fill_bitmask(row)
 
 
+def test_costly_masks_between_cheap_ones_fail_the_matcher_too():
+    """Masks over the limit at every other token (an array of allOf-of-anyOf items: 60-80 ms at each item's start,
+    0.2 ms between) never made three in a row, and slowed every step as much as a grammar that is refused: the
+    CPU taken beyond the limit, less what the cheap masks left unused, is bounded too (MASK_DEBT masks' worth)."""
+    from pagedserve.engine.structured_llguidance import MASK_DEBT
+
+    over, under = 7.0, 0.0  # 2 ms limit: 5 ms of debt each, 2 paid back
+    matcher = LLGuidanceMatcher(_BurnsCPU([over, under] * 20), frozenset([0]), max_mask_s=2e-3)
+    row = torch.empty(1, dtype=torch.int32)
+    words = (r"could not be followed while generating: its costly masks took [0-9]+ ms of CPU more than the limit "
+             r"of 2 ms per token allows")
+    masks = 0
+    with pytest.raises(GrammarFailed, match=words):
+        for masks in range(1, 41):
+            matcher.fill_bitmask(row)
+    assert masks <= 2 * MASK_DEBT, masks  # 3 ms more per pair: past 10 masks' worth (20 ms) at the 13th
+    assert matcher.strikes < MASK_STRIKES  # never three in a row
+    with pytest.raises(GrammarFailed, match=words):
+        matcher.fork().fill_bitmask(row)
+
+
+def test_a_request_pays_no_first_mask_its_grammar_s_compile_paid(tokenized):
+    """Each request's matcher was a copy of one that never masked: an allOf of nine two-way anyOfs costs 250 ms
+    at its first mask, 0.1 ms after, and every request paid the 250 ms on the step loop while the compile timed
+    only the cheap second mask. The copies are made of the matcher that masked its start at compile."""
+    so, tok, eos = tokenized
+    def product(members: int) -> dict:
+        return {"allOf": [{"anyOf": [{"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"}}}
+                                     for j in range(2)]} for i in range(members)]}
+
+    grammar = so.compile(validate_structured_outputs({"json": product(9)}))
+    row = torch.empty((len(tok) + 31) // 32, dtype=torch.int32)
+    for _ in range(2):
+        matcher = grammar.matcher()
+        started = time.thread_time()
+        matcher.fill_bitmask(row)
+        assert time.thread_time() - started < 0.02  # 250 ms when it was the copy's own first mask
+        assert tok.encode("{", add_special_tokens=False)[0] in _bits(row)  # and it follows the schema
+    # Two more allOf members: llguidance's grammar outgrows its symbol table and panics. Said without the panic's
+    # frames ("<backtrace> 0: <unknown> ..."), which are for llguidance's authors.
+    with pytest.raises(ValueError, match="not a usable JSON Schema: panic: assertion failed") as refused:
+        so.compile(validate_structured_outputs({"json": product(11)}))
+    assert "backtrace" not in str(refused.value) and "unknown" not in str(refused.value), refused.value
+
+
 def test_the_parallel_path_charges_the_costly_rows_only(strict):
     """With PARALLEL_MIN_ROWS rows or more the masks are filled together on llguidance's threads, which give
     only the total time. Over the limit per row, each row is masked again alone and timed: the costly rows are

@@ -79,6 +79,10 @@ PARALLEL_MIN_ROWS = 32
 # Masks over the limit in a row that fail a matcher: more than one, since the first mask in a new region of a
 # grammar also builds that region of the lexer (measured: 35 ms, then 8 ms for each mask after it).
 MASK_STRIKES = 3
+# What masks over the limit may cost beyond it, in all, before the masks under it have paid it back (in masks of
+# the limit): costly masks between cheap ones never make three in a row (an array of allOf-of-anyOf items: 60-80 ms
+# at each item's start, 0.2 ms between), yet slow every step as much.
+MASK_DEBT = 10
 # The parallel path times one row in this many alone at each step, in turn (see the module's docstring).
 PROBE_EVERY = 32
 # Each run of whitespace between JSON tokens, unless the request says otherwise: pretty-printing fits, an
@@ -875,7 +879,9 @@ def _regex_problem(pattern: str) -> str:
 
 
 def _cut(text: str) -> str:
-    text = " ".join(str(text).split()).split(" <state>", 1)[0]  # the parser state dump after it is for llguidance's authors
+    text = " ".join(str(text).split())
+    for dump in (" <state>", " <backtrace>"):  # a parser state, a Rust panic's frames: for llguidance's authors
+        text = text.split(dump, 1)[0]
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
@@ -884,11 +890,14 @@ class LLGuidanceMatcher:
 
     EOS is accepted without being fed to a stopped matcher (llguidance stops itself once nothing can follow);
     ``_eos_held`` remembers it so that a rollback undoes the right number of llguidance tokens. ``strikes``: its
-    masks in a row that cost more than ``max_mask_s`` of CPU; ``_too_costly``: why it failed once they reached
-    :data:`MASK_STRIKES` (every mask after that raises it).
+    masks in a row that cost more than ``max_mask_s`` of CPU; ``debt``: the CPU its masks took beyond the limit,
+    less what masks under it left unused, and ``costly``: the masks over it since the debt was last paid;
+    ``_too_costly``: why it failed once they reached :data:`MASK_STRIKES`, or the debt :data:`MASK_DEBT` masks'
+    worth after as many costly ones (every mask after that raises it).
     """
 
-    __slots__ = ("m", "eos", "max_mask_s", "terminated", "strikes", "_too_costly", "_eos_held", "_warned", "uncounted")
+    __slots__ = ("m", "eos", "max_mask_s", "terminated", "strikes", "debt", "costly", "_too_costly", "_eos_held",
+                 "_warned", "uncounted")
 
     def __init__(self, m, eos: frozenset[int], max_mask_s: float) -> None:
         self.m = m
@@ -897,6 +906,8 @@ class LLGuidanceMatcher:
         self.max_mask_s = max_mask_s
         self.terminated = False
         self.strikes = 0
+        self.debt = 0.0
+        self.costly = 0
         self._too_costly: str | None = None
         self._eos_held = False
         self._warned = False
@@ -910,18 +921,26 @@ class LLGuidanceMatcher:
 
     def charge(self, seconds: float) -> None:
         """Count one mask that cost ``seconds`` of CPU; raise :class:`GrammarFailed` at the :data:`MASK_STRIKES`-th
-        in a row over the limit."""
-        if seconds <= self.max_mask_s:
-            self.strikes = 0
-            return
-        self.strikes += 1
+        in a row over the limit, or once the masks over it (:data:`MASK_STRIKES` of them or more: the first mask of
+        a new region of a grammar may cost much alone) cost :data:`MASK_DEBT` masks of the limit more than the
+        masks under it left unused."""
+        limit_ms = self.max_mask_s * 1e3
+        over = seconds > self.max_mask_s
+        self.debt = max(0.0, self.debt + seconds - self.max_mask_s)
+        self.strikes = self.strikes + 1 if over else 0
+        self.costly = 0 if not self.debt else self.costly + over  # costly masks since the debt was last paid
         if self.strikes >= MASK_STRIKES:
-            self._too_costly = (
-                f"could not be followed while generating: its masks cost {seconds * 1e3:.1f} ms of CPU per token, "
-                f"{self.strikes} tokens in a row, more than the limit of {self.max_mask_s * 1e3:g} ms "
-                f"({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the usual cause")
-            log.debug("structured output: %s", self._too_costly)  # the engine logs the request's end, naming it
-            raise GrammarFailed(self._too_costly)
+            why = (f"its masks cost {seconds * 1e3:.1f} ms of CPU per token, {self.strikes} tokens in a row, more "
+                   f"than the limit of {limit_ms:g} ms")
+        elif self.costly >= MASK_STRIKES and self.debt > MASK_DEBT * self.max_mask_s:
+            why = (f"its costly masks took {self.debt * 1e3:.0f} ms of CPU more than the limit of {limit_ms:g} ms "
+                   "per token allows, beyond what its cheap ones left unused")
+        else:
+            return
+        self._too_costly = (f"could not be followed while generating: {why} ({MAX_MASK_ENV}): a large counted "
+                            "repetition such as a{99999} is the usual cause")
+        log.debug("structured output: %s", self._too_costly)  # the engine logs the request's end, naming it
+        raise GrammarFailed(self._too_costly)
 
     def check(self) -> None:
         """Raise :class:`GrammarFailed` when the matcher is in error or has failed on its masks' cost."""
@@ -981,7 +1000,8 @@ class LLGuidanceMatcher:
     def fork(self) -> LLGuidanceMatcher:
         child = LLGuidanceMatcher(self.m.deep_copy(), self.eos, self.max_mask_s)
         child.terminated, child._eos_held, child._warned = self.terminated, self._eos_held, self._warned
-        child.strikes, child._too_costly = self.strikes, self._too_costly
+        child.strikes, child.debt, child.costly = self.strikes, self.debt, self.costly
+        child._too_costly = self._too_costly
         return child
 
 
@@ -1154,7 +1174,10 @@ class LLGuidanceBackend:
                 f"{kind} costs {seconds * 1e3:.1f} ms of CPU per token to mask, more than the limit of "
                 f"{self.max_mask_ms:g} ms ({MAX_MASK_ENV}): a large counted repetition such as a{{99999}} is the "
                 "usual cause")
-        return LLGuidanceGrammar(matcher, self.eos, limit_s, GRAMMAR_FIXED_BYTES + GRAMMAR_BYTES_PER_CHAR * len(text))
+        # The copies are made of the matcher that masked its start once: a copy of one never masked pays that
+        # first mask again, on the step loop, for every request (an allOf of ten two-way anyOfs: 1.1 s each,
+        # where the second mask, the one timed above, takes 4 ms).
+        return LLGuidanceGrammar(warm, self.eos, limit_s, GRAMMAR_FIXED_BYTES + GRAMMAR_BYTES_PER_CHAR * len(text))
 
     def fill_bitmasks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> list[float]:
         rows = len(matchers)
