@@ -584,6 +584,17 @@ def test_a_cancel_meeting_a_takeover_keeps_the_streamed_tokens_and_the_paused_ow
         r.close()
 
 
+def _hold_renewal_threads(w, armed: threading.Event, resume: threading.Event) -> None:
+    """Once ``armed``, the worker's renewal threads wait in their next tick until ``resume``, as SIGSTOP holds them;
+    the loop's own ticks (on its thread) still run."""
+    for t in (w.leases.thread, w.claims.thread):
+        def held(client, tick=t._tick):
+            if armed.is_set() and threading.current_thread().name.startswith("pagedserve-"):
+                resume.wait(60)
+            return tick(client)
+        t._tick = held
+
+
 def test_a_cancel_read_after_a_pause_ends_no_run_another_worker_took_over(redis_url, prefix, shared_engine):
     """The pause of the test above, landing after the loop's check for lost claims and before its read of the
     cancels: another worker took the id over meanwhile and the cancel came. The worker must find the claim lost
@@ -595,12 +606,7 @@ def test_a_cancel_read_after_a_pause_ends_no_run_another_worker_took_over(redis_
     r = redis.Redis.from_url(redis_url)
     armed, resume = threading.Event(), threading.Event()
     with running_worker(s, shared_engine) as w, Client(settings=s) as c:
-        for t in (w.leases.thread, w.claims.thread):
-            def held(client, tick=t._tick):
-                if armed.is_set() and threading.current_thread().name.startswith("pagedserve-"):
-                    resume.wait(60)
-                return tick(client)
-            t._tick = held
+        _hold_renewal_threads(w, armed, resume)
         cancels = w.intake.cancels
 
         def paused_read():
@@ -638,12 +644,7 @@ def test_a_pause_while_a_flush_is_built_sends_no_token_of_a_run_taken_over_meanw
     armed, resume = threading.Event(), threading.Event()
     taken_at: list[bytes] = []
     with running_worker(s, shared_engine) as w, Client(settings=s) as c:
-        for t in (w.leases.thread, w.claims.thread):
-            def held(client, tick=t._tick):
-                if armed.is_set() and threading.current_thread().name.startswith("pagedserve-"):
-                    resume.wait(60)
-                return tick(client)
-            t._tick = held
+        _hold_renewal_threads(w, armed, resume)
         add = w.publisher._add
 
         def paused_add(pipe, op):

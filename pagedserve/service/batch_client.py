@@ -37,7 +37,7 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, broke_mid_reply,
-                          broken_reads_error, check_seconds, is_loading, normal_output_limit, why_no_worker)
+                          asked_output_limit, broken_reads_error, check_seconds, is_loading, why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -399,7 +399,10 @@ def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken:
     except redis.RedisError:
         raise broken from None
     stored = r.hmget(k.record(bid), "completed", "failed", "input_bytes")
-    want, last = sum(int(x or 0) for x in stored[:2]), int(stored[2] or 0)
+    try:
+        want, last = sum(int(x or 0) for x in stored[:2]), int(stored[2] or 0)
+    except ValueError as e:
+        raise BatchMalformed(f"batch {bid}: its record is not one pagedserve wrote ({e}): delete its keys") from None
     lines: dict[int, Any] = {}
     key, line_no, page, refused = k.out(bid), 0, 1, False
     broke = OUTPUT_PAGE * 2
@@ -418,12 +421,8 @@ def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken:
             except redis.RedisError:
                 raise e from None
             if refused:  # twice running: a link that drops now and then is not a reply too big
-                try:
-                    limit = normal_output_limit(r.config_get("client-output-buffer-limit"))
-                except redis.RedisError:  # CONFIG not allowed (an ACL, a managed Redis)
-                    limit = None
                 err = broken_reads_error(where, f"output line {line_no + 1} of batch {bid} ({key}) after the "
-                                         f"{len(lines)} lines read", None, True, limit=limit)
+                                         f"{len(lines)} lines read", None, True, limit=asked_output_limit(r))
                 raise (err or e) from None  # err: of a size unknown, read alone, it is one or the other
             refused = True
             continue

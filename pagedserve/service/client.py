@@ -56,6 +56,7 @@ from .client_core import (
     Terminal,
     Unsubscribe,
     TooManyConnections,
+    asked_output_limit,
     broke_mid_reply,
     broken_reads_error,
     build_request,
@@ -74,7 +75,8 @@ from .redaction import redact
 from .settings import Settings
 
 __all__ = ["AsyncClient", "CancelOutcome", "Client", "Event", "NoWorker", "RedisBusy", "RedisUnreachable",
-           "ReplyCut", "ReplyOverLimit", "RequestFailed", "RequestGone", "RequestTimedOut", "Terminal", "TooManyConnections", "build_request"]
+           "ReplyCut", "ReplyOverLimit", "RequestFailed", "RequestGone", "RequestTimedOut", "Terminal",
+           "TooManyConnections", "build_request"]
 
 # Each call waiting for an answer holds one or two connections; redis-py 8's default pool stops at 100, so about
 # 50 calls at once. Redis's own default maxclients.
@@ -451,11 +453,7 @@ class Client(ProducerCore):
             return
         err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id)
         if isinstance(err, ReplyOverLimit):  # unless Redis says it sets no limit that this reply is over
-            try:
-                limit = normal_output_limit(self.r.config_get("client-output-buffer-limit"))
-            except redis.RedisError:  # CONFIG not allowed (an ACL, a managed Redis): the size says it
-                limit = None
-            err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id, limit)
+            err = broken_reads_error(redact(self.redis_url), key, size, alone, request_id, asked_output_limit(self.r))
         if err is not None:
             raise err from None
 

@@ -260,6 +260,15 @@ def normal_output_limit(config: Any) -> int | None:
     return min((x for x in (hard, soft) if x > 0), default=0)
 
 
+def asked_output_limit(r: redis.Redis) -> int | None:
+    """:func:`normal_output_limit` as ``r``'s Redis says it (None where CONFIG is not allowed: an ACL, a managed
+    Redis). Asked only once reads broke off, to tell a limit from a link cutting long replies."""
+    try:
+        return normal_output_limit(r.config_get("client-output-buffer-limit"))
+    except redis.RedisError:
+        return None
+
+
 def broken_reads_error(where: str, key: str, size: int | None, alone: bool, request_id: str | None = None,
                        limit: int | None = None) -> ReplyOverLimit | ReplyCut | None:
     """What a stored value of ``size`` bytes (None: its size could not be asked for) is, whose reads broke off
