@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist; 0 runs the suite in this process). Many tests wait on worker processes and Redis:
-# three of them keep a 2-core machine busy where two left it idle a tenth of the time; each test still gets its own
-# Redis keys, ports and directories. A file stays in one process (loadfile): some modules share a worker or an
-# engine between their tests, in order. Files go out longest first (tests/conftest.py), not by test count.
-PYTEST_WORKERS ?= 3
+# Test processes (pytest-xdist; 0 runs the suite in this process). Many tests wait on worker processes and Redis
+# (half a test's time, measured): four keep a 2-core machine busier than three, which left it idle a sixth of the
+# time; each test still gets its own Redis keys, ports and directories. A file stays in one process (loadfile):
+# some modules share a worker or an engine between their tests, in order. Files go out longest first
+# (tests/conftest.py), not by test count.
+PYTEST_WORKERS ?= 4
 
 $(STAMP): pyproject.toml constraints.txt constraints-tested.txt
 	python3 -m venv $(VENV)
