@@ -75,3 +75,43 @@ def test_a_token_event_refused_until_its_request_ended_is_not_appended_after_the
         worker_side.close()
         admin.close()
         server.stop(kill=True)
+
+
+def test_a_flush_stopped_for_a_slow_build_sends_in_smaller_pipelines_until_everything_went(tmp_path):
+    """The worker stops a flush whose look for runs taken over is too old by the time a pipeline is built (a
+    pause came in between). A pipeline that is merely slow to build (4,096 ops on a busy host, under a small
+    CLAIM_IDLE_MS) stopped every flush the same way, and nothing was ever sent. Each stop halves the pipelines
+    until one is built in time; once everything went out, they are whole again."""
+    from pagedserve.service.connection import redis_client
+    from pagedserve.service.context import WorkerContext
+    from pagedserve.service.metrics import WorkerMetrics
+    from pagedserve.service.publisher import Publisher
+    from pagedserve.service.scripts import Scripts
+    from pagedserve.service.telemetry import get_logger, get_tracer
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as admin:
+        worker_side = redis_client(url)
+        keys = Keys("slowbuild")
+        ctx = WorkerContext(settings=make_settings(url, keys.prefix), keys=keys, consumer="c",
+                            metrics=WorkerMetrics(), tracer=get_tracer(), log=get_logger(),
+                            new_client=lambda: redis.Redis.from_url(url))
+        publisher = Publisher(ctx)
+        Scripts(admin).load(admin)
+        built = [0]
+        add = publisher._add
+        publisher._add = lambda pipe, op: built.__setitem__(0, built[0] + 1) or add(pipe, op)
+
+        def sendable() -> bool:  # a build of more than 100 ops takes longer than the look stays fresh
+            fresh, built[0] = built[0] <= 100, 0
+            return fresh
+
+        for seq in range(1000):
+            publisher.token("r", _token("r", seq), 10_000)
+        flushes = 0
+        while publisher.buffered() and flushes < 40:
+            publisher.flush(worker_side, sendable)
+            flushes += 1
+        assert publisher.buffered() == 0, f"{publisher.buffered()} ops still buffered after {flushes} flushes"
+        assert [json.loads(f[b"data"])["seq"] for _, f in admin.xrange(keys.events("r"))] == list(range(1000))
+        assert publisher._chunk_now == 0  # whole pipelines again
+        worker_side.close()

@@ -116,6 +116,9 @@ class Publisher(WorkerPart):
     _later: list[_Op] = field(default_factory=list, init=False)
     _later_at: float = field(default=float("inf"), init=False)
     _drops_logged: dict[str, None] = field(default_factory=dict, init=False)  # requests whose token drops were logged
+    # Ops per pipeline now: halved each time ``sendable`` stops a flush (a pipeline slow to build on a busy host
+    # must not stop every flush), the whole ``chunk`` again once a flush sends everything.
+    _chunk_now: int = field(default=0, init=False)
 
     # --------------------------------------------------------------------------------- enqueue
     def token(self, request_id: str, payload: bytes, cap: int, body: str = "") -> None:
@@ -211,10 +214,11 @@ class Publisher(WorkerPart):
         sent = i = 0
         try:
             while i < len(ops):
-                batch = ops[i : i + self.chunk]
+                batch = ops[i : i + (self._chunk_now or self.chunk)]
                 pipe = r.pipeline(transaction=False)
                 spans = [self._add(pipe, op) for op in batch]
                 if sendable is not None and not sendable():
+                    self._chunk_now = max(1, len(batch) // 2)
                     break  # kept, from this batch on (the finally below)
                 try:
                     replies = pipe.execute(raise_on_error=False)
@@ -263,6 +267,8 @@ class Publisher(WorkerPart):
                     self._applied(op)
                     if op.kind == "terminal":
                         ended.add(op.request_id)
+            if i >= len(ops):  # every pipeline went out: whole ones again
+                self._chunk_now = 0
         finally:
             ended.update(op.request_id for op in taken)
             if ended:  # a token event Redis refused before its request's end was stored: nothing may follow the end
