@@ -1197,27 +1197,48 @@ def _rule_chain(rules: int, gbnf: bool) -> str:
     return f"{start} {define} r0\n{body}r{rules} {define} \"y\"\n"
 
 
-def test_a_gbnf_grammar_whose_conversion_could_take_long_is_refused_before_it_starts(tokenized):
-    """llguidance converts GBNF to Lark in Python, in up to a pass over every rule per rule: six requests with
-    chains of 2,500 GBNF rules (75 kB, inside the size limit) held the compile threads for a minute, each refused
-    only after its compile timeout, every other tenant's structured request waiting behind them and the engine's
-    steps slowed by the interpreter lock. Refused by name before any work now; the same grammar in Lark (read as it
-    is) compiles, and a GBNF grammar of ordinary size is taken."""
-    from pagedserve.engine.structured_spec import MAX_GBNF_WORK
+def _llama_cpp_object(properties: int) -> str:
+    """GBNF as llama.cpp's json-schema-to-grammar writes an object of ``properties`` (a rule per property, the
+    primitives after them)."""
+    kinds = ("string", "integer", "boolean")
+    kvs = [f'root-f{i}-kv ::= "\\"f{i}\\"" space ":" space {kinds[i % 3]}' for i in range(properties)]
+    body = ' "," space '.join(f"root-f{i}-kv" for i in range(properties))
+    return "\n".join([f'root ::= "{{" space {body} "}}" space', *kvs,
+                      'space ::= | " " | "\\n" [ \\t]{0,20}',
+                      'string ::= "\\"" char* "\\"" space',
+                      'char ::= [^"\\\\\\x7F\\x00-\\x1F] | [\\\\] (["\\\\bfnrt] | "u" [0-9a-fA-F]{4})',
+                      'integer ::= ("-"? integral-part) space', 'integral-part ::= [0] | [1-9] [0-9]{0,15}',
+                      'boolean ::= ("true" | "false") space']) + "\n"
 
+
+def test_a_gbnf_grammar_whose_conversion_could_take_long_is_refused_before_it_starts(tokenized):
+    """llguidance converts GBNF to Lark in Python, in as many passes over the grammar as the longest chain of rules
+    each waiting for one written after it: six requests with chains of 2,500 GBNF rules (75 kB, inside the size
+    limit) held the compile threads for a minute, each refused only after its compile timeout, every other
+    tenant's structured request waiting behind them and the engine's steps slowed by the interpreter lock.
+    Refused by name before any work now; the same grammar in Lark (read as it is) compiles, and GBNF as llama.cpp
+    writes it, however large (a rule per property, a few passes), is taken: a first bound, rules x characters,
+    refused those from 25 kB up."""
+    from pagedserve.engine.structured_spec import MAX_GBNF_WORK, gbnf_passes
+
+    so, _tok, _eos = tokenized
     chain = _rule_chain(2_500, gbnf=True)
-    words = f"structured_outputs grammar is GBNF of 2502 rules in {len(chain)} characters"
+    assert gbnf_passes(chain) == 2_503
+    words = f"structured_outputs grammar is GBNF that llguidance would convert to Lark in 2503 passes over its " \
+            f"{len(chain)} characters"
     with pytest.raises(ValueError, match="^" + re.escape(words)) as refused:
         validate_structured_outputs({"grammar": chain})
-    assert "write it in Lark (start: ...)" in str(refused.value) and f"{MAX_GBNF_WORK:,}" in str(refused.value)
-    so, _tok, _eos = tokenized
+    assert "write it in Lark (start: ...;" in str(refused.value) and f"{MAX_GBNF_WORK:,}" in str(refused.value)
     lark = {"grammar": _rule_chain(2_500, gbnf=False)}
     assert validate_structured_outputs(lark) == lark
     assert so.compile(lark) is not None
-    ordinary = _rule_chain(150, gbnf=True)  # 151 rules in 4 kB: far inside the bound
-    assert 151 * len(ordinary) < MAX_GBNF_WORK
-    assert validate_structured_outputs({"grammar": ordinary}) == {"grammar": ordinary}
-    assert so.compile({"grammar": ordinary}) is not None
+    for grammar in (_rule_chain(150, gbnf=True), _llama_cpp_object(1_000)):
+        assert validate_structured_outputs({"grammar": grammar}) == {"grammar": grammar}
+    big = _llama_cpp_object(1_000)
+    assert len(big) > 40_000 and gbnf_passes(big) <= 6
+    assert so.compile({"grammar": _llama_cpp_object(40)}) is not None
+    # A cycle is never terminal: it ends a chain (root waits on nothing that could become terminal).
+    assert gbnf_passes('root ::= a\na ::= "x" a | "y"\n') == 1
 
 
 def _nested(levels: int) -> dict:

@@ -29,12 +29,16 @@ MAX_CHOICES = 1024
 # 128: a schema of 125 levels failed there ("recursion limit exceeded at line 1 column 2220").
 MAX_SPEC_DEPTH = 124
 # llguidance converts llama.cpp's GBNF to Lark in Python before it compiles anything, marking rules as terminals in
-# passes over every rule until a pass marks none: up to a pass per rule, so its time grows with the rules times
-# the grammar's length. A chain of 2,500 rules in 72 kB took 4 s of a core alone, a minute beside a few others,
-# each holding the interpreter lock that the engine's loop needs, and out of the compile timeout's reach (a thread
-# cannot be stopped). Lark is read as it is, by llguidance's Rust.
-MAX_GBNF_WORK = 10_000_000  # rules x characters: half a second at most on a 2-core EPYC VM
+# passes over the whole grammar until a pass marks none: a rule whose terminal rules come later in the text takes
+# a pass more, so a chain of them takes a pass per rule (2,500 rules in 72 kB: 4 s of a core alone, a minute beside
+# a few others, each holding the interpreter lock that the engine's loop needs, and out of the compile timeout's
+# reach: a thread cannot be stopped). Grammars as llama.cpp writes them take a few passes. Lark is read as it is,
+# by llguidance's Rust.
+MAX_GBNF_WORK = 10_000_000  # passes x characters: half a second at most on a 2-core EPYC VM
 _LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
+_GBNF_RULE = re.compile(r"(?m)^[ \t]*([A-Za-z0-9_-]+)[ \t]*::=")
+_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\\n]|\\.)*"|\[(?:[^\]\\\n]|\\.)*\]|#[^\n]*')  # literals, classes, comments
+_GBNF_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # vLLM's StructuredOutputsParams fields this engine has no use for, at vLLM's defaults, and why no other value is
@@ -87,16 +91,46 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
+def gbnf_passes(grammar: str) -> int:
+    """The passes llguidance's GBNF-to-Lark conversion makes over ``grammar`` at most: one more than the longest
+    chain of rules each waiting for a terminal rule written after it (a cycle is never terminal: it ends a
+    chain). Rules and the names they use are found in the text, less its literals, classes and comments."""
+    heads = list(_GBNF_RULE.finditer(grammar))
+    order = {m.group(1): i for i, m in enumerate(heads)}
+    uses = {}
+    for i, m in enumerate(heads):
+        body = grammar[m.end():heads[i + 1].start() if i + 1 < len(heads) else len(grammar)]
+        uses[m.group(1)] = {n for n in _GBNF_NAME.findall(_GBNF_NOT_NAMES.sub(" ", body)) if n in order}
+    level: dict[str, int | None] = {}  # the pass that marks a rule terminal (None: never), once known
+    for first in order:
+        stack, on_stack = [first], {first}
+        while stack:  # depth first, without recursion: a chain may be thousands of rules long
+            rule = stack[-1]
+            waiting = next((n for n in uses[rule] if n not in level and n not in on_stack), None)
+            if waiting is not None:
+                stack.append(waiting)
+                on_stack.add(waiting)
+                continue
+            on_stack.discard(stack.pop())
+            if rule in level:
+                continue
+            later = [level.get(n) if n in level else None for n in uses[rule]]
+            level[rule] = None if None in later else max(
+                (lv + (order[n] > order[rule]) for n, lv in zip(uses[rule], later)), default=1)
+    return max((lv for lv in level.values() if lv is not None), default=0) + 1
+
+
 def _check_gbnf_work(grammar: str) -> None:
     """A GBNF grammar whose conversion to Lark could take long (:data:`MAX_GBNF_WORK`) is refused before it starts."""
     if _LARK_SYNTAX.search(grammar):
         return
-    rules = grammar.count("::=")
-    if rules * len(grammar) > MAX_GBNF_WORK:
+    passes = gbnf_passes(grammar)
+    if passes * len(grammar) > MAX_GBNF_WORK:
         raise structured_error(
-            f"grammar is GBNF of {rules} rules in {len(grammar)} characters: converting it to Lark takes time that "
-            f"grows with both, and rules x characters may be {MAX_GBNF_WORK:,} at most; write it in Lark "
-            "(start: ...), which is read without converting, or with fewer rules")
+            f"grammar is GBNF that llguidance would convert to Lark in {passes} passes over its {len(grammar)} "
+            f"characters (a chain of rules each waiting for one written after it), more than {MAX_GBNF_WORK:,} "
+            "passes x characters: write it in Lark (start: ...; llguidance.gbnf_to_lark converts it), which is "
+            "read without converting, or put each chain's rules after the ones they use")
 
 
 def _too_deep(value: object, limit: int) -> bool:
