@@ -37,7 +37,8 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, broke_mid_reply,
-                          asked_output_limit, broken_reads_error, check_seconds, is_loading, why_no_worker)
+                          REPLY_BUFFER_BYTES, asked_output_limit, broken_reads_error, check_seconds, is_loading,
+                          why_no_worker)
 from .protocol import Keys, as_text
 
 TERMINAL_STATUSES = ("completed", "expired", "cancelled", "failed")
@@ -166,6 +167,7 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         "expires_at": expires_at, "total": len(lines), "completed": 0, "failed": len(invalid),
         "metadata": json.dumps(md), "cursor": 0, "lines": len(valid), "retain_until": expires_at + retention_s,
         "input_bytes": len(data), "input_sha256": hashlib.sha256(data).hexdigest(),
+        "last_line": lines[-1].line_no,  # the highest number an output line can have (blank lines have none)
         "invalid": len(invalid),  # for the submitter's summary: lines refused here
         # the most sequences a line runs (n, best_of or beam_width): the feeder takes lines by the sequence slots
         # they fill, so that the reserve it keeps for interactive requests stays free
@@ -392,15 +394,16 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
 def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken: redis.ConnectionError) -> dict:
     """The output lines read by line number (HMGET, in pages that shrink as HSCAN's do, down to one line) up to
     as many as the record counts stored (``completed + failed``, read first: each line is written in the script
-    that counts it), or to the file's size in lines (blank lines have no number's line). One line whose reads
-    broke off twice running while Redis answers a PING is over the output buffer limit: said, naming it."""
+    that counts it), or to the file's last line (a line lost: ``BatchOutputLost`` is the caller's to say). One
+    line whose reads broke off twice running while Redis answers a PING is over the output buffer limit: said,
+    naming it."""
     try:
         r.ping()
     except redis.RedisError:
         raise broken from None
-    stored = r.hmget(k.record(bid), "completed", "failed", "input_bytes")
-    try:
-        want, last = sum(int(x or 0) for x in stored[:2]), int(stored[2] or 0)
+    stored = r.hmget(k.record(bid), "completed", "failed", "last_line", "input_bytes")
+    try:  # the last line's number; a batch created before the record kept it: its file's size bounds it
+        want, last = sum(int(x or 0) for x in stored[:2]), int(stored[2] or stored[3] or 0)
     except ValueError as e:
         raise BatchMalformed(f"batch {bid}: its record is not one pagedserve wrote ({e}): delete its keys") from None
     lines: dict[int, Any] = {}
@@ -429,7 +432,10 @@ def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken:
         refused = False
         lines.update((n, v) for n, v in zip(numbers, values) if v is not None)
         line_no += len(numbers)
-        page = min(OUTPUT_PAGE, page * 2, max(1, broke // 2))
+        # Numbers with no line (blank lines, a line lost) cost nothing to ask for: a page that came back small
+        # grows past the page that broke.
+        small = sum(len(v) for v in values if v is not None) < REPLY_BUFFER_BYTES // 2
+        page = min(OUTPUT_PAGE, page * 2, OUTPUT_PAGE if small else max(1, broke // 2))
     return lines
 
 
