@@ -78,10 +78,11 @@ def test_a_token_event_refused_until_its_request_ended_is_not_appended_after_the
 
 
 def test_a_flush_stopped_for_a_slow_build_sends_in_smaller_pipelines_until_everything_went(tmp_path):
-    """The worker stops a flush whose look for runs taken over is too old by the time a pipeline is built (a
-    pause came in between). A pipeline that is merely slow to build (4,096 ops on a busy host, under a small
-    CLAIM_IDLE_MS) stopped every flush the same way, and nothing was ever sent. Each stop halves the pipelines
-    until one is built in time; once everything went out, they are whole again."""
+    """The worker stops a flush whose look for runs taken over is too old by the time a pipeline is ready (a
+    pause came in between). A pipeline merely slow to build (4,096 ops on a busy host, under a small
+    CLAIM_IDLE_MS) stopped every flush the same way, and nothing was ever sent: each stop at a flush's first
+    pipeline halves them. A stop after pipelines went out (a backlog after an outage: the sends took the time)
+    halves nothing, where halving shrank them to one op each and drained a backlog three times slower."""
     from pagedserve.service.connection import redis_client
     from pagedserve.service.context import WorkerContext
     from pagedserve.service.metrics import WorkerMetrics
@@ -95,23 +96,36 @@ def test_a_flush_stopped_for_a_slow_build_sends_in_smaller_pipelines_until_every
         ctx = WorkerContext(settings=make_settings(url, keys.prefix), keys=keys, consumer="c",
                             metrics=WorkerMetrics(), tracer=get_tracer(), log=get_logger(),
                             new_client=lambda: redis.Redis.from_url(url))
-        publisher = Publisher(ctx)
         Scripts(admin).load(admin)
-        built = [0]
-        add = publisher._add
-        publisher._add = lambda pipe, op: built.__setitem__(0, built[0] + 1) or add(pipe, op)
 
-        def sendable() -> bool:  # a build of more than 100 ops takes longer than the look stays fresh
-            fresh, built[0] = built[0] <= 100, 0
-            return fresh
+        pipelines = [0]
+        pipeline = worker_side.pipeline
+        worker_side.pipeline = lambda **kw: pipelines.__setitem__(0, pipelines[0] + 1) or pipeline(**kw)
 
-        for seq in range(1000):
-            publisher.token("r", _token("r", seq), 10_000)
-        flushes = 0
-        while publisher.buffered() and flushes < 40:
-            publisher.flush(worker_side, sendable)
-            flushes += 1
-        assert publisher.buffered() == 0, f"{publisher.buffered()} ops still buffered after {flushes} flushes"
-        assert [json.loads(f[b"data"])["seq"] for _, f in admin.xrange(keys.events("r"))] == list(range(1000))
-        assert publisher._chunk_now == 0  # whole pipelines again
+        def drain(ops: int, fresh_for: int) -> tuple[int, Publisher]:
+            """Flushes until ``ops`` token events went out, the look fresh while at most ``fresh_for`` ops were
+            built since it (the worker looks again before each flush)."""
+            publisher = Publisher(ctx)
+            built = [0]
+            add = publisher._add
+            publisher._add = lambda pipe, op: built.__setitem__(0, built[0] + 1) or add(pipe, op)
+            rid = f"r{ops}-{fresh_for}"
+            for seq in range(ops):
+                publisher.token(rid, _token(rid, seq), 100_000)
+            flushes = 0
+            while publisher.buffered() and flushes < 100:
+                built[0] = 0  # the look
+                publisher.flush(worker_side, lambda: built[0] <= fresh_for)
+                flushes += 1
+            assert publisher.buffered() == 0, f"{publisher.buffered()} ops still buffered after {flushes} flushes"
+            seqs = [json.loads(f[b"data"])["seq"] for _, f in admin.xrange(keys.events(rid))]
+            assert seqs == list(range(ops))
+            return flushes, publisher
+
+        flushes, _ = drain(1_000, fresh_for=100)  # no pipeline of over 100 ops is built in time
+        assert flushes <= 40, flushes
+        pipelines[0] = 0
+        flushes, publisher = drain(20_000, fresh_for=5_000)  # one whole pipeline per look, not two
+        assert flushes <= 6 and publisher._chunk_now == 0, (flushes, publisher._chunk_now)
+        assert pipelines[0] <= 2 * flushes, pipelines[0]  # whole ones: a round trip each (halved: 40)
         worker_side.close()

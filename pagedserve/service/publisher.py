@@ -116,8 +116,9 @@ class Publisher(WorkerPart):
     _later: list[_Op] = field(default_factory=list, init=False)
     _later_at: float = field(default=float("inf"), init=False)
     _drops_logged: dict[str, None] = field(default_factory=dict, init=False)  # requests whose token drops were logged
-    # Ops per pipeline now: halved each time ``sendable`` stops a flush (a pipeline slow to build on a busy host
-    # must not stop every flush), the whole ``chunk`` again once a flush sends everything.
+    # Ops per pipeline now: halved each time ``sendable`` stops a flush at its first pipeline (one slow to build on
+    # a busy host must not stop every flush), doubled back towards ``chunk`` with each flush whose first one went.
+    # A stop after pipelines went out halves nothing: those took the time, not the build.
     _chunk_now: int = field(default=0, init=False)
 
     # --------------------------------------------------------------------------------- enqueue
@@ -218,8 +219,11 @@ class Publisher(WorkerPart):
                 pipe = r.pipeline(transaction=False)
                 spans = [self._add(pipe, op) for op in batch]
                 if sendable is not None and not sendable():
-                    self._chunk_now = max(1, len(batch) // 2)
+                    if i == 0:
+                        self._chunk_now = max(1, len(batch) // 2)
                     break  # kept, from this batch on (the finally below)
+                if i == 0 and self._chunk_now:
+                    self._chunk_now = 0 if 2 * self._chunk_now >= self.chunk else 2 * self._chunk_now
                 try:
                     replies = pipe.execute(raise_on_error=False)
                 except BaseException:
@@ -267,8 +271,6 @@ class Publisher(WorkerPart):
                     self._applied(op)
                     if op.kind == "terminal":
                         ended.add(op.request_id)
-            if i >= len(ops):  # every pipeline went out: whole ones again
-                self._chunk_now = 0
         finally:
             ended.update(op.request_id for op in taken)
             if ended:  # a token event Redis refused before its request's end was stored: nothing may follow the end

@@ -123,6 +123,7 @@ class Worker(WorkerPart):
         # When the loop last looked for runs taken over (_check_if_away), and whether it must renew at its next look.
         self._checked_at = 0.0
         self._check_again = False
+        self._flushes_held, self._held_logged_at = 0, -60.0
         self.progress = Progress(s.stall_timeout_s)
         # For the alert: the failure count alone pauses while a worker stuck after failing steps reads nothing.
         # Read from the progress at scrape time, not written at every loop pass.
@@ -543,12 +544,17 @@ class Worker(WorkerPart):
         outlast a lease, and a run's tokens would go out after another worker's done. Renewals are at most two
         intervals old at the look, and a takeover needs claim_idle_ms, three by default: past half an interval,
         the flush sends nothing more and the loop looks again, renewing first."""
+        now = time.monotonic()
         fresh_s = min(self.leases.thread.interval_s, self.claims.thread.interval_s) / 2
-        if time.monotonic() - self._checked_at <= fresh_s:
+        if now - self._checked_at <= fresh_s:
             return True
         self._check_again = True
-        self.log.info("flush_held", note="a pause came between the look for runs taken over and the send: "
-                                         "looking again, renewing first")
+        self._flushes_held += 1
+        if now - self._held_logged_at >= 60:  # a long backlog holds many flushes: said once a minute
+            self._held_logged_at = now
+            self.log.info("flush_held", held=self._flushes_held,
+                          note=f"what a flush built was ready more than {fresh_s * 1e3:.0f} ms after the look for "
+                               "runs taken over (a pause, a busy host, a long flush): looking again, renewing first")
         return False
 
     def _step(self) -> None:
