@@ -433,3 +433,22 @@ def test_the_backlog_counts_every_active_batch_and_the_index_sheds_expired_ones(
         wait_for(lambda: not any(r.zscore(k.all, b) is not None for b in expired), 30, what="expired ones pruned")
     assert lag >= time.time() - batch_status(r, prefix, old)["created_at"] - 1
     assert r.zscore(k.all, old) is not None
+
+
+def test_a_batch_whose_results_together_pass_the_output_limit_is_collected_in_smaller_reads(prefix, shared_engine):
+    """Results with 20 logprobs a token (tens of kB each, each under the limit) under the least output buffer limit
+    a worker runs with (64 kB): the feeder read the finished lines' results in one MGET, which Redis closed at
+    every try; the worker reconnected four times a second, and the batch never ended. Read in pages that shrink
+    until they fit, it ends."""
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.config_set("client-output-buffer-limit", "normal 64kb 64kb 0")
+        bid = submit_batch(r, prefix, jsonl([completion(f"c{i}", prompt=f"prompt {i}", max_tokens=60, logprobs=20)
+                                             for i in range(12)]))
+        with running_worker(make_settings(url, prefix), shared_engine):
+            wait_batch(r, prefix, bid, timeout=120, poll_s=0.2)
+        status = batch_status(r, prefix, bid)
+        assert status["status"] == "completed" and status["request_counts"]["completed"] == 12, status
+        sizes = [r.strlen(k) for k in r.scan_iter(match=f"{prefix}:result:*")]
+        assert max(sizes) < 64 * 1024 < sum(sizes), sizes  # each under the limit, together over it

@@ -42,6 +42,7 @@ from .batch_keys import (
 )
 from .connection import REDIS_DOWN, Connection
 from .context import WorkerContext, WorkerPart
+from .client_core import broke_mid_reply
 from .protocol import as_text, parse_terminal
 from .running import Running
 from .scripts import load_producer_scripts
@@ -73,6 +74,10 @@ class BatchFeeder(WorkerPart):
     _next_scripts: float = field(default=0.0, init=False)
     _capacity: int = field(default=0, init=False)  # its room when it last held no request (max_num_seqs at most)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
+    # Results per MGET (_results), the smallest page that broke, and the results said to be over the limit.
+    _mget_page: int = field(default=INFLIGHT_SCAN, init=False)
+    _mget_broke: int = field(default=2 * INFLIGHT_SCAN, init=False)
+    _over_limit_said: set[str] = field(default_factory=set, init=False)
     _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
     _prune_from: int = field(default=0, init=False)  # the index rank where the next look for expired records starts
     _said: dict[tuple, float] = field(default_factory=dict, init=False)  # what was logged -> when it may be again
@@ -245,6 +250,37 @@ class BatchFeeder(WorkerPart):
             raise MalformedBatch("status", f"is {status[:40]!r}, not the status of a running batch")
 
     # ------------------------------------------------------------------------------------------ collect
+    def _results(self, r: redis.Redis, bid: str, keys: list[str]) -> list:
+        """The stored results at ``keys`` (None: none yet), read in MGET pages. A page whose reply is over Redis's
+        output buffer limit for normal clients (results with logprobs: 50 kB each, 512 of them) is closed at every
+        try: it is asked for again a quarter as large, and pages grow back to half the smallest that broke. A
+        result alone over it stays unread (None: its line waits, said once), as a client could not read it either."""
+        out: list = []
+        while len(out) < len(keys):
+            page = keys[len(out):len(out) + self._mget_page]
+            try:
+                out += r.mget(page)
+            except redis.ConnectionError as e:
+                if not broke_mid_reply(e):
+                    raise
+                r.ping()  # Redis away: the loop's outage, as before; else the reply was too big
+                if len(page) > 1:
+                    self._mget_broke = min(self._mget_broke, len(page))
+                    self._mget_page = max(1, len(page) // 4)
+                    continue
+                if page[0] not in self._over_limit_said:
+                    self._over_limit_said.add(page[0])
+                    self.log.warning("batch_result_over_limit", batch=bid, key=page[0],
+                                     note="Redis closes the connection at every read of this result: it is over "
+                                          "client-output-buffer-limit for normal clients; its line waits until the "
+                                          "limit is raised")
+                out.append(None)
+                continue
+            finally:
+                self.metrics.redis_ops.inc()
+            self._mget_page = min(INFLIGHT_SCAN, self._mget_page * 2, max(1, self._mget_broke // 2))
+        return out
+
     def _collect(self, bid: str) -> None:
         k, r = self.bkeys, self.conn.r
         start = self._scan_from.get(bid, 0)
@@ -268,8 +304,7 @@ class BatchFeeder(WorkerPart):
                 self._store(bid, [])
             return
         indexes = [_index(m) for m, _ in taken]
-        raws = r.mget([self.keys.result(request_id(bid, i)) for i in indexes])
-        self.metrics.redis_ops.inc()
+        raws = self._results(r, bid, [self.keys.result(request_id(bid, i)) for i in indexes])
         groups: list[str] = []
         stale_before = int(time.time() * 1000) - self.refeed_after_ms
         stale = []
