@@ -37,7 +37,7 @@ import redis
 from .batch_format import FileError, LineError, error_line, parse_lines
 from .batch_keys import BATCH_ID, SHOWN_AS, STATUSES, BatchKeys, BatchScripts, request_id
 from .client_core import (CONNECTION_ERRORS, CountKeys, NoWorker, Outage, ReadConsumers, ReadGroups, broke_mid_reply,
-                          REPLY_BUFFER_BYTES, asked_output_limit, broken_reads_error, check_seconds, is_loading,
+                          REPLY_BUFFER_BYTES, PageSize, asked_output_limit, broken_reads_error, check_seconds, is_loading,
                           why_no_worker)
 from .protocol import Keys, as_text
 
@@ -352,10 +352,8 @@ def is_batch_input(r: redis.Redis, prefix: str, bid: str, path: Path) -> bool:
         return False
 
 
-# Output lines per HSCAN. A page whose reply is over Redis's output buffer limit for normal clients (lines with
-# logprobs run to a MiB) closes the connection at every try: it is asked for again a quarter as large, and grows
-# back twofold with each page that came whole (one large line must not leave the rest read a few at a time), to
-# half the smallest page that broke (growing past it again would break read after read where large lines recur).
+# Output lines per HSCAN at most; a page over Redis's output buffer limit (lines with logprobs run to a MiB) is
+# asked for again smaller, as PageSize says.
 OUTPUT_PAGE = 1000
 
 
@@ -369,21 +367,19 @@ def batch_results(r: redis.Redis, prefix: str, bid: str, where: str | None = Non
     k = BatchKeys(prefix)
     if not r.exists(k.record(bid)):
         raise BatchNotFound(bid)
-    key, lines, cursor, page = k.out(bid), {}, 0, OUTPUT_PAGE
-    broke = OUTPUT_PAGE * 2  # the smallest page that broke so far
+    key, lines, cursor, page = k.out(bid), {}, 0, PageSize(OUTPUT_PAGE)
     while True:
         try:
-            cursor, fields = r.hscan(key, cursor, count=page)
+            cursor, fields = r.hscan(key, cursor, count=page.size)
         except redis.ConnectionError as e:
             if not broke_mid_reply(e):
                 raise
-            if page == 1:
+            if page.size == 1:
                 lines = _lines_by_number(r, k, bid, where or _host_port(r), e)
                 break
-            broke = min(broke, page)
-            page = max(1, page // 4)
+            page.shrink(page.size)
             continue
-        page = min(OUTPUT_PAGE, page * 2, max(1, broke // 2))
+        page.grow()
         lines.update((int(as_text(f)), v) for f, v in fields.items())
         if not cursor:
             break
@@ -407,17 +403,16 @@ def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken:
     except ValueError as e:
         raise BatchMalformed(f"batch {bid}: its record is not one pagedserve wrote ({e}): delete its keys") from None
     lines: dict[int, Any] = {}
-    key, line_no, page, refused = k.out(bid), 0, 1, False
-    broke = OUTPUT_PAGE * 2
+    key, line_no, page, refused = k.out(bid), 0, PageSize(OUTPUT_PAGE, 1), False
     while len(lines) < want and line_no <= last:
-        numbers = list(range(line_no, min(line_no + page, last + 1)))
+        numbers = list(range(line_no, min(line_no + page.size, last + 1)))
         try:
             values = r.hmget(key, numbers)
         except redis.ConnectionError as e:
             if not broke_mid_reply(e):
                 raise
-            if page > 1:
-                broke, page = min(broke, page), max(1, page // 4)
+            if page.size > 1:
+                page.shrink(page.size)
                 continue
             try:
                 r.ping()
@@ -432,10 +427,8 @@ def _lines_by_number(r: redis.Redis, k: BatchKeys, bid: str, where: str, broken:
         refused = False
         lines.update((n, v) for n, v in zip(numbers, values) if v is not None)
         line_no += len(numbers)
-        # Numbers with no line (blank lines, a line lost) cost nothing to ask for: a page that came back small
-        # grows past the page that broke.
-        small = sum(len(v) for v in values if v is not None) < REPLY_BUFFER_BYTES // 2
-        page = min(OUTPUT_PAGE, page * 2, OUTPUT_PAGE if small else max(1, broke // 2))
+        # Numbers with no line (blank lines, a line lost) cost nothing to ask for.
+        page.grow(small=sum(len(v) for v in values if v is not None) < REPLY_BUFFER_BYTES // 2)
     return lines
 
 

@@ -42,7 +42,7 @@ from .batch_keys import (
 )
 from .connection import REDIS_DOWN, Connection
 from .context import WorkerContext, WorkerPart
-from .client_core import broke_mid_reply
+from .client_core import PageSize, broke_mid_reply
 from .protocol import as_text, parse_terminal
 from .running import Running
 from .scripts import load_producer_scripts
@@ -74,9 +74,8 @@ class BatchFeeder(WorkerPart):
     _next_scripts: float = field(default=0.0, init=False)
     _capacity: int = field(default=0, init=False)  # its room when it last held no request (max_num_seqs at most)
     _scan_from: dict[str, int] = field(default_factory=dict, init=False)  # batch -> where its next window starts
-    # Results per MGET (_results), the smallest page that broke, and the results said to be over the limit.
-    _mget_page: int = field(default=INFLIGHT_SCAN, init=False)
-    _mget_broke: int = field(default=2 * INFLIGHT_SCAN, init=False)
+    # Results per MGET (_results), and the results said to be over the limit.
+    _mget_page: PageSize = field(default_factory=lambda: PageSize(INFLIGHT_SCAN), init=False)
     _over_limit_said: set[str] = field(default_factory=set, init=False)
     _samples: dict[str, int] = field(default_factory=dict, init=False)  # batch -> the most sequences a line runs
     _prune_from: int = field(default=0, init=False)  # the index rank where the next look for expired records starts
@@ -257,7 +256,7 @@ class BatchFeeder(WorkerPart):
         result alone over it stays unread (None: its line waits, said once), as a client could not read it either."""
         out: list = []
         while len(out) < len(keys):
-            page = keys[len(out):len(out) + self._mget_page]
+            page = keys[len(out):len(out) + self._mget_page.size]
             try:
                 out += r.mget(page)
             except redis.ConnectionError as e:
@@ -265,8 +264,7 @@ class BatchFeeder(WorkerPart):
                     raise
                 r.ping()  # Redis away: the loop's outage, as before; else the reply was too big
                 if len(page) > 1:
-                    self._mget_broke = min(self._mget_broke, len(page))
-                    self._mget_page = max(1, len(page) // 4)
+                    self._mget_page.shrink(len(page))
                     continue
                 if page[0] not in self._over_limit_said:
                     self._over_limit_said.add(page[0])
@@ -278,7 +276,7 @@ class BatchFeeder(WorkerPart):
                 continue
             finally:
                 self.metrics.redis_ops.inc()
-            self._mget_page = min(INFLIGHT_SCAN, self._mget_page * 2, max(1, self._mget_broke // 2))
+            self._mget_page.grow()
         return out
 
     def _collect(self, bid: str) -> None:

@@ -260,6 +260,25 @@ def normal_output_limit(config: Any) -> int | None:
     return min((x for x in (hard, soft) if x > 0), default=0)
 
 
+class PageSize:
+    """Items per read, where a read's reply may be over Redis's output buffer limit for normal clients (closed at
+    every try): a page that broke is asked for again a quarter as large; each page that came whole lets the next
+    double, up to ``most`` and to half the smallest page that broke (growing past it would break read after read
+    where large items recur), or past that where the page came back small (items missing cost nothing)."""
+
+    def __init__(self, most: int, size: int | None = None) -> None:
+        self.most, self.size, self.broke = most, most if size is None else size, 2 * most
+
+    def shrink(self, broke: int) -> None:
+        """A page of ``broke`` items broke mid-reply."""
+        self.broke = min(self.broke, broke)
+        self.size = max(1, broke // 4)
+
+    def grow(self, small: bool = False) -> None:
+        """A page came whole (``small``: its reply was far under any limit)."""
+        self.size = min(self.most, self.size * 2, self.most if small else max(1, self.broke // 2))
+
+
 def asked_output_limit(r: redis.Redis) -> int | None:
     """:func:`normal_output_limit` as ``r``'s Redis says it (None where CONFIG is not allowed: an ACL, a managed
     Redis). Asked only once reads broke off, to tell a limit from a link cutting long replies."""
