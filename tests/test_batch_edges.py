@@ -313,6 +313,7 @@ def test_a_range_error_names_the_body_key_the_line_wrote():
         chat("temperature", temperature="hot"),
         completion("seed", seed=-1),
         chat("role", messages=[{"role": "r" * 65, "content": "hi"}]),
+        completion("stop_token_ids", stop_token_ids=[1] * 1025),
     ])
     assert errors == {
         "top_logprobs": "line 1: body.top_logprobs: must be an integer in [0, 20] (got 21)",
@@ -323,6 +324,8 @@ def test_a_range_error_names_the_body_key_the_line_wrote():
         "seed": "line 6: body.seed: must be an integer in [0, 2**63) (got -1): negative seeds are not supported, "
                 "give one in that range",
         "role": "line 7: body.messages[0].role: String should have at most 64 characters",
+        "stop_token_ids": "line 8: body.stop_token_ids: List should have at most 1024 items after validation, "
+                          "not 1025",
     }
 
 

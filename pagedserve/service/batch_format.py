@@ -348,9 +348,11 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
     except ValidationError as e:
         first = e.errors()[0]
         message = f"{_where(first['loc'])}: {first['msg']}"
-        raise LineError(_in_body_words(message, written) if message.startswith(("params.structured_outputs",
-                                                                                 "prompt_token_ids"))
-                        else f"body.{message}") from None
+        if message.startswith(("params.", "prompt_token_ids")):  # the key the line wrote, not the wire's
+            message = _in_body_words(message, written)
+            raise LineError(f"body.{message.removeprefix('params.')}" if message.startswith("params.")
+                            else message) from None
+        raise LineError(f"body.{message}") from None
 
 
 def _utf8(data: bytes) -> bytes:
