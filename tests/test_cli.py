@@ -118,6 +118,14 @@ def test_submit_without_max_tokens_takes_the_workers_cap_as_a_prompt_request_doe
                 "--max-tokens: give a smaller one") in res.output
         res = runner.invoke(app, ["submit", "--chat", "Hello", "--max-tokens", "9", "--no-stream"], env=env)
         assert res.exit_code == 1 and res.output.strip().endswith("got 9"), res.output
+        # A prompt the cap does not fit after: the refusal says the 4 came from the worker, not from the user.
+        text = "a" * (shared_engine.max_model_len - 4)
+        room = shared_engine.max_model_len - len(shared_engine.tokenizer.encode(text))
+        res = runner.invoke(app, ["submit", text, "--no-stream"], env=env)
+        assert res.exit_code == 1 and 0 < room < 4, (room, res.output)
+        assert (f"--max-tokens 4 (not given: PAGEDSERVE_MAX_TOKENS_PER_REQUEST, the worker's cap) is more than the "
+                f"{room} tokens") in " ".join(res.output.split()), res.output
+        assert "give a smaller --max-tokens" in res.output and "default of --max-tokens" not in res.output
 
 
 def test_model_init(tmp_path):

@@ -295,3 +295,28 @@ def test_a_prompt_one_token_too_long_is_refused_saying_the_room_it_has(redis_url
     with pytest.raises(InvalidRequestError) as ei:
         prepare(chat, shared_engine, s)
     assert ei.value.code == "prompt_too_long" and ei.value.message.endswith(room), ei.value.message
+
+
+def test_a_refused_max_tokens_the_request_left_out_says_where_it_came_from(redis_url, prefix, shared_engine):
+    """A prompt whose default max_tokens (16, or the worker's cap) does not fit after it was refused as
+    ``params.max_tokens 16 is more than ...``: its writer looked for a value they never wrote."""
+    from pagedserve.service.admission import add_to_engine, prepare
+
+    max_len = shared_engine.max_model_len
+    for rid, cap, words in (("default", None, "16 (not given: a prompt's default, as in OpenAI's and vLLM's "
+                                              "completions) is more than the 2 tokens"),
+                            ("cap", 8, "8 (not given: PAGEDSERVE_MAX_TOKENS_PER_REQUEST, the worker's cap) is more "
+                                       "than the 2 tokens")):
+        req = parse_request(json.dumps({"id": rid, "prompt_token_ids": [5] * (max_len - 2)}), 1 << 20)
+        prompt, params = prepare(req, shared_engine, make_settings(redis_url, prefix, max_tokens_per_request=cap))
+        with pytest.raises(InvalidRequestError) as e:
+            add_to_engine(shared_engine, req, prompt, params, 0.0)
+        assert e.value.message == f"params.max_tokens {words} that max_model_len {max_len} leaves after the " \
+                                  f"{max_len - 2}-token prompt; give a smaller max_tokens", e.value.message
+        # Given by the request, the value is its own: named as it wrote it.
+        req = parse_request(json.dumps({"id": rid, "prompt_token_ids": [5] * (max_len - 2),
+                                        "params": {"max_tokens": 3}}), 1 << 20)
+        prompt, params = prepare(req, shared_engine, make_settings(redis_url, prefix, max_tokens_per_request=cap))
+        with pytest.raises(InvalidRequestError, match=r"^params.max_tokens 3 is more than the 2 tokens that [^;]*$"):
+            add_to_engine(shared_engine, req, prompt, params, 0.0)
+    assert not shared_engine.has_unfinished_requests()

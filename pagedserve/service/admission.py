@@ -262,9 +262,24 @@ def add_to_engine(
         return not_resumed
     except ValueError as e:  # the engine's messages name the field (max_tokens beyond the context: params.)
         message = params_field(str(e))
+        if req.params.max_tokens is None and message.startswith("params.max_tokens "):
+            message = _as_defaulted(message, params.max_tokens)
         too_long = isinstance(e, PromptTooLongError) and not message.startswith("params.")
         raise InvalidRequestError(req.id, "prompt_too_long" if too_long else "invalid_request", message,
                                   req.metadata) from None
+
+
+def _as_defaulted(message: str, value: int) -> str:
+    """A refusal of the ``max_tokens`` a request left out, saying where the value came from: naming a field as if
+    the request had set it sent its writer looking for a value it never wrote."""
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    source = ("a prompt's default, as in OpenAI's and vLLM's completions" if value == SamplingParams.max_tokens
+              else "PAGEDSERVE_MAX_TOKENS_PER_REQUEST, the worker's cap")
+    head = f"params.max_tokens {value} "
+    if not message.startswith(head):
+        return message
+    return f"{head}(not given: {source}) {message[len(head):]}; give a smaller max_tokens"
 
 
 @dataclass

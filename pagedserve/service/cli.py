@@ -721,9 +721,10 @@ def submit(
         _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None,
                                may_be_sent=sending and _missing_database(e) is None and not _refused_the_request(e))
     if isinstance(final, ErrorEvent):  # the worker's refusal names fields too
-        default = (f"; {SamplingParams.max_tokens} is the default of --max-tokens: give a smaller one"
-                   if max_tokens is None and final.error.message.startswith("params.max_tokens") else "")
-        _fail(f"{final.error.code}: {_as_options(final.error.message)}{default}", 1)
+        message = _as_options(final.error.message).replace("a smaller max_tokens", "a smaller --max-tokens")
+        if max_tokens is None and "max_tokens" in params and message.startswith("--max-tokens "):  # ours, not typed
+            message += f"; {SamplingParams.max_tokens} is the default of --max-tokens: give a smaller one"
+        _fail(f"{final.error.code}: {message}", 1)
     assert isinstance(final, DoneEvent)
     streamed_single = not no_stream and n == 1 and not beam_width
     if streamed_single:
