@@ -2056,3 +2056,23 @@ def test_an_outage_never_shrinks_the_pages_a_stream_reads():
     while not isinstance(op, ReadEvents):
         op = wait.send(None)
     assert counts == [1000] * 9 and op.count == 250, (counts, op)
+
+
+def test_a_client_sends_only_the_fields_a_request_gives(redis_url, prefix):
+    """The body spelled out every field as null (cache_salt, min_tokens, ...): a worker older than the newest field
+    refused every request of an upgraded producer ("Extra inputs are not permitted"), whatever it asked for, so a
+    rolling update could not upgrade producers first. A null inside a JSON Schema is the schema's own and stays."""
+    from pagedserve.service.client import Client
+
+    schema = {"type": "object", "properties": {"a": {"default": None, "enum": [None, 1]}}}
+    with Client(redis_url, prefix=prefix) as c:
+        c.submit("hi", id="plain")
+        c.submit(messages=[{"role": "user", "content": "hi"}], id="chat", params={"max_tokens": 3, "temperature": 0,
+                                                                         "structured_outputs": {"json": schema}})
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    bodies = {json.loads(f[b"body"])["id"]: json.loads(f[b"body"]) for _, f in r.xrange(keys.requests)}
+    assert bodies["plain"] == {"id": "plain", "prompt": "hi", "params": {}, "stream": True, "priority": 0,
+                               "metadata": {}}
+    assert bodies["chat"] == {"id": "chat", "messages": [{"role": "user", "content": "hi"}],
+                              "params": {"max_tokens": 3, "temperature": 0.0, "structured_outputs": {"json": schema}},
+                              "stream": True, "priority": 0, "metadata": {}}

@@ -88,6 +88,7 @@ from .protocol import (
     oversized_metadata,
     parse_event,
     parse_terminal,
+    wire_body,
     refusal_message,
     too_large,
     valid_id,
@@ -717,7 +718,7 @@ def check_message_size(req: GenerateRequest, settings: Settings) -> None:
     """A body over ``max_message_bytes`` is dead-lettered by the workers before its id is read (so that a hostile
     entry costs them no parsing): no answer would ever come. Refused here instead, with a ``ValueError``. The
     limit is this process's setting; keep it the workers' (the same ``PAGEDSERVE_MAX_MESSAGE_BYTES``)."""
-    size = len(req.model_dump_json(exclude_none=False).encode())
+    size = len(wire_body(req).encode())
     limit = settings.max_message_bytes
     if size > limit:
         raise ValueError(too_large(req, size, limit))
@@ -800,7 +801,7 @@ class ProducerCore:
 
     def _fields(self, req: GenerateRequest) -> dict:
         """The stream entry: the request's JSON and the current span's trace context (call inside the span)."""
-        fields = {"body": req.model_dump_json(exclude_none=False)}
+        fields = {"body": wire_body(req)}
         fields.update(inject_fields(trace.get_current_span()))
         return fields
 

@@ -590,6 +590,13 @@ class InvalidRequestError(Exception):
         self.metadata = metadata or {}
 
 
+def wire_body(req: GenerateRequest) -> str:
+    """The body a producer sends: only the fields the request gives (an absent field and a null mean the same to a
+    worker). Spelling out every field as null had every request refused by a worker older than the newest field
+    (``Extra inputs are not permitted``), however little it asked for: producers could not be upgraded first."""
+    return req.model_dump_json(exclude_none=True)
+
+
 def params_field(message: str) -> str:
     """An engine message that starts with a sampling field's name, as the wire names it (``params.top_k ...``)."""
     from pagedserve.engine.sampling_params import SamplingParams

@@ -36,7 +36,7 @@ from typing import Any
 import redis
 
 from .context import WorkerContext, WorkerPart
-from .protocol import as_text
+from .protocol import as_text, wire_body
 from .renewal import RenewalThread
 from .scripts import Scripts
 
@@ -243,7 +243,7 @@ class Reclaimer(WorkerPart):
         """Add again the requests whose entries are gone from the stream, given up here: their new entries are
         what another worker takes over (without them no one would ever run or answer those ids)."""
         for req in requests:
-            r.xadd(self.keys.requests, {"body": req.model_dump_json()})
+            r.xadd(self.keys.requests, {"body": wire_body(req)})
             self.log.warning("request_requeued", request_id=req.id, note="its entry had left the stream")
 
     def release(self, r: redis.Redis, entry_ids: list[str]) -> None:
