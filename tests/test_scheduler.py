@@ -177,7 +177,9 @@ def test_groups_larger_than_the_pool_end_with_length(tiny_models, mode):
     prompt = list(range(10, 16))
     max_tokens = eng.max_model_len - len(prompt)  # the most add_request accepts
     eng.add_request("one", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-    eng.add_request("beams", prompt, SamplingParams(max_tokens=max_tokens, beam_width=4, n=2, ignore_eos=True))
+    # 3 beams take the whole pool at their first step (the prompt's full block and one each); 4 are refused
+    # before work (test_validation)
+    eng.add_request("beams", prompt, SamplingParams(max_tokens=max_tokens, beam_width=3, n=2, ignore_eos=True))
     eng.add_request("samples", prompt, SamplingParams(max_tokens=max_tokens, n=4, temperature=1.0, seed=3,
                                                       ignore_eos=True))
     finals = _run_to_end(eng)
@@ -296,6 +298,10 @@ def test_every_request_ends_under_group_pressure(tiny_models, seed, num_blocks, 
             params = SamplingParams(max_tokens=rng.randint(2, 12), beam_width=rng.randint(2, 4), ignore_eos=True)
         else:
             params = SamplingParams(max_tokens=rng.randint(2, 12), temperature=0, ignore_eos=True)
+        if len(prompt) // 4 + params.beam_width > num_blocks:  # beams that could never take a step
+            with pytest.raises(ValueError, match=f"^beam_width {params.beam_width} needs at least"):
+                eng.add_request(str(i), prompt, params, priority=rng.randint(0, 2))
+            continue
         eng.add_request(str(i), prompt, params, priority=rng.randint(0, 2))
     steps = _recording(eng.scheduler)
     finals = _run_to_end(eng)

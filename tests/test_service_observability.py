@@ -149,7 +149,7 @@ except ZeroDivisionError:
 get_logger().info("worker_event", n=1)
 from pagedserve.engine import LLM, SamplingParams  # a beam group outgrowing a 3-block pool: the engine's warning
 llm = LLM(model="pagedserve-tiny-random", device="cpu", num_gpu_blocks=3, block_size=16, swap_space_gb=0)
-llm.generate([list(range(20, 42))], SamplingParams(beam_width=3, max_tokens=5))
+llm.generate([list(range(20, 42))], SamplingParams(beam_width=2, max_tokens=15, ignore_eos=True))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -112,6 +112,25 @@ def test_a_max_model_len_lowered_to_the_pool_says_so_where_it_is_quoted(tiny_mod
         llm.generate([[1] * 40])
 
 
+def test_a_beam_group_the_pool_cannot_step_is_refused_before_work(tiny_models):
+    """Beams step in lockstep, each with a block of its own past the prompt's full blocks: a group wider than the
+    pool was accepted and ended after one token with "length", which read as a real length stop."""
+    llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64, num_gpu_blocks=8, block_size=16,
+              max_num_seqs=16)
+    long = SamplingParams(beam_width=16, max_tokens=61, ignore_eos=True)
+    with pytest.raises(ValueError, match=r"^beam_width 16 needs at least 16 KV blocks for its first step after this "
+                                         r"3-token prompt .*; the KV pool has 8 \(num_gpu_blocks\)"):
+        llm.generate([[1, 2, 3]], long)
+    with pytest.raises(ValueError, match="^beam_width 8 needs at least 9 KV blocks"):  # a full prompt block too
+        llm.generate([[1] * 16], SamplingParams(beam_width=8, max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()
+    # As wide as the pool allows: it runs, and n samples (which take turns) as wide as the long group still do.
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(beam_width=8, max_tokens=4, ignore_eos=True))
+    assert [len(o.token_ids) for o in out.outputs] == [4]  # the best beam (n=1), as vLLM hands it out
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(n=16, max_tokens=8, ignore_eos=True))
+    assert len(out.outputs) == 16
+
+
 def test_sampling_params_of_the_wrong_type_are_named(tiny_models):
     llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64)
     # A dict of fields is a common slip (the wire takes one): named, with the way to convert it.

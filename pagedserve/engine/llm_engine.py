@@ -323,6 +323,17 @@ class LLMEngine:
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
                 f"max_model_len {self.max_model_len}{self._max_model_len_source} leaves after the "
                 f"{len(token_ids)}-token prompt")
+        if params.beam_width > 0:
+            # The beams step in lockstep (they never take turns, as samples do): each needs a block of its own for
+            # its first token beside the prompt's full blocks they share. A pool smaller than that ended the group
+            # after one token with "length", which read as a real length stop.
+            blocks = self.block_manager.gpu.num_blocks
+            need = len(token_ids) // self.config.block_size + params.beam_width
+            if need > blocks:
+                raise ValueError(f"beam_width {params.beam_width} needs at least {need} KV blocks for its first "
+                                 f"step after this {len(token_ids)}-token prompt (one per beam beside the prompt's "
+                                 f"shared ones); the KV pool has {blocks} (num_gpu_blocks): give a smaller "
+                                 "beam_width")
         if params.min_tokens and sum(t < self.vocab_size for t in self._stops_held(params, None)) >= self.vocab_size:
             raise ValueError(f"stop_token_ids with EOS hold back all {self.vocab_size} tokens of the vocabulary while "
                              f"min_tokens {params.min_tokens} is not reached: no token could be drawn")
