@@ -1241,6 +1241,17 @@ def test_a_gbnf_grammar_whose_conversion_could_take_long_is_refused_before_it_st
     assert so.compile({"grammar": _llama_cpp_object(40)}) is not None
     # A cycle is never terminal: it ends a chain (root waits on nothing that could become terminal).
     assert gbnf_passes('root ::= a\na ::= "x" a | "y"\n') == 1
+    # Names of any letters and lines ended by a lone \r are GBNF to llguidance too: the same chain written so was
+    # counted as one rule, taken, and converted for a quarter of a minute.
+    for variant in (re.sub(r"\br(?=\d)", "é", chain), chain.replace("\n", "\r"), chain.replace("\n", "\r\n")):
+        assert gbnf_passes(variant) == 2_503
+        with pytest.raises(ValueError, match="^structured_outputs grammar is GBNF that llguidance would convert to "
+                                             "Lark in 2503 passes"):
+            validate_structured_outputs({"grammar": variant})
+    small = _rule_chain(3, gbnf=True)
+    assert gbnf_passes(re.sub(r"\br(?=\d)", "é", small)) == gbnf_passes(small) == 6  # converted, then not lexed
+    lone_cr = small.replace("\n", "\r")
+    assert so.compile({"grammar": lone_cr}) is not None and gbnf_passes(lone_cr) == 6
 
 
 def _nested(levels: int) -> dict:

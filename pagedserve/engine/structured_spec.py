@@ -36,9 +36,10 @@ MAX_SPEC_DEPTH = 124
 # by llguidance's Rust.
 MAX_GBNF_WORK = 10_000_000  # passes x characters: half a second at most on a 2-core EPYC VM
 _LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
-_GBNF_RULE = re.compile(r"(?m)^[ \t]*([A-Za-z0-9_-]+)[ \t]*::=")
+# A name as llguidance's GBNF parser reads one: str.isalnum() characters, "_" and "-" (\w is the first two).
+_GBNF_RULE = re.compile(r"(?m)^[ \t]*([\w-]+)[ \t]*::=")
 _GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\\n]|\\.)*"|\[(?:[^\]\\\n]|\\.)*\]|#[^\n]*')  # literals, classes, comments
-_GBNF_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_GBNF_NAME = re.compile(r"[\w-]+")
 
 
 # vLLM's StructuredOutputsParams fields this engine has no use for, at vLLM's defaults, and why no other value is
@@ -95,6 +96,7 @@ def gbnf_passes(grammar: str) -> int:
     """The passes llguidance's GBNF-to-Lark conversion makes over ``grammar`` at most: one more than the longest
     chain of rules each waiting for a terminal rule written after it (a cycle is never terminal: it ends a
     chain). Rules and the names they use are found in the text, less its literals, classes and comments."""
+    grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # llguidance ends a line at a lone \r too
     heads = list(_GBNF_RULE.finditer(grammar))
     order = {m.group(1): i for i, m in enumerate(heads)}
     uses = {}
