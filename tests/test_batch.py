@@ -452,3 +452,29 @@ def test_a_batch_whose_results_together_pass_the_output_limit_is_collected_in_sm
         assert status["status"] == "completed" and status["request_counts"]["completed"] == 12, status
         sizes = [r.strlen(k) for k in r.scan_iter(match=f"{prefix}:result:*")]
         assert max(sizes) < 64 * 1024 < sum(sizes), sizes  # each under the limit, together over it
+
+
+def test_a_batch_line_whose_result_alone_passes_the_output_limit_ends_and_its_reader_is_told(prefix, shared_engine):
+    """A result alone over the output buffer limit (300 tokens with 20 logprobs) could not be read by MGET: its line
+    waited for good, the batch stayed in_progress, and a client saw only its wait time out. The feeder reads
+    such a result in pieces: the batch completes, and reading that output line says the limit is in the way."""
+    from pagedserve.service.client_core import ReplyOverLimit
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.config_set("client-output-buffer-limit", "normal 64kb 64kb 0")
+        lines = [completion(f"c{i}", prompt=f"prompt {i}", max_tokens=4) for i in range(5)]
+        lines[2] = completion("big", prompt="prompt big", max_tokens=300, logprobs=20, ignore_eos=True)
+        bid = submit_batch(r, prefix, jsonl(lines))
+        with running_worker(make_settings(url, prefix), shared_engine):
+            wait_batch(r, prefix, bid, timeout=120, poll_s=0.2)
+        status = batch_status(r, prefix, bid)
+        assert status["status"] == "completed" and status["request_counts"]["completed"] == 5, status
+        assert r.hstrlen(BatchKeys(prefix).out(bid), "2") > 64 * 1024
+        with pytest.raises(ReplyOverLimit, match=f"output line 3 of batch {bid}"):
+            list(batch_results(r, prefix, bid))
+        r.config_set("client-output-buffer-limit", "normal 0 0 0")
+        out = {line["custom_id"]: line for line in batch_results(r, prefix, bid)}
+        big = Completion.model_validate(out["big"]["response"]["body"])
+        assert big.usage.completion_tokens == 300 and len(big.choices[0].logprobs.top_logprobs) == 300
+        assert all(out[f"c{i}"]["response"]["status_code"] == 200 for i in (0, 1, 3, 4))

@@ -2076,3 +2076,20 @@ def test_a_client_sends_only_the_fields_a_request_gives(redis_url, prefix):
     assert bodies["chat"] == {"id": "chat", "messages": [{"role": "user", "content": "hi"}],
                               "params": {"max_tokens": 3, "temperature": 0.0, "structured_outputs": {"json": schema}},
                               "stream": True, "priority": 0, "metadata": {}}
+
+
+def test_a_page_size_forgets_a_break_after_many_whole_pages():
+    """The batch feeder reads results in pages for the worker's life: after one result too large (or a limit
+    raised since), it read one result per MGET for good, 178 reads of a 300-line batch where 8 do."""
+    from pagedserve.service.client_core import PageSize
+
+    page = PageSize(512)
+    page.shrink(2)  # one page of two broke: one at a time, up to half of it, for a while
+    sizes = []
+    for _ in range(PageSize.FORGET_BREAK_AFTER + 10):
+        page.grow()
+        sizes.append(page.size)
+    assert sizes[:PageSize.FORGET_BREAK_AFTER - 1] == [1] * (PageSize.FORGET_BREAK_AFTER - 1)
+    assert sizes[-1] == 512
+    page.shrink(64)  # a break again: remembered again
+    assert page.size == 16 and [page.grow() or page.size for _ in range(3)] == [32, 32, 32]

@@ -42,7 +42,7 @@ from .batch_keys import (
 )
 from .connection import REDIS_DOWN, Connection
 from .context import WorkerContext, WorkerPart
-from .client_core import PageSize, broke_mid_reply
+from .client_core import REPLY_BUFFER_BYTES, PageSize, broke_mid_reply
 from .protocol import as_text, parse_terminal
 from .running import Running
 from .scripts import load_producer_scripts
@@ -51,6 +51,9 @@ LOOK_S = 0.5  # how often the list of active batches is read again
 COLLECT_S = 0.2  # how often a batch's in-flight lines are looked at (by every worker: MGETs add up)
 MAX_BATCHES = 8  # active batches looked at per tick (oldest first)
 INFLIGHT_SCAN = 512  # in-flight lines looked at per batch and tick (a window that moves on over a long set)
+# A result over Redis's output buffer limit is read in pieces this large: each reply fits the buffer the limit does
+# not count.
+RESULT_PIECE = REPLY_BUFFER_BYTES // 2
 MAX_REFEEDS = 3  # a line whose request vanished this often is answered with an error (dead-lettered each time?)
 CLOSE_CHUNK = 500  # untaken lines closed per script call
 SAY_AGAIN_S = 60.0  # a trouble that stays (a refusal, an index of the wrong type) is logged this seldom
@@ -253,7 +256,8 @@ class BatchFeeder(WorkerPart):
         """The stored results at ``keys`` (None: none yet), read in MGET pages. A page whose reply is over Redis's
         output buffer limit for normal clients (results with logprobs: 50 kB each, 512 of them) is closed at every
         try: it is asked for again a quarter as large, and pages grow back to half the smallest that broke. A
-        result alone over it stays unread (None: its line waits, said once), as a client could not read it either."""
+        result alone over it is read in pieces (:meth:`_in_pieces`): its line ends, and a client reading that line
+        of the output is told the limit is in its way (``ReplyOverLimit``), where the batch waited for good."""
         out: list = []
         while len(out) < len(keys):
             page = keys[len(out):len(out) + self._mget_page.size]
@@ -266,18 +270,27 @@ class BatchFeeder(WorkerPart):
                 if len(page) > 1:
                     self._mget_page.shrink(len(page))
                     continue
-                if page[0] not in self._over_limit_said:
-                    self._over_limit_said.add(page[0])
-                    self.log.warning("batch_result_over_limit", batch=bid, key=page[0],
-                                     note="Redis closes the connection at every read of this result: it is over "
-                                          "client-output-buffer-limit for normal clients; its line waits until the "
-                                          "limit is raised")
-                out.append(None)
+                out.append(self._in_pieces(r, bid, page[0]))
                 continue
             finally:
                 self.metrics.redis_ops.inc()
             self._mget_page.grow()
         return out
+
+    def _in_pieces(self, r: redis.Redis, bid: str, key: str) -> bytes | None:
+        """A stored result too large for one reply under the output buffer limit, read by GETRANGE in pieces that
+        fit a reply buffer (over no limit); None where it is gone or changed meanwhile (the next tick looks
+        again). Said once per result: a deployment whose results outgrow the limit has its clients fail too."""
+        size = r.strlen(key)
+        pieces = [r.getrange(key, start, start + RESULT_PIECE - 1) for start in range(0, size, RESULT_PIECE)]
+        self.metrics.redis_ops.inc(1 + len(pieces))
+        value = b"".join(pieces)
+        if key not in self._over_limit_said:
+            self._over_limit_said.add(key)
+            self.log.warning("batch_result_over_limit", batch=bid, key=key, bytes=size,
+                             note="this result is over client-output-buffer-limit for normal clients: read in "
+                                  "pieces here, but a client reading its output line is refused; raise the limit")
+        return value if size and len(value) == size else None
 
     def _collect(self, bid: str) -> None:
         k, r = self.bkeys, self.conn.r

@@ -265,18 +265,26 @@ class PageSize:
     """Items per read, where a read's reply may be over Redis's output buffer limit for normal clients (closed at
     every try): a page that broke is asked for again a quarter as large; each page that came whole lets the next
     double, up to ``most`` and to half the smallest page that broke (growing past it would break read after read
-    where large items recur), or past that where the page came back small (items missing cost nothing)."""
+    where large items recur), or past that where the page came back small (items missing cost nothing). A break
+    is forgotten after :data:`FORGET_BREAK_AFTER` whole pages: a reader that lives on (the batch feeder) would
+    otherwise read one item at a time for good after one item too large, or after the limit was raised."""
+
+    FORGET_BREAK_AFTER = 64
 
     def __init__(self, most: int, size: int | None = None) -> None:
         self.most, self.size, self.broke = most, most if size is None else size, 2 * most
+        self.whole = 0  # pages that came whole since the last break
 
     def shrink(self, broke: int) -> None:
         """A page of ``broke`` items broke mid-reply."""
-        self.broke = min(self.broke, broke)
+        self.broke, self.whole = min(self.broke, broke), 0
         self.size = max(1, broke // 4)
 
     def grow(self, small: bool = False) -> None:
         """A page came whole (``small``: its reply was far under any limit)."""
+        self.whole += 1
+        if self.whole >= self.FORGET_BREAK_AFTER:
+            self.broke = 2 * self.most
         self.size = min(self.most, self.size * 2, self.most if small else max(1, self.broke // 2))
 
 
