@@ -2093,3 +2093,24 @@ def test_a_page_size_forgets_a_break_after_many_whole_pages():
     assert sizes[-1] == 512
     page.shrink(64)  # a break again: remembered again
     assert page.size == 16 and [page.grow() or page.size for _ in range(3)] == [32, 32, 32]
+
+
+def test_the_output_limit_said_is_the_one_that_closes_a_reply():
+    """Redis closes a connection at a reply over the hard limit for normal clients; the soft one only after the
+    client stays over it for its seconds, which a reply read at once never does. Taking the soft limit as one had
+    a link cutting a 500 kB reply under "normal 1mb 100kb 60" said to be over the limit (raise it) instead of cut."""
+    from pagedserve.service.client_core import normal_output_limit
+    from pagedserve.service.redis_server import LocalRedis
+
+    with LocalRedis() as url, redis.Redis.from_url(url) as r:
+        r.set("big", b"x" * 500_000)
+        for setting in ("normal 0 100kb 0", "normal 0 100kb 60", "normal 1mb 100kb 60", "normal 100kb 0 0",
+                        "normal 100kb 1mb 0", "normal 0 0 0"):
+            r.config_set("client-output-buffer-limit", setting)
+            limit = normal_output_limit(r.config_get("client-output-buffer-limit"))
+            with redis.Redis.from_url(url) as reader:
+                try:
+                    whole = len(reader.get("big")) == 500_000
+                except redis.ConnectionError:
+                    whole = False
+            assert whole == (limit == 0 or limit > 500_000 * 1.25), (setting, limit, whole)

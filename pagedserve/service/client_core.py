@@ -249,16 +249,15 @@ class ReplyCut(RedisUnreachable):
 
 
 def normal_output_limit(config: Any) -> int | None:
-    """The smallest output buffer limit Redis sets normal clients (bytes; 0: none), from ``CONFIG GET
+    """The output buffer limit that closes a normal client at a reply over it (bytes; 0: none), from ``CONFIG GET
     client-output-buffer-limit``'s answer (``{name: 'normal <hard> <soft> <seconds> replica ...'}``, bytes); None
-    where it says nothing readable (a managed Redis without CONFIG answers an error instead)."""
+    where it says nothing readable (a managed Redis without CONFIG answers an error instead). The hard limit: the
+    soft one closes only a connection that stays over it past its seconds, which a reply read at once never does."""
     try:
         words = as_text(next(iter(dict(config).values()))).split()
-        at = words.index("normal")
-        hard, soft = int(words[at + 1]), int(words[at + 2])
+        return int(words[words.index("normal") + 1])
     except (StopIteration, ValueError, IndexError, TypeError, AttributeError):
         return None
-    return min((x for x in (hard, soft) if x > 0), default=0)
 
 
 class PageSize:
