@@ -681,7 +681,7 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     ({"skip_special_tokens": True, "spaces_between_special_tokens": True, "logit_bias": {}}, None),
     ({"skip_special_tokens": False}, "body.skip_special_tokens: not supported: leave it out (text is always decoded "
                                      "without special tokens)"),
-    ({"logit_bias": {"50256": -100}}, "body.logit_bias: not supported: leave it out"),
+    ({"bad_words": ["no"]}, "body.bad_words: not supported: leave it out"),
     ({"skip_special_tokens": 1}, "body.skip_special_tokens: not supported"),  # true, not a number that equals it
     # vLLM's request fields, as a line dumped from its ChatCompletionRequest spells them out
     ({"add_generation_prompt": True, "continue_final_message": False, "echo": False, "add_special_tokens": False,

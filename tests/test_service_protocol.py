@@ -308,6 +308,15 @@ def test_a_duplicate_id_key_spelled_with_an_escape_is_caught():
                                "bad_words": [], "allowed_token_ids": None, "use_beam_search": False}},
     {"prompt": "x", "params": {"skip_special_tokens": False}},
     {"prompt": "x", "params": {"logit_bias": {"1": 2.0}}},
+    {"prompt": "x", "params": {"logit_bias": {"1": 2, "50256": -100.0}, "allowed_token_ids": [1, 2.0]}},
+    {"prompt": "x", "params": {"logit_bias": {"a": 2.0}}},
+    {"prompt": "x", "params": {"logit_bias": {"-1": 2.0}}},
+    {"prompt": "x", "params": {"logit_bias": {"1": "2"}}},
+    {"prompt": "x", "params": {"logit_bias": [[1, 2]]}},
+    {"prompt": "x", "params": {"logit_bias": {str(i): 1 for i in range(1025)}}},
+    {"prompt": "x", "params": {"allowed_token_ids": "1"}},
+    {"prompt": "x", "params": {"allowed_token_ids": [1.5]}},
+    {"prompt": "x", "params": {"allowed_token_ids": list(range(1025))}},
     {"prompt": "x", "params": {"bad_words": ["no"]}},
     {"prompt": "x", "params": {"detokenize": 1}},
 ], ids=lambda b: json.dumps(b)[:60])
@@ -529,8 +538,7 @@ def test_a_request_too_large_names_its_largest_part_in_bytes_as_sent(char):
     ({"skip_special_tokens": False}, "params.skip_special_tokens: not supported: leave it out (text is always "
                                      "decoded without special tokens); vLLM's default, true, is taken as what "
                                      "pagedserve does"),
-    ({"logit_bias": {"1": 2.0}}, "params.logit_bias: not supported: leave it out; vLLM's default, null or {}, is "
-                                 "taken"),
+    ({"bad_words": ["no"]}, "params.bad_words: not supported: leave it out; vLLM's default, null or [], is taken"),
     # a misspelt field and vLLM's guided_* said as what they are (both read "Extra inputs are not permitted")
     ({"max_token": 8}, "params.max_token: not a sampling parameter (did you mean max_tokens?)"),
     ({"guided_json": {"type": "object"}}, "params.guided_json: not supported: give structured_outputs"),

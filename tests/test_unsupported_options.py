@@ -12,12 +12,12 @@ from pagedserve.engine import SamplingParams
 
 # Each with a value other than vLLM's default (which is what pagedserve does, and is taken)
 NOT_DEFAULT = {"prompt_logprobs": 1, "skip_special_tokens": False, "spaces_between_special_tokens": False,
-               "logit_bias": {1: 1.0}, "allowed_token_ids": [1], "bad_words": ["x"], "truncate_prompt_tokens": 8,
+               "bad_words": ["x"], "truncate_prompt_tokens": 8,
                "detokenize": False, "use_beam_search": True, "guided_decoding": {"json": {}},
                "logits_processors": [print], "extra_args": {"a": 1}, "flat_logprobs": True}
 UNSUPPORTED = list(NOT_DEFAULT)
 VLLM_DEFAULTS = {"prompt_logprobs": None, "skip_special_tokens": True, "spaces_between_special_tokens": True,
-                 "logit_bias": None, "allowed_token_ids": None, "bad_words": [], "truncate_prompt_tokens": None,
+                 "bad_words": [], "truncate_prompt_tokens": None,
                  "detokenize": True, "use_beam_search": False, "guided_decoding": None, "logits_processors": None,
                  "extra_args": None, "flat_logprobs": False}
 
@@ -73,10 +73,10 @@ def test_vllms_defaults_of_those_options_are_taken_and_change_nothing():
     with pytest.raises(TypeError, match="^SamplingParams option detokenize is not supported .* vLLM's default, True"):
         SamplingParams(detokenize=1)  # not True itself
     # An empty mapping of any kind is the empty dict of vLLM's default (it was refused unless a dict itself).
-    assert SamplingParams(max_tokens=4, logit_bias=MappingProxyType({}), extra_args=OrderedDict()) == \
-        SamplingParams(max_tokens=4)
-    with pytest.raises(TypeError, match="^SamplingParams option logit_bias is not supported"):
-        SamplingParams(logit_bias=MappingProxyType({1: 1.0}))
+    assert SamplingParams(max_tokens=4, extra_args=MappingProxyType({})) == SamplingParams(max_tokens=4)
+    assert SamplingParams(max_tokens=4, extra_args=OrderedDict()) == SamplingParams(max_tokens=4)
+    with pytest.raises(TypeError, match="^SamplingParams option extra_args is not supported"):
+        SamplingParams(extra_args=MappingProxyType({1: 1.0}))
 
 
 def test_the_constructor_checkers_see_is_the_one_that_runs():

@@ -33,7 +33,7 @@ from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
 from pagedserve.engine.prompt_inputs import one_prompt
 from pagedserve.engine.device_copy import upload
-from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, apply_penalties, hold_tokens
+from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, allow_and_bias, apply_penalties, hold_tokens
 from pagedserve.engine.sampling_params import SamplingParams, check_cache_salt, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
@@ -334,9 +334,21 @@ class LLMEngine:
                                  f"step after this {len(token_ids)}-token prompt (one per beam beside the prompt's "
                                  f"shared ones); the KV pool has {blocks} (num_gpu_blocks): give a smaller "
                                  "beam_width")
-        if params.min_tokens and sum(t < self.vocab_size for t in self._stops_held(params, None)) >= self.vocab_size:
-            raise ValueError(f"stop_token_ids with EOS hold back all {self.vocab_size} tokens of the vocabulary while "
-                             f"min_tokens {params.min_tokens} is not reached: no token could be drawn")
+        for name, ids in (("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = sorted({t for t in ids if t >= self.vocab_size})
+            if outside:
+                more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+                raise ValueError(f"{name} holds token id {outside[0]}{more}, outside the vocabulary of "
+                                 f"{self.vocab_size}")
+        if params.min_tokens:
+            held = {t for t in self._stops_held(params, None) if t < self.vocab_size}
+            if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= held:
+                raise ValueError(f"allowed_token_ids are all stop tokens or EOS, held back while min_tokens "
+                                 f"{params.min_tokens} is not reached: no token could be drawn")
+            if len(held) >= self.vocab_size:
+                raise ValueError(f"stop_token_ids with EOS hold back all {self.vocab_size} tokens of the vocabulary "
+                                 f"while min_tokens {params.min_tokens} is not reached: no token could be drawn")
         if resume is not None:
             self._check_resume(resume, params, len(token_ids))
         # Compiles the grammar unless it is cached (waiting at most the compile timeout): call
@@ -809,9 +821,10 @@ class LLMEngine:
         logprobs = torch.log_softmax(rows.float(), dim=-1)
         scores = logprobs
         held = [self._stops_held(p, b) for b in beams] if p.min_tokens else []
-        if p.needs_penalties or any(held):  # on the log-probs, where HF's beam search applies its logits processors
+        if p.shapes_logits or any(held):  # on the log-probs, where HF's beam search applies its logits processors
             scores = logprobs.clone()
-            if p.needs_penalties:
+            if p.shapes_logits:
+                allow_and_bias(scores, [p] * len(beams))
                 apply_penalties(scores, beams, [p] * len(beams))
             if any(held):
                 hold_tokens(scores, held)

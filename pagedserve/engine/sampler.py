@@ -1,4 +1,5 @@
-"""Token sampling for one step: penalties, greedy, temperature, top-k / top-p / min-p, seeds, logprobs.
+"""Token sampling for one step: allowed tokens, logit bias, penalties, greedy, temperature, top-k / top-p / min-p,
+seeds, logprobs.
 
 Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` (the exponential-race form of categorical sampling).
 
@@ -42,6 +43,24 @@ def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
         # The value as a device tensor: a Python scalar would go up by a blocking copy (a stream sync).
         scores.index_put_(tuple(upload([rows, cols], torch.int64, scores.device)),
                           torch.full((len(rows),), -torch.inf, dtype=scores.dtype, device=scores.device))
+
+
+def allow_and_bias(scores: torch.Tensor, params: list[SamplingParams]) -> None:
+    """In place, on logits (sampling) or log-probs (beam search): row ``r`` keeps only ``allowed_token_ids`` (the
+    rest -inf), then gets ``logit_bias`` added, as vLLM and HF (``sequence_bias``) do before the penalties."""
+    vocab, device = scores.shape[1], scores.device
+    for row, p in enumerate(params):
+        if p.allowed_token_ids is not None:
+            (ids,) = upload([sorted({t for t in p.allowed_token_ids if t < vocab})], torch.int64, device)
+            kept = scores[row, ids]
+            scores[row] = -torch.inf
+            scores[row, ids] = kept
+    pairs = [(row, t, b) for row, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items() if t < vocab]
+    if pairs:
+        rows, cols, bias = zip(*pairs)
+        index = tuple(upload([list(rows), list(cols)], torch.int64, device))
+        (values,) = upload([list(bias)], torch.float32, device)
+        scores.index_put_(index, values.to(scores.dtype), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
@@ -167,10 +186,11 @@ class Sampler:
         # and the top-k where requested), not as a [R, V] tensor every step.
         raw_logits = logits
         tokens, lse = self.argmax_logsumexp(logits)
-        penalties = any(p.needs_penalties for p in params)
-        if penalties or held is not None:
+        shaped = any(p.shapes_logits for p in params)
+        if shaped or held is not None:
             logits = logits.clone()
-            if penalties:
+            if shaped:
+                allow_and_bias(logits, params)
                 apply_penalties(logits, seqs, params)
             if held is not None:
                 hold_tokens(logits, held)

@@ -31,6 +31,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "repetition_penalty": (0.01, 100.0),
     "logprobs": (0, 20),
 }
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value, either way
 # vLLM SamplingParams options this engine does not implement, and what to do instead: passing one is a TypeError
 # naming it rather than Python's "unexpected keyword argument".
 # vLLM's options this engine lacks: what to do instead, and vLLM's own defaults of each, which are what pagedserve
@@ -40,8 +41,6 @@ UNSUPPORTED_OPTIONS: dict[str, tuple[str, tuple]] = {
     "prompt_logprobs": ("leave it out", (None,)),
     "skip_special_tokens": ("leave it out (text is always decoded without special tokens)", (True,)),
     "spaces_between_special_tokens": ("leave it out (text is always decoded without special tokens)", (True,)),
-    "logit_bias": ("leave it out", (None, {})),
-    "allowed_token_ids": ("leave it out", (None, [])),
     "bad_words": ("leave it out", (None, [])),
     "truncate_prompt_tokens": ("leave it out and shorten the prompt", (None,)),
     "detokenize": ("leave it out (text is always decoded)", (True,)),
@@ -135,6 +134,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    # Added to the logits of these token ids before penalties and sampling (OpenAI's and vLLM's): -100 bans a
+    # token in effect, 100 all but forces it. The reported logprobs stay the model's.
+    logit_bias: dict[int, float] | None = None
+    # Only these token ids may be drawn (vLLM's): the others' logits are -inf before bias and penalties.
+    allowed_token_ids: list[int] | None = None
     # {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} | {"grammar": ...}
     # (rules: pagedserve.engine.structured_spec)
     structured_outputs: dict[str, Any] | None = None
@@ -145,7 +149,7 @@ class SamplingParams:
         # the fields' own types do not describe: keyword arguments only; vLLM's spellings of stop and
         # stop_token_ids (one string, a tuple, None), which _normalize turns into the lists the fields hold;
         # and vLLM's options this engine lacks, typed as the defaults that are all it takes (an empty
-        # logit_bias, ...; a non-empty one is refused when it runs). Kept in step with the fields and
+        # bad_words, ...; a non-empty one is refused when it runs). Kept in step with the fields and
         # UNSUPPORTED_OPTIONS by tests/test_unsupported_options.py.
         def __init__(
             self, *, max_tokens: int | None = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -155,11 +159,12 @@ class SamplingParams:
             stop_token_ids: list[int] | tuple[int, ...] | None = None, ignore_eos: bool = False,
             min_tokens: int = 0, include_stop_str_in_output: bool = False, seed: int | None = None,
             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-            logprobs: int | None = None, structured_outputs: dict[str, Any] | None = None,
+            logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
+            allowed_token_ids: list[int] | tuple[int, ...] | None = None,
+            structured_outputs: dict[str, Any] | None = None,
             output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
             prompt_logprobs: None = None, skip_special_tokens: Literal[True] = True,
-            spaces_between_special_tokens: Literal[True] = True, logit_bias: Mapping[int, float] | None = None,
-            allowed_token_ids: list[int] | None = None, bad_words: list[str] | None = None,
+            spaces_between_special_tokens: Literal[True] = True, bad_words: list[str] | None = None,
             truncate_prompt_tokens: None = None, detokenize: Literal[True] = True,
             use_beam_search: Literal[False] = False, guided_decoding: None = None,
             logits_processors: list[Callable[..., Any]] | None = None, extra_args: Mapping[str, Any] | None = None,
@@ -179,6 +184,12 @@ class SamplingParams:
             setattr(self, name, plain_number(getattr(self, name)))
         if isinstance(self.stop_token_ids, (list, tuple)):
             self.stop_token_ids = [plain_number(t) for t in self.stop_token_ids]
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.allowed_token_ids, list):
+            self.allowed_token_ids = [plain_number(t) for t in self.allowed_token_ids]
+        if isinstance(self.logit_bias, Mapping):  # a copy: the caller's dict is not changed, nor shared
+            self.logit_bias = {plain_number(k): plain_number(v) for k, v in self.logit_bias.items()} or None
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, (str, tuple)):
@@ -269,10 +280,24 @@ class SamplingParams:
             in_range(name)
         if self.logprobs is not None:
             in_range("logprobs", integer=True)
+        if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or not all(
+                is_int(k) and 0 <= k <= MAX_INT and is_num(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
+                for k, v in self.logit_bias.items())):
+            fail("logit_bias", f"must map token ids (integers in [0, {MAX_INT}]) to numbers in "
+                               f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids or not all(
+                    is_int(t) and 0 <= t <= MAX_INT for t in self.allowed_token_ids):
+                fail("allowed_token_ids", f"must be a non-empty list of integers in [0, {MAX_INT}]")
+            if self.beam_width > 0:
+                fail("allowed_token_ids", "cannot be combined with beam search (beam_width > 0)")
         self.structured_outputs = validate_structured_outputs(self.structured_outputs)
         if self.structured_outputs is not None and self.beam_width > 0:
             fail("structured_outputs", "cannot be combined with beam search (beam_width > 0): sample with n or "
                                       "best_of instead")
+        if self.structured_outputs is not None and self.allowed_token_ids is not None:
+            fail("allowed_token_ids", "cannot be combined with structured_outputs: the grammar says which tokens "
+                                      "may come")
         if is_int(self.output_kind) and self.output_kind in tuple(RequestOutputKind):
             self.output_kind = RequestOutputKind(self.output_kind)
         else:
@@ -300,6 +325,11 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether the logits are changed before drawing: bias, allowed tokens or penalties."""
+        return self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:

@@ -36,9 +36,10 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
 # Body fields mapped one to one onto our sampling parameters.
 _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty",
+              "logit_bias",
               # vLLM's sampling parameters beyond OpenAI's, which its OpenAI server and batch runner take in the body
               "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
-              "include_stop_str_in_output")
+              "include_stop_str_in_output", "allowed_token_ids")
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
              "top_logprobs", "response_format", "structured_outputs", "stream", "best_of", "echo", "cache_salt",
              *_SAME_NAME}
@@ -239,6 +240,10 @@ def _check_ranges(params: dict, written: dict[str, str]) -> None:
     field name; the line's message names the body key that set it (``written``: top_logprobs for logprobs)."""
     from pagedserve.engine.sampling_params import SamplingParams
 
+    bias = params.get("logit_bias")
+    if isinstance(bias, dict):  # JSON writes its token ids as strings (OpenAI's format); the engine's are ints
+        params = {**params, "logit_bias": {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
+                                           for k, v in bias.items()}}
     try:
         SamplingParams(**params)
     except (TypeError, ValueError) as e:

@@ -53,6 +53,8 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 # Limits of a request body checked at parse time besides those of safe_json.py (the contract's "limits are
 # checked before work starts").
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_ALLOWED_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 # The engine's own limit (engine/sampling_params.py), checked here before a worker reads the entry; the engine is
 # not imported at module level (the service loads it on first use), so the value is stated twice and a test holds
@@ -91,6 +93,26 @@ def whole_int(ge: int, le: int) -> Any:
 
 
 Int64 = whole_int(INT64_MIN, INT64_MAX)
+
+
+def _token_id_keys(value: Any) -> Any:
+    """``logit_bias`` keys as JSON writes them, strings (OpenAI's format); a Python caller's int keys as those
+    strings. Anything else is left for the checks to refuse."""
+    if not isinstance(value, dict):
+        return value
+    keys = {k: str(k) if isinstance(k, int) and not isinstance(k, bool) else k for k in value}
+    bad = next((k for k in keys.values() if not isinstance(k, str) or not _TOKEN_ID_KEY.fullmatch(k)), None)
+    if bad is not None:
+        raise ValueError(f"keys must be token ids, written as decimal integers (got {repr(bad)[:40]})")
+    return {keys[k]: v for k, v in value.items()}
+
+
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+# Token ids as JSON object keys, decimal digits, to numbers (the engine checks ranges and the vocabulary).
+LogitBias = Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS_ENTRIES), BeforeValidator(_token_id_keys),
+                      WithJsonSchema({"type": "object", "propertyNames": {"pattern": f"^{_TOKEN_ID_KEY.pattern}$"},
+                                      "additionalProperties": {"type": "number"},
+                                      "maxProperties": MAX_LOGIT_BIAS_ENTRIES})]
 
 
 def asks_nothing(value: object) -> bool:
@@ -326,6 +348,8 @@ class SamplingParamsModel(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logprobs: Int64 | None = None
+    logit_bias: LogitBias | None = None
+    allowed_token_ids: list[Int64] | None = Field(None, max_length=MAX_ALLOWED_TOKEN_IDS)
     structured_outputs: StructuredOutputsModel | None = None
 
     @model_validator(mode="before")
@@ -335,6 +359,8 @@ class SamplingParamsModel(BaseModel):
         are dropped, as ``SamplingParams`` and batch lines drop them; at any other value refused by name. vLLM's
         ``guided_*`` fields point at ``structured_outputs``, and a misspelt field at the one it likely means
         (pydantic said "Extra inputs are not permitted")."""
+        if isinstance(data, dict) and data.get("logit_bias") == {}:  # vLLM's default: no bias, as if left out
+            data = {k: v for k, v in data.items() if k != "logit_bias"}
         if not isinstance(data, dict) or set(data) <= set(cls.model_fields):
             return data
         from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default, vllm_default_words
@@ -616,6 +642,8 @@ def engine_params(params: SamplingParamsModel, *, chat: bool = False) -> Any:
     from pagedserve.engine.sampling_params import SamplingParams
 
     kwargs = params.to_kwargs()
+    if "logit_bias" in kwargs:  # the engine's keys are token ids
+        kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
     if chat:
         kwargs.setdefault("max_tokens", None)
     try:
