@@ -879,3 +879,26 @@ def test_output_read_through_a_link_that_resets_mid_reply_is_read_again(prefix, 
             assert res.exit_code == 1 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         finally:
             proxy.close()
+
+
+def test_a_line_is_read_as_the_wire_reads_its_body():
+    """Found by differential fuzzing against the wire: a number too large for a float in a float key aborted the
+    whole file with OverflowError, naming no line; whole floats in integer keys (3.0), which the wire takes, were
+    refused; a text part with a key beside type and text was run without it, where the wire refuses it."""
+    from pagedserve.service.batch_format import parse_lines
+
+    lines = [completion("huge", temperature=10**340), completion("whole", max_tokens=3.0, n=1.0, seed=7.0,
+                                                                 stop_token_ids=[5.0], prompt=[3.0, 4]),
+             completion("too-big", max_tokens=2.0**60),
+             chat("part", messages=[{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                                  "cache_control": {"type": "ephemeral"}}]}]),
+             chat("fine")]
+    parsed = {p.custom_id: p for p in parse_lines("batch_t", jsonl(lines), 2**40)}
+    assert parsed["huge"].error.startswith("line 1: body.temperature: must be 0 (greedy) or in [0.01, 100.0]")
+    whole = parsed["whole"].request
+    assert (whole.params.max_tokens, whole.params.n, whole.params.seed, whole.params.stop_token_ids,
+            whole.prompt_token_ids) == (3, 1, 7, [5], [3, 4])
+    assert parsed["too-big"].error.startswith("line 3: body.max_tokens: 1.152921504606847e+18 is a whole number")
+    assert parsed["part"].error == ('line 4: body.messages[0].content[0]: only text content parts ({"type": "text", '
+                                    '"text": ...}) are supported')
+    assert parsed["fine"].error is None

@@ -2114,3 +2114,14 @@ def test_the_output_limit_said_is_the_one_that_closes_a_reply():
                 except redis.ConnectionError:
                     whole = False
             assert whole == (limit == 0 or limit > 500_000 * 1.25), (setting, limit, whole)
+
+
+@pytest.mark.parametrize("metadata", [[], "", 0, False])
+def test_metadata_that_is_no_object_is_refused_even_when_empty(metadata):
+    """``metadata or {}`` sent an empty object for [] or "" where the wire refuses them: a caller's mistake went
+    unseen and came back as metadata other than the one passed."""
+    from pagedserve.service.client_core import build_request
+
+    with pytest.raises(ValueError, match="^metadata: Input should be a valid dictionary"):
+        build_request("hi", metadata=metadata)
+    assert build_request("hi", metadata=None).metadata == {}

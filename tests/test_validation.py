@@ -25,6 +25,10 @@ BAD = [
     ({"repetition_penalty": 1e-30}, "repetition_penalty"), ({"stop_token_ids": [2**40]}, "stop_token_ids"),
     ({"stop": ["ok", "\ud800"]}, "stop"), ({"logprobs": -1}, "logprobs"), ({"seed": 2**63}, "seed"),
     ({"min_p": float("nan")}, "min_p"), ({"top_p": float("nan")}, "top_p"),
+    # An integer too large for a float raised OverflowError, naming nothing (and aborted a batch file's parse).
+    *(({name: 10**400}, name) for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                            "repetition_penalty", "length_penalty")),
+    ({"logit_bias": {1: 10**5000}}, "logit_bias"),
 ]
 
 

@@ -56,7 +56,10 @@ def short_repr(value: object) -> str:
     """``repr`` of a field value, cut so a hostile value (a 5000-digit integer) cannot flood the message."""
     if isinstance(value, int) and value.bit_length() > 256:  # repr() of a huge int is slow, or refused
         return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # a huge int inside a container: Python refuses to write it
+        return f"a {type(value).__name__} holding an integer too large to write"
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
@@ -222,8 +225,8 @@ class SamplingParams:
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v: object) -> bool:
-            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)  # type: ignore[arg-type]
+        def is_num(v: object) -> bool:  # an int of any size (isfinite would overflow converting it to a float)
+            return is_int(v) or isinstance(v, float) and math.isfinite(v)
 
         def in_range(name: str, integer: bool = False) -> None:
             lo, hi = LIMITS[name]

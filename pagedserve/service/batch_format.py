@@ -30,7 +30,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .batch_keys import BATCH_PRIORITY, request_id
-from .protocol import DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, likely_meant, too_large
+from .protocol import (DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, joined_text_parts, likely_meant,
+                       too_large, whole_number)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
@@ -40,6 +41,10 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               # vLLM's sampling parameters beyond OpenAI's, which its OpenAI server and batch runner take in the body
               "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
               "include_stop_str_in_output", "allowed_token_ids")
+# Keys whose values, or whose lists' items, are integers: a whole float (3.0) is the integer, as on the wire.
+_INTEGER_KEYS = {"max_tokens", "max_completion_tokens", "n", "seed", "top_k", "min_tokens", "best_of", "logprobs",
+                 "top_logprobs"}
+_INTEGER_LIST_KEYS = {"stop_token_ids", "allowed_token_ids", "prompt"}
 _ACCEPTED = {"model", "user", "store", "metadata", "messages", "prompt", "max_completion_tokens", "logprobs",
              "top_logprobs", "response_format", "structured_outputs", "stream", "best_of", "echo", "cache_salt",
              *_SAME_NAME}
@@ -143,12 +148,11 @@ def _message_content(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: only text parts can be run
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise LineError(f"{where}[{i}]: only text content parts are supported")
-            texts.append(part["text"])
-        return "\n".join(texts)  # as vLLM's OpenAI server (and LLM.chat) join them
+        joined = joined_text_parts(content)
+        if isinstance(joined, int):
+            raise LineError(f"{where}[{joined}]: only text content parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                            "supported")
+        return joined
     raise LineError(f"{where}: must be a string or a list of text parts")
 
 
@@ -202,8 +206,8 @@ def _params(body: dict, chat: bool, written: dict[str, str]) -> dict:
     """The sampling parameters of ``body``; ``written`` gets the body key of each one named otherwise there."""
     params = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
     for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
-        if isinstance(params.get(k), int) and not isinstance(params[k], bool):
-            params[k] = float(params[k])  # JSON 1 is a valid temperature
+        if isinstance(params.get(k), int) and not isinstance(params[k], bool) and abs(params[k]) < 2**53:
+            params[k] = float(params[k])  # JSON 1 is a valid temperature (a larger one is refused by its range)
     if body.get("max_completion_tokens") is not None:
         params["max_tokens"] = body["max_completion_tokens"]
         written["max_tokens"] = "max_completion_tokens"
@@ -270,12 +274,25 @@ def _where(loc: tuple) -> str:
     return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
 
 
+def _whole_numbers(key: str, value: Any) -> Any:
+    """``value`` of body ``key`` with whole floats as integers where the key takes integers (JSON has one number
+    type, and the wire takes 3.0 as 3); a whole float of 2**53 or more is refused, as the wire refuses it."""
+    try:
+        if key in _INTEGER_KEYS:
+            return whole_number(value)
+        if key in _INTEGER_LIST_KEYS and isinstance(value, list):
+            return [whole_number(v) for v in value]
+    except ValueError as e:
+        raise LineError(f"body.{key}: {e}") from None
+    return value
+
+
 def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, body: dict,
                expires_ms: int) -> GenerateRequest:
     """The request of one valid line; raises :class:`LineError` naming the field."""
     chat = url == "/v1/chat/completions"
     # A null asks for nothing: the key is not given (as the openai SDK means it), whether we support it or not.
-    body = {k: v for k, v in body.items() if v is not None}
+    body = {k: _whole_numbers(k, v) for k, v in body.items() if v is not None}
     tokens_as_ids = body.get("return_tokens_as_token_ids") is True
     # Each url's own fields: echo and best_of are completions', top_logprobs chat's (a completions line says how
     # many alternatives in logprobs itself; its top_logprobs was ignored without a word).

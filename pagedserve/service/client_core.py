@@ -681,7 +681,7 @@ def build_request(
             "priority": priority,
             "deadline_ms": deadline_ms,
             "cache_salt": cache_salt,
-            "metadata": metadata or {},
+            "metadata": {} if metadata is None else metadata,  # a falsy non-dict is refused, as the wire refuses it
         })
     except ValidationError as e:  # pydantic's text spans lines and ends with a link: one line naming the field
         raise ValueError(refusal_message(e)) from None

@@ -73,7 +73,7 @@ MIN_DEADLINE_MS = 1_000_000_000_000
 MAX_OTHER_FIELDS_BYTES = 4096
 
 
-def _whole(value: Any) -> Any:
+def whole_number(value: Any) -> Any:
     """JSON has one number type: ``4.0`` is the integer 4 (JSON Schema says so, and Java or C# serializers write
     whole doubles that way). Other floats stay floats, for the strict check to refuse. From 2**53 on, floats skip
     whole numbers, so the float read may be a neighbour of the number written (123456789012345678.0 reads as
@@ -89,7 +89,7 @@ def _whole(value: Any) -> Any:
 def whole_int(ge: int, le: int) -> Any:
     """An integer field in [ge, le] that takes whole floats (the bounds before the validator: so pydantic
     publishes them as JSON Schema's minimum and maximum)."""
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_whole)]
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(whole_number)]
 
 
 Int64 = whole_int(INT64_MIN, INT64_MAX)
@@ -222,13 +222,33 @@ class ChatMessage(BaseModel):
         # template is given a string either way.
         if not isinstance(value, list):
             return value
-        texts = []
-        for i, part in enumerate(value):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                    and set(part) <= {"type", "text"}):
-                raise ValueError(f"part {i}: only text content parts ({{\"type\": \"text\", \"text\": ...}}) can run")
-            texts.append(part["text"])
-        return "\n".join(texts)
+        joined = joined_text_parts(value)
+        if isinstance(joined, int):
+            raise ValueError(f"part {joined}: only text content parts ({{\"type\": \"text\", \"text\": ...}}) can run")
+        return joined
+
+
+def joined_text_parts(parts: list) -> str | int:
+    """OpenAI's text content parts as one string, joined with newlines as vLLM's OpenAI server and ``LLM.chat``
+    join them; or the index of the first part that is no text part (a part carries ``type`` and ``text``
+    alone: a key beside them may ask for what the text alone does not give, and is never dropped)."""
+    texts = []
+    for i, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                and set(part) <= {"type", "text"}):
+            return i
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _structured_vllm_defaults_schema(schema: dict) -> None:
+    """vLLM's structured-outputs fields at their defaults, which the wire takes and drops, in the published
+    schema: a validator of it refused a dump of vLLM's dataclass that the worker runs."""
+    from pagedserve.engine.structured_spec import VLLM_DEFAULTS
+
+    for name, (default, why) in VLLM_DEFAULTS.items():
+        schema["properties"][name] = {**({"type": "null"} if default is None else {"const": default}),
+                                      "description": f"vLLM's field at its default (dropped): pagedserve {why}"}
 
 
 class StructuredOutputsModel(BaseModel):
@@ -240,7 +260,7 @@ class StructuredOutputsModel(BaseModel):
 
     # The wire name only: "json_schema" (the attribute's name) is an unknown key, as it is offline and in the
     # published JSON Schema of requests.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_structured_vllm_defaults_schema)
     json_schema: dict[str, Any] | str | None = Field(None, alias="json",
                                                     description="A JSON Schema (object, or its JSON text).")
     json_object: bool | None = Field(None, description="true: any JSON object.")
@@ -402,7 +422,9 @@ class GenerateRequest(BaseModel):
     """The body of one ``XADD pagedserve:requests`` entry. ``id`` is the idempotency key."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_prompt_schema)
-    id: str = Field(pattern=ID_PATTERN)
+    # Python's re.search, which Python's JSON Schema validators use, lets $ match before a final newline: the
+    # published schema says no newline too, so that it refuses what the worker refuses.
+    id: str = Field(pattern=ID_PATTERN, json_schema_extra={"not": {"pattern": "\n"}})
     prompt: str | None = None
     prompt_token_ids: list[whole_int(0, INT64_MAX)] | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
