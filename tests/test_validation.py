@@ -122,9 +122,12 @@ def test_a_beam_group_the_pool_cannot_step_is_refused_before_work(tiny_models):
     llm = LLM(model=tiny_models["llama"], device="cpu", max_model_len=64, num_gpu_blocks=8, block_size=16,
               max_num_seqs=16)
     long = SamplingParams(beam_width=16, max_tokens=61, ignore_eos=True)
-    with pytest.raises(ValueError, match=r"^beam_width 16 needs at least 16 KV blocks for its first step after this "
-                                         r"3-token prompt .*; the KV pool has 8 \(num_gpu_blocks\)"):
+    with pytest.raises(ValueError, match=r"^beam_width 16 needs at least 16 KV blocks for its second token after "
+                                         r"this 3-token prompt .*; the KV pool has 8 \(num_gpu_blocks\)$"):
         llm.generate([[1, 2, 3]], long)
+    # One token is drawn by the prompt's own step, which needs no block of the beams' own: taken.
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(beam_width=16, max_tokens=1))
+    assert [len(o.token_ids) for o in out.outputs] == [1]
     with pytest.raises(ValueError, match="^beam_width 8 needs at least 9 KV blocks"):  # a full prompt block too
         llm.generate([[1] * 16], SamplingParams(beam_width=8, max_tokens=4))
     assert not llm.engine.has_unfinished_requests()

@@ -323,17 +323,17 @@ class LLMEngine:
                 f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
                 f"max_model_len {self.max_model_len}{self._max_model_len_source} leaves after the "
                 f"{len(token_ids)}-token prompt")
-        if params.beam_width > 0:
-            # The beams step in lockstep (they never take turns, as samples do): each needs a block of its own for
-            # its first token beside the prompt's full blocks they share. A pool smaller than that ended the group
-            # after one token with "length", which read as a real length stop.
+        if params.beam_width > 0 and params.max_tokens > 1:
+            # The beams step in lockstep (they never take turns, as samples do): the step after the prompt's (which
+            # draws the first tokens: all a max_tokens of 1 asks for) needs a block of its own for each beam beside
+            # the prompt's full blocks they share. A pool smaller than that ended the group after one token with
+            # "length", which read as a real length stop.
             blocks = self.block_manager.gpu.num_blocks
             need = len(token_ids) // self.config.block_size + params.beam_width
             if need > blocks:
-                raise ValueError(f"beam_width {params.beam_width} needs at least {need} KV blocks for its first "
-                                 f"step after this {len(token_ids)}-token prompt (one per beam beside the prompt's "
-                                 f"shared ones); the KV pool has {blocks} (num_gpu_blocks): give a smaller "
-                                 "beam_width")
+                raise ValueError(f"beam_width {params.beam_width} needs at least {need} KV blocks for its second "
+                                 f"token after this {len(token_ids)}-token prompt (one per beam beside the prompt's "
+                                 f"shared ones); the KV pool has {blocks} (num_gpu_blocks)")
         for name, ids in (("logit_bias", params.logit_bias or ()),
                           ("allowed_token_ids", params.allowed_token_ids or ())):
             outside = sorted({t for t in ids if t >= self.vocab_size})
