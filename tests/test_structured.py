@@ -1254,6 +1254,55 @@ def test_a_gbnf_grammar_whose_conversion_could_take_long_is_refused_before_it_st
     assert so.compile({"grammar": lone_cr}) is not None and gbnf_passes(lone_cr) == 6
 
 
+def _llguidance_passes(grammar: str) -> int:
+    """The passes llguidance's gbnf_to_lark makes marking rules terminal, counted by running its own parser and
+    the loop of its resolve() (the oracle of gbnf_passes)."""
+    from llguidance.gbnf_to_lark import GrammarParser, RuleRefNode
+
+    rules = GrammarParser().parse(grammar)
+
+    def below(node):
+        for child in node.children():
+            yield child
+            yield from below(child)
+
+    for rule in rules.values():
+        rule.alternatives = rule.alternatives.simplify()
+        for node in below(rule):
+            if isinstance(node, RuleRefNode):
+                node.target = rules[node.name]
+    rules["root"].name = "start"
+    passes, fixed = 0, 1
+    while fixed:
+        fixed, passes = 0, passes + 1
+        for rule in rules.values():
+            if rule.name != "start" and not rule.rule_is_terminal and rule.alternatives.is_terminal():
+                rule.rule_is_terminal, fixed = True, fixed + 1
+    return passes
+
+
+@pytest.mark.parametrize("build", [
+    lambda n: "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(n)) + f'r{n} ::= "z"\n',
+    # a raw newline inside a literal: the line after it is no rule head (the bound cut the rule there)
+    lambda n: "root ::= r0\n" + "".join(f'r{i} ::= "\nq{i} ::= " r{i + 1}\n' for i in range(n)) + f'r{n} ::= "z"\n',
+    # names defined twice: placed at their first definition, with their last one's body (the bound took the last)
+    lambda n: ("root ::= r0\n" + "".join(f'r{i} ::= "a"\n' for i in range(n + 1)) + f'r{n} ::= "z"\n'
+               + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in reversed(range(n)))),
+    lambda n: "root ::= r0 # r9 ::= x\n" + "".join(f'r{i} ::= [\n] r{i + 1} | "w"\n' for i in range(n)) + f'r{n} ::= "z"\n',
+], ids=["chain", "newline-in-literal", "defined-twice", "comments-and-classes"])
+def test_the_gbnf_bound_counts_the_passes_llguidance_makes(build):
+    """Each way of writing a chain that hid it from the bound (a grammar it took held a compile thread for up to
+    18 s): counted as llguidance's own parser and loop count it, one pass more at most."""
+    from pagedserve.engine.structured_spec import gbnf_passes
+
+    for n in (3, 40):
+        grammar = build(n)
+        assert 0 <= gbnf_passes(grammar) - _llguidance_passes(grammar) <= 1, (n, grammar[:200])
+    long = build(3_000)
+    with pytest.raises(ValueError, match="^structured_outputs grammar is GBNF that llguidance would convert"):
+        validate_structured_outputs({"grammar": long})
+
+
 def _nested(levels: int) -> dict:
     """A schema whose JSON nests exactly ``levels`` objects deep (arrays of arrays of ... integers)."""
     schema: dict = {"type": "integer"}

@@ -38,7 +38,8 @@ MAX_GBNF_WORK = 10_000_000  # passes x characters: half a second at most on a 2-
 _LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
 # A name as llguidance's GBNF parser reads one: str.isalnum() characters, "_" and "-" (\w is the first two).
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*([\w-]+)[ \t]*::=")
-_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\\n]|\\.)*"|\[(?:[^\]\\\n]|\\.)*\]|#[^\n]*')  # literals, classes, comments
+# Literals and classes (which llguidance reads across raw newlines, so a line in one is no rule) and comments.
+_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\]|\\[\s\S])*"|\[(?:[^\]\\]|\\[\s\S])*\]|#[^\n]*')
 _GBNF_NAME = re.compile(r"[\w-]+")
 
 
@@ -95,14 +96,18 @@ def _check_text(name: str, value: object) -> str:
 def gbnf_passes(grammar: str) -> int:
     """The passes llguidance's GBNF-to-Lark conversion makes over ``grammar`` at most: one more than the longest
     chain of rules each waiting for a terminal rule written after it (a cycle is never terminal: it ends a
-    chain). Rules and the names they use are found in the text, less its literals, classes and comments."""
+    chain). Rules and the names they use are found in the text, less its literals, classes and comments. A
+    name defined twice is where llguidance's dict has it: at its first definition, with its last one's body."""
     grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # llguidance ends a line at a lone \r too
+    grammar = _GBNF_NOT_NAMES.sub(" ", grammar)
     heads = list(_GBNF_RULE.finditer(grammar))
-    order = {m.group(1): i for i, m in enumerate(heads)}
+    order: dict[str, int] = {}
+    for m in heads:
+        order.setdefault(m.group(1), len(order))
     uses = {}
     for i, m in enumerate(heads):
         body = grammar[m.end():heads[i + 1].start() if i + 1 < len(heads) else len(grammar)]
-        uses[m.group(1)] = {n for n in _GBNF_NAME.findall(_GBNF_NOT_NAMES.sub(" ", body)) if n in order}
+        uses[m.group(1)] = {n for n in _GBNF_NAME.findall(body) if n in order}
     level: dict[str, int | None] = {}  # the pass that marks a rule terminal (None: never), once known
     for first in order:
         stack, on_stack = [first], {first}
