@@ -33,7 +33,7 @@ from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
 from pagedserve.engine.prompt_inputs import one_prompt
 from pagedserve.engine.device_copy import upload
-from pagedserve.engine.sampler import Drawn, SampleResult, Sampler, allow_and_bias, apply_penalties, hold_tokens
+from pagedserve.engine.sampler import Drawn, LogitShaping, SampleResult, Sampler, apply_penalties, hold_tokens
 from pagedserve.engine.sampling_params import SamplingParams, check_cache_salt, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
@@ -190,6 +190,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
         self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp)
+        self._shape_beams = LogitShaping()  # its own: each call keeps only the params it was given
         auto = self.config.tensor_parallel_size == 1 and self.runner.device.type == "cuda"
         self.async_scheduling = self.config.async_scheduling if self.config.async_scheduling is not None else auto
         # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one. The
@@ -824,7 +825,7 @@ class LLMEngine:
         if p.shapes_logits or any(held):  # on the log-probs, where HF's beam search applies its logits processors
             scores = logprobs.clone()
             if p.shapes_logits:
-                allow_and_bias(scores, [p] * len(beams))
+                self._shape_beams(scores, [p] * len(beams))
                 apply_penalties(scores, beams, [p] * len(beams))
             if any(held):
                 hold_tokens(scores, held)

@@ -45,22 +45,52 @@ def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
                           torch.full((len(rows),), -torch.inf, dtype=scores.dtype, device=scores.device))
 
 
-def allow_and_bias(scores: torch.Tensor, params: list[SamplingParams]) -> None:
-    """In place, on logits (sampling) or log-probs (beam search): row ``r`` keeps only ``allowed_token_ids`` (the
-    rest -inf), then gets ``logit_bias`` added, as vLLM and HF (``sequence_bias``) do before the penalties."""
-    vocab, device = scores.shape[1], scores.device
-    for row, p in enumerate(params):
-        if p.allowed_token_ids is not None:
-            (ids,) = upload([sorted({t for t in p.allowed_token_ids if t < vocab})], torch.int64, device)
-            kept = scores[row, ids]
-            scores[row] = -torch.inf
-            scores[row, ids] = kept
-    pairs = [(row, t, b) for row, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items() if t < vocab]
-    if pairs:
-        rows, cols, bias = zip(*pairs)
-        index = tuple(upload([list(rows), list(cols)], torch.int64, device))
-        (values,) = upload([list(bias)], torch.float32, device)
-        scores.index_put_(index, values.to(scores.dtype), accumulate=True)
+class LogitShaping:
+    """``allowed_token_ids`` and ``logit_bias``, in place, on logits (sampling) or log-probs (beam search): a row
+    keeps only its allowed tokens (the rest -inf), then gets its bias added, as vLLM and HF (``sequence_bias``,
+    ``prefix_allowed_tokens_fn``) do before the penalties.
+
+    Each request's token ids go to the device once, when its params first come, and stay while they come every
+    call (a call drops those of params that did not come): up to a thousand ids a row, read from Python lists
+    every step, cost milliseconds a row. Token ids are within the vocabulary (``LLMEngine.add_request``)."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[SamplingParams, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] \
+            = {}
+
+    def _tensors(self, made: dict, p: SamplingParams, device: torch.device) -> tuple:
+        entry = made.get(id(p))
+        if entry is None or entry[0] is not p or entry[-1] is not None and entry[-1].device != device:
+            allowed = sorted(set(p.allowed_token_ids)) if p.allowed_token_ids is not None else []
+            bias = sorted((p.logit_bias or {}).items())
+            ids, cols = upload([allowed, [t for t, _ in bias]], torch.int64, device)
+            (vals,) = upload([[b for _, b in bias]], torch.float32, device)
+            entry = (p, ids if allowed else None, cols if bias else None, vals if bias else None, ids)
+        self._made[id(p)] = entry
+        return entry
+
+    def __call__(self, scores: torch.Tensor, params: list[SamplingParams]) -> None:
+        made, self._made = self._made, {}
+        device = scores.device
+        allowed, biased = [], []
+        for row, p in enumerate(params):
+            if p.allowed_token_ids is None and not p.logit_bias:
+                continue
+            _, ids, cols, vals, _ = self._tensors(made, p, device)
+            if ids is not None:
+                allowed.append((row, ids))
+            if cols is not None:
+                biased.append((row, cols, vals))
+        if allowed:  # the allowed values kept aside, the rows filled with -inf, the values put back
+            (rows,) = upload([[row for row, _ in allowed]], torch.int64, device)
+            at = (torch.cat([torch.full_like(ids, row) for row, ids in allowed]), torch.cat([ids for _, ids in allowed]))
+            kept = scores[at]
+            scores.index_fill_(0, rows, -torch.inf)
+            scores[at] = kept
+        if biased:
+            rows = torch.cat([torch.full_like(cols, row) for row, cols, _ in biased])
+            scores.index_put_((rows, torch.cat([cols for _, cols, _ in biased])),
+                              torch.cat([vals for _, _, vals in biased]).to(scores.dtype), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
@@ -150,6 +180,7 @@ class Sampler:
         self.argmax_logsumexp = argmax_logsumexp
         self._generators: dict[torch.device, torch.Generator] = {}
         self._keyed: dict[torch.device, torch.Generator] = {}  # re-seeded for every seeded row it draws
+        self.shape_logits = LogitShaping()
 
     def _engine_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -190,7 +221,7 @@ class Sampler:
         if shaped or held is not None:
             logits = logits.clone()
             if shaped:
-                allow_and_bias(logits, params)
+                self.shape_logits(logits, params)
                 apply_penalties(logits, seqs, params)
             if held is not None:
                 hold_tokens(logits, held)
