@@ -162,3 +162,26 @@ def test_a_worker_and_a_batch_line_take_them_with_json_string_keys(redis_url, pr
         (out,) = batch_results(r, prefix, bid)
         completion = Completion.model_validate(out["response"]["body"])
         assert completion.choices[0].text == shared_engine.tokenizer.decode(want)
+
+
+def test_params_changed_between_requests_are_read_anew(engines):
+    """vLLM code changes a SamplingParams it reuses (``sp.logit_bias = ...``): the device copy of the ids, kept
+    while the params come every step, must not outlive the values it was made from."""
+    llm = engines["llama"]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={10: 100.0})
+    assert llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids == [10] * 4
+    sp.logit_bias = {11: 100.0}
+    assert llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids == [11] * 4
+    sp.logit_bias = None
+    sp.allowed_token_ids = [12]
+    assert llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids == [12] * 4
+    engine = llm.engine  # the same object added twice in a row, changed in between: each request its own ids
+    sp.allowed_token_ids = [13]
+    engine.add_request("a", [5, 6, 7], sp)
+    engine.step()
+    sp.allowed_token_ids = [14]
+    engine.add_request("b", [5, 6, 7], sp)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert set(outs["b"].outputs[0].token_ids) == {14}

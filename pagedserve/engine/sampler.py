@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,18 @@ def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
                           torch.full((len(rows),), -torch.inf, dtype=scores.dtype, device=scores.device))
 
 
+class _Shaping(NamedTuple):
+    """One params object's shaping on the device, and what it was made from."""
+
+    params: SamplingParams
+    allowed_from: list[int] | None
+    bias_from: dict[int, float] | None
+    device: torch.device
+    allowed: torch.Tensor | None
+    bias_ids: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
 class LogitShaping:
     """``allowed_token_ids`` and ``logit_bias``, in place, on logits (sampling) or log-probs (beam search): a row
     keeps only its allowed tokens (the rest -inf), then gets its bias added, as vLLM and HF (``sequence_bias``,
@@ -52,20 +65,23 @@ class LogitShaping:
 
     Each request's token ids go to the device once, when its params first come, and stay while they come every
     call (a call drops those of params that did not come): up to a thousand ids a row, read from Python lists
-    every step, cost milliseconds a row. Token ids are within the vocabulary (``LLMEngine.add_request``)."""
+    every step, cost milliseconds a row. They are made again when the params' list or dict is another object
+    (``validate()``, which ``add_request`` runs, makes new ones: params changed between requests are read anew).
+    Token ids are within the vocabulary (``LLMEngine.add_request``)."""
 
     def __init__(self) -> None:
-        self._made: dict[int, tuple[SamplingParams, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] \
-            = {}
+        self._made: dict[int, _Shaping] = {}
 
-    def _tensors(self, made: dict, p: SamplingParams, device: torch.device) -> tuple:
+    def _tensors(self, made: dict[int, _Shaping], p: SamplingParams, device: torch.device) -> _Shaping:
         entry = made.get(id(p))
-        if entry is None or entry[0] is not p or entry[-1] is not None and entry[-1].device != device:
+        if (entry is None or entry.params is not p or entry.allowed_from is not p.allowed_token_ids
+                or entry.bias_from is not p.logit_bias or entry.device != device):
             allowed = sorted(set(p.allowed_token_ids)) if p.allowed_token_ids is not None else []
             bias = sorted((p.logit_bias or {}).items())
             ids, cols = upload([allowed, [t for t, _ in bias]], torch.int64, device)
             (vals,) = upload([[b for _, b in bias]], torch.float32, device)
-            entry = (p, ids if allowed else None, cols if bias else None, vals if bias else None, ids)
+            entry = _Shaping(p, p.allowed_token_ids, p.logit_bias, device, ids if allowed else None,
+                             cols if bias else None, vals if bias else None)
         self._made[id(p)] = entry
         return entry
 
@@ -76,11 +92,11 @@ class LogitShaping:
         for row, p in enumerate(params):
             if p.allowed_token_ids is None and not p.logit_bias:
                 continue
-            _, ids, cols, vals, _ = self._tensors(made, p, device)
-            if ids is not None:
-                allowed.append((row, ids))
-            if cols is not None:
-                biased.append((row, cols, vals))
+            entry = self._tensors(made, p, device)
+            if entry.allowed is not None:
+                allowed.append((row, entry.allowed))
+            if entry.bias_ids is not None:
+                biased.append((row, entry.bias_ids, entry.bias))
         if allowed:  # the allowed values kept aside, the rows filled with -inf, the values put back
             (rows,) = upload([[row for row, _ in allowed]], torch.int64, device)
             at = (torch.cat([torch.full_like(ids, row) for row, ids in allowed]), torch.cat([ids for _, ids in allowed]))
