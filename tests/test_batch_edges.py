@@ -678,11 +678,11 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
 
 
 @pytest.mark.parametrize("extra, refusal", [
-    ({"skip_special_tokens": True, "spaces_between_special_tokens": True, "logit_bias": {}}, None),
-    ({"skip_special_tokens": False}, "body.skip_special_tokens: not supported: leave it out (text is always decoded "
-                                     "without special tokens)"),
+    ({"detokenize": True, "spaces_between_special_tokens": True, "logit_bias": {}}, None),
+    ({"spaces_between_special_tokens": False}, "body.spaces_between_special_tokens: not supported: leave it out "
+                                               "(the tokenizers' fast decoders"),
     ({"bad_words": ["no"]}, "body.bad_words: not supported: leave it out"),
-    ({"skip_special_tokens": 1}, "body.skip_special_tokens: not supported"),  # true, not a number that equals it
+    ({"detokenize": 1}, "body.detokenize: not supported"),  # true, not a number that equals it
     # vLLM's request fields, as a line dumped from its ChatCompletionRequest spells them out
     ({"add_generation_prompt": True, "continue_final_message": False, "echo": False, "add_special_tokens": False,
       "priority": 0, "length_penalty": 1.0, "return_tokens_as_token_ids": False}, None),

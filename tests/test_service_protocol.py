@@ -543,10 +543,9 @@ def test_a_request_too_large_names_its_largest_part_in_bytes_as_sent(char):
 
 @pytest.mark.parametrize("params, refusal", [
     ({"skip_special_tokens": True, "spaces_between_special_tokens": True, "logit_bias": {}, "max_tokens": 5}, None),
-    # the field named in the error's place, and what is taken instead (it said "params: skip_special_tokens ...")
-    ({"skip_special_tokens": False}, "params.skip_special_tokens: not supported: leave it out (text is always "
-                                     "decoded without special tokens); vLLM's default, true, is taken as what "
-                                     "pagedserve does"),
+    # the field named in the error's place, and what is taken instead (it said "params: detokenize ...")
+    ({"detokenize": False}, "params.detokenize: not supported: leave it out (text is always decoded); vLLM's "
+                            "default, true, is taken as what pagedserve does"),
     ({"bad_words": ["no"]}, "params.bad_words: not supported: leave it out; vLLM's default, null or [], is taken"),
     # a misspelt field and vLLM's guided_* said as what they are (both read "Extra inputs are not permitted")
     ({"max_token": 8}, "params.max_token: not a sampling parameter (did you mean max_tokens?)"),

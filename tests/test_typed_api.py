@@ -67,13 +67,13 @@ def test_a_misspelt_method_and_positional_sampling_params_are_type_errors(tmp_pa
                     "    llm.llm_engine\n"
                     "    SamplingParams(32, 0.0)\n"
                     "    SamplingParams(max_token=8)\n"
-                    "    SamplingParams(skip_special_tokens=False)\n")
+                    "    SamplingParams(detokenize=False)\n")
     done = _mypy(tmp_path, mypy_cache, code)
     assert done.returncode == 1, done.stdout
     for line, words in ((4, '"LLM" has no attribute "genrate"'), (5, '"LLM" has no attribute "llm_engine"'),
                         (6, 'Too many positional arguments for "SamplingParams"'),
                         (7, 'Unexpected keyword argument "max_token" for "SamplingParams"'),
-                        (8, 'Argument "skip_special_tokens" to "SamplingParams" has incompatible type')):
+                        (8, 'Argument "detokenize" to "SamplingParams" has incompatible type')):
         assert f"mistakes.py:{line}: error: {words}" in done.stdout, done.stdout
 
 

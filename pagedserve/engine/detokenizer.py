@@ -19,15 +19,15 @@ MAX_HELD_TOKENS = 16
 IN_PROGRESS_TOKENS = 3
 
 
-# Per tokenizer, the text of each token decoded alone. In a steady stream the window's already-read part is the one
-# token read last (each step then decodes [last] and [last, new]); a token's text alone never changes, so that
-# decode is looked up. Bounded by the vocabulary.
+# Per tokenizer and skip_special_tokens, the text of each token decoded alone. In a steady stream the window's
+# already-read part is the one token read last (each step then decodes [last] and [last, new]); a token's text
+# alone never changes, so that decode is looked up. Bounded by the vocabulary.
 _SINGLE_TOKEN_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _single_token_texts(tokenizer) -> dict[int, str]:
+def _single_token_texts(tokenizer, skip: bool) -> dict[int, str]:
     try:
-        return _SINGLE_TOKEN_TEXTS.setdefault(tokenizer, {})
+        return _SINGLE_TOKEN_TEXTS.setdefault(tokenizer, ({}, {}))[skip]
     except TypeError:  # not weakly referenceable: a cache of this detokenizer's own
         return {}
 
@@ -69,13 +69,15 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, stop: list[str], skip_ids: set[int], keep_stop: bool = False,
-                 prompt_token_ids: Sequence[int] = ()) -> None:
+                 prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
+        """``skip_ids``: the special tokens, left out of the text with ``skip_special_tokens`` (else empty)."""
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         # HF fast tokenizers wrap a Rust ``tokenizers.Tokenizer``; calling it directly gives the same text (we
         # never ask for clean-up) without the Python wrapper, which costs more than the decode itself per token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
-        self._single = _single_token_texts(tokenizer)
+        self._single = _single_token_texts(tokenizer, self.skip)
         # Then a window of one read token and the new one decodes to their texts alone joined, both looked up.
         self._concatenate = self._backend_decode is not None and _texts_concatenate(backend)
         self.stop = stop
@@ -100,8 +102,8 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend_decode is not None:
-            return self._backend_decode(ids, True)  # skip_special_tokens, positionally: a keyword costs more
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            return self._backend_decode(ids, self.skip)  # skip_special_tokens, positionally: a keyword costs more
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Add a token; return a stop string if the text now contains one (the text is cut before it, or after
@@ -193,10 +195,11 @@ def complete_text(end: str) -> str:
 
 
 def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
-                        skip_ids: set[int]) -> str:
+                        skip_ids: set[int], skip_special_tokens: bool = True) -> str:
     """The text ``token_ids`` add after the prompt, decoded at once (beam hypotheses are only known at the end):
     the output's own tokens decoded after the same prompt context an ``IncrementalDetokenizer`` starts from."""
-    detok = IncrementalDetokenizer(tokenizer, [], skip_ids, prompt_token_ids=prompt_token_ids)
+    detok = IncrementalDetokenizer(tokenizer, [], skip_ids, prompt_token_ids=prompt_token_ids,
+                                   skip_special_tokens=skip_special_tokens)
     context = detok.ids
     head = detok._decode(context)
     return complete_text(detok._decode(context + [t for t in token_ids if t not in skip_ids])[len(head):])

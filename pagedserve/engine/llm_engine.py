@@ -434,8 +434,10 @@ class LLMEngine:
 
     def _init_seq(self, req: Request, seq: Sequence) -> None:
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop, self.special_ids,
-                                               req.params.include_stop_str_in_output, req.prompt_token_ids)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop,
+                                               self.special_ids if req.params.skip_special_tokens else set(),
+                                               req.params.include_stop_str_in_output, req.prompt_token_ids,
+                                               skip_special_tokens=req.params.skip_special_tokens)
         Sampler.seed_sequence(seq, req.params, self.runner.device)
 
     def abort_request(self, request_id: str | Iterable[str], reason: str = "cancelled") -> RequestOutput | None:

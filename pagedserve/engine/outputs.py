@@ -135,7 +135,7 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
     ``include_stop_str_in_output``, as a sampled sequence does. Texts are decoded after the prompt, as a sampled
     sequence's are."""
     p = req.params
-    skip_ids = set(tokenizer.all_special_ids)
+    skip_ids = set(tokenizer.all_special_ids) if p.skip_special_tokens else set()
     hyps = req.beam.best(p.n)
     reason = req.finish_reason
     want_logprobs = p.logprobs is not None
@@ -144,7 +144,7 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
         for rank, h in enumerate(hyps):
             ended_on_token = h.hit_eos and h.token_ids
             shown = h.token_ids[:-1] if ended_on_token and not p.include_stop_str_in_output else h.token_ids
-            text = decode_after_prompt(tokenizer, req.prompt_token_ids, shown, skip_ids)
+            text = decode_after_prompt(tokenizer, req.prompt_token_ids, shown, skip_ids, p.skip_special_tokens)
             stop_reason = _stop_reason(h.token_ids, None, p, eos_token_ids) if ended_on_token else None
             completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
                                                 h.logprob, h.logprobs, delta_text=text, delta_token_ids=h.token_ids,
@@ -152,7 +152,7 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
     else:
         for rank, seq in enumerate(req.seqs[:req.params.n]):
             ids = seq.output_token_ids
-            text = decode_after_prompt(tokenizer, req.prompt_token_ids, ids, skip_ids)
+            text = decode_after_prompt(tokenizer, req.prompt_token_ids, ids, skip_ids, p.skip_special_tokens)
             completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
                                                 list(seq.logprobs) if want_logprobs else None,
                                                 delta_text=text, delta_token_ids=ids))

@@ -35,12 +35,12 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value, either way
 # vLLM SamplingParams options this engine does not implement, and what to do instead: passing one is a TypeError
 # naming it rather than Python's "unexpected keyword argument".
 # vLLM's options this engine lacks: what to do instead, and vLLM's own defaults of each, which are what pagedserve
-# does anyway (a script that spells them out, skip_special_tokens=True is common, runs unchanged; any other value
+# does anyway (a script that spells them out, detokenize=True is common, runs unchanged; any other value
 # is refused by name).
 UNSUPPORTED_OPTIONS: dict[str, tuple[str, tuple]] = {
     "prompt_logprobs": ("leave it out", (None,)),
-    "skip_special_tokens": ("leave it out (text is always decoded without special tokens)", (True,)),
-    "spaces_between_special_tokens": ("leave it out (text is always decoded without special tokens)", (True,)),
+    "spaces_between_special_tokens": ("leave it out (the tokenizers' fast decoders, vLLM's too, put no spaces "
+                                      "between special tokens)", (True,)),
     "bad_words": ("leave it out", (None, [])),
     "truncate_prompt_tokens": ("leave it out and shorten the prompt", (None,)),
     "detokenize": ("leave it out (text is always decoded)", (True,)),
@@ -132,6 +132,7 @@ class SamplingParams:
     # No EOS (unless ignore_eos), stop token or stop string ends a sample before it has this many tokens (vLLM's)
     min_tokens: int = 0
     include_stop_str_in_output: bool = False  # the text ends with the stop string that ended it
+    skip_special_tokens: bool = True  # the text leaves special tokens out (vLLM's); False: their text is in it
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -160,14 +161,15 @@ class SamplingParams:
             length_penalty: float = 1.0, early_stopping: bool | str = False,
             stop: str | list[str] | tuple[str, ...] | None = None,
             stop_token_ids: list[int] | tuple[int, ...] | None = None, ignore_eos: bool = False,
-            min_tokens: int = 0, include_stop_str_in_output: bool = False, seed: int | None = None,
+            min_tokens: int = 0, include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
+            seed: int | None = None,
             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
             logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
             allowed_token_ids: list[int] | tuple[int, ...] | None = None,
             structured_outputs: dict[str, Any] | None = None,
             output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
-            prompt_logprobs: None = None, skip_special_tokens: Literal[True] = True,
-            spaces_between_special_tokens: Literal[True] = True, bad_words: list[str] | None = None,
+            prompt_logprobs: None = None, spaces_between_special_tokens: Literal[True] = True,
+            bad_words: list[str] | None = None,
             truncate_prompt_tokens: None = None, detokenize: Literal[True] = True,
             use_beam_search: Literal[False] = False, guided_decoding: None = None,
             logits_processors: list[Callable[..., Any]] | None = None, extra_args: Mapping[str, Any] | None = None,
@@ -277,6 +279,8 @@ class SamplingParams:
             fail("min_tokens", f"must be an integer in [0, max_tokens] ({self.max_tokens})")
         if not isinstance(self.include_stop_str_in_output, bool):
             fail("include_stop_str_in_output", "must be a boolean")
+        if not isinstance(self.skip_special_tokens, bool):
+            fail("skip_special_tokens", "must be a boolean")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             fail("seed", "must be an integer in [0, 2**63)")
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):

@@ -40,7 +40,7 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               "logit_bias",
               # vLLM's sampling parameters beyond OpenAI's, which its OpenAI server and batch runner take in the body
               "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
-              "include_stop_str_in_output", "allowed_token_ids")
+              "include_stop_str_in_output", "allowed_token_ids", "skip_special_tokens")
 # Keys whose values, or whose lists' items, are integers: a whole float (3.0) is the integer, as on the wire.
 _INTEGER_KEYS = {"max_tokens", "max_completion_tokens", "n", "seed", "top_k", "min_tokens", "best_of", "logprobs",
                  "top_logprobs"}
@@ -302,7 +302,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
         from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS, is_vllm_default, same_as_one_of
 
         # vLLM's own options that pagedserve lacks: their vLLM defaults are what pagedserve does (a line written
-        # for vLLM's batch runner spells out skip_special_tokens: true), anything else is refused saying so.
+        # for vLLM's batch runner spells out detokenize: true), anything else is refused saying so.
         for name in [n for n in unknown if n in UNSUPPORTED_OPTIONS]:
             if not is_vllm_default(name, body[name]):
                 raise LineError(f"body.{name}: not supported: "

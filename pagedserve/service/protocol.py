@@ -320,7 +320,7 @@ class StructuredOutputsModel(BaseModel):
 
 def _vllm_defaults_schema(schema: dict) -> None:
     """The vLLM options the wire takes at vLLM's default (and drops), in the published schema: a validator of it
-    refused ``skip_special_tokens: true`` that the worker runs."""
+    refused ``spaces_between_special_tokens: true`` that the worker runs."""
     from pagedserve.engine.sampling_params import UNSUPPORTED_OPTIONS
 
     def one(default: Any) -> dict:
@@ -363,6 +363,7 @@ class SamplingParamsModel(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: Int64 | None = None
     include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
     seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -375,7 +376,7 @@ class SamplingParamsModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _vllm_defaults(cls, data: Any) -> Any:
-        """vLLM's options pagedserve lacks, at vLLM's default (what pagedserve does: ``skip_special_tokens: true``),
+        """vLLM's options pagedserve lacks, at vLLM's default (what pagedserve does: ``detokenize: true``),
         are dropped, as ``SamplingParams`` and batch lines drop them; at any other value refused by name. vLLM's
         ``guided_*`` fields point at ``structured_outputs``, and a misspelt field at the one it likely means
         (pydantic said "Extra inputs are not permitted")."""
@@ -685,7 +686,7 @@ def body_digest(req: GenerateRequest) -> str:
 
 class FieldValueError(ValueError):
     """A model validator's refusal of one field of the object it checks: named in the error's place, as pydantic
-    names a field validator's (``params.skip_special_tokens: ...``, not ``params: skip_special_tokens ...``)."""
+    names a field validator's (``params.bad_words: ...``, not ``params: bad_words ...``)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
