@@ -103,10 +103,13 @@ def test_samples_draw_only_allowed_tokens_and_a_banned_token_never(engines):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"logit_bias": {1: 101}}, "^logit_bias must map token ids .* to numbers in \\[-100, 100\\]"),
-    ({"logit_bias": {"1": 1}}, "^logit_bias must map token ids"),
-    ({"logit_bias": {-1: 1}}, "^logit_bias must map token ids"),
-    ({"logit_bias": {1: float("nan")}}, "^logit_bias must map token ids"),
+    ({"logit_bias": {1: 101}}, "^logit_bias gives token 1 101, not a number in \\[-100, 100\\]$"),
+    # the first bad entry named: a long dict cut in the message hid it
+    ({"logit_bias": {t: 150 if t == 777 else 1 for t in range(1024)}}, "^logit_bias gives token 777 150, not a"),
+    ({"logit_bias": {"1": 1}}, "^logit_bias has key '1', not a token id"),
+    ({"logit_bias": {-1: 1}}, "^logit_bias has key -1, not a token id"),
+    ({"logit_bias": {1: float("nan")}}, "^logit_bias gives token 1 nan"),
+    ({"logit_bias": [1]}, "^logit_bias must map token ids"),
     ({"allowed_token_ids": []}, "^allowed_token_ids must be a non-empty list"),
     ({"allowed_token_ids": [1], "beam_width": 2}, "^allowed_token_ids cannot be combined with beam search"),
     ({"allowed_token_ids": [1], "structured_outputs": {"regex": "a+"}},
@@ -185,3 +188,26 @@ def test_params_changed_between_requests_are_read_anew(engines):
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
     assert set(outs["b"].outputs[0].token_ids) == {14}
+
+
+def test_a_token_id_key_is_written_one_way(redis_url, prefix):
+    """"16" and "016" (or 16 and "16" from Python) were two keys of one token, the last one's bias taken without a
+    word: a ban turned into a force. Keys are decimal integers without leading zeros, each token once; numpy's
+    integers are integers, as offline."""
+    import numpy as np
+
+    from pagedserve.service.client_core import build_request
+    from pagedserve.service.protocol import InvalidRequestError, parse_request
+
+    def wire(bias):
+        return parse_request(json.dumps({"id": "k", "prompt": "x", "params": {"logit_bias": bias}}), 1 << 20)
+
+    for bias in ({"16": -100, "016": 100}, {"00000000016": 1}):
+        with pytest.raises(InvalidRequestError, match="^params.logit_bias: keys must be token ids, written as decimal "
+                                                      "integers without leading zeros"):
+            wire(bias)
+    assert wire({"0": 1, "16": -100}).params.logit_bias == {"0": 1.0, "16": -100.0}
+    with pytest.raises(ValueError, match="^params.logit_bias: gives token 16 more than once"):
+        build_request("x", params={"logit_bias": {16: -100, "16": 100}})
+    assert build_request("x", params={"logit_bias": {np.int64(16): 1.0}}).params.logit_bias == {"16": 1.0}
+    assert SamplingParams(logit_bias={np.int64(16): np.float32(1.5)}).logit_bias == {16: 1.5}

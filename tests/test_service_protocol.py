@@ -318,6 +318,8 @@ def test_a_duplicate_id_key_spelled_with_an_escape_is_caught():
     {"prompt": "x", "params": {"logit_bias": {"1": 2, "50256": -100.0}, "allowed_token_ids": [1, 2.0]}},
     {"prompt": "x", "params": {"logit_bias": {"a": 2.0}}},
     {"prompt": "x", "params": {"logit_bias": {"-1": 2.0}}},
+    {"prompt": "x", "params": {"logit_bias": {"016": 2.0}}},
+    {"prompt": "x", "params": {"logit_bias": {"0": 2.0, "10": 1}}},
     {"prompt": "x", "params": {"logit_bias": {"1": "2"}}},
     {"prompt": "x", "params": {"logit_bias": [[1, 2]]}},
     {"prompt": "x", "params": {"logit_bias": {str(i): 1 for i in range(1025)}}},

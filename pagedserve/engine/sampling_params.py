@@ -287,11 +287,17 @@ class SamplingParams:
             in_range(name)
         if self.logprobs is not None:
             in_range("logprobs", integer=True)
-        if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or not all(
-                is_int(k) and 0 <= k <= MAX_INT and is_num(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
-                for k, v in self.logit_bias.items())):
-            fail("logit_bias", f"must map token ids (integers in [0, {MAX_INT}]) to numbers in "
-                               f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail("logit_bias", f"must map token ids (integers in [0, {MAX_INT}]) to numbers in "
+                                   f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+            for k, v in self.logit_bias.items():  # the first bad entry named: a list of 1024 cut in the message hid it
+                if not (is_int(k) and 0 <= k <= MAX_INT):
+                    raise ValueError(f"logit_bias has key {short_repr(k)}, not a token id (an integer in "
+                                     f"[0, {MAX_INT}])")
+                if not (is_num(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS):
+                    raise ValueError(f"logit_bias gives token {k} {short_repr(v)}, not a number in "
+                                     f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids or not all(
                     is_int(t) and 0 <= t <= MAX_INT for t in self.allowed_token_ids):

@@ -246,8 +246,8 @@ def _check_ranges(params: dict, written: dict[str, str]) -> None:
 
     bias = params.get("logit_bias")
     if isinstance(bias, dict):  # JSON writes its token ids as strings (OpenAI's format); the engine's are ints
-        params = {**params, "logit_bias": {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
-                                           for k, v in bias.items()}}
+        params = {**params, "logit_bias": {int(k) if isinstance(k, str) and k.isascii() and k.isdigit()
+                                           and str(int(k)) == k else k: v for k, v in bias.items()}}
     try:
         SamplingParams(**params)
     except (TypeError, ValueError) as e:
@@ -369,7 +369,7 @@ def to_request(bid: str, index: int, line_no: int, custom_id: str, url: str, bod
              "deadline_ms": expires_ms, "metadata": metadata})
     except ValidationError as e:
         first = e.errors()[0]
-        message = f"{_where(first['loc'])}: {first['msg']}"
+        message = f"{_where(first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
         if message.startswith(("params.", "prompt_token_ids")):  # the key the line wrote, not the wire's
             message = _in_body_words(message, written)
             raise LineError(f"body.{message.removeprefix('params.')}" if message.startswith("params.")

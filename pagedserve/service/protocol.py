@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import json
 import math
+import numbers
 import re
 import time
 from dataclasses import dataclass, fields
@@ -96,21 +97,25 @@ Int64 = whole_int(INT64_MIN, INT64_MAX)
 
 
 def _token_id_keys(value: Any) -> Any:
-    """``logit_bias`` keys as JSON writes them, strings (OpenAI's format); a Python caller's int keys as those
-    strings. Anything else is left for the checks to refuse."""
+    """``logit_bias`` keys as JSON writes them, strings (OpenAI's format); a Python caller's integer keys (numpy's
+    too) as those strings. Two keys of one token (``16`` and ``"16"``) are refused: which bias would it get?"""
     if not isinstance(value, dict):
         return value
-    keys = {k: str(k) if isinstance(k, int) and not isinstance(k, bool) else k for k in value}
+    keys = {k: str(int(k)) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k for k in value}
     bad = next((k for k in keys.values() if not isinstance(k, str) or not _TOKEN_ID_KEY.fullmatch(k)), None)
     if bad is not None:
-        raise ValueError(f"keys must be token ids, written as decimal integers (got {repr(bad)[:40]})")
+        raise ValueError(f"keys must be token ids, written as decimal integers without leading zeros (got "
+                         f"{repr(bad)[:40]})")
+    if len(set(keys.values())) < len(keys):
+        twice = next(k for k in keys.values() if list(keys.values()).count(k) > 1)
+        raise ValueError(f"gives token {twice} more than once")
     return {keys[k]: v for k, v in value.items()}
 
 
-_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+_TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
 # Token ids as JSON object keys, decimal digits, to numbers (the engine checks ranges and the vocabulary).
 LogitBias = Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS_ENTRIES), BeforeValidator(_token_id_keys),
-                      WithJsonSchema({"type": "object", "propertyNames": {"pattern": f"^{_TOKEN_ID_KEY.pattern}$"},
+                      WithJsonSchema({"type": "object", "propertyNames": {"pattern": f"^({_TOKEN_ID_KEY.pattern})$"},
                                       "additionalProperties": {"type": "number"},
                                       "maxProperties": MAX_LOGIT_BIAS_ENTRIES})]
 
