@@ -681,7 +681,7 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     ({"detokenize": True, "spaces_between_special_tokens": True, "logit_bias": {}}, None),
     ({"spaces_between_special_tokens": False}, "body.spaces_between_special_tokens: not supported: leave it out "
                                                "(the tokenizers' fast decoders"),
-    ({"bad_words": ["no"]}, "body.bad_words: not supported: leave it out"),
+    ({"truncate_prompt_tokens": 8}, "body.truncate_prompt_tokens: not supported: leave it out and shorten"),
     ({"detokenize": 1}, "body.detokenize: not supported"),  # true, not a number that equals it
     # vLLM's request fields, as a line dumped from its ChatCompletionRequest spells them out
     ({"add_generation_prompt": True, "continue_final_message": False, "echo": False, "add_special_tokens": False,

@@ -548,7 +548,8 @@ def test_a_request_too_large_names_its_largest_part_in_bytes_as_sent(char):
     # the field named in the error's place, and what is taken instead (it said "params: detokenize ...")
     ({"detokenize": False}, "params.detokenize: not supported: leave it out (text is always decoded); vLLM's "
                             "default, true, is taken as what pagedserve does"),
-    ({"bad_words": ["no"]}, "params.bad_words: not supported: leave it out; vLLM's default, null or [], is taken"),
+    ({"truncate_prompt_tokens": 8}, "params.truncate_prompt_tokens: not supported: leave it out and shorten the "
+                                    "prompt; vLLM's default, null, is taken"),
     # a misspelt field and vLLM's guided_* said as what they are (both read "Extra inputs are not permitted")
     ({"max_token": 8}, "params.max_token: not a sampling parameter (did you mean max_tokens?)"),
     ({"guided_json": {"type": "object"}}, "params.guided_json: not supported: give structured_outputs"),

@@ -12,12 +12,12 @@ from pagedserve.engine import SamplingParams
 
 # Each with a value other than vLLM's default (which is what pagedserve does, and is taken)
 NOT_DEFAULT = {"prompt_logprobs": 1, "spaces_between_special_tokens": False,
-               "bad_words": ["x"], "truncate_prompt_tokens": 8,
+               "truncate_prompt_tokens": 8,
                "detokenize": False, "use_beam_search": True, "guided_decoding": {"json": {}},
                "logits_processors": [print], "extra_args": {"a": 1}, "flat_logprobs": True}
 UNSUPPORTED = list(NOT_DEFAULT)
 VLLM_DEFAULTS = {"prompt_logprobs": None, "spaces_between_special_tokens": True,
-                 "bad_words": [], "truncate_prompt_tokens": None,
+                 "truncate_prompt_tokens": None,
                  "detokenize": True, "use_beam_search": False, "guided_decoding": None, "logits_processors": None,
                  "extra_args": None, "flat_logprobs": False}
 

@@ -189,8 +189,8 @@ class LLMEngine:
                         "recomputes; give swap_space_gb room to swap")
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
-        self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp)
-        self._shape_beams = LogitShaping()  # its own: each call keeps only the params it was given
+        self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp, self._encode_word)
+        self._shape_beams = LogitShaping(self._encode_word)  # its own: each call keeps only the params it was given
         auto = self.config.tensor_parallel_size == 1 and self.runner.device.type == "cuda"
         self.async_scheduling = self.config.async_scheduling if self.config.async_scheduling is not None else auto
         # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one. The
@@ -426,6 +426,10 @@ class LLMEngine:
                     log.warning("request %s: resumed text of sample %d differs from its tokens' text",
                                 req.request_id, seq.index, extra={"request_id": req.request_id})
                 detok.emitted = min(len(done.text), len(detok.text))
+
+    def _encode_word(self, text: str) -> list[int]:
+        """A bad word's token ids, without the special tokens a prompt's encoding adds (a BOS)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def structured_ready(self, params: SamplingParams) -> bool:
         """Whether ``add_request`` with ``params`` would start without waiting for a grammar to compile (it
@@ -827,7 +831,7 @@ class LLMEngine:
         if p.shapes_logits or any(held):  # on the log-probs, where HF's beam search applies its logits processors
             scores = logprobs.clone()
             if p.shapes_logits:
-                self._shape_beams(scores, [p] * len(beams))
+                self._shape_beams(scores, [p] * len(beams), beams)
                 apply_penalties(scores, beams, [p] * len(beams))
             if any(held):
                 hold_tokens(scores, held)

@@ -52,10 +52,25 @@ class _Shaping(NamedTuple):
     params: SamplingParams
     allowed_from: list[int] | None
     bias_from: dict[int, float] | None
+    bad_from: list[str] | None
     device: torch.device
     allowed: torch.Tensor | None
     bias_ids: torch.Tensor | None
     bias: torch.Tensor | None
+    bad: list[list[int]]  # each bad word's token ids, as each way of writing it encodes
+
+
+def bad_words_token_ids(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """The token ids of each bad word as it would be generated, as vLLM finds them: the word (its leading spaces
+    stripped) at the start of a text, and after a space where that encodes to another first token of as many
+    tokens (a word-starting token, in tokenizers that mark a word's start)."""
+    out: list[list[int]] = []
+    for word in words:
+        alone = encode(word.lstrip())
+        after_space = encode(" " + word.lstrip())
+        out += [ids for ids in (alone, after_space if after_space and alone and after_space[0] != alone[0]
+                                and len(after_space) == len(alone) else []) if ids]
+    return out
 
 
 class LogitShaping:
@@ -67,36 +82,47 @@ class LogitShaping:
     call (a call drops those of params that did not come): up to a thousand ids a row, read from Python lists
     every step, cost milliseconds a row. They are made again when the params' list or dict is another object
     (``validate()``, which ``add_request`` runs, makes new ones: params changed between requests are read anew).
-    Token ids are within the vocabulary (``LLMEngine.add_request``)."""
+    Token ids are within the vocabulary (``LLMEngine.add_request``). ``bad_words`` are encoded by ``encode``
+    (text to token ids, no special tokens), once per request too, and looked for at each call, as vLLM does, in
+    each row's output tokens (``seqs``): a word's last token is -inf where they end with the rest of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, encode: Callable[[str], list[int]] | None = None) -> None:
         self._made: dict[int, _Shaping] = {}
+        self._encode = encode
 
     def _tensors(self, made: dict[int, _Shaping], p: SamplingParams, device: torch.device) -> _Shaping:
         entry = made.get(id(p))
         if (entry is None or entry.params is not p or entry.allowed_from is not p.allowed_token_ids
-                or entry.bias_from is not p.logit_bias or entry.device != device):
+                or entry.bias_from is not p.logit_bias or entry.bad_from is not p.bad_words or entry.device != device):
             allowed = sorted(set(p.allowed_token_ids)) if p.allowed_token_ids is not None else []
             bias = sorted((p.logit_bias or {}).items())
             ids, cols = upload([allowed, [t for t, _ in bias]], torch.int64, device)
             (vals,) = upload([[b for _, b in bias]], torch.float32, device)
-            entry = _Shaping(p, p.allowed_token_ids, p.logit_bias, device, ids if allowed else None,
-                             cols if bias else None, vals if bias else None)
+            if p.bad_words is not None and self._encode is None:
+                raise ValueError("bad_words needs a tokenizer to find its words' tokens")
+            bad = bad_words_token_ids(p.bad_words, self._encode) if p.bad_words is not None else []
+            entry = _Shaping(p, p.allowed_token_ids, p.logit_bias, p.bad_words, device, ids if allowed else None,
+                             cols if bias else None, vals if bias else None, bad)
         self._made[id(p)] = entry
         return entry
 
-    def __call__(self, scores: torch.Tensor, params: list[SamplingParams]) -> None:
+    def __call__(self, scores: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> None:
         made, self._made = self._made, {}
-        device = scores.device
-        allowed, biased = [], []
+        device, vocab = scores.device, scores.shape[1]
+        allowed, biased, banned = [], [], []
         for row, p in enumerate(params):
-            if p.allowed_token_ids is None and not p.logit_bias:
+            if p.allowed_token_ids is None and not p.logit_bias and p.bad_words is None:
                 continue
             entry = self._tensors(made, p, device)
             if entry.allowed is not None:
                 allowed.append((row, entry.allowed))
             if entry.bias_ids is not None:
                 biased.append((row, entry.bias_ids, entry.bias))
+            if entry.bad:
+                seq = seqs[row]
+                tokens, out = seq.token_ids, seq.num_output_tokens
+                banned += [(row, ids[-1]) for ids in entry.bad if ids[-1] < vocab and len(ids) - 1 <= out
+                           and tokens[len(tokens) - len(ids) + 1:] == ids[:-1]]
         if allowed:  # the allowed values kept aside, the rows filled with -inf, the values put back
             (rows,) = upload([[row for row, _ in allowed]], torch.int64, device)
             at = (torch.cat([torch.full_like(ids, row) for row, ids in allowed]), torch.cat([ids for _, ids in allowed]))
@@ -107,6 +133,8 @@ class LogitShaping:
             rows = torch.cat([torch.full_like(cols, row) for row, cols, _ in biased])
             scores.index_put_((rows, torch.cat([cols for _, cols, _ in biased])),
                               torch.cat([vals for _, _, vals in biased]).to(scores.dtype), accumulate=True)
+        if banned:
+            hold_tokens(scores, [[t for r, t in banned if r == row] for row in range(scores.shape[0])])
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
@@ -190,13 +218,14 @@ def draw_key(sample: int, position: int) -> int:
 
 class Sampler:
     def __init__(self, seed: int, argmax_logsumexp: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                 = reference.argmax_logsumexp) -> None:
-        """``argmax_logsumexp``: the kernel set's (``KernelOps.argmax_logsumexp``) for the logits' device."""
+                 = reference.argmax_logsumexp, encode: Callable[[str], list[int]] | None = None) -> None:
+        """``argmax_logsumexp``: the kernel set's (``KernelOps.argmax_logsumexp``) for the logits' device;
+        ``encode``: the tokenizer's text to token ids, for ``bad_words``."""
         self.seed = seed
         self.argmax_logsumexp = argmax_logsumexp
         self._generators: dict[torch.device, torch.Generator] = {}
         self._keyed: dict[torch.device, torch.Generator] = {}  # re-seeded for every seeded row it draws
-        self.shape_logits = LogitShaping()
+        self.shape_logits = LogitShaping(encode)
 
     def _engine_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -237,7 +266,7 @@ class Sampler:
         if shaped or held is not None:
             logits = logits.clone()
             if shaped:
-                self.shape_logits(logits, params)
+                self.shape_logits(logits, params, seqs)
                 apply_penalties(logits, seqs, params)
             if held is not None:
                 hold_tokens(logits, held)

@@ -41,7 +41,6 @@ UNSUPPORTED_OPTIONS: dict[str, tuple[str, tuple]] = {
     "prompt_logprobs": ("leave it out", (None,)),
     "spaces_between_special_tokens": ("leave it out (the tokenizers' fast decoders, vLLM's too, put no spaces "
                                       "between special tokens)", (True,)),
-    "bad_words": ("leave it out", (None, [])),
     "truncate_prompt_tokens": ("leave it out and shorten the prompt", (None,)),
     "detokenize": ("leave it out (text is always decoded)", (True,)),
     "use_beam_search": ("use beam_width > 0 instead", (False,)),
@@ -143,6 +142,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # Only these token ids may be drawn (vLLM's): the others' logits are -inf before bias and penalties.
     allowed_token_ids: list[int] | None = None
+    # Words never generated (vLLM's): a word's last token is held back where the output ends with the rest of it.
+    bad_words: list[str] | None = None
     # {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} | {"grammar": ...}
     # (rules: pagedserve.engine.structured_spec)
     structured_outputs: dict[str, Any] | None = None
@@ -166,10 +167,9 @@ class SamplingParams:
             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
             logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
             allowed_token_ids: list[int] | tuple[int, ...] | None = None,
-            structured_outputs: dict[str, Any] | None = None,
+            bad_words: list[str] | tuple[str, ...] | None = None, structured_outputs: dict[str, Any] | None = None,
             output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
             prompt_logprobs: None = None, spaces_between_special_tokens: Literal[True] = True,
-            bad_words: list[str] | None = None,
             truncate_prompt_tokens: None = None, detokenize: Literal[True] = True,
             use_beam_search: Literal[False] = False, guided_decoding: None = None,
             logits_processors: list[Callable[..., Any]] | None = None, extra_args: Mapping[str, Any] | None = None,
@@ -191,6 +191,10 @@ class SamplingParams:
             self.stop_token_ids = [plain_number(t) for t in self.stop_token_ids]
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, (list, tuple)):  # a copy: read once per request (sampler.LogitShaping)
+            self.bad_words = list(self.bad_words)
+        if self.bad_words == []:
+            self.bad_words = None
         if isinstance(self.allowed_token_ids, list):
             self.allowed_token_ids = [plain_number(t) for t in self.allowed_token_ids]
         if isinstance(self.logit_bias, Mapping):  # a copy: the caller's dict is not changed, nor shared
@@ -304,6 +308,12 @@ class SamplingParams:
                 fail("allowed_token_ids", f"must be a non-empty list of integers in [0, {MAX_INT}]")
             if self.beam_width > 0:
                 fail("allowed_token_ids", "cannot be combined with beam search (beam_width > 0)")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, list) or not all(isinstance(w, str) and w.strip()
+                                                                for w in self.bad_words):
+                fail("bad_words", "must be a list of words (strings with more than whitespace)")
+            for w in self.bad_words:
+                check_unicode(w, "bad_words")
         self.structured_outputs = validate_structured_outputs(self.structured_outputs)
         if self.structured_outputs is not None and self.beam_width > 0:
             fail("structured_outputs", "cannot be combined with beam search (beam_width > 0): sample with n or "
@@ -342,7 +352,8 @@ class SamplingParams:
     @property
     def shapes_logits(self) -> bool:
         """Whether the logits are changed before drawing: bias, allowed tokens or penalties."""
-        return self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
+        return (self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
+                or self.bad_words is not None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:

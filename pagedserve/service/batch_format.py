@@ -40,7 +40,7 @@ _SAME_NAME = ("max_tokens", "temperature", "top_p", "n", "seed", "stop", "presen
               "logit_bias",
               # vLLM's sampling parameters beyond OpenAI's, which its OpenAI server and batch runner take in the body
               "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
-              "include_stop_str_in_output", "allowed_token_ids", "skip_special_tokens")
+              "include_stop_str_in_output", "allowed_token_ids", "skip_special_tokens", "bad_words")
 # Keys whose values, or whose lists' items, are integers: a whole float (3.0) is the integer, as on the wire.
 _INTEGER_KEYS = {"max_tokens", "max_completion_tokens", "n", "seed", "top_k", "min_tokens", "best_of", "logprobs",
                  "top_logprobs"}

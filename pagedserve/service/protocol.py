@@ -56,6 +56,7 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_ALLOWED_TOKEN_IDS = 1024
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 64, 256  # each step looks for every word at the end of each output
 MAX_MESSAGES = 4096
 # The engine's own limit (engine/sampling_params.py), checked here before a worker reads the entry; the engine is
 # not imported at module level (the service loads it on first use), so the value is stated twice and a test holds
@@ -376,6 +377,7 @@ class SamplingParamsModel(BaseModel):
     logprobs: Int64 | None = None
     logit_bias: LogitBias | None = None
     allowed_token_ids: list[Int64] | None = Field(None, max_length=MAX_ALLOWED_TOKEN_IDS)
+    bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS)]] | None = Field(None, max_length=MAX_BAD_WORDS)
     structured_outputs: StructuredOutputsModel | None = None
 
     @model_validator(mode="before")
@@ -691,7 +693,7 @@ def body_digest(req: GenerateRequest) -> str:
 
 class FieldValueError(ValueError):
     """A model validator's refusal of one field of the object it checks: named in the error's place, as pydantic
-    names a field validator's (``params.bad_words: ...``, not ``params: bad_words ...``)."""
+    names a field validator's (``params.detokenize: ...``, not ``params: detokenize ...``)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
