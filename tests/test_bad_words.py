@@ -88,6 +88,30 @@ def test_bad_values_are_refused_naming_the_field(bad, words):
     assert SamplingParams(bad_words=[]).bad_words is None and SamplingParams(bad_words=("a",)).bad_words == ["a"]
 
 
+def test_rules_that_leave_nothing_to_draw_are_refused_or_end_the_request_with_an_error(smol):
+    """Allowed tokens all bad words drew token 0 (``<|endoftext|>``), which nothing allowed; a grammar whose only
+    way on was a bad word failed saying only that a token broke the grammar."""
+    llm, _ = smol
+    tok = llm.engine.tokenizer
+    (paris,) = tok.encode(" Paris", add_special_tokens=False)
+    with pytest.raises(ValueError, match="^allowed_token_ids are all bad_words"):
+        llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0,
+                                                                  allowed_token_ids=[paris], bad_words=["Paris"]))
+    (a,), (b,) = tok.encode(" a", add_special_tokens=False), tok.encode(" b", add_special_tokens=False)
+    for params in (SamplingParams(max_tokens=6, temperature=0, allowed_token_ids=[a, b], bad_words=["a a", "a b"]),
+                   SamplingParams(max_tokens=6, temperature=0.8, seed=1, allowed_token_ids=[a, b],
+                                  bad_words=["a a", "a b", "b b"])):
+        (out,) = llm.generate(["Say:"], params)
+        assert out.error is not None and out.error.startswith("nothing could be drawn for output token "), out
+        assert "bad_words" in out.error and not out.outputs
+    (out,) = llm.generate(["The capital of France is"], SamplingParams(
+        max_tokens=8, temperature=0, bad_words=["Paris"], structured_outputs={"choice": ["Paris"]}))
+    assert out.error.startswith("nothing could be drawn for output token 1"), out.error
+    (out,) = llm.generate(["The capital of France is"], SamplingParams(
+        max_tokens=8, temperature=0, bad_words=["Paris"], structured_outputs={"choice": ["Paris", "Lyon"]}))
+    assert out.error is None and out.outputs[0].text == "Lyon"
+
+
 def test_a_worker_and_a_batch_line_take_bad_words(redis_url, prefix, shared_engine):
     import redis
     from openai.types import Completion
@@ -109,6 +133,7 @@ def test_a_worker_and_a_batch_line_take_bad_words(redis_url, prefix, shared_engi
         (out,) = batch_results(r, prefix, bid)
         assert Completion.model_validate(out["response"]["body"]).choices[0].text == done.outputs[0].text
     for bad, words in ((["w"] * 65, "List should have at most 64 items"),
-                       (["w" * 257], "String should have at most 256 characters")):
+                       (["w" * 257], "String should have at most 256 characters"),
+                       ([" "], "String should match pattern")):
         with pytest.raises(InvalidRequestError, match=words):
             parse_request(json.dumps({"id": "b", "prompt": "x", "params": {"bad_words": bad}}), 1 << 20)

@@ -327,6 +327,8 @@ def test_a_duplicate_id_key_spelled_with_an_escape_is_caught():
     {"prompt": "x", "params": {"allowed_token_ids": [1.5]}},
     {"prompt": "x", "params": {"allowed_token_ids": list(range(1025))}},
     {"prompt": "x", "params": {"bad_words": ["no"]}},
+    {"prompt": "x", "params": {"bad_words": [" "]}},
+    {"prompt": "x", "params": {"bad_words": ["", "no"]}},
     {"prompt": "x", "params": {"detokenize": 1}},
 ], ids=lambda b: json.dumps(b)[:60])
 def test_the_published_request_schema_accepts_what_the_worker_accepts(body):

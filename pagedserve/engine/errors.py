@@ -8,3 +8,8 @@ class PromptTooLongError(ValueError):
 class EngineDeadError(RuntimeError):
     """The engine cannot run another step (a tensor-parallel rank died or a collective failed): the process
     that owns it should end, so that its requests go to another one."""
+
+
+class NothingToDraw(ValueError):
+    """A request's own token rules (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a grammar) left no token
+    to draw at some step: it ends with this error rather than with a token none of them allows."""

@@ -26,14 +26,15 @@ from pagedserve.engine.block_manager import BlockManager, salted_root
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_threads import guard_forks
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
-from pagedserve.engine.errors import EngineDeadError, PromptTooLongError
+from pagedserve.engine.errors import EngineDeadError, NothingToDraw, PromptTooLongError
 from pagedserve.engine.loader import load_config, read_generation_eos
 from pagedserve.engine.model_source import resolve_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import RequestOutput, build_output, error_output
 from pagedserve.engine.prompt_inputs import one_prompt
 from pagedserve.engine.device_copy import upload
-from pagedserve.engine.sampler import Drawn, LogitShaping, SampleResult, Sampler, apply_penalties, hold_tokens
+from pagedserve.engine.sampler import (Drawn, LogitShaping, SampleResult, Sampler, apply_penalties, bad_words_token_ids,
+                                      hold_tokens)
 from pagedserve.engine.sampling_params import SamplingParams, check_cache_salt, check_unicode, short_repr
 from pagedserve.engine.scheduler import PreemptionCost, Scheduler
 from pagedserve.engine.sequence import Request, ResumeSample, Sequence
@@ -46,7 +47,7 @@ MAX_REQUEST_ID_LEN = 256
 MAX_ERROR_LEN = 300
 # A request's own failures that are documented outcomes, not faults (a grammar that cannot be followed further):
 # its end is logged as one warning line (``_fail``), without a traceback. Anything else keeps its traceback.
-EXPECTED_FAILURES = (GrammarFailed,)
+EXPECTED_FAILURES = (GrammarFailed, NothingToDraw)
 log = logging.getLogger(__name__)
 STEP_FAILED = ("an engine step failed while this request's KV cache was being moved (swap or copy-on-write): its "
                "cache can no longer be trusted; send the request again")
@@ -189,8 +190,8 @@ class LLMEngine:
                         "recomputes; give swap_space_gb room to swap")
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.max_num_batched_tokens,
                                    self.config.preemption_mode, cost)
-        self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp, self._encode_word)
-        self._shape_beams = LogitShaping(self._encode_word)  # its own: each call keeps only the params it was given
+        self.sampler = Sampler(self.seed, get_ops(self.runner.device).argmax_logsumexp)
+        self._shape_beams = LogitShaping()  # its own: each call keeps only the params it was given
         auto = self.config.tensor_parallel_size == 1 and self.runner.device.type == "cuda"
         self.async_scheduling = self.config.async_scheduling if self.config.async_scheduling is not None else auto
         # Grammars compile on their own threads; the backend (a tokenizer wrap) is built for the first one. The
@@ -342,6 +343,18 @@ class LLMEngine:
                 more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
                 raise ValueError(f"{name} holds token id {outside[0]}{more}, outside the vocabulary of "
                                  f"{self.vocab_size}")
+        if params.bad_words is not None:  # encoded here, once, not in a step every request waits for
+            each = bad_words_token_ids(
+                params.bad_words, lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+            outside = next((word for word, ways in zip(params.bad_words, each)
+                            if any(t >= self.vocab_size for ids in ways for t in ids)), None)
+            if outside is not None:
+                raise ValueError(f"bad_words has {outside!r}, whose tokens are outside the model's vocabulary of "
+                                 f"{self.vocab_size}")
+            params._bad_words_token_ids = [ids for ways in each for ids in ways]
+            banned = {ids[0] for ids in params._bad_words_token_ids if len(ids) == 1}
+            if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= banned:
+                raise ValueError("allowed_token_ids are all bad_words (words of one token): no token could be drawn")
         if params.min_tokens:
             held = {t for t in self._stops_held(params, None) if t < self.vocab_size}
             if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= held:
@@ -426,10 +439,6 @@ class LLMEngine:
                     log.warning("request %s: resumed text of sample %d differs from its tokens' text",
                                 req.request_id, seq.index, extra={"request_id": req.request_id})
                 detok.emitted = min(len(done.text), len(detok.text))
-
-    def _encode_word(self, text: str) -> list[int]:
-        """A bad word's token ids, without the special tokens a prompt's encoding adds (a BOS)."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def structured_ready(self, params: SamplingParams) -> bool:
         """Whether ``add_request`` with ``params`` would start without waiting for a grammar to compile (it
@@ -869,6 +878,10 @@ class LLMEngine:
         """Add a sampled (or resumed) token and its ending, if it ends the sample; False if the sequence's grammar
         does not allow it (never for a token drawn under its mask)."""
         p = req.params
+        if res.excluded:
+            raise NothingToDraw(f"nothing could be drawn for output token {seq.num_output_tokens + 1}: "
+                                "allowed_token_ids, bad_words, min_tokens and structured_outputs together left "
+                                "every token out")
         tok = res.token_id
         token_ids = seq.token_ids
         token_ids.append(tok)

@@ -31,6 +31,9 @@ class SampleResult:
     token_id: int
     logprob: float  # log-softmax of the raw model logits at the chosen token
     top_logprobs: dict[int, float] | None
+    # Nothing could be drawn: allowed_token_ids, bad_words, min_tokens and a grammar left every token out (the
+    # token is then meaningless)
+    excluded: bool = False
 
 
 def hold_tokens(scores: torch.Tensor, held: list[list[int]]) -> None:
@@ -52,24 +55,48 @@ class _Shaping(NamedTuple):
     params: SamplingParams
     allowed_from: list[int] | None
     bias_from: dict[int, float] | None
-    bad_from: list[str] | None
+    bad_from: list[list[int]] | None
     device: torch.device
     allowed: torch.Tensor | None
     bias_ids: torch.Tensor | None
     bias: torch.Tensor | None
-    bad: list[list[int]]  # each bad word's token ids, as each way of writing it encodes
+    bad: BadWords | None
 
 
-def bad_words_token_ids(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
-    """The token ids of each bad word as it would be generated, as vLLM finds them: the word (its leading spaces
+class BadWords:
+    """Bad words' token ids, looked up by the token an output ends with: a step compares only the words whose
+    rest ends with it (64 words compared at every step cost a request a third of a millisecond a step)."""
+
+    def __init__(self, words: list[list[int]]) -> None:
+        self.always = sorted({ids[0] for ids in words if len(ids) == 1})
+        self.after: dict[int, list[list[int]]] = {}
+        for ids in words:
+            if len(ids) > 1:
+                self.after.setdefault(ids[-2], []).append(ids)
+
+    def banned(self, seq: Sequence) -> list[int]:
+        """The tokens ``seq`` may not draw next: a word's last token where its output ends with the rest."""
+        out, tokens = seq.num_output_tokens, seq.token_ids
+        found = list(self.always)
+        for ids in self.after.get(tokens[-1], ()) if out else ():
+            if len(ids) - 1 <= out and tokens[len(tokens) - len(ids) + 1:] == ids[:-1]:
+                found.append(ids[-1])
+        return found
+
+
+def bad_words_token_ids(words: list[str], encode: Callable[[list[str]], list[list[int]]]) -> list[list[list[int]]]:
+    """Per bad word, its token ids as it would be generated, as vLLM finds them: the word (its leading spaces
     stripped) at the start of a text, and after a space where that encodes to another first token of as many
-    tokens (a word-starting token, in tokenizers that mark a word's start)."""
-    out: list[list[int]] = []
-    for word in words:
-        alone = encode(word.lstrip())
-        after_space = encode(" " + word.lstrip())
-        out += [ids for ids in (alone, after_space if after_space and alone and after_space[0] != alone[0]
-                                and len(after_space) == len(alone) else []) if ids]
+    tokens (a word-starting token, in tokenizers that mark a word's start). ``encode``: texts to token ids, all
+    at once (a tokenizer's batch encode: a request's 64 words of 256 characters, one by one, took 30 ms)."""
+    stripped = [word.lstrip() for word in words]
+    encoded = encode(stripped + [" " + word for word in stripped])
+    out = []
+    for alone, after_space in zip(encoded[:len(words)], encoded[len(words):]):
+        ways = [alone] if alone else []
+        if after_space and alone and after_space[0] != alone[0] and len(after_space) == len(alone):
+            ways.append(after_space)
+        out.append(ways)
     return out
 
 
@@ -82,27 +109,27 @@ class LogitShaping:
     call (a call drops those of params that did not come): up to a thousand ids a row, read from Python lists
     every step, cost milliseconds a row. They are made again when the params' list or dict is another object
     (``validate()``, which ``add_request`` runs, makes new ones: params changed between requests are read anew).
-    Token ids are within the vocabulary (``LLMEngine.add_request``). ``bad_words`` are encoded by ``encode``
-    (text to token ids, no special tokens), once per request too, and looked for at each call, as vLLM does, in
-    each row's output tokens (``seqs``): a word's last token is -inf where they end with the rest of it."""
+    Token ids are within the vocabulary (``LLMEngine.add_request``). ``bad_words``, which ``add_request`` encodes,
+    are looked for at each call, as vLLM does, in each row's output tokens (``seqs``): a word's last token is -inf
+    where they end with the rest of it."""
 
-    def __init__(self, encode: Callable[[str], list[int]] | None = None) -> None:
+    def __init__(self) -> None:
         self._made: dict[int, _Shaping] = {}
-        self._encode = encode
 
     def _tensors(self, made: dict[int, _Shaping], p: SamplingParams, device: torch.device) -> _Shaping:
         entry = made.get(id(p))
         if (entry is None or entry.params is not p or entry.allowed_from is not p.allowed_token_ids
-                or entry.bias_from is not p.logit_bias or entry.bad_from is not p.bad_words or entry.device != device):
+                or entry.bias_from is not p.logit_bias or entry.bad_from is not p._bad_words_token_ids
+                or entry.device != device):
             allowed = sorted(set(p.allowed_token_ids)) if p.allowed_token_ids is not None else []
             bias = sorted((p.logit_bias or {}).items())
             ids, cols = upload([allowed, [t for t, _ in bias]], torch.int64, device)
             (vals,) = upload([[b for _, b in bias]], torch.float32, device)
-            if p.bad_words is not None and self._encode is None:
-                raise ValueError("bad_words needs a tokenizer to find its words' tokens")
-            bad = bad_words_token_ids(p.bad_words, self._encode) if p.bad_words is not None else []
-            entry = _Shaping(p, p.allowed_token_ids, p.logit_bias, p.bad_words, device, ids if allowed else None,
-                             cols if bias else None, vals if bias else None, bad)
+            if p.bad_words is not None and p._bad_words_token_ids is None:
+                raise ValueError("bad_words have no token ids: LLMEngine.add_request finds them")
+            bad = BadWords(p._bad_words_token_ids) if p._bad_words_token_ids else None
+            entry = _Shaping(p, p.allowed_token_ids, p.logit_bias, p._bad_words_token_ids, device,
+                             ids if allowed else None, cols if bias else None, vals if bias else None, bad)
         self._made[id(p)] = entry
         return entry
 
@@ -118,11 +145,8 @@ class LogitShaping:
                 allowed.append((row, entry.allowed))
             if entry.bias_ids is not None:
                 biased.append((row, entry.bias_ids, entry.bias))
-            if entry.bad:
-                seq = seqs[row]
-                tokens, out = seq.token_ids, seq.num_output_tokens
-                banned += [(row, ids[-1]) for ids in entry.bad if ids[-1] < vocab and len(ids) - 1 <= out
-                           and tokens[len(tokens) - len(ids) + 1:] == ids[:-1]]
+            if entry.bad is not None:
+                banned += [(row, t) for t in entry.bad.banned(seqs[row])]
         if allowed:  # the allowed values kept aside, the rows filled with -inf, the values put back
             (rows,) = upload([[row for row, _ in allowed]], torch.int64, device)
             at = (torch.cat([torch.full_like(ids, row) for row, ids in allowed]), torch.cat([ids for _, ids in allowed]))
@@ -133,8 +157,9 @@ class LogitShaping:
             rows = torch.cat([torch.full_like(cols, row) for row, cols, _ in biased])
             scores.index_put_((rows, torch.cat([cols for _, cols, _ in biased])),
                               torch.cat([vals for _, _, vals in biased]).to(scores.dtype), accumulate=True)
-        if banned:
-            hold_tokens(scores, [[t for r, t in banned if r == row] for row in range(scores.shape[0])])
+        if banned:  # token ids within the vocabulary: add_request refuses a word's beyond it
+            at = tuple(upload([[r for r, _ in banned], [t for _, t in banned]], torch.int64, device))
+            scores.index_put_(at, torch.full((len(banned),), -torch.inf, dtype=scores.dtype, device=device))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
@@ -218,14 +243,13 @@ def draw_key(sample: int, position: int) -> int:
 
 class Sampler:
     def __init__(self, seed: int, argmax_logsumexp: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                 = reference.argmax_logsumexp, encode: Callable[[str], list[int]] | None = None) -> None:
-        """``argmax_logsumexp``: the kernel set's (``KernelOps.argmax_logsumexp``) for the logits' device;
-        ``encode``: the tokenizer's text to token ids, for ``bad_words``."""
+                 = reference.argmax_logsumexp) -> None:
+        """``argmax_logsumexp``: the kernel set's (``KernelOps.argmax_logsumexp``) for the logits' device."""
         self.seed = seed
         self.argmax_logsumexp = argmax_logsumexp
         self._generators: dict[torch.device, torch.Generator] = {}
         self._keyed: dict[torch.device, torch.Generator] = {}  # re-seeded for every seeded row it draws
-        self.shape_logits = LogitShaping(encode)
+        self.shape_logits = LogitShaping()
 
     def _engine_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -293,20 +317,24 @@ class Sampler:
         chosen = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
         want_top = [p.logprobs for p in params]
         top_k = max((k for k in want_top if k), default=0)
-        copies = [tokens, chosen]
+        # Shaping can leave a row nothing (allowed tokens all bad words after some token): read back with the
+        # tokens, so that nothing waits for it here.
+        copies = [tokens, chosen, torch.isneginf(logits).all(dim=-1) if shaped else None]
         if top_k:
             top_vals, top_ids = raw_logits.topk(top_k, dim=-1)
             copies += [top_vals - lse.unsqueeze(1), top_ids]
-        return Drawn(tokens, Download(copies), want_top, raw_logits if top_k else None)
+        return Drawn(tokens, Download([c for c in copies if c is not None]), want_top,
+                     raw_logits if top_k else None, shaped)
 
 
 class Drawn:
     """One step's sampled tokens: ``tokens`` on the device, and their results once read back (``results``)."""
 
     def __init__(self, tokens: torch.Tensor, download: Download, want_top: list[int | None],
-                 raw_logits: torch.Tensor | None) -> None:
+                 raw_logits: torch.Tensor | None, shaped: bool = False) -> None:
         self.tokens = tokens
         self._download = download
+        self._shaped = shaped  # the download's third tensor says which rows had nothing left to draw
         self._want_top = want_top
         self._raw_logits = raw_logits  # for the rare top-k list that runs into disallowed tokens
 
@@ -314,6 +342,16 @@ class Drawn:
         """A result per row; waits for the device to reach the step's sampling (not for later work)."""
         host = self._download.wait()
         token_list, chosen = host[0].tolist(), host[1].tolist()
+        excluded = None
+        if self._shaped:
+            excluded, host = host[2].tolist(), host[:2] + host[3:]
+        results = self._results(host, token_list, chosen)
+        if excluded is not None and any(excluded):
+            for result, none in zip(results, excluded):
+                result.excluded = none
+        return results
+
+    def _results(self, host: list, token_list: list[int], chosen: list[float]) -> list[SampleResult]:
         if self._want_top.count(None) == len(self._want_top):  # no logprobs asked for: the common case, kept cheap
             return [SampleResult(tok, logprob, None) for tok, logprob in zip(token_list, chosen)]
         top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)

@@ -148,6 +148,9 @@ class SamplingParams:
     # (rules: pagedserve.engine.structured_spec)
     structured_outputs: dict[str, Any] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # bad_words as token ids, each way a word encodes (vLLM's name): set by LLMEngine.add_request, which has the
+    # tokenizer, so that no step of the engine's encodes them.
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     if TYPE_CHECKING:
         # The constructor as it runs (the generated one, wrapped by _refuse_unsupported_options below), which
@@ -358,7 +361,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from a JSON object; unknown keys are an error naming the key."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{unknown[0]} is not a sampling parameter")

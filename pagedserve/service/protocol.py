@@ -377,7 +377,9 @@ class SamplingParamsModel(BaseModel):
     logprobs: Int64 | None = None
     logit_bias: LogitBias | None = None
     allowed_token_ids: list[Int64] | None = Field(None, max_length=MAX_ALLOWED_TOKEN_IDS)
-    bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS)]] | None = Field(None, max_length=MAX_BAD_WORDS)
+    # A word is more than whitespace (the engine refuses a blank one; so does the published schema)
+    bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS, pattern=r"\S")]] | None = Field(
+        None, max_length=MAX_BAD_WORDS)
     structured_outputs: StructuredOutputsModel | None = None
 
     @model_validator(mode="before")
