@@ -562,7 +562,7 @@ def test_submit_reads_the_prompt_from_stdin_and_sends_chat_messages_and_options(
     with redis.Redis.from_url(redis_url) as r:
         ((_, fields),) = r.xrange(Keys(prefix).requests)
     body = json.loads(fields[b"body"])
-    assert body["prompt"] is None and body["messages"] == [
+    assert "prompt" not in body and body["messages"] == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "line one\nline two"}]
     assert body["priority"] == 3
     assert (body["params"]["stop"], body["params"]["seed"], body["params"]["top_p"]) == (["x", "y"], 7, 0.5)

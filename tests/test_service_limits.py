@@ -158,14 +158,15 @@ def test_a_body_over_max_message_bytes_is_refused_by_the_client_as_the_worker_wo
     byte less is answered). The same body, written by hand, is refused by the worker without being parsed:
     answered under its id, which the clients write first (a body whose id cannot be read so is dead-lettered)."""
     from pagedserve.service.client import AsyncClient, Client, build_request
+    from pagedserve.service.protocol import wire_body
 
     limit = 2048
     s = make_settings(redis_url, prefix, max_message_bytes=limit)
     keys = Keys(prefix)
-    base = len(build_request("a", id="fits", params={"max_tokens": 2}).model_dump_json(exclude_none=False).encode())
+    base = len(wire_body(build_request("a", id="fits", params={"max_tokens": 2})).encode())
     fits = build_request("a" * (limit - base + 1), id="fits", params={"max_tokens": 2})
     over = build_request("a" * (limit - base + 2), id="over", params={"max_tokens": 2})
-    assert len(fits.model_dump_json(exclude_none=False).encode()) == limit
+    assert len(wire_body(fits).encode()) == limit  # the body as the clients send it
     with running_worker(s, shared_engine), Client(settings=s) as c, redis.Redis.from_url(redis_url) as r:
         for call in (lambda: c.submit(request=over), lambda: c.generate(request=over, timeout=30),
                      lambda: next(c.stream(request=over, timeout=30))):
@@ -186,12 +187,12 @@ def test_a_body_over_max_message_bytes_is_refused_by_the_client_as_the_worker_wo
             asyncio.run(async_submit())
         assert r.xlen(keys.requests) == 0
         assert isinstance(c.generate(request=fits, timeout=60), DoneEvent)
-        r.xadd(keys.requests, {"body": over.model_dump_json(exclude_none=False)})
+        r.xadd(keys.requests, {"body": wire_body(over)})
         wait_for(lambda: r.exists(keys.result("over")), 30, what="the refusal")
         refused = parse_terminal(r.get(keys.result("over")))
         assert refused.type == "error" and refused.error.code == "invalid_request"
         assert refused.error.message.startswith("body: message too large: 2049 bytes > max_message_bytes 2048")
-        body = over.model_dump_json(exclude_none=False)
+        body = wire_body(over)
         assert body.startswith('{"id":"over",')
         r.xadd(keys.requests, {"body": "{" + body[len('{"id":"over",'):-1] + ',"id":"over2"}'})  # its id last
         wait_for(lambda: r.xlen(keys.dead) == 1, 30, what="the dead letter")
