@@ -137,3 +137,32 @@ def test_a_worker_and_a_batch_line_take_bad_words(redis_url, prefix, shared_engi
                        ([" "], "String should match pattern")):
         with pytest.raises(InvalidRequestError, match=words):
             parse_request(json.dumps({"id": "b", "prompt": "x", "params": {"bad_words": bad}}), 1 << 20)
+
+
+def test_a_reused_params_object_carries_no_earlier_requests_words():
+    """add_request keeps the words' token ids on the params (as vLLM does): a params object reused after its
+    bad_words were taken off still banned them, and the ids turned up in asdict, from_dict and the clients' body."""
+    import dataclasses
+
+    from pagedserve.service.client_core import build_request
+
+    llm = LLM(model="pagedserve-tiny-random", device="cpu")
+    engine = llm.engine
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=1, ignore_eos=True, allowed_token_ids=[97, 98],
+                            bad_words=["b"])
+
+    def run(rid):
+        engine.add_request(rid, [72, 105], params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    return out.outputs[0].text
+
+    assert run("with") == "a" * 30
+    assert dataclasses.asdict(params) == dataclasses.asdict(params.clone())
+    assert SamplingParams.from_dict(dataclasses.asdict(params)) == params
+    assert build_request("x", params=params).params.model_dump(exclude_none=True) == {
+        "max_tokens": 30, "seed": 1, "ignore_eos": True, "allowed_token_ids": [97, 98],
+        "bad_words": ["b"]}
+    params.bad_words = None
+    assert "b" in run("without")

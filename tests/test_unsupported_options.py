@@ -95,7 +95,7 @@ def test_the_constructor_checkers_see_is_the_one_that_runs():
                for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
     assert [a.arg for a in init.args.args] == ["self"] and not init.args.vararg and not init.args.kwarg
     names = [a.arg for a in init.args.kwonlyargs]
-    assert names == [f.name for f in dataclasses.fields(SamplingParams) if f.init] + list(sampling_params.UNSUPPORTED_OPTIONS)
+    assert names == [f.name for f in dataclasses.fields(SamplingParams)] + list(sampling_params.UNSUPPORTED_OPTIONS)
     for name, node in zip(names, init.args.kw_defaults):
         default = eval(ast.unparse(node), vars(sampling_params))  # noqa: S307 (the module's own source)
         assert SamplingParams(**{name: default}) == SamplingParams(), name

@@ -351,10 +351,12 @@ class LLMEngine:
             if outside is not None:
                 raise ValueError(f"bad_words has {outside!r}, whose tokens are outside the model's vocabulary of "
                                  f"{self.vocab_size}")
-            params._bad_words_token_ids = [ids for ways in each for ids in ways]
+            params._bad_words_token_ids = [ids for ways in each for ids in ways]  # type: ignore[misc]
             banned = {ids[0] for ids in params._bad_words_token_ids if len(ids) == 1}
             if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= banned:
                 raise ValueError("allowed_token_ids are all bad_words (words of one token): no token could be drawn")
+        else:  # a params object reused without them: none of an earlier request's
+            params._bad_words_token_ids = None  # type: ignore[misc]
         if params.min_tokens:
             held = {t for t in self._stops_held(params, None) if t < self.vocab_size}
             if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= held:

@@ -127,7 +127,7 @@ class LogitShaping:
             (vals,) = upload([[b for _, b in bias]], torch.float32, device)
             if p.bad_words is not None and p._bad_words_token_ids is None:
                 raise ValueError("bad_words have no token ids: LLMEngine.add_request finds them")
-            bad = BadWords(p._bad_words_token_ids) if p._bad_words_token_ids else None
+            bad = BadWords(p._bad_words_token_ids) if p.bad_words is not None and p._bad_words_token_ids else None
             entry = _Shaping(p, p.allowed_token_ids, p.logit_bias, p._bad_words_token_ids, device,
                              ids if allowed else None, cols if bias else None, vals if bias else None, bad)
         self._made[id(p)] = entry

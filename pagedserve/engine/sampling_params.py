@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pagedserve.engine.structured_spec import validate_structured_outputs
 
@@ -149,8 +149,9 @@ class SamplingParams:
     structured_outputs: dict[str, Any] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # bad_words as token ids, each way a word encodes (vLLM's name): set by LLMEngine.add_request, which has the
-    # tokenizer, so that no step of the engine's encodes them.
-    _bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+    # tokenizer, so that no step of the engine's encodes them. No field: asdict, replace, from_dict and the
+    # clients' wire body never carry it.
+    _bad_words_token_ids: ClassVar[list[list[int]] | None] = None
 
     if TYPE_CHECKING:
         # The constructor as it runs (the generated one, wrapped by _refuse_unsupported_options below), which
@@ -361,7 +362,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from a JSON object; unknown keys are an error naming the key."""
-        known = {f.name for f in fields(cls) if f.init}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{unknown[0]} is not a sampling parameter")
@@ -435,7 +436,7 @@ def _refuse_unsupported_options(init):
 def _refuse_unknown_attributes(self: SamplingParams, name: str, value: object) -> None:
     """Setting an option after construction, as vLLM code does (``sp.logit_bias = ...``), is checked as the
     constructor checks it: an option this engine lacks, or a misspelt one, was stored and ignored."""
-    if name not in _FIELD_NAMES:
+    if name not in _FIELD_NAMES and name != "_bad_words_token_ids":
         if name in UNSUPPORTED_OPTIONS:
             if is_vllm_default(name, value):
                 return
