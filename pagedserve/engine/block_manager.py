@@ -210,6 +210,11 @@ class BlockManager:
         last = seq.num_computed_tokens // self.block_size
         return last < len(seq.block_table) and self.gpu.blocks[seq.block_table[last]].ref_count > 1
 
+    def blocks_for_forks(self, num_tokens: int, width: int) -> int:
+        """Device blocks ``width`` sequences forked from one of ``num_tokens`` tokens hold once each has one token
+        more: the full blocks they share, and a block of its own each (the partial last one is copied on write)."""
+        return num_tokens // self.block_size + width
+
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, cached: list[Block] = ()) -> int:
         """Free device blocks that ``allocate(seq, num_new_tokens, cached)`` would consume."""
         total = self._blocks_for(seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens)

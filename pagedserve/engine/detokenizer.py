@@ -70,9 +70,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: list[str], skip_ids: set[int], keep_stop: bool = False,
                  prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
-        """``skip_ids``: the special tokens, left out of the text with ``skip_special_tokens`` (else empty)."""
+        """``skip_ids``: the special tokens, left out of the text with ``skip_special_tokens``."""
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        skip_ids = skip_ids if skip_special_tokens else set()
         # HF fast tokenizers wrap a Rust ``tokenizers.Tokenizer``; calling it directly gives the same text (we
         # never ask for clean-up) without the Python wrapper, which costs more than the decode itself per token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -202,4 +203,4 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
                                    skip_special_tokens=skip_special_tokens)
     context = detok.ids
     head = detok._decode(context)
-    return complete_text(detok._decode(context + [t for t in token_ids if t not in skip_ids])[len(head):])
+    return complete_text(detok._decode(context + [t for t in token_ids if t not in detok.skip_ids])[len(head):])

@@ -327,11 +327,10 @@ class LLMEngine:
                 f"{len(token_ids)}-token prompt")
         if params.beam_width > 0 and params.max_tokens > 1:
             # The beams step in lockstep (they never take turns, as samples do): the step after the prompt's (which
-            # draws the first tokens: all a max_tokens of 1 asks for) needs a block of its own for each beam beside
-            # the prompt's full blocks they share. A pool smaller than that ended the group after one token with
-            # "length", which read as a real length stop.
+            # draws the first tokens: all a max_tokens of 1 asks for) needs the beams forked. A pool smaller than
+            # that ended the group after one token with "length", which read as a real length stop.
             blocks = self.block_manager.gpu.num_blocks
-            need = len(token_ids) // self.config.block_size + params.beam_width
+            need = self.block_manager.blocks_for_forks(len(token_ids), params.beam_width)
             if need > blocks:
                 raise ValueError(f"beam_width {params.beam_width} needs at least {need} KV blocks for its second "
                                  f"token after this {len(token_ids)}-token prompt (one per beam beside the prompt's "
@@ -449,8 +448,7 @@ class LLMEngine:
 
     def _init_seq(self, req: Request, seq: Sequence) -> None:
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop,
-                                               self.special_ids if req.params.skip_special_tokens else set(),
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop, self.special_ids,
                                                req.params.include_stop_str_in_output, req.prompt_token_ids,
                                                skip_special_tokens=req.params.skip_special_tokens)
         Sampler.seed_sequence(seq, req.params, self.runner.device)

@@ -135,7 +135,7 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
     ``include_stop_str_in_output``, as a sampled sequence does. Texts are decoded after the prompt, as a sampled
     sequence's are."""
     p = req.params
-    skip_ids = set(tokenizer.all_special_ids) if p.skip_special_tokens else set()
+    skip_ids = set(tokenizer.all_special_ids)
     hyps = req.beam.best(p.n)
     reason = req.finish_reason
     want_logprobs = p.logprobs is not None

@@ -317,24 +317,25 @@ class Sampler:
         chosen = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
         want_top = [p.logprobs for p in params]
         top_k = max((k for k in want_top if k), default=0)
-        # Shaping can leave a row nothing (allowed tokens all bad words after some token): read back with the
-        # tokens, so that nothing waits for it here.
-        copies = [tokens, chosen, torch.isneginf(logits).all(dim=-1) if shaped else None]
+        # Allowed tokens and bad words can leave a row nothing (all the allowed ones bad after some token): read
+        # back with the tokens, so that nothing waits for it here. Bias and penalties never make -inf.
+        may_empty = shaped and any(p.allowed_token_ids is not None or p.bad_words is not None for p in params)
+        copies = [tokens, chosen, torch.isneginf(logits).all(dim=-1) if may_empty else None]
         if top_k:
             top_vals, top_ids = raw_logits.topk(top_k, dim=-1)
             copies += [top_vals - lse.unsqueeze(1), top_ids]
         return Drawn(tokens, Download([c for c in copies if c is not None]), want_top,
-                     raw_logits if top_k else None, shaped)
+                     raw_logits if top_k else None, may_empty)
 
 
 class Drawn:
     """One step's sampled tokens: ``tokens`` on the device, and their results once read back (``results``)."""
 
     def __init__(self, tokens: torch.Tensor, download: Download, want_top: list[int | None],
-                 raw_logits: torch.Tensor | None, shaped: bool = False) -> None:
+                 raw_logits: torch.Tensor | None, may_empty: bool = False) -> None:
         self.tokens = tokens
         self._download = download
-        self._shaped = shaped  # the download's third tensor says which rows had nothing left to draw
+        self._may_empty = may_empty  # the download's third tensor says which rows had nothing left to draw
         self._want_top = want_top
         self._raw_logits = raw_logits  # for the rare top-k list that runs into disallowed tokens
 
@@ -343,7 +344,7 @@ class Drawn:
         host = self._download.wait()
         token_list, chosen = host[0].tolist(), host[1].tolist()
         excluded = None
-        if self._shaped:
+        if self._may_empty:
             excluded, host = host[2].tolist(), host[:2] + host[3:]
         results = self._results(host, token_list, chosen)
         if excluded is not None and any(excluded):

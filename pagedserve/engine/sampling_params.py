@@ -193,14 +193,10 @@ class SamplingParams:
             setattr(self, name, plain_number(getattr(self, name)))
         if isinstance(self.stop_token_ids, (list, tuple)):
             self.stop_token_ids = [plain_number(t) for t in self.stop_token_ids]
-        if isinstance(self.allowed_token_ids, tuple):
-            self.allowed_token_ids = list(self.allowed_token_ids)
-        if isinstance(self.bad_words, (list, tuple)):  # a copy: read once per request (sampler.LogitShaping)
-            self.bad_words = list(self.bad_words)
-        if self.bad_words == []:
-            self.bad_words = None
-        if isinstance(self.allowed_token_ids, list):
+        if isinstance(self.allowed_token_ids, (list, tuple)):  # copies: read once per request (sampler.LogitShaping)
             self.allowed_token_ids = [plain_number(t) for t in self.allowed_token_ids]
+        if isinstance(self.bad_words, (list, tuple)):
+            self.bad_words = list(self.bad_words) or None
         if isinstance(self.logit_bias, Mapping):  # a copy: the caller's dict is not changed, nor shared
             self.logit_bias = {plain_number(k): plain_number(v) for k, v in self.logit_bias.items()} or None
         if self.stop is None:

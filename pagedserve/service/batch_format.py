@@ -30,8 +30,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .batch_keys import BATCH_PRIORITY, request_id
-from .protocol import (DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, joined_text_parts, likely_meant,
-                       too_large, whole_number)
+from .protocol import (DoneEvent, ErrorEvent, GenerateRequest, asks_nothing, engine_logit_bias, joined_text_parts,
+                       likely_meant, too_large, whole_number)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
@@ -244,10 +244,8 @@ def _check_ranges(params: dict, written: dict[str, str]) -> None:
     field name; the line's message names the body key that set it (``written``: top_logprobs for logprobs)."""
     from pagedserve.engine.sampling_params import SamplingParams
 
-    bias = params.get("logit_bias")
-    if isinstance(bias, dict):  # JSON writes its token ids as strings (OpenAI's format); the engine's are ints
-        params = {**params, "logit_bias": {int(k) if isinstance(k, str) and k.isascii() and k.isdigit()
-                                           and str(int(k)) == k else k: v for k, v in bias.items()}}
+    if isinstance(params.get("logit_bias"), dict):  # JSON writes its token ids as strings (OpenAI's format)
+        params = {**params, "logit_bias": engine_logit_bias(params["logit_bias"])}
     try:
         SamplingParams(**params)
     except (TypeError, ValueError) as e:

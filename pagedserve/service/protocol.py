@@ -114,6 +114,12 @@ def _token_id_keys(value: Any) -> Any:
 
 
 _TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def engine_logit_bias(bias: dict) -> dict:
+    """``logit_bias`` with its keys as the engine's token ids: a key written as a token id (a decimal integer
+    without leading zeros) as that int; any other left for the engine's check to refuse by name."""
+    return {int(k) if isinstance(k, str) and _TOKEN_ID_KEY.fullmatch(k) else k: v for k, v in bias.items()}
 # Token ids as JSON object keys, decimal digits, to numbers (the engine checks ranges and the vocabulary).
 LogitBias = Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS_ENTRIES), BeforeValidator(_token_id_keys),
                       WithJsonSchema({"type": "object", "propertyNames": {"pattern": f"^({_TOKEN_ID_KEY.pattern})$"},
@@ -674,8 +680,8 @@ def engine_params(params: SamplingParamsModel, *, chat: bool = False) -> Any:
     from pagedserve.engine.sampling_params import SamplingParams
 
     kwargs = params.to_kwargs()
-    if "logit_bias" in kwargs:  # the engine's keys are token ids
-        kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
+    if "logit_bias" in kwargs:
+        kwargs["logit_bias"] = engine_logit_bias(kwargs["logit_bias"])
     if chat:
         kwargs.setdefault("max_tokens", None)
     try:
