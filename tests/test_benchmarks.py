@@ -94,6 +94,10 @@ def test_host_work_times_pure_decode_steps_in_a_process_of_its_own(tiny_models):
         r = host_work.run_once({"model_dir": tiny_models["llama"], "batch": 3, "output_tokens": 20, "kind": kind,
                                 "token": 299, "logprobs": 1, "threads": 1})
         assert r["pure_decode"] and r["us_per_seq"] > 0, r
+    for shaping in host_work.SHAPINGS:  # the greedy token kept through a bias and allowed ids
+        r = host_work.run_once({"model_dir": tiny_models["llama"], "batch": 3, "output_tokens": 20, "kind": "DELTA",
+                                "token": 97, "threads": 1, "shaping": shaping})
+        assert r["pure_decode"] and r["us_per_seq"] > 0, (shaping, r)
 
 
 def test_zero_cost_model_decodes_the_token_asked_for(tiny_models):

@@ -35,6 +35,9 @@ from pagedserve.bench.common import (
 
 KINDS = ("CUMULATIVE", "DELTA", "FINAL_ONLY")
 TOKENS = {"text": 97, "no-text": 300}  # in the 26m bench model: byte "a"; an id past its 259-token tokenizer
+# Token shaping each request asks for: a logit_bias of 300 entries, 1,000 allowed_token_ids, or both (the greedy
+# token kept first: the bias lowers the others, the allowed ids hold it).
+SHAPINGS = {"none": (0, 0), "bias": (300, 0), "allowed": (0, 1000), "both": (300, 1000)}
 PROMPT_TOKENS = 64
 TIMED_STEPS = 32
 RUN_TIMEOUT_S = 600
@@ -63,9 +66,9 @@ def zero_cost_greedy_pass(eng, token: int) -> None:
 
 
 def measure(model_dir: str, batch: int, output_tokens: int, kind: str, token: int, logprobs: int | None = None,
-            steps: int = TIMED_STEPS) -> dict:
+            steps: int = TIMED_STEPS, shaping: str = "none") -> dict:
     """``batch`` greedy requests of ``PROMPT_TOKENS`` prompt tokens stepped until each has ``output_tokens``
-    outputs, then ``steps`` steps timed: µs a sequence a step."""
+    outputs, then ``steps`` steps timed: µs a sequence a step. ``shaping``: a :data:`SHAPINGS` name."""
     from pagedserve.bench.decode_roofline import zero_cost_model
     from pagedserve.engine import LLMEngine, SamplingParams
     from pagedserve.engine.sampling_params import RequestOutputKind
@@ -76,8 +79,12 @@ def measure(model_dir: str, batch: int, output_tokens: int, kind: str, token: in
                     max_num_seqs=batch, swap_space_gb=0.01, max_num_batched_tokens=max(2048, batch * PROMPT_TOKENS))
     zero_cost_model(eng.runner, token)
     zero_cost_greedy_pass(eng, token)
+    biased, allowed = SHAPINGS[shaping]
+    others = [t for t in range(eng.vocab_size) if t != token]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs,
-                            output_kind=RequestOutputKind[kind])
+                            output_kind=RequestOutputKind[kind],
+                            logit_bias={t: -1.0 for t in others[:biased]} or None,
+                            allowed_token_ids=[token, *others[:allowed - 1]] if allowed else None)
     for i in range(batch):
         eng.add_request(str(i), [100 + (i + j) % 150 for j in range(PROMPT_TOKENS)], params)
     seqs = [eng.requests[str(i)].seqs[0] for i in range(batch)]
@@ -109,6 +116,9 @@ def host_work_command(
     kinds: Annotated[str, typer.Option(help=f"Output kinds, comma-separated ({', '.join(KINDS)}).")] = ",".join(KINDS),
     tokens: Annotated[str, typer.Option(help=f"Greedy tokens: {', '.join(TOKENS)}.")] = ",".join(TOKENS),
     logprobs: Annotated[int, typer.Option(help="Top logprobs per token (-1: none).")] = -1,
+    shaping: Annotated[str, typer.Option(
+        help=f"Token shaping, comma-separated ({', '.join(SHAPINGS)}): logit_bias of 300 entries, 1,000 "
+             "allowed_token_ids, both.")] = "none",
     rounds: Annotated[int, typer.Option(help="Alternating rounds (each contender once per round).")] = 3,
     threads: Annotated[int, typer.Option(help="torch threads in each run.")] = 1,
     out: Annotated[str, typer.Option(help="Where to write the JSON results.")] = ".bench/host_work.json",
@@ -121,6 +131,7 @@ def host_work_command(
         usage_error(f"--output-tokens {max(lengths)} is more than the bench model's context leaves ({longest})")
     kind_list = check_choices("--kinds", kinds, KINDS)
     token_list = check_choices("--tokens", tokens, TOKENS)
+    shaping_list = check_choices("--shaping", shaping, SHAPINGS)
     check_min("--logprobs", logprobs, -1, " (-1: none)")
     from pagedserve.engine.sampling_params import LIMITS
 
@@ -139,22 +150,27 @@ def host_work_command(
     for round_ in range(rounds):
         for length in lengths:
             for token in token_list:
-                order = kind_list if round_ % 2 == 0 else kind_list[::-1]
-                for kind in order:
-                    job = {"model_dir": model_dir, "batch": batch, "output_tokens": length, "kind": kind,
-                           "token": TOKENS[token], "logprobs": None if logprobs < 0 else logprobs, "threads": threads}
-                    r = run_once(job)
-                    runs.setdefault((length, token, kind), []).append(r["us_per_seq"])
-                    pure &= r["pure_decode"]
-                    console.print(f"round {round_ + 1}: {length} tokens, {token}, {kind}: {r['us_per_seq']:.2f} µs/seq")
-    rows = [{"output_tokens": length, "token": token, "kind": kind, "us_per_seq_median": statistics.median(v),
-             "us_per_seq_runs": v} for (length, token, kind), v in runs.items()]
+                for shaped in shaping_list if round_ % 2 == 0 else shaping_list[::-1]:
+                    for kind in kind_list if round_ % 2 == 0 else kind_list[::-1]:
+                        job = {"model_dir": model_dir, "batch": batch, "output_tokens": length, "kind": kind,
+                               "token": TOKENS[token], "logprobs": None if logprobs < 0 else logprobs,
+                               "threads": threads, "shaping": shaped}
+                        r = run_once(job)
+                        runs.setdefault((length, token, shaped, kind), []).append(r["us_per_seq"])
+                        pure &= r["pure_decode"]
+                        console.print(f"round {round_ + 1}: {length} tokens, {token}, {shaped}, {kind}: "
+                                      f"{r['us_per_seq']:.2f} µs/seq")
+    rows = [{"output_tokens": length, "token": token, "shaping": shaped, "kind": kind,
+             "us_per_seq_median": statistics.median(v), "us_per_seq_runs": v}
+            for (length, token, shaped, kind), v in runs.items()]
     table = Table(title=f"host work per sequence per decode step: batch {batch}, {rounds} rounds, medians (µs)")
-    for col in ("output tokens", "token", *kind_list):
+    for col in ("output tokens", "token", "shaping", *kind_list):
         table.add_column(col, justify="right")
     for length in lengths:
         for token in token_list:
-            table.add_row(str(length), token, *(f"{statistics.median(runs[(length, token, k)]):.2f}" for k in kind_list))
+            for shaped in shaping_list:
+                table.add_row(str(length), token, shaped,
+                              *(f"{statistics.median(runs[(length, token, shaped, k)]):.2f}" for k in kind_list))
     console.print(table)
     if not pure:
         console.print("* a timed step did not decode every sequence (preemption or an ending)")
