@@ -13,6 +13,8 @@ import json
 import math
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from decimal import Decimal
@@ -1221,45 +1223,52 @@ def test_a_gbnf_grammar_whose_conversion_could_take_long_is_refused_before_it_st
     Refused by name before any work now; the same grammar in Lark (read as it is) compiles, and GBNF as llama.cpp
     writes it, however large (a rule per property, a few passes), is taken: a first bound, rules x characters,
     refused those from 25 kB up."""
-    from pagedserve.engine.structured_spec import MAX_GBNF_WORK, gbnf_passes
+    from pagedserve.engine.structured_spec import MAX_GBNF_WORK, gbnf_work
 
     so, _tok, _eos = tokenized
     chain = _rule_chain(2_500, gbnf=True)
-    assert gbnf_passes(chain) == 2_503
-    words = f"structured_outputs grammar is GBNF that llguidance would convert to Lark in 2503 passes over its " \
-            f"{len(chain)} characters"
+    passes, work = gbnf_work(chain)
+    assert passes == 2_503 and work > MAX_GBNF_WORK
+    words = f"structured_outputs grammar is GBNF that llguidance would convert to Lark in 2503 passes reading " \
+            f"{work:,} characters in all"
     with pytest.raises(ValueError, match="^" + re.escape(words)) as refused:
         validate_structured_outputs({"grammar": chain})
-    assert "write it in Lark (start: ...;" in str(refused.value) and f"{MAX_GBNF_WORK:,}" in str(refused.value)
+    assert "write it in Lark (start: ...; python -m llguidance.gbnf_to_lark FILE" in str(refused.value)
+    assert f"{MAX_GBNF_WORK:,}" in str(refused.value)
     lark = {"grammar": _rule_chain(2_500, gbnf=False)}
     assert validate_structured_outputs(lark) == lark
     assert so.compile(lark) is not None
     for grammar in (_rule_chain(150, gbnf=True), _llama_cpp_object(1_000)):
         assert validate_structured_outputs({"grammar": grammar}) == {"grammar": grammar}
     big = _llama_cpp_object(1_000)
-    assert len(big) > 40_000 and gbnf_passes(big) <= 6
+    assert len(big) > 40_000 and gbnf_work(big)[0] <= 6
     assert so.compile({"grammar": _llama_cpp_object(40)}) is not None
     # A cycle is never terminal: it ends a chain (root waits on nothing that could become terminal).
-    assert gbnf_passes('root ::= a\na ::= "x" a | "y"\n') == 1
+    assert gbnf_work('root ::= a\na ::= "x" a | "y"\n')[0] == 1
     # Names of any letters and lines ended by a lone \r are GBNF to llguidance too: the same chain written so was
     # counted as one rule, taken, and converted for a quarter of a minute.
     for variant in (re.sub(r"\br(?=\d)", "é", chain), chain.replace("\n", "\r"), chain.replace("\n", "\r\n")):
-        assert gbnf_passes(variant) == 2_503
-        with pytest.raises(ValueError, match="^structured_outputs grammar is GBNF that llguidance would convert to "
-                                             "Lark in 2503 passes"):
+        assert gbnf_work(variant)[0] == 2_503
+        with pytest.raises(ValueError, match="^structured_outputs grammar (is GBNF that llguidance would convert to "
+                                             "Lark in 2503 passes|rule 'é0': GBNF rule names are ASCII)"):
             validate_structured_outputs({"grammar": variant})
     small = _rule_chain(3, gbnf=True)
-    assert gbnf_passes(re.sub(r"\br(?=\d)", "é", small)) == gbnf_passes(small) == 6  # converted, then not lexed
     lone_cr = small.replace("\n", "\r")
-    assert so.compile({"grammar": lone_cr}) is not None and gbnf_passes(lone_cr) == 6
+    assert so.compile({"grammar": lone_cr}) is not None and gbnf_work(lone_cr)[0] == 6
 
 
 def _llguidance_passes(grammar: str) -> int:
     """The passes llguidance's gbnf_to_lark makes marking rules terminal, counted by running its own parser and
-    the loop of its resolve() (the oracle of gbnf_passes)."""
-    from llguidance.gbnf_to_lark import GrammarParser, RuleRefNode
+    the loop of its resolve() (the oracle of gbnf_work's passes)."""
+    return _llguidance_resolve(grammar)[0]
 
-    rules = GrammarParser().parse(grammar)
+
+def _llguidance_resolve(grammar: str) -> tuple[int, int]:
+    """``(passes, nodes)``: the passes of llguidance's loop marking rules terminal and the nodes its passes ask
+    whether they are terminal, counted by running its own parser and loop (the oracle of gbnf_work)."""
+    from llguidance import gbnf_to_lark as conversion
+
+    rules = conversion.GrammarParser().parse(grammar)
 
     def below(node):
         for child in node.children():
@@ -1269,16 +1278,33 @@ def _llguidance_passes(grammar: str) -> int:
     for rule in rules.values():
         rule.alternatives = rule.alternatives.simplify()
         for node in below(rule):
-            if isinstance(node, RuleRefNode):
+            if isinstance(node, conversion.RuleRefNode):
                 node.target = rules[node.name]
     rules["root"].name = "start"
-    passes, fixed = 0, 1
-    while fixed:
-        fixed, passes = 0, passes + 1
-        for rule in rules.values():
-            if rule.name != "start" and not rule.rule_is_terminal and rule.alternatives.is_terminal():
-                rule.rule_is_terminal, fixed = True, fixed + 1
-    return passes
+    asked = 0
+
+    def counted(method):
+        def is_terminal(node):
+            nonlocal asked
+            asked += 1
+            return method(node)
+        return is_terminal
+
+    originals = {cls: cls.__dict__["is_terminal"] for cls in vars(conversion).values()
+                 if isinstance(cls, type) and "is_terminal" in cls.__dict__}
+    try:
+        for cls, method in originals.items():
+            cls.is_terminal = counted(method)
+        passes, fixed = 0, 1
+        while fixed:
+            fixed, passes = 0, passes + 1
+            for rule in rules.values():
+                if rule.name != "start" and not rule.rule_is_terminal and rule.alternatives.is_terminal():
+                    rule.rule_is_terminal, fixed = True, fixed + 1
+    finally:
+        for cls, method in originals.items():
+            cls.is_terminal = method
+    return passes, asked
 
 
 @pytest.mark.parametrize("build", [
@@ -1293,11 +1319,11 @@ def _llguidance_passes(grammar: str) -> int:
 def test_the_gbnf_bound_counts_the_passes_llguidance_makes(build):
     """Each way of writing a chain that hid it from the bound (a grammar it took held a compile thread for up to
     18 s): counted as llguidance's own parser and loop count it, one pass more at most."""
-    from pagedserve.engine.structured_spec import gbnf_passes
+    from pagedserve.engine.structured_spec import gbnf_work
 
     for n in (3, 40):
         grammar = build(n)
-        assert 0 <= gbnf_passes(grammar) - _llguidance_passes(grammar) <= 1, (n, grammar[:200])
+        assert 0 <= gbnf_work(grammar)[0] - _llguidance_passes(grammar) <= 1, (n, grammar[:200])
     long = build(3_000)
     with pytest.raises(ValueError, match="^structured_outputs grammar is GBNF that llguidance would convert"):
         validate_structured_outputs({"grammar": long})
@@ -1704,3 +1730,62 @@ def test_the_additional_properties_option_is_checked():
     assert cache_key(open_spec) != cache_key(validate_structured_outputs({"json": PERSON}))
     assert cache_key(validate_structured_outputs({"json": PERSON, "disable_additional_properties": True})) == \
         cache_key(validate_structured_outputs({"json": PERSON}))
+
+
+def _chain_beside_literals(rules: int, literals: int) -> str:
+    """A chain of rules written before the rules they use, the last using one rule of many literals."""
+    chain = "".join(f'r{i} ::= r{i + 1} "a{i}"\n' for i in range(rules))
+    return (f"root ::= r0\n{chain}r{rules} ::= \"z\" | pad\n"
+            + "pad ::= " + " | ".join(f'"p{i:05d}"' for i in range(literals)) + "\n")
+
+
+def _wide_chain(rules: int, width: int) -> str:
+    """A chain whose every rule asks ``width`` terminal names before the one that waits."""
+    body = "".join(f"r{i} ::= {' t' * width} r{i + 1}\n" for i in range(rules))
+    return f'root ::= r0\n{body}r{rules} ::= "y"\nt ::= "t"\n'
+
+
+@pytest.mark.parametrize("grammar", [
+    _rule_chain(40, gbnf=True), _rule_chain(300, gbnf=True), _chain_beside_literals(40, 500),
+    _chain_beside_literals(400, 4_000), _wide_chain(30, 40), _wide_chain(100, 50), _llama_cpp_object(200),
+    'root ::= a\na ::= "x" a | "y"\n' + "".join(f'b{i} ::= "(" a ")" b{i + 1} | "q"\n' for i in range(60)) + "b60 ::= a\n",
+], ids=["chain-40", "chain-300", "beside-literals", "beside-4000-literals", "wide-30", "wide-100", "llama-cpp",
+        "cycle"])
+def test_the_gbnf_work_bound_covers_what_llguidance_reads(grammar):
+    """The bound counts what llguidance's passes read, not passes x the whole text: a tester's 52 kB grammar (a
+    400-rule chain beside one rule of 4,000 literals) converted in 0.3 s and was refused as 21 million passes x
+    characters, where llguidance reads that rule once. The oracle: the nodes llguidance's own loop asks whether
+    they are terminal, which the bound's characters must cover."""
+    from pagedserve.engine.structured_spec import gbnf_work
+
+    passes, work = gbnf_work(grammar)
+    oracle_passes, asked = _llguidance_resolve(grammar)
+    assert 0 <= passes - oracle_passes <= 1
+    assert asked <= work, (asked, work)
+
+
+def test_the_gbnf_bound_takes_a_chain_beside_many_literals_and_names_what_cannot_compile(tokenized):
+    """A grammar whose passes read little is taken and compiles, however long a rule of literals beside it; a rule
+    name outside ASCII (which llguidance converts to a name its Lark cannot lex: "lexer error ... start: GRÖSSE")
+    is refused by name; the command the refusal names converts GBNF to a Lark file that compiles."""
+    so, _tok, _eos = tokenized
+    beside = _chain_beside_literals(400, 4_000)
+    assert len(beside) > 50_000 and validate_structured_outputs({"grammar": beside}) == {"grammar": beside}
+    assert so.compile({"grammar": _chain_beside_literals(20, 200)}) is not None
+    for name in ("größe", "数字"):
+        with pytest.raises(ValueError, match=f"^structured_outputs grammar rule '{name}': GBNF rule names are "
+                                             "ASCII letters, digits and '-' \\(as in llama.cpp\\); rename it$"):
+            validate_structured_outputs({"grammar": f'root ::= {name}\n{name} ::= "x"\n'})
+    # a name in a literal is no rule
+    assert validate_structured_outputs({"grammar": 'root ::= "a\ngröße ::= b"\n'})
+
+
+def test_the_gbnf_refusals_command_converts_to_lark_that_compiles(tokenized, tmp_path):
+    so, _tok, _eos = tokenized
+    source = tmp_path / "chain.gbnf"
+    source.write_text(_rule_chain(30, gbnf=True))
+    subprocess.run([sys.executable, "-m", "llguidance.gbnf_to_lark", str(source)], check=True, capture_output=True,
+                   timeout=120)
+    lark = (tmp_path / "chain.lark").read_text()
+    assert validate_structured_outputs({"grammar": lark}) == {"grammar": lark}
+    assert so.compile({"grammar": lark}) is not None

@@ -33,8 +33,9 @@ MAX_SPEC_DEPTH = 124
 # a pass more, so a chain of them takes a pass per rule (2,500 rules in 72 kB: 4 s of a core alone, a minute beside
 # a few others, each holding the interpreter lock that the engine's loop needs, and out of the compile timeout's
 # reach: a thread cannot be stopped). Grammars as llama.cpp writes them take a few passes. Lark is read as it is,
-# by llguidance's Rust.
-MAX_GBNF_WORK = 10_000_000  # passes x characters: half a second at most on a 2-core EPYC VM
+# by llguidance's Rust. The bound is on what the passes read (gbnf_work), not passes x the whole text: a pass skips
+# the rules already terminal, so a large rule of literals beside a chain is read once.
+MAX_GBNF_WORK = 2_500_000  # characters the passes read: about half a second of a core on a 2-core EPYC VM
 _LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
 # A name as llguidance's GBNF parser reads one: str.isalnum() characters, "_" and "-" (\w is the first two).
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*([\w-]+)[ \t]*::=")
@@ -93,21 +94,33 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
-def gbnf_passes(grammar: str) -> int:
-    """The passes llguidance's GBNF-to-Lark conversion makes over ``grammar`` at most: one more than the longest
-    chain of rules each waiting for a terminal rule written after it (a cycle is never terminal: it ends a
-    chain). Rules and the names they use are found in the text, less its literals, classes and comments. A
-    name defined twice is where llguidance's dict has it: at its first definition, with its last one's body."""
+def _gbnf_names(grammar: str) -> str:
+    """``grammar`` with its literals, classes and comments blanked and its lines ended by \\n: what holds names."""
     grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # llguidance ends a line at a lone \r too
-    grammar = _GBNF_NOT_NAMES.sub(" ", grammar)
+    return _GBNF_NOT_NAMES.sub(" ", grammar)
+
+
+def gbnf_work(grammar: str) -> tuple[int, int]:
+    """``(passes, work)`` of llguidance's GBNF-to-Lark conversion of ``grammar``, at most. The passes: one more than
+    the longest chain of rules each waiting for a terminal rule written after it (a cycle is never terminal: it
+    ends a chain). The work: the characters each pass reads, as llguidance reads them, plus the text once. A pass
+    reads the rules not yet terminal and no others, so a rule is read once per pass until the one that marks it
+    terminal (every pass if none does): a large rule of literals is read once, however long the chain beside it.
+    A literal, class or comment counts one character (one node there, however long it is).
+
+    Rules and the names they use are found in the text, less its literals, classes and comments. A name defined
+    twice is where llguidance's dict has it: at its first definition, with its last one's body."""
+    text = len(grammar)
+    grammar = _gbnf_names(grammar)
     heads = list(_GBNF_RULE.finditer(grammar))
     order: dict[str, int] = {}
     for m in heads:
         order.setdefault(m.group(1), len(order))
-    uses = {}
+    uses, size = {}, {}
     for i, m in enumerate(heads):
         body = grammar[m.end():heads[i + 1].start() if i + 1 < len(heads) else len(grammar)]
         uses[m.group(1)] = {n for n in _GBNF_NAME.findall(body) if n in order}
+        size[m.group(1)] = len(body)
     level: dict[str, int | None] = {}  # the pass that marks a rule terminal (None: never), once known
     for first in order:
         stack, on_stack = [first], {first}
@@ -124,20 +137,25 @@ def gbnf_passes(grammar: str) -> int:
             later = [level.get(n) if n in level else None for n in uses[rule]]
             level[rule] = None if None in later else max(
                 (lv + (order[n] > order[rule]) for n, lv in zip(uses[rule], later)), default=1)
-    return max((lv for lv in level.values() if lv is not None), default=0) + 1
+    passes = max((lv for lv in level.values() if lv is not None), default=0) + 1
+    return passes, text + sum(size[rule] * (passes if lv is None else lv) for rule, lv in level.items())
 
 
 def _check_gbnf_work(grammar: str) -> None:
     """A GBNF grammar whose conversion to Lark could take long (:data:`MAX_GBNF_WORK`) is refused before it starts."""
     if _LARK_SYNTAX.search(grammar):
         return
-    passes = gbnf_passes(grammar)
-    if passes * len(grammar) > MAX_GBNF_WORK:
+    if name := next((m[1] for m in _GBNF_RULE.finditer(_gbnf_names(grammar)) if not m[1].isascii()), None):
+        # llguidance converts such a name and then cannot lex it ("lexer error ... start: GRÖSSE")
+        raise structured_error(f"grammar rule {name!r}: GBNF rule names are ASCII letters, digits and '-' (as in "
+                               "llama.cpp); rename it")
+    passes, work = gbnf_work(grammar)
+    if work > MAX_GBNF_WORK:
         raise structured_error(
-            f"grammar is GBNF that llguidance would convert to Lark in {passes} passes over its {len(grammar)} "
-            f"characters (a chain of rules each waiting for one written after it), more than {MAX_GBNF_WORK:,} "
-            "passes x characters: write it in Lark (start: ...; llguidance.gbnf_to_lark converts it), which is "
-            "read without converting, or put each chain's rules after the ones they use")
+            f"grammar is GBNF that llguidance would convert to Lark in {passes} passes reading {work:,} characters "
+            f"in all (a chain of rules each waiting for one written after it), more than {MAX_GBNF_WORK:,}: write "
+            "it in Lark (start: ...; python -m llguidance.gbnf_to_lark FILE converts it), which is read without "
+            "converting, or put each chain's rules after the ones they use")
 
 
 def _too_deep(value: object, limit: int) -> bool:
