@@ -112,6 +112,8 @@ def test_a_max_model_len_lowered_to_the_pool_says_so_where_it_is_quoted(tiny_mod
     pool = r"max_model_len 32 \(the KV pool's capacity: num_gpu_blocks 4 x block_size 8\)"
     with pytest.raises(ValueError, match=f"^max_tokens 10 is more than the 2 tokens that {pool} leaves"):
         llm.generate([[1] * 30], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match=f"^max_tokens 10 is more than the 1 token that {pool} leaves"):
+        llm.generate([[1] * 31], SamplingParams(max_tokens=10))
     with pytest.raises(PromptTooLongError, match=f"^prompt is 40 tokens; {pool} leaves room"):
         llm.generate([[1] * 40])
 
@@ -123,7 +125,7 @@ def test_a_beam_group_the_pool_cannot_step_is_refused_before_work(tiny_models):
               max_num_seqs=16)
     long = SamplingParams(beam_width=16, max_tokens=61, ignore_eos=True)
     with pytest.raises(ValueError, match=r"^beam_width 16 needs at least 16 KV blocks for its second token after "
-                                         r"this 3-token prompt .*; the KV pool has 8 \(num_gpu_blocks\)$"):
+                                         r"this 3-token prompt .*; the KV pool has 8 \(num_gpu_blocks\): give a smaller beam_width$"):
         llm.generate([[1, 2, 3]], long)
     # One token is drawn by the prompt's own step, which needs no block of the beams' own: taken.
     (out,) = llm.generate([[1, 2, 3]], SamplingParams(beam_width=16, max_tokens=1))

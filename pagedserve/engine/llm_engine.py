@@ -321,8 +321,9 @@ class LLMEngine:
         if params.max_tokens is None:  # the rest of the context, for this prompt (the caller's object may be shared)
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(token_ids))
         if len(token_ids) + params.max_tokens > self.max_model_len:
+            room = self.max_model_len - len(token_ids)
             raise ValueError(
-                f"max_tokens {params.max_tokens} is more than the {self.max_model_len - len(token_ids)} tokens that "
+                f"max_tokens {params.max_tokens} is more than the {room} token{'s' * (room != 1)} that "
                 f"max_model_len {self.max_model_len}{self._max_model_len_source} leaves after the "
                 f"{len(token_ids)}-token prompt")
         if params.beam_width > 0 and params.max_tokens > 1:
@@ -334,7 +335,7 @@ class LLMEngine:
             if need > blocks:
                 raise ValueError(f"beam_width {params.beam_width} needs at least {need} KV blocks for its second "
                                  f"token after this {len(token_ids)}-token prompt (one per beam beside the prompt's "
-                                 f"shared ones); the KV pool has {blocks} (num_gpu_blocks)")
+                                 f"shared ones); the KV pool has {blocks} (num_gpu_blocks): give a smaller beam_width")
         for name, ids in (("logit_bias", params.logit_bias or ()),
                           ("allowed_token_ids", params.allowed_token_ids or ())):
             outside = sorted({t for t in ids if t >= self.vocab_size})

@@ -382,7 +382,7 @@ class SamplingParamsModel(BaseModel):
     repetition_penalty: float | None = None
     logprobs: Int64 | None = None
     logit_bias: LogitBias | None = None
-    allowed_token_ids: list[Int64] | None = Field(None, max_length=MAX_ALLOWED_TOKEN_IDS)
+    allowed_token_ids: list[Int64] | None = Field(None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)
     # A word is more than whitespace (the engine refuses a blank one; so does the published schema)
     bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS, pattern=r"\S")]] | None = Field(
         None, max_length=MAX_BAD_WORDS)

@@ -275,8 +275,8 @@ class Settings(BaseSettings):
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine option)
     async_scheduling: bool | None = None  # engine option; None: the engine's default (on for one CUDA GPU)
     tensor_parallel_size: int = Field(1, ge=1)  # ranks (GPUs) the model is sharded over, one process each
-    # A larger body is refused unparsed (protocol.parse_request). At least MIN_MESSAGE_BYTES: the clients write every
-    # sampling value, about 600 bytes for a prompt of a word.
+    # A larger body is refused unparsed (protocol.parse_request). At least MIN_MESSAGE_BYTES: room for a short
+    # request with its sampling values spelled out, as clients before 2026-12-07 wrote every one (about 600 bytes).
     max_message_bytes: int = Field(1 << 20, ge=MIN_MESSAGE_BYTES)
     lease_renew_ms: int | None = Field(None, ge=10, le=INT32_MAX)  # default claim_idle_ms / 3
     # Token events go to the request's events stream (what clients read and resume from) and, for consumers that
