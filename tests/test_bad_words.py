@@ -139,6 +139,36 @@ def test_a_worker_and_a_batch_line_take_bad_words(redis_url, prefix, shared_engi
             parse_request(json.dumps({"id": "b", "prompt": "x", "params": {"bad_words": bad}}), 1 << 20)
 
 
+def test_rules_that_leave_nothing_to_draw_are_the_producers_to_mend_not_the_workers(redis_url, prefix, shared_engine):
+    """Allowed ids whose every pair is a bad word leave the second token nothing: the request ended with
+    ``internal`` (a batch line 500), which a producer retries, and it fails the same way each time. It is the
+    request's own parameters: ``invalid_request`` (400), the message naming them; a request beside it runs."""
+    import redis
+
+    from pagedserve.service.batch_client import batch_results, submit_batch, wait_batch
+    from pagedserve.service.client import Client, RequestFailed
+
+    params = {"max_tokens": 6, "temperature": 0, "allowed_token_ids": [97, 98], "bad_words": ["aa", "ab", "ba", "bb"]}
+    with running_worker(make_settings(redis_url, prefix), shared_engine), \
+            Client(redis_url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
+        culprit = c.submit([72, 105], params=params)
+        innocent = c.submit([72, 105], params={"max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        end = c.wait(culprit, timeout=60)
+        assert end.type == "error" and end.error.code == "invalid_request", end
+        assert end.error.message.startswith("params: nothing could be drawn for output token 2: allowed_token_ids, "
+                                            "bad_words"), end.error.message
+        assert c.wait(innocent, timeout=60).type == "done"
+        with pytest.raises(RequestFailed, match="^invalid_request: params: nothing could be drawn"):
+            c.generate([72, 105], params=params, timeout=60)
+        line = {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+                "body": {"model": "m", "prompt": [72, 105], **params}}
+        bid = submit_batch(r, prefix, (json.dumps(line) + "\n").encode())
+        wait_batch(r, prefix, bid, timeout=60, poll_s=0.2)
+        (out,) = batch_results(r, prefix, bid)
+        assert out["response"]["status_code"] == 400 and out["error"] is None, out
+        assert out["response"]["body"]["error"]["code"] == "invalid_request", out
+
+
 def test_a_reused_params_object_carries_no_earlier_requests_words():
     """add_request keeps the words' token ids on the params (as vLLM does): a params object reused after its
     bad_words were taken off still banned them, and the ids turned up in asdict, from_dict and the clients' body."""

@@ -108,7 +108,11 @@ def _one_line(text: str) -> str:
     return text if len(text) <= MAX_ERROR_LEN else text[:MAX_ERROR_LEN - 3] + "..."
 
 
-def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: str, exc: Exception) -> None:
+# The requests that failed in a step: (request, one-line message, whether its own parameters failed), by id.
+Failures = dict[str, tuple[Request, str, bool]]
+
+
+def _note_failure(req: Request, failed: Failures, stage: str, exc: Exception) -> None:
     """Mark ``req`` failed at ``stage`` by ``exc``: it ends alone at the end of the step (``LLMEngine._guard``)."""
     expected = isinstance(exc, EXPECTED_FAILURES)
     if not expected:  # an expected one is logged once, by _fail, as a line naming the request and why
@@ -116,7 +120,7 @@ def _note_failure(req: Request, failed: dict[str, tuple[Request, str]], stage: s
                       extra={"request_id": req.request_id})
     # A request whose own parameters failed (its message names the field) is told so as it is.
     why = str(exc) if expected else f"{stage} failed: {type(exc).__name__}: {exc}"
-    failed[req.request_id] = (req, _one_line(why))
+    failed[req.request_id] = (req, _one_line(why), expected)
 
 
 def _wall_time(value, name: str) -> float | None:
@@ -584,7 +588,7 @@ class LLMEngine:
         for item in sched.scheduled:  # after the read-back: a block its token just completed is published now
             for seq, _ in item.seqs:
                 self.block_manager.register_full_blocks(seq)
-        failed: dict[str, tuple[Request, str]] = {}  # request id -> (request, what failed), ended at the end
+        failed: Failures = {}  # ended at the end of the step
         progressed: dict[str, Request] = {}  # beam requests that took a step
         sample_rows, owners = [], []
         for row, seq in enumerate(sample_seqs):
@@ -623,7 +627,7 @@ class LLMEngine:
     def _index(self, rows: list[int]) -> torch.Tensor:
         return upload([rows], torch.int64, self.runner.device)[0]
 
-    def _guard(self, req: Request, failed: dict[str, tuple[Request, str]], stage: str, fn, *args) -> bool:
+    def _guard(self, req: Request, failed: Failures, stage: str, fn, *args) -> bool:
         """Run ``fn(*args)`` for ``req`` unless it already failed this step; a raise marks it failed instead of
         failing the step. Returns whether it ran and succeeded."""
         if req.request_id in failed:
@@ -636,7 +640,7 @@ class LLMEngine:
             return False
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
-              failed: dict[str, tuple[Request, str]]) -> DrawnStep | None:
+              failed: Failures) -> DrawnStep | None:
         """One token per row, batched, on the device; if the batch raises, each request is drawn alone so that
         only the culprit fails (greedy and seeded rows draw the same tokens either way). Each drawn sequence's
         row in the step's tokens is its ``pending_row``; with async scheduling its token stays pending
@@ -676,7 +680,7 @@ class LLMEngine:
         for pairs, _ in drawn.parts:
             for _, seq in pairs:
                 seq.num_pending = 0  # its only one: this step's draw comes after this read
-        failed: dict[str, tuple[Request, str]] = {}
+        failed: Failures = {}
         progressed: dict[str, Request] = {}
         requests = self.requests
         for pairs, part in drawn.parts:
@@ -694,7 +698,7 @@ class LLMEngine:
         self._emit_progressed(progressed, failed, outputs)
         return outputs
 
-    def _emit_progressed(self, progressed: dict[str, Request], failed: dict[str, tuple[Request, str]],
+    def _emit_progressed(self, progressed: dict[str, Request], failed: Failures,
                          outputs: list[RequestOutput]) -> None:
         """The outputs of the requests a step moved on, then the endings of those that failed in it."""
         now = time.time()
@@ -705,7 +709,7 @@ class LLMEngine:
                     self._emit(req, now, outputs)
                 except Exception as exc:
                     _note_failure(req, failed, "output", exc)
-        outputs.extend(self._fail(req, why) for req, why in failed.values())
+        outputs.extend(self._fail(req, why, own) for req, why, own in failed.values())
 
     def _held(self, seqs: list[Sequence], owners: list[Request]) -> list[list[int]] | None:
         """Per row, the tokens ``min_tokens`` holds back now (applied by the sampler after the raw logprobs, as
@@ -724,7 +728,7 @@ class LLMEngine:
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
 
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
-                   failed: dict[str, tuple[Request, str]]) -> None:
+                   failed: Failures) -> None:
         """Structured outputs: in place, each constrained row keeps only the tokens its grammar allows next
         (filled on the CPU while a CUDA device may still run the forward, applied on the logits' device).
 
@@ -775,12 +779,13 @@ class LLMEngine:
         if out is not None:
             outputs.append(out)
 
-    def _fail(self, req: Request, error: str) -> RequestOutput:
-        """End ``req`` with ``error``, whatever state it was left in: every block it holds is freed. Idempotent."""
+    def _fail(self, req: Request, error: str, own: bool = False) -> RequestOutput:
+        """End ``req`` with ``error``, whatever state it was left in: every block it holds is freed. Idempotent.
+        ``own``: its own parameters failed (``RequestOutput.error_from_params``)."""
         log.warning("request %s ended with an error: %s", req.request_id, error, extra={"request_id": req.request_id})
         req.pending_logits.clear()
         self._release(req)
-        return error_output(req, error)
+        return error_output(req, error, own)
 
     def _count(self, req: Request, sign: int) -> None:
         """``req`` enters (1) or leaves (-1) the engine's counts of requests that need a per-step pass."""
@@ -797,7 +802,7 @@ class LLMEngine:
         for seq in req.seqs:
             self._owner.pop(seq.seq_id, None)
 
-    def _expand_forks(self, sample_seqs: list[Sequence], owners: list[Request], failed: dict[str, tuple[Request, str]],
+    def _expand_forks(self, sample_seqs: list[Sequence], owners: list[Request], failed: Failures,
                       ) -> tuple[list[int], list[Sequence], list[Request]]:
         """Fork each prompt that just finished prefill into its samples, which all read the prompt's logits row.
 

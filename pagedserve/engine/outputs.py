@@ -53,6 +53,9 @@ class RequestOutput:
     # Set when the request ended because of its own failure (or could never be scheduled): a one-line message.
     # Such an output is final (``finished``) and has no ``outputs``; the other requests are unaffected.
     error: str | None = None
+    # The error is the request's own parameters' doing, its message naming them (a grammar that cannot be
+    # followed, rules that leave no token to draw): the producer's to mend, where another error is the engine's.
+    error_from_params: bool = False
     # Times the scheduler took the request's KV room for others so far (swapped out or recomputed): what a slow
     # request's trace and log line show.
     num_preemptions: int = 0
@@ -161,7 +164,8 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
                          req.num_cached_tokens, dict(req.metrics), num_preemptions=req.num_preemptions)
 
 
-def error_output(req: Request, error: str) -> RequestOutput:
+def error_output(req: Request, error: str, from_params: bool = False) -> RequestOutput:
     """The final output of a request ended by its own failure: no completions, the one-line ``error``."""
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], True, req.num_cached_tokens,
-                         dict(req.metrics), error=error, num_preemptions=req.num_preemptions)
+                         dict(req.metrics), error=error, error_from_params=from_params,
+                         num_preemptions=req.num_preemptions)

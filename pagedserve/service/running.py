@@ -95,10 +95,13 @@ class Running(WorkerPart):
         error = getattr(out, "error", None)
         if error:  # the engine ended this request alone (its sampling, beam scoring, detokenization or stop check)
             self.table.pop(out.request_id)
-            # A grammar that failed while generating (the engine's message starts with the field's name, and only
-            # that one does: its stage labels may start with a field's name too) is the producer's to mend.
-            code, message = (("invalid_request", f"params.{error}") if error.startswith("structured_outputs ")
-                             else ("internal", f"engine: {error}"))
+            # The request's own parameters (a grammar it cannot follow, rules that leave no token to draw) are the
+            # producer's to mend: a retry fails the same way, which "internal" would invite.
+            if getattr(out, "error_from_params", False):
+                code, message = "invalid_request", (f"params.{error}" if error.startswith("structured_outputs ")
+                                                    else f"params: {error}")
+            else:
+                code, message = "internal", f"engine: {error}"
             self.outcomes.error(out.request_id, f.entry_ids, code, message, f.request.metadata, f.span)
             return 0
         add_deltas(f.received, out)
