@@ -40,6 +40,27 @@ def test_min_tokens_holds_back_stop_tokens_as_hf_min_new_tokens(llm, tiny_models
     assert out.token_ids == ref
 
 
+def test_min_tokens_holds_eos_back_with_ignore_eos_too(llm, tiny_models):
+    """vLLM's min-tokens processor holds EOS whatever ``ignore_eos`` says (its stop set has the model's EOS "to
+    support min_tokens processing"), as HF's min_new_tokens does: a tester's ``min_tokens=32, ignore_eos=True``
+    drew EOS at token 23, whose text showed with ``skip_special_tokens=False``. Against HF with EOS made the
+    model's first choice at every step: held for ``min_tokens`` tokens, then drawn (and run past)."""
+    import transformers
+
+    (eos,) = llm.engine.eos_token_ids
+    prompt, bias = "Once upon", {eos: 100.0}
+    out = _greedy(llm, prompt, ignore_eos=True, min_tokens=5, logit_bias=bias)
+    assert eos not in out.token_ids[:5] and out.token_ids[5:] == [eos] * 7, out.token_ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, min_new_tokens=5,
+                             eos_token_id=[eos], pad_token_id=0, sequence_bias={(eos,): 100.0})[0, len(ids):]
+    assert out.token_ids[:6] == ref.tolist()
+    with pytest.raises(ValueError, match="^allowed_token_ids are all stop tokens or EOS"):
+        llm.generate(prompt, SamplingParams(max_tokens=4, min_tokens=2, ignore_eos=True, allowed_token_ids=[eos]))
+
+
 def test_min_tokens_leaves_the_logprobs_those_of_the_model(llm, tiny_models):
     """The hold was written into the raw logits, so the logprobs (and ``cumulative_logprob``, which ranks
     ``best_of``) were of a distribution renormalised without the stop tokens. HF's min_new_tokens acts as a

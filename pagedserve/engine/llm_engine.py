@@ -722,10 +722,12 @@ class LLMEngine:
 
     def _stops_held(self, p: SamplingParams, seq: Sequence | None) -> list[int]:
         """The tokens ``min_tokens`` holds back from ``seq`` now (None: before its first token): its stop token
-        ids and EOS (unless ``ignore_eos``) while it is short of ``min_tokens``, else none."""
+        ids and EOS while it is short of ``min_tokens``, else none. EOS even with ``ignore_eos``, as vLLM's
+        min-tokens processor and HF's min_new_tokens hold it: ``ignore_eos`` says EOS does not end the output, not
+        that it may be drawn early (its text shows where special tokens are kept)."""
         if p.min_tokens <= (seq.num_output_tokens if seq is not None else 0):
             return []
-        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+        return sorted(set(p.stop_token_ids) | self.eos_token_ids)
 
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], owners: list[Request],
                    failed: Failures) -> None:
