@@ -134,6 +134,43 @@ def test_text_and_deltas_equal_hf_decode_in_context(name, prompt_text, output_te
     assert all("\ufffd" not in d for d in deltas)  # valid UTF-8 split over tokens is never cut in half
 
 
+def decode_stream(tok, prompt: list[int], output: list[int]) -> str:
+    """vLLM's fast detokenizer's text of ``output``: ``tokenizers``' own DecodeStream, fed the prompt first."""
+    from tokenizers.decoders import DecodeStream
+
+    stream_ = DecodeStream(skip_special_tokens=True)
+    for t in prompt:
+        stream_.step(tok.backend_tokenizer, t)
+    return "".join(stream_.step(tok.backend_tokenizer, t) or "" for t in output)
+
+
+@pytest.mark.parametrize("name", sorted(set(TOKENIZERS) - {"llama-metaspace"}))
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(ALPHABET, min_size=2, max_size=30), data=st.data())
+def test_a_prompt_of_ids_cut_inside_a_character_leaves_it_to_the_output(name, text, data):
+    """A prompt of token ids may end inside a character (a generation continued where it was cut): the output
+    token that completes it showed nothing of it ("I love" + half of " 😀", then the rest and " and": the text was
+    " and"), and a stop string on it never matched. vLLM's detokenizer (tokenizers' DecodeStream, fed the prompt
+    first) gives " 😀 and"; so do the stream and a beam's text decoded at once."""
+    from pagedserve.engine.detokenizer import decode_after_prompt
+
+    tok = TOKENIZERS[name]
+    ids = _ids(tok, text)
+    if len(ids) < 2:
+        return
+    cut = data.draw(st.integers(1, len(ids) - 1))
+    prompt, output = ids[:cut], ids[cut:]
+    expected = decode_stream(tok, prompt, output)
+    deltas, streamed, _ = stream(tok, prompt, output)
+    assert streamed == "".join(deltas) == expected, (prompt, output)
+    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == expected
+    emoji = _ids(tok, "I love 😀 and")
+    if name == "byte-level":  # the emoji's four bytes: the prompt holds the first two
+        prompt, output = emoji[:-6], emoji[-6:]
+        assert stream(tok, prompt, output)[1] == "😀 and" and tok.decode(prompt).endswith("\ufffd")
+        assert stream(tok, prompt, output, stop=["😀"])[2] == "😀"
+
+
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 def test_each_step_decodes_a_bounded_window(name):
     """The cost per token does not grow with the prompt or the output: no decode sees more than a few tokens."""

@@ -89,11 +89,23 @@ class IncrementalDetokenizer:
         # accounted for (at first the prompt's, never part of ``text``); what the tokens after it add is new.
         self.ids: list[int] = prompt_context(prompt_token_ids, skip_ids)
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = self._context_read(self.ids)
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
         # The stop string the text was cut at (the output's ``stop_reason``); nothing after it is ever added.
         self.stop_string: str | None = None
+
+    def _context_read(self, context: list[int]) -> int:
+        """Where the prompt context's read part ends: before its last tokens where they end inside a character (a
+        prompt of token ids cut mid-character), so that the output that completes it shows it, as vLLM's
+        detokenizer does (its read part stops before them too). A character in progress has at most
+        ``IN_PROGRESS_TOKENS`` tokens."""
+        if not context or not self._decode(context).endswith(REPLACEMENT):
+            return len(context)
+        for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
+            if not self._decode(context[:cut]).endswith(REPLACEMENT):
+                return cut
+        return len(context)  # not a character in progress: bytes that never make one, left with the prompt
 
     def copy(self) -> IncrementalDetokenizer:
         new = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
@@ -202,5 +214,5 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
     detok = IncrementalDetokenizer(tokenizer, [], skip_ids, prompt_token_ids=prompt_token_ids,
                                    skip_special_tokens=skip_special_tokens)
     context = detok.ids
-    head = detok._decode(context)
+    head = detok._decode(context[:detok.read_offset])
     return complete_text(detok._decode(context + [t for t in token_ids if t not in detok.skip_ids])[len(head):])
