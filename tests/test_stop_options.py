@@ -152,3 +152,39 @@ def test_the_wire_carries_them():
         "min_tokens": 3, "include_stop_str_in_output": True}}), 1 << 20)
     p = engine_params(req.params)
     assert p.min_tokens == 3 and p.include_stop_str_in_output is True
+
+
+def test_a_worker_and_a_batch_line_say_what_stopped_an_output(redis_url, prefix, shared_engine):
+    """vLLM's server writes each choice's ``stop_reason`` (the stop string or stop token id that ended it, null for
+    EOS); the done event and batch lines left it out (a tester). Both carry it now, for each output of ``n``."""
+    import redis
+    from openai.types import Completion
+
+    from pagedserve.service.batch_client import batch_results, submit_batch, wait_batch
+    from pagedserve.service.client import Client
+    from service_fixtures import make_settings, running_worker
+
+    base = {"max_tokens": 10, "temperature": 0, "ignore_eos": True, "allowed_token_ids": [97, 98, 99]}
+    with running_worker(make_settings(redis_url, prefix), shared_engine), \
+            Client(redis_url, prefix=prefix) as c, redis.Redis.from_url(redis_url) as r:
+        free = c.generate([72, 105], params=base, timeout=60).outputs[0]
+        assert free.finish_reason == "length" and free.stop_reason is None
+        word, token = free.text[3:5], free.token_ids[2]
+        by_string = c.generate([72, 105], params={**base, "stop": [word]}, timeout=60).outputs[0]
+        assert by_string.finish_reason == "stop" and by_string.stop_reason == word, by_string
+        by_id = c.generate([72, 105], params={**base, "stop_token_ids": [token]}, timeout=60).outputs[0]
+        assert by_id.finish_reason == "stop" and by_id.stop_reason == token, by_id
+        sampled = c.generate([72, 105], params={**base, "temperature": 1.0, "seed": 3, "n": 2, "stop": [word]},
+                             timeout=60)
+        lines = [{"custom_id": str(i), "method": "POST", "url": "/v1/completions",
+                  "body": {"model": "m", "prompt": [72, 105], **params}}
+                 for i, params in enumerate(({**base, "stop": [word]}, {**base, "stop_token_ids": [token]}, base))]
+        bid = submit_batch(r, prefix, "".join(json.dumps(line) + "\n" for line in lines).encode())
+        wait_batch(r, prefix, bid, timeout=60, poll_s=0.2)
+        outs = {o["custom_id"]: o["response"]["body"] for o in batch_results(r, prefix, bid)}
+    assert [o.stop_reason for o in sampled.outputs] == [word if o.finish_reason == "stop" else None
+                                                        for o in sampled.outputs]
+    for cid, expected in (("0", word), ("1", token), ("2", None)):
+        (choice,) = Completion.model_validate(outs[cid]).choices
+        assert outs[cid]["choices"][0]["stop_reason"] == expected, outs[cid]
+        assert choice.finish_reason == ("length" if expected is None else "stop")

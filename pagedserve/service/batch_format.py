@@ -617,12 +617,13 @@ def output_line(event: DoneEvent | ErrorEvent, md: dict, token_text: TokenText =
     model = md.get("model") or "pagedserve"
     if url == "/v1/chat/completions":
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "finish_reason": _finish(o.finish_reason),
+                    "finish_reason": _finish(o.finish_reason), "stop_reason": o.stop_reason,
                     "logprobs": _chat_logprobs(o.token_ids, o.logprobs, top_logprobs, token_text)} for o in event.outputs]
         body = {"id": f"chatcmpl-{event.id}", "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": usage}
     else:
         choices = [{"index": o.index, "text": o.text, "finish_reason": _finish(o.finish_reason),
+                    "stop_reason": o.stop_reason,
                     "logprobs": _completion_logprobs(o.token_ids, o.logprobs, top_logprobs, token_text)} for o in event.outputs]
         body = {"id": f"cmpl-{event.id}", "object": "text_completion", "created": created, "model": model,
                 "choices": choices, "usage": usage}

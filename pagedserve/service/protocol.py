@@ -525,6 +525,9 @@ class CompletionResult(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled", "deadline"] | None
     cumulative_logprob: float | None = None
     logprobs: list[dict[str, float]] | None = None  # JSON object keys are the token ids as strings
+    # vLLM's: the stop token id or stop string that ended a "stop" (None for EOS, a grammar's end, any other
+    # ending; and from workers before 2026-12-07, which did not write it)
+    stop_reason: int | str | None = None
 
 
 class Usage(BaseModel):
