@@ -34,14 +34,19 @@ MAX_SPEC_DEPTH = 124
 # a few others, each holding the interpreter lock that the engine's loop needs, and out of the compile timeout's
 # reach: a thread cannot be stopped). Grammars as llama.cpp writes them take a few passes. Lark is read as it is,
 # by llguidance's Rust. The bound is on what the passes read (gbnf_work), not passes x the whole text: a pass skips
-# the rules already terminal, so a large rule of literals beside a chain is read once.
-MAX_GBNF_WORK = 2_500_000  # characters the passes read: about half a second of a core on a 2-core EPYC VM
+# the rules already terminal, so a large rule of literals beside a chain is read once. At the bound, the passes
+# take a quarter of a second of a core on a 2-core EPYC VM; reading the text itself takes up to half a second more
+# at 100,000 characters of the costliest items (MAX_SPEC_CHARS bounds that).
+MAX_GBNF_WORK = 600_000  # rule items the passes read (gbnf_work)
 _LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
 # A name as llguidance's GBNF parser reads one: str.isalnum() characters, "_" and "-" (\w is the first two).
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*([\w-]+)[ \t]*::=")
 # Literals and classes (which llguidance reads across raw newlines, so a line in one is no rule) and comments.
 _GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\]|\\[\s\S])*"|\[(?:[^\]\\]|\\[\s\S])*\]|#[^\n]*')
 _GBNF_NAME = re.compile(r"[\w-]+")
+# What llguidance's passes ask whether it is terminal, each a node there: a name, a literal or class (blanked to
+# \x00 by _gbnf_names), any character, a group; a repetition's bounds count too (a node more than it makes).
+_GBNF_ITEM = re.compile(r"[\w-]+|[.\x00(]")
 
 
 # vLLM's StructuredOutputsParams fields this engine has no use for, at vLLM's defaults, and why no other value is
@@ -95,22 +100,22 @@ def _check_text(name: str, value: object) -> str:
 
 
 def _gbnf_names(grammar: str) -> str:
-    """``grammar`` with its literals, classes and comments blanked and its lines ended by \\n: what holds names."""
+    """``grammar`` with its lines ended by \\n, each literal and class blanked to one \\x00 and each comment to a
+    space: what holds names."""
     grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # llguidance ends a line at a lone \r too
-    return _GBNF_NOT_NAMES.sub(" ", grammar)
+    return _GBNF_NOT_NAMES.sub(lambda m: " " if m[0][0] == "#" else "\x00", grammar)
 
 
 def gbnf_work(grammar: str) -> tuple[int, int]:
     """``(passes, work)`` of llguidance's GBNF-to-Lark conversion of ``grammar``, at most. The passes: one more than
-    the longest chain of rules each waiting for a terminal rule written after it (a cycle is never terminal: it
-    ends a chain). The work: the characters each pass reads, as llguidance reads them, plus the text once. A pass
-    reads the rules not yet terminal and no others, so a rule is read once per pass until the one that marks it
-    terminal (every pass if none does): a large rule of literals is read once, however long the chain beside it.
-    A literal, class or comment counts one character (one node there, however long it is).
+    the longest chain of rules each waiting for a terminal rule written after it (a cycle, or a rule using root,
+    is never terminal: it ends a chain). The work: the items (:data:`_GBNF_ITEM`: names, literals, classes, any
+    characters, groups) the passes read. A pass reads the rules not yet terminal and no others, so a rule is read
+    once per pass until the one that marks it terminal (every pass if none does): a large rule of literals is read
+    once, however long the chain beside it.
 
     Rules and the names they use are found in the text, less its literals, classes and comments. A name defined
     twice is where llguidance's dict has it: at its first definition, with its last one's body."""
-    text = len(grammar)
     grammar = _gbnf_names(grammar)
     heads = list(_GBNF_RULE.finditer(grammar))
     order: dict[str, int] = {}
@@ -120,8 +125,10 @@ def gbnf_work(grammar: str) -> tuple[int, int]:
     for i, m in enumerate(heads):
         body = grammar[m.end():heads[i + 1].start() if i + 1 < len(heads) else len(grammar)]
         uses[m.group(1)] = {n for n in _GBNF_NAME.findall(body) if n in order}
-        size[m.group(1)] = len(body)
-    level: dict[str, int | None] = {}  # the pass that marks a rule terminal (None: never), once known
+        size[m.group(1)] = len(_GBNF_ITEM.findall(body)) + 1  # and the rule's alternatives
+    # The pass that marks a rule terminal (None: never), once known. llguidance renames root to start and passes
+    # over it without reading it, never marking it: a rule that uses root is never terminal, read every pass.
+    level: dict[str, int | None] = {"root": None} if "root" in order else {}
     for first in order:
         stack, on_stack = [first], {first}
         while stack:  # depth first, without recursion: a chain may be thousands of rules long
@@ -138,7 +145,7 @@ def gbnf_work(grammar: str) -> tuple[int, int]:
             level[rule] = None if None in later else max(
                 (lv + (order[n] > order[rule]) for n, lv in zip(uses[rule], later)), default=1)
     passes = max((lv for lv in level.values() if lv is not None), default=0) + 1
-    return passes, text + sum(size[rule] * (passes if lv is None else lv) for rule, lv in level.items())
+    return passes, sum(size[rule] * (passes if lv is None else lv) for rule, lv in level.items() if rule != "root")
 
 
 def _check_gbnf_work(grammar: str) -> None:
@@ -152,7 +159,7 @@ def _check_gbnf_work(grammar: str) -> None:
     passes, work = gbnf_work(grammar)
     if work > MAX_GBNF_WORK:
         raise structured_error(
-            f"grammar is GBNF that llguidance would convert to Lark in {passes} passes reading {work:,} characters "
+            f"grammar is GBNF that llguidance would convert to Lark in {passes} passes reading {work:,} rule items "
             f"in all (a chain of rules each waiting for one written after it), more than {MAX_GBNF_WORK:,}: write "
             "it in Lark (start: ...; python -m llguidance.gbnf_to_lark FILE converts it), which is read without "
             "converting, or put each chain's rules after the ones they use")
