@@ -177,8 +177,8 @@ def test_gpu_async_decode_steps_never_wait_for_the_device(tiny_models, monkeypat
     """With async scheduling the host waits for the device once a step, for the tokens of the step before the one
     it just queued (``Download.wait``); any other synchronizing call (a blocking copy, ``.item()``, ``nonzero``,
     ``unique``) would let the device run dry. torch's sync debug mode raises on those: decode steps of a batch
-    with every sampling feature (greedy, temperature, top-k/p, min-p, seeds, penalties, min_tokens, logprobs)
-    must run without one, with and without CUDA graphs."""
+    with every sampling feature (greedy, temperature, top-k/p, min-p, seeds, penalties, min_tokens, logprobs,
+    logit_bias, allowed_token_ids, bad_words) must run without one, with and without CUDA graphs."""
     from pagedserve.engine import device_copy
     from pagedserve.engine.llm_engine import LLMEngine
 
@@ -187,7 +187,9 @@ def test_gpu_async_decode_steps_never_wait_for_the_device(tiny_models, monkeypat
     assert engine.async_scheduling
     kinds = [dict(temperature=0), dict(temperature=0.8, top_k=20, top_p=0.9, seed=1), dict(temperature=1.0, min_p=0.1),
              dict(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2, seed=2),
-             dict(temperature=0, min_tokens=30, stop_token_ids=[5, 6, 7]), dict(temperature=0.5, logprobs=2)]
+             dict(temperature=0, min_tokens=30, stop_token_ids=[5, 6, 7]), dict(temperature=0.5, logprobs=2),
+             dict(temperature=0.8, seed=3, logit_bias={5: 2.0, 9: -1.0}), dict(temperature=0, allowed_token_ids=list(
+                 range(5, 60))), dict(temperature=0.9, seed=4, bad_words=["a"], logprobs=1)]
     for i in range(12):
         engine.add_request(f"r{i}", _prompts(i, [5 + 3 * i])[0],
                            SamplingParams(max_tokens=60, ignore_eos=True, **kinds[i % len(kinds)]))

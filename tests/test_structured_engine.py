@@ -139,6 +139,40 @@ def test_logprobs_filled_with_disallowed_tokens_are_the_same_alone_and_in_a_batc
             assert filled == [t for t in range(len(filled) + 3) if t not in allowed][:len(filled)]
 
 
+def test_reading_a_steps_results_runs_nothing_on_the_device(llm, monkeypatch):
+    """Under async scheduling a step's results are read in the next step, after its forward is queued: an op on a
+    device tensor there waits for that forward (the top-k fill ran ``nonzero`` on a row of the raw logits). The
+    results read back only what the draw queued: no op runs while they are read, with a grammar's short top-k,
+    a logit_bias, allowed ids and bad words in the batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pagedserve.engine import sampler
+
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    read, filled = sampler.Drawn.results, []
+
+    def recorded(self):
+        with Record():
+            results = read(self)
+        filled.extend(r for r in results if r.top_logprobs and float("-inf") in r.top_logprobs.values())
+        return results
+
+    monkeypatch.setattr(sampler.Drawn, "results", recorded)
+    outs = llm.generate([[70, 71, 72], [1, 2, 3], [5, 6], [7, 8]], [
+        constrained({"regex": "[ab]{3}"}, logprobs=3),
+        SamplingParams(max_tokens=6, temperature=0.8, seed=1, logit_bias={5: 3.0, 9: -2.0}, logprobs=2),
+        SamplingParams(max_tokens=6, temperature=0.0, allowed_token_ids=[97, 98, 99]),
+        SamplingParams(max_tokens=6, temperature=0.0, bad_words=["a"])])
+    assert all(o.error is None for o in outs) and filled  # a top-k list was filled with disallowed ids
+    assert ops == [], sorted(set(ops))
+
+
 PREEMPTION_PROMPTS = [f"Reply in JSON ({i}): " for i in range(2 * len(GREEDY_CASES))]
 
 

@@ -148,18 +148,27 @@ class LogitShaping:
             if entry.bad is not None:
                 banned += [(row, t) for t in entry.bad.banned(seqs[row])]
         if allowed:  # the allowed values kept aside, the rows filled with -inf, the values put back
-            (rows,) = upload([[row for row, _ in allowed]], torch.int64, device)
-            at = (torch.cat([torch.full_like(ids, row) for row, ids in allowed]), torch.cat([ids for _, ids in allowed]))
+            rows, at = _places(allowed, device)
             kept = scores[at]
             scores.index_fill_(0, rows, -torch.inf)
             scores[at] = kept
-        if biased:
-            rows = torch.cat([torch.full_like(cols, row) for row, cols, _ in biased])
-            scores.index_put_((rows, torch.cat([cols for _, cols, _ in biased])),
-                              torch.cat([vals for _, _, vals in biased]).to(scores.dtype), accumulate=True)
+        if biased:  # each (row, token) once (a row is one request's, its keys unique): no accumulating put
+            _, at = _places([(row, cols) for row, cols, _ in biased], device)
+            scores[at] = scores[at] + torch.cat([vals for _, _, vals in biased]).to(scores.dtype)
         if banned:  # token ids within the vocabulary: add_request refuses a word's beyond it
             at = tuple(upload([[r for r, _ in banned], [t for _, t in banned]], torch.int64, device))
             scores.index_put_(at, torch.full((len(banned),), -torch.inf, dtype=scores.dtype, device=device))
+
+
+def _places(rows_ids: list[tuple[int, torch.Tensor]], device: torch.device,
+            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The rows, and the (row, token id) places of each row's ids, as index tensors: one upload and a few
+    launches however many rows (a tensor per row cost a launch each, hundreds a step at large batches), and no
+    wait for the device (the repeat's size is given)."""
+    lengths = [ids.numel() for _, ids in rows_ids]
+    rows, counts = upload([[row for row, _ in rows_ids], lengths], torch.int64, device)
+    at_rows = torch.repeat_interleave(rows, counts, output_size=sum(lengths))
+    return rows, (at_rows, torch.cat([ids for _, ids in rows_ids]))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> None:
@@ -211,13 +220,22 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return probs
 
 
-def _fill_disallowed(row: torch.Tensor, ids: list[int], vals: list[float]) -> tuple[list[int], list[float]]:
-    """A top-k list that runs into tokens at -inf gets the lowest disallowed ids: ``topk`` leaves the order of
-    ties open and it changes with k, the batch's largest ``logprobs``, so a row's list would depend on its
-    batch."""
+def _fill_disallowed(lowest: list[int], ids: list[int], vals: list[float]) -> tuple[list[int], list[float]]:
+    """A top-k list that runs into tokens at -inf gets the lowest disallowed ids (``lowest``, ascending): ``topk``
+    leaves the order of ties open and it changes with k, the batch's largest ``logprobs``, so a row's list would
+    depend on its batch."""
     finite = [(i, v) for i, v in zip(ids, vals) if v != -math.inf]
-    fill = (row == -math.inf).nonzero().flatten()[:len(ids) - len(finite)].tolist()
+    fill = lowest[:len(ids) - len(finite)]
     return [i for i, _ in finite] + fill, [v for _, v in finite] + [-math.inf] * len(fill)
+
+
+def _lowest_disallowed(raw_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, its ``k`` lowest token ids at -inf, ascending, padded with the vocabulary size: found on the
+    device with the step's other results, so that reading them back waits for nothing more (``nonzero`` on a
+    row, read back in the next step under async scheduling, waited for that step's forward)."""
+    vocab = raw_logits.shape[1]
+    cols = torch.arange(vocab, device=raw_logits.device).expand_as(raw_logits)
+    return torch.where(torch.isneginf(raw_logits), cols, vocab).topk(k, dim=-1, largest=False).values
 
 
 _MASK64 = (1 << 64) - 1
@@ -321,23 +339,24 @@ class Sampler:
         # back with the tokens, so that nothing waits for it here. Bias and penalties never make -inf.
         may_empty = shaped and any(p.allowed_token_ids is not None or p.bad_words is not None for p in params)
         copies = [tokens, chosen, torch.isneginf(logits).all(dim=-1) if may_empty else None]
+        # Only a grammar's mask (written into the raw logits) leaves a row's top-k short of allowed tokens.
+        fills = bool(top_k) and any(p.logprobs and p.structured_outputs is not None for p in params)
         if top_k:
             top_vals, top_ids = raw_logits.topk(top_k, dim=-1)
-            copies += [top_vals - lse.unsqueeze(1), top_ids]
-        return Drawn(tokens, Download([c for c in copies if c is not None]), want_top,
-                     raw_logits if top_k else None, may_empty)
+            copies += [top_vals - lse.unsqueeze(1), top_ids, _lowest_disallowed(raw_logits, top_k) if fills else None]
+        return Drawn(tokens, Download([c for c in copies if c is not None]), want_top, may_empty, fills)
 
 
 class Drawn:
     """One step's sampled tokens: ``tokens`` on the device, and their results once read back (``results``)."""
 
     def __init__(self, tokens: torch.Tensor, download: Download, want_top: list[int | None],
-                 raw_logits: torch.Tensor | None, may_empty: bool = False) -> None:
+                 may_empty: bool = False, fills: bool = False) -> None:
         self.tokens = tokens
         self._download = download
         self._may_empty = may_empty  # the download's third tensor says which rows had nothing left to draw
         self._want_top = want_top
-        self._raw_logits = raw_logits  # for the rare top-k list that runs into disallowed tokens
+        self._fills = fills  # the download's last tensor: each row's lowest disallowed ids (_lowest_disallowed)
 
     def results(self) -> list[SampleResult]:
         """A result per row; waits for the device to reach the step's sampling (not for later work)."""
@@ -356,6 +375,7 @@ class Drawn:
         if self._want_top.count(None) == len(self._want_top):  # no logprobs asked for: the common case, kept cheap
             return [SampleResult(tok, logprob, None) for tok, logprob in zip(token_list, chosen)]
         top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)
+        lowest = host[4].tolist() if self._fills else None
         results = []
         for r, tok in enumerate(token_list):
             top = None
@@ -364,8 +384,8 @@ class Drawn:
                 top = {}
                 if k:
                     ids, vals = top_ids[r][:k], top_vals[r][:k]
-                    if vals[-1] == -math.inf:  # filled up with disallowed tokens (a grammar's mask)
-                        ids, vals = _fill_disallowed(self._raw_logits[r], ids, vals)
+                    if vals[-1] == -math.inf and lowest is not None:  # filled up with a grammar's disallowed
+                        ids, vals = _fill_disallowed(lowest[r], ids, vals)
                     top = dict(zip(ids, vals))
                 top[tok] = chosen[r]
             results.append(SampleResult(tok, chosen[r], top))
