@@ -1752,12 +1752,22 @@ def _root_user_beside_chain(rules: int, width: int) -> str:
     return f'root ::= "a"\nw0 ::= {"." * width} root\n{chain}c{rules} ::= "x"\n'
 
 
+def _empty_alternatives_beside_chain(rules: int, alternatives: int) -> str:
+    """A group of empty alternatives in a rule that uses root, beside a chain: each "|" is a node that every pass
+    asks, the group being never terminal."""
+    chain = "".join(f"a{i} ::= a{i + 1}\n" for i in range(rules))
+    return f'root ::= a0 p\np ::= ({"|" * alternatives}) root\n{chain}a{rules} ::= "x"\n'
+
+
 @pytest.mark.parametrize("grammar", [
+    _empty_alternatives_beside_chain(20, 2_000), _empty_alternatives_beside_chain(3, 500),
+    'root ::= (("a" | "b")* c? | [x-z]{2,5} d+ ("e" (f | "g")?)*)\nc ::= "c" root\nd ::= "d" | e\ne ::= d "."\n'
+    'f ::= "f"\n',
     _root_user_beside_chain(40, 300), _root_user_beside_chain(10, 5_000),
     _rule_chain(40, gbnf=True), _rule_chain(300, gbnf=True), _chain_beside_literals(40, 500),
     _chain_beside_literals(400, 4_000), _wide_chain(30, 40), _wide_chain(100, 50), _llama_cpp_object(200),
     'root ::= a\na ::= "x" a | "y"\n' + "".join(f'b{i} ::= "(" a ")" b{i + 1} | "q"\n' for i in range(60)) + "b60 ::= a\n",
-], ids=["root-user-40", "root-user-wide", "chain-40", "chain-300", "beside-literals", "beside-4000-literals", "wide-30", "wide-100", "llama-cpp",
+], ids=["empty-alternatives", "empty-alternatives-short", "repetitions", "root-user-40", "root-user-wide", "chain-40", "chain-300", "beside-literals", "beside-4000-literals", "wide-30", "wide-100", "llama-cpp",
         "cycle"])
 def test_the_gbnf_work_bound_covers_what_llguidance_reads(grammar):
     """The bound counts what llguidance's passes read, not passes x the whole text: a tester's 52 kB grammar (a
@@ -1801,3 +1811,44 @@ def test_the_gbnf_refusals_command_converts_to_lark_that_compiles(tokenized, tmp
     lark = (tmp_path / "chain.lark").read_text()
     assert validate_structured_outputs({"grammar": lark}) == {"grammar": lark}
     assert so.compile({"grammar": lark}) is not None
+
+
+def test_gbnf_that_the_bound_misread_is_refused_or_read_in_linear_time(tokenized):
+    """An attacker's ways past the bound: 95,000 empty alternatives that every pass asks (counted as nothing,
+    converted for 26 s), 320 nested groups that llguidance's recursive walk reads once per level (1.75 s in one
+    pass), and texts on which the checks' own regular expressions ran in quadratic time (40,000 "[" took 72 s
+    to validate; 100,000 newlines would hold llguidance's own test for Lark for over a minute, on the compile
+    thread). The first two are refused by name; the texts are read in one sweep (an open literal or class runs
+    to the end, the test for Lark looks at each line's own leading space), as what llguidance reads them as."""
+    from pagedserve.engine.structured_spec import MAX_GBNF_GROUP_DEPTH, _gbnf_names, is_lark
+
+    so, _tok, _eos = tokenized
+    with pytest.raises(ValueError, match="^structured_outputs grammar is GBNF that llguidance would convert"):
+        validate_structured_outputs({"grammar": _empty_alternatives_beside_chain(700, 85_000)})
+    deep = "root ::= " + "(" * 40 + '"a"' + ")*" * 40 + "\n"
+    with pytest.raises(ValueError, match=f"^structured_outputs grammar nests groups 40 deep, more than "
+                                         f"{MAX_GBNF_GROUP_DEPTH}: give the inner ones rules of their own$"):
+        validate_structured_outputs({"grammar": deep})
+    usual = '"z"'
+    for i in range(8):
+        usual = f'("{i}" {usual} | "-")?'
+    usual = f"root ::= {usual}\n"
+    assert validate_structured_outputs({"grammar": usual}) and so.compile({"grammar": usual}) is not None
+    assert _gbnf_names("root ::= x\n" + "[" * 40_000) == "root ::= x\n\x00"  # one open class to the end
+    assert _gbnf_names('root ::= "' + '\\"' * 20_000 + "\\") == "root ::= \x00"
+    blank = "\n" * 20_000 + "root ::= [\n"
+    assert not is_lark(blank)
+    with pytest.raises(ValueError, match="^structured_outputs grammar does not parse: Failed to convert the grammar "
+                                         "from GBNF to Lark"):
+        so.compile({"grammar": blank})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([" ", "\t", "\n", "\r", "\x0b", "\x1c", "\u2028", "\x85", "start", ":", "%llguidance",
+                                 "x", "root ::= ", "%llguidancex", "star"]), max_size=12).map("".join))
+def test_the_test_for_lark_is_llguidances_own(text):
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    from pagedserve.engine.structured_spec import is_lark
+
+    assert is_lark(text) == is_lark_syntax(text)

@@ -69,7 +69,7 @@ from pagedserve.engine.cpu_threads import allowed_cpus, default_threads
 from pagedserve.engine.structured import DEFAULT_MAX_MASK_MS, MAX_MASK_ENV
 from pagedserve.engine.structured_lark import rules_that_never_end
 from pagedserve.engine.structured_patterns import quotable_pattern
-from pagedserve.engine.structured_spec import GrammarFailed, kind_of, structured_error
+from pagedserve.engine.structured_spec import GrammarFailed, is_lark, kind_of, structured_error
 
 log = logging.getLogger(__name__)
 
@@ -1112,8 +1112,18 @@ class LLGuidanceBackend:
             # \d, \w and \s are ASCII classes, as in vLLM's default backend and in a JSON Schema pattern here;
             # llguidance's own regexes are Unicode-aware, so a date came out in look-alike digits.
             return llg.LLMatcher.grammar_from_lark(f"start: /{llg.regex_to_lark(body, REGEX_ASCII_CLASSES)}/")
+        # Lark as it is, GBNF converted to Lark, as llguidance's grammar_from("grammar", ...) does, with a test for
+        # Lark of ours: its own runs in time quadratic in the blank lines (structured_spec.is_lark).
+        if not is_lark(body):
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            try:
+                body = gbnf_to_lark(body)
+            except Exception as e:  # its parser raises bare Exceptions
+                raise structured_error(f"grammar does not parse: Failed to convert the grammar from GBNF to Lark: "
+                                       f"{_cut(e)}") from None
         try:
-            return llg.grammar_from("grammar", body)  # Lark as it is, GBNF converted to Lark
+            return llg.LLMatcher.grammar_from_lark(body)
         except ValueError as e:
             raise structured_error(f"grammar does not parse: {_cut(e)}") from None
 

@@ -38,15 +38,29 @@ MAX_SPEC_DEPTH = 124
 # take a quarter of a second of a core on a 2-core EPYC VM; reading the text itself takes up to half a second more
 # at 100,000 characters of the costliest items (MAX_SPEC_CHARS bounds that).
 MAX_GBNF_WORK = 600_000  # rule items the passes read (gbnf_work)
-_LARK_SYNTAX = re.compile(r"(?m)^\s*(%llguidance\b|start\s*:)")  # what llguidance reads as Lark, not as GBNF
+# Before the passes, llguidance walks every rule's nodes recursively, each node once per group around it: 99,000
+# empty alternatives inside 320 nested groups took 1.75 s (and past about 330 the walk hits Python's recursion
+# limit). llama.cpp's grammars nest a few groups.
+MAX_GBNF_GROUP_DEPTH = 32
+# What llguidance reads as Lark, not as GBNF: its own test (llguidance.gbnf_to_lark.is_lark_syntax) with "^\s*",
+# which from every line start runs over every blank line after it (100,000 newlines: over a minute), written as
+# the same test on one line's leading space.
+_LARK_SYNTAX = re.compile(r"(?m)^[^\S\n]*(%llguidance\b|start\s*:)")
 # A name as llguidance's GBNF parser reads one: str.isalnum() characters, "_" and "-" (\w is the first two).
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*([\w-]+)[ \t]*::=")
-# Literals and classes (which llguidance reads across raw newlines, so a line in one is no rule) and comments.
-_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\]|\\[\s\S])*"|\[(?:[^\]\\]|\\[\s\S])*\]|#[^\n]*')
+# Literals and classes (which llguidance reads across raw newlines, so a line in one is no rule) and comments. One
+# left open runs to the end of the text: a search for its close from every "[" of 40,000 took 72 s.
+_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)|\[(?:[^\]\\]|\\[\s\S])*(?:\]|\\?\Z)|#[^\n]*')
 _GBNF_NAME = re.compile(r"[\w-]+")
 # What llguidance's passes ask whether it is terminal, each a node there: a name, a literal or class (blanked to
-# \x00 by _gbnf_names), any character, a group; a repetition's bounds count too (a node more than it makes).
-_GBNF_ITEM = re.compile(r"[\w-]+|[.\x00(]")
+# \x00 by _gbnf_names), any character, a group, an alternative (empty ones too), a repetition; a repetition's
+# bounds count too (a node more than it makes).
+_GBNF_ITEM = re.compile(r"[\w-]+|[.\x00(|*+?{]")
+
+
+def is_lark(grammar: str) -> bool:
+    """Whether llguidance reads ``grammar`` as Lark rather than as GBNF, as its own test says (in linear time)."""
+    return _LARK_SYNTAX.search(grammar) is not None
 
 
 # vLLM's StructuredOutputsParams fields this engine has no use for, at vLLM's defaults, and why no other value is
@@ -150,12 +164,20 @@ def gbnf_work(grammar: str) -> tuple[int, int]:
 
 def _check_gbnf_work(grammar: str) -> None:
     """A GBNF grammar whose conversion to Lark could take long (:data:`MAX_GBNF_WORK`) is refused before it starts."""
-    if _LARK_SYNTAX.search(grammar):
+    if is_lark(grammar):
         return
-    if name := next((m[1] for m in _GBNF_RULE.finditer(_gbnf_names(grammar)) if not m[1].isascii()), None):
+    names = _gbnf_names(grammar)
+    if name := next((m[1] for m in _GBNF_RULE.finditer(names) if not m[1].isascii()), None):
         # llguidance converts such a name and then cannot lex it ("lexer error ... start: GRÖSSE")
         raise structured_error(f"grammar rule {name!r}: GBNF rule names are ASCII letters, digits and '-' (as in "
                                "llama.cpp); rename it")
+    depth = deepest = 0
+    for c in re.sub(r"[^()]", "", names):
+        depth = max(depth + (1 if c == "(" else -1), 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_GBNF_GROUP_DEPTH:
+        raise structured_error(f"grammar nests groups {deepest} deep, more than {MAX_GBNF_GROUP_DEPTH}: give the "
+                               "inner ones rules of their own")
     passes, work = gbnf_work(grammar)
     if work > MAX_GBNF_WORK:
         raise structured_error(
