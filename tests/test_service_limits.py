@@ -91,6 +91,22 @@ def test_parse_time_limits_name_the_field():
     assert ok.metadata
 
 
+def test_a_too_deep_body_with_a_string_left_open_is_read_in_one_sweep():
+    """A body too deep for json.loads is scanned for its id and its deep key. A string left open (a backslash
+    before a raw newline, no closing quote) was searched for its close from every quote after it: 33 kB of
+    escaped quotes held the worker's loop 7 s, quadratic in the size (hours at the 1 MiB default). It runs to the
+    end of the text now, one token: the body is answered under its id, naming the deep key."""
+    from pagedserve.service.safe_json import _JSON_TOKEN
+
+    assert [m.group() for m in _JSON_TOKEN.finditer('["ab\\"c\\\n]')] == ["[", '"ab\\"c\\\n]']
+    assert [m.group() for m in _JSON_TOKEN.finditer('{"a": ["b\\\\", "c"]}')] == \
+        ["{", '"a"', ":", "[", '"b\\\\"', '"c"', "]", "}"]
+    body = '{"id": "hostile", "metadata": ' + "[" * 1_100 + '"' + '\\"' * 300_000 + "\\\n"
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(body, 1 << 20)
+    assert ei.value.request_id == "hostile" and ei.value.message.startswith("metadata: nested deeper than")
+
+
 json_leaf = (st.none() | st.booleans() | st.integers() | st.floats() | st.text()
              | st.sampled_from(["\ud800", "\udfff", "a\udc00b"]))
 json_tree = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3)
