@@ -238,28 +238,44 @@ def _refs(node) -> set[str]:
     return out
 
 
-def _holds(node, ends: set[str], rules: dict) -> bool:
-    """Whether ``node`` derives a finite string, given the rules known to end (a name that is no rule here is
-    llguidance's to refuse, and counts as ending)."""
-    if node is True:
-        return True
-    if node[0] == "ref":
-        return node[1] in ends or node[1] not in rules
-    parts = (_holds(part, ends, rules) for part in node[1])
-    return any(parts) if node[0] == "or" else all(parts)
-
-
 def _ending_rules(rules: dict) -> set[str]:
-    """The fixpoint, by worklist: a rule is looked at again only when a rule it names is found to end."""
-    named_by: dict[str, set[str]] = {name: set() for name in rules}
-    for name, node in rules.items():
-        for ref in _refs(node) & rules.keys():
-            named_by[ref].add(name)
+    """The rules that end: the least fixpoint, by propagation from what ends at once, in time linear in the grammar.
+    Each node waits for as many parts as it needs (one of an "or", every one of an "and"; a name, its rule's end)
+    and ends when the last of them does. Looking a rule over again whenever a rule it names ended cost its whole
+    body each time: a start rule naming the 4,000 rules of a chain, 1.5 s on an unstoppable compile thread."""
+    parent: list[int] = []  # a node's parent's index; -1 for a rule's body
+    owner: list[str] = []  # the rule a node belongs to
+    left: list[int] = []  # parts to end before the node does
+    naming: dict[str, list[int]] = {name: [] for name in rules}  # the nodes that name a rule
+    settled: list[int] = []  # nodes found to end, to pass on
+    stack = [(node, -1, name) for name, node in rules.items()]
+    while stack:  # without recursion: groups may nest deep
+        node, up, rule = stack.pop()
+        i = len(left)
+        parent.append(up)
+        owner.append(rule)
+        if node is True:
+            left.append(0)
+        elif node[0] == "ref":  # a name that is no rule here is llguidance's to refuse, and counts as ending
+            left.append(1 if node[1] in rules else 0)
+            if node[1] in rules:
+                naming[node[1]].append(i)
+        else:
+            left.append(1 if node[0] == "or" else len(node[1]))  # an "or" of nothing never ends
+            stack.extend((part, i, rule) for part in node[1])
+        if left[i] == 0:
+            settled.append(i)
     ends: set[str] = set()
-    todo = deque(rules)
-    while todo:
-        name = todo.popleft()
-        if name not in ends and _holds(rules[name], ends, rules):
-            ends.add(name)
-            todo.extend(named_by[name] - ends)
+    while settled:
+        i = settled.pop()
+        up = parent[i]
+        if up == -1:  # a rule's body ended: so does each name of it
+            ends.add(owner[i])
+            for ref in naming[owner[i]]:
+                left[ref] = 0
+                settled.append(ref)
+        elif left[up] > 0:  # an "or" already ended takes no more
+            left[up] -= 1
+            if left[up] == 0:
+                settled.append(up)
     return ends
