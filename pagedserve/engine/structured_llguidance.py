@@ -58,6 +58,7 @@ import logging
 import math
 import re
 import time
+from collections import deque
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from importlib.metadata import version as package_version
 from typing import Any
@@ -637,15 +638,27 @@ def endless_schema(schema: object) -> str | None:
     judgement changes (the least fixed point: a ref admits a finite value only through a path that ends)."""
     if not isinstance(schema, dict):
         return None
-    refs = {node["$ref"] for _, node in _schemas(schema) if isinstance(node.get("$ref"), str)
-            and isinstance(_pointer_target(node["$ref"], schema), (dict, bool))}
-    finite_refs = dict.fromkeys(refs, False)
-    changed = True
-    while changed:
-        changed = False
-        for ref in refs:
-            if not finite_refs[ref] and _has_finite_value(_pointer_target(ref, schema), schema, finite_refs):
-                finite_refs[ref] = changed = True
+    targets = {node["$ref"]: _pointer_target(node["$ref"], schema) for _, node in _schemas(schema)
+               if isinstance(node.get("$ref"), str)}
+    targets = {ref: target for ref, target in targets.items() if isinstance(target, (dict, bool))}
+    # A ref is judged again only when a ref inside its target is found finite: judging every ref until a whole
+    # round changed nothing took a round per link of a chain of $defs (quadratic: 0.84 s for 1,000).
+    used_in: dict[str, list[str]] = {ref: [] for ref in targets}
+    for ref, target in targets.items():
+        for inner in {node.get("$ref") for _, node in _schemas(target)} & targets.keys():
+            used_in[inner].append(ref)
+    finite_refs = dict.fromkeys(targets, False)
+    todo = deque(sorted(targets))
+    queued = set(targets)
+    while todo:
+        ref = todo.popleft()
+        queued.discard(ref)
+        if not finite_refs[ref] and _has_finite_value(targets[ref], schema, finite_refs):
+            finite_refs[ref] = True
+            for user in used_in[ref]:
+                if not finite_refs[user] and user not in queued:
+                    todo.append(user)
+                    queued.add(user)
     if _has_finite_value(schema, schema, finite_refs):
         return None
     endless = sorted(ref for ref, finite in finite_refs.items() if not finite)

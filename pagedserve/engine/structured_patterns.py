@@ -82,13 +82,19 @@ def quotable_pattern(pattern: str) -> str:
     docstring); the same text where there is none."""
     out: list[str] = []
     i = 0
+    close = -1  # the first "}" at or after the last looked-for place (len(pattern): none): found once, not per "\p{"
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
-            prop = re.match(r"\\[pP](?:\{[^}]*\}|.)", pattern[i:])
+            prop = None  # \p{...} or \P{...}, or \p with one character (not a newline) as its name
+            if pattern[i + 1:i + 2] in ("p", "P") and i + 2 < len(pattern) and pattern[i + 2] != "\n":
+                if pattern[i + 2] == "{" and close < i + 3:
+                    close = pattern.find("}", i + 3)
+                    close = len(pattern) if close == -1 else close
+                prop = pattern[i:close + 1] if pattern[i + 2] == "{" and close < len(pattern) else pattern[i:i + 3]
             if prop:
-                out.append(_without_nul(f"[{prop.group()}]"))
-                i += prop.end()
+                out.append(_without_nul(f"[{prop}]"))
+                i += len(prop)
             else:
                 out.append(pattern[i:i + 2])
                 i += 2
