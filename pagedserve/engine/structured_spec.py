@@ -124,7 +124,7 @@ def gbnf_work(grammar: str) -> tuple[int, int]:
     """``(passes, work)`` of llguidance's GBNF-to-Lark conversion of ``grammar``, at most. The passes: one more than
     the longest chain of rules each waiting for a terminal rule written after it (a cycle, or a rule using root,
     is never terminal: it ends a chain). The work: the items (:data:`_GBNF_ITEM`: names, literals, classes, any
-    characters, groups) the passes read. A pass reads the rules not yet terminal and no others, so a rule is read
+    characters, groups, alternatives, repetitions) the passes read. A pass reads the rules not yet terminal and no others, so a rule is read
     once per pass until the one that marks it terminal (every pass if none does): a large rule of literals is read
     once, however long the chain beside it.
 
