@@ -135,7 +135,7 @@ class LogitShaping:
 
     def __call__(self, scores: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> None:
         made, self._made = self._made, {}
-        device, vocab = scores.device, scores.shape[1]
+        device = scores.device
         allowed, biased, banned = [], [], []
         for row, p in enumerate(params):
             if p.allowed_token_ids is None and not p.logit_bias and p.bad_words is None:
@@ -338,13 +338,17 @@ class Sampler:
         # Allowed tokens and bad words can leave a row nothing (all the allowed ones bad after some token): read
         # back with the tokens, so that nothing waits for it here. Bias and penalties never make -inf.
         may_empty = shaped and any(p.allowed_token_ids is not None or p.bad_words is not None for p in params)
-        copies = [tokens, chosen, torch.isneginf(logits).all(dim=-1) if may_empty else None]
         # Only a grammar's mask (written into the raw logits) leaves a row's top-k short of allowed tokens.
         fills = bool(top_k) and any(p.logprobs and p.structured_outputs is not None for p in params)
+        copies = [tokens, chosen]
         if top_k:
             top_vals, top_ids = raw_logits.topk(top_k, dim=-1)
-            copies += [top_vals - lse.unsqueeze(1), top_ids, _lowest_disallowed(raw_logits, top_k) if fills else None]
-        return Drawn(tokens, Download([c for c in copies if c is not None]), want_top, may_empty, fills)
+            copies += [top_vals - lse.unsqueeze(1), top_ids]
+        if fills:
+            copies.append(_lowest_disallowed(raw_logits, top_k))
+        if may_empty:
+            copies.append(torch.isneginf(logits).all(dim=-1))
+        return Drawn(tokens, Download(copies), want_top, may_empty, fills)
 
 
 class Drawn:
@@ -354,27 +358,24 @@ class Drawn:
                  may_empty: bool = False, fills: bool = False) -> None:
         self.tokens = tokens
         self._download = download
-        self._may_empty = may_empty  # the download's third tensor says which rows had nothing left to draw
+        # The download: tokens, chosen logprobs, [top-k values and ids], [lowest disallowed ids], [rows left nothing]
+        self._may_empty = may_empty  # its last tensor says which rows had nothing left to draw
         self._want_top = want_top
-        self._fills = fills  # the download's last tensor: each row's lowest disallowed ids (_lowest_disallowed)
+        self._fills = fills  # it holds each row's lowest disallowed ids (_lowest_disallowed)
 
     def results(self) -> list[SampleResult]:
         """A result per row; waits for the device to reach the step's sampling (not for later work)."""
         host = self._download.wait()
-        token_list, chosen = host[0].tolist(), host[1].tolist()
-        excluded = None
+        results = self._results(host, host[0].tolist(), host[1].tolist())
         if self._may_empty:
-            excluded, host = host[2].tolist(), host[:2] + host[3:]
-        results = self._results(host, token_list, chosen)
-        if excluded is not None and any(excluded):
-            for result, none in zip(results, excluded):
+            for result, none in zip(results, host[-1].tolist()):
                 result.excluded = none
         return results
 
     def _results(self, host: list, token_list: list[int], chosen: list[float]) -> list[SampleResult]:
         if self._want_top.count(None) == len(self._want_top):  # no logprobs asked for: the common case, kept cheap
             return [SampleResult(tok, logprob, None) for tok, logprob in zip(token_list, chosen)]
-        top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)
+        top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if any(self._want_top) else (None, None)
         lowest = host[4].tolist() if self._fills else None
         results = []
         for r, tok in enumerate(token_list):

@@ -244,7 +244,7 @@ def _ending_rules(rules: dict) -> set[str]:
     and ends when the last of them does. Looking a rule over again whenever a rule it names ended cost its whole
     body each time: a start rule naming the 4,000 rules of a chain, 1.5 s on an unstoppable compile thread."""
     parent: list[int] = []  # a node's parent's index; -1 for a rule's body
-    owner: list[str] = []  # the rule a node belongs to
+    body_of: dict[int, str] = {}  # a rule's body node: the rule
     left: list[int] = []  # parts to end before the node does
     naming: dict[str, list[int]] = {name: [] for name in rules}  # the nodes that name a rule
     settled: list[int] = []  # nodes found to end, to pass on
@@ -253,7 +253,8 @@ def _ending_rules(rules: dict) -> set[str]:
         node, up, rule = stack.pop()
         i = len(left)
         parent.append(up)
-        owner.append(rule)
+        if up == -1:
+            body_of[i] = rule
         if node is True:
             left.append(0)
         elif node[0] == "ref":  # a name that is no rule here is llguidance's to refuse, and counts as ending
@@ -262,7 +263,7 @@ def _ending_rules(rules: dict) -> set[str]:
                 naming[node[1]].append(i)
         else:
             left.append(1 if node[0] == "or" else len(node[1]))  # an "or" of nothing never ends
-            stack.extend((part, i, rule) for part in node[1])
+            stack.extend((part, i, None) for part in node[1])
         if left[i] == 0:
             settled.append(i)
     ends: set[str] = set()
@@ -270,8 +271,8 @@ def _ending_rules(rules: dict) -> set[str]:
         i = settled.pop()
         up = parent[i]
         if up == -1:  # a rule's body ended: so does each name of it
-            ends.add(owner[i])
-            for ref in naming[owner[i]]:
+            ends.add(body_of[i])
+            for ref in naming[body_of[i]]:
                 left[ref] = 0
                 settled.append(ref)
         elif left[up] > 0:  # an "or" already ended takes no more

@@ -130,7 +130,11 @@ def gbnf_work(grammar: str) -> tuple[int, int]:
 
     Rules and the names they use are found in the text, less its literals, classes and comments. A name defined
     twice is where llguidance's dict has it: at its first definition, with its last one's body."""
-    grammar = _gbnf_names(grammar)
+    return _gbnf_work_of(_gbnf_names(grammar))
+
+
+def _gbnf_work_of(grammar: str) -> tuple[int, int]:
+    """:func:`gbnf_work` of a grammar's :func:`_gbnf_names` text."""
     heads = list(_GBNF_RULE.finditer(grammar))
     order: dict[str, int] = {}
     for m in heads:
@@ -178,7 +182,7 @@ def _check_gbnf_work(grammar: str) -> None:
     if deepest > MAX_GBNF_GROUP_DEPTH:
         raise structured_error(f"grammar nests groups {deepest} deep, more than {MAX_GBNF_GROUP_DEPTH}: give the "
                                "inner ones rules of their own")
-    passes, work = gbnf_work(grammar)
+    passes, work = _gbnf_work_of(names)
     if work > MAX_GBNF_WORK:
         raise structured_error(
             f"grammar is GBNF that llguidance would convert to Lark in {passes} passes reading {work:,} rule items "

@@ -101,7 +101,7 @@ def done_event(rid: str, out: Any, arrival: float, finished: float, metadata: di
             finish_reason=finish_reason(c.finish_reason or reason),
             cumulative_logprob=_finite(c.cumulative_logprob),
             logprobs=_logprobs(c.logprobs),
-            stop_reason=getattr(c, "stop_reason", None) if c.finish_reason == "stop" else None,
+            stop_reason=getattr(c, "stop_reason", None),  # the engine's, set on a "stop" alone
         )
         for c in (out.outputs if out is not None else [])
     ]
