@@ -162,7 +162,9 @@ def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix)
         (answered,) = [e for e in w.events() if e.get("event") == "answered_by_owner"]
         assert answered["request_id"] == rid and answered["counted"] is False
         assert admin.get(keys.result(rid)).decode() == other
-        assert not admin.exists(keys.running(rid)) and not pending(admin, keys)
+        assert not admin.exists(keys.running(rid))
+        # The acknowledgement is queued on the publisher and goes with its next flush, after the log line.
+        wait_for(lambda: not pending(admin, keys), 30, what="entry acknowledged")
         assert not any(e.get("event") == "request_finished" and e.get("request_id") == rid for e in w.events())
         assert w.proc.poll() is None
 
