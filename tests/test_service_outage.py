@@ -246,3 +246,24 @@ def test_a_worker_stopping_while_redis_is_away_says_nothing_was_handed_back(tmp_
             second.close()
         assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
         assert isinstance(short, DoneEvent) and len(short.outputs[0].token_ids) == 64
+
+
+def test_a_duplicate_entry_lost_to_another_consumer_and_handed_back_is_acknowledged_with_its_run(tmp_path, prefix):
+    """A running id with two entries (a producer's retry): another consumer takes one over (its XAUTOCLAIM after
+    this worker's lease on that entry lapsed), then hands it back as a stopping worker does (XCLAIM with an idle
+    time past claim_idle_ms). This worker took it back while the run went on, counted it attached, and renewed it
+    for the rest of its life without ever acknowledging it: the stream and its pending list never drained. It is
+    acknowledged with the run now. (The other consumer is stood in for by XCLAIM calls.)"""
+    rid = "lost-and-back"
+    with private_worker(tmp_path, prefix) as (admin, s, c, w, keys):
+        submit_running(c, admin, keys, rid)
+        ((first, fields),) = admin.xrange(keys.requests)
+        second = admin.xadd(keys.requests, fields)  # the producer sends the same request again
+        wait_for(lambda: second.decode() in pending(admin, keys), 30, what="second entry read")
+        admin.xclaim(keys.requests, keys.group, "another-worker", 0, [first], justid=True)
+        wait_for(lambda: any(e.get("event") == "entry_lost" for e in w.events()), 30, what="entry seen lost")
+        admin.xclaim(keys.requests, keys.group, "another-worker", 0, [first], idle=60_000, justid=True)
+        ended = c.wait(rid, timeout=120)
+        assert isinstance(ended, DoneEvent) and len(ended.outputs[0].token_ids) == 1800
+        assert not any(e.get("event") == "lease_lost" for e in w.events())
+        wait_for(lambda: not pending(admin, keys) and admin.xlen(keys.requests) == 0, 30, what="both entries acked")

@@ -18,7 +18,9 @@ from .protocol import GenerateRequest
 class EntryIds(list):
     """A request's stream entries in arrival order, appended to without repeats in O(1): one id may gather
     thousands of entries (a producer sending it again and again while it runs), and a list's own membership test
-    made attaching them quadratic. Only ``append`` adds to it."""
+    made attaching them quadratic. Only ``append`` adds to it and only ``remove`` takes one out: the seen set is
+    what "already attached" means, so an entry taken out (lost to another consumer) attaches again when it comes
+    back. (The list's other mutators would leave the set behind: nothing here uses them.)"""
 
     def __init__(self, entry_ids=()) -> None:
         super().__init__()
@@ -30,6 +32,10 @@ class EntryIds(list):
         if entry_id not in self._seen:
             self._seen.add(entry_id)
             super().append(entry_id)
+
+    def remove(self, entry_id: str) -> None:
+        super().remove(entry_id)
+        self._seen.discard(entry_id)
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._seen

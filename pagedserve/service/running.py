@@ -161,7 +161,9 @@ class Running(WorkerPart):
             if f is None:
                 continue
             f.entry_ids.remove(eid)
-            if not f.entry_ids:
+            if f.entry_ids:  # a duplicate entry: the run goes on with the others, and takes this one back if it returns
+                (f.log or self.log).info("entry_lost", entry_id=eid, entries_left=len(f.entry_ids))
+            else:
                 self.table.pop(rid, None)
                 self.engine().abort_request(rid, "cancelled")
                 self.publisher.forget(rid)
