@@ -208,6 +208,36 @@ def test_slots_full_of_worse_priority_work_still_read_a_default_priority_request
         r.close()
 
 
+def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_default_priority_request_in(redis_url, prefix):
+    """Eight worse-priority requests read (as many as the sequence slots) where the KV pool starts one or two, the
+    rest held unstarted in the engine past the batch feeder's reserve: a default-priority request at the head of the
+    stream was read only once a worse one finished (0.2-2.6 s in a held-out run, the worse ones generating
+    meanwhile), since the cap on holding worse requests stopped every read, and only a priority better than the
+    default was looked at ahead of room. Nothing ahead of it was as good: it runs at once."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=40, max_num_seqs=8, max_model_len=512,
+                      preemption_mode="swap", swap_space_gb=0.01)
+    low = [f"worse-{i}" for i in range(8)]
+    try:
+        with running_worker(s) as w:
+            for rid in low:
+                body = {"id": rid, "prompt": "job " * 75, "priority": 5,
+                        "params": {"max_tokens": 200, "ignore_eos": True}}
+                r.xadd(keys.requests, {"body": json.dumps(body)})
+            wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == len(low) and w.engine.num_running,
+                     30, 0.005, "every worse request read, one running")
+            assert w.engine.num_unstarted_worse_than(0) > w.batches.reserve
+            r.xadd(keys.requests, {"body": json.dumps({"id": "now", "prompt": "now", "params": {"max_tokens": 4}})})
+            wait_for(lambda: r.exists(keys.result("now")), 30, 0.02, "the default-priority request's result")
+            assert parse_terminal(r.get(keys.result("now"))).type == "done"
+            assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: it waited"
+    finally:
+        r.close()
+
+
 def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_url, prefix):
     """Every sequence slot held by default-priority requests, the stream otherwise empty: a request of a better
     priority waited in the stream until all of them had finished (4.3 s in a held-out run), since the worker

@@ -37,7 +37,7 @@ import redis
 
 from .connection import REDIS_DOWN, Connection, refused_while_up
 from .context import WorkerContext, WorkerPart
-from .protocol import as_text
+from .protocol import DEFAULT_PRIORITY, as_text
 from .reclaim import Reclaimer
 from .running import Running
 
@@ -51,10 +51,11 @@ FLOOD_LOG_S = 60.0  # a cancel flood is logged at most this often
 
 
 def _top_level_priority(body: bytes) -> int | None:
-    """The ``priority`` a request body names at its top level, as admission reads it; None for none or a body that
-    is not a JSON object (answered when read in its turn)."""
+    """The ``priority`` a request body names at its top level, as admission reads it (the default where it names
+    none); None for a body that is not a JSON object or a priority that is not a whole number (answered when read in
+    its turn)."""
     try:
-        priority = json.loads(body).get("priority")
+        priority = json.loads(body).get("priority", DEFAULT_PRIORITY)
     except (ValueError, AttributeError, RecursionError):
         return None
     if isinstance(priority, float) and priority.is_integer():  # -5.0 is taken as -5 when read

@@ -64,6 +64,7 @@ MAX_MESSAGES = 4096
 MAX_CACHE_SALT_CHARS = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOWEST_PRIORITY = 2**31 - 1  # the worst priority a request may have (lower values run first)
+DEFAULT_PRIORITY = 0  # a request's that names none: interactive traffic; batch lines and background work go worse
 MAX_DEADLINE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 # An entry giving body more often is not an honest mistake (one XADD with two requests): no body of it is read.
 MAX_REPEATED_BODIES = 64
@@ -446,7 +447,7 @@ class GenerateRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     params: SamplingParamsModel = Field(default_factory=SamplingParamsModel)
     stream: bool = True
-    priority: whole_int(-(2**31), LOWEST_PRIORITY) = 0
+    priority: whole_int(-(2**31), LOWEST_PRIORITY) = DEFAULT_PRIORITY
     deadline_ms: whole_int(MIN_DEADLINE_MS, MAX_DEADLINE_MS) | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -61,15 +61,12 @@ from .health import HealthServer, Progress
 from .intake import Intake
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
-from .protocol import LOWEST_PRIORITY, GenerateRequest, Keys
+from .protocol import DEFAULT_PRIORITY, LOWEST_PRIORITY, Keys
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .running import Running
 from .settings import Settings, unknown_env_names
 from .telemetry import get_logger, get_tracer
-
-# A request sent without a priority: the worker reads while its engine could start one, by preempting worse work.
-INTERACTIVE_PRIORITY: int = GenerateRequest.model_fields["priority"].default
 
 
 class TerminatedBeforeStart(SystemExit):
@@ -480,11 +477,12 @@ class Worker(WorkerPart):
         self.intake.queue_stats()
 
     def _better_waits(self) -> bool:
-        """Whether the stream's next entry asks for a priority better than the default, one the engine would start
-        by preempting worse work (as :meth:`_room` counts for the default): with no room for the default, this
-        worker reads nothing, and such a request would wait behind work it is meant to overtake."""
+        """Whether the stream's next entry asks for a priority the engine would start now by preempting worse work
+        (as :meth:`_room` counts for the default), the default included: with no room for the default, or room held
+        back by the cap on unstarted worse requests (which is about reading worse ones), this worker reads nothing,
+        and such a request would wait behind work it is meant to overtake."""
         priority = self.intake.head_priority()
-        if priority is None or priority >= INTERACTIVE_PRIORITY:
+        if priority is None or priority > DEFAULT_PRIORITY:
             return False
         if self.settings.min_priority is not None and priority < self.settings.min_priority:
             return False  # refused when read, by any worker: no reason to read it ahead of room
@@ -512,8 +510,8 @@ class Worker(WorkerPart):
         startable = self._startable(LOWEST_PRIORITY)
         if batch:
             return max(0, startable - self.admission.unstarted())
-        room = self._startable(INTERACTIVE_PRIORITY)
-        held_back = self.engine.num_unstarted_worse_than(INTERACTIVE_PRIORITY)
+        room = self._startable(DEFAULT_PRIORITY)
+        held_back = self.engine.num_unstarted_worse_than(DEFAULT_PRIORITY)
         room = min(room, max(0, startable) + max(0, self.batches.reserve - held_back))
         return max(0, room - self.admission.unstarted())
 
