@@ -169,6 +169,10 @@ def test_a_prompt_of_ids_cut_inside_a_character_leaves_it_to_the_output(name, te
         prompt, output = emoji[:-6], emoji[-6:]
         assert stream(tok, prompt, output)[1] == "😀 and" and tok.decode(prompt).endswith("\ufffd")
         assert stream(tok, prompt, output, stop=["😀"])[2] == "😀"
+        # The context window (the prompt's last tokens) starting inside the "€" before it: its U+FFFDs are not the
+        # character in progress (the emoji's last byte alone showed nothing).
+        ids = _ids(tok, "a€😀")
+        assert stream(tok, ids[:-1], ids[-1:])[1] == decode_stream(tok, ids[:-1], ids[-1:]) == "😀"
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
@@ -298,3 +302,29 @@ def test_engine_cancelled_beam_outputs_keep_the_context(llm):
         assert c.finish_reason == "cancelled"
         assert c.text == reference(llm.tokenizer, out.prompt_token_ids, c.token_ids)
     assert any(c.text.startswith(" ") for c in out.outputs)
+
+
+def test_a_text_prompt_ending_in_a_replacement_character_keeps_it_as_its_own():
+    """A prompt given as text ends on a whole character, so a U+FFFD at its end is its own: it went to the output
+    (SmolLM2 after "... looks like \ufffd" wrote "\ufffd, which is", where HF's decode in context and the code
+    before gave ", which is"), streamed and in beam texts alike. The same prompt as token ids, which may end inside
+    a character, still leaves it to the output, as vLLM's detokenizer does."""
+    llm = LLM(model="pagedserve-tiny-random", device="cpu", num_gpu_blocks=64, max_model_len=128)
+    try:
+        tok = llm.tokenizer
+        prompt = "Café \ufffd"
+        ids = tok.encode(prompt, add_special_tokens=False)
+        z = tok.convert_tokens_to_ids(tok.tokenize("z"))
+        assert len(z) == 1 and tok.decode(ids).endswith("\ufffd")
+        plain = SamplingParams(max_tokens=3, temperature=0, allowed_token_ids=z)
+        final, deltas = _streamed(llm, "replacement-text", prompt, plain)
+        c = final.outputs[0]
+        assert c.text == "".join(deltas[0]) == reference(tok, final.prompt_token_ids, c.token_ids) == "zzz"
+        wanted = z + tok.encode(" y", add_special_tokens=False)
+        beams = SamplingParams(beam_width=2, n=2, max_tokens=3, logit_bias={t: 100.0 for t in wanted})
+        for c in llm.generate([prompt], beams)[0].outputs:
+            assert c.text == reference(tok, final.prompt_token_ids, c.token_ids) and not c.text.startswith("\ufffd")
+        (c,) = llm.generate([{"prompt_token_ids": final.prompt_token_ids}], plain)[0].outputs
+        assert c.text == decode_stream(tok, final.prompt_token_ids, c.token_ids) == "\ufffdzzz"
+    finally:
+        llm.close()

@@ -42,6 +42,10 @@ def _texts_concatenate(backend) -> bool:
     return isinstance(getattr(backend, "decoder", None), ByteLevel)
 
 
+def _trailing_replacements(text: str) -> int:
+    return len(text) - len(text.rstrip(REPLACEMENT))
+
+
 def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
     """The last ``PROMPT_CONTEXT_TOKENS`` prompt tokens that have text: special tokens are skipped by every decode,
     so a chat template ending in them still leaves the words before them as context."""
@@ -69,8 +73,10 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, stop: list[str], skip_ids: set[int], keep_stop: bool = False,
-                 prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
-        """``skip_ids``: the special tokens, left out of the text with ``skip_special_tokens``."""
+                 prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                 prompt_is_text: bool = False) -> None:
+        """``skip_ids``: the special tokens, left out of the text with ``skip_special_tokens``. ``prompt_is_text``:
+        the prompt was given as text, so it ends on a whole character (a U+FFFD at its end is its own)."""
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         skip_ids = skip_ids if skip_special_tokens else set()
@@ -89,7 +95,7 @@ class IncrementalDetokenizer:
         # accounted for (at first the prompt's, never part of ``text``); what the tokens after it add is new.
         self.ids: list[int] = prompt_context(prompt_token_ids, skip_ids)
         self.prefix_offset = 0
-        self.read_offset = self._context_read(self.ids)
+        self.read_offset = len(self.ids) if prompt_is_text else self._context_read(self.ids)
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
         # The stop string the text was cut at (the output's ``stop_reason``); nothing after it is ever added.
@@ -98,12 +104,17 @@ class IncrementalDetokenizer:
     def _context_read(self, context: list[int]) -> int:
         """Where the prompt context's read part ends: before its last tokens where they end inside a character (a
         prompt of token ids cut mid-character), so that the output that completes it shows it, as vLLM's
-        detokenizer does (its read part stops before them too). A character in progress has at most
-        ``IN_PROGRESS_TOKENS`` tokens."""
-        if not context or not self._decode(context).endswith(REPLACEMENT):
+        detokenizer does (its read part stops before them too; from the ids alone, a U+FFFD the prompt's own bytes
+        make is not told from one in progress, so it goes to the output too, as there). A character in progress has
+        at most ``IN_PROGRESS_TOKENS`` tokens."""
+        whole = self._decode(context) if context else ""
+        if not whole.endswith(REPLACEMENT):
             return len(context)
+        # Counted, not just seen at the end: a context that starts inside a character (its first tokens the rest of
+        # one cut off before the window) decodes to U+FFFD there too, which is not the one in progress.
+        held = _trailing_replacements(whole)
         for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
-            if not self._decode(context[:cut]).endswith(REPLACEMENT):
+            if _trailing_replacements(self._decode(context[:cut])) < held:
                 return cut
         return len(context)  # not a character in progress: bytes that never make one, left with the prompt
 
@@ -208,11 +219,11 @@ def complete_text(end: str) -> str:
 
 
 def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
-                        skip_ids: set[int], skip_special_tokens: bool = True) -> str:
+                        skip_ids: set[int], skip_special_tokens: bool = True, prompt_is_text: bool = False) -> str:
     """The text ``token_ids`` add after the prompt, decoded at once (beam hypotheses are only known at the end):
     the output's own tokens decoded after the same prompt context an ``IncrementalDetokenizer`` starts from."""
     detok = IncrementalDetokenizer(tokenizer, [], skip_ids, prompt_token_ids=prompt_token_ids,
-                                   skip_special_tokens=skip_special_tokens)
+                                   skip_special_tokens=skip_special_tokens, prompt_is_text=prompt_is_text)
     context = detok.ids
     head = detok._decode(context[:detok.read_offset])
     return complete_text(detok._decode(context + [t for t in token_ids if t not in detok.skip_ids])[len(head):])

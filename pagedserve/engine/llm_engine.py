@@ -455,7 +455,8 @@ class LLMEngine:
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop, self.special_ids,
                                                req.params.include_stop_str_in_output, req.prompt_token_ids,
-                                               skip_special_tokens=req.params.skip_special_tokens)
+                                               skip_special_tokens=req.params.skip_special_tokens,
+                                               prompt_is_text=req.prompt is not None)
         Sampler.seed_sequence(seq, req.params, self.runner.device)
 
     def abort_request(self, request_id: str | Iterable[str], reason: str = "cancelled") -> RequestOutput | None:

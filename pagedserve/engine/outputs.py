@@ -147,7 +147,8 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
         for rank, h in enumerate(hyps):
             ended_on_token = h.hit_eos and h.token_ids
             shown = h.token_ids[:-1] if ended_on_token and not p.include_stop_str_in_output else h.token_ids
-            text = decode_after_prompt(tokenizer, req.prompt_token_ids, shown, skip_ids, p.skip_special_tokens)
+            text = decode_after_prompt(tokenizer, req.prompt_token_ids, shown, skip_ids, p.skip_special_tokens,
+                                       req.prompt is not None)
             stop_reason = _stop_reason(h.token_ids, None, p, eos_token_ids) if ended_on_token else None
             completions.append(CompletionOutput(rank, text, h.token_ids, "stop" if h.hit_eos else "length",
                                                 h.logprob, h.logprobs, delta_text=text, delta_token_ids=h.token_ids,
@@ -155,7 +156,8 @@ def _beam_output(req: Request, tokenizer, eos_token_ids: frozenset[int] | set[in
     else:
         for rank, seq in enumerate(req.seqs[:req.params.n]):
             ids = seq.output_token_ids
-            text = decode_after_prompt(tokenizer, req.prompt_token_ids, ids, skip_ids, p.skip_special_tokens)
+            text = decode_after_prompt(tokenizer, req.prompt_token_ids, ids, skip_ids, p.skip_special_tokens,
+                                       req.prompt is not None)
             completions.append(CompletionOutput(rank, text, ids, reason, seq.cumulative_logprob,
                                                 list(seq.logprobs) if want_logprobs else None,
                                                 delta_text=text, delta_token_ids=ids))
