@@ -210,6 +210,27 @@ def test_grammar_walks_parse(tokenized, grammar):
         assert re.fullmatch(r"(hello|hi) [a-z]{1,6}", text), text
 
 
+# A JSON string rule as llama.cpp's grammars write it, and escapes of each width (the tester's: \U0010FFFF).
+LLAMA_CPP_STRING = 'root ::= "\\"" ( [^"\\\\\\x7F\\x00-\\x1F] | "\\\\" (["\\\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\\""\n'
+WIDE_ESCAPES = ('root ::= "\\"" [\\x20\\x21\\x23-\\x5b\\x5d-\\U0010FFFF]* "\\"" " " "\\u00e9" "\\U0001F600" '
+                '[\\u0061-\\u007A]+  # \\U0010FFFF in a comment\n')
+
+
+@pytest.mark.parametrize("grammar, texts", [
+    (LLAMA_CPP_STRING, {'"caf\u00e9 \\"x\\""': True, '"a\\u00e9"': True, '"\x01"': False, '"a': False}),
+    (WIDE_ESCAPES, {'"caf\u00e9 \U0001F600" \u00e9\U0001F600abc': True, '"a" \u00e9\U0001F600A': False,
+                    '"\\" \u00e9\U0001F600a': False}),
+])
+def test_gbnf_escapes_of_every_width_compile_and_mean_their_code_points(tokenized, grammar, texts):
+    """llama.cpp's GBNF writes code points as \\xHH, \\uHHHH or \\UHHHHHHHH. llguidance's conversion to Lark drops the
+    leading zeros of the last two, and Lark reads \\U with eight digits only: a class up to \\U0010FFFF (llama.cpp's
+    own JSON string rule) did not compile ("invalid hexadecimal digit"). Each escape means its code point."""
+    so, tok, eos = tokenized
+    compiled = so.compile(validate_structured_outputs({"grammar": grammar}))
+    for text, taken in texts.items():
+        assert _accepts(compiled.matcher(), tok, eos, text) is taken, text
+
+
 def test_exact_dates_only():
     """The date patterns admit real calendar dates only (Python's date is the reference)."""
     import datetime

@@ -70,7 +70,8 @@ from pagedserve.engine.cpu_threads import allowed_cpus, default_threads
 from pagedserve.engine.structured import DEFAULT_MAX_MASK_MS, MAX_MASK_ENV
 from pagedserve.engine.structured_lark import rules_that_never_end
 from pagedserve.engine.structured_patterns import quotable_pattern
-from pagedserve.engine.structured_spec import GrammarFailed, is_lark, kind_of, structured_error
+from pagedserve.engine.structured_spec import (GrammarFailed, gbnf_unicode_escapes_spelled, is_lark, kind_of,
+                                               structured_error)
 
 log = logging.getLogger(__name__)
 
@@ -1131,7 +1132,7 @@ class LLGuidanceBackend:
             from llguidance.gbnf_to_lark import gbnf_to_lark
 
             try:
-                body = gbnf_to_lark(body)
+                body = gbnf_to_lark(gbnf_unicode_escapes_spelled(body))
             except Exception as e:  # its parser raises bare Exceptions
                 raise structured_error(f"grammar does not parse: Failed to convert the grammar from GBNF to Lark: "
                                        f"{_cut(e)}") from None

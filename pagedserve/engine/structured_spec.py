@@ -120,6 +120,27 @@ def _gbnf_names(grammar: str) -> str:
     return _GBNF_NOT_NAMES.sub(lambda m: " " if m[0][0] == "#" else "\x00", grammar)
 
 
+_GBNF_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|[\s\S])")
+
+
+def gbnf_unicode_escapes_spelled(grammar: str) -> str:
+    """``grammar`` with the ``\\uXXXX`` and ``\\UXXXXXXXX`` escapes of its literals and classes written as ``\\xHH`` (up
+    to U+00FF) or as the character itself: llguidance's conversion to Lark drops their leading zeros, and Lark's
+    regexes take ``\\U`` with eight digits only, so llama.cpp's own ``json.gbnf`` (``\\U0010FFFF``) did not compile.
+    Comments and names are left as they are; a surrogate or a value past U+10FFFF too, for the conversion to refuse."""
+
+    def spell(m: re.Match) -> str:
+        digits = m[1] or m[2]
+        if digits is None:
+            return m[0]
+        cp = int(digits, 16)
+        if cp <= 0xFF:
+            return f"\\x{cp:02x}"
+        return m[0] if 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF else chr(cp)
+
+    return _GBNF_NOT_NAMES.sub(lambda m: m[0] if m[0][0] == "#" else _GBNF_ESCAPE.sub(spell, m[0]), grammar)
+
+
 def gbnf_work(grammar: str) -> tuple[int, int]:
     """``(passes, work)`` of llguidance's GBNF-to-Lark conversion of ``grammar``, at most. The passes: one more than
     the longest chain of rules each waiting for a terminal rule written after it (a cycle, or a rule using root,
