@@ -357,6 +357,33 @@ def test_a_request_answered_without_a_run_has_an_error_span_in_its_producers_tra
     assert process.attributes["pagedserve.request.id"] == "no-run"
 
 
+def test_a_collector_that_never_answers_keeps_no_other_exporters_spans_at_exit():
+    """Two exporters (OTEL_TRACES_EXPORTER=otlp,console), the collector accepting connections and answering
+    nothing: the provider's shutdown stopped them one after the other, and the OTLP export waited out its timeout
+    while the bounded exit moment passed, so the console's span never printed. Each stops on its own now; the
+    shutdown still reports that not all spans went out."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        code = ("from pagedserve.service.telemetry import configure_tracing, shutdown_tracing\n"
+                "p = configure_tracing()\n"
+                "p.get_tracer('t').start_span('probe-span').end()\n"
+                "print('FLUSHED', shutdown_tracing(3), flush=True)\n"
+                "import os; os._exit(0)\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(OTEL_TRACES_EXPORTER="otlp,console", OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+                   OTEL_EXPORTER_OTLP_TIMEOUT="30")
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"name": "probe-span"' in res.stdout and "FLUSHED False" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("env, expect", [
     ({"OTEL_TRACES_EXPORTER": "console"}, "console"),
     ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "off"),

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -212,6 +213,7 @@ def request_logger(log: Any, request_id: str, span: Span | None = None, trace_id
 
 _provider_installed = False
 _provider: Any = None  # the provider configure_tracing installed, until shutdown_tracing stops it
+_processors: list = []  # its span processors, one per exporter, each stopped by shutdown_tracing on its own
 # How long the exit waits for queued spans to reach the collector. The SDK's own exit hook waits without a bound
 # (one export per 512 spans, each up to OTEL_EXPORTER_OTLP_TIMEOUT, 10 s), so a collector that accepts and never
 # answers held a SIGTERM'd worker 10-30 s past its grace period, into the orchestrator's SIGKILL.
@@ -304,7 +306,7 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
     application installed its own provider, e.g. tests with an InMemorySpanExporter). Queued spans are flushed
     at exit for at most ``TRACE_FLUSH_TIMEOUT_S`` (:func:`shutdown_tracing`).
     """
-    global _provider_installed, _provider
+    global _provider_installed, _provider, _processors
     if _provider_installed:
         return trace.get_tracer_provider()  # type: ignore[return-value]
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -338,8 +340,9 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
         resource = resource.merge(Resource({"service.name": service_name}))
     provider = TracerProvider(resource=resource, id_generator=_EntryTraceIds(),
                               shutdown_on_exit=False)  # bounded below instead
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    _processors = [BatchSpanProcessor(exporter) for exporter in exporters]
+    for processor in _processors:
+        provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     _provider_installed = True
     _provider = provider
@@ -351,16 +354,23 @@ def shutdown_tracing(timeout_s: float = TRACE_FLUSH_TIMEOUT_S) -> bool:
     """Export the queued spans and stop the provider :func:`configure_tracing` installed, waiting at most
     ``timeout_s``; False when the collector did not take them in time (they are dropped: the process may exit).
 
-    In a daemon thread: the SDK's shutdown and flush take no effective timeout (the batch processor ignores
-    force_flush's, and its shutdown joins an export that can wait for the exporter's full timeout and retries)."""
-    global _provider
-    provider, _provider = _provider, None
+    In daemon threads: the SDK's shutdown and flush take no effective timeout (the batch processor ignores
+    force_flush's, and its shutdown joins an export that can wait for the exporter's full timeout and retries).
+    One thread per exporter's processor, where the provider stops them one after another: a collector that hangs
+    or is retried kept the spans of an exporter after it (the console's) from going out at all."""
+    global _provider, _processors
+    provider, processors = _provider, _processors
+    _provider, _processors = None, []
     if provider is None:
         return True
-    done = threading.Thread(target=provider.shutdown, name="pagedserve-trace-shutdown", daemon=True)
-    done.start()
-    done.join(timeout_s)
-    return not done.is_alive()
+    threads = [threading.Thread(target=p.shutdown, name=f"pagedserve-trace-shutdown-{i}", daemon=True)
+               for i, p in enumerate(processors)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
 
 
 def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
