@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 
+import pytest
 import redis
 from service_fixtures import TEST_MODEL, WorkerProcess, make_settings, wait_for
 
@@ -208,12 +209,14 @@ def test_slots_full_of_worse_priority_work_still_read_a_default_priority_request
         r.close()
 
 
-def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_default_priority_request_in(redis_url, prefix):
+@pytest.mark.parametrize("head", [0, 3])
+def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_better_request_in(redis_url, prefix, head):
     """Eight worse-priority requests read (as many as the sequence slots) where the KV pool starts one or two, the
     rest held unstarted in the engine past the batch feeder's reserve: a default-priority request at the head of the
     stream was read only once a worse one finished (0.2-2.6 s in a held-out run, the worse ones generating
     meanwhile), since the cap on holding worse requests stopped every read, and only a priority better than the
-    default was looked at ahead of room. Nothing ahead of it was as good: it runs at once."""
+    default was looked at ahead of room. Nothing ahead of it was as good: it runs at once. So does one of a
+    priority between the default and the work held (3 here, ahead of 5), which the default behind it waited for."""
     from service_fixtures import running_worker
 
     keys = Keys(prefix)
@@ -230,7 +233,8 @@ def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_default_priorit
             wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == len(low) and w.engine.num_running,
                      30, 0.005, "every worse request read, one running")
             assert w.engine.num_unstarted_worse_than(0) > w.batches.reserve
-            r.xadd(keys.requests, {"body": json.dumps({"id": "now", "prompt": "now", "params": {"max_tokens": 4}})})
+            r.xadd(keys.requests, {"body": json.dumps({"id": "now", "prompt": "now", "params": {"max_tokens": 4},
+                                                       **({"priority": head} if head else {})})})
             wait_for(lambda: r.exists(keys.result("now")), 30, 0.02, "the default-priority request's result")
             assert parse_terminal(r.get(keys.result("now"))).type == "done"
             assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: it waited"

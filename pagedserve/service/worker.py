@@ -478,11 +478,11 @@ class Worker(WorkerPart):
 
     def _better_waits(self) -> bool:
         """Whether the stream's next entry asks for a priority the engine would start now by preempting worse work
-        (as :meth:`_room` counts for the default), the default included: with no room for the default, or room held
-        back by the cap on unstarted worse requests (which is about reading worse ones), this worker reads nothing,
-        and such a request would wait behind work it is meant to overtake."""
+        (as :meth:`_room` counts for the default), whatever that priority: with no room for the default, or room held
+        back by the cap on unstarted worse requests (which is about requests that cannot start at once), this worker
+        reads nothing, and such a request (and the stream behind it) would wait behind work it is meant to overtake."""
         priority = self.intake.head_priority()
-        if priority is None or priority > DEFAULT_PRIORITY:
+        if priority is None:
             return False
         if self.settings.min_priority is not None and priority < self.settings.min_priority:
             return False  # refused when read, by any worker: no reason to read it ahead of room
