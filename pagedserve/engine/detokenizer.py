@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 # Prompt tokens a detokenizer starts from. An output's text is what it adds after the prompt: a SentencePiece
@@ -42,16 +42,70 @@ def _texts_concatenate(backend) -> bool:
     return isinstance(getattr(backend, "decoder", None), ByteLevel)
 
 
-def _trailing_replacements(text: str) -> int:
-    return len(text) - len(text.rstrip(REPLACEMENT))
+def _byte_reader(tokenizer) -> Callable[[int], bytes | None] | None:
+    """A token's own bytes, for the two decoders that split characters over tokens: a byte-level one (each token's
+    characters stand for bytes, GPT-2's alphabet) and SentencePiece's byte fallback (``<0xXX>`` tokens); None for
+    any other decoder. Within those, a token outside the scheme (an added or special token) reads as None."""
+    import json
+    import re
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    try:
+        spec = json.loads(decoder.__getstate__()) if decoder is not None else {}
+    except (TypeError, ValueError, AttributeError):
+        return None
+    kinds = {d.get("type") for d in spec.get("decoders", [spec])}
+    if "ByteLevel" in kinds:
+        # GPT-2's alphabet: the printable Latin-1 bytes stand for themselves, the others for U+0100 on, in order.
+        shown = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        alphabet = {chr(b): b for b in shown}
+        alphabet.update({chr(0x100 + i): b for i, b in enumerate(b for b in range(256) if b not in shown)})
+
+        def read(token_id: int) -> bytes | None:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            try:
+                return bytes(alphabet[c] for c in token)
+            except (KeyError, TypeError):
+                return None
+        return read
+    if "ByteFallback" in kinds:
+        byte_token = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+        def read(token_id: int) -> bytes | None:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            m = byte_token.fullmatch(token) if isinstance(token, str) else None
+            return bytes([int(m[1], 16)]) if m else None  # a piece is whole characters: none in progress
+        return read
+    return None
 
 
-def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
-    """The last ``PROMPT_CONTEXT_TOKENS`` prompt tokens that have text: special tokens are skipped by every decode,
-    so a chat template ending in them still leaves the words before them as context."""
+def _char_in_progress(tail: list[bytes | None]) -> int | None:
+    """How many of ``tail``'s last tokens hold a character begun and not finished (its lead byte and fewer
+    continuation bytes than it needs), 0 for none (whole characters, or bytes no character continues: a U+FFFD of
+    the text's own); None where a token's bytes are not known."""
+    data, owner = b"", []
+    for i, b in enumerate(tail):
+        if b is None:
+            return None
+        data += b
+        owner += [i] * len(b)
+    k = 0
+    while k < min(3, len(data)) and 0x80 <= data[-1 - k] <= 0xBF:
+        k += 1
+    if k == len(data):
+        return 0
+    lead = data[-1 - k]
+    need = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+    return len(tail) - owner[-1 - k] if need > k + 1 else 0
+
+
+def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int], size: int = PROMPT_CONTEXT_TOKENS) -> list[int]:
+    """The last ``size`` prompt tokens that have text: special tokens are skipped by every decode, so a chat
+    template ending in them still leaves the words before them as context."""
     context: list[int] = []
     for t in reversed(prompt_token_ids):
-        if len(context) == PROMPT_CONTEXT_TOKENS:
+        if len(context) == size:
             break
         if t not in skip_ids:
             context.append(t)
@@ -95,28 +149,40 @@ class IncrementalDetokenizer:
         # accounted for (at first the prompt's, never part of ``text``); what the tokens after it add is new.
         self.ids: list[int] = prompt_context(prompt_token_ids, skip_ids)
         self.prefix_offset = 0
-        self.read_offset = len(self.ids) if prompt_is_text else self._context_read(self.ids)
+        self.read_offset = len(self.ids)
+        if not prompt_is_text and self.ids and self._decode(self.ids).endswith(REPLACEMENT):
+            self.ids, self.read_offset = self._context_read(prompt_token_ids, skip_ids)
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
         # The stop string the text was cut at (the output's ``stop_reason``); nothing after it is ever added.
         self.stop_string: str | None = None
 
-    def _context_read(self, context: list[int]) -> int:
-        """Where the prompt context's read part ends: before its last tokens where they end inside a character (a
-        prompt of token ids cut mid-character), so that the output that completes it shows it, as vLLM's
-        detokenizer does (its read part stops before them too; from the ids alone, a U+FFFD the prompt's own bytes
-        make is not told from one in progress, so it goes to the output too, as there). A character in progress has
-        at most ``IN_PROGRESS_TOKENS`` tokens."""
-        whole = self._decode(context) if context else ""
-        if not whole.endswith(REPLACEMENT):
-            return len(context)
-        # Counted, not just seen at the end: a context that starts inside a character (its first tokens the rest of
-        # one cut off before the window) decodes to U+FFFD there too, which is not the one in progress.
-        held = _trailing_replacements(whole)
+    def _context_read(self, prompt_token_ids: Sequence[int], skip_ids: set[int]) -> tuple[list[int], int]:
+        """A context that decodes to U+FFFD at its end, and where its read part ends: before the tokens of a
+        character the prompt (of token ids) ends inside, so that the output that completes it shows it, as vLLM's
+        detokenizer (tokenizers' DecodeStream fed the prompt) does. Read from the tokens' bytes where the decoder
+        splits characters over tokens: bytes that no character continues (a U+FFFD of the prompt's own) stay with
+        the prompt, as HF's decode in context has them, and the context starts on a character's first byte (byte
+        fallback decodes a run of byte tokens begun inside a character to U+FFFDs only). Other decoders: before
+        the last tokens whose text ends in U+FFFD, at most ``IN_PROGRESS_TOKENS``."""
+        context = prompt_context(prompt_token_ids, skip_ids)
+        read = _byte_reader(self.tokenizer)  # only for a context ending in U+FFFD: not worth a cache
+        if read is not None:
+            for more in range(1, IN_PROGRESS_TOKENS + 1):
+                first = read(context[0])
+                if first is None or not first or not 0x80 <= first[0] <= 0xBF:
+                    break
+                longer = prompt_context(prompt_token_ids, skip_ids, PROMPT_CONTEXT_TOKENS + more)
+                if len(longer) == len(context):
+                    break
+                context = longer
+            held = _char_in_progress([read(t) for t in context[-IN_PROGRESS_TOKENS - 1:]])
+            if held is not None:
+                return context, len(context) - held
         for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
-            if _trailing_replacements(self._decode(context[:cut])) < held:
-                return cut
-        return len(context)  # not a character in progress: bytes that never make one, left with the prompt
+            if not self._decode(context[:cut]).endswith(REPLACEMENT):
+                return context, cut
+        return context, len(context)
 
     def copy(self) -> IncrementalDetokenizer:
         new = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
