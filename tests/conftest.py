@@ -37,13 +37,14 @@ from pagedserve.engine.builtin_model import build_byte_tokenizer  # noqa: E402
 # started last would leave the other processes idle while it runs, so these start first and the many short
 # files fill in behind them. The rest keep xdist's order, most tests first. A stale entry only costs balance.
 LONGEST_FIRST = [
-    "test_cli.py", "test_kernels.py", "test_service_outage.py", "test_service_crash.py",
-    "test_structured_real_model.py", "test_client_timeouts.py", "test_cli_endings.py", "test_model_cli.py",
-    "test_service_refusals.py", "test_bench_processes.py", "test_tensor_parallel.py", "test_service_tp.py",
-    "test_operator_worker.py", "test_service_writes.py", "test_consumer_cleanup.py", "test_garbage_keys.py",
-    "test_service_room.py", "test_structured.py", "test_service_acl.py", "test_service_claim.py",
-    "test_stream_resume.py", "test_client_core.py", "test_celery_app.py", "test_service_faults.py",
-    "test_cpu_threads.py", "test_loadtest.py", "test_celery_tasks.py", "test_readyz_refused.py",
+    "test_cli.py", "test_kernels.py", "test_service_outage.py", "test_client_timeouts.py", "test_service_crash.py",
+    "test_model_cli.py", "test_tensor_parallel.py", "test_service_refusals.py", "test_operator_worker.py",
+    "test_cli_endings.py", "test_cpu_kernels_avx2_build.py", "test_client_core.py", "test_loadtest.py",
+    "test_consumer_cleanup.py", "test_structured_real_model.py", "test_celery_tasks.py", "test_service_acl.py",
+    "test_celery_app.py", "test_service_room.py", "test_bench_processes.py", "test_structured.py",
+    "test_stream_resume.py", "test_service_tp.py", "test_service_claim.py", "test_worker_name_after_outage.py",
+    "test_batch_junk.py", "test_benchmarks.py", "test_redis_settings.py", "test_service_health.py",
+    "test_service_faults.py",
 ]
 
 
