@@ -215,6 +215,35 @@ def test_a_prompt_of_ids_ending_in_bytes_no_character_continues_keeps_them(split
     assert text == "".join(deltas) == expected == ("😀y" if split else "zz")
 
 
+@pytest.mark.parametrize("tail", [b"\xef\xbf\xbd", b"\x80", b"\xbf\xbf"])
+def test_a_byte_fallback_prompt_ending_in_bytes_of_its_own_after_a_piece_keeps_them(tail):
+    """Byte fallback, a piece among the context's last tokens ("the sky", then a U+FFFD's three bytes or bytes no
+    character continues): the piece's bytes were taken as unknown and the search by decode handed the U+FFFDs to
+    the output (LLM.chat continuing an assistant message ending in U+FFFD wrote "\ufffd sky sky sky")."""
+    tok = LLAMA_TOK
+    prompt, output = _ids(tok, "the sky") + _byte_tokens(tok, tail), _ids(tok, " the sky")
+    deltas, text, _ = stream(tok, prompt, output)
+    assert text == "".join(deltas) == reference(tok, prompt, output) == " the sky"
+
+
+def test_a_decoder_that_never_splits_a_character_hands_no_u_fffd_over():
+    """A Metaspace BPE without byte fallback (and WordPiece, Unigram without it): every U+FFFD its text has is a
+    token of its own, the prompt's; it went to the output with the space before it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    bpe.train_from_iterator(["the sky \ufffd hello world"] * 20, trainers.BpeTrainer(vocab_size=60,
+                                                                                  special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    prompt, output = _ids(tok, "the sky \ufffd"), _ids(tok, " hello world")
+    deltas, text, _ = stream(tok, prompt, output)
+    assert tok.decode(prompt).endswith("\ufffd")
+    assert text == "".join(deltas) == reference(tok, prompt, output) and "\ufffd" not in text
+
+
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 def test_each_step_decodes_a_bounded_window(name):
     """The cost per token does not grow with the prompt or the output: no decode sees more than a few tokens."""

@@ -42,52 +42,48 @@ def _texts_concatenate(backend) -> bool:
     return isinstance(getattr(backend, "decoder", None), ByteLevel)
 
 
-def _byte_reader(tokenizer) -> Callable[[int], bytes | None] | None:
-    """A token's own bytes, for the two decoders that split characters over tokens: a byte-level one (each token's
-    characters stand for bytes, GPT-2's alphabet) and SentencePiece's byte fallback (``<0xXX>`` tokens); None for
-    any other decoder. Within those, a token outside the scheme (an added or special token) reads as None."""
+def _byte_reader(tokenizer) -> Callable[[int], bytes] | None:
+    """A token's own bytes, as far as where characters begin goes: under a byte-level decoder each token's
+    characters stand for bytes (GPT-2's alphabet), under SentencePiece's byte fallback a ``<0xXX>`` token is a byte;
+    any other token (a piece, an added or special token, any token of a decoder that never splits a character)
+    is whole characters, its own text's bytes. None for a tokenizer without a ``tokenizers`` backend."""
     import json
     import re
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return None
     try:
-        spec = json.loads(decoder.__getstate__()) if decoder is not None else {}
+        spec = json.loads(decoder.__getstate__())
     except (TypeError, ValueError, AttributeError):
         return None
     kinds = {d.get("type") for d in spec.get("decoders", [spec])}
+    alphabet: dict[str, int] = {}
     if "ByteLevel" in kinds:
         # GPT-2's alphabet: the printable Latin-1 bytes stand for themselves, the others for U+0100 on, in order.
         shown = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
         alphabet = {chr(b): b for b in shown}
         alphabet.update({chr(0x100 + i): b for i, b in enumerate(b for b in range(256) if b not in shown)})
+    byte_token = re.compile(r"<0x([0-9A-Fa-f]{2})>") if "ByteFallback" in kinds else None
 
-        def read(token_id: int) -> bytes | None:
-            token = tokenizer.convert_ids_to_tokens(token_id)
-            try:
-                return bytes(alphabet[c] for c in token)
-            except (KeyError, TypeError):
-                return None
-        return read
-    if "ByteFallback" in kinds:
-        byte_token = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-        def read(token_id: int) -> bytes | None:
-            token = tokenizer.convert_ids_to_tokens(token_id)
-            m = byte_token.fullmatch(token) if isinstance(token, str) else None
-            return bytes([int(m[1], 16)]) if m else None  # a piece is whole characters: none in progress
-        return read
-    return None
+    def read(token_id: int) -> bytes:
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(token, str):
+            return b""
+        if byte_token is not None and (m := byte_token.fullmatch(token)):
+            return bytes([int(m[1], 16)])
+        if alphabet and all(c in alphabet for c in token):
+            return bytes(alphabet[c] for c in token)
+        return token.encode()
+    return read
 
 
-def _char_in_progress(tail: list[bytes | None]) -> int | None:
+def _char_in_progress(tail: list[bytes]) -> int:
     """How many of ``tail``'s last tokens hold a character begun and not finished (its lead byte and fewer
     continuation bytes than it needs), 0 for none (whole characters, or bytes no character continues: a U+FFFD of
-    the text's own); None where a token's bytes are not known."""
+    the text's own). The first of them may hold whole characters before it: they go with it, as in DecodeStream."""
     data, owner = b"", []
     for i, b in enumerate(tail):
-        if b is None:
-            return None
         data += b
         owner += [i] * len(b)
     k = 0
@@ -163,22 +159,21 @@ class IncrementalDetokenizer:
         detokenizer (tokenizers' DecodeStream fed the prompt) does. Read from the tokens' bytes where the decoder
         splits characters over tokens: bytes that no character continues (a U+FFFD of the prompt's own) stay with
         the prompt, as HF's decode in context has them, and the context starts on a character's first byte (byte
-        fallback decodes a run of byte tokens begun inside a character to U+FFFDs only). Other decoders: before
-        the last tokens whose text ends in U+FFFD, at most ``IN_PROGRESS_TOKENS``."""
+        fallback decodes a run of byte tokens begun inside a character to U+FFFDs only); a decoder that never
+        splits a character holds none. A tokenizer without a ``tokenizers`` backend: before the last tokens whose
+        text ends in U+FFFD, at most ``IN_PROGRESS_TOKENS``."""
         context = prompt_context(prompt_token_ids, skip_ids)
         read = _byte_reader(self.tokenizer)  # only for a context ending in U+FFFD: not worth a cache
         if read is not None:
             for more in range(1, IN_PROGRESS_TOKENS + 1):
                 first = read(context[0])
-                if first is None or not first or not 0x80 <= first[0] <= 0xBF:
+                if not first or not 0x80 <= first[0] <= 0xBF:
                     break
                 longer = prompt_context(prompt_token_ids, skip_ids, PROMPT_CONTEXT_TOKENS + more)
                 if len(longer) == len(context):
                     break
                 context = longer
-            held = _char_in_progress([read(t) for t in context[-IN_PROGRESS_TOKENS - 1:]])
-            if held is not None:
-                return context, len(context) - held
+            return context, len(context) - _char_in_progress([read(t) for t in context[-IN_PROGRESS_TOKENS - 1:]])
         for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
             if not self._decode(context[:cut]).endswith(REPLACEMENT):
                 return context, cut
