@@ -138,6 +138,7 @@ def gbnf_unicode_escapes_spelled(grammar: str) -> str:
             return f"\\x{cp:02x}"
         return m[0] if 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF else chr(cp)
 
+    grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # a comment ends at a lone \r too, as there
     return _GBNF_NOT_NAMES.sub(lambda m: m[0] if m[0][0] == "#" else _GBNF_ESCAPE.sub(spell, m[0]), grammar)
 
 
