@@ -242,6 +242,35 @@ def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_better_request_
         r.close()
 
 
+def test_an_entry_refused_for_its_priority_at_the_head_is_read_at_once_and_holds_nothing_up(redis_url, prefix):
+    """PAGEDSERVE_MIN_PRIORITY 5, a full worker: an entry better than 5 allows (refused when read, by any worker)
+    at the head of the stream was left there until a wave of background work ended, and a request behind it that
+    the engine would start at once waited with it (4 s in a reviewer's run). Read ahead of room, it is answered
+    at once, and the next is looked at."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=64, max_num_seqs=2, min_priority=5)
+    low = [f"low-{i}" for i in range(3)]
+    try:
+        with running_worker(s) as w:
+            for rid in low:
+                body = {"id": rid, "prompt": "job", "priority": 10, "params": {"max_tokens": 600, "ignore_eos": True}}
+                r.xadd(keys.requests, {"body": json.dumps(body)})
+            wait_for(lambda: w.engine.num_running == 2 and r.xpending(keys.requests, keys.group)["pending"] == 3,
+                     30, 0.005, "the slots full, the third held")
+            for rid, priority in (("refused", 0), ("better", 6)):
+                body = {"id": rid, "prompt": "now", "priority": priority, "params": {"max_tokens": 4}}
+                r.xadd(keys.requests, {"body": json.dumps(body)})
+            wait_for(lambda: r.exists(keys.result("better")), 30, 0.02, "the better request's result")
+            assert parse_terminal(r.get(keys.result("refused"))).error.code == "invalid_request"
+            assert parse_terminal(r.get(keys.result("better"))).type == "done"
+            assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: they waited"
+    finally:
+        r.close()
+
+
 def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_url, prefix):
     """Every sequence slot held by default-priority requests, the stream otherwise empty: a request of a better
     priority waited in the stream until all of them had finished (4.3 s in a held-out run), since the worker

@@ -485,7 +485,7 @@ class Worker(WorkerPart):
         if priority is None:
             return False
         if self.settings.min_priority is not None and priority < self.settings.min_priority:
-            return False  # refused when read, by any worker: no reason to read it ahead of room
+            return True  # refused when read, by any worker, at once: read now, it no longer holds the stream up
         return self._startable(priority) - self.admission.unstarted() > 0
 
     def _startable(self, priority: int) -> int:
