@@ -480,7 +480,8 @@ class Worker(WorkerPart):
         """Whether the stream's next entry asks for a priority the engine would start now by preempting worse work
         (as :meth:`_room` counts for the default), whatever that priority: with no room for the default, or room held
         back by the cap on unstarted worse requests (which is about requests that cannot start at once), this worker
-        reads nothing, and such a request (and the stream behind it) would wait behind work it is meant to overtake."""
+        reads nothing, and such a request (and the stream behind it) would wait behind work it is meant to overtake.
+        Also one below ``min_priority``: refused when read, at once, it would hold the stream up for nothing."""
         priority = self.intake.head_priority()
         if priority is None:
             return False
