@@ -199,6 +199,36 @@ def test_a_byte_fallback_prompt_of_ids_cut_inside_a_character_leaves_it_to_the_o
     assert stream(tok, prompt, output, stop=[char])[2] == char
 
 
+@pytest.mark.parametrize("tail", [b"\xe0\x80", b"\xe0\x9f", b"\xed\xa0", b"\xf0\x80", b"\xf4\x90"])
+@pytest.mark.parametrize("name", ["byte-level", "llama-metaspace"])
+def test_a_prompt_of_ids_ending_in_a_lead_byte_no_character_can_follow_keeps_it(name, tail):
+    """A lead byte and a second byte outside its range (E0 80, an overlong form; ED A0, a surrogate; F4 90, past
+    U+10FFFF) begin no character any output could finish: they were taken for one in progress and shown as two
+    U+FFFDs at the start of the output, where HF's decode in context keeps them with the prompt."""
+    tok = TOKENIZERS[name]
+    raw = _byte_tokens(tok, tail) if name == "llama-metaspace" else list(tail)
+    prompt, output = _ids(tok, "the sky") + raw, _ids(tok, " the sky")
+    deltas, text, _ = stream(tok, prompt, output)
+    assert text == "".join(deltas) == reference(tok, prompt, output) == " the sky"
+
+
+def test_a_tokenizer_without_a_decoder_hands_no_u_fffd_over():
+    """No decoder at all: tokens are joined whole, so a U+FFFD at the prompt's end is a token of its own. It went
+    to the output, with the space before it (the search by decode, meant for tokenizers without a backend)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(["the sky \ufffd hello world"] * 20, trainers.BpeTrainer(vocab_size=60,
+                                                                                  special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    assert tok.backend_tokenizer.decoder is None
+    prompt, output = _ids(tok, "the sky \ufffd"), _ids(tok, "hello world")
+    deltas, text, _ = stream(tok, prompt, output)
+    assert text == "".join(deltas) == reference(tok, prompt, output) and "\ufffd" not in text
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_a_prompt_of_ids_ending_in_bytes_no_character_continues_keeps_them(split):
     """A U+FFFD of the prompt's own (its three bytes whole), or a byte no character continues, is not a character

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -50,11 +51,11 @@ def _byte_reader(tokenizer) -> Callable[[int], bytes] | None:
     import json
     import re
 
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if decoder is None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
         return None
-    try:
-        spec = json.loads(decoder.__getstate__())
+    try:  # no decoder at all: tokens are joined whole
+        spec = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
     except (TypeError, ValueError, AttributeError):
         return None
     kinds = {d.get("type") for d in spec.get("decoders", [spec])}
@@ -79,21 +80,20 @@ def _byte_reader(tokenizer) -> Callable[[int], bytes] | None:
 
 
 def _char_in_progress(tail: list[bytes]) -> int:
-    """How many of ``tail``'s last tokens hold a character begun and not finished (its lead byte and fewer
-    continuation bytes than it needs), 0 for none (whole characters, or bytes no character continues: a U+FFFD of
-    the text's own). The first of them may hold whole characters before it: they go with it, as in DecodeStream."""
+    """How many of ``tail``'s last tokens hold a character begun and not finished (bytes a UTF-8 decoder keeps,
+    waiting for more), 0 for none (whole characters, or bytes no character continues: a U+FFFD of the text's own,
+    E0 80 as much as a lone 80). The first of them may hold whole characters before it: they go with it, as in
+    DecodeStream."""
     data, owner = b"", []
     for i, b in enumerate(tail):
         data += b
         owner += [i] * len(b)
-    k = 0
-    while k < min(3, len(data)) and 0x80 <= data[-1 - k] <= 0xBF:
-        k += 1
-    if k == len(data):
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(data, final=False)
+    waiting = decoder.getstate()[0]
+    if waiting[:1] == b"\xed" and waiting[1:2] >= b"\xa0":  # a surrogate's start, which Python's decoder waits on
         return 0
-    lead = data[-1 - k]
-    need = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
-    return len(tail) - owner[-1 - k] if need > k + 1 else 0
+    return len(tail) - owner[-len(waiting)] if waiting else 0
 
 
 def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int], size: int = PROMPT_CONTEXT_TOKENS) -> list[int]:
