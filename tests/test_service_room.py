@@ -27,6 +27,13 @@ def _pending_by_consumer(r: redis.Redis, keys: Keys) -> dict[str, int]:
     return {c["name"].decode(): int(c["pending"]) for c in p["consumers"]}
 
 
+def _send(r: redis.Redis, keys: Keys, rid: str, max_tokens: int, prompt: str = "job", ignore_eos: bool = True,
+          **top) -> None:
+    """A request entry as a producer writes it; ``top``: more top-level fields (priority, metadata)."""
+    params = {"max_tokens": max_tokens, **({"ignore_eos": True} if ignore_eos else {})}
+    r.xadd(keys.requests, {"body": json.dumps({"id": rid, "prompt": prompt, "params": params, **top})})
+
+
 def _finished_ids(w: WorkerProcess) -> list[str]:
     return [e.get("request_id") for e in w.events() if e.get("event") == "request_finished"]
 
@@ -198,10 +205,9 @@ def test_slots_full_of_worse_priority_work_still_read_a_default_priority_request
     try:
         with running_worker(s) as w:
             for rid in low:
-                body = {"id": rid, "prompt": "job", "priority": 10, "params": {"max_tokens": 600, "ignore_eos": True}}
-                r.xadd(keys.requests, {"body": json.dumps(body)})
+                _send(r, keys, rid, 600, priority=10)
             wait_for(lambda: w.engine.num_running == len(low), 30, 0.005, "the slots full")
-            r.xadd(keys.requests, {"body": json.dumps({"id": "urgent", "prompt": "now", "params": {"max_tokens": 4}})})
+            _send(r, keys, "urgent", 4, prompt="now", ignore_eos=False)
             wait_for(lambda: r.exists(keys.result("urgent")), 30, 0.02, "the default-priority request's result")
             assert parse_terminal(r.get(keys.result("urgent"))).type == "done"
             assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: it waited"
@@ -227,14 +233,11 @@ def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_better_request_
     try:
         with running_worker(s) as w:
             for rid in low:
-                body = {"id": rid, "prompt": "job " * 75, "priority": 5,  # 19 blocks to start, 32 at the end
-                        "params": {"max_tokens": 200, "ignore_eos": True}}
-                r.xadd(keys.requests, {"body": json.dumps(body)})
+                _send(r, keys, rid, 200, prompt="job " * 75, priority=5)  # 19 blocks to start, 32 at the end
             # Every worse request read, some running, and the cap on reading worse work in force.
             wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == len(low) and w.engine.num_running
                      and w.engine.num_unstarted_worse_than(0) >= w.batches.reserve, 30, 0.005, "the cap in force")
-            r.xadd(keys.requests, {"body": json.dumps({"id": "now", "prompt": "now", "params": {"max_tokens": 4},
-                                                       **({"priority": head} if head else {})})})
+            _send(r, keys, "now", 4, prompt="now", ignore_eos=False, **({"priority": head} if head else {}))
             wait_for(lambda: r.exists(keys.result("now")), 30, 0.02, "the default-priority request's result")
             assert parse_terminal(r.get(keys.result("now"))).type == "done"
             assert not any(r.exists(keys.result(rid)) for rid in low), "a worse request ended first: it waited"
@@ -256,13 +259,11 @@ def test_an_entry_refused_for_its_priority_at_the_head_is_read_at_once_and_holds
     try:
         with running_worker(s) as w:
             for rid in low:
-                body = {"id": rid, "prompt": "job", "priority": 10, "params": {"max_tokens": 600, "ignore_eos": True}}
-                r.xadd(keys.requests, {"body": json.dumps(body)})
+                _send(r, keys, rid, 600, priority=10)
             wait_for(lambda: w.engine.num_running == 2 and r.xpending(keys.requests, keys.group)["pending"] == 3,
                      30, 0.005, "the slots full, the third held")
             for rid, priority in (("refused", 0), ("better", 6)):
-                body = {"id": rid, "prompt": "now", "priority": priority, "params": {"max_tokens": 4}}
-                r.xadd(keys.requests, {"body": json.dumps(body)})
+                _send(r, keys, rid, 4, prompt="now", ignore_eos=False, priority=priority)
             wait_for(lambda: r.exists(keys.result("better")), 30, 0.02, "the better request's result")
             assert parse_terminal(r.get(keys.result("refused"))).error.code == "invalid_request"
             assert parse_terminal(r.get(keys.result("better"))).type == "done"
@@ -284,9 +285,8 @@ def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_u
     s = make_settings(redis_url, prefix, num_gpu_blocks=64, max_num_seqs=4)
     flood = [f"flood-{i}" for i in range(4)]
 
-    def send(rid: str, max_tokens: int, **extra) -> None:
-        body = {"id": rid, "prompt": "job", "params": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
-        r.xadd(keys.requests, {"body": json.dumps(body)})
+    def send(rid: str, max_tokens: int, **top) -> None:
+        _send(r, keys, rid, max_tokens, **top)
 
     try:
         with running_worker(s) as w:

@@ -113,10 +113,15 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
+def _gbnf_lines(grammar: str) -> str:
+    """``grammar`` with its lines ended by \\n: llguidance ends a line (and so a comment) at a lone \\r too."""
+    return grammar.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _gbnf_names(grammar: str) -> str:
     """``grammar`` with its lines ended by \\n, each literal and class blanked to one \\x00 and each comment to a
     space: what holds names."""
-    grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # llguidance ends a line at a lone \r too
+    grammar = _gbnf_lines(grammar)
     return _GBNF_NOT_NAMES.sub(lambda m: " " if m[0][0] == "#" else "\x00", grammar)
 
 
@@ -138,17 +143,17 @@ def gbnf_unicode_escapes_spelled(grammar: str) -> str:
             return f"\\x{cp:02x}"
         return m[0] if 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF else chr(cp)
 
-    grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")  # a comment ends at a lone \r too, as there
-    return _GBNF_NOT_NAMES.sub(lambda m: m[0] if m[0][0] == "#" else _GBNF_ESCAPE.sub(spell, m[0]), grammar)
+    return _GBNF_NOT_NAMES.sub(lambda m: m[0] if m[0][0] == "#" else _GBNF_ESCAPE.sub(spell, m[0]),
+                               _gbnf_lines(grammar))
 
 
 def gbnf_work(grammar: str) -> tuple[int, int]:
     """``(passes, work)`` of llguidance's GBNF-to-Lark conversion of ``grammar``, at most. The passes: one more than
     the longest chain of rules each waiting for a terminal rule written after it (a cycle, or a rule using root,
     is never terminal: it ends a chain). The work: the items (:data:`_GBNF_ITEM`: names, literals, classes, any
-    characters, groups, alternatives, repetitions) the passes read. A pass reads the rules not yet terminal and no others, so a rule is read
-    once per pass until the one that marks it terminal (every pass if none does): a large rule of literals is read
-    once, however long the chain beside it.
+    characters, groups, alternatives, repetitions) the passes read. A pass reads the rules not yet terminal and no
+    others, so a rule is read once per pass until the one that marks it terminal (every pass if none does): a large
+    rule of literals is read once, however long the chain beside it.
 
     Rules and the names they use are found in the text, less its literals, classes and comments. A name defined
     twice is where llguidance's dict has it: at its first definition, with its last one's body."""

@@ -212,8 +212,7 @@ def request_logger(log: Any, request_id: str, span: Span | None = None, trace_id
 
 
 _provider_installed = False
-_provider: Any = None  # the provider configure_tracing installed, until shutdown_tracing stops it
-_processors: list = []  # its span processors, one per exporter, each stopped by shutdown_tracing on its own
+_processors: list = []  # the installed provider's span processors, one per exporter, until shutdown_tracing
 # How long the exit waits for queued spans to reach the collector. The SDK's own exit hook waits without a bound
 # (one export per 512 spans, each up to OTEL_EXPORTER_OTLP_TIMEOUT, 10 s), so a collector that accepts and never
 # answers held a SIGTERM'd worker 10-30 s past its grace period, into the orchestrator's SIGKILL.
@@ -306,7 +305,7 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
     application installed its own provider, e.g. tests with an InMemorySpanExporter). Queued spans are flushed
     at exit for at most ``TRACE_FLUSH_TIMEOUT_S`` (:func:`shutdown_tracing`).
     """
-    global _provider_installed, _provider, _processors
+    global _provider_installed, _processors
     if _provider_installed:
         return trace.get_tracer_provider()  # type: ignore[return-value]
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -345,7 +344,6 @@ def configure_tracing(service_name: str = "pagedserve") -> trace.TracerProvider 
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     _provider_installed = True
-    _provider = provider
     atexit.register(shutdown_tracing)  # for every command; the worker calls it itself as it stops
     return provider
 
@@ -358,11 +356,8 @@ def shutdown_tracing(timeout_s: float = TRACE_FLUSH_TIMEOUT_S) -> bool:
     force_flush's, and its shutdown joins an export that can wait for the exporter's full timeout and retries).
     One thread per exporter's processor, where the provider stops them one after another: a collector that hangs
     or is retried kept the spans of an exporter after it (the console's) from going out at all."""
-    global _provider, _processors
-    provider, processors = _provider, _processors
-    _provider, _processors = None, []
-    if provider is None:
-        return True
+    global _processors
+    processors, _processors = _processors, []
     threads = [threading.Thread(target=p.shutdown, name=f"pagedserve-trace-shutdown-{i}", daemon=True)
                for i, p in enumerate(processors)]
     for t in threads:
