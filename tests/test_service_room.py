@@ -27,7 +27,7 @@ def _pending_by_consumer(r: redis.Redis, keys: Keys) -> dict[str, int]:
     return {c["name"].decode(): int(c["pending"]) for c in p["consumers"]}
 
 
-def _send(r: redis.Redis, keys: Keys, rid: str, max_tokens: int, prompt: str = "job", ignore_eos: bool = True,
+def _send(r: redis.Redis | redis.client.Pipeline, keys: Keys, rid: str, max_tokens: int, prompt: str = "job", ignore_eos: bool = True,
           **top) -> None:
     """A request entry as a producer writes it; ``top``: more top-level fields (priority, metadata)."""
     params = {"max_tokens": max_tokens, **({"ignore_eos": True} if ignore_eos else {})}
@@ -232,8 +232,10 @@ def test_worse_work_held_unstarted_past_the_reserve_still_lets_a_better_request_
     low = [f"worse-{i}" for i in range(8)]
     try:
         with running_worker(s) as w:
+            pipe = r.pipeline(transaction=True)  # all at once: a worker reading them one by one stops at the cap
             for rid in low:
-                _send(r, keys, rid, 200, prompt="job " * 75, priority=5)  # 19 blocks to start, 32 at the end
+                _send(pipe, keys, rid, 200, prompt="job " * 75, priority=5)  # 19 blocks to start, 32 at the end
+            pipe.execute()
             # Every worse request read, some running, and the cap on reading worse work in force.
             wait_for(lambda: r.xpending(keys.requests, keys.group)["pending"] == len(low) and w.engine.num_running
                      and w.engine.num_unstarted_worse_than(0) >= w.batches.reserve, 30, 0.005, "the cap in force")
@@ -258,8 +260,10 @@ def test_an_entry_refused_for_its_priority_at_the_head_is_read_at_once_and_holds
     low = [f"low-{i}" for i in range(3)]
     try:
         with running_worker(s) as w:
+            pipe = r.pipeline(transaction=True)  # all at once: a worker reading them one by one stops at the cap
             for rid in low:
-                _send(r, keys, rid, 600, priority=10)
+                _send(pipe, keys, rid, 600, priority=10)
+            pipe.execute()
             wait_for(lambda: w.engine.num_running == 2 and r.xpending(keys.requests, keys.group)["pending"] == 3,
                      30, 0.005, "the slots full, the third held")
             for rid, priority in (("refused", 0), ("better", 6)):
