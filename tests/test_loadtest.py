@@ -354,7 +354,9 @@ def test_no_stream_run_reports_no_tpot(tmp_path):
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output + "\n--- worker log ---\n" + stack.worker_log_tail()
     summary = json.loads(Path(f"{csv_prefix}_pagedserve.json").read_text())
-    assert summary["completed"] >= 2 and summary["failed"] == 0
+    # How many finish in the 4 s depends on how busy the machine is (one, on a loaded one); one is enough to show
+    # that a finished request gave no TPOT sample.
+    assert summary["completed"] >= 1 and summary["failed"] == 0
     assert summary["output_tokens"] == 8 * summary["completed"]  # every request had tokens to time
     lat = summary["latency_ms"]
     assert lat["TPOT"]["count"] == 0 and lat["TPOT"]["p50"] is None and lat["ITL"]["count"] == 0, lat
