@@ -276,6 +276,50 @@ def test_an_entry_refused_for_its_priority_at_the_head_is_read_at_once_and_holds
         r.close()
 
 
+MAX_MESSAGE_BYTES = 2048  # the small worker's limit below: a longer body is refused when read
+
+
+@pytest.mark.parametrize("head, answered", [
+    ({"body": "not json"}, False),
+    ({"body": json.dumps(["a", "list"])}, False),
+    ({"pad": "no body field"}, False),
+    ({"body": json.dumps({"id": "head", "prompt": "x", "priority": "high"})}, True),
+    ({"body": json.dumps({"id": "head", "prompt": "x", "priority": 2**40})}, True),
+    ({"body": json.dumps({"id": "head", "prompt": "x" * MAX_MESSAGE_BYTES})}, True),
+], ids=["not-json", "not-object", "no-body", "priority-text", "priority-out-of-range", "too-large"])
+def test_an_entry_refused_when_read_at_the_head_is_read_at_once_and_holds_nothing_up(redis_url, prefix, head,
+                                                                                     answered):
+    """Slots full of default-priority work: an entry that any worker refuses as soon as it reads it (malformed,
+    too large) at the head of the stream was not read ahead of room, since it names no priority, so a better
+    request behind it waited until a slot freed (a whole generation, here). It is read at once and answered (or
+    dead-lettered), and the better one behind it is looked at and run."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=64, max_num_seqs=2, max_message_bytes=MAX_MESSAGE_BYTES)
+    flood = [f"flood-{i}" for i in range(2)]
+    try:
+        with running_worker(s) as w:
+            for rid in flood:
+                _send(r, keys, rid, 600)
+            wait_for(lambda: w.engine.num_running == len(flood), 30, 0.005, "the slots full")
+            pipe = r.pipeline(transaction=True)  # both at once: the head is the odd one when the worker looks
+            pipe.xadd(keys.requests, head)
+            _send(pipe, keys, "urgent", 4, prompt="now", ignore_eos=False, priority=-5)
+            pipe.execute()
+            wait_for(lambda: r.exists(keys.result("urgent")), 30, 0.02, "the better request's result")
+            assert parse_terminal(r.get(keys.result("urgent"))).type == "done"
+            assert not any(r.exists(keys.result(rid)) for rid in flood), "a flood request ended first: it waited"
+            if answered:
+                assert parse_terminal(r.get(keys.result("head"))).error.code == "invalid_request"
+            else:
+                assert r.xlen(keys.dead) == 1
+            assert r.xpending(keys.requests, keys.group)["pending"] == len(flood)  # the odd entry acknowledged
+    finally:
+        r.close()
+
+
 def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_url, prefix):
     """Every sequence slot held by default-priority requests, the stream otherwise empty: a request of a better
     priority waited in the stream until all of them had finished (4.3 s in a held-out run), since the worker
@@ -330,7 +374,7 @@ def test_the_head_entry_is_copied_out_once_while_the_group_stays(redis_url, pref
         head = Scripts(r).head_entry
 
         def look(seen: str = "") -> list:
-            return head(keys=[keys.requests], args=[keys.group, HEAD_PEEK_BYTES, seen], client=r)
+            return head(keys=[keys.requests], args=[keys.group, HEAD_PEEK_BYTES, seen, 1 << 20], client=r)
 
         assert look() == [b"0-0", b"none"]
         first = r.xadd(keys.requests, {"pad": b"x" * 200_000, "body": json.dumps({"id": "a", "priority": -1})})

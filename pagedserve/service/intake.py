@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,7 @@ import redis
 
 from .connection import REDIS_DOWN, Connection, refused_while_up
 from .context import WorkerContext, WorkerPart
-from .protocol import DEFAULT_PRIORITY, as_text
+from .protocol import DEFAULT_PRIORITY, LOWEST_PRIORITY, as_text
 from .reclaim import Reclaimer
 from .running import Running
 
@@ -50,17 +51,23 @@ HEAD_PEEK_BYTES = 65536  # a longer body is not looked at (copied out and parsed
 FLOOD_LOG_S = 60.0  # a cancel flood is logged at most this often
 
 
-def _top_level_priority(body: bytes) -> int | None:
+class Head(enum.Enum):
+    REFUSED = "refused"  # the next entry is refused when read, by any worker, at once: it asks for no room
+
+
+def _top_level_priority(body: bytes) -> int | Head:
     """The ``priority`` a request body names at its top level, as admission reads it (the default where it names
-    none); None for a body that is not a JSON object or a priority that is not a whole number (answered when read in
-    its turn)."""
+    none); ``Head.REFUSED`` for a body that is not a JSON object or a priority that is not a whole number in range
+    (admission refuses those when it reads them)."""
     try:
         priority = json.loads(body).get("priority", DEFAULT_PRIORITY)
     except (ValueError, AttributeError, RecursionError):
-        return None
+        return Head.REFUSED
     if isinstance(priority, float) and priority.is_integer():  # -5.0 is taken as -5 when read
         priority = int(priority)
-    return priority if isinstance(priority, int) and not isinstance(priority, bool) else None
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -(2**31) <= priority <= LOWEST_PRIORITY:
+        return Head.REFUSED
+    return priority
 
 
 @dataclass(kw_only=True, eq=False)
@@ -82,7 +89,7 @@ class Intake(WorkerPart):
     # The group's last-delivered-id at the last look that found an entry after it, and that entry's priority: the
     # head is the same until the group reads past it or an entry after it is deleted (lua/head_entry.lua), so it is
     # not copied out and parsed again every look.
-    _head_seen: tuple[str, int | None] = field(default=("", None), init=False)
+    _head_seen: tuple[str, int | Head | None] = field(default=("", None), init=False)
     _flood_logged_at: float = field(default=-FLOOD_LOG_S, init=False)
 
     def _after_reconnect(self) -> None:
@@ -134,14 +141,16 @@ class Intake(WorkerPart):
             return self._drain_own(room), True
         return self._read_new(room, block), False
 
-    def head_priority(self) -> int | None:
+    def head_priority(self) -> int | Head | None:
         """The priority the group's next undelivered entry asks for, if it names one at its top level
         (``lua/head_entry.lua`` fetches it; its body is read here as admission reads it): for a worker whose room
         for a request of the default priority is used up, which reads nothing, so a better request would wait in
-        the stream though the engine would preempt for it. At most every ``HEAD_PEEK_S``; None between looks,
-        while draining its own entries, for a body over ``HEAD_PEEK_BYTES`` or not a JSON object, and where Redis
-        refuses the script (counted and said, not needed for readiness). A head already looked at is not copied
-        out again while the group has not read past it."""
+        the stream though the engine would preempt for it; ``Head.REFUSED`` for an entry admission refuses at once
+        (no body, one over ``max_message_bytes``, not a JSON object, a priority out of range), which would hold up
+        the stream behind it for nothing. At most every ``HEAD_PEEK_S``; None between looks, while draining its own
+        entries, for a body over ``HEAD_PEEK_BYTES`` (read in its turn), and where Redis refuses the script
+        (counted and said, not needed for readiness). A head already looked at is not copied out again while the
+        group has not read past it."""
         self._after_reconnect()
         now = time.monotonic()
         if self._draining_own or now - self._last_peek < HEAD_PEEK_S:
@@ -150,7 +159,8 @@ class Intake(WorkerPart):
         r = self.conn.r
         try:
             head = self.reclaimer.scripts(r).head_entry(
-                keys=[self.keys.requests], args=[self.keys.group, HEAD_PEEK_BYTES, self._head_seen[0]], client=r)
+                keys=[self.keys.requests],
+                args=[self.keys.group, HEAD_PEEK_BYTES, self._head_seen[0], self.settings.max_message_bytes], client=r)
         except redis.ResponseError as e:
             if refused_while_up(e):
                 self.conn.command_refused("head_priority", e, needed=False)
@@ -163,7 +173,8 @@ class Intake(WorkerPart):
         if what == "same":
             return self._head_seen[1]
         # An empty stream is not remembered: an entry added next comes after the same last-delivered-id.
-        priority = _top_level_priority(head[2]) if what == "body" else None
+        priority = (_top_level_priority(head[2]) if what == "body" else Head.REFUSED if what == "refused"
+                    else None)
         self._head_seen = (last, priority) if what != "none" else ("", None)
         return priority
 

@@ -58,7 +58,7 @@ from .redaction import redact
 from .context import WorkerContext, WorkerPart
 from .engine_api import EngineAPI
 from .health import HealthServer, Progress
-from .intake import Intake
+from .intake import Head, Intake
 from .metrics import WorkerMetrics
 from .outcomes import Outcomes
 from .protocol import DEFAULT_PRIORITY, LOWEST_PRIORITY, Keys
@@ -481,12 +481,15 @@ class Worker(WorkerPart):
         (as :meth:`_room` counts for the default), whatever that priority: with no room for the default, or room held
         back by the cap on unstarted worse requests (which is about requests that cannot start at once), this worker
         reads nothing, and such a request (and the stream behind it) would wait behind work it is meant to overtake.
-        Also one below ``min_priority``: refused when read, at once, it would hold the stream up for nothing."""
+        Also one refused when read, by any worker, at once (malformed, or below ``min_priority``): read now, it no
+        longer holds the stream up for nothing."""
         priority = self.intake.head_priority()
         if priority is None:
             return False
+        if priority is Head.REFUSED:
+            return True
         if self.settings.min_priority is not None and priority < self.settings.min_priority:
-            return True  # refused when read, by any worker, at once: read now, it no longer holds the stream up
+            return True
         return self._startable(priority) - self.admission.unstarted() > 0
 
     def _startable(self, priority: int) -> int:
