@@ -384,6 +384,29 @@ def test_a_collector_that_never_answers_keeps_no_other_exporters_spans_at_exit()
     assert '"name": "probe-span"' in res.stdout and "FLUSHED False" in res.stdout, res.stdout + res.stderr[-2000:]
 
 
+def test_an_exporter_that_fails_to_stop_is_one_line_at_exit():
+    """An exporter whose shutdown raised (in the thread each exporter stops in) printed the thread's bare
+    traceback as the worker exited, and the stop was reported as done. It is one warning line, and the stop says
+    that not everything went out."""
+    import subprocess
+    import sys
+
+    code = ("from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter\n"
+            "from pagedserve.service import telemetry\n"
+            "telemetry.configure_logging('console')\n"
+            "class Closed(ConsoleSpanExporter):\n"
+            "    def shutdown(self):\n"
+            "        raise OSError('stdout is closed')\n"
+            "telemetry._processors = [BatchSpanProcessor(Closed())]\n"
+            "print('STOPPED', telemetry.shutdown_tracing(3), flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "STOPPED False" in res.stdout, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "trace_export_stop_failed" in line]
+    assert len(lines) == 1 and "OSError: stdout is closed" in lines[0] and "Closed" in lines[0], res.stderr
+
+
 @pytest.mark.parametrize("env, expect", [
     ({"OTEL_TRACES_EXPORTER": "console"}, "console"),
     ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "off"),

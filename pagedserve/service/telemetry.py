@@ -358,14 +358,24 @@ def shutdown_tracing(timeout_s: float = TRACE_FLUSH_TIMEOUT_S) -> bool:
     or is retried kept the spans of an exporter after it (the console's) from going out at all."""
     global _processors
     processors, _processors = _processors, []
-    threads = [threading.Thread(target=p.shutdown, name=f"pagedserve-trace-shutdown-{i}", daemon=True)
+    failed: list[str] = []
+
+    def stop(processor: Any) -> None:
+        try:
+            processor.shutdown()
+        except Exception as e:  # an exporter's fault at exit (a closed stdout, say): one line, not a traceback
+            failed.append(type(e).__name__)
+            get_logger().warning("trace_export_stop_failed", exporter=type(getattr(processor, "span_exporter", processor)).__name__,
+                                 error=f"{type(e).__name__}: {str(e)[:200]}")
+
+    threads = [threading.Thread(target=stop, args=(p,), name=f"pagedserve-trace-shutdown-{i}", daemon=True)
                for i, p in enumerate(processors)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + timeout_s
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    return not any(t.is_alive() for t in threads)
+    return not failed and not any(t.is_alive() for t in threads)
 
 
 def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
