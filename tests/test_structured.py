@@ -222,6 +222,9 @@ WIDE_ESCAPES = ('root ::= "\\"" [\\x20\\x21\\x23-\\x5b\\x5d-\\U0010FFFF]* "\\"" 
                     '"\\" \u00e9\U0001F600a': False}),
     # lines ended by a lone \r, which ends a comment as \n does (llama.cpp, llguidance)
     ('# word\rroot ::= "d\\u00e9cade" [\\u00e0-\\u00ff]\r', {"d\u00e9cade\u00e0": True, "d\ue9cade\u00e0": False}),
+    # a raw CR or LF in a class is that character, whatever ends the grammar's lines (both were taken for \n)
+    ('line ::= [^\r\n]*\r\nroot ::= line', {"ab": True, "a\rb": False, "a\nb": False}),
+    ('root ::= [ \t\r]*', {" \r\t": True, "\n": False}),
 ])
 def test_gbnf_escapes_of_every_width_compile_and_mean_their_code_points(tokenized, grammar, texts):
     """llama.cpp's GBNF writes code points as \\xHH, \\uHHHH or \\UHHHHHHHH. llguidance's conversion to Lark drops the

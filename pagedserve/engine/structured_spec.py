@@ -50,7 +50,7 @@ _LARK_SYNTAX = re.compile(r"(?m)^[^\S\n]*(%llguidance\b|start\s*:)")
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*([\w-]+)[ \t]*::=")
 # Literals and classes (which llguidance reads across raw newlines, so a line in one is no rule) and comments. One
 # left open runs to the end of the text: a search for its close from every "[" of 40,000 took 72 s.
-_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)|\[(?:[^\]\\]|\\[\s\S])*(?:\]|\\?\Z)|#[^\n]*')
+_GBNF_NOT_NAMES = re.compile(r'"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)|\[(?:[^\]\\]|\\[\s\S])*(?:\]|\\?\Z)|#[^\r\n]*')
 _GBNF_NAME = re.compile(r"[\w-]+")
 # What llguidance's passes ask whether it is terminal, each a node there: a name, a literal or class (blanked to
 # \x00 by _gbnf_names), any character, a group, an alternative (empty ones too), a repetition; a repetition's
@@ -113,15 +113,10 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
-def _gbnf_lines(grammar: str) -> str:
-    """``grammar`` with its lines ended by \\n: llguidance ends a line (and so a comment) at a lone \\r too."""
-    return grammar.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def _gbnf_names(grammar: str) -> str:
-    """``grammar`` with its lines ended by \\n, each literal and class blanked to one \\x00 and each comment to a
-    space: what holds names."""
-    grammar = _gbnf_lines(grammar)
+    """``grammar`` with its lines ended by \\n (llguidance ends a line at a lone \\r too), each literal and class
+    blanked to one \\x00 and each comment to a space: what holds names."""
+    grammar = grammar.replace("\r\n", "\n").replace("\r", "\n")
     return _GBNF_NOT_NAMES.sub(lambda m: " " if m[0][0] == "#" else "\x00", grammar)
 
 
@@ -132,7 +127,8 @@ def gbnf_unicode_escapes_spelled(grammar: str) -> str:
     """``grammar`` with the ``\\uXXXX`` and ``\\UXXXXXXXX`` escapes of its literals and classes written as ``\\xHH`` (up
     to U+00FF) or as the character itself: llguidance's conversion to Lark drops their leading zeros, and Lark's
     regexes take ``\\U`` with eight digits only, so llama.cpp's own ``json.gbnf`` (``\\U0010FFFF``) did not compile.
-    Comments and names are left as they are; a surrogate or a value past U+10FFFF too, for the conversion to refuse."""
+    Comments (each ends at a \\r or \\n, as llguidance's do), names and raw characters (a CR in a class is a CR) are
+    left as they are; a surrogate or a value past U+10FFFF too, for the conversion to refuse."""
 
     def spell(m: re.Match) -> str:
         digits = m[1] or m[2]
@@ -143,8 +139,7 @@ def gbnf_unicode_escapes_spelled(grammar: str) -> str:
             return f"\\x{cp:02x}"
         return m[0] if 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF else chr(cp)
 
-    return _GBNF_NOT_NAMES.sub(lambda m: m[0] if m[0][0] == "#" else _GBNF_ESCAPE.sub(spell, m[0]),
-                               _gbnf_lines(grammar))
+    return _GBNF_NOT_NAMES.sub(lambda m: m[0] if m[0][0] == "#" else _GBNF_ESCAPE.sub(spell, m[0]), grammar)
 
 
 def gbnf_work(grammar: str) -> tuple[int, int]:
