@@ -359,6 +359,46 @@ def test_slots_full_of_default_priority_work_still_read_a_better_request(redis_u
         r.close()
 
 
+def test_a_head_another_worker_reads_first_leaves_the_entry_behind_it_in_the_stream(redis_url, prefix):
+    """Two full workers look at the same better head at once; both read one entry, the second getting the entry
+    behind the head, which it had no room for (a held-out run saw one worker hold 6 worse requests against a cap
+    of 3). The read ahead of room takes the head it looked at or nothing. Here the other worker's read comes
+    exactly between this worker's look and its read."""
+    from service_fixtures import running_worker
+
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    s = make_settings(redis_url, prefix, num_gpu_blocks=64, max_num_seqs=2)
+    flood = [f"flood-{i}" for i in range(2)]
+    taken: list = []
+    try:
+        with running_worker(s) as w:
+            look = w.intake.head_priority
+
+            def look_then_lose_it():  # the other worker, looking at the same time, reads first
+                priority = look()
+                if priority is not None and not taken:
+                    taken.extend(r.xreadgroup(keys.group, "other-worker", {keys.requests: ">"}, count=1)[0][1])
+                return priority
+
+            for rid in flood:
+                _send(r, keys, rid, 600)
+            wait_for(lambda: w.engine.num_running == len(flood), 30, 0.005, "the slots full")
+            w.intake.head_priority = look_then_lose_it
+            pipe = r.pipeline(transaction=True)
+            _send(pipe, keys, "urgent", 4, prompt="now", ignore_eos=False, priority=-5)
+            _send(pipe, keys, "behind", 4)
+            pipe.execute()
+            wait_for(lambda: taken, 30, 0.005, "the other worker's read")
+            time.sleep(0.5)  # ten more looks
+            assert json.loads(taken[0][1][b"body"])["id"] == "urgent"
+            mine = _pending_by_consumer(r, keys).get(s.worker_name, 0)
+            assert mine == len(flood), f"the full worker read the entry behind the head ({mine} pending)"
+            assert r.xinfo_groups(keys.requests)[0]["lag"] == 1  # "behind" waits in the stream, for a worker with room
+    finally:
+        r.close()
+
+
 def test_the_head_entry_is_copied_out_once_while_the_group_stays(redis_url, prefix):
     """A worker with no room looks at the next entry every 50 ms; the look copied the whole entry out of Redis
     each time (a 20 MB field beside its body took 60 ms of Redis a look, and the worker's loop waited: its

@@ -9,8 +9,9 @@ Invariants:
   so a worker whose KV cache is full reads nothing and the backlog waits in the stream, where any worker with
   room can take it. A request needs more than one block, so what one read takes may still not all start: that
   excess waits in the engine, never more than its free blocks. The one exception: a worker without room for the
-  default priority looks at the next entry's priority (:meth:`Intake.head_priority`), and reads it alone if it is
-  better and would start by preempting worse work;
+  default priority looks at the next entry's priority (:meth:`Intake.head_priority`), and reads that entry alone
+  (:meth:`Intake.read_head`: it or nothing, never the one behind it) if it is better and would start by preempting
+  worse work, or is refused when read;
 - after every (re)connect a worker first drains its own pending entries that it does not hold (a previous
   life of this consumer died holding them, or Redis delivered them just before the connection broke and the
   reply never arrived), then reads new ones (``>``); the entries it holds are not delivered again, so each
@@ -41,6 +42,7 @@ from .context import WorkerContext, WorkerPart
 from .protocol import DEFAULT_PRIORITY, LOWEST_PRIORITY, as_text
 from .reclaim import Reclaimer
 from .running import Running
+from .stream_fields import xreadgroup_reply
 
 Entry = tuple[str, dict, int]  # (stream entry id, fields, delivery count)
 CANCELS_PER_PASS = 1000  # cancel messages read per loop pass, at most
@@ -177,6 +179,23 @@ class Intake(WorkerPart):
                     else None)
         self._head_seen = (last, priority) if what != "none" else ("", None)
         return priority
+
+    def read_head(self) -> list[Entry]:
+        """The entry :meth:`head_priority` last looked at, alone, unless another consumer read it since
+        (``lua/read_head.lua``): a plain read would then take the entry behind it, which this worker has no room
+        for, past the caps :meth:`Worker._room` keeps. A refused script reads nothing (counted and said)."""
+        r = self.conn.r
+        try:
+            res = self.reclaimer.scripts(r).read_head(
+                keys=[self.keys.requests], args=[self.keys.group, self.consumer, self._head_seen[0]], client=r)
+        except redis.ResponseError as e:
+            if refused_while_up(e):
+                self.conn.command_refused("read_head", e, needed=False)
+            return []
+        self.metrics.redis_ops.inc()
+        self.conn.command_accepted("read_head")
+        got = xreadgroup_reply(res)
+        return [(as_text(eid), fields or {}, 1) for eid, fields in got[0][1]] if got else []
 
     def held(self) -> set[str]:
         """Entry ids this worker is doing something with: running, waiting, or with a write buffered. A pending

@@ -40,7 +40,8 @@ def _entries(response: Any) -> list:
     return [(e[0], None if e[1] is None else EntryFields(e[1])) for e in response or [] if e is not None]
 
 
-def _xreadgroup(response: Any, **options: Any) -> list:
+def xreadgroup_reply(response: Any, **options: Any) -> list:
+    """An ``XREADGROUP`` reply (a script's too) in redis-py's shape, ``[[stream, [(id, EntryFields), ...]], ...]``."""
     if not response:
         return []
     streams = response.items() if isinstance(response, dict) else response  # RESP3 map, RESP2 list of pairs
@@ -59,6 +60,6 @@ def _xautoclaim(response: Any, **options: Any) -> list:
 
 def keep_repeated_fields(r: Any) -> None:
     """Make ``r`` (a redis-py client) hand out entries as :class:`EntryFields`, in redis-py's shapes."""
-    r.set_response_callback("XREADGROUP", _xreadgroup)
+    r.set_response_callback("XREADGROUP", xreadgroup_reply)
     r.set_response_callback("XCLAIM", _xclaim)
     r.set_response_callback("XAUTOCLAIM", _xautoclaim)

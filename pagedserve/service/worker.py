@@ -469,8 +469,9 @@ class Worker(WorkerPart):
                 self.admission.admit(claimed, redelivered=True)
                 room = self._room()
             if room <= 0 and self._better_waits():
-                room = 1
-            if room > 0:
+                if entries := self.intake.read_head():
+                    self.admission.admit(entries, redelivered=False)
+            elif room > 0:
                 entries, redelivered = self.intake.read(room, block)
                 if entries:
                     self.admission.admit(entries, redelivered)
