@@ -187,10 +187,12 @@ REGEXES: dict[str, str] = {
     "word_then_number": r"[a-z]{1,8} [0-9]{1,3}",
     "email_like": r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)",
     "hex": r"0x[0-9a-f]{1,8}",
+    "replacement_chars": "ab\ufffd{2}",  # U+FFFD is a character a pattern may ask for, at the end too
 }
 
 CHOICES: dict[str, list[str]] = {
     "sentiment": ["positive", "negative", "neutral"],
     "prefixes": ["a", "ab", "abc"],  # one choice a prefix of another: the walk may stop at any of them
     "unicode": ["是", "否", "ok"],
+    "replacement_char": ["ok\ufffd", "no\ufffd"],  # the text kept its U+FFFD at the end: "ok" was no choice
 }

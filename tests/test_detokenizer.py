@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,10 @@ def test_any_bytes_decode_as_a_whole_decode_does_in_a_bounded_window(data):
     whole = data.decode("utf-8", "replace")
     assert "".join(deltas) == detok.text
     assert whole.startswith(detok.text) and not whole[len(detok.text):].strip("\ufffd"), (whole, detok.text)
+    ends_whole = codecs.getincrementaldecoder("utf-8")("replace")
+    ends_whole.decode(data, final=False)
+    if not ends_whole.getstate()[0]:  # no character in progress at the end: every U+FFFD is the text's own
+        assert detok.text == whole, (whole, detok.text)
 
 
 def test_ids_without_text_do_not_grow_the_window():
@@ -81,6 +87,21 @@ def test_an_incomplete_character_at_the_end_is_not_text():
             detok.add(b)
         detok.flush()
         assert detok.text == detok.take_delta(final=True) == text, data
+        assert decode_after_prompt(TOK, [], list(data), set()) == text, data  # a beam's text, decoded at once
+
+
+def test_a_replacement_character_of_the_texts_own_is_text_at_once():
+    """U+FFFD the text holds (a token that is one, bytes no character continues) is the text's, as HF's decode
+    has it: it was held as if a character were in progress, and cut at the end, so a choice of "ok\ufffd" came
+    back "ok". It is streamed at once, and kept at the end."""
+    for data, text in ((b"ok\xef\xbf\xbd", "ok\ufffd"), (b"ok\x80", "ok\ufffd"), (b"ok\xe2\x82\xc6a", "ok\ufffd\ufffda"),
+                       (b"\xef\xbf\xbd\xef\xbf\xbd", "\ufffd\ufffd"), (b"ok\xed\xa0\x80", "ok\ufffd\ufffd\ufffd")):
+        detok = IncrementalDetokenizer(TOK, [], set())
+        for b in data:
+            detok.add(b)
+        streamed = detok.take_delta(final=False)  # nothing held: no character is in progress
+        detok.flush()
+        assert streamed == detok.text == text == data.decode("utf-8", "replace"), (data, streamed, detok.text)
         assert decode_after_prompt(TOK, [], list(data), set()) == text, data  # a beam's text, decoded at once
 
 

@@ -43,6 +43,18 @@ def _texts_concatenate(backend) -> bool:
     return isinstance(getattr(backend, "decoder", None), ByteLevel)
 
 
+_BYTE_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per tokenizer: its _byte_reader
+
+
+def _cached_byte_reader(tokenizer) -> Callable[[int], bytes] | None:
+    try:
+        if tokenizer not in _BYTE_READERS:
+            _BYTE_READERS[tokenizer] = _byte_reader(tokenizer)
+        return _BYTE_READERS[tokenizer]
+    except TypeError:  # not weakly referenceable
+        return _byte_reader(tokenizer)
+
+
 def _byte_reader(tokenizer) -> Callable[[int], bytes] | None:
     """A token's own bytes, as far as where characters begin goes: under a byte-level decoder each token's
     characters stand for bytes (GPT-2's alphabet), under SentencePiece's byte fallback a ``<0xXX>`` token is a byte;
@@ -115,8 +127,8 @@ class IncrementalDetokenizer:
     does after the prompt, not as the start of a text; they are never part of ``text``.
 
     Decodes only a sliding window (``prefix_offset:``) so each step costs O(window), not O(length). Text that
-    ends in U+FFFD is held back: the next token may complete the character. ``text`` is the concatenation of all
-    deltas by construction, so streamed deltas always add up to the final text.
+    ends in a character begun and not finished (U+FFFD) is held back: the next token may complete it. ``text`` is
+    the concatenation of all deltas by construction, so streamed deltas always add up to the final text.
 
     With stop strings, the last ``max_stop_len - 1`` characters are not released (``releasable``) until the
     sequence ends, so a client never sees the start of a stop string that is later cut.
@@ -163,7 +175,7 @@ class IncrementalDetokenizer:
         splits a character holds none. A tokenizer without a ``tokenizers`` backend: before the last tokens whose
         text ends in U+FFFD, at most ``IN_PROGRESS_TOKENS``."""
         context = prompt_context(prompt_token_ids, skip_ids)
-        read = _byte_reader(self.tokenizer)  # only for a context ending in U+FFFD: not worth a cache
+        read = _cached_byte_reader(self.tokenizer)
         if read is not None:
             for more in range(1, IN_PROGRESS_TOKENS + 1):
                 first = read(context[0])
@@ -215,7 +227,7 @@ class IncrementalDetokenizer:
         if full is None:
             full = self._decode(ids[start:])
         read = len(ids)
-        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and self._in_progress()):
             released = self._release_held(prefix, full) if read - self.read_offset >= MAX_HELD_TOKENS else None
             if released is None:
                 return None
@@ -224,6 +236,12 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, read
         return self._check_stop(end) if check_stop and self.stop else None
+
+    def _in_progress(self) -> bool:
+        """Whether the text's U+FFFD at its end is a character begun and not finished, which the next tokens may
+        complete, rather than the text's own: a U+FFFD token, bytes no character continues (HF's decode shows
+        those, and so does the text). Taken as in progress where the tokenizer's bytes cannot be read."""
+        return chars_in_progress(self.tokenizer, self.ids) > 0
 
     def _release_held(self, prefix: str, full: str) -> tuple[str, int] | None:
         """A window held for ``MAX_HELD_TOKENS``: the decode of its longest part that leaves the last
@@ -246,7 +264,7 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         start = len(self.text)
-        self.text += complete_text(full[len(prefix):])
+        self.text += complete_text(full[len(prefix):], self._in_progress())
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._check_stop(start) if check_stop else None
 
@@ -272,11 +290,22 @@ class IncrementalDetokenizer:
         return delta
 
 
-def complete_text(end: str) -> str:
-    """The end of a finished output without the U+FFFD its last, incomplete character decodes to: those bytes
-    never become a character, and vLLM's detokenizer never hands them out (a sample cut by max_tokens inside a
-    multi-byte character ends at the character before it)."""
-    return end.rstrip(REPLACEMENT)
+def chars_in_progress(tokenizer, ids: Sequence[int]) -> int:
+    """How many of ``ids``' last tokens hold a character begun and not finished (:func:`_char_in_progress`);
+    ``IN_PROGRESS_TOKENS`` where the tokenizer's bytes cannot be read."""
+    read = _cached_byte_reader(tokenizer)
+    if read is None:
+        return IN_PROGRESS_TOKENS
+    return _char_in_progress([read(t) for t in ids[-IN_PROGRESS_TOKENS - 1:]])
+
+
+def complete_text(end: str, in_progress: bool) -> str:
+    """The end of a finished output, without the U+FFFD at its end where its last character is ``in_progress``
+    (begun, never finished): those bytes never became a character, and vLLM's detokenizer never hands them out (a
+    sample cut by max_tokens inside a multi-byte character ends at the character before it). A U+FFFD of the
+    text's own (a token that is one, bytes no character continues) stays, as HF's decode has it: a grammar or a
+    choice may ask for one."""
+    return end.rstrip(REPLACEMENT) if in_progress else end
 
 
 def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
@@ -287,4 +316,5 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
                                    skip_special_tokens=skip_special_tokens, prompt_is_text=prompt_is_text)
     context = detok.ids
     head = detok._decode(context[:detok.read_offset])
-    return complete_text(detok._decode(context + [t for t in token_ids if t not in detok.skip_ids])[len(head):])
+    ids = context + [t for t in token_ids if t not in detok.skip_ids]
+    return complete_text(detok._decode(ids)[len(head):], chars_in_progress(tokenizer, ids) > 0)
