@@ -141,6 +141,21 @@ def test_a_running_request_whose_entry_leaves_the_stream_ends_with_its_result(tm
         assert w.proc.poll() is None
 
 
+def test_a_consumer_group_redis_lost_is_made_again_with_a_warning(tmp_path, prefix):
+    """Redis losing its data (a restart without persistence, a FLUSHALL, eviction) takes the request stream and its
+    group with it, and every request queued there. The worker made the group again with the same info line as at
+    its first start, so an operator saw nothing of the loss; it warns now, and goes on serving."""
+    with private_worker(tmp_path, prefix) as (admin, s, c, w, keys):
+        admin.flushall()
+        wait_for(lambda: any(e.get("event") == "consumer_group_recreated" for e in w.events()), 60,
+                 what="the group made again")
+        (made,) = [e for e in w.events() if e.get("event") == "consumer_group_recreated"]
+        assert made["level"] == "warning" and "lost" in made["note"] and "noeviction" in made["note"], made
+        done = c.generate("after the loss", params={"max_tokens": 4, "ignore_eos": True}, timeout=60)
+        assert len(done.outputs[0].token_ids) == 4
+        assert w.proc.poll() is None
+
+
 def test_a_run_whose_id_was_answered_elsewhere_meanwhile_stops(tmp_path, prefix):
     """What a worker that was away finds when it comes back after another worker took its entry over, ran it to
     the end and acknowledged it: the entry gone, its claim released, the id answered. It stops its run and leaves

@@ -504,7 +504,14 @@ class Connection(WorkerPart):
         load_producer_scripts(r)
         try:
             r.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
-            self.log.info("consumer_group_created", group=self.keys.group)
+            if self.generation:  # this worker had it: Redis lost it (a restart without persistence, FLUSH, eviction)
+                self.log.warning("consumer_group_recreated", group=self.keys.group,
+                                 note="the request stream's consumer group was gone: Redis restarted without its "
+                                      "data, was flushed or evicted it, so the requests queued there (and results "
+                                      "stored before) are lost; waiting clients get RequestGone. Persist Redis "
+                                      "(appendonly) and set maxmemory-policy noeviction")
+            else:
+                self.log.info("consumer_group_created", group=self.keys.group)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
