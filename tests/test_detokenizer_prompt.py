@@ -9,16 +9,17 @@ BPE tokenizers, with HF's tokenizer as the reference.
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.engine import LLM, SamplingParams
 from pagedserve.engine.builtin_model import build_byte_tokenizer
 from pagedserve.engine.default_model import default_model_path
-from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.detokenizer import IncrementalDetokenizer, decode_after_prompt
 
 CORPUS = ["the sky is blue and the grass is green", "hello world the cat sat on the mat",
           "a big dog and a small cat", "café € naïve 日本"] * 50
@@ -173,6 +174,72 @@ def test_a_prompt_of_ids_cut_inside_a_character_leaves_it_to_the_output(name, te
         # character in progress (the emoji's last byte alone showed nothing).
         ids = _ids(tok, "a€😀")
         assert stream(tok, ids[:-1], ids[-1:])[1] == decode_stream(tok, ids[:-1], ids[-1:]) == "😀"
+
+
+def _byte_level_ids(tok, data: bytes) -> list[int]:
+    """One token per byte of ``data``: the tiny model's ids are its bytes; a GPT-2-style vocabulary spells each
+    byte in GPT-2's alphabet."""
+    if tok is BYTE_TOK:
+        return list(data)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
+    ids = [tok.convert_tokens_to_ids(alphabet[b]) for b in data]
+    assume(tok.unk_token_id not in ids)  # SmolLM2's vocabulary has no token of a few bytes (04, C0, F5-FF...)
+    return ids
+
+
+def _unfinished_at_end(data: bytes) -> bool:
+    """Whether ``data`` ends inside a character: begun (a valid start) and not finished."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(data, final=False)
+    waiting = decoder.getstate()[0]
+    return bool(waiting) and not (waiting[:1] == b"\xed" and waiting[1:2] >= b"\xa0")  # no surrogates in UTF-8
+
+
+OUTPUT_CHUNKS = st.one_of(st.text(ALPHABET + "\ufffd", min_size=1, max_size=6).map(str.encode).map(lambda b: ("text", b)),
+                          st.binary(min_size=1, max_size=4).map(lambda b: ("bytes", b)))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in TOKENIZERS if n != "llama-metaspace"))
+@settings(max_examples=200, deadline=None)
+@given(prompt_text=st.text(ALPHABET, min_size=1, max_size=10), chunks=st.lists(OUTPUT_CHUNKS, max_size=8))
+def test_an_outputs_own_u_fffd_is_text_and_only_an_unfinished_last_character_is_left_out(name, prompt_text, chunks):
+    """HF's decode in context, less the one U+FFFD of a last character begun and never finished: a U+FFFD token
+    and bytes no character continues are text, at the end and just before such a character too (they were held
+    as if in progress, then cut with it, so a choice of "ok\ufffd" came back "ok"). Streamed and decoded at once
+    (a beam's text) alike, on byte-level tokenizers (byte fallback shows every byte of an invalid run as U+FFFD,
+    so earlier whole characters change with later bytes there)."""
+    tok = TOKENIZERS[name]
+    prompt = _ids(tok, prompt_text)
+    output, raw = [], b""
+    for kind, data in chunks:
+        output += _ids(tok, data.decode()) if kind == "text" else _byte_level_ids(tok, data)
+        raw += data
+    expected = reference(tok, prompt, output)
+    if _unfinished_at_end(raw):
+        assert expected.endswith("\ufffd")
+        expected = expected[:-1]
+    deltas, text, _ = stream(tok, prompt, output)
+    assert "".join(deltas) == text == expected, (raw, text, expected)
+    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == expected, raw
+
+
+@pytest.mark.parametrize("output, text", [
+    ("<0xEF> <0xBF> <0xBD>", "\ufffd"),  # U+FFFD spelled in bytes: a character of its own
+    ("<0xEF> <0xBF> <0xBD> ▁sky <0xE4> <0xB8>", "\ufffd sky"),  # ... then two bytes of a character never finished
+    ("▁sky <0xE2> <0x82>", " sky"),
+])
+def test_a_byte_fallback_outputs_own_u_fffd_is_text_and_an_unfinished_character_is_left_out(output, text):
+    """Under byte fallback an unfinished character decodes to one U+FFFD per byte: those are left out, the text's
+    own U+FFFD before them kept."""
+    tok = LLAMA_TOK
+    ids = [tok.convert_tokens_to_ids(t) for t in output.split()]
+    assert tok.unk_token_id not in ids
+    prompt = _ids(tok, "the cat")
+    deltas, streamed, _ = stream(tok, prompt, ids)
+    assert "".join(deltas) == streamed == text
+    assert decode_after_prompt(tok, prompt, ids, set(tok.all_special_ids)) == text
 
 
 def _byte_tokens(tok, data: bytes) -> list[int]:

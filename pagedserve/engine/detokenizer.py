@@ -43,10 +43,27 @@ def _texts_concatenate(backend) -> bool:
     return isinstance(getattr(backend, "decoder", None), ByteLevel)
 
 
-_BYTE_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per tokenizer: its _byte_reader
+_BYTE_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per tokenizer: its TokenBytes
 
 
-def _cached_byte_reader(tokenizer) -> Callable[[int], bytes] | None:
+class TokenBytes:
+    """A tokenizer's tokens as bytes (:func:`_byte_reader`), each read once; ``per_byte``: its decoder shows a
+    character begun and not finished as one U+FFFD per byte (SentencePiece's byte fallback) rather than one in
+    all (a byte-level decoder, as ``from_utf8_lossy``)."""
+
+    def __init__(self, read: Callable[[int], bytes], per_byte: bool) -> None:
+        self._read = read
+        self.per_byte = per_byte
+        self._bytes: dict[int, bytes] = {}  # bounded by the vocabulary
+
+    def __call__(self, token_id: int) -> bytes:
+        data = self._bytes.get(token_id)
+        if data is None:
+            data = self._bytes[token_id] = self._read(token_id)
+        return data
+
+
+def _cached_byte_reader(tokenizer) -> TokenBytes | None:
     try:
         if tokenizer not in _BYTE_READERS:
             _BYTE_READERS[tokenizer] = _byte_reader(tokenizer)
@@ -55,7 +72,7 @@ def _cached_byte_reader(tokenizer) -> Callable[[int], bytes] | None:
         return _byte_reader(tokenizer)
 
 
-def _byte_reader(tokenizer) -> Callable[[int], bytes] | None:
+def _byte_reader(tokenizer) -> TokenBytes | None:
     """A token's own bytes, as far as where characters begin goes: under a byte-level decoder each token's
     characters stand for bytes (GPT-2's alphabet), under SentencePiece's byte fallback a ``<0xXX>`` token is a byte;
     any other token (a piece, an added or special token, any token of a decoder that never splits a character)
@@ -88,23 +105,29 @@ def _byte_reader(tokenizer) -> Callable[[int], bytes] | None:
         if alphabet and all(c in alphabet for c in token):
             return bytes(alphabet[c] for c in token)
         return token.encode()
-    return read
+    return TokenBytes(read, per_byte=byte_token is not None and not alphabet)
 
 
-def _char_in_progress(tail: list[bytes]) -> int:
-    """How many of ``tail``'s last tokens hold a character begun and not finished (bytes a UTF-8 decoder keeps,
-    waiting for more), 0 for none (whole characters, or bytes no character continues: a U+FFFD of the text's own,
-    E0 80 as much as a lone 80). The first of them may hold whole characters before it: they go with it, as in
-    DecodeStream."""
-    data, owner = b"", []
-    for i, b in enumerate(tail):
-        data += b
-        owner += [i] * len(b)
+def _waiting_bytes(data: bytes) -> bytes:
+    """The bytes at the end of ``data`` that begin a character and do not finish it (what a UTF-8 decoder keeps,
+    waiting for more); none where it ends in whole characters or in bytes no character continues (E0 80 as much
+    as a lone 80)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     decoder.decode(data, final=False)
     waiting = decoder.getstate()[0]
     if waiting[:1] == b"\xed" and waiting[1:2] >= b"\xa0":  # a surrogate's start, which Python's decoder waits on
-        return 0
+        return b""
+    return waiting
+
+
+def _char_in_progress(tail: list[bytes]) -> int:
+    """How many of ``tail``'s last tokens hold a character begun and not finished (:func:`_waiting_bytes`), 0 for
+    none (a U+FFFD of the text's own included). The first of them may hold whole characters before it: they go
+    with it, as in DecodeStream."""
+    owner: list[int] = []
+    for i, b in enumerate(tail):
+        owner += [i] * len(b)
+    waiting = _waiting_bytes(b"".join(tail))
     return len(tail) - owner[-len(waiting)] if waiting else 0
 
 
@@ -227,7 +250,7 @@ class IncrementalDetokenizer:
         if full is None:
             full = self._decode(ids[start:])
         read = len(ids)
-        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and self._in_progress()):
+        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and self._unfinished() != 0):
             released = self._release_held(prefix, full) if read - self.read_offset >= MAX_HELD_TOKENS else None
             if released is None:
                 return None
@@ -237,11 +260,11 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, read
         return self._check_stop(end) if check_stop and self.stop else None
 
-    def _in_progress(self) -> bool:
-        """Whether the text's U+FFFD at its end is a character begun and not finished, which the next tokens may
-        complete, rather than the text's own: a U+FFFD token, bytes no character continues (HF's decode shows
-        those, and so does the text). Taken as in progress where the tokenizer's bytes cannot be read."""
-        return chars_in_progress(self.tokenizer, self.ids) > 0
+    def _unfinished(self) -> int | None:
+        """:func:`unfinished_replacements` of the tokens so far: whether the text's U+FFFD at its end is (or holds)
+        a character begun and not finished, which the next tokens may complete, rather than only the text's own (a
+        U+FFFD token, bytes no character continues: HF's decode shows those, and so does the text)."""
+        return unfinished_replacements(self.tokenizer, self.ids)
 
     def _release_held(self, prefix: str, full: str) -> tuple[str, int] | None:
         """A window held for ``MAX_HELD_TOKENS``: the decode of its longest part that leaves the last
@@ -264,7 +287,7 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         start = len(self.text)
-        self.text += complete_text(full[len(prefix):], self._in_progress())
+        self.text += complete_text(full[len(prefix):], self._unfinished())
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._check_stop(start) if check_stop else None
 
@@ -290,22 +313,27 @@ class IncrementalDetokenizer:
         return delta
 
 
-def chars_in_progress(tokenizer, ids: Sequence[int]) -> int:
-    """How many of ``ids``' last tokens hold a character begun and not finished (:func:`_char_in_progress`);
-    ``IN_PROGRESS_TOKENS`` where the tokenizer's bytes cannot be read."""
+def unfinished_replacements(tokenizer, ids: Sequence[int]) -> int | None:
+    """The U+FFFD that the character ``ids`` end inside (begun, not finished) decodes to at their text's end: one,
+    or one per byte under byte fallback; 0 where they end on whole characters or on bytes no character continues.
+    None where the tokenizer's bytes cannot be read: every U+FFFD at the end may be such a character."""
     read = _cached_byte_reader(tokenizer)
     if read is None:
-        return IN_PROGRESS_TOKENS
-    return _char_in_progress([read(t) for t in ids[-IN_PROGRESS_TOKENS - 1:]])
+        return None
+    waiting = _waiting_bytes(b"".join(read(t) for t in ids[-IN_PROGRESS_TOKENS - 1:]))
+    return (len(waiting) if read.per_byte else 1) if waiting else 0
 
 
-def complete_text(end: str, in_progress: bool) -> str:
-    """The end of a finished output, without the U+FFFD at its end where its last character is ``in_progress``
-    (begun, never finished): those bytes never became a character, and vLLM's detokenizer never hands them out (a
-    sample cut by max_tokens inside a multi-byte character ends at the character before it). A U+FFFD of the
-    text's own (a token that is one, bytes no character continues) stays, as HF's decode has it: a grammar or a
-    choice may ask for one."""
-    return end.rstrip(REPLACEMENT) if in_progress else end
+def complete_text(end: str, unfinished: int | None) -> str:
+    """The end of a finished output without the ``unfinished`` U+FFFD its last character, begun and never finished,
+    decodes to (:func:`unfinished_replacements`; None: all those at its end): those bytes never became a character,
+    and vLLM's detokenizer never hands them out (a sample cut by max_tokens inside a multi-byte character ends at
+    the character before it). A U+FFFD of the text's own (a token that is one, bytes no character continues) stays,
+    before it too, as HF's decode has it: a grammar or a choice may ask for one."""
+    if unfinished is None:
+        return end.rstrip(REPLACEMENT)
+    cut = len(end) - unfinished
+    return end[:cut] if unfinished and end[cut:] == REPLACEMENT * unfinished else end
 
 
 def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
@@ -317,4 +345,4 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
     context = detok.ids
     head = detok._decode(context[:detok.read_offset])
     ids = context + [t for t in token_ids if t not in detok.skip_ids]
-    return complete_text(detok._decode(ids)[len(head):], chars_in_progress(tokenizer, ids) > 0)
+    return complete_text(detok._decode(ids)[len(head):], unfinished_replacements(tokenizer, ids))
