@@ -76,6 +76,35 @@ def test_submits_in_other_threads_during_close_raise_runtime_error_and_leave_not
         assert _unknown_and_running(r, keys, returned) == [], f"seed {seed}"
 
 
+def test_a_forked_child_leaving_a_stream_does_not_cancel_the_parents_request(redis_url, prefix, tmp_path):
+    """A process forks while it reads a stream (gunicorn's workers, a raw os.fork): the child leaving the loop
+    closes its copy of the generator, which cancelled the request as abandoned, though the parent was reading it
+    still, and its stream ended "cancelled" after a few tokens."""
+    import os
+
+    from service_fixtures import WorkerProcess, make_settings
+
+    s = make_settings(redis_url, prefix)
+    w = WorkerProcess(s, tmp_path / "w.log").start()
+    try:
+        w.wait_started()
+        with Client(settings=s) as c:
+            stream = c.stream("fork here", params={"max_tokens": 1500, "ignore_eos": True})
+            first = next(stream)
+            child = os.fork()
+            if child == 0:  # the child leaves the loop (a return, an exception): its copy of the generator closes
+                try:
+                    stream.close()
+                finally:
+                    os._exit(0)
+            assert os.waitpid(child, 0)[1] == 0
+            *_, done = [first, *stream]
+        assert done.type == "done" and done.outputs[0].finish_reason == "length", done
+        assert len(done.outputs[0].token_ids) == 1500
+    finally:
+        w.close()
+
+
 def test_async_submits_during_aclose_raise_runtime_error_and_leave_nothing_unknown(redis_url, prefix):
     """The same of AsyncClient: calls whose connection aclose() closed said "cannot reach Redis" (an outage, for
     the client's own close), and a submit whose XADD had gone out left its request running, its caller told to

@@ -631,7 +631,9 @@ class Client(ProducerCore):
                         raise self._closed_under_call() from None
                     raise
         except (GeneratorExit, KeyboardInterrupt):
-            if owned is not None and asked and not ended and not self._closing:  # closing: close() cancels it
+            # Closing: close() cancels it. Not among this process's own: a forked child leaving the parent's
+            # stream closes its copy of the generator, and the parent still reads the request (as the async _run).
+            if owned is not None and asked and not ended and not self._closing and owned in self._owned:
                 self._cancel_abandoned(owned)
             raise
         finally:
