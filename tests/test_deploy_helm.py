@@ -744,15 +744,23 @@ def test_malformed_redis_url_is_refused_without_quoting_the_password(url, keda):
 
 def test_schema_engine_values_are_the_ones_the_engine_takes():
     from pagedserve.engine.config import EngineConfig
+    from pagedserve.service.settings import DTYPES
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     engine = schema["properties"]["engine"]["properties"]
     with helm.Chart.load(str(CHART)) as chart:
         for dtype in engine["dtype"]["enum"]:
             EngineConfig(dtype=dtype, device="cpu")  # the engine takes every dtype the schema lets through
-        for dtype in ("half", "float", "float64"):
+        assert set(engine["dtype"]["enum"]) == set(DTYPES)  # vLLM's half and float too: the worker takes them
+        for dtype in ("float64", "fp64"):
             with pytest.raises(helm.HelmError):
                 chart.validate_schema({"engine": {"dtype": dtype}})
+        for device in ("", "auto", "cpu", "cuda", "cuda:0", "cuda:12"):  # the settings' DEVICE_PATTERN
+            chart.validate_schema({"engine": {"device": device}})
+        for device in ("cuda:01", "gpu", "cuda:"):
+            with pytest.raises(helm.HelmError):
+                chart.validate_schema({"engine": {"device": device}})
+        chart.validate_schema({"prefix": "p" * 100})  # no length limit in the worker
         chart.validate_schema({"engine": {"maxModelLen": 2}})
         with pytest.raises(helm.HelmError):
             chart.validate_schema({"engine": {"maxModelLen": 1}})
