@@ -255,7 +255,7 @@ def _errors(lines) -> dict:
     """custom_id -> the error of each invalid line, as submit stores it (parsing alone: no Redis, no worker)."""
     from pagedserve.service.batch_format import parse_lines
 
-    return {p.custom_id: p.error for p in parse_lines("batch_t", jsonl(lines), 2**40) if p.request is None}
+    return {p.custom_id: p.error for p in parse_lines("batch_t", jsonl(lines), 2**40) if p.samples is None}
 
 
 def test_a_message_key_the_service_does_not_carry_is_refused_by_name():
@@ -329,6 +329,13 @@ def test_a_range_error_names_the_body_key_the_line_wrote():
     }
 
 
+def _request(parsed_line):
+    """A parsed line's request as a worker reads it from its stream entry."""
+    from pagedserve.service.protocol import parse_request
+
+    return parse_request(parsed_line.body, 2**30)
+
+
 def test_vllm_sampling_keys_are_taken_as_vllm_takes_them():
     """vLLM's OpenAI server and batch runner take its own sampling parameters in the body (top_k, min_p, ...): a
     file written for it failed every such line here."""
@@ -339,7 +346,7 @@ def test_vllm_sampling_keys_are_taken_as_vllm_takes_them():
     parsed = parse_lines("batch_t", jsonl([chat("vllm", **extras), completion("vllm-cmpl", **extras)]), 2**40)
     assert [p.error for p in parsed] == [None, None]
     for p in parsed:
-        params = p.request.params.model_dump(exclude_none=True)
+        params = _request(p).params.model_dump(exclude_none=True)
         assert {k: params[k] for k in extras} == extras
         assert isinstance(params["min_p"], float) and isinstance(params["repetition_penalty"], float)
     assert _errors([chat("bad-top-k", top_k=-2)])["bad-top-k"].startswith("line 1: body.top_k: ")
@@ -361,11 +368,10 @@ def test_keys_that_ask_for_nothing_are_accepted():
     ]
     parsed = parse_lines("batch_t", jsonl(plain + harmless), 2**40)
     assert [p.error for p in parsed] == [None] * len(parsed)
-    req = {p.custom_id: p.request for p in parsed}
+    req = {p.custom_id: _request(p) for p in parsed}
     for p in parsed[len(plain):]:  # ignored: the same request as the plain line's
-        base = req["cmpl" if p.url == "/v1/completions" else "chat"]
-        assert (p.request.params, p.request.messages, p.request.prompt) == (
-            base.params, base.messages, base.prompt), p.custom_id
+        base, mine = req["cmpl" if p.url == "/v1/completions" else "chat"], req[p.custom_id]
+        assert (mine.params, mine.messages, mine.prompt) == (base.params, base.messages, base.prompt), p.custom_id
 
     errors = _errors([
         chat("store", store="yes"),
@@ -895,7 +901,7 @@ def test_a_line_is_read_as_the_wire_reads_its_body():
              chat("fine")]
     parsed = {p.custom_id: p for p in parse_lines("batch_t", jsonl(lines), 2**40)}
     assert parsed["huge"].error.startswith("line 1: body.temperature: must be 0 (greedy) or in [0.01, 100.0]")
-    whole = parsed["whole"].request
+    whole = _request(parsed["whole"])
     assert (whole.params.max_tokens, whole.params.n, whole.params.seed, whole.params.stop_token_ids,
             whole.prompt_token_ids) == (3, 1, 7, [5], [3, 4])
     assert parsed["too-big"].error.startswith("line 3: body.max_tokens: 1.152921504606847e+18 is a whole number")

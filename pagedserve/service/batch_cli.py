@@ -335,10 +335,13 @@ def results(
         try:
             # The status before the lines: the lines are then at least those it counts, never fewer.
             batch = _call(current, r, s.prefix)
-            lines = _call(lambda: list(batch_results(r, s.prefix, batch_id, redact(s.redis_url))))
+            # Each line written out as it is read: a list of them all parsed took ten times the output's size.
+            lines = _call(lambda: [json.dumps(line) for line in batch_results(r, s.prefix, batch_id,
+                                                                               redact(s.redis_url))])
         except KeyboardInterrupt:
             _interrupted(r, s.prefix, batch_id, " again")
-    text = "".join(json.dumps(line) + "\n" for line in lines)
+    count, text = len(lines), "\n".join(lines) + "\n" if lines else ""
+    del lines[:]  # the text is all that is needed: not both at once
     if output is None or str(output) == "-":
         sys.stdout.write(text)
     else:
@@ -349,15 +352,15 @@ def results(
         except KeyboardInterrupt:  # waiting for a FIFO's reader, say: the lines stay in Redis
             _fail(f"interrupted: nothing more was written to -o {output} (`pagedserve batch results {batch_id} -o "
                   f"{output}` writes them again)", 130)
-        note(f"{len(lines)} lines -> {output}")
+        note(f"{count} lines -> {output}")
     if batch["status"] not in TERMINAL_STATUSES:  # a script must not take these lines for the whole output
         waited = f" after {timeout:g} s" if wait and timeout is not None else ""
-        note(f"batch {batch_id} is still {batch['status']}{waited}: {len(lines)} of "
+        note(f"batch {batch_id} is still {batch['status']}{waited}: {count} of "
              f"{batch['request_counts']['total']} lines have their output so far (`pagedserve batch results "
              f"{batch_id} --wait` waits for the rest)")
         raise typer.Exit(3)
-    if lost := lost_lines(batch, lines):  # nor these, of which some are gone for good
-        note(f"{lost_note(batch_id, lost, batch)}: {len(lines)} lines written")
+    if lost := lost_lines(batch, count):  # nor these, of which some are gone for good
+        note(f"{lost_note(batch_id, lost, batch)}: {count} lines written")
         raise typer.Exit(3)
 
 

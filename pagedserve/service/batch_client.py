@@ -157,8 +157,8 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         raise ValueError(f"{input_file_id}: {e}") from None
     if not lines:
         raise ValueError(f"{input_file_id}: no lines")
-    valid = [p for p in lines if p.request is not None]
-    invalid = [p for p in lines if p.request is None]
+    valid = [p for p in lines if p.samples is not None]
+    invalid = [p for p in lines if p.samples is None]
     urls = sorted({p.url for p in valid})
     record: dict[str, Any] = {
         "id": bid, "object": "batch", "endpoint": ",".join(urls) or "/v1/chat/completions",
@@ -171,7 +171,7 @@ def create_batch(r: redis.Redis, prefix: str, data: bytes, *, input_file_id: str
         "invalid": len(invalid),  # for the submitter's summary: lines refused here
         # the most sequences a line runs (n, best_of or beam_width): the feeder takes lines by the sequence slots
         # they fill, so that the reserve it keeps for interactive requests stays free
-        "samples": max((p.request.params.num_samples for p in valid), default=1),
+        "samples": max((p.samples for p in valid), default=1),
     }
     if not valid:
         record.update(finalizing_at=int(now), completed_at=int(now))
@@ -437,11 +437,12 @@ def _host_port(r: redis.Redis) -> str:
     return kw["path"] if "path" in kw else f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}"
 
 
-def lost_lines(batch: dict, lines: list) -> int:
-    """How many of the output lines ``batch`` (its status, read before ``lines``) counts as written are not among
-    ``lines``: 0 unless Redis lost some. Every line answered, run or refused, is counted and stored together."""
+def lost_lines(batch: dict, read: int) -> int:
+    """How many of the output lines ``batch`` (its status, read before them) counts as written are not among the
+    ``read`` lines read: 0 unless Redis lost some. Every line answered, run or refused, is counted and stored
+    together."""
     counts = batch["request_counts"]
-    return max(0, counts["completed"] + counts["failed"] - len(lines))
+    return max(0, counts["completed"] + counts["failed"] - read)
 
 
 def lost_note(bid: str, lost: int, batch: dict) -> str:

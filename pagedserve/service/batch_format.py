@@ -134,12 +134,15 @@ class DuplicateCustomId(FileError):
     """Two lines share a custom_id: the whole file is refused (which line would its one output line answer?)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedLine:
+    """One line of a batch file as submit stages it: a valid line's stream entry body, not its request object (a
+    whole file of those took twenty times the file's size in memory)."""
+
     line_no: int  # 0-based, in the file
     custom_id: str | None
     url: str | None
-    request: GenerateRequest | None  # None: the line is invalid
+    samples: int | None  # the sequences the line runs (n, best_of or beam_width); None: the line is invalid
     error: str | None = None
     body: str | None = None  # the request as its stream entry's body (what the size limit is checked on)
 
@@ -485,7 +488,8 @@ def parse_lines(bid: str, data: bytes, expires_ms: int, max_message_bytes: int |
             if not isinstance(obj.get("body"), dict):
                 raise LineError("body: must be a JSON object")
             req = to_request(bid, index, line_no, cid, url, obj["body"], expires_ms)
-            out.append(ParsedLine(line_no, cid, url, req, body=_stream_body(req, max_message_bytes)))
+            out.append(ParsedLine(line_no, cid, url, req.params.num_samples,
+                                  body=_stream_body(req, max_message_bytes)))
             index += 1
         except FileError:
             raise

@@ -713,7 +713,7 @@ class Client(ProducerCore):
             raise batch_client.BatchNotEnded(
                 f"batch {batch_id} is still {batch['status']}: {len(lines)} of {batch['request_counts']['total']} "
                 "lines have their output so far (wait=True waits for the rest, partial=True returns these)")
-        if (lost := batch_client.lost_lines(batch, lines)) and not partial:
+        if (lost := batch_client.lost_lines(batch, len(lines))) and not partial:
             raise batch_client.BatchOutputLost(batch_client.lost_note(batch_id, lost, batch)
                                                + " (partial=True returns the lines there are)")
         return lines
