@@ -225,10 +225,38 @@ def test_an_outputs_own_u_fffd_is_text_and_only_an_unfinished_last_character_is_
     assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == expected, raw
 
 
+@settings(max_examples=200, deadline=None)
+@given(prompt_text=st.text(ALPHABET, min_size=1, max_size=10),
+       chunks=st.lists(st.tuples(st.booleans(), st.text(ALPHABET, min_size=1, max_size=4)), max_size=6),
+       cut=st.one_of(st.none(), st.tuples(st.sampled_from("é€日😀"), st.integers(1, 3))))
+def test_a_byte_fallback_output_cut_inside_a_character_ends_before_it(prompt_text, chunks, cut):
+    """Under byte fallback: pieces and characters spelled in byte tokens, then maybe the first bytes of one more
+    character, as a sample cut by max_tokens leaves them: the text is HF's decode in context of the output without
+    those bytes, streamed and decoded at once alike."""
+    tok = LLAMA_TOK
+    prompt = _ids(tok, prompt_text)
+    output = []
+    for as_bytes, text in chunks:
+        output += _byte_tokens(tok, text.encode()) if as_bytes else _ids(tok, text)
+    expected = reference(tok, prompt, output)
+    if cut is not None:
+        char, n = cut
+        output += _byte_tokens(tok, char.encode()[:min(n, len(char.encode()) - 1)])
+    deltas, text, _ = stream(tok, prompt, output)
+    assert "".join(deltas) == text == expected, (tok.convert_ids_to_tokens(output), text, expected)
+    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == expected
+
+
 @pytest.mark.parametrize("output, text", [
     ("<0xEF> <0xBF> <0xBD>", "\ufffd"),  # U+FFFD spelled in bytes: a character of its own
     ("<0xEF> <0xBF> <0xBD> ▁sky <0xE4> <0xB8>", "\ufffd sky"),  # ... then two bytes of a character never finished
     ("▁sky <0xE2> <0x82>", " sky"),
+    # a whole character of bytes just before the unfinished one, in the same run of byte tokens, which byte fallback
+    # decodes to U+FFFD byte by byte as long as the run is not all UTF-8 (a count of U+FFFD cut from the end left
+    # some of those)
+    ("▁sky <0xC3> <0xA9> <0xE4> <0xB8>", " skyé"),
+    ("▁sky <0xF0> <0x9F> <0x98> <0x80> <0xF0>", " sky😀"),
+    ("▁sky <0xF0> <0x9F> <0x98> <0x80> <0xF0> <0x9F>", " sky😀"),
 ])
 def test_a_byte_fallback_outputs_own_u_fffd_is_text_and_an_unfinished_character_is_left_out(output, text):
     """Under byte fallback an unfinished character decodes to one U+FFFD per byte: those are left out, the text's
@@ -240,6 +268,7 @@ def test_a_byte_fallback_outputs_own_u_fffd_is_text_and_an_unfinished_character_
     deltas, streamed, _ = stream(tok, prompt, ids)
     assert "".join(deltas) == streamed == text
     assert decode_after_prompt(tok, prompt, ids, set(tok.all_special_ids)) == text
+    assert stream(tok, prompt, ids, stop=["\ufffd"])[2] == ("\ufffd" if "\ufffd" in text else None)
 
 
 def _byte_tokens(tok, data: bytes) -> list[int]:

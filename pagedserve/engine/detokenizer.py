@@ -250,7 +250,7 @@ class IncrementalDetokenizer:
         if full is None:
             full = self._decode(ids[start:])
         read = len(ids)
-        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and self._unfinished() != 0):
+        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and self._unfinished() != (0, 0)):
             released = self._release_held(prefix, full) if read - self.read_offset >= MAX_HELD_TOKENS else None
             if released is None:
                 return None
@@ -260,11 +260,11 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, read
         return self._check_stop(end) if check_stop and self.stop else None
 
-    def _unfinished(self) -> int | None:
-        """:func:`unfinished_replacements` of the tokens so far: whether the text's U+FFFD at its end is (or holds)
-        a character begun and not finished, which the next tokens may complete, rather than only the text's own (a
+    def _unfinished(self) -> tuple[int, int] | None:
+        """:func:`unfinished_tail` of the tokens so far: whether the text's U+FFFD at its end is (or holds) a
+        character begun and not finished, which the next tokens may complete, rather than only the text's own (a
         U+FFFD token, bytes no character continues: HF's decode shows those, and so does the text)."""
-        return unfinished_replacements(self.tokenizer, self.ids)
+        return unfinished_tail(self.tokenizer, self.ids)
 
     def _release_held(self, prefix: str, full: str) -> tuple[str, int] | None:
         """A window held for ``MAX_HELD_TOKENS``: the decode of its longest part that leaves the last
@@ -285,9 +285,8 @@ class IncrementalDetokenizer:
         if self.stop_string is not None or self.read_offset >= len(self.ids):
             return None
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
         start = len(self.text)
-        self.text += complete_text(full[len(prefix):], self._unfinished())
+        self.text += complete_text(self._decode, self.ids[self.prefix_offset:], prefix, self._unfinished())
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._check_stop(start) if check_stop else None
 
@@ -313,27 +312,37 @@ class IncrementalDetokenizer:
         return delta
 
 
-def unfinished_replacements(tokenizer, ids: Sequence[int]) -> int | None:
-    """The U+FFFD that the character ``ids`` end inside (begun, not finished) decodes to at their text's end: one,
-    or one per byte under byte fallback; 0 where they end on whole characters or on bytes no character continues.
-    None where the tokenizer's bytes cannot be read: every U+FFFD at the end may be such a character."""
+def unfinished_tail(tokenizer, ids: Sequence[int]) -> tuple[int, int] | None:
+    """The character ``ids`` end inside (begun, not finished): how many of their last tokens hold it, and how many
+    of the U+FFFD at their text's end to leave out for it once they are decoded without those tokens' own bytes
+    being dropped. ``(0, 0)``: they end on whole characters or on bytes no character continues. A byte-level
+    decoder shows it as one U+FFFD in all (its tokens may hold whole characters before it: decoded, less that one);
+    under byte fallback its tokens are bytes alone, and a run of byte tokens that is not all UTF-8 decodes to one
+    U+FFFD per byte, whole characters before it in the run too: so its tokens are left out of the decode instead
+    (``(k, 0)``). None where the tokenizer's bytes cannot be read: every U+FFFD at the end may be such a
+    character."""
     read = _cached_byte_reader(tokenizer)
     if read is None:
         return None
-    waiting = _waiting_bytes(b"".join(read(t) for t in ids[-IN_PROGRESS_TOKENS - 1:]))
-    return (len(waiting) if read.per_byte else 1) if waiting else 0
+    held = _char_in_progress([read(t) for t in ids[-IN_PROGRESS_TOKENS - 1:]])
+    return (held, 0 if read.per_byte else 1) if held else (0, 0)
 
 
-def complete_text(end: str, unfinished: int | None) -> str:
-    """The end of a finished output without the ``unfinished`` U+FFFD its last character, begun and never finished,
-    decodes to (:func:`unfinished_replacements`; None: all those at its end): those bytes never became a character,
-    and vLLM's detokenizer never hands them out (a sample cut by max_tokens inside a multi-byte character ends at
-    the character before it). A U+FFFD of the text's own (a token that is one, bytes no character continues) stays,
-    before it too, as HF's decode has it: a grammar or a choice may ask for one."""
+def complete_text(decode: Callable[[list[int]], str], ids: list[int], head: str,
+                  unfinished: tuple[int, int] | None) -> str:
+    """The text ``ids`` add after ``head`` (the decode of their first tokens) at the end of an output, without the
+    character its last tokens began and never finished (:func:`unfinished_tail`): those bytes never became a
+    character, and vLLM's detokenizer never hands them out (a sample cut by max_tokens inside a multi-byte character
+    ends at the character before it). A U+FFFD of the text's own (a token that is one, bytes no character
+    continues) stays, before it too, as HF's decode has it: a grammar or a choice may ask for one."""
     if unfinished is None:
-        return end.rstrip(REPLACEMENT)
-    cut = len(end) - unfinished
-    return end[:cut] if unfinished and end[cut:] == REPLACEMENT * unfinished else end
+        return decode(ids)[len(head):].rstrip(REPLACEMENT)
+    tokens, replacements = unfinished
+    if tokens and not replacements:  # byte fallback: decoded without them
+        return decode(ids[:len(ids) - tokens])[len(head):]
+    end = decode(ids)[len(head):]
+    cut = len(end) - replacements
+    return end[:cut] if replacements and end[cut:] == REPLACEMENT * replacements else end
 
 
 def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: Sequence[int],
@@ -345,4 +354,4 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
     context = detok.ids
     head = detok._decode(context[:detok.read_offset])
     ids = context + [t for t in token_ids if t not in detok.skip_ids]
-    return complete_text(detok._decode(ids)[len(head):], unfinished_replacements(tokenizer, ids))
+    return complete_text(detok._decode, ids, head, unfinished_tail(tokenizer, ids))
