@@ -100,6 +100,25 @@ def test_a_scaled_rotary_embedding_is_read_by_transformers(tmp_path):
                            _as_the_engine_reads_it(load_config(write_tiny(tmp_path / "plain", "llama")))["cos"])
 
 
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 2048}])
+def test_the_rotary_table_is_transformers_own_to_the_end_of_a_long_window(scaling):
+    """SmolLM2's shape (head_dim 64, theta 100000) to position 8191: the table was computed in float64 and rounded,
+    up to 1.2e-4 off transformers' float32 one near the end, enough to move long-context logprobs past 1e-4 of
+    HF's. Bit for bit now, scaled or not."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from pagedserve.engine.models.llama import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         max_position_embeddings=8192, rope_scaling=scaling)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, 8192, 64), torch.arange(8192)[None])
+    ours = RotaryEmbedding(config, 64, 8192, TORCH_OPS)
+    assert torch.equal(ours.cos, cos[0, :, :32]) and torch.equal(ours.sin, sin[0, :, :32])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_tokenizer_is_the_one_autotokenizer_loads_by_itself(tiny_models, family):
     ours, hf = load_tokenizer(tiny_models[family]), AutoTokenizer.from_pretrained(tiny_models[family])
