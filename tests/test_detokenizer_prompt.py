@@ -72,9 +72,11 @@ def reference(tok, prompt: list[int], output: list[int]) -> str:
     return whole[len(head):]
 
 
-def stream(tok, prompt: list[int], output: list[int], stop: list[str] = (), keep_stop: bool = False):
+def stream(tok, prompt: list[int], output: list[int], stop: list[str] = (), keep_stop: bool = False,
+           prompt_is_text: bool = False):
     """Feed ``output`` as the engine does; the deltas, the final text and the stop string hit."""
-    detok = IncrementalDetokenizer(tok, list(stop), set(tok.all_special_ids), keep_stop, prompt_token_ids=prompt)
+    detok = IncrementalDetokenizer(tok, list(stop), set(tok.all_special_ids), keep_stop, prompt_token_ids=prompt,
+                                   prompt_is_text=prompt_is_text)
     deltas, hit = [], None
     for t in output:
         hit = detok.add(t)
@@ -228,11 +230,13 @@ def test_an_outputs_own_u_fffd_is_text_and_only_an_unfinished_last_character_is_
 @settings(max_examples=200, deadline=None)
 @given(prompt_text=st.text(ALPHABET, min_size=1, max_size=10),
        chunks=st.lists(st.tuples(st.booleans(), st.text(ALPHABET, min_size=1, max_size=4)), max_size=6),
-       cut=st.one_of(st.none(), st.tuples(st.sampled_from("é€日😀"), st.integers(1, 3))))
-def test_a_byte_fallback_output_cut_inside_a_character_ends_before_it(prompt_text, chunks, cut):
+       cut=st.one_of(st.none(), st.tuples(st.sampled_from("é€日😀"), st.integers(1, 3))),
+       prompt_is_text=st.booleans())
+def test_a_byte_fallback_output_cut_inside_a_character_ends_before_it(prompt_text, chunks, cut, prompt_is_text):
     """Under byte fallback: pieces and characters spelled in byte tokens, then maybe the first bytes of one more
     character, as a sample cut by max_tokens leaves them: the text is HF's decode in context of the output without
-    those bytes, streamed and decoded at once alike."""
+    those bytes, streamed and decoded at once alike. A prompt ending in characters of byte tokens ("ü😀") left the
+    context five tokens back, inside "ü", and the run it began with the output's bytes decoded to U+FFFD only."""
     tok = LLAMA_TOK
     prompt = _ids(tok, prompt_text)
     output = []
@@ -242,9 +246,32 @@ def test_a_byte_fallback_output_cut_inside_a_character_ends_before_it(prompt_tex
     if cut is not None:
         char, n = cut
         output += _byte_tokens(tok, char.encode()[:min(n, len(char.encode()) - 1)])
-    deltas, text, _ = stream(tok, prompt, output)
+    deltas, text, _ = stream(tok, prompt, output, prompt_is_text=prompt_is_text)
     assert "".join(deltas) == text == expected, (tok.convert_ids_to_tokens(output), text, expected)
-    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == expected
+    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids),
+                               prompt_is_text=prompt_is_text) == expected
+
+
+@pytest.mark.parametrize("prompt_is_text", [True, False])
+@pytest.mark.parametrize("prompt_text, output", [("ü😀", "ü"), ("the sky 😀😀", "😀"), ("\n中 ß😀", " ")])
+def test_a_byte_fallback_context_starts_on_a_characters_first_byte(prompt_text, output, prompt_is_text):
+    tok = LLAMA_TOK
+    prompt = _ids(tok, prompt_text)
+    ids = _byte_tokens(tok, output.encode())
+    assert stream(tok, prompt, ids, prompt_is_text=prompt_is_text)[1] == output == reference(tok, prompt, ids)
+
+
+@pytest.mark.skipif(SMOL_TOK is None, reason="SmolLM2 is not installed (pagedserve model init)")
+@pytest.mark.parametrize("output, text", [([187, 3, 249, 242, 218], "😀"), ([17, 187, 3], "!")])
+def test_a_special_token_the_decode_skips_holds_no_bytes(output, text):
+    """SmolLM2's <repo_name> (id 3) is special, so a decode skipping special tokens leaves it out, though
+    all_special_ids does not list it: its text was read as bytes between an emoji's, which then looked like bytes
+    no character continues and went out as U+FFFD, the emoji lost."""
+    tok = SMOL_TOK
+    prompt = _ids(tok, "Hello")
+    deltas, streamed, _ = stream(tok, prompt, output)
+    assert "".join(deltas) == streamed == text
+    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == text
 
 
 @pytest.mark.parametrize("output, text", [

@@ -51,12 +51,17 @@ class TokenBytes:
     character begun and not finished as one U+FFFD per byte (SentencePiece's byte fallback) rather than one in
     all (a byte-level decoder, as ``from_utf8_lossy``)."""
 
-    def __init__(self, read: Callable[[int], bytes], per_byte: bool) -> None:
+    def __init__(self, read: Callable[[int], bytes], per_byte: bool, special: frozenset[int]) -> None:
         self._read = read
         self.per_byte = per_byte
+        self.special = special  # the added tokens a decode with skip_special_tokens leaves out (not only those
+        # all_special_ids lists: SmolLM2's <repo_name> and the like, Llama-3's reserved ones)
         self._bytes: dict[int, bytes] = {}  # bounded by the vocabulary
 
-    def __call__(self, token_id: int) -> bytes:
+    def __call__(self, token_id: int, skip: bool = False) -> bytes:
+        """The token's bytes in a decode with ``skip_special_tokens`` = ``skip``."""
+        if skip and token_id in self.special:
+            return b""
         data = self._bytes.get(token_id)
         if data is None:
             data = self._bytes[token_id] = self._read(token_id)
@@ -105,7 +110,9 @@ def _byte_reader(tokenizer) -> TokenBytes | None:
         if alphabet and all(c in alphabet for c in token):
             return bytes(alphabet[c] for c in token)
         return token.encode()
-    return TokenBytes(read, per_byte=byte_token is not None and not alphabet)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = frozenset(i for i, t in added.items() if getattr(t, "special", False))
+    return TokenBytes(read, per_byte=byte_token is not None and not alphabet, special=special)
 
 
 def _waiting_bytes(data: bytes) -> bytes:
@@ -178,41 +185,52 @@ class IncrementalDetokenizer:
         self.skip_ids = skip_ids
         # The prompt's context, then the output's tokens. ``ids[prefix_offset:read_offset]`` decode to text already
         # accounted for (at first the prompt's, never part of ``text``); what the tokens after it add is new.
-        self.ids: list[int] = prompt_context(prompt_token_ids, skip_ids)
+        self.ids: list[int] = self._context(prompt_token_ids, skip_ids)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         if not prompt_is_text and self.ids and self._decode(self.ids).endswith(REPLACEMENT):
-            self.ids, self.read_offset = self._context_read(prompt_token_ids, skip_ids)
+            self.read_offset = self._context_read()
         self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out as deltas
         # The stop string the text was cut at (the output's ``stop_reason``); nothing after it is ever added.
         self.stop_string: str | None = None
 
-    def _context_read(self, prompt_token_ids: Sequence[int], skip_ids: set[int]) -> tuple[list[int], int]:
-        """A context that decodes to U+FFFD at its end, and where its read part ends: before the tokens of a
+    def _context(self, prompt_token_ids: Sequence[int], skip_ids: set[int]) -> list[int]:
+        """The prompt's last tokens (:func:`prompt_context`), from a character's first byte where the tokenizer's
+        bytes can be read: byte fallback decodes a run of byte tokens begun inside a character to U+FFFDs only,
+        and the output's bytes that join that run with it (an output after "😀😀" came back all U+FFFD). At most
+        ``IN_PROGRESS_TOKENS`` more, a character's continuation bytes."""
+        context = prompt_context(prompt_token_ids, skip_ids)
+        read = _cached_byte_reader(self.tokenizer) if context else None
+        if read is None:
+            return context
+        for more in range(1, IN_PROGRESS_TOKENS + 1):
+            first = read(context[0], self.skip)
+            if not first or not 0x80 <= first[0] <= 0xBF:
+                break
+            longer = prompt_context(prompt_token_ids, skip_ids, PROMPT_CONTEXT_TOKENS + more)
+            if len(longer) == len(context):
+                break
+            context = longer
+        return context
+
+    def _context_read(self) -> int:
+        """For a context that decodes to U+FFFD at its end, where its read part ends: before the tokens of a
         character the prompt (of token ids) ends inside, so that the output that completes it shows it, as vLLM's
         detokenizer (tokenizers' DecodeStream fed the prompt) does. Read from the tokens' bytes where the decoder
         splits characters over tokens: bytes that no character continues (a U+FFFD of the prompt's own) stay with
-        the prompt, as HF's decode in context has them, and the context starts on a character's first byte (byte
-        fallback decodes a run of byte tokens begun inside a character to U+FFFDs only); a decoder that never
-        splits a character holds none. A tokenizer without a ``tokenizers`` backend: before the last tokens whose
-        text ends in U+FFFD, at most ``IN_PROGRESS_TOKENS``."""
-        context = prompt_context(prompt_token_ids, skip_ids)
+        the prompt, as HF's decode in context has them; a decoder that never splits a character holds none. A
+        tokenizer without a ``tokenizers`` backend: before the last tokens whose text ends in U+FFFD, at most
+        ``IN_PROGRESS_TOKENS``."""
+        context = self.ids
         read = _cached_byte_reader(self.tokenizer)
         if read is not None:
-            for more in range(1, IN_PROGRESS_TOKENS + 1):
-                first = read(context[0])
-                if not first or not 0x80 <= first[0] <= 0xBF:
-                    break
-                longer = prompt_context(prompt_token_ids, skip_ids, PROMPT_CONTEXT_TOKENS + more)
-                if len(longer) == len(context):
-                    break
-                context = longer
-            return context, len(context) - _char_in_progress([read(t) for t in context[-IN_PROGRESS_TOKENS - 1:]])
+            tail = [read(t, self.skip) for t in context[-IN_PROGRESS_TOKENS - 1:]]
+            return len(context) - _char_in_progress(tail)
         for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
             if not self._decode(context[:cut]).endswith(REPLACEMENT):
-                return context, cut
-        return context, len(context)
+                return cut
+        return len(context)
 
     def copy(self) -> IncrementalDetokenizer:
         new = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
@@ -264,7 +282,7 @@ class IncrementalDetokenizer:
         """:func:`unfinished_tail` of the tokens so far: whether the text's U+FFFD at its end is (or holds) a
         character begun and not finished, which the next tokens may complete, rather than only the text's own (a
         U+FFFD token, bytes no character continues: HF's decode shows those, and so does the text)."""
-        return unfinished_tail(self.tokenizer, self.ids)
+        return unfinished_tail(self.tokenizer, self.ids, self.skip)
 
     def _release_held(self, prefix: str, full: str) -> tuple[str, int] | None:
         """A window held for ``MAX_HELD_TOKENS``: the decode of its longest part that leaves the last
@@ -312,10 +330,11 @@ class IncrementalDetokenizer:
         return delta
 
 
-def unfinished_tail(tokenizer, ids: Sequence[int]) -> tuple[int, int] | None:
+def unfinished_tail(tokenizer, ids: Sequence[int], skip: bool) -> tuple[int, int] | None:
     """The character ``ids`` end inside (begun, not finished): how many of their last tokens hold it, and how many
     of the U+FFFD at their text's end to leave out for it once they are decoded without those tokens' own bytes
-    being dropped. ``(0, 0)``: they end on whole characters or on bytes no character continues. A byte-level
+    being dropped, in a decode with ``skip_special_tokens`` = ``skip``. ``(0, 0)``: they end on whole characters
+    or on bytes no character continues. A byte-level
     decoder shows it as one U+FFFD in all (its tokens may hold whole characters before it: decoded, less that one);
     under byte fallback its tokens are bytes alone, and a run of byte tokens that is not all UTF-8 decodes to one
     U+FFFD per byte, whole characters before it in the run too: so its tokens are left out of the decode instead
@@ -324,7 +343,7 @@ def unfinished_tail(tokenizer, ids: Sequence[int]) -> tuple[int, int] | None:
     read = _cached_byte_reader(tokenizer)
     if read is None:
         return None
-    held = _char_in_progress([read(t) for t in ids[-IN_PROGRESS_TOKENS - 1:]])
+    held = _char_in_progress([read(t, skip) for t in ids[-IN_PROGRESS_TOKENS - 1:]])
     return (held, 0 if read.per_byte else 1) if held else (0, 0)
 
 
@@ -354,4 +373,4 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
     context = detok.ids
     head = detok._decode(context[:detok.read_offset])
     ids = context + [t for t in token_ids if t not in detok.skip_ids]
-    return complete_text(detok._decode, ids, head, unfinished_tail(tokenizer, ids))
+    return complete_text(detok._decode, ids, head, unfinished_tail(tokenizer, ids, detok.skip))
