@@ -113,13 +113,15 @@ def test_a_request_whose_outputs_wait_for_its_end_is_not_a_stall(redis_url, pref
     """A beam search (or ``best_of`` > ``n``) outputs nothing until it ends: a worker running one for longer than
     ``stall_timeout_s`` answered /healthz 503, read nothing new, and under a liveness probe was restarted until the
     request was dead-lettered after ``max_deliveries``. Its steps move it on: /healthz stays 200."""
-    s = make_settings(redis_url, prefix, stall_timeout_s=1.0, log_level="ERROR")
+    # A 2 s stall timeout: 1 s was passed once by one step on a machine loaded with the whole suite (a 503 among
+    # the 200s), ten times the step's own time.
+    s = make_settings(redis_url, prefix, stall_timeout_s=2.0, log_level="ERROR")
     keys = Keys(prefix)
     runner = shared_engine.runner
     real_execute = runner.execute
 
-    def slow_execute(*args, **kw):  # each step a tenth of a second: the run outlasts the stall timeout
-        time.sleep(0.1)
+    def slow_execute(*args, **kw):  # each step a fifth of a second: the run outlasts the stall timeout twice
+        time.sleep(0.2)
         return real_execute(*args, **kw)
 
     runner.execute = slow_execute
