@@ -365,7 +365,8 @@ def shutdown_tracing(timeout_s: float = TRACE_FLUSH_TIMEOUT_S) -> bool:
             processor.shutdown()
         except Exception as e:  # an exporter's fault at exit (a closed stdout, say): one line, not a traceback
             failed.append(type(e).__name__)
-            get_logger().warning("trace_export_stop_failed", exporter=type(getattr(processor, "span_exporter", processor)).__name__,
+            exporter = getattr(processor, "span_exporter", processor)
+            get_logger().warning("trace_export_stop_failed", exporter=type(exporter).__name__,
                                  error=f"{type(e).__name__}: {str(e)[:200]}")
 
     threads = [threading.Thread(target=stop, args=(p,), name=f"pagedserve-trace-shutdown-{i}", daemon=True)
