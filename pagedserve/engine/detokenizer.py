@@ -334,12 +334,11 @@ def unfinished_tail(tokenizer, ids: Sequence[int], skip: bool) -> tuple[int, int
     """The character ``ids`` end inside (begun, not finished): how many of their last tokens hold it, and how many
     of the U+FFFD at their text's end to leave out for it once they are decoded without those tokens' own bytes
     being dropped, in a decode with ``skip_special_tokens`` = ``skip``. ``(0, 0)``: they end on whole characters
-    or on bytes no character continues. A byte-level
-    decoder shows it as one U+FFFD in all (its tokens may hold whole characters before it: decoded, less that one);
-    under byte fallback its tokens are bytes alone, and a run of byte tokens that is not all UTF-8 decodes to one
-    U+FFFD per byte, whole characters before it in the run too: so its tokens are left out of the decode instead
-    (``(k, 0)``). None where the tokenizer's bytes cannot be read: every U+FFFD at the end may be such a
-    character."""
+    or on bytes no character continues. A byte-level decoder shows it as one U+FFFD in all (its tokens may hold
+    whole characters before it: decoded, less that one); under byte fallback its tokens are bytes alone, and a run
+    of byte tokens that is not all UTF-8 decodes to one U+FFFD per byte, whole characters before it in the run
+    too: so its tokens are left out of the decode instead (``(k, 0)``). None where the tokenizer's bytes cannot be
+    read: every U+FFFD at the end may be such a character."""
     read = _cached_byte_reader(tokenizer)
     if read is None:
         return None
