@@ -261,8 +261,27 @@ def test_a_byte_fallback_context_starts_on_a_characters_first_byte(prompt_text, 
     assert stream(tok, prompt, ids, prompt_is_text=prompt_is_text)[1] == output == reference(tok, prompt, ids)
 
 
+def test_a_byte_fallback_context_looks_past_a_skipped_special_token_inside_a_character():
+    """Mistral v0.3's [control_N] tokens are special but not in all_special_ids: one inside "中" near the context's
+    start (a prompt of ids) has no bytes, and the context stopped widening there, on a continuation byte: the run
+    it began with the output's bytes decoded to U+FFFD only."""
+    from tokenizers import AddedToken
+
+    tok = build_llama_tokenizer(byte_tokens=True)
+    tok.add_tokens([AddedToken("<ctl0>", special=True)])
+    ctl = tok.convert_tokens_to_ids("<ctl0>")
+    assert ctl not in tok.all_special_ids
+    prompt = _ids(tok, "the sky") + _byte_tokens(tok, b"\xe4") + [ctl] + _byte_tokens(tok, "中ab".encode()[1:])
+    output = _byte_tokens(tok, b" sky")
+    assert reference(tok, prompt, output) == " sky"
+    deltas, text, _ = stream(tok, prompt, output)
+    assert "".join(deltas) == text == " sky"
+    assert decode_after_prompt(tok, prompt, output, set(tok.all_special_ids)) == " sky"
+
+
 @pytest.mark.skipif(SMOL_TOK is None, reason="SmolLM2 is not installed (pagedserve model init)")
-@pytest.mark.parametrize("output, text", [([187, 3, 249, 242, 218], "😀"), ([17, 187, 3], "!")])
+@pytest.mark.parametrize("output, text", [([187, 3, 249, 242, 218], "😀"), ([17, 187, 3], "!"),
+                                         ([187, 3, 4, 249, 242, 218], "😀")])  # two: the lead byte 5 tokens back
 def test_a_special_token_the_decode_skips_holds_no_bytes(output, text):
     """SmolLM2's <repo_name> (id 3) is special, so a decode skipping special tokens leaves it out, though
     all_special_ids does not list it: its text was read as bytes between an emoji's, which then looked like bytes

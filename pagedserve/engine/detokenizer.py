@@ -127,6 +127,25 @@ def _waiting_bytes(data: bytes) -> bytes:
     return waiting
 
 
+# Tokens without bytes (special tokens a decode skips) looked past, at most, when reading a character's bytes.
+WITHOUT_BYTES_TOKENS = 8
+
+
+def _tail_in_progress(read: TokenBytes, ids: Sequence[int], skip: bool) -> int:
+    """How many of ``ids``' last tokens hold a character begun and not finished (:func:`_char_in_progress` of the
+    last tokens that have bytes; those without, a decode's skipped special tokens, counted among them)."""
+    tail: list[tuple[int, bytes]] = []
+    start = len(ids)
+    looked = IN_PROGRESS_TOKENS + 1 + WITHOUT_BYTES_TOKENS
+    while start > 0 and len(tail) <= IN_PROGRESS_TOKENS and len(ids) - start < looked:
+        start -= 1
+        if data := read(ids[start], skip):
+            tail.append((start, data))
+    tail.reverse()
+    held = _char_in_progress([data for _, data in tail])
+    return len(ids) - tail[len(tail) - held][0] if held else 0
+
+
 def _char_in_progress(tail: list[bytes]) -> int:
     """How many of ``tail``'s last tokens hold a character begun and not finished (:func:`_waiting_bytes`), 0 for
     none (a U+FFFD of the text's own included). The first of them may hold whole characters before it: they go
@@ -199,16 +218,16 @@ class IncrementalDetokenizer:
         """The prompt's last tokens (:func:`prompt_context`), from a character's first byte where the tokenizer's
         bytes can be read: byte fallback decodes a run of byte tokens begun inside a character to U+FFFDs only,
         and the output's bytes that join that run with it (an output after "😀😀" came back all U+FFFD). At most
-        ``IN_PROGRESS_TOKENS`` more, a character's continuation bytes."""
+        ``IN_PROGRESS_TOKENS`` more, a character's continuation bytes (and ``WITHOUT_BYTES_TOKENS`` without bytes)."""
         context = prompt_context(prompt_token_ids, skip_ids)
         read = _cached_byte_reader(self.tokenizer) if context else None
         if read is None:
             return context
-        for more in range(1, IN_PROGRESS_TOKENS + 1):
-            first = read(context[0], self.skip)
+        for _ in range(IN_PROGRESS_TOKENS + WITHOUT_BYTES_TOKENS):
+            first = next((data for data in (read(t, self.skip) for t in context) if data), b"")
             if not first or not 0x80 <= first[0] <= 0xBF:
                 break
-            longer = prompt_context(prompt_token_ids, skip_ids, PROMPT_CONTEXT_TOKENS + more)
+            longer = prompt_context(prompt_token_ids, skip_ids, len(context) + 1)
             if len(longer) == len(context):
                 break
             context = longer
@@ -225,8 +244,7 @@ class IncrementalDetokenizer:
         context = self.ids
         read = _cached_byte_reader(self.tokenizer)
         if read is not None:
-            tail = [read(t, self.skip) for t in context[-IN_PROGRESS_TOKENS - 1:]]
-            return len(context) - _char_in_progress(tail)
+            return len(context) - _tail_in_progress(read, context, self.skip)
         for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
             if not self._decode(context[:cut]).endswith(REPLACEMENT):
                 return cut
@@ -342,7 +360,7 @@ def unfinished_tail(tokenizer, ids: Sequence[int], skip: bool) -> tuple[int, int
     read = _cached_byte_reader(tokenizer)
     if read is None:
         return None
-    held = _char_in_progress([read(t, skip) for t in ids[-IN_PROGRESS_TOKENS - 1:]])
+    held = _tail_in_progress(read, ids, skip)
     return (held, 0 if read.per_byte else 1) if held else (0, 0)
 
 
