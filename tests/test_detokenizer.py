@@ -105,6 +105,24 @@ def test_a_replacement_character_of_the_texts_own_is_text_at_once():
         assert decode_after_prompt(TOK, [], list(data), set()) == text, data  # a beam's text, decoded at once
 
 
+def test_a_tokenizer_the_detokenizer_read_bytes_of_is_let_go():
+    """The per-tokenizer cache of token bytes held the tokenizer through its reader: a process that made and
+    dropped engines (a notebook, a sweep) kept every tokenizer, and a vocabulary's bytes each."""
+    import gc
+    import weakref
+
+    tok = build_byte_tokenizer()
+    detok = IncrementalDetokenizer(tok, [], set(), prompt_token_ids=[0xF0, 0x9F])  # a prompt cut mid-character
+    for b in b"\x98\x80\xe2\x82":
+        detok.add(b)
+    detok.flush()
+    assert detok.text == "\U0001F600"
+    gone = weakref.ref(tok)
+    del tok, detok
+    gc.collect()
+    assert gone() is None
+
+
 def test_stop_string_is_cut_and_never_streamed():
     detok = IncrementalDetokenizer(TOK, ["STOP"], set())
     streamed = ""

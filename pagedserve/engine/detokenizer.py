@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 # Prompt tokens a detokenizer starts from. An output's text is what it adds after the prompt: a SentencePiece
@@ -101,8 +102,16 @@ def _byte_reader(tokenizer) -> TokenBytes | None:
         alphabet.update({chr(0x100 + i): b for i, b in enumerate(b for b in range(256) if b not in shown)})
     byte_token = re.compile(r"<0x([0-9A-Fa-f]{2})>") if "ByteFallback" in kinds else None
 
+    # The cache's value must not hold its own key (the tokenizer would never be let go); one that cannot be weakly
+    # referenced is not cached.
+    try:
+        owner: Callable[[], Any] = weakref.ref(tokenizer)
+    except TypeError:
+        owner = lambda: tokenizer  # noqa: E731
+
     def read(token_id: int) -> bytes:
-        token = tokenizer.convert_ids_to_tokens(token_id)
+        held = owner()
+        token = held.convert_ids_to_tokens(token_id) if held is not None else None
         if not isinstance(token, str):
             return b""
         if byte_token is not None and (m := byte_token.fullmatch(token)):
