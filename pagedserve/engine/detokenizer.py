@@ -141,8 +141,10 @@ WITHOUT_BYTES_TOKENS = 8
 
 
 def _tail_in_progress(read: TokenBytes, ids: Sequence[int], skip: bool) -> int:
-    """How many of ``ids``' last tokens hold a character begun and not finished (:func:`_char_in_progress` of the
-    last tokens that have bytes; those without, a decode's skipped special tokens, counted among them)."""
+    """How many of ``ids``' last tokens hold a character begun and not finished (:func:`_waiting_bytes` of the last
+    tokens that have bytes; those without, a decode's skipped special tokens, counted among them), 0 for none (a
+    U+FFFD of the text's own included). The first of them may hold whole characters before it: they go with it, as
+    in DecodeStream."""
     tail: list[tuple[int, bytes]] = []
     start = len(ids)
     looked = IN_PROGRESS_TOKENS + 1 + WITHOUT_BYTES_TOKENS
@@ -150,20 +152,14 @@ def _tail_in_progress(read: TokenBytes, ids: Sequence[int], skip: bool) -> int:
         start -= 1
         if data := read(ids[start], skip):
             tail.append((start, data))
-    tail.reverse()
-    held = _char_in_progress([data for _, data in tail])
-    return len(ids) - tail[len(tail) - held][0] if held else 0
-
-
-def _char_in_progress(tail: list[bytes]) -> int:
-    """How many of ``tail``'s last tokens hold a character begun and not finished (:func:`_waiting_bytes`), 0 for
-    none (a U+FFFD of the text's own included). The first of them may hold whole characters before it: they go
-    with it, as in DecodeStream."""
-    owner: list[int] = []
-    for i, b in enumerate(tail):
-        owner += [i] * len(b)
-    waiting = _waiting_bytes(b"".join(tail))
-    return len(tail) - owner[-len(waiting)] if waiting else 0
+    waiting = len(_waiting_bytes(b"".join(data for _, data in reversed(tail))))
+    if not waiting:
+        return 0
+    for index, data in tail:  # from the last token back, to the one the first waiting byte is in
+        waiting -= len(data)
+        if waiting <= 0:
+            return len(ids) - index
+    return 0
 
 
 def prompt_context(prompt_token_ids: Sequence[int], skip_ids: set[int], size: int = PROMPT_CONTEXT_TOKENS) -> list[int]:
@@ -207,6 +203,7 @@ class IncrementalDetokenizer:
         self._single = _single_token_texts(tokenizer, self.skip)
         # Then a window of one read token and the new one decodes to their texts alone joined, both looked up.
         self._concatenate = self._backend_decode is not None and _texts_concatenate(backend)
+        self._bytes = _cached_byte_reader(tokenizer)  # the tokens' bytes; None where they cannot be read
         self.stop = stop
         self.keep_stop = keep_stop  # the text ends with the stop string found, rather than before it
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -229,8 +226,8 @@ class IncrementalDetokenizer:
         and the output's bytes that join that run with it (an output after "😀😀" came back all U+FFFD). At most
         ``IN_PROGRESS_TOKENS`` more, a character's continuation bytes (and ``WITHOUT_BYTES_TOKENS`` without bytes)."""
         context = prompt_context(prompt_token_ids, skip_ids)
-        read = _cached_byte_reader(self.tokenizer) if context else None
-        if read is None:
+        read = self._bytes
+        if read is None or not context:
             return context
         for _ in range(IN_PROGRESS_TOKENS + WITHOUT_BYTES_TOKENS):
             first = next((data for data in (read(t, self.skip) for t in context) if data), b"")
@@ -251,9 +248,8 @@ class IncrementalDetokenizer:
         tokenizer without a ``tokenizers`` backend: before the last tokens whose text ends in U+FFFD, at most
         ``IN_PROGRESS_TOKENS``."""
         context = self.ids
-        read = _cached_byte_reader(self.tokenizer)
-        if read is not None:
-            return len(context) - _tail_in_progress(read, context, self.skip)
+        if self._bytes is not None:
+            return len(context) - _tail_in_progress(self._bytes, context, self.skip)
         for cut in range(len(context) - 1, max(len(context) - IN_PROGRESS_TOKENS, 0) - 1, -1):
             if not self._decode(context[:cut]).endswith(REPLACEMENT):
                 return cut
@@ -309,7 +305,7 @@ class IncrementalDetokenizer:
         """:func:`unfinished_tail` of the tokens so far: whether the text's U+FFFD at its end is (or holds) a
         character begun and not finished, which the next tokens may complete, rather than only the text's own (a
         U+FFFD token, bytes no character continues: HF's decode shows those, and so does the text)."""
-        return unfinished_tail(self.tokenizer, self.ids, self.skip)
+        return unfinished_tail(self._bytes, self.ids, self.skip)
 
     def _release_held(self, prefix: str, full: str) -> tuple[str, int] | None:
         """A window held for ``MAX_HELD_TOKENS``: the decode of its longest part that leaves the last
@@ -357,7 +353,7 @@ class IncrementalDetokenizer:
         return delta
 
 
-def unfinished_tail(tokenizer, ids: Sequence[int], skip: bool) -> tuple[int, int] | None:
+def unfinished_tail(read: TokenBytes | None, ids: Sequence[int], skip: bool) -> tuple[int, int] | None:
     """The character ``ids`` end inside (begun, not finished): how many of their last tokens hold it, and how many
     of the U+FFFD at their text's end to leave out for it once they are decoded without those tokens' own bytes
     being dropped, in a decode with ``skip_special_tokens`` = ``skip``. ``(0, 0)``: they end on whole characters
@@ -365,8 +361,7 @@ def unfinished_tail(tokenizer, ids: Sequence[int], skip: bool) -> tuple[int, int
     whole characters before it: decoded, less that one); under byte fallback its tokens are bytes alone, and a run
     of byte tokens that is not all UTF-8 decodes to one U+FFFD per byte, whole characters before it in the run
     too: so its tokens are left out of the decode instead (``(k, 0)``). None where the tokenizer's bytes cannot be
-    read: every U+FFFD at the end may be such a character."""
-    read = _cached_byte_reader(tokenizer)
+    read (``read`` None): every U+FFFD at the end may be such a character."""
     if read is None:
         return None
     held = _tail_in_progress(read, ids, skip)
@@ -399,4 +394,4 @@ def decode_after_prompt(tokenizer, prompt_token_ids: Sequence[int], token_ids: S
     context = detok.ids
     head = detok._decode(context[:detok.read_offset])
     ids = context + [t for t in token_ids if t not in detok.skip_ids]
-    return complete_text(detok._decode, ids, head, unfinished_tail(tokenizer, ids, detok.skip))
+    return complete_text(detok._decode, ids, head, unfinished_tail(detok._bytes, ids, detok.skip))

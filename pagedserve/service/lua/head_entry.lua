@@ -6,11 +6,9 @@
 -- the workers' max_message_bytes: refused when read), 'unread' (its body is longer than ARGV[2] bytes: read in
 -- its turn), or 'body' followed by the body. Nil where the group is missing.
 --!include xinfo_fields
-local last, lag
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(group, 'name') == ARGV[1] then last, lag = field(group, 'last-delivered-id'), field(group, 'lag') end
-end
-if not last then return nil end
+local group = group_info(KEYS[1], ARGV[1])
+if not group then return nil end
+local last, lag = field(group, 'last-delivered-id'), field(group, 'lag')
 if last == ARGV[3] and lag then return {last, 'same'} end
 local head = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
 if #head == 0 then return {last, 'none'} end

@@ -6,9 +6,6 @@
 -- head first (or the group is missing). Its one write, the pending entry, is what a plain read makes under
 -- maxmemory too, hence allow-oom.
 --!include xinfo_fields
-local last
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(group, 'name') == ARGV[1] then last = field(group, 'last-delivered-id') end
-end
-if last ~= ARGV[3] then return nil end
+local group = group_info(KEYS[1], ARGV[1])
+if not group or field(group, 'last-delivered-id') ~= ARGV[3] then return nil end
 return redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')

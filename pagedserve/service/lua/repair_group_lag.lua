@@ -10,13 +10,10 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 --!include xinfo_fields
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(g, 'name') == ARGV[1] then
-    local lag, last = field(g, 'lag'), field(g, 'last-delivered-id')
-    if lag == 0 or last ~= field(info, 'last-generated-id') then return 0 end
-    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', field(info, 'entries-added'))
-    if not lag then return -1 end
-    return lag
-  end
-end
-return 0
+local g = group_info(KEYS[1], ARGV[1])
+if not g then return 0 end
+local lag, last = field(g, 'lag'), field(g, 'last-delivered-id')
+if lag == 0 or last ~= field(info, 'last-generated-id') then return 0 end
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', field(info, 'entries-added'))
+if not lag then return -1 end
+return lag

@@ -25,10 +25,9 @@ if #top == 1 then
   if less(new, top[1][1]) then new = top[1][1] end
 end
 redis.call('XSETID', KEYS[1], new, 'MAXDELETEDID', new)
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(g, 'name') == ARGV[1] and less(new, field(g, 'last-delivered-id')) then
-    -- every entry ever added is at or below the new ID and was read: the group's lag is 0, not unknown
-    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], new, 'ENTRIESREAD', field(info, 'entries-added'))
-  end
+local g = group_info(KEYS[1], ARGV[1])
+if g and less(new, field(g, 'last-delivered-id')) then
+  -- every entry ever added is at or below the new ID and was read: the group's lag is 0, not unknown
+  redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], new, 'ENTRIESREAD', field(info, 'entries-added'))
 end
 return {2, last, new}
