@@ -4,6 +4,7 @@
   commands it needs) waits and backs off instead of exiting into a crash loop, and serves once the refusal ends.
 - A worker whose own leases lapse while their renewals are refused takes its running entries back without
   counting another delivery: one delivery per run.
+- So does an entry read just before Redis refused the worker's next read.
 """
 
 from __future__ import annotations
@@ -81,6 +82,44 @@ def test_own_lapsed_leases_are_taken_back_without_a_delivery(tmp_path):
     finally:
         if worker is not None:
             worker.close()
+        redis.close()
+
+
+def test_an_entry_read_before_the_next_read_is_refused_runs_on_its_one_delivery(tmp_path):
+    """An idle worker reads a burst in several reads. The first took an entry; Redis refused the next (the ACL
+    changed in between); the entry taken was dropped, pending with nobody running it, and taken back by the
+    worker's own reclaim once idle: a second delivery for one run (a fault campaign saw 3 deliveries for one
+    worker death)."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="reader", claim_idle_ms=1000)
+    try:
+        with running_worker(settings) as w:
+            read = w.conn.r.xreadgroup
+            revoked: list[bool] = []
+
+            def read_then_lose_the_permission(*args, **kw):  # the ACL changes right after Redis answered
+                res = read(*args, **kw)
+                if res and res[0][1] and not revoked:
+                    redis.revoke(["-xreadgroup"])
+                    revoked.append(True)
+                return res
+
+            w.conn.r.xreadgroup = read_then_lose_the_permission
+            body = {"id": "read-once", "prompt": "x", "params": {"max_tokens": 1200, "ignore_eos": True,
+                                                                 "temperature": 0}}
+            redis.admin.xadd(KEYS.requests, {"body": json.dumps(body)})
+            wait_for(lambda: revoked, 60, 0.01, "the first read")
+            time.sleep(0.3)  # the refused read, and what the worker does with the entry it holds
+            redis.revoke(None)
+            time.sleep(2.5)  # past claim_idle_ms: an entry nobody runs is taken back by then
+            rows = pending_entries(redis.admin, KEYS)
+            assert [row["times_delivered"] for row in rows] in ([1], []), rows
+            wait_for(lambda: _result(redis.admin, "read-once") is not None, 300, 0.2, "the result")
+            assert _result(redis.admin, "read-once").type == "done"
+            assert w.metrics.reclaims._value.get() == 0
+    finally:
         redis.close()
 
 

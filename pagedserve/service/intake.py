@@ -222,15 +222,23 @@ class Intake(WorkerPart):
         # Idle: block until the first entry. Redis wakes a blocked reader right after the first XADD, so a burst
         # pipelined by a producer is mostly still unread: read again (without blocking) and admit the whole
         # burst at once, so it starts in the same step instead of one step behind its first entry.
+        # Entries an earlier read took are delivered to this consumer: a later read that Redis refuses or that
+        # breaks off must not drop them (pending but held by nobody, they would count a second delivery when taken
+        # again). They are admitted; the next iteration meets the error again.
         entries: list[Entry] = []
         for attempt in range(4 if block else 1):
-            res = self.conn.r.xreadgroup(
-                self.keys.group,
-                self.consumer,
-                {self.keys.requests: ">"},
-                count=room - len(entries),
-                block=self.settings.read_block_ms if block and attempt == 0 else None,
-            )
+            try:
+                res = self.conn.r.xreadgroup(
+                    self.keys.group,
+                    self.consumer,
+                    {self.keys.requests: ">"},
+                    count=room - len(entries),
+                    block=self.settings.read_block_ms if block and attempt == 0 else None,
+                )
+            except redis.RedisError:
+                if not entries:
+                    raise
+                break
             self.metrics.redis_ops.inc()
             got = res[0][1] if res else []
             entries.extend((as_text(eid), fields or {}, 1) for eid, fields in got)
