@@ -463,11 +463,11 @@ class Worker(WorkerPart):
             self.batches.tick(self._room(batch=True), idle=not self.running.table and not self.admission.unstarted())
             room = self._room()
             claimed = self.intake.reclaim(room) if room > 0 else []
-            self.reclaimer.forget_dead_consumers(self.r)
-            self.reclaimer.repair_lag(self.r)
-            if claimed:
+            if claimed:  # admitted before any other command can fail: claimed and dropped, they count twice
                 self.admission.admit(claimed, redelivered=True)
                 room = self._room()
+            self.reclaimer.forget_dead_consumers(self.r)
+            self.reclaimer.repair_lag(self.r)
             if room <= 0 and self._better_waits():
                 if entries := self.intake.read_head():
                     self.admission.admit(entries, redelivered=False)
