@@ -132,6 +132,43 @@ def test_restart_with_same_name_drains_own_pending_and_sigterm_releases(redis_ur
         r.close()
 
 
+def test_a_long_own_pending_list_is_drained_page_by_page_one_delivery_each(redis_url, prefix):
+    """A previous life of the consumer died holding more entries than one page of its pending list (100): the
+    restarted worker takes each of them back once, a page at a time, skipping the ones it already runs."""
+    s = make_settings(redis_url, prefix, worker_name="many-pending", max_num_seqs=8)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        r.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+        ids = [f"p-{i}" for i in range(230)]
+        pipe = r.pipeline(transaction=False)
+        for rid in ids:
+            pipe.xadd(keys.requests, {"body": json.dumps({"id": rid, "prompt": "x", "params": {"max_tokens": 2}})})
+        pipe.execute()
+        assert len(r.xreadgroup(keys.group, s.worker_name, {keys.requests: ">"}, count=500)[0][1]) == len(ids)
+        deliveries: dict[str, int] = {}
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                for row in r.xpending_range(keys.requests, keys.group, "-", "+", 1000):
+                    eid = row["message_id"]
+                    deliveries[eid] = max(deliveries.get(eid, 0), row["times_delivered"])
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with running_worker(s):
+            wait_for(lambda: len(stored_results(r, keys, ids)) == len(ids), 180, 0.1, "every result")
+        stop.set()
+        watcher.join(5)
+        assert all(v.type == "done" for v in stored_results(r, keys, ids).values())
+        assert max(deliveries.values()) == 2, collections.Counter(deliveries.values())
+        assert r.xpending(keys.requests, keys.group)["pending"] == 0
+    finally:
+        r.close()
+
+
 def test_two_live_workers_never_run_the_same_request(redis_url, prefix, tmp_path):
     # claim_idle_ms is shorter than a request: only the lease renewal keeps the other worker away.
     s = make_settings(redis_url, prefix, claim_idle_ms=1000, log_level="DEBUG")

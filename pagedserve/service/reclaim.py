@@ -194,29 +194,27 @@ class Reclaimer(WorkerPart):
     def own_pending(
         self, r: redis.Redis, after: str, count: int, held: set[str]
     ) -> tuple[list[tuple[str, dict, int]], str | None]:
-        """Up to ``count`` of this consumer's pending entries after ``after`` that it does not hold, claimed
-        again (one delivery each); returns them and the cursor to continue from (None: the list is done)."""
+        """Up to ``count`` of this consumer's pending entries after ``after`` that it does not hold, among the next
+        page of its pending list, claimed again (one delivery each); returns them and the cursor to continue from
+        (None: the list is done). One page a call: entries claimed are returned before any other command can
+        fail, or they would be claimed again, a delivery more, by the next call."""
+        start = "-" if after == "0" else f"({after}"
+        rows = r.xpending_range(self.keys.requests, self.keys.group, start, "+", 100, consumername=self.consumer)
+        take: dict[str, int] = {}
+        for row in rows:
+            after = as_text(row["message_id"])
+            if after not in held:
+                take[after] = int(row["times_delivered"])
+                if len(take) >= count:
+                    break
         entries: list[tuple[str, dict, int]] = []
-        while True:
-            start = "-" if after == "0" else f"({after}"
-            rows = r.xpending_range(self.keys.requests, self.keys.group, start, "+", 100, consumername=self.consumer)
-            take: dict[str, int] = {}
-            for row in rows:
-                after = as_text(row["message_id"])
-                if after not in held:
-                    take[after] = int(row["times_delivered"])
-                    if len(take) >= count:
-                        break
-            if take:
-                # Entries deleted from the stream meanwhile are not returned (Redis drops them from the list).
-                for eid, fields in r.xclaim(self.keys.requests, self.keys.group, self.consumer, 0, list(take)):
-                    eid = as_text(eid)
-                    entries.append((eid, fields or {}, take[eid] + 1))
-            count -= len(take)
-            if count <= 0:
-                return entries, after
-            if len(rows) < 100:
-                return entries, None
+        if take:
+            # Entries deleted from the stream meanwhile are not returned (Redis drops them from the list).
+            for eid, fields in r.xclaim(self.keys.requests, self.keys.group, self.consumer, 0, list(take)):
+                eid = as_text(eid)
+                entries.append((eid, fields or {}, take[eid] + 1))
+        more = len(take) >= count or len(rows) == 100
+        return entries, after if more else None
 
     def delivery_counts(self, r: redis.Redis, entry_ids: list[str]) -> list[int]:
         if not entry_ids:
