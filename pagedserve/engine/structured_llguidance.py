@@ -611,6 +611,66 @@ def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) 
     return False
 
 
+def _impossible_need(node: object, where: str, root: object, finite_refs: dict[str, bool],
+                     seen: set[str]) -> str | None:
+    """For ``node`` at pointer ``where``, which admits no value and holds no endless recursion
+    (:func:`_has_finite_value` says False, no ref endless): the first thing it needs that can never be, following
+    what it needs (allOf members, the first of anyOf branches that all fail, required properties, items under
+    minItems) down to a false schema or a required name its properties leave out. None where every failing need
+    leads back to a ref already followed (``seen``)."""
+    at = where or "/"
+    if not isinstance(node, dict):
+        return f"{at} is false, which no value matches"
+
+    def need(sub: object, pointer: str) -> str | None:
+        if _has_finite_value(sub, root, finite_refs):
+            return None
+        return _impossible_need(sub, pointer, root, finite_refs, seen)
+
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref not in seen:
+        seen.add(ref)
+        if why := need(_pointer_target(ref, root), ref.lstrip("#")):
+            return why
+    for key in ("allOf", "anyOf", "oneOf"):
+        members = node.get(key)
+        for i, sub in enumerate(members if isinstance(members, list) else []):
+            if why := need(sub, f"{where}/{key}/{i}"):
+                return why
+    types = node.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    required = node.get("required") if "object" in types and isinstance(node.get("required"), list) else []
+    for name in (n for n in required if isinstance(n, str)):
+        if name in props:
+            why = need(props[name], f"{where}/properties/{_escape(name)}")
+        elif node.get("additionalProperties", True) is False:
+            why = f"{at} requires {name!r}, which its properties do not name, and its additionalProperties is false"
+        else:
+            why = need(node.get("additionalProperties", True), f"{where}/additionalProperties")
+        if why:
+            return why
+    if "array" in types:
+        least = node.get("minItems", 0)
+        least = int(least) if isinstance(least, (int, float)) and not isinstance(least, bool) else 0
+        tuple_items = isinstance(node.get("items"), list)
+        prefix_key = "prefixItems" if "prefixItems" in node else "items"
+        prefix = node.get(prefix_key) if "prefixItems" in node or tuple_items else []
+        prefix = prefix if isinstance(prefix, list) else []
+        for i, sub in enumerate(prefix[:least]):
+            if why := need(sub, f"{where}/{prefix_key}/{i}"):
+                return why
+        rest_key = "additionalItems" if tuple_items else "items"
+        rest = node.get(rest_key, True)
+        if least > len(prefix):
+            if rest is False:
+                after = f"after the {len(prefix)} of its {prefix_key}" if prefix else "at all"
+                return f"{at} needs at least {least} items (minItems), and its {rest_key} is false: no item {after}"
+            if why := need(rest, f"{where}/{rest_key}"):
+                return why
+    return None
+
+
 def _dangling_escape(pattern: str) -> bool:
     """Whether a regex ends in a backslash that escapes nothing (an odd run of them): llguidance drops it and runs
     the rest, so ``ab\\`` constrained to ``ab``, where every regex engine refuses the pattern."""
@@ -662,10 +722,25 @@ def endless_schema(schema: object) -> str | None:
                     queued.add(user)
     if _has_finite_value(schema, schema, finite_refs):
         return None
-    endless = sorted(ref for ref, finite in finite_refs.items() if not finite)
+    # Endless: a ref that admits a value once values of endless size count (the greatest fixed point, each ref
+    # starting as admitting one); the others admit nothing at all, recursion or not.
+    possible = dict.fromkeys(targets, True)
+    todo = deque(sorted(targets))
+    queued = set(targets)
+    while todo:
+        ref = todo.popleft()
+        queued.discard(ref)
+        if possible[ref] and not _has_finite_value(targets[ref], schema, possible):
+            possible[ref] = False
+            for user in used_in[ref]:
+                if possible[user] and user not in queued:
+                    todo.append(user)
+                    queued.add(user)
+    endless = sorted(ref for ref, finite in finite_refs.items() if not finite and possible[ref])
     if not endless:  # no recursion: something it needs can never be
-        return ("json matches no value at all: a property it requires, or an item its minItems needs, can never be "
-                "(its schema is false, or additionalProperties: false leaves a required property out)")
+        why = _impossible_need(schema, "", schema, finite_refs, set())
+        return ("json matches no value at all: " + (why or "a property it requires, or an item its minItems needs, "
+                "can never be (its schema is false, or additionalProperties: false leaves a required name out)"))
     return (f"json matches no value of finite size: every value it allows holds another without end ({endless[0]!r} "
             "is needed inside itself, through a required property or an array's minItems); make the recursion "
             "optional: leave the property out of required, or allow minItems 0, or add an anyOf branch that ends")
@@ -1084,6 +1159,7 @@ class LLGuidanceBackend:
                             "the output's tokens would keep it from parsing")
             if kind == "json":
                 body = plain_equivalents(body)
+                as_written = body
                 if spec.get("disable_additional_properties", True):
                     body = closed_objects(body)
                 inexact = inexact_number(body)
@@ -1101,6 +1177,10 @@ class LLGuidanceBackend:
                     raise structured_error(f"json is not a usable JSON Schema: {repeated}")
                 endless = endless_schema(body)
                 if endless is not None:
+                    if body is not as_written and endless_schema(as_written) is None:
+                        endless += ("; objects that name properties are closed by default (additionalProperties: "
+                                    "false, as in vLLM's and OpenAI's strict structured outputs): name every "
+                                    "required key in properties, or send disable_additional_properties: false")
                     raise structured_error(endless)
                 dangling = dangling_escape_pattern(body)
                 if dangling is not None:
