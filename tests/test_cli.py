@@ -128,6 +128,19 @@ def test_submit_without_max_tokens_takes_the_workers_cap_as_a_prompt_request_doe
         assert "give a smaller --max-tokens" in res.output and "default of --max-tokens" not in res.output
 
 
+def test_a_constraint_that_fails_while_generating_is_named_as_the_option_that_gave_it(redis_url, prefix,
+                                                                                       shared_engine):
+    """A regex that compiles but cannot be followed while generating (its lexer blows up): the worker's error
+    names ``params.structured_outputs``, a field the user of ``submit --regex`` never typed."""
+    env = {"PAGEDSERVE_REDIS_URL": redis_url, "PAGEDSERVE_PREFIX": prefix}
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        res = runner.invoke(app, ["submit", "x", "--regex", "[xy](a{1000}){1000}", "--max-tokens", "8",
+                                  "--no-stream"], env=env)
+    assert res.exit_code == 1, res.output
+    said = [line for line in res.output.splitlines() if line.startswith("invalid_request:")]  # not the worker's log
+    assert len(said) == 1 and said[0].startswith("invalid_request: --regex could not be followed while generating"), said
+
+
 def test_model_init(tmp_path):
     res = runner.invoke(app, ["model", "init", "--tiny-random", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output

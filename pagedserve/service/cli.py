@@ -511,10 +511,17 @@ _OPTION_OF = {"params.max_tokens": "--max-tokens", "params.temperature": "--temp
               "params.structured_outputs.json": "--json-schema"}
 
 
-def _as_options(message: str) -> str:
+_STRUCTURED_OPTION = {"json": "--json-schema", "choice": "--choice", "regex": "--regex"}
+
+
+def _as_options(message: str, structured: dict | None = None) -> str:
     """A request error naming the field an option of ``submit`` set: named as that option (``--max-tokens must
-    be ...``), the field's own name being no option the user typed."""
-    for field, option in _OPTION_OF.items():
+    be ...``), the field's own name being no option the user typed. ``structured``: the constraint an option set,
+    which an error of ``params.structured_outputs`` as a whole (one met while generating) is about."""
+    fields = dict(_OPTION_OF)
+    if structured:
+        fields["params.structured_outputs"] = _STRUCTURED_OPTION[next(iter(structured))]
+    for field, option in fields.items():
         rest = message.removeprefix(field)
         if rest != message and rest[:1] in (" ", ":"):  # the whole field's name, not the start of another's
             return option + rest
@@ -672,7 +679,7 @@ def submit(
                                     cache_salt=cache_salt)
         check_message_size(request, settings)
     except ValueError as e:
-        _fail(f"error: invalid request: {_as_options(str(e))}", 2)
+        _fail(f"error: invalid request: {_as_options(str(e), structured)}", 2)
     client = Client(settings=settings)
     final = None
     streamed = False
@@ -721,7 +728,8 @@ def submit(
         _end_before_the_result(e, client, request.id, streamed, own_id=request_id is None,
                                may_be_sent=sending and _missing_database(e) is None and not _refused_the_request(e))
     if isinstance(final, ErrorEvent):  # the worker's refusal names fields too
-        message = _as_options(final.error.message).replace("a smaller max_tokens", "a smaller --max-tokens")
+        message = _as_options(final.error.message, structured).replace("a smaller max_tokens",
+                                                                        "a smaller --max-tokens")
         if max_tokens is None and "max_tokens" in params and message.startswith("--max-tokens "):  # ours, not typed
             message += f"; {SamplingParams.max_tokens} is the default of --max-tokens: give a smaller one"
         _fail(f"{final.error.code}: {message}", 1)
