@@ -235,7 +235,8 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
     """The publisher sends a finish script again when its reply was lost (a broken connection, a timeout): the
     script had run, so the stored event is its own and was published then. Publishing it again made subscribers
     see two terminal events of one run (the fault campaign's "same id ran twice"). A worker that lost the race
-    with another run's event still publishes the stored one, so every subscriber ends on the same event."""
+    with another run's event publishes the stored one, never its own, and only for an entry of its that was still
+    unacknowledged: one the winner acknowledged was answered by the winner's publication."""
     from pagedserve.service.scripts import source
 
     r = redis.Redis.from_url(redis_url)
@@ -255,16 +256,79 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
             keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
             args=[keys.group, keys.out(rid), event, 60, "c:0", entry])
         assert (run(mine), run(mine), run(other)) == (1, 1, 0)  # sent again: its own, stored; another's: not
-
         published = []
         while (m := sub.get_message(timeout=0.5)) is not None:
             published.append(m["data"] if m["type"] == "message" else m)
-        assert published == [mine.encode(), mine.encode()], published  # the first run, then the race loser's
+        assert published == [mine.encode()], published  # the loser's entry was the winner's, acknowledged by it
+
+        # A loser with an entry of its own still pending (a second entry of the id): the stored event, once.
+        second = r.xadd(keys.requests, {"body": _body(rid, 4, 1)}).decode()
+        r.xreadgroup(keys.group, "c", {keys.requests: ">"})
+        assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
+                      args=[keys.group, keys.out(rid), other, 60, "c:0", second]) == 0
+        published = []
+        while (m := sub.get_message(timeout=0.5)) is not None:
+            published.append(m["data"] if m["type"] == "message" else m)
+        assert published == [mine.encode()], published
         assert r.xlen(keys.events(rid)) == 1 and r.get(keys.result(rid)) == mine.encode()
         assert r.xpending(keys.requests, keys.group)["pending"] == 0
     finally:
         sub.close()
         r.delete(keys.requests, keys.result(rid), keys.events(rid))
+        r.close()
+
+
+def test_an_entry_another_worker_took_over_and_answered_is_not_published_again(redis_url, prefix, shared_engine):
+    """A worker frozen (SIGSTOP, a VM pause) right after Redis handed it an entry: another worker took the entry
+    over and answered it. Thawed, the frozen worker reads the reply, finds the result and answered the entry from
+    it, publishing the stored ``done`` a second time on ``out:{id}``: two terminal publications for one answer.
+    A resubmission of the id (an entry nobody answered) still gets the stored answer published."""
+    from service_fixtures import running_worker
+
+    r = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    rid = "taken-while-frozen"
+    sub = r.pubsub()
+    s = make_settings(redis_url, prefix)
+    try:
+        sub.subscribe(keys.out(rid))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        with running_worker(s, shared_engine) as w:
+            read = w.conn.r.xreadgroup
+            answered_elsewhere: list[bool] = []
+
+            def read_while_another_answers(*args, **kw):  # between Redis's reply and the worker reading it
+                res = read(*args, **kw)
+                if res and res[0][1] and not answered_elsewhere:
+                    (entry, _), = res[0][1]
+                    r.xclaim(keys.requests, keys.group, "other", 0, [entry], justid=True)
+                    done = json.dumps({"type": "done", "id": rid, "outputs": []})
+                    r.set(keys.result(rid), done, ex=60)
+                    r.publish(keys.out(rid), done)  # the other worker's answer, as finish.lua gives it
+                    r.xack(keys.requests, keys.group, entry)
+                    r.xdel(keys.requests, entry)
+                    answered_elsewhere.append(True)
+                return res
+
+            w.conn.r.xreadgroup = read_while_another_answers
+            r.xadd(keys.requests, {"body": _body(rid, 4, 1)})
+            wait_for(lambda: answered_elsewhere, 30, 0.01, "the entry read")
+            time.sleep(1.0)  # the worker answers what it read
+            w.conn.r.xreadgroup = read
+            published = []
+            while (m := sub.get_message(timeout=0.5)) is not None:
+                published.append(m["data"])
+            assert len(published) == 1, published
+
+            r.xadd(keys.requests, {"body": _body(rid, 4, 1)})  # a resubmission: answered from the result
+            wait_for(lambda: r.xlen(keys.requests) == 0, 30, 0.05, "the resubmission answered")
+            published = []
+            while (m := sub.get_message(timeout=0.5)) is not None:
+                published.append(m["data"])
+            assert len(published) == 1 and json.loads(published[0])["id"] == rid, published
+            assert r.xpending(keys.requests, keys.group)["pending"] == 0
+    finally:
+        sub.close()
         r.close()
 
 
@@ -333,8 +397,7 @@ def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, 
         earlier = json.dumps({"type": "done", "id": "redelivered"}).encode()
         admin.set(keys.result("redelivered"), earlier)
         publisher.terminal("finished", json.dumps({"type": "done", "id": "finished"}).encode(), [finished])
-        publisher.publish("redelivered", earlier)
-        publisher.ack([redelivered])
+        publisher.answer_stored("redelivered", earlier, [redelivered])
 
         # Redis busy for a second: the flush waits in its socket and is applied after its reader gave up.
         worker_side.ping()  # connected before: the handshake would time out instead, and nothing be sent

@@ -134,8 +134,7 @@ class Outcomes(WorkerPart):
 
     def from_result(self, request_id: str, entry_id: str, stored: bytes, trace_id: str | None) -> None:
         """A redelivered (or resubmitted) id whose result exists is answered from it, not run again."""
-        self.publisher.publish(request_id, stored)
-        self.publisher.ack([entry_id])
+        self.publisher.answer_stored(request_id, stored, [entry_id])
         self.metrics.requests.labels(outcome="cached").inc()
         request_logger(self.log, request_id, trace_id=trace_id).info("answered_from_result", entry_id=entry_id)
 

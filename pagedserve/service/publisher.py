@@ -59,7 +59,7 @@ from .scripts import Scripts
 
 @dataclass
 class _Op:
-    kind: str  # "token" | "terminal" | "ack" | "dead" | "publish"
+    kind: str  # "token" | "terminal" | "ack" | "dead" | "publish" (an answer from a stored result, with its ack)
     request_id: str
     args: tuple
     entry_ids: tuple[str, ...] = ()
@@ -162,9 +162,10 @@ class Publisher(WorkerPart):
         self._expiry_set.pop(request_id, None)
         self._ops.append(_Op("terminal", request_id, (payload,), tuple(entry_ids), callback))
 
-    def publish(self, request_id: str, payload: bytes) -> None:
-        """Re-publish an already stored terminal event (a redelivered id answered from its result)."""
-        self._ops.append(_Op("publish", request_id, (self.keys.out(request_id), payload)))
+    def answer_stored(self, request_id: str, payload: bytes, entry_ids: list[str]) -> None:
+        """Ack + delete entries of an id answered already, publishing its stored terminal event ``payload`` again
+        if one of them was unacknowledged (lua/answer_stored.lua: a resubmission, not a stale delivery)."""
+        self._ops.append(_Op("publish", request_id, (self.keys.out(request_id), payload), tuple(entry_ids)))
 
     def ack(self, entry_ids: list[str]) -> None:
         """Ack + delete entries whose answer is already stored (no result to write)."""
@@ -228,11 +229,11 @@ class Publisher(WorkerPart):
                     replies = pipe.execute(raise_on_error=False)
                 except BaseException:
                     # Unknown how much was applied: keep it all (every op is safe to repeat), but publish no
-                    # event twice (pub/sub is at most once; a client reads the stored result anyway). A Ctrl-C
-                    # too: the shutdown's flush sends the batch again, and Redis may have it already.
+                    # token event twice (pub/sub is at most once; a client reads the stored result anyway). A
+                    # Ctrl-C too: the shutdown's flush sends the batch again, and Redis may have it already.
                     for op in batch:
                         op.published = True
-                    kept.extend(op for op in batch if op.kind != "publish")
+                    kept.extend(batch)
                     i += len(batch)
                     raise
                 i += len(batch)
@@ -368,7 +369,7 @@ class Publisher(WorkerPart):
                     pipe.publish(channel, payload)
             return len(commands)
         if op.kind == "publish":
-            pipe.publish(op.args[0], op.args[1])
+            self._scripts.evalsha(pipe, "answer_stored", [k.requests], [k.group, *op.args, *op.entry_ids])
             return 1
         if op.kind == "terminal":
             rid = op.request_id

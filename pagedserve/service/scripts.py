@@ -20,7 +20,7 @@ from importlib import resources
 import redis
 
 NAMES = ("finish", "dead_letter", "renew_leases", "refresh_name", "release_name", "forget_consumer", "repair_group_lag",
-         "head_entry", "read_head")
+         "head_entry", "read_head", "answer_stored")
 # The batch client's scripts (batch_client.py). Producers may run scripts (EVALSHA) but not load them: one that
 # could would stall Redis with a script that never ends. So workers load these for them, at every (re)connect
 # (connection.Connection.setup) and now and then while connected (batch_feeder.py: after a SCRIPT FLUSH).

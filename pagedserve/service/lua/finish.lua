@@ -1,12 +1,14 @@
 #!lua
--- Store a request's terminal event, publish it, append it to the request's events stream, then acknowledge and
--- delete its stream entries.
+-- Store a request's terminal event, append it to the request's events stream, acknowledge and delete its stream
+-- entries, and publish it.
 -- One script, so Redis either runs all of it or refuses it up front (OOM, read-only replica: a script with a
 -- shebang and without the no-writes flag is checked before it starts). The SET comes first: if the ACL denies
 -- a later command, Redis stops there and keeps what ran before it, so the result is stored, never the other way
 -- round: the entry stays pending (XACK denied) or, with only XDEL denied, is acknowledged but left in the stream.
--- First writer wins (SET NX): a worker that lost a race on a reclaimed entry publishes the stored event, so
--- every subscriber sees the same terminal event (the winner already appended it to the events stream).
+-- First writer wins (SET NX): a worker that lost a race publishes the stored event, never its own, and only while
+-- an entry of its was still unacknowledged: a run whose entries the winner acknowledged (it took them over from
+-- this worker, away meanwhile) was answered by the winner's publication, and one more would be a second `done`
+-- on the channel for one answer.
 -- The same event found stored is this very script sent again (its reply was lost to a broken connection or a
 -- timeout, and the publisher repeats what it cannot know was applied): it was published then, not again now.
 -- The events stream expires with the result: a client reading it from its last entry finds the end there.
@@ -35,19 +37,20 @@ if not stored then
     event = false
   end
 end
-if event then
-  redis.call('PUBLISH', ARGV[2], event)
-end
 if stored then
   redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
 end
 -- In chunks: unpack() of more than a few thousand values fails ("too many results to unpack"), and an id
 -- submitted that many times must still be acknowledged.
+local acked = 0
 for i = 6, #ARGV, 1000 do
   local last = math.min(i + 999, #ARGV)
-  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, i, last))
+  acked = acked + redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, i, last))
   redis.call('XDEL', KEYS[2], unpack(ARGV, i, last))
+end
+if event and (stored or acked > 0) then
+  redis.call('PUBLISH', ARGV[2], event)
 end
 if stored or not event then
   return 1
