@@ -266,3 +266,39 @@ def test_vllms_llm_arguments_at_what_pagedserve_does_are_taken(tiny_models):
                         ("disable_log_stats", 1)):
         with pytest.raises(TypeError, match=rf"^LLM\(\) {name}={value!r} is not supported by pagedserve"):
             LLM(model=tiny_models["llama"], device="cpu", **{name: value})
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_per_prompt_by_name(tmp_path, caplog):
+    """A checkpoint whose config.json vocab_size is below its tokenizer's size loaded silently; a prompt encoding
+    to a token past the model's embedding raised a bare IndexError for the whole batch (and under tensor
+    parallelism its sharded lookup read zeros and generated on). It is said at load, and such a prompt is refused
+    before any work, naming the token and both sizes; prompts within the model's vocabulary run."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pagedserve.engine.builtin_model import write_llama
+
+    source = write_llama(tmp_path / "byte-tokenizer")
+    model = tmp_path / "vocab-200"
+    config = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(model)
+    for f in source.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model / f.name)
+    with caplog.at_level("WARNING"):
+        llm = LLM(model=str(model), device="cpu", num_gpu_blocks=16, max_model_len=64)
+    assert "more than the model's vocabulary of 200" in caplog.text
+    tokenizer = llm.get_tokenizer()
+    inside = [t for t in tokenizer.encode("hi") if t < 200]
+    past = max(tokenizer.encode("中"))
+    assert past >= 200
+    with pytest.raises(ValueError, match=rf"prompts\[1\]: prompt encodes to token {past}, beyond the model's "
+                                         rf"vocabulary of 200 \(config.json vocab_size\); its tokenizer has "
+                                         rf"{len(tokenizer)} tokens"):
+        llm.generate([inside, "中"], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate([inside], GREEDY)
+    assert out[0].error is None and all(t < 200 for t in out[0].outputs[0].token_ids)

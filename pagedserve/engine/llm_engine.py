@@ -150,6 +150,9 @@ class LLMEngine:
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_dir)
         self.max_token_chars = longest_token_chars(self.tokenizer)
         self.vocab_size: int = hf_config.vocab_size
+        if len(self.tokenizer) > self.vocab_size:
+            log.warning("the tokenizer has %d tokens, more than the model's vocabulary of %d (config.json vocab_size): "
+                        "a prompt that uses the tokens beyond it is refused", len(self.tokenizer), self.vocab_size)
         # generation_config.json's EOS ids, as transformers' generate takes them (config.json's only without that
         # file), and the tokenizer's, as vLLM adds it: config.json's id beside a generation config that lists
         # others, or none, ended outputs transformers runs on.
@@ -307,6 +310,7 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenizer.encode(prompt)
             if not token_ids:
                 raise ValueError("prompt encodes to no tokens")
+            self.check_in_vocab(token_ids, "prompt encodes to")
         elif isinstance(prompt, (list, tuple)):
             text, token_ids = None, list(prompt)
             if not token_ids:
@@ -502,6 +506,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._ready)
+
+    def check_in_vocab(self, token_ids: list[int], what: str) -> None:
+        """Refuse token ids the tokenizer wrote beyond the model's embedding (a tokenizer with more tokens than
+        config.json's ``vocab_size``): the embedding lookup would fail the whole step, or, sharded under tensor
+        parallelism, read zeros for them."""
+        top = max(token_ids)
+        if top >= self.vocab_size:
+            raise ValueError(f"{what} token {top}, beyond the model's vocabulary of {self.vocab_size} (config.json "
+                             f"vocab_size); its tokenizer has {len(self.tokenizer)} tokens: model and tokenizer do "
+                             "not match")
 
     def check_alive(self) -> None:
         """Raise ``EngineDeadError`` if the engine can run no further step (a tensor-parallel rank died), also

@@ -181,6 +181,10 @@ def prepare(req: GenerateRequest, engine: EngineAPI, settings: Settings) -> tupl
         prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
         if not prompt:
             raise refuse("invalid_request", "messages: the chat template renders to no tokens")
+        try:
+            engine.check_in_vocab(prompt, "messages: the chat template renders to")
+        except ValueError as e:
+            raise refuse("invalid_request", str(e)) from None
         if len(prompt) + 1 > max_len:
             raise refuse("prompt_too_long", f"messages render to {len(prompt)} tokens; {_room(max_len)}")
         if params.max_tokens is None:  # the rest of the context, within the operator's cap
@@ -444,7 +448,8 @@ class Admission(WorkerPart):
             # Its producer still waits on the id (a Celery task would even send it again): the id is answered,
             # through the claim like any answer, so that one running from another entry keeps its own.
             message = (f"max_deliveries: delivered {deliveries} times > {self.settings.max_deliveries}: every worker "
-                       "that took it stopped before answering it (a request that takes workers down?); not run again")
+                       "that took it stopped, or failed an engine step with it and sent it back, before answering it "
+                       "(a request that takes workers or steps down? their logs say why); not run again")
             reqs = [Refused(InvalidRequestError(req.id, "internal", message, _metadata(req)), poison=True)
                     for req in reqs]
         # A planted entry is never attached to a run: it would stay in the stream (and keep the stream's last ID

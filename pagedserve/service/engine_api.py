@@ -35,6 +35,8 @@ class EngineAPI(Protocol):
         cache_salt: str | None = None,
     ) -> None: ...  # resume: per sample, what an interrupted run handed out (engine.sequence.ResumeSample)
 
+    def check_in_vocab(self, token_ids: list[int], what: str) -> None: ...  # ValueError: an id past the model's
+
     def step(self) -> list[Any]: ...  # RequestOutput per request that progressed this step
 
     def abort_request(self, request_id: str, reason: str = "cancelled") -> Any: ...  # its final RequestOutput
