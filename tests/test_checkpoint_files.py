@@ -163,3 +163,16 @@ def test_a_checkpoint_with_damaged_weights_is_refused_naming_the_tensor(tmp_path
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"tensor '{re.escape(name)}' in model.safetensors holds NaN or infinite"):
         _ours(path)
+
+
+def test_weights_of_another_size_than_the_config_name_the_model_and_the_mismatch(tmp_path):
+    """An edited config.json (intermediate_size doubled): the refusal named a tensor and two shapes, but neither
+    the model nor that its config and weights disagree."""
+    path = write_tiny(tmp_path / "m", "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    with pytest.raises(ValueError) as e:
+        _ours(path)
+    message = str(e.value)
+    assert message.startswith(f"model {str(path)!r}: tensor 'model.layers.0.mlp."), message
+    assert "has shape" in message and "the config and the weights do not match" in message, message

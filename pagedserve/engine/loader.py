@@ -260,7 +260,9 @@ def load_model(model_dir: str | Path, config, dtype: torch.dtype, device: torch.
                 try:
                     read = loader(params[target], f.get_slice(name), part)
                 except ValueError as exc:
-                    raise ValueError(f"tensor {name!r} {exc}") from None
+                    raise ValueError(f"model {str(path)!r}: tensor {name!r} in {file.name} {exc}, as config.json "
+                                     "sizes it: the config and the weights do not match (an edited config.json, "
+                                     "or weights of another model?)") from None
                 # Damaged bytes (a partial copy, a bad disk) make NaN weights: every answer would be junk, every
                 # request "done". No trained checkpoint holds NaN or infinity in a weight; either makes the sum
                 # non-finite (one pass, no mask allocated: a tenth of isfinite().all()'s time).
