@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,24 @@ def test_a_script_read_from_stdin_is_told_at_once_why_its_ranks_cannot_start(tp_
     assert done.returncode == 1 and time.monotonic() - started < 60, done.stderr[-2000:]
     assert "'<stdin>' is no file (a script read from stdin?): run it from a file" in done.stderr, done.stderr[-2000:]
     assert "rank 1 failed to start" not in done.stderr
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_ranks_cannot_start(tp_models, tmp_path):
+    """A script that makes its LLM at import, with no ``if __name__ == "__main__":``: each rank ran it again, loaded
+    the tokenizer, failed in multiprocessing's bootstrapping check with two tracebacks, and the driver said only
+    "rank 1 failed to start: exited with code 1". The rank says why in one line, and so does the driver."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("from pagedserve import LLM\n"
+                      f"LLM(model={str(tp_models['qwen3'])!r}, device='cpu', num_gpu_blocks=8, tensor_parallel_size=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this tree's package
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=env)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: tensor-parallel rank 1 failed to start: each rank starts by running this "
+                           "program's main module again") and "__main__" in last, done.stderr[-2000:]
+    assert "bootstrapping phase" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("pagedserve tensor-parallel rank: ") == 1, done.stderr[-3000:]
 
 
 def test_a_failed_start_stops_the_ranks_and_says_why(tmp_path):

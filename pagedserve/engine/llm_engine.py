@@ -137,6 +137,10 @@ def _wall_time(value, name: str) -> float | None:
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.config = EngineConfig(model=model, **kwargs)
+        if self.config.tensor_parallel_size > 1:
+            from pagedserve.engine.tensor_parallel import exit_if_made_by_a_rank
+
+            exit_if_made_by_a_rank()  # before anything loads: a rank ran a script without a __main__ guard
         self._closed = False
         guard_forks()  # a child forked once the model's ops ran would hang in its first one
         model_dir = resolve_model(model)  # None, a model name, an HF directory or a .gguf file

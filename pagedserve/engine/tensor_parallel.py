@@ -342,6 +342,24 @@ def _check_main_importable() -> None:
                            "if __name__ == \"__main__\":")
 
 
+# A rank's exit status when it was about to make an engine of its own (below); the driver names the cause.
+UNGUARDED_MAIN_EXIT = 78
+UNGUARDED_MAIN = ("each rank starts by running this program's main module again, and the module makes an LLM when "
+                  "imported (no if __name__ == \"__main__\": guard around it): put the code that makes and uses the "
+                  "LLM under that guard")
+
+
+def exit_if_made_by_a_rank() -> None:
+    """A rank process that is still importing the program's main module (``spawn``'s preparation) and makes a
+    tensor-parallel engine there: the script makes one at import, without a ``__main__`` guard. Without this the
+    rank loaded the tokenizer, then failed in multiprocessing's bootstrapping check with two tracebacks, and the
+    driver said only "exited with code 1". One line on stderr, and an exit status the driver names."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        sys.stderr.write(f"pagedserve tensor-parallel rank: {UNGUARDED_MAIN}\n")
+        sys.stderr.flush()
+        os._exit(UNGUARDED_MAIN_EXIT)
+
+
 def _no_engine() -> None:
     return None
 
@@ -462,6 +480,8 @@ class TensorParallelRunner(ModelRunner):
             return msg["error"]
         proc = self._procs[r]
         proc.join(1.0)
+        if proc.exitcode == UNGUARDED_MAIN_EXIT:
+            return UNGUARDED_MAIN
         return f"exited with code {proc.exitcode}" if proc.exitcode is not None else "closed its pipe"
 
     @property
