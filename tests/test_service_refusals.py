@@ -123,6 +123,31 @@ def test_an_entry_read_before_the_next_read_is_refused_runs_on_its_one_delivery(
         redis.close()
 
 
+def test_the_queue_gauges_show_a_backlog_while_reads_are_refused(tmp_path):
+    """An ACL without XREADGROUP: the worker reads nothing and says so (not ready), and the entries pile up; the
+    queue gauges, refreshed at the end of the Redis phase that the refused read cut short, read 0 all along, though
+    XLEN and XPENDING were allowed (the HPA fallback and the dashboard read them)."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="gauges", queue_stats_interval_s=0.2,
+                             read_block_ms=100)
+    try:
+        with running_worker(settings) as w:
+            redis.revoke(["-xreadgroup"])
+            time.sleep(0.5)  # the read blocked when the ACL changed has ended; the next ones are refused
+            for i in range(3):
+                redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": f"piled-{i}", "prompt": "x",
+                                                                       "params": {"max_tokens": 2}})})
+            wait_for(lambda: w.metrics.stream_length._value.get() == 3, 20, 0.1,
+                     "the stream-length gauge to show the backlog")
+            redis.revoke(None)
+            wait_for(lambda: all(_result(redis.admin, f"piled-{i}") is not None for i in range(3)), 120, 0.2,
+                     "the results once reads are allowed")
+    finally:
+        redis.close()
+
+
 def test_a_refused_cancel_has_no_effect():
     """Client.cancel under maxmemory: the mark is refused, so the caller gets the error and the worker hears
     nothing (the publish, which Redis would accept, must not go out alone and cancel the run anyway)."""

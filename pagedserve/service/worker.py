@@ -403,6 +403,7 @@ class Worker(WorkerPart):
                     # writes the publisher keeps and retries itself): counted, said once, and not ready meanwhile;
                     # but a full Redis (maxmemory) leaves readiness as it is: the worker goes on with what it runs.
                     conn.command_refused("loop", e, needed=not isinstance(e, redis.exceptions.OutOfMemoryError))
+                    self._queue_stats_despite_refusal()
                     time.sleep(0.05)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):
@@ -410,6 +411,7 @@ class Worker(WorkerPart):
                     self.log.warning("consumer_group_missing", error=str(e))
                 else:
                     conn.command_refused("loop", e)
+                    self._queue_stats_despite_refusal()
                     time.sleep(0.05)
             else:
                 conn.command_accepted("loop")
@@ -436,6 +438,17 @@ class Worker(WorkerPart):
                 conn.failed(e)
         if busy:
             self.metrics.busy_seconds.inc(time.perf_counter() - started)
+
+    def _queue_stats_despite_refusal(self) -> None:
+        """A command of the loop refused (an ACL without XREADGROUP, say) ends the Redis phase before its queue
+        gauges: a backlog piling up would read as their last value, 0 after an idle spell, for as long as the
+        refusal lasts. They are read anyway (their own commands' refusals are theirs to say)."""
+        try:
+            self.intake.queue_stats()
+        except REDIS_DOWN as e:
+            self.conn.failed(e)
+        except redis.ResponseError:
+            pass  # the loop's refusal is what was said; the gauges keep their last value
 
     def _redis_phase(self, block: bool) -> None:
         """Send what is buffered first (the last step's results go out before anything new is read), then act
