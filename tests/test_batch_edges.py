@@ -693,6 +693,9 @@ def test_a_submit_redis_refuses_part_way_leaves_nothing_staged(prefix):
     ({"add_generation_prompt": True, "continue_final_message": False, "echo": False, "add_special_tokens": False,
       "priority": 0, "length_penalty": 1.0, "return_tokens_as_token_ids": False}, None),
     ({"parallel_tool_calls": False, "tool_choice": "none", "request_id": "r-1", "top_logprobs": 0}, None),
+    # vLLM's default (a dump of its ChatCompletionRequest has it): no reasoning parser here, as there without one
+    ({"include_reasoning": True}, None),
+    ({"include_reasoning": False}, "body.include_reasoning: only vLLM's default, true, is taken (got false)"),
     ({"add_generation_prompt": False}, "body.add_generation_prompt: only vLLM's default, true, is taken (got false)"),
     ({"priority": 5}, "body.priority: only vLLM's default, 0, is taken (got 5)"),
     ({"guided_json": {"type": "object"}}, 'body.guided_json: not supported: vLLM\'s older name: give structured_outputs '
@@ -905,6 +908,6 @@ def test_a_line_is_read_as_the_wire_reads_its_body():
     assert (whole.params.max_tokens, whole.params.n, whole.params.seed, whole.params.stop_token_ids,
             whole.prompt_token_ids) == (3, 1, 7, [5], [3, 4])
     assert parsed["too-big"].error.startswith("line 3: body.max_tokens: 1.152921504606847e+18 is a whole number")
-    assert parsed["part"].error == ('line 4: body.messages[0].content[0]: only text content parts ({"type": "text", '
-                                    '"text": ...}) are supported')
+    assert parsed["part"].error == ('line 4: body.messages[0].content[0].cache_control: not supported: a text part '
+                                    '({"type": "text", "text": ...}) carries its text alone')
     assert parsed["fine"].error is None

@@ -390,11 +390,17 @@ def test_openai_text_content_parts_are_joined_as_vllm_joins_them():
     parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
     req = parse_request(json.dumps({"id": "a", "messages": [{"role": "user", "content": parts}]}), 1 << 20)
     assert req.messages[0].content == "first\nsecond"
-    for bad in ([{"type": "image_url", "image_url": {"url": "http://x"}}], [{"type": "text", "text": 5}],
-                [{"type": "text", "text": "x", "extra": 1}]):
+    for bad in ([{"type": "image_url", "image_url": {"url": "http://x"}}], [{"type": "text", "text": 5}]):
         with pytest.raises(InvalidRequestError) as ei:
             parse_request(json.dumps({"id": "a", "messages": [{"role": "user", "content": bad}]}), 1 << 20)
         assert ei.value.message.startswith("messages.0.content: part 0: only text content parts"), ei.value.message
+    # a text part with a key of its own: the key is named (the message said it was no text part)
+    with pytest.raises(InvalidRequestError) as ei:
+        parse_request(json.dumps({"id": "a", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]}),
+            1 << 20)
+    assert ei.value.message.startswith("messages.0.content: part 1.cache_control: not supported: a text part"), \
+        ei.value.message
 
 
 def test_the_published_schemas_compile_in_a_strict_validator():

@@ -56,7 +56,9 @@ _VLLM_REQUEST_DEFAULTS = {
                              # logprob tokens as token_id:<id> (true) or as text (false), as vLLM writes them
                              "return_tokens_as_token_ids": (False, True),
                              # a line has no tools (they are refused), so no tool is called either way
-                             "tool_choice": ("none", "auto"), "parallel_tool_calls": (False, True)},
+                             "tool_choice": ("none", "auto"), "parallel_tool_calls": (False, True),
+                             # no reasoning parser: the whole output is the message's content, as in vLLM without one
+                             "include_reasoning": (True,)},
     "/v1/completions": {"add_special_tokens": (True,), "priority": (0,), "length_penalty": (1.0,),
                         "return_tokens_as_token_ids": (False, True)},
 }
@@ -152,9 +154,8 @@ def _message_content(content: Any, where: str) -> str:
         return content
     if isinstance(content, list):  # content parts: only text parts can be run
         joined = joined_text_parts(content)
-        if isinstance(joined, int):
-            raise LineError(f"{where}[{joined}]: only text content parts ({{\"type\": \"text\", \"text\": ...}}) are "
-                            "supported")
+        if isinstance(joined, tuple):
+            raise LineError(f"{where}{joined[0]}: {joined[1]}")
         return joined
     raise LineError(f"{where}: must be a string or a list of text parts")
 

@@ -236,20 +236,27 @@ class ChatMessage(BaseModel):
         if not isinstance(value, list):
             return value
         joined = joined_text_parts(value)
-        if isinstance(joined, int):
-            raise ValueError(f"part {joined}: only text content parts ({{\"type\": \"text\", \"text\": ...}}) can run")
+        if isinstance(joined, tuple):
+            where, why = joined
+            raise ValueError(f"part {where.removeprefix('[').replace(']', '', 1)}: {why}")
         return joined
 
 
-def joined_text_parts(parts: list) -> str | int:
+TEXT_PART = '{"type": "text", "text": ...}'
+
+
+def joined_text_parts(parts: list) -> str | tuple[str, str]:
     """OpenAI's text content parts as one string, joined with newlines as vLLM's OpenAI server and ``LLM.chat``
-    join them; or the index of the first part that is no text part (a part carries ``type`` and ``text``
-    alone: a key beside them may ask for what the text alone does not give, and is never dropped)."""
+    join them; or, for the first part that is no text part, its place (``[i]``, or ``[i].key`` for a key beside a
+    text part's own) and why (a part carries ``type`` and ``text`` alone: a key beside them may ask for what the
+    text alone does not give, and is never dropped)."""
     texts = []
     for i, part in enumerate(parts):
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                and set(part) <= {"type", "text"}):
-            return i
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            return f"[{i}]", f"only text content parts ({TEXT_PART}) can run"
+        extra = sorted(set(part) - {"type", "text"}, key=str)
+        if extra:
+            return f"[{i}].{extra[0]}", f"not supported: a text part ({TEXT_PART}) carries its text alone"
         texts.append(part["text"])
     return "\n".join(texts)
 
