@@ -216,8 +216,11 @@ def test_top_level_usage_help_and_version():
     assert res.returncode == 0 and "--max-tokens" in res.stdout, res.stderr
     from importlib.metadata import version
 
-    res = _cli({}, "--version")
-    assert res.returncode == 0 and res.stdout == f"pagedserve {version('pagedserve')}\n", res.stdout + res.stderr
+    from pagedserve import RELEASE
+
+    res = _cli({}, "--version")  # the release too: a rolling update's two releases share one package version
+    assert res.returncode == 0 and res.stdout == f"pagedserve {version('pagedserve')} (release {RELEASE})\n", \
+        res.stdout + res.stderr
 
 
 def test_submit_whose_only_worker_dies_mid_run_says_so_in_one_line(redis_url, prefix, tmp_path):

@@ -154,6 +154,9 @@ def test_the_worker_applies_the_settings(redis_url, prefix, tmp_path):
         started = next(e for e in w.events() if e.get("event") == "worker_started")
         assert started["cpu"]["threads"] == 1 and started["cpu"]["affinity"] == [cpu]
         assert started["cpu"]["omp_wait_policy"] == "PASSIVE"
+        from pagedserve import RELEASE
+
+        assert started["release"] == RELEASE  # which release of a rolling update this worker is
         status = Path(f"/proc/{w.proc.pid}/status").read_text()
         assert f"Cpus_allowed_list:\t{cpu}\n" in status
     finally:

@@ -204,10 +204,12 @@ def _print_version(wanted: bool) -> None:
     if wanted:
         from importlib.metadata import PackageNotFoundError, version
 
+        from pagedserve import RELEASE
+
         try:
-            print(f"pagedserve {version('pagedserve')}")
+            print(f"pagedserve {version('pagedserve')} (release {RELEASE})")
         except PackageNotFoundError:  # run from a source tree that was never installed
-            print("pagedserve (version unknown: not installed)")
+            print(f"pagedserve (version unknown: not installed; release {RELEASE})")
         raise typer.Exit()
 
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import redis
 
+from pagedserve import RELEASE
+
 from .admission import Admission
 from .batch_feeder import BatchFeeder
 from .batch_keys import BATCH_PRIORITY
@@ -330,6 +332,7 @@ class Worker(WorkerPart):
             raise
         self.log.info(
             "worker_started",
+            release=RELEASE,
             model=engine.model_name,
             consumer=self.consumer,
             stream=self.keys.requests,
