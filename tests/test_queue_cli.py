@@ -52,11 +52,15 @@ def test_requeue_sends_the_same_body_back_and_keeps_what_cannot_run(cli, r, pref
                          reason="body is not valid JSON: Expecting value")
     no_id = dead_letter(r, keys, b'{"prompt": "who am I"}', "invalid_id")
     refused = dead_letter(r, keys, body_of("req-3", params={"max_tokens": 3, "bogus": 1}), "max_deliveries", "req-3")
+    # an entry without a body field keeps its other field's value: said as what it is, not as a broken body
+    bodiless = dead_letter(r, keys, b"x", "missing_body", reason="missing 'body' field")
 
-    res = cli.invoke(app, ["queue", "requeue", good, broken, no_id, refused])
+    res = cli.invoke(app, ["queue", "requeue", good, broken, no_id, refused, bodiless])
     assert res.exit_code == 1, res.output  # not everything was requeued
     lines = res.stdout.splitlines()
-    assert len(lines) == 4, res.stdout
+    assert len(lines) == 5, res.stdout
+    assert lines[4].startswith(f"kept {bodiless}: its entry had no body field (missing_body), and the value it keeps "
+                               "from another field is no request (invalid_json: "), lines[4]
     assert re.fullmatch(rf"requeued {good} id=req-1 as \d+-\d+", lines[0]), lines[0]
     assert lines[1].startswith(f"kept {broken}: its body cannot be requeued, a worker would dead-letter it again "
                                "(invalid_json: body is not valid JSON"), lines[1]
@@ -64,7 +68,7 @@ def test_requeue_sends_the_same_body_back_and_keeps_what_cannot_run(cli, r, pref
     assert lines[2].startswith(f"kept {no_id}: its body cannot be requeued") and "(invalid_id: " in lines[2]
     assert lines[3].startswith(f"kept {refused}: its body would only be answered invalid_request for id=req-3 "
                                "(params.bogus"), lines[3]
-    assert res.stderr.splitlines()[0] == "1 requeued, 3 kept"
+    assert res.stderr.splitlines()[0] == "1 requeued, 4 kept"
     assert "no worker is running on prefix" in res.stderr  # the requeued one waits: said so
 
     # the request is back with its body byte for byte, alone, under a plain XADD (the stream holds just it)
@@ -72,7 +76,7 @@ def test_requeue_sends_the_same_body_back_and_keeps_what_cannot_run(cli, r, pref
     assert lines[0].endswith(f"as {entry_id.decode()}")
     assert fields == {b"body": body_of("req-1")}
     # its dead letter is gone; the three that cannot run are kept as they were
-    assert [e.decode() for e, _ in r.xrange(keys.dead)] == [broken, no_id, refused]
+    assert [e.decode() for e, _ in r.xrange(keys.dead)] == [broken, no_id, refused, bodiless]
     assert r.xrange(keys.dead, broken, broken)[0][1][b"reason"] == b"body is not valid JSON: Expecting value"
 
     # asked again: the requeued one is not found any more (nothing sent twice)

@@ -321,6 +321,11 @@ def _requeue_one(r, keys: Keys, max_bytes: int, dead_id: str, fields: dict | Non
     try:
         request = parse_request(body, max_bytes)
     except DeadLetterError as e:
+        if as_text(fields.get(b"kind", fields.get("kind", b""))) == "missing_body":
+            # It keeps the value of the entry's other field (a misspelt body, say), which is no request either.
+            kept("its entry had no body field (missing_body), and the value it keeps from another field is no "
+                 f"request ({e.kind}: {e}){cut}: XADD the request anew with a body field (docs/protocol.md)")
+            return
         kept(f"its body cannot be requeued, a worker would dead-letter it again ({e.kind}: {e}){cut}: fix the body "
              "and XADD it anew (docs/protocol.md, Dead letters)")
         return
