@@ -70,7 +70,8 @@ def test_recursion_with_a_way_out_compiles_and_accepts_a_finite_value(tokenized,
 @pytest.mark.parametrize("schema, why", [
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"],
       "additionalProperties": False},
-     "/ requires 'zz', which its properties do not name, and its additionalProperties is false"),
+     "/ requires 'zz', which neither its properties nor its patternProperties name, and its "
+     "additionalProperties is false"),
     ({"type": "array", "items": False, "minItems": 1},
      "/ needs at least 1 items (minItems), and its items is false: no item at all"),
     ({"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 2},
@@ -102,6 +103,30 @@ def test_a_schema_with_no_value_at_all_is_refused_naming_what_can_never_be(token
     assert "closed by default" not in message
 
 
+@pytest.mark.parametrize("schema, value", [
+    # a required key its patternProperties admit: "matches no value at all" refused what {"a": 1} satisfies
+    ({"type": "object", "required": ["a"], "patternProperties": {"^a$": {"type": "integer"}},
+      "additionalProperties": False}, {"a": 1}),
+    # one anyOf branch fails, another does not: the place blamed was the failing branch, not the real cause
+    ({"type": "object", "anyOf": [False, {}], "properties": {"a": {"type": "integer"}}, "required": ["a"]}, {"a": 1}),
+])
+def test_a_schema_with_a_value_is_not_refused_as_having_none(schema, value):
+    jsonschema.Draft202012Validator(schema).validate(value)
+    assert endless_schema(schema) is None
+
+
+def test_the_real_cause_is_named_beside_an_anyof_that_holds_and_a_long_chain_does_not_crash():
+    """Review findings: "/anyOf/0 is false" was named where /properties/a was the cause; a chain of 250 refs
+    ending in false raised RecursionError (answered "could not be compiled: RecursionError")."""
+    why = endless_schema({"type": "object", "anyOf": [False, {}], "properties": {"a": False}, "required": ["a"]})
+    assert why == "json matches no value at all: /properties/a is false, which no value matches", why
+    defs = {f"d{i}": {"type": "object", "properties": {"n": {"$ref": f"#/$defs/d{i + 1}"}}, "required": ["n"]}
+            for i in range(2_000)}
+    defs["d2000"] = False
+    why = endless_schema({"$ref": "#/$defs/d0", "$defs": defs})
+    assert why.startswith("json matches no value at all: "), why
+
+
 def test_a_required_key_the_default_closing_leaves_out_is_named_with_the_way_to_keep_it(tokenized):
     """A required key missing from properties admits any value as written; closed by default (as vLLM's strict
     backend does) it can never be. The refusal names the key and the option that keeps the object open."""
@@ -111,7 +136,7 @@ def test_a_required_key_the_default_closing_leaves_out_is_named_with_the_way_to_
     with pytest.raises(ValueError) as e:
         so.compile(validate_structured_outputs({"json": schema}))
     message = str(e.value)
-    assert "/ requires 'z', which its properties do not name" in message, message
+    assert "/ requires 'z', which neither its properties nor its patternProperties name" in message, message
     assert "disable_additional_properties: false" in message, message
     so.compile(validate_structured_outputs({"json": schema, "disable_additional_properties": False}))
 

@@ -593,11 +593,9 @@ def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) 
     if not isinstance(types, list) or any(t not in ("object", "array") for t in types):
         return True  # any type, a scalar one (a JSON Schema without "type" allows every type), or one unknown here
     if "object" in types:
-        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
         required = node.get("required") if isinstance(node.get("required"), list) else []
-        extra = node.get("additionalProperties", True)
-        if all(_has_finite_value(props[n] if n in props else extra, root, finite_refs)
-               for n in required if isinstance(n, str)):
+        if all(_has_finite_value(sub, root, finite_refs)
+               for n in required if isinstance(n, str) for _, sub in _key_schemas(node, n)):
             return True
     if "array" in types:
         least = node.get("minItems", 0)
@@ -611,45 +609,75 @@ def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) 
     return False
 
 
+def _key_schemas(node: dict, name: str) -> list[tuple[str, object]]:
+    """The schemas key ``name`` of object schema ``node`` must match, each with its place under ``node``: its
+    property's; else those of the ``patternProperties`` it matches (read as Python regexes; one that does not
+    compile here counts as admitting anything: llguidance judges it); else ``additionalProperties``."""
+    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    if name in props:
+        return [(f"/properties/{_escape(name)}", props[name])]
+    patterns = node.get("patternProperties") if isinstance(node.get("patternProperties"), dict) else {}
+    matched = []
+    for pattern, sub in patterns.items():
+        try:
+            hit = isinstance(pattern, str) and re.search(pattern, name) is not None
+        except re.error:
+            return [("", True)]
+        if hit:
+            matched.append((f"/patternProperties/{_escape(pattern)}", sub))
+    return matched or [("/additionalProperties", node.get("additionalProperties", True))]
+
+
+# How deep the walk below follows what a schema needs before it gives up naming the place (a long chain of refs).
+_NEED_DEPTH = 64
+
+
 def _impossible_need(node: object, where: str, root: object, finite_refs: dict[str, bool],
-                     seen: set[str]) -> str | None:
+                     seen: set[str], depth: int = 0) -> str | None:
     """For ``node`` at pointer ``where``, which admits no value and holds no endless recursion
     (:func:`_has_finite_value` says False, no ref endless): the first thing it needs that can never be, following
     what it needs (allOf members, the first of anyOf branches that all fail, required properties, items under
     minItems) down to a false schema or a required name its properties leave out. None where every failing need
-    leads back to a ref already followed (``seen``)."""
+    leads back to a ref already followed (``seen``), or lies deeper than ``_NEED_DEPTH``."""
     at = where or "/"
     if not isinstance(node, dict):
         return f"{at} is false, which no value matches"
+    if depth >= _NEED_DEPTH:
+        return None
 
     def need(sub: object, pointer: str) -> str | None:
         if _has_finite_value(sub, root, finite_refs):
             return None
-        return _impossible_need(sub, pointer, root, finite_refs, seen)
+        return _impossible_need(sub, pointer, root, finite_refs, seen, depth + 1)
 
     ref = node.get("$ref")
     if isinstance(ref, str) and ref not in seen:
         seen.add(ref)
         if why := need(_pointer_target(ref, root), ref.lstrip("#")):
             return why
-    for key in ("allOf", "anyOf", "oneOf"):
+    members = node.get("allOf")
+    for i, sub in enumerate(members if isinstance(members, list) else []):
+        if why := need(sub, f"{where}/allOf/{i}"):
+            return why
+    for key in ("anyOf", "oneOf"):  # to blame only when every branch fails
         members = node.get(key)
-        for i, sub in enumerate(members if isinstance(members, list) else []):
-            if why := need(sub, f"{where}/{key}/{i}"):
-                return why
+        if isinstance(members, list) and members and all(not _has_finite_value(sub, root, finite_refs)
+                                                          for sub in members):
+            for i, sub in enumerate(members):
+                if why := need(sub, f"{where}/{key}/{i}"):
+                    return why
     types = node.get("type")
     types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
-    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
     required = node.get("required") if "object" in types and isinstance(node.get("required"), list) else []
     for name in (n for n in required if isinstance(n, str)):
-        if name in props:
-            why = need(props[name], f"{where}/properties/{_escape(name)}")
-        elif node.get("additionalProperties", True) is False:
-            why = f"{at} requires {name!r}, which its properties do not name, and its additionalProperties is false"
-        else:
-            why = need(node.get("additionalProperties", True), f"{where}/additionalProperties")
-        if why:
-            return why
+        for place, sub in _key_schemas(node, name):
+            if place == "/additionalProperties" and sub is False:
+                why = (f"{at} requires {name!r}, which neither its properties nor its patternProperties name, and "
+                       "its additionalProperties is false")
+            else:
+                why = need(sub, where + place)
+            if why:
+                return why
     if "array" in types:
         least = node.get("minItems", 0)
         least = int(least) if isinstance(least, (int, float)) and not isinstance(least, bool) else 0
