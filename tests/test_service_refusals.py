@@ -148,6 +148,39 @@ def test_the_queue_gauges_show_a_backlog_while_reads_are_refused(tmp_path):
         redis.close()
 
 
+@pytest.mark.parametrize("refused", ["-xack", "-xdel"])
+def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_for_a_while(tmp_path, refused):
+    """The terminal script stores, publishes, appends and acknowledges. Publishing after the acknowledgement (a
+    version of this session) lost the publication for good when Redis refused XACK or XDEL for a while: the script
+    stopped before it, and sent again it found its own event stored and published nothing. So for an id answered
+    from its stored result (a resubmission)."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="acker")
+    sub = redis.admin.pubsub()
+    try:
+        sub.subscribe(KEYS.out("fresh"))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        with running_worker(settings):
+            for rid in ("fresh", "fresh"):  # the second: a resubmission, answered from the stored result
+                redis.revoke([refused])
+                redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": rid, "prompt": "x",
+                                                                       "params": {"max_tokens": 3}})})
+                wait_for(lambda: _result(redis.admin, "fresh") is not None, 60, 0.1, "the result")
+                time.sleep(1.0)  # the acknowledgement refused, tried again
+                redis.revoke(None)
+                wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
+                terminals = []
+                while (m := sub.get_message(timeout=1.0)) is not None:
+                    if m["type"] == "message" and json.loads(m["data"])["type"] == "done":
+                        terminals.append(m["data"])
+                assert len(terminals) == 1, terminals
+    finally:
+        sub.close()
+        redis.close()
+
+
 def test_a_refused_cancel_has_no_effect():
     """Client.cancel under maxmemory: the mark is refused, so the caller gets the error and the worker hears
     nothing (the publish, which Redis would accept, must not go out alone and cancel the run anyway)."""

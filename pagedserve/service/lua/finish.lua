@@ -1,16 +1,16 @@
 #!lua
--- Store a request's terminal event, append it to the request's events stream, acknowledge and delete its stream
--- entries, and publish it.
+-- Store a request's terminal event, append it to the request's events stream, acknowledge its stream entries,
+-- publish the event, and delete the entries.
 -- One script, so Redis either runs all of it or refuses it up front (OOM, read-only replica: a script with a
 -- shebang and without the no-writes flag is checked before it starts). The SET comes first: if the ACL denies
 -- a later command, Redis stops there and keeps what ran before it, so the result is stored, never the other way
 -- round: the entry stays pending (XACK denied) or, with only XDEL denied, is acknowledged but left in the stream.
--- First writer wins (SET NX): a worker that lost a race publishes the stored event, never its own, and only while
--- an entry of its was still unacknowledged: a run whose entries the winner acknowledged (it took them over from
--- this worker, away meanwhile) was answered by the winner's publication, and one more would be a second `done`
--- on the channel for one answer.
--- The same event found stored is this very script sent again (its reply was lost to a broken connection or a
--- timeout, and the publisher repeats what it cannot know was applied): it was published then, not again now.
+-- First writer wins (SET NX): a worker that lost a race publishes the stored event, never its own.
+-- One publication per answer: the call that stores the event publishes it, and otherwise a call publishes the
+-- stored one only if its XACK acknowledged an entry. So this very script sent again (its reply lost to a broken
+-- connection or a timeout, and the publisher repeats what it cannot know was applied) publishes only if the first
+-- try stopped before publishing (an XACK refused for a while); and a run whose entries another worker took over
+-- and acknowledged while this one was away was answered by that worker's publication, not again now.
 -- The events stream expires with the result: a client reading it from its last entry finds the end there.
 -- Fenced by the id's claim: a worker that was away (paused, partitioned) while another worker took its run over
 -- stores nothing and acknowledges nothing, even when this script reaches Redis long after it was sent (bytes
@@ -33,9 +33,6 @@ if not stored then
   if type(event) == 'table' and event.err then
     return -1
   end
-  if event == ARGV[3] then
-    event = false
-  end
 end
 if stored then
   redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
@@ -47,12 +44,16 @@ local acked = 0
 for i = 6, #ARGV, 1000 do
   local last = math.min(i + 999, #ARGV)
   acked = acked + redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, i, last))
-  redis.call('XDEL', KEYS[2], unpack(ARGV, i, last))
 end
-if event and (stored or acked > 0) then
+-- Published once: by the call that stored the event, or by the first call whose XACK acknowledged an entry (one
+-- stopped at a refused XACK published nothing; one sent again after it got that far finds nothing to acknowledge).
+if stored or acked > 0 then
   redis.call('PUBLISH', ARGV[2], event)
 end
-if stored or not event then
+for i = 6, #ARGV, 1000 do
+  redis.call('XDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if stored or event == ARGV[3] then
   return 1
 end
 return 0
