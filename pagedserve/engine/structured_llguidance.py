@@ -719,6 +719,27 @@ def dangling_escape_pattern(schema: object) -> str | None:
     return None
 
 
+def _fixed_point(targets: dict[str, object], used_in: dict[str, list[str]], root: object,
+                 start: bool) -> dict[str, bool]:
+    """Whether each ref's target admits a value, judged from every ref admitting one (``start`` True: the greatest
+    fixed point) or none (False: the least) until no judgement changes. A ref is judged again only when a ref
+    inside its target changed: judging every ref until a whole round changed nothing took a round per link of a
+    chain of $defs (quadratic: 0.84 s for 1,000)."""
+    verdict = dict.fromkeys(targets, start)
+    todo = deque(sorted(targets))
+    queued = set(targets)
+    while todo:
+        ref = todo.popleft()
+        queued.discard(ref)
+        if verdict[ref] == start and _has_finite_value(targets[ref], root, verdict) != start:
+            verdict[ref] = not start
+            for user in used_in[ref]:
+                if verdict[user] == start and user not in queued:
+                    todo.append(user)
+                    queued.add(user)
+    return verdict
+
+
 def endless_schema(schema: object) -> str | None:
     """Why ``schema`` admits no value of finite size, or None: every value it allows must hold another of its
     own kind without end (a required property, or an item below ``minItems``, whose schema refers back to the
@@ -730,40 +751,16 @@ def endless_schema(schema: object) -> str | None:
     targets = {node["$ref"]: _pointer_target(node["$ref"], schema) for _, node in _schemas(schema)
                if isinstance(node.get("$ref"), str)}
     targets = {ref: target for ref, target in targets.items() if isinstance(target, (dict, bool))}
-    # A ref is judged again only when a ref inside its target is found finite: judging every ref until a whole
-    # round changed nothing took a round per link of a chain of $defs (quadratic: 0.84 s for 1,000).
-    used_in: dict[str, list[str]] = {ref: [] for ref in targets}
+    used_in: dict[str, list[str]] = {ref: [] for ref in targets}  # the refs whose targets hold each ref
     for ref, target in targets.items():
         for inner in {node.get("$ref") for _, node in _schemas(target)} & targets.keys():
             used_in[inner].append(ref)
-    finite_refs = dict.fromkeys(targets, False)
-    todo = deque(sorted(targets))
-    queued = set(targets)
-    while todo:
-        ref = todo.popleft()
-        queued.discard(ref)
-        if not finite_refs[ref] and _has_finite_value(targets[ref], schema, finite_refs):
-            finite_refs[ref] = True
-            for user in used_in[ref]:
-                if not finite_refs[user] and user not in queued:
-                    todo.append(user)
-                    queued.add(user)
+    finite_refs = _fixed_point(targets, used_in, schema, start=False)
     if _has_finite_value(schema, schema, finite_refs):
         return None
     # Endless: a ref that admits a value once values of endless size count (the greatest fixed point, each ref
     # starting as admitting one); the others admit nothing at all, recursion or not.
-    possible = dict.fromkeys(targets, True)
-    todo = deque(sorted(targets))
-    queued = set(targets)
-    while todo:
-        ref = todo.popleft()
-        queued.discard(ref)
-        if possible[ref] and not _has_finite_value(targets[ref], schema, possible):
-            possible[ref] = False
-            for user in used_in[ref]:
-                if possible[user] and user not in queued:
-                    todo.append(user)
-                    queued.add(user)
+    possible = _fixed_point(targets, used_in, schema, start=True)
     endless = sorted(ref for ref, finite in finite_refs.items() if not finite and possible[ref])
     if not endless:  # no recursion: something it needs can never be
         why = _impossible_need(schema, "", schema, finite_refs, set())
