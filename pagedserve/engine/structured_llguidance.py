@@ -61,7 +61,7 @@ import time
 from collections import deque
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote
 
 import torch
@@ -597,16 +597,35 @@ def _has_finite_value(node: object, root: object, finite_refs: dict[str, bool]) 
         if all(_has_finite_value(sub, root, finite_refs)
                for n in required if isinstance(n, str) for _, sub in _key_schemas(node, n)):
             return True
-    if "array" in types:
+    if "array" in types and all(_has_finite_value(sub, root, finite_refs) for _, sub in _ArrayNeeds.of(node).needed()):
+        return True
+    return False
+
+
+class _ArrayNeeds(NamedTuple):
+    """What an array schema's ``minItems`` items must match: the first of its ``prefix`` (``prefixItems``, or
+    draft-07's tuple ``items``), then ``rest`` (``additionalItems`` after a tuple, else ``items``) for the others."""
+
+    least: int
+    prefix_key: str
+    prefix: list
+    rest_key: str
+    rest: object
+
+    @classmethod
+    def of(cls, node: dict) -> _ArrayNeeds:
         least = node.get("minItems", 0)
         least = int(least) if isinstance(least, (int, float)) and not isinstance(least, bool) else 0
-        prefix = node.get("prefixItems", node.get("items") if isinstance(node.get("items"), list) else [])
-        prefix = prefix if isinstance(prefix, list) else []
-        rest = node.get("additionalItems", True) if isinstance(node.get("items"), list) else node.get("items", True)
-        needed = prefix[:least] + ([rest] if least > len(prefix) else [])
-        if all(_has_finite_value(n, root, finite_refs) for n in needed):
-            return True
-    return False
+        tuple_items = isinstance(node.get("items"), list)
+        prefix_key = "prefixItems" if "prefixItems" in node else "items"
+        prefix = node.get(prefix_key) if "prefixItems" in node or tuple_items else []
+        rest_key = "additionalItems" if tuple_items else "items"
+        return cls(least, prefix_key, prefix if isinstance(prefix, list) else [], rest_key, node.get(rest_key, True))
+
+    def needed(self) -> list[tuple[str, object]]:
+        """The schemas the first ``least`` items must match, each with its place under the array's schema."""
+        places = [(f"/{self.prefix_key}/{i}", sub) for i, sub in enumerate(self.prefix[:self.least])]
+        return places + ([(f"/{self.rest_key}", self.rest)] if self.least > len(self.prefix) else [])
 
 
 def _key_schemas(node: dict, name: str) -> list[tuple[str, object]]:
@@ -679,22 +698,13 @@ def _impossible_need(node: object, where: str, root: object, finite_refs: dict[s
             if why:
                 return why
     if "array" in types:
-        least = node.get("minItems", 0)
-        least = int(least) if isinstance(least, (int, float)) and not isinstance(least, bool) else 0
-        tuple_items = isinstance(node.get("items"), list)
-        prefix_key = "prefixItems" if "prefixItems" in node else "items"
-        prefix = node.get(prefix_key) if "prefixItems" in node or tuple_items else []
-        prefix = prefix if isinstance(prefix, list) else []
-        for i, sub in enumerate(prefix[:least]):
-            if why := need(sub, f"{where}/{prefix_key}/{i}"):
-                return why
-        rest_key = "additionalItems" if tuple_items else "items"
-        rest = node.get(rest_key, True)
-        if least > len(prefix):
-            if rest is False:
-                after = f"after the {len(prefix)} of its {prefix_key}" if prefix else "at all"
-                return f"{at} needs at least {least} items (minItems), and its {rest_key} is false: no item {after}"
-            if why := need(rest, f"{where}/{rest_key}"):
+        items = _ArrayNeeds.of(node)
+        for place, sub in items.needed():
+            if place == f"/{items.rest_key}" and sub is False:
+                after = f"after the {len(items.prefix)} of its {items.prefix_key}" if items.prefix else "at all"
+                return (f"{at} needs at least {items.least} items (minItems), and its {items.rest_key} is false: "
+                        f"no item {after}")
+            if why := need(sub, where + place):
                 return why
     return None
 

@@ -155,7 +155,8 @@ def _message_content(content: Any, where: str) -> str:
     if isinstance(content, list):  # content parts: only text parts can be run
         joined = joined_text_parts(content)
         if isinstance(joined, tuple):
-            raise LineError(f"{where}{joined[0]}: {joined[1]}")
+            index, key, why = joined
+            raise LineError(f"{where}[{index}]{'' if key is None else '.' + key}: {why}")
         return joined
     raise LineError(f"{where}: must be a string or a list of text parts")
 

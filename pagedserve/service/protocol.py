@@ -237,26 +237,26 @@ class ChatMessage(BaseModel):
             return value
         joined = joined_text_parts(value)
         if isinstance(joined, tuple):
-            where, why = joined
-            raise ValueError(f"part {where.removeprefix('[').replace(']', '', 1)}: {why}")
+            index, key, why = joined
+            raise ValueError(f"part {index}{'' if key is None else '.' + key}: {why}")
         return joined
 
 
 TEXT_PART = '{"type": "text", "text": ...}'
 
 
-def joined_text_parts(parts: list) -> str | tuple[str, str]:
+def joined_text_parts(parts: list) -> str | tuple[int, str | None, str]:
     """OpenAI's text content parts as one string, joined with newlines as vLLM's OpenAI server and ``LLM.chat``
-    join them; or, for the first part that is no text part, its place (``[i]``, or ``[i].key`` for a key beside a
-    text part's own) and why (a part carries ``type`` and ``text`` alone: a key beside them may ask for what the
-    text alone does not give, and is never dropped)."""
+    join them; or, for the first part that is no text part, its index, the key beside a text part's own that it
+    has (None: it is no text part at all) and why (a part carries ``type`` and ``text`` alone: a key beside them
+    may ask for what the text alone does not give, and is never dropped)."""
     texts = []
     for i, part in enumerate(parts):
         if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            return f"[{i}]", f"only text content parts ({TEXT_PART}) can run"
+            return i, None, f"only text content parts ({TEXT_PART}) can run"
         extra = sorted(set(part) - {"type", "text"}, key=str)
         if extra:
-            return f"[{i}].{extra[0]}", f"not supported: a text part ({TEXT_PART}) carries its text alone"
+            return i, str(extra[0]), f"not supported: a text part ({TEXT_PART}) carries its text alone"
         texts.append(part["text"])
     return "\n".join(texts)
 

@@ -22,6 +22,7 @@
 -- Returns 1 (stored, now or by this very script sent before), 0 (another run's event was stored first), -1: the
 -- result key holds a value of another type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
 -- another worker holds the id's claim (it runs the id now), so nothing is stored, published or acknowledged.
+--!include answer_entries
 local owner = redis.pcall('GET', KEYS[4])
 if type(owner) == 'string' and owner ~= ARGV[5] then
   return -2
@@ -38,21 +39,9 @@ if stored then
   redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
 end
--- In chunks: unpack() of more than a few thousand values fails ("too many results to unpack"), and an id
--- submitted that many times must still be acknowledged.
-local acked = 0
-for i = 6, #ARGV, 1000 do
-  local last = math.min(i + 999, #ARGV)
-  acked = acked + redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, i, last))
-end
 -- Published once: by the call that stored the event, or by the first call whose XACK acknowledged an entry (one
 -- stopped at a refused XACK published nothing; one sent again after it got that far finds nothing to acknowledge).
-if stored or acked > 0 then
-  redis.call('PUBLISH', ARGV[2], event)
-end
-for i = 6, #ARGV, 1000 do
-  redis.call('XDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
+answer_entries(KEYS[2], ARGV[1], ARGV, 6, ARGV[2], event, stored)
 if stored or event == ARGV[3] then
   return 1
 end

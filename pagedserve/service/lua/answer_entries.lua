@@ -1,0 +1,21 @@
+-- Acknowledge stream entries args[first..] of an answered id, publish its terminal event `event` on `channel` if
+-- `always` or if that acknowledged one, then delete them; returns how many it acknowledged. In that order, a call
+-- sent again after a refused XACK publishes once it gets past it, and after a refused XDEL does not publish again;
+-- an entry another worker acknowledged meanwhile (it took the entry over and answered it) was answered by that
+-- worker's publication, and one more would be a second terminal event on the channel for one answer. In chunks:
+-- unpack() of more than a few thousand values fails ("too many results to unpack"), and an id submitted that many
+-- times must still be acknowledged. Not a script of its own: scripts.source puts this text where a script says
+-- --!include answer_entries.
+local function answer_entries(key, group, args, first, channel, event, always)
+  local acked = 0
+  for i = first, #args, 1000 do
+    acked = acked + redis.call('XACK', key, group, unpack(args, i, math.min(i + 999, #args)))
+  end
+  if always or acked > 0 then
+    redis.call('PUBLISH', channel, event)
+  end
+  for i = first, #args, 1000 do
+    redis.call('XDEL', key, unpack(args, i, math.min(i + 999, #args)))
+  end
+  return acked
+end
