@@ -256,6 +256,15 @@ def paused(worker: WorkerProcess):
     return Pause()
 
 
+def take_the_blocked_read(admin: redis.Redis) -> None:
+    """A read the worker had blocked in when it was paused is answered by the first entry added: its reply waits
+    in the worker's socket, and on resuming the worker runs that request whatever Redis lost meanwhile (what a read
+    took is kept, never lost). A decoy added first takes that read."""
+    admin.xadd(KEYS.requests, {"body": json.dumps({"id": f"decoy-{uuid.uuid4().hex[:6]}", "prompt": "x",
+                                                   "params": {"max_tokens": 2}})})
+    time.sleep(0.3)
+
+
 @pytest.mark.slow
 def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
     """The probe: a worker is alive and idle, yet a wait on a request Redis lost in a restart said "no worker is
@@ -268,11 +277,7 @@ def test_a_request_lost_in_a_restart_without_persistence_is_named_gone(served):
     try:
         assert c.generate("warm", params={"max_tokens": 2}, timeout=60).outputs  # a live worker, a consumer
         with paused(worker):
-            # A read the worker had blocked in when it was paused is answered by the first entry added: its reply
-            # waits in the socket through the restart, and the worker runs that request (it is not lost). A
-            # decoy takes that read, so the three below are the ones Redis loses.
-            admin.xadd(KEYS.requests, {"body": json.dumps({"id": "decoy", "prompt": "x", "params": {"max_tokens": 2}})})
-            time.sleep(0.3)
+            take_the_blocked_read(admin)  # so the three below are the ones Redis loses
             timed = Waiting(lambda: c.generate("lost-1", id="lost-1", params={"max_tokens": 2}, timeout=12))
             picked = Waiting(lambda: patient.generate("lost-2", id="lost-2", params={"max_tokens": 2}, timeout=60,
                                                       pickup_timeout=4))
@@ -350,8 +355,9 @@ def test_a_request_whose_stream_was_evicted_is_named_gone(served):
     filler = f"filler-{uuid.uuid4().hex[:6]}"
     try:
         with paused(worker):
+            take_the_blocked_read(admin)  # so the request below is the one Redis evicts
             waiting = Waiting(lambda: c.generate("evicted", id="evicted", params={"max_tokens": 2}, timeout=10))
-            wait_for(lambda: queued(admin) == 1, 30, what="the request queued")
+            wait_for(lambda: queued(admin) == 2, 30, what="the request queued")
             admin.config_set("maxmemory-policy", "allkeys-lru")
             admin.config_set("maxmemory", str(admin.info("memory")["used_memory"] + 2_000_000))
             value = b"x" * 20_000
