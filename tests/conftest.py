@@ -5,7 +5,18 @@ from __future__ import annotations
 import os
 import signal
 
-import torch
+# This process's OpenMP runtime reads its wait policy once, when torch loads it: idle threads sleep at once, as the
+# CLI sets for the engine processes it starts (engine/cpu_threads.py). By default they spin first, and with four
+# test processes on two cores the spinning takes the time slices of the threads that hold work (a third of these
+# processes' CPU time, measured). The variables are taken back once torch has loaded, so the commands that tests
+# start see the environment the user gave.
+_SLEEPING_OPENMP = {name: value for name, value in {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}.items()
+                    if name not in os.environ}
+os.environ.update(_SLEEPING_OPENMP)
+import torch  # noqa: E402
+
+for _name in _SLEEPING_OPENMP:
+    del os.environ[_name]
 
 # Started in the background by a non-interactive shell (`make test &`, nohup), these processes inherit SIGINT
 # ignored, and every command a test starts would too (an ignored signal survives exec): the Ctrl-C tests need it
