@@ -148,12 +148,17 @@ def test_the_queue_gauges_show_a_backlog_while_reads_are_refused(tmp_path):
         redis.close()
 
 
-@pytest.mark.parametrize("refused", ["-xack", "-xdel"])
+def _terminals_in_events(r, rid: str) -> int:
+    return sum(json.loads(fields[b"data"])["type"] == "done" for _, fields in r.xrange(KEYS.events(rid)))
+
+
+@pytest.mark.parametrize("refused", ["-xack", "-xdel", "-xadd"])
 def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_for_a_while(tmp_path, refused):
     """The terminal script stores, publishes, appends and acknowledges. Publishing after the acknowledgement (a
     version of this session) lost the publication for good when Redis refused XACK or XDEL for a while: the script
     stopped before it, and sent again it found its own event stored and published nothing. So for an id answered
-    from its stored result (a resubmission)."""
+    from its stored result (a resubmission). And an XADD refused after the SET left the events stream without its
+    terminal event for good: sent again, the script found its event stored and appended nothing."""
     from service_fixtures import running_worker
 
     redis = PrivateRedis().start()
@@ -176,8 +181,32 @@ def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_
                     if m["type"] == "message" and json.loads(m["data"])["type"] == "done":
                         terminals.append(m["data"])
                 assert len(terminals) == 1, terminals
+                assert _terminals_in_events(redis.admin, "fresh") == 1
     finally:
         sub.close()
+        redis.close()
+
+
+def test_a_claim_whose_get_is_refused_waits_and_the_request_is_answered():
+    """An ACL refusing GET made the claim script take the refusal for a result key of another type: the request
+    was dead-lettered as ``foreign_key`` and never answered. A refused claim is waited out like any other."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="getter")
+    try:
+        with running_worker(settings):
+            redis.revoke(["-get"])
+            redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "innocent", "prompt": "x",
+                                                                   "params": {"max_tokens": 3}})})
+            time.sleep(3.0)  # read, its claim refused, tried again
+            redis.revoke(None)
+            wait_for(lambda: _result(redis.admin, "innocent") is not None, 60, 0.1, "the result")
+            assert _result(redis.admin, "innocent").type == "done"
+            assert redis.admin.xlen(KEYS.dead) == 0  # no dead letter
+            wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
+            assert _terminals_in_events(redis.admin, "innocent") == 1
+    finally:
         redis.close()
 
 

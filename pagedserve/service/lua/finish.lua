@@ -22,8 +22,17 @@
 -- Returns 1 (stored, now or by this very script sent before), 0 (another run's event was stored first), -1: the
 -- result key holds a value of another type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
 -- another worker holds the id's claim (it runs the id now), so nothing is stored, published or acknowledged.
+-- A GET the ACL refuses is raised as the refusal it is (the script is sent again), never read as another type.
+-- The terminal event is appended once: by the call that stores it, or by this very script sent again after Redis
+-- refused its XADD (its own event stored, yet not the stream's last entry).
 --!include answer_entries
+local function refused(reply)
+  return type(reply) == 'table' and reply.err and not string.find(reply.err, 'WRONGTYPE', 1, true)
+end
 local owner = redis.pcall('GET', KEYS[4])
+if refused(owner) then
+  return redis.error_reply(owner.err)
+end
 if type(owner) == 'string' and owner ~= ARGV[5] then
   return -2
 end
@@ -31,11 +40,19 @@ local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4])
 local event = ARGV[3]
 if not stored then
   event = redis.pcall('GET', KEYS[1])
+  if refused(event) then
+    return redis.error_reply(event.err)
+  end
   if type(event) == 'table' and event.err then
     return -1
   end
 end
-if stored then
+local append = stored
+if not stored and event == ARGV[3] then
+  local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  append = #last == 0 or last[1][2][2] ~= ARGV[3]
+end
+if append then
   redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
 end
