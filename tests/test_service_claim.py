@@ -223,7 +223,7 @@ def test_the_finish_script_acknowledges_thousands_of_entries_of_one_id(redis_url
         finish = r.register_script(source("finish"))
         done = json.dumps({"type": "done", "id": rid})
         assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-                      args=[keys.group, keys.out(rid), done, 60, "c:0", *entries]) == 1
+                      args=[keys.group, keys.out(rid), done, 60, "c:0", "0", *entries]) == 1
         assert r.xpending(keys.requests, keys.group)["pending"] == 0 and r.xlen(keys.requests) == 0
         assert r.get(keys.result(rid)) == done.encode()
     finally:
@@ -254,7 +254,7 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
         other = json.dumps({"type": "done", "id": rid, "metrics": {"e2e_ms": 9.5}})
         run = lambda event: finish(  # noqa: E731
             keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-            args=[keys.group, keys.out(rid), event, 60, "c:0", entry])
+            args=[keys.group, keys.out(rid), event, 60, "c:0", "0", entry])
         assert (run(mine), run(mine), run(other)) == (1, 1, 0)  # sent again: its own, stored; another's: not
         published = []
         while (m := sub.get_message(timeout=0.5)) is not None:
@@ -265,7 +265,7 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
         second = r.xadd(keys.requests, {"body": _body(rid, 4, 1)}).decode()
         r.xreadgroup(keys.group, "c", {keys.requests: ">"})
         assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-                      args=[keys.group, keys.out(rid), other, 60, "c:0", second]) == 0
+                      args=[keys.group, keys.out(rid), other, 60, "c:0", "0", second]) == 0
         published = []
         while (m := sub.get_message(timeout=0.5)) is not None:
             published.append(m["data"] if m["type"] == "message" else m)

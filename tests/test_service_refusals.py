@@ -152,13 +152,14 @@ def _terminals_in_events(r, rid: str) -> int:
     return sum(json.loads(fields[b"data"])["type"] == "done" for _, fields in r.xrange(KEYS.events(rid)))
 
 
-@pytest.mark.parametrize("refused", ["-xack", "-xdel", "-xadd"])
+@pytest.mark.parametrize("refused", ["-xack", "-xdel", "-xadd", "-publish"])
 def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_for_a_while(tmp_path, refused):
     """The terminal script stores, publishes, appends and acknowledges. Publishing after the acknowledgement (a
     version of this session) lost the publication for good when Redis refused XACK or XDEL for a while: the script
     stopped before it, and sent again it found its own event stored and published nothing. So for an id answered
     from its stored result (a resubmission). And an XADD refused after the SET left the events stream without its
-    terminal event for good: sent again, the script found its event stored and appended nothing."""
+    terminal event for good: sent again, the script found its event stored and appended nothing; a refused
+    PUBLISH, after the XACK, left the channel without it: sent again, the script acknowledged nothing."""
     from service_fixtures import running_worker
 
     redis = PrivateRedis().start()

@@ -19,7 +19,8 @@ request runs: ``Settings.running_events_ttl_ms``), so nothing is left behind whe
 lua/finish.lua appends the terminal event and sets the result's expiry.
 
 If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent (SET NX,
-XACK, XDEL; a terminal script finding its own event stored publishes nothing again; a dead letter is written only
+XACK, XDEL; a terminal script finding its own event stored publishes nothing again, unless its last try stopped at
+a refused PUBLISH, and appends it to the events stream only if it is not the last entry there; a dead letter is written only
 while its entry is pending; a token event appended twice has the same ``seq`` twice, which readers skip), except
 the PUBLISH of a token event, which is not repeated (pub/sub is at-most-once anyway), nor the re-publication of a
 stored result. Of a token event Redis refused in part (under ``maxmemory`` PUBLISH goes through and XADD does not),
@@ -67,6 +68,9 @@ class _Op:
     published: bool = False  # a token event's PUBLISH went out (or may have): never sent again
     appended: bool = False  # a token event's XADD was applied: not sent again
     expire: bool = False  # a token event that (re)sets its events key's expiry (until applied)
+    # A terminal or publish op whose last try stopped at a refused PUBLISH, after acknowledging its entries: the
+    # next try publishes though it acknowledges nothing (lua/answer_entries.lua).
+    unpublished: bool = False
     delay: float = 0.0  # an op failing on its own key's type: its own backoff (others are not held back)
     retry_at: float = 0.0
 
@@ -245,6 +249,8 @@ class Publisher(WorkerPart):
                     at += n
                     if errors and op.kind == "token":
                         op.took(mine)  # e.g. PUBLISH is allowed under maxmemory, XADD is not: retry only XADD
+                    if op.kind in ("terminal", "publish"):
+                        op.unpublished = bool(errors) and str(errors[0]).startswith("UNPUBLISHED")
                     if errors and _wrong_type(errors[0]):
                         given_up.append((op, errors[0]))
                         if op.kind != "token":  # a result or an ack is never dropped: retried on its own
@@ -369,13 +375,15 @@ class Publisher(WorkerPart):
                     pipe.publish(channel, payload)
             return len(commands)
         if op.kind == "publish":
-            self._scripts.evalsha(pipe, "answer_stored", [k.requests], [k.group, *op.args, *op.entry_ids])
+            self._scripts.evalsha(pipe, "answer_stored", [k.requests],
+                                  [k.group, *op.args, "1" if op.unpublished else "0", *op.entry_ids])
             return 1
         if op.kind == "terminal":
             rid = op.request_id
             self._scripts.evalsha(
                 pipe, "finish", [k.result(rid), k.requests, k.events(rid), k.running(rid)],
-                [k.group, k.out(rid), op.args[0], self.settings.result_ttl_s, self.claim_owner, *op.entry_ids],
+                [k.group, k.out(rid), op.args[0], self.settings.result_ttl_s, self.claim_owner,
+                 "1" if op.unpublished else "0", *op.entry_ids],
             )
             return 1
         if op.kind == "ack":

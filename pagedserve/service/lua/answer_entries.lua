@@ -4,15 +4,20 @@
 -- an entry another worker acknowledged meanwhile (it took the entry over and answered it) was answered by that
 -- worker's publication, and one more would be a second terminal event on the channel for one answer. In chunks:
 -- unpack() of more than a few thousand values fails ("too many results to unpack"), and an id submitted that many
--- times must still be acknowledged. Not a script of its own: scripts.source puts this text where a script says
--- --!include answer_entries.
+-- times must still be acknowledged. A refused PUBLISH stops the call with an error that starts UNPUBLISHED: the
+-- caller sends it again with `always` set, since what the refused call acknowledged cannot be acknowledged twice
+-- and would otherwise never be published. Not a script of its own: scripts.source puts this text where a script
+-- says --!include answer_entries.
 local function answer_entries(key, group, args, first, channel, event, always)
   local acked = 0
   for i = first, #args, 1000 do
     acked = acked + redis.call('XACK', key, group, unpack(args, i, math.min(i + 999, #args)))
   end
   if always or acked > 0 then
-    redis.call('PUBLISH', channel, event)
+    local sent = redis.pcall('PUBLISH', channel, event)
+    if type(sent) == 'table' and sent.err then
+      return redis.error_reply('UNPUBLISHED ' .. sent.err)
+    end
   end
   for i = first, #args, 1000 do
     redis.call('XDEL', key, unpack(args, i, math.min(i + 999, #args)))

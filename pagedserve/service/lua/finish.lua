@@ -18,7 +18,8 @@
 -- does not hold it back: nobody else runs the id then, and a worker that takes it later finds this result.
 -- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream, KEYS[4] the id's claim
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
--- ARGV[5] this worker's claim owner, ARGV[6..] the request's stream entry ids
+-- ARGV[5] this worker's claim owner, ARGV[6] '1' to publish even if nothing is acknowledged now (this script sent
+-- again after its PUBLISH was refused: answer_entries.lua), ARGV[7..] the request's stream entry ids
 -- Returns 1 (stored, now or by this very script sent before), 0 (another run's event was stored first), -1: the
 -- result key holds a value of another type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
 -- another worker holds the id's claim (it runs the id now), so nothing is stored, published or acknowledged.
@@ -58,7 +59,10 @@ if append then
 end
 -- Published once: by the call that stored the event, or by the first call whose XACK acknowledged an entry (one
 -- stopped at a refused XACK published nothing; one sent again after it got that far finds nothing to acknowledge).
-answer_entries(KEYS[2], ARGV[1], ARGV, 6, ARGV[2], event, stored)
+local acked = answer_entries(KEYS[2], ARGV[1], ARGV, 7, ARGV[2], event, stored or ARGV[6] == '1')
+if type(acked) == 'table' then
+  return acked  -- the refused PUBLISH's error
+end
 if stored or event == ARGV[3] then
   return 1
 end
