@@ -188,6 +188,37 @@ def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_
         redis.close()
 
 
+def test_an_id_sent_again_while_its_answer_is_refused_is_not_run_again():
+    """A run ended and Redis refused to store its answer for a while; the id came again meanwhile (another body).
+    The claim was still this worker's, so claiming it again succeeded and the id ran a second time, appending its
+    tokens after the stored ``done``. The second entry is answered with the first run's answer instead."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="refused-store")
+    body = lambda n: json.dumps({"id": "again", "prompt": "x", "params": {"max_tokens": n,  # noqa: E731
+                                                                              "ignore_eos": True}})
+    try:
+        with running_worker(settings) as w:
+            redis.admin.xadd(KEYS.requests, {"body": body(40)})
+            wait_for(lambda: redis.admin.exists(KEYS.events("again")), 60, 0.02, "the run under way")
+            redis.revoke(["-set"])
+            wait_for(lambda: "again" not in w.running.table, 60, 0.02, "the run ended, its answer refused")
+            redis.admin.xadd(KEYS.requests, {"body": body(100)})
+            time.sleep(2.0)  # read and decided while the answer is still refused
+            redis.revoke(None)
+            wait_for(lambda: _result(redis.admin, "again") is not None, 60, 0.1, "the result")
+            wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "both entries acknowledged")
+            time.sleep(0.5)  # a second run's tokens would be flushed by now
+            events = [json.loads(f[b"data"]) for _, f in redis.admin.xrange(KEYS.events("again"))]
+            assert [e["type"] for e in events].count("done") == 1
+            assert events[-1]["type"] == "done", f"{len(events) - 1 - [e['type'] for e in events].index('done')} " \
+                                                 "events after the stored done"
+            assert redis.admin.xlen(KEYS.requests) == 0
+    finally:
+        redis.close()
+
+
 def test_a_claim_whose_get_is_refused_waits_and_the_request_is_answered():
     """An ACL refusing GET made the claim script take the refusal for a result key of another type: the request
     was dead-lettered as ``foreign_key`` and never answered. A refused claim is waited out like any other."""

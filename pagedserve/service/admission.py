@@ -469,10 +469,12 @@ class Admission(WorkerPart):
                            trace_id=self._trace_id(fields, entry_id))
 
     def _attach(self, rid: str, entry_id: str) -> bool:
-        """A second entry of an id that runs or waits here: it is acknowledged with the first (never run twice)."""
+        """A second entry of an id that runs or waits here, or whose run ended here with its answer not stored yet
+        (Redis refuses it for now; the claim is still this worker's, so claiming again would run the id twice): it
+        is acknowledged with the first."""
         holder = self._holder(rid)
         if holder is None:
-            return False
+            return self.outcomes.publisher.join_answer(rid, entry_id)
         holder.entry_ids.append(entry_id)  # EntryIds: a redelivered entry is not added twice
         return True
 

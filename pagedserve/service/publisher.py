@@ -166,6 +166,16 @@ class Publisher(WorkerPart):
         self._expiry_set.pop(request_id, None)
         self._ops.append(_Op("terminal", request_id, (payload,), tuple(entry_ids), callback))
 
+    def join_answer(self, request_id: str, entry_id: str) -> bool:
+        """An entry of an id whose run ended here and whose terminal event is still buffered (Redis refused it so
+        far): it is acknowledged with that answer, in the same script, never run again. False if none is buffered."""
+        for op in self._later + self._ops:
+            if op.kind == "terminal" and op.request_id == request_id:
+                if entry_id not in op.entry_ids:
+                    op.entry_ids += (entry_id,)
+                return True
+        return False
+
     def answer_stored(self, request_id: str, payload: bytes, entry_ids: list[str]) -> None:
         """Ack + delete entries of an id answered already, publishing its stored terminal event ``payload`` again
         if one of them was unacknowledged (lua/answer_stored.lua: a resubmission, not a stale delivery)."""
