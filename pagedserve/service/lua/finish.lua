@@ -48,14 +48,23 @@ if not stored then
     return -1
   end
 end
+-- An events key of another type is no worker's: nothing is appended to it, and it keeps its own expiry.
 local append = stored
 if not stored and event == ARGV[3] then
-  local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-  append = #last == 0 or last[1][2][2] ~= ARGV[3]
+  local last = redis.pcall('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  if refused(last) then
+    return redis.error_reply(last.err)
+  end
+  append = not last.err and (#last == 0 or last[1][2][2] ~= ARGV[3])
 end
 if append then
-  redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
+  local added = redis.pcall('XADD', KEYS[3], '*', 'data', ARGV[3])
+  if refused(added) then
+    return redis.error_reply(added.err)
+  end
+  if not added.err then
+    redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
+  end
 end
 -- Published once: by the call that stored the event, or by the first call whose XACK acknowledged an entry (one
 -- stopped at a refused XACK published nothing; one sent again after it got that far finds nothing to acknowledge).
