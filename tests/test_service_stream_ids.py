@@ -317,7 +317,8 @@ def test_a_far_future_entry_is_dropped_only_when_another_worker_holds_its_id_not
     dead: list = []
     adm.running = SimpleNamespace(table={})
     adm.claims = Claims(adm.ctx, r)
-    adm.outcomes = SimpleNamespace(dead=lambda entry_id, *a, **kw: dead.append(entry_id))
+    adm.outcomes = SimpleNamespace(dead=lambda entry_id, *a, **kw: dead.append(entry_id),
+                                   publisher=SimpleNamespace(join_answer=lambda rid, entry_id: False))
 
     def refused(rid):
         return Refused(InvalidRequestError(rid, "invalid_request", "entry ID far in the future", {}), future=True)
