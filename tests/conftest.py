@@ -10,8 +10,9 @@ import signal
 # test processes on two cores the spinning takes the time slices of the threads that hold work (a third of these
 # processes' CPU time, measured). The variables are taken back once torch has loaded, so the commands that tests
 # start see the environment the user gave.
-_SLEEPING_OPENMP = {name: value for name, value in {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}.items()
-                    if name not in os.environ}
+from pagedserve.engine.cpu_threads import SLEEP_WHEN_IDLE  # noqa: E402 (imports no torch)
+
+_SLEEPING_OPENMP = {name: value for name, value in SLEEP_WHEN_IDLE.items() if name not in os.environ}
 os.environ.update(_SLEEPING_OPENMP)
 import torch  # noqa: E402
 

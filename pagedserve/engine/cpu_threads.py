@@ -53,6 +53,10 @@ OPENMP_SYNTAX = {
 }
 
 
+# What makes an idle OpenMP thread sleep at once (libgomp reads the OMP_/GOMP_ ones, Intel's the KMP_ one).
+SLEEP_WHEN_IDLE = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+
+
 @dataclass(frozen=True)
 class CPUThreadPlan:
     """``cpus``: the CPUs to pin to, one thread each in order (None: no pinning)."""
@@ -63,8 +67,7 @@ class CPUThreadPlan:
     def openmp_environment(self) -> dict[str, str]:
         """The settings that realize this plan (libgomp reads the OMP_/GOMP_ ones, Intel's the KMP_ one, the C++
         kernels' threads ``PAGEDSERVE_CPU_SPIN_US``)."""
-        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0",
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads), **SLEEP_WHEN_IDLE,
                ENV_SPIN: "0"}
         if self.cpus is not None:
             env["OMP_PROC_BIND"] = "close"

@@ -474,7 +474,9 @@ class Admission(WorkerPart):
         is acknowledged with the first."""
         holder = self._holder(rid)
         if holder is None:
-            return self.outcomes.publisher.join_answer(rid, entry_id)
+            # The claim is held until the answer is stored: only then can one be buffered (the look goes through
+            # the publisher's whole buffer, which grows while Redis refuses writes).
+            return self.claims.holds(rid) and self.outcomes.publisher.join_answer(rid, entry_id)
         holder.entry_ids.append(entry_id)  # EntryIds: a redelivered entry is not added twice
         return True
 

@@ -112,6 +112,11 @@ class Claims(WorkerPart):
             return kind, reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         return "held", None
 
+    def holds(self, request_id: str) -> bool:
+        """Whether this worker holds ``request_id``'s claim: it runs the id, or its answer is not stored yet."""
+        with self._lock:
+            return request_id in self._held
+
     def release(self, request_id: str) -> None:
         """Done with ``request_id`` (its result is stored, or it was given up): the claim goes on the next tick."""
         with self._lock:

@@ -9,21 +9,22 @@
 -- answers the id instead of waiting on it for ever. Any other error of GET (the ACL denies it) is a refusal and
 -- is raised as one: the caller waits as for any refused claim, where taking it for another type would
 -- dead-letter a request that has done nothing wrong.
+--!include refusal
 local stored = redis.pcall('GET', KEYS[1])
+if refused(stored) then
+  return redis.error_reply(stored.err)
+end
 if type(stored) == 'table' and stored.err then
-  if not string.find(stored.err, 'WRONGTYPE', 1, true) then
-    return redis.error_reply(stored.err)
-  end
   return {'foreign', KEYS[1]}
 end
 if stored then
   return {'result', stored}
 end
 local owner = redis.pcall('GET', KEYS[2])
+if refused(owner) then
+  return redis.error_reply(owner.err)
+end
 if type(owner) == 'table' and owner.err then
-  if not string.find(owner.err, 'WRONGTYPE', 1, true) then
-    return redis.error_reply(owner.err)
-  end
   return {'foreign', KEYS[2]}
 end
 -- A claim without a TTL is no worker's (workers always set one) and would never lapse: it is taken over like a

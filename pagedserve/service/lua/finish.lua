@@ -27,9 +27,7 @@
 -- The terminal event is appended once: by the call that stores it, or by this very script sent again after Redis
 -- refused its XADD (its own event stored, yet not the stream's last entry).
 --!include answer_entries
-local function refused(reply)
-  return type(reply) == 'table' and reply.err and not string.find(reply.err, 'WRONGTYPE', 1, true)
-end
+--!include refusal
 local owner = redis.pcall('GET', KEYS[4])
 if refused(owner) then
   return redis.error_reply(owner.err)
