@@ -106,7 +106,7 @@ def test_producer_batches_run_once_a_worker_has_connected_and_a_workers_script_w
         finish = admin.script_load(source("finish"))  # the worker loaded it for its results; again is a no-op
         with pytest.raises(redis.exceptions.ResponseError, match="NOPERM|no permissions"):
             producer.evalsha(finish, 4, keys.result("x"), keys.requests, keys.events("x"), keys.running("x"), "g",
-                             keys.out("x"), '{"type": "done"}', 60, "owner", "0", "0-1")
+                             keys.out("x"), '{"type": "done"}', 60, "owner", "0", "0", "0-1")
         dead_letter = admin.script_load(source("dead_letter"))
         with pytest.raises(redis.exceptions.ResponseError, match="NOPERM|no permissions"):
             producer.evalsha(dead_letter, 2, keys.dead, keys.requests, "g", 100, "0-1", "reason", "junk")

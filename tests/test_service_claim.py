@@ -223,7 +223,7 @@ def test_the_finish_script_acknowledges_thousands_of_entries_of_one_id(redis_url
         finish = r.register_script(source("finish"))
         done = json.dumps({"type": "done", "id": rid})
         assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-                      args=[keys.group, keys.out(rid), done, 60, "c:0", "0", *entries]) == 1
+                      args=[keys.group, keys.out(rid), done, 60, "c:0", "0", "0", *entries]) == 1
         assert r.xpending(keys.requests, keys.group)["pending"] == 0 and r.xlen(keys.requests) == 0
         assert r.get(keys.result(rid)) == done.encode()
     finally:
@@ -254,7 +254,7 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
         other = json.dumps({"type": "done", "id": rid, "metrics": {"e2e_ms": 9.5}})
         run = lambda event: finish(  # noqa: E731
             keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-            args=[keys.group, keys.out(rid), event, 60, "c:0", "0", entry])
+            args=[keys.group, keys.out(rid), event, 60, "c:0", "0", "0", entry])
         assert (run(mine), run(mine), run(other)) == (1, 1, 0)  # sent again: its own, stored; another's: not
         published = []
         while (m := sub.get_message(timeout=0.5)) is not None:
@@ -265,7 +265,7 @@ def test_the_finish_script_sent_again_publishes_its_event_once(redis_url, prefix
         second = r.xadd(keys.requests, {"body": _body(rid, 4, 1)}).decode()
         r.xreadgroup(keys.group, "c", {keys.requests: ">"})
         assert finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-                      args=[keys.group, keys.out(rid), other, 60, "c:0", "0", second]) == 0
+                      args=[keys.group, keys.out(rid), other, 60, "c:0", "0", "0", second]) == 0
         published = []
         while (m := sub.get_message(timeout=0.5)) is not None:
             published.append(m["data"] if m["type"] == "message" else m)
@@ -373,7 +373,8 @@ def test_entries_waiting_for_another_workers_run_take_room(redis_url, prefix, sh
 def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, prefix):
     """The publisher sends a flush again when its replies never came (a socket timeout, a broken connection),
     not knowing what Redis applied. A busy Redis applies a flush only after the worker's socket timed out: the terminal script and the re-publication of a stored result (a redelivered id) were applied, and the
-    flush sent again published both a second time."""
+    flush sent again published both a second time. And its token event, appended again after the stored end,
+    made the terminal script sent again append that end a second time."""
     from pagedserve.service.connection import redis_client
     from pagedserve.service.context import WorkerContext
     from pagedserve.service.metrics import WorkerMetrics
@@ -396,6 +397,7 @@ def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, 
         admin.xreadgroup(keys.group, "c", {keys.requests: ">"})
         earlier = json.dumps({"type": "done", "id": "redelivered"}).encode()
         admin.set(keys.result("redelivered"), earlier)
+        publisher.token("finished", json.dumps({"type": "token", "id": "finished", "seq": 0}).encode(), 100)
         publisher.terminal("finished", json.dumps({"type": "done", "id": "finished"}).encode(), [finished])
         publisher.answer_stored("redelivered", earlier, [redelivered])
 
@@ -416,9 +418,11 @@ def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, 
 
         published = collections.Counter()
         while (m := sub.get_message(timeout=0.5)) is not None:
-            published[m["channel"].decode().rsplit(":", 1)[-1]] += 1
-        assert published == {"finished": 1, "redelivered": 1}, published
-        assert admin.xlen(keys.events("finished")) == 1
+            published[m["channel"].decode().rsplit(":", 1)[-1], json.loads(m["data"])["type"]] += 1
+        assert published == {("finished", "token"): 1, ("finished", "done"): 1, ("redelivered", "done"): 1}, \
+            published
+        appended = [json.loads(f[b"data"])["type"] for _, f in admin.xrange(keys.events("finished"))]
+        assert appended.count("done") == 1, appended
     finally:
         sub.close()
         worker_side.close()

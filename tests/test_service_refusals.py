@@ -188,6 +188,75 @@ def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_
         redis.close()
 
 
+@pytest.mark.parametrize("between", ["script_flush", "maxmemory"])
+def test_a_refused_publication_is_made_once_redis_takes_it_after_other_failures(between):
+    """A terminal event whose PUBLISH was refused (its entry acknowledged) is published when the script is sent
+    again. Only its last try was remembered: when another failure came between (Redis lost its scripts, or
+    refused the script under maxmemory), the next try published nothing, and a listener on the channel never
+    heard the end."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="republisher")
+    sub = redis.admin.pubsub()
+    try:
+        sub.subscribe(KEYS.out("heard"))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        with running_worker(settings):
+            redis.revoke(["-publish"])
+            redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "heard", "prompt": "x",
+                                                                   "params": {"max_tokens": 3}})})
+            wait_for(lambda: _result(redis.admin, "heard") is not None, 60, 0.1, "the result")
+            wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
+            time.sleep(0.5)  # the PUBLISH refused at least once more
+            if between == "script_flush":
+                redis.admin.script_flush()
+            else:
+                redis.refuse_memory(True)
+            redis.revoke(None)
+            time.sleep(1.5)  # a try or more fails on its own (NOSCRIPT, OOM)
+            redis.refuse_memory(False)
+            terminals = []
+            until = time.monotonic() + 15
+            while time.monotonic() < until and not terminals:
+                m = sub.get_message(timeout=0.5)
+                if m is not None and m["type"] == "message" and json.loads(m["data"])["type"] == "done":
+                    terminals.append(m["data"])
+            while (m := sub.get_message(timeout=1.0)) is not None:
+                if m["type"] == "message" and json.loads(m["data"])["type"] == "done":
+                    terminals.append(m["data"])
+            assert len(terminals) == 1, terminals
+            assert _terminals_in_events(redis.admin, "heard") == 1
+    finally:
+        sub.close()
+        redis.close()
+
+
+def test_a_renewal_whose_get_is_refused_keeps_the_claims():
+    """The claim renewal read a GET the ACL refused as a claim of another type, lost: the worker gave up a run
+    whose claim was still its own (and started it again). A refused renewal is tried again instead."""
+    import redis as redis_py
+
+    from pagedserve.service.scripts import source
+
+    redis = PrivateRedis().start()
+    try:
+        worker = redis_py.Redis.from_url(redis.worker_url())
+        renew = worker.register_script(source("claim_renew"))
+        key, result = KEYS.running("held"), KEYS.result("held")
+        redis.admin.set(key, "me:1", px=60_000)
+        assert renew(keys=[key, result], args=["me:1", 60_000, 1, 0]) == []
+        redis.revoke(["-get"])
+        with pytest.raises(redis_py.ResponseError, match="permission|NOPERM|can't run"):
+            renew(keys=[key, result], args=["me:1", 60_000, 1, 0])
+        redis.revoke(None)
+        assert renew(keys=[key, result], args=["me:1", 60_000, 1, 0]) == []
+        assert redis.admin.get(key) == b"me:1"
+        worker.close()
+    finally:
+        redis.close()
+
+
 def test_an_id_sent_again_while_its_answer_is_refused_is_not_run_again():
     """A run ended and Redis refused to store its answer for a while; the id came again meanwhile (another body).
     The claim was still this worker's, so claiming it again succeeded and the id ran a second time, appending its

@@ -96,7 +96,7 @@ def test_finish_stores_only_under_its_own_claim_or_none(tmp_path):
         def run(rid: str) -> int:
             event = json.dumps({"type": "done", "id": rid})
             return finish(keys=[keys.result(rid), keys.requests, keys.events(rid), keys.running(rid)],
-                          args=[keys.group, keys.out(rid), event, 60, "me:1", "0", entries[rid]])
+                          args=[keys.group, keys.out(rid), event, 60, "me:1", "0", "0", entries[rid]])
 
         assert [run("a"), run("b"), run("c")] == [-2, 1, 1]
         assert not r.exists(keys.result("a"), keys.events("a"))

@@ -19,8 +19,8 @@ request runs: ``Settings.running_events_ttl_ms``), so nothing is left behind whe
 lua/finish.lua appends the terminal event and sets the result's expiry.
 
 If the connection breaks during a flush, the rest is sent again when Redis is back: every op is idempotent (SET NX,
-XACK, XDEL; a terminal script finding its own event stored publishes nothing again, unless its last try stopped at
-a refused PUBLISH, and appends it to the events stream only if it is not the last entry there; a dead letter is written only
+XACK, XDEL; a terminal script finding its own event stored publishes nothing again, unless a try of it stopped at
+a refused PUBLISH, and appends it to the events stream again only if a try stopped at a refused XADD; a dead letter is written only
 while its entry is pending; a token event appended twice has the same ``seq`` twice, which readers skip), except
 the PUBLISH of a token event, which is not repeated (pub/sub is at-most-once anyway), nor the re-publication of a
 stored result. Of a token event Redis refused in part (under ``maxmemory`` PUBLISH goes through and XADD does not),
@@ -68,9 +68,13 @@ class _Op:
     published: bool = False  # a token event's PUBLISH went out (or may have): never sent again
     appended: bool = False  # a token event's XADD was applied: not sent again
     expire: bool = False  # a token event that (re)sets its events key's expiry (until applied)
-    # A terminal or publish op whose last try stopped at a refused PUBLISH, after acknowledging its entries: the
-    # next try publishes though it acknowledges nothing (lua/answer_entries.lua).
+    # A terminal or publish op one of whose tries stopped at a refused PUBLISH, after acknowledging its entries:
+    # every later try publishes though it acknowledges nothing (lua/answer_entries.lua), whatever else stopped the
+    # tries between (NOSCRIPT, OOM, another refusal), until one is applied.
     unpublished: bool = False
+    # A terminal op one of whose tries stopped at a refused XADD, after storing its event: a later try appends it
+    # to the events stream (lua/finish.lua), which a try finding its own event stored does not do otherwise.
+    unappended: bool = False
     delay: float = 0.0  # an op failing on its own key's type: its own backoff (others are not held back)
     retry_at: float = 0.0
 
@@ -245,8 +249,10 @@ class Publisher(WorkerPart):
                     # Unknown how much was applied: keep it all (every op is safe to repeat), but publish no
                     # token event twice (pub/sub is at most once; a client reads the stored result anyway). A
                     # Ctrl-C too: the shutdown's flush sends the batch again, and Redis may have it already.
+                    # So for a terminal event whose PUBLISH was refused before: this try may have published it.
                     for op in batch:
                         op.published = True
+                        op.unpublished = False
                     kept.extend(batch)
                     i += len(batch)
                     raise
@@ -259,8 +265,9 @@ class Publisher(WorkerPart):
                     at += n
                     if errors and op.kind == "token":
                         op.took(mine)  # e.g. PUBLISH is allowed under maxmemory, XADD is not: retry only XADD
-                    if op.kind in ("terminal", "publish"):
-                        op.unpublished = bool(errors) and str(errors[0]).startswith("UNPUBLISHED")
+                    if errors and op.kind in ("terminal", "publish"):
+                        op.unpublished = op.unpublished or str(errors[0]).startswith("UNPUBLISHED")
+                        op.unappended = op.unappended or str(errors[0]).startswith("UNAPPENDED")
                     if errors and _wrong_type(errors[0]):
                         given_up.append((op, errors[0]))
                         if op.kind != "token":  # a result or an ack is never dropped: retried on its own
@@ -393,7 +400,7 @@ class Publisher(WorkerPart):
             self._scripts.evalsha(
                 pipe, "finish", [k.result(rid), k.requests, k.events(rid), k.running(rid)],
                 [k.group, k.out(rid), op.args[0], self.settings.result_ttl_s, self.claim_owner,
-                 "1" if op.unpublished else "0", *op.entry_ids],
+                 "1" if op.unpublished else "0", "1" if op.unappended else "0", *op.entry_ids],
             )
             return 1
         if op.kind == "ack":

@@ -10,10 +10,13 @@
 -- the id has a result: then another worker ran it while this one was away and answered it.
 -- A key holding a value of another type (no worker's) is lost to a renewal and left alone by a release: one
 -- such key must not fail the whole call, and with it every other claim's renewal.
+-- A GET the ACL refuses fails the whole call (the renewal is tried again), never read as a lost claim: the
+-- worker would give up runs whose claims are still its own.
 -- Returns the 1-based indexes of the renewed keys this worker must stop running.
 -- The counts are checked against the keys first: EVALSHA of any loaded script is open to producers (their ACL
 -- allows it for their own keys, and a call without keys has none to check), and a loop bound taken from the
 -- arguments alone would keep Redis busy, answering BUSY to every client, for as long as a caller asked.
+--!include refusal
 local lost = {}
 local renew, release = tonumber(ARGV[3]), tonumber(ARGV[4])
 if not renew or not release or renew < 0 or release < 0 or #KEYS ~= 2 * renew + release then
@@ -22,6 +25,9 @@ end
 for i = 1, renew + release do
   local key = KEYS[i]
   local cur = redis.pcall('GET', key)
+  if refused(cur) then
+    return redis.error_reply(cur.err)
+  end
   if type(cur) == 'table' and cur.err then
     if i <= renew then
       table.insert(lost, i)

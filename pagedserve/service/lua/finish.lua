@@ -19,13 +19,16 @@
 -- KEYS[1] result key, KEYS[2] request stream, KEYS[3] the request's events stream, KEYS[4] the id's claim
 -- ARGV[1] consumer group, ARGV[2] event channel, ARGV[3] terminal event, ARGV[4] result TTL (s),
 -- ARGV[5] this worker's claim owner, ARGV[6] '1' to publish even if nothing is acknowledged now (this script sent
--- again after its PUBLISH was refused: answer_entries.lua), ARGV[7..] the request's stream entry ids
+-- again after its PUBLISH was refused: answer_entries.lua), ARGV[7] '1' when this script was sent again after its
+-- XADD was refused (an error that starts UNAPPENDED), ARGV[8..] the request's stream entry ids
 -- Returns 1 (stored, now or by this very script sent before), 0 (another run's event was stored first), -1: the
 -- result key holds a value of another type (no worker's), so nothing is stored or acknowledged; the caller dead-letters the entries instead; or -2:
 -- another worker holds the id's claim (it runs the id now), so nothing is stored, published or acknowledged.
 -- A GET the ACL refuses is raised as the refusal it is (the script is sent again), never read as another type.
 -- The terminal event is appended once: by the call that stores it, or by this very script sent again after Redis
--- refused its XADD (its own event stored, yet not the stream's last entry).
+-- refused its XADD (ARGV[7]; its own event stored, yet not the stream's last entry). Only then: a flush whose
+-- reply was lost is sent again whole, and its token events land after the stored end, which is no reason to
+-- append that end a second time.
 --!include answer_entries
 --!include refusal
 local owner = redis.pcall('GET', KEYS[4])
@@ -48,7 +51,7 @@ if not stored then
 end
 -- An events key of another type is no worker's: nothing is appended to it, and it keeps its own expiry.
 local append = stored
-if not stored and event == ARGV[3] then
+if not stored and event == ARGV[3] and ARGV[7] == '1' then
   local last = redis.pcall('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
   if refused(last) then
     return redis.error_reply(last.err)
@@ -58,7 +61,7 @@ end
 if append then
   local added = redis.pcall('XADD', KEYS[3], '*', 'data', ARGV[3])
   if refused(added) then
-    return redis.error_reply(added.err)
+    return redis.error_reply('UNAPPENDED ' .. added.err)
   end
   if not added.err then
     redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 1000)
@@ -66,7 +69,7 @@ if append then
 end
 -- Published once: by the call that stored the event, or by the first call whose XACK acknowledged an entry (one
 -- stopped at a refused XACK published nothing; one sent again after it got that far finds nothing to acknowledge).
-local acked = answer_entries(KEYS[2], ARGV[1], ARGV, 7, ARGV[2], event, stored or ARGV[6] == '1')
+local acked = answer_entries(KEYS[2], ARGV[1], ARGV, 8, ARGV[2], event, stored or ARGV[6] == '1')
 if type(acked) == 'table' then
   return acked  -- the refused PUBLISH's error
 end
