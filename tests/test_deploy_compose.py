@@ -61,6 +61,13 @@ def test_two_gpu_overlay_pins_one_gpu_per_worker():
         (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert dev["device_ids"] == [gpu] and "count" not in dev
     assert services["worker-gpu1"]["environment"]["PAGEDSERVE_REDIS_URL"] == "redis://redis:6379/0"
+    # Two GPUs per worker asked in the environment: each worker here still has one, so it runs one rank (two
+    # ranks on one visible GPU refuse to start).
+    services = _config(extra=(overlay,), PAGEDSERVE_GPUS_PER_WORKER="2", PAGEDSERVE_TENSOR_PARALLEL_SIZE="2")
+    for name in ("worker", "worker-gpu1"):
+        assert services[name]["environment"]["PAGEDSERVE_TENSOR_PARALLEL_SIZE"] == "1", name
+        (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(dev["device_ids"]) == 1
 
 
 @needs_compose

@@ -333,11 +333,36 @@ def test_tensor_parallel_size_sets_the_engine_and_the_gpu_limit():
     docs = render({"engine": {"tensorParallelSize": 4}})
     assert worker_container(docs)["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert one(docs, "ConfigMap")["data"]["PAGEDSERVE_TENSOR_PARALLEL_SIZE"] == "4"
-    # gpu.count above the ranks stays as asked
-    assert worker_container(render({"engine": {"tensorParallelSize": 2}, "gpu": {"count": 4}}))[
+    assert worker_container(render({"engine": {"tensorParallelSize": 4}, "gpu": {"count": 4}}))[
         "resources"]["limits"]["nvidia.com/gpu"] == 4
     # and the install notes say what the pods ask for
     assert "Each worker requests 4 x nvidia.com/gpu" in notes({"engine": {"tensorParallelSize": 4}})
+
+
+@pytest.mark.parametrize(("count", "ranks", "idle"), [(2, None, 1), (4, 2, 2)])
+def test_a_gpu_count_above_the_ranks_is_refused(count, ranks, idle):
+    """The pod asked for gpu.count GPUs while the engine ran engine.tensorParallelSize ranks, one GPU each: the
+    GPUs past the ranks were reserved and never used, without a word."""
+    values = {"gpu": {"count": count}, **({"engine": {"tensorParallelSize": ranks}} if ranks else {})}
+    render_fails(values, f"gpu.count: {count} GPUs", f"{idle} would sit idle",
+                 f"engine.tensorParallelSize: {count}")
+    render({**values, "gpu": {"count": count, "enabled": False}, "engine": {"device": "cpu"}})  # no GPUs asked
+
+
+def test_decimals_given_with_set_are_taken():
+    """``helm install --set engine.gpuMemoryUtilization=0.85`` gives the chart a string (--set types only
+    integers and booleans): the schema wanted a number and refused the usual vLLM-style override."""
+    docs = render({"engine": {"gpuMemoryUtilization": "0.85", "swapSpaceGb": "0.5"}, "worker": {"stallTimeoutS": "2.5"}})
+    data = one(docs, "ConfigMap")["data"]
+    assert (data["PAGEDSERVE_GPU_MEMORY_UTILIZATION"], data["PAGEDSERVE_SWAP_SPACE_GB"],
+            data["PAGEDSERVE_STALL_TIMEOUT_S"]) == ("0.85", "0.5", "2.5")
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema({"engine": {"gpuMemoryUtilization": "1.0", "swapSpaceGb": "4"}})
+        for bad in ({"engine": {"gpuMemoryUtilization": "1.5"}}, {"engine": {"gpuMemoryUtilization": "0"}},
+                    {"engine": {"gpuMemoryUtilization": "most"}}, {"engine": {"swapSpaceGb": "-1"}},
+                    {"worker": {"stallTimeoutS": "0"}}, {"worker": {"stallTimeoutS": "1e3"}}):
+            with pytest.raises(helm.HelmError):
+                chart.validate_schema(bad)
 
 
 # ---------------------------------------------------------------- KEDA: what the redis-streams scaler really reads
@@ -999,7 +1024,8 @@ def test_gpu_limit_in_resources_that_disagrees_with_gpu_count_is_refused(values,
 
 
 def test_gpu_limit_in_resources_that_agrees_is_kept():
-    for values, gpus in (({"resources": {"limits": {"nvidia.com/gpu": 2}}, "gpu": {"enabled": True, "count": 2}}, 2),
+    for values, gpus in (({"resources": {"limits": {"nvidia.com/gpu": 2}}, "gpu": {"enabled": True, "count": 2},
+                           "engine": {"tensorParallelSize": 2}}, 2),
                          ({"resources": {"limits": {"nvidia.com/gpu": "1"}}}, 1),
                          ({"resources": {"limits": {"nvidia.com/gpu": 4}, "requests": {"nvidia.com/gpu": 4}},
                            "engine": {"tensorParallelSize": 4}}, 4)):
@@ -1058,6 +1084,16 @@ def test_network_policy_admits_only_the_metrics_port_from_whom_it_names():
     closed = one(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
     kubernetes_validate.validate(closed, KUBE_VERSION, strict=True)
     assert closed["spec"]["ingress"] == [] and closed["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_a_network_policy_that_would_block_the_service_monitor_is_refused():
+    """networkPolicy.enabled with an empty metricsFrom beside serviceMonitor.enabled rendered a policy that refused
+    every scrape: each worker down in Prometheus, its alerts firing, and keda.batchTrigger reading no backlog."""
+    render_fails({"networkPolicy": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+                 "networkPolicy.metricsFrom", "serviceMonitor", "namespaceSelector")
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    one(render({"networkPolicy": {"enabled": True, "metricsFrom": [monitoring]}, "serviceMonitor": {"enabled": True}}),
+        "NetworkPolicy")
     render_fails({"networkPolicy": {"enabled": True, "metricsFrom": "monitoring"}}, "metricsFrom")
 
 

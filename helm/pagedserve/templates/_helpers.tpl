@@ -122,16 +122,21 @@ Redis from one who did not: with existingSecret KEDA has nothing else to go by. 
 {{- printf "%s:batches:active" .Values.prefix }}
 {{- end }}
 
-{{/* GPUs per worker pod: gpu.count, at least one per tensor-parallel rank. */}}
+{{/* GPUs per worker pod: one per tensor-parallel rank (gpu.count, raised to the ranks; one above them is refused). */}}
 {{- define "pagedserve.gpuCount" -}}
 {{- max .Values.gpu.count (.Values.engine.tensorParallelSize | default 1) }}
 {{- end }}
 
 {{/* Fails when resources names the GPU resource with another count than the chart's: the chart writes the limit
-from gpu.count and engine.tensorParallelSize, and would otherwise replace the one given without a word. */}}
+from gpu.count and engine.tensorParallelSize, and would otherwise replace the one given without a word. And when
+gpu.count is above the ranks: the GPUs past them would be reserved and never used. */}}
 {{- define "pagedserve.checkGpuResources" -}}
 {{- $gpu := .Values.gpu }}
 {{- $want := include "pagedserve.gpuCount" . }}
+{{- $ranks := int (.Values.engine.tensorParallelSize | default 1) }}
+{{- if and $gpu.enabled (gt (int $gpu.count) $ranks) }}
+{{- fail (printf "gpu.count: %d GPUs per worker, but engine.tensorParallelSize is %d: the engine runs one rank per GPU, so %d would sit idle; set engine.tensorParallelSize: %d (the model split over them) or gpu.count: %d" (int $gpu.count) $ranks (sub (int $gpu.count) $ranks) (int $gpu.count) $ranks) }}
+{{- end }}
 {{- range $kind := list "limits" "requests" }}
 {{- $given := get ($.Values.resources | default dict) $kind | default dict }}
 {{- if hasKey $given $gpu.resourceName }}
