@@ -239,6 +239,10 @@ def test_events_round_trip():
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cached_prompt_tokens": 0},
                     "metrics": {"queued_ms": 1, "ttft_ms": 2, "e2e_ms": 3}, "metadata": {}}))
     assert isinstance(d, DoneEvent) and d.text == "t"
+    # total_tokens (OpenAI's): written by workers, and computed for events of workers that did not write it
+    assert d.usage.total_tokens == 2 and json.loads(d.model_dump_json())["usage"]["total_tokens"] == 2
+    d.usage.total_tokens = 99
+    assert parse_event(d.model_dump_json()).usage.total_tokens == 2
 
 
 def test_settings_env(monkeypatch):

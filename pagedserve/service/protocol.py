@@ -539,10 +539,19 @@ class CompletionResult(BaseModel):
 
 
 class Usage(BaseModel):
+    """Token counts of one request. ``completion_tokens``: the tokens of the outputs returned (with ``best_of``
+    above ``n``, or beam search, not those of the samples or beams dropped: vLLM's server counts the same)."""
     model_config = _EVENT
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    # Always their sum (OpenAI's field); computed, so events of workers that did not write it have it too.
+    total_tokens: int = 0
+
+    @model_validator(mode="after")
+    def _total(self) -> Usage:
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+        return self
 
 
 class RequestMetrics(BaseModel):
