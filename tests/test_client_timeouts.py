@@ -174,6 +174,25 @@ def test_a_live_name_lease_is_a_live_worker_when_the_group_lists_no_consumer():
         fresh.send([])
 
 
+def test_a_request_that_streams_nothing_taken_by_a_worker_that_stopped_is_not_called_queued():
+    """A request sent with ``stream`` off (the Celery task's) publishes no token events, so a wait never hears of
+    its run: when its worker died mid-run, the message said it "stays queued", though a worker had taken it and
+    a restart runs it again. Its entry at or before the group's last delivered one says it was taken."""
+    def verdict(last: str, lag: int = 0) -> str:
+        wait = picked_up_check("1700000000000-5")
+        assert wait.send([group(pending=1, lag=lag, last=last, consumers=1)]) == ReadConsumers("t:requests",
+                                                                                               "t-workers")
+        assert wait.send([{"name": b"w1", "pending": 1, "idle": 40_000}]) == CountKeys(("t:consumer:w1",))
+        with pytest.raises(NoWorker) as e:
+            wait.send(0)
+        return str(e.value)
+
+    for last in ("1700000000000-5", "1700000000001-0"):
+        assert verdict(last).endswith("none of them alive): a worker took it and stopped; it stays pending and "
+                                      "runs when a worker starts"), verdict(last)
+    assert verdict("1700000000000-4", lag=1).endswith("it stays queued and runs when a worker starts")
+
+
 # ------------------------------------------------------------------------------------------------ real Redis
 PASSWORD = "producer-pw"
 PREFIX = "lost"

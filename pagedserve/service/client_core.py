@@ -487,8 +487,9 @@ class RequestTimedOut(TimeoutError):
 
 
 class NoWorker(RequestTimedOut):
-    """Nothing picked the request up and no live worker consumes the stream (the message says what was seen). The
-    request stays queued: a worker started later runs it."""
+    """No live worker consumes the stream, and nothing was heard of the request for ``pickup_timeout`` (the message
+    says what was seen: queued, or taken by a worker that stopped). The request stays queued or pending: a worker
+    started later runs it."""
 
 
 class RequestGone(RequestTimedOut):
@@ -1293,10 +1294,13 @@ class Clues:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Why nothing came: the request is gone (``gone``: :class:`RequestGone`), or no worker runs (:class:`NoWorker`)."""
+    """Why nothing came: the request is gone (``gone``: :class:`RequestGone`), or no worker runs (:class:`NoWorker`).
+    ``delivered``: the request's entry was handed to a worker (the group's last delivered entry is at or past it),
+    which a request that streams no events tells by this alone."""
 
     gone: bool
     text: str
+    delivered: bool = False
 
 
 def timed_out(keys: Keys, clues: Clues, timeout: float | None) -> Generator[Op, Any, TimeoutError]:
@@ -1321,6 +1325,9 @@ def not_picked_up(verdict: Verdict, request_id: str, pickup_timeout: float | Non
         return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s without an event "
                         f"({verdict.text}): the worker running it stopped; it stays pending and continues when a "
                         "worker starts", request_id)
+    if verdict.delivered:
+        return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s ({verdict.text}): a worker "
+                        "took it and stopped; it stays pending and runs when a worker starts", request_id)
     return NoWorker(f"no worker is running {request_id} after {pickup_timeout:g} s ({verdict.text}): it stays "
                     "queued and runs when a worker starts", request_id)
 
@@ -1337,7 +1344,15 @@ def diagnose(keys: Keys, clues: Clues) -> Generator[Op, Any, Verdict | None]:
     if gone is not None:
         return Verdict(True, gone)
     why = yield from _why_no_worker_in(keys, groups or [], clues.consumers_seen)
-    return None if why is None else Verdict(False, why)
+    return None if why is None else Verdict(False, why, _delivered(keys, clues, groups))
+
+
+def _delivered(keys: Keys, clues: Clues, groups: list | None) -> bool:
+    """Whether the entry this client sent was handed to a worker: at or before the group's last delivered one."""
+    group = next((g for g in groups or [] if as_text(g.get("name")) == keys.group), None)
+    entry = _stream_id(clues.entry_id) if clues.entry_id else None
+    last = _stream_id(xinfo_field(group, "last-delivered-id")) if group is not None else None
+    return entry is not None and last is not None and entry <= last
 
 
 def _read_groups(keys: Keys) -> Generator[Op, Any, list | None]:
