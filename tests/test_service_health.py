@@ -364,6 +364,50 @@ def test_a_sigterm_swallowed_during_the_load_still_ends_the_start(redis_url, pre
     assert e.value.code == 128 + signal.SIGTERM and not w.started.is_set()
 
 
+SIGNALS_INSIDE_THE_STOP = """
+import os, signal, sys
+from pagedserve.service.worker import Worker
+from service_fixtures import make_settings
+
+w = Worker(make_settings(sys.argv[1], sys.argv[2], log_level="ERROR"), install_signals=True)
+w.model_loaded = True  # a serving worker: SIGTERM drains
+sent = []
+
+def tracer(frame, event, arg):
+    # another SIGTERM at every function the stop's handling calls (a handler runs between any two bytecodes)
+    if event == "call" and len(sent) < 8:
+        sent.append(frame.f_code.co_name)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return None
+
+sys.settrace(tracer)
+w._terminated(signal.SIGTERM, None)
+sys.settrace(None)
+assert w._stop.is_set(), "no stop asked for"
+print("returned after", len(sent), "more SIGTERMs")
+"""
+
+
+def test_a_sigterm_landing_inside_the_handling_of_another_does_not_hang_the_worker(redis_url, prefix):
+    """SIGTERM sets the worker's stop flag from its handler. The flag was a ``threading.Event``, whose ``set`` holds
+    a lock while it notifies: a second SIGTERM landing there (``timeout`` sends two, to the child and to its group)
+    ran the handler again, which waited for that lock, held by itself: the worker hung for good, neither draining
+    nor exiting. Here a SIGTERM lands at every call the handling makes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    try:
+        out = subprocess.run([sys.executable, "-c", SIGNALS_INSIDE_THE_STOP, redis_url, prefix], env=env,
+                             capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker hung in its SIGTERM handler")
+    assert out.returncode == 0 and "returned after" in out.stdout, out.stderr[-2000:]
+
+
 def test_progress_rules_for_steps_that_raise():
     """A step that raised sends its requests back, which leaves the engine empty: once steps have failed again
     and again, that emptiness is not "no work" (it restarted the stall clock after every failure, and /healthz

@@ -81,6 +81,24 @@ class TerminatedBeforeStart(SystemExit):
         self.during, self.signum = during, signum
 
 
+class StopFlag:
+    """Set once a stop is asked for; polled by the loop. Not a ``threading.Event``: the signal handlers set it, and
+    ``Event.set`` takes a lock the main thread may be holding right then (a second SIGTERM landing inside the first
+    one's ``set``, as ``timeout`` and orchestrators send them): the handler waited for itself, and the worker hung
+    for good, neither draining nor exiting. Assigning an attribute takes no lock."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class Worker(WorkerPart):
     """The long-running worker. ``run()`` blocks until :meth:`request_stop` (SIGTERM) and the grace period."""
 
@@ -144,7 +162,7 @@ class Worker(WorkerPart):
         self.batches = BatchFeeder(ctx=ctx, conn=self.conn, running=self.running)
         self._last_engine_stats = 0.0
         self._stats_idle = False  # the gauges' snapshot was taken with the engine idle, and no step ran since
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._shutting_down = False
         self._credentials_checked = False
         self._ready_ping = ReadinessPing(s.redis_url)
