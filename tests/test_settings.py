@@ -38,6 +38,19 @@ def test_an_unparseable_url_is_refused_with_what_to_do(url):
     assert "s#cret" not in str(e.value).split("input_value")[0]
 
 
+@pytest.mark.parametrize("url", ["redis://:b4d@dhost#pw@localhost:27313/0",
+                                 "redis://:s3cr@127.0.0.1:27310#x@localhost:27313/0", "unix:///tmp/r#1.sock"])
+@pytest.mark.parametrize("field", ["redis_url", "celery_broker_url"])
+def test_a_raw_hash_after_an_at_sign_is_refused_not_read_as_another_host(url, field):
+    """A password with an '@' before a raw '#' was read with the text between them as the host: the worker went
+    to another Redis (and served there, when it answered without a password), sending it the password's first
+    piece, while the masked URL named the host written last."""
+    with pytest.raises(ValidationError, match="raw '#'.*%23") as e:
+        Settings(**{field: url})
+    message = str(e.value).split("input_value")[0]
+    assert "b4d" not in message and "s3cr" not in message, message
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "redis://h:6379/", "redis://u:pw@h/12",
                                  "rediss://h/0?ssl_cert_reqs=none", "unix:///tmp/r.sock?db=2", "redis://h/4?db=4"])
 def test_good_urls_pass(url):

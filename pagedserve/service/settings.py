@@ -132,6 +132,11 @@ def check_redis_url(url: str, name: str = "redis_url") -> None:
         raise ValueError(f"{name} must start with redis://, rediss:// or unix://")
     if url != url.strip():  # a space, tab or line end around it (a secret file's newline): not part of any URL
         raise ValueError(f"{name} has white space before or after it: remove it")
+    if "#" in url:
+        # A raw '#' ends the URL there: in a password before an '@' that was read as the credentials' end
+        # (redis://:b@d#pw@host), the host became 'd' and the first piece of the password went to it.
+        raise ValueError(f"not a valid Redis URL ({name} has a raw '#', which ends a URL: what follows it, host "
+                         "included, would be dropped); percent-encode it in the user name or password as %23")
     try:
         parts = urlsplit(url)
         hosts = parts.netloc.rpartition("@")[2]
