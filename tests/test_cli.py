@@ -892,6 +892,59 @@ def test_a_cancel_redis_refuses_says_why_in_redis_words_not_a_transactions(refus
         assert not admin.exists("t:cancelled:some-id")
 
 
+def test_a_url_of_a_port_that_closes_each_connection_is_named_at_once():
+    """A server that takes the connection and closes it under the first command (PostgreSQL's port, RabbitMQ's, a
+    TLS-only Redis port over redis://): submit waited 60 s, then said the request "may have been sent" (with
+    --timeout, exit 3: "the request is kept"), of a request nothing ever held; the worker logged an outage and
+    retried for ever without a word about the address."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.recv(4096)  # reads the command, answers nothing, closes
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    url = f"redis://app:s3cret-pw@127.0.0.1:{srv.getsockname()[1]}/0"
+    env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
+    try:
+        for extra in ([], ["--timeout", "30"]):
+            started = time.monotonic()
+            res = _cli(env, "submit", "Hello", *extra)
+            line = _one_line(res)
+            assert res.returncode == 1 and time.monotonic() - started < 20, (res.returncode, line)
+            assert "closes each connection under its first command" in line and "check the host, port and scheme" \
+                in line and "s3cret-pw" not in line, line
+        full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}, **env,
+                    "PAGEDSERVE_LOG_FORMAT": "json"}
+        worker = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], cwd=REPO, env=full_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for out in worker.stdout:
+                if '"redis_unreachable"' in out:
+                    assert "closed it under the first command" in out and "s3cret-pw" not in out, out
+                    break
+            else:
+                pytest.fail("the worker never said it could not reach Redis")
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
 def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting():
     """A server that speaks first in another protocol (NATS's INFO greeting, an SMTP banner) gave redis-py's
     protocol error quoting the whole greeting, with no setting named, and submit offered to cancel a request it

@@ -2036,6 +2036,26 @@ def test_a_connection_closed_at_the_first_read_is_told_apart_by_a_small_reply():
                 wait.throw(closed)
 
 
+def test_a_server_that_closes_the_first_send_and_a_small_command_is_no_redis():
+    """A producer pointed at another service's port (PostgreSQL, RabbitMQ; a TLS-only Redis port over redis://):
+    the send's connection closed under it, which reads as a Redis that may have taken the request, and the wait
+    rode it out as an outage for 60 s, then said the request "may have been sent" (or "is kept", exit 3) of a
+    request nothing ever held. A small command tells a Redis that is there from a server that closes each
+    connection so."""
+    closed = redis.ConnectionError("Connection closed by server.")
+    reset = redis.ConnectionError("Error while reading from 127.0.0.1:5672 : (104, 'Connection reset by peer')")
+    for first, second in ((closed, closed), (reset, reset), (closed, None)):
+        wait = stream_wait(Keys("t"), RID, build_request("hi", id=RID), timeout=None, clock=Clock())
+        assert isinstance(next(wait), Send)
+        assert wait.throw(first) == CountKeys((Keys("t").running(RID),))
+        if second is None:  # Redis answered: it was there, the send may have landed; the wait goes on
+            assert isinstance(wait.send(0), Pause)
+            continue
+        with pytest.raises(RedisUnreachable, match=f"closes each connection under its first command .*{RID} may be "
+                                                   "queued"):
+            wait.throw(second)
+
+
 def test_an_outage_never_shrinks_the_pages_a_stream_reads():
     """Each failed events read asked for a quarter as many entries next time, whatever the failure: five refused
     connects in an outage left the stream reading one entry per XREAD for the rest of its life. Only a connection

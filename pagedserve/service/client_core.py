@@ -405,6 +405,14 @@ def unreachable(where: str, e: BaseException, source: str = "PAGEDSERVE_REDIS_UR
     return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}{hint}")
 
 
+def closes_every_connection(where: str, e: BaseException, request_id: str) -> RedisUnreachable:
+    """The error of a server that closed a send's connection and then a small command's: no Redis answered."""
+    return RedisUnreachable(
+        f"cannot reach Redis at {where}: the server there closes each connection under its first command "
+        f"({redact(e)}): it is no Redis, or takes only TLS (rediss://): check the host, port and scheme. Were it a "
+        f"Redis stopping, request {request_id} may be queued: sending it again under that id runs it once")
+
+
 def redis_said(e: BaseException) -> str:
     """Redis's own words, without redis-py's "Command # 1 (GET key) of pipeline caused error: " before them."""
     return re.sub(r"^Command # \d+ \(.*?\) of pipeline caused error: ", "", redact(e), count=1, flags=re.S)
@@ -1690,6 +1698,7 @@ def stream_wait(
         return deadline is not None and clock() >= deadline
 
     tried = False  # a send went out whose answer was lost: it may be in the stream (sent again, it runs once)
+    probed = False  # the first send's connection broke, and a small command was tried to see whether Redis is there
     page = EVENTS_PAGE
     reading = False  # an events read is under way: a connection it loses may be Redis refusing a reply that big
     entry_refused = False  # a read of one entry broke while Redis answered: once more, and it is over the limit
@@ -1816,6 +1825,18 @@ def stream_wait(
                         reached = True
                     except CONNECTION_ERRORS:
                         pass
+            if not reached and tried and answer_lost(e) and broke_mid_reply(e) and not probed:
+                # The first send's connection closed under it: Redis stopping (the request may be queued), or a
+                # server that is no Redis (another service's port; a TLS-only one over redis://), which closes
+                # every connection so. A small reply tells them apart: without it the wait rode that out as an
+                # outage and ended saying the request "may have been sent" or "is kept".
+                probed = True
+                try:
+                    yield CountKeys((keys.running(request_id),))
+                    reached = True
+                except CONNECTION_ERRORS as again:
+                    if broke_mid_reply(again):
+                        raise closes_every_connection(where, again, request_id) from None
             if not reached and not is_loading(e) and not (tried and answer_lost(e)):
                 raise unreachable(where, e, url_source) from None
             if expired():

@@ -443,9 +443,14 @@ class Connection(WorkerPart):
         """Redis went away: back off, set up again on the next try (logged once per outage)."""
         if self.ok or self.backoff.delay == 0:
             event = "redis_refused" if isinstance(e, REDIS_REFUSED) else "redis_unreachable"
+            note = "retrying with backoff; /readyz says not ready until the link is set up again"
+            if not self._name_held and _closed_under_first_command(e):
+                # Never set up, and the server took the connection only to close it: another service's port (or a
+                # TLS-only one over redis://) looks so at every try, which an outage alone did not say.
+                note = ("the server accepted the connection and closed it under the first command: it may be no "
+                        "Redis, or take only TLS (rediss://): check the host, port and scheme; " + note)
             self.log.warning(event, url=redact(self.settings.redis_url), error=redact(e),
-                             buffered=self.publisher.buffered(),
-                             note="retrying with backoff; /readyz says not ready until the link is set up again")
+                             buffered=self.publisher.buffered(), note=note)
         self.refused = redact(str(e)) if isinstance(e, REDIS_REFUSED) else ""
         self.error = redact(f"{type(e).__name__}: {e}")[:300]
         self.metrics.redis_errors.inc()
@@ -667,3 +672,10 @@ class Connection(WorkerPart):
             except Exception:
                 pass
             self.pubsub = None
+
+
+def _closed_under_first_command(e: BaseException) -> bool:
+    """A connection the server took and then closed or reset under a command (not refused, not timed out)."""
+    text = str(e)
+    return (isinstance(e, redis.ConnectionError) and not isinstance(e, redis.TimeoutError)
+            and "connecting to" not in text and ("closed by server" in text or "reset by peer" in text))
