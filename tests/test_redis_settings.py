@@ -188,6 +188,11 @@ def test_a_redis_that_asks_for_a_client_certificate_is_said_to(prefix, tmp_path)
     assert said.startswith("Redis at rediss://:***@redis.internal:6380/0 presented a certificate for other host "
                            "names than 'redis.internal'"), said
     assert "?ssl_check_hostname=false" in said and "ssl_ca_certs" not in said, said
+    # by an address the certificate does not list: the same ("give the CA ... or ?ssl_cert_reqs=none" was said)
+    mismatch.verify_message = "IP address mismatch, certificate is not valid for '127.0.0.2'."
+    said = tls_problem(outer, "rediss://:s3cret@127.0.0.2:6380/0")
+    assert "for other host names than '127.0.0.2'" in said and "?ssl_check_hostname=false" in said, said
+    assert "ssl_cert_reqs" not in said, said
 
 
 @pytest.mark.parametrize("url, words", [

@@ -156,7 +156,9 @@ def tls_problem(e: BaseException, url: str) -> str | None:
     import ssl
 
     cause = e.__context__ or e.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError) and "hostname mismatch" in str(cause.verify_message).lower():
+    mismatch = ("hostname mismatch", "ip address mismatch")  # OpenSSL's words for a name, and for an address
+    if isinstance(cause, ssl.SSLCertVerificationError) and any(m in str(cause.verify_message).lower()
+                                                               for m in mismatch):
         host = urllib.parse.urlsplit(url).hostname
         return (f"Redis at {redact(url)} presented a certificate for other host names than {host!r} "
                 f"({cause.verify_message}): reach it by a name its certificate gives, or add ?ssl_check_hostname=false "
