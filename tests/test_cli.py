@@ -418,6 +418,14 @@ def test_a_model_that_is_not_there_or_not_a_model_is_one_line(tmp_path):
     res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "missing")}, "demo")  # before any Redis starts
     line = _one_line(res)
     assert res.returncode == 1 and "does not exist" in line, line
+    # A file that is no GGUF named no setting; an empty one did not say to unset it, as other settings say.
+    (tmp_path / "fake.gguf").write_bytes(b"garbage")
+    res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "fake.gguf")}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 1 and "is not a GGUF file" in line and line.endswith("(PAGEDSERVE_MODEL)"), line
+    res = _cli({**env, "PAGEDSERVE_MODEL": ""}, "worker")
+    line = _one_line(res)
+    assert res.returncode == 1 and "PAGEDSERVE_MODEL is set but empty: unset it" in line, line
     # --debug (or PAGEDSERVE_LOG_LEVEL=DEBUG) shows where it came from
     res = _cli({**env, "PAGEDSERVE_MODEL": str(tmp_path / "notes")}, "--debug", "worker")
     assert res.returncode != 0 and "Traceback" in res.stderr

@@ -398,8 +398,11 @@ def _fail_at_startup(e: ValueError, s) -> None:  # noqa: ANN001 - the service Se
     text = redact(e)
     if text.startswith("cannot write in PAGEDSERVE_CACHE_DIR="):  # a setting with a bad value, as above
         _fail_showing(e, f"error: {text}", 2)
-    if s.model is not None and text.startswith(f"model {str(s.model)!r} "):
-        _fail_showing(e, f"error: {text} ({_setting_name(('model',))})", 1)
+    if s.model is not None and (text.startswith(f"model {str(s.model)!r} ") or f"{str(s.model)!r} is not" in text):
+        name = _setting_name(("model",))
+        if not str(s.model).strip():  # as the other settings say it of an empty value
+            _fail_showing(e, f"error: {text} ({name} is set but empty: unset it for the default model)", 1)
+        _fail_showing(e, f"error: {text} ({name})", 1)
     raise e
 
 
