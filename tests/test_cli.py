@@ -1012,7 +1012,7 @@ def test_an_unreachable_redis_or_a_missing_model_names_the_setting_to_fix(tmp_pa
     res = _cli({**env, "PAGEDSERVE_MODEL": ""}, "worker")
     line = _one_line(res)
     assert res.returncode == 1 and line.startswith("error: model '' is empty (expected an HF model directory"), line
-    assert line.endswith(" (PAGEDSERVE_MODEL)"), line
+    assert line.endswith(" (PAGEDSERVE_MODEL is set but empty: unset it for the default model)"), line
 
 
 @pytest.mark.parametrize(("name", "value", "words"), [

@@ -61,9 +61,47 @@ def test_a_certificate_the_worker_does_not_trust_ends_it_at_start_naming_the_set
     with pytest.raises(RedisSettingError) as e:
         _check(f"rediss://:s3cret@127.0.0.1:{tls_port}/0", prefix)
     message = str(e.value)
-    assert message.startswith(f"Redis at rediss://:***@127.0.0.1:{tls_port}/0 presented a certificate this worker "
-                              "does not trust ("), message
+    assert message.startswith(f"Redis at rediss://:***@127.0.0.1:{tls_port}/0 presented a certificate that does "
+                              "not verify ("), message
     assert "PAGEDSERVE_REDIS_URL (?ssl_ca_certs=" in message and "s3cret" not in message
+
+
+def test_a_client_says_what_to_change_for_a_certificate_as_the_worker_does(tls_redis, tmp_path):
+    """The clients (and the producer commands through them) said redis-py's words alone (CERTIFICATE_VERIFY_FAILED;
+    an EOF or a reset for a missing client certificate), where the worker says what to add to the URL."""
+    import asyncio
+
+    from pagedserve.service.client import AsyncClient, Client
+    from pagedserve.service.client_core import RedisUnreachable
+
+    _, tls_port, _ = tls_redis
+    url = f"rediss://:s3cret@127.0.0.1:{tls_port}/0"
+    with Client(url) as c, pytest.raises(RedisUnreachable) as e:
+        c.generate("hi", timeout=30)
+    message = str(e.value)
+    assert "presented a certificate that does not verify" in message and "the client's redis_url " \
+        "(?ssl_ca_certs=" in message and "s3cret" not in message, message
+
+    async def agenerate():
+        async with AsyncClient(url) as c:
+            await c.generate("hi", timeout=30)
+
+    with pytest.raises(RedisUnreachable, match=r"the client's redis_url \(\?ssl_ca_certs="):
+        asyncio.run(agenerate())
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}, "PAGEDSERVE_REDIS_URL": url}
+    res = subprocess.run([sys.executable, "-m", "pagedserve.service.cli", "submit", "hi"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "does not verify" in res.stderr and "PAGEDSERVE_REDIS_URL (?ssl_ca_certs=" in res.stderr, res.stderr
+
+    files = tls_files(tmp_path)
+    server, mutual_port = _tls_server(files, client_certificates=True)
+    try:
+        with Client(f"rediss://127.0.0.1:{mutual_port}/0?ssl_ca_certs={files['ca.crt']}") as c, \
+                pytest.raises(RedisUnreachable, match="client certificate"):
+            c.generate("hi", timeout=30)
+    finally:
+        server.stop()
 
 
 def test_the_worker_command_says_it_in_one_line_and_exits_1(tls_redis, prefix):

@@ -97,6 +97,7 @@ from .redaction import redact, remember_secrets
 from .safe_json import MAX_JSON_DEPTH, first_problem
 from .settings import Settings, check_redis_url, read_settings
 from .telemetry import get_tracer, inject_fields
+from .tls_errors import tls_problem
 
 Event = Union[TokenEvent, DoneEvent, ErrorEvent]
 Terminal = Union[DoneEvent, ErrorEvent]
@@ -898,9 +899,12 @@ class ProducerCore:
         """``e`` said as what it is about: a URL naming a database the server lacks raises :class:`MissingDatabase`;
         a refusal of what Redis is (:func:`refusal_line`) comes back as the same exception type, its message saying
         which Redis and what to do, where redis-py's is Redis's bare words ("You can't write against a read only
-        replica."); anything else as it is."""
+        replica."); a certificate or handshake refused comes back as :class:`RedisUnreachable` saying what to change
+        in the URL; anything else as it is."""
         if (missing := missing_database(e, self.redis_url, redact(self.redis_url))) is not None:
             raise MissingDatabase(missing) from None
+        if (tls := self._tls(e)) is not None:
+            return tls
         if is_busy(e):  # an outage to a wait: the command was refused whole, and Redis answers again later
             return RedisBusy(busy_line(redact(self.redis_url)))
         line = refusal_line(e, redact(self.redis_url), "the client's Redis URL")
@@ -916,7 +920,17 @@ class ProducerCore:
             return TooManyConnections(f"all {limit} connections of this client are in use (each call waiting for "
                                       "an answer holds one or two): pass a larger max_connections= to the client, "
                                       "or make fewer calls at once")
+        if (tls := self._tls(e)) is not None:
+            return tls
         return unreachable(redact(self.redis_url), e, self._url_source)
+
+    def _tls(self, e: BaseException) -> RedisUnreachable | None:
+        """A certificate or handshake refused: what to change in the URL, as the worker says it (without its probe
+        of a plain port: this may run on an event loop)."""
+        if not isinstance(e, redis.ConnectionError) or isinstance(e, RedisUnreachable):
+            return None
+        tls = tls_problem(e, self.redis_url, self._url_source, probe=False)
+        return None if tls is None else RedisUnreachable(tls)
 
     def _result_key(self, request_id: str) -> str:
         """The result key of ``request_id``; ``ValueError`` for an id no request can have."""
