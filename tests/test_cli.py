@@ -900,11 +900,12 @@ def test_a_cancel_redis_refuses_says_why_in_redis_words_not_a_transactions(refus
         assert not admin.exists("t:cancelled:some-id")
 
 
-def test_a_url_of_a_port_that_closes_each_connection_is_named_at_once():
+def test_a_url_of_a_port_that_closes_each_connection_is_said_to_maybe_be_no_redis():
     """A server that takes the connection and closes it under the first command (PostgreSQL's port, RabbitMQ's, a
-    TLS-only Redis port over redis://): submit waited 60 s, then said the request "may have been sent" (with
-    --timeout, exit 3: "the request is kept"), of a request nothing ever held; the worker logged an outage and
-    retried for ever without a word about the address."""
+    TLS-only Redis port over redis://): submit said the request "may have been sent" or "is kept" with nothing
+    about the address, and the worker logged an outage and retried for ever without a word about it. Both still
+    wait (Redis restarting behind a proxy looks the same for a while, and may hold the request), and say what
+    such a server may be."""
     import socket
     import threading
 
@@ -926,13 +927,11 @@ def test_a_url_of_a_port_that_closes_each_connection_is_named_at_once():
     url = f"redis://app:s3cret-pw@127.0.0.1:{srv.getsockname()[1]}/0"
     env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
     try:
-        for extra in ([], ["--timeout", "30"]):
-            started = time.monotonic()
-            res = _cli(env, "submit", "Hello", *extra)
-            line = _one_line(res)
-            assert res.returncode == 1 and time.monotonic() - started < 20, (res.returncode, line)
-            assert "closes each connection under its first command" in line and "check the host, port and scheme" \
-                in line and "s3cret-pw" not in line, line
+        res = _cli(env, "submit", "Hello", "--timeout", "3")
+        line = _one_line(res)
+        assert res.returncode == 3 and "the request is kept" in line, (res.returncode, line)
+        assert "closed each connection under its first command and never answered one: it may be no Redis" in line \
+            and "check the host, port and scheme" in line and "s3cret-pw" not in line, line
         full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}, **env,
                     "PAGEDSERVE_LOG_FORMAT": "json"}
         worker = subprocess.Popen([sys.executable, "-m", "pagedserve.service.cli", "worker"], cwd=REPO, env=full_env,

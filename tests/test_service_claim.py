@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from pagedserve.service.protocol import DoneEvent, Keys, parse_event, parse_terminal
+from pagedserve.service.redis_server import free_port
 from service_fixtures import WorkerProcess, make_settings, wait_for
 
 pytestmark = pytest.mark.slow
@@ -427,6 +428,50 @@ def test_a_flush_whose_replies_are_lost_publishes_each_terminal_once(redis_url, 
         sub.close()
         worker_side.close()
         admin.delete(keys.requests, keys.result("finished"), keys.result("redelivered"), keys.events("finished"))
+        admin.close()
+
+
+def test_a_refused_publication_is_still_owed_after_a_flush_that_could_not_connect(redis_url, prefix):
+    """A terminal event whose PUBLISH was refused (its entry acknowledged by that try) is published by a later
+    try. A flush that failed only making its connection (Redis away: nothing sent) cleared that debt, as a flush
+    whose reply was lost must (it may have published): the end was never published."""
+    from pagedserve.service.connection import redis_client
+    from pagedserve.service.context import WorkerContext
+    from pagedserve.service.metrics import WorkerMetrics
+    from pagedserve.service.publisher import Publisher
+    from pagedserve.service.telemetry import get_logger, get_tracer
+
+    admin = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    ctx = WorkerContext(settings=make_settings(redis_url, prefix), keys=keys, consumer="c", metrics=WorkerMetrics(),
+                        tracer=get_tracer(), log=get_logger(), new_client=lambda: redis.Redis.from_url(redis_url))
+    publisher = Publisher(ctx)
+    away = redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
+    sub = admin.pubsub()
+    try:
+        sub.subscribe(keys.out("owed"))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        admin.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+        entry = admin.xadd(keys.requests, {"body": _body("owed", 4, 1)}).decode()
+        admin.xreadgroup(keys.group, "c", {keys.requests: ">"})
+        done = json.dumps({"type": "done", "id": "owed"}).encode()
+        publisher.terminal("owed", done, [entry])
+        # what a try stopped at a refused PUBLISH left: the event stored and appended, the entry acknowledged
+        admin.set(keys.result("owed"), done, ex=60)
+        admin.xadd(keys.events("owed"), {"data": done})
+        admin.xack(keys.requests, keys.group, entry)
+        (op,) = publisher._ops
+        op.unpublished = True
+        with pytest.raises(redis.ConnectionError):
+            publisher.flush(away)
+        publisher.flush(redis_client(redis_url, timeout=5))
+        assert publisher.buffered() == 0
+        heard = [m["data"] for m in iter(lambda: sub.get_message(timeout=1.0), None) if m["type"] == "message"]
+        assert heard == [done], heard
+    finally:
+        sub.close()
+        away.close()
+        admin.delete(keys.requests, keys.result("owed"), keys.events("owed"))
         admin.close()
 
 

@@ -406,12 +406,16 @@ def unreachable(where: str, e: BaseException, source: str = "PAGEDSERVE_REDIS_UR
     return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}{hint}")
 
 
-def closes_every_connection(where: str, e: BaseException, request_id: str) -> RedisUnreachable:
-    """The error of a server that closed a send's connection and then a small command's: no Redis answered."""
-    return RedisUnreachable(
-        f"cannot reach Redis at {where}: the server there closes each connection under its first command "
-        f"({redact(e)}): it is no Redis, or takes only TLS (rediss://): check the host, port and scheme. Were it a "
-        f"Redis stopping, request {request_id} may be queued: sending it again under that id runs it once")
+def never_answered_hint(e: BaseException) -> str:
+    """What to add to an outage's message when no command of the wait was ever answered and ``e``, its last error,
+    is a connection the server took and closed (or reset) under a command: another service's port, a TLS-only
+    port over redis://, or a proxy whose Redis stayed away look so at every try, and none is an outage of a Redis
+    that was there."""
+    if not broke_mid_reply(e):
+        return ""
+    return ("; the server there closed each connection under its first command and never answered one: it may be "
+            "no Redis, or take only TLS (rediss://), or be a proxy with no Redis behind it: check the host, port "
+            "and scheme")
 
 
 def redis_said(e: BaseException) -> str:
@@ -1278,9 +1282,10 @@ class Outage:
         self.since = None
 
     def check(self, error: BaseException, where: str, request_id: str, sent: bool, tried: bool = False,
-              events_page: int | None = None) -> None:
+              events_page: int | None = None, hint: str = "") -> None:
         """``sent``: Redis answered the send; ``tried``: the send went out, and its answer was lost;
-        ``events_page``: the events a read asks for now (after failures, fewer than :data:`EVENTS_PAGE`)."""
+        ``events_page``: the events a read asks for now (after failures, fewer than :data:`EVENTS_PAGE`);
+        ``hint``: said after the error (:func:`never_answered_hint`)."""
         now = self.clock()
         if self.since is None:
             self.since = now
@@ -1292,7 +1297,7 @@ class Outage:
                       "commands, its client-output-buffer-limit for normal clients is too small for them"
                       if events_page is not None and events_page < EVENTS_PAGE else "")
             err = RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
-                                   f"({then}): {redact(error)}{closed}")
+                                   f"({then}): {redact(error)}{closed}{hint}")
             if sent or tried:  # in the stream, or it may be: the caller waits for it by this id
                 err.request_id = request_id
             raise err
@@ -1712,7 +1717,6 @@ def stream_wait(
         return deadline is not None and clock() >= deadline
 
     tried = False  # a send went out whose answer was lost: it may be in the stream (sent again, it runs once)
-    probed = False  # the first send's connection broke, and a small command was tried to see whether Redis is there
     page = EVENTS_PAGE
     reading = False  # an events read is under way: a connection it loses may be Redis refusing a reply that big
     entry_refused = False  # a read of one entry broke while Redis answered: once more, and it is over the limit
@@ -1839,21 +1843,13 @@ def stream_wait(
                         reached = True
                     except CONNECTION_ERRORS:
                         pass
-            if not reached and tried and answer_lost(e) and broke_mid_reply(e) and not probed:
-                # The first send's connection closed under it: Redis stopping (the request may be queued), or a
-                # server that is no Redis (another service's port; a TLS-only one over redis://), which closes
-                # every connection so. A small reply tells them apart: without it the wait rode that out as an
-                # outage and ended saying the request "may have been sent" or "is kept".
-                probed = True
-                try:
-                    yield CountKeys((keys.running(request_id),))
-                    reached = True
-                except CONNECTION_ERRORS as again:
-                    if broke_mid_reply(again):
-                        raise closes_every_connection(where, again, request_id) from None
             if not reached and not is_loading(e) and not (tried and answer_lost(e)):
                 raise unreachable(where, e, url_source) from None
+            # A send whose connection closed under it is waited out (Redis restarting behind a proxy closes every
+            # connection so, and may have taken the request); a server that is no Redis does the same for good,
+            # which the messages say when nothing was ever answered.
+            hint = "" if reached else never_answered_hint(e)
             if expired():
-                raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}") from None
-            outage.check(e, where, request_id, sent, tried and answer_lost(e), events_page=page)
+                raise timeout_error(request_id, timeout, f"; Redis failed at the end: {redact(e)}{hint}") from None
+            outage.check(e, where, request_id, sent, tried and answer_lost(e), events_page=page, hint=hint)
             yield Pause(RETRY_PAUSE_S)  # then read on from the last entry seen

@@ -403,9 +403,11 @@ class Connection(WorkerPart):
             note = "retrying with backoff; /readyz says not ready until the link is set up again"
             if not self._name_held and _closed_under_first_command(e):
                 # Never set up, and the server took the connection only to close it: another service's port (or a
-                # TLS-only one over redis://) looks so at every try, which an outage alone did not say.
+                # TLS-only one over redis://, or a proxy whose Redis is away) looks so at every try, which an outage
+                # alone did not say.
                 note = ("the server accepted the connection and closed it under the first command: it may be no "
-                        "Redis, or take only TLS (rediss://): check the host, port and scheme; " + note)
+                        "Redis, or take only TLS (rediss://), or be a proxy with no Redis behind it now: check the "
+                        "host, port and scheme; " + note)
             self.log.warning(event, url=redact(self.settings.redis_url), error=redact(e),
                              buffered=self.publisher.buffered(), note=note)
         self.refused = redact(str(e)) if isinstance(e, REDIS_REFUSED) else ""

@@ -245,14 +245,16 @@ class Publisher(WorkerPart):
                     self._chunk_now = 0 if 2 * self._chunk_now >= self.chunk else 2 * self._chunk_now
                 try:
                     replies = pipe.execute(raise_on_error=False)
-                except BaseException:
+                except BaseException as e:
                     # Unknown how much was applied: keep it all (every op is safe to repeat), but publish no
                     # token event twice (pub/sub is at most once; a client reads the stored result anyway). A
                     # Ctrl-C too: the shutdown's flush sends the batch again, and Redis may have it already.
-                    # So for a terminal event whose PUBLISH was refused before: this try may have published it.
+                    # So for a terminal event whose PUBLISH was refused before: this try may have published it,
+                    # unless the connection could not even be made (nothing was sent).
+                    sent_maybe = not _not_connected(e)
                     for op in batch:
                         op.published = True
-                        op.unpublished = False
+                        op.unpublished = op.unpublished and not sent_maybe
                     kept.extend(batch)
                     i += len(batch)
                     raise
@@ -472,3 +474,9 @@ class Publisher(WorkerPart):
 def _wrong_type(err: BaseException) -> bool:
     """Redis's WRONGTYPE (from a command or a script): the key holds another type, which no retry mends."""
     return isinstance(err, redis.ResponseError) and str(err).startswith("WRONGTYPE")
+
+
+def _not_connected(err: BaseException) -> bool:
+    """A pipeline that failed making its connection: nothing of it reached Redis."""
+    text = str(err)
+    return isinstance(err, redis.ConnectionError) and ("connecting to" in text or text.startswith("Timeout connecting"))
