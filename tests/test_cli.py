@@ -900,12 +900,10 @@ def test_a_cancel_redis_refuses_says_why_in_redis_words_not_a_transactions(refus
         assert not admin.exists("t:cancelled:some-id")
 
 
-def test_a_url_of_a_port_that_closes_each_connection_is_said_to_maybe_be_no_redis():
-    """A server that takes the connection and closes it under the first command (PostgreSQL's port, RabbitMQ's, a
-    TLS-only Redis port over redis://): submit said the request "may have been sent" or "is kept" with nothing
-    about the address, and the worker logged an outage and retried for ever without a word about it. Both still
-    wait (Redis restarting behind a proxy looks the same for a while, and may hold the request), and say what
-    such a server may be."""
+@contextlib.contextmanager
+def _other_server(greeting: bytes = b""):
+    """A TCP server on a free port that is no Redis: each connection gets ``greeting``, its first bytes are read,
+    and it is closed. Yields the port."""
     import socket
     import threading
 
@@ -920,13 +918,28 @@ def test_a_url_of_a_port_that_closes_each_connection_is_said_to_maybe_be_no_redi
             except OSError:
                 continue
             with conn, contextlib.suppress(OSError):
-                conn.recv(4096)  # reads the command, answers nothing, closes
+                conn.sendall(greeting)
+                conn.recv(4096)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    url = f"redis://app:s3cret-pw@127.0.0.1:{srv.getsockname()[1]}/0"
-    env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
     try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def test_a_url_of_a_port_that_closes_each_connection_is_said_to_maybe_be_no_redis():
+    """A server that takes the connection and closes it under the first command (PostgreSQL's port, RabbitMQ's, a
+    TLS-only Redis port over redis://): submit said the request "may have been sent" or "is kept" with nothing
+    about the address, and the worker logged an outage and retried for ever without a word about it. Both still
+    wait (Redis restarting behind a proxy looks the same for a while, and may hold the request), and say what
+    such a server may be."""
+    with _other_server() as port:
+        url = f"redis://app:s3cret-pw@127.0.0.1:{port}/0"
+        env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
         res = _cli(env, "submit", "Hello", "--timeout", "3")
         line = _one_line(res)
         assert res.returncode == 3 and "the request is kept" in line, (res.returncode, line)
@@ -946,40 +959,16 @@ def test_a_url_of_a_port_that_closes_each_connection_is_said_to_maybe_be_no_redi
         finally:
             worker.terminate()
             worker.wait(60)
-    finally:
-        stop.set()
-        t.join(5)
-        srv.close()
 
 
 def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting():
     """A server that speaks first in another protocol (NATS's INFO greeting, an SMTP banner) gave redis-py's
     protocol error quoting the whole greeting, with no setting named, and submit offered to cancel a request it
     never sent."""
-    import socket
-    import threading
-
     greeting = b'INFO {"server_id":"' + b"N" * 200 + b'","version":"2.9.10","secret_looking":"zz"}\r\n'
-    srv = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(greeting)
-                with contextlib.suppress(OSError):
-                    conn.recv(4096)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    url = f"redis://app:s3cret-pw@127.0.0.1:{srv.getsockname()[1]}/0"
-    masked = url.replace("s3cret-pw", "***")
-    try:
+    with _other_server(greeting) as port:
+        url = f"redis://app:s3cret-pw@127.0.0.1:{port}/0"
+        masked = url.replace("s3cret-pw", "***")
         env = {"PAGEDSERVE_REDIS_URL": url, "PAGEDSERVE_METRICS_PORT": "0", "PAGEDSERVE_MODEL": "pagedserve-tiny-random"}
         for args in (["submit", "Hello"], ["cancel", "x"], ["batch", "list"], ["worker"], ["demo"]):
             res = _cli(env, *args)
@@ -989,10 +978,6 @@ def test_a_url_of_another_servers_port_is_named_in_one_line_without_its_greeting
                    "protocol (it answered b'INFO {" in line and line.endswith("check the host and port"), (args, line)
             assert "s3cret-pw" not in line and "NNNNNNNNNNNNNNNNNNNNNNNN" not in line and "id=" not in line.replace(
                 "cancel id=x", ""), (args, line)
-    finally:
-        stop.set()
-        t.join(5)
-        srv.close()
 
 
 def test_an_unreachable_redis_or_a_missing_model_names_the_setting_to_fix(tmp_path):

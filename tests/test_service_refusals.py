@@ -148,6 +148,18 @@ def test_the_queue_gauges_show_a_backlog_while_reads_are_refused(tmp_path):
         redis.close()
 
 
+def _dones_heard(sub, first_within: float = 1.0) -> list[bytes]:
+    """The ``done`` events heard on ``sub``: the first within ``first_within`` s, then until a second's quiet."""
+    heard: list[bytes] = []
+    until = time.monotonic() + first_within
+    while True:
+        m = sub.get_message(timeout=1.0)
+        if m is None and (heard or time.monotonic() >= until):
+            return heard
+        if m is not None and m["type"] == "message" and json.loads(m["data"])["type"] == "done":
+            heard.append(m["data"])
+
+
 def _terminals_in_events(r, rid: str) -> int:
     return sum(json.loads(fields[b"data"])["type"] == "done" for _, fields in r.xrange(KEYS.events(rid)))
 
@@ -177,10 +189,7 @@ def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_
                 time.sleep(1.0)  # the acknowledgement refused, tried again
                 redis.revoke(None)
                 wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
-                terminals = []
-                while (m := sub.get_message(timeout=1.0)) is not None:
-                    if m["type"] == "message" and json.loads(m["data"])["type"] == "done":
-                        terminals.append(m["data"])
+                terminals = _dones_heard(sub)
                 assert len(terminals) == 1, terminals
                 assert _terminals_in_events(redis.admin, "fresh") == 1
     finally:
@@ -216,15 +225,7 @@ def test_a_refused_publication_is_made_once_redis_takes_it_after_other_failures(
             redis.revoke(None)
             time.sleep(1.5)  # a try or more fails on its own (NOSCRIPT, OOM)
             redis.refuse_memory(False)
-            terminals = []
-            until = time.monotonic() + 15
-            while time.monotonic() < until and not terminals:
-                m = sub.get_message(timeout=0.5)
-                if m is not None and m["type"] == "message" and json.loads(m["data"])["type"] == "done":
-                    terminals.append(m["data"])
-            while (m := sub.get_message(timeout=1.0)) is not None:
-                if m["type"] == "message" and json.loads(m["data"])["type"] == "done":
-                    terminals.append(m["data"])
+            terminals = _dones_heard(sub, first_within=15)
             assert len(terminals) == 1, terminals
             assert _terminals_in_events(redis.admin, "heard") == 1
     finally:

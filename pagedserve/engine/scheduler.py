@@ -14,7 +14,8 @@ while it lacks blocks or sequence slots (beside the better queued ones before it
 get only the token budget and the free blocks its next chunk leaves (``_Hold``). A victim queues behind the
 request it made room for, so it is not swapped straight back in: priorities hold in every preemption mode (a
 better request starts in the step after it arrives, unless better running requests take its room first; no
-request waits a step while a strictly worse one runs), and nothing thrashes.
+request waits a step while a strictly worse one runs), and nothing thrashes between priorities (among equals the
+latest arrival is the victim, as in vLLM, so a group outgrowing the pool preempts later arrivals again and again).
 
 Liveness: nothing waits forever on blocks. A single sequence always fits (the engine caps ``max_model_len`` at the
 pool), but a group (``n`` samples, beams) can outgrow the whole pool. Samples alone on the device take turns
