@@ -7,6 +7,7 @@ given when it is built.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,20 +41,29 @@ class StepContext:
     prefill_cu_seqlens_q: torch.Tensor | None = None
 
 
-_CONTEXT: StepContext | None = None
+class _ThreadContext(threading.local):
+    """The context of the step running in this thread. Per thread, not per process: two engines stepping at once
+    in two threads (two ``LLM`` objects, each used from its own thread) read each other's slots and block tables
+    through one module-wide context, and wrote their K/V into the other's places."""
+
+    step: StepContext | None = None
+
+
+_CONTEXT = _ThreadContext()
 
 
 @contextmanager
 def step_context(ctx: StepContext) -> Iterator[StepContext]:
-    """Make ``ctx`` the context of the forward pass run inside the block; the previous one is restored after."""
-    global _CONTEXT
-    previous, _CONTEXT = _CONTEXT, ctx
+    """Make ``ctx`` the context of the forward pass run inside the block (in this thread); the previous one is
+    restored after."""
+    previous, _CONTEXT.step = _CONTEXT.step, ctx
     try:
         yield ctx
     finally:
-        _CONTEXT = previous
+        _CONTEXT.step = previous
 
 
 def get_context() -> StepContext:
-    assert _CONTEXT is not None, "attention called outside a model-runner step"
-    return _CONTEXT
+    ctx = _CONTEXT.step
+    assert ctx is not None, "attention called outside a model-runner step"
+    return ctx
