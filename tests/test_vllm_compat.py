@@ -72,6 +72,18 @@ def test_lora_request_none_is_taken_and_an_adapter_refused_by_name(llm, method):
     assert not llm.engine.requests
 
 
+def test_the_engines_add_request_takes_lora_request_none_too(llm):
+    """``LLMEngine.add_request(..., lora_request=None)``, as vLLM's engine is called, was a TypeError though
+    ``LLM.generate`` took it."""
+    eng = llm.engine
+    eng.add_request("lora-none", "hi", GREEDY, lora_request=None)
+    while eng.has_unfinished_requests():
+        eng.step()
+    with pytest.raises(ValueError, match=r"add_request\(\) lora_request: .*no LoRA adapter"):
+        eng.add_request("lora-some", "hi", GREEDY, lora_request=object())
+    assert not eng.requests
+
+
 def test_a_completion_outputs_finished_is_a_method_and_a_request_outputs_a_field(llm):
     """As vLLM's: ``output.outputs[0].finished()`` was ``True()``, a TypeError, when it was a property."""
     out = llm.generate("hi", SamplingParams(max_tokens=2, temperature=0))[0]

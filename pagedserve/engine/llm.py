@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 from pagedserve.engine.chat_content import as_parts, content_format
 from pagedserve.engine.errors import EngineDeadError
-from pagedserve.engine.llm_engine import EngineStats, LLMEngine
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine, no_lora
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.prompt_inputs import is_token_ids, one_prompt
 from pagedserve.engine.sampling_params import SamplingParams, check_unicode, final_only, same_as_one_of
@@ -44,13 +44,6 @@ def _progress(method: str, show_progress: bool | None, use_tqdm) -> bool:
         raise TypeError(f"{method}() got both show_progress and use_tqdm (vLLM's name for show_progress): pass "
                         "one of them")
     return bool(use_tqdm if use_tqdm is not None else show_progress)
-
-
-def _no_lora(method: str, lora_request) -> None:
-    """vLLM's ``lora_request=``: None (its default, which scripts pass along) is taken; an adapter is refused."""
-    if lora_request is not None:
-        raise ValueError(f"{method}() lora_request: pagedserve serves the model's own weights, no LoRA adapter; "
-                         "merge the adapter into the weights (peft's merge_and_unload) and load that, or pass None")
 
 
 def _priorities(priority, num_prompts: int) -> list[int]:
@@ -245,7 +238,7 @@ class LLM:
         """
         self._check_open()
         show_progress = _progress("generate", show_progress, use_tqdm)
-        _no_lora("generate", lora_request)
+        no_lora("generate", lora_request)
         prompts, salts = _prompt_list(prompts)
         priorities = _priorities(priority, len(prompts))
         if sampling_params is None:
@@ -309,7 +302,7 @@ class LLM:
         """
         self._check_open()
         show_progress = _progress("chat", show_progress, use_tqdm)
-        _no_lora("chat", lora_request)
+        no_lora("chat", lora_request)
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Seq) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "
                              "(one conversation) or a list of such lists")

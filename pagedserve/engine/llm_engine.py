@@ -134,6 +134,13 @@ def _wall_time(value, name: str) -> float | None:
     return float(value)
 
 
+def no_lora(method: str, lora_request: object) -> None:
+    """vLLM's ``lora_request=``: None (its default, which scripts pass along) is taken; an adapter is refused."""
+    if lora_request is not None:
+        raise ValueError(f"{method}() lora_request: pagedserve serves the model's own weights, no LoRA adapter; "
+                         "merge the adapter into the weights (peft's merge_and_unload) and load that, or pass None")
+
+
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.config = EngineConfig(model=model, **kwargs)
@@ -274,15 +281,17 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int] | tuple[int, ...] | Mapping[str, Any],
                     params: SamplingParams | None = None, *,
                     priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
-                    resume: list[ResumeSample] | None = None, cache_salt: str | None = None) -> None:
+                    resume: list[ResumeSample] | None = None, cache_salt: str | None = None,
+                    lora_request: object = None) -> None:
         """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error.
 
         ``prompt``: text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict (which may
         carry the ``cache_salt``). ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this
         request had handed out; generation continues after it (``_resume``). ``cache_salt`` (vLLM's): the request's
         prompt shares cached blocks only with requests of the same salt (one per tenant keeps tenants' prefixes
-        apart)."""
+        apart). ``lora_request`` (vLLM's) must be None: no adapters are served."""
         self._check_open()
+        no_lora("add_request", lora_request)
         if isinstance(prompt, Mapping):
             if cache_salt is not None and prompt.get("cache_salt") is not None:
                 raise ValueError("cache_salt is given twice: as an argument and in the prompt dict; give one")
