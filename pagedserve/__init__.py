@@ -23,7 +23,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 # What the docs' "workers (clients) before <release>" compare with: the day, and that day's change if more than one
 # changed what a worker, a client or the wire does. Changed with every such change, so an operator can tell the
 # releases of a rolling update apart (``pagedserve --version``, the worker's ``worker_started`` line).
-RELEASE = "2026-12-08.1"
+RELEASE = "2026-12-08.2"
 
 _EXPORTS = {
     "LLM": "pagedserve.engine.llm",

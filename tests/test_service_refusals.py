@@ -233,6 +233,38 @@ def test_a_refused_publication_is_made_once_redis_takes_it_after_other_failures(
         redis.close()
 
 
+def test_a_publication_made_once_is_not_made_again_while_its_xdel_is_refused():
+    """PUBLISH and XDEL refused, then PUBLISH allowed before XDEL: the publication owed (the first try stopped at
+    PUBLISH) was remembered until the op was applied, so every try stopped at the refused XDEL published the end
+    once more: three ``done`` on the channel for one answer. A try that published and then met a refused XDEL
+    says so (PUBLISHED), and the tries after it publish nothing."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="deleter")
+    sub = redis.admin.pubsub()
+    try:
+        sub.subscribe(KEYS.out("once"))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        with running_worker(settings):
+            redis.revoke(["-publish", "-xdel"])
+            redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "once", "prompt": "x",
+                                                                   "params": {"max_tokens": 3}})})
+            wait_for(lambda: _result(redis.admin, "once") is not None, 60, 0.1, "the result")
+            time.sleep(1.0)
+            redis.revoke(["+publish"])  # XDEL still refused: tried again and again
+            time.sleep(3.0)
+            redis.revoke(None)
+            wait_for(lambda: redis.admin.xlen(KEYS.requests) == 0, 60, 0.1, "the entry deleted")
+            terminals = _dones_heard(sub)
+            assert len(terminals) == 1, terminals
+            assert _terminals_in_events(redis.admin, "once") == 1
+            assert not pending_entries(redis.admin, KEYS)
+    finally:
+        sub.close()
+        redis.close()
+
+
 def test_a_renewal_whose_get_is_refused_keeps_the_claims():
     """The claim renewal read a GET the ACL refused as a claim of another type, lost: the worker gave up a run
     whose claim was still its own (and started it again). A refused renewal is tried again instead."""

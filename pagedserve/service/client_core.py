@@ -1296,8 +1296,10 @@ class Outage:
             closed = (f"; Redis closed the connection even to reads of {events_page} events: if it answers other "
                       "commands, its client-output-buffer-limit for normal clients is too small for them"
                       if events_page is not None and events_page < EVENTS_PAGE else "")
-            err = RedisUnreachable(f"lost Redis at {where} for {OUTAGE_S:g} s while waiting for {request_id} "
-                                   f"({then}): {redact(error)}{closed}{hint}")
+            # Never answered at all: no Redis was lost, none may have been there (the hint says what it may be).
+            lead = (f"nothing at {where} answered in {OUTAGE_S:g} s" if hint else
+                    f"lost Redis at {where} for {OUTAGE_S:g} s")
+            err = RedisUnreachable(f"{lead} while waiting for {request_id} ({then}): {redact(error)}{closed}{hint}")
             if sent or tried:  # in the stream, or it may be: the caller waits for it by this id
                 err.request_id = request_id
             raise err

@@ -70,7 +70,8 @@ class _Op:
     expire: bool = False  # a token event that (re)sets its events key's expiry (until applied)
     # A terminal or publish op one of whose tries stopped at a refused PUBLISH, after acknowledging its entries:
     # every later try publishes though it acknowledges nothing (lua/answer_entries.lua), whatever else stopped the
-    # tries between (NOSCRIPT, OOM, another refusal), until one is applied.
+    # tries between (NOSCRIPT, OOM, another refusal), until one publishes (then stopped by a refused XDEL: an
+    # error that starts PUBLISHED) or is applied.
     unpublished: bool = False
     # A terminal op one of whose tries stopped at a refused XADD, after storing its event: a later try appends it
     # to the events stream (lua/finish.lua), which a try finding its own event stored does not do otherwise.
@@ -268,8 +269,10 @@ class Publisher(WorkerPart):
                     if errors and op.kind == "token":
                         op.took(mine)  # e.g. PUBLISH is allowed under maxmemory, XADD is not: retry only XADD
                     if errors and op.kind in ("terminal", "publish"):
-                        op.unpublished = op.unpublished or str(errors[0]).startswith("UNPUBLISHED")
-                        op.unappended = op.unappended or str(errors[0]).startswith("UNAPPENDED")
+                        said = str(errors[0])
+                        if said.startswith(("UNPUBLISHED", "PUBLISHED")):  # got past the append: done with it
+                            op.unpublished, op.unappended = said.startswith("UNPUBLISHED"), False
+                        op.unappended = op.unappended or said.startswith("UNAPPENDED")
                     if errors and _wrong_type(errors[0]):
                         given_up.append((op, errors[0]))
                         if op.kind != "token":  # a result or an ack is never dropped: retried on its own
