@@ -354,6 +354,29 @@ def test_a_taken_line_whose_request_vanished_is_fed_again(redis_url, prefix, r, 
     assert all(o["response"]["status_code"] == 200 for o in batch_results(r, prefix, bid))
 
 
+def test_a_line_whose_result_key_holds_another_type_ends_with_an_error_line(redis_url, prefix, r, shared_engine):
+    """A line whose result key a producer wrote with another type: its request was dead-lettered (``foreign_key``)
+    and the re-feed look found the key there and took the line for alive, for good: the batch stayed
+    ``in_progress`` past its window and ``results --wait`` never returned. The line ends with an error naming the
+    key; the others complete."""
+    from pagedserve.service.batch_keys import BatchScripts, request_id
+
+    bid = submit_batch(r, prefix, jsonl([completion(f"c{i}") for i in range(3)]))
+    k, keys = BatchKeys(prefix), Keys(prefix)
+    got = BatchScripts(r).take(keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid), keys.requests],
+                               args=[10, int(time.time() * 1000)])
+    assert got == [b"taken", 3]
+    r.zadd(k.inflight(bid), {"0": 0, "1": 0, "2": 0})  # taken long ago: looked at again at once
+    r.hset(keys.result(request_id(bid, 1)), "x", "y")
+    with running_worker(make_settings(redis_url, prefix), shared_engine):
+        status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    by_id = {o["custom_id"]: o for o in batch_results(r, prefix, bid)}
+    assert by_id["c1"]["error"]["code"] == "foreign_key" and keys.result(request_id(bid, 1)) in \
+        by_id["c1"]["error"]["message"], by_id["c1"]
+    assert by_id["c0"]["response"]["status_code"] == by_id["c2"]["response"]["status_code"] == 200
+
+
 def test_helm_chart_can_scale_on_the_batch_backlog():
     helm = pytest.importorskip("helm_python")
     from pathlib import Path

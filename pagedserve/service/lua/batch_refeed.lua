@@ -12,7 +12,8 @@
 -- ARGV[1] list index, ARGV[2] now (ms), ARGV[3] taken before (ms): only a line still that old is looked at,
 -- ARGV[4] most re-feeds of one line
 -- Returns 'fresh' | 'alive' | 'refed' | 'closed' (the batch takes nothing more) | 'exhausted' | 'gone'
---   | {'malformed', <field or key>, <what is wrong with it>}
+--   | 'foreign' (its result key holds a value of another type: no worker can store the line's answer there, so
+--   its request was dead-lettered, and fed again it would be each time) | {'malformed', <field or key>, <what>}
 
 --!include batch_checks
 
@@ -38,7 +39,11 @@ if refeeds and not count(refeeds) then
           ARGV[1] .. ', not a whole number >= 0'}
 end
 local queued = eid and #redis.call('XRANGE', KEYS[5], eid, eid) > 0
-if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[7]) == 1 or queued then
+local result = redis.call('TYPE', KEYS[6]).ok
+if result ~= 'none' and result ~= 'string' then
+  return 'foreign'
+end
+if result == 'string' or redis.call('EXISTS', KEYS[7]) == 1 or queued then
   redis.call('ZADD', KEYS[3], 'XX', ARGV[2], ARGV[1])
   return 'alive'
 end
