@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -164,6 +165,24 @@ def _terminals_in_events(r, rid: str) -> int:
     return sum(json.loads(fields[b"data"])["type"] == "done" for _, fields in r.xrange(KEYS.events(rid)))
 
 
+@contextlib.contextmanager
+def _worker_heard_on(rid: str, name: str):
+    """A private Redis, a subscription to ``rid``'s channel (confirmed) and a worker in this process named ``name``
+    logged in as the ACL user the windows change. Yields (the Redis, the subscription)."""
+    from service_fixtures import running_worker
+
+    redis = PrivateRedis().start()
+    sub = redis.admin.pubsub()
+    try:
+        sub.subscribe(KEYS.out(rid))
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        with running_worker(make_settings(redis.worker_url(), KEYS.prefix, worker_name=name)):
+            yield redis, sub
+    finally:
+        sub.close()
+        redis.close()
+
+
 @pytest.mark.parametrize("refused", ["-xack", "-xdel", "-xadd", "-publish"])
 def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_for_a_while(tmp_path, refused):
     """The terminal script stores, publishes, appends and acknowledges. Publishing after the acknowledgement (a
@@ -172,29 +191,18 @@ def test_a_terminal_event_is_published_once_when_its_acknowledgement_is_refused_
     from its stored result (a resubmission). And an XADD refused after the SET left the events stream without its
     terminal event for good: sent again, the script found its event stored and appended nothing; a refused
     PUBLISH, after the XACK, left the channel without it: sent again, the script acknowledged nothing."""
-    from service_fixtures import running_worker
-
-    redis = PrivateRedis().start()
-    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="acker")
-    sub = redis.admin.pubsub()
-    try:
-        sub.subscribe(KEYS.out("fresh"))
-        assert sub.get_message(timeout=5)["type"] == "subscribe"
-        with running_worker(settings):
-            for rid in ("fresh", "fresh"):  # the second: a resubmission, answered from the stored result
-                redis.revoke([refused])
-                redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": rid, "prompt": "x",
-                                                                       "params": {"max_tokens": 3}})})
-                wait_for(lambda: _result(redis.admin, "fresh") is not None, 60, 0.1, "the result")
-                time.sleep(1.0)  # the acknowledgement refused, tried again
-                redis.revoke(None)
-                wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
-                terminals = _dones_heard(sub)
-                assert len(terminals) == 1, terminals
-                assert _terminals_in_events(redis.admin, "fresh") == 1
-    finally:
-        sub.close()
-        redis.close()
+    with _worker_heard_on("fresh", "acker") as (redis, sub):
+        for rid in ("fresh", "fresh"):  # the second: a resubmission, answered from the stored result
+            redis.revoke([refused])
+            redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": rid, "prompt": "x",
+                                                                   "params": {"max_tokens": 3}})})
+            wait_for(lambda: _result(redis.admin, "fresh") is not None, 60, 0.1, "the result")
+            time.sleep(1.0)  # the acknowledgement refused, tried again
+            redis.revoke(None)
+            wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
+            terminals = _dones_heard(sub)
+            assert len(terminals) == 1, terminals
+            assert _terminals_in_events(redis.admin, "fresh") == 1
 
 
 @pytest.mark.parametrize("between", ["script_flush", "maxmemory"])
@@ -203,34 +211,23 @@ def test_a_refused_publication_is_made_once_redis_takes_it_after_other_failures(
     again. Only its last try was remembered: when another failure came between (Redis lost its scripts, or
     refused the script under maxmemory), the next try published nothing, and a listener on the channel never
     heard the end."""
-    from service_fixtures import running_worker
-
-    redis = PrivateRedis().start()
-    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="republisher")
-    sub = redis.admin.pubsub()
-    try:
-        sub.subscribe(KEYS.out("heard"))
-        assert sub.get_message(timeout=5)["type"] == "subscribe"
-        with running_worker(settings):
-            redis.revoke(["-publish"])
-            redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "heard", "prompt": "x",
-                                                                   "params": {"max_tokens": 3}})})
-            wait_for(lambda: _result(redis.admin, "heard") is not None, 60, 0.1, "the result")
-            wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
-            time.sleep(0.5)  # the PUBLISH refused at least once more
-            if between == "script_flush":
-                redis.admin.script_flush()
-            else:
-                redis.refuse_memory(True)
-            redis.revoke(None)
-            time.sleep(1.5)  # a try or more fails on its own (NOSCRIPT, OOM)
-            redis.refuse_memory(False)
-            terminals = _dones_heard(sub, first_within=15)
-            assert len(terminals) == 1, terminals
-            assert _terminals_in_events(redis.admin, "heard") == 1
-    finally:
-        sub.close()
-        redis.close()
+    with _worker_heard_on("heard", "republisher") as (redis, sub):
+        redis.revoke(["-publish"])
+        redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "heard", "prompt": "x",
+                                                               "params": {"max_tokens": 3}})})
+        wait_for(lambda: _result(redis.admin, "heard") is not None, 60, 0.1, "the result")
+        wait_for(lambda: not pending_entries(redis.admin, KEYS), 60, 0.1, "the entry acknowledged")
+        time.sleep(0.5)  # the PUBLISH refused at least once more
+        if between == "script_flush":
+            redis.admin.script_flush()
+        else:
+            redis.refuse_memory(True)
+        redis.revoke(None)
+        time.sleep(1.5)  # a try or more fails on its own (NOSCRIPT, OOM)
+        redis.refuse_memory(False)
+        terminals = _dones_heard(sub, first_within=15)
+        assert len(terminals) == 1, terminals
+        assert _terminals_in_events(redis.admin, "heard") == 1
 
 
 def test_a_publication_made_once_is_not_made_again_while_its_xdel_is_refused():
@@ -238,31 +235,20 @@ def test_a_publication_made_once_is_not_made_again_while_its_xdel_is_refused():
     PUBLISH) was remembered until the op was applied, so every try stopped at the refused XDEL published the end
     once more: three ``done`` on the channel for one answer. A try that published and then met a refused XDEL
     says so (PUBLISHED), and the tries after it publish nothing."""
-    from service_fixtures import running_worker
-
-    redis = PrivateRedis().start()
-    settings = make_settings(redis.worker_url(), KEYS.prefix, worker_name="deleter")
-    sub = redis.admin.pubsub()
-    try:
-        sub.subscribe(KEYS.out("once"))
-        assert sub.get_message(timeout=5)["type"] == "subscribe"
-        with running_worker(settings):
-            redis.revoke(["-publish", "-xdel"])
-            redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "once", "prompt": "x",
-                                                                   "params": {"max_tokens": 3}})})
-            wait_for(lambda: _result(redis.admin, "once") is not None, 60, 0.1, "the result")
-            time.sleep(1.0)
-            redis.revoke(["+publish"])  # XDEL still refused: tried again and again
-            time.sleep(3.0)
-            redis.revoke(None)
-            wait_for(lambda: redis.admin.xlen(KEYS.requests) == 0, 60, 0.1, "the entry deleted")
-            terminals = _dones_heard(sub)
-            assert len(terminals) == 1, terminals
-            assert _terminals_in_events(redis.admin, "once") == 1
-            assert not pending_entries(redis.admin, KEYS)
-    finally:
-        sub.close()
-        redis.close()
+    with _worker_heard_on("once", "deleter") as (redis, sub):
+        redis.revoke(["-publish", "-xdel"])
+        redis.admin.xadd(KEYS.requests, {"body": json.dumps({"id": "once", "prompt": "x",
+                                                               "params": {"max_tokens": 3}})})
+        wait_for(lambda: _result(redis.admin, "once") is not None, 60, 0.1, "the result")
+        time.sleep(1.0)
+        redis.revoke(["+publish"])  # XDEL still refused: tried again and again
+        time.sleep(3.0)
+        redis.revoke(None)
+        wait_for(lambda: redis.admin.xlen(KEYS.requests) == 0, 60, 0.1, "the entry deleted")
+        terminals = _dones_heard(sub)
+        assert len(terminals) == 1, terminals
+        assert _terminals_in_events(redis.admin, "once") == 1
+        assert not pending_entries(redis.admin, KEYS)
 
 
 def test_a_renewal_whose_get_is_refused_keeps_the_claims():
