@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +83,12 @@ def test_the_engines_add_request_takes_lora_request_none_too(llm):
     with pytest.raises(ValueError, match=r"add_request\(\) lora_request: .*no LoRA adapter"):
         eng.add_request("lora-some", "hi", GREEDY, lora_request=object())
     assert not eng.requests
+    # vLLM's positional order: request_id, prompt, params, arrival_time, lora_request (a TypeError here before)
+    eng.add_request("positional", "hi", GREEDY, time.time() - 1.0, None)
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert outs[-1].request_id == "positional" and outs[-1].finished
 
 
 def test_a_completion_outputs_finished_is_a_method_and_a_request_outputs_a_field(llm):

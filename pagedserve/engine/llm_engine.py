@@ -279,17 +279,17 @@ class LLMEngine:
         return self.config.max_num_seqs, "max_num_seqs"
 
     def add_request(self, request_id: str, prompt: str | list[int] | tuple[int, ...] | Mapping[str, Any],
-                    params: SamplingParams | None = None, *,
-                    priority: int = 0, deadline: float | None = None, arrival_time: float | None = None,
-                    resume: list[ResumeSample] | None = None, cache_salt: str | None = None,
-                    lora_request: object = None) -> None:
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    lora_request: object = None, *, priority: int = 0, deadline: float | None = None,
+                    resume: list[ResumeSample] | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request. Raises ``ValueError`` naming the field; nothing is queued on error.
 
         ``prompt``: text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict (which may
         carry the ``cache_salt``). ``resume``: one :class:`ResumeSample` per sample, what an interrupted run of this
         request had handed out; generation continues after it (``_resume``). ``cache_salt`` (vLLM's): the request's
         prompt shares cached blocks only with requests of the same salt (one per tenant keeps tenants' prefixes
-        apart). ``lora_request`` (vLLM's) must be None: no adapters are served."""
+        apart). ``arrival_time`` and ``lora_request`` (which must be None: no adapters are served) take vLLM's
+        places, so its positional calls run unchanged."""
         self._check_open()
         no_lora("add_request", lora_request)
         if isinstance(prompt, Mapping):
