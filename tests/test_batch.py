@@ -368,6 +368,14 @@ def test_a_line_whose_result_key_holds_another_type_ends_with_an_error_line(redi
     assert got == [b"taken", 3]
     r.zadd(k.inflight(bid), {"0": 0, "1": 0, "2": 0})  # taken long ago: looked at again at once
     r.hset(keys.result(request_id(bid, 1)), "x", "y")
+    # While its entry is still queued the line is alive: the request decides (the key may be gone by its end);
+    # the first version of this fix failed such a line at once, and a request that then ran stored a done.
+    look = BatchScripts(r).refeed(
+        keys=[k.record(bid), k.lines(bid), k.inflight(bid), k.entries(bid), keys.requests,
+              keys.result(request_id(bid, 1)), keys.running(request_id(bid, 1))],
+        args=[1, int(time.time() * 1000), int(time.time() * 1000), 3])
+    assert look == b"alive", look
+    r.zadd(k.inflight(bid), {"1": 0})
     with running_worker(make_settings(redis_url, prefix), shared_engine):
         status = wait_batch(r, prefix, bid, timeout=60, poll_s=0.1)
     assert status["status"] == "completed" and status["request_counts"] == {"total": 3, "completed": 2, "failed": 1}

@@ -40,12 +40,13 @@ if refeeds and not count(refeeds) then
 end
 local queued = eid and #redis.call('XRANGE', KEYS[5], eid, eid) > 0
 local result = redis.call('TYPE', KEYS[6]).ok
-if result ~= 'none' and result ~= 'string' then
-  return 'foreign'
-end
 if result == 'string' or redis.call('EXISTS', KEYS[7]) == 1 or queued then
   redis.call('ZADD', KEYS[3], 'XX', ARGV[2], ARGV[1])
   return 'alive'
+end
+-- Only now: a request still queued or running decides for itself (the stray key may be gone by its end).
+if result ~= 'none' then
+  return 'foreign'
 end
 local st
 st, bad = read('record', 'hash', 'HMGET', KEYS[1], 'status', 'refeeds')
