@@ -204,7 +204,7 @@ def test_a_redis_that_asks_for_a_client_certificate_is_said_to(prefix, tmp_path)
     port?", and a certificate for other host names "give the CA that signed it" though the CA was right."""
     import ssl
 
-    from pagedserve.service.connection import tls_problem
+    from pagedserve.service.tls_errors import tls_problem
 
     files = tls_files(tmp_path)
     server, tls_port = _tls_server(files, client_certificates=True)

@@ -388,12 +388,15 @@ class BatchFeeder(WorkerPart):
             md = self._metadata(bid, index)
             if md is None:
                 return
-            status = as_text(self.conn.r.hget(k.record(bid), "status") or b"")
-            code, message = _closing_error(status) if what == "closed" else (
-                "foreign_key", f"the line's result key {self.keys.result(rid)} holds a value of another type (not a "
-                "worker's): no answer can be stored there; delete it and submit the line again") \
-                if what == "foreign" else (
-                "internal", f"the request was lost {MAX_REFEEDS} times (dead-lettered or dropped by Redis)")
+            if what == "closed":
+                code, message = _closing_error(as_text(self.conn.r.hget(k.record(bid), "status") or b""))
+            elif what == "foreign":
+                code, message = "foreign_key", (f"the line's result key {self.keys.result(rid)} holds a value of "
+                                                "another type (not a worker's): no answer can be stored there; "
+                                                "delete it and submit the line again")
+            else:
+                code, message = "internal", (f"the request was lost {MAX_REFEEDS} times (dead-lettered or dropped "
+                                             "by Redis)")
             line = error_line(bid, md["line"], md["custom_id"], code, message)
             self._store(bid, [str(md["line"]), json.dumps(line, separators=(",", ":")), "0", str(index)])
 

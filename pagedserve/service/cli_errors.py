@@ -51,7 +51,7 @@ def explain_error(e: BaseException, flags: dict[str, str] | None = None) -> str:
     if isinstance(e, redis.AuthenticationError) and "PAGEDSERVE_REDIS_URL" not in str(e):  # not said yet
         return f"error: {credentials_refused(url, e)}"
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-        from .connection import tls_problem
+        from .tls_errors import tls_problem
 
         if (tls := tls_problem(e, given)) is not None:
             return f"error: {tls}"

@@ -406,6 +406,11 @@ def unreachable(where: str, e: BaseException, source: str = "PAGEDSERVE_REDIS_UR
     return RedisUnreachable(f"cannot reach Redis at {where}: {not_redis(e) or redact(e)}{hint}")
 
 
+# What a server that takes each connection and closes it under the first command may be (the worker says it too).
+MAYBE_NO_REDIS = ("it may be no Redis, or take only TLS (rediss://), or be a proxy with no Redis behind it: check the "
+                  "host, port and scheme")
+
+
 def never_answered_hint(e: BaseException) -> str:
     """What to add to an outage's message when no command of the wait was ever answered and ``e``, its last error,
     is a connection the server took and closed (or reset) under a command: another service's port, a TLS-only
@@ -413,9 +418,7 @@ def never_answered_hint(e: BaseException) -> str:
     that was there."""
     if not broke_mid_reply(e):
         return ""
-    return ("; the server there closed each connection under its first command and never answered one: it may be "
-            "no Redis, or take only TLS (rediss://), or be a proxy with no Redis behind it: check the host, port "
-            "and scheme")
+    return f"; the server there closed each connection under its first command and never answered one: {MAYBE_NO_REDIS}"
 
 
 def redis_said(e: BaseException) -> str:
@@ -1103,13 +1106,20 @@ def answered_before(ev: ErrorEvent) -> ErrorEvent:
     return ev.model_copy(update={"error": ev.error.model_copy(update={"message": ev.error.message + note})})
 
 
+def connect_failed(e: BaseException) -> bool:
+    """A connection that could not be made (refused, unknown host, timed out connecting): nothing was sent on it."""
+    text = str(e)
+    return (isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+            and ("connecting to" in text or text.startswith("Timeout connecting")))
+
+
 def broke_mid_reply(e: BaseException) -> bool:
     """A connection that Redis closed (or reset) under a command it had taken: not a timeout, not Redis loading,
     not a connect that failed (Redis away, or on its way back, is an outage, never a reply too big), not the
     client's own pool out of connections (nothing was sent)."""
     return (isinstance(e, redis.ConnectionError)
             and not isinstance(e, (redis.TimeoutError, redis.exceptions.BusyLoadingError))
-            and "connecting to" not in str(e) and not pool_full(e))
+            and not connect_failed(e) and not pool_full(e))
 
 
 def closed_by_server(e: BaseException) -> bool:

@@ -39,12 +39,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .client_core import MAYBE_NO_REDIS, broke_mid_reply
 from .context import WorkerContext, WorkerPart
 from .publisher import Publisher
 from .reclaim import LeaseKeeper, Reclaimer
 from .redaction import redact, remember_secrets
 from .stream_fields import keep_repeated_fields
-from .tls_errors import tls_problem  # noqa: F401 - the worker's and the CLI's name for it
 
 # A worker clock further off Redis's than this is said (check_clock): NTP keeps clocks within milliseconds, and the
 # queue-wait limits worth setting are seconds.
@@ -63,7 +63,6 @@ REDIS_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyErr
 # proxy or DNS name points at the new primary). Only new connections can reach that one, so the link is set up
 # anew, as after an outage, instead of retrying on the same connections for as long as they stay open.
 REDIS_DEMOTED = redis.exceptions.ReadOnlyError
-
 
 
 def refused_while_up(e: BaseException) -> bool:
@@ -149,8 +148,6 @@ class RedisSettingError(RuntimeError):
     """PAGEDSERVE_REDIS_URL leads to a Redis this worker can never use as it is (a certificate it does not trust,
     TLS against a port that speaks none, a Redis Cluster node): no retry mends it, so the worker ends at start in
     one line instead of retrying for ever behind a /readyz that says only "not ready"."""
-
-
 
 
 def _refusal_hint(e: BaseException) -> str:
@@ -401,13 +398,12 @@ class Connection(WorkerPart):
         if self.ok or self.backoff.delay == 0:
             event = "redis_refused" if isinstance(e, REDIS_REFUSED) else "redis_unreachable"
             note = "retrying with backoff; /readyz says not ready until the link is set up again"
-            if not self._name_held and _closed_under_first_command(e):
+            if not self._name_held and broke_mid_reply(e):
                 # Never set up, and the server took the connection only to close it: another service's port (or a
                 # TLS-only one over redis://, or a proxy whose Redis is away) looks so at every try, which an outage
                 # alone did not say.
-                note = ("the server accepted the connection and closed it under the first command: it may be no "
-                        "Redis, or take only TLS (rediss://), or be a proxy with no Redis behind it now: check the "
-                        "host, port and scheme; " + note)
+                note = (f"the server accepted the connection and closed it under the first command: {MAYBE_NO_REDIS}; "
+                        f"{note}")
             self.log.warning(event, url=redact(self.settings.redis_url), error=redact(e),
                              buffered=self.publisher.buffered(), note=note)
         self.refused = redact(str(e)) if isinstance(e, REDIS_REFUSED) else ""
@@ -631,10 +627,3 @@ class Connection(WorkerPart):
             except Exception:
                 pass
             self.pubsub = None
-
-
-def _closed_under_first_command(e: BaseException) -> bool:
-    """A connection the server took and then closed or reset under a command (not refused, not timed out)."""
-    text = str(e)
-    return (isinstance(e, redis.ConnectionError) and not isinstance(e, redis.TimeoutError)
-            and "connecting to" not in text and ("closed by server" in text or "reset by peer" in text))

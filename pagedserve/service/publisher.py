@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from .client_core import connect_failed
 from .context import WorkerContext, WorkerPart
 from .protocol import as_text
 from .redaction import redact
@@ -252,7 +253,7 @@ class Publisher(WorkerPart):
                     # Ctrl-C too: the shutdown's flush sends the batch again, and Redis may have it already.
                     # So for a terminal event whose PUBLISH was refused before: this try may have published it,
                     # unless the connection could not even be made (nothing was sent).
-                    sent_maybe = not _not_connected(e)
+                    sent_maybe = not connect_failed(e)
                     for op in batch:
                         op.published = True
                         op.unpublished = op.unpublished and not sent_maybe
@@ -478,8 +479,3 @@ def _wrong_type(err: BaseException) -> bool:
     """Redis's WRONGTYPE (from a command or a script): the key holds another type, which no retry mends."""
     return isinstance(err, redis.ResponseError) and str(err).startswith("WRONGTYPE")
 
-
-def _not_connected(err: BaseException) -> bool:
-    """A pipeline that failed making its connection: nothing of it reached Redis."""
-    text = str(err)
-    return isinstance(err, redis.ConnectionError) and ("connecting to" in text or text.startswith("Timeout connecting"))

@@ -54,7 +54,6 @@ from .connection import (
     RedisSettingError,
     redis_client,
     redis_location,
-    tls_problem,
 )
 from .redaction import redact
 from .context import WorkerContext, WorkerPart
@@ -69,6 +68,7 @@ from .reclaim import LeaseKeeper, Reclaimer
 from .running import Running
 from .settings import Settings, unknown_env_names
 from .telemetry import get_logger, get_tracer
+from .tls_errors import tls_problem
 
 
 class TerminatedBeforeStart(SystemExit):

@@ -71,7 +71,7 @@ end
 -- stopped at a refused XACK published nothing; one sent again after it got that far finds nothing to acknowledge).
 local acked = answer_entries(KEYS[2], ARGV[1], ARGV, 8, ARGV[2], event, stored or ARGV[6] == '1')
 if type(acked) == 'table' then
-  return acked  -- the refused PUBLISH's error
+  return acked  -- a refused PUBLISH's (UNPUBLISHED) or XDEL's error
 end
 if stored or event == ARGV[3] then
   return 1
